@@ -1,0 +1,32 @@
+"""Errors raised for bad input. Each message names the input and what was expected."""
+
+
+class SaelabError(Exception):
+    """Base class of every error saelab raises on purpose."""
+
+
+class HookNameError(SaelabError, KeyError):
+    """A hook name that the model does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ShapeMismatchError(SaelabError, ValueError):
+    """Two things that must agree in size do not (e.g. SAE d_in vs. hook width)."""
+
+
+class CheckpointError(SaelabError, ValueError):
+    """A checkpoint that is missing, truncated, corrupt, foreign or unsafe."""
+
+
+class CorpusError(SaelabError, ValueError):
+    """A corpus that is missing, empty or unreadable."""
+
+
+class NonFiniteError(SaelabError, ValueError):
+    """NaN or inf where finite numbers are required."""
+
+
+class RunExistsError(SaelabError, FileExistsError):
+    """A finished run would be overwritten."""

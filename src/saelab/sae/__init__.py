@@ -1,0 +1,5 @@
+"""The top-k sparse autoencoder and its file formats."""
+
+from saelab.sae.topk import SAEConfig, TopKSAE
+
+__all__ = ["SAEConfig", "TopKSAE"]

@@ -1,0 +1,209 @@
+"""The top-k sparse autoencoder of Gao et al. (2024).
+
+    z     = ReLU(TopK(W_enc^T (x - b_dec) + b_enc))      (TopK first, then ReLU, as OpenAI's model.py)
+    x_hat = W_dec^T z + b_dec
+
+``b_dec`` is the paper's pre-bias ``b_pre``: subtracted before encoding, added back after decoding.
+Weights follow SAELens' layout (``W_enc [d_in, n]``, ``W_dec [n, d_in]``) so our files load there.
+
+With ``input_norm="layernorm"`` the input is normalized per token before encoding and the
+normalization undone after decoding, as OpenAI's released v5 SAEs do:
+``x -> (x - mean) / (std_unbiased + 1e-5)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saelab.errors import NonFiniteError, ShapeMismatchError
+
+INPUT_NORMS = ("none", "layernorm")
+LN_EPS = 1e-5
+
+
+@dataclass
+class SAEConfig:
+    """Shape and provenance of one SAE."""
+
+    d_in: int
+    """Width of the activations the SAE reads (d_model for a residual stream)."""
+    n_latents: int
+    """Number of latents n (SAELens: d_sae)."""
+    k: int
+    """Latents kept per token by TopK."""
+    input_norm: str = "none"
+    """'none', or 'layernorm' (per-token mean/std normalization undone on decode, as OpenAI v5)."""
+    model_name: str = ""
+    """Language model the SAE was trained on (a hub id, a path, or 'default')."""
+    hook_name: str = ""
+    """TransformerLens-style hook the SAE reads and writes, e.g. 'blocks.9.hook_resid_post'."""
+    context_size: int = 64
+    """Tokens per context the SAE was trained on."""
+    prepend_bos: bool = True
+    """Whether every context started with a BOS token."""
+    exclude_first: bool = True
+    """Whether position 0 (the BOS / attention-sink position) was left out of training."""
+    dataset: str = ""
+    """Corpus the SAE was trained on."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (training config, source file, ...)."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "n_latents", "k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
+        if self.k > self.n_latents:
+            raise ValueError(f"SAEConfig.k={self.k} exceeds n_latents={self.n_latents}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"SAEConfig.input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class TopKOutput(NamedTuple):
+    vals_BK: torch.Tensor
+    """Kept latent values (after ReLU)."""
+    idx_BK: torch.Tensor
+    """Indices of the kept latents."""
+    pre_BN: torch.Tensor
+    """All pre-activations (needed for AuxK)."""
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.n_latents
+        self.W_enc = nn.Parameter(torch.empty(d, n, dtype=dtype, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
+        self.reset_parameters()
+
+    # ---- initialisation and decoder constraints -------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder rows; encoder = decoder transpose (tied init, not tied weights)."""
+        w = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Scale every decoder row to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component parallel to each (unit-norm) decoder row."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        parallel = (g * self.W_dec).sum(dim=1, keepdim=True)
+        g -= parallel * self.W_dec
+
+    # ---- shape checks ----------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    def check_input(self, x: torch.Tensor, name: str = "activations") -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ShapeMismatchError(
+                f"{name} have width {x.shape[-1]} but the SAE expects d_in={self.cfg.d_in}"
+                + (f" (trained on {self.cfg.hook_name})" if self.cfg.hook_name else "")
+            )
+
+    # ---- input normalization ---------------------------------------------------------------
+    def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        if self.cfg.input_norm == "none":
+            return x, None
+        mu = x.mean(dim=-1, keepdim=True)
+        xc = x - mu
+        std = xc.std(dim=-1, keepdim=True)
+        return xc / (std + LN_EPS), (mu, std)
+
+    def denormalize_output(self, x_hat: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if state is None:
+            return x_hat
+        mu, std = state
+        return x_hat * (std + LN_EPS) + mu
+
+    # ---- the autoencoder, in the normalized space ------------------------------------------
+    def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations W_enc^T (x - b_dec) + b_enc, shape [..., n]."""
+        return torch.addmm(self.b_enc, (x_n - self.b_dec).reshape(-1, self.d_in), self.W_enc).reshape(
+            *x_n.shape[:-1], self.n_latents
+        )
+
+    def topk(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK over the last dim, then ReLU on the kept values."""
+        vals, idx = pre.topk(k or self.cfg.k, dim=-1, sorted=False)
+        return F.relu(vals), idx
+
+    def encode_topk(self, x_n: torch.Tensor, k: int | None = None) -> TopKOutput:
+        pre = self.pre_acts(x_n)
+        vals, idx = self.topk(pre, k)
+        return TopKOutput(vals, idx, pre)
+
+    def decode_topk(self, vals: torch.Tensor, idx: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """Sum of the selected decoder rows weighted by their values (no dense [B, n] tensor)."""
+        lead = vals.shape[:-1]
+        out = F.embedding_bag(
+            idx.reshape(-1, idx.shape[-1]),
+            self.W_dec,
+            per_sample_weights=vals.reshape(-1, vals.shape[-1]),
+            mode="sum",
+        ).reshape(*lead, self.d_in)
+        return out + self.b_dec if bias else out
+
+    # ---- public API in the activation space ------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents z [..., n] for raw activations x [..., d_in]."""
+        self.check_input(x)
+        x_n, _ = self.normalize_input(x)
+        vals, idx, _ = self.encode_topk(x_n)
+        z = torch.zeros(*x.shape[:-1], self.n_latents, dtype=vals.dtype, device=vals.device)
+        return z.scatter_(-1, idx, vals)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction x_hat of raw activations x, in the same space as x."""
+        self.check_input(x)
+        x_n, state = self.normalize_input(x)
+        vals, idx, _ = self.encode_topk(x_n)
+        return self.denormalize_output(self.decode_topk(vals, idx), state)
+
+    def forward_with_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_hat, vals_BK, idx_BK) for raw activations x."""
+        self.check_input(x)
+        x_n, state = self.normalize_input(x)
+        vals, idx, _ = self.encode_topk(x_n)
+        return self.denormalize_output(self.decode_topk(vals, idx), state), vals, idx
+
+    def check_finite(self) -> None:
+        for name, p in self.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFiniteError(f"SAE parameter {name} contains NaN or inf")
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return f"TopKSAE(d_in={c.d_in}, n_latents={c.n_latents}, k={c.k}, input_norm={c.input_norm!r}, hook={c.hook_name!r})"
