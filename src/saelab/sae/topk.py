@@ -7,8 +7,10 @@
 Weights follow SAELens' layout (``W_enc [d_in, n]``, ``W_dec [n, d_in]``) so our files load there.
 
 With ``input_norm="layernorm"`` the input is normalized per token before encoding and the
-normalization undone after decoding, as OpenAI's released v5 SAEs do:
-``x -> (x - mean) / (std_unbiased + 1e-5)``.
+normalization undone after decoding, as OpenAI's released v5 SAEs do (``model.py``: ``LN`` and
+``Autoencoder.decode``; SAELens' ``normalize_activations="layer_norm"`` is the same):
+``x -> (x - mean) / (std_unbiased + 1e-5)`` on the way in, ``x_hat -> x_hat * std_unbiased + mean``
+on the way out. The eps is only in the division, so the two are not exact inverses.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ class TopKSAE(nn.Module):
         if state is None:
             return x_hat
         mu, std = state
-        return x_hat * (std + LN_EPS) + mu
+        # No eps here: OpenAI's decode (and SAELens' layer_norm) multiply by the bare std.
+        return x_hat * std + mu
 
     # ---- the autoencoder, in the normalized space ------------------------------------------
     def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:

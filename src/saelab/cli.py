@@ -1,0 +1,133 @@
+"""`saelab <verb>`: each verb is a thin shell over a public function in saelab.pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from saelab.errors import SaelabError
+from saelab.utils.dataclass_args import add_dataclass_args, dataclass_from_args
+
+QUICKSTART_DIR = "runs/quickstart"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run or cache in the output folder")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from saelab.pipeline import EvalConfig, HarvestConfig
+    from saelab.train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and explore top-k SAEs.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("quickstart", help="harvest, train, evaluate and report on the offline default model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=QUICKSTART_DIR, help="run folder")
+    add_dataclass_args(p, HarvestConfig, prefix="harvest_", title="activations")
+    add_dataclass_args(p, TrainConfig, title="training")
+    add_dataclass_args(p, EvalConfig, prefix="eval_", title="evaluation")
+    _add_common(p)
+
+    p = sub.add_parser("harvest", help="harvest activations at a hook into an on-disk cache")
+    p.add_argument("--out", required=True, help="cache folder")
+    add_dataclass_args(p, HarvestConfig, title="activations")
+    _add_common(p)
+
+    p = sub.add_parser("train", help="train a top-k SAE on an activation cache")
+    p.add_argument("--activations", required=True, help="activation cache folder (from `saelab harvest`)")
+    p.add_argument("--out", required=True, help="run folder (an unfinished run there is resumed)")
+    add_dataclass_args(p, TrainConfig, title="training")
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens folder, OpenAI .pt file or URL)")
+    p.add_argument("sae", help="run folder, SAE folder, .pt file or https URL")
+    p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
+    p.add_argument("--hook", default=None, help="override the SAE's hook name")
+    p.add_argument("--out", default=None, help="where to write metrics.json (default: the run folder, if given one)")
+    add_dataclass_args(p, EvalConfig, title="evaluation")
+    _add_common(p)
+
+    p = sub.add_parser("report", help="(re)write report.md and plots of a run folder")
+    p.add_argument("run", help="run folder")
+    return parser
+
+
+def _cmd_quickstart(args) -> dict:
+    from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, quickstart
+    from saelab.train import TrainConfig
+
+    cfg = QuickstartConfig(
+        harvest=dataclass_from_args(HarvestConfig, args, prefix="harvest_"),
+        train=dataclass_from_args(TrainConfig, args),
+        eval=dataclass_from_args(EvalConfig, args, prefix="eval_"),
+    )
+    metrics = quickstart(cfg, args.out, overwrite=args.overwrite, progress=args.progress)
+    print(f"\nreport: {Path(args.out) / 'report.md'}")
+    return metrics
+
+
+def _cmd_harvest(args) -> dict:
+    from saelab.pipeline import HarvestConfig, harvest
+
+    cache = harvest(dataclass_from_args(HarvestConfig, args), args.out, overwrite=args.overwrite,
+                    progress=args.progress)
+    return {"cache": str(cache.folder), "rows": cache.n_rows, "d": cache.d}
+
+
+def _cmd_train(args) -> dict:
+    from saelab.pipeline import train_from_cache
+    from saelab.train import TrainConfig
+
+    sae = train_from_cache(args.activations, args.out, dataclass_from_args(TrainConfig, args),
+                           overwrite=args.overwrite, progress=args.progress)
+    return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, "k": sae.cfg.k}
+
+
+def _cmd_eval(args) -> dict:
+    from saelab.pipeline import EvalConfig, evaluate
+    from saelab.sae import load_sae
+    from saelab.train.checkpoint import SAE_DIR
+
+    source = Path(args.sae)
+    is_run = source.is_dir() and (source / SAE_DIR).is_dir()
+    sae = load_sae(source / SAE_DIR if is_run else args.sae)
+    if args.hook:
+        sae.cfg.hook_name = args.hook
+    out = args.out or (str(source) if is_run else None)
+    metrics = evaluate(sae, lm=args.model, cfg=dataclass_from_args(EvalConfig, args), out_dir=out,
+                       progress=args.progress)
+    if is_run and out == str(source):
+        from saelab.report.markdown import write_run_report
+        write_run_report(source)
+    return metrics
+
+
+def _cmd_report(args) -> dict:
+    from saelab.report.markdown import write_run_report
+
+    return {"report": str(write_run_report(args.run))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"quickstart": _cmd_quickstart, "harvest": _cmd_harvest, "train": _cmd_train,
+               "eval": _cmd_eval, "report": _cmd_report}[args.verb]
+    try:
+        result = handler(args)
+    except SaelabError as e:
+        print(f"saelab {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nsaelab {args.verb}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

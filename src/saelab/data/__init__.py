@@ -1,0 +1,33 @@
+"""Data: text sources, token packing, activation harvest and the on-disk activation cache.
+
+    texts    = iter_texts("corpus.jsonl.xz")                         # or default_corpus("train")
+    contexts = pack_contexts(texts, hf_tokenize_fn(tok), 64, bos_token_id=tok.bos_token_id)
+    stream   = ActivationStream(model, "blocks.8.hook_resid_post", contexts, batch_size=4096)
+    cache    = write_activation_cache(stream, "acts/", meta={"hook": "blocks.8.hook_resid_post"})
+    for acts_BD in cache.batches(4096, seed=0): ...
+"""
+
+from saelab.data.cache import (
+    ActivationCache,
+    ActivationCacheError,
+    cache_rows_written,
+    write_activation_cache,
+)
+from saelab.data.harvest import ActivationModel, ActivationStream
+from saelab.data.text import default_corpus, iter_texts
+from saelab.data.tokens import batched, hf_tokenize_fn, pack_contexts, token_contexts
+
+__all__ = [
+    "ActivationCache",
+    "ActivationCacheError",
+    "ActivationModel",
+    "ActivationStream",
+    "batched",
+    "cache_rows_written",
+    "default_corpus",
+    "hf_tokenize_fn",
+    "iter_texts",
+    "pack_contexts",
+    "token_contexts",
+    "write_activation_cache",
+]

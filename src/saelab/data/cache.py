@@ -1,0 +1,408 @@
+"""On-disk activation cache: harvest once, train many SAEs from the same rows.
+
+Layout of a cache folder::
+
+    manifest.json        {"format", "version", "d", "dtype", "shard_rows", "n_rows", "complete",
+                          "shards": [{"file", "rows"}, ...], "meta": {...}}
+    shard_00000.npy      [rows, d] raw .npy arrays, rows = shard_rows except the last shard
+    shard_00001.npy      ...
+
+``dtype`` is "float16", "bfloat16" or "float32". NumPy has no bfloat16, so bfloat16 shards hold
+the raw bit patterns as uint16 (``tensor.view(torch.int16)``); readers must reinterpret them as
+bfloat16 (as :class:`ActivationCache` does), not convert them numerically.
+
+Writing is crash-safe: each shard is written atomically, then the manifest is rewritten to list
+it, so the manifest only ever names complete shards. After an interruption,
+``write_activation_cache(..., resume=True)`` keeps the shards already listed and continues. By
+default it expects the *same* input again from the start and discards its first
+``cache_rows_written(folder)`` rows (right for a deterministic stream with a fixed seed); pass
+``skip_written=False`` when the caller has already positioned its input after those rows.
+
+Reading (:meth:`ActivationCache.batches`) defines, per epoch, a row stream: shards in a random
+order (seeded by ``seed`` and the epoch), taken ``mix_shards`` at a time as a *chunk*, each chunk
+read with one contiguous read and its rows permuted (seeded by ``seed``, epoch and chunk index).
+Batch ``b`` is rows ``[b * batch_size, (b + 1) * batch_size)`` of the concatenation of the
+epochs' streams, so batches may straddle chunks and epochs, and ``start_batch`` resumes exactly
+where a trainer stopped while skipping the chunks before it without reading them. For good
+mixing, write the cache from a shuffled :class:`~saelab.data.harvest.ActivationStream`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saelab.errors import CorpusError, NonFiniteError, RunExistsError
+from saelab.utils.atomic import write_json, write_with
+
+FORMAT = "saelab-activation-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+# storage dtype name -> (torch dtype, numpy dtype of the stored bits)
+DTYPES = {
+    "float16": (torch.float16, np.dtype("<f2")),
+    "bfloat16": (torch.bfloat16, np.dtype("<u2")),
+    "float32": (torch.float32, np.dtype("<f4")),
+}
+
+
+class ActivationCacheError(CorpusError):
+    """An activation cache that is missing, incomplete, corrupt or does not match the request."""
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:05d}.npy"
+
+
+def _json_roundtrip(meta: dict, folder: Path) -> dict:
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    try:
+        return json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"meta for activation cache {str(folder)!r} is not JSON-serializable: {e}") from e
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    """The parsed manifest, None if there is none, ActivationCacheError if it is corrupt."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ActivationCacheError(f"activation cache {str(folder)!r}: unreadable {MANIFEST}: {e}") from e
+    ok = (
+        isinstance(m, dict)
+        and m.get("format") == FORMAT
+        and m.get("dtype") in DTYPES
+        and isinstance(m.get("d"), int) and m["d"] > 0
+        and isinstance(m.get("shard_rows"), int) and m["shard_rows"] > 0
+        and isinstance(m.get("n_rows"), int)
+        and isinstance(m.get("complete"), bool)
+        and isinstance(m.get("meta"), dict)
+        and isinstance(m.get("shards"), list)
+        and all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("rows"), int)
+                and s["rows"] > 0 and "/" not in s["file"] and "\\" not in s["file"] for s in m["shards"])
+    )
+    if not ok:
+        raise ActivationCacheError(
+            f"activation cache {str(folder)!r}: {MANIFEST} is not a valid {FORMAT} manifest"
+        )
+    if m.get("version") != VERSION:
+        raise ActivationCacheError(
+            f"activation cache {str(folder)!r}: manifest version {m.get('version')!r}, this saelab reads {VERSION}"
+        )
+    if sum(s["rows"] for s in m["shards"]) != m["n_rows"]:
+        raise ActivationCacheError(f"activation cache {str(folder)!r}: n_rows disagrees with the shard list")
+    return m
+
+
+def cache_rows_written(folder: str | os.PathLike) -> int:
+    """Rows durably written to the cache at ``folder`` (0 if it has no manifest yet)."""
+    m = _read_manifest(Path(folder))
+    return 0 if m is None else m["n_rows"]
+
+
+def write_activation_cache(
+    batches: Iterable[torch.Tensor],
+    folder: str | os.PathLike,
+    *,
+    meta: dict[str, Any],
+    dtype: str = "float16",
+    shard_rows: int = 262_144,
+    resume: bool = False,
+    overwrite: bool = False,
+    skip_written: bool = True,
+    progress: bool = True,
+) -> "ActivationCache":
+    """Write activation batches [B, D] (e.g. an ActivationStream) to a cache at ``folder``.
+
+    ``meta`` (JSON-serializable; e.g. model, hook, context_size, dataset) is stored in the
+    manifest. A complete cache is never overwritten unless ``overwrite=True`` (RunExistsError);
+    an incomplete one is continued with ``resume=True`` (see the module docstring for what the
+    input must then be) or restarted with ``overwrite=True``. ``resume=True`` on a complete cache
+    with the same settings returns it without reading ``batches``.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    folder = Path(folder)
+    meta = _json_roundtrip(meta, folder)
+    torch_dtype, np_dtype = DTYPES[dtype]
+
+    try:
+        existing = _read_manifest(folder)
+    except ActivationCacheError:
+        if not overwrite:
+            raise
+        existing = {"shards": []}
+    if existing is not None and overwrite:
+        for p in folder.glob("shard_*.npy"):
+            p.unlink()
+        (folder / MANIFEST).unlink(missing_ok=True)
+        existing = None
+    elif existing is not None:
+        state = "complete" if existing["complete"] else "incomplete"
+        if not resume:
+            hint = "pass overwrite=True to replace it" if existing["complete"] else \
+                "pass resume=True to continue it or overwrite=True to start over"
+            raise RunExistsError(f"{str(folder)!r} already holds a {state} activation cache; {hint}")
+        for key, want in (("dtype", dtype), ("shard_rows", shard_rows), ("meta", meta)):
+            if existing[key] != want and not (key == "shard_rows" and existing["complete"]):
+                raise ActivationCacheError(
+                    f"cannot resume activation cache {str(folder)!r}: its {key} is {existing[key]!r}, "
+                    f"this call asks for {want!r}"
+                )
+        if existing["complete"]:
+            return ActivationCache(folder)
+        ActivationCache(folder, allow_incomplete=True)  # the listed shards must be intact
+
+    manifest: dict[str, Any] = existing or {
+        "format": FORMAT, "version": VERSION, "d": None, "dtype": dtype, "shard_rows": shard_rows,
+        "n_rows": 0, "complete": False, "shards": [], "meta": meta,
+    }
+    d: int | None = manifest["d"]
+    to_skip = manifest["n_rows"] if (existing is not None and skip_written) else 0
+    shard_buf: torch.Tensor | None = None
+    n_buf = 0
+
+    def flush() -> None:
+        nonlocal n_buf
+        assert shard_buf is not None
+        rows = shard_buf[:n_buf]
+        arr = (rows.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else rows.numpy())
+        name = _shard_name(len(manifest["shards"]))
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+                np.save(f, arr, allow_pickle=False)
+
+        write_with(folder / name, save)
+        manifest["shards"].append({"file": name, "rows": n_buf})
+        manifest["n_rows"] += n_buf
+        write_json(folder / MANIFEST, manifest)
+        n_buf = 0
+
+    bar = tqdm(total=None, unit="row", unit_scale=True, desc=f"cache {folder.name}", disable=not progress,
+               initial=manifest["n_rows"])
+    try:
+        for i, acts_BD in enumerate(batches):
+            if acts_BD.dim() != 2 or (d is not None and acts_BD.shape[1] != d):
+                want = f"[B, {d}]" if d is not None else "[B, D]"
+                raise ValueError(f"batch {i} for activation cache {str(folder)!r} has shape "
+                                 f"{tuple(acts_BD.shape)}, expected {want}")
+            if to_skip:
+                n = min(to_skip, acts_BD.shape[0])
+                acts_BD, to_skip = acts_BD[n:], to_skip - n
+            if acts_BD.shape[0] == 0:
+                continue
+            if not torch.isfinite(acts_BD).all():
+                raise NonFiniteError(f"NaN or inf in batch {i} written to activation cache {str(folder)!r}")
+            rows_BD = acts_BD.detach().to("cpu", torch_dtype)
+            if not torch.isfinite(rows_BD).all():
+                raise NonFiniteError(f"batch {i} overflows {dtype} in activation cache {str(folder)!r}; "
+                                     "use dtype='bfloat16' or 'float32'")
+            if d is None:
+                d = manifest["d"] = int(rows_BD.shape[1])
+            if shard_buf is None:
+                shard_buf = torch.empty(shard_rows, d, dtype=torch_dtype)
+            while rows_BD.shape[0]:
+                take = min(shard_rows - n_buf, rows_BD.shape[0])
+                shard_buf[n_buf : n_buf + take] = rows_BD[:take]
+                rows_BD = rows_BD[take:]
+                n_buf += take
+                bar.update(take)
+                if n_buf == shard_rows:
+                    flush()
+    finally:
+        bar.close()
+    if to_skip:
+        raise ActivationCacheError(
+            f"resumed activation cache {str(folder)!r} has {manifest['n_rows']} rows, but the input ended "
+            f"{to_skip} rows short of them; resume with the same input, or skip_written=False"
+        )
+    if n_buf:
+        flush()
+    if d is None:
+        raise CorpusError(f"no activations to write to activation cache {str(folder)!r}: the input was empty")
+    manifest["complete"] = True
+    write_json(folder / MANIFEST, manifest)
+    return ActivationCache(folder)
+
+
+class ActivationCache:
+    """Read an activation cache written by :func:`write_activation_cache`.
+
+    The manifest and every shard header and size are checked on opening; problems raise
+    :class:`ActivationCacheError` (a CorpusError) naming the folder and shard. An incomplete cache
+    (an interrupted write) is refused unless ``allow_incomplete=True``.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
+        self.folder = Path(folder)
+        m = _read_manifest(self.folder)
+        if m is None:
+            raise ActivationCacheError(f"no activation cache at {str(self.folder)!r} ({MANIFEST} not found)")
+        if not m["complete"] and not allow_incomplete:
+            raise ActivationCacheError(
+                f"activation cache {str(self.folder)!r} is incomplete ({m['n_rows']} rows written); "
+                "finish it with write_activation_cache(..., resume=True)"
+            )
+        self.manifest = m
+        self.d: int = m["d"]
+        self.dtype: str = m["dtype"]
+        self.n_rows: int = m["n_rows"]
+        self.meta: dict[str, Any] = m["meta"]
+        self.complete: bool = m["complete"]
+        self.shard_rows: list[int] = [s["rows"] for s in m["shards"]]
+        self._torch_dtype, self._np_dtype = DTYPES[self.dtype]
+        self._paths = [self.folder / s["file"] for s in m["shards"]]
+        self._offsets = [self._check_shard(p, r) for p, r in zip(self._paths, self.shard_rows)]
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({str(self.folder)!r}, n_rows={self.n_rows}, d={self.d}, dtype={self.dtype})"
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def _check_shard(self, path: Path, rows: int) -> int:
+        """Validate a shard's header and size; return the byte offset of its data."""
+        where = f"activation cache {str(self.folder)!r}: shard {path.name!r}"
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+            size = path.stat().st_size
+        except FileNotFoundError as e:
+            raise ActivationCacheError(f"{where} is missing") from e
+        except (OSError, ValueError) as e:
+            raise ActivationCacheError(f"{where} is not a valid .npy file: {e}") from e
+        if shape != (rows, self.d) or fortran or dtype != self._np_dtype:
+            raise ActivationCacheError(
+                f"{where} holds {dtype} {shape}, the manifest says {self._np_dtype} {(rows, self.d)}"
+            )
+        expected = offset + rows * self.d * self._np_dtype.itemsize
+        if size != expected:
+            raise ActivationCacheError(f"{where} has {size} bytes, expected {expected} (truncated or corrupt)")
+        return offset
+
+    def _read_rows(self, shard: int, start: int, stop: int, out: np.ndarray) -> None:
+        try:
+            mm = np.memmap(self._paths[shard], dtype=self._np_dtype, mode="r", offset=self._offsets[shard],
+                           shape=(self.shard_rows[shard], self.d))
+            out[...] = mm[start:stop]  # one contiguous read
+            del mm
+        except (OSError, ValueError) as e:
+            raise ActivationCacheError(
+                f"activation cache {str(self.folder)!r}: cannot read shard {self._paths[shard].name!r}: {e}"
+            ) from e
+
+    def _to_torch(self, arr: np.ndarray) -> torch.Tensor:
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(arr)
+
+    def _read_shards(self, shards: list[int]) -> torch.Tensor:
+        out = np.empty((sum(self.shard_rows[s] for s in shards), self.d), dtype=self._np_dtype)
+        pos = 0
+        for s in shards:
+            self._read_rows(s, 0, self.shard_rows[s], out[pos : pos + self.shard_rows[s]])
+            pos += self.shard_rows[s]
+        return self._to_torch(out)
+
+    def read(self, start: int = 0, stop: int | None = None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``[start, stop)`` in stored order as a [rows, d] tensor (e.g. a sample for b_pre)."""
+        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        if not 0 <= start <= stop:
+            raise ValueError(f"bad row range [{start}, {stop}) for a cache of {self.n_rows} rows")
+        out = np.empty((stop - start, self.d), dtype=self._np_dtype)
+        pos, shard_start = 0, 0
+        for s, rows in enumerate(self.shard_rows):
+            lo, hi = max(start, shard_start), min(stop, shard_start + rows)
+            if lo < hi:
+                self._read_rows(s, lo - shard_start, hi - shard_start, out[pos : pos + hi - lo])
+                pos += hi - lo
+            shard_start += rows
+        return self._to_torch(out).to(dtype)
+
+    def n_batches(self, batch_size: int, *, epochs: int = 1, drop_last: bool = True) -> int:
+        """How many batches :meth:`batches` yields from ``start_batch=0``."""
+        total = self.n_rows * epochs
+        return total // batch_size if drop_last else -(-total // batch_size)
+
+    def _plan(self, shuffle: bool, seed: int, epochs: int, mix_shards: int) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, chunk index, shard indices) in stream order."""
+        n = len(self.shard_rows)
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=_generator(seed, epoch)).tolist() if shuffle else list(range(n))
+            for c, lo in enumerate(range(0, n, mix_shards)):
+                yield epoch, c, order[lo : lo + mix_shards]
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        epochs: int = 1,
+        start_batch: int = 0,
+        drop_last: bool = True,
+        mix_shards: int = 1,
+        device: torch.device | str | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield [batch_size, d] tensors of ``dtype`` (scheme in the module docstring).
+
+        Deterministic for a given ``seed``; ``start_batch`` skips that many batches (a resumed
+        trainer passes the number of batches it has consumed). ``mix_shards`` shards are read
+        and shuffled together (more mixing, ``mix_shards`` times the memory).
+        """
+        if batch_size < 1 or epochs < 0 or start_batch < 0 or mix_shards < 1:
+            raise ValueError(f"bad arguments: batch_size={batch_size}, epochs={epochs}, "
+                             f"start_batch={start_batch}, mix_shards={mix_shards}")
+        start_row = start_batch * batch_size
+        pos = 0  # stream position of the current chunk's first row
+        pending: list[torch.Tensor] = []
+        n_pending = 0
+        for epoch, c, shards in self._plan(shuffle, seed, epochs, mix_shards):
+            rows = sum(self.shard_rows[s] for s in shards)
+            if pos + rows <= start_row:  # whole chunk skipped unread
+                pos += rows
+                continue
+            data_RD = self._read_shards(shards)
+            perm = torch.randperm(rows, generator=_generator(seed, epoch, c + 1)) if shuffle else None
+            i = max(0, start_row - pos)
+            pos += rows
+            while i < rows:
+                take = min(batch_size - n_pending, rows - i)
+                part = data_RD.index_select(0, perm[i : i + take]) if perm is not None else data_RD[i : i + take]
+                pending.append(part.to(dtype))
+                n_pending += take
+                i += take
+                if n_pending == batch_size:
+                    yield _join(pending, device)
+                    pending, n_pending = [], 0
+        if n_pending and not drop_last:
+            yield _join(pending, device)
+
+
+def _join(parts: list[torch.Tensor], device: torch.device | str | None) -> torch.Tensor:
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out if device is None else out.to(device)
+
+
+def _generator(*keys: int) -> torch.Generator:
+    """A torch generator seeded from several integers without collisions between key tuples."""
+    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))

@@ -1,0 +1,207 @@
+"""Text sources: local files or a Hugging Face dataset, read as a stream of documents.
+
+A *source* is one of
+
+- a ``.txt`` file (the whole file is one document),
+- a ``.jsonl``, ``.jsonl.xz`` or ``.jsonl.gz`` file (one JSON object a line; the document is
+  the object's ``text_field``; blank lines are skipped),
+- a directory: every ``.txt`` / ``.jsonl[.xz|.gz]`` file in it, in sorted name order,
+- a Hugging Face dataset name, optionally ``name:config`` (streamed with ``datasets``, which is
+  an optional dependency: ``pip install 'saelab[hub]'``).
+
+A string is taken as a path when it exists on disk, or when it looks like one (ends with a known
+suffix, starts with ``/``, ``./``, ``../`` or ``~``, or has more than one ``/``); a missing path
+raises :class:`CorpusError` naming it rather than being sent to the hub. A single ``owner/name``
+that is not on disk is a hub dataset name. ``split`` applies to hub datasets only.
+
+:func:`default_corpus` finds the offline Wikipedia sample that development machines and CI have.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TextIO
+
+from saelab.errors import CorpusError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz")
+TEXT_SUFFIXES = (".txt",)
+KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + (".json", ".xz", ".gz")
+
+DEFAULT_CORPUS_FILES = {"train": "wiki_train.jsonl.xz", "eval": "wiki_eval.jsonl.xz"}
+CORPUS_DIR_ENV = "SAELAB_CORPUS_DIR"
+
+
+def iter_texts(
+    source: str | os.PathLike,
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    limit_docs: int | None = None,
+) -> Iterator[str]:
+    """Iterate over the non-empty documents of ``source`` (see the module docstring).
+
+    Problems visible up front (a missing path, ``datasets`` not installed, a hub dataset that
+    cannot be opened) raise :class:`CorpusError` at call time. A malformed JSON line raises when
+    the iteration reaches it, naming file and line. A source with no non-empty document raises
+    when the iteration ends having found none. ``limit_docs`` stops after that many documents.
+    """
+    if limit_docs is not None and limit_docs < 0:
+        raise ValueError(f"limit_docs must be >= 0 or None, got {limit_docs}")
+    docs, label = _open_source(source, text_field=text_field, split=split)
+    return _checked(docs, label, limit_docs)
+
+
+def default_corpus(split: str = "train") -> str | None:
+    """Path of the offline Wikipedia sample for ``split`` ("train" or "eval"), or None.
+
+    Looks in ``$SAELAB_CORPUS_DIR``, then ``../shared/data/wiki-en/`` relative to the current
+    directory, then the same relative to the repository root (the parent of ``src/``).
+    """
+    if split not in DEFAULT_CORPUS_FILES:
+        raise ValueError(f"split must be one of {sorted(DEFAULT_CORPUS_FILES)}, got {split!r}")
+    name = DEFAULT_CORPUS_FILES[split]
+    candidates: list[Path] = []
+    env_dir = os.environ.get(CORPUS_DIR_ENV)
+    if env_dir:
+        candidates.append(Path(env_dir).expanduser() / name)
+    rel = Path("..") / "shared" / "data" / "wiki-en" / name
+    candidates.append(Path.cwd() / rel)
+    here = Path(__file__).resolve()
+    if len(here.parents) > 3 and here.parents[2].name == "src":  # src layout checkout
+        candidates.append(here.parents[3] / rel)
+    for path in candidates:
+        if path.is_file():
+            return str(path.resolve())
+    return None
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+
+def _looks_like_path(source: str) -> bool:
+    if source.endswith(KNOWN_SUFFIXES) or source.startswith(("/", "./", "../", "~", ".\\")):
+        return True
+    return source.count("/") > 1 or "\\" in source
+
+
+def _open_source(source: str | os.PathLike, *, text_field: str, split: str) -> tuple[Iterable[str], str]:
+    """Return (iterable of raw documents, a label naming the source for errors)."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir():
+            suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
+            return _iter_files(files, text_field), f"directory {str(path)!r}"
+        if path.name.endswith(JSONL_SUFFIXES) or path.name.endswith(TEXT_SUFFIXES):
+            return _iter_files([path], text_field), f"file {str(path)!r}"
+        raise CorpusError(
+            f"corpus file {str(path)!r} has an unknown type: expected one of "
+            f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} or a directory of such files"
+        )
+    if isinstance(source, os.PathLike) or _looks_like_path(text):
+        raise CorpusError(f"corpus path {text!r} does not exist")
+    return _iter_hub(text, text_field=text_field, split=split), f"Hugging Face dataset {text!r} (split {split!r})"
+
+
+def _iter_files(files: list[Path], text_field: str) -> Iterator[str]:
+    for path in files:
+        if path.name.endswith(TEXT_SUFFIXES):
+            yield _read_txt(path)
+        else:
+            yield from _iter_jsonl(path, text_field)
+
+
+def _read_txt(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"corpus file {str(path)!r} is not valid UTF-8: {e}") from e
+    except OSError as e:
+        raise CorpusError(f"cannot read corpus file {str(path)!r}: {e}") from e
+
+
+def _open_text(path: Path) -> TextIO:
+    opener: Callable[..., Any] = open
+    if path.name.endswith(".xz"):
+        opener = lzma.open
+    elif path.name.endswith(".gz"):
+        opener = gzip.open
+    return opener(path, "rt", encoding="utf-8")
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    line_no = 0
+    try:
+        with _open_text(path) as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{str(path)!r}, line {line_no}: malformed JSON ({e.msg})") from e
+                if not isinstance(obj, dict) or text_field not in obj:
+                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise CorpusError(f"{str(path)!r}, line {line_no}: no field {text_field!r} (found {keys})")
+                value = obj[text_field]
+                if not isinstance(value, str):
+                    raise CorpusError(
+                        f"{str(path)!r}, line {line_no}: field {text_field!r} is a "
+                        f"{type(value).__name__}, expected a string"
+                    )
+                yield value
+    except (UnicodeDecodeError, lzma.LZMAError, EOFError, gzip.BadGzipFile, OSError) as e:
+        raise CorpusError(f"cannot read corpus file {str(path)!r} after line {line_no}: {e}") from e
+
+
+def _iter_hub(name: str, *, text_field: str, split: str) -> Iterator[str]:
+    dataset_name, _, config = name.partition(":")
+    label = f"Hugging Face dataset {name!r}"
+    try:
+        import datasets  # optional dependency, imported only when a hub dataset is asked for
+    except ImportError as e:
+        raise CorpusError(
+            f"{label} is not a local path, and reading hub datasets needs the `datasets` package "
+            "(pip install 'saelab[hub]')"
+        ) from e
+    try:
+        ds = datasets.load_dataset(dataset_name, config or None, split=split, streaming=True)
+    except Exception as e:  # hub errors come in many types; all mean "cannot open this source"
+        raise CorpusError(f"cannot open {label} (split {split!r}): {type(e).__name__}: {e}") from e
+    return _iter_hub_rows(ds, label, text_field)
+
+
+def _iter_hub_rows(ds: Iterable[dict], label: str, text_field: str) -> Iterator[str]:
+    try:
+        for row in ds:
+            if text_field not in row:
+                raise CorpusError(f"{label} has no column {text_field!r} (columns: {sorted(row)})")
+            value = row[text_field]
+            if not isinstance(value, str):
+                raise CorpusError(f"{label}: column {text_field!r} holds {type(value).__name__}, expected str")
+            yield value
+    except CorpusError:
+        raise
+    except Exception as e:  # network drop mid-stream
+        raise CorpusError(f"error while streaming {label}: {type(e).__name__}: {e}") from e
+
+
+def _checked(docs: Iterable[str], label: str, limit_docs: int | None) -> Iterator[str]:
+    if limit_docs == 0:
+        return
+    n = 0
+    for doc in docs:
+        if not doc.strip():
+            continue
+        yield doc
+        n += 1
+        if limit_docs is not None and n >= limit_docs:
+            return
+    if n == 0:
+        raise CorpusError(f"corpus {label} contains no non-empty text")

@@ -1,0 +1,179 @@
+"""Tokenize documents and pack them into fixed-length contexts.
+
+BOS convention (the paper's and SAELens' default): documents are tokenized without special
+tokens, in batches of ``doc_batch``, and concatenated into one token stream with
+``separator_token_id`` (default: the BOS id) *between* consecutive documents. The stream is cut
+into windows of ``context_size - 1`` tokens and each window is preceded by BOS, so every context
+starts with BOS. With ``prepend_bos=False`` windows are ``context_size`` tokens and nothing is
+prepended. The trailing partial window is dropped; no other token is lost or reordered::
+
+    doc1 SEP doc2 SEP doc3 ...  ->  [BOS w0] [BOS w1] [BOS w2] ...   (|w_i| = context_size - 1)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from saelab.errors import CorpusError
+
+TokenizeFn = Callable[[list[str]], list[list[int]]]
+
+
+def hf_tokenize_fn(tokenizer: Any) -> TokenizeFn:
+    """Wrap a Hugging Face tokenizer as ``texts -> token id lists`` (no special tokens added)."""
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        # verbose=False: long documents exceed model_max_length by design; we cut them ourselves.
+        enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        return enc["input_ids"]
+
+    return tokenize
+
+
+def _as_tokenize_fn(tokenize: Any) -> TokenizeFn:
+    # A Hugging Face tokenizer is callable too, but returns a BatchEncoding, not lists of ids.
+    if hasattr(tokenize, "convert_tokens_to_ids"):
+        return hf_tokenize_fn(tokenize)
+    if not callable(tokenize):
+        raise TypeError(f"tokenize must be a callable texts -> token id lists, got {type(tokenize).__name__}")
+    return tokenize
+
+
+def pack_contexts(
+    texts: Iterable[str],
+    tokenize: TokenizeFn,
+    context_size: int,
+    *,
+    bos_token_id: int | None,
+    prepend_bos: bool = True,
+    separator_token_id: int | None = None,
+    max_contexts: int | None = None,
+    doc_batch: int = 64,
+) -> Iterator[torch.Tensor]:
+    """Yield 1-D LongTensors of exactly ``context_size`` tokens (see the module docstring).
+
+    ``tokenize`` maps a list of texts to a list of token id lists, without special tokens
+    (a Hugging Face tokenizer is accepted and wrapped with :func:`hf_tokenize_fn`).
+    ``separator_token_id`` defaults to ``bos_token_id``; when both are None documents are
+    simply concatenated. Contexts yielded together may share storage; clone one to keep it
+    apart from its neighbours.
+    """
+    tokenize = _as_tokenize_fn(tokenize)
+    if prepend_bos and bos_token_id is None:
+        raise ValueError("prepend_bos=True needs a bos_token_id (pass prepend_bos=False for models without BOS)")
+    min_size = 2 if prepend_bos else 1
+    if context_size < min_size:
+        raise ValueError(f"context_size must be >= {min_size}, got {context_size}")
+    if doc_batch < 1:
+        raise ValueError(f"doc_batch must be >= 1, got {doc_batch}")
+    if max_contexts is not None and max_contexts <= 0:
+        return
+    sep = bos_token_id if separator_token_id is None else separator_token_id
+    window = context_size - 1 if prepend_bos else context_size
+
+    carry = np.zeros(0, dtype=np.int64)  # tokens waiting for a full window
+    n_out = 0
+    first_doc = True
+    for docs in _chunks(texts, doc_batch):
+        flat: list[int] = []
+        for ids in tokenize(docs):
+            if sep is not None and not first_doc:
+                flat.append(sep)
+            flat.extend(ids)
+            first_doc = False
+        stream = np.concatenate([carry, np.asarray(flat, dtype=np.int64)])
+        n_win = len(stream) // window
+        if max_contexts is not None:
+            n_win = min(n_win, max_contexts - n_out)
+        carry = stream[n_win * window :]
+        if n_win == 0:
+            continue
+        ctx_NT = torch.from_numpy(stream[: n_win * window].reshape(n_win, window))
+        if prepend_bos:
+            bos_N1 = torch.full((n_win, 1), bos_token_id, dtype=torch.long)
+            ctx_NT = torch.cat([bos_N1, ctx_NT], dim=1)
+        yield from ctx_NT.unbind(0)
+        n_out += n_win
+        if max_contexts is not None and n_out >= max_contexts:
+            return
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def batched(contexts: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Stack 1-D tensors into [batch_size, T] batches; the last batch may be smaller."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(contexts, torch.Tensor) and contexts.dim() == 2:
+        yield from contexts.split(batch_size)
+        return
+    for chunk in _chunks(contexts, batch_size):
+        yield torch.stack(chunk)
+
+
+def token_contexts(
+    source: str | os.PathLike | Iterable[str],
+    tokenizer_fn: TokenizeFn,
+    context_size: int,
+    n_tokens: int | None = None,
+    n_contexts: int | None = None,
+    *,
+    bos_token_id: int | None,
+    prepend_bos: bool = True,
+    separator_token_id: int | None = None,
+    text_field: str = "text",
+    split: str = "train",
+    limit_docs: int | None = None,
+    doc_batch: int = 64,
+) -> torch.Tensor:
+    """Pack a whole (small) token set into one LongTensor [N, context_size], e.g. an eval set.
+
+    ``source`` is anything :func:`~saelab.data.text.iter_texts` reads, or an iterable of texts.
+    Give at most one of ``n_tokens`` (rounded up to whole contexts) and ``n_contexts``; with
+    neither, the whole source is packed. A source too small for the request raises CorpusError.
+    """
+    from saelab.data.text import iter_texts
+
+    if n_tokens is not None and n_contexts is not None:
+        raise ValueError("give n_tokens or n_contexts, not both")
+    if n_tokens is not None:
+        if n_tokens <= 0:
+            raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+        n_contexts = math.ceil(n_tokens / context_size)
+    if n_contexts is not None and n_contexts <= 0:
+        raise ValueError(f"n_contexts must be positive, got {n_contexts}")
+    is_source = isinstance(source, (str, os.PathLike))
+    texts = iter_texts(source, text_field=text_field, split=split, limit_docs=limit_docs) if is_source else source
+    rows = list(
+        pack_contexts(
+            texts,
+            tokenizer_fn,
+            context_size,
+            bos_token_id=bos_token_id,
+            prepend_bos=prepend_bos,
+            separator_token_id=separator_token_id,
+            max_contexts=n_contexts,
+            doc_batch=doc_batch,
+        )
+    )
+    name = repr(os.fspath(source)) if is_source else "the given texts"
+    if not rows or (n_contexts is not None and len(rows) < n_contexts):
+        want = f"{n_contexts}" if n_contexts is not None else "at least 1"
+        raise CorpusError(
+            f"corpus {name} gave only {len(rows)} contexts of {context_size} tokens; {want} requested"
+        )
+    return torch.stack(rows)

@@ -1,0 +1,30 @@
+"""Language models with TransformerLens-named hook points (see ``saelab.models.hooks``).
+
+    from saelab.models import load_model
+    lm = load_model("default")                         # or "gpt2", a model directory, a .gguf file
+    acts_BTD = lm.activations(tokens_BT, "blocks.9.hook_resid_post")
+    ce_BT = lm.cross_entropy(tokens_BT, edits={"blocks.9.hook_resid_post": sae})
+"""
+
+from saelab.models.hooks import HOOK_KINDS, UnsupportedModelError
+from saelab.models.lm import LanguageModel
+from saelab.models.loading import (
+    DEFAULT_MODEL,
+    ModelLoadError,
+    cache_root,
+    default_gguf_path,
+    load_model,
+    save_dequantized,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "HOOK_KINDS",
+    "LanguageModel",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "cache_root",
+    "default_gguf_path",
+    "load_model",
+    "save_dequantized",
+]

@@ -1,0 +1,277 @@
+"""Hook points with TransformerLens names, mapped onto Hugging Face modules.
+
+Names: ``blocks.{L}.hook_resid_pre | hook_attn_out | hook_resid_mid | hook_mlp_out | hook_resid_post``.
+
+Convention (raw HF weights: no LayerNorm folding, no weight centring, no other processing;
+TransformerLens agrees only when loaded with ``fold_ln=False, center_writing_weights=False``):
+
+- ``resid_pre``  = the input of decoder layer L (layer 0: token embeddings, plus position
+  embeddings for GPT-2; any embedding scale the model applies is included).
+- ``attn_out``   = the attention module's output (after its output projection), as added to the residual.
+- ``resid_mid``  = ``resid_pre + attn_out``, the residual stream the MLP reads.
+- ``mlp_out``    = the MLP module's output, as added to the residual.
+- ``resid_post`` = the output of decoder layer L = ``resid_mid + mlp_out`` = ``resid_pre`` of layer L+1.
+  For L < n_layers - 1 this equals HF's ``output_hidden_states[L + 1]``; for the last layer it does
+  not, because HF applies the final norm to its last hidden-states entry. Values here always come
+  from module hooks, never from ``hidden_states``.
+
+Families: GPT-2 (``transformer.h[L]`` with ``.attn``, ``.mlp``), Llama-like (``model.layers[L]``
+with ``.self_attn``, ``.mlp``: Llama, Mistral, Qwen2, Qwen3, Gemma) and GPT-NeoX / Pythia
+(``gpt_neox.layers[L]`` with ``.attention``, ``.mlp``). NeoX models with a parallel residual
+(Pythia) have no ``resid_mid``: their MLP reads ``resid_pre``, not ``resid_pre + attn_out``.
+
+Reading ``resid_mid`` captures ``resid_pre`` in a pre-hook on the layer and adds the attention
+output (the same float addition the layer does, so the value is exact). Replacing it rewrites the
+attention output as ``new_mid - resid_pre``, so the layer's own addition yields ``new_mid`` up to
+one float rounding; an edit that returns its input unchanged leaves the forward bit-identical.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from saelab.errors import HookNameError, SaelabError, ShapeMismatchError
+
+HOOK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+"""Hook kinds in the order the forward pass produces them within one layer."""
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
+
+# Model types known to share Llama's decoder layout exactly (pre-norm, residual + attn, residual + mlp,
+# no extra post-norms or residual multipliers). Others are refused rather than hooked wrongly.
+LLAMA_LIKE_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma"})
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+class UnsupportedModelError(SaelabError, ValueError):
+    """A model whose layer layout saelab does not know how to hook."""
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once every requested activation is captured."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the hookable modules of one model live."""
+
+    family: str
+    """'gpt2', 'llama' or 'gpt_neox'."""
+    blocks: nn.ModuleList
+    """The decoder layers, in order."""
+    attn_attr: str
+    """Attribute name of the attention module inside a layer."""
+    mlp_attr: str
+    """Attribute name of the MLP module inside a layer."""
+    kinds: tuple[str, ...]
+    """Hook kinds this model supports."""
+
+    def attn(self, layer: int) -> nn.Module:
+        return getattr(self.blocks[layer], self.attn_attr)
+
+    def mlp(self, layer: int) -> nn.Module:
+        return getattr(self.blocks[layer], self.mlp_attr)
+
+
+def detect_layout(model: nn.Module) -> Layout:
+    """Find the decoder layers of an HF causal LM, or raise UnsupportedModelError naming its type."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if model_type == "gpt2" and hasattr(model, "transformer"):
+        return Layout("gpt2", model.transformer.h, "attn", "mlp", HOOK_KINDS)
+    if model_type in LLAMA_LIKE_TYPES and hasattr(model, "model"):
+        return Layout("llama", model.model.layers, "self_attn", "mlp", HOOK_KINDS)
+    if model_type == "gpt_neox" and hasattr(model, "gpt_neox"):
+        parallel = bool(getattr(config, "use_parallel_residual", True))
+        kinds = tuple(k for k in HOOK_KINDS if not (parallel and k == "resid_mid"))
+        return Layout("gpt_neox", model.gpt_neox.layers, "attention", "mlp", kinds)
+    raise UnsupportedModelError(
+        f"cannot hook model of type {model_type!r} ({type(model).__name__}): supported are gpt2, "
+        f"gpt_neox and the Llama layout ({', '.join(sorted(LLAMA_LIKE_TYPES))})"
+    )
+
+
+def parse_hook(name: Any, layout: Layout, model_name: str) -> tuple[int, str]:
+    """Split ``blocks.L.hook_KIND`` into (L, KIND), or raise HookNameError naming what is wrong."""
+    n_layers = len(layout.blocks)
+    valid = (
+        f"valid hooks look like blocks.{{L}}.hook_{'|hook_'.join(layout.kinds)} "
+        f"with L in 0..{n_layers - 1}"
+    )
+    match = _HOOK_RE.match(name) if isinstance(name, str) else None
+    if match is None:
+        problem = "not of the form blocks.{L}.hook_{kind}"
+    else:
+        layer, kind = int(match.group(1)), match.group(2)
+        if kind not in layout.kinds:
+            problem = f"no hook kind {kind!r}"
+            if kind == "resid_mid":
+                problem += " (this model adds attention and MLP outputs in parallel)"
+        elif not 0 <= layer < n_layers:
+            problem = f"layer {layer} out of range 0..{n_layers - 1}"
+        else:
+            return layer, kind
+    raise HookNameError(f"unknown hook {name!r} for model {model_name}: {problem}; {valid}")
+
+
+def _first(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output: the tensor itself or element 0 of a tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_first(output: Any, value: torch.Tensor) -> Any:
+    """``output`` with its hidden-state tensor replaced, keeping tuple/list structure."""
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    if isinstance(output, list):
+        return [value, *output[1:]]
+    return value
+
+
+@dataclass
+class _LayerPlan:
+    edits: dict[str, tuple[str, Edit]] = field(default_factory=dict)  # kind -> (hook name, fn)
+    reads: dict[str, str] = field(default_factory=dict)  # kind -> hook name
+
+    def touches(self, *kinds: str) -> bool:
+        return any(k in self.edits or k in self.reads for k in kinds)
+
+
+class HookSet:
+    """Replacing and capturing hooks for one use; ``attach`` installs them, ``remove`` undoes it.
+
+    Within a point the edit runs first, so a capture sees the edited value (as TransformerLens'
+    run_with_cache inside run_with_hooks does).
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        parsed_edits: dict[str, tuple[int, str, Edit]],
+        parsed_reads: dict[str, tuple[int, str]],
+        store: dict[str, torch.Tensor] | None = None,
+        stop_when_done: bool = False,
+    ) -> None:
+        self.layout = layout
+        self.store = store if store is not None else {}
+        self.stop_when_done = stop_when_done
+        self.n_reads = len(parsed_reads)
+        self.plans: dict[int, _LayerPlan] = {}
+        for name, (layer, kind, fn) in parsed_edits.items():
+            self.plans.setdefault(layer, _LayerPlan()).edits[kind] = (name, fn)
+        for name, (layer, kind) in parsed_reads.items():
+            self.plans.setdefault(layer, _LayerPlan()).reads[kind] = name
+        self._resid_pre: dict[int, torch.Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+
+    # -- one step at one point: edit, then capture, then maybe stop --------------------------
+    def _apply(self, plan: _LayerPlan, kind: str, x: torch.Tensor) -> torch.Tensor:
+        if kind in plan.edits:
+            name, fn = plan.edits[kind]
+            new = fn(x)
+            if new is not x:
+                new = _checked(new, x, name)
+            x = new
+        return x
+
+    def _read(self, plan: _LayerPlan, kind: str, x: torch.Tensor) -> None:
+        if kind in plan.reads:
+            self.store[plan.reads[kind]] = x
+            if self.stop_when_done and len(self.store) >= self.n_reads:
+                raise _StopForward
+
+    # -- module hooks -----------------------------------------------------------------------
+    def _block_pre(self, layer: int, plan: _LayerPlan):
+        def hook(module, args, kwargs):
+            from_args = len(args) > 0
+            x = args[0] if from_args else kwargs["hidden_states"]
+            new = self._apply(plan, "resid_pre", x)
+            if plan.touches("resid_mid"):
+                self._resid_pre[layer] = new
+            self._read(plan, "resid_pre", new)
+            if new is x:
+                return None
+            if from_args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return hook
+
+    def _attn_post(self, layer: int, plan: _LayerPlan):
+        def hook(module, args, output):
+            a = _first(output)
+            new_a = self._apply(plan, "attn_out", a)
+            self._read(plan, "attn_out", new_a)
+            if plan.touches("resid_mid"):
+                pre = self._resid_pre.pop(layer)
+                mid = pre + new_a
+                new_mid = self._apply(plan, "resid_mid", mid)
+                if new_mid is not mid:
+                    # The layer adds resid_pre back to the attention output; hand it the difference.
+                    new_a = new_mid - pre
+                self._read(plan, "resid_mid", new_mid)
+            return None if new_a is a else _with_first(output, new_a)
+
+        return hook
+
+    def _simple_post(self, plan: _LayerPlan, kind: str):
+        def hook(module, args, output):
+            x = _first(output)
+            new = self._apply(plan, kind, x)
+            self._read(plan, kind, new)
+            return None if new is x else _with_first(output, new)
+
+        return hook
+
+    def attach(self) -> "HookSet":
+        lay = self.layout
+        try:
+            for layer, plan in sorted(self.plans.items()):
+                block = lay.blocks[layer]
+                if plan.touches("resid_pre", "resid_mid"):
+                    self._handles.append(
+                        block.register_forward_pre_hook(self._block_pre(layer, plan), with_kwargs=True)
+                    )
+                if plan.touches("attn_out", "resid_mid"):
+                    self._handles.append(lay.attn(layer).register_forward_hook(self._attn_post(layer, plan)))
+                if plan.touches("mlp_out"):
+                    self._handles.append(lay.mlp(layer).register_forward_hook(self._simple_post(plan, "mlp_out")))
+                if plan.touches("resid_post"):
+                    self._handles.append(block.register_forward_hook(self._simple_post(plan, "resid_post")))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._resid_pre.clear()
+
+
+def _checked(new: Any, old: torch.Tensor, name: str) -> torch.Tensor:
+    """An edit's result, cast to the activation's dtype; a wrong type or shape is named."""
+    if not isinstance(new, torch.Tensor):
+        raise TypeError(f"edit for hook {name!r} returned {type(new).__name__}, expected a Tensor")
+    if new.shape != old.shape:
+        raise ShapeMismatchError(
+            f"edit for hook {name!r} returned shape {tuple(new.shape)}, expected {tuple(old.shape)}"
+        )
+    return new.to(old.dtype) if new.dtype != old.dtype else new
+
+
+def all_hook_names(layout: Layout) -> list[str]:
+    """Every valid hook name, layer by layer in forward order."""
+    return [f"blocks.{layer}.hook_{kind}" for layer in range(len(layout.blocks)) for kind in layout.kinds]
+
+
+def unique(names: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(names))

@@ -1,0 +1,203 @@
+"""A Hugging Face causal LM with TransformerLens-named hook points.
+
+``LanguageModel`` wraps a model and its tokenizer and offers what SAE work needs: activations at a
+hook (with a truncated forward that stops right after the hooked layer), several activations at
+once, logits and per-token cross-entropy with activations replaced by arbitrary functions (an SAE
+splice), and a context manager that keeps such replacements installed for any call (generation).
+See ``saelab.models.hooks`` for what each hook name means.
+
+Inputs are packed token contexts, a LongTensor ``[B, T]``; no attention mask or padding is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saelab.errors import ShapeMismatchError
+from saelab.models.hooks import (
+    HookSet,
+    Layout,
+    _StopForward,
+    all_hook_names,
+    detect_layout,
+    parse_hook,
+    unique,
+)
+
+Edits = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class LanguageModel:
+    """An HF causal LM (frozen, eval mode) plus its tokenizer, with hook points by name.
+
+    Build one with ``saelab.models.load_model`` or directly from a model and a tokenizer.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, name: str | None = None) -> None:
+        self.layout: Layout = detect_layout(model)
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.family = self.layout.family
+        self.n_layers = len(self.layout.blocks)
+        self.d_model = int(model.config.hidden_size)
+        out_emb = model.get_output_embeddings()
+        self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.bos_token_id = bos if bos is not None else tokenizer.eos_token_id
+
+    def __repr__(self) -> str:
+        return (
+            f"LanguageModel({self.name!r}, family={self.family}, n_layers={self.n_layers}, "
+            f"d_model={self.d_model}, vocab_size={self.vocab_size}, device={self.device})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # -- hook names -------------------------------------------------------------------------
+    def hook_names(self) -> list[str]:
+        """Every valid hook name, layer by layer in forward order."""
+        return all_hook_names(self.layout)
+
+    def check_hook(self, name: str) -> str:
+        """Return ``name`` if this model has that hook; else raise HookNameError saying why."""
+        parse_hook(name, self.layout, self.name)
+        return name
+
+    def hook_width(self, name: str) -> int:
+        """Size of the last dimension of the activation at ``name`` (d_model for every hook)."""
+        self.check_hook(name)
+        return self.d_model
+
+    # -- tokens -----------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens (no BOS/EOS added)."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize takes a list of strings, got a single str; wrap it in a list")
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def _tokens(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens_BT, torch.Tensor):
+            tokens_BT = torch.as_tensor(tokens_BT)
+        if tokens_BT.ndim != 2 or tokens_BT.dtype not in (torch.int64, torch.int32):
+            raise ShapeMismatchError(
+                f"tokens must be an integer tensor [batch, seq], got {tokens_BT.dtype} of shape "
+                f"{tuple(tokens_BT.shape)}"
+            )
+        return tokens_BT.to(self.device, torch.long)
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _hook_set(
+        self,
+        edits: Edits | None = None,
+        reads: Sequence[str] = (),
+        store: dict[str, torch.Tensor] | None = None,
+        stop_when_done: bool = False,
+    ) -> HookSet:
+        parsed_edits = {}
+        for name, fn in (edits or {}).items():
+            layer, kind = parse_hook(name, self.layout, self.name)
+            if not callable(fn):
+                raise TypeError(f"edit for hook {name!r} must be callable, got {type(fn).__name__}")
+            parsed_edits[name] = (layer, kind, fn)
+        parsed_reads = {name: parse_hook(name, self.layout, self.name) for name in unique(reads)}
+        return HookSet(self.layout, parsed_edits, parsed_reads, store, stop_when_done)
+
+    @contextlib.contextmanager
+    def hooked(self, edits: Edits) -> Iterator["LanguageModel"]:
+        """Replace each hook's activation by ``fn(act)`` for every forward inside the block.
+
+        Hooks are removed on exit, also on error. Gradients are not disabled here, so an edit
+        may be trained through (e.g. an SAE spliced into the model).
+        """
+        hooks = self._hook_set(edits).attach()
+        try:
+            yield self
+        finally:
+            hooks.remove()
+
+    def _forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens_BT, use_cache=False).logits
+
+    @torch.no_grad()
+    def run_with_cache(
+        self, tokens_BT: torch.Tensor, hooks: Sequence[str], stop_early: bool = False
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Activations at ``hooks`` (each ``[B, T, D]``) and the logits ``[B, T, V]``.
+
+        With ``stop_early`` the forward stops once the last requested activation exists and the
+        logits are None; the activations are the same tensors a full forward produces.
+        """
+        if isinstance(hooks, str):
+            hooks = [hooks]
+        tokens_BT = self._tokens(tokens_BT)
+        store: dict[str, torch.Tensor] = {}
+        hook_set = self._hook_set(reads=hooks, store=store, stop_when_done=stop_early)
+        if stop_early and not hook_set.n_reads:
+            return None, store
+        logits = None
+        hook_set.attach()
+        try:
+            logits = self._forward(tokens_BT)
+        except _StopForward:
+            pass
+        finally:
+            hook_set.remove()
+        if stop_early:
+            logits = None
+        return logits, {name: store[name] for name in unique(hooks)}
+
+    def activations(self, tokens_BT: torch.Tensor, hook: str) -> torch.Tensor:
+        """Activation ``[B, T, D]`` at one hook, from a forward that stops after producing it."""
+        return self.run_with_cache(tokens_BT, [hook], stop_early=True)[1][hook]
+
+    @torch.no_grad()
+    def logits(self, tokens_BT: torch.Tensor, edits: Edits | None = None) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of a full forward, each edited hook's activation replaced by ``fn(act)``."""
+        tokens_BT = self._tokens(tokens_BT)
+        with self.hooked(edits or {}):
+            return self._forward(tokens_BT)
+
+    @torch.no_grad()
+    def cross_entropy(
+        self, tokens_BT: torch.Tensor, edits: Edits | None = None, reduction: str = "none"
+    ) -> torch.Tensor:
+        """Next-token cross-entropy: entry ``[b, t]`` is the loss of predicting token t+1 at position t.
+
+        ``reduction``: 'none' gives ``[B, T-1]``; 'mean' and 'sum' reduce over all of it.
+        Computed in float32 one sequence at a time, so at most one ``[T, V]`` float32 copy of
+        the logits exists beside the logits themselves.
+        """
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+        tokens_BT = self._tokens(tokens_BT)
+        if tokens_BT.shape[1] < 2:
+            raise ShapeMismatchError(
+                f"cross_entropy needs at least 2 tokens per sequence, got shape {tuple(tokens_BT.shape)}"
+            )
+        logits_BTV = self.logits(tokens_BT, edits)
+        targets_BT = tokens_BT[:, 1:]
+        ce_BT = torch.empty(targets_BT.shape, dtype=torch.float32, device=logits_BTV.device)
+        for b in range(tokens_BT.shape[0]):
+            ce_BT[b] = F.cross_entropy(logits_BTV[b, :-1].float(), targets_BT[b], reduction="none")
+        del logits_BTV
+        if reduction == "mean":
+            return ce_BT.mean()
+        if reduction == "sum":
+            return ce_BT.sum()
+        return ce_BT

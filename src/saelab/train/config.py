@@ -1,0 +1,109 @@
+"""Training configuration: the paper's recipe, every item on by default and switchable."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """How to train one top-k SAE (Gao et al. 2024, with OpenAI's and sparsify's defaults)."""
+
+    n_latents: int = 8192
+    """Number of latents n."""
+    k: int = 32
+    """Active latents per token."""
+    batch_size: int = 4096
+    """Activation rows per optimizer step."""
+    total_tokens: int = 1_048_576
+    """Activation rows to train on (each seen once)."""
+    lr: float | None = None
+    """Adam learning rate; None scales it with n as lr_base / sqrt(n / 2^14)."""
+    lr_base: float = 2e-3
+    """Learning rate at n = 2^14 when lr is None. Higher than sparsify's 2e-4 because short
+    runs (a few hundred steps) need it; stable thanks to the unit-norm decoder."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon (OpenAI's value)."""
+    warmup_steps: int = 10
+    """Linear learning-rate warmup steps."""
+    decay_fraction: float = 0.2
+    """Fraction of the run, at the end, over which the learning rate decays linearly to 0."""
+    input_norm: str = "none"
+    """'none', or 'layernorm' (per-token normalization inside the SAE, as OpenAI v5)."""
+    unit_norm_decoder: bool = True
+    """Rescale decoder rows to unit norm after every step."""
+    project_decoder_grad: bool = True
+    """Remove the gradient component parallel to each decoder row before the step."""
+    tied_init: bool = True
+    """Initialise the encoder as the transpose of the decoder."""
+    geometric_median_init: bool = True
+    """Initialise b_pre (b_dec) to the geometric median of a sample of activations (else the mean)."""
+    init_rows: int = 32_768
+    """Rows sampled at the start for b_pre and the loss normalizer."""
+    auxk: bool = True
+    """Train dead latents to reconstruct the residual (AuxK)."""
+    k_aux: int = 256
+    """Dead latents used by AuxK."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead if it has not fired in this many training tokens."""
+    multi_topk: bool = False
+    """Also reconstruct with the top multi_topk_factor*k latents (Multi-TopK)."""
+    multi_topk_factor: int = 4
+    """Multi-TopK uses this many times k latents."""
+    multi_topk_coef: float = 1 / 8
+    """Weight of the Multi-TopK loss."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999) and save it
+    as the final SAE; None disables."""
+    seed: int = 0
+    """Seed for initialisation."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (also written at the end and on interruption)."""
+    log_every: int = 10
+    """Steps between metrics lines."""
+
+    def __post_init__(self) -> None:
+        if self.k > self.n_latents:
+            raise ValueError(f"k={self.k} exceeds n_latents={self.n_latents}")
+        if self.batch_size <= 0 or self.total_tokens < self.batch_size:
+            raise ValueError(
+                f"total_tokens={self.total_tokens} must be at least one batch of batch_size={self.batch_size}"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        return self.total_tokens // self.batch_size
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else self.lr_base / math.sqrt(self.n_latents / 2**14)
+
+    def lr_at(self, step: int) -> float:
+        """Warmup, constant, then linear decay to zero over the last decay_fraction of steps."""
+        lr = self.effective_lr
+        if step < self.warmup_steps:
+            return lr * (step + 1) / self.warmup_steps
+        decay_start = int(self.total_steps * (1 - self.decay_fraction))
+        if self.decay_fraction > 0 and step >= decay_start:
+            remaining = max(self.total_steps - decay_start, 1)
+            return lr * max(self.total_steps - step, 0) / remaining
+        return lr
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training options: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,73 @@
+"""One forward pass of the training objective: nMSE + AuxK + Multi-TopK."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saelab.sae.topk import TopKSAE
+from saelab.train.config import TrainConfig
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    """Total loss to backpropagate."""
+    nmse: float
+    """Normalized MSE of the top-k reconstruction (in the SAE's input space)."""
+    auxk: float
+    """AuxK loss (0 when no latent is dead)."""
+    multi_topk: float
+    """Multi-TopK loss (0 when off)."""
+    l0: float
+    """Mean number of nonzero latents per row."""
+    idx_BK: torch.Tensor
+    """Latents selected by TopK (for dead-latent tracking)."""
+    vals_BK: torch.Tensor
+
+
+def normalized_mse(err_BD: torch.Tensor, normalizer: float | torch.Tensor) -> torch.Tensor:
+    return err_BD.pow(2).sum(dim=-1).mean() / normalizer
+
+
+def training_loss(
+    sae: TopKSAE, x_BD: torch.Tensor, cfg: TrainConfig, normalizer: float, dead_mask_N: torch.Tensor | None
+) -> StepOutput:
+    """The paper's loss on one batch of raw activations."""
+    x_n, _ = sae.normalize_input(x_BD)
+    k = sae.cfg.k
+    big_k = k * cfg.multi_topk_factor if cfg.multi_topk else k
+    pre_BN = sae.pre_acts(x_n)
+    # One sorted top-(4k) serves both TopK and Multi-TopK: the top-k are its first k.
+    vals_big, idx_big = pre_BN.topk(min(big_k, sae.n_latents), dim=-1, sorted=cfg.multi_topk)
+    vals_big = torch.relu(vals_big)
+    vals, idx = vals_big[:, :k], idx_big[:, :k]
+
+    x_hat = sae.decode_topk(vals, idx)
+    err = x_n - x_hat
+    nmse = normalized_mse(err, normalizer)
+    loss = nmse
+
+    multi = torch.zeros(())
+    if cfg.multi_topk:
+        multi = normalized_mse(x_n - sae.decode_topk(vals_big, idx_big), normalizer)
+        loss = loss + cfg.multi_topk_coef * multi
+
+    auxk = torch.zeros(())
+    if cfg.auxk and dead_mask_N is not None:
+        n_dead = int(dead_mask_N.sum())
+        if n_dead > 0:
+            k_aux = min(cfg.k_aux, n_dead)
+            # Only dead latents compete; the residual is decoded WITHOUT b_dec (it is a difference).
+            masked = pre_BN.masked_fill(~dead_mask_N, float("-inf"))
+            aux_vals, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
+            aux_vals = torch.relu(aux_vals)
+            residual = err.detach()
+            err_hat = sae.decode_topk(aux_vals, aux_idx, bias=False)
+            res_var = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+            auxk = (residual - err_hat).pow(2).sum(dim=-1).mean() / res_var
+            loss = loss + cfg.auxk_coef * auxk
+
+    l0 = (vals > 0).sum(dim=-1).float().mean().item()
+    return StepOutput(loss, nmse.item(), auxk.item(), multi.item(), l0, idx, vals)

@@ -1,0 +1,46 @@
+"""Fixtures shared by the test files: small real models and the shared data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+"""``../shared`` beside the repository root (development machines and CI)."""
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DIR} not present")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(shared_dir):
+    """GPT-2's real byte-level BPE tokenizer, loaded offline."""
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast.from_pretrained(str(shared_dir / "data" / "gpt2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(gpt2_tokenizer):
+    """A randomly initialised 2-layer GPT-2 (d_model 64) with the real GPT-2 tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from saelab.models import LanguageModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=128)
+    return LanguageModel(GPT2LMHeadModel(config), gpt2_tokenizer, "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (SmolLM2-135M-Instruct); the first load ever dequantizes (~20 s)."""
+    from saelab.models import load_model
+
+    return load_model("default")

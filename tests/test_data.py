@@ -1,0 +1,422 @@
+"""Tests of saelab.data on real files, the real Wikipedia sample, GPT-2's tokenizer and a tiny GPT-2."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+from saelab.data import (
+    ActivationCache,
+    ActivationStream,
+    batched,
+    cache_rows_written,
+    default_corpus,
+    hf_tokenize_fn,
+    iter_texts,
+    pack_contexts,
+    token_contexts,
+    write_activation_cache,
+)
+from saelab.errors import CorpusError, NonFiniteError, RunExistsError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WIKI_TRAIN = SHARED / "wiki-en" / "wiki_train.jsonl.xz"
+WIKI_EVAL = SHARED / "wiki-en" / "wiki_eval.jsonl.xz"
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return GPT2TokenizerFast.from_pretrained(str(SHARED / "gpt2-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def wiki_docs():
+    return list(iter_texts(WIKI_EVAL, limit_docs=6))
+
+
+class TinyGPT2:
+    """A small random GPT-2 exposing the ActivationModel protocol via hidden states."""
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128)
+        self.lm = GPT2LMHeadModel(cfg).eval()
+        self.calls = 0
+
+    def hook_width(self, hook: str) -> int:
+        return self.lm.config.n_embd
+
+    def activations(self, tokens_BT: torch.Tensor, hook: str) -> torch.Tensor:
+        layer = int(re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook).group(1))
+        self.calls += 1
+        out = self.lm.transformer(tokens_BT, output_hidden_states=True)
+        return out.hidden_states[layer + 1]  # index 0 is the embedding output
+
+
+class NaNAt:
+    """Wraps a model and puts a NaN into the activations of its ``bad_call``-th forward."""
+
+    def __init__(self, base: TinyGPT2, bad_call: int):
+        self.base, self.bad_call, self.calls = base, bad_call, 0
+
+    def hook_width(self, hook: str) -> int:
+        return self.base.hook_width(hook)
+
+    def activations(self, tokens_BT, hook):
+        acts = self.base.activations(tokens_BT, hook).clone()
+        self.calls += 1
+        if self.calls - 1 == self.bad_call:
+            acts[1, 3, 5] = float("nan")
+        return acts
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TinyGPT2()
+
+
+@pytest.fixture(scope="module")
+def contexts(tok, wiki_docs):
+    ctx = list(pack_contexts(wiki_docs, hf_tokenize_fn(tok), 16, bos_token_id=tok.bos_token_id, max_contexts=40))
+    assert len(ctx) == 40
+    return torch.stack(ctx)
+
+
+def sort_rows(x: torch.Tensor) -> np.ndarray:
+    a = x.detach().cpu().numpy()
+    return a[np.lexsort(a.T[::-1])]
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, objs, opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        for o in objs:
+            f.write((json.dumps(o) if not isinstance(o, str) else o) + "\n")
+
+
+@pytest.mark.parametrize("suffix,opener", [(".jsonl", open), (".jsonl.xz", lzma.open), (".jsonl.gz", gzip.open)])
+def test_jsonl_readers(tmp_path, suffix, opener):
+    path = tmp_path / f"c{suffix}"
+    write_jsonl(path, [{"text": "alpha"}, "", {"text": "beta", "id": 2}, {"text": ""}, {"text": "gamma"}], opener)
+    assert list(iter_texts(str(path))) == ["alpha", "beta", "gamma"]
+    assert list(iter_texts(path, limit_docs=2)) == ["alpha", "beta"]
+
+
+def test_jsonl_text_field_and_missing_field(tmp_path):
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, [{"body": "x"}, {"text": "y"}])
+    assert list(iter_texts(path, text_field="body", limit_docs=1)) == ["x"]
+    with pytest.raises(CorpusError, match=r"line 1.*'text'"):
+        list(iter_texts(path))
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    write_jsonl(path, [{"text": "ok"}, "", '{"text": "broken'])
+    it = iter_texts(path)
+    assert next(it) == "ok"
+    with pytest.raises(CorpusError, match=r"bad\.jsonl.*line 3"):
+        next(it)
+
+
+def test_txt_file_and_directory(tmp_path):
+    (tmp_path / "b.txt").write_text("second doc\nline two", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first doc", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    assert list(iter_texts(tmp_path / "b.txt")) == ["second doc\nline two"]
+    assert list(iter_texts(str(tmp_path))) == ["first doc", "second doc\nline two"]
+
+
+def test_missing_and_empty_corpus(tmp_path):
+    for missing in (str(tmp_path / "nope.jsonl"), "data/nope.txt", "./nope"):
+        with pytest.raises(CorpusError, match=re.escape(missing)):
+            iter_texts(missing)
+    empty = tmp_path / "empty.jsonl"
+    write_jsonl(empty, ["", {"text": "  "}, {"text": ""}])
+    it = iter_texts(empty)  # lazily: no error until iteration finds nothing
+    with pytest.raises(CorpusError, match=r"empty\.jsonl.*no non-empty text"):
+        list(it)
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(CorpusError, match="emptydir"):
+        list(iter_texts(tmp_path / "emptydir"))
+
+
+def test_hub_dataset_without_datasets_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(CorpusError, match=r"someone/corpus.*datasets"):
+        iter_texts("someone/corpus:en")
+
+
+def test_real_wiki_corpus_and_default(tmp_path, monkeypatch):
+    docs = list(iter_texts(WIKI_EVAL))
+    assert len(docs) == 521 and all(isinstance(d, str) and d.strip() for d in docs)
+    assert Path(default_corpus("train")) == WIKI_TRAIN.resolve()
+    monkeypatch.chdir(tmp_path)  # found relative to the repo root too
+    monkeypatch.delenv("SAELAB_CORPUS_DIR", raising=False)
+    assert Path(default_corpus("eval")) == WIKI_EVAL.resolve()
+    write_jsonl(tmp_path / "wiki_eval.jsonl.xz", [{"text": "x"}], lzma.open)
+    monkeypatch.setenv("SAELAB_CORPUS_DIR", str(tmp_path))
+    assert Path(default_corpus("eval")) == (tmp_path / "wiki_eval.jsonl.xz").resolve()
+    with pytest.raises(ValueError):
+        default_corpus("dev")
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+def reference_stream(docs, tok, sep):
+    out = []
+    for i, d in enumerate(docs):
+        if i and sep is not None:
+            out.append(sep)
+        out.extend(tok.encode(d))
+    return out
+
+
+@pytest.mark.parametrize("prepend_bos,sep,doc_batch", [(True, None, 2), (True, 50255, 64), (False, None, 1)])
+def test_pack_contexts_reproduces_token_stream(tok, wiki_docs, prepend_bos, sep, doc_batch):
+    T, bos = 64, tok.bos_token_id
+    ctx = list(pack_contexts(wiki_docs, hf_tokenize_fn(tok), T, bos_token_id=bos, prepend_bos=prepend_bos,
+                             separator_token_id=sep, doc_batch=doc_batch))
+    assert all(c.shape == (T,) and c.dtype == torch.long for c in ctx)
+    ctx_NT = torch.stack(ctx)
+    stream = reference_stream(wiki_docs, tok, bos if sep is None else sep)
+    window = T - 1 if prepend_bos else T
+    if prepend_bos:
+        assert (ctx_NT[:, 0] == bos).all()
+        body = ctx_NT[:, 1:]
+    else:
+        body = ctx_NT
+    assert len(ctx) == len(stream) // window  # only the trailing partial window is lost
+    assert body.reshape(-1).tolist() == stream[: len(ctx) * window]
+    if sep is not None:  # a token absent from the documents: every occurrence is a separator
+        assert sep not in reference_stream(wiki_docs, tok, None)
+        assert (body == sep).sum() == len(wiki_docs) - 1 - stream[len(ctx) * window :].count(sep)
+
+
+def test_pack_contexts_limits_and_errors(tok, wiki_docs):
+    fn = hf_tokenize_fn(tok)
+    ctx = list(pack_contexts(wiki_docs, fn, 32, bos_token_id=50256, max_contexts=7))
+    assert len(ctx) == 7
+    full = list(pack_contexts(wiki_docs, tok, 32, bos_token_id=50256))  # a tokenizer object is accepted
+    assert torch.equal(torch.stack(ctx), torch.stack(full[:7]))
+    with pytest.raises(ValueError, match="bos_token_id"):
+        next(pack_contexts(wiki_docs, fn, 32, bos_token_id=None))
+    assert len(list(pack_contexts(["a b c"] * 3, fn, 64, bos_token_id=0))) == 0
+
+
+def test_batched_and_token_contexts(tok):
+    rows = [torch.full((4,), i) for i in range(10)]
+    sizes = [b.shape for b in batched(iter(rows), 4)]
+    assert sizes == [(4, 4), (4, 4), (2, 4)]
+    assert torch.equal(torch.cat(list(batched(iter(rows), 3))), torch.stack(rows))
+    ctx = token_contexts(WIKI_EVAL, tok, 64, n_tokens=1000, bos_token_id=tok.bos_token_id, limit_docs=5)
+    assert ctx.shape == (16, 64) and ctx.dtype == torch.long
+    with pytest.raises(CorpusError, match="requested"):
+        token_contexts(["tiny text"], tok, 64, n_contexts=2, bos_token_id=tok.bos_token_id)
+
+
+# --- harvest ---------------------------------------------------------------------------------
+
+
+def direct_rows(model, contexts, exclude_first=True):
+    with torch.no_grad():
+        acts = model.activations(contexts, HOOK)
+    if exclude_first:
+        acts = acts[:, 1:]
+    return acts.reshape(-1, acts.shape[-1])
+
+
+def test_stream_in_order_matches_model_and_excludes_first(model, contexts):
+    expected = direct_rows(model, contexts)
+    s = ActivationStream(model, HOOK, contexts, batch_size=50, lm_batch_size=7, buffer_tokens=0,
+                         drop_last=False, progress=False)
+    out = list(s)
+    assert [b.shape[0] for b in out[:-1]] == [50] * (len(out) - 1)
+    got = torch.cat(out)
+    assert s.tokens_seen == 40 * 15 == got.shape[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with_first = torch.cat(list(ActivationStream(model, HOOK, contexts, batch_size=50, buffer_tokens=0,
+                                                 exclude_first=False, drop_last=False, progress=False)))
+    assert with_first.shape[0] == 40 * 16
+    torch.testing.assert_close(with_first.view(40, 16, -1)[:, 1:].reshape(-1, 64), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shuffle_buffer_emits_every_row_once_deterministically(model, contexts):
+    expected = direct_rows(model, contexts)  # 600 rows
+
+    def run(seed, **kw):
+        s = ActivationStream(model, HOOK, contexts, batch_size=32, lm_batch_size=8, buffer_tokens=200, seed=seed,
+                             progress=False, **kw)
+        return list(s)
+
+    a = run(0, drop_last=False)
+    assert all(b.shape == (32, 64) for b in a[:-1]) and a[-1].shape[0] == 600 - 32 * (len(a) - 1)
+    got = torch.cat(a)
+    np.testing.assert_allclose(sort_rows(got), sort_rows(expected), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, expected)  # actually shuffled
+    assert torch.equal(got, torch.cat(run(0, drop_last=False)))  # deterministic
+    assert not torch.equal(got, torch.cat(run(1, drop_last=False)))
+    dropped = run(0)
+    assert len(dropped) == 600 // 32 and all(b.shape[0] == 32 for b in dropped)
+
+
+def test_stream_max_tokens_and_store_dtype(model, contexts):
+    s = ActivationStream(model, HOOK, contexts, batch_size=16, buffer_tokens=64, max_tokens=100,
+                         drop_last=False, store_dtype=torch.float16, progress=False)
+    out = torch.cat(list(s))
+    assert out.shape == (100, 64) and out.dtype == torch.float32 and s.tokens_seen == 100
+    assert s.contexts_seen == 32  # 100 rows of 15 need 7 contexts, but a forward takes lm_batch_size=32
+    ref = direct_rows(model, contexts)[:100].half().float()
+    np.testing.assert_array_equal(sort_rows(out), sort_rows(ref))
+
+
+def test_nan_raises_naming_hook_and_batch(model, contexts):
+    s = ActivationStream(NaNAt(model, bad_call=2), HOOK, contexts, batch_size=8, lm_batch_size=4, buffer_tokens=0,
+                         progress=False)
+    with pytest.raises(NonFiniteError, match=rf"{re.escape(HOOK)}.*batch 2"):
+        list(s)
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source_rows():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1000, 24, generator=g) * 3 + torch.linspace(-20, 20, 24)
+
+
+def src_batches(rows, bs=64, fail_after=None):
+    for i, b in enumerate(rows.split(bs)):
+        if fail_after is not None and i == fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        yield b
+
+
+META = {"model": "tiny-gpt2", "hook": HOOK, "context_size": 16}
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 8e-3), ("float32", 0)])
+def test_cache_round_trip(tmp_path, source_rows, dtype, tol):
+    cache = write_activation_cache(src_batches(source_rows), tmp_path / "c", meta=META, dtype=dtype,
+                                   shard_rows=300, progress=False)
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["complete"] and m["n_rows"] == 1000 and m["d"] == 24 and m["dtype"] == dtype
+    assert [s["rows"] for s in m["shards"]] == [300, 300, 300, 100] and m["meta"] == META
+    cache = ActivationCache(tmp_path / "c")
+    assert (cache.d, cache.n_rows, cache.meta) == (24, 1000, META)
+    ordered = torch.cat(list(cache.batches(128, shuffle=False, drop_last=False)))
+    assert ordered.dtype == torch.float32
+    torch.testing.assert_close(ordered, source_rows, rtol=tol, atol=tol * 3)
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    assert torch.equal(ordered, source_rows.to(torch_dtype).float())  # exactly the stored values
+    assert torch.equal(cache.read(250, 650), ordered[250:650])
+
+
+def test_cache_shuffled_batches(tmp_path, source_rows):
+    cache = write_activation_cache(src_batches(source_rows), tmp_path / "c", meta=META, dtype="float32",
+                                   shard_rows=300, progress=False)
+    a = list(cache.batches(64, seed=3, epochs=2))
+    assert len(a) == cache.n_batches(64, epochs=2) == 2000 // 64 and all(b.shape == (64, 24) for b in a)
+    one_epoch = torch.cat(list(cache.batches(100, seed=3, drop_last=False)))
+    np.testing.assert_array_equal(sort_rows(one_epoch), sort_rows(source_rows))  # every row once
+    assert not torch.equal(one_epoch, source_rows)
+    assert all(torch.equal(x, y) for x, y in zip(a, cache.batches(64, seed=3, epochs=2)))
+    assert not torch.equal(a[0], next(cache.batches(64, seed=4)))
+    resumed = list(cache.batches(64, seed=3, epochs=2, start_batch=11))  # straddles shards and chunks
+    assert len(resumed) == len(a) - 11 and all(torch.equal(x, y) for x, y in zip(resumed, a[11:]))
+    mixed = torch.cat(list(cache.batches(100, seed=3, mix_shards=2, drop_last=False)))
+    np.testing.assert_array_equal(sort_rows(mixed), sort_rows(source_rows))
+
+
+def test_cache_resume_after_interruption(tmp_path, source_rows):
+    ref = write_activation_cache(src_batches(source_rows), tmp_path / "ref", meta=META, shard_rows=300,
+                                 progress=False)
+    folder = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(src_batches(source_rows, fail_after=12), folder, meta=META, shard_rows=300,
+                               progress=False)
+    assert cache_rows_written(folder) == 600  # 12 batches of 64 = 768 rows: two full shards are durable
+    with pytest.raises(CorpusError, match="incomplete"):
+        ActivationCache(folder)
+    with pytest.raises(RunExistsError, match="resume=True"):
+        write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, progress=False)
+    with pytest.raises(CorpusError, match="meta"):
+        write_activation_cache(src_batches(source_rows), folder, meta={**META, "hook": "x"}, shard_rows=300,
+                               resume=True, progress=False)
+    cache = write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, resume=True,
+                                   progress=False)
+    for s in range(4):
+        name = f"shard_{s:05d}.npy"
+        assert (folder / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert torch.equal(cache.read(), ref.read())
+    # the caller may instead position its input itself
+    folder2 = tmp_path / "c2"
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(src_batches(source_rows, fail_after=6), folder2, meta=META, shard_rows=300,
+                               progress=False)
+    done = cache_rows_written(folder2)
+    cache2 = write_activation_cache(src_batches(source_rows[done:]), folder2, meta=META, shard_rows=300,
+                                    resume=True, skip_written=False, progress=False)
+    assert torch.equal(cache2.read(), ref.read())
+
+
+def test_cache_refuses_overwrite_and_checks_files(tmp_path, source_rows):
+    folder = tmp_path / "c"
+    write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, progress=False)
+    with pytest.raises(RunExistsError, match="overwrite=True"):
+        write_activation_cache(src_batches(source_rows), folder, meta=META, progress=False)
+    cache = write_activation_cache(src_batches(source_rows[:500]), folder, meta=META, shard_rows=200,
+                                   overwrite=True, progress=False)
+    assert cache.n_rows == 500 and sorted(p.name for p in folder.glob("shard_*")) == [
+        "shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+
+    shard = folder / "shard_00001.npy"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(CorpusError, match=r"shard_00001\.npy.*bytes"):
+        ActivationCache(folder)
+    shard.unlink()
+    with pytest.raises(CorpusError, match=r"shard_00001\.npy.*missing"):
+        ActivationCache(folder)
+    shard.write_bytes(data)
+    ActivationCache(folder)
+    (folder / "manifest.json").write_text('{"format": "saelab-activation-cache", "d": ')
+    with pytest.raises(CorpusError, match=re.escape(str(folder))):
+        ActivationCache(folder)
+    with pytest.raises(CorpusError, match="manifest.json not found"):
+        ActivationCache(tmp_path / "nothing")
+
+
+def test_cache_rejects_nonfinite_and_fp16_overflow(tmp_path, source_rows):
+    bad = source_rows.clone()
+    bad[70, 3] = float("inf")
+    with pytest.raises(NonFiniteError, match="batch 1"):
+        write_activation_cache(src_batches(bad), tmp_path / "a", meta=META, progress=False)
+    with pytest.raises(NonFiniteError, match="overflows float16"):
+        write_activation_cache(src_batches(source_rows * 1e4), tmp_path / "b", meta=META, progress=False)
+    cache = write_activation_cache(src_batches(source_rows * 1e4), tmp_path / "c", meta=META, dtype="bfloat16",
+                                   progress=False)
+    assert torch.isfinite(cache.read()).all()
+
+
+def test_harvest_to_cache_end_to_end(tmp_path, model, contexts):
+    stream = ActivationStream(model, HOOK, contexts, batch_size=50, buffer_tokens=200, progress=False)
+    cache = write_activation_cache(stream, tmp_path / "c", meta={**META, "seed": 0}, shard_rows=256,
+                                   progress=False)
+    assert cache.n_rows == 600 and cache.d == 64
+    expected = direct_rows(model, contexts).half().float()
+    np.testing.assert_allclose(sort_rows(cache.read()), sort_rows(expected), rtol=1e-3, atol=1e-3)

@@ -1,0 +1,417 @@
+"""Tests of saelab.models on real components: tiny random GPT-2 / Llama / GPT-NeoX models with real
+tokenizers, and the real default SmolLM2 model (loaded once per session, cached on disk)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saelab.errors import HookNameError, ShapeMismatchError
+from saelab.models import (
+    DEFAULT_MODEL,
+    LanguageModel,
+    ModelLoadError,
+    UnsupportedModelError,
+    default_gguf_path,
+    load_model,
+    save_dequantized,
+)
+from saelab.models.loading import gguf_cache_dir
+
+KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(gpt2_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )
+    return LanguageModel(LlamaForCausalLM(config), gpt2_tokenizer, "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_neox(gpt2_tokenizer):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(2)
+    config = GPTNeoXConfig(
+        vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, use_parallel_residual=True,
+    )
+    return LanguageModel(GPTNeoXForCausalLM(config), gpt2_tokenizer, "tiny-neox")
+
+
+def tokens(batch: int = 2, seq: int = 12, vocab: int = 50257, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def n_hooks(lm: LanguageModel) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+
+def norms(lm: LanguageModel):
+    """(pre-attention norm name, pre-MLP norm name, final norm module) of a tiny model."""
+    if lm.family == "gpt2":
+        return "ln_1", "ln_2", lm.model.transformer.ln_f
+    return "input_layernorm", "post_attention_layernorm", lm.model.model.norm
+
+
+# -- construction and names -----------------------------------------------------------------
+
+
+def test_attributes(tiny_gpt2, tiny_llama):
+    assert (tiny_gpt2.family, tiny_gpt2.n_layers, tiny_gpt2.d_model, tiny_gpt2.vocab_size) == ("gpt2", 2, 64, 50257)
+    assert (tiny_llama.family, tiny_llama.n_layers, tiny_llama.d_model) == ("llama", 2, 64)
+    assert tiny_gpt2.bos_token_id == 50256  # GPT-2 has no BOS of its own: falls back to <|endoftext|>
+    assert tiny_gpt2.device == torch.device("cpu") and tiny_gpt2.name == "tiny-gpt2"
+    for lm in (tiny_gpt2, tiny_llama):
+        assert not lm.model.training
+        assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+def test_hook_names(tiny_gpt2, tiny_neox):
+    names = tiny_gpt2.hook_names()
+    assert names == [f"blocks.{L}.hook_{k}" for L in range(2) for k in KINDS]
+    for name in names:
+        assert tiny_gpt2.check_hook(name) == name
+        assert tiny_gpt2.hook_width(name) == 64
+    assert "blocks.0.hook_resid_mid" not in tiny_neox.hook_names()  # parallel residual
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("blocks.40.hook_resid_post", "layer 40 out of range 0..1"),
+        ("blocks.0.hook_resid_middle", "no hook kind 'resid_middle'"),
+        ("resid_post", "not of the form"),
+        ("blocks.-1.hook_resid_pre", "not of the form"),
+        (8, "not of the form"),
+    ],
+)
+def test_bad_hook_names(tiny_gpt2, bad, why):
+    with pytest.raises(HookNameError) as info:
+        tiny_gpt2.check_hook(bad)
+    msg = str(info.value)
+    assert repr(bad) in msg and "tiny-gpt2" in msg and why in msg
+    assert "blocks.{L}.hook_resid_pre|" in msg and "0..1" in msg
+    assert isinstance(info.value, KeyError)
+    before = n_hooks(tiny_gpt2)
+    with pytest.raises(HookNameError):
+        tiny_gpt2.activations(tokens(), bad)
+    with pytest.raises(HookNameError):
+        tiny_gpt2.logits(tokens(), {"blocks.0.hook_resid_pre": lambda x: x, bad: lambda x: x})
+    assert n_hooks(tiny_gpt2) == before
+
+
+def test_resid_mid_refused_with_parallel_residual(tiny_neox):
+    with pytest.raises(HookNameError, match="parallel"):
+        tiny_neox.check_hook("blocks.0.hook_resid_mid")
+
+
+def test_unsupported_model_named(gpt2_tokenizer):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=100, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                       num_attention_heads=2, word_embed_proj_dim=16)
+    with pytest.raises(UnsupportedModelError, match="'opt'"):
+        LanguageModel(OPTForCausalLM(config), gpt2_tokenizer)
+
+
+# -- values at each hook against independent references ---------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_hook_values_match_references(request, which):
+    lm: LanguageModel = request.getfixturevalue(which)
+    toks = tokens()
+    pre_norm, mid_norm, final_norm = norms(lm)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def grab(key):
+        def hook(module, args):
+            seen[key] = args[0]
+        return hook
+
+    # Reference: plain torch hooks on the norm modules, whose inputs are the residual stream.
+    for L, block in enumerate(lm.layout.blocks):
+        handles.append(getattr(block, pre_norm).register_forward_pre_hook(grab(f"pre{L}")))
+        handles.append(getattr(block, mid_norm).register_forward_pre_hook(grab(f"mid{L}")))
+    handles.append(final_norm.register_forward_pre_hook(grab("final")))
+    try:
+        with torch.no_grad():
+            out = lm.model(input_ids=toks, output_hidden_states=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    logits, cache = lm.run_with_cache(toks, lm.hook_names())
+    assert torch.equal(logits, out.logits)
+
+    with torch.no_grad():
+        if lm.family == "gpt2":
+            emb = lm.model.transformer.wte(toks) + lm.model.transformer.wpe(torch.arange(toks.shape[1]))
+        else:
+            emb = lm.model.model.embed_tokens(toks)
+    assert torch.equal(cache["blocks.0.hook_resid_pre"], emb)
+    for L in range(lm.n_layers):
+        c = {k: cache[f"blocks.{L}.hook_{k}"] for k in KINDS}
+        for k in KINDS:
+            assert c[k].shape == (2, 12, lm.d_model)
+        assert torch.equal(c["resid_pre"], seen[f"pre{L}"])
+        assert torch.equal(c["resid_mid"], seen[f"mid{L}"])
+        assert torch.equal(c["resid_mid"], c["resid_pre"] + c["attn_out"])
+        assert torch.equal(c["resid_post"], c["resid_mid"] + c["mlp_out"])
+        block = lm.layout.blocks[L]
+        with torch.no_grad():
+            mlp_ref = block.mlp(getattr(block, mid_norm)(c["resid_mid"]))
+        assert torch.equal(c["mlp_out"], mlp_ref)
+        if L < lm.n_layers - 1:
+            assert torch.equal(c["resid_post"], out.hidden_states[L + 1])
+            assert torch.equal(c["resid_post"], cache[f"blocks.{L + 1}.hook_resid_pre"])
+        else:
+            assert torch.equal(c["resid_post"], seen["final"])
+            assert not torch.equal(c["resid_post"], out.hidden_states[-1])  # HF's is after the final norm
+
+
+def test_neox_parallel_residual_values(tiny_neox):
+    _, cache = tiny_neox.run_with_cache(tokens(), tiny_neox.hook_names())
+    for L in range(2):
+        c = {k: cache[f"blocks.{L}.hook_{k}"] for k in ("resid_pre", "attn_out", "mlp_out", "resid_post")}
+        torch.testing.assert_close(c["resid_post"], c["resid_pre"] + c["attn_out"] + c["mlp_out"])
+
+
+# -- truncated forward ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama", "tiny_neox"])
+def test_truncated_equals_full_forward(request, which):
+    lm: LanguageModel = request.getfixturevalue(which)
+    toks = tokens(seed=3)
+    baseline = n_hooks(lm)  # transformers installs some of its own (output recording)
+    logits, full = lm.run_with_cache(toks, lm.hook_names())
+    assert logits is not None
+    for name in lm.hook_names():
+        acts = lm.activations(toks, name)
+        assert (acts - full[name]).abs().max().item() == 0, name
+    none, some = lm.run_with_cache(toks, ["blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre"], stop_early=True)
+    assert none is None and set(some) == {"blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre"}
+    assert n_hooks(lm) == baseline
+
+
+def test_truncated_forward_stops_after_hooked_layer(tiny_gpt2):
+    ran = []
+    blocks = tiny_gpt2.layout.blocks
+    handles = [b.register_forward_hook(lambda m, a, o, L=L: ran.append(L)) for L, b in enumerate(blocks)]
+    head = tiny_gpt2.model.lm_head.register_forward_hook(lambda m, a, o: ran.append("head"))
+    try:
+        tiny_gpt2.activations(tokens(), "blocks.0.hook_resid_mid")
+        assert ran == []  # stopped inside layer 0, before its MLP and the layer's return
+        tiny_gpt2.activations(tokens(), "blocks.0.hook_resid_post")
+        assert ran == [0]
+    finally:
+        for h in (*handles, head):
+            h.remove()
+
+
+# -- edits ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_identity_edits_leave_logits_unchanged(request, which):
+    lm: LanguageModel = request.getfixturevalue(which)
+    toks = tokens(seed=4)
+    baseline = n_hooks(lm)
+    clean = lm.logits(toks)
+    for name in lm.hook_names():
+        assert torch.equal(lm.logits(toks, {name: lambda x: x}), clean), name
+        copied = lm.logits(toks, {name: lambda x: x.clone()})
+        if name.endswith("resid_mid"):  # written back as (mid - resid_pre): one rounding
+            torch.testing.assert_close(copied, clean, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(copied, clean), name
+    assert n_hooks(lm) == baseline
+
+
+def test_zero_edits_match_manual_reference(tiny_gpt2):
+    lm, toks = tiny_gpt2, tokens(seed=5)
+    clean = lm.logits(toks)
+    block = lm.model.transformer.h[1]
+    for hook, proj in (("blocks.1.hook_mlp_out", block.mlp.c_proj), ("blocks.1.hook_attn_out", block.attn.c_proj)):
+        edited = lm.logits(toks, {hook: torch.zeros_like})
+        assert not torch.allclose(edited, clean)
+        # Reference: zero the output projection, so the module itself outputs exact zeros.
+        saved = proj.weight.clone(), proj.bias.clone()
+        with torch.no_grad():
+            proj.weight.zero_()
+            proj.bias.zero_()
+            try:
+                reference = lm.model(input_ids=toks, use_cache=False).logits
+            finally:
+                proj.weight.copy_(saved[0])
+                proj.bias.copy_(saved[1])
+        assert torch.equal(edited, reference), hook
+    # Zero residual stream at the end: the final LayerNorm maps 0 to its bias at every position.
+    edited = lm.logits(toks, {"blocks.1.hook_resid_post": torch.zeros_like})
+    with torch.no_grad():
+        reference = lm.model.lm_head(lm.model.transformer.ln_f(torch.zeros(1, 1, 64)))
+    torch.testing.assert_close(edited, reference.expand_as(edited), rtol=0, atol=1e-6)
+    assert torch.equal(lm.logits(toks), clean)
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_mid", "resid_post"])
+def test_patching_residual_from_other_input(tiny_llama, kind):
+    # Replacing the whole residual stream at a point with that of other tokens gives their logits.
+    lm = tiny_llama
+    a, b = tokens(seed=6), tokens(seed=7)
+    hook = f"blocks.0.hook_{kind}"
+    from_b = lm.activations(b, hook)
+    patched = lm.logits(a, {hook: lambda x: from_b})
+    if kind == "resid_mid":
+        torch.testing.assert_close(patched, lm.logits(b), rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(patched, lm.logits(b))
+
+
+def test_edit_with_grad_and_capture_inside_hooked(tiny_gpt2):
+    lm, toks = tiny_gpt2, tokens(seed=8)
+    scale = torch.tensor(1.5, requires_grad=True)
+    baseline = n_hooks(lm)
+    hook = "blocks.0.hook_resid_post"
+    with lm.hooked({hook: lambda x: x * scale}):
+        loss = lm.model(input_ids=toks, use_cache=False).logits.square().mean()
+        _, cache = lm.run_with_cache(toks, [hook])  # captures see the edited value
+    loss.backward()
+    assert scale.grad is not None and scale.grad.abs().item() > 0
+    assert all(p.grad is None for p in lm.model.parameters())
+    torch.testing.assert_close(cache[hook], lm.activations(toks, hook) * 1.5)
+    assert n_hooks(lm) == baseline
+
+
+def test_hooked_generation(tiny_gpt2):
+    lm, prompt = tiny_gpt2, tokens(batch=1, seq=5, seed=12)
+
+    def generate():
+        out = lm.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                                do_sample=False, pad_token_id=lm.bos_token_id)
+        return out[0, 5:].tolist()
+
+    clean = generate()
+    with lm.hooked({"blocks.1.hook_resid_mid": lambda x: x.clone()}):
+        assert generate() == clean
+    # Forcing the last residual stream to a fixed direction forces the same next token every step.
+    direction = lm.model.transformer.wte.weight[1234] * 50
+    with lm.hooked({"blocks.1.hook_resid_post": lambda x: direction.expand_as(x).clone()}):
+        forced = generate()
+    assert len(set(forced)) == 1
+
+
+def test_hooks_removed_on_error(tiny_gpt2):
+    lm, toks = tiny_gpt2, tokens(seed=9)
+    baseline = n_hooks(lm)
+    clean = lm.logits(toks)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lm.hooked({"blocks.0.hook_resid_mid": torch.zeros_like, "blocks.1.hook_mlp_out": torch.zeros_like}):
+            assert n_hooks(lm) > baseline
+            raise RuntimeError("boom")
+    assert n_hooks(lm) == baseline
+    with pytest.raises(ShapeMismatchError, match="blocks.1.hook_attn_out"):
+        lm.logits(toks, {"blocks.1.hook_attn_out": lambda x: x[..., :3]})
+    assert n_hooks(lm) == baseline
+    assert torch.equal(lm.logits(toks), clean)
+
+
+# -- tokens and loss ----------------------------------------------------------------------------
+
+
+def test_tokenize(tiny_gpt2):
+    assert tiny_gpt2.tokenize(["hello world", "", " hello"]) == [[31373, 995], [], [23748]]
+    with pytest.raises(TypeError):
+        tiny_gpt2.tokenize("hello world")
+
+
+def test_cross_entropy(tiny_gpt2):
+    lm, toks = tiny_gpt2, tokens(seed=10)
+    ce = lm.cross_entropy(toks)
+    assert ce.shape == (2, 11) and ce.dtype == torch.float32
+    logits = lm.logits(toks)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), toks[:, 1:].reshape(-1), reduction="none")
+    torch.testing.assert_close(ce, ref.view(2, 11), rtol=0, atol=1e-6)
+    torch.testing.assert_close(lm.cross_entropy(toks, reduction="mean"), ce.mean())
+    assert torch.equal(lm.cross_entropy(toks, {"blocks.1.hook_resid_pre": lambda x: x}), ce)
+    zeroed = lm.cross_entropy(toks, {"blocks.1.hook_resid_pre": torch.zeros_like})
+    assert not torch.allclose(zeroed, ce)
+    with pytest.raises(ValueError, match="reduction"):
+        lm.cross_entropy(toks, reduction="avg")
+    with pytest.raises(ShapeMismatchError):
+        lm.cross_entropy(toks[0])
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def test_save_and_load_directory_round_trip(tiny_gpt2, tmp_path):
+    dest = save_dequantized(tiny_gpt2.model, tiny_gpt2.tokenizer, tmp_path / "tiny")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+    lm = load_model(str(dest))
+    assert lm.name == str(dest.resolve())
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.transformer.wte.weight.data_ptr()  # re-tied
+    toks = tokens(seed=11)
+    assert torch.equal(lm.logits(toks), tiny_gpt2.logits(toks))
+    assert lm.tokenize(["hello world"]) == [[31373, 995]]
+
+
+def test_load_errors_name_the_spec(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    with pytest.raises(ModelLoadError, match="nope/model.gguf"):
+        load_model(str(tmp_path / "nope" / "model.gguf"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        load_model(str(tmp_path / "weights.bin"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no retries
+    with pytest.raises(ModelLoadError, match="'saelab-tests/no-such-model'"):
+        load_model("saelab-tests/no-such-model")
+    with pytest.raises(ValueError, match="dtype"):
+        load_model("default", dtype="float33")
+
+
+def test_default_model(smollm2):
+    lm = smollm2
+    assert lm.name == DEFAULT_MODEL == "default"
+    assert (lm.family, lm.n_layers, lm.d_model, lm.vocab_size) == ("llama", 30, 576, 49152)
+    assert lm.bos_token_id == 1
+    assert lm.tokenize(["hello world"]) == [[28120, 905]]
+    toks = torch.tensor([[lm.bos_token_id] + lm.tokenize(["The cat sat on the mat and"])[0]])
+    hooks = ["blocks.3.hook_resid_mid", "blocks.9.hook_resid_post", "blocks.29.hook_resid_post"]
+    _, full = lm.run_with_cache(toks, hooks)
+    for name, value in full.items():
+        assert torch.equal(lm.activations(toks, name), value), name
+    text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome."
+    toks = torch.tensor([[lm.bos_token_id] + lm.tokenize([text])[0]])
+    ce = lm.cross_entropy(toks)
+    assert ce.shape == (1, toks.shape[1] - 1)
+    assert ce.mean().item() < 4  # a trained model; uniform guessing would be ln(49152) = 10.8
+
+
+def test_default_cache_round_trip_is_exact(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    cached_dir = gguf_cache_dir(default_gguf_path())
+    assert (cached_dir / "model.safetensors").is_file() and (cached_dir / "config.json").is_file()
+    assert "quantization_config" not in (cached_dir / "config.json").read_text()
+    again = load_model("default")  # from the cache
+    # Reference: the GGUF file dequantized by transformers now (the slow path the cache replaces).
+    gguf = default_gguf_path()
+    fresh = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    toks = torch.tensor([smollm2.tokenize(["Sparse autoencoders find features in language models."])[0]])
+    with torch.no_grad():
+        reference = fresh(input_ids=toks, use_cache=False).logits
+    assert torch.equal(smollm2.logits(toks), reference)
+    assert torch.equal(again.logits(toks), reference)
+    text = "Zürich, 1999: naïve café — ok?"
+    assert again.tokenizer.decode(again.tokenize([text])[0]) == text

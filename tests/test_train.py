@@ -1,0 +1,151 @@
+"""Training recipe: losses and gradients against a dense reference, constraints, resume."""
+
+import json
+
+import pytest
+import torch
+
+from saelab.errors import NonFiniteError, RunExistsError
+from saelab.sae.topk import SAEConfig, TopKSAE
+from saelab.train import TrainConfig, train_sae
+from saelab.train.init import geometric_median
+from saelab.train.losses import training_loss
+
+
+def test_geometric_median_known_answers():
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])  # collinear: the middle point
+    assert torch.allclose(geometric_median(pts), torch.tensor([1.0, 0.0]), atol=1e-4)
+    square = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0], [0.0, 0.0]])
+    assert torch.allclose(geometric_median(square + 5), torch.tensor([5.0, 5.0]), atol=1e-5)
+
+
+def _dense_reference_loss(sae, x, cfg, normalizer, dead):
+    """The same objective written with dense [B, n] latents and plain autograd."""
+    x_n, _ = sae.normalize_input(x)
+    pre = (x_n - sae.b_dec) @ sae.W_enc + sae.b_enc
+
+    def dense_topk(p, k):
+        v, i = p.topk(k, dim=-1)
+        return torch.zeros_like(p).scatter(-1, i, torch.relu(v))
+
+    z = dense_topk(pre, sae.cfg.k)
+    err = x_n - (z @ sae.W_dec + sae.b_dec)
+    loss = err.pow(2).sum(-1).mean() / normalizer
+    if cfg.multi_topk:
+        z4 = dense_topk(pre, sae.cfg.k * cfg.multi_topk_factor)
+        loss = loss + cfg.multi_topk_coef * (x_n - (z4 @ sae.W_dec + sae.b_dec)).pow(2).sum(-1).mean() / normalizer
+    if cfg.auxk and dead is not None and dead.any():
+        k_aux = min(cfg.k_aux, int(dead.sum()))
+        za = dense_topk(pre.masked_fill(~dead, float("-inf")), k_aux)
+        za = torch.nan_to_num(za)
+        r = err.detach()
+        aux = (r - za @ sae.W_dec).pow(2).sum(-1).mean() / (r - r.mean(0)).pow(2).sum(-1).mean()
+        loss = loss + cfg.auxk_coef * aux
+    return loss
+
+
+@pytest.mark.parametrize("input_norm", ["none", "layernorm"])
+@pytest.mark.parametrize("auxk,multi", [(False, False), (True, False), (False, True), (True, True)])
+def test_loss_and_gradients_match_dense_reference(input_norm, auxk, multi):
+    torch.manual_seed(0)
+    d, n, k = 16, 64, 4
+    sae = TopKSAE(SAEConfig(d, n, k, input_norm=input_norm), dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.5)
+    x = torch.randn(32, d, dtype=torch.float64) * 2 + 1
+    cfg = TrainConfig(n_latents=n, k=k, batch_size=32, total_tokens=32, auxk=auxk, k_aux=8,
+                      multi_topk=multi, multi_topk_factor=4)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[::3] = True
+    out = training_loss(sae, x, cfg, normalizer=3.0, dead_mask_N=dead)
+    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
+    ref = _dense_reference_loss(sae, x, cfg, 3.0, dead)
+    ref_grads = torch.autograd.grad(ref, list(sae.parameters()))
+    assert torch.allclose(out.loss, ref, rtol=1e-10, atol=1e-12)
+    for name, g, rg in zip([n for n, _ in sae.named_parameters()], grads, ref_grads):
+        assert torch.allclose(g, rg, rtol=1e-8, atol=1e-12), name
+    if auxk:  # AuxK must train the encoder of dead latents (their columns get gradient)
+        aux_only = training_loss(sae, x, cfg, 3.0, dead).loss - training_loss(sae, x, cfg, 3.0, None).loss
+        g_enc = torch.autograd.grad(aux_only, sae.W_enc)[0]
+        assert g_enc[:, dead].abs().sum() > 0
+
+
+def test_decoder_constraints():
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(8, 32, 4))
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.project_decoder_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32))
+    assert torch.allclose(sae.W_enc, sae.W_enc)  # encoder untouched by decoder constraints
+
+
+def _source(data, batch):
+    def batches_from(start):
+        for i in range(start * batch, data.shape[0] - batch + 1, batch):
+            yield data[i:i + batch]
+    return batches_from
+
+
+def _data(rows=2048, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(96, d, generator=g)
+    codes = torch.rand(rows, 96, generator=g) * (torch.rand(rows, 96, generator=g) < 0.05)
+    return codes @ basis + 3.0 + 0.01 * torch.randn(rows, d, generator=g)
+
+
+def _cfg(**kw):
+    base = dict(n_latents=128, k=8, batch_size=128, total_tokens=2048, init_rows=512, checkpoint_every=4,
+                log_every=2, lr=1e-2, warmup_steps=2, dead_tokens=512, k_aux=16, ema_decay=0.9)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_reduces_nmse_and_logs(tmp_path):
+    data = _data()
+    sae = train_sae(_cfg(), _source(data, 128), tmp_path / "run", d_in=24, progress=False,
+                    meta={"hook_name": "blocks.0.hook_resid_post", "model_name": "synthetic"})
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 16 and rows[-1]["nmse"] < 0.5 * rows[0]["nmse"]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
+    assert sae.cfg.hook_name == "blocks.0.hook_resid_post"
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    data = _data()
+    full = train_sae(_cfg(), _source(data, 128), tmp_path / "a", d_in=24, progress=False)
+    # Stop after 5 steps (checkpoint at 4 and at the stop), then resume in a fresh call.
+    train_sae(_cfg(), _source(data, 128), tmp_path / "b", d_in=24, progress=False, stop_after_steps=5)
+    assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "interrupted"
+    resumed = train_sae(_cfg(), _source(data, 128), tmp_path / "b", d_in=24, progress=False)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # nothing logged twice
+
+
+def test_finished_run_is_not_overwritten(tmp_path):
+    data = _data(rows=1024)
+    cfg = _cfg(total_tokens=1024)
+    train_sae(cfg, _source(data, 128), tmp_path / "run", d_in=24, progress=False)
+    before = (tmp_path / "run" / "sae" / "sae_weights.safetensors").read_bytes()
+    with pytest.raises(RunExistsError, match="finished run"):
+        train_sae(cfg, _source(data, 128), tmp_path / "run", d_in=24, progress=False)
+    assert (tmp_path / "run" / "sae" / "sae_weights.safetensors").read_bytes() == before
+    with pytest.raises(RunExistsError, match="different config"):
+        train_sae(_cfg(k=4), _source(data, 128), tmp_path / "other", d_in=24, progress=False,
+                  stop_after_steps=1)
+        train_sae(_cfg(k=8), _source(data, 128), tmp_path / "other", d_in=24, progress=False)
+
+
+def test_nan_activations_are_refused(tmp_path):
+    data = _data(rows=1024)
+    data[700, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="activation batch 5"):
+        train_sae(_cfg(total_tokens=1024, init_rows=256), _source(data, 128), tmp_path / "run", d_in=24,
+                  progress=False)
