@@ -12,6 +12,7 @@ A run folder holds everything about one SAE::
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import torch
 
 from saelab.data import ActivationCache, ActivationStream, default_corpus, pack_contexts, token_contexts
 from saelab.data import iter_texts, write_activation_cache
-from saelab.errors import CorpusError
+from saelab.errors import CorpusError, NonFiniteError
 from saelab.evals.downstream import downstream_metrics
 from saelab.evals.reconstruction import reconstruction_metrics
 from saelab.models import LanguageModel, load_model
@@ -106,9 +107,14 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     corpus = _resolve_corpus(cfg.corpus, "train")
     contexts = pack_contexts(iter_texts(corpus), lm.tokenize, cfg.context_size, bos_token_id=lm.bos_token_id,
                              prepend_bos=cfg.prepend_bos)
+    first = next(contexts, None)  # an empty corpus raises here; a too-short one gives no context
+    if first is None:
+        raise CorpusError(f"corpus {corpus!r} is too short: it does not fill one context of "
+                          f"{cfg.context_size} tokens; expected at least that much text")
+    contexts = itertools.chain([first], contexts)
     stream = ActivationStream(lm, cfg.hook, contexts, batch_size=4096, lm_batch_size=cfg.lm_batch_size,
                               exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens, seed=cfg.seed,
-                              max_tokens=cfg.n_tokens, progress=progress)
+                              max_tokens=cfg.n_tokens, drop_last=False, progress=progress)
     meta = {"model_name": cfg.model if isinstance(cfg.model, str) else lm.name, "hook_name": cfg.hook,
             "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
             "exclude_first": cfg.exclude_first, "dataset": corpus, "harvest": asdict(cfg)}
@@ -153,6 +159,9 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
         acts = [lm.activations(tokens[i:i + 32], hook)[:, first:].reshape(-1, lm.hook_width(hook))
                 for i in range(0, tokens.shape[0], 32)]
     acts_ND = torch.cat(acts)[:cfg.recon_tokens]
+    if not torch.isfinite(acts_ND).all():
+        raise NonFiniteError(f"activations at {hook} of model {lm.name} on eval corpus {corpus!r} contain NaN or "
+                             "inf; expected finite activations (is the model broken, or overflowing its dtype?)")
     recon, freq = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress)
     t_recon = time.perf_counter() - t0
     n_ctx = -(-cfg.downstream_tokens // (T - first))
@@ -179,15 +188,18 @@ class QuickstartConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, overwrite: bool = False, progress: bool = True
-               ) -> dict[str, Any]:
-    """Harvest -> train -> evaluate -> report.md, each stage resumable, in one run folder."""
+def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel | None = None,
+               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Harvest -> train -> evaluate -> report.md, each stage resumable, in one run folder.
+
+    ``lm``: the already-loaded model that ``cfg.harvest.model`` names (it is then not loaded again).
+    """
     from saelab.report.markdown import write_run_report
 
     run_dir = Path(run_dir)
     times: dict[str, float] = {}
     t = time.perf_counter()
-    lm = _load_lm(cfg.harvest.model)
+    lm = lm or _load_lm(cfg.harvest.model)
     times["load_model"] = time.perf_counter() - t
     t = time.perf_counter()
     cfg.harvest.n_tokens = max(cfg.harvest.n_tokens, cfg.train.total_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from saelab.errors import CheckpointError, RunExistsError
-from saelab.utils.atomic import atomic_path, write_json
+from saelab.utils.atomic import atomic_path, write_bytes, write_json
 
 CHECKPOINT = "checkpoint.pt"
 STATUS = "status.json"
@@ -60,18 +61,42 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = 
     return (run_dir / CHECKPOINT).exists() and not overwrite
 
 
+CHECKPOINT_KEYS = ("step", "sae", "optimizer", "tokens_since_fired", "normalizer", "ema")
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    with atomic_path(run_dir / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+    # Serialized in memory first: torch.save into a file that cannot grow (full disk) fails with an
+    # opaque RuntimeError; writing the bytes raises a plain OSError naming the file, and the previous
+    # checkpoint stays in place either way.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(run_dir / CHECKPOINT, buf.getbuffer())
+
+
+def cannot_resume(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"cannot resume from {path}: {why}; expected a training checkpoint written by saelab. It was left as "
+        "it is: move it away, or pass overwrite=True (--overwrite) to start the run over"
+    )
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CHECKPOINT
     try:
         # Only tensors and plain containers: a checkpoint is never allowed to run code.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure is reported the same way
-        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
+        lines = str(e).strip().splitlines()
+        detail = lines[0] if lines else ""
+        if "weights_only" in detail:  # torch's advice to load with weights_only=False is wrong here
+            detail = "not a plain tensor checkpoint (objects other than tensors and containers are refused)"
+        raise cannot_resume(path, f"unreadable, truncated or corrupt ({type(e).__name__}: {detail})") from e
+    if not isinstance(state, dict):
+        raise cannot_resume(path, f"it holds a {type(state).__name__}, not a dict")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise cannot_resume(path, f"missing {', '.join(missing)} (found {sorted(map(str, state))[:8]})")
+    return state
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

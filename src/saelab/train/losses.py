@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from saelab.sae.kernels import sparse_topk_encode
 from saelab.sae.topk import TopKSAE
 from saelab.train.config import TrainConfig
 
@@ -37,12 +38,14 @@ def training_loss(
     """The paper's loss on one batch of raw activations."""
     x_n, _ = sae.normalize_input(x_BD)
     k = sae.cfg.k
-    big_k = k * cfg.multi_topk_factor if cfg.multi_topk else k
-    pre_BN = sae.pre_acts(x_n)
+    big_k = min(k * cfg.multi_topk_factor, sae.n_latents) if cfg.multi_topk else k
+    dead_idx = None
+    if cfg.auxk and dead_mask_N is not None and bool(dead_mask_N.any()):
+        dead_idx = dead_mask_N.nonzero().squeeze(1)
     # One sorted top-(4k) serves both TopK and Multi-TopK: the top-k are its first k.
-    vals_big, idx_big = pre_BN.topk(min(big_k, sae.n_latents), dim=-1, sorted=cfg.multi_topk)
-    vals_big = torch.relu(vals_big)
-    vals, idx = vals_big[:, :k], idx_big[:, :k]
+    enc = sparse_topk_encode(x_n - sae.b_dec, sae.W_enc, sae.b_enc, big_k, dead_idx=dead_idx, k_aux=cfg.k_aux,
+                             sorted_out=cfg.multi_topk)
+    vals, idx = enc.vals_BK[:, :k], enc.idx_BK[:, :k]
 
     x_hat = sae.decode_topk(vals, idx)
     err = x_n - x_hat
@@ -51,23 +54,17 @@ def training_loss(
 
     multi = torch.zeros(())
     if cfg.multi_topk:
-        multi = normalized_mse(x_n - sae.decode_topk(vals_big, idx_big), normalizer)
+        multi = normalized_mse(x_n - sae.decode_topk(enc.vals_BK, enc.idx_BK), normalizer)
         loss = loss + cfg.multi_topk_coef * multi
 
     auxk = torch.zeros(())
-    if cfg.auxk and dead_mask_N is not None:
-        n_dead = int(dead_mask_N.sum())
-        if n_dead > 0:
-            k_aux = min(cfg.k_aux, n_dead)
-            # Only dead latents compete; the residual is decoded WITHOUT b_dec (it is a difference).
-            masked = pre_BN.masked_fill(~dead_mask_N, float("-inf"))
-            aux_vals, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
-            aux_vals = torch.relu(aux_vals)
-            residual = err.detach()
-            err_hat = sae.decode_topk(aux_vals, aux_idx, bias=False)
-            res_var = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
-            auxk = (residual - err_hat).pow(2).sum(dim=-1).mean() / res_var
-            loss = loss + cfg.auxk_coef * auxk
+    if enc.aux_vals_BA is not None:
+        # Dead latents reconstruct the residual, decoded WITHOUT b_dec (it is a difference).
+        residual = err.detach()
+        err_hat = sae.decode_topk(enc.aux_vals_BA, enc.aux_idx_BA, bias=False)
+        res_var = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        auxk = (residual - err_hat).pow(2).sum(dim=-1).mean() / res_var
+        loss = loss + cfg.auxk_coef * auxk
 
     l0 = (vals > 0).sum(dim=-1).float().mean().item()
     return StepOutput(loss, nmse.item(), auxk.item(), multi.item(), l0, idx, vals)

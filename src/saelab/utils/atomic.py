@@ -27,9 +27,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            # "[Errno 28] No space left on device" names no file: name the one being written
+            # (OSError(errno, ...) picks the matching subclass, so the type is kept).
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 
