@@ -1,16 +1,44 @@
-"""Shared helpers for benchmark scripts: machine info, GEMM peak, protocol activations."""
+"""Shared helpers for benchmark scripts: machine info, GEMM peak, the protocol's activations, and
+what every training-throughput runner shares (benchmarks/run_saelab.py, benchmarks/peers/run_*.py).
+
+Only the standard library, numpy and torch are imported at top level, so the peer libraries'
+virtual environment (benchmarks/peers/setup_peers.sh) imports this module too; the harvesting
+functions import saelab lazily and run in saelab's environment only.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# ---- the fixed protocol (GUIDE §6) ------------------------------------------------------------
+HOOK = "blocks.9.hook_resid_post"
+"""SmolLM2-135M-Instruct, layer-9 residual stream (= hidden_states[10])."""
+CONTEXT = 128
+"""Tokens per window of wiki_train (BOS first, position 0 skipped)."""
+TRAIN_TOKENS = 262_144
+"""Training rows of the protocol, seen once."""
+EVAL_TOKENS = 32_768
+"""Held-out rows (wiki_eval) for nMSE and dead latents."""
+BATCH = 4096
+K = 32
+THREADS = 2
+WARMUP_STEPS = 10
+DECAY_FRACTION = 0.2
+"""saelab's TrainConfig defaults for the learning-rate schedule; lr_multiplier mirrors lr_at."""
 
 
 def machine_info() -> str:
@@ -46,3 +74,295 @@ def gemm_flops(d: int = 576, n: int = 8192, batch: int = 4096, repeats: int = 10
 def encoder_bound(flops: float, d: int, n: int) -> float:
     """Tokens/s if training cost exactly one forward encoder GEMM: flops / (2 d n)."""
     return flops / (2 * d * n)
+
+
+# ---- protocol activations (saelab environment only) ---------------------------------------------
+def protocol_meta(train_corpus: str) -> dict[str, Any]:
+    return {"model_name": "default", "hook_name": HOOK, "context_size": CONTEXT, "prepend_bos": True,
+            "exclude_first": True, "dataset": train_corpus}
+
+
+def harvest_train_cache(lm, folder: str | Path, n_rows: int = TRAIN_TOKENS, *, overwrite: bool = False,
+                        progress: bool = True):
+    """The protocol's training activations as a float32 activation cache at ``folder``.
+
+    ``n_rows`` rows of HOOK from 128-token windows of wiki_train (position 0 skipped), shuffled
+    through a buffer as large as the whole harvest (so the stored order is a global shuffle).
+    An interrupted harvest of the same ``n_rows`` resumes; ``overwrite`` starts over.
+    """
+    from saelab.data import ActivationStream, default_corpus, iter_texts, pack_contexts, write_activation_cache
+
+    corpus = default_corpus("train")
+    contexts = pack_contexts(iter_texts(corpus), lm.tokenize, CONTEXT, bos_token_id=lm.bos_token_id)
+    stream = ActivationStream(lm, HOOK, contexts, batch_size=BATCH, lm_batch_size=16, max_tokens=n_rows,
+                              buffer_tokens=max(n_rows, 2 * BATCH), progress=progress)
+    return write_activation_cache(stream, folder, meta=protocol_meta(corpus), dtype="float32",
+                                  resume=not overwrite, overwrite=overwrite, progress=progress)
+
+
+def eval_activations(lm, n_tokens: int = EVAL_TOKENS) -> torch.Tensor:
+    """The protocol's held-out rows: HOOK on 128-token windows of wiki_eval, position 0 skipped, in order."""
+    from saelab.data import default_corpus, token_contexts
+
+    tokens = token_contexts(default_corpus("eval"), lm.tokenize, CONTEXT, n_contexts=-(-n_tokens // (CONTEXT - 1)),
+                            bos_token_id=lm.bos_token_id)
+    with torch.no_grad():
+        acts = [lm.activations(tokens[i:i + 16], HOOK)[:, 1:].reshape(-1, lm.d_model)
+                for i in range(0, tokens.shape[0], 16)]
+    return torch.cat(acts)[:n_tokens]
+
+
+def _complete_rows(folder: Path) -> int:
+    """Rows of a complete activation cache at ``folder``; 0 if there is none or it is incomplete."""
+    try:
+        m = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(m.get("n_rows", 0)) if m.get("complete") and m.get("dtype") == "float32" else 0
+
+
+def ensure_bench_caches(train_dir: str | Path, eval_dir: str | Path, train_rows: int, eval_rows: int,
+                        *, progress: bool = True) -> None:
+    """Make sure both float32 caches exist with at least the rows asked for (the LM loads only if needed).
+
+    A training cache with fewer rows is harvested again from the start (rows of a smaller harvest
+    are shuffled differently, so they are not a prefix of a larger one); one with more is reused,
+    and runners read its first ``train_rows`` rows.
+    """
+    train_dir, eval_dir = Path(train_dir), Path(eval_dir)
+    need_train = _complete_rows(train_dir) < train_rows
+    need_eval = _complete_rows(eval_dir) < eval_rows
+    if not (need_train or need_eval):
+        return
+    from saelab.data import write_activation_cache
+    from saelab.models import load_model
+
+    lm = load_model("default")
+    if need_train:
+        print(f"harvesting {train_rows:,} training rows into {train_dir}", file=sys.stderr, flush=True)
+        harvest_train_cache(lm, train_dir, train_rows, overwrite=True, progress=progress)
+    if need_eval:
+        print(f"harvesting {eval_rows:,} eval rows into {eval_dir}", file=sys.stderr, flush=True)
+        from saelab.data import default_corpus
+
+        acts = eval_activations(lm, eval_rows)
+        meta = {**protocol_meta(default_corpus("train")), "dataset": default_corpus("eval"), "order": "harvest"}
+        write_activation_cache([acts], eval_dir, meta=meta, dtype="float32", overwrite=True, progress=False)
+
+
+# ---- runner side: identical data, schedule, timing and metrics for every library ----------------
+class CacheReader:
+    """Read rows of a saelab activation cache (manifest.json + shard_XXXXX.npy) with plain file reads.
+
+    No saelab import and no memory map (mapped pages would count in the process's RSS and blur the
+    peak-memory comparison): each call reads exactly the rows asked for into a fresh float32 array.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        m = json.loads((self.folder / "manifest.json").read_text())
+        if not m.get("complete"):
+            raise ValueError(f"activation cache {self.folder} is incomplete")
+        self.d: int = m["d"]
+        self.n_rows: int = m["n_rows"]
+        self.dtype: str = m["dtype"]
+        self._np = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}[self.dtype]
+        self._shards = []  # (path, first row, rows, data offset)
+        start = 0
+        for s in m["shards"]:
+            path = self.folder / s["file"]
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                if shape != (s["rows"], self.d) or fortran or dtype != self._np:
+                    raise ValueError(f"{path}: {dtype} {shape} does not match the manifest")
+                self._shards.append((path, start, s["rows"], f.tell()))
+            start += s["rows"]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) in stored order, as a new float32 array [stop - start, d]."""
+        if not 0 <= start <= stop <= self.n_rows:
+            raise ValueError(f"rows [{start}, {stop}) outside a cache of {self.n_rows} rows")
+        out = np.empty((stop - start, self.d), dtype=self._np)
+        pos = 0
+        for path, first, rows, offset in self._shards:
+            lo, hi = max(start, first), min(stop, first + rows)
+            if lo >= hi:
+                continue
+            with open(path, "rb") as f:
+                f.seek(offset + (lo - first) * self.d * self._np.itemsize)
+                chunk = np.fromfile(f, dtype=self._np, count=(hi - lo) * self.d)
+            out[pos:pos + hi - lo] = chunk.reshape(hi - lo, self.d)
+            pos += hi - lo
+        if self.dtype == "bfloat16":
+            return (out.astype(np.uint32) << 16).view(np.float32)
+        return out.astype(np.float32, copy=False)
+
+    def batch(self, b: int, batch_size: int) -> torch.Tensor:
+        """Training batch ``b``: rows [b * batch_size, (b + 1) * batch_size), as a float32 tensor."""
+        return torch.from_numpy(self.read(b * batch_size, (b + 1) * batch_size))
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int = WARMUP_STEPS,
+                  decay_fraction: float = DECAY_FRACTION) -> float:
+    """saelab's schedule (TrainConfig.lr_at / lr): linear warmup, constant, linear decay to 0 at the end."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_start = int(total_steps * (1 - decay_fraction))
+    if decay_fraction > 0 and step >= decay_start:
+        return max(total_steps - step, 0) / max(total_steps - decay_start, 1)
+    return 1.0
+
+
+def default_lr(n: int) -> float:
+    """saelab's default learning rate for n latents (TrainConfig: 2e-3 / sqrt(n / 2^14))."""
+    return 2e-3 / math.sqrt(n / 2**14)
+
+
+def saelab_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR giving a peer's optimizer saelab's schedule (stepped once per optimizer step).
+
+    The base learning rate is the optimizer's ``initial_lr`` if an earlier scheduler set one,
+    else its current ``lr``.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+        group.pop("initial_lr", None)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps))
+
+
+def runner_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every runner takes (compare_peers.py passes the same ones to all)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default="/tmp/saelab-bench/acts", help="training activation cache (float32)")
+    ap.add_argument("--eval-cache", default="/tmp/saelab-bench/acts_eval", help="held-out activation cache")
+    ap.add_argument("--rows", type=int, default=TRAIN_TOKENS, help="training rows: the cache's first ROWS rows")
+    ap.add_argument("--eval-rows", type=int, default=EVAL_TOKENS, help="held-out rows for nMSE / dead latents")
+    ap.add_argument("--n", type=int, default=8192, help="latents")
+    ap.add_argument("--k", type=int, default=K)
+    ap.add_argument("--batch-size", type=int, default=BATCH)
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: saelab's for n)")
+    ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def setup_runner(args: argparse.Namespace) -> None:
+    """Threads, seed, defaults; call before building anything."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.lr is None:
+        args.lr = default_lr(args.n)
+    if args.rows < 2 * args.batch_size:
+        raise SystemExit(f"--rows must be at least two batches ({2 * args.batch_size})")
+
+
+class StepClock:
+    """Times the training loop the same way for every library.
+
+    ``setup()`` marks the start of SAE construction; ``start()`` the moment batch 1 is in memory
+    (after step 0, which holds the libraries' one-time data-dependent initialisation and warm-up
+    costs); ``stop()`` the end of the last optimizer step. Timed: steps 1 .. S-1.
+    """
+
+    def __init__(self) -> None:
+        self.t_setup = self.t_start = self.t_stop = None
+
+    def setup(self) -> None:
+        self.t_setup = time.perf_counter()
+
+    def start(self) -> None:
+        self.t_start = time.perf_counter()
+
+    def stop(self) -> None:
+        self.t_stop = time.perf_counter()
+
+    def timed_batches(self, reader: CacheReader, n_batches: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """Batches 0 .. n_batches-1 in stored order; starts the clock when batch 1 has been read."""
+        for b in range(n_batches):
+            x = reader.batch(b, batch_size)
+            if b == 1:
+                self.start()
+            yield x
+
+
+class EvalAccumulator:
+    """nMSE = sum||x - x_hat||^2 / sum||x - mean_eval(x)||^2 (float64), L0, and latents never fired."""
+
+    def __init__(self, n_latents: int):
+        self.sse = 0.0
+        self.sum_x = None
+        self.sum_sq = 0.0
+        self.rows = 0
+        self.nonzero = 0
+        self.fired = torch.zeros(n_latents, dtype=torch.bool)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """One batch: inputs, reconstructions, and the selected latents (indices, values) per row."""
+        xd = x.double()
+        self.sse += float((xd - x_hat.double()).pow(2).sum())
+        s = xd.sum(dim=0)
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        self.sum_sq += float(xd.pow(2).sum())
+        self.rows += x.shape[0]
+        active = vals > 0
+        self.nonzero += int(active.sum())
+        self.fired[idx[active]] = True
+
+    def result(self) -> dict[str, float]:
+        mean = self.sum_x / self.rows
+        total_var = self.sum_sq - self.rows * float(mean.pow(2).sum())
+        return {"eval_nmse": self.sse / total_var, "eval_dead_frac": float((~self.fired).double().mean()),
+                "eval_l0": self.nonzero / self.rows, "eval_rows": self.rows}
+
+
+def evaluate(encode_decode, reader: CacheReader, n_rows: int, n_latents: int, batch_size: int = BATCH) -> dict:
+    """Metrics of ``encode_decode(x) -> (x_hat, idx_BK, vals_BK)`` on the first ``n_rows`` held-out rows."""
+    acc = EvalAccumulator(n_latents)
+    n_rows = min(n_rows, reader.n_rows)
+    with torch.no_grad():
+        for lo in range(0, n_rows, batch_size):
+            x = torch.from_numpy(reader.read(lo, min(lo + batch_size, n_rows)))
+            x_hat, idx, vals = encode_decode(x)
+            acc.update(x, x_hat, idx, vals)
+    return acc.result()
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far in MB (getrusage ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def finish_run(args: argparse.Namespace, clock: StepClock, *, library: str, version: str, n_batches: int,
+               rss_base: float, peak_train: float, metrics: dict[str, float], notes: str = "",
+               final_loss: float | None = None) -> None:
+    """Print the run's one JSON line (prefixed with RESULT_PREFIX so library chatter can surround it)."""
+    timed = clock.t_stop - clock.t_start
+    total = clock.t_stop - clock.t_setup
+    out = {
+        "library": library, "version": version, "n": args.n, "k": args.k, "batch_size": args.batch_size,
+        "rows": n_batches * args.batch_size, "steps": n_batches, "lr": args.lr, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "timed_steps": n_batches - 1, "train_s": timed,
+        "tokens_per_s": (n_batches - 1) * args.batch_size / timed,
+        "total_s": total, "tokens_per_s_incl_init": n_batches * args.batch_size / total,
+        "rss_base_mb": rss_base, "peak_rss_train_mb": peak_train, "peak_rss_mb": peak_rss_mb(),
+        "final_train_loss": final_loss, **metrics, "notes": notes,
+    }
+    print(RESULT_PREFIX + json.dumps(out), flush=True)

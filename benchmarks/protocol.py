@@ -19,19 +19,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, encoder_bound, gemm_flops, machine_info  # noqa: E402
+from common import CONTEXT as T  # noqa: E402
+from common import EVAL_TOKENS, HOOK, TRAIN_TOKENS, command_line, encoder_bound, eval_activations  # noqa: E402
+from common import gemm_flops, harvest_train_cache, machine_info  # noqa: E402
 
-from saelab.data import ActivationStream, default_corpus, iter_texts, pack_contexts, token_contexts  # noqa: E402
-from saelab.data import write_activation_cache  # noqa: E402
+from saelab.data import ActivationStream, write_activation_cache  # noqa: E402
 from saelab.evals.reconstruction import reconstruction_metrics  # noqa: E402
 from saelab.models import load_model  # noqa: E402
 from saelab.pipeline import train_from_cache  # noqa: E402
 from saelab.train import TrainConfig  # noqa: E402
-
-HOOK = "blocks.9.hook_resid_post"
-T = 128
-TRAIN_TOKENS = 262_144
-EVAL_TOKENS = 32_768
 
 
 def harvest_speed(lm, tokens_NT: torch.Tensor, lm_batch: int = 16) -> dict[str, float]:
@@ -69,20 +65,10 @@ def main() -> None:
     work = Path(args.workdir)
 
     lm = load_model("default")
-    train_corpus, eval_corpus = default_corpus("train"), default_corpus("eval")
     cache_dir = work / "acts_train"
     if not (cache_dir / "manifest.json").exists() or '"complete": true' not in (cache_dir / "manifest.json").read_text():
-        contexts = pack_contexts(iter_texts(train_corpus), lm.tokenize, T, bos_token_id=lm.bos_token_id)
-        stream = ActivationStream(lm, HOOK, contexts, batch_size=4096, lm_batch_size=16, max_tokens=TRAIN_TOKENS,
-                                  buffer_tokens=TRAIN_TOKENS)
-        meta = {"model_name": "default", "hook_name": HOOK, "context_size": T, "prepend_bos": True,
-                "exclude_first": True, "dataset": train_corpus}
-        write_activation_cache(stream, cache_dir, meta=meta, dtype="float32", resume=True)
-    eval_tokens = token_contexts(eval_corpus, lm.tokenize, T, n_contexts=-(-EVAL_TOKENS // (T - 1)),
-                                 bos_token_id=lm.bos_token_id)
-    with torch.no_grad():
-        eval_acts = torch.cat([lm.activations(eval_tokens[i:i + 16], HOOK)[:, 1:].reshape(-1, lm.d_model)
-                               for i in range(0, eval_tokens.shape[0], 16)])[:EVAL_TOKENS]
+        harvest_train_cache(lm, cache_dir, TRAIN_TOKENS)
+    eval_acts = eval_activations(lm, EVAL_TOKENS)
 
     rows = []
     for n in args.n:

@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, TrainConfig, title="training")
     _add_common(p)
 
+    p = sub.add_parser("sweep", help="train a grid of SAEs from one pass over an activation cache")
+    p.add_argument("--activations", required=True, help="activation cache folder (from `saelab harvest`)")
+    p.add_argument("--out", required=True, help="folder for the runs (one subfolder per grid point)")
+    p.add_argument("--grid", nargs="+", required=True, metavar="FIELD=V1,V2",
+                   help="training options to vary, e.g. n_latents=1024,4096 k=16,32 lr=1e-3,3e-3")
+    add_dataclass_args(p, TrainConfig, title="training (shared by every run)")
+    _add_common(p)
+
     p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens folder, OpenAI .pt file or URL)")
     p.add_argument("sae", help="run folder, SAE folder, .pt file or https URL")
     p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
@@ -83,9 +91,44 @@ def _cmd_train(args) -> dict:
     from saelab.pipeline import train_from_cache
     from saelab.train import TrainConfig
 
+    from saelab.train.distributed import init_from_env
+
+    init_from_env()  # data-parallel when started by torchrun
     sae = train_from_cache(args.activations, args.out, dataclass_from_args(TrainConfig, args),
                            overwrite=args.overwrite, progress=args.progress)
     return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, "k": sae.cfg.k}
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """['n_latents=1024,4096', 'lr=1e-3'] -> {'n_latents': [1024, 4096], 'lr': [0.001]} typed as TrainConfig."""
+    import dataclasses
+
+    from saelab.train import TrainConfig
+    from saelab.utils.dataclass_args import scalar_type
+
+    types = {f.name: scalar_type(f.type)[0] for f in dataclasses.fields(TrainConfig)}
+    grid = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in types or not values:
+            raise SaelabError(f"bad --grid entry {item!r}: expected FIELD=V1,V2 with FIELD a training option "
+                              f"such as n_latents, k, lr")
+        kind = types[name]
+        parse = (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
+        grid[name] = [parse(v) for v in values.split(",")]
+    return grid
+
+
+def _cmd_sweep(args) -> dict:
+    from saelab.pipeline import sweep_from_cache
+    from saelab.train import TrainConfig
+    from saelab.train.distributed import init_from_env
+
+    init_from_env()
+    saes = sweep_from_cache(args.activations, args.out, dataclass_from_args(TrainConfig, args),
+                            parse_grid(args.grid), overwrite=args.overwrite, progress=args.progress)
+    return {name: str(Path(args.out) / name / "sae") for name in saes}
 
 
 def _cmd_eval(args) -> dict:
@@ -115,7 +158,7 @@ def _cmd_report(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"quickstart": _cmd_quickstart, "harvest": _cmd_harvest, "train": _cmd_train,
+    handler = {"quickstart": _cmd_quickstart, "harvest": _cmd_harvest, "train": _cmd_train, "sweep": _cmd_sweep,
                "eval": _cmd_eval, "report": _cmd_report}[args.verb]
     try:
         result = handler(args)

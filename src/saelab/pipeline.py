@@ -129,13 +129,52 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
     if cache.n_rows < cfg.total_tokens:
         raise CorpusError(f"activation cache {cache.folder} holds {cache.n_rows:,} rows but training asks for "
                           f"total_tokens={cfg.total_tokens:,}; harvest more or train on fewer tokens")
-    meta_keys = ("model_name", "hook_name", "context_size", "prepend_bos", "exclude_first", "dataset")
-    meta = {k: cache.meta[k] for k in meta_keys if k in cache.meta}
+    return train_sae(cfg, _cache_batches(cache, cfg), run_dir, d_in=cache.d, meta=_cache_meta(cache),
+                     overwrite=overwrite, progress=progress)
 
+
+def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, TrainConfig]:
+    """Every combination of the grid's values over ``base``, keyed by a folder name like n4096_k32."""
+    import itertools
+    from dataclasses import replace
+
+    short = {"n_latents": "n", "k": "k", "lr": "lr", "k_aux": "kaux", "total_tokens": "tok"}
+    keys = list(grid)
+    out = {}
+    for values in itertools.product(*(grid[k] for k in keys)):
+        cfg = replace(base, **dict(zip(keys, values)))
+        name = "_".join(f"{short.get(k, k)}{v:g}" if isinstance(v, float) else f"{short.get(k, k)}{v}"
+                        for k, v in zip(keys, values)) or "base"
+        out[name] = cfg
+    return out
+
+
+def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, base: TrainConfig,
+                     grid: dict[str, list[Any]], *, overwrite: bool = False, progress: bool = True
+                     ) -> dict[str, TopKSAE]:
+    """Train every SAE of a grid from ONE pass over an activation cache, each in out_dir/<name>/."""
+    from saelab.train import train_many
+
+    cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
+    configs = sweep_configs(base, grid)
+    need = max(c.total_tokens for c in configs.values())
+    if cache.n_rows < need:
+        raise CorpusError(f"activation cache {cache.folder} holds {cache.n_rows:,} rows; the sweep needs {need:,}")
+    out_dir = Path(out_dir)
+    saes = train_many(list(configs.values()), _cache_batches(cache, base), [out_dir / n for n in configs],
+                      d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress)
+    return dict(zip(configs, saes))
+
+
+def _cache_meta(cache: ActivationCache) -> dict[str, Any]:
+    keys = ("model_name", "hook_name", "context_size", "prepend_bos", "exclude_first", "dataset")
+    return {k: cache.meta[k] for k in keys if k in cache.meta}
+
+
+def _cache_batches(cache: ActivationCache, cfg: TrainConfig):
     def batches_from(start_batch: int):
         return cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, start_batch=start_batch)
-
-    return train_sae(cfg, batches_from, run_dir, d_in=cache.d, meta=meta, overwrite=overwrite, progress=progress)
+    return batches_from
 
 
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,
@@ -226,4 +265,4 @@ def load_run(run_dir: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
 
 
 __all__ = ["DEFAULT_HOOK", "EvalConfig", "HarvestConfig", "QuickstartConfig", "evaluate", "harvest", "load_run",
-           "quickstart", "read_metrics", "train_from_cache"]
+           "quickstart", "read_metrics", "sweep_configs", "sweep_from_cache", "train_from_cache"]

@@ -182,8 +182,11 @@ def write_activation_cache(
         name = _shard_name(len(manifest["shards"]))
 
         def save(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
-                np.save(f, arr, allow_pickle=False)
+            # The bytes np.save writes, but the data goes through f.write: np.save's tofile reports a failed
+            # write (full disk) as an OSError without errno ("N requested and M written").
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+                f.write(np.ascontiguousarray(arr).data)
 
         write_with(folder / name, save)
         manifest["shards"].append({"file": name, "rows": n_buf})

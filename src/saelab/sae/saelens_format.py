@@ -14,17 +14,19 @@ Reading also accepts folders SAELens wrote itself (no ``saelab`` key), including
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from saelab.errors import CheckpointError
 from saelab.sae.topk import SAEConfig, TopKSAE
-from saelab.utils.atomic import write_bytes, write_text, write_with
+from saelab.utils.atomic import atomic_path
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -119,17 +121,25 @@ def write_saelens_folder(
         sparsity = {"sparsity": sparsity_log10.detach().to("cpu", torch.float32).contiguous()}
     tensors = {name: getattr(sae, name).detach().to("cpu").contiguous() for name in _WEIGHT_KEYS}
 
-    folder.mkdir(parents=True, exist_ok=True)
-    # Overwriting: drop the completion marker first so a reader never pairs old cfg.json with new weights.
-    (folder / CFG_FILENAME).unlink(missing_ok=True)
-    write_with(folder / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, str(tmp)))
+    # Serialized in memory: a failed write (full disk) then raises OSError, not a serializer error.
+    payloads = {WEIGHTS_FILENAME: save_safetensors(tensors)}
     if sparsity_log10 is not None:
-        write_with(folder / SPARSITY_FILENAME, lambda tmp: save_file(sparsity, str(tmp)))
-    else:
-        (folder / SPARSITY_FILENAME).unlink(missing_ok=True)  # a stale one would describe other weights
-    for name, data in extras.items():
-        write_bytes(folder / name, data)
-    write_text(folder / CFG_FILENAME, cfg_text)
+        payloads[SPARSITY_FILENAME] = save_safetensors(sparsity)
+    payloads.update(extras)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # Every file is first written in full to a temporary beside it, so a failure (a full disk) leaves an
+    # existing SAE in the folder untouched. Only then is the old completion marker dropped and the files
+    # renamed into place, cfg.json last (the stack renames in reverse), so a reader never pairs an old
+    # cfg.json with new weights.
+    with contextlib.ExitStack() as stack:
+        cfg_tmp = stack.enter_context(atomic_path(folder / CFG_FILENAME))
+        for name, data in payloads.items():
+            stack.enter_context(atomic_path(folder / name)).write_bytes(data)
+        cfg_tmp.write_text(cfg_text, encoding="utf-8")
+        (folder / CFG_FILENAME).unlink(missing_ok=True)
+        if sparsity_log10 is None:
+            (folder / SPARSITY_FILENAME).unlink(missing_ok=True)  # a stale one would describe other weights
     return folder
 
 

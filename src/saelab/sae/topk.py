@@ -129,11 +129,17 @@ class TopKSAE(nn.Module):
         return self.cfg.n_latents
 
     def check_input(self, x: torch.Tensor, name: str = "activations") -> None:
+        """Refuse input of the wrong width, or with NaN/inf (which would silently become NaN output)."""
+        trained_on = f" (trained on {self.cfg.hook_name})" if self.cfg.hook_name else ""
         if x.shape[-1] != self.cfg.d_in:
             raise ShapeMismatchError(
-                f"{name} have width {x.shape[-1]} but the SAE expects d_in={self.cfg.d_in}"
-                + (f" (trained on {self.cfg.hook_name})" if self.cfg.hook_name else "")
+                f"{name} have width {x.shape[-1]} but the SAE expects d_in={self.cfg.d_in}{trained_on}"
             )
+        if not torch.isfinite(x).all():
+            rows = x.reshape(-1, x.shape[-1])
+            n_bad = int((~torch.isfinite(rows)).any(dim=1).sum())
+            raise NonFiniteError(f"{name} given to the SAE{trained_on} contain NaN or inf in {n_bad} of "
+                                 f"{rows.shape[0]} rows; expected finite numbers")
 
     # ---- input normalization ---------------------------------------------------------------
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:

@@ -33,16 +33,17 @@ def write_status(run_dir: Path, state: str, **extra: Any) -> None:
     write_json(run_dir / STATUS, {"state": state, **extra})
 
 
-def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False) -> bool:
+def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False, write: bool = True) -> bool:
     """Create or reopen a run folder. Returns True when there is a checkpoint to resume from.
 
     A finished run is never overwritten unless ``overwrite``; an unfinished one with the same
     config resumes; one with a different config is refused (it would mix two experiments).
+    Only the writing process (rank 0 when data-parallel) changes files.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     status = read_status(run_dir)
     cfg_path = run_dir / TRAIN_CONFIG
-    if overwrite:
+    if overwrite and write:
         for name in (CHECKPOINT, STATUS, METRICS):
             (run_dir / name).unlink(missing_ok=True)
     elif status.get("state") == "finished":
@@ -57,7 +58,8 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = 
                 f"run folder {run_dir} holds an unfinished run with a different config (differs in {changed}); "
                 "resume it with the same options, pick another folder, or pass overwrite=True"
             )
-    write_json(cfg_path, config)
+    if write:
+        write_json(cfg_path, config)
     return (run_dir / CHECKPOINT).exists() and not overwrite
 
 

@@ -9,6 +9,7 @@ import torch
 from saelab.sae.kernels import sparse_topk_encode
 from saelab.sae.topk import TopKSAE
 from saelab.train.config import TrainConfig
+from saelab.train.distributed import all_reduce_sum
 
 
 @dataclass
@@ -26,6 +27,16 @@ class StepOutput:
     idx_BK: torch.Tensor
     """Latents selected by TopK (for dead-latent tracking)."""
     vals_BK: torch.Tensor
+
+
+def residual_variance(r_BD: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of the rows to their mean, over the GLOBAL batch when data-parallel."""
+    stats = torch.cat([r_BD.sum(dim=0), r_BD.pow(2).sum().reshape(1),
+                       torch.tensor([float(r_BD.shape[0])], dtype=r_BD.dtype, device=r_BD.device)])
+    stats = all_reduce_sum(stats)
+    rows = stats[-1]
+    mean = stats[:-2] / rows
+    return (stats[-2] / rows - mean.pow(2).sum()).clamp_min(1e-12)
 
 
 def normalized_mse(err_BD: torch.Tensor, normalizer: float | torch.Tensor) -> torch.Tensor:
@@ -62,7 +73,7 @@ def training_loss(
         # Dead latents reconstruct the residual, decoded WITHOUT b_dec (it is a difference).
         residual = err.detach()
         err_hat = sae.decode_topk(enc.aux_vals_BA, enc.aux_idx_BA, bias=False)
-        res_var = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        res_var = residual_variance(residual)
         auxk = (residual - err_hat).pow(2).sum(dim=-1).mean() / res_var
         loss = loss + cfg.auxk_coef * auxk
 

@@ -27,7 +27,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _base_type(tp: Any) -> tuple[type, bool]:
+def scalar_type(tp: Any) -> tuple[type, bool]:
     """(scalar type, optional?) for int, float, str, bool and their `X | None` forms."""
     if isinstance(tp, str):
         tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__ import annotations`
@@ -54,7 +54,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, prefix: st
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        kind, optional = _base_type(f.type)
+        kind, optional = scalar_type(f.type)
         flag = "--" + (prefix + f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{docs.get(f.name, '')} (default: {default})"

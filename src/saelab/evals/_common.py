@@ -1,0 +1,86 @@
+"""Small helpers shared by the paper-metric modules (ablation sparsity, probes, N2G).
+
+Nothing here defines a metric; each metric module documents its own definition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+
+
+def first_position(sae, exclude_first: bool | None) -> int:
+    """First context position an evaluation edits or scores: 1 when position 0 (BOS) is left out."""
+    flag = sae.cfg.exclude_first if exclude_first is None else exclude_first
+    return 1 if flag else 0
+
+
+def resolve_hook(lm, sae, hook: str | None) -> str:
+    """The hook to use (``hook`` or the SAE's own), checked against the model and the SAE width."""
+    hook = hook or sae.cfg.hook_name
+    if not hook:
+        raise ValueError("no hook given and the SAE's cfg.hook_name is empty; pass cfg.hook")
+    lm.check_hook(hook)
+    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"hook {hook}")
+    return hook
+
+
+def json_float(x: float | torch.Tensor | None) -> float | None:
+    """A float for JSON: NaN and inf (undefined values) become None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as a JSON-ready dict (tuples become lists)."""
+    def fix(v):
+        if isinstance(v, (tuple, list)):
+            return [fix(u) for u in v]
+        if isinstance(v, dict):
+            return {k: fix(u) for k, u in v.items()}
+        return v
+    return {k: fix(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def check_tokens(tokens_NT: torch.Tensor) -> torch.Tensor:
+    if not isinstance(tokens_NT, torch.Tensor):
+        tokens_NT = torch.as_tensor(tokens_NT)
+    if tokens_NT.ndim != 2 or tokens_NT.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be an integer tensor [N, T], got {tokens_NT.dtype} {tuple(tokens_NT.shape)}")
+    return tokens_NT.long()
+
+
+@torch.no_grad()
+def last_logits(lm, tokens_BT: torch.Tensor, edits: Mapping[str, Callable] | None, n_keep: int) -> torch.Tensor:
+    """Float32 logits of the last ``n_keep`` positions, ``[B, n_keep, V]``, with ``edits`` installed.
+
+    Uses the HF ``logits_to_keep`` argument so the unembedding runs on ``n_keep`` positions only;
+    models without it fall back to full logits, sliced.
+    """
+    tokens_BT = tokens_BT.to(lm.device)
+    kwargs = {"logits_to_keep": n_keep} if "logits_to_keep" in inspect.signature(lm.model.forward).parameters else {}
+    with lm.hooked(dict(edits or {})):
+        out = lm.model(input_ids=tokens_BT, use_cache=False, **kwargs).logits
+    return out[:, -n_keep:].float()
+
+
+@torch.no_grad()
+def latent_contributions(sae, x_RD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each kept latent's additive contribution to the SAE output, in the activation's own space.
+
+    Returns ``vals_RK, idx_RK, contrib_RKD`` with ``contrib = val * W_dec[idx] * scale``, where
+    ``scale`` is 1, or the per-token std when the SAE normalizes its input (the decoder output is
+    multiplied by it on the way out). So ``contrib.sum(1) + b_dec * scale + mean == sae(x)``.
+    """
+    x_n, state = sae.normalize_input(x_RD.to(sae.W_dec.dtype))
+    vals, idx, _ = sae.encode_topk(x_n)
+    contrib = vals.unsqueeze(-1) * sae.W_dec[idx]
+    if state is not None:
+        contrib = contrib * state[1].unsqueeze(1)
+    return vals, idx, contrib

@@ -1,0 +1,236 @@
+"""Sparsity of ablation effects (Gao et al. 2024, "sparsity of ablation effects" metric).
+
+Definition pinned here (and in ``tests/test_evals_ablation_sparsity.py``):
+
+1. Sample a *site*: a context and a position ``p`` with ``p + T <= context length`` (``T`` =
+   ``cfg.n_future``, 16 in the paper), ``p >= 1`` when the SAE leaves out position 0 (BOS).
+2. Encode the hook activation ``x_p`` with the SAE. For each active latent ``i`` (value ``z_i > 0``),
+   subtract its contribution ``z_i * W_dec[i]`` (times the per-token std for a LayerNorm-input SAE)
+   from ``x_p`` and leave everything else as it is: the SAE error term is kept, so an ablation of
+   nothing is exactly the clean model. Only position ``p`` is edited.
+3. Run the model on. The effect is the change of the logits at positions ``p .. p+T-1`` (the
+   ablated position and the next ``T-1``): ``T`` vectors of ``V`` (vocabulary) numbers.
+4. Because adding a constant to all logits of one position does not change its softmax, the
+   median change of each position (over ``V``) is subtracted from that position
+   (``cfg.center = "median"``, as the paper; ``"none"`` skips it).
+5. The ``V * T`` numbers form one vector ``d``; the score is ``(||d||_1 / ||d||_2)^2 / (V * T)``:
+   the effective fraction of (token, position) logits affected. It is ``1 / (V*T)`` for a one-hot
+   ``d``, 1 when every entry has the same magnitude, and ~``2/pi`` (0.64) for a Gaussian ``d``.
+   An ablation with no effect at all (``d = 0``) has no score; such ablations are counted
+   (``n_null``) and left out of the mean.
+6. Report the mean over all (site, latent) ablations. The baseline ablates residual-stream
+   channels at the same sites: channel ``j`` loses its value, ``x_p[j] -> 0``
+   (``cfg.channels_per_site`` channels drawn at random per site).
+
+Ablations run in batches: the context (cut after ``p + T - 1``, which causality allows) is
+repeated along the batch dimension, row 0 unedited, each other row with one ablation, and only
+the last ``T`` positions are unembedded. Row 0 gives the clean logits of that very forward.
+
+Result schema (``run_ablation_sparsity`` returns a JSON-serializable dict)::
+
+    metric              "ablation_sparsity"
+    hook                hook the SAE reads and the ablations edit
+    config              the AblationSparsityConfig as a dict
+    n_sites             (context, position) sites sampled
+    n_future            T
+    vocab_size          V (logit width)
+    latent              summary of the latent ablations (see below)
+    channel             the same for residual-channel ablations (None if channels_per_site == 0)
+    ratio_latent_to_channel   latent.mean / channel.mean (< 1: latents have sparser effects)
+    gaussian_reference  2/pi, the score of a Gaussian random effect vector
+    ablations_per_s     latent and channel ablations done per second of wall time (forwards + scores)
+    wall_s              wall time of the ablation loop
+
+    summary = {mean, median, std, min, max (score over scored ablations, None when none),
+               n_ablations (done), n_null (zero effect, unscored)}
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab.evals._common import (
+    check_tokens,
+    config_dict,
+    first_position,
+    json_float,
+    last_logits,
+    latent_contributions,
+    resolve_hook,
+)
+
+CENTERS = ("median", "none")
+GAUSSIAN_REFERENCE = 2 / math.pi
+
+
+@dataclass
+class AblationSparsityConfig:
+    """Settings of the ablation-sparsity metric."""
+
+    n_future: int = 16
+    """T: logit changes are read at the ablated position and the next T-1 positions (paper: 16)."""
+    n_sites: int = 64
+    """(context, position) sites sampled uniformly; every site ablates its active latents."""
+    latents_per_site: int | None = None
+    """Ablate at most this many of the site's active latents (drawn at random); None = all (<= k)."""
+    channels_per_site: int = 16
+    """Residual-stream channels ablated per site for the baseline (drawn at random); 0 = no baseline."""
+    center: str = "median"
+    """'median': subtract each position's median logit change before scoring (paper); 'none'."""
+    batch_size: int = 32
+    """Ablations per forward pass (rows of one batch; one more row carries the clean run)."""
+    seed: int = 0
+    """Seed of the site, latent and channel sampling."""
+    exclude_first: bool | None = None
+    """Leave position 0 out of the sites; None = follow the SAE's cfg.exclude_first."""
+    hook: str | None = None
+    """Hook to ablate at; None = the SAE's cfg.hook_name."""
+    progress: bool = False
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.n_future < 1:
+            raise ValueError(f"n_future must be >= 1, got {self.n_future}")
+        if self.n_sites < 1:
+            raise ValueError(f"n_sites must be >= 1, got {self.n_sites}")
+        if self.center not in CENTERS:
+            raise ValueError(f"center must be one of {CENTERS}, got {self.center!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.channels_per_site < 0:
+            raise ValueError(f"channels_per_site must be >= 0, got {self.channels_per_site}")
+
+
+def ablation_sparsity_score(delta_TV: torch.Tensor, center: str = "median") -> torch.Tensor:
+    """The score of effect vectors ``delta [..., T, V]`` (logit changes): one value per leading index.
+
+    ``(||d||_1 / ||d||_2)^2 / (T * V)`` over the ``T * V`` entries, after subtracting each row's
+    median over ``V`` when ``center == "median"`` (torch.median: the lower middle value for an
+    even ``V``). NaN where ``d`` is all zero.
+    """
+    if center not in CENTERS:
+        raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
+    d = delta_TV.double()
+    if center == "median":
+        d = d - d.median(dim=-1, keepdim=True).values
+    d = d.flatten(-2)
+    l1 = d.abs().sum(-1)
+    l2sq = d.pow(2).sum(-1)
+    score = l1.pow(2) / l2sq / d.shape[-1]
+    return torch.where(l2sq > 0, score, torch.full_like(score, float("nan")))
+
+
+@torch.no_grad()
+def ablation_logit_deltas(lm, context_T: torch.Tensor, pos: int, deltas_RD: torch.Tensor, hook: str,
+                          n_future: int, batch_size: int = 32) -> torch.Tensor:
+    """Logit changes ``[R, n_future, V]`` of ``R`` ablations at position ``pos`` of one context.
+
+    Row ``r`` subtracts ``deltas_RD[r]`` from the activation at ``hook``, position ``pos``; the
+    changes are read at positions ``pos .. pos + n_future - 1`` against an unedited row of the same
+    forward pass.
+    """
+    end = pos + n_future
+    if end > context_T.shape[0]:
+        raise ValueError(f"position {pos} + n_future {n_future} exceeds the context length {context_T.shape[0]}")
+    toks = context_T[:end].to(lm.device)
+    out = []
+    for start in range(0, deltas_RD.shape[0], batch_size):
+        chunk = deltas_RD[start:start + batch_size]
+        R = chunk.shape[0]
+
+        def edit(x_BTD: torch.Tensor, chunk=chunk) -> torch.Tensor:
+            x = x_BTD.clone()
+            x[1:, pos] -= chunk.to(x.dtype).to(x.device)
+            return x
+
+        logits = last_logits(lm, toks.unsqueeze(0).expand(R + 1, -1), {hook: edit}, n_future)
+        out.append((logits[1:] - logits[:1]).cpu())
+    return torch.cat(out) if out else torch.empty(0, n_future, lm.vocab_size)
+
+
+def _summary(scores: list[torch.Tensor], n_null: int) -> dict:
+    s = torch.cat(scores) if scores else torch.empty(0, dtype=torch.float64)
+    ok = s[~s.isnan()]
+    if ok.numel() == 0:
+        stats = dict.fromkeys(("mean", "median", "std", "min", "max"))
+    else:
+        stats = {"mean": json_float(ok.mean()), "median": json_float(ok.median()),
+                 "std": json_float(ok.std()) if ok.numel() > 1 else 0.0,
+                 "min": json_float(ok.min()), "max": json_float(ok.max())}
+    return {**stats, "n_ablations": int(s.numel()), "n_null": n_null}
+
+
+def _sample_sites(N: int, T_ctx: int, first: int, n_future: int, n: int, g: torch.Generator) -> list[tuple[int, int]]:
+    last = T_ctx - n_future  # largest allowed position
+    if last < first:
+        raise ValueError(f"contexts of {T_ctx} tokens are too short for n_future={n_future} "
+                         f"(positions start at {first})")
+    ctx = torch.randint(0, N, (n,), generator=g)
+    pos = torch.randint(first, last + 1, (n,), generator=g)
+    return sorted(zip(ctx.tolist(), pos.tolist()))
+
+
+@torch.no_grad()
+def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsityConfig | None = None) -> dict:
+    """Ablation sparsity of ``sae``'s latents and of residual channels on ``tokens_NT`` (module docstring)."""
+    cfg = cfg or AblationSparsityConfig()
+    tokens_NT = check_tokens(tokens_NT)
+    hook = resolve_hook(lm, sae, cfg.hook)
+    first = first_position(sae, cfg.exclude_first)
+    g = torch.Generator().manual_seed(cfg.seed)
+    sites = _sample_sites(tokens_NT.shape[0], tokens_NT.shape[1], first, cfg.n_future, cfg.n_sites, g)
+
+    lat_scores, ch_scores = [], []
+    lat_null = ch_null = 0
+    V = None
+    t0 = time.perf_counter()
+    for c, p in tqdm(sites, desc="ablation sparsity", unit="site", disable=not cfg.progress):
+        context = tokens_NT[c]
+        x_D = lm.activations(context[None, :p + 1], hook)[0, p].float()
+        vals, idx, contrib = latent_contributions(sae, x_D[None])
+        active = (vals[0] > 0).nonzero().squeeze(1)
+        if cfg.latents_per_site is not None and active.numel() > cfg.latents_per_site:
+            active = active[torch.randperm(active.numel(), generator=g)[: cfg.latents_per_site]]
+        if active.numel():
+            d = ablation_logit_deltas(lm, context, p, contrib[0, active], hook, cfg.n_future, cfg.batch_size)
+            V = d.shape[-1]
+            s = ablation_sparsity_score(d, cfg.center)
+            lat_null += int(s.isnan().sum())
+            lat_scores.append(s)
+        if cfg.channels_per_site:
+            n_ch = min(cfg.channels_per_site, x_D.shape[0])
+            chans = torch.randperm(x_D.shape[0], generator=g)[:n_ch]
+            deltas = torch.zeros(n_ch, x_D.shape[0])
+            deltas[torch.arange(n_ch), chans] = x_D.cpu()[chans]
+            d = ablation_logit_deltas(lm, context, p, deltas, hook, cfg.n_future, cfg.batch_size)
+            V = d.shape[-1]
+            s = ablation_sparsity_score(d, cfg.center)
+            ch_null += int(s.isnan().sum())
+            ch_scores.append(s)
+    wall = time.perf_counter() - t0
+
+    latent = _summary(lat_scores, lat_null)
+    channel = _summary(ch_scores, ch_null) if cfg.channels_per_site else None
+    ratio = None
+    if channel and latent["mean"] is not None and channel["mean"]:
+        ratio = latent["mean"] / channel["mean"]
+    n_done = latent["n_ablations"] + (channel["n_ablations"] if channel else 0)
+    return {
+        "metric": "ablation_sparsity",
+        "hook": hook,
+        "config": config_dict(cfg),
+        "n_sites": len(sites),
+        "n_future": cfg.n_future,
+        "vocab_size": V if V is not None else lm.vocab_size,
+        "latent": latent,
+        "channel": channel,
+        "ratio_latent_to_channel": json_float(ratio),
+        "gaussian_reference": GAUSSIAN_REFERENCE,
+        "ablations_per_s": json_float(n_done / wall) if wall > 0 else None,
+        "wall_s": wall,
+    }

@@ -1,0 +1,481 @@
+"""N2G explanations of latents (Gao et al. 2024, explainability; Foote et al. 2023, Neuron to Graph).
+
+An explanation is a set of token n-grams with wildcards, each ending at the token where the latent
+fires, with the latent's (normalized) activation as its prediction. Definitions pinned here and in
+``tests/test_evals_n2g.py``:
+
+**Building** (per latent, from the build split; the steps of OpenAI's ``explanations.py`` N2G
+builder, implemented anew, with an activation function evaluated in batches):
+
+1. Examples: the latent's ``n_examples`` top-activating contexts, each cut after its
+   max-activating token (one example per context). ``max_act`` is the latent's largest activation
+   on the build split; values are reported normalized by it.
+2. Minimal suffix: the shortest suffix of the example (at most ``max_len`` tokens, re-run through
+   the model on its own, after BOS when the SAE's contexts start with one) on whose last token the
+   latent reaches ``keep_frac`` (0.5) of the example's activation. Examples without one are dropped.
+3. Saliency: each suffix token in turn is replaced by a padding token (" _" for GPT-2); its
+   saliency is ``1 - act(replaced) / act(suffix)``. Tokens with saliency below
+   ``saliency_threshold`` (0.5) become wildcards ("any token").
+4. Anchor: if putting a padding token in front of the suffix brings the activation below
+   ``keep_frac`` of the example's, the pattern must start the context (right after BOS).
+5. The pattern's value is ``act(suffix) / max_act``; identical patterns (same tokens, wildcards and
+   anchor) are merged, their values averaged; patterns worth less than ``min_value`` are dropped.
+
+**Predicting**: at each token, the patterns are matched backwards from that token (exact token
+before wildcard, backtracking); the first pattern completely matched gives the prediction, its
+value; no match predicts 0. The shortest matching pattern along the search wins.
+
+**Scoring** (held-out split, positions from ``exclude_first`` on): the latent *fires* at a token
+when its activation exceeds ``firing_frac * max_act`` (default 0: any nonzero activation); the
+explanation *predicts* firing when its prediction is > 0. Per latent, ``precision = TP / (TP + FP)``
+(undefined when nothing is predicted), ``recall = TP / (TP + FN)`` (undefined when the latent never
+fires there), ``F1 = 2 TP / (2 TP + FP + FN)``; averages are over latents where defined; ``micro``
+pools the counts of all explained latents. ``corr`` is the Pearson correlation of predicted
+(``value * max_act``) and actual activations.
+
+**Splicing**: on the held-out contexts the hook activation is replaced by the SAE reconstruction
+from latents in which the explained latents' values are replaced by the N2G predictions (scaled
+by ``max_act``; the other latents keep their SAE values). Compared with the clean model (delta
+CE, KL), with the plain SAE splice, and with the explained latents set to zero: ``ce_recovered =
+(ce_zeroed - ce_n2g) / (ce_zeroed - ce_sae)`` is 1 when N2G's activations serve the model as well
+as the real ones and 0 when they are no better than dropping those latents.
+
+Result schema (``run_n2g`` returns a JSON-serializable dict)::
+
+    metric            "n2g"
+    hook, config      as used
+    n_explained       latents explained (sampled at random among those firing on the build split)
+    n_build_contexts, n_eval_contexts
+    precision, recall, f1, corr   means over explained latents (None when undefined for all)
+    micro             {precision, recall, f1, tp, fp, fn}: counts pooled over latents
+    mean_patterns     patterns per explanation
+    per_latent        [{latent, max_act, n_examples_used, n_patterns, precision, recall, f1, corr,
+                        tp, fp, fn, patterns: [{tokens (str, "*" = wildcard), ids (-1 = wildcard),
+                        anchored, value, count}] (the most frequent max_patterns_reported)}]
+    splice            {ce_clean, ce_sae, ce_n2g, ce_zeroed, delta_ce_sae, delta_ce_n2g, delta_ce_zeroed,
+                       kl_sae, kl_n2g, ce_recovered, n_predictions} (None when cfg.splice is False)
+    n_model_sequences short sequences run through the model while building
+    build_s, eval_s, wall_s   wall times
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from saelab.evals._common import (
+    check_tokens,
+    config_dict,
+    first_position,
+    json_float,
+    resolve_hook,
+)
+from saelab.evals.downstream import ce_and_kl
+from saelab.evals.probe_tasks import token_strings
+
+WILDCARD = -1
+"""Pattern entry matching any token."""
+
+ActFn = Callable[[list[list[int]], list[int]], Sequence[float]]
+"""(token sequences, latent of each) -> the latent's activation at each sequence's last token."""
+
+
+@dataclass
+class N2GConfig:
+    """Settings of the N2G explanation metric."""
+
+    n_latents: int = 64
+    """Latents explained, drawn at random among those that fire on the build split (0 = all of them)."""
+    latents: tuple[int, ...] = ()
+    """Explain exactly these latents instead (overrides n_latents)."""
+    n_examples: int = 20
+    """Top-activating contexts per latent used to build its explanation (one example per context)."""
+    max_len: int = 16
+    """N: the longest pattern, in tokens back from (and including) the max-activating token."""
+    keep_frac: float = 0.5
+    """A suffix explains an example when it keeps this fraction of the example's activation."""
+    saliency_threshold: float = 0.5
+    """Suffix tokens whose replacement keeps more than 1 - this of the activation become wildcards."""
+    min_value: float = 0.0
+    """Drop patterns whose value (activation / max_act) is below this (0: keep every pattern)."""
+    padding_token: str = " _"
+    """Text of the replacement token (must be one token; OpenAI uses ' _' for GPT-2)."""
+    firing_frac: float = 0.0
+    """A latent fires at a token when its activation exceeds firing_frac * max_act (0: any nonzero)."""
+    heldout_frac: float = 0.5
+    """Fraction of the contexts (the last ones) held out for scoring and splicing."""
+    splice: bool = True
+    """Measure the LM loss with N2G-simulated activations spliced in."""
+    splice_error_term: bool = False
+    """Add the SAE's error (x - SAE(x)) back when splicing (isolates the latents' effect)."""
+    seq_batch_size: int = 256
+    """Short sequences per model call while building."""
+    lm_batch_size: int = 8
+    """Contexts per LM forward when reading activations and splicing."""
+    max_patterns_reported: int = 20
+    """Patterns listed per latent in the result (all are used)."""
+    seed: int = 0
+    """Seed of the latent sampling."""
+    exclude_first: bool | None = None
+    """Leave position 0 out of examples, scores and splices; None = the SAE's cfg.exclude_first."""
+    hook: str | None = None
+    """Hook the SAE reads; None = the SAE's cfg.hook_name."""
+
+    def __post_init__(self) -> None:
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if not 0 < self.heldout_frac < 1:
+            raise ValueError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
+        if self.n_examples < 1:
+            raise ValueError(f"n_examples must be >= 1, got {self.n_examples}")
+
+
+# ---- explanations -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pattern:
+    ids: tuple[int, ...]
+    """Token ids in text order; WILDCARD matches any token. The last entry sits on the firing token."""
+    anchored: bool
+    """The first entry must be the first token of the context (after BOS)."""
+    value: float
+    """Predicted activation, as a fraction of the latent's max activation."""
+    count: int = 1
+    """Examples that produced this pattern (value is their mean)."""
+
+
+class _Node:
+    __slots__ = ("children", "value", "start_value")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.value: float | None = None
+        self.start_value: float | None = None
+
+
+class Explanation:
+    """A set of patterns, stored as a trie over the reversed tokens (see the module docstring)."""
+
+    def __init__(self, patterns: Sequence[Pattern]) -> None:
+        self.patterns = list(patterns)
+        self.root = _Node()
+        for p in self.patterns:
+            node = self.root
+            for tok in reversed(p.ids):
+                node = node.children.setdefault(tok, _Node())
+            if p.anchored:
+                node.start_value = p.value
+            else:
+                node.value = p.value
+
+    def match(self, seq: Sequence[int], i: int) -> float:
+        """Prediction at position ``i`` of ``seq`` (0 when no pattern matches ending there)."""
+        stack = [(self.root, i)]
+        while stack:
+            node, j = stack.pop()
+            if node is not self.root and node.value is not None:
+                return node.value
+            if j < 0:
+                if node.start_value is not None:
+                    return node.start_value
+                continue
+            wild, exact = node.children.get(WILDCARD), node.children.get(seq[j])
+            if wild is not None:
+                stack.append((wild, j - 1))
+            if exact is not None:  # popped first: exact tokens are tried before the wildcard
+                stack.append((exact, j - 1))
+        return 0.0
+
+    def predict(self, seq: Sequence[int]) -> list[float]:
+        """Prediction at every position of ``seq`` (the context's tokens after BOS)."""
+        seq = list(seq)
+        return [self.match(seq, i) for i in range(len(seq))]
+
+
+def _evaluate(act_fn: ActFn, seqs: list[list[int]], lats: list[int], counter: list[int]) -> list[float]:
+    counter[0] += len(seqs)
+    return [float(a) for a in act_fn(seqs, lats)] if seqs else []
+
+
+def build_explanations(examples: dict[int, list[tuple[list[int], float]]], act_fn: ActFn,
+                       max_acts: dict[int, float], cfg: N2GConfig, padding_id: int,
+                       counter: list[int] | None = None) -> dict[int, tuple[Explanation, int]]:
+    """Build each latent's explanation from its examples ``(token ids up to the firing token, act)``.
+
+    ``act_fn`` is called with batches of short sequences (all latents together). Returns
+    ``{latent: (Explanation, examples used)}``.
+    """
+    counter = counter if counter is not None else [0]
+    items = [(lat, ids, act) for lat, exs in examples.items() for ids, act in exs if act > 0 and ids]
+    # Step 2: the shortest suffix keeping keep_frac of the activation, lengths tried in rounds.
+    found: dict[int, tuple[list[int], float]] = {}
+    lo = 1
+    while lo <= cfg.max_len:
+        hi = min(cfg.max_len, 2 * lo)
+        seqs, lats, owners = [], [], []
+        for k, (lat, ids, act) in enumerate(items):
+            if k in found:
+                continue
+            for n in range(lo, min(hi, len(ids)) + 1):
+                seqs.append(ids[-n:])
+                lats.append(lat)
+                owners.append(k)
+        acts = _evaluate(act_fn, seqs, lats, counter)
+        for seq, k, a in zip(seqs, owners, acts):  # lengths ascend within an example
+            if k not in found and a >= cfg.keep_frac * items[k][2]:
+                found[k] = (seq, a)
+        lo = hi + 1
+    # Steps 3-4: saliency of each token, and whether the pattern may be preceded by anything.
+    seqs, lats = [], []
+    order = sorted(found)
+    for k in order:
+        sub = found[k][0]
+        seqs += [sub[:i] + [padding_id] + sub[i + 1:] for i in range(len(sub))] + [[padding_id] + sub]
+        lats += [items[k][0]] * (len(sub) + 1)
+    acts = _evaluate(act_fn, seqs, lats, counter)
+    grouped: dict[int, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    used: dict[int, int] = defaultdict(int)
+    at = 0
+    for k in order:
+        lat, _, act = items[k]
+        sub, sub_act = found[k]
+        replaced, padded = acts[at:at + len(sub)], acts[at + len(sub)]
+        at += len(sub) + 1
+        pattern = tuple(tok if 1 - a / sub_act >= cfg.saliency_threshold else WILDCARD
+                        for tok, a in zip(sub, replaced))
+        anchored = padded < cfg.keep_frac * act
+        grouped[lat][(pattern, anchored)].append(sub_act / max_acts[lat])
+        used[lat] += 1
+    out = {}
+    for lat in examples:
+        pats = [Pattern(p, anc, sum(v) / len(v), len(v)) for (p, anc), v in grouped[lat].items()
+                if sum(v) / len(v) >= cfg.min_value]
+        out[lat] = (Explanation(pats), used[lat])
+    return out
+
+
+# ---- scoring ------------------------------------------------------------------------------
+def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    nan = float("nan")
+    prec = tp / (tp + fp) if tp + fp else nan
+    rec = tp / (tp + fn) if tp + fn else nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan
+    return prec, rec, f1
+
+
+def n2g_scores(pred_M: torch.Tensor, act_M: torch.Tensor, threshold: float) -> dict:
+    """Counts, precision, recall, F1 and correlation of one latent over M scored positions.
+
+    Predicted firing: ``pred > 0``; actual firing: ``act > threshold``. Undefined values are NaN.
+    """
+    p, a = pred_M > 0, act_M > threshold
+    tp, fp, fn = int((p & a).sum()), int((p & ~a).sum()), int((~p & a).sum())
+    prec, rec, f1 = _prf(tp, fp, fn)
+    x, y = pred_M.double(), act_M.double()
+    xc, yc = x - x.mean(), y - y.mean()
+    den = (xc.pow(2).sum() * yc.pow(2).sum()).sqrt()
+    corr = float((xc * yc).sum() / den) if den > 0 else float("nan")
+    return {"precision": prec, "recall": rec, "f1": f1, "corr": corr, "tp": tp, "fp": fp, "fn": fn}
+
+
+def _nanmean(values) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+# ---- splicing -----------------------------------------------------------------------------
+def splice_latents(sae, latents_E: torch.Tensor, values_BTE: torch.Tensor | None, first: int,
+                   keep_error: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An edit replacing positions >= first by the SAE reconstruction with latents E set to values.
+
+    ``values_BTE`` None keeps the SAE's own values (a plain splice). With ``keep_error`` the SAE's
+    error ``x - SAE(x)`` is added back.
+    """
+    @torch.no_grad()
+    def edit(x_BTD: torch.Tensor) -> torch.Tensor:
+        x = x_BTD.to(sae.W_dec.dtype)
+        x_n, state = sae.normalize_input(x)
+        vals, idx, _ = sae.encode_topk(x_n)
+        z = torch.zeros(*x.shape[:-1], sae.n_latents, dtype=vals.dtype, device=vals.device).scatter_(-1, idx, vals)
+        if values_BTE is not None:
+            z[..., latents_E.to(z.device)] = values_BTE.to(z)
+        x_hat = sae.denormalize_output(z @ sae.W_dec + sae.b_dec, state)
+        if keep_error:
+            x_hat = x_hat + x - sae.denormalize_output(sae.decode_topk(vals, idx), state)
+        out = x.clone()
+        out[:, first:] = x_hat[:, first:]
+        return out.to(x_BTD.dtype)
+    return edit
+
+
+# ---- the metric ---------------------------------------------------------------------------
+def _model_act_fn(lm, sae, hook: str, prepend_bos: bool, pad_id: int, batch: int) -> ActFn:
+    @torch.no_grad()
+    def act_fn(seqs: list[list[int]], lats: list[int]) -> list[float]:
+        out: list[float] = []
+        for s in range(0, len(seqs), batch):
+            chunk, lat = seqs[s:s + batch], torch.tensor(lats[s:s + batch])
+            pre = [lm.bos_token_id] if prepend_bos else []
+            rows = [pre + q for q in chunk]
+            L = max(len(r) for r in rows)
+            toks = torch.tensor([r + [pad_id] * (L - len(r)) for r in rows])
+            acts = lm.activations(toks, hook)
+            last = torch.tensor([len(r) - 1 for r in rows])
+            x = acts[torch.arange(len(rows)), last.to(acts.device)].float()
+            x_n, _ = sae.normalize_input(x.to(sae.W_dec.dtype))
+            vals, idx, _ = sae.encode_topk(x_n)
+            out += (vals * (idx == lat.to(idx.device)[:, None])).sum(-1).tolist()
+        return out
+    return act_fn
+
+
+@torch.no_grad()
+def _sparse_latents(lm, sae, tokens_NT: torch.Tensor, hook: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SAE's kept values and indices ``[N, T, k]`` (CPU, float32) on every token of ``tokens_NT``."""
+    vals, idx = [], []
+    for i in range(0, tokens_NT.shape[0], batch):
+        x = lm.activations(tokens_NT[i:i + batch], hook).to(sae.W_dec.device, sae.W_dec.dtype)
+        v, j, _ = sae.encode_topk(sae.normalize_input(x)[0])
+        vals.append(v.float().cpu())
+        idx.append(j.cpu())
+    return torch.cat(vals), torch.cat(idx)
+
+
+def _columns(vals: torch.Tensor, idx: torch.Tensor, lats: torch.Tensor) -> torch.Tensor:
+    """Dense values ``[N, T, E]`` of latents ``lats`` from kept values and indices ``[N, T, k]``."""
+    out = torch.zeros(*vals.shape[:-1], lats.numel())
+    for e, lat in enumerate(lats.tolist()):
+        out[..., e] = (vals * (idx == lat)).sum(-1)
+    return out
+
+
+def _padding_id(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"padding_token {text!r} is {len(ids)} tokens for this tokenizer; pick a single-token text")
+    return ids[0]
+
+
+@torch.no_grad()
+def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> dict:
+    """Build N2G explanations on the first contexts, score and splice them on the rest (module docstring)."""
+    cfg = cfg or N2GConfig()
+    t0 = time.perf_counter()
+    tokens_NT = check_tokens(tokens_NT)
+    hook = resolve_hook(lm, sae, cfg.hook)
+    first = first_position(sae, cfg.exclude_first)
+    s0 = 1 if sae.cfg.prepend_bos else 0  # where the text starts: a pattern's "start of context"
+    lo = max(first, s0)
+    N, T = tokens_NT.shape
+    n_eval = max(1, round(N * cfg.heldout_frac))
+    if n_eval >= N:
+        raise ValueError(f"need at least 2 contexts to split into build and held-out parts, got {N}")
+    build, held = tokens_NT[: N - n_eval], tokens_NT[N - n_eval:]
+    pad_id = _padding_id(lm.tokenizer, cfg.padding_token)
+
+    # Max activation of every latent on the build split, then the latents to explain.
+    vals_b, idx_b = _sparse_latents(lm, sae, build, hook, cfg.lm_batch_size)
+    vals_b[:, :lo] = 0
+    max_all = torch.zeros(sae.n_latents).scatter_reduce_(0, idx_b.flatten(), vals_b.flatten(), reduce="amax")
+    if cfg.latents:
+        lats = torch.tensor(sorted({int(l) for l in cfg.latents}), dtype=torch.long)
+    else:
+        lats = (max_all > 0).nonzero().squeeze(1)
+        if cfg.n_latents and lats.numel() > cfg.n_latents:
+            g = torch.Generator().manual_seed(cfg.seed)
+            lats = lats[torch.randperm(lats.numel(), generator=g)[: cfg.n_latents]].sort().values
+    E = lats.numel()
+    z_b = _columns(vals_b, idx_b, lats)
+    max_acts = {int(l): float(max_all[l]) for l in lats}
+
+    # Examples: each context's max position, the n_examples best contexts per latent.
+    ctx_max, ctx_arg = z_b.max(dim=1)  # [Nb, E]
+    examples: dict[int, list[tuple[list[int], float]]] = {}
+    for e, lat in enumerate(lats.tolist()):
+        top = ctx_max[:, e].argsort(descending=True)[: cfg.n_examples]
+        examples[lat] = [(build[c, s0:int(ctx_arg[c, e]) + 1].tolist(), float(ctx_max[c, e]))
+                         for c in top.tolist() if ctx_max[c, e] > 0]
+    counter = [0]
+    act_fn = _model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, cfg.seq_batch_size)
+    expl = build_explanations(examples, act_fn, max_acts, cfg, pad_id, counter)
+    t_build = time.perf_counter()
+
+    # Predictions and actual activations on the held-out contexts.
+    z_h = _columns(*_sparse_latents(lm, sae, held, hook, cfg.lm_batch_size), lats)
+    pred = torch.zeros(n_eval, T, E)
+    for e, lat in enumerate(lats.tolist()):
+        ex = expl[lat][0]
+        for c in range(n_eval):
+            pred[c, s0:, e] = torch.tensor(ex.predict(held[c, s0:].tolist()))
+    strs = {}
+    per_latent = []
+    tot = {"tp": 0, "fp": 0, "fn": 0}
+    for e, lat in enumerate(lats.tolist()):
+        m = max_acts[lat]
+        sc = n2g_scores(pred[:, lo:, e].flatten() * m, z_h[:, lo:, e].flatten(), cfg.firing_frac * m)
+        for k in tot:
+            tot[k] += sc[k]
+        ex, n_used = expl[lat]
+        pats = sorted(ex.patterns, key=lambda p: (-p.count, -p.value))[: cfg.max_patterns_reported]
+        per_latent.append({
+            "latent": lat, "max_act": m, "n_examples_used": n_used, "n_patterns": len(ex.patterns),
+            **{k: (json_float(v) if isinstance(v, float) else v) for k, v in sc.items()},
+            "patterns": [{"tokens": ["*" if t == WILDCARD else token_strings(lm.tokenizer, [t], strs)[0] for t in p.ids],
+                          "ids": list(p.ids), "anchored": p.anchored, "value": p.value, "count": p.count}
+                         for p in pats],
+        })
+    micro = _prf(tot["tp"], tot["fp"], tot["fn"])
+    splice = _splice(lm, sae, held, hook, lats, pred, max_acts, first, cfg) if cfg.splice and E else None
+    t_end = time.perf_counter()
+    return {
+        "metric": "n2g",
+        "hook": hook,
+        "config": config_dict(cfg),
+        "n_explained": E,
+        "n_build_contexts": int(build.shape[0]),
+        "n_eval_contexts": int(n_eval),
+        **{k: json_float(_nanmean(r[k] for r in per_latent)) for k in ("precision", "recall", "f1", "corr")},
+        "micro": {"precision": json_float(micro[0]), "recall": json_float(micro[1]),
+                  "f1": json_float(micro[2]), **tot},
+        "mean_patterns": json_float(_nanmean(float(r["n_patterns"]) for r in per_latent)),
+        "per_latent": per_latent,
+        "splice": splice,
+        "n_model_sequences": counter[0],
+        "build_s": t_build - t0,
+        "eval_s": t_end - t_build,
+        "wall_s": t_end - t0,
+    }
+
+
+@torch.no_grad()
+def _splice(lm, sae, held: torch.Tensor, hook: str, lats: torch.Tensor, pred: torch.Tensor,
+            max_acts: dict[int, float], first: int, cfg: N2GConfig) -> dict:
+    scale = torch.tensor([max_acts[int(l)] for l in lats])
+    sums = {"clean": 0.0, "sae": 0.0, "n2g": 0.0, "zeroed": 0.0, "kl_sae": 0.0, "kl_n2g": 0.0}
+    count = 0
+    for i in range(0, held.shape[0], cfg.lm_batch_size):
+        toks = held[i:i + cfg.lm_batch_size]
+        sim = pred[i:i + cfg.lm_batch_size] * scale
+        clean = lm.logits(toks)
+        runs = {"sae": None, "n2g": sim, "zeroed": torch.zeros_like(sim)}
+        for name, values in runs.items():
+            edit = splice_latents(sae, lats, values, first, cfg.splice_error_term)
+            ce_c, ce_e, kl = ce_and_kl(clean, lm.logits(toks, edits={hook: edit}), toks.to(clean.device), first)
+            sums[name] += float(ce_e.double().sum())
+            if name in ("sae", "n2g"):
+                sums[f"kl_{name}"] += float(kl.double().sum())
+        sums["clean"] += float(ce_c.double().sum())
+        count += ce_c.numel()
+    ce = {k: v / count for k, v in sums.items()}
+    gap = ce["zeroed"] - ce["sae"]
+    return {
+        "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_n2g": ce["n2g"], "ce_zeroed": ce["zeroed"],
+        "delta_ce_sae": ce["sae"] - ce["clean"], "delta_ce_n2g": ce["n2g"] - ce["clean"],
+        "delta_ce_zeroed": ce["zeroed"] - ce["clean"], "kl_sae": ce["kl_sae"], "kl_n2g": ce["kl_n2g"],
+        "ce_recovered": json_float((ce["zeroed"] - ce["n2g"]) / gap) if gap != 0 else None,
+        "n_predictions": count,
+    }

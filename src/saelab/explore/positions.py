@@ -1,0 +1,146 @@
+"""Absolute token positions inside hooks, also during generation with a KV cache.
+
+An edit installed at a hook sees only the activation ``[B, T, D]`` of the current forward. In a
+plain forward (``lm.logits``, ``lm.cross_entropy``) that is the whole sequence, so index ``t``
+is token ``t``. During ``generate`` with a KV cache the first forward covers the prompt and every
+later forward covers only the new token(s), so index 0 of the activation is not token 0.
+
+``position_tracker(lm)`` installs (once per model) a forward pre-hook on the root module that
+records, for every forward, the absolute position of its first token: the length of the KV cache
+passed in ``past_key_values`` (0 without one). Edits built by saelab.explore read it, so a
+``positions`` argument always means **absolute positions in the full sequence** (prompt tokens
+first, BOS included, then generated tokens in order), whether the model is scoring or generating:
+
+- ``None``: every position, prompt and generated tokens alike;
+- an int or a list of ints: those positions (a position past the prompt is edited when the
+  model reaches it during generation);
+- a ``slice`` with non-negative ``start``/``stop`` (``stop=None`` means open-ended, e.g.
+  ``slice(1, None)`` = every token but the first, generated ones included).
+
+Negative positions are refused: during generation "the last position" changes at every step.
+The offset is read from the ``past_key_values`` keyword, which is how ``generate`` and every HF
+forward pass it; a cache passed positionally is not seen (the offset is then taken as 0).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+Positions = Union[None, int, slice, Sequence[int]]
+
+_TRACKERS: "weakref.WeakKeyDictionary[nn.Module, PositionTracker]" = weakref.WeakKeyDictionary()
+
+
+class PositionTracker:
+    """Absolute position of the first token of the forward currently running on one model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.offset = 0
+        self._handle = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def _pre_hook(self, module, args, kwargs):
+        self.offset = _cache_length(kwargs.get("past_key_values"))
+        return None
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _cache_length(past) -> int:
+    if past is None:
+        return 0
+    get_len = getattr(past, "get_seq_length", None)
+    if callable(get_len):
+        return int(get_len())
+    try:  # legacy tuple cache: ((k, v), ...) with k [B, H, T, Dh]
+        return int(past[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def position_tracker(lm) -> PositionTracker:
+    """The tracker of ``lm``'s model, installed on first use (one pre-hook per model, kept)."""
+    model = lm.model
+    tracker = _TRACKERS.get(model)
+    if tracker is None:
+        tracker = _TRACKERS[model] = PositionTracker(model)
+    return tracker
+
+
+def check_positions(positions: Positions) -> Positions:
+    """Validate a positions spec (see the module docstring) and return it, normalized."""
+    if positions is None:
+        return None
+    if isinstance(positions, bool):
+        raise TypeError("positions must be None, an int, a list of ints or a slice, not a bool")
+    if isinstance(positions, int):
+        positions = [positions]
+    if isinstance(positions, slice):
+        for name in ("start", "stop", "step"):
+            v = getattr(positions, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"positions slice {name} must be a non-negative int or None, got {v!r}")
+        if positions.step == 0:
+            raise ValueError("positions slice step must not be 0")
+        return positions
+    out = []
+    for p in positions:
+        if isinstance(p, torch.Tensor):
+            p = int(p)
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise TypeError(f"positions must be ints, got {p!r}")
+        if p < 0:
+            raise ValueError(
+                f"position {p} is negative; positions are absolute (0 = first token) so that they "
+                "mean the same during generation"
+            )
+        out.append(p)
+    return sorted(set(out))
+
+
+def position_mask(positions: Positions, offset: int, length: int, device=None) -> torch.Tensor | None:
+    """Boolean ``[length]`` mask of the tokens ``offset .. offset+length-1`` selected by ``positions``.
+
+    ``None`` when every token is selected (callers then skip masking).
+    """
+    if positions is None:
+        return None
+    absolute = torch.arange(offset, offset + length, device=device)
+    if isinstance(positions, slice):
+        start = positions.start or 0
+        step = positions.step or 1
+        mask = (absolute >= start) & ((absolute - start) % step == 0)
+        if positions.stop is not None:
+            mask &= absolute < positions.stop
+        return mask
+    mask = torch.zeros(length, dtype=torch.bool, device=device)
+    for p in positions:
+        if offset <= p < offset + length:
+            mask[p - offset] = True
+    return mask
+
+
+def parse_positions(text: str | None) -> Positions:
+    """Positions from command-line text: 'all', '5', '3,7,9', '1:' or '2:10' (absolute, 0-based)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text in ("", "all"):
+        return None
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) > 3:
+                raise ValueError
+            vals = [int(p) if p.strip() else None for p in parts]
+            return check_positions(slice(*vals))
+        return check_positions([int(p) for p in text.split(",") if p.strip()])
+    except ValueError as e:
+        raise ValueError(
+            f"cannot read positions {text!r}: use 'all', an index '5', a list '3,7,9' or a range '1:' / '2:10' "
+            f"(absolute, 0 = the first token){f' ({e})' if str(e) else ''}"
+        ) from None

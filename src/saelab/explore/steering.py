@@ -1,0 +1,356 @@
+"""Steering and ablation with SAE latents, in scoring and in generation; the ``saelab steer`` verb.
+
+    from saelab.explore import steer, generate_with_and_without
+    s = steer(lm, sae, latent=1234, mode="add", value=40.0)          # positions=None: every token
+    lm.cross_entropy(tokens, edits=s.edits)                          # scoring
+    with lm.hooked(s.edits):                                         # generation (KV cache)
+        out = lm.model.generate(...)
+    print(generate_with_and_without(lm, "The", s.edits, max_new_tokens=40).format())
+
+Modes (``x`` is the activation at the SAE's hook, ``d_i = W_dec[i]``, ``z_i`` the latent's TopK value):
+
+- ``add``:    ``x + value * d_i``. A steering vector in activation units; the SAE's encoder is not
+  run. (For an SAE with ``input_norm='layernorm'`` this raises the latent by ``value / std(x)``.)
+- ``clamp``:  the latent set to ``value`` through the SAE with its error term:
+  ``x + (value - z_i(x)) * d_i`` (times ``std(x)`` for layernorm SAEs), i.e. exactly what splicing
+  the SAE with the error term and editing ``hook_sae_acts_post`` gives (see :mod:`.spliced`).
+- ``ablate``: ``clamp`` to 0, which changes only the tokens where the latent fired.
+
+``positions`` are **absolute** token positions (0 = the first token, BOS included; generated tokens
+continue the count), so the same edit means the same thing in ``lm.logits`` and in ``generate``
+with a KV cache; ``None`` = every position, the prompt's and each generated token's. See
+:mod:`saelab.explore.positions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from saelab.explore.positions import Positions, check_positions, parse_positions, position_mask, position_tracker
+from saelab.sae.topk import TopKSAE
+
+STEER_MODES = ("add", "clamp", "ablate")
+
+
+class Steering:
+    """An edit ``x -> x'`` at ``hook`` that adds, clamps or ablates SAE latents; build with :func:`steer`."""
+
+    def __init__(self, lm, sae: TopKSAE, latents: Sequence[int], mode: str, values: torch.Tensor,
+                 positions: Positions, hook: str) -> None:
+        self.lm, self.sae, self.mode, self.positions, self.hook = lm, sae, mode, positions, hook
+        self.latents = torch.as_tensor(list(latents), dtype=torch.long)
+        self.values = values
+        self._tracker = position_tracker(lm)
+
+    @property
+    def edits(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """``{hook: self}``, for ``lm.logits(edits=)``, ``lm.cross_entropy(edits=)``, ``lm.hooked(...)``."""
+        return {self.hook: self}
+
+    def delta(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The change this edit makes to ``x`` at every position (before position masking)."""
+        sae = self.sae
+        x = x_BTD.to(sae.W_dec.dtype)
+        lat = self.latents.to(x.device)
+        d_LD = sae.W_dec[lat]
+        vals = self.values.to(x.device, x.dtype)
+        if self.mode == "add":
+            return (vals @ d_LD).expand_as(x)
+        x_n, state = sae.normalize_input(x)
+        vals_BTK, idx_BTK, _ = sae.encode_topk(x_n)
+        z_BTN = torch.zeros(*x.shape[:-1], sae.n_latents, dtype=x.dtype, device=x.device)
+        cur_BTL = z_BTN.scatter_(-1, idx_BTK, vals_BTK)[..., lat]
+        dx = (vals - cur_BTL) @ d_LD
+        if state is not None:
+            dx = dx * state[1]
+        return dx
+
+    def __call__(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        dx = self.delta(x_BTD)
+        mask = position_mask(self.positions, self._tracker.offset, x_BTD.shape[1], x_BTD.device)
+        if mask is not None:
+            if not bool(mask.any()):
+                return x_BTD
+            dx = dx * mask[None, :, None].to(dx.dtype)
+        return (x_BTD + dx.to(x_BTD.dtype))
+
+    def describe(self) -> str:
+        lat = ",".join(str(int(i)) for i in self.latents)
+        vals = ",".join(f"{float(v):g}" for v in self.values)
+        where = "all positions" if self.positions is None else f"positions {_fmt_positions(self.positions)}"
+        how = "ablate" if self.mode == "ablate" else f"{self.mode} {vals}"
+        return f"latent {lat} at {self.hook}: {how}, {where}"
+
+    def __repr__(self) -> str:
+        return f"Steering({self.describe()})"
+
+
+def _fmt_positions(p: Positions) -> str:
+    if isinstance(p, slice):
+        return f"{p.start or 0}:{'' if p.stop is None else p.stop}" + (f":{p.step}" if p.step else "")
+    return ",".join(map(str, p))
+
+
+def steer(
+    lm,
+    sae: TopKSAE,
+    latent: int | Sequence[int],
+    mode: str = "add",
+    value: float | Sequence[float] = 0.0,
+    positions: Positions = None,
+    hook: str | None = None,
+) -> Steering:
+    """An edit that steers (``add``), clamps or ablates ``latent`` (one index or several) at ``positions``.
+
+    ``value``: one number, or one per latent (ignored by ``ablate``). ``hook``: default the SAE's
+    ``cfg.hook_name``. See the module docstring for what each mode does and what positions mean.
+    """
+    if mode not in STEER_MODES:
+        raise ValueError(f"mode must be one of {STEER_MODES}, got {mode!r}")
+    hook = hook or sae.cfg.hook_name
+    if not hook:
+        raise ValueError("the SAE has no cfg.hook_name; pass hook=")
+    lm.check_hook(hook)
+    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook}")
+    latents = [latent] if isinstance(latent, int) else [int(i) for i in latent]
+    if not latents:
+        raise ValueError("no latent given")
+    for i in latents:
+        if not 0 <= i < sae.n_latents:
+            raise IndexError(f"latent {i} out of range: the SAE has {sae.n_latents} latents")
+    values = torch.as_tensor(0.0 if mode == "ablate" else value, dtype=torch.float32).flatten()
+    if values.numel() == 1:
+        values = values.expand(len(latents)).clone()
+    if values.numel() != len(latents):
+        raise ValueError(f"got {values.numel()} values for {len(latents)} latents")
+    return Steering(lm, sae, latents, mode, values, check_positions(positions), hook)
+
+
+def combine_edits(*edit_dicts: Mapping[str, Callable]) -> dict[str, Callable]:
+    """Merge edit dicts (e.g. several ``Steering.edits``); edits at the same hook run in the given order."""
+    merged: dict[str, list[Callable]] = {}
+    for d in edit_dicts:
+        for hook, fn in d.items():
+            merged.setdefault(hook, []).append(fn)
+
+    def chain(fns):
+        if len(fns) == 1:
+            return fns[0]
+
+        def run(x):
+            for fn in fns:
+                x = fn(x)
+            return x
+
+        return run
+
+    return {hook: chain(fns) for hook, fns in merged.items()}
+
+
+# ---- generation --------------------------------------------------------------------------------
+
+
+def prompt_tokens(lm, prompt: str, prepend_bos: bool = True) -> torch.Tensor:
+    """``[1, T]`` token ids of ``prompt``, BOS first when ``prepend_bos`` (as SAE training contexts)."""
+    ids = lm.tokenize([prompt])[0]
+    if prepend_bos:
+        ids = [lm.bos_token_id, *ids]
+    if not ids:
+        raise ValueError("empty prompt (and no BOS)")
+    return torch.tensor([ids], dtype=torch.long, device=lm.device)
+
+
+@torch.no_grad()
+def generate_ids(
+    lm,
+    ids_BT: torch.Tensor,
+    edits: Mapping[str, Callable] | None = None,
+    *,
+    max_new_tokens: int = 40,
+    greedy: bool = False,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``[B, T + new]`` token ids: ``ids_BT`` continued by the model with ``edits`` installed (KV cache on).
+
+    Sampling is seeded (``seed``) without touching the global RNG, so two calls with different
+    edits draw the same random numbers and differ only through the edits. Generation stops early
+    at the tokenizer's EOS token.
+    """
+    from transformers import GenerationConfig
+
+    ids_BT = lm._tokens(ids_BT)
+    eos = lm.tokenizer.eos_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_p=None if greedy else top_p,
+        top_k=None if greedy else 0,
+        eos_token_id=eos,
+        pad_token_id=eos if eos is not None else lm.bos_token_id,
+    )
+    position_tracker(lm)  # installed before the first forward, so generation positions are known
+    with torch.random.fork_rng(devices=[]), lm.hooked(dict(edits or {})):
+        torch.manual_seed(seed)
+        return lm.model.generate(ids_BT, attention_mask=torch.ones_like(ids_BT), generation_config=config)
+
+
+def generate(
+    lm,
+    prompt: str,
+    edits: Mapping[str, Callable] | None = None,
+    *,
+    max_new_tokens: int = 40,
+    greedy: bool = False,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    prepend_bos: bool = True,
+) -> str:
+    """The model's continuation of ``prompt`` (text of the new tokens only), with ``edits`` installed.
+
+    BOS is prepended when ``prepend_bos`` (SAEs are trained on contexts that start with it).
+    See :func:`generate_ids` for seeding.
+    """
+    ids = prompt_tokens(lm, prompt, prepend_bos)
+    out = generate_ids(lm, ids, edits, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+                       top_p=top_p, seed=seed)
+    return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@dataclass
+class SteeredGeneration:
+    prompt: str
+    clean: str
+    """Continuation without edits."""
+    steered: str
+    """Continuation with the edits, same seed."""
+    description: str = ""
+    """What the edits do."""
+
+    def format(self) -> str:
+        return (
+            f"prompt: {self.prompt!r}\n\n"
+            f"--- without steering ---\n{self.prompt}{self.clean}\n\n"
+            f"--- with steering ({self.description or 'edits'}) ---\n{self.prompt}{self.steered}\n"
+        )
+
+
+def generate_with_and_without(
+    lm,
+    prompt: str,
+    edits: Mapping[str, Callable] | Steering,
+    *,
+    max_new_tokens: int = 40,
+    greedy: bool = False,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    prepend_bos: bool = True,
+) -> SteeredGeneration:
+    """Generate from ``prompt`` twice, without and with ``edits``, from the same seed."""
+    description = ""
+    if isinstance(edits, Steering):
+        description, edits = edits.describe(), edits.edits
+    kw = dict(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed,
+              prepend_bos=prepend_bos)
+    clean = generate(lm, prompt, None, **kw)
+    steered = generate(lm, prompt, edits, **kw)
+    return SteeredGeneration(prompt, clean, steered, description)
+
+
+# ---- the `saelab steer` verb -----------------------------------------------------------------------
+
+
+def add_steer_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``saelab steer``."""
+    p.add_argument("sae", help="run folder, SAE folder, OpenAI .pt file or https URL")
+    p.add_argument("--latent", type=int, nargs="+", required=True, help="latent index (several: steer them together)")
+    p.add_argument("--mode", choices=STEER_MODES, default="add",
+                   help="add: x + value*W_dec[latent]; clamp: set the latent to value through the SAE (error "
+                        "term kept); ablate: clamp to 0")
+    p.add_argument("--value", type=float, nargs="+", default=None,
+                   help="strength (add) or activation (clamp); one, or one per latent. Required for add and clamp")
+    p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
+    p.add_argument("--positions", default="all",
+                   help="absolute token positions to edit, 0 = BOS: 'all', '5', '3,7,9', '1:' (generated tokens "
+                        "included) or '2:10'")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for both generations)")
+    p.add_argument("--samples", type=int, default=1, help="pairs of generations, with seeds seed, seed+1, ...")
+    p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
+    p.add_argument("--hook", default=None, help="override the SAE's hook name")
+    p.add_argument("--top-tokens", type=int, default=10,
+                   help="also print the tokens the latent's decoder direction promotes most (0: skip)")
+
+
+def load_sae_and_model(source: str, model: str | None = None, hook: str | None = None):
+    """(lm, sae) for a run folder / SAE folder / .pt / URL; the model defaults to the SAE's own."""
+    from saelab.models import load_model
+    from saelab.sae import load_sae
+    from saelab.train.checkpoint import SAE_DIR
+
+    path = Path(source)
+    is_run = path.is_dir() and (path / SAE_DIR).is_dir()
+    sae = load_sae(path / SAE_DIR if is_run else source)
+    if hook:
+        sae.cfg.hook_name = hook
+    lm = load_model(model or sae.cfg.model_name or "default")
+    return lm, sae
+
+
+def steer_command(args: argparse.Namespace) -> dict:
+    """``saelab steer``: print the generation with and without steering; return them as a dict."""
+    from saelab.explore.attribution import latent_logit_effects
+
+    if args.mode != "ablate" and args.value is None:
+        raise SystemExit(f"saelab steer: error: --mode {args.mode} needs --value")
+    lm, sae = load_sae_and_model(args.sae, args.model, args.hook)
+    try:
+        positions = parse_positions(args.positions)
+    except ValueError as e:
+        raise SystemExit(f"saelab steer: error: {e}") from None
+    s = steer(lm, sae, args.latent, args.mode, args.value if args.value is not None else 0.0, positions)
+    print(f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
+    if args.top_tokens > 0:
+        for i in s.latents.tolist():
+            eff = latent_logit_effects(lm, sae, i, top=args.top_tokens)
+            print(f"latent {i} promotes: {' '.join(repr(t) for t, _, _ in eff['promoted'])}")
+    results = []
+    for j in range(max(1, args.samples)):
+        gen = generate_with_and_without(
+            lm, args.prompt, s, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed + j,
+        )
+        print()
+        if args.samples > 1:
+            print(f"=== sample {j + 1} (seed {args.seed + j}) ===")
+        print(gen.format())
+        results.append({"seed": args.seed + j, "clean": gen.clean, "steered": gen.steered})
+    return {"prompt": args.prompt, "steering": s.describe(), "generations": results}
+
+
+__all__ = [
+    "STEER_MODES",
+    "SteeredGeneration",
+    "Steering",
+    "add_steer_arguments",
+    "combine_edits",
+    "generate",
+    "generate_ids",
+    "generate_with_and_without",
+    "load_sae_and_model",
+    "prompt_tokens",
+    "steer",
+    "steer_command",
+]

@@ -1,0 +1,575 @@
+"""Bad input gets a clear error that names the input and what was expected, and never destroys earlier results.
+
+Every case asserts the exception type (from ``saelab.errors`` or the subpackage's documented error), that the
+message names the offending input, and where earlier results exist, that their bytes are unchanged.
+Models are real (a randomly initialised 2-layer GPT-2 with GPT-2's tokenizer), text is real Wikipedia.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import lzma
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.cli import main
+from saelab.data import ActivationCache, ActivationCacheError, write_activation_cache
+from saelab.errors import (
+    CheckpointError,
+    CorpusError,
+    HookNameError,
+    NonFiniteError,
+    RunExistsError,
+    SaelabError,
+    ShapeMismatchError,
+)
+from saelab.evals.downstream import downstream_metrics
+from saelab.models import LanguageModel
+from saelab.pipeline import EvalConfig, HarvestConfig, evaluate, harvest
+from saelab.sae import SAEConfig, TopKSAE, load_sae, save_sae
+from saelab.train import TrainConfig, Trainer, train_sae
+from saelab.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+
+HOOK = "blocks.1.hook_resid_post"
+D = 64  # tiny_gpt2's d_model
+BAD_HOOKS = ["blocks.99.hook_resid_post", "blocks.1.hook_foo"]
+
+
+# ---- helpers and shared inputs --------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes): earlier results, to compare after a failure."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def temp_files(folder: Path) -> list[str]:
+    """Leftovers of saelab.utils.atomic (``.NAME.XXXX.tmp``), which must be removed on failure."""
+    return [str(p) for p in folder.rglob(".*.tmp")]
+
+
+def wiki_docs(shared_dir: Path, n: int) -> list[str]:
+    with lzma.open(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
+        return [json.loads(next(f))["text"] for _ in range(n)]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run ``saelab ARGV`` in-process: (exit code, stdout, saelab's own stderr lines without progress bars)."""
+    capsys.readouterr()  # drop anything printed before
+    code = main([*argv])
+    out, err = capsys.readouterr()
+    # transformers draws a "Loading weights" bar on stderr even with --no-progress; keep saelab's lines.
+    ours = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("saelab ")]
+    return code, out, "\n".join(ours)
+
+
+def make_sae(d_in: int = D, n: int = 128, k: int = 8, seed: int = 0, **cfg) -> TopKSAE:
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_in, n, k, hook_name=HOOK, model_name="tiny-gpt2", context_size=32, **cfg))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_dir, tmp_path_factory) -> Path:
+    """The first three articles of the real Wikipedia eval split (~8k GPT-2 tokens), as JSON Lines."""
+    path = tmp_path_factory.mktemp("corpus") / "wiki3.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in wiki_docs(shared_dir, 3)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_gpt2, tmp_path_factory) -> Path:
+    """tiny_gpt2 saved as a real local model folder, for the CLI's --model."""
+    folder = tmp_path_factory.mktemp("model") / "tiny-gpt2"
+    tiny_gpt2.model.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def harvest_cfg(corpus, hook=HOOK, n_tokens=1024) -> HarvestConfig:
+    return HarvestConfig(model="tiny-gpt2", hook=hook, corpus=str(corpus), n_tokens=n_tokens, context_size=32,
+                         lm_batch_size=16, buffer_tokens=8192)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_gpt2, corpus, tmp_path_factory) -> Path:
+    """A complete activation cache of 1,024 real rows of tiny_gpt2 at HOOK."""
+    folder = tmp_path_factory.mktemp("cache") / "acts"
+    harvest(harvest_cfg(corpus), folder, lm=tiny_gpt2, progress=False)
+    return folder
+
+
+# ---- unknown hook names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", BAD_HOOKS)
+def test_unknown_hook_in_harvest(tiny_gpt2, corpus, tmp_path, bad):
+    with pytest.raises(HookNameError, match=re.escape(repr(bad))) as err:
+        harvest(harvest_cfg(corpus, hook=bad), tmp_path / "acts", lm=tiny_gpt2, progress=False)
+    assert "valid hooks look like blocks.{L}.hook_" in str(err.value)
+    assert "L in 0..1" in str(err.value)  # what was expected, for this 2-layer model
+    assert not (tmp_path / "acts").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("bad", BAD_HOOKS)
+def test_unknown_hook_in_activations(tiny_gpt2, bad):
+    tokens = torch.tensor([tiny_gpt2.tokenize(["The cat sat on the mat."])[0]])
+    with pytest.raises(HookNameError, match=re.escape(repr(bad))) as err:
+        tiny_gpt2.activations(tokens, bad)
+    why = "layer 99 out of range 0..1" if "99" in bad else "no hook kind 'foo'"
+    assert why in str(err.value) and "tiny-gpt2" in str(err.value)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_gpt2.model.modules())  # none left
+
+
+def test_unknown_hook_in_cli_harvest(tiny_dir, corpus, tmp_path, capsys):
+    bad = BAD_HOOKS[1]
+    code, out, err = run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", bad, "--corpus", str(corpus),
+                             "--out", str(tmp_path / "acts"), "--no-progress")
+    assert code == 2 and out == ""
+    assert err.startswith("saelab harvest: error: unknown hook 'blocks.1.hook_foo'")
+    assert not (tmp_path / "acts").exists()
+
+
+# ---- d_in of an SAE vs. the width of its hook -----------------------------------------------------------
+
+
+def test_evaluate_sae_of_wrong_width(tiny_gpt2, corpus, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"nmse": 0.1}\n')  # an earlier evaluation
+    before = snapshot(out)
+    sae = make_sae(d_in=48)
+    with pytest.raises(ShapeMismatchError) as err:
+        evaluate(sae, lm=tiny_gpt2, cfg=EvalConfig(corpus=str(corpus), recon_tokens=256, downstream_tokens=128),
+                 out_dir=out, progress=False)
+    msg = str(err.value)
+    assert f"activations at {HOOK} of tiny-gpt2 have width {D}" in msg and "expects d_in=48" in msg
+    assert snapshot(out) == before
+
+
+def test_downstream_metrics_sae_of_wrong_width(tiny_gpt2):
+    tokens = torch.tensor([[tiny_gpt2.bos_token_id] + tiny_gpt2.tokenize(["The cat sat on the mat."])[0]])
+    with pytest.raises(ShapeMismatchError, match=rf"hook {re.escape(HOOK)} have width {D} but the SAE expects "
+                                                 r"d_in=100"):
+        downstream_metrics(tiny_gpt2, make_sae(d_in=100), tokens, progress=False)
+
+
+def test_sae_forward_on_wrong_width_input():
+    sae = make_sae(d_in=D)
+    for call in (sae.forward, sae.encode, sae.forward_with_latents):
+        with pytest.raises(ShapeMismatchError, match=rf"width 65 but the SAE expects d_in={D} \(trained on "
+                                                     rf"{re.escape(HOOK)}\)"):
+            call(torch.randn(4, 65))
+
+
+# ---- foreign, truncated, corrupt and malicious checkpoints -----------------------------------------------
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def openai_state_dict(d=D, n=128, k=8) -> dict:
+    """A well-formed OpenAI sparse_autoencoder v5 state dict (the .pt format load_sae reads)."""
+    g = torch.Generator().manual_seed(0)
+    return {"encoder.weight": torch.randn(n, d, generator=g), "decoder.weight": torch.randn(d, n, generator=g),
+            "pre_bias": torch.randn(d, generator=g), "latent_bias": torch.randn(n, generator=g),
+            "stats_last_nonzero": torch.zeros(n, dtype=torch.long), "activation": "TopK",
+            "activation_state_dict": {"k": k, "postact_fn": "ReLU"}}
+
+
+def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Path | None]:
+    """(what to load, text the error must contain, marker file that must not appear)."""
+    marker = None
+    if kind == "foreign_pt":  # a language model's weights, not an SAE
+        path = tmp / "gpt2.pt"
+        sd = tiny_gpt2.model.state_dict()
+        torch.save({k: sd[k] for k in ("transformer.wte.weight", "transformer.ln_f.weight")}, path)
+        expect = "not an OpenAI sparse_autoencoder checkpoint: missing encoder.weight"
+    elif kind == "foreign_folder":  # a model folder (config.json, model.safetensors), not an SAE folder
+        path = tmp / "model"
+        tiny_gpt2.model.config.save_pretrained(path)
+        expect = "folder has no cfg.json"
+    elif kind == "truncated_pt":
+        path = tmp / "ae.pt"
+        torch.save(openai_state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        expect = "could not be read as a plain tensor checkpoint"
+    elif kind == "truncated_folder":
+        path = tmp / "sae"
+        save_sae(make_sae(), path)
+        weights = path / "sae_weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        expect = "sae_weights.safetensors: not a readable safetensors file"
+    elif kind == "corrupt_pt":
+        path = tmp / "noise.pt"
+        path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1),
+                                       dtype=torch.uint8).numpy().tobytes())
+        expect = "could not be read as a plain tensor checkpoint"
+    elif kind == "corrupt_folder":
+        path = tmp / "sae"
+        save_sae(make_sae(), path)
+        (path / "cfg.json").write_text('{"architecture": "topk", "d_in": ')
+        expect = "cfg.json: not valid JSON"
+    elif kind == "pickle_runs_code":
+        path, marker = tmp / "evil.pt", tmp / "pwned"
+        sd = openai_state_dict()
+        sd["activation_state_dict"] = _Payload(marker)
+        torch.save(sd, path)
+        expect = "pickles that reference code are refused"
+    else:
+        raise AssertionError(kind)
+    return path, expect, marker
+
+
+CHECKPOINT_KINDS = ["foreign_pt", "foreign_folder", "truncated_pt", "truncated_folder", "corrupt_pt",
+                    "corrupt_folder", "pickle_runs_code"]
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
+def test_bad_checkpoint_load_sae(kind, tmp_path, tiny_gpt2):
+    path, expect, marker = make_bad_checkpoint(kind, tmp_path, tiny_gpt2)
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        load_sae(path)
+    msg = str(err.value)
+    assert str(path) in msg and expect in msg
+    if marker is not None:
+        assert not marker.exists()  # the payload never ran
+    assert snapshot(tmp_path) == before  # reading never modifies what it reads
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
+def test_bad_checkpoint_cli_eval(kind, tmp_path, tiny_gpt2, tiny_dir, corpus, capsys):
+    path, expect, marker = make_bad_checkpoint(kind, tmp_path, tiny_gpt2)
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "eval", str(path), "--model", str(tiny_dir), "--corpus", str(corpus),
+                             "--no-progress")
+    assert code == 2 and out == ""
+    assert err.startswith("saelab eval: error: ") and str(path) in err and expect in err
+    if marker is not None:
+        assert not marker.exists()
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_eval_of_run_folder_with_corrupt_sae_keeps_earlier_results(tmp_path, tiny_dir, corpus, capsys):
+    run = tmp_path / "run"
+    save_sae(make_sae(), run / "sae")
+    (run / "metrics.json").write_text('{"nmse": 0.25}\n')
+    (run / "report.md").write_text("# earlier report\n")
+    weights = run / "sae" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "eval", str(run), "--model", str(tiny_dir), "--corpus", str(corpus),
+                           "--no-progress")
+    assert code == 2 and str(weights) in err and "not a readable safetensors file" in err
+    assert snapshot(run) == before
+
+
+# ---- a corrupt checkpoint.pt when resuming a training run ------------------------------------------------
+
+
+def _synthetic_source(rows=1024, d=D, batch=128):
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(rows, 96, generator=g).relu() @ torch.randn(96, d, generator=g) + 1.0
+
+    def batches_from(start):
+        for i in range(start * batch, rows - batch + 1, batch):
+            yield data[i:i + batch]
+    return batches_from
+
+
+def _train_cfg(**kw) -> TrainConfig:
+    base = dict(n_latents=128, k=8, batch_size=128, total_tokens=1024, init_rows=256, checkpoint_every=2,
+                log_every=1, lr=1e-2, warmup_steps=2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign", "pickle_runs_code", "other_run"])
+def test_corrupt_checkpoint_when_resuming(damage, tmp_path):
+    run = tmp_path / "run"
+    train_sae(_train_cfg(), _synthetic_source(), run, d_in=D, progress=False, stop_after_steps=3)
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
+    ckpt_path = run / CHECKPOINT
+    marker = tmp_path / "pwned"
+    if damage == "truncated":
+        ckpt_path.write_bytes(ckpt_path.read_bytes()[: ckpt_path.stat().st_size // 2])
+        expect = "unreadable, truncated or corrupt"
+    elif damage == "garbage":
+        ckpt_path.write_bytes(b"\x00not a checkpoint\xff" * 100)
+        expect = "unreadable, truncated or corrupt"
+    elif damage == "foreign":  # a valid torch file, but an SAE release rather than a training state
+        torch.save(openai_state_dict(), ckpt_path)
+        expect = "missing step, sae, optimizer, tokens_since_fired, normalizer, ema"
+    elif damage == "pickle_runs_code":
+        state = torch.load(ckpt_path, weights_only=True)
+        state["normalizer"] = _Payload(marker)
+        torch.save(state, ckpt_path)
+        expect = "unreadable, truncated or corrupt"
+    else:  # the checkpoint of another run (other n_latents) copied over this one's
+        train_sae(_train_cfg(n_latents=64), _synthetic_source(), tmp_path / "other", d_in=D, progress=False,
+                  stop_after_steps=2)
+        ckpt_path.write_bytes((tmp_path / "other" / CHECKPOINT).read_bytes())
+        expect = "does not hold a training state of this run"
+    before = snapshot(run)
+    with pytest.raises(CheckpointError) as err:
+        train_sae(_train_cfg(), _synthetic_source(), run, d_in=D, progress=False)
+    msg = str(err.value)
+    assert f"cannot resume from {ckpt_path}" in msg and expect in msg and "--overwrite" in msg
+    assert "weights_only` set to `False`" not in msg  # torch's advice to unpickle anything is not repeated
+    assert snapshot(run) == before  # the checkpoint (and everything else) is left as it was
+    assert not marker.exists()
+
+
+# ---- empty and missing corpora ---------------------------------------------------------------------------
+
+
+def _bad_corpus(kind: str, tmp: Path) -> tuple[Path, str]:
+    if kind == "missing":
+        return tmp / "no-such-corpus.jsonl", "does not exist"
+    path = {"empty": tmp / "empty.txt", "blank_jsonl": tmp / "blank.jsonl", "too_short": tmp / "short.txt"}[kind]
+    path.write_text({"empty": "", "blank_jsonl": '{"text": "  "}\n\n{"text": ""}\n',
+                     "too_short": "Just a few words."}[kind])
+    expect = "is too short" if kind == "too_short" else "contains no non-empty text"
+    return path, expect
+
+
+CORPUS_KINDS = ["missing", "empty", "blank_jsonl", "too_short"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("kind", CORPUS_KINDS)
+def test_bad_corpus_in_harvest_keeps_earlier_cache(kind, overwrite, tiny_gpt2, tiny_cache, tmp_path):
+    bad, expect = _bad_corpus(kind, tmp_path)
+    before = snapshot(tiny_cache)
+    with pytest.raises(CorpusError) as err:  # even overwrite=True keeps the old cache: nothing to replace it with
+        harvest(harvest_cfg(bad), tiny_cache, lm=tiny_gpt2, overwrite=overwrite, progress=False)
+    assert str(bad) in str(err.value) and expect in str(err.value)
+    assert snapshot(tiny_cache) == before
+    assert ActivationCache(tiny_cache).n_rows == 1024
+
+
+@pytest.mark.parametrize("kind", CORPUS_KINDS)
+def test_bad_corpus_in_cli_harvest(kind, tiny_dir, tmp_path, capsys):
+    bad, expect = _bad_corpus(kind, tmp_path)
+    code, out, err = run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(bad),
+                             "--out", str(tmp_path / "acts"), "--context-size", "32", "--no-progress")
+    assert code == 2 and out == ""
+    assert err.startswith("saelab harvest: error: ") and str(bad) in err and expect in err
+    assert not (tmp_path / "acts" / "manifest.json").exists()
+
+
+# ---- NaN and inf --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+def test_sae_fed_non_finite_rows(bad_value):
+    sae = make_sae()
+    x = torch.randn(2, 5, D)
+    x[1, 3, 7] = bad_value
+    for call in (sae.forward, sae.encode, sae.forward_with_latents):
+        with pytest.raises(NonFiniteError, match=rf"activations given to the SAE \(trained on {re.escape(HOOK)}\) "
+                                                 r"contain NaN or inf in 1 of 10 rows"):
+            call(x)
+
+
+@pytest.mark.parametrize("where,expect", [(50, "initialisation batch"), (700, "activation batch 5")])
+def test_trainer_fed_non_finite_rows(tmp_path, where, expect):
+    source = _synthetic_source()
+    data = torch.cat(list(source(0)))
+    data[where, 3] = float("nan")
+
+    def batches_from(start):
+        yield from data[start * 128:].split(128)
+
+    with pytest.raises(NonFiniteError, match=f"{expect} contains NaN or inf activations"):
+        train_sae(_train_cfg(), batches_from, tmp_path / "run", d_in=D, progress=False)
+    assert not (tmp_path / "run" / "sae").exists()
+
+
+@pytest.fixture(scope="module")
+def nan_gpt2(tiny_gpt2) -> LanguageModel:
+    """tiny_gpt2 with ONE weight set to NaN (a real model, broken on purpose): every activation after it is NaN."""
+    model = copy.deepcopy(tiny_gpt2.model)
+    with torch.no_grad():
+        model.transformer.h[0].ln_1.weight[5] = float("nan")
+    return LanguageModel(model, tiny_gpt2.tokenizer, "tiny-gpt2-nan")
+
+
+def test_harvest_from_model_producing_nan(nan_gpt2, corpus, tmp_path):
+    with pytest.raises(NonFiniteError) as err:
+        harvest(harvest_cfg(corpus), tmp_path / "acts", lm=nan_gpt2, progress=False)
+    assert f"NaN or inf in activations at hook {HOOK!r}, harvest batch 0" in str(err.value)
+    with pytest.raises(ActivationCacheError):  # no cache that looks usable was left behind
+        ActivationCache(tmp_path / "acts")
+
+
+def test_evaluate_on_model_producing_nan_keeps_earlier_metrics(nan_gpt2, corpus, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"nmse": 0.1}\n')
+    before = snapshot(out)
+    with pytest.raises(NonFiniteError) as err:
+        evaluate(make_sae(), lm=nan_gpt2, cfg=EvalConfig(corpus=str(corpus), recon_tokens=256, downstream_tokens=128),
+                 out_dir=out, progress=False)
+    assert f"activations at {HOOK} of model tiny-gpt2-nan" in str(err.value) and str(corpus) in str(err.value)
+    assert snapshot(out) == before
+
+
+# ---- a full disk while writing -----------------------------------------------------------------------------
+
+FSIZE_LIMIT = 16_384  # bytes: above every cfg.json/manifest, below every weights file, checkpoint and shard
+
+_CHILD = textwrap.dedent("""
+    import json, resource, signal, sys
+    from pathlib import Path
+    import torch
+    from saelab.data import write_activation_cache
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+    from saelab.train import TrainConfig, Trainer
+    from saelab.train.checkpoint import save_checkpoint
+
+    base, limit = Path(sys.argv[1]), int(sys.argv[2])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    torch.manual_seed(1)
+
+    def sae_b():
+        return TopKSAE(SAEConfig(64, 512, 8, hook_name="blocks.1.hook_resid_post", model_name="other"))
+
+    def rows():
+        g = torch.Generator().manual_seed(7)
+        for _ in range(4):
+            yield torch.randn(128, 64, generator=g)
+
+    cases = {
+        "save_sae": lambda: save_sae(sae_b(), base / "sae"),
+        "checkpoint": lambda: save_checkpoint(base / "run", Trainer(
+            TrainConfig(n_latents=512, k=8, batch_size=128, total_tokens=1024), sae_b(), 2.0).state_dict()),
+        "cache_shard": lambda: write_activation_cache(rows(), base / "acts", meta={"hook_name": "h"},
+                                                      shard_rows=256, resume=True, skip_written=False,
+                                                      progress=False),
+    }
+    result = {}
+    for name, write in cases.items():
+        try:
+            write()
+            result[name] = {"type": None}
+        except BaseException as e:
+            result[name] = {"type": type(e).__name__, "oserror": isinstance(e, OSError),
+                            "errno": getattr(e, "errno", None), "message": str(e)}
+    print(json.dumps(result))
+""")
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory):
+    """Earlier results written here, then overwritten by a child process whose files cannot grow past
+    FSIZE_LIMIT bytes; returns (folder, snapshots taken before, the child's report per case)."""
+    base = tmp_path_factory.mktemp("full_disk")
+    save_sae(make_sae(n=256, seed=3), base / "sae")  # (a) a valid SAE folder (another SAE than the child's)
+    trainer = Trainer(_train_cfg(n_latents=256), make_sae(n=256, seed=4), 1.5)
+    trainer.step = 3
+    save_checkpoint(base / "run", trainer.state_dict())  # (b) a valid checkpoint
+
+    def interrupted_rows():  # (c) an activation cache, interrupted after its first 256-row shard
+        g = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            yield torch.randn(128, D, generator=g)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        write_activation_cache(interrupted_rows(), base / "acts", meta={"hook_name": "h"}, shard_rows=256,
+                               progress=False)
+    before = {name: snapshot(base / name) for name in ("sae", "run", "acts")}
+    assert before["acts"].keys() == {"manifest.json", "shard_00000.npy"}
+    assert min(len(before["sae"]["sae_weights.safetensors"]), len(before["run"][CHECKPOINT]),
+               len(before["acts"]["shard_00000.npy"])) > FSIZE_LIMIT > len(before["sae"]["cfg.json"])
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(FSIZE_LIMIT)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return base, before, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _assert_failed_with_efbig(report: dict, target: Path) -> None:
+    assert report["type"] is not None, "the write should have failed"
+    assert report["oserror"], report  # a plain OSError, not a serializer's RuntimeError
+    assert report["errno"] == 27, report  # EFBIG, "File too large"
+    assert str(target) in report["message"], report  # names the file it could not write
+
+
+def test_full_disk_save_sae_keeps_earlier_sae(full_disk):
+    base, before, report = full_disk
+    _assert_failed_with_efbig(report["save_sae"], base / "sae" / "sae_weights.safetensors")
+    assert snapshot(base / "sae") == before["sae"]
+    assert temp_files(base / "sae") == []
+    again = load_sae(base / "sae")
+    expected = make_sae(n=256, seed=3)
+    for name, p in expected.named_parameters():
+        assert torch.equal(getattr(again, name), p), name
+
+
+def test_full_disk_checkpoint_keeps_earlier_checkpoint(full_disk):
+    base, before, report = full_disk
+    _assert_failed_with_efbig(report["checkpoint"], base / "run" / CHECKPOINT)
+    assert snapshot(base / "run") == before["run"]
+    assert temp_files(base / "run") == []
+    state = load_checkpoint(base / "run")
+    assert state["step"] == 3 and state["normalizer"] == 1.5
+    assert torch.equal(state["sae"]["W_dec"], make_sae(n=256, seed=4).W_dec)
+
+
+def test_full_disk_cache_shard_keeps_earlier_shards(full_disk):
+    base, before, report = full_disk
+    _assert_failed_with_efbig(report["cache_shard"], base / "acts" / "shard_00001.npy")
+    assert snapshot(base / "acts") == before["acts"]
+    assert temp_files(base / "acts") == []
+    partial = ActivationCache(base / "acts", allow_incomplete=True)
+    assert (partial.n_rows, partial.complete) == (256, False)
+    # With room again, the interrupted cache is resumed and completed from where it stood.
+    g = torch.Generator().manual_seed(5)
+    all_rows = torch.cat([torch.randn(128, D, generator=g) for _ in range(4)])
+    cache = write_activation_cache(all_rows.split(128), base / "acts", meta={"hook_name": "h"}, shard_rows=256,
+                                   resume=True, progress=False)
+    assert cache.n_rows == 512
+    assert torch.equal(cache.read(0, 512), all_rows.half().float())
+
+
+# ---- refusing to overwrite a finished run ------------------------------------------------------------------
+
+
+def test_cli_train_refuses_to_overwrite_finished_run(tiny_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--activations", str(tiny_cache), "--out", str(run), "--n-latents", "64", "--k", "4",
+            "--batch-size", "128", "--total-tokens", "512", "--init-rows", "256", "--no-progress"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and json.loads(out)["n_latents"] == 64
+    before = snapshot(run)
+    for extra in ([], ["--k", "8"]):  # the same options, or different ones: both refused
+        code, out, err = run_cli(capsys, *args, *extra)
+        assert code == 2 and out == ""
+        assert err.startswith(f"saelab train: error: run folder {run} holds a finished run")
+        assert "--overwrite" in err
+        assert snapshot(run) == before
+    assert issubclass(RunExistsError, SaelabError)

@@ -1,0 +1,182 @@
+"""Known-answer tests pinning the N2G explanation metric (saelab.evals.n2g)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from saelab.evals.n2g import (
+    WILDCARD,
+    Explanation,
+    N2GConfig,
+    Pattern,
+    build_explanations,
+    n2g_scores,
+    run_n2g,
+    splice_latents,
+)
+from saelab.sae.topk import SAEConfig, TopKSAE
+
+PAD = 99
+
+
+def _synthetic(rule, n_ctx=12, length=12, seed=0, plant=None):
+    """Random contexts over tokens 10..40 with ``plant`` inserted, and the rule's activations."""
+    g = torch.Generator().manual_seed(seed)
+    ctxs = []
+    for _ in range(n_ctx):
+        ids = torch.randint(10, 40, (length,), generator=g).tolist()
+        if plant:
+            piece = plant(g) if callable(plant) else plant
+            at = int(torch.randint(len(piece), length, (1,), generator=g))
+            ids[at - len(piece) + 1: at + 1] = piece
+        ctxs.append(ids)
+    acts = [[rule(ids[: i + 1]) for i in range(len(ids))] for ids in ctxs]
+    return ctxs, acts
+
+
+def _examples(ctxs, acts):
+    """Each context cut after its max-activating token (the run_n2g convention)."""
+    out = []
+    for ids, a in zip(ctxs, acts):
+        i = max(range(len(a)), key=lambda j: a[j])
+        if a[i] > 0:
+            out.append((ids[: i + 1], a[i]))
+    return out
+
+
+def _build(rule, examples, **kw):
+    cfg = N2GConfig(max_len=kw.pop("max_len", 6), **kw)
+    act_fn = lambda seqs, lats: [rule(s) for s in seqs]  # noqa: E731
+    return build_explanations({0: examples}, act_fn, {0: 1.0}, cfg, PAD)[0]
+
+
+def _pr(expl, ctxs, acts):
+    pred = torch.tensor([v for ids in ctxs for v in expl.predict(ids)])
+    act = torch.tensor([v for a in acts for v in a], dtype=torch.float32)
+    return n2g_scores(pred, act, 0.0)
+
+
+def test_bigram_latent_is_explained_by_its_bigram():
+    def rule(s):
+        return 1.0 if s[-2:] == [5, 7] else 0.0
+
+    ctxs, acts = _synthetic(rule, plant=[5, 7])
+    expl, used = _build(rule, _examples(ctxs, acts))
+    assert used == 12
+    assert expl.patterns == [Pattern((5, 7), anchored=False, value=1.0, count=12)]
+    test_ctxs, test_acts = _synthetic(rule, n_ctx=20, seed=1, plant=[5, 7])
+    sc = _pr(expl, test_ctxs, test_acts)
+    assert sc["precision"] == 1.0 and sc["recall"] == 1.0 and sc["f1"] == 1.0 and sc["tp"] >= 20
+    assert sc["corr"] == pytest.approx(1.0)
+
+
+def test_wildcard_pattern():
+    def rule(s):  # fires on 7 when the token two back is 5, whatever lies between
+        return 0.8 if len(s) >= 3 and s[-1] == 7 and s[-3] == 5 else 0.0
+
+    ctxs, acts = _synthetic(rule, plant=lambda g: [5, int(torch.randint(10, 40, (1,), generator=g)), 7])
+    expl, _ = _build(rule, _examples(ctxs, acts))
+    assert [p.ids for p in expl.patterns] == [(5, WILDCARD, 7)]
+    assert expl.patterns[0].value == pytest.approx(0.8)  # normalized by max_act = 1
+    assert expl.predict([5, 123, 7, 7]) == pytest.approx([0.0, 0.0, 0.8, 0.0])  # 123 never seen: the wildcard covers it
+    test_ctxs, test_acts = _synthetic(rule, n_ctx=20, seed=2,
+                                      plant=lambda g: [5, int(torch.randint(10, 40, (1,), generator=g)), 7])
+    sc = _pr(expl, test_ctxs, test_acts)
+    assert sc["precision"] == 1.0 and sc["recall"] == 1.0
+
+
+def test_anchored_pattern_and_dropped_examples():
+    def rule(s):  # fires on token 3 only as the very first token of the context
+        return 1.0 if s == [3] else 0.0
+
+    expl, used = _build(rule, [([3], 1.0)])
+    assert expl.patterns == [Pattern((3,), anchored=True, value=1.0)]
+    assert expl.predict([3, 3, 4]) == [1.0, 0.0, 0.0] and expl.predict([4, 3]) == [0.0, 0.0]
+    # An example whose activation no suffix of <= max_len tokens reproduces makes no pattern.
+    expl, used = _build(lambda s: 1.0 if len(s) >= 5 else 0.0, [([1, 2, 3, 4, 5], 1.0)], max_len=3)
+    assert used == 0 and expl.patterns == [] and expl.predict([1, 2, 3, 4, 5, 6]) == [0.0] * 6
+
+
+def test_trie_matching_backtracks_and_prefers_the_shortest_pattern():
+    expl = Explanation([Pattern((5, 2, 3), False, 0.9), Pattern((WILDCARD, WILDCARD, 3), False, 0.4)])
+    # Exact path 3 <- 2 <- (5 needed, 6 found) fails; the search backtracks to the wildcards.
+    assert expl.predict([6, 2, 3]) == [0.0, 0.0, 0.4]
+    assert expl.predict([5, 2, 3]) == [0.0, 0.0, 0.9]
+    expl = Explanation([Pattern((2, 3), False, 0.3), Pattern((1, 2, 3), False, 0.9)])
+    assert expl.predict([1, 2, 3]) == [0.0, 0.0, 0.3]
+
+
+def test_duplicate_patterns_average_their_values():
+    def rule(s):
+        return 0.5 * s[-2] / 10 if s[-2:-1] in ([10], [20]) and s[-1] == 7 else 0.0
+
+    expl, _ = _build(rule, [([1, 10, 7], 0.5), ([2, 10, 7], 0.5), ([20, 7], 1.0)])
+    pats = {p.ids: p for p in expl.patterns}
+    assert pats[(10, 7)].count == 2 and pats[(10, 7)].value == pytest.approx(0.5)
+    assert pats[(20, 7)].value == pytest.approx(1.0)
+    expl, _ = _build(rule, [([1, 10, 7], 0.5), ([2, 10, 7], 0.5), ([20, 7], 1.0)], min_value=0.6)
+    assert [p.ids for p in expl.patterns] == [(20, 7)]
+
+
+def test_precision_recall_arithmetic():
+    pred = torch.tensor([0.0, 0.5, 0.5, 0.0, 1.0, 0.0])
+    act = torch.tensor([0.0, 2.0, 0.0, 3.0, 1.0, 0.05])
+    sc = n2g_scores(pred, act, threshold=0.1)  # 0.05 is below the firing threshold
+    assert (sc["tp"], sc["fp"], sc["fn"]) == (2, 1, 1)
+    assert sc["precision"] == pytest.approx(2 / 3) and sc["recall"] == pytest.approx(2 / 3)
+    assert sc["f1"] == pytest.approx(2 / 3)
+    sc = n2g_scores(torch.zeros(4), torch.tensor([0.0, 1.0, 0.0, 1.0]), 0.0)  # predicts nothing
+    assert math.isnan(sc["precision"]) and sc["recall"] == 0.0 and sc["f1"] == 0.0
+    sc = n2g_scores(torch.tensor([1.0, 0, 0, 0]), torch.zeros(4), 0.0)  # never fires: recall undefined
+    assert sc["precision"] == 0.0 and math.isnan(sc["recall"])
+
+
+def test_splice_with_true_values_is_the_sae_splice():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16) * 2 + 0.5
+    for norm in ("none", "layernorm"):
+        sae = TopKSAE(SAEConfig(d_in=16, n_latents=32, k=4, input_norm=norm))
+        lats = torch.tensor([1, 4, 9, 30])
+        z = sae.encode(x)[..., lats]
+        out = splice_latents(sae, lats, z, first=1)(x)
+        assert torch.equal(out[:, 0], x[:, 0])
+        assert torch.allclose(out[:, 1:], sae(x)[:, 1:], atol=1e-5)
+        assert torch.allclose(splice_latents(sae, lats, None, first=0, keep_error=True)(x), x, atol=1e-5)
+        zeroed = splice_latents(sae, lats, torch.zeros_like(z), first=0)(x)
+        x_n, st = sae.normalize_input(x)
+        full = sae.encode(x)
+        full[..., lats] = 0
+        assert torch.allclose(zeroed, sae.denormalize_output(full @ sae.W_dec + sae.b_dec, st), atol=1e-5)
+
+
+def test_run_n2g_on_a_real_tiny_model(tiny_gpt2, shared_dir):
+    from saelab.data import token_contexts
+
+    lm = tiny_gpt2
+    tokens = token_contexts(str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz"), lm.tokenizer, 32,
+                            n_contexts=24, bos_token_id=lm.bos_token_id, limit_docs=6)
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=96, k=6, hook_name="blocks.0.hook_resid_post"))
+    cfg = N2GConfig(n_latents=5, n_examples=4, max_len=4, lm_batch_size=12)
+    res = run_n2g(lm, sae, tokens, cfg)
+    json.dumps(res, allow_nan=False)
+    assert res["n_explained"] == 5 and res["n_build_contexts"] == 12 and res["n_eval_contexts"] == 12
+    assert res["n_model_sequences"] > 0
+    for r in res["per_latent"]:
+        assert r["max_act"] > 0 and r["n_examples_used"] <= 4
+        for p in r["patterns"]:
+            assert len(p["ids"]) <= 4 and 0 < p["value"]
+            assert all((t == "*") == (i == WILDCARD) for t, i in zip(p["tokens"], p["ids"]))
+        for k in ("precision", "recall", "f1"):
+            assert r[k] is None or 0 <= r[k] <= 1
+    sp = res["splice"]
+    assert sp["n_predictions"] == 12 * 30
+    assert sp["delta_ce_sae"] == pytest.approx(sp["ce_sae"] - sp["ce_clean"])
+    assert all(math.isfinite(sp[k]) for k in ("ce_clean", "ce_sae", "ce_n2g", "ce_zeroed", "kl_n2g"))
+    # Explaining the same latents again gives the same explanations.
+    again = run_n2g(lm, sae, tokens, N2GConfig(latents=tuple(r["latent"] for r in res["per_latent"]),
+                                               n_examples=4, max_len=4, splice=False))
+    assert [r["patterns"] for r in again["per_latent"]] == [r["patterns"] for r in res["per_latent"]]
+    assert again["splice"] is None

@@ -1,0 +1,177 @@
+"""Known-answer tests pinning the probe-loss definition (saelab.evals.probe, saelab.evals.probe_tasks)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from saelab.errors import CorpusError
+from saelab.evals.probe import (
+    ProbeConfig,
+    best_single_feature_probe,
+    binary_entropy,
+    fit_logistic_1d,
+    logistic_ce,
+    run_probe,
+)
+from saelab.evals.probe_tasks import ContextTask, label_tokens, load_hf_task, token_strings
+from saelab.sae.topk import SAEConfig, TopKSAE
+
+
+# ---- the 1-D logistic fits --------------------------------------------------------------------
+def test_separable_feature_gets_near_zero_loss():
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(400, generator=g) < 0.5).double()
+    x = torch.where(y > 0, 1.0, -1.0) + 0.1 * torch.randn(400, generator=g, dtype=torch.float64)
+    w, b, ce = fit_logistic_1d(x[:, None], y, l2=1e-4)
+    assert ce.item() < 0.02 and w.item() > 0
+    # With no ridge at all the loss keeps falling toward 0 and stays finite.
+    _, _, ce0 = fit_logistic_1d(x[:, None], y, l2=0.0, steps=60)
+    assert 0 <= ce0.item() < ce.item() and math.isfinite(ce0.item())
+
+
+def test_uninformative_feature_gets_the_base_rate_entropy():
+    g = torch.Generator().manual_seed(1)
+    n, rate = 20_000, 0.2
+    y = (torch.rand(n, generator=g) < rate).double()
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    w, b, ce = fit_logistic_1d(x, y)
+    h = binary_entropy(float(y.mean()))
+    assert torch.allclose(ce, torch.full_like(ce, h), atol=2e-3)
+    assert torch.all(ce <= h + 1e-12)  # never worse than the start point (w=0, b=logit(rate))
+    assert binary_entropy(0.5) == pytest.approx(math.log(2))
+    # Held out on fresh noise, the fitted probe scores about H(rate) as well.
+    y2 = (torch.rand(n, generator=g) < rate).double()
+    ce2 = logistic_ce(torch.randn(n, 3, generator=g, dtype=torch.float64), y2, w, b)
+    assert torch.allclose(ce2, torch.full_like(ce2, binary_entropy(rate)), atol=1e-2)
+
+
+def test_newton_matches_a_plain_lbfgs_reference():
+    g = torch.Generator().manual_seed(2)
+    n = 500
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    y = (torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(1.7 * x - 0.6)).double()
+    l2 = 1e-2
+    # Several columns at once (the real one among noise and a constant) fit as if alone.
+    X = torch.stack([torch.randn(n, generator=g, dtype=torch.float64), x, torch.ones(n, dtype=torch.float64)], 1)
+    w, b, ce = fit_logistic_1d(X, y, l2=l2)
+
+    params = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([params], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        z = params[0] * x + params[1]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y) + 0.5 * l2 * params[0] ** 2
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert w[1].item() == pytest.approx(params[0].item(), abs=1e-6)
+    assert b[1].item() == pytest.approx(params[1].item(), abs=1e-6)
+    ref_ce = torch.nn.functional.binary_cross_entropy_with_logits(params[0] * x + params[1], y).item()
+    assert ce[1].item() == pytest.approx(ref_ce, abs=1e-9)
+    assert ce[1] < ce[0] and ce[1] < ce[2]
+
+
+def test_best_feature_is_selected_on_train_and_scored_on_test():
+    g = torch.Generator().manual_seed(3)
+    n = 1000
+    y = (torch.rand(n, generator=g) < 0.5).double()
+    X = torch.randn(n, 50, generator=g, dtype=torch.float64)
+    X[:, 37] += 3 * (2 * y - 1)  # feature 37 carries the label
+    X[:, 5] = 7.0  # a constant (dead) feature
+    train = torch.arange(n) < 700
+    chunks = ((s, X[train, s:s + 16], X[~train, s:s + 16]) for s in range(0, 50, 16))
+    res = best_single_feature_probe(chunks, y, train)
+    assert res["index"] == 37
+    assert res["train_loss"] < 0.1 and res["loss"] < 0.1
+
+
+# ---- the offline task suite -----------------------------------------------------------------
+def test_token_task_labels_known_answer(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    text = ('The club (founded in 1984) won the league. Fans said "Bob Smith scored twice" in Paris.\n'
+            'The album sold well. She sang songs and the band played')
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    strs = token_strings(tok, ids)
+    assert "".join(strs[1:]) == text
+    lab = label_tokens(tok, torch.tensor([ids]))
+
+    def at(task, piece, nth=0):
+        hits = [i for i, s in enumerate(strs) if s == piece]
+        return int(lab[task][0, hits[nth]])
+
+    assert at("number", " 1984") == 1 and at("number", " club") == 0 and at("number", " (") == -1
+    assert at("in_parens", "founded") == 1 and at("in_parens", " 1984") == 1 and at("in_parens", " won") == 0
+    assert at("in_parens", ")") == -1
+    assert at("in_quotes", " Smith") == 1 and at("in_quotes", " said") == 0 and at("in_quotes", " Paris") == 0
+    assert at("capitalized", " Smith") == 1 and at("capitalized", " Paris") == 1
+    assert at("capitalized", " won") == 0 and at("capitalized", " Fans") == -1  # sentence start: not in task
+    assert at("sentence_start", " Fans") == 1 and at("sentence_start", " She") == 1
+    assert at("sentence_start", "The", 1) == 1  # after a newline: a paragraph start
+    assert at("sentence_start", "The", 0) == -1  # first word after BOS: the window may cut a paragraph
+    assert at("sentence_start", " said") == 0
+    # Sports keywords "club", "league" precede " Fans": positive from the second hit on.
+    assert at("topic_sports", " the", 0) == -1 and at("topic_sports", ".", 0) == 1
+    assert at("topic_music", " Paris") == 0  # no music keyword in that paragraph, >= 8 tokens in
+    assert at("topic_music", " and") == 1 and at("topic_sports", " and") == 0
+    assert all(int(lab[t][0, 0]) == -1 for t in lab)  # BOS is never labelled
+
+
+def test_hf_loader_without_datasets_says_so():
+    try:
+        import datasets  # noqa: F401
+        pytest.skip("datasets is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(CorpusError, match="datasets"):
+        load_hf_task("sst2")
+
+
+# ---- end to end on a tiny real model -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def setup(tiny_gpt2, shared_dir):
+    from saelab.data import token_contexts
+
+    tokens = token_contexts(str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz"), tiny_gpt2.tokenizer,
+                            64, n_contexts=48, bos_token_id=tiny_gpt2.bos_token_id, limit_docs=12)
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=256, k=8, hook_name="blocks.1.hook_resid_post"))
+    return tiny_gpt2, sae, tokens
+
+
+def test_run_probe_schema_and_known_planted_latent(setup):
+    lm, sae, tokens = setup
+    cfg = ProbeConfig(tasks=("number", "capitalized", "sentence_start"), max_examples=400, min_per_class=10,
+                      latent_chunk=100)
+    texts = ["the number is %d" % i for i in range(30)] + ["the word is %s" % w for w in "abcdefghijklmnopqrstuvwxyzabcd"]
+    ctx = ContextTask("ends_in_digit", texts, [1] * 30 + [0] * 30)
+    res = run_probe(lm, sae, tokens, cfg, context_tasks=[ctx])
+    json.dumps(res, allow_nan=False)
+    assert set(res["tasks"]) == {"number", "capitalized", "sentence_start", "ends_in_digit"}
+    for name, r in res["tasks"].items():
+        assert 0 <= r["loss"] and 0 <= r["baseline_loss"] and 0 <= r["latent"] < 256
+        assert r["train_loss"] <= r["entropy"] + 0.05  # a fit is never much worse than a constant
+        assert r["n_train"] + r["n_test"] <= 400
+    assert res["mean_loss"] == pytest.approx(sum(r["loss"] for r in res["tasks"].values()) / 4)
+
+    # Plant the answer: zero every encoder column (those latents become constants) except latent
+    # 3, which reads exactly the residual channel the baseline picked for "number". The best
+    # latent must then be 3 with the channel probe's very loss (standardization removes b_dec).
+    ch = res["tasks"]["number"]["baseline_channel"]
+    saved = sae.W_enc.detach().clone()
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_enc[ch, 3] = 2.5
+    try:
+        planted = run_probe(lm, sae, tokens, ProbeConfig(tasks=("number",), max_examples=400, min_per_class=10))
+    finally:
+        with torch.no_grad():
+            sae.W_enc.copy_(saved)
+    t = planted["tasks"]["number"]
+    assert t["latent"] == 3
+    assert t["train_loss"] == pytest.approx(t["baseline_train_loss"], abs=1e-9)
+    assert t["loss"] == pytest.approx(t["baseline_loss"], abs=1e-9)

@@ -1,0 +1,134 @@
+"""Steering, clamping and ablating latents in scoring and in generation (tiny GPT-2, small random SAE)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from saelab.explore import generate_with_and_without, latent_edit, run_with_cache_with_saes, steer
+from saelab.explore.steering import add_steer_arguments, generate_ids, prompt_tokens, steer_command
+from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+HOOK = "blocks.0.hook_resid_post"
+POST = HOOK + ".hook_sae_acts_post"
+
+
+@pytest.fixture(scope="module")
+def sae(tiny_gpt2):
+    torch.manual_seed(3)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=128, k=8, hook_name=HOOK, model_name="tiny"))
+    with torch.no_grad():
+        acts = tiny_gpt2.activations(torch.randint(0, 50000, (4, 16)), HOOK)
+        sae.b_dec.copy_(acts[:, 1:].reshape(-1, 64).mean(0))
+    return sae
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_gpt2):
+    return prompt_tokens(tiny_gpt2, "The cat sat on the mat while the dog slept.")
+
+
+def test_add_at_positions_is_causal_and_equals_manual_edit(tiny_gpt2, sae, tokens):
+    lat, val, pos = 7, 4.0, [4, 6]
+    clean = tiny_gpt2.logits(tokens)
+    got = tiny_gpt2.logits(tokens, edits=steer(tiny_gpt2, sae, lat, "add", val, positions=pos).edits)
+
+    def manual(x):
+        x = x.clone()
+        x[:, pos] += val * sae.W_dec[lat]
+        return x
+
+    torch.testing.assert_close(got, tiny_gpt2.logits(tokens, edits={HOOK: manual}), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[:, :4], clean[:, :4])  # earlier positions untouched, bit for bit
+    assert (got[:, 4] - clean[:, 4]).abs().max() > 1e-3
+    ce = tiny_gpt2.cross_entropy(tokens, edits=steer(tiny_gpt2, sae, lat, "add", val, positions=pos).edits)
+    assert torch.equal(ce[:, :4], tiny_gpt2.cross_entropy(tokens)[:, :4])
+
+
+def test_clamp_and_ablate_equal_spliced_latent_edits(tiny_gpt2, sae, tokens):
+    x = tiny_gpt2.activations(tokens, HOOK)
+    z = sae.encode(x)
+    active = [int(i) for i in torch.nonzero(z[0, 1:].sum(0)).flatten()]
+    lat = active[0]
+    for mode, val in (("clamp", 5.0), ("ablate", 0.0)):
+        s = steer(tiny_gpt2, sae, lat, mode, val, positions=slice(1, None))
+        got = tiny_gpt2.logits(tokens, edits=s.edits)
+        with torch.no_grad():
+            want, cache = run_with_cache_with_saes(
+                tiny_gpt2, tokens, [sae], use_error_term=True,
+                hooks={POST: latent_edit(tiny_gpt2, lat, "clamp", val, slice(1, None))},
+            )
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.all(cache[POST][0, 1:, lat] == val)  # the latent is at the set value
+        # and the steered activation is exactly the spliced model's output
+        torch.testing.assert_close(s(x), cache[HOOK + ".hook_sae_output"], atol=1e-5, rtol=1e-5)
+    # ablating a latent changes nothing where it did not fire
+    silent = int(torch.nonzero(z[0].sum(0) == 0).flatten()[0])
+    torch.testing.assert_close(
+        tiny_gpt2.logits(tokens, edits=steer(tiny_gpt2, sae, silent, "ablate").edits), tiny_gpt2.logits(tokens)
+    )
+
+
+def _check_generation_matches_scoring(lm, prompt, edits, n_new):
+    """Greedy generation with a KV cache must pick, at every step, the argmax of a full forward."""
+    ids = prompt_tokens(lm, prompt)
+    full = generate_ids(lm, ids, edits, max_new_tokens=n_new, greedy=True)
+    assert full.shape[1] == ids.shape[1] + n_new
+    logits = lm.logits(full, edits=edits)
+    P = ids.shape[1]
+    assert torch.equal(logits[0, P - 1:-1].argmax(-1), full[0, P:])
+    return full
+
+
+def test_generation_positions_are_absolute(tiny_gpt2, sae):
+    lm = tiny_gpt2
+    prompt = " Hello world, this is"
+    P = prompt_tokens(lm, prompt).shape[1]
+    clean = _check_generation_matches_scoring(lm, prompt, {}, 6)
+    for positions in (None, slice(P + 2, None), [P + 1]):
+        s = steer(lm, sae, 7, "add", 60.0, positions=positions)
+        full = _check_generation_matches_scoring(lm, prompt, s.edits, 6)
+        if positions is not None:  # tokens chosen before the first edited position are the clean ones
+            first = positions.start if isinstance(positions, slice) else positions[0]
+            assert torch.equal(full[0, : first + 1], clean[0, : first + 1])
+    # clamp through the SAE (encoder run at every step) is consistent too
+    _check_generation_matches_scoring(lm, prompt, steer(lm, sae, 7, "clamp", 30.0).edits, 6)
+
+
+def test_generate_with_and_without_is_seeded(tiny_gpt2, sae):
+    s = steer(tiny_gpt2, sae, 7, "add", 200.0)
+    a = generate_with_and_without(tiny_gpt2, "Once upon a time", s, max_new_tokens=4, seed=5, top_p=1.0)
+    b = generate_with_and_without(tiny_gpt2, "Once upon a time", s, max_new_tokens=4, seed=5, top_p=1.0)
+    assert a == b
+    assert a.clean != a.steered
+    assert "add 200" in a.format() and "--- without steering ---" in a.format()
+
+
+def test_steer_rejects_bad_input(tiny_gpt2, sae):
+    with pytest.raises(ValueError, match="mode"):
+        steer(tiny_gpt2, sae, 1, "boost", 1.0)
+    with pytest.raises(IndexError):
+        steer(tiny_gpt2, sae, 128, "add", 1.0)
+    with pytest.raises(ValueError, match="negative"):
+        steer(tiny_gpt2, sae, 1, "add", 1.0, positions=[-1])
+    with pytest.raises(ValueError, match="values"):
+        steer(tiny_gpt2, sae, [1, 2], "add", [1.0, 2.0, 3.0])
+
+
+def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_gpt2.model.save_pretrained(model_dir)
+    tiny_gpt2.tokenizer.save_pretrained(model_dir)
+    save_sae(sae, tmp_path / "sae")
+    parser = argparse.ArgumentParser()
+    add_steer_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "sae"), "--latent", "7", "--value", "200", "--model", str(model_dir),
+                              "--prompt", "Once upon a time", "--max-new-tokens", "5", "--greedy"])
+    result = steer_command(args)
+    out = capsys.readouterr().out
+    assert "--- without steering ---" in out and "--- with steering (latent 7" in out
+    assert "latent 7 promotes:" in out
+    g = result["generations"][0]
+    assert g["clean"] in out and g["steered"] in out and g["clean"] != g["steered"]

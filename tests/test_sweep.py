@@ -1,0 +1,49 @@
+"""Sweeps: several SAEs from one pass over the data equal the same SAEs trained one by one."""
+
+import torch
+
+from saelab.cli import parse_grid
+from saelab.pipeline import sweep_configs
+from saelab.train import TrainConfig, train_many, train_sae
+
+
+def _data(rows=2048, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(96, d, generator=g)
+    codes = torch.rand(rows, 96, generator=g) * (torch.rand(rows, 96, generator=g) < 0.05)
+    return codes @ basis + 3.0
+
+
+def _source(data, batch, reads):
+    def batches_from(start):
+        reads.append(start)
+        for i in range(start * batch, data.shape[0] - batch + 1, batch):
+            yield data[i:i + batch]
+    return batches_from
+
+
+def test_sweep_equals_separate_runs_and_reads_data_once(tmp_path):
+    data = _data()
+    base = TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=2048, init_rows=512, lr=1e-2,
+                       dead_tokens=512, k_aux=8, checkpoint_every=100)
+    configs = sweep_configs(base, {"n_latents": [64, 96], "k": [4, 8]})
+    assert list(configs) == ["n64_k4", "n64_k8", "n96_k4", "n96_k8"]
+    reads = []
+    swept = train_many(list(configs.values()), _source(data, 128, reads), [tmp_path / n for n in configs],
+                       d_in=24, progress=False)
+    assert reads == [0, 0]  # the init sample, then one training pass for all four SAEs
+    for (name, cfg), sae in zip(configs.items(), swept):
+        alone = train_sae(cfg, _source(data, 128, []), tmp_path / "alone" / name, d_in=24, progress=False)
+        for a, b in zip(sae.parameters(), alone.parameters()):
+            assert torch.equal(a, b), name
+
+
+def test_parse_grid_types_and_errors():
+    grid = parse_grid(["n_latents=1024,4096", "lr=1e-3", "auxk=false,true"])
+    assert grid == {"n_latents": [1024, 4096], "lr": [0.001], "auxk": [False, True]}
+    import pytest
+
+    from saelab.errors import SaelabError
+
+    with pytest.raises(SaelabError, match="bad --grid entry 'width=3'"):
+        parse_grid(["width=3"])
