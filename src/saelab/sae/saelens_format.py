@@ -283,7 +283,7 @@ def build_sae(cfg: SAEConfig, weights: dict[str, torch.Tensor], *, device, dtype
     """A TopKSAE holding ``weights`` (W_enc, W_dec, b_enc, b_dec), placed on ``device`` in ``dtype``."""
     # Built on CPU and then given the loaded tensors: a meta-device build would skip the random init
     # but costs seconds of one-off torch imports, more than the init itself at SAE sizes.
-    sae = TopKSAE(cfg, dtype=dtype, device="cpu")
+    sae = TopKSAE(cfg, dtype=dtype, device="cpu", init=False)
     sae.load_state_dict({k: weights[k].to(dtype) for k in _WEIGHT_KEYS}, assign=True)
     sae = sae.to(device)
     # max and min propagate NaN and expose inf, without a full-size boolean mask.

@@ -84,7 +84,9 @@ class TopKOutput(NamedTuple):
 
 
 class TopKSAE(nn.Module):
-    def __init__(self, cfg: SAEConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: SAEConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 init: bool = True):
+        """``init=False`` leaves the weights uninitialised, for loaders that overwrite them anyway."""
         super().__init__()
         self.cfg = cfg
         d, n = cfg.d_in, cfg.n_latents
@@ -92,7 +94,8 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     # ---- initialisation and decoder constraints -------------------------------------------
     @torch.no_grad()

@@ -44,6 +44,10 @@ class TrainConfig:
     """Initialise the encoder as the transpose of the decoder."""
     geometric_median_init: bool = True
     """Initialise b_pre (b_dec) to the geometric median of a sample of activations (else the mean)."""
+    decoder_init: str = "random"
+    """'random' (unit-norm Gaussian rows, the paper) or 'data' (each row a centred sample direction)."""
+    scale_encoder_init: bool = True
+    """Rescale the tied encoder so the initial reconstruction has the least-squares magnitude."""
     init_rows: int = 32_768
     """Rows sampled at the start for b_pre and the loss normalizer."""
     auxk: bool = True
@@ -71,6 +75,8 @@ class TrainConfig:
     """Steps between metrics lines."""
 
     def __post_init__(self) -> None:
+        if self.decoder_init not in ("random", "data"):
+            raise ValueError(f"decoder_init must be 'random' or 'data', got {self.decoder_init!r}")
         if self.k > self.n_latents:
             raise ValueError(f"k={self.k} exceeds n_latents={self.n_latents}")
         if self.batch_size <= 0 or self.total_tokens < self.batch_size:

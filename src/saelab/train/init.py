@@ -25,16 +25,36 @@ def geometric_median(points_ND: torch.Tensor, iters: int = 100, tol: float = 1e-
 
 
 @torch.no_grad()
-def init_from_data(sae: TopKSAE, sample_ND: torch.Tensor, *, use_geometric_median: bool = True) -> float:
+def init_from_data(sae: TopKSAE, sample_ND: torch.Tensor, *, use_geometric_median: bool = True,
+                   decoder_from_data: bool = False, scale_encoder: bool = False,
+                   generator: torch.Generator | None = None) -> float:
     """Set b_dec (b_pre) from a sample and return the nMSE normalizer for the training loss.
 
     The normalizer is the mean squared distance of the (normalized) inputs to their mean, computed
     once here so the loss scale does not drift with batches.
+
+    ``decoder_from_data`` points each decoder row at one centred sample (encoder tied to it), so
+    every latent starts where the data is. ``scale_encoder`` rescales the encoder by the scalar
+    that makes the initial top-k reconstruction least-squares optimal (top-k choices do not
+    change under a positive scale while b_enc = 0), so training starts at the right magnitude.
     """
     if not torch.isfinite(sample_ND).all():
         raise NonFiniteError("the initialisation sample of activations contains NaN or inf")
     x_n, _ = sae.normalize_input(sample_ND.float())
     sae.b_dec.copy_(geometric_median(x_n) if use_geometric_median else x_n.mean(dim=0))
+    if decoder_from_data:
+        pick = torch.randint(0, x_n.shape[0], (sae.n_latents,), generator=generator)
+        rows = x_n[pick] - sae.b_dec
+        rows /= rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        sae.W_dec.copy_(rows)
+        sae.W_enc.copy_(rows.T)
+    if scale_encoder:
+        probe = x_n[:8192]
+        vals, idx, _ = sae.encode_topk(probe)
+        recon = sae.decode_topk(vals, idx, bias=False)
+        scale = ((probe - sae.b_dec) * recon).sum() / recon.pow(2).sum().clamp_min(1e-12)
+        if scale > 0:
+            sae.W_enc.mul_(scale)
     normalizer = (x_n - x_n.mean(dim=0)).pow(2).sum(dim=1).mean().item()
     if normalizer <= 0:
         raise NonFiniteError("the initialisation sample has zero variance; activations look constant")

@@ -142,7 +142,7 @@ class Trainer:
         """The trained SAE, or its EMA when EMA is on (the EMA is what the paper evaluates)."""
         if self.ema is None:
             return self.sae
-        out = TopKSAE(self.sae.cfg)
+        out = TopKSAE(self.sae.cfg, init=False)
         out.load_state_dict(self.ema)
         if self.cfg.unit_norm_decoder:
             out.normalize_decoder()
@@ -173,7 +173,9 @@ class TrainingRun:
             sae.reset_parameters(gen)
             if not cfg.tied_init:
                 torch.nn.init.kaiming_uniform_(sae.W_enc, a=math.sqrt(5), generator=gen)
-            normalizer = init_from_data(sae, init_sample(), use_geometric_median=cfg.geometric_median_init)
+            normalizer = init_from_data(sae, init_sample(), use_geometric_median=cfg.geometric_median_init,
+                                        decoder_from_data=cfg.decoder_init == "data",
+                                        scale_encoder=cfg.scale_encoder_init, generator=gen)
             self.trainer = Trainer(cfg, sae, normalizer)
         self._status("training")
         self.t0, self.steps_this_call = time.perf_counter(), 0
