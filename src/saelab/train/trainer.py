@@ -164,8 +164,15 @@ class TrainingRun:
         sae = TopKSAE(sae_cfg)
         if resume:
             state = ckpt.load_checkpoint(self.run_dir)
-            self.trainer = Trainer(cfg, sae, float(state["normalizer"]))
-            self.trainer.load_state_dict(state)
+            try:
+                self.trainer = Trainer(cfg, sae, float(state["normalizer"]))
+                self.trainer.load_state_dict(state)
+                if tuple(self.trainer.tokens_since_fired.shape) != (cfg.n_latents,) or \
+                        not 0 <= self.trainer.step <= cfg.total_steps:
+                    raise ValueError(f"step {self.trainer.step} or the latent count does not fit this run's config")
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+                raise ckpt.cannot_resume(self.run_dir / ckpt.CHECKPOINT, "it does not hold a training state of this "
+                                         f"run ({type(e).__name__}: {' '.join(str(e).split())})") from e
             if self.writer:
                 ckpt.truncate_metrics(self.run_dir, self.trainer.step)
         else:
