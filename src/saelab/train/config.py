@@ -30,8 +30,8 @@ class TrainConfig:
     """Adam beta2."""
     adam_eps: float = 6.25e-10
     """Adam epsilon (OpenAI's value)."""
-    warmup_steps: int = 10
-    """Linear learning-rate warmup steps."""
+    warmup_steps: int | None = None
+    """Linear learning-rate warmup steps; None: 1/32 of the run (2 steps of a 64-step run, 8 of 256)."""
     decay_fraction: float = 0.2
     """Fraction of the run, at the end, over which the learning rate decays linearly to 0."""
     input_norm: str = "none"
@@ -95,8 +95,9 @@ class TrainConfig:
     def lr_at(self, step: int) -> float:
         """Warmup, constant, then linear decay to zero over the last decay_fraction of steps."""
         lr = self.effective_lr
-        if step < self.warmup_steps:
-            return lr * (step + 1) / self.warmup_steps
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, self.total_steps // 32)
+        if step < warmup:
+            return lr * (step + 1) / warmup
         decay_start = int(self.total_steps * (1 - self.decay_fraction))
         if self.decay_fraction > 0 and step >= decay_start:
             remaining = max(self.total_steps - decay_start, 1)
