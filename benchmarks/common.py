@@ -100,12 +100,17 @@ def harvest_train_cache(lm, folder: str | Path, n_rows: int = TRAIN_TOKENS, *, o
                                   resume=not overwrite, overwrite=overwrite, progress=progress)
 
 
-def eval_activations(lm, n_tokens: int = EVAL_TOKENS) -> torch.Tensor:
-    """The protocol's held-out rows: HOOK on 128-token windows of wiki_eval, position 0 skipped, in order."""
+def eval_contexts(lm, n_tokens: int = EVAL_TOKENS) -> torch.Tensor:
+    """Token windows [N, 128] of wiki_eval (BOS first) holding ``n_tokens`` rows after position 0 is skipped."""
     from saelab.data import default_corpus, token_contexts
 
-    tokens = token_contexts(default_corpus("eval"), lm.tokenize, CONTEXT, n_contexts=-(-n_tokens // (CONTEXT - 1)),
-                            bos_token_id=lm.bos_token_id)
+    return token_contexts(default_corpus("eval"), lm.tokenize, CONTEXT, n_contexts=-(-n_tokens // (CONTEXT - 1)),
+                          bos_token_id=lm.bos_token_id)
+
+
+def eval_activations(lm, n_tokens: int = EVAL_TOKENS, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The protocol's held-out rows: HOOK on 128-token windows of wiki_eval, position 0 skipped, in order."""
+    tokens = eval_contexts(lm, n_tokens) if tokens is None else tokens
     with torch.no_grad():
         acts = [lm.activations(tokens[i:i + 16], HOOK)[:, 1:].reshape(-1, lm.d_model)
                 for i in range(0, tokens.shape[0], 16)]
@@ -231,6 +236,21 @@ def saelab_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
         group["lr"] = group.get("initial_lr", group["lr"])
         group.pop("initial_lr", None)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps))
+
+
+@torch.no_grad()
+def geometric_median(points_ND: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's iteration in float64 (for giving a peer the paper's b_pre init when it has none)."""
+    pts = points_ND.double()
+    median = pts.mean(dim=0)
+    for _ in range(iters):
+        w = 1.0 / (pts - median).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * pts).sum(dim=0) / w.sum()
+        done = (new - median).norm() <= tol * median.norm().clamp_min(1e-12)
+        median = new
+        if done:
+            break
+    return median.to(points_ND.dtype)
 
 
 def runner_parser(description: str) -> argparse.ArgumentParser:

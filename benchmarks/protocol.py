@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONTEXT as T  # noqa: E402
 from common import EVAL_TOKENS, HOOK, TRAIN_TOKENS, command_line, encoder_bound, eval_activations  # noqa: E402
-from common import gemm_flops, harvest_train_cache, machine_info  # noqa: E402
+from common import eval_contexts, gemm_flops, harvest_train_cache, machine_info  # noqa: E402
 
 from saelab.data import ActivationStream, write_activation_cache  # noqa: E402
 from saelab.evals.reconstruction import reconstruction_metrics  # noqa: E402
@@ -68,7 +68,8 @@ def main() -> None:
     cache_dir = work / "acts_train"
     if not (cache_dir / "manifest.json").exists() or '"complete": true' not in (cache_dir / "manifest.json").read_text():
         harvest_train_cache(lm, cache_dir, TRAIN_TOKENS)
-    eval_acts = eval_activations(lm, EVAL_TOKENS)
+    eval_tokens = eval_contexts(lm, EVAL_TOKENS)
+    eval_acts = eval_activations(lm, EVAL_TOKENS, eval_tokens)
 
     rows = []
     for n in args.n:

@@ -4,6 +4,9 @@
 #
 #   bash benchmarks/peers/setup_peers.sh [VENV_DIR]      (default /work/peer-venv)
 #
+# Tested with (2026-11): torch 2.13.0+cpu, eai-sparsify 1.3.3, sae-lens 6.54.12,
+# dictionary-learning 0.1.0 (it pulls nnsight 0.3.x, which pulls torchvision), Python 3.11.
+#
 # Order matters (GUIDE §7): torch first (the CPU wheel; an unpinned torch pulls a CUDA build),
 # then the peers, then remove the torchvision that nnsight (a dictionary-learning dependency)
 # pulls in: with it installed, none of the peers imports ("operator torchvision::nms does not
@@ -26,7 +29,7 @@ PIP="$VENV/bin/pip"
 
 status=0
 for spec in "eai-sparsify==$SPARSIFY_VERSION" "sae-lens==$SAELENS_VERSION" "dictionary-learning==$DICTLEARN_VERSION"; do
-    # The constraint keeps torch at the version installed above.
+    # Repeating the torch pin keeps the CPU wheel installed above.
     if ! "$PIP" install "$spec" "torch==$TORCH_VERSION"; then
         echo "WARNING: $spec failed to install; the comparison will list it as unavailable" >&2
         status=1
@@ -34,8 +37,9 @@ for spec in "eai-sparsify==$SPARSIFY_VERSION" "sae-lens==$SAELENS_VERSION" "dict
 done
 "$PIP" uninstall -y torchvision || true
 
-# Record what was installed (compare_peers.py prints the versions it finds at run time too).
-"$VENV/bin/python" - <<'PY'
+# Record what was installed in $VENV/peer-versions.txt (compare_peers.py also prints the versions
+# it finds at run time).
+"$VENV/bin/python" - <<'PY' | tee "$VENV/peer-versions.txt"
 import importlib, importlib.metadata as md
 for dist, mod in [("torch", "torch"), ("eai-sparsify", "sparsify"), ("sae-lens", "sae_lens"),
                   ("dictionary-learning", "dictionary_learning")]:
