@@ -42,6 +42,7 @@ Result schema (``run_ablation_sparsity`` returns a JSON-serializable dict)::
     wall_s              wall time of the ablation loop
 
     summary = {mean, median, std, min, max (score over scored ablations, None when none),
+               effect_l2_mean (mean L2 norm of the centred V*T effect vector: the effect's size),
                n_ablations (done), n_null (zero effect, unscored)}
 """
 
@@ -106,6 +107,13 @@ class AblationSparsityConfig:
             raise ValueError(f"channels_per_site must be >= 0, got {self.channels_per_site}")
 
 
+def _centered(delta_TV: torch.Tensor, center: str) -> torch.Tensor:
+    if center not in CENTERS:
+        raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
+    d = delta_TV.double()
+    return d - d.median(dim=-1, keepdim=True).values if center == "median" else d
+
+
 def ablation_sparsity_score(delta_TV: torch.Tensor, center: str = "median") -> torch.Tensor:
     """The score of effect vectors ``delta [..., T, V]`` (logit changes): one value per leading index.
 
@@ -113,12 +121,7 @@ def ablation_sparsity_score(delta_TV: torch.Tensor, center: str = "median") -> t
     median over ``V`` when ``center == "median"`` (torch.median: the lower middle value for an
     even ``V``). NaN where ``d`` is all zero.
     """
-    if center not in CENTERS:
-        raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
-    d = delta_TV.double()
-    if center == "median":
-        d = d - d.median(dim=-1, keepdim=True).values
-    d = d.flatten(-2)
+    d = _centered(delta_TV, center).flatten(-2)
     l1 = d.abs().sum(-1)
     l2sq = d.pow(2).sum(-1)
     score = l1.pow(2) / l2sq / d.shape[-1]
@@ -153,8 +156,9 @@ def ablation_logit_deltas(lm, context_T: torch.Tensor, pos: int, deltas_RD: torc
     return torch.cat(out) if out else torch.empty(0, n_future, lm.vocab_size)
 
 
-def _summary(scores: list[torch.Tensor], n_null: int) -> dict:
+def _summary(scores: list[torch.Tensor], norms: list[torch.Tensor], n_null: int) -> dict:
     s = torch.cat(scores) if scores else torch.empty(0, dtype=torch.float64)
+    l2 = torch.cat(norms) if norms else torch.empty(0, dtype=torch.float64)
     ok = s[~s.isnan()]
     if ok.numel() == 0:
         stats = dict.fromkeys(("mean", "median", "std", "min", "max"))
@@ -162,7 +166,8 @@ def _summary(scores: list[torch.Tensor], n_null: int) -> dict:
         stats = {"mean": json_float(ok.mean()), "median": json_float(ok.median()),
                  "std": json_float(ok.std()) if ok.numel() > 1 else 0.0,
                  "min": json_float(ok.min()), "max": json_float(ok.max())}
-    return {**stats, "n_ablations": int(s.numel()), "n_null": n_null}
+    return {**stats, "effect_l2_mean": json_float(l2.mean()) if l2.numel() else None,
+            "n_ablations": int(s.numel()), "n_null": n_null}
 
 
 def _sample_sites(N: int, T_ctx: int, first: int, n_future: int, n: int, g: torch.Generator) -> list[tuple[int, int]]:
@@ -185,7 +190,7 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
     g = torch.Generator().manual_seed(cfg.seed)
     sites = _sample_sites(tokens_NT.shape[0], tokens_NT.shape[1], first, cfg.n_future, cfg.n_sites, g)
 
-    lat_scores, ch_scores = [], []
+    lat_scores, ch_scores, lat_norms, ch_norms = [], [], [], []
     lat_null = ch_null = 0
     V = None
     t0 = time.perf_counter()
@@ -202,6 +207,7 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
             s = ablation_sparsity_score(d, cfg.center)
             lat_null += int(s.isnan().sum())
             lat_scores.append(s)
+            lat_norms.append(_centered(d, cfg.center).flatten(-2).norm(dim=-1))
         if cfg.channels_per_site:
             n_ch = min(cfg.channels_per_site, x_D.shape[0])
             chans = torch.randperm(x_D.shape[0], generator=g)[:n_ch]
@@ -212,10 +218,11 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
             s = ablation_sparsity_score(d, cfg.center)
             ch_null += int(s.isnan().sum())
             ch_scores.append(s)
+            ch_norms.append(_centered(d, cfg.center).flatten(-2).norm(dim=-1))
     wall = time.perf_counter() - t0
 
-    latent = _summary(lat_scores, lat_null)
-    channel = _summary(ch_scores, ch_null) if cfg.channels_per_site else None
+    latent = _summary(lat_scores, lat_norms, lat_null)
+    channel = _summary(ch_scores, ch_norms, ch_null) if cfg.channels_per_site else None
     ratio = None
     if channel and latent["mean"] is not None and channel["mean"]:
         ratio = latent["mean"] / channel["mean"]

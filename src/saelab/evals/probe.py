@@ -4,7 +4,8 @@ Definition pinned here (and in ``tests/test_evals_probe.py``):
 
 - For each binary task, the examples (token positions, or whole texts for context tasks) are
   split at random into a train part and a held-out part (``cfg.test_frac``), after balancing the
-  two classes when ``cfg.balance`` (then chance loss is ln 2).
+  two classes when ``cfg.balance`` (then chance loss is ln 2). Sampling and split are seeded by
+  (``cfg.seed``, task name): a task's numbers do not depend on which other tasks run.
 - For every latent ``i`` a 1-D logistic regression ``P(y=1) = sigmoid(w * f_i + b)`` is fit on the
   train part, where ``f_i`` is the latent standardized with train statistics, by minimizing
   ``mean CE + l2/2 * w^2`` (Newton's method with backtracking, all latents at once). Features are
@@ -65,8 +66,9 @@ class ProbeConfig:
     """Also probe each residual-stream channel (the SAE input) as the baseline."""
     max_examples: int = 2000
     """Examples per task at most (after balancing), drawn at random."""
-    min_per_class: int = 20
-    """Tasks with fewer examples of either class are skipped."""
+    min_per_class: int = 100
+    """Tasks with fewer examples of either class are skipped (with few examples, picking the best of
+    n latents overfits: the held-out loss can exceed the label entropy)."""
     balance: bool = True
     """Use as many negatives as positives (chance loss ln 2)."""
     test_frac: float = 0.3
