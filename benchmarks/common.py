@@ -363,7 +363,17 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far in MB (getrusage ru_maxrss, KiB on Linux)."""
+    """Peak resident set size of this process so far in MB.
+
+    /proc/self/status VmHWM belongs to the current address space, so it starts afresh at exec;
+    getrusage's ru_maxrss would still carry the parent's peak from before the fork.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
