@@ -14,6 +14,7 @@ from saelab.explore import (
     run_with_saes,
     spliced,
 )
+from saelab.explore.steering import generate_ids, prompt_tokens
 from saelab.explore.positions import position_mask
 from saelab.sae import SAEConfig, TopKSAE
 
@@ -173,6 +174,42 @@ def test_bad_names_are_refused(tiny_gpt2, sae, tokens):
     bad = TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, hook_name=HOOK))
     with pytest.raises(ShapeMismatchError):
         run_with_saes(tiny_gpt2, tokens, [bad])
+
+
+def test_spliced_generation_uses_absolute_positions(tiny_gpt2, sae):
+    """A latent edit from the 2nd generated token on: KV-cache generation agrees with full scoring."""
+    lm = tiny_gpt2
+    ids = prompt_tokens(lm, " Hello world, this is")
+    P = ids.shape[1]
+    hooks = {POST: latent_edit(lm, 5, "clamp", 40.0, positions=slice(P + 1, None))}
+    cache = {}
+    with spliced(lm, [sae], use_error_term=True, hooks=hooks, cache=cache, cache_names=[POST]):
+        full = generate_ids(lm, ids, max_new_tokens=5, greedy=True)
+    assert cache[POST].shape == (1, 1, sae.n_latents)  # the last forward saw one new token
+    assert float(cache[POST][0, 0, 5]) == 40.0
+    with torch.no_grad():
+        logits = run_with_saes(lm, full, [sae], use_error_term=True, hooks=hooks)
+    assert torch.equal(logits[0, P - 1:-1].argmax(-1), full[0, P:])
+    plain = generate_ids(lm, ids, max_new_tokens=5, greedy=True)
+    assert torch.equal(plain[0, :P + 2], full[0, :P + 2])  # tokens chosen before the edit starts
+
+
+def test_no_hooks_left_behind(tiny_gpt2, sae, tokens):
+    import gc
+
+    from saelab.explore import steer
+
+    def n_hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_gpt2.model.modules())
+
+    s = steer(tiny_gpt2, sae, 3, "add", 1.0, positions=[2])
+    tiny_gpt2.logits(tokens, edits=s.edits)
+    with torch.no_grad():
+        run_with_saes(tiny_gpt2, tokens, [sae], hooks={POST: latent_edit(tiny_gpt2, 3, "clamp", 1.0, [2])})
+    assert n_hooks() == 1  # the position tracker, held by the steering edit
+    del s
+    gc.collect()
+    assert n_hooks() == 0
 
 
 def test_positions_parsing_and_masks():

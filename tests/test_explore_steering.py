@@ -99,8 +99,8 @@ def test_generation_positions_are_absolute(tiny_gpt2, sae):
 
 def test_generate_with_and_without_is_seeded(tiny_gpt2, sae):
     s = steer(tiny_gpt2, sae, 7, "add", 200.0)
-    a = generate_with_and_without(tiny_gpt2, "Once upon a time", s, max_new_tokens=4, seed=5, top_p=1.0)
-    b = generate_with_and_without(tiny_gpt2, "Once upon a time", s, max_new_tokens=4, seed=5, top_p=1.0)
+    a = generate_with_and_without(tiny_gpt2, "Once upon a time", s, max_new_tokens=4, seed=5, top_p=1.0, temperature=0.05)
+    b = generate_with_and_without(tiny_gpt2, "Once upon a time", s, max_new_tokens=4, seed=5, top_p=1.0, temperature=0.05)
     assert a == b
     assert a.clean != a.steered
     assert "add 200" in a.format() and "--- without steering ---" in a.format()

@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="(re)write report.md and plots of a run folder")
     p.add_argument("run", help="run folder")
+
+    from saelab.explore.steering import add_steer_arguments
+
+    p = sub.add_parser("steer", help="generate with and without adding / clamping / ablating an SAE latent")
+    add_steer_arguments(p)
     return parser
 
 
@@ -150,6 +155,12 @@ def _cmd_eval(args) -> dict:
     return metrics
 
 
+def _cmd_steer(args) -> dict:
+    from saelab.explore.steering import steer_command
+
+    return steer_command(args)
+
+
 def _cmd_report(args) -> dict:
     from saelab.report.markdown import write_run_report
 
@@ -159,7 +170,7 @@ def _cmd_report(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"quickstart": _cmd_quickstart, "harvest": _cmd_harvest, "train": _cmd_train, "sweep": _cmd_sweep,
-               "eval": _cmd_eval, "report": _cmd_report}[args.verb]
+               "eval": _cmd_eval, "report": _cmd_report, "steer": _cmd_steer}[args.verb]
     try:
         result = handler(args)
     except SaelabError as e:

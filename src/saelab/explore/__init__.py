@@ -34,6 +34,7 @@ from saelab.explore.steering import (
     Steering,
     combine_edits,
     generate,
+    generate_ids,
     generate_with_and_without,
     steer,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "combine_edits",
     "compare_attribution_with_ablation",
     "generate",
+    "generate_ids",
     "generate_with_and_without",
     "latent_edit",
     "latent_logit_effects",

@@ -18,6 +18,7 @@ builds the usual one.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -245,7 +246,7 @@ def scatter_plot(ablation: torch.Tensor, attribution: torch.Tensor, path: str | 
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=1, ls="--", label="y = x")
     ax.set_xlabel("true effect: metric(clean) - metric(latent ablated)")
     ax.set_ylabel("attribution patching: activation x gradient")
-    ax.set_title(title or "attribution patching vs ablation", fontsize=10)
+    ax.set_title(textwrap.fill(title or "attribution patching vs ablation", 60), fontsize=9)
     ax.text(0.03, 0.97, f"Pearson r = {r:.3f}\nSpearman rho = {rho:.3f}\nn = {len(x)}", transform=ax.transAxes,
             va="top", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)

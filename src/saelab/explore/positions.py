@@ -5,9 +5,10 @@ plain forward (``lm.logits``, ``lm.cross_entropy``) that is the whole sequence, 
 is token ``t``. During ``generate`` with a KV cache the first forward covers the prompt and every
 later forward covers only the new token(s), so index 0 of the activation is not token 0.
 
-``position_tracker(lm)`` installs (once per model) a forward pre-hook on the root module that
-records, for every forward, the absolute position of its first token: the length of the KV cache
-passed in ``past_key_values`` (0 without one). Edits built by saelab.explore read it, so a
+``position_tracker(lm)`` installs a forward pre-hook on the root module that records, for every
+forward, the absolute position of its first token: the length of the KV cache passed in
+``past_key_values`` (0 without one). The hook is shared and stays installed only while an edit
+that uses it (a ``Steering``, an SAE splice, a ``latent_edit``) exists. Edits built by saelab.explore read it, so a
 ``positions`` argument always means **absolute positions in the full sequence** (prompt tokens
 first, BOS included, then generated tokens in order), whether the model is scoring or generating:
 
@@ -32,22 +33,39 @@ from torch import nn
 
 Positions = Union[None, int, slice, Sequence[int]]
 
-_TRACKERS: "weakref.WeakKeyDictionary[nn.Module, PositionTracker]" = weakref.WeakKeyDictionary()
+_TRACKERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+class _Offset:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
 
 
 class PositionTracker:
-    """Absolute position of the first token of the forward currently running on one model."""
+    """Absolute position of the first token of the forward currently running on one model.
+
+    The pre-hook it installs lives as long as the tracker: edits that need it hold a reference,
+    and once the last of them is gone the hook is removed (the model keeps no hook of ours).
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        self.offset = 0
-        self._handle = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        state = self._state = _Offset()
 
-    def _pre_hook(self, module, args, kwargs):
-        self.offset = _cache_length(kwargs.get("past_key_values"))
-        return None
+        def pre_hook(module, args, kwargs):  # holds the state only, never the tracker
+            state.value = _cache_length(kwargs.get("past_key_values"))
+            return None
+
+        handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        self._finalizer = weakref.finalize(self, handle.remove)
+
+    @property
+    def offset(self) -> int:
+        return self._state.value
 
     def remove(self) -> None:
-        self._handle.remove()
+        self._finalizer()
 
 
 def _cache_length(past) -> int:
@@ -63,11 +81,13 @@ def _cache_length(past) -> int:
 
 
 def position_tracker(lm) -> PositionTracker:
-    """The tracker of ``lm``'s model, installed on first use (one pre-hook per model, kept)."""
+    """The tracker of ``lm``'s model: one per model, shared, installed while someone holds it."""
     model = lm.model
-    tracker = _TRACKERS.get(model)
+    ref = _TRACKERS.get(model)
+    tracker = ref() if ref is not None else None
     if tracker is None:
-        tracker = _TRACKERS[model] = PositionTracker(model)
+        tracker = PositionTracker(model)
+        _TRACKERS[model] = weakref.ref(tracker)
     return tracker
 
 

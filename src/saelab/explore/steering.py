@@ -196,7 +196,6 @@ def generate_ids(
         eos_token_id=eos,
         pad_token_id=eos if eos is not None else lm.bos_token_id,
     )
-    position_tracker(lm)  # installed before the first forward, so generation positions are known
     with torch.random.fork_rng(devices=[]), lm.hooked(dict(edits or {})):
         torch.manual_seed(seed)
         return lm.model.generate(ids_BT, attention_mask=torch.ones_like(ids_BT), generation_config=config)
@@ -269,15 +268,31 @@ def generate_with_and_without(
 # ---- the `saelab steer` verb -----------------------------------------------------------------------
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+
+
 def add_steer_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``saelab steer``."""
     p.add_argument("sae", help="run folder, SAE folder, OpenAI .pt file or https URL")
-    p.add_argument("--latent", type=int, nargs="+", required=True, help="latent index (several: steer them together)")
+    p.add_argument("--latent", type=_int_list, required=True,
+                   help="latent index; several, comma-separated ('12,40'), are steered together")
     p.add_argument("--mode", choices=STEER_MODES, default="add",
                    help="add: x + value*W_dec[latent]; clamp: set the latent to value through the SAE (error "
                         "term kept); ablate: clamp to 0")
-    p.add_argument("--value", type=float, nargs="+", default=None,
-                   help="strength (add) or activation (clamp); one, or one per latent. Required for add and clamp")
+    p.add_argument("--value", type=_float_list, default=None,
+                   help="strength (add) or activation (clamp): one number, or one per latent comma-separated. "
+                        "Required for add and clamp")
     p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
     p.add_argument("--positions", default="all",
                    help="absolute token positions to edit, 0 = BOS: 'all', '5', '3,7,9', '1:' (generated tokens "
@@ -315,12 +330,15 @@ def steer_command(args: argparse.Namespace) -> dict:
 
     if args.mode != "ablate" and args.value is None:
         raise SystemExit(f"saelab steer: error: --mode {args.mode} needs --value")
-    lm, sae = load_sae_and_model(args.sae, args.model, args.hook)
     try:
         positions = parse_positions(args.positions)
     except ValueError as e:
         raise SystemExit(f"saelab steer: error: {e}") from None
-    s = steer(lm, sae, args.latent, args.mode, args.value if args.value is not None else 0.0, positions)
+    lm, sae = load_sae_and_model(args.sae, args.model, args.hook)
+    try:
+        s = steer(lm, sae, args.latent, args.mode, args.value if args.value is not None else 0.0, positions)
+    except (ValueError, IndexError) as e:
+        raise SystemExit(f"saelab steer: error: {e}") from None
     print(f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
     if args.top_tokens > 0:
         for i in s.latents.tolist():
