@@ -61,15 +61,19 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: TrainConfig's scaling)")
     ap.add_argument("--workdir", default="/tmp/saelab-protocol", help="activation cache and runs")
     ap.add_argument("--speed-contexts", type=int, default=64, help="contexts for the harvest-speed measurement")
+    ap.add_argument("--harvest-speed-only", action="store_true", help="only measure harvest throughput")
     args = ap.parse_args()
     work = Path(args.workdir)
 
     lm = load_model("default")
+    if args.harvest_speed_only:
+        args.n = []
     cache_dir = work / "acts_train"
-    if not (cache_dir / "manifest.json").exists() or '"complete": true' not in (cache_dir / "manifest.json").read_text():
+    manifest = cache_dir / "manifest.json"
+    if args.n and (not manifest.exists() or '"complete": true' not in manifest.read_text()):
         harvest_train_cache(lm, cache_dir, TRAIN_TOKENS)
     eval_tokens = eval_contexts(lm, EVAL_TOKENS)
-    eval_acts = eval_activations(lm, EVAL_TOKENS, eval_tokens)
+    eval_acts = eval_activations(lm, EVAL_TOKENS, eval_tokens) if args.n else None
 
     rows = []
     for n in args.n:
