@@ -269,14 +269,17 @@ def runner_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
-def setup_runner(args: argparse.Namespace) -> None:
-    """Threads, seed, defaults; call before building anything."""
+def setup_runner(args: argparse.Namespace) -> tuple["CacheReader", "CacheReader", int]:
+    """Threads, seed, defaults; call before building anything. Returns the training and eval
+    readers and the number of training batches, the same for every library."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.lr is None:
         args.lr = default_lr(args.n)
     if args.rows < 2 * args.batch_size:
         raise SystemExit(f"--rows must be at least two batches ({2 * args.batch_size})")
+    reader, eval_reader = CacheReader(args.cache), CacheReader(args.eval_cache)
+    return reader, eval_reader, min(args.rows, reader.n_rows) // args.batch_size
 
 
 class StepClock:

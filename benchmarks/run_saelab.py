@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CacheReader, StepClock, evaluate, finish_run, peak_rss_mb, rss_mb, runner_parser  # noqa: E402
+from common import StepClock, evaluate, finish_run, peak_rss_mb, rss_mb, runner_parser  # noqa: E402
 from common import setup_runner  # noqa: E402
 
 
@@ -46,11 +46,9 @@ def saelab_version() -> str:
 
 def main() -> None:
     args = runner_parser(__doc__).parse_args()
-    setup_runner(args)
+    reader, eval_reader, n_batches = setup_runner(args)
     from saelab.train import TrainConfig, TrainingRun
 
-    reader, eval_reader = CacheReader(args.cache), CacheReader(args.eval_cache)
-    n_batches = min(args.rows, reader.n_rows) // args.batch_size
     cfg = TrainConfig(n_latents=args.n, k=args.k, batch_size=args.batch_size, total_tokens=n_batches * args.batch_size,
                       lr=args.lr, seed=args.seed, checkpoint_every=10**9, log_every=10**9)
     rss_base = rss_mb()

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import CacheReader, StepClock, evaluate, finish_run, peak_rss_mb, rss_mb, runner_parser  # noqa: E402
+from common import StepClock, evaluate, finish_run, peak_rss_mb, rss_mb, runner_parser  # noqa: E402
 from common import geometric_median, saelab_schedule, setup_runner  # noqa: E402
 
 
@@ -47,14 +47,12 @@ def main() -> None:
     ap.add_argument("--b-dec-init", choices=["library", "median"], default="library",
                     help="library: SAELens' zero b_dec; median: geometric median of the first batch")
     args = ap.parse_args()
-    setup_runner(args)
+    reader, eval_reader, n_batches = setup_runner(args)
 
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
-    reader, eval_reader = CacheReader(args.cache), CacheReader(args.eval_cache)
     B = args.batch_size
-    n_batches = min(args.rows, reader.n_rows) // B
     clock = StepClock()
     rss_base = rss_mb()
 

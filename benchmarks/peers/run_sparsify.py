@@ -38,21 +38,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import CacheReader, StepClock, evaluate, finish_run, peak_rss_mb, rss_mb, runner_parser  # noqa: E402
+from common import StepClock, evaluate, finish_run, peak_rss_mb, rss_mb, runner_parser  # noqa: E402
 from common import saelab_schedule, setup_runner  # noqa: E402
 
 
 def main() -> None:
     args = runner_parser(__doc__).parse_args()
-    setup_runner(args)
+    reader, eval_reader, n_batches = setup_runner(args)
     import torch
     from torch import nn
 
     from sparsify import SparseCoderConfig, Trainer, TrainConfig
 
-    reader, eval_reader = CacheReader(args.cache), CacheReader(args.eval_cache)
     B = args.batch_size
-    n_batches = min(args.rows, reader.n_rows) // B
     clock = StepClock()
 
     class CachedLayer(nn.Module):
