@@ -39,6 +39,15 @@ def tiny_gpt2(gpt2_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tiny_gpt2, tmp_path_factory) -> Path:
+    """tiny_gpt2 saved with save_pretrained (model and tokenizer): a real local model folder for --model."""
+    folder = tmp_path_factory.mktemp("model") / "tiny-gpt2"
+    tiny_gpt2.model.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real default model (SmolLM2-135M-Instruct); the first load ever dequantizes (~20 s)."""
     from saelab.models import load_model

@@ -88,15 +88,6 @@ def corpus(shared_dir, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_gpt2, tmp_path_factory) -> Path:
-    """tiny_gpt2 saved as a real local model folder, for the CLI's --model."""
-    folder = tmp_path_factory.mktemp("model") / "tiny-gpt2"
-    tiny_gpt2.model.save_pretrained(folder)
-    tiny_gpt2.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def harvest_cfg(corpus, hook=HOOK, n_tokens=1024) -> HarvestConfig:
     return HarvestConfig(model="tiny-gpt2", hook=hook, corpus=str(corpus), n_tokens=n_tokens, context_size=32,
                          lm_batch_size=16, buffer_tokens=8192)

@@ -100,15 +100,6 @@ def test_quickstart_on_default_model(smollm2, shared_dir, tmp_path):
 # ---- the CLI verbs chained on a real local model folder -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_gpt2, tmp_path_factory) -> Path:
-    """tiny_gpt2 saved with save_pretrained (model and tokenizer): a real local model folder for --model."""
-    folder = tmp_path_factory.mktemp("model") / "tiny-gpt2"
-    tiny_gpt2.model.save_pretrained(folder)
-    tiny_gpt2.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_cli_harvest_train_eval_report(tiny_dir, shared_dir, tmp_path, capsys):
     train_corpus = wiki_jsonl(shared_dir, tmp_path / "train.jsonl", 0, 3)
     eval_corpus = wiki_jsonl(shared_dir, tmp_path / "eval.jsonl", 3, 2)  # other articles: held out
