@@ -114,6 +114,7 @@ def test_run_ablation_sparsity_schema_and_ranges(setup):
     for part in ("latent", "channel"):
         assert 1 / (8 * lm.vocab_size) <= res[part]["mean"] <= 1
     assert res["ablations_per_s"] > 0
+    assert res["latents_per_s"] > 0 and 0 < res["latent_s"] <= res["wall_s"]
     # Same seed, same sites, same numbers.
     again = run_ablation_sparsity(lm, sae, tokens, cfg)
     assert again["latent"]["mean"] == res["latent"]["mean"]

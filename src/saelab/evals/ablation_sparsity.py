@@ -39,6 +39,8 @@ Result schema (``run_ablation_sparsity`` returns a JSON-serializable dict)::
     ratio_latent_to_channel   latent.mean / channel.mean (< 1: latents have sparser effects)
     gaussian_reference  2/pi, the score of a Gaussian random effect vector
     ablations_per_s     latent and channel ablations done per second of wall time (forwards + scores)
+    latents_per_s       latent ablations per second of the time spent on them (site encode, forwards, scores)
+    latent_s            that time; wall_s - latent_s went to the channel baseline
     wall_s              wall time of the ablation loop
 
     summary = {mean, median, std, min, max (score over scored ablations, None when none),
@@ -194,7 +196,9 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
     lat_null = ch_null = 0
     V = None
     t0 = time.perf_counter()
+    latent_s = 0.0
     for c, p in tqdm(sites, desc="ablation sparsity", unit="site", disable=not cfg.progress):
+        t_site = time.perf_counter()
         context = tokens_NT[c]
         x_D = lm.activations(context[None, :p + 1], hook)[0, p].float()
         vals, idx, contrib = latent_contributions(sae, x_D[None])
@@ -208,6 +212,7 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
             lat_null += int(s.isnan().sum())
             lat_scores.append(s)
             lat_norms.append(_centered(d, cfg.center).flatten(-2).norm(dim=-1))
+        latent_s += time.perf_counter() - t_site
         if cfg.channels_per_site:
             n_ch = min(cfg.channels_per_site, x_D.shape[0])
             chans = torch.randperm(x_D.shape[0], generator=g)[:n_ch]
@@ -239,5 +244,7 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
         "ratio_latent_to_channel": json_float(ratio),
         "gaussian_reference": GAUSSIAN_REFERENCE,
         "ablations_per_s": json_float(n_done / wall) if wall > 0 else None,
+        "latents_per_s": json_float(latent["n_ablations"] / latent_s) if latent_s > 0 else None,
+        "latent_s": latent_s,
         "wall_s": wall,
     }

@@ -159,6 +159,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     cache: bool = True,
+    revision: str | None = None,
 ) -> LanguageModel:
     """Load a causal LM as a ``LanguageModel``.
 
@@ -166,6 +167,8 @@ def load_model(
     file, a local HF model directory, or a Hugging Face hub id such as ``"gpt2"``.
     GGUF files are dequantized once and cached as a plain HF directory (see module docstring);
     ``cache=False`` dequantizes afresh and writes nothing.
+    ``revision``: a branch, tag or commit of a hub id (e.g. Pythia's ``"step1000"``); refused for
+    local files, which have no revisions.
     ``lm.name`` is ``spec`` itself ("default", the hub id) or the absolute path for local files,
     so it can be passed back to ``load_model``.
     """
@@ -174,6 +177,8 @@ def load_model(
     dtype = _dtype(dtype)
     name = spec
     local = Path(spec).expanduser()
+    if revision is not None and (spec == DEFAULT_MODEL or local.exists()):
+        raise ModelLoadError(f"model spec {spec!r} is not a hub id; revision={revision!r} applies only to hub ids")
     if spec == DEFAULT_MODEL:
         model, tokenizer = _load_gguf(default_gguf_path(), dtype, cache)
     elif local.is_file() and local.suffix == ".gguf":
@@ -191,10 +196,11 @@ def load_model(
         raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
     else:
         try:
-            model, tokenizer = _load_dir(spec, dtype)
+            model, tokenizer = _load_dir(spec, dtype, **({"revision": revision} if revision else {}))
         except (OSError, ValueError) as err:
+            at = f" at revision {revision!r}" if revision else ""
             raise ModelLoadError(
-                f"cannot load model {spec!r} from the Hugging Face hub (is the id right and the hub "
+                f"cannot load model {spec!r}{at} from the Hugging Face hub (is the id right and the hub "
                 f"reachable? a local model directory or .gguf path also works): {err}"
             ) from err
     model.to(device)

@@ -56,3 +56,39 @@ def density_histogram(frequencies_N: torch.Tensor, path: str | Path, n_tokens: i
     ax.set_title(f"Latent density on {n_tokens:,} eval tokens ({(freq == 0).sum():,} never fired)")
     ax.grid(alpha=0.3)
     return _save(fig, Path(path))
+
+
+def compute_equivalent_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Checkpoint losses against training tokens, the fitted L(C), and the clean and spliced losses."""
+    rows = [r for r in result["checkpoints"] if r["tokens"] > 0]
+    fit = result["fit"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    used = [r for r in rows if r["used_in_fit"]]
+    unused = [r for r in rows if not r["used_in_fit"]]
+    ax.scatter([r["tokens"] for r in used], [r["loss"] for r in used], color="#3b6ea8", zorder=3,
+               label="checkpoints (fitted)")
+    if unused:
+        ax.scatter([r["tokens"] for r in unused], [r["loss"] for r in unused], facecolors="none",
+                   edgecolors="#3b6ea8", zorder=3, label="checkpoints (not fitted)")
+    lo = min(r["tokens"] for r in rows)
+    hi = max([r["tokens"] for r in rows] + [result.get("tokens_equivalent") or 0, result["series"]["total_tokens"]])
+    grid = np.logspace(np.log10(lo) - 0.2, np.log10(hi) + 0.2, 200)
+    ax.plot(grid, fit["a"] * grid ** (-fit["b"]) + fit["c"], color="#888888",
+            label=f"fit {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f}")
+    ax.axhline(result["spliced_loss"], color="#c0392b", ls="--", label=f"SAE spliced {result['spliced_loss']:.3f}")
+    if result.get("clean_loss") is not None:
+        ax.axhline(result["clean_loss"], color="#27ae60", ls=":", label=f"clean {result['clean_loss']:.3f}")
+    c_star = result["tokens_equivalent"] if fit["method"] == "power" else result["tokens_equivalent_interp"]
+    if c_star:
+        ax.axvline(c_star, color="#c0392b", lw=0.8)
+    frac = result.get("fraction")
+    extra = f", extrapolated ({result['extrapolation']})" if result.get("extrapolated") else ""
+    title = f"{result['series']['name']}: compute-equivalent " + (f"{frac:.3g} of pretraining" if frac is not None
+                                                                   else "not reached") + extra
+    ax.set_title(title, fontsize=10)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("CE loss on eval tokens (nats)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))

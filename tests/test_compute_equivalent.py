@@ -1,0 +1,246 @@
+"""Compute-equivalent (paper §4.1): the fit and its inversion on known answers, the checkpoint series
+(hub code paths without the network, local folders), and the whole method on a series trained here."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+
+from saelab.evals.compute_equivalent import (
+    CRFM_TOKENS_PER_STEP,
+    PYTHIA_TOKENS_PER_STEP,
+    ComputeEquivalentConfig,
+    SeriesError,
+    compute_equivalent,
+    interp_tokens,
+    local_series,
+    resolve_series,
+    run_compute_equivalent,
+    series_for_model,
+)
+
+A, B, C_IRR = 40.0, 0.12, 2.0
+TOTAL = 4_000_000_000
+
+
+def law(c):
+    return A * np.asarray(c, dtype=np.float64) ** -B + C_IRR
+
+
+def synthetic(tokens):
+    return [{"tokens": int(t), "loss": float(law(t)), "label": f"ck{i}"} for i, t in enumerate(tokens)]
+
+
+# ---- known answers ----------------------------------------------------------------------------
+def test_power_fit_recovers_exponent_and_inverts_to_the_known_compute():
+    pts = synthetic(np.logspace(7, math.log10(TOTAL), 9))
+    res = compute_equivalent(pts, spliced_loss=float(law(1e9)), clean_loss=float(law(TOTAL)), total_tokens=TOTAL,
+                             fit_min_frac=0)
+    assert res["fit"]["b"] == pytest.approx(B, rel=1e-6) and res["fit"]["c"] == pytest.approx(C_IRR, rel=1e-5)
+    assert res["tokens_equivalent"] == pytest.approx(1e9, rel=1e-5)
+    assert res["fraction"] == pytest.approx(0.25, rel=1e-5)  # 1e9 of 4e9 tokens
+    assert res["clean_fraction"] == pytest.approx(1.0, rel=1e-5)
+    assert res["fraction_relative"] == pytest.approx(0.25, rel=1e-5)
+    assert not res["extrapolated"] and res["extrapolation"] is None
+    # The model-free interpolation agrees closely inside the measured range (loss is nearly linear in log C).
+    assert res["fraction_interp"] == pytest.approx(0.25, rel=0.02)
+    assert all(r["used_in_fit"] and r["fitted_loss"] == pytest.approx(r["loss"], rel=1e-9) for r in res["checkpoints"])
+    json.dumps(res, allow_nan=False)
+
+
+def test_interp_is_linear_in_log_tokens_and_monotone():
+    assert interp_tokens([10, 100], [5.0, 4.0], 4.5) == pytest.approx(math.sqrt(1000))
+    assert interp_tokens([10, 100], [5.0, 4.0], 5.0) == pytest.approx(10)
+    assert interp_tokens([10, 100], [5.0, 4.0], 3.9) is None and interp_tokens([10, 100], [5.0, 4.0], 5.1) is None
+    # A bump (noise) is flattened by the running minimum: the crossing stays unique.
+    assert interp_tokens([10, 100, 1000], [5.0, 4.0, 4.2], 4.1) == pytest.approx(10 ** 1.9)
+
+
+def test_interp_method_makes_the_interpolation_the_headline():
+    pts = synthetic(np.logspace(7, math.log10(TOTAL), 9))
+    res = compute_equivalent(pts, float(law(1e9)), total_tokens=TOTAL, fit="interp")
+    assert res["fit"]["method"] == "interp" and res["fraction"] == res["fraction_interp"]
+
+
+@pytest.mark.parametrize("spliced,where", [(float(law(1e6)), "before_first"), (float(law(8e9)), "beyond_last"),
+                                           (C_IRR - 0.1, "unreachable")])
+def test_extrapolation_is_flagged(spliced, where):
+    pts = synthetic(np.logspace(7, math.log10(TOTAL), 6))
+    res = compute_equivalent(pts, spliced, total_tokens=TOTAL)
+    assert res["extrapolated"] and res["extrapolation"] == where
+    assert res["fraction_interp"] is None  # nothing to interpolate between
+    if where == "unreachable":
+        assert res["fraction"] is None and res["tokens_equivalent"] is None
+    elif where == "beyond_last":
+        assert res["fraction"] == pytest.approx(2.0, rel=1e-5)
+    else:
+        assert res["fraction"] == pytest.approx(1e6 / TOTAL, rel=1e-4)
+
+
+def test_fit_window_leaves_out_early_checkpoints():
+    tokens = np.logspace(5, math.log10(TOTAL), 10)
+    pts = synthetic(tokens)
+    pts[0]["loss"] = pts[1]["loss"] = 10.8  # an initial plateau no power law follows
+    res = compute_equivalent(pts, float(law(1e9)), total_tokens=TOTAL, fit_min_frac=0.001)
+    assert [r["used_in_fit"] for r in res["checkpoints"]][:3] == [False, False, False]
+    assert res["fit"]["b"] == pytest.approx(B, rel=1e-5) and res["fraction"] == pytest.approx(0.25, rel=1e-4)
+
+
+def test_series_that_does_not_decrease_or_is_too_short_is_refused():
+    flat = [{"tokens": t, "loss": 5.0 + 0.01 * i} for i, t in enumerate([1e6, 1e7, 1e8, 1e9])]
+    with pytest.raises(SeriesError, match="series 'mine' does not decrease: the loss goes from 5.0000 to 5.0300"):
+        compute_equivalent(flat, 5.0, total_tokens=10**9, series_name="mine", fit_min_frac=0)
+    with pytest.raises(SeriesError, match="'mine' has 2 checkpoints with >= 1 training tokens; the fit needs "
+                                          "at least 3"):
+        compute_equivalent(synthetic([1e6, 1e8]), 5.0, total_tokens=10**8, series_name="mine", fit_min_frac=0)
+    with pytest.raises(SeriesError, match="has 1 checkpoints with >= 40,000,000 training tokens"):
+        compute_equivalent(synthetic([1e6, 1e7, 1e9]), 5.0, total_tokens=TOTAL)
+    with pytest.raises(SeriesError, match="non-finite"):
+        compute_equivalent([{"tokens": 1, "loss": float("nan")}] * 3, 5.0, total_tokens=3)
+
+
+# ---- series -----------------------------------------------------------------------------------
+def test_hub_series_names_revisions_and_tokens():
+    crfm = resolve_series("crfm-gpt2-small")
+    assert crfm.checkpoints[-1].source == "hub:stanford-crfm/alias-gpt2-small-x21@checkpoint-400000"
+    assert crfm.total_tokens == 400_000 * 512 * 1024 == 400_000 * CRFM_TOKENS_PER_STEP
+    assert [c.tokens for c in crfm.checkpoints] == [int(c.label.split("-")[1]) * 524_288 for c in crfm.checkpoints]
+    other = resolve_series("crfm-gpt2-small-x49", steps=[1000, 50])
+    assert [c.source for c in other.checkpoints] == ["hub:stanford-crfm/battlestar-gpt2-small-x49@checkpoint-50",
+                                                     "hub:stanford-crfm/battlestar-gpt2-small-x49@checkpoint-1000"]
+    py = resolve_series("pythia-70m-deduped", steps=[0, 512, 143000])
+    assert [c.label for c in py.checkpoints] == ["step0", "step512", "step143000"]
+    assert py.checkpoints[1].tokens == 512 * 2_097_152 == 512 * PYTHIA_TOKENS_PER_STEP
+    assert py.total_tokens == 143_000 * 1024 * 2048
+    with pytest.raises(SeriesError, match=r"'crfm-gpt2-small' has no checkpoint at step\(s\) \[1234\]"):
+        resolve_series("crfm-gpt2-small", steps=[1234])
+    with pytest.raises(SeriesError, match=r"'pythia-70m' has no checkpoint at step\(s\) \[3\]"):
+        resolve_series("pythia-70m", steps=[3])
+    with pytest.raises(SeriesError, match="no Pythia of size '5m'"):
+        resolve_series("pythia-5m")
+    with pytest.raises(SeriesError, match="unknown checkpoint series 'gpt-5-series'"):
+        resolve_series("gpt-5-series")
+    assert series_for_model("gpt2") == "crfm-gpt2-small"
+    assert series_for_model("EleutherAI/pythia-160m-deduped") == "pythia-160m-deduped"
+    assert series_for_model("default") is None and series_for_model("/some/folder") is None
+
+
+def test_hub_checkpoints_load_through_load_model_with_their_revision(monkeypatch):
+    import saelab.models
+    import saelab.models.loading as loading
+
+    calls = []
+    monkeypatch.setattr(saelab.models, "load_model", lambda spec, **kw: calls.append((spec, kw)) or "lm")
+    series = resolve_series("pythia-70m", steps=[1000])
+    assert series.checkpoints[0].load() == "lm"
+    assert calls == [("EleutherAI/pythia-70m", {"device": "cpu", "revision": "step1000"})]
+    # load_model hands the revision to from_pretrained for hub ids, and refuses it for local files.
+    seen = []
+
+    def fake_load_dir(path, dtype, **kw):
+        seen.append((path, kw))
+        raise OSError("offline")
+    monkeypatch.setattr(loading, "_load_dir", fake_load_dir)
+    with pytest.raises(loading.ModelLoadError, match="'stanford-crfm/alias-gpt2-small-x21' at revision "
+                                                     "'checkpoint-1000' from the Hugging Face hub"):
+        loading.load_model("stanford-crfm/alias-gpt2-small-x21", revision="checkpoint-1000")
+    assert seen == [("stanford-crfm/alias-gpt2-small-x21", {"revision": "checkpoint-1000"})]
+    with pytest.raises(loading.ModelLoadError, match="applies only to hub ids"):
+        loading.load_model(".", revision="step1")
+
+
+def test_local_series_from_series_json_or_trainer_states(tmp_path):
+    for step in (10, 20, 40):
+        (tmp_path / "s" / f"checkpoint-{step}").mkdir(parents=True)
+    (tmp_path / "s" / "series.json").write_text(json.dumps(
+        {"tokens_per_step": 100, "checkpoints": [{"path": "checkpoint-20", "step": 20},
+                                                 {"path": "checkpoint-10", "tokens": 1000},
+                                                 {"path": "checkpoint-40", "step": 40}]}))
+    s = local_series(tmp_path / "s")
+    assert [(c.label, c.tokens) for c in s.checkpoints] == [("checkpoint-10", 1000), ("checkpoint-20", 2000),
+                                                            ("checkpoint-40", 4000)]
+    assert s.total_tokens == 4000 and s.tokens_per_step == 100
+    # Trainer states only (HF Trainer's num_input_tokens_seen).
+    for step in (5, 50):
+        d = tmp_path / "t" / f"step{step}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "num_input_tokens_seen": step * 64}))
+    assert [c.tokens for c in resolve_series(str(tmp_path / "t")).checkpoints] == [320, 3200]
+    # Bad folders name what is missing.
+    (tmp_path / "u" / "ck").mkdir(parents=True)
+    with pytest.raises(SeriesError, match="no series.json and no subfolder with a trainer_state.json"):
+        local_series(tmp_path / "u")
+    (tmp_path / "u" / "ck" / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    with pytest.raises(SeriesError, match="has no num_input_tokens_seen; put 'tokens_per_step'"):
+        local_series(tmp_path / "u")
+    with pytest.raises(SeriesError, match="no such folder"):
+        resolve_series(str(tmp_path / "missing"))
+    (tmp_path / "s" / "series.json").write_text(json.dumps({"checkpoints": [{"path": "checkpoint-10"}]}))
+    with pytest.raises(SeriesError, match=r"checkpoints\[0\] needs 'tokens'"):
+        local_series(tmp_path / "s")
+
+
+# ---- the whole method on a series trained here -------------------------------------------------
+def test_compute_equivalent_on_a_trained_series(tiny_series, tiny_series_run, shared_dir, tmp_path, monkeypatch):
+    from saelab.data import token_contexts
+    from saelab.models import load_model
+    from saelab.pipeline import load_run
+
+    sae, _ = load_run(tiny_series_run)
+    lm = load_model(str(tiny_series / "checkpoint-120"))
+    tokens = token_contexts(str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz"), lm.tokenize, 32,
+                            n_contexts=48, bos_token_id=lm.bos_token_id)
+    cfg = ComputeEquivalentConfig(series=str(tiny_series), fit_min_frac=0.1)
+    res = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "losses.json",
+                                 plot_path=tmp_path / "ce.png")
+    json.dumps(res, allow_nan=False)
+    losses = [r["loss"] for r in res["checkpoints"]]
+    assert [r["tokens"] for r in res["checkpoints"]] == [s * 128 for s in (10, 20, 40, 60, 90, 120)]
+    assert losses[0] > 9 and losses[-1] < losses[0] - 1.5  # a model in training
+    # The SAE's model is the last checkpoint: its clean loss is that checkpoint's, on the same predictions.
+    assert res["clean_loss"] == pytest.approx(losses[-1], abs=1e-5)
+    assert res["n_predictions"] == 48 * 30  # position 0's prediction left out
+    assert res["spliced_loss"] > res["clean_loss"]
+    assert 0 < res["fraction"] < 1.1 and 0 < res["fraction_relative"] < 1
+    assert res["fit"]["n_points"] == 5 and res["fit"]["b"] > 0  # checkpoint-10 is before 10 % of the run
+    assert res["series"]["total_tokens"] == 120 * 128
+    data = (tmp_path / "ce.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24])[0] > 300
+    # Losses are cached per checkpoint: a second run on the same tokens loads no checkpoint.
+    import saelab.models
+
+    monkeypatch.setattr(saelab.models, "load_model", lambda *a, **k: pytest.fail("checkpoint loaded again"))
+    again = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "losses.json")
+    assert again["fraction"] == res["fraction"]
+
+
+@pytest.mark.slow
+def test_whole_method_on_a_few_hundred_steps(shared_dir, tmp_path):
+    """The issue's offline check at its stated size: 300 steps, 10 checkpoints, an SAE on the last one."""
+    from saelab.data import token_contexts
+    from saelab.models import load_model
+    from saelab.models.lm_series import LMSeriesConfig, train_checkpoint_series
+    from saelab.pipeline import HarvestConfig, harvest, train_from_cache
+    from saelab.train import TrainConfig
+
+    wiki = shared_dir / "data" / "wiki-en"
+    folder = train_checkpoint_series(LMSeriesConfig(tokenizer=str(shared_dir / "data" / "gpt2-tokenizer"), steps=300),
+                                     tmp_path / "series", corpus=str(wiki / "wiki_train.jsonl.xz"))
+    final = str(folder / "checkpoint-300")
+    cache = harvest(HarvestConfig(model=final, hook="blocks.1.hook_resid_post", corpus=str(wiki / "wiki_train.jsonl.xz"),
+                                  n_tokens=16384, context_size=32, buffer_tokens=16384), tmp_path / "acts", progress=False)
+    sae = train_from_cache(cache, tmp_path / "run", TrainConfig(n_latents=256, k=8, batch_size=512, total_tokens=16384,
+                                                                init_rows=4096), progress=False)
+    lm = load_model(final)
+    tokens = token_contexts(str(wiki / "wiki_eval.jsonl.xz"), lm.tokenize, 32, n_contexts=128,
+                            bos_token_id=lm.bos_token_id)
+    res = run_compute_equivalent(lm, sae, tokens, ComputeEquivalentConfig(series=str(folder), fit_min_frac=0.05),
+                                 plot_path=tmp_path / "ce.png")
+    assert len(res["checkpoints"]) == 10 and res["spliced_loss"] > res["clean_loss"]
+    assert not res["extrapolated"] and 0 < res["fraction"] < 1
+    assert res["fraction_interp"] == pytest.approx(res["fraction"], rel=0.5)
+    assert (tmp_path / "ce.png").exists()
