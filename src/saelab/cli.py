@@ -50,18 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", required=True, metavar="FIELD=V1,V2",
                    help="training options to vary, e.g. n_latents=1024,4096 k=16,32 lr=1e-3,3e-3")
     add_dataclass_args(p, TrainConfig, title="training (shared by every run)")
+    p.add_argument("--eval", action="store_true", help="then evaluate every run (core metrics) and write the "
+                                                       "scaling report (saelab report OUT)")
+    add_dataclass_args(p, EvalConfig, prefix="eval_", title="evaluation (with --eval)")
     _add_common(p)
 
-    p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens folder, OpenAI .pt file or URL)")
-    p.add_argument("sae", help="run folder, SAE folder, .pt file or https URL")
+    p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens folder, OpenAI .pt file or URL), "
+                                    "or every run of a sweep folder")
+    p.add_argument("sae", help="run folder, SAE folder, .pt file, https URL, or a sweep folder")
     p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
     p.add_argument("--hook", default=None, help="override the SAE's hook name")
     p.add_argument("--out", default=None, help="where to write metrics.json (default: the run folder, if given one)")
     add_dataclass_args(p, EvalConfig, title="evaluation")
+    from saelab.evals.suite import add_suite_arguments
+
+    add_suite_arguments(p)
     _add_common(p)
 
-    p = sub.add_parser("report", help="(re)write report.md and plots of a run folder")
-    p.add_argument("run", help="run folder")
+    p = sub.add_parser("report", help="(re)write report.md and plots of a run folder; for a sweep folder the "
+                                      "scaling study (scaling.json, scaling_nmse.png, scaling_delta_loss.png)")
+    p.add_argument("run", help="run folder or sweep folder")
 
     from saelab.explore.steering import add_steer_arguments
 
@@ -133,6 +141,14 @@ def _cmd_sweep(args) -> dict:
     init_from_env()
     saes = sweep_from_cache(args.activations, args.out, dataclass_from_args(TrainConfig, args),
                             parse_grid(args.grid), overwrite=args.overwrite, progress=args.progress)
+    if args.eval:
+        from saelab.evals.suite import evaluate_sweep
+        from saelab.pipeline import EvalConfig
+        from saelab.report.scaling import write_scaling_report
+
+        evaluate_sweep(args.out, dataclass_from_args(EvalConfig, args, prefix="eval_"), overwrite=args.overwrite,
+                       progress=args.progress)
+        write_scaling_report(args.out)
     return {name: str(Path(args.out) / name / "sae") for name in saes}
 
 
@@ -140,12 +156,18 @@ def _cmd_eval(args) -> dict:
     from saelab.pipeline import EvalConfig, evaluate
     from saelab.sae import load_sae
     from saelab.train.checkpoint import SAE_DIR
+    from saelab.evals.suite import eval_command, is_sweep_folder
 
+    if args.suite != "core" or is_sweep_folder(args.sae):
+        return eval_command(args)
     source = Path(args.sae)
     is_run = source.is_dir() and (source / SAE_DIR).is_dir()
     sae = load_sae(source / SAE_DIR if is_run else args.sae)
     if args.hook:
         sae.cfg.hook_name = args.hook
+    if not sae.cfg.hook_name:
+        raise SaelabError(f"SAE {args.sae} records no hook (an OpenAI .pt file outside its release layout "
+                          ".../resid_post_mlp_v5_32k/autoencoders/8.pt, say); pass --hook blocks.8.hook_resid_post")
     out = args.out or (str(source) if is_run else None)
     metrics = evaluate(sae, lm=args.model, cfg=dataclass_from_args(EvalConfig, args), out_dir=out,
                        progress=args.progress)
@@ -162,8 +184,18 @@ def _cmd_steer(args) -> dict:
 
 
 def _cmd_report(args) -> dict:
+    from saelab.evals.suite import is_sweep_folder
     from saelab.report.markdown import write_run_report
+    from saelab.train.checkpoint import TRAIN_CONFIG
 
+    if is_sweep_folder(args.run):
+        from saelab.report.scaling import write_scaling_report
+
+        fits = write_scaling_report(args.run)["fits"]
+        return {"report": str(Path(args.run) / "scaling.md"),
+                **{label: {"alpha": f.get("alpha"), "c": f.get("c")} for label, f in fits.items()}}
+    if not (Path(args.run) / TRAIN_CONFIG).exists():
+        raise SaelabError(f"{args.run} is neither a run folder (with {TRAIN_CONFIG}) nor a sweep folder of runs")
     return {"report": str(write_run_report(args.run))}
 
 

@@ -481,7 +481,8 @@ class ComputeEquivalentConfig:
     """'power': L(C) = a C^-b + c, inverted; 'interp': piecewise-linear in log C between checkpoints."""
     fit_min_frac: float = 0.01
     """Fit only checkpoints with at least this fraction of the full run's tokens: the default leaves
-    out the learning-rate warmup (CRFM: 3,200 of 400k steps; Pythia: 1 %) and the initial plateau."""
+    out the learning-rate warmup (CRFM: 3,200 of 400k steps; Pythia: a hundredth of the run) and the
+    initial plateau."""
     lm_batch_size: int = 8
     """Contexts per forward."""
     exclude_first: bool | None = None

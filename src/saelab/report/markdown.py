@@ -67,6 +67,9 @@ def write_run_report(run_dir: str | Path) -> Path:
                   "![training curves](training_curves.png)", ""]
     if (run_dir / "density.png").exists():
         lines += ["![latent density](density.png)", ""]
+    if (run_dir / "evals" / "report.md").exists():
+        lines += ["## Paper metrics", "", "Compute-equivalent, ablation sparsity, probe loss and N2G: "
+                  "[evals/report.md](evals/report.md) (`saelab eval RUN --suite paper`).", ""]
     wall = metrics.get("wall_seconds")
     if wall:
         lines += ["## Wall time (s)", "", _table([(k, f"{v:,.1f}") for k, v in wall.items()]), ""]

@@ -92,3 +92,40 @@ def compute_equivalent_plot(result: dict[str, Any], path: str | Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, Path(path))
+
+
+def probe_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Held-out probe loss per task: best SAE latent, best residual channel, and the label entropy."""
+    tasks = list(result["tasks"])
+    x = np.arange(len(tasks))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(tasks) + 2), 3.8))
+    get = lambda key: [result["tasks"][t][key] if result["tasks"][t][key] is not None else np.nan for t in tasks]  # noqa: E731
+    ax.bar(x - 0.27, get("loss"), 0.27, label="best SAE latent", color="#3b6ea8")
+    ax.bar(x, get("baseline_loss"), 0.27, label="best residual channel", color="#aaaaaa")
+    ax.bar(x + 0.27, get("entropy"), 0.27, label="constant (label entropy)", color="#e0c080")
+    ax.set_xticks(x, tasks, rotation=30, ha="right")
+    ax.set_ylabel("held-out CE (nats)")
+    ax.set_title("1-D probe loss per task (lower is better)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def n2g_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """N2G precision against recall per explained latent, and the F1 histogram."""
+    rows = [r for r in result["per_latent"] if r["precision"] is not None and r["recall"] is not None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.scatter([r["recall"] for r in rows], [r["precision"] for r in rows], s=14, color="#3b6ea8")
+    ax1.set_xlim(-0.02, 1.02)
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.set_xlabel("recall")
+    ax1.set_ylabel("precision")
+    ax1.set_title(f"{len(rows)} latents with both defined")
+    ax1.grid(alpha=0.3)
+    f1 = [r["f1"] for r in result["per_latent"] if r["f1"] is not None]
+    ax2.hist(f1, bins=20, range=(0, 1), color="#3b6ea8")
+    ax2.set_xlabel("F1")
+    ax2.set_ylabel("latents")
+    ax2.set_title("N2G explanation F1 on held-out text")
+    ax2.grid(alpha=0.3)
+    return _save(fig, Path(path))

@@ -1,0 +1,185 @@
+"""``OUT/evals/report.md``: the paper suite's results (``saelab.evals.suite``) as tables and plots.
+
+Rebuilt from the ``OUT/evals/<metric>.json`` files alone, so it can be rewritten at any time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from saelab.report.markdown import METRIC_ROWS, _table
+from saelab.utils.atomic import write_text
+
+METRIC_TITLES = {"core": "Core (reconstruction and spliced loss)", "compute_equivalent": "Compute-equivalent (§4.1)",
+                 "ablation_sparsity": "Sparsity of ablation effects (§4.5)", "probe": "Probe loss (§4.2)",
+                 "n2g": "N2G explanations (§4.3-4.4)"}
+
+
+def _f(x: Any, fmt: str = "{:.4f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def _headline(name: str, r: dict) -> str:
+    if name == "core":
+        return (f"nMSE {_f(r.get('nmse'))}, L0 {_f(r.get('l0'), '{:.1f}')}, delta CE {_f(r.get('delta_ce'))} nats, "
+                f"KL {_f(r.get('kl'))}")
+    if name == "compute_equivalent":
+        frac = r.get("fraction")
+        s = (f"{frac:.3g} of the pretraining compute of `{r['series']['name']}`" if frac is not None
+             else "spliced loss not reached by the fit")
+        return s + (f" (extrapolated: {r['extrapolation']})" if r.get("extrapolated") else "")
+    if name == "ablation_sparsity":
+        ch = r.get("channel") or {}
+        return (f"latents {_f(r['latent']['mean'])} vs residual channels {_f(ch.get('mean'))} "
+                f"(ratio {_f(r.get('ratio_latent_to_channel'), '{:.3f}')}); {_f(r.get('latents_per_s'), '{:,.1f}')} latents/s")
+    if name == "probe":
+        return (f"mean loss {_f(r.get('mean_loss'))} vs channels {_f(r.get('mean_baseline_loss'))} "
+                f"(entropy {_f(r.get('mean_entropy'))}) over {len(r['tasks'])} tasks")
+    if name == "n2g":
+        sp = r.get("splice") or {}
+        return (f"F1 {_f(r.get('f1'), '{:.3f}')} (precision {_f(r.get('precision'), '{:.3f}')}, recall "
+                f"{_f(r.get('recall'), '{:.3f}')}) over {r['n_explained']} latents; spliced delta CE N2G "
+                f"{_f(sp.get('delta_ce_n2g'))} vs SAE {_f(sp.get('delta_ce_sae'))}")
+    return ""
+
+
+def _section_core(r: dict) -> list[str]:
+    lines = [f"{r.get('n_tokens', 0):,} tokens for reconstruction, {r.get('n_predictions', 0):,} next-token "
+             "predictions for the downstream loss.", "",
+             _table([(label.replace("|", "\\|"), fmt.format(r[key])) for key, label, fmt in METRIC_ROWS
+                     if r.get(key) is not None])]
+    return lines
+
+
+def _section_ce(r: dict, evals: Path) -> list[str]:
+    fit, s = r["fit"], r["series"]
+    rows = [("series", f"`{s['name']}` ({s['description']}), {len(r['checkpoints'])} checkpoints measured"),
+            ("full training run", f"{s['total_tokens']:,} tokens"),
+            ("fit", f"L(C) = {fit['a']:.4g} C^-{fit['b']:.4f} + {fit['c']:.4f} on {fit['n_points']} checkpoints "
+                    f"with >= {fit['min_tokens']:,} tokens (b ± {_f(fit['b_se'], '{:.3g}')}, rms log residual "
+                    f"{fit['rmse_log']:.4f})"),
+            ("clean / spliced loss", f"{_f(r['clean_loss'])} / {_f(r['spliced_loss'])} nats on "
+                                     f"{r['n_predictions']:,} predictions"),
+            ("tokens equivalent (power law)", _f(r["tokens_equivalent"], "{:,.0f}")),
+            ("**fraction of pretraining compute**", f"**{_f(r['fraction'], '{:.4g}')}** ({fit['method']})"),
+            ("fraction: power law / interpolation", f"{_f(r['fraction_power'], '{:.4g}')} / "
+                                                    f"{_f(r['fraction_interp'], '{:.4g}')}"),
+            ("clean model's own position on the curve", _f(r["clean_fraction"], "{:.4g}")),
+            ("fraction relative to the clean model", _f(r["fraction_relative"], "{:.4g}")),
+            ("extrapolated", str(r["extrapolation"]) if r["extrapolated"] else "no (inside the measured range)")]
+    lines = [_table(rows), "", "| checkpoint | tokens | loss | fitted | in fit |", "|---|---|---|---|---|"]
+    lines += [f"| {c['label']} | {c['tokens']:,} | {c['loss']:.4f} | {_f(c['fitted_loss'])} | "
+              f"{'yes' if c['used_in_fit'] else 'no'} |" for c in r["checkpoints"]]
+    if (evals / "compute_equivalent.png").exists():
+        lines += ["", "![compute-equivalent](compute_equivalent.png)"]
+    return lines
+
+
+def _section_ablation(r: dict) -> list[str]:
+    lines = [f"{r['n_sites']} sites, effects over the next {r['n_future']} positions x {r['vocab_size']:,} logits; "
+             f"score (L1/L2)^2 / (V*T): 1 = every logit moves alike, ~{r['gaussian_reference']:.3f} for Gaussian "
+             "noise, smaller = sparser.", "",
+             "| ablated | mean | median | std | effect L2 | ablations | no effect |", "|---|---|---|---|---|---|---|"]
+    for part in ("latent", "channel"):
+        p = r.get(part)
+        if p:
+            lines.append(f"| {part}s | {_f(p['mean'])} | {_f(p['median'])} | {_f(p['std'])} | "
+                         f"{_f(p['effect_l2_mean'], '{:.4g}')} | {p['n_ablations']:,} | {p['n_null']} |")
+    lines += ["", f"Throughput: **{_f(r.get('latents_per_s'), '{:,.1f}')} latents/s** (latent ablations scored per "
+                  f"second), {_f(r.get('ablations_per_s'), '{:,.1f}')} ablations/s with the channel baseline."]
+    return lines
+
+
+def _section_probe(r: dict, evals: Path) -> list[str]:
+    lines = [f"Features: encoder {'pre-activations' if r['features'] == 'pre' else 'latents'}; held-out "
+             "cross-entropy of the single best latent (chosen on train data) per task.", "",
+             "| task | SAE loss | latent | channel loss | entropy | train / test |", "|---|---|---|---|---|---|"]
+    for name, t in r["tasks"].items():
+        lines.append(f"| {name} | {_f(t['loss'])} | {t['latent']} | {_f(t['baseline_loss'])} | {_f(t['entropy'])} | "
+                     f"{t['n_train']} / {t['n_test']} |")
+    lines.append(f"| **mean** | **{_f(r['mean_loss'])}** | | {_f(r['mean_baseline_loss'])} | "
+                 f"{_f(r['mean_entropy'])} | |")
+    if r.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items())]
+    if (evals / "probe.png").exists():
+        lines += ["", "![probe loss](probe.png)"]
+    return lines
+
+
+def _section_n2g(r: dict, evals: Path) -> list[str]:
+    mi, sp = r["micro"], r.get("splice")
+    lines = [f"{r['n_explained']} latents explained from {r['n_build_contexts']} contexts, scored on "
+             f"{r['n_eval_contexts']} held-out contexts; {_f(r['mean_patterns'], '{:.1f}')} patterns per latent.", "",
+             _table([("precision / recall / F1 (mean over latents)",
+                      f"{_f(r['precision'], '{:.3f}')} / {_f(r['recall'], '{:.3f}')} / {_f(r['f1'], '{:.3f}')}"),
+                     ("pooled precision / recall / F1", f"{_f(mi['precision'], '{:.3f}')} / "
+                                                        f"{_f(mi['recall'], '{:.3f}')} / {_f(mi['f1'], '{:.3f}')}"),
+                     ("correlation with the real activation", _f(r["corr"], "{:.3f}"))])]
+    if sp:
+        lines += ["", "Splice (explained latents' values replaced by their N2G predictions):", "",
+                  _table([("CE clean / SAE / N2G / latents zeroed", f"{sp['ce_clean']:.4f} / {sp['ce_sae']:.4f} / "
+                                                                    f"{sp['ce_n2g']:.4f} / {sp['ce_zeroed']:.4f}"),
+                          ("delta CE SAE / N2G", f"{sp['delta_ce_sae']:.4f} / {sp['delta_ce_n2g']:.4f}"),
+                          ("CE recovered by N2G (1 = as the real values, 0 = as zeroing)",
+                           _f(sp["ce_recovered"], "{:.3f}"))])]
+    best = sorted((x for x in r["per_latent"] if x["f1"] is not None), key=lambda x: -x["f1"])[:8]
+    if best:
+        lines += ["", "| latent | F1 | precision | recall | top pattern |", "|---|---|---|---|---|"]
+        for x in best:
+            pat = x["patterns"][0] if x["patterns"] else None
+            text = ("^" if pat and pat["anchored"] else "") + "".join(pat["tokens"]) if pat else ""
+            text = text.replace("|", "\\|").replace("\n", "\\n")
+            lines.append(f"| {x['latent']} | {x['f1']:.3f} | {_f(x['precision'], '{:.3f}')} | "
+                         f"{_f(x['recall'], '{:.3f}')} | `{text}` |")
+    if (evals / "n2g.png").exists():
+        lines += ["", "![N2G](n2g.png)"]
+    return lines
+
+
+def write_paper_report(out_dir: str | Path) -> Path:
+    """Write ``out_dir/evals/report.md`` (and the probe / N2G plots) from the metric files."""
+    from saelab.evals.suite import EVALS_DIR, PAPER_METRICS
+    from saelab.report.plots import n2g_plot, probe_plot
+
+    evals = Path(out_dir) / EVALS_DIR
+    recs = {m: json.loads((evals / f"{m}.json").read_text()) for m in PAPER_METRICS if (evals / f"{m}.json").exists()}
+    index = json.loads((evals / "suite.json").read_text()) if (evals / "suite.json").exists() else {}
+    if recs.get("probe", {}).get("status") == "ok" and recs["probe"]["result"]["tasks"]:
+        probe_plot(recs["probe"]["result"], evals / "probe.png")
+    if recs.get("n2g", {}).get("status") == "ok" and recs["n2g"]["result"]["per_latent"]:
+        n2g_plot(recs["n2g"]["result"], evals / "n2g.png")
+    any_rec = next(iter(recs.values()), {})
+    sae, ev = any_rec.get("sae", {}), any_rec.get("eval", {})
+    lines = [f"# Paper metrics of SAE `{sae.get('source') or '?'}`", ""]
+    lines += [_table([("SAE", f"n = {sae.get('n_latents', 0):,}, k = {sae.get('k')}, input norm "
+                              f"{sae.get('input_norm')}, weights sha256 {sae.get('sha256')}"),
+                      ("model / hook", f"`{sae.get('model')}` / `{sae.get('hook')}`"),
+                      ("eval text", f"`{ev.get('corpus')}`, contexts of {ev.get('context_size')} tokens, position 0 "
+                                    f"{ev.get('position_0')}")]), ""]
+    lines += ["## Summary", "", "| metric | result | status | wall (s) |", "|---|---|---|---|"]
+    for m, rec in recs.items():
+        status = rec["status"] + (" (reused)" if index.get("metrics", {}).get(m, {}).get("reused") else "")
+        text = _headline(m, rec["result"]) if rec["status"] == "ok" else (rec["reason"] or "").replace("|", "\\|")
+        lines.append(f"| {METRIC_TITLES[m]} | {text} | {status} | {rec['wall_s']:,.1f} |")
+    total = sum(r["wall_s"] for r in recs.values())
+    lines += [f"| **total** | | | **{total:,.1f}** |", ""]
+    for m, rec in recs.items():
+        lines += [f"## {METRIC_TITLES[m]}", ""]
+        if rec["status"] != "ok":
+            lines += [f"{rec['status'].capitalize()}: {rec['reason']}", ""]
+            continue
+        r = rec["result"]
+        body = {"core": lambda: _section_core(r), "compute_equivalent": lambda: _section_ce(r, evals),
+                "ablation_sparsity": lambda: _section_ablation(r), "probe": lambda: _section_probe(r, evals),
+                "n2g": lambda: _section_n2g(r, evals)}[m]()
+        where = "`saelab.evals.reconstruction` and `.downstream`" if m == "core" else f"`saelab.evals.{m}`"
+        lines += body + ["", f"Computed {rec['created']} in {rec['wall_s']:,.1f} s; definitions and schema: "
+                                f"{where} (see docs/evals.md).", ""]
+    path = evals / "report.md"
+    write_text(path, "\n".join(lines))
+    return path
+
+
+__all__ = ["write_paper_report"]

@@ -1,0 +1,161 @@
+"""`saelab eval RUN --suite paper`: every metric on a real (small) model and SAE, one JSON per metric with the
+documented envelope, report.md with tables and plots, resumable; an OpenAI v5 checkpoint gets its hook and
+context 64; metrics that do not apply are skipped (or refused when asked for by name)."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.cli import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+ENVELOPE = {"metric", "schema_version", "status", "reason", "inputs", "sae", "eval", "wall_s", "created", "result"}
+# Small sizes: each metric runs in a second or two on the tiny models.
+SMALL = ["--recon-tokens", "1024", "--downstream-tokens", "992", "--ablation-contexts", "8", "--abl-n-sites", "4",
+         "--abl-n-future", "8", "--abl-channels-per-site", "4", "--probe-contexts", "64", "--probe-min-per-class", "20",
+         "--probe-max-examples", "200", "--n2g-contexts", "24", "--n2g-n-latents", "8", "--n2g-n-examples", "5",
+         "--n2g-max-len", "6", "--no-progress"]
+
+
+def eval_corpus(shared_dir: Path, path: Path, n: int = 6) -> Path:
+    with lzma.open(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(n)]
+    path.write_text("".join(json.dumps({"text": json.loads(line)["text"]}) + "\n" for line in lines))
+    return path
+
+
+def run_cli(capsys, *argv: str, code: int = 0) -> tuple[dict | None, str]:
+    capsys.readouterr()
+    got = main(list(argv))
+    out, err = capsys.readouterr()
+    assert got == code, err[-3000:]
+    return (json.loads(out) if code == 0 else None), err
+
+
+def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, shared_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_series_run, run)
+    corpus = eval_corpus(shared_dir, tmp_path / "eval.jsonl")
+    argv = ["eval", str(run), "--suite", "paper", "--series", str(tiny_series), "--corpus", str(corpus),
+            "--ce-fit-min-frac", "0.1", *SMALL]
+    out, _ = run_cli(capsys, *argv)
+    names = ("core", "compute_equivalent", "ablation_sparsity", "probe", "n2g")
+    assert out == {"report": str(run / "evals" / "report.md"), **{m: "ok" for m in names}}
+    recs = {m: json.loads((run / "evals" / f"{m}.json").read_text()) for m in names}
+    for m, rec in recs.items():
+        assert set(rec) == ENVELOPE and rec["metric"] == m and rec["schema_version"] == 1, m
+        assert rec["status"] == "ok" and rec["reason"] is None and rec["wall_s"] > 0
+        assert rec["sae"]["hook"] == "blocks.1.hook_resid_post" and rec["eval"]["context_size"] == 32
+        assert rec["inputs"]["sae_sha256"] == rec["sae"]["sha256"]
+    core, ce = recs["core"]["result"], recs["compute_equivalent"]["result"]
+    assert core == json.loads((run / "metrics.json").read_text())  # the run's core metrics, as `saelab eval RUN`
+    # Compute-equivalent compares losses on the core eval's own predictions.
+    assert (ce["spliced_loss"], ce["clean_loss"]) == (core["ce_spliced"], core["ce_clean"])
+    assert ce["n_predictions"] == core["n_predictions"] == 32 * 30
+    assert ce["series"]["name"] == "tiny-series" and len(ce["checkpoints"]) == 6 and ce["fraction"] > 0
+    assert recs["ablation_sparsity"]["result"]["latents_per_s"] > 0
+    assert recs["ablation_sparsity"]["result"]["latent"]["n_ablations"] == 4 * 2  # k = 2 at 4 sites
+    assert recs["probe"]["result"]["tasks"] and recs["n2g"]["result"]["n_explained"] == 8
+    assert recs["n2g"]["result"]["splice"]["ce_n2g"] > 0
+    index = json.loads((run / "evals" / "suite.json").read_text())
+    assert set(index["metrics"]) == set(names) and index["wall_s"] > 0
+    report = (run / "evals" / "report.md").read_text()
+    for heading in ("## Summary", "## Core", "## Compute-equivalent", "## Sparsity of ablation effects",
+                    "## Probe loss", "## N2G explanations", "latents/s", "| **total** |"):
+        assert heading in report, heading
+    for png in ("compute_equivalent.png", "probe.png", "n2g.png"):
+        assert (run / "evals" / png).read_bytes()[:8] == PNG and f"]({png})" in report
+    assert "evals/report.md" in (run / "report.md").read_text()  # the run's own report points to it
+
+    # Resumable: the same command reuses every result; a changed size reruns that metric only.
+    created = {m: r["created"] for m, r in recs.items()}
+    out, _ = run_cli(capsys, *argv)
+    assert out == {"report": str(run / "evals" / "report.md"), **{m: "ok (reused)" for m in names}}
+    out, _ = run_cli(capsys, *argv, "--abl-n-sites", "3")  # the last occurrence of an option wins
+    assert out["ablation_sparsity"] == "ok" and out["probe"] == "ok (reused)"
+    assert json.loads((run / "evals" / "ablation_sparsity.json").read_text())["result"]["n_sites"] == 3
+    assert json.loads((run / "evals" / "probe.json").read_text())["created"] == created["probe"]
+    out, _ = run_cli(capsys, *argv, "--overwrite", "--metrics", "core", "probe")
+    assert out == {"report": str(run / "evals" / "report.md"), "core": "ok", "probe": "ok"}
+
+
+def v5_checkpoint(path: Path, d: int = 64, n: int = 256, k: int = 8, seed: int = 0) -> Path:
+    """An OpenAI sparse_autoencoder v5 state dict (keys and shapes of their Autoencoder) for a d-wide model."""
+    g = torch.Generator().manual_seed(seed)
+    dec = torch.randn(d, n, generator=g)
+    dec = dec / dec.norm(dim=0, keepdim=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"pre_bias": 0.01 * torch.randn(d, generator=g), "latent_bias": torch.zeros(n),
+                "stats_last_nonzero": torch.zeros(n, dtype=torch.long), "latents_activation_frequency": torch.zeros(n),
+                "latents_mean_square": torch.zeros(n), "encoder.weight": dec.T.contiguous(), "decoder.weight": dec,
+                "activation": "TopK", "activation_state_dict": {"k": k, "postact_fn": "ReLU"}}, path)
+    return path
+
+
+def test_openai_v5_checkpoint_gets_its_hook_and_context_64(tiny_dir, shared_dir, tmp_path, capsys):
+    # Layer 1 of the 2-layer model stands in for GPT-2's layer 8 (resid_post_mlp -> blocks.L.hook_resid_post).
+    pt = v5_checkpoint(tmp_path / "sparse-autoencoder" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt")
+    corpus = eval_corpus(shared_dir, tmp_path / "eval.jsonl", n=8)
+    out_dir = tmp_path / "out"
+    out, _ = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir),
+                     "--corpus", str(corpus), *SMALL)
+    assert out["compute_equivalent"] == "skipped"  # no checkpoint series is known for this model
+    assert all(out[m] == "ok" for m in ("core", "ablation_sparsity", "probe", "n2g"))
+    core = json.loads((out_dir / "evals" / "core.json").read_text())
+    assert core["sae"]["hook"] == "blocks.1.hook_resid_post" and core["sae"]["input_norm"] == "layernorm"
+    assert core["eval"]["context_size"] == 64 and core["result"]["context_size"] == 64
+    assert core["result"]["n_predictions"] == 16 * 62  # 992 predictions: 16 contexts of 64, position 0 left out
+    skipped = json.loads((out_dir / "evals" / "compute_equivalent.json").read_text())
+    assert skipped["status"] == "skipped" and skipped["result"] is None
+    assert f"no checkpoint series is known for model {str(tiny_dir.resolve())!r}" in skipped["reason"]
+    assert "--series" in skipped["reason"]
+    assert "Skipped: no checkpoint series is known" in (out_dir / "evals" / "report.md").read_text()
+    # Asking for it by name is an error; so are unknown metrics and series, and a .pt without --out or hook.
+    _, err = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir),
+                     "--metrics", "compute_equivalent", "--corpus", str(corpus), code=2)
+    assert "metric(s) asked for do not apply: compute_equivalent: no checkpoint series is known" in err
+    _, err = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir),
+                     "--metrics", "core", "fvu", code=2)
+    assert "unknown metric(s) ['fvu']" in err
+    _, err = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir),
+                     "--series", "gpt-7-checkpoints", "--corpus", str(corpus), code=2)
+    assert "unknown checkpoint series 'gpt-7-checkpoints'" in err
+    _, err = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", code=2)
+    assert "pass --out DIR" in err and "1.pt" in err
+    loose = v5_checkpoint(tmp_path / "ae.pt")
+    _, err = run_cli(capsys, "eval", str(loose), "--model", str(tiny_dir), code=2)
+    assert "ae.pt records no hook" in err and "--hook blocks.8.hook_resid_post" in err
+
+
+def test_series_that_fails_to_load_is_recorded_and_reported(tiny_dir, shared_dir, tmp_path, capsys):
+    """A series whose checkpoints cannot be loaded (hub offline, say): the other metrics still finish."""
+    pt = v5_checkpoint(tmp_path / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt")
+    broken = tmp_path / "broken-series"
+    for step in (1, 2, 3):
+        (broken / f"checkpoint-{step}").mkdir(parents=True)
+    (broken / "series.json").write_text(json.dumps({"tokens_per_step": 10, "checkpoints": [
+        {"path": f"checkpoint-{s}", "step": s} for s in (1, 2, 3)]}))
+    corpus = eval_corpus(shared_dir, tmp_path / "eval.jsonl", n=8)
+    _, err = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out",
+                     str(tmp_path / "out"), "--series", str(broken), "--metrics", "core", "compute_equivalent",
+                     "--corpus", str(corpus), *SMALL, code=2)
+    assert "failed in 1 metric(s): compute_equivalent: ModelLoadError: cannot load model directory" in err
+    rec = json.loads((tmp_path / "out" / "evals" / "compute_equivalent.json").read_text())
+    assert rec["status"] == "error" and "checkpoint-1" in rec["reason"]
+    assert json.loads((tmp_path / "out" / "evals" / "core.json").read_text())["status"] == "ok"
+    assert "| error |" in (tmp_path / "out" / "evals" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--suite", "paper", "--probe-contexts", "0"], "probe_contexts must be >= 1"),
+    (["--suite", "paper", "--n2g-contexts", "1"], "n2g_contexts must be >= 2"),
+])
+def test_bad_suite_sizes(tiny_series_run, capsys, argv, match):
+    _, err = run_cli(capsys, "eval", str(tiny_series_run), *argv, code=2)
+    assert match in err
