@@ -294,14 +294,17 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm=None, source: str = "", eval
 
 # ---- sweeps -------------------------------------------------------------------------------------
 def sweep_runs(folder: str | Path) -> list[Path]:
-    """Run folders (with a trained SAE) directly inside ``folder``, in name order."""
+    """Run folders (with a trained SAE) directly inside ``folder``, in natural name order (n4096 before n16384)."""
+    import re
+
     from saelab.train.checkpoint import SAE_DIR, TRAIN_CONFIG
 
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists())
+    runs = [p for p in folder.iterdir()
+            if p.is_dir() and (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists()]
+    return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
 
 
 def is_sweep_folder(path: str | Path) -> bool:

@@ -1,0 +1,91 @@
+"""Scaling study: the per-k nMSE(n) power-law fit on known answers, and a tiny real sweep through the CLI
+(sweep -> eval SWEEP_DIR -> report SWEEP_DIR, and sweep --eval)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from saelab.cli import main
+from saelab.report.scaling import fit_scaling
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rows_for(k, sizes, nmse, tokens=2**21):
+    return [{"run": f"n{n}_k{k}", "n_latents": n, "k": k, "total_tokens": tokens, "nmse": nmse(n),
+             "delta_ce": 2.0 * n ** -0.3, "l0": float(k), "dead_frac": 0.0} for n in sizes]
+
+
+def test_fit_recovers_known_exponent_and_floor_per_k():
+    sizes = [2 ** p for p in range(10, 16)]
+    rows = (rows_for(32, sizes, lambda n: 0.9 * (n / 1024) ** -0.25 + 0.05)
+            + rows_for(64, sizes[2:5], lambda n: 0.5 * (n / 1024) ** -0.4 + 0.02)
+            + rows_for(16, sizes[:2], lambda n: 0.3))
+    fits = fit_scaling(rows)
+    assert list(fits) == ["k=16", "k=32", "k=64"]
+    f = fits["k=32"]
+    assert f["fitted"] and f["n"] == sizes and f["dof"] == 3
+    assert f["alpha"] == pytest.approx(0.25, rel=1e-6) and f["c"] == pytest.approx(0.05, rel=1e-5)
+    assert f["a"] == pytest.approx(0.9 * 1024 ** 0.25, rel=1e-5) and f["rmse_log"] < 1e-9
+    assert [r["fitted"] for r in f["residuals"]] == pytest.approx([r["nmse"] for r in f["residuals"]], rel=1e-9)
+    assert f["delta_ce_slope"] == pytest.approx(-0.3, rel=1e-9)
+    # Three sizes: fitted exactly, flagged; two sizes: not fitted.
+    assert fits["k=64"]["alpha"] == pytest.approx(0.4, rel=1e-5) and "passes through" in fits["k=64"]["note"]
+    assert fits["k=16"] == {**fits["k=16"], "fitted": False, "note": "needs 3 sizes to fit a + c, has 2"}
+    # Runs on other token budgets are their own curves.
+    more = fit_scaling(rows + rows_for(32, sizes[:3], lambda n: 0.4, tokens=2**20))
+    assert "k=32, 2.1M tokens" in more and "k=32, 1.05M tokens" in more
+
+
+def run_cli(capsys, *argv, code=0):
+    capsys.readouterr()
+    got = main(list(argv))
+    out, err = capsys.readouterr()
+    assert got == code, err[-3000:]
+    return (json.loads(out) if code == 0 else None), err
+
+
+def test_tiny_sweep_eval_and_scaling_report(tiny_series, shared_dir, tmp_path, capsys):
+    wiki = shared_dir / "data" / "wiki-en"
+    acts, sweep = tmp_path / "acts", tmp_path / "sweep"
+    run_cli(capsys, "harvest", "--model", str(tiny_series / "checkpoint-120"), "--hook", "blocks.1.hook_resid_post",
+            "--corpus", str(wiki / "wiki_train.jsonl.xz"), "--out", str(acts), "--n-tokens", "4096",
+            "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    common = ["--activations", str(acts), "--out", str(sweep), "--batch-size", "256", "--total-tokens", "4096",
+              "--init-rows", "1024", "--no-progress"]
+    ev = ["--corpus", str(wiki / "wiki_eval.jsonl.xz"), "--recon-tokens", "1024", "--downstream-tokens", "310",
+          "--ablations"]
+    run_cli(capsys, "sweep", *common, "--grid", "n_latents=32,64,128", "k=4")
+    _, err = run_cli(capsys, "report", str(sweep), code=2)
+    assert f"sweep folder {sweep} has no evaluated runs: its runs (n32_k4, n64_k4, n128_k4) have no metrics.json" in err
+    assert f"run `saelab eval {sweep}` first" in err
+
+    out, _ = run_cli(capsys, "eval", str(sweep), *ev, "--no-progress")
+    assert set(out) == {"n32_k4", "n64_k4", "n128_k4"} and all(0 < v["nmse"] < 1.5 for v in out.values())
+    for name in out:
+        metrics = json.loads((sweep / name / "metrics.json").read_text())
+        assert metrics["n_tokens"] == 1024 and (sweep / name / "report.md").exists()
+    out, _ = run_cli(capsys, "eval", str(sweep), *ev, "--no-progress")
+    assert out == dict.fromkeys(("n128_k4", "n32_k4", "n64_k4"), "already evaluated")
+
+    # A second sweep into the same folder, evaluated as it finishes; k=2 has only two sizes.
+    ev_prefixed = [a.replace("--", "--eval-", 1) for a in ev]
+    run_cli(capsys, "sweep", *common, "--grid", "n_latents=32,64", "k=2", "--eval", *ev_prefixed)
+    out, _ = run_cli(capsys, "report", str(sweep))
+    assert out["report"] == str(sweep / "scaling.md") and out["k=4"]["alpha"] is not None
+    data = json.loads((sweep / "scaling.json").read_text())
+    assert [r["run"] for r in data["runs"]] == ["n32_k2", "n32_k4", "n64_k2", "n64_k4", "n128_k4"]
+    assert data["fits"]["k=4"]["fitted"] and data["fits"]["k=4"]["n"] == [32, 64, 128]
+    assert not data["fits"]["k=2"]["fitted"] and data["unevaluated"] == []
+    for png in ("scaling_nmse.png", "scaling_delta_loss.png"):
+        raw = (sweep / png).read_bytes()
+        assert raw[:8] == PNG and struct.unpack(">II", raw[16:24])[0] > 300
+    md = (sweep / "scaling.md").read_text()
+    assert "| k=4 | 2^5, 2^6, 2^7 |" in md and "![nMSE vs n](scaling_nmse.png)" in md
+    _, err = run_cli(capsys, "report", str(tmp_path), code=2)
+    assert "is neither a run folder" in err
+    _, err = run_cli(capsys, "eval", str(sweep), "--suite", "paper", code=2)
+    assert "is a sweep folder; --suite paper evaluates one SAE" in err
