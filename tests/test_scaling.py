@@ -32,9 +32,13 @@ def test_fit_recovers_known_exponent_and_floor_per_k():
     assert f["a"] == pytest.approx(0.9 * 1024 ** 0.25, rel=1e-5) and f["rmse_log"] < 1e-9
     assert [r["fitted"] for r in f["residuals"]] == pytest.approx([r["nmse"] for r in f["residuals"]], rel=1e-9)
     assert f["delta_ce_slope"] == pytest.approx(-0.3, rel=1e-9)
+    assert f["monotone"] and f["note"] is None and 0 < f["alpha_pure"] < 0.25  # the floor flattens a c-free fit
     # Three sizes: fitted exactly, flagged; two sizes: not fitted.
     assert fits["k=64"]["alpha"] == pytest.approx(0.4, rel=1e-5) and "passes through" in fits["k=64"]["note"]
     assert fits["k=16"] == {**fits["k=16"], "fitted": False, "note": "needs 3 sizes to fit a + c, has 2"}
+    # nMSE that does not fall with n (undertrained large SAEs) is flagged: its alpha says nothing.
+    bumpy = fit_scaling(rows_for(8, sizes[:4], {1024: 0.31, 2048: 0.30, 4096: 0.302, 8192: 0.29}.get))["k=8"]
+    assert not bumpy["monotone"] and bumpy["note"].startswith("nMSE does not fall with n")
     # Runs on other token budgets are their own curves.
     more = fit_scaling(rows + rows_for(32, sizes[:3], lambda n: 0.4, tokens=2**20))
     assert "k=32, 2.1M tokens" in more and "k=32, 1.05M tokens" in more

@@ -193,7 +193,8 @@ def _cmd_report(args) -> dict:
 
         fits = write_scaling_report(args.run)["fits"]
         return {"report": str(Path(args.run) / "scaling.md"),
-                **{label: {"alpha": f.get("alpha"), "c": f.get("c")} for label, f in fits.items()}}
+                **{label: {"alpha": f.get("alpha"), "c": f.get("c"), "monotone": f.get("monotone")}
+                   for label, f in fits.items()}}
     if not (Path(args.run) / TRAIN_CONFIG).exists():
         raise SaelabError(f"{args.run} is neither a run folder (with {TRAIN_CONFIG}) nor a sweep folder of runs")
     return {"report": str(write_run_report(args.run))}

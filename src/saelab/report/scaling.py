@@ -8,7 +8,10 @@ curve); each group with at least 3 sizes is fitted with
     nMSE(n) = a * n^(-alpha) + c
 
 (``saelab.evals.power_law``: log-space residuals, profile over the irreducible term c, then
-Levenberg-Marquardt; alpha's standard error from the fit's residuals). The paper's Figure 1
+Levenberg-Marquardt; alpha's standard error from the fit's residuals). Beside it, ``alpha_pure``
+is the slope of a floor-free power law ``a n^-alpha`` (log-log least squares), which stays
+meaningful with few sizes. A group whose nMSE does not fall with n (larger SAEs undertrained at
+the budget) is flagged ``monotone: false``; its alpha says nothing. The paper's Figure 1
 plots the same (their "normalized MSE" at convergence; here at the sweep's token budget, so large
 n trained on few tokens per latent bend the curve up, a lower bound on what alpha would be at
 convergence). The spliced LM loss is shown beside it; its log-log slope in n is reported (a pure
@@ -19,8 +22,8 @@ Outputs, in the sweep folder::
     scaling.json         {sweep, runs: [{run, n_latents, k, total_tokens, nmse, delta_ce, l0,
                           dead_frac, ce_clean, ce_spliced}], unevaluated: [run names],
                           fits: {label: {k, total_tokens, n, nmse, fitted, alpha, a, c, alpha_se, c_se,
-                          rmse_log, dof, residuals: [{n, nmse, fitted, residual_log}],
-                          delta_ce_slope, note}}}   (a group not fitted has fitted: false and a note)
+                          rmse_log, dof, residuals: [{n, nmse, fitted, residual_log}], alpha_pure,
+                          monotone, delta_ce_slope, note}}}   (a group not fitted has fitted: false and a note)
     scaling_nmse.png     nMSE vs n, log-log, one line per k with its fitted curve
     scaling_delta_loss.png   delta CE vs n, one line per k
     scaling.md           the same as tables
@@ -82,11 +85,17 @@ def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         else:
             law = fit_power_law(n, y, what=f"nMSE of the {_label(k, tokens, several)} runs")
             fitted = [float(v) for v in law(np.asarray(n, dtype=np.float64))]
+            monotone = all(b < a for a, b in zip(y, y[1:]))
+            notes = [] if monotone else ["nMSE does not fall with n at this budget (larger SAEs undertrained?): "
+                                         "alpha is not meaningful"]
+            if len(n) == 3:
+                notes.append("3 sizes for 3 parameters: the curve passes through them")
             out.update(fitted=True, alpha=law.alpha, a=law.a, c=law.c, alpha_se=law.alpha_se, c_se=law.c_se,
                        rmse_log=law.rmse_log, dof=len(n) - 3, fitted_nmse=fitted,
                        residuals=[{"n": a, "nmse": b, "fitted": f, "residual_log": e}
                                   for a, b, f, e in zip(n, y, fitted, law.residuals_log)],
-                       note=None if len(n) > 3 else "3 sizes for 3 parameters: the curve passes through them")
+                       alpha_pure=fit_power_law(n, y, irreducible=False).alpha, monotone=monotone,
+                       note="; ".join(notes) or None)
         d = [(r["n_latents"], r["delta_ce"]) for r in rs if r["delta_ce"] is not None]
         if len(d) >= 2 and all(v > 0 for _, v in d) and len({a for a, _ in d}) >= 2:
             out["delta_ce_slope"] = -fit_power_law([a for a, _ in d], [v for _, v in d], irreducible=False).alpha
@@ -96,22 +105,34 @@ def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return fits
 
 
+def _plain_log_ticks(ax) -> None:
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis in (ax.yaxis,):
+        axis.set_major_formatter(FormatStrFormatter("%.3g"))
+        axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+
+
 def _plots(fits: dict[str, dict], rows: list[dict], folder: Path) -> None:
     from saelab.report.plots import _save, plt
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ys = [v for f in fits.values() for v in f["nmse"]]
     for i, (label, f) in enumerate(fits.items()):
         col = colors[i % len(colors)]
         ax.scatter(f["n"], f["nmse"], color=col, zorder=3)
         if f["fitted"]:
-            grid = np.logspace(math.log10(min(f["n"])) - 0.15, math.log10(max(f["n"])) + 0.15, 100)
-            ax.plot(grid, f["a"] * grid ** -f["alpha"] + f["c"], color=col, ls="--",
-                    label=f"{label}: {f['a']:.3g} n^-{f['alpha']:.3f} + {f['c']:.3f}")
+            grid = np.logspace(math.log10(min(f["n"])) - 0.08, math.log10(max(f["n"])) + 0.08, 100)
+            tag = "" if f["monotone"] else " (not monotone: fit meaningless)"
+            ax.plot(grid, f["a"] * grid ** -f["alpha"] + f["c"], color=col, ls="--" if f["monotone"] else ":",
+                    label=f"{label}: alpha {f['alpha']:.3g}, c {f['c']:.3f}{tag}")
         else:
             ax.plot(f["n"], f["nmse"], color=col, label=f"{label} (not fitted: {f['note']})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.set_ylim(min(ys) / 1.25, max(ys) * 1.25)
+    _plain_log_ticks(ax)
     ax.set_xlabel("latents n")
     ax.set_ylabel("normalized MSE (held-out)")
     ax.set_title("nMSE against SAE size, one line per k")
@@ -132,6 +153,7 @@ def _plots(fits: dict[str, dict], rows: list[dict], folder: Path) -> None:
     ax.set_xscale("log", base=2)
     if positive:
         ax.set_yscale("log")
+        _plain_log_ticks(ax)
     ax.set_xlabel("latents n")
     ax.set_ylabel("delta CE, SAE spliced - clean (nats)")
     ax.set_title("Spliced LM loss increase against SAE size")
@@ -154,17 +176,17 @@ def write_scaling_report(sweep_dir: str | Path) -> dict[str, Any]:
     _plots(fits, rows, folder)
     lines = [f"# Scaling study `{folder.name}`", "",
              "nMSE(n) = a n^-alpha + c fitted per k (log-space residuals); held-out nMSE from each run's metrics.json.",
-             "", "| group | sizes n | alpha | a | c | rms log residual | delta CE slope | note |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| group | sizes n | alpha | a | c | rms log residual | alpha without c | delta CE slope | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, f in fits.items():
         sizes = ", ".join(f"2^{int(round(math.log2(v)))}" if v & (v - 1) == 0 else str(v) for v in f["n"])
         if f["fitted"]:
             se = f" ± {f['alpha_se']:.3f}" if f["alpha_se"] is not None else ""
+            slope = "—" if f["delta_ce_slope"] is None else f"{f['delta_ce_slope']:.4f}"
             lines.append(f"| {label} | {sizes} | {f['alpha']:.4f}{se} | {f['a']:.4g} | {f['c']:.4f} | "
-                         f"{f['rmse_log']:.4f} | {f['delta_ce_slope'] if f['delta_ce_slope'] is None else round(f['delta_ce_slope'], 4)} | "
-                         f"{f['note'] or ''} |")
+                         f"{f['rmse_log']:.4f} | {f['alpha_pure']:.4f} | {slope} | {f['note'] or ''} |")
         else:
-            lines.append(f"| {label} | {sizes} | — | — | — | — | — | {f['note']} |")
+            lines.append(f"| {label} | {sizes} | — | — | — | — | — | — | {f['note']} |")
     lines += ["", "| run | n | k | tokens | nMSE | delta CE | L0 | dead |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["k"], r["n_latents"])):
         fmt = lambda v, f="{:.4f}": "—" if v is None else f.format(v)  # noqa: E731
