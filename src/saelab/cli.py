@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sae", help="run folder, SAE folder, .pt file, https URL, or a sweep folder")
     p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
     p.add_argument("--hook", default=None, help="override the SAE's hook name")
-    p.add_argument("--out", default=None, help="where to write metrics.json (default: the run folder, if given one)")
+    p.add_argument("--out", default=None, help="where to write metrics.json, and evals/ with --suite paper "
+                                                "(default: the run folder, if given one)")
     add_dataclass_args(p, EvalConfig, title="evaluation")
     from saelab.evals.suite import add_suite_arguments
 
@@ -153,10 +154,10 @@ def _cmd_sweep(args) -> dict:
 
 
 def _cmd_eval(args) -> dict:
+    from saelab.evals.suite import eval_command, is_sweep_folder
     from saelab.pipeline import EvalConfig, evaluate
     from saelab.sae import load_sae
     from saelab.train.checkpoint import SAE_DIR
-    from saelab.evals.suite import eval_command, is_sweep_folder
 
     if args.suite != "core" or is_sweep_folder(args.sae):
         return eval_command(args)
