@@ -41,6 +41,7 @@ DEFINITIONS = {
     "max": "largest value over the tokens scored",
     "mean": "mean value over the tokens where the latent is active",
     "top": "contexts with the largest per-context maximum (one entry per context)",
+    "fires on": "tokens at which the latent reaches at least half its max in its top contexts, with counts",
     "bands": "a uniform random sample of the contexts where the latent is active, sorted by their maximum and "
              "cut into equal bands (band 1 lowest)",
     "hist": "counts of nonzero values over all tokens scored, equal bins over [0, 2^e), 2^e the smallest power of two above the max",

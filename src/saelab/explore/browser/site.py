@@ -8,7 +8,9 @@ Layout (every path relative; nothing refers to another host, so the site works o
     families.json                      the family tree (several SAEs only; see .families)
     data/meta.js                       site.json for the viewer
     data/vocab.js                      {token id: text} for every token the pages show
-    data/SAE/index.js                  one row per latent: density, max, mean, top tokens, explanation
+    data/SAE/index.js                  one row per latent: density, max, mean, the tokens where it reaches
+                                       half its max in its top contexts (with counts, up to 12), its 5 most
+                                       promoted tokens, its explanation: what the index shows and searches
     data/SAE/l/NNNN.js                 latent pages, CHUNK latents a file (top contexts, quantile bands,
                                        histogram, direct logit effect, nearest latents, family)
     data/families.js                   families.json for the viewer
@@ -29,7 +31,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -120,6 +121,19 @@ def _examples(tokens_np: np.ndarray, ctx_K: np.ndarray, pos_K: np.ndarray, rows_
     return out
 
 
+def _strong_tokens(tokens_np: np.ndarray, ctx_K: np.ndarray, rows_KT: np.ndarray, scale: float, s0: int,
+                   limit: int = 12) -> list[list[int]]:
+    """``[token id, count]`` of the tokens where the latent reaches half its max in its top contexts, most first."""
+    ok = ctx_K >= 0
+    if scale <= 0 or not ok.any():
+        return []
+    toks = tokens_np[ctx_K[ok]][:, s0:]
+    strong = rows_KT[ok][:, s0:] >= 0.5 * scale
+    ids, counts = np.unique(toks[strong], return_counts=True)
+    order = np.lexsort((ids, -counts))[:limit]
+    return [[int(ids[j]), int(counts[j])] for j in order]
+
+
 def latent_pages(stats, tokens_NT: torch.Tensor, cfg, vocab: _Vocab, families: dict[str, Any] | None,
                  name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The index rows and the per-latent records of one SAE (see the module docstring)."""
@@ -153,8 +167,7 @@ def latent_pages(stats, tokens_NT: torch.Tensor, cfg, vocab: _Vocab, families: d
         counts = hist[i]
         nz = np.flatnonzero(counts)
         hist_rec = [_sig(hist_top[i]), counts[: nz[-1] + 1].tolist() if nz.size else []]
-        max_tokens = Counter(int(tokens_np[c, p]) for c, p in zip(top_ctx[i], top_pos[i]) if c >= 0)
-        top_tok = [[t, m] for t, m in max_tokens.most_common(3)]
+        top_tok = _strong_tokens(tokens_np, top_ctx[i], top_rows[i], scale, s0)
         vocab.add(t for t, _ in top_tok)
         vocab.add(lg["pos_ids"][i].tolist())
         vocab.add(lg["neg_ids"][i].tolist())
@@ -171,7 +184,7 @@ def latent_pages(stats, tokens_NT: torch.Tensor, cfg, vocab: _Vocab, families: d
         index["max"].append(_sig(scale))
         index["mean"].append(_sig(mean[i]))
         index["top_tokens"].append(top_tok)
-        index["promoted"].append([int(t) for t in lg["pos_ids"][i][:3]])
+        index["promoted"].append([int(t) for t in lg["pos_ids"][i][:5]])
         index["expl"].append(expl["text"] if expl else "")
     return index, records
 

@@ -77,12 +77,13 @@ function setNav(active) {
 
 // ---- index and search ------------------------------------------------------------------------------------
 
-function topTokensHtml(ix, i) {
-  return ix.top_tokens[i].map(([t, c]) => tokChip(t) + (c > 1 ? `<span class="muted small">×${c}</span> ` : "")).join("");
+function topTokensHtml(ix, i, n = 3) {
+  return ix.top_tokens[i].slice(0, n).map(([t, c]) => tokChip(t) + (c > 1 ? `<span class="muted small">×${c}</span> ` : "")).join("");
 }
 
 // Search: a query is split into words; a latent scores when a word equals (or is part of) one of the
-// tokens it fires most on, one of the tokens it promotes most, or appears in its explanation.
+// tokens it fires strongly on in its top contexts (at least half its max; up to 12 listed), one of
+// the tokens it promotes most, or appears in its explanation.
 function searchScores(ix, query) {
   const words = query.toLowerCase().split(/\s+/).filter(Boolean);
   const scores = new Float64Array(ix.n_latents);
@@ -157,7 +158,7 @@ async function showIndex(name, params) {
       <th>fires most on</th><th>promotes</th>${th("expl", "explanation")}</tr></thead><tbody>
     ${shown.map(i => `<tr class="row"><td><a href="${href(["s", name, "l", String(i)])}">#${i}</a></td>
        <td class="num">${pct(ix.density[i])}</td><td class="num">${fmt(ix.max[i])}</td><td class="num">${fmt(ix.mean[i])}</td>
-       <td>${topTokensHtml(ix, i)}</td><td>${ix.promoted[i].map(tokChip).join("")}</td><td class="small">${esc(ix.expl[i] || "")}</td></tr>`).join("")}
+       <td>${topTokensHtml(ix, i)}</td><td>${ix.promoted[i].slice(0, 3).map(tokChip).join("")}</td><td class="small">${esc(ix.expl[i] || "")}</td></tr>`).join("")}
     </tbody></table>${pager}`;
 }
 
@@ -240,7 +241,7 @@ async function showLatent(name, id) {
       <div class="card"><b>${pct(rec.density)}</b><span>density (${rec.count.toLocaleString()} of ${ix.n_tokens.toLocaleString()} tokens)</span></div>
       <div class="card"><b>${fmt(rec.max, 4)}</b><span>max activation</span></div>
       <div class="card"><b>${fmt(rec.mean, 4)}</b><span>mean when active</span></div>
-      <div class="card"><b>${ix.top_tokens[id].length ? topTokensHtml(ix, id) : "–"}</b><span>fires most on</span></div>
+      <div class="card"><b>${ix.top_tokens[id].length ? topTokensHtml(ix, id, 6) : "–"}</b><span>fires most on (≥ half its max, in its top contexts)</span></div>
     </div>
     ${e ? `<div class="expl" id="explanation"><b>N2G explanation</b> <span class="muted small">patterns that end at the firing token; … = any token${e.f1 !== null && e.f1 !== undefined ? `; held-out F1 ${fmt(e.f1)}` : ""}</span>
       <div>${e.patterns.slice(0, 6).map(p => `<span class="tok pat">${esc(showTok(p.text))}</span><span class="muted small">${fmt(p.value)}${p.count > 1 ? " ×" + p.count : ""}</span> `).join("")}</div></div>` : ""}
