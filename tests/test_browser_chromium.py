@@ -113,8 +113,9 @@ def test_pages_search_latent_and_families_in_chromium(browser, served_site):
     ix = _index(site, "n512")
     vocab = json.loads(re.fullmatch(r'SAELAB\.put\("vocab",(.*)\);\n', (site / "data" / "vocab.js").read_text(),
                                     re.S).group(1))
+    with_parent = {c["child"] for c in json.loads((site / "families.json").read_text())["links"][0]["children"]}
     target, word = next((i, vocab[str(t[0][0])].strip()) for i, t in enumerate(ix["top_tokens"])
-                        if t and vocab[str(t[0][0])].strip().isalpha())
+                        if t and vocab[str(t[0][0])].strip().isalpha() and i in with_parent)
     page.goto(base + "#/s/n512")
     _wait(page)
     page.fill("#q", word)
@@ -147,6 +148,13 @@ def test_pages_search_latent_and_families_in_chromium(browser, served_site):
     assert page.locator("details.fam").count() > 0
     assert page.locator("#families .node").count() > page.locator("details.fam").count()
     page.screenshot(path=str(ARTIFACTS / "families.png"))
+    page.fill("#q", word)  # searching from the families view finds families
+    page.press("#q", "Enter")
+    _wait(page)
+    assert "families with a latent matching" in page.inner_text("#results")
+    assert page.locator(f"#families .node.focus[data-node='n512:{target}']").count() == 1
+    page.goto(base + "#/families")
+    _wait(page)
     page.locator("#families .node .node a").first.click()
     _wait(page)
     assert page.locator("#latent-title").inner_text().startswith("n512 · latent #")

@@ -273,7 +273,7 @@ async function nodeHtml(n, focus, isRoot) {
   const edge = isRoot ? "" : `<span class="edge">score ${fmt(n.score)} · cos ${fmt(n.cos)} · ${pct(n.share)} of parent's tokens</span>`;
   const kids = await Promise.all(n.children.map(c => nodeHtml(c, focus, false)));
   const me = n.sae + ":" + n.latent;
-  return `<li class="node${me === focus ? " focus" : ""}" data-node="${esc(me)}"><span class="label"><span class="sae">${esc(n.sae)}</span><a href="${href(["s", n.sae, "l", String(n.latent)])}">#${n.latent}</a>
+  return `<li class="node${focus(me) ? " focus" : ""}" data-node="${esc(me)}"><span class="label"><span class="sae">${esc(n.sae)}</span><a href="${href(["s", n.sae, "l", String(n.latent)])}">#${n.latent}</a>
     ${topTokensHtml(ix, n.latent)}<span class="muted small">${pct(n.density)}</span>${ix.expl[n.latent] ? ` <span class="small">${esc(ix.expl[n.latent])}</span>` : ""}</span>${edge}
     ${kids.length ? `<ul class="tree">${kids.join("")}</ul>` : ""}</li>`;
 }
@@ -282,15 +282,26 @@ async function showFamilies(params) {
   setNav("families");
   if (!META.has_families) { $("#main").innerHTML = `<p>This site has one SAE; families need several sizes (build with <code>saelab browse RUN1 RUN2 …</code>).</p>`; return; }
   const fams = await SAELAB.load("families", "data/families.js");
-  const focus = params.get("focus"), page = +(params.get("page") || 0), per = 25;
+  const focus = params.get("focus"), q = params.get("q") || "", page = +(params.get("page") || 0), per = 25;
   let list = fams.families.map((f, k) => k);
+  let marked = key => key === focus;
   if (focus) { const k = familyIndex(fams).get(focus); list = k === undefined ? [] : [k]; }
+  else if (q) {
+    // families with a member latent that the search matches (same rules as the index search)
+    const hit = {};
+    for (const s of saeNames()) { const sc = searchScores(await index(s), q); hit[s] = sc; }
+    marked = key => { const [s, l] = key.split(":"); return hit[s][+l] > 0; };
+    const score = n => hit[n.sae][n.latent] + n.children.reduce((a, c) => a + score(c), 0);
+    const scored = list.map(k => [k, score(fams.families[k])]).filter(([, v]) => v > 0);
+    scored.sort((a, b) => b[1] - a[1]);
+    list = scored.map(([k]) => k);
+  }
   const shown = list.slice(page * per, (page + 1) * per);
   const trees = await Promise.all(shown.map(async (k, j) => {
     const f = fams.families[k];
     const first = f.children.length;
     return `<details class="fam" ${j < 8 || focus ? "open" : ""}><summary><b>${esc(f.sae)} #${f.latent}</b> splits into ${first} latent${first > 1 ? "s" : ""} of the next size
-       <span class="pill">${f.n_descendants} descendants, ${f.depth} levels</span></summary><ul class="tree root">${await nodeHtml(f, focus, true)}</ul></details>`;
+       <span class="pill">${f.n_descendants} descendants, ${f.depth} levels</span></summary><ul class="tree root">${await nodeHtml(f, marked, true)}</ul></details>`;
   }));
   const links = fams.links.map(l => `<li>${esc(l.parent_sae)} → ${esc(l.child_sae)}: ${l.n_children_matched.toLocaleString()} of ${l.n_children_active.toLocaleString()} active latents of ${esc(l.child_sae)} have a parent</li>`).join("");
   const pages = Math.ceil(list.length / per);
@@ -299,9 +310,11 @@ async function showFamilies(params) {
       √(decoder cosine × P(parent active | child active)) on ${fams.n_tokens.toLocaleString()} tokens, when it is at least ${fams.min_score}.
       A family is the tree under a latent without a parent: it shows how one latent splits into several of a larger SAE.</p>
     <ul>${links}</ul>
-    ${focus ? `<p>Family of <b>${esc(focus)}</b> · <a href="${href(["families"])}">all families</a></p>` : `<p>${list.length.toLocaleString()} families, largest first.</p>`}
+    ${focus ? `<p>Family of <b>${esc(focus)}</b> · <a href="${href(["families"])}">all families</a></p>`
+      : q ? `<p id="results">${list.length.toLocaleString()} families with a latent matching <b>${esc(q)}</b> · <a href="${href(["families"])}">all families</a></p>`
+      : `<p>${list.length.toLocaleString()} families, largest first. Search a token to find the families of latents that fire on it.</p>`}
     <div id="families">${trees.join("") || `<p class="muted">${esc(focus || "")} is in no family (no parent and no children).</p>`}</div>
-    ${pages > 1 ? `<div class="pager">${page > 0 ? `<a href="${href(["families"], {page: page - 1})}">← prev</a>` : ""}<span>page ${page + 1} of ${pages}</span>${page + 1 < pages ? `<a href="${href(["families"], {page: page + 1})}">next →</a>` : ""}</div>` : ""}`;
+    ${pages > 1 ? `<div class="pager">${page > 0 ? `<a href="${href(["families"], Object.assign(q ? {q} : {}, {page: page - 1}))}">← prev</a>` : ""}<span>page ${page + 1} of ${pages}</span>${page + 1 < pages ? `<a href="${href(["families"], Object.assign(q ? {q} : {}, {page: page + 1}))}">next →</a>` : ""}</div>` : ""}`;
 }
 
 function showAbout() {
@@ -351,7 +364,8 @@ async function main() {
   $("#search").addEventListener("submit", ev => {
     ev.preventDefault();
     const q = $("#q").value.trim();
-    location.hash = href(["s", currentSae()], q ? {q} : {});
+    const onFamilies = parseHash().parts[0] === "families";
+    location.hash = onFamilies ? href(["families"], q ? {q} : {}) : href(["s", currentSae()], q ? {q} : {});
   });
   const tip = $("#tip");
   document.addEventListener("mouseover", ev => {
