@@ -25,6 +25,7 @@ from saelab.explore.browser.stats import (
     RunningTopK,
     active_entries,
     context_maxima,
+    context_rows,
     sample_keys,
 )
 from saelab.sae import SAEConfig, TopKSAE
@@ -76,22 +77,31 @@ def test_running_topk_equals_brute_force(batch_sizes):
     assert (rows[~filled] == 0).all()
 
 
-def test_context_maxima_and_active_entries_match_dense():
+def test_context_maxima_rows_and_active_entries_match_dense():
     g = torch.Generator().manual_seed(1)
     B, T, K, n = 3, 6, 4, 11
     idx = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
     vals = torch.randn(B, T, K, generator=g).relu()
+    vals[0, 1, 0] = vals[0, 4, 0] = 5.0  # a tie within a context: the first position is reported
+    idx[0, 1, 0] = idx[0, 4, 0] = 7
+    idx[0, 4, 1:] = torch.tensor([0, 1, 2])
+    idx[0, 1, 1:] = torch.tensor([3, 4, 5])
     z = torch.zeros(B, T, n).scatter_(-1, idx, vals)
-    z_got, max_NB, pos_NB = context_maxima(vals, idx, n)
-    assert torch.equal(z_got, z)
+    max_NB, pos_NB = context_maxima(vals, idx, n)
     for b in range(B):
         for lat in range(n):
             col = z[b, :, lat]
             if col.max() > 0:
                 assert max_NB[lat, b] == col.max()
-                assert col[pos_NB[lat, b]] == col.max()
+                assert pos_NB[lat, b] == int((col == col.max()).nonzero()[0])
             else:
-                assert max_NB[lat, b] == float("-inf")
+                assert max_NB[lat, b] == float("-inf") and pos_NB[lat, b] == T
+    assert pos_NB[7, 0] == 1
+    lat_P, item_P = torch.meshgrid(torch.arange(n), torch.arange(B), indexing="ij")
+    rows = context_rows(vals, idx, n, lat_P.flatten(), item_P.flatten())
+    assert torch.equal(rows, z.permute(2, 0, 1).reshape(n * B, T))
+    some = torch.tensor([5, 0, 9]), torch.tensor([2, 2, 0])
+    assert torch.equal(context_rows(vals, idx, n, *some), z[some[1], :, some[0]])
     lat_M, val_M = active_entries(vals, idx)
     dense_counts = (z > 0).sum(dim=(0, 1))
     assert torch.equal(torch.bincount(lat_M, minlength=n), dense_counts)

@@ -54,6 +54,7 @@ from saelab.explore.browser.stats import (
     RunningTopK,
     active_entries,
     context_maxima,
+    context_rows,
     sample_keys,
 )
 from saelab.sae.topk import TopKSAE
@@ -224,10 +225,11 @@ class _Collector:
         self.seed = cfg.seed
 
     def update(self, vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, ctx_B: torch.Tensor) -> None:
-        z_BTN, max_NB, pos_NB = context_maxima(vals_BTK, idx_BTK, self.n)
+        max_NB, pos_NB = context_maxima(vals_BTK, idx_BTK, self.n)
 
         def rows(lat_P, item_P):
-            return {"ctx": ctx_B[item_P], "pos": pos_NB[lat_P, item_P], "rows": z_BTN[item_P, :, lat_P]}
+            return {"ctx": ctx_B[item_P], "pos": pos_NB[lat_P, item_P],
+                    "rows": context_rows(vals_BTK, idx_BTK, self.n, lat_P, item_P)}
 
         self.top.update(max_NB, rows)
         keys_NB = sample_keys(ctx_B, self.n, self.seed)

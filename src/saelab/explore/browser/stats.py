@@ -9,7 +9,8 @@ is *active* at a token when its kept value is > 0.
 - :class:`RunningTopK`: per latent, the K largest scores seen so far with a payload per entry.
   Each update concatenates the state ``[N, K]`` with the batch's candidates ``[N, B]`` and keeps
   the top K (a merge, not a heap of Python objects). Ties are broken towards earlier entries.
-- :func:`context_maxima`: a latent's largest activation in each context and where it is.
+- :func:`context_maxima` / :func:`context_rows`: a latent's largest activation in each context and
+  where it is; the latent's activations along a context, for the entries that enter a top-k.
 - :func:`sample_keys`: a deterministic uniform key per (context, latent), so that keeping the K
   largest keys among the contexts where a latent fires is a uniform sample without replacement
   of those contexts, whatever the batch size.
@@ -56,40 +57,66 @@ class RunningTopK:
         that entered, so payloads (e.g. activation rows) are built only for those.
         """
         N, K = self.score_NK.shape
-        B = score_NB.shape[1]
         all_NM = torch.cat([self.score_NK, score_NB.to(self.score_NK.dtype)], dim=1)
         # stable descending sort keeps earlier entries first among equal scores
         order_NM = all_NM.argsort(dim=1, descending=True, stable=True)[:, :K]
         new_score = all_NM.gather(1, order_NM)
         from_batch = (order_NM >= K) & torch.isfinite(new_score)
-        rows_P, slots_P = from_batch.nonzero(as_tuple=True)
-        items_P = order_NM[rows_P, slots_P] - K
-        fresh = payload_fn(rows_P, items_P) if rows_P.numel() else {}
-        keep = order_NM.clamp(max=K - 1)
-        for name, old in self.payload.items():
-            idx = keep.reshape(N, K, *([1] * (old.dim() - 2))).expand_as(old)
-            merged = old.gather(1, idx)
-            if rows_P.numel():
-                merged[rows_P, slots_P] = fresh[name].to(old.dtype)
-            merged[~torch.isfinite(new_score)] = -1 if old.dtype == torch.long else 0
-            self.payload[name] = merged
+        # Rows that take no candidate keep their entries in the same order (stable sort of a sorted
+        # row), so only the changed rows' payloads are rebuilt: after the first batches, few rows.
+        changed = from_batch.any(dim=1).nonzero().squeeze(1)
         self.score_NK = new_score
-        del B
+        if changed.numel() == 0:
+            return
+        order_CK, fresh_CK = order_NM[changed], from_batch[changed]
+        rows_P, slots_P = fresh_CK.nonzero(as_tuple=True)
+        fresh = payload_fn(changed[rows_P], order_CK[rows_P, slots_P] - K)
+        keep_CK = order_CK.clamp(max=K - 1)
+        empty_CK = ~torch.isfinite(new_score[changed])
+        for name, old in self.payload.items():
+            sub = old[changed]
+            merged = sub.gather(1, keep_CK.reshape(*keep_CK.shape, *([1] * (old.dim() - 2))).expand_as(sub))
+            merged[rows_P, slots_P] = fresh[name].to(old.dtype)
+            merged[empty_CK] = -1 if old.dtype == torch.long else 0
+            old[changed] = merged
 
 
-def context_maxima(vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, n_latents: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense codes and each latent's maximum per context.
+def context_maxima(vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each latent's maximum in each context, from the sparse codes (no dense [B, T, n] tensor).
 
-    Returns ``z_BTN`` (dense activations), ``max_NB`` (the latent's largest activation in each
-    context, ``-inf`` where it never fires there) and ``pos_NB`` (the first position reaching it).
+    Returns ``max_NB`` (the latent's largest activation in each context, ``-inf`` where it is never
+    active there) and ``pos_NB`` (the first position reaching it; T where never active).
     """
-    B, T, _ = vals_BTK.shape
-    z_BTN = torch.zeros(B, T, n_latents, dtype=torch.float32).scatter_(-1, idx_BTK, vals_BTK.float())
-    max_BN, pos_BN = z_BTN.max(dim=1)
-    max_NB = max_BN.T.contiguous()
+    B, T, K = vals_BTK.shape
+    flat = (torch.arange(B)[:, None, None] * n_latents + idx_BTK).reshape(-1)
+    v = vals_BTK.reshape(-1).float()
+    max_flat = torch.zeros(B * n_latents).scatter_reduce_(0, flat, v, reduce="amax")
+    t = torch.arange(T)[None, :, None].expand(B, T, K).reshape(-1)
+    at_max = (v > 0) & (v == max_flat[flat])
+    pos_flat = torch.full((B * n_latents,), T, dtype=torch.long).scatter_reduce_(0, flat[at_max], t[at_max],
+                                                                                reduce="amin")
+    max_NB = max_flat.view(B, n_latents).T.contiguous()
     max_NB[max_NB <= 0] = float("-inf")
-    return z_BTN, max_NB, pos_BN.T.contiguous()
+    return max_NB, pos_flat.view(B, n_latents).T.contiguous()
+
+
+def context_rows(vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, n_latents: int, lat_P: torch.Tensor,
+                 item_P: torch.Tensor) -> torch.Tensor:
+    """``[P, T]``: the activations of latent ``lat_P[p]`` at every position of context ``item_P[p]``.
+
+    Built by scattering the sparse entries of the wanted (context, latent) pairs, so the cost is
+    that of the batch's entries, not of a dense [B, T, n] tensor.
+    """
+    B, T, K = vals_BTK.shape
+    table = torch.full((B, n_latents), -1, dtype=torch.long)
+    table[item_P, lat_P] = torch.arange(lat_P.numel())
+    pid = table[torch.arange(B)[:, None, None].expand(B, T, K), idx_BTK].reshape(-1)
+    v = vals_BTK.reshape(-1).float()
+    keep = (pid >= 0) & (v > 0)
+    t = torch.arange(T)[None, :, None].expand(B, T, K).reshape(-1)
+    rows = torch.zeros(lat_P.numel(), T)
+    rows[pid[keep], t[keep]] = v[keep]  # top-k indices are distinct per token: no collisions
+    return rows
 
 
 def sample_keys(ctx_B: torch.Tensor, n_latents: int, seed: int) -> torch.Tensor:
