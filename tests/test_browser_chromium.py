@@ -1,6 +1,7 @@
 """The feature browser in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
 
-The site (two SAEs on the tiny GPT-2, real Wikipedia text) is served on 127.0.0.1; the test loads the
+The site (two SAEs on the tiny GPT-2, real Wikipedia text; or the site named by ``$SAELAB_BROWSER_SITE``)
+is served on 127.0.0.1; the test loads the
 index, sorts it, runs a search, opens a latent page and checks its highlighted tokens and tooltip,
 opens the families view, and loads the site from disk (file://). Every request the page makes must
 go to the local server: anything else is aborted and fails the test. Screenshots are kept in
@@ -49,18 +50,25 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def served_site(tiny_gpt2, shared_dir, tmp_path_factory):
-    from test_browser_site import trained_like_sae
+def served_site(request, shared_dir, tmp_path_factory):
+    """A two-SAE site on the tiny GPT-2, or the finished site named by $SAELAB_BROWSER_SITE (any site with
+    feature families, e.g. one built on the default model)."""
+    given = os.environ.get("SAELAB_BROWSER_SITE")
+    if given:
+        out = Path(given)
+    else:
+        from test_browser_site import trained_like_sae
 
-    from saelab.sae import save_sae
+        from saelab.sae import save_sae
 
-    corpus = str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz")
-    root = tmp_path_factory.mktemp("chromium")
-    save_sae(trained_like_sae(tiny_gpt2, 128, 0, corpus), root / "n128" / "sae")
-    save_sae(trained_like_sae(tiny_gpt2, 512, 1, corpus), root / "n512" / "sae")
-    out = root / "site"
-    build_browser([root / "n128", root / "n512"], out, BrowseConfig(n_tokens=31 * 96, corpus=corpus),
-                  lm=tiny_gpt2, progress=False)
+        tiny_gpt2 = request.getfixturevalue("tiny_gpt2")
+        corpus = str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz")
+        root = tmp_path_factory.mktemp("chromium")
+        save_sae(trained_like_sae(tiny_gpt2, 128, 0, corpus), root / "n128" / "sae")
+        save_sae(trained_like_sae(tiny_gpt2, 512, 1, corpus), root / "n512" / "sae")
+        out = root / "site"
+        build_browser([root / "n128", root / "n512"], out, BrowseConfig(n_tokens=31 * 96, corpus=corpus),
+                      lm=tiny_gpt2, progress=False)
     server, _ = serve_in_thread(out, 0)
     yield out, f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
@@ -95,11 +103,16 @@ def test_pages_search_latent_and_families_in_chromium(browser, served_site):
 
     page.route("**/*", only_local)
 
+    manifest = json.loads((site / "site.json").read_text())
+    names = [s["name"] for s in manifest["saes"]]
+    link = json.loads((site / "families.json").read_text())["links"][0]
+    child_sae = link["child_sae"]
+
     # index: the first SAE's latents, 100 rows a page
     page.goto(base)
     _wait(page)
-    assert page.locator("#latents tbody tr").count() == 100
-    assert "n128" in page.inner_text("h1")
+    assert page.locator("#latents tbody tr").count() == min(100, manifest["saes"][0]["n_latents"])
+    assert names[0] in page.inner_text("h1")
     page.screenshot(path=str(ARTIFACTS / "index.png"))
 
     # sort by density (descending), then check the order shown
@@ -110,13 +123,13 @@ def test_pages_search_latent_and_families_in_chromium(browser, served_site):
     assert as_num == sorted(as_num, reverse=True)
 
     # search a token that latent tops: it comes back among the results
-    ix = _index(site, "n512")
+    ix = _index(site, child_sae)
     vocab = json.loads(re.fullmatch(r'SAELAB\.put\("vocab",(.*)\);\n', (site / "data" / "vocab.js").read_text(),
                                     re.S).group(1))
-    with_parent = {c["child"] for c in json.loads((site / "families.json").read_text())["links"][0]["children"]}
+    with_parent = {c["child"] for c in link["children"]}
     target, word = next((i, vocab[str(t[0][0])].strip()) for i, t in enumerate(ix["top_tokens"])
                         if t and vocab[str(t[0][0])].strip().isalpha() and i in with_parent)
-    page.goto(base + "#/s/n512")
+    page.goto(base + f"#/s/{child_sae}")
     _wait(page)
     page.fill("#q", word)
     page.press("#q", "Enter")
@@ -129,7 +142,7 @@ def test_pages_search_latent_and_families_in_chromium(browser, served_site):
     # a latent page: highlighted contexts, hover shows the value, histogram, logits, neighbours
     page.click(f"#latents tbody a:text-is('#{target}')")
     _wait(page)
-    assert page.inner_text("#latent-title") == f"n512 · latent #{target}"
+    assert page.inner_text("#latent-title") == f"{child_sae} · latent #{target}"
     active = page.locator("#top-examples .t.act")
     assert active.count() > 0
     assert float(active.first.get_attribute("data-act")) > 0
@@ -152,12 +165,12 @@ def test_pages_search_latent_and_families_in_chromium(browser, served_site):
     page.press("#q", "Enter")
     _wait(page)
     assert "families with a latent matching" in page.inner_text("#results")
-    assert page.locator(f"#families .node.focus[data-node='n512:{target}']").count() == 1
+    assert page.locator(f"#families .node.focus[data-node='{child_sae}:{target}']").count() == 1
     page.goto(base + "#/families")
     _wait(page)
     page.locator("#families .node .node a").first.click()
     _wait(page)
-    assert page.locator("#latent-title").inner_text().startswith("n512 · latent #")
+    assert page.locator("#latent-title").inner_text().startswith(f"{child_sae} · latent #")
     assert page.locator("text=Parent in").count() == 1
 
     assert foreign == [], f"the site asked for other hosts: {foreign}"
@@ -170,8 +183,9 @@ def test_site_opens_from_disk_without_a_server(browser, served_site):
     page = browser.new_page()
     requested = []
     page.on("request", lambda r: requested.append(r.url))
-    page.goto((site / "index.html").as_uri() + "#/s/n128/l/5")
+    first = json.loads((site / "site.json").read_text())["saes"][0]["name"]
+    page.goto((site / "index.html").as_uri() + f"#/s/{first}/l/5")
     _wait(page)
-    assert page.inner_text("#latent-title") == "n128 · latent #5"
+    assert page.inner_text("#latent-title") == f"{first} · latent #5"
     assert all(u.startswith(("file://", "data:")) for u in requested), requested
     page.close()
