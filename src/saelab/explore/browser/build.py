@@ -260,14 +260,22 @@ def first_scored(sae: TopKSAE) -> int:
     return 1 if sae.cfg.exclude_first else 0
 
 
-def read_tokens(lm, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor:
-    """The contexts ``[N, T]`` the browser reads (see the module docstring)."""
-    from saelab.data import default_corpus, token_contexts
+def resolve_corpus(cfg: BrowseConfig) -> str:
+    """``cfg.corpus``, or the offline Wikipedia eval split when none is given."""
+    from saelab.data import default_corpus
 
     corpus = cfg.corpus or default_corpus("eval")
     if corpus is None:
         raise CorpusError("no corpus given and the offline default (wiki-en/wiki_eval.jsonl.xz) was not found; "
                           "pass --corpus PATH or a Hugging Face dataset name")
+    return corpus
+
+
+def read_tokens(lm, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor:
+    """The contexts ``[N, T]`` the browser reads (see the module docstring)."""
+    from saelab.data import token_contexts
+
+    corpus = resolve_corpus(cfg)
     T = cfg.context_size or sae.cfg.context_size
     first = first_scored(sae)
     if T - first < 1:

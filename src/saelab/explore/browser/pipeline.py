@@ -29,6 +29,7 @@ from saelab.explore.browser.build import (
     first_scored,
     open_sae_source,
     read_tokens,
+    resolve_corpus,
 )
 from saelab.explore.browser.families import family_tree
 from saelab.explore.browser.site import SITE_FORMAT, SITE_VERSION, read_site_manifest, write_site
@@ -77,6 +78,11 @@ def build_key(sources: Sequence[SAESource], cfg: BrowseConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _named_model(cfg: BrowseConfig, lm) -> str | None:
+    """The model the caller chose (it overrides what the SAE configs say), if any."""
+    return cfg.model or (lm if isinstance(lm, str) else getattr(lm, "name", None))
+
+
 def _load_lm(lm, cfg: BrowseConfig, sources: Sequence[SAESource]):
     from saelab.models import LanguageModel, load_model
 
@@ -108,7 +114,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     cfg = cfg or BrowseConfig()
     t_start = time.perf_counter()
     sources = _sources(sae_sources)
-    hook = check_compatible(sources, cfg.hook, cfg.model or (lm if isinstance(lm, str) else getattr(lm, 'name', None)))
+    hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     out = Path(out)
     key = build_key(sources, cfg)
     old = read_site_manifest(out)
@@ -138,7 +144,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     manifest = {
         "format": SITE_FORMAT, "version": SITE_VERSION, "key": key,
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": lm.name, "hook": hook, "corpus": str(cfg.corpus or "offline Wikipedia eval split"),
+        "model": lm.name, "hook": hook, "corpus": resolve_corpus(cfg),
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
         "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": "excluded" if first else "included",
         "config": dataclasses.asdict(cfg), "definitions": DEFINITIONS, "has_families": families is not None,
@@ -165,7 +171,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     sizes = [s.sae.n_latents for s in sources]
     if len(set(sizes)) != len(sizes):
         raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
-    hook = check_compatible(sources, cfg.hook, cfg.model or (lm if isinstance(lm, str) else getattr(lm, 'name', None)))
+    hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     lm = _load_lm(lm, cfg, sources)
     lm.check_hook(hook)
     tokens = read_tokens(lm, sources[0].sae, cfg)
