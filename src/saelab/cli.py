@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("steer", help="generate with and without adding / clamping / ablating an SAE latent")
     add_steer_arguments(p)
+
+    from saelab.explore.browser.pipeline import add_browse_arguments, add_families_arguments
+
+    p = sub.add_parser("browse", help="build (and serve on 127.0.0.1) an offline feature browser for SAEs")
+    add_browse_arguments(p)
+    p = sub.add_parser("families", help="feature families of SAEs of several sizes on one hook, as JSON")
+    add_families_arguments(p)
     return parser
 
 
@@ -184,6 +191,18 @@ def _cmd_steer(args) -> dict:
     return steer_command(args)
 
 
+def _cmd_browse(args) -> dict:
+    from saelab.explore.browser.pipeline import browse_command
+
+    return browse_command(args)
+
+
+def _cmd_families(args) -> dict:
+    from saelab.explore.browser.pipeline import families_command
+
+    return families_command(args)
+
+
 def _cmd_report(args) -> dict:
     from saelab.evals.suite import is_sweep_folder
     from saelab.report.markdown import write_run_report
@@ -204,7 +223,8 @@ def _cmd_report(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"quickstart": _cmd_quickstart, "harvest": _cmd_harvest, "train": _cmd_train, "sweep": _cmd_sweep,
-               "eval": _cmd_eval, "report": _cmd_report, "steer": _cmd_steer}[args.verb]
+               "eval": _cmd_eval, "report": _cmd_report, "steer": _cmd_steer, "browse": _cmd_browse,
+               "families": _cmd_families}[args.verb]
     try:
         result = handler(args)
     except SaelabError as e:

@@ -277,6 +277,8 @@ def final_norm(lm) -> torch.nn.Module:
 def unembed_direction(lm, d_D: torch.Tensor) -> torch.Tensor:
     """Logit change ``[V]`` from adding direction ``d`` to the final residual stream, linearized.
 
+    Several directions ``[..., D]`` give ``[..., V]``.
+
     The final norm is taken as a fixed linear map: its centring (LayerNorm) and its weight
     (``1 + weight`` for Gemma's RMSNorm) are applied, its data-dependent ``1 / rms`` scale and its
     bias are not (the scale multiplies every direction alike at a token; the bias does not depend on
@@ -285,11 +287,11 @@ def unembed_direction(lm, d_D: torch.Tensor) -> torch.Tensor:
     norm = final_norm(lm)
     d = d_D.to(lm.model.get_output_embeddings().weight.dtype)
     if isinstance(norm, torch.nn.LayerNorm):
-        d = d - d.mean()
+        d = d - d.mean(dim=-1, keepdim=True)
     w = getattr(norm, "weight", None)
     if w is not None:
         d = d * (w + 1 if type(norm).__name__.startswith("Gemma") else w)
-    return lm.model.get_output_embeddings().weight @ d
+    return d @ lm.model.get_output_embeddings().weight.T
 
 
 @torch.no_grad()

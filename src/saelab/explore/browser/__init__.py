@@ -1,0 +1,24 @@
+"""Offline feature browser and feature families across dictionary sizes.
+
+- :mod:`.build`: the one pass over text (LM forward, SAE encode, per-latent statistics) and what every
+  number on the pages means; :mod:`.stats`: the vectorised accumulators it uses.
+- :mod:`.site`: the static site (local HTML/JS/CSS and data files, no external URL).
+- :mod:`.serve`: serve it on 127.0.0.1.
+- :mod:`.families`: match latents across SAE sizes (decoder cosine and co-activation), the family tree.
+- :mod:`.pipeline`: ``build_browser`` / ``build_families``, the ``saelab browse`` / ``saelab families`` verbs.
+"""
+
+from saelab.explore.browser.build import BrowseConfig, SAESource, open_sae_source
+from saelab.explore.browser.pipeline import build_browser, build_families
+from saelab.explore.browser.serve import make_server, serve_in_thread, serve_site
+
+__all__ = [
+    "BrowseConfig",
+    "SAESource",
+    "build_browser",
+    "build_families",
+    "make_server",
+    "open_sae_source",
+    "serve_in_thread",
+    "serve_site",
+]

@@ -1,0 +1,452 @@
+"""One pass over text that gathers everything the feature browser shows, for one or several SAEs.
+
+Definitions (the browser's pages and ``site.json`` use exactly these):
+
+- **Tokens scored**: ``n_contexts`` contexts of ``context_size`` tokens packed from the corpus as
+  everywhere in saelab (BOS first); position 0 is left out when the SAE was trained without it
+  (``cfg.exclude_first``), so ``n_tokens = n_contexts * (context_size - 1)`` then. ``n_contexts``
+  is ``BrowseConfig.n_tokens`` rounded up to whole contexts.
+- **Active**: a latent is active at a token when its TopK+ReLU value there is > 0.
+- **Density** = active tokens / tokens scored. **Max activation** = the largest value over the
+  tokens scored. **Mean activation** = the mean value over the tokens where it is active.
+- **Top contexts**: the ``n_top`` contexts with the largest per-context maximum of the latent
+  (one entry per context; ties go to the earlier context), shown as a window of tokens around
+  the first position reaching that maximum.
+- **Quantile samples**: a uniform random sample without replacement of ``n_samples`` contexts in
+  which the latent is active (keys from :func:`~.stats.sample_keys`), sorted by their maximum and
+  cut into ``n_bands`` groups of (nearly) equal size: band 1 holds the lowest quarter of the
+  sampled context maxima (for 4 bands), band 4 the highest. So the bands sample the quantiles of
+  the per-context maximum of the latent over the contexts where it fires.
+- **Histogram**: counts of the latent's nonzero values over all tokens scored, in ``n_bins``
+  equal bins over ``[0, 2^e)`` with ``2^e`` the smallest power of two above the max activation
+  (exact, see :class:`~.stats.DoublingHistogram`).
+- **Direct logit effect**: ``W_U (g * W_dec[i])`` for every vocabulary token, where ``g`` is the
+  final norm's weight (LayerNorm centring applied too; the data-dependent ``1/rms`` scale and the
+  bias are not), i.e. :func:`saelab.explore.attribution.unembed_direction`: the logit change per
+  unit of the latent along the direct path, skipping the layers after the hook. The ``n_logits``
+  largest are "promoted", the ``n_logits`` smallest "suppressed".
+- **Nearest latents**: the ``n_neighbours`` other latents of the same SAE with the largest
+  cosine between decoder rows.
+- **Explanation**: an N2G explanation (see :mod:`saelab.evals.n2g`) from the file named by
+  ``n2g_file`` (a ``run_n2g`` result, default ``RUN/n2g.json`` when it exists) or built here for
+  ``n2g_latents`` latents from their top contexts; absent otherwise.
+
+Several SAEs read the same LM forward (they must share model, hook and width); feature families
+across their sizes come from the same pass (:mod:`.families`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab.errors import CheckpointError, CorpusError, ShapeMismatchError
+from saelab.explore.browser.stats import (
+    DoublingHistogram,
+    FiringCounts,
+    RunningTopK,
+    active_entries,
+    context_maxima,
+    context_rows,
+    sample_keys,
+)
+from saelab.sae.topk import TopKSAE
+
+
+@dataclass
+class BrowseConfig:
+    """What the feature browser reads and shows."""
+
+    n_tokens: int = 262_144
+    """Tokens scored (position 0 excluded when the SAE excludes it); rounded up to whole contexts."""
+    corpus: str | None = None
+    """Text to read: a .txt/.jsonl/.jsonl.xz file, a folder of .txt, or a HF dataset name; None: the
+    offline Wikipedia eval split (articles the SAEs were not trained on) when present."""
+    context_size: int | None = None
+    """Tokens per context; None: the (first) SAE's training context size."""
+    model: str | None = None
+    """Language model; None: the one the SAE was trained on."""
+    hook: str | None = None
+    """Hook the SAEs read; None: the SAE's own hook name."""
+    n_top: int = 16
+    """Top-activating contexts kept per latent."""
+    n_samples: int = 12
+    """Contexts sampled at random per latent (among those where it fires) for the quantile bands."""
+    n_bands: int = 4
+    """Quantile bands the samples are split into."""
+    n_bins: int = 64
+    """Histogram bins (a power of two)."""
+    window_before: int = 16
+    """Tokens shown before the max-activating token of each context."""
+    window_after: int = 8
+    """Tokens shown after it."""
+    n_logits: int = 10
+    """Promoted and suppressed tokens listed per latent (direct logit effect)."""
+    n_neighbours: int = 8
+    """Nearest latents by decoder cosine listed per latent."""
+    lm_batch_size: int = 16
+    """Contexts per LM forward."""
+    n2g_file: str | None = None
+    """N2G result (JSON from saelab.evals.n2g.run_n2g) giving explanations; None: RUN/n2g.json if present."""
+    n2g_latents: int = 0
+    """Also build N2G explanations here for this many latents (random among the active), from their
+    top contexts (about a few seconds per latent on a CPU); 0: none."""
+    family_min_score: float = 0.3
+    """Feature families: a latent's parent in the next smaller SAE needs at least this score
+    (geometric mean of decoder cosine and co-activation containment, see saelab.explore.browser.families)."""
+    seed: int = 0
+    """Seed of the quantile samples and of the N2G latent choice."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "n_top", "n_samples", "n_bands", "lm_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BrowseConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_bins < 2 or self.n_bins & (self.n_bins - 1):
+            raise ValueError(f"BrowseConfig.n_bins must be a power of two >= 2, got {self.n_bins}")
+        if self.window_before < 0 or self.window_after < 0:
+            raise ValueError("BrowseConfig.window_before and window_after must be >= 0")
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SAESource:
+    """One SAE to browse: where it came from and the short name its pages live under."""
+
+    name: str
+    source: str
+    sae: TopKSAE
+    run_dir: Path | None = None
+    """The run folder, when the source was one (N2G results may live there)."""
+
+
+def open_sae_source(source: str | Path, name: str | None = None) -> SAESource:
+    """Load a run folder (``RUN/sae``), a SAELens folder, an OpenAI ``.pt`` file or URL."""
+    from saelab.sae import load_sae
+    from saelab.train.checkpoint import SAE_DIR
+
+    text = str(source)
+    path = Path(text).expanduser()
+    if not text.startswith(("https://", "http://")) and path.is_dir() and not (path / "cfg.json").exists():
+        if not (path / SAE_DIR).is_dir():
+            found = sorted(p.name for p in path.iterdir())[:8]
+            raise CheckpointError(f"{path}: not a run folder with an SAE (no {SAE_DIR}/ or cfg.json; found {found}); "
+                                  "pass a run folder, a SAELens folder, an OpenAI .pt file or URL")
+        sae = load_sae(path / SAE_DIR)
+        return SAESource(name or path.name, text, sae, run_dir=path)
+    sae = load_sae(text)
+    stem = path.stem if path.suffix == ".pt" else path.name
+    return SAESource(name or stem or "sae", text, sae)
+
+
+def check_compatible(sources: Sequence[SAESource], hook: str | None = None, model: str | None = None) -> str:
+    """The shared hook of several SAEs; refuses SAEs on different hooks, widths or models.
+
+    ``hook`` / ``model`` given by the user override what the SAE configs say (the model check is then skipped).
+    """
+    if not sources:
+        raise ValueError("no SAE given")
+    first = sources[0]
+    hooks = {s.name: hook or s.sae.cfg.hook_name for s in sources}
+    for s in sources:
+        if not hooks[s.name]:
+            raise CheckpointError(f"SAE {s.source} has no hook name in its config; pass --hook")
+        if hooks[s.name] != hooks[first.name]:
+            raise ShapeMismatchError(f"SAEs read different hooks: {s.source} reads {hooks[s.name]!r}, "
+                                     f"{first.source} reads {hooks[first.name]!r}; families and one-pass "
+                                     "browsing need SAEs on the same hook")
+        if s.sae.cfg.d_in != first.sae.cfg.d_in:
+            raise ShapeMismatchError(f"SAEs have different widths: {s.source} has d_in={s.sae.cfg.d_in}, "
+                                     f"{first.source} has d_in={first.sae.cfg.d_in}")
+        if (s.sae.cfg.model_name and first.sae.cfg.model_name and not model
+                and s.sae.cfg.model_name != first.sae.cfg.model_name):
+            raise ShapeMismatchError(f"SAEs come from different models: {s.source} ({s.sae.cfg.model_name}) and "
+                                     f"{first.source} ({first.sae.cfg.model_name}); pass --model to use one model for all")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two SAEs share the name {names}; name them apart (different folder names)")
+    return hooks[first.name]
+
+
+# ---- the pass ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentStats:
+    """Everything gathered for one SAE; tensors indexed by latent (see the module docstring)."""
+
+    source: SAESource
+    n_tokens: int
+    count_N: torch.Tensor
+    sum_N: torch.Tensor
+    max_N: torch.Tensor
+    hist_NH: torch.Tensor
+    hist_top_N: torch.Tensor
+    top_act_NK: torch.Tensor
+    top_ctx_NK: torch.Tensor
+    top_pos_NK: torch.Tensor
+    top_rows_NKT: torch.Tensor
+    sample_act_NS: torch.Tensor
+    sample_ctx_NS: torch.Tensor
+    sample_pos_NS: torch.Tensor
+    sample_rows_NST: torch.Tensor
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    neighbours: dict[str, torch.Tensor] = field(default_factory=dict)
+    explanations: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def density_N(self) -> torch.Tensor:
+        return self.count_N.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_N(self) -> torch.Tensor:
+        return torch.where(self.count_N > 0, self.sum_N / self.count_N.clamp(min=1), torch.zeros_like(self.sum_N))
+
+
+class _Collector:
+    """The per-SAE accumulators of one pass."""
+
+    def __init__(self, sae: TopKSAE, T: int, cfg: BrowseConfig) -> None:
+        n = sae.n_latents
+        self.sae, self.n = sae, n
+        self.top = RunningTopK(n, cfg.n_top, {"ctx": (), "pos": (), "rows": (T,)}, {"rows": torch.float32})
+        self.samples = RunningTopK(n, cfg.n_samples, {"ctx": (), "pos": (), "max": (), "rows": (T,)},
+                                   {"max": torch.float32, "rows": torch.float32})
+        self.hist = DoublingHistogram(n, cfg.n_bins)
+        self.counts = FiringCounts(n)
+        self.seed = cfg.seed
+
+    def update(self, vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, ctx_B: torch.Tensor) -> None:
+        max_NB, pos_NB = context_maxima(vals_BTK, idx_BTK, self.n)
+
+        def rows(lat_P, item_P):
+            return {"ctx": ctx_B[item_P], "pos": pos_NB[lat_P, item_P],
+                    "rows": context_rows(vals_BTK, idx_BTK, self.n, lat_P, item_P)}
+
+        self.top.update(max_NB, rows)
+        keys_NB = sample_keys(ctx_B, self.n, self.seed)
+        keys_NB[~torch.isfinite(max_NB)] = float("-inf")
+
+        def sampled(lat_P, item_P):
+            return {**rows(lat_P, item_P), "max": max_NB[lat_P, item_P]}
+
+        self.samples.update(keys_NB, sampled)
+        lat_M, val_M = active_entries(vals_BTK, idx_BTK)
+        self.hist.update(lat_M, val_M)
+        self.counts.update(lat_M, val_M)
+
+    def finish(self, source: SAESource, n_tokens: int) -> LatentStats:
+        top, smp = self.top, self.samples
+        return LatentStats(
+            source=source, n_tokens=n_tokens, count_N=self.counts.count_N, sum_N=self.counts.sum_N,
+            max_N=top.score_NK[:, 0].clamp(min=0).nan_to_num(0.0, neginf=0.0),
+            hist_NH=self.hist.counts_NH, hist_top_N=self.hist.top_edge(),
+            top_act_NK=top.score_NK.nan_to_num(0.0, neginf=0.0).clamp(min=0), top_ctx_NK=top.payload["ctx"],
+            top_pos_NK=top.payload["pos"], top_rows_NKT=top.payload["rows"],
+            sample_act_NS=smp.payload["max"], sample_ctx_NS=smp.payload["ctx"], sample_pos_NS=smp.payload["pos"],
+            sample_rows_NST=smp.payload["rows"],
+        )
+
+
+def first_scored(sae: TopKSAE) -> int:
+    return 1 if sae.cfg.exclude_first else 0
+
+
+def resolve_corpus(cfg: BrowseConfig) -> str:
+    """``cfg.corpus``, or the offline Wikipedia eval split when none is given."""
+    from saelab.data import default_corpus
+
+    corpus = cfg.corpus or default_corpus("eval")
+    if corpus is None:
+        raise CorpusError("no corpus given and the offline default (wiki-en/wiki_eval.jsonl.xz) was not found; "
+                          "pass --corpus PATH or a Hugging Face dataset name")
+    return corpus
+
+
+def read_tokens(lm, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor:
+    """The contexts ``[N, T]`` the browser reads (see the module docstring)."""
+    from saelab.data import token_contexts
+
+    corpus = resolve_corpus(cfg)
+    T = cfg.context_size or sae.cfg.context_size
+    first = first_scored(sae)
+    if T - first < 1:
+        raise ValueError(f"context_size={T} leaves no scored token")
+    return token_contexts(corpus, lm.tokenize, T, n_contexts=math.ceil(cfg.n_tokens / (T - first)),
+                          bos_token_id=lm.bos_token_id, prepend_bos=sae.cfg.prepend_bos)
+
+
+@torch.no_grad()
+def collect_statistics(lm, sources: Sequence[SAESource], tokens_NT: torch.Tensor, cfg: BrowseConfig, *,
+                       hook: str, families: bool = True, latent_stats: bool = True, progress: bool = True
+                       ) -> tuple[list[LatentStats], Any, dict[str, float]]:
+    """The one pass: LM forward (truncated), each SAE's encoder, every accumulator, per batch.
+
+    Returns per-SAE :class:`LatentStats` (empty list without ``latent_stats``), the family
+    co-activation counts (``None`` without ``families`` or with one SAE) and the seconds spent in
+    ``lm``, ``encode`` and ``stats``.
+    """
+    from saelab.explore.browser.families import CoactivationCounts
+
+    first = first_scored(sources[0].sae)
+    N, T = tokens_NT.shape
+    for s in sources:
+        s.sae.eval()
+    collectors = [_Collector(s.sae, T, cfg) for s in sources] if latent_stats else []
+    order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
+    coact = CoactivationCounts([sources[i].sae for i in order]) if families and len(sources) > 1 else None
+    times = {"lm": 0.0, "encode": 0.0, "stats": 0.0}
+    n_scored = N * (T - first)
+    bar = tqdm(total=n_scored, unit="tok", unit_scale=True, disable=not progress, desc="browse", smoothing=0.05)
+    for start in range(0, N, cfg.lm_batch_size):
+        toks = tokens_NT[start:start + cfg.lm_batch_size]
+        ctx_B = torch.arange(start, start + toks.shape[0])
+        t0 = time.perf_counter()
+        x_BTD = lm.activations(toks, hook).float().cpu()
+        t1 = time.perf_counter()
+        codes = []
+        for s in sources:
+            codes.append(_encode(s.sae, x_BTD, first))
+        t2 = time.perf_counter()
+        for col, (vals, idx) in zip(collectors, codes):
+            col.update(vals, idx, ctx_B)
+        if coact is not None:
+            coact.update([codes[i] for i in order], toks.shape[0] * (T - first))
+        t3 = time.perf_counter()
+        times["lm"] += t1 - t0
+        times["encode"] += t2 - t1
+        times["stats"] += t3 - t2
+        bar.update(toks.shape[0] * (T - first))
+    bar.close()
+    stats = [c.finish(s, n_scored) for c, s in zip(collectors, sources)]
+    return stats, coact, times
+
+
+def _encode(sae: TopKSAE, x_BTD: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x_n, _ = sae.normalize_input(x_BTD.to(sae.W_dec.dtype))
+    vals, idx, _ = sae.encode_topk(x_n)
+    vals = vals.float()
+    vals[:, :first] = 0  # unscored positions count as inactive everywhere
+    return vals, idx
+
+
+# ---- after the pass: decoder geometry, logits, explanations ---------------------------------------------------
+
+
+@torch.no_grad()
+def direct_logit_effects(lm, sae: TopKSAE, n_top: int, chunk: int = 256) -> dict[str, torch.Tensor]:
+    """Top promoted / suppressed tokens of every latent (module docstring), in chunks of latents."""
+    from saelab.explore.attribution import unembed_direction
+
+    n = sae.n_latents
+    k = min(n_top, lm.vocab_size)
+    out = {name: torch.empty(n, k, dtype=dt) for name, dt in
+           (("pos_ids", torch.long), ("pos_vals", torch.float32), ("neg_ids", torch.long), ("neg_vals", torch.float32))}
+    for s in range(0, n, chunk):
+        eff_CV = unembed_direction(lm, sae.W_dec[s:s + chunk].to(lm.device)).float().cpu()
+        top = eff_CV.topk(k, dim=1)
+        bot = eff_CV.topk(k, dim=1, largest=False)
+        out["pos_ids"][s:s + chunk], out["pos_vals"][s:s + chunk] = top.indices, top.values
+        out["neg_ids"][s:s + chunk], out["neg_vals"][s:s + chunk] = bot.indices, bot.values
+    return out
+
+
+@torch.no_grad()
+def nearest_by_decoder(W_dec_ND: torch.Tensor, n_top: int, chunk: int = 2048) -> dict[str, torch.Tensor]:
+    """For each latent, the ``n_top`` other latents with the largest decoder cosine (ids, cosines)."""
+    W = W_dec_ND.float()
+    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n = W.shape[0]
+    k = min(n_top, n - 1)
+    ids = torch.empty(n, k, dtype=torch.long)
+    cos = torch.empty(n, k)
+    for s in range(0, n, chunk):
+        sim = W[s:s + chunk] @ W.T
+        rows = torch.arange(s, min(s + chunk, n))
+        sim[rows - s, rows] = float("-inf")  # not its own neighbour
+        top = sim.topk(k, dim=1)
+        ids[s:s + chunk], cos[s:s + chunk] = top.indices, top.values
+    return {"ids": ids, "cos": cos}
+
+
+def pattern_text(tokens: Sequence[str], anchored: bool) -> str:
+    """One N2G pattern as text: wildcards as '…', '⟨start⟩' in front when anchored to the context start."""
+    body = "".join("…" if t == "*" else t for t in tokens)
+    return ("⟨start⟩" if anchored else "") + body
+
+
+def explanation_from_n2g(entry: dict[str, Any], n_patterns: int = 3) -> dict[str, Any]:
+    """The browser's explanation record from one ``per_latent`` entry of a ``run_n2g`` result."""
+    pats = entry.get("patterns") or []
+    texts = [pattern_text(p["tokens"], bool(p.get("anchored"))) for p in pats[:n_patterns]]
+    return {"text": " | ".join(texts), "patterns": [{"text": pattern_text(p["tokens"], bool(p.get("anchored"))),
+                                                    "value": p.get("value"), "count": p.get("count")} for p in pats],
+            "precision": entry.get("precision"), "recall": entry.get("recall"), "f1": entry.get("f1")}
+
+
+def read_n2g_file(path: str | Path) -> dict[int, dict[str, Any]]:
+    """Explanations by latent from a ``run_n2g`` JSON result."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read N2G explanations: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("per_latent"), list):
+        raise CheckpointError(f"{path}: not an N2G result (expected a JSON object with a 'per_latent' list, "
+                              "as saelab.evals.n2g.run_n2g returns)")
+    return {int(e["latent"]): explanation_from_n2g(e) for e in data["per_latent"] if "latent" in e}
+
+
+@torch.no_grad()
+def build_n2g_explanations(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook: str, cfg: BrowseConfig,
+                           progress: bool = True) -> dict[int, dict[str, Any]]:
+    """N2G explanations for ``cfg.n2g_latents`` latents built from the top contexts already found."""
+    from saelab.evals.n2g import N2GConfig, WILDCARD, _model_act_fn, _padding_id, build_explanations
+    from saelab.evals.probe_tasks import token_strings
+
+    sae = stats.source.sae
+    alive = (stats.count_N > 0).nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(cfg.seed)
+    lats = alive[torch.randperm(alive.numel(), generator=g)[:cfg.n2g_latents]].sort().values.tolist()
+    if not lats:
+        return {}
+    ncfg = N2GConfig(n_examples=cfg.n_top)
+    pad_id = _padding_id(lm.tokenizer, ncfg.padding_token)
+    s0 = 1 if sae.cfg.prepend_bos else 0
+    act_fn = _model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, ncfg.seq_batch_size)
+    strs: dict[int, str] = {}
+    out = {}
+    for lat in tqdm(lats, desc="N2G", disable=not progress):
+        examples = {lat: [(tokens_NT[int(c), s0:int(p) + 1].tolist(), float(a))
+                          for c, p, a in zip(stats.top_ctx_NK[lat], stats.top_pos_NK[lat], stats.top_act_NK[lat])
+                          if int(c) >= 0 and float(a) > 0]}
+        expl, _ = build_explanations(examples, act_fn, {lat: float(stats.max_N[lat])}, ncfg, pad_id)[lat]
+        pats = sorted(expl.patterns, key=lambda p: (-p.count, -p.value))[:ncfg.max_patterns_reported]
+        entry = {"patterns": [{"tokens": ["*" if t == WILDCARD else token_strings(lm.tokenizer, [t], strs)[0]
+                                          for t in p.ids], "anchored": p.anchored, "value": p.value,
+                               "count": p.count} for p in pats]}
+        out[lat] = explanation_from_n2g(entry)
+    return out
+
+
+def finish_statistics(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook: str, cfg: BrowseConfig,
+                      progress: bool = True) -> None:
+    """Add decoder neighbours, direct logit effects and explanations to ``stats`` (in place)."""
+    sae = stats.source.sae
+    stats.neighbours = nearest_by_decoder(sae.W_dec.detach(), cfg.n_neighbours)
+    stats.logits = direct_logit_effects(lm, sae, cfg.n_logits)
+    n2g_file = cfg.n2g_file
+    if n2g_file is None and stats.source.run_dir is not None and (stats.source.run_dir / "n2g.json").is_file():
+        n2g_file = str(stats.source.run_dir / "n2g.json")
+    if n2g_file:
+        stats.explanations.update(read_n2g_file(n2g_file))
+    if cfg.n2g_latents:
+        stats.explanations.update(build_n2g_explanations(lm, stats, tokens_NT, hook, cfg, progress))

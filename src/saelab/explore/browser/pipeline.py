@@ -1,0 +1,261 @@
+"""The public jobs behind ``saelab browse`` and ``saelab families``, and their command-line options.
+
+    from saelab.explore.browser import BrowseConfig, build_browser, build_families
+    site = build_browser(["runs/n1024", "runs/n4096"], "site/", BrowseConfig(n_tokens=262_144))
+    tree = build_families(["runs/n1024", "runs/n4096", "runs/n16384"], "families.json")
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from saelab.errors import SaelabError
+from saelab.explore.browser.build import (
+    BrowseConfig,
+    SAESource,
+    check_compatible,
+    collect_statistics,
+    finish_statistics,
+    first_scored,
+    open_sae_source,
+    read_tokens,
+    resolve_corpus,
+)
+from saelab.explore.browser.families import family_tree
+from saelab.explore.browser.site import SITE_FORMAT, SITE_VERSION, read_site_manifest, write_site
+from saelab.utils.atomic import write_json
+
+DEFINITIONS = {
+    "tokens": "contexts packed from the corpus, BOS first; position 0 is not scored when the SAE leaves it out",
+    "active": "the latent's TopK+ReLU value is > 0",
+    "density": "active tokens / tokens scored",
+    "max": "largest value over the tokens scored",
+    "mean": "mean value over the tokens where the latent is active",
+    "top": "contexts with the largest per-context maximum (one entry per context)",
+    "fires on": "tokens at which the latent reaches at least half its max in its top contexts, with counts",
+    "bands": "a uniform random sample of the contexts where the latent is active, sorted by their maximum and "
+             "cut into equal bands (band 1 lowest)",
+    "hist": "counts of nonzero values over all tokens scored, equal bins over [0, 2^e), 2^e the smallest power of two above the max",
+    "logits": "direct logit effect W_U (g * W_dec[i]): g = final norm weight (LayerNorm centring applied, "
+              "1/rms scale not), layers after the hook skipped",
+    "near": "other latents with the largest cosine between decoder rows",
+}
+
+
+def _sources(sae_sources: Sequence[str | os.PathLike | SAESource]) -> list[SAESource]:
+    if isinstance(sae_sources, (str, os.PathLike, SAESource)):
+        sae_sources = [sae_sources]
+    out = [s if isinstance(s, SAESource) else open_sae_source(s) for s in sae_sources]
+    if not out:
+        raise SaelabError("no SAE given; pass a run folder, a SAELens folder or an OpenAI .pt file")
+    return out
+
+
+def _stat_key(source: str) -> list:
+    """What identifies an SAE's files: paths, sizes and modification times."""
+    path = Path(source).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.json") if p.parent.name == "sae"
+                                                 or p.parent == path) + sorted(path.rglob("*.safetensors"))
+    if not path.exists():
+        return [source]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+
+
+def build_key(sources: Sequence[SAESource], cfg: BrowseConfig) -> str:
+    """Hash of the inputs and settings: a site with the same key needs no rebuild."""
+    blob = json.dumps({"saes": [[s.name, _stat_key(s.source)] for s in sources], "cfg": dataclasses.asdict(cfg),
+                       "version": SITE_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _named_model(cfg: BrowseConfig, lm) -> str | None:
+    """The model the caller chose (it overrides what the SAE configs say), if any."""
+    return cfg.model or (lm if isinstance(lm, str) else getattr(lm, "name", None))
+
+
+def _load_lm(lm, cfg: BrowseConfig, sources: Sequence[SAESource]):
+    from saelab.models import LanguageModel, load_model
+
+    if isinstance(lm, LanguageModel):
+        return lm
+    return load_model(lm or cfg.model or sources[0].sae.cfg.model_name or "default")
+
+
+def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
+    if coact is None:
+        return None
+    order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
+    return family_tree([sources[i].name for i in order], [sources[i].source for i in order],
+                       [sources[i].sae for i in order], coact, min_score=cfg.family_min_score, hook=hook,
+                       model=lm.name)
+
+
+def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
+                  overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Build the feature browser site for one or several SAEs (on one hook) at ``out``.
+
+    ``sae_sources``: run folders, SAELens folders, OpenAI ``.pt`` files or URLs (or :class:`SAESource`).
+    With several SAEs the site also shows their feature families (and writes ``families.json``).
+    A finished site at ``out`` built from the same inputs and settings is kept as it is (returned
+    with ``"reused": True``) unless ``overwrite``; one built from other inputs is replaced. A folder
+    at ``out`` that is not a site is never replaced. Returns the site's manifest plus ``site`` and
+    ``seconds`` (all phases, the site write included).
+    """
+    cfg = cfg or BrowseConfig()
+    t_start = time.perf_counter()
+    sources = _sources(sae_sources)
+    hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
+    out = Path(out)
+    key = build_key(sources, cfg)
+    old = read_site_manifest(out)
+    if old is not None and old.get("key") == key and not overwrite:
+        return {**old, "site": str(out), "reused": True}
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    lm = _load_lm(lm, cfg, sources)
+    lm.check_hook(hook)
+    for s in sources:
+        s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
+                          name=f"activations at {hook} of {lm.name} (for {s.source})")
+    seconds["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tokens = read_tokens(lm, sources[0].sae, cfg)
+    seconds["tokenize"] = time.perf_counter() - t
+    stats, coact, pass_times = collect_statistics(lm, sources, tokens, cfg, hook=hook, progress=progress)
+    seconds.update(pass_times)
+    t = time.perf_counter()
+    single = len(sources) == 1
+    for st in stats:
+        finish_statistics(lm, st, tokens, hook, cfg if single else dataclasses.replace(cfg, n2g_file=None),
+                          progress=progress)
+    families = _families(lm, sources, coact, cfg, hook)
+    seconds["finish"] = time.perf_counter() - t
+    first = first_scored(sources[0].sae)
+    manifest = {
+        "format": SITE_FORMAT, "version": SITE_VERSION, "key": key,
+        "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": lm.name, "hook": hook, "corpus": resolve_corpus(cfg),
+        "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
+        "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": "excluded" if first else "included",
+        "config": dataclasses.asdict(cfg), "definitions": DEFINITIONS, "has_families": families is not None,
+        "saes": [{"name": s.name, "source": s.source, "n_latents": s.sae.n_latents, "k": s.sae.cfg.k,
+                  "input_norm": s.sae.cfg.input_norm, "alive": int((st.count_N > 0).sum()),
+                  "explained": len(st.explanations)} for s, st in zip(sources, stats)],
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    t = time.perf_counter()
+    write_site(out, manifest=manifest, stats_list=stats, tokens_NT=tokens, tokenizer=lm.tokenizer, cfg=cfg,
+               families=families, progress=progress)
+    seconds["write"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_start
+    return {**manifest, "site": str(out), "reused": False, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+
+
+def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig | None = None, *, lm=None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Feature families of several SAEs on one hook (see :mod:`.families`); written to ``out`` as JSON."""
+    cfg = cfg or BrowseConfig()
+    sources = _sources(sae_sources)
+    if len(sources) < 2:
+        raise SaelabError(f"feature families need at least two SAEs of different sizes, got {len(sources)}")
+    sizes = [s.sae.n_latents for s in sources]
+    if len(set(sizes)) != len(sizes):
+        raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
+    hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
+    lm = _load_lm(lm, cfg, sources)
+    lm.check_hook(hook)
+    tokens = read_tokens(lm, sources[0].sae, cfg)
+    _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
+    tree = _families(lm, sources, coact, cfg, hook)
+    if out is not None:
+        write_json(out, tree)
+    return tree
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+
+def add_browse_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``saelab browse``."""
+    from saelab.utils.dataclass_args import add_dataclass_args
+
+    p.add_argument("sae", nargs="+", help="run folder(s), SAELens folder(s), OpenAI .pt file(s) or URL(s); several "
+                                          "SAEs on one hook also get their feature families")
+    p.add_argument("--out", default=None, help="site folder (default: RUN/browser for a run folder)")
+    p.add_argument("--serve", action="store_true", help="serve the site on 127.0.0.1 after building it")
+    p.add_argument("--port", type=int, default=8000, help="port for --serve (0: any free port)")
+    add_dataclass_args(p, BrowseConfig, title="browser")
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if the site is up to date")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def add_families_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``saelab families``."""
+    from saelab.utils.dataclass_args import add_dataclass_args
+
+    p.add_argument("sae", nargs="+", help="two or more SAEs of different sizes on one hook (run folders, SAELens "
+                                          "folders, OpenAI .pt files)")
+    p.add_argument("--out", required=True, help="families JSON file to write")
+    add_dataclass_args(p, BrowseConfig, title="text read", skip=("n_top", "n_samples", "n_bands", "n_bins",
+                       "window_before", "window_after", "n_logits", "n_neighbours", "n2g_file", "n2g_latents"))
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def _default_out(sources: Sequence[str]) -> Path:
+    from saelab.train.checkpoint import SAE_DIR
+
+    first = Path(sources[0])
+    if first.is_dir() and (first / SAE_DIR).is_dir():
+        return first / "browser"
+    raise SaelabError(f"{sources[0]} is not a run folder; pass --out for the site folder")
+
+
+def browse_command(args: argparse.Namespace) -> dict[str, Any]:
+    from saelab.explore.browser.serve import serve_site
+    from saelab.utils.dataclass_args import dataclass_from_args
+
+    out = Path(args.out) if args.out else _default_out(args.sae)
+    if args.serve and args.port:
+        _check_port(args.port)  # before a long build, not after it
+    result = build_browser(args.sae, out, dataclass_from_args(BrowseConfig, args), overwrite=args.overwrite,
+                           progress=args.progress)
+    summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
+               "saes": result["saes"], "seconds": result["seconds"]}
+    if args.serve:
+        print(json.dumps(summary, indent=2))
+        serve_site(out, args.port)
+    return summary
+
+
+def _check_port(port: int) -> None:
+    """Fail before a long build when the port cannot be bound."""
+    import socket
+
+    from saelab.explore.browser.serve import HOST, ServeError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError as e:
+            raise ServeError(f"port {port} on {HOST} is in use; pass another --port (or 0 for any free port)") from e
+
+
+def families_command(args: argparse.Namespace) -> dict[str, Any]:
+    from saelab.utils.dataclass_args import dataclass_from_args
+
+    tree = build_families(args.sae, args.out, dataclass_from_args(BrowseConfig, args), progress=args.progress)
+    top = tree["families"][:5]
+    return {"families": args.out, "n_tokens": tree["n_tokens"], "saes": tree["saes"],
+            "matched": {f"{l['child_sae']}->{l['parent_sae']}": l["n_children_matched"] for l in tree["links"]},
+            "largest": [{"sae": f["sae"], "latent": f["latent"], "n_descendants": f["n_descendants"]} for f in top]}

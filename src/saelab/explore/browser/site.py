@@ -1,0 +1,271 @@
+"""Write the feature browser as a static, self-contained site: local HTML/JS/CSS plus data files.
+
+Layout (every path relative; nothing refers to another host, so the site works offline, over
+``saelab browse --serve`` on 127.0.0.1 or opened straight from disk)::
+
+    index.html  app.js  style.css      the viewer (hash routes: #/s/SAE, #/s/SAE/l/ID, #/families)
+    site.json                          what was built, from what, with which settings and timings
+    families.json                      the family tree (several SAEs only; see .families)
+    data/meta.js                       site.json for the viewer
+    data/vocab.js                      {token id: text} for every token the pages show
+    data/SAE/index.js                  one row per latent: density, max, mean, the tokens where it reaches
+                                       half its max in its top contexts (with counts, up to 12), its 5 most
+                                       promoted tokens, its explanation: what the index shows and searches
+    data/SAE/l/NNNN.js                 latent pages, CHUNK latents a file (top contexts, quantile bands,
+                                       histogram, direct logit effect, nearest latents, family)
+    data/families.js                   families.json for the viewer
+
+Data files are JavaScript (``SAELAB.put(key, {...})``) rather than JSON so that ``<script>`` tags
+load them also from ``file://``, where ``fetch`` is refused. Token activations in the pages are
+integers ``q`` = round(10,000 * value / the latent's max activation), at least 1 where the latent
+is active; the viewer shows ``q * max / 10,000``.
+
+The site is written to a temporary folder beside the target and renamed into place at the end,
+so an interrupted build never leaves a folder that looks like a finished site.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from saelab.errors import RunExistsError
+from saelab.utils.atomic import write_json
+
+SITE_FORMAT = "saelab-feature-browser"
+SITE_VERSION = 1
+CHUNK = 64
+"""Latents per data file of latent pages."""
+Q_SCALE = 10_000
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_FILES = ("index.html", "app.js", "style.css")
+_EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//|@import\s+["']?(?:https?:)?//|"""
+                       r"""(?:fetch|import)\(\s*["'](?:https?:)?//""", re.I)
+
+
+def external_references(folder: str | os.PathLike) -> list[str]:
+    """Places in the site's HTML/JS/CSS that would load something from another host (should be none)."""
+    found = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix not in (".html", ".js", ".css") or not path.is_file():
+            continue
+        if path.parent.name == "l" or path.name in ("vocab.js", "index.js"):
+            continue  # data files: token texts may legitimately contain "http://"
+        text = path.read_text(encoding="utf-8", errors="replace")
+        found += [f"{path.relative_to(folder)}: {m.group(0)!r}" for m in _EXTERNAL.finditer(text)]
+    return found
+
+
+def read_site_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``site.json`` of a finished site, or None."""
+    path = Path(folder) / "site.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == SITE_FORMAT else None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{float(x):.{digits}g}")
+
+
+def _js(key: str, obj: Any) -> str:
+    return f"SAELAB.put({json.dumps(key)},{json.dumps(obj, separators=(',', ':'), ensure_ascii=False)});\n"
+
+
+class _Vocab:
+    def __init__(self, tokenizer) -> None:
+        from saelab.evals.probe_tasks import token_strings
+
+        self.tokenizer, self.token_strings = tokenizer, token_strings
+        self.used: set[int] = set()
+
+    def add(self, ids) -> None:
+        self.used.update(int(i) for i in ids)
+
+    def strings(self) -> dict[str, str]:
+        ids = sorted(self.used)
+        cache: dict[int, str] = {}
+        return {str(i): s for i, s in zip(ids, self.token_strings(self.tokenizer, ids, cache))}
+
+
+def _examples(tokens_np: np.ndarray, ctx_K: np.ndarray, pos_K: np.ndarray, rows_KT: np.ndarray, scale: float,
+              s0: int, before: int, after: int, vocab: _Vocab) -> list[list]:
+    """``[ctx, start, token ids, q activations]`` for each filled entry (window around the max)."""
+    T = tokens_np.shape[1]
+    out = []
+    for c, p, row in zip(ctx_K.tolist(), pos_K.tolist(), rows_KT):
+        if c < 0:
+            continue
+        start, end = max(s0, p - before), min(T, p + after + 1)
+        ids = tokens_np[c, start:end].tolist()
+        r = row[start:end]
+        q = np.where(r > 0, np.maximum(1, np.rint(r / scale * Q_SCALE)), 0).astype(np.int64).tolist() if scale > 0 else [0] * len(ids)
+        vocab.add(ids)
+        out.append([c, start, ids, q])
+    return out
+
+
+def _strong_tokens(tokens_np: np.ndarray, ctx_K: np.ndarray, rows_KT: np.ndarray, scale: float, s0: int,
+                   limit: int = 12) -> list[list[int]]:
+    """``[token id, count]`` of the tokens where the latent reaches half its max in its top contexts, most first."""
+    ok = ctx_K >= 0
+    if scale <= 0 or not ok.any():
+        return []
+    toks = tokens_np[ctx_K[ok]][:, s0:]
+    strong = rows_KT[ok][:, s0:] >= 0.5 * scale
+    ids, counts = np.unique(toks[strong], return_counts=True)
+    order = np.lexsort((ids, -counts))[:limit]
+    return [[int(ids[j]), int(counts[j])] for j in order]
+
+
+def latent_pages(stats, tokens_NT: torch.Tensor, cfg, vocab: _Vocab, families: dict[str, Any] | None,
+                 name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The index rows and the per-latent records of one SAE (see the module docstring)."""
+    sae = stats.source.sae
+    n = sae.n_latents
+    s0 = 1 if sae.cfg.prepend_bos else 0
+    tokens_np = tokens_NT.numpy()
+    max_N = stats.max_N.numpy()
+    top_ctx, top_pos = stats.top_ctx_NK.numpy(), stats.top_pos_NK.numpy()
+    top_rows = stats.top_rows_NKT.numpy()
+    smp_ctx, smp_pos, smp_max = stats.sample_ctx_NS.numpy(), stats.sample_pos_NS.numpy(), stats.sample_act_NS.numpy()
+    smp_rows = stats.sample_rows_NST.numpy()
+    hist, hist_top = stats.hist_NH.numpy(), stats.hist_top_N.numpy()
+    lg = {k: v.numpy() for k, v in stats.logits.items()}
+    near_ids, near_cos = stats.neighbours["ids"].numpy(), stats.neighbours["cos"].numpy()
+    density, mean = stats.density_N.numpy(), stats.mean_N.numpy()
+    fam = _family_lookup(families, name)
+
+    index = {"name": name, "n_latents": n, "k": sae.cfg.k, "n_tokens": stats.n_tokens, "chunk": CHUNK,
+             "density": [], "max": [], "mean": [], "top_tokens": [], "promoted": [], "expl": []}
+    records = []
+    for i in range(n):
+        scale = float(max_N[i])
+        top = _examples(tokens_np, top_ctx[i], top_pos[i], top_rows[i], scale, s0, cfg.window_before,
+                        cfg.window_after, vocab)
+        valid = smp_ctx[i] >= 0
+        order = np.argsort(smp_max[i][valid], kind="stable")
+        samples = _examples(tokens_np, smp_ctx[i][valid][order], smp_pos[i][valid][order], smp_rows[i][valid][order],
+                            scale, s0, cfg.window_before, cfg.window_after, vocab)
+        bands = [b.tolist() for b in np.array_split(np.arange(len(samples)), cfg.n_bands)] if samples else []
+        counts = hist[i]
+        nz = np.flatnonzero(counts)
+        hist_rec = [_sig(hist_top[i]), counts[: nz[-1] + 1].tolist() if nz.size else []]
+        top_tok = _strong_tokens(tokens_np, top_ctx[i], top_rows[i], scale, s0)
+        vocab.add(t for t, _ in top_tok)
+        vocab.add(lg["pos_ids"][i].tolist())
+        vocab.add(lg["neg_ids"][i].tolist())
+        expl = stats.explanations.get(i)
+        records.append({
+            "id": i, "max": _sig(scale), "density": _sig(density[i]), "mean": _sig(mean[i]),
+            "count": int(stats.count_N[i]), "top": top, "samples": samples, "bands": bands, "hist": hist_rec,
+            "pos": [[int(t), _sig(v, 3)] for t, v in zip(lg["pos_ids"][i], lg["pos_vals"][i])],
+            "neg": [[int(t), _sig(v, 3)] for t, v in zip(lg["neg_ids"][i], lg["neg_vals"][i])],
+            "near": [[int(j), _sig(c, 3)] for j, c in zip(near_ids[i], near_cos[i])],
+            "expl": expl, "family": fam(i),
+        })
+        index["density"].append(_sig(density[i]))
+        index["max"].append(_sig(scale))
+        index["mean"].append(_sig(mean[i]))
+        index["top_tokens"].append(top_tok)
+        index["promoted"].append([int(t) for t in lg["pos_ids"][i][:5]])
+        index["expl"].append(expl["text"] if expl else "")
+    return index, records
+
+
+def _family_lookup(families: dict[str, Any] | None, name: str):
+    """latent -> {parent: [...] | None, children: [...]} for SAE ``name`` from a families JSON."""
+    if not families:
+        return lambda i: None
+    parents: dict[int, list] = {}
+    children: dict[int, list] = {}
+    for link in families["links"]:
+        for c in link["children"]:
+            if link["child_sae"] == name:
+                parents[c["child"]] = [link["parent_sae"], c["parent"], c["score"], c["cos"], c["containment"]]
+            if link["parent_sae"] == name:
+                children.setdefault(c["parent"], []).append(
+                    [link["child_sae"], c["child"], c["score"], c["cos"], c["share"]])
+    return lambda i: {"parent": parents.get(i), "children": sorted(children.get(i, []), key=lambda r: -r[4])}
+
+
+def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: Sequence, tokens_NT: torch.Tensor,
+               tokenizer, cfg, families: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """Write the site for ``stats_list`` (one :class:`~.build.LatentStats` per SAE) to ``out``, atomically.
+
+    An earlier site at ``out`` is replaced; any other non-empty folder there is refused."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a site is an ordinary folder
+        for f in STATIC_FILES:
+            shutil.copyfile(STATIC_DIR / f, tmp / f)
+        data = tmp / "data"
+        data.mkdir()
+        vocab = _Vocab(tokenizer)
+        for stats in tqdm(stats_list, desc="site", disable=not progress or len(stats_list) < 2):
+            name = stats.source.name
+            index, records = latent_pages(stats, tokens_NT, cfg, vocab, families, name)
+            (data / name / "l").mkdir(parents=True)
+            (data / name / "index.js").write_text(_js(f"index/{name}", index), encoding="utf-8")
+            for s in range(0, len(records), CHUNK):
+                (data / name / "l" / f"{s // CHUNK:04d}.js").write_text(
+                    _js(f"latents/{name}/{s // CHUNK}", records[s:s + CHUNK]), encoding="utf-8")
+        (data / "vocab.js").write_text(_js("vocab", vocab.strings()), encoding="utf-8")
+        if families:
+            write_json(tmp / "families.json", families)
+            (data / "families.js").write_text(_js("families", families), encoding="utf-8")
+        (data / "meta.js").write_text(_js("meta", manifest), encoding="utf-8")
+        write_json(tmp / "site.json", manifest)  # last: its presence marks a finished site
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_target(out: Path) -> None:
+    """Refuse to replace anything but a feature browser site (or an empty folder)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunExistsError(f"{out}: exists and is not a folder; choose another --out")
+    if read_site_manifest(out) is None and any(out.iterdir()):
+        raise RunExistsError(f"{out}: folder exists, is not empty and is not a saelab feature browser site; "
+                             "choose another --out (it is never deleted)")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an old site at ``out`` is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,191 @@
+"""The feature browser in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
+
+The site (two SAEs on the tiny GPT-2, real Wikipedia text; or the site named by ``$SAELAB_BROWSER_SITE``)
+is served on 127.0.0.1; the test loads the
+index, sorts it, runs a search, opens a latent page and checks its highlighted tokens and tooltip,
+opens the families view, and loads the site from disk (file://). Every request the page makes must
+go to the local server: anything else is aborted and fails the test. Screenshots are kept in
+``$SAELAB_TEST_ARTIFACTS/browser`` (default ``tests/artifacts/browser``, not committed).
+
+Skipped, with the reason, when Playwright or Chromium is missing, except under CI (``CI`` set),
+where that is a failure: CI installs both (``.ci/run``, the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from saelab.explore.browser import BrowseConfig, build_browser, serve_in_thread
+
+CHROMIUM = os.environ.get("SAELAB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(os.environ.get("SAELAB_TEST_ARTIFACTS", Path(__file__).parent / "artifacts")) / "browser"
+
+
+def _missing(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must have it (see .ci/run and the 'test' extra in pyproject.toml)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed (pip install 'saelab[test]')")
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        _missing(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def served_site(request, shared_dir, tmp_path_factory):
+    """A two-SAE site on the tiny GPT-2, or the finished site named by $SAELAB_BROWSER_SITE (any site with
+    feature families, e.g. one built on the default model)."""
+    given = os.environ.get("SAELAB_BROWSER_SITE")
+    if given:
+        out = Path(given)
+    else:
+        from test_browser_site import trained_like_sae
+
+        from saelab.sae import save_sae
+
+        tiny_gpt2 = request.getfixturevalue("tiny_gpt2")
+        corpus = str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz")
+        root = tmp_path_factory.mktemp("chromium")
+        save_sae(trained_like_sae(tiny_gpt2, 128, 0, corpus), root / "n128" / "sae")
+        save_sae(trained_like_sae(tiny_gpt2, 512, 1, corpus), root / "n512" / "sae")
+        out = root / "site"
+        build_browser([root / "n128", root / "n512"], out, BrowseConfig(n_tokens=31 * 96, corpus=corpus),
+                      lm=tiny_gpt2, progress=False)
+    server, _ = serve_in_thread(out, 0)
+    yield out, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def _index(site: Path, name: str) -> dict:
+    text = (site / "data" / name / "index.js").read_text()
+    return json.loads(re.fullmatch(r'SAELAB\.put\("[^"]+",(.*)\);\n', text, re.S).group(1))
+
+
+def _wait(page) -> None:
+    page.wait_for_function("document.body.dataset.ready === (location.hash || '#/')", timeout=20_000)
+
+
+def test_pages_search_latent_and_families_in_chromium(browser, served_site):
+    site, base = served_site
+    if ARTIFACTS.exists():
+        shutil.rmtree(ARTIFACTS)
+    ARTIFACTS.mkdir(parents=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, foreign = [], []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+
+    def only_local(route):
+        if route.request.url.startswith(base) or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+
+    manifest = json.loads((site / "site.json").read_text())
+    names = [s["name"] for s in manifest["saes"]]
+    link = json.loads((site / "families.json").read_text())["links"][0]
+    child_sae = link["child_sae"]
+
+    # index: the first SAE's latents, 100 rows a page
+    page.goto(base)
+    _wait(page)
+    assert page.locator("#latents tbody tr").count() == min(100, manifest["saes"][0]["n_latents"])
+    assert names[0] in page.inner_text("h1")
+    page.screenshot(path=str(ARTIFACTS / "index.png"))
+
+    # sort by density (descending), then check the order shown
+    page.click("th[data-sort=density] a")
+    _wait(page)
+    shown = page.locator("#latents tbody tr td:nth-child(2)").all_inner_texts()
+    as_num = [float(t.rstrip("%")) for t in shown[:20]]
+    assert as_num == sorted(as_num, reverse=True)
+
+    # search a token that latent tops: it comes back among the results
+    ix = _index(site, child_sae)
+    vocab = json.loads(re.fullmatch(r'SAELAB\.put\("vocab",(.*)\);\n', (site / "data" / "vocab.js").read_text(),
+                                    re.S).group(1))
+    with_parent = {c["child"] for c in link["children"]}
+    target, word = next((i, vocab[str(t[0][0])].strip()) for i, t in enumerate(ix["top_tokens"])
+                        if t and vocab[str(t[0][0])].strip().isalpha() and i in with_parent)
+    page.goto(base + f"#/s/{child_sae}")
+    _wait(page)
+    page.fill("#q", word)
+    page.press("#q", "Enter")
+    _wait(page)
+    assert "match" in page.inner_text("#results")
+    hits = page.locator("#latents tbody tr td:first-child a").all_inner_texts()
+    assert hits and f"#{target}" in hits
+    page.screenshot(path=str(ARTIFACTS / "search.png"))
+
+    # a latent page: highlighted contexts, hover shows the value, histogram, logits, neighbours
+    page.click(f"#latents tbody a:text-is('#{target}')")
+    _wait(page)
+    assert page.inner_text("#latent-title") == f"{child_sae} · latent #{target}"
+    active = page.locator("#top-examples .t.act")
+    assert active.count() > 0
+    assert float(active.first.get_attribute("data-act")) > 0
+    assert "rgba" in active.first.get_attribute("style")
+    assert page.locator("#top-examples .t.peak").count() == page.locator("#top-examples .ex").count()
+    assert page.locator("#bands .ex").count() > 0
+    assert page.locator("svg[aria-label='activation histogram'] rect").count() > 0
+    page.locator("#top-examples .t.peak").first.hover()
+    tip = page.locator("#tip")
+    assert tip.is_visible() and re.search(r"\d", tip.inner_text())
+    page.screenshot(path=str(ARTIFACTS / "latent.png"), full_page=True)
+
+    # families: trees of latents across the two sizes, linked to latent pages
+    page.goto(base + "#/families")
+    _wait(page)
+    assert page.locator("details.fam").count() > 0
+    assert page.locator("#families .node").count() > page.locator("details.fam").count()
+    page.screenshot(path=str(ARTIFACTS / "families.png"))
+    page.fill("#q", word)  # searching from the families view finds families
+    page.press("#q", "Enter")
+    _wait(page)
+    assert "families with a latent matching" in page.inner_text("#results")
+    assert page.locator(f"#families .node.focus[data-node='{child_sae}:{target}']").count() == 1
+    page.goto(base + "#/families")
+    _wait(page)
+    page.locator("#families .node .node a").first.click()
+    _wait(page)
+    assert page.locator("#latent-title").inner_text().startswith(f"{child_sae} · latent #")
+    assert page.locator("text=Parent in").count() == 1
+
+    assert foreign == [], f"the site asked for other hosts: {foreign}"
+    assert errors == [], errors
+    page.close()
+
+
+def test_site_opens_from_disk_without_a_server(browser, served_site):
+    site, _ = served_site
+    page = browser.new_page()
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    first = json.loads((site / "site.json").read_text())["saes"][0]["name"]
+    page.goto((site / "index.html").as_uri() + f"#/s/{first}/l/5")
+    _wait(page)
+    assert page.inner_text("#latent-title") == f"{first} · latent #5"
+    assert all(u.startswith(("file://", "data:")) for u in requested), requested
+    page.close()

@@ -1,0 +1,235 @@
+"""The feature browser site: built for real SAE files (saelab run folder, SAELens folder, OpenAI .pt) on the
+tiny GPT-2 over real Wikipedia text; its files, data, atomic replacement, errors, server and CLI verbs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.errors import CheckpointError, RunExistsError
+from saelab.explore.browser import BrowseConfig, build_browser, make_server, serve_in_thread
+from saelab.explore.browser import site as site_module
+from saelab.explore.browser.serve import ServeError
+from saelab.explore.browser.site import external_references, read_site_manifest
+from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+HOOK = "blocks.1.hook_resid_post"
+N_TOKENS = 31 * 96  # 96 contexts of 32 tokens, position 0 not scored
+
+
+def trained_like_sae(lm, n: int, seed: int, corpus: str) -> TopKSAE:
+    """A random SAE centred on the data (b_dec = mean activation) so its latents fire at varied rates."""
+    from saelab.data import token_contexts
+
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=n, k=8, hook_name=HOOK, model_name="tiny", context_size=32))
+    toks = token_contexts(corpus, lm.tokenize, 32, n_contexts=8, bos_token_id=lm.bos_token_id)
+    with torch.no_grad():
+        sae.b_dec.copy_(lm.activations(toks, HOOK)[:, 1:].reshape(-1, 64).mean(0))
+    return sae
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_dir) -> str:
+    return str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz")
+
+
+@pytest.fixture(scope="module")
+def sae_files(tiny_gpt2, corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("saes")
+    save_sae(trained_like_sae(tiny_gpt2, 128, 0, corpus), root / "run_small" / "sae")  # a run folder
+    save_sae(trained_like_sae(tiny_gpt2, 512, 1, corpus), root / "saelens_large")  # a SAELens folder
+    return root
+
+
+@pytest.fixture(scope="module")
+def site(tiny_gpt2, sae_files, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("site") / "browser"
+    cfg = BrowseConfig(n_tokens=N_TOKENS, corpus=corpus, n_top=6, n_samples=8, lm_batch_size=8)
+    result = build_browser([sae_files / "run_small", sae_files / "saelens_large"], out, cfg, lm=tiny_gpt2,
+                           progress=False)
+    return out, result, cfg
+
+
+def read_js(path: Path):
+    text = path.read_text(encoding="utf-8")
+    m = re.fullmatch(r'SAELAB\.put\(("[^"]+"),(.*)\);\n', text, re.S)
+    assert m, f"{path} is not a SAELAB.put(...) data file"
+    return json.loads(m.group(1)), json.loads(m.group(2))
+
+
+def test_site_files_and_manifest(site):
+    out, result, cfg = site
+    names = {p.name for p in out.iterdir()}
+    assert {"index.html", "app.js", "style.css", "site.json", "families.json", "data"} <= names
+    manifest = read_site_manifest(out)
+    assert manifest["n_tokens"] == N_TOKENS and manifest["n_contexts"] == 96 and manifest["position_0"] == "excluded"
+    assert [s["name"] for s in manifest["saes"]] == ["run_small", "saelens_large"]
+    assert manifest["has_families"] and manifest["hook"] == HOOK
+    assert set(result["seconds"]) >= {"lm", "encode", "stats", "finish", "write", "total"}
+    for name, n in (("run_small", 128), ("saelens_large", 512)):
+        key, ix = read_js(out / "data" / name / "index.js")
+        assert key == f"index/{name}" and ix["n_latents"] == n and len(ix["density"]) == n
+        chunks = sorted((out / "data" / name / "l").iterdir())
+        assert len(chunks) == -(-n // ix["chunk"])
+    assert not list(out.parent.glob(".browser.*"))  # no temporary folder left beside it
+
+
+def test_latent_records_are_consistent(site):
+    out, _, cfg = site
+    _, ix = read_js(out / "data" / "run_small" / "index.js")
+    _, vocab = read_js(out / "data" / "vocab.js")
+    _, recs = read_js(out / "data" / "run_small" / "l" / "0000.js")
+    busiest = max(range(len(recs)), key=lambda i: ix["density"][i])
+    rec = recs[busiest]
+    assert rec["id"] == busiest and rec["count"] > 0
+    assert rec["density"] == pytest.approx(rec["count"] / N_TOKENS, rel=1e-3)
+    assert len(rec["top"]) == cfg.n_top and len(rec["samples"]) == cfg.n_samples
+    assert sorted(j for band in rec["bands"] for j in band) == list(range(cfg.n_samples))
+    ctx, start, ids, q = rec["top"][0]
+    assert max(q) == site_module.Q_SCALE  # the best context holds the latent's maximum
+    assert start >= 1 and len(ids) <= cfg.window_before + cfg.window_after + 1
+    assert all(str(t) in vocab for ex in rec["top"] + rec["samples"] for t in ex[2])
+    assert all(str(t) in vocab for t, _ in rec["pos"] + rec["neg"])
+    assert sum(rec["hist"][1]) == rec["count"]
+    assert len(rec["near"]) == 8 and all(j != busiest for j, _ in rec["near"])
+    vals = [v for _, v in rec["pos"]]
+    assert vals == sorted(vals, reverse=True) and rec["neg"][0][1] <= rec["neg"][-1][1]
+
+
+def test_families_are_written_and_linked_into_pages(site):
+    out, _, _ = site
+    fam = json.loads((out / "families.json").read_text())
+    assert fam["format"] == "saelab-feature-families" and fam["n_tokens"] == N_TOKENS
+    assert [s["name"] for s in fam["saes"]] == ["run_small", "saelens_large"]
+    link = fam["links"][0]
+    assert link["n_children_matched"] > 0
+    child = link["children"][0]
+    _, recs = read_js(out / "data" / "saelens_large" / "l" / f"{child['child'] // 64:04d}.js")
+    rec = recs[child["child"] % 64]
+    assert rec["family"]["parent"][:2] == ["run_small", child["parent"]]
+
+
+def test_site_has_no_external_reference_and_the_check_catches_one(site, tmp_path):
+    out, _, _ = site
+    assert external_references(out) == []
+    for f in ("index.html", "app.js", "style.css"):
+        text = (out / f).read_text()
+        assert "http://" not in text and "https://" not in text, f
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    html = (bad / "index.html").read_text()
+    (bad / "index.html").write_text(html.replace("</head>", '<script src="https://cdn.example.org/x.js"></script></head>'))
+    (bad / "style.css").write_text("@import url(http://fonts.example.org/f.css);\n")
+    found = external_references(bad)
+    assert any("index.html" in f for f in found) and any("style.css" in f for f in found)
+
+
+def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae_files, tiny_gpt2, monkeypatch):
+    out, _, cfg = site
+    stamp = (out / "site.json").stat().st_mtime_ns
+    again = build_browser([sae_files / "run_small", sae_files / "saelens_large"], out, cfg, lm=tiny_gpt2,
+                          progress=False)
+    assert again["reused"] and (out / "site.json").stat().st_mtime_ns == stamp
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(site_module, "latent_pages", interrupted)  # Ctrl-C while writing
+    with pytest.raises(KeyboardInterrupt):
+        build_browser([sae_files / "run_small", sae_files / "saelens_large"], out, cfg, lm=tiny_gpt2,
+                      overwrite=True, progress=False)
+    assert (out / "site.json").stat().st_mtime_ns == stamp  # the finished site is untouched
+    assert not list(out.parent.glob(".browser.*"))
+    fresh = out.parent / "never-finished"
+    with pytest.raises(KeyboardInterrupt):
+        build_browser([sae_files / "run_small"], fresh, cfg, lm=tiny_gpt2, progress=False)
+    assert not fresh.exists()  # no half-written site that looks complete
+
+
+def test_openai_pt_file_builds(tiny_gpt2, corpus, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    dec = torch.randn(64, 256, generator=g)
+    dec = dec / dec.norm(dim=0, keepdim=True)
+    sd = {"pre_bias": torch.zeros(64), "latent_bias": torch.zeros(256), "encoder.weight": dec.T.contiguous(),
+          "decoder.weight": dec, "activation": "TopK", "activation_state_dict": {"k": 8, "postact_fn": "ReLU"},
+          "stats_last_nonzero": torch.zeros(256, dtype=torch.long)}
+    path = tmp_path / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(sd, path)
+    res = build_browser([path], tmp_path / "site", BrowseConfig(n_tokens=2000, corpus=corpus, context_size=32),
+                        lm=tiny_gpt2, progress=False)
+    assert res["hook"] == HOOK and res["saes"][0]["name"] == "1" and res["saes"][0]["input_norm"] == "layernorm"
+    assert res["saes"][0]["alive"] > 0 and not res["has_families"]
+
+
+def test_bad_inputs_are_named(tiny_gpt2, sae_files, corpus, tmp_path):
+    empty_run = tmp_path / "run_without_sae"
+    empty_run.mkdir()
+    (empty_run / "metrics.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="run_without_sae: not a run folder with an SAE"):
+        build_browser([empty_run], tmp_path / "s1", lm=tiny_gpt2)
+    other = tmp_path / "other"
+    save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post")), other)
+    with pytest.raises(Exception, match="different hooks"):
+        build_browser([sae_files / "run_small", other], tmp_path / "s2", lm=tiny_gpt2)
+    user_folder = tmp_path / "my-notes"
+    user_folder.mkdir()
+    (user_folder / "notes.txt").write_text("keep me")
+    with pytest.raises(RunExistsError, match="not a saelab feature browser site"):
+        build_browser([sae_files / "run_small"], user_folder, BrowseConfig(n_tokens=500, corpus=corpus), lm=tiny_gpt2,
+                      progress=False)
+    assert (user_folder / "notes.txt").read_text() == "keep me"
+
+
+def test_server_is_loopback_only_and_port_in_use_is_an_error(site):
+    out, _, _ = site
+    server, thread = serve_in_thread(out, 0)
+    try:
+        host, port = server.server_address[:2]
+        assert host == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=10) as r:
+            assert r.status == 200 and b"app.js" in r.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/meta.js", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/javascript")
+        with pytest.raises(ServeError, match=f"port {port} on 127.0.0.1 is in use"):
+            make_server(out, port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ServeError, match="not a finished feature browser site"):
+        make_server(out / "data", 0)
+
+
+def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
+    from saelab.cli import main
+
+    out = tmp_path / "cli-site"
+    args = ["--model", str(tiny_dir), "--corpus", corpus, "--n-tokens", "1500", "--no-progress"]
+    assert main(["browse", str(sae_files / "run_small"), "--out", str(out), *args]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["site"] == str(out) and not printed["reused"] and read_site_manifest(out)
+    assert main(["browse", str(sae_files / "run_small"), "--out", str(out), *args]) == 0
+    assert json.loads(capsys.readouterr().out)["reused"]
+    fam = tmp_path / "families.json"
+    assert main(["families", str(sae_files / "run_small"), str(sae_files / "saelens_large"), "--out", str(fam), *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert json.loads(fam.read_text())["saes"][1]["n_latents"] == 512 and summary["largest"]
+    # a port that is taken is refused before the build starts
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["browse", str(sae_files / "run_small"), "--out", str(tmp_path / "x"), "--serve", "--port",
+                     str(port), *args]) == 2
+    assert "is in use" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # a SAELens folder needs --out
+    assert main(["browse", str(sae_files / "saelens_large"), *args]) == 2
+    assert "pass --out" in capsys.readouterr().err
