@@ -34,10 +34,12 @@ TRAIN_TOKENS = 262_144
 EVAL_TOKENS = 32_768
 """Held-out rows (wiki_eval) for nMSE and dead latents."""
 BATCH = 4096
+CONTEXT_DRAW = "drawn at random from the first 16,777,216 tokens (sample_contexts)"
+"""How the training windows are chosen; a cache made another way is harvested again."""
 K = 32
 THREADS = 2
 WARMUP_STEPS = 10
-DECAY_FRACTION = 0.2
+DECAY_FRACTION = 0.6
 """saelab's TrainConfig defaults for the learning-rate schedule; lr_multiplier mirrors lr_at."""
 
 
@@ -79,21 +81,25 @@ def encoder_bound(flops: float, d: int, n: int) -> float:
 # ---- protocol activations (saelab environment only) ---------------------------------------------
 def protocol_meta(train_corpus: str) -> dict[str, Any]:
     return {"model_name": "default", "hook_name": HOOK, "context_size": CONTEXT, "prepend_bos": True,
-            "exclude_first": True, "dataset": train_corpus}
+            "exclude_first": True, "dataset": train_corpus, "contexts": CONTEXT_DRAW}
 
 
 def harvest_train_cache(lm, folder: str | Path, n_rows: int = TRAIN_TOKENS, *, overwrite: bool = False,
                         progress: bool = True):
     """The protocol's training activations as a float32 activation cache at ``folder``.
 
-    ``n_rows`` rows of HOOK from 128-token windows of wiki_train (position 0 skipped), shuffled
+    ``n_rows`` rows of HOOK from 128-token windows of wiki_train (position 0 skipped), the windows
+    drawn at random from the whole corpus as ``saelab harvest`` draws them (sample_contexts), shuffled
     through a buffer as large as the whole harvest (so the stored order is a global shuffle).
     An interrupted harvest of the same ``n_rows`` resumes; ``overwrite`` starts over.
     """
-    from saelab.data import ActivationStream, default_corpus, iter_texts, pack_contexts, write_activation_cache
+    from saelab.data import ActivationStream, default_corpus, iter_texts, pack_contexts, sample_contexts
+    from saelab.data import write_activation_cache
+    from saelab.pipeline import HarvestConfig
 
     corpus = default_corpus("train")
     contexts = pack_contexts(iter_texts(corpus), lm.tokenize, CONTEXT, bos_token_id=lm.bos_token_id)
+    contexts = sample_contexts(contexts, -(-n_rows // (CONTEXT - 1)), HarvestConfig.sample_pool_tokens // CONTEXT)
     stream = ActivationStream(lm, HOOK, contexts, batch_size=BATCH, lm_batch_size=16, max_tokens=n_rows,
                               buffer_tokens=max(n_rows, 2 * BATCH), progress=progress)
     return write_activation_cache(stream, folder, meta=protocol_meta(corpus), dtype="float32",
@@ -123,7 +129,8 @@ def _complete_rows(folder: Path) -> int:
         m = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return 0
-    return int(m.get("n_rows", 0)) if m.get("complete") and m.get("dtype") == "float32" else 0
+    same = m.get("complete") and m.get("dtype") == "float32" and m.get("meta", {}).get("contexts") == CONTEXT_DRAW
+    return int(m.get("n_rows", 0)) if same else 0
 
 
 def ensure_bench_caches(train_dir: str | Path, eval_dir: str | Path, train_rows: int, eval_rows: int,
@@ -222,8 +229,8 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = WARMUP_STEPS,
 
 
 def default_lr(n: int) -> float:
-    """saelab's default learning rate for n latents (TrainConfig: 2e-3 / sqrt(n / 2^14))."""
-    return 2e-3 / math.sqrt(n / 2**14)
+    """saelab's default learning rate for n latents (TrainConfig: 4e-3 / sqrt(n / 2^14), at most 1e-2)."""
+    return min(4e-3 / math.sqrt(n / 2**14), 1e-2)
 
 
 def saelab_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

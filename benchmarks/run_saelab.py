@@ -10,7 +10,7 @@ JSON line prefixed with BENCH_RESULT. Run it in saelab's environment:
 Recipe: saelab's defaults (geometric-median b_pre from the first 32,768 training rows, nMSE
 normalizer computed once, unit-norm decoder with parallel-gradient removal, tied init, AuxK with
 k_aux=256 and coefficient 1/32 on latents dead for 10 M tokens, Adam eps 6.25e-10, fused Adam,
-warmup 10 steps, linear decay over the last 20 %). Timing covers steps 1..S-1 (common.StepClock);
+warmup 10 steps, linear decay over the last 60 %). Timing covers steps 1..S-1 (common.StepClock);
 the one-time initialisation and step 0 are excluded, as for every library; no checkpoint is
 written inside the timed loop (checkpoint_every is set past the end of the run).
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import StepClock, evaluate, finish_run, peak_rss_mb, rss_mb, runner_parser  # noqa: E402
-from common import setup_runner  # noqa: E402
+from common import DECAY_FRACTION, WARMUP_STEPS, setup_runner  # noqa: E402
 
 
 def saelab_version() -> str:
@@ -50,13 +50,14 @@ def main() -> None:
     from saelab.train import TrainConfig, TrainingRun
 
     cfg = TrainConfig(n_latents=args.n, k=args.k, batch_size=args.batch_size, total_tokens=n_batches * args.batch_size,
-                      lr=args.lr, seed=args.seed, checkpoint_every=10**9, log_every=10**9)
+                      lr=args.lr, seed=args.seed, checkpoint_every=10**9, log_every=10**9,
+                      warmup_steps=WARMUP_STEPS, decay_fraction=DECAY_FRACTION)
     rss_base = rss_mb()
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="saelab-bench-run-") as run_dir:
         clock.setup()
         run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None,
-                          init_sample=lambda: reader.batch(0, min(cfg.init_rows, n_batches * args.batch_size)))
+                          init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * args.batch_size)))
         for x in clock.timed_batches(reader, n_batches, args.batch_size):
             run.train_step(x)
         clock.stop()

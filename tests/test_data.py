@@ -217,6 +217,24 @@ def test_pack_contexts_limits_and_errors(tok, wiki_docs):
     assert len(list(pack_contexts(["a b c"] * 3, fn, 64, bos_token_id=0))) == 0
 
 
+def test_sample_contexts_spreads_over_the_pool_deterministically(tok, wiki_docs):
+    from saelab.data import sample_contexts
+
+    full = torch.stack(list(pack_contexts(wiki_docs, tok, 32, bos_token_id=50256)))
+    assert full.shape[0] > 40
+    got = torch.stack(list(sample_contexts(iter(full), 10, full.shape[0], seed=3)))
+    again = torch.stack(list(sample_contexts(iter(full), 10, full.shape[0], seed=3)))
+    assert torch.equal(got, again)  # resumable: the same windows every time
+    rows = [int((full == c).all(dim=1).nonzero()[0]) for c in got]
+    assert rows == sorted(rows) and len(set(rows)) == 10  # distinct windows of the pool, in corpus order
+    assert rows[-1] - rows[0] > 20  # not the first ten
+    assert not torch.equal(got, torch.stack(list(sample_contexts(iter(full), 10, full.shape[0], seed=4))))
+    pool_only = torch.stack(list(sample_contexts(iter(full), 5, 12)))  # drawn from the first 12 only
+    assert all(bool((full[:12] == c).all(dim=1).any()) for c in pool_only)
+    assert torch.equal(torch.stack(list(sample_contexts(iter(full[:6]), 10, 100))), full[:6])  # small pool: all
+    assert list(sample_contexts(iter(full), 0, 10)) == []
+
+
 def test_batched_and_token_contexts(tok):
     rows = [torch.full((4,), i) for i in range(10)]
     sizes = [b.shape for b in batched(iter(rows), 4)]

@@ -91,6 +91,49 @@ def test_encoder_scale_init_is_least_squares_optimal(decoder_from_data):
     assert best <= min(initial_nmse(True, 0.9), initial_nmse(True, 1.1)) + 1e-6  # a minimum along the scale
 
 
+def test_distinct_directions_skip_near_duplicates():
+    from saelab.train.init import distinct_directions
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 16, generator=g)
+    rows = torch.cat([base, base + 0.01 * torch.randn(50, 16, generator=g), 3 * base])  # each direction thrice
+    got = distinct_directions(rows, 200, 0.9, generator=torch.Generator().manual_seed(1))
+    assert got.shape[0] == 50  # one of each triple: the pool ran out of distinct directions
+    assert torch.allclose(got.norm(dim=1), torch.ones(50))
+    cos = got @ got.T
+    assert (cos - torch.eye(50)).max() <= 0.9
+    assert ((got @ (base / base.norm(dim=1, keepdim=True)).T).max(dim=1).values > 0.99).all()  # real directions
+    assert distinct_directions(rows, 120, 1.0).shape[0] == 120  # max_cos = 1 keeps duplicates
+
+
+def test_data_init_rows_are_distinct_and_schedule_defaults():
+    from saelab.train.init import init_from_data
+
+    data = _data(rows=4096)
+    sae = TopKSAE(SAEConfig(24, 64, 4))
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    random_rows = sae.W_dec.detach().clone()
+    init_from_data(sae, data, decoder_from_data=True, max_cos=0.8, noise=0.0, generator=torch.Generator().manual_seed(1))
+    cos = sae.W_dec @ sae.W_dec.T
+    assert (cos - torch.eye(64)).max() <= 0.8 + 1e-6 and torch.allclose(sae.W_enc, sae.W_dec.T)
+    centred = data - sae.b_dec
+    assert ((sae.W_dec @ (centred / centred.norm(dim=1, keepdim=True)).T).max(dim=1).values > 0.999).all()
+    noisy = TopKSAE(SAEConfig(24, 64, 4))
+    noisy.W_dec.data.copy_(random_rows)
+    init_from_data(noisy, data, decoder_from_data=True, max_cos=0.8, noise=1.0, generator=torch.Generator().manual_seed(1))
+    mixed = sae.W_dec + random_rows
+    assert torch.allclose(noisy.W_dec, mixed / mixed.norm(dim=1, keepdim=True), atol=1e-6)
+
+    cfg = TrainConfig(n_latents=8192, k=32, batch_size=4096, total_tokens=262_144)
+    assert cfg.effective_decoder_init == "data" and cfg.effective_dead_tokens == 32_768
+    assert TrainConfig(n_latents=32768, k=32).effective_decoder_init == "random"
+    assert cfg.effective_init_rows == 32_768 and TrainConfig(n_latents=32768).effective_init_rows == 131_072
+    assert TrainConfig(total_tokens=10**10).effective_dead_tokens == 10_000_000
+    assert TrainConfig(n_latents=128).effective_lr == 1e-2  # the cap
+    with pytest.raises(ValueError, match="decoder_init"):
+        TrainConfig(decoder_init="kmeans")
+
+
 def test_decoder_constraints():
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(8, 32, 4))

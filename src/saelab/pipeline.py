@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from saelab.data import ActivationCache, ActivationStream, default_corpus, pack_contexts, token_contexts
+from saelab.data import ActivationCache, ActivationStream, default_corpus, pack_contexts, sample_contexts
+from saelab.data import token_contexts
 from saelab.data import iter_texts, write_activation_cache
 from saelab.errors import CorpusError, NonFiniteError
 from saelab.evals.downstream import downstream_metrics
@@ -61,8 +62,12 @@ class HarvestConfig:
     """Storage dtype of the activation cache: float16, bfloat16 or float32."""
     buffer_tokens: int = 262_144
     """Shuffle buffer (rows) between the LM and the cache."""
+    sample_pool_tokens: int = 16_777_216
+    """Contexts are drawn at random from the first this-many corpus tokens (at least n_tokens),
+    so that a harvest smaller than the corpus spans many documents instead of its first few;
+    0: contexts in corpus order."""
     seed: int = 0
-    """Shuffle seed."""
+    """Seed of the context draw and the shuffle."""
 
 
 @dataclass
@@ -112,6 +117,10 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
         raise CorpusError(f"corpus {corpus!r} is too short: it does not fill one context of "
                           f"{cfg.context_size} tokens; expected at least that much text")
     contexts = itertools.chain([first], contexts)
+    if cfg.sample_pool_tokens > 0:
+        per_context = cfg.context_size - (1 if cfg.exclude_first else 0)
+        contexts = sample_contexts(contexts, -(-cfg.n_tokens // per_context),
+                                   cfg.sample_pool_tokens // cfg.context_size, seed=cfg.seed)
     stream = ActivationStream(lm, cfg.hook, contexts, batch_size=4096, lm_batch_size=cfg.lm_batch_size,
                               exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens, seed=cfg.seed,
                               max_tokens=cfg.n_tokens, drop_last=False, progress=progress)

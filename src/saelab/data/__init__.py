@@ -15,7 +15,7 @@ from saelab.data.cache import (
 )
 from saelab.data.harvest import ActivationModel, ActivationStream
 from saelab.data.text import default_corpus, iter_texts
-from saelab.data.tokens import batched, hf_tokenize_fn, pack_contexts, token_contexts
+from saelab.data.tokens import batched, hf_tokenize_fn, pack_contexts, sample_contexts, token_contexts
 
 __all__ = [
     "ActivationCache",
@@ -28,6 +28,7 @@ __all__ = [
     "hf_tokenize_fn",
     "iter_texts",
     "pack_contexts",
+    "sample_contexts",
     "token_contexts",
     "write_activation_cache",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 
 from saelab.report.plots import training_curves
 from saelab.train.checkpoint import TRAIN_CONFIG, read_metrics, read_status
+from saelab.train.config import TrainConfig
 from saelab.utils.atomic import write_text
 
 METRIC_ROWS = [
@@ -48,7 +49,7 @@ def write_run_report(run_dir: str | Path) -> Path:
         ("context", f"{sae_cfg['context_size']} tokens, BOS first: {sae_cfg['prepend_bos']}, "
                     f"position 0 excluded: {sae_cfg['exclude_first']}"),
         ("corpus", f"`{sae_cfg['dataset']}`"),
-        ("learning rate", f"{train['lr'] if train['lr'] is not None else train['lr_base'] / (train['n_latents'] / 2**14) ** 0.5:.3g}"),
+        ("learning rate", f"{TrainConfig.from_dict(train).effective_lr:.3g}"),
         ("AuxK / Multi-TopK / EMA", f"{train['auxk']} (k_aux={train['k_aux']}) / {train['multi_topk']} / {train['ema_decay']}"),
         ("status", f"{status.get('state', '?')} at step {status.get('step', '?')} of {status.get('total_steps', '?')}"),
     ]), ""]

@@ -26,15 +26,19 @@ def geometric_median(points_ND: torch.Tensor, iters: int = 100, tol: float = 1e-
 
 @torch.no_grad()
 def init_from_data(sae: TopKSAE, sample_ND: torch.Tensor, *, use_geometric_median: bool = True,
-                   decoder_from_data: bool = False, scale_encoder: bool = False,
+                   decoder_from_data: bool = False, max_cos: float = 1.0, noise: float = 0.0,
+                   scale_encoder: bool = False,
                    generator: torch.Generator | None = None) -> float:
     """Set b_dec (b_pre) from a sample and return the nMSE normalizer for the training loss.
 
     The normalizer is the mean squared distance of the (normalized) inputs to their mean, computed
     once here so the loss scale does not drift with batches.
 
-    ``decoder_from_data`` points each decoder row at one centred sample (encoder tied to it), so
-    every latent starts where the data is. ``scale_encoder`` rescales the encoder by the scalar
+    ``decoder_from_data`` points each decoder row at a centred sample direction (encoder tied to
+    it), so latents start where the data is: directions closer than ``max_cos`` to an already
+    chosen one are skipped (near-duplicates compete until one dies), and each is mixed with
+    ``noise`` times the random unit row the decoder holds on entry (pure sample directions
+    make latents that fire rarely once trained; the random part spreads them). ``scale_encoder`` rescales the encoder by the scalar
     that makes the initial top-k reconstruction least-squares optimal (top-k choices do not
     change under a positive scale while b_enc = 0), so training starts at the right magnitude.
     """
@@ -43,8 +47,11 @@ def init_from_data(sae: TopKSAE, sample_ND: torch.Tensor, *, use_geometric_media
     x_n, _ = sae.normalize_input(sample_ND.float())
     sae.b_dec.copy_(geometric_median(x_n) if use_geometric_median else x_n.mean(dim=0))
     if decoder_from_data:
-        pick = torch.randint(0, x_n.shape[0], (sae.n_latents,), generator=generator)
-        rows = x_n[pick] - sae.b_dec
+        rows = distinct_directions(x_n - sae.b_dec, sae.n_latents, max_cos, generator=generator)
+        random_rows = sae.W_dec.detach().clone()
+        if rows.shape[0] < sae.n_latents:  # the sample ran out of distinct directions: random rows for the rest
+            rows = torch.cat([rows, random_rows[rows.shape[0]:]])
+        rows = rows + noise * random_rows
         rows /= rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
         sae.W_dec.copy_(rows)
         sae.W_enc.copy_(rows.T)
@@ -59,3 +66,28 @@ def init_from_data(sae: TopKSAE, sample_ND: torch.Tensor, *, use_geometric_media
     if normalizer <= 0:
         raise NonFiniteError("the initialisation sample has zero variance; activations look constant")
     return normalizer
+
+
+@torch.no_grad()
+def distinct_directions(rows_ND: torch.Tensor, n: int, max_cos: float, generator: torch.Generator | None = None,
+                        block: int = 1024) -> torch.Tensor:
+    """Up to n unit directions of the rows, taken in random order, skipping any whose cosine to
+    an already taken one exceeds max_cos (fewer than n when the rows run out)."""
+    u = rows_ND / rows_ND.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    u = u[torch.randperm(u.shape[0], generator=generator)]
+    if max_cos >= 1.0:
+        return u[:n]
+    chosen = u.new_empty(0, u.shape[1])
+    for lo in range(0, u.shape[0], block):
+        cand = u[lo:lo + block]
+        if chosen.shape[0]:
+            cand = cand[(cand @ chosen.T).amax(dim=1) <= max_cos]
+        close = ((cand @ cand.T) > max_cos).triu(1)  # within the block: earlier candidates win
+        keep = torch.ones(cand.shape[0], dtype=torch.bool)
+        for i in range(cand.shape[0]):
+            if keep[i]:
+                keep[close[i]] = False
+        chosen = torch.cat([chosen, cand[keep]])
+        if chosen.shape[0] >= n:
+            break
+    return chosen[:n]

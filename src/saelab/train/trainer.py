@@ -108,7 +108,7 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step)
-        dead = self.tokens_since_fired >= cfg.dead_tokens if cfg.auxk else None
+        dead = self.tokens_since_fired >= cfg.effective_dead_tokens if cfg.auxk else None
         out = training_loss(sae, ddp.local_rows(x_BD), cfg, self.normalizer, dead)
         if not torch.isfinite(out.loss):
             raise NonFiniteError(f"training loss became {out.loss.item()} at step {self.step}")
@@ -181,7 +181,8 @@ class TrainingRun:
             if not cfg.tied_init:
                 torch.nn.init.kaiming_uniform_(sae.W_enc, a=math.sqrt(5), generator=gen)
             normalizer = init_from_data(sae, init_sample(), use_geometric_median=cfg.geometric_median_init,
-                                        decoder_from_data=cfg.decoder_init == "data",
+                                        decoder_from_data=cfg.effective_decoder_init == "data",
+                                        max_cos=cfg.decoder_init_max_cos, noise=cfg.decoder_init_noise,
                                         scale_encoder=cfg.scale_encoder_init, generator=gen)
             self.trainer = Trainer(cfg, sae, normalizer)
         self._status("training")
@@ -211,7 +212,7 @@ class TrainingRun:
         if (tr.step % cfg.log_every == 0 or tr.step == cfg.total_steps) and self.writer:
             elapsed = time.perf_counter() - self.t0
             row = {"step": tr.step, "tokens": tr.step * cfg.batch_size, **stats, "lr": cfg.lr_at(tr.step - 1),
-                   "dead_frac": tr.dead_fraction(cfg.dead_tokens), "inactive_frac": tr.dead_fraction(INACTIVE_WINDOW),
+                   "dead_frac": tr.dead_fraction(cfg.effective_dead_tokens), "inactive_frac": tr.dead_fraction(INACTIVE_WINDOW),
                    "tokens_per_s": self.steps_this_call * cfg.batch_size / max(elapsed, 1e-9)}
             append_line(self.run_dir / ckpt.METRICS, json.dumps(row))
             stats = {**stats, "inactive_frac": row["inactive_frac"]}
@@ -251,10 +252,10 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
 
     def init_sample() -> torch.Tensor:  # drawn once, shared by every run
         if not sample:
-            sample.append(take_rows(batches_from(0), max(c.init_rows for c in cfgs), d_in))
+            sample.append(take_rows(batches_from(0), max(c.effective_init_rows for c in cfgs), d_in))
         return sample[0]
 
-    runs = [TrainingRun(c, d, d_in=d_in, meta=meta, init_sample=lambda c=c: init_sample()[:c.init_rows],
+    runs = [TrainingRun(c, d, d_in=d_in, meta=meta, init_sample=lambda c=c: init_sample()[:c.effective_init_rows],
                         overwrite=overwrite) for c, d in zip(cfgs, run_dirs)]
     start = min(r.step for r in runs)
     last = max(c.total_steps for c in cfgs)
