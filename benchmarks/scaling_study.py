@@ -1,6 +1,6 @@
 """The scaling study on the offline default model: nMSE(n) per k, fitted and plotted (paper Figure 1).
 
-    python benchmarks/scaling_study.py --out runs/scaling                  # full study (~3 h on 2 cores)
+    python benchmarks/scaling_study.py --out runs/scaling                  # full study (~1.5 h on 2 cores)
     python benchmarks/scaling_study.py --out /tmp/scaling-smoke --smoke     # n = 2^10..2^12 on 131k tokens
 
 Stages, each resumable (re-run the same command after an interruption):
@@ -13,7 +13,8 @@ Stages, each resumable (re-run the same command after an interruption):
 5. ``write_scaling_report``: scaling.json, scaling_nmse.png, scaling_delta_loss.png, scaling.md.
 
 Every run trains on the same ``--tokens`` (each token seen once), batch 4,096, the default recipe
-(lr 2e-3 / sqrt(n / 2^14)). The script prints the equivalent ``saelab`` commands and the wall time of
+except the decoder initialisation, which is the same for every size (``--decoder-init``, random
+as in the paper by default; ``auto`` would switch method between sizes and bend the curve). The script prints the equivalent ``saelab`` commands and the wall time of
 each stage, and writes them to OUT/study.json.
 """
 
@@ -37,12 +38,14 @@ from saelab.utils.atomic import write_json  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="study folder (activations/ and one folder per SAE)")
-    ap.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default 2,097,152; smoke 131,072)")
+    ap.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default 1,048,576; smoke 131,072)")
+    ap.add_argument("--decoder-init", default="random", choices=["random", "data"],
+                    help="decoder initialisation of every SAE (one method for all sizes)")
     ap.add_argument("--smoke", action="store_true", help="n = 2^10..2^12, k = 32 and 16, on 131,072 tokens")
     ap.add_argument("--eval-recon-tokens", type=int, default=32_768)
     ap.add_argument("--eval-downstream-tokens", type=int, default=16_384)
     args = ap.parse_args()
-    tokens = args.tokens or (131_072 if args.smoke else 2_097_152)
+    tokens = args.tokens or (131_072 if args.smoke else 1_048_576)
     if args.smoke:
         grids = [{"n_latents": [1024, 2048, 4096], "k": [32]}, {"n_latents": [1024, 2048, 4096], "k": [16]}]
     else:
@@ -50,7 +53,7 @@ def main() -> None:
                  {"n_latents": [4096, 8192, 16384], "k": [16, 64]}]
     out = Path(args.out)
     acts = out / "activations"
-    base = TrainConfig(total_tokens=tokens, checkpoint_every=128)
+    base = TrainConfig(total_tokens=tokens, checkpoint_every=128, decoder_init=args.decoder_init)
     eval_cfg = EvalConfig(recon_tokens=args.eval_recon_tokens, downstream_tokens=args.eval_downstream_tokens,
                           ablations=())
     cli = [f"saelab harvest --model default --hook blocks.9.hook_resid_post --n-tokens {tokens} --context-size 64 "
@@ -58,7 +61,7 @@ def main() -> None:
     for g in grids:
         grid = " ".join(f"{k}={','.join(map(str, v))}" for k, v in g.items())
         cli.append(f"saelab sweep --activations {acts} --out {out} --grid {grid} --total-tokens {tokens} "
-                   "--checkpoint-every 128")
+                   f"--checkpoint-every 128 --decoder-init {args.decoder_init}")
     cli += [f"saelab eval {out} --recon-tokens {eval_cfg.recon_tokens} --downstream-tokens "
             f"{eval_cfg.downstream_tokens} --ablations", f"saelab report {out}"]
     print(f"Machine: {machine_info()}\nCommand: `{command_line()}`\nEquivalent saelab commands:")
