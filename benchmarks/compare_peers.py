@@ -20,7 +20,7 @@ on them), and peak RSS at the end of training (getrusage; includes the library's
 runners are benchmarks/run_saelab.py and benchmarks/peers/run_{sparsify,saelens,dictlearn}.py;
 their docstrings say how each library is driven and where its settings differ from saelab's.
 All use the same peak lr (saelab's default for n unless --lr), saelab's schedule (warmup 10
-steps, linear decay over the last 20 %), AuxK with coefficient 1/32 on a 10 M-token dead window.
+steps, linear decay over the last 60 %), AuxK with coefficient 1/32 on a 10 M-token dead window.
 """
 
 from __future__ import annotations

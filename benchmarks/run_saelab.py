@@ -50,7 +50,7 @@ def main() -> None:
     from saelab.train import TrainConfig, TrainingRun
 
     cfg = TrainConfig(n_latents=args.n, k=args.k, batch_size=args.batch_size, total_tokens=n_batches * args.batch_size,
-                      lr=args.lr, seed=args.seed, checkpoint_every=10**9, log_every=10**9,
+                      lr=args.lr, seed=args.seed, checkpoint_every=10**9, log_every=10**9, dead_tokens=10_000_000,
                       warmup_steps=WARMUP_STEPS, decay_fraction=DECAY_FRACTION)
     rss_base = rss_mb()
     clock = StepClock()

@@ -15,7 +15,7 @@ encoder = decoder transpose, b_dec = geometric median of the first batch (inside
 ReLU before TopK, dense [B, n] latents, un-normalised MSE, parallel-gradient removal, gradient-norm
 clipping at 1.0, AuxK with ``auxk_alpha=1/32`` and k_aux = d/2 on latents dead for 10 M tokens,
 torch Adam (betas (0.9, 0.999), eps 1e-8) at the common lr. Its LambdaLR is replaced after
-construction by saelab's schedule (warmup 10 steps, constant, linear decay to 0 over the last 20 %).
+construction by saelab's schedule (warmup 10 steps, constant, linear decay to 0 over the last 60 %).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Settings, as close to saelab's recipe as SAELens' options go:
   same 10 M-token window as saelab.
 - Adam (torch, betas (0.9, 0.999), eps 1e-8), ``lr`` = the common lr; its scheduler is replaced
   after construction by a LambdaLR with saelab's schedule (warmup 10 steps, constant, linear
-  decay to 0 over the last 20 %).
+  decay to 0 over the last 60 %).
 - No wandb, no checkpoints, no autocast.
 
 ``--b-dec-init median`` sets b_dec to the geometric median of the first training batch before

@@ -22,7 +22,7 @@ Settings, as close to saelab's recipe as sparsify's options go:
   ``dead_feature_threshold`` 10 M tokens (the default, as saelab).
 - Learning-rate schedule: sparsify's ``get_linear_schedule_with_warmup`` is replaced after
   construction by a LambdaLR with saelab's schedule (warmup 10 steps, constant, linear decay to
-  0 over the last 20 %), so every library follows the same schedule.
+  0 over the last 60 %), so every library follows the same schedule.
 - ``log_to_wandb=False``; the end-of-run checkpoint (``Trainer.save``) is replaced by the stop
   of the clock, so no file I/O is timed.
 - ``fit`` sets ``torch.set_float32_matmul_precision("high")``; on a CPU this keeps fp32 GEMMs

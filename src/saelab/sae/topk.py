@@ -90,7 +90,9 @@ class TopKSAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, n = cfg.d_in, cfg.n_latents
-        self.W_enc = nn.Parameter(torch.empty(d, n, dtype=dtype, device=device))
+        # [d, n] as SAELens lays it out, stored latent-major (a transposed [n, d] buffer): the sparse
+        # kernels read and write whole latents, and this way need no transposed copies (sae/kernels.py).
+        self.W_enc = nn.Parameter(torch.empty(n, d, dtype=dtype, device=device).t())
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))

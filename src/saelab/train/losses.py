@@ -54,7 +54,7 @@ def training_loss(
     if cfg.auxk and dead_mask_N is not None and bool(dead_mask_N.any()):
         dead_idx = dead_mask_N.nonzero().squeeze(1)
     # One sorted top-(4k) serves both TopK and Multi-TopK: the top-k are its first k.
-    enc = sparse_topk_encode(x_n - sae.b_dec, sae.W_enc, sae.b_enc, big_k, dead_idx=dead_idx, k_aux=cfg.k_aux,
+    enc = sparse_topk_encode(x_n, sae.b_dec, sae.W_enc, sae.b_enc, big_k, dead_idx=dead_idx, k_aux=cfg.k_aux,
                              sorted_out=cfg.multi_topk)
     vals, idx = enc.vals_BK[:, :k], enc.idx_BK[:, :k]
 
