@@ -71,6 +71,43 @@ def test_loss_and_gradients_match_dense_reference(input_norm, auxk, multi):
         assert g_enc[:, dead].abs().sum() > 0
 
 
+def test_trainer_steps_match_plain_adam_on_dense_loss():
+    """Trainer (sparse kernel, fused Adam on the transposed view of W_enc) = the recipe written plainly."""
+    from saelab.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    d, n, k = 12, 192, 2  # more latents than selections per batch, so some go dead and AuxK runs
+    cfg = TrainConfig(n_latents=n, k=k, batch_size=64, total_tokens=64 * 6, lr=1e-2, warmup_steps=1,
+                      dead_tokens=64, k_aux=8)
+    sae = TopKSAE(SAEConfig(d, n, k))
+    ref = TopKSAE(SAEConfig(d, n, k))
+    ref.load_state_dict(sae.state_dict())
+    assert not sae.W_enc.is_contiguous()  # latent-major storage: the case the optimizer view handles
+    trainer = Trainer(cfg, sae, normalizer=2.0)
+    opt = torch.optim.Adam(ref.parameters(), lr=cfg.effective_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                           eps=cfg.adam_eps)
+    fired_since = torch.zeros(n, dtype=torch.long)
+    for step in range(6):
+        x = torch.randn(64, d) * 2 + 0.5
+        dead = fired_since >= cfg.effective_dead_tokens
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        with torch.no_grad():  # latents that fire in this step's forward
+            v, i = ((x - ref.b_dec) @ ref.W_enc + ref.b_enc).topk(k, dim=-1)
+        opt.zero_grad()
+        _dense_reference_loss(ref, x, cfg, 2.0, dead).backward()
+        ref.project_decoder_grad()
+        opt.step()
+        ref.normalize_decoder()
+        fired_since += 64
+        fired_since[i[v > 0]] = 0
+        trainer.train_step(x)
+        assert torch.equal(trainer.tokens_since_fired, fired_since)
+        for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
+            assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), (step, name)
+    assert (trainer.tokens_since_fired >= cfg.effective_dead_tokens).any()  # AuxK was exercised
+
+
 @pytest.mark.parametrize("decoder_from_data", [False, True])
 def test_encoder_scale_init_is_least_squares_optimal(decoder_from_data):
     from saelab.train.init import init_from_data
@@ -127,7 +164,9 @@ def test_data_init_rows_are_distinct_and_schedule_defaults():
     cfg = TrainConfig(n_latents=8192, k=32, batch_size=4096, total_tokens=262_144)
     assert cfg.effective_decoder_init == "data" and cfg.effective_dead_tokens == 32_768
     assert TrainConfig(n_latents=32768, k=32).effective_decoder_init == "random"
-    assert cfg.effective_init_rows == 32_768 and TrainConfig(n_latents=32768).effective_init_rows == 131_072
+    assert cfg.effective_init_rows == 32_768
+    assert TrainConfig(n_latents=32768, decoder_init="data").effective_init_rows == 131_072
+    assert TrainConfig(n_latents=32768).effective_init_rows == 32_768  # random rows: b_pre and normalizer only
     assert TrainConfig(total_tokens=10**10).effective_dead_tokens == 10_000_000
     assert TrainConfig(n_latents=128).effective_lr == 1e-2  # the cap
     with pytest.raises(ValueError, match="decoder_init"):

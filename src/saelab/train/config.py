@@ -66,7 +66,8 @@ class TrainConfig:
     """Rescale the tied encoder so the initial reconstruction has the least-squares magnitude."""
     init_rows: int | None = None
     """Rows taken from the start of the data for b_pre, the loss normalizer and the data
-    directions of the decoder; None: max(32,768, 4 n), at most total_tokens."""
+    directions of the decoder; None: 32,768, or max(32,768, 4 n) with data directions, at most
+    total_tokens."""
     auxk: bool = True
     """Train dead latents to reconstruct the residual (AuxK)."""
     k_aux: int = 256
@@ -117,8 +118,11 @@ class TrainConfig:
 
     @property
     def effective_init_rows(self) -> int:
-        return self.init_rows if self.init_rows is not None else min(max(32_768, 4 * self.n_latents),
-                                                                     self.total_tokens)
+        if self.init_rows is not None:
+            return self.init_rows
+        # Data directions need several candidates per latent; b_pre and the normalizer need far fewer.
+        want = 4 * self.n_latents if self.effective_decoder_init == "data" else 0
+        return min(max(32_768, want), self.total_tokens)
 
     @property
     def effective_dead_tokens(self) -> int:

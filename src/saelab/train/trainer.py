@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from saelab.errors import CorpusError, NonFiniteError, ShapeMismatchError
@@ -75,6 +76,10 @@ def take_rows(batches: Iterator[torch.Tensor], n_rows: int, d_in: int) -> torch.
     return torch.cat(rows)[:n_rows]
 
 
+def _stored_transposed(p: torch.Tensor) -> bool:
+    return p.dim() == 2 and p.shape[0] != p.shape[1] and not p.is_contiguous() and p.t().is_contiguous()
+
+
 class Trainer:
     """Optimizer state, dead-latent tracking and the optimizer step of one SAE."""
 
@@ -82,9 +87,14 @@ class Trainer:
         self.cfg = cfg
         self.sae = sae
         self.normalizer = normalizer
+        # (parameter, the tensor the optimizer updates): a matrix stored transposed (W_enc is
+        # latent-major) goes to Adam as its contiguous transpose, a view of the same storage, since
+        # fused Adam copies a non-contiguous parameter and its states on every step.
+        self._opt_params = [(p, nn.Parameter(p.detach().t()) if _stored_transposed(p) else p)
+                            for p in sae.parameters()]
         self.opt = torch.optim.Adam(
-            sae.parameters(), lr=cfg.effective_lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-            fused=True,  # one fused kernel per parameter: ~9x faster than the per-op update on CPU
+            [v for _, v in self._opt_params], lr=cfg.effective_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps, fused=True,  # one fused kernel per parameter: ~9x faster than the per-op update on CPU
         )
         self.step = 0
         self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.long)
@@ -112,11 +122,14 @@ class Trainer:
         out = training_loss(sae, ddp.local_rows(x_BD), cfg, self.normalizer, dead)
         if not torch.isfinite(out.loss):
             raise NonFiniteError(f"training loss became {out.loss.item()} at step {self.step}")
-        self.opt.zero_grad(set_to_none=True)
+        sae.zero_grad(set_to_none=True)
         out.loss.backward()
         ddp.average_gradients(sae.parameters())
         if cfg.project_decoder_grad:
             sae.project_decoder_grad()
+        for p, v in self._opt_params:
+            if v is not p:
+                v.grad = None if p.grad is None else p.grad.t().contiguous()
         self.opt.step()
         if cfg.unit_norm_decoder:
             sae.normalize_decoder()
@@ -257,6 +270,7 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
 
     runs = [TrainingRun(c, d, d_in=d_in, meta=meta, init_sample=lambda c=c: init_sample()[:c.effective_init_rows],
                         overwrite=overwrite) for c, d in zip(cfgs, run_dirs)]
+    sample.clear()  # initialisation is done: do not hold the sample through training
     start = min(r.step for r in runs)
     last = max(c.total_steps for c in cfgs)
     label = "train" if len(runs) == 1 else f"train x{len(runs)}"
