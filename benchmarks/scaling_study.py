@@ -1,6 +1,6 @@
 """The scaling study on the offline default model: nMSE(n) per k, fitted and plotted (paper Figure 1).
 
-    python benchmarks/scaling_study.py --out runs/scaling                  # full study (~1.5 h on 2 cores)
+    python benchmarks/scaling_study.py --out runs/scaling                  # full study (~45-60 min on 2 cores)
     python benchmarks/scaling_study.py --out /tmp/scaling-smoke --smoke     # n = 2^10..2^12 on 131k tokens
 
 Stages, each resumable (re-run the same command after an interruption):
