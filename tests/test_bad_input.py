@@ -298,7 +298,8 @@ def _train_cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign", "pickle_runs_code", "other_run"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign", "pickle_runs_code", "other_run",
+                                    "optimizer_layout"])
 def test_corrupt_checkpoint_when_resuming(damage, tmp_path):
     run = tmp_path / "run"
     train_sae(_train_cfg(), _synthetic_source(), run, d_in=D, progress=False, stop_after_steps=3)
@@ -319,6 +320,14 @@ def test_corrupt_checkpoint_when_resuming(damage, tmp_path):
         state["normalizer"] = _Payload(marker)
         torch.save(state, ckpt_path)
         expect = "unreadable, truncated or corrupt"
+    elif damage == "optimizer_layout":  # Adam moments in another layout (W_enc's as [d, n], not [n, d])
+        state = torch.load(ckpt_path, weights_only=True)
+        for moments in state["optimizer"]["state"].values():
+            for key, t in moments.items():
+                if t.dim() == 2 and t.shape[1] == D:
+                    moments[key] = t.t().contiguous()
+        torch.save(state, ckpt_path)
+        expect = "does not hold a training state of this run"
     else:  # the checkpoint of another run (other n_latents) copied over this one's
         train_sae(_train_cfg(n_latents=64), _synthetic_source(), tmp_path / "other", d_in=D, progress=False,
                   stop_after_steps=2)

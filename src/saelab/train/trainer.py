@@ -109,6 +109,11 @@ class Trainer:
         self.step = int(state["step"])
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["optimizer"])
+        for _, v in self._opt_params:  # Adam itself would only fail, obscurely, at the next step
+            for key, t in self.opt.state.get(v, {}).items():
+                if torch.is_tensor(t) and t.dim() and t.shape != v.shape:
+                    raise ValueError(f"optimizer state {key!r} has shape {tuple(t.shape)}, its parameter "
+                                     f"{tuple(v.shape)}")
         self.tokens_since_fired = state["tokens_since_fired"]
         self.normalizer = float(state["normalizer"])
         self.ema = state["ema"]
