@@ -39,20 +39,27 @@ INACTIVE_WINDOW = 262_144
 
 
 @contextmanager
-def _sigterm_as_interrupt():
-    """Let `kill` (SIGTERM) take the same path as Ctrl-C: checkpoint, then stop."""
+def _interrupt_between_steps():
+    """Ctrl-C (SIGINT) and `kill` (SIGTERM) stop training between two steps, never inside one, so
+    the checkpoint written on the way out holds a whole step. A second Ctrl-C stops at once.
+    Yields a one-item list that is non-empty once a stop was asked for."""
+    asked: list[int] = []
+
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        if asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"signal {signum}")
+        asked.append(signum)
 
     try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay as they are
+        yield asked
         return
     try:
-        yield
+        yield asked
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _check_batch(x: torch.Tensor, d_in: int, what: str) -> None:
@@ -282,8 +289,10 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
     bar = tqdm(total=last, initial=start, unit="step", desc=label, disable=not progress or ddp.rank() != 0)
     batch_idx = start
     try:
-        with _sigterm_as_interrupt():
+        with _interrupt_between_steps() as stop_asked:
             for x in batches_from(start):
+                if stop_asked:
+                    raise KeyboardInterrupt(f"signal {stop_asked[0]}")
                 if batch_idx >= last or (stop_after_steps is not None and batch_idx - start >= stop_after_steps):
                     break
                 for r in runs:
