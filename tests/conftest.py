@@ -1,4 +1,4 @@
-"""Fixtures shared by the test files: small real models and the shared data folder."""
+"""Fixtures shared by the test files: small real models and the data folder shipped with the repository."""
 
 from __future__ import annotations
 
@@ -7,23 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
-"""``../shared`` beside the repository root (development machines and CI)."""
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+"""``data/`` of this repository: the offline Wikipedia slices and GPT-2's tokenizer files."""
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED_DIR.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DIR} not present")
-    return SHARED_DIR
+def data_dir() -> Path:
+    assert (DATA_DIR / "wiki-en" / "wiki_eval.jsonl.xz").is_file(), f"{DATA_DIR} lacks the shipped corpus"
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")
-def gpt2_tokenizer(shared_dir):
+def gpt2_tokenizer(data_dir):
     """GPT-2's real byte-level BPE tokenizer, loaded offline."""
     from transformers import GPT2TokenizerFast
 
-    return GPT2TokenizerFast.from_pretrained(str(shared_dir / "data" / "gpt2-tokenizer"))
+    return GPT2TokenizerFast.from_pretrained(str(data_dir / "gpt2-tokenizer"))
 
 
 @pytest.fixture(scope="session")
@@ -59,19 +58,19 @@ SERIES_HOOK = "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="session")
-def tiny_series(shared_dir, tmp_path_factory) -> Path:
+def tiny_series(data_dir, tmp_path_factory) -> Path:
     """A 2-layer GPT-2-style model (d_model 64, the real GPT-2 tokenizer) trained 120 steps on Wikipedia:
     checkpoint-{10,20,40,60,90,120} and series.json (~15 s)."""
     from saelab.models.lm_series import LMSeriesConfig, train_checkpoint_series
 
-    cfg = LMSeriesConfig(tokenizer=str(shared_dir / "data" / "gpt2-tokenizer"), steps=120, batch_size=4,
+    cfg = LMSeriesConfig(tokenizer=str(data_dir / "gpt2-tokenizer"), steps=120, batch_size=4,
                          context_size=32, save_steps=(10, 20, 40, 60, 90, 120))
     return train_checkpoint_series(cfg, tmp_path_factory.mktemp("series") / "tiny-series",
-                                   corpus=str(shared_dir / "data" / "wiki-en" / "wiki_train.jsonl.xz"))
+                                   corpus=str(data_dir / "wiki-en" / "wiki_train.jsonl.xz"))
 
 
 @pytest.fixture(scope="session")
-def tiny_series_run(tiny_series, shared_dir, tmp_path_factory) -> Path:
+def tiny_series_run(tiny_series, data_dir, tmp_path_factory) -> Path:
     """A finished SAE run folder (n=128, k=2, context 32) on the last checkpoint's blocks.1.hook_resid_post.
 
     k=2 because this small model hardly uses the detail of its residual stream: SAEs with larger k
@@ -81,7 +80,7 @@ def tiny_series_run(tiny_series, shared_dir, tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("series-run")
     cfg = HarvestConfig(model=str(tiny_series / "checkpoint-120"), hook=SERIES_HOOK, context_size=32,
-                        corpus=str(shared_dir / "data" / "wiki-en" / "wiki_train.jsonl.xz"), n_tokens=8192,
+                        corpus=str(data_dir / "wiki-en" / "wiki_train.jsonl.xz"), n_tokens=8192,
                         buffer_tokens=8192)
     cache = harvest(cfg, base / "acts", progress=False)
     train_from_cache(cache, base / "run", TrainConfig(n_latents=128, k=2, batch_size=256, total_tokens=8192,

@@ -56,8 +56,8 @@ def temp_files(folder: Path) -> list[str]:
     return [str(p) for p in folder.rglob(".*.tmp")]
 
 
-def wiki_docs(shared_dir: Path, n: int) -> list[str]:
-    with lzma.open(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
+def wiki_docs(data_dir: Path, n: int) -> list[str]:
+    with lzma.open(data_dir / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
         return [json.loads(next(f))["text"] for _ in range(n)]
 
 
@@ -81,10 +81,10 @@ def make_sae(d_in: int = D, n: int = 128, k: int = 8, seed: int = 0, **cfg) -> T
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_dir, tmp_path_factory) -> Path:
+def corpus(data_dir, tmp_path_factory) -> Path:
     """The first three articles of the real Wikipedia eval split (~8k GPT-2 tokens), as JSON Lines."""
     path = tmp_path_factory.mktemp("corpus") / "wiki3.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in wiki_docs(shared_dir, 3)), encoding="utf-8")
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in wiki_docs(data_dir, 3)), encoding="utf-8")
     return path
 
 

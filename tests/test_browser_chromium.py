@@ -50,7 +50,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def served_site(request, shared_dir, tmp_path_factory):
+def served_site(request, data_dir, tmp_path_factory):
     """A two-SAE site on the tiny GPT-2, or the finished site named by $SAELAB_BROWSER_SITE (any site with
     feature families, e.g. one built on the default model)."""
     given = os.environ.get("SAELAB_BROWSER_SITE")
@@ -62,7 +62,7 @@ def served_site(request, shared_dir, tmp_path_factory):
         from saelab.sae import save_sae
 
         tiny_gpt2 = request.getfixturevalue("tiny_gpt2")
-        corpus = str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz")
+        corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
         root = tmp_path_factory.mktemp("chromium")
         save_sae(trained_like_sae(tiny_gpt2, 128, 0, corpus), root / "n128" / "sae")
         save_sae(trained_like_sae(tiny_gpt2, 512, 1, corpus), root / "n512" / "sae")

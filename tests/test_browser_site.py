@@ -37,8 +37,8 @@ def trained_like_sae(lm, n: int, seed: int, corpus: str) -> TopKSAE:
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_dir) -> str:
-    return str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz")
+def corpus(data_dir) -> str:
+    return str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
 
 
 @pytest.fixture(scope="module")

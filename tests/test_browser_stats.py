@@ -180,8 +180,8 @@ def test_direct_logit_effect_matches_per_latent_function(tiny_gpt2):
 
 
 @pytest.fixture(scope="module")
-def wiki_tokens(tiny_gpt2, shared_dir):
-    cfg = BrowseConfig(n_tokens=31 * 40, corpus=str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz"))
+def wiki_tokens(tiny_gpt2, data_dir):
+    cfg = BrowseConfig(n_tokens=31 * 40, corpus=str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"))
     return read_tokens(tiny_gpt2, small_sae(), cfg)
 
 

@@ -185,14 +185,14 @@ def test_local_series_from_series_json_or_trainer_states(tmp_path):
 
 
 # ---- the whole method on a series trained here -------------------------------------------------
-def test_compute_equivalent_on_a_trained_series(tiny_series, tiny_series_run, shared_dir, tmp_path, monkeypatch):
+def test_compute_equivalent_on_a_trained_series(tiny_series, tiny_series_run, data_dir, tmp_path, monkeypatch):
     from saelab.data import token_contexts
     from saelab.models import load_model
     from saelab.pipeline import load_run
 
     sae, _ = load_run(tiny_series_run)
     lm = load_model(str(tiny_series / "checkpoint-120"))
-    tokens = token_contexts(str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz"), lm.tokenize, 32,
+    tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), lm.tokenize, 32,
                             n_contexts=48, bos_token_id=lm.bos_token_id)
     cfg = ComputeEquivalentConfig(series=str(tiny_series), fit_min_frac=0.1)
     res = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "losses.json",
@@ -219,7 +219,7 @@ def test_compute_equivalent_on_a_trained_series(tiny_series, tiny_series_run, sh
 
 
 @pytest.mark.slow
-def test_whole_method_on_a_few_hundred_steps(shared_dir, tmp_path):
+def test_whole_method_on_a_few_hundred_steps(data_dir, tmp_path):
     """The issue's offline check at its stated size: 300 steps, 10 checkpoints, an SAE on the last one."""
     from saelab.data import token_contexts
     from saelab.models import load_model
@@ -227,8 +227,8 @@ def test_whole_method_on_a_few_hundred_steps(shared_dir, tmp_path):
     from saelab.pipeline import HarvestConfig, harvest, train_from_cache
     from saelab.train import TrainConfig
 
-    wiki = shared_dir / "data" / "wiki-en"
-    folder = train_checkpoint_series(LMSeriesConfig(tokenizer=str(shared_dir / "data" / "gpt2-tokenizer"), steps=300),
+    wiki = data_dir / "wiki-en"
+    folder = train_checkpoint_series(LMSeriesConfig(tokenizer=str(data_dir / "gpt2-tokenizer"), steps=300),
                                      tmp_path / "series", corpus=str(wiki / "wiki_train.jsonl.xz"))
     final = str(folder / "checkpoint-300")
     cache = harvest(HarvestConfig(model=final, hook="blocks.1.hook_resid_post", corpus=str(wiki / "wiki_train.jsonl.xz"),

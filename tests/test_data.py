@@ -28,15 +28,15 @@ from saelab.data import (
 )
 from saelab.errors import CorpusError, NonFiniteError, RunExistsError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-WIKI_TRAIN = SHARED / "wiki-en" / "wiki_train.jsonl.xz"
-WIKI_EVAL = SHARED / "wiki-en" / "wiki_eval.jsonl.xz"
+DATA = Path(__file__).resolve().parents[1] / "data"
+WIKI_TRAIN = DATA / "wiki-en" / "wiki_train.jsonl.xz"
+WIKI_EVAL = DATA / "wiki-en" / "wiki_eval.jsonl.xz"
 HOOK = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return GPT2TokenizerFast.from_pretrained(str(SHARED / "gpt2-tokenizer"))
+    return GPT2TokenizerFast.from_pretrained(str(DATA / "gpt2-tokenizer"))
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ TRAIN_ARGS = ["--n-latents", "128", "--k", "8", "--batch-size", "256", "--total-
               "--log-every", "4", "--no-progress"]
 
 
-def _cache(tmp_path: Path, tiny_gpt2, shared_dir) -> Path:
-    tokens = token_contexts(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz", tiny_gpt2.tokenize, 33,
+def _cache(tmp_path: Path, tiny_gpt2, data_dir) -> Path:
+    tokens = token_contexts(data_dir / "wiki-en" / "wiki_eval.jsonl.xz", tiny_gpt2.tokenize, 33,
                             n_contexts=140, bos_token_id=tiny_gpt2.bos_token_id)
     stream = ActivationStream(tiny_gpt2, "blocks.1.hook_resid_post", tokens, batch_size=256, buffer_tokens=1024,
                               progress=False)
@@ -31,8 +31,8 @@ def _run(cmd: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_process_training_equals_single_process(tmp_path, tiny_gpt2, shared_dir):
-    cache = _cache(tmp_path, tiny_gpt2, shared_dir)
+def test_two_process_training_equals_single_process(tmp_path, tiny_gpt2, data_dir):
+    cache = _cache(tmp_path, tiny_gpt2, data_dir)
     _run([sys.executable, "-m", "saelab", "train", "--activations", str(cache), "--out", str(tmp_path / "single"),
           *TRAIN_ARGS])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29517",

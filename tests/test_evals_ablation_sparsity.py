@@ -55,10 +55,10 @@ def test_score_gaussian_is_two_over_pi_and_shift_invariant():
 
 # ---- the ablation itself, on a real (tiny) model ---------------------------------------------
 @pytest.fixture(scope="module")
-def setup(tiny_gpt2, shared_dir):
+def setup(tiny_gpt2, data_dir):
     from saelab.data import token_contexts
 
-    tokens = token_contexts(str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz"), tiny_gpt2.tokenizer,
+    tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tiny_gpt2.tokenizer,
                             40, n_contexts=6, bos_token_id=tiny_gpt2.bos_token_id, limit_docs=4)
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=64, n_latents=128, k=6, hook_name="blocks.0.hook_resid_post"))

@@ -151,11 +151,11 @@ def test_splice_with_true_values_is_the_sae_splice():
         assert torch.allclose(zeroed, sae.denormalize_output(full @ sae.W_dec + sae.b_dec, st), atol=1e-5)
 
 
-def test_run_n2g_on_a_real_tiny_model(tiny_gpt2, shared_dir):
+def test_run_n2g_on_a_real_tiny_model(tiny_gpt2, data_dir):
     from saelab.data import token_contexts
 
     lm = tiny_gpt2
-    tokens = token_contexts(str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz"), lm.tokenizer, 32,
+    tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), lm.tokenizer, 32,
                             n_contexts=24, bos_token_id=lm.bos_token_id, limit_docs=6)
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=64, n_latents=96, k=6, hook_name="blocks.0.hook_resid_post"))

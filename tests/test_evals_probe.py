@@ -133,10 +133,10 @@ def test_hf_loader_without_datasets_says_so():
 
 # ---- end to end on a tiny real model -----------------------------------------------------------
 @pytest.fixture(scope="module")
-def setup(tiny_gpt2, shared_dir):
+def setup(tiny_gpt2, data_dir):
     from saelab.data import token_contexts
 
-    tokens = token_contexts(str(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz"), tiny_gpt2.tokenizer,
+    tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tiny_gpt2.tokenizer,
                             64, n_contexts=48, bos_token_id=tiny_gpt2.bos_token_id, limit_docs=12)
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=64, n_latents=256, k=8, hook_name="blocks.1.hook_resid_post"))

@@ -23,8 +23,8 @@ SMALL = ["--recon-tokens", "1024", "--downstream-tokens", "992", "--ablation-con
          "--n2g-max-len", "6", "--no-progress"]
 
 
-def eval_corpus(shared_dir: Path, path: Path, n: int = 6) -> Path:
-    with lzma.open(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
+def eval_corpus(data_dir: Path, path: Path, n: int = 6) -> Path:
+    with lzma.open(data_dir / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
         lines = [next(f) for _ in range(n)]
     path.write_text("".join(json.dumps({"text": json.loads(line)["text"]}) + "\n" for line in lines))
     return path
@@ -38,10 +38,10 @@ def run_cli(capsys, *argv: str, code: int = 0) -> tuple[dict | None, str]:
     return (json.loads(out) if code == 0 else None), err
 
 
-def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, shared_dir, tmp_path, capsys):
+def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_series_run, run)
-    corpus = eval_corpus(shared_dir, tmp_path / "eval.jsonl")
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
     argv = ["eval", str(run), "--suite", "paper", "--series", str(tiny_series), "--corpus", str(corpus),
             "--ce-fit-min-frac", "0.1", *SMALL]
     out, _ = run_cli(capsys, *argv)
@@ -98,10 +98,10 @@ def v5_checkpoint(path: Path, d: int = 64, n: int = 256, k: int = 8, seed: int =
     return path
 
 
-def test_openai_v5_checkpoint_gets_its_hook_and_context_64(tiny_dir, shared_dir, tmp_path, capsys):
+def test_openai_v5_checkpoint_gets_its_hook_and_context_64(tiny_dir, data_dir, tmp_path, capsys):
     # Layer 1 of the 2-layer model stands in for GPT-2's layer 8 (resid_post_mlp -> blocks.L.hook_resid_post).
     pt = v5_checkpoint(tmp_path / "sparse-autoencoder" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt")
-    corpus = eval_corpus(shared_dir, tmp_path / "eval.jsonl", n=8)
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl", n=8)
     out_dir = tmp_path / "out"
     out, _ = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir),
                      "--corpus", str(corpus), *SMALL)
@@ -133,7 +133,7 @@ def test_openai_v5_checkpoint_gets_its_hook_and_context_64(tiny_dir, shared_dir,
     assert "ae.pt records no hook" in err and "--hook blocks.8.hook_resid_post" in err
 
 
-def test_series_that_fails_to_load_is_recorded_and_reported(tiny_dir, shared_dir, tmp_path, capsys):
+def test_series_that_fails_to_load_is_recorded_and_reported(tiny_dir, data_dir, tmp_path, capsys):
     """A series whose checkpoints cannot be loaded (hub offline, say): the other metrics still finish."""
     pt = v5_checkpoint(tmp_path / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt")
     broken = tmp_path / "broken-series"
@@ -141,7 +141,7 @@ def test_series_that_fails_to_load_is_recorded_and_reported(tiny_dir, shared_dir
         (broken / f"checkpoint-{step}").mkdir(parents=True)
     (broken / "series.json").write_text(json.dumps({"tokens_per_step": 10, "checkpoints": [
         {"path": f"checkpoint-{s}", "step": s} for s in (1, 2, 3)]}))
-    corpus = eval_corpus(shared_dir, tmp_path / "eval.jsonl", n=8)
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl", n=8)
     _, err = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out",
                      str(tmp_path / "out"), "--series", str(broken), "--metrics", "core", "compute_equivalent",
                      "--corpus", str(corpus), *SMALL, code=2)

@@ -36,9 +36,9 @@ def assert_png(path: Path) -> None:
     assert width > 100 and height > 100, (path, width, height)
 
 
-def wiki_jsonl(shared_dir: Path, path: Path, first: int, n: int) -> Path:
+def wiki_jsonl(data_dir: Path, path: Path, first: int, n: int) -> Path:
     """Articles first..first+n-1 of the real Wikipedia eval split, as a JSON Lines corpus file."""
-    with lzma.open(shared_dir / "data" / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
+    with lzma.open(data_dir / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
         lines = [next(f) for _ in range(first + n)][first:]
     path.write_text("".join(json.dumps({"text": json.loads(line)["text"]}) + "\n" for line in lines))
     return path
@@ -55,8 +55,8 @@ def run_cli(capsys, *argv: str) -> tuple[int, dict]:
 # ---- quickstart on the real default model ------------------------------------------------------------------
 
 
-def test_quickstart_on_default_model(smollm2, shared_dir, tmp_path):
-    wiki = shared_dir / "data" / "wiki-en"
+def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
+    wiki = data_dir / "wiki-en"
     cfg = QuickstartConfig(
         harvest=HarvestConfig(model="default", corpus=str(wiki / "wiki_train.jsonl.xz"), context_size=32,
                               n_tokens=8192, buffer_tokens=8192),
@@ -100,9 +100,9 @@ def test_quickstart_on_default_model(smollm2, shared_dir, tmp_path):
 # ---- the CLI verbs chained on a real local model folder -------------------------------------------------------
 
 
-def test_cli_harvest_train_eval_report(tiny_dir, shared_dir, tmp_path, capsys):
-    train_corpus = wiki_jsonl(shared_dir, tmp_path / "train.jsonl", 0, 3)
-    eval_corpus = wiki_jsonl(shared_dir, tmp_path / "eval.jsonl", 3, 2)  # other articles: held out
+def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
+    train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 3)
+    eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 2)  # other articles: held out
     acts, run = tmp_path / "acts", tmp_path / "run"
 
     _, out = run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus),
@@ -146,10 +146,10 @@ TRAIN_ROWS = 8192
 
 
 @pytest.fixture(scope="module")
-def kill_cache(tiny_gpt2, tiny_dir, shared_dir, tmp_path_factory) -> Path:
+def kill_cache(tiny_gpt2, tiny_dir, data_dir, tmp_path_factory) -> Path:
     """8,192 real activation rows of the tiny GPT-2 (its saved folder named as the model)."""
     base = tmp_path_factory.mktemp("kill")
-    corpus = wiki_jsonl(shared_dir, base / "corpus.jsonl", 0, 6)
+    corpus = wiki_jsonl(data_dir, base / "corpus.jsonl", 0, 6)
     cfg = HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(corpus), n_tokens=TRAIN_ROWS, context_size=32,
                         buffer_tokens=8192)
     harvest(cfg, base / "acts", lm=tiny_gpt2, progress=False)

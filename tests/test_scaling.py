@@ -52,8 +52,8 @@ def run_cli(capsys, *argv, code=0):
     return (json.loads(out) if code == 0 else None), err
 
 
-def test_tiny_sweep_eval_and_scaling_report(tiny_series, shared_dir, tmp_path, capsys):
-    wiki = shared_dir / "data" / "wiki-en"
+def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, capsys):
+    wiki = data_dir / "wiki-en"
     acts, sweep = tmp_path / "acts", tmp_path / "sweep"
     run_cli(capsys, "harvest", "--model", str(tiny_series / "checkpoint-120"), "--hook", "blocks.1.hook_resid_post",
             "--corpus", str(wiki / "wiki_train.jsonl.xz"), "--out", str(acts), "--n-tokens", "4096",

@@ -30,3 +30,8 @@ class NonFiniteError(SaelabError, ValueError):
 
 class RunExistsError(SaelabError, FileExistsError):
     """A finished run would be overwritten."""
+
+
+class ConfigError(SaelabError, ValueError):
+    """An option or config field with a value outside what it accepts; the message names the
+    option and what it expects. Every config class raises this one type."""

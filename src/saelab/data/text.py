@@ -14,7 +14,7 @@ suffix, starts with ``/``, ``./``, ``../`` or ``~``, or has more than one ``/``)
 raises :class:`CorpusError` naming it rather than being sent to the hub. A single ``owner/name``
 that is not on disk is a hub dataset name. ``split`` applies to hub datasets only.
 
-:func:`default_corpus` finds the offline Wikipedia sample that development machines and CI have.
+:func:`default_corpus` finds the offline Wikipedia sample shipped in the repository's data/ folder.
 """
 
 from __future__ import annotations
@@ -56,11 +56,22 @@ def iter_texts(
     return _checked(docs, label, limit_docs)
 
 
+def shipped_data_dir() -> Path | None:
+    """``data/`` of the saelab checkout this package runs from (the corpus and tokenizer files it
+    ships), or None for an install without the repository around it."""
+    here = Path(__file__).resolve()
+    if len(here.parents) > 3 and here.parents[2].name == "src":  # src layout: <repo>/src/saelab/data/
+        folder = here.parents[3] / "data"
+        if folder.is_dir():
+            return folder
+    return None
+
+
 def default_corpus(split: str = "train") -> str | None:
     """Path of the offline Wikipedia sample for ``split`` ("train" or "eval"), or None.
 
-    Looks in ``$SAELAB_CORPUS_DIR``, then ``../shared/data/wiki-en/`` relative to the current
-    directory, then the same relative to the repository root (the parent of ``src/``).
+    Looks in ``$SAELAB_CORPUS_DIR``, then in ``data/wiki-en/`` of the repository saelab is
+    installed from (it ships there), whatever the current directory.
     """
     if split not in DEFAULT_CORPUS_FILES:
         raise ValueError(f"split must be one of {sorted(DEFAULT_CORPUS_FILES)}, got {split!r}")
@@ -69,11 +80,9 @@ def default_corpus(split: str = "train") -> str | None:
     env_dir = os.environ.get(CORPUS_DIR_ENV)
     if env_dir:
         candidates.append(Path(env_dir).expanduser() / name)
-    rel = Path("..") / "shared" / "data" / "wiki-en" / name
-    candidates.append(Path.cwd() / rel)
-    here = Path(__file__).resolve()
-    if len(here.parents) > 3 and here.parents[2].name == "src":  # src layout checkout
-        candidates.append(here.parents[3] / rel)
+    shipped = shipped_data_dir()
+    if shipped is not None:
+        candidates.append(shipped / "wiki-en" / name)
     for path in candidates:
         if path.is_file():
             return str(path.resolve())
