@@ -1,0 +1,26 @@
+"""Which device work runs on: one rule for every verb and every public function."""
+
+from __future__ import annotations
+
+import torch
+
+from saelab.errors import ConfigError
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"``: CUDA when available, else the CPU; otherwise the device named
+    (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), refused with a one-line error when absent."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a device name; expected auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    return dev
