@@ -10,13 +10,10 @@ from typing import Any
 import torch
 
 from saelab.errors import CheckpointError, RunExistsError
+from saelab.run_folder import CHECKPOINT, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_LOG, clear_eval_outputs
 from saelab.utils.atomic import atomic_path, write_bytes, write_json
 
-CHECKPOINT = "checkpoint.pt"
-STATUS = "status.json"
-TRAIN_CONFIG = "train_config.json"
-METRICS = "metrics.jsonl"
-SAE_DIR = "sae"
+METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
@@ -44,8 +41,9 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = 
     status = read_status(run_dir)
     cfg_path = run_dir / TRAIN_CONFIG
     if overwrite and write:
-        for name in (CHECKPOINT, STATUS, METRICS):
+        for name in (CHECKPOINT, STATUS, TRAINING_LOG):
             (run_dir / name).unlink(missing_ok=True)
+        clear_eval_outputs(run_dir)  # they describe the SAE being replaced
     elif status.get("state") == "finished":
         raise RunExistsError(
             f"run folder {run_dir} holds a finished run; pick another folder or pass overwrite=True (--overwrite)"

@@ -1,0 +1,135 @@
+"""The run-folder layout: every file name a run folder holds, and how to open one.
+
+A run folder holds everything about one SAE::
+
+    run/
+      activations/        on-disk activation cache (quickstart; several SAEs may share one)
+      train_config.json   the training and SAE config (written once validation passed)
+      checkpoint.pt       latest training state (resume)
+      status.json         state, step, total_steps
+      metrics.jsonl       the training log, one JSON line every few steps
+      sae/                the trained SAE (SAELens folder format)
+      metrics.json        the evaluation on held-out text (with the hash of the SAE it describes)
+      density.png  training_curves.png  report.md
+      evals/              the paper suite: <metric>.json, suite.json, report.md and plots
+      browser/            the feature browser site
+
+A sweep folder holds run folders side by side (``saelab sweep``). This module sits just above
+``saelab.sae``: it knows file names and SAE loading, nothing about training or evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from saelab.errors import CheckpointError
+
+ACTIVATIONS_DIR = "activations"
+TRAIN_CONFIG = "train_config.json"
+CHECKPOINT = "checkpoint.pt"
+STATUS = "status.json"
+TRAINING_LOG = "metrics.jsonl"
+SAE_DIR = "sae"
+EVAL_METRICS = "metrics.json"
+DENSITY_PLOT = "density.png"
+TRAINING_CURVES = "training_curves.png"
+REPORT = "report.md"
+EVALS_DIR = "evals"
+BROWSER_DIR = "browser"
+
+EVAL_OUTPUTS = (EVAL_METRICS, DENSITY_PLOT, EVALS_DIR)
+"""What evaluating a run writes: removed with the training outputs when a run is overwritten."""
+
+
+def is_run(path: str | Path) -> bool:
+    """A run folder: a folder with a trained SAE in ``sae/``."""
+    path = Path(path)
+    return path.is_dir() and (path / SAE_DIR).is_dir()
+
+
+def sweep_runs(folder: str | Path) -> list[Path]:
+    """Run folders with a trained SAE directly inside ``folder``, in natural order (n4096 before n16384)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    runs = [p for p in folder.iterdir()
+            if p.is_dir() and (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists()]
+    return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+
+
+def is_sweep(path: str | Path) -> bool:
+    """A folder that is not a run or SAE folder itself but holds run folders."""
+    path = Path(path)
+    return path.is_dir() and not is_run(path) and not (path / "cfg.json").exists() and bool(sweep_runs(path))
+
+
+def open_sae(source: str | Path):
+    """(SAE, run folder or None) for a run folder, SAELens / sparsify folder, OpenAI ``.pt`` file or URL."""
+    from saelab.sae import load_sae  # lazy: safetensors and the format readers load only when needed
+
+    text = str(source)
+    if text.startswith(("https://", "http://", "hf://")):
+        return load_sae(text), None
+    path = Path(text).expanduser()
+    if is_run(path):
+        return load_sae(path / SAE_DIR), path
+    if path.is_dir() and not (path / "cfg.json").exists():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise CheckpointError(f"{path}: not a run folder with an SAE (no {SAE_DIR}/ or cfg.json; found {found}); "
+                              "pass a run folder, a SAELens folder, an OpenAI .pt file or URL")
+    return load_sae(text), None
+
+
+def sae_sha256(sae) -> str:
+    """Hash of an SAE's weights and shape-defining config: evaluation results belong to exactly these."""
+    h = hashlib.sha256()
+    c = sae.cfg
+    h.update(json.dumps([c.d_in, c.n_latents, c.k, c.input_norm, c.hook_name, c.exclude_first]).encode())
+    for name, t in sorted(sae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file saelab wrote, or a one-line error naming it when it is damaged."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the {what} is damaged: remove it or pass "
+                              "--overwrite") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, expected a JSON object ({what})")
+    return data
+
+
+def read_eval_metrics(run_dir: str | Path, sae=None) -> dict[str, Any]:
+    """The run's evaluation metrics, or {} when there are none or they describe other SAE weights
+    (``sae`` given: its hash must match the one recorded), so no report shows stale numbers."""
+    path = Path(run_dir) / EVAL_METRICS
+    if not path.exists():
+        return {}
+    metrics = read_json(path, "evaluation metrics file")
+    if sae is not None and metrics.get("sae_sha256") != sae_sha256(sae):
+        return {}
+    return metrics
+
+
+def clear_eval_outputs(run_dir: str | Path) -> list[str]:
+    """Remove a run's evaluation outputs (its SAE is about to change); returns what was removed."""
+    removed = []
+    for name in EVAL_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
