@@ -1,0 +1,108 @@
+"""Paired cluster-bootstrap intervals, shared by the paper metrics (ablation sparsity, probe, N2G).
+
+Definition pinned here (and in ``tests/test_evals_bootstrap.py``):
+
+- The data come in ``G`` *groups* (clusters): the units that were sampled independently, e.g. the
+  contexts of a metric's sites, or groups of contexts. Values inside one group may be correlated,
+  so whole groups are resampled, never single values.
+- Every statistic is a function of *per-group totals* (sums over the group: a loss summed over the
+  group's predictions, the number of predictions, counts of true positives...). A replicate draws
+  ``G`` groups with replacement (``torch.randint`` with a seeded generator), adds the totals of the
+  drawn groups (a group drawn twice counts twice) and evaluates each statistic on those sums. The
+  estimate is the statistic of the plain totals (every group once).
+- *Paired*: all statistics of one call see the same draws, so the interval of a difference
+  (latent minus baseline, measured on the same groups) has the correlation between the two
+  removed instead of adding two independent spreads.
+- The interval is the percentile interval: the ``(1 - level) / 2`` and ``(1 + level) / 2``
+  quantiles of the replicates (``torch.quantile``, linear interpolation, as numpy's default).
+  Replicates where the statistic is undefined (NaN, e.g. a precision with nothing predicted) are
+  left out and counted (``n_undefined``).
+
+Result of one statistic (JSON-ready): ``{estimate, low, high, level, n_boot, n_groups, n_undefined}``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from saelab.errors import ConfigError
+
+DEFAULT_N_BOOT = 1000
+DEFAULT_LEVEL = 0.95
+
+Totals = Mapping[str, torch.Tensor]
+"""Named totals; in a replicate each has a leading replicate dimension ``[B, ...]``."""
+Statistic = Callable[[Totals], torch.Tensor]
+"""Maps totals ``{name: [B, ...]}`` to one value per replicate ``[B]``."""
+
+
+def check_bootstrap_args(n_boot: int, level: float) -> None:
+    """Refuse a replicate count or level that gives no interval (ConfigError naming the option)."""
+    if not isinstance(n_boot, int) or n_boot < 0:
+        raise ConfigError(f"n_boot must be an integer >= 0 (0 = no intervals), got {n_boot!r}")
+    if not 0 < level < 1:
+        raise ConfigError(f"ci_level must be in (0, 1), got {level!r}")
+
+
+def resample_counts(n_groups: int, n_boot: int, generator: torch.Generator) -> torch.Tensor:
+    """How many times each group is drawn in each replicate, ``[n_boot, n_groups]`` float64."""
+    idx = torch.randint(n_groups, (n_boot, n_groups), generator=generator)
+    counts = torch.zeros(n_boot, n_groups, dtype=torch.float64)
+    return counts.scatter_add_(1, idx, torch.ones_like(counts))
+
+
+def replicate_statistics(per_group: Totals, statistics: Mapping[str, Statistic],
+                         counts_BG: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each statistic on every replicate ``[B]``: totals are ``counts_BG @ per_group[name]``."""
+    totals = {k: torch.tensordot(counts_BG, v.double().cpu(), dims=1) for k, v in per_group.items()}
+    return {name: fn(totals).double().reshape(-1) for name, fn in statistics.items()}
+
+
+def estimates(per_group: Totals, statistics: Mapping[str, Statistic]) -> dict[str, float]:
+    """Each statistic on the plain totals (every group once)."""
+    n_groups = next(iter(per_group.values())).shape[0]
+    ones = torch.ones(1, n_groups, dtype=torch.float64)
+    return {k: float(v[0]) for k, v in replicate_statistics(per_group, statistics, ones).items()}
+
+
+def percentile_interval(estimate: float, replicates_B: torch.Tensor, level: float, n_groups: int) -> dict:
+    """The JSON-ready interval of one statistic from its replicates (module docstring)."""
+    ok = replicates_B[~replicates_B.isnan()]
+    lo = hi = None
+    if ok.numel():
+        q = torch.quantile(ok, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=ok.dtype))
+        lo, hi = float(q[0]), float(q[1])
+    est = float(estimate)
+    return {"estimate": est if est == est else None, "low": lo, "high": hi, "level": level,
+            "n_boot": int(replicates_B.numel()), "n_groups": n_groups,
+            "n_undefined": int(replicates_B.numel() - ok.numel())}
+
+
+def paired_bootstrap(per_group: Totals, statistics: Mapping[str, Statistic], *, n_boot: int = DEFAULT_N_BOOT,
+                     level: float = DEFAULT_LEVEL, seed: int = 0) -> dict[str, dict]:
+    """Percentile intervals of ``statistics`` of the per-group totals ``per_group`` ({name: [G, ...]}).
+
+    All statistics share the same ``n_boot`` draws of the ``G`` groups (seeded by ``seed``).
+    """
+    check_bootstrap_args(n_boot, level)
+    n_groups = {v.shape[0] for v in per_group.values()}
+    if len(n_groups) != 1:
+        raise ValueError(f"per-group totals must share their group count, got {sorted(n_groups)}")
+    G = n_groups.pop()
+    est = estimates(per_group, statistics)
+    if G == 0 or n_boot == 0:
+        return {k: percentile_interval(v, torch.empty(0, dtype=torch.float64), level, G) for k, v in est.items()}
+    counts = resample_counts(G, n_boot, torch.Generator().manual_seed(seed))
+    reps = replicate_statistics(per_group, statistics, counts)
+    return {k: percentile_interval(est[k], reps[k], level, G) for k in statistics}
+
+
+def ratio(num: str, den: str) -> Statistic:
+    """The statistic ``total[num] / total[den]`` (a mean over the pooled values; NaN when den is 0)."""
+    def fn(t: Totals) -> torch.Tensor:
+        d = t[den]
+        return torch.where(d != 0, t[num] / torch.where(d != 0, d, torch.ones_like(d)),
+                           torch.full_like(d, float("nan")))
+    return fn
