@@ -213,6 +213,16 @@ class TopKSAE(nn.Module):
         vals, idx, _ = self.encode_topk(x_n)
         return self.denormalize_output(self.decode_topk(vals, idx), state), vals, idx
 
+    def forward_normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(x_hat, vals_BK, idx_BK, x_n, x_hat_n): ``forward_with_latents`` plus the SAE's own input
+        space: x after the input normalization and the reconstruction before it is undone (the
+        paper's nMSE is measured there). Without input normalization x_n is x and x_hat_n is x_hat."""
+        self.check_input(x)
+        x_n, state = self.normalize_input(x)
+        vals, idx, _ = self.encode_topk(x_n)
+        x_hat_n = self.decode_topk(vals, idx)
+        return self.denormalize_output(x_hat_n, state), vals, idx, x_n, x_hat_n
+
     def check_finite(self) -> None:
         for name, p in self.named_parameters():
             if not torch.isfinite(p).all():
