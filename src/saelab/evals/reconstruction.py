@@ -5,6 +5,17 @@
 where mean(x) is the mean over all evaluated rows (not over a batch), so the value does not
 depend on how the rows are batched. The denominator is accumulated as sum ||x||^2 - N ||mean||^2
 in float64, exact for any batching.
+
+It is reported in two spaces:
+
+- ``nmse``: in the raw activation space (x as the model produces it, x_hat after the SAE has
+  undone its input normalization): the error the model sees when the SAE is spliced in.
+- ``nmse_sae_input``: in the SAE's own input space, the paper's nMSE: x_n = the activation after
+  the SAE's input normalization (``TopKSAE.normalize_input``; LayerNorm for OpenAI's v5 SAEs and
+  ``input_norm='layernorm'``) and x_hat_n = the decoder output before de-normalization. For an SAE
+  without input normalization the two are the same number. They differ for a LayerNorm SAE because
+  de-normalizing multiplies each token's error by its std: tokens of large norm weigh more in raw
+  space.
 """
 
 from __future__ import annotations
@@ -20,7 +31,9 @@ DENSE_THRESHOLD = 0.1
 @dataclass
 class ReconstructionResult:
     nmse: float
-    """Normalized MSE / fraction of variance unexplained."""
+    """Normalized MSE / fraction of variance unexplained, in the raw activation space."""
+    nmse_sae_input: float
+    """The same in the SAE's input space (after its input normalization; = nmse without one)."""
     l0: float
     """Mean number of nonzero latents per token."""
     dead_frac: float
@@ -31,31 +44,56 @@ class ReconstructionResult:
     """Rows evaluated (the window for 'dead')."""
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"nmse": self.nmse, "l0": self.l0, "dead_frac": self.dead_frac,
+        return {"nmse": self.nmse, "nmse_sae_input": self.nmse_sae_input, "l0": self.l0, "dead_frac": self.dead_frac,
                 "dense_frac": self.dense_frac, "n_tokens": self.n_tokens}
+
+
+class _NMSESums:
+    """Float64 sums from which the nMSE of all rows seen follows, whatever the batching."""
+
+    def __init__(self, d_in: int):
+        self.sse = torch.zeros((), dtype=torch.float64)
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
+        self.sum_sq = torch.zeros((), dtype=torch.float64)
+        self.rows = 0
+
+    def update(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> None:
+        x = x_BD.double()  # reduced where it lies (CPU or accelerator); only the sums move
+        self.sse += (x - x_hat_BD.double()).pow(2).sum().cpu()
+        self.sum_x += x.sum(dim=0).cpu()
+        self.sum_sq += x.pow(2).sum().cpu()
+        self.rows += x.shape[0]
+
+    def nmse(self) -> float:
+        mean = self.sum_x / self.rows
+        return float(self.sse / (self.sum_sq - self.rows * mean.pow(2).sum()))
 
 
 class ReconstructionAccumulator:
     """Accumulates reconstruction statistics batch by batch."""
 
     def __init__(self, n_latents: int, d_in: int):
-        self.sse = torch.zeros((), dtype=torch.float64)
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
-        self.sum_sq = torch.zeros((), dtype=torch.float64)
-        self.rows = 0
+        self.raw = _NMSESums(d_in)
+        self.sae_input = _NMSESums(d_in)
         self.nonzero = 0
         self.fire_counts = torch.zeros(n_latents, dtype=torch.long)
 
+    @property
+    def rows(self) -> int:
+        return self.raw.rows
+
     @torch.no_grad()
-    def update(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor, vals_BK: torch.Tensor, idx_BK: torch.Tensor) -> None:
-        x = x_BD.double()
-        self.sse += (x - x_hat_BD.double()).pow(2).sum()
-        self.sum_x += x.sum(dim=0)
-        self.sum_sq += x.pow(2).sum()
-        self.rows += x.shape[0]
+    def update(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor, vals_BK: torch.Tensor, idx_BK: torch.Tensor,
+               x_n_BD: torch.Tensor | None = None, x_hat_n_BD: torch.Tensor | None = None) -> None:
+        """One batch: raw x and x_hat, the kept latents, and the same pair in the SAE's input space
+        (``x_n``, ``x_hat_n``; None when the SAE has no input normalization: then it is x, x_hat)."""
+        self.raw.update(x_BD, x_hat_BD)
+        if x_n_BD is None:
+            x_n_BD, x_hat_n_BD = x_BD, x_hat_BD
+        self.sae_input.update(x_n_BD, x_hat_n_BD)
         active = vals_BK > 0
         self.nonzero += int(active.sum())
-        self.fire_counts += torch.bincount(idx_BK[active].flatten(), minlength=self.fire_counts.numel())
+        self.fire_counts += torch.bincount(idx_BK[active].flatten().cpu(), minlength=self.fire_counts.numel())
 
     @property
     def frequencies(self) -> torch.Tensor:
@@ -64,11 +102,10 @@ class ReconstructionAccumulator:
     def result(self) -> ReconstructionResult:
         if self.rows == 0:
             raise ValueError("no rows were evaluated")
-        mean = self.sum_x / self.rows
-        total_var = self.sum_sq - self.rows * mean.pow(2).sum()
         freq = self.frequencies
         return ReconstructionResult(
-            nmse=float(self.sse / total_var),
+            nmse=self.raw.nmse(),
+            nmse_sae_input=self.sae_input.nmse(),
             l0=self.nonzero / self.rows,
             dead_frac=float((self.fire_counts == 0).double().mean()),
             dense_frac=float((freq > DENSE_THRESHOLD).double().mean()),
@@ -86,13 +123,13 @@ def nmse(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> float:
 def reconstruction_metrics(sae, batches, *, progress: bool = False) -> tuple[ReconstructionResult, torch.Tensor]:
     """Evaluate an SAE on an iterable of raw activation batches [B, d_in].
 
-    Returns the metrics and the per-latent firing frequency.
+    Returns the metrics (nMSE in both spaces, module docstring) and the per-latent firing frequency.
     """
     from tqdm.auto import tqdm
 
     acc = ReconstructionAccumulator(sae.n_latents, sae.d_in)
     for x in tqdm(batches, desc="reconstruction", unit="batch", disable=not progress):
-        x = x.float()
-        x_hat, vals, idx = sae.forward_with_latents(x)
-        acc.update(x, x_hat, vals, idx)
+        x = x.to(device=sae.W_dec.device, dtype=torch.float32)
+        x_hat, vals, idx, x_n, x_hat_n = sae.forward_normalized(x)
+        acc.update(x, x_hat, vals, idx, x_n, x_hat_n)
     return acc.result(), acc.frequencies
