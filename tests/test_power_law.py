@@ -4,8 +4,9 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from saelab.evals.power_law import FitError, fit_power_law
+from saelab.evals.power_law import FitError, fit_power_law, profile_sse
 
 
 @pytest.mark.parametrize("a,alpha,c", [(2.5, 0.3, 0.08), (0.9 * 1024 ** 0.25, 0.25, 0.05), (40.0, 0.07, 1.7)])
@@ -20,6 +21,8 @@ def test_exact_data_recovers_parameters(a, alpha, c):
     y = a * 3e4 ** -alpha + c
     assert law.invert(y) == pytest.approx(3e4, rel=1e-5)
     assert law.invert(law.c) == math.inf and law.invert(c / 2) == math.inf  # never reached
+    # No residual variance: the exponent's profile interval closes onto the true exponent.
+    assert law.alpha_interval == pytest.approx([alpha, alpha], rel=1e-6) and law.alpha_interval_note is None
 
 
 def test_noisy_data_recovers_exponent_within_its_standard_error():
@@ -41,10 +44,51 @@ def test_without_irreducible_term_is_log_linear_least_squares():
     assert law.a == pytest.approx(math.exp(intercept), rel=1e-9)
 
 
-def test_three_points_are_interpolated_without_standard_errors():
+def test_three_points_are_interpolated_without_standard_errors_or_interval():
     x = np.array([1e3, 1e4, 1e5])
     law = fit_power_law(x, 2 * x ** -0.4 + 0.1)
     assert law.rmse_log < 1e-8 and law.alpha_se is None
+    assert law.alpha_interval is None
+    assert law.alpha_interval_note.startswith("undefined: 3 points for 3 parameters leave no residual variance")
+
+
+def wiggled(x, alpha=0.25):
+    """The scaling report's law with a fixed +-1 % zigzag (deterministic, not fitted by any smooth law)."""
+    return (0.9 * (x / 1024) ** -alpha + 0.05) * np.exp(0.01 * np.where(np.arange(x.size) % 2 == 0, 1, -1))
+
+
+def test_profile_interval_holds_the_true_exponent_and_shrinks_with_more_points():
+    few, many = 2.0 ** np.arange(10, 18), 2.0 ** np.arange(10, 17.75, 0.25)
+    law_few, law_many = fit_power_law(few, wiggled(few)), fit_power_law(many, wiggled(many))
+    for x, law in ((few, law_few), (many, law_many)):
+        low, high = law.alpha_interval
+        assert low < 0.25 < high and low < law.alpha < high and law.alpha_interval_note is None
+        # Its ends are where the profiled SSE reaches SSE_min (1 + F(0.95; 1, n - 3) / (n - 3)).
+        dof = x.size - 3
+        threshold = law.rmse_log ** 2 * x.size * (1 + stats.f.ppf(0.95, 1, dof) / dof)
+        for end in (low, high):
+            assert profile_sse(end, x, wiggled(x)) == pytest.approx(threshold, rel=1e-6)
+        assert profile_sse((low + law.alpha) / 2, x, wiggled(x)) < threshold
+    width = lambda law: law.alpha_interval[1] - law.alpha_interval[0]  # noqa: E731
+    assert width(law_many) < 0.6 * width(law_few)
+
+
+def test_profile_interval_of_a_floor_free_law_is_the_t_interval():
+    # Without c the law is linear in log space, where the F-profile interval is exactly alpha +- t SE.
+    x = np.array([1.0, 10.0, 100.0, 1000.0, 3000.0])
+    law = fit_power_law(x, 3.0 * x ** -0.5 * np.array([1.01, 0.99, 1.02, 0.98, 1.0]), irreducible=False)
+    t = stats.t.ppf(0.975, x.size - 2)
+    assert law.alpha_interval == pytest.approx([law.alpha - t * law.alpha_se, law.alpha + t * law.alpha_se], rel=1e-9)
+
+
+def test_unbounded_interval_is_reported_as_such():
+    # Four sizes, 1 % zigzag: any steeper exponent fits as well once c absorbs the decline; the
+    # standard error alone (about +-0.16) would hide that.
+    x = 2.0 ** np.arange(10, 14)
+    law = fit_power_law(x, wiggled(x))
+    low, high = law.alpha_interval
+    assert high is None and 0 < low < law.alpha and law.alpha_se < 0.2
+    assert law.alpha_interval_note.startswith("unbounded above (every alpha up to 57.7 fits)")
 
 
 @pytest.mark.parametrize("x,y,match", [
