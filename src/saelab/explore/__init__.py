@@ -7,6 +7,8 @@
 - :mod:`saelab.explore.attribution`: attribution patching, true ablation effects and their comparison,
   latent -> logit effects, token -> latent gradients.
 - :mod:`saelab.explore.positions`: what ``positions`` mean, also during generation with a KV cache.
+- :mod:`saelab.explore.top`: ``top_activations`` (top-activating contexts of latents over text, the feature
+  browser's one-pass code), ``latent_max_activation`` (the unit for steering strengths).
 """
 
 from saelab.explore.attribution import (
@@ -38,6 +40,7 @@ from saelab.explore.steering import (
     generate_with_and_without,
     steer,
 )
+from saelab.explore.top import TopActivations, latent_max_activation, top_activations
 
 __all__ = [
     "SAE_HOOK_POINTS",
@@ -45,6 +48,7 @@ __all__ = [
     "SteeredGeneration",
     "Steering",
     "TokenSaliency",
+    "TopActivations",
     "ablation_effects",
     "attribution_patching",
     "combine_edits",
@@ -54,6 +58,7 @@ __all__ = [
     "generate_with_and_without",
     "latent_edit",
     "latent_logit_effects",
+    "latent_max_activation",
     "logit_diff",
     "parse_positions",
     "position_tracker",
@@ -63,5 +68,6 @@ __all__ = [
     "spliced",
     "steer",
     "token_latent_gradients",
+    "top_activations",
     "unembed_direction",
 ]

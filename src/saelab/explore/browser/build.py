@@ -211,13 +211,29 @@ class LatentStats:
         return torch.where(self.count_N > 0, self.sum_N / self.count_N.clamp(min=1), torch.zeros_like(self.sum_N))
 
 
+def top_contexts_state(n_latents: int, k: int, T: int) -> RunningTopK:
+    """Per latent, the ``k`` contexts with the largest maximum: context index, position of the max, activation row."""
+    return RunningTopK(n_latents, k, {"ctx": (), "pos": (), "rows": (T,)}, {"rows": torch.float32})
+
+
+def context_payload(vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, n_latents: int, ctx_B: torch.Tensor,
+                    pos_NB: torch.Tensor):
+    """The payload function of :func:`top_contexts_state` for one batch (rows built only for entries that enter)."""
+
+    def rows(lat_P, item_P):
+        return {"ctx": ctx_B[item_P], "pos": pos_NB[lat_P, item_P],
+                "rows": context_rows(vals_BTK, idx_BTK, n_latents, lat_P, item_P)}
+
+    return rows
+
+
 class _Collector:
     """The per-SAE accumulators of one pass."""
 
     def __init__(self, sae: TopKSAE, T: int, cfg: BrowseConfig) -> None:
         n = sae.n_latents
         self.sae, self.n = sae, n
-        self.top = RunningTopK(n, cfg.n_top, {"ctx": (), "pos": (), "rows": (T,)}, {"rows": torch.float32})
+        self.top = top_contexts_state(n, cfg.n_top, T)
         self.samples = RunningTopK(n, cfg.n_samples, {"ctx": (), "pos": (), "max": (), "rows": (T,)},
                                    {"max": torch.float32, "rows": torch.float32})
         self.hist = DoublingHistogram(n, cfg.n_bins)
@@ -226,11 +242,7 @@ class _Collector:
 
     def update(self, vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, ctx_B: torch.Tensor) -> None:
         max_NB, pos_NB = context_maxima(vals_BTK, idx_BTK, self.n)
-
-        def rows(lat_P, item_P):
-            return {"ctx": ctx_B[item_P], "pos": pos_NB[lat_P, item_P],
-                    "rows": context_rows(vals_BTK, idx_BTK, self.n, lat_P, item_P)}
-
+        rows = context_payload(vals_BTK, idx_BTK, self.n, ctx_B, pos_NB)
         self.top.update(max_NB, rows)
         keys_NB = sample_keys(ctx_B, self.n, self.seed)
         keys_NB[~torch.isfinite(max_NB)] = float("-inf")
@@ -298,42 +310,55 @@ def collect_statistics(lm, sources: Sequence[SAESource], tokens_NT: torch.Tensor
 
     first = first_scored(sources[0].sae)
     N, T = tokens_NT.shape
-    for s in sources:
-        s.sae.eval()
     collectors = [_Collector(s.sae, T, cfg) for s in sources] if latent_stats else []
     order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
     coact = CoactivationCounts([sources[i].sae for i in order]) if families and len(sources) > 1 else None
     times = {"lm": 0.0, "encode": 0.0, "stats": 0.0}
-    n_scored = N * (T - first)
-    bar = tqdm(total=n_scored, unit="tok", unit_scale=True, disable=not progress, desc="browse", smoothing=0.05)
-    for start in range(0, N, cfg.lm_batch_size):
-        toks = tokens_NT[start:start + cfg.lm_batch_size]
-        ctx_B = torch.arange(start, start + toks.shape[0])
+    for ctx_B, codes in encoded_batches(lm, [s.sae for s in sources], tokens_NT, hook, cfg.lm_batch_size,
+                                        times=times, progress=progress):
         t0 = time.perf_counter()
-        x_BTD = lm.activations(toks, hook).float().cpu()
-        t1 = time.perf_counter()
-        codes = []
-        for s in sources:
-            codes.append(_encode(s.sae, x_BTD, first))
-        t2 = time.perf_counter()
         for col, (vals, idx) in zip(collectors, codes):
             col.update(vals, idx, ctx_B)
         if coact is not None:
-            coact.update([codes[i] for i in order], toks.shape[0] * (T - first))
-        t3 = time.perf_counter()
-        times["lm"] += t1 - t0
-        times["encode"] += t2 - t1
-        times["stats"] += t3 - t2
-        bar.update(toks.shape[0] * (T - first))
-    bar.close()
-    stats = [c.finish(s, n_scored) for c, s in zip(collectors, sources)]
+            coact.update([codes[i] for i in order], ctx_B.numel() * (T - first))
+        times["stats"] += time.perf_counter() - t0
+    stats = [c.finish(s, N * (T - first)) for c, s in zip(collectors, sources)]
     return stats, coact, times
 
 
+def encoded_batches(lm, saes: Sequence[TopKSAE], tokens_NT: torch.Tensor, hook: str, batch_size: int, *,
+                    times: dict[str, float] | None = None, progress: bool = False, desc: str = "browse"):
+    """Yield ``(ctx_B, [(vals_BTK, idx_BTK) per SAE])`` for consecutive batches of contexts.
+
+    One truncated LM forward per batch read by every SAE; codes are on the CPU, unscored
+    positions (position 0 when the first SAE leaves it out) have value 0. ``times`` (if given)
+    accumulates the seconds spent in ``lm`` and ``encode``.
+    """
+    first = first_scored(saes[0])
+    N, T = tokens_NT.shape
+    for sae in saes:
+        sae.eval()
+    bar = tqdm(total=N * (T - first), unit="tok", unit_scale=True, disable=not progress, desc=desc, smoothing=0.05)
+    for start in range(0, N, batch_size):
+        toks = tokens_NT[start:start + batch_size]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x_BTD = lm.activations(toks, hook)
+            t1 = time.perf_counter()
+            codes = [_encode(sae, x_BTD, first) for sae in saes]
+        if times is not None:
+            times["lm"] = times.get("lm", 0.0) + t1 - t0
+            times["encode"] = times.get("encode", 0.0) + time.perf_counter() - t1
+        bar.update(toks.shape[0] * (T - first))
+        yield torch.arange(start, start + toks.shape[0]), codes
+    bar.close()
+
+
 def _encode(sae: TopKSAE, x_BTD: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x_n, _ = sae.normalize_input(x_BTD.to(sae.W_dec.dtype))
+    """Sparse codes on the CPU; the encoder runs where the SAE lives (the LM may be elsewhere)."""
+    x_n, _ = sae.normalize_input(x_BTD.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype))
     vals, idx, _ = sae.encode_topk(x_n)
-    vals = vals.float()
+    vals, idx = vals.float().cpu(), idx.cpu()
     vals[:, :first] = 0  # unscored positions count as inactive everywhere
     return vals, idx
 

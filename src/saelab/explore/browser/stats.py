@@ -20,6 +20,7 @@ is *active* at a token when its kept value is > 0.
   as needed) and adjacent bins merge pairwise, so the counts always equal those of a histogram
   made at the end with the final edges.
 - :class:`FiringCounts`: per latent, the number of active tokens and the sum of its values.
+- :func:`select_latents`: the codes of a few chosen latents only, renumbered, for the same accumulators.
 """
 
 from __future__ import annotations
@@ -207,3 +208,17 @@ def active_entries(vals_BTK: torch.Tensor, idx_BTK: torch.Tensor) -> tuple[torch
     """(latent, value) of every kept entry with value > 0, flattened."""
     mask = vals_BTK > 0
     return idx_BTK[mask], vals_BTK[mask]
+
+
+def select_latents(vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, latents_L: torch.Tensor,
+                   n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes restricted to the latents ``latents_L`` (distinct), renumbered 0..L-1.
+
+    Entries of other latents keep their slot with value 0 and index 0: every accumulator here
+    ignores values <= 0, so the result reads as the codes of an SAE with only those L latents.
+    """
+    where_N = torch.full((n_latents,), -1, dtype=torch.long)
+    where_N[latents_L] = torch.arange(latents_L.numel())
+    new_idx = where_N[idx_BTK]
+    keep = new_idx >= 0
+    return torch.where(keep, vals_BTK, torch.zeros_like(vals_BTK)), new_idx.clamp(min=0)

@@ -1,0 +1,183 @@
+"""Top-activating contexts of chosen latents, and a latent's largest activation, over real text.
+
+    from saelab.explore import top_activations, latent_max_activation
+    top = top_activations("runs/quickstart", "default", None, latent=123, k=10)   # None: offline eval text
+    top.max_acts[0], "".join(top.str_tokens[0]), top.acts[0]
+    scale = latent_max_activation(sae, lm, None, 123)      # steer with e.g. 2 x this value
+
+The numbers are the feature browser's (:mod:`saelab.explore.browser.build`) and come from the same
+one-pass code (:func:`~saelab.explore.browser.build.encoded_batches`, the running top-k of
+:mod:`saelab.explore.browser.stats`), restricted to the latents asked for:
+
+- contexts of ``context_size`` tokens packed from the corpus, BOS first; position 0 is not scored
+  when the SAE left it out of training (its activation reads 0);
+- one entry per context, ranked by the latent's largest activation in that context (ties go to the
+  earlier context); contexts where the latent never fires are not listed, so fewer than ``k``
+  entries come back for a rare latent;
+- ``acts`` holds the latent's TopK+ReLU value at every position of the context.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from saelab.errors import ConfigError, ShapeMismatchError
+from saelab.explore.browser.build import (
+    BrowseConfig,
+    SAESource,
+    check_compatible,
+    context_payload,
+    encoded_batches,
+    first_scored,
+    open_sae_source,
+    read_tokens,
+    top_contexts_state,
+)
+from saelab.explore.browser.stats import context_maxima, select_latents
+from saelab.sae.topk import TopKSAE
+
+
+@dataclass
+class TopActivations:
+    """The top-activating contexts of one latent, best first (``K <= k`` entries)."""
+
+    latent: int
+    max_acts: torch.Tensor
+    """``[K]`` the latent's largest activation in each context, descending."""
+    context_idx: torch.Tensor
+    """``[K]`` index of each context among the contexts read (rows of ``tokens_NT``)."""
+    max_pos: torch.Tensor
+    """``[K]`` first position of the context where the latent reaches that maximum."""
+    tokens: torch.Tensor
+    """``[K, T]`` token ids of each context (BOS first)."""
+    acts: torch.Tensor
+    """``[K, T]`` the latent's activation at every position (0 where inactive or unscored)."""
+    str_tokens: list[list[str]]
+    """Text of every token of each context (joined, they spell the context)."""
+    n_tokens: int
+    """Tokens scored over all contexts read."""
+
+    def __len__(self) -> int:
+        return int(self.max_acts.numel())
+
+    @property
+    def max_activation(self) -> float:
+        """The latent's largest activation over all tokens scored (0.0 if it never fired)."""
+        return float(self.max_acts[0]) if len(self) else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (for ``json.dumps``)."""
+        return {"latent": self.latent, "max_activation": self.max_activation, "n_tokens": self.n_tokens,
+                "contexts": [{"context": int(c), "max": float(m), "max_pos": int(p), "tokens": t.tolist(),
+                              "str_tokens": s, "acts": a.tolist()}
+                             for c, m, p, t, a, s in zip(self.context_idx, self.max_acts, self.max_pos, self.tokens,
+                                                         self.acts, self.str_tokens)]}
+
+
+def _is_many(latent) -> bool:
+    """A list (or 1-D tensor) of latents rather than one index."""
+    return not isinstance(latent, (int, torch.Tensor)) or (isinstance(latent, torch.Tensor) and latent.dim() > 0)
+
+
+def _latent_list(latent: int | Sequence[int], n_latents: int) -> list[int]:
+    lats = [int(i) for i in (latent if _is_many(latent) else [latent])]
+    if not lats:
+        raise ConfigError("latent: expected a latent index or a non-empty list of them, got an empty list")
+    bad = [i for i in lats if not 0 <= i < n_latents]
+    if bad:
+        raise ConfigError(f"latent {bad[0]} is out of range: the SAE has latents 0..{n_latents - 1}")
+    return lats
+
+
+def _open(sae, lm):
+    from saelab.models import load_model
+
+    source = sae if isinstance(sae, SAESource) else (
+        SAESource("sae", "the SAE given", sae) if isinstance(sae, TopKSAE) else open_sae_source(sae))
+    lm = load_model(lm if lm is not None else source.sae.cfg.model_name or "default")
+    return source, lm
+
+
+def _contexts(lm, sae: TopKSAE, corpus, n_tokens: int, context_size: int | None) -> torch.Tensor:
+    """``[N, T]`` contexts: given as a LongTensor, or packed from the corpus as the browser does."""
+    if isinstance(corpus, torch.Tensor):
+        if corpus.dim() != 2 or corpus.dtype != torch.long or corpus.shape[1] - first_scored(sae) < 1:
+            raise ShapeMismatchError(f"corpus: a token tensor must be a LongTensor [contexts, tokens] with at least "
+                                     f"{first_scored(sae) + 1} tokens per context, got {corpus.dtype} "
+                                     f"{list(corpus.shape)}")
+        return corpus
+    if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
+        raise ConfigError(f"corpus: expected a path, a dataset name, a token tensor or None, got {type(corpus).__name__}")
+    cfg = BrowseConfig(n_tokens=n_tokens, corpus=None if corpus is None else str(corpus), context_size=context_size)
+    return read_tokens(lm, sae, cfg)
+
+
+@torch.no_grad()
+def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, k: int = 16, *,
+                    n_tokens: int = 262_144, context_size: int | None = None, hook: str | None = None,
+                    batch_size: int = 16, progress: bool = False) -> TopActivations | list[TopActivations]:
+    """The ``k`` top-activating contexts of ``latent`` (an index, or a list: one result per entry).
+
+    ``sae``: a :class:`~saelab.sae.TopKSAE`, or a run folder / SAELens folder / OpenAI ``.pt`` file or URL.
+    ``lm``: a :class:`~saelab.models.LanguageModel` or a model name (None: the SAE's model).
+    ``corpus``: a text file or folder, a Hugging Face dataset name, a LongTensor ``[N, T]`` of
+    contexts, or None for the offline Wikipedia eval split; ``n_tokens`` tokens are read from it
+    (rounded up to whole contexts). ``hook`` overrides the SAE's own hook name.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k: expected a positive number of contexts, got {k!r}")
+    source, lm = _open(sae, lm)
+    sae = source.sae
+    lats = _latent_list(latent, sae.n_latents)
+    hook = check_compatible([source], hook, None)
+    lm.check_hook(hook)
+    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
+    tokens_NT = _contexts(lm, sae, corpus, n_tokens, context_size)
+    uniq = sorted(set(lats))
+    top = _scan(lm, sae, tokens_NT, hook, torch.tensor(uniq), k, batch_size, progress)
+    n_scored = tokens_NT.shape[0] * (tokens_NT.shape[1] - first_scored(sae))
+    results = {lat: _result(lat, j, top, tokens_NT, lm.tokenizer, n_scored) for j, lat in enumerate(uniq)}
+    return [results[i] for i in lats] if _is_many(latent) else results[lats[0]]
+
+
+def _scan(lm, sae: TopKSAE, tokens_NT: torch.Tensor, hook: str, latents_L: torch.Tensor, k: int, batch_size: int,
+          progress: bool):
+    """The browser's pass with a running top-k over the chosen latents only."""
+    L = latents_L.numel()
+    top = top_contexts_state(L, k, tokens_NT.shape[1])
+    for ctx_B, [(vals, idx)] in encoded_batches(lm, [sae], tokens_NT, hook, batch_size, progress=progress,
+                                                desc="top"):
+        vals, idx = select_latents(vals, idx, latents_L, sae.n_latents)
+        max_LB, pos_LB = context_maxima(vals, idx, L)
+        top.update(max_LB, context_payload(vals, idx, L, ctx_B, pos_LB))
+    return top
+
+
+def _result(latent: int, row: int, top, tokens_NT: torch.Tensor, tokenizer, n_scored: int) -> TopActivations:
+    from saelab.evals.probe_tasks import token_strings
+
+    filled = torch.isfinite(top.score_NK[row])
+    ctx = top.payload["ctx"][row][filled]
+    toks = tokens_NT[ctx]
+    cache: dict[int, str] = {}
+    return TopActivations(latent=latent, max_acts=top.score_NK[row][filled].clone(), context_idx=ctx.clone(),
+                          max_pos=top.payload["pos"][row][filled].clone(), tokens=toks.clone(),
+                          acts=top.payload["rows"][row][filled].clone(),
+                          str_tokens=[token_strings(tokenizer, t.tolist(), cache) for t in toks], n_tokens=n_scored)
+
+
+def latent_max_activation(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, *, n_tokens: int = 262_144,
+                          context_size: int | None = None, hook: str | None = None, batch_size: int = 16,
+                          progress: bool = False) -> float | list[float]:
+    """The latent's largest activation over the text read (0.0 if it never fires there): the unit for
+    steering strengths given as multiples of it (``value = scale * latent_max_activation(...)``).
+
+    The same number as the feature browser's "max" for the same text; arguments as :func:`top_activations`.
+    """
+    res = top_activations(sae, lm, corpus, latent, 1, n_tokens=n_tokens, context_size=context_size, hook=hook,
+                          batch_size=batch_size, progress=progress)
+    return [r.max_activation for r in res] if isinstance(res, list) else res.max_activation

@@ -1,0 +1,130 @@
+"""top_activations / latent_max_activation on the tiny GPT-2 over real Wikipedia text, against a brute-force
+dense computation (encode every token, take each context's maximum, sort)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saelab.data import token_contexts
+from saelab.errors import ConfigError, ShapeMismatchError
+from saelab.explore import TopActivations, latent_max_activation, top_activations
+from saelab.explore.browser.build import BrowseConfig, SAESource, collect_statistics
+from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+HOOK = "blocks.1.hook_resid_post"
+T = 32
+N_CONTEXTS = 24
+
+
+@pytest.fixture(scope="module")
+def corpus(data_dir) -> str:
+    return str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
+
+
+def centred_sae(lm, corpus: str, exclude_first: bool = True) -> TopKSAE:
+    """A random SAE whose b_dec is the mean activation, so its latents fire at varied rates."""
+    torch.manual_seed(3)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=256, k=4, hook_name=HOOK, model_name="tiny", context_size=T,
+                            exclude_first=exclude_first))
+    toks = token_contexts(corpus, lm.tokenize, T, n_contexts=8, bos_token_id=lm.bos_token_id)
+    with torch.no_grad():
+        sae.b_dec.copy_(lm.activations(toks, HOOK)[:, 1:].reshape(-1, 64).mean(0))
+    return sae
+
+
+def dense_reference(lm, sae: TopKSAE, corpus: str):
+    """Tokens packed independently of the browser, every token encoded densely: (tokens, z [N, T, n])."""
+    toks = token_contexts(corpus, lm.tokenize, T, n_contexts=N_CONTEXTS, bos_token_id=lm.bos_token_id)
+    with torch.no_grad():
+        z = sae.encode(lm.activations(toks, HOOK))
+    if sae.cfg.exclude_first:
+        z[:, 0] = 0
+    return toks, z
+
+
+def brute_top(z: torch.Tensor, latent: int, k: int):
+    """Contexts where the latent fires, by their maximum (ties to the earlier context), the first k."""
+    per_ctx = z[:, :, latent]
+    maxima = per_ctx.max(dim=1).values
+    order = sorted((c for c in range(z.shape[0]) if maxima[c] > 0), key=lambda c: (-float(maxima[c]), c))[:k]
+    pos = [int((per_ctx[c] == maxima[c]).nonzero()[0]) for c in order]
+    return order, maxima[order], pos, per_ctx[order]
+
+
+def n_tokens_for(sae: TopKSAE) -> int:
+    return N_CONTEXTS * (T - int(sae.cfg.exclude_first))
+
+
+@pytest.mark.parametrize("exclude_first", [True, False])
+def test_top_activations_match_dense_brute_force(tiny_gpt2, corpus, exclude_first):
+    sae = centred_sae(tiny_gpt2, corpus, exclude_first)
+    toks, z = dense_reference(tiny_gpt2, sae, corpus)
+    counts = (z > 0).flatten(0, 1).sum(0)
+    ctx_counts = (z > 0).any(dim=1).sum(0)
+    busy = int(counts.argmax())
+    rare = int(torch.where(ctx_counts > 0, ctx_counts, 10**9).argmin())  # fires in fewer contexts than k
+    assert 0 < int(ctx_counts[rare]) < 7, "the SAE should have a rare latent for this test"
+    lats = [busy, rare, 5, busy]  # a duplicate is answered twice
+    if exclude_first:  # a latent that fires on BOS must read 0 there
+        with torch.no_grad():
+            lats.append(int(sae.encode(tiny_gpt2.activations(toks[:1], HOOK))[0, 0].argmax()))
+    got = top_activations(sae, tiny_gpt2, corpus, lats, k=7, n_tokens=n_tokens_for(sae), batch_size=5)
+    assert isinstance(got, list) and [r.latent for r in got] == lats
+    for r in got:
+        order, maxima, pos, rows = brute_top(z, r.latent, 7)
+        assert r.context_idx.tolist() == order and r.max_pos.tolist() == pos
+        torch.testing.assert_close(r.max_acts, maxima, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r.acts, rows, rtol=1e-5, atol=1e-5)
+        assert torch.equal(r.tokens, toks[order])
+        assert r.n_tokens == n_tokens_for(sae) and len(r) == len(order)
+        assert ["".join(s) for s in r.str_tokens] == [tiny_gpt2.tokenizer.decode(t) for t in toks[order]]
+        if exclude_first:
+            assert (r.acts[:, 0] == 0).all()
+    assert len(got[1]) == int(ctx_counts[rare])
+
+
+def test_single_latent_tensor_corpus_and_browser_agree(tiny_gpt2, corpus):
+    sae = centred_sae(tiny_gpt2, corpus)
+    toks, z = dense_reference(tiny_gpt2, sae, corpus)
+    busy = int((z > 0).flatten(0, 1).sum(0).argmax())
+    one = top_activations(sae, tiny_gpt2, toks, busy, k=4)
+    assert isinstance(one, TopActivations) and one.latent == busy
+    from_path = top_activations(sae, tiny_gpt2, corpus, busy, k=4, n_tokens=n_tokens_for(sae))
+    assert torch.equal(one.context_idx, from_path.context_idx) and torch.equal(one.acts, from_path.acts)
+    # the browser's own pass keeps the same contexts and rows for this latent
+    cfg = BrowseConfig(n_top=4, lm_batch_size=16)
+    [stats], _, _ = collect_statistics(tiny_gpt2, [SAESource("s", "s", sae)], toks, cfg, hook=HOOK, progress=False)
+    assert one.context_idx.tolist() == stats.top_ctx_NK[busy].tolist()
+    assert torch.equal(one.acts, stats.top_rows_NKT[busy])
+    d = one.to_dict()
+    assert d["latent"] == busy and len(d["contexts"]) == 4 and d["contexts"][0]["max"] == d["max_activation"]
+
+
+def test_latent_max_activation_is_the_dense_max(tiny_gpt2, corpus, tmp_path):
+    sae = centred_sae(tiny_gpt2, corpus)
+    _, z = dense_reference(tiny_gpt2, sae, corpus)
+    dense_max = z.flatten(0, 1).max(dim=0).values
+    lats = [0, 1, 2, int(dense_max.argmax())]
+    got = latent_max_activation(sae, tiny_gpt2, corpus, lats, n_tokens=n_tokens_for(sae))
+    assert got == pytest.approx(dense_max[lats].tolist(), rel=1e-5, abs=1e-6)
+    save_sae(sae, tmp_path / "run" / "sae")  # a run folder given by path
+    one = latent_max_activation(tmp_path / "run", tiny_gpt2, corpus, lats[-1], n_tokens=n_tokens_for(sae))
+    assert one == pytest.approx(float(dense_max[lats[-1]]), rel=1e-5)
+    dead = torch.nonzero(dense_max == 0).flatten()
+    if dead.numel():  # a latent silent on this text reads 0.0 and has no context
+        r = top_activations(sae, tiny_gpt2, corpus, int(dead[0]), k=3, n_tokens=n_tokens_for(sae))
+        assert len(r) == 0 and r.max_activation == 0.0
+
+
+def test_bad_input_is_refused_with_a_named_error(tiny_gpt2, corpus):
+    sae = centred_sae(tiny_gpt2, corpus)
+    toks = token_contexts(corpus, tiny_gpt2.tokenize, T, n_contexts=2, bos_token_id=tiny_gpt2.bos_token_id)
+    with pytest.raises(ConfigError, match="latent 256 is out of range"):
+        top_activations(sae, tiny_gpt2, toks, 256)
+    with pytest.raises(ConfigError, match="latent"):
+        top_activations(sae, tiny_gpt2, toks, [])
+    with pytest.raises(ConfigError, match="k: expected a positive"):
+        top_activations(sae, tiny_gpt2, toks, 0, k=0)
+    with pytest.raises(ShapeMismatchError, match="corpus: a token tensor"):
+        top_activations(sae, tiny_gpt2, toks.float(), 0)
