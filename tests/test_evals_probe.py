@@ -13,9 +13,11 @@ from saelab.evals.probe import (
     binary_entropy,
     fit_logistic_1d,
     logistic_ce,
+    probe_task,
     run_probe,
+    split_by_group,
 )
-from saelab.evals.probe_tasks import ContextTask, label_tokens, load_hf_task, token_strings
+from saelab.evals.probe_tasks import ContextTask, label_tokens, load_hf_task, text_groups, token_strings
 from saelab.sae.topk import SAEConfig, TopKSAE
 
 
@@ -121,6 +123,73 @@ def test_token_task_labels_known_answer(gpt2_tokenizer):
     assert all(int(lab[t][0, 0]) == -1 for t in lab)  # BOS is never labelled
 
 
+def test_text_groups_follow_paragraphs_across_context_cuts(gpt2_tokenizer):
+    from saelab.data import token_contexts
+
+    tok = gpt2_tokenizer
+    docs = ["One two three four five six seven.\nEight nine ten eleven twelve.", "Alpha beta gamma delta epsilon."]
+    tokens = token_contexts(docs, tok, 6, bos_token_id=tok.bos_token_id)  # 5 text tokens per context
+    stream = [t for row in tokens.tolist() for t in row[1:]]
+    strs = token_strings(tok, stream)
+    groups = text_groups(tok, tokens, prepend_bos=True)
+    flat = groups[:, 1:].flatten().tolist()
+    assert groups[:, 0].eq(-1).all()  # the BOS packing puts first is no part of the text
+    # Expected: a new id after every newline or separator, the same id across context cuts.
+    expected, cur, nxt = [], None, 0
+    for t, s in zip(stream, strs):
+        if t == tok.bos_token_id or "\n" in s:
+            expected.append(-1)
+            cur = None
+            continue
+        if cur is None:
+            cur, nxt = nxt, nxt + 1
+        expected.append(cur)
+    assert flat == expected and max(flat) == 2  # three paragraphs
+    assert flat[:7] == [0] * 7  # the first paragraph runs over the first cut (after 5 tokens)
+    docs_only = text_groups(tok, tokens, prepend_bos=True, unit="document")[:, 1:].flatten()
+    assert docs_only.max() == 1 and docs_only[strs.index("\n")] == 0  # a newline splits no document
+
+
+def test_split_by_group_keeps_groups_whole():
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5, 5, 6, 7, 7, 7, 8, 9, 9])
+    for seed in range(20):
+        train = split_by_group(groups, 0.3, torch.Generator().manual_seed(seed))
+        in_train, in_test = set(groups[train].tolist()), set(groups[~train].tolist())
+        assert not in_train & in_test and in_train | in_test == set(range(10))
+        assert (~train).sum() >= 6  # round(20 * 0.3) held-out examples at least
+        assert in_train  # never everything held out
+    assert split_by_group(torch.zeros(5, dtype=torch.long), 0.3, torch.Generator()) is None
+
+
+def test_probe_task_intervals_are_paired_over_held_out_groups():
+    # 60 paragraphs of 8 tokens each; channel 2 carries the label, the SAE's latent 0 reads it.
+    g = torch.Generator().manual_seed(4)
+    groups = torch.arange(60).repeat_interleave(8)
+    y = (torch.rand(480, generator=g) < 0.5).long()
+    x = torch.randn(480, 4, generator=g)
+    x[:, 2] += 1.5 * (2 * y - 1)
+    sae = TopKSAE(SAEConfig(d_in=4, n_latents=6, k=2))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_enc[2, 0] = 1.0
+        sae.W_enc[1, 1] = 1.0
+    cfg = ProbeConfig(n_boot=400)
+    res, totals = probe_task(sae, x, y, cfg, torch.Generator().manual_seed(0), groups)
+    assert res["n_train_groups"] + res["n_test_groups"] == 60 and res["n_test"] == 8 * res["n_test_groups"]
+    assert totals["n"].sum() == res["n_test"]
+    assert float(totals["sae"].sum() / totals["n"].sum()) == pytest.approx(res["loss"], rel=1e-12)
+    from saelab.evals.probe import probe_intervals
+
+    per_task, mean = probe_intervals({"t": totals}, cfg)
+    ci = per_task["t"]
+    assert ci["loss"]["estimate"] == pytest.approx(res["loss"]) and ci["loss"]["n_groups"] == res["n_test_groups"]
+    assert ci["loss"]["low"] < res["loss"] < ci["loss"]["high"]
+    # The latent reads the very channel: the paired difference is 0 in every replicate.
+    assert res["latent"] == 0 and res["baseline_channel"] == 2
+    assert abs(ci["loss_minus_baseline"]["low"]) < 1e-12 and abs(ci["loss_minus_baseline"]["high"]) < 1e-12
+    assert mean["mean_loss"]["low"] == ci["loss"]["low"]
+
+
 def test_hf_loader_without_datasets_says_so():
     try:
         import datasets  # noqa: F401
@@ -156,7 +225,12 @@ def test_run_probe_schema_and_known_planted_latent(setup):
         assert 0 <= r["loss"] and 0 <= r["baseline_loss"] and 0 <= r["latent"] < 256
         assert r["train_loss"] <= r["entropy"] + 0.05  # a fit is never much worse than a constant
         assert r["n_train"] + r["n_test"] <= 400
+        ci = r["intervals"]["loss"]
+        assert ci["low"] <= r["loss"] <= ci["high"] and ci["n_groups"] == r["n_test_groups"] >= 2
     assert res["mean_loss"] == pytest.approx(sum(r["loss"] for r in res["tasks"].values()) / 4)
+    assert res["intervals"]["mean_loss"]["estimate"] == pytest.approx(res["mean_loss"])
+    assert res["intervals"]["mean_loss_minus_baseline"]["estimate"] == pytest.approx(
+        res["mean_loss"] - res["mean_baseline_loss"])
 
     # Plant the answer: zero every encoder column (those latents become constants) except latent
     # 3, which reads exactly the residual channel the baseline picked for "number". The best

@@ -3,9 +3,16 @@
 Definition pinned here (and in ``tests/test_evals_probe.py``):
 
 - For each binary task, the examples (token positions, or whole texts for context tasks) are
-  split at random into a train part and a held-out part (``cfg.test_frac``), after balancing the
-  two classes when ``cfg.balance`` (then chance loss is ln 2). Sampling and split are seeded by
-  (``cfg.seed``, task name): a task's numbers do not depend on which other tasks run.
+  sampled, balancing the two classes when ``cfg.balance`` (then chance loss is ln 2), and split
+  into a train part and a held-out part (``cfg.test_frac`` of the examples) *by group*: whole
+  groups go to one side, so tokens of one paragraph never land in both (neighbouring tokens share
+  most of their context, and a split by token would score the probe on near-copies of its train
+  rows). Token tasks: a group is a paragraph, followed across the cuts between packed contexts
+  (``probe_tasks.text_groups``; ``cfg.split_unit = "document"`` keeps whole documents instead);
+  context tasks: each text. Groups are taken in random order into the held-out part until it
+  holds ``round(test_frac * n)`` examples or more.
+  Sampling and split are seeded by (``cfg.seed``, task name): a task's numbers do not depend on
+  which other tasks run.
 - For every latent ``i`` a 1-D logistic regression ``P(y=1) = sigmoid(w * f_i + b)`` is fit on the
   train part, where ``f_i`` is the latent standardized with train statistics, by minimizing
   ``mean CE + l2/2 * w^2`` (Newton's method with backtracking, all latents at once). Features are
@@ -16,6 +23,14 @@ Definition pinned here (and in ``tests/test_evals_probe.py``):
   train loss (selection on train data, so the number is not biased low by picking on test data).
 - The suite's probe loss is the mean over tasks. The same probe on each residual-stream channel
   (the SAE's input, standardized the same way) gives the baseline.
+- Features and fits are computed in float64 (the channels are float32 activations, exact in
+  float64; the latents' pre-activations are computed from them in float64 too, so a latent that
+  reads one channel gives that channel's loss to ~1e-15, not to the 1e-9 of a float32 product).
+- Intervals (``saelab.evals.bootstrap``, ``cfg.n_boot`` replicates, ``cfg.ci_level``): the
+  held-out groups of a task are resampled; the selected latent and channel and their fits stay
+  fixed, so the interval covers the sampling of held-out text, not the selection. Paired: the
+  latent and channel losses of a replicate are scored on the same draw. The mean over tasks
+  averages the tasks' replicates (each task resampled on its own).
 
 Result schema (``run_probe`` returns a JSON-serializable dict)::
 
@@ -25,6 +40,9 @@ Result schema (``run_probe`` returns a JSON-serializable dict)::
     mean_loss         mean over tasks of the SAE probe loss (held-out CE, nats)
     mean_baseline_loss  the same for residual channels (None when cfg.baseline is False)
     mean_entropy      mean over tasks of the held-out label entropy (the loss of a constant probe)
+    intervals         {mean_loss, mean_baseline_loss, mean_loss_minus_baseline}: bootstrap intervals
+                      {estimate, low, high, level, n_boot, n_groups, n_undefined} (baseline ones
+                      absent without the baseline; {} when cfg.n_boot is 0)
     tasks             {task: TaskResult} for each task that had enough examples
     skipped           {task: reason} for tasks left out
     wall_s            wall time
@@ -32,7 +50,8 @@ Result schema (``run_probe`` returns a JSON-serializable dict)::
     TaskResult = {loss, train_loss, latent (index of the selected latent), weight, bias
                   (on the standardized feature), baseline_loss, baseline_train_loss,
                   baseline_channel, entropy, base_rate (held-out positive fraction),
-                  n_train, n_test}
+                  n_train, n_test, n_train_groups, n_test_groups,
+                  intervals {loss, baseline_loss, loss_minus_baseline}}
 """
 
 from __future__ import annotations
@@ -46,8 +65,19 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from saelab.errors import ConfigError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float, resolve_hook
-from saelab.evals.probe_tasks import DEFAULT_TASKS, ContextTask, label_tokens, load_hf_task
+from saelab.evals.bootstrap import (
+    DEFAULT_LEVEL,
+    DEFAULT_N_BOOT,
+    check_bootstrap_args,
+    estimates,
+    percentile_interval,
+    ratio,
+    replicate_statistics,
+    resample_counts,
+)
+from saelab.evals.probe_tasks import DEFAULT_TASKS, SPLIT_UNITS, ContextTask, label_tokens, load_hf_task, text_groups
 
 FEATURES = ("pre", "post")
 
@@ -72,7 +102,9 @@ class ProbeConfig:
     balance: bool = True
     """Use as many negatives as positives (chance loss ln 2)."""
     test_frac: float = 0.3
-    """Fraction of each task's examples held out for the reported loss."""
+    """Fraction of each task's examples held out for the reported loss (whole paragraphs or texts)."""
+    split_unit: str = "paragraph"
+    """Token tasks: what the train/test split keeps whole, 'paragraph' or 'document'."""
     l2: float = 1e-3
     """Ridge penalty l2/2 * w^2 on the weight of the standardized feature (keeps separable fits finite)."""
     newton_steps: int = 30
@@ -86,7 +118,11 @@ class ProbeConfig:
     lm_batch_size: int = 8
     """Contexts per LM forward."""
     seed: int = 0
-    """Seed of example sampling and the train/test split."""
+    """Seed of example sampling, the train/test split and the bootstrap."""
+    n_boot: int = DEFAULT_N_BOOT
+    """Bootstrap replicates of the held-out groups for the intervals (0 = no intervals)."""
+    ci_level: float = DEFAULT_LEVEL
+    """Coverage of the intervals."""
     exclude_first: bool | None = None
     """Leave position 0 out of token tasks; None = follow the SAE's cfg.exclude_first."""
     hook: str | None = None
@@ -94,13 +130,16 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
-            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
+            raise ConfigError(f"features must be one of {FEATURES}, got {self.features!r}")
         if not 0 < self.test_frac < 1:
-            raise ValueError(f"test_frac must be in (0, 1), got {self.test_frac}")
+            raise ConfigError(f"test_frac must be in (0, 1), got {self.test_frac}")
+        if self.split_unit not in SPLIT_UNITS:
+            raise ConfigError(f"split_unit must be one of {SPLIT_UNITS}, got {self.split_unit!r}")
         if self.pool not in ("last", "mean"):
-            raise ValueError(f"pool must be 'last' or 'mean', got {self.pool!r}")
+            raise ConfigError(f"pool must be 'last' or 'mean', got {self.pool!r}")
         if self.l2 < 0:
-            raise ValueError(f"l2 must be >= 0, got {self.l2}")
+            raise ConfigError(f"l2 must be >= 0, got {self.l2}")
+        check_bootstrap_args(self.n_boot, self.ci_level)
 
 
 # ---- the 1-D logistic regressions -----------------------------------------------------------
@@ -180,7 +219,8 @@ def best_single_feature_probe(chunks: Iterator[tuple[int, torch.Tensor, torch.Te
     """Fit every feature's 1-D probe on the train rows; select by train CE; report its held-out CE.
 
     ``chunks`` yields ``(first feature index, X_train [n_train, c], X_test [n_test, c])``; features
-    are standardized here with train mean and std (a constant feature becomes 0).
+    are standardized here with train mean and std (a constant feature becomes 0). The result's
+    ``test_losses`` are the selected probe's held-out cross-entropies, one per test row.
     """
     y_tr, y_te = y_N[train_N].double(), y_N[~train_N].double()
     best = {"train_loss": math.inf}
@@ -193,25 +233,31 @@ def best_single_feature_probe(chunks: Iterator[tuple[int, torch.Tensor, torch.Te
         w, b, ce_tr = fit_logistic_1d(X_tr, y_tr, l2, steps, tol)
         j = int(ce_tr.argmin())
         if float(ce_tr[j]) < best["train_loss"]:
-            ce_te = logistic_ce(X_te[:, j:j + 1], y_te, w[j:j + 1], b[j:j + 1])
-            best = {"train_loss": float(ce_tr[j]), "loss": float(ce_te[0]), "index": start + j,
-                    "weight": float(w[j]), "bias": float(b[j])}
+            z = X_te[:, j] * w[j] + b[j]
+            per_row = F.softplus(z) - y_te * z  # logistic_ce, row by row (for the intervals)
+            best = {"train_loss": float(ce_tr[j]), "loss": float(per_row.mean()), "index": start + j,
+                    "weight": float(w[j]), "bias": float(b[j]), "test_losses": per_row}
     return best
 
 
 # ---- features -------------------------------------------------------------------------------
 def _feature_chunks(sae, x_tr: torch.Tensor, x_te: torch.Tensor, kind: str, chunk: int):
-    """Yield (start, F_train, F_test) for latent columns start..start+chunk of the SAE features."""
+    """Yield (start, F_train, F_test) for latent columns start..start+chunk of the SAE features.
+
+    Computed in float64, the precision of the fits and of the channel baseline: a float32
+    pre-activation rounds every value to 24 bits, which moves a probe's loss by ~1e-9 and would
+    make a latent reading one channel score differently from that channel.
+    """
     with torch.no_grad():
-        xn_tr = sae.normalize_input(x_tr.to(sae.W_dec.dtype))[0]
-        xn_te = sae.normalize_input(x_te.to(sae.W_dec.dtype))[0]
+        W_enc, b_enc, b_dec = (p.detach().double() for p in (sae.W_enc, sae.b_enc, sae.b_dec))
+        c_tr = sae.normalize_input(x_tr.to(W_enc.device, torch.float64))[0] - b_dec
+        c_te = sae.normalize_input(x_te.to(W_enc.device, torch.float64))[0] - b_dec
         if kind == "post":
-            tk_tr, tk_te = sae.topk(sae.pre_acts(xn_tr)), sae.topk(sae.pre_acts(xn_te))
-        c_tr, c_te = xn_tr - sae.b_dec, xn_te - sae.b_dec
+            tk_tr, tk_te = sae.topk(c_tr @ W_enc + b_enc), sae.topk(c_te @ W_enc + b_enc)
         for start in range(0, sae.n_latents, chunk):
             cols = slice(start, min(start + chunk, sae.n_latents))
             if kind == "pre":
-                W, b = sae.W_enc[:, cols], sae.b_enc[cols]
+                W, b = W_enc[:, cols], b_enc[cols]
                 yield start, c_tr @ W + b, c_te @ W + b
             else:
                 yield start, _dense_cols(*tk_tr, cols), _dense_cols(*tk_te, cols)
@@ -225,29 +271,88 @@ def _dense_cols(vals: torch.Tensor, idx: torch.Tensor, cols: slice) -> torch.Ten
     return out
 
 
-def _split(n: int, test_frac: float, g: torch.Generator) -> torch.Tensor:
-    """A boolean train mask with round(n * test_frac) (at least 1) held-out rows."""
-    n_test = min(max(1, round(n * test_frac)), n - 1)
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[torch.randperm(n, generator=g)[:n_test]] = False
-    return mask
+def split_by_group(groups_M: torch.Tensor, test_frac: float, g: torch.Generator) -> torch.Tensor | None:
+    """A boolean train mask over M examples keeping every group on one side (module docstring).
+
+    Groups are taken in random order into the held-out part until it holds at least
+    ``round(M * test_frac)`` (and at least 1) examples; at least one group stays in train.
+    None when the examples come from fewer than two groups.
+    """
+    ids, inverse, sizes = torch.unique(groups_M.cpu(), return_inverse=True, return_counts=True)
+    if ids.numel() < 2:
+        return None
+    target = max(1, round(groups_M.numel() * test_frac))
+    order = torch.randperm(ids.numel(), generator=g)
+    n_test_groups = int((sizes[order].cumsum(0) < target).sum()) + 1
+    test_groups = order[:min(n_test_groups, ids.numel() - 1)]
+    return ~torch.isin(inverse, test_groups)
 
 
-def probe_task(sae, x_MD: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig, g: torch.Generator) -> dict:
-    """Probe one task given its examples' hook activations and labels (TaskResult of the schema)."""
-    train = _split(x_MD.shape[0], cfg.test_frac, g)
-    x_tr, x_te = x_MD[train], x_MD[~train]
+PROBE_STATS = {"loss": ratio("sae", "n"), "baseline_loss": ratio("base", "n"),
+               "loss_minus_baseline": lambda t: (t["sae"] - t["base"]) / t["n"]}
+"""Statistics of a task's held-out per-group totals (sum of CE of the latent, of the channel, count)."""
+
+
+def _group_totals(groups_M: torch.Tensor, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per held-out group sums of each loss and the group's example count."""
+    _, inverse = torch.unique(groups_M.cpu(), return_inverse=True)
+    G = int(inverse.max()) + 1 if inverse.numel() else 0
+    out = {"n": torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, torch.ones(inverse.numel(), dtype=torch.float64))}
+    for k, v in losses.items():
+        out[k] = torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, v.double().cpu())
+    return out
+
+
+def probe_task(sae, x_MD: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig, g: torch.Generator,
+               groups_M: torch.Tensor | None = None) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """Probe one task given its examples' hook activations, labels and groups (each example its own
+    group when None). Returns the TaskResult of the schema (without intervals) and the held-out
+    per-group loss totals, or None when the examples hold fewer than two groups."""
+    groups_M = torch.arange(x_MD.shape[0]) if groups_M is None else groups_M.cpu()
+    train = split_by_group(groups_M, cfg.test_frac, g)
+    if train is None:
+        return None
+    x_tr, x_te = x_MD[train.to(x_MD.device)], x_MD[~train.to(x_MD.device)]
+    y_M = y_M.cpu()
     res = best_single_feature_probe(_feature_chunks(sae, x_tr, x_te, cfg.features, cfg.latent_chunk),
                                     y_M, train, cfg.l2, cfg.newton_steps, cfg.tol)
     rate = float(y_M[~train].double().mean())
     out = {"loss": res["loss"], "train_loss": res["train_loss"], "latent": res["index"],
            "weight": res["weight"], "bias": res["bias"], "baseline_loss": None, "baseline_train_loss": None,
            "baseline_channel": None, "entropy": binary_entropy(rate), "base_rate": rate,
-           "n_train": int(train.sum()), "n_test": int((~train).sum())}
+           "n_train": int(train.sum()), "n_test": int((~train).sum()),
+           "n_train_groups": int(torch.unique(groups_M[train]).numel()),
+           "n_test_groups": int(torch.unique(groups_M[~train]).numel())}
+    losses = {"sae": res["test_losses"]}
     if cfg.baseline:
         base = best_single_feature_probe(iter([(0, x_tr, x_te)]), y_M, train, cfg.l2, cfg.newton_steps, cfg.tol)
         out.update(baseline_loss=base["loss"], baseline_train_loss=base["train_loss"], baseline_channel=base["index"])
-    return out
+        losses["base"] = base["test_losses"]
+    return out, _group_totals(groups_M[~train], losses)
+
+
+def probe_intervals(totals: dict[str, dict[str, torch.Tensor]], cfg: ProbeConfig) -> tuple[dict, dict]:
+    """Bootstrap intervals of each task (``{task: {stat: interval}}``) and of the means over tasks.
+
+    Each task's held-out groups are resampled with its own seeded generator; replicate b of the
+    mean is the mean of the tasks' replicates b.
+    """
+    if cfg.n_boot == 0 or not totals:
+        return {t: {} for t in totals}, {}
+    stats = {k: f for k, f in PROBE_STATS.items() if k == "loss" or cfg.baseline}
+    per_task, reps = {}, {}
+    for task, per_group in totals.items():
+        G = per_group["n"].shape[0]
+        counts = resample_counts(G, cfg.n_boot, _task_generator(cfg.seed, task, 2))
+        reps[task] = replicate_statistics(per_group, stats, counts)
+        est = estimates(per_group, stats)
+        per_task[task] = {k: percentile_interval(est[k], reps[task][k], cfg.ci_level, G) for k in stats}
+    mean = {}
+    for k in stats:
+        est = sum(per_task[t][k]["estimate"] for t in totals) / len(totals)
+        rep = torch.stack([reps[t][k] for t in totals]).mean(0)
+        mean[f"mean_{k}"] = percentile_interval(est, rep, cfg.ci_level, sum(v["n"].numel() for v in totals.values()))
+    return per_task, mean
 
 
 def _sample_examples(labels: torch.Tensor, cfg: ProbeConfig, g: torch.Generator) -> tuple[torch.Tensor, str | None]:
@@ -289,18 +394,17 @@ def _context_task_activations(lm, hook: str, task: ContextTask, context_size: in
     return torch.stack(rows)
 
 
+Examples = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""{task: (hook activations [M, D], labels [M], group of each example [M])}."""
+
+
 @torch.no_grad()
-def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, *,
-              context_tasks: Sequence[ContextTask] = ()) -> dict:
-    """Probe loss of ``sae`` on the token tasks of ``tokens_NT`` (plus context tasks); see the module docstring."""
-    cfg = cfg or ProbeConfig()
-    t0 = time.perf_counter()
-    tokens_NT = check_tokens(tokens_NT)
-    hook = resolve_hook(lm, sae, cfg.hook)
+def _token_examples(lm, sae, tokens_NT: torch.Tensor, hook: str, cfg: ProbeConfig,
+                    skipped: dict[str, str]) -> Examples:
+    """The sampled examples of the token tasks, with the paragraph (or document) of each."""
     first = first_position(sae, cfg.exclude_first)
     labels = label_tokens(lm.tokenizer, tokens_NT, cfg.tasks) if cfg.tasks else {}
     picks: dict[str, torch.Tensor] = {}
-    skipped: dict[str, str] = {}
     for name, lab in labels.items():
         lab = lab.clone()
         lab[:, :first] = -1
@@ -309,25 +413,28 @@ def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, 
             skipped[name] = reason
         else:
             picks[name] = idx
+    if not picks:
+        return {}
     # One truncated forward per batch of contexts that holds any picked example.
     T = tokens_NT.shape[1]
-    needed = torch.unique(torch.cat(list(picks.values()))) if picks else torch.empty(0, dtype=torch.long)
-    ctx_needed = torch.unique(needed // T)
+    ctx_needed = torch.unique(torch.cat(list(picks.values())) // T)
     acts: dict[int, torch.Tensor] = {}
     for i in range(0, ctx_needed.numel(), cfg.lm_batch_size):
         cs = ctx_needed[i:i + cfg.lm_batch_size]
         a = lm.activations(tokens_NT[cs], hook).float().cpu()
         for j, c in enumerate(cs.tolist()):
             acts[c] = a[j]
+    groups = text_groups(lm.tokenizer, tokens_NT, sae.cfg.prepend_bos, cfg.split_unit).flatten()
+    return {name: (torch.stack([acts[int(k) // T][int(k) % T] for k in idx]), labels[name].flatten()[idx],
+                   groups[idx]) for name, idx in picks.items()}
 
-    results = {}
-    for name, idx in picks.items():
-        x = torch.stack([acts[int(k) // T][int(k) % T] for k in idx]).to(sae.W_dec.device)
-        y = labels[name].flatten()[idx].to(x.device)
-        results[name] = probe_task(sae, x, y, cfg, _task_generator(cfg.seed, name, 1))
 
-    all_ctx = list(context_tasks) + [load_hf_task(n) for n in cfg.hf_tasks]
-    for task in all_ctx:
+@torch.no_grad()
+def _context_examples(lm, sae, hook: str, tasks: Sequence[ContextTask], cfg: ProbeConfig,
+                      skipped: dict[str, str]) -> Examples:
+    """The sampled examples of the context tasks; each text is its own group."""
+    out = {}
+    for task in tasks:
         y = torch.tensor(task.labels)
         n_pos = int(y.sum())
         if min(n_pos, y.numel() - n_pos) < cfg.min_per_class:
@@ -336,8 +443,30 @@ def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, 
         x = _context_task_activations(lm, hook, task, sae.cfg.context_size, sae.cfg.prepend_bos, cfg.pool,
                                       cfg.lm_batch_size)
         idx, _ = _sample_examples(y.to(torch.int8), cfg, _task_generator(cfg.seed, task.name))
-        results[task.name] = probe_task(sae, x[idx].to(sae.W_dec.device), y[idx], cfg,
-                                        _task_generator(cfg.seed, task.name, 1))
+        out[task.name] = (x[idx], y[idx], idx)
+    return out
+
+
+@torch.no_grad()
+def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, *,
+              context_tasks: Sequence[ContextTask] = ()) -> dict:
+    """Probe loss of ``sae`` on the token tasks of ``tokens_NT`` (plus context tasks); see the module docstring."""
+    cfg = cfg or ProbeConfig()
+    t0 = time.perf_counter()
+    tokens_NT = check_tokens(tokens_NT)
+    hook = resolve_hook(lm, sae, cfg.hook)
+    skipped: dict[str, str] = {}
+    examples = _token_examples(lm, sae, tokens_NT, hook, cfg, skipped)
+    all_ctx = list(context_tasks) + [load_hf_task(n) for n in cfg.hf_tasks]
+    examples.update(_context_examples(lm, sae, hook, all_ctx, cfg, skipped))
+    results, totals = {}, {}
+    for name, (x, y, groups) in examples.items():
+        done = probe_task(sae, x.to(sae.W_dec.device), y, cfg, _task_generator(cfg.seed, name, 1), groups)
+        if done is None:
+            skipped[name] = f"all examples come from one {cfg.split_unit}: no held-out text apart from the train text"
+            continue
+        results[name], totals[name] = done
+    per_task, mean_intervals = probe_intervals(totals, cfg)
 
     def mean_of(key):
         vals = [r[key] for r in results.values() if r[key] is not None]
@@ -351,8 +480,9 @@ def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, 
         "mean_loss": mean_of("loss"),
         "mean_baseline_loss": mean_of("baseline_loss") if cfg.baseline else None,
         "mean_entropy": mean_of("entropy"),
-        "tasks": {k: {kk: (json_float(v) if isinstance(v, float) else v) for kk, v in r.items()}
-                  for k, r in results.items()},
+        "intervals": mean_intervals,
+        "tasks": {k: {**{kk: (json_float(v) if isinstance(v, float) else v) for kk, v in r.items()},
+                      "intervals": per_task[k]} for k, r in results.items()},
         "skipped": skipped,
         "wall_s": time.perf_counter() - t0,
     }

@@ -24,6 +24,9 @@ Suite (``TOKEN_TASKS``):
                      paragraph, 0 = no keyword occurs anywhere in the (visible) paragraph and the
                      token is at least 8 tokens into it. Keywords: ``TOPIC_KEYWORDS``.
 
+``text_groups`` gives each token's paragraph (or document) across packed contexts: the probe's
+train/test split keeps each group on one side.
+
 ``load_hf_task`` reads a Hugging Face dataset with a text column and a binary label column
 (context-level task: one label per text); it needs the optional ``datasets`` package.
 """
@@ -228,6 +231,44 @@ def label_tokens(tokenizer, tokens_NT: torch.Tensor, tasks: Sequence[str] = DEFA
                 for pos, _ in para:
                     if row[pos] != -1:
                         out[name][n, pos] = row[pos]
+    return out
+
+
+SPLIT_UNITS = ("paragraph", "document")
+
+
+def text_groups(tokenizer, tokens_NT: torch.Tensor, prepend_bos: bool = True, unit: str = "paragraph",
+                special_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """The paragraph (or document) of every token of packed contexts: group ids ``[N, T]``.
+
+    Breaks are the ones ``label_tokens`` uses: separators (BOS/EOS) and, for paragraphs, tokens
+    holding a newline; break tokens get -1 (they are never labelled), and so does the BOS that
+    packing puts at position 0 (``prepend_bos``), which is no break in the text. Packing cuts the
+    token stream into consecutive contexts, so a paragraph that runs from context ``n - 1`` into
+    context ``n`` keeps one id across the cut. Contexts not packed consecutively can only be merged
+    more than needed, never split.
+    """
+    if unit not in SPLIT_UNITS:
+        raise ValueError(f"split unit must be one of {SPLIT_UNITS}, got {unit!r}")
+    if special_ids is None:
+        special_ids = {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None}
+    special = set(int(i) for i in special_ids)
+    N, T = tokens_NT.shape
+    out = torch.full((N, T), -1, dtype=torch.long)
+    cache: dict[int, str] = {}
+    cur, next_id = None, 0  # the group running at the current token (None after a break)
+    for n in range(N):
+        ids = tokens_NT[n].tolist()
+        strs = token_strings(tokenizer, ids, cache)
+        for pos, (tok, text) in enumerate(zip(ids, strs)):
+            if prepend_bos and pos == 0:
+                continue
+            if tok in special or (unit == "paragraph" and "\n" in text):
+                cur = None
+                continue
+            if cur is None:
+                cur, next_id = next_id, next_id + 1
+            out[n, pos] = cur
     return out
 
 
