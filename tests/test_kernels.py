@@ -23,47 +23,79 @@ def _densify(vals, idx, n):
     return torch.zeros(vals.shape[0], n, dtype=vals.dtype).scatter(-1, idx, vals)
 
 
+def _densify_aux(out, n):
+    """AuxK output of either form as dense [B, n] latents."""
+    if out.aux_dense:
+        za = torch.zeros(out.aux_vals_BA.shape[0], n, dtype=out.aux_vals_BA.dtype)
+        return za.index_copy(1, out.aux_idx_BA, out.aux_vals_BA)
+    return _densify(out.aux_vals_BA, out.aux_idx_BA, n)
+
+
+# Dead sets: none, a mix of dead and alive latents (13 > k_aux), fewer dead than k_aux, exactly k_aux,
+# and an empty dead set (n_dead = 0: AuxK off).
+DEAD_SETS = {"none": None, "mix": torch.arange(0, 50, 4), "few": torch.tensor([3, 17, 40]),
+             "k_aux": torch.tensor([0, 9, 18, 27, 49]), "empty": torch.zeros(0, dtype=torch.long)}
+
+
 @pytest.mark.parametrize("chunk_rows", [5, 1024])
-@pytest.mark.parametrize("with_aux", [False, True])
+@pytest.mark.parametrize("dead", list(DEAD_SETS))
+@pytest.mark.parametrize("aux_dense", [False, True, None])
 @pytest.mark.parametrize("sorted_out", [False, True])
 @pytest.mark.parametrize("latent_major", [False, True])
-def test_sparse_encode_matches_dense_autograd(chunk_rows, with_aux, sorted_out, latent_major):
+def test_sparse_encode_matches_dense_autograd(chunk_rows, dead, aux_dense, sorted_out, latent_major):
     torch.manual_seed(0)
-    B, D, n, k = 37, 12, 50, 6
+    B, D, n, k, k_aux = 37, 12, 50, 6, 5
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     b_dec = torch.randn(D, dtype=torch.float64, requires_grad=True)
     W = torch.randn(D, n, dtype=torch.float64)
     W = (W.t().contiguous().t() if latent_major else W).requires_grad_()  # TopKSAE's layout, or plain
     b = (0.3 * torch.randn(n, dtype=torch.float64)).requires_grad_()
-    dead_idx = torch.arange(0, n, 4) if with_aux else None
-    out = sparse_topk_encode(x, b_dec, W, b, k, dead_idx=dead_idx, k_aux=5, sorted_out=sorted_out,
-                             chunk_rows=chunk_rows)
-    z_ref, za_ref = _dense_reference(x, b_dec, W, b, k, dead_idx, 5)
+    dead_idx = DEAD_SETS[dead]
+    with_aux = dead_idx is not None and dead_idx.numel() > 0
 
+    def encode():
+        return sparse_topk_encode(x, b_dec, W, b, k, dead_idx=dead_idx, k_aux=k_aux, sorted_out=sorted_out,
+                                  aux_dense=aux_dense, chunk_rows=chunk_rows)
+
+    def reference():
+        return _dense_reference(x, b_dec, W, b, k, dead_idx if with_aux else None,
+                                min(k_aux, 0 if dead_idx is None else dead_idx.numel()))
+
+    out = encode()
+    z_ref, za_ref = reference()
+    assert (out.aux_vals_BA is not None) == with_aux
+    if with_aux:
+        assert out.aux_dense == (aux_dense if aux_dense is not None else True)  # 13 <= 8 * k_aux: dense
     z = _densify(out.vals_BK, out.idx_BK, n)
     assert torch.allclose(z, z_ref, atol=1e-12)
     if sorted_out:
         assert (out.vals_BK[:, :-1] >= out.vals_BK[:, 1:]).all()
     # Arbitrary downstream loss touching the kept values (and the AuxK values): compare gradients.
     proj = torch.randn(n, 3, dtype=torch.float64)
-    loss = (z @ proj).pow(2).sum()
-    ref_loss = (z_ref @ proj).pow(2).sum()
+
+    def aux_loss(za):
+        return (za @ proj).sin().sum()
+
+    def loss_of(z, za):
+        return (z @ proj).pow(2).sum() + (0 if za is None else aux_loss(za))
+
     if with_aux:
-        za = _densify(out.aux_vals_BA, out.aux_idx_BA, n)
-        assert torch.allclose(za, za_ref, atol=1e-12)
-        loss = loss + (za @ proj).sin().sum()
-        ref_loss = ref_loss + (za_ref @ proj).sin().sum()
+        assert torch.allclose(_densify_aux(out, n), za_ref, atol=1e-12)
+    loss = loss_of(z, _densify_aux(out, n) if with_aux else None)
+    ref_loss = loss_of(z_ref, za_ref)
     grads = torch.autograd.grad(loss, (x, b_dec, W, b))
     ref_grads = torch.autograd.grad(ref_loss, (x, b_dec, W, b))
     for name, g, rg in zip(("x", "b_dec", "W_enc", "b_enc"), grads, ref_grads):
         assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12), name
+    if with_aux:  # the AuxK values alone (main values unused) get their own gradients right
+        aux_grads = torch.autograd.grad(aux_loss(_densify_aux(encode(), n)), (x, b_dec, W, b))
+        ref_aux = torch.autograd.grad(aux_loss(reference()[1]), (x, b_dec, W, b))
+        for name, g, rg in zip(("x", "b_dec", "W_enc", "b_enc"), aux_grads, ref_aux):
+            assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12), ("aux only", name)
     # Only some inputs needing gradients (training: x is data) gives the same numbers for those.
     x.requires_grad_(False)
-    again = sparse_topk_encode(x, b_dec, W, b, k, dead_idx=dead_idx, k_aux=5, sorted_out=sorted_out,
-                               chunk_rows=chunk_rows)
-    loss2 = (_densify(again.vals_BK, again.idx_BK, n) @ proj).pow(2).sum()
-    if with_aux:
-        loss2 = loss2 + (_densify(again.aux_vals_BA, again.aux_idx_BA, n) @ proj).sin().sum()
+    again = encode()
+    loss2 = loss_of(_densify(again.vals_BK, again.idx_BK, n), _densify_aux(again, n) if with_aux else None)
     for g, rg in zip(torch.autograd.grad(loss2, (b_dec, W, b)), ref_grads[1:]):
         assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12)
 
@@ -102,3 +134,16 @@ def test_cuda_kernel_matches_cpu_reference(dtype, tol):
     assert torch.allclose(z[agree], z_ref[agree], rtol=tol, atol=tol)
     (out.vals_BK.float().pow(2).sum() + out.aux_vals_BA.float().sum()).backward()
     assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in dev)
+
+
+def test_aux_form_is_chosen_by_size():
+    """Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux, sparse beyond (both exact, tested above)."""
+    from saelab.sae.kernels import AUX_DENSE_FACTOR
+
+    torch.manual_seed(0)
+    x, b_dec, W, b = torch.randn(8, 4), torch.zeros(4), torch.randn(4, 64), torch.zeros(64)
+    k_aux = 2
+    for n_dead, dense in ((AUX_DENSE_FACTOR * k_aux, True), (AUX_DENSE_FACTOR * k_aux + 1, False)):
+        out = sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=torch.arange(n_dead), k_aux=k_aux)
+        assert out.aux_dense == dense
+        assert out.aux_vals_BA.shape == ((8, n_dead) if dense else (8, k_aux))

@@ -71,6 +71,31 @@ def test_loss_and_gradients_match_dense_reference(input_norm, auxk, multi):
         assert g_enc[:, dead].abs().sum() > 0
 
 
+@pytest.mark.parametrize("k_aux,n_dead", [(8, 22), (2, 22), (8, 5), (8, 8), (8, 0)])
+def test_auxk_forms_match_dense_reference(k_aux, n_dead):
+    """training_loss with AuxK in dense form (n_dead <= 8 k_aux: 22 of 64 with k_aux 8, fewer dead
+    than k_aux, exactly k_aux) and sparse form (22 dead, k_aux 2), and with no dead latent: loss and
+    the gradient of every parameter equal the dense-autograd objective."""
+    torch.manual_seed(1)
+    d, n, k = 16, 64, 4
+    sae = TopKSAE(SAEConfig(d, n, k), dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.5)
+    x = torch.randn(32, d, dtype=torch.float64) * 2 + 1
+    cfg = TrainConfig(n_latents=n, k=k, batch_size=32, total_tokens=32, k_aux=k_aux)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[torch.randperm(n)[:n_dead]] = True
+    out = training_loss(sae, x, cfg, normalizer=3.0, dead_mask_N=dead)
+    assert (out.auxk > 0) == (n_dead > 0)
+    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
+    ref = _dense_reference_loss(sae, x, cfg, 3.0, dead)
+    ref_grads = torch.autograd.grad(ref, list(sae.parameters()))
+    assert torch.allclose(out.loss, ref, rtol=1e-10, atol=1e-12)
+    for name, g, rg in zip([n for n, _ in sae.named_parameters()], grads, ref_grads):
+        assert torch.allclose(g, rg, rtol=1e-8, atol=1e-12), name
+
+
 def test_trainer_steps_match_plain_adam_on_dense_loss():
     """Trainer (sparse kernel, fused Adam on the transposed view of W_enc) = the recipe written plainly."""
     from saelab.train.trainer import Trainer

@@ -6,7 +6,8 @@ would keep the [B, n] pre-activations and run two more [B, d] x [d, n] GEMMs in 
 Here, with xc = x - b_dec:
 
 - forward runs the GEMM in row chunks and keeps only the top-k (and the AuxK top-k among dead
-  latents) of each chunk, so the [B, n] matrix never exists whole (peak memory: one chunk);
+  latents, taken from the dead latents' columns of the same chunk) of each chunk, so the [B, n]
+  matrix never exists whole (peak memory: one chunk);
 - backward, with g the gradient of the kept values (ReLU mask applied):
     d b_enc[j]    = sum of g over selections of latent j            (index_add)
     d W_enc[:, j] = sum over selections (b, j) of g * xc[b]         (embedding_bag, rows grouped by latent)
@@ -14,6 +15,14 @@ Here, with xc = x - b_dec:
                                                                       b_dec needs, so d xc is not formed)
     d x[b]        = sum over selections (b, j) of g * W_enc[:, j]   (embedding_bag; only if x needs it)
   which is O(B * k * d) instead of O(B * n * d).
+
+AuxK has two forms, chosen by size (``aux_dense``). Sparse: the top k_aux dead latents per row as
+(values, indices), decoded and backpropagated like the main selection (embedding_bag, ~k_aux
+entries per row). Dense: when few latents are dead (n_dead <= AUX_DENSE_FACTOR * k_aux, the usual
+case), a [B, n_dead] matrix holding the top k_aux per row (zeros elsewhere), decoded with one GEMM
+``[B, n_dead] @ W_dec[dead]`` and backpropagated with GEMMs on the dead columns
+(d W_enc[:, dead] = xc^T G, d x = G W_enc[:, dead]^T): a GEMM over n_dead columns costs less than
+embedding_bag over k_aux entries per row until n_dead is several times k_aux.
 
 ``TopKSAE`` stores W_enc latent-major (each latent's column contiguous in memory), so
 ``W_enc.t()`` is a plain [n, d] table for embedding_bag and the [n, d] gradient transposes back to
@@ -30,6 +39,9 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_ROWS = 1024
+AUX_DENSE_FACTOR = 8
+"""Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux (a dense GEMM runs ~10x the FLOP rate of
+embedding_bag; measured crossover in benchmarks/RESULTS.md, issue 13)."""
 
 
 class EncodeOutput(NamedTuple):
@@ -38,9 +50,22 @@ class EncodeOutput(NamedTuple):
     idx_BK: torch.Tensor
     """Their latent indices."""
     aux_vals_BA: torch.Tensor | None
-    """AuxK values (top k_aux among dead latents, after ReLU) or None."""
+    """AuxK values (top k_aux among dead latents, after ReLU) or None: [B, k_aux] (sparse form), or
+    [B, n_dead] with zeros outside each row's top k_aux (dense form)."""
     aux_idx_BA: torch.Tensor | None
-    """Their latent indices (in the full latent space)."""
+    """Their latent indices (in the full latent space): [B, k_aux] (sparse form), or the [n_dead]
+    dead latents, one per column of aux_vals_BA (dense form)."""
+
+    @property
+    def aux_dense(self) -> bool:
+        return self.aux_idx_BA is not None and self.aux_idx_BA.dim() == 1
+
+
+def decode_aux(enc: EncodeOutput, W_dec_ND: torch.Tensor) -> torch.Tensor:
+    """The AuxK reconstruction sum_j aux_val_j * W_dec[j] (no bias), in either form."""
+    if enc.aux_dense:
+        return enc.aux_vals_BA @ W_dec_ND.index_select(0, enc.aux_idx_BA)
+    return F.embedding_bag(enc.aux_idx_BA, W_dec_ND, per_sample_weights=enc.aux_vals_BA, mode="sum")
 
 
 def _group_by_latent(idx_flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,13 +77,23 @@ def _group_by_latent(idx_flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torc
     return order, offsets
 
 
+def _aux_of_chunk(pre: torch.Tensor, dead_idx: torch.Tensor, k_aux: int, dense: bool):
+    """AuxK of one chunk from the dead latents' columns: (values, latent indices) or a dense block."""
+    pre_dead = pre.index_select(1, dead_idx)
+    if dense and k_aux >= dead_idx.numel():  # every dead latent is kept
+        return pre_dead.relu_(), None
+    av, ai = pre_dead.topk(k_aux, dim=-1, sorted=False)
+    if dense:
+        return torch.zeros_like(pre_dead).scatter_(1, ai, av.relu_()), None
+    return av.relu_(), dead_idx[ai]
+
+
 class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k_big, dead_idx, k_aux, chunk_rows, sorted_out):
+    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k_big, dead_idx, k_aux, aux_dense, chunk_rows, sorted_out):
         xc_BD = x_BD - b_dec_D
         B = xc_BD.shape[0]
-        vals, idx = [], []
-        aux_vals, aux_idx = [], []
+        vals, idx, aux_vals, aux_idx = [], [], [], []
         # One buffer for every chunk: a fresh [chunk, n] allocation per chunk is a fresh mmap whose
         # page faults cost ~10 % of the GEMM on CPU.
         buf = xc_BD.new_empty(min(chunk_rows, B), W_enc_DN.shape[1])
@@ -69,69 +104,93 @@ class _SparseTopKEncode(torch.autograd.Function):
             vals.append(v)
             idx.append(i)
             if dead_idx is not None:
-                av, ai = pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
+                av, ai = _aux_of_chunk(pre, dead_idx, k_aux, aux_dense)
                 aux_vals.append(av)
-                aux_idx.append(dead_idx[ai])
+                aux_idx.append(ai)
         vals_BK = torch.relu(torch.cat(vals))
         idx_BK = torch.cat(idx)
-        if dead_idx is not None:
-            aux_vals_BA, aux_idx_BA = torch.relu(torch.cat(aux_vals)), torch.cat(aux_idx)
+        if dead_idx is None:
+            aux_vals_BA, aux_idx_BA = xc_BD.new_empty(B, 0), idx_BK.new_empty(B, 0)
+        elif aux_dense:
+            aux_vals_BA, aux_idx_BA = torch.cat(aux_vals), dead_idx
         else:
-            aux_vals_BA = aux_idx_BA = xc_BD.new_empty(B, 0)
-            aux_idx_BA = aux_idx_BA.long()
+            aux_vals_BA, aux_idx_BA = torch.cat(aux_vals), torch.cat(aux_idx)
+        ctx.aux_dense = aux_dense and dead_idx is not None
         ctx.save_for_backward(xc_BD, W_enc_DN, vals_BK, idx_BK, aux_vals_BA, aux_idx_BA)
-        ctx.mark_non_differentiable(idx_BK, aux_idx_BA)
-        return vals_BK, idx_BK, aux_vals_BA, aux_idx_BA
+        # The dense form's indices are dead_idx itself, which the caller holds already.
+        aux_idx_out = idx_BK.new_empty(0) if ctx.aux_dense else aux_idx_BA
+        ctx.mark_non_differentiable(idx_BK, aux_idx_out)
+        return vals_BK, idx_BK, aux_vals_BA, aux_idx_out
 
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
         xc_BD, W_enc_DN, vals_BK, idx_BK, aux_vals_BA, aux_idx_BA = ctx.saved_tensors
-        n = W_enc_DN.shape[1]
+        need_x, need_b_dec, need_W, need_b = ctx.needs_input_grad[:4]
         g_parts, i_parts = [], []
         if g_vals is not None:
             g_parts.append(g_vals * (vals_BK > 0))  # ReLU: no gradient where the kept value was clipped
             i_parts.append(idx_BK)
-        if g_aux is not None and aux_idx_BA.shape[1] > 0:
-            g_parts.append(g_aux * (aux_vals_BA > 0))
-            i_parts.append(aux_idx_BA)
-        if not g_parts:
-            return (None,) * 9
-        g = torch.cat(g_parts, dim=1)
-        idx = torch.cat(i_parts, dim=1)
-        B, S = idx.shape
-        idx_flat, g_flat = idx.reshape(-1), g.reshape(-1)
+        g_dense = None
+        if g_aux is not None and aux_vals_BA.numel() > 0:
+            g_a = g_aux * (aux_vals_BA > 0)  # zero outside the top k_aux too (those values are 0)
+            if ctx.aux_dense:
+                g_dense = g_a
+            else:
+                g_parts.append(g_a)
+                i_parts.append(aux_idx_BA)
+        grad_x, grad_W, grad_b = _sparse_grads(xc_BD, W_enc_DN, g_parts, i_parts, need_x, need_W)
+        if g_dense is not None:  # dense AuxK: GEMMs on the dead latents' columns
+            dead = aux_idx_BA
+            if need_x:
+                grad_x = torch.addmm(grad_x, g_dense, W_enc_DN.index_select(1, dead).t())
+            if need_W:
+                grad_W.index_add_(0, dead, g_dense.t() @ xc_BD)
+            grad_b.index_add_(0, dead, g_dense.sum(0))
+        grad_b_dec = -(W_enc_DN @ grad_b) if need_b_dec else None
+        return (grad_x, grad_b_dec, grad_W.t() if need_W else None, grad_b if need_b else None) + (None,) * 6
 
-        grad_x = grad_b_dec = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W_enc_DN.t().contiguous(), per_sample_weights=g, mode="sum")
-        if ctx.needs_input_grad[2]:
-            order, offsets = _group_by_latent(idx_flat, n)
-            rows = torch.arange(B, device=idx.device).repeat_interleave(S)
-            grad_W = F.embedding_bag(rows[order], xc_BD, offsets, mode="sum",
-                                     per_sample_weights=g_flat[order]).t()
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, idx_flat, g_flat)
-            if ctx.needs_input_grad[1]:
-                grad_b_dec = -(W_enc_DN @ grad_b)
-            if not ctx.needs_input_grad[3]:
-                grad_b = None
-        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None, None
+
+def _sparse_grads(xc_BD: torch.Tensor, W_enc_DN: torch.Tensor, g_parts: list[torch.Tensor],
+                  i_parts: list[torch.Tensor], need_x: bool, need_W: bool):
+    """Gradients of the selected entries (values g at latents idx, [B, S] each part): d x [B, d] (or
+    None), d W_enc as a latent-major [n, d] table (or None), d b_enc [n]; zeros when nothing is selected."""
+    n = W_enc_DN.shape[1]
+    g = torch.cat(g_parts, dim=1) if g_parts else xc_BD.new_zeros(xc_BD.shape[0], 0)
+    idx = torch.cat(i_parts, dim=1) if i_parts else g.new_zeros(g.shape, dtype=torch.long)
+    B, S = idx.shape
+    idx_flat, g_flat = idx.reshape(-1), g.reshape(-1)
+    grad_x = grad_W = None
+    if S == 0:
+        grad_W = xc_BD.new_zeros(n, xc_BD.shape[1]) if need_W else None
+        return (torch.zeros_like(xc_BD) if need_x else None), grad_W, g.new_zeros(n)
+    if need_x:
+        grad_x = F.embedding_bag(idx, W_enc_DN.t().contiguous(), per_sample_weights=g, mode="sum")
+    if need_W:
+        order, offsets = _group_by_latent(idx_flat, n)
+        rows = torch.arange(B, device=idx.device).repeat_interleave(S)
+        grad_W = F.embedding_bag(rows[order], xc_BD, offsets, mode="sum", per_sample_weights=g_flat[order])
+    grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, idx_flat, g_flat)
+    return grad_x, grad_W, grad_b
 
 
 def sparse_topk_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DN: torch.Tensor, b_enc_N: torch.Tensor,
                        k: int, *, dead_idx: torch.Tensor | None = None, k_aux: int = 0, sorted_out: bool = False,
-                       chunk_rows: int = DEFAULT_CHUNK_ROWS) -> EncodeOutput:
+                       aux_dense: bool | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> EncodeOutput:
     """Top-k (then ReLU) of ``(x - b_dec) @ W_enc + b_enc`` with a sparse backward.
 
-    ``dead_idx`` (latent indices) adds AuxK: the top ``k_aux`` pre-activations among those
-    latents. ``sorted_out`` sorts the kept values descending (needed to slice Multi-TopK's top-k).
+    ``dead_idx`` (latent indices, on the data's device) adds AuxK: the top ``k_aux`` pre-activations
+    among those latents, in dense form when ``aux_dense`` (default: when n_dead <= AUX_DENSE_FACTOR *
+    k_aux), else sparse (see EncodeOutput). ``sorted_out`` sorts the kept values descending (needed
+    to slice Multi-TopK's top-k).
     """
     if dead_idx is not None:
         k_aux = min(k_aux, dead_idx.numel())
         if k_aux == 0:
             dead_idx = None
+    if aux_dense is None:
+        aux_dense = dead_idx is not None and dead_idx.numel() <= AUX_DENSE_FACTOR * k_aux
     vals, idx, aux_vals, aux_idx = _SparseTopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_idx, k_aux,
-                                                           chunk_rows, sorted_out)
+                                                           aux_dense, chunk_rows, sorted_out)
     if dead_idx is None:
         return EncodeOutput(vals, idx, None, None)
-    return EncodeOutput(vals, idx, aux_vals, aux_idx)
+    return EncodeOutput(vals, idx, aux_vals, dead_idx if aux_dense else aux_idx)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saelab.sae.kernels import sparse_topk_encode
+from saelab.sae.kernels import decode_aux, sparse_topk_encode
 from saelab.sae.topk import TopKSAE
 from saelab.train.config import TrainConfig
 from saelab.train.distributed import all_reduce_sum
@@ -52,7 +52,7 @@ def training_loss(
     big_k = min(k * cfg.multi_topk_factor, sae.n_latents) if cfg.multi_topk else k
     dead_idx = None
     if cfg.auxk and dead_mask_N is not None and bool(dead_mask_N.any()):
-        dead_idx = dead_mask_N.nonzero().squeeze(1)
+        dead_idx = dead_mask_N.nonzero().squeeze(1).to(x_n.device)  # index on the data's device
     # One sorted top-(4k) serves both TopK and Multi-TopK: the top-k are its first k.
     enc = sparse_topk_encode(x_n, sae.b_dec, sae.W_enc, sae.b_enc, big_k, dead_idx=dead_idx, k_aux=cfg.k_aux,
                              sorted_out=cfg.multi_topk)
@@ -72,7 +72,7 @@ def training_loss(
     if enc.aux_vals_BA is not None:
         # Dead latents reconstruct the residual, decoded WITHOUT b_dec (it is a difference).
         residual = err.detach()
-        err_hat = sae.decode_topk(enc.aux_vals_BA, enc.aux_idx_BA, bias=False)
+        err_hat = decode_aux(enc, sae.W_dec)
         res_var = residual_variance(residual)
         auxk = (residual - err_hat).pow(2).sum(dim=-1).mean() / res_var
         loss = loss + cfg.auxk_coef * auxk
