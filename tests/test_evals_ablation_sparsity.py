@@ -11,6 +11,7 @@ from saelab.evals.ablation_sparsity import (
     AblationSparsityConfig,
     ablation_logit_deltas,
     ablation_sparsity_score,
+    random_directions_like,
     run_ablation_sparsity,
 )
 from saelab.sae.topk import SAEConfig, TopKSAE
@@ -103,16 +104,38 @@ def test_deltas_match_single_ablations_and_respect_causality(setup):
     assert before.abs().max() == 0
 
 
+def test_random_directions_have_the_latents_sizes_and_no_preferred_axis():
+    g = torch.Generator().manual_seed(0)
+    contrib = torch.randn(7, 16, generator=g) * torch.arange(1, 8).float()[:, None]
+    dirs = random_directions_like(contrib, torch.Generator().manual_seed(1))
+    assert torch.allclose(dirs.norm(dim=1), contrib.norm(dim=1), rtol=1e-6)
+    assert (dirs / dirs.norm(dim=1, keepdim=True) * contrib / contrib.norm(dim=1, keepdim=True)).sum(1).abs().max() < 0.9
+    many = random_directions_like(torch.ones(20_000, 16), torch.Generator().manual_seed(2))
+    unit = many / many.norm(dim=1, keepdim=True)
+    assert unit.pow(2).mean(0).sub(1 / 16).abs().max() < 3e-3  # every axis gets 1/d of the size
+    assert unit.mean(0).abs().max() < 0.01
+
+
 def test_run_ablation_sparsity_schema_and_ranges(setup):
     lm, sae, tokens = setup
-    cfg = AblationSparsityConfig(n_future=8, n_sites=4, channels_per_site=8, batch_size=8, seed=3)
+    cfg = AblationSparsityConfig(n_future=8, n_sites=4, channels_per_site=8, batch_size=8, seed=3, n_boot=200)
     res = run_ablation_sparsity(lm, sae, tokens, cfg)
     json.dumps(res, allow_nan=False)
     assert res["metric"] == "ablation_sparsity" and res["vocab_size"] == lm.vocab_size
     assert res["latent"]["n_ablations"] == 4 * 6  # k = 6 active latents at each of 4 sites
+    assert res["random"]["n_ablations"] == 4 * 6  # one random direction per latent ablation
     assert res["channel"]["n_ablations"] == 4 * 8
-    for part in ("latent", "channel"):
+    for part in ("latent", "random", "channel"):
         assert 1 / (8 * lm.vocab_size) <= res[part]["mean"] <= 1
+    assert res["ratio_latent_to_random"] == pytest.approx(res["latent"]["mean"] / res["random"]["mean"])
+    assert res["random"]["mean"] != res["latent"]["mean"]
+    ci = res["intervals"]
+    for name, part in (("latent_mean", "latent"), ("random_mean", "random"), ("channel_mean", "channel")):
+        assert ci[name]["estimate"] == pytest.approx(res[part]["mean"], rel=1e-9)
+        assert ci[name]["low"] <= ci[name]["estimate"] <= ci[name]["high"]
+    assert ci["ratio_latent_to_random"]["estimate"] == pytest.approx(res["ratio_latent_to_random"], rel=1e-9)
+    assert ci["latent_minus_random"]["estimate"] == pytest.approx(res["latent"]["mean"] - res["random"]["mean"])
+    assert 1 <= ci["latent_mean"]["n_groups"] <= 4  # the sites' contexts are the resampled groups
     assert res["ablations_per_s"] > 0
     assert res["latents_per_s"] > 0 and 0 < res["latent_s"] <= res["wall_s"]
     # Same seed, same sites, same numbers.

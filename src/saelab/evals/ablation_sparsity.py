@@ -18,9 +18,24 @@ Definition pinned here (and in ``tests/test_evals_ablation_sparsity.py``):
    ``d``, 1 when every entry has the same magnitude, and ~``2/pi`` (0.64) for a Gaussian ``d``.
    An ablation with no effect at all (``d = 0``) has no score; such ablations are counted
    (``n_null``) and left out of the mean.
-6. Report the mean over all (site, latent) ablations. The baseline ablates residual-stream
-   channels at the same sites: channel ``j`` loses its value, ``x_p[j] -> 0``
-   (``cfg.channels_per_site`` channels drawn at random per site).
+6. Report the mean over all (site, latent) ablations.
+
+Baselines, at the same sites:
+
+- ``random`` (the fair one, ``cfg.random_baseline``): for every latent ablation, a random
+  direction of the same size is subtracted instead: ``u * ||c_i||`` with ``c_i`` the latent's
+  contribution (in the activation's space) and ``u`` uniform on the unit sphere of the activation
+  space (a normalized isotropic Gaussian). Latent and random ablations then remove the same
+  amount of activation, so the comparison asks only whether the latent's *direction* has sparser
+  effects than an arbitrary one.
+- ``channel`` (the older one, kept for comparison): residual-stream channel ``j`` loses its
+  value, ``x_p[j] -> 0`` (``cfg.channels_per_site`` channels drawn at random per site). The size
+  removed, ``|x_p[j]|``, is unrelated to a latent's, so the two are not like for like.
+
+Intervals (``saelab.evals.bootstrap``, ``cfg.n_boot`` replicates, ``cfg.ci_level``): the sites'
+contexts are resampled (the sites of one context together); every mean is over the pooled
+scored ablations of the drawn contexts, and the latent-vs-baseline ratio and difference are
+paired (the same draw for both).
 
 Ablations run in batches: the context (cut after ``p + T - 1``, which causality allows) is
 repeated along the batch dimension, row 0 unedited, each other row with one ablation, and only
@@ -35,12 +50,17 @@ Result schema (``run_ablation_sparsity`` returns a JSON-serializable dict)::
     n_future            T
     vocab_size          V (logit width)
     latent              summary of the latent ablations (see below)
+    random              the same for the random directions of the latents' sizes (None if not random_baseline)
     channel             the same for residual-channel ablations (None if channels_per_site == 0)
-    ratio_latent_to_channel   latent.mean / channel.mean (< 1: latents have sparser effects)
+    ratio_latent_to_random    latent.mean / random.mean (< 1: latents have sparser effects): the headline
+    ratio_latent_to_channel   latent.mean / channel.mean (the older, unmatched comparison)
+    intervals           {latent_mean, random_mean, channel_mean, ratio_latent_to_random,
+                         latent_minus_random, ratio_latent_to_channel}: bootstrap intervals
+                        {estimate, low, high, level, n_boot, n_groups, n_undefined} ({} when n_boot is 0)
     gaussian_reference  2/pi, the score of a Gaussian random effect vector
-    ablations_per_s     latent and channel ablations done per second of wall time (forwards + scores)
+    ablations_per_s     latent and baseline ablations done per second of wall time (forwards + scores)
     latents_per_s       latent ablations per second of the time spent on them (site encode, forwards, scores)
-    latent_s            that time; wall_s - latent_s went to the channel baseline
+    latent_s            that time; wall_s - latent_s went to the baselines
     wall_s              wall time of the ablation loop
 
     summary = {mean, median, std, min, max (score over scored ablations, None when none),
@@ -57,6 +77,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from saelab.errors import ConfigError
 from saelab.evals._common import (
     check_tokens,
     config_dict,
@@ -66,6 +87,7 @@ from saelab.evals._common import (
     latent_contributions,
     resolve_hook,
 )
+from saelab.evals.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args, paired_bootstrap, ratio
 
 CENTERS = ("median", "none")
 GAUSSIAN_REFERENCE = 2 / math.pi
@@ -81,14 +103,20 @@ class AblationSparsityConfig:
     """(context, position) sites sampled uniformly; every site ablates its active latents."""
     latents_per_site: int | None = None
     """Ablate at most this many of the site's active latents (drawn at random); None = all (<= k)."""
+    random_baseline: bool = True
+    """Ablate, for every latent ablation, a random direction of the same norm (the matched baseline)."""
     channels_per_site: int = 16
-    """Residual-stream channels ablated per site for the baseline (drawn at random); 0 = no baseline."""
+    """Residual-stream channels zeroed per site for the older channel baseline (drawn at random); 0 = none."""
     center: str = "median"
     """'median': subtract each position's median logit change before scoring (paper); 'none'."""
     batch_size: int = 32
     """Ablations per forward pass (rows of one batch; one more row carries the clean run)."""
     seed: int = 0
-    """Seed of the site, latent and channel sampling."""
+    """Seed of the site, latent, channel and direction sampling and of the bootstrap."""
+    n_boot: int = DEFAULT_N_BOOT
+    """Bootstrap replicates of the sites' contexts for the intervals (0 = no intervals)."""
+    ci_level: float = DEFAULT_LEVEL
+    """Coverage of the intervals."""
     exclude_first: bool | None = None
     """Leave position 0 out of the sites; None = follow the SAE's cfg.exclude_first."""
     hook: str | None = None
@@ -98,15 +126,16 @@ class AblationSparsityConfig:
 
     def __post_init__(self) -> None:
         if self.n_future < 1:
-            raise ValueError(f"n_future must be >= 1, got {self.n_future}")
+            raise ConfigError(f"n_future must be >= 1, got {self.n_future}")
         if self.n_sites < 1:
-            raise ValueError(f"n_sites must be >= 1, got {self.n_sites}")
+            raise ConfigError(f"n_sites must be >= 1, got {self.n_sites}")
         if self.center not in CENTERS:
-            raise ValueError(f"center must be one of {CENTERS}, got {self.center!r}")
+            raise ConfigError(f"center must be one of {CENTERS}, got {self.center!r}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.channels_per_site < 0:
-            raise ValueError(f"channels_per_site must be >= 0, got {self.channels_per_site}")
+            raise ConfigError(f"channels_per_site must be >= 0, got {self.channels_per_site}")
+        check_bootstrap_args(self.n_boot, self.ci_level)
 
 
 def _centered(delta_TV: torch.Tensor, center: str) -> torch.Tensor:
@@ -158,7 +187,7 @@ def ablation_logit_deltas(lm, context_T: torch.Tensor, pos: int, deltas_RD: torc
     return torch.cat(out) if out else torch.empty(0, n_future, lm.vocab_size)
 
 
-def _summary(scores: list[torch.Tensor], norms: list[torch.Tensor], n_null: int) -> dict:
+def _summary(scores: list[torch.Tensor], norms: list[torch.Tensor]) -> dict:
     s = torch.cat(scores) if scores else torch.empty(0, dtype=torch.float64)
     l2 = torch.cat(norms) if norms else torch.empty(0, dtype=torch.float64)
     ok = s[~s.isnan()]
@@ -169,7 +198,14 @@ def _summary(scores: list[torch.Tensor], norms: list[torch.Tensor], n_null: int)
                  "std": json_float(ok.std()) if ok.numel() > 1 else 0.0,
                  "min": json_float(ok.min()), "max": json_float(ok.max())}
     return {**stats, "effect_l2_mean": json_float(l2.mean()) if l2.numel() else None,
-            "n_ablations": int(s.numel()), "n_null": n_null}
+            "n_ablations": int(s.numel()), "n_null": int(s.isnan().sum())}
+
+
+def random_directions_like(contrib_RD: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One random direction per row, uniform on the sphere, scaled to that row's norm (CPU, float32)."""
+    u = torch.randn(contrib_RD.shape, generator=g, dtype=torch.float64)
+    u = u / u.norm(dim=-1, keepdim=True)
+    return (u * contrib_RD.double().cpu().norm(dim=-1, keepdim=True)).float()
 
 
 def _sample_sites(N: int, T_ctx: int, first: int, n_future: int, n: int, g: torch.Generator) -> list[tuple[int, int]]:
@@ -182,66 +218,116 @@ def _sample_sites(N: int, T_ctx: int, first: int, n_future: int, n: int, g: torc
     return sorted(zip(ctx.tolist(), pos.tolist()))
 
 
+PARTS = ("latent", "random", "channel")
+INTERVAL_STATS = {
+    "latent_mean": ratio("latent_sum", "latent_n"),
+    "random_mean": ratio("random_sum", "random_n"),
+    "channel_mean": ratio("channel_sum", "channel_n"),
+    "ratio_latent_to_random": lambda t: (t["latent_sum"] / t["latent_n"]) / (t["random_sum"] / t["random_n"]),
+    "latent_minus_random": lambda t: t["latent_sum"] / t["latent_n"] - t["random_sum"] / t["random_n"],
+    "ratio_latent_to_channel": lambda t: (t["latent_sum"] / t["latent_n"]) / (t["channel_sum"] / t["channel_n"]),
+}
+"""Statistics of the per-context totals (sum of scores and number of scored ablations of each part)."""
+
+
+class _Scores:
+    """Scores and effect norms of each part, and per-context totals for the intervals."""
+
+    def __init__(self) -> None:
+        self.scores: dict[str, list[torch.Tensor]] = {k: [] for k in PARTS}
+        self.norms: dict[str, list[torch.Tensor]] = {k: [] for k in PARTS}
+        self.totals: dict[int, dict[str, float]] = {}
+        self.vocab: int | None = None
+
+    def add(self, part: str, context: int, delta_RTV: torch.Tensor, center: str) -> None:
+        s = ablation_sparsity_score(delta_RTV, center)
+        self.scores[part].append(s)
+        self.norms[part].append(_centered(delta_RTV, center).flatten(-2).norm(dim=-1))
+        tot = self.totals.setdefault(context, dict.fromkeys([f"{k}_{x}" for k in PARTS for x in ("sum", "n")], 0.0))
+        ok = s[~s.isnan()]
+        tot[f"{part}_sum"] += float(ok.sum())
+        tot[f"{part}_n"] += ok.numel()
+        self.vocab = delta_RTV.shape[-1]
+
+    def intervals(self, cfg: AblationSparsityConfig) -> dict:
+        if cfg.n_boot == 0 or not self.totals:
+            return {}
+        keys = next(iter(self.totals.values())).keys()
+        per_group = {k: torch.tensor([t[k] for t in self.totals.values()], dtype=torch.float64) for k in keys}
+        stats = {k: f for k, f in INTERVAL_STATS.items()
+                 if ("random" not in k or cfg.random_baseline) and ("channel" not in k or cfg.channels_per_site)}
+        return paired_bootstrap(per_group, stats, n_boot=cfg.n_boot, level=cfg.ci_level, seed=cfg.seed)
+
+
+def _ablate_site(lm, sae, tokens_NT: torch.Tensor, c: int, p: int, hook: str, cfg: AblationSparsityConfig,
+                 g: torch.Generator, g_dir: torch.Generator, out: _Scores) -> float:
+    """Every ablation of one site into ``out``; returns the seconds spent on the latent ablations."""
+    t_site = time.perf_counter()
+    context = tokens_NT[c]
+    x_D = lm.activations(context[None, :p + 1], hook)[0, p].float()
+    vals, idx, contrib = latent_contributions(sae, x_D[None])
+    active = (vals[0] > 0).nonzero().squeeze(1)
+    if cfg.latents_per_site is not None and active.numel() > cfg.latents_per_site:
+        active = active[torch.randperm(active.numel(), generator=g)[: cfg.latents_per_site]]
+    if active.numel():
+        out.add("latent", c, ablation_logit_deltas(lm, context, p, contrib[0, active], hook, cfg.n_future,
+                                                   cfg.batch_size), cfg.center)
+    latent_s = time.perf_counter() - t_site
+    if cfg.random_baseline and active.numel():
+        dirs = random_directions_like(contrib[0, active], g_dir)
+        out.add("random", c, ablation_logit_deltas(lm, context, p, dirs, hook, cfg.n_future, cfg.batch_size),
+                cfg.center)
+    if cfg.channels_per_site:
+        n_ch = min(cfg.channels_per_site, x_D.shape[0])
+        chans = torch.randperm(x_D.shape[0], generator=g)[:n_ch]
+        deltas = torch.zeros(n_ch, x_D.shape[0])
+        deltas[torch.arange(n_ch), chans] = x_D.cpu()[chans]
+        out.add("channel", c, ablation_logit_deltas(lm, context, p, deltas, hook, cfg.n_future, cfg.batch_size),
+                cfg.center)
+    return latent_s
+
+
+def _ratio(a: dict | None, b: dict | None) -> float | None:
+    if a is None or b is None or a["mean"] is None or not b["mean"]:
+        return None
+    return json_float(a["mean"] / b["mean"])
+
+
 @torch.no_grad()
 def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsityConfig | None = None) -> dict:
-    """Ablation sparsity of ``sae``'s latents and of residual channels on ``tokens_NT`` (module docstring)."""
+    """Ablation sparsity of ``sae``'s latents and of its baselines on ``tokens_NT`` (module docstring)."""
     cfg = cfg or AblationSparsityConfig()
     tokens_NT = check_tokens(tokens_NT)
     hook = resolve_hook(lm, sae, cfg.hook)
     first = first_position(sae, cfg.exclude_first)
     g = torch.Generator().manual_seed(cfg.seed)
+    g_dir = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # apart from g: sites and channels as before
     sites = _sample_sites(tokens_NT.shape[0], tokens_NT.shape[1], first, cfg.n_future, cfg.n_sites, g)
 
-    lat_scores, ch_scores, lat_norms, ch_norms = [], [], [], []
-    lat_null = ch_null = 0
-    V = None
+    res = _Scores()
     t0 = time.perf_counter()
     latent_s = 0.0
     for c, p in tqdm(sites, desc="ablation sparsity", unit="site", disable=not cfg.progress):
-        t_site = time.perf_counter()
-        context = tokens_NT[c]
-        x_D = lm.activations(context[None, :p + 1], hook)[0, p].float()
-        vals, idx, contrib = latent_contributions(sae, x_D[None])
-        active = (vals[0] > 0).nonzero().squeeze(1)
-        if cfg.latents_per_site is not None and active.numel() > cfg.latents_per_site:
-            active = active[torch.randperm(active.numel(), generator=g)[: cfg.latents_per_site]]
-        if active.numel():
-            d = ablation_logit_deltas(lm, context, p, contrib[0, active], hook, cfg.n_future, cfg.batch_size)
-            V = d.shape[-1]
-            s = ablation_sparsity_score(d, cfg.center)
-            lat_null += int(s.isnan().sum())
-            lat_scores.append(s)
-            lat_norms.append(_centered(d, cfg.center).flatten(-2).norm(dim=-1))
-        latent_s += time.perf_counter() - t_site
-        if cfg.channels_per_site:
-            n_ch = min(cfg.channels_per_site, x_D.shape[0])
-            chans = torch.randperm(x_D.shape[0], generator=g)[:n_ch]
-            deltas = torch.zeros(n_ch, x_D.shape[0])
-            deltas[torch.arange(n_ch), chans] = x_D.cpu()[chans]
-            d = ablation_logit_deltas(lm, context, p, deltas, hook, cfg.n_future, cfg.batch_size)
-            V = d.shape[-1]
-            s = ablation_sparsity_score(d, cfg.center)
-            ch_null += int(s.isnan().sum())
-            ch_scores.append(s)
-            ch_norms.append(_centered(d, cfg.center).flatten(-2).norm(dim=-1))
+        latent_s += _ablate_site(lm, sae, tokens_NT, c, p, hook, cfg, g, g_dir, res)
     wall = time.perf_counter() - t0
 
-    latent = _summary(lat_scores, lat_norms, lat_null)
-    channel = _summary(ch_scores, ch_norms, ch_null) if cfg.channels_per_site else None
-    ratio = None
-    if channel and latent["mean"] is not None and channel["mean"]:
-        ratio = latent["mean"] / channel["mean"]
-    n_done = latent["n_ablations"] + (channel["n_ablations"] if channel else 0)
+    latent = _summary(res.scores["latent"], res.norms["latent"])
+    random = _summary(res.scores["random"], res.norms["random"]) if cfg.random_baseline else None
+    channel = _summary(res.scores["channel"], res.norms["channel"]) if cfg.channels_per_site else None
+    n_done = sum(part["n_ablations"] for part in (latent, random, channel) if part)
     return {
         "metric": "ablation_sparsity",
         "hook": hook,
         "config": config_dict(cfg),
         "n_sites": len(sites),
         "n_future": cfg.n_future,
-        "vocab_size": V if V is not None else lm.vocab_size,
+        "vocab_size": res.vocab if res.vocab is not None else lm.vocab_size,
         "latent": latent,
+        "random": random,
         "channel": channel,
-        "ratio_latent_to_channel": json_float(ratio),
+        "ratio_latent_to_random": _ratio(latent, random),
+        "ratio_latent_to_channel": _ratio(latent, channel),
+        "intervals": res.intervals(cfg),
         "gaussian_reference": GAUSSIAN_REFERENCE,
         "ablations_per_s": json_float(n_done / wall) if wall > 0 else None,
         "latents_per_s": json_float(latent["n_ablations"] / latent_s) if latent_s > 0 else None,
