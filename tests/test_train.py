@@ -278,3 +278,64 @@ def test_nan_activations_are_refused(tmp_path):
     with pytest.raises(NonFiniteError, match="activation batch 5"):
         train_sae(_cfg(total_tokens=1024, init_rows=256), _source(data, 128), tmp_path / "run", d_in=24,
                   progress=False)
+
+
+def test_ema_is_the_bias_corrected_average_of_the_trained_weights():
+    """The EMA starts at zero and is divided by 1 - decay^t (OpenAI's EmaModel), so the saved SAE is a
+    weighted average of the weights training produced, with none of the initialisation in it."""
+    from saelab.train.trainer import Trainer
+
+    data, decay, steps = _data(), 0.999, 12
+    cfg = _cfg(ema_decay=decay, total_tokens=steps * 128)
+    sae = TopKSAE(SAEConfig(24, 128, 8))
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    trainer = Trainer(cfg, sae, normalizer=9.0, device="cpu")
+    trained = []
+    for b in range(steps):
+        trainer.train_step(data[b * 128:(b + 1) * 128])
+        trained.append({name: p.detach().double().clone() for name, p in sae.named_parameters()})
+    final = dict(trainer.final_sae().named_parameters())
+    for name in ("W_enc", "b_enc", "b_dec", "W_dec"):
+        average = sum((1 - decay) * decay ** (steps - 1 - s) * trained[s][name] for s in range(steps))
+        average = average / (1 - decay ** steps)
+        if name == "W_dec":  # the saved decoder keeps unit-norm rows
+            average = average / average.norm(dim=1, keepdim=True)
+        assert torch.allclose(final[name].double(), average, rtol=1e-5, atol=1e-6), name
+
+
+def test_ema_sae_of_a_short_run_is_trained_not_its_init(tmp_path):
+    data = _data()
+
+    def nmse(model):
+        with torch.no_grad():
+            return ((model(data) - data).pow(2).sum(1).mean() / (data - data.mean(0)).pow(2).sum(1).mean()).item()
+
+    init = train_sae(_cfg(ema_decay=None), _source(data, 128), tmp_path / "init", d_in=24, progress=False,
+                     device="cpu", stop_after_steps=0)
+    trained = train_sae(_cfg(ema_decay=None), _source(data, 128), tmp_path / "plain", d_in=24, progress=False,
+                        device="cpu")
+    ema = train_sae(_cfg(ema_decay=0.999), _source(data, 128), tmp_path / "ema", d_in=24, progress=False,
+                    device="cpu")
+    # 16 steps at decay 0.999: an EMA started at the initial weights would still be 98 % init.
+    gap = nmse(init) - nmse(trained)
+    assert gap > 0.03 and nmse(ema) < nmse(trained) + 0.25 * gap, (nmse(init), nmse(trained), nmse(ema))
+    from saelab.sae import load_sae
+
+    saved = load_sae(tmp_path / "ema" / "sae")  # the file holds the EMA SAE
+    for name, p in ema.named_parameters():
+        assert torch.equal(p.cpu(), getattr(saved, name)), name
+
+
+def test_checkpoint_with_an_uncorrected_ema_is_refused(tmp_path):
+    from saelab.errors import CheckpointError
+    from saelab.train.checkpoint import CHECKPOINT
+
+    data = _data()
+    train_sae(_cfg(), _source(data, 128), tmp_path / "run", d_in=24, progress=False, device="cpu", stop_after_steps=3)
+    path = tmp_path / "run" / CHECKPOINT
+    state = torch.load(path, weights_only=True)
+    assert state["ema_format"] is not None
+    del state["ema_format"]  # as written before the EMA was bias-corrected (it started at the init weights)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="EMA of the weights was kept by an older saelab"):
+        train_sae(_cfg(), _source(data, 128), tmp_path / "run", d_in=24, progress=False, device="cpu")

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab.errors import CorpusError, NonFiniteError, RunExistsError
+from saelab.errors import ConfigError, CorpusError, NonFiniteError, RunExistsError
 from saelab.utils.atomic import write_json, write_with
+from saelab.utils.device import resolve_device
 
 FORMAT = "saelab-activation-cache"
 VERSION = 1
@@ -364,20 +365,31 @@ class ActivationCache:
         drop_last: bool = True,
         mix_shards: int = 1,
         device: torch.device | str | None = None,
+        pin_memory: bool | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield [batch_size, d] tensors of ``dtype`` (scheme in the module docstring).
 
         Deterministic for a given ``seed``; ``start_batch`` skips that many batches (a resumed
         trainer passes the number of batches it has consumed). ``mix_shards`` shards are read
         and shuffled together (more mixing, ``mix_shards`` times the memory).
+
+        ``device``: None yields CPU tensors; otherwise each batch is copied there. ``pin_memory``
+        (default: when ``device`` is CUDA) assembles each batch in page-locked memory, so the copy to
+        the GPU is asynchronous (``non_blocking``); with ``device=None`` it yields pinned CPU
+        batches for the caller to copy.
         """
         if batch_size < 1 or epochs < 0 or start_batch < 0 or mix_shards < 1:
             raise ValueError(f"bad arguments: batch_size={batch_size}, epochs={epochs}, "
                              f"start_batch={start_batch}, mix_shards={mix_shards}")
+        dev = resolve_device(device) if device is not None else None
+        pin = (dev is not None and dev.type == "cuda") if pin_memory is None else bool(pin_memory)
+        if pin and not torch.cuda.is_available():
+            raise ConfigError("pin_memory=True needs CUDA, which is not available on this machine; "
+                              "expected pin_memory=False or None")
         start_row = start_batch * batch_size
         pos = 0  # stream position of the current chunk's first row
-        pending: list[torch.Tensor] = []
-        n_pending = 0
+        out: torch.Tensor | None = None  # the batch being assembled
+        n_out = 0
         for epoch, c, shards in self._plan(shuffle, seed, epochs, mix_shards):
             rows = sum(self.shard_rows[s] for s in shards)
             if pos + rows <= start_row:  # whole chunk skipped unread
@@ -388,21 +400,25 @@ class ActivationCache:
             i = max(0, start_row - pos)
             pos += rows
             while i < rows:
-                take = min(batch_size - n_pending, rows - i)
-                part = data_RD.index_select(0, perm[i : i + take]) if perm is not None else data_RD[i : i + take]
-                pending.append(part.to(dtype))
-                n_pending += take
+                if out is None:
+                    out = torch.empty(batch_size, self.d, dtype=dtype, pin_memory=pin)
+                take = min(batch_size - n_out, rows - i)
+                # Gathered in the stored dtype, converted while written into the batch.
+                out[n_out : n_out + take] = (data_RD.index_select(0, perm[i : i + take]) if perm is not None
+                                             else data_RD[i : i + take])
+                n_out += take
                 i += take
-                if n_pending == batch_size:
-                    yield _join(pending, device)
-                    pending, n_pending = [], 0
-        if n_pending and not drop_last:
-            yield _join(pending, device)
+                if n_out == batch_size:
+                    yield _deliver(out, dev, pin)
+                    out, n_out = None, 0
+        if n_out and not drop_last:
+            yield _deliver(out[:n_out], dev, pin)
 
 
-def _join(parts: list[torch.Tensor], device: torch.device | str | None) -> torch.Tensor:
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return out if device is None else out.to(device)
+def _deliver(batch: torch.Tensor, device: torch.device | None, pinned: bool) -> torch.Tensor:
+    # From pinned memory the copy is asynchronous: the caching host allocator keeps the pinned
+    # block from reuse until the copy has completed, so dropping it here is safe.
+    return batch if device is None else batch.to(device, non_blocking=pinned)
 
 
 def _generator(*keys: int) -> torch.Generator:

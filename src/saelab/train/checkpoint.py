@@ -1,19 +1,106 @@
-"""Run folders: config, resumable checkpoints, metrics log, finished-run protection."""
+"""Run folders: config, resumable checkpoints, metrics log, finished-run protection, one writer.
+
+A run folder has one writer at a time: :class:`RunLock` holds an advisory lock (``flock``) on
+``.saelab.lock`` in the folder for as long as a training process writes there, and a second writer
+is refused with the holder's pid. The kernel drops the lock when its process dies (even by
+SIGKILL), so a crashed run never blocks its resumption.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from saelab.errors import CheckpointError, RunExistsError
-from saelab.run_folder import CHECKPOINT, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_LOG, clear_eval_outputs
 from saelab.utils.atomic import atomic_path, write_bytes, write_json
 
-METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
+CHECKPOINT = "checkpoint.pt"
+STATUS = "status.json"
+TRAIN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
+SAE_DIR = "sae"
+LOCK = ".saelab.lock"
+
+
+class RunFolderBusyError(RunExistsError):
+    """Another process is writing this run folder."""
+
+
+class RunLock:
+    """The advisory lock that makes this process the only writer of a run folder.
+
+    The lock file holds the holder's pid while it is held (for the refusal message) and is emptied
+    on release, so a folder's files read the same before and after a run that failed to start.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self.created_dir = not self.run_dir.exists()
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _flock(fd, exclusive=True)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderBusyError(
+                f"run folder {self.run_dir} is being written by another process ({self.holder()}); "
+                "wait for it to end, or pick another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            return f"pid {int(self.path.read_text().strip())}"
+        return "pid unknown"
+
+    def release(self, *, remove_created_dir: bool = False) -> None:
+        """Give the folder up; ``remove_created_dir`` also removes the folder if this lock created it
+        and nothing else was written there (a run that failed to start leaves no trace)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+            if remove_created_dir and self.created_dir:
+                self.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not empty: something else lives there
+                    self.run_dir.rmdir()
+        finally:
+            _flock(fd, exclusive=False)
+            os.close(fd)
+
+
+def _flock(fd: int, *, exclusive: bool) -> None:
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): one writer is then the user's care
+        return
+    fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_UN)
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.XXXX.tmp``, saelab.utils.atomic) that killed runs left in the
+    run folder and its SAE folder. Only the lock holder may call this: a live writer's are in use."""
+    removed = []
+    for folder in (run_dir, run_dir / SAE_DIR):
+        for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
@@ -30,38 +117,58 @@ def write_status(run_dir: Path, state: str, **extra: Any) -> None:
     write_json(run_dir / STATUS, {"state": state, **extra})
 
 
-def prepare_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False, write: bool = True) -> bool:
-    """Create or reopen a run folder. Returns True when there is a checkpoint to resume from.
+def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False) -> bool:
+    """Whether the run folder can take this run, without changing it; True when there is a
+    checkpoint to resume from.
 
     A finished run is never overwritten unless ``overwrite``; an unfinished one with the same
     config resumes; one with a different config is refused (it would mix two experiments).
-    Only the writing process (rank 0 when data-parallel) changes files.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    status = read_status(run_dir)
-    cfg_path = run_dir / TRAIN_CONFIG
-    if overwrite and write:
-        for name in (CHECKPOINT, STATUS, TRAINING_LOG):
-            (run_dir / name).unlink(missing_ok=True)
-        clear_eval_outputs(run_dir)  # they describe the SAE being replaced
-    elif status.get("state") == "finished":
+    if overwrite:
+        return False
+    if read_status(run_dir).get("state") == "finished":
         raise RunExistsError(
             f"run folder {run_dir} holds a finished run; pick another folder or pass overwrite=True (--overwrite)"
         )
-    elif cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
+    cfg_path = run_dir / TRAIN_CONFIG
+    if cfg_path.exists():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the run folder is damaged: move it "
+                                  "away, or pass overwrite=True (--overwrite)") from e
         if old != config:
             changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             raise RunExistsError(
                 f"run folder {run_dir} holds an unfinished run with a different config (differs in {changed}); "
                 "resume it with the same options, pick another folder, or pass overwrite=True"
             )
-    if write:
-        write_json(cfg_path, config)
-    return (run_dir / CHECKPOINT).exists() and not overwrite
+    return (run_dir / CHECKPOINT).exists()
+
+
+def commit_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False) -> None:
+    """Once the run has started (initialised or resumed without error): clear an overwritten run's
+    files and record the config. Written only now, so a start that failed leaves no config behind
+    that would make the corrected rerun look like a different experiment."""
+    if overwrite:
+        for name in (CHECKPOINT, STATUS, METRICS):
+            (run_dir / name).unlink(missing_ok=True)
+    write_json(run_dir / TRAIN_CONFIG, config)
 
 
 CHECKPOINT_KEYS = ("step", "sae", "optimizer", "tokens_since_fired", "normalizer", "ema")
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of a (nested) state with every tensor on the CPU: checkpoints do not depend on the
+    device that wrote them."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
@@ -69,7 +176,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     # opaque RuntimeError; writing the bytes raises a plain OSError naming the file, and the previous
     # checkpoint stays in place either way.
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(to_cpu(state), buf)
     write_bytes(run_dir / CHECKPOINT, buf.getbuffer())
 
 
@@ -80,11 +187,13 @@ def cannot_resume(path: Path, why: str) -> CheckpointError:
     )
 
 
-def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The training state in ``run_dir``, its tensors on ``map_location`` (the trainer moves them to
+    its own device, so a run started on a GPU resumes on the CPU and the other way round)."""
     path = run_dir / CHECKPOINT
     try:
         # Only tensors and plain containers: a checkpoint is never allowed to run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure is reported the same way
         lines = str(e).strip().splitlines()
         detail = lines[0] if lines else ""

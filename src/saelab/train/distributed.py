@@ -5,6 +5,10 @@ slice of rows, and averages gradients with an all-reduce before the (identical) 
 firing statistics for dead-latent tracking and the AuxK residual variance are reduced too, so
 the result equals single-process training on the same global batches (up to float summation
 order). Latent sharding for very wide SAEs is described in docs/distributed.md.
+
+Devices: with CUDA present each process trains on ``cuda:LOCAL_RANK`` and the process group pairs
+NCCL for CUDA tensors with gloo for CPU tensors (``--device cpu`` under torchrun on a GPU host still
+works); without CUDA it is gloo alone. Every collective here gets tensors on the training device.
 """
 
 from __future__ import annotations
@@ -14,20 +18,44 @@ import os
 import torch
 import torch.distributed as dist
 
+from saelab.errors import ConfigError
+from saelab.utils.device import resolve_device
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def init_from_env() -> bool:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return is_distributed()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())  # before NCCL starts, so its communicator uses this GPU
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group(backend="gloo")
     return True
+
+
+def process_device(device: str | torch.device | None = None) -> torch.device:
+    """The device this process trains on: ``device`` resolved (None: CUDA when available, else the
+    CPU), and under torchrun with CUDA, this process's own GPU ``cuda:LOCAL_RANK``. A CUDA device is
+    always returned with its index, so devices compare equal however they were named."""
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return dev
+    if is_distributed():
+        own = local_rank()
+        if dev.index is not None and dev.index != own:
+            raise ConfigError(f"device {str(device)!r}: under torchrun each process trains on its own GPU "
+                              f"(cuda:{own} here, from LOCAL_RANK); pass --device cuda")
+        return torch.device("cuda", own)
+    return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
 
 
 def rank() -> int:
@@ -44,7 +72,8 @@ def local_rows(x_BD: torch.Tensor) -> torch.Tensor:
     if w == 1:
         return x_BD
     if x_BD.shape[0] % w:
-        raise ValueError(f"global batch of {x_BD.shape[0]} rows does not split evenly over {w} processes")
+        raise ConfigError(f"global batch of {x_BD.shape[0]} rows does not split evenly over {w} processes; "
+                          "expected a batch size divisible by the process count")
     per = x_BD.shape[0] // w
     return x_BD[rank() * per:(rank() + 1) * per]
 
@@ -67,3 +96,29 @@ def average_gradients(params) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+@torch.no_grad()
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank takes rank ``src``'s parameters (after initialisation: ranks on different GPUs
+    need not round identically)."""
+    if not is_distributed():
+        return
+    for p in module.parameters():
+        # Collectives need contiguous memory: a matrix stored transposed (W_enc) goes as its transpose.
+        view = p if p.is_contiguous() else p.t() if p.dim() == 2 and p.t().is_contiguous() else None
+        if view is not None:
+            dist.broadcast(view, src)
+        else:
+            flat = p.contiguous()
+            dist.broadcast(flat, src)
+            p.copy_(flat)
+
+
+def broadcast_float(value: float, device: torch.device, src: int = 0) -> float:
+    """Rank ``src``'s value of a Python float, on every rank."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src)
+    return float(t.item())

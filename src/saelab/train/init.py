@@ -1,4 +1,7 @@
-"""Data-dependent initialisation: b_pre from the geometric median, the loss normalizer."""
+"""Data-dependent initialisation: b_pre from the geometric median, the loss normalizer.
+
+Runs on the device of the SAE and the sample; random draws come from a CPU generator, so a
+given seed picks the same rows and directions on every device."""
 
 from __future__ import annotations
 
@@ -74,7 +77,8 @@ def distinct_directions(rows_ND: torch.Tensor, n: int, max_cos: float, generator
     """Up to n unit directions of the rows, taken in random order, skipping any whose cosine to
     an already taken one exceeds max_cos (fewer than n when the rows run out)."""
     u = rows_ND / rows_ND.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    u = u[torch.randperm(u.shape[0], generator=generator)]
+    # The order is drawn on the CPU (the generator's device), so it is the same on every device.
+    u = u[torch.randperm(u.shape[0], generator=generator).to(u.device)]
     if max_cos >= 1.0:
         return u[:n]
     chosen = u.new_empty(0, u.shape[1])
@@ -82,12 +86,13 @@ def distinct_directions(rows_ND: torch.Tensor, n: int, max_cos: float, generator
         cand = u[lo:lo + block]
         if chosen.shape[0]:
             cand = cand[(cand @ chosen.T).amax(dim=1) <= max_cos]
-        close = ((cand @ cand.T) > max_cos).triu(1)  # within the block: earlier candidates win
+        # Within the block earlier candidates win: a sequential scan, on the CPU (no GPU sync per row).
+        close = ((cand @ cand.T) > max_cos).triu(1).cpu()
         keep = torch.ones(cand.shape[0], dtype=torch.bool)
         for i in range(cand.shape[0]):
             if keep[i]:
                 keep[close[i]] = False
-        chosen = torch.cat([chosen, cand[keep]])
+        chosen = torch.cat([chosen, cand[keep.to(cand.device)]])
         if chosen.shape[0] >= n:
             break
     return chosen[:n]

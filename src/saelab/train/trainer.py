@@ -7,13 +7,20 @@ same result it would have reached without the interruption.
 
 ``train_sae`` trains one SAE; ``train_many`` trains several (a sweep) from one pass over the
 data, each in its own run folder. Under torchrun both are data-parallel (train/distributed.py).
+
+Devices: ``device`` (None: CUDA when available, else the CPU) holds the SAE, the optimizer state,
+the dead-latent counters, the EMA and the batches. On a GPU, batches are read one or two ahead on
+a background thread and pinned, so their copy to the GPU is asynchronous and the cache reads
+overlap training. Checkpoints hold CPU tensors, so a run resumes on any device.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import queue
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from saelab.errors import CorpusError, NonFiniteError, ShapeMismatchError
+from saelab.errors import ConfigError, CorpusError, NonFiniteError, ShapeMismatchError
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.train import checkpoint as ckpt
 from saelab.train import distributed as ddp
@@ -36,6 +43,11 @@ BatchSource = Callable[[int], Iterator[torch.Tensor]]
 INACTIVE_WINDOW = 262_144
 """Tokens after which a latent that has not fired is reported as inactive in the metrics log
 (a short-run companion to the dead window that AuxK uses)."""
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+"""Device types with a fused Adam kernel (one kernel per parameter: ~9x faster than the per-op
+update on CPU); elsewhere Adam runs its default implementation."""
+EMA_FORMAT = "zero-start, bias-corrected"
+"""How the checkpoint's EMA was kept (an EMA started at the initial weights, as before, is refused)."""
 
 
 @contextmanager
@@ -60,6 +72,76 @@ def _interrupt_between_steps():
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+
+
+@contextmanager
+def prefetched(batches: Iterator[torch.Tensor], device: torch.device, depth: int = 2):
+    """``batches`` read ``depth`` ahead on a background thread, in the same order; CPU batches
+    are pinned there when ``device`` is CUDA, so the trainer's copy to the GPU is asynchronous.
+    On the CPU the iterator is used as it is (its cores are busy training). An error raised while
+    reading is raised again in the consumer."""
+    if device.type == "cpu":
+        yield batches
+        return
+    pin = device.type == "cuda"
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def offer(item) -> bool:  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in batches:
+                if pin and x.device.type == "cpu" and not x.is_pinned():
+                    x = x.pin_memory()
+                if not offer((x, None)):
+                    return
+            offer((end, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            offer((end, e))
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    def consume() -> Iterator[torch.Tensor]:
+        while True:
+            x, err = slots.get()
+            if x is end:
+                if err is not None:
+                    raise err
+                return
+            yield x
+
+    worker = threading.Thread(target=produce, name="saelab-prefetch", daemon=True)
+    worker.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+
+
+@contextmanager
+def _matmul_precision(tf32: bool):
+    """float32 matmuls in TF32 (10-bit mantissa, tensor cores) inside the block, as asked."""
+    if not tf32:
+        yield
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def _check_batch(x: torch.Tensor, d_in: int, what: str) -> None:
@@ -88,11 +170,19 @@ def _stored_transposed(p: torch.Tensor) -> bool:
 
 
 class Trainer:
-    """Optimizer state, dead-latent tracking and the optimizer step of one SAE."""
+    """Optimizer state, dead-latent tracking, the EMA and the optimizer step of one SAE.
 
-    def __init__(self, cfg: TrainConfig, sae: TopKSAE, normalizer: float):
+    ``device`` (None: CUDA when available, else the CPU; under torchrun this process's GPU) is
+    where the SAE is moved and where every training tensor lives. ``allow_tf32`` runs the SAE's
+    float32 matmuls in TF32 on CUDA (off by default; ignored elsewhere).
+    """
+
+    def __init__(self, cfg: TrainConfig, sae: TopKSAE, normalizer: float, *,
+                 device: str | torch.device | None = None, allow_tf32: bool = False):
         self.cfg = cfg
-        self.sae = sae
+        self.device = ddp.process_device(device)
+        self.allow_tf32 = bool(allow_tf32) and self.device.type == "cuda"
+        self.sae = sae.to(self.device)  # before the optimizer views below, which share its storage
         self.normalizer = normalizer
         # (parameter, the tensor the optimizer updates): a matrix stored transposed (W_enc is
         # latent-major) goes to Adam as its contiguous transpose, a view of the same storage, since
@@ -101,35 +191,72 @@ class Trainer:
                             for p in sae.parameters()]
         self.opt = torch.optim.Adam(
             [v for _, v in self._opt_params], lr=cfg.effective_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps, fused=True,  # one fused kernel per parameter: ~9x faster than the per-op update on CPU
+            eps=cfg.adam_eps, fused=self.device.type in FUSED_ADAM_DEVICES,
         )
         self.step = 0
-        self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.long)
-        self.ema = {n: p.detach().clone() for n, p in sae.named_parameters()} if cfg.ema_decay else None
+        self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=self.device)
+        # The EMA starts at zero and is divided by 1 - decay^step when used (Adam's bias correction,
+        # as OpenAI's EmaModel does): an average of the trained weights only, none of the init.
+        self.ema = {n: torch.zeros_like(p) for n, p in sae.named_parameters()} if cfg.ema_decay else None
 
     def state_dict(self) -> dict[str, Any]:
+        """The training state; its tensors stay on the device (save_checkpoint moves them to the CPU)."""
         return {"step": self.step, "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
                 "tokens_since_fired": self.tokens_since_fired, "normalizer": self.normalizer, "ema": self.ema,
+                "ema_format": EMA_FORMAT if self.ema is not None else None,
                 "sae_config": json.dumps(self.sae.cfg.to_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a training state written on any device (tensors are moved to this trainer's)."""
         self.step = int(state["step"])
         self.sae.load_state_dict(state["sae"])
-        self.opt.load_state_dict(state["optimizer"])
+        self.opt.load_state_dict(state["optimizer"])  # Adam moves its moments to each parameter's device
         for _, v in self._opt_params:  # Adam itself would only fail, obscurely, at the next step
             for key, t in self.opt.state.get(v, {}).items():
                 if torch.is_tensor(t) and t.dim() and t.shape != v.shape:
                     raise ValueError(f"optimizer state {key!r} has shape {tuple(t.shape)}, its parameter "
                                      f"{tuple(v.shape)}")
-        self.tokens_since_fired = state["tokens_since_fired"]
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.device, torch.long)
         self.normalizer = float(state["normalizer"])
-        self.ema = state["ema"]
+        self.ema = self._ema_from(state)
+
+    def _ema_from(self, state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        ema = state["ema"]
+        if (ema is None) != (self.cfg.ema_decay is None):
+            raise ValueError(f"the checkpoint {'has no' if ema is None else 'has an'} EMA of the weights, "
+                             f"this run's ema_decay is {self.cfg.ema_decay}")
+        if ema is None:
+            return None
+        if state.get("ema_format") != EMA_FORMAT:
+            raise ValueError("its EMA of the weights was kept by an older saelab (started at the initial "
+                             "weights, without bias correction)")
+        out = {}
+        for name, p in self.sae.named_parameters():
+            if tuple(ema[name].shape) != tuple(p.shape):
+                raise ValueError(f"EMA {name} has shape {tuple(ema[name].shape)}, the SAE {tuple(p.shape)}")
+            out[name] = torch.empty_like(p).copy_(ema[name])  # the parameter's device, dtype and strides
+        return out
 
     def train_step(self, x_BD: torch.Tensor) -> dict[str, float]:
         """One step on a global batch (each process uses its own slice when data-parallel)."""
+        x_BD = x_BD.to(self.device, non_blocking=True)
+        with _matmul_precision(self.allow_tf32):
+            out = self._forward_backward(x_BD)
+            self._update()
+        fired = torch.zeros(self.sae.n_latents, dtype=torch.float32, device=self.device)
+        fired[out.idx_BK[out.vals_BK > 0]] = 1.0
+        fired = ddp.all_reduce_sum(fired) > 0
+        self.tokens_since_fired += x_BD.shape[0]
+        self.tokens_since_fired[fired] = 0
+        self.step += 1
+        stats = [out.loss.item(), out.nmse, out.auxk, out.multi_topk, out.l0]
+        if ddp.is_distributed():
+            stats = (ddp.all_reduce_sum(torch.tensor(stats, dtype=torch.float64, device=self.device))
+                     / ddp.world_size()).tolist()
+        return dict(zip(("loss", "nmse", "auxk", "multi_topk", "l0"), stats))
+
+    def _forward_backward(self, x_BD: torch.Tensor):
         cfg, sae = self.cfg, self.sae
-        for group in self.opt.param_groups:
-            group["lr"] = cfg.lr_at(self.step)
         dead = self.tokens_since_fired >= cfg.effective_dead_tokens if cfg.auxk else None
         out = training_loss(sae, ddp.local_rows(x_BD), cfg, self.normalizer, dead)
         if not torch.isfinite(out.loss):
@@ -137,6 +264,13 @@ class Trainer:
         sae.zero_grad(set_to_none=True)
         out.loss.backward()
         ddp.average_gradients(sae.parameters())
+        return out
+
+    def _update(self) -> None:
+        """Adam step at this step's learning rate, decoder constraints, EMA."""
+        cfg, sae = self.cfg, self.sae
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
         if cfg.project_decoder_grad:
             sae.project_decoder_grad()
         for p, v in self._opt_params:
@@ -150,68 +284,97 @@ class Trainer:
                 for name, p in sae.named_parameters():
                     self.ema[name].lerp_(p.detach(), 1 - cfg.ema_decay)
 
-        fired = torch.zeros(sae.n_latents, dtype=torch.float32)
-        fired[out.idx_BK[out.vals_BK > 0]] = 1.0
-        fired = ddp.all_reduce_sum(fired) > 0
-        self.tokens_since_fired += x_BD.shape[0]
-        self.tokens_since_fired[fired] = 0
-        self.step += 1
-        stats = torch.tensor([out.loss.item(), out.nmse, out.auxk, out.multi_topk, out.l0], dtype=torch.float64)
-        stats = ddp.all_reduce_sum(stats) / ddp.world_size()
-        return dict(zip(("loss", "nmse", "auxk", "multi_topk", "l0"), stats.tolist()))
-
     def dead_fraction(self, window: int) -> float:
         return (self.tokens_since_fired >= window).float().mean().item()
 
+    def ema_weights(self) -> dict[str, torch.Tensor] | None:
+        """The bias-corrected EMA: sum_s w_s decay^(t-s) (1 - decay) / (1 - decay^t) over the t steps
+        done, a weighted average of the trained weights (None when EMA is off or no step was done)."""
+        if self.ema is None or self.step == 0:
+            return None
+        correction = 1 - self.cfg.ema_decay ** self.step
+        return {name: t / correction for name, t in self.ema.items()}
+
     def final_sae(self) -> TopKSAE:
-        """The trained SAE, or its EMA when EMA is on (the EMA is what the paper evaluates)."""
-        if self.ema is None:
+        """The trained SAE, or its EMA when EMA is on (the EMA is what the paper evaluates), on the
+        training device."""
+        weights = self.ema_weights()
+        if weights is None:
             return self.sae
-        out = TopKSAE(self.sae.cfg, init=False)
-        out.load_state_dict(self.ema)
+        out = TopKSAE(self.sae.cfg, init=False, dtype=self.sae.W_dec.dtype, device=self.device)
+        out.load_state_dict(weights)
         if self.cfg.unit_norm_decoder:
             out.normalize_decoder()
         return out
 
 
 class TrainingRun:
-    """One SAE training into its run folder: init or resume, log, checkpoint, finish."""
+    """One SAE training into its run folder: lock, init or resume, log, checkpoint, finish.
+
+    The writing process (rank 0) holds the run folder's lock from here until :meth:`close` (a
+    second writer is refused, naming this pid) and removes temporary files killed runs left.
+    ``train_config.json`` is written only once initialisation or resumption succeeded.
+    """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, d_in: int, meta: dict[str, Any] | None,
-                 init_sample: Callable[[], torch.Tensor], overwrite: bool = False):
+                 init_sample: Callable[[], torch.Tensor], overwrite: bool = False,
+                 device: str | torch.device | None = None, allow_tf32: bool = False):
         self.cfg, self.run_dir, self.d_in = cfg, Path(run_dir), d_in
         self.writer = ddp.rank() == 0  # one process writes files
-        sae_cfg = SAEConfig(d_in=d_in, n_latents=cfg.n_latents, k=cfg.k, input_norm=cfg.input_norm,
-                            extra={"train": cfg.to_dict()}, **dict(meta or {}))
-        resume = ckpt.prepare_run_dir(self.run_dir, {"train": cfg.to_dict(), "sae": sae_cfg.to_dict()},
-                                      overwrite=overwrite, write=self.writer)
-        torch.manual_seed(cfg.seed)
-        sae = TopKSAE(sae_cfg)
-        if resume:
-            state = ckpt.load_checkpoint(self.run_dir)
-            try:
-                self.trainer = Trainer(cfg, sae, float(state["normalizer"]))
-                self.trainer.load_state_dict(state)
-                if tuple(self.trainer.tokens_since_fired.shape) != (cfg.n_latents,) or \
-                        not 0 <= self.trainer.step <= cfg.total_steps:
-                    raise ValueError(f"step {self.trainer.step} or the latent count does not fit this run's config")
-            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-                raise ckpt.cannot_resume(self.run_dir / ckpt.CHECKPOINT, "it does not hold a training state of this "
-                                         f"run ({type(e).__name__}: {' '.join(str(e).split())})") from e
+        self.device = ddp.process_device(device)  # a bad device is refused before the folder is touched
+        sae_cfg = _sae_config(cfg, d_in, meta)
+        config = {"train": cfg.to_dict(), "sae": sae_cfg.to_dict()}
+        self._lock = ckpt.RunLock(self.run_dir).acquire() if self.writer else None
+        try:
             if self.writer:
+                ckpt.remove_stale_temp_files(self.run_dir)
+            if ckpt.check_run_dir(self.run_dir, config, overwrite=overwrite):
+                self.trainer = self._resume(sae_cfg, allow_tf32)
+            else:
+                self.trainer = self._start(sae_cfg, init_sample, allow_tf32)
+            if self.writer:
+                ckpt.commit_run_dir(self.run_dir, config, overwrite=overwrite)
                 ckpt.truncate_metrics(self.run_dir, self.trainer.step)
-        else:
-            gen = torch.Generator().manual_seed(cfg.seed)
-            sae.reset_parameters(gen)
-            if not cfg.tied_init:
-                torch.nn.init.kaiming_uniform_(sae.W_enc, a=math.sqrt(5), generator=gen)
-            normalizer = init_from_data(sae, init_sample(), use_geometric_median=cfg.geometric_median_init,
-                                        decoder_from_data=cfg.effective_decoder_init == "data",
-                                        max_cos=cfg.decoder_init_max_cos, noise=cfg.decoder_init_noise,
-                                        scale_encoder=cfg.scale_encoder_init, generator=gen)
-            self.trainer = Trainer(cfg, sae, normalizer)
+        except BaseException:
+            self.close(failed=True)
+            raise
         self._status("training")
         self.t0, self.steps_this_call = time.perf_counter(), 0
+
+    def _start(self, sae_cfg: SAEConfig, init_sample: Callable[[], torch.Tensor], allow_tf32: bool) -> Trainer:
+        """A fresh SAE: random draws on the CPU (the same numbers on every device), data init on the device."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        sae = TopKSAE(sae_cfg, init=False, device=self.device)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        sae.reset_parameters(gen)
+        if not cfg.tied_init:
+            w = torch.empty_like(sae.W_enc, device="cpu")  # W_enc's strides: the same draw order as before
+            torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=gen)
+            with torch.no_grad():
+                sae.W_enc.copy_(w)
+        normalizer = init_from_data(sae, init_sample().to(self.device), use_geometric_median=cfg.geometric_median_init,
+                                    decoder_from_data=cfg.effective_decoder_init == "data",
+                                    max_cos=cfg.decoder_init_max_cos, noise=cfg.decoder_init_noise,
+                                    scale_encoder=cfg.scale_encoder_init, generator=gen)
+        ddp.broadcast_parameters(sae)
+        normalizer = ddp.broadcast_float(normalizer, self.device)
+        return Trainer(cfg, sae, normalizer, device=self.device, allow_tf32=allow_tf32)
+
+    def _resume(self, sae_cfg: SAEConfig, allow_tf32: bool) -> Trainer:
+        """The checkpoint's training state (saved on any device) on this run's device."""
+        cfg = self.cfg
+        state = ckpt.load_checkpoint(self.run_dir, map_location="cpu")
+        try:
+            sae = TopKSAE(sae_cfg, init=False, device=self.device)
+            trainer = Trainer(cfg, sae, float(state["normalizer"]), device=self.device, allow_tf32=allow_tf32)
+            trainer.load_state_dict(state)
+            if tuple(trainer.tokens_since_fired.shape) != (cfg.n_latents,) or not 0 <= trainer.step <= cfg.total_steps:
+                raise ValueError(f"step {trainer.step} or the latent count does not fit this run's config")
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise ckpt.cannot_resume(self.run_dir / ckpt.CHECKPOINT, "it does not hold a training state of this "
+                                     f"run ({type(e).__name__}: {' '.join(str(e).split())})") from e
+        return trainer
 
     @property
     def step(self) -> int:
@@ -226,11 +389,14 @@ class TrainingRun:
             ckpt.write_status(self.run_dir, state, step=self.step, total_steps=self.cfg.total_steps, **extra)
 
     def checkpoint(self) -> None:
+        """The training state to checkpoint.pt and the step reached to status.json."""
         if self.writer:
             ckpt.save_checkpoint(self.run_dir, self.trainer.state_dict())
+            self._status("training")
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         cfg, tr = self.cfg, self.trainer
+        x = x.to(self.device, non_blocking=True)
         _check_batch(x, self.d_in, f"activation batch {tr.step}")
         stats = tr.train_step(x.float())
         self.steps_this_call += 1
@@ -259,20 +425,54 @@ class TrainingRun:
         self._status("finished", train_seconds=round(time.perf_counter() - self.t0, 2))
         return final
 
+    def close(self, failed: bool = False) -> None:
+        """Release the run folder (idempotent). ``failed``: the run never started, so a folder this
+        run created is removed again if nothing else was written into it."""
+        if self._lock is not None:
+            self._lock.release(remove_created_dir=failed)
+
+    def __enter__(self) -> "TrainingRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _sae_config(cfg: TrainConfig, d_in: int, meta: dict[str, Any] | None) -> SAEConfig:
+    """The SAE's shape and provenance: ``meta`` keys that SAEConfig names are its fields, any other
+    (e.g. model_source) joins the training config in ``extra``."""
+    meta = dict(meta or {})
+    fields = set(SAEConfig.__dataclass_fields__) - {"d_in", "n_latents", "k", "input_norm", "extra"}
+    extra = {"train": cfg.to_dict(), **{k: v for k, v in meta.items() if k not in fields}}
+    return SAEConfig(d_in=d_in, n_latents=cfg.n_latents, k=cfg.k, input_norm=cfg.input_norm, extra=extra,
+                     **{k: v for k, v in meta.items() if k in fields})
+
+
+def _check_runs(cfgs: Sequence[TrainConfig], run_dirs: Sequence[str | Path]) -> None:
+    if len({c.batch_size for c in cfgs}) != 1:
+        raise ConfigError(f"runs trained together must share batch_size, got {sorted({c.batch_size for c in cfgs})}")
+    if len(cfgs) != len(run_dirs):
+        raise ConfigError(f"{len(cfgs)} configs but {len(run_dirs)} run folders; expected one folder per config")
+    folders = [Path(d).resolve() for d in run_dirs]
+    if len(set(folders)) != len(folders):
+        twice = sorted({str(f) for f in folders if folders.count(f) > 1})
+        raise ConfigError(f"run folder(s) {twice} given to several runs; expected one folder per run")
+
 
 def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs: Sequence[str | Path], *,
                d_in: int, meta: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
-               stop_after_steps: int | None = None) -> list[TopKSAE]:
+               stop_after_steps: int | None = None, device: str | torch.device | None = None,
+               allow_tf32: bool = False) -> list[TopKSAE]:
     """Train several SAEs from ONE pass over the data: every batch feeds every unfinished run.
 
     The runs must share batch_size; they may differ in n, k, lr, total_tokens and anything else.
-    Each resumes from its own checkpoint. ``stop_after_steps`` ends the call early (as an
-    interruption would) after that many batches.
+    Each resumes from its own checkpoint (written on any device). ``stop_after_steps`` ends the
+    call early (as an interruption would) after that many batches. ``device`` (None: CUDA when
+    available, else the CPU) is where training runs; ``allow_tf32`` lets CUDA run the SAE's float32
+    matmuls in TF32. The SAEs are returned on that device.
     """
-    if len({c.batch_size for c in cfgs}) != 1:
-        raise ValueError(f"runs trained together must share batch_size, got {sorted({c.batch_size for c in cfgs})}")
-    if len(cfgs) != len(run_dirs):
-        raise ValueError(f"{len(cfgs)} configs but {len(run_dirs)} run folders")
+    _check_runs(cfgs, run_dirs)
+    dev = ddp.process_device(device)
     sample: list[torch.Tensor] = []
 
     def init_sample() -> torch.Tensor:  # drawn once, shared by every run
@@ -280,21 +480,33 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
             sample.append(take_rows(batches_from(0), max(c.effective_init_rows for c in cfgs), d_in))
         return sample[0]
 
-    runs = [TrainingRun(c, d, d_in=d_in, meta=meta, init_sample=lambda c=c: init_sample()[:c.effective_init_rows],
-                        overwrite=overwrite) for c, d in zip(cfgs, run_dirs)]
-    sample.clear()  # initialisation is done: do not hold the sample through training
+    runs: list[TrainingRun] = []
+    try:
+        for c, d in zip(cfgs, run_dirs):
+            runs.append(TrainingRun(c, d, d_in=d_in, meta=meta, init_sample=lambda c=c: init_sample()[:c.effective_init_rows],
+                                    overwrite=overwrite, device=dev, allow_tf32=allow_tf32))
+        sample.clear()  # initialisation is done: do not hold the sample through training
+        return _train_loop(runs, batches_from, dev, progress, stop_after_steps)
+    finally:
+        for r in runs:
+            r.close()
+
+
+def _train_loop(runs: list[TrainingRun], batches_from: BatchSource, dev: torch.device, progress: bool,
+                stop_after_steps: int | None) -> list[TopKSAE]:
     start = min(r.step for r in runs)
-    last = max(c.total_steps for c in cfgs)
+    last = max(r.cfg.total_steps for r in runs)
     label = "train" if len(runs) == 1 else f"train x{len(runs)}"
     bar = tqdm(total=last, initial=start, unit="step", desc=label, disable=not progress or ddp.rank() != 0)
     batch_idx = start
     try:
-        with _interrupt_between_steps() as stop_asked:
-            for x in batches_from(start):
+        with _interrupt_between_steps() as stop_asked, prefetched(batches_from(start), dev) as batches:
+            for x in batches:
                 if stop_asked:
                     raise KeyboardInterrupt(f"signal {stop_asked[0]}")
                 if batch_idx >= last or (stop_after_steps is not None and batch_idx - start >= stop_after_steps):
                     break
+                x = x.to(dev, non_blocking=True)  # once for every run
                 for r in runs:
                     if r.step == batch_idx and not r.done:  # a run ahead after a resume waits for its batch
                         stats = r.train_step(x)
@@ -305,30 +517,34 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
     except KeyboardInterrupt:
         for r in runs:
             r.interrupt()
-        bar.close()
         raise
-    bar.close()
-    results = []
-    for r in runs:
-        if r.done:
-            results.append(r.finish())
-        elif stop_after_steps is not None:
-            r.interrupt()
-            results.append(r.trainer.sae)
-        else:
-            raise CorpusError(f"the activation source ran out after {batch_idx} batches; run {r.run_dir} needs "
-                              f"{r.cfg.total_steps} (total_tokens={r.cfg.total_tokens:,})")
-    return results
+    finally:
+        bar.close()
+    return [_end(r, batch_idx, stop_after_steps) for r in runs]
+
+
+def _end(r: TrainingRun, batch_idx: int, stop_after_steps: int | None) -> TopKSAE:
+    if r.done:
+        return r.finish()
+    if stop_after_steps is not None:
+        r.interrupt()
+        return r.trainer.sae
+    raise CorpusError(f"the activation source ran out after {batch_idx} batches; run {r.run_dir} needs "
+                      f"{r.cfg.total_steps} (total_tokens={r.cfg.total_tokens:,})")
 
 
 def train_sae(cfg: TrainConfig, batches_from: BatchSource, run_dir: str | Path, *, d_in: int,
               meta: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
-              stop_after_steps: int | None = None) -> TopKSAE:
+              stop_after_steps: int | None = None, device: str | torch.device | None = None,
+              allow_tf32: bool = False) -> TopKSAE:
     """Train one top-k SAE into ``run_dir``, resuming from its checkpoint when there is one.
 
     ``meta`` fills the SAE's provenance (model_name, hook_name, context_size, prepend_bos,
     exclude_first, dataset). ``stop_after_steps`` ends the call early with a checkpoint, as an
-    interruption would (the run then resumes on the next call).
+    interruption would (the run then resumes on the next call, on any device). ``device``: None =
+    CUDA when available, else the CPU; ``allow_tf32``: TF32 matmuls on CUDA. The SAE is returned on
+    that device.
     """
     return train_many([cfg], batches_from, [run_dir], d_in=d_in, meta=meta, overwrite=overwrite,
-                      progress=progress, stop_after_steps=stop_after_steps)[0]
+                      progress=progress, stop_after_steps=stop_after_steps, device=device,
+                      allow_tf32=allow_tf32)[0]

@@ -1,0 +1,195 @@
+"""Run folders have one writer: a lock that refuses a second one (naming its pid), stale temporary files
+removed at start, status.json at every checkpoint, train_config.json only once the run has started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.data import write_activation_cache
+from saelab.errors import ConfigError, NonFiniteError
+from saelab.train import TrainConfig, train_many, train_sae
+from saelab.train.checkpoint import LOCK, RunFolderBusyError, RunLock
+
+D = 16
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data(rows: int = 2048) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(rows, 48, generator=g).relu() @ torch.randn(48, D, generator=g) + 1.0
+
+
+def _source(data: torch.Tensor, batch: int = 128, calls: list | None = None, on_batch=None):
+    def batches_from(start):
+        call = len(calls) if calls is not None else 0
+        if calls is not None:
+            calls.append(start)
+        for b in range(start, data.shape[0] // batch):
+            if on_batch is not None:
+                on_batch(call, b)
+            yield data[b * batch:(b + 1) * batch]
+    return batches_from
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(n_latents=64, k=4, batch_size=128, total_tokens=2048, init_rows=256, checkpoint_every=2,
+                log_every=1, lr=1e-2, warmup_steps=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# The first writer: trains 16 steps on the CPU, and before batch 4 (checkpoint at step 2 written) holds
+# the run folder until the file `go` appears, after saying so with the file `holding`.
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import torch
+    from saelab.train import TrainConfig, train_sae
+
+    run, holding, go = map(Path, sys.argv[1:4])
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(2048, 48, generator=g).relu() @ torch.randn(48, 16, generator=g) + 1.0
+
+    def batches_from(start):
+        for b in range(start, 16):
+            if b == 4 and not holding.exists():
+                holding.write_text("")
+                deadline = time.monotonic() + 180
+                while not go.exists() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            yield data[b * 128:(b + 1) * 128]
+
+    cfg = TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=2048, init_rows=256, checkpoint_every=2,
+                      log_every=1, lr=1e-2, warmup_steps=2)
+    train_sae(cfg, batches_from, run, d_in=16, progress=False, device="cpu")
+""")
+
+
+def test_second_writer_is_refused_naming_the_holder_pid(tmp_path):
+    cache = tmp_path / "acts"
+    write_activation_cache(iter(_data().split(512)), cache, meta={"hook_name": "blocks.0.hook_resid_post"},
+                           dtype="float32", progress=False)
+    run, holding, go = tmp_path / "run", tmp_path / "holding", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run), str(holding), str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not holding.exists():
+            assert holder.poll() is None, holder.communicate()
+            assert time.monotonic() < deadline, "the first writer never reached its batch 4"
+            time.sleep(0.02)
+        live_tmp = run / ".checkpoint.pt.abc123.tmp"  # as if the holder were writing its checkpoint now
+        live_tmp.write_bytes(b"being written")
+        before = snapshot(run)
+
+        # A second `saelab train` process into the same folder: one line naming the holder, nothing touched.
+        second = subprocess.run([sys.executable, "-m", "saelab", "train", "--activations", str(cache), "--out", str(run),
+                                 "--batch-size", "128", "--total-tokens", "2048", "--n-latents", "64",
+                                 "--device", "cpu", "--no-progress"],
+                                env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        err = second.stderr.strip()
+        assert second.returncode != 0 and second.stdout == ""
+        assert err.startswith("saelab train: error: ") and f"pid {holder.pid}" in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        # The same refusal from the Python API, in this process.
+        with pytest.raises(RunFolderBusyError, match=f"being written by another process \\(pid {holder.pid}\\)"):
+            train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+        assert snapshot(run) == before  # the live writer's temporary file included
+    finally:
+        go.write_text("")
+        out, err = holder.communicate(timeout=300)
+    assert holder.returncode == 0, err[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))  # one writer: every step logged once
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert (run / LOCK).read_text() == ""  # released: no pid left behind
+
+
+def test_lock_refuses_this_process_too_and_is_released(tmp_path):
+    run = tmp_path / "run"
+    lock = RunLock(run).acquire()
+    try:
+        with pytest.raises(RunFolderBusyError, match=f"pid {os.getpid()}"):
+            train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+        assert sorted(p.name for p in run.iterdir()) == [LOCK]  # refused before anything was written
+    finally:
+        lock.release()
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")  # free again
+    with pytest.raises(ConfigError, match="given to several runs"):
+        train_many([_cfg(), _cfg(k=8)], _source(_data()), [tmp_path / "x", tmp_path / "x"], d_in=D, progress=False)
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path):
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu", stop_after_steps=3)
+    (run / "sae").mkdir()
+    stale = [run / ".checkpoint.pt.k1l2m3n4.tmp", run / ".metrics.jsonl.zz9.tmp", run / ".status.json.q.tmp",
+             run / "sae" / ".sae_weights.safetensors.abc.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)  # what a killed run leaves (atomic writes' temporary files)
+    others = [run / "notes.tmp", run / "sae" / "keep.txt"]  # not saelab's temporary files
+    for path in others:
+        path.write_text("mine")
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.read_text() == "mine" for p in others)
+
+
+def test_status_records_each_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    seen: list[tuple[int, int, int]] = []  # (call, batch about to be read, status step then)
+
+    def look(call, b):
+        if (run / "status.json").exists():
+            status = json.loads((run / "status.json").read_text())
+            assert status["state"] == "training" and status["total_steps"] == 16
+            seen.append((call, b, status["step"]))
+
+    calls: list[int] = []
+    train_sae(_cfg(checkpoint_every=4), _source(_data(), calls=calls, on_batch=look), run, d_in=D, progress=False,
+              device="cpu")
+    assert calls == [0, 0]  # the initialisation sample, then the training pass
+    training = [(b, step) for call, b, step in seen if call == 1]
+    assert len(training) == 16
+    for b, step in training:  # before batch b, b steps are done; the last checkpoint was at 4 * (b // 4)
+        assert step == 4 * (b // 4), (b, step)
+
+
+def test_failed_start_leaves_no_config_behind(tmp_path):
+    run = tmp_path / "run"
+    bad = _data().clone()
+    bad[100, 3] = float("nan")  # inside the initialisation sample
+    with pytest.raises(NonFiniteError):
+        train_sae(_cfg(k=8), _source(bad), run, d_in=D, progress=False, device="cpu")
+    assert not run.exists()  # the folder it had made is gone again
+    run.mkdir()  # a folder the user made stays, empty but for the (released) lock file
+    with pytest.raises(NonFiniteError):
+        train_sae(_cfg(k=8), _source(bad), run, d_in=D, progress=False, device="cpu")
+    assert sorted(p.name for p in run.iterdir()) == [LOCK] and (run / LOCK).read_text() == ""
+    # The corrected rerun, with other options too, is a new run, not "a different config".
+    train_sae(_cfg(k=4), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    assert json.loads((run / "train_config.json").read_text())["train"]["k"] == 4
+
+
+def test_failed_overwrite_keeps_the_finished_run(tmp_path):
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    before = snapshot(run)
+    bad = _data().clone()
+    bad[5, 0] = float("inf")
+    with pytest.raises(NonFiniteError):
+        train_sae(_cfg(k=8), _source(bad), run, d_in=D, progress=False, device="cpu", overwrite=True)
+    assert snapshot(run) == before  # nothing removed before the new run had started
