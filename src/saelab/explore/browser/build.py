@@ -367,21 +367,47 @@ def _encode(sae: TopKSAE, x_BTD: torch.Tensor, first: int) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def direct_logit_effects(lm, sae: TopKSAE, n_top: int, chunk: int = 256) -> dict[str, torch.Tensor]:
-    """Top promoted / suppressed tokens of every latent (module docstring), in chunks of latents."""
+def direct_logit_effects(lm, sae: TopKSAE, n_top: int, chunk: int = 256, hist_bins: int = 0) -> dict[str, torch.Tensor]:
+    """Top promoted / suppressed tokens of every latent (module docstring), in chunks of latents.
+
+    With ``hist_bins``, also a histogram of each latent's effect over the whole vocabulary, as
+    SAEDashboard draws it: ``hist_bins`` equal bins between the smallest (``hist_lo``) and largest
+    (``hist_hi``) effect, the largest value in the last bin (``torch.histc``'s rules), ``hist_counts``.
+    """
     from saelab.explore.attribution import unembed_direction
 
     n = sae.n_latents
     k = min(n_top, lm.vocab_size)
     out = {name: torch.empty(n, k, dtype=dt) for name, dt in
            (("pos_ids", torch.long), ("pos_vals", torch.float32), ("neg_ids", torch.long), ("neg_vals", torch.float32))}
+    if hist_bins:
+        out.update(hist_counts=torch.zeros(n, hist_bins, dtype=torch.long), hist_lo=torch.empty(n),
+                   hist_hi=torch.empty(n))
     for s in range(0, n, chunk):
         eff_CV = unembed_direction(lm, sae.W_dec[s:s + chunk].to(lm.device)).float().cpu()
         top = eff_CV.topk(k, dim=1)
         bot = eff_CV.topk(k, dim=1, largest=False)
         out["pos_ids"][s:s + chunk], out["pos_vals"][s:s + chunk] = top.indices, top.values
         out["neg_ids"][s:s + chunk], out["neg_vals"][s:s + chunk] = bot.indices, bot.values
+        if hist_bins:
+            lo, hi = eff_CV.min(dim=1).values, eff_CV.max(dim=1).values
+            flat = lo == hi  # histc widens a constant row's range to [v - 1, v + 1]
+            lo, hi = torch.where(flat, lo - 1, lo), torch.where(flat, hi + 1, hi)
+            out["hist_lo"][s:s + chunk], out["hist_hi"][s:s + chunk] = lo, hi
+            out["hist_counts"][s:s + chunk] = equal_bin_counts(eff_CV, lo, hi, hist_bins)
     return out
+
+
+def equal_bin_counts(x_CV: torch.Tensor, lo_C: torch.Tensor, hi_C: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """``[C, n_bins]`` counts of each row of ``x_CV`` in equal bins over ``[lo, hi]``: ``torch.histc`` of
+    each row, vectorised (same arithmetic, so values on a bin edge fall on the same side)."""
+    C = x_CV.shape[0]
+    flat = (lo_C == hi_C)[:, None]  # histc's rule for an empty range: [lo - 1, hi + 1]
+    lo, hi = torch.where(flat, lo_C[:, None] - 1, lo_C[:, None]), torch.where(flat, hi_C[:, None] + 1, hi_C[:, None])
+    pos = ((x_CV - lo) * n_bins / (hi - lo)).long()
+    pos = pos.clamp_(0, n_bins - 1)  # the maximum itself falls in the last bin
+    flat = (torch.arange(C)[:, None] * n_bins + pos).reshape(-1)
+    return torch.bincount(flat, minlength=C * n_bins).view(C, n_bins)
 
 
 @torch.no_grad()

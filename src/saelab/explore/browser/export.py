@@ -1,0 +1,280 @@
+"""Export the feature browser's statistics as SAEDashboard's Neuronpedia batch files.
+
+Neuronpedia imports feature dashboards from the files SAEDashboard's ``NeuronpediaRunner`` writes
+(``sae_dashboard/neuronpedia/neuronpedia_dashboard.py``: ``NeuronpediaDashboardBatch.to_dict``),
+converted to its bulk-import layout by ``sae_dashboard.neuronpedia.neuronpedia_export`` or
+neuronpedia-utils' ``convert-saedashboard-to-neuronpedia-export.py``. This module writes the same
+files from one pass of saelab's browser, for any model saelab reads::
+
+    OUT/batch-0.json, batch-1.json, ...   {"model_id", "layer", "sae_set", "sae_id_suffix", "features": [...]}
+    OUT/skipped_indexes.json              latents left out (never active on the text read), as SAEDashboard
+    OUT/run_settings.json                 what was read and how (saelab's record; not read by the importers)
+
+Each feature holds, with saelab's definitions (:mod:`.build`):
+
+- ``activations``: first the top-activating contexts (``bin_min`` = -1, ``bin_max`` = the latent's
+  max activation, ``bin_contains`` = -1: SAEDashboard's marker of its top group), then the quantile
+  bands, highest first (``bin_min`` / ``bin_max`` = the lowest / highest context maximum in the band,
+  ``bin_contains`` = the band's share of the uniform sample of active contexts). Each entry is a
+  whole context without its BOS token (``tokens``: token texts, ``values``: the latent's activation
+  at each, ``qualifying_token_index``: where the context maximum is). SAEDashboard's own bands are
+  equal-width intervals of [0, max] over tokens; ours are equal-count bands of context maxima.
+- ``pos_str`` / ``pos_values``, ``neg_str`` / ``neg_values``: the direct logit effect's most promoted
+  and suppressed tokens; ``logits_hist_data_bar_values`` / ``_heights``: its histogram over the whole
+  vocabulary (50 equal bins between its min and max: bin centres and counts, as SAEDashboard).
+- ``frac_nonzero``: density; ``freq_hist_data_bar_values`` / ``_heights``: the exact histogram of the
+  nonzero activations (equal bins over [0, 2^e), from the first to the last non-empty one: centres and counts).
+- ``neuron_alignment_*``: the 3 largest decoder weights (signed), their indices and |w| / ||W_dec[i]||_1.
+- ``correlated_neurons_*``, ``correlated_features_*``, ``decoder_weights_dist``, ``vector``: empty
+  lists (activation correlations are not gathered; the last two are for attention-head SAEs and
+  steering vectors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from saelab.errors import ConfigError, RunExistsError
+
+FORMAT = "saedashboard-neuronpedia-batches"
+"""``format`` in ``run_settings.json``: marks a folder this module wrote (and may replace)."""
+LOGIT_HIST_BINS = 50
+"""Bins of the direct-logit-effect histogram (SAEDashboard's LogitsHistogramConfig default)."""
+N_ALIGNMENT = 3
+"""Rows of the neuron alignment table (SAEDashboard's NeuronpediaRunner uses FeatureTablesConfig(n_rows=3))."""
+ROUND = 5
+"""Decimals kept (SAEDashboard's FeatureProcessor.round_list)."""
+
+
+def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLike, *, dataset: str = "",
+                       model_id: str | None = None, layer: int | None = None, sae_set: str | None = None,
+                       sae_id_suffix: str | None = None, n_bands: int = 4, n_features_per_batch: int = 128,
+                       include_dead: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Write SAEDashboard/Neuronpedia batch files for one SAE's statistics (or several: ``out/NAME`` each).
+
+    ``stats``: :class:`~.build.LatentStats` from :func:`~.build.collect_statistics` (after
+    :func:`~.build.finish_statistics`, or the direct logit effects are computed here);
+    ``tokens_NT``: the contexts that pass read; ``lm``: its language model. ``dataset``: the
+    corpus name recorded with every feature; ``n_bands``: the browser's ``BrowseConfig.n_bands``
+    (how the quantile samples are cut). ``model_id`` (default from ``lm.name``), ``layer``
+    (default from the hook name ``blocks.L.*``), ``sae_set`` (default the SAE's name) and
+    ``sae_id_suffix`` name the Neuronpedia source (``{layer}-{sae_set}[__{suffix}]``). Latents
+    never active are listed in ``skipped_indexes.json`` instead, unless ``include_dead``. An
+    earlier export at ``out`` is replaced only with ``overwrite``; any other non-empty folder is
+    refused. Returns a summary per SAE (a dict, or a list of them for several SAEs).
+    """
+    if isinstance(stats, Sequence):
+        if len(stats) != 1:
+            return [export_neuronpedia(s, tokens_NT, lm, Path(out) / s.source.name, dataset=dataset,
+                                       model_id=model_id, layer=layer, sae_set=sae_set, sae_id_suffix=sae_id_suffix,
+                                       n_bands=n_bands, n_features_per_batch=n_features_per_batch, include_dead=include_dead,
+                                       overwrite=overwrite) for s in stats]
+        stats = stats[0]
+    for name, value in (("n_features_per_batch", n_features_per_batch), ("n_bands", n_bands)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+    out = Path(out)
+    _check_target(out, overwrite)
+    sae = stats.source.sae
+    header = {"model_id": model_id or default_model_id(lm.name), "layer": _layer(sae.cfg.hook_name, layer),
+              "sae_set": sae_set or _slug(stats.source.name), "sae_id_suffix": sae_id_suffix}
+    alive = (stats.count_N > 0).tolist()
+    exported = [i for i in range(sae.n_latents) if include_dead or alive[i]]
+    skipped = [i for i in range(sae.n_latents) if not (include_dead or alive[i])]
+    common = {"n_prompts_total": int(tokens_NT.shape[0]), "n_tokens_in_prompt": int(tokens_NT.shape[1]),
+              "dataset": dataset}
+    features = FeatureWriter(stats, tokens_NT, lm, common, n_bands)
+    files: dict[str, Any] = {}
+    for b, s in enumerate(range(0, len(exported), n_features_per_batch)):
+        files[f"batch-{b}.json"] = {**header, "features": [features(i) for i in exported[s:s + n_features_per_batch]]}
+    files["skipped_indexes.json"] = {"model_id": header["model_id"], "layer": str(header["layer"]),
+                                     "sae_set": header["sae_set"], "skipped_indexes": skipped}
+    settings = {"format": FORMAT, "generator": "saelab", "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **header, "hook_name": sae.cfg.hook_name, "sae": stats.source.source, "n_latents": sae.n_latents,
+                "n_exported": len(exported), "n_tokens_scored": stats.n_tokens, **common,
+                "n_features_per_batch": n_features_per_batch}
+    files["run_settings.json"] = settings
+    _write_folder(out, files)
+    return {"out": str(out), "batches": len(files) - 2, "features": len(exported), "skipped": len(skipped), **header}
+
+
+class FeatureWriter:
+    """Builds the feature dicts of one SAE (see the module docstring); ``writer(i)`` for latent i."""
+
+    def __init__(self, stats, tokens_NT: torch.Tensor, lm, common: dict[str, Any], n_bands: int) -> None:
+        from saelab.evals.probe_tasks import token_strings
+        from saelab.explore.browser.build import direct_logit_effects
+
+        sae = stats.source.sae
+        self.stats, self.common, self.n_bands = stats, common, n_bands
+        self.s0 = 1 if sae.cfg.prepend_bos else 0
+        self.tokens = tokens_NT.numpy()
+        logits = stats.logits
+        if "hist_counts" not in logits:
+            n_rows = logits["pos_ids"].shape[1] if "pos_ids" in logits else 10
+            logits = direct_logit_effects(lm, sae, n_rows, hist_bins=LOGIT_HIST_BINS)
+        self.logits = {k: v.numpy() for k, v in logits.items()}
+        W = sae.W_dec.detach().float().cpu()
+        top = W.topk(min(N_ALIGNMENT, W.shape[1]), dim=1)
+        self.align = (top.indices.numpy(), top.values.numpy(), (top.values.abs() / W.abs().sum(1, keepdim=True)
+                                                                .clamp_min(1e-30)).numpy())
+        cache: dict[int, str] = {}
+        self.text = lambda ids: token_strings(lm.tokenizer, ids, cache)
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        st, lg = self.stats, self.logits
+        ai, av, al = self.align
+        heights = st.hist_NH[i].numpy()
+        used = np.flatnonzero(heights)
+        first, last = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+        width = float(st.hist_top_N[i]) / heights.shape[0]
+        lo, hi, nb = float(lg["hist_lo"][i]), float(lg["hist_hi"][i]), lg["hist_counts"].shape[1]
+        return {
+            "feature_index": i,
+            "neuron_alignment_indices": ai[i].tolist(), "neuron_alignment_values": _round(av[i]),
+            "neuron_alignment_l1": _round(al[i]),
+            "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
+            "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
+            "neg_str": self.text(lg["neg_ids"][i].tolist()), "neg_values": _round(lg["neg_vals"][i]),
+            "pos_str": self.text(lg["pos_ids"][i].tolist()), "pos_values": _round(lg["pos_vals"][i]),
+            "frac_nonzero": float(st.density_N[i]),
+            "freq_hist_data_bar_values": _round((np.arange(first, last) + 0.5) * width),
+            "freq_hist_data_bar_heights": heights[first:last].tolist(),
+            "logits_hist_data_bar_heights": lg["hist_counts"][i].tolist(),
+            "logits_hist_data_bar_values": _round(lo + (np.arange(nb) + 0.5) * (hi - lo) / nb),
+            **self.common,
+            "decoder_weights_dist": [],
+            "activations": self.activations(i),
+            "vector": [],
+        }
+
+    def activations(self, i: int) -> list[dict[str, Any]]:
+        st = self.stats
+        ok = st.top_ctx_NK[i] >= 0
+        out = [self.record(c, p, row, -1, float(st.max_N[i]), -1)
+               for c, p, row in zip(st.top_ctx_NK[i][ok], st.top_pos_NK[i][ok], st.top_rows_NKT[i][ok])]
+        ok = st.sample_ctx_NS[i] >= 0
+        maxima, ctx, pos, rows = (st.sample_act_NS[i][ok], st.sample_ctx_NS[i][ok], st.sample_pos_NS[i][ok],
+                                  st.sample_rows_NST[i][ok])
+        order = torch.argsort(maxima, stable=True).numpy()
+        for band in reversed(np.array_split(order, self.n_bands) if order.size else []):  # highest first, as SAEDashboard
+            if band.size:
+                lo, hi, share = float(maxima[band].min()), float(maxima[band].max()), band.size / order.size
+                out += [self.record(ctx[j], pos[j], rows[j], lo, hi, share) for j in band]
+        return out
+
+    def record(self, ctx, pos, row_T: torch.Tensor, bin_min, bin_max, bin_contains) -> dict[str, Any]:
+        """One context as an activation record (BOS left out, as SAEDashboard's sequences)."""
+        ids = self.tokens[int(ctx), self.s0:].tolist()
+        return {"bin_min": _num(bin_min), "bin_max": _num(bin_max), "bin_contains": _num(bin_contains),
+                "tokens": self.text(ids), "values": _round(row_T[self.s0:].numpy()),
+                "qualifying_token_index": int(pos) - self.s0}
+
+
+def _round(x) -> list[float]:
+    return np.round(np.asarray(x, dtype=np.float64), ROUND).tolist()
+
+
+def _num(x: float) -> float | int:
+    """-1 stays an integer as SAEDashboard writes it; other values are rounded floats."""
+    return -1 if x == -1 else round(float(x), ROUND)
+
+
+def default_model_id(name: str) -> str:
+    """A Neuronpedia-style model id from ``lm.name``: the hub id's or folder's last part, lower case."""
+    if name == "default":
+        return "smollm2-135m-instruct"
+    return _slug(Path(name.rstrip("/")).name.removesuffix(".gguf")) or "model"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.-]+", "-", text.lower()).strip("-")
+
+
+def _layer(hook: str, layer: int | None) -> int:
+    if layer is not None:
+        return int(layer)
+    m = re.match(r"blocks\.(\d+)\.", hook or "")
+    if not m:
+        raise ConfigError(f"hook {hook!r}: cannot read a layer number from it (expected 'blocks.L.*'); pass layer=")
+    return int(m.group(1))
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunExistsError(f"{out}: exists and is not a folder; choose another export folder")
+    if not any(out.iterdir()):
+        return
+    try:
+        ours = json.loads((out / "run_settings.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise RunExistsError(f"{out}: folder exists, is not empty and is not a saelab Neuronpedia export; "
+                             "choose another export folder (it is never deleted)")
+    if not overwrite:
+        raise RunExistsError(f"{out}: an earlier Neuronpedia export is there; pass overwrite=True (--overwrite) "
+                             "to replace it")
+
+
+def _write_folder(out: Path, files: dict[str, Any]) -> None:
+    """Write every file into a temporary folder beside ``out``, then rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is an ordinary folder
+        for name, obj in files.items():
+            (tmp / name).write_text(json.dumps(obj, allow_nan=False, ensure_ascii=False), encoding="utf-8")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+        if old is not None:
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=None, progress: bool = True,
+                           **kwargs) -> dict[str, Any] | list[dict[str, Any]]:
+    """One browser pass over text for ``sae_sources`` (run folders, SAELens folders, OpenAI files) and
+    their Neuronpedia export at ``out`` (see :func:`export_neuronpedia` for ``kwargs``)."""
+    from saelab.explore.browser.build import (
+        BrowseConfig,
+        SAESource,
+        check_compatible,
+        collect_statistics,
+        direct_logit_effects,
+        open_sae_source,
+        read_tokens,
+        resolve_corpus,
+    )
+    from saelab.models import load_model
+
+    cfg = cfg or BrowseConfig()
+    one = isinstance(sae_sources, (str, os.PathLike, SAESource))
+    sources = [s if isinstance(s, SAESource) else open_sae_source(s) for s in ([sae_sources] if one else sae_sources)]
+    hook = check_compatible(sources, cfg.hook, cfg.model)
+    lm = load_model(lm if lm is not None else cfg.model or sources[0].sae.cfg.model_name or "default")
+    lm.check_hook(hook)
+    tokens = read_tokens(lm, sources[0].sae, cfg)
+    stats, _, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, families=False, progress=progress)
+    for st in stats:
+        st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)
+    result = export_neuronpedia(stats, tokens, lm, out, dataset=resolve_corpus(cfg), n_bands=cfg.n_bands, **kwargs)
+    return result[0] if one and isinstance(result, list) else result

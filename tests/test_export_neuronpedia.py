@@ -1,0 +1,271 @@
+"""Neuronpedia / SAEDashboard export of the browser's statistics: the layout SAEDashboard writes (schema transcribed
+from its source), the numbers against the statistics and dense references, and, where sae-dashboard is installed,
+its own loader and its converter to Neuronpedia's bulk-import layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.data import token_contexts
+from saelab.errors import ConfigError, RunExistsError
+from saelab.explore.attribution import unembed_direction
+from saelab.explore.browser.build import (
+    BrowseConfig,
+    SAESource,
+    collect_statistics,
+    equal_bin_counts,
+    finish_statistics,
+    read_tokens,
+)
+from saelab.explore.browser.export import export_neuronpedia, export_neuronpedia_run
+from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+HOOK = "blocks.1.hook_resid_post"
+N_TOKENS = 31 * 40  # 40 contexts of 32 tokens, position 0 not scored
+DEAD = 7  # a latent made silent on purpose
+
+# Field names and JSON types of SAEDashboard's Neuronpedia batch files, transcribed from
+# jbloomAus/SAEDashboard sae_dashboard/neuronpedia/neuronpedia_dashboard.py at commit
+# db4839a41116d729fc9f43c1878e7b8b157748ea (NeuronpediaDashboardBatch / NeuronpediaDashboardFeature /
+# NeuronpediaDashboardActivation: constructor annotations and to_dict); the dfa_* fields are written only
+# when DFA was computed. The same keys appear in that repository's tests/acceptance/test_simple/batch-0.json
+# (a real runner output, older: without sae_id_suffix and vector) and are the ones read by
+# sae_dashboard/neuronpedia/neuronpedia_export.py (_process_batch) at the same commit.
+BATCH_SCHEMA = {"model_id": str, "layer": int, "sae_set": str, "sae_id_suffix": (str, type(None)), "features": list}
+FEATURE_SCHEMA = {
+    "feature_index": int,
+    "neuron_alignment_indices": [int], "neuron_alignment_values": [float], "neuron_alignment_l1": [float],
+    "correlated_neurons_indices": [int], "correlated_neurons_l1": [float], "correlated_neurons_pearson": [float],
+    "correlated_features_indices": [int], "correlated_features_l1": [float], "correlated_features_pearson": [float],
+    "neg_str": [str], "neg_values": [float], "pos_str": [str], "pos_values": [float],
+    "frac_nonzero": float,
+    "freq_hist_data_bar_values": [float], "freq_hist_data_bar_heights": [int],
+    "logits_hist_data_bar_heights": [int], "logits_hist_data_bar_values": [float],
+    "n_prompts_total": int, "n_tokens_in_prompt": int, "dataset": str,
+    "decoder_weights_dist": [float], "activations": list, "vector": [float],
+}
+ACTIVATION_SCHEMA = {"bin_min": (int, float), "bin_max": (int, float), "bin_contains": (int, float), "tokens": [str],
+                     "values": [float], "qualifying_token_index": int}
+
+
+def check_schema(obj: dict, schema: dict, where: str) -> None:
+    assert set(obj) == set(schema), f"{where}: keys {sorted(set(obj) ^ set(schema))} differ from SAEDashboard's"
+    for key, want in schema.items():
+        value = obj[key]
+        if isinstance(want, list):
+            assert isinstance(value, list), f"{where}.{key} is not a list"
+            bad = [v for v in value if not isinstance(v, want[0]) or isinstance(v, bool)]
+            assert not bad, f"{where}.{key}: {bad[:3]} are not {want[0].__name__}"
+        else:
+            assert isinstance(value, want) and not isinstance(value, bool), f"{where}.{key}={value!r} has the wrong type"
+
+
+@pytest.fixture(scope="module")
+def corpus(data_dir) -> str:
+    return str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
+
+
+def centred_sae(lm, corpus: str, n: int, seed: int) -> TopKSAE:
+    """A random SAE whose b_dec is the mean activation (latents fire at varied rates), with one dead latent."""
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=n, k=6, hook_name=HOOK, model_name="tiny", context_size=32))
+    toks = token_contexts(corpus, lm.tokenize, 32, n_contexts=8, bos_token_id=lm.bos_token_id)
+    with torch.no_grad():
+        sae.b_dec.copy_(lm.activations(toks, HOOK)[:, 1:].reshape(-1, 64).mean(0))
+        sae.b_enc[DEAD] = -1e4
+    return sae
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_gpt2, corpus, tmp_path_factory):
+    sae = centred_sae(tiny_gpt2, corpus, 128, 0)
+    cfg = BrowseConfig(n_tokens=N_TOKENS, corpus=corpus, n_top=5, n_samples=8, n_bands=4, lm_batch_size=8)
+    tokens = read_tokens(tiny_gpt2, sae, cfg)
+    [stats], _, _ = collect_statistics(tiny_gpt2, [SAESource("res-small", "mem", sae)], tokens, cfg, hook=HOOK,
+                                       progress=False)
+    finish_statistics(tiny_gpt2, stats, tokens, HOOK, cfg, progress=False)
+    out = tmp_path_factory.mktemp("np") / "export"
+    summary = export_neuronpedia(stats, tokens, tiny_gpt2, out, dataset=corpus, n_bands=cfg.n_bands,
+                                 n_features_per_batch=50)
+    batches = [json.loads((out / f"batch-{b}.json").read_text()) for b in range(summary["batches"])]
+    return out, summary, batches, stats, tokens, cfg
+
+
+def features_by_index(batches) -> dict[int, dict]:
+    return {f["feature_index"]: f for b in batches for f in b["features"]}
+
+
+def test_files_follow_saedashboard_layout(exported):
+    out, summary, batches, stats, tokens, cfg = exported
+    assert sorted(p.name for p in out.iterdir()) == ["batch-0.json", "batch-1.json", "batch-2.json",
+                                                     "run_settings.json", "skipped_indexes.json"]
+    assert summary == {"out": str(out), "batches": 3, "features": 127, "skipped": 1, "model_id": "tiny-gpt2",
+                       "layer": 1, "sae_set": "res-small", "sae_id_suffix": None}
+    for b, batch in enumerate(batches):
+        check_schema(batch, BATCH_SCHEMA, f"batch-{b}")
+        assert (batch["model_id"], batch["layer"], batch["sae_set"]) == ("tiny-gpt2", 1, "res-small")
+        for f in batch["features"]:
+            check_schema(f, FEATURE_SCHEMA, f"feature {f['feature_index']}")
+            for a in f["activations"]:
+                check_schema(a, ACTIVATION_SCHEMA, f"feature {f['feature_index']} activation")
+    assert [len(b["features"]) for b in batches] == [50, 50, 27]
+    skipped = json.loads((out / "skipped_indexes.json").read_text())
+    assert skipped == {"model_id": "tiny-gpt2", "layer": "1", "sae_set": "res-small", "skipped_indexes": [DEAD]}
+    assert sorted(features_by_index(batches)) == [i for i in range(128) if i != DEAD]
+
+
+def test_numbers_are_the_browser_statistics(exported, tiny_gpt2):
+    out, _, batches, stats, tokens, cfg = exported
+    feats = features_by_index(batches)
+    busy = int(stats.count_N.argmax())
+    f = feats[busy]
+    assert f["frac_nonzero"] == pytest.approx(int(stats.count_N[busy]) / N_TOKENS)
+    assert sum(f["freq_hist_data_bar_heights"]) == int(stats.count_N[busy])
+    assert (f["n_prompts_total"], f["n_tokens_in_prompt"]) == tuple(tokens.shape)
+    top = [a for a in f["activations"] if a["bin_min"] == -1]
+    assert len(top) == cfg.n_top and all(a["bin_max"] == round(float(stats.max_N[busy]), 5) for a in top)
+    for a, ctx, pos in zip(top, stats.top_ctx_NK[busy], stats.top_pos_NK[busy]):
+        ids = tokens[int(ctx), 1:]  # the BOS token is left out, as SAEDashboard does
+        assert "".join(a["tokens"]) == tiny_gpt2.tokenizer.decode(ids) and len(a["values"]) == len(ids)
+        assert a["qualifying_token_index"] == int(pos) - 1
+        assert a["values"][a["qualifying_token_index"]] == max(a["values"])
+    assert max(top[0]["values"]) == top[0]["bin_max"]
+    bands = [a for a in f["activations"] if a["bin_min"] != -1]
+    assert len(bands) == cfg.n_samples
+    assert sum({(a["bin_min"], a["bin_max"]): a["bin_contains"] for a in bands}.values()) == pytest.approx(1.0)
+    assert all(a["bin_min"] <= max(a["values"]) <= a["bin_max"] for a in bands)
+    assert [a["bin_max"] for a in bands] == sorted((a["bin_max"] for a in bands), reverse=True)  # highest band first
+
+
+def test_logit_tables_histogram_and_alignment_against_dense(exported, tiny_gpt2):
+    _, _, batches, stats, _, _ = exported
+    sae = stats.source.sae
+    for i, f in list(features_by_index(batches).items())[:5]:
+        eff = unembed_direction(tiny_gpt2, sae.W_dec[i:i + 1].detach()).float()[0]
+        order = torch.argsort(eff, descending=True)
+        assert f["pos_str"] == [tiny_gpt2.tokenizer.decode([int(t)]) for t in order[:10]]
+        np.testing.assert_allclose(f["pos_values"], eff[order[:10]].numpy(), atol=1e-5)
+        np.testing.assert_allclose(f["neg_values"], eff[order.flip(0)[:10]].numpy(), atol=1e-5)
+        lo, hi = float(eff.min()), float(eff.max())
+        assert f["logits_hist_data_bar_heights"] == torch.histc(eff, 50, lo, hi).long().tolist()
+        assert f["logits_hist_data_bar_values"][0] == pytest.approx(lo + (hi - lo) / 100, abs=1e-5)
+        w = sae.W_dec[i].detach()
+        best = torch.argsort(w, descending=True)[:3]
+        assert f["neuron_alignment_indices"] == best.tolist()
+        np.testing.assert_allclose(f["neuron_alignment_l1"], (w[best].abs() / w.abs().sum()).numpy(), atol=1e-5)
+
+
+def test_equal_bin_counts_equal_histc_row_by_row():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 5000, generator=g) * torch.rand(40, 1, generator=g) * 4
+    x[3] = 0.25  # a constant row: every value in the first bin, as histc does
+    lo, hi = x.min(1).values, x.max(1).values
+    want = torch.stack([torch.histc(r, 50, float(a), float(b)).long() for r, a, b in zip(x, lo, hi)])
+    assert torch.equal(equal_bin_counts(x, lo, hi, 50), want)
+
+
+def test_dead_latents_exported_on_request_and_names_checked(exported, tiny_gpt2, tmp_path):
+    _, _, _, stats, tokens, cfg = exported
+    summary = export_neuronpedia([stats], tokens, tiny_gpt2, tmp_path / "all", include_dead=True, model_id="gpt2-tiny",
+                                 layer=4, sae_set="res-x", sae_id_suffix="k6")
+    batch = json.loads((tmp_path / "all" / "batch-0.json").read_text())
+    assert (batch["model_id"], batch["layer"], batch["sae_set"], batch["sae_id_suffix"]) == ("gpt2-tiny", 4, "res-x", "k6")
+    dead = features_by_index([batch])[DEAD]
+    assert summary["features"] == 128 and dead["activations"] == [] and dead["frac_nonzero"] == 0.0
+    assert dead["freq_hist_data_bar_heights"] == []
+    with pytest.raises(RunExistsError, match="earlier Neuronpedia export"):
+        export_neuronpedia(stats, tokens, tiny_gpt2, tmp_path / "all")
+    export_neuronpedia(stats, tokens, tiny_gpt2, tmp_path / "all", overwrite=True)
+    assert json.loads((tmp_path / "all" / "skipped_indexes.json").read_text())["skipped_indexes"] == [DEAD]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunExistsError, match="not a saelab Neuronpedia export"):
+        export_neuronpedia(stats, tokens, tiny_gpt2, tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    odd = dataclasses.replace(stats, source=SAESource("x", "x", TopKSAE(dataclasses.replace(
+        stats.source.sae.cfg, hook_name="transformer.h.1"))))
+    with pytest.raises(ConfigError, match="cannot read a layer number"):
+        export_neuronpedia(odd, tokens, tiny_gpt2, tmp_path / "odd")
+    with pytest.raises(ConfigError, match="n_features_per_batch"):
+        export_neuronpedia(stats, tokens, tiny_gpt2, tmp_path / "odd", n_features_per_batch=0)
+
+
+def test_run_folders_exported_in_one_pass(tiny_gpt2, corpus, tmp_path):
+    for name, n, seed in (("small", 64, 2), ("large", 96, 3)):
+        save_sae(centred_sae(tiny_gpt2, corpus, n, seed), tmp_path / name / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 16, corpus=corpus, n_top=3, n_samples=4, lm_batch_size=8)
+    res = export_neuronpedia_run([tmp_path / "small", tmp_path / "large"], tmp_path / "np", cfg, lm=tiny_gpt2,
+                                 progress=False)
+    assert [r["features"] + r["skipped"] for r in res] == [64, 96]
+    for name in ("small", "large"):
+        feats = json.loads((tmp_path / "np" / name / "batch-0.json").read_text())["features"]
+        assert feats and all(len(f["logits_hist_data_bar_heights"]) == 50 for f in feats)
+        assert all(f["dataset"] == corpus for f in feats)
+
+
+# ---- sae-dashboard's own loader and its Neuronpedia converter (where installed) --------------------------------
+
+VALIDATE = textwrap.dedent('''
+    import glob, gzip, json, os, sys
+    from sae_dashboard.neuronpedia.neuronpedia_dashboard import NeuronpediaDashboardBatch
+    out, work = sys.argv[1], sys.argv[2]
+    n_features = n_records = 0
+    for path in sorted(glob.glob(os.path.join(out, "batch-*.json"))):
+        data = json.load(open(path))
+        batch = NeuronpediaDashboardBatch(**data)  # unknown or misnamed fields raise TypeError
+        assert batch.to_dict() == data, path  # read back unchanged: nothing lost, nothing renamed
+        n_features += len(data["features"])
+        n_records += sum(len(f["activations"]) for f in data["features"])
+    converted = 0
+    try:
+        from sae_dashboard.neuronpedia.neuronpedia_export import NeuronpediaExportConfig, export_neuronpedia_dashboards
+    except ImportError:
+        pass
+    else:
+        src = export_neuronpedia_dashboards(NeuronpediaExportConfig(
+            saedashboard_output_dir=out, exports_dir=work, creator_name="saelab tests", creator_id="c0",
+            release_id="saelab-test", release_title="saelab test", url="", model_name="tiny-gpt2",
+            neuronpedia_source_set_id="res-small", neuronpedia_source_set_description="test",
+            hf_weights_repo_id="none/none", hf_weights_path="sae/cfg.json", hook_point="hook_resid_post",
+            layer_num=1, prompts_huggingface_dataset_path="wiki", n_prompts_total=40, n_tokens_in_prompt=32))
+        rows = lambda kind: [json.loads(l) for p in sorted(glob.glob(os.path.join(src, kind, "*.jsonl.gz")))
+                             for l in gzip.open(p, "rt")]
+        feats, acts = rows("features"), rows("activations")
+        assert len(feats) == n_features and len(acts) == n_records, (len(feats), len(acts))
+        assert all(a["maxValue"] == a["values"][a["maxValueTokenIndex"]] for a in acts)
+        converted = len(feats)
+    print(json.dumps({"features": n_features, "records": n_records, "converted": converted}))
+''')
+
+
+def sae_dashboard_python() -> str | None:
+    """A Python with sae-dashboard: this one, or the one named by SAELAB_SAE_DASHBOARD_PYTHON (a separate venv)."""
+    if importlib.util.find_spec("sae_dashboard") is not None:
+        return sys.executable
+    return os.environ.get("SAELAB_SAE_DASHBOARD_PYTHON") or None
+
+
+def test_saedashboard_loads_it_and_converts_it_for_neuronpedia(exported, tmp_path):
+    python = sae_dashboard_python()
+    if python is None:
+        pytest.skip("sae-dashboard not installed (install it, or set SAELAB_SAE_DASHBOARD_PYTHON to a venv's python)")
+    out, summary, batches, _, _, _ = exported
+    run = subprocess.run([python, "-c", VALIDATE, str(out), str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["features"] == summary["features"]
+    assert result["records"] == sum(len(f["activations"]) for b in batches for f in b["features"])
+    # sae-dashboard 0.8.0 on PyPI predates neuronpedia_export.py: then only its loader is checked
+    assert result["converted"] in (0, summary["features"])
