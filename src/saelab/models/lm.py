@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saelab.errors import ShapeMismatchError
+from saelab.errors import ConfigError, ShapeMismatchError
 from saelab.models.hooks import (
     HookSet,
     Layout,
@@ -90,6 +90,25 @@ class LanguageModel:
         if not texts:
             return []
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True, move_to_device: bool = True
+                  ) -> torch.Tensor:
+        """Token ids as a LongTensor ``[batch, seq]``, as TransformerLens' ``to_tokens``: one row per text
+        (a single str gives one row), BOS first when ``prepend_bos`` (saelab's contexts all start with
+        it), no other special tokens; rows of a list are right-padded with the pad token (EOS if none)."""
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ConfigError(f"to_tokens takes a str or a non-empty list of str, got {type(text).__name__}")
+        rows = [[self.bos_token_id, *ids] if prepend_bos else ids for ids in self.tokenize(texts)]
+        width = max(len(ids) for ids in rows)
+        if width == 0:
+            raise ConfigError("to_tokens: the text is empty and prepend_bos=False, so there is no token")
+        pad = next((t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.bos_token_id)
+                    if t is not None))
+        tokens_BT = torch.full((len(rows), width), pad, dtype=torch.long)
+        for b, ids in enumerate(rows):
+            tokens_BT[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return tokens_BT.to(self.device) if move_to_device else tokens_BT
 
     def _tokens(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         if not isinstance(tokens_BT, torch.Tensor):

@@ -1,29 +1,36 @@
 """Save and load SAEs: one entry point for every format saelab reads.
 
-``save_sae`` writes a SAELens-layout folder (see :mod:`saelab.sae.saelens_format`).
-``load_sae`` takes any of:
+``save_sae`` writes a SAELens-layout folder (see :mod:`saelab.sae.saelens_format`), or with
+``format="sparsify"`` a sparsify folder (:mod:`saelab.sae.sparsify_format`). ``load_sae`` takes any of:
 
 - a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``), written by saelab or by SAELens;
+- a sparsify SAE folder (``cfg.json`` + ``sae.safetensors``); a sparsify trainer's folder of several
+  hookpoints loads with :func:`load_sparsify`;
 - an OpenAI ``sparse_autoencoder`` v5 ``.pt`` file (see :mod:`saelab.sae.openai_format`);
-- an ``https://`` URL of such a ``.pt`` file, e.g. ``openai_v5_url(8)``. It is downloaded once into
-  ``$SAELAB_CACHE_DIR/downloads`` (default ``~/.cache/saelab/downloads``), at a path that mirrors the URL.
+- an ``https://`` URL of such a ``.pt`` file, e.g. ``openai_v5_url(8)``, downloaded once into
+  ``$SAELAB_CACHE_DIR/downloads`` (default ``~/.cache/saelab/downloads``) by :func:`download`;
+- ``hf://owner/repo[@revision]/path/in/repo``: a SAELens or sparsify folder (or a ``.pt`` file) in a
+  Hugging Face hub repository, fetched with ``huggingface_hub`` into its own cache (:func:`load_from_hub`).
 
 Every failure is a :class:`CheckpointError` naming the file (or URL) and what was expected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from saelab.errors import CheckpointError
+from saelab.errors import CheckpointError, ConfigError
 from saelab.sae.openai_format import (
     OPENAI_LOCATION_TO_HOOK,
     openai_hook_name,
@@ -37,55 +44,202 @@ from saelab.sae.saelens_format import (
     read_sparsity,
     write_saelens_folder,
 )
+from saelab.sae.sparsify_format import (
+    SPARSIFY_WEIGHTS_FILENAME,
+    is_sparsify_folder,
+    read_sparsify_folder,
+    read_sparsify_hookpoints,
+    sparsify_hookpoint_folders,
+    write_sparsify_folder,
+    write_sparsify_hookpoints,
+)
 from saelab.sae.topk import TopKSAE
 from saelab.utils.atomic import atomic_path
 
 DOWNLOAD_TIMEOUT_S = 60.0
-_URL_SCHEMES = ("https://", "http://")
+SAVE_FORMATS = ("saelens", "sparsify")
+HF_PREFIX = "hf://"
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def save_sae(
     sae: TopKSAE,
     folder: str | os.PathLike,
     *,
+    format: str = "saelens",
     sparsity_log10: torch.Tensor | None = None,
     extra_files: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``sae`` as a SAELens folder and return its path.
+    """Write ``sae`` as a SAELens folder (``format="saelens"``) or a sparsify SAE folder (``"sparsify"``).
 
     ``sparsity_log10`` (one value per latent) goes to ``sparsity.safetensors``. ``extra_files`` maps plain file
-    names to bytes, text, or JSON-able dicts/lists (e.g. a training config) written beside the weights.
-    Files are written atomically and ``cfg.json`` last, so a folder with ``cfg.json`` is complete.
+    names to bytes, text, or JSON-able dicts/lists (e.g. a training config) written beside the weights; both
+    exist only in the SAELens layout. Files are written atomically and ``cfg.json`` last, so a folder with
+    ``cfg.json`` is complete.
     """
+    if format not in SAVE_FORMATS:
+        raise ConfigError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+    if format == "sparsify":
+        if sparsity_log10 is not None or extra_files:
+            raise ConfigError("format='sparsify' holds only cfg.json and sae.safetensors; sparsity_log10 and "
+                              "extra_files need format='saelens'")
+        return write_sparsify_folder(sae, folder)
     return write_saelens_folder(sae, folder, sparsity_log10=sparsity_log10, extra_files=extra_files)
 
 
+def save_sparsify(saes: TopKSAE | Mapping[str, TopKSAE], folder: str | os.PathLike, *,
+                  family: str | None = None) -> Path:
+    """Write one SAE as a sparsify SAE folder, or SAEs keyed by hook name as a sparsify trainer's folder
+    (one subfolder per hookpoint, ``layers.9`` etc.; ``family`` as in ``write_sparsify_hookpoints``)."""
+    if isinstance(saes, TopKSAE):
+        return write_sparsify_folder(saes, folder)
+    return write_sparsify_hookpoints(saes, folder, family=family)
+
+
+def load_sparsify(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> dict[str, TopKSAE]:
+    """Every SAE in a sparsify trainer's folder (or one SAE folder), keyed by TransformerLens hook name."""
+    path = _existing_path(folder)
+    if is_sparsify_folder(path):
+        sae = read_sparsify_folder(path, device=device, dtype=dtype)
+        return {sae.cfg.hook_name or path.name: sae}
+    return read_sparsify_hookpoints(path, device=device, dtype=dtype)
+
+
 def load_sae(
-    source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_http: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> TopKSAE:
-    """Load a SAELens folder, an OpenAI v5 ``.pt`` file, or an ``https://`` URL of one, as a TopKSAE."""
-    if isinstance(source, str) and source.startswith(_URL_SCHEMES):
-        return read_openai_v5(download(source), device=device, dtype=dtype, url=source)
+    """Load a SAELens or sparsify folder, an OpenAI v5 ``.pt`` file, an ``https://`` URL of one, or an
+    ``hf://owner/repo/path`` location, as a TopKSAE.
+
+    ``allow_http`` permits plain ``http://`` URLs. ``revision``, ``cache_dir`` and ``local_files_only`` are
+    passed to ``huggingface_hub`` for ``hf://`` locations.
+    """
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        repo_id, sae_id, uri_revision = parse_hf_uri(source)
+        return load_from_hub(repo_id, sae_id, revision=revision or uri_revision, cache_dir=cache_dir,
+                             local_files_only=local_files_only, device=device, dtype=dtype)
+    if isinstance(source, str) and _URL_RE.match(source):  # any scheme: only https (or allowed http) loads
+        return load_url(source, device=device, dtype=dtype, allow_http=allow_http)
+    return load_local(source, device=device, dtype=dtype)
+
+
+def _existing_path(source: str | os.PathLike) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
         raise CheckpointError(
-            f"{path}: no such file or folder; expected a SAELens folder (cfg.json + {WEIGHTS_FILENAME}), "
-            "an OpenAI .pt file, or an https:// URL"
+            f"{path}: no such file or folder; expected a SAELens folder (cfg.json + {WEIGHTS_FILENAME}), a "
+            f"sparsify folder (cfg.json + {SPARSIFY_WEIGHTS_FILENAME}), an OpenAI .pt file, an https:// URL or "
+            f"{HF_PREFIX}owner/repo/path"
         )
-    if path.is_file() and path.name in (CFG_FILENAME, WEIGHTS_FILENAME):
+    return path
+
+
+def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> TopKSAE:
+    """Load an SAE folder (SAELens or sparsify layout) or an OpenAI ``.pt`` file from disk."""
+    path = _existing_path(source)
+    if path.is_file() and path.name in (CFG_FILENAME, WEIGHTS_FILENAME, SPARSIFY_WEIGHTS_FILENAME):
         path = path.parent  # pointing at a file inside the folder means the folder
-    if path.is_dir():
-        if not (path / CFG_FILENAME).exists():
-            found = sorted(p.name for p in path.iterdir())[:8]
-            raise CheckpointError(
-                f"{path}: folder has no {CFG_FILENAME} (found {found}); expected a SAELens folder with "
-                f"{CFG_FILENAME} and {WEIGHTS_FILENAME} ({CFG_FILENAME} is written last, so the save may be incomplete)"
-            )
+    if not path.is_dir():
+        return read_openai_v5(path, device=device, dtype=dtype)
+    if is_sparsify_folder(path):
+        return read_sparsify_folder(path, device=device, dtype=dtype)
+    if (path / CFG_FILENAME).exists():
         return read_saelens_folder(path, device=device, dtype=dtype)
-    return read_openai_v5(path, device=device, dtype=dtype)
+    hookpoints = [p.name for p in sparsify_hookpoint_folders(path)]
+    if hookpoints:
+        raise CheckpointError(
+            f"{path}: a sparsify trainer's folder with SAEs for {len(hookpoints)} hookpoints ({', '.join(hookpoints[:6])}"
+            f"{', ...' if len(hookpoints) > 6 else ''}); pass one of them, e.g. {path / hookpoints[0]}, or load all "
+            "with saelab.sae.load_sparsify"
+        )
+    found = sorted(p.name for p in path.iterdir())[:8]
+    raise CheckpointError(
+        f"{path}: folder has no {CFG_FILENAME} (found {found}); expected a SAELens folder with {CFG_FILENAME} and "
+        f"{WEIGHTS_FILENAME} ({CFG_FILENAME} is written last, so the save may be incomplete) or a sparsify folder"
+    )
+
+
+# ---- the Hugging Face hub --------------------------------------------------------------------------
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str, str | None]:
+    """``hf://owner/repo[@revision]/path/in/repo`` -> (repo_id, path in repo, revision or None)."""
+    parts = uri.removeprefix(HF_PREFIX).strip("/").split("/")
+    if len(parts) < 2:
+        raise CheckpointError(f"{uri}: expected {HF_PREFIX}owner/repo[@revision]/path/in/repo")
+    name, _, revision = parts[1].partition("@")
+    repo_id = f"{parts[0]}/{name}"
+    if not _REPO_ID.match(repo_id) or (revision == "" and "@" in parts[1]):
+        raise CheckpointError(f"{uri}: {repo_id!r} is not a hub repository id (expected owner/name)")
+    return repo_id, "/".join(parts[2:]), revision or None
+
+
+def load_from_hub(
+    repo_id: str,
+    sae_id: str = "",
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> TopKSAE:
+    """Load the SAE at ``sae_id`` (a folder path inside the repository, or a ``.pt`` file) of hub repository
+    ``repo_id``: only that folder is downloaded, into huggingface_hub's cache (``HF_HUB_OFFLINE=1`` or
+    ``local_files_only=True`` read that cache without the network)."""
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+        raise CheckpointError(f"{repo_id!r} is not a hub repository id (expected owner/name)")
+    sae_id = sae_id.strip("/")
+    if any(part in (".", "..") for part in sae_id.split("/")):
+        raise CheckpointError(f"{repo_id}: sae_id {sae_id!r} must be a path inside the repository")
+    where = f"{HF_PREFIX}{repo_id}{'@' + revision if revision else ''}/{sae_id}"
+    local = _hub_fetch(repo_id, sae_id, where, revision=revision, cache_dir=cache_dir,
+                       local_files_only=local_files_only)
+    if not local.exists():
+        root = local.parents[len(Path(sae_id).parts) - 1] if sae_id else local
+        found = sorted(p.name for p in root.iterdir())[:8] if root.is_dir() else []
+        raise CheckpointError(f"{where}: the repository has no {sae_id!r} (found {found})")
+    return load_local(local, device=device, dtype=dtype)
+
+
+def _hub_fetch(repo_id: str, sae_id: str, where: str, **hub_kwargs: Any) -> Path:
+    """Download (or find in the cache) one file or one folder of a hub repository; return its local path."""
+    from huggingface_hub import hf_hub_download, snapshot_download  # lazy: only hub users pay the import
+
+    try:
+        if sae_id.endswith(".pt"):
+            return Path(hf_hub_download(repo_id, sae_id, **hub_kwargs))
+        patterns = [f"{sae_id}/*"] if sae_id else None
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs)) / sae_id
+    except Exception as e:  # huggingface_hub raises many types (offline, not found, gated, HTTP, validation)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{where}: could not be fetched from the Hugging Face hub ({type(e).__name__}: "
+                              f"{first})") from e
 
 
 # ---- downloads -------------------------------------------------------------------------------------
+#
+# Plain urllib rather than huggingface_hub or pooch: hub downloads serve hub repositories only, and pooch's
+# one check before a file enters its cache is a hash (its processors run once the file is in place), so
+# without a published hash a truncated file or an HTML error page would be cached; it would also add
+# requests as a dependency. What is needed here (stage, verify hash and parse, then rename into place;
+# refuse scheme-changing redirects) is a few lines on top of urllib.
+#
+# No sha256 is pinned for the OpenAI v5 release files: OpenAI publishes none, and none could be found in
+# public repositories. Every download is therefore checked by parsing it (torch.load weights_only=True and
+# building the SAE) before it enters the cache; callers who know a hash pass ``sha256=``.
 
 
 def download_dir() -> Path:
@@ -94,8 +248,17 @@ def download_dir() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "saelab") / "downloads"
 
 
-def _cache_path(url: str) -> Path:
+def _checked_url(url: str, allow_http: bool) -> urllib.parse.SplitResult:
     parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" and not (parts.scheme == "http" and allow_http):
+        hint = " (plain http needs allow_http=True / --allow-http)" if parts.scheme == "http" else ""
+        raise CheckpointError(f"{url}: only https:// URLs are downloaded{hint}")
+    return parts
+
+
+def cache_path(url: str, *, allow_http: bool = False) -> Path:
+    """Where ``url`` is cached: ``download_dir()/scheme/host[_port]/path`` (an http copy never serves https)."""
+    parts = _checked_url(url, allow_http)
     segments = [urllib.parse.unquote(s) for s in parts.path.split("/") if s]
     # The URL path becomes a path on disk: refuse anything that could step outside the cache.
     if not parts.hostname or not segments or any(s in (".", "..") or "/" in s or "\\" in s for s in segments):
@@ -103,22 +266,62 @@ def _cache_path(url: str) -> Path:
     if not segments[-1].endswith(".pt"):
         raise CheckpointError(f"{url}: only OpenAI sparse_autoencoder .pt files can be loaded from a URL")
     host = parts.hostname + (f"_{parts.port}" if parts.port else "")
-    return download_dir() / host / Path(*segments)
+    return download_dir() / parts.scheme / host / Path(*segments)
 
 
-def download(url: str, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Download ``url`` into the cache (atomically, once) and return the local path."""
-    target = _cache_path(url)
-    if target.is_file():
+class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the scheme of the original request (never https -> http)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url).scheme, urllib.parse.urlsplit(newurl).scheme
+        if new != old:
+            raise CheckpointError(f"{req.full_url}: redirected to another scheme ({newurl}); refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch(url: str, tmp: Path, timeout: float) -> None:
+    opener = urllib.request.build_opener(_SameSchemeRedirects)
+    with opener.open(url, timeout=timeout) as response, open(tmp, "wb") as out:
+        expected = response.headers.get("Content-Length")
+        shutil.copyfileobj(response, out, length=1 << 20)
+    got = tmp.stat().st_size
+    if expected is not None and expected.isdigit() and got != int(expected):
+        raise CheckpointError(f"{url}: download stopped after {got} of {expected} bytes")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, url: str, sha256: str | None) -> None:
+    """Raise CheckpointError unless ``path`` has the pinned hash and parses as an OpenAI v5 checkpoint."""
+    if sha256 is not None and (got := _sha256(path)) != sha256.lower():
+        raise CheckpointError(f"{url}: sha256 {got} does not match the expected {sha256.lower()}")
+    try:
+        read_openai_v5(path)  # the whole load, so a cached file is one that loads
+    except CheckpointError as e:
+        raise CheckpointError(f"{url}: the downloaded file is not a readable checkpoint ({e})") from e
+
+
+def download(url: str, *, timeout: float = DOWNLOAD_TIMEOUT_S, allow_http: bool = False,
+             sha256: str | None = None, refresh: bool = False) -> Path:
+    """Download ``url`` into the cache and return the local path; a cached copy is reused unless ``refresh``.
+
+    The file is written beside its cache path and renamed into place only once complete (Content-Length),
+    matching ``sha256`` when given, and readable as an OpenAI checkpoint: a truncated download or an HTML
+    error page never enters the cache.
+    """
+    target = cache_path(url, allow_http=allow_http)
+    if target.is_file() and not refresh:
         return target
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(target) as tmp:
-            expected = response.headers.get("Content-Length")
-            with open(tmp, "wb") as out:
-                shutil.copyfileobj(response, out, length=1 << 20)
-            got = tmp.stat().st_size
-            if expected is not None and got != int(expected):
-                raise CheckpointError(f"{url}: download stopped after {got} of {expected} bytes")
+        with atomic_path(target) as tmp:
+            _fetch(url, tmp, timeout)
+            _verify(tmp, url, sha256)
     except CheckpointError:
         raise
     except (urllib.error.URLError, OSError, ValueError) as e:
@@ -129,13 +332,43 @@ def download(url: str, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
     return target
 
 
+def load_url(url: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             allow_http: bool = False, sha256: str | None = None,
+             timeout: float = DOWNLOAD_TIMEOUT_S) -> TopKSAE:
+    """Load the OpenAI v5 checkpoint at ``url`` (downloaded once). A cached copy that no longer reads
+    (damaged on disk) is downloaded again once; if that fails too, the error names the cached file."""
+    was_cached = cache_path(url, allow_http=allow_http).is_file()
+    path = download(url, timeout=timeout, allow_http=allow_http, sha256=sha256)
+    try:
+        return read_openai_v5(path, device=device, dtype=dtype, url=url)
+    except CheckpointError as e:
+        if not was_cached:
+            raise
+        first_error = e
+    path = download(url, timeout=timeout, allow_http=allow_http, sha256=sha256, refresh=True)
+    try:
+        return read_openai_v5(path, device=device, dtype=dtype, url=url)
+    except CheckpointError as e:
+        raise CheckpointError(f"{url}: the cached copy {path} does not read ({first_error}) and neither does a "
+                              f"fresh download ({e}); delete {path}") from e
+
+
 __all__ = [
+    "HF_PREFIX",
     "OPENAI_LOCATION_TO_HOOK",
+    "SAVE_FORMATS",
+    "cache_path",
     "download",
     "download_dir",
+    "load_from_hub",
+    "load_local",
     "load_sae",
+    "load_sparsify",
+    "load_url",
     "openai_hook_name",
     "openai_v5_url",
+    "parse_hf_uri",
     "read_sparsity",
     "save_sae",
+    "save_sparsify",
 ]

@@ -71,17 +71,48 @@ def _provenance(path: Path, url: str | None) -> dict[str, Any]:
     return {"hook_name": openai_hook_name(layer, location), "extra": extra}
 
 
-def _load_untrusted(path: Path) -> Any:
+# Lines of torch's weights_only error that are advice, not a reason; the advice to retry with
+# weights_only=False is exactly what an untrusted file must not get.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _load_failure_reason(e: Exception) -> str:
+    """The informative part of a torch.load failure (e.g. 'Unsupported operand 60'), one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = [line.removeprefix("WeightsUnpickler error:").strip() for line in lines
+             if not line.startswith(_TORCH_BOILERPLATE)]
+    reason = next((line for line in lines if line), "")
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
+def load_untrusted_checkpoint(path: Path, what: str = "an OpenAI sparse_autoencoder .pt checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)``; any failure is a CheckpointError naming ``path``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; expected an OpenAI sparse_autoencoder .pt checkpoint") from None
+        raise CheckpointError(f"{path}: missing; expected {what}") from None
     except Exception as e:  # truncated zip, corrupt pickle, or a pickle that references code (refused)
         raise CheckpointError(
-            f"{path}: could not be read as a plain tensor checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "expected an OpenAI sparse_autoencoder state dict (loaded with weights_only=True, so pickles that "
-            "reference code are refused)"
+            f"{path}: could not be read as a plain tensor checkpoint ({_load_failure_reason(e)}); expected {what} "
+            "(read with weights_only=True: pickles that reference code are refused, never run)"
         ) from e
+
+
+def read_openai_v5_state(path: Path) -> Mapping[str, Any]:
+    """The state dict of an OpenAI v5 ``.pt`` file, checked to be a mapping with the model's tensors."""
+    state = load_untrusted_checkpoint(path)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"{path}: holds a {type(state).__name__}, expected an OpenAI sparse_autoencoder state dict"
+        )
+    missing = [key for key in _REQUIRED_KEYS if key not in state]
+    if missing:
+        found = sorted(str(key) for key in state)[:6]
+        raise CheckpointError(
+            f"{path}: not an OpenAI sparse_autoencoder checkpoint: missing {', '.join(missing)} (found {found}"
+            f"{', ...' if len(state) > 6 else ''})"
+        )
+    return state
 
 
 def _tensor(state: Mapping[str, Any], key: str, shape: tuple[int, ...], path: Path) -> torch.Tensor:
@@ -116,18 +147,7 @@ def _top_k(state: Mapping[str, Any], n: int, path: Path) -> int:
 
 def read_openai_v5(path: Path, *, device="cpu", dtype: torch.dtype = torch.float32, url: str | None = None) -> TopKSAE:
     """Load an OpenAI v5 ``.pt`` checkpoint as a TopKSAE (``input_norm='layernorm'``)."""
-    state = _load_untrusted(path)
-    if not isinstance(state, Mapping):
-        raise CheckpointError(
-            f"{path}: holds a {type(state).__name__}, expected an OpenAI sparse_autoencoder state dict"
-        )
-    missing = [key for key in _REQUIRED_KEYS if key not in state]
-    if missing:
-        found = sorted(str(key) for key in state)[:6]
-        raise CheckpointError(
-            f"{path}: not an OpenAI sparse_autoencoder checkpoint: missing {', '.join(missing)} (found {found}"
-            f"{', ...' if len(state) > 6 else ''})"
-        )
+    state = read_openai_v5_state(path)
     enc = state["encoder.weight"]
     if not isinstance(enc, torch.Tensor) or enc.ndim != 2:
         raise CheckpointError(f"{path}: 'encoder.weight' must be a 2-D tensor [n_latents, d_model]")
@@ -157,5 +177,7 @@ __all__ = [
     "OPENAI_V5_SIZES",
     "openai_hook_name",
     "openai_v5_url",
+    "load_untrusted_checkpoint",
     "read_openai_v5",
+    "read_openai_v5_state",
 ]

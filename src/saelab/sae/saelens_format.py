@@ -68,20 +68,13 @@ def saelens_cfg_dict(sae: TopKSAE) -> dict[str, Any]:
         "reshape_activations": "none",
         "rescale_acts_by_decoder_norm": False,
         "metadata": {
+            **c.metadata.to_dict(),
             "sae_lens_version": SAELENS_LAYOUT_VERSION,
             "sae_lens_training_version": None,
-            "model_name": c.model_name,
-            "hook_name": c.hook_name,
-            "hook_head_index": None,
             "model_class_name": "HookedTransformer",
             # Our activations are the HF modules' outputs, which equal TransformerLens hooks only when
             # TL skips weight processing; SAELens' own trainer records the same kwarg by default.
             "model_from_pretrained_kwargs": {"center_writing_weights": False},
-            "context_size": c.context_size,
-            "prepend_bos": c.prepend_bos,
-            # SAELens expresses "skip position 0" as a slice over positions.
-            "seqpos_slice": [1, None] if c.exclude_first else [None],
-            "dataset_path": c.dataset,
         },
         "saelab": c.to_dict(),
     }

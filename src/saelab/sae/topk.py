@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saelab.errors import NonFiniteError, ShapeMismatchError
+from saelab.errors import ConfigError, NonFiniteError, ShapeMismatchError
 
 INPUT_NORMS = ("none", "layernorm")
 LN_EPS = 1e-5
@@ -68,10 +68,44 @@ class SAEConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def d_sae(self) -> int:
+        """SAELens' name for ``n_latents``."""
+        return self.n_latents
+
+    @property
+    def metadata(self) -> "SAEMetadata":
+        """Provenance under SAELens' names (``cfg.metadata.hook_name`` etc.), a read-only view."""
+        return SAEMetadata(
+            model_name=self.model_name,
+            hook_name=self.hook_name,
+            context_size=self.context_size,
+            prepend_bos=self.prepend_bos,
+            dataset_path=self.dataset,
+            # SAELens expresses "skip position 0" as a slice over positions.
+            seqpos_slice=(1, None) if self.exclude_first else (None,),
+        )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class SAEMetadata:
+    """The ``metadata`` block of a SAELens config, derived from an :class:`SAEConfig`."""
+
+    model_name: str
+    hook_name: str
+    context_size: int
+    prepend_bos: bool
+    dataset_path: str
+    seqpos_slice: tuple[int | None, ...]
+    hook_head_index: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seqpos_slice": list(self.seqpos_slice)}
 
 
 class TopKOutput(NamedTuple):
@@ -96,6 +130,8 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
+        self.last_input_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        """A LayerNorm SAE's (mean, std) of the last ``encode`` input, which ``decode`` undoes."""
         if init:
             self.reset_parameters()
 
@@ -132,6 +168,20 @@ class TopKSAE(nn.Module):
     @property
     def n_latents(self) -> int:
         return self.cfg.n_latents
+
+    @property
+    def d_sae(self) -> int:
+        """SAELens' name for ``n_latents``."""
+        return self.cfg.n_latents
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, sae_id: str = "", **kwargs: Any) -> "TopKSAE":
+        """Load the SAE in folder ``sae_id`` of Hugging Face hub repository ``repo_id`` (SAELens or sparsify
+        layout, or an OpenAI ``.pt`` file). Unlike SAELens, ``repo_id`` is the repository itself, not a
+        release name; keyword arguments go to ``saelab.sae.io.load_from_hub`` (revision, device, ...)."""
+        from saelab.sae.io import load_from_hub  # io imports this module
+
+        return load_from_hub(repo_id, sae_id, **kwargs)
 
     def check_input(self, x: torch.Tensor, name: str = "activations") -> None:
         """Refuse input of the wrong width, or with NaN/inf (which would silently become NaN output)."""
@@ -175,6 +225,8 @@ class TopKSAE(nn.Module):
         return F.relu(vals), idx
 
     def encode_topk(self, x_n: torch.Tensor, k: int | None = None) -> TopKOutput:
+        """Top-k latents of input that is already normalized (``normalize_input(x)[0]``); the building
+        block of training and the kernels. For raw activations use ``encode_sparse`` or ``encode``."""
         pre = self.pre_acts(x_n)
         vals, idx = self.topk(pre, k)
         return TopKOutput(vals, idx, pre)
@@ -192,12 +244,45 @@ class TopKSAE(nn.Module):
 
     # ---- public API in the activation space ------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense latents z [..., n] for raw activations x [..., d_in]."""
-        self.check_input(x)
-        x_n, _ = self.normalize_input(x)
-        vals, idx, _ = self.encode_topk(x_n)
+        """Dense latents z [..., n] for raw activations x [..., d_in], whatever the input norm.
+
+        For a LayerNorm SAE the per-token mean and std of ``x`` are kept (as SAELens does) so that a
+        following ``decode(z)`` undoes the normalization; ``decode(z, norm=...)`` overrides them.
+        """
+        vals, idx, _ = self.encode_sparse(x)
         z = torch.zeros(*x.shape[:-1], self.n_latents, dtype=vals.dtype, device=vals.device)
         return z.scatter_(-1, idx, vals)
+
+    def encode_sparse(self, x: torch.Tensor, k: int | None = None) -> TopKOutput:
+        """Top-k latents (vals_BK, idx_BK, pre_BN) for raw activations x [..., d_in], whatever the input
+        norm; like ``encode`` it keeps a LayerNorm SAE's input statistics for ``decode``."""
+        self.check_input(x)
+        x_n, state = self.normalize_input(x)
+        self.last_input_stats = state
+        return self.encode_topk(x_n, k)
+
+    def decode(self, z: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Reconstruction x_hat [..., d_in] in the activation space from dense latents z [..., n].
+
+        A LayerNorm SAE needs each token's input mean and std to undo its normalization: ``norm`` =
+        ``normalize_input(x)[1]``, or by default those kept by the last ``encode`` / ``encode_sparse``
+        (which must have had z's leading shape).
+        """
+        if z.shape[-1] != self.n_latents:
+            raise ShapeMismatchError(f"latents have width {z.shape[-1]} but the SAE has d_sae={self.n_latents}")
+        lead = z.shape[:-1]
+        x_hat = torch.addmm(self.b_dec, z.reshape(-1, self.n_latents).to(self.W_dec.dtype), self.W_dec)
+        x_hat = x_hat.reshape(*lead, self.d_in)
+        if self.cfg.input_norm == "none":
+            return x_hat
+        state = norm if norm is not None else self.last_input_stats
+        if state is None:
+            raise ConfigError("decode of a LayerNorm SAE needs the input's mean and std: call encode(x) first "
+                              "or pass norm=sae.normalize_input(x)[1]")
+        if state[0].shape[:-1] != lead:
+            raise ShapeMismatchError(f"latents have leading shape {tuple(lead)} but the input statistics are for "
+                                     f"{tuple(state[0].shape[:-1])}; pass norm=sae.normalize_input(x)[1] for this x")
+        return self.denormalize_output(x_hat, state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction x_hat of raw activations x, in the same space as x."""
