@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
+import json
 
 import pytest
 import torch
 
 from saelab.explore import generate_with_and_without, latent_edit, run_with_cache_with_saes, steer
-from saelab.explore.steering import add_steer_arguments, generate_ids, prompt_tokens, steer_command
+from saelab.cli import main
+from saelab.explore.steering import generate_ids, prompt_tokens
 from saelab.sae import SAEConfig, TopKSAE, save_sae
 
 HOOK = "blocks.0.hook_resid_post"
@@ -122,13 +123,14 @@ def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):
     tiny_gpt2.model.save_pretrained(model_dir)
     tiny_gpt2.tokenizer.save_pretrained(model_dir)
     save_sae(sae, tmp_path / "sae")
-    parser = argparse.ArgumentParser()
-    add_steer_arguments(parser)
-    args = parser.parse_args([str(tmp_path / "sae"), "--latent", "7", "--value", "200", "--model", str(model_dir),
-                              "--prompt", "Once upon a time", "--max-new-tokens", "5", "--greedy"])
-    result = steer_command(args)
-    out = capsys.readouterr().out
+    argv = ["steer", str(tmp_path / "sae"), "--latent", "7", "--value", "200", "--model", str(model_dir),
+            "--prompt", "Once upon a time", "--max-new-tokens", "5", "--greedy", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out  # plain text for people
     assert "--- without steering ---" in out and "--- with steering (latent 7" in out
     assert "latent 7 promotes:" in out
+    assert main([*argv, "--json"]) == 0  # one JSON object for scripts
+    result = json.loads(capsys.readouterr().out)
     g = result["generations"][0]
     assert g["clean"] in out and g["steered"] in out and g["clean"] != g["steered"]
+    assert result["promoted_tokens"]["7"]

@@ -2,7 +2,7 @@
 
 import torch
 
-from saelab.cli import parse_grid
+from saelab.cli.jobs import parse_grid
 from saelab.pipeline import sweep_configs
 from saelab.train import TrainConfig, train_many, train_sae
 
@@ -45,5 +45,5 @@ def test_parse_grid_types_and_errors():
 
     from saelab.errors import SaelabError
 
-    with pytest.raises(SaelabError, match="bad --grid entry 'width=3'"):
+    with pytest.raises(SaelabError, match="--grid entry 'width=3'"):
         parse_grid(["width=3"])

@@ -1,37 +1,34 @@
-"""The main jobs, each a public function the CLI wraps: harvest, train, evaluate, quickstart.
-
-A run folder holds everything about one SAE::
-
-    run/
-      activations/        on-disk activation cache (shared by several SAEs if you like)
-      train_config.json   checkpoint.pt   metrics.jsonl   status.json
-      sae/                the trained SAE (SAELens folder format)
-      metrics.json        evaluation on held-out text
-      training_curves.png density.png     report.md
-"""
+"""The jobs, each a public function the CLI wraps: harvest, train, sweep, evaluate, the paper
+suite, quickstart. They compose the layers below and own every file of a run folder (layout:
+:mod:`saelab.run_folder`)."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from saelab.data import ActivationCache, ActivationStream, default_corpus, pack_contexts, sample_contexts
-from saelab.data import token_contexts
-from saelab.data import iter_texts, write_activation_cache
-from saelab.errors import CorpusError, NonFiniteError
-from saelab.evals.downstream import downstream_metrics
-from saelab.evals.reconstruction import reconstruction_metrics
-from saelab.models import LanguageModel, load_model
+from saelab.data import ActivationCache, ActivationStream, iter_texts, pack_contexts, resolve_corpus
+from saelab.data import sample_contexts, write_activation_cache
+from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
+from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
+from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
+from saelab.models import LanguageModel, load_model, model_provenance
+from saelab.report import density_histogram, write_paper_report, write_run_report
+from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
+                               check_output_folder, is_run, model_for, open_sae, read_eval_metrics, read_json,
+                               sae_sha256, sweep_runs)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
-from saelab.train.checkpoint import SAE_DIR, read_metrics
+from saelab.train.checkpoint import read_metrics, read_status
 from saelab.utils.atomic import write_json
+from saelab.utils.config import switch
 
 DEFAULT_HOOK = "blocks.9.hook_resid_post"
 
@@ -47,19 +44,19 @@ class HarvestConfig:
     """TransformerLens-style hook name, e.g. blocks.9.hook_resid_post."""
     corpus: str | None = None
     """Training text: a .txt/.jsonl/.jsonl.xz file, a folder of .txt, or a HF dataset name
-    (e.g. 'Skylion007/openwebtext'). None: the offline Wikipedia corpus when present."""
+    (e.g. 'Skylion007/openwebtext'). None: the offline Wikipedia corpus shipped in data/."""
     n_tokens: int = 1_048_576
     """Activation rows to harvest."""
     context_size: int = 64
     """Tokens per context (64 as in the paper)."""
-    prepend_bos: bool = True
+    prepend_bos: bool = switch(True)
     """Start every context with BOS."""
-    exclude_first: bool = True
+    exclude_first: bool = switch(True)
     """Leave position 0 (BOS, the attention sink) out of the activations."""
     lm_batch_size: int = 32
     """Contexts per LM forward."""
-    dtype: str = "float16"
-    """Storage dtype of the activation cache: float16, bfloat16 or float32."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the activation cache."""
     buffer_tokens: int = 262_144
     """Shuffle buffer (rows) between the LM and the cache."""
     sample_pool_tokens: int = 16_777_216
@@ -69,47 +66,21 @@ class HarvestConfig:
     seed: int = 0
     """Seed of the context draw and the shuffle."""
 
-
-@dataclass
-class EvalConfig:
-    """How to evaluate an SAE on held-out text."""
-
-    corpus: str | None = None
-    """Held-out text; None: the offline Wikipedia eval split when present."""
-    recon_tokens: int = 32_768
-    """Tokens for nMSE, L0 and dead/dense latents."""
-    downstream_tokens: int = 16_384
-    """Tokens for delta CE, KL and CE recovered (4 LM forwards each)."""
-    context_size: int | None = None
-    """Context length; None: the SAE's training context size."""
-    lm_batch_size: int = 8
-    """Contexts per LM forward in the downstream evaluation."""
-    ablations: tuple[str, ...] = ("zero", "mean")
-    """Baselines for CE recovered."""
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "lm_batch_size", "buffer_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_size < 2 + self.exclude_first:
+            raise ConfigError(f"context_size must be >= {2 + self.exclude_first} (BOS and text tokens), "
+                              f"got {self.context_size}")
+        if self.sample_pool_tokens < 0:
+            raise ConfigError(f"sample_pool_tokens must be >= 0, got {self.sample_pool_tokens}")
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(f"dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
 
 
-def _resolve_corpus(corpus: str | None, split: str) -> str:
-    if corpus:
-        return corpus
-    found = default_corpus(split)
-    if found is None:
-        raise CorpusError(
-            f"no corpus given and the offline default (wiki-en/wiki_{split}.jsonl.xz) was not found; "
-            "pass --corpus PATH or a Hugging Face dataset name"
-        )
-    return found
-
-
-def _load_lm(model: str | LanguageModel) -> LanguageModel:
-    return model if isinstance(model, LanguageModel) else load_model(model)
-
-
-def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None = None,
-            overwrite: bool = False, progress: bool = True) -> ActivationCache:
-    """Harvest activations into an on-disk cache; an interrupted harvest resumes where it stopped."""
-    lm = lm or _load_lm(cfg.model)
-    lm.check_hook(cfg.hook)
-    corpus = _resolve_corpus(cfg.corpus, "train")
+def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):
+    """Packed contexts of the corpus, drawn across its first sample_pool_tokens tokens."""
     contexts = pack_contexts(iter_texts(corpus), lm.tokenize, cfg.context_size, bos_token_id=lm.bos_token_id,
                              prepend_bos=cfg.prepend_bos)
     first = next(contexts, None)  # an empty corpus raises here; a too-short one gives no context
@@ -121,32 +92,59 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
         per_context = cfg.context_size - (1 if cfg.exclude_first else 0)
         contexts = sample_contexts(contexts, -(-cfg.n_tokens // per_context),
                                    cfg.sample_pool_tokens // cfg.context_size, seed=cfg.seed)
-    stream = ActivationStream(lm, cfg.hook, contexts, batch_size=4096, lm_batch_size=cfg.lm_batch_size,
-                              exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens, seed=cfg.seed,
-                              max_tokens=cfg.n_tokens, drop_last=False, progress=progress)
-    meta = {"model_name": cfg.model if isinstance(cfg.model, str) else lm.name, "hook_name": cfg.hook,
+    return contexts
+
+
+def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None = None,
+            device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
+            progress: bool = True) -> ActivationCache:
+    """Harvest activations into an on-disk cache; an interrupted harvest resumes where it stopped."""
+    check_output_folder(out_dir, "--out")
+    corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
+    lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
+    lm.check_hook(cfg.hook)
+    stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus), batch_size=4096,
+                              lm_batch_size=cfg.lm_batch_size, exclude_first=cfg.exclude_first,
+                              buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, max_tokens=cfg.n_tokens,
+                              drop_last=False, progress=progress)
+    meta = {**model_provenance(cfg.model if isinstance(cfg.model, str) else lm.name), "hook_name": cfg.hook,
             "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
             "exclude_first": cfg.exclude_first, "dataset": corpus, "harvest": asdict(cfg)}
     return write_activation_cache(stream, out_dir, meta=meta, dtype=cfg.dtype, resume=not overwrite,
                                   overwrite=overwrite, progress=progress)
 
 
-def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, cfg: TrainConfig, *,
-                     overwrite: bool = False, progress: bool = True) -> TopKSAE:
-    """Train one SAE on an activation cache (resumes an interrupted run in the same folder)."""
+def _open_cache(cache: str | Path | ActivationCache, rows_needed: int) -> ActivationCache:
     cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
-    if cache.n_rows < cfg.total_tokens:
-        raise CorpusError(f"activation cache {cache.folder} holds {cache.n_rows:,} rows but training asks for "
-                          f"total_tokens={cfg.total_tokens:,}; harvest more or train on fewer tokens")
+    if cache.n_rows < rows_needed:
+        raise CorpusError(f"activation cache {cache.folder} holds {cache.n_rows:,} rows but training needs "
+                          f"{rows_needed:,} (total_tokens); harvest more or train on fewer tokens")
+    return cache
+
+
+def _cache_meta(cache: ActivationCache) -> dict[str, Any]:
+    keys = ("model_name", "hook_name", "context_size", "prepend_bos", "exclude_first", "dataset", "model_source")
+    return {k: cache.meta[k] for k in keys if k in cache.meta}
+
+
+def _cache_batches(cache: ActivationCache, cfg: TrainConfig):
+    def batches_from(start_batch: int):
+        return cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, start_batch=start_batch)
+    return batches_from
+
+
+def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, cfg: TrainConfig, *,
+                     device: str | torch.device | None = None, overwrite: bool = False,
+                     progress: bool = True) -> TopKSAE:
+    """Train one SAE on an activation cache (resumes an interrupted run in the same folder)."""
+    check_output_folder(run_dir, "--out")
+    cache = _open_cache(cache, cfg.total_tokens)
     return train_sae(cfg, _cache_batches(cache, cfg), run_dir, d_in=cache.d, meta=_cache_meta(cache),
-                     overwrite=overwrite, progress=progress)
+                     overwrite=overwrite, progress=progress, device=device)
 
 
 def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, TrainConfig]:
     """Every combination of the grid's values over ``base``, keyed by a folder name like n4096_k32."""
-    import itertools
-    from dataclasses import replace
-
     short = {"n_latents": "n", "k": "k", "lr": "lr", "k_aux": "kaux", "total_tokens": "tok"}
     keys = list(grid)
     out = {}
@@ -159,72 +157,125 @@ def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, Tr
 
 
 def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, base: TrainConfig,
-                     grid: dict[str, list[Any]], *, overwrite: bool = False, progress: bool = True
-                     ) -> dict[str, TopKSAE]:
+                     grid: dict[str, list[Any]], *, device: str | torch.device | None = None,
+                     overwrite: bool = False, progress: bool = True) -> dict[str, TopKSAE]:
     """Train every SAE of a grid from ONE pass over an activation cache, each in out_dir/<name>/."""
     from saelab.train import train_many
 
-    cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
+    check_output_folder(out_dir, "--out")
     configs = sweep_configs(base, grid)
-    need = max(c.total_tokens for c in configs.values())
-    if cache.n_rows < need:
-        raise CorpusError(f"activation cache {cache.folder} holds {cache.n_rows:,} rows; the sweep needs {need:,}")
+    cache = _open_cache(cache, max(c.total_tokens for c in configs.values()))
     out_dir = Path(out_dir)
     saes = train_many(list(configs.values()), _cache_batches(cache, base), [out_dir / n for n in configs],
-                      d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress)
+                      d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress, device=device)
     return dict(zip(configs, saes))
 
 
-def _cache_meta(cache: ActivationCache) -> dict[str, Any]:
-    keys = ("model_name", "hook_name", "context_size", "prepend_bos", "exclude_first", "dataset")
-    return {k: cache.meta[k] for k in keys if k in cache.meta}
-
-
-def _cache_batches(cache: ActivationCache, cfg: TrainConfig):
-    def batches_from(start_batch: int):
-        return cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, start_batch=start_batch)
-    return batches_from
+def _held_out_label(sae: TopKSAE, corpus: str) -> str:
+    """'held-out text', or a warning label when the eval text is the SAE's training text."""
+    trained_on = sae.cfg.dataset
+    same = bool(trained_on) and (trained_on == corpus or (Path(trained_on).exists() and Path(corpus).exists()
+                                                          and Path(trained_on).resolve() == Path(corpus).resolve()))
+    if not same:
+        return "held-out text"
+    print(f"warning: evaluating on {corpus}, the text the SAE was trained on; the metrics are not held-out",
+          file=sys.stderr)
+    return "training text (not held out)"
 
 
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,
-             out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Core metrics of an SAE on held-out text; writes metrics.json (and density.png) to out_dir."""
+             out_dir: str | Path | None = None, device: str | torch.device | None = None,
+             model_dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
+    """Core metrics of an SAE on held-out text; with ``out_dir`` also metrics.json (recording the
+    SAE's weight hash and the eval settings) and density.png there."""
     cfg = cfg or EvalConfig()
-    sae = sae if isinstance(sae, TopKSAE) else load_sae(sae)
-    lm = _load_lm(lm or sae.cfg.model_name or "default")
-    hook = lm.check_hook(sae.cfg.hook_name)
-    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
-    corpus = _resolve_corpus(cfg.corpus, "eval")
-    T = cfg.context_size or sae.cfg.context_size
-    n_needed = max(cfg.recon_tokens, cfg.downstream_tokens)
-    first = 1 if sae.cfg.exclude_first else 0
-    tokens = token_contexts(corpus, lm.tokenize, T, n_contexts=-(-n_needed // (T - first)),
-                            bos_token_id=lm.bos_token_id, prepend_bos=sae.cfg.prepend_bos)
-
-    t0 = time.perf_counter()
-    sae.eval()
-    with torch.no_grad():
-        acts = [lm.activations(tokens[i:i + 32], hook)[:, first:].reshape(-1, lm.hook_width(hook))
-                for i in range(0, tokens.shape[0], 32)]
-    acts_ND = torch.cat(acts)[:cfg.recon_tokens]
-    if not torch.isfinite(acts_ND).all():
-        raise NonFiniteError(f"activations at {hook} of model {lm.name} on eval corpus {corpus!r} contain NaN or "
-                             "inf; expected finite activations (is the model broken, or overflowing its dtype?)")
-    recon, freq = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress)
-    t_recon = time.perf_counter() - t0
-    n_ctx = -(-cfg.downstream_tokens // (T - first))
-    down = downstream_metrics(lm, sae, tokens[:n_ctx], hook=hook, lm_batch_size=cfg.lm_batch_size,
-                              mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations, progress=progress)
-    result = {**recon.to_dict(), **down, "model": lm.name, "hook": hook, "eval_corpus": str(corpus),
-              "context_size": T, "position_0": "excluded" if first else "included",
-              "seconds": {"reconstruction": round(t_recon, 2), "downstream": round(time.perf_counter() - t0 - t_recon, 2)}}
     if out_dir is not None:
-        from saelab.report.plots import density_histogram
+        check_output_folder(out_dir, "--out")
+    sae = sae if isinstance(sae, TopKSAE) else open_sae(sae)[0]
+    lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
+    core = evaluate_core(sae, lm, cfg, progress=progress)
+    metrics = {**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
+               "sae_sha256": sae_sha256(sae), "eval_config": _eval_config_record(cfg)}
+    if out_dir is not None:
+        write_json(Path(out_dir) / EVAL_METRICS, metrics)
+        density_histogram(core.frequencies_N, Path(out_dir) / DENSITY_PLOT, metrics["n_tokens"])
+    return metrics
 
-        out_dir = Path(out_dir)
-        write_json(out_dir / "metrics.json", result)
-        density_histogram(freq, out_dir / "density.png", recon.n_tokens)
-    return result
+
+def _eval_config_record(cfg: EvalConfig) -> dict[str, Any]:
+    """The eval config as metrics.json stores it (JSON types: tuples are lists)."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig) -> bool:
+    """True when the run's metrics.json describes this SAE evaluated with this config."""
+    metrics = read_eval_metrics(run_dir, sae)
+    return bool(metrics) and metrics.get("eval_config") == _eval_config_record(cfg)
+
+
+def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
+                 device: str | torch.device | None = None, model_dtype: str = "float32",
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md."""
+    sae = load_sae(Path(run_dir) / SAE_DIR)
+    metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
+                       progress=progress)
+    if (Path(run_dir) / TRAIN_CONFIG).exists():
+        write_run_report(run_dir)
+    return metrics
+
+
+def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: str | None = None,
+                   device: str | torch.device | None = None, overwrite: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
+    """Core-evaluate every run of a sweep folder (one model load each); runs whose metrics.json
+    describes their SAE with the same settings are kept unless ``overwrite``."""
+    cfg = cfg or EvalConfig()
+    runs = sweep_runs(folder)
+    if not runs:
+        raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
+                          "`saelab sweep`")
+    models: dict[str, LanguageModel] = {}
+    out: dict[str, Any] = {}
+    for run in runs:
+        sae = load_sae(run / SAE_DIR)
+        if not overwrite and evaluation_is_current(run, sae, cfg):
+            out[run.name] = "already evaluated"
+            continue
+        spec = model or model_for(sae)
+        models.setdefault(spec, load_model(spec, device=device))
+        if progress:
+            print(f"[sweep eval] {run.name}", flush=True)
+        m = evaluate_run(run, cfg, lm=models[spec], progress=progress)
+        out[run.name] = {k: m[k] for k in ("nmse", "l0", "delta_ce") if k in m}
+    return out
+
+
+def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: LanguageModel | str | None = None,
+                hook: str | None = None, eval_cfg: EvalConfig | None = None, cfg: PaperSuiteConfig | None = None,
+                device: str | torch.device | None = None, overwrite: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+    """`saelab eval SAE --suite paper`: the suite into OUT/evals/ (OUT: the run folder, or ``out_dir``),
+    OUT/evals/report.md, and the run's report.md. Raises after writing when a metric failed."""
+    sae, run = open_sae(source)
+    if hook:
+        sae.cfg.hook_name = hook
+    out = Path(out_dir) if out_dir is not None else run
+    if out is None:
+        raise ConfigError(f"--suite paper writes its results to a folder: pass --out DIR for {source}, which is "
+                          "not a run folder")
+    check_output_folder(out, "--out")
+    lm = load_model(lm or model_for(sae), device=device)
+    index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,
+                            progress=progress)
+    write_paper_report(out)
+    if run is not None and out == run and (run / TRAIN_CONFIG).exists():
+        write_run_report(run)  # with a link to evals/report.md
+    failed = {m: v["reason"] for m, v in index["metrics"].items() if v["status"] == "error"}
+    if failed:
+        raise SaelabError(f"paper suite wrote {out / EVALS_DIR / 'report.md'} but failed in {len(failed)} "
+                          "metric(s): " + "; ".join(f"{m}: {r}" for m, r in failed.items()))
+    return index
 
 
 @dataclass
@@ -236,42 +287,64 @@ class QuickstartConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def finished_training(run_dir: Path, cfg: TrainConfig) -> TopKSAE | None:
+    """The SAE of a finished run in ``run_dir`` trained with ``cfg``, else None."""
+    if read_status(run_dir).get("state") != "finished" or not (run_dir / TRAIN_CONFIG).exists():
+        return None
+    if read_json(run_dir / TRAIN_CONFIG, "training config").get("train") != cfg.to_dict():
+        return None
+    return load_sae(run_dir / SAE_DIR)
+
+
+def _timed(times: dict[str, float], name: str, fn):
+    t = time.perf_counter()
+    out = fn()
+    times[name] = round(time.perf_counter() - t, 1)
+    return out
+
+
 def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel | None = None,
-               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Harvest -> train -> evaluate -> report.md, each stage resumable, in one run folder.
+               device: str | torch.device | None = None, overwrite: bool = False,
+               overwrite_activations: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Harvest -> train -> evaluate -> report.md in one run folder. Every stage resumes: a finished
+    harvest, training or evaluation with the same settings is reused. ``overwrite`` replaces the
+    training and evaluation (the activation cache stays unless ``overwrite_activations``).
 
     ``lm``: the already-loaded model that ``cfg.harvest.model`` names (it is then not loaded again).
     """
-    from saelab.report.markdown import write_run_report
-
     run_dir = Path(run_dir)
+    check_output_folder(run_dir, "--out")
+    harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
     times: dict[str, float] = {}
-    t = time.perf_counter()
-    lm = lm or _load_lm(cfg.harvest.model)
-    times["load_model"] = time.perf_counter() - t
-    t = time.perf_counter()
-    cfg.harvest.n_tokens = max(cfg.harvest.n_tokens, cfg.train.total_tokens)
-    cache = harvest(cfg.harvest, run_dir / "activations", lm=lm, overwrite=overwrite, progress=progress)
-    times["harvest"] = time.perf_counter() - t
-    t = time.perf_counter()
-    sae = train_from_cache(cache, run_dir, cfg.train, overwrite=overwrite, progress=progress)
-    times["train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    metrics = evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir, progress=progress)
-    times["evaluate"] = time.perf_counter() - t
-    metrics["wall_seconds"] = {k: round(v, 1) for k, v in times.items()} | {"total": round(sum(times.values()), 1)}
-    write_json(run_dir / "metrics.json", metrics)
+    lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device))
+    cache = _timed(times, "harvest", lambda: harvest(harvest_cfg, run_dir / ACTIVATIONS_DIR, lm=lm,
+                                                     overwrite=overwrite_activations, progress=progress))
+    sae = None if overwrite else finished_training(run_dir, cfg.train)
+    if sae is None:
+        if overwrite and (run_dir / TRAIN_CONFIG).exists():
+            print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
+                  file=sys.stderr)
+        sae = _timed(times, "train", lambda: train_from_cache(cache, run_dir, cfg.train, device=device,
+                                                              overwrite=overwrite, progress=progress))
+    if evaluation_is_current(run_dir, sae, cfg.eval):
+        metrics = read_eval_metrics(run_dir, sae)
+    else:
+        metrics = _timed(times, "evaluate", lambda: evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir,
+                                                            progress=progress))
+    metrics["wall_seconds"] = {**metrics.get("wall_seconds", {}), **times}
+    metrics["wall_seconds"]["total"] = round(sum(v for k, v in metrics["wall_seconds"].items() if k != "total"), 1)
+    write_json(run_dir / EVAL_METRICS, metrics)
     write_run_report(run_dir)
     return metrics
 
 
 def load_run(run_dir: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
-    """The trained SAE of a run folder and its evaluation metrics (empty if not evaluated)."""
-    run_dir = Path(run_dir)
-    sae = load_sae(run_dir / SAE_DIR)
-    path = run_dir / "metrics.json"
-    return sae, (json.loads(path.read_text()) if path.exists() else {})
+    """The trained SAE of a run folder and its evaluation metrics (empty if none describe this SAE)."""
+    sae = load_sae(Path(run_dir) / SAE_DIR)
+    return sae, read_eval_metrics(run_dir, sae)
 
 
-__all__ = ["DEFAULT_HOOK", "EvalConfig", "HarvestConfig", "QuickstartConfig", "evaluate", "harvest", "load_run",
-           "quickstart", "read_metrics", "sweep_configs", "sweep_from_cache", "train_from_cache"]
+__all__ = ["DEFAULT_HOOK", "EvalConfig", "HarvestConfig", "PaperSuiteConfig", "QuickstartConfig", "eval_settings",
+           "evaluate", "evaluate_run", "evaluate_sweep", "evaluation_is_current", "finished_training", "harvest",
+           "is_run", "load_run", "paper_suite", "quickstart", "read_metrics", "sweep_configs", "sweep_from_cache",
+           "train_from_cache"]

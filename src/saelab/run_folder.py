@@ -133,3 +133,28 @@ def clear_eval_outputs(run_dir: str | Path) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+def check_output_folder(path: str | Path, option: str) -> Path:
+    """Refuse, before any slow work, an output folder that is a file or cannot be created or written."""
+    import os
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{option} {path} is a file; expected a folder (new or existing)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{option} {path}: {existing} is not a writable folder; expected a place saelab can "
+                              "write to")
+    return path
+
+
+def model_for(sae) -> str:
+    """The model spec to load for an SAE: the one it was trained with (e.g. 'default' for the offline
+    SmolLM2 whose hub id the SAE records), its model_name, or the offline default."""
+    source = sae.cfg.extra.get("model_source") if isinstance(sae.cfg.extra, dict) else None
+    if isinstance(source, dict) and source.get("spec"):
+        return str(source["spec"])
+    return sae.cfg.model_name or "default"

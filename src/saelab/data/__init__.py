@@ -14,7 +14,7 @@ from saelab.data.cache import (
     write_activation_cache,
 )
 from saelab.data.harvest import ActivationModel, ActivationStream
-from saelab.data.text import default_corpus, iter_texts
+from saelab.data.text import default_corpus, iter_texts, resolve_corpus, shipped_data_dir
 from saelab.data.tokens import batched, hf_tokenize_fn, pack_contexts, sample_contexts, token_contexts
 
 __all__ = [
@@ -28,7 +28,9 @@ __all__ = [
     "hf_tokenize_fn",
     "iter_texts",
     "pack_contexts",
+    "resolve_corpus",
     "sample_contexts",
+    "shipped_data_dir",
     "token_contexts",
     "write_activation_cache",
 ]

@@ -89,6 +89,17 @@ def default_corpus(split: str = "train") -> str | None:
     return None
 
 
+def resolve_corpus(corpus: str | None, split: str) -> str:
+    """``corpus`` when given, else the offline default for ``split``; a one-line error when neither exists."""
+    if corpus:
+        return corpus
+    found = default_corpus(split)
+    if found is None:
+        raise CorpusError(f"no corpus given and the offline default (data/wiki-en/{DEFAULT_CORPUS_FILES[split]}) "
+                          f"was not found; pass --corpus PATH or a Hugging Face dataset name, or set {CORPUS_DIR_ENV}")
+    return found
+
+
 # --- sources -----------------------------------------------------------------------------------
 
 

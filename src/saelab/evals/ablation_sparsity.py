@@ -79,6 +79,7 @@ from tqdm.auto import tqdm
 
 from saelab.errors import ConfigError
 from saelab.evals._common import (
+    run_option,
     check_tokens,
     config_dict,
     first_position,
@@ -117,11 +118,11 @@ class AblationSparsityConfig:
     """Bootstrap replicates of the sites' contexts for the intervals (0 = no intervals)."""
     ci_level: float = DEFAULT_LEVEL
     """Coverage of the intervals."""
-    exclude_first: bool | None = None
+    exclude_first: bool | None = run_option(None)
     """Leave position 0 out of the sites; None = follow the SAE's cfg.exclude_first."""
-    hook: str | None = None
+    hook: str | None = run_option(None)
     """Hook to ablate at; None = the SAE's cfg.hook_name."""
-    progress: bool = False
+    progress: bool = run_option(False)
     """Show a progress bar."""
 
     def __post_init__(self) -> None:

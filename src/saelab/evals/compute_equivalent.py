@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from saelab.errors import SaelabError
-from saelab.evals._common import check_tokens, config_dict, first_position, json_float
+from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
 from saelab.evals.power_law import FitError, fit_power_law
 from saelab.utils.atomic import write_json
 
@@ -472,10 +472,10 @@ def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
 class ComputeEquivalentConfig:
     """Settings of the compute-equivalent metric."""
 
-    series: str | None = None
+    series: str | None = run_option(None)
     """Checkpoint series: crfm-gpt2-small, pythia-70m (any pythia-<size>[-deduped]) or a folder of
     checkpoints; None = the built-in series of the evaluated model, if it has one."""
-    steps: tuple[int, ...] = ()
+    steps: tuple[int, ...] = run_option(())
     """Training steps of the hub series to measure; () = a default log-spaced subset (11-12 checkpoints)."""
     fit: str = "power"
     """'power': L(C) = a C^-b + c, inverted; 'interp': piecewise-linear in log C between checkpoints."""
@@ -485,11 +485,11 @@ class ComputeEquivalentConfig:
     initial plateau."""
     lm_batch_size: int = 8
     """Contexts per forward."""
-    exclude_first: bool | None = None
+    exclude_first: bool | None = run_option(None)
     """Leave the prediction at position 0 out; None = follow the SAE's cfg.exclude_first."""
-    hook: str | None = None
+    hook: str | None = run_option(None)
     """Hook to splice at; None = the SAE's cfg.hook_name."""
-    progress: bool = False
+    progress: bool = run_option(False)
     """Show a progress bar over checkpoints."""
 
     def __post_init__(self) -> None:
@@ -502,8 +502,7 @@ class ComputeEquivalentConfig:
 @torch.no_grad()
 def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquivalentConfig | None = None, *,
                            series: CheckpointSeries | None = None, spliced_loss: float | None = None,
-                           clean_loss: float | None = None, cache_path: str | Path | None = None,
-                           plot_path: str | Path | None = None) -> dict[str, Any]:
+                           clean_loss: float | None = None, cache_path: str | Path | None = None) -> dict[str, Any]:
     """Compute-equivalent of ``sae`` spliced into ``lm`` (module docstring).
 
     ``spliced_loss`` / ``clean_loss``: already measured on exactly these tokens and predictions
@@ -537,10 +536,6 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
     out = {"metric": "compute_equivalent", "hook": hook, "config": config_dict(cfg), "series": series.info(),
            **{k: v for k, v in out.items() if k != "metric"}, "n_predictions": n_pred,
            "checkpoint_s": t2 - t1, "wall_s": time.perf_counter() - t0}
-    if plot_path is not None:
-        from saelab.report.plots import compute_equivalent_plot
-
-        compute_equivalent_plot(out, plot_path)
     return out
 
 

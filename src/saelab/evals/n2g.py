@@ -33,12 +33,28 @@ fires there), ``F1 = 2 TP / (2 TP + FP + FN)``; averages are over latents where 
 pools the counts of all explained latents. ``corr`` is the Pearson correlation of predicted
 (``value * max_act``) and actual activations.
 
-**Splicing**: on the held-out contexts the hook activation is replaced by the SAE reconstruction
-from latents in which the explained latents' values are replaced by the N2G predictions (scaled
-by ``max_act``; the other latents keep their SAE values). Compared with the clean model (delta
-CE, KL), with the plain SAE splice, and with the explained latents set to zero: ``ce_recovered =
-(ce_zeroed - ce_n2g) / (ce_zeroed - ce_sae)`` is 1 when N2G's activations serve the model as well
-as the real ones and 0 when they are no better than dropping those latents.
+**Splicing** (§4.4): on the held-out contexts the hook activation is replaced by an SAE
+reconstruction from simulated latents (N2G predictions scaled by ``max_act``), two ways:
+
+- ``n2g_all``, the paper's definition: *every* latent is simulated. The explained latents take
+  their N2G predictions and every latent without an explanation is 0, so the model sees only what
+  the explanations account for. This approaches the paper's number when every latent that fires
+  is explained (``cfg.n_latents = 0``); with a sample of latents, most latents are simply 0 and the
+  loss is mostly that of dropping them (``n_simulated`` / ``simulated_frac`` say how many).
+- ``n2g_partial``: only the explained latents are replaced; all others keep their SAE values.
+  Not the paper's metric; it isolates the explained latents (compare ``zeroed``: the same latents
+  set to 0, others kept): ``ce_recovered_partial = (ce_zeroed - ce_n2g_partial) / (ce_zeroed -
+  ce_sae)`` is 1 when N2G's activations serve the model as well as the real ones and 0 when they
+  are no better than dropping those latents.
+
+Each is compared with the clean model (delta CE, KL) and the plain SAE splice. With
+``cfg.splice_error_term`` the SAE's error ``x - SAE(x)`` is added back in every splice.
+
+**Intervals** (``saelab.evals.bootstrap``, ``cfg.n_boot`` replicates, ``cfg.ci_level``): the
+held-out contexts are resampled; precision, recall and F1 (means over latents, from the drawn
+contexts' pooled counts) and the splice's delta CEs (pooled over the drawn contexts'
+predictions) are recomputed on each draw, paired (the same draw for every quantity, so
+``n2g_all_minus_sae`` has the shared context difficulty removed). The explanations stay fixed.
 
 Result schema (``run_n2g`` returns a JSON-serializable dict)::
 
@@ -52,8 +68,13 @@ Result schema (``run_n2g`` returns a JSON-serializable dict)::
     per_latent        [{latent, max_act, n_examples_used, n_patterns, precision, recall, f1, corr,
                         tp, fp, fn, patterns: [{tokens (str, "*" = wildcard), ids (-1 = wildcard),
                         anchored, value, count}] (the most frequent max_patterns_reported)}]
-    splice            {ce_clean, ce_sae, ce_n2g, ce_zeroed, delta_ce_sae, delta_ce_n2g, delta_ce_zeroed,
-                       kl_sae, kl_n2g, ce_recovered, n_predictions} (None when cfg.splice is False)
+    splice            {ce_clean, ce_sae, ce_n2g_all, ce_n2g_partial, ce_zeroed, delta_ce_sae, delta_ce_n2g_all,
+                       delta_ce_n2g_partial, delta_ce_zeroed, kl_sae, kl_n2g_all, kl_n2g_partial,
+                       ce_recovered_partial, n_simulated (latents with an explanation), simulated_frac
+                       (n_simulated / n_latents), n_predictions} (None when cfg.splice is False)
+    intervals         {precision, recall, f1, delta_ce_sae, delta_ce_n2g_all, delta_ce_n2g_partial,
+                       n2g_all_minus_sae}: bootstrap intervals {estimate, low, high, level, n_boot,
+                       n_groups, n_undefined} (the delta CEs only with the splice; {} when n_boot is 0)
     n_model_sequences short sequences run through the model while building
     build_s, eval_s, wall_s   wall times
 """
@@ -68,15 +89,19 @@ from typing import Callable, Sequence
 
 import torch
 
+from saelab.errors import ConfigError
 from saelab.evals._common import (
+    run_option,
     check_tokens,
     config_dict,
     first_position,
     json_float,
     resolve_hook,
 )
+from saelab.evals.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args, paired_bootstrap
 from saelab.evals.downstream import ce_and_kl
 from saelab.evals.probe_tasks import token_strings
+from saelab.utils.config import switch
 
 WILDCARD = -1
 """Pattern entry matching any token."""
@@ -109,9 +134,9 @@ class N2GConfig:
     """A latent fires at a token when its activation exceeds firing_frac * max_act (0: any nonzero)."""
     heldout_frac: float = 0.5
     """Fraction of the contexts (the last ones) held out for scoring and splicing."""
-    splice: bool = True
+    splice: bool = switch(True)
     """Measure the LM loss with N2G-simulated activations spliced in."""
-    splice_error_term: bool = False
+    splice_error_term: bool = switch(False)
     """Add the SAE's error (x - SAE(x)) back when splicing (isolates the latents' effect)."""
     seq_batch_size: int = 256
     """Short sequences per model call while building."""
@@ -120,19 +145,24 @@ class N2GConfig:
     max_patterns_reported: int = 20
     """Patterns listed per latent in the result (all are used)."""
     seed: int = 0
-    """Seed of the latent sampling."""
-    exclude_first: bool | None = None
+    """Seed of the latent sampling and of the bootstrap."""
+    n_boot: int = DEFAULT_N_BOOT
+    """Bootstrap replicates of the held-out contexts for the intervals (0 = no intervals)."""
+    ci_level: float = DEFAULT_LEVEL
+    """Coverage of the intervals."""
+    exclude_first: bool | None = run_option(None)
     """Leave position 0 out of examples, scores and splices; None = the SAE's cfg.exclude_first."""
-    hook: str | None = None
+    hook: str | None = run_option(None)
     """Hook the SAE reads; None = the SAE's cfg.hook_name."""
 
     def __post_init__(self) -> None:
         if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+            raise ConfigError(f"max_len must be >= 1, got {self.max_len}")
         if not 0 < self.heldout_frac < 1:
-            raise ValueError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
+            raise ConfigError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
         if self.n_examples < 1:
-            raise ValueError(f"n_examples must be >= 1, got {self.n_examples}")
+            raise ConfigError(f"n_examples must be >= 1, got {self.n_examples}")
+        check_bootstrap_args(self.n_boot, self.ci_level)
 
 
 # ---- explanations -------------------------------------------------------------------------
@@ -289,18 +319,21 @@ def _nanmean(values) -> float | None:
 
 # ---- splicing -----------------------------------------------------------------------------
 def splice_latents(sae, latents_E: torch.Tensor, values_BTE: torch.Tensor | None, first: int,
-                   keep_error: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+                   keep_error: bool = False, zero_others: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """An edit replacing positions >= first by the SAE reconstruction with latents E set to values.
 
-    ``values_BTE`` None keeps the SAE's own values (a plain splice). With ``keep_error`` the SAE's
-    error ``x - SAE(x)`` is added back.
+    ``values_BTE`` None keeps the SAE's own values (a plain splice). The other latents keep their
+    SAE values, or are 0 with ``zero_others`` (every latent simulated: N2G §4.4). With
+    ``keep_error`` the SAE's error ``x - SAE(x)`` is added back.
     """
     @torch.no_grad()
     def edit(x_BTD: torch.Tensor) -> torch.Tensor:
         x = x_BTD.to(sae.W_dec.dtype)
         x_n, state = sae.normalize_input(x)
         vals, idx, _ = sae.encode_topk(x_n)
-        z = torch.zeros(*x.shape[:-1], sae.n_latents, dtype=vals.dtype, device=vals.device).scatter_(-1, idx, vals)
+        z = torch.zeros(*x.shape[:-1], sae.n_latents, dtype=vals.dtype, device=vals.device)
+        if not zero_others:
+            z.scatter_(-1, idx, vals)
         if values_BTE is not None:
             z[..., latents_E.to(z.device)] = values_BTE.to(z)
         x_hat = sae.denormalize_output(z @ sae.W_dec + sae.b_dec, state)
@@ -313,7 +346,7 @@ def splice_latents(sae, latents_E: torch.Tensor, values_BTE: torch.Tensor | None
 
 
 # ---- the metric ---------------------------------------------------------------------------
-def _model_act_fn(lm, sae, hook: str, prepend_bos: bool, pad_id: int, batch: int) -> ActFn:
+def model_act_fn(lm, sae, hook: str, prepend_bos: bool, pad_id: int, batch: int) -> ActFn:
     @torch.no_grad()
     def act_fn(seqs: list[list[int]], lats: list[int]) -> list[float]:
         out: list[float] = []
@@ -353,7 +386,7 @@ def _columns(vals: torch.Tensor, idx: torch.Tensor, lats: torch.Tensor) -> torch
     return out
 
 
-def _padding_id(tokenizer, text: str) -> int:
+def padding_id(tokenizer, text: str) -> int:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"padding_token {text!r} is {len(ids)} tokens for this tokenizer; pick a single-token text")
@@ -375,7 +408,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
     if n_eval >= N:
         raise ValueError(f"need at least 2 contexts to split into build and held-out parts, got {N}")
     build, held = tokens_NT[: N - n_eval], tokens_NT[N - n_eval:]
-    pad_id = _padding_id(lm.tokenizer, cfg.padding_token)
+    pad_id = padding_id(lm.tokenizer, cfg.padding_token)
 
     # Max activation of every latent on the build split, then the latents to explain.
     vals_b, idx_b = _sparse_latents(lm, sae, build, hook, cfg.lm_batch_size)
@@ -400,7 +433,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
         examples[lat] = [(build[c, s0:int(ctx_arg[c, e]) + 1].tolist(), float(ctx_max[c, e]))
                          for c in top.tolist() if ctx_max[c, e] > 0]
     counter = [0]
-    act_fn = _model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, cfg.seq_batch_size)
+    act_fn = model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, cfg.seq_batch_size)
     expl = build_explanations(examples, act_fn, max_acts, cfg, pad_id, counter)
     t_build = time.perf_counter()
 
@@ -429,7 +462,9 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
                          for p in pats],
         })
     micro = _prf(tot["tp"], tot["fp"], tot["fn"])
-    splice = _splice(lm, sae, held, hook, lats, pred, max_acts, first, cfg) if cfg.splice and E else None
+    splice, per_ctx = _splice(lm, sae, held, hook, lats, pred, max_acts, first, cfg) if cfg.splice and E else (None, {})
+    thresholds = torch.tensor([cfg.firing_frac * max_acts[int(l)] for l in lats])
+    per_ctx.update(context_counts(pred[:, lo:], z_h[:, lo:], thresholds))
     t_end = time.perf_counter()
     return {
         "metric": "n2g",
@@ -444,6 +479,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
         "mean_patterns": json_float(_nanmean(float(r["n_patterns"]) for r in per_latent)),
         "per_latent": per_latent,
         "splice": splice,
+        "intervals": _intervals(per_ctx, cfg) if E else {},
         "n_model_sequences": counter[0],
         "build_s": t_build - t0,
         "eval_s": t_end - t_build,
@@ -451,31 +487,71 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
     }
 
 
+def _intervals(per_ctx: dict[str, torch.Tensor], cfg: N2GConfig) -> dict:
+    """Paired bootstrap intervals over the held-out contexts (module docstring)."""
+    if cfg.n_boot == 0:
+        return {}
+    stats = {**INTERVAL_STATS, **(SPLICE_STATS if "ce_clean" in per_ctx else {})}
+    return paired_bootstrap(per_ctx, stats, n_boot=cfg.n_boot, level=cfg.ci_level, seed=cfg.seed)
+
+
+SPLICES = {"sae": False, "n2g_partial": False, "zeroed": False, "n2g_all": True}
+"""The spliced runs and whether latents without a given value are 0 (zero_others) in each."""
+
+
 @torch.no_grad()
 def _splice(lm, sae, held: torch.Tensor, hook: str, lats: torch.Tensor, pred: torch.Tensor,
-            max_acts: dict[int, float], first: int, cfg: N2GConfig) -> dict:
+            max_acts: dict[int, float], first: int, cfg: N2GConfig) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The splice summary of the schema, and per held-out context sums of each run's CE (and counts)."""
     scale = torch.tensor([max_acts[int(l)] for l in lats])
-    sums = {"clean": 0.0, "sae": 0.0, "n2g": 0.0, "zeroed": 0.0, "kl_sae": 0.0, "kl_n2g": 0.0}
-    count = 0
+    per_ctx: dict[str, list[torch.Tensor]] = defaultdict(list)
+    kl: dict[str, float] = defaultdict(float)
     for i in range(0, held.shape[0], cfg.lm_batch_size):
         toks = held[i:i + cfg.lm_batch_size]
         sim = pred[i:i + cfg.lm_batch_size] * scale
         clean = lm.logits(toks)
-        runs = {"sae": None, "n2g": sim, "zeroed": torch.zeros_like(sim)}
-        for name, values in runs.items():
-            edit = splice_latents(sae, lats, values, first, cfg.splice_error_term)
-            ce_c, ce_e, kl = ce_and_kl(clean, lm.logits(toks, edits={hook: edit}), toks.to(clean.device), first)
-            sums[name] += float(ce_e.double().sum())
-            if name in ("sae", "n2g"):
-                sums[f"kl_{name}"] += float(kl.double().sum())
-        sums["clean"] += float(ce_c.double().sum())
-        count += ce_c.numel()
-    ce = {k: v / count for k, v in sums.items()}
-    gap = ce["zeroed"] - ce["sae"]
+        values = {"sae": None, "n2g_partial": sim, "zeroed": torch.zeros_like(sim), "n2g_all": sim}
+        for name, zero_others in SPLICES.items():
+            edit = splice_latents(sae, lats, values[name], first, cfg.splice_error_term, zero_others)
+            ce_c, ce_e, kl_e = ce_and_kl(clean, lm.logits(toks, edits={hook: edit}), toks.to(clean.device), first)
+            per_ctx[f"ce_{name}"].append(ce_e.double().reshape(toks.shape[0], -1).sum(1).cpu())
+            kl[name] += float(kl_e.double().sum())
+        per_ctx["ce_clean"].append(ce_c.double().reshape(toks.shape[0], -1).sum(1).cpu())
+        per_ctx["n"].append(torch.full((toks.shape[0],), ce_c.numel() / toks.shape[0], dtype=torch.float64))
+    totals = {k: torch.cat(v) for k, v in per_ctx.items()}
+    count = int(totals["n"].sum())
+    ce = {k: float(v.sum()) / count for k, v in totals.items() if k != "n"}
+    gap = ce["ce_zeroed"] - ce["ce_sae"]
     return {
-        "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_n2g": ce["n2g"], "ce_zeroed": ce["zeroed"],
-        "delta_ce_sae": ce["sae"] - ce["clean"], "delta_ce_n2g": ce["n2g"] - ce["clean"],
-        "delta_ce_zeroed": ce["zeroed"] - ce["clean"], "kl_sae": ce["kl_sae"], "kl_n2g": ce["kl_n2g"],
-        "ce_recovered": json_float((ce["zeroed"] - ce["n2g"]) / gap) if gap != 0 else None,
+        **ce, **{f"delta_{k}": v - ce["ce_clean"] for k, v in ce.items() if k != "ce_clean"},
+        **{f"kl_{k}": kl[k] / count for k in ("sae", "n2g_all", "n2g_partial")},
+        "ce_recovered_partial": json_float((ce["ce_zeroed"] - ce["ce_n2g_partial"]) / gap) if gap != 0 else None,
+        "n_simulated": int(lats.numel()), "simulated_frac": lats.numel() / sae.n_latents,
         "n_predictions": count,
-    }
+    }, totals
+
+
+def _nanmean_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """Mean over the last dim (latents) of num / den where den > 0 (NaN when none is)."""
+    r = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan")))
+    return torch.nanmean(r, dim=-1)
+
+
+INTERVAL_STATS = {
+    "precision": lambda t: _nanmean_ratio(t["tp"], t["tp"] + t["fp"]),
+    "recall": lambda t: _nanmean_ratio(t["tp"], t["tp"] + t["fn"]),
+    "f1": lambda t: _nanmean_ratio(2 * t["tp"], 2 * t["tp"] + t["fp"] + t["fn"]),
+}
+SPLICE_STATS = {
+    "delta_ce_sae": lambda t: (t["ce_sae"] - t["ce_clean"]) / t["n"],
+    "delta_ce_n2g_all": lambda t: (t["ce_n2g_all"] - t["ce_clean"]) / t["n"],
+    "delta_ce_n2g_partial": lambda t: (t["ce_n2g_partial"] - t["ce_clean"]) / t["n"],
+    "n2g_all_minus_sae": lambda t: (t["ce_n2g_all"] - t["ce_sae"]) / t["n"],
+}
+"""Statistics of per held-out context totals: counts [E] per latent, and the splices' CE sums."""
+
+
+def context_counts(pred_NTE: torch.Tensor, act_NTE: torch.Tensor, thresholds_E: torch.Tensor) -> dict[str, torch.Tensor]:
+    """tp, fp, fn ``[N, E]`` of each context and latent (the counts of ``n2g_scores``, per context)."""
+    p, a = pred_NTE > 0, act_NTE > thresholds_E
+    return {"tp": (p & a).sum(1).double(), "fp": (p & ~a).sum(1).double(), "fn": (~p & a).sum(1).double()}

@@ -1,12 +1,13 @@
 """Evaluation suites: ``saelab eval SAE --suite core|paper``, and ``saelab eval SWEEP_DIR``.
 
 - ``core``: reconstruction (nMSE, L0, dead and dense latents) and the spliced LM loss (delta CE,
-  KL, CE recovered), as ``saelab.pipeline.evaluate`` has always done: ``OUT/metrics.json``.
+  KL, CE recovered), as :func:`saelab.evals.core.evaluate_core` computes them.
 - ``paper``: core plus the paper's other metrics, each where it applies:
   ``compute_equivalent`` (§4.1; needs a checkpoint series of the model's family),
   ``ablation_sparsity`` (§4.5), ``probe`` (§4.2) and ``n2g`` (§4.3-4.4, with its splice). Each
-  writes ``OUT/evals/<metric>.json``; then ``OUT/evals/report.md`` gathers them in tables and
-  plots and ``OUT/evals/suite.json`` indexes the run. ``OUT`` is the run folder (or ``--out``).
+  writes ``OUT/evals/<metric>.json`` and ``OUT/evals/suite.json`` indexes the run; the caller
+  (``saelab.pipeline.paper_suite``) writes ``OUT/evals/report.md``. A run's own ``metrics.json``
+  (the core evaluation of ``saelab eval RUN``) is left as it is.
 
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs
 (the SAE's weights, model, hook, eval corpus, context size, contexts and the metric's config) is
@@ -37,7 +38,6 @@ reused, wall_s, file}}, wall_s (this invocation), metrics_wall_s (sum over metri
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import time
@@ -46,24 +46,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from simple_parsing.helpers import field as cli_field
 
-from saelab.errors import SaelabError
+from saelab.data import resolve_corpus, token_contexts
+from saelab.errors import ConfigError, SaelabError
 from saelab.evals._common import config_dict
 from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
 from saelab.evals.compute_equivalent import (
     ComputeEquivalentConfig,
-    known_series_names,
     resolve_series,
     run_compute_equivalent,
     series_for_model,
 )
-from saelab.evals.n2g import N2GConfig, _padding_id, run_n2g
+from saelab.evals.core import EvalConfig, evaluate_core
+from saelab.evals.n2g import N2GConfig, padding_id, run_n2g
 from saelab.evals.probe import ProbeConfig, run_probe
+from saelab.run_folder import EVALS_DIR, sae_sha256
 from saelab.utils.atomic import write_json
 
 PAPER_METRICS = ("core", "compute_equivalent", "ablation_sparsity", "probe", "n2g")
 SCHEMA_VERSION = 1
-EVALS_DIR = "evals"
 
 
 @dataclass
@@ -80,34 +82,22 @@ class PaperSuiteConfig:
     """Eval contexts whose tokens are labelled for the probe tasks."""
     n2g_contexts: int = 256
     """Eval contexts for N2G: the first part builds the explanations, the rest (n2g heldout_frac) scores them."""
-    compute_equivalent: ComputeEquivalentConfig = field(default_factory=ComputeEquivalentConfig)
-    ablation_sparsity: AblationSparsityConfig = field(default_factory=AblationSparsityConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    n2g: N2GConfig = field(default_factory=N2GConfig)
+    # Each metric's own settings; the CLI adds them as option groups of their own (--ce-*, --abl-*, ...).
+    compute_equivalent: ComputeEquivalentConfig = cli_field(default_factory=ComputeEquivalentConfig, cmd=False)
+    ablation_sparsity: AblationSparsityConfig = cli_field(default_factory=AblationSparsityConfig, cmd=False)
+    probe: ProbeConfig = cli_field(default_factory=ProbeConfig, cmd=False)
+    n2g: N2GConfig = cli_field(default_factory=N2GConfig, cmd=False)
 
     def __post_init__(self) -> None:
+        self.metrics = tuple(self.metrics)
         unknown = [m for m in self.metrics if m not in PAPER_METRICS]
         if unknown:
-            raise SaelabError(f"unknown metric(s) {unknown}; the paper suite has {', '.join(PAPER_METRICS)}")
+            raise ConfigError(f"metrics {unknown} unknown; the paper suite has {', '.join(PAPER_METRICS)}")
         for name in ("ablation_contexts", "probe_contexts"):
             if getattr(self, name) < 1:
-                raise SaelabError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n2g_contexts < 2:
-            raise SaelabError(f"n2g_contexts must be >= 2 (build and held-out parts), got {self.n2g_contexts}")
-
-
-NESTED = ("compute_equivalent", "ablation_sparsity", "probe", "n2g")
-
-
-def sae_sha256(sae) -> str:
-    """Hash of an SAE's weights and shape-defining config: evaluation results belong to exactly these."""
-    h = hashlib.sha256()
-    c = sae.cfg
-    h.update(json.dumps([c.d_in, c.n_latents, c.k, c.input_norm, c.hook_name, c.exclude_first]).encode())
-    for name, t in sorted(sae.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:20]
+            raise ConfigError(f"n2g_contexts must be >= 2 (build and held-out parts), got {self.n2g_contexts}")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -132,289 +122,172 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _applies(name: str, lm, sae, cfg: PaperSuiteConfig, T: int, first: int) -> str | None:
-    """None when metric ``name`` applies, else the reason it does not."""
-    if name == "compute_equivalent":
-        if cfg.compute_equivalent.series is None and series_for_model(lm.name) is None:
-            return (f"no checkpoint series is known for model {lm.name!r} (built in: GPT-2 small -> crfm-gpt2-small, "
-                    "EleutherAI/pythia-<size> -> pythia-<size>); pass --series NAME or a folder of checkpoints")
-    if name == "ablation_sparsity":
-        n_future = cfg.ablation_sparsity.n_future
-        if T - n_future < first:
-            return f"contexts of {T} tokens leave no position with n_future={n_future} tokens after it"
-    if name == "probe" and not (cfg.probe.tasks or cfg.probe.hf_tasks):
-        return "no probe tasks selected"
-    if name == "n2g":
-        try:
-            _padding_id(lm.tokenizer, cfg.n2g.padding_token)
-        except ValueError as e:
-            return str(e)
+@dataclass
+class SuiteRun:
+    """What every metric of one suite run reads: the model, the SAE, the eval contexts, earlier results."""
+
+    lm: Any
+    sae: Any
+    cfg: PaperSuiteConfig
+    eval_cfg: EvalConfig
+    tokens: torch.Tensor
+    T: int
+    first: int
+    n_down: int
+    evals: Path
+    series: Any = None
+    results: dict[str, dict | None] = field(default_factory=dict)
+
+
+def _core(run: SuiteRun) -> dict:
+    return evaluate_core(run.sae, run.lm, run.eval_cfg, progress=False).metrics
+
+
+def _compute_equivalent(run: SuiteRun) -> dict:
+    core = run.results.get("core")
+    spliced = clean = None
+    if core and core.get("n_predictions") == run.n_down * (run.T - 1 - run.first):
+        spliced, clean = core["ce_spliced"], core["ce_clean"]  # the same predictions
+    return run_compute_equivalent(run.lm, run.sae, run.tokens[:run.n_down], run.cfg.compute_equivalent,
+                                  series=run.series, spliced_loss=spliced, clean_loss=clean,
+                                  cache_path=run.evals / "series_losses.json")
+
+
+def _ce_applies(run: SuiteRun) -> str | None:
+    if run.cfg.compute_equivalent.series is None and series_for_model(run.lm.name) is None:
+        return (f"no checkpoint series is known for model {run.lm.name!r} (built in: GPT-2 small -> "
+                "crfm-gpt2-small, EleutherAI/pythia-<size> -> pythia-<size>); pass --series NAME or a folder of "
+                "checkpoints")
     return None
 
 
-def run_paper_suite(sae, out_dir: str | Path, *, lm=None, source: str = "", eval_cfg=None,
-                    cfg: PaperSuiteConfig | None = None, run_dir: str | Path | None = None,
-                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the paper suite on ``sae`` (a TopKSAE or anything ``load_sae`` reads); see the module docstring.
+def _ablation_applies(run: SuiteRun) -> str | None:
+    n_future = run.cfg.ablation_sparsity.n_future
+    if run.T - n_future < run.first:
+        return f"contexts of {run.T} tokens leave no position with n_future={n_future} tokens after it"
+    return None
 
-    ``lm``: a LanguageModel or model spec (default: the SAE's model). ``run_dir``: when the SAE is a
-    run folder's, the core metrics also go to its metrics.json and its report.md is rewritten.
-    Returns the suite index (suite.json). Raises SaelabError after writing everything when a
-    metric failed.
-    """
-    from saelab.data import token_contexts
-    from saelab.pipeline import EvalConfig, _load_lm, _resolve_corpus, evaluate
-    from saelab.sae import TopKSAE, load_sae
 
-    t_start = time.perf_counter()
-    cfg = cfg or PaperSuiteConfig()
-    eval_cfg = eval_cfg or EvalConfig()
-    if not isinstance(sae, TopKSAE):
-        source = source or str(sae)
-        sae = load_sae(sae)
-    if not sae.cfg.hook_name:
-        raise SaelabError(f"SAE {source or '(given)'} records no hook; pass the hook it reads (--hook)")
-    lm = _load_lm(lm or sae.cfg.model_name or "default")
+def _n2g_applies(run: SuiteRun) -> str | None:
+    try:
+        padding_id(run.lm.tokenizer, run.cfg.n2g.padding_token)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@dataclass(frozen=True)
+class SuiteMetric:
+    """One row of the suite: its settings, how many contexts it reads, when it applies, how it runs."""
+
+    name: str
+    settings: Callable[[SuiteRun], dict]
+    n_contexts: Callable[[SuiteRun], int]
+    applies: Callable[[SuiteRun], str | None]
+    compute: Callable[[SuiteRun], dict]
+
+
+SUITE: tuple[SuiteMetric, ...] = (
+    SuiteMetric("core", lambda r: config_dict(r.eval_cfg), lambda r: r.n_down, lambda r: None, _core),
+    SuiteMetric("compute_equivalent",
+                lambda r: config_dict(r.cfg.compute_equivalent) | {"series": r.series.info() if r.series else None},
+                lambda r: r.n_down, _ce_applies, _compute_equivalent),
+    SuiteMetric("ablation_sparsity", lambda r: config_dict(r.cfg.ablation_sparsity), lambda r: r.cfg.ablation_contexts,
+                _ablation_applies,
+                lambda r: run_ablation_sparsity(r.lm, r.sae, r.tokens[:r.cfg.ablation_contexts], r.cfg.ablation_sparsity)),
+    SuiteMetric("probe", lambda r: config_dict(r.cfg.probe), lambda r: r.cfg.probe_contexts,
+                lambda r: None if (r.cfg.probe.tasks or r.cfg.probe.hf_tasks) else "no probe tasks selected",
+                lambda r: run_probe(r.lm, r.sae, r.tokens[:r.cfg.probe_contexts], r.cfg.probe)),
+    SuiteMetric("n2g", lambda r: config_dict(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, _n2g_applies,
+                lambda r: run_n2g(r.lm, r.sae, r.tokens[:r.cfg.n2g_contexts], r.cfg.n2g)),
+)
+
+
+def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status: str, reason: str | None,
+              result: dict | None, wall: float) -> dict:
+    return {"metric": metric, "schema_version": SCHEMA_VERSION, "status": status, "reason": reason, "inputs": inputs,
+            "sae": sae_info, "eval": {**eval_info, "n_contexts": inputs.get("n_contexts")},
+            "wall_s": round(wall, 3), "created": _now(), "result": result}
+
+
+def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: dict, sae_info: dict,
+                eval_info: dict, *, overwrite: bool, progress: bool) -> dict:
+    """Compute (or reuse, or skip) one metric, write its envelope; returns its suite.json entry."""
+    path = run.evals / f"{m.name}.json"
+    inputs = {**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run)}
+    entry = {"reused": False, "file": f"{EVALS_DIR}/{m.name}.json"}
+    if reason:
+        write_json(path, _envelope(m.name, inputs, sae_info, eval_info, "skipped", reason, None, 0.0))
+        return {**entry, "status": "skipped", "reason": reason, "wall_s": 0.0}
+    old = None if overwrite else _read(path)
+    if old and old.get("status") == "ok" and old.get("inputs") == json.loads(json.dumps(inputs)):
+        run.results[m.name] = old["result"]
+        return {**entry, "status": "ok", "reason": None, "reused": True, "wall_s": old["wall_s"]}
+    if progress:
+        print(f"[paper suite] {m.name} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        result, status, why = _jsonable(m.compute(run)), "ok", None
+    except (SaelabError, ValueError, RuntimeError, OSError) as e:
+        result, status, why = None, "error", f"{type(e).__name__}: {e}"
+    wall = time.perf_counter() - t0
+    run.results[m.name] = result
+    write_json(path, _envelope(m.name, inputs, sae_info, eval_info, status, why, result, wall))
+    return {**entry, "status": status, "reason": why, "wall_s": round(wall, 3)}
+
+
+def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig) -> tuple[SuiteRun, list, dict]:
+    """The suite run's shared inputs, the metrics wanted and why each does not apply (or None)."""
     hook = lm.check_hook(sae.cfg.hook_name)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
-    out_dir = Path(out_dir)
-    evals = out_dir / EVALS_DIR
-    corpus = _resolve_corpus(eval_cfg.corpus, "eval")
     T = eval_cfg.context_size or sae.cfg.context_size
     first = 1 if sae.cfg.exclude_first else 0
-    per_ctx = T - first
-
-    # What runs: everything that applies, or exactly what was asked for.
-    wanted = list(cfg.metrics) or list(PAPER_METRICS)
-    reasons = {m: _applies(m, lm, sae, cfg, T, first) for m in wanted}
-    if cfg.metrics:
-        bad = {m: r for m, r in reasons.items() if r}
-        if bad:
-            raise SaelabError("metric(s) asked for do not apply: " + "; ".join(f"{m}: {r}" for m, r in bad.items()))
-    series = None
-    if "compute_equivalent" in wanted and not reasons["compute_equivalent"]:
+    run = SuiteRun(lm, sae, cfg, eval_cfg, torch.empty(0), T, first,
+                   math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR)
+    wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
+    reasons = {m.name: m.applies(run) for m in wanted}
+    bad = {n: r for n, r in reasons.items() if r and cfg.metrics}
+    if bad:
+        raise ConfigError("metric(s) asked for do not apply: " + "; ".join(f"{m}: {r}" for m, r in bad.items()))
+    if "compute_equivalent" in reasons and not reasons["compute_equivalent"]:
         ce = cfg.compute_equivalent
-        series = resolve_series(ce.series or series_for_model(lm.name), ce.steps, device=lm.device)
+        run.series = resolve_series(ce.series or series_for_model(lm.name), ce.steps, device=lm.device)
+    n_ctx = max([m.n_contexts(run) for m in wanted if not reasons[m.name]], default=1)
+    run.tokens = token_contexts(resolve_corpus(eval_cfg.corpus, "eval"), lm.tokenize, T, n_contexts=n_ctx,
+                                bos_token_id=lm.bos_token_id, prepend_bos=sae.cfg.prepend_bos)
+    return run, wanted, reasons
 
-    n_down = math.ceil(eval_cfg.downstream_tokens / per_ctx)
-    sizes = {"core": n_down, "compute_equivalent": n_down, "ablation_sparsity": cfg.ablation_contexts,
-             "probe": cfg.probe_contexts, "n2g": cfg.n2g_contexts}
-    n_ctx = max(sizes[m] for m in wanted if not reasons[m]) if any(not r for r in reasons.values()) else 1
-    tokens = token_contexts(corpus, lm.tokenize, T, n_contexts=n_ctx, bos_token_id=lm.bos_token_id,
-                            prepend_bos=sae.cfg.prepend_bos)
+
+def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg: EvalConfig | None = None,
+                    cfg: PaperSuiteConfig | None = None, overwrite: bool = False,
+                    progress: bool = True) -> dict[str, Any]:
+    """Run the paper suite on ``sae`` with ``lm`` into ``out_dir/evals/`` (module docstring).
+
+    Returns the suite index (also written to suite.json). A metric that fails is recorded with
+    status "error" and its reason; the caller decides what to do about it.
+    """
+    t_start = time.perf_counter()
+    if not sae.cfg.hook_name:
+        raise ConfigError(f"SAE {source or '(given)'} records no hook; pass the hook it reads (--hook)")
+    run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig())
+    corpus = str(resolve_corpus(run.eval_cfg.corpus, "eval"))
+    position_0 = "excluded" if run.first else "included"
     sha = sae_sha256(sae)
+    hook = sae.cfg.hook_name
     sae_info = {"source": source, "n_latents": sae.n_latents, "k": sae.cfg.k, "hook": hook, "model": lm.name,
                 "input_norm": sae.cfg.input_norm, "sha256": sha}
-    base_inputs = {"sae_sha256": sha, "model": lm.name, "hook": hook, "corpus": str(corpus), "context_size": T,
-                   "prepend_bos": sae.cfg.prepend_bos, "position_0": "excluded" if first else "included"}
+    eval_info = {"corpus": corpus, "context_size": run.T, "position_0": position_0}
+    base_inputs = {"sae_sha256": sha, "model": lm.name, "hook": hook, "corpus": corpus, "context_size": run.T,
+                   "prepend_bos": sae.cfg.prepend_bos, "position_0": position_0}
     index: dict[str, Any] = {"suite": "paper", "schema_version": SCHEMA_VERSION, "sae": sae_info, "model": lm.name,
-                             "hook": hook, "eval": {"corpus": str(corpus), "context_size": T,
-                                                    "position_0": base_inputs["position_0"]}, "metrics": {}}
-    core_result: dict | None = None
-    errors = []
-
-    def envelope(name: str, inputs: dict, status: str, reason: str | None, result: dict | None,
-                 wall: float) -> dict:
-        return {"metric": name, "schema_version": SCHEMA_VERSION, "status": status, "reason": reason,
-                "inputs": inputs, "sae": sae_info,
-                "eval": {"corpus": str(corpus), "context_size": T, "n_contexts": inputs.get("n_contexts"),
-                         "position_0": base_inputs["position_0"]},
-                "wall_s": round(wall, 3), "created": _now(), "result": result}
-
-    def step(name: str, config: dict, fn: Callable[[], dict]) -> dict | None:
-        path = evals / f"{name}.json"
-        inputs = {**base_inputs, "n_contexts": sizes[name], "config": config}
-        if reasons[name]:
-            write_json(path, envelope(name, inputs, "skipped", reasons[name], None, 0.0))
-            index["metrics"][name] = {"status": "skipped", "reason": reasons[name], "reused": False, "wall_s": 0.0,
-                                      "file": f"{EVALS_DIR}/{name}.json"}
-            return None
-        old = None if overwrite else _read(path)
-        if old and old.get("status") == "ok" and old.get("inputs") == json.loads(json.dumps(inputs)):
-            index["metrics"][name] = {"status": "ok", "reason": None, "reused": True, "wall_s": old["wall_s"],
-                                      "file": f"{EVALS_DIR}/{name}.json"}
-            return old["result"]
-        if progress:
-            print(f"[paper suite] {name} ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            result, status, reason = _jsonable(fn()), "ok", None
-        except (SaelabError, ValueError, RuntimeError, OSError) as e:
-            result, status, reason = None, "error", f"{type(e).__name__}: {e}"
-            errors.append(name)
-        wall = time.perf_counter() - t0
-        write_json(path, envelope(name, inputs, status, reason, result, wall))
-        index["metrics"][name] = {"status": status, "reason": reason, "reused": False, "wall_s": round(wall, 3),
-                                  "file": f"{EVALS_DIR}/{name}.json"}
-        return result
-
-    if "core" in wanted:
-        core_dir = Path(run_dir) if run_dir is not None else out_dir
-        core_result = step("core", config_dict(eval_cfg),
-                           lambda: evaluate(sae, lm=lm, cfg=eval_cfg, out_dir=core_dir, progress=progress))
-    if "compute_equivalent" in wanted:
-        ce_cfg = cfg.compute_equivalent
-        ce_tokens = tokens[:n_down]
-        ce_inputs = config_dict(ce_cfg) | {"series": series.info() if series else None}
-
-        def ce_fn() -> dict:
-            spliced = clean = None
-            if core_result and core_result.get("n_predictions") == n_down * (T - 1 - first):
-                spliced, clean = core_result["ce_spliced"], core_result["ce_clean"]  # same predictions
-            return run_compute_equivalent(lm, sae, ce_tokens, ce_cfg, series=series, spliced_loss=spliced,
-                                          clean_loss=clean, cache_path=evals / "series_losses.json",
-                                          plot_path=evals / "compute_equivalent.png")
-        step("compute_equivalent", ce_inputs, ce_fn)
-    if "ablation_sparsity" in wanted:
-        a_cfg = cfg.ablation_sparsity
-        step("ablation_sparsity", config_dict(a_cfg),
-             lambda: run_ablation_sparsity(lm, sae, tokens[:cfg.ablation_contexts], a_cfg))
-    if "probe" in wanted:
-        p_cfg = cfg.probe
-        step("probe", config_dict(p_cfg), lambda: run_probe(lm, sae, tokens[:cfg.probe_contexts], p_cfg))
-    if "n2g" in wanted:
-        n_cfg = cfg.n2g
-        step("n2g", config_dict(n_cfg), lambda: run_n2g(lm, sae, tokens[:cfg.n2g_contexts], n_cfg))
-
+                             "hook": hook, "eval": eval_info, "metrics": {}}
+    for m in wanted:
+        index["metrics"][m.name] = _run_metric(run, m, reasons[m.name], base_inputs, sae_info, eval_info,
+                                               overwrite=overwrite, progress=progress)
     index["wall_s"] = round(time.perf_counter() - t_start, 2)
     index["metrics_wall_s"] = round(sum(m["wall_s"] for m in index["metrics"].values()), 2)
-    write_json(evals / "suite.json", index)
-    from saelab.report.paper import write_paper_report
-
-    write_paper_report(out_dir)
-    if run_dir is not None and (Path(run_dir) / "train_config.json").exists():
-        from saelab.report.markdown import write_run_report
-
-        write_run_report(run_dir)  # with the core metrics and a link to evals/report.md
-    if errors:
-        detail = "; ".join(f"{m}: {index['metrics'][m]['reason']}" for m in errors)
-        raise SaelabError(f"paper suite wrote {evals / 'report.md'} but failed in {len(errors)} metric(s): {detail}")
+    write_json(run.evals / "suite.json", index)
     return index
 
 
-# ---- sweeps -------------------------------------------------------------------------------------
-def sweep_runs(folder: str | Path) -> list[Path]:
-    """Run folders (with a trained SAE) directly inside ``folder``, in natural name order (n4096 before n16384)."""
-    import re
-
-    from saelab.train.checkpoint import SAE_DIR, TRAIN_CONFIG
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    runs = [p for p in folder.iterdir()
-            if p.is_dir() and (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists()]
-    return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
-
-
-def is_sweep_folder(path: str | Path) -> bool:
-    """A folder that is not a run or SAE folder itself but holds run folders."""
-    from saelab.train.checkpoint import SAE_DIR
-
-    path = Path(path)
-    return (path.is_dir() and not (path / SAE_DIR).is_dir() and not (path / "cfg.json").exists()
-            and bool(sweep_runs(path)))
-
-
-def evaluate_sweep(folder: str | Path, cfg=None, *, model: str | None = None, overwrite: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
-    """Core-evaluate every run of a sweep folder (one model load); runs with a metrics.json are skipped."""
-    from saelab.pipeline import EvalConfig, _load_lm, evaluate
-    from saelab.report.markdown import write_run_report
-    from saelab.sae import load_sae
-    from saelab.train.checkpoint import SAE_DIR
-
-    cfg = cfg or EvalConfig()
-    runs = sweep_runs(folder)
-    if not runs:
-        raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
-                          "`saelab sweep`")
-    models: dict[str, Any] = {}
-    out: dict[str, Any] = {}
-    for run in runs:
-        if (run / "metrics.json").exists() and not overwrite:
-            out[run.name] = "already evaluated"
-            continue
-        sae = load_sae(run / SAE_DIR)
-        spec = model or sae.cfg.model_name or "default"
-        if spec not in models:
-            models[spec] = _load_lm(spec)
-        if progress:
-            print(f"[sweep eval] {run.name}", flush=True)
-        m = evaluate(sae, lm=models[spec], cfg=cfg, out_dir=run, progress=progress)
-        write_run_report(run)
-        out[run.name] = {k: m[k] for k in ("nmse", "l0", "delta_ce") if k in m}
-    return out
-
-
-# ---- the CLI ------------------------------------------------------------------------------------
-_SKIP = ("hook", "exclude_first", "progress")
-_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce_", "compute-equivalent (paper suite)",
-            _SKIP + ("series", "steps")),
-           ("ablation_sparsity", AblationSparsityConfig, "abl_", "ablation sparsity (paper suite)", _SKIP),
-           ("probe", ProbeConfig, "probe_", "probe loss (paper suite)", _SKIP),
-           ("n2g", N2GConfig, "n2g_", "N2G explanations (paper suite)", _SKIP))
-
-
-def add_suite_arguments(p) -> None:
-    """The options of `saelab eval` that choose and size the suite."""
-    from saelab.utils.dataclass_args import add_dataclass_args
-
-    p.add_argument("--suite", choices=("core", "paper"), default="core",
-                   help="core: reconstruction and spliced loss; paper: core plus compute-equivalent, ablation "
-                        "sparsity, probe loss and N2G, each in OUT/evals/<metric>.json, with OUT/evals/report.md")
-    p.add_argument("--series", default=None,
-                   help="checkpoint series for compute-equivalent: " + ", ".join(known_series_names()[:2])
-                        + ", pythia-<size>[-deduped] or a folder of checkpoints (default: the model's own, if known)")
-    p.add_argument("--series-steps", type=int, nargs="*", default=None,
-                   help="training steps of a hub series to measure (default: a log-spaced subset)")
-    add_dataclass_args(p, PaperSuiteConfig, skip=NESTED, title="paper suite")
-    for _, cls, prefix, title, skip in _GROUPS:
-        add_dataclass_args(p, cls, prefix=prefix, title=title, skip=skip)
-
-
-def suite_config_from_args(args) -> PaperSuiteConfig:
-    from saelab.utils.dataclass_args import dataclass_from_args
-
-    nested = {}
-    for name, cls, prefix, _, _ in _GROUPS:
-        extra = {"progress": args.progress} if name in ("ablation_sparsity", "compute_equivalent") else {}
-        if name == "compute_equivalent":
-            extra |= {"series": args.series, "steps": tuple(args.series_steps or ())}
-        if name == "n2g" and "n2g_latents" in vars(args):
-            extra["latents"] = tuple(int(v) for v in args.n2g_latents)
-        nested[name] = dataclass_from_args(cls, args, prefix=prefix, **extra)
-    return dataclass_from_args(PaperSuiteConfig, args, **nested)
-
-
-def eval_command(args) -> dict:
-    """`saelab eval` for a sweep folder or with --suite paper (the core suite of one SAE stays in the CLI)."""
-    from saelab.pipeline import EvalConfig
-    from saelab.sae import load_sae
-    from saelab.train.checkpoint import SAE_DIR
-    from saelab.utils.dataclass_args import dataclass_from_args
-
-    eval_cfg = dataclass_from_args(EvalConfig, args)
-    if is_sweep_folder(args.sae):
-        if args.suite != "core":
-            raise SaelabError(f"{args.sae} is a sweep folder; --suite paper evaluates one SAE: run it on each "
-                              "run folder you want the paper metrics of")
-        return evaluate_sweep(args.sae, eval_cfg, model=args.model, overwrite=args.overwrite, progress=args.progress)
-    source = Path(args.sae)
-    is_run = source.is_dir() and (source / SAE_DIR).is_dir()
-    sae = load_sae(source / SAE_DIR if is_run else args.sae)
-    if args.hook:
-        sae.cfg.hook_name = args.hook
-    out = args.out or (str(source) if is_run else None)
-    if out is None:
-        raise SaelabError(f"--suite paper writes its results to a folder: pass --out DIR for {args.sae}, which is "
-                          "not a run folder")
-    index = run_paper_suite(sae, out, lm=args.model, source=args.sae, eval_cfg=eval_cfg,
-                            cfg=suite_config_from_args(args), run_dir=source if is_run and out == str(source) else None,
-                            overwrite=args.overwrite, progress=args.progress)
-    return {"report": str(Path(out) / EVALS_DIR / "report.md"),
-            **{m: v["status"] + (" (reused)" if v["reused"] else "") for m, v in index["metrics"].items()}}
-
-
-__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "add_suite_arguments", "eval_command", "evaluate_sweep",
-           "is_sweep_folder", "run_paper_suite", "sae_sha256", "suite_config_from_args", "sweep_runs"]
+__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "run_paper_suite"]

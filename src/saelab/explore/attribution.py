@@ -230,15 +230,10 @@ def compare_attribution_with_ablation(
 def scatter_plot(ablation: torch.Tensor, attribution: torch.Tensor, path: str | Path, r: float, rho: float,
                  title: str | None = None) -> Path:
     """Scatter of attribution-patching estimates against true ablation effects, with y = x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from saelab.utils.atomic import write_with
+    from saelab.utils.figures import figure, save_figure
 
     x, y = ablation.double().numpy(), attribution.double().numpy()
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    fig, ax = figure(figsize=(5, 5), dpi=100)
     ax.scatter(x, y, s=9, alpha=0.6, edgecolors="none")
     lo = float(min(x.min(initial=0), y.min(initial=0)))
     hi = float(max(x.max(initial=0), y.max(initial=0)))
@@ -251,10 +246,7 @@ def scatter_plot(ablation: torch.Tensor, attribution: torch.Tensor, path: str | 
             va="top", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 # ---- latent -> logits ---------------------------------------------------------------------------------

@@ -106,6 +106,8 @@ def check_positions(positions: Positions) -> Positions:
                 raise ValueError(f"positions slice {name} must be a non-negative int or None, got {v!r}")
         if positions.step == 0:
             raise ValueError("positions slice step must not be 0")
+        if positions.start is not None and positions.stop is not None and positions.stop <= positions.start:
+            raise ValueError(f"positions {positions.start}:{positions.stop} is an empty range; expected start < stop")
         return positions
     out = []
     for p in positions:

@@ -24,7 +24,6 @@ with a KV cache; ``None`` = every position, the prompt's and each generated toke
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -265,110 +264,14 @@ def generate_with_and_without(
     return SteeredGeneration(prompt, clean, steered, description)
 
 
-# ---- the `saelab steer` verb -----------------------------------------------------------------------
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
-
-
-def add_steer_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``saelab steer``."""
-    p.add_argument("sae", help="run folder, SAE folder, OpenAI .pt file or https URL")
-    p.add_argument("--latent", type=_int_list, required=True,
-                   help="latent index; several, comma-separated ('12,40'), are steered together")
-    p.add_argument("--mode", choices=STEER_MODES, default="add",
-                   help="add: x + value*W_dec[latent]; clamp: set the latent to value through the SAE (error "
-                        "term kept); ablate: clamp to 0")
-    p.add_argument("--value", type=_float_list, default=None,
-                   help="strength (add) or activation (clamp): one number, or one per latent comma-separated. "
-                        "Required for add and clamp")
-    p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
-    p.add_argument("--positions", default="all",
-                   help="absolute token positions to edit, 0 = BOS: 'all', '5', '3,7,9', '1:' (generated tokens "
-                        "included) or '2:10'")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for both generations)")
-    p.add_argument("--samples", type=int, default=1, help="pairs of generations, with seeds seed, seed+1, ...")
-    p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
-    p.add_argument("--hook", default=None, help="override the SAE's hook name")
-    p.add_argument("--top-tokens", type=int, default=10,
-                   help="also print the tokens the latent's decoder direction promotes most (0: skip)")
-
-
-def load_sae_and_model(source: str, model: str | None = None, hook: str | None = None):
-    """(lm, sae) for a run folder / SAE folder / .pt / URL; the model defaults to the SAE's own."""
-    from saelab.models import load_model
-    from saelab.sae import load_sae
-    from saelab.train.checkpoint import SAE_DIR
-
-    path = Path(source)
-    is_run = path.is_dir() and (path / SAE_DIR).is_dir()
-    sae = load_sae(path / SAE_DIR if is_run else source)
-    if hook:
-        sae.cfg.hook_name = hook
-    lm = load_model(model or sae.cfg.model_name or "default")
-    return lm, sae
-
-
-def steer_command(args: argparse.Namespace) -> dict:
-    """``saelab steer``: print the generation with and without steering; return them as a dict."""
-    from saelab.explore.attribution import latent_logit_effects
-
-    if args.mode != "ablate" and args.value is None:
-        raise SystemExit(f"saelab steer: error: --mode {args.mode} needs --value")
-    try:
-        positions = parse_positions(args.positions)
-    except ValueError as e:
-        raise SystemExit(f"saelab steer: error: {e}") from None
-    lm, sae = load_sae_and_model(args.sae, args.model, args.hook)
-    try:
-        s = steer(lm, sae, args.latent, args.mode, args.value if args.value is not None else 0.0, positions)
-    except (ValueError, IndexError) as e:
-        raise SystemExit(f"saelab steer: error: {e}") from None
-    print(f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
-    if args.top_tokens > 0:
-        for i in s.latents.tolist():
-            eff = latent_logit_effects(lm, sae, i, top=args.top_tokens)
-            print(f"latent {i} promotes: {' '.join(repr(t) for t, _, _ in eff['promoted'])}")
-    results = []
-    for j in range(max(1, args.samples)):
-        gen = generate_with_and_without(
-            lm, args.prompt, s, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed + j,
-        )
-        print()
-        if args.samples > 1:
-            print(f"=== sample {j + 1} (seed {args.seed + j}) ===")
-        print(gen.format())
-        results.append({"seed": args.seed + j, "clean": gen.clean, "steered": gen.steered})
-    return {"prompt": args.prompt, "steering": s.describe(), "generations": results}
-
-
 __all__ = [
     "STEER_MODES",
     "SteeredGeneration",
     "Steering",
-    "add_steer_arguments",
     "combine_edits",
     "generate",
     "generate_ids",
     "generate_with_and_without",
-    "load_sae_and_model",
     "prompt_tokens",
     "steer",
-    "steer_command",
 ]

@@ -10,15 +10,18 @@ from saelab.models.hooks import HOOK_KINDS, UnsupportedModelError
 from saelab.models.lm import LanguageModel
 from saelab.models.loading import (
     DEFAULT_MODEL,
+    DEFAULT_MODEL_HUB_ID,
     ModelLoadError,
     cache_root,
     default_gguf_path,
     load_model,
+    model_provenance,
     save_dequantized,
 )
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_MODEL_HUB_ID",
     "HOOK_KINDS",
     "LanguageModel",
     "ModelLoadError",
@@ -26,5 +29,6 @@ __all__ = [
     "cache_root",
     "default_gguf_path",
     "load_model",
+    "model_provenance",
     "save_dequantized",
 ]

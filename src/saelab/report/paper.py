@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from saelab.report.markdown import METRIC_ROWS, _table
+from saelab.report.markdown import METRIC_ROWS, markdown_table
 from saelab.utils.atomic import write_text
 
 METRIC_TITLES = {"core": "Core (reconstruction and spliced loss)", "compute_equivalent": "Compute-equivalent (§4.1)",
@@ -48,8 +48,12 @@ def _headline(name: str, r: dict) -> str:
 def _section_core(r: dict) -> list[str]:
     lines = [f"{r.get('n_tokens', 0):,} tokens for reconstruction, {r.get('n_predictions', 0):,} next-token "
              "predictions for the downstream loss.", "",
-             _table([(label.replace("|", "\\|"), fmt.format(r[key])) for key, label, fmt in METRIC_ROWS
+             markdown_table([(label.replace("|", "\\|"), fmt.format(r[key])) for key, label, fmt in METRIC_ROWS
                      if r.get(key) is not None])]
+    if r.get("nmse_sae_input") is not None:
+        lines += ["", f"nMSE in the SAE's own input space (after its input normalization, as the paper reports it): "
+                      f"**{r['nmse_sae_input']:.4f}**; the table's nMSE is in the raw activation space (the same "
+                      "number for an SAE without input normalization)."]
     return lines
 
 
@@ -69,7 +73,7 @@ def _section_ce(r: dict, evals: Path) -> list[str]:
             ("clean model's own position on the curve", _f(r["clean_fraction"], "{:.4g}")),
             ("fraction relative to the clean model", _f(r["fraction_relative"], "{:.4g}")),
             ("extrapolated", str(r["extrapolation"]) if r["extrapolated"] else "no (inside the measured range)")]
-    lines = [_table(rows), "", "| checkpoint | tokens | loss | fitted | in fit |", "|---|---|---|---|---|"]
+    lines = [markdown_table(rows), "", "| checkpoint | tokens | loss | fitted | in fit |", "|---|---|---|---|---|"]
     lines += [f"| {c['label']} | {c['tokens']:,} | {c['loss']:.4f} | {_f(c['fitted_loss'])} | "
               f"{'yes' if c['used_in_fit'] else 'no'} |" for c in r["checkpoints"]]
     if (evals / "compute_equivalent.png").exists():
@@ -82,25 +86,55 @@ def _section_ablation(r: dict) -> list[str]:
              f"score (L1/L2)^2 / (V*T): 1 = every logit moves alike, ~{r['gaussian_reference']:.3f} for Gaussian "
              "noise, smaller = sparser.", "",
              "| ablated | mean | median | std | effect L2 | ablations | no effect |", "|---|---|---|---|---|---|---|"]
-    for part in ("latent", "channel"):
+    from saelab.evals.bootstrap import format_interval
+
+    ci = r.get("intervals") or {}
+    labels = {"latent": "latents", "random": "random directions, each of its latent's size",
+              "channel": "residual channels zeroed (sizes unmatched)"}
+    for part, label in labels.items():
         p = r.get(part)
         if p:
-            lines.append(f"| {part}s | {_f(p['mean'])} | {_f(p['median'])} | {_f(p['std'])} | "
-                         f"{_f(p['effect_l2_mean'], '{:.4g}')} | {p['n_ablations']:,} | {p['n_null']} |")
+            lines.append(f"| {label} | {_f(p['mean'])}{format_interval(ci.get(part + '_mean'))} | {_f(p['median'])} | "
+                         f"{_f(p['std'])} | {_f(p['effect_l2_mean'], '{:.4g}')} | {p['n_ablations']:,} | {p['n_null']} |")
+    rows = [("latents / random directions (matched sizes)", "ratio_latent_to_random", "ratio_latent_to_random"),
+            ("latents - random directions", None, "latent_minus_random"),
+            ("latents / residual channels", "ratio_latent_to_channel", "ratio_latent_to_channel")]
+    for label, key, ci_key in rows:
+        value = r.get(key) if key else (ci.get(ci_key) or {}).get("estimate")
+        if value is not None:
+            lines.append(f"| **{label}** | {value:.4f}{format_interval(ci.get(ci_key))} | | | | | |")
+    if ci:
+        some = next(iter(ci.values()))
+        lines += ["", f"[low, high]: {some['level']:.0%} paired bootstrap intervals over the sites' "
+                      f"{some['n_groups']} contexts ({some['n_boot']} replicates)."]
     lines += ["", f"Throughput: **{_f(r.get('latents_per_s'), '{:,.1f}')} latents/s** (latent ablations scored per "
-                  f"second), {_f(r.get('ablations_per_s'), '{:,.1f}')} ablations/s with the channel baseline."]
+                  f"second), {_f(r.get('ablations_per_s'), '{:,.1f}')} ablations/s with the baselines."]
     return lines
 
 
 def _section_probe(r: dict, evals: Path) -> list[str]:
+    from saelab.evals.bootstrap import format_interval
+
+    unit = (r.get("config") or {}).get("split_unit", "paragraph")
     lines = [f"Features: encoder {'pre-activations' if r['features'] == 'pre' else 'latents'}; held-out "
-             "cross-entropy of the single best latent (chosen on train data) per task.", "",
-             "| task | SAE loss | latent | channel loss | entropy | train / test |", "|---|---|---|---|---|---|"]
+             f"cross-entropy of the single best latent (chosen on train data) per task; train and test split by "
+             f"{unit} (context tasks: by text). [low, high]: paired bootstrap intervals over the held-out groups.", "",
+             f"| task | SAE loss | latent | channel loss | entropy | train / test examples ({unit}s) |",
+             "|---|---|---|---|---|---|"]
     for name, t in r["tasks"].items():
-        lines.append(f"| {name} | {_f(t['loss'])} | {t['latent']} | {_f(t['baseline_loss'])} | {_f(t['entropy'])} | "
-                     f"{t['n_train']} / {t['n_test']} |")
-    lines.append(f"| **mean** | **{_f(r['mean_loss'])}** | | {_f(r['mean_baseline_loss'])} | "
+        ci = t.get("intervals") or {}
+        groups = f" ({t['n_train_groups']} / {t['n_test_groups']})" if "n_train_groups" in t else ""
+        lines.append(f"| {name} | {_f(t['loss'])}{format_interval(ci.get('loss'))} | {t['latent']} | "
+                     f"{_f(t['baseline_loss'])}{format_interval(ci.get('baseline_loss'))} | {_f(t['entropy'])} | "
+                     f"{t['n_train']} / {t['n_test']}{groups} |")
+    ci = r.get("intervals") or {}
+    lines.append(f"| **mean** | **{_f(r['mean_loss'])}**{format_interval(ci.get('mean_loss'))} | | "
+                 f"{_f(r['mean_baseline_loss'])}{format_interval(ci.get('mean_baseline_loss'))} | "
                  f"{_f(r['mean_entropy'])} | |")
+    diff = ci.get("mean_loss_minus_baseline")
+    if diff:
+        lines += ["", f"Mean SAE loss - channel loss: {diff['estimate']:.4f}{format_interval(diff)} "
+                      "(paired: both scored on the same resampled text)."]
     if r.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items())]
     if (evals / "probe.png").exists():
@@ -112,18 +146,35 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
     mi, sp = r["micro"], r.get("splice")
     lines = [f"{r['n_explained']} latents explained from {r['n_build_contexts']} contexts, scored on "
              f"{r['n_eval_contexts']} held-out contexts; {_f(r['mean_patterns'], '{:.1f}')} patterns per latent.", "",
-             _table([("precision / recall / F1 (mean over latents)",
+             markdown_table([("precision / recall / F1 (mean over latents)",
                       f"{_f(r['precision'], '{:.3f}')} / {_f(r['recall'], '{:.3f}')} / {_f(r['f1'], '{:.3f}')}"),
                      ("pooled precision / recall / F1", f"{_f(mi['precision'], '{:.3f}')} / "
                                                         f"{_f(mi['recall'], '{:.3f}')} / {_f(mi['f1'], '{:.3f}')}"),
                      ("correlation with the real activation", _f(r["corr"], "{:.3f}"))])]
-    if sp:
-        lines += ["", "Splice (explained latents' values replaced by their N2G predictions):", "",
-                  _table([("CE clean / SAE / N2G / latents zeroed", f"{sp['ce_clean']:.4f} / {sp['ce_sae']:.4f} / "
-                                                                    f"{sp['ce_n2g']:.4f} / {sp['ce_zeroed']:.4f}"),
-                          ("delta CE SAE / N2G", f"{sp['delta_ce_sae']:.4f} / {sp['delta_ce_n2g']:.4f}"),
-                          ("CE recovered by N2G (1 = as the real values, 0 = as zeroing)",
-                           _f(sp["ce_recovered"], "{:.3f}"))])]
+    from saelab.evals.bootstrap import format_interval
+
+    ci = r.get("intervals") or {}
+    if ci.get("f1"):
+        parts = [f"{k} {format_interval(ci.get(k), '{:.3f}').strip() or '—'}" for k in ("precision", "recall", "f1")]
+        lines += ["", f"{ci['f1']['level']:.0%} bootstrap intervals over the {ci['f1']['n_groups']} held-out contexts "
+                      f"(means over latents): {'; '.join(parts)}."]
+    if sp and "ce_n2g_all" in sp:
+        lines += ["", f"Splice (§4.4). **All latents simulated** (the paper's definition): the {sp['n_simulated']} "
+                      f"explained latents ({sp['simulated_frac']:.1%} of the SAE) take their N2G predictions, every other "
+                      "latent is 0. **Explained only** (partial): the explained latents replaced, the others keep "
+                      "their SAE values.", "",
+                  markdown_table([("CE clean / SAE", f"{sp['ce_clean']:.4f} / {sp['ce_sae']:.4f}"),
+                          ("delta CE SAE", f"{sp['delta_ce_sae']:.4f}{format_interval(ci.get('delta_ce_sae'))}"),
+                          ("**delta CE N2G, all latents simulated**",
+                           f"**{sp['delta_ce_n2g_all']:.4f}**{format_interval(ci.get('delta_ce_n2g_all'))}"),
+                          ("delta CE N2G, explained latents only (partial)",
+                           f"{sp['delta_ce_n2g_partial']:.4f}{format_interval(ci.get('delta_ce_n2g_partial'))}"),
+                          ("delta CE, explained latents zeroed", f"{sp['delta_ce_zeroed']:.4f}"),
+                          ("CE recovered by N2G, partial (1 = as the real values, 0 = as zeroing)",
+                           _f(sp["ce_recovered_partial"], "{:.3f}"))])]
+    elif sp:  # a result written before the full splice existed
+        lines += ["", "Splice (explained latents only): " + ", ".join(f"{k} {v:.4f}" for k, v in sp.items()
+                                                                       if isinstance(v, float))]
     best = sorted((x for x in r["per_latent"] if x["f1"] is not None), key=lambda x: -x["f1"])[:8]
     if best:
         lines += ["", "| latent | F1 | precision | recall | top pattern |", "|---|---|---|---|---|"]
@@ -140,12 +191,15 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
 
 def write_paper_report(out_dir: str | Path) -> Path:
     """Write ``out_dir/evals/report.md`` (and the probe / N2G plots) from the metric files."""
-    from saelab.evals.suite import EVALS_DIR, PAPER_METRICS
-    from saelab.report.plots import n2g_plot, probe_plot
+    from saelab.evals.suite import PAPER_METRICS
+    from saelab.report.plots import compute_equivalent_plot, n2g_plot, probe_plot
+    from saelab.run_folder import EVALS_DIR
 
     evals = Path(out_dir) / EVALS_DIR
     recs = {m: json.loads((evals / f"{m}.json").read_text()) for m in PAPER_METRICS if (evals / f"{m}.json").exists()}
     index = json.loads((evals / "suite.json").read_text()) if (evals / "suite.json").exists() else {}
+    if recs.get("compute_equivalent", {}).get("status") == "ok":
+        compute_equivalent_plot(recs["compute_equivalent"]["result"], evals / "compute_equivalent.png")
     if recs.get("probe", {}).get("status") == "ok" and recs["probe"]["result"]["tasks"]:
         probe_plot(recs["probe"]["result"], evals / "probe.png")
     if recs.get("n2g", {}).get("status") == "ok" and recs["n2g"]["result"]["per_latent"]:
@@ -153,7 +207,7 @@ def write_paper_report(out_dir: str | Path) -> Path:
     any_rec = next(iter(recs.values()), {})
     sae, ev = any_rec.get("sae", {}), any_rec.get("eval", {})
     lines = [f"# Paper metrics of SAE `{sae.get('source') or '?'}`", ""]
-    lines += [_table([("SAE", f"n = {sae.get('n_latents', 0):,}, k = {sae.get('k')}, input norm "
+    lines += [markdown_table([("SAE", f"n = {sae.get('n_latents', 0):,}, k = {sae.get('k')}, input norm "
                               f"{sae.get('input_norm')}, weights sha256 {sae.get('sha256')}"),
                       ("model / hook", f"`{sae.get('model')}` / `{sae.get('hook')}`"),
                       ("eval text", f"`{ev.get('corpus')}`, contexts of {ev.get('context_size')} tokens, position 0 "

@@ -5,27 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from saelab.utils.atomic import atomic_path  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+import numpy as np
+import torch
+from saelab.utils.figures import figure, save_figure
 
 
 def training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Training nMSE and the fraction of inactive/dead latents against tokens."""
     tokens = np.array([m["tokens"] for m in metrics])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2) = figure(1, 2, figsize=(10, 3.6))
     ax1.plot(tokens, [m["nmse"] for m in metrics], label="nMSE (train batch)")
     if any(m.get("auxk", 0) > 0 for m in metrics):
         ax1.plot(tokens, [m["auxk"] for m in metrics], label="AuxK loss", alpha=0.7)
@@ -41,28 +29,28 @@ def training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) -> Path
     ax2.grid(alpha=0.3)
     ax2.legend()
     fig.suptitle("Training")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def density_histogram(frequencies_N: torch.Tensor, path: str | Path, n_tokens: int) -> Path:
     """Histogram of log10 latent firing frequency on the eval tokens (dead latents counted apart)."""
     freq = frequencies_N.double().numpy()
     alive = freq[freq > 0]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = figure(figsize=(6, 3.6))
     if alive.size:
         ax.hist(np.log10(alive), bins=60, color="#3b6ea8")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     ax.set_title(f"Latent density on {n_tokens:,} eval tokens ({(freq == 0).sum():,} never fired)")
     ax.grid(alpha=0.3)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def compute_equivalent_plot(result: dict[str, Any], path: str | Path) -> Path:
     """Checkpoint losses against training tokens, the fitted L(C), and the clean and spliced losses."""
     rows = [r for r in result["checkpoints"] if r["tokens"] > 0]
     fit = result["fit"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = figure(figsize=(7, 4.2))
     used = [r for r in rows if r["used_in_fit"]]
     unused = [r for r in rows if not r["used_in_fit"]]
     ax.scatter([r["tokens"] for r in used], [r["loss"] for r in used], color="#3b6ea8", zorder=3,
@@ -91,14 +79,14 @@ def compute_equivalent_plot(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("CE loss on eval tokens (nats)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def probe_plot(result: dict[str, Any], path: str | Path) -> Path:
     """Held-out probe loss per task: best SAE latent, best residual channel, and the label entropy."""
     tasks = list(result["tasks"])
     x = np.arange(len(tasks))
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(tasks) + 2), 3.8))
+    fig, ax = figure(figsize=(max(5, 0.9 * len(tasks) + 2), 3.8))
     get = lambda key: [result["tasks"][t][key] if result["tasks"][t][key] is not None else np.nan for t in tasks]  # noqa: E731
     ax.bar(x - 0.27, get("loss"), 0.27, label="best SAE latent", color="#3b6ea8")
     ax.bar(x, get("baseline_loss"), 0.27, label="best residual channel", color="#aaaaaa")
@@ -108,13 +96,13 @@ def probe_plot(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_title("1-D probe loss per task (lower is better)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def n2g_plot(result: dict[str, Any], path: str | Path) -> Path:
     """N2G precision against recall per explained latent, and the F1 histogram."""
     rows = [r for r in result["per_latent"] if r["precision"] is not None and r["recall"] is not None]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = figure(1, 2, figsize=(10, 3.8))
     ax1.scatter([r["recall"] for r in rows], [r["precision"] for r in rows], s=14, color="#3b6ea8")
     ax1.set_xlim(-0.02, 1.02)
     ax1.set_ylim(-0.02, 1.02)
@@ -128,4 +116,4 @@ def n2g_plot(result: dict[str, Any], path: str | Path) -> Path:
     ax2.set_ylabel("latents")
     ax2.set_title("N2G explanation F1 on held-out text")
     ax2.grid(alpha=0.3)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

@@ -1,29 +1,40 @@
 """Scaling study of a sweep folder (``saelab report SWEEP_DIR``): nMSE against latents, per k.
 
 Every run folder in the sweep (``saelab sweep --out SWEEP_DIR``) that has been evaluated
-(``metrics.json``, from ``saelab eval SWEEP_DIR`` or ``saelab sweep --eval``) is one point. Runs
-are grouped by k and training tokens (points trained on different budgets are not mixed in one
-curve); each group with at least 3 sizes is fitted with
+(``metrics.json``, from ``saelab eval SWEEP_DIR`` or ``saelab sweep --eval``) is one point. All
+points must come from evaluations with the same settings (model, hook, eval corpus, context size,
+position 0, number of reconstruction tokens and of next-token predictions): a run evaluated
+otherwise (e.g. by ``--suite paper`` with other sizes) is refused by name, since its nMSE and
+delta CE are not the same measurement. Runs are grouped by k and training tokens (points trained
+on different budgets are not mixed in one curve); each group with at least 3 sizes is fitted with
 
     nMSE(n) = a * n^(-alpha) + c
 
-(``saelab.evals.power_law``: log-space residuals, profile over the irreducible term c, then
-Levenberg-Marquardt; alpha's standard error from the fit's residuals). Beside it, ``alpha_pure``
-is the slope of a floor-free power law ``a n^-alpha`` (log-log least squares), which stays
-meaningful with few sizes. A group whose nMSE does not fall with n (larger SAEs undertrained at
-the budget) is flagged ``monotone: false``; its alpha says nothing. The paper's Figure 1
-plots the same (their "normalized MSE" at convergence; here at the sweep's token budget, so large
-n trained on few tokens per latent bend the curve up, a lower bound on what alpha would be at
-convergence). The spliced LM loss is shown beside it; its log-log slope in n is reported (a pure
-power law, for the shape only).
+(``saelab.evals.power_law``: log-space residuals, scipy least squares). alpha comes with its
+standard error and a 95 % profile-likelihood interval (a and c refitted for each alpha; undefined
+with 3 sizes, possibly unbounded with 4 or 5, where c can absorb the decline). Beside it,
+``alpha_pure`` is the slope of a floor-free power law ``a n^-alpha`` (log-log least squares), which
+stays meaningful with few sizes. A group whose nMSE does not fall with n (larger SAEs undertrained
+at the budget) is flagged ``monotone: false``; its alpha says nothing. The paper's Figure 1 plots
+the same (their "normalized MSE" at convergence; here at the sweep's token budget, so large n
+trained on few tokens per latent bend the curve up). The spliced LM loss is shown beside it; its
+log-log slope in n is reported (a pure power law, for the shape only).
+
+Two different "dead" numbers are kept apart: ``eval_inactive_frac`` (latents that never fired on
+the ``eval_tokens`` evaluation tokens) and ``train_dead_frac`` (latents that had not fired within
+the trainer's dead window, ``train_dead_window`` tokens, at the last logged step: the latents AuxK
+was training).
 
 Outputs, in the sweep folder::
 
-    scaling.json         {sweep, runs: [{run, n_latents, k, total_tokens, nmse, delta_ce, l0,
-                          dead_frac, ce_clean, ce_spliced}], unevaluated: [run names],
-                          fits: {label: {k, total_tokens, n, nmse, fitted, alpha, a, c, alpha_se, c_se,
-                          rmse_log, dof, residuals: [{n, nmse, fitted, residual_log}], alpha_pure,
-                          monotone, delta_ce_slope, note}}}   (a group not fitted has fitted: false and a note)
+    scaling.json         {sweep, eval_settings, runs: [{run, n_latents, k, total_tokens, nmse, delta_ce, l0,
+                          eval_inactive_frac, eval_tokens, train_dead_frac, train_dead_window, ce_clean,
+                          ce_spliced}], unevaluated: [run names],
+                          fits: {label: {k, total_tokens, n, nmse, runs, fitted, alpha, alpha_se,
+                          alpha_interval: [low|null, high|null] | null, alpha_interval_note, interval_level,
+                          a, c, c_se, rmse_log, dof, residuals: [{n, nmse, fitted, residual_log}],
+                          alpha_pure, monotone, delta_ce_slope, note}}}
+                         (a group not fitted has fitted: false and a note; a null interval end is unbounded)
     scaling_nmse.png     nMSE vs n, log-log, one line per k with its fitted curve
     scaling_delta_loss.png   delta CE vs n, one line per k
     scaling.md           the same as tables
@@ -31,7 +42,6 @@ Outputs, in the sweep folder::
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -39,32 +49,89 @@ from typing import Any
 
 import numpy as np
 
-from saelab.errors import SaelabError
+from saelab.errors import ConfigError, SaelabError
+from saelab.evals.core import eval_settings
 from saelab.evals.power_law import fit_power_law
+from saelab.run_folder import EVAL_METRICS, TRAIN_CONFIG, read_json, sweep_runs
+from saelab.train.checkpoint import read_metrics
+from saelab.train.config import TrainConfig
 from saelab.utils.atomic import write_json, write_text
+from saelab.utils.figures import figure, save_figure
+
+METRIC_KEYS = ("nmse", "delta_ce", "l0", "ce_clean", "ce_spliced")
+
+
+def _training_dead(run: Path, train: dict[str, Any]) -> tuple[float | None, int | None]:
+    """(fraction of latents dead in the trainer's window at the last logged step, that window in tokens)."""
+    log = [r for r in read_metrics(run) if "dead_frac" in r]
+    try:
+        window = TrainConfig.from_dict(train).effective_dead_tokens
+    except ConfigError:  # written by another saelab version: the window cannot be recomputed
+        window = train.get("dead_tokens")
+    return (float(log[-1]["dead_frac"]) if log else None), window
 
 
 def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """(evaluated runs as rows, names of runs without metrics.json) of a sweep folder."""
-    from saelab.evals.suite import sweep_runs
-    from saelab.train.checkpoint import TRAIN_CONFIG
+    """(evaluated runs as rows, names of runs without metrics.json) of a sweep folder.
 
+    Each row carries ``eval_settings``: what its evaluation must share with the others'."""
     rows, missing = [], []
     for run in sweep_runs(sweep_dir):
-        train = json.loads((run / TRAIN_CONFIG).read_text())["train"]
-        path = run / "metrics.json"
-        if not path.exists():
+        train = read_json(run / TRAIN_CONFIG, "training config")["train"]
+        if not (run / EVAL_METRICS).exists():
             missing.append(run.name)
             continue
-        m = json.loads(path.read_text())
+        m = read_json(run / EVAL_METRICS, "evaluation metrics file")
+        dead, window = _training_dead(run, train)
         rows.append({"run": run.name, "n_latents": int(train["n_latents"]), "k": int(train["k"]),
-                     "total_tokens": int(train["total_tokens"]),
-                     **{key: m.get(key) for key in ("nmse", "delta_ce", "l0", "dead_frac", "ce_clean", "ce_spliced")}})
+                     "total_tokens": int(train["total_tokens"]), **{key: m.get(key) for key in METRIC_KEYS},
+                     "eval_inactive_frac": m.get("dead_frac"), "eval_tokens": m.get("n_tokens"),
+                     "train_dead_frac": dead, "train_dead_window": window, "eval_settings": eval_settings(m)})
     return rows, missing
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "not recorded"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def check_eval_settings(rows: list[dict[str, Any]], folder: str | Path) -> dict[str, Any]:
+    """The eval settings all rows share; SaelabError naming the runs and the setting when they differ."""
+    keys = list(dict.fromkeys(key for r in rows for key in r["eval_settings"]))
+    for key in keys:
+        by_value: dict[str, list[str]] = defaultdict(list)
+        for r in rows:
+            by_value[_show(r["eval_settings"].get(key))].append(r["run"])
+        if len(by_value) > 1:
+            parts = "; ".join(f"{v}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+                              for v, names in by_value.items())
+            raise SaelabError(f"sweep folder {folder} mixes evaluations: {key} differs ({parts}); their nMSE and "
+                              f"delta CE cannot share one fit: re-evaluate every run with one setting, "
+                              f"`saelab eval {folder} --overwrite` (with the eval options you want)")
+    return {key: rows[0]["eval_settings"].get(key) for key in keys}
 
 
 def _label(k: int, tokens: int, several_budgets: bool) -> str:
     return f"k={k}" + (f", {tokens / 1e6:.3g}M tokens" if several_budgets else "")
+
+
+def _fit_group(n: list[int], y: list[float], what: str) -> dict[str, Any]:
+    """The power-law fit of one group's nMSE(n), with its interval, floor-free slope and notes."""
+    law = fit_power_law(n, y, what=what)
+    fitted = [float(v) for v in law(np.asarray(n, dtype=np.float64))]
+    monotone = all(b < a for a, b in zip(y, y[1:]))
+    notes = [] if monotone else ["nMSE does not fall with n at this budget (larger SAEs undertrained?): "
+                                 "alpha is not meaningful"]
+    if len(n) == 3:
+        notes.append("3 sizes for 3 parameters: the curve passes through them")
+    return dict(fitted=True, alpha=law.alpha, alpha_se=law.alpha_se, alpha_interval=law.alpha_interval,
+                alpha_interval_note=law.alpha_interval_note, interval_level=law.interval_level,
+                a=law.a, c=law.c, c_se=law.c_se, rmse_log=law.rmse_log, dof=len(n) - 3, fitted_nmse=fitted,
+                residuals=[{"n": a, "nmse": b, "fitted": f, "residual_log": e}
+                           for a, b, f, e in zip(n, y, fitted, law.residuals_log)],
+                alpha_pure=fit_power_law(n, y, irreducible=False, interval_level=None).alpha,
+                monotone=monotone, note="; ".join(notes) or None)
 
 
 def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -77,47 +144,39 @@ def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     fits = {}
     for (k, tokens), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["n_latents"])
-        n = [r["n_latents"] for r in rs]
-        y = [r["nmse"] for r in rs]
+        n, y = [r["n_latents"] for r in rs], [r["nmse"] for r in rs]
+        label = _label(k, tokens, several)
         out: dict[str, Any] = {"k": k, "total_tokens": tokens, "n": n, "nmse": y, "runs": [r["run"] for r in rs]}
         if len(set(n)) < 3:
             out.update(fitted=False, note=f"needs 3 sizes to fit a + c, has {len(set(n))}")
         else:
-            law = fit_power_law(n, y, what=f"nMSE of the {_label(k, tokens, several)} runs")
-            fitted = [float(v) for v in law(np.asarray(n, dtype=np.float64))]
-            monotone = all(b < a for a, b in zip(y, y[1:]))
-            notes = [] if monotone else ["nMSE does not fall with n at this budget (larger SAEs undertrained?): "
-                                         "alpha is not meaningful"]
-            if len(n) == 3:
-                notes.append("3 sizes for 3 parameters: the curve passes through them")
-            out.update(fitted=True, alpha=law.alpha, a=law.a, c=law.c, alpha_se=law.alpha_se, c_se=law.c_se,
-                       rmse_log=law.rmse_log, dof=len(n) - 3, fitted_nmse=fitted,
-                       residuals=[{"n": a, "nmse": b, "fitted": f, "residual_log": e}
-                                  for a, b, f, e in zip(n, y, fitted, law.residuals_log)],
-                       alpha_pure=fit_power_law(n, y, irreducible=False).alpha, monotone=monotone,
-                       note="; ".join(notes) or None)
+            out.update(_fit_group(n, y, f"nMSE of the {label} runs"))
         d = [(r["n_latents"], r["delta_ce"]) for r in rs if r["delta_ce"] is not None]
+        out["delta_ce_slope"] = None
         if len(d) >= 2 and all(v > 0 for _, v in d) and len({a for a, _ in d}) >= 2:
-            out["delta_ce_slope"] = -fit_power_law([a for a, _ in d], [v for _, v in d], irreducible=False).alpha
-        else:
-            out["delta_ce_slope"] = None
-        fits[_label(k, tokens, several)] = out
+            out["delta_ce_slope"] = -fit_power_law([a for a, _ in d], [v for _, v in d], irreducible=False,
+                                                   interval_level=None).alpha
+        fits[label] = out
     return fits
 
 
+# ---- plots ------------------------------------------------------------------------------------------
 def _plain_log_ticks(ax) -> None:
     from matplotlib.ticker import FormatStrFormatter
 
-    for axis in (ax.yaxis,):
-        axis.set_major_formatter(FormatStrFormatter("%.3g"))
-        axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
 
 
-def _plots(fits: dict[str, dict], rows: list[dict], folder: Path) -> None:
-    from saelab.report.plots import _save, plt
+def _colors() -> list[str]:
+    from matplotlib import rcParams  # read only: the default colour cycle
 
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _nmse_plot(fits: dict[str, dict], path: Path) -> Path:
+    colors = _colors()
+    fig, ax = figure(figsize=(7, 4.5))
     ys = [v for f in fits.values() for v in f["nmse"]]
     for i, (label, f) in enumerate(fits.items()):
         col = colors[i % len(colors)]
@@ -138,9 +197,12 @@ def _plots(fits: dict[str, dict], rows: list[dict], folder: Path) -> None:
     ax.set_title("nMSE against SAE size, one line per k")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    _save(fig, folder / "scaling_nmse.png")
+    return save_figure(fig, path)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+def _delta_loss_plot(fits: dict[str, dict], rows: list[dict], path: Path) -> Path:
+    colors = _colors()
+    fig, ax = figure(figsize=(7, 4.5))
     positive = True
     for i, (label, f) in enumerate(fits.items()):
         pts = sorted((r["n_latents"], r["delta_ce"]) for r in rows
@@ -159,44 +221,80 @@ def _plots(fits: dict[str, dict], rows: list[dict], folder: Path) -> None:
     ax.set_title("Spliced LM loss increase against SAE size")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    _save(fig, folder / "scaling_delta_loss.png")
+    return save_figure(fig, path)
+
+
+# ---- the report -------------------------------------------------------------------------------------
+def _interval_text(f: dict[str, Any]) -> str:
+    if f["alpha_interval"] is None:
+        return "undefined" + (" (3 sizes)" if f["dof"] == 0 else "")
+    low, high = f["alpha_interval"]
+    return (f"{'(-inf' if low is None else f'[{low:.3f}'}, {'inf)' if high is None else f'{high:.3f}]'}")
+
+
+def _fits_table(fits: dict[str, dict]) -> list[str]:
+    lines = ["| group | sizes n | alpha ± SE | alpha 95 % interval (profile) | alpha without c (log-log slope) "
+             "| a | c | rms log residual | delta CE slope | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, f in fits.items():
+        sizes = ", ".join(f"2^{int(round(math.log2(v)))}" if v & (v - 1) == 0 else str(v) for v in f["n"])
+        if not f["fitted"]:
+            lines.append(f"| {label} | {sizes} | — | — | — | — | — | — | — | {f['note']} |")
+            continue
+        se = f" ± {f['alpha_se']:.3f}" if f["alpha_se"] is not None else ""
+        slope = "—" if f["delta_ce_slope"] is None else f"{f['delta_ce_slope']:.4f}"
+        note = "; ".join(s for s in (f["note"], f["alpha_interval_note"] if f["dof"] > 0 else None) if s)
+        lines.append(f"| {label} | {sizes} | {f['alpha']:.4f}{se} | {_interval_text(f)} | {f['alpha_pure']:.4f} | "
+                     f"{f['a']:.4g} | {f['c']:.4f} | {f['rmse_log']:.4f} | {slope} | {note} |")
+    return lines
+
+
+def _runs_table(rows: list[dict[str, Any]], eval_tokens: int | None) -> list[str]:
+    fmt = lambda v, f="{:.4f}": "—" if v is None else f.format(v)  # noqa: E731
+    eval_head = f"inactive on the {eval_tokens:,} eval tokens" if eval_tokens else "inactive on the eval tokens"
+    lines = [f"| run | n | k | tokens | nMSE | delta CE | L0 | {eval_head} | dead at end of training "
+             "| training dead window (tokens) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["k"], r["n_latents"])):
+        lines.append(f"| {r['run']} | {r['n_latents']:,} | {r['k']} | {r['total_tokens']:,} | {fmt(r['nmse'])} | "
+                     f"{fmt(r['delta_ce'])} | {fmt(r['l0'], '{:.1f}')} | {fmt(r['eval_inactive_frac'], '{:.2%}')} | "
+                     f"{fmt(r['train_dead_frac'], '{:.2%}')} | {fmt(r['train_dead_window'], '{:,}')} |")
+    return lines
+
+
+def _markdown(folder: Path, fits: dict, rows: list[dict], missing: list[str], settings: dict) -> str:
+    shown = ", ".join(f"{k} {_show(v)}" for k, v in settings.items())
+    lines = [f"# Scaling study `{folder.name}`", "",
+             "nMSE(n) = a n^-alpha + c fitted per k (log-space residuals); held-out nMSE from each run's metrics.json, "
+             f"every run evaluated alike ({shown}).", "",
+             "alpha's interval is the profile-likelihood one (a and c refitted for each alpha; F threshold with the "
+             "fit's residual variance): undefined with 3 sizes, open-ended where the floor c can absorb the decline.",
+             "", *_fits_table(fits), "",
+             "Two kinds of dead latents: *inactive on the eval tokens* never fired on the evaluation text; "
+             "*dead at end of training* had not fired within the trainer's dead window (the latents AuxK trains) "
+             "at its last logged step.", "", *_runs_table(rows, settings.get("n_tokens"))]
+    if missing:
+        lines += ["", f"Not evaluated (no metrics.json): {', '.join(missing)}."]
+    lines += ["", "![nMSE vs n](scaling_nmse.png)", "", "![delta CE vs n](scaling_delta_loss.png)", ""]
+    return "\n".join(lines)
 
 
 def write_scaling_report(sweep_dir: str | Path) -> dict[str, Any]:
-    """Read every run of ``sweep_dir``, fit, and write scaling.json, the two plots and scaling.md."""
+    """Read every run of ``sweep_dir``, check they were evaluated alike, fit, and write scaling.json,
+    the two plots and scaling.md."""
     folder = Path(sweep_dir)
     rows, missing = collect_runs(folder)
     if not rows:
         what = f"its runs ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}) have no metrics.json" \
             if missing else "it holds no run folders"
         raise SaelabError(f"sweep folder {folder} has no evaluated runs: {what}; run `saelab eval {folder}` first")
+    settings = check_eval_settings(rows, folder)
+    rows = [{k: v for k, v in r.items() if k != "eval_settings"} for r in rows]
     fits = fit_scaling(rows)
-    result = {"sweep": str(folder), "runs": rows, "unevaluated": missing, "fits": fits}
+    result = {"sweep": str(folder), "eval_settings": settings, "runs": rows, "unevaluated": missing, "fits": fits}
     write_json(folder / "scaling.json", result)
-    _plots(fits, rows, folder)
-    lines = [f"# Scaling study `{folder.name}`", "",
-             "nMSE(n) = a n^-alpha + c fitted per k (log-space residuals); held-out nMSE from each run's metrics.json.",
-             "", "| group | sizes n | alpha | a | c | rms log residual | alpha without c | delta CE slope | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for label, f in fits.items():
-        sizes = ", ".join(f"2^{int(round(math.log2(v)))}" if v & (v - 1) == 0 else str(v) for v in f["n"])
-        if f["fitted"]:
-            se = f" ± {f['alpha_se']:.3f}" if f["alpha_se"] is not None else ""
-            slope = "—" if f["delta_ce_slope"] is None else f"{f['delta_ce_slope']:.4f}"
-            lines.append(f"| {label} | {sizes} | {f['alpha']:.4f}{se} | {f['a']:.4g} | {f['c']:.4f} | "
-                         f"{f['rmse_log']:.4f} | {f['alpha_pure']:.4f} | {slope} | {f['note'] or ''} |")
-        else:
-            lines.append(f"| {label} | {sizes} | — | — | — | — | — | — | {f['note']} |")
-    lines += ["", "| run | n | k | tokens | nMSE | delta CE | L0 | dead |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["k"], r["n_latents"])):
-        fmt = lambda v, f="{:.4f}": "—" if v is None else f.format(v)  # noqa: E731
-        lines.append(f"| {r['run']} | {r['n_latents']:,} | {r['k']} | {r['total_tokens']:,} | {fmt(r['nmse'])} | "
-                     f"{fmt(r['delta_ce'])} | {fmt(r['l0'], '{:.1f}')} | {fmt(r['dead_frac'], '{:.2%}')} |")
-    if missing:
-        lines += ["", f"Not evaluated (no metrics.json): {', '.join(missing)}."]
-    lines += ["", "![nMSE vs n](scaling_nmse.png)", "", "![delta CE vs n](scaling_delta_loss.png)", ""]
-    write_text(folder / "scaling.md", "\n".join(lines))
+    _nmse_plot(fits, folder / "scaling_nmse.png")
+    _delta_loss_plot(fits, rows, folder / "scaling_delta_loss.png")
+    write_text(folder / "scaling.md", _markdown(folder, fits, rows, missing, settings))
     return result
 
 
-__all__ = ["collect_runs", "fit_scaling", "write_scaling_report"]
+__all__ = ["check_eval_settings", "collect_runs", "fit_scaling", "write_scaling_report"]

@@ -18,13 +18,10 @@ from typing import Any
 import torch
 
 from saelab.errors import CheckpointError, RunExistsError
+from saelab.run_folder import CHECKPOINT, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_LOG, clear_eval_outputs
 from saelab.utils.atomic import atomic_path, write_bytes, write_json
 
-CHECKPOINT = "checkpoint.pt"
-STATUS = "status.json"
-TRAIN_CONFIG = "train_config.json"
-METRICS = "metrics.jsonl"
-SAE_DIR = "sae"
+METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
 LOCK = ".saelab.lock"
 
 
@@ -151,8 +148,9 @@ def commit_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = F
     files and record the config. Written only now, so a start that failed leaves no config behind
     that would make the corrected rerun look like a different experiment."""
     if overwrite:
-        for name in (CHECKPOINT, STATUS, METRICS):
+        for name in (CHECKPOINT, STATUS, TRAINING_LOG):
             (run_dir / name).unlink(missing_ok=True)
+        clear_eval_outputs(run_dir)  # they describe the SAE being replaced
     write_json(run_dir / TRAIN_CONFIG, config)
 
 

@@ -1,16 +1,25 @@
-"""Training configuration: the paper's recipe, every item on by default and switchable."""
+"""Training configuration: named recipes (the paper's, and a short-run one for CPU budgets),
+every item switchable. Why each default is what it is, with measurements: docs/training.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal
+
+from saelab.errors import ConfigError
+from saelab.utils.config import switch
 
 
 @dataclass
 class TrainConfig:
     """How to train one top-k SAE (Gao et al. 2024, with OpenAI's and sparsify's defaults)."""
 
+    recipe: Literal["short-run", "paper"] = "short-run"
+    """The recipe these settings start from: 'short-run' (tuned for runs of a few hundred steps,
+    the CPU default) or 'paper' (Gao et al. 2024 and OpenAI's code; docs/training.md lists each
+    item and its source). Options given explicitly override the recipe's value."""
     n_latents: int = 8192
     """Number of latents n."""
     k: int = 32
@@ -22,12 +31,10 @@ class TrainConfig:
     lr: float | None = None
     """Adam learning rate; None scales it with n as lr_base / sqrt(n / 2^14), at most lr_max."""
     lr_base: float = 4e-3
-    """Learning rate at n = 2^14 when lr is None. Higher than sparsify's 2e-4 because short
-    runs (a few hundred steps) need it; stable thanks to the unit-norm decoder. Lower rates
-    reconstruct slightly better but leave more latents that rarely or never fire."""
+    """Learning rate at n = 2^14 when lr is None."""
     lr_max: float = 1e-2
-    """Cap of the scaled learning rate when lr is None (small n would otherwise get rates at
-    which short runs diverge: 4e-3 / sqrt(128 / 2^14) = 0.045)."""
+    """Cap of the scaled learning rate when lr is None (small n would otherwise get rates at which
+    short runs diverge)."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.999
@@ -35,40 +42,36 @@ class TrainConfig:
     adam_eps: float = 6.25e-10
     """Adam epsilon (OpenAI's value)."""
     warmup_steps: int | None = None
-    """Linear learning-rate warmup steps; None: 1/32 of the run (2 steps of a 64-step run, 8 of 256)."""
+    """Linear learning-rate warmup steps; None: 1/32 of the run."""
     decay_fraction: float = 0.6
     """Fraction of the run, at the end, over which the learning rate decays linearly to 0."""
-    input_norm: str = "none"
-    """'none', or 'layernorm' (per-token normalization inside the SAE, as OpenAI v5)."""
-    unit_norm_decoder: bool = True
+    input_norm: Literal["none", "layernorm"] = "none"
+    """'none', or 'layernorm' (per-token normalization inside the SAE, undone on decode, as OpenAI v5)."""
+    unit_norm_decoder: bool = switch(True)
     """Rescale decoder rows to unit norm after every step."""
-    project_decoder_grad: bool = True
+    project_decoder_grad: bool = switch(True)
     """Remove the gradient component parallel to each decoder row before the step."""
-    tied_init: bool = True
+    tied_init: bool = switch(True)
     """Initialise the encoder as the transpose of the decoder."""
-    geometric_median_init: bool = True
+    geometric_median_init: bool = switch(True)
     """Initialise b_pre (b_dec) to the geometric median of a sample of activations (else the mean)."""
-    decoder_init: str = "auto"
+    decoder_init: Literal["auto", "random", "data"] = "auto"
     """'random' (unit-norm Gaussian rows, the paper), 'data' (rows start at distinct centred
-    directions of the initialisation sample, mixed with random ones: see decoder_init_max_cos
-    and decoder_init_noise), or 'auto': 'data' when each latent expects at least 16 activations
-    per batch (batch_size * k / n_latents >= 16), else 'random'. Data directions reconstruct
-    better early on, but with fewer activations per latent and step many of them stop firing
-    (measured on SmolLM2, 64 steps: n = 8,192 nMSE 0.198 vs 0.227 at ~1 % dead either way;
-    n = 32,768: 36 % of latents dead vs 8 %)."""
+    directions of the initialisation sample, mixed with random ones), or 'auto': 'data' when each
+    latent expects at least 16 activations per batch (batch_size * k / n_latents >= 16), else 'random'."""
     decoder_init_max_cos: float = 0.75
     """With decoder_init='data': a sample direction whose cosine to an already chosen row exceeds
     this is skipped (near-duplicate latents compete and one of them dies); 1 keeps duplicates."""
     decoder_init_noise: float = 1.25
     """With decoder_init='data': each row is normalize(data direction + this * random unit
-    direction); 0 is pure data directions (best reconstruction, more rarely firing latents)."""
-    scale_encoder_init: bool = True
+    direction); 0 is pure data directions."""
+    scale_encoder_init: bool = switch(True)
     """Rescale the tied encoder so the initial reconstruction has the least-squares magnitude."""
     init_rows: int | None = None
     """Rows taken from the start of the data for b_pre, the loss normalizer and the data
     directions of the decoder; None: 32,768, or max(32,768, 4 n) with data directions, at most
     total_tokens."""
-    auxk: bool = True
+    auxk: bool = switch(True)
     """Train dead latents to reconstruct the residual (AuxK)."""
     k_aux: int = 256
     """Dead latents used by AuxK."""
@@ -77,7 +80,7 @@ class TrainConfig:
     dead_tokens: int | None = None
     """A latent is dead (AuxK trains it) if it has not fired in this many training tokens;
     None: 1/8 of the run, at most the paper's 10 M (so AuxK acts in short runs too)."""
-    multi_topk: bool = False
+    multi_topk: bool = switch(False)
     """Also reconstruct with the top multi_topk_factor*k latents (Multi-TopK)."""
     multi_topk_factor: int = 4
     """Multi-TopK uses this many times k latents."""
@@ -94,17 +97,22 @@ class TrainConfig:
     """Steps between metrics lines."""
 
     def __post_init__(self) -> None:
-        if self.decoder_init not in ("auto", "random", "data"):
-            raise ValueError(f"decoder_init must be 'auto', 'random' or 'data', got {self.decoder_init!r}")
-        if not 0 < self.decoder_init_max_cos <= 1 or self.decoder_init_noise < 0:
-            raise ValueError(f"decoder_init_max_cos must be in (0, 1] and decoder_init_noise >= 0, got "
-                             f"{self.decoder_init_max_cos} and {self.decoder_init_noise}")
-        if self.k > self.n_latents:
-            raise ValueError(f"k={self.k} exceeds n_latents={self.n_latents}")
-        if self.batch_size <= 0 or self.total_tokens < self.batch_size:
-            raise ValueError(
-                f"total_tokens={self.total_tokens} must be at least one batch of batch_size={self.batch_size}"
-            )
+        _check_choices(self)
+        _check_sizes(self)
+        _check_rates(self)
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "short-run", **overrides: Any) -> "TrainConfig":
+        """The named recipe's settings, then ``overrides``: ``TrainConfig.from_recipe("paper", n_latents=32768)``."""
+        if recipe not in RECIPES:
+            raise ConfigError(f"recipe {recipe!r} unknown; expected one of {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[recipe], **overrides, "recipe": recipe})
+
+    def changes_from_recipe(self) -> dict[str, Any]:
+        """Settings that differ from this config's recipe (what a report prints beside its name)."""
+        base = asdict(TrainConfig.from_recipe(self.recipe))
+        keep = ("recipe", "n_latents", "k", "total_tokens", "seed", "checkpoint_every", "log_every")
+        return {k: v for k, v in asdict(self).items() if k not in keep and base[k] != v}
 
     @property
     def total_steps(self) -> int:
@@ -153,5 +161,83 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown training options: {sorted(unknown)}")
+            raise ConfigError(f"unknown training options: {sorted(unknown)}")
         return cls(**d)
+
+
+def _check_choices(c: TrainConfig) -> None:
+    for name in ("recipe", "input_norm", "decoder_init"):
+        allowed = _literal_values(name)
+        if getattr(c, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}")
+
+
+def _literal_values(name: str) -> tuple[str, ...]:
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    return typing.get_args(hints[name])
+
+
+def _check_sizes(c: TrainConfig) -> None:
+    for name in ("n_latents", "k", "batch_size", "k_aux", "multi_topk_factor", "checkpoint_every", "log_every"):
+        if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {getattr(c, name)!r}")
+    if c.k > c.n_latents:
+        raise ConfigError(f"k={c.k} exceeds n_latents={c.n_latents}; expected k <= n_latents")
+    if c.total_tokens < c.batch_size:
+        raise ConfigError(f"total_tokens={c.total_tokens} must be at least one batch of batch_size={c.batch_size}")
+    for name in ("init_rows", "dead_tokens"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be >= 1 or None, got {getattr(c, name)}")
+    if c.warmup_steps is not None and c.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0 or None, got {c.warmup_steps}")
+
+
+def _check_rates(c: TrainConfig) -> None:
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name} must be a finite number, got {v}")
+    for name in ("lr", "lr_base", "lr_max", "adam_eps"):
+        if getattr(c, name) is not None and getattr(c, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(c, name)}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(c, name)}")
+    if c.ema_decay is not None and not 0 < c.ema_decay < 1:
+        raise ConfigError(f"ema_decay must be in (0, 1) or None, got {c.ema_decay}")
+    if not 0 <= c.decay_fraction <= 1:
+        raise ConfigError(f"decay_fraction must be in [0, 1], got {c.decay_fraction}")
+    if c.auxk_coef < 0 or c.multi_topk_coef < 0:
+        raise ConfigError(f"auxk_coef and multi_topk_coef must be >= 0, got {c.auxk_coef} and {c.multi_topk_coef}")
+    if not 0 < c.decoder_init_max_cos <= 1 or c.decoder_init_noise < 0:
+        raise ConfigError(f"decoder_init_max_cos must be in (0, 1] and decoder_init_noise >= 0, got "
+                          f"{c.decoder_init_max_cos} and {c.decoder_init_noise}")
+
+
+PAPER_LR_AT_2_14 = 1e-4 * math.sqrt(2)
+"""OpenAI's 1e-4 at n = 2^15, moved to this module's reference size n = 2^14 by the 1/sqrt(n) rule."""
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The defaults above: tuned for runs of a few hundred steps (docs/training.md has the measurements).
+    "short-run": {},
+    # Gao et al. 2024 and OpenAI's sparse_autoencoder; sources per item in docs/training.md.
+    "paper": {
+        "input_norm": "layernorm",      # paper 2.1: inputs centred over d_model and scaled (OpenAI: LayerNorm)
+        "decoder_init": "random",       # random unit-norm rows, encoder tied to them
+        "tied_init": True,
+        "scale_encoder_init": False,    # not in the paper or OpenAI's code
+        "geometric_median_init": True,  # b_pre = geometric median (OpenAI)
+        "lr_base": PAPER_LR_AT_2_14,    # lr proportional to 1/sqrt(n); 1e-4 at n = 2^15 (OpenAI)
+        "lr_max": 1.0,                  # no cap
+        "warmup_steps": 0,
+        "decay_fraction": 0.0,          # constant learning rate
+        "k_aux": 512,                   # the paper's k_aux (OpenAI's code uses 256)
+        "auxk_coef": 1 / 32,
+        "dead_tokens": 10_000_000,      # dead = not fired in 10 M tokens
+        "ema_decay": 0.999,             # the EMA of the weights is what the paper evaluates
+        "adam_eps": 6.25e-10,
+        "multi_topk": False,
+    },
+}

@@ -5,11 +5,11 @@
 - :mod:`.site`: the static site (local HTML/JS/CSS and data files, no external URL).
 - :mod:`.serve`: serve it on 127.0.0.1.
 - :mod:`.families`: match latents across SAE sizes (decoder cosine and co-activation), the family tree.
-- :mod:`.pipeline`: ``build_browser`` / ``build_families``, the ``saelab browse`` / ``saelab families`` verbs.
+- :mod:`.make`: ``build_browser`` / ``build_families``, what ``saelab browse`` / ``saelab families`` run.
 """
 
 from saelab.explore.browser.build import BrowseConfig, SAESource, open_sae_source
-from saelab.explore.browser.pipeline import build_browser, build_families
+from saelab.explore.browser.make import build_browser, build_families
 from saelab.explore.browser.serve import make_server, serve_in_thread, serve_site
 
 __all__ = [

@@ -129,22 +129,13 @@ class SAESource:
 
 
 def open_sae_source(source: str | Path, name: str | None = None) -> SAESource:
-    """Load a run folder (``RUN/sae``), a SAELens folder, an OpenAI ``.pt`` file or URL."""
-    from saelab.sae import load_sae
-    from saelab.train.checkpoint import SAE_DIR
+    """Load a run folder (``RUN/sae``), a SAELens or sparsify folder, an OpenAI ``.pt`` file or URL."""
+    from saelab.run_folder import open_sae
 
-    text = str(source)
-    path = Path(text).expanduser()
-    if not text.startswith(("https://", "http://")) and path.is_dir() and not (path / "cfg.json").exists():
-        if not (path / SAE_DIR).is_dir():
-            found = sorted(p.name for p in path.iterdir())[:8]
-            raise CheckpointError(f"{path}: not a run folder with an SAE (no {SAE_DIR}/ or cfg.json; found {found}); "
-                                  "pass a run folder, a SAELens folder, an OpenAI .pt file or URL")
-        sae = load_sae(path / SAE_DIR)
-        return SAESource(name or path.name, text, sae, run_dir=path)
-    sae = load_sae(text)
-    stem = path.stem if path.suffix == ".pt" else path.name
-    return SAESource(name or stem or "sae", text, sae)
+    sae, run_dir = open_sae(source)
+    path = Path(str(source)).expanduser()
+    stem = path.name if run_dir is not None else (path.stem if path.suffix == ".pt" else path.name)
+    return SAESource(name or stem or "sae", str(source), sae, run_dir=run_dir)
 
 
 def check_compatible(sources: Sequence[SAESource], hook: str | None = None, model: str | None = None) -> str:
@@ -274,13 +265,9 @@ def first_scored(sae: TopKSAE) -> int:
 
 def resolve_corpus(cfg: BrowseConfig) -> str:
     """``cfg.corpus``, or the offline Wikipedia eval split when none is given."""
-    from saelab.data import default_corpus
+    from saelab.data import resolve_corpus as resolve
 
-    corpus = cfg.corpus or default_corpus("eval")
-    if corpus is None:
-        raise CorpusError("no corpus given and the offline default (wiki-en/wiki_eval.jsonl.xz) was not found; "
-                          "pass --corpus PATH or a Hugging Face dataset name")
-    return corpus
+    return resolve(cfg.corpus, "eval")
 
 
 def read_tokens(lm, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor:
@@ -460,7 +447,7 @@ def read_n2g_file(path: str | Path) -> dict[int, dict[str, Any]]:
 def build_n2g_explanations(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook: str, cfg: BrowseConfig,
                            progress: bool = True) -> dict[int, dict[str, Any]]:
     """N2G explanations for ``cfg.n2g_latents`` latents built from the top contexts already found."""
-    from saelab.evals.n2g import N2GConfig, WILDCARD, _model_act_fn, _padding_id, build_explanations
+    from saelab.evals.n2g import N2GConfig, WILDCARD, model_act_fn, padding_id, build_explanations
     from saelab.evals.probe_tasks import token_strings
 
     sae = stats.source.sae
@@ -470,9 +457,9 @@ def build_n2g_explanations(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook
     if not lats:
         return {}
     ncfg = N2GConfig(n_examples=cfg.n_top)
-    pad_id = _padding_id(lm.tokenizer, ncfg.padding_token)
+    pad_id = padding_id(lm.tokenizer, ncfg.padding_token)
     s0 = 1 if sae.cfg.prepend_bos else 0
-    act_fn = _model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, ncfg.seq_batch_size)
+    act_fn = model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, ncfg.seq_batch_size)
     strs: dict[int, str] = {}
     out = {}
     for lat in tqdm(lats, desc="N2G", disable=not progress):

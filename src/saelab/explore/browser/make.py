@@ -1,4 +1,5 @@
-"""The public jobs behind ``saelab browse`` and ``saelab families``, and their command-line options.
+"""Make the feature browser site (``build_browser``) and the feature-family tree (``build_families``):
+what ``saelab browse`` and ``saelab families`` run.
 
     from saelab.explore.browser import BrowseConfig, build_browser, build_families
     site = build_browser(["runs/n1024", "runs/n4096"], "site/", BrowseConfig(n_tokens=262_144))
@@ -7,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -83,12 +83,11 @@ def _named_model(cfg: BrowseConfig, lm) -> str | None:
     return cfg.model or (lm if isinstance(lm, str) else getattr(lm, "name", None))
 
 
-def _load_lm(lm, cfg: BrowseConfig, sources: Sequence[SAESource]):
-    from saelab.models import LanguageModel, load_model
+def _load_lm(lm, cfg: BrowseConfig, sources: Sequence[SAESource], device=None):
+    from saelab.models import load_model
+    from saelab.run_folder import model_for
 
-    if isinstance(lm, LanguageModel):
-        return lm
-    return load_model(lm or cfg.model or sources[0].sae.cfg.model_name or "default")
+    return load_model(lm or cfg.model or model_for(sources[0].sae), device=device)
 
 
 def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
@@ -101,7 +100,7 @@ def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
 
 
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
-                  overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                  device=None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Build the feature browser site for one or several SAEs (on one hook) at ``out``.
 
     ``sae_sources``: run folders, SAELens folders, OpenAI ``.pt`` files or URLs (or :class:`SAESource`).
@@ -122,7 +121,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         return {**old, "site": str(out), "reused": True}
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    lm = _load_lm(lm, cfg, sources)
+    lm = _load_lm(lm, cfg, sources, device)
     lm.check_hook(hook)
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
@@ -162,7 +161,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
 
 
 def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig | None = None, *, lm=None,
-                   progress: bool = True) -> dict[str, Any]:
+                   device=None, progress: bool = True) -> dict[str, Any]:
     """Feature families of several SAEs on one hook (see :mod:`.families`); written to ``out`` as JSON."""
     cfg = cfg or BrowseConfig()
     sources = _sources(sae_sources)
@@ -172,7 +171,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     if len(set(sizes)) != len(sizes):
         raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
-    lm = _load_lm(lm, cfg, sources)
+    lm = _load_lm(lm, cfg, sources, device)
     lm.check_hook(hook)
     tokens = read_tokens(lm, sources[0].sae, cfg)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
@@ -180,82 +179,3 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     if out is not None:
         write_json(out, tree)
     return tree
-
-
-# ---- command line ---------------------------------------------------------------------------------------------
-
-
-def add_browse_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``saelab browse``."""
-    from saelab.utils.dataclass_args import add_dataclass_args
-
-    p.add_argument("sae", nargs="+", help="run folder(s), SAELens folder(s), OpenAI .pt file(s) or URL(s); several "
-                                          "SAEs on one hook also get their feature families")
-    p.add_argument("--out", default=None, help="site folder (default: RUN/browser for a run folder)")
-    p.add_argument("--serve", action="store_true", help="serve the site on 127.0.0.1 after building it")
-    p.add_argument("--port", type=int, default=8000, help="port for --serve (0: any free port)")
-    add_dataclass_args(p, BrowseConfig, title="browser")
-    p.add_argument("--overwrite", action="store_true", help="rebuild even if the site is up to date")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-
-
-def add_families_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``saelab families``."""
-    from saelab.utils.dataclass_args import add_dataclass_args
-
-    p.add_argument("sae", nargs="+", help="two or more SAEs of different sizes on one hook (run folders, SAELens "
-                                          "folders, OpenAI .pt files)")
-    p.add_argument("--out", required=True, help="families JSON file to write")
-    add_dataclass_args(p, BrowseConfig, title="text read", skip=("n_top", "n_samples", "n_bands", "n_bins",
-                       "window_before", "window_after", "n_logits", "n_neighbours", "n2g_file", "n2g_latents"))
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-
-
-def _default_out(sources: Sequence[str]) -> Path:
-    from saelab.train.checkpoint import SAE_DIR
-
-    first = Path(sources[0])
-    if first.is_dir() and (first / SAE_DIR).is_dir():
-        return first / "browser"
-    raise SaelabError(f"{sources[0]} is not a run folder; pass --out for the site folder")
-
-
-def browse_command(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.explore.browser.serve import serve_site
-    from saelab.utils.dataclass_args import dataclass_from_args
-
-    out = Path(args.out) if args.out else _default_out(args.sae)
-    if args.serve and args.port:
-        _check_port(args.port)  # before a long build, not after it
-    result = build_browser(args.sae, out, dataclass_from_args(BrowseConfig, args), overwrite=args.overwrite,
-                           progress=args.progress)
-    summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
-               "saes": result["saes"], "seconds": result["seconds"]}
-    if args.serve:
-        print(json.dumps(summary, indent=2))
-        serve_site(out, args.port)
-    return summary
-
-
-def _check_port(port: int) -> None:
-    """Fail before a long build when the port cannot be bound."""
-    import socket
-
-    from saelab.explore.browser.serve import HOST, ServeError
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError as e:
-            raise ServeError(f"port {port} on {HOST} is in use; pass another --port (or 0 for any free port)") from e
-
-
-def families_command(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.utils.dataclass_args import dataclass_from_args
-
-    tree = build_families(args.sae, args.out, dataclass_from_args(BrowseConfig, args), progress=args.progress)
-    top = tree["families"][:5]
-    return {"families": args.out, "n_tokens": tree["n_tokens"], "saes": tree["saes"],
-            "matched": {f"{l['child_sae']}->{l['parent_sae']}": l["n_children_matched"] for l in tree["links"]},
-            "largest": [{"sae": f["sae"], "latent": f["latent"], "n_descendants": f["n_descendants"]} for f in top]}

@@ -1,0 +1,89 @@
+"""`saelab <verb>`: each verb is a thin shell over a public function (see the README's command table).
+
+Errors reach the user as one line, ``saelab VERB: error: ...``, exit status 2 for bad input and 1
+for I/O failures (disk full, read-only folder); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from saelab.cli.common import Parser, escape_help
+from saelab.errors import SaelabError
+
+VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "browse", "families")
+
+
+def _option_value(argv: list[str], option: str) -> str | None:
+    """The value of ``option`` in ``argv`` (``--opt V`` or ``--opt=V``), read before the full parse."""
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser. ``--recipe`` is read from ``argv`` first: the recipe sets the training defaults."""
+    from saelab.cli import evaluate, explore, jobs
+    from saelab.train.config import RECIPES
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = _option_value(argv, "--recipe") or "short-run"
+    if recipe not in RECIPES:
+        recipe = "short-run"  # the full parse then refuses the unknown name, listing the choices
+    parser = Parser(prog="saelab", add_config_path_arg=False,
+                    description="Train, evaluate and explore top-k sparse autoencoders.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(VERBS) + "}",
+                                parser_class=Parser)
+    jobs.add_quickstart(sub, recipe)
+    jobs.add_harvest(sub)
+    jobs.add_train(sub, recipe)
+    jobs.add_sweep(sub, recipe)
+    evaluate.add_eval(sub)
+    evaluate.add_report(sub)
+    explore.add_steer(sub)
+    explore.add_browse(sub)
+    explore.add_families(sub)
+    escape_help(parser)
+    return parser
+
+
+def _verb(argv: list[str]) -> str:
+    return next((a for a in argv if a in VERBS), "")
+
+
+def _fail(verb: str, message: str, code: int) -> int:
+    print(f"saelab{' ' + verb if verb else ''}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = _verb(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser(argv).parse_args(argv)
+        result = args.handler(args)
+    except SaelabError as e:
+        if debug:
+            raise
+        return _fail(verb, str(e), 2)
+    except OSError as e:  # disk full, read-only folder, a file that vanished: not the input's fault
+        if debug:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return _fail(verb, f"{where}{e.strerror or e}", 1)
+    except KeyboardInterrupt:
+        print(f"\nsaelab {verb}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+__all__ = ["VERBS", "build_parser", "main"]

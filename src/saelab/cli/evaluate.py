@@ -1,0 +1,109 @@
+"""`saelab eval | report`: shells over saelab.pipeline's evaluation jobs and saelab.report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from saelab.cli.common import add_io_options, add_model_dtype
+from saelab.errors import ConfigError, SaelabError
+from saelab.evals.ablation_sparsity import AblationSparsityConfig
+from saelab.evals.compute_equivalent import ComputeEquivalentConfig, known_series_names
+from saelab.evals.core import EvalConfig
+from saelab.evals.n2g import N2GConfig
+from saelab.evals.probe import ProbeConfig
+from saelab.evals.suite import PaperSuiteConfig
+from saelab.run_folder import EVALS_DIR, REPORT, TRAIN_CONFIG, is_sweep, open_sae
+
+# Each paper metric's settings as an option group of its own: (dest, class, option prefix).
+METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
+                 ("ablation_sparsity", AblationSparsityConfig, "abl-"),
+                 ("probe", ProbeConfig, "probe-"),
+                 ("n2g", N2GConfig, "n2g-"))
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens or sparsify folder, OpenAI .pt file or "
+                                    "URL), or every run of a sweep folder")
+    p.add_argument("sae", help="run folder, SAE folder, .pt file, https URL, or a sweep folder")
+    p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
+    p.add_argument("--hook", default=None, help="override the SAE's hook name")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where to write metrics.json, and evals/ with --suite paper (default: the run folder, if "
+                        "given one)")
+    p.add_argument("--suite", choices=("core", "paper"), default="core",
+                   help="core: reconstruction and spliced loss; paper: also compute-equivalent, ablation sparsity, "
+                        "probe loss and N2G, each in OUT/evals/<metric>.json, with OUT/evals/report.md")
+    p.add_argument("--series", default=None,
+                   help="checkpoint series for compute-equivalent: " + ", ".join(known_series_names()[:2])
+                        + ", pythia-<size>[-deduped] or a folder of checkpoints (default: the model's own, if known)")
+    p.add_argument("--series-steps", type=int, nargs="*", default=None,
+                   help="training steps of a hub series to measure (default: a log-spaced subset)")
+    p.add_arguments(EvalConfig, dest="eval")
+    p.add_arguments(PaperSuiteConfig, dest="suite_cfg")
+    for dest, cls, prefix in METRIC_GROUPS:
+        p.add_arguments(cls, dest=dest, prefix=prefix)
+    add_model_dtype(p)
+    add_io_options(p)
+    p.set_defaults(handler=run_eval)
+
+
+def suite_config(args: argparse.Namespace) -> PaperSuiteConfig:
+    """The paper suite's config from the parsed option groups (runtime fields filled from the verb's flags)."""
+    ce = dataclasses.replace(args.compute_equivalent, series=args.series, steps=tuple(args.series_steps or ()),
+                             progress=args.progress)
+    abl = dataclasses.replace(args.ablation_sparsity, progress=args.progress)
+    return dataclasses.replace(args.suite_cfg, compute_equivalent=ce, ablation_sparsity=abl, probe=args.probe,
+                               n2g=args.n2g)
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from saelab.pipeline import evaluate, evaluate_run, evaluate_sweep, paper_suite
+
+    if is_sweep(args.sae):
+        if args.suite != "core":
+            raise ConfigError(f"{args.sae} is a sweep folder; --suite paper evaluates one SAE: run it on each run "
+                              "folder you want the paper metrics of")
+        return evaluate_sweep(args.sae, args.eval, model=args.model, device=args.device, overwrite=args.overwrite,
+                              progress=args.progress)
+    if args.suite == "paper":
+        index = paper_suite(args.sae, out_dir=args.out, lm=args.model, hook=args.hook, eval_cfg=args.eval,
+                            cfg=suite_config(args), device=args.device, overwrite=args.overwrite,
+                            progress=args.progress)
+        out = Path(args.out) if args.out else Path(args.sae)
+        return {"report": str(out / EVALS_DIR / REPORT),
+                **{m: v["status"] + (" (reused)" if v["reused"] else "") for m, v in index["metrics"].items()}}
+    sae, run = open_sae(args.sae)
+    if args.hook:
+        sae.cfg.hook_name = args.hook
+    if not sae.cfg.hook_name:
+        raise ConfigError(f"SAE {args.sae} records no hook (an OpenAI .pt file outside its release layout "
+                          ".../resid_post_mlp_v5_32k/autoencoders/8.pt, say); pass --hook blocks.8.hook_resid_post")
+    if run is not None and args.out in (None, str(run)) and not args.hook:
+        return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
+                            progress=args.progress)
+    return evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
+                    model_dtype=args.model_dtype, progress=args.progress)
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="(re)write report.md and plots of a run folder; for a sweep folder the "
+                                      "scaling study (scaling.json, scaling_nmse.png, scaling_delta_loss.png)")
+    p.add_argument("run", help="run folder or sweep folder")
+    add_io_options(p, device=False, overwrite=False)
+    p.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> dict[str, Any]:
+    from saelab.report import write_run_report, write_scaling_report
+
+    if is_sweep(args.run):
+        fits = write_scaling_report(args.run)["fits"]
+        return {"report": str(Path(args.run) / "scaling.md"),
+                **{label: {"alpha": f.get("alpha"), "c": f.get("c"), "monotone": f.get("monotone")}
+                   for label, f in fits.items()}}
+    if not (Path(args.run) / TRAIN_CONFIG).exists():
+        raise SaelabError(f"{args.run} is neither a run folder (with {TRAIN_CONFIG}) nor a sweep folder of runs")
+    return {"report": str(write_run_report(args.run))}

@@ -1,0 +1,179 @@
+"""`saelab steer | browse | families`: shells over saelab.explore."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from saelab.cli.common import add_io_options, finite_float, positive_int
+from saelab.errors import ConfigError
+from saelab.explore.browser import BrowseConfig, build_browser, build_families
+from saelab.explore.steering import STEER_MODES
+from saelab.run_folder import BROWSER_DIR, is_run
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected latent indices >= 0, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    return [finite_float(t) for t in text.split(",") if t.strip()]
+
+
+def add_steer(sub) -> None:
+    p = sub.add_parser("steer", help="generate with and without adding / clamping / ablating an SAE latent")
+    p.add_argument("sae", help="run folder, SAE folder, OpenAI .pt file or https URL")
+    p.add_argument("--latent", type=_int_list, required=True,
+                   help="latent index; several, comma-separated ('12,40'), are steered together")
+    p.add_argument("--mode", choices=STEER_MODES, default="add",
+                   help="add: x + value*W_dec[latent]; clamp: set the latent to value through the SAE (error term "
+                        "kept); ablate: clamp to 0")
+    p.add_argument("--value", type=_float_list, default=None,
+                   help="strength (add) or activation (clamp): one number, or one per latent comma-separated. "
+                        "Required for add and clamp")
+    p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
+    p.add_argument("--positions", default="all",
+                   help="absolute token positions to edit, 0 = BOS: 'all', '5', '3,7,9', '1:' (generated tokens "
+                        "included) or '2:10'")
+    p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=40, help="tokens to generate")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="sampling temperature (> 0)")
+    p.add_argument("--top-p", type=finite_float, default=0.95, help="nucleus sampling threshold, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for both generations)")
+    p.add_argument("--samples", type=positive_int("--samples"), default=1,
+                   help="pairs of generations, with seeds seed, seed+1, ...")
+    p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
+    p.add_argument("--hook", default=None, help="override the SAE's hook name")
+    p.add_argument("--top-tokens", type=int, default=10,
+                   help="also print the tokens the latent's decoder direction promotes most (0: skip)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
+    add_io_options(p, overwrite=False)
+    p.set_defaults(handler=run_steer)
+
+
+def _check_steer(args: argparse.Namespace):
+    from saelab.explore.positions import parse_positions
+
+    if args.mode != "ablate" and args.value is None:
+        raise ConfigError(f"--mode {args.mode} needs --value")
+    if args.value is not None and len(args.value) not in (1, len(args.latent)):
+        raise ConfigError(f"--value has {len(args.value)} numbers for {len(args.latent)} latents; expected 1 or "
+                          f"{len(args.latent)}")
+    if not args.greedy and args.temperature <= 0:
+        raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_tokens < 0:
+        raise ConfigError(f"--top-tokens must be >= 0, got {args.top_tokens}")
+    try:
+        return parse_positions(args.positions)
+    except ValueError as e:
+        raise ConfigError(f"--positions: {e}") from None
+
+
+def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
+    from saelab.explore.attribution import latent_logit_effects
+    from saelab.explore.steering import generate_with_and_without, steer
+    from saelab.models import load_model
+    from saelab.run_folder import model_for, open_sae
+
+    positions = _check_steer(args)
+    sae, _ = open_sae(args.sae)
+    if args.hook:
+        sae.cfg.hook_name = args.hook
+    bad = [i for i in args.latent if i >= sae.n_latents]
+    if bad:
+        raise ConfigError(f"--latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
+    lm = load_model(args.model or model_for(sae), device=args.device)
+    s = steer(lm, sae, args.latent, args.mode, args.value if args.value is not None else 0.0, positions)
+    text = [f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})"]
+    promoted = {}
+    for i in s.latents.tolist() if args.top_tokens > 0 else []:
+        promoted[i] = [t for t, _, _ in latent_logit_effects(lm, sae, i, top=args.top_tokens)["promoted"]]
+        text.append(f"latent {i} promotes: {' '.join(repr(t) for t in promoted[i])}")
+    results = []
+    for j in range(args.samples):
+        gen = generate_with_and_without(lm, args.prompt, s, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                                        temperature=args.temperature, top_p=args.top_p, seed=args.seed + j)
+        text += ["", f"=== sample {j + 1} (seed {args.seed + j}) ===" if args.samples > 1 else "", gen.format()]
+        results.append({"seed": args.seed + j, "clean": gen.clean, "steered": gen.steered})
+    result = {"prompt": args.prompt, "steering": s.describe(), "promoted_tokens": promoted, "generations": results}
+    if args.json:
+        return result
+    print("\n".join(line for line in text if line is not None))
+    return None
+
+
+def add_browse(sub) -> None:
+    p = sub.add_parser("browse", help="build (and serve on 127.0.0.1) an offline feature browser for SAEs")
+    p.add_argument("sae", nargs="+", help="run folder(s), SAELens folder(s), OpenAI .pt file(s) or URL(s); several "
+                                          "SAEs on one hook also get their feature families")
+    p.add_argument("--out", default=None, metavar="DIR", help="site folder (default: RUN/browser for a run folder)")
+    p.add_argument("--serve", action="store_true", help="serve the site on 127.0.0.1 after building it")
+    p.add_argument("--port", type=int, default=8000, help="port for --serve, 1..65535 (0: any free port)")
+    p.add_arguments(BrowseConfig, dest="browse")
+    add_io_options(p)
+    p.set_defaults(handler=run_browse)
+
+
+def _default_out(sources: list[str]) -> Path:
+    if is_run(sources[0]):
+        return Path(sources[0]) / BROWSER_DIR
+    raise ConfigError(f"{sources[0]} is not a run folder; pass --out for the site folder")
+
+
+def _check_port(port: int) -> None:
+    """Fail before a long build when the port is out of range or cannot be bound."""
+    from saelab.explore.browser.serve import HOST, ServeError
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError as e:
+            raise ServeError(f"port {port} on {HOST} is in use; pass another --port (or 0 for any free port)") from e
+
+
+def run_browse(args: argparse.Namespace) -> dict[str, Any]:
+    from saelab.explore.browser.serve import serve_site
+
+    out = Path(args.out) if args.out else _default_out(args.sae)
+    if args.serve:
+        _check_port(args.port)  # before a long build, not after it
+    result = build_browser(args.sae, out, args.browse, device=args.device, overwrite=args.overwrite,
+                           progress=args.progress)
+    summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
+               "saes": result["saes"], "seconds": result["seconds"]}
+    if args.serve:
+        print(json.dumps(summary, indent=2))
+        serve_site(out, args.port)
+    return summary
+
+
+def add_families(sub) -> None:
+    p = sub.add_parser("families", help="feature families of SAEs of several sizes on one hook, as JSON")
+    p.add_argument("sae", nargs="+", help="two or more SAEs of different sizes on one hook (run folders, SAELens "
+                                          "folders, OpenAI .pt files)")
+    p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
+    p.add_arguments(BrowseConfig, dest="browse")
+    add_io_options(p, overwrite=False)
+    p.set_defaults(handler=run_families)
+
+
+def run_families(args: argparse.Namespace) -> dict[str, Any]:
+    tree = build_families(args.sae, args.out, args.browse, device=args.device, progress=args.progress)
+    top = tree["families"][:5]
+    return {"families": args.out, "n_tokens": tree["n_tokens"], "saes": tree["saes"],
+            "matched": {f"{l['child_sae']}->{l['parent_sae']}": l["n_children_matched"] for l in tree["links"]},
+            "largest": [{"sae": f["sae"], "latent": f["latent"], "n_descendants": f["n_descendants"]} for f in top]}

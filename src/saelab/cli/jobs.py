@@ -1,0 +1,148 @@
+"""`saelab quickstart | harvest | train | sweep`: shells over saelab.pipeline's jobs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+from saelab.cli.common import add_io_options, add_model_dtype
+from saelab.errors import ConfigError
+from saelab.evals.core import EvalConfig
+from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
+                             train_from_cache)
+from saelab.train import TrainConfig
+from saelab.train.distributed import init_from_env
+
+QUICKSTART_DIR = "runs/quickstart"
+
+
+def add_train_config(p, recipe: str) -> None:
+    """TrainConfig's options, their defaults taken from ``recipe`` (--recipe, read before parsing)."""
+    p.add_arguments(TrainConfig, dest="train", default=TrainConfig.from_recipe(recipe))
+
+
+def add_quickstart(sub, recipe: str) -> None:
+    p = sub.add_parser("quickstart", help="harvest, train, evaluate and report on the offline default model",
+                       description="Harvest activations, train a top-k SAE, evaluate it on held-out text and write "
+                                   "OUT/report.md; every stage resumes when run again.")
+    p.add_argument("--out", default=QUICKSTART_DIR, metavar="DIR", help=f"run folder (default: {QUICKSTART_DIR})")
+    p.add_argument("--n-tokens", type=int, default=None, metavar="N",
+                   help="training tokens, harvested and trained on (a small budget for a first try; "
+                        "default: the training config's total_tokens)")
+    p.add_argument("--overwrite-activations", action="store_true",
+                   help="also harvest the activations again (--overwrite keeps the activation cache)")
+    p.add_arguments(HarvestConfig, dest="harvest", prefix="harvest-")
+    add_train_config(p, recipe)
+    p.add_arguments(EvalConfig, dest="eval", prefix="eval-")
+    add_io_options(p)
+    p.set_defaults(handler=run_quickstart)
+
+
+def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    train = args.train
+    if args.n_tokens is not None:
+        if args.n_tokens < train.batch_size:
+            raise ConfigError(f"--n-tokens {args.n_tokens} is less than one batch (--batch-size {train.batch_size})")
+        train = dataclasses.replace(train, total_tokens=args.n_tokens)
+    cfg = QuickstartConfig(harvest=dataclasses.replace(args.harvest, n_tokens=train.total_tokens), train=train,
+                           eval=args.eval)
+    metrics = quickstart(cfg, args.out, device=args.device, overwrite=args.overwrite,
+                         overwrite_activations=args.overwrite_activations, progress=args.progress)
+    print(f"\nreport: {Path(args.out) / 'report.md'}")
+    return metrics
+
+
+def add_harvest(sub) -> None:
+    p = sub.add_parser("harvest", help="harvest activations at a hook into an on-disk cache")
+    p.add_argument("--out", required=True, metavar="DIR", help="cache folder")
+    p.add_arguments(HarvestConfig, dest="harvest")
+    add_model_dtype(p)
+    add_io_options(p)
+    p.set_defaults(handler=run_harvest)
+
+
+def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
+    cache = harvest(args.harvest, args.out, device=args.device, model_dtype=args.model_dtype,
+                    overwrite=args.overwrite, progress=args.progress)
+    return {"cache": str(cache.folder), "rows": cache.n_rows, "d": cache.d}
+
+
+def add_train(sub, recipe: str) -> None:
+    p = sub.add_parser("train", help="train a top-k SAE on an activation cache",
+                       description="Train one top-k SAE; an unfinished run in --out resumes. --recipe paper starts "
+                                   "from the paper's recipe (docs/training.md), options given override it.")
+    p.add_argument("--activations", required=True, metavar="DIR", help="activation cache folder (saelab harvest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (an unfinished run there is resumed)")
+    add_train_config(p, recipe)
+    add_io_options(p)
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    init_from_env()  # data-parallel when started by torchrun
+    sae = train_from_cache(args.activations, args.out, args.train, device=args.device, overwrite=args.overwrite,
+                           progress=args.progress)
+    return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, "k": sae.cfg.k}
+
+
+def add_sweep(sub, recipe: str) -> None:
+    p = sub.add_parser("sweep", help="train a grid of SAEs from one pass over an activation cache")
+    p.add_argument("--activations", required=True, metavar="DIR", help="activation cache folder (saelab harvest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the runs (one subfolder per grid point)")
+    p.add_argument("--grid", nargs="+", required=True, metavar="FIELD=V1,V2",
+                   help="training options to vary, e.g. n_latents=1024,4096 k=16,32 lr=1e-3,3e-3")
+    p.add_argument("--eval", action="store_true", help="then evaluate every run (core metrics) and write the "
+                                                       "scaling report (saelab report OUT)")
+    add_train_config(p, recipe)
+    p.add_arguments(EvalConfig, dest="eval_cfg", prefix="eval-")
+    add_io_options(p)
+    p.set_defaults(handler=run_sweep)
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """['n_latents=1024,4096', 'lr=1e-3'] -> {'n_latents': [1024, 4096], 'lr': [0.001]}, typed and each
+    grid point validated as a TrainConfig."""
+    hints = typing.get_type_hints(TrainConfig)
+    grid: dict[str, list] = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in hints or name == "recipe" or not values:
+            raise ConfigError(f"--grid entry {item!r}: expected FIELD=V1,V2 with FIELD a training option such as "
+                              "n_latents, k, lr")
+        grid[name] = [_grid_value(name, hints[name], v.strip()) for v in values.split(",")]
+    return grid
+
+
+def _grid_value(name: str, hint: Any, text: str) -> Any:
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = kinds[0]
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"--grid {name}={text}: expected true or false")
+        return text.lower() in ("true", "1", "yes")
+    if typing.get_origin(kind) is typing.Literal:
+        return text
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--grid {name}={text}: expected a value of type {getattr(kind, '__name__', kind)}") \
+            from None
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from saelab.pipeline import evaluate_sweep, sweep_configs
+    from saelab.report import write_scaling_report
+
+    grid = parse_grid(args.grid)
+    sweep_configs(args.train, grid)  # every grid point validated before anything runs
+    init_from_env()
+    saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
+                            overwrite=args.overwrite, progress=args.progress)
+    if args.eval:
+        evaluate_sweep(args.out, args.eval_cfg, device=args.device, overwrite=args.overwrite, progress=args.progress)
+        write_scaling_report(args.out)
+    return {name: str(Path(args.out) / name / "sae") for name in saes}

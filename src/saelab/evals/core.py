@@ -1,0 +1,111 @@
+"""The core evaluation of an SAE on held-out text: reconstruction and the spliced LM loss.
+
+``evaluate_core(sae, lm, cfg)`` computes; it writes nothing. The jobs layer
+(``saelab.pipeline.evaluate``) stores the result in a run folder and draws its plots.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from saelab.data import resolve_corpus, token_contexts
+from saelab.errors import ConfigError, NonFiniteError
+from saelab.evals.downstream import downstream_metrics
+from saelab.evals.reconstruction import reconstruction_metrics
+
+ABLATIONS = ("zero", "mean")
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate an SAE on held-out text."""
+
+    corpus: str | None = None
+    """Held-out text; None: the offline Wikipedia eval split shipped in data/."""
+    recon_tokens: int = 32_768
+    """Tokens for nMSE, L0 and dead/dense latents."""
+    downstream_tokens: int = 16_384
+    """Tokens for delta CE, KL and CE recovered (one LM forward per variant)."""
+    context_size: int | None = None
+    """Context length; None: the SAE's training context size."""
+    lm_batch_size: int = 8
+    """Contexts per LM forward."""
+    ablations: tuple[Literal["zero", "mean"], ...] = ABLATIONS
+    """Baselines for CE recovered: zero and/or mean ablation of the hook."""
+
+    def __post_init__(self) -> None:
+        for name in ("recon_tokens", "downstream_tokens", "lm_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_size is not None and self.context_size < 3:
+            raise ConfigError(f"context_size must be >= 3 (BOS and at least one prediction), got {self.context_size}")
+        self.ablations = tuple(self.ablations)
+        unknown = [a for a in self.ablations if a not in ABLATIONS]
+        if unknown:
+            raise ConfigError(f"ablations {unknown} unknown; expected some of {', '.join(ABLATIONS)}")
+
+
+@dataclass
+class CoreEvaluation:
+    """What :func:`evaluate_core` measured."""
+
+    metrics: dict[str, Any]
+    """nMSE, L0, dead/dense, CE, delta CE, KL, CE recovered and the eval settings they come from."""
+    frequencies_N: torch.Tensor
+    """Fraction of the reconstruction tokens each latent fired on."""
+
+
+def eval_settings(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The settings two evaluations must share for their numbers to be compared."""
+    keys = ("model", "hook", "eval_corpus", "context_size", "position_0", "n_tokens", "n_predictions")
+    return {k: metrics.get(k) for k in keys}
+
+
+def _hook_rows(lm, tokens_NT: torch.Tensor, hook: str, first: int, n_rows: int, batch: int) -> torch.Tensor:
+    """Activations at ``hook`` of the first contexts, positions from ``first`` on, cut to ``n_rows``."""
+    rows, got = [], 0
+    for i in range(0, tokens_NT.shape[0], batch):
+        acts = lm.activations(tokens_NT[i:i + batch], hook)[:, first:].reshape(-1, lm.hook_width(hook))
+        rows.append(acts.float())
+        got += acts.shape[0]
+        if got >= n_rows:
+            break
+    return torch.cat(rows)[:n_rows]
+
+
+@torch.no_grad()
+def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = True) -> CoreEvaluation:
+    """Reconstruction metrics on ``cfg.recon_tokens`` held-out tokens and the spliced loss on
+    ``cfg.downstream_tokens``, both from the same packed contexts (BOS first, position 0 as the SAE
+    was trained)."""
+    cfg = cfg or EvalConfig()
+    hook = lm.check_hook(sae.cfg.hook_name)
+    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
+    corpus = resolve_corpus(cfg.corpus, "eval")
+    T = cfg.context_size or sae.cfg.context_size
+    first = 1 if sae.cfg.exclude_first else 0
+    per_ctx = T - first
+    n_recon, n_down = math.ceil(cfg.recon_tokens / per_ctx), math.ceil(cfg.downstream_tokens / per_ctx)
+    tokens = token_contexts(corpus, lm.tokenize, T, n_contexts=max(n_recon, n_down),
+                            bos_token_id=lm.bos_token_id, prepend_bos=sae.cfg.prepend_bos)
+    t0 = time.perf_counter()
+    sae.eval()
+    acts_ND = _hook_rows(lm, tokens[:n_recon], hook, first, cfg.recon_tokens, cfg.lm_batch_size)
+    if not torch.isfinite(acts_ND).all():
+        raise NonFiniteError(f"activations at {hook} of model {lm.name} on eval corpus {corpus!r} contain NaN or "
+                             "inf; expected finite activations (is the model broken, or overflowing its dtype?)")
+    recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress)
+    t_recon = time.perf_counter() - t0
+    down = downstream_metrics(lm, sae, tokens[:n_down], hook=hook, lm_batch_size=cfg.lm_batch_size,
+                              mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations, progress=progress)
+    metrics = {**recon.to_dict(), **down, "model": lm.name, "hook": hook, "eval_corpus": str(corpus),
+               "context_size": T, "position_0": "excluded" if first else "included",
+               "dead_definition": f"never fired on the {recon.n_tokens:,} eval tokens (not the training-time window)",
+               "seconds": {"reconstruction": round(t_recon, 2),
+                           "downstream": round(time.perf_counter() - t0 - t_recon, 2)}}
+    return CoreEvaluation(metrics, frequencies)

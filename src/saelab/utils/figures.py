@@ -1,0 +1,24 @@
+"""Matplotlib figures without global state: ``Figure`` objects (no pyplot, no backend to pick, no
+display needed) saved atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from saelab.utils.atomic import atomic_path
+
+
+def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 3.6), dpi: int | None = None):
+    """A new figure and its axes (an array of them when there are several)."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` atomically to ``path`` (format from the suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    return path
