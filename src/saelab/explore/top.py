@@ -69,6 +69,18 @@ class TopActivations:
         """The latent's largest activation over all tokens scored (0.0 if it never fired)."""
         return float(self.max_acts[0]) if len(self) else 0.0
 
+    def to_text(self, before: int = 16, after: int = 8) -> str:
+        """One line per context: rank, max, context index, and the tokens around the max, the max token in [[ ]]."""
+        lines = [f"latent {self.latent}: max {self.max_activation:.4g} over {self.n_tokens:,} tokens, "
+                 f"{len(self)} top contexts"]
+        for rank, (c, m, p, strs) in enumerate(zip(self.context_idx.tolist(), self.max_acts.tolist(),
+                                                   self.max_pos.tolist(), self.str_tokens), start=1):
+            left = "".join(strs[max(0, p - before):p])
+            right = "".join(strs[p + 1:p + 1 + after])
+            text = f"{left}[[{strs[p]}]]{right}".replace("\n", "\\n")
+            lines.append(f"{rank:3d}  {m:9.4g}  ctx {c:<7d} {text}")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and numbers (for ``json.dumps``)."""
         return {"latent": self.latent, "max_activation": self.max_activation, "n_tokens": self.n_tokens,

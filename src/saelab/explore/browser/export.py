@@ -16,8 +16,9 @@ Each feature holds, with saelab's definitions (:mod:`.build`):
   max activation, ``bin_contains`` = -1: SAEDashboard's marker of its top group), then the quantile
   bands, highest first (``bin_min`` / ``bin_max`` = the lowest / highest context maximum in the band,
   ``bin_contains`` = the band's share of the uniform sample of active contexts). Each entry is a
-  whole context without its BOS token (``tokens``: token texts, ``values``: the latent's activation
-  at each, ``qualifying_token_index``: where the context maximum is). SAEDashboard's own bands are
+  whole context from its first scored token (without the BOS token when the SAE leaves position 0
+  out; ``tokens``: token texts, ``values``: the latent's activation at each, ``qualifying_token_index``:
+  where the context maximum is). SAEDashboard's own bands are
   equal-width intervals of [0, max] over tokens; ours are equal-count bands of context maxima.
 - ``pos_str`` / ``pos_values``, ``neg_str`` / ``neg_values``: the direct logit effect's most promoted
   and suppressed tokens; ``logits_hist_data_bar_values`` / ``_heights``: its histogram over the whole
@@ -94,18 +95,21 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     common = {"n_prompts_total": int(tokens_NT.shape[0]), "n_tokens_in_prompt": int(tokens_NT.shape[1]),
               "dataset": dataset}
     features = FeatureWriter(stats, tokens_NT, lm, common, n_bands)
-    files: dict[str, Any] = {}
-    for b, s in enumerate(range(0, len(exported), n_features_per_batch)):
-        files[f"batch-{b}.json"] = {**header, "features": [features(i) for i in exported[s:s + n_features_per_batch]]}
-    files["skipped_indexes.json"] = {"model_id": header["model_id"], "layer": str(header["layer"]),
-                                     "sae_set": header["sae_set"], "skipped_indexes": skipped}
     settings = {"format": FORMAT, "generator": "saelab", "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 **header, "hook_name": sae.cfg.hook_name, "sae": stats.source.source, "n_latents": sae.n_latents,
                 "n_exported": len(exported), "n_tokens_scored": stats.n_tokens, **common,
                 "n_features_per_batch": n_features_per_batch}
-    files["run_settings.json"] = settings
-    _write_folder(out, files)
-    return {"out": str(out), "batches": len(files) - 2, "features": len(exported), "skipped": len(skipped), **header}
+
+    def files():  # one batch in memory at a time
+        for b, s in enumerate(range(0, len(exported), n_features_per_batch)):
+            yield f"batch-{b}.json", {**header, "features": [features(i) for i in exported[s:s + n_features_per_batch]]}
+        yield "skipped_indexes.json", {"model_id": header["model_id"], "layer": str(header["layer"]),
+                                       "sae_set": header["sae_set"], "skipped_indexes": skipped}
+        yield "run_settings.json", settings
+
+    _write_folder(out, files())
+    return {"out": str(out), "batches": -(-len(exported) // n_features_per_batch), "features": len(exported),
+            "skipped": len(skipped), **header}
 
 
 class FeatureWriter:
@@ -113,11 +117,11 @@ class FeatureWriter:
 
     def __init__(self, stats, tokens_NT: torch.Tensor, lm, common: dict[str, Any], n_bands: int) -> None:
         from saelab.evals.probe_tasks import token_strings
-        from saelab.explore.browser.build import direct_logit_effects
+        from saelab.explore.browser.build import direct_logit_effects, first_scored
 
         sae = stats.source.sae
         self.stats, self.common, self.n_bands = stats, common, n_bands
-        self.s0 = 1 if sae.cfg.prepend_bos else 0
+        self.s0 = first_scored(sae)  # an unscored first position (BOS) is left out of the records
         self.tokens = tokens_NT.numpy()
         logits = stats.logits
         if "hist_counts" not in logits:
@@ -174,7 +178,7 @@ class FeatureWriter:
         return out
 
     def record(self, ctx, pos, row_T: torch.Tensor, bin_min, bin_max, bin_contains) -> dict[str, Any]:
-        """One context as an activation record (BOS left out, as SAEDashboard's sequences)."""
+        """One context as an activation record (from the first scored position: BOS left out, as SAEDashboard)."""
         ids = self.tokens[int(ctx), self.s0:].tolist()
         return {"bin_min": _num(bin_min), "bin_max": _num(bin_max), "bin_contains": _num(bin_contains),
                 "tokens": self.text(ids), "values": _round(row_T[self.s0:].numpy()),
@@ -229,15 +233,15 @@ def _check_target(out: Path, overwrite: bool) -> None:
                              "to replace it")
 
 
-def _write_folder(out: Path, files: dict[str, Any]) -> None:
-    """Write every file into a temporary folder beside ``out``, then rename it into place."""
+def _write_folder(out: Path, files) -> None:
+    """Write every ``(name, JSON object)`` into a temporary folder beside ``out``, then rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is an ordinary folder
-        for name, obj in files.items():
+        for name, obj in files:
             (tmp / name).write_text(json.dumps(obj, allow_nan=False, ensure_ascii=False), encoding="utf-8")
         old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
         if old is not None:
