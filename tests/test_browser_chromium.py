@@ -81,7 +81,8 @@ def _index(site: Path, name: str) -> dict:
 
 
 def _wait(page) -> None:
-    page.wait_for_function("document.body.dataset.ready === (location.hash || '#/')", timeout=20_000)
+    # a function, not an expression: Playwright polls an expression with eval, which the site's CSP forbids
+    page.wait_for_function("() => document.body.dataset.ready === (location.hash || '#/')", timeout=20_000)
 
 
 def test_pages_search_latent_and_families_in_chromium(browser, served_site):

@@ -16,7 +16,10 @@ Layout (every path relative; nothing refers to another host, so the site works o
     data/families.js                   families.json for the viewer
 
 Data files are JavaScript (``SAELAB.put(key, {...})``) rather than JSON so that ``<script>`` tags
-load them also from ``file://``, where ``fetch`` is refused. Token activations in the pages are
+load them also from ``file://``, where ``fetch`` is refused. Their strings (SAE names from folder names,
+tokens, explanations) are data to the viewer: app.js escapes them on their way into the page, and
+index.html carries :data:`PAGE_CSP` (no inline script or style), which ``saelab browse --serve`` also
+sends as a header. Token activations in the pages are
 integers ``q`` = round(10,000 * value / the latent's max activation), at least 1 where the latent
 is active; the viewer shows ``q * max / 10,000``.
 
@@ -37,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from saelab.errors import RunExistsError
+from saelab.errors import ConfigError, RunExistsError
 from saelab.utils.atomic import write_json
 
 SITE_FORMAT = "saelab-feature-browser"
@@ -47,6 +50,9 @@ CHUNK = 64
 Q_SCALE = 10_000
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = ("index.html", "app.js", "style.css")
+PAGE_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'"
+"""The Content-Security-Policy in index.html's ``<meta http-equiv>`` (so it holds from ``file://`` too):
+scripts, styles and data only from the site itself, nothing inline; ``data:`` images for the blank favicon."""
 _EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//|@import\s+["']?(?:https?:)?//|"""
                        r"""(?:fetch|import)\(\s*["'](?:https?:)?//""", re.I)
 
@@ -85,7 +91,15 @@ def _sig(x: float, digits: int = 4) -> float:
 
 
 def _js(key: str, obj: Any) -> str:
-    return f"SAELAB.put({json.dumps(key)},{json.dumps(obj, separators=(',', ':'), ensure_ascii=False)});\n"
+    text = f"SAELAB.put({json.dumps(key)},{json.dumps(obj, separators=(',', ':'), ensure_ascii=False)});\n"
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")  # line breaks to pre-2019 JS parsers
+
+
+def _check_name(name: str) -> None:
+    """An SAE's name becomes a folder of the site: one plain path component, nothing that climbs out."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"SAE name {name!r}: expected a name usable as one folder name (not empty, '.' or '..', "
+                          "no '/', '\\' or NUL); rename the run folder or file")
 
 
 class _Vocab:
@@ -225,6 +239,7 @@ def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: 
         vocab = _Vocab(tokenizer)
         for stats in tqdm(stats_list, desc="site", disable=not progress or len(stats_list) < 2):
             name = stats.source.name
+            _check_name(name)
             index, records = latent_pages(stats, tokens_NT, cfg, vocab, families, name)
             (data / name / "l").mkdir(parents=True)
             (data / name / "index.js").write_text(_js(f"index/{name}", index), encoding="utf-8")

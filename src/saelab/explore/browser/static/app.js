@@ -2,6 +2,13 @@
 // Data files call SAELAB.put(key, value); they are loaded with <script> tags so that the site also
 // works when opened from disk. Routes: #/s/SAE (index, ?q= search, ?sort=&dir=&page=),
 // #/s/SAE/l/ID (latent page), #/families (?focus=SAE:ID), #/about.
+//
+// Untrusted input: the URL hash (anyone can send a link) and the data (SAE names come from folder names,
+// tokens and explanations from text). Every route and parameter is checked against what the site holds
+// before use, and every page is built with the html`...` template below, which escapes everything it
+// interpolates unless it is itself html`...`: a string from the hash or the data never becomes markup.
+// The pages carry a Content-Security-Policy without inline script or style, so styles set from data go
+// through the CSSOM (applyStyles) and no attribute holds a handler.
 "use strict";
 
 const SAELAB = (() => {
@@ -27,11 +34,26 @@ window.SAELAB = SAELAB;
 
 const $ = sel => document.querySelector(sel);
 const esc = s => String(s).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+
+// Markup built by html`...`; anything else interpolated into it is escaped (arrays are joined, null is empty).
+class Html { constructor(s) { this.s = s; } toString() { return this.s; } }
+const piece = v => v instanceof Html ? v.s : Array.isArray(v) ? v.map(piece).join("") : v === null || v === undefined || v === false ? "" : esc(v);
+const html = (strings, ...vals) => new Html(strings.reduce((out, s, i) => out + s + (i < vals.length ? piece(vals[i]) : ""), ""));
+
+// The only way markup enters the document: escaped html`...`, then the styles the policy keeps out of attributes.
+function render(el, content) {
+  if (!(content instanceof Html)) throw new TypeError("render() takes html`...` only");
+  el.innerHTML = content.s;
+  el.querySelectorAll("[data-alpha]").forEach(e => { e.style.background = `rgba(var(--hl),${+e.dataset.alpha})`; });
+  el.querySelectorAll("[data-width]").forEach(e => { e.style.width = `${+e.dataset.width}%`; });
+}
 const Q_SCALE = 10000;
 let META = null, VOCAB = null;
 
 function fmt(x, d = 3) {
-  if (x === null || x === undefined || Number.isNaN(x)) return "–";
+  if (x === null || x === undefined || typeof x === "boolean") return "–";
+  x = Number(x);  // data files hold numbers here; anything else shows as "–"
+  if (Number.isNaN(x)) return "–";
   if (x === 0) return "0";
   const a = Math.abs(x);
   if (a >= 1000) return x.toFixed(0);
@@ -39,19 +61,23 @@ function fmt(x, d = 3) {
   return Number(x.toPrecision(d)).toString();
 }
 function pct(x) {
+  x = Number(x);
   if (!x) return "0";
   const p = 100 * x;
   return (p >= 1 ? p.toFixed(1) : p >= 0.01 ? p.toFixed(3) : p.toExponential(1)) + "%";
 }
 const tokText = id => (VOCAB && VOCAB[id] !== undefined ? VOCAB[id] : "⟨" + id + "⟩");
 const showTok = s => s.replace(/\n/g, "↵").replace(/\t/g, "⇥");
-const tokChip = id => `<span class="tok">${esc(showTok(tokText(id)))}</span>`;
+const tokChip = id => html`<span class="tok">${showTok(String(tokText(id)))}</span>`;
 
+function decodePart(p) {
+  try { return decodeURIComponent(p); } catch (err) { return p; }  // malformed %-escapes: keep the text as it is
+}
 function parseHash() {
   const h = location.hash.replace(/^#\/?/, "");
-  const [path, query] = h.split("?");
-  const params = new URLSearchParams(query || "");
-  return {parts: path.split("/").filter(Boolean).map(decodeURIComponent), params};
+  const cut = h.indexOf("?");
+  const path = cut < 0 ? h : h.slice(0, cut), query = cut < 0 ? "" : h.slice(cut + 1);
+  return {parts: path.split("/").filter(Boolean).map(decodePart), params: new URLSearchParams(query)};
 }
 function href(parts, params) {
   const q = params && Object.keys(params).length ? "?" + new URLSearchParams(params).toString() : "";
@@ -60,25 +86,42 @@ function href(parts, params) {
 const saeNames = () => META.saes.map(s => s.name);
 const saeInfo = name => META.saes.find(s => s.name === name);
 
-async function index(name) { return SAELAB.load("index/" + name, `data/${name}/index.js`); }
+// ---- what the hash may say: anything else falls back to the default or shows "not found" ------------------
+
+const SORT_KEYS = ["id", "density", "max", "mean", "expl", "match"];
+const DIRS = ["asc", "desc"];
+const oneOf = (value, allowed, fallback) => (allowed.includes(value) ? value : fallback);
+// a non-negative integer below `limit` written in plain digits, else null
+const indexBelow = (text, limit) => (/^\d{1,9}$/.test(text || "") && +text < limit ? +text : null);
+const pageOf = (text, pages) => indexBelow(text, pages) ?? 0;
+// "SAE:ID" of a latent this site has (the SAE name may itself hold ":"), else null
+function parseFocus(text) {
+  const cut = (text || "").lastIndexOf(":");
+  const name = text.slice(0, cut), info = cut > 0 ? saeInfo(name) : undefined;
+  const id = info ? indexBelow(text.slice(cut + 1), info.n_latents) : null;
+  return id === null ? null : name + ":" + id;
+}
+
+const dataUrl = (...parts) => "data/" + parts.map(encodeURIComponent).join("/") + ".js";
+async function index(name) { return SAELAB.load("index/" + name, dataUrl(name, "index")); }
 async function latent(name, id) {
   const ix = await index(name);
   const c = Math.floor(id / ix.chunk);
-  const recs = await SAELAB.load(`latents/${name}/${c}`, `data/${name}/l/${String(c).padStart(4, "0")}.js`);
+  const recs = await SAELAB.load(`latents/${name}/${c}`, dataUrl(name, "l", String(c).padStart(4, "0")));
   return recs[id - c * ix.chunk];
 }
 
 function setNav(active) {
-  const items = saeNames().map(n => [href(["s", n]), n + ` <span class="muted small">${saeInfo(n).n_latents}</span>`, "s:" + n]);
+  const items = saeNames().map(n => [href(["s", n]), html`${n} <span class="muted small">${saeInfo(n).n_latents}</span>`, "s:" + n]);
   if (META.has_families) items.push([href(["families"]), "Families", "families"]);
   items.push([href(["about"]), "About", "about"]);
-  $("#nav").innerHTML = items.map(([h, label, key]) => `<a href="${h}" class="${key === active ? "on" : ""}">${label}</a>`).join("");
+  render($("#nav"), html`${items.map(([h, label, key]) => html`<a href="${h}" class="${key === active ? "on" : ""}">${label}</a>`)}`);
 }
 
 // ---- index and search ------------------------------------------------------------------------------------
 
 function topTokensHtml(ix, i, n = 3) {
-  return ix.top_tokens[i].slice(0, n).map(([t, c]) => tokChip(t) + (c > 1 ? `<span class="muted small">×${c}</span> ` : "")).join("");
+  return html`${ix.top_tokens[i].slice(0, n).map(([t, c]) => html`${tokChip(t)}${c > 1 ? html`<span class="muted small">×${c}</span> ` : ""}`)}`;
 }
 
 // Search: a query is split into words; a latent scores when a word equals (or is part of) one of the
@@ -87,7 +130,7 @@ function topTokensHtml(ix, i, n = 3) {
 function searchScores(ix, query) {
   const words = query.toLowerCase().split(/\s+/).filter(Boolean);
   const scores = new Float64Array(ix.n_latents);
-  const norm = id => tokText(id).trim().toLowerCase();
+  const norm = id => String(tokText(id)).trim().toLowerCase();
   for (let i = 0; i < ix.n_latents; i++) {
     let s = 0;
     for (const w of words) {
@@ -99,7 +142,7 @@ function searchScores(ix, query) {
         const x = norm(t);
         if (x === w) s += 4; else if (w.length > 1 && x.includes(w)) s += 1;
       }
-      if (ix.expl[i] && ix.expl[i].toLowerCase().includes(w)) s += 20;
+      if (ix.expl[i] && String(ix.expl[i]).toLowerCase().includes(w)) s += 20;
     }
     scores[i] = s;
   }
@@ -116,50 +159,64 @@ function densityPlot(ix) {
     counts[b]++;
   }
   const W = 520, H = 110, m = Math.max(1, ...counts), bw = W / nb;
-  let bars = counts.map((c, b) => {
+  const bars = counts.map((c, b) => {
     const h = (H - 20) * c / m, x0 = lo + (hi - lo) * b / nb;
-    return `<rect class="b" x="${b * bw + 1}" y="${H - 16 - h}" width="${bw - 2}" height="${h}"><title>10^${x0.toFixed(1)}…: ${c} latents</title></rect>`;
-  }).join("");
-  const ticks = [-7, -6, -5, -4, -3, -2, -1, 0].map(t => `<text x="${(t - lo) / (hi - lo) * W}" y="${H - 2}" text-anchor="middle">1e${t}</text>`).join("");
-  return `<svg width="${W + 20}" height="${H}" viewBox="-10 0 ${W + 20} ${H}" role="img" aria-label="density histogram">${bars}${ticks}</svg>
+    return html`<rect class="b" x="${b * bw + 1}" y="${H - 16 - h}" width="${bw - 2}" height="${h}"><title>10^${x0.toFixed(1)}…: ${c} latents</title></rect>`;
+  });
+  const ticks = [-7, -6, -5, -4, -3, -2, -1, 0].map(t => html`<text x="${(t - lo) / (hi - lo) * W}" y="${H - 2}" text-anchor="middle">1e${t}</text>`);
+  return html`<svg width="${W + 20}" height="${H}" viewBox="-10 0 ${W + 20} ${H}" role="img" aria-label="density histogram">${bars}${ticks}</svg>
     <div class="muted small">log10 density of the ${ix.n_latents - dead} active latents; ${dead} never active on these ${ix.n_tokens.toLocaleString()} tokens</div>`;
 }
 
-async function showIndex(name, params) {
-  setNav("s:" + name);
-  const ix = await index(name);
-  const q = params.get("q") || "";
-  const m = q.trim().match(/^#?(\d+)$/);
-  if (m && +m[1] < ix.n_latents) { location.hash = href(["s", name, "l", m[1]]); return; }
-  const sort = params.get("sort") || (q ? "match" : "max"), dir = params.get("dir") || "desc";
-  const page = +(params.get("page") || 0), per = 100;
+// The query is shown through textContent only (after render), never as markup.
+function showQuery(q) { document.querySelectorAll(".query").forEach(el => { el.textContent = q; }); }
+
+function pagerHtml(page, pages, link) {
+  if (pages <= 1) return "";
+  return html`<div class="pager">${page > 0 ? html`<a href="${link(page - 1)}">← prev</a>` : ""}
+      <span>page ${page + 1} of ${pages}</span>
+      ${page + 1 < pages ? html`<a href="${link(page + 1)}">next →</a>` : ""}</div>`;
+}
+
+function sortedLatents(ix, q, sort, dir) {
   let ids = [...Array(ix.n_latents).keys()];
   let scores = null;
   if (q) { scores = searchScores(ix, q); ids = ids.filter(i => scores[i] > 0); }
   const key = {
     id: i => i, density: i => ix.density[i], max: i => ix.max[i], mean: i => ix.mean[i],
     expl: i => ix.expl[i] || "\uffff", match: i => (scores ? scores[i] : 0) * 1e6 + ix.max[i],
-  }[sort] || (i => ix.max[i]);
+  }[sort];
   ids.sort((a, b) => { const x = key(a), y = key(b); const c = x < y ? -1 : x > y ? 1 : a - b; return dir === "asc" ? c : -c; });
-  const pages = Math.max(1, Math.ceil(ids.length / per));
+  return ids;
+}
+
+async function showIndex(name, params) {
+  setNav("s:" + name);
+  const ix = await index(name);
+  const q = params.get("q") || "";
+  const m = q.trim().match(/^#?(\d{1,9})$/);
+  if (m && +m[1] < ix.n_latents) { location.hash = href(["s", name, "l", m[1]]); return; }
+  const sort = oneOf(params.get("sort"), SORT_KEYS, q ? "match" : "max"), dir = oneOf(params.get("dir"), DIRS, "desc");
+  const ids = sortedLatents(ix, q, sort, dir), per = 100;
+  const pages = Math.max(1, Math.ceil(ids.length / per)), page = pageOf(params.get("page"), pages);
   const shown = ids.slice(page * per, (page + 1) * per);
   const info = saeInfo(name);
-  const link = (s) => href(["s", name], Object.assign({}, q ? {q} : {}, {sort: s, dir: s === sort && dir === "desc" ? "asc" : "desc"}));
-  const th = (s, label) => `<th class="sort ${s === sort ? "on " + dir : ""}" data-sort="${s}"><a href="${link(s)}">${label}</a></th>`;
-  const pager = pages > 1 ? `<div class="pager">${page > 0 ? `<a href="${href(["s", name], Object.assign({}, q ? {q} : {}, {sort, dir, page: page - 1}))}">← prev</a>` : ""}
-      <span>page ${page + 1} of ${pages}</span>
-      ${page + 1 < pages ? `<a href="${href(["s", name], Object.assign({}, q ? {q} : {}, {sort, dir, page: page + 1}))}">next →</a>` : ""}</div>` : "";
-  $("#main").innerHTML = `
-    <h1>${esc(name)} <span class="muted small">${info.n_latents.toLocaleString()} latents, k = ${info.k}, ${esc(META.hook)} of ${esc(META.model)}</span></h1>
-    ${q ? `<p id="results">${ids.length.toLocaleString()} latents match <b>${esc(q)}</b> (their top-activating or promoted tokens, or explanation). <a href="${href(["s", name])}">clear</a></p>`
+  const withQ = extra => Object.assign({}, q ? {q} : {}, extra);
+  const link = s => href(["s", name], withQ({sort: s, dir: s === sort && dir === "desc" ? "asc" : "desc"}));
+  const th = (s, label) => html`<th class="sort ${s === sort ? "on " + dir : ""}" data-sort="${s}"><a href="${link(s)}">${label}</a></th>`;
+  const pager = pagerHtml(page, pages, p => href(["s", name], withQ({sort, dir, page: p})));
+  render($("#main"), html`
+    <h1>${name} <span class="muted small">${info.n_latents.toLocaleString()} latents, k = ${info.k}, ${META.hook} of ${META.model}</span></h1>
+    ${q ? html`<p id="results">${ids.length.toLocaleString()} latents match <b class="query"></b> (their top-activating or promoted tokens, or explanation). <a href="${href(["s", name])}">clear</a></p>`
         : densityPlot(ix)}
     ${pager}
     <table id="latents"><thead><tr>${th("id", "latent")}${th("density", "density")}${th("max", "max act")}${th("mean", "mean act")}
       <th>fires most on</th><th>promotes</th>${th("expl", "explanation")}</tr></thead><tbody>
-    ${shown.map(i => `<tr class="row"><td><a href="${href(["s", name, "l", String(i)])}">#${i}</a></td>
+    ${shown.map(i => html`<tr class="row"><td><a href="${href(["s", name, "l", String(i)])}">#${i}</a></td>
        <td class="num">${pct(ix.density[i])}</td><td class="num">${fmt(ix.max[i])}</td><td class="num">${fmt(ix.mean[i])}</td>
-       <td>${topTokensHtml(ix, i)}</td><td>${ix.promoted[i].slice(0, 3).map(tokChip).join("")}</td><td class="small">${esc(ix.expl[i] || "")}</td></tr>`).join("")}
-    </tbody></table>${pager}`;
+       <td>${topTokensHtml(ix, i)}</td><td>${ix.promoted[i].slice(0, 3).map(tokChip)}</td><td class="small">${ix.expl[i] || ""}</td></tr>`)}
+    </tbody></table>${pager}`);
+  showQuery(q);
 }
 
 // ---- latent page ------------------------------------------------------------------------------------------
@@ -169,84 +226,95 @@ function exampleHtml(ex, scale) {
   let peak = 0, best = -1;
   q.forEach((v, j) => { if (v > peak) { peak = v; best = j; } });
   const spans = ids.map((id, j) => {
-    const a = q[j] * scale / Q_SCALE, s = tokText(id);
-    const txt = s.includes("\n") ? esc(s.replace(/\n/g, "↵")) + "\n" : esc(s);
-    if (!q[j]) return `<span class="t" data-act="0" data-tok="${esc(showTok(s))}">${txt}</span>`;
+    const a = q[j] * scale / Q_SCALE, s = String(tokText(id));
+    const txt = s.includes("\n") ? s.replace(/\n/g, "↵") + "\n" : s;
+    if (!q[j]) return html`<span class="t" data-act="0" data-tok="${showTok(s)}">${txt}</span>`;
     const alpha = (0.08 + 0.92 * q[j] / Q_SCALE).toFixed(3);
-    return `<span class="t act${j === best ? " peak" : ""}" style="background:rgba(var(--hl),${alpha})" data-act="${fmt(a, 4)}" data-tok="${esc(showTok(s))}">${txt}</span>`;
-  }).join("");
-  return `<div class="ex" data-ctx="${ctx}"><span class="v">${fmt(peak * scale / Q_SCALE)}</span><span class="text">${spans}</span></div>`;
+    return html`<span class="t act${j === best ? " peak" : ""}" data-alpha="${alpha}" data-act="${fmt(a, 4)}" data-tok="${showTok(s)}">${txt}</span>`;
+  });
+  return html`<div class="ex" data-ctx="${ctx}"><span class="v">${fmt(peak * scale / Q_SCALE)}</span><span class="text">${spans}</span></div>`;
 }
 
 function histogramSvg(rec) {
   const [top, counts] = rec.hist;
-  if (!counts.length) return `<p class="muted">never active</p>`;
+  if (!counts.length) return html`<p class="muted">never active</p>`;
   const nb = META.config.n_bins, W = 520, H = 130, bw = W / nb;
   const logc = counts.map(c => (c ? Math.log10(c) + 1 : 0)), m = Math.max(...logc, 1);
   const bars = counts.map((c, b) => {
     const h = (H - 22) * logc[b] / m;
-    return c ? `<rect class="b" x="${b * bw}" y="${H - 18 - h}" width="${Math.max(1, bw - 1)}" height="${h}"><title>${fmt(top * b / nb)} – ${fmt(top * (b + 1) / nb)}: ${c.toLocaleString()} tokens</title></rect>` : "";
-  }).join("");
-  const ticks = [0, 0.25, 0.5, 0.75, 1].map(f => `<text x="${f * W}" y="${H - 3}" text-anchor="middle">${fmt(top * f)}</text>`).join("");
-  return `<svg width="${W + 30}" height="${H}" viewBox="-15 0 ${W + 30} ${H}" role="img" aria-label="activation histogram">${bars}${ticks}</svg>
+    return c ? html`<rect class="b" x="${b * bw}" y="${H - 18 - h}" width="${Math.max(1, bw - 1)}" height="${h}"><title>${fmt(top * b / nb)} – ${fmt(top * (b + 1) / nb)}: ${c.toLocaleString()} tokens</title></rect>` : "";
+  });
+  const ticks = [0, 0.25, 0.5, 0.75, 1].map(f => html`<text x="${f * W}" y="${H - 3}" text-anchor="middle">${fmt(top * f)}</text>`);
+  return html`<svg width="${W + 30}" height="${H}" viewBox="-15 0 ${W + 30} ${H}" role="img" aria-label="activation histogram">${bars}${ticks}</svg>
     <div class="muted small">nonzero activations over ${META.n_tokens.toLocaleString()} tokens (log count); max ${fmt(rec.max, 4)}</div>`;
 }
 
 function logitTable(rows, cls) {
   const m = Math.max(...rows.map(r => Math.abs(r[1])), 1e-9);
-  return `<table class="bars">${rows.map(([t, v]) => `<tr><td>${tokChip(t)}</td><td class="num">${fmt(v)}</td>
-    <td style="width:45%"><span class="bar ${cls}" style="width:${(100 * Math.abs(v) / m).toFixed(1)}%"></span></td></tr>`).join("")}</table>`;
+  return html`<table class="bars">${rows.map(([t, v]) => html`<tr><td>${tokChip(t)}</td><td class="num">${fmt(v)}</td>
+    <td class="barcell"><span class="bar ${cls}" data-width="${(100 * Math.abs(v) / m).toFixed(1)}"></span></td></tr>`)}</table>`;
 }
 
 async function neighbourRows(name, near) {
   const ix = await index(name);
-  return near.map(([j, c]) => `<tr><td><a href="${href(["s", name, "l", String(j)])}">#${j}</a></td><td class="num">${fmt(c)}</td><td>${topTokensHtml(ix, j)}</td></tr>`).join("");
+  return html`${near.map(([j, c]) => html`<tr><td><a href="${href(["s", name, "l", String(j)])}">#${j}</a></td><td class="num">${fmt(c)}</td><td>${topTokensHtml(ix, j)}</td></tr>`)}`;
 }
 
 async function familyHtml(name, fam) {
   if (!fam || (!fam.parent && !fam.children.length)) return "";
-  let html = `<h2>Family across sizes <a class="small" href="${href(["families"], {focus: name + ":" + fam.self})}">show tree</a></h2>`;
+  const parts = [html`<h2>Family across sizes <a class="small" href="${href(["families"], {focus: name + ":" + fam.self})}">show tree</a></h2>`];
   if (fam.parent) {
     const [ps, pid, score, cos, cont] = fam.parent, pix = await index(ps);
-    html += `<p>Parent in <b>${esc(ps)}</b>: <a href="${href(["s", ps, "l", String(pid)])}">#${pid}</a> ${topTokensHtml(pix, pid)}
-      <span class="muted small">score ${fmt(score)} · decoder cos ${fmt(cos)} · active with the parent ${pct(cont)} of the time</span></p>`;
+    parts.push(html`<p>Parent in <b>${ps}</b>: <a href="${href(["s", ps, "l", String(pid)])}">#${pid}</a> ${topTokensHtml(pix, pid)}
+      <span class="muted small">score ${fmt(score)} · decoder cos ${fmt(cos)} · active with the parent ${pct(cont)} of the time</span></p>`);
   }
   if (fam.children.length) {
     const cs = fam.children[0][0], cix = await index(cs);
-    html += `<p>Splits into ${fam.children.length} latent${fam.children.length > 1 ? "s" : ""} of <b>${esc(cs)}</b>:</p><table><tr><th>child</th><th>score</th><th>cos</th><th>share of parent's tokens</th><th>fires most on</th></tr>
-      ${fam.children.map(([s, j, score, cos, share]) => `<tr><td><a href="${href(["s", s, "l", String(j)])}">#${j}</a></td><td class="num">${fmt(score)}</td>
-        <td class="num">${fmt(cos)}</td><td class="num">${pct(share)}</td><td>${topTokensHtml(cix, j)}</td></tr>`).join("")}</table>`;
+    parts.push(html`<p>Splits into ${fam.children.length} latent${fam.children.length > 1 ? "s" : ""} of <b>${cs}</b>:</p><table><tr><th>child</th><th>score</th><th>cos</th><th>share of parent's tokens</th><th>fires most on</th></tr>
+      ${fam.children.map(([s, j, score, cos, share]) => html`<tr><td><a href="${href(["s", s, "l", String(j)])}">#${j}</a></td><td class="num">${fmt(score)}</td>
+        <td class="num">${fmt(cos)}</td><td class="num">${pct(share)}</td><td>${topTokensHtml(cix, j)}</td></tr>`)}</table>`);
   }
-  return html;
+  return html`${parts}`;
 }
 
-async function showLatent(name, id) {
+function explanationHtml(e) {
+  if (!e) return "";
+  const f1 = e.f1 !== null && e.f1 !== undefined ? html`; held-out F1 ${fmt(e.f1)}` : "";
+  return html`<div class="expl" id="explanation"><b>N2G explanation</b> <span class="muted small">patterns that end at the firing token; … = any token${f1}</span>
+      <div>${e.patterns.slice(0, 6).map(p => html`<span class="tok pat">${showTok(String(p.text))}</span><span class="muted small">${fmt(p.value)}${p.count > 1 ? " ×" + p.count : ""}</span> `)}</div></div>`;
+}
+
+function bandsHtml(rec, scale) {
+  if (!rec.bands.length) return html`<p class="muted">never active</p>`;
+  const n = rec.bands.length;
+  const title = k => (n === 1 ? "all" : `band ${k + 1} of ${n}`);
+  return html`${rec.bands.map((b, k) => b.length ? html`<h3>${title(k)}
+      <span class="muted small">${k === 0 ? "lowest" : k === n - 1 ? "highest" : ""} sampled context maxima</span></h3>
+      <div class="examples">${b.slice().reverse().map(j => exampleHtml(rec.samples[j], scale))}</div>` : "").reverse()}`;
+}
+
+async function showLatent(name, idText) {
   setNav("s:" + name);
   const ix = await index(name);
-  if (!(id >= 0 && id < ix.n_latents)) { $("#main").innerHTML = `<p class="err">No latent ${esc(id)} in ${esc(name)}.</p>`; return; }
+  const id = indexBelow(idText, ix.n_latents);
+  if (id === null) { render($("#main"), html`<p class="err">No latent ${idText} in ${name}.</p>`); return; }
   const rec = await latent(name, id);
   if (rec.family) rec.family.self = id;
   const scale = rec.max;
-  const nav = `<span class="small">${id > 0 ? `<a href="${href(["s", name, "l", String(id - 1)])}">← #${id - 1}</a>` : ""}
-     ${id + 1 < ix.n_latents ? ` · <a href="${href(["s", name, "l", String(id + 1)])}">#${id + 1} →</a>` : ""}</span>`;
-  const bandNames = n => n === 1 ? ["all"] : [...Array(n).keys()].map(b => `band ${b + 1} of ${n}`);
-  const bands = rec.bands.length ? rec.bands.map((b, k) => b.length ? `<h3>${bandNames(rec.bands.length)[k]}
-      <span class="muted small">${k === 0 ? "lowest" : k === rec.bands.length - 1 ? "highest" : ""} sampled context maxima</span></h3>
-      <div class="examples">${b.slice().reverse().map(j => exampleHtml(rec.samples[j], scale)).join("")}</div>` : "").reverse().join("") : `<p class="muted">never active</p>`;
-  const e = rec.expl;
-  $("#main").innerHTML = `
-    <p class="small"><a href="${href(["s", name])}">${esc(name)}</a> / latent ${id} ${nav}</p>
-    <h1 id="latent-title">${esc(name)} · latent #${id}</h1>
+  const nav = html`<span class="small">${id > 0 ? html`<a href="${href(["s", name, "l", String(id - 1)])}">← #${id - 1}</a>` : ""}
+     ${id + 1 < ix.n_latents ? html` · <a href="${href(["s", name, "l", String(id + 1)])}">#${id + 1} →</a>` : ""}</span>`;
+  render($("#main"), html`
+    <p class="small"><a href="${href(["s", name])}">${name}</a> / latent ${id} ${nav}</p>
+    <h1 id="latent-title">${name} · latent #${id}</h1>
     <div class="cards">
       <div class="card"><b>${pct(rec.density)}</b><span>density (${rec.count.toLocaleString()} of ${ix.n_tokens.toLocaleString()} tokens)</span></div>
       <div class="card"><b>${fmt(rec.max, 4)}</b><span>max activation</span></div>
       <div class="card"><b>${fmt(rec.mean, 4)}</b><span>mean when active</span></div>
       <div class="card"><b>${ix.top_tokens[id].length ? topTokensHtml(ix, id, 6) : "–"}</b><span>fires most on (≥ half its max, in its top contexts)</span></div>
     </div>
-    ${e ? `<div class="expl" id="explanation"><b>N2G explanation</b> <span class="muted small">patterns that end at the firing token; … = any token${e.f1 !== null && e.f1 !== undefined ? `; held-out F1 ${fmt(e.f1)}` : ""}</span>
-      <div>${e.patterns.slice(0, 6).map(p => `<span class="tok pat">${esc(showTok(p.text))}</span><span class="muted small">${fmt(p.value)}${p.count > 1 ? " ×" + p.count : ""}</span> `).join("")}</div></div>` : ""}
+    ${explanationHtml(rec.expl)}
     <h2>Top activations <span class="legend"><span>0</span><i></i><span>${fmt(scale, 4)}</span></span></h2>
-    <div class="examples" id="top-examples">${rec.top.map(x => exampleHtml(x, scale)).join("") || `<p class="muted">never active</p>`}</div>
+    <div class="examples" id="top-examples">${rec.top.length ? rec.top.map(x => exampleHtml(x, scale)) : html`<p class="muted">never active</p>`}</div>
     <div class="grid2">
       <div><h2>Activation histogram</h2>${histogramSvg(rec)}</div>
       <div><h2>Nearest latents <span class="muted small">decoder cosine</span></h2><table>${await neighbourRows(name, rec.near)}</table></div>
@@ -255,7 +323,7 @@ async function showLatent(name, id) {
     <div class="grid2"><div><h3>promotes</h3>${logitTable(rec.pos, "pos")}</div><div><h3>suppresses</h3>${logitTable(rec.neg, "neg")}</div></div>
     ${await familyHtml(name, rec.family)}
     <h2>Quantile samples <span class="muted small">contexts drawn at random among those where the latent is active, by their maximum</span></h2>
-    <div id="bands">${bands}</div>`;
+    <div id="bands">${bandsHtml(rec, scale)}</div>`);
 }
 
 // ---- families ---------------------------------------------------------------------------------------------
@@ -268,80 +336,95 @@ function familyIndex(fams) {
   return FAMILY_INDEX;
 }
 
-async function nodeHtml(n, focus, isRoot) {
+async function nodeHtml(n, marked, isRoot) {
   const ix = await index(n.sae);
-  const edge = isRoot ? "" : `<span class="edge">score ${fmt(n.score)} · cos ${fmt(n.cos)} · ${pct(n.share)} of parent's tokens</span>`;
-  const kids = await Promise.all(n.children.map(c => nodeHtml(c, focus, false)));
-  const me = n.sae + ":" + n.latent;
-  return `<li class="node${focus(me) ? " focus" : ""}" data-node="${esc(me)}"><span class="label"><span class="sae">${esc(n.sae)}</span><a href="${href(["s", n.sae, "l", String(n.latent)])}">#${n.latent}</a>
-    ${topTokensHtml(ix, n.latent)}<span class="muted small">${pct(n.density)}</span>${ix.expl[n.latent] ? ` <span class="small">${esc(ix.expl[n.latent])}</span>` : ""}</span>${edge}
-    ${kids.length ? `<ul class="tree">${kids.join("")}</ul>` : ""}</li>`;
+  const edge = isRoot ? "" : html`<span class="edge">score ${fmt(n.score)} · cos ${fmt(n.cos)} · ${pct(n.share)} of parent's tokens</span>`;
+  const kids = await Promise.all(n.children.map(c => nodeHtml(c, marked, false)));
+  return html`<li class="node${marked(n) ? " focus" : ""}" data-node="${n.sae + ":" + n.latent}"><span class="label"><span class="sae">${n.sae}</span><a href="${href(["s", n.sae, "l", String(n.latent)])}">#${n.latent}</a>
+    ${topTokensHtml(ix, n.latent)}<span class="muted small">${pct(n.density)}</span>${ix.expl[n.latent] ? html` <span class="small">${ix.expl[n.latent]}</span>` : ""}</span>${edge}
+    ${kids.length ? html`<ul class="tree">${kids}</ul>` : ""}</li>`;
+}
+
+// The families to list and how to mark their nodes: one family (?focus=SAE:ID), those matching ?q=, or all.
+async function chooseFamilies(fams, focus, q) {
+  const all = fams.families.map((f, k) => k);
+  if (focus) {
+    const k = familyIndex(fams).get(focus);
+    return {list: k === undefined ? [] : [k], marked: n => n.sae + ":" + n.latent === focus};
+  }
+  if (!q) return {list: all, marked: () => false};
+  // families with a member latent that the search matches (same rules as the index search)
+  const hit = new Map();
+  for (const s of saeNames()) hit.set(s, searchScores(await index(s), q));
+  const marked = n => hit.get(n.sae)[n.latent] > 0;
+  const score = n => hit.get(n.sae)[n.latent] + n.children.reduce((a, c) => a + score(c), 0);
+  const scored = all.map(k => [k, score(fams.families[k])]).filter(([, v]) => v > 0);
+  scored.sort((a, b) => b[1] - a[1]);
+  return {list: scored.map(([k]) => k), marked};
 }
 
 async function showFamilies(params) {
   setNav("families");
-  if (!META.has_families) { $("#main").innerHTML = `<p>This site has one SAE; families need several sizes (build with <code>saelab browse RUN1 RUN2 …</code>).</p>`; return; }
+  if (!META.has_families) { render($("#main"), html`<p>This site has one SAE; families need several sizes (build with <code>saelab browse RUN1 RUN2 …</code>).</p>`); return; }
   const fams = await SAELAB.load("families", "data/families.js");
-  const focus = params.get("focus"), q = params.get("q") || "", page = +(params.get("page") || 0), per = 25;
-  let list = fams.families.map((f, k) => k);
-  let marked = key => key === focus;
-  if (focus) { const k = familyIndex(fams).get(focus); list = k === undefined ? [] : [k]; }
-  else if (q) {
-    // families with a member latent that the search matches (same rules as the index search)
-    const hit = {};
-    for (const s of saeNames()) { const sc = searchScores(await index(s), q); hit[s] = sc; }
-    marked = key => { const [s, l] = key.split(":"); return hit[s][+l] > 0; };
-    const score = n => hit[n.sae][n.latent] + n.children.reduce((a, c) => a + score(c), 0);
-    const scored = list.map(k => [k, score(fams.families[k])]).filter(([, v]) => v > 0);
-    scored.sort((a, b) => b[1] - a[1]);
-    list = scored.map(([k]) => k);
-  }
-  const shown = list.slice(page * per, (page + 1) * per);
-  const trees = await Promise.all(shown.map(async (k, j) => {
-    const f = fams.families[k];
-    const first = f.children.length;
-    return `<details class="fam" ${j < 8 || focus ? "open" : ""}><summary><b>${esc(f.sae)} #${f.latent}</b> splits into ${first} latent${first > 1 ? "s" : ""} of the next size
+  const focusText = params.get("focus"), q = params.get("q") || "", per = 25;
+  const focus = focusText === null ? null : parseFocus(focusText);
+  const {list, marked} = focusText !== null && focus === null ? {list: [], marked: () => false} : await chooseFamilies(fams, focus, q);
+  const pages = Math.ceil(list.length / per), page = pageOf(params.get("page"), Math.max(1, pages));
+  const trees = await Promise.all(list.slice(page * per, (page + 1) * per).map(async (k, j) => {
+    const f = fams.families[k], first = f.children.length;
+    return html`<details class="fam" ${j < 8 || focus ? "open" : ""}><summary><b>${f.sae} #${f.latent}</b> splits into ${first} latent${first > 1 ? "s" : ""} of the next size
        <span class="pill">${f.n_descendants} descendants, ${f.depth} levels</span></summary><ul class="tree root">${await nodeHtml(f, marked, true)}</ul></details>`;
   }));
-  const links = fams.links.map(l => `<li>${esc(l.parent_sae)} → ${esc(l.child_sae)}: ${l.n_children_matched.toLocaleString()} of ${l.n_children_active.toLocaleString()} active latents of ${esc(l.child_sae)} have a parent</li>`).join("");
-  const pages = Math.ceil(list.length / per);
-  $("#main").innerHTML = `<h1>Feature families across sizes</h1>
+  const links = fams.links.map(l => html`<li>${l.parent_sae} → ${l.child_sae}: ${l.n_children_matched.toLocaleString()} of ${l.n_children_active.toLocaleString()} active latents of ${l.child_sae} have a parent</li>`);
+  const all = html`<a href="${href(["families"])}">all families</a>`;
+  render($("#main"), html`<h1>Feature families across sizes</h1>
     <p class="muted">Each latent of a larger SAE is linked to the latent of the next smaller SAE with the highest score
       √(decoder cosine × P(parent active | child active)) on ${fams.n_tokens.toLocaleString()} tokens, when it is at least ${fams.min_score}.
       A family is the tree under a latent without a parent: it shows how one latent splits into several of a larger SAE.</p>
     <ul>${links}</ul>
-    ${focus ? `<p>Family of <b>${esc(focus)}</b> · <a href="${href(["families"])}">all families</a></p>`
-      : q ? `<p id="results">${list.length.toLocaleString()} families with a latent matching <b>${esc(q)}</b> · <a href="${href(["families"])}">all families</a></p>`
-      : `<p>${list.length.toLocaleString()} families, largest first. Search a token to find the families of latents that fire on it.</p>`}
-    <div id="families">${trees.join("") || `<p class="muted">${esc(focus || "")} is in no family (no parent and no children).</p>`}</div>
-    ${pages > 1 ? `<div class="pager">${page > 0 ? `<a href="${href(["families"], Object.assign(q ? {q} : {}, {page: page - 1}))}">← prev</a>` : ""}<span>page ${page + 1} of ${pages}</span>${page + 1 < pages ? `<a href="${href(["families"], Object.assign(q ? {q} : {}, {page: page + 1}))}">next →</a>` : ""}</div>` : ""}`;
+    ${focusText !== null ? html`<p>Family of <b>${focusText}</b> · ${all}</p>`
+      : q ? html`<p id="results">${list.length.toLocaleString()} families with a latent matching <b class="query"></b> · ${all}</p>`
+      : html`<p>${list.length.toLocaleString()} families, largest first. Search a token to find the families of latents that fire on it.</p>`}
+    <div id="families">${trees.length ? trees : html`<p class="muted">${focus === null && focusText !== null ? `${focusText} is not a latent of this site.` : `${focusText || ""} is in no family (no parent and no children).`}</p>`}</div>
+    ${pagerHtml(page, pages, p => href(["families"], Object.assign(q ? {q} : {}, {page: p})))}`);
+  showQuery(q);
 }
 
 function showAbout() {
   setNav("about");
   const d = META.definitions;
-  $("#main").innerHTML = `<h1>About this site</h1>
-    <table><tr><th>model</th><td>${esc(META.model)}</td></tr><tr><th>hook</th><td>${esc(META.hook)}</td></tr>
-    <tr><th>text</th><td>${esc(META.corpus)}: ${META.n_contexts.toLocaleString()} contexts of ${META.context_size} tokens, ${META.n_tokens.toLocaleString()} tokens scored (position 0 ${META.position_0})</td></tr>
-    <tr><th>SAEs</th><td>${META.saes.map(s => `${esc(s.name)}: ${s.n_latents} latents, k = ${s.k}, ${s.alive} active, from <code>${esc(s.source)}</code>`).join("<br>")}</td></tr>
-    <tr><th>built</th><td>${esc(META.built)} in ${Object.entries(META.seconds).map(([k, v]) => `${k} ${v} s`).join(", ")}</td></tr></table>
-    <h2>What the numbers mean</h2><table>${Object.entries(d).map(([k, v]) => `<tr><th>${esc(k)}</th><td>${esc(v)}</td></tr>`).join("")}</table>`;
+  render($("#main"), html`<h1>About this site</h1>
+    <table><tr><th>model</th><td>${META.model}</td></tr><tr><th>hook</th><td>${META.hook}</td></tr>
+    <tr><th>text</th><td>${META.corpus}: ${META.n_contexts.toLocaleString()} contexts of ${META.context_size} tokens, ${META.n_tokens.toLocaleString()} tokens scored (position 0 ${META.position_0})</td></tr>
+    <tr><th>SAEs</th><td>${META.saes.map((s, j) => html`${j ? html`<br>` : ""}${s.name}: ${s.n_latents} latents, k = ${s.k}, ${s.alive} active, from <code>${s.source}</code>`)}</td></tr>
+    <tr><th>built</th><td>${META.built} in ${Object.entries(META.seconds).map(([k, v]) => `${k} ${v} s`).join(", ")}</td></tr></table>
+    <h2>What the numbers mean</h2><table>${Object.entries(d).map(([k, v]) => html`<tr><th>${k}</th><td>${v}</td></tr>`)}</table>`);
+}
+
+function showNotFound(what) {
+  setNav("");
+  render($("#main"), html`<p class="err">${what}</p>`);
 }
 
 // ---- routing, search box, tooltip ----------------------------------------------------------------------
 
+// #/s/SAE, #/s/SAE/l/ID, #/families, #/about, #/ (the first SAE); SAE must be one of the site's.
 async function route() {
   const {parts, params} = parseHash();
   try {
-    if (parts[0] === "s" && parts[1] && parts[2] === "l") await showLatent(parts[1], +parts[3]);
-    else if (parts[0] === "s" && parts[1]) await showIndex(parts[1], params);
-    else if (parts[0] === "families") await showFamilies(params);
-    else if (parts[0] === "about") showAbout();
-    else await showIndex(saeNames()[0], params);
+    const [view, name] = parts;
+    if (view === "s" && !saeInfo(name)) showNotFound(`No SAE named ${name === undefined ? "" : name} in this site.`);
+    else if (view === "s" && parts.length === 2) await showIndex(name, params);
+    else if (view === "s" && parts.length === 4 && parts[2] === "l") await showLatent(name, parts[3]);
+    else if (view === "families" && parts.length === 1) await showFamilies(params);
+    else if (view === "about" && parts.length === 1) showAbout();
+    else if (view === undefined) await showIndex(saeNames()[0], params);
+    else showNotFound(`No page ${parts.join("/")} in this site.`);
     $("#q").value = params.get("q") || "";
     document.body.dataset.ready = location.hash || "#/";
   } catch (err) {
-    $("#main").innerHTML = `<p class="err">${esc(err.message)}</p>`;
+    render($("#main"), html`<p class="err">${err.message}</p>`);
     document.body.dataset.ready = "error";
   }
   window.scrollTo(0, 0);
@@ -349,7 +432,7 @@ async function route() {
 
 function currentSae() {
   const {parts} = parseHash();
-  return parts[0] === "s" && saeNames().includes(parts[1]) ? parts[1] : saeNames()[0];
+  return parts[0] === "s" && saeInfo(parts[1]) ? parts[1] : saeNames()[0];
 }
 
 async function main() {
@@ -357,7 +440,7 @@ async function main() {
     META = await SAELAB.load("meta", "data/meta.js");
     VOCAB = await SAELAB.load("vocab", "data/vocab.js");
   } catch (err) {
-    $("#main").innerHTML = `<p class="err">${esc(err.message)}: is this a complete saelab site?</p>`;
+    render($("#main"), html`<p class="err">${err.message}: is this a complete saelab site?</p>`);
     return;
   }
   $("#foot").textContent = `${META.model} · ${META.hook} · ${META.n_tokens.toLocaleString()} tokens · built ${META.built}`;
