@@ -174,9 +174,71 @@ def test_run_n2g_on_a_real_tiny_model(tiny_gpt2, data_dir):
     sp = res["splice"]
     assert sp["n_predictions"] == 12 * 30
     assert sp["delta_ce_sae"] == pytest.approx(sp["ce_sae"] - sp["ce_clean"])
-    assert all(math.isfinite(sp[k]) for k in ("ce_clean", "ce_sae", "ce_n2g", "ce_zeroed", "kl_n2g"))
+    assert all(math.isfinite(sp[k]) for k in ("ce_clean", "ce_sae", "ce_n2g_all", "ce_n2g_partial", "ce_zeroed",
+                                              "kl_n2g_all", "kl_n2g_partial"))
+    assert sp["n_simulated"] == 5 and sp["simulated_frac"] == 5 / 96
     # Explaining the same latents again gives the same explanations.
     again = run_n2g(lm, sae, tokens, N2GConfig(latents=tuple(r["latent"] for r in res["per_latent"]),
                                                n_examples=4, max_len=4, splice=False))
     assert [r["patterns"] for r in again["per_latent"]] == [r["patterns"] for r in res["per_latent"]]
     assert again["splice"] is None
+
+
+def _hand_spliced_ce(lm, sae, toks, z_sim, first):
+    """Mean next-token CE with positions >= first replaced by the LayerNorm SAE's decoding of z_sim,
+    written out densely (not through splice_latents)."""
+    hook = sae.cfg.hook_name
+
+    def edit(x):
+        mu = x.mean(-1, keepdim=True)
+        std = (x - mu).std(-1, keepdim=True)  # unbiased, as the SAE's LayerNorm
+        out = x.clone()
+        out[:, first:] = ((z_sim @ sae.W_dec + sae.b_dec) * std + mu)[:, first:]
+        return out
+
+    logits = lm.logits(toks, edits={hook: edit}).double()
+    logp = torch.log_softmax(logits[:, first:-1], dim=-1)
+    return float(-logp.gather(-1, toks[:, first + 1:, None].to(logp.device)).mean())
+
+
+def test_full_n2g_splice_simulates_every_latent(tiny_gpt2, data_dir):
+    from saelab.data import token_contexts
+
+    lm = tiny_gpt2
+    tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), lm.tokenizer, 24,
+                            n_contexts=16, bos_token_id=lm.bos_token_id, limit_docs=6)
+    torch.manual_seed(1)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=48, k=6, input_norm="layernorm", hook_name="blocks.0.hook_resid_post"))
+    cfg = N2GConfig(n_latents=4, n_examples=4, max_len=3, lm_batch_size=8, max_patterns_reported=10_000, n_boot=300)
+    res = run_n2g(lm, sae, tokens, cfg)
+    json.dumps(res, allow_nan=False)
+    sp = res["splice"]
+    # Rebuild the simulated activations from the reported explanations, on the held-out half.
+    held = tokens[8:]
+    z_sim = torch.zeros(*held.shape, sae.n_latents)
+    for r in res["per_latent"]:
+        expl = Explanation([Pattern(tuple(p["ids"]), p["anchored"], p["value"], p["count"]) for p in r["patterns"]])
+        for c in range(held.shape[0]):
+            z_sim[c, 1:, r["latent"]] = torch.tensor(expl.predict(held[c, 1:].tolist())) * r["max_act"]
+    assert z_sim.abs().sum() > 0  # some explanation fires on the held-out text
+    with torch.no_grad():
+        hand_all = _hand_spliced_ce(lm, sae, held, z_sim, first=1)
+        # The partial splice keeps the SAE's own values for the latents without an explanation.
+        z_sae = sae.encode(lm.activations(held, sae.cfg.hook_name).float())
+        explained = [r["latent"] for r in res["per_latent"]]
+        z_part = z_sae.clone()
+        z_part[..., explained] = z_sim[..., explained]
+        hand_partial = _hand_spliced_ce(lm, sae, held, z_part, first=1)
+    assert sp["ce_n2g_all"] == pytest.approx(hand_all, abs=2e-5)
+    assert sp["ce_n2g_partial"] == pytest.approx(hand_partial, abs=2e-5)
+    assert abs(sp["ce_n2g_all"] - sp["ce_n2g_partial"]) > 0.01
+    assert sp["delta_ce_n2g_all"] == pytest.approx(sp["ce_n2g_all"] - sp["ce_clean"])
+    # Intervals over the 8 held-out contexts, paired; their estimates are the reported numbers.
+    ci = res["intervals"]
+    for k in ("precision", "recall", "f1"):
+        if res[k] is not None:
+            assert ci[k]["estimate"] == pytest.approx(res[k], rel=1e-9)
+            assert ci[k]["low"] <= ci[k]["estimate"] <= ci[k]["high"]
+    for k in ("delta_ce_sae", "delta_ce_n2g_all", "delta_ce_n2g_partial"):
+        assert ci[k]["estimate"] == pytest.approx(sp[k], rel=1e-9) and ci[k]["n_groups"] == 8
+    assert ci["n2g_all_minus_sae"]["estimate"] == pytest.approx(sp["ce_n2g_all"] - sp["ce_sae"], rel=1e-9)

@@ -106,3 +106,10 @@ def ratio(num: str, den: str) -> Statistic:
         return torch.where(d != 0, t[num] / torch.where(d != 0, d, torch.ones_like(d)),
                            torch.full_like(d, float("nan")))
     return fn
+
+
+def format_interval(interval: dict | None, fmt: str = "{:.4f}") -> str:
+    """`` [low, high]`` for reports ('' when there is no interval)."""
+    if not interval or interval.get("low") is None or interval.get("high") is None:
+        return ""
+    return f" [{fmt.format(interval['low'])}, {fmt.format(interval['high'])}]"
