@@ -1,4 +1,5 @@
-"""Data-parallel training (torchrun, gloo, 2 CPU processes) equals single-process training."""
+"""Data-parallel training (torchrun, gloo, 2 CPU processes) equals single-process training (the NCCL
+version on 2 GPUs is in tests/test_cuda.py)."""
 
 import os
 import subprocess
@@ -25,8 +26,10 @@ def _cache(tmp_path: Path, tiny_gpt2, data_dir) -> Path:
     return tmp_path / "acts"
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str], *, gpus: bool = False) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not gpus:  # the CPU test stays on gloo and the CPU on a GPU machine too
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -35,7 +35,9 @@ def init_from_env() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return is_distributed()
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())  # before NCCL starts, so its communicator uses this GPU
+        # The same backend on every rank; NCCL starts at the first CUDA collective, on this rank's GPU.
+        if local_rank() < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank())
         dist.init_process_group(backend="cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group(backend="gloo")
@@ -51,6 +53,10 @@ def process_device(device: str | torch.device | None = None) -> torch.device:
         return dev
     if is_distributed():
         own = local_rank()
+        if own >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: this process is LOCAL_RANK {own} but the machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s); start at most that many processes "
+                              "per node, or pass --device cpu")
         if dev.index is not None and dev.index != own:
             raise ConfigError(f"device {str(device)!r}: under torchrun each process trains on its own GPU "
                               f"(cuda:{own} here, from LOCAL_RANK); pass --device cuda")
