@@ -245,6 +245,20 @@ def test_page_policy_is_in_the_html_and_strict(hostile_site):
     assert not re.search(r"""style=|\son\w+=""", (hostile_site / "app.js").read_text(encoding="utf-8"))
 
 
+def test_a_name_that_is_no_folder_is_refused(tiny_gpt2, data_dir, tmp_path):
+    """A run given as RUN/sub/.. is named "..": its pages would land outside data/, so the build refuses it."""
+    from saelab.errors import ConfigError
+    from saelab.sae import save_sae
+
+    corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
+    save_sae(trained_like_sae(tiny_gpt2, 64, 0, corpus), tmp_path / "run" / "sae")
+    (tmp_path / "run" / "sub").mkdir()
+    with pytest.raises(ConfigError, match=r"SAE name '\.\.': expected a name usable as one folder name"):
+        build_browser([tmp_path / "run" / "sub" / ".."], tmp_path / "site", BrowseConfig(n_tokens=500, corpus=corpus),
+                      lm=tiny_gpt2, progress=False)
+    assert not (tmp_path / "site").exists()
+
+
 # ---- the server over real HTTP ------------------------------------------------------------------------------
 
 def _request(port: int, path: str, host: str | None = "default") -> tuple[int, dict, bytes]:
