@@ -167,8 +167,8 @@ def test_logit_tables_histogram_and_alignment_against_dense(exported, tiny_gpt2)
 
 
 def test_equal_bin_counts_equal_histc_row_by_row():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(40, 5000, generator=g) * torch.rand(40, 1, generator=g) * 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 49152, generator=g) * torch.rand(64, 1, generator=g) * 3  # values on bin edges occur
     x[3] = 0.25  # a constant row: every value in the first bin, as histc does
     lo, hi = x.min(1).values, x.max(1).values
     want = torch.stack([torch.histc(r, 50, float(a), float(b)).long() for r, a, b in zip(x, lo, hi)])
