@@ -91,6 +91,7 @@ import torch
 
 from saelab.errors import ConfigError
 from saelab.evals._common import (
+    run_option,
     check_tokens,
     config_dict,
     first_position,
@@ -100,6 +101,7 @@ from saelab.evals._common import (
 from saelab.evals.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args, paired_bootstrap
 from saelab.evals.downstream import ce_and_kl
 from saelab.evals.probe_tasks import token_strings
+from saelab.utils.config import switch
 
 WILDCARD = -1
 """Pattern entry matching any token."""
@@ -132,9 +134,9 @@ class N2GConfig:
     """A latent fires at a token when its activation exceeds firing_frac * max_act (0: any nonzero)."""
     heldout_frac: float = 0.5
     """Fraction of the contexts (the last ones) held out for scoring and splicing."""
-    splice: bool = True
+    splice: bool = switch(True)
     """Measure the LM loss with N2G-simulated activations spliced in."""
-    splice_error_term: bool = False
+    splice_error_term: bool = switch(False)
     """Add the SAE's error (x - SAE(x)) back when splicing (isolates the latents' effect)."""
     seq_batch_size: int = 256
     """Short sequences per model call while building."""
@@ -148,9 +150,9 @@ class N2GConfig:
     """Bootstrap replicates of the held-out contexts for the intervals (0 = no intervals)."""
     ci_level: float = DEFAULT_LEVEL
     """Coverage of the intervals."""
-    exclude_first: bool | None = None
+    exclude_first: bool | None = run_option(None)
     """Leave position 0 out of examples, scores and splices; None = the SAE's cfg.exclude_first."""
-    hook: str | None = None
+    hook: str | None = run_option(None)
     """Hook the SAE reads; None = the SAE's cfg.hook_name."""
 
     def __post_init__(self) -> None:
@@ -344,7 +346,7 @@ def splice_latents(sae, latents_E: torch.Tensor, values_BTE: torch.Tensor | None
 
 
 # ---- the metric ---------------------------------------------------------------------------
-def _model_act_fn(lm, sae, hook: str, prepend_bos: bool, pad_id: int, batch: int) -> ActFn:
+def model_act_fn(lm, sae, hook: str, prepend_bos: bool, pad_id: int, batch: int) -> ActFn:
     @torch.no_grad()
     def act_fn(seqs: list[list[int]], lats: list[int]) -> list[float]:
         out: list[float] = []
@@ -384,7 +386,7 @@ def _columns(vals: torch.Tensor, idx: torch.Tensor, lats: torch.Tensor) -> torch
     return out
 
 
-def _padding_id(tokenizer, text: str) -> int:
+def padding_id(tokenizer, text: str) -> int:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"padding_token {text!r} is {len(ids)} tokens for this tokenizer; pick a single-token text")
@@ -406,7 +408,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
     if n_eval >= N:
         raise ValueError(f"need at least 2 contexts to split into build and held-out parts, got {N}")
     build, held = tokens_NT[: N - n_eval], tokens_NT[N - n_eval:]
-    pad_id = _padding_id(lm.tokenizer, cfg.padding_token)
+    pad_id = padding_id(lm.tokenizer, cfg.padding_token)
 
     # Max activation of every latent on the build split, then the latents to explain.
     vals_b, idx_b = _sparse_latents(lm, sae, build, hook, cfg.lm_batch_size)
@@ -431,7 +433,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
         examples[lat] = [(build[c, s0:int(ctx_arg[c, e]) + 1].tolist(), float(ctx_max[c, e]))
                          for c in top.tolist() if ctx_max[c, e] > 0]
     counter = [0]
-    act_fn = _model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, cfg.seq_batch_size)
+    act_fn = model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, cfg.seq_batch_size)
     expl = build_explanations(examples, act_fn, max_acts, cfg, pad_id, counter)
     t_build = time.perf_counter()
 

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from saelab.errors import ConfigError
-from saelab.evals._common import check_tokens, config_dict, first_position, json_float, resolve_hook
+from saelab.evals._common import check_tokens, config_dict, first_position, json_float, resolve_hook, run_option
 from saelab.evals.bootstrap import (
     DEFAULT_LEVEL,
     DEFAULT_N_BOOT,
@@ -77,6 +77,7 @@ from saelab.evals.bootstrap import (
     replicate_statistics,
     resample_counts,
 )
+from saelab.utils.config import switch
 from saelab.evals.probe_tasks import DEFAULT_TASKS, SPLIT_UNITS, ContextTask, label_tokens, load_hf_task, text_groups
 
 FEATURES = ("pre", "post")
@@ -92,14 +93,14 @@ class ProbeConfig:
     """Hugging Face datasets ('name' or 'name:config', text + binary label) run as context tasks."""
     features: str = "pre"
     """'pre': encoder pre-activations (paper); 'post': the latents after TopK and ReLU."""
-    baseline: bool = True
+    baseline: bool = switch(True)
     """Also probe each residual-stream channel (the SAE input) as the baseline."""
     max_examples: int = 2000
     """Examples per task at most (after balancing), drawn at random."""
     min_per_class: int = 100
     """Tasks with fewer examples of either class are skipped (with few examples, picking the best of
     n latents overfits: the held-out loss can exceed the label entropy)."""
-    balance: bool = True
+    balance: bool = switch(True)
     """Use as many negatives as positives (chance loss ln 2)."""
     test_frac: float = 0.3
     """Fraction of each task's examples held out for the reported loss (whole paragraphs or texts)."""
@@ -123,9 +124,9 @@ class ProbeConfig:
     """Bootstrap replicates of the held-out groups for the intervals (0 = no intervals)."""
     ci_level: float = DEFAULT_LEVEL
     """Coverage of the intervals."""
-    exclude_first: bool | None = None
+    exclude_first: bool | None = run_option(None)
     """Leave position 0 out of token tasks; None = follow the SAE's cfg.exclude_first."""
-    hook: str | None = None
+    hook: str | None = run_option(None)
     """Hook the SAE reads; None = the SAE's cfg.hook_name."""
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from saelab.report.markdown import METRIC_ROWS, _table
+from saelab.report.markdown import METRIC_ROWS, markdown_table
 from saelab.utils.atomic import write_text
 
 METRIC_TITLES = {"core": "Core (reconstruction and spliced loss)", "compute_equivalent": "Compute-equivalent (§4.1)",
@@ -48,7 +48,7 @@ def _headline(name: str, r: dict) -> str:
 def _section_core(r: dict) -> list[str]:
     lines = [f"{r.get('n_tokens', 0):,} tokens for reconstruction, {r.get('n_predictions', 0):,} next-token "
              "predictions for the downstream loss.", "",
-             _table([(label.replace("|", "\\|"), fmt.format(r[key])) for key, label, fmt in METRIC_ROWS
+             markdown_table([(label.replace("|", "\\|"), fmt.format(r[key])) for key, label, fmt in METRIC_ROWS
                      if r.get(key) is not None])]
     if r.get("nmse_sae_input") is not None:
         lines += ["", f"nMSE in the SAE's own input space (after its input normalization, as the paper reports it): "
@@ -73,7 +73,7 @@ def _section_ce(r: dict, evals: Path) -> list[str]:
             ("clean model's own position on the curve", _f(r["clean_fraction"], "{:.4g}")),
             ("fraction relative to the clean model", _f(r["fraction_relative"], "{:.4g}")),
             ("extrapolated", str(r["extrapolation"]) if r["extrapolated"] else "no (inside the measured range)")]
-    lines = [_table(rows), "", "| checkpoint | tokens | loss | fitted | in fit |", "|---|---|---|---|---|"]
+    lines = [markdown_table(rows), "", "| checkpoint | tokens | loss | fitted | in fit |", "|---|---|---|---|---|"]
     lines += [f"| {c['label']} | {c['tokens']:,} | {c['loss']:.4f} | {_f(c['fitted_loss'])} | "
               f"{'yes' if c['used_in_fit'] else 'no'} |" for c in r["checkpoints"]]
     if (evals / "compute_equivalent.png").exists():
@@ -146,7 +146,7 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
     mi, sp = r["micro"], r.get("splice")
     lines = [f"{r['n_explained']} latents explained from {r['n_build_contexts']} contexts, scored on "
              f"{r['n_eval_contexts']} held-out contexts; {_f(r['mean_patterns'], '{:.1f}')} patterns per latent.", "",
-             _table([("precision / recall / F1 (mean over latents)",
+             markdown_table([("precision / recall / F1 (mean over latents)",
                       f"{_f(r['precision'], '{:.3f}')} / {_f(r['recall'], '{:.3f}')} / {_f(r['f1'], '{:.3f}')}"),
                      ("pooled precision / recall / F1", f"{_f(mi['precision'], '{:.3f}')} / "
                                                         f"{_f(mi['recall'], '{:.3f}')} / {_f(mi['f1'], '{:.3f}')}"),
@@ -163,7 +163,7 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
                       f"explained latents ({sp['simulated_frac']:.1%} of the SAE) take their N2G predictions, every other "
                       "latent is 0. **Explained only** (partial): the explained latents replaced, the others keep "
                       "their SAE values.", "",
-                  _table([("CE clean / SAE", f"{sp['ce_clean']:.4f} / {sp['ce_sae']:.4f}"),
+                  markdown_table([("CE clean / SAE", f"{sp['ce_clean']:.4f} / {sp['ce_sae']:.4f}"),
                           ("delta CE SAE", f"{sp['delta_ce_sae']:.4f}{format_interval(ci.get('delta_ce_sae'))}"),
                           ("**delta CE N2G, all latents simulated**",
                            f"**{sp['delta_ce_n2g_all']:.4f}**{format_interval(ci.get('delta_ce_n2g_all'))}"),
@@ -191,12 +191,15 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
 
 def write_paper_report(out_dir: str | Path) -> Path:
     """Write ``out_dir/evals/report.md`` (and the probe / N2G plots) from the metric files."""
-    from saelab.evals.suite import EVALS_DIR, PAPER_METRICS
-    from saelab.report.plots import n2g_plot, probe_plot
+    from saelab.evals.suite import PAPER_METRICS
+    from saelab.report.plots import compute_equivalent_plot, n2g_plot, probe_plot
+    from saelab.run_folder import EVALS_DIR
 
     evals = Path(out_dir) / EVALS_DIR
     recs = {m: json.loads((evals / f"{m}.json").read_text()) for m in PAPER_METRICS if (evals / f"{m}.json").exists()}
     index = json.loads((evals / "suite.json").read_text()) if (evals / "suite.json").exists() else {}
+    if recs.get("compute_equivalent", {}).get("status") == "ok":
+        compute_equivalent_plot(recs["compute_equivalent"]["result"], evals / "compute_equivalent.png")
     if recs.get("probe", {}).get("status") == "ok" and recs["probe"]["result"]["tasks"]:
         probe_plot(recs["probe"]["result"], evals / "probe.png")
     if recs.get("n2g", {}).get("status") == "ok" and recs["n2g"]["result"]["per_latent"]:
@@ -204,7 +207,7 @@ def write_paper_report(out_dir: str | Path) -> Path:
     any_rec = next(iter(recs.values()), {})
     sae, ev = any_rec.get("sae", {}), any_rec.get("eval", {})
     lines = [f"# Paper metrics of SAE `{sae.get('source') or '?'}`", ""]
-    lines += [_table([("SAE", f"n = {sae.get('n_latents', 0):,}, k = {sae.get('k')}, input norm "
+    lines += [markdown_table([("SAE", f"n = {sae.get('n_latents', 0):,}, k = {sae.get('k')}, input norm "
                               f"{sae.get('input_norm')}, weights sha256 {sae.get('sha256')}"),
                       ("model / hook", f"`{sae.get('model')}` / `{sae.get('hook')}`"),
                       ("eval text", f"`{ev.get('corpus')}`, contexts of {ev.get('context_size')} tokens, position 0 "
