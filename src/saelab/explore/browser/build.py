@@ -391,10 +391,9 @@ def equal_bin_counts(x_CV: torch.Tensor, lo_C: torch.Tensor, hi_C: torch.Tensor,
     C = x_CV.shape[0]
     flat = (lo_C == hi_C)[:, None]  # histc's rule for an empty range: [lo - 1, hi + 1]
     lo, hi = torch.where(flat, lo_C[:, None] - 1, lo_C[:, None]), torch.where(flat, hi_C[:, None] + 1, hi_C[:, None])
-    pos = ((x_CV - lo) * n_bins / (hi - lo)).long()
-    pos = pos.clamp_(0, n_bins - 1)  # the maximum itself falls in the last bin
-    flat = (torch.arange(C)[:, None] * n_bins + pos).reshape(-1)
-    return torch.bincount(flat, minlength=C * n_bins).view(C, n_bins)
+    pos = (x_CV - lo).mul_(n_bins).div_(hi - lo).long()  # in place, in histc's order of operations
+    pos.clamp_(0, n_bins - 1).add_(torch.arange(C)[:, None] * n_bins)  # the maximum falls in the last bin
+    return torch.bincount(pos.view(-1), minlength=C * n_bins).view(C, n_bins)
 
 
 @torch.no_grad()

@@ -132,8 +132,17 @@ class FeatureWriter:
         top = W.topk(min(N_ALIGNMENT, W.shape[1]), dim=1)
         self.align = (top.indices.numpy(), top.values.numpy(), (top.values.abs() / W.abs().sum(1, keepdim=True)
                                                                 .clamp_min(1e-30)).numpy())
-        cache: dict[int, str] = {}
-        self.text = lambda ids: token_strings(lm.tokenizer, ids, cache)
+        # token texts looked up by id in one array (a Python call per token would dominate the export)
+        ids = np.unique(np.concatenate([self.tokens.ravel(), self.logits["pos_ids"].ravel(),
+                                        self.logits["neg_ids"].ravel()]))
+        self.vocab = np.empty(int(ids.max()) + 1, dtype=object)
+        self.vocab[ids] = token_strings(lm.tokenizer, ids.tolist())
+        self.top = tuple(t.numpy() for t in (stats.top_ctx_NK, stats.top_pos_NK, stats.top_rows_NKT))
+        self.samples = tuple(t.numpy() for t in (stats.sample_act_NS, stats.sample_ctx_NS, stats.sample_pos_NS,
+                                                 stats.sample_rows_NST))
+
+    def text(self, ids: np.ndarray) -> list[str]:
+        return self.vocab[ids].tolist()
 
     def __call__(self, i: int) -> dict[str, Any]:
         st, lg = self.stats, self.logits
@@ -149,8 +158,8 @@ class FeatureWriter:
             "neuron_alignment_l1": _round(al[i]),
             "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
             "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
-            "neg_str": self.text(lg["neg_ids"][i].tolist()), "neg_values": _round(lg["neg_vals"][i]),
-            "pos_str": self.text(lg["pos_ids"][i].tolist()), "pos_values": _round(lg["pos_vals"][i]),
+            "neg_str": self.text(lg["neg_ids"][i]), "neg_values": _round(lg["neg_vals"][i]),
+            "pos_str": self.text(lg["pos_ids"][i]), "pos_values": _round(lg["pos_vals"][i]),
             "frac_nonzero": float(st.density_N[i]),
             "freq_hist_data_bar_values": _round((np.arange(first, last) + 0.5) * width),
             "freq_hist_data_bar_heights": heights[first:last].tolist(),
@@ -163,25 +172,23 @@ class FeatureWriter:
         }
 
     def activations(self, i: int) -> list[dict[str, Any]]:
-        st = self.stats
-        ok = st.top_ctx_NK[i] >= 0
-        out = [self.record(c, p, row, -1, float(st.max_N[i]), -1)
-               for c, p, row in zip(st.top_ctx_NK[i][ok], st.top_pos_NK[i][ok], st.top_rows_NKT[i][ok])]
-        ok = st.sample_ctx_NS[i] >= 0
-        maxima, ctx, pos, rows = (st.sample_act_NS[i][ok], st.sample_ctx_NS[i][ok], st.sample_pos_NS[i][ok],
-                                  st.sample_rows_NST[i][ok])
-        order = torch.argsort(maxima, stable=True).numpy()
+        ctx, pos, rows = (a[i] for a in self.top)
+        ok = ctx >= 0
+        out = [self.record(c, p, row, -1, float(self.stats.max_N[i]), -1) for c, p, row in zip(ctx[ok], pos[ok], rows[ok])]
+        maxima, ctx, pos, rows = (a[i] for a in self.samples)
+        ok = ctx >= 0
+        maxima, ctx, pos, rows = maxima[ok], ctx[ok], pos[ok], rows[ok]
+        order = np.argsort(maxima, kind="stable")
         for band in reversed(np.array_split(order, self.n_bands) if order.size else []):  # highest first, as SAEDashboard
             if band.size:
                 lo, hi, share = float(maxima[band].min()), float(maxima[band].max()), band.size / order.size
                 out += [self.record(ctx[j], pos[j], rows[j], lo, hi, share) for j in band]
         return out
 
-    def record(self, ctx, pos, row_T: torch.Tensor, bin_min, bin_max, bin_contains) -> dict[str, Any]:
+    def record(self, ctx, pos, row_T: np.ndarray, bin_min, bin_max, bin_contains) -> dict[str, Any]:
         """One context as an activation record (from the first scored position: BOS left out, as SAEDashboard)."""
-        ids = self.tokens[int(ctx), self.s0:].tolist()
         return {"bin_min": _num(bin_min), "bin_max": _num(bin_max), "bin_contains": _num(bin_contains),
-                "tokens": self.text(ids), "values": _round(row_T[self.s0:].numpy()),
+                "tokens": self.text(self.tokens[int(ctx), self.s0:]), "values": _round(row_T[self.s0:]),
                 "qualifying_token_index": int(pos) - self.s0}
 
 
