@@ -108,9 +108,12 @@ def _latent_list(latent: int | Sequence[int], n_latents: int) -> list[int]:
 def _open(sae, lm):
     from saelab.models import load_model
 
+    given = isinstance(sae, (SAESource, TopKSAE))
     source = sae if isinstance(sae, SAESource) else (
         SAESource("sae", "the SAE given", sae) if isinstance(sae, TopKSAE) else open_sae_source(sae))
     lm = load_model(lm if lm is not None else source.sae.cfg.model_name or "default")
+    if not given:  # an SAE loaded here runs beside the model; a given one stays where the caller put it
+        source.sae.to(lm.device)
     return source, lm
 
 
