@@ -64,8 +64,35 @@ class EncodeOutput(NamedTuple):
 def decode_aux(enc: EncodeOutput, W_dec_ND: torch.Tensor) -> torch.Tensor:
     """The AuxK reconstruction sum_j aux_val_j * W_dec[j] (no bias), in either form."""
     if enc.aux_dense:
-        return enc.aux_vals_BA @ W_dec_ND.index_select(0, enc.aux_idx_BA)
+        return _DenseRowsDecode.apply(enc.aux_vals_BA, W_dec_ND, enc.aux_idx_BA)
     return F.embedding_bag(enc.aux_idx_BA, W_dec_ND, per_sample_weights=enc.aux_vals_BA, mode="sum")
+
+
+def _add_to_rows_(dst_ND: torch.Tensor, rows_R: torch.Tensor, src_RD: torch.Tensor) -> torch.Tensor:
+    """dst[rows] += src for DISTINCT rows. index_add_ does the same, but on CPU a contiguous 2-D
+    index_add_ takes a sort-based scatter path: ~0.2 s for 245 rows of [8192, 576] (vs ~1 ms here)."""
+    return dst_ND.index_copy_(0, rows_R, dst_ND.index_select(0, rows_R).add_(src_RD))
+
+
+class _DenseRowsDecode(torch.autograd.Function):
+    """z_BR @ W[rows] for distinct rows; its backward adds the rows' gradient without index_add_
+    (see _add_to_rows_)."""
+
+    @staticmethod
+    def forward(ctx, z_BR, W_ND, rows_R):
+        W_rows = W_ND.index_select(0, rows_R)
+        ctx.save_for_backward(z_BR, W_rows, rows_R)
+        ctx.n_rows = W_ND.shape[0]
+        return z_BR @ W_rows
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        z_BR, W_rows, rows_R = ctx.saved_tensors
+        grad_z = g_BD @ W_rows.t() if ctx.needs_input_grad[0] else None
+        grad_W = None
+        if ctx.needs_input_grad[1]:
+            grad_W = g_BD.new_zeros(ctx.n_rows, g_BD.shape[1]).index_copy_(0, rows_R, z_BR.t() @ g_BD)
+        return grad_z, grad_W, None
 
 
 def _group_by_latent(idx_flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +171,7 @@ class _SparseTopKEncode(torch.autograd.Function):
             if need_x:
                 grad_x = torch.addmm(grad_x, g_dense, W_enc_DN.index_select(1, dead).t())
             if need_W:
-                grad_W.index_add_(0, dead, g_dense.t() @ xc_BD)
+                _add_to_rows_(grad_W, dead, g_dense.t() @ xc_BD)
             grad_b.index_add_(0, dead, g_dense.sum(0))
         grad_b_dec = -(W_enc_DN @ grad_b) if need_b_dec else None
         return (grad_x, grad_b_dec, grad_W.t() if need_W else None, grad_b if need_b else None) + (None,) * 6
