@@ -38,6 +38,8 @@ CONTEXT_DRAW = "drawn at random from the first 16,777,216 tokens (sample_context
 """How the training windows are chosen; a cache made another way is harvested again."""
 K = 32
 THREADS = 2
+DEAD_TOKENS = 10_000_000
+"""AuxK's dead window (saelab's default for long runs; a short one keeps AuxK active in a short run)."""
 WARMUP_STEPS = 10
 DECAY_FRACTION = 0.6
 """saelab's TrainConfig defaults for the learning-rate schedule; lr_multiplier mirrors lr_at."""
@@ -273,6 +275,8 @@ def runner_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: saelab's for n)")
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dead-tokens", type=int, default=DEAD_TOKENS,
+                    help="AuxK's dead window: a latent is dead after this many tokens without firing")
     return ap
 
 
@@ -294,20 +298,41 @@ class StepClock:
 
     ``setup()`` marks the start of SAE construction; ``start()`` the moment batch 1 is in memory
     (after step 0, which holds the libraries' one-time data-dependent initialisation and warm-up
-    costs); ``stop()`` the end of the last optimizer step. Timed: steps 1 .. S-1.
+    costs); ``stop()`` the end of the last optimizer step. Timed: steps 1 .. S-1. ``lap(aux)`` ends
+    one timed step and records whether AuxK ran in it, so step times split into the two regimes
+    (laps cover start .. the last lap; a runner calls it once per timed step).
     """
 
     def __init__(self) -> None:
         self.t_setup = self.t_start = self.t_stop = None
+        self.laps: list[tuple[float, bool]] = []
+        self._t_lap = None
 
     def setup(self) -> None:
         self.t_setup = time.perf_counter()
 
     def start(self) -> None:
-        self.t_start = time.perf_counter()
+        self.t_start = self._t_lap = time.perf_counter()
+
+    def lap(self, aux_active: bool) -> None:
+        now = time.perf_counter()
+        self.laps.append((now - self._t_lap, bool(aux_active)))
+        self._t_lap = now
 
     def stop(self) -> None:
         self.t_stop = time.perf_counter()
+
+    def regimes(self, batch_size: int) -> dict[str, Any]:
+        """Median step time and tokens/s with AuxK inactive ('plain') and active ('aux'), and the
+        share of timed steps with AuxK active (None where a regime has no step)."""
+        out: dict[str, Any] = {"aux_steps": sum(a for _, a in self.laps), "lapped_steps": len(self.laps)}
+        out["aux_share"] = out["aux_steps"] / len(self.laps) if self.laps else None
+        for name, flag in (("plain", False), ("aux", True)):
+            times = sorted(t for t, a in self.laps if a == flag)
+            med = times[len(times) // 2] if times else None
+            out[f"step_s_{name}"] = med
+            out[f"tokens_per_s_{name}"] = batch_size / med if med else None
+        return out
 
     def timed_batches(self, reader: CacheReader, n_batches: int, batch_size: int) -> Iterator[torch.Tensor]:
         """Batches 0 .. n_batches-1 in stored order; starts the clock when batch 1 has been read."""
@@ -403,6 +428,7 @@ def finish_run(args: argparse.Namespace, clock: StepClock, *, library: str, vers
         "tokens_per_s": (n_batches - 1) * args.batch_size / timed,
         "total_s": total, "tokens_per_s_incl_init": n_batches * args.batch_size / total,
         "rss_base_mb": rss_base, "peak_rss_train_mb": peak_train, "peak_rss_mb": peak_rss_mb(),
-        "final_train_loss": final_loss, **metrics, "notes": notes,
+        "final_train_loss": final_loss, "dead_tokens": args.dead_tokens, **clock.regimes(args.batch_size),
+        **metrics, "notes": notes,
     }
     print(RESULT_PREFIX + json.dumps(out), flush=True)

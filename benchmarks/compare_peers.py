@@ -7,11 +7,20 @@ cache (globally shuffled at harvest), read by every runner in stored order (batc
 [b*4096, (b+1)*4096)). Each (library, n) run is a fresh process (so peak RSS is its own); runs are
 interleaved (saelab, sparsify, sae-lens, dictionary-learning, then again, ...) because this machine's
 timings vary up to 1.8x between identical runs, and the float32 GEMM bound is measured in the same
-run, before each round. Medians over the repeats are reported.
+run, right before each timed run (each run's ratio to the bound uses its own measurement).
+Medians over the repeats are reported.
 
     bash benchmarks/peers/setup_peers.sh /work/peer-venv          # once: the peers' own venv
     python benchmarks/compare_peers.py                             # full protocol (262,144 rows)
     python benchmarks/compare_peers.py --rows 32768 --n 8192       # quick check
+    python benchmarks/compare_peers.py --libs saelab sparsify --dead-tokens 16384 \
+        --baseline /tmp/before/src                                 # AuxK active; an older saelab too
+    python benchmarks/compare_peers.py --profile --n 8192          # top operators of a saelab step
+
+Step times are also split by AuxK regime: each runner records, per timed step, whether AuxK ran
+(some latent past the dead window), and the table gives tokens/s with AuxK inactive and active
+(median step of each) and the share of steps with AuxK active. A short ``--dead-tokens`` window
+keeps AuxK active for most of a short run, as in a long run once latents start dying.
 
 Per run: tokens/s over the timed steps (steps 1..S-1: each library's one-time initialisation and
 step 0 are excluded; batch reading is included, identical for all), eval nMSE
@@ -38,7 +47,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import BATCH, EVAL_TOKENS, K, RESULT_PREFIX, THREADS, TRAIN_TOKENS, command_line  # noqa: E402
+from common import BATCH, DEAD_TOKENS, EVAL_TOKENS, K, RESULT_PREFIX, THREADS, TRAIN_TOKENS  # noqa: E402
+from common import command_line  # noqa: E402
 from common import default_lr, encoder_bound, ensure_bench_caches, gemm_flops, machine_info  # noqa: E402
 
 # name -> (runner script, distribution whose version is reported, module to import, needs the peer venv)
@@ -48,6 +58,11 @@ LIBRARIES = {
     "saelens": (HERE / "peers" / "run_saelens.py", "sae-lens", "sae_lens", True),
     "dictlearn": (HERE / "peers" / "run_dictlearn.py", "dictionary-learning", "dictionary_learning", True),
 }
+
+
+BASELINE = "saelab-base"
+"""An older saelab (``--baseline SRC``: its src folder, e.g. a clone at an earlier commit) run by
+this checkout's benchmarks/run_saelab.py with PYTHONPATH=SRC, so only the library differs."""
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -79,7 +94,8 @@ def run_one(lib: str, python: str, n: int, args: argparse.Namespace, env: dict[s
     script = LIBRARIES[lib][0]
     cmd = [python, str(script), "--cache", str(args.train_cache), "--eval-cache", str(args.eval_cache),
            "--rows", str(args.rows), "--eval-rows", str(args.eval_rows), "--n", str(n), "--k", str(args.k),
-           "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--seed", str(args.seed)]
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--seed", str(args.seed),
+           "--dead-tokens", str(args.dead_tokens)]
     if args.lr is not None:
         cmd += ["--lr", str(args.lr)]
     if lib == "saelens":
@@ -102,7 +118,16 @@ def fmt_mb(x: float) -> str:
     return f"{x:,.0f}"
 
 
-def main() -> None:
+def fmt_tok(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[8192, 32768], help="latent counts")
     ap.add_argument("--libs", nargs="+", default=list(LIBRARIES), choices=list(LIBRARIES),
@@ -115,6 +140,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="peak lr for all (default: saelab's 2e-3/sqrt(n/2^14))")
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dead-tokens", type=int, default=DEAD_TOKENS,
+                    help="AuxK dead window for every library (short: AuxK active for most of the run)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help=f"src folder of another saelab checkout, run as '{BASELINE}' right after saelab")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the top operators of one saelab step with AuxK inactive and one with it active "
+                         "(torch.profiler, in this process), then exit")
+    ap.add_argument("--profile-rows", type=int, default=25, help="operators shown by --profile")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/saelab-bench"),
                     help="holds acts/ (training cache), acts_eval/ and results-*.jsonl")
     ap.add_argument("--peer-python", default="/work/peer-venv/bin/python", help="Python of the peers' venv")
@@ -124,87 +157,177 @@ def main() -> None:
                     help="SAELens starts b_dec at 0 (library); median: geometric median of the first batch")
     args = ap.parse_args()
     args.train_cache, args.eval_cache = args.workdir / "acts", args.workdir / "acts_eval"
+    if args.baseline is not None:
+        if not (args.baseline / "saelab").is_dir():
+            raise SystemExit(f"--baseline {args.baseline}: expected a src folder holding saelab/")
+        LIBRARIES[BASELINE] = (HERE / "run_saelab.py", "saelab", "saelab", False)
+        at = args.libs.index("saelab") + 1 if "saelab" in args.libs else 0
+        args.libs.insert(at, BASELINE)
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     os.environ.update({v: str(args.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     torch.set_num_threads(args.threads)
     env = child_env(args.threads)
     ensure_bench_caches(args.train_cache, args.eval_cache, args.rows, args.eval_rows)
     d = json.loads((args.train_cache / "manifest.json").read_text())["d"]
+    if args.profile:
+        for n in args.n:
+            profile_saelab(args, n)
+        return
 
     pythons = {lib: (args.peer_python if LIBRARIES[lib][3] else sys.executable) for lib in args.libs}
+    envs = {lib: env for lib in args.libs}
+    if BASELINE in args.libs:
+        envs[BASELINE] = {**env, "PYTHONPATH": str(args.baseline.resolve())}
     versions, unavailable = {}, {}
     for lib in args.libs:
-        versions[lib], why = probe(lib, pythons[lib], env)
+        versions[lib], why = probe(lib, pythons[lib], envs[lib])
         if why:
             unavailable[lib] = why
             print(f"{lib}: {why}", file=sys.stderr, flush=True)
     runnable = [lib for lib in args.libs if lib not in unavailable]
 
     results: dict[tuple[str, int], list[dict]] = {(lib, n): [] for lib in args.libs for n in args.n}
-    flops: dict[int, list[float]] = {n: [] for n in args.n}
     log = args.workdir / f"results-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     args.workdir.mkdir(parents=True, exist_ok=True)
     for rep in range(args.repeats):
         for n in args.n:
-            flops[n].append(gemm_flops(d, n, args.batch_size, repeats=args.gemm_repeats))
-            print(f"round {rep + 1}/{args.repeats} n={n}: GEMM {flops[n][-1] / 1e9:.1f} GFLOP/s", file=sys.stderr,
-                  flush=True)
             for lib in runnable:
-                r = run_one(lib, pythons[lib], n, args, env)
+                # The bound right before each run: this machine's GEMM speed drifts within minutes.
+                flops = gemm_flops(d, n, args.batch_size, repeats=args.gemm_repeats)
+                r = run_one(lib, pythons[lib], n, args, envs[lib])
+                r["gemm_flops"] = flops
+                r["bound_tokens_per_s"] = encoder_bound(flops, d, n)
                 results[(lib, n)].append(r)
                 with open(log, "a") as f:
-                    f.write(json.dumps({"round": rep, "lib": lib, "n": n, "gemm_flops": flops[n][-1], **r}) + "\n")
-                msg = r.get("error") or (f"{r['tokens_per_s']:,.0f} tok/s, nMSE {r['eval_nmse']:.4f}, "
-                                         f"dead {r['eval_dead_frac']:.1%}, peak {r['peak_rss_train_mb']:,.0f} MB")
-                print(f"  {lib:<10} n={n}: {msg}", file=sys.stderr, flush=True)
+                    f.write(json.dumps({"round": rep, "lib": lib, "n": n, **r}) + "\n")
+                print(f"round {rep + 1}/{args.repeats}  {lib:<11} n={n}: {run_summary(r)}", file=sys.stderr,
+                      flush=True)
+    print_report(args, d, results, versions, unavailable, runnable, log)
 
+
+def run_summary(r: dict) -> str:
+    if "error" in r:
+        return r["error"]
+    bound = r["bound_tokens_per_s"]
+    return (f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s'] / bound:.2f} of bound {bound:,.0f}), "
+            f"AuxK off {fmt_tok(r.get('tokens_per_s_plain'))} / on {fmt_tok(r.get('tokens_per_s_aux'))} tok/s "
+            f"({r.get('aux_steps', 0)}/{r.get('lapped_steps', 0)} steps on), nMSE {r['eval_nmse']:.4f}, "
+            f"dead {r['eval_dead_frac']:.1%}, peak {r['peak_rss_train_mb']:,.0f} MB")
+
+
+def ratio_to_bound(runs: list[dict], key: str) -> float | None:
+    """Median over runs of the run's tokens/s over the bound measured right before it."""
+    vals = [r[key] / r["bound_tokens_per_s"] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def print_report(args, d, results, versions, unavailable, runnable, log) -> None:
     print(f"\nMachine: {machine_info()}\nCommand: `{command_line()}`\n")
     lr_text = f"{args.lr:g}" if args.lr is not None else ", ".join(f"{default_lr(n):.3g} (n={n})" for n in args.n)
     print(f"Protocol: SmolLM2-135M-Instruct blocks.9.hook_resid_post, 128-token windows of wiki_train "
           f"(position 0 skipped), {args.rows:,} training rows in batches of {args.batch_size:,} (one pass, same "
-          f"batches and order for all), k={args.k}, fp32, {args.threads} threads, lr {lr_text}; eval on "
-          f"{args.eval_rows:,} rows of wiki_eval. {args.repeats} interleaved rounds, medians shown. tokens/s: "
-          "steps 1..S-1 (one-time init and step 0 excluded). Bound: median float32 GEMM FLOP/s of "
-          f"[{args.batch_size}, {d}] x [{d}, n] in this run / (2 d n). Peak memory: peak RSS of the run's "
-          "process at the end of training, and in brackets its growth over the RSS after imports and before the "
-          "SAE was built.\n")
-    print("| library | version | n | tokens/s (median) | runs (tokens/s) | ratio to bound | ratio to saelab "
-          "| final nMSE | dead % | peak memory MB (+ over imports) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"batches and order for all), k={args.k}, fp32, {args.threads} threads, lr {lr_text}, AuxK dead window "
+          f"{args.dead_tokens:,} tokens; eval on {args.eval_rows:,} rows of wiki_eval. {args.repeats} interleaved "
+          "rounds, medians shown. tokens/s: steps 1..S-1 (one-time init and step 0 excluded); 'AuxK off / on': "
+          "tokens/s of the median step without and with AuxK, and the share of timed steps with AuxK on. Bound: "
+          f"float32 GEMM FLOP/s of [{args.batch_size}, {d}] x [{d}, n] measured right before each run / (2 d n); "
+          "ratios are medians of each run's ratio. Peak memory: peak RSS of the run's process at the end of "
+          "training, and in brackets its growth over the RSS after imports and before the SAE was built.\n")
+    print("| library | version | n | tokens/s (median) | runs (tokens/s) | ratio to bound | AuxK off / on tokens/s "
+          "| AuxK on: ratio to bound | AuxK steps | ratio to saelab | final nMSE | dead % | peak memory MB (+ over imports) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.n:
-        bound = encoder_bound(statistics.median(flops[n]), d, n) if flops[n] else float("nan")
         ok = {lib: [r for r in results[(lib, n)] if "error" not in r] for lib in args.libs}
-        base = statistics.median(r["tokens_per_s"] for r in ok["saelab"]) if ok.get("saelab") else None
+        base = median_of(ok.get("saelab", []), "tokens_per_s")
         for lib in args.libs:
-            version, name = versions.get(lib) or "", LIBRARIES[lib][1]
+            version, name = versions.get(lib) or "", LIBRARIES[lib][1] if lib != BASELINE else BASELINE
             if lib in unavailable:
-                print(f"| {name} | {version} | {n:,} | not available: {unavailable[lib]} | | | | | | |")
+                print(f"| {name} | {version} | {n:,} | not available: {unavailable[lib]} |" + " |" * 9)
                 continue
             runs = ok[lib]
             errors = [r["error"] for r in results[(lib, n)] if "error" in r]
             if not runs:
-                print(f"| {name} | {version} | {n:,} | failed: {errors[0] if errors else 'not run'} | | | | | | |")
+                print(f"| {name} | {version} | {n:,} | failed: {errors[0] if errors else 'not run'} |" + " |" * 9)
                 continue
             version = runs[0]["version"] or version
-            tok = statistics.median(r["tokens_per_s"] for r in runs)
+            tok = median_of(runs, "tokens_per_s")
             each = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in runs) + (f" ({len(errors)} failed)" if errors else "")
-            rel = f"{tok / base:.2f}" if base else "n/a"
-            nmse = statistics.median(r["eval_nmse"] for r in runs)
-            dead = statistics.median(r["eval_dead_frac"] for r in runs)
-            peak = max(r["peak_rss_train_mb"] for r in runs)
-            grown = max(r["peak_rss_train_mb"] - r["rss_base_mb"] for r in runs)
-            print(f"| {name} | {version} | {n:,} | {tok:,.0f} | {each} | {tok / bound:.3f} | {rel} | {nmse:.4f} "
-                  f"| {dead:.1%} | {fmt_mb(peak)} (+{fmt_mb(grown)}) |")
-    print("\n| n | float32 GEMM GFLOP/s (per round) | encoder-GEMM bound tokens/s (median) |\n|---|---|---|")
+            on_ratio = ratio_to_bound(runs, "tokens_per_s_aux")
+            share = statistics.median(r["aux_share"] for r in runs) if all(r.get("aux_share") is not None
+                                                                            for r in runs) else None
+            print(f"| {name} | {version} | {n:,} | {tok:,.0f} | {each} | {ratio_to_bound(runs, 'tokens_per_s'):.3f} "
+                  f"| {fmt_tok(median_of(runs, 'tokens_per_s_plain'))} / {fmt_tok(median_of(runs, 'tokens_per_s_aux'))} "
+                  f"| {'-' if on_ratio is None else f'{on_ratio:.3f}'} | {'-' if share is None else f'{share:.0%}'} "
+                  f"| {f'{tok / base:.2f}' if base else 'n/a'} | {median_of(runs, 'eval_nmse'):.4f} "
+                  f"| {median_of(runs, 'eval_dead_frac'):.1%} | {fmt_mb(max(r['peak_rss_train_mb'] for r in runs))} "
+                  f"(+{fmt_mb(max(r['peak_rss_train_mb'] - r['rss_base_mb'] for r in runs))}) |")
+    print("\n| n | library | float32 GEMM GFLOP/s before each run | encoder-GEMM bound tokens/s (median) |\n|---|---|---|---|")
     for n in args.n:
-        if flops[n]:
-            print(f"| {n:,} | {', '.join(f'{f / 1e9:.1f}' for f in flops[n])} | "
-                  f"{encoder_bound(statistics.median(flops[n]), d, n):,.0f} |")
+        for lib in runnable:
+            runs = results[(lib, n)]
+            if runs:
+                gflops = ", ".join(f"{r['gemm_flops'] / 1e9:.1f}" for r in runs)
+                print(f"| {n:,} | {lib} | {gflops} | "
+                      f"{statistics.median(r['bound_tokens_per_s'] for r in runs):,.0f} |")
     print("\nHow each library ran (details in the runner docstrings):")
     for lib in runnable:
         note = next((r["notes"] for n in args.n for r in results[(lib, n)] if "notes" in r), "")
-        print(f"- {LIBRARIES[lib][1]} ({Path(LIBRARIES[lib][0]).relative_to(HERE.parent)}): {note}")
+        name = f"{BASELINE} ({args.baseline})" if lib == BASELINE else LIBRARIES[lib][1]
+        print(f"- {name} ({Path(LIBRARIES[lib][0]).relative_to(HERE.parent)}): {note}")
     print(f"\nRaw per-run JSON lines: {log}")
+
+
+def profile_saelab(args: argparse.Namespace, n: int) -> None:
+    """Top operators (self time) of one saelab training step with AuxK inactive and one with it active.
+
+    Trains from the cache's first batches with this run's settings; the AuxK step is the first one
+    past the dead window (so ``--dead-tokens`` should be a few batches, e.g. 16384). The device is
+    saelab's default (CUDA when available; then CUDA kernel times are profiled too)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from common import CacheReader, default_lr
+    from saelab.train import TrainConfig, TrainingRun
+
+    reader = CacheReader(args.train_cache)
+    n_batches = min(args.rows, reader.n_rows) // args.batch_size
+    cfg = TrainConfig(n_latents=n, k=args.k, batch_size=args.batch_size, total_tokens=n_batches * args.batch_size,
+                      lr=args.lr or default_lr(n), seed=args.seed, checkpoint_every=10**9, log_every=10**9,
+                      dead_tokens=args.dead_tokens)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    seen: set[bool] = set()
+    with tempfile.TemporaryDirectory(prefix="saelab-profile-") as run_dir:
+        run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None,
+                          init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * args.batch_size)))
+        for b in range(n_batches):
+            x = reader.batch(b, args.batch_size)
+            tr = run.trainer
+            aux = cfg.auxk and bool((tr.tokens_since_fired >= cfg.effective_dead_tokens).any())
+            if b < 2 or aux in seen:  # steps 0-1 warm up; then one profiled step per regime
+                run.train_step(x)
+                continue
+            with profile(activities=activities) as prof:
+                t = time.perf_counter()
+                run.train_step(x)
+                wall = time.perf_counter() - t
+            seen.add(aux)
+            dead = (tr.tokens_since_fired >= cfg.effective_dead_tokens).sum().item()
+            flops = gemm_flops(reader.d, n, args.batch_size, repeats=args.gemm_repeats)
+            gemm_s = 2 * args.batch_size * reader.d * n / flops
+            print(f"\nn={n:,}, step {b}, AuxK {'ACTIVE' if aux else 'inactive'} ({dead:,} dead latents): "
+                  f"{wall * 1e3:,.0f} ms under the profiler; encoder GEMM alone {gemm_s * 1e3:,.0f} ms "
+                  f"(measured right after)")
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows))
+            if len(seen) == 2:
+                return
+    print(f"n={n:,}: no step with AuxK {'active' if True not in seen else 'inactive'} in {n_batches} batches "
+          f"(dead window {args.dead_tokens:,} tokens)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def saelab_version() -> str:
 
     version = getattr(saelab, "__version__", "?")
     try:
-        root = Path(__file__).resolve().parents[1]
+        root = Path(saelab.__file__).resolve().parents[2]
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -50,7 +50,7 @@ def main() -> None:
     from saelab.train import TrainConfig, TrainingRun
 
     cfg = TrainConfig(n_latents=args.n, k=args.k, batch_size=args.batch_size, total_tokens=n_batches * args.batch_size,
-                      lr=args.lr, seed=args.seed, checkpoint_every=10**9, log_every=10**9, dead_tokens=10_000_000,
+                      lr=args.lr, seed=args.seed, checkpoint_every=10**9, log_every=10**9, dead_tokens=args.dead_tokens,
                       warmup_steps=WARMUP_STEPS, decay_fraction=DECAY_FRACTION)
     rss_base = rss_mb()
     clock = StepClock()
@@ -58,8 +58,10 @@ def main() -> None:
         clock.setup()
         run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None,
                           init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * args.batch_size)))
-        for x in clock.timed_batches(reader, n_batches, args.batch_size):
-            run.train_step(x)
+        for b, x in enumerate(clock.timed_batches(reader, n_batches, args.batch_size)):
+            stats = run.train_step(x)
+            if b:  # AuxK ran in this step iff its loss is nonzero
+                clock.lap(stats["auxk"] > 0)
         clock.stop()
         peak_train = peak_rss_mb()
         sae = run.trainer.final_sae().eval()

@@ -19,7 +19,9 @@ Settings, as close to saelab's recipe as sparsify's options go:
 - ``optimizer="adam"`` (sparsify's default is signum; the paper and saelab use Adam; torch Adam
   since bitsandbytes is not installed: betas (0.9, 0.999), eps 1e-8), ``lr`` = the common lr.
 - ``auxk_alpha=1/32`` (sparsify's default is 0, i.e. AuxK off), its k_aux = d/2,
-  ``dead_feature_threshold`` 10 M tokens (the default, as saelab).
+  ``dead_feature_threshold`` = ``--dead-tokens`` (default 10 M tokens, sparsify's and saelab's).
+- Step times per AuxK regime: the stub layer's call for batch b ends step b-1, which ran AuxK iff
+  a latent's token count was past the threshold when its forward began (sparsify's own test).
 - Learning-rate schedule: sparsify's ``get_linear_schedule_with_warmup`` is replaced after
   construction by a LambdaLR with saelab's schedule (warmup 10 steps, constant, linear decay to
   0 over the last 60 %), so every library follows the same schedule.
@@ -53,16 +55,30 @@ def main() -> None:
     B = args.batch_size
     clock = StepClock()
 
+    aux_now: list[bool] = []  # AuxK state of the step whose forward ran last
+
+    def aux_active() -> bool:
+        counts = next(iter(trainer.num_tokens_since_fired.values()))
+        return bool((counts > cfg.dead_feature_threshold).any())
+
     class CachedLayer(nn.Module):
         """The hookpoint: returns the cache rows whose numbers arrive as token ids, [1, B, d]."""
 
         def forward(self, ids):
             lo, hi = int(ids[0, 0]), int(ids[0, -1]) + 1
             assert hi - lo == ids.shape[1], "rows of a batch must be contiguous"
+            if lo >= 2 * B:  # batch b >= 2 begins: step b-1 is over
+                clock.lap(aux_now.pop())
             x = torch.from_numpy(reader.read(lo, hi)).unsqueeze(0)
             if lo == B and hi - lo == B:  # batch 1 is in memory: start timing
                 clock.start()
+            if lo >= B:
+                aux_now.append(aux_active())
             return x
+
+    def stop_clock(*_args, **_kwargs):
+        clock.stop()
+        clock.lap(aux_now.pop())
 
     class StubLM(nn.Module):
         """What sparsify.Trainer needs of a PreTrainedModel: base_model, device, config, dummy_inputs."""
@@ -98,6 +114,7 @@ def main() -> None:
         cfg = TrainConfig(
             SparseCoderConfig(activation="topk", num_latents=args.n, k=args.k, normalize_decoder=True),
             batch_size=1, optimizer="adam", lr=args.lr, lr_warmup_steps=10, auxk_alpha=1 / 32,
+            dead_feature_threshold=args.dead_tokens,
             hookpoints=["layers.0"], init_seeds=[args.seed], save_every=10**9, log_to_wandb=False,
             save_dir=save_dir, run_name="bench",
         )
@@ -105,7 +122,7 @@ def main() -> None:
         trainer = Trainer(cfg, BatchRows(), StubLM())
         (adam,) = trainer.optimizers
         trainer.lr_schedulers = [saelab_schedule(adam, n_batches)]
-        trainer.save = clock.stop  # the final checkpoint write: not timed, not needed
+        trainer.save = stop_clock  # the final checkpoint write: not timed, not needed
         trainer.fit()
         peak_train = peak_rss_mb()
     torch.set_float32_matmul_precision("highest")
