@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,7 +67,7 @@ def check_schema(obj: dict, schema: dict, where: str) -> None:
             bad = [v for v in value if not isinstance(v, want[0]) or isinstance(v, bool)]
             assert not bad, f"{where}.{key}: {bad[:3]} are not {want[0].__name__}"
         else:
-            assert isinstance(value, want) and not isinstance(value, bool), f"{where}.{key}={value!r} has the wrong type"
+            assert isinstance(value, want) and not isinstance(value, bool), f"{where}.{key}={value!r}: wrong type"
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +179,8 @@ def test_dead_latents_exported_on_request_and_names_checked(exported, tiny_gpt2,
     summary = export_neuronpedia([stats], tokens, tiny_gpt2, tmp_path / "all", include_dead=True, model_id="gpt2-tiny",
                                  layer=4, sae_set="res-x", sae_id_suffix="k6")
     batch = json.loads((tmp_path / "all" / "batch-0.json").read_text())
-    assert (batch["model_id"], batch["layer"], batch["sae_set"], batch["sae_id_suffix"]) == ("gpt2-tiny", 4, "res-x", "k6")
+    names = (batch["model_id"], batch["layer"], batch["sae_set"], batch["sae_id_suffix"])
+    assert names == ("gpt2-tiny", 4, "res-x", "k6")
     dead = features_by_index([batch])[DEAD]
     assert summary["features"] == 128 and dead["activations"] == [] and dead["frac_nonzero"] == 0.0
     assert dead["freq_hist_data_bar_heights"] == []

@@ -102,7 +102,8 @@ def test_single_latent_tensor_corpus_and_browser_agree(tiny_gpt2, corpus):
     text = one.to_text().splitlines()
     assert len(text) == 5 and text[0].startswith(f"latent {busy}: max ")
     p0 = int(one.max_pos[0])
-    assert f"[[{one.str_tokens[0][p0]}]]".replace("\n", "\\n") in text[1] and f"ctx {int(one.context_idx[0])}" in text[1]
+    assert f"[[{one.str_tokens[0][p0]}]]".replace("\n", "\\n") in text[1]
+    assert f"ctx {int(one.context_idx[0])}" in text[1]
 
 
 def test_latent_max_activation_is_the_dense_max(tiny_gpt2, corpus, tmp_path):

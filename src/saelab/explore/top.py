@@ -126,7 +126,8 @@ def _contexts(lm, sae: TopKSAE, corpus, n_tokens: int, context_size: int | None)
                                      f"{list(corpus.shape)}")
         return corpus
     if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
-        raise ConfigError(f"corpus: expected a path, a dataset name, a token tensor or None, got {type(corpus).__name__}")
+        raise ConfigError(f"corpus: expected a path, a dataset name, a token tensor or None, "
+                          f"got {type(corpus).__name__}")
     cfg = BrowseConfig(n_tokens=n_tokens, corpus=None if corpus is None else str(corpus), context_size=context_size)
     return read_tokens(lm, sae, cfg)
 

@@ -78,8 +78,8 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
         if len(stats) != 1:
             return [export_neuronpedia(s, tokens_NT, lm, Path(out) / s.source.name, dataset=dataset,
                                        model_id=model_id, layer=layer, sae_set=sae_set, sae_id_suffix=sae_id_suffix,
-                                       n_bands=n_bands, n_features_per_batch=n_features_per_batch, include_dead=include_dead,
-                                       overwrite=overwrite) for s in stats]
+                                       n_bands=n_bands, n_features_per_batch=n_features_per_batch,
+                                       include_dead=include_dead, overwrite=overwrite) for s in stats]
         stats = stats[0]
     for name, value in (("n_features_per_batch", n_features_per_batch), ("n_bands", n_bands)):
         if not isinstance(value, int) or value < 1:
@@ -95,10 +95,10 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     common = {"n_prompts_total": int(tokens_NT.shape[0]), "n_tokens_in_prompt": int(tokens_NT.shape[1]),
               "dataset": dataset}
     features = FeatureWriter(stats, tokens_NT, lm, common, n_bands)
-    settings = {"format": FORMAT, "generator": "saelab", "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                **header, "hook_name": sae.cfg.hook_name, "sae": stats.source.source, "n_latents": sae.n_latents,
-                "n_exported": len(exported), "n_tokens_scored": stats.n_tokens, **common,
-                "n_features_per_batch": n_features_per_batch}
+    written = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    settings = {"format": FORMAT, "generator": "saelab", "written": written, **header, "hook_name": sae.cfg.hook_name,
+                "sae": stats.source.source, "n_latents": sae.n_latents, "n_exported": len(exported),
+                "n_tokens_scored": stats.n_tokens, **common, "n_features_per_batch": n_features_per_batch}
 
     def files():  # one batch in memory at a time
         for b, s in enumerate(range(0, len(exported), n_features_per_batch)):
@@ -174,12 +174,14 @@ class FeatureWriter:
     def activations(self, i: int) -> list[dict[str, Any]]:
         ctx, pos, rows = (a[i] for a in self.top)
         ok = ctx >= 0
-        out = [self.record(c, p, row, -1, float(self.stats.max_N[i]), -1) for c, p, row in zip(ctx[ok], pos[ok], rows[ok])]
+        top_max = float(self.stats.max_N[i])
+        out = [self.record(c, p, row, -1, top_max, -1) for c, p, row in zip(ctx[ok], pos[ok], rows[ok])]
         maxima, ctx, pos, rows = (a[i] for a in self.samples)
         ok = ctx >= 0
         maxima, ctx, pos, rows = maxima[ok], ctx[ok], pos[ok], rows[ok]
         order = np.argsort(maxima, kind="stable")
-        for band in reversed(np.array_split(order, self.n_bands) if order.size else []):  # highest first, as SAEDashboard
+        bands = np.array_split(order, self.n_bands) if order.size else []
+        for band in reversed(bands):  # highest first, as SAEDashboard lists its intervals
             if band.size:
                 lo, hi, share = float(maxima[band].min()), float(maxima[band].max()), band.size / order.size
                 out += [self.record(ctx[j], pos[j], rows[j], lo, hi, share) for j in band]
