@@ -270,13 +270,29 @@ def test_resume_on_gpu_and_across_devices(tmp_path):
     _assert_close(full_gpu, _train(tmp_path, "cg", "cuda"))
 
 
+def _tf32_setting() -> str:
+    try:
+        return torch.backends.cuda.matmul.fp32_precision
+    except AttributeError:  # torch < 2.9
+        return torch.get_float32_matmul_precision()
+
+
+def test_tf32_block_restores_the_setting():
+    from saelab.train.trainer import tf32_matmuls
+
+    before = _tf32_setting()
+    with tf32_matmuls(True):
+        assert _tf32_setting() in ("tf32", "high")
+    assert _tf32_setting() == before
+
+
 @CUDA
 def test_tf32_stays_within_tolerance_and_is_restored(tmp_path):
     data = _data()
-    before = torch.get_float32_matmul_precision()
+    setting = _tf32_setting()
     fp32 = _train(tmp_path, "fp32", "cuda", data)
     tf32 = _train(tmp_path, "tf32", "cuda", data, allow_tf32=True)
-    assert torch.get_float32_matmul_precision() == before
+    assert _tf32_setting() == setting  # the user's setting is back
     # TF32 rounds matmul inputs to 10 mantissa bits (2^-11 relative). Emulated on the CPU by perturbing
     # the data that much, it flips some top-k choices (weights move by up to 0.06) but moves this run's
     # final nMSE by < 0.5 %; 2 % leaves 4x room.

@@ -131,17 +131,28 @@ def prefetched(batches: Iterator[torch.Tensor], device: torch.device, depth: int
 
 
 @contextmanager
-def _matmul_precision(tf32: bool):
+def tf32_matmuls(tf32: bool):
     """float32 matmuls in TF32 (10-bit mantissa, tensor cores) inside the block, as asked."""
     if not tf32:
         yield
         return
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
+    cublas = torch.backends.cuda.matmul
+    try:  # the per-backend setting (torch >= 2.9): readable whichever API the user set TF32 with
+        old = cublas.fp32_precision
+    except AttributeError:
+        old = None
+    if old is None:
+        old_global = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+    else:
+        cublas.fp32_precision = "tf32"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(old)
+        if old is None:
+            torch.set_float32_matmul_precision(old_global)
+        else:
+            cublas.fp32_precision = old
 
 
 def _check_batch(x: torch.Tensor, d_in: int, what: str) -> None:
@@ -240,7 +251,7 @@ class Trainer:
     def train_step(self, x_BD: torch.Tensor) -> dict[str, float]:
         """One step on a global batch (each process uses its own slice when data-parallel)."""
         x_BD = x_BD.to(self.device, non_blocking=True)
-        with _matmul_precision(self.allow_tf32):
+        with tf32_matmuls(self.allow_tf32):
             out = self._forward_backward(x_BD)
             self._update()
         fired = torch.zeros(self.sae.n_latents, dtype=torch.float32, device=self.device)
