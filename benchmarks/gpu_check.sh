@@ -19,6 +19,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0), \
 'x', torch.cuda.device_count())" || exit 1
+# saelab's own dependencies (pyproject.toml) must be importable: on a bare GPU image that is
+# typically simple-parsing (and its docstring-parser) to install first.
+"$PY" -c "import saelab.train, saelab.data, saelab.sae, transformers" \
+    || { echo "gpu_check: saelab or one of its dependencies does not import with $PY (see pyproject.toml)"; exit 1; }
 
 timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$OUT_DIR/test_cuda.log"
 tests=${PIPESTATUS[0]}
