@@ -20,6 +20,7 @@ import torch
 from saelab.cli import main
 from saelab.data import ActivationCache
 from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
+from saelab.run_folder import model_for
 from saelab.sae import load_sae
 from saelab.train import TrainConfig
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
@@ -86,8 +87,11 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     assert (cache.n_rows, cache.d, cache.meta["hook_name"]) == (8192, 576, "blocks.9.hook_resid_post")
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     sae, metrics_again = load_run(run)
+    # The SAE names the model by its hub id (so it resolves outside saelab) and records what saelab loaded.
     assert (sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.k) == \
-        ("default", "blocks.9.hook_resid_post", 576, 256, 8)
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "blocks.9.hook_resid_post", 576, 256, 8)
+    assert sae.cfg.extra["model_source"]["spec"] == "default" and "dequantized" in sae.cfg.extra["model_source"]["weights"]
+    assert model_for(sae) == "default"
     assert metrics_again == on_disk
 
     report = (run / "report.md").read_text()
@@ -95,6 +99,19 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     assert "![training curves](training_curves.png)" in report and "![latent density](density.png)" in report
     assert_png(run / "training_curves.png")
     assert_png(run / "density.png")
+
+    # Killed during the evaluation: the rerun reuses the finished training and evaluates again.
+    (run / "metrics.json").unlink()
+    checkpoint_mtime = (run / "checkpoint.pt").stat().st_mtime_ns
+    again = quickstart(cfg, run, lm=smollm2, progress=False)
+    assert "train" not in again["wall_seconds"] and "evaluate" in again["wall_seconds"]
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint_mtime and again["nmse"] == on_disk["nmse"]
+    # Finished and evaluated: nothing runs again. --overwrite retrains but keeps the activation cache.
+    assert "evaluate" not in quickstart(cfg, run, lm=smollm2, progress=False)["wall_seconds"]
+    shards = {p.name: p.stat().st_mtime_ns for p in (run / "activations").iterdir()}
+    redone = quickstart(cfg, run, lm=smollm2, overwrite=True, progress=False)
+    assert "train" in redone["wall_seconds"] and "evaluate" in redone["wall_seconds"]
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "activations").iterdir()} == shards
 
 
 # ---- the CLI verbs chained on a real local model folder -------------------------------------------------------

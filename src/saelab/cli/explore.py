@@ -148,9 +148,9 @@ def _check_port(port: int) -> None:
 def run_browse(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.explore.browser.serve import serve_site
 
-    out = Path(args.out) if args.out else _default_out(args.sae)
     if args.serve:
         _check_port(args.port)  # before a long build, not after it
+    out = Path(args.out) if args.out else _default_out(args.sae)
     result = build_browser(args.sae, out, args.browse, device=args.device, overwrite=args.overwrite,
                            progress=args.progress)
     summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],

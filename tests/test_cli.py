@@ -1,0 +1,93 @@
+"""Every verb's --help works, and bad options end in one line `saelab VERB: error: ...` naming the
+option, exit status 2, no traceback, before any model loads or folder is created."""
+
+import pytest
+
+from saelab.cli import VERBS, main
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_of_every_verb(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: saelab {verb}")
+
+
+BAD = [
+    ("train --k 600 --n-latents 512", "k=600 exceeds n_latents=512"),
+    ("train --k 0", "k must be an integer >= 1"),
+    ("train --n-latents -5", "n_latents must be an integer >= 1"),
+    ("train --batch-size 0", "batch_size must be an integer >= 1"),
+    ("train --lr -1", "lr must be > 0"),
+    ("train --lr nan", "lr must be a finite number"),
+    ("train --checkpoint-every 0", "checkpoint_every must be an integer >= 1"),
+    ("train --log-every 0", "log_every must be an integer >= 1"),
+    ("train --recipe nope", "argument --recipe: invalid choice: 'nope'"),
+    ("train --decoder-init best", "argument --decoder-init: invalid choice: 'best'"),
+    ("sweep --grid n_latents=abc", "--grid n_latents=abc: expected a value of type int"),
+    ("sweep --grid width=3", "--grid entry 'width=3'"),
+    ("sweep --grid k=16,9000", "k=9000 exceeds n_latents=8192"),
+    ("harvest --n-tokens -5", "n_tokens must be >= 1"),
+    ("harvest --dtype float8", "argument --dtype: invalid choice: 'float8'"),
+    ("harvest --context-size 1", "context_size must be >= 3"),
+    ("eval SAE --recon-tokens 0", "recon_tokens must be >= 1"),
+    ("eval SAE --context-size 1", "context_size must be >= 3"),
+    ("eval SAE --ablations bogus", "argument --ablations"),
+    ("eval SAE --metrics core bogus", "metrics ['bogus'] unknown"),
+    ("steer SAE --latent 1 --value nan", "argument --value: expected a finite number"),
+    ("steer SAE --latent 1 --value 1 --max-new-tokens -3", "--max-new-tokens must be >= 1"),
+    ("steer SAE --latent 1 --value 1 --positions 10:2", "positions 10:2 is an empty range"),
+    ("steer SAE --latent 1", "--mode add needs --value"),
+    ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
+    ("browse SAE --serve --port 99999", "--port must be in 0..65535"),
+    ("quickstart --n-tokens 100", "--n-tokens 100 is less than one batch"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = argv.split()
+    if args[0] in ("train", "sweep"):
+        args += ["--activations", "acts", "--out", "run"]
+    if args[0] == "harvest":
+        args += ["--out", "cache"]
+    if args[0] == "quickstart":
+        args += ["--out", "qs"]
+    code = _exit_code(args)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2
+    assert last.startswith(f"saelab {args[0]}: error:") and message in last, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main()'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_output_folder_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["harvest", "--out", str(tmp_path / "afile"), "--model", str(tmp_path / "no-such-model")]) == 2
+    assert f"--out {tmp_path / 'afile'} is a file; expected a folder" in capsys.readouterr().err
+
+
+def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsys):
+    import json
+
+    from saelab.cli import build_parser
+
+    cfg = tmp_path / "train.json"
+    cfg.write_text(json.dumps({"train": {"k": 16, "n_latents": 1024}}))
+    argv = ["train", "--activations", "a", "--out", "r", "--config", str(cfg), "--n-latents", "2048"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.train.k, args.train.n_latents) == (16, 2048)
+    argv = ["train", "--activations", "a", "--out", "r", "--recipe", "paper"]
+    paper = build_parser(argv).parse_args(argv).train
+    assert (paper.recipe, paper.input_norm, paper.k_aux, paper.ema_decay) == ("paper", "layernorm", 512, 0.999)
