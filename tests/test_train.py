@@ -9,6 +9,7 @@ from saelab.errors import NonFiniteError, RunExistsError
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.train import TrainConfig, train_sae
 from saelab.train.init import geometric_median
+from saelab.sae.kernels import AUX_DENSE_FACTOR, sparse_topk_encode
 from saelab.train.losses import training_loss
 
 
@@ -71,10 +72,10 @@ def test_loss_and_gradients_match_dense_reference(input_norm, auxk, multi):
         assert g_enc[:, dead].abs().sum() > 0
 
 
-@pytest.mark.parametrize("k_aux,n_dead", [(8, 22), (2, 22), (8, 5), (8, 8), (8, 0)])
+@pytest.mark.parametrize("k_aux,n_dead", [(8, 22), (1, 22), (8, 5), (8, 8), (8, 0)])
 def test_auxk_forms_match_dense_reference(k_aux, n_dead):
-    """training_loss with AuxK in dense form (n_dead <= 8 k_aux: 22 of 64 with k_aux 8, fewer dead
-    than k_aux, exactly k_aux) and sparse form (22 dead, k_aux 2), and with no dead latent: loss and
+    """training_loss with AuxK in dense form (n_dead <= 16 k_aux: 22 of 64 with k_aux 8, fewer dead
+    than k_aux, exactly k_aux) and sparse form (22 dead, k_aux 1), and with no dead latent: loss and
     the gradient of every parameter equal the dense-autograd objective."""
     torch.manual_seed(1)
     d, n, k = 16, 64, 4
@@ -88,6 +89,8 @@ def test_auxk_forms_match_dense_reference(k_aux, n_dead):
     dead[torch.randperm(n)[:n_dead]] = True
     out = training_loss(sae, x, cfg, normalizer=3.0, dead_mask_N=dead)
     assert (out.auxk > 0) == (n_dead > 0)
+    enc = sparse_topk_encode(x, sae.b_dec, sae.W_enc, sae.b_enc, k, dead_idx=dead.nonzero().squeeze(1), k_aux=k_aux)
+    assert enc.aux_dense == (0 < n_dead <= AUX_DENSE_FACTOR * k_aux)  # the form the cases above mean
     grads = torch.autograd.grad(out.loss, list(sae.parameters()))
     ref = _dense_reference_loss(sae, x, cfg, 3.0, dead)
     ref_grads = torch.autograd.grad(ref, list(sae.parameters()))
