@@ -1,5 +1,6 @@
-"""Scaling study: the per-k nMSE(n) power-law fit on known answers, and a tiny real sweep through the CLI
-(sweep -> eval SWEEP_DIR -> report SWEEP_DIR, and sweep --eval)."""
+"""Scaling study: the per-k nMSE(n) power-law fit on known answers, the refusal of mixed eval settings, and
+a tiny real sweep through the CLI (sweep -> eval SWEEP_DIR -> report SWEEP_DIR, sweep --eval, and a run
+evaluated otherwise)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import struct
 import pytest
 
 from saelab.cli import main
-from saelab.report.scaling import fit_scaling
+from saelab.errors import SaelabError
+from saelab.report.scaling import check_eval_settings, fit_scaling
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def rows_for(k, sizes, nmse, tokens=2**21):
     return [{"run": f"n{n}_k{k}", "n_latents": n, "k": k, "total_tokens": tokens, "nmse": nmse(n),
-             "delta_ce": 2.0 * n ** -0.3, "l0": float(k), "dead_frac": 0.0} for n in sizes]
+             "delta_ce": 2.0 * n ** -0.3, "l0": float(k), "eval_inactive_frac": 0.0} for n in sizes]
 
 
 def test_fit_recovers_known_exponent_and_floor_per_k():
@@ -33,8 +35,12 @@ def test_fit_recovers_known_exponent_and_floor_per_k():
     assert [r["fitted"] for r in f["residuals"]] == pytest.approx([r["nmse"] for r in f["residuals"]], rel=1e-9)
     assert f["delta_ce_slope"] == pytest.approx(-0.3, rel=1e-9)
     assert f["monotone"] and f["note"] is None and 0 < f["alpha_pure"] < 0.25  # the floor flattens a c-free fit
-    # Three sizes: fitted exactly, flagged; two sizes: not fitted.
+    # Exact data: no residual variance, the profile interval closes onto the exponent.
+    assert f["alpha_interval"] == pytest.approx([0.25, 0.25], rel=1e-6) and f["interval_level"] == 0.95
+    # Three sizes: fitted exactly, flagged, no interval; two sizes: not fitted.
     assert fits["k=64"]["alpha"] == pytest.approx(0.4, rel=1e-5) and "passes through" in fits["k=64"]["note"]
+    assert fits["k=64"]["alpha_interval"] is None
+    assert fits["k=64"]["alpha_interval_note"].startswith("undefined: 3 points for 3 parameters")
     assert fits["k=16"] == {**fits["k=16"], "fitted": False, "note": "needs 3 sizes to fit a + c, has 2"}
     # nMSE that does not fall with n (undertrained large SAEs) is flagged: its alpha says nothing.
     bumpy = fit_scaling(rows_for(8, sizes[:4], {1024: 0.31, 2048: 0.30, 4096: 0.302, 8192: 0.29}.get))["k=8"]
@@ -42,6 +48,31 @@ def test_fit_recovers_known_exponent_and_floor_per_k():
     # Runs on other token budgets are their own curves.
     more = fit_scaling(rows + rows_for(32, sizes[:3], lambda n: 0.4, tokens=2**20))
     assert "k=32, 2.1M tokens" in more and "k=32, 1.05M tokens" in more
+
+
+SETTINGS = {"model": "tiny", "hook": "blocks.1.hook_resid_post", "eval_corpus": "wiki_eval.jsonl.xz",
+            "context_size": 64, "position_0": "included", "n_tokens": 32768, "n_predictions": 16182}
+
+
+def test_mixed_eval_settings_are_refused_naming_runs_and_setting():
+    rows = rows_for(32, [2 ** p for p in range(10, 16)], lambda n: 0.3)
+    for r in rows:
+        r["eval_settings"] = dict(SETTINGS)
+    assert check_eval_settings(rows, "runs/s") == SETTINGS
+    for r in rows[4:]:  # the two largest re-evaluated by `--suite paper` with fewer predictions
+        r["eval_settings"]["n_predictions"] = 4032
+    with pytest.raises(SaelabError) as e:
+        check_eval_settings(rows, "runs/s")
+    assert str(e.value) == (
+        "sweep folder runs/s mixes evaluations: n_predictions differs (16,182: n1024_k32, n2048_k32, n4096_k32, "
+        "n8192_k32; 4,032: n16384_k32, n32768_k32); their nMSE and delta CE cannot share one fit: re-evaluate every "
+        "run with one setting, `saelab eval runs/s --overwrite` (with the eval options you want)")
+    # A metrics.json from before the settings were recorded does not pass as the same evaluation.
+    rows = rows[:4]
+    del rows[0]["eval_settings"]["eval_corpus"]
+    with pytest.raises(SaelabError, match=r"eval_corpus differs \(not recorded: n1024_k32; wiki_eval.jsonl.xz: "
+                                          r"n2048_k32, n4096_k32, n8192_k32\)"):
+        check_eval_settings(rows, "runs/s")
 
 
 def run_cli(capsys, *argv, code=0):
@@ -89,6 +120,25 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
         assert raw[:8] == PNG and struct.unpack(">II", raw[16:24])[0] > 300
     md = (sweep / "scaling.md").read_text()
     assert "| k=4 | 2^5, 2^6, 2^7 |" in md and "![nMSE vs n](scaling_nmse.png)" in md
+    # Eval-time inactivity and training-time dead latents are two columns, each saying which it is.
+    assert data["eval_settings"]["n_tokens"] == 1024 and data["eval_settings"]["context_size"] == 32
+    assert "inactive on the 1,024 eval tokens | dead at end of training | training dead window (tokens) |" in md
+    for r in data["runs"]:
+        metrics = json.loads((sweep / r["run"] / "metrics.json").read_text())
+        log = [json.loads(line) for line in (sweep / r["run"] / "metrics.jsonl").read_text().splitlines()]
+        assert r["eval_inactive_frac"] == metrics["dead_frac"] and r["eval_tokens"] == 1024
+        assert r["train_dead_frac"] == log[-1]["dead_frac"] and r["train_dead_window"] == 512  # 4,096 tokens / 8
+        assert "dead_frac" not in r
+
+    # One run evaluated with other settings: the report refuses, naming it and the setting.
+    run_cli(capsys, "eval", str(sweep / "n64_k4"), *ev[:-3], "--downstream-tokens", "155", "--ablations",
+            "--no-progress")
+    _, err = run_cli(capsys, "report", str(sweep), code=2)
+    assert f"sweep folder {sweep} mixes evaluations: n_predictions differs (" in err and ": n64_k4)" in err
+    assert f"`saelab eval {sweep} --overwrite`" in err
+    run_cli(capsys, "eval", str(sweep), *ev, "--overwrite", "--no-progress")
+    out, _ = run_cli(capsys, "report", str(sweep))
+    assert out["k=4"]["alpha"] is not None
     _, err = run_cli(capsys, "report", str(tmp_path), code=2)
     assert "is neither a run folder" in err
     _, err = run_cli(capsys, "eval", str(sweep), "--suite", "paper", code=2)
