@@ -27,7 +27,7 @@ from saelab.explore.browser.build import (
     finish_statistics,
     read_tokens,
 )
-from saelab.explore.browser.export import export_neuronpedia, export_neuronpedia_run
+from saelab.explore.browser.export import LOGIT_HIST_BINS, export_neuronpedia, export_neuronpedia_run
 from saelab.sae import SAEConfig, TopKSAE, save_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -93,7 +93,7 @@ def exported(tiny_gpt2, corpus, tmp_path_factory):
     tokens = read_tokens(tiny_gpt2, sae, cfg)
     [stats], _, _ = collect_statistics(tiny_gpt2, [SAESource("res-small", "mem", sae)], tokens, cfg, hook=HOOK,
                                        progress=False)
-    finish_statistics(tiny_gpt2, stats, tokens, HOOK, cfg, progress=False)
+    finish_statistics(tiny_gpt2, stats, tokens, HOOK, cfg, progress=False, logit_hist_bins=LOGIT_HIST_BINS)
     out = tmp_path_factory.mktemp("np") / "export"
     summary = export_neuronpedia(stats, tokens, tiny_gpt2, out, dataset=corpus, n_bands=cfg.n_bands,
                                  n_features_per_batch=50)
@@ -147,8 +147,14 @@ def test_numbers_are_the_browser_statistics(exported, tiny_gpt2):
     assert [a["bin_max"] for a in bands] == sorted((a["bin_max"] for a in bands), reverse=True)  # highest band first
 
 
-def test_logit_tables_histogram_and_alignment_against_dense(exported, tiny_gpt2):
-    _, _, batches, stats, _, _ = exported
+def test_logit_tables_histogram_and_alignment_against_dense(exported, tiny_gpt2, tmp_path):
+    _, _, batches, stats, tokens, _ = exported
+    # statistics finished without the vocabulary histogram: the export computes the same one itself
+    bare = dataclasses.replace(stats, logits={k: v for k, v in stats.logits.items() if not k.startswith("hist")})
+    export_neuronpedia(bare, tokens, tiny_gpt2, tmp_path / "bare", n_features_per_batch=50)
+    again = json.loads((tmp_path / "bare" / "batch-0.json").read_text())["features"]
+    assert [f["logits_hist_data_bar_heights"] for f in again] == [f["logits_hist_data_bar_heights"]
+                                                                   for f in batches[0]["features"]]
     sae = stats.source.sae
     for i, f in list(features_by_index(batches).items())[:5]:
         eff = unembed_direction(tiny_gpt2, sae.W_dec[i:i + 1].detach()).float()[0]

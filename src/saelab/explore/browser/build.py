@@ -475,11 +475,15 @@ def build_n2g_explanations(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook
 
 
 def finish_statistics(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook: str, cfg: BrowseConfig,
-                      progress: bool = True) -> None:
-    """Add decoder neighbours, direct logit effects and explanations to ``stats`` (in place)."""
+                      progress: bool = True, logit_hist_bins: int = 0) -> None:
+    """Add decoder neighbours, direct logit effects and explanations to ``stats`` (in place).
+
+    ``logit_hist_bins``: also the histogram of each latent's direct logit effect over the vocabulary
+    (the Neuronpedia export needs it: pass :data:`.export.LOGIT_HIST_BINS`; it is computed there otherwise).
+    """
     sae = stats.source.sae
     stats.neighbours = nearest_by_decoder(sae.W_dec.detach(), cfg.n_neighbours)
-    stats.logits = direct_logit_effects(lm, sae, cfg.n_logits)
+    stats.logits = direct_logit_effects(lm, sae, cfg.n_logits, hist_bins=logit_hist_bins)
     n2g_file = cfg.n2g_file
     if n2g_file is None and stats.source.run_dir is not None and (stats.source.run_dir / "n2g.json").is_file():
         n2g_file = str(stats.source.run_dir / "n2g.json")
