@@ -415,3 +415,103 @@ def test_default_cache_round_trip_is_exact(smollm2):
     assert torch.equal(again.logits(toks), reference)
     text = "Zürich, 1999: naïve café — ok?"
     assert again.tokenizer.decode(again.tokenize([text])[0]) == text
+
+
+# -- forward resumed at a hook ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_mixed(gpt2_tokenizer):
+    """Qwen2 whose layer 1 uses sliding-window attention (window 4) and layer 0 full attention."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(
+        vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1,
+    )
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    return LanguageModel(Qwen2ForCausalLM(config), gpt2_tokenizer, "tiny-qwen2-mixed")
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama", "tiny_neox", "tiny_qwen2_mixed"])
+def test_logits_from_equals_full_forward(request, which):
+    """From any hook: the clean continuation, and a replaced activation plus a later edit."""
+    lm: LanguageModel = request.getfixturevalue(which)
+    toks, other = tokens(batch=3, seed=5), tokens(batch=3, seed=6)
+    baseline, blocks = n_hooks(lm), lm.layout.blocks
+    clean = lm.logits(toks)
+    last_mlp, last_post = (f"blocks.{lm.n_layers - 1}.hook_{k}" for k in ("mlp_out", "resid_post"))
+    for name in lm.hook_names():
+        torch.testing.assert_close(lm.logits_from(name, lm.activations(toks, name), toks), clean)
+        patch = lm.activations(other, name) * 1.5  # another text's activation, scaled: positions matter
+        later = {} if name in (last_mlp, last_post) else {last_mlp: lambda x: x * 0.5}
+        want = lm.logits(toks, {name: lambda _: patch, **later})
+        torch.testing.assert_close(lm.logits_from(name, patch, toks, later), want)
+        assert (want - clean).abs().max() > 1e-3, name  # the patch changes the logits
+    assert n_hooks(lm) == baseline and lm.layout.blocks is blocks
+    assert getattr(lm.layout.blocks_owner, lm.layout.blocks_attr) is blocks
+
+
+def test_logits_from_edit_at_the_hook_gets_the_given_activation(tiny_llama):
+    toks, hook = tokens(seed=7), "blocks.0.hook_resid_post"
+    acts = tiny_llama.activations(tokens(seed=8), hook)
+    got = tiny_llama.logits_from(hook, acts, toks, {hook: lambda x: x * 2})
+    torch.testing.assert_close(got, tiny_llama.logits(toks, {hook: lambda _: acts * 2}))
+
+
+def test_logits_from_runs_only_the_layers_after_the_hook(tiny_gpt2):
+    ran = []
+    blocks = tiny_gpt2.layout.blocks
+    handles = [b.register_forward_hook(lambda m, a, o, L=L: ran.append(L)) for L, b in enumerate(blocks)]
+    toks = tokens()
+    try:
+        for hook, layers in [("blocks.0.hook_resid_pre", [0, 1]), ("blocks.0.hook_resid_post", [1]),
+                             ("blocks.1.hook_resid_pre", [1]), ("blocks.1.hook_resid_post", []),
+                             ("blocks.1.hook_mlp_out", [0, 1])]:  # mlp_out: full forward, patched
+            acts = tiny_gpt2.activations(toks, hook)
+            ran.clear()
+            tiny_gpt2.logits_from(hook, acts, toks)
+            assert ran == layers, hook
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_logits_from_skips_nothing_when_layers_differ(tiny_qwen2_mixed):
+    """Qwen2 picks each layer's mask by loop position, so a forward over a tail of layers is not taken."""
+    assert not tiny_qwen2_mixed.layout.skippable
+
+
+def test_logits_from_bad_input(tiny_gpt2):
+    from saelab.errors import ConfigError
+
+    toks, hook = tokens(), "blocks.1.hook_resid_pre"
+    acts = tiny_gpt2.activations(toks, hook)
+    baseline = n_hooks(tiny_gpt2)
+    with pytest.raises(ConfigError, match="blocks.0.hook_resid_post.*comes before"):
+        tiny_gpt2.logits_from(hook, acts, toks, {"blocks.0.hook_resid_post": lambda x: x})
+    with pytest.raises(ShapeMismatchError, match="blocks.1.hook_resid_pre"):
+        tiny_gpt2.logits_from(hook, acts[:, :-1], toks)
+    with pytest.raises(HookNameError):
+        tiny_gpt2.logits_from("blocks.7.hook_resid_pre", acts, toks)
+    with pytest.raises(ShapeMismatchError, match="blocks.1.hook_mlp_out"):  # an edit's wrong output, mid-forward
+        tiny_gpt2.logits_from(hook, acts, toks, {"blocks.1.hook_mlp_out": lambda x: x[:, :1]})
+    assert n_hooks(tiny_gpt2) == baseline
+    assert tiny_gpt2.model.transformer.h is tiny_gpt2.layout.blocks
+
+
+@pytest.mark.parametrize("hook", ["blocks.9.hook_resid_post", "blocks.9.hook_resid_pre", "blocks.29.hook_resid_post"])
+def test_logits_from_on_smollm2(smollm2, data_dir, hook):
+    """The real Llama-family model (rotary positions, grouped-query attention), real text."""
+    from saelab.data import token_contexts
+
+    toks = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), smollm2.tokenize, 24, n_contexts=4,
+                          bos_token_id=smollm2.bos_token_id)
+    clean = smollm2.logits(toks[:3])
+    torch.testing.assert_close(smollm2.logits_from(hook, smollm2.activations(toks[:3], hook), toks[:3]), clean)
+    patch = smollm2.activations(toks[1:], hook)  # other contexts' activations, BOS kept
+    want = smollm2.logits(toks[:3], {hook: lambda _: patch})
+    torch.testing.assert_close(smollm2.logits_from(hook, patch, toks[:3]), want)
+    assert (want - clean).abs().max() > 1.0

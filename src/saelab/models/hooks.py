@@ -28,9 +28,10 @@ one float rounding; an edit that returns its input unchanged leaves the forward 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -72,6 +73,14 @@ class Layout:
     """Attribute name of the MLP module inside a layer."""
     kinds: tuple[str, ...]
     """Hook kinds this model supports."""
+    blocks_owner: nn.Module
+    """The module whose forward loops over ``blocks`` (it holds them as attribute ``blocks_attr``)."""
+    blocks_attr: str
+    final_norm: nn.Module
+    """The norm applied to the last layer's output before the unembedding."""
+    skippable: bool
+    """Whether the forward may loop over a tail of ``blocks`` (False where it indexes per-layer
+    settings by loop position, e.g. Qwen2's mixed sliding/full attention ``layer_types``)."""
 
     def attn(self, layer: int) -> nn.Module:
         return getattr(self.blocks[layer], self.attn_attr)
@@ -84,14 +93,19 @@ def detect_layout(model: nn.Module) -> Layout:
     """Find the decoder layers of an HF causal LM, or raise UnsupportedModelError naming its type."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
+    skippable = len(set(getattr(config, "layer_types", None) or ())) <= 1
     if model_type == "gpt2" and hasattr(model, "transformer"):
-        return Layout("gpt2", model.transformer.h, "attn", "mlp", HOOK_KINDS)
+        body = model.transformer
+        return Layout("gpt2", body.h, "attn", "mlp", HOOK_KINDS, body, "h", body.ln_f, skippable)
     if model_type in LLAMA_LIKE_TYPES and hasattr(model, "model"):
-        return Layout("llama", model.model.layers, "self_attn", "mlp", HOOK_KINDS)
+        body = model.model
+        return Layout("llama", body.layers, "self_attn", "mlp", HOOK_KINDS, body, "layers", body.norm, skippable)
     if model_type == "gpt_neox" and hasattr(model, "gpt_neox"):
         parallel = bool(getattr(config, "use_parallel_residual", True))
         kinds = tuple(k for k in HOOK_KINDS if not (parallel and k == "resid_mid"))
-        return Layout("gpt_neox", model.gpt_neox.layers, "attention", "mlp", kinds)
+        body = model.gpt_neox
+        return Layout("gpt_neox", body.layers, "attention", "mlp", kinds, body, "layers", body.final_layer_norm,
+                      skippable)
     raise UnsupportedModelError(
         f"cannot hook model of type {model_type!r} ({type(model).__name__}): supported are gpt2, "
         f"gpt_neox and the Llama layout ({', '.join(sorted(LLAMA_LIKE_TYPES))})"
@@ -119,6 +133,50 @@ def parse_hook(name: Any, layout: Layout, model_name: str) -> tuple[int, str]:
         else:
             return layer, kind
     raise HookNameError(f"unknown hook {name!r} for model {model_name}: {problem}; {valid}")
+
+
+def hook_position(layer: int, kind: str) -> int:
+    """Order of a hook point in the forward pass (``resid_post`` of L comes just before ``resid_pre`` of L+1)."""
+    return layer * len(HOOK_KINDS) + HOOK_KINDS.index(kind)
+
+
+def resume_layer(layer: int, kind: str) -> int | None:
+    """The first layer to run when the residual stream at (layer, kind) is given; None for non-residual kinds."""
+    return {"resid_pre": layer, "resid_post": layer + 1}.get(kind)
+
+
+@contextlib.contextmanager
+def forward_from(layout: Layout, start: int, hidden_BTD: torch.Tensor, name: str) -> Iterator[None]:
+    """Inside the block, a forward of the model runs only layers ``start..`` and they read ``hidden_BTD``.
+
+    The model's own forward still embeds its tokens and builds the attention mask and positions
+    (rotary or learned) from them, so the layers see the same masks and positions as in a full
+    forward; only the decoder-layer list it loops over is swapped for its tail, and the tail's first
+    module (layer ``start``, or the final norm when ``start`` is past the last layer) gets
+    ``hidden_BTD`` in place of the embeddings. ``name`` (the hook given) is used in error messages.
+    Not safe for concurrent forwards of the same model in other threads.
+    """
+    entry = layout.blocks[start] if start < len(layout.blocks) else layout.final_norm
+
+    def inject(module, args, kwargs):
+        from_args = len(args) > 0
+        x = args[0] if from_args else kwargs["hidden_states"]
+        if hidden_BTD.shape != x.shape:
+            raise ShapeMismatchError(f"activation given for hook {name!r} has shape {tuple(hidden_BTD.shape)}, "
+                                     f"expected {tuple(x.shape)} (the tokens' [batch, seq] and the model width)")
+        new = hidden_BTD.to(x.device, x.dtype)
+        if from_args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    original = getattr(layout.blocks_owner, layout.blocks_attr)
+    handle = entry.register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        setattr(layout.blocks_owner, layout.blocks_attr, nn.ModuleList(list(original)[start:]))
+        yield
+    finally:
+        setattr(layout.blocks_owner, layout.blocks_attr, original)
+        handle.remove()
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -174,11 +232,7 @@ class HookSet:
     # -- one step at one point: edit, then capture, then maybe stop --------------------------
     def _apply(self, plan: _LayerPlan, kind: str, x: torch.Tensor) -> torch.Tensor:
         if kind in plan.edits:
-            name, fn = plan.edits[kind]
-            new = fn(x)
-            if new is not x:
-                new = _checked(new, x, name)
-            x = new
+            x = apply_edit(*plan.edits[kind], x)
         return x
 
     def _read(self, plan: _LayerPlan, kind: str, x: torch.Tensor) -> None:
@@ -255,6 +309,12 @@ class HookSet:
             handle.remove()
         self._handles.clear()
         self._resid_pre.clear()
+
+
+def apply_edit(name: str, fn: Edit, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` as an edit at hook ``name`` yields it inside a forward: checked shape, ``x``'s dtype."""
+    new = fn(x)
+    return x if new is x else _checked(new, x, name)
 
 
 def _checked(new: Any, old: torch.Tensor, name: str) -> torch.Tensor:

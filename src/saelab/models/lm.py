@@ -24,8 +24,12 @@ from saelab.models.hooks import (
     Layout,
     _StopForward,
     all_hook_names,
+    apply_edit,
     detect_layout,
+    forward_from,
+    hook_position,
     parse_hook,
+    resume_layer,
     unique,
 )
 
@@ -191,6 +195,49 @@ class LanguageModel:
         tokens_BT = self._tokens(tokens_BT)
         with self.hooked(edits or {}):
             return self._forward(tokens_BT)
+
+    @torch.no_grad()
+    def logits_from(
+        self, hook: str, acts_BTD: torch.Tensor, tokens_BT: torch.Tensor, edits: Edits | None = None
+    ) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of the forward in which the activation at ``hook`` is ``acts_BTD``.
+
+        Equal to ``logits(tokens_BT, {hook: lambda _: acts_BTD, **edits})``; an edit at ``hook``
+        itself receives ``acts_BTD``, and edits at hooks before ``hook`` are refused. For
+        ``resid_pre``/``resid_post`` hooks only the layers after the hook run, so with ``acts_BTD``
+        from ``activations(tokens_BT, hook)`` the layers below are computed once for any number
+        of edited continuations; the model's own code still builds masks and positions from
+        ``tokens_BT``. Other hooks (attn_out, resid_mid, mlp_out) do not determine the residual
+        stream, so for them the full forward runs with ``acts_BTD`` patched in.
+        """
+        layer, kind = parse_hook(hook, self.layout, self.name)
+        tokens_BT = self._tokens(tokens_BT)
+        if acts_BTD.shape != (*tokens_BT.shape, self.hook_width(hook)):
+            raise ShapeMismatchError(
+                f"activation given for hook {hook!r} has shape {tuple(acts_BTD.shape)}, expected "
+                f"{(*tokens_BT.shape, self.hook_width(hook))} (tokens' [batch, seq] and the hook width)"
+            )
+        acts_BTD = acts_BTD.to(self.device)
+        edits = dict(edits or {})
+        self._hook_set(edits)  # names and callables checked before anything runs
+        self._check_after(hook, edits)
+        at_hook = edits.pop(hook, None)
+        start = resume_layer(layer, kind) if self.layout.skippable else None
+        if start is None:
+            edits[hook] = (lambda _: at_hook(acts_BTD)) if at_hook else (lambda _: acts_BTD)
+            return self.logits(tokens_BT, edits)
+        if at_hook is not None:
+            acts_BTD = apply_edit(hook, at_hook, acts_BTD)
+        with forward_from(self.layout, start, acts_BTD, hook), self.hooked(edits):
+            return self._forward(tokens_BT)
+
+    def _check_after(self, hook: str, edits: Edits) -> None:
+        """Refuse edits at hooks that come before ``hook`` (a forward resumed there would skip them)."""
+        position = hook_position(*parse_hook(hook, self.layout, self.name))
+        for name in edits:
+            if hook_position(*parse_hook(name, self.layout, self.name)) < position:
+                raise ConfigError(f"edit at hook {name!r} comes before {hook!r}, where the forward is resumed; "
+                                  f"expected edits at {hook!r} or later hooks")
 
     @torch.no_grad()
     def cross_entropy(

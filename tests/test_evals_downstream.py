@@ -1,0 +1,140 @@
+"""Downstream metrics (delta CE, KL, CE recovered) against a plain reference: four full forwards per
+batch through ``lm.logits`` with the edit installed at the hook, on real models and real text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saelab.data import token_contexts
+from saelab.evals.downstream import downstream_metrics
+from saelab.sae import SAEConfig, TopKSAE
+
+EVAL = ("wiki-en", "wiki_eval.jsonl.xz")
+
+
+def reference_metrics(lm, sae, tokens_NT, hook, first, mean_D, batch=4):
+    """The definition, computed the obvious way: each run is a full forward of the model."""
+    def replace_from_first(fn):
+        def edit(x):
+            out = x.clone()
+            out[:, first:] = fn(x[:, first:])
+            return out
+        return edit
+
+    runs = {"spliced": replace_from_first(sae), "zero_abl": replace_from_first(torch.zeros_like),
+            "mean_abl": replace_from_first(lambda x: mean_D.to(x.dtype).expand_as(x))}
+    ce = {name: [] for name in ("clean", *runs)}
+    kl = []
+    for toks in tokens_NT.split(batch):
+        targets = toks[:, first + 1:].reshape(-1)
+        clean = lm.logits(toks)[:, first:-1].float().flatten(0, 1)
+        ce["clean"].append(F.cross_entropy(clean, targets, reduction="none"))
+        for name, fn in runs.items():
+            edited = lm.logits(toks, edits={hook: fn})[:, first:-1].float().flatten(0, 1)
+            ce[name].append(F.cross_entropy(edited, targets, reduction="none"))
+            if name == "spliced":
+                kl.append(F.kl_div(edited.log_softmax(-1), clean.log_softmax(-1), log_target=True,
+                                   reduction="none").sum(-1))
+    mean = {name: torch.cat(v).double().mean().item() for name, v in ce.items()}
+    return {"ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "delta_ce": mean["spliced"] - mean["clean"],
+            "kl": torch.cat(kl).double().mean().item(), "n_predictions": torch.cat(ce["clean"]).numel(),
+            "ce_zero_abl": mean["zero_abl"], "ce_mean_abl": mean["mean_abl"],
+            "ce_recovered_zero": (mean["zero_abl"] - mean["spliced"]) / (mean["zero_abl"] - mean["clean"]),
+            "ce_recovered_mean": (mean["mean_abl"] - mean["spliced"]) / (mean["mean_abl"] - mean["clean"])}
+
+
+def assert_metrics_match(got, want):
+    assert set(got) == set(want)
+    assert got["n_predictions"] == want["n_predictions"]
+    for key, value in want.items():
+        # float32 logits, double sums: the runs differ at most by GEMM rounding between batch shapes
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def mean_activation(lm, tokens_NT, hook, first):
+    return lm.activations(tokens_NT, hook)[:, first:].reshape(-1, lm.d_model).mean(0)
+
+
+def centred_sae(lm, hook, tokens_NT, n=256, k=8, seed=0, exclude_first=True):
+    """A random SAE centred on the model's activations (its latents fire like a trained one's)."""
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d_in=lm.d_model, n_latents=n, k=k, hook_name=hook, exclude_first=exclude_first))
+    with torch.no_grad():
+        sae.b_dec.copy_(mean_activation(lm, tokens_NT, hook, 1))
+    return sae
+
+
+@pytest.fixture(scope="module")
+def series_case(tiny_series, data_dir):
+    """A 2-layer model trained on Wikipedia, an SAE at its last residual stream, 10 real eval contexts of 32
+    tokens. k=2 because this small model hardly uses the detail of its residual stream (see tiny_series_run)."""
+    from saelab.models import load_model
+
+    lm = load_model(str(tiny_series / "checkpoint-120"))
+    tokens = token_contexts(str(data_dir.joinpath(*EVAL)), lm.tokenize, 32, n_contexts=10,
+                            bos_token_id=lm.bos_token_id)
+    return lm, centred_sae(lm, "blocks.1.hook_resid_post", tokens, n=128, k=2), tokens
+
+
+@pytest.mark.parametrize("exclude_first", [True, False])
+@pytest.mark.parametrize("per_forward", [1, 4])
+def test_matches_full_forwards_on_trained_model(series_case, exclude_first, per_forward):
+    lm, sae, tokens = series_case
+    hook, first = sae.cfg.hook_name, int(exclude_first)
+    mean_D = mean_activation(lm, tokens, hook, first)
+    got = downstream_metrics(lm, sae, tokens, lm_batch_size=4, exclude_first=exclude_first, mean_act_D=mean_D,
+                             progress=False, variants_per_forward=per_forward)
+    assert_metrics_match(got, reference_metrics(lm, sae, tokens, hook, first, mean_D))
+    assert got["n_predictions"] == 10 * (31 - first)
+    assert got["delta_ce"] > 0.01  # the splice does change the model, so the comparison means something
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "attn_out", "resid_mid", "mlp_out"])
+def test_matches_full_forwards_at_every_hook_kind(series_case, kind):
+    """resid_pre continues from the hook itself; the others from resid_pre of their layer."""
+    lm, _, tokens = series_case
+    hook = f"blocks.1.hook_{kind}"
+    sae = centred_sae(lm, hook, tokens)
+    mean_D = mean_activation(lm, tokens, hook, 1)
+    got = downstream_metrics(lm, sae, tokens, lm_batch_size=4, mean_act_D=mean_D, progress=False,
+                             variants_per_forward=2)
+    assert_metrics_match(got, reference_metrics(lm, sae, tokens, hook, 1, mean_D))
+    assert abs(got["delta_ce"]) > 1e-3
+
+
+def test_layers_below_the_hook_run_once_per_batch(series_case):
+    lm, sae, tokens = series_case  # hook blocks.1.hook_resid_post: layer 1 runs only in the lower part
+    mean_D = mean_activation(lm, tokens, sae.cfg.hook_name, 1)
+    blocks = lm.layout.blocks
+    calls = {0: 0, 1: 0}
+    handles = [blocks[i].register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i in calls]
+    try:
+        downstream_metrics(lm, sae, tokens, lm_batch_size=4, mean_act_D=mean_D, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == {0: 3, 1: 3}  # 3 batches of <= 4 contexts; before: 4 full forwards each (12)
+
+
+@pytest.mark.parametrize("per_forward", [1, 4])
+def test_matches_full_forwards_on_smollm2(smollm2, data_dir, per_forward):
+    lm, hook = smollm2, "blocks.9.hook_resid_post"
+    tokens = token_contexts(str(data_dir.joinpath(*EVAL)), lm.tokenize, 24, n_contexts=6,
+                            bos_token_id=lm.bos_token_id)
+    sae = centred_sae(lm, hook, tokens, n=1024, k=32)
+    mean_D = mean_activation(lm, tokens, hook, 1)
+    got = downstream_metrics(lm, sae, tokens, lm_batch_size=4, mean_act_D=mean_D, progress=False,
+                             variants_per_forward=per_forward)
+    assert_metrics_match(got, reference_metrics(lm, sae, tokens, hook, 1, mean_D))
+    assert got["delta_ce"] > 0.01
+
+
+def test_bad_variants_per_forward(series_case):
+    from saelab.errors import ConfigError
+
+    lm, sae, tokens = series_case
+    with pytest.raises(ConfigError, match="variants_per_forward"):
+        downstream_metrics(lm, sae, tokens, mean_act_D=torch.zeros(lm.d_model), progress=False, variants_per_forward=0)
