@@ -220,13 +220,14 @@ def _sample_sites(N: int, T_ctx: int, first: int, n_future: int, n: int, g: torc
 
 
 PARTS = ("latent", "random", "channel")
+_MEAN = {part: ratio(f"{part}_sum", f"{part}_n") for part in PARTS}  # NaN when a draw holds none
 INTERVAL_STATS = {
-    "latent_mean": ratio("latent_sum", "latent_n"),
-    "random_mean": ratio("random_sum", "random_n"),
-    "channel_mean": ratio("channel_sum", "channel_n"),
-    "ratio_latent_to_random": lambda t: (t["latent_sum"] / t["latent_n"]) / (t["random_sum"] / t["random_n"]),
-    "latent_minus_random": lambda t: t["latent_sum"] / t["latent_n"] - t["random_sum"] / t["random_n"],
-    "ratio_latent_to_channel": lambda t: (t["latent_sum"] / t["latent_n"]) / (t["channel_sum"] / t["channel_n"]),
+    "latent_mean": _MEAN["latent"],
+    "random_mean": _MEAN["random"],
+    "channel_mean": _MEAN["channel"],
+    "ratio_latent_to_random": lambda t: _MEAN["latent"](t) / _MEAN["random"](t),
+    "latent_minus_random": lambda t: _MEAN["latent"](t) - _MEAN["random"](t),
+    "ratio_latent_to_channel": lambda t: _MEAN["latent"](t) / _MEAN["channel"](t),
 }
 """Statistics of the per-context totals (sum of scores and number of scored ablations of each part)."""
 
