@@ -569,3 +569,14 @@ def test_load_from_the_hub_offline(tmp_path, monkeypatch):
         load_sae("hf://just-a-name")
     with pytest.raises(CheckpointError, match="not a hub repository id"):
         load_sae("hf://bad owner/repo/x")
+
+
+@pytest.mark.parametrize("field,value", [("hook_name", ["blocks.3"]), ("context_size", True), ("prepend_bos", "yes"),
+                                         ("extra", []), ("model_name", None)])
+def test_config_values_of_the_wrong_type_are_refused_on_load(tmp_path, field, value):
+    folder = save_sae(random_sae(), tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["saelab"][field] = value
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"cfg.json: 'saelab' is not a valid SAEConfig.*SAEConfig.{field} must be"):
+        load_sae(folder)

@@ -195,6 +195,8 @@ def test_hookpoint_module_outputs_are_the_hooked_activations(gpt2_tokenizer):
     ({"skip_connection": True}, "skip_connection=True"),
     ({"k": 65}, "k=65 exceeds the number of latents 64"),
     ({"d_in": "16"}, "'d_in' must be an integer"),
+    ({"multi_topk": "yes"}, "'multi_topk' must be true or false"),
+    ({"expansion_factor": 0}, "'expansion_factor' must be an integer >= 1"),
     ({"num_latents": 32}, r"encoder.weight has shape \(64, 16\) but cfg.json \(d_in=16, 32 latents\)"),
 ])
 def test_unsupported_or_inconsistent_sparsify_folders(tmp_path, change, message):

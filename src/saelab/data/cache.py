@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import tokenize
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -82,7 +83,7 @@ def _read_manifest(folder: Path) -> dict | None:
     ok = (
         isinstance(m, dict)
         and m.get("format") == FORMAT
-        and m.get("dtype") in DTYPES
+        and isinstance(m.get("dtype"), str) and m["dtype"] in DTYPES
         and isinstance(m.get("d"), int) and m["d"] > 0
         and isinstance(m.get("shard_rows"), int) and m["shard_rows"] > 0
         and isinstance(m.get("n_rows"), int)
@@ -290,7 +291,7 @@ class ActivationCache:
             size = path.stat().st_size
         except FileNotFoundError as e:
             raise ActivationCacheError(f"{where} is missing") from e
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SyntaxError, tokenize.TokenError) as e:  # numpy parses the header as Python
             raise ActivationCacheError(f"{where} is not a valid .npy file: {e}") from e
         if shape != (rows, self.d) or fortran or dtype != self._np_dtype:
             raise ActivationCacheError(

@@ -149,9 +149,13 @@ def _sparsify_shape(raw: dict[str, Any], path: Path) -> tuple[int, int, int]:
     if raw.get("skip_connection", False) is not False:
         raise CheckpointError(f"{path}: cfg.json has skip_connection={raw['skip_connection']!r} (a W_skip "
                               "matrix); saelab's TopKSAE has no skip connection")
+    for key in ("normalize_decoder", "multi_topk"):
+        if not isinstance(raw.get(key, False), bool):
+            raise CheckpointError(f"{path}: {key!r} must be true or false, got {raw[key]!r}")
     d_in = _int_field(raw, "d_in", path, 1)
     num_latents = _int_field(raw, "num_latents", path, 0)
     n = num_latents or d_in * _int_field(raw, "expansion_factor", path, 1)
+    _int_field(raw, "expansion_factor", path, 1)  # kept for writing back, so it must be valid too
     k = _int_field(raw, "k", path, 1)
     if k > n:
         raise CheckpointError(f"{path}: k={k} exceeds the number of latents {n}")

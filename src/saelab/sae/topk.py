@@ -56,14 +56,20 @@ class SAEConfig:
     """Free-form provenance (training config, source file, ...)."""
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "n_latents", "k"):
+        # Checked here so that a config read from a file with a value of the wrong type (e.g. a list
+        # for hook_name) is refused when loading, not where the value is first used.
+        for name in ("d_in", "n_latents", "k", "context_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
         if self.k > self.n_latents:
-            raise ValueError(f"SAEConfig.k={self.k} exceeds n_latents={self.n_latents}")
-        if self.input_norm not in INPUT_NORMS:
-            raise ValueError(f"SAEConfig.input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+            raise ConfigError(f"SAEConfig.k={self.k} exceeds n_latents={self.n_latents}")
+        if not isinstance(self.input_norm, str) or self.input_norm not in INPUT_NORMS:
+            raise ConfigError(f"SAEConfig.input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+        for name, kind in (("model_name", str), ("hook_name", str), ("dataset", str), ("prepend_bos", bool),
+                           ("exclude_first", bool), ("extra", dict)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"SAEConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
