@@ -89,6 +89,7 @@ from saelab.evals._common import (
     resolve_hook,
 )
 from saelab.evals.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args, paired_bootstrap, ratio
+from saelab.utils.config import switch
 
 CENTERS = ("median", "none")
 GAUSSIAN_REFERENCE = 2 / math.pi
@@ -104,7 +105,7 @@ class AblationSparsityConfig:
     """(context, position) sites sampled uniformly; every site ablates its active latents."""
     latents_per_site: int | None = None
     """Ablate at most this many of the site's active latents (drawn at random); None = all (<= k)."""
-    random_baseline: bool = True
+    random_baseline: bool = switch(True)
     """Ablate, for every latent ablation, a random direction of the same norm (the matched baseline)."""
     channels_per_site: int = 16
     """Residual-stream channels zeroed per site for the older channel baseline (drawn at random); 0 = none."""
