@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# The suite compares runs bit for bit on the CPU; GPU tests (tests/test_cuda.py) name their device.
+os.environ.setdefault("SAELAB_DEVICE", "cpu")
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 """``data/`` of this repository: the offline Wikipedia slices and GPT-2's tokenizer files."""

@@ -14,7 +14,7 @@ from typing import Any
 from saelab.cli.common import Parser, escape_help
 from saelab.errors import SaelabError
 
-VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "browse", "families")
+VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "top", "browse", "families")
 
 
 def _option_value(argv: list[str], option: str) -> str | None:
@@ -47,6 +47,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     evaluate.add_eval(sub)
     evaluate.add_report(sub)
     explore.add_steer(sub)
+    explore.add_top(sub)
     explore.add_browse(sub)
     explore.add_families(sub)
     escape_help(parser)

@@ -21,7 +21,24 @@ class Parser(ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("add_option_string_dash_variants", DashVariant.DASH)
         kwargs.setdefault("add_config_path_arg", "config")
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once, metavars from the option name (not from a parsing function's name)."""
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return action.dest.rsplit(".", 1)[-1].upper()
+
+    def _get_default_metavar_for_positional(self, action: argparse.Action) -> str:
+        return action.dest.rsplit(".", 1)[-1].upper()
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS, False) or action.nargs == 0:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def add_io_options(p: ArgumentParser, *, device: bool = True, overwrite: bool = True) -> None:

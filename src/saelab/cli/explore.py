@@ -39,7 +39,12 @@ def add_steer(sub) -> None:
                         "kept); ablate: clamp to 0")
     p.add_argument("--value", type=_float_list, default=None,
                    help="strength (add) or activation (clamp): one number, or one per latent comma-separated. "
-                        "Required for add and clamp")
+                        "Add and clamp need --value or --scale")
+    p.add_argument("--scale", type=_float_list, default=None,
+                   help="the value as a multiple of the latent's largest activation on held-out text (e.g. 2 "
+                        "adds twice its max; measured on --scale-tokens tokens of the eval split)")
+    p.add_argument("--scale-tokens", type=positive_int("--scale-tokens"), default=65_536,
+                   help="tokens read to find each latent's max activation for --scale")
     p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
     p.add_argument("--positions", default="all",
                    help="absolute token positions to edit, 0 = BOS: 'all', '5', '3,7,9', '1:' (generated tokens "
@@ -63,10 +68,13 @@ def add_steer(sub) -> None:
 def _check_steer(args: argparse.Namespace):
     from saelab.explore.positions import parse_positions
 
-    if args.mode != "ablate" and args.value is None:
-        raise ConfigError(f"--mode {args.mode} needs --value")
-    if args.value is not None and len(args.value) not in (1, len(args.latent)):
-        raise ConfigError(f"--value has {len(args.value)} numbers for {len(args.latent)} latents; expected 1 or "
+    if args.value is not None and args.scale is not None:
+        raise ConfigError("give --value or --scale, not both")
+    given = args.value if args.value is not None else args.scale
+    if args.mode != "ablate" and given is None:
+        raise ConfigError(f"--mode {args.mode} needs --value (or --scale)")
+    if given is not None and len(given) not in (1, len(args.latent)):
+        raise ConfigError(f"--value/--scale has {len(given)} numbers for {len(args.latent)} latents; expected 1 or "
                           f"{len(args.latent)}")
     if not args.greedy and args.temperature <= 0:
         raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
@@ -78,6 +86,19 @@ def _check_steer(args: argparse.Namespace):
         return parse_positions(args.positions)
     except ValueError as e:
         raise ConfigError(f"--positions: {e}") from None
+
+
+def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float, list[str]]:
+    """--value as given, or --scale times each latent's max activation on held-out text."""
+    from saelab.explore import latent_max_activation
+
+    if args.scale is None:
+        return (args.value if args.value is not None else 0.0), []
+    maxima = latent_max_activation(sae, lm, None, args.latent, n_tokens=args.scale_tokens)
+    scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
+    values = [f * m for f, m in zip(scales, maxima)]
+    return values, [f"latent {i}: max activation {m:.4g} on {args.scale_tokens:,} eval tokens, value {v:.4g}"
+                    for i, m, v in zip(args.latent, maxima, values)]
 
 
 def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -94,8 +115,9 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     if bad:
         raise ConfigError(f"--latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
     lm = load_model(args.model or model_for(sae), device=args.device)
-    s = steer(lm, sae, args.latent, args.mode, args.value if args.value is not None else 0.0, positions)
-    text = [f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})"]
+    value, text = _steer_value(args, sae, lm)
+    s = steer(lm, sae, args.latent, args.mode, value, positions)
+    text.insert(0, f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
     promoted = {}
     for i in s.latents.tolist() if args.top_tokens > 0 else []:
         promoted[i] = [t for t, _, _ in latent_logit_effects(lm, sae, i, top=args.top_tokens)["promoted"]]
@@ -120,6 +142,9 @@ def add_browse(sub) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="site folder (default: RUN/browser for a run folder)")
     p.add_argument("--serve", action="store_true", help="serve the site on 127.0.0.1 after building it")
     p.add_argument("--port", type=int, default=8000, help="port for --serve, 1..65535 (0: any free port)")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "OUT"), default=None,
+                   help="instead of the site, write the latents' pages for another viewer: 'neuronpedia OUT' "
+                        "writes SAEDashboard's Neuronpedia batch files (batch-N.json) into the folder OUT")
     p.add_arguments(BrowseConfig, dest="browse")
     add_io_options(p)
     p.set_defaults(handler=run_browse)
@@ -148,6 +173,8 @@ def _check_port(port: int) -> None:
 def run_browse(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.explore.browser.serve import serve_site
 
+    if args.export:
+        return _export(args)
     if args.serve:
         _check_port(args.port)  # before a long build, not after it
     out = Path(args.out) if args.out else _default_out(args.sae)
@@ -159,6 +186,54 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(summary, indent=2))
         serve_site(out, args.port)
     return summary
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from saelab.explore.browser.export import export_neuronpedia_run
+    from saelab.models import load_model
+
+    fmt, out = args.export
+    if fmt != "neuronpedia":
+        raise ConfigError(f"--export {fmt!r}: the formats are: neuronpedia")
+    if args.serve:
+        raise ConfigError("--export writes files for another viewer; --serve serves the site: pass one of them")
+    lm = load_model(args.browse.model, device=args.device) if args.browse.model else None
+    result = export_neuronpedia_run(args.sae, out, args.browse, lm=lm, progress=args.progress,
+                                    overwrite=args.overwrite)
+    return {"export": "neuronpedia", "out": out, "saes": result}
+
+
+def add_top(sub) -> None:
+    p = sub.add_parser("top", help="the top-activating contexts of one or more latents on held-out text")
+    p.add_argument("latent", type=_int_list, help="latent index, or several comma-separated")
+    p.add_argument("sae", help="run folder, SAELens or sparsify folder, OpenAI .pt file or URL")
+    p.add_argument("-n", "--n-contexts", type=positive_int("--n-contexts"), default=10,
+                   help="contexts per latent (default: 10)")
+    p.add_argument("--n-tokens", type=positive_int("--n-tokens"), default=262_144,
+                   help="tokens of text read (default: 262,144)")
+    p.add_argument("--corpus", default=None, help="text to read (default: the offline Wikipedia eval split)")
+    p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
+    add_io_options(p, overwrite=False)
+    p.set_defaults(handler=run_top)
+
+
+def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
+    from saelab.explore import top_activations
+    from saelab.models import load_model
+    from saelab.run_folder import model_for, open_sae
+
+    sae, _ = open_sae(args.sae)
+    bad = [i for i in args.latent if i >= sae.n_latents]
+    if bad:
+        raise ConfigError(f"latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
+    lm = load_model(args.model or model_for(sae), device=args.device)
+    results = top_activations(sae, lm, args.corpus, list(args.latent), args.n_contexts, n_tokens=args.n_tokens,
+                              progress=args.progress)
+    if args.json:
+        return {"sae": args.sae, "latents": [r.to_dict() for r in results]}
+    print("\n\n".join(r.to_text() for r in results))
+    return None
 
 
 def add_families(sub) -> None:

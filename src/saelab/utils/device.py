@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from saelab.errors import ConfigError
 
+DEVICE_ENV = "SAELAB_DEVICE"
+"""Environment variable naming the device that ``device=None`` means (default: auto)."""
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` or ``"auto"``: CUDA when available, else the CPU; otherwise the device named
-    (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), refused with a one-line error when absent."""
-    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+    """``None``: ``$SAELAB_DEVICE`` if set, else ``"auto"``. ``"auto"``: CUDA when available, else the
+    CPU; otherwise the device named (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), refused with a
+    one-line error when absent."""
+    if device is None:
+        device = os.environ.get(DEVICE_ENV) or "auto"
+    if isinstance(device, str) and device.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
