@@ -7,6 +7,7 @@ import json
 import lzma
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,13 @@ def test_harvest_to_cache_end_to_end(tmp_path, model, contexts):
     assert cache.n_rows == 600 and cache.d == 64
     expected = direct_rows(model, contexts).half().float()
     np.testing.assert_allclose(sort_rows(cache.read()), sort_rows(expected), rtol=1e-3, atol=1e-3)
+
+
+def test_float16_underflow_is_reported_not_silent(tmp_path):
+    rows = torch.full((8, 4), 1.0)
+    rows[0, 0] = 1e-9  # below float16's smallest subnormal: stored as 0
+    with pytest.warns(UserWarning, match=r"1 nonzero activations underflow to 0 in float16"):
+        write_activation_cache(iter([rows]), tmp_path / "f16", meta={}, dtype="float16", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 keeps it: no warning
+        write_activation_cache(iter([rows]), tmp_path / "f32", meta={}, dtype="float32", progress=False)

@@ -95,7 +95,7 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     assert metrics_again == on_disk
 
     report = (run / "report.md").read_text()
-    assert f"| nMSE (FVU) | {on_disk['nmse']:.4f} |" in report
+    assert f"| nMSE (FVU), raw activation space | {on_disk['nmse']:.4f} |" in report
     assert "![training curves](training_curves.png)" in report and "![latent density](density.png)" in report
     assert_png(run / "training_curves.png")
     assert_png(run / "density.png")
@@ -148,7 +148,7 @@ def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
     _, out = run_cli(capsys, "report", str(run))
     assert out == {"report": str(run / "report.md")}
     report = (run / "report.md").read_text()
-    assert f"| nMSE (FVU) | {metrics['nmse']:.4f} |" in report and f"`{tiny_dir}`" in report
+    assert f"| nMSE (FVU), raw activation space | {metrics['nmse']:.4f} |" in report and f"`{tiny_dir}`" in report
     assert "![training curves](training_curves.png)" in report and "![latent density](density.png)" in report
     assert_png(run / "training_curves.png")
 

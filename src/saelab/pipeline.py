@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 from saelab.data import ActivationCache, ActivationStream, iter_texts, pack_contexts, resolve_corpus
-from saelab.data import sample_contexts, write_activation_cache
+from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
@@ -103,10 +103,11 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
-    stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus), batch_size=4096,
-                              lm_batch_size=cfg.lm_batch_size, exclude_first=cfg.exclude_first,
-                              buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, max_tokens=cfg.n_tokens,
-                              drop_last=False, progress=progress)
+    stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus),
+                              StreamConfig(batch_size=4096, lm_batch_size=cfg.lm_batch_size,
+                                           exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens,
+                                           seed=cfg.seed, max_tokens=cfg.n_tokens, drop_last=False,
+                                           progress=progress))
     meta = {**model_provenance(cfg.model if isinstance(cfg.model, str) else lm.name), "hook_name": cfg.hook,
             "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
             "exclude_first": cfg.exclude_first, "dataset": corpus, "harvest": asdict(cfg)}
@@ -253,11 +254,11 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
 
 def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: LanguageModel | str | None = None,
                 hook: str | None = None, eval_cfg: EvalConfig | None = None, cfg: PaperSuiteConfig | None = None,
-                device: str | torch.device | None = None, overwrite: bool = False,
+                device: str | torch.device | None = None, allow_http: bool = False, overwrite: bool = False,
                 progress: bool = True) -> dict[str, Any]:
     """`saelab eval SAE --suite paper`: the suite into OUT/evals/ (OUT: the run folder, or ``out_dir``),
     OUT/evals/report.md, and the run's report.md. Raises after writing when a metric failed."""
-    sae, run = open_sae(source)
+    sae, run = open_sae(source, allow_http=allow_http)
     if hook:
         sae.cfg.hook_name = hook
     out = Path(out_dir) if out_dir is not None else run

@@ -68,21 +68,15 @@ def is_sweep(path: str | Path) -> bool:
     return path.is_dir() and not is_run(path) and not (path / "cfg.json").exists() and bool(sweep_runs(path))
 
 
-def open_sae(source: str | Path):
-    """(SAE, run folder or None) for a run folder, SAELens / sparsify folder, OpenAI ``.pt`` file or URL."""
+def open_sae(source: str | Path, *, allow_http: bool = False):
+    """(SAE, run folder or None) for a run folder, a SAELens or sparsify folder, an OpenAI ``.pt`` file,
+    an https URL or ``hf://owner/repo/path``; ``allow_http`` also accepts plain http URLs."""
     from saelab.sae import load_sae  # lazy: safetensors and the format readers load only when needed
 
-    text = str(source)
-    if text.startswith(("https://", "http://", "hf://")):
-        return load_sae(text), None
-    path = Path(text).expanduser()
+    path = Path(str(source)).expanduser()
     if is_run(path):
         return load_sae(path / SAE_DIR), path
-    if path.is_dir() and not (path / "cfg.json").exists():
-        found = sorted(p.name for p in path.iterdir())[:8]
-        raise CheckpointError(f"{path}: not a run folder with an SAE (no {SAE_DIR}/ or cfg.json; found {found}); "
-                              "pass a run folder, a SAELens folder, an OpenAI .pt file or URL")
-    return load_sae(text), None
+    return load_sae(str(source), allow_http=allow_http), None
 
 
 def sae_sha256(sae) -> str:

@@ -36,6 +36,8 @@ def add_eval(sub) -> None:
     p.add_argument("--suite", choices=("core", "paper"), default="core",
                    help="core: reconstruction and spliced loss; paper: also compute-equivalent, ablation sparsity, "
                         "probe loss and N2G, each in OUT/evals/<metric>.json, with OUT/evals/report.md")
+    p.add_argument("--allow-http", action="store_true",
+                   help="also download SAEs from plain http URLs (unverified transport; https is the default)")
     p.add_argument("--series", default=None,
                    help="checkpoint series for compute-equivalent: " + ", ".join(known_series_names()[:2])
                         + ", pythia-<size>[-deduped] or a folder of checkpoints (default: the model's own, if known)")
@@ -70,12 +72,12 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                               progress=args.progress)
     if args.suite == "paper":
         index = paper_suite(args.sae, out_dir=args.out, lm=args.model, hook=args.hook, eval_cfg=args.eval,
-                            cfg=suite_config(args), device=args.device, overwrite=args.overwrite,
-                            progress=args.progress)
+                            cfg=suite_config(args), device=args.device, allow_http=args.allow_http,
+                            overwrite=args.overwrite, progress=args.progress)
         out = Path(args.out) if args.out else Path(args.sae)
         return {"report": str(out / EVALS_DIR / REPORT),
                 **{m: v["status"] + (" (reused)" if v["reused"] else "") for m, v in index["metrics"].items()}}
-    sae, run = open_sae(args.sae)
+    sae, run = open_sae(args.sae, allow_http=args.allow_http)
     if args.hook:
         sae.cfg.hook_name = args.hook
     if not sae.cfg.hook_name:

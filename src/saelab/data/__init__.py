@@ -13,7 +13,7 @@ from saelab.data.cache import (
     cache_rows_written,
     write_activation_cache,
 )
-from saelab.data.harvest import ActivationModel, ActivationStream
+from saelab.data.harvest import ActivationModel, ActivationStream, StreamConfig
 from saelab.data.text import default_corpus, iter_texts, resolve_corpus, shipped_data_dir
 from saelab.data.tokens import batched, hf_tokenize_fn, pack_contexts, sample_contexts, token_contexts
 
@@ -31,6 +31,7 @@ __all__ = [
     "resolve_corpus",
     "sample_contexts",
     "shipped_data_dir",
+    "StreamConfig",
     "token_contexts",
     "write_activation_cache",
 ]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import tokenize
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -138,8 +139,38 @@ def write_activation_cache(
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
     folder = Path(folder)
     meta = _json_roundtrip(meta, folder)
-    torch_dtype, np_dtype = DTYPES[dtype]
+    existing = _open_existing(folder, meta, dtype, shard_rows, resume=resume, overwrite=overwrite)
+    if existing is not None and existing["complete"]:
+        return ActivationCache(folder)
+    manifest: dict[str, Any] = existing or {
+        "format": FORMAT, "version": VERSION, "d": None, "dtype": dtype, "shard_rows": shard_rows,
+        "n_rows": 0, "complete": False, "shards": [], "meta": meta,
+    }
+    writer = _ShardWriter(folder, manifest)
+    to_skip = manifest["n_rows"] if (existing is not None and skip_written) else 0
+    bar = tqdm(total=None, unit="row", unit_scale=True, desc=f"cache {folder.name}", disable=not progress,
+               initial=manifest["n_rows"])
+    try:
+        to_skip = _write_batches(batches, writer, to_skip, bar)
+    finally:
+        bar.close()
+    if to_skip:
+        raise ActivationCacheError(
+            f"resumed activation cache {str(folder)!r} has {manifest['n_rows']} rows, but the input ended "
+            f"{to_skip} rows short of them; resume with the same input, or skip_written=False"
+        )
+    writer.flush()
+    if manifest["d"] is None:
+        raise CorpusError(f"no activations to write to activation cache {str(folder)!r}: the input was empty")
+    manifest["complete"] = True
+    write_json(folder / MANIFEST, manifest)
+    return ActivationCache(folder)
 
+
+def _open_existing(folder: Path, meta: dict, dtype: str, shard_rows: int, *, resume: bool,
+                   overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of a cache to continue (or a complete one to return), None to start afresh; refuses
+    a cache that may not be replaced or continued with these settings."""
     try:
         existing = _read_manifest(folder)
     except ActivationCacheError:
@@ -150,38 +181,70 @@ def write_activation_cache(
         for p in folder.glob("shard_*.npy"):
             p.unlink()
         (folder / MANIFEST).unlink(missing_ok=True)
-        existing = None
-    elif existing is not None:
-        state = "complete" if existing["complete"] else "incomplete"
-        if not resume:
-            hint = "pass overwrite=True to replace it" if existing["complete"] else \
-                "pass resume=True to continue it or overwrite=True to start over"
-            raise RunExistsError(f"{str(folder)!r} already holds a {state} activation cache; {hint}")
-        for key, want in (("dtype", dtype), ("shard_rows", shard_rows), ("meta", meta)):
-            if existing[key] != want and not (key == "shard_rows" and existing["complete"]):
-                raise ActivationCacheError(
-                    f"cannot resume activation cache {str(folder)!r}: its {key} is {existing[key]!r}, "
-                    f"this call asks for {want!r}"
-                )
-        if existing["complete"]:
-            return ActivationCache(folder)
+        return None
+    if existing is None:
+        return None
+    state = "complete" if existing["complete"] else "incomplete"
+    if not resume:
+        hint = "pass overwrite=True to replace it" if existing["complete"] else \
+            "pass resume=True to continue it or overwrite=True to start over"
+        raise RunExistsError(f"{str(folder)!r} already holds a {state} activation cache; {hint}")
+    for key, want in (("dtype", dtype), ("shard_rows", shard_rows), ("meta", meta)):
+        if existing[key] != want and not (key == "shard_rows" and existing["complete"]):
+            raise ActivationCacheError(f"cannot resume activation cache {str(folder)!r}: its {key} is "
+                                       f"{existing[key]!r}, this call asks for {want!r}")
+    if not existing["complete"]:
         ActivationCache(folder, allow_incomplete=True)  # the listed shards must be intact
+    return existing
 
-    manifest: dict[str, Any] = existing or {
-        "format": FORMAT, "version": VERSION, "d": None, "dtype": dtype, "shard_rows": shard_rows,
-        "n_rows": 0, "complete": False, "shards": [], "meta": meta,
-    }
-    d: int | None = manifest["d"]
-    to_skip = manifest["n_rows"] if (existing is not None and skip_written) else 0
-    shard_buf: torch.Tensor | None = None
-    n_buf = 0
 
-    def flush() -> None:
-        nonlocal n_buf
-        assert shard_buf is not None
-        rows = shard_buf[:n_buf]
-        arr = (rows.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else rows.numpy())
-        name = _shard_name(len(manifest["shards"]))
+class _ShardWriter:
+    """Fills one shard-sized buffer and writes it (atomically, then the manifest) whenever it is full."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder, self.manifest = folder, manifest
+        self.dtype = manifest["dtype"]
+        self.torch_dtype = DTYPES[self.dtype][0]
+        self.buf: torch.Tensor | None = None
+        self.n_buf = 0
+        self.underflow = 0
+
+    def add(self, acts_BD: torch.Tensor, what: str) -> int:
+        """Append finite rows [B, d] (any device and dtype); returns how many were added."""
+        rows_BD = acts_BD.detach().to("cpu", self.torch_dtype)
+        if not torch.isfinite(rows_BD).all():
+            raise NonFiniteError(f"{what} overflows {self.dtype} in activation cache {str(self.folder)!r}; "
+                                 "use dtype='bfloat16' or 'float32'")
+        self._count_underflow(acts_BD, rows_BD, what)
+        if self.manifest["d"] is None:
+            self.manifest["d"] = int(rows_BD.shape[1])
+        if self.buf is None:
+            self.buf = torch.empty(self.manifest["shard_rows"], self.manifest["d"], dtype=self.torch_dtype)
+        added = rows_BD.shape[0]
+        while rows_BD.shape[0]:
+            take = min(self.buf.shape[0] - self.n_buf, rows_BD.shape[0])
+            self.buf[self.n_buf:self.n_buf + take] = rows_BD[:take]
+            rows_BD, self.n_buf = rows_BD[take:], self.n_buf + take
+            if self.n_buf == self.buf.shape[0]:
+                self.flush()
+        return added
+
+    def _count_underflow(self, acts_BD: torch.Tensor, rows_BD: torch.Tensor, what: str) -> None:
+        """Warn once when nonzero values become 0 in the storage dtype (they are lost, not rounded)."""
+        if self.dtype == "float32" or self.underflow:
+            return
+        lost = int(((acts_BD.detach().cpu() != 0) & (rows_BD == 0)).sum())
+        if lost:
+            self.underflow = lost
+            warnings.warn(f"{what}: {lost:,} nonzero activations underflow to 0 in {self.dtype} in activation "
+                          f"cache {str(self.folder)!r}; dtype='bfloat16' or 'float32' keeps them", stacklevel=4)
+
+    def flush(self) -> None:
+        if not self.n_buf:
+            return
+        rows = self.buf[:self.n_buf]
+        arr = rows.view(torch.int16).numpy().view(np.uint16) if self.dtype == "bfloat16" else rows.numpy()
+        name = _shard_name(len(self.manifest["shards"]))
 
         def save(tmp: Path) -> None:
             # The bytes np.save writes, but the data goes through f.write: np.save's tofile reports a failed
@@ -190,57 +253,32 @@ def write_activation_cache(
                 np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
                 f.write(np.ascontiguousarray(arr).data)
 
-        write_with(folder / name, save)
-        manifest["shards"].append({"file": name, "rows": n_buf})
-        manifest["n_rows"] += n_buf
-        write_json(folder / MANIFEST, manifest)
-        n_buf = 0
+        write_with(self.folder / name, save)
+        self.manifest["shards"].append({"file": name, "rows": self.n_buf})
+        self.manifest["n_rows"] += self.n_buf
+        write_json(self.folder / MANIFEST, self.manifest)
+        self.n_buf = 0
 
-    bar = tqdm(total=None, unit="row", unit_scale=True, desc=f"cache {folder.name}", disable=not progress,
-               initial=manifest["n_rows"])
-    try:
-        for i, acts_BD in enumerate(batches):
-            if acts_BD.dim() != 2 or (d is not None and acts_BD.shape[1] != d):
-                want = f"[B, {d}]" if d is not None else "[B, D]"
-                raise ValueError(f"batch {i} for activation cache {str(folder)!r} has shape "
-                                 f"{tuple(acts_BD.shape)}, expected {want}")
-            if to_skip:
-                n = min(to_skip, acts_BD.shape[0])
-                acts_BD, to_skip = acts_BD[n:], to_skip - n
-            if acts_BD.shape[0] == 0:
-                continue
-            if not torch.isfinite(acts_BD).all():
-                raise NonFiniteError(f"NaN or inf in batch {i} written to activation cache {str(folder)!r}")
-            rows_BD = acts_BD.detach().to("cpu", torch_dtype)
-            if not torch.isfinite(rows_BD).all():
-                raise NonFiniteError(f"batch {i} overflows {dtype} in activation cache {str(folder)!r}; "
-                                     "use dtype='bfloat16' or 'float32'")
-            if d is None:
-                d = manifest["d"] = int(rows_BD.shape[1])
-            if shard_buf is None:
-                shard_buf = torch.empty(shard_rows, d, dtype=torch_dtype)
-            while rows_BD.shape[0]:
-                take = min(shard_rows - n_buf, rows_BD.shape[0])
-                shard_buf[n_buf : n_buf + take] = rows_BD[:take]
-                rows_BD = rows_BD[take:]
-                n_buf += take
-                bar.update(take)
-                if n_buf == shard_rows:
-                    flush()
-    finally:
-        bar.close()
-    if to_skip:
-        raise ActivationCacheError(
-            f"resumed activation cache {str(folder)!r} has {manifest['n_rows']} rows, but the input ended "
-            f"{to_skip} rows short of them; resume with the same input, or skip_written=False"
-        )
-    if n_buf:
-        flush()
-    if d is None:
-        raise CorpusError(f"no activations to write to activation cache {str(folder)!r}: the input was empty")
-    manifest["complete"] = True
-    write_json(folder / MANIFEST, manifest)
-    return ActivationCache(folder)
+
+def _write_batches(batches: Iterable[torch.Tensor], writer: _ShardWriter, to_skip: int, bar) -> int:
+    """Feed the batches to the writer, first skipping ``to_skip`` rows (already written by a run that
+    was interrupted); returns how many rows were left to skip when the input ended."""
+    folder = writer.folder
+    for i, acts_BD in enumerate(batches):
+        d = writer.manifest["d"]
+        if acts_BD.dim() != 2 or (d is not None and acts_BD.shape[1] != d):
+            want = f"[B, {d}]" if d is not None else "[B, D]"
+            raise ValueError(f"batch {i} for activation cache {str(folder)!r} has shape "
+                             f"{tuple(acts_BD.shape)}, expected {want}")
+        if to_skip:
+            n = min(to_skip, acts_BD.shape[0])
+            acts_BD, to_skip = acts_BD[n:], to_skip - n
+        if acts_BD.shape[0] == 0:
+            continue
+        if not torch.isfinite(acts_BD).all():
+            raise NonFiniteError(f"NaN or inf in batch {i} written to activation cache {str(folder)!r}")
+        bar.update(writer.add(acts_BD, f"batch {i}"))
+    return to_skip
 
 
 class ActivationCache:

@@ -24,13 +24,14 @@ relative error of about 4e-3. Rows are checked for NaN/inf before (and after) th
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
 
 from saelab.data.tokens import batched
-from saelab.errors import NonFiniteError, ShapeMismatchError
+from saelab.errors import ConfigError, NonFiniteError, ShapeMismatchError
 
 
 @runtime_checkable
@@ -46,75 +47,68 @@ class ActivationModel(Protocol):
         ...
 
 
+@dataclass
+class StreamConfig:
+    """How an :class:`ActivationStream` batches, shuffles and limits the rows it harvests."""
+
+    batch_size: int = 4096
+    """Rows per emitted batch."""
+    lm_batch_size: int = 32
+    """Contexts per model forward."""
+    exclude_first: bool = True
+    """Drop position 0 of every context (BOS, the attention sink, whose activations are outliers an
+    SAE should not be trained on)."""
+    buffer_tokens: int = 262_144
+    """Shuffle buffer capacity in rows; 0 emits rows in harvest order. Must be 0 or >= 2 * batch_size."""
+    seed: int = 0
+    """Seed of the shuffle."""
+    max_tokens: int | None = None
+    """Stop after this many rows have been harvested (rows, i.e. after exclude_first)."""
+    dtype: torch.dtype = torch.float32
+    """Dtype of the emitted batches."""
+    store_dtype: torch.dtype = torch.float32
+    """Dtype of the shuffle buffer (see the module docstring)."""
+    device: torch.device | str | None = None
+    """Where the buffer lives; default: the device the model returns activations on."""
+    drop_last: bool = True
+    """Drop the final batch if it has fewer than ``batch_size`` rows."""
+    progress: bool = True
+    """Show a tqdm bar counting harvested rows."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lm_batch_size < 1:
+            raise ConfigError(f"lm_batch_size must be >= 1, got {self.lm_batch_size}")
+        if self.buffer_tokens < 0 or 0 < self.buffer_tokens < 2 * self.batch_size:
+            raise ConfigError(f"buffer_tokens must be 0 (no shuffle) or >= 2 * batch_size = {2 * self.batch_size}, "
+                              f"got {self.buffer_tokens}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ConfigError(f"max_tokens must be >= 0 or None, got {self.max_tokens}")
+
+
 class ActivationStream:
     """Iterate over shuffled activation batches [batch_size, D] harvested from ``model`` at ``hook``.
 
-    Args:
-        model: anything following :class:`ActivationModel`. If it has a ``device`` attribute the
-            token batches are moved there.
-        hook: hook name passed to ``model.activations``.
-        contexts: 1-D LongTensors of equal length (e.g. from ``pack_contexts``) or a LongTensor
-            [N, T]. Iterating the stream again iterates ``contexts`` again.
-        batch_size: rows per emitted batch.
-        lm_batch_size: contexts per model forward.
-        exclude_first: drop position 0 of every context (BOS, the attention sink, whose
-            activations are outliers an SAE should not be trained on).
-        buffer_tokens: shuffle buffer capacity in rows; 0 emits rows in harvest order.
-            Must be 0 or at least 2 * batch_size.
-        seed: seed of the shuffle.
-        max_tokens: stop after this many rows have been harvested (rows, i.e. after exclude_first).
-        dtype: dtype of the emitted batches.
-        store_dtype: dtype of the shuffle buffer (see the module docstring).
-        device: where the buffer lives; default: the device the model returns activations on.
-        drop_last: drop the final batch if it has fewer than ``batch_size`` rows.
-        progress: show a tqdm bar counting harvested rows.
+    ``model``: anything following :class:`ActivationModel`; if it has a ``device`` attribute the
+    token batches are moved there. ``hook``: the hook name passed to ``model.activations``.
+    ``contexts``: 1-D LongTensors of equal length (e.g. from ``pack_contexts``) or a LongTensor
+    [N, T]; iterating the stream again iterates ``contexts`` again. ``cfg``: a :class:`StreamConfig`;
+    keyword arguments override its fields (``ActivationStream(lm, hook, ctx, batch_size=4096)``).
 
     ``tokens_seen`` counts rows harvested so far in the current iteration (after exclude_first);
     ``contexts_seen`` counts contexts run through the model.
     """
 
-    def __init__(
-        self,
-        model: ActivationModel,
-        hook: str,
-        contexts: Iterable[torch.Tensor],
-        *,
-        batch_size: int,
-        lm_batch_size: int = 32,
-        exclude_first: bool = True,
-        buffer_tokens: int = 262_144,
-        seed: int = 0,
-        max_tokens: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        store_dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        drop_last: bool = True,
-        progress: bool = True,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if lm_batch_size < 1:
-            raise ValueError(f"lm_batch_size must be >= 1, got {lm_batch_size}")
-        if buffer_tokens < 0 or 0 < buffer_tokens < 2 * batch_size:
-            raise ValueError(
-                f"buffer_tokens must be 0 (no shuffle) or >= 2 * batch_size = {2 * batch_size}, got {buffer_tokens}"
-            )
-        if max_tokens is not None and max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens}")
-        self.model = model
-        self.hook = hook
-        self.contexts = contexts
-        self.batch_size = batch_size
-        self.lm_batch_size = lm_batch_size
-        self.exclude_first = exclude_first
-        self.buffer_tokens = buffer_tokens
-        self.seed = seed
-        self.max_tokens = max_tokens
-        self.dtype = dtype
-        self.store_dtype = store_dtype
-        self.device = torch.device(device) if device is not None else None
-        self.drop_last = drop_last
-        self.progress = progress
+    def __init__(self, model: ActivationModel, hook: str, contexts: Iterable[torch.Tensor],
+                 cfg: StreamConfig | None = None, **fields) -> None:
+        cfg = replace(cfg or StreamConfig(), **fields)
+        self.cfg, self.model, self.hook, self.contexts = cfg, model, hook, contexts
+        # The settings as attributes: the harvest and shuffle code below reads them on every batch.
+        self.batch_size, self.lm_batch_size, self.exclude_first = cfg.batch_size, cfg.lm_batch_size, cfg.exclude_first
+        self.buffer_tokens, self.seed, self.max_tokens = cfg.buffer_tokens, cfg.seed, cfg.max_tokens
+        self.dtype, self.store_dtype, self.drop_last, self.progress = cfg.dtype, cfg.store_dtype, cfg.drop_last, cfg.progress
+        self.device = torch.device(cfg.device) if cfg.device is not None else None
         self.d = int(model.hook_width(hook))
         self.tokens_seen = 0
         self.contexts_seen = 0

@@ -14,7 +14,8 @@ from saelab.train.config import TrainConfig
 from saelab.utils.atomic import write_text
 
 METRIC_ROWS = [
-    ("nmse", "nMSE (FVU)", "{:.4f}"),
+    ("nmse", "nMSE (FVU), raw activation space", "{:.4f}"),
+    ("nmse_sae_input", "nMSE in the SAE's input space (after its normalization; the paper's)", "{:.4f}"),
     ("l0", "L0 (active latents per token)", "{:.2f}"),
     ("dead_frac", "latents inactive on the eval tokens (never fired there; not the training-time dead window)",
      "{:.2%}"),

@@ -23,17 +23,18 @@ def _f(x: Any, fmt: str = "{:.4f}") -> str:
 
 def _headline(name: str, r: dict) -> str:
     if name == "core":
-        return (f"nMSE {_f(r.get('nmse'))}, L0 {_f(r.get('l0'), '{:.1f}')}, delta CE {_f(r.get('delta_ce'))} nats, "
-                f"KL {_f(r.get('kl'))}")
+        return (f"nMSE {_f(r.get('nmse'))} (SAE input space {_f(r.get('nmse_sae_input'))}), L0 "
+                f"{_f(r.get('l0'), '{:.1f}')}, delta CE {_f(r.get('delta_ce'))} nats, KL {_f(r.get('kl'))}")
     if name == "compute_equivalent":
         frac = r.get("fraction")
         s = (f"{frac:.3g} of the pretraining compute of `{r['series']['name']}`" if frac is not None
              else "spliced loss not reached by the fit")
         return s + (f" (extrapolated: {r['extrapolation']})" if r.get("extrapolated") else "")
     if name == "ablation_sparsity":
-        ch = r.get("channel") or {}
-        return (f"latents {_f(r['latent']['mean'])} vs residual channels {_f(ch.get('mean'))} "
-                f"(ratio {_f(r.get('ratio_latent_to_channel'), '{:.3f}')}); {_f(r.get('latents_per_s'), '{:,.1f}')} latents/s")
+        rnd, ch = r.get("random") or {}, r.get("channel") or {}
+        return (f"latents {_f(r['latent']['mean'])} vs random directions of the same norm {_f(rnd.get('mean'))} "
+                f"(ratio {_f(r.get('ratio_latent_to_random'), '{:.3f}')}), residual channels {_f(ch.get('mean'))}; "
+                f"{_f(r.get('latents_per_s'), '{:,.1f}')} latents/s")
     if name == "probe":
         return (f"mean loss {_f(r.get('mean_loss'))} vs channels {_f(r.get('mean_baseline_loss'))} "
                 f"(entropy {_f(r.get('mean_entropy'))}) over {len(r['tasks'])} tasks")
@@ -41,7 +42,7 @@ def _headline(name: str, r: dict) -> str:
         sp = r.get("splice") or {}
         return (f"F1 {_f(r.get('f1'), '{:.3f}')} (precision {_f(r.get('precision'), '{:.3f}')}, recall "
                 f"{_f(r.get('recall'), '{:.3f}')}) over {r['n_explained']} latents; spliced delta CE N2G "
-                f"{_f(sp.get('delta_ce_n2g'))} vs SAE {_f(sp.get('delta_ce_sae'))}")
+                f"{_f(sp.get('delta_ce_n2g_all'))} (all latents simulated) vs SAE {_f(sp.get('delta_ce_sae'))}")
     return ""
 
 
