@@ -91,3 +91,14 @@ def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsys):
     argv = ["train", "--activations", "a", "--out", "r", "--recipe", "paper"]
     paper = build_parser(argv).parse_args(argv).train
     assert (paper.recipe, paper.input_norm, paper.k_aux, paper.ema_decay) == ("paper", "layernorm", 512, 0.999)
+
+
+@pytest.mark.parametrize("name", ["train_config.json", "status.json"])
+def test_corrupt_run_file_is_one_line_naming_it(name, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text('{"train": {}, "sae": {}}')
+    (run / name).write_text('{"train": ')  # torn by a crash or an editor
+    assert _exit_code(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("saelab report: error:") and str(run / name) in err
