@@ -95,6 +95,12 @@ class TrainConfig:
     """Steps between checkpoints (also written at the end and on interruption)."""
     log_every: int = 10
     """Steps between metrics lines."""
+    architecture: Literal["topk", "relu"] = "topk"
+    """'topk' (this paper's SAE), or 'relu': the ReLU + L1 baseline (SAELens 'standard'; k is unused,
+    AuxK and Multi-TopK are off; its recipe: docs/training.md, "ReLU + L1 baseline")."""
+    l1_coefficient: float = 5.0
+    """With architecture='relu': lambda of the L1 penalty sum_i z_i ||W_dec_i||, warmed up linearly over
+    the first 5 % of steps (Anthropic's April 2024 update; units in docs/training.md)."""
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -166,7 +172,7 @@ class TrainConfig:
 
 
 def _check_choices(c: TrainConfig) -> None:
-    for name in ("recipe", "input_norm", "decoder_init"):
+    for name in ("recipe", "input_norm", "decoder_init", "architecture"):
         allowed = _literal_values(name)
         if getattr(c, name) not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}")
@@ -209,6 +215,8 @@ def _check_rates(c: TrainConfig) -> None:
         raise ConfigError(f"ema_decay must be in (0, 1) or None, got {c.ema_decay}")
     if not 0 <= c.decay_fraction <= 1:
         raise ConfigError(f"decay_fraction must be in [0, 1], got {c.decay_fraction}")
+    if c.l1_coefficient < 0:
+        raise ConfigError(f"l1_coefficient must be >= 0, got {c.l1_coefficient}")
     if c.auxk_coef < 0 or c.multi_topk_coef < 0:
         raise ConfigError(f"auxk_coef and multi_topk_coef must be >= 0, got {c.auxk_coef} and {c.multi_topk_coef}")
     if not 0 < c.decoder_init_max_cos <= 1 or c.decoder_init_noise < 0:
