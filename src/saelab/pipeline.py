@@ -227,7 +227,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: Lang
 
 
 def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: str | None = None,
-                   device: str | torch.device | None = None, overwrite: bool = False,
+                   device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Core-evaluate every run of a sweep folder (one model load each); runs whose metrics.json
     describes their SAE with the same settings are kept unless ``overwrite``."""
@@ -244,7 +244,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
             out[run.name] = "already evaluated"
             continue
         spec = model or model_for(sae)
-        models.setdefault(spec, load_model(spec, device=device))
+        if spec not in models:
+            models[spec] = load_model(spec, device=device, dtype=model_dtype)
         if progress:
             print(f"[sweep eval] {run.name}", flush=True)
         m = evaluate_run(run, cfg, lm=models[spec], progress=progress)
@@ -254,8 +255,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
 
 def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: LanguageModel | str | None = None,
                 hook: str | None = None, eval_cfg: EvalConfig | None = None, cfg: PaperSuiteConfig | None = None,
-                device: str | torch.device | None = None, allow_http: bool = False, overwrite: bool = False,
-                progress: bool = True) -> dict[str, Any]:
+                device: str | torch.device | None = None, model_dtype: str = "float32", allow_http: bool = False,
+                overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """`saelab eval SAE --suite paper`: the suite into OUT/evals/ (OUT: the run folder, or ``out_dir``),
     OUT/evals/report.md, and the run's report.md. Raises after writing when a metric failed."""
     sae, run = open_sae(source, allow_http=allow_http)
@@ -266,7 +267,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         raise ConfigError(f"--suite paper writes its results to a folder: pass --out DIR for {source}, which is "
                           "not a run folder")
     check_output_folder(out, "--out")
-    lm = load_model(lm or model_for(sae), device=device)
+    lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,
                             progress=progress)
     write_paper_report(out)
@@ -305,7 +306,7 @@ def _timed(times: dict[str, float], name: str, fn):
 
 
 def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel | None = None,
-               device: str | torch.device | None = None, overwrite: bool = False,
+               device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                overwrite_activations: bool = False, progress: bool = True) -> dict[str, Any]:
     """Harvest -> train -> evaluate -> report.md in one run folder. Every stage resumes: a finished
     harvest, training or evaluation with the same settings is reused. ``overwrite`` replaces the
@@ -317,10 +318,11 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     check_output_folder(run_dir, "--out")
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
     times: dict[str, float] = {}
-    lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device))
+    lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
     cache = _timed(times, "harvest", lambda: harvest(harvest_cfg, run_dir / ACTIVATIONS_DIR, lm=lm,
                                                      overwrite=overwrite_activations, progress=progress))
     sae = None if overwrite else finished_training(run_dir, cfg.train)
+    reused = ["train"] if sae is not None else []
     if sae is None:
         if overwrite and (run_dir / TRAIN_CONFIG).exists():
             print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
@@ -329,11 +331,13 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
                                                               overwrite=overwrite, progress=progress))
     if evaluation_is_current(run_dir, sae, cfg.eval):
         metrics = read_eval_metrics(run_dir, sae)
+        reused.append("evaluate")
     else:
         metrics = _timed(times, "evaluate", lambda: evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir,
                                                             progress=progress))
-    metrics["wall_seconds"] = {**metrics.get("wall_seconds", {}), **times}
-    metrics["wall_seconds"]["total"] = round(sum(v for k, v in metrics["wall_seconds"].items() if k != "total"), 1)
+    # This invocation's wall times; stages whose earlier result was reused are listed, not timed.
+    metrics["wall_seconds"] = {**times, "total": round(sum(times.values()), 1)}
+    metrics["reused"] = reused
     write_json(run_dir / EVAL_METRICS, metrics)
     write_run_report(run_dir)
     return metrics

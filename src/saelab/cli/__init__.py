@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from saelab.cli.common import Parser, escape_help
+from saelab.cli.common import Parser
 from saelab.errors import SaelabError
 
 VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "top", "browse", "families")
@@ -50,7 +50,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     explore.add_top(sub)
     explore.add_browse(sub)
     explore.add_families(sub)
-    escape_help(parser)
     return parser
 
 

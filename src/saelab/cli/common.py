@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import Any, Callable
 
 from simple_parsing import ArgumentParser, DashVariant
@@ -35,18 +36,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.dest.rsplit(".", 1)[-1].upper()
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
+        # argparse formats help with '%': a literal one in a docstring ("60 %") must be doubled.
+        text = re.sub(r"%(?!\()", "%%", action.help or "")
         if "(default" in text or action.default in (None, argparse.SUPPRESS, False) or action.nargs == 0:
             return text
         return text + " (default: %(default)s)"
 
 
 def add_io_options(p: ArgumentParser, *, device: bool = True, overwrite: bool = True) -> None:
-    """--device, --overwrite, --no-progress, --debug where a verb has them."""
+    """--device and --model-dtype, --overwrite, --no-progress, --debug where a verb has them."""
     if device:
         p.add_argument("--device", default=None, metavar="DEVICE",
                        help="where the model and the SAE run: auto (CUDA when available, else cpu), cpu, cuda, "
                             "cuda:N (default: auto)")
+        add_model_dtype(p)
     if overwrite:
         p.add_argument("--overwrite", action="store_true", help="replace finished results in the output folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
@@ -57,16 +60,6 @@ def add_model_dtype(p: ArgumentParser) -> None:
     p.add_argument("--model-dtype", default="float32", choices=DTYPES,
                    help="dtype of the language model's weights and forward (bfloat16 / float16 on a GPU halve "
                         "memory and speed it up; default: float32)")
-
-
-def escape_help(parser: argparse.ArgumentParser) -> None:
-    """argparse treats '%' in help text as a format; a literal one (e.g. '60 %') must be doubled."""
-    for action in parser._actions:  # noqa: SLF001 - argparse keeps its actions only here
-        if action.help and "%" in action.help and "%(" not in action.help:
-            action.help = action.help.replace("%", "%%")
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
-            for sub in action.choices.values():
-                escape_help(sub)
 
 
 def positive_int(name: str) -> Callable[[str], int]:

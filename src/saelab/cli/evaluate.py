@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, add_model_dtype
+from saelab.cli.common import add_io_options
 from saelab.errors import ConfigError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import ComputeEquivalentConfig, known_series_names
@@ -47,7 +47,6 @@ def add_eval(sub) -> None:
     p.add_arguments(PaperSuiteConfig, dest="suite_cfg")
     for dest, cls, prefix in METRIC_GROUPS:
         p.add_arguments(cls, dest=dest, prefix=prefix)
-    add_model_dtype(p)
     add_io_options(p)
     p.set_defaults(handler=run_eval)
 
@@ -68,11 +67,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         if args.suite != "core":
             raise ConfigError(f"{args.sae} is a sweep folder; --suite paper evaluates one SAE: run it on each run "
                               "folder you want the paper metrics of")
-        return evaluate_sweep(args.sae, args.eval, model=args.model, device=args.device, overwrite=args.overwrite,
-                              progress=args.progress)
+        return evaluate_sweep(args.sae, args.eval, model=args.model, device=args.device, model_dtype=args.model_dtype,
+                              overwrite=args.overwrite, progress=args.progress)
     if args.suite == "paper":
         index = paper_suite(args.sae, out_dir=args.out, lm=args.model, hook=args.hook, eval_cfg=args.eval,
-                            cfg=suite_config(args), device=args.device, allow_http=args.allow_http,
+                            cfg=suite_config(args), device=args.device, model_dtype=args.model_dtype, allow_http=args.allow_http,
                             overwrite=args.overwrite, progress=args.progress)
         out = Path(args.out) if args.out else Path(args.sae)
         return {"report": str(out / EVALS_DIR / REPORT),

@@ -114,7 +114,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     bad = [i for i in args.latent if i >= sae.n_latents]
     if bad:
         raise ConfigError(f"--latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
-    lm = load_model(args.model or model_for(sae), device=args.device)
+    lm = load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
     value, text = _steer_value(args, sae, lm)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     text.insert(0, f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
@@ -178,7 +178,8 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
     if args.serve:
         _check_port(args.port)  # before a long build, not after it
     out = Path(args.out) if args.out else _default_out(args.sae)
-    result = build_browser(args.sae, out, args.browse, device=args.device, overwrite=args.overwrite,
+    result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
+                           overwrite=args.overwrite,
                            progress=args.progress)
     summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
                "saes": result["saes"], "seconds": result["seconds"]}
@@ -197,7 +198,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--export {fmt!r}: the formats are: neuronpedia")
     if args.serve:
         raise ConfigError("--export writes files for another viewer; --serve serves the site: pass one of them")
-    lm = load_model(args.browse.model, device=args.device) if args.browse.model else None
+    lm = load_model(args.browse.model, device=args.device, dtype=args.model_dtype) if args.browse.model else None
     result = export_neuronpedia_run(args.sae, out, args.browse, lm=lm, progress=args.progress,
                                     overwrite=args.overwrite)
     return {"export": "neuronpedia", "out": out, "saes": result}
@@ -227,7 +228,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     bad = [i for i in args.latent if i >= sae.n_latents]
     if bad:
         raise ConfigError(f"latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
-    lm = load_model(args.model or model_for(sae), device=args.device)
+    lm = load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
     results = top_activations(sae, lm, args.corpus, list(args.latent), args.n_contexts, n_tokens=args.n_tokens,
                               progress=args.progress)
     if args.json:
@@ -247,7 +248,8 @@ def add_families(sub) -> None:
 
 
 def run_families(args: argparse.Namespace) -> dict[str, Any]:
-    tree = build_families(args.sae, args.out, args.browse, device=args.device, progress=args.progress)
+    tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
+                          progress=args.progress)
     top = tree["families"][:5]
     return {"families": args.out, "n_tokens": tree["n_tokens"], "saes": tree["saes"],
             "matched": {f"{l['child_sae']}->{l['parent_sae']}": l["n_children_matched"] for l in tree["links"]},

@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, add_model_dtype
+from saelab.cli.common import add_io_options
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
@@ -49,7 +49,7 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         train = dataclasses.replace(train, total_tokens=args.n_tokens)
     cfg = QuickstartConfig(harvest=dataclasses.replace(args.harvest, n_tokens=train.total_tokens), train=train,
                            eval=args.eval)
-    metrics = quickstart(cfg, args.out, device=args.device, overwrite=args.overwrite,
+    metrics = quickstart(cfg, args.out, device=args.device, model_dtype=args.model_dtype, overwrite=args.overwrite,
                          overwrite_activations=args.overwrite_activations, progress=args.progress)
     print(f"\nreport: {Path(args.out) / 'report.md'}")
     return metrics
@@ -59,7 +59,6 @@ def add_harvest(sub) -> None:
     p = sub.add_parser("harvest", help="harvest activations at a hook into an on-disk cache")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder")
     p.add_arguments(HarvestConfig, dest="harvest")
-    add_model_dtype(p)
     add_io_options(p)
     p.set_defaults(handler=run_harvest)
 
@@ -143,6 +142,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
                             overwrite=args.overwrite, progress=args.progress)
     if args.eval:
-        evaluate_sweep(args.out, args.eval_cfg, device=args.device, overwrite=args.overwrite, progress=args.progress)
+        evaluate_sweep(args.out, args.eval_cfg, device=args.device, model_dtype=args.model_dtype,
+                       overwrite=args.overwrite, progress=args.progress)
         write_scaling_report(args.out)
     return {name: str(Path(args.out) / name / "sae") for name in saes}

@@ -83,11 +83,11 @@ def _named_model(cfg: BrowseConfig, lm) -> str | None:
     return cfg.model or (lm if isinstance(lm, str) else getattr(lm, "name", None))
 
 
-def _load_lm(lm, cfg: BrowseConfig, sources: Sequence[SAESource], device=None):
+def _load_lm(lm, cfg: BrowseConfig, sources: Sequence[SAESource], device=None, model_dtype="float32"):
     from saelab.models import load_model
     from saelab.run_folder import model_for
 
-    return load_model(lm or cfg.model or model_for(sources[0].sae), device=device)
+    return load_model(lm or cfg.model or model_for(sources[0].sae), device=device, dtype=model_dtype)
 
 
 def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
@@ -100,7 +100,8 @@ def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
 
 
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
-                  device=None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                  device=None, model_dtype: str = "float32", overwrite: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
     """Build the feature browser site for one or several SAEs (on one hook) at ``out``.
 
     ``sae_sources``: run folders, SAELens folders, OpenAI ``.pt`` files or URLs (or :class:`SAESource`).
@@ -121,7 +122,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         return {**old, "site": str(out), "reused": True}
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    lm = _load_lm(lm, cfg, sources, device)
+    lm = _load_lm(lm, cfg, sources, device, model_dtype)
     lm.check_hook(hook)
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
@@ -161,7 +162,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
 
 
 def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig | None = None, *, lm=None,
-                   device=None, progress: bool = True) -> dict[str, Any]:
+                   device=None, model_dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
     """Feature families of several SAEs on one hook (see :mod:`.families`); written to ``out`` as JSON."""
     cfg = cfg or BrowseConfig()
     sources = _sources(sae_sources)
@@ -171,7 +172,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     if len(set(sizes)) != len(sizes):
         raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
-    lm = _load_lm(lm, cfg, sources, device)
+    lm = _load_lm(lm, cfg, sources, device, model_dtype)
     lm.check_hook(hook)
     tokens = read_tokens(lm, sources[0].sae, cfg)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
