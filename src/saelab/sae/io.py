@@ -3,7 +3,8 @@
 ``save_sae`` writes a SAELens-layout folder (see :mod:`saelab.sae.saelens_format`), or with
 ``format="sparsify"`` a sparsify folder (:mod:`saelab.sae.sparsify_format`). ``load_sae`` takes any of:
 
-- a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``), written by saelab or by SAELens;
+- a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``), written by saelab or by SAELens (architecture
+  ``"topk"``, or ``"standard"``: a ReLU SAE, loaded as :class:`saelab.sae.relu.ReLUSAE`);
 - a sparsify SAE folder (``cfg.json`` + ``sae.safetensors``); a sparsify trainer's folder of several
   hookpoints loads with :func:`load_sparsify`;
 - an OpenAI ``sparse_autoencoder`` v5 ``.pt`` file (see :mod:`saelab.sae.openai_format`);
@@ -53,6 +54,7 @@ from saelab.sae.sparsify_format import (
     write_sparsify_folder,
     write_sparsify_hookpoints,
 )
+from saelab.sae.relu import ReLUSAE
 from saelab.sae.topk import TopKSAE
 from saelab.utils.atomic import atomic_path
 
@@ -83,8 +85,14 @@ def save_sae(
         if sparsity_log10 is not None or extra_files:
             raise ConfigError("format='sparsify' holds only cfg.json and sae.safetensors; sparsity_log10 and "
                               "extra_files need format='saelens'")
+        _refuse_relu_in_sparsify(sae)
         return write_sparsify_folder(sae, folder)
     return write_saelens_folder(sae, folder, sparsity_log10=sparsity_log10, extra_files=extra_files)
+
+
+def _refuse_relu_in_sparsify(sae: TopKSAE) -> None:
+    if isinstance(sae, ReLUSAE):  # sparsify's format has only top-k SAEs: the file would read back as one
+        raise ConfigError("a ReLU SAE cannot be saved in the sparsify format (top-k SAEs only); use format='saelens'")
 
 
 def save_sparsify(saes: TopKSAE | Mapping[str, TopKSAE], folder: str | os.PathLike, *,
@@ -92,7 +100,10 @@ def save_sparsify(saes: TopKSAE | Mapping[str, TopKSAE], folder: str | os.PathLi
     """Write one SAE as a sparsify SAE folder, or SAEs keyed by hook name as a sparsify trainer's folder
     (one subfolder per hookpoint, ``layers.9`` etc.; ``family`` as in ``write_sparsify_hookpoints``)."""
     if isinstance(saes, TopKSAE):
+        _refuse_relu_in_sparsify(saes)
         return write_sparsify_folder(saes, folder)
+    for sae in saes.values():
+        _refuse_relu_in_sparsify(sae)
     return write_sparsify_hookpoints(saes, folder, family=family)
 
 

@@ -7,7 +7,8 @@ density). ``cfg.json`` follows SAELens >= 6: flat SAE fields (``architecture="to
 We add our full :class:`SAEConfig` under a ``saelab`` key, which SAELens ignores.
 
 Reading also accepts folders SAELens wrote itself (no ``saelab`` key), including the pre-6.0 layout
-(``hook_point``, ``activation_fn_str="topk"`` with ``activation_fn_kwargs.k``). SAELens options our
+(``hook_point``, ``activation_fn_str="topk"`` with ``activation_fn_kwargs.k``). ``architecture="standard"``
+(a ReLU SAE, pre-6.0: ``activation_fn_str="relu"``) is read and written as a :class:`ReLUSAE`. SAELens options our
 :class:`TopKSAE` lacks but that are exact reparametrizations (``apply_b_dec_to_input=False``,
 ``rescale_acts_by_decoder_norm=True``) are folded into the weights so outputs match SAELens.
 """
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from saelab.errors import CheckpointError
+from saelab.sae.relu import SAELENS_ARCHITECTURE, ReLUSAE
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
 
@@ -54,19 +56,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def saelens_cfg_dict(sae: TopKSAE) -> dict[str, Any]:
-    """The ``cfg.json`` contents for ``sae``: SAELens' TopKSAEConfig fields, metadata, and our config."""
+    """The ``cfg.json`` contents for ``sae``: SAELens' TopKSAEConfig (or, for a ReLU SAE, StandardSAEConfig)
+    fields, metadata, and our config."""
     c = sae.cfg
+    relu = isinstance(sae, ReLUSAE)  # SAELens' StandardSAEConfig has neither k nor rescale_acts_by_decoder_norm
     return {
-        "architecture": "topk",
+        "architecture": SAELENS_ARCHITECTURE if relu else "topk",
         "d_in": c.d_in,
         "d_sae": c.n_latents,
-        "k": c.k,
+        **({} if relu else {"k": c.k}),
         "dtype": _dtype_name(sae.W_enc.dtype),
         "device": str(sae.W_enc.device),
         "apply_b_dec_to_input": True,  # our encoder always subtracts b_dec (the paper's b_pre)
         "normalize_activations": _NORM_TO_SAELENS[c.input_norm],
         "reshape_activations": "none",
-        "rescale_acts_by_decoder_norm": False,
+        **({} if relu else {"rescale_acts_by_decoder_norm": False}),
         "metadata": {
             **c.metadata.to_dict(),
             "sae_lens_version": SAELENS_LAYOUT_VERSION,
@@ -169,23 +173,31 @@ def _positive_int(raw: dict[str, Any], key: str, path: Path) -> int:
     return value
 
 
-def _config_from_saelens(raw: dict[str, Any], path: Path) -> tuple[SAEConfig, bool, bool]:
-    """SAEConfig from SAELens fields, plus (apply_b_dec_to_input, rescale_acts_by_decoder_norm)."""
-    act_kwargs = raw.get("activation_fn_kwargs") if isinstance(raw.get("activation_fn_kwargs"), dict) else {}
+def saelens_architecture(raw: dict[str, Any], path: Path) -> str:
+    """'topk' or 'standard' (a ReLU SAE) from a SAELens cfg.json; any other architecture is refused."""
     architecture = raw.get("architecture")
     if architecture is None:  # pre-6.0 layout: top-k was an activation function of the standard SAE
         act = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
-        architecture = "topk" if act == "topk" else "standard"
-    if architecture != "topk":
+        architecture = {"topk": "topk", "relu": SAELENS_ARCHITECTURE}.get(act, act)
+    if architecture not in ("topk", SAELENS_ARCHITECTURE):
         raise CheckpointError(
-            f"{path}: architecture {architecture!r} is not a top-k SAE; saelab loads SAELens architecture 'topk' only"
+            f"{path}: architecture {architecture!r} is not a top-k SAE or a ReLU SAE; saelab loads SAELens "
+            f"architectures 'topk' and '{SAELENS_ARCHITECTURE}'"
         )
+    return architecture
+
+
+def _config_from_saelens(raw: dict[str, Any], path: Path) -> tuple[SAEConfig, bool, bool]:
+    """SAEConfig from SAELens fields, plus (apply_b_dec_to_input, rescale_acts_by_decoder_norm)."""
+    act_kwargs = raw.get("activation_fn_kwargs") if isinstance(raw.get("activation_fn_kwargs"), dict) else {}
     raw = {**raw}
-    if "k" not in raw and "k" in act_kwargs:
+    if saelens_architecture(raw, path) == SAELENS_ARCHITECTURE:
+        raw["k"] = raw.get("d_sae")  # a ReLU SAE keeps every positive latent: k = n (sae/relu.py)
+    elif "k" not in raw and "k" in act_kwargs:
         raw["k"] = act_kwargs["k"]
     missing = [key for key in ("d_in", "d_sae", "k") if key not in raw]
     if missing:
-        raise CheckpointError(f"{path}: missing required key(s) {', '.join(map(repr, missing))} for a top-k SAE")
+        raise CheckpointError(f"{path}: missing required key(s) {', '.join(map(repr, missing))} for a SAELens SAE")
     d_in, d_sae, k = (_positive_int(raw, key, path) for key in ("d_in", "d_sae", "k"))
 
     norm = raw.get("normalize_activations", "none")
@@ -272,11 +284,12 @@ def _check_weights(state: dict[str, torch.Tensor], cfg: SAEConfig, path: Path) -
         raise CheckpointError(f"{path}: a finetuning scaling factor other than 1 is not supported")
 
 
-def build_sae(cfg: SAEConfig, weights: dict[str, torch.Tensor], *, device, dtype, path: Path) -> TopKSAE:
-    """A TopKSAE holding ``weights`` (W_enc, W_dec, b_enc, b_dec), placed on ``device`` in ``dtype``."""
+def build_sae(cfg: SAEConfig, weights: dict[str, torch.Tensor], *, device, dtype, path: Path,
+              sae_class: type[TopKSAE] = TopKSAE) -> TopKSAE:
+    """A ``sae_class`` SAE holding ``weights`` (W_enc, W_dec, b_enc, b_dec), placed on ``device`` in ``dtype``."""
     # Built on CPU and then given the loaded tensors: a meta-device build would skip the random init
     # but costs seconds of one-off torch imports, more than the init itself at SAE sizes.
-    sae = TopKSAE(cfg, dtype=dtype, device="cpu", init=False)
+    sae = sae_class(cfg, dtype=dtype, device="cpu", init=False)
     sae.load_state_dict({k: weights[k].to(dtype) for k in _WEIGHT_KEYS}, assign=True)
     sae = sae.to(device)
     # max and min propagate NaN and expose inf, without a full-size boolean mask.
@@ -286,16 +299,17 @@ def build_sae(cfg: SAEConfig, weights: dict[str, torch.Tensor], *, device, dtype
 
 
 def read_saelens_folder(folder: Path, *, device="cpu", dtype: torch.dtype = torch.float32) -> TopKSAE:
-    """Load a SAELens-layout folder (ours or SAELens' own) as a TopKSAE."""
+    """Load a SAELens-layout folder (ours or SAELens' own) as a TopKSAE, or a ReLUSAE for architecture 'standard'."""
     cfg_path, weights_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
     raw = read_cfg_json(cfg_path)
     cfg, apply_b_dec, rescale = _config_from_saelens(raw, cfg_path)
+    sae_class = ReLUSAE if saelens_architecture(raw, cfg_path) == SAELENS_ARCHITECTURE else TopKSAE
     if "saelab" in raw:
         cfg = _own_config(raw, cfg, cfg_path)
     state = read_safetensors(weights_path, f"SAE weights {', '.join(_WEIGHT_KEYS)}")
     _check_weights(state, cfg, weights_path)
     if apply_b_dec and not rescale:  # our own layout: no arithmetic, so round trips are bit-identical
-        return build_sae(cfg, state, device=device, dtype=dtype, path=weights_path)
+        return build_sae(cfg, state, device=device, dtype=dtype, path=weights_path, sae_class=sae_class)
     # The folds are done in float64 so they add no rounding of their own.
     W_enc, W_dec = state["W_enc"].double(), state["W_dec"].double()
     b_enc, b_dec = state["b_enc"].double(), state["b_dec"].double()
@@ -304,11 +318,12 @@ def read_saelens_folder(folder: Path, *, device="cpu", dtype: torch.dtype = torc
         b_enc = b_enc + b_dec @ W_enc
     if rescale:
         # SAELens scales pre-activations by |W_dec row| and divides them out again before decoding;
-        # moving the scale into the weights gives the same TopK choice and the same output.
+        # moving the scale into the weights gives the same TopK choice (or ReLU: a positive scale
+        # commutes with it) and the same output.
         norms = W_dec.norm(dim=-1)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
     weights = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
-    return build_sae(cfg, weights, device=device, dtype=dtype, path=weights_path)
+    return build_sae(cfg, weights, device=device, dtype=dtype, path=weights_path, sae_class=sae_class)
 
 
 def read_sparsity(folder: str | os.PathLike) -> torch.Tensor | None:

@@ -1,13 +1,16 @@
-"""One forward pass of the training objective: nMSE + AuxK + Multi-TopK."""
+"""One forward pass of the training objective: nMSE + AuxK + Multi-TopK (or, for the ReLU baseline,
+nMSE + lambda * decoder-norm-weighted L1)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from saelab.sae.kernels import decode_aux, sparse_topk_encode
+from saelab.sae.relu import ReLUSAE
 from saelab.sae.topk import TopKSAE
 from saelab.train.config import TrainConfig
 from saelab.train.distributed import all_reduce_sum
@@ -28,6 +31,8 @@ class StepOutput:
     idx_BK: torch.Tensor
     """Latents selected by TopK (for dead-latent tracking)."""
     vals_BK: torch.Tensor
+    l1: float = 0.0
+    """ReLU SAEs: the L1 penalty before lambda (0 for top-k)."""
 
 
 def residual_variance(r_BD: torch.Tensor) -> torch.Tensor:
@@ -47,9 +52,12 @@ def normalized_mse(x_hat_BD: torch.Tensor, x_BD: torch.Tensor, normalizer: float
 
 
 def training_loss(
-    sae: TopKSAE, x_BD: torch.Tensor, cfg: TrainConfig, normalizer: float, dead_mask_N: torch.Tensor | None
+    sae: TopKSAE, x_BD: torch.Tensor, cfg: TrainConfig, normalizer: float, dead_mask_N: torch.Tensor | None,
+    step: int | None = None,
 ) -> StepOutput:
-    """The paper's loss on one batch of raw activations."""
+    """The paper's loss on one batch of raw activations (a ReLU SAE's: ``relu_l1_loss``, at ``step``)."""
+    if isinstance(sae, ReLUSAE):
+        return relu_l1_loss(sae, x_BD, cfg, normalizer, step)
     x_n, _ = sae.normalize_input(x_BD)
     k = sae.cfg.k
     big_k = min(k * cfg.multi_topk_factor, sae.n_latents) if cfg.multi_topk else k
@@ -80,3 +88,35 @@ def training_loss(
 
     l0 = (vals > 0).sum(dim=-1).float().mean().item()
     return StepOutput(loss, nmse.item(), auxk.item(), multi.item(), l0, idx, vals)
+
+
+L1_WARMUP_FRACTION = 0.05
+"""lambda rises linearly from 0 over this first fraction of the steps (Anthropic, April 2024 update)."""
+
+
+def l1_coefficient_at(cfg: TrainConfig, step: int | None) -> float:
+    """lambda at ``step`` (0-based): linear warmup over the first 5 % of steps; None: the full value."""
+    warmup = max(1, round(L1_WARMUP_FRACTION * cfg.total_steps))
+    if step is None or step >= warmup:
+        return cfg.l1_coefficient
+    return cfg.l1_coefficient * (step + 1) / warmup
+
+
+def relu_l1_loss(sae: ReLUSAE, x_BD: torch.Tensor, cfg: TrainConfig, normalizer: float,
+                 step: int | None = None) -> StepOutput:
+    """nMSE + lambda * mean over rows of sum_i z_i ||W_dec_i|| / sqrt(d_in * normalizer).
+
+    The decoder-norm weighting (SAELens' standard SAE; Anthropic's April 2024 update) lets the decoder
+    go unconstrained without the L1 shrinking z by growing W_dec. The division makes this Anthropic's
+    loss divided by d_in when the activations are scaled so that E||x||^2 = d_in (their normalization,
+    with ``normalizer`` in the place of E||x||^2), so lambda has their units: MSE_s = d_in * nMSE and
+    z_s = z * sqrt(d_in / normalizer). No AuxK or Multi-TopK: the baseline has neither.
+    """
+    x_n, _ = sae.normalize_input(x_BD)
+    z, idx, _ = sae.encode_topk(x_n)
+    x_hat = sae.decode_topk(z, idx)
+    nmse = normalized_mse(x_hat, x_n, normalizer)
+    l1 = (z @ sae.W_dec.norm(dim=1)).mean() / math.sqrt(sae.d_in * normalizer)
+    loss = nmse + l1_coefficient_at(cfg, step) * l1
+    l0 = (z > 0).sum(dim=-1).float().mean().item()
+    return StepOutput(loss, nmse.item(), 0.0, 0.0, l0, idx, z, l1=l1.item())
