@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from saelab.errors import ConfigError, CorpusError, NonFiniteError, ShapeMismatchError
+from saelab.sae.relu import sae_class
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.train import checkpoint as ckpt
 from saelab.train import distributed as ddp
@@ -260,16 +261,20 @@ class Trainer:
         self.tokens_since_fired += x_BD.shape[0]
         self.tokens_since_fired[fired] = 0
         self.step += 1
+        names = ["loss", "nmse", "auxk", "multi_topk", "l0"]
         stats = [out.loss.item(), out.nmse, out.auxk, out.multi_topk, out.l0]
+        if self.cfg.architecture == "relu":  # its L1 penalty before lambda
+            names.append("l1")
+            stats.append(out.l1)
         if ddp.is_distributed():
             stats = (ddp.all_reduce_sum(torch.tensor(stats, dtype=torch.float64, device=self.device))
                      / ddp.world_size()).tolist()
-        return dict(zip(("loss", "nmse", "auxk", "multi_topk", "l0"), stats))
+        return dict(zip(names, stats))
 
     def _forward_backward(self, x_BD: torch.Tensor):
         cfg, sae = self.cfg, self.sae
         dead = self.tokens_since_fired >= cfg.effective_dead_tokens if cfg.auxk else None
-        out = training_loss(sae, ddp.local_rows(x_BD), cfg, self.normalizer, dead)
+        out = training_loss(sae, ddp.local_rows(x_BD), cfg, self.normalizer, dead, step=self.step)
         if not torch.isfinite(out.loss):
             raise NonFiniteError(f"training loss became {out.loss.item()} at step {self.step}")
         sae.zero_grad(set_to_none=True)
@@ -312,7 +317,7 @@ class Trainer:
         weights = self.ema_weights()
         if weights is None:
             return self.sae
-        out = TopKSAE(self.sae.cfg, init=False, dtype=self.sae.W_dec.dtype, device=self.device)
+        out = type(self.sae)(self.sae.cfg, init=False, dtype=self.sae.W_dec.dtype, device=self.device)
         out.load_state_dict(weights)
         if self.cfg.unit_norm_decoder:
             out.normalize_decoder()
@@ -356,7 +361,7 @@ class TrainingRun:
         """A fresh SAE: random draws on the CPU (the same numbers on every device), data init on the device."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        sae = TopKSAE(sae_cfg, init=False, device=self.device)
+        sae = sae_class(cfg.architecture)(sae_cfg, init=False, device=self.device)
         gen = torch.Generator().manual_seed(cfg.seed)
         sae.reset_parameters(gen)
         if not cfg.tied_init:
@@ -377,7 +382,7 @@ class TrainingRun:
         cfg = self.cfg
         state = ckpt.load_checkpoint(self.run_dir, map_location="cpu")
         try:
-            sae = TopKSAE(sae_cfg, init=False, device=self.device)
+            sae = sae_class(cfg.architecture)(sae_cfg, init=False, device=self.device)
             trainer = Trainer(cfg, sae, float(state["normalizer"]), device=self.device, allow_tf32=allow_tf32)
             trainer.load_state_dict(state)
             if tuple(trainer.tokens_since_fired.shape) != (cfg.n_latents,) or not 0 <= trainer.step <= cfg.total_steps:
@@ -455,7 +460,8 @@ def _sae_config(cfg: TrainConfig, d_in: int, meta: dict[str, Any] | None) -> SAE
     meta = dict(meta or {})
     fields = set(SAEConfig.__dataclass_fields__) - {"d_in", "n_latents", "k", "input_norm", "extra"}
     extra = {"train": cfg.to_dict(), **{k: v for k, v in meta.items() if k not in fields}}
-    return SAEConfig(d_in=d_in, n_latents=cfg.n_latents, k=cfg.k, input_norm=cfg.input_norm, extra=extra,
+    k = cfg.n_latents if cfg.architecture == "relu" else cfg.k  # a ReLU SAE keeps every positive latent
+    return SAEConfig(d_in=d_in, n_latents=cfg.n_latents, k=k, input_norm=cfg.input_norm, extra=extra,
                      **{k: v for k, v in meta.items() if k in fields})
 
 
