@@ -230,7 +230,7 @@ def test_pre_6_saelens_folder(tmp_path):
     torch.testing.assert_close(sae(x), saelens_reference(x, w, K, "none", True, False))
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "standard", "gated"])
+@pytest.mark.parametrize("arch", ["jumprelu", "gated"])  # "standard" loads as a ReLUSAE (test_relu_sae.py)
 def test_non_topk_architecture_is_refused(tmp_path, arch):
     folder = write_saelens_v6_folder(tmp_path / "sl", saelens_weights(), arch=arch)
     with pytest.raises(CheckpointError, match=f"architecture '{arch}' is not a top-k SAE"):
