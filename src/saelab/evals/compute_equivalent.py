@@ -509,7 +509,7 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
     (e.g. by the core eval); measured here when None. ``series`` overrides ``cfg.series``.
     """
     from saelab.evals._common import resolve_hook
-    from saelab.evals.downstream import _replace_from
+    from saelab.evals.downstream import replace_from
 
     cfg = cfg or ComputeEquivalentConfig()
     t0 = time.perf_counter()
@@ -523,7 +523,7 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
                               f"({', '.join(known_series_names()[:2])}, ... or a folder)")
         series = resolve_series(spec, cfg.steps, device=lm.device)
     if spliced_loss is None:
-        spliced_loss, _ = mean_loss(lm, tokens_NT, first, {hook: _replace_from(first, sae)}, cfg.lm_batch_size)
+        spliced_loss, _ = mean_loss(lm, tokens_NT, first, {hook: replace_from(first, sae)}, cfg.lm_batch_size)
     if clean_loss is None:
         clean_loss, _ = mean_loss(lm, tokens_NT, first, lm_batch_size=cfg.lm_batch_size)
     t1 = time.perf_counter()

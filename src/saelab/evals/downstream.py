@@ -55,7 +55,7 @@ def ce_and_kl(clean_logits_BTV: torch.Tensor, edited_logits_BTV: torch.Tensor | 
     return ce_clean, ce_edit, kl
 
 
-def _replace_from(first_pos: int, fn):
+def replace_from(first_pos: int, fn):
     """An edit that replaces positions >= first_pos with fn(x) and keeps earlier positions."""
     def edit(x_BTD: torch.Tensor) -> torch.Tensor:
         if first_pos == 0:
@@ -68,13 +68,13 @@ def _replace_from(first_pos: int, fn):
 
 def _variant_edits(sae, first: int, ablations: tuple[str, ...], mean_act_D: torch.Tensor | None) -> dict:
     """The runs to compare, clean first: name -> edit of the hook activation (None: unedited)."""
-    edits = {"clean": None, "spliced": _replace_from(first, sae)}
+    edits = {"clean": None, "spliced": replace_from(first, sae)}
     if "zero" in ablations:
-        edits["zero_abl"] = _replace_from(first, torch.zeros_like)
+        edits["zero_abl"] = replace_from(first, torch.zeros_like)
     if "mean" in ablations:
         if mean_act_D is None:
             raise ValueError("mean-ablation needs mean_act_D, the mean activation at the hook")
-        edits["mean_abl"] = _replace_from(first, lambda x: mean_act_D.to(x.device, x.dtype).expand_as(x))
+        edits["mean_abl"] = replace_from(first, lambda x: mean_act_D.to(x.device, x.dtype).expand_as(x))
     return edits
 
 

@@ -134,7 +134,7 @@ def ablation_effects(
     """
     hook = _hook_of(sae, hook)
     post = sae_hook_name(hook, "hook_sae_acts_post")
-    tokens_BT = lm._tokens(tokens_BT)
+    tokens_BT = lm.as_tokens(tokens_BT)
     B, T = tokens_BT.shape
     saes = {hook: sae}
     clean = _metric_B(metric, run_with_saes(lm, tokens_BT, saes, use_error_term=True, skip_first=skip_first))
@@ -342,7 +342,7 @@ def token_latent_gradients(
     hook = _hook_of(sae, hook)
     if not 0 <= latent < sae.n_latents:
         raise IndexError(f"latent {latent} out of range: the SAE has {sae.n_latents} latents")
-    tokens_BT = lm._tokens(tokens_BT)
+    tokens_BT = lm.as_tokens(tokens_BT)
     store: dict[str, torch.Tensor] = {}
 
     def emb_hook(module, args, output):

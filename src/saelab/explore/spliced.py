@@ -262,7 +262,7 @@ def spliced(
 
 
 def _logits(lm, tokens_BT: torch.Tensor) -> torch.Tensor:
-    return lm.model(input_ids=lm._tokens(tokens_BT), use_cache=False).logits
+    return lm.model(input_ids=lm.as_tokens(tokens_BT), use_cache=False).logits
 
 
 def run_with_saes(

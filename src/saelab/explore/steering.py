@@ -184,7 +184,7 @@ def generate_ids(
     """
     from transformers import GenerationConfig
 
-    ids_BT = lm._tokens(ids_BT)
+    ids_BT = lm.as_tokens(ids_BT)
     eos = lm.tokenizer.eos_token_id
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,

@@ -55,7 +55,7 @@ class UnsupportedModelError(SaelabError, ValueError):
     """A model whose layer layout saelab does not know how to hook."""
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised from a hook to end a forward pass once every requested activation is captured."""
 
 
@@ -239,7 +239,7 @@ class HookSet:
         if kind in plan.reads:
             self.store[plan.reads[kind]] = x
             if self.stop_when_done and len(self.store) >= self.n_reads:
-                raise _StopForward
+                raise StopForward
 
     # -- module hooks -----------------------------------------------------------------------
     def _block_pre(self, layer: int, plan: _LayerPlan):

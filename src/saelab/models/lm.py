@@ -22,7 +22,7 @@ from saelab.errors import ConfigError, ShapeMismatchError
 from saelab.models.hooks import (
     HookSet,
     Layout,
-    _StopForward,
+    StopForward,
     all_hook_names,
     apply_edit,
     detect_layout,
@@ -114,7 +114,8 @@ class LanguageModel:
             tokens_BT[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return tokens_BT.to(self.device) if move_to_device else tokens_BT
 
-    def _tokens(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+    def as_tokens(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """``tokens_BT`` as a LongTensor [batch, seq] on the model's device, or a one-line error."""
         if not isinstance(tokens_BT, torch.Tensor):
             tokens_BT = torch.as_tensor(tokens_BT)
         if tokens_BT.ndim != 2 or tokens_BT.dtype not in (torch.int64, torch.int32):
@@ -168,7 +169,7 @@ class LanguageModel:
         """
         if isinstance(hooks, str):
             hooks = [hooks]
-        tokens_BT = self._tokens(tokens_BT)
+        tokens_BT = self.as_tokens(tokens_BT)
         store: dict[str, torch.Tensor] = {}
         hook_set = self._hook_set(reads=hooks, store=store, stop_when_done=stop_early)
         if stop_early and not hook_set.n_reads:
@@ -177,7 +178,7 @@ class LanguageModel:
         hook_set.attach()
         try:
             logits = self._forward(tokens_BT)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             hook_set.remove()
@@ -192,7 +193,7 @@ class LanguageModel:
     @torch.no_grad()
     def logits(self, tokens_BT: torch.Tensor, edits: Edits | None = None) -> torch.Tensor:
         """Logits ``[B, T, V]`` of a full forward, each edited hook's activation replaced by ``fn(act)``."""
-        tokens_BT = self._tokens(tokens_BT)
+        tokens_BT = self.as_tokens(tokens_BT)
         with self.hooked(edits or {}):
             return self._forward(tokens_BT)
 
@@ -211,7 +212,7 @@ class LanguageModel:
         stream, so for them the full forward runs with ``acts_BTD`` patched in.
         """
         layer, kind = parse_hook(hook, self.layout, self.name)
-        tokens_BT = self._tokens(tokens_BT)
+        tokens_BT = self.as_tokens(tokens_BT)
         if acts_BTD.shape != (*tokens_BT.shape, self.hook_width(hook)):
             raise ShapeMismatchError(
                 f"activation given for hook {hook!r} has shape {tuple(acts_BTD.shape)}, expected "
@@ -251,7 +252,7 @@ class LanguageModel:
         """
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-        tokens_BT = self._tokens(tokens_BT)
+        tokens_BT = self.as_tokens(tokens_BT)
         if tokens_BT.shape[1] < 2:
             raise ShapeMismatchError(
                 f"cross_entropy needs at least 2 tokens per sequence, got shape {tuple(tokens_BT.shape)}"
