@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVAL
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train.checkpoint import read_metrics, read_status
+from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
 from saelab.utils.config import switch
 
@@ -136,12 +137,13 @@ def _cache_batches(cache: ActivationCache, cfg: TrainConfig):
 
 def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, cfg: TrainConfig, *,
                      device: str | torch.device | None = None, overwrite: bool = False,
-                     progress: bool = True) -> TopKSAE:
-    """Train one SAE on an activation cache (resumes an interrupted run in the same folder)."""
+                     progress: bool = True, log_to: Sequence[str] = ()) -> TopKSAE:
+    """Train one SAE on an activation cache (resumes an interrupted run in the same folder);
+    ``log_to``: also log its metrics to "tensorboard" and/or "wandb"."""
     check_output_folder(run_dir, "--out")
     cache = _open_cache(cache, cfg.total_tokens)
     return train_sae(cfg, _cache_batches(cache, cfg), run_dir, d_in=cache.d, meta=_cache_meta(cache),
-                     overwrite=overwrite, progress=progress, device=device)
+                     overwrite=overwrite, progress=progress, device=device, log_to=log_to)
 
 
 def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, TrainConfig]:
@@ -159,7 +161,7 @@ def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, Tr
 
 def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, base: TrainConfig,
                      grid: dict[str, list[Any]], *, device: str | torch.device | None = None,
-                     overwrite: bool = False, progress: bool = True) -> dict[str, TopKSAE]:
+                     overwrite: bool = False, progress: bool = True, log_to: Sequence[str] = ()) -> dict[str, TopKSAE]:
     """Train every SAE of a grid from ONE pass over an activation cache, each in out_dir/<name>/."""
     from saelab.train import train_many
 
@@ -168,7 +170,8 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
     cache = _open_cache(cache, max(c.total_tokens for c in configs.values()))
     out_dir = Path(out_dir)
     saes = train_many(list(configs.values()), _cache_batches(cache, base), [out_dir / n for n in configs],
-                      d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress, device=device)
+                      d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress, device=device,
+                      log_to=log_to)
     return dict(zip(configs, saes))
 
 
@@ -307,7 +310,8 @@ def _timed(times: dict[str, float], name: str, fn):
 
 def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel | None = None,
                device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
-               overwrite_activations: bool = False, progress: bool = True) -> dict[str, Any]:
+               overwrite_activations: bool = False, progress: bool = True,
+               log_to: Sequence[str] = ()) -> dict[str, Any]:
     """Harvest -> train -> evaluate -> report.md in one run folder. Every stage resumes: a finished
     harvest, training or evaluation with the same settings is reused. ``overwrite`` replaces the
     training and evaluation (the activation cache stays unless ``overwrite_activations``).
@@ -316,6 +320,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     """
     run_dir = Path(run_dir)
     check_output_folder(run_dir, "--out")
+    check_log_targets(log_to)  # before the harvest, not after it
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
     times: dict[str, float] = {}
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
@@ -328,7 +333,8 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
             print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
                   file=sys.stderr)
         sae = _timed(times, "train", lambda: train_from_cache(cache, run_dir, cfg.train, device=device,
-                                                              overwrite=overwrite, progress=progress))
+                                                              overwrite=overwrite, progress=progress,
+                                                              log_to=log_to))
     if evaluation_is_current(run_dir, sae, cfg.eval):
         metrics = read_eval_metrics(run_dir, sae)
         reused.append("evaluate")

@@ -14,6 +14,7 @@ from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
                              train_from_cache)
 from saelab.train import TrainConfig
+from saelab.train.metric_sinks import LOG_TARGETS
 from saelab.train.distributed import init_from_env
 
 QUICKSTART_DIR = "runs/quickstart"
@@ -22,6 +23,10 @@ QUICKSTART_DIR = "runs/quickstart"
 def add_train_config(p, recipe: str) -> None:
     """TrainConfig's options, their defaults taken from ``recipe`` (--recipe, read before parsing)."""
     p.add_arguments(TrainConfig, dest="train", default=TrainConfig.from_recipe(recipe))
+    p.add_argument("--log-to", nargs="+", action="extend", choices=LOG_TARGETS, default=[],
+                   metavar="{tensorboard,wandb}",
+                   help="also log training metrics to TensorBoard (RUN/tensorboard/) and/or Weights & Biases "
+                        "(WANDB_MODE=offline works offline); default: metrics.jsonl only")
 
 
 def add_quickstart(sub, recipe: str) -> None:
@@ -50,7 +55,8 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     cfg = QuickstartConfig(harvest=dataclasses.replace(args.harvest, n_tokens=train.total_tokens), train=train,
                            eval=args.eval)
     metrics = quickstart(cfg, args.out, device=args.device, model_dtype=args.model_dtype, overwrite=args.overwrite,
-                         overwrite_activations=args.overwrite_activations, progress=args.progress)
+                         overwrite_activations=args.overwrite_activations, progress=args.progress,
+                         log_to=args.log_to)
     print(f"\nreport: {Path(args.out) / 'report.md'}")
     return metrics
 
@@ -83,7 +89,7 @@ def add_train(sub, recipe: str) -> None:
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     init_from_env()  # data-parallel when started by torchrun
     sae = train_from_cache(args.activations, args.out, args.train, device=args.device, overwrite=args.overwrite,
-                           progress=args.progress)
+                           progress=args.progress, log_to=args.log_to)
     return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, "k": sae.cfg.k}
 
 
@@ -140,7 +146,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     sweep_configs(args.train, grid)  # every grid point validated before anything runs
     init_from_env()
     saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
-                            overwrite=args.overwrite, progress=args.progress)
+                            overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
     if args.eval:
         evaluate_sweep(args.out, args.eval_cfg, device=args.device, model_dtype=args.model_dtype,
                        overwrite=args.overwrite, progress=args.progress)

@@ -37,6 +37,7 @@ from saelab.train import checkpoint as ckpt
 from saelab.train import distributed as ddp
 from saelab.train.config import TrainConfig
 from saelab.train.init import init_from_data
+from saelab.train.metric_sinks import MetricSink, check_log_targets, close_sinks, open_sinks
 from saelab.train.losses import training_loss
 from saelab.utils.atomic import append_line
 
@@ -334,8 +335,10 @@ class TrainingRun:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, d_in: int, meta: dict[str, Any] | None,
                  init_sample: Callable[[], torch.Tensor], overwrite: bool = False,
-                 device: str | torch.device | None = None, allow_tf32: bool = False):
+                 device: str | torch.device | None = None, allow_tf32: bool = False,
+                 log_to: Sequence[str] = (), log_group: str | None = None):
         self.cfg, self.run_dir, self.d_in = cfg, Path(run_dir), d_in
+        self.sinks: list[MetricSink] = []  # TensorBoard / W&B (metric_sinks), fed the rows of metrics.jsonl
         self.writer = ddp.rank() == 0  # one process writes files
         self.device = ddp.process_device(device)  # a bad device is refused before the folder is touched
         sae_cfg = _sae_config(cfg, d_in, meta)
@@ -351,6 +354,7 @@ class TrainingRun:
             if self.writer:
                 ckpt.commit_run_dir(self.run_dir, config, overwrite=overwrite)
                 ckpt.truncate_metrics(self.run_dir, self.trainer.step)
+                self.sinks = open_sinks(log_to, self.run_dir, self.trainer.step, cfg.to_dict(), log_group)
         except BaseException:
             self.close(failed=True)
             raise
@@ -422,6 +426,8 @@ class TrainingRun:
                    "dead_frac": tr.dead_fraction(cfg.effective_dead_tokens), "inactive_frac": tr.dead_fraction(INACTIVE_WINDOW),
                    "tokens_per_s": self.steps_this_call * cfg.batch_size / max(elapsed, 1e-9)}
             append_line(self.run_dir / ckpt.METRICS, json.dumps(row))
+            for sink in self.sinks:
+                sink.log(tr.step, row)
             stats = {**stats, "inactive_frac": row["inactive_frac"]}
         if tr.step % cfg.checkpoint_every == 0:
             self.checkpoint()
@@ -444,8 +450,12 @@ class TrainingRun:
     def close(self, failed: bool = False) -> None:
         """Release the run folder (idempotent). ``failed``: the run never started, so a folder this
         run created is removed again if nothing else was written into it."""
-        if self._lock is not None:
-            self._lock.release(remove_created_dir=failed)
+        sinks, self.sinks = self.sinks, []
+        try:
+            close_sinks(sinks)
+        finally:
+            if self._lock is not None:
+                self._lock.release(remove_created_dir=failed)
 
     def __enter__(self) -> "TrainingRun":
         return self
@@ -479,15 +489,19 @@ def _check_runs(cfgs: Sequence[TrainConfig], run_dirs: Sequence[str | Path]) -> 
 def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs: Sequence[str | Path], *,
                d_in: int, meta: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
                stop_after_steps: int | None = None, device: str | torch.device | None = None,
-               allow_tf32: bool = False) -> list[TopKSAE]:
+               allow_tf32: bool = False, log_to: Sequence[str] = ()) -> list[TopKSAE]:
     """Train several SAEs from ONE pass over the data: every batch feeds every unfinished run.
 
     The runs must share batch_size; they may differ in n, k, lr, total_tokens and anything else.
     Each resumes from its own checkpoint (written on any device). ``stop_after_steps`` ends the
     call early (as an interruption would) after that many batches. ``device`` (None: CUDA when
     available, else the CPU) is where training runs; ``allow_tf32`` lets CUDA run the SAE's float32
-    matmuls in TF32. The SAEs are returned on that device.
+    matmuls in TF32. ``log_to`` also logs each run's metrics to "tensorboard" (RUN/tensorboard/)
+    and/or "wandb" (train/metric_sinks.py); a sweep's W&B runs are grouped by their parent folder.
+    The SAEs are returned on that device.
     """
+    log_to = check_log_targets(log_to)  # a missing package is reported before anything is touched
+    log_group = Path(run_dirs[0]).resolve().parent.name if len(run_dirs) > 1 else None
     _check_runs(cfgs, run_dirs)
     dev = ddp.process_device(device)
     sample: list[torch.Tensor] = []
@@ -501,7 +515,8 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
     try:
         for c, d in zip(cfgs, run_dirs):
             runs.append(TrainingRun(c, d, d_in=d_in, meta=meta, init_sample=lambda c=c: init_sample()[:c.effective_init_rows],
-                                    overwrite=overwrite, device=dev, allow_tf32=allow_tf32))
+                                    overwrite=overwrite, device=dev, allow_tf32=allow_tf32, log_to=log_to,
+                                    log_group=log_group))
         sample.clear()  # initialisation is done: do not hold the sample through training
         return _train_loop(runs, batches_from, dev, progress, stop_after_steps)
     finally:
@@ -553,15 +568,15 @@ def _end(r: TrainingRun, batch_idx: int, stop_after_steps: int | None) -> TopKSA
 def train_sae(cfg: TrainConfig, batches_from: BatchSource, run_dir: str | Path, *, d_in: int,
               meta: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
               stop_after_steps: int | None = None, device: str | torch.device | None = None,
-              allow_tf32: bool = False) -> TopKSAE:
+              allow_tf32: bool = False, log_to: Sequence[str] = ()) -> TopKSAE:
     """Train one top-k SAE into ``run_dir``, resuming from its checkpoint when there is one.
 
     ``meta`` fills the SAE's provenance (model_name, hook_name, context_size, prepend_bos,
     exclude_first, dataset). ``stop_after_steps`` ends the call early with a checkpoint, as an
     interruption would (the run then resumes on the next call, on any device). ``device``: None =
     CUDA when available, else the CPU; ``allow_tf32``: TF32 matmuls on CUDA. The SAE is returned on
-    that device.
+    that device. ``log_to``: ("tensorboard",), ("wandb",) or both also log the metrics there.
     """
     return train_many([cfg], batches_from, [run_dir], d_in=d_in, meta=meta, overwrite=overwrite,
                       progress=progress, stop_after_steps=stop_after_steps, device=device,
-                      allow_tf32=allow_tf32)[0]
+                      allow_tf32=allow_tf32, log_to=log_to)[0]

@@ -1,0 +1,166 @@
+"""Experiment logging (train/metric_sinks.py): TensorBoard event files hold exactly metrics.jsonl's
+rows, a resumed run logs each step once, a missing package is one line before anything starts."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from test_train import _cfg, _data, _source
+
+from saelab.errors import ConfigError, NonFiniteError
+from saelab.train import train_many, train_sae
+from saelab.train.metric_sinks import TAG_PREFIX, TENSORBOARD_DIR, WANDB_ID_FILE
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                        reason="tensorboard is not installed (pip install -e '.[test]')")
+
+
+def _jsonl(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _scalars(run) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of RUN/tensorboard/, read as TensorBoard reads it (stale events purged)."""
+    acc = event_accumulator.EventAccumulator(str(run / TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _expected(rows) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl's numeric fields as TensorBoard stores them (float32 scalars)."""
+    fields = [k for k in rows[0] if k != "step"]
+    return {TAG_PREFIX + k: [(r["step"], float(np.float32(r[k]))) for r in rows] for k in fields}
+
+
+def test_tensorboard_scalars_equal_the_metrics_log(tmp_path):
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data(), 128), run, d_in=24, progress=False, device="cpu", log_to=("tensorboard",))
+    rows = _jsonl(run)
+    assert [r["step"] for r in rows] == list(range(2, 17, 2))
+    assert _scalars(run) == _expected(rows)
+
+
+def test_training_without_log_to_writes_no_event_files(tmp_path):
+    train_sae(_cfg(), _source(_data(), 128), tmp_path / "run", d_in=24, progress=False, device="cpu")
+    assert not (tmp_path / "run" / TENSORBOARD_DIR).exists()
+
+
+def test_stopped_and_resumed_run_logs_each_step_once(tmp_path):
+    run, data = tmp_path / "run", _data()
+    train_sae(_cfg(), _source(data, 128), run, d_in=24, progress=False, device="cpu", stop_after_steps=5,
+              log_to="tensorboard")
+    train_sae(_cfg(), _source(data, 128), run, d_in=24, progress=False, device="cpu", log_to="tensorboard")
+    rows = _jsonl(run)
+    assert [r["step"] for r in rows] == list(range(2, 17, 2))
+    assert _scalars(run) == _expected(rows)
+
+
+def test_steps_logged_after_the_checkpoint_of_a_crashed_run_are_replaced(tmp_path):
+    """A run that dies at step 7 has logged step 6 after its last checkpoint (step 4): the resumed run
+    trains and logs steps 5.. again, and TensorBoard shows the new step 6, once."""
+    run, data = tmp_path / "run", _data()
+    broken = data.clone()
+    broken[6 * 128] = float("nan")  # batch 6, i.e. step 7
+    with pytest.raises(NonFiniteError):
+        train_sae(_cfg(), _source(broken, 128), run, d_in=24, progress=False, device="cpu", log_to="tensorboard")
+    crashed = _jsonl(run)
+    assert [r["step"] for r in crashed] == [2, 4, 6]
+    train_sae(_cfg(), _source(data, 128), run, d_in=24, progress=False, device="cpu", log_to="tensorboard")
+    rows = _jsonl(run)
+    assert [r["step"] for r in rows] == list(range(2, 17, 2))
+    assert rows[2]["tokens_per_s"] != crashed[2]["tokens_per_s"]  # step 6 was logged anew
+    assert _scalars(run) == _expected(rows)
+
+
+def test_sweep_logs_every_run_into_its_own_folder(tmp_path):
+    cfgs = [_cfg(k=8), _cfg(k=16, total_tokens=1024)]
+    dirs = [tmp_path / "sweep" / "k8", tmp_path / "sweep" / "k16"]
+    train_many(cfgs, _source(_data(), 128), dirs, d_in=24, progress=False, device="cpu", log_to=["tensorboard"])
+    for d in dirs:
+        assert _scalars(d) == _expected(_jsonl(d))
+
+
+@pytest.mark.parametrize("package", ["tensorboard", "wandb"])
+def test_missing_package_is_one_line_before_training_starts(package, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ImportError
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    with pytest.raises(ConfigError) as e:
+        train_sae(_cfg(), _source(_data(), 128), tmp_path / "run", d_in=24, progress=False, device="cpu",
+                  log_to=(package,))
+    assert str(e.value) == f"--log-to {package} needs the {package} package: pip install {package}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_log_target_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--log-to 'mlflow': expected one of tensorboard, wandb"):
+        train_sae(_cfg(), _source(_data(), 128), tmp_path / "run", d_in=24, progress=False, device="cpu",
+                  log_to=("mlflow",))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_log_to_reaches_the_training_run(tmp_path, capsys):
+    """`saelab train --log-to tensorboard` on a real activation cache writes the event files."""
+    from saelab.cli import main
+    from saelab.data import write_activation_cache
+
+    cache = write_activation_cache(iter(_data().split(512)), tmp_path / "acts", meta={}, dtype="float32")
+    assert cache.n_rows == 2048
+    argv = ["train", "--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "run"), "--n-latents", "128",
+            "--k", "8", "--batch-size", "128", "--total-tokens", "1024", "--init-rows", "512", "--log-every", "2",
+            "--device", "cpu", "--no-progress", "--log-to", "tensorboard"]
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = _jsonl(tmp_path / "run")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert _scalars(tmp_path / "run") == _expected(rows)
+
+
+def test_wandb_offline_run_holds_the_metrics_and_resumes_the_same_run(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (optional: pip install wandb)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run, data = tmp_path / "run", _data()
+    train_sae(_cfg(), _source(data, 128), run, d_in=24, progress=False, device="cpu", stop_after_steps=5,
+              log_to="wandb")
+    first_id = (run / WANDB_ID_FILE).read_text().strip()
+    train_sae(_cfg(), _source(data, 128), run, d_in=24, progress=False, device="cpu", log_to="wandb")
+    assert (run / WANDB_ID_FILE).read_text().strip() == first_id
+    logged = _wandb_history(wandb, run / "wandb")
+    assert sorted(logged) == [r["step"] for r in _jsonl(run)]  # each step once
+    for r in _jsonl(run):
+        assert logged[r["step"]][TAG_PREFIX + "nmse"] == r["nmse"]
+    offline = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert offline and all(name.endswith(first_id) for name in offline)
+
+
+def _wandb_history(wandb, folder) -> dict[int, dict]:
+    """step -> logged values, read from the offline runs' .wandb files: W&B's 7-byte header, then
+    leveldb-log records (32 KiB blocks; 7-byte record headers: crc, length, type) of Record protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    out: dict[int, dict] = {}
+    for path in sorted(folder.glob("offline-run-*/run-*.wandb")):
+        for data in _leveldb_records(path.read_bytes(), start=7):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            if rec.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                step = int(items["_step"])
+                assert step not in out, f"step {step} logged twice"
+                out[step] = items
+    return out
+
+
+def _leveldb_records(raw: bytes, start: int, block: int = 32768):
+    pos, parts = start, b""
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(raw[pos + 4:pos + 6], "little"), raw[pos + 6]
+        payload, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero fill at the end of the file
+            break
+        parts = payload if kind in (1, 2) else parts + payload  # FULL, FIRST / MIDDLE, LAST
+        if kind in (1, 4):
+            yield parts
