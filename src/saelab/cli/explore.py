@@ -88,6 +88,20 @@ def _check_steer(args: argparse.Namespace):
         raise ConfigError(f"--positions: {e}") from None
 
 
+def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
+    """The SAE named by ``args.sae`` (its latents ``args.latent`` checked) and its language model."""
+    from saelab.models import load_model
+    from saelab.run_folder import model_for, open_sae
+
+    sae, _ = open_sae(args.sae)
+    if hook:
+        sae.cfg.hook_name = hook
+    bad = [i for i in args.latent if i >= sae.n_latents]
+    if bad:
+        raise ConfigError(f"latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
+    return sae, load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
+
+
 def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float, list[str]]:
     """--value as given, or --scale times each latent's max activation on held-out text."""
     from saelab.explore import latent_max_activation
@@ -104,17 +118,9 @@ def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float
 def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.explore.attribution import latent_logit_effects
     from saelab.explore.steering import generate_with_and_without, steer
-    from saelab.models import load_model
-    from saelab.run_folder import model_for, open_sae
 
     positions = _check_steer(args)
-    sae, _ = open_sae(args.sae)
-    if args.hook:
-        sae.cfg.hook_name = args.hook
-    bad = [i for i in args.latent if i >= sae.n_latents]
-    if bad:
-        raise ConfigError(f"--latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
-    lm = load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
+    sae, lm = _sae_and_model(args, hook=args.hook)
     value, text = _steer_value(args, sae, lm)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     text.insert(0, f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
@@ -221,14 +227,8 @@ def add_top(sub) -> None:
 
 def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.explore import top_activations
-    from saelab.models import load_model
-    from saelab.run_folder import model_for, open_sae
 
-    sae, _ = open_sae(args.sae)
-    bad = [i for i in args.latent if i >= sae.n_latents]
-    if bad:
-        raise ConfigError(f"latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
-    lm = load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
+    sae, lm = _sae_and_model(args)
     results = top_activations(sae, lm, args.corpus, list(args.latent), args.n_contexts, n_tokens=args.n_tokens,
                               progress=args.progress)
     if args.json:
