@@ -16,7 +16,7 @@ from saelab.data import ActivationCache
 from saelab.errors import ConfigError
 from saelab.pipeline import HarvestConfig, harvest, train_from_cache
 from saelab.sae import ReLUSAE, SAEConfig, TopKSAE, load_sae, relu_config, save_sae
-from saelab.train import TrainConfig
+from saelab.train import TrainConfig, train_sae
 from saelab.train.losses import l1_coefficient_at, training_loss
 
 HOOK = "blocks.1.hook_resid_post"
@@ -119,6 +119,27 @@ def test_training_on_real_activations_lowers_the_loss_and_l1_makes_it_sparse(cac
     assert rows[-1]["l0"] < 0.75 * weak_rows[-1]["l0"], (rows[-1]["l0"], weak_rows[-1]["l0"])
     loaded = load_sae(tmp_path / "l1_1" / "sae")
     assert isinstance(loaded, ReLUSAE) and loaded.cfg.k == N
+
+
+def test_interrupted_relu_run_resumes_to_the_uninterrupted_result(cache_dir, tmp_path):
+    """The checkpoint rebuilds a ReLUSAE (not a TopKSAE); the trainer hands the loss its step (lambda warmup)."""
+    cache = ActivationCache(cache_dir)
+    cfg = TrainConfig(architecture="relu", l1_coefficient=1.0, n_latents=N, batch_size=100, total_tokens=3000,
+                      init_rows=1000, log_every=1, checkpoint_every=100, ema_decay=0.9)
+
+    def batches_from(start):
+        return cache.batches(100, shuffle=True, seed=0, start_batch=start)
+
+    whole = train_sae(cfg, batches_from, tmp_path / "whole", d_in=cache.d, progress=False)
+    train_sae(cfg, batches_from, tmp_path / "split", d_in=cache.d, progress=False, stop_after_steps=1)
+    resumed = train_sae(cfg, batches_from, tmp_path / "split", d_in=cache.d, progress=False)
+    assert type(whole) is ReLUSAE and type(resumed) is ReLUSAE  # the EMA's SAE keeps the class too
+    for name, p in whole.named_parameters():
+        assert torch.equal(getattr(resumed, name), p), name
+    # 30 steps: lambda warms up over round(1.5) = 2 of them, so step 0 has lambda / 2 and step 1 on lambda.
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    for row, lam in zip(rows[:3], (0.5, 1.0, 1.0)):
+        assert row["loss"] == pytest.approx(row["nmse"] + lam * row["l1"], rel=1e-5), row
 
 
 def test_saelens_standard_round_trip(acts, tmp_path):
