@@ -68,14 +68,15 @@ def centred_sae(lm, hook, tokens_NT, n=256, k=8, seed=0, exclude_first=True):
 
 @pytest.fixture(scope="module")
 def series_case(tiny_series, data_dir):
-    """A 2-layer model trained on Wikipedia, an SAE at its last residual stream, 10 real eval contexts of 32
-    tokens. k=2 because this small model hardly uses the detail of its residual stream (see tiny_series_run)."""
+    """A 2-layer model trained on Wikipedia, an SAE between its layers, 10 real eval contexts of 32 tokens.
+    Not the last layer's output: there an edit at position 0 reaches only the prediction at 0, which is
+    not counted. k=2 because this small model hardly uses the detail of its residual stream."""
     from saelab.models import load_model
 
     lm = load_model(str(tiny_series / "checkpoint-120"))
     tokens = token_contexts(str(data_dir.joinpath(*EVAL)), lm.tokenize, 32, n_contexts=10,
                             bos_token_id=lm.bos_token_id)
-    return lm, centred_sae(lm, "blocks.1.hook_resid_post", tokens, n=128, k=2), tokens
+    return lm, centred_sae(lm, "blocks.0.hook_resid_post", tokens, n=128, k=2), tokens
 
 
 @pytest.mark.parametrize("exclude_first", [True, False])
@@ -105,7 +106,7 @@ def test_matches_full_forwards_at_every_hook_kind(series_case, kind):
 
 
 def test_layers_below_the_hook_run_once_per_batch(series_case):
-    lm, sae, tokens = series_case  # hook blocks.1.hook_resid_post: layer 1 runs only in the lower part
+    lm, sae, tokens = series_case  # hook blocks.0.hook_resid_post: layer 0 runs in the lower part only
     mean_D = mean_activation(lm, tokens, sae.cfg.hook_name, 1)
     blocks = lm.layout.blocks
     calls = {0: 0, 1: 0}
@@ -116,7 +117,7 @@ def test_layers_below_the_hook_run_once_per_batch(series_case):
     finally:
         for h in handles:
             h.remove()
-    assert calls == {0: 3, 1: 3}  # 3 batches of <= 4 contexts; before: 4 full forwards each (12)
+    assert calls == {0: 3, 1: 3}  # 3 batches of <= 4 contexts, all runs stacked above; before: 12 and 12
 
 
 @pytest.mark.parametrize("per_forward", [1, 4])
