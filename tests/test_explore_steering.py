@@ -134,3 +134,27 @@ def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):
     g = result["generations"][0]
     assert g["clean"] in out and g["steered"] in out and g["clean"] != g["steered"]
     assert result["promoted_tokens"]["7"]
+
+
+def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp_path, capsys):
+    from saelab.explore import latent_max_activation, top_activations
+
+    model_dir = tmp_path / "model"
+    tiny_gpt2.model.save_pretrained(model_dir)
+    tiny_gpt2.tokenizer.save_pretrained(model_dir)
+    save_sae(sae, tmp_path / "sae")
+    corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
+    common = ["--model", str(model_dir), "--device", "cpu", "--no-progress"]
+    assert main(["top", "7,9", str(tmp_path / "sae"), "-n", "3", "--n-tokens", "1024", "--corpus", corpus,
+                 "--json", *common]) == 0
+    got = json.loads(capsys.readouterr().out)["latents"]
+    want = top_activations(sae, tiny_gpt2, corpus, [7, 9], 3, n_tokens=1024)
+    assert got == [json.loads(json.dumps(w.to_dict())) for w in want]
+    assert main(["top", "7", str(tmp_path / "sae"), "--n-tokens", "1024", "--corpus", corpus, *common]) == 0
+    assert capsys.readouterr().out.startswith("latent 7: max ")
+    # --scale 2: twice the latent's max activation on the eval split.
+    assert main(["steer", str(tmp_path / "sae"), "--latent", "7", "--scale", "2", "--scale-tokens", "1024",
+                 "--max-new-tokens", "3", "--greedy", "--top-tokens", "0", "--json", *common]) == 0
+    steering = json.loads(capsys.readouterr().out)["steering"]
+    peak = latent_max_activation(sae, tiny_gpt2, None, 7, n_tokens=1024)
+    assert peak > 0 and steering.startswith(f"latent 7 at {HOOK}: add {2 * peak:g}")
