@@ -410,10 +410,40 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
     build, held = tokens_NT[: N - n_eval], tokens_NT[N - n_eval:]
     pad_id = padding_id(lm.tokenizer, cfg.padding_token)
 
-    # Max activation of every latent on the build split, then the latents to explain.
     vals_b, idx_b = _sparse_latents(lm, sae, build, hook, cfg.lm_batch_size)
     vals_b[:, :lo] = 0
-    max_all = torch.zeros(sae.n_latents).scatter_reduce_(0, idx_b.flatten(), vals_b.flatten(), reduce="amax")
+    lats, max_acts = _latents_to_explain(vals_b, idx_b, sae.n_latents, cfg)
+    examples = _top_examples(_columns(vals_b, idx_b, lats), build, lats, s0, cfg.n_examples)
+    counter = [0]
+    act_fn = model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, cfg.seq_batch_size)
+    expl = build_explanations(examples, act_fn, max_acts, cfg, pad_id, counter)
+    t_build = time.perf_counter()
+
+    z_h = _columns(*_sparse_latents(lm, sae, held, hook, cfg.lm_batch_size), lats)
+    pred = _predictions(expl, held, lats, s0)
+    per_latent, tot = _score_latents(lm, expl, pred, z_h, lats, max_acts, lo, cfg)
+    E = lats.numel()
+    micro = _prf(tot["tp"], tot["fp"], tot["fn"])
+    splice, per_ctx = _splice(lm, sae, held, hook, lats, pred, max_acts, first, cfg) if cfg.splice and E else (None, {})
+    thresholds = torch.tensor([cfg.firing_frac * max_acts[int(l)] for l in lats])
+    per_ctx.update(context_counts(pred[:, lo:], z_h[:, lo:], thresholds))
+    t_end = time.perf_counter()
+    return {
+        "metric": "n2g", "hook": hook, "config": config_dict(cfg), "n_explained": E,
+        "n_build_contexts": int(build.shape[0]), "n_eval_contexts": int(n_eval),
+        **{k: json_float(_nanmean(r[k] for r in per_latent)) for k in ("precision", "recall", "f1", "corr")},
+        "micro": {"precision": json_float(micro[0]), "recall": json_float(micro[1]),
+                  "f1": json_float(micro[2]), **tot},
+        "mean_patterns": json_float(_nanmean(float(r["n_patterns"]) for r in per_latent)),
+        "per_latent": per_latent, "splice": splice, "intervals": _intervals(per_ctx, cfg) if E else {},
+        "n_model_sequences": counter[0], "build_s": t_build - t0, "eval_s": t_end - t_build, "wall_s": t_end - t0,
+    }
+
+
+def _latents_to_explain(vals_b, idx_b, n_latents: int, cfg: N2GConfig) -> tuple[torch.Tensor, dict[int, float]]:
+    """The latents to explain (cfg.latents, or a seeded sample of those that fire on the build split)
+    and every chosen latent's max activation there."""
+    max_all = torch.zeros(n_latents).scatter_reduce_(0, idx_b.flatten(), vals_b.flatten(), reduce="amax")
     if cfg.latents:
         lats = torch.tensor(sorted({int(l) for l in cfg.latents}), dtype=torch.long)
     else:
@@ -421,30 +451,36 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
         if cfg.n_latents and lats.numel() > cfg.n_latents:
             g = torch.Generator().manual_seed(cfg.seed)
             lats = lats[torch.randperm(lats.numel(), generator=g)[: cfg.n_latents]].sort().values
-    E = lats.numel()
-    z_b = _columns(vals_b, idx_b, lats)
-    max_acts = {int(l): float(max_all[l]) for l in lats}
+    return lats, {int(l): float(max_all[l]) for l in lats}
 
-    # Examples: each context's max position, the n_examples best contexts per latent.
+
+def _top_examples(z_b: torch.Tensor, build: torch.Tensor, lats: torch.Tensor, s0: int,
+                  n_examples: int) -> dict[int, list[tuple[list[int], float]]]:
+    """Per latent, its n_examples best build contexts, each cut after its max position."""
     ctx_max, ctx_arg = z_b.max(dim=1)  # [Nb, E]
     examples: dict[int, list[tuple[list[int], float]]] = {}
     for e, lat in enumerate(lats.tolist()):
-        top = ctx_max[:, e].argsort(descending=True)[: cfg.n_examples]
+        top = ctx_max[:, e].argsort(descending=True)[:n_examples]
         examples[lat] = [(build[c, s0:int(ctx_arg[c, e]) + 1].tolist(), float(ctx_max[c, e]))
                          for c in top.tolist() if ctx_max[c, e] > 0]
-    counter = [0]
-    act_fn = model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, cfg.seq_batch_size)
-    expl = build_explanations(examples, act_fn, max_acts, cfg, pad_id, counter)
-    t_build = time.perf_counter()
+    return examples
 
-    # Predictions and actual activations on the held-out contexts.
-    z_h = _columns(*_sparse_latents(lm, sae, held, hook, cfg.lm_batch_size), lats)
-    pred = torch.zeros(n_eval, T, E)
+
+def _predictions(expl: dict, held: torch.Tensor, lats: torch.Tensor, s0: int) -> torch.Tensor:
+    """The explanations' predicted activations (fractions of the max) on the held-out contexts [N, T, E]."""
+    n_eval, T = held.shape
+    pred = torch.zeros(n_eval, T, lats.numel())
     for e, lat in enumerate(lats.tolist()):
         ex = expl[lat][0]
         for c in range(n_eval):
             pred[c, s0:, e] = torch.tensor(ex.predict(held[c, s0:].tolist()))
-    strs = {}
+    return pred
+
+
+def _score_latents(lm, expl: dict, pred: torch.Tensor, z_h: torch.Tensor, lats: torch.Tensor,
+                   max_acts: dict[int, float], lo: int, cfg: N2GConfig) -> tuple[list[dict], dict[str, int]]:
+    """Each latent's precision / recall / F1 and its reported patterns; the summed confusion counts."""
+    strs: dict = {}
     per_latent = []
     tot = {"tp": 0, "fp": 0, "fn": 0}
     for e, lat in enumerate(lats.tolist()):
@@ -461,30 +497,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
                           "ids": list(p.ids), "anchored": p.anchored, "value": p.value, "count": p.count}
                          for p in pats],
         })
-    micro = _prf(tot["tp"], tot["fp"], tot["fn"])
-    splice, per_ctx = _splice(lm, sae, held, hook, lats, pred, max_acts, first, cfg) if cfg.splice and E else (None, {})
-    thresholds = torch.tensor([cfg.firing_frac * max_acts[int(l)] for l in lats])
-    per_ctx.update(context_counts(pred[:, lo:], z_h[:, lo:], thresholds))
-    t_end = time.perf_counter()
-    return {
-        "metric": "n2g",
-        "hook": hook,
-        "config": config_dict(cfg),
-        "n_explained": E,
-        "n_build_contexts": int(build.shape[0]),
-        "n_eval_contexts": int(n_eval),
-        **{k: json_float(_nanmean(r[k] for r in per_latent)) for k in ("precision", "recall", "f1", "corr")},
-        "micro": {"precision": json_float(micro[0]), "recall": json_float(micro[1]),
-                  "f1": json_float(micro[2]), **tot},
-        "mean_patterns": json_float(_nanmean(float(r["n_patterns"]) for r in per_latent)),
-        "per_latent": per_latent,
-        "splice": splice,
-        "intervals": _intervals(per_ctx, cfg) if E else {},
-        "n_model_sequences": counter[0],
-        "build_s": t_build - t0,
-        "eval_s": t_end - t_build,
-        "wall_s": t_end - t0,
-    }
+    return per_latent, tot
 
 
 def _intervals(per_ctx: dict[str, torch.Tensor], cfg: N2GConfig) -> dict:
