@@ -133,11 +133,26 @@ def test_wandb_offline_run_holds_the_metrics_and_resumes_the_same_run(tmp_path, 
     assert offline and all(name.endswith(first_id) for name in offline)
 
 
+
+def test_wandb_sweep_runs_each_hold_their_own_metrics(tmp_path, monkeypatch):
+    """A sweep trains its runs at once in one process: each is its own W&B run (reinit='create_new')."""
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (optional: pip install wandb)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    dirs = [tmp_path / "sweep" / "k8", tmp_path / "sweep" / "k16"]
+    train_many([_cfg(k=8), _cfg(k=16, total_tokens=1024)], _source(_data(), 128), dirs, d_in=24, progress=False,
+               device="cpu", log_to=["wandb"])
+    for d in dirs:
+        logged, rows = _wandb_history(wandb, d / "wandb"), _jsonl(d)
+        assert sorted(logged) == [r["step"] for r in rows]
+        assert all(logged[r["step"]][TAG_PREFIX + "l0"] == r["l0"] for r in rows)
+
 def _wandb_history(wandb, folder) -> dict[int, dict]:
     """step -> logged values, read from the offline runs' .wandb files: W&B's 7-byte header, then
     leveldb-log records (32 KiB blocks; 7-byte record headers: crc, length, type) of Record protobufs."""
     from wandb.proto import wandb_internal_pb2
 
+    wandb.teardown()  # the wandb-core service writes these files: stop it so that they are complete
     out: dict[int, dict] = {}
     for path in sorted(folder.glob("offline-run-*/run-*.wandb")):
         for data in _leveldb_records(path.read_bytes(), start=7):
@@ -164,3 +179,17 @@ def _leveldb_records(raw: bytes, start: int, block: int = 32768):
         parts = payload if kind in (1, 2) else parts + payload  # FULL, FIRST / MIDDLE, LAST
         if kind in (1, 4):
             yield parts
+
+
+def test_quickstart_reports_a_missing_package_before_the_harvest(tmp_path, monkeypatch, capsys):
+    from saelab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    argv = ["quickstart", "--out", "qs", "--n-tokens", "4096", "--log-to", "tensorboard", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("saelab quickstart: error: --log-to tensorboard needs the tensorboard package: "
+                       "pip install tensorboard"), err
+    assert list(tmp_path.iterdir()) == []  # no model loaded, nothing harvested

@@ -27,6 +27,7 @@ from saelab.utils.atomic import write_text
 LOG_TARGETS = ("tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
+WANDB_MIN_VERSION = "0.19.10"
 TAG_PREFIX = "train/"
 """Scalars are named train/<metrics.jsonl field> (TensorBoard groups them by this prefix)."""
 
@@ -51,11 +52,24 @@ def check_log_targets(log_to: str | Sequence[str] | None) -> tuple[str, ...]:
             raise ConfigError("--log-to tensorboard needs the tensorboard package: pip install tensorboard") \
                 from None
     if "wandb" in targets:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("--log-to wandb needs the wandb package: pip install wandb") from None
+        _check_wandb()
     return tuple(dict.fromkeys(targets))  # each once, in the order given
+
+
+def _check_wandb() -> None:
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--log-to wandb needs the wandb package: pip install wandb") from None
+    from packaging.version import InvalidVersion, Version
+
+    try:  # reinit="create_new" (several runs at once, as a sweep trains them) came in 0.19.10
+        too_old = Version(wandb.__version__) < Version(WANDB_MIN_VERSION)
+    except InvalidVersion:
+        too_old = False
+    if too_old:
+        raise ConfigError(f"--log-to wandb needs wandb >= {WANDB_MIN_VERSION}, found {wandb.__version__}: "
+                          "pip install -U wandb")
 
 
 def numeric_fields(row: Mapping[str, Any]) -> dict[str, float]:
