@@ -91,6 +91,10 @@ def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsys):
     argv = ["train", "--activations", "a", "--out", "r", "--recipe", "paper"]
     paper = build_parser(argv).parse_args(argv).train
     assert (paper.recipe, paper.input_norm, paper.k_aux, paper.ema_decay) == ("paper", "layernorm", 512, 0.999)
+    argv = ["train", "--activations", "a", "--out", "r", "--recipe", "relu-l1", "--l1-coefficient", "2"]
+    relu = build_parser(argv).parse_args(argv).train
+    assert (relu.architecture, relu.l1_coefficient, relu.unit_norm_decoder, relu.auxk) == ("relu", 2.0, False, False)
+    assert relu.changes_from_recipe() == {"l1_coefficient": 2.0}
 
 
 @pytest.mark.parametrize("name", ["train_config.json", "status.json"])

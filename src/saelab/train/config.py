@@ -16,10 +16,11 @@ from saelab.utils.config import switch
 class TrainConfig:
     """How to train one top-k SAE (Gao et al. 2024, with OpenAI's and sparsify's defaults)."""
 
-    recipe: Literal["short-run", "paper"] = "short-run"
+    recipe: Literal["short-run", "paper", "relu-l1"] = "short-run"
     """The recipe these settings start from: 'short-run' (tuned for runs of a few hundred steps,
-    the CPU default) or 'paper' (Gao et al. 2024 and OpenAI's code; docs/training.md lists each
-    item and its source). Options given explicitly override the recipe's value."""
+    the CPU default), 'paper' (Gao et al. 2024 and OpenAI's code) or 'relu-l1' (the ReLU + L1
+    baseline with its usual recipe); docs/training.md lists each item and its source. Options
+    given explicitly override the recipe's value."""
     n_latents: int = 8192
     """Number of latents n."""
     k: int = 32
@@ -228,6 +229,12 @@ PAPER_LR_AT_2_14 = 1e-4 * math.sqrt(2)
 """OpenAI's 1e-4 at n = 2^15, moved to this module's reference size n = 2^14 by the 1/sqrt(n) rule."""
 
 RECIPES: dict[str, dict[str, Any]] = {
+    # The baseline the paper compares against, with Anthropic's April 2024 recipe (docs/training.md).
+    "relu-l1": {
+        "architecture": "relu", "l1_coefficient": 5.0, "decay_fraction": 0.2, "warmup_steps": 0,
+        "unit_norm_decoder": False, "project_decoder_grad": False, "decoder_init": "random",
+        "scale_encoder_init": False, "auxk": False,
+    },
     # The defaults above: tuned for runs of a few hundred steps (docs/training.md has the measurements).
     "short-run": {},
     # Gao et al. 2024 and OpenAI's sparse_autoencoder; sources per item in docs/training.md.
