@@ -73,6 +73,17 @@ def test_steps_logged_after_the_checkpoint_of_a_crashed_run_are_replaced(tmp_pat
     assert _scalars(run) == _expected(rows)
 
 
+
+def test_overwritten_run_shows_only_the_new_training(tmp_path):
+    run, data = tmp_path / "run", _data()
+    train_sae(_cfg(), _source(data, 128), run, d_in=24, progress=False, device="cpu", log_to="tensorboard")
+    old = _jsonl(run)
+    train_sae(_cfg(lr=3e-3), _source(data, 128), run, d_in=24, progress=False, device="cpu", overwrite=True,
+              log_to="tensorboard")
+    rows = _jsonl(run)
+    assert rows[-1]["nmse"] != old[-1]["nmse"]
+    assert _scalars(run) == _expected(rows)
+
 def test_sweep_logs_every_run_into_its_own_folder(tmp_path):
     cfgs = [_cfg(k=8), _cfg(k=16, total_tokens=1024)]
     dirs = [tmp_path / "sweep" / "k8", tmp_path / "sweep" / "k16"]
