@@ -113,8 +113,9 @@ def test_relu_clipped_values_get_no_gradient():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("aux_dense", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_cuda_kernel_matches_cpu_reference(dtype, tol):
+def test_cuda_kernel_matches_cpu_reference(dtype, tol, aux_dense):
     """The same kernel on the GPU (float32 and bf16) against the float64 CPU dense reference."""
     torch.manual_seed(0)
     B, D, n, k = 256, 64, 512, 16
@@ -126,7 +127,7 @@ def test_cuda_kernel_matches_cpu_reference(dtype, tol):
     z_ref, za_ref = _dense_reference(x, b_dec, W, b, k, dead_idx, 8)
 
     dev = [t.to("cuda", dtype).requires_grad_() for t in (x, b_dec, W, b)]
-    out = sparse_topk_encode(*dev, k, dead_idx=dead_idx.cuda(), k_aux=8)
+    out = sparse_topk_encode(*dev, k, dead_idx=dead_idx.cuda(), k_aux=8, aux_dense=aux_dense)
     z = _densify(out.vals_BK.double().cpu(), out.idx_BK.cpu(), n)
     # Compare where both selections agree (bf16 rounding can swap near-ties at the k-th place).
     agree = (z != 0) == (z_ref != 0)
