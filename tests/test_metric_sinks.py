@@ -2,6 +2,7 @@
 rows, a resumed run logs each step once, a missing package is one line before anything starts."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -204,3 +205,23 @@ def test_quickstart_reports_a_missing_package_before_the_harvest(tmp_path, monke
     assert err[-1] == ("saelab quickstart: error: --log-to tensorboard needs the tensorboard package: "
                        "pip install tensorboard"), err
     assert list(tmp_path.iterdir()) == []  # no model loaded, nothing harvested
+
+
+def test_data_parallel_run_logs_from_rank_0_only(tmp_path):
+    """torchrun with 2 CPU processes (gloo): one event file, holding exactly metrics.jsonl's rows."""
+    import subprocess
+
+    from saelab.data import write_activation_cache
+
+    write_activation_cache(iter(_data().split(512)), tmp_path / "acts", meta={}, dtype="float32", progress=False)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29531", "-m", "saelab",
+            "train", "--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "run"), "--n-latents", "128",
+            "--k", "8", "--batch-size", "256", "--total-tokens", "2048", "--init-rows", "512", "--log-every", "2",
+            "--device", "cpu", "--no-progress", "--log-to", "tensorboard"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "run" / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1
+    rows = _jsonl(tmp_path / "run")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert _scalars(tmp_path / "run") == _expected(rows)
