@@ -392,15 +392,9 @@ def interp_tokens(tokens: Sequence[float], losses: Sequence[float], target: floa
     return float(math.exp(math.log(C[i - 1]) + t * (math.log(C[i]) - math.log(C[i - 1]))))
 
 
-def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *, total_tokens: int,
-                       clean_loss: float | None = None, fit: str = "power", fit_min_frac: float = 0.01,
-                       series_name: str = "series") -> dict[str, Any]:
-    """Fit loss against tokens and place ``spliced_loss`` on it (module docstring; pure function).
-
-    ``points``: ``[{"tokens", "loss", "label"?, "source"?}]``, one per checkpoint.
-    """
-    if fit not in ("power", "interp"):
-        raise ValueError(f"fit must be 'power' or 'interp', got {fit!r}")
+def _fit_series(points: Sequence[dict[str, Any]], total_tokens: int, fit_min_frac: float, series_name: str):
+    """The checkpoints as rows (with their fitted loss), the power law fitted to those past fit_min_frac of
+    training, the tokens and losses it was fitted to, and that token threshold."""
     rows = sorted(({"label": p.get("label", str(p["tokens"])), "tokens": int(p["tokens"]), "loss": float(p["loss"]),
                     "source": p.get("source", "")} for p in points), key=lambda r: r["tokens"])
     if any(not math.isfinite(r["loss"]) for r in rows):
@@ -426,7 +420,19 @@ def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
     for r in rows:
         r["used_in_fit"] = r["tokens"] >= min_tokens
         r["fitted_loss"] = json_float(law(r["tokens"])) if r["tokens"] > 0 else None
+    return rows, law, C, L, min_tokens
 
+
+def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *, total_tokens: int,
+                       clean_loss: float | None = None, fit: str = "power", fit_min_frac: float = 0.01,
+                       series_name: str = "series") -> dict[str, Any]:
+    """Fit loss against tokens and place ``spliced_loss`` on it (module docstring; pure function).
+
+    ``points``: ``[{"tokens", "loss", "label"?, "source"?}]``, one per checkpoint.
+    """
+    if fit not in ("power", "interp"):
+        raise ValueError(f"fit must be 'power' or 'interp', got {fit!r}")
+    rows, law, C, L, min_tokens = _fit_series(points, total_tokens, fit_min_frac, series_name)
     c_star = law.invert(spliced_loss)
     c_interp = interp_tokens(C, L, spliced_loss)
     if spliced_loss <= law.c:
