@@ -22,6 +22,7 @@ from saelab.evals.compute_equivalent import (
     run_compute_equivalent,
     series_for_model,
 )
+from saelab.report.plots import compute_equivalent_plot
 
 A, B, C_IRR = 40.0, 0.12, 2.0
 TOTAL = 4_000_000_000
@@ -195,8 +196,8 @@ def test_compute_equivalent_on_a_trained_series(tiny_series, tiny_series_run, da
     tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), lm.tokenize, 32,
                             n_contexts=48, bos_token_id=lm.bos_token_id)
     cfg = ComputeEquivalentConfig(series=str(tiny_series), fit_min_frac=0.1)
-    res = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "losses.json",
-                                 plot_path=tmp_path / "ce.png")
+    res = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "losses.json")
+    compute_equivalent_plot(res, tmp_path / "ce.png")  # the report layer draws it from the result
     json.dumps(res, allow_nan=False)
     losses = [r["loss"] for r in res["checkpoints"]]
     assert [r["tokens"] for r in res["checkpoints"]] == [s * 128 for s in (10, 20, 40, 60, 90, 120)]
@@ -238,8 +239,8 @@ def test_whole_method_on_a_few_hundred_steps(data_dir, tmp_path):
     lm = load_model(final)
     tokens = token_contexts(str(wiki / "wiki_eval.jsonl.xz"), lm.tokenize, 32, n_contexts=128,
                             bos_token_id=lm.bos_token_id)
-    res = run_compute_equivalent(lm, sae, tokens, ComputeEquivalentConfig(series=str(folder), fit_min_frac=0.05),
-                                 plot_path=tmp_path / "ce.png")
+    res = run_compute_equivalent(lm, sae, tokens, ComputeEquivalentConfig(series=str(folder), fit_min_frac=0.05))
+    compute_equivalent_plot(res, tmp_path / "ce.png")
     assert len(res["checkpoints"]) == 10 and res["spliced_loss"] > res["clean_loss"]
     assert not res["extrapolated"] and 0 < res["fraction"] < 1
     assert res["fraction_interp"] == pytest.approx(res["fraction"], rel=0.5)

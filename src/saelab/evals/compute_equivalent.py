@@ -194,6 +194,46 @@ def pythia_series(size: str = "70m", steps: Sequence[int] = PYTHIA_DEFAULT_STEPS
 _STEP_RE = re.compile(r"(?:checkpoint|step|global_step)[-_]?(\d+)$")
 
 
+def _listed_checkpoints(meta: dict, meta_path: Path, folder: Path, tps) -> list[tuple[str, int, Path]]:
+    """(label, tokens, path) of the checkpoints series.json lists."""
+    entries = []
+    for i, item in enumerate(meta["checkpoints"]):
+        path = folder / str(item.get("path", ""))
+        if "tokens" in item:
+            tokens = int(item["tokens"])
+        elif "step" in item and tps:
+            tokens = int(item["step"]) * int(tps)
+        else:
+            raise SeriesError(f"{meta_path}: checkpoints[{i}] needs 'tokens' (or 'step' with a top-level "
+                              "'tokens_per_step')")
+        if not path.is_dir():
+            raise SeriesError(f"{meta_path}: checkpoints[{i}] path {str(path)!r} is not a folder")
+        entries.append((path.name, tokens, path))
+    return entries
+
+
+def _trainer_checkpoints(folder: Path, meta_path: Path, tps) -> list[tuple[str, int, Path]]:
+    """(label, tokens, path) of the subfolders with a Hugging Face trainer_state.json."""
+    entries = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        state_path = sub / "trainer_state.json"
+        if not state_path.exists():
+            continue
+        state = json.loads(state_path.read_text())
+        if state.get("num_input_tokens_seen"):
+            tokens = int(state["num_input_tokens_seen"])
+        elif "global_step" in state and tps:
+            tokens = int(state["global_step"]) * int(tps)
+        else:
+            raise SeriesError(f"{state_path}: has no num_input_tokens_seen; put 'tokens_per_step' in "
+                              f"{meta_path} to count global_step in tokens")
+        entries.append((sub.name, tokens, sub))
+    if not entries:
+        raise SeriesError(f"checkpoint series folder {folder}: no series.json and no subfolder with a "
+                          "trainer_state.json; expected checkpoint folders and a mapping to training tokens")
+    return entries
+
+
 def local_series(folder: str | Path, device: str | torch.device = "cpu") -> CheckpointSeries:
     """A folder of checkpoint folders (each loadable by ``load_model``) with a mapping to tokens.
 
@@ -216,37 +256,8 @@ def local_series(folder: str | Path, device: str | torch.device = "cpu") -> Chec
         except json.JSONDecodeError as e:
             raise SeriesError(f"{meta_path}: not valid JSON ({e})") from e
     tps = meta.get("tokens_per_step")
-    entries: list[tuple[str, int, Path]] = []
-    if "checkpoints" in meta:
-        for i, item in enumerate(meta["checkpoints"]):
-            path = folder / str(item.get("path", ""))
-            if "tokens" in item:
-                tokens = int(item["tokens"])
-            elif "step" in item and tps:
-                tokens = int(item["step"]) * int(tps)
-            else:
-                raise SeriesError(f"{meta_path}: checkpoints[{i}] needs 'tokens' (or 'step' with a top-level "
-                                  "'tokens_per_step')")
-            if not path.is_dir():
-                raise SeriesError(f"{meta_path}: checkpoints[{i}] path {str(path)!r} is not a folder")
-            entries.append((path.name, tokens, path))
-    else:
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            state_path = sub / "trainer_state.json"
-            if not state_path.exists():
-                continue
-            state = json.loads(state_path.read_text())
-            if state.get("num_input_tokens_seen"):
-                tokens = int(state["num_input_tokens_seen"])
-            elif "global_step" in state and tps:
-                tokens = int(state["global_step"]) * int(tps)
-            else:
-                raise SeriesError(f"{state_path}: has no num_input_tokens_seen; put 'tokens_per_step' in "
-                                  f"{meta_path} to count global_step in tokens")
-            entries.append((sub.name, tokens, sub))
-        if not entries:
-            raise SeriesError(f"checkpoint series folder {folder}: no series.json and no subfolder with a "
-                              "trainer_state.json; expected checkpoint folders and a mapping to training tokens")
+    entries = _listed_checkpoints(meta, meta_path, folder, tps) if "checkpoints" in meta else \
+        _trainer_checkpoints(folder, meta_path, tps)
     entries.sort(key=lambda e: e[1])
 
     def loader(path: Path):

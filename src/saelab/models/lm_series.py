@@ -117,6 +117,21 @@ def _load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(spec)
 
 
+def _shuffled_contexts(cfg: LMSeriesConfig, tokenizer, bos: int, corpus: str) -> torch.Tensor:
+    """The steps * batch_size training contexts of the corpus, in a seeded random order."""
+    from saelab.data import iter_texts, pack_contexts
+
+    n_ctx = cfg.steps * cfg.batch_size
+    contexts = list(pack_contexts(iter_texts(corpus), tokenizer, cfg.context_size, bos_token_id=bos,
+                                  max_contexts=n_ctx))
+    if len(contexts) < n_ctx:
+        raise CorpusError(f"corpus {corpus!r} gave {len(contexts)} contexts of {cfg.context_size} tokens; "
+                          f"{cfg.steps} steps of {cfg.batch_size} need {n_ctx}")
+    data = torch.stack(contexts)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return data[torch.randperm(data.shape[0], generator=g)]
+
+
 def train_checkpoint_series(cfg: LMSeriesConfig, out_dir: str | Path, *, corpus: str,
                             progress: bool = False) -> Path:
     """Train the model of ``cfg`` on ``corpus`` and save ``out_dir/checkpoint-{step}`` folders.
@@ -126,8 +141,6 @@ def train_checkpoint_series(cfg: LMSeriesConfig, out_dir: str | Path, *, corpus:
     """
     from tqdm.auto import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from saelab.data import iter_texts, pack_contexts
 
     out_dir = Path(out_dir)
     record = {"config": asdict(cfg) | {"save_steps": list(cfg.save_steps)}, "corpus": str(corpus)}
@@ -145,21 +158,11 @@ def train_checkpoint_series(cfg: LMSeriesConfig, out_dir: str | Path, *, corpus:
     except (OSError, ValueError) as e:
         raise SaelabError(f"cannot load tokenizer {cfg.tokenizer!r}: {e}") from e
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    n_ctx = cfg.steps * cfg.batch_size
-    contexts = list(pack_contexts(iter_texts(corpus), tokenizer, cfg.context_size, bos_token_id=bos,
-                                  max_contexts=n_ctx))
-    if len(contexts) < n_ctx:
-        raise CorpusError(f"corpus {corpus!r} gave {len(contexts)} contexts of {cfg.context_size} tokens; "
-                          f"{cfg.steps} steps of {cfg.batch_size} need {n_ctx}")
-    data = torch.stack(contexts)
-    g = torch.Generator().manual_seed(cfg.seed)
-    data = data[torch.randperm(data.shape[0], generator=g)]
-
+    data = _shuffled_contexts(cfg, tokenizer, bos, corpus)
     torch.manual_seed(cfg.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=bos, eos_token_id=tokenizer.eos_token_id)
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                                       n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
     saves = cfg.checkpoint_steps()
