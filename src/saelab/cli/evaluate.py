@@ -103,7 +103,8 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     if is_sweep(args.run):
         fits = write_scaling_report(args.run)["fits"]
         return {"report": str(Path(args.run) / "scaling.md"),
-                **{label: {"alpha": f.get("alpha"), "c": f.get("c"), "monotone": f.get("monotone")}
+                **{label: {"alpha": f.get("alpha"), "alpha_interval": f.get("alpha_interval"), "c": f.get("c"),
+                           "monotone": f.get("monotone")}
                    for label, f in fits.items()}}
     if not (Path(args.run) / TRAIN_CONFIG).exists():
         raise SaelabError(f"{args.run} is neither a run folder (with {TRAIN_CONFIG}) nor a sweep folder of runs")
