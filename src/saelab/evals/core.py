@@ -30,16 +30,20 @@ class EvalConfig:
     recon_tokens: int = 32_768
     """Tokens for nMSE, L0 and dead/dense latents."""
     downstream_tokens: int = 16_384
-    """Tokens for delta CE, KL and CE recovered (one LM forward per variant)."""
+    """Tokens for delta CE, KL and CE recovered (the layers below the hook run once, the rest once per
+    variant: clean, spliced and each ablation)."""
     context_size: int | None = None
     """Context length; None: the SAE's training context size."""
     lm_batch_size: int = 8
     """Contexts per LM forward."""
     ablations: tuple[Literal["zero", "mean"], ...] = ABLATIONS
     """Baselines for CE recovered: zero and/or mean ablation of the hook."""
+    variants_per_forward: int = 4
+    """Variants stacked in one forward of the layers after the hook (fastest on a CPU); 1 holds the
+    least logits memory (a GPU with long contexts)."""
 
     def __post_init__(self) -> None:
-        for name in ("recon_tokens", "downstream_tokens", "lm_batch_size"):
+        for name in ("recon_tokens", "downstream_tokens", "lm_batch_size", "variants_per_forward"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.context_size is not None and self.context_size < 3:
@@ -102,7 +106,8 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress)
     t_recon = time.perf_counter() - t0
     down = downstream_metrics(lm, sae, tokens[:n_down], hook=hook, lm_batch_size=cfg.lm_batch_size,
-                              mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations, progress=progress)
+                              mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations,
+                              variants_per_forward=cfg.variants_per_forward, progress=progress)
     metrics = {**recon.to_dict(), **down, "model": lm.name, "hook": hook, "eval_corpus": str(corpus),
                "context_size": T, "position_0": "excluded" if first else "included",
                "dead_definition": f"never fired on the {recon.n_tokens:,} eval tokens (not the training-time window)",
