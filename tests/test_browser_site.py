@@ -174,7 +174,7 @@ def test_bad_inputs_are_named(tiny_gpt2, sae_files, corpus, tmp_path):
     empty_run = tmp_path / "run_without_sae"
     empty_run.mkdir()
     (empty_run / "metrics.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="run_without_sae: not a run folder with an SAE"):
+    with pytest.raises(CheckpointError, match="run_without_sae: folder has no cfg.json"):
         build_browser([empty_run], tmp_path / "s1", lm=tiny_gpt2)
     other = tmp_path / "other"
     save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post")), other)

@@ -262,6 +262,7 @@ def sae_dashboard_python() -> str | None:
     return os.environ.get("SAELAB_SAE_DASHBOARD_PYTHON") or None
 
 
+@pytest.mark.peers
 def test_saedashboard_loads_it_and_converts_it_for_neuronpedia(exported, tmp_path):
     python = sae_dashboard_python()
     if python is None:

@@ -127,6 +127,7 @@ def test_cli_log_to_reaches_the_training_run(tmp_path, capsys):
     assert _scalars(tmp_path / "run") == _expected(rows)
 
 
+@pytest.mark.peers
 def test_wandb_offline_run_holds_the_metrics_and_resumes_the_same_run(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb", reason="wandb is not installed (optional: pip install wandb)")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -146,6 +147,7 @@ def test_wandb_offline_run_holds_the_metrics_and_resumes_the_same_run(tmp_path, 
 
 
 
+@pytest.mark.peers
 def test_wandb_sweep_runs_each_hold_their_own_metrics(tmp_path, monkeypatch):
     """A sweep trains its runs at once in one process: each is its own W&B run (reinit='create_new')."""
     wandb = pytest.importorskip("wandb", reason="wandb is not installed (optional: pip install wandb)")
