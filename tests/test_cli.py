@@ -42,6 +42,8 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
     ("browse SAE --serve --port 99999", "--port must be in 0..65535"),
     ("quickstart --n-tokens 100", "--n-tokens 100 is less than one batch"),
+    ("quickstart --eval-corpus missing/eval.jsonl", "corpus 'missing/eval.jsonl': no such file or folder"),
+    ("harvest --corpus missing.jsonl.xz", "corpus 'missing.jsonl.xz': no such file or folder"),
 ]
 
 
@@ -62,6 +64,12 @@ def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monke
     assert last.startswith(f"saelab {args[0]}: error:") and message in last, err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created
+
+
+def test_options_are_not_abbreviated(capsys):
+    """--rec would otherwise set the recipe's name without its settings."""
+    assert _exit_code(["train", "--activations", "a", "--out", "r", "--rec", "paper"]) == 2
+    assert "unrecognized arguments: --rec paper" in capsys.readouterr().err
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -95,6 +103,12 @@ def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsys):
     relu = build_parser(argv).parse_args(argv).train
     assert (relu.architecture, relu.l1_coefficient, relu.unit_norm_decoder, relu.auxk) == ("relu", 2.0, False, False)
     assert relu.changes_from_recipe() == {"l1_coefficient": 2.0}
+    # A recipe named in the config file brings its settings, not only its name.
+    cfg.write_text(json.dumps({"train": {"recipe": "paper", "k": 16}}))
+    from saelab.cli import parse_args
+
+    paper = parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg)]).train
+    assert (paper.recipe, paper.input_norm, paper.ema_decay, paper.k) == ("paper", "layernorm", 0.999, 16)
 
 
 @pytest.mark.parametrize("name", ["train_config.json", "status.json"])

@@ -14,7 +14,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from saelab.data import ActivationCache, ActivationStream, iter_texts, pack_contexts, resolve_corpus
+from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, iter_texts, pack_contexts
+from saelab.data import resolve_corpus
 from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
@@ -196,10 +197,12 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
     sae = sae if isinstance(sae, TopKSAE) else open_sae(sae)[0]
+    resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     core = evaluate_core(sae, lm, cfg, progress=progress)
     metrics = {**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
-               "sae_sha256": sae_sha256(sae), "eval_config": _eval_config_record(cfg)}
+               "sae_sha256": sae_sha256(sae), "eval_config": _eval_config_record(cfg),
+               "model_dtype": str(lm.dtype).removeprefix("torch.")}
     if out_dir is not None:
         write_json(Path(out_dir) / EVAL_METRICS, metrics)
         density_histogram(core.frequencies_N, Path(out_dir) / DENSITY_PLOT, metrics["n_tokens"])
@@ -211,10 +214,16 @@ def _eval_config_record(cfg: EvalConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg)))
 
 
-def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig) -> bool:
-    """True when the run's metrics.json describes this SAE evaluated with this config."""
-    metrics = read_eval_metrics(run_dir, sae)
-    return bool(metrics) and metrics.get("eval_config") == _eval_config_record(cfg)
+def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | None = None,
+                          model_dtype: str = "float32") -> bool:
+    """True when the run's metrics.json describes this SAE evaluated with this config, model dtype and
+    (when given) model. An unreadable metrics.json is not current: the evaluation runs again."""
+    try:
+        metrics = read_eval_metrics(run_dir, sae)
+    except SaelabError:
+        return False
+    return (bool(metrics) and metrics.get("eval_config") == _eval_config_record(cfg)
+            and metrics.get("model_dtype", "float32") == model_dtype and model in (None, metrics.get("model")))
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
@@ -243,7 +252,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
     out: dict[str, Any] = {}
     for run in runs:
         sae = load_sae(run / SAE_DIR)
-        if not overwrite and evaluation_is_current(run, sae, cfg):
+        if not overwrite and evaluation_is_current(run, sae, cfg, model_dtype=model_dtype):
             out[run.name] = "already evaluated"
             continue
         spec = model or model_for(sae)
@@ -270,6 +279,9 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         raise ConfigError(f"--suite paper writes its results to a folder: pass --out DIR for {source}, which is "
                           "not a run folder")
     check_output_folder(out, "--out")
+    if not sae.cfg.hook_name:
+        raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook)")
+    resolve_corpus(eval_cfg.corpus if eval_cfg else None, "eval")
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,
                             progress=progress)
@@ -292,13 +304,29 @@ class QuickstartConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def finished_training(run_dir: Path, cfg: TrainConfig) -> TopKSAE | None:
-    """The SAE of a finished run in ``run_dir`` trained with ``cfg``, else None."""
+def finished_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache) -> TopKSAE | None:
+    """The SAE of a finished run in ``run_dir`` trained with ``cfg`` on activations like ``cache``'s
+    (same model, hook, corpus, context), else None."""
     if read_status(run_dir).get("state") != "finished" or not (run_dir / TRAIN_CONFIG).exists():
         return None
-    if read_json(run_dir / TRAIN_CONFIG, "training config").get("train") != cfg.to_dict():
+    recorded = read_json(run_dir / TRAIN_CONFIG, "training config")
+    same_data = all(recorded.get("sae", {}).get(k) == v for k, v in _cache_meta(cache).items() if k != "model_source")
+    if recorded.get("train") != cfg.to_dict() or not same_data:
         return None
     return load_sae(run_dir / SAE_DIR)
+
+
+def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, overwrite: bool,
+                        progress: bool) -> ActivationCache:
+    """The quickstart's activation cache; one harvested with other settings is named, with the way out."""
+    try:
+        return harvest(cfg, run_dir / ACTIVATIONS_DIR, lm=lm, overwrite=overwrite, progress=progress)
+    except ActivationCacheError as e:
+        if "cannot resume" not in str(e):
+            raise
+        raise ActivationCacheError(f"{run_dir / ACTIVATIONS_DIR} holds activations harvested with other settings "
+                                   "(e.g. another --n-tokens); pass --overwrite-activations --overwrite to harvest "
+                                   "and train again, or pick another --out") from e
 
 
 def _timed(times: dict[str, float], name: str, fn):
@@ -322,11 +350,12 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     check_output_folder(run_dir, "--out")
     check_log_targets(log_to)  # before the harvest, not after it
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
+    resolve_corpus(harvest_cfg.corpus, "train"), resolve_corpus(cfg.eval.corpus, "eval")  # before the model loads
     times: dict[str, float] = {}
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
-    cache = _timed(times, "harvest", lambda: harvest(harvest_cfg, run_dir / ACTIVATIONS_DIR, lm=lm,
-                                                     overwrite=overwrite_activations, progress=progress))
-    sae = None if overwrite else finished_training(run_dir, cfg.train)
+    cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
+                                                                 progress))
+    sae = None if overwrite else finished_training(run_dir, cfg.train, cache)
     reused = ["train"] if sae is not None else []
     if sae is None:
         if overwrite and (run_dir / TRAIN_CONFIG).exists():
@@ -335,7 +364,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         sae = _timed(times, "train", lambda: train_from_cache(cache, run_dir, cfg.train, device=device,
                                                               overwrite=overwrite, progress=progress,
                                                               log_to=log_to))
-    if evaluation_is_current(run_dir, sae, cfg.eval):
+    if evaluation_is_current(run_dir, sae, cfg.eval, model=lm.name, model_dtype=model_dtype):
         metrics = read_eval_metrics(run_dir, sae)
         reused.append("evaluate")
     else:

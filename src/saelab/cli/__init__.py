@@ -27,13 +27,13 @@ def _option_value(argv: list[str], option: str) -> str | None:
     return None
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The full parser. ``--recipe`` is read from ``argv`` first: the recipe sets the training defaults."""
+def build_parser(argv: list[str] | None = None, recipe: str | None = None) -> argparse.ArgumentParser:
+    """The full parser. The recipe (``recipe``, else ``--recipe`` in ``argv``) sets the training defaults."""
     from saelab.cli import evaluate, explore, jobs
     from saelab.train.config import RECIPES
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    recipe = _option_value(argv, "--recipe") or "short-run"
+    recipe = recipe or _option_value(argv, "--recipe") or "short-run"
     if recipe not in RECIPES:
         recipe = "short-run"  # the full parse then refuses the unknown name, listing the choices
     parser = Parser(prog="saelab", add_config_path_arg=False,
@@ -53,6 +53,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; when a --config file names another recipe than the command line, parse again with
+    that recipe's defaults (a recipe is its settings, not only its name)."""
+    args = build_parser(argv).parse_args(argv)
+    train = getattr(args, "train", None)
+    if train is not None and train.recipe != (_option_value(argv, "--recipe") or "short-run"):
+        args = build_parser(argv, recipe=train.recipe).parse_args(argv)
+    return args
+
+
 def _verb(argv: list[str]) -> str:
     return next((a for a in argv if a in VERBS), "")
 
@@ -67,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     verb = _verb(argv)
     debug = "--debug" in argv
     try:
-        args = build_parser(argv).parse_args(argv)
+        args = parse_args(argv)
         result = args.handler(args)
     except SaelabError as e:
         if debug:
@@ -86,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["VERBS", "build_parser", "main"]
+__all__ = ["VERBS", "build_parser", "main", "parse_args"]

@@ -23,6 +23,7 @@ class Parser(ArgumentParser):
         kwargs.setdefault("add_option_string_dash_variants", DashVariant.DASH)
         kwargs.setdefault("add_config_path_arg", "config")
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # --rec would set a recipe's name without its settings
         super().__init__(*args, **kwargs)
 
 

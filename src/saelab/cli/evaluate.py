@@ -82,7 +82,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if not sae.cfg.hook_name:
         raise ConfigError(f"SAE {args.sae} records no hook (an OpenAI .pt file outside its release layout "
                           ".../resid_post_mlp_v5_32k/autoencoders/8.pt, say); pass --hook blocks.8.hook_resid_post")
-    if run is not None and args.out in (None, str(run)) and not args.hook:
+    into_run = run is not None and (args.out is None or Path(args.out).resolve() == run.resolve())
+    if into_run and args.hook:
+        raise ConfigError(f"--hook changes what {args.sae}'s SAE reads: its metrics would not describe the run; "
+                          "pass --out DIR for them")
+    if into_run:
         return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
                             progress=args.progress)
     return evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,

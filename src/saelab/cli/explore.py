@@ -198,13 +198,15 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
 def _export(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.explore.browser.export import export_neuronpedia_run
     from saelab.models import load_model
+    from saelab.run_folder import model_for, open_sae
 
     fmt, out = args.export
     if fmt != "neuronpedia":
         raise ConfigError(f"--export {fmt!r}: the formats are: neuronpedia")
     if args.serve:
         raise ConfigError("--export writes files for another viewer; --serve serves the site: pass one of them")
-    lm = load_model(args.browse.model, device=args.device, dtype=args.model_dtype) if args.browse.model else None
+    first, _ = open_sae(args.sae[0])
+    lm = load_model(args.browse.model or model_for(first), device=args.device, dtype=args.model_dtype)
     result = export_neuronpedia_run(args.sae, out, args.browse, lm=lm, progress=args.progress,
                                     overwrite=args.overwrite)
     return {"export": "neuronpedia", "out": out, "saes": result}

@@ -52,8 +52,8 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         if args.n_tokens < train.batch_size:
             raise ConfigError(f"--n-tokens {args.n_tokens} is less than one batch (--batch-size {train.batch_size})")
         train = dataclasses.replace(train, total_tokens=args.n_tokens)
-    cfg = QuickstartConfig(harvest=dataclasses.replace(args.harvest, n_tokens=train.total_tokens), train=train,
-                           eval=args.eval)
+    harvest_cfg = dataclasses.replace(args.harvest, n_tokens=args.n_tokens) if args.n_tokens else args.harvest
+    cfg = QuickstartConfig(harvest=harvest_cfg, train=train, eval=args.eval)  # harvests max(n_tokens, total_tokens)
     metrics = quickstart(cfg, args.out, device=args.device, model_dtype=args.model_dtype, overwrite=args.overwrite,
                          overwrite_activations=args.overwrite_activations, progress=args.progress,
                          log_to=args.log_to)

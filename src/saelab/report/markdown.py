@@ -7,7 +7,7 @@ from typing import Any
 
 from saelab.report.plots import training_curves
 from saelab.run_folder import (DENSITY_PLOT, EVALS_DIR, REPORT, SAE_DIR, TRAIN_CONFIG, TRAINING_CURVES,
-                               read_eval_metrics, read_json)
+                               read_eval_metrics, read_json, sae_sha256)
 from saelab.sae import load_sae
 from saelab.train.checkpoint import read_metrics, read_status
 from saelab.train.config import TrainConfig
@@ -41,14 +41,23 @@ def _recipe(train: dict[str, Any]) -> str:
     return f"`{cfg.recipe}`" + (", changed: " + ", ".join(f"{k}={v}" for k, v in changes.items()) if changes else "")
 
 
+def _paper_suite_of(run_dir: Path, sae) -> bool:
+    """Whether run_dir/evals holds a paper-suite report of this very SAE (not of one evaluated --out here)."""
+    index = run_dir / EVALS_DIR / "suite.json"
+    if not (run_dir / EVALS_DIR / REPORT).exists() or not index.exists():
+        return False
+    return read_json(index, "paper-suite index").get("sae", {}).get("sha256") == sae_sha256(sae)
+
+
 def write_run_report(run_dir: str | Path) -> Path:
     """report.md of a run folder; evaluation metrics appear only when they describe its current SAE."""
     run_dir = Path(run_dir)
     cfg = read_json(run_dir / TRAIN_CONFIG, "training config")
     sae_cfg, train = cfg["sae"], cfg["train"]
     metrics: dict[str, Any] = {}
-    if (run_dir / SAE_DIR).is_dir():
-        metrics = read_eval_metrics(run_dir, load_sae(run_dir / SAE_DIR))
+    sae = load_sae(run_dir / SAE_DIR) if (run_dir / SAE_DIR).is_dir() else None
+    if sae is not None:
+        metrics = read_eval_metrics(run_dir, sae)
     log = read_metrics(run_dir)
     status = read_status(run_dir)
 
@@ -81,7 +90,7 @@ def write_run_report(run_dir: str | Path) -> Path:
                   "![training curves](training_curves.png)", ""]
     if metrics and (run_dir / DENSITY_PLOT).exists():
         lines += ["![latent density](density.png)", ""]
-    if (run_dir / EVALS_DIR / REPORT).exists():
+    if sae is not None and _paper_suite_of(run_dir, sae):
         lines += ["## Paper metrics", "", "Compute-equivalent, ablation sparsity, probe loss and N2G: "
                   "[evals/report.md](evals/report.md) (`saelab eval RUN --suite paper`).", ""]
     wall = metrics.get("wall_seconds")
