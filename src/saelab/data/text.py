@@ -93,8 +93,8 @@ def resolve_corpus(corpus: str | None, split: str) -> str:
     """``corpus`` when given, else the offline default for ``split``; a one-line error when neither exists."""
     if corpus:
         if _looks_like_path(corpus) and not Path(corpus).expanduser().exists():  # before any slow work
-            raise CorpusError(f"corpus {corpus!r}: no such file or folder; expected a .txt/.jsonl[.xz|.gz] file, "
-                              "a folder of .txt files or a Hugging Face dataset name")
+            raise CorpusError(f"corpus path {corpus!r} does not exist; expected a .txt/.jsonl[.xz|.gz] file, a "
+                              "folder of .txt files or a Hugging Face dataset name")
         return corpus
     found = default_corpus(split)
     if found is None:
