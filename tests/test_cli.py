@@ -42,6 +42,7 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
     ("browse SAE --serve --port 99999", "--port must be in 0..65535"),
     ("quickstart --n-tokens 100", "--n-tokens 100 is less than one batch"),
+    ("families A B --out missing/families.json", "expected a file path in an existing folder"),
     ("quickstart --eval-corpus missing/eval.jsonl", "corpus path 'missing/eval.jsonl' does not exist"),
     ("harvest --corpus missing.jsonl.xz", "corpus path 'missing.jsonl.xz' does not exist"),
 ]

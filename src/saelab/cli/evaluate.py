@@ -64,6 +64,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.pipeline import evaluate, evaluate_run, evaluate_sweep, paper_suite
 
     if is_sweep(args.sae):
+        if args.out or args.hook:
+            raise ConfigError(f"{args.sae} is a sweep folder: each run is evaluated into its own folder with its "
+                              "own hook; --out and --hook apply to one SAE")
         if args.suite != "core":
             raise ConfigError(f"{args.sae} is a sweep folder; --suite paper evaluates one SAE: run it on each run "
                               "folder you want the paper metrics of")

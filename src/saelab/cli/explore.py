@@ -250,6 +250,9 @@ def add_families(sub) -> None:
 
 
 def run_families(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.exists():
+        raise ConfigError(f"--out {out}: expected a file path in an existing folder (the families JSON)")
     tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
                           progress=args.progress)
     top = tree["families"][:5]
