@@ -15,42 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from saelab.errors import CheckpointError
 from saelab.sae import load_sae
 from saelab.sae.io import cache_path, download, load_url
+from test_sae_io import D, N, openai_reference, openai_state_dict  # shared with the format tests
 
-D, N, K = 16, 64, 4
 RELEASE = "/sparse-autoencoder/gpt2-small/resid_delta_mlp_v5_32k/autoencoders/7.pt"
-
-
-def openai_state_dict(seed: int = 3) -> dict:
-    """Keys, shapes and extras as OpenAI's Autoencoder.state_dict() (sparse_autoencoder/model.py)."""
-    g = torch.Generator().manual_seed(seed)
-    dec = torch.randn(D, N, generator=g)
-    dec = dec / dec.norm(dim=0, keepdim=True)
-    return {
-        "pre_bias": 0.1 * torch.randn(D, generator=g),
-        "latent_bias": 0.1 * torch.randn(N, generator=g),
-        "stats_last_nonzero": torch.zeros(N, dtype=torch.long),
-        "latents_activation_frequency": torch.rand(N, generator=g),
-        "latents_mean_square": torch.rand(N, generator=g),
-        "encoder.weight": dec.T.contiguous() + 0.05 * torch.randn(N, D, generator=g),
-        "decoder.weight": dec,
-        "activation": "TopK",
-        "activation_state_dict": {"k": K, "postact_fn": "ReLU"},
-    }
-
-
-def openai_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
-    """OpenAI Autoencoder forward for a TopK checkpoint: LN, encode, TopK then ReLU, decode, undo LN."""
-    mu = x.mean(-1, keepdim=True)
-    std = (x - mu).std(-1, keepdim=True)
-    pre = F.linear((x - mu) / (std + 1e-5) - sd["pre_bias"], sd["encoder.weight"], sd["latent_bias"])
-    top = pre.topk(K, dim=-1)
-    z = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
-    return (F.linear(z, sd["decoder.weight"]) + sd["pre_bias"]) * std + mu
 
 
 class Server:
@@ -131,7 +102,7 @@ def test_download_is_verified_cached_and_loaded(served, tmp_path):
     sae = load_sae(url, allow_http=True)
     assert sae.cfg.hook_name == "blocks.7.hook_mlp_out" and sae.cfg.extra["source"]["url"] == url
     x = torch.randn(32, D, generator=torch.Generator().manual_seed(0)) * 3
-    torch.testing.assert_close(sae(x), openai_forward(served.state_dict, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae(x), openai_reference(served.state_dict, x)[0], atol=1e-5, rtol=1e-5)
     assert cached_files(tmp_path) == [cache_path(url, allow_http=True)]
     served.stop()  # from here on only the cache can answer
     assert torch.equal(load_sae(url, allow_http=True).W_dec, sae.W_dec)

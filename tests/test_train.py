@@ -60,16 +60,21 @@ def test_loss_and_gradients_match_dense_reference(input_norm, auxk, multi):
     dead = torch.zeros(n, dtype=torch.bool)
     dead[::3] = True
     out = training_loss(sae, x, cfg, normalizer=3.0, dead_mask_N=dead)
-    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
-    ref = _dense_reference_loss(sae, x, cfg, 3.0, dead)
-    ref_grads = torch.autograd.grad(ref, list(sae.parameters()))
-    assert torch.allclose(out.loss, ref, rtol=1e-10, atol=1e-12)
-    for name, g, rg in zip([n for n, _ in sae.named_parameters()], grads, ref_grads):
-        assert torch.allclose(g, rg, rtol=1e-8, atol=1e-12), name
+    _assert_matches_dense_reference(sae, x, cfg, dead, out.loss)
     if auxk:  # AuxK must train the encoder of dead latents (their columns get gradient)
         aux_only = training_loss(sae, x, cfg, 3.0, dead).loss - training_loss(sae, x, cfg, 3.0, None).loss
         g_enc = torch.autograd.grad(aux_only, sae.W_enc)[0]
         assert g_enc[:, dead].abs().sum() > 0
+
+
+def _assert_matches_dense_reference(sae, x, cfg, dead, loss):
+    """The loss and the gradient of every parameter equal the dense-autograd objective's."""
+    grads = torch.autograd.grad(loss, list(sae.parameters()), retain_graph=True)
+    ref = _dense_reference_loss(sae, x, cfg, 3.0, dead)
+    ref_grads = torch.autograd.grad(ref, list(sae.parameters()))
+    assert torch.allclose(loss, ref, rtol=1e-10, atol=1e-12)
+    for name, g, rg in zip([n for n, _ in sae.named_parameters()], grads, ref_grads):
+        assert torch.allclose(g, rg, rtol=1e-8, atol=1e-12), name
 
 
 @pytest.mark.parametrize("k_aux,n_dead", [(8, 22), (1, 22), (8, 5), (8, 8), (8, 0)])
@@ -91,12 +96,7 @@ def test_auxk_forms_match_dense_reference(k_aux, n_dead):
     assert (out.auxk > 0) == (n_dead > 0)
     enc = sparse_topk_encode(x, sae.b_dec, sae.W_enc, sae.b_enc, k, dead_idx=dead.nonzero().squeeze(1), k_aux=k_aux)
     assert enc.aux_dense == (0 < n_dead <= AUX_DENSE_FACTOR * k_aux)  # the form the cases above mean
-    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
-    ref = _dense_reference_loss(sae, x, cfg, 3.0, dead)
-    ref_grads = torch.autograd.grad(ref, list(sae.parameters()))
-    assert torch.allclose(out.loss, ref, rtol=1e-10, atol=1e-12)
-    for name, g, rg in zip([n for n, _ in sae.named_parameters()], grads, ref_grads):
-        assert torch.allclose(g, rg, rtol=1e-8, atol=1e-12), name
+    _assert_matches_dense_reference(sae, x, cfg, dead, out.loss)
 
 
 def test_trainer_steps_match_plain_adam_on_dense_loss():
