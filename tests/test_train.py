@@ -115,6 +115,7 @@ def test_trainer_steps_match_plain_adam_on_dense_loss():
     opt = torch.optim.Adam(ref.parameters(), lr=cfg.effective_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                            eps=cfg.adam_eps)
     fired_since = torch.zeros(n, dtype=torch.long)
+    revivals = 0
     for step in range(6):
         x = torch.randn(64, d) * 2 + 0.5
         dead = fired_since >= cfg.effective_dead_tokens
@@ -127,10 +128,14 @@ def test_trainer_steps_match_plain_adam_on_dense_loss():
         ref.project_decoder_grad()
         opt.step()
         ref.normalize_decoder()
+        fired_now = torch.zeros(n, dtype=torch.bool)
+        fired_now[i[v > 0]] = True
+        revivals += int((fired_now & dead).sum())
         fired_since += 64
-        fired_since[i[v > 0]] = 0
+        fired_since[fired_now] = 0
         trainer.train_step(x)
         assert torch.equal(trainer.tokens_since_fired, fired_since)
+        assert int(trainer.revivals) == revivals  # dead latents of this step that fired in it
         for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
             assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), (step, name)
     assert (trainer.tokens_since_fired >= cfg.effective_dead_tokens).any()  # AuxK was exercised

@@ -208,6 +208,7 @@ class Trainer:
         )
         self.step = 0
         self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=self.device)
+        self.revivals = torch.zeros((), dtype=torch.long, device=self.device)  # a tensor: no sync per step
         # The EMA starts at zero and is divided by 1 - decay^step when used (Adam's bias correction,
         # as OpenAI's EmaModel does): an average of the trained weights only, none of the init.
         self.ema = {n: torch.zeros_like(p) for n, p in sae.named_parameters()} if cfg.ema_decay else None
@@ -215,7 +216,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The training state; its tensors stay on the device (save_checkpoint moves them to the CPU)."""
         return {"step": self.step, "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
-                "tokens_since_fired": self.tokens_since_fired, "normalizer": self.normalizer, "ema": self.ema,
+                "tokens_since_fired": self.tokens_since_fired, "revivals": self.revivals,
+                "normalizer": self.normalizer, "ema": self.ema,
                 "ema_format": EMA_FORMAT if self.ema is not None else None,
                 "sae_config": json.dumps(self.sae.cfg.to_dict())}
 
@@ -230,6 +232,8 @@ class Trainer:
                     raise ValueError(f"optimizer state {key!r} has shape {tuple(t.shape)}, its parameter "
                                      f"{tuple(v.shape)}")
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device, torch.long)
+        if "revivals" in state:  # absent from checkpoints of older versions
+            self.revivals = torch.as_tensor(state["revivals"]).to(self.device, torch.long).reshape(())
         self.normalizer = float(state["normalizer"])
         self.ema = self._ema_from(state)
 
@@ -259,6 +263,9 @@ class Trainer:
         fired = torch.zeros(self.sae.n_latents, dtype=torch.float32, device=self.device)
         fired[out.idx_BK[out.vals_BK > 0]] = 1.0
         fired = ddp.all_reduce_sum(fired) > 0
+        # A revival: a latent dead at this step's start (the set AuxK trained) fires again. The AuxK loss
+        # alone cannot show revivals: a latent leaves the dead set, and that loss, once it fires.
+        self.revivals += (fired & (self.tokens_since_fired >= self.cfg.effective_dead_tokens)).sum()
         self.tokens_since_fired += x_BD.shape[0]
         self.tokens_since_fired[fired] = 0
         self.step += 1
@@ -424,6 +431,7 @@ class TrainingRun:
             elapsed = time.perf_counter() - self.t0
             row = {"step": tr.step, "tokens": tr.step * cfg.batch_size, **stats, "lr": cfg.lr_at(tr.step - 1),
                    "dead_frac": tr.dead_fraction(cfg.effective_dead_tokens), "inactive_frac": tr.dead_fraction(INACTIVE_WINDOW),
+                   "revivals": int(tr.revivals.item()),
                    "tokens_per_s": self.steps_this_call * cfg.batch_size / max(elapsed, 1e-9)}
             append_line(self.run_dir / ckpt.METRICS, json.dumps(row))
             for sink in self.sinks:
