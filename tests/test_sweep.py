@@ -1,5 +1,8 @@
 """Sweeps: several SAEs from one pass over the data equal the same SAEs trained one by one."""
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from saelab.cli.jobs import parse_grid
@@ -47,3 +50,24 @@ def test_parse_grid_types_and_errors():
 
     with pytest.raises(SaelabError, match="--grid entry 'width=3'"):
         parse_grid(["width=3"])
+
+
+def test_sweep_from_cache_keeps_finished_runs_and_trains_the_rest(tmp_path):
+    """The same sweep command again resumes: finished runs are kept as they are, new ones train."""
+    from saelab.data.cache import write_activation_cache
+    from saelab.errors import RunExistsError
+    from saelab.pipeline import sweep_from_cache
+
+    cache = write_activation_cache(_data().split(128), tmp_path / "acts", meta={"hook_name": "h"}, shard_rows=1024,
+                                   progress=False)
+    base = TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=1024, init_rows=512, lr=1e-2,
+                       dead_tokens=512, k_aux=8, checkpoint_every=100)
+    first = sweep_from_cache(cache, tmp_path / "sweep", base, {"k": [4]}, progress=False)
+    weights = (tmp_path / "sweep" / "k4" / "sae" / "sae_weights.safetensors").read_bytes()
+    again = sweep_from_cache(cache, tmp_path / "sweep", base, {"k": [4, 8]}, progress=False)
+    assert list(again) == ["k4", "k8"]
+    assert (tmp_path / "sweep" / "k4" / "sae" / "sae_weights.safetensors").read_bytes() == weights
+    assert torch.equal(again["k4"].W_dec, first["k4"].W_dec)
+    assert (tmp_path / "sweep" / "k8" / "sae" / "sae_weights.safetensors").exists()
+    with pytest.raises(RunExistsError, match="finished run"):  # another config in a finished run's folder
+        sweep_from_cache(cache, tmp_path / "sweep", replace(base, lr=2e-2), {"k": [4]}, progress=False)

@@ -163,17 +163,23 @@ def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, Tr
 def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, base: TrainConfig,
                      grid: dict[str, list[Any]], *, device: str | torch.device | None = None,
                      overwrite: bool = False, progress: bool = True, log_to: Sequence[str] = ()) -> dict[str, TopKSAE]:
-    """Train every SAE of a grid from ONE pass over an activation cache, each in out_dir/<name>/."""
+    """Train every SAE of a grid from ONE pass over an activation cache, each in out_dir/<name>/.
+    A run already finished with the same config on such activations is kept (the same command
+    resumes a sweep), unless ``overwrite``."""
     from saelab.train import train_many
 
     check_output_folder(out_dir, "--out")
     configs = sweep_configs(base, grid)
     cache = _open_cache(cache, max(c.total_tokens for c in configs.values()))
     out_dir = Path(out_dir)
-    saes = train_many(list(configs.values()), _cache_batches(cache, base), [out_dir / n for n in configs],
-                      d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress, device=device,
-                      log_to=log_to)
-    return dict(zip(configs, saes))
+    done = {} if overwrite else {n: finished_training(out_dir / n, c, cache) for n, c in configs.items()}
+    todo = [n for n in configs if done.get(n) is None]
+    if todo:
+        saes = train_many([configs[n] for n in todo], _cache_batches(cache, base), [out_dir / n for n in todo],
+                          d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress,
+                          device=device, log_to=log_to)
+        done.update(zip(todo, saes))
+    return {n: done[n] for n in configs}
 
 
 def _held_out_label(sae: TopKSAE, corpus: str) -> str:

@@ -96,7 +96,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 def add_sweep(sub, recipe: str) -> None:
     p = sub.add_parser("sweep", help="train a grid of SAEs from one pass over an activation cache")
     p.add_argument("--activations", required=True, metavar="DIR", help="activation cache folder (saelab harvest)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the runs (one subfolder per grid point)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for the runs (one subfolder per grid point); the same command again resumes "
+                        "unfinished runs and keeps finished ones")
     p.add_argument("--grid", nargs="+", required=True, metavar="FIELD=V1,V2",
                    help="training options to vary, e.g. n_latents=1024,4096 k=16,32 lr=1e-3,3e-3")
     p.add_argument("--eval", action="store_true", help="then evaluate every run (core metrics) and write the "
