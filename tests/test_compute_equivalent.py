@@ -39,10 +39,12 @@ def synthetic(tokens):
 # ---- known answers ----------------------------------------------------------------------------
 def test_power_fit_recovers_exponent_and_inverts_to_the_known_compute():
     pts = synthetic(np.logspace(7, math.log10(TOTAL), 9))
-    res = compute_equivalent(pts, spliced_loss=float(law(1e9)), clean_loss=float(law(TOTAL)), total_tokens=TOTAL,
+    res = compute_equivalent(pts, spliced_loss=float(law(1e9)), clean_loss=float(law(TOTAL)), reference_compute=TOTAL,
                              fit_min_frac=0)
+    assert res["kind"] == "training_progress" and res["compute_unit"] == "tokens"
+    assert res["reference"]["how"] == "series_total" and res["reference_compute"] == TOTAL
     assert res["fit"]["b"] == pytest.approx(B, rel=1e-6) and res["fit"]["c"] == pytest.approx(C_IRR, rel=1e-5)
-    assert res["tokens_equivalent"] == pytest.approx(1e9, rel=1e-5)
+    assert res["compute_equivalent"] == pytest.approx(1e9, rel=1e-5)
     assert res["fraction"] == pytest.approx(0.25, rel=1e-5)  # 1e9 of 4e9 tokens
     assert res["clean_fraction"] == pytest.approx(1.0, rel=1e-5)
     assert res["fraction_relative"] == pytest.approx(0.25, rel=1e-5)
@@ -63,7 +65,7 @@ def test_interp_is_linear_in_log_tokens_and_monotone():
 
 def test_interp_method_makes_the_interpolation_the_headline():
     pts = synthetic(np.logspace(7, math.log10(TOTAL), 9))
-    res = compute_equivalent(pts, float(law(1e9)), total_tokens=TOTAL, fit="interp")
+    res = compute_equivalent(pts, float(law(1e9)), reference_compute=TOTAL, fit="interp")
     assert res["fit"]["method"] == "interp" and res["fraction"] == res["fraction_interp"]
 
 
@@ -71,11 +73,11 @@ def test_interp_method_makes_the_interpolation_the_headline():
                                            (C_IRR - 0.1, "unreachable")])
 def test_extrapolation_is_flagged(spliced, where):
     pts = synthetic(np.logspace(7, math.log10(TOTAL), 6))
-    res = compute_equivalent(pts, spliced, total_tokens=TOTAL)
+    res = compute_equivalent(pts, spliced, reference_compute=TOTAL)
     assert res["extrapolated"] and res["extrapolation"] == where
     assert res["fraction_interp"] is None  # nothing to interpolate between
     if where == "unreachable":
-        assert res["fraction"] is None and res["tokens_equivalent"] is None
+        assert res["fraction"] is None and res["compute_equivalent"] is None
     elif where == "beyond_last":
         assert res["fraction"] == pytest.approx(2.0, rel=1e-5)
     else:
@@ -86,7 +88,7 @@ def test_fit_window_leaves_out_early_checkpoints():
     tokens = np.logspace(5, math.log10(TOTAL), 10)
     pts = synthetic(tokens)
     pts[0]["loss"] = pts[1]["loss"] = 10.8  # an initial plateau no power law follows
-    res = compute_equivalent(pts, float(law(1e9)), total_tokens=TOTAL, fit_min_frac=0.001)
+    res = compute_equivalent(pts, float(law(1e9)), reference_compute=TOTAL, fit_min_frac=0.001)
     assert [r["used_in_fit"] for r in res["checkpoints"]][:3] == [False, False, False]
     assert res["fit"]["b"] == pytest.approx(B, rel=1e-5) and res["fraction"] == pytest.approx(0.25, rel=1e-4)
 
@@ -94,14 +96,14 @@ def test_fit_window_leaves_out_early_checkpoints():
 def test_series_that_does_not_decrease_or_is_too_short_is_refused():
     flat = [{"tokens": t, "loss": 5.0 + 0.01 * i} for i, t in enumerate([1e6, 1e7, 1e8, 1e9])]
     with pytest.raises(SeriesError, match="series 'mine' does not decrease: the loss goes from 5.0000 to 5.0300"):
-        compute_equivalent(flat, 5.0, total_tokens=10**9, series_name="mine", fit_min_frac=0)
+        compute_equivalent(flat, 5.0, reference_compute=10**9, series_name="mine", fit_min_frac=0)
     with pytest.raises(SeriesError, match="'mine' has 2 checkpoints with >= 1 training tokens; the fit needs "
                                           "at least 3"):
-        compute_equivalent(synthetic([1e6, 1e8]), 5.0, total_tokens=10**8, series_name="mine", fit_min_frac=0)
+        compute_equivalent(synthetic([1e6, 1e8]), 5.0, reference_compute=10**8, series_name="mine", fit_min_frac=0)
     with pytest.raises(SeriesError, match="has 1 checkpoints with >= 40,000,000 training tokens"):
-        compute_equivalent(synthetic([1e6, 1e7, 1e9]), 5.0, total_tokens=TOTAL)
+        compute_equivalent(synthetic([1e6, 1e7, 1e9]), 5.0, reference_compute=TOTAL)
     with pytest.raises(SeriesError, match="non-finite"):
-        compute_equivalent([{"tokens": 1, "loss": float("nan")}] * 3, 5.0, total_tokens=3)
+        compute_equivalent([{"tokens": 1, "loss": float("nan")}] * 3, 5.0, reference_compute=3)
 
 
 # ---- series -----------------------------------------------------------------------------------
@@ -126,7 +128,12 @@ def test_hub_series_names_revisions_and_tokens():
     with pytest.raises(SeriesError, match="unknown checkpoint series 'gpt-5-series'"):
         resolve_series("gpt-5-series")
     assert series_for_model("gpt2") == "crfm-gpt2-small"
-    assert series_for_model("EleutherAI/pythia-160m-deduped") == "pythia-160m-deduped"
+    # Pythia models belong to the Pythia family (the paper's compute-equivalent); their own checkpoints are the
+    # training-progress reference.
+    assert series_for_model("EleutherAI/pythia-160m-deduped") == "pythia-family-deduped"
+    assert series_for_model("EleutherAI/pythia-160m-deduped", kind="training_progress") == "pythia-160m-deduped"
+    assert series_for_model("EleutherAI/pythia-6.9b") == "pythia-family:14m,31m,70m,160m,410m,1b,1.4b,6.9b"
+    assert series_for_model("gpt2", kind="model_family") is None
     assert series_for_model("default") is None and series_for_model("/some/folder") is None
 
 

@@ -1,60 +1,94 @@
-"""Compute-equivalent of an SAE's spliced loss (Gao et al. 2024, §4.1).
+"""Compute-equivalent of an SAE's spliced loss (Gao et al. 2024, §4.1), and its training-progress twin.
 
-Splicing an SAE into a model raises its loss. The *compute-equivalent* says how much pretraining
-compute a model of the same family needs to reach that raised loss: take a checkpoint series of
-the family (the same model at several points of its training), measure each checkpoint's clean
-loss on the evaluation tokens, fit loss against training compute, and read off where the fitted
-curve crosses the spliced loss. The answer is given as a fraction of the series' full pretraining
-compute. Definitions pinned here and in ``tests/test_compute_equivalent.py``:
+Splicing an SAE into a model raises its loss. The paper's *compute-equivalent* says how much
+pretraining compute a language model would need to reach that raised loss, as a fraction of the
+compute of the model the SAE reads: measure the clean loss of a *family* of models of increasing
+size and compute (final checkpoints, one training each), fit loss against compute, and read off
+where the fitted curve crosses the spliced loss. Two kinds of reference, one fit and inversion
+(``compute_equivalent``), pinned in ``tests/test_compute_equivalent.py`` and
+``tests/test_compute_equivalent_family.py``:
 
-- **Compute** is counted in training tokens ``C``. Within one series every checkpoint is the same
-  model, so its training FLOPs are ``6 * params * C`` and the fraction of compute is the fraction
-  of tokens.
+- ``kind = "model_family"`` (**compute-equivalent**, the paper's definition): members of one
+  family (same data, tokenizer and recipe; sizes differ). Member i has ``N_i`` *non-embedding*
+  parameters (``saelab.models.lm_series.count_parameters``: everything but the token/position
+  embeddings and the unembedding; Kaplan et al. 2020's N, the Pythia paper's "non-embedding
+  params") and was trained on ``D_i`` tokens; its compute is ``C_i = 6 N_i D_i`` FLOPs (Kaplan's
+  approximation: 2 N multiply-adds forward, twice that backward, per token). Every member is
+  fitted (``fit_min_frac`` does not apply). The fraction's denominator is the compute of the
+  evaluated model itself: the member it is (matched by hub id or path); when it is none of them,
+  the compute at which the fit reaches its clean loss (``reference.how = "clean_loss"``).
+- ``kind = "training_progress"`` (**training-progress equivalent**, what saelab computed before
+  families existed): checkpoints of ONE training run. Compute is counted in training tokens ``C``
+  (one model, so FLOPs = ``6 * params * C`` and fractions of tokens are fractions of FLOPs); the
+  fit uses the checkpoints with ``C >= fit_min_frac * C_total`` (default 1 %: after the
+  learning-rate warmup of both hub series, whose first steps follow no power law; ``C = 0`` cannot
+  enter one at all); the denominator is ``C_total``, the tokens of the series' full run (400k
+  steps for CRFM GPT-2, 143k for Pythia), whichever checkpoints were measured. It answers "how far
+  into its own training did the model have this loss", which is not the paper's question: a
+  model stopped early is not a compute-optimal smaller model.
+
+Shared definitions:
+
 - **Losses** are mean next-token cross-entropies (nats) on the same predictions for every model:
   packed eval contexts, and when the SAE leaves out position 0 the prediction made at position 0
   is left out too (``saelab.evals.downstream``). The spliced loss replaces the hook activation by
-  the SAE reconstruction at positions >= 1 (same convention).
-- **Fit** (``fit="power"``, the default): ``L(C) = a * C^(-b) + c``, a power law with an
-  irreducible loss ``c`` (the Kaplan/Chinchilla form for loss against data at fixed size),
-  fitted in log space with ``saelab.evals.power_law`` on the checkpoints with
-  ``C >= fit_min_frac * C_total`` (default 1 %: after the learning-rate warmup of both hub
-  series, whose first steps follow no power law; ``C = 0`` cannot enter one at all). Inverted:
-  ``C* = (a / (L - c))^(1/b)``; unreachable (infinite compute) when ``L <= c``.
-  A model-free check is always reported beside it (``fit="interp"`` makes it the headline):
-  piecewise-linear interpolation of ``log C`` against loss between measured checkpoints (on the
-  running minimum of the losses, so it is monotone). It needs no functional form but cannot say
-  anything outside the measured range; the power law can extrapolate (flagged).
-- **Fraction** = ``C* / C_total`` with ``C_total`` the tokens of the series' full training run
-  (400k steps for the CRFM GPT-2 series, 143k for Pythia), whichever checkpoints were measured.
-  ``clean_fraction`` places the SAE's own model (its clean loss) on the same curve (1 when the
-  model is the series' last checkpoint); ``fraction_relative = C*(spliced) / C*(clean)`` corrects
-  for a model that is not exactly the series' end (OpenAI's GPT-2 against the CRFM re-training).
+  the SAE reconstruction at positions >= 1 (same convention). Every reference model must share the
+  evaluated model's tokenizer (checked).
+- **Fit** (``fit="power"``, the default): ``L(C) = a * C^(-b) + c`` with an irreducible loss
+  ``c``, fitted in log space with ``saelab.evals.power_law``. Inverted: ``C* = (a / (L - c))^(1/b)``;
+  unreachable (infinite compute) when ``L <= c``. A model-free check is always reported beside it
+  (``fit="interp"`` makes it the headline): piecewise-linear interpolation of ``log C`` against
+  loss between measured points (on the running minimum of the losses, so it is monotone); it
+  cannot say anything outside the measured range, the power law can extrapolate (flagged).
+- **Fraction** = ``C* / C_ref`` (``reference_compute``). ``clean_fraction`` places the evaluated
+  model's clean loss on the same curve (about 1 when the model is the reference: the fit's error
+  at that point); ``fraction_relative = C*(spliced) / C*(clean)`` corrects for a model that is
+  not exactly on the curve (OpenAI's GPT-2 against the CRFM re-training, say).
 - **Extrapolation**: ``extrapolated`` is true when the spliced loss lies outside the losses of
-  the fitted checkpoints: ``"beyond_last"`` (lower than the best checkpoint: the fraction may
-  exceed 1), ``"before_first"`` (higher than the first checkpoint fitted) or ``"unreachable"``
-  (at or below the irreducible loss c; fraction None).
+  the fitted points: ``"beyond_last"`` (lower than the best checkpoint or largest member: the
+  fraction may exceed 1), ``"before_first"`` (higher than the first one fitted) or
+  ``"unreachable"`` (at or below the irreducible loss c; fraction None).
 
-Series (``resolve_series``): ``crfm-gpt2-small`` (Stanford CRFM's GPT-2 small re-training
-``stanford-crfm/alias-gpt2-small-x21``; ``crfm-gpt2-small-x49`` etc. for its other seeds),
-``pythia-70m`` (``EleutherAI/pythia-70m``, any Pythia size, ``-deduped`` too), or a local folder
-(``local_series``). ``series_for_model`` knows which series fits a model id.
+References (``resolve_series``; the CLI's ``--series``):
+
+- families: ``pythia-family`` (EleutherAI's Pythia suite, final checkpoints = branch
+  ``step143000`` = ``main``; sizes 14m 31m 70m 160m 410m 1b 1.4b by default, ``pythia-family:70m,160m,...``
+  to choose, ``pythia-family-deduped`` for the deduplicated Pile; every size saw 143,000 steps of
+  1,024 x 2,048 = 299,892,736,000 tokens), or a folder with ``family.json`` (``local_family``,
+  written by ``saelab.models.lm_series.train_model_family``);
+- checkpoint series: ``crfm-gpt2-small`` (Stanford CRFM's GPT-2 small re-training
+  ``stanford-crfm/alias-gpt2-small-x21``; ``crfm-gpt2-small-x49`` etc. for its other seeds),
+  ``pythia-70m`` (``EleutherAI/pythia-70m``, any Pythia size, ``-deduped`` too), or a folder with
+  ``series.json`` or trainer states (``local_series``).
+
+``series_for_model`` gives a model's default: the Pythia family for Pythia models (the paper's
+definition), ``crfm-gpt2-small`` for GPT-2 small (no public GPT-2 family with known training
+tokens, so only the training-progress equivalent is built in there).
 
 Result schema (``run_compute_equivalent`` / ``compute_equivalent`` return a JSON-serializable dict)::
 
     metric              "compute_equivalent"
-    series              {name, source, total_tokens, tokens_per_step (None for local series
-                         without one), description}
-    checkpoints         [{label, tokens, loss, used_in_fit, fitted_loss (None if not fitted), source}]
+    kind                "model_family" | "training_progress"
+    compute_unit        "FLOPs" (6 N D) | "tokens"
+    series              {name, kind, source, total_tokens (training_progress; None for a family),
+                         tokens_per_step, description, params ("non_embedding", families)}
+    checkpoints         [{label, tokens, params (families: non-embedding N), compute, loss, used_in_fit,
+                          fitted_loss (None if not fitted), source}]   (ordered by compute)
     fit                 {form, method ("power" | "interp": the one behind `fraction`), a, b, c,
-                         b_se, c_se, rmse_log, n_points, min_tokens}
+                         b_se, c_se, rmse_log, n_points, min_compute}
     spliced_loss, clean_loss, n_predictions
-    tokens_equivalent   C* from the power law (None when unreachable)
-    fraction            C* / total_tokens from `fit.method`
-    fraction_power, fraction_interp       both estimates (interp: None outside the measured range)
-    tokens_equivalent_interp
-    clean_tokens_equivalent, clean_fraction, fraction_relative
+    compute_equivalent  C* from the power law, in compute_unit (None when unreachable)
+    compute_equivalent_interp             C* by interpolation (None outside the measured range)
+    reference_compute   C_ref, the fraction's denominator
+    reference           {how: "series_total" | "member" | "clean_loss", label}
+    fraction            C* / C_ref from `fit.method`
+    fraction_power, fraction_interp       both estimates
+    clean_compute_equivalent, clean_fraction, fraction_relative
     extrapolated, extrapolation           see above
-    checkpoint_s, wall_s                  wall time of the checkpoint losses, of everything
+    checkpoint_s, wall_s                  wall time of the reference losses, of everything
+
+Results written before families existed (no ``kind``; ``tokens_equivalent``,
+``clean_tokens_equivalent``, ``fit.min_tokens``) are read through ``upgrade_result``.
 """
 
 from __future__ import annotations
@@ -74,50 +108,75 @@ import torch
 from saelab.errors import SaelabError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
 from saelab.evals.power_law import FitError, fit_power_law
+from saelab.models.lm_series import FAMILY_FILE, count_parameters
 from saelab.utils.atomic import write_json
 
 
 class SeriesError(SaelabError, ValueError):
-    """A checkpoint series that is unknown, unreadable, too short or does not decrease."""
+    """A checkpoint series or model family that is unknown, unreadable, too short or does not decrease."""
 
 
-# ---- checkpoint series ------------------------------------------------------------------------
+KIND_PROGRESS = "training_progress"
+"""One model's checkpoints: the training-progress equivalent (compute counted in tokens)."""
+KIND_FAMILY = "model_family"
+"""Final models of increasing size: the paper's compute-equivalent (compute = 6 N D FLOPs)."""
+KINDS = (KIND_FAMILY, KIND_PROGRESS)
+KIND_TITLES = {KIND_FAMILY: "compute-equivalent", KIND_PROGRESS: "training-progress equivalent"}
+COMPUTE_UNITS = {KIND_FAMILY: "FLOPs", KIND_PROGRESS: "tokens"}
+
+
+# ---- reference models: checkpoint series and model families -------------------------------------
 @dataclass
 class SeriesCheckpoint:
-    """One model of a series."""
+    """One reference model: a checkpoint of a series, or a member of a family."""
 
     label: str
-    """Name shown in tables ('checkpoint-1000', 'step1000', a folder name)."""
+    """Name shown in tables ('checkpoint-1000', 'step1000', 'pythia-70m', a folder name)."""
     tokens: int
-    """Training tokens the model had seen."""
+    """Training tokens the model had seen (D)."""
     load: Callable[[], Any] = field(repr=False)
     """Loads it as a saelab LanguageModel."""
     source: str = ""
     """Where it comes from ('hub:ID@REVISION' or a path)."""
+    params: int | None = None
+    """Non-embedding parameters N (families); None = counted after loading."""
+    model_id: str = ""
+    """What it is loaded from (hub id or absolute path): tells a family which member is the evaluated model."""
 
 
 @dataclass
 class CheckpointSeries:
-    """The same model at several points of its training."""
+    """The reference of a compute-equivalent: one model's checkpoints or a family's final models (``kind``)."""
 
     name: str
     checkpoints: list[SeriesCheckpoint]
-    total_tokens: int
-    """Tokens of the full training run (the denominator of the fraction)."""
+    total_tokens: int | None
+    """Tokens of the full training run (training_progress: the denominator of the fraction); None for a family."""
     tokens_per_step: int | None = None
     description: str = ""
     source: str = ""
+    kind: str = KIND_PROGRESS
+    """``training_progress`` (one run's checkpoints) or ``model_family`` (final models of increasing size)."""
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "total_tokens": self.total_tokens,
-                "tokens_per_step": self.tokens_per_step, "description": self.description}
+        out = {"name": self.name, "kind": self.kind, "source": self.source, "total_tokens": self.total_tokens,
+               "tokens_per_step": self.tokens_per_step, "description": self.description}
+        return out | ({"params": "non_embedding"} if self.kind == KIND_FAMILY else {})
 
 
-def _hub_loader(repo: str, revision: str, device: str | torch.device) -> Callable[[], Any]:
+def _hub_loader(repo: str, revision: str | None, device: str | torch.device) -> Callable[[], Any]:
     def load():
         from saelab.models import load_model
 
         return load_model(repo, device=device, revision=revision)
+    return load
+
+
+def _path_loader(path: Path, device: str | torch.device) -> Callable[[], Any]:
+    def load():
+        from saelab.models import load_model
+
+        return load_model(str(path), device=device)
     return load
 
 
@@ -137,7 +196,10 @@ CRFM_DEFAULT_STEPS = (400, 1000, 2000, 4000, 10_000, 20_000, 40_000, 100_000, 20
 # a hub branch named step{step}.
 PYTHIA_TOKENS_PER_STEP = 1024 * 2048
 PYTHIA_TOTAL_STEPS = 143_000
+PYTHIA_TOTAL_TOKENS = PYTHIA_TOTAL_STEPS * PYTHIA_TOKENS_PER_STEP  # 299,892,736,000, every size (14m, 31m too)
 PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+# The family by default: up to 1.4b (5.6 GB in float32, one GPU); 2.8b to 12b on request.
+PYTHIA_FAMILY_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b")
 PYTHIA_DEFAULT_STEPS = (128, 256, 512, 1000, 2000, 4000, 8000, 16_000, 32_000, 64_000, 100_000, 143_000)
 
 
@@ -189,6 +251,38 @@ def pythia_series(size: str = "70m", steps: Sequence[int] = PYTHIA_DEFAULT_STEPS
                             f"hub:{repo}@step{s}") for s in steps]
     return CheckpointSeries(name, cks, PYTHIA_TOTAL_STEPS * PYTHIA_TOKENS_PER_STEP, PYTHIA_TOKENS_PER_STEP,
                             f"Pythia-{size}{' (deduplicated Pile)' if deduped else ''} by EleutherAI", f"hub:{repo}")
+
+
+def pythia_family(sizes: Sequence[str] = (), deduped: bool = False, device: str | torch.device = "cpu",
+                  local_root: str | Path | None = None) -> CheckpointSeries:
+    """EleutherAI's Pythia suite as a model family: the final checkpoint (``step143000``) of each size.
+
+    Every size was trained on the same 299,892,736,000 tokens; N (non-embedding) is counted after
+    loading. ``local_root``: a folder holding copies as ``<root>/pythia-<size>[-deduped]/``
+    (anything ``load_model`` reads), loaded instead of the hub.
+    """
+    sizes = list(sizes or PYTHIA_FAMILY_SIZES)
+    bad = [s for s in sizes if s not in PYTHIA_SIZES]
+    if bad:
+        raise SeriesError(f"no Pythia of size(s) {bad} in the Pythia family (--series); known sizes: "
+                          f"{', '.join(PYTHIA_SIZES)}")
+    sizes = sorted(set(sizes), key=PYTHIA_SIZES.index)
+    suffix = "-deduped" if deduped else ""
+    cks = []
+    for size in sizes:
+        label = f"pythia-{size}{suffix}"
+        repo = f"EleutherAI/{label}"
+        if local_root is None:
+            load, source, model_id = (_hub_loader(repo, f"step{PYTHIA_TOTAL_STEPS}", device),
+                                      f"hub:{repo}@step{PYTHIA_TOTAL_STEPS}", repo)
+        else:
+            path = (Path(local_root).expanduser() / label).resolve()
+            load, source, model_id = _path_loader(path, device), str(path), str(path)
+        cks.append(SeriesCheckpoint(label, PYTHIA_TOTAL_TOKENS, load, source, model_id=model_id))
+    return CheckpointSeries(f"pythia-family{suffix}", cks, None, PYTHIA_TOKENS_PER_STEP,
+                            f"Pythia suite by EleutherAI{' (deduplicated Pile)' if deduped else ''}, final checkpoints "
+                            f"of {', '.join(sizes)}", "hub:EleutherAI" if local_root is None else str(local_root),
+                            kind=KIND_FAMILY)
 
 
 _STEP_RE = re.compile(r"(?:checkpoint|step|global_step)[-_]?(\d+)$")
@@ -260,58 +354,108 @@ def local_series(folder: str | Path, device: str | torch.device = "cpu") -> Chec
         _trainer_checkpoints(folder, meta_path, tps)
     entries.sort(key=lambda e: e[1])
 
-    def loader(path: Path):
-        def load():
-            from saelab.models import load_model
-
-            return load_model(str(path), device=device)
-        return load
-
-    cks = [SeriesCheckpoint(label, tokens, loader(path), str(path)) for label, tokens, path in entries]
+    cks = [SeriesCheckpoint(label, tokens, _path_loader(path, device), str(path), model_id=str(path.resolve()))
+           for label, tokens, path in entries]
     total = int(meta.get("total_tokens") or max(c.tokens for c in cks))
     return CheckpointSeries(str(meta.get("name") or folder.name), cks, total, int(tps) if tps else None,
                             f"local checkpoint series in {folder}", str(folder))
 
 
+def local_family(folder: str | Path, device: str | torch.device = "cpu") -> CheckpointSeries:
+    """A model family from ``folder/family.json`` (``saelab.models.lm_series`` documents the format).
+
+    Each member needs ``path`` (relative to the folder, or absolute: a folder ``load_model`` reads)
+    and ``tokens`` (D); ``params`` (non-embedding N) is counted after loading when absent.
+    """
+    folder = Path(folder).expanduser()
+    meta_path = folder / FAMILY_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SeriesError(f"model family {str(folder)!r}: cannot read {FAMILY_FILE} ({e})") from e
+    members = meta.get("members")
+    if not isinstance(members, list) or not members:
+        raise SeriesError(f"{meta_path}: expected a non-empty 'members' list of {{path, tokens, params?}}")
+    cks = []
+    for i, item in enumerate(members):
+        if not isinstance(item, dict) or "path" not in item or "tokens" not in item:
+            raise SeriesError(f"{meta_path}: members[{i}] needs 'path' and 'tokens' (training tokens D)")
+        path = (folder / str(item["path"])).resolve()
+        if not path.is_dir():
+            raise SeriesError(f"{meta_path}: members[{i}] path {str(path)!r} is not a folder")
+        params = int(item["params"]) if item.get("params") is not None else None
+        cks.append(SeriesCheckpoint(path.name, int(item["tokens"]), _path_loader(path, device), str(path), params,
+                                    str(path)))
+    return CheckpointSeries(str(meta.get("name") or folder.name), cks, None, None,
+                            f"local model family in {folder}", str(folder), kind=KIND_FAMILY)
+
+
 _CRFM_RE = re.compile(r"^crfm-gpt2-small(?:-x(\d+))?$")
 _PYTHIA_RE = re.compile(r"^pythia-([0-9.]+[mb])(-deduped)?$")
+_PYTHIA_FAMILY_RE = re.compile(r"^pythia-family(-deduped)?(?::(.*))?$")
 
 
 def known_series_names() -> list[str]:
-    return (["crfm-gpt2-small"] + [f"crfm-gpt2-small-x{s}" for s in CRFM_RUNS if s != 21]
+    return (["crfm-gpt2-small", "pythia-family", "pythia-family-deduped"]
+            + [f"crfm-gpt2-small-x{s}" for s in CRFM_RUNS if s != 21]
             + [f"pythia-{s}" for s in PYTHIA_SIZES] + [f"pythia-{s}-deduped" for s in PYTHIA_SIZES])
 
 
 def resolve_series(spec: str, steps: Sequence[int] = (), device: str | torch.device = "cpu") -> CheckpointSeries:
-    """A series by name (``crfm-gpt2-small``, ``pythia-70m``, see ``known_series_names``) or folder path."""
+    """A reference by name (``pythia-family[-deduped][:SIZES]``, ``crfm-gpt2-small``, ``pythia-70m``, see
+    ``known_series_names``) or folder path (``family.json``: a family; else a checkpoint series)."""
     if not isinstance(spec, str) or not spec:
         raise SeriesError(f"checkpoint series must be a name or a folder, got {spec!r}")
+    m = _PYTHIA_FAMILY_RE.match(spec)
+    path = Path(spec).expanduser()
+    is_family = m is not None or (path / FAMILY_FILE).is_file()
+    if is_family and steps:
+        raise SeriesError(f"--series-steps apply to a checkpoint series, not to the model family {spec!r}")
+    if m:
+        sizes = [x.strip() for x in (m.group(2) or "").split(",") if x.strip()]
+        if m.group(2) is not None and not sizes:
+            raise SeriesError(f"model family {spec!r} (--series): expected sizes after ':', e.g. pythia-family:70m,160m")
+        return pythia_family(sizes, deduped=bool(m.group(1)), device=device)
     m = _CRFM_RE.match(spec)
     if m:
         return crfm_gpt2_small_series(steps, seed=int(m.group(1) or 21), device=device)
     m = _PYTHIA_RE.match(spec)
     if m:
         return pythia_series(m.group(1), steps, deduped=bool(m.group(2)), device=device)
-    path = Path(spec).expanduser()
+    if is_family:
+        return local_family(path, device=device)
     if path.exists() or "/" in spec or spec.startswith("."):
         if steps:
             raise SeriesError(f"series steps apply to the hub series, not to the local folder {spec!r}")
         return local_series(path, device=device)
-    raise SeriesError(f"unknown checkpoint series {spec!r}: expected one of {', '.join(known_series_names()[:3])}, "
-                      "pythia-<size>[-deduped] or a folder of checkpoints")
+    raise SeriesError(f"unknown checkpoint series {spec!r} (--series): expected a model family (pythia-family"
+                      f"[-deduped][:SIZES] or a folder with {FAMILY_FILE}), a checkpoint series "
+                      f"({', '.join(known_series_names()[:1])}, pythia-<size>[-deduped]) or a folder of checkpoints")
 
 
 _PYTHIA_MODEL_RE = re.compile(r"^(?:EleutherAI/)?(pythia-[0-9.]+[mb](?:-deduped)?)$")
 
 
-def series_for_model(model_name: str) -> str | None:
-    """The built-in series of a model id: GPT-2 small -> crfm-gpt2-small, EleutherAI/pythia-X -> pythia-X."""
+def series_for_model(model_name: str, kind: str | None = None) -> str | None:
+    """The built-in reference of a model id, of ``kind`` (None: the default, a family where one exists).
+
+    EleutherAI/pythia-X -> ``pythia-family`` (with X among its sizes) or, as training progress,
+    ``pythia-X``; GPT-2 small -> ``crfm-gpt2-small`` (training progress only).
+    """
+    if kind not in (None, *KINDS):
+        raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
     if model_name in ("gpt2", "openai-community/gpt2"):
-        return "crfm-gpt2-small"
+        return "crfm-gpt2-small" if kind != KIND_FAMILY else None
     m = _PYTHIA_MODEL_RE.match(model_name or "")
-    if m and _PYTHIA_RE.match(m.group(1)).group(1) in PYTHIA_SIZES:
+    if not m:
+        return None
+    size, deduped = _PYTHIA_RE.match(m.group(1)).groups()
+    if size not in PYTHIA_SIZES:
+        return None
+    if kind == KIND_PROGRESS:
         return m.group(1)
-    return None
+    family = "pythia-family" + (deduped or "")
+    return family if size in PYTHIA_FAMILY_SIZES else f"{family}:{','.join(PYTHIA_FAMILY_SIZES + (size,))}"
 
 
 # ---- losses -----------------------------------------------------------------------------------
@@ -350,47 +494,62 @@ def _check_tokenizer(ckpt, reference_tokenizer, tokens_NT: torch.Tensor, label: 
                           "a series must share its tokenizer")
 
 
+def point_compute(kind: str, tokens: int, params: int | None) -> float:
+    """The compute axis of one reference model: tokens (training progress) or 6 N D FLOPs (family)."""
+    if kind == KIND_PROGRESS:
+        return tokens
+    if params is None:
+        raise SeriesError(f"a model-family member trained on {tokens:,} tokens has no parameter count")
+    return 6.0 * params * tokens
+
+
 def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: int, *, lm_batch_size: int = 8,
                       cache_path: str | Path | None = None, reference_tokenizer=None,
                       progress: bool = False) -> list[dict[str, Any]]:
-    """Clean loss of every checkpoint of ``series`` on ``tokens_NT`` (predictions from ``first``).
+    """Clean loss of every model of ``series`` on ``tokens_NT`` (predictions from ``first``), with its compute.
 
-    With ``cache_path`` each loss is saved (atomically) as soon as it is known and reused by a later
-    call on the same tokens: an interrupted run over hub checkpoints resumes where it stopped.
+    Family members whose N is not given have it counted (non-embedding) when loaded. With
+    ``cache_path`` each loss (and count) is saved (atomically) as soon as it is known and reused by
+    a later call on the same tokens: an interrupted run over hub models resumes where it stopped.
     """
     from tqdm.auto import tqdm
 
     tokens_NT = check_tokens(tokens_NT)
     key = _tokens_key(tokens_NT, first)
+    family = series.kind == KIND_FAMILY
     cache: dict[str, Any] = {}
     if cache_path is not None and Path(cache_path).exists():
         old = json.loads(Path(cache_path).read_text())
         if old.get("tokens_key") == key:
             cache = old.get("losses", {})
     out = []
-    for ck in tqdm(series.checkpoints, desc=f"series {series.name}", unit="ckpt", disable=not progress):
+    for ck in tqdm(series.checkpoints, desc=f"series {series.name}", unit="model", disable=not progress):
         hit = cache.get(ck.source)
-        if hit is None:
+        if hit is None or (family and ck.params is None and hit.get("params") is None):
             lm = ck.load()
             _check_tokenizer(lm, reference_tokenizer, tokens_NT, ck.label)
             t0 = time.perf_counter()
             loss, n = mean_loss(lm, tokens_NT, first, lm_batch_size=lm_batch_size)
+            hit = {"loss": loss, "n_predictions": n, "seconds": round(time.perf_counter() - t0, 2),
+                   "params": count_parameters(lm.model)[1]}
             del lm
-            hit = {"loss": loss, "n_predictions": n, "seconds": round(time.perf_counter() - t0, 2)}
             cache[ck.source] = hit
             if cache_path is not None:
                 write_json(cache_path, {"tokens_key": key, "losses": cache})
-        out.append({"label": ck.label, "tokens": ck.tokens, "loss": hit["loss"], "source": ck.source})
+        row = {"label": ck.label, "tokens": ck.tokens, "loss": hit["loss"], "source": ck.source}
+        if family:
+            row["params"] = ck.params if ck.params is not None else int(hit["params"])
+        out.append(row | {"compute": point_compute(series.kind, ck.tokens, row.get("params"))})
     return out
 
 
 # ---- the fit and its inversion -----------------------------------------------------------------
-def interp_tokens(tokens: Sequence[float], losses: Sequence[float], target: float) -> float | None:
-    """Tokens at which the measured curve reaches ``target``: piecewise-linear in log C, None outside the range.
+def interp_compute(compute: Sequence[float], losses: Sequence[float], target: float) -> float | None:
+    """Compute at which the measured curve reaches ``target``: piecewise-linear in log C, None outside the range.
 
-    The curve is the running minimum of the losses in token order (monotone, so the crossing is unique).
+    The curve is the running minimum of the losses in compute order (monotone, so the crossing is unique).
     """
-    C = np.asarray(tokens, dtype=np.float64)
+    C = np.asarray(compute, dtype=np.float64)
     order = np.argsort(C)
     C, L = C[order], np.minimum.accumulate(np.asarray(losses, dtype=np.float64)[order])
     if not (L[-1] <= target <= L[0]):
@@ -403,85 +562,150 @@ def interp_tokens(tokens: Sequence[float], losses: Sequence[float], target: floa
     return float(math.exp(math.log(C[i - 1]) + t * (math.log(C[i]) - math.log(C[i - 1]))))
 
 
-def _fit_series(points: Sequence[dict[str, Any]], total_tokens: int, fit_min_frac: float, series_name: str):
-    """The checkpoints as rows (with their fitted loss), the power law fitted to those past fit_min_frac of
-    training, the tokens and losses it was fitted to, and that token threshold."""
-    rows = sorted(({"label": p.get("label", str(p["tokens"])), "tokens": int(p["tokens"]), "loss": float(p["loss"]),
-                    "source": p.get("source", "")} for p in points), key=lambda r: r["tokens"])
+interp_tokens = interp_compute  # the name from when the only axis was training tokens
+
+
+def _reference_rows(points: Sequence[dict[str, Any]], kind: str, name: str) -> list[dict[str, Any]]:
+    """The points as result rows, ordered by compute (``compute`` from tokens and params when not given)."""
+    rows = []
+    for p in points:
+        params = p.get("params")
+        row = {"label": p.get("label", str(p["tokens"])), "tokens": int(p["tokens"]),
+               **({"params": int(params)} if kind == KIND_FAMILY else {}),
+               "compute": float(p["compute"]) if p.get("compute") is not None else
+               point_compute(kind, int(p["tokens"]), params),
+               "loss": float(p["loss"]), "source": p.get("source", "")}
+        if kind == KIND_PROGRESS:
+            row["compute"] = int(row["compute"])
+        rows.append(row)
+    rows.sort(key=lambda r: r["compute"])
     if any(not math.isfinite(r["loss"]) for r in rows):
-        raise SeriesError(f"checkpoint series {series_name!r}: non-finite losses {[r['loss'] for r in rows]}")
-    min_tokens = max(1, int(math.ceil(fit_min_frac * total_tokens)))
-    used = [r for r in rows if r["tokens"] >= min_tokens]
-    table = ", ".join(f"{r['tokens']:,}: {r['loss']:.4f}" for r in rows)
+        raise SeriesError(f"{_what(kind, name)}: non-finite losses {[r['loss'] for r in rows]}")
+    return rows
+
+
+def _what(kind: str, name: str) -> str:
+    return f"model family {name!r}" if kind == KIND_FAMILY else f"checkpoint series {name!r}"
+
+
+def _fit_series(rows: list[dict[str, Any]], min_compute: float, kind: str, name: str):
+    """The power law fitted to the rows with compute >= min_compute (each row gets its fitted loss),
+    and the compute and losses it was fitted to."""
+    used = [r for r in rows if r["compute"] >= min_compute]
+    unit = COMPUTE_UNITS[kind]
+    table = ", ".join(f"{r['compute']:,.4g}: {r['loss']:.4f}" if kind == KIND_FAMILY else
+                      f"{r['tokens']:,}: {r['loss']:.4f}" for r in rows)
     if len(used) < 3:
-        raise SeriesError(f"checkpoint series {series_name!r} has {len(used)} checkpoints with >= {min_tokens:,} "
-                          f"training tokens; the fit needs at least 3 (tokens: loss = {table or 'none'})")
-    C = np.array([r["tokens"] for r in used], dtype=np.float64)
+        where = (f"{len(used)} members" if kind == KIND_FAMILY else
+                 f"{len(used)} checkpoints with >= {int(min_compute):,} training tokens")
+        raise SeriesError(f"{_what(kind, name)} has {where}; the fit needs at least 3 ({unit}: loss = "
+                          f"{table or 'none'})")
+    C = np.array([r["compute"] for r in used], dtype=np.float64)
     L = np.array([r["loss"] for r in used], dtype=np.float64)
+    expected = ("expected models of increasing compute" if kind == KIND_FAMILY else
+                "expected a series of one model in training")
     if not L[-1] < L[0]:
-        raise SeriesError(f"checkpoint series {series_name!r} does not decrease: the loss goes from {L[0]:.4f} "
-                          f"to {L[-1]:.4f} (tokens: loss = {table}); expected a series of one model in training")
+        raise SeriesError(f"{_what(kind, name)} does not decrease: the loss goes from {L[0]:.4f} to {L[-1]:.4f} "
+                          f"({unit}: loss = {table}); {expected}")
     try:
-        law = fit_power_law(C, L, what=f"checkpoint series {series_name!r}")
+        law = fit_power_law(C, L, what=_what(kind, name))
     except FitError as e:
         raise SeriesError(str(e)) from e
     if law.alpha <= 0:
-        raise SeriesError(f"checkpoint series {series_name!r} does not decrease along its fit (exponent b = "
-                          f"{law.alpha:.3g}; tokens: loss = {table})")
+        raise SeriesError(f"{_what(kind, name)} does not decrease along its fit (exponent b = {law.alpha:.3g}; "
+                          f"{unit}: loss = {table})")
     for r in rows:
-        r["used_in_fit"] = r["tokens"] >= min_tokens
-        r["fitted_loss"] = json_float(law(r["tokens"])) if r["tokens"] > 0 else None
-    return rows, law, C, L, min_tokens
+        r["used_in_fit"] = r["compute"] >= min_compute
+        r["fitted_loss"] = json_float(law(r["compute"])) if r["compute"] > 0 else None
+    return law, C, L
 
 
-def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *, total_tokens: int,
-                       clean_loss: float | None = None, fit: str = "power", fit_min_frac: float = 0.01,
-                       series_name: str = "series") -> dict[str, Any]:
-    """Fit loss against tokens and place ``spliced_loss`` on it (module docstring; pure function).
+def _extrapolation(law, L: np.ndarray, spliced_loss: float) -> str | None:
+    if spliced_loss <= law.c:
+        return "unreachable"
+    if spliced_loss < L.min():
+        return "beyond_last"
+    if spliced_loss > L[0]:
+        return "before_first"
+    return None
 
-    ``points``: ``[{"tokens", "loss", "label"?, "source"?}]``, one per checkpoint.
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
+                       reference_compute: float | None, kind: str = KIND_PROGRESS, clean_loss: float | None = None,
+                       fit: str = "power", fit_min_frac: float = 0.01, series_name: str = "series",
+                       reference_label: str | None = None) -> dict[str, Any]:
+    """Fit loss against compute and place ``spliced_loss`` on it (module docstring; pure function).
+
+    ``points``: ``[{"tokens", "loss", "params"? (families), "compute"?, "label"?, "source"?}]``, one per
+    reference model. ``reference_compute``: the fraction's denominator (training_progress: the full
+    run's tokens; model_family: the evaluated model's 6 N D, or None to take the compute the fit
+    needs for ``clean_loss``). ``fit_min_frac`` applies to training progress only.
     """
     if fit not in ("power", "interp"):
         raise ValueError(f"fit must be 'power' or 'interp', got {fit!r}")
-    rows, law, C, L, min_tokens = _fit_series(points, total_tokens, fit_min_frac, series_name)
-    c_star = law.invert(spliced_loss)
-    c_interp = interp_tokens(C, L, spliced_loss)
-    if spliced_loss <= law.c:
-        extrapolation = "unreachable"
-    elif spliced_loss < L.min():
-        extrapolation = "beyond_last"
-    elif spliced_loss > L[0]:
-        extrapolation = "before_first"
-    else:
-        extrapolation = None
-    frac_power = c_star / total_tokens if math.isfinite(c_star) else None
-    frac_interp = c_interp / total_tokens if c_interp is not None else None
-    out = {
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == KIND_PROGRESS and not reference_compute:
+        raise ValueError("a training-progress equivalent needs reference_compute = the full run's tokens")
+    rows = _reference_rows(points, kind, series_name)
+    min_compute = max(1, math.ceil(fit_min_frac * reference_compute)) if kind == KIND_PROGRESS else 0
+    law, C, L = _fit_series(rows, min_compute, kind, series_name)
+    invert = law.invert if fit == "power" else (lambda y: interp_compute(C, L, y))
+    c_star, c_interp = law.invert(spliced_loss), interp_compute(C, L, spliced_loss)
+    c_clean = _finite(invert(clean_loss)) if clean_loss is not None else None
+    c_main = _finite(c_star if fit == "power" else c_interp)
+    how = "series_total" if kind == KIND_PROGRESS else "member"
+    if reference_compute is None:
+        reference_compute, how = c_clean, "clean_loss"
+    ratio = (lambda x: _finite(x) / reference_compute if _finite(x) is not None else None) if reference_compute \
+        else (lambda x: None)
+    extrapolation = _extrapolation(law, L, spliced_loss)
+    return {
         "metric": "compute_equivalent",
+        "kind": kind,
+        "compute_unit": COMPUTE_UNITS[kind],
         "checkpoints": rows,
-        "fit": {"form": "L(C) = a * C^-b + c (C: training tokens)", "method": fit, "a": law.a, "b": law.alpha,
-                "c": law.c, "b_se": law.alpha_se, "c_se": law.c_se, "rmse_log": law.rmse_log,
-                "n_points": law.n_points, "min_tokens": min_tokens},
+        "fit": {"form": f"L(C) = a * C^-b + c (C: training {COMPUTE_UNITS[kind]}"
+                        + (", 6 N D)" if kind == KIND_FAMILY else ")"),
+                "method": fit, "a": law.a, "b": law.alpha, "c": law.c, "b_se": law.alpha_se, "c_se": law.c_se,
+                "rmse_log": law.rmse_log, "n_points": law.n_points, "min_compute": min_compute},
         "spliced_loss": spliced_loss,
         "clean_loss": clean_loss,
-        "tokens_equivalent": json_float(c_star),
-        "fraction": json_float(frac_power if fit == "power" else frac_interp),
-        "fraction_power": json_float(frac_power),
-        "fraction_interp": json_float(frac_interp),
-        "tokens_equivalent_interp": c_interp,
-        "clean_tokens_equivalent": None, "clean_fraction": None, "fraction_relative": None,
+        "compute_equivalent": json_float(c_star),
+        "compute_equivalent_interp": c_interp,
+        "reference_compute": reference_compute,
+        "reference": {"how": how, "label": reference_label},
+        "fraction": ratio(c_main),
+        "fraction_power": ratio(c_star),
+        "fraction_interp": ratio(c_interp),
+        "clean_compute_equivalent": c_clean,
+        "clean_fraction": ratio(c_clean),
+        "fraction_relative": c_main / c_clean if c_main is not None and c_clean else None,
         "extrapolated": extrapolation is not None,
         "extrapolation": extrapolation,
     }
-    if clean_loss is not None:
-        c_clean = law.invert(clean_loss) if fit == "power" else interp_tokens(C, L, clean_loss)
-        c_main = c_star if fit == "power" else c_interp
-        if c_clean is not None and math.isfinite(c_clean):
-            out["clean_tokens_equivalent"] = c_clean
-            out["clean_fraction"] = c_clean / total_tokens
-            if c_main is not None and math.isfinite(c_main) and c_clean > 0:
-                out["fraction_relative"] = c_main / c_clean
-    return out
+
+
+def upgrade_result(result: dict[str, Any]) -> dict[str, Any]:
+    """A result in today's schema: one written before families existed (no ``kind``) is a training-progress
+    equivalent counted in tokens, its ``*tokens_equivalent*`` and ``min_tokens`` renamed."""
+    if "kind" in result:
+        return result
+    r = dict(result)
+    total = (r.get("series") or {}).get("total_tokens")
+    r.update(kind=KIND_PROGRESS, compute_unit=COMPUTE_UNITS[KIND_PROGRESS],
+             checkpoints=[c | {"compute": c["tokens"]} for c in r.get("checkpoints", [])],
+             fit=r["fit"] | {"min_compute": r["fit"].get("min_tokens")},
+             compute_equivalent=r.pop("tokens_equivalent", None),
+             compute_equivalent_interp=r.pop("tokens_equivalent_interp", None),
+             clean_compute_equivalent=r.pop("clean_tokens_equivalent", None),
+             reference_compute=total, reference={"how": "series_total", "label": None})
+    r["series"] = (r.get("series") or {}) | {"kind": KIND_PROGRESS}
+    return r
 
 
 # ---- the metric ---------------------------------------------------------------------------------
@@ -490,16 +714,18 @@ class ComputeEquivalentConfig:
     """Settings of the compute-equivalent metric."""
 
     series: str | None = run_option(None)
-    """Checkpoint series: crfm-gpt2-small, pythia-70m (any pythia-<size>[-deduped]) or a folder of
-    checkpoints; None = the built-in series of the evaluated model, if it has one."""
+    """Reference models: a model family (pythia-family[-deduped][:SIZES] or a folder with family.json:
+    the paper's compute-equivalent) or a checkpoint series (crfm-gpt2-small, pythia-<size>[-deduped]
+    or a folder of checkpoints: the training-progress equivalent); None = the evaluated model's own
+    (the Pythia family for Pythia models, crfm-gpt2-small for GPT-2), if it has one."""
     steps: tuple[int, ...] = run_option(())
     """Training steps of the hub series to measure; () = a default log-spaced subset (11-12 checkpoints)."""
     fit: str = "power"
-    """'power': L(C) = a C^-b + c, inverted; 'interp': piecewise-linear in log C between checkpoints."""
+    """'power': L(C) = a C^-b + c, inverted; 'interp': piecewise-linear in log C between reference models."""
     fit_min_frac: float = 0.01
-    """Fit only checkpoints with at least this fraction of the full run's tokens: the default leaves
-    out the learning-rate warmup (CRFM: 3,200 of 400k steps; Pythia: a hundredth of the run) and the
-    initial plateau."""
+    """Checkpoint series only: fit only checkpoints with at least this fraction of the full run's
+    tokens: the default leaves out the learning-rate warmup (CRFM: 3,200 of 400k steps; Pythia: a
+    hundredth of the run) and the initial plateau. A family's members are all fitted."""
     lm_batch_size: int = 8
     """Contexts per forward."""
     exclude_first: bool | None = run_option(None)
@@ -507,7 +733,7 @@ class ComputeEquivalentConfig:
     hook: str | None = run_option(None)
     """Hook to splice at; None = the SAE's cfg.hook_name."""
     progress: bool = run_option(False)
-    """Show a progress bar over checkpoints."""
+    """Show a progress bar over reference models."""
 
     def __post_init__(self) -> None:
         if self.fit not in ("power", "interp"):
@@ -516,11 +742,32 @@ class ComputeEquivalentConfig:
             raise ValueError(f"fit_min_frac must be in [0, 1), got {self.fit_min_frac}")
 
 
+def _same_model(model_id: str, name: str) -> bool:
+    """Whether a reference model's id (hub id or absolute path) is the evaluated model's ``lm.name``."""
+    if not model_id or not name:
+        return False
+    if model_id == name:
+        return True
+    a, b = Path(model_id).expanduser(), Path(name).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def _reference(series: CheckpointSeries, points: list[dict[str, Any]], lm_name: str) -> tuple[float | None, str | None]:
+    """The fraction's denominator and its label: the full run (series), the evaluated model's member
+    (family), or (None, None) when the evaluated model is none of the family's members."""
+    if series.kind == KIND_PROGRESS:
+        return series.total_tokens, series.name
+    for ck, row in zip(series.checkpoints, points):
+        if _same_model(ck.model_id, lm_name):
+            return row["compute"], ck.label
+    return None, None
+
+
 @torch.no_grad()
 def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquivalentConfig | None = None, *,
                            series: CheckpointSeries | None = None, spliced_loss: float | None = None,
                            clean_loss: float | None = None, cache_path: str | Path | None = None) -> dict[str, Any]:
-    """Compute-equivalent of ``sae`` spliced into ``lm`` (module docstring).
+    """Compute-equivalent (family) or training-progress equivalent (series) of ``sae`` spliced into ``lm``.
 
     ``spliced_loss`` / ``clean_loss``: already measured on exactly these tokens and predictions
     (e.g. by the core eval); measured here when None. ``series`` overrides ``cfg.series``.
@@ -536,8 +783,8 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
     if series is None:
         spec = cfg.series or series_for_model(lm.name)
         if spec is None:
-            raise SeriesError(f"no checkpoint series given and none is known for model {lm.name!r}; pass one "
-                              f"({', '.join(known_series_names()[:2])}, ... or a folder)")
+            raise SeriesError(f"no checkpoint series or model family given and none is known for model {lm.name!r}; "
+                              f"pass one (--series {', '.join(known_series_names()[:2])}, ... or a folder)")
         series = resolve_series(spec, cfg.steps, device=lm.device)
     if spliced_loss is None:
         spliced_loss, _ = mean_loss(lm, tokens_NT, first, {hook: replace_from(first, sae)}, cfg.lm_batch_size)
@@ -547,18 +794,21 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
     points = checkpoint_losses(series, tokens_NT, first, lm_batch_size=cfg.lm_batch_size, cache_path=cache_path,
                                reference_tokenizer=lm.tokenizer, progress=cfg.progress)
     t2 = time.perf_counter()
-    out = compute_equivalent(points, spliced_loss, total_tokens=series.total_tokens, clean_loss=clean_loss,
-                             fit=cfg.fit, fit_min_frac=cfg.fit_min_frac, series_name=series.name)
+    reference, label = _reference(series, points, lm.name)
+    out = compute_equivalent(points, spliced_loss, reference_compute=reference, kind=series.kind,
+                             clean_loss=clean_loss, fit=cfg.fit, fit_min_frac=cfg.fit_min_frac,
+                             series_name=series.name, reference_label=label)
     n_pred = tokens_NT.shape[0] * (tokens_NT.shape[1] - 1 - first)
-    out = {"metric": "compute_equivalent", "hook": hook, "config": config_dict(cfg), "series": series.info(),
-           **{k: v for k, v in out.items() if k != "metric"}, "n_predictions": n_pred,
-           "checkpoint_s": t2 - t1, "wall_s": time.perf_counter() - t0}
-    return out
+    return {"metric": "compute_equivalent", "hook": hook, "config": config_dict(cfg), "series": series.info(),
+            **{k: v for k, v in out.items() if k != "metric"}, "n_predictions": n_pred,
+            "checkpoint_s": t2 - t1, "wall_s": time.perf_counter() - t0}
 
 
 __all__ = [
-    "CRFM_TOKENS_PER_STEP", "CheckpointSeries", "ComputeEquivalentConfig", "PYTHIA_TOKENS_PER_STEP",
-    "SeriesCheckpoint", "SeriesError", "checkpoint_losses", "compute_equivalent", "crfm_checkpoint_steps",
-    "crfm_gpt2_small_series", "interp_tokens", "known_series_names", "local_series", "mean_loss",
-    "pythia_checkpoint_steps", "pythia_series", "resolve_series", "run_compute_equivalent", "series_for_model",
+    "CRFM_TOKENS_PER_STEP", "CheckpointSeries", "ComputeEquivalentConfig", "KINDS", "KIND_FAMILY", "KIND_PROGRESS",
+    "KIND_TITLES", "PYTHIA_TOKENS_PER_STEP", "PYTHIA_TOTAL_TOKENS", "SeriesCheckpoint", "SeriesError",
+    "checkpoint_losses", "compute_equivalent", "crfm_checkpoint_steps", "crfm_gpt2_small_series", "interp_compute",
+    "interp_tokens", "known_series_names", "local_family", "local_series", "mean_loss", "point_compute",
+    "pythia_checkpoint_steps", "pythia_family", "pythia_series", "resolve_series", "run_compute_equivalent",
+    "series_for_model", "upgrade_result",
 ]
