@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from saelab.evals.compute_equivalent import KIND_FAMILY, upgrade_result
 from saelab.report.markdown import METRIC_ROWS, markdown_table
 from saelab.utils.atomic import write_text
 
@@ -26,10 +27,7 @@ def _headline(name: str, r: dict) -> str:
         return (f"nMSE {_f(r.get('nmse'))} (SAE input space {_f(r.get('nmse_sae_input'))}), L0 "
                 f"{_f(r.get('l0'), '{:.1f}')}, delta CE {_f(r.get('delta_ce'))} nats, KL {_f(r.get('kl'))}")
     if name == "compute_equivalent":
-        frac = r.get("fraction")
-        s = (f"{frac:.3g} of the pretraining compute of `{r['series']['name']}`" if frac is not None
-             else "spliced loss not reached by the fit")
-        return s + (f" (extrapolated: {r['extrapolation']})" if r.get("extrapolated") else "")
+        return _headline_ce(upgrade_result(r))
     if name == "ablation_sparsity":
         rnd, ch = r.get("random") or {}, r.get("channel") or {}
         return (f"latents {_f(r['latent']['mean'])} vs random directions of the same norm {_f(rnd.get('mean'))} "
@@ -46,6 +44,19 @@ def _headline(name: str, r: dict) -> str:
     return ""
 
 
+def _headline_ce(r: dict) -> str:
+    frac, name = r.get("fraction"), r["series"]["name"]
+    if r["kind"] == KIND_FAMILY:
+        own = r["reference"].get("label") or "its clean loss on the fit"
+        s = (f"compute-equivalent {frac:.3g} of the compute of `{own}` (6 N D, family `{name}`)" if frac is not None
+             else f"compute-equivalent: spliced loss not reached by the fit of family `{name}`")
+    else:
+        s = (f"training-progress equivalent {frac:.3g} of the training tokens of `{name}` (one run's checkpoints, "
+             "not the paper's family of sizes)" if frac is not None
+             else f"training-progress equivalent: spliced loss not reached by the fit of `{name}`")
+    return s + (f" (extrapolated: {r['extrapolation']})" if r.get("extrapolated") else "")
+
+
 def _section_core(r: dict) -> list[str]:
     lines = [f"{r.get('n_tokens', 0):,} tokens for reconstruction, {r.get('n_predictions', 0):,} next-token "
              "predictions for the downstream loss.", "",
@@ -58,25 +69,50 @@ def _section_core(r: dict) -> list[str]:
     return lines
 
 
-def _section_ce(r: dict, evals: Path) -> list[str]:
-    fit, s = r["fit"], r["series"]
-    rows = [("series", f"`{s['name']}` ({s['description']}), {len(r['checkpoints'])} checkpoints measured"),
-            ("full training run", f"{s['total_tokens']:,} tokens"),
+def _ce_reference_rows(r: dict) -> list[tuple[str, str]]:
+    """The rows that say what the curve is made of: a family's members or a run's checkpoints."""
+    s, fit, unit = r["series"], r["fit"], r["compute_unit"]
+    if r["kind"] == KIND_FAMILY:
+        ref = r["reference"]
+        own = (f"`{ref['label']}`, a member" if ref["how"] == "member" else
+               "not a member: the compute the fit needs for its clean loss")
+        return [("kind", "**compute-equivalent** (paper §4.1): final models of increasing size, compute C = 6 N D "
+                         "FLOPs, N = non-embedding parameters"),
+                ("model family", f"`{s['name']}` ({s['description']}), {len(r['checkpoints'])} members measured"),
+                ("evaluated model's compute", f"{_f(r['reference_compute'], '{:.4g}')} FLOPs ({own})"),
+                ("fit", f"L(C) = {fit['a']:.4g} C^-{fit['b']:.4f} + {fit['c']:.4f} on {fit['n_points']} members "
+                        f"(b ± {_f(fit['b_se'], '{:.3g}')}, rms log residual {fit['rmse_log']:.4f})")]
+    return [("kind", "**training-progress equivalent**: checkpoints of one training run, compute counted in tokens "
+                     "(not the paper's family of model sizes)"),
+            ("series", f"`{s['name']}` ({s['description']}), {len(r['checkpoints'])} checkpoints measured"),
+            ("full training run", f"{_f(r['reference_compute'], '{:,.0f}')} {unit}"),
             ("fit", f"L(C) = {fit['a']:.4g} C^-{fit['b']:.4f} + {fit['c']:.4f} on {fit['n_points']} checkpoints "
-                    f"with >= {fit['min_tokens']:,} tokens (b ± {_f(fit['b_se'], '{:.3g}')}, rms log residual "
-                    f"{fit['rmse_log']:.4f})"),
-            ("clean / spliced loss", f"{_f(r['clean_loss'])} / {_f(r['spliced_loss'])} nats on "
-                                     f"{r['n_predictions']:,} predictions"),
-            ("tokens equivalent (power law)", _f(r["tokens_equivalent"], "{:,.0f}")),
-            ("**fraction of pretraining compute**", f"**{_f(r['fraction'], '{:.4g}')}** ({fit['method']})"),
-            ("fraction: power law / interpolation", f"{_f(r['fraction_power'], '{:.4g}')} / "
-                                                    f"{_f(r['fraction_interp'], '{:.4g}')}"),
-            ("clean model's own position on the curve", _f(r["clean_fraction"], "{:.4g}")),
-            ("fraction relative to the clean model", _f(r["fraction_relative"], "{:.4g}")),
-            ("extrapolated", str(r["extrapolation"]) if r["extrapolated"] else "no (inside the measured range)")]
-    lines = [markdown_table(rows), "", "| checkpoint | tokens | loss | fitted | in fit |", "|---|---|---|---|---|"]
-    lines += [f"| {c['label']} | {c['tokens']:,} | {c['loss']:.4f} | {_f(c['fitted_loss'])} | "
-              f"{'yes' if c['used_in_fit'] else 'no'} |" for c in r["checkpoints"]]
+                    f"with >= {fit['min_compute']:,} {unit} (b ± {_f(fit['b_se'], '{:.3g}')}, rms log residual "
+                    f"{fit['rmse_log']:.4f})")]
+
+
+def _section_ce(r: dict, evals: Path) -> list[str]:
+    r = upgrade_result(r)
+    fit, unit, family = r["fit"], r["compute_unit"], r["kind"] == KIND_FAMILY
+    whose = "the evaluated model's compute" if family else "the full run's tokens"
+    num = "{:.4g}" if family else "{:,.0f}"
+    rows = _ce_reference_rows(r) + [
+        ("clean / spliced loss", f"{_f(r['clean_loss'])} / {_f(r['spliced_loss'])} nats on "
+                                 f"{r['n_predictions']:,} predictions"),
+        (f"{unit} to reach the spliced loss (power law)", _f(r["compute_equivalent"], num)),
+        (f"**fraction of {whose}**", f"**{_f(r['fraction'], '{:.4g}')}** ({fit['method']})"),
+        ("fraction: power law / interpolation", f"{_f(r['fraction_power'], '{:.4g}')} / "
+                                                f"{_f(r['fraction_interp'], '{:.4g}')}"),
+        ("clean model's own position on the curve", _f(r["clean_fraction"], "{:.4g}")),
+        ("fraction relative to the clean model", _f(r["fraction_relative"], "{:.4g}")),
+        ("extrapolated", str(r["extrapolation"]) if r["extrapolated"] else "no (inside the measured range)")]
+    head = "| member | N (non-embedding) | tokens D | 6 N D (FLOPs) |" if family else "| checkpoint | tokens |"
+    lines = [markdown_table(rows), "", head + " loss | fitted | in fit |",
+             "|---|" + ("---|---|---|" if family else "---|") + "---|---|---|"]
+    for c in r["checkpoints"]:
+        size = f"{c['params']:,} | {c['tokens']:,} | {c['compute']:.4g}" if family else f"{c['tokens']:,}"
+        lines.append(f"| {c['label']} | {size} | {c['loss']:.4f} | {_f(c['fitted_loss'])} | "
+                     f"{'yes' if c['used_in_fit'] else 'no'} |")
     if (evals / "compute_equivalent.png").exists():
         lines += ["", "![compute-equivalent](compute_equivalent.png)"]
     return lines

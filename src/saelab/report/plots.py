@@ -47,35 +47,48 @@ def density_histogram(frequencies_N: torch.Tensor, path: str | Path, n_tokens: i
 
 
 def compute_equivalent_plot(result: dict[str, Any], path: str | Path) -> Path:
-    """Checkpoint losses against training tokens, the fitted L(C), and the clean and spliced losses."""
-    rows = [r for r in result["checkpoints"] if r["tokens"] > 0]
+    """Reference losses against compute (a family's members in FLOPs, or one run's checkpoints in
+    tokens), the fitted L(C), and the clean and spliced losses."""
+    from saelab.evals.compute_equivalent import KIND_FAMILY, KIND_TITLES, upgrade_result
+
+    result = upgrade_result(result)
+    family = result["kind"] == KIND_FAMILY
+    rows = [r for r in result["checkpoints"] if r["compute"] > 0]
     fit = result["fit"]
     fig, ax = figure(figsize=(7, 4.2))
+    what = "members" if family else "checkpoints"
     used = [r for r in rows if r["used_in_fit"]]
     unused = [r for r in rows if not r["used_in_fit"]]
-    ax.scatter([r["tokens"] for r in used], [r["loss"] for r in used], color="#3b6ea8", zorder=3,
-               label="checkpoints (fitted)")
+    ax.scatter([r["compute"] for r in used], [r["loss"] for r in used], color="#3b6ea8", zorder=3,
+               label=f"{what} (fitted)")
     if unused:
-        ax.scatter([r["tokens"] for r in unused], [r["loss"] for r in unused], facecolors="none",
-                   edgecolors="#3b6ea8", zorder=3, label="checkpoints (not fitted)")
-    lo = min(r["tokens"] for r in rows)
-    hi = max([r["tokens"] for r in rows] + [result.get("tokens_equivalent") or 0, result["series"]["total_tokens"]])
+        ax.scatter([r["compute"] for r in unused], [r["loss"] for r in unused], facecolors="none",
+                   edgecolors="#3b6ea8", zorder=3, label=f"{what} (not fitted)")
+    if family:
+        for r in rows:
+            ax.annotate(r["label"], (r["compute"], r["loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    lo = min(r["compute"] for r in rows)
+    hi = max([r["compute"] for r in rows] + [result.get("compute_equivalent") or 0, result.get("reference_compute") or 0])
     grid = np.logspace(np.log10(lo) - 0.2, np.log10(hi) + 0.2, 200)
     ax.plot(grid, fit["a"] * grid ** (-fit["b"]) + fit["c"], color="#888888",
             label=f"fit {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f}")
     ax.axhline(result["spliced_loss"], color="#c0392b", ls="--", label=f"SAE spliced {result['spliced_loss']:.3f}")
     if result.get("clean_loss") is not None:
         ax.axhline(result["clean_loss"], color="#27ae60", ls=":", label=f"clean {result['clean_loss']:.3f}")
-    c_star = result["tokens_equivalent"] if fit["method"] == "power" else result["tokens_equivalent_interp"]
+    c_star = result["compute_equivalent"] if fit["method"] == "power" else result["compute_equivalent_interp"]
     if c_star:
         ax.axvline(c_star, color="#c0392b", lw=0.8)
+    if result.get("reference_compute"):
+        ax.axvline(result["reference_compute"], color="#27ae60", lw=0.8, ls=":")
     frac = result.get("fraction")
+    whose = "of the model's compute" if family else "of the run's training tokens"
     extra = f", extrapolated ({result['extrapolation']})" if result.get("extrapolated") else ""
-    title = f"{result['series']['name']}: compute-equivalent " + (f"{frac:.3g} of pretraining" if frac is not None
-                                                                   else "not reached") + extra
+    title = (f"{result['series']['name']}: {KIND_TITLES[result['kind']]} "
+             + (f"{frac:.3g} {whose}" if frac is not None else "not reached") + extra)
     ax.set_title(title, fontsize=10)
     ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
+    ax.set_xlabel("training compute C = 6 N D (FLOPs, N non-embedding)" if family else
+                  "training tokens of one run (training progress)")
     ax.set_ylabel("CE loss on eval tokens (nats)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
