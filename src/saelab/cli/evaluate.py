@@ -39,8 +39,10 @@ def add_eval(sub) -> None:
     p.add_argument("--allow-http", action="store_true",
                    help="also download SAEs from plain http URLs (unverified transport; https is the default)")
     p.add_argument("--series", default=None,
-                   help="checkpoint series for compute-equivalent: " + ", ".join(known_series_names()[:2])
-                        + ", pythia-<size>[-deduped] or a folder of checkpoints (default: the model's own, if known)")
+                   help="reference models for compute-equivalent: a model family (pythia-family[-deduped][:SIZES] "
+                        "or a folder with family.json: the paper's compute-equivalent) or a checkpoint series ("
+                        + ", ".join(known_series_names()[:1]) + ", pythia-<size>[-deduped] or a folder of checkpoints: "
+                        "the training-progress equivalent); default: the model's own, if known (Pythia: its family)")
     p.add_argument("--series-steps", type=int, nargs="*", default=None,
                    help="training steps of a hub series to measure (default: a log-spaced subset)")
     p.add_arguments(EvalConfig, dest="eval")

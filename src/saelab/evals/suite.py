@@ -3,7 +3,7 @@
 - ``core``: reconstruction (nMSE, L0, dead and dense latents) and the spliced LM loss (delta CE,
   KL, CE recovered), as :func:`saelab.evals.core.evaluate_core` computes them.
 - ``paper``: core plus the paper's other metrics, each where it applies:
-  ``compute_equivalent`` (§4.1; needs a checkpoint series of the model's family),
+  ``compute_equivalent`` (§4.1; needs a model family, or a checkpoint series for its training-progress twin),
   ``ablation_sparsity`` (§4.5), ``probe`` (§4.2) and ``n2g`` (§4.3-4.4, with its splice). Each
   writes ``OUT/evals/<metric>.json`` and ``OUT/evals/suite.json`` indexes the run; the caller
   (``saelab.pipeline.paper_suite``) writes ``OUT/evals/report.md``. A run's own ``metrics.json``
@@ -155,9 +155,9 @@ def _compute_equivalent(run: SuiteRun) -> dict:
 
 def _ce_applies(run: SuiteRun) -> str | None:
     if run.cfg.compute_equivalent.series is None and series_for_model(run.lm.name) is None:
-        return (f"no checkpoint series is known for model {run.lm.name!r} (built in: GPT-2 small -> "
-                "crfm-gpt2-small, EleutherAI/pythia-<size> -> pythia-<size>); pass --series NAME or a folder of "
-                "checkpoints")
+        return (f"no checkpoint series is known for model {run.lm.name!r} (built in: EleutherAI/pythia-<size> -> "
+                "the model family pythia-family, GPT-2 small -> the checkpoint series crfm-gpt2-small); pass "
+                "--series NAME, a folder with family.json or a folder of checkpoints")
     return None
 
 
