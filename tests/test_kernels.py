@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saelab.sae.kernels import sparse_topk_encode
+from saelab.sae.kernels import sparse_decode, sparse_topk_encode
 
 
 def _dense_reference(x, b_dec, W, b, k_big, dead_idx, k_aux):
@@ -137,6 +137,22 @@ def test_cuda_kernel_matches_cpu_reference(dtype, tol, aux_dense):
     assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in dev)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sparse_decode_matches_cpu_reference():
+    torch.manual_seed(0)
+    B, S, n, d = 64, 16, 300, 32
+    idx = torch.stack([torch.randperm(n)[:S] for _ in range(B)])
+    vals, W, g = torch.randn(B, S, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64), torch.randn(B, d)
+    ref_vals, ref_W = vals.clone().requires_grad_(), W.clone().requires_grad_()
+    (_densify(ref_vals, idx, n) @ ref_W).backward(g.double())
+    cv, cW = vals.float().cuda().requires_grad_(), W.float().cuda().requires_grad_()
+    out = sparse_decode(cv, idx.cuda(), cW)
+    assert torch.allclose(out.double().cpu(), _densify(vals, idx, n) @ W, rtol=1e-4, atol=1e-4)
+    out.backward(g.cuda())
+    assert torch.allclose(cv.grad.double().cpu(), ref_vals.grad, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(cW.grad.double().cpu(), ref_W.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_aux_form_is_chosen_by_size():
     """Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux, sparse beyond (both exact, tested above)."""
     from saelab.sae.kernels import AUX_DENSE_FACTOR
@@ -148,3 +164,28 @@ def test_aux_form_is_chosen_by_size():
         out = sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=torch.arange(n_dead), k_aux=k_aux)
         assert out.aux_dense == dense
         assert out.aux_vals_BA.shape == ((8, n_dead) if dense else (8, k_aux))
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_sparse_decode_matches_dense_autograd(sliced):
+    """sparse_decode against z @ W_dec with z dense: the output and the gradients of the values and
+    of every decoder row (rows picked by several entries, by none, and a row's entries in any order);
+    ``sliced``: the first columns of wider [B, S] tensors, as training decodes the top-k of a top-4k."""
+    torch.manual_seed(0)
+    B, S, n, d = 29, 7, 40, 11
+    idx = torch.stack([torch.randperm(n)[:S + 3] for _ in range(B)])
+    vals = torch.randn(B, S + 3, dtype=torch.float64)
+    if not sliced:
+        idx, vals = idx[:, :S].contiguous(), vals[:, :S].contiguous()
+    vals.requires_grad_()
+    W = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    v, i = (vals[:, :S], idx[:, :S]) if sliced else (vals, idx)
+    out = sparse_decode(v, i, W)
+    ref = _densify(v, i, n) @ W
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn(B, d, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (vals, W), g)
+    ref_grads = torch.autograd.grad(ref, (vals, W), g)
+    for name, got, want in zip(("vals", "W_dec"), grads, ref_grads):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), name
+    assert grads[1][torch.isin(torch.arange(n), i.unique(), invert=True)].abs().sum() == 0

@@ -16,6 +16,9 @@ Here, with xc = x - b_dec:
     d x[b]        = sum over selections (b, j) of g * W_enc[:, j]   (embedding_bag; only if x needs it)
   which is O(B * k * d) instead of O(B * n * d).
 
+The decoder side (``sparse_decode``) is embedding_bag forward; its backward takes the values'
+gradient from embedding_bag's own per-entry kernel and W_dec's gradient by latent groups, like d W_enc.
+
 AuxK has two forms, chosen by size (``aux_dense``). Sparse: the top k_aux dead latents per row as
 (values, indices), decoded and backpropagated like the main selection (embedding_bag, ~k_aux
 entries per row). Dense: when few latents are dead (n_dead <= AUX_DENSE_FACTOR * k_aux, the usual
@@ -66,7 +69,47 @@ def decode_aux(enc: EncodeOutput, W_dec_ND: torch.Tensor) -> torch.Tensor:
     """The AuxK reconstruction sum_j aux_val_j * W_dec[j] (no bias), in either form."""
     if enc.aux_dense:
         return _DenseRowsDecode.apply(enc.aux_vals_BA, W_dec_ND, enc.aux_idx_BA)
-    return F.embedding_bag(enc.aux_idx_BA, W_dec_ND, per_sample_weights=enc.aux_vals_BA, mode="sum")
+    return sparse_decode(enc.aux_vals_BA, enc.aux_idx_BA, W_dec_ND)
+
+
+def sparse_decode(vals_BS: torch.Tensor, idx_BS: torch.Tensor, W_dec_ND: torch.Tensor) -> torch.Tensor:
+    """sum_s vals[b, s] * W_dec[idx[b, s]] ([B, d], no bias), differentiable in vals and W_dec.
+
+    The same numbers as ``F.embedding_bag(idx, W_dec, per_sample_weights=vals)``; its backward sums
+    W_dec's gradient latent by latent (one stable sort of int32 keys, one embedding_bag over the
+    gradient's rows), about half the time of embedding_bag's generic dense backward on CPU: the
+    whole decode, forward and backward, 1.1x (256 entries per row) to 1.25x (32) faster."""
+    return _SparseDecode.apply(vals_BS, W_dec_ND, idx_BS)
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vals_BS, W_ND, idx_BS):
+        ctx.save_for_backward(vals_BS, W_ND, idx_BS)
+        return F.embedding_bag(idx_BS, W_ND, per_sample_weights=vals_BS, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        vals_BS, W_ND, idx_BS = ctx.saved_tensors
+        B, S = idx_BS.shape
+        idx_flat = idx_BS.reshape(-1)
+        bag_of_entry = torch.arange(B, device=idx_BS.device).repeat_interleave(S)
+        g_BD = g_BD.contiguous()
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:  # the dot product of each entry's decoder row with its row's gradient
+            offsets = torch.arange(0, B * S, S, device=idx_BS.device)
+            grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                g_BD, W_ND, idx_flat, offsets, bag_of_entry, 0).view(B, S)
+        if ctx.needs_input_grad[1]:
+            grad_W = _sum_rows_by_latent(idx_flat, bag_of_entry, vals_BS.reshape(-1), g_BD, W_ND.shape[0])
+        return grad_vals, grad_W, None
+
+
+def _sum_rows_by_latent(idx_flat: torch.Tensor, row_of_entry: torch.Tensor, w_flat: torch.Tensor,
+                        rows_BD: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, d]: out[j] = sum over entries e with idx_flat[e] == j of w_flat[e] * rows_BD[row_of_entry[e]]."""
+    order, offsets = _group_by_latent(idx_flat, n)
+    return F.embedding_bag(row_of_entry[order], rows_BD, offsets, mode="sum", per_sample_weights=w_flat[order])
 
 
 def _add_to_rows_(dst_ND: torch.Tensor, rows_R: torch.Tensor, src_RD: torch.Tensor) -> torch.Tensor:
@@ -98,7 +141,9 @@ class _DenseRowsDecode(torch.autograd.Function):
 
 def _group_by_latent(idx_flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, offsets) such that idx_flat[order] is sorted and offsets[j] starts latent j's run."""
-    order = idx_flat.argsort()
+    # A stable sort of int32 keys: about half the time of argsort on int64 ones on CPU.
+    keys = idx_flat.to(torch.int32) if n < 2**31 else idx_flat
+    order = keys.sort(stable=True).indices
     counts = torch.bincount(idx_flat, minlength=n)
     offsets = torch.zeros(n, dtype=torch.long, device=idx_flat.device)
     offsets[1:] = counts.cumsum(0)[:-1]
@@ -194,9 +239,8 @@ def _sparse_grads(xc_BD: torch.Tensor, W_enc_DN: torch.Tensor, g_parts: list[tor
     if need_x:
         grad_x = F.embedding_bag(idx, W_enc_DN.t().contiguous(), per_sample_weights=g, mode="sum")
     if need_W:
-        order, offsets = _group_by_latent(idx_flat, n)
         rows = torch.arange(B, device=idx.device).repeat_interleave(S)
-        grad_W = F.embedding_bag(rows[order], xc_BD, offsets, mode="sum", per_sample_weights=g_flat[order])
+        grad_W = _sum_rows_by_latent(idx_flat, rows, g_flat, xc_BD, n)
     grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, idx_flat, g_flat)
     return grad_x, grad_W, grad_b
 
