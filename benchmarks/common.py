@@ -64,14 +64,28 @@ def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
 
 
-def gemm_flops(d: int = 576, n: int = 8192, batch: int = 4096, repeats: int = 10) -> float:
-    """Measured float32 GEMM FLOP/s for the encoder's shape [batch, d] @ [d, n]."""
-    a, b = torch.randn(batch, d), torch.randn(d, n)
-    out = torch.empty(batch, n)
+def sync(device: str | torch.device = "cpu") -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a clock read after it is true."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def gemm_flops(d: int = 576, n: int = 8192, batch: int = 4096, repeats: int = 10,
+               device: str | torch.device = "cpu") -> float:
+    """Measured float32 GEMM FLOP/s for the encoder's shape [batch, d] @ [d, n] on ``device``."""
+    a, b = torch.randn(batch, d, device=device), torch.randn(d, n, device=device)
+    out = torch.empty(batch, n, device=device)
     torch.mm(a, b, out=out)
+    sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b, out=out)
+    sync(device)
     return 2 * batch * d * n * repeats / (time.perf_counter() - t)
 
 
@@ -277,6 +291,7 @@ def runner_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dead-tokens", type=int, default=DEAD_TOKENS,
                     help="AuxK's dead window: a latent is dead after this many tokens without firing")
+    ap.add_argument("--device", default="cpu", help="where the SAE trains and evaluates (cpu, cuda, cuda:1)")
     return ap
 
 
@@ -303,24 +318,29 @@ class StepClock:
     (laps cover start .. the last lap; a runner calls it once per timed step).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = device  # every clock read first waits for this device's queued work
         self.t_setup = self.t_start = self.t_stop = None
         self.laps: list[tuple[float, bool]] = []
         self._t_lap = None
 
+    def _now(self) -> float:
+        sync(self.device)
+        return time.perf_counter()
+
     def setup(self) -> None:
-        self.t_setup = time.perf_counter()
+        self.t_setup = self._now()
 
     def start(self) -> None:
-        self.t_start = self._t_lap = time.perf_counter()
+        self.t_start = self._t_lap = self._now()
 
     def lap(self, aux_active: bool) -> None:
-        now = time.perf_counter()
+        now = self._now()
         self.laps.append((now - self._t_lap, bool(aux_active)))
         self._t_lap = now
 
     def stop(self) -> None:
-        self.t_stop = time.perf_counter()
+        self.t_stop = self._now()
 
     def regimes(self, batch_size: int) -> dict[str, Any]:
         """Median step time and tokens/s with AuxK inactive ('plain') and active ('aux'), and the
@@ -374,15 +394,17 @@ class EvalAccumulator:
                 "eval_l0": self.nonzero / self.rows, "eval_rows": self.rows}
 
 
-def evaluate(encode_decode, reader: CacheReader, n_rows: int, n_latents: int, batch_size: int = BATCH) -> dict:
-    """Metrics of ``encode_decode(x) -> (x_hat, idx_BK, vals_BK)`` on the first ``n_rows`` held-out rows."""
+def evaluate(encode_decode, reader: CacheReader, n_rows: int, n_latents: int, batch_size: int = BATCH,
+             device: str | torch.device = "cpu") -> dict:
+    """Metrics of ``encode_decode(x) -> (x_hat, idx_BK, vals_BK)`` on the first ``n_rows`` held-out rows
+    (x on ``device``; the metrics are accumulated on the CPU)."""
     acc = EvalAccumulator(n_latents)
     n_rows = min(n_rows, reader.n_rows)
     with torch.no_grad():
         for lo in range(0, n_rows, batch_size):
             x = torch.from_numpy(reader.read(lo, min(lo + batch_size, n_rows)))
-            x_hat, idx, vals = encode_decode(x)
-            acc.update(x, x_hat, idx, vals)
+            x_hat, idx, vals = encode_decode(x.to(device))
+            acc.update(x, x_hat.cpu(), idx.cpu(), vals.cpu())
     return acc.result()
 
 
@@ -429,6 +451,8 @@ def finish_run(args: argparse.Namespace, clock: StepClock, *, library: str, vers
         "total_s": total, "tokens_per_s_incl_init": n_batches * args.batch_size / total,
         "rss_base_mb": rss_base, "peak_rss_train_mb": peak_train, "peak_rss_mb": peak_rss_mb(),
         "final_train_loss": final_loss, "dead_tokens": args.dead_tokens, **clock.regimes(args.batch_size),
+        "device": device_name(args.device),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(args.device) / 2**20 if "cuda" in str(args.device) else None,
         **metrics, "notes": notes,
     }
     print(RESULT_PREFIX + json.dumps(out), flush=True)

@@ -16,6 +16,16 @@ Medians over the repeats are reported.
     python benchmarks/compare_peers.py --libs saelab sparsify --dead-tokens 16384 \
         --baseline /tmp/before/src                                 # AuxK active; an older saelab too
     python benchmarks/compare_peers.py --profile --n 8192          # top operators of a saelab step
+    python benchmarks/compare_peers.py --device cuda --libs saelab sparsify --n 32768 131072 \
+        --activations random --peer-python python3                 # on a GPU (benchmarks/gpu_check.sh)
+
+``--device cuda`` trains and evaluates every library on the GPU (the same cached activations, read
+on the CPU and copied per batch, in the same order), synchronizes before every clock read, and
+measures the GEMM bound on the GPU in the same round. On CUDA the GEMMs run in TF32 for every
+library (sparsify's Trainer sets matmul precision "high" itself; saelab gets ``allow_tf32``) and the
+bound is the TF32 GEMM's. ``--activations random`` uses Gaussian rows with a common offset instead of
+the protocol's LM activations (a machine without the LM or the corpus; the nMSE is then not the
+protocol's); ``--device cuda`` without a GPU stops with one line.
 
 Step times are also split by AuxK regime: each runner records, per timed step, whether AuxK ran
 (some latent past the dead window), and the table gives tokens/s with AuxK inactive and active
@@ -49,7 +59,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import BATCH, DEAD_TOKENS, EVAL_TOKENS, K, RESULT_PREFIX, THREADS, TRAIN_TOKENS  # noqa: E402
 from common import command_line  # noqa: E402
-from common import default_lr, encoder_bound, ensure_bench_caches, gemm_flops, machine_info  # noqa: E402
+from common import default_lr, device_name, encoder_bound, ensure_bench_caches, gemm_flops, machine_info  # noqa: E402
+from common import sync  # noqa: E402
 
 # name -> (runner script, distribution whose version is reported, module to import, needs the peer venv)
 LIBRARIES = {
@@ -65,13 +76,33 @@ BASELINE = "saelab-base"
 this checkout's benchmarks/run_saelab.py with PYTHONPATH=SRC, so only the library differs."""
 
 
-def child_env(threads: int) -> dict[str, str]:
+def child_env(threads: int, device: str = "cpu") -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     env.update(TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
-               SPARSIFY_DISABLE_TRITON="1", TQDM_DISABLE="1")
+               TQDM_DISABLE="1")
+    if not device.startswith("cuda"):  # sparsify's Triton kernels are its GPU path
+        env["SPARSIFY_DISABLE_TRITON"] = "1"
     return env
+
+
+def write_random_cache(folder: Path, rows: int, d: int, seed: int) -> None:
+    """A float32 activation cache of Gaussian rows around a common random offset (as a residual stream
+    has one), in the format CacheReader reads; kept if one of at least ``rows`` rows is there."""
+    import numpy as np
+
+    manifest = folder / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("n_rows", 0) >= rows:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    offset = 3.0 * g.standard_normal(d, dtype=np.float32)
+    np.save(folder / "shard_00000.npy", g.standard_normal((rows, d), dtype=np.float32) + offset)
+    manifest.write_text(json.dumps({"format": "saelab-activation-cache", "version": 1, "d": d, "dtype": "float32",
+                                    "shard_rows": rows, "n_rows": rows, "complete": True,
+                                    "shards": [{"file": "shard_00000.npy", "rows": rows}],
+                                    "meta": {"contexts": "random: N(offset, I)"}}))
 
 
 def probe(lib: str, python: str, env: dict[str, str]) -> tuple[str | None, str | None]:
@@ -95,7 +126,7 @@ def run_one(lib: str, python: str, n: int, args: argparse.Namespace, env: dict[s
     cmd = [python, str(script), "--cache", str(args.train_cache), "--eval-cache", str(args.eval_cache),
            "--rows", str(args.rows), "--eval-rows", str(args.eval_rows), "--n", str(n), "--k", str(args.k),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--seed", str(args.seed),
-           "--dead-tokens", str(args.dead_tokens)]
+           "--dead-tokens", str(args.dead_tokens), "--device", args.device]
     if args.lr is not None:
         cmd += ["--lr", str(args.lr)]
     if lib == "saelens":
@@ -152,11 +183,17 @@ def parse_args() -> argparse.Namespace:
                     help="holds acts/ (training cache), acts_eval/ and results-*.jsonl")
     ap.add_argument("--peer-python", default="/work/peer-venv/bin/python", help="Python of the peers' venv")
     ap.add_argument("--gemm-repeats", type=int, default=10, help="GEMMs per bound measurement")
+    ap.add_argument("--device", default="cpu", help="where every library trains and evaluates: cpu or cuda[:i]")
+    ap.add_argument("--activations", choices=["protocol", "random"], default="protocol",
+                    help="the protocol's SmolLM2 activations (harvested once), or Gaussian rows (no LM needed)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--saelens-b-dec-init", choices=["library", "median"], default="library",
                     help="SAELens starts b_dec at 0 (library); median: geometric median of the first batch")
     args = ap.parse_args()
-    args.train_cache, args.eval_cache = args.workdir / "acts", args.workdir / "acts_eval"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"compare_peers.py: error: --device {args.device}: torch {torch.__version__} sees no CUDA GPU")
+    suffix = "" if args.activations == "protocol" else "_random"
+    args.train_cache, args.eval_cache = args.workdir / f"acts{suffix}", args.workdir / f"acts_eval{suffix}"
     if args.baseline is not None:
         if not (args.baseline / "saelab").is_dir():
             raise SystemExit(f"--baseline {args.baseline}: expected a src folder holding saelab/")
@@ -170,8 +207,14 @@ def main() -> None:
     args = parse_args()
     os.environ.update({v: str(args.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     torch.set_num_threads(args.threads)
-    env = child_env(args.threads)
-    ensure_bench_caches(args.train_cache, args.eval_cache, args.rows, args.eval_rows)
+    env = child_env(args.threads, args.device)
+    if args.device.startswith("cuda"):  # the TF32 bound: sparsify's Trainer and saelab's runner both use TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.activations == "random":
+        write_random_cache(args.train_cache, args.rows, 576, args.seed)
+        write_random_cache(args.eval_cache, args.eval_rows, 576, args.seed + 1)
+    else:
+        ensure_bench_caches(args.train_cache, args.eval_cache, args.rows, args.eval_rows)
     d = json.loads((args.train_cache / "manifest.json").read_text())["d"]
     if args.profile:
         for n in args.n:
@@ -197,7 +240,7 @@ def main() -> None:
         for n in args.n:
             for lib in runnable:
                 # The bound right before each run: this machine's GEMM speed drifts within minutes.
-                flops = gemm_flops(d, n, args.batch_size, repeats=args.gemm_repeats)
+                flops = gemm_flops(d, n, args.batch_size, repeats=args.gemm_repeats, device=args.device)
                 r = run_one(lib, pythons[lib], n, args, envs[lib])
                 r["gemm_flops"] = flops
                 r["bound_tokens_per_s"] = encoder_bound(flops, d, n)
@@ -225,18 +268,31 @@ def ratio_to_bound(runs: list[dict], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def peak_memory(runs: list[dict], gpu: bool) -> str:
+    if gpu:
+        return f"{fmt_mb(max(r.get('peak_gpu_mb') or float('nan') for r in runs))} (GPU)"
+    return (f"{fmt_mb(max(r['peak_rss_train_mb'] for r in runs))} "
+            f"(+{fmt_mb(max(r['peak_rss_train_mb'] - r['rss_base_mb'] for r in runs))})")
+
+
 def print_report(args, d, results, versions, unavailable, runnable, log) -> None:
-    print(f"\nMachine: {machine_info()}\nCommand: `{command_line()}`\n")
+    gpu = args.device.startswith("cuda")
+    print(f"\nMachine: {machine_info()}; device {args.device} ({device_name(args.device)})\n"
+          f"Command: `{command_line()}`\n")
+    acts = ("SmolLM2-135M-Instruct blocks.9.hook_resid_post, 128-token windows of wiki_train (position 0 skipped)"
+            if args.activations == "protocol" else "random Gaussian rows (common offset), d = 576")
+    precision = "TF32 matmuls (float32 storage)" if gpu else "fp32"
     lr_text = f"{args.lr:g}" if args.lr is not None else ", ".join(f"{default_lr(n):.3g} (n={n})" for n in args.n)
-    print(f"Protocol: SmolLM2-135M-Instruct blocks.9.hook_resid_post, 128-token windows of wiki_train "
-          f"(position 0 skipped), {args.rows:,} training rows in batches of {args.batch_size:,} (one pass, same "
-          f"batches and order for all), k={args.k}, fp32, {args.threads} threads, lr {lr_text}, AuxK dead window "
-          f"{args.dead_tokens:,} tokens; eval on {args.eval_rows:,} rows of wiki_eval. {args.repeats} interleaved "
+    print(f"Protocol: {acts}, {args.rows:,} training rows in batches of {args.batch_size:,} (one pass, same "
+          f"batches and order for all), k={args.k}, {precision}, {args.threads} CPU threads, lr {lr_text}, AuxK dead "
+          f"window {args.dead_tokens:,} tokens; eval on {args.eval_rows:,} held-out rows. {args.repeats} interleaved "
           "rounds, medians shown. tokens/s: steps 1..S-1 (one-time init and step 0 excluded); 'AuxK off / on': "
           "tokens/s of the median step without and with AuxK, and the share of timed steps with AuxK on. Bound: "
-          f"float32 GEMM FLOP/s of [{args.batch_size}, {d}] x [{d}, n] measured right before each run / (2 d n); "
-          "ratios are medians of each run's ratio. Peak memory: peak RSS of the run's process at the end of "
-          "training, and in brackets its growth over the RSS after imports and before the SAE was built.\n")
+          f"{precision} GEMM FLOP/s of [{args.batch_size}, {d}] x [{d}, n] on {args.device}, measured right before "
+          "each run / (2 d n); ratios are medians of each run's ratio. Peak memory: "
+          + ("peak GPU memory allocated by torch in the run (max_memory_allocated).\n" if gpu else
+             "peak RSS of the run's process at the end of training, and in brackets its growth over the RSS "
+             "after imports and before the SAE was built.\n"))
     print("| library | version | n | tokens/s (median) | runs (tokens/s) | ratio to bound | AuxK off / on tokens/s "
           "| AuxK on: ratio to bound | AuxK steps | ratio to saelab | final nMSE | dead % | peak memory MB (+ over imports) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -263,9 +319,8 @@ def print_report(args, d, results, versions, unavailable, runnable, log) -> None
                   f"| {fmt_tok(median_of(runs, 'tokens_per_s_plain'))} / {fmt_tok(median_of(runs, 'tokens_per_s_aux'))} "
                   f"| {'-' if on_ratio is None else f'{on_ratio:.3f}'} | {'-' if share is None else f'{share:.0%}'} "
                   f"| {f'{tok / base:.2f}' if base else 'n/a'} | {median_of(runs, 'eval_nmse'):.4f} "
-                  f"| {median_of(runs, 'eval_dead_frac'):.1%} | {fmt_mb(max(r['peak_rss_train_mb'] for r in runs))} "
-                  f"(+{fmt_mb(max(r['peak_rss_train_mb'] - r['rss_base_mb'] for r in runs))}) |")
-    print("\n| n | library | float32 GEMM GFLOP/s before each run | encoder-GEMM bound tokens/s (median) |\n|---|---|---|---|")
+                  f"| {median_of(runs, 'eval_dead_frac'):.1%} | {peak_memory(runs, gpu)} |")
+    print(f"\n| n | library | {precision} GEMM GFLOP/s before each run | encoder-GEMM bound tokens/s (median) |\n|---|---|---|---|")
     for n in args.n:
         for lib in runnable:
             runs = results[(lib, n)]
@@ -285,8 +340,8 @@ def profile_saelab(args: argparse.Namespace, n: int) -> None:
     """Top operators (self time) of one saelab training step with AuxK inactive and one with it active.
 
     Trains from the cache's first batches with this run's settings; the AuxK step is the first one
-    past the dead window (so ``--dead-tokens`` should be a few batches, e.g. 16384). The device is
-    saelab's default (CUDA when available; then CUDA kernel times are profiled too)."""
+    past the dead window (so ``--dead-tokens`` should be a few batches, e.g. 16384). On ``--device
+    cuda`` CUDA kernel times are profiled too."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
@@ -299,11 +354,12 @@ def profile_saelab(args: argparse.Namespace, n: int) -> None:
     cfg = TrainConfig(n_latents=n, k=args.k, batch_size=args.batch_size, total_tokens=n_batches * args.batch_size,
                       lr=args.lr or default_lr(n), seed=args.seed, checkpoint_every=10**9, log_every=10**9,
                       dead_tokens=args.dead_tokens)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    gpu = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    sort_by = "self_cuda_time_total" if gpu else "self_cpu_time_total"
     seen: set[bool] = set()
     with tempfile.TemporaryDirectory(prefix="saelab-profile-") as run_dir:
-        run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None,
+        run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None, device=args.device, allow_tf32=gpu,
                           init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * args.batch_size)))
         for b in range(n_batches):
             x = reader.batch(b, args.batch_size)
@@ -313,12 +369,14 @@ def profile_saelab(args: argparse.Namespace, n: int) -> None:
                 run.train_step(x)
                 continue
             with profile(activities=activities) as prof:
+                sync(args.device)
                 t = time.perf_counter()
                 run.train_step(x)
+                sync(args.device)
                 wall = time.perf_counter() - t
             seen.add(aux)
             dead = (tr.tokens_since_fired >= cfg.effective_dead_tokens).sum().item()
-            flops = gemm_flops(reader.d, n, args.batch_size, repeats=args.gemm_repeats)
+            flops = gemm_flops(reader.d, n, args.batch_size, repeats=args.gemm_repeats, device=args.device)
             gemm_s = 2 * args.batch_size * reader.d * n / flops
             print(f"\nn={n:,}, step {b}, AuxK {'ACTIVE' if aux else 'inactive'} ({dead:,} dead latents): "
                   f"{wall * 1e3:,.0f} ms under the profiler; encoder GEMM alone {gemm_s * 1e3:,.0f} ms "

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# The GPU check, in one command: the CUDA tests (tests/test_cuda.py), then saelab's CUDA training
+# The GPU check, in one command: the CUDA tests (tests/test_cuda.py), saelab's CUDA training
 # throughput at d = 576, n = 32,768 and 131,072, k = 32, batch 4,096 and 32,768 (fp32, TF32, and
-# train_sae end to end; benchmarks/gpu_throughput.py). A few minutes on one H200; each part is
-# capped at 3.5 minutes. Logs and one JSON line per throughput figure go to OUT_DIR.
+# train_sae end to end; benchmarks/gpu_throughput.py), then saelab side by side with sparsify on the
+# GPU (benchmarks/compare_peers.py --device cuda: n = 32,768 and 131,072, batch 4,096, the same
+# activations and batch order, AuxK active in most steps, TF32 GEMM bound measured in each round).
+# About 10 minutes at most on one H200 (each part is capped). Logs, the side-by-side table and one
+# JSON line per throughput figure go to OUT_DIR.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else benchmarks/gpu_check_out
 #   PYTHON=/path/to/python benchmarks/gpu_check.sh
+#
+# Offline: the GPU machine has no package index. What its image lacks (saelab's simple-parsing and
+# docstring-parser; sparsify and the packages it imports that the image does not hold) is installed
+# from the wheels in benchmarks/peers/gpu-wheels (pure Python, fetched for Python 3.12 with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 -d benchmarks/peers/gpu-wheels
+# eai-sparsify==1.3.3 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 natsort==8.4.0
+# schedulefree==1.4.1 simple-parsing==0.1.9 docstring-parser==0.18.0`) into a folder on PYTHONPATH,
+# never into the image's own environment.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
@@ -19,16 +30,28 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'; \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0), \
 'x', torch.cuda.device_count())" || exit 1
-# saelab's own dependencies (pyproject.toml) must be importable: on a bare GPU image that is
-# typically simple-parsing (and its docstring-parser) to install first.
+if ! "$PY" -c "import simple_parsing, sparsify" 2>/dev/null; then
+    SITE=${TMPDIR:-/tmp}/saelab-gpu-site
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        benchmarks/peers/gpu-wheels/*.whl || { echo "gpu_check: installing benchmarks/peers/gpu-wheels failed"; exit 1; }
+    export PYTHONPATH="$PYTHONPATH:$SITE"  # after the image's packages: the wheels only fill gaps
+fi
 "$PY" -c "import saelab.train, saelab.data, saelab.sae, transformers" \
     || { echo "gpu_check: saelab or one of its dependencies does not import with $PY (see pyproject.toml)"; exit 1; }
 
-timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$OUT_DIR/test_cuda.log"
+timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py 2>&1 \
+    | tee "$OUT_DIR/test_cuda.log"
 tests=${PIPESTATUS[0]}
 rm -f "$OUT_DIR/gpu_throughput.jsonl"
 timeout 210 "$PY" benchmarks/gpu_throughput.py --json "$OUT_DIR/gpu_throughput.jsonl" 2>&1 \
     | tee "$OUT_DIR/gpu_throughput.log"
 bench=${PIPESTATUS[0]}
-echo "gpu_check: tests/test_cuda.py exit $tests, gpu_throughput.py exit $bench"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+# sparsify runs with the same Python (its wheels are on PYTHONPATH); random activations: the machine
+# holds neither the LM's weights nor room to carry a harvested cache.
+timeout 300 "$PY" benchmarks/compare_peers.py --device cuda --activations random --libs saelab sparsify \
+    --peer-python "$PY" --n 32768 131072 --batch-size 4096 --rows 131072 --eval-rows 16384 --repeats 2 \
+    --dead-tokens 32768 --threads 8 --gemm-repeats 50 --timeout 120 --workdir "${TMPDIR:-/tmp}/saelab-gpu-peers" \
+    2>&1 | tee "$OUT_DIR/compare_peers_cuda.md"
+peers=${PIPESTATUS[0]}
+echo "gpu_check: tests exit $tests, gpu_throughput.py exit $bench, compare_peers.py exit $peers"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$peers" -eq 0 ]

@@ -53,10 +53,12 @@ def main() -> None:
                       lr=args.lr, seed=args.seed, checkpoint_every=10**9, log_every=10**9, dead_tokens=args.dead_tokens,
                       warmup_steps=WARMUP_STEPS, decay_fraction=DECAY_FRACTION)
     rss_base = rss_mb()
-    clock = StepClock()
+    clock = StepClock(args.device)
     with tempfile.TemporaryDirectory(prefix="saelab-bench-run-") as run_dir:
         clock.setup()
-        run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None,
+        # On CUDA in TF32, as sparsify's Trainer runs itself (matmul precision "high").
+        run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None, device=args.device,
+                          allow_tf32=args.device.startswith("cuda"),
                           init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * args.batch_size)))
         for b, x in enumerate(clock.timed_batches(reader, n_batches, args.batch_size)):
             stats = run.train_step(x)
@@ -70,7 +72,7 @@ def main() -> None:
         x_hat, vals, idx = sae.forward_with_latents(x)
         return x_hat, idx, vals
 
-    metrics = evaluate(encode_decode, eval_reader, args.eval_rows, args.n)
+    metrics = evaluate(encode_decode, eval_reader, args.eval_rows, args.n, device=args.device)
     finish_run(args, clock, library="saelab", version=saelab_version(),
                n_batches=n_batches, rss_base=rss_base, peak_train=peak_train, metrics=metrics,
                notes="TrainingRun.train_step (fused Adam, sparse encoder backward); geometric-median b_pre")

@@ -53,7 +53,8 @@ def main() -> None:
     from sparsify import SparseCoderConfig, Trainer, TrainConfig
 
     B = args.batch_size
-    clock = StepClock()
+    clock = StepClock(args.device)
+    device = torch.device(args.device)
 
     aux_now: list[bool] = []  # AuxK state of the step whose forward ran last
 
@@ -69,7 +70,7 @@ def main() -> None:
             assert hi - lo == ids.shape[1], "rows of a batch must be contiguous"
             if lo >= 2 * B:  # batch b >= 2 begins: step b-1 is over
                 clock.lap(aux_now.pop())
-            x = torch.from_numpy(reader.read(lo, hi)).unsqueeze(0)
+            x = torch.from_numpy(reader.read(lo, hi)).unsqueeze(0).to(device)
             if lo == B and hi - lo == B:  # batch 1 is in memory: start timing
                 clock.start()
             if lo >= B:
@@ -94,8 +95,8 @@ def main() -> None:
             return self
 
         @property
-        def device(self):
-            return torch.device("cpu")
+        def device(self):  # where sparsify builds its SAE and sends the batches
+            return device
 
         def forward(self, input_ids):
             return self.layers[0](input_ids)
@@ -133,7 +134,7 @@ def main() -> None:
         top_acts, top_idx, _ = sae.encode(x)
         return sae.decode(top_acts, top_idx), top_idx, top_acts
 
-    metrics = evaluate(encode_decode, eval_reader, args.eval_rows, args.n)
+    metrics = evaluate(encode_decode, eval_reader, args.eval_rows, args.n, device=args.device)
     finish_run(args, clock, library="eai-sparsify", version=md.version("eai-sparsify"), n_batches=n_batches,
                rss_base=rss_base, peak_train=peak_train, metrics=metrics,
                notes="sparsify.Trainer.fit via a stub LM; adam, auxk_alpha=1/32, saelab's lr schedule")
