@@ -238,7 +238,8 @@ def test_compute_equivalent_on_a_trained_family(tiny_family, family_sae_run, dat
     losses = [r["loss"] for r in rows]
     assert losses == sorted(losses, reverse=True) and losses[0] - losses[-1] > 1  # more compute, lower loss
     # The evaluated model is the largest member: it is the reference, and its clean loss is that member's.
-    assert res["reference"] == {"how": "member", "label": "l2-d64-h4"} and res["reference_compute"] == rows[-1]["compute"]
+    assert res["reference"] == {"how": "member", "label": "l2-d64-h4"}
+    assert res["reference_compute"] == rows[-1]["compute"]
     assert res["clean_loss"] == pytest.approx(losses[-1], abs=1e-5)
     # Its own loss maps back to its own compute within the fit's error: no residual exceeds sqrt(n) * rmse, so
     # the clean loss lies within that band of the fitted curve at its compute.

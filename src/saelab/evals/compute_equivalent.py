@@ -414,7 +414,8 @@ def resolve_series(spec: str, steps: Sequence[int] = (), device: str | torch.dev
     if m:
         sizes = [x.strip() for x in (m.group(2) or "").split(",") if x.strip()]
         if m.group(2) is not None and not sizes:
-            raise SeriesError(f"model family {spec!r} (--series): expected sizes after ':', e.g. pythia-family:70m,160m")
+            raise SeriesError(f"model family {spec!r} (--series): expected sizes after ':', "
+                              "e.g. pythia-family:70m,160m")
         return pythia_family(sizes, deduped=bool(m.group(1)), device=device)
     m = _CRFM_RE.match(spec)
     if m:

@@ -166,7 +166,7 @@ def _new_model(cfg: LMSeriesConfig, tokenizer, bos: int):
 
 
 def _train(model, cfg: LMSeriesConfig, data: torch.Tensor, save, *, desc: str, progress: bool) -> None:
-    """``cfg.steps`` AdamW steps on ``data`` (contexts in order); ``save(step, mean recent loss)`` at each saved step."""
+    """``cfg.steps`` AdamW steps on ``data`` (contexts in order); ``save(step, recent mean loss)`` at saved steps."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)

@@ -68,7 +68,8 @@ def compute_equivalent_plot(result: dict[str, Any], path: str | Path) -> Path:
         for r in rows:
             ax.annotate(r["label"], (r["compute"], r["loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     lo = min(r["compute"] for r in rows)
-    hi = max([r["compute"] for r in rows] + [result.get("compute_equivalent") or 0, result.get("reference_compute") or 0])
+    hi = max([r["compute"] for r in rows]
+             + [result.get("compute_equivalent") or 0, result.get("reference_compute") or 0])
     grid = np.logspace(np.log10(lo) - 0.2, np.log10(hi) + 0.2, 200)
     ax.plot(grid, fit["a"] * grid ** (-fit["b"]) + fit["c"], color="#888888",
             label=f"fit {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f}")
