@@ -179,6 +179,9 @@ def parse_args() -> argparse.Namespace:
                     help="print the top operators of one saelab step with AuxK inactive and one with it active "
                          "(torch.profiler, in this process), then exit")
     ap.add_argument("--profile-rows", type=int, default=25, help="operators shown by --profile")
+    ap.add_argument("--profile-step", type=int, default=None,
+                    help="the step --profile takes with AuxK active (default: the run's last step, where the dead "
+                         "set is largest; the first AuxK step has the fewest dead latents)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/saelab-bench"),
                     help="holds acts/ (training cache), acts_eval/ and results-*.jsonl")
     ap.add_argument("--peer-python", default="/work/peer-venv/bin/python", help="Python of the peers' venv")
@@ -339,8 +342,9 @@ def print_report(args, d, results, versions, unavailable, runnable, log) -> None
 def profile_saelab(args: argparse.Namespace, n: int) -> None:
     """Top operators (self time) of one saelab training step with AuxK inactive and one with it active.
 
-    Trains from the cache's first batches with this run's settings; the AuxK step is the first one
-    past the dead window (so ``--dead-tokens`` should be a few batches, e.g. 16384). On ``--device
+    Trains from the cache's first batches with this run's settings; the plain step is the first one
+    after two warm-up steps, the AuxK step ``--profile-step`` (default: the last), if AuxK is active
+    then (so ``--dead-tokens`` should be a few batches, e.g. 16384). On ``--device
     cuda`` CUDA kernel times are profiled too."""
     import tempfile
 
@@ -365,7 +369,8 @@ def profile_saelab(args: argparse.Namespace, n: int) -> None:
             x = reader.batch(b, args.batch_size)
             tr = run.trainer
             aux = cfg.auxk and bool((tr.tokens_since_fired >= cfg.effective_dead_tokens).any())
-            if b < 2 or aux in seen:  # steps 0-1 warm up; then one profiled step per regime
+            aux_step = args.profile_step if args.profile_step is not None else n_batches - 1
+            if b < 2 or aux in seen or (aux and b != aux_step):  # steps 0-1 warm up; one step per regime
                 run.train_step(x)
                 continue
             with profile(activities=activities) as prof:
