@@ -170,9 +170,8 @@ def adam_memory(run_dir: Path, cache: Path) -> dict[str, Any]:
     tr.load_state_dict(state)
     dead = tr.tokens_since_fired >= cfg.effective_dead_tokens
     x = next(iter(ActivationCache(cache).batches(cfg.batch_size, shuffle=True, seed=cfg.seed + 1))).float()
-    tr._forward_backward(x)
-    v = next(tr.opt.state[view]["exp_avg_sq"] for p, view in tr._opt_params if p is sae.W_dec)
-    ratio = (sae.W_dec.grad.abs() / (v / (1 - cfg.adam_beta2 ** tr.step)).sqrt().clamp_min(1e-30)).median(dim=1).values
+    tr.gradients(x)
+    ratio = (sae.W_dec.grad.abs() / tr.second_moment(sae.W_dec).sqrt().clamp_min(1e-30)).median(dim=1).values
     return {"run": run_dir.name, "step": tr.step, "n_dead": int(dead.sum()),
             "dead_step_ratio": float(ratio[dead].median()) if dead.any() else None,
             "live_step_ratio": float(ratio[~dead].median()), "beta2": cfg.adam_beta2}

@@ -139,6 +139,9 @@ def test_trainer_steps_match_plain_adam_on_dense_loss():
         for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
             assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), (step, name)
     assert (trainer.tokens_since_fired >= cfg.effective_dead_tokens).any()  # AuxK was exercised
+    correction = 1 - cfg.adam_beta2 ** 6
+    for p, q in ((sae.W_enc, ref.W_enc), (sae.W_dec, ref.W_dec)):  # W_enc: Adam holds it transposed
+        assert torch.allclose(trainer.second_moment(p), opt.state[q]["exp_avg_sq"] / correction, rtol=1e-3, atol=1e-12)
 
 
 @pytest.mark.parametrize("decoder_from_data", [False, True])

@@ -308,6 +308,19 @@ class Trainer:
                 for name, p in sae.named_parameters():
                     self.ema[name].lerp_(p.detach(), 1 - cfg.ema_decay)
 
+    def gradients(self, x_BD: torch.Tensor) -> None:
+        """The loss's gradients on a batch into the SAE's .grad, without a step (for diagnostics)."""
+        with tf32_matmuls(self.allow_tf32):
+            self._forward_backward(x_BD.to(self.device))
+
+    def second_moment(self, param: torch.Tensor) -> torch.Tensor | None:
+        """Adam's bias-corrected second moment of ``param``, in its layout (None before any step)."""
+        for p, view in self._opt_params:
+            if p is param and "exp_avg_sq" in self.opt.state.get(view, {}):
+                v = self.opt.state[view]["exp_avg_sq"]
+                return (v if view is p else v.t()) / (1 - self.cfg.adam_beta2 ** self.step)
+        return None
+
     def dead_fraction(self, window: int) -> float:
         return (self.tokens_since_fired >= window).float().mean().item()
 
