@@ -17,6 +17,7 @@ written inside the timed loop (checkpoint_every is set past the end of the run).
 
 from __future__ import annotations
 
+import inspect
 import sys
 import tempfile
 from pathlib import Path
@@ -57,8 +58,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="saelab-bench-run-") as run_dir:
         clock.setup()
         # On CUDA in TF32, as sparsify's Trainer runs itself (matmul precision "high").
-        run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None, device=args.device,
-                          allow_tf32=args.device.startswith("cuda"),
+        placement = {"device": args.device, "allow_tf32": args.device.startswith("cuda")}
+        if "device" not in inspect.signature(TrainingRun).parameters:  # a --baseline from before devices
+            assert args.device == "cpu", f"this saelab trains on the CPU only, not {args.device}"
+            placement = {}
+        run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None, **placement,
                           init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * args.batch_size)))
         for b, x in enumerate(clock.timed_batches(reader, n_batches, args.batch_size)):
             stats = run.train_step(x)
