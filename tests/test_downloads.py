@@ -7,9 +7,13 @@ redirects. Plain http is allowed explicitly in these tests; the default refuses 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
+import io
+import struct
 import threading
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -57,6 +61,10 @@ class Server:
             return None
         if kind == "truncated":  # a file that is itself cut short, served consistently
             return self.send(h, self.good[: len(self.good) // 2])
+        if kind in ("md5-good", "md5-flipped"):  # Azure Blob Storage's header: base64 of the stored MD5
+            body = self.good if kind == "md5-good" else flip_last_weight_byte(self.good)
+            md5 = base64.b64encode(hashlib.md5(self.good).digest()).decode()
+            return self.send(h, body, headers={"Content-MD5": md5})
         if kind == "html":
             return self.send(h, b"<html><body>503 Service Unavailable</body></html>", "text/html")
         if kind in ("to-https", "to-same"):
@@ -70,16 +78,28 @@ class Server:
         return None
 
     @staticmethod
-    def send(h, body: bytes, ctype: str = "application/octet-stream"):
+    def send(h, body: bytes, ctype: str = "application/octet-stream", headers: dict[str, str] | None = None):
         h.send_response(200)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            h.send_header(name, value)
         h.end_headers()
         h.wfile.write(body)
 
     def stop(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def flip_last_weight_byte(good: bytes) -> bytes:
+    """The file with one byte of a tensor's stored data changed: it still parses."""
+    with zipfile.ZipFile(io.BytesIO(good)) as z:
+        record = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    # The data start after the record's 30-byte local header, its name and its extra field.
+    name_len, extra_len = struct.unpack("<HH", good[record.header_offset + 26:record.header_offset + 30])
+    at = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    return good[:at] + bytes([good[at] ^ 0x40]) + good[at + 1:]
 
 
 @pytest.fixture
@@ -141,6 +161,18 @@ def test_bad_downloads_never_enter_the_cache(served, tmp_path, route, message):
         assert url in str(err.value)
     assert served.hits[f"/{route}{RELEASE}"] == 2
     assert cached_files(tmp_path) == [], "a bad download was left in the cache"
+
+
+def test_server_md5_is_checked(served, tmp_path):
+    flipped_url = f"{served.base}/md5-flipped{RELEASE}"
+    (tmp_path / "flipped.pt").write_bytes(flip_last_weight_byte(served.good))
+    parsed = torch.load(tmp_path / "flipped.pt", weights_only=True)  # parsing alone would let it in
+    assert any(not torch.equal(parsed[k], v) for k, v in served.state_dict.items() if isinstance(v, torch.Tensor))
+    with pytest.raises(CheckpointError, match="does not match the server's Content-MD5") as err:
+        download(flipped_url, allow_http=True)
+    assert flipped_url in str(err.value) and cached_files(tmp_path) == []
+    good_url = f"{served.base}/md5-good{RELEASE}"
+    assert download(good_url, allow_http=True).read_bytes() == served.good
 
 
 def test_redirect_to_another_scheme_is_refused(served, tmp_path):

@@ -18,10 +18,10 @@ Every failure is a :class:`CheckpointError` naming the file (or URL) and what wa
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
-import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -250,7 +250,9 @@ def _hub_fetch(repo_id: str, sae_id: str, where: str, **hub_kwargs: Any) -> Path
 #
 # No sha256 is pinned for the OpenAI v5 release files: OpenAI publishes none, and none could be found in
 # public repositories. Every download is therefore checked by parsing it (torch.load weights_only=True and
-# building the SAE) before it enters the cache; callers who know a hash pass ``sha256=``.
+# building the SAE) before it enters the cache, and against the server's Content-MD5 header when it sends
+# one (Azure Blob Storage, which serves the OpenAI files, sends the MD5 recorded at upload); callers who
+# know a hash pass ``sha256=``.
 
 
 def download_dir() -> Path:
@@ -292,12 +294,20 @@ class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
 
 def _fetch(url: str, tmp: Path, timeout: float) -> None:
     opener = urllib.request.build_opener(_SameSchemeRedirects)
+    md5 = hashlib.md5(usedforsecurity=False)
     with opener.open(url, timeout=timeout) as response, open(tmp, "wb") as out:
         expected = response.headers.get("Content-Length")
-        shutil.copyfileobj(response, out, length=1 << 20)
+        announced_md5 = response.headers.get("Content-MD5")
+        for block in iter(lambda: response.read(1 << 20), b""):
+            md5.update(block)
+            out.write(block)
     got = tmp.stat().st_size
     if expected is not None and expected.isdigit() and got != int(expected):
         raise CheckpointError(f"{url}: download stopped after {got} of {expected} bytes")
+    # A flipped byte inside a weight tensor still parses; the server's own digest catches it.
+    if announced_md5 is not None and base64.b64encode(md5.digest()).decode() != announced_md5.strip():
+        raise CheckpointError(f"{url}: the download's MD5 does not match the server's Content-MD5 "
+                              f"({announced_md5.strip()}); the file was damaged on the way")
 
 
 def _sha256(path: Path) -> str:
