@@ -578,3 +578,51 @@ def test_cli_train_refuses_to_overwrite_finished_run(tiny_cache, tmp_path, capsy
         assert "--overwrite" in err
         assert snapshot(run) == before
     assert issubclass(RunExistsError, SaelabError)
+
+
+# ---- pickles disguised as other formats; a full disk seen from the command line -------------------------
+
+
+def test_pickle_disguised_as_safetensors_or_npy_runs_nothing(tmp_path):
+    """A pickle named like a safetensors file, and an object .npy shard: refused, and the payload never runs."""
+    import pickle
+
+    import numpy as np
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "sae"
+    save_sae(make_sae(), folder)
+    (folder / "sae_weights.safetensors").write_bytes(pickle.dumps({"W_enc": _Payload(marker)}))
+    with pytest.raises(SaelabError, match="sae_weights.safetensors"):
+        load_sae(folder)
+
+    acts = tmp_path / "acts"
+    write_activation_cache([torch.randn(256, D)], acts, meta={"hook_name": "h"}, progress=False)
+    shard = acts / "shard_00000.npy"
+    payload = np.empty((256, D), dtype=object)
+    payload[0, 0] = _Payload(marker)
+    np.save(shard, payload, allow_pickle=True)
+    with pytest.raises(ActivationCacheError, match="shard_00000.npy"):
+        ActivationCache(acts).read(0, 256)
+    assert not marker.exists(), "unpickling ran the payload"
+
+
+def test_cli_train_on_a_full_disk_prints_one_line(tiny_cache, tmp_path):
+    """saelab train in a process whose files cannot grow past FSIZE_LIMIT bytes: one line, exit status 1."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, FSIZE_LIMIT))
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "saelab", "train", "--activations", str(tiny_cache), "--out", str(run),
+         "--n-latents", "512", "--k", "8", "--batch-size", "128", "--total-tokens", "512", "--init-rows", "256",
+         "--checkpoint-every", "2", "--no-progress"],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("saelab train: error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert "File too large" in proc.stderr and str(run) in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert temp_files(run) == []
