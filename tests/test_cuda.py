@@ -174,6 +174,24 @@ def test_prefetcher_keeps_order_stops_early_and_raises_reader_errors():
         list(got)
 
 
+def test_evaluation_runs_the_sae_on_the_model_device():
+    """evaluate and the paper suite splice the SAE into the model's forward, so it must be on the model's
+    device (an SAE loads on the CPU, the model on CUDA when available): one loaded for the job is moved
+    there, one the caller gave is copied there and stays where it was."""
+    from types import SimpleNamespace
+
+    from saelab.pipeline import _beside_model
+
+    elsewhere = SimpleNamespace(device=torch.device("meta"))  # any device but the CPU
+    given = TopKSAE(SAEConfig(D, 128, 8))
+    on_model = _beside_model(given, elsewhere, given=True)
+    assert on_model is not given and on_model.W_dec.is_meta and given.W_dec.device.type == "cpu"
+    loaded = TopKSAE(SAEConfig(D, 128, 8))
+    assert _beside_model(loaded, elsewhere, given=False) is loaded and loaded.W_dec.is_meta
+    same = TopKSAE(SAEConfig(D, 128, 8))
+    assert _beside_model(same, SimpleNamespace(device=torch.device("cpu")), given=True) is same
+
+
 # ---- on a CUDA GPU -------------------------------------------------------------------------------------
 
 

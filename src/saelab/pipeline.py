@@ -4,6 +4,7 @@ suite, quickstart. They compose the layers below and own every file of a run fol
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import sys
@@ -202,9 +203,11 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     cfg = cfg or EvalConfig()
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
-    sae = sae if isinstance(sae, TopKSAE) else open_sae(sae)[0]
+    given = isinstance(sae, TopKSAE)
+    sae = sae if given else open_sae(sae)[0]
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
+    sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress)
     metrics = {**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
                "sae_sha256": sae_sha256(sae), "eval_config": _eval_config_record(cfg),
@@ -213,6 +216,14 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
         write_json(Path(out_dir) / EVAL_METRICS, metrics)
         density_histogram(core.frequencies_N, Path(out_dir) / DENSITY_PLOT, metrics["n_tokens"])
     return metrics
+
+
+def _beside_model(sae: TopKSAE, lm: LanguageModel, *, given: bool) -> TopKSAE:
+    """``sae`` on the model's device: the evaluations splice it into the model's forward. An SAE the
+    caller gave that lies elsewhere is copied there, so it stays where the caller put it."""
+    if sae.W_dec.device == lm.device:
+        return sae
+    return copy.deepcopy(sae).to(lm.device) if given else sae.to(lm.device)
 
 
 def _eval_config_record(cfg: EvalConfig) -> dict[str, Any]:
@@ -289,6 +300,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook)")
     resolve_corpus(eval_cfg.corpus if eval_cfg else None, "eval")
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
+    sae = _beside_model(sae, lm, given=False)
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,
                             progress=progress)
     write_paper_report(out)
