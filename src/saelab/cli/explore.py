@@ -99,7 +99,8 @@ def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
     bad = [i for i in args.latent if i >= sae.n_latents]
     if bad:
         raise ConfigError(f"latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
-    return sae, load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
+    lm = load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
+    return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
 
 
 def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float, list[str]]:
