@@ -277,13 +277,14 @@ def unembed_direction(lm, d_D: torch.Tensor) -> torch.Tensor:
     ``d``). Layers between the SAE's hook and the output are skipped: this is the direct path only.
     """
     norm = final_norm(lm)
-    d = d_D.to(lm.model.get_output_embeddings().weight.dtype)
+    W_U = lm.model.get_output_embeddings().weight
+    d = d_D.to(W_U.device, W_U.dtype)  # the SAE (decoder rows) may live on another device than the model
     if isinstance(norm, torch.nn.LayerNorm):
         d = d - d.mean(dim=-1, keepdim=True)
     w = getattr(norm, "weight", None)
     if w is not None:
         d = d * (w + 1 if type(norm).__name__.startswith("Gemma") else w)
-    return d @ lm.model.get_output_embeddings().weight.T
+    return d @ W_U.T
 
 
 @torch.no_grad()
