@@ -195,8 +195,13 @@ def generate_ids(
         eos_token_id=eos,
         pad_token_id=eos if eos is not None else lm.bos_token_id,
     )
-    with torch.random.fork_rng(devices=[]), lm.hooked(dict(edits or {})):
-        torch.manual_seed(seed)
+    # Sampling on a GPU draws from that GPU's generator: it is forked and seeded too (torch.manual_seed
+    # would reseed every GPU's generator and leave them reseeded).
+    gpu = [lm.device.index] if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu), lm.hooked(dict(edits or {})):
+        torch.random.default_generator.manual_seed(seed)
+        for i in gpu:
+            torch.cuda.default_generators[i].manual_seed(seed)
         return lm.model.generate(ids_BT, attention_mask=torch.ones_like(ids_BT), generation_config=config)
 
 
