@@ -94,6 +94,8 @@ def match_children(W_parent: torch.Tensor, W_child: torch.Tensor, both: torch.Te
     Wp = Wp / Wp.norm(dim=1, keepdim=True).clamp_min(1e-12)
     Wc = W_child.float()
     Wc = Wc / Wc.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # The counts are gathered on the CPU; SAEs given on a GPU keep their decoders there.
+    both, active_child, active_parent = (t.to(Wp.device) for t in (both, active_child, active_parent))
     n_c = Wc.shape[0]
     out = {name: torch.zeros(n_c) for name in ("cos", "containment", "share", "score")}
     out["parent"] = torch.full((n_c,), -1, dtype=torch.long)
