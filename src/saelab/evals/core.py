@@ -39,8 +39,9 @@ class EvalConfig:
     ablations: tuple[Literal["zero", "mean"], ...] = ABLATIONS
     """Baselines for CE recovered: zero and/or mean ablation of the hook."""
     variants_per_forward: int = 4
-    """Variants stacked in one forward of the layers after the hook (fastest on a CPU); 1 holds the
-    least logits memory (a GPU with long contexts)."""
+    """Variants stacked in one forward of the layers after the hook; 1 holds the least logits memory
+    (a GPU with long contexts). On a quiet 2-core CPU, 1 and 4 take about the same time; on a loaded
+    one 4 was 2x faster (benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         for name in ("recon_tokens", "downstream_tokens", "lm_batch_size", "variants_per_forward"):
