@@ -251,8 +251,8 @@ def _hub_fetch(repo_id: str, sae_id: str, where: str, **hub_kwargs: Any) -> Path
 # No sha256 is pinned for the OpenAI v5 release files: OpenAI publishes none, and none could be found in
 # public repositories. Every download is therefore checked by parsing it (torch.load weights_only=True and
 # building the SAE) before it enters the cache, and against the server's Content-MD5 header when it sends
-# one (Azure Blob Storage, which serves the OpenAI files, sends the MD5 recorded at upload); callers who
-# know a hash pass ``sha256=``.
+# one (Azure Blob Storage, which serves the OpenAI files, sends the MD5 recorded at upload when the blob
+# has one); callers who know a hash pass ``sha256=``.
 
 
 def download_dir() -> Path:
