@@ -192,6 +192,30 @@ def test_evaluation_runs_the_sae_on_the_model_device():
     assert _beside_model(same, SimpleNamespace(device=torch.device("cpu")), given=True) is same
 
 
+@pytest.mark.parametrize("entry", ["downstream_metrics", "evaluate_core", "ablation_sparsity", "steer", "run_with_saes"])
+def test_sae_beside_a_model_on_another_device_is_refused_in_one_line(entry, tiny_gpt2):
+    """The library functions that splice an SAE into a model's forward name both devices up front
+    (a model on CUDA and an SAE as it loads, on the CPU, would otherwise fail inside the forward)."""
+    from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
+    from saelab.evals.core import evaluate_core
+    from saelab.evals.downstream import downstream_metrics
+    from saelab.explore.spliced import run_with_saes
+    from saelab.explore.steering import steer
+
+    sae = TopKSAE(SAEConfig(64, 128, 8, hook_name="blocks.1.hook_resid_post")).to("meta")  # not the model's
+    tokens = torch.randint(0, 1000, (2, 16))
+    call = {
+        "downstream_metrics": lambda: downstream_metrics(tiny_gpt2, sae, tokens, progress=False),
+        "evaluate_core": lambda: evaluate_core(sae, tiny_gpt2, progress=False),
+        "ablation_sparsity": lambda: run_ablation_sparsity(tiny_gpt2, sae, tokens, AblationSparsityConfig()),
+        "steer": lambda: steer(tiny_gpt2, sae, 3, value=1.0),
+        "run_with_saes": lambda: run_with_saes(tiny_gpt2, tokens, sae),
+    }[entry]
+    with pytest.raises(ConfigError, match=r"^the SAE is on meta but model tiny-gpt2 is on cpu; move it with "
+                                          r"sae.to\('cpu'\)$"):
+        call()
+
+
 # ---- on a CUDA GPU -------------------------------------------------------------------------------------
 
 

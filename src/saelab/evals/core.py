@@ -91,6 +91,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     cfg = cfg or EvalConfig()
     hook = lm.check_hook(sae.cfg.hook_name)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
+    sae.check_device(lm.device, f"model {lm.name}")
     corpus = resolve_corpus(cfg.corpus, "eval")
     T = cfg.context_size or sae.cfg.context_size
     first = 1 if sae.cfg.exclude_first else 0

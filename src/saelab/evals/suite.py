@@ -240,6 +240,7 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
     """The suite run's shared inputs, the metrics wanted and why each does not apply (or None)."""
     hook = lm.check_hook(sae.cfg.hook_name)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
+    sae.check_device(lm.device, f"model {lm.name}")
     T = eval_cfg.context_size or sae.cfg.context_size
     first = 1 if sae.cfg.exclude_first else 0
     run = SuiteRun(lm, sae, cfg, eval_cfg, torch.empty(0), T, first,

@@ -116,6 +116,7 @@ def steer(
         raise ValueError("the SAE has no cfg.hook_name; pass hook=")
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook}")
+    sae.check_device(lm.device, f"model {lm.name}")
     latents = [latent] if isinstance(latent, int) else [int(i) for i in latent]
     if not latents:
         raise ValueError("no latent given")

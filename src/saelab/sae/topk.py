@@ -202,6 +202,13 @@ class TopKSAE(nn.Module):
             raise NonFiniteError(f"{name} given to the SAE{trained_on} contain NaN or inf in {n_bad} of "
                                  f"{rows.shape[0]} rows; expected finite numbers")
 
+    def check_device(self, device: torch.device, name: str) -> None:
+        """Refuse to run beside a model on another device (the SAE is spliced into its forward)."""
+        mine = self.W_dec.device
+        same = mine.type == device.type and (mine.index is None or device.index is None or mine.index == device.index)
+        if not same:
+            raise ConfigError(f"the SAE is on {mine} but {name} is on {device}; move it with sae.to({str(device)!r})")
+
     # ---- input normalization ---------------------------------------------------------------
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         if self.cfg.input_norm == "none":
