@@ -60,7 +60,8 @@ def main() -> None:
         # On CUDA in TF32, as sparsify's Trainer runs itself (matmul precision "high").
         placement = {"device": args.device, "allow_tf32": args.device.startswith("cuda")}
         if "device" not in inspect.signature(TrainingRun).parameters:  # a --baseline from before devices
-            assert args.device == "cpu", f"this saelab trains on the CPU only, not {args.device}"
+            if args.device != "cpu":
+                sys.exit(f"run_saelab.py: error: --device {args.device}: this saelab trains on the CPU only")
             placement = {}
         run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None, **placement,
                           init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * args.batch_size)))

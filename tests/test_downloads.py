@@ -62,7 +62,7 @@ class Server:
         if kind == "truncated":  # a file that is itself cut short, served consistently
             return self.send(h, self.good[: len(self.good) // 2])
         if kind in ("md5-good", "md5-flipped"):  # Azure Blob Storage's header: base64 of the stored MD5
-            body = self.good if kind == "md5-good" else flip_last_weight_byte(self.good)
+            body = self.good if kind == "md5-good" else flip_weight_byte(self.good)
             md5 = base64.b64encode(hashlib.md5(self.good).digest()).decode()
             return self.send(h, body, headers={"Content-MD5": md5})
         if kind == "html":
@@ -92,7 +92,7 @@ class Server:
         self.httpd.server_close()
 
 
-def flip_last_weight_byte(good: bytes) -> bytes:
+def flip_weight_byte(good: bytes) -> bytes:
     """The file with one byte of a tensor's stored data changed: it still parses."""
     with zipfile.ZipFile(io.BytesIO(good)) as z:
         record = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
@@ -165,7 +165,7 @@ def test_bad_downloads_never_enter_the_cache(served, tmp_path, route, message):
 
 def test_server_md5_is_checked(served, tmp_path):
     flipped_url = f"{served.base}/md5-flipped{RELEASE}"
-    (tmp_path / "flipped.pt").write_bytes(flip_last_weight_byte(served.good))
+    (tmp_path / "flipped.pt").write_bytes(flip_weight_byte(served.good))
     parsed = torch.load(tmp_path / "flipped.pt", weights_only=True)  # parsing alone would let it in
     assert any(not torch.equal(parsed[k], v) for k, v in served.state_dict.items() if isinstance(v, torch.Tensor))
     with pytest.raises(CheckpointError, match="does not match the server's Content-MD5") as err:

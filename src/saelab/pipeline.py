@@ -32,6 +32,7 @@ from saelab.train.checkpoint import read_metrics, read_status
 from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
 from saelab.utils.config import switch
+from saelab.utils.device import same_device
 
 DEFAULT_HOOK = "blocks.9.hook_resid_post"
 
@@ -221,7 +222,7 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
 def _beside_model(sae: TopKSAE, lm: LanguageModel, *, given: bool) -> TopKSAE:
     """``sae`` on the model's device: the evaluations splice it into the model's forward. An SAE the
     caller gave that lies elsewhere is copied there, so it stays where the caller put it."""
-    if sae.W_dec.device == lm.device:
+    if same_device(sae.W_dec.device, lm.device):
         return sae
     return copy.deepcopy(sae).to(lm.device) if given else sae.to(lm.device)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saelab.errors import ConfigError, NonFiniteError, ShapeMismatchError
+from saelab.utils.device import same_device
 
 INPUT_NORMS = ("none", "layernorm")
 LN_EPS = 1e-5
@@ -205,8 +206,7 @@ class TopKSAE(nn.Module):
     def check_device(self, device: torch.device, name: str) -> None:
         """Refuse to run beside a model on another device (the SAE is spliced into its forward)."""
         mine = self.W_dec.device
-        same = mine.type == device.type and (mine.index is None or device.index is None or mine.index == device.index)
-        if not same:
+        if not same_device(mine, device):
             raise ConfigError(f"the SAE is on {mine} but {name} is on {device}; move it with sae.to({str(device)!r})")
 
     # ---- input normalization ---------------------------------------------------------------

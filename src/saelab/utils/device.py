@@ -32,3 +32,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
     return dev
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same one; ``cuda`` (no index) matches any ``cuda:N``."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
