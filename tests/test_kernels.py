@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saelab.sae.kernels import sparse_decode, sparse_topk_encode
+from saelab.sae.kernels import AUX_DENSE_FACTOR, sparse_decode, sparse_topk_encode
 
 
 def _dense_reference(x, b_dec, W, b, k_big, dead_idx, k_aux):
@@ -32,9 +32,11 @@ def _densify_aux(out, n):
 
 
 # Dead sets: none, a mix of dead and alive latents (13 > k_aux), fewer dead than k_aux, exactly k_aux,
-# and an empty dead set (n_dead = 0: AuxK off).
+# an empty dead set (n_dead = 0: AuxK off), fewer alive latents than k (the main top-k reaches into
+# the dead block), and every latent dead (no alive block).
 DEAD_SETS = {"none": None, "mix": torch.arange(0, 50, 4), "few": torch.tensor([3, 17, 40]),
-             "k_aux": torch.tensor([0, 9, 18, 27, 49]), "empty": torch.zeros(0, dtype=torch.long)}
+             "k_aux": torch.tensor([0, 9, 18, 27, 49]), "empty": torch.zeros(0, dtype=torch.long),
+             "most": torch.cat([torch.arange(0, 20), torch.arange(23, 50)]), "all": torch.arange(50)}
 
 
 @pytest.mark.parametrize("chunk_rows", [5, 1024])
@@ -65,7 +67,8 @@ def test_sparse_encode_matches_dense_autograd(chunk_rows, dead, aux_dense, sorte
     z_ref, za_ref = reference()
     assert (out.aux_vals_BA is not None) == with_aux
     if with_aux:
-        assert out.aux_dense == (aux_dense if aux_dense is not None else True)  # 13 <= 8 * k_aux: dense
+        by_size = dead_idx.numel() <= AUX_DENSE_FACTOR * min(k_aux, dead_idx.numel())
+        assert out.aux_dense == (aux_dense if aux_dense is not None else by_size)
     z = _densify(out.vals_BK, out.idx_BK, n)
     assert torch.allclose(z, z_ref, atol=1e-12)
     if sorted_out:
@@ -155,7 +158,6 @@ def test_cuda_sparse_decode_matches_cpu_reference():
 
 def test_aux_form_is_chosen_by_size():
     """Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux, sparse beyond (both exact, tested above)."""
-    from saelab.sae.kernels import AUX_DENSE_FACTOR
 
     torch.manual_seed(0)
     x, b_dec, W, b = torch.randn(8, 4), torch.zeros(4), torch.randn(4, 64), torch.zeros(64)

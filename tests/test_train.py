@@ -79,7 +79,7 @@ def _assert_matches_dense_reference(sae, x, cfg, dead, loss):
 
 @pytest.mark.parametrize("k_aux,n_dead", [(8, 22), (1, 22), (8, 5), (8, 8), (8, 0)])
 def test_auxk_forms_match_dense_reference(k_aux, n_dead):
-    """training_loss with AuxK in dense form (n_dead <= 16 k_aux: 22 of 64 with k_aux 8, fewer dead
+    """training_loss with AuxK in dense form (n_dead <= AUX_DENSE_FACTOR k_aux: 22 of 64 with k_aux 8, fewer dead
     than k_aux, exactly k_aux) and sparse form (22 dead, k_aux 1), and with no dead latent: loss and
     the gradient of every parameter equal the dense-autograd objective."""
     torch.manual_seed(1)

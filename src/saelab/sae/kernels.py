@@ -5,9 +5,12 @@ would keep the [B, n] pre-activations and run two more [B, d] x [d, n] GEMMs in 
 (gradients of W_enc and of the input), although only B*k entries of d(loss)/d(pre) are nonzero.
 Here, with xc = x - b_dec:
 
-- forward runs the GEMM in row chunks and keeps only the top-k (and the AuxK top-k among dead
-  latents, taken from the dead latents' columns of the same chunk) of each chunk, so the [B, n]
-  matrix never exists whole (peak memory: one chunk);
+- forward runs the GEMM in row chunks and keeps only the top-k of each chunk, so the [B, n]
+  matrix never exists whole (peak memory: one chunk); with AuxK it runs as two GEMMs, over the
+  live latents' columns and over the dead ones' (each gathered once per call), so the AuxK top-k
+  reads a contiguous block instead of gathering the dead columns of every chunk, and the main
+  top-k merges the live block's top-k with the dead block's (about 10 % off the encoder's forward
+  and backward with a quarter of the latents dead, the same with 3 %);
 - backward, with g the gradient of the kept values (ReLU mask applied):
     d b_enc[j]    = sum of g over selections of latent j            (index_add)
     d W_enc[:, j] = sum over selections (b, j) of g * xc[b]         (embedding_bag, rows grouped by latent)
@@ -42,10 +45,11 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_ROWS = 1024
-AUX_DENSE_FACTOR = 16
-"""Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux. Measured on CPU (loss forward + backward,
-k_aux = 256, batch 4,096): dense costs ~0.2 ms per dead latent, sparse a large fixed part (sorting
-and embedding_bag over B * k_aux entries); they break even near 18-20 k_aux at n = 8,192 and 32,768."""
+AUX_DENSE_FACTOR = 6
+"""Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux. Measured on a quiet 2-core CPU with a whole
+training step, k_aux = 256, batch 4,096 (benchmarks/auxk_cost.py --aux-form dense / sparse): the
+dense form costs 0.15 (n = 8,192) to 0.25 ms (n = 32,768) per dead latent, the sparse one a near
+fixed 200-450 ms (B * k_aux entries); they break even near 5 k_aux at n = 8,192 and 8 k_aux at 32,768."""
 
 
 class EncodeOutput(NamedTuple):
@@ -150,36 +154,77 @@ def _group_by_latent(idx_flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torc
     return order, offsets
 
 
-def _aux_of_chunk(pre: torch.Tensor, dead_idx: torch.Tensor, k_aux: int, dense: bool):
-    """AuxK of one chunk from the dead latents' columns: (values, latent indices) or a dense block."""
-    pre_dead = pre.index_select(1, dead_idx)
-    if dense and k_aux >= dead_idx.numel():  # every dead latent is kept
-        return pre_dead.relu_(), None
-    av, ai = pre_dead.topk(k_aux, dim=-1, sorted=False)
-    if dense:
-        return torch.zeros_like(pre_dead).scatter_(1, ai, av.relu_()), None
-    return av.relu_(), dead_idx[ai]
+GEMM_ALIGN = 64
+"""The split encoder pads each block of columns to a multiple of this: on CPU a GEMM whose output
+rows have an odd length runs ~15-20 % slower ([1,024 x 576] @ [576 x 31,785] vs 31,744 columns)."""
+
+
+def _columns(W_DN: torch.Tensor, b_N: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W's and b's columns ``cols`` as a [D, m] block (latent-major, rows of W.t() gathered) padded to a
+    multiple of GEMM_ALIGN columns with zero weights and a -inf bias, so a padding column's
+    pre-activation is -inf and a top-k of at most ``len(cols)`` never picks it."""
+    m, D = cols.numel(), W_DN.shape[0]
+    padded = m + (-m % GEMM_ALIGN)
+    W = W_DN.new_zeros(padded, D)
+    torch.index_select(W_DN.t(), 0, cols, out=W[:m])
+    b = b_N.new_full((padded,), float("-inf"))
+    torch.index_select(b_N, 0, cols, out=b[:m])
+    return W.t(), b
+
+
+def _topk_of_split_chunk(xs, live, dead, enc_live, enc_dead, bufs, k_big, k_aux, aux_dense, sorted_out):
+    """Top-k_big over all latents, and AuxK over the dead ones, of one chunk whose pre-activations come
+    from two GEMMs, live columns then dead ones: the dead block is contiguous, so AuxK needs no column
+    gather, and the main top-k takes the live block's top-k_big merged with the dead block's."""
+    pre_live = torch.addmm(enc_live[1], xs, enc_live[0], out=bufs[0][:xs.shape[0]])
+    pre_dead = torch.addmm(enc_dead[1], xs, enc_dead[0], out=bufs[1][:xs.shape[0]])
+    # The dead block's top max(k_aux, k_big) holds both its AuxK selection and its main candidates.
+    dv, di = pre_dead.topk(min(max(k_aux, k_big), dead.numel()), dim=-1, sorted=False)
+    av, ai = (dv, di) if k_aux >= dv.shape[1] else dv.topk(k_aux, dim=-1, sorted=False)
+    if av is not dv:
+        ai = di.gather(1, ai)
+    if dv.shape[1] > k_big:
+        top, pos = dv.topk(k_big, dim=-1, sorted=False)
+        dv, di = top, di.gather(1, pos)
+    lv, li = pre_live.topk(min(k_big, live.numel()), dim=-1, sorted=False)
+    cand_v, cand_i = torch.cat([lv, dv], dim=1), torch.cat([live[li], dead[di]], dim=1)
+    v, pos = cand_v.topk(k_big, dim=-1, sorted=sorted_out)
+    i = cand_i.gather(1, pos)
+    if not aux_dense:
+        return v, i, av.relu_(), dead[ai]
+    pre_dead = pre_dead[:, :dead.numel()]  # without the padding columns
+    if ai.shape[1] == dead.numel():  # every dead latent is kept
+        return v, i, pre_dead.relu(), None
+    return v, i, torch.zeros_like(pre_dead).scatter_(1, ai, av.relu_()), None
 
 
 class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k_big, dead_idx, k_aux, aux_dense, chunk_rows, sorted_out):
         xc_BD = x_BD - b_dec_D
-        B = xc_BD.shape[0]
+        B, n = xc_BD.shape[0], W_enc_DN.shape[1]
+        rows = min(chunk_rows, B)
         vals, idx, aux_vals, aux_idx = [], [], [], []
-        # One buffer for every chunk: a fresh [chunk, n] allocation per chunk is a fresh mmap whose
-        # page faults cost ~10 % of the GEMM on CPU.
-        buf = xc_BD.new_empty(min(chunk_rows, B), W_enc_DN.shape[1])
-        for lo in range(0, B, chunk_rows):
-            xs = xc_BD[lo:lo + chunk_rows]
-            pre = torch.addmm(b_enc_N, xs, W_enc_DN, out=buf[:xs.shape[0]])
-            v, i = pre.topk(k_big, dim=-1, sorted=sorted_out)
-            vals.append(v)
-            idx.append(i)
-            if dead_idx is not None:
-                av, ai = _aux_of_chunk(pre, dead_idx, k_aux, aux_dense)
-                aux_vals.append(av)
-                aux_idx.append(ai)
+        # One buffer (per block) for every chunk: a fresh [chunk, n] allocation per chunk is a fresh
+        # mmap whose page faults cost ~10 % of the GEMM on CPU.
+        if dead_idx is None:
+            buf = xc_BD.new_empty(rows, n)
+            for lo in range(0, B, chunk_rows):
+                xs = xc_BD[lo:lo + chunk_rows]
+                pre = torch.addmm(b_enc_N, xs, W_enc_DN, out=buf[:xs.shape[0]])
+                v, i = pre.topk(k_big, dim=-1, sorted=sorted_out)
+                vals.append(v)
+                idx.append(i)
+        else:
+            live = torch.ones(n, dtype=torch.bool, device=dead_idx.device).index_fill_(0, dead_idx, False)
+            live = live.nonzero().squeeze(1)
+            enc_live, enc_dead = _columns(W_enc_DN, b_enc_N, live), _columns(W_enc_DN, b_enc_N, dead_idx)
+            bufs = xc_BD.new_empty(rows, enc_live[0].shape[1]), xc_BD.new_empty(rows, enc_dead[0].shape[1])
+            for lo in range(0, B, chunk_rows):
+                v, i, av, ai = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead_idx, enc_live, enc_dead,
+                                                    bufs, k_big, k_aux, aux_dense, sorted_out)
+                for out, part in zip((vals, idx, aux_vals, aux_idx), (v, i, av, ai)):
+                    out.append(part)
         vals_BK = torch.relu(torch.cat(vals))
         idx_BK = torch.cat(idx)
         if dead_idx is None:

@@ -1,0 +1,169 @@
+"""What AuxK adds to a training step, at a chosen number of dead latents, in one process.
+
+A whole training run mixes steps with and without AuxK, and its dead set follows the run; this
+script isolates the one quantity: a saelab ``Trainer`` trains a few warm-up steps on the
+protocol's activations (the cache compare_peers.py harvests), then alternates plain steps (no
+latent dead) and AuxK steps with a fixed dead set, on the same batches, and reports the median
+wall time of each and their ratio. The dead set is the latents that went longest without firing
+in the warm-up (ties in a seeded random order), ``--dead`` of them (fractions of n when < 1):
+
+    python benchmarks/auxk_cost.py --n 8192 32768 --dead 0.03 0.1 0.24 --rounds 5
+
+Both kinds of step run the same code path (``TrainingRun.train_step``); only the dead mask
+differs. ``--kernels-from OLD/src/saelab/sae/kernels.py`` compares two versions of the encoder
+kernel in the same process: each round times this saelab's kernel and the other file's in turn
+(the training loss's ``sparse_topk_encode`` and ``decode_aux`` swapped between steps), so both
+see the same machine state; ``--clock cpu`` counts the process's CPU time instead of wall time
+(steadier on a shared machine; with --threads 1 it is the single core's time). No timing here is
+asserted anywhere: it is a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BATCH, K, CacheReader, command_line, default_lr, machine_info, sync  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[8192, 32768], help="latent counts")
+    ap.add_argument("--dead", type=float, nargs="+", default=[0.03, 0.24],
+                    help="dead latents per AuxK step: a count, or a fraction of n when < 1")
+    ap.add_argument("--rounds", type=int, default=5, help="plain/AuxK step pairs timed per dead-set size")
+    ap.add_argument("--warmup-steps", type=int, default=4, help="steps trained before timing")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/saelab-bench/acts"),
+                    help="a float32 activation cache (compare_peers.py harvests it)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernels-from", type=Path, default=None,
+                    help="another saelab's sae/kernels.py, timed against this one's in the same process")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or this process's CPU time (time.process_time)")
+    ap.add_argument("--aux-form", choices=["auto", "dense", "sparse"], default="auto",
+                    help="force AuxK's dense or sparse form (auto: saelab's size rule, kernels.AUX_DENSE_FACTOR)")
+    args = ap.parse_args()
+    if not (args.cache / "manifest.json").is_file():
+        ap.error(f"--cache {args.cache}: no activation cache there; run benchmarks/compare_peers.py once to harvest it")
+    if args.kernels_from is not None and not args.kernels_from.is_file():
+        ap.error(f"--kernels-from {args.kernels_from}: expected a kernels.py file")
+    if any(x <= 0 for x in args.dead):
+        ap.error(f"--dead {args.dead}: expected positive counts or fractions")
+    return args
+
+
+def dead_mask(tokens_since_fired: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """The ``count`` latents that went longest without firing (ties in a seeded random order)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = tokens_since_fired.numel()
+    shuffled = torch.randperm(n, generator=gen).to(tokens_since_fired.device)
+    longest = tokens_since_fired[shuffled].float().argsort(descending=True, stable=True)
+    mask = torch.zeros(n, dtype=torch.bool, device=tokens_since_fired.device)
+    mask[shuffled[longest[:count]]] = True
+    return mask
+
+
+def timed_step(run, x: torch.Tensor, dead: torch.Tensor | None, device: str, clock=time.perf_counter
+               ) -> tuple[float, float]:
+    """(seconds on ``clock``, AuxK loss) of one step with exactly ``dead`` dead (None: no latent dead)."""
+    tr = run.trainer
+    window = tr.cfg.effective_dead_tokens
+    tr.tokens_since_fired.zero_()
+    if dead is not None:
+        tr.tokens_since_fired[dead] = window
+    sync(device)
+    t = clock()
+    stats = run.train_step(x)
+    sync(device)
+    return clock() - t, stats["auxk"]
+
+
+def kernel_variants(other: Path | None) -> dict[str, tuple]:
+    """{name: (sparse_topk_encode, decode_aux)}: this saelab's, and the file ``other``'s."""
+    import saelab.sae.kernels as this
+
+    variants = {"this": (this.sparse_topk_encode, this.decode_aux)}
+    if other is not None:
+        spec = importlib.util.spec_from_file_location("other_kernels", other)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.AUX_DENSE_FACTOR = this.AUX_DENSE_FACTOR  # the same form for the same dead set
+        variants[str(other)] = (module.sparse_topk_encode, module.decode_aux)
+    return variants
+
+
+def use_kernels(encode_and_decode: tuple) -> None:
+    import saelab.train.losses as losses
+
+    losses.sparse_topk_encode, losses.decode_aux = encode_and_decode
+
+
+def measure(args: argparse.Namespace, reader: CacheReader, n: int) -> None:
+    from saelab.train import TrainConfig, TrainingRun
+
+    n_batches = reader.n_rows // BATCH
+    cfg = TrainConfig(n_latents=n, k=K, batch_size=BATCH, total_tokens=n_batches * BATCH, lr=default_lr(n),
+                      seed=args.seed, checkpoint_every=10**9, log_every=10**9)
+    with tempfile.TemporaryDirectory(prefix="saelab-auxk-cost-") as run_dir:
+        run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None, device=args.device,
+                          init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * BATCH)))
+        tr = run.trainer
+        for b in range(args.warmup_steps):
+            run.train_step(reader.batch(b % n_batches, BATCH))
+        # Real staleness, kept aside: each timed step resets the counters to its own dead set.
+        staleness = tr.tokens_since_fired.clone()
+        variants = kernel_variants(args.kernels_from)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        for size in args.dead:
+            count = round(size * n) if size < 1 else int(size)
+            dead = dead_mask(staleness, min(count, n), args.seed)
+            times = {name: ([], [], []) for name in variants}  # plain, AuxK, AuxK loss
+            for r in range(args.rounds):
+                x = reader.batch((args.warmup_steps + r) % n_batches, BATCH)
+                for name, kernels in variants.items():
+                    use_kernels(kernels)
+                    plain, aux, losses = times[name]
+                    plain.append(timed_step(run, x, None, args.device, clock)[0])
+                    seconds, loss = timed_step(run, x, dead, args.device, clock)
+                    aux.append(seconds)
+                    losses.append(loss)
+            use_kernels(variants["this"])
+            for name, (plain, aux, losses) in times.items():
+                report(n, dead, name if len(variants) > 1 else "", plain, aux, losses)
+
+
+def report(n: int, dead: torch.Tensor, name: str, plain: list[float], aux: list[float], losses: list[float]) -> None:
+    ratios = [a / p for a, p in zip(aux, plain)]
+    p, a = statistics.median(plain), statistics.median(aux)
+    print(f"n={n:,} dead={int(dead.sum()):,} ({dead.float().mean().item():.1%}){' ' + name if name else ''}: "
+          f"plain {p * 1e3:,.0f} ms, AuxK {a * 1e3:,.0f} ms (+{(a - p) * 1e3:,.0f}), AuxK / plain {a / p:.3f} "
+          f"(pairs {min(ratios):.3f}-{max(ratios):.3f}); AuxK loss nonzero in {sum(x > 0 for x in losses)}/{len(losses)}",
+          flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.aux_form != "auto":  # the size rule reads this module constant at every call
+        import saelab.sae.kernels as kernels
+
+        kernels.AUX_DENSE_FACTOR = float("inf") if args.aux_form == "dense" else 0.0
+    print(command_line())
+    print(machine_info())
+    reader = CacheReader(args.cache)
+    for n in args.n:
+        measure(args, reader, n)
+
+
+if __name__ == "__main__":
+    main()
