@@ -39,6 +39,35 @@ DEAD_SETS = {"none": None, "mix": torch.arange(0, 50, 4), "few": torch.tensor([3
              "most": torch.cat([torch.arange(0, 20), torch.arange(23, 50)]), "all": torch.arange(50)}
 
 
+@pytest.mark.parametrize("n,k,dead_count", [(512, 4, 0), (512, 16, 0), (512, 4, 100), (1024, 32, 300), (2048, 5, 64)])
+@pytest.mark.parametrize("sorted_out", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+def test_wide_encode_matches_torch_topk(n, k, dead_count, sorted_out, ties):
+    """Widths where the encoder's top-k splits each row into column groups (n >= 8 k, with and without a
+    dead block, k_aux = 32): the kept values equal torch.topk's on the dense pre-activations, also when
+    many pre-activations are equal (rounded to a coarse grid), and the indices point at those values."""
+    torch.manual_seed(3)
+    B, D = 24, 8
+    x = torch.randn(B, D, dtype=torch.float64)
+    W = torch.randn(D, n, dtype=torch.float64)
+    b = torch.randn(n, dtype=torch.float64)
+    if ties:  # pre-activations on a grid of 0.5: many equal values around every row's k-th
+        x, W, b = x.round(), W.round(), (2 * b).round() / 2
+    dead_idx = torch.randperm(n)[:dead_count].sort().values if dead_count else None
+    out = sparse_topk_encode(x, torch.zeros(D, dtype=torch.float64), W, b, k, dead_idx=dead_idx, k_aux=32,
+                             sorted_out=sorted_out)
+    pre = x @ W + b
+    ref = pre.topk(k, dim=-1).values.relu()
+    got = out.vals_BK if sorted_out else out.vals_BK.sort(dim=-1, descending=True).values
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12)  # (addmm rounds differently; with ties all is exact)
+    assert torch.allclose(pre.gather(1, out.idx_BK).relu(), out.vals_BK, rtol=0, atol=1e-12)
+    assert (out.idx_BK.sort(dim=-1).values.diff(dim=-1) > 0).all()  # k distinct latents per row
+    if dead_idx is not None:
+        ref_aux = pre[:, dead_idx].topk(min(32, dead_count), dim=-1).values.relu()
+        aux = _densify_aux(out, n)[:, dead_idx].sort(dim=-1, descending=True).values[:, :ref_aux.shape[1]]
+        assert torch.allclose(aux, ref_aux, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk_rows", [5, 1024])
 @pytest.mark.parametrize("dead", list(DEAD_SETS))
 @pytest.mark.parametrize("aux_dense", [False, True, None])

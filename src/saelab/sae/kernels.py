@@ -159,6 +159,28 @@ GEMM_ALIGN = 64
 rows have an odd length runs ~15-20 % slower ([1,024 x 576] @ [576 x 31,785] vs 31,744 columns)."""
 
 
+def _topk(pre: torch.Tensor, k: int, sorted_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pre.topk(k, dim=-1)`` (the same values; indices may differ only among equal values), faster on CPU.
+
+    Each row's n columns are split into G = n / g strided groups (column c in group c mod G); the k
+    groups with the largest maxima hold every top-k value: the top k group maxima are k distinct
+    entries >= the k-th of them, so the k-th largest entry is >= it too, and an entry above it lies
+    in a group whose maximum is above it. One elementwise max over g slices of [rows, G] (contiguous,
+    so it vectorizes), a top-k over G maxima and one over the k * g candidates replace the top-k
+    over n: 33 -> 17 ms for k = 32 of 32,768 per 1,024 rows, 36 -> 22 ms for k = 256 of 7,872 (2 threads).
+    GPUs keep torch.topk: this was measured on CPUs only."""
+    rows, n = pre.shape
+    g = 8 if n >= 32 * k else 4 if n >= 8 * k else 1
+    if pre.device.type != "cpu" or g == 1 or n % g:
+        return pre.topk(k, dim=-1, sorted=sorted_out)
+    G = n // g
+    slices = pre.view(rows, g, G)
+    _, group = slices.amax(dim=1).topk(k, dim=-1, sorted=False)
+    cand = slices.gather(2, group.unsqueeze(1).expand(-1, g, -1)).view(rows, g * k)
+    vals, pos = cand.topk(k, dim=-1, sorted=sorted_out)
+    return vals, group.gather(1, pos % k) + (pos // k) * G
+
+
 def _columns(W_DN: torch.Tensor, b_N: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W's and b's columns ``cols`` as a [D, m] block (latent-major, rows of W.t() gathered) padded to a
     multiple of GEMM_ALIGN columns with zero weights and a -inf bias, so a padding column's
@@ -179,14 +201,14 @@ def _topk_of_split_chunk(xs, live, dead, enc_live, enc_dead, bufs, k_big, k_aux,
     pre_live = torch.addmm(enc_live[1], xs, enc_live[0], out=bufs[0][:xs.shape[0]])
     pre_dead = torch.addmm(enc_dead[1], xs, enc_dead[0], out=bufs[1][:xs.shape[0]])
     # The dead block's top max(k_aux, k_big) holds both its AuxK selection and its main candidates.
-    dv, di = pre_dead.topk(min(max(k_aux, k_big), dead.numel()), dim=-1, sorted=False)
+    dv, di = _topk(pre_dead, min(max(k_aux, k_big), dead.numel()))
     av, ai = (dv, di) if k_aux >= dv.shape[1] else dv.topk(k_aux, dim=-1, sorted=False)
     if av is not dv:
         ai = di.gather(1, ai)
     if dv.shape[1] > k_big:
         top, pos = dv.topk(k_big, dim=-1, sorted=False)
         dv, di = top, di.gather(1, pos)
-    lv, li = pre_live.topk(min(k_big, live.numel()), dim=-1, sorted=False)
+    lv, li = _topk(pre_live, min(k_big, live.numel()))
     cand_v, cand_i = torch.cat([lv, dv], dim=1), torch.cat([live[li], dead[di]], dim=1)
     v, pos = cand_v.topk(k_big, dim=-1, sorted=sorted_out)
     i = cand_i.gather(1, pos)
@@ -212,7 +234,7 @@ class _SparseTopKEncode(torch.autograd.Function):
             for lo in range(0, B, chunk_rows):
                 xs = xc_BD[lo:lo + chunk_rows]
                 pre = torch.addmm(b_enc_N, xs, W_enc_DN, out=buf[:xs.shape[0]])
-                v, i = pre.topk(k_big, dim=-1, sorted=sorted_out)
+                v, i = _topk(pre, k_big, sorted_out)
                 vals.append(v)
                 idx.append(i)
         else:
