@@ -164,8 +164,9 @@ class TopKSAE(nn.Module):
         g = self.W_dec.grad
         if g is None:
             return
-        parallel = (g * self.W_dec).sum(dim=1, keepdim=True)
-        g -= parallel * self.W_dec
+        # Fused: (g * W).sum(1) and g -= parallel * W would each write an [n, d] temporary.
+        parallel = torch.linalg.vecdot(g, self.W_dec).unsqueeze(1)
+        g.addcmul_(parallel, self.W_dec, value=-1)
 
     # ---- shape checks ----------------------------------------------------------------------
     @property
