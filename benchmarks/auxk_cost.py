@@ -10,10 +10,11 @@ in the warm-up (ties in a seeded random order), ``--dead`` of them (fractions of
     python benchmarks/auxk_cost.py --n 8192 32768 --dead 0.03 0.1 0.24 --rounds 5
 
 Both kinds of step run the same code path (``TrainingRun.train_step``); only the dead mask
-differs. ``--kernels-from OLD/src/saelab/sae/kernels.py`` compares two versions of the encoder
-kernel in the same process: each round times this saelab's kernel and the other file's in turn
-(the training loss's ``sparse_topk_encode`` and ``decode_aux`` swapped between steps), so both
-see the same machine state; ``--clock cpu`` counts the process's CPU time instead of wall time
+differs. ``--kernels-from OLD/src/saelab/sae/kernels.py`` compares two versions of the kernels
+in the same process: each round times this saelab's and the other file's in turn, each first in
+every other round (the training loss's encoder and decoders, KERNEL_NAMES, swapped between steps;
+the rest of the step, e.g. the optimizer and the decoder constraints, is this saelab's in both),
+so both see the same machine state; ``--clock cpu`` counts the process's CPU time instead of wall time
 (steadier on a shared machine; with --threads 1 it is the single core's time). No timing here is
 asserted anywhere: it is a measurement.
 """
@@ -88,24 +89,29 @@ def timed_step(run, x: torch.Tensor, dead: torch.Tensor | None, device: str, clo
     return clock() - t, stats["auxk"]
 
 
+KERNEL_NAMES = ("sparse_topk_encode", "sparse_decode", "decode_aux")
+"""What the training loss calls from saelab.sae.kernels: the functions --kernels-from swaps."""
+
+
 def kernel_variants(other: Path | None) -> dict[str, tuple]:
-    """{name: (sparse_topk_encode, decode_aux)}: this saelab's, and the file ``other``'s."""
+    """{name: the KERNEL_NAMES functions}: this saelab's, and the file ``other``'s."""
     import saelab.sae.kernels as this
 
-    variants = {"this": (this.sparse_topk_encode, this.decode_aux)}
+    variants = {"this": tuple(getattr(this, name) for name in KERNEL_NAMES)}
     if other is not None:
         spec = importlib.util.spec_from_file_location("other_kernels", other)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.AUX_DENSE_FACTOR = this.AUX_DENSE_FACTOR  # the same form for the same dead set
-        variants[str(other)] = (module.sparse_topk_encode, module.decode_aux)
+        variants[str(other)] = tuple(getattr(module, name) for name in KERNEL_NAMES)
     return variants
 
 
-def use_kernels(encode_and_decode: tuple) -> None:
+def use_kernels(functions: tuple) -> None:
     import saelab.train.losses as losses
 
-    losses.sparse_topk_encode, losses.decode_aux = encode_and_decode
+    for name, function in zip(KERNEL_NAMES, functions):
+        setattr(losses, name, function)
 
 
 def measure(args: argparse.Namespace, reader: CacheReader, n: int) -> None:
@@ -130,7 +136,8 @@ def measure(args: argparse.Namespace, reader: CacheReader, n: int) -> None:
             times = {name: ([], [], []) for name in variants}  # plain, AuxK, AuxK loss
             for r in range(args.rounds):
                 x = reader.batch((args.warmup_steps + r) % n_batches, BATCH)
-                for name, kernels in variants.items():
+                order = list(variants.items())
+                for name, kernels in (order if r % 2 == 0 else order[::-1]):  # each goes first in turn
                     use_kernels(kernels)
                     plain, aux, losses = times[name]
                     plain.append(timed_step(run, x, None, args.device, clock)[0])

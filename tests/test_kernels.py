@@ -68,6 +68,23 @@ def test_wide_encode_matches_torch_topk(n, k, dead_count, sorted_out, ties):
         assert torch.allclose(aux, ref_aux, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("aux_dense", [False, True])
+def test_non_finite_input_gives_non_finite_values_with_auxk(aux_dense):
+    """A NaN or inf in the input makes its row's pre-activations non-finite, padding columns of the
+    live and dead blocks included (0 * inf is NaN): the kept values must come out non-finite (which
+    the trainer turns into NonFiniteError), not an out-of-range latent index."""
+    torch.manual_seed(0)
+    n, D = 100, 6
+    x = torch.randn(4, D)
+    x[1, 2], x[2, 0] = float("nan"), float("inf")
+    dead_idx = torch.arange(0, n, 7)  # 15 dead: both blocks have padding columns
+    out = sparse_topk_encode(x, torch.zeros(D), torch.randn(D, n), torch.zeros(n), 5, dead_idx=dead_idx, k_aux=4,
+                             aux_dense=aux_dense)
+    assert out.idx_BK.max() < n and out.idx_BK.min() >= 0
+    assert (~out.vals_BK[1:3].isfinite()).any(dim=1).all() and out.vals_BK[[0, 3]].isfinite().all()
+    assert (~out.aux_vals_BA[1:3].isfinite()).any(dim=1).all()
+
+
 @pytest.mark.parametrize("chunk_rows", [5, 1024])
 @pytest.mark.parametrize("dead", list(DEAD_SETS))
 @pytest.mark.parametrize("aux_dense", [False, True, None])

@@ -213,9 +213,12 @@ def test_decoder_constraints():
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(8, 32, 4))
     w_enc = sae.W_enc.detach().clone()
-    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    g = torch.randn_like(sae.W_dec)
+    sae.W_dec.grad = g.clone()
     sae.project_decoder_grad()
     assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    W = sae.W_dec.detach()  # unit rows: the projection removes (g . w) w from each row
+    assert torch.allclose(sae.W_dec.grad, g - (g * W).sum(1, keepdim=True) * W, atol=1e-6)
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
     sae.normalize_decoder()

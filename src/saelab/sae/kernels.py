@@ -9,8 +9,9 @@ Here, with xc = x - b_dec:
   matrix never exists whole (peak memory: one chunk); with AuxK it runs as two GEMMs, over the
   live latents' columns and over the dead ones' (each gathered once per call), so the AuxK top-k
   reads a contiguous block instead of gathering the dead columns of every chunk, and the main
-  top-k merges the live block's top-k with the dead block's (about 10 % off the encoder's forward
-  and backward with a quarter of the latents dead, the same with 3 %);
+  top-k merges the live block's top-k with the dead block's (on CPU about 10 % off the encoder's
+  forward and backward with a quarter of the latents dead, no change with 3 %; not measured on
+  a GPU, where the gathered copy of W_enc is a transient [n, d] allocation per step);
 - backward, with g the gradient of the kept values (ReLU mask applied):
     d b_enc[j]    = sum of g over selections of latent j            (index_add)
     d W_enc[:, j] = sum over selections (b, j) of g * xc[b]         (embedding_bag, rows grouped by latent)
@@ -55,7 +56,7 @@ fixed 200-450 ms (B * k_aux entries); they break even near 5 k_aux at n = 8,192 
 
 class EncodeOutput(NamedTuple):
     vals_BK: torch.Tensor
-    """Kept values after ReLU ([B, k_big], sorted descending when k_big > k)."""
+    """Kept values after ReLU ([B, k_big], sorted descending when ``sorted_out``)."""
     idx_BK: torch.Tensor
     """Their latent indices."""
     aux_vals_BA: torch.Tensor | None
@@ -186,43 +187,61 @@ def _topk(pre: torch.Tensor, k: int, sorted_out: bool = False) -> tuple[torch.Te
     return vals, group.gather(1, pos % k) + (pos // k) * G
 
 
-def _columns(W_DN: torch.Tensor, b_N: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W's and b's columns ``cols`` as a [D, m] block (latent-major, rows of W.t() gathered) padded to a
-    multiple of GEMM_ALIGN columns with zero weights and a -inf bias, so a padding column's
-    pre-activation is -inf and a top-k of at most ``len(cols)`` never picks it."""
-    m, D = cols.numel(), W_DN.shape[0]
-    padded = m + (-m % GEMM_ALIGN)
-    W = W_DN.new_zeros(padded, D)
-    torch.index_select(W_DN.t(), 0, cols, out=W[:m])
-    b = b_N.new_full((padded,), float("-inf"))
-    torch.index_select(b_N, 0, cols, out=b[:m])
-    return W.t(), b
+class _Block(NamedTuple):
+    """Some latents' encoder columns as one GEMM operand: ``W`` [D, padded] latent-major (their rows
+    of W_enc.t() gathered, zero past len(cols)), ``b`` their biases, ``buf`` the chunk's output."""
+    cols: torch.Tensor
+    W: torch.Tensor
+    b: torch.Tensor
+    buf: torch.Tensor
+
+    @classmethod
+    def gather(cls, W_DN: torch.Tensor, b_N: torch.Tensor, cols: torch.Tensor, rows: int) -> "_Block":
+        m = cols.numel()
+        padded = m + (-m % GEMM_ALIGN)
+        W = W_DN.new_zeros(padded, W_DN.shape[0])
+        torch.index_select(W_DN.t(), 0, cols, out=W[:m])
+        b = b_N.new_zeros(padded)
+        torch.index_select(b_N, 0, cols, out=b[:m])
+        return cls(cols, W.t(), b, W.new_empty(rows, padded))
+
+    def pre(self, xs: torch.Tensor) -> torch.Tensor:
+        """The chunk's pre-activations, -inf in the padding columns (set after the GEMM, so that a
+        NaN or inf in the input cannot make a padding column win a top-k; only a block whose real
+        pre-activations are nearly all -inf could tie with them)."""
+        out = torch.addmm(self.b, xs, self.W, out=self.buf[:xs.shape[0]])
+        out[:, self.cols.numel():] = float("-inf")
+        return out
 
 
-def _topk_of_split_chunk(xs, live, dead, enc_live, enc_dead, bufs, k_big, k_aux, aux_dense, sorted_out):
+def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: int, k_aux: int, aux_dense: bool,
+                         sorted_out: bool):
     """Top-k_big over all latents, and AuxK over the dead ones, of one chunk whose pre-activations come
     from two GEMMs, live columns then dead ones: the dead block is contiguous, so AuxK needs no column
-    gather, and the main top-k takes the live block's top-k_big merged with the dead block's."""
-    pre_live = torch.addmm(enc_live[1], xs, enc_live[0], out=bufs[0][:xs.shape[0]])
-    pre_dead = torch.addmm(enc_dead[1], xs, enc_dead[0], out=bufs[1][:xs.shape[0]])
+    gather, and the main top-k takes the live block's top-k_big merged with the dead block's.
+    Returns (values, latents, AuxK values, AuxK latents or None in the dense form)."""
+    n_dead = dead.cols.numel()
+    pre_dead = dead.pre(xs)
     # The dead block's top max(k_aux, k_big) holds both its AuxK selection and its main candidates.
-    dv, di = _topk(pre_dead, min(max(k_aux, k_big), dead.numel()))
-    av, ai = (dv, di) if k_aux >= dv.shape[1] else dv.topk(k_aux, dim=-1, sorted=False)
-    if av is not dv:
-        ai = di.gather(1, ai)
+    dv, di = _topk(pre_dead, min(max(k_aux, k_big), n_dead))
+    if k_aux < dv.shape[1]:
+        av, pos = dv.topk(k_aux, dim=-1, sorted=False)
+        ai = di.gather(1, pos)
+    else:
+        av, ai = dv, di
     if dv.shape[1] > k_big:
-        top, pos = dv.topk(k_big, dim=-1, sorted=False)
-        dv, di = top, di.gather(1, pos)
-    lv, li = _topk(pre_live, min(k_big, live.numel()))
-    cand_v, cand_i = torch.cat([lv, dv], dim=1), torch.cat([live[li], dead[di]], dim=1)
+        dv, pos = dv.topk(k_big, dim=-1, sorted=False)
+        di = di.gather(1, pos)
+    lv, li = _topk(live.pre(xs), min(k_big, live.cols.numel()))
+    cand_v, cand_i = torch.cat([lv, dv], dim=1), torch.cat([live.cols[li], dead.cols[di]], dim=1)
     v, pos = cand_v.topk(k_big, dim=-1, sorted=sorted_out)
     i = cand_i.gather(1, pos)
     if not aux_dense:
-        return v, i, av.relu_(), dead[ai]
-    pre_dead = pre_dead[:, :dead.numel()]  # without the padding columns
-    if ai.shape[1] == dead.numel():  # every dead latent is kept
+        return v, i, av.relu(), dead.cols[ai]
+    pre_dead = pre_dead[:, :n_dead]  # without the padding columns
+    if ai.shape[1] == n_dead:  # every dead latent is kept
         return v, i, pre_dead.relu(), None
-    return v, i, torch.zeros_like(pre_dead).scatter_(1, ai, av.relu_()), None
+    return v, i, torch.zeros_like(pre_dead).scatter_(1, ai, av.relu()), None
 
 
 class _SparseTopKEncode(torch.autograd.Function):
@@ -244,12 +263,11 @@ class _SparseTopKEncode(torch.autograd.Function):
                 idx.append(i)
         else:
             live = torch.ones(n, dtype=torch.bool, device=dead_idx.device).index_fill_(0, dead_idx, False)
-            live = live.nonzero().squeeze(1)
-            enc_live, enc_dead = _columns(W_enc_DN, b_enc_N, live), _columns(W_enc_DN, b_enc_N, dead_idx)
-            bufs = xc_BD.new_empty(rows, enc_live[0].shape[1]), xc_BD.new_empty(rows, enc_dead[0].shape[1])
+            live = _Block.gather(W_enc_DN, b_enc_N, live.nonzero().squeeze(1), rows)
+            dead = _Block.gather(W_enc_DN, b_enc_N, dead_idx, rows)
             for lo in range(0, B, chunk_rows):
-                v, i, av, ai = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead_idx, enc_live, enc_dead,
-                                                    bufs, k_big, k_aux, aux_dense, sorted_out)
+                v, i, av, ai = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead, k_big, k_aux, aux_dense,
+                                                    sorted_out)
                 for out, part in zip((vals, idx, aux_vals, aux_idx), (v, i, av, ai)):
                     out.append(part)
         vals_BK = torch.relu(torch.cat(vals))
@@ -321,7 +339,7 @@ def sparse_topk_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DN: torc
                        aux_dense: bool | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> EncodeOutput:
     """Top-k (then ReLU) of ``(x - b_dec) @ W_enc + b_enc`` with a sparse backward.
 
-    ``dead_idx`` (latent indices, on the data's device) adds AuxK: the top ``k_aux`` pre-activations
+    ``dead_idx`` (distinct latent indices, on the data's device) adds AuxK: the top ``k_aux`` pre-activations
     among those latents, in dense form when ``aux_dense`` (default: when n_dead <= AUX_DENSE_FACTOR *
     k_aux), else sparse (see EncodeOutput). ``sorted_out`` sorts the kept values descending (needed
     to slice Multi-TopK's top-k).

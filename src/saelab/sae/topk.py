@@ -164,7 +164,7 @@ class TopKSAE(nn.Module):
         g = self.W_dec.grad
         if g is None:
             return
-        # Fused: (g * W).sum(1) and g -= parallel * W would each write an [n, d] temporary.
+        # In place: g -= parallel * W would write one more [n, d] temporary (vecdot still makes one).
         parallel = torch.linalg.vecdot(g, self.W_dec).unsqueeze(1)
         g.addcmul_(parallel, self.W_dec, value=-1)
 

@@ -1,0 +1,123 @@
+"""The training kernels alone, this saelab's against another version's, side by side in one process.
+
+Three measurements on random data of the protocol's shapes (batch 4,096, d = 576, k = 32,
+k_aux = 256), each variant timed in turn for ``--rounds`` rounds (medians and minima):
+
+- ``topk``: the encoder's top-k of one [1,024, n] chunk, saelab's kernel against torch.topk;
+- ``decode``: ``sparse_decode`` forward + backward, the main selection (k entries per row over all
+  n rows) and an AuxK one (k_aux entries per row over a dead set);
+- ``encode``: ``sparse_topk_encode`` forward + backward (with the AuxK decode), with no latent dead
+  and with a fraction dead.
+
+    python benchmarks/kernel_micro.py --other OLD/src/saelab/sae/kernels.py --n 8192 32768 --dead 0.03 0.24
+
+Without ``--other`` only the top-k comparison runs. No timing here is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BATCH, K, command_line, machine_info  # noqa: E402
+
+import saelab.sae.kernels as this  # noqa: E402
+
+D, K_AUX, CHUNK = 576, 256, 1024
+
+
+def load_other(path: Path):
+    spec = importlib.util.spec_from_file_location("other_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.AUX_DENSE_FACTOR = this.AUX_DENSE_FACTOR  # the same AuxK form for the same dead set
+    return module
+
+
+def compare(label: str, variants: dict, rounds: int) -> None:
+    """Time each variant (a no-argument function) once per round, in turn, and print the medians."""
+    times = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, run in (list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]):
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    print(label + ": " + ", ".join(f"{name} {statistics.median(v) * 1e3:,.1f} ms (min {min(v) * 1e3:,.1f})"
+                                   for name, v in times.items()), flush=True)
+
+
+def decode_case(mod, vals, idx, W, g):
+    def run():
+        mod.sparse_decode(vals, idx, W).backward(g)
+        W.grad = vals.grad = None
+    return run
+
+
+def encode_case(mod, x, W_enc, b_enc, b_dec, W_dec, dead):
+    def run():
+        enc = mod.sparse_topk_encode(x, b_dec, W_enc, b_enc, K, dead_idx=dead, k_aux=K_AUX)
+        loss = enc.vals_BK.square().sum()
+        if dead is not None:
+            loss = loss + mod.decode_aux(enc, W_dec).square().sum()
+        loss.backward()
+        W_enc.grad = b_enc.grad = b_dec.grad = W_dec.grad = None
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--other", type=Path, default=None, help="another saelab's sae/kernels.py")
+    ap.add_argument("--n", type=int, nargs="+", default=[8192, 32768], help="latent counts")
+    ap.add_argument("--dead", type=float, nargs="+", default=[0.03, 0.24], help="fractions of n dead")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.other is not None and not args.other.is_file():
+        ap.error(f"--other {args.other}: expected a kernels.py file")
+    if any(not 0 < f < 1 for f in args.dead):
+        ap.error(f"--dead {args.dead}: expected fractions between 0 and 1")
+    torch.set_num_threads(args.threads)
+    print(command_line())
+    print(machine_info())
+    other = load_other(args.other) if args.other else None
+    for n in args.n:
+        gen = torch.Generator().manual_seed(0)
+        pre = torch.randn(CHUNK, n, generator=gen)
+        compare(f"n={n:,} topk k={K} of [{CHUNK:,}, {n:,}]", {
+            "torch.topk": lambda: pre.topk(K, dim=-1, sorted=False), "saelab": lambda: this._topk(pre, K)},
+            args.rounds)
+        if other is None:
+            continue
+        W_dec = torch.randn(n, D, generator=gen).requires_grad_()
+        g = torch.randn(BATCH, D, generator=gen)
+        x = torch.randn(BATCH, D, generator=gen)
+        W_enc = (torch.randn(n, D, generator=gen) / D**0.5).t().requires_grad_()  # latent-major, as TopKSAE
+        b_enc, b_dec = torch.zeros(n, requires_grad=True), torch.zeros(D, requires_grad=True)
+        main_idx = torch.randn(BATCH, n, generator=gen).topk(K, dim=-1).indices
+        main_vals = torch.rand(BATCH, K, generator=gen).requires_grad_()
+        compare(f"n={n:,} decode {K} per row", {
+            "this": decode_case(this, main_vals, main_idx, W_dec, g),
+            "other": decode_case(other, main_vals, main_idx, W_dec, g)}, args.rounds)
+        for frac in args.dead:
+            dead = torch.randperm(n, generator=gen)[:round(frac * n)].sort().values
+            aux_idx = dead[torch.randn(BATCH, dead.numel(), generator=gen).topk(K_AUX, dim=-1).indices]
+            aux_vals = torch.rand(BATCH, K_AUX, generator=gen).requires_grad_()
+            compare(f"n={n:,} decode {K_AUX} per row over {dead.numel():,} dead", {
+                "this": decode_case(this, aux_vals, aux_idx, W_dec, g),
+                "other": decode_case(other, aux_vals, aux_idx, W_dec, g)}, args.rounds)
+        for frac in [0.0] + args.dead:
+            dead = torch.randperm(n, generator=gen)[:round(frac * n)].sort().values if frac else None
+            compare(f"n={n:,} encode + AuxK decode, {frac:.0%} dead", {
+                "this": encode_case(this, x, W_enc, b_enc, b_dec, W_dec, dead),
+                "other": encode_case(other, x, W_enc, b_enc, b_dec, W_dec, dead)}, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
