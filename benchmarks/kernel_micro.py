@@ -107,9 +107,10 @@ def main() -> None:
             "other": decode_case(other, main_vals, main_idx, W_dec, g)}, args.rounds)
         for frac in args.dead:
             dead = torch.randperm(n, generator=gen)[:round(frac * n)].sort().values
-            aux_idx = dead[torch.randn(BATCH, dead.numel(), generator=gen).topk(K_AUX, dim=-1).indices]
-            aux_vals = torch.rand(BATCH, K_AUX, generator=gen).requires_grad_()
-            compare(f"n={n:,} decode {K_AUX} per row over {dead.numel():,} dead", {
+            per_row = min(K_AUX, dead.numel())
+            aux_idx = dead[torch.randn(BATCH, dead.numel(), generator=gen).topk(per_row, dim=-1).indices]
+            aux_vals = torch.rand(BATCH, per_row, generator=gen).requires_grad_()
+            compare(f"n={n:,} decode {per_row} per row over {dead.numel():,} dead", {
                 "this": decode_case(this, aux_vals, aux_idx, W_dec, g),
                 "other": decode_case(other, aux_vals, aux_idx, W_dec, g)}, args.rounds)
         for frac in [0.0] + args.dead:
