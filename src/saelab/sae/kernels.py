@@ -199,8 +199,9 @@ class _Block(NamedTuple):
     def gather(cls, W_DN: torch.Tensor, b_N: torch.Tensor, cols: torch.Tensor, rows: int) -> "_Block":
         m = cols.numel()
         padded = m + (-m % GEMM_ALIGN)
-        W = W_DN.new_zeros(padded, W_DN.shape[0])
+        W = W_DN.new_empty(padded, W_DN.shape[0])
         torch.index_select(W_DN.t(), 0, cols, out=W[:m])
+        W[m:] = 0
         b = b_N.new_zeros(padded)
         torch.index_select(b_N, 0, cols, out=b[:m])
         return cls(cols, W.t(), b, W.new_empty(rows, padded))
@@ -262,8 +263,8 @@ class _SparseTopKEncode(torch.autograd.Function):
                 vals.append(v)
                 idx.append(i)
         else:
-            live = torch.ones(n, dtype=torch.bool, device=dead_idx.device).index_fill_(0, dead_idx, False)
-            live = _Block.gather(W_enc_DN, b_enc_N, live.nonzero().squeeze(1), rows)
+            is_live = torch.ones(n, dtype=torch.bool, device=dead_idx.device).index_fill_(0, dead_idx, False)
+            live = _Block.gather(W_enc_DN, b_enc_N, is_live.nonzero().squeeze(1), rows)
             dead = _Block.gather(W_enc_DN, b_enc_N, dead_idx, rows)
             for lo in range(0, B, chunk_rows):
                 v, i, av, ai = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead, k_big, k_aux, aux_dense,
