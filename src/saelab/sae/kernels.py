@@ -115,18 +115,22 @@ class _SparseDecode(torch.autograd.Function):
 
 class _LatentGroups:
     """The entries of a [B, S] selection (entry e = b * S + s picks latent idx_flat[e]) grouped by latent:
-    ``order`` sorts them by latent (stably), ``latent`` and ``row`` are their latents and rows in that
-    order, ``offsets[j]`` starts latent j's run."""
+    ``order`` sorts them by latent (stably), ``sorted_keys`` / ``latent`` and ``row`` are their latents
+    and rows in that order, ``offsets[j]`` starts latent j's run."""
 
     def __init__(self, idx_flat: torch.Tensor, S: int, n: int):
         # A stable sort of int32 keys: about half the time of argsort on int64 ones on CPU.
         keys = idx_flat.to(torch.int32) if n < 2**31 else idx_flat
-        sorted_keys, self.order = keys.sort(stable=True)
-        self.latent = sorted_keys.long()
+        self.sorted_keys, self.order = keys.sort(stable=True)
         self.row = torch.div(self.order, S, rounding_mode="floor")
         counts = torch.bincount(idx_flat, minlength=n)
         self.offsets = torch.zeros(n, dtype=torch.long, device=idx_flat.device)
         self.offsets[1:] = counts.cumsum(0)[:-1]
+
+    @property
+    def latent(self) -> torch.Tensor:
+        """The entries' latents in latent order (only the values' gradient needs them as int64)."""
+        return self.sorted_keys.long()
 
     def sum_rows(self, w_flat: torch.Tensor, rows_BD: torch.Tensor) -> torch.Tensor:
         """[n, d]: out[j] = sum over entries e of latent j of w_flat[e] * rows_BD[row of e]."""
