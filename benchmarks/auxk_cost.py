@@ -22,7 +22,6 @@ asserted anywhere: it is a measurement.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BATCH, K, CacheReader, command_line, default_lr, machine_info, sync  # noqa: E402
+from common import BATCH, K, CacheReader, command_line, default_lr, load_kernels_file, machine_info, sync  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -99,10 +98,7 @@ def kernel_variants(other: Path | None) -> dict[str, tuple]:
 
     variants = {"this": tuple(getattr(this, name) for name in KERNEL_NAMES)}
     if other is not None:
-        spec = importlib.util.spec_from_file_location("other_kernels", other)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.AUX_DENSE_FACTOR = this.AUX_DENSE_FACTOR  # the same form for the same dead set
+        module = load_kernels_file(other)
         variants[str(other)] = tuple(getattr(module, name) for name in KERNEL_NAMES)
     return variants
 

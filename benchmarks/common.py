@@ -45,6 +45,20 @@ DECAY_FRACTION = 0.6
 """saelab's TrainConfig defaults for the learning-rate schedule; lr_multiplier mirrors lr_at."""
 
 
+def load_kernels_file(path: str | Path):
+    """Another saelab version's ``sae/kernels.py`` as a module (it imports only torch), with this
+    version's AuxK dense/sparse threshold so that both choose the same form for the same dead set."""
+    import importlib.util
+
+    import saelab.sae.kernels as this
+
+    spec = importlib.util.spec_from_file_location("other_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.AUX_DENSE_FACTOR = this.AUX_DENSE_FACTOR
+    return module
+
+
 def machine_info() -> str:
     cpu = platform.processor() or platform.machine()
     try:

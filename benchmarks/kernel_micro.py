@@ -17,7 +17,6 @@ Without ``--other`` only the top-k comparison runs. No timing here is asserted a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -26,19 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BATCH, K, command_line, machine_info  # noqa: E402
+from common import BATCH, K, command_line, load_kernels_file, machine_info  # noqa: E402
 
 import saelab.sae.kernels as this  # noqa: E402
 
 D, K_AUX, CHUNK = 576, 256, 1024
-
-
-def load_other(path: Path):
-    spec = importlib.util.spec_from_file_location("other_kernels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.AUX_DENSE_FACTOR = this.AUX_DENSE_FACTOR  # the same AuxK form for the same dead set
-    return module
 
 
 def compare(label: str, variants: dict, rounds: int) -> None:
@@ -86,7 +77,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(command_line())
     print(machine_info())
-    other = load_other(args.other) if args.other else None
+    other = load_kernels_file(args.other) if args.other else None
     for n in args.n:
         gen = torch.Generator().manual_seed(0)
         pre = torch.randn(CHUNK, n, generator=gen)
