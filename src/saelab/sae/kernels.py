@@ -227,9 +227,12 @@ def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: in
     Returns (values, latents, AuxK values, AuxK latents or None in the dense form)."""
     n_dead = dead.cols.numel()
     pre_dead = dead.pre(xs)
+    keep_all = k_aux >= n_dead  # AuxK keeps every dead latent: no selection, only the main candidates
     # The dead block's top max(k_aux, k_big) holds both its AuxK selection and its main candidates.
-    dv, di = _topk(pre_dead, min(max(k_aux, k_big), n_dead))
-    if k_aux < dv.shape[1]:
+    dv, di = _topk(pre_dead, min(k_big if keep_all else max(k_aux, k_big), n_dead))
+    if keep_all:
+        av, ai = pre_dead[:, :n_dead], torch.arange(n_dead, device=xs.device).expand(xs.shape[0], -1)
+    elif k_aux < dv.shape[1]:
         av, pos = dv.topk(k_aux, dim=-1, sorted=False)
         ai = di.gather(1, pos)
     else:
