@@ -38,6 +38,7 @@ from saelab.train import distributed as ddp
 from saelab.train.config import TrainConfig
 from saelab.train.init import init_from_data
 from saelab.train.metric_sinks import MetricSink, check_log_targets, close_sinks, open_sinks
+from saelab.utils.host_memory import retain_freed_memory
 from saelab.train.losses import training_loss
 from saelab.utils.atomic import append_line
 
@@ -194,6 +195,8 @@ class Trainer:
                  device: str | torch.device | None = None, allow_tf32: bool = False):
         self.cfg = cfg
         self.device = ddp.process_device(device)
+        if self.device.type == "cpu":  # each step's large temporaries reuse the last step's pages
+            retain_freed_memory()
         self.allow_tf32 = bool(allow_tf32) and self.device.type == "cuda"
         self.sae = sae.to(self.device)  # before the optimizer views below, which share its storage
         self.normalizer = normalizer

@@ -1,0 +1,43 @@
+"""Keep freed host memory in the process, so that the next training step reuses it.
+
+A training step on the CPU frees and allocates again, every step, several tensors of tens to
+hundreds of MB: the encoder's [1,024, n] chunk buffer, the [n, d] gradients, the decoder
+projection's temporary. glibc's malloc serves every block above 32 MB with a fresh mmap and
+unmaps it on free, so each step the kernel faults in and zeroes every page again: ~0.28 ms per MB
+on a 2-core EPYC VM, 40-130 ms of a step at n = 8,192-32,768 (benchmarks/RESULTS.md, "Host memory
+reuse"). Told to serve large blocks from its heap and to keep up to 2 GiB of freed memory at the
+heap's top, malloc hands the next step the same pages.
+
+The cost: memory the process frees goes back to the OS later (past 2 GiB free at the heap's top)
+or, when fragmented, not until the process ends. Peak memory is what it was. The setting is for
+the whole process and stays; ``SAELAB_RETAIN_FREED_MEMORY=0`` leaves malloc as it is. Other C
+libraries (musl, macOS) are left as they are too: this is glibc's interface.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+RETAIN_ENV = "SAELAB_RETAIN_FREED_MEMORY"
+"""Set to 0 to leave glibc's malloc settings alone."""
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_MAX = -4
+_TRIM_BYTES = 2**31 - 1  # mallopt takes an int: the largest is 2 GiB
+
+_tuned: bool | None = None
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (once per process; see the module docstring).
+    Returns whether malloc is so tuned: False off glibc or with $SAELAB_RETAIN_FREED_MEMORY=0."""
+    global _tuned
+    if _tuned is None:
+        _tuned = False
+        if os.environ.get(RETAIN_ENV, "1").strip() != "0" and platform.libc_ver()[0] == "glibc":
+            mallopt = ctypes.CDLL(None).mallopt
+            # Without mmap, large blocks come from the heap (brk; glibc falls back to mmap if brk fails).
+            _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES))
+    return _tuned
