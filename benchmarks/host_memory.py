@@ -9,6 +9,7 @@ SAELAB_RETAIN_FREED_MEMORY=1 and =0 (the setting is per process and stays, so ea
   kernel time) and its minor page faults.
 - lm (``--lm``): the default language model computes the next-token cross-entropy of [16, 128] random
   tokens 5 times (logits [16, 128, vocab], as the downstream metrics do); the same medians over the last 3.
+- memory: each process's peak resident set and its resident set after the timed calls (MB).
 
 Each round runs both settings, each first in every other round. No timing here is asserted anywhere.
 """
@@ -29,7 +30,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import BATCH, K, THREADS, CacheReader, command_line, default_lr, machine_info  # noqa: E402
+from common import BATCH, K, THREADS, CacheReader, command_line, default_lr, machine_info, peak_rss_mb, rss_mb  # noqa: E402
 
 SKIP_STEPS = 4
 
@@ -44,8 +45,9 @@ def _measure(step, count: int, skip: int) -> dict[str, float]:
         wall.append((time.perf_counter() - t) * 1e3)
         system.append((after.ru_stime - before.ru_stime) * 1e3)
         faults.append(after.ru_minflt - before.ru_minflt)
-    return {name: statistics.median(values[skip:]) for name, values in
-            (("wall_ms", wall), ("sys_ms", system), ("faults", faults))}
+    medians = {name: statistics.median(values[skip:]) for name, values in
+               (("wall_ms", wall), ("sys_ms", system), ("faults", faults))}
+    return {**medians, "peak_mb": peak_rss_mb(), "end_mb": rss_mb()}
 
 
 def child_train(args: argparse.Namespace) -> dict[str, float]:
@@ -58,9 +60,9 @@ def child_train(args: argparse.Namespace) -> dict[str, float]:
     cfg = TrainConfig(n_latents=args.child_n, k=K, batch_size=BATCH, total_tokens=args.steps * BATCH,
                       lr=default_lr(args.child_n), seed=0, checkpoint_every=10**9, log_every=10**9,
                       dead_tokens=10**12)
-    with tempfile.TemporaryDirectory(prefix="saelab-host-memory-") as run_dir:
-        run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None, device="cpu",
-                          init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * BATCH)))
+    with tempfile.TemporaryDirectory(prefix="saelab-host-memory-") as run_dir, \
+            TrainingRun(cfg, run_dir, d_in=reader.d, meta=None, device="cpu",
+                        init_sample=lambda: reader.batch(0, min(cfg.effective_init_rows, n_batches * BATCH))) as run:
         return _measure(lambda i: run.train_step(reader.batch(i % n_batches, BATCH)), args.steps, SKIP_STEPS)
 
 
@@ -79,8 +81,10 @@ def run_child(args: argparse.Namespace, job: str, n: int, retain: str) -> dict[s
     env = {**os.environ, "SAELAB_RETAIN_FREED_MEMORY": retain, "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--child", job, "--child-n", str(n), "--steps", str(args.steps),
            "--cache", str(args.cache), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{job} child (SAELAB_RETAIN_FREED_MEMORY={retain}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -98,6 +102,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(child_train(args) if args.child == "train" else child_lm(args)))
         return
+    if not args.n and not args.lm:
+        ap.error("nothing to measure: give --n N [N ...] and/or --lm")
     if args.steps <= SKIP_STEPS:
         ap.error(f"--steps {args.steps}: expected more than {SKIP_STEPS}")
     if args.n and not (args.cache / "manifest.json").is_file():
@@ -113,7 +119,8 @@ def main() -> None:
         name = f"train n={n:,}" if job == "train" else "LM cross-entropy [16, 128]"
         for retain, label in (("1", "retained"), ("0", "malloc default")):
             rows = results[retain]
-            cells = [f"{key} {' / '.join(f'{row[key]:,.0f}' for row in rows)}" for key in ("wall_ms", "sys_ms", "faults")]
+            cells = [f"{key} {' / '.join(f'{row[key]:,.0f}' for row in rows)}"
+                     for key in ("wall_ms", "sys_ms", "faults", "peak_mb", "end_mb")]
             print(f"{name}, {label}: " + "; ".join(cells), flush=True)
         ratio = [a["wall_ms"] / b["wall_ms"] for a, b in zip(results["1"], results["0"])]
         print(f"{name}: wall retained / default per round {', '.join(f'{x:.3f}' for x in ratio)} "

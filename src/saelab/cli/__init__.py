@@ -13,6 +13,7 @@ from typing import Any
 
 from saelab.cli.common import Parser
 from saelab.errors import SaelabError
+from saelab.utils.device import resolve_device
 from saelab.utils.host_memory import retain_freed_memory
 
 VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "top", "browse", "families")
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = parse_args(argv)
-        retain_freed_memory()  # a verb's large CPU temporaries (logits, gradients) reuse pages instead of faulting
+        if hasattr(args, "device") and resolve_device(args.device).type == "cpu":
+            retain_freed_memory()  # large CPU temporaries (logits, gradients) reuse pages instead of faulting
         result = args.handler(args)
     except SaelabError as e:
         if debug:

@@ -228,7 +228,7 @@ def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: in
     n_dead = dead.cols.numel()
     pre_dead = dead.pre(xs)
     keep_all = k_aux >= n_dead  # AuxK keeps every dead latent: no selection, only the main candidates
-    # The dead block's top max(k_aux, k_big) holds both its AuxK selection and its main candidates.
+    # Otherwise its top max(k_aux, k_big) holds both its AuxK selection and its main candidates.
     dv, di = _topk(pre_dead, min(k_big if keep_all else max(k_aux, k_big), n_dead))
     if keep_all:
         av, ai = pre_dead[:, :n_dead], torch.arange(n_dead, device=xs.device).expand(xs.shape[0], -1)

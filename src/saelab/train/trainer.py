@@ -38,9 +38,9 @@ from saelab.train import distributed as ddp
 from saelab.train.config import TrainConfig
 from saelab.train.init import init_from_data
 from saelab.train.metric_sinks import MetricSink, check_log_targets, close_sinks, open_sinks
-from saelab.utils.host_memory import retain_freed_memory
 from saelab.train.losses import training_loss
 from saelab.utils.atomic import append_line
+from saelab.utils.host_memory import retain_freed_memory
 
 BatchSource = Callable[[int], Iterator[torch.Tensor]]
 INACTIVE_WINDOW = 262_144
@@ -188,7 +188,9 @@ class Trainer:
 
     ``device`` (None: CUDA when available, else the CPU; under torchrun this process's GPU) is
     where the SAE is moved and where every training tensor lives. ``allow_tf32`` runs the SAE's
-    float32 matmuls in TF32 on CUDA (off by default; ignored elsewhere).
+    float32 matmuls in TF32 on CUDA (off by default; ignored elsewhere). On the CPU it tells glibc's
+    malloc, for the rest of the process, to keep freed memory for reuse (saelab.utils.host_memory;
+    ``SAELAB_RETAIN_FREED_MEMORY=0`` opts out).
     """
 
     def __init__(self, cfg: TrainConfig, sae: TopKSAE, normalizer: float, *,
