@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,15 @@ def load_kernels_file(path: str | Path):
     spec.loader.exec_module(module)
     module.AUX_DENSE_FACTOR = this.AUX_DENSE_FACTOR
     return module
+
+
+def run_json_child(cmd: list[str], env: dict[str, str], what: str) -> dict[str, Any]:
+    """Run a benchmark's child process and return the JSON object on its last stdout line; if it fails,
+    exit with ``what`` and the end of its stderr."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{what} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def machine_info() -> str:

@@ -18,12 +18,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import run_json_child  # noqa: E402
+
 METRICS = ("ce_clean", "ce_spliced", "delta_ce", "kl", "ce_zero_abl", "ce_mean_abl", "ce_recovered_zero",
            "ce_recovered_mean", "n_predictions")
 
@@ -60,10 +62,7 @@ def run_one(args: argparse.Namespace, src: str, variants_per_forward: int) -> di
            "--context", str(args.context), "--lm-batch-size", str(args.lm_batch_size), "--threads", str(args.threads),
            "--variants-per-forward", str(variants_per_forward)]
     env = {**os.environ, "PYTHONPATH": src}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"run with {src} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child(cmd, env, f"run with {src}")
 
 
 def main() -> None:

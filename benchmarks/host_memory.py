@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import BATCH, K, THREADS, CacheReader, command_line, default_lr, machine_info, peak_rss_mb, rss_mb  # noqa: E402
+from common import run_json_child  # noqa: E402
 
 SKIP_STEPS = 4
 
@@ -81,10 +81,7 @@ def run_child(args: argparse.Namespace, job: str, n: int, retain: str) -> dict[s
     env = {**os.environ, "SAELAB_RETAIN_FREED_MEMORY": retain, "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--child", job, "--child-n", str(n), "--steps", str(args.steps),
            "--cache", str(args.cache), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{job} child (SAELAB_RETAIN_FREED_MEMORY={retain}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(cmd, env, f"{job} child (SAELAB_RETAIN_FREED_MEMORY={retain})")
 
 
 def main() -> None:
