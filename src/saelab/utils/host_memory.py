@@ -7,11 +7,10 @@ serves every block above 32 MB with a fresh mmap and unmaps it on free, so the k
 zeroes every page again each time. Told to serve large blocks from its heap (those allocated by the
 main thread, where torch allocates an operator's output; other threads' arenas above 64 MB still
 map and unmap) and to keep up to 2 GiB of freed memory at the heap's top, malloc hands the next
-step the same pages. Measured on a
-2-core EPYC VM (benchmarks/host_memory.py, benchmarks/RESULTS.md "Host memory reuse"): a step at
-n = 32,768 goes from ~90,000 page faults and ~300 ms of kernel time to none, 0.91x the wall time;
-a cross-entropy forward of SmolLM2 on [16, 128] tokens 0.91x; at n = 8,192, whose blocks glibc
-mostly reuses already, no change beyond the machine's noise (0.93-1.13x per round).
+step the same pages. Measured on a 2-core EPYC VM (benchmarks/host_memory.py, benchmarks/RESULTS.md
+"Host memory reuse"): a step at n = 32,768 goes from ~90,000 page faults and ~300 ms of kernel time
+to none, 0.91x the wall time; a cross-entropy forward of SmolLM2 on [16, 128] tokens 0.91x; at
+n = 8,192, whose blocks glibc mostly reuses already, no change (0.93-1.15x per pair, median 1.01).
 
 The cost: memory the process frees goes back to the OS only from the heap's top, past 2 GiB free
 there; a large block freed below a live small one stays resident until the process ends. So only
@@ -41,7 +40,7 @@ _tuned: bool | None = None
 
 def retain_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse (once per process; see the module docstring).
-    Returns whether malloc is so tuned: False off glibc or with $SAELAB_RETAIN_FREED_MEMORY=0."""
+    Returns whether malloc is so tuned: False off glibc, without mallopt, or with the opt-out."""
     global _tuned
     if _tuned is None:
         _tuned = False
