@@ -39,7 +39,8 @@ DEAD_SETS = {"none": None, "mix": torch.arange(0, 50, 4), "few": torch.tensor([3
              "most": torch.cat([torch.arange(0, 20), torch.arange(23, 50)]), "all": torch.arange(50)}
 
 
-@pytest.mark.parametrize("n,k,dead_count", [(512, 4, 0), (512, 16, 0), (512, 4, 100), (1024, 32, 300), (2048, 5, 64)])
+@pytest.mark.parametrize("n,k,dead_count", [(512, 4, 0), (512, 16, 0), (512, 4, 100), (1024, 32, 300), (2048, 5, 64),
+                                             (8192, 32, 300)])
 @pytest.mark.parametrize("sorted_out", [False, True])
 @pytest.mark.parametrize("ties", [False, True])
 def test_wide_encode_matches_torch_topk(n, k, dead_count, sorted_out, ties):
