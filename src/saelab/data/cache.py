@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from saelab.errors import ConfigError, CorpusError, NonFiniteError, RunExistsError
 from saelab.utils.atomic import write_json, write_with
 from saelab.utils.device import resolve_device
+from saelab.utils.tensors import all_finite
 
 FORMAT = "saelab-activation-cache"
 VERSION = 1
@@ -212,7 +213,7 @@ class _ShardWriter:
     def add(self, acts_BD: torch.Tensor, what: str) -> int:
         """Append finite rows [B, d] (any device and dtype); returns how many were added."""
         rows_BD = acts_BD.detach().to("cpu", self.torch_dtype)
-        if not torch.isfinite(rows_BD).all():
+        if not all_finite(rows_BD):
             raise NonFiniteError(f"{what} overflows {self.dtype} in activation cache {str(self.folder)!r}; "
                                  "use dtype='bfloat16' or 'float32'")
         self._count_underflow(acts_BD, rows_BD, what)
@@ -275,7 +276,7 @@ def _write_batches(batches: Iterable[torch.Tensor], writer: _ShardWriter, to_ski
             acts_BD, to_skip = acts_BD[n:], to_skip - n
         if acts_BD.shape[0] == 0:
             continue
-        if not torch.isfinite(acts_BD).all():
+        if not all_finite(acts_BD):
             raise NonFiniteError(f"NaN or inf in batch {i} written to activation cache {str(folder)!r}")
         bar.update(writer.add(acts_BD, f"batch {i}"))
     return to_skip

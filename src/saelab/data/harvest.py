@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from saelab.data.tokens import batched
 from saelab.errors import ConfigError, NonFiniteError, ShapeMismatchError
+from saelab.utils.tensors import all_finite
 
 
 @runtime_checkable
@@ -154,12 +155,12 @@ class ActivationStream:
         acts_ND = acts_BTD.detach().reshape(-1, self.d)
         where = f"activations at hook {self.hook!r}, harvest batch {batch_idx} (contexts {self.contexts_seen}.."
         where += f"{self.contexts_seen + B - 1})"
-        if not torch.isfinite(acts_ND).all():
+        if not all_finite(acts_ND):
             n_bad = int((~torch.isfinite(acts_ND)).any(dim=1).sum())
             raise NonFiniteError(f"NaN or inf in {where}: {n_bad} of {acts_ND.shape[0]} rows")
         if acts_ND.dtype != self.store_dtype:
             acts_ND = acts_ND.to(self.store_dtype)
-            if not torch.isfinite(acts_ND).all():
+            if not all_finite(acts_ND):
                 raise NonFiniteError(
                     f"{where} overflow store_dtype {self.store_dtype}; use torch.bfloat16 or torch.float32"
                 )

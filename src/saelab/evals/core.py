@@ -17,6 +17,7 @@ from saelab.data import resolve_corpus, token_contexts
 from saelab.errors import ConfigError, NonFiniteError
 from saelab.evals.downstream import downstream_metrics
 from saelab.evals.reconstruction import reconstruction_metrics
+from saelab.utils.tensors import all_finite
 
 ABLATIONS = ("zero", "mean")
 
@@ -102,7 +103,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     t0 = time.perf_counter()
     sae.eval()
     acts_ND = _hook_rows(lm, tokens[:n_recon], hook, first, cfg.recon_tokens, cfg.lm_batch_size)
-    if not torch.isfinite(acts_ND).all():
+    if not all_finite(acts_ND):
         raise NonFiniteError(f"activations at {hook} of model {lm.name} on eval corpus {corpus!r} contain NaN or "
                              "inf; expected finite activations (is the model broken, or overflowing its dtype?)")
     recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress)

@@ -24,6 +24,7 @@ from torch import nn
 
 from saelab.errors import ConfigError, NonFiniteError, ShapeMismatchError
 from saelab.utils.device import same_device
+from saelab.utils.tensors import all_finite
 
 INPUT_NORMS = ("none", "layernorm")
 LN_EPS = 1e-5
@@ -198,7 +199,7 @@ class TopKSAE(nn.Module):
             raise ShapeMismatchError(
                 f"{name} have width {x.shape[-1]} but the SAE expects d_in={self.cfg.d_in}{trained_on}"
             )
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             rows = x.reshape(-1, x.shape[-1])
             n_bad = int((~torch.isfinite(rows)).any(dim=1).sum())
             raise NonFiniteError(f"{name} given to the SAE{trained_on} contain NaN or inf in {n_bad} of "
@@ -324,7 +325,7 @@ class TopKSAE(nn.Module):
 
     def check_finite(self) -> None:
         for name, p in self.named_parameters():
-            if not torch.isfinite(p).all():
+            if not all_finite(p):
                 raise NonFiniteError(f"SAE parameter {name} contains NaN or inf")
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ import torch
 
 from saelab.errors import NonFiniteError
 from saelab.sae.topk import TopKSAE
+from saelab.utils.tensors import all_finite
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def init_from_data(sae: TopKSAE, sample_ND: torch.Tensor, *, use_geometric_media
     that makes the initial top-k reconstruction least-squares optimal (top-k choices do not
     change under a positive scale while b_enc = 0), so training starts at the right magnitude.
     """
-    if not torch.isfinite(sample_ND).all():
+    if not all_finite(sample_ND):
         raise NonFiniteError("the initialisation sample of activations contains NaN or inf")
     x_n, _ = sae.normalize_input(sample_ND.float())
     sae.b_dec.copy_(geometric_median(x_n) if use_geometric_median else x_n.mean(dim=0))

@@ -41,6 +41,7 @@ from saelab.train.metric_sinks import MetricSink, check_log_targets, close_sinks
 from saelab.train.losses import training_loss
 from saelab.utils.atomic import append_line
 from saelab.utils.host_memory import retain_freed_memory
+from saelab.utils.tensors import all_finite
 
 BatchSource = Callable[[int], Iterator[torch.Tensor]]
 INACTIVE_WINDOW = 262_144
@@ -161,7 +162,7 @@ def tf32_matmuls(tf32: bool):
 def _check_batch(x: torch.Tensor, d_in: int, what: str) -> None:
     if x.ndim != 2 or x.shape[1] != d_in:
         raise ShapeMismatchError(f"{what} has shape {tuple(x.shape)}; expected [rows, d_in={d_in}]")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise NonFiniteError(f"{what} contains NaN or inf activations")
 
 
