@@ -3,7 +3,8 @@
 Three measurements on random data of the protocol's shapes (batch 4,096, d = 576, k = 32,
 k_aux = 256), each variant timed in turn for ``--rounds`` rounds (medians and minima):
 
-- ``topk``: the encoder's top-k of one [1,024, n] chunk, saelab's kernel against torch.topk;
+- ``topk``: the encoder's top-k of one [1,024, n] chunk, saelab's kernel against torch.topk (and
+  the other version's);
 - ``decode``: ``sparse_decode`` forward + backward, the main selection (k entries per row over all
   n rows) and an AuxK one (k_aux entries per row over a dead set);
 - ``encode``: ``sparse_topk_encode`` forward + backward (with the AuxK decode), with no latent dead
@@ -81,9 +82,10 @@ def main() -> None:
     for n in args.n:
         gen = torch.Generator().manual_seed(0)
         pre = torch.randn(CHUNK, n, generator=gen)
-        compare(f"n={n:,} topk k={K} of [{CHUNK:,}, {n:,}]", {
-            "torch.topk": lambda: pre.topk(K, dim=-1, sorted=False), "saelab": lambda: this._topk(pre, K)},
-            args.rounds)
+        topk_variants = {"torch.topk": lambda: pre.topk(K, dim=-1, sorted=False), "saelab": lambda: this._topk(pre, K)}
+        if other is not None:
+            topk_variants["other"] = lambda: other._topk(pre, K)
+        compare(f"n={n:,} topk k={K} of [{CHUNK:,}, {n:,}]", topk_variants, args.rounds)
         if other is None:
             continue
         W_dec = torch.randn(n, D, generator=gen).requires_grad_()

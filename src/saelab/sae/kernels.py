@@ -178,9 +178,9 @@ def _topk(pre: torch.Tensor, k: int, sorted_out: bool = False) -> tuple[torch.Te
     in a group whose maximum is above it. One elementwise max over g slices of [rows, G] (contiguous,
     so it vectorizes), a top-k over G maxima and one over the k * g candidates replace the top-k
     over n. The top-k over the G maxima is taken the same way while G is wide enough (n = 8,192,
-    k = 32: 1,024 maxima in 8 groups of 128). Per 1,024 rows on 2 threads, torch.topk -> this:
-    11.1 -> 7.6 ms for k = 32 of 8,192, 28.7 -> 15.0 ms for k = 32 of 32,768, 46 -> 25 ms for
-    k = 256 of 7,872 (one level without the recursion: 10.4, 19.5 and 24.9 ms).
+    k = 32: 1,024 maxima in 8 groups of 128). Per 1,024 rows on 2 threads (benchmarks/kernel_micro.py),
+    torch.topk -> this: 15.1 -> 9.9 ms for k = 32 of 8,192 (12.0 with one level of groups), 43.9 ->
+    17.4 ms of 32,768 (19.1 with one level); AuxK's k = 256 of ~7,900 takes about half torch.topk's time.
     GPUs keep torch.topk: this was measured on CPUs only."""
     rows, n = pre.shape
     g = 8 if n >= 32 * k else 4 if n >= 8 * k else 1
