@@ -29,6 +29,7 @@ from saelab.errors import CheckpointError
 from saelab.sae.relu import SAELENS_ARCHITECTURE, ReLUSAE
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
+from saelab.utils.tensors import all_finite
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -292,8 +293,7 @@ def build_sae(cfg: SAEConfig, weights: dict[str, torch.Tensor], *, device, dtype
     sae = sae_class(cfg, dtype=dtype, device="cpu", init=False)
     sae.load_state_dict({k: weights[k].to(dtype) for k in _WEIGHT_KEYS}, assign=True)
     sae = sae.to(device)
-    # max and min propagate NaN and expose inf, without a full-size boolean mask.
-    if not all(torch.isfinite(p.amax()) and torch.isfinite(p.amin()) for p in sae.parameters()):
+    if not all(all_finite(p) for p in sae.parameters()):
         raise CheckpointError(f"{path}: weights contain NaN or inf")
     return sae
 

@@ -14,6 +14,7 @@ def all_finite(t: torch.Tensor) -> bool:
     too by overflowing, takes the elementwise check."""
     if not (t.is_floating_point() or t.is_complex()):
         return True
+    t = t.detach()  # a parameter's sum need not join the autograd graph
     low_precision = t.dtype in (torch.float16, torch.bfloat16)
     total = t.sum(dtype=torch.float32) if low_precision else t.sum()
     return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
