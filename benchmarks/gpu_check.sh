@@ -39,7 +39,7 @@ fi
 "$PY" -c "import saelab.train, saelab.data, saelab.sae, transformers" \
     || { echo "gpu_check: saelab or one of its dependencies does not import with $PY (see pyproject.toml)"; exit 1; }
 
-timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py 2>&1 \
+timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py tests/test_tensors.py 2>&1 \
     | tee "$OUT_DIR/test_cuda.log"
 tests=${PIPESTATUS[0]}
 rm -f "$OUT_DIR/gpu_throughput.jsonl"

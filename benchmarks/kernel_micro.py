@@ -1,6 +1,7 @@
 """The training kernels alone, this saelab's against another version's, side by side in one process.
 
-Three measurements on random data of the protocol's shapes (batch 4,096, d = 576, k = 32,
+A finite check of one batch (``all_finite`` against ``torch.isfinite(x).all()``), then three
+measurements on random data of the protocol's shapes (batch 4,096, d = 576, k = 32,
 k_aux = 256), each variant timed in turn for ``--rounds`` rounds (medians and minima):
 
 - ``topk``: the encoder's top-k of one [1,024, n] chunk, saelab's kernel against torch.topk (and
@@ -12,7 +13,7 @@ k_aux = 256), each variant timed in turn for ``--rounds`` rounds (medians and mi
 
     python benchmarks/kernel_micro.py --other OLD/src/saelab/sae/kernels.py --n 8192 32768 --dead 0.03 0.24
 
-Without ``--other`` only the top-k comparison runs. No timing here is asserted anywhere.
+Without ``--other`` only the finite check and the top-k comparison run. No timing here is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BATCH, K, command_line, load_kernels_file, machine_info  # noqa: E402
 
 import saelab.sae.kernels as this  # noqa: E402
+from saelab.utils.tensors import all_finite  # noqa: E402
 
 D, K_AUX, CHUNK = 576, 256, 1024
 
@@ -79,6 +81,10 @@ def main() -> None:
     print(command_line())
     print(machine_info())
     other = load_kernels_file(args.other) if args.other else None
+    batch = torch.randn(BATCH, D, generator=torch.Generator().manual_seed(0))
+    compare(f"finite check of a [{BATCH:,}, {D}] batch", {
+        "torch.isfinite().all()": lambda: bool(torch.isfinite(batch).all()), "all_finite": lambda: all_finite(batch)},
+        args.rounds)
     for n in args.n:
         gen = torch.Generator().manual_seed(0)
         pre = torch.randn(CHUNK, n, generator=gen)
