@@ -13,7 +13,12 @@ k_aux = 256), each variant timed in turn for ``--rounds`` rounds (medians and mi
 
     python benchmarks/kernel_micro.py --other OLD/src/saelab/sae/kernels.py --n 8192 32768 --dead 0.03 0.24
 
-Without ``--other`` only the finite check and the top-k comparison run. No timing here is asserted anywhere.
+Without ``--other`` only the finite check and the top-k comparison run. ``--gemm`` adds the encoder
+GEMM itself, [4,096, 576] @ [576, n], as compare_peers' bound times it (one ``mm``, row-major
+weight) against the ways a step could run it: the step's own (``addmm`` with the bias, 1,024-row
+chunks into one reused buffer, the latent-major weight), the whole batch latent-major, 2,048-row
+chunks, and MKL's and oneDNN's prepacked-weight GEMMs where this torch has them (packing included:
+the weights change every step). No timing here is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -47,6 +52,37 @@ def compare(label: str, variants: dict, rounds: int) -> None:
                                    for name, v in times.items()), flush=True)
 
 
+def gemm_variants(n: int, gen: torch.Generator) -> dict:
+    """The encoder GEMM's candidate forms (see the module docstring), each a no-argument function."""
+    x = torch.randn(BATCH, D, generator=gen)
+    W_row_major = torch.randn(D, n, generator=gen)
+    W_ND = torch.randn(n, D, generator=gen)  # W_enc.t() of the latent-major TopKSAE: a linear layer's weight
+    b = torch.zeros(n)
+    whole, bufs = torch.empty(BATCH, n), {rows: torch.empty(rows, n) for rows in (CHUNK, 2 * CHUNK)}
+
+    def chunked(rows: int):
+        def run():
+            for lo in range(0, BATCH, rows):
+                torch.addmm(b, x[lo:lo + rows], W_ND.t(), out=bufs[rows])
+        return run
+
+    variants = {"bound (mm, row-major)": lambda: torch.mm(x, W_row_major, out=whole),
+                "step (addmm, 1,024-row chunks)": chunked(CHUNK), "2,048-row chunks": chunked(2 * CHUNK),
+                "mm latent-major": lambda: torch.mm(x, W_ND.t(), out=whole)}
+    if torch.backends.mkl.is_available():
+        def mkl_packed():
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(W_ND, CHUNK)
+            for lo in range(0, BATCH, CHUNK):
+                torch.ops.mkl._mkl_linear(x[lo:lo + CHUNK], packed, W_ND, b, CHUNK)
+        variants["MKL packed, 1,024-row chunks"] = mkl_packed
+    if torch.backends.mkldnn.is_available():
+        def onednn_packed():
+            packed = torch.ops.mkldnn._reorder_linear_weight(W_ND, BATCH)
+            torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        variants["oneDNN packed"] = onednn_packed
+    return variants
+
+
 def decode_case(mod, vals, idx, W, g):
     def run():
         mod.sparse_decode(vals, idx, W).backward(g)
@@ -72,6 +108,7 @@ def main() -> None:
     ap.add_argument("--dead", type=float, nargs="+", default=[0.03, 0.24], help="fractions of n dead")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gemm", action="store_true", help="also time the encoder GEMM's forms against the bound's")
     args = ap.parse_args()
     if args.other is not None and not args.other.is_file():
         ap.error(f"--other {args.other}: expected a kernels.py file")
@@ -92,6 +129,8 @@ def main() -> None:
         if other is not None:
             topk_variants["other"] = lambda: other._topk(pre, K)
         compare(f"n={n:,} topk k={K} of [{CHUNK:,}, {n:,}]", topk_variants, args.rounds)
+        if args.gemm:
+            compare(f"n={n:,} encoder GEMM [{BATCH:,}, {D}] @ [{D}, {n:,}]", gemm_variants(n, gen), args.rounds)
         if other is None:
             continue
         W_dec = torch.randn(n, D, generator=gen).requires_grad_()
