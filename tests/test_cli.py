@@ -112,6 +112,56 @@ def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsys):
     assert (paper.recipe, paper.input_norm, paper.ema_decay, paper.k) == ("paper", "layernorm", 0.999, 16)
 
 
+BAD_CONFIGS = [
+    ("bogus.yaml", "train:\n  bogus_key: 3\n", "train.bogus_key: not one of its options"),
+    ("bogus.json", '{"train": {"bogus_key": 3}}', "train.bogus_key: not one of its options"),
+    ("broken.yaml", "train: [1\n", "not valid YAML (line 2"),
+    ("broken.json", '{"train": {', "not valid JSON (line 1"),
+    ("list.json", "[1, 2]", "expected a mapping of option groups"),
+    ("settings.toml", "k = 3", "expected a .json, .yaml or .yml file"),
+    ("recipe.yaml", "train:\n  recipe: foo\n", "train.recipe: expected one of short-run, paper, relu-l1, got 'foo'"),
+    ("norm.yaml", "train:\n  input_norm: batchnorm\n", "train.input_norm: expected one of none, layernorm"),
+    ("typo.yaml", "trian:\n  k: 3\n", "trian: not an option group or option of `saelab train`"),
+    ("flat.yaml", "n_latents: 1024\n", "n_latents: not an option group or option of `saelab train`"),
+    ("section.yaml", "train: 3\n", "train: expected a mapping of its options"),
+    ("flag.yaml", "overwrite: maybe\n", "overwrite: expected true or false"),
+]
+
+
+@pytest.mark.parametrize("name,text,expected", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_file_is_one_line_naming_it_and_the_entry(name, text, expected, tmp_path, capsys):
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    assert _exit_code(["train", "--activations", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"saelab train: error: --config {cfg}") and expected in err
+    assert not (tmp_path / "run").exists()
+    assert _exit_code(["train", "--activations", "a", "--out", "r", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: no such file" in capsys.readouterr().err
+
+
+def test_one_config_file_serves_every_verb(tmp_path):
+    """Each verb reads its own sections of a project-wide file and skips the others' (a report has no
+    training options, a sweep's evaluation section is `eval` as in quickstart and eval)."""
+    from saelab.cli import parse_args
+
+    cfg = tmp_path / "project.yaml"
+    cfg.write_text("harvest:\n  n_tokens: 8192\ntrain:\n  k: 16\neval:\n  recon_tokens: 4096\n"
+                   "activations: acts\nout: run\n")
+    quick = parse_args(["quickstart", "--config", str(cfg)])
+    assert (quick.harvest.n_tokens, quick.train.k, quick.eval.recon_tokens) == (8192, 16, 4096)
+    train = parse_args(["train", "--config", str(cfg), "--k", "8"])  # --activations and --out from the file
+    assert (train.activations, train.out, train.train.k) == ("acts", "run", 8)
+    sweep = parse_args(["sweep", "--grid", "k=8", "--config", str(cfg)])
+    assert (sweep.evaluate, sweep.eval.recon_tokens) == (False, 4096)  # the section does not switch --eval on
+    assert parse_args(["sweep", "--grid", "k=8", "--config", str(cfg), "--eval"]).evaluate
+    assert parse_args(["report", "somewhere", "--config", str(cfg)]).run == "somewhere"
+    assert parse_args(["eval", "sae", "--config", str(cfg)]).eval.recon_tokens == 4096
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert parse_args(["train", "--activations", "a", "--out", "r", "--config", str(empty)]).train.k == 32
+
+
 @pytest.mark.parametrize("name", ["train_config.json", "status.json"])
 def test_corrupt_run_file_is_one_line_naming_it(name, tmp_path, capsys):
     run = tmp_path / "run"

@@ -52,7 +52,16 @@ def build_parser(argv: list[str] | None = None, recipe: str | None = None) -> ar
     explore.add_top(sub)
     explore.add_browse(sub)
     explore.add_families(sub)
+    _share_config_sections(sub.choices.values())
     return parser
+
+
+def _share_config_sections(verbs) -> None:
+    """One config file may serve several verbs: each skips the sections that only other verbs read."""
+    sections = {verb: {w.dest for w in verb._wrappers} | {a.dest for a in verb._actions if a.option_strings}
+                for verb in verbs}
+    for verb, own in sections.items():
+        verb.sections_of_other_verbs = frozenset(set().union(*sections.values()) - own)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import re
+import types
+import typing
+from pathlib import Path
 from typing import Any, Callable
 
+import yaml
 from simple_parsing import ArgumentParser, DashVariant
 
 from saelab.errors import ConfigError
@@ -25,6 +31,88 @@ class Parser(ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         kwargs.setdefault("allow_abbrev", False)  # --rec would set a recipe's name without its settings
         super().__init__(*args, **kwargs)
+        self.sections_of_other_verbs: frozenset[str] = frozenset()
+        """Sections of a config file shared between verbs that this verb skips (set by build_parser)."""
+
+    def set_defaults(self, config_path: str | Path | None = None, **kwargs: Any) -> None:
+        """simple_parsing reads each --config file through here: the file is checked first, so that a
+        mistake in it is one line naming the file and the entry, not a traceback or a silent no-op."""
+        if config_path is not None:
+            kwargs = {**self._config_sections(Path(config_path)), **kwargs}
+        super().set_defaults(**kwargs)
+
+    def _config_sections(self, path: Path) -> dict[str, Any]:
+        """The file's entries for this verb: its option groups (checked field by field) and its options."""
+        groups = {w.dest: w.dataclass for w in self._wrappers}
+        options = {a.dest: a for a in self._actions if a.option_strings and a.dest not in ("help", "debug")}
+        kept = {}
+        for key, value in read_config_file(path).items():
+            where = f"--config {path}: {key}"
+            if key in groups:
+                kept[key] = check_config_section(where, groups[key], value)
+            elif key in options:
+                action = options[key]
+                if action.nargs == 0 and not isinstance(value, bool):
+                    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+                action.required = False  # --out or --activations may come from the file
+                kept[key] = value
+            elif key not in self.sections_of_other_verbs:
+                raise ConfigError(f"{where}: not an option group or option of `{self.prog}`; expected one of "
+                                  f"{', '.join(sorted(groups) + sorted(options))}")
+        return kept
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A --config file (JSON, or YAML by its suffix) as a mapping; ConfigError for anything else."""
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"--config {path}: expected a .json, .yaml or .yml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
+    if data is None:  # an empty file sets nothing
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option groups such as {{\"train\": {{\"k\": 64}}}}, "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
+    """A config file's section for the dataclass ``cls``: known field names (dashes allowed), and choices
+    for the fields that have them; the types are checked by the parse that follows."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of its options, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    section = {}
+    for key, v in value.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"{where}.{key}: not one of its options ({', '.join(names)})")
+        choices = literal_choices(hints[name])
+        if choices and v not in choices:
+            raise ConfigError(f"{where}.{key}: expected one of {', '.join(map(str, choices))}, got {v!r}")
+        section[name] = v
+    return section
+
+
+def literal_choices(hint: Any) -> tuple:
+    """The allowed values of a Literal[...] (or Optional[Literal[...]]) type hint; () for other types."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+    literals = [c for m in members if typing.get_origin(m) is typing.Literal for c in typing.get_args(m)]
+    return (*literals, None) if literals and type(None) in members else tuple(literals)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -101,10 +101,10 @@ def add_sweep(sub, recipe: str) -> None:
                         "unfinished runs and keeps finished ones")
     p.add_argument("--grid", nargs="+", required=True, metavar="FIELD=V1,V2",
                    help="training options to vary, e.g. n_latents=1024,4096 k=16,32 lr=1e-3,3e-3")
-    p.add_argument("--eval", action="store_true", help="then evaluate every run (core metrics) and write the "
+    p.add_argument("--eval", dest="evaluate", action="store_true", help="then evaluate every run (core metrics) and write the "
                                                        "scaling report (saelab report OUT)")
     add_train_config(p, recipe)
-    p.add_arguments(EvalConfig, dest="eval_cfg", prefix="eval-")
+    p.add_arguments(EvalConfig, dest="eval", prefix="eval-")  # "eval" as in quickstart and eval
     add_io_options(p)
     p.set_defaults(handler=run_sweep)
 
@@ -149,8 +149,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     init_from_env()
     saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
                             overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
-    if args.eval:
-        evaluate_sweep(args.out, args.eval_cfg, device=args.device, model_dtype=args.model_dtype,
+    if args.evaluate:
+        evaluate_sweep(args.out, args.eval, device=args.device, model_dtype=args.model_dtype,
                        overwrite=args.overwrite, progress=args.progress)
         write_scaling_report(args.out)
     return {name: str(Path(args.out) / name / "sae") for name in saes}
