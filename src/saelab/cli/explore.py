@@ -160,6 +160,8 @@ def add_browse(sub) -> None:
 def _default_out(sources: list[str]) -> Path:
     if is_run(sources[0]):
         return Path(sources[0]) / BROWSER_DIR
+    if "://" not in sources[0] and not (sources[0] and Path(sources[0]).expanduser().exists()):
+        raise ConfigError(f"{sources[0]!r}: no such file or folder; expected a run folder or an SAE")
     raise ConfigError(f"{sources[0]} is not a run folder; pass --out for the site folder")
 
 

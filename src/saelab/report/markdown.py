@@ -11,6 +11,7 @@ from saelab.run_folder import (DENSITY_PLOT, EVALS_DIR, REPORT, SAE_DIR, TRAIN_C
 from saelab.sae import load_sae
 from saelab.train.checkpoint import read_metrics, read_status
 from saelab.train.config import TrainConfig
+from saelab.train.trainer import INACTIVE_WINDOW
 from saelab.utils.atomic import write_text
 
 METRIC_ROWS = [
@@ -84,9 +85,12 @@ def write_run_report(run_dir: str | Path) -> Path:
     if log:
         training_curves(log, run_dir / TRAINING_CURVES)
         last = log[-1]
+        # Every latent counts as fired at the start, so a run shorter than the window has none inactive yet.
+        inactive = (f"{last['inactive_frac']:.2%}" if last.get("tokens", 0) >= INACTIVE_WINDOW
+                    else f"not measured (the run saw {last.get('tokens', 0):,} tokens)")
         lines += ["## Training", "", f"Final batch nMSE {last['nmse']:.4f}, L0 {last['l0']:.1f}, "
                   f"latents dead in the training window (AuxK) {last.get('dead_frac', 0):.2%}, not fired in the last "
-                  f"262,144 training tokens {last['inactive_frac']:.2%}, throughput {last['tokens_per_s']:,.0f} tokens/s.", "",
+                  f"{INACTIVE_WINDOW:,} training tokens: {inactive}, throughput {last['tokens_per_s']:,.0f} tokens/s.", "",
                   "![training curves](training_curves.png)", ""]
     if metrics and (run_dir / DENSITY_PLOT).exists():
         lines += ["![latent density](density.png)", ""]

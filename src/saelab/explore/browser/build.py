@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from saelab.errors import CheckpointError, CorpusError, ShapeMismatchError
+from saelab.errors import CheckpointError, ConfigError, CorpusError, ShapeMismatchError
 from saelab.explore.browser.stats import (
     DoublingHistogram,
     FiringCounts,
@@ -107,11 +107,16 @@ class BrowseConfig:
     def __post_init__(self) -> None:
         for name in ("n_tokens", "n_top", "n_samples", "n_bands", "lm_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"BrowseConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("window_before", "window_after", "n_logits", "n_neighbours", "n2g_latents"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_bins < 2 or self.n_bins & (self.n_bins - 1):
-            raise ValueError(f"BrowseConfig.n_bins must be a power of two >= 2, got {self.n_bins}")
-        if self.window_before < 0 or self.window_after < 0:
-            raise ValueError("BrowseConfig.window_before and window_after must be >= 0")
+            raise ConfigError(f"n_bins must be a power of two >= 2, got {self.n_bins}")
+        if self.context_size is not None and self.context_size < 3:
+            raise ConfigError(f"context_size must be >= 3 (BOS and at least one scored token), got {self.context_size}")
+        if not 0 <= self.family_min_score <= 1:  # a geometric mean of a cosine and a containment
+            raise ConfigError(f"family_min_score must be in [0, 1], got {self.family_min_score}")
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def check_compatible(sources: Sequence[SAESource], hook: str | None = None, mode
     ``hook`` / ``model`` given by the user override what the SAE configs say (the model check is then skipped).
     """
     if not sources:
-        raise ValueError("no SAE given")
+        raise ConfigError("no SAE given")
     first = sources[0]
     hooks = {s.name: hook or s.sae.cfg.hook_name for s in sources}
     for s in sources:
@@ -163,7 +168,7 @@ def check_compatible(sources: Sequence[SAESource], hook: str | None = None, mode
                                      f"{first.source} ({first.sae.cfg.model_name}); pass --model to use one model for all")
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
-        raise ValueError(f"two SAEs share the name {names}; name them apart (different folder names)")
+        raise ConfigError(f"two SAEs share the name {names}; name them apart (different folder names)")
     return hooks[first.name]
 
 
