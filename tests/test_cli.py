@@ -177,3 +177,18 @@ def test_corrupt_run_file_is_one_line_naming_it(name, tmp_path, capsys):
     assert _exit_code(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("saelab report: error:") and str(run / name) in err
+
+
+def test_quickstart_into_a_finished_run_of_other_settings_is_refused_before_the_harvest(tmp_path, capsys):
+    import json
+
+    from saelab.train import TrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text('{"state": "finished"}')
+    (run / "train_config.json").write_text(json.dumps({"train": TrainConfig(n_latents=1024, k=16).to_dict(), "sae": {}}))
+    assert _exit_code(["quickstart", "--out", str(run), "--n-tokens", "4096", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds a finished run trained with other settings (k, n_latents" in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["status.json", "train_config.json"]  # nothing harvested

@@ -335,6 +335,19 @@ def finished_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache) -
     return load_sae(run_dir / SAE_DIR)
 
 
+def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse, before the harvest, a folder whose finished run was trained with other settings (the
+    training would refuse it anyway, after the harvest's minutes)."""
+    if read_status(run_dir).get("state") != "finished" or not (run_dir / TRAIN_CONFIG).exists():
+        return
+    recorded = read_json(run_dir / TRAIN_CONFIG, "training config").get("train")
+    if recorded != cfg.to_dict():
+        changed = sorted(k for k in set(recorded or {}) | set(cfg.to_dict())
+                         if (recorded or {}).get(k) != cfg.to_dict().get(k))
+        raise RunExistsError(f"run folder {run_dir} holds a finished run trained with other settings ({', '.join(changed)}); "
+                             "pick another --out, or pass --overwrite to train again (the activation cache is kept)")
+
+
 def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, overwrite: bool,
                         progress: bool) -> ActivationCache:
     """The quickstart's activation cache; one harvested with other settings is named, with the way out."""
@@ -368,6 +381,8 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     run_dir = Path(run_dir)
     check_output_folder(run_dir, "--out")
     check_log_targets(log_to)  # before the harvest, not after it
+    if not overwrite:
+        _check_finished_run_matches(run_dir, cfg.train)
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
     resolve_corpus(harvest_cfg.corpus, "train"), resolve_corpus(cfg.eval.corpus, "eval")  # before the model loads
     times: dict[str, float] = {}
