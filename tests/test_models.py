@@ -74,6 +74,20 @@ def test_attributes(tiny_gpt2, tiny_llama):
         assert not any(p.requires_grad for p in lm.model.parameters())
 
 
+def test_context_longer_than_the_model_is_refused_before_any_forward(tiny_gpt2, tiny_llama, data_dir):
+    from saelab.errors import ConfigError
+    from saelab.evals.core import EvalConfig, evaluate_core
+    from saelab.sae import SAEConfig, TopKSAE
+
+    for lm in (tiny_gpt2, tiny_llama):  # GPT-2's n_positions, Llama's max_position_embeddings
+        assert lm.max_context == 128 and lm.check_context_size(128) == 128
+        with pytest.raises(ConfigError, match=f"context_size=129 exceeds the longest context of {lm.name} \\(128"):
+            lm.check_context_size(129)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.1.hook_resid_post", context_size=64))
+    with pytest.raises(ConfigError, match="context_size=1000 exceeds"):
+        evaluate_core(sae, tiny_gpt2, EvalConfig(context_size=1000, corpus=str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")))
+
+
 def test_hook_names(tiny_gpt2, tiny_neox):
     names = tiny_gpt2.hook_names()
     assert names == [f"blocks.{L}.hook_{k}" for L in range(2) for k in KINDS]

@@ -85,8 +85,8 @@ class HarvestConfig:
 
 def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):
     """Packed contexts of the corpus, drawn across its first sample_pool_tokens tokens."""
-    contexts = pack_contexts(iter_texts(corpus), lm.tokenize, cfg.context_size, bos_token_id=lm.bos_token_id,
-                             prepend_bos=cfg.prepend_bos)
+    contexts = pack_contexts(iter_texts(corpus), lm.tokenize, lm.check_context_size(cfg.context_size),
+                             bos_token_id=lm.bos_token_id, prepend_bos=cfg.prepend_bos)
     first = next(contexts, None)  # an empty corpus raises here; a too-short one gives no context
     if first is None:
         raise CorpusError(f"corpus {corpus!r} is too short: it does not fill one context of "

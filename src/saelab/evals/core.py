@@ -94,7 +94,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
     sae.check_device(lm.device, f"model {lm.name}")
     corpus = resolve_corpus(cfg.corpus, "eval")
-    T = cfg.context_size or sae.cfg.context_size
+    T = lm.check_context_size(cfg.context_size or sae.cfg.context_size)
     first = 1 if sae.cfg.exclude_first else 0
     per_ctx = T - first
     n_recon, n_down = math.ceil(cfg.recon_tokens / per_ctx), math.ceil(cfg.downstream_tokens / per_ctx)

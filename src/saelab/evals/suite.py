@@ -241,7 +241,7 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
     hook = lm.check_hook(sae.cfg.hook_name)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
     sae.check_device(lm.device, f"model {lm.name}")
-    T = eval_cfg.context_size or sae.cfg.context_size
+    T = lm.check_context_size(eval_cfg.context_size or sae.cfg.context_size)
     first = 1 if sae.cfg.exclude_first else 0
     run = SuiteRun(lm, sae, cfg, eval_cfg, torch.empty(0), T, first,
                    math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR)

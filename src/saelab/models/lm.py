@@ -56,6 +56,9 @@ class LanguageModel:
         self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
         bos = getattr(tokenizer, "bos_token_id", None)
         self.bos_token_id = bos if bos is not None else tokenizer.eos_token_id
+        longest = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        self.max_context: int | None = int(longest) if longest else None
+        """The longest context the model was built for (None: its config does not say)."""
 
     def __repr__(self) -> str:
         return (
@@ -85,6 +88,12 @@ class LanguageModel:
         """Size of the last dimension of the activation at ``name`` (d_model for every hook)."""
         self.check_hook(name)
         return self.d_model
+
+    def check_context_size(self, T: int) -> int:
+        """``T`` if the model takes contexts that long, else ConfigError (before any forward runs)."""
+        if self.max_context is not None and T > self.max_context:
+            raise ConfigError(f"context_size={T} exceeds the longest context of {self.name} ({self.max_context} tokens)")
+        return T
 
     # -- tokens -----------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

@@ -280,7 +280,7 @@ def read_tokens(lm, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor:
     from saelab.data import token_contexts
 
     corpus = resolve_corpus(cfg)
-    T = cfg.context_size or sae.cfg.context_size
+    T = lm.check_context_size(cfg.context_size or sae.cfg.context_size)
     first = first_scored(sae)
     if T - first < 1:
         raise ValueError(f"context_size={T} leaves no scored token")
