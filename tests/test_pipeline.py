@@ -272,3 +272,11 @@ def test_sigterm_marks_run_interrupted_and_resumes(kill_cache, reference_run, tm
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
     assert_same_sae(run, reference_run())
+
+
+def test_report_states_the_tokens_trained_in_whole_batches():
+    from saelab.report.markdown import _training_tokens
+
+    assert _training_tokens({"total_tokens": 8192, "batch_size": 4096}) == "8,192 in batches of 4,096"
+    assert _training_tokens({"total_tokens": 10_000, "batch_size": 4096}) == \
+        "8,192 in batches of 4,096 (10,000 asked: whole batches only)"

@@ -36,6 +36,13 @@ def markdown_table(rows: list[tuple[str, str]]) -> str:
     return "| | |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
 
 
+def _training_tokens(train: dict[str, Any]) -> str:
+    """Whole batches only: a budget that is not a multiple of the batch trains the whole batches it holds."""
+    trained = train["total_tokens"] // train["batch_size"] * train["batch_size"]
+    asked = "" if trained == train["total_tokens"] else f" ({train['total_tokens']:,} asked: whole batches only)"
+    return f"{trained:,} in batches of {train['batch_size']:,}{asked}"
+
+
 def _recipe(train: dict[str, Any]) -> str:
     cfg = TrainConfig.from_dict(train)
     changes = cfg.changes_from_recipe()
@@ -66,7 +73,7 @@ def write_run_report(run_dir: str | Path) -> Path:
     lines += ["## Setup", "", markdown_table([
         ("model", f"`{sae_cfg['model_name']}`"), ("hook", f"`{sae_cfg['hook_name']}`"),
         ("latents n / k", f"{train['n_latents']:,} / {train['k']}"),
-        ("training tokens", f"{train['total_tokens']:,} in batches of {train['batch_size']:,}"),
+        ("training tokens", _training_tokens(train)),
         ("context", f"{sae_cfg['context_size']} tokens, BOS first: {sae_cfg['prepend_bos']}, "
                     f"position 0 excluded: {sae_cfg['exclude_first']}"),
         ("corpus", f"`{sae_cfg['dataset']}`"),
