@@ -184,6 +184,19 @@ def test_failed_start_leaves_no_config_behind(tmp_path):
     assert json.loads((run / "train_config.json").read_text())["train"]["k"] == 4
 
 
+def test_run_that_failed_before_its_first_checkpoint_gives_way_to_the_corrected_one(tmp_path):
+    run = tmp_path / "run"
+    bad = _data().clone()
+    bad[-1, 3] = float("nan")  # in the last batch: the run starts, logs, and fails before any checkpoint
+    with pytest.raises(NonFiniteError):
+        train_sae(_cfg(k=8, checkpoint_every=1000), _source(bad), run, d_in=D, progress=False, device="cpu")
+    assert json.loads((run / "status.json").read_text())["state"] != "finished" and not (run / "checkpoint.pt").exists()
+    train_sae(_cfg(k=4), _source(_data()), run, d_in=D, progress=False, device="cpu")  # other options: a new run
+    assert json.loads((run / "train_config.json").read_text())["train"]["k"] == 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # the failed run's lines are gone
+
+
 def test_failed_overwrite_keeps_the_finished_run(tmp_path):
     run = tmp_path / "run"
     train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")

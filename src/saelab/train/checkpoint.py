@@ -134,13 +134,27 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Fa
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the run folder is damaged: move it "
                                   "away, or pass overwrite=True (--overwrite)") from e
-        if old != config:
-            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        # Without a checkpoint (a run that failed before its first one) there is nothing to resume:
+        # the new run starts over in the folder, and its start clears the old log.
+        if old != config and (run_dir / CHECKPOINT).exists():
             raise RunExistsError(
-                f"run folder {run_dir} holds an unfinished run with a different config (differs in {changed}); "
-                "resume it with the same options, pick another folder, or pass overwrite=True"
+                f"run folder {run_dir} holds an unfinished run with a different config (differs in "
+                f"{', '.join(_changed_fields(old, config))}); resume it with the same options, pick another folder, "
+                "or pass overwrite=True (--overwrite)"
             )
     return (run_dir / CHECKPOINT).exists()
+
+
+def _changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'group.field' for each setting that differs between two run configs ({group: {field: value}})."""
+    changed = []
+    for group in sorted(set(old) | set(new)):
+        a, b = old.get(group), new.get(group)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [f"{group}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            changed.append(group)
+    return changed
 
 
 def commit_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False) -> None:
