@@ -280,3 +280,25 @@ def test_report_states_the_tokens_trained_in_whole_batches():
     assert _training_tokens({"total_tokens": 8192, "batch_size": 4096}) == "8,192 in batches of 4,096"
     assert _training_tokens({"total_tokens": 10_000, "batch_size": 4096}) == \
         "8,192 in batches of 4,096 (10,000 asked: whole batches only)"
+
+
+def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, data_dir, tmp_path, capsys):
+    """`saelab eval RUN` again: the same settings reuse metrics.json; other settings are refused unless
+    --overwrite, so an earlier evaluation is never replaced by accident."""
+    train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
+    eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
+    acts, run = tmp_path / "acts", tmp_path / "run"
+    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus), "--out",
+            str(acts), "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
+            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+    ev = ["eval", str(run), "--corpus", str(eval_corpus), "--downstream-tokens", "128", "--no-progress"]
+    _, first = run_cli(capsys, *ev, "--recon-tokens", "256")
+    before = (run / "metrics.json").read_bytes()
+    _, again = run_cli(capsys, *ev, "--recon-tokens", "256")
+    assert again == first and (run / "metrics.json").read_bytes() == before
+    assert main([*ev, "--recon-tokens", "512"]) == 2
+    assert "holds this SAE's evaluation with other settings; pass --overwrite" in capsys.readouterr().err
+    assert (run / "metrics.json").read_bytes() == before
+    _, replaced = run_cli(capsys, *ev, "--recon-tokens", "512", "--overwrite")
+    assert replaced["n_tokens"] == 512 and json.loads((run / "metrics.json").read_text())["n_tokens"] == 512

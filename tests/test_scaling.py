@@ -132,7 +132,7 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
 
     # One run evaluated with other settings: the report refuses, naming it and the setting.
     run_cli(capsys, "eval", str(sweep / "n64_k4"), *ev[:-3], "--downstream-tokens", "155", "--ablations",
-            "--no-progress")
+            "--overwrite", "--no-progress")  # other settings replace an evaluation only when asked to
     _, err = run_cli(capsys, "report", str(sweep), code=2)
     assert f"sweep folder {sweep} mixes evaluations: n_predictions differs (" in err and ": n64_k4)" in err
     assert f"`saelab eval {sweep} --overwrite`" in err

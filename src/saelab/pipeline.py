@@ -236,24 +236,41 @@ def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *,
                           model_dtype: str = "float32") -> bool:
     """True when the run's metrics.json describes this SAE evaluated with this config, model dtype and
     (when given) model. An unreadable metrics.json is not current: the evaluation runs again."""
-    try:
-        metrics = read_eval_metrics(run_dir, sae)
-    except SaelabError:
-        return False
+    metrics = _readable_eval_metrics(run_dir, sae)
     return (bool(metrics) and metrics.get("eval_config") == _eval_config_record(cfg)
             and metrics.get("model_dtype", "float32") == model_dtype and model in (None, metrics.get("model")))
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
-                 device: str | torch.device | None = None, model_dtype: str = "float32",
+                 device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                  progress: bool = True) -> dict[str, Any]:
-    """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md."""
+    """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md. An evaluation of
+    this SAE already there is reused when its settings are these, and kept (refused) when they are
+    not, unless ``overwrite``."""
+    cfg = cfg or EvalConfig()
     sae = load_sae(Path(run_dir) / SAE_DIR)
+    if not overwrite:
+        model = lm.name if isinstance(lm, LanguageModel) else None  # a model name is compared once loaded
+        if evaluation_is_current(run_dir, sae, cfg, model=model, model_dtype=model_dtype):
+            print(f"{Path(run_dir) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
+                  file=sys.stderr)
+            return read_eval_metrics(run_dir, sae)
+        if _readable_eval_metrics(run_dir, sae):
+            raise RunExistsError(f"{Path(run_dir) / EVAL_METRICS} holds this SAE's evaluation with other settings; "
+                                 "pass --overwrite to replace it, or --out DIR to write this one elsewhere")
     metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
                        progress=progress)
     if (Path(run_dir) / TRAIN_CONFIG).exists():
         write_run_report(run_dir)
     return metrics
+
+
+def _readable_eval_metrics(run_dir: str | Path, sae: TopKSAE) -> dict[str, Any]:
+    """The run's metrics.json when it describes ``sae``; {} when absent, unreadable or of another SAE."""
+    try:
+        return read_eval_metrics(run_dir, sae)
+    except SaelabError:
+        return {}
 
 
 def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: str | None = None,
@@ -278,7 +295,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
             models[spec] = load_model(spec, device=device, dtype=model_dtype)
         if progress:
             print(f"[sweep eval] {run.name}", flush=True)
-        m = evaluate_run(run, cfg, lm=models[spec], progress=progress)
+        m = evaluate_run(run, cfg, lm=models[spec], overwrite=True, progress=progress)  # not current: replaced
         out[run.name] = {k: m[k] for k in ("nmse", "l0", "delta_ce") if k in m}
     return out
 

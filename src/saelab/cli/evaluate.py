@@ -93,7 +93,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                           "pass --out DIR for them")
     if into_run:
         return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
-                            progress=args.progress)
+                            overwrite=args.overwrite, progress=args.progress)
     return evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
                     model_dtype=args.model_dtype, progress=args.progress)
 
