@@ -48,6 +48,13 @@ def test_fit_recovers_known_exponent_and_floor_per_k():
     # Runs on other token budgets are their own curves.
     more = fit_scaling(rows + rows_for(32, sizes[:3], lambda n: 0.4, tokens=2**20))
     assert "k=32, 2.1M tokens" in more and "k=32, 1.05M tokens" in more
+    # So are runs that differ in another training setting (an lr grid): never one curve through both.
+    lr_grid = [{**r, "settings": {"lr": lr}} for lr in (1e-3, 3e-3)
+               for r in rows_for(16, sizes[:3], lambda n, lr=lr: lr * 100 * (n / 1024) ** -0.3)]
+    by_lr = fit_scaling(lr_grid)
+    assert list(by_lr) == ["k=16, lr=0.001", "k=16, lr=0.003"]
+    assert by_lr["k=16, lr=0.003"]["settings"] == {"lr": 0.003} and len(by_lr["k=16, lr=0.001"]["runs"]) == 3
+    assert by_lr["k=16, lr=0.001"]["alpha"] == pytest.approx(0.3, rel=1e-4)
 
 
 SETTINGS = {"model": "tiny", "hook": "blocks.1.hook_resid_post", "eval_corpus": "wiki_eval.jsonl.xz",

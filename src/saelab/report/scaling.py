@@ -5,8 +5,9 @@ Every run folder in the sweep (``saelab sweep --out SWEEP_DIR``) that has been e
 points must come from evaluations with the same settings (model, hook, eval corpus, context size,
 position 0, number of reconstruction tokens and of next-token predictions): a run evaluated
 otherwise (e.g. by ``--suite paper`` with other sizes) is refused by name, since its nMSE and
-delta CE are not the same measurement. Runs are grouped by k and training tokens (points trained
-on different budgets are not mixed in one curve); each group with at least 3 sizes is fitted with
+delta CE are not the same measurement. Runs are grouped by k, training tokens and any other training
+setting that varies across the sweep, such as lr (points trained on different budgets or recipes are
+not mixed in one curve); each group with at least 3 sizes is fitted with
 
     nMSE(n) = a * n^(-alpha) + c
 
@@ -29,8 +30,8 @@ Outputs, in the sweep folder::
 
     scaling.json         {sweep, eval_settings, runs: [{run, n_latents, k, total_tokens, nmse, delta_ce, l0,
                           eval_inactive_frac, eval_tokens, train_dead_frac, train_dead_window, ce_clean,
-                          ce_spliced}], unevaluated: [run names],
-                          fits: {label: {k, total_tokens, n, nmse, runs, fitted, alpha, alpha_se,
+                          ce_spliced, settings: {varying training setting: value}}], unevaluated: [run names],
+                          fits: {label: {k, total_tokens, settings, n, nmse, runs, fitted, alpha, alpha_se,
                           alpha_interval: [low|null, high|null] | null, alpha_interval_note, interval_level,
                           a, c, c_se, rmse_log, dof, residuals: [{n, nmse, fitted, residual_log}],
                           alpha_pure, monotone, delta_ce_slope, note}}}
@@ -42,6 +43,7 @@ Outputs, in the sweep folder::
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -86,8 +88,20 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]
         rows.append({"run": run.name, "n_latents": int(train["n_latents"]), "k": int(train["k"]),
                      "total_tokens": int(train["total_tokens"]), **{key: m.get(key) for key in METRIC_KEYS},
                      "eval_inactive_frac": m.get("dead_frac"), "eval_tokens": m.get("n_tokens"),
-                     "train_dead_frac": dead, "train_dead_window": window, "eval_settings": eval_settings(m)})
+                     "train_dead_frac": dead, "train_dead_window": window, "eval_settings": eval_settings(m),
+                     "settings": train})
+    # Each row keeps the training settings that vary across the sweep (beyond n, k and the budget):
+    # runs that differ in one (an lr grid, say) are separate curves.
+    varying = sorted({key for r in rows for key in r["settings"]
+                      if key not in _NOT_A_GROUP and len({json.dumps(q["settings"].get(key)) for q in rows}) > 1})
+    for r in rows:
+        r["settings"] = {key: r["settings"].get(key) for key in varying}
     return rows, missing
+
+
+_NOT_A_GROUP = ("n_latents", "k", "total_tokens", "checkpoint_every", "log_every")
+"""Training settings that do not split runs into groups: the curve's variable, the two group keys of
+their own, and bookkeeping."""
 
 
 def _show(value: Any) -> str:
@@ -112,8 +126,9 @@ def check_eval_settings(rows: list[dict[str, Any]], folder: str | Path) -> dict[
     return {key: rows[0]["eval_settings"].get(key) for key in keys}
 
 
-def _label(k: int, tokens: int, several_budgets: bool) -> str:
-    return f"k={k}" + (f", {tokens / 1e6:.3g}M tokens" if several_budgets else "")
+def _label(k: int, tokens: int, several_budgets: bool, settings: dict[str, Any]) -> str:
+    return (f"k={k}" + (f", {tokens / 1e6:.3g}M tokens" if several_budgets else "")
+            + "".join(f", {key}={value}" for key, value in settings.items()))
 
 
 def _fit_group(n: list[int], y: list[float], what: str) -> dict[str, Any]:
@@ -135,18 +150,21 @@ def _fit_group(n: list[int], y: list[float], what: str) -> dict[str, Any]:
 
 
 def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One nMSE(n) power law per (k, training tokens) group of runs (see the module docstring)."""
-    groups: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    """One nMSE(n) power law per (k, training tokens, other varying settings) group of runs (see the
+    module docstring)."""
+    groups: dict[tuple[int, int, str], list[dict]] = defaultdict(list)
     for r in rows:
         if r["nmse"] is not None:
-            groups[(r["k"], r["total_tokens"])].append(r)
-    several = len({t for _, t in groups}) > 1
+            groups[(r["k"], r["total_tokens"], json.dumps(r.get("settings", {}), sort_keys=True))].append(r)
+    several = len({t for _, t, _ in groups}) > 1
     fits = {}
-    for (k, tokens), rs in sorted(groups.items()):
+    for (k, tokens, _), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["n_latents"])
         n, y = [r["n_latents"] for r in rs], [r["nmse"] for r in rs]
-        label = _label(k, tokens, several)
-        out: dict[str, Any] = {"k": k, "total_tokens": tokens, "n": n, "nmse": y, "runs": [r["run"] for r in rs]}
+        settings = rs[0].get("settings", {})
+        label = _label(k, tokens, several, settings)
+        out: dict[str, Any] = {"k": k, "total_tokens": tokens, "settings": settings, "n": n, "nmse": y,
+                               "runs": [r["run"] for r in rs]}
         if len(set(n)) < 3:
             out.update(fitted=False, note=f"needs 3 sizes to fit a + c, has {len(set(n))}")
         else:
