@@ -192,3 +192,21 @@ def test_quickstart_into_a_finished_run_of_other_settings_is_refused_before_the_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds a finished run trained with other settings (k, n_latents" in err, err
     assert sorted(p.name for p in run.iterdir()) == ["status.json", "train_config.json"]  # nothing harvested
+
+
+@pytest.mark.parametrize("verb,marker,what", [("train", "cfg.json", "an SAE folder"),
+                                              ("train", "manifest.json", "an activation cache"),
+                                              ("harvest", "train_config.json", "a run folder"),
+                                              ("quickstart", "manifest.json", "an activation cache")])
+def test_output_folder_that_is_another_kind_of_saelab_folder_is_refused(verb, marker, what, tmp_path, capsys):
+    """A run written into an SAE folder would shadow the SAE that open_sae finds there; a cache written
+    into a run folder would mix with it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / marker).write_text("{}")
+    args = {"train": ["--activations", str(tmp_path / "acts")], "harvest": [], "quickstart": []}[verb]
+    assert _exit_code([verb, *args, "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = "an activation cache" if verb == "harvest" else "a run folder"
+    assert err == f"saelab {verb}: error: --out {out} is {what} ({marker}); expected a new folder or {expected}"
+    assert sorted(p.name for p in out.iterdir()) == [marker]

@@ -103,7 +103,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
             device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
             progress: bool = True) -> ActivationCache:
     """Harvest activations into an on-disk cache; an interrupted harvest resumes where it stopped."""
-    check_output_folder(out_dir, "--out")
+    check_output_folder(out_dir, "--out", "activations")
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
@@ -143,7 +143,7 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
                      progress: bool = True, log_to: Sequence[str] = ()) -> TopKSAE:
     """Train one SAE on an activation cache (resumes an interrupted run in the same folder);
     ``log_to``: also log its metrics to "tensorboard" and/or "wandb"."""
-    check_output_folder(run_dir, "--out")
+    check_output_folder(run_dir, "--out", "run")
     cache = _open_cache(cache, cfg.total_tokens)
     return train_sae(cfg, _cache_batches(cache, cfg), run_dir, d_in=cache.d, meta=_cache_meta(cache),
                      overwrite=overwrite, progress=progress, device=device, log_to=log_to)
@@ -396,7 +396,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     ``lm``: the already-loaded model that ``cfg.harvest.model`` names (it is then not loaded again).
     """
     run_dir = Path(run_dir)
-    check_output_folder(run_dir, "--out")
+    check_output_folder(run_dir, "--out", "run")
     check_log_targets(log_to)  # before the harvest, not after it
     if not overwrite:
         _check_finished_run_matches(run_dir, cfg.train)

@@ -129,13 +129,23 @@ def clear_eval_outputs(run_dir: str | Path) -> list[str]:
     return removed
 
 
-def check_output_folder(path: str | Path, option: str) -> Path:
-    """Refuse, before any slow work, an output folder that is a file or cannot be created or written."""
+ARTEFACTS = {"activations": ("manifest.json", "an activation cache"), "run": (TRAIN_CONFIG, "a run folder"),
+             "sae": ("cfg.json", "an SAE folder")}
+"""Each kind of folder saelab writes: the file that marks it, and its name in messages."""
+
+
+def check_output_folder(path: str | Path, option: str, kind: str | None = None) -> Path:
+    """Refuse, before any slow work, an output folder that is a file or cannot be created or written,
+    or (given the ``kind`` of ARTEFACTS it will be) one that is another kind of saelab folder."""
     import os
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{option} {path} is a file; expected a folder (new or existing)")
+    for other, (marker, what) in ARTEFACTS.items():
+        if kind is not None and other != kind and (path / marker).is_file():
+            raise CheckpointError(f"{option} {path} is {what} ({marker}); expected a new folder or "
+                                  f"{ARTEFACTS[kind][1]}")
     existing = path
     while not existing.exists():
         existing = existing.parent
