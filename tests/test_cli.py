@@ -31,6 +31,7 @@ BAD = [
     ("harvest --n-tokens -5", "n_tokens must be >= 1"),
     ("harvest --dtype float8", "argument --dtype: invalid choice: 'float8'"),
     ("harvest --context-size 1", "context_size must be >= 3"),
+    ("harvest --buffer-tokens 4096", "buffer_tokens must be >= 8,192 (two blocks of 4,096 rows), got 4,096"),
     ("eval SAE --recon-tokens 0", "recon_tokens must be >= 1"),
     ("eval SAE --context-size 1", "context_size must be >= 3"),
     ("eval SAE --ablations bogus", "argument --ablations"),

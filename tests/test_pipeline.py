@@ -97,8 +97,8 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     report = (run / "report.md").read_text()
     assert f"| nMSE (FVU), raw activation space | {on_disk['nmse']:.4f} |" in report
     assert "![training curves](training_curves.png)" in report and "![latent density](density.png)" in report
-    # 3,000 tokens: too short to tell which latents went 262,144 tokens without firing.
-    assert "not fired in the last 262,144 training tokens: not measured (the run saw 3,000 tokens)" in report
+    # 8,192 tokens: too short to tell which latents went 262,144 tokens without firing.
+    assert "not fired in the last 262,144 training tokens: not measured (the run saw 8,192 tokens)" in report
     assert_png(run / "training_curves.png")
     assert_png(run / "density.png")
 

@@ -36,6 +36,9 @@ from saelab.utils.device import same_device
 
 DEFAULT_HOOK = "blocks.9.hook_resid_post"
 
+HARVEST_BATCH = 4096
+"""Rows per block the harvest stream hands to the cache (its shuffle buffer holds at least two)."""
+
 
 @dataclass
 class HarvestConfig:
@@ -62,7 +65,7 @@ class HarvestConfig:
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Storage dtype of the activation cache."""
     buffer_tokens: int = 262_144
-    """Shuffle buffer (rows) between the LM and the cache."""
+    """Shuffle buffer (rows) between the LM and the cache; at least 2 * 4,096."""
     sample_pool_tokens: int = 16_777_216
     """Contexts are drawn at random from the first this-many corpus tokens (at least n_tokens),
     so that a harvest smaller than the corpus spans many documents instead of its first few;
@@ -71,9 +74,12 @@ class HarvestConfig:
     """Seed of the context draw and the shuffle."""
 
     def __post_init__(self) -> None:
-        for name in ("n_tokens", "lm_batch_size", "buffer_tokens"):
+        for name in ("n_tokens", "lm_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.buffer_tokens < 2 * HARVEST_BATCH:
+            raise ConfigError(f"buffer_tokens must be >= {2 * HARVEST_BATCH:,} (two blocks of {HARVEST_BATCH:,} rows), "
+                              f"got {self.buffer_tokens:,}")
         if self.context_size < 2 + self.exclude_first:
             raise ConfigError(f"context_size must be >= {2 + self.exclude_first} (BOS and text tokens), "
                               f"got {self.context_size}")
@@ -108,7 +114,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
     stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus),
-                              StreamConfig(batch_size=4096, lm_batch_size=cfg.lm_batch_size,
+                              StreamConfig(batch_size=HARVEST_BATCH, lm_batch_size=cfg.lm_batch_size,
                                            exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens,
                                            seed=cfg.seed, max_tokens=cfg.n_tokens, drop_last=False,
                                            progress=progress))

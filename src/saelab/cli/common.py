@@ -148,7 +148,7 @@ def add_io_options(p: ArgumentParser, *, device: bool = True, overwrite: bool = 
 def add_model_dtype(p: ArgumentParser) -> None:
     p.add_argument("--model-dtype", default="float32", choices=DTYPES,
                    help="dtype of the language model's weights and forward (bfloat16 / float16 on a GPU halve "
-                        "memory and speed it up; default: float32)")
+                        "memory and speed it up)")
 
 
 def positive_int(name: str) -> Callable[[str], int]:
