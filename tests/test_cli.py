@@ -49,7 +49,7 @@ BAD = [
     ("browse missing", "'missing': no such file or folder; expected a run folder or an SAE"),
     ("families A B --out f.json --family-min-score 5", "family_min_score must be in [0, 1], got 5.0"),
     ("quickstart --n-tokens 100", "--n-tokens 100 is less than one batch"),
-    ("families A B --out missing/families.json", "expected a file path in an existing folder"),
+    ("families A B --out missing/families.json", "expected a file path in an existing, writable folder"),
     ("quickstart --eval-corpus missing/eval.jsonl", "corpus path 'missing/eval.jsonl' does not exist"),
     ("harvest --corpus missing.jsonl.xz", "corpus path 'missing.jsonl.xz' does not exist"),
 ]
@@ -211,3 +211,14 @@ def test_output_folder_that_is_another_kind_of_saelab_folder_is_refused(verb, ma
     expected = "an activation cache" if verb == "harvest" else "a run folder"
     assert err == f"saelab {verb}: error: --out {out} is {what} ({marker}); expected a new folder or {expected}"
     assert sorted(p.name for p in out.iterdir()) == [marker]
+
+
+def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, message in [(["browse", "SAE", "--out", str(afile)], f"--out {afile} is a file"),
+                          (["browse", "SAE", "--export", "neuronpedia", str(afile)], f"--export OUT {afile} is a file"),
+                          (["families", "A", "B", "--out", str(afile / "f.json")], "existing, writable folder")]:
+        assert _exit_code(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from saelab.cli.common import add_io_options, finite_float, positive_int
 from saelab.errors import ConfigError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.steering import STEER_MODES
-from saelab.run_folder import BROWSER_DIR, is_run
+from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run
 
 
 def _int_list(text: str) -> list[int]:
@@ -186,7 +187,7 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
         return _export(args)
     if args.serve:
         _check_port(args.port)  # before a long build, not after it
-    out = Path(args.out) if args.out else _default_out(args.sae)
+    out = check_output_folder(args.out, "--out") if args.out else _default_out(args.sae)
     result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
                            overwrite=args.overwrite,
                            progress=args.progress)
@@ -208,6 +209,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--export {fmt!r}: the formats are: neuronpedia")
     if args.serve:
         raise ConfigError("--export writes files for another viewer; --serve serves the site: pass one of them")
+    check_output_folder(out, "--export OUT")
     first, _ = open_sae(args.sae[0])
     lm = load_model(args.browse.model or model_for(first), device=args.device, dtype=args.model_dtype)
     result = export_neuronpedia_run(args.sae, out, args.browse, lm=lm, progress=args.progress,
@@ -254,8 +256,8 @@ def add_families(sub) -> None:
 
 def run_families(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
-    if out.is_dir() or not out.parent.exists():
-        raise ConfigError(f"--out {out}: expected a file path in an existing folder (the families JSON)")
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: expected a file path in an existing, writable folder (the families JSON)")
     tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
                           progress=args.progress)
     top = tree["families"][:5]
