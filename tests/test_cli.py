@@ -40,6 +40,7 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --max-new-tokens -3", "--max-new-tokens must be >= 1"),
     ("steer SAE --latent 1 --value 1 --positions 10:2", "positions 10:2 is an empty range"),
     ("steer SAE --latent 1", "--mode add needs --value"),
+    ("steer SAE --latent 1 --mode ablate --value 3", "--mode ablate sets the latent to 0: it takes no --value"),
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
     ("browse SAE --serve --port 99999", "--port must be in 0..65535"),
     ("browse SAE --n-tokens 0", "n_tokens must be >= 1"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -158,3 +159,12 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
     steering = json.loads(capsys.readouterr().out)["steering"]
     peak = latent_max_activation(sae, tiny_gpt2, None, 7, n_tokens=1024)
     assert peak > 0 and steering.startswith(f"latent 7 at {HOOK}: add {2 * peak:g}")
+    # A latent that never fires: --scale would steer by 0, and says so.
+    silent = copy.deepcopy(sae)
+    with torch.no_grad():
+        silent.b_enc[9] = -1e6
+    save_sae(silent, tmp_path / "silent")
+    assert main(["steer", str(tmp_path / "silent"), "--latent", "9", "--scale", "2", "--scale-tokens", "1024",
+                 "--max-new-tokens", "2", "--greedy", "--top-tokens", "0", "--json", *common]) == 0
+    assert "latent(s) [9] never fired on 1,024 eval tokens, so --scale gives them a value of 0" in \
+        capsys.readouterr().err

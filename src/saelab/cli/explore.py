@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ def _check_steer(args: argparse.Namespace):
     if args.value is not None and args.scale is not None:
         raise ConfigError("give --value or --scale, not both")
     given = args.value if args.value is not None else args.scale
+    if args.mode == "ablate" and given is not None:
+        raise ConfigError("--mode ablate sets the latent to 0: it takes no --value or --scale")
     if args.mode != "ablate" and given is None:
         raise ConfigError(f"--mode {args.mode} needs --value (or --scale)")
     if given is not None and len(given) not in (1, len(args.latent)):
@@ -113,6 +116,10 @@ def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float
     maxima = latent_max_activation(sae, lm, None, args.latent, n_tokens=args.scale_tokens)
     scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
     values = [f * m for f, m in zip(scales, maxima)]
+    silent = [i for i, m in zip(args.latent, maxima) if m <= 0]
+    if silent:  # --scale of a latent that never fired steers by 0: say so instead of showing no effect
+        print(f"saelab steer: warning: latent(s) {silent} never fired on {args.scale_tokens:,} eval tokens, so --scale "
+              "gives them a value of 0; pass --value, or more --scale-tokens", file=sys.stderr)
     return values, [f"latent {i}: max activation {m:.4g} on {args.scale_tokens:,} eval tokens, value {v:.4g}"
                     for i, m, v in zip(args.latent, maxima, values)]
 
