@@ -27,6 +27,7 @@ BAD = [
     ("train --decoder-init best", "argument --decoder-init: invalid choice: 'best'"),
     ("sweep --grid n_latents=abc", "--grid n_latents=abc: expected a value of type int"),
     ("sweep --grid width=3", "--grid entry 'width=3'"),
+    ("sweep --grid n_latents=1024 n_latents=2048", "--grid names n_latents twice; give its values once"),
     ("sweep --grid k=16,9000", "k=9000 exceeds n_latents=8192"),
     ("harvest --n-tokens -5", "n_tokens must be >= 1"),
     ("harvest --dtype float8", "argument --dtype: invalid choice: 'float8'"),

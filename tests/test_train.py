@@ -279,6 +279,8 @@ def test_finished_run_is_not_overwritten(tmp_path):
     before = (tmp_path / "run" / "sae" / "sae_weights.safetensors").read_bytes()
     with pytest.raises(RunExistsError, match="finished run"):
         train_sae(cfg, _source(data, 128), tmp_path / "run", d_in=24, progress=False)
+    with pytest.raises(RunExistsError, match=r"finished run trained with other settings \(.*sae.k, train.k\);"):
+        train_sae(_cfg(total_tokens=1024, k=4), _source(data, 128), tmp_path / "run", d_in=24, progress=False)
     assert (tmp_path / "run" / "sae" / "sae_weights.safetensors").read_bytes() == before
     with pytest.raises(RunExistsError, match="different config"):
         train_sae(_cfg(k=4), _source(data, 128), tmp_path / "other", d_in=24, progress=False,

@@ -120,6 +120,8 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         if name not in hints or name == "recipe" or not values:
             raise ConfigError(f"--grid entry {item!r}: expected FIELD=V1,V2 with FIELD a training option such as "
                               "n_latents, k, lr")
+        if name in grid:
+            raise ConfigError(f"--grid names {name} twice; give its values once: {name}=V1,V2")
         grid[name] = [_grid_value(name, hints[name], v.strip()) for v in values.split(",")]
     return grid
 

@@ -123,25 +123,28 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Fa
     """
     if overwrite:
         return False
-    if read_status(run_dir).get("state") == "finished":
-        raise RunExistsError(
-            f"run folder {run_dir} holds a finished run; pick another folder or pass overwrite=True (--overwrite)"
-        )
     cfg_path = run_dir / TRAIN_CONFIG
+    old = None
     if cfg_path.exists():
         try:
             old = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the run folder is damaged: move it "
                                   "away, or pass overwrite=True (--overwrite)") from e
-        # Without a checkpoint (a run that failed before its first one) there is nothing to resume:
-        # the new run starts over in the folder, and its start clears the old log.
-        if old != config and (run_dir / CHECKPOINT).exists():
-            raise RunExistsError(
-                f"run folder {run_dir} holds an unfinished run with a different config (differs in "
-                f"{', '.join(_changed_fields(old, config))}); resume it with the same options, pick another folder, "
-                "or pass overwrite=True (--overwrite)"
-            )
+    if read_status(run_dir).get("state") == "finished":
+        other = f" trained with other settings ({', '.join(_changed_fields(old, config))})" \
+            if isinstance(old, dict) and old != config else ""
+        raise RunExistsError(
+            f"run folder {run_dir} holds a finished run{other}; pick another folder or pass overwrite=True (--overwrite)"
+        )
+    # Without a checkpoint (a run that failed before its first one) there is nothing to resume: the
+    # new run starts over in the folder, and its start clears the old log.
+    if old is not None and old != config and (run_dir / CHECKPOINT).exists():
+        raise RunExistsError(
+            f"run folder {run_dir} holds an unfinished run with a different config (differs in "
+            f"{', '.join(_changed_fields(old, config))}); resume it with the same options, pick another folder, "
+            "or pass overwrite=True (--overwrite)"
+        )
     return (run_dir / CHECKPOINT).exists()
 
 
