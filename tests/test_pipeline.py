@@ -124,10 +124,11 @@ def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
     eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 2)  # other articles: held out
     acts, run = tmp_path / "acts", tmp_path / "run"
 
-    _, out = run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus),
-                     "--out", str(acts), "--n-tokens", "3000", "--context-size", "32", "--buffer-tokens", "8192",
-                     "--no-progress")
-    assert out == {"cache": str(acts), "rows": 3000, "d": 64}  # exactly the rows asked for
+    assert main(["harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus), "--out",
+                 str(acts), "--n-tokens", "3000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"cache": str(acts), "rows": 3000, "d": 64}  # exactly the rows asked for
+    assert "Loading weights" not in err and "it/s" not in err  # --no-progress hides the libraries' bars too
 
     _, out = run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "128",
                      "--k", "8", "--batch-size", "250", "--total-tokens", "3000", "--init-rows", "1000",

@@ -83,12 +83,23 @@ def _fail(verb: str, message: str, code: int) -> int:
     return code
 
 
+def _hide_library_progress_bars() -> None:
+    """--no-progress also hides the bars transformers and the hub draw (loading weights, downloads)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bars()
+    disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = _verb(argv)
     debug = "--debug" in argv
     try:
         args = parse_args(argv)
+        if not getattr(args, "progress", True):
+            _hide_library_progress_bars()
         if hasattr(args, "device") and resolve_device(args.device).type == "cpu":
             retain_freed_memory()  # large CPU temporaries (logits, gradients) reuse pages instead of faulting
         result = args.handler(args)
