@@ -28,7 +28,7 @@ from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVAL
                                sae_sha256, sweep_runs)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
-from saelab.train.checkpoint import read_metrics, read_status
+from saelab.train.checkpoint import changed_fields, read_metrics, read_status
 from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
 from saelab.utils.config import switch
@@ -363,10 +363,9 @@ def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig) -> None:
     training would refuse it anyway, after the harvest's minutes)."""
     if read_status(run_dir).get("state") != "finished" or not (run_dir / TRAIN_CONFIG).exists():
         return
-    recorded = read_json(run_dir / TRAIN_CONFIG, "training config").get("train")
-    if recorded != cfg.to_dict():
-        changed = sorted(k for k in set(recorded or {}) | set(cfg.to_dict())
-                         if (recorded or {}).get(k) != cfg.to_dict().get(k))
+    recorded = {"train": read_json(run_dir / TRAIN_CONFIG, "training config").get("train")}
+    changed = changed_fields(recorded, {"train": cfg.to_dict()})
+    if changed:
         raise RunExistsError(f"run folder {run_dir} holds a finished run trained with other settings ({', '.join(changed)}); "
                              "pick another --out, or pass --overwrite to train again (the activation cache is kept)")
 

@@ -132,7 +132,7 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Fa
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the run folder is damaged: move it "
                                   "away, or pass overwrite=True (--overwrite)") from e
     if read_status(run_dir).get("state") == "finished":
-        other = f" trained with other settings ({', '.join(_changed_fields(old, config))})" \
+        other = f" trained with other settings ({', '.join(changed_fields(old, config))})" \
             if isinstance(old, dict) and old != config else ""
         raise RunExistsError(
             f"run folder {run_dir} holds a finished run{other}; pick another folder or pass overwrite=True (--overwrite)"
@@ -142,13 +142,13 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Fa
     if old is not None and old != config and (run_dir / CHECKPOINT).exists():
         raise RunExistsError(
             f"run folder {run_dir} holds an unfinished run with a different config (differs in "
-            f"{', '.join(_changed_fields(old, config))}); resume it with the same options, pick another folder, "
+            f"{', '.join(changed_fields(old, config))}); resume it with the same options, pick another folder, "
             "or pass overwrite=True (--overwrite)"
         )
     return (run_dir / CHECKPOINT).exists()
 
 
-def _changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'group.field' for each setting that differs between two run configs ({group: {field: value}})."""
     changed = []
     for group in sorted(set(old) | set(new)):
