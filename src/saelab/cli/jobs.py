@@ -29,6 +29,22 @@ def add_train_config(p, recipe: str) -> None:
                         "(WANDB_MODE=offline works offline); default: metrics.jsonl only")
 
 
+def refuse_unused_topk_options(train: TrainConfig, grid: dict[str, list] | None = None) -> None:
+    """A ReLU SAE keeps every positive latent: k, k_aux and switching on AuxK or Multi-TopK would be
+    silently ignored, so an explicit value (or --grid entry) for one of them is refused."""
+    grid = grid or {}
+    if train.architecture != "relu" or "architecture" in grid:
+        return
+    recipe = TrainConfig.from_recipe(train.recipe)
+    given = [name for name in ("k", "k_aux") if getattr(train, name) != getattr(recipe, name) or name in grid]
+    given += [name for name in ("auxk", "multi_topk") if getattr(train, name) and not getattr(recipe, name)]
+    if given:
+        option = f"--grid {given[0]}" if given[0] in grid else f"--{given[0].replace('_', '-')}"
+        raise ConfigError(f"{option}: a ReLU SAE (architecture relu, the relu-l1 recipe) "
+                          "keeps every positive latent and has no k, AuxK or Multi-TopK; its sparsity is set by "
+                          "--l1-coefficient")
+
+
 def add_quickstart(sub, recipe: str) -> None:
     p = sub.add_parser("quickstart", help="harvest, train, evaluate and report on the offline default model",
                        description="Harvest activations, train a top-k SAE, evaluate it on held-out text and write "
@@ -48,6 +64,7 @@ def add_quickstart(sub, recipe: str) -> None:
 
 def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     train = args.train
+    refuse_unused_topk_options(train)
     if args.n_tokens is not None:
         if args.n_tokens < train.batch_size:
             raise ConfigError(f"--n-tokens {args.n_tokens} is less than one batch (--batch-size {train.batch_size})")
@@ -87,6 +104,7 @@ def add_train(sub, recipe: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    refuse_unused_topk_options(args.train)
     init_from_env()  # data-parallel when started by torchrun
     sae = train_from_cache(args.activations, args.out, args.train, device=args.device, overwrite=args.overwrite,
                            progress=args.progress, log_to=args.log_to)
@@ -147,6 +165,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.report import write_scaling_report
 
     grid = parse_grid(args.grid)
+    refuse_unused_topk_options(args.train, grid)
     sweep_configs(args.train, grid)  # every grid point validated before anything runs
     init_from_env()
     saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
