@@ -106,13 +106,14 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     (run / "metrics.json").unlink()
     checkpoint_mtime = (run / "checkpoint.pt").stat().st_mtime_ns
     again = quickstart(cfg, run, lm=smollm2, progress=False)
-    assert again["reused"] == ["train"] and "evaluate" in again["wall_seconds"]
+    assert again["reused"] == ["harvest", "train"] and "evaluate" in again["wall_seconds"]
+    assert "harvest" not in again["wall_seconds"] and "Reused from an earlier run" in (run / "report.md").read_text()
     assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint_mtime and again["nmse"] == on_disk["nmse"]
     # Finished and evaluated: nothing runs again. --overwrite retrains but keeps the activation cache.
-    assert quickstart(cfg, run, lm=smollm2, progress=False)["reused"] == ["train", "evaluate"]
+    assert quickstart(cfg, run, lm=smollm2, progress=False)["reused"] == ["harvest", "train", "evaluate"]
     shards = {p.name: p.stat().st_mtime_ns for p in (run / "activations").iterdir()}
     redone = quickstart(cfg, run, lm=smollm2, overwrite=True, progress=False)
-    assert redone["reused"] == [] and {"train", "evaluate"} <= set(redone["wall_seconds"])
+    assert redone["reused"] == ["harvest"] and {"train", "evaluate"} <= set(redone["wall_seconds"])
     assert {p.name: p.stat().st_mtime_ns for p in (run / "activations").iterdir()} == shards
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, iter_texts, pack_contexts
-from saelab.data import resolve_corpus
+from saelab.data import cache_is_complete, resolve_corpus
 from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
@@ -409,10 +409,11 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     resolve_corpus(harvest_cfg.corpus, "train"), resolve_corpus(cfg.eval.corpus, "eval")  # before the model loads
     times: dict[str, float] = {}
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
+    reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
     cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
                                                                  progress))
     sae = None if overwrite else finished_training(run_dir, cfg.train, cache)
-    reused = ["train"] if sae is not None else []
+    reused += ["train"] if sae is not None else []
     if sae is None:
         if overwrite and (run_dir / TRAIN_CONFIG).exists():
             print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
@@ -427,6 +428,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         metrics = _timed(times, "evaluate", lambda: evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir,
                                                             progress=progress))
     # This invocation's wall times; stages whose earlier result was reused are listed, not timed.
+    times = {stage: t for stage, t in times.items() if stage not in reused}
     metrics["wall_seconds"] = {**times, "total": round(sum(times.values()), 1)}
     metrics["reused"] = reused
     write_json(run_dir / EVAL_METRICS, metrics)

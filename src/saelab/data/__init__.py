@@ -10,6 +10,7 @@
 from saelab.data.cache import (
     ActivationCache,
     ActivationCacheError,
+    cache_is_complete,
     cache_rows_written,
     write_activation_cache,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "ActivationModel",
     "ActivationStream",
     "batched",
+    "cache_is_complete",
     "cache_rows_written",
     "default_corpus",
     "hf_tokenize_fn",

@@ -114,6 +114,15 @@ def cache_rows_written(folder: str | os.PathLike) -> int:
     return 0 if m is None else m["n_rows"]
 
 
+def cache_is_complete(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a finished activation cache (False when missing, unfinished or unreadable)."""
+    try:
+        m = _read_manifest(Path(folder))
+    except ActivationCacheError:
+        return False
+    return m is not None and m["complete"]
+
+
 def write_activation_cache(
     batches: Iterable[torch.Tensor],
     folder: str | os.PathLike,

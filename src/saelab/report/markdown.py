@@ -107,6 +107,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     wall = metrics.get("wall_seconds")
     if wall:
         lines += ["## Wall time (s)", "", markdown_table([(k, f"{v:,.1f}") for k, v in wall.items()]), ""]
+        if metrics.get("reused"):
+            lines += [f"Reused from an earlier run of the same settings (not timed): {', '.join(metrics['reused'])}.", ""]
     path = run_dir / REPORT
     write_text(path, "\n".join(lines))
     return path
