@@ -12,6 +12,7 @@ def test_help_of_every_verb(verb, capsys):
         main([verb, "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith(f"usage: saelab {verb}")
+    assert "[[" not in out  # an optional value's metavar is the option's name, not "[[float]]"
 
 
 BAD = [
@@ -29,6 +30,8 @@ BAD = [
     ("sweep --grid width=3", "--grid entry 'width=3'"),
     ("sweep --grid n_latents=1024 n_latents=2048", "--grid names n_latents twice; give its values once"),
     ("sweep --grid k=16,9000", "k=9000 exceeds n_latents=8192"),
+    ("train --n-latent 5", "unrecognized arguments: --n-latent 5; did you mean --n-latents?"),
+    ("eval SAE --bogus", "unrecognized arguments: --bogus (`saelab eval --help` lists the options)"),
     ("train --recipe relu-l1 --k 16", "--k: a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every"),
     ("train --architecture relu --multi-topk true", "--multi-topk: a ReLU SAE"),
     ("sweep --recipe relu-l1 --grid k=16,32", "--grid k: a ReLU SAE"),
@@ -76,6 +79,7 @@ def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monke
     last = err.strip().splitlines()[-1]
     assert code == 2
     assert last.startswith(f"saelab {args[0]}: error:") and message in last, err
+    assert len(err.strip().splitlines()) == 1, err  # no usage block
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created
 

@@ -53,6 +53,7 @@ def build_parser(argv: list[str] | None = None, recipe: str | None = None) -> ar
     explore.add_browse(sub)
     explore.add_families(sub)
     _share_config_sections(sub.choices.values())
+    parser.verb_parsers = sub.choices
     return parser
 
 
@@ -67,10 +68,18 @@ def _share_config_sections(verbs) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; when a --config file names another recipe than the command line, parse again with
     that recipe's defaults (a recipe is its settings, not only its name)."""
-    args = build_parser(argv).parse_args(argv)
+    args = _parse_with(build_parser(argv), argv)
     train = getattr(args, "train", None)
     if train is not None and train.recipe != (_option_value(argv, "--recipe") or "short-run"):
-        args = build_parser(argv, recipe=train.recipe).parse_args(argv)
+        args = _parse_with(build_parser(argv, recipe=train.recipe), argv)
+    return args
+
+
+def _parse_with(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, with an unknown option reported by the verb's parser (argparse: by the top one)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.verb_parsers[args.verb].error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -40,6 +42,13 @@ class Parser(ArgumentParser):
         if config_path is not None:
             kwargs = {**self._config_sections(Path(config_path)), **kwargs}
         super().set_defaults(**kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        """One line, as for every other bad input (argparse would print the usage block first), with a
+        close match for a misspelled option."""
+        if message.startswith("unrecognized arguments:"):
+            message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions)
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
     def _config_sections(self, path: Path) -> dict[str, Any]:
         """The file's entries for this verb: its option groups (checked field by field) and its options."""
@@ -115,8 +124,24 @@ def literal_choices(hint: Any) -> tuple:
     return (*literals, None) if literals and type(None) in members else tuple(literals)
 
 
+def _did_you_mean(given: list[str], options: typing.Iterable[str]) -> str:
+    """"; did you mean --n-latents?" for the first unknown option with a close match, else ""."""
+    for arg in given:
+        close = difflib.get_close_matches(arg.split("=", 1)[0], list(options), n=1, cutoff=0.75)
+        if arg.startswith("-") and close:
+            return f"; did you mean {close[0]}?"
+    return ""
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown once, metavars from the option name (not from a parsing function's name)."""
+    """Defaults shown once, metavars from the option name (not from a parsing function's name, nor
+    simple_parsing's "[[float]]" for an optional value)."""
+
+    def _metavar_formatter(self, action: argparse.Action, default_metavar: str):
+        if isinstance(action.metavar, str) and action.metavar.startswith("["):
+            action = copy.copy(action)
+            action.metavar = None
+        return super()._metavar_formatter(action, default_metavar)
 
     def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
         return action.dest.rsplit(".", 1)[-1].upper()
