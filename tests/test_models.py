@@ -389,10 +389,8 @@ def test_load_errors_name_the_spec(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="not a .gguf"):
         load_model(str(tmp_path / "weights.bin"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no retries
-    hub.hub_unreachable_reason.cache_clear()
     with pytest.raises(ModelLoadError, match="'saelab-tests/no-such-model'.*HF_HUB_OFFLINE is set"):
         load_model("saelab-tests/no-such-model")
-    hub.hub_unreachable_reason.cache_clear()
     with pytest.raises(ValueError, match="dtype"):
         load_model("default", dtype="float33")
 
@@ -406,17 +404,12 @@ def test_unreachable_hub_is_named_at_once(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://saelab-tests.invalid")
-    hub.hub_unreachable_reason.cache_clear()
-    try:
-        assert hub.hub_unreachable_reason() == "saelab-tests.invalid does not resolve: no network?"
-        assert hub.hub_kwargs() == {"local_files_only": True}
-        with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache and the hub cannot be reached"):
-            load_model("saelab-tests/no-such-model")
-        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.saelab-tests.invalid:3128")
-        hub.hub_unreachable_reason.cache_clear()
-        assert hub.hub_unreachable_reason() is None and hub.hub_kwargs() == {}
-    finally:
-        hub.hub_unreachable_reason.cache_clear()
+    assert hub.hub_unreachable_reason() == "saelab-tests.invalid does not resolve: no network?"
+    assert hub.hub_kwargs() == {"local_files_only": True}
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache and the hub cannot be reached"):
+        load_model("saelab-tests/no-such-model")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.saelab-tests.invalid:3128")
+    assert hub.hub_unreachable_reason() is None and hub.hub_kwargs() == {}
 
 
 def test_default_model(smollm2):

@@ -1,4 +1,4 @@
-"""Whether the Hugging Face hub can be reached, asked once per process.
+"""Whether the Hugging Face hub can be reached: offline mode, or a host name that does not resolve.
 
 Without a network huggingface_hub retries every file it is asked for (five tries over ~25 s), and
 loading one model asks for several, so an unknown or uncached model failed only after about a minute
@@ -17,7 +17,6 @@ from urllib.parse import urlparse
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
-@functools.cache
 def hub_unreachable_reason() -> str | None:
     """Why the hub cannot be reached ("HF_HUB_OFFLINE is set", "huggingface.co does not resolve"), or
     None when it may be reachable (a failed download then still reports its own error)."""
@@ -28,11 +27,17 @@ def hub_unreachable_reason() -> str | None:
     if any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return None  # a proxy resolves the host itself
     host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    return None if _resolves(host) else f"{host} does not resolve: no network?"
+
+
+@functools.cache
+def _resolves(host: str) -> bool:
+    """Whether the host name resolves (asked once per host and process)."""
     try:
         socket.getaddrinfo(host, 443)
     except OSError:
-        return f"{host} does not resolve: no network?"
-    return None
+        return False
+    return True
 
 
 def hub_kwargs() -> dict[str, Any]:
