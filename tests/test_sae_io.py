@@ -262,13 +262,36 @@ def test_missing_weight_tensor_is_named(tmp_path):
         load_sae(write_saelens_v6_folder(tmp_path / "sl", w))
 
 
-def test_saelab_key_disagreeing_with_saelens_fields(tmp_path):
-    folder = save_sae(random_sae(), tmp_path / "sae")
+@pytest.mark.parametrize("edit,message,read", [
+    ({"k": K + 1}, "'saelab': k=6 disagrees with 'k' \\(which means 7\\)", ("k", K + 1)),
+    # An edit of the SAELens metadata alone is refused, not silently overruled by the 'saelab' key.
+    ({"metadata": {"hook_name": "blocks.1.hook_resid_post"}}, "'saelab': hook_name='blocks.0.hook_resid_post' "
+     "disagrees with 'metadata.hook_name'.*delete the 'saelab' key", ("hook_name", "blocks.1.hook_resid_post")),
+    ({"metadata": {"prepend_bos": False}}, "prepend_bos=True disagrees with 'metadata.prepend_bos'",
+     ("prepend_bos", False)),
+    ({"metadata": {"seqpos_slice": [0, None]}}, "exclude_first=True disagrees with 'metadata.seqpos_slice'",
+     ("exclude_first", False)),
+    # Wrong types are named, not read as the default.
+    ({"metadata": {"prepend_bos": "false"}}, "metadata.prepend_bos must be true or false, got 'false'", None),
+    ({"metadata": {"context_size": "128"}}, "metadata.context_size must be an integer, got '128'", None),
+    ({"metadata": {"hook_head_index": 3}}, "metadata.hook_head_index=3: an SAE on one attention head's slice", None),
+])
+def test_saelab_key_disagreeing_with_saelens_fields(tmp_path, edit, message, read):
+    sae = random_sae(hook_name="blocks.0.hook_resid_post")
+    folder = save_sae(sae, tmp_path / "sae")
     cfg = json.loads((folder / "cfg.json").read_text())
-    cfg["k"] = K + 1
+    for key, value in edit.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="saelab.k=6 disagrees"):
+    with pytest.raises(CheckpointError, match=message):
         load_sae(folder)
+    del cfg["saelab"]  # without saelab's own record the SAELens fields are read, and checked
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    if read is None:
+        with pytest.raises(CheckpointError, match=message.split(",")[0]):
+            load_sae(folder)
+    else:
+        assert getattr(load_sae(folder).cfg, read[0]) == read[1]
 
 
 def test_cfg_json_not_json(tmp_path):
@@ -563,7 +586,8 @@ def test_load_from_the_hub_offline(tmp_path, monkeypatch):
                        random_sae(seed=4).b_dec)
     with pytest.raises(CheckpointError, match=r"has no 'blocks.10.hook_resid_post' \(found \[.blocks.8"):
         load_sae("hf://someone/gpt2-saes/blocks.10.hook_resid_post", **kw)
-    with pytest.raises(CheckpointError, match="hf://nobody/nothing/x: could not be fetched"):
+    with pytest.raises(CheckpointError, match="hf://nobody/nothing/x: not in the local Hugging Face cache, and the "
+                       "hub cannot be reached \\(HF_HUB_OFFLINE is set\\)"):
         load_sae("hf://nobody/nothing/x", **kw)
     with pytest.raises(CheckpointError, match="expected hf://owner/repo"):
         load_sae("hf://just-a-name")

@@ -188,6 +188,13 @@ def saelens_architecture(raw: dict[str, Any], path: Path) -> str:
     return architecture
 
 
+# SAEConfig fields the SAELens metadata block holds: (ours, theirs, JSON type).
+_METADATA_FIELDS = (("model_name", "model_name", str), ("hook_name", "hook_name", str),
+                    ("dataset", "dataset_path", str), ("context_size", "context_size", int),
+                    ("prepend_bos", "prepend_bos", bool))
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
 def _config_from_saelens(raw: dict[str, Any], path: Path) -> tuple[SAEConfig, bool, bool]:
     """SAEConfig from SAELens fields, plus (apply_b_dec_to_input, rescale_acts_by_decoder_norm)."""
     act_kwargs = raw.get("activation_fn_kwargs") if isinstance(raw.get("activation_fn_kwargs"), dict) else {}
@@ -232,12 +239,16 @@ def _config_from_saelens(raw: dict[str, Any], path: Path) -> tuple[SAEConfig, bo
         "exclude_first": isinstance(start, int) and start >= 1,
         "extra": extra,
     }
-    for ours, theirs, kind in (("model_name", "model_name", str), ("hook_name", "hook_name", str),
-                               ("dataset", "dataset_path", str), ("context_size", "context_size", int),
-                               ("prepend_bos", "prepend_bos", bool)):
+    if meta.get("hook_head_index") is not None:
+        raise CheckpointError(f"{path}: metadata.hook_head_index={meta['hook_head_index']!r}: an SAE on one "
+                              "attention head's slice of a hook; saelab's SAEs read whole hooks")
+    for ours, theirs, kind in _METADATA_FIELDS:
         value = meta.get(theirs)
-        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            fields[ours] = value
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"{path}: metadata.{theirs} must be {_KIND_NAMES[kind]}, got {value!r}")
+        fields[ours] = value
     try:
         cfg = SAEConfig(**fields)
     except ValueError as e:
@@ -247,21 +258,32 @@ def _config_from_saelens(raw: dict[str, Any], path: Path) -> tuple[SAEConfig, bo
     return cfg, bool(apply_b_dec), bool(rescale)
 
 
-def _own_config(raw: dict[str, Any], from_saelens: SAEConfig, path: Path) -> SAEConfig:
-    """Our full SAEConfig from the ``saelab`` key, checked against the SAELens fields beside it."""
-    if not isinstance(raw["saelab"], dict):
-        raise CheckpointError(f"{path}: 'saelab' must be a JSON object holding an SAEConfig")
+def own_config(value: Any, from_format: SAEConfig, where: str, checked: dict[str, str], remedy: str) -> SAEConfig:
+    """saelab's full SAEConfig as recorded beside a foreign format's fields (``value``, read at ``where``),
+    each field in ``checked`` (ours -> the foreign field that holds it) equal to the foreign reading
+    ``from_format``: a file edited on one side only is refused (``remedy`` says how), not half-read."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} must be a JSON object holding an SAEConfig")
     try:
-        cfg = SAEConfig.from_dict(raw["saelab"])
+        cfg = SAEConfig.from_dict(value)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: 'saelab' is not a valid SAEConfig ({e})") from e
-    for ours, theirs in (("d_in", "d_in"), ("n_latents", "d_sae"), ("k", "k"), ("input_norm", "normalize_activations")):
-        if getattr(cfg, ours) != getattr(from_saelens, ours):
-            raise CheckpointError(
-                f"{path}: saelab.{ours}={getattr(cfg, ours)!r} disagrees with the SAELens field {theirs!r} "
-                f"(which means {getattr(from_saelens, ours)!r})"
-            )
+        raise CheckpointError(f"{where} is not a valid SAEConfig ({e})") from e
+    for ours, theirs in checked.items():
+        if getattr(cfg, ours) != getattr(from_format, ours):
+            raise CheckpointError(f"{where}: {ours}={getattr(cfg, ours)!r} disagrees with {theirs} (which means "
+                                  f"{getattr(from_format, ours)!r}); {remedy}")
     return cfg
+
+
+def _own_config(raw: dict[str, Any], from_saelens: SAEConfig, path: Path) -> SAEConfig:
+    """Our full SAEConfig from the ``saelab`` key, checked against every SAELens field beside it."""
+    checked = {"d_in": "'d_in'", "n_latents": "'d_sae'", "k": "'k'", "input_norm": "'normalize_activations'"}
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    checked |= {ours: f"'metadata.{theirs}'" for ours, theirs, _ in _METADATA_FIELDS if meta.get(theirs) is not None}
+    if meta.get("seqpos_slice") is not None:
+        checked["exclude_first"] = "'metadata.seqpos_slice'"
+    return own_config(raw["saelab"], from_saelens, f"{path}: 'saelab'", checked,
+                      "edit both, or delete the 'saelab' key to read the SAELens fields alone")
 
 
 def _check_weights(state: dict[str, torch.Tensor], cfg: SAEConfig, path: Path) -> None:
