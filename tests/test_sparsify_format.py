@@ -112,7 +112,7 @@ def trained_like_sae(seed: int = 0, **cfg) -> TopKSAE:
 def test_saelab_sae_round_trips_through_the_sparsify_layout(tmp_path):
     sae = trained_like_sae(model_name="gpt2", hook_name="blocks.3.hook_mlp_out")
     folder = save_sae(sae, tmp_path / "h.3.mlp", format="sparsify")
-    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae.safetensors", "saelab.json"]
     cfg = json.loads((folder / "cfg.json").read_text())
     # sparsify's SparseCoderConfig fields in its order, then d_in (as save_to_disk writes them).
     assert list(cfg) == list(json.loads((FIXTURE / "layers.1" / "cfg.json").read_text()))
@@ -127,6 +127,50 @@ def test_saelab_sae_round_trips_through_the_sparsify_layout(tmp_path):
         assert torch.equal(p, getattr(loaded, name)), name
     x = 3 * torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
     assert torch.equal(loaded(x), sae(x))
+
+
+def test_saelab_settings_survive_the_sparsify_layout(tmp_path):
+    """BOS, position 0, context, model and where the model came from have no sparsify field: saelab.json
+    beside sparsify's files keeps them, so an exported SAE evaluates like the original; without it the
+    folder reads with sparsify's own conventions."""
+    sae = trained_like_sae(model_name="HuggingFaceTB/SmolLM2-135M-Instruct", hook_name="blocks.1.hook_resid_post",
+                           context_size=32, prepend_bos=True, exclude_first=True, dataset="wiki",
+                           extra={"model_source": {"spec": "default"}})
+    single = save_sae(sae, tmp_path / "one", format="sparsify")
+    trainer = save_sparsify({sae.cfg.hook_name: sae}, tmp_path / "run")
+    for loaded in (load_sae(single), load_sparsify(trainer)["blocks.1.hook_resid_post"]):
+        assert {**loaded.cfg.to_dict(), "extra": None} == {**sae.cfg.to_dict(), "extra": None}
+        assert loaded.cfg.extra["model_source"] == {"spec": "default"}
+        assert loaded.cfg.extra["source"]["format"] == "sparsify"
+    (single / "saelab.json").unlink()
+    bare = load_sae(single).cfg
+    assert (bare.prepend_bos, bare.exclude_first, bare.hook_name, bare.model_name) == (False, False, "", "")
+    # A saelab.json that no longer describes sparsify's files (retrained over by sparsify) is refused.
+    stale = json.loads((trainer / "layers.1" / "saelab.json").read_text())
+    (trainer / "layers.1" / "saelab.json").write_text(json.dumps({**stale, "k": 4}))
+    with pytest.raises(CheckpointError, match="saelab.json: k=4 disagrees with cfg.json's 'k'.*delete saelab.json"):
+        load_sparsify(trainer)
+    (trainer / "layers.1" / "saelab.json").write_text(json.dumps({**stale, "hook_name": "blocks.0.hook_mlp_out"}))
+    with pytest.raises(CheckpointError, match="hook_name='blocks.0.hook_mlp_out' disagrees with the folder name"):
+        load_sparsify(trainer)
+
+
+def test_saving_over_the_other_layout_leaves_one_sae(tmp_path):
+    """Both layouts share cfg.json: saving one over the other removes the other's files, so the folder
+    loads as the SAE just written; a file in the folder's place is refused."""
+    first, second = trained_like_sae(seed=0), trained_like_sae(seed=1)
+    folder = save_sae(first, tmp_path / "sae", format="sparsify")
+    save_sae(second, folder, sparsity_log10=torch.zeros(48))
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
+    assert torch.equal(load_sae(folder).W_dec, second.W_dec)
+    save_sae(first, folder, format="sparsify")
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae.safetensors", "saelab.json"]
+    assert torch.equal(load_sae(folder).W_dec, first.W_dec)
+    (tmp_path / "file").write_text("x")
+    for save in (lambda: save_sae(first, tmp_path / "file"), lambda: save_sparsify(first, tmp_path / "file")):
+        with pytest.raises(ConfigError, match="file: exists and is not a folder"):
+            save()
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_hookpoints_map_to_hook_names_both_ways():

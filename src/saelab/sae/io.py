@@ -40,12 +40,14 @@ from saelab.sae.openai_format import (
 )
 from saelab.sae.saelens_format import (
     CFG_FILENAME,
+    SPARSITY_FILENAME,
     WEIGHTS_FILENAME,
     read_saelens_folder,
     read_sparsity,
     write_saelens_folder,
 )
 from saelab.sae.sparsify_format import (
+    SAELAB_CFG_FILENAME,
     SPARSIFY_WEIGHTS_FILENAME,
     is_sparsify_folder,
     read_sparsify_folder,
@@ -82,13 +84,34 @@ def save_sae(
     """
     if format not in SAVE_FORMATS:
         raise ConfigError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+    _check_save_folder(folder)
     if format == "sparsify":
         if sparsity_log10 is not None or extra_files:
             raise ConfigError("format='sparsify' holds only cfg.json and sae.safetensors; sparsity_log10 and "
                               "extra_files need format='saelens'")
         _refuse_relu_in_sparsify(sae)
-        return write_sparsify_folder(sae, folder)
-    return write_saelens_folder(sae, folder, sparsity_log10=sparsity_log10, extra_files=extra_files)
+        return _drop_other_layout(write_sparsify_folder(sae, folder), "sparsify")
+    return _drop_other_layout(write_saelens_folder(sae, folder, sparsity_log10=sparsity_log10,
+                                                   extra_files=extra_files), "saelens")
+
+
+_LAYOUT_FILES = {"saelens": (WEIGHTS_FILENAME, SPARSITY_FILENAME),
+                 "sparsify": (SPARSIFY_WEIGHTS_FILENAME, SAELAB_CFG_FILENAME)}
+
+
+def _drop_other_layout(folder: Path, written: str) -> Path:
+    """Once an SAE is written, the other layout's files of an SAE saved there before go (both share
+    cfg.json), so the folder reads as the SAE just written."""
+    for layout, names in _LAYOUT_FILES.items():
+        if layout != written:
+            for name in names:
+                (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def _check_save_folder(folder: str | os.PathLike) -> None:
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ConfigError(f"{folder}: exists and is not a folder; expected a folder to save the SAE in")
 
 
 def _refuse_relu_in_sparsify(sae: TopKSAE) -> None:
@@ -100,12 +123,16 @@ def save_sparsify(saes: TopKSAE | Mapping[str, TopKSAE], folder: str | os.PathLi
                   family: str | None = None) -> Path:
     """Write one SAE as a sparsify SAE folder, or SAEs keyed by hook name as a sparsify trainer's folder
     (one subfolder per hookpoint, ``layers.9`` etc.; ``family`` as in ``write_sparsify_hookpoints``)."""
+    _check_save_folder(folder)
     if isinstance(saes, TopKSAE):
         _refuse_relu_in_sparsify(saes)
-        return write_sparsify_folder(saes, folder)
+        return _drop_other_layout(write_sparsify_folder(saes, folder), "sparsify")
     for sae in saes.values():
         _refuse_relu_in_sparsify(sae)
-    return write_sparsify_hookpoints(saes, folder, family=family)
+    folder = write_sparsify_hookpoints(saes, folder, family=family)
+    for sub in sparsify_hookpoint_folders(folder):
+        _drop_other_layout(sub, "sparsify")
+    return folder
 
 
 def load_sparsify(folder: str | os.PathLike, *, device: str | torch.device = "cpu",

@@ -153,15 +153,15 @@ def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); expected the {what}") from e
 
 
-def read_cfg_json(path: Path) -> dict[str, Any]:
+def read_cfg_json(path: Path, what: str = "a SAELens SAE config") -> dict[str, Any]:
+    """A JSON object file (``what`` it should hold names it in errors)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(
-            f"{path}: missing; a SAELens folder needs cfg.json (it is written last, so the folder may be incomplete)"
-        ) from None
+        raise CheckpointError(f"{path}: missing; expected {what} (cfg.json is written last, so the folder may be "
+                              "incomplete)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); expected a SAELens SAE config") from e
+        raise CheckpointError(f"{path}: not valid JSON ({e}); expected {what}") from e
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw

@@ -3,7 +3,10 @@
 One SAE is a folder with ``cfg.json`` (``SparseCoderConfig`` fields plus ``d_in``:
 ``activation, expansion_factor, normalize_decoder, num_latents, k, multi_topk, skip_connection,
 transcode, d_in``) and ``sae.safetensors`` (``encoder.weight [n, d]``, ``encoder.bias [n]``,
-``W_dec [n, d]``, ``b_dec [d]``; written by ``safetensors.torch.save_model``, no metadata).
+``W_dec [n, d]``, ``b_dec [d]``; written by ``safetensors.torch.save_model``, no metadata). saelab
+adds ``saelab.json`` (its SAEConfig: model, hook, context, BOS and position-0 settings, which
+sparsify's cfg.json has no field for); sparsify ignores it, saelab reads it back checked against
+cfg.json.
 sparsify's trainer saves one such folder per hookpoint, named by the module path under the model's
 ``base_model`` (``layers.9``, ``layers.9.mlp``, ``h.9.attn``, ...), beside its ``config.json``
 (the run's settings: ``model``, ``dataset``, ``ctx_len``, ``hookpoints``, ...).
@@ -26,6 +29,7 @@ module path kept in ``cfg.extra['sparsify_hookpoint']``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -37,7 +41,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from saelab.errors import CheckpointError, ConfigError
-from saelab.sae.saelens_format import build_sae, read_cfg_json, read_safetensors
+from saelab.sae.saelens_format import build_sae, own_config, read_cfg_json, read_safetensors
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
 
@@ -45,6 +49,9 @@ SPARSIFY_CFG_FILENAME = "cfg.json"
 SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
 SPARSIFY_RUN_CONFIG_FILENAME = "config.json"
 """The trainer's run settings, beside the per-hookpoint folders."""
+SAELAB_CFG_FILENAME = "saelab.json"
+"""saelab's full SAEConfig beside sparsify's two files (sparsify reads only those): the model, hook,
+BOS and position-0 settings a sparsify cfg.json has no field for, so that a round trip evaluates alike."""
 SPARSIFY_VERSION = "1.3.3"
 """The sparsify release whose layout this module reads and writes."""
 
@@ -201,7 +208,7 @@ def _run_provenance(folder: Path) -> dict[str, Any]:
 def read_sparsify_folder(folder: Path, *, device="cpu", dtype: torch.dtype = torch.float32) -> TopKSAE:
     """Load one sparsify SAE folder (``cfg.json`` + ``sae.safetensors``) as a TopKSAE."""
     cfg_path, weights_path = folder / SPARSIFY_CFG_FILENAME, folder / SPARSIFY_WEIGHTS_FILENAME
-    raw = read_cfg_json(cfg_path)
+    raw = read_cfg_json(cfg_path, f"a sparsify SAE config beside {SPARSIFY_WEIGHTS_FILENAME}")
     d, n, k = _sparsify_shape(raw, cfg_path)
     state = _checked_weights(read_safetensors(weights_path, "sparsify SAE weights"), d, n, weights_path)
     hook_name = hookpoint_to_hook(folder.name)
@@ -212,10 +219,23 @@ def read_sparsify_folder(folder: Path, *, device="cpu", dtype: torch.dtype = tor
     # sparsify packs documents joined by EOS, adds no BOS per context, and trains on every position.
     cfg = SAEConfig(d_in=d, n_latents=n, k=k, hook_name=hook_name or "", prepend_bos=False, exclude_first=False,
                     extra=extra, **_run_provenance(folder))
+    if (folder / SAELAB_CFG_FILENAME).exists():  # written by saelab: its own settings, checked against cfg.json
+        cfg = _own_config_beside(folder / SAELAB_CFG_FILENAME, cfg, hook_name is not None)
     # encoder.weight [n, d] transposed is W_enc [d, n] in the latent-major storage TopKSAE uses itself.
     weights = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
                "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
     return build_sae(cfg, weights, device=device, dtype=dtype, path=weights_path)
+
+
+def _own_config_beside(path: Path, from_sparsify: SAEConfig, hook_from_folder: bool) -> SAEConfig:
+    """The SAEConfig saelab wrote beside a sparsify SAE, with this read's source and sparsify settings."""
+    checked = {"d_in": "cfg.json's 'd_in'", "n_latents": "cfg.json's 'num_latents'", "k": "cfg.json's 'k'",
+               "input_norm": "the sparsify format (no input normalization)"}
+    if hook_from_folder:
+        checked["hook_name"] = "the folder name (sparsify's hookpoint)"
+    own = own_config(read_cfg_json(path, "saelab's SAE config"), from_sparsify, str(path), checked,
+                     f"delete {path.name} to read the sparsify files alone")
+    return dataclasses.replace(own, extra={**own.extra, **from_sparsify.extra})
 
 
 def read_sparsify_hookpoints(folder: Path, *, device="cpu", dtype: torch.dtype = torch.float32
@@ -249,7 +269,9 @@ def sparsify_cfg_dict(sae: TopKSAE) -> dict[str, Any]:
         "activation": "topk",
         # Unused by sparsify when num_latents is set; the true ratio where it is a whole number.
         "expansion_factor": c.n_latents // c.d_in if c.n_latents % c.d_in == 0 else _DEFAULTS["expansion_factor"],
-        "normalize_decoder": bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-4)),
+        # Unit rows stored in bfloat16 or float16 read back within that dtype's rounding of 1.
+        "normalize_decoder": bool(torch.allclose(norms, torch.ones_like(norms),
+                                                 atol=max(1e-4, torch.finfo(sae.W_dec.dtype).eps))),
         "num_latents": c.n_latents,
         "k": c.k,
         "multi_topk": False,
@@ -266,7 +288,9 @@ def _sparsify_payloads(sae: TopKSAE) -> dict[str, bytes]:
                "W_dec": sae.W_dec.detach(), "b_dec": sae.b_dec.detach()}
     tensors = {key: t.to("cpu").contiguous() for key, t in tensors.items()}
     weights = save_safetensors(tensors)  # save_model adds metadata only for tensors it drops: none here
-    return {SPARSIFY_WEIGHTS_FILENAME: weights, SPARSIFY_CFG_FILENAME: cfg_text.encode("utf-8")}
+    own = json.dumps(sae.cfg.to_dict(), indent=2) + "\n"
+    return {SPARSIFY_WEIGHTS_FILENAME: weights, SAELAB_CFG_FILENAME: own.encode("utf-8"),
+            SPARSIFY_CFG_FILENAME: cfg_text.encode("utf-8")}
 
 
 def _write_files(folder: Path, payloads: dict[str, bytes]) -> None:
@@ -322,6 +346,7 @@ def write_sparsify_hookpoints(saes: Mapping[str, TopKSAE], folder: str | os.Path
 
 __all__ = [
     "FAMILY_MODULES",
+    "SAELAB_CFG_FILENAME",
     "SPARSIFY_CFG_FILENAME",
     "SPARSIFY_VERSION",
     "SPARSIFY_WEIGHTS_FILENAME",
