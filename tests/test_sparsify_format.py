@@ -173,6 +173,21 @@ def test_saving_over_the_other_layout_leaves_one_sae(tmp_path):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_one_layout_s_config_beside_the_other_s_weights_is_named(tmp_path):
+    sae = trained_like_sae()
+    saelens, sparsify = save_sae(sae, tmp_path / "a"), save_sae(sae, tmp_path / "b", format="sparsify")
+    (saelens / "sae_weights.safetensors").rename(saelens / "sae.safetensors")
+    with pytest.raises(CheckpointError, match="a SAELens config \\(d_sae\\) beside sparsify's weights file"):
+        load_sae(saelens)
+    (sparsify / "sae.safetensors").rename(sparsify / "sae_weights.safetensors")
+    with pytest.raises(CheckpointError, match="a sparsify config \\(num_latents\\) beside SAELens' weights file"):
+        load_sae(sparsify)
+    (sparsify / "cfg.json").unlink()
+    (sparsify / "sae_weights.safetensors").rename(sparsify / "sae.safetensors")
+    with pytest.raises(CheckpointError, match="cfg.json: missing; expected a sparsify SAE config beside sae.safetensors"):
+        load_sae(sparsify)
+
+
 def test_hookpoints_map_to_hook_names_both_ways():
     expected = {
         "gpt2": {"h.9": "blocks.9.hook_resid_post", "h.9.mlp": "blocks.9.hook_mlp_out", "h.9.attn": "blocks.9.hook_attn_out"},

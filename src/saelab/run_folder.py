@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -161,4 +162,7 @@ def model_for(sae) -> str:
     source = sae.cfg.extra.get("model_source") if isinstance(sae.cfg.extra, dict) else None
     if isinstance(source, dict) and source.get("spec"):
         return str(source["spec"])
+    if not sae.cfg.model_name:
+        warnings.warn("the SAE records no model; using the offline default (--model / model= chooses another)",
+                      stacklevel=2)
     return sae.cfg.model_name or "default"

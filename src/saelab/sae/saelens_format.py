@@ -324,6 +324,9 @@ def read_saelens_folder(folder: Path, *, device="cpu", dtype: torch.dtype = torc
     """Load a SAELens-layout folder (ours or SAELens' own) as a TopKSAE, or a ReLUSAE for architecture 'standard'."""
     cfg_path, weights_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
     raw = read_cfg_json(cfg_path)
+    if "num_latents" in raw and "d_sae" not in raw:
+        raise CheckpointError(f"{cfg_path}: a sparsify config (num_latents) beside SAELens' weights file "
+                              f"{WEIGHTS_FILENAME}; expected a SAELens cfg.json (d_in, d_sae, k)")
     cfg, apply_b_dec, rescale = _config_from_saelens(raw, cfg_path)
     sae_class = ReLUSAE if saelens_architecture(raw, cfg_path) == SAELENS_ARCHITECTURE else TopKSAE
     if "saelab" in raw:

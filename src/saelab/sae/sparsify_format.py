@@ -209,6 +209,9 @@ def read_sparsify_folder(folder: Path, *, device="cpu", dtype: torch.dtype = tor
     """Load one sparsify SAE folder (``cfg.json`` + ``sae.safetensors``) as a TopKSAE."""
     cfg_path, weights_path = folder / SPARSIFY_CFG_FILENAME, folder / SPARSIFY_WEIGHTS_FILENAME
     raw = read_cfg_json(cfg_path, f"a sparsify SAE config beside {SPARSIFY_WEIGHTS_FILENAME}")
+    if "d_sae" in raw and "num_latents" not in raw:
+        raise CheckpointError(f"{cfg_path}: a SAELens config (d_sae) beside sparsify's weights file "
+                              f"{SPARSIFY_WEIGHTS_FILENAME}; expected sparsify's cfg.json (num_latents, k, d_in)")
     d, n, k = _sparsify_shape(raw, cfg_path)
     state = _checked_weights(read_safetensors(weights_path, "sparsify SAE weights"), d, n, weights_path)
     hook_name = hookpoint_to_hook(folder.name)
