@@ -232,3 +232,28 @@ def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):
         assert _exit_code(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from saelab.sae import SAEConfig, TopKSAE, load_sae, save_sae
+
+    sae = TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, hook_name="blocks.3.hook_resid_post", model_name="gpt2",
+                            prepend_bos=True))
+    save_sae(sae, tmp_path / "run" / "sae")  # a run folder: its SAE is exported
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path / "run"), str(out), "--format", "sparsify"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == ["cfg.json", "sae.safetensors", "saelab.json"]
+    again = load_sae(out)
+    assert torch.equal(again.W_enc, sae.W_enc) and again.cfg.hook_name == sae.cfg.hook_name and again.cfg.prepend_bos
+    assert main(["export", str(tmp_path / "run"), str(out), "--format", "saelens"]) == 2
+    assert "holds an SAE already; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), str(out), "--format", "saelens", "--dtype", "bfloat16",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert load_sae(out, dtype=torch.bfloat16).W_dec.equal(sae.W_dec.bfloat16())
+    assert main(["export", str(tmp_path / "run"), str(tmp_path), "--format", "saelens"]) == 2  # holds the run
+    assert "holds other files; expected a new or empty folder" in capsys.readouterr().err

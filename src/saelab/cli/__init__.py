@@ -16,7 +16,7 @@ from saelab.errors import SaelabError
 from saelab.utils.device import resolve_device
 from saelab.utils.host_memory import retain_freed_memory
 
-VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "top", "browse", "families")
+VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "top", "browse", "families", "export")
 
 
 def _option_value(argv: list[str], option: str) -> str | None:
@@ -31,7 +31,7 @@ def _option_value(argv: list[str], option: str) -> str | None:
 
 def build_parser(argv: list[str] | None = None, recipe: str | None = None) -> argparse.ArgumentParser:
     """The full parser. The recipe (``recipe``, else ``--recipe`` in ``argv``) sets the training defaults."""
-    from saelab.cli import evaluate, explore, jobs
+    from saelab.cli import evaluate, explore, jobs, share
     from saelab.train.config import RECIPES
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -52,6 +52,7 @@ def build_parser(argv: list[str] | None = None, recipe: str | None = None) -> ar
     explore.add_top(sub)
     explore.add_browse(sub)
     explore.add_families(sub)
+    share.add_export(sub)
     _share_config_sections(sub.choices.values())
     parser.verb_parsers = sub.choices
     return parser
