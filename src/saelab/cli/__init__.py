@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -94,12 +95,14 @@ def _fail(verb: str, message: str, code: int) -> int:
 
 
 def _hide_library_progress_bars() -> None:
-    """--no-progress also hides the bars transformers and the hub draw (loading weights, downloads)."""
+    """--no-progress also hides the bars transformers and the hub draw (loading weights, downloads), and
+    those drawn with plain tqdm (transformers' GGUF conversion), which read TQDM_DISABLE."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bars()
     disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"
 
 
 def main(argv: list[str] | None = None) -> int:
