@@ -26,20 +26,22 @@ def _cache(tmp_path: Path, tiny_gpt2, data_dir) -> Path:
     return tmp_path / "acts"
 
 
-def _run(cmd: list[str], *, gpus: bool = False) -> None:
+def _run(cmd: list[str], *, gpus: bool = False, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not gpus:  # the CPU test stays on gloo and the CPU on a GPU machine too
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode == 0) == (returncode == 0), proc.stderr[-3000:]
+    return proc
 
 
 def test_two_process_training_equals_single_process(tmp_path, tiny_gpt2, data_dir):
     cache = _cache(tmp_path, tiny_gpt2, data_dir)
     _run([sys.executable, "-m", "saelab", "train", "--activations", str(cache), "--out", str(tmp_path / "single"),
           *TRAIN_ARGS])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29517",
-          "-m", "saelab", "train", "--activations", str(cache), "--out", str(tmp_path / "ddp"), *TRAIN_ARGS])
+    ddp_run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29517",
+                    "-m", "saelab", "train", "--activations", str(cache), "--out", str(tmp_path / "ddp"), *TRAIN_ARGS])
+    assert ddp_run.stdout.count('"n_latents"') == 1  # the result printed once, not once per process
     single, ddp = load_sae(tmp_path / "single" / "sae"), load_sae(tmp_path / "ddp" / "sae")
     for (name, a), b in zip(single.named_parameters(), ddp.parameters()):
         # Same global batches; only the order of float summation differs between the two.
@@ -47,3 +49,13 @@ def test_two_process_training_equals_single_process(tmp_path, tiny_gpt2, data_di
     # AuxK was active (dead window of 2 steps), so its reductions are covered too.
     log = (tmp_path / "ddp" / "metrics.jsonl").read_text()
     assert '"auxk": 0.0,' not in log.splitlines()[-1]
+
+
+def test_batch_that_does_not_split_is_refused_before_the_run_folder(tmp_path, tiny_gpt2, data_dir):
+    cache = _cache(tmp_path, tiny_gpt2, data_dir)
+    args = [a if a != "256" else "255" for a in TRAIN_ARGS]  # --batch-size 255 over 2 processes
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29518",
+                 "-m", "saelab", "train", "--activations", str(cache), "--out", str(tmp_path / "odd"), *args],
+                returncode=1)
+    assert "saelab train: error: --batch-size 255 does not split evenly over 2 processes" in proc.stderr
+    assert not (tmp_path / "odd").exists()

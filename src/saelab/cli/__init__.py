@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nsaelab {verb}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    if result is not None:
+    if result is not None and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not per process
         print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -72,6 +72,14 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def check_batch_split(batch_size: int) -> None:
+    """Refuse a global batch that the processes cannot share evenly (checked before a run starts)."""
+    w = world_size()
+    if batch_size % w:
+        raise ConfigError(f"--batch-size {batch_size} does not split evenly over {w} processes; expected a "
+                          f"multiple of {w} (e.g. {batch_size - batch_size % w})")
+
+
 def local_rows(x_BD: torch.Tensor) -> torch.Tensor:
     """This rank's contiguous slice of a global batch (the batch must split evenly)."""
     w = world_size()

@@ -511,6 +511,7 @@ def _check_runs(cfgs: Sequence[TrainConfig], run_dirs: Sequence[str | Path]) -> 
     if len(set(folders)) != len(folders):
         twice = sorted({str(f) for f in folders if folders.count(f) > 1})
         raise ConfigError(f"run folder(s) {twice} given to several runs; expected one folder per run")
+    ddp.check_batch_split(cfgs[0].batch_size)  # before any run folder is written
 
 
 def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs: Sequence[str | Path], *,
