@@ -15,7 +15,7 @@ not mixed in one curve); each group with at least 3 sizes is fitted with
 standard error and a 95 % profile-likelihood interval (a and c refitted for each alpha; undefined
 with 3 sizes, possibly unbounded with 4 or 5, where c can absorb the decline). Beside it,
 ``alpha_pure`` is the slope of a floor-free power law ``a n^-alpha`` (log-log least squares), which
-stays meaningful with few sizes. A group whose nMSE does not fall with n (larger SAEs undertrained
+stays meaningful with few sizes. A group whose nMSE stops falling with n (larger SAEs undertrained
 at the budget) is flagged ``monotone: false``; its alpha says nothing. The paper's Figure 1 plots
 the same (their "normalized MSE" at convergence; here at the sweep's token budget, so large n
 trained on few tokens per latent bend the curve up). The spliced LM loss is shown beside it; its
@@ -135,9 +135,11 @@ def _fit_group(n: list[int], y: list[float], what: str) -> dict[str, Any]:
     """The power-law fit of one group's nMSE(n), with its interval, floor-free slope and notes."""
     law = fit_power_law(n, y, what=what)
     fitted = [float(v) for v in law(np.asarray(n, dtype=np.float64))]
-    monotone = all(b < a for a, b in zip(y, y[1:]))
-    notes = [] if monotone else ["nMSE does not fall with n at this budget (larger SAEs undertrained?): "
-                                 "alpha is not meaningful"]
+    stops = next((i for i in range(len(y) - 1) if y[i + 1] >= y[i]), None)
+    monotone = stops is None
+    notes = [] if monotone else [
+        f"nMSE stops falling from n = {n[stops]:,} to {n[stops + 1]:,} ({y[stops]:.4f} -> {y[stops + 1]:.4f}; "
+        "larger SAEs undertrained at this budget?), so alpha is not meaningful"]
     if len(n) == 3:
         notes.append("3 sizes for 3 parameters: the curve passes through them")
     return dict(fitted=True, alpha=law.alpha, alpha_se=law.alpha_se, alpha_interval=law.alpha_interval,
