@@ -129,7 +129,8 @@ def _open_cache(cache: str | Path | ActivationCache, rows_needed: int) -> Activa
     cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
     if cache.n_rows < rows_needed:
         raise CorpusError(f"activation cache {cache.folder} holds {cache.n_rows:,} rows but training needs "
-                          f"{rows_needed:,} (total_tokens); harvest more or train on fewer tokens")
+                          f"{rows_needed:,} (total_tokens); harvest more or train on fewer tokens (--total-tokens "
+                          f"{cache.n_rows} at most)")
     return cache
 
 
