@@ -23,7 +23,6 @@ from saelab.evals.compute_equivalent import (
     series_for_model,
 )
 from saelab.report.plots import compute_equivalent_plot
-from saelab.utils.hub import hub_kwargs
 
 A, B, C_IRR = 40.0, 0.12, 2.0
 TOTAL = 4_000_000_000
@@ -139,6 +138,8 @@ def test_hub_series_names_revisions_and_tokens():
 
 
 def test_hub_checkpoints_load_through_load_model_with_their_revision(monkeypatch):
+    import huggingface_hub.constants
+
     import saelab.models
     import saelab.models.loading as loading
 
@@ -154,11 +155,18 @@ def test_hub_checkpoints_load_through_load_model_with_their_revision(monkeypatch
         seen.append((path, kw))
         raise OSError("offline")
     monkeypatch.setattr(loading, "_load_dir", fake_load_dir)
-    with pytest.raises(loading.ModelLoadError, match="'stanford-crfm/alias-gpt2-small-x21' at revision "
-                                                     "'checkpoint-1000'"):
-        loading.load_model("stanford-crfm/alias-gpt2-small-x21", revision="checkpoint-1000")
-    # Without a network (as here) the local cache only: local_files_only as well.
-    assert seen == [("stanford-crfm/alias-gpt2-small-x21", {"revision": "checkpoint-1000", **hub_kwargs()})]
+    # The revision goes through whether the hub is reachable (behind a proxy: no name lookup) or not
+    # (offline mode: the local cache only).
+    for offline, kwargs in ((False, {}), (True, {"local_files_only": True})):
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.saelab-tests.invalid:3128")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        seen.clear()
+        with pytest.raises(loading.ModelLoadError, match="'stanford-crfm/alias-gpt2-small-x21' at revision "
+                                                         "'checkpoint-1000'"):
+            loading.load_model("stanford-crfm/alias-gpt2-small-x21", revision="checkpoint-1000")
+        assert seen == [("stanford-crfm/alias-gpt2-small-x21", {**kwargs, "revision": "checkpoint-1000"})]
     with pytest.raises(loading.ModelLoadError, match="applies only to hub ids"):
         loading.load_model(".", revision="step1")
 

@@ -389,7 +389,8 @@ def test_load_errors_name_the_spec(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="not a .gguf"):
         load_model(str(tmp_path / "weights.bin"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no retries
-    with pytest.raises(ModelLoadError, match="'saelab-tests/no-such-model'.*HF_HUB_OFFLINE is set"):
+    with pytest.raises(ModelLoadError, match="'saelab-tests/no-such-model' from the local Hugging Face cache \\(the hub cannot be reached: "
+                                              "offline mode is on"):
         load_model("saelab-tests/no-such-model")
     with pytest.raises(ValueError, match="dtype"):
         load_model("default", dtype="float33")
@@ -397,19 +398,22 @@ def test_load_errors_name_the_spec(tmp_path, monkeypatch):
 
 def test_unreachable_hub_is_named_at_once(monkeypatch):
     """A hub whose host does not resolve: the local cache only, no minute of retries, and a message
-    that says so; behind a proxy the name is not checked (the proxy resolves it)."""
+    that says so; behind a proxy (unless the host bypasses it) the name is not checked."""
     import huggingface_hub.constants
 
-    for name in hub._PROXY_VARIABLES:
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://saelab-tests.invalid")
     assert hub.hub_unreachable_reason() == "saelab-tests.invalid does not resolve: no network?"
     assert hub.hub_kwargs() == {"local_files_only": True}
-    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache and the hub cannot be reached"):
+    with pytest.raises(ModelLoadError, match="from the local Hugging Face cache \\(the hub cannot be reached: "
+                                             "saelab-tests.invalid does not resolve"):
         load_model("saelab-tests/no-such-model")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.saelab-tests.invalid:3128")
     assert hub.hub_unreachable_reason() is None and hub.hub_kwargs() == {}
+    monkeypatch.setenv("NO_PROXY", "saelab-tests.invalid")  # the proxy is bypassed: the name is checked again
+    assert hub.hub_unreachable_reason() == "saelab-tests.invalid does not resolve: no network?"
 
 
 def test_default_model(smollm2):

@@ -586,8 +586,8 @@ def test_load_from_the_hub_offline(tmp_path, monkeypatch):
                        random_sae(seed=4).b_dec)
     with pytest.raises(CheckpointError, match=r"has no 'blocks.10.hook_resid_post' \(found \[.blocks.8"):
         load_sae("hf://someone/gpt2-saes/blocks.10.hook_resid_post", **kw)
-    with pytest.raises(CheckpointError, match="hf://nobody/nothing/x: not in the local Hugging Face cache, and the "
-                       "hub cannot be reached \\(HF_HUB_OFFLINE is set\\)"):
+    with pytest.raises(CheckpointError, match="hf://nobody/nothing/x: could not be read from the local Hugging Face "
+                       "cache \\(the hub cannot be reached: offline mode is on"):
         load_sae("hf://nobody/nothing/x", **kw)
     with pytest.raises(CheckpointError, match="expected hf://owner/repo"):
         load_sae("hf://just-a-name")

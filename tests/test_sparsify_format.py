@@ -151,8 +151,15 @@ def test_saelab_settings_survive_the_sparsify_layout(tmp_path):
     with pytest.raises(CheckpointError, match="saelab.json: k=4 disagrees with cfg.json's 'k'.*delete saelab.json"):
         load_sparsify(trainer)
     (trainer / "layers.1" / "saelab.json").write_text(json.dumps({**stale, "hook_name": "blocks.0.hook_mlp_out"}))
-    with pytest.raises(CheckpointError, match="hook_name='blocks.0.hook_mlp_out' disagrees with the folder name"):
+    with pytest.raises(CheckpointError, match="hook_name='blocks.0.hook_mlp_out' is not the tensor the folder name"):
         load_sparsify(trainer)
+    # The writer names blocks.L.hook_resid_pre by the module whose output it is (layer L-1); an SAE that
+    # records no hook takes the folder's.
+    pre = trained_like_sae(model_name="gpt2", hook_name="blocks.3.hook_resid_pre")
+    assert load_sparsify(save_sparsify({pre.cfg.hook_name: pre}, tmp_path / "pre")).keys() == {"blocks.3.hook_resid_pre"}
+    assert load_sae(tmp_path / "pre" / "h.2").cfg.hook_name == "blocks.3.hook_resid_pre"
+    no_hook = save_sae(trained_like_sae(), tmp_path / "x" / "layers.9", format="sparsify")
+    assert load_sae(no_hook).cfg.hook_name == "blocks.9.hook_resid_post"
 
 
 def test_saving_over_the_other_layout_leaves_one_sae(tmp_path):

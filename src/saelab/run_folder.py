@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 import shutil
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,6 @@ def model_for(sae) -> str:
     if isinstance(source, dict) and source.get("spec"):
         return str(source["spec"])
     if not sae.cfg.model_name:
-        warnings.warn("the SAE records no model; using the offline default (--model / model= chooses another)",
-                      stacklevel=2)
+        print("saelab: warning: the SAE records no model; using the offline default (--model chooses another)",
+              file=sys.stderr)
     return sae.cfg.model_name or "default"

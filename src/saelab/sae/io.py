@@ -266,8 +266,8 @@ def _hub_fetch(repo_id: str, sae_id: str, where: str, **hub_kwargs: Any) -> Path
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         offline = hub_unreachable_reason()
         if offline:
-            raise CheckpointError(f"{where}: not in the local Hugging Face cache, and the hub cannot be reached "
-                                  f"({offline})") from e
+            raise CheckpointError(f"{where}: could not be read from the local Hugging Face cache (the hub cannot be "
+                                  f"reached: {offline}): {type(e).__name__}: {first.split('. ')[0]}") from e
         raise CheckpointError(f"{where}: could not be fetched from the Hugging Face hub ({type(e).__name__}: "
                               f"{first})") from e
 

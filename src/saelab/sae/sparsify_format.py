@@ -234,11 +234,21 @@ def _own_config_beside(path: Path, from_sparsify: SAEConfig, hook_from_folder: b
     """The SAEConfig saelab wrote beside a sparsify SAE, with this read's source and sparsify settings."""
     checked = {"d_in": "cfg.json's 'd_in'", "n_latents": "cfg.json's 'num_latents'", "k": "cfg.json's 'k'",
                "input_norm": "the sparsify format (no input normalization)"}
-    if hook_from_folder:
-        checked["hook_name"] = "the folder name (sparsify's hookpoint)"
-    own = own_config(read_cfg_json(path, "saelab's SAE config"), from_sparsify, str(path), checked,
-                     f"delete {path.name} to read the sparsify files alone")
-    return dataclasses.replace(own, extra={**own.extra, **from_sparsify.extra})
+    remedy = f"delete {path.name} to read the sparsify files alone"
+    own = own_config(read_cfg_json(path, "saelab's SAE config"), from_sparsify, str(path), checked, remedy)
+    hook = own.hook_name or from_sparsify.hook_name
+    if hook_from_folder and _as_module_output(hook) != from_sparsify.hook_name:
+        raise CheckpointError(f"{path}: hook_name={own.hook_name!r} is not the tensor the folder name (sparsify's "
+                              f"hookpoint) names, {from_sparsify.hook_name!r}; {remedy}")
+    return dataclasses.replace(own, hook_name=hook, extra={**own.extra, **from_sparsify.extra})
+
+
+def _as_module_output(hook_name: str) -> str:
+    """The hook name as a module's output: blocks.L.hook_resid_pre (L >= 1) is blocks.(L-1).hook_resid_post."""
+    match = _HOOK_RE.match(hook_name)
+    if match and match.group(2) == "resid_pre" and int(match.group(1)) >= 1:
+        return f"blocks.{int(match.group(1)) - 1}.hook_resid_post"
+    return hook_name
 
 
 def read_sparsify_hookpoints(folder: Path, *, device="cpu", dtype: torch.dtype = torch.float32

@@ -76,8 +76,8 @@ def check_batch_split(batch_size: int) -> None:
     """Refuse a global batch that the processes cannot share evenly (checked before a run starts)."""
     w = world_size()
     if batch_size % w:
-        raise ConfigError(f"--batch-size {batch_size} does not split evenly over {w} processes; expected a "
-                          f"multiple of {w} (e.g. {batch_size - batch_size % w})")
+        raise ConfigError(f"batch_size={batch_size} (--batch-size) does not split evenly over {w} processes; "
+                          f"expected a multiple of {w} (e.g. {max(w, batch_size - batch_size % w)})")
 
 
 def local_rows(x_BD: torch.Tensor) -> torch.Tensor:

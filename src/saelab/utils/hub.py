@@ -8,35 +8,39 @@ in the local Hugging Face cache only and fail at once if the files are not there
 
 from __future__ import annotations
 
-import functools
-import os
 import socket
+import urllib.request
 from typing import Any
 from urllib.parse import urlparse
 
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-
 
 def hub_unreachable_reason() -> str | None:
-    """Why the hub cannot be reached ("HF_HUB_OFFLINE is set", "huggingface.co does not resolve"), or
-    None when it may be reachable (a failed download then still reports its own error)."""
+    """Why the hub cannot be reached ("offline mode is on", "huggingface.co does not resolve"), or None
+    when it may be reachable (a failed download then still reports its own error)."""
     from huggingface_hub import constants  # lazy: only hub users pay the import
 
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        return None  # a proxy resolves the host itself
-    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    if constants.is_offline_mode():
+        return "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or constants.ENDPOINT
+    proxies = urllib.request.getproxies()
+    if (proxies.get(endpoint.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return None  # the proxy resolves the host itself
     return None if _resolves(host) else f"{host} does not resolve: no network?"
 
 
-@functools.cache
+_RESOLVED: set[str] = set()
+
+
 def _resolves(host: str) -> bool:
-    """Whether the host name resolves (asked once per host and process)."""
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
+    """Whether the host name resolves. A success is remembered for the process; a failure is asked
+    again next time (the network may come back in a long session)."""
+    if host not in _RESOLVED:
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError:
+            return False
+        _RESOLVED.add(host)
     return True
 
 
