@@ -37,6 +37,7 @@ BAD = [
     ("sweep --recipe relu-l1 --grid k=16,32", "--grid k: a ReLU SAE"),
     ("quickstart --recipe relu-l1 --k-aux 64", "--k-aux: a ReLU SAE"),
     ("harvest --n-tokens -5", "n_tokens must be >= 1"),
+    ("harvest --hook blocks.9.resid_post", "hook 'blocks.9.resid_post': expected blocks.{L}.hook_{resid_pre|"),
     ("harvest --dtype float8", "argument --dtype: invalid choice: 'float8'"),
     ("harvest --context-size 1", "context_size must be >= 3"),
     ("harvest --buffer-tokens 4096", "buffer_tokens must be >= 8,192 (two blocks of 4,096 rows), got 4,096"),

@@ -22,6 +22,7 @@ from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
 from saelab.models import LanguageModel, load_model, model_provenance
+from saelab.models.hooks import hook_form_problem
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
                                check_output_folder, is_run, model_for, open_sae, read_eval_metrics, read_json,
@@ -87,6 +88,8 @@ class HarvestConfig:
             raise ConfigError(f"sample_pool_tokens must be >= 0, got {self.sample_pool_tokens}")
         if self.dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(f"dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
+        if hook_form_problem(self.hook):
+            raise ConfigError(f"hook {self.hook!r}: {hook_form_problem(self.hook)}")
 
 
 def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):

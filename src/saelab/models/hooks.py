@@ -112,6 +112,15 @@ def detect_layout(model: nn.Module) -> Layout:
     )
 
 
+def hook_form_problem(name: Any) -> str | None:
+    """What makes ``name`` a hook no model has (checked before a model loads; the layer range needs
+    the model), or None."""
+    match = _HOOK_RE.match(name) if isinstance(name, str) else None
+    if match is None or match.group(2) not in HOOK_KINDS:
+        return f"expected blocks.{{L}}.hook_{{{'|'.join(HOOK_KINDS)}}}, e.g. blocks.9.hook_resid_post"
+    return None
+
+
 def parse_hook(name: Any, layout: Layout, model_name: str) -> tuple[int, str]:
     """Split ``blocks.L.hook_KIND`` into (L, KIND), or raise HookNameError naming what is wrong."""
     n_layers = len(layout.blocks)
