@@ -24,6 +24,7 @@ from saelab.cli import main
 from saelab.data import ActivationCache, ActivationCacheError, write_activation_cache
 from saelab.errors import (
     CheckpointError,
+    ConfigError,
     CorpusError,
     HookNameError,
     NonFiniteError,
@@ -104,13 +105,16 @@ def tiny_cache(tiny_gpt2, corpus, tmp_path_factory) -> Path:
 # ---- unknown hook names ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", BAD_HOOKS)
-def test_unknown_hook_in_harvest(tiny_gpt2, corpus, tmp_path, bad):
-    with pytest.raises(HookNameError, match=re.escape(repr(bad))) as err:
-        harvest(harvest_cfg(corpus, hook=bad), tmp_path / "acts", lm=tiny_gpt2, progress=False)
+def test_unknown_hook_in_harvest(tiny_gpt2, corpus, tmp_path):
+    # A layer the model lacks: refused once the model is known, before anything is written.
+    with pytest.raises(HookNameError, match=re.escape(repr(BAD_HOOKS[0]))) as err:
+        harvest(harvest_cfg(corpus, hook=BAD_HOOKS[0]), tmp_path / "acts", lm=tiny_gpt2, progress=False)
     assert "valid hooks look like blocks.{L}.hook_" in str(err.value)
     assert "L in 0..1" in str(err.value)  # what was expected, for this 2-layer model
-    assert not (tmp_path / "acts").exists()  # refused before anything was written
+    assert not (tmp_path / "acts").exists()
+    # A hook kind no model has: refused by the config itself, before any model is named.
+    with pytest.raises(ConfigError, match=re.escape(f"hook {BAD_HOOKS[1]!r}: expected blocks.{{L}}.hook_{{")):
+        harvest_cfg(corpus, hook=BAD_HOOKS[1])
 
 
 @pytest.mark.parametrize("bad", BAD_HOOKS)
@@ -129,11 +133,11 @@ def test_unknown_hook_in_activations(tiny_gpt2, bad):
 
 
 def test_unknown_hook_in_cli_harvest(tiny_dir, corpus, tmp_path, capsys):
-    bad = BAD_HOOKS[1]
+    bad = BAD_HOOKS[0]
     code, out, err = run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", bad, "--corpus", str(corpus),
                              "--out", str(tmp_path / "acts"), "--no-progress")
     assert code == 2 and out == ""
-    assert err.startswith("saelab harvest: error: unknown hook 'blocks.1.hook_foo'")
+    assert err.startswith("saelab harvest: error: unknown hook 'blocks.99.hook_resid_post'")
     assert not (tmp_path / "acts").exists()
 
 
