@@ -5,6 +5,12 @@ class SaelabError(Exception):
     """Base class of every error saelab raises on purpose."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error (transformers' and the hub's run to paragraphs of advice)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class HookNameError(SaelabError, KeyError):
     """A hook name that the model does not have."""
 

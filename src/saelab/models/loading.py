@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, first_line
 from saelab.models.lm import LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
@@ -198,7 +198,7 @@ def load_model(
         try:
             model, tokenizer = _load_dir(local, dtype)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"cannot load model directory {local}: {_first_line(err)}") from err
+            raise ModelLoadError(f"cannot load model directory {local}: {first_line(err)}") from err
     elif local.exists():
         raise ModelLoadError(f"model spec {spec!r} is a file but not a .gguf file")
     elif spec.endswith(".gguf") or spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
@@ -213,19 +213,13 @@ def load_model(
             if offline:
                 raise ModelLoadError(f"cannot load model {spec!r}{at} from the local Hugging Face cache (the hub "
                                      f"cannot be reached: {offline}; a local model directory or .gguf path also "
-                                     f"works): {_first_line(err)}") from err
+                                     f"works): {first_line(err)}") from err
             raise ModelLoadError(
                 f"cannot load model {spec!r}{at} from the Hugging Face hub (is the id right and the hub "
-                f"reachable? a local model directory or .gguf path also works): {_first_line(err)}"
+                f"reachable? a local model directory or .gguf path also works): {first_line(err)}"
             ) from err
     model.to(device)
     return LanguageModel(model, tokenizer, name)
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an error (transformers' hub errors run to several lines of advice)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def model_provenance(spec: str) -> dict:

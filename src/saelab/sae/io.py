@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from saelab.errors import CheckpointError, ConfigError
+from saelab.errors import CheckpointError, ConfigError, first_line
 from saelab.sae.openai_format import (
     OPENAI_LOCATION_TO_HOOK,
     openai_hook_name,
@@ -263,7 +263,7 @@ def _hub_fetch(repo_id: str, sae_id: str, where: str, **hub_kwargs: Any) -> Path
         patterns = [f"{sae_id}/*"] if sae_id else None
         return Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs)) / sae_id
     except Exception as e:  # huggingface_hub raises many types (offline, not found, gated, HTTP, validation)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         offline = hub_unreachable_reason()
         if offline:
             raise CheckpointError(f"{where}: could not be read from the local Hugging Face cache (the hub cannot be "
