@@ -192,6 +192,29 @@ def test_evaluation_runs_the_sae_on_the_model_device():
     assert _beside_model(same, SimpleNamespace(device=torch.device("cpu")), given=True) is same
 
 
+def test_browser_runs_the_saes_it_loads_on_the_model_device(tmp_path, gpt2_tokenizer):
+    """browse, families and the Neuronpedia export encode with the SAE: one they load from a path goes to
+    the model's device (else a GPU model's activations come back to the CPU for the encoder); one the
+    caller gave stays where it is."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from saelab.explore.browser import BrowseConfig
+    from saelab.explore.browser.build import SAESource
+    from saelab.explore.browser.make import load_model_beside, open_sources
+    from saelab.models import LanguageModel
+    from saelab.sae import save_sae
+
+    save_sae(TopKSAE(SAEConfig(D, 128, 8)), tmp_path / "sae")
+    given = SAESource("given", "mem", TopKSAE(SAEConfig(D, 64, 8)))
+    sources, loaded_here = open_sources([tmp_path / "sae", given])
+    assert [s.name for s in loaded_here] == ["sae"]
+    with torch.device("meta"):  # any device but the CPU
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=D, n_head=4, vocab_size=50257, n_positions=64))
+    lm = LanguageModel(model, gpt2_tokenizer, "meta-gpt2")
+    assert load_model_beside(lm, BrowseConfig(), sources, loaded_here) is lm
+    assert sources[0].sae.W_dec.is_meta and given.sae.W_dec.device.type == "cpu"
+
+
 @pytest.mark.parametrize("entry", ["downstream_metrics", "evaluate_core", "ablation_sparsity", "steer", "run_with_saes"])
 def test_sae_beside_a_model_on_another_device_is_refused_in_one_line(entry, tiny_gpt2):
     """The library functions that splice an SAE into a model's forward name both devices up front
@@ -287,6 +310,7 @@ def test_training_on_cuda_equals_the_cpu_run(tmp_path, decoder_init):
         assert a["nmse"] == pytest.approx(b["nmse"], rel=1e-4) and a["l0"] == pytest.approx(b["l0"], abs=0.05)
     assert any(r["auxk"] > 0 for r in rows[1])  # AuxK ran on the GPU
     assert load_sae(tmp_path / "gpu" / "sae").W_dec.device.type == "cpu"  # the saved SAE loads anywhere
+    assert json.loads((tmp_path / "gpu" / "sae" / "cfg.json").read_text())["device"] == "cpu"  # as a CPU run's
 
 
 @CUDA
@@ -304,7 +328,11 @@ def test_resume_on_gpu_and_across_devices(tmp_path):
     for key in ("sae", "tokens_since_fired", "ema", "optimizer"):  # restored bit for bit
         for x, y in zip(_tensors(to_cpu(trainer.state_dict()[key])), _tensors(state[key])):
             assert torch.equal(x.float(), y.float()), key
-    _assert_close(full_gpu, _train(tmp_path, "gg", "cuda"))
+    # Resumed on the GPU: bit for bit, like a second uninterrupted GPU run (the step sums in a fixed
+    # order, no atomic float adds).
+    for other in (_train(tmp_path, "gg", "cuda"), _train(tmp_path, "full_gpu_again", "cuda")):
+        for (name, p), q in zip(full_gpu.named_parameters(), other.parameters()):
+            assert torch.equal(p.detach().cpu(), q.detach().cpu()), name
     # Started on the GPU, finished on the CPU; and the other way round.
     _train(tmp_path, "gc", "cuda", stop_after_steps=5)
     _assert_close(full_cpu, _train(tmp_path, "gc", "cpu"))

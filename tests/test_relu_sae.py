@@ -216,3 +216,19 @@ def test_cli_trains_and_evaluates_a_relu_sae(cache_dir, data_dir, tmp_path, caps
     # The L0 of a ReLU SAE depends on the data: here lambda = 5 leaves few latents firing on this tiny
     # model's activations after 12 steps (L0 ~0.06, nMSE ~1.0), but some do, never all.
     assert 0 < metrics["l0"] < 128 and metrics["nmse"] > 0
+
+
+def test_fired_marks_the_latents_with_a_positive_value():
+    """Dead-latent tracking's input: TopK's (values, indices) with some kept values clipped to 0, and a
+    ReLU SAE's dense latents; both against a boolean index of the positive entries."""
+    torch.manual_seed(0)
+    topk, relu = TopKSAE(SAEConfig(16, 64, 4)), ReLUSAE(relu_config(16, 64))
+    x = torch.randn(32, 16)
+    for sae in (topk, relu):
+        vals, idx, _ = sae.encode_topk(x)
+        # Latents 0-9 never fire; elsewhere some entries are clipped to 0.
+        vals = vals.masked_fill((idx.expand_as(vals) < 10) | (torch.rand_like(vals) < 0.3), 0.0)
+        expected = torch.zeros(64, dtype=torch.bool)
+        expected[idx.expand_as(vals)[vals > 0]] = True
+        assert 0 < int(expected.sum()) < 64
+        assert torch.equal(sae.fired(vals, idx), expected.float()), type(sae).__name__

@@ -13,7 +13,7 @@ Here, with xc = x - b_dec:
   forward and backward with a quarter of the latents dead, no change with 3 %; not measured on
   a GPU, where the gathered copy of W_enc is a transient [n, d] allocation per step);
 - backward, with g the gradient of the kept values (ReLU mask applied):
-    d b_enc[j]    = sum of g over selections of latent j            (index_add)
+    d b_enc[j]    = sum of g over selections of latent j            (in entry order, as d W_enc)
     d W_enc[:, j] = sum over selections (b, j) of g * xc[b]         (embedding_bag, rows grouped by latent)
     d b_dec       = -sum_b d xc[b] = -W_enc @ d b_enc                 (one mat-vec: the rows' sum is all
                                                                       b_dec needs, so d xc is not formed)
@@ -123,9 +123,9 @@ class _LatentGroups:
         keys = idx_flat.to(torch.int32) if n < 2**31 else idx_flat
         self.sorted_keys, self.order = keys.sort(stable=True)
         self.row = torch.div(self.order, S, rounding_mode="floor")
-        counts = torch.bincount(idx_flat, minlength=n)
-        self.offsets = torch.zeros(n, dtype=torch.long, device=idx_flat.device)
-        self.offsets[1:] = counts.cumsum(0)[:-1]
+        self.n_rows = idx_flat.numel() // S
+        # Where each latent's run starts; unlike bincount, searchsorted needs no host sync on a GPU.
+        self.offsets = torch.searchsorted(self.sorted_keys, torch.arange(n, dtype=keys.dtype, device=keys.device))
 
     @property
     def latent(self) -> torch.Tensor:
@@ -133,8 +133,14 @@ class _LatentGroups:
         return self.sorted_keys.long()
 
     def sum_rows(self, w_flat: torch.Tensor, rows_BD: torch.Tensor) -> torch.Tensor:
-        """[n, d]: out[j] = sum over entries e of latent j of w_flat[e] * rows_BD[row of e]."""
+        """[n, d]: out[j] = sum over entries e of latent j of w_flat[e] * rows_BD[row of e]. Each latent's
+        sum runs in entry order, on a GPU too (no atomic adds), so a run repeats bit for bit."""
         return F.embedding_bag(self.row, rows_BD, self.offsets, mode="sum", per_sample_weights=w_flat[self.order])
+
+    def sums(self, w_flat: torch.Tensor) -> torch.Tensor:
+        """[n]: out[j] = sum of w_flat over latent j's entries, in entry order (index_add_ would use
+        atomic adds on a GPU, whose order varies from run to run)."""
+        return self.sum_rows(w_flat, w_flat.new_ones(self.n_rows, 1)).squeeze(1)
 
 
 def _add_to_rows_(dst_ND: torch.Tensor, rows_R: torch.Tensor, src_RD: torch.Tensor) -> torch.Tensor:
@@ -339,10 +345,10 @@ def _sparse_grads(xc_BD: torch.Tensor, W_enc_DN: torch.Tensor, g_parts: list[tor
         return (torch.zeros_like(xc_BD) if need_x else None), grad_W, g.new_zeros(n)
     if need_x:
         grad_x = F.embedding_bag(idx, W_enc_DN.t().contiguous(), per_sample_weights=g, mode="sum")
+    groups = _LatentGroups(idx_flat, S, n)
     if need_W:
-        grad_W = _LatentGroups(idx_flat, S, n).sum_rows(g_flat, xc_BD)
-    grad_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, idx_flat, g_flat)
-    return grad_x, grad_W, grad_b
+        grad_W = groups.sum_rows(g_flat, xc_BD)
+    return grad_x, grad_W, groups.sums(g_flat)
 
 
 def sparse_topk_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DN: torch.Tensor, b_enc_N: torch.Tensor,

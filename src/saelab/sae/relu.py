@@ -79,6 +79,12 @@ class ReLUSAE(TopKSAE):
         out = out.reshape(*vals.shape[:-1], self.d_in)
         return out + self.b_dec if bias else out
 
+    def fired(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """TopKSAE.fired for dense latents (``idx`` all_latents): no [B, n] index copy."""
+        if not self.is_all_latents(idx):
+            return super().fired(vals, idx)
+        return (vals > 0).reshape(-1, self.n_latents).any(0).float()
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latents z [..., n] of raw activations (keeps a LayerNorm SAE's statistics for ``decode``)."""
         return self.encode_sparse(x).vals_BK

@@ -266,9 +266,7 @@ class Trainer:
         with tf32_matmuls(self.allow_tf32):
             out = self._forward_backward(x_BD)
             self._update()
-        fired = torch.zeros(self.sae.n_latents, dtype=torch.float32, device=self.device)
-        fired[out.idx_BK[out.vals_BK > 0]] = 1.0
-        fired = ddp.all_reduce_sum(fired) > 0
+        fired = ddp.all_reduce_sum(self.sae.fired(out.vals_BK, out.idx_BK)) > 0
         # A revival: a latent dead at this step's start (the set AuxK trained) fires again. The AuxK loss
         # alone cannot show revivals: a latent leaves the dead set, and that loss, once it fires.
         self.revivals += (fired & (self.tokens_since_fired >= self.cfg.effective_dead_tokens)).sum()
