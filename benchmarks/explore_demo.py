@@ -73,12 +73,16 @@ def main() -> None:
     args = ap.parse_args()
 
     from saelab.explore.attribution import compare_attribution_with_ablation, latent_logit_effects, logit_diff
-    from saelab.explore.steering import generate_with_and_without, load_sae_and_model, prompt_tokens, steer
+    from saelab.explore.steering import generate_with_and_without, prompt_tokens, steer
+    from saelab.models import load_model
+    from saelab.run_folder import model_for, open_sae
 
     print(machine_info())
     print(f"Command: `{command_line()}`\n")
     t0 = time.perf_counter()
-    lm, sae = load_sae_and_model(args.sae, args.model)
+    sae, _ = open_sae(args.sae)
+    lm = load_model(args.model or model_for(sae))
+    sae = sae.to(lm.device)
     latent, top_act = topic_latent(lm, sae, args.topic_text)
     value = args.strength * top_act
     promoted = [t for t, _, _ in latent_logit_effects(lm, sae, latent, top=10)["promoted"]]

@@ -233,3 +233,20 @@ def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
     # a SAELens folder needs --out
     assert main(["browse", str(sae_files / "saelens_large"), *args]) == 2
     assert "pass --out" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_not_a_site_is_refused_before_the_model_loads(tmp_path):
+    """browse and the Neuronpedia export check their output folder first: the model named here does not
+    exist, so any other order would fail on it (or score the text) before the refusal."""
+    from saelab.explore.browser.build import SAESource
+    from saelab.explore.browser.export import export_neuronpedia_run
+
+    sae = SAESource("s", "mem", TopKSAE(SAEConfig(16, 64, 4, hook_name="blocks.0.hook_resid_post")))
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(RunExistsError, match="is not a saelab feature browser site"):
+        build_browser(sae, other, lm="no-such-model-here")
+    with pytest.raises(RunExistsError, match="is not a saelab Neuronpedia export"):
+        export_neuronpedia_run(sae, other, lm="no-such-model-here")
+    assert (other / "keep.txt").read_text() == "mine"

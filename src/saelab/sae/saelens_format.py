@@ -67,7 +67,7 @@ def saelens_cfg_dict(sae: TopKSAE) -> dict[str, Any]:
         "d_sae": c.n_latents,
         **({} if relu else {"k": c.k}),
         "dtype": _dtype_name(sae.W_enc.dtype),
-        "device": str(sae.W_enc.device),
+        "device": "cpu",  # the weights are written from the CPU; where it trained is no loader's concern
         "apply_b_dec_to_input": True,  # our encoder always subtracts b_dec (the paper's b_pre)
         "normalize_activations": _NORM_TO_SAELENS[c.input_norm],
         "reshape_activations": "none",

@@ -273,17 +273,18 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         check_compatible,
         collect_statistics,
         direct_logit_effects,
-        open_sae_source,
         read_tokens,
         resolve_corpus,
     )
-    from saelab.models import load_model
+    from saelab.explore.browser.make import load_model_beside, open_sources
 
     cfg = cfg or BrowseConfig()
     one = isinstance(sae_sources, (str, os.PathLike, SAESource))
-    sources = [s if isinstance(s, SAESource) else open_sae_source(s) for s in ([sae_sources] if one else sae_sources)]
+    sources, loaded_here = open_sources(sae_sources)
+    for target in [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]:
+        _check_target(target, kwargs.get("overwrite", False))  # before the model loads and the text is scored
     hook = check_compatible(sources, cfg.hook, cfg.model)
-    lm = load_model(lm if lm is not None else cfg.model or sources[0].sae.cfg.model_name or "default")
+    lm = load_model_beside(lm, cfg, sources, loaded_here)
     lm.check_hook(hook)
     tokens = read_tokens(lm, sources[0].sae, cfg)
     stats, _, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, families=False, progress=progress)

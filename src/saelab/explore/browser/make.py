@@ -32,7 +32,7 @@ from saelab.explore.browser.build import (
     resolve_corpus,
 )
 from saelab.explore.browser.families import family_tree
-from saelab.explore.browser.site import SITE_FORMAT, SITE_VERSION, read_site_manifest, write_site
+from saelab.explore.browser.site import SITE_FORMAT, SITE_VERSION, check_site_target, read_site_manifest, write_site
 from saelab.utils.atomic import write_json
 
 DEFINITIONS = {
@@ -52,13 +52,15 @@ DEFINITIONS = {
 }
 
 
-def _sources(sae_sources: Sequence[str | os.PathLike | SAESource]) -> list[SAESource]:
+def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource]) -> tuple[list[SAESource], list[SAESource]]:
+    """(every SAE, those loaded here from a path): the latter go to the model's device once it loads."""
     if isinstance(sae_sources, (str, os.PathLike, SAESource)):
         sae_sources = [sae_sources]
+    sae_sources = list(sae_sources)  # read twice below
     out = [s if isinstance(s, SAESource) else open_sae_source(s) for s in sae_sources]
     if not out:
         raise SaelabError("no SAE given; pass a run folder, a SAELens folder or an OpenAI .pt file")
-    return out
+    return out, [s for s, given in zip(out, sae_sources) if s is not given]
 
 
 def _stat_key(source: str) -> list:
@@ -83,11 +85,17 @@ def _named_model(cfg: BrowseConfig, lm) -> str | None:
     return cfg.model or (lm if isinstance(lm, str) else getattr(lm, "name", None))
 
 
-def _load_lm(lm, cfg: BrowseConfig, sources: Sequence[SAESource], device=None, model_dtype="float32"):
+def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loaded_here: Sequence[SAESource],
+                      device=None, model_dtype="float32"):
+    """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU); SAEs the
+    caller gave stay where the caller put them."""
     from saelab.models import load_model
     from saelab.run_folder import model_for
 
-    return load_model(lm or cfg.model or model_for(sources[0].sae), device=device, dtype=model_dtype)
+    lm = load_model(lm or cfg.model or model_for(sources[0].sae), device=device, dtype=model_dtype)
+    for s in loaded_here:
+        s.sae.to(lm.device)
+    return lm
 
 
 def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
@@ -113,16 +121,17 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     """
     cfg = cfg or BrowseConfig()
     t_start = time.perf_counter()
-    sources = _sources(sae_sources)
+    sources, loaded_here = open_sources(sae_sources)
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     out = Path(out)
     key = build_key(sources, cfg)
     old = read_site_manifest(out)
     if old is not None and old.get("key") == key and not overwrite:
         return {**old, "site": str(out), "reused": True}
+    check_site_target(out)  # before the model loads and the text is scored, not after
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    lm = _load_lm(lm, cfg, sources, device, model_dtype)
+    lm = load_model_beside(lm, cfg, sources, loaded_here, device, model_dtype)
     lm.check_hook(hook)
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
@@ -165,14 +174,14 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
                    device=None, model_dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
     """Feature families of several SAEs on one hook (see :mod:`.families`); written to ``out`` as JSON."""
     cfg = cfg or BrowseConfig()
-    sources = _sources(sae_sources)
+    sources, loaded_here = open_sources(sae_sources)
     if len(sources) < 2:
         raise SaelabError(f"feature families need at least two SAEs of different sizes, got {len(sources)}")
     sizes = [s.sae.n_latents for s in sources]
     if len(set(sizes)) != len(sizes):
         raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
-    lm = _load_lm(lm, cfg, sources, device, model_dtype)
+    lm = load_model_beside(lm, cfg, sources, loaded_here, device, model_dtype)
     lm.check_hook(hook)
     tokens = read_tokens(lm, sources[0].sae, cfg)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)

@@ -227,7 +227,7 @@ def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: 
     from tqdm.auto import tqdm
 
     out = Path(out)
-    _check_target(out)
+    check_site_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -259,7 +259,7 @@ def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: 
     return out
 
 
-def _check_target(out: Path) -> None:
+def check_site_target(out: Path) -> None:
     """Refuse to replace anything but a feature browser site (or an empty folder)."""
     if not out.exists():
         return
