@@ -27,6 +27,7 @@ from saelab.data import (
     token_contexts,
     write_activation_cache,
 )
+from saelab.data.cache import ActivationCacheError
 from saelab.errors import CorpusError, NonFiniteError, RunExistsError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -449,3 +450,12 @@ def test_float16_underflow_is_reported_not_silent(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # float32 keeps it: no warning
         write_activation_cache(iter([rows]), tmp_path / "f32", meta={}, dtype="float32", progress=False)
+
+
+def test_a_cache_with_other_settings_names_the_setting_that_differs(tmp_path):
+    batches = [torch.randn(8, 4) for _ in range(2)]
+    write_activation_cache(batches, tmp_path / "c", meta={"model": "m", "seed": 5}, progress=False)
+    with pytest.raises(ActivationCacheError) as e:
+        write_activation_cache(batches, tmp_path / "c", meta={"model": "m", "seed": 0}, resume=True, progress=False)
+    assert "cannot reuse activation cache" in str(e.value) and "its meta.seed is 5, this call asks for 0" in str(e.value)
+    assert "'model'" not in str(e.value)  # the one setting, not the whole meta

@@ -130,6 +130,13 @@ def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert json.loads(out) == {"cache": str(acts), "rows": 3000, "d": 64}  # exactly the rows asked for
     assert "Loading weights" not in err and "it/s" not in err  # --no-progress hides the libraries' bars too
+    assert "warning" not in err  # the corpus had enough text
+    assert main(["harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus), "--out",
+                 str(tmp_path / "short"), "--n-tokens", "10000000", "--context-size", "32", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)["rows"]
+    assert rows < 10_000_000 and (f"saelab: warning: the corpus {train_corpus} gave {rows:,} activations, fewer "
+                                  "than the 10,000,000 asked (--n-tokens)") in err
 
     _, out = run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "128",
                      "--k", "8", "--batch-size", "250", "--total-tokens", "3000", "--init-rows", "1000",

@@ -124,8 +124,12 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     meta = {**model_provenance(cfg.model if isinstance(cfg.model, str) else lm.name), "hook_name": cfg.hook,
             "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
             "exclude_first": cfg.exclude_first, "dataset": corpus, "harvest": asdict(cfg)}
-    return write_activation_cache(stream, out_dir, meta=meta, dtype=cfg.dtype, resume=not overwrite,
-                                  overwrite=overwrite, progress=progress)
+    cache = write_activation_cache(stream, out_dir, meta=meta, dtype=cfg.dtype, resume=not overwrite,
+                                   overwrite=overwrite, progress=progress)
+    if cache.n_rows < cfg.n_tokens:  # the corpus ran out: say so rather than leave a silently smaller cache
+        print(f"saelab: warning: the corpus {corpus} gave {cache.n_rows:,} activations, fewer than the "
+              f"{cfg.n_tokens:,} asked (--n-tokens); the cache holds all it had", file=sys.stderr)
+    return cache
 
 
 def _open_cache(cache: str | Path | ActivationCache, rows_needed: int) -> ActivationCache:
@@ -380,7 +384,7 @@ def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, ov
     try:
         return harvest(cfg, run_dir / ACTIVATIONS_DIR, lm=lm, overwrite=overwrite, progress=progress)
     except ActivationCacheError as e:
-        if "cannot resume" not in str(e):
+        if "this call asks for" not in str(e):  # the cache holds other settings
             raise
         raise ActivationCacheError(f"{run_dir / ACTIVATIONS_DIR} holds activations harvested with other settings "
                                    "(e.g. another --n-tokens); pass --overwrite-activations --overwrite to harvest "

@@ -201,11 +201,22 @@ def _open_existing(folder: Path, meta: dict, dtype: str, shard_rows: int, *, res
         raise RunExistsError(f"{str(folder)!r} already holds a {state} activation cache; {hint}")
     for key, want in (("dtype", dtype), ("shard_rows", shard_rows), ("meta", meta)):
         if existing[key] != want and not (key == "shard_rows" and existing["complete"]):
-            raise ActivationCacheError(f"cannot resume activation cache {str(folder)!r}: its {key} is "
-                                       f"{existing[key]!r}, this call asks for {want!r}")
+            verb = "reuse" if existing["complete"] else "resume"
+            raise ActivationCacheError(f"cannot {verb} activation cache {str(folder)!r}: "
+                                       f"{_difference(key, existing[key], want)}; pass overwrite=True (--overwrite) "
+                                       "to replace it")
     if not existing["complete"]:
         ActivationCache(folder, allow_incomplete=True)  # the listed shards must be intact
     return existing
+
+
+def _difference(key: str, have: Any, want: Any) -> str:
+    """'its meta.seed is 5, this call asks for 0': the first setting that differs, not two whole dicts."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for sub in sorted(set(have) | set(want), key=str):
+            if have.get(sub) != want.get(sub):
+                return _difference(f"{key}.{sub}", have.get(sub), want.get(sub))
+    return f"its {key} is {have!r}, this call asks for {want!r}"
 
 
 class _ShardWriter:
