@@ -12,7 +12,8 @@ def test_help_of_every_verb(verb, capsys):
         main([verb, "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith(f"usage: saelab {verb}")
-    assert "[[" not in out  # an optional value's metavar is the option's name, not "[[float]]"
+    # Metavars are the option's name, not simple_parsing's "[[float]]" or "Literal [Literal, ...]".
+    assert "[[" not in out and "Literal" not in out and "str [str" not in out
 
 
 BAD = [
@@ -28,6 +29,7 @@ BAD = [
     ("train --decoder-init best", "argument --decoder-init: invalid choice: 'best'"),
     ("sweep --grid n_latents=abc", "--grid n_latents=abc: expected a value of type int"),
     ("sweep --grid width=3", "--grid entry 'width=3'"),
+    ("sweep --grid n_latent=256,512", "training option such as n_latents, k, lr; did you mean n_latents?"),
     ("sweep --grid n_latents=1024 n_latents=2048", "--grid names n_latents twice; give its values once"),
     ("sweep --grid k=16,9000", "k=9000 exceeds n_latents=8192"),
     ("train --n-latent 5", "unrecognized arguments: --n-latent 5; did you mean --n-latents?"),
@@ -49,6 +51,9 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --max-new-tokens -3", "--max-new-tokens must be >= 1"),
     ("steer SAE --latent 1 --value 1 --positions 10:2", "positions 10:2 is an empty range"),
     ("steer SAE --latent 1", "--mode add needs --value"),
+    ("steer SAE --latent 17,17 --value 1", "--latent lists 17 more than once"),
+    ("steer SAE --latent 1 --value 1 --seed 99999999999999999999999", "--seed 99999999999999999999999: expected an"),
+    ("steer SAE --latent 1 --value 1 --positions ,", "(no position listed)"),
     ("steer SAE --latent 1 --mode ablate --value 3", "--mode ablate sets the latent to 0: it takes no --value"),
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
     ("browse SAE --serve --port 99999", "--port must be in 0..65535"),
@@ -258,3 +263,11 @@ def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys):
     assert load_sae(out, dtype=torch.bfloat16).W_dec.equal(sae.W_dec.bfloat16())
     assert main(["export", str(tmp_path / "run"), str(tmp_path), "--format", "saelens"]) == 2  # holds the run
     assert "holds other files; expected a new or empty folder" in capsys.readouterr().err
+
+
+def test_families_refuses_an_existing_out_file(tmp_path, capsys):
+    precious = tmp_path / "notes.json"
+    precious.write_text('{"precious": true}')
+    assert main(["families", "a", "b", "--out", str(precious)]) == 2
+    assert "the file exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert precious.read_text() == '{"precious": true}'

@@ -16,12 +16,12 @@ TRAIN_ARGS = ["--n-latents", "128", "--k", "8", "--batch-size", "256", "--total-
               "--log-every", "4", "--no-progress"]
 
 
-def _cache(tmp_path: Path, tiny_gpt2, data_dir) -> Path:
+def _cache(tmp_path: Path, tiny_gpt2, data_dir, model_name: str = "tiny-gpt2") -> Path:
     tokens = token_contexts(data_dir / "wiki-en" / "wiki_eval.jsonl.xz", tiny_gpt2.tokenize, 33,
                             n_contexts=140, bos_token_id=tiny_gpt2.bos_token_id)
     stream = ActivationStream(tiny_gpt2, "blocks.1.hook_resid_post", tokens, batch_size=256, buffer_tokens=1024,
                               progress=False)
-    meta = {"model_name": "tiny-gpt2", "hook_name": "blocks.1.hook_resid_post", "context_size": 33}
+    meta = {"model_name": model_name, "hook_name": "blocks.1.hook_resid_post", "context_size": 33}
     write_activation_cache(stream, tmp_path / "acts", meta=meta, dtype="float32", progress=False)
     return tmp_path / "acts"
 
@@ -59,3 +59,18 @@ def test_batch_that_does_not_split_is_refused_before_the_run_folder(tmp_path, ti
                 returncode=1)
     assert "saelab train: error: batch_size=255 (--batch-size) does not split evenly over 2 processes" in proc.stderr
     assert not (tmp_path / "odd").exists()
+
+
+def test_sweep_evaluates_once_under_torchrun(tmp_path, tiny_gpt2, tiny_dir, data_dir):
+    """sweep --eval under torchrun: the processes train together, then one of them evaluates."""
+    cache = _cache(tmp_path, tiny_gpt2, data_dir, model_name=str(tiny_dir))  # the model evaluation loads
+    args = [a for a in TRAIN_ARGS if a not in ("--n-latents", "128")]
+    ev = ["--eval", "--eval-corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"),
+          "--eval-recon-tokens", "512", "--eval-downstream-tokens", "128"]
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29519",
+                 "-m", "saelab", "sweep", "--activations", str(cache), "--out", str(tmp_path / "sweep"),
+                 "--grid", "n_latents=64,128", *args, *ev])
+    assert proc.stdout.count('"n64"') == 1
+    for run in ("n64", "n128"):
+        assert (tmp_path / "sweep" / run / "metrics.json").is_file()
+    assert (tmp_path / "sweep" / "scaling.md").is_file()

@@ -127,18 +127,24 @@ def literal_choices(hint: Any) -> tuple:
 def _did_you_mean(given: list[str], options: typing.Iterable[str]) -> str:
     """"; did you mean --n-latents?" for the first unknown option with a close match, else ""."""
     for arg in given:
-        close = difflib.get_close_matches(arg.split("=", 1)[0], list(options), n=1, cutoff=0.75)
-        if arg.startswith("-") and close:
-            return f"; did you mean {close[0]}?"
+        hint = did_you_mean(arg.split("=", 1)[0], options) if arg.startswith("-") else ""
+        if hint:
+            return hint
     return ""
+
+
+def did_you_mean(word: str, names: typing.Iterable[str]) -> str:
+    """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, else ""."""
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown once, metavars from the option name (not from a parsing function's name, nor
-    simple_parsing's "[[float]]" for an optional value)."""
+    simple_parsing's "[[float]]" for an optional value or "Literal [Literal, ...]" for a tuple)."""
 
     def _metavar_formatter(self, action: argparse.Action, default_metavar: str):
-        if isinstance(action.metavar, str) and action.metavar.startswith("["):
+        if isinstance(action.metavar, str) and "[" in action.metavar:
             action = copy.copy(action)
             action.metavar = None
         return super()._metavar_formatter(action, default_metavar)

@@ -77,6 +77,11 @@ def _check_steer(args: argparse.Namespace):
         raise ConfigError("--mode ablate sets the latent to 0: it takes no --value or --scale")
     if args.mode != "ablate" and given is None:
         raise ConfigError(f"--mode {args.mode} needs --value (or --scale)")
+    twice = sorted({i for i in args.latent if args.latent.count(i) > 1})
+    if twice:  # each copy would add (or clamp) again: twice the asked strength
+        raise ConfigError(f"--latent lists {', '.join(map(str, twice))} more than once; give each latent once")
+    if not -2**63 <= args.seed <= 2**63 - args.samples:  # torch's seed range, for every sample's seed
+        raise ConfigError(f"--seed {args.seed}: expected an integer in -2^63..2^63 - {args.samples}")
     if given is not None and len(given) not in (1, len(args.latent)):
         raise ConfigError(f"--value/--scale has {len(given)} numbers for {len(args.latent)} latents; expected 1 or "
                           f"{len(args.latent)}")
@@ -257,7 +262,7 @@ def add_families(sub) -> None:
                                           "folders, OpenAI .pt files)")
     p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
     p.add_arguments(BrowseConfig, dest="browse")
-    add_io_options(p, overwrite=False)
+    add_io_options(p)
     p.set_defaults(handler=run_families)
 
 
@@ -265,6 +270,8 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: expected a file path in an existing, writable folder (the families JSON)")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {out}: the file exists; pass --overwrite to replace it")
     tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
                           progress=args.progress)
     top = tree["families"][:5]

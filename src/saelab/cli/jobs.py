@@ -8,13 +8,14 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options
+from saelab.cli.common import add_io_options, did_you_mean
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
                              train_from_cache)
 from saelab.train import TrainConfig
 from saelab.train.metric_sinks import LOG_TARGETS
+from saelab.train import distributed as ddp
 from saelab.train.distributed import init_from_env
 
 QUICKSTART_DIR = "runs/quickstart"
@@ -137,7 +138,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         name = name.strip().replace("-", "_")
         if name not in hints or name == "recipe" or not values:
             raise ConfigError(f"--grid entry {item!r}: expected FIELD=V1,V2 with FIELD a training option such as "
-                              "n_latents, k, lr")
+                              f"n_latents, k, lr{did_you_mean(name, [h for h in hints if h != 'recipe'])}")
         if name in grid:
             raise ConfigError(f"--grid names {name} twice; give its values once: {name}=V1,V2")
         grid[name] = [_grid_value(name, hints[name], v.strip()) for v in values.split(",")]
@@ -170,7 +171,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     init_from_env()
     saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
                             overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
-    if args.evaluate:
+    if args.evaluate and ddp.rank() == 0:  # under torchrun one process evaluates; the others are done
         evaluate_sweep(args.out, args.eval, device=args.device, model_dtype=args.model_dtype,
                        overwrite=args.overwrite, progress=args.progress)
         write_scaling_report(args.out)

@@ -160,7 +160,10 @@ def parse_positions(text: str | None) -> Positions:
                 raise ValueError
             vals = [int(p) if p.strip() else None for p in parts]
             return check_positions(slice(*vals))
-        return check_positions([int(p) for p in text.split(",") if p.strip()])
+        listed = [int(p) for p in text.split(",") if p.strip()]
+        if not listed:  # ',' would edit no position at all: a silent no-op
+            raise ValueError("no position listed")
+        return check_positions(listed)
     except ValueError as e:
         raise ValueError(
             f"cannot read positions {text!r}: use 'all', an index '5', a list '3,7,9' or a range '1:' / '2:10' "
