@@ -206,3 +206,23 @@ def test_failed_overwrite_keeps_the_finished_run(tmp_path):
     with pytest.raises(NonFiniteError):
         train_sae(_cfg(k=8), _source(bad), run, d_in=D, progress=False, device="cpu", overwrite=True)
     assert snapshot(run) == before  # nothing removed before the new run had started
+
+
+def test_an_overwrite_clears_the_sae_it_replaces(tmp_path):
+    """An overwritten run that is then interrupted must not show the old SAE beside the new config."""
+    from saelab.run_folder import SAE_DIR, TRAIN_CONFIG
+    from saelab.train.checkpoint import commit_run_dir
+
+    (tmp_path / SAE_DIR).mkdir()
+    (tmp_path / SAE_DIR / "cfg.json").write_text("{}")
+    commit_run_dir(tmp_path, {"seed": 1}, overwrite=True)
+    assert not (tmp_path / SAE_DIR).exists() and (tmp_path / TRAIN_CONFIG).is_file()
+
+
+def test_an_unfinished_run_is_named_as_such(tmp_path):
+    from saelab.errors import CheckpointError
+    from saelab.run_folder import TRAIN_CONFIG, open_sae
+
+    (tmp_path / TRAIN_CONFIG).write_text("{}")
+    with pytest.raises(CheckpointError, match="a run folder whose training has not finished"):
+        open_sae(tmp_path)

@@ -77,6 +77,9 @@ def open_sae(source: str | Path, *, allow_http: bool = False):
     path = Path(str(source)).expanduser()
     if is_run(path):
         return load_sae(path / SAE_DIR), path
+    if path.is_dir() and (path / TRAIN_CONFIG).is_file():  # a run folder whose SAE is not written yet
+        raise CheckpointError(f"{path}: a run folder whose training has not finished (no {SAE_DIR}/ yet); run "
+                              "the same `saelab train` (or sweep) command again to finish it")
     return load_sae(str(source), allow_http=allow_http), None
 
 

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,9 @@ def commit_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = F
     if overwrite:
         for name in (CHECKPOINT, STATUS, TRAINING_LOG):
             (run_dir / name).unlink(missing_ok=True)
+        # The SAE being replaced goes too: left beside the new config, an interrupted overwrite's
+        # folder would evaluate and report the old weights as the new run.
+        shutil.rmtree(run_dir / SAE_DIR, ignore_errors=True)
         clear_eval_outputs(run_dir)  # they describe the SAE being replaced
     write_json(run_dir / TRAIN_CONFIG, config)
 
