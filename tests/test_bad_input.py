@@ -38,6 +38,7 @@ from saelab.pipeline import EvalConfig, HarvestConfig, evaluate, harvest
 from saelab.sae import SAEConfig, TopKSAE, load_sae, save_sae
 from saelab.train import TrainConfig, Trainer, train_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from saelab.utils.folder_lock import LOCK
 
 HOOK = "blocks.1.hook_resid_post"
 D = 64  # tiny_gpt2's d_model
@@ -552,7 +553,7 @@ def test_full_disk_checkpoint_keeps_earlier_checkpoint(full_disk):
 def test_full_disk_cache_shard_keeps_earlier_shards(full_disk):
     base, before, report = full_disk
     _assert_failed_with_efbig(report["cache_shard"], base / "acts" / "shard_00001.npy")
-    assert snapshot(base / "acts") == before["acts"]
+    assert snapshot(base / "acts") == {**before["acts"], LOCK: b""}  # and the writer's emptied lock file
     assert temp_files(base / "acts") == []
     partial = ActivationCache(base / "acts", allow_incomplete=True)
     assert (partial.n_rows, partial.complete) == (256, False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
 import re
 import sys
 import warnings
@@ -27,8 +28,9 @@ from saelab.data import (
     token_contexts,
     write_activation_cache,
 )
-from saelab.data.cache import ActivationCacheError
+from saelab.data.cache import OVERWRITE_STAGE, ActivationCacheError
 from saelab.errors import CorpusError, NonFiniteError, RunExistsError
+from saelab.utils.folder_lock import RunFolderBusyError, RunLock
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 WIKI_TRAIN = DATA / "wiki-en" / "wiki_train.jsonl.xz"
@@ -392,6 +394,54 @@ def test_cache_resume_after_interruption(tmp_path, source_rows):
     cache2 = write_activation_cache(src_batches(source_rows[done:]), folder2, meta=META, shard_rows=300,
                                     resume=True, skip_written=False, progress=False)
     assert torch.equal(cache2.read(), ref.read())
+
+
+def test_interrupted_overwrite_keeps_the_old_cache_and_resumes(tmp_path, source_rows):
+    folder, other = tmp_path / "c", {**META, "context_size": 32}
+    old = write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, progress=False)
+    old_rows, old_files = old.read(), {p.name: p.read_bytes() for p in folder.glob("shard_*")}
+    new_rows = source_rows.flip(0)[:700]
+    with pytest.raises(KeyboardInterrupt):  # after two of the new cache's shards
+        write_activation_cache(src_batches(new_rows, fail_after=10), folder, meta=other, shard_rows=300,
+                               overwrite=True, progress=False)
+    assert torch.equal(ActivationCache(folder).read(), old_rows)  # the old cache still whole and listed
+    assert {p.name: p.read_bytes() for p in folder.glob("shard_*")} == old_files
+    assert (folder / OVERWRITE_STAGE).is_dir()
+    (folder / OVERWRITE_STAGE / ".shard_00002.npy.x1.tmp").write_bytes(b"left by a SIGKILL")
+    cache = write_activation_cache(src_batches(new_rows), folder, meta=other, shard_rows=300, overwrite=True,
+                                   progress=False)
+    ref = write_activation_cache(src_batches(new_rows), tmp_path / "ref", meta=other, shard_rows=300,
+                                 progress=False)
+    assert torch.equal(cache.read(), ref.read()) and cache.meta == other
+    assert sorted(p.name for p in folder.iterdir()) == [".saelab.lock", "manifest.json", "shard_00000.npy",
+                                                        "shard_00001.npy", "shard_00002.npy"]
+
+
+def test_an_overwrite_cut_off_while_moving_in_is_finished(tmp_path, source_rows):
+    folder = tmp_path / "c"
+    write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=200, progress=False)
+    stage = folder / OVERWRITE_STAGE
+    new = write_activation_cache(src_batches(source_rows[:500]), stage, meta=META, shard_rows=300,
+                                 progress=False)
+    want = new.read()
+    (folder / "manifest.json").unlink()  # the state after the first steps of the move
+    (stage / "shard_00000.npy").replace(folder / "shard_00000.npy")
+    cache = write_activation_cache(src_batches(source_rows[:500]), folder, meta=META, shard_rows=300,
+                                   resume=True, progress=False)
+    assert torch.equal(cache.read(), want) and not stage.exists()
+    assert sorted(p.name for p in folder.glob("shard_*")) == ["shard_00000.npy", "shard_00001.npy"]
+
+
+def test_a_cache_has_one_writer(tmp_path, source_rows):
+    folder = tmp_path / "c"
+    holder = RunLock(folder, "activation cache").acquire()
+    try:
+        with pytest.raises(RunFolderBusyError, match=f"activation cache {folder} is being written by another "
+                                                     f"process \\(pid {os.getpid()}\\)"):
+            write_activation_cache(src_batches(source_rows), folder, meta=META, progress=False)
+    finally:
+        holder.release()
+    write_activation_cache(src_batches(source_rows), folder, meta=META, progress=False)
 
 
 def test_cache_refuses_overwrite_and_checks_files(tmp_path, source_rows):

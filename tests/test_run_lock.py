@@ -17,7 +17,7 @@ import torch
 from saelab.data import write_activation_cache
 from saelab.errors import ConfigError, NonFiniteError
 from saelab.train import TrainConfig, train_many, train_sae
-from saelab.train.checkpoint import LOCK, RunFolderBusyError, RunLock
+from saelab.utils.folder_lock import LOCK, RunFolderBusyError, RunLock
 
 D = 16
 REPO = Path(__file__).resolve().parents[1]

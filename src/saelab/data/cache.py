@@ -18,6 +18,10 @@ default it expects the *same* input again from the start and discards its first
 ``cache_rows_written(folder)`` rows (right for a deterministic stream with a fixed seed); pass
 ``skip_written=False`` when the caller has already positioned its input after those rows.
 
+One process writes a cache folder at a time (a lock, saelab.utils.folder_lock). An overwrite writes
+the new cache in ``.overwrite/`` inside the folder and moves it in only once complete, so an
+interrupted overwrite leaves the old cache whole (and the same call again resumes the new one).
+
 Reading (:meth:`ActivationCache.batches`) defines, per epoch, a row stream: shards in a random
 order (seeded by ``seed`` and the epoch), taken ``mix_shards`` at a time as a *chunk*, each chunk
 read with one contiguous read and its rows permuted (seeded by ``seed``, epoch and chunk index).
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tokenize
 import warnings
 from pathlib import Path
@@ -43,11 +48,14 @@ from tqdm.auto import tqdm
 from saelab.errors import ConfigError, CorpusError, NonFiniteError, RunExistsError
 from saelab.utils.atomic import write_json, write_with
 from saelab.utils.device import resolve_device
+from saelab.utils.folder_lock import RunLock, remove_stale_temp_files
 from saelab.utils.tensors import all_finite
 
 FORMAT = "saelab-activation-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+OVERWRITE_STAGE = ".overwrite"
+"""Where an overwrite writes its cache until it is complete (inside the cache folder)."""
 # storage dtype name -> (torch dtype, numpy dtype of the stored bits)
 DTYPES = {
     "float16": (torch.float16, np.dtype("<f2")),
@@ -149,6 +157,27 @@ def write_activation_cache(
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
     folder = Path(folder)
     meta = _json_roundtrip(meta, folder)
+    args = dict(meta=meta, dtype=dtype, shard_rows=shard_rows, skip_written=skip_written, progress=progress)
+    lock = RunLock(folder, "activation cache").acquire()
+    ok = False
+    try:
+        stage = folder / OVERWRITE_STAGE
+        remove_stale_temp_files(folder, stage)
+        if not (folder / MANIFEST).exists() and _complete_stage(stage):
+            _finish_overwrite(folder, stage)  # an overwrite interrupted while moving its cache in
+        if overwrite and (folder / MANIFEST).exists():
+            cache = _overwrite_via_stage(batches, folder, stage, args)
+        else:
+            cache = _write(batches, folder, resume=resume, overwrite=overwrite, **args)
+        ok = True
+        return cache
+    finally:
+        lock.release(remove_created_dir=not ok)
+
+
+def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any], dtype: str, shard_rows: int,
+           resume: bool, overwrite: bool, skip_written: bool, progress: bool) -> "ActivationCache":
+    """write_activation_cache's work, in a folder this process holds the lock of."""
     existing = _open_existing(folder, meta, dtype, shard_rows, resume=resume, overwrite=overwrite)
     if existing is not None and existing["complete"]:
         return ActivationCache(folder)
@@ -175,6 +204,43 @@ def write_activation_cache(
     manifest["complete"] = True
     write_json(folder / MANIFEST, manifest)
     return ActivationCache(folder)
+
+
+def _overwrite_via_stage(batches: Iterable[torch.Tensor], folder: Path, stage: Path,
+                         args: dict[str, Any]) -> "ActivationCache":
+    """Replace the cache in ``folder`` by writing the new one in ``stage`` first, so the old cache
+    stays whole until the new one is complete. An interrupted overwrite with the same settings
+    resumes its stage; a stage of other settings (or a damaged one) is started over."""
+    try:
+        _open_existing(stage, args["meta"], args["dtype"], args["shard_rows"], resume=True, overwrite=False)
+    except ActivationCacheError:
+        shutil.rmtree(stage)
+    _write(batches, stage, resume=True, overwrite=False, **args)
+    _finish_overwrite(folder, stage)
+    return ActivationCache(folder)
+
+
+def _complete_stage(stage: Path) -> bool:
+    try:
+        m = _read_manifest(stage)
+    except ActivationCacheError:
+        return False
+    return m is not None and m["complete"]
+
+
+def _finish_overwrite(folder: Path, stage: Path) -> None:
+    """Move a complete staged cache over the one in ``folder``. Every step can be repeated, so an
+    interruption part-way is finished by the next write to the folder."""
+    listed = {s["file"] for s in _read_manifest(stage)["shards"]}
+    (folder / MANIFEST).unlink(missing_ok=True)  # from here the folder's shards are being replaced
+    for name in sorted(listed):
+        if (stage / name).exists():
+            os.replace(stage / name, folder / name)
+    for old in folder.glob("shard_*.npy"):
+        if old.name not in listed:
+            old.unlink()
+    os.replace(stage / MANIFEST, folder / MANIFEST)
+    shutil.rmtree(stage)
 
 
 def _open_existing(folder: Path, meta: dict, dtype: str, shard_rows: int, *, resume: bool,

@@ -1,17 +1,13 @@
-"""Run folders: config, resumable checkpoints, metrics log, finished-run protection, one writer.
+"""Run folders: config, resumable checkpoints, metrics log, finished-run protection.
 
-A run folder has one writer at a time: :class:`RunLock` holds an advisory lock (``flock``) on
-``.saelab.lock`` in the folder for as long as a training process writes there, and a second writer
-is refused with the holder's pid. The kernel drops the lock when its process dies (even by
-SIGKILL), so a crashed run never blocks its resumption.
+A run folder has one writer at a time: the trainer holds its :class:`~saelab.utils.folder_lock.RunLock`
+while it writes there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,82 +19,6 @@ from saelab.run_folder import CHECKPOINT, SAE_DIR, STATUS, TRAIN_CONFIG, TRAININ
 from saelab.utils.atomic import atomic_path, write_bytes, write_json
 
 METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
-LOCK = ".saelab.lock"
-
-
-class RunFolderBusyError(RunExistsError):
-    """Another process is writing this run folder."""
-
-
-class RunLock:
-    """The advisory lock that makes this process the only writer of a run folder.
-
-    The lock file holds the holder's pid while it is held (for the refusal message) and is emptied
-    on release, so a folder's files read the same before and after a run that failed to start.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK
-        self.created_dir = not self.run_dir.exists()
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            _flock(fd, exclusive=True)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunFolderBusyError(
-                f"run folder {self.run_dir} is being written by another process ({self.holder()}); "
-                "wait for it to end, or pick another folder"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def holder(self) -> str:
-        with contextlib.suppress(OSError, ValueError):
-            return f"pid {int(self.path.read_text().strip())}"
-        return "pid unknown"
-
-    def release(self, *, remove_created_dir: bool = False) -> None:
-        """Give the folder up; ``remove_created_dir`` also removes the folder if this lock created it
-        and nothing else was written there (a run that failed to start leaves no trace)."""
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.ftruncate(fd, 0)
-            if remove_created_dir and self.created_dir:
-                self.path.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):  # not empty: something else lives there
-                    self.run_dir.rmdir()
-        finally:
-            _flock(fd, exclusive=False)
-            os.close(fd)
-
-
-def _flock(fd: int, *, exclusive: bool) -> None:
-    try:
-        import fcntl
-    except ImportError:  # no flock on this platform (Windows): one writer is then the user's care
-        return
-    fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_UN)
-
-
-def remove_stale_temp_files(run_dir: Path) -> list[Path]:
-    """Delete the temporary files (``.NAME.XXXX.tmp``, saelab.utils.atomic) that killed runs left in the
-    run folder and its SAE folder. Only the lock holder may call this: a live writer's are in use."""
-    removed = []
-    for folder in (run_dir, run_dir / SAE_DIR):
-        for path in folder.glob(".*.tmp") if folder.is_dir() else ():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed.append(path)
-    return removed
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:

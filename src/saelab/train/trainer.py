@@ -40,6 +40,7 @@ from saelab.train.init import init_from_data
 from saelab.train.metric_sinks import MetricSink, check_log_targets, close_sinks, open_sinks
 from saelab.train.losses import training_loss
 from saelab.utils.atomic import append_line
+from saelab.utils.folder_lock import RunLock, remove_stale_temp_files
 from saelab.utils.host_memory import retain_freed_memory
 from saelab.utils.tensors import all_finite
 
@@ -367,10 +368,10 @@ class TrainingRun:
         self.device = ddp.process_device(device)  # a bad device is refused before the folder is touched
         sae_cfg = _sae_config(cfg, d_in, meta)
         config = {"train": cfg.to_dict(), "sae": sae_cfg.to_dict()}
-        self._lock = ckpt.RunLock(self.run_dir).acquire() if self.writer else None
+        self._lock = RunLock(self.run_dir).acquire() if self.writer else None
         try:
             if self.writer:
-                ckpt.remove_stale_temp_files(self.run_dir)
+                remove_stale_temp_files(self.run_dir, self.run_dir / ckpt.SAE_DIR)
             if ckpt.check_run_dir(self.run_dir, config, overwrite=overwrite):
                 self.trainer = self._resume(sae_cfg, allow_tf32)
             else:

@@ -1,0 +1,92 @@
+"""One writer per output folder (a training run, an activation cache).
+
+:class:`RunLock` holds an advisory lock (``flock``) on ``.saelab.lock`` in the folder for as long as a
+process writes there, and a second writer is refused with the holder's pid. The kernel drops the
+lock when its process dies (even by SIGKILL), so a crashed writer never blocks its resumption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from saelab.errors import RunExistsError
+
+LOCK = ".saelab.lock"
+
+
+class RunFolderBusyError(RunExistsError):
+    """Another process is writing this folder."""
+
+
+class RunLock:
+    """The advisory lock that makes this process the only writer of a folder (``what`` names it in
+    the refusal, e.g. "run folder", "activation cache").
+
+    The lock file holds the holder's pid while it is held (for the refusal message) and is emptied
+    on release, so a folder's files read the same before and after a write that failed to start.
+    """
+
+    def __init__(self, run_dir: Path, what: str = "run folder"):
+        self.run_dir, self.what = Path(run_dir), what
+        self.path = self.run_dir / LOCK
+        self.created_dir = not self.run_dir.exists()
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _flock(fd, exclusive=True)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderBusyError(
+                f"{self.what} {self.run_dir} is being written by another process ({self.holder()}); "
+                "wait for it to end, or pick another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            return f"pid {int(self.path.read_text().strip())}"
+        return "pid unknown"
+
+    def release(self, *, remove_created_dir: bool = False) -> None:
+        """Give the folder up; ``remove_created_dir`` also removes the folder if this lock created it
+        and nothing else was written there (a write that failed to start leaves no trace)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+            if remove_created_dir and self.created_dir:
+                self.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not empty: something else lives there
+                    self.run_dir.rmdir()
+        finally:
+            _flock(fd, exclusive=False)
+            os.close(fd)
+
+
+def _flock(fd: int, *, exclusive: bool) -> None:
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): one writer is then the user's care
+        return
+    fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_UN)
+
+
+def remove_stale_temp_files(*folders: Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.XXXX.tmp``, saelab.utils.atomic) that killed writers left in
+    these folders. Only the lock holder may call this: a live writer's are in use."""
+    removed = []
+    for folder in folders:
+        for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
