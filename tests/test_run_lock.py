@@ -190,7 +190,10 @@ def test_run_that_failed_before_its_first_checkpoint_gives_way_to_the_corrected_
     bad[-1, 3] = float("nan")  # in the last batch: the run starts, logs, and fails before any checkpoint
     with pytest.raises(NonFiniteError):
         train_sae(_cfg(k=8, checkpoint_every=1000), _source(bad), run, d_in=D, progress=False, device="cpu")
-    assert json.loads((run / "status.json").read_text())["state"] != "finished" and not (run / "checkpoint.pt").exists()
+    status = json.loads((run / "status.json").read_text())
+    assert not (run / "checkpoint.pt").exists()
+    assert (status["state"], status["step"]) == ("failed", 0)  # nothing saved to resume from
+    assert status["error"] == "activation batch 15 contains NaN or inf activations"
     train_sae(_cfg(k=4), _source(_data()), run, d_in=D, progress=False, device="cpu")  # other options: a new run
     assert json.loads((run / "train_config.json").read_text())["train"]["k"] == 4
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -226,3 +229,27 @@ def test_an_unfinished_run_is_named_as_such(tmp_path):
     (tmp_path / TRAIN_CONFIG).write_text("{}")
     with pytest.raises(CheckpointError, match="a run folder whose training has not finished"):
         open_sae(tmp_path)
+
+
+def test_nan_in_a_cache_is_named_and_the_run_marked_failed(tmp_path):
+    """A cache damaged on disk (the writer refuses NaN) stops training with an error naming the cache;
+    status.json says failed at the last checkpoint, not training."""
+    import numpy as np
+
+    from saelab.pipeline import train_from_cache
+
+    cache = write_activation_cache(iter([_data()]), tmp_path / "acts", meta={"hook_name": "h"}, dtype="float32",
+                                   shard_rows=512, progress=False)
+    row = cache.batches(128, shuffle=True, seed=_cfg().seed, start_batch=10).__next__()[0]
+    where = int((_data() == row).all(1).nonzero())  # the first row of batch 10 in the file
+    shard = np.load(tmp_path / "acts" / f"shard_{where // 512:05d}.npy", mmap_mode="r+")
+    shard[where % 512, 2] = np.nan
+    shard.flush()
+    del shard
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=f"contains NaN or inf activations, read from activation cache "
+                                             f"{tmp_path / 'acts'}; harvest it again"):
+        train_from_cache(cache.folder, run, _cfg(), progress=False, device="cpu")
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("failed", 10)  # the checkpoint before batch 10
+    assert status["step"] == torch.load(run / "checkpoint.pt", weights_only=True)["step"]

@@ -34,6 +34,10 @@ class NonFiniteError(SaelabError, ValueError):
     """NaN or inf where finite numbers are required."""
 
 
+class NonFiniteActivationsError(NonFiniteError):
+    """NaN or inf in the activations handed to training (the data, not the training, is at fault)."""
+
+
 class RunExistsError(SaelabError, FileExistsError):
     """A finished run would be overwritten."""
 

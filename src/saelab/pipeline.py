@@ -4,6 +4,7 @@ suite, quickstart. They compose the layers below and own every file of a run fol
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -18,7 +19,7 @@ import torch
 from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, iter_texts, pack_contexts
 from saelab.data import cache_is_complete, resolve_corpus
 from saelab.data import StreamConfig, sample_contexts, write_activation_cache
-from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
+from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
 from saelab.models import LanguageModel, load_model, model_provenance
@@ -152,6 +153,16 @@ def _cache_batches(cache: ActivationCache, cfg: TrainConfig):
     return batches_from
 
 
+@contextlib.contextmanager
+def _naming_cache(cache: ActivationCache):
+    """A NaN or inf met in training comes from the cache's rows: say which cache."""
+    try:
+        yield
+    except NonFiniteActivationsError as e:
+        raise NonFiniteActivationsError(f"{e}, read from activation cache {cache.folder}; harvest it again "
+                                        "(--overwrite)") from e
+
+
 def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, cfg: TrainConfig, *,
                      device: str | torch.device | None = None, overwrite: bool = False,
                      progress: bool = True, log_to: Sequence[str] = ()) -> TopKSAE:
@@ -159,8 +170,9 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
     ``log_to``: also log its metrics to "tensorboard" and/or "wandb"."""
     check_output_folder(run_dir, "--out", "run")
     cache = _open_cache(cache, cfg.total_tokens)
-    return train_sae(cfg, _cache_batches(cache, cfg), run_dir, d_in=cache.d, meta=_cache_meta(cache),
-                     overwrite=overwrite, progress=progress, device=device, log_to=log_to)
+    with _naming_cache(cache):
+        return train_sae(cfg, _cache_batches(cache, cfg), run_dir, d_in=cache.d, meta=_cache_meta(cache),
+                         overwrite=overwrite, progress=progress, device=device, log_to=log_to)
 
 
 def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, TrainConfig]:
@@ -191,9 +203,10 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
     done = {} if overwrite else {n: finished_training(out_dir / n, c, cache) for n, c in configs.items()}
     todo = [n for n in configs if done.get(n) is None]
     if todo:
-        saes = train_many([configs[n] for n in todo], _cache_batches(cache, base), [out_dir / n for n in todo],
-                          d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress,
-                          device=device, log_to=log_to)
+        with _naming_cache(cache):
+            saes = train_many([configs[n] for n in todo], _cache_batches(cache, base), [out_dir / n for n in todo],
+                              d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress,
+                              device=device, log_to=log_to)
         done.update(zip(todo, saes))
     return {n: done[n] for n in configs}
 

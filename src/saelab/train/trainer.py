@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from saelab.errors import ConfigError, CorpusError, NonFiniteError, ShapeMismatchError
+from saelab.errors import (ConfigError, CorpusError, NonFiniteActivationsError, NonFiniteError, ShapeMismatchError,
+                           first_line)
 from saelab.sae.relu import sae_class
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.train import checkpoint as ckpt
@@ -164,7 +165,7 @@ def _check_batch(x: torch.Tensor, d_in: int, what: str) -> None:
     if x.ndim != 2 or x.shape[1] != d_in:
         raise ShapeMismatchError(f"{what} has shape {tuple(x.shape)}; expected [rows, d_in={d_in}]")
     if not all_finite(x):
-        raise NonFiniteError(f"{what} contains NaN or inf activations")
+        raise NonFiniteActivationsError(f"{what} contains NaN or inf activations")
 
 
 def take_rows(batches: Iterator[torch.Tensor], n_rows: int, d_in: int) -> torch.Tensor:
@@ -385,6 +386,7 @@ class TrainingRun:
             raise
         self._status("training")
         self.t0, self.steps_this_call = time.perf_counter(), 0
+        self.saved_step = self.trainer.step  # the step a rerun resumes from (0: none saved yet)
 
     def _start(self, sae_cfg: SAEConfig, init_sample: Callable[[], torch.Tensor], allow_tf32: bool) -> Trainer:
         """A fresh SAE: random draws on the CPU (the same numbers on every device), data init on the device."""
@@ -438,6 +440,7 @@ class TrainingRun:
         if self.writer:
             ckpt.save_checkpoint(self.run_dir, self.trainer.state_dict())
             self._status("training")
+        self.saved_step = self.trainer.step
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         cfg, tr = self.cfg, self.trainer
@@ -462,6 +465,13 @@ class TrainingRun:
     def interrupt(self) -> None:
         self.checkpoint()
         self._status("interrupted")
+
+    def fail(self, err: BaseException) -> None:
+        """Record a run stopped by an error: its state since the last checkpoint may be the error's
+        (a diverged step), so no checkpoint is written; the same command resumes from the last one."""
+        if self.writer:
+            ckpt.write_status(self.run_dir, "failed", step=self.saved_step, total_steps=self.cfg.total_steps,
+                              error=first_line(err))
 
     def finish(self) -> TopKSAE:
         from saelab.sae.io import save_sae  # lazy: io pulls safetensors
@@ -576,6 +586,10 @@ def _train_loop(runs: list[TrainingRun], batches_from: BatchSource, dev: torch.d
     except KeyboardInterrupt:
         for r in runs:
             r.interrupt()
+        raise
+    except Exception as e:
+        for r in runs:
+            r.fail(e)
         raise
     finally:
         bar.close()
