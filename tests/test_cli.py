@@ -1,6 +1,8 @@
 """Every verb's --help works, and bad options end in one line `saelab VERB: error: ...` naming the
 option, exit status 2, no traceback, before any model loads or folder is created."""
 
+import re
+
 import pytest
 
 from saelab.cli import VERBS, main
@@ -14,6 +16,7 @@ def test_help_of_every_verb(verb, capsys):
     assert e.value.code == 0 and out.startswith(f"usage: saelab {verb}")
     # Metavars are the option's name, not simple_parsing's "[[float]]" or "Literal [Literal, ...]".
     assert "[[" not in out and "Literal" not in out and "str [str" not in out
+    assert not re.search(r"\[--[\w-]+ \[[A-Z_]+\]\]", out)  # "[--corpus [CORPUS]]": the value is required
 
 
 BAD = [
@@ -56,6 +59,8 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --positions ,", "(no position listed)"),
     ("steer SAE --latent 1 --mode ablate --value 3", "--mode ablate sets the latent to 0: it takes no --value"),
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
+    ("browse SAE --corpus", "argument --corpus: expected one argument"),
+    ("eval SAE --context-size --no-progress", "argument --context-size: expected one argument"),
     ("browse SAE --serve --port 99999", "--port must be in 0..65535"),
     ("browse SAE --n-tokens 0", "n_tokens must be >= 1"),
     ("browse SAE --n-logits -1", "n_logits must be >= 0"),

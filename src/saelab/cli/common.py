@@ -50,6 +50,13 @@ class Parser(ArgumentParser):
             message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions)
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # simple_parsing gives an Optional field nargs="?": "--corpus" with no value would quietly mean
+        # the default. Every option that takes a value needs one.
+        if action.nargs == "?" and action.option_strings and not arg_strings:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return super()._get_values(action, arg_strings)
+
     def _config_sections(self, path: Path) -> dict[str, Any]:
         """The file's entries for this verb: its option groups (checked field by field) and its options."""
         groups = {w.dest: w.dataclass for w in self._wrappers}
@@ -148,6 +155,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             action = copy.copy(action)
             action.metavar = None
         return super()._metavar_formatter(action, default_metavar)
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.nargs == "?" and action.option_strings:  # a value is required (Parser._get_values)
+            return "%s" % self._metavar_formatter(action, default_metavar)(1)
+        return super()._format_args(action, default_metavar)
 
     def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
         return action.dest.rsplit(".", 1)[-1].upper()
