@@ -67,6 +67,13 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     train = args.train
     refuse_unused_topk_options(train)
     if args.n_tokens is not None:
+        # --n-tokens sets both sizes: one also given on its own would be silently replaced
+        for option, value, default in (("--total-tokens", train.total_tokens,
+                                         TrainConfig.from_recipe(train.recipe).total_tokens),
+                                        ("--harvest-n-tokens", args.harvest.n_tokens, HarvestConfig().n_tokens)):
+            if value != default:
+                raise ConfigError(f"--n-tokens {args.n_tokens} and {option} {value} both set the tokens to "
+                                  f"harvest and train on; give --n-tokens only")
         if args.n_tokens < train.batch_size:
             raise ConfigError(f"--n-tokens {args.n_tokens} is less than one batch (--batch-size {train.batch_size})")
         train = dataclasses.replace(train, total_tokens=args.n_tokens)
@@ -161,12 +168,22 @@ def _grid_value(name: str, hint: Any, text: str) -> Any:
             from None
 
 
+def refuse_options_the_grid_sets(base: TrainConfig, grid: dict[str, list]) -> None:
+    """A training option set away from its recipe default and also swept would be silently ignored."""
+    default = TrainConfig.from_recipe(base.recipe)
+    for name in grid:
+        if getattr(base, name) != getattr(default, name):
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(base, name)} and --grid {name}=... both set "
+                              f"{name}; give it once (in the grid)")
+
+
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.pipeline import evaluate_sweep, sweep_configs
     from saelab.report import write_scaling_report
 
     grid = parse_grid(args.grid)
     refuse_unused_topk_options(args.train, grid)
+    refuse_options_the_grid_sets(args.train, grid)
     sweep_configs(args.train, grid)  # every grid point validated before anything runs
     init_from_env()
     saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
