@@ -396,7 +396,7 @@ def test_cache_resume_after_interruption(tmp_path, source_rows):
     assert torch.equal(cache2.read(), ref.read())
 
 
-def test_interrupted_overwrite_keeps_the_old_cache_and_resumes(tmp_path, source_rows):
+def test_interrupted_overwrite_keeps_the_old_cache_and_resumes(tmp_path, source_rows, capsys):
     folder, other = tmp_path / "c", {**META, "context_size": 32}
     old = write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, progress=False)
     old_rows, old_files = old.read(), {p.name: p.read_bytes() for p in folder.glob("shard_*")}
@@ -404,6 +404,7 @@ def test_interrupted_overwrite_keeps_the_old_cache_and_resumes(tmp_path, source_
     with pytest.raises(KeyboardInterrupt):  # after two of the new cache's shards
         write_activation_cache(src_batches(new_rows, fail_after=10), folder, meta=other, shard_rows=300,
                                overwrite=True, progress=False)
+    assert "keeps 600 of the 640 rows written so far (saved in whole shards of 300)" in capsys.readouterr().err
     assert torch.equal(ActivationCache(folder).read(), old_rows)  # the old cache still whole and listed
     assert {p.name: p.read_bytes() for p in folder.glob("shard_*")} == old_files
     assert (folder / OVERWRITE_STAGE).is_dir()

@@ -24,6 +24,7 @@ from saelab.run_folder import model_for
 from saelab.sae import load_sae
 from saelab.train import TrainConfig
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
+from saelab.utils.folder_lock import LOCK
 
 HOOK = "blocks.1.hook_resid_post"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,10 +112,13 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint_mtime and again["nmse"] == on_disk["nmse"]
     # Finished and evaluated: nothing runs again. --overwrite retrains but keeps the activation cache.
     assert quickstart(cfg, run, lm=smollm2, progress=False)["reused"] == ["harvest", "train", "evaluate"]
-    shards = {p.name: p.stat().st_mtime_ns for p in (run / "activations").iterdir()}
+    def cache_files():  # the manifest and shards, not the lock file each writer (or reuse) takes
+        return {p.name: p.stat().st_mtime_ns for p in (run / "activations").iterdir() if p.name != LOCK}
+
+    shards = cache_files()
     redone = quickstart(cfg, run, lm=smollm2, overwrite=True, progress=False)
     assert redone["reused"] == ["harvest"] and {"train", "evaluate"} <= set(redone["wall_seconds"])
-    assert {p.name: p.stat().st_mtime_ns for p in (run / "activations").iterdir()} == shards
+    assert cache_files() == shards and len(shards) == 2
 
 
 # ---- the CLI verbs chained on a real local model folder -------------------------------------------------------

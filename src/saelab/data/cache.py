@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tokenize
 import warnings
 from pathlib import Path
@@ -191,6 +192,11 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
                initial=manifest["n_rows"])
     try:
         to_skip = _write_batches(batches, writer, to_skip, bar)
+    except KeyboardInterrupt:  # say what an interruption keeps: rows are saved a whole shard at a time
+        print(f"saelab: activation cache {folder} keeps {manifest['n_rows']:,} of the {manifest['n_rows'] + writer.n_buf:,} rows written so "
+              f"far (saved in whole shards of {shard_rows:,}); the same call continues from there",
+              file=sys.stderr)
+        raise
     finally:
         bar.close()
     if to_skip:
