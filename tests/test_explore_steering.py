@@ -135,6 +135,15 @@ def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):
     g = result["generations"][0]
     assert g["clean"] in out and g["steered"] in out and g["clean"] != g["steered"]
     assert result["promoted_tokens"]["7"]
+    # Positions past the prompt and the generation steer nothing: said, not shown as "no effect".
+    assert main([*argv, "--positions", "500", "--json"]) == 0
+    captured = capsys.readouterr()
+    far = json.loads(captured.out)["generations"][0]
+    assert far["clean"] == far["steered"] == g["clean"]
+    assert "--positions 500 lie past the 9 positions the model read (the prompt and the generation): " \
+        "nothing was steered" in captured.err
+    assert main([*argv, "--positions", "3", "--json"]) == 0
+    assert "nothing was steered" not in capsys.readouterr().err
 
 
 def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp_path, capsys):

@@ -148,6 +148,9 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed + j)
         text += ["", f"=== sample {j + 1} (seed {args.seed + j}) ===" if args.samples > 1 else "", gen.format()]
         results.append({"seed": args.seed + j, "clean": gen.clean, "steered": gen.steered})
+    if not s.positions_edited:  # e.g. --positions 50 on a prompt and generation of 20 tokens
+        print(f"saelab steer: warning: --positions {args.positions} lie past the {s.tokens_seen} positions the model "
+              "read (the prompt and the generation): nothing was steered", file=sys.stderr)
     result = {"prompt": args.prompt, "steering": s.describe(), "promoted_tokens": promoted, "generations": results}
     if args.json:
         return result

@@ -193,9 +193,9 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
     try:
         to_skip = _write_batches(batches, writer, to_skip, bar)
     except KeyboardInterrupt:  # say what an interruption keeps: rows are saved a whole shard at a time
-        print(f"saelab: activation cache {folder} keeps {manifest['n_rows']:,} of the {manifest['n_rows'] + writer.n_buf:,} rows written so "
-              f"far (saved in whole shards of {shard_rows:,}); the same call continues from there",
-              file=sys.stderr)
+        kept = manifest["n_rows"]
+        print(f"saelab: activation cache {folder} keeps {kept:,} of the {kept + writer.n_buf:,} rows written so far "
+              f"(saved in whole shards of {shard_rows:,}); the same call continues from there", file=sys.stderr)
         raise
     finally:
         bar.close()

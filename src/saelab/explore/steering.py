@@ -45,6 +45,10 @@ class Steering:
         self.latents = torch.as_tensor(list(latents), dtype=torch.long)
         self.values = values
         self._tracker = position_tracker(lm)
+        self.positions_edited = 0
+        """Token positions this edit has changed so far (0 when ``positions`` lie past every text seen)."""
+        self.tokens_seen = 0
+        """The longest text (prompt and generation, in tokens) this edit has been applied to."""
 
     @property
     def edits(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -70,11 +74,14 @@ class Steering:
         return dx
 
     def __call__(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        offset, length = self._tracker.offset, x_BTD.shape[1]
+        self.tokens_seen = max(self.tokens_seen, offset + length)
+        mask = position_mask(self.positions, offset, length, x_BTD.device)
+        self.positions_edited += length if mask is None else int(mask.sum())
+        if mask is not None and not bool(mask.any()):
+            return x_BTD
         dx = self.delta(x_BTD)
-        mask = position_mask(self.positions, self._tracker.offset, x_BTD.shape[1], x_BTD.device)
         if mask is not None:
-            if not bool(mask.any()):
-                return x_BTD
             dx = dx * mask[None, :, None].to(dx.dtype)
         return (x_BTD + dx.to(x_BTD.dtype))
 
