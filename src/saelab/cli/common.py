@@ -9,6 +9,7 @@ import difflib
 import json
 import math
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -43,9 +44,18 @@ class Parser(ArgumentParser):
             kwargs = {**self._config_sections(Path(config_path)), **kwargs}
         super().set_defaults(**kwargs)
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._argv_seen = list(sys.argv[1:] if args is None else args)  # for error()
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> typing.NoReturn:
         """One line, as for every other bad input (argparse would print the usage block first), with a
         close match for a misspelled option."""
+        if message.startswith("the following arguments are required:"):
+            # "--n-latent 5" without --out: the misspelling is the first thing to fix, not the missing --out
+            unknown = [a for a in getattr(self, "_argv_seen", []) if a.startswith("--")
+                       and a.split("=", 1)[0] not in self._option_string_actions]
+            message = f"unrecognized arguments: {' '.join(unknown)}" if unknown else message
         if message.startswith("unrecognized arguments:"):
             message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions)
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
