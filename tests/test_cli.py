@@ -35,6 +35,8 @@ BAD = [
     ("sweep --grid n_latent=256,512", "training option such as n_latents, k, lr; did you mean n_latents?"),
     ("sweep --grid n_latents=1024 n_latents=2048", "--grid names n_latents twice; give its values once"),
     ("sweep --n-latents 4096 --grid n_latents=1024,2048", "--n-latents 4096 and --grid n_latents=... both set"),
+    ("sweep --k 32 --grid k=16,32", "--k 32 and --grid k=... both set k"),  # even at the recipe's value
+    ("sweep --grid input_norm=batchnorm", "--grid input_norm=batchnorm: expected one of none, layernorm"),
     ("quickstart --n-tokens 65536 --harvest-n-tokens 200000", "--n-tokens 65536 and --harvest-n-tokens 200000 both"),
     ("quickstart --n-tokens 65536 --total-tokens 8192", "--n-tokens 65536 and --total-tokens 8192 both set"),
     ("sweep --grid k=16,9000", "k=9000 exceeds n_latents=8192"),
@@ -65,6 +67,7 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
     ("browse SAE --corpus", "argument --corpus: expected one argument"),
     ("eval SAE --context-size --no-progress", "argument --context-size: expected one argument"),
+    ("eval SAE --abl-latents-per-site --no-progress", "argument --abl-latents-per-site: expected one argument"),
     ("browse SAE --serve --port 99999", "--port must be in 0..65535"),
     ("browse SAE --n-tokens 0", "n_tokens must be >= 1"),
     ("browse SAE --n-logits -1", "n_logits must be >= 0"),
@@ -280,3 +283,35 @@ def test_families_refuses_an_existing_out_file(tmp_path, capsys):
     assert main(["families", "a", "b", "--out", str(precious)]) == 2
     assert "the file exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert precious.read_text() == '{"precious": true}'
+
+
+def test_switches_and_optional_values_parse():
+    """Bare switches mean true / false; a bare Optional option is refused only where it would change nothing."""
+    from saelab.cli import parse_args
+
+    train = ["train", "--activations", "a", "--out", "o"]
+    assert parse_args([*train, "--no-auxk"]).train.auxk is False
+    assert parse_args([*train, "--no-auxk", "--auxk"]).train.auxk is True
+    assert parse_args(["harvest", "--out", "x", "--no-prepend-bos"]).harvest.prepend_bos is False
+    assert parse_args(["quickstart", "--no-harvest-prepend-bos"]).harvest.prepend_bos is False
+    assert parse_args(["eval", "x", "--no-abl-random-baseline"]).ablation_sparsity.random_baseline is False
+    # relu-l1 sets warmup_steps=0; the bare option is the way back to None (automatic warmup)
+    assert parse_args([*train, "--recipe", "relu-l1"]).train.warmup_steps == 0
+    assert parse_args([*train, "--recipe", "relu-l1", "--warmup-steps"]).train.warmup_steps is None
+
+
+def test_grid_takes_choice_fields_and_config_file_defaults(tmp_path, capsys):
+    """--grid over a Literal field (architecture, input_norm); a --config value the grid sweeps is only a default."""
+    from saelab.cli import parse_args
+    from saelab.cli.jobs import parse_grid, refuse_options_the_grid_sets
+
+    assert parse_grid(["input_norm=none,layernorm", "decoder_init=random"]) == {
+        "input_norm": ["none", "layernorm"], "decoder_init": ["random"]}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  k: 64\n  total_tokens: 65536\n")
+    args = parse_args(["sweep", "--activations", "a", "--out", "o", "--config", str(cfg), "--grid", "k=16,32"])
+    assert args.train.k == 64
+    refuse_options_the_grid_sets(args, parse_grid(args.grid))  # not refused: the file's k is a default
+    # The file's total_tokens is not "--total-tokens given too": the next check speaks (one batch at least).
+    assert main(["quickstart", "--config", str(cfg), "--n-tokens", "100", "--out", str(tmp_path / "q")]) == 2
+    assert "--n-tokens 100 is less than one batch" in capsys.readouterr().err

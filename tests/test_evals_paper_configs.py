@@ -11,7 +11,7 @@ from saelab.evals.probe import ProbeConfig
 
 
 @pytest.mark.parametrize("cls,argv,expect", [
-    (AblationSparsityConfig, ["--n-future", "8", "--latents-per-site", "--center", "none"],
+    (AblationSparsityConfig, ["--n-future", "8", "--center", "none"],
      {"n_future": 8, "latents_per_site": None, "center": "none"}),
     (ProbeConfig, ["--tasks", "number", "in_quotes", "--features", "post", "--no-baseline"],
      {"tasks": ("number", "in_quotes"), "features": "post", "baseline": False}),

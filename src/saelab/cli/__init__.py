@@ -73,6 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     train = getattr(args, "train", None)
     if train is not None and train.recipe != (_option_value(argv, "--recipe") or "short-run"):
         args = _parse_with(build_parser(argv, recipe=train.recipe), argv)
+    args.command_line = argv  # which options were typed, not taken from a default or --config (common.typed)
     return args
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import yaml
 from simple_parsing import ArgumentParser, DashVariant
+from simple_parsing.helpers.custom_actions import BooleanOptionalAction
 
 from saelab.errors import ConfigError
 
@@ -61,9 +62,9 @@ class Parser(ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
     def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
-        # simple_parsing gives an Optional field nargs="?": "--corpus" with no value would quietly mean
-        # the default. Every option that takes a value needs one.
-        if action.nargs == "?" and action.option_strings and not arg_strings:
+        # simple_parsing gives an Optional field nargs="?", the bare option meaning None: where None is
+        # also the default, "--corpus" without its value would quietly change nothing.
+        if _bare_is_a_no_op(action) and not arg_strings:
             self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
         return super()._get_values(action, arg_strings)
 
@@ -150,10 +151,22 @@ def _did_you_mean(given: list[str], options: typing.Iterable[str]) -> str:
     return ""
 
 
+def typed(args: argparse.Namespace, option: str) -> bool:
+    """Whether ``option`` (e.g. "--n-latents") was given on the command line (not from --config)."""
+    return any(a == option or a.startswith(option + "=") for a in getattr(args, "command_line", ()))
+
+
 def did_you_mean(word: str, names: typing.Iterable[str]) -> str:
     """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, else ""."""
     close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.75)
     return f"; did you mean {close[0]}?" if close else ""
+
+
+def _bare_is_a_no_op(action: argparse.Action) -> bool:
+    """An option whose value may be left out, giving None, when None is its default anyway (not a
+    switch such as --auxk / --no-auxk, whose bare forms mean true / false)."""
+    return (action.nargs == "?" and bool(action.option_strings) and action.const is None
+            and action.default is None and not isinstance(action, BooleanOptionalAction))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -167,7 +180,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._metavar_formatter(action, default_metavar)
 
     def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
-        if action.nargs == "?" and action.option_strings:  # a value is required (Parser._get_values)
+        if _bare_is_a_no_op(action):  # a value is required (Parser._get_values)
             return "%s" % self._metavar_formatter(action, default_metavar)(1)
         return super()._format_args(action, default_metavar)
 

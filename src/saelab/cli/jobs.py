@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, did_you_mean
+from saelab.cli.common import add_io_options, did_you_mean, literal_choices, typed
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
@@ -68,10 +68,8 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     refuse_unused_topk_options(train)
     if args.n_tokens is not None:
         # --n-tokens sets both sizes: one also given on its own would be silently replaced
-        for option, value, default in (("--total-tokens", train.total_tokens,
-                                         TrainConfig.from_recipe(train.recipe).total_tokens),
-                                        ("--harvest-n-tokens", args.harvest.n_tokens, HarvestConfig().n_tokens)):
-            if value != default:
+        for option, value in (("--total-tokens", train.total_tokens), ("--harvest-n-tokens", args.harvest.n_tokens)):
+            if typed(args, option):
                 raise ConfigError(f"--n-tokens {args.n_tokens} and {option} {value} both set the tokens to "
                                   f"harvest and train on; give --n-tokens only")
         if args.n_tokens < train.batch_size:
@@ -153,14 +151,17 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 
 def _grid_value(name: str, hint: Any, text: str) -> Any:
+    choices = literal_choices(hint)
+    if choices:
+        if text not in choices:
+            raise ConfigError(f"--grid {name}={text}: expected one of {', '.join(map(str, choices))}")
+        return text
     kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     kind = kinds[0]
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ConfigError(f"--grid {name}={text}: expected true or false")
         return text.lower() in ("true", "1", "yes")
-    if typing.get_origin(kind) is typing.Literal:
-        return text
     try:
         return kind(text)
     except (TypeError, ValueError):
@@ -168,13 +169,14 @@ def _grid_value(name: str, hint: Any, text: str) -> Any:
             from None
 
 
-def refuse_options_the_grid_sets(base: TrainConfig, grid: dict[str, list]) -> None:
-    """A training option set away from its recipe default and also swept would be silently ignored."""
-    default = TrainConfig.from_recipe(base.recipe)
+def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]) -> None:
+    """A training option given on the command line and also swept would be silently replaced (one
+    from --config is a default that the grid overrides, as the command line overrides the file)."""
     for name in grid:
-        if getattr(base, name) != getattr(default, name):
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(base, name)} and --grid {name}=... both set "
-                              f"{name}; give it once (in the grid)")
+        option = f"--{name.replace('_', '-')}"
+        if typed(args, option):
+            raise ConfigError(f"{option} {getattr(args.train, name)} and --grid {name}=... both set {name}; give "
+                              "it once (in the grid)")
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,7 +185,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
     grid = parse_grid(args.grid)
     refuse_unused_topk_options(args.train, grid)
-    refuse_options_the_grid_sets(args.train, grid)
+    refuse_options_the_grid_sets(args, grid)
     sweep_configs(args.train, grid)  # every grid point validated before anything runs
     init_from_env()
     saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
