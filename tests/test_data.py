@@ -427,10 +427,25 @@ def test_an_overwrite_cut_off_while_moving_in_is_finished(tmp_path, source_rows)
     want = new.read()
     (folder / "manifest.json").unlink()  # the state after the first steps of the move
     (stage / "shard_00000.npy").replace(folder / "shard_00000.npy")
+    mtime = (stage / "shard_00001.npy").stat().st_mtime_ns
     cache = write_activation_cache(src_batches(source_rows[:500]), folder, meta=META, shard_rows=300,
-                                   resume=True, progress=False)
+                                   overwrite=True, progress=False)  # the same overwrite call, run again
     assert torch.equal(cache.read(), want) and not stage.exists()
     assert sorted(p.name for p in folder.glob("shard_*")) == ["shard_00000.npy", "shard_00001.npy"]
+    assert (folder / "shard_00001.npy").stat().st_mtime_ns == mtime  # moved in, not written a second time
+
+
+def test_an_overwrite_with_an_unpositioned_input_starts_its_stage_over(tmp_path, source_rows):
+    """skip_written=False: the caller cannot position its input inside a staged write it does not see."""
+    folder = tmp_path / "c"
+    write_activation_cache(src_batches(source_rows[:300]), folder, meta=META, shard_rows=200, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(src_batches(source_rows[300:], fail_after=7), folder, meta=META, shard_rows=200,
+                               overwrite=True, skip_written=False, progress=False)
+    assert cache_rows_written(folder / OVERWRITE_STAGE) == 400
+    cache = write_activation_cache(src_batches(source_rows[300:]), folder, meta=META, shard_rows=200,
+                                   overwrite=True, skip_written=False, progress=False)
+    assert torch.equal(cache.read(), source_rows[300:].half().float())
 
 
 def test_a_cache_has_one_writer(tmp_path, source_rows):

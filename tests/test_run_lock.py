@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from saelab.data import write_activation_cache
-from saelab.errors import ConfigError, NonFiniteError
+from saelab.errors import ConfigError, CorpusError, NonFiniteError
 from saelab.train import TrainConfig, train_many, train_sae
 from saelab.utils.folder_lock import LOCK, RunFolderBusyError, RunLock
 
@@ -253,3 +253,23 @@ def test_nan_in_a_cache_is_named_and_the_run_marked_failed(tmp_path):
     status = json.loads((run / "status.json").read_text())
     assert (status["state"], status["step"]) == ("failed", 10)  # the checkpoint before batch 10
     assert status["step"] == torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+
+
+def test_a_call_that_stops_early_finishes_the_runs_it_completed(tmp_path):
+    """train_many over runs of 10 and 16 steps, NaN in batch 13: the 10-step run is finished and saved,
+    the other marked failed at its last checkpoint; a source that runs out is recorded as failed too."""
+    bad = _data().clone()
+    bad[13 * 128 + 5, 0] = float("nan")
+    short, long = tmp_path / "short", tmp_path / "long"
+    with pytest.raises(NonFiniteError, match="activation batch 13"):
+        train_many([_cfg(total_tokens=1280), _cfg()], _source(bad), [short, long], d_in=D, progress=False,
+                   device="cpu")
+    assert json.loads((short / "status.json").read_text())["state"] == "finished" and (short / "sae").is_dir()
+    status = json.loads((long / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("failed", 12) and not (long / "sae").exists()
+
+    few = tmp_path / "few"
+    with pytest.raises(CorpusError, match="ran out after 10 batches"):
+        train_sae(_cfg(), _source(_data(1280)), few, d_in=D, progress=False, device="cpu")
+    status = json.loads((few / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("failed", 10) and "ran out after 10 batches" in status["error"]

@@ -149,8 +149,13 @@ def write_activation_cache(
     ``meta`` (JSON-serializable; e.g. model, hook, context_size, dataset) is stored in the
     manifest. A complete cache is never overwritten unless ``overwrite=True`` (RunExistsError);
     an incomplete one is continued with ``resume=True`` (see the module docstring for what the
-    input must then be) or restarted with ``overwrite=True``. ``resume=True`` on a complete cache
+    input must then be) or replaced with ``overwrite=True``. ``resume=True`` on a complete cache
     with the same settings returns it without reading ``batches``.
+
+    ``overwrite=True`` writes the new cache beside the old one (``.overwrite/``; room for both is
+    needed) and replaces the old one once it is complete; the same call after an interruption
+    continues that write (from its start again with ``skip_written=False``, whose input the caller
+    cannot position inside a write it does not see).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -166,6 +171,8 @@ def write_activation_cache(
         remove_stale_temp_files(folder, stage)
         if not (folder / MANIFEST).exists() and _complete_stage(stage):
             _finish_overwrite(folder, stage)  # an overwrite interrupted while moving its cache in
+            if overwrite and _matches(folder, args):  # it is the cache this call asks for: done
+                overwrite, resume = False, True
         if overwrite and (folder / MANIFEST).exists():
             cache = _overwrite_via_stage(batches, folder, stage, args)
         else:
@@ -217,13 +224,22 @@ def _overwrite_via_stage(batches: Iterable[torch.Tensor], folder: Path, stage: P
     """Replace the cache in ``folder`` by writing the new one in ``stage`` first, so the old cache
     stays whole until the new one is complete. An interrupted overwrite with the same settings
     resumes its stage; a stage of other settings (or a damaged one) is started over."""
-    try:
-        _open_existing(stage, args["meta"], args["dtype"], args["shard_rows"], resume=True, overwrite=False)
-    except ActivationCacheError:
+    if stage.exists() and not (args["skip_written"] and _matches(stage, args, allow_incomplete=True)):
         shutil.rmtree(stage)
     _write(batches, stage, resume=True, overwrite=False, **args)
     _finish_overwrite(folder, stage)
     return ActivationCache(folder)
+
+
+def _matches(folder: Path, args: dict[str, Any], allow_incomplete: bool = False) -> bool:
+    """Whether ``folder`` holds an intact cache (or, ``allow_incomplete``, part of one) of these settings."""
+    try:
+        if _open_existing(folder, args["meta"], args["dtype"], args["shard_rows"], resume=True, overwrite=False):
+            ActivationCache(folder, allow_incomplete=allow_incomplete)  # every listed shard intact
+            return True
+    except ActivationCacheError:
+        pass
+    return False
 
 
 def _complete_stage(stage: Path) -> bool:

@@ -22,6 +22,7 @@ import queue
 import signal
 import threading
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -387,6 +388,7 @@ class TrainingRun:
         self._status("training")
         self.t0, self.steps_this_call = time.perf_counter(), 0
         self.saved_step = self.trainer.step  # the step a rerun resumes from (0: none saved yet)
+        self.finished = False
 
     def _start(self, sae_cfg: SAEConfig, init_sample: Callable[[], torch.Tensor], allow_tf32: bool) -> Trainer:
         """A fresh SAE: random draws on the CPU (the same numbers on every device), data init on the device."""
@@ -439,8 +441,8 @@ class TrainingRun:
         """The training state to checkpoint.pt and the step reached to status.json."""
         if self.writer:
             ckpt.save_checkpoint(self.run_dir, self.trainer.state_dict())
-            self._status("training")
         self.saved_step = self.trainer.step
+        self._status("training")
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         cfg, tr = self.cfg, self.trainer
@@ -481,6 +483,7 @@ class TrainingRun:
         if self.writer:
             save_sae(final, self.run_dir / ckpt.SAE_DIR)
         self._status("finished", train_seconds=round(time.perf_counter() - self.t0, 2))
+        self.finished = True
         return final
 
     def close(self, failed: bool = False) -> None:
@@ -583,17 +586,31 @@ def _train_loop(runs: list[TrainingRun], batches_from: BatchSource, dev: torch.d
                             bar.set_postfix(nmse=f"{stats['nmse']:.3f}", l0=f"{stats['l0']:.1f}")
                 batch_idx += 1
                 bar.update(1)
-    except KeyboardInterrupt:
-        for r in runs:
-            r.interrupt()
-        raise
-    except Exception as e:
-        for r in runs:
-            r.fail(e)
+        return [_end(r, batch_idx, stop_after_steps) for r in runs]
+    except BaseException as e:
+        _stop(runs, e)
         raise
     finally:
         bar.close()
-    return [_end(r, batch_idx, stop_after_steps) for r in runs]
+
+
+def _stop(runs: list[TrainingRun], err: BaseException) -> None:
+    """Leave every run resumable when a call ends early: a run whose steps are all done is finished
+    (its training is not thrown away), the others interrupted (Ctrl-C, SIGTERM: a checkpoint now) or
+    failed (an error: their last checkpoint stands)."""
+    for r in runs:
+        if r.finished:
+            continue
+        try:
+            if r.done:
+                r.finish()
+            elif isinstance(err, KeyboardInterrupt):
+                r.interrupt()
+            else:
+                r.fail(err)
+        except Exception:  # e.g. the full disk that stopped the loop: the first error is the one to report
+            with contextlib.suppress(Exception):
+                r.fail(err)
 
 
 def _end(r: TrainingRun, batch_idx: int, stop_after_steps: int | None) -> TopKSAE:
