@@ -42,6 +42,7 @@ BAD = [
     ("sweep --grid k=16,9000", "k=9000 exceeds n_latents=8192"),
     ("train --n-latent 5", "unrecognized arguments: --n-latent 5; did you mean --n-latents?"),
     ("families A B --n-tokns 5", "unrecognized arguments: --n-tokns; did you mean --n-tokens?"),  # not "--out"
+    ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
     ("eval SAE --bogus", "unrecognized arguments: --bogus (`saelab eval --help` lists the options)"),
     ("train --recipe relu-l1 --k 16", "--k: a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every"),
     ("train --architecture relu --multi-topk true", "--multi-topk: a ReLU SAE"),

@@ -68,6 +68,12 @@ class Parser(ArgumentParser):
             self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
         return super()._get_values(action, arg_strings)
 
+    def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
+        # simple_parsing refuses "--no-auxk true" through exit(0, message): a bad option must fail
+        if status == 0 and message and message.startswith("Negative flags cannot be passed a value"):
+            self.error(message.replace("Negative flags", "switches such as --no-X"))
+        super().exit(status, message)
+
     def _config_sections(self, path: Path) -> dict[str, Any]:
         """The file's entries for this verb: its option groups (checked field by field) and its options."""
         groups = {w.dest: w.dataclass for w in self._wrappers}

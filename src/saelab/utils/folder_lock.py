@@ -45,9 +45,13 @@ class RunLock:
                 f"{self.what} {self.run_dir} is being written by another process ({self.holder()}); "
                 "wait for it to end, or pick another folder"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:  # e.g. a full disk: give the lock back rather than hold it for the process's life
+            self.release()
+            raise
         return self
 
     def holder(self) -> str:
