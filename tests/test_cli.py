@@ -39,6 +39,7 @@ BAD = [
     ("sweep --grid input_norm=batchnorm", "--grid input_norm=batchnorm: expected one of none, layernorm"),
     ("quickstart --n-tokens 65536 --harvest-n-tokens 200000", "--n-tokens 65536 and --harvest-n-tokens 200000 both"),
     ("quickstart --n-tokens 65536 --total-tokens 8192", "--n-tokens 65536 and --total-tokens 8192 both set"),
+    ("quickstart --harvest-n-tokens 8192", "--harvest-n-tokens 8192 is fewer than the 1,048,576 training tokens"),
     ("sweep --grid k=16,9000", "k=9000 exceeds n_latents=8192"),
     ("train --n-latent 5", "unrecognized arguments: --n-latent 5; did you mean --n-latents?"),
     ("families A B --n-tokns 5", "unrecognized arguments: --n-tokns; did you mean --n-tokens?"),  # not "--out"
@@ -227,17 +228,20 @@ def test_quickstart_into_a_finished_run_of_other_settings_is_refused_before_the_
 @pytest.mark.parametrize("verb,marker,what", [("train", "cfg.json", "an SAE folder"),
                                               ("train", "manifest.json", "an activation cache"),
                                               ("harvest", "train_config.json", "a run folder"),
-                                              ("quickstart", "manifest.json", "an activation cache")])
+                                              ("quickstart", "manifest.json", "an activation cache"),
+                                              ("sweep", "train_config.json", "a run folder"),
+                                              ("sweep", "cfg.json", "an SAE folder")])
 def test_output_folder_that_is_another_kind_of_saelab_folder_is_refused(verb, marker, what, tmp_path, capsys):
     """A run written into an SAE folder would shadow the SAE that open_sae finds there; a cache written
     into a run folder would mix with it."""
     out = tmp_path / "out"
     out.mkdir()
     (out / marker).write_text("{}")
-    args = {"train": ["--activations", str(tmp_path / "acts")], "harvest": [], "quickstart": []}[verb]
+    args = {"train": ["--activations", str(tmp_path / "acts")], "harvest": [], "quickstart": [],
+            "sweep": ["--activations", str(tmp_path / "acts"), "--grid", "k=8,16"]}[verb]
     assert _exit_code([verb, *args, "--out", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    expected = "an activation cache" if verb == "harvest" else "a run folder"
+    expected = {"harvest": "an activation cache", "sweep": "a sweep folder"}.get(verb, "a run folder")
     assert err == f"saelab {verb}: error: --out {out} is {what} ({marker}); expected a new folder or {expected}"
     assert sorted(p.name for p in out.iterdir()) == [marker]
 
@@ -316,3 +320,30 @@ def test_grid_takes_choice_fields_and_config_file_defaults(tmp_path, capsys):
     # The file's total_tokens is not "--total-tokens given too": the next check speaks (one batch at least).
     assert main(["quickstart", "--config", str(cfg), "--n-tokens", "100", "--out", str(tmp_path / "q")]) == 2
     assert "--n-tokens 100 is less than one batch" in capsys.readouterr().err
+
+
+def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
+    """eval --out never replaces another run's (or an earlier) evaluation unasked; export never writes
+    into a run's own sae/ folder."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    sae = TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, hook_name="blocks.3.hook_resid_post", model_name="gpt2"))
+    save_sae(sae, tmp_path / "sae")
+    other_run = tmp_path / "run"
+    save_sae(sae, other_run / "sae")
+    (other_run / "train_config.json").write_text("{}")
+    (other_run / "metrics.json").write_text('{"nmse": 0.1}')
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"nmse": 0.2}')
+    for out, message in ((other_run, "is the run folder of another SAE"),
+                         (earlier, "already holds an evaluation (metrics.json); pass --overwrite")):
+        for extra in ([], ["--overwrite"]) if out == other_run else ([],):
+            assert main(["eval", str(tmp_path / "sae"), "--out", str(out), *extra]) == 2
+            assert message in capsys.readouterr().err
+    assert (other_run / "metrics.json").read_text() == '{"nmse": 0.1}'
+    assert (earlier / "metrics.json").read_text() == '{"nmse": 0.2}'
+    before = (other_run / "sae" / "cfg.json").read_bytes()
+    assert main(["export", str(tmp_path / "sae"), str(other_run / "sae"), "--format", "saelens", "--overwrite"]) == 2
+    assert "is the SAE of the run" in capsys.readouterr().err
+    assert (other_run / "sae" / "cfg.json").read_bytes() == before

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 
 from saelab.cli import main
 from saelab.data import ActivationCache
+from saelab.errors import RunExistsError
 from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
 from saelab.run_folder import model_for
 from saelab.sae import load_sae
@@ -97,6 +99,7 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
 
     report = (run / "report.md").read_text()
     assert f"| nMSE (FVU), raw activation space | {on_disk['nmse']:.4f} |" in report
+    assert f"| KL(clean \\|\\| spliced) per token | {on_disk['kl']:.4f} |" in report  # one row, not split
     assert "![training curves](training_curves.png)" in report and "![latent density](density.png)" in report
     # 8,192 tokens: too short to tell which latents went 262,144 tokens without firing.
     assert "not fired in the last 262,144 training tokens: not measured (the run saw 8,192 tokens)" in report
@@ -112,6 +115,12 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint_mtime and again["nmse"] == on_disk["nmse"]
     # Finished and evaluated: nothing runs again. --overwrite retrains but keeps the activation cache.
     assert quickstart(cfg, run, lm=smollm2, progress=False)["reused"] == ["harvest", "train", "evaluate"]
+    # Other eval settings would replace the evaluation: refused as `saelab eval` refuses, before any work.
+    before = (run / "metrics.json").read_bytes()
+    with pytest.raises(RunExistsError, match=r"evaluation with other settings \(eval.recon_tokens\)"):
+        quickstart(replace(cfg, eval=replace(cfg.eval, recon_tokens=1024)), run, lm=smollm2, progress=False)
+    assert (run / "metrics.json").read_bytes() == before
+
     def cache_files():  # the manifest and shards, not the lock file each writer (or reuse) takes
         return {p.name: p.stat().st_mtime_ns for p in (run / "activations").iterdir() if p.name != LOCK}
 

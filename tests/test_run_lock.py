@@ -212,14 +212,17 @@ def test_failed_overwrite_keeps_the_finished_run(tmp_path):
 
 
 def test_an_overwrite_clears_the_sae_it_replaces(tmp_path):
-    """An overwritten run that is then interrupted must not show the old SAE beside the new config."""
-    from saelab.run_folder import SAE_DIR, TRAIN_CONFIG
-    from saelab.train.checkpoint import commit_run_dir
-
-    (tmp_path / SAE_DIR).mkdir()
-    (tmp_path / SAE_DIR / "cfg.json").write_text("{}")
-    commit_run_dir(tmp_path, {"seed": 1}, overwrite=True)
-    assert not (tmp_path / SAE_DIR).exists() and (tmp_path / TRAIN_CONFIG).is_file()
+    """An overwritten run that is then interrupted must not show the old SAE, its report, curves or
+    browser beside the new config."""
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    for name in ("report.md", "training_curves.png", "browser/index.html", "metrics.json"):
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_text("of the old SAE")
+    train_sae(_cfg(k=8), _source(_data()), run, d_in=D, progress=False, device="cpu", overwrite=True,
+              stop_after_steps=2)
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, "checkpoint.pt", "metrics.jsonl", "status.json",
+                                                     "train_config.json"]
 
 
 def test_an_unfinished_run_is_named_as_such(tmp_path):

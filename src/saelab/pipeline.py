@@ -196,7 +196,7 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
     resumes a sweep), unless ``overwrite``."""
     from saelab.train import train_many
 
-    check_output_folder(out_dir, "--out")
+    check_output_folder(out_dir, "--out", "sweep")
     configs = sweep_configs(base, grid)
     cache = _open_cache(cache, max(c.total_tokens for c in configs.values()))
     out_dir = Path(out_dir)
@@ -391,6 +391,21 @@ def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig) -> None:
                              "pick another --out, or pass --overwrite to train again (the activation cache is kept)")
 
 
+def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, model_dtype: str) -> None:
+    """Refuse, before any work, to replace a finished run's evaluation with one of other settings
+    (as ``saelab eval`` refuses)."""
+    if read_status(run_dir).get("state") != "finished" or not (run_dir / SAE_DIR).is_dir():
+        return
+    sae = load_sae(run_dir / SAE_DIR)
+    old = _readable_eval_metrics(run_dir, sae)
+    if old and not evaluation_is_current(run_dir, sae, cfg, model_dtype=model_dtype):
+        changed = changed_fields({"eval": old.get("eval_config"), "model_dtype": old.get("model_dtype", "float32")},
+                                 {"eval": _eval_config_record(cfg), "model_dtype": model_dtype})
+        raise RunExistsError(f"{run_dir / EVAL_METRICS} holds this run's evaluation with other settings "
+                             f"({', '.join(changed)}); `saelab eval {run_dir} --overwrite` with the new settings "
+                             "replaces it, --overwrite trains and evaluates again, or pick another --out")
+
+
 def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, overwrite: bool,
                         progress: bool) -> ActivationCache:
     """The quickstart's activation cache; one harvested with other settings is named, with the way out."""
@@ -426,6 +441,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     check_log_targets(log_to)  # before the harvest, not after it
     if not overwrite:
         _check_finished_run_matches(run_dir, cfg.train)
+        _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
     resolve_corpus(harvest_cfg.corpus, "train"), resolve_corpus(cfg.eval.corpus, "eval")  # before the model loads
     times: dict[str, float] = {}

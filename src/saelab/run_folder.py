@@ -140,7 +140,8 @@ ARTEFACTS = {"activations": ("manifest.json", "an activation cache"), "run": (TR
 
 def check_output_folder(path: str | Path, option: str, kind: str | None = None) -> Path:
     """Refuse, before any slow work, an output folder that is a file or cannot be created or written,
-    or (given the ``kind`` of ARTEFACTS it will be) one that is another kind of saelab folder."""
+    or (given the ``kind`` of ARTEFACTS it will be, or "sweep": a folder of runs) one that is another kind
+    of saelab folder."""
     import os
 
     path = Path(path)
@@ -149,7 +150,7 @@ def check_output_folder(path: str | Path, option: str, kind: str | None = None) 
     for other, (marker, what) in ARTEFACTS.items():
         if kind is not None and other != kind and (path / marker).is_file():
             raise CheckpointError(f"{option} {path} is {what} ({marker}); expected a new folder or "
-                                  f"{ARTEFACTS[kind][1]}")
+                                  f"{ARTEFACTS[kind][1] if kind in ARTEFACTS else f'a {kind} folder'}")
     existing = path
     while not existing.exists():
         existing = existing.parent

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from saelab.cli.common import add_io_options
-from saelab.errors import ConfigError, SaelabError
+from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import ComputeEquivalentConfig, known_series_names
 from saelab.evals.core import EvalConfig
 from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
-from saelab.run_folder import EVALS_DIR, REPORT, TRAIN_CONFIG, is_sweep, open_sae
+from saelab.run_folder import EVAL_METRICS, EVALS_DIR, REPORT, TRAIN_CONFIG, is_sweep, open_sae
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -62,6 +62,17 @@ def suite_config(args: argparse.Namespace) -> PaperSuiteConfig:
                                n2g=args.n2g)
 
 
+def _check_eval_out(out: Path, overwrite: bool) -> None:
+    """--out for another SAE's metrics: never a run folder (its metrics.json is its own SAE's), and an
+    earlier evaluation there is kept unless --overwrite."""
+    if (out / TRAIN_CONFIG).is_file():
+        raise ConfigError(f"--out {out} is the run folder of another SAE; its metrics.json describes that SAE: "
+                          "pick another folder")
+    if (out / EVAL_METRICS).exists() and not overwrite:
+        raise RunExistsError(f"--out {out} already holds an evaluation ({EVAL_METRICS}); pass --overwrite to "
+                             "replace it, or pick another folder")
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.pipeline import evaluate, evaluate_run, evaluate_sweep, paper_suite
 
@@ -94,6 +105,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if into_run:
         return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
                             overwrite=args.overwrite, progress=args.progress)
+    if args.out is not None:
+        _check_eval_out(Path(args.out), args.overwrite)
     return evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
                     model_dtype=args.model_dtype, progress=args.progress)
 

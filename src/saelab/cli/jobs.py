@@ -75,6 +75,10 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         if args.n_tokens < train.batch_size:
             raise ConfigError(f"--n-tokens {args.n_tokens} is less than one batch (--batch-size {train.batch_size})")
         train = dataclasses.replace(train, total_tokens=args.n_tokens)
+    if typed(args, "--harvest-n-tokens") and args.harvest.n_tokens < train.total_tokens:
+        raise ConfigError(f"--harvest-n-tokens {args.harvest.n_tokens} is fewer than the {train.total_tokens:,} "
+                          f"training tokens (--total-tokens), which quickstart harvests at least; --n-tokens "
+                          f"{args.harvest.n_tokens} sets both")
     harvest_cfg = dataclasses.replace(args.harvest, n_tokens=args.n_tokens) if args.n_tokens else args.harvest
     cfg = QuickstartConfig(harvest=harvest_cfg, train=train, eval=args.eval)  # harvests max(n_tokens, total_tokens)
     metrics = quickstart(cfg, args.out, device=args.device, model_dtype=args.model_dtype, overwrite=args.overwrite,

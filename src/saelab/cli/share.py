@@ -8,7 +8,7 @@ from typing import Any
 
 from saelab.cli.common import DTYPES, add_io_options
 from saelab.errors import ConfigError
-from saelab.run_folder import check_output_folder, open_sae
+from saelab.run_folder import SAE_DIR, TRAIN_CONFIG, check_output_folder, open_sae
 
 
 def add_export(sub) -> None:
@@ -46,6 +46,9 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 def _check_export_folder(out: Path, overwrite: bool) -> Path:
     """A new or empty folder, or with --overwrite one that holds an SAE: never a folder of other files."""
     check_output_folder(out, "OUT")
+    if (out.parent / TRAIN_CONFIG).is_file() and out.name == SAE_DIR:
+        raise ConfigError(f"OUT {out} is the SAE of the run {out.parent}: an export there would make the run "
+                          "describe another SAE; pick another folder")
     if out.is_dir() and any(out.iterdir()):
         if not (out / "cfg.json").is_file():
             raise ConfigError(f"OUT {out} holds other files; expected a new or empty folder")

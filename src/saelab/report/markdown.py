@@ -33,7 +33,10 @@ METRIC_ROWS = [
 
 
 def markdown_table(rows: list[tuple[str, str]]) -> str:
-    return "| | |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
+    """A two-column table; a "|" inside a cell (e.g. "KL(clean || spliced)") is escaped, not a column break."""
+    def cell(text: str) -> str:
+        return str(text).replace("\\|", "|").replace("|", "\\|")
+    return "| | |\n|---|---|\n" + "".join(f"| {cell(a)} | {cell(b)} |\n" for a, b in rows)
 
 
 def _training_tokens(train: dict[str, Any]) -> str:

@@ -60,7 +60,7 @@ def _headline_ce(r: dict) -> str:
 def _section_core(r: dict) -> list[str]:
     lines = [f"{r.get('n_tokens', 0):,} tokens for reconstruction, {r.get('n_predictions', 0):,} next-token "
              "predictions for the downstream loss.", "",
-             markdown_table([(label.replace("|", "\\|"), fmt.format(r[key])) for key, label, fmt in METRIC_ROWS
+             markdown_table([(label, fmt.format(r[key])) for key, label, fmt in METRIC_ROWS
                      if r.get(key) is not None])]
     if r.get("nmse_sae_input") is not None:
         lines += ["", f"nMSE in the SAE's own input space (after its input normalization, as the paper reports it): "

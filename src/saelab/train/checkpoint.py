@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from saelab.errors import CheckpointError, RunExistsError
-from saelab.run_folder import CHECKPOINT, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_LOG, clear_eval_outputs
+from saelab.run_folder import (BROWSER_DIR, CHECKPOINT, REPORT, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_CURVES,
+                               TRAINING_LOG, clear_eval_outputs)
 from saelab.utils.atomic import atomic_path, write_bytes, write_json
 
 METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
@@ -86,11 +87,12 @@ def commit_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = F
     files and record the config. Written only now, so a start that failed leaves no config behind
     that would make the corrected rerun look like a different experiment."""
     if overwrite:
-        for name in (CHECKPOINT, STATUS, TRAINING_LOG):
+        for name in (CHECKPOINT, STATUS, TRAINING_LOG, REPORT, TRAINING_CURVES):
             (run_dir / name).unlink(missing_ok=True)
-        # The SAE being replaced goes too: left beside the new config, an interrupted overwrite's
-        # folder would evaluate and report the old weights as the new run.
-        shutil.rmtree(run_dir / SAE_DIR, ignore_errors=True)
+        # The SAE being replaced goes too, with its browser: left beside the new config, an interrupted
+        # overwrite's folder would evaluate, report and show the old weights as the new run.
+        for folder in (SAE_DIR, BROWSER_DIR):
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
         clear_eval_outputs(run_dir)  # they describe the SAE being replaced
     write_json(run_dir / TRAIN_CONFIG, config)
 
