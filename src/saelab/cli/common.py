@@ -162,6 +162,11 @@ def typed(args: argparse.Namespace, option: str) -> bool:
     return any(a == option or a.startswith(option + "=") for a in getattr(args, "command_line", ()))
 
 
+def typed_starting(args: argparse.Namespace, *prefixes: str) -> list[str]:
+    """The options given on the command line whose names start with one of ``prefixes`` (e.g. "--eval-")."""
+    return [a.split("=", 1)[0] for a in getattr(args, "command_line", ()) if a.startswith(prefixes)]
+
+
 def did_you_mean(word: str, names: typing.Iterable[str]) -> str:
     """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, else ""."""
     close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.75)
@@ -204,12 +209,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def add_io_options(p: ArgumentParser, *, device: bool = True, overwrite: bool = True) -> None:
-    """--device and --model-dtype, --overwrite, --no-progress, --debug where a verb has them."""
+def add_io_options(p: ArgumentParser, *, device: bool = True, model: bool = True, overwrite: bool = True) -> None:
+    """--device and (``model``: a verb that runs the language model) --model-dtype, --overwrite,
+    --no-progress, --debug where a verb has them."""
     if device:
         p.add_argument("--device", default=None, metavar="DEVICE",
                        help="where the model and the SAE run: auto (CUDA when available, else cpu), cpu, cuda, "
-                            "cuda:N (default: auto)")
+                            "cuda:N (default: auto)" if model else
+                            "where the SAE trains: auto (CUDA when available, else cpu), cpu, cuda, cuda:N "
+                            "(default: auto)")
+    if device and model:
         add_model_dtype(p)
     if overwrite:
         p.add_argument("--overwrite", action="store_true", help="replace finished results in the output folder")

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options
+from saelab.cli.common import add_io_options, typed_starting
 from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import ComputeEquivalentConfig, known_series_names
@@ -76,6 +76,10 @@ def _check_eval_out(out: Path, overwrite: bool) -> None:
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.pipeline import evaluate, evaluate_run, evaluate_sweep, paper_suite
 
+    suite_only = typed_starting(args, "--series", "--metrics", "--ablation-contexts", "--probe-contexts",
+                                "--n2g-contexts", *(f"--{prefix}" for _, _, prefix in METRIC_GROUPS))
+    if suite_only and args.suite != "paper":
+        raise ConfigError(f"{suite_only[0]} is an option of the paper suite; add --suite paper, or leave it out")
     if is_sweep(args.sae):
         if args.out or args.hook:
             raise ConfigError(f"{args.sae} is a sweep folder: each run is evaluated into its own folder with its "

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, finite_float, positive_int
+from saelab.cli.common import add_io_options, finite_float, positive_int, typed
 from saelab.errors import ConfigError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.steering import STEER_MODES
@@ -72,6 +72,11 @@ def _check_steer(args: argparse.Namespace):
 
     if args.value is not None and args.scale is not None:
         raise ConfigError("give --value or --scale, not both")
+    sampling = [o for o in ("--temperature", "--top-p") if typed(args, o)]
+    if args.greedy and sampling:
+        raise ConfigError(f"--greedy picks the likeliest token: it takes no {sampling[0]}")
+    if args.greedy and args.samples > 1:
+        raise ConfigError(f"--greedy gives the same text in every sample: --samples {args.samples} would repeat it")
     given = args.value if args.value is not None else args.scale
     if args.mode == "ablate" and given is not None:
         raise ConfigError("--mode ablate sets the latent to 0: it takes no --value or --scale")
@@ -202,6 +207,8 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
         return _export(args)
     if args.serve:
         _check_port(args.port)  # before a long build, not after it
+    elif typed(args, "--port"):
+        raise ConfigError("--port is the port of --serve; add --serve, or leave it out")
     out = check_output_folder(args.out, "--out") if args.out else _default_out(args.sae)
     result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
                            overwrite=args.overwrite,

@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, did_you_mean, literal_choices, typed
+from saelab.cli.common import add_io_options, did_you_mean, literal_choices, typed, typed_starting
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
@@ -109,7 +109,7 @@ def add_train(sub, recipe: str) -> None:
     p.add_argument("--activations", required=True, metavar="DIR", help="activation cache folder (saelab harvest)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (an unfinished run there is resumed)")
     add_train_config(p, recipe)
-    add_io_options(p)
+    add_io_options(p, model=False)  # training reads cached activations: no language model runs
     p.set_defaults(handler=run_train)
 
 
@@ -189,6 +189,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
     grid = parse_grid(args.grid)
     refuse_unused_topk_options(args.train, grid)
+    unused = typed_starting(args, "--eval-") if not args.evaluate else []
+    if unused:
+        raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")
     refuse_options_the_grid_sets(args, grid)
     sweep_configs(args.train, grid)  # every grid point validated before anything runs
     init_from_env()
