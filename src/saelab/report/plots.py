@@ -7,23 +7,30 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from saelab.train.trainer import INACTIVE_WINDOW
 from saelab.utils.figures import figure, save_figure
 
 
 def training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Training nMSE and the fraction of inactive/dead latents against tokens."""
     tokens = np.array([m["tokens"] for m in metrics])
+    style = {"marker": "o", "markersize": 3} if len(metrics) < 30 else {}  # a short run's few points stay visible
     fig, (ax1, ax2) = figure(1, 2, figsize=(10, 3.6))
-    ax1.plot(tokens, [m["nmse"] for m in metrics], label="nMSE (train batch)")
+    ax1.plot(tokens, [m["nmse"] for m in metrics], label="nMSE (train batch)", **style)
     if any(m.get("auxk", 0) > 0 for m in metrics):
-        ax1.plot(tokens, [m["auxk"] for m in metrics], label="AuxK loss", alpha=0.7)
+        ax1.plot(tokens, [m["auxk"] for m in metrics], label="AuxK loss", alpha=0.7, **style)
     ax1.set_xlabel("training tokens")
     ax1.set_ylabel("loss")
     ax1.set_yscale("log")
     ax1.grid(alpha=0.3)
     ax1.legend()
-    ax2.plot(tokens, [100 * m["inactive_frac"] for m in metrics], label="inactive (no fire in 262k tokens)")
-    ax2.plot(tokens, [100 * m["dead_frac"] for m in metrics], label="dead (AuxK window)")
+    # Before the window has passed no latent can have gone that long without firing: not measured, not 0 %.
+    seen = tokens >= INACTIVE_WINDOW
+    inactive = [100 * m["inactive_frac"] for m, ok in zip(metrics, seen) if ok]
+    ax2.plot(tokens[seen], inactive, label=f"inactive (no fire in {INACTIVE_WINDOW:,} tokens)"
+             if inactive else f"inactive: not measured (under {INACTIVE_WINDOW:,} tokens)", **style)
+    ax2.plot(tokens, [100 * m["dead_frac"] for m in metrics], label="dead (AuxK window)", **style)
     ax2.set_xlabel("training tokens")
     ax2.set_ylabel("% of latents")
     ax2.grid(alpha=0.3)
