@@ -83,6 +83,7 @@ BAD = [
     ("browse SAE --n2g-latents -1", "n2g_latents must be >= 0"),
     ("browse SAE --context-size 1", "context_size must be >= 3"),
     ("browse missing", "'missing': no such file or folder; expected a run folder or an SAE"),
+    ("eval missing", "missing: no such file or folder; expected a run folder (saelab train), a SAELens folder"),
     ("families A B --out f.json --family-min-score 5", "family_min_score must be in [0, 1], got 5.0"),
     ("quickstart --n-tokens 100", "--n-tokens 100 is less than one batch"),
     ("families A B --out missing/families.json", "expected a file path in an existing, writable folder"),

@@ -99,8 +99,8 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the {what} is damaged: remove it or pass "
-                              "--overwrite") from e
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the {what} is damaged: remove it, or run the "
+                              "command that wrote it again with --overwrite") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, expected a JSON object ({what})")
     return data

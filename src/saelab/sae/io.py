@@ -174,7 +174,8 @@ def _existing_path(source: str | os.PathLike) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
         raise CheckpointError(
-            f"{path}: no such file or folder; expected a SAELens folder (cfg.json + {WEIGHTS_FILENAME}), a "
+            f"{path}: no such file or folder; expected a run folder (saelab train), a SAELens folder (cfg.json + "
+            f"{WEIGHTS_FILENAME}), a "
             f"sparsify folder (cfg.json + {SPARSIFY_WEIGHTS_FILENAME}), an OpenAI .pt file, an https:// URL or "
             f"{HF_PREFIX}owner/repo/path"
         )
