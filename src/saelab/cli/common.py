@@ -57,6 +57,9 @@ class Parser(ArgumentParser):
             unknown = [a for a in getattr(self, "_argv_seen", []) if a.startswith("--")
                        and a.split("=", 1)[0] not in self._option_string_actions]
             message = f"unrecognized arguments: {' '.join(unknown)}" if unknown else message
+        # simple_parsing's type for a Literal field reports "invalid typing.Literal['zero', 'mean'] value: 'foo'"
+        message = re.sub(r"invalid typing\.Literal\[(.*)\] value: ('.*')",
+                         lambda m: f"invalid choice: {m[2]} (choose from {m[1].replace(chr(39), '')})", message)
         if message.startswith("unrecognized arguments:"):
             message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions)
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")

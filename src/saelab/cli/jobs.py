@@ -145,12 +145,16 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     for item in items:
         name, _, values = item.partition("=")
         name = name.strip().replace("-", "_")
-        if name not in hints or name == "recipe" or not values:
+        if name in hints and name != "recipe" and not values.strip(", "):
+            raise ConfigError(f"--grid entry {item!r} gives no values; expected {name}=V1,V2")
+        if name not in hints or name == "recipe":
             raise ConfigError(f"--grid entry {item!r}: expected FIELD=V1,V2 with FIELD a training option such as "
                               f"n_latents, k, lr{did_you_mean(name, [h for h in hints if h != 'recipe'])}")
         if name in grid:
             raise ConfigError(f"--grid names {name} twice; give its values once: {name}=V1,V2")
         grid[name] = [_grid_value(name, hints[name], v.strip()) for v in values.split(",")]
+        if len(set(map(repr, grid[name]))) < len(grid[name]):  # k=8,8: one run, not the two it looks like
+            raise ConfigError(f"--grid {item}: a value is listed twice; give each value once")
     return grid
 
 
