@@ -72,6 +72,7 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
     ("browse SAE --corpus", "argument --corpus: expected one argument"),
     ("browse SAE --port 8080", "--port is the port of --serve; add --serve"),
+    ("browse SAE --n2g-file /nope.json", "n2g_file /nope.json: no such file; expected an N2G result"),
     ("steer SAE --latent 1 --value 1 --greedy --temperature 0.5", "--greedy picks the likeliest token: it takes no"),
     ("steer SAE --latent 1 --value 1 --greedy --samples 3", "--greedy gives the same text in every sample"),
     ("eval SAE --metrics probe", "--metrics is an option of the paper suite; add --suite paper"),
