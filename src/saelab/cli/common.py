@@ -13,7 +13,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from simple_parsing import ArgumentParser, DashVariant
@@ -235,16 +235,15 @@ def add_model_dtype(p: ArgumentParser) -> None:
                         "memory and speed it up)")
 
 
-def positive_int(name: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
-    return parse
+def positive_int(text: str) -> int:
+    """An option's integer >= 1 (argparse names the option in front of the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def finite_float(text: str) -> float:

@@ -45,18 +45,18 @@ def add_steer(sub) -> None:
     p.add_argument("--scale", type=_float_list, default=None,
                    help="the value as a multiple of the latent's largest activation on held-out text (e.g. 2 "
                         "adds twice its max; measured on --scale-tokens tokens of the eval split)")
-    p.add_argument("--scale-tokens", type=positive_int("--scale-tokens"), default=65_536,
+    p.add_argument("--scale-tokens", type=positive_int, default=65_536,
                    help="tokens read to find each latent's max activation for --scale")
     p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
     p.add_argument("--positions", default="all",
                    help="absolute token positions to edit, 0 = BOS: 'all', '5', '3,7,9', '1:' (generated tokens "
                         "included) or '2:10'")
-    p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=40, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--temperature", type=finite_float, default=0.8, help="sampling temperature (> 0)")
     p.add_argument("--top-p", type=finite_float, default=0.95, help="nucleus sampling threshold, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for both generations)")
-    p.add_argument("--samples", type=positive_int("--samples"), default=1,
+    p.add_argument("--samples", type=positive_int, default=1,
                    help="pairs of generations, with seeds seed, seed+1, ...")
     p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
     p.add_argument("--hook", default=None, help="override the SAE's hook name")
@@ -243,9 +243,9 @@ def add_top(sub) -> None:
     p = sub.add_parser("top", help="the top-activating contexts of one or more latents on held-out text")
     p.add_argument("latent", type=_int_list, help="latent index, or several comma-separated")
     p.add_argument("sae", help="run folder, SAELens or sparsify folder, OpenAI .pt file or URL")
-    p.add_argument("-n", "--n-contexts", type=positive_int("--n-contexts"), default=10,
+    p.add_argument("-n", "--n-contexts", type=positive_int, default=10,
                    help="contexts per latent (default: 10)")
-    p.add_argument("--n-tokens", type=positive_int("--n-tokens"), default=262_144,
+    p.add_argument("--n-tokens", type=positive_int, default=262_144,
                    help="tokens of text read (default: 262,144)")
     p.add_argument("--corpus", default=None, help="text to read (default: the offline Wikipedia eval split)")
     p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
