@@ -17,6 +17,7 @@ def test_help_of_every_verb(verb, capsys):
     # Metavars are the option's name, not simple_parsing's "[[float]]" or "Literal [Literal, ...]".
     assert "[[" not in out and "Literal" not in out and "str [str" not in out
     assert not re.search(r"\[--[\w-]+ \[[A-Z_]+\]\]", out)  # "[--corpus [CORPUS]]": the value is required
+    assert not re.search(r"Config \['", out)  # groups titled "harvest options:", not "HarvestConfig ['harvest']:"
 
 
 BAD = [

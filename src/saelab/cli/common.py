@@ -64,6 +64,15 @@ class Parser(ArgumentParser):
             message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions)
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
+    def format_help(self) -> str:
+        """The help, with each option group titled for people ("harvest options:"), not after its
+        dataclass ("HarvestConfig ['harvest']:")."""
+        titles = {"suite_cfg": "paper suite", "compute_equivalent": "compute-equivalent (paper suite)",
+                  "ablation_sparsity": "ablation sparsity (paper suite)", "probe": "probe loss (paper suite)",
+                  "n2g": "N2G (paper suite)", "browse": "browser"}
+        return re.sub(r"^\w+ \['(\w+)'\]:$", lambda m: f"{titles.get(m[1], m[1])} options:", super().format_help(),
+                      flags=re.M)
+
     def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
         # simple_parsing gives an Optional field nargs="?", the bare option meaning None: where None is
         # also the default, "--corpus" without its value would quietly change nothing.
