@@ -216,8 +216,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         # argparse formats help with '%': a literal one in a docstring ("60 %") must be doubled.
         text = re.sub(r"%(?!\()", "%%", action.help or "")
-        if "(default" in text or action.default in (None, argparse.SUPPRESS, False) or action.nargs == 0:
+        default = action.default  # "is", not "in": a default of 0 (a seed) is shown, only False / None are not
+        if "(default" in text or default is None or default is False or default is argparse.SUPPRESS \
+                or action.nargs == 0:
             return text
+        if isinstance(default, (list, tuple)):  # "zero mean", as typed, not "('zero', 'mean')"; () needs no word
+            return text + f" (default: {' '.join(map(str, default))})" if default else text
         return text + " (default: %(default)s)"
 
 
