@@ -276,10 +276,20 @@ def add_families(sub) -> None:
     p.set_defaults(handler=run_families)
 
 
+# BrowseConfig fields that shape the browser's pages only: feature families read none of them.
+PAGE_ONLY = ("n_top", "n_samples", "n_bands", "n_bins", "window_before", "window_after", "n_logits", "n_neighbours",
+             "n2g_file", "n2g_latents", "seed")
+
+
 def run_families(args: argparse.Namespace) -> dict[str, Any]:
+    unused = [f"--{f.replace('_', '-')}" for f in PAGE_ONLY if typed(args, f"--{f.replace('_', '-')}")]
+    if unused:
+        raise ConfigError(f"{unused[0]} shapes the browser's pages (saelab browse); families does not use it")
     out = Path(args.out)
     if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: expected a file path in an existing, writable folder (the families JSON)")
+    if out.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
+        raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {out}: the file exists; pass --overwrite to replace it")
     tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
