@@ -73,6 +73,8 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
     ("browse SAE --corpus", "argument --corpus: expected one argument"),
     ("browse SAE --port 8080", "--port is the port of --serve; add --serve"),
+    ("top 1,,2 SAE", "expected integers separated by single commas, got '1,,2'"),
+    ("steer SAE --latent 1,2 --value 3,", "expected numbers separated by single commas, got '3,'"),
     ("families A B --out report.md", "--out report.md: expected a .json file path"),
     ("families A B --out f.json --n-top 5", "--n-top shapes the browser's pages (saelab browse); families does not"),
     ("top 1 SAE -n 0", "argument -n/--n-contexts: expected an integer >= 1, got 0"),

@@ -17,18 +17,26 @@ from saelab.explore.steering import STEER_MODES
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run
 
 
+def _items(text: str, kind: str) -> list[str]:
+    """'12,40' -> ['12', '40']; an empty item ('1,,2', '5,') is refused: a number was likely left out."""
+    items = text.split(",")
+    if not all(t.strip() for t in items):
+        raise argparse.ArgumentTypeError(f"expected {kind} separated by single commas, got {text!r}")
+    return items
+
+
 def _int_list(text: str) -> list[int]:
     try:
-        values = [int(t) for t in text.split(",") if t.strip()]
+        values = [int(t) for t in _items(text, "integers")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
+    if min(values) < 0:
         raise argparse.ArgumentTypeError(f"expected latent indices >= 0, got {text!r}")
     return values
 
 
 def _float_list(text: str) -> list[float]:
-    return [finite_float(t) for t in text.split(",") if t.strip()]
+    return [finite_float(t) for t in _items(text, "numbers")]
 
 
 def add_steer(sub) -> None:
