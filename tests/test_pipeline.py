@@ -290,6 +290,7 @@ def test_sigterm_marks_run_interrupted_and_resumes(kill_cache, reference_run, tm
 
     code, _, err = finish(start(train_command(kill_cache, run)))
     assert code == 0, err[-2000:]
+    assert f"saelab: resuming {run} from its checkpoint at step {status['step']:,} of {STEPS:,}" in err
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))

@@ -20,6 +20,7 @@ import json
 import math
 import queue
 import signal
+import sys
 import threading
 import time
 import contextlib
@@ -558,6 +559,10 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
                                     overwrite=overwrite, device=dev, allow_tf32=allow_tf32, log_to=log_to,
                                     log_group=log_group))
         sample.clear()  # initialisation is done: do not hold the sample through training
+        for r in runs:  # a resume is said, not silent (a line, also under --no-progress)
+            if r.writer and 0 < r.step < r.cfg.total_steps:
+                print(f"saelab: resuming {r.run_dir} from its checkpoint at step {r.step:,} of "
+                      f"{r.cfg.total_steps:,}", file=sys.stderr)
         return _train_loop(runs, batches_from, dev, progress, stop_after_steps)
     finally:
         for r in runs:
