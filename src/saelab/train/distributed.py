@@ -13,6 +13,7 @@ works); without CUDA it is gloo alone. Every collective here gets tensors on the
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -41,7 +42,15 @@ def init_from_env() -> bool:
         dist.init_process_group(backend="cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group(backend="gloo")
+    atexit.register(_leave_group)
     return True
+
+
+def _leave_group() -> None:
+    """Shut the process group down before the interpreter does: gloo's threads left running at exit
+    can abort the process ("terminate called without an active exception") after its work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def process_device(device: str | torch.device | None = None) -> torch.device:
