@@ -225,15 +225,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def add_io_options(p: ArgumentParser, *, device: bool = True, model: bool = True, overwrite: bool = True) -> None:
+def add_io_options(p: ArgumentParser, *, device: bool = True, model: bool = True, sae: bool = True,
+                   overwrite: bool = True) -> None:
     """--device and (``model``: a verb that runs the language model) --model-dtype, --overwrite,
-    --no-progress, --debug where a verb has them."""
+    --no-progress, --debug where a verb has them; ``sae``: whether the verb runs an SAE (--device's help)."""
     if device:
+        what = {(True, True): "the model and the SAE run", (True, False): "the model runs",
+                (False, True): "the SAE trains"}[model, sae]
         p.add_argument("--device", default=None, metavar="DEVICE",
-                       help="where the model and the SAE run: auto (CUDA when available, else cpu), cpu, cuda, "
-                            "cuda:N (default: auto)" if model else
-                            "where the SAE trains: auto (CUDA when available, else cpu), cpu, cuda, cuda:N "
-                            "(default: auto)")
+                       help=f"where {what}: auto (CUDA when available, else cpu), cpu, cuda, cuda:N (default: auto)")
     if device and model:
         add_model_dtype(p)
     if overwrite:

@@ -92,7 +92,7 @@ def add_harvest(sub) -> None:
     p = sub.add_parser("harvest", help="harvest activations at a hook into an on-disk cache")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder")
     p.add_arguments(HarvestConfig, dest="harvest")
-    add_io_options(p)
+    add_io_options(p, sae=False)
     p.set_defaults(handler=run_harvest)
 
 
