@@ -169,7 +169,7 @@ def write_activation_cache(
     try:
         stage = folder / OVERWRITE_STAGE
         remove_stale_temp_files(folder, stage)
-        if not (folder / MANIFEST).exists() and _complete_stage(stage):
+        if not (folder / MANIFEST).exists() and cache_is_complete(stage):
             _finish_overwrite(folder, stage)  # an overwrite interrupted while moving its cache in
             if overwrite and _matches(folder, args):  # it is the cache this call asks for: done
                 overwrite, resume = False, True
@@ -240,14 +240,6 @@ def _matches(folder: Path, args: dict[str, Any], allow_incomplete: bool = False)
     except ActivationCacheError:
         pass
     return False
-
-
-def _complete_stage(stage: Path) -> bool:
-    try:
-        m = _read_manifest(stage)
-    except ActivationCacheError:
-        return False
-    return m is not None and m["complete"]
 
 
 def _finish_overwrite(folder: Path, stage: Path) -> None:

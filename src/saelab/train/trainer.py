@@ -434,9 +434,10 @@ class TrainingRun:
     def done(self) -> bool:
         return self.trainer.step >= self.cfg.total_steps
 
-    def _status(self, state: str, **extra: Any) -> None:
+    def _status(self, state: str, step: int | None = None, **extra: Any) -> None:
         if self.writer:
-            ckpt.write_status(self.run_dir, state, step=self.step, total_steps=self.cfg.total_steps, **extra)
+            ckpt.write_status(self.run_dir, state, step=self.step if step is None else step,
+                              total_steps=self.cfg.total_steps, **extra)
 
     def checkpoint(self) -> None:
         """The training state to checkpoint.pt and the step reached to status.json."""
@@ -472,9 +473,7 @@ class TrainingRun:
     def fail(self, err: BaseException) -> None:
         """Record a run stopped by an error: its state since the last checkpoint may be the error's
         (a diverged step), so no checkpoint is written; the same command resumes from the last one."""
-        if self.writer:
-            ckpt.write_status(self.run_dir, "failed", step=self.saved_step, total_steps=self.cfg.total_steps,
-                              error=first_line(err))
+        self._status("failed", step=self.saved_step, error=first_line(err))
 
     def finish(self) -> TopKSAE:
         from saelab.sae.io import save_sae  # lazy: io pulls safetensors
