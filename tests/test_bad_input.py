@@ -219,11 +219,15 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
         weights = path / "sae_weights.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
         expect = "sae_weights.safetensors: not a readable safetensors file"
-    elif kind == "corrupt_pt":
+    elif kind == "corrupt_pt":  # a zip's signature, then noise
         path = tmp / "noise.pt"
-        path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1),
-                                       dtype=torch.uint8).numpy().tobytes())
+        path.write_bytes(b"PK\x03\x04" + torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1),
+                                                         dtype=torch.uint8).numpy().tobytes())
         expect = "could not be read as a plain tensor checkpoint"
+    elif kind == "text_pt":  # not a checkpoint at all: named as such, not by the unpickler's KeyError
+        path = tmp / "notes.txt"
+        path.write_text("hello\n")
+        expect = "not a torch checkpoint (neither a zip archive nor a pickle); expected an OpenAI"
     elif kind == "corrupt_folder":
         path = tmp / "sae"
         save_sae(make_sae(), path)

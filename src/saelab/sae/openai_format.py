@@ -88,9 +88,16 @@ def _load_failure_reason(e: Exception) -> str:
 def load_untrusted_checkpoint(path: Path, what: str = "an OpenAI sparse_autoencoder .pt checkpoint") -> Any:
     """``torch.load(path, weights_only=True)``; any failure is a CheckpointError naming ``path``."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch saves a zip, or a pickle before 1.6
+            raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
+                                  f"expected {what}")
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; expected {what}") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # truncated zip, corrupt pickle, or a pickle that references code (refused)
         raise CheckpointError(
             f"{path}: could not be read as a plain tensor checkpoint ({_load_failure_reason(e)}); expected {what} "
