@@ -142,6 +142,18 @@ def test_unknown_hook_in_cli_harvest(tiny_dir, corpus, tmp_path, capsys):
     assert not (tmp_path / "acts").exists()
 
 
+def test_hook_past_the_last_layer_is_refused_from_the_config_before_the_load(tiny_gpt2, corpus, tmp_path, capsys):
+    folder = tmp_path / "config-only"  # the model's config and no weights: any load of it fails
+    tiny_gpt2.model.config.save_pretrained(folder)
+    argv = ["--model", str(folder), "--corpus", str(corpus), "--out", str(tmp_path / "acts"), "--no-progress"]
+    code, out, err = run_cli(capsys, "harvest", "--hook", "blocks.2.hook_resid_post", *argv)
+    assert code == 2 and err.strip() == (f"saelab harvest: error: unknown hook 'blocks.2.hook_resid_post' for model "
+                                         f"{folder}: layer 2 out of range 0..1")
+    code, out, err = run_cli(capsys, "harvest", "--hook", "blocks.1.hook_resid_post", *argv)
+    assert code == 2 and "cannot load model directory" in err  # the last layer passes; the load is what fails
+    assert not (tmp_path / "acts").exists()
+
+
 # ---- d_in of an SAE vs. the width of its hook -----------------------------------------------------------
 
 
@@ -244,7 +256,7 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
     return path, expect, marker
 
 
-CHECKPOINT_KINDS = ["foreign_pt", "foreign_folder", "truncated_pt", "truncated_folder", "corrupt_pt",
+CHECKPOINT_KINDS = ["foreign_pt", "foreign_folder", "truncated_pt", "truncated_folder", "corrupt_pt", "text_pt",
                     "corrupt_folder", "pickle_runs_code"]
 
 

@@ -17,7 +17,7 @@ from saelab.models import (
     load_model,
     save_dequantized,
 )
-from saelab.models.loading import gguf_cache_dir
+from saelab.models.loading import configured_layer_count, gguf_cache_dir
 from saelab.utils import hub
 
 KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -432,6 +432,13 @@ def test_default_model(smollm2):
     ce = lm.cross_entropy(toks)
     assert ce.shape == (1, toks.shape[1] - 1)
     assert ce.mean().item() < 4  # a trained model; uniform guessing would be ln(49152) = 10.8
+
+
+def test_layer_count_is_read_from_the_config_without_a_load(smollm2, tiny_dir, tmp_path):
+    assert configured_layer_count(DEFAULT_MODEL) == smollm2.n_layers == 30  # the dequantized cache's config
+    assert configured_layer_count(str(tiny_dir)) == 2  # GPT-2's n_layer
+    assert configured_layer_count(str(tmp_path)) is None  # no config: the load names the problem
+    assert configured_layer_count("saelab-tests/no-such-model") is None  # a hub id not in the local cache
 
 
 def test_default_cache_round_trip_is_exact(smollm2):

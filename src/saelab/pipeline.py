@@ -22,7 +22,7 @@ from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
-from saelab.models import LanguageModel, load_model, model_provenance
+from saelab.models import LanguageModel, check_hook_layer, load_model, model_provenance
 from saelab.models.hooks import hook_form_problem
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
@@ -115,6 +115,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     """Harvest activations into an on-disk cache; an interrupted harvest resumes where it stopped."""
     check_output_folder(out_dir, "--out", "activations")
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
+    check_hook_layer(lm or cfg.model, cfg.hook)
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
     stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus),

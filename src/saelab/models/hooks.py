@@ -121,6 +121,12 @@ def hook_form_problem(name: Any) -> str | None:
     return None
 
 
+def hook_layer(name: Any) -> int | None:
+    """The layer of a well-formed ``blocks.L.hook_KIND`` name, or None."""
+    match = _HOOK_RE.match(name) if isinstance(name, str) else None
+    return int(match.group(1)) if match else None
+
+
 def parse_hook(name: Any, layout: Layout, model_name: str) -> tuple[int, str]:
     """Split ``blocks.L.hook_KIND`` into (L, KIND), or raise HookNameError naming what is wrong."""
     n_layers = len(layout.blocks)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from saelab.errors import SaelabError, first_line
+from saelab.errors import HookNameError, SaelabError, first_line
+from saelab.models.hooks import hook_layer
 from saelab.models.lm import LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
@@ -220,6 +221,36 @@ def load_model(
             ) from err
     model.to(device)
     return LanguageModel(model, tokenizer, name)
+
+
+def configured_layer_count(spec: str) -> int | None:
+    """The number of layers ``spec``'s config gives, read without loading the model when its config is on
+    disk already (a local directory, a dequantized GGUF, a hub id in the local cache); None otherwise."""
+    try:
+        if spec == DEFAULT_MODEL or spec.endswith(".gguf"):
+            gguf = default_gguf_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+            config = gguf_cache_dir(gguf) / "config.json"
+        elif Path(spec).expanduser().is_dir():
+            config = Path(spec).expanduser() / "config.json"
+        else:
+            from transformers.utils import cached_file
+
+            found = cached_file(spec, "config.json", local_files_only=True,
+                                _raise_exceptions_for_missing_entries=False)
+            config = Path(found) if found else None
+        fields = json.loads(config.read_text()) if config is not None and config.is_file() else {}
+    except (OSError, ValueError, SaelabError):
+        return None  # the load itself names what is wrong
+    count = fields.get("num_hidden_layers", fields.get("n_layer"))
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def check_hook_layer(spec: str | LanguageModel, hook: str) -> None:
+    """Refuse a hook past the model's last layer before the (slow) load, when the config is at hand."""
+    count = None if isinstance(spec, LanguageModel) else configured_layer_count(spec)
+    layer = hook_layer(hook)
+    if count is not None and layer is not None and layer >= count:
+        raise HookNameError(f"unknown hook {hook!r} for model {spec}: layer {layer} out of range 0..{count - 1}")
 
 
 def model_provenance(spec: str) -> dict:
