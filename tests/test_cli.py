@@ -269,7 +269,8 @@ def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):
     afile.write_text("x")
     for argv, message in [(["browse", "SAE", "--out", str(afile)], f"--out {afile} is a file"),
                           (["browse", "SAE", "--export", "neuronpedia", str(afile)], f"--export OUT {afile} is a file"),
-                          (["families", "A", "B", "--out", str(afile / "f.json")], "existing, writable folder")]:
+                          (["families", "A", "B", "--out", str(afile / "f.json")], "existing, writable folder"),
+                          (["top", "3", "SAE", "--corpus", str(tmp_path / "nope.txt")], "nope.txt' does not exist")]:
         assert _exit_code(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err

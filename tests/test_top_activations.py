@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saelab.data import token_contexts
-from saelab.errors import ConfigError, ShapeMismatchError
+from saelab.errors import ConfigError, CorpusError, ShapeMismatchError
 from saelab.explore import TopActivations, latent_max_activation, top_activations
 from saelab.explore.browser.build import BrowseConfig, SAESource, collect_statistics
 from saelab.sae import SAEConfig, TopKSAE, save_sae
@@ -133,3 +133,8 @@ def test_bad_input_is_refused_with_a_named_error(tiny_gpt2, corpus):
         top_activations(sae, tiny_gpt2, toks, 0, k=0)
     with pytest.raises(ShapeMismatchError, match="corpus: a token tensor"):
         top_activations(sae, tiny_gpt2, toks.float(), 0)
+    # A corpus of the wrong kind or a missing file is named before the SAE (here a path to nothing) is read.
+    with pytest.raises(ConfigError, match="corpus: expected a path, a dataset name, a token tensor or None, got list"):
+        top_activations("no-such-sae", "no-such-model", [1, 2], 0)
+    with pytest.raises(CorpusError, match="corpus path '/no/such/text.txt' does not exist"):
+        top_activations("no-such-sae", "no-such-model", "/no/such/text.txt", 0)

@@ -263,8 +263,10 @@ def add_top(sub) -> None:
 
 
 def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
+    from saelab.data import resolve_corpus
     from saelab.explore import top_activations
 
+    resolve_corpus(args.corpus, "eval")  # a missing corpus is named before the model loads
     sae, lm = _sae_and_model(args)
     results = top_activations(sae, lm, args.corpus, list(args.latent), args.n_contexts, n_tokens=args.n_tokens,
                               progress=args.progress)
@@ -280,7 +282,7 @@ def add_families(sub) -> None:
                                           "folders, OpenAI .pt files)")
     p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
     p.add_arguments(BrowseConfig, dest="browse")
-    add_io_options(p)
+    add_io_options(p, overwrite="replace an existing --out file")
     p.set_defaults(handler=run_families)
 
 

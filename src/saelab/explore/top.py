@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from saelab.errors import ConfigError, ShapeMismatchError
+from saelab.data import resolve_corpus
 from saelab.explore.browser.build import (
     BrowseConfig,
     SAESource,
@@ -117,6 +118,16 @@ def _open(sae, lm):
     return source, lm
 
 
+def _check_corpus(corpus) -> None:
+    """A corpus of the wrong type or a missing file is named before the model loads."""
+    if isinstance(corpus, torch.Tensor):
+        return
+    if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
+        raise ConfigError(f"corpus: expected a path, a dataset name, a token tensor or None, "
+                          f"got {type(corpus).__name__}")
+    resolve_corpus(None if corpus is None else str(corpus), "eval")
+
+
 def _contexts(lm, sae: TopKSAE, corpus, n_tokens: int, context_size: int | None) -> torch.Tensor:
     """``[N, T]`` contexts: given as a LongTensor, or packed from the corpus as the browser does."""
     if isinstance(corpus, torch.Tensor):
@@ -125,9 +136,6 @@ def _contexts(lm, sae: TopKSAE, corpus, n_tokens: int, context_size: int | None)
                                      f"{first_scored(sae) + 1} tokens per context, got {corpus.dtype} "
                                      f"{list(corpus.shape)}")
         return corpus
-    if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
-        raise ConfigError(f"corpus: expected a path, a dataset name, a token tensor or None, "
-                          f"got {type(corpus).__name__}")
     cfg = BrowseConfig(n_tokens=n_tokens, corpus=None if corpus is None else str(corpus), context_size=context_size)
     return read_tokens(lm, sae, cfg)
 
@@ -146,6 +154,7 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     """
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"k: expected a positive number of contexts, got {k!r}")
+    _check_corpus(corpus)
     source, lm = _open(sae, lm)
     sae = source.sae
     lats = _latent_list(latent, sae.n_latents)
