@@ -226,9 +226,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_io_options(p: ArgumentParser, *, device: bool = True, model: bool = True, sae: bool = True,
-                   overwrite: bool = True) -> None:
-    """--device and (``model``: a verb that runs the language model) --model-dtype, --overwrite,
-    --no-progress, --debug where a verb has them; ``sae``: whether the verb runs an SAE (--device's help)."""
+                   overwrite: bool | str = True) -> None:
+    """--device and (``model``: a verb that runs the language model) --model-dtype, --overwrite (a string:
+    its help), --no-progress, --debug where a verb has them; ``sae``: whether the verb runs an SAE."""
     if device:
         what = {(True, True): "the model and the SAE run", (True, False): "the model runs",
                 (False, True): "the SAE trains"}[model, sae]
@@ -237,7 +237,8 @@ def add_io_options(p: ArgumentParser, *, device: bool = True, model: bool = True
     if device and model:
         add_model_dtype(p)
     if overwrite:
-        p.add_argument("--overwrite", action="store_true", help="replace finished results in the output folder")
+        p.add_argument("--overwrite", action="store_true", help=overwrite if isinstance(overwrite, str) else
+                       "replace finished results in the output folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
