@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -89,6 +90,38 @@ def _verb(argv: list[str]) -> str:
     return next((a for a in argv if a in VERBS), "")
 
 
+def _verb_options(argv: list[str], verb: str) -> set[str]:
+    """The long options ``verb`` takes (the settings' fields become options only when its help is built)."""
+    if verb not in VERBS:
+        return set()
+    try:
+        parser = build_parser(argv).verb_parsers[verb]
+        parser._preprocessing()  # simple_parsing adds the settings' options here, before a parse
+    except Exception:  # noqa: BLE001 - the error being reported matters, not this rewording of it
+        return set()
+    return {o for action in parser._actions for o in action.option_strings if o.startswith("--")}
+
+
+# A setting named in an error the Python API raises: "lr must", "k=100", "k <= n_latents", "(total_tokens)".
+_SETTING_RE = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)(?=( must\b|=| ?[<>]=? | ?[<>]=?$|\)))")
+_SETTING_AFTER_RE = re.compile(r"(?:(?<=[<>] )|(?<=[<>]= ))([a-z][a-z0-9_]*)\b(?![/.-])")
+
+
+def in_option_words(message: str, options: set[str]) -> str:
+    """``message`` with the API's words for a setting replaced by the verb's options: "pass overwrite=True
+    (--overwrite)" -> "pass --overwrite", "lr must be > 0" -> "--lr must be > 0", "k=100" -> "--k 100"."""
+    message = re.sub(r"\b\w+=True \((--[\w-]+)\)", r"\1", message)
+
+    def option(match: re.Match) -> str:
+        name = "--" + match.group(1).replace("_", "-")
+        return name if name in options else match.group(1)
+
+    message = re.sub(r"(?<![\w/.-])([a-z][a-z0-9_]*)=(?=[\w.-])",
+                     lambda m: option(m) + (" " if option(m) != m.group(1) else "="), message)
+    message = _SETTING_RE.sub(option, message)
+    return _SETTING_AFTER_RE.sub(option, message)
+
+
 def _fail(verb: str, message: str, code: int) -> int:
     print(f"saelab{' ' + verb if verb else ''}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return code
@@ -124,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except SaelabError as e:
         if debug:
             raise
-        return _fail(verb, str(e), 2)
+        return _fail(verb, in_option_words(str(e), _verb_options(argv, verb)), 2)
     except OSError as e:  # disk full, read-only folder, a file that vanished: not the input's fault
         if debug:
             raise
