@@ -57,7 +57,7 @@ def test_batch_that_does_not_split_is_refused_before_the_run_folder(tmp_path, ti
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29518",
                  "-m", "saelab", "train", "--activations", str(cache), "--out", str(tmp_path / "odd"), *args],
                 returncode=1)
-    assert "saelab train: error: batch_size=255 (--batch-size) does not split evenly over 2 processes" in proc.stderr
+    assert "saelab train: error: --batch-size 255 does not split evenly over 2 processes" in proc.stderr
     assert not (tmp_path / "odd").exists()
 
 

@@ -153,8 +153,8 @@ def test_series_that_fails_to_load_is_recorded_and_reported(tiny_dir, data_dir, 
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--suite", "paper", "--probe-contexts", "0"], "probe_contexts must be >= 1"),
-    (["--suite", "paper", "--n2g-contexts", "1"], "n2g_contexts must be >= 2"),
+    (["--suite", "paper", "--probe-contexts", "0"], "--probe-contexts must be >= 1"),
+    (["--suite", "paper", "--n2g-contexts", "1"], "--n2g-contexts must be >= 2"),
 ])
 def test_bad_suite_sizes(tiny_series_run, capsys, argv, match):
     _, err = run_cli(capsys, "eval", str(tiny_series_run), *argv, code=2)

@@ -103,7 +103,7 @@ def _verb_options(argv: list[str], verb: str) -> set[str]:
 
 
 # A setting named in an error the Python API raises: "lr must", "k=100", "k <= n_latents", "(total_tokens)".
-_SETTING_RE = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)(?=( must\b|=| ?[<>]=? | ?[<>]=?$|\)))")
+_SETTING_RE = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)(?=(?: must\b|=| ?[<>]=? | ?[<>]=?$))|(?<=\()([a-z][a-z0-9_]*)(?=\))")
 _SETTING_AFTER_RE = re.compile(r"(?:(?<=[<>] )|(?<=[<>]= ))([a-z][a-z0-9_]*)\b(?![/.-])")
 
 
@@ -111,13 +111,21 @@ def in_option_words(message: str, options: set[str]) -> str:
     """``message`` with the API's words for a setting replaced by the verb's options: "pass overwrite=True
     (--overwrite)" -> "pass --overwrite", "lr must be > 0" -> "--lr must be > 0", "k=100" -> "--k 100"."""
     message = re.sub(r"\b\w+=True \((--[\w-]+)\)", r"\1", message)
+    message = re.sub(r"\b\w+=(\S+) \((--[\w-]+)\)", r"\2 \1", message)
+
+    if "--grid " in message:  # a grid entry is named in the grid's own words, "k=16,32"
+        return message
 
     def option(match: re.Match) -> str:
-        name = "--" + match.group(1).replace("_", "-")
-        return name if name in options else match.group(1)
+        word = next(group for group in match.groups() if group)
+        name = "--" + word.replace("_", "-")
+        return name if name in options else word
 
-    message = re.sub(r"(?<![\w/.-])([a-z][a-z0-9_]*)=(?=[\w.-])",
-                     lambda m: option(m) + (" " if option(m) != m.group(1) else "="), message)
+    def assignment(match: re.Match) -> str:
+        name = option(match)
+        return match.group(0) if name == match.group(1) else name + " "
+
+    message = re.sub(r"(?<![\w/.-])([a-z][a-z0-9_]*)=(?=[\w.-])", assignment, message)
     message = _SETTING_RE.sub(option, message)
     return _SETTING_AFTER_RE.sub(option, message)
 
