@@ -355,13 +355,19 @@ def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "metrics.json").write_text('{"nmse": 0.2}')
+    cache = tmp_path / "acts"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
     for out, message in ((other_run, "is the run folder of another SAE"),
+                         (cache, "is an activation cache (manifest.json); expected a folder for this evaluation"),
+                         (tmp_path / "sae", "is an SAE folder (cfg.json)"),
                          (earlier, "already holds an evaluation (metrics.json); pass --overwrite")):
-        for extra in ([], ["--overwrite"]) if out == other_run else ([],):
+        for extra in ([], ["--overwrite"]) if out != earlier else ([],):
             assert main(["eval", str(tmp_path / "sae"), "--out", str(out), *extra]) == 2
             assert message in capsys.readouterr().err
     assert (other_run / "metrics.json").read_text() == '{"nmse": 0.1}'
     assert (earlier / "metrics.json").read_text() == '{"nmse": 0.2}'
+    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json"]
     before = (other_run / "sae" / "cfg.json").read_bytes()
     assert main(["export", str(tmp_path / "sae"), str(other_run / "sae"), "--format", "saelens", "--overwrite"]) == 2
     assert "is the SAE of the run" in capsys.readouterr().err

@@ -113,6 +113,16 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
         assert metrics["n_tokens"] == 1024 and (sweep / name / "report.md").exists()
     out, _ = run_cli(capsys, "eval", str(sweep), *ev, "--no-progress")
     assert out == dict.fromkeys(("n128_k4", "n32_k4", "n64_k4"), "already evaluated")
+    # Other settings, or another model, never replace the evaluations unasked: named before any work.
+    before = {name: (sweep / name / "metrics.json").read_bytes() for name in out}
+    other_model = ["--model", str(tiny_series / "checkpoint-90")]
+    for extra in (["--recon-tokens", "512"], other_model):
+        _, err = run_cli(capsys, "eval", str(sweep), *ev, *extra, "--no-progress", code=2)
+        assert "hold an evaluation with other settings (or another model); pass --overwrite" in err
+        assert all(name in err for name in out)
+    _, err = run_cli(capsys, "eval", str(sweep / "n32_k4"), *ev, *other_model, "--no-progress", code=2)
+    assert "holds this SAE's evaluation with other settings; pass --overwrite" in err
+    assert before == {name: (sweep / name / "metrics.json").read_bytes() for name in out}
 
     # A second sweep into the same folder, evaluated as it finishes; k=2 has only two sizes.
     ev_prefixed = [a.replace("--", "--eval-", 1) for a in ev]

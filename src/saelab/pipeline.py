@@ -22,7 +22,7 @@ from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
-from saelab.models import LanguageModel, check_hook_layer, load_model, model_provenance
+from saelab.models import LanguageModel, check_hook_layer, load_model, model_name, model_provenance
 from saelab.models.hooks import hook_form_problem
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
@@ -260,13 +260,14 @@ def _eval_config_record(cfg: EvalConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg)))
 
 
-def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | None = None,
-                          model_dtype: str = "float32") -> bool:
+def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *,
+                          model: str | LanguageModel | None = None, model_dtype: str = "float32") -> bool:
     """True when the run's metrics.json describes this SAE evaluated with this config, model dtype and
-    (when given) model. An unreadable metrics.json is not current: the evaluation runs again."""
+    model (None: the SAE's own). An unreadable metrics.json is not current: the evaluation runs again."""
     metrics = _readable_eval_metrics(run_dir, sae)
     return (bool(metrics) and metrics.get("eval_config") == _eval_config_record(cfg)
-            and metrics.get("model_dtype", "float32") == model_dtype and model in (None, metrics.get("model")))
+            and metrics.get("model_dtype", "float32") == model_dtype
+            and metrics.get("model") == model_name(model or model_for(sae)))
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
@@ -278,8 +279,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: Lang
     cfg = cfg or EvalConfig()
     sae = load_sae(Path(run_dir) / SAE_DIR)
     if not overwrite:
-        model = lm.name if isinstance(lm, LanguageModel) else None  # a model name is compared once loaded
-        if evaluation_is_current(run_dir, sae, cfg, model=model, model_dtype=model_dtype):
+        if evaluation_is_current(run_dir, sae, cfg, model=lm, model_dtype=model_dtype):
             print(f"{Path(run_dir) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
                   file=sys.stderr)
             return read_eval_metrics(run_dir, sae)
@@ -305,17 +305,25 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
                    device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Core-evaluate every run of a sweep folder (one model load each); runs whose metrics.json
-    describes their SAE with the same settings are kept unless ``overwrite``."""
+    describes their SAE with the same settings are kept, and ones with other settings refused before any
+    work, unless ``overwrite``."""
     cfg = cfg or EvalConfig()
     runs = sweep_runs(folder)
     if not runs:
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
+    saes = {run: load_sae(run / SAE_DIR) for run in runs}
+    current = {run for run, sae in saes.items()
+               if not overwrite and evaluation_is_current(run, sae, cfg, model=model, model_dtype=model_dtype)}
+    other = [run.name for run, sae in saes.items()
+             if not overwrite and run not in current and _readable_eval_metrics(run, sae)]
+    if other:
+        raise RunExistsError(f"{', '.join(other)} in {folder} hold an evaluation with other settings (or another "
+                             "model); pass --overwrite to replace them")
     models: dict[str, LanguageModel] = {}
     out: dict[str, Any] = {}
-    for run in runs:
-        sae = load_sae(run / SAE_DIR)
-        if not overwrite and evaluation_is_current(run, sae, cfg, model_dtype=model_dtype):
+    for run, sae in saes.items():
+        if run in current:
             out[run.name] = "already evaluated"
             continue
         spec = model or model_for(sae)

@@ -15,7 +15,7 @@ from saelab.evals.core import EvalConfig
 from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
-from saelab.run_folder import EVAL_METRICS, EVALS_DIR, REPORT, TRAIN_CONFIG, is_sweep, open_sae
+from saelab.run_folder import ARTEFACTS, EVAL_METRICS, EVALS_DIR, REPORT, TRAIN_CONFIG, is_sweep, open_sae
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -63,11 +63,15 @@ def suite_config(args: argparse.Namespace) -> PaperSuiteConfig:
 
 
 def _check_eval_out(out: Path, overwrite: bool) -> None:
-    """--out for another SAE's metrics: never a run folder (its metrics.json is its own SAE's), and an
-    earlier evaluation there is kept unless --overwrite."""
+    """--out for another SAE's metrics: never a run folder (its metrics.json is its own SAE's) or another
+    saelab folder, and an earlier evaluation there is kept unless --overwrite."""
     if (out / TRAIN_CONFIG).is_file():
         raise ConfigError(f"--out {out} is the run folder of another SAE; its metrics.json describes that SAE: "
                           "pick another folder")
+    for marker, what in ARTEFACTS.values():
+        if (out / marker).is_file():
+            raise ConfigError(f"--out {out} is {what} ({marker}); expected a folder for this evaluation (new, or "
+                              "one that holds only evaluations)")
     if (out / EVAL_METRICS).exists() and not overwrite:
         raise RunExistsError(f"--out {out} already holds an evaluation ({EVAL_METRICS}); pass --overwrite to "
                              "replace it, or pick another folder")

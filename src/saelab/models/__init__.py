@@ -16,6 +16,7 @@ from saelab.models.loading import (
     check_hook_layer,
     default_gguf_path,
     load_model,
+    model_name,
     model_provenance,
     save_dequantized,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "check_hook_layer",
     "default_gguf_path",
     "load_model",
+    "model_name",
     "model_provenance",
     "save_dequantized",
 ]

@@ -160,6 +160,17 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, cache: bool):
     return _load_dir(cached, dtype)
 
 
+def model_name(spec: str | LanguageModel) -> str:
+    """The ``lm.name`` that loading ``spec`` gives, without loading it: the absolute path of a local
+    .gguf file or model folder, else the spec as typed ("default", a hub id)."""
+    if isinstance(spec, LanguageModel):
+        return spec.name
+    local = Path(spec).expanduser()
+    if spec != DEFAULT_MODEL and ((local.is_file() and local.suffix == ".gguf") or local.is_dir()):
+        return str(local.resolve())
+    return spec
+
+
 def load_model(
     spec: str | LanguageModel = DEFAULT_MODEL,
     device: str | torch.device | None = None,
@@ -185,17 +196,15 @@ def load_model(
     if not isinstance(spec, str) or not spec:
         raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}")
     dtype = _dtype(dtype)
-    name = spec
+    name = model_name(spec)
     local = Path(spec).expanduser()
     if revision is not None and (spec == DEFAULT_MODEL or local.exists()):
         raise ModelLoadError(f"model spec {spec!r} is not a hub id; revision={revision!r} applies only to hub ids")
     if spec == DEFAULT_MODEL:
         model, tokenizer = _load_gguf(default_gguf_path(), dtype, cache)
     elif local.is_file() and local.suffix == ".gguf":
-        name = str(local.resolve())
         model, tokenizer = _load_gguf(local, dtype, cache)
     elif local.is_dir():
-        name = str(local.resolve())
         try:
             model, tokenizer = _load_dir(local, dtype)
         except (OSError, ValueError) as err:
