@@ -239,7 +239,7 @@ def test_quickstart_into_a_finished_run_of_other_settings_is_refused_before_the_
     (run / "train_config.json").write_text(json.dumps({"train": TrainConfig(n_latents=1024, k=16).to_dict(), "sae": {}}))
     assert _exit_code(["quickstart", "--out", str(run), "--n-tokens", "4096", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "holds a finished run trained with other settings (train.k, train.n_latents" in err, err
+    assert len(err.splitlines()) == 1 and "holds a finished run trained with other settings (train.k 16 -> 32, train.n_latents 1024 -> 8192" in err, err
     assert sorted(p.name for p in run.iterdir()) == ["status.json", "train_config.json"]  # nothing harvested
 
 

@@ -117,7 +117,7 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     assert quickstart(cfg, run, lm=smollm2, progress=False)["reused"] == ["harvest", "train", "evaluate"]
     # Other eval settings would replace the evaluation: refused as `saelab eval` refuses, before any work.
     before = (run / "metrics.json").read_bytes()
-    with pytest.raises(RunExistsError, match=r"evaluation with other settings \(eval.recon_tokens\)"):
+    with pytest.raises(RunExistsError, match=r"evaluation with other settings \(eval.recon_tokens 2048 -> 1024\)"):
         quickstart(replace(cfg, eval=replace(cfg.eval, recon_tokens=1024)), run, lm=smollm2, progress=False)
     assert (run / "metrics.json").read_bytes() == before
 

@@ -279,13 +279,27 @@ def test_finished_run_is_not_overwritten(tmp_path):
     before = (tmp_path / "run" / "sae" / "sae_weights.safetensors").read_bytes()
     with pytest.raises(RunExistsError, match="finished run"):
         train_sae(cfg, _source(data, 128), tmp_path / "run", d_in=24, progress=False)
-    with pytest.raises(RunExistsError, match=r"finished run trained with other settings \(.*sae.k, train.k\);"):
+    with pytest.raises(RunExistsError, match=r"finished run trained with other settings \(.*sae.k 8 -> 4, train.k 8 -> 4\);"):
         train_sae(_cfg(total_tokens=1024, k=4), _source(data, 128), tmp_path / "run", d_in=24, progress=False)
     assert (tmp_path / "run" / "sae" / "sae_weights.safetensors").read_bytes() == before
     with pytest.raises(RunExistsError, match="different config"):
         train_sae(_cfg(k=4), _source(data, 128), tmp_path / "other", d_in=24, progress=False,
                   stop_after_steps=1)
         train_sae(_cfg(k=8), _source(data, 128), tmp_path / "other", d_in=24, progress=False)
+
+
+def test_resume_may_change_when_it_saves_and_logs_but_not_what_it_trains(tmp_path):
+    data = _data()
+    full = train_sae(_cfg(), _source(data, 128), tmp_path / "a", d_in=24, progress=False)
+    train_sae(_cfg(), _source(data, 128), tmp_path / "b", d_in=24, progress=False, stop_after_steps=5)
+    with pytest.raises(RunExistsError, match=r"differs in train.lr 0.01 -> 0.02\); resume it with the same"):
+        train_sae(_cfg(lr=2e-2, log_every=3), _source(data, 128), tmp_path / "b", d_in=24, progress=False)
+    resumed = train_sae(_cfg(checkpoint_every=2, log_every=3), _source(data, 128), tmp_path / "b", d_in=24,
+                        progress=False)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    recorded = json.loads((tmp_path / "b" / "train_config.json").read_text())["train"]
+    assert (recorded["checkpoint_every"], recorded["log_every"]) == (2, 3)
 
 
 def test_nan_activations_are_refused(tmp_path):

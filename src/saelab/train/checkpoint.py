@@ -41,7 +41,8 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Fa
     checkpoint to resume from.
 
     A finished run is never overwritten unless ``overwrite``; an unfinished one with the same
-    config resumes; one with a different config is refused (it would mix two experiments).
+    config (but for RESUMABLE_CHANGES) resumes; one with a different config is refused (it would mix
+    two experiments).
     """
     if overwrite:
         return False
@@ -54,32 +55,62 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Fa
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the run folder is damaged: move it "
                                   "away, or pass overwrite=True (--overwrite)") from e
     if read_status(run_dir).get("state") == "finished":
-        other = f" trained with other settings ({', '.join(changed_fields(old, config))})" \
-            if isinstance(old, dict) and old != config else ""
+        changes = changed_fields(_what_it_trains(old), _what_it_trains(config)) if isinstance(old, dict) else []
+        other = f" trained with other settings ({', '.join(changes)})" if changes else ""
         raise RunExistsError(
             f"run folder {run_dir} holds a finished run{other}; pick another folder or pass overwrite=True (--overwrite)"
         )
     # Without a checkpoint (a run that failed before its first one) there is nothing to resume: the
     # new run starts over in the folder, and its start clears the old log.
-    if old is not None and old != config and (run_dir / CHECKPOINT).exists():
+    differs = old is not None and _what_it_trains(old) != _what_it_trains(config)
+    if differs and (run_dir / CHECKPOINT).exists():
         raise RunExistsError(
             f"run folder {run_dir} holds an unfinished run with a different config (differs in "
-            f"{', '.join(changed_fields(old, config))}); resume it with the same options, pick another folder, "
-            "or pass overwrite=True (--overwrite)"
+            f"{', '.join(changed_fields(_what_it_trains(old), _what_it_trains(config)))}); resume it with the same "
+            "options (--checkpoint-every and --log-every may change), pick another folder, or pass overwrite=True "
+            "(--overwrite)"
         )
     return (run_dir / CHECKPOINT).exists()
 
 
-def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'group.field' for each setting that differs between two run configs ({group: {field: value}})."""
+RESUMABLE_CHANGES = (("train", "checkpoint_every"), ("train", "log_every"))
+"""Settings a resumed run may change: when it saves and logs, not what it trains."""
+
+
+_UNSET = object()
+
+
+def _shown(value: Any) -> str:
+    if value is _UNSET or value is None:
+        return "unset" if value is _UNSET else "none"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'group.field old -> new' for each setting that differs between two run configs ({group: {field:
+    value}}), nested dicts (an SAE's ``extra``) named down to the key that differs."""
     changed = []
-    for group in sorted(set(old) | set(new)):
-        a, b = old.get(group), new.get(group)
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += [f"{group}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            changed += changed_fields(a, b, f"{prefix}{key}.")
         elif a != b:
-            changed.append(group)
+            changed.append(f"{prefix}{key} {_shown(a)} -> {_shown(b)}")
     return changed
+
+
+def _what_it_trains(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config less the settings a resume may change, and less the SAE's copy of the training
+    settings (sae.extra.train, the same values as train)."""
+    config = json.loads(json.dumps(config, default=str))
+    extra = config.get("sae", {}).get("extra") if isinstance(config.get("sae"), dict) else None
+    if isinstance(extra, dict):
+        extra.pop("train", None)
+    for group, field in RESUMABLE_CHANGES:
+        if isinstance(config.get(group), dict):
+            config[group].pop(field, None)
+    return config
 
 
 def commit_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False) -> None:
