@@ -3,6 +3,7 @@ tiny GPT-2 over real Wikipedia text; its files, data, atomic replacement, errors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -138,6 +139,13 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
     again = build_browser([sae_files / "run_small", sae_files / "saelens_large"], out, cfg, lm=tiny_gpt2,
                           progress=False)
     assert again["reused"] and (out / "site.json").stat().st_mtime_ns == stamp
+    # Other settings or other SAEs never replace the site unasked, and are refused before the model loads.
+    for saes, other in (([sae_files / "run_small", sae_files / "saelens_large"], dataclasses.replace(cfg, n_top=5)),
+                        ([sae_files / "run_small"], cfg)):
+        with pytest.raises(RunExistsError, match=r"holds a feature browser site built from other inputs or settings "
+                                                 r"\(it shows run_small, saelens_large\); pass --overwrite"):
+            build_browser(saes, out, other, lm="no-such-model", progress=False)
+    assert (out / "site.json").stat().st_mtime_ns == stamp
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

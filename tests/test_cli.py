@@ -88,6 +88,7 @@ BAD = [
     ("eval SAE --context-size --no-progress", "argument --context-size: expected one argument"),
     ("eval SAE --abl-latents-per-site --no-progress", "argument --abl-latents-per-site: expected one argument"),
     ("browse SAE --serve --port 99999", "--port must be in 0..65535"),
+    ("browse SAE --export neuronpedia np --out site", "--out is the site's folder; --export writes into its own OUT"),
     ("browse SAE --n-tokens 0", "--n-tokens must be >= 1"),
     ("browse SAE --n-logits -1", "--n-logits must be >= 0"),
     ("browse SAE --n2g-latents -1", "--n2g-latents must be >= 0"),

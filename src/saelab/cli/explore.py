@@ -239,6 +239,8 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--export {fmt!r}: the formats are: neuronpedia")
     if args.serve:
         raise ConfigError("--export writes files for another viewer; --serve serves the site: pass one of them")
+    if args.out:
+        raise ConfigError(f"--out is the site's folder; --export writes into its own OUT ({out}): leave --out out")
     check_output_folder(out, "--export OUT")
     first, _ = open_sae(args.sae[0])
     lm = load_model(args.browse.model or model_for(first), device=args.device, dtype=args.model_dtype)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import RunExistsError, SaelabError
 from saelab.explore.browser.build import (
     BrowseConfig,
     SAESource,
@@ -115,7 +115,8 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     ``sae_sources``: run folders, SAELens folders, OpenAI ``.pt`` files or URLs (or :class:`SAESource`).
     With several SAEs the site also shows their feature families (and writes ``families.json``).
     A finished site at ``out`` built from the same inputs and settings is kept as it is (returned
-    with ``"reused": True``) unless ``overwrite``; one built from other inputs is replaced. A folder
+    with ``"reused": True``) unless ``overwrite``; one built from other inputs is kept (refused) unless
+    ``overwrite``. A folder
     at ``out`` that is not a site is never replaced. Returns the site's manifest plus ``site`` and
     ``seconds`` (all phases, the site write included).
     """
@@ -126,8 +127,12 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     out = Path(out)
     key = build_key(sources, cfg)
     old = read_site_manifest(out)
-    if old is not None and old.get("key") == key and not overwrite:
-        return {**old, "site": str(out), "reused": True}
+    if old is not None and not overwrite:
+        if old.get("key") == key:
+            return {**old, "site": str(out), "reused": True}
+        shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
+        raise RunExistsError(f"{out} holds a feature browser site built from other inputs or settings (it shows "
+                             f"{shown}); pass --overwrite to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
     seconds: dict[str, float] = {}
     t = time.perf_counter()
