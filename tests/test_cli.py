@@ -20,6 +20,20 @@ def test_help_of_every_verb(verb, capsys):
     assert not re.search(r"Config \['", out)  # groups titled "harvest options:", not "HarvestConfig ['harvest']:"
 
 
+def test_families_help_lists_only_the_options_it_takes(capsys):
+    """The browser's page options are refused by families, so its help leaves them out (browse keeps them)."""
+    from saelab.cli.explore import PAGE_ONLY
+
+    shown = {}
+    for verb in ("families", "browse"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        shown[verb] = set(re.findall(r"--[\w-]+", capsys.readouterr().out))
+    page_options = {"--" + f.replace("_", "-") for f in PAGE_ONLY}
+    assert page_options <= shown["browse"] and not page_options & shown["families"]
+    assert {"--n-tokens", "--family-min-score", "--lm-batch-size"} <= shown["families"]
+
+
 BAD = [
     ("train --k 600 --n-latents 512", "--k 600 exceeds --n-latents 512; expected --k <= --n-latents"),
     ("train --k 0", "k must be an integer >= 1"),

@@ -37,6 +37,8 @@ class Parser(ArgumentParser):
         super().__init__(*args, **kwargs)
         self.sections_of_other_verbs: frozenset[str] = frozenset()
         """Sections of a config file shared between verbs that this verb skips (set by build_parser)."""
+        self.hidden_fields: frozenset[str] = frozenset()
+        """Fields of a shared settings group that this verb refuses: left out of its --help."""
 
     def set_defaults(self, config_path: str | Path | None = None, **kwargs: Any) -> None:
         """simple_parsing reads each --config file through here: the file is checked first, so that a
@@ -69,9 +71,16 @@ class Parser(ArgumentParser):
         dataclass ("HarvestConfig ['harvest']:")."""
         titles = {"suite_cfg": "paper suite", "compute_equivalent": "compute-equivalent (paper suite)",
                   "ablation_sparsity": "ablation sparsity (paper suite)", "probe": "probe loss (paper suite)",
-                  "n2g": "N2G (paper suite)", "browse": "browser"}
+                  "n2g": "N2G (paper suite)"}
         return re.sub(r"^\w+ \['(\w+)'\]:$", lambda m: f"{titles.get(m[1], m[1])} options:", super().format_help(),
                       flags=re.M)
+
+    def _preprocessing(self, *args: Any, **kwargs: Any) -> None:
+        # simple_parsing turns the settings' fields into options here (before a parse or a help)
+        super()._preprocessing(*args, **kwargs)
+        for action in self._actions:
+            if action.dest.rsplit(".", 1)[-1] in self.hidden_fields:
+                action.help = argparse.SUPPRESS
 
     def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
         # simple_parsing gives an Optional field nargs="?", the bare option meaning None: where None is

@@ -284,6 +284,7 @@ def add_families(sub) -> None:
                                           "folders, OpenAI .pt files)")
     p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
     p.add_arguments(BrowseConfig, dest="browse")
+    p.hidden_fields = frozenset(PAGE_ONLY)
     add_io_options(p, overwrite="replace an existing --out file")
     p.set_defaults(handler=run_families)
 
