@@ -20,6 +20,14 @@ def test_help_of_every_verb(verb, capsys):
     assert not re.search(r"Config \['", out)  # groups titled "harvest options:", not "HarvestConfig ['harvest']:"
 
 
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"saelab {version('saelab')}\n"
+
+
 def test_families_help_lists_only_the_options_it_takes(capsys):
     """The browser's page options are refused by families, so its help leaves them out (browse keeps them)."""
     from saelab.cli.explore import PAGE_ONLY

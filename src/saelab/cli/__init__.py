@@ -12,6 +12,7 @@ import re
 import sys
 from typing import Any
 
+import saelab
 from saelab.cli.common import Parser
 from saelab.errors import SaelabError
 from saelab.utils.device import resolve_device
@@ -41,6 +42,7 @@ def build_parser(argv: list[str] | None = None, recipe: str | None = None) -> ar
         recipe = "short-run"  # the full parse then refuses the unknown name, listing the choices
     parser = Parser(prog="saelab", add_config_path_arg=False,
                     description="Train, evaluate and explore top-k sparse autoencoders.")
+    parser.add_argument("--version", action="version", version=f"saelab {saelab.__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(VERBS) + "}",
                                 parser_class=Parser)
     jobs.add_quickstart(sub, recipe)
