@@ -116,6 +116,7 @@ BAD = [
     ("browse SAE --n2g-latents -1", "--n2g-latents must be >= 0"),
     ("browse SAE --context-size 1", "--context-size must be >= 3"),
     ("browse missing", "'missing': no such file or folder; expected a run folder or an SAE"),
+    ("report missing", "missing: no such folder; expected a run folder or a sweep folder"),
     ("eval missing", "missing: no such file or folder; expected a run folder (saelab train), a SAELens folder"),
     ("families A B --out f.json --family-min-score 5", "--family-min-score must be in [0, 1], got 5.0"),
     ("quickstart --n-tokens 100", "--n-tokens 100 is less than one batch"),
@@ -362,6 +363,25 @@ def test_grid_takes_choice_fields_and_config_file_defaults(tmp_path, capsys):
     # The file's total_tokens is not "--total-tokens given too": the next check speaks (one batch at least).
     assert main(["quickstart", "--config", str(cfg), "--n-tokens", "100", "--out", str(tmp_path / "q")]) == 2
     assert "--n-tokens 100 is less than one batch" in capsys.readouterr().err
+
+
+def test_a_sweep_folder_given_for_one_sae_names_its_runs(tmp_path, capsys):
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    sweep = tmp_path / "sweep"
+    for n in (32, 64):
+        sae = TopKSAE(SAEConfig(d_in=16, n_latents=n, k=4, hook_name="blocks.1.hook_resid_post", model_name="gpt2"))
+        save_sae(sae, sweep / f"n{n}_k4" / "sae")
+        (sweep / f"n{n}_k4" / "train_config.json").write_text("{}")
+    for argv in (["top", "1", str(sweep)], ["browse", str(sweep), "--out", str(tmp_path / "site")],
+                 ["families", str(sweep), str(sweep / "n64_k4"), "--out", str(tmp_path / "f.json")],
+                 ["export", str(sweep), str(tmp_path / "out"), "--format", "saelens"],
+                 ["steer", str(sweep), "--latent", "1", "--value", "1"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"{sweep} is a sweep folder of 2 runs; expected one SAE: pass one of its run folders, "
+                            f"e.g. {sweep / 'n32_k4'}"), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
 
 
 def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):

@@ -80,6 +80,10 @@ def open_sae(source: str | Path, *, allow_http: bool = False):
     if path.is_dir() and (path / TRAIN_CONFIG).is_file():  # a run folder whose SAE is not written yet
         raise CheckpointError(f"{path}: a run folder whose training has not finished (no {SAE_DIR}/ yet); run "
                               "the same `saelab train` (or sweep) command again to finish it")
+    if is_sweep(path):
+        runs = sweep_runs(path)
+        raise CheckpointError(f"{path} is a sweep folder of {len(runs)} runs; expected one SAE: pass one of its run "
+                              f"folders, e.g. {runs[0]}")
     return load_sae(str(source), allow_http=allow_http), None
 
 

@@ -123,11 +123,11 @@ def in_option_words(message: str, options: set[str]) -> str:
         name = "--" + word.replace("_", "-")
         return name if name in options else word
 
-    def assignment(match: re.Match) -> str:
+    def assignment(match: re.Match) -> str:  # "k=100" -> "--k 100", "format='saelens'" -> "--format saelens"
         name = option(match)
-        return match.group(0) if name == match.group(1) else name + " "
+        return match.group(0) if name == match.group(1) else f"{name} {match.group(3)}"
 
-    message = re.sub(r"(?<![\w/.-])([a-z][a-z0-9_]*)=(?=[\w.-])", assignment, message)
+    message = re.sub(r"(?<![\w/.-])([a-z][a-z0-9_]*)=(['\"]?)([\w.-]+)\2", assignment, message)
     message = _SETTING_RE.sub(option, message)
     return _SETTING_AFTER_RE.sub(option, message)
 

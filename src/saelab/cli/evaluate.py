@@ -136,6 +136,9 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
                 **{label: {"alpha": f.get("alpha"), "alpha_interval": f.get("alpha_interval"), "c": f.get("c"),
                            "monotone": f.get("monotone")}
                    for label, f in fits.items()}}
+    if not Path(args.run).exists():
+        raise SaelabError(f"{args.run}: no such folder; expected a run folder or a sweep folder (saelab train, "
+                          "saelab sweep)")
     if not (Path(args.run) / TRAIN_CONFIG).exists():
         raise SaelabError(f"{args.run} is neither a run folder (with {TRAIN_CONFIG}) nor a sweep folder of runs")
     return {"report": str(write_run_report(args.run))}
