@@ -51,6 +51,8 @@ BAD = [
     ("train --lr nan", "lr must be a finite number"),
     ("train --checkpoint-every 0", "--checkpoint-every must be an integer >= 1"),
     ("train --log-every 0", "--log-every must be an integer >= 1"),
+    ("train --warmup-steps 1000 --total-tokens 40960 --batch-size 4096", "--warmup-steps 1000 exceeds the run's 10 steps"),
+    ("train --multi-topk --k 32 --n-latents 64", "--multi-topk-factor 4 times --k 32 exceeds --n-latents 64"),
     ("train --recipe nope", "argument --recipe: invalid choice: 'nope'"),
     ("train --decoder-init best", "argument --decoder-init: invalid choice: 'best'"),
     ("sweep --grid n_latents=abc", "--grid n_latents=abc: expected a value of type int"),

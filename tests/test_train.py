@@ -302,6 +302,16 @@ def test_resume_may_change_when_it_saves_and_logs_but_not_what_it_trains(tmp_pat
     assert (recorded["checkpoint_every"], recorded["log_every"]) == (2, 3)
 
 
+def test_tokens_past_the_last_whole_batch_are_named(tmp_path, capsys):
+    data = _data(rows=1024)
+    train_sae(_cfg(total_tokens=1000), _source(data, 128), tmp_path / "run", d_in=24, progress=False)
+    assert ("--total-tokens 1,000 is not a multiple of --batch-size 128; run trains 7 steps (896 tokens)"
+            in capsys.readouterr().err)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 1
+    train_sae(_cfg(total_tokens=1024), _source(data, 128), tmp_path / "whole", d_in=24, progress=False)
+    assert "not a multiple" not in capsys.readouterr().err
+
+
 def test_nan_activations_are_refused(tmp_path):
     data = _data(rows=1024)
     data[700, 3] = float("nan")

@@ -199,6 +199,12 @@ def _check_sizes(c: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 1 or None, got {getattr(c, name)}")
     if c.warmup_steps is not None and c.warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0 or None, got {c.warmup_steps}")
+    if c.warmup_steps is not None and c.warmup_steps > c.total_steps:
+        raise ConfigError(f"warmup_steps={c.warmup_steps} exceeds the run's {c.total_steps:,} steps (total tokens / "
+                          "batch size); the learning rate would never reach its peak")
+    if c.multi_topk and c.multi_topk_factor * c.k > c.n_latents:
+        raise ConfigError(f"multi_topk_factor={c.multi_topk_factor} times k={c.k} exceeds n_latents={c.n_latents}; "
+                          "Multi-TopK's second top-k keeps factor x k latents")
 
 
 def _check_rates(c: TrainConfig) -> None:
