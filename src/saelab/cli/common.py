@@ -22,6 +22,7 @@ from simple_parsing.helpers.custom_actions import BooleanOptionalAction
 from saelab.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+UNSET_NOTE = "\n\"unset\" above: what a setting means when its option is left out.\n"
 
 
 class Parser(ArgumentParser):
@@ -68,12 +69,17 @@ class Parser(ArgumentParser):
 
     def format_help(self) -> str:
         """The help, with each option group titled for people ("harvest options:"), not after its
-        dataclass ("HarvestConfig ['harvest']:")."""
+        dataclass ("HarvestConfig ['harvest']:"), and the settings' None (which cannot be typed) said as
+        "unset"."""
         titles = {"suite_cfg": "paper suite", "compute_equivalent": "compute-equivalent (paper suite)",
                   "ablation_sparsity": "ablation sparsity (paper suite)", "probe": "probe loss (paper suite)",
                   "n2g": "N2G (paper suite)"}
-        return re.sub(r"^\w+ \['(\w+)'\]:$", lambda m: f"{titles.get(m[1], m[1])} options:", super().format_help(),
+        text = re.sub(r"^\w+ \['(\w+)'\]:$", lambda m: f"{titles.get(m[1], m[1])} options:", super().format_help(),
                       flags=re.M)
+        if not re.search(r"\bNone\b", text):
+            return text
+        return re.sub(r"\bNone\b", "unset", text) + UNSET_NOTE
+
 
     def _preprocessing(self, *args: Any, **kwargs: Any) -> None:
         # simple_parsing turns the settings' fields into options here (before a parse or a help)
