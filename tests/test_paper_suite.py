@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.cli import main
+from saelab.cli import main, parse_args
+from saelab.cli.evaluate import suite_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ENVELOPE = {"metric", "schema_version", "status", "reason", "inputs", "sae", "eval", "wall_s", "created", "result"}
@@ -153,9 +154,46 @@ def test_series_that_fails_to_load_is_recorded_and_reported(tiny_dir, data_dir, 
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--suite", "paper", "--probe-contexts", "0"], "--probe-contexts must be >= 1"),
-    (["--suite", "paper", "--n2g-contexts", "1"], "--n2g-contexts must be >= 2"),
+    (["--probe-contexts", "0"], "--probe-contexts must be >= 1"),
+    (["--n2g-contexts", "1"], "--n2g-contexts must be >= 2"),
+    (["--abl-n-future", "0"], "--abl-n-future must be >= 1, got 0"),
+    (["--abl-latents-per-site", "0"], "--abl-latents-per-site must be >= 1"),
+    (["--ce-fit", "foo"], "--ce-fit must be 'power' or 'interp', got 'foo'"),
+    (["--ce-fit-min-frac", "2"], "--ce-fit-min-frac must be in [0, 1), got 2"),
+    (["--ce-lm-batch-size", "0"], "--ce-lm-batch-size must be >= 1, got 0"),
+    (["--series-steps", "100", "-5"], "--series-steps must be >= 0, got -5"),
+    (["--probe-min-per-class", "0"], "--probe-min-per-class must be >= 1, got 0"),
+    (["--probe-tasks", "number", "foo"], "--probe-tasks ['foo'] unknown; expected some of number, in_parens"),
+    (["--n2g-seq-batch-size", "0"], "--n2g-seq-batch-size must be >= 1, got 0"),
+    (["--n2g-latents", "3", "-1"], "--n2g-latents must be >= 0, got -1"),
+    (["--n2g-n-latents", "-1"], "--n2g-n-latents must be >= 0"),
+    (["--n2g-keep-frac", "2"], "--n2g-keep-frac must be in (0, 1], got 2"),
+    (["--n2g-firing-frac", "5"], "--n2g-firing-frac must be in [0, 1), got 5"),
+    (["--n2g-max-patterns-reported", "-1"], "--n2g-max-patterns-reported must be >= 0, got -1"),
 ])
-def test_bad_suite_sizes(tiny_series_run, capsys, argv, match):
-    _, err = run_cli(capsys, "eval", str(tiny_series_run), *argv, code=2)
+def test_bad_suite_sizes(tmp_path, capsys, argv, match):
+    # The SAE does not exist: a value refused only after the SAE (or the model) loads reads "no such file".
+    _, err = run_cli(capsys, "eval", str(tmp_path / "no-sae"), "--suite", "paper", *argv, code=2)
+    assert err.startswith("saelab eval: error: ") and err.count("\n") == 1, err
     assert match in err
+
+
+def test_zero_where_the_help_gives_it_a_meaning_is_accepted():
+    # 0 = all latents / no channels / no intervals / no patterns listed / any nonzero activation / every checkpoint.
+    args = parse_args(["eval", "SAE", "--suite", "paper", "--n2g-n-latents", "0", "--abl-channels-per-site", "0",
+                       "--probe-n-boot", "0", "--n2g-max-patterns-reported", "0", "--n2g-firing-frac", "0",
+                       "--n2g-latents", "0", "--ce-fit-min-frac", "0", "--series-steps", "0", "--no-progress"])
+    cfg = suite_config(args)
+    assert (cfg.n2g.n_latents, cfg.n2g.latents, cfg.compute_equivalent.steps) == (0, (0,), (0,))
+
+
+def test_n2g_latents_the_sae_lacks_are_refused_before_the_model_loads(tiny_series_run, data_dir, tmp_path, capsys):
+    # An id past the SAE's 128 latents once indexed past them (IndexError) and aborted the suite.
+    out = tmp_path / "out"
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
+    _, err = run_cli(capsys, "eval", str(tiny_series_run), "--suite", "paper", "--out", str(out), "--corpus",
+                     str(corpus), *SMALL, "--n2g-latents", "5", "99999", "--model", str(tmp_path / "no-model"),
+                     code=2)
+    assert err.count("\n") == 1, err
+    assert "--n2g-latents [99999] out of range: the SAE has 128 latents (0 to 127)" in err
+    assert not (out / "evals").exists()  # refused before the model (a missing one here) loads

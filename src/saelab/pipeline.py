@@ -21,6 +21,7 @@ from saelab.data import cache_is_complete, resolve_corpus
 from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
+from saelab.evals.n2g import check_latents
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
 from saelab.models import LanguageModel, check_hook_layer, load_model, model_name, model_provenance
 from saelab.models.hooks import hook_form_problem
@@ -353,6 +354,8 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     if not sae.cfg.hook_name:
         raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook)")
     resolve_corpus(eval_cfg.corpus if eval_cfg else None, "eval")
+    if cfg is not None and (not cfg.metrics or "n2g" in cfg.metrics):  # latent ids the SAE lacks: before the load
+        check_latents(cfg.n2g.latents, sae.n_latents, name="--n2g-latents")
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=False)
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,

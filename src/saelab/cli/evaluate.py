@@ -48,15 +48,39 @@ def add_eval(sub) -> None:
     p.add_arguments(EvalConfig, dest="eval")
     p.add_arguments(PaperSuiteConfig, dest="suite_cfg")
     for dest, cls, prefix in METRIC_GROUPS:
-        p.add_arguments(cls, dest=dest, prefix=prefix)
+        group = p.add_arguments(cls, dest=dest, prefix=prefix)
+        # simple_parsing builds the group's config with dataclass_fn: its __post_init__ refusals then read
+        # "--n2g-max-len must be >= 1", the option typed, where they would read "max_len must be >= 1".
+        group.dataclass_fn = _named_by_options(cls, {f.name: f"--{prefix}{f.name.replace('_', '-')}"
+                                                     for f in dataclasses.fields(cls)})
     add_io_options(p)
     p.set_defaults(handler=run_eval)
 
 
+def _in_option_words(err: ConfigError, options: dict[str, str]) -> ConfigError:
+    """``err`` with the setting it opens with ("max_len must be >= 1", the config checks' wording) as its
+    option; the CLI's own rewording finds options by setting name, which misses a prefixed group's."""
+    first, _, rest = str(err).partition(" ")
+    return ConfigError(f"{options[first]} {rest}") if first in options else err
+
+
+def _named_by_options(cls: type, options: dict[str, str]):
+    """The constructor the parser calls for ``cls``, its refusals naming ``options`` (--n2g-max-len)."""
+    def construct(**kwargs: Any):
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise _in_option_words(e, options) from None
+    return construct
+
+
 def suite_config(args: argparse.Namespace) -> PaperSuiteConfig:
     """The paper suite's config from the parsed option groups (runtime fields filled from the verb's flags)."""
-    ce = dataclasses.replace(args.compute_equivalent, series=args.series, steps=tuple(args.series_steps or ()),
-                             progress=args.progress)
+    try:
+        ce = dataclasses.replace(args.compute_equivalent, series=args.series, steps=tuple(args.series_steps or ()),
+                                 progress=args.progress)
+    except ConfigError as e:  # steps and series come from --series-steps and --series
+        raise _in_option_words(e, {"steps": "--series-steps", "series": "--series"}) from None
     abl = dataclasses.replace(args.ablation_sparsity, progress=args.progress)
     return dataclasses.replace(args.suite_cfg, compute_equivalent=ce, ablation_sparsity=abl, probe=args.probe,
                                n2g=args.n2g)

@@ -137,6 +137,10 @@ class AblationSparsityConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.channels_per_site < 0:
             raise ConfigError(f"channels_per_site must be >= 0, got {self.channels_per_site}")
+        # None (the option left out) ablates every active latent; 0 would ablate none and measure nothing.
+        if self.latents_per_site is not None and self.latents_per_site < 1:
+            raise ConfigError(f"latents_per_site must be >= 1 (leave it out for all active latents), "
+                              f"got {self.latents_per_site}")
         check_bootstrap_args(self.n_boot, self.ci_level)
 
 

@@ -105,7 +105,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import ConfigError, SaelabError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
 from saelab.evals.power_law import FitError, fit_power_law
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
@@ -738,9 +738,15 @@ class ComputeEquivalentConfig:
 
     def __post_init__(self) -> None:
         if self.fit not in ("power", "interp"):
-            raise ValueError(f"fit must be 'power' or 'interp', got {self.fit!r}")
+            raise ConfigError(f"fit must be 'power' or 'interp', got {self.fit!r}")
+        # 1 would keep only the full run's own checkpoint: nothing left to fit a curve to.
         if not 0 <= self.fit_min_frac < 1:
-            raise ValueError(f"fit_min_frac must be in [0, 1), got {self.fit_min_frac}")
+            raise ConfigError(f"fit_min_frac must be in [0, 1), got {self.fit_min_frac:g}")
+        if self.lm_batch_size < 1:
+            raise ConfigError(f"lm_batch_size must be >= 1, got {self.lm_batch_size}")
+        bad_steps = [s for s in self.steps if s < 0]  # step 0 is a series' first checkpoint (Pythia's step0)
+        if bad_steps:
+            raise ConfigError(f"steps must be >= 0, got {bad_steps[0]}")
 
 
 def _same_model(model_id: str, name: str) -> bool:

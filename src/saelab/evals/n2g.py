@@ -160,9 +160,31 @@ class N2GConfig:
             raise ConfigError(f"max_len must be >= 1, got {self.max_len}")
         if not 0 < self.heldout_frac < 1:
             raise ConfigError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
-        if self.n_examples < 1:
-            raise ConfigError(f"n_examples must be >= 1, got {self.n_examples}")
+        for name in ("n_examples", "seq_batch_size", "lm_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_latents", "max_patterns_reported"):  # 0: all latents that fire / no patterns listed
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.latents = tuple(self.latents)
+        if any(l < 0 for l in self.latents):  # ids past the SAE's latents are refused once it is known
+            raise ConfigError(f"latents must be >= 0, got {min(self.latents)}")
+        # Fractions of an activation: keep_frac 0 would explain every example by its last token alone,
+        # firing_frac 1 would leave no token above the latent's max.
+        if not 0 < self.keep_frac <= 1:
+            raise ConfigError(f"keep_frac must be in (0, 1], got {self.keep_frac:g}")
+        if not 0 <= self.saliency_threshold <= 1:
+            raise ConfigError(f"saliency_threshold must be in [0, 1], got {self.saliency_threshold:g}")
+        if not 0 <= self.firing_frac < 1:
+            raise ConfigError(f"firing_frac must be in [0, 1), got {self.firing_frac:g}")
         check_bootstrap_args(self.n_boot, self.ci_level)
+
+
+def check_latents(latents: Sequence[int], n_latents: int, name: str = "latents") -> None:
+    """Refuse latent ids an SAE with ``n_latents`` latents lacks (they would index past its latents)."""
+    bad = sorted({int(l) for l in latents if l >= n_latents})
+    if bad:
+        raise ConfigError(f"{name} {bad} out of range: the SAE has {n_latents} latents (0 to {n_latents - 1})")
 
 
 # ---- explanations -------------------------------------------------------------------------
@@ -409,6 +431,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
         raise ValueError(f"need at least 2 contexts to split into build and held-out parts, got {N}")
     build, held = tokens_NT[: N - n_eval], tokens_NT[N - n_eval:]
     pad_id = padding_id(lm.tokenizer, cfg.padding_token)
+    check_latents(cfg.latents, sae.n_latents)
 
     vals_b, idx_b = _sparse_latents(lm, sae, build, hook, cfg.lm_batch_size)
     vals_b[:, :lo] = 0

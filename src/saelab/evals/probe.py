@@ -78,7 +78,15 @@ from saelab.evals.bootstrap import (
     resample_counts,
 )
 from saelab.utils.config import switch
-from saelab.evals.probe_tasks import DEFAULT_TASKS, SPLIT_UNITS, ContextTask, label_tokens, load_hf_task, text_groups
+from saelab.evals.probe_tasks import (
+    DEFAULT_TASKS,
+    SPLIT_UNITS,
+    TOKEN_TASKS,
+    ContextTask,
+    label_tokens,
+    load_hf_task,
+    text_groups,
+)
 
 FEATURES = ("pre", "post")
 
@@ -140,6 +148,15 @@ class ProbeConfig:
             raise ConfigError(f"pool must be 'last' or 'mean', got {self.pool!r}")
         if self.l2 < 0:
             raise ConfigError(f"l2 must be >= 0, got {self.l2}")
+        for name in ("min_per_class", "newton_steps", "latent_chunk", "lm_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_examples < 2:  # a probe needs an example of each class
+            raise ConfigError(f"max_examples must be >= 2, got {self.max_examples}")
+        self.tasks = tuple(self.tasks)
+        unknown = [t for t in self.tasks if t not in TOKEN_TASKS]
+        if unknown:  # else they would fail only after the model has read the probe contexts
+            raise ConfigError(f"tasks {unknown} unknown; expected some of {', '.join(TOKEN_TASKS)}")
         check_bootstrap_args(self.n_boot, self.ci_level)
 
 

@@ -59,7 +59,7 @@ from saelab.evals.compute_equivalent import (
     series_for_model,
 )
 from saelab.evals.core import EvalConfig, evaluate_core
-from saelab.evals.n2g import N2GConfig, padding_id, run_n2g
+from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
 from saelab.evals.probe import ProbeConfig, run_probe
 from saelab.run_folder import EVALS_DIR, sae_sha256
 from saelab.utils.atomic import write_json
@@ -246,6 +246,8 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
     run = SuiteRun(lm, sae, cfg, eval_cfg, torch.empty(0), T, first,
                    math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR)
     wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
+    if any(m.name == "n2g" for m in wanted):  # refused now, not after the metrics before it ran
+        check_latents(cfg.n2g.latents, sae.n_latents, name="--n2g-latents")
     reasons = {m.name: m.applies(run) for m in wanted}
     bad = {n: r for n, r in reasons.items() if r and cfg.metrics}
     if bad:
