@@ -139,6 +139,14 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
     again = build_browser([sae_files / "run_small", sae_files / "saelens_large"], out, cfg, lm=tiny_gpt2,
                           progress=False)
     assert again["reused"] and (out / "site.json").stat().st_mtime_ns == stamp
+    # An evaluation written into the run folder changes its metrics, not its SAE: the site is still current.
+    (sae_files / "run_small" / "metrics.json").write_text('{"nmse": 0.1}')
+    try:
+        again = build_browser([sae_files / "run_small", sae_files / "saelens_large"], out, cfg, lm=tiny_gpt2,
+                              progress=False)
+    finally:
+        (sae_files / "run_small" / "metrics.json").unlink()
+    assert again["reused"] and (out / "site.json").stat().st_mtime_ns == stamp
     # Other settings or other SAEs never replace the site unasked, and are refused before the model loads.
     for saes, other in (([sae_files / "run_small", sae_files / "saelens_large"], dataclasses.replace(cfg, n_top=5)),
                         ([sae_files / "run_small"], cfg)):

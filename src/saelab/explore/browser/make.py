@@ -33,6 +33,7 @@ from saelab.explore.browser.build import (
 )
 from saelab.explore.browser.families import family_tree
 from saelab.explore.browser.site import SITE_FORMAT, SITE_VERSION, check_site_target, read_site_manifest, write_site
+from saelab.run_folder import SAE_DIR
 from saelab.utils.atomic import write_json
 
 DEFINITIONS = {
@@ -63,19 +64,24 @@ def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource]) -> tuple[
     return out, [s for s, given in zip(out, sae_sources) if s is not given]
 
 
-def _stat_key(source: str) -> list:
-    """What identifies an SAE's files: paths, sizes and modification times."""
-    path = Path(source).expanduser()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.json") if p.parent.name == "sae"
-                                                 or p.parent == path) + sorted(path.rglob("*.safetensors"))
+def _stat_key(source: SAESource) -> list:
+    """What identifies an SAE's files: paths, sizes and modification times. Of a run folder, its SAE and
+    its n2g.json explanations only: its metrics and report change with every evaluation."""
+    path = Path(source.source).expanduser()
     if not path.exists():
-        return [source]
+        return [source.source]
+    if path.is_file():
+        files = [path]
+    elif source.run_dir is not None:
+        files = sorted((path / SAE_DIR).iterdir()) + [path / "n2g.json"]
+    else:
+        files = sorted(p for p in path.rglob("*.json") if p.parent == path) + sorted(path.rglob("*.safetensors"))
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
 def build_key(sources: Sequence[SAESource], cfg: BrowseConfig) -> str:
     """Hash of the inputs and settings: a site with the same key needs no rebuild."""
-    blob = json.dumps({"saes": [[s.name, _stat_key(s.source)] for s in sources], "cfg": dataclasses.asdict(cfg),
+    blob = json.dumps({"saes": [[s.name, _stat_key(s)] for s in sources], "cfg": dataclasses.asdict(cfg),
                        "version": SITE_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
