@@ -305,14 +305,18 @@ def test_report_states_the_tokens_trained_in_whole_batches():
         "8,192 in batches of 4,096 (10,000 asked: whole batches only)"
 
 
-def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, data_dir, tmp_path, capsys):
+def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, data_dir, tmp_path, capsys,
+                                                                      monkeypatch):
     """`saelab eval RUN` again: the same settings reuse metrics.json; other settings are refused unless
-    --overwrite, so an earlier evaluation is never replaced by accident."""
+    --overwrite, so an earlier evaluation is never replaced by accident. The model was given as a relative
+    path, and the evaluations run from another folder: it is recorded as the absolute path."""
     train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
     eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
     acts, run = tmp_path / "acts", tmp_path / "run"
-    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus), "--out",
+    monkeypatch.chdir(tiny_dir.parent)
+    run_cli(capsys, "harvest", "--model", tiny_dir.name, "--hook", HOOK, "--corpus", str(train_corpus), "--out",
             str(acts), "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    monkeypatch.chdir(tmp_path)
     run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
             "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
     ev = ["eval", str(run), "--corpus", str(eval_corpus), "--downstream-tokens", "128", "--no-progress"]

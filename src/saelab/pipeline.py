@@ -124,7 +124,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
                                            exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens,
                                            seed=cfg.seed, max_tokens=cfg.n_tokens, drop_last=False,
                                            progress=progress))
-    meta = {**model_provenance(cfg.model if isinstance(cfg.model, str) else lm.name), "hook_name": cfg.hook,
+    meta = {**model_provenance(model_name(cfg.model)), "hook_name": cfg.hook,  # a local path as an absolute one
             "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
             "exclude_first": cfg.exclude_first, "dataset": corpus, "harvest": asdict(cfg)}
     cache = write_activation_cache(stream, out_dir, meta=meta, dtype=cfg.dtype, resume=not overwrite,
@@ -411,8 +411,10 @@ def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, model_dty
     sae = load_sae(run_dir / SAE_DIR)
     old = _readable_eval_metrics(run_dir, sae)
     if old and not evaluation_is_current(run_dir, sae, cfg, model_dtype=model_dtype):
-        changed = changed_fields({"eval": old.get("eval_config"), "model_dtype": old.get("model_dtype", "float32")},
-                                 {"eval": _eval_config_record(cfg), "model_dtype": model_dtype})
+        changed = changed_fields({"eval": old.get("eval_config"), "model_dtype": old.get("model_dtype", "float32"),
+                                  "model": old.get("model")},
+                                 {"eval": _eval_config_record(cfg), "model_dtype": model_dtype,
+                                  "model": model_name(model_for(sae))})
         raise RunExistsError(f"{run_dir / EVAL_METRICS} holds this run's evaluation with other settings "
                              f"({', '.join(changed)}); `saelab eval {run_dir} --overwrite` with the new settings "
                              "replaces it, --overwrite trains and evaluates again, or pick another --out")
