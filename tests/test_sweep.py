@@ -64,7 +64,9 @@ def test_sweep_from_cache_keeps_finished_runs_and_trains_the_rest(tmp_path):
                        dead_tokens=512, k_aux=8, checkpoint_every=100)
     first = sweep_from_cache(cache, tmp_path / "sweep", base, {"k": [4]}, progress=False)
     weights = (tmp_path / "sweep" / "k4" / "sae" / "sae_weights.safetensors").read_bytes()
-    again = sweep_from_cache(cache, tmp_path / "sweep", base, {"k": [4, 8]}, progress=False)
+    # Logging and checkpointing more often is the same experiment: the finished k4 is kept.
+    again = sweep_from_cache(cache, tmp_path / "sweep", replace(base, log_every=1, checkpoint_every=2),
+                             {"k": [4, 8]}, progress=False)
     assert list(again) == ["k4", "k8"]
     assert (tmp_path / "sweep" / "k4" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     assert torch.equal(again["k4"].W_dec, first["k4"].W_dec)

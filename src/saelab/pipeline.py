@@ -31,7 +31,7 @@ from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVAL
                                sae_sha256, sweep_runs)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
-from saelab.train.checkpoint import changed_fields, read_metrics, read_status
+from saelab.train.checkpoint import changed_fields, read_metrics, read_status, training_changes
 from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
 from saelab.utils.config import switch
@@ -386,7 +386,7 @@ def finished_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache) -
         return None
     recorded = read_json(run_dir / TRAIN_CONFIG, "training config")
     same_data = all(recorded.get("sae", {}).get(k) == v for k, v in _cache_meta(cache).items() if k != "model_source")
-    if recorded.get("train") != cfg.to_dict() or not same_data:
+    if training_changes({"train": recorded.get("train")}, {"train": cfg.to_dict()}) or not same_data:
         return None
     return load_sae(run_dir / SAE_DIR)
 
@@ -397,7 +397,7 @@ def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig) -> None:
     if read_status(run_dir).get("state") != "finished" or not (run_dir / TRAIN_CONFIG).exists():
         return
     recorded = {"train": read_json(run_dir / TRAIN_CONFIG, "training config").get("train")}
-    changed = changed_fields(recorded, {"train": cfg.to_dict()})
+    changed = training_changes(recorded, {"train": cfg.to_dict()})
     if changed:
         raise RunExistsError(f"run folder {run_dir} holds a finished run trained with other settings ({', '.join(changed)}); "
                              "pick another --out, or pass --overwrite to train again (the activation cache is kept)")

@@ -36,6 +36,21 @@ def write_status(run_dir: Path, state: str, **extra: Any) -> None:
     write_json(run_dir / STATUS, {"state": state, **extra})
 
 
+def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run folder's train_config.json, None when there is none; a damaged one is refused."""
+    path = run_dir / TRAIN_CONFIG
+    if not path.exists():
+        return None
+    damaged = "the run folder is damaged: move it away, or pass overwrite=True (--overwrite)"
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); {damaged}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a {type(config).__name__}, expected a JSON object; {damaged}")
+    return config
+
+
 def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False) -> bool:
     """Whether the run folder can take this run, without changing it; True when there is a
     checkpoint to resume from.
@@ -46,27 +61,19 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Fa
     """
     if overwrite:
         return False
-    cfg_path = run_dir / TRAIN_CONFIG
-    old = None
-    if cfg_path.exists():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the run folder is damaged: move it "
-                                  "away, or pass overwrite=True (--overwrite)") from e
+    old = _recorded_config(run_dir)
+    changes = training_changes(old, config) if old is not None else []
     if read_status(run_dir).get("state") == "finished":
-        changes = changed_fields(_what_it_trains(old), _what_it_trains(config)) if isinstance(old, dict) else []
         other = f" trained with other settings ({', '.join(changes)})" if changes else ""
         raise RunExistsError(
             f"run folder {run_dir} holds a finished run{other}; pick another folder or pass overwrite=True (--overwrite)"
         )
     # Without a checkpoint (a run that failed before its first one) there is nothing to resume: the
     # new run starts over in the folder, and its start clears the old log.
-    differs = old is not None and _what_it_trains(old) != _what_it_trains(config)
-    if differs and (run_dir / CHECKPOINT).exists():
+    if changes and (run_dir / CHECKPOINT).exists():
         raise RunExistsError(
             f"run folder {run_dir} holds an unfinished run with a different config (differs in "
-            f"{', '.join(changed_fields(_what_it_trains(old), _what_it_trains(config)))}); resume it with the same "
+            f"{', '.join(changes)}); resume it with the same "
             "options (--checkpoint-every and --log-every may change), pick another folder, or pass overwrite=True "
             "(--overwrite)"
         )
@@ -98,6 +105,12 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
         elif a != b:
             changed.append(f"{prefix}{key} {_shown(a)} -> {_shown(b)}")
     return changed
+
+
+def training_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """changed_fields of two run configs (or their "train" groups alone), less the settings a resume may
+    change: empty when both train the same SAE."""
+    return changed_fields(_what_it_trains(old), _what_it_trains(new))
 
 
 def _what_it_trains(config: dict[str, Any]) -> dict[str, Any]:
