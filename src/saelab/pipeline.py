@@ -265,10 +265,20 @@ def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *,
                           model: str | LanguageModel | None = None, model_dtype: str = "float32") -> bool:
     """True when the run's metrics.json describes this SAE evaluated with this config, model dtype and
     model (None: the SAE's own). An unreadable metrics.json is not current: the evaluation runs again."""
+    return _evaluation_state(run_dir, sae, cfg, model=model, model_dtype=model_dtype) == "current"
+
+
+def _evaluation_state(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
+                      model_dtype: str) -> str:
+    """"current" (metrics.json is this evaluation), "other" (of this SAE, other settings or model) or
+    "none" (absent, unreadable, or of other weights)."""
     metrics = _readable_eval_metrics(run_dir, sae)
-    return (bool(metrics) and metrics.get("eval_config") == _eval_config_record(cfg)
+    if not metrics:
+        return "none"
+    same = (metrics.get("eval_config") == _eval_config_record(cfg)
             and metrics.get("model_dtype", "float32") == model_dtype
             and metrics.get("model") == model_name(model or model_for(sae)))
+    return "current" if same else "other"
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
@@ -279,14 +289,14 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: Lang
     not, unless ``overwrite``."""
     cfg = cfg or EvalConfig()
     sae = load_sae(Path(run_dir) / SAE_DIR)
-    if not overwrite:
-        if evaluation_is_current(run_dir, sae, cfg, model=lm, model_dtype=model_dtype):
-            print(f"{Path(run_dir) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
-                  file=sys.stderr)
-            return read_eval_metrics(run_dir, sae)
-        if _readable_eval_metrics(run_dir, sae):
-            raise RunExistsError(f"{Path(run_dir) / EVAL_METRICS} holds this SAE's evaluation with other settings; "
-                                 "pass --overwrite to replace it, or --out DIR to write this one elsewhere")
+    state = "none" if overwrite else _evaluation_state(run_dir, sae, cfg, model=lm, model_dtype=model_dtype)
+    if state == "current":
+        print(f"{Path(run_dir) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
+              file=sys.stderr)
+        return read_eval_metrics(run_dir, sae)
+    if state == "other":
+        raise RunExistsError(f"{Path(run_dir) / EVAL_METRICS} holds this SAE's evaluation with other settings; "
+                             "pass --overwrite to replace it, or --out DIR to write this one elsewhere")
     metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
                        progress=progress)
     if (Path(run_dir) / TRAIN_CONFIG).exists():
@@ -313,21 +323,22 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
     if not runs:
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
-    saes = {run: load_sae(run / SAE_DIR) for run in runs}
-    current = {run for run, sae in saes.items()
-               if not overwrite and evaluation_is_current(run, sae, cfg, model=model, model_dtype=model_dtype)}
-    other = [run.name for run, sae in saes.items()
-             if not overwrite and run not in current and _readable_eval_metrics(run, sae)]
+    state, specs = {}, {}
+    for run in runs:  # one SAE in memory at a time: a sweep's SAEs together can outgrow it
+        sae = load_sae(run / SAE_DIR)
+        state[run] = "none" if overwrite else _evaluation_state(run, sae, cfg, model=model, model_dtype=model_dtype)
+        specs[run] = model or model_for(sae)
+    other = [run.name for run in runs if state[run] == "other"]
     if other:
         raise RunExistsError(f"{', '.join(other)} in {folder} hold an evaluation with other settings (or another "
                              "model); pass --overwrite to replace them")
     models: dict[str, LanguageModel] = {}
     out: dict[str, Any] = {}
-    for run, sae in saes.items():
-        if run in current:
+    for run in runs:
+        if state[run] == "current":
             out[run.name] = "already evaluated"
             continue
-        spec = model or model_for(sae)
+        spec = specs[run]
         if spec not in models:
             models[spec] = load_model(spec, device=device, dtype=model_dtype)
         if progress:
