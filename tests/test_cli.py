@@ -29,6 +29,26 @@ def test_version_is_the_installed_package_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out == f"saelab {version('saelab')}\n"
 
 
+@pytest.mark.parametrize("message,expected", [
+    ("k=100 exceeds n_latents=64; expected k <= n_latents", "--k 100 exceeds --n-latents 64; expected --k <= --n-latents"),
+    ("batch_size=255 (--batch-size) does not split", "--batch-size 255 does not split"),
+    ("pass overwrite=True (--overwrite)", "pass --overwrite"),
+    ("a ReLU SAE cannot be saved; use format='saelens'", "a ReLU SAE cannot be saved; use --format saelens"),
+    ("warmup is longer than the run (total_tokens)", "warmup is longer than the run (--total-tokens)"),
+    # the user's own words stay: grid entries, folder names and paths that look like assignments
+    ("--grid k=8,8: a value is listed twice", "--grid k=8,8: a value is listed twice"),
+    ("run folder lr=1e-3,k=32 holds a finished run", "run folder lr=1e-3,k=32 holds a finished run"),
+    ("runs/k=32: no such folder", "runs/k=32: no such folder"),
+    ("the relu-l1 recipe (architecture relu) keeps", "the relu-l1 recipe (architecture relu) keeps"),
+])
+def test_errors_name_the_options_a_user_types(message, expected):
+    from saelab.cli import in_option_words
+
+    options = {"--k", "--n-latents", "--batch-size", "--overwrite", "--format", "--total-tokens", "--lr", "--grid",
+               "--recipe"}
+    assert in_option_words(message, options) == expected
+
+
 def test_families_help_lists_only_the_options_it_takes(capsys):
     """The browser's page options are refused by families, so its help leaves them out (browse keeps them)."""
     from saelab.cli.explore import PAGE_ONLY

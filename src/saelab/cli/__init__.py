@@ -105,7 +105,7 @@ def _verb_options(argv: list[str], verb: str) -> set[str]:
 
 
 # A setting named in an error the Python API raises: "lr must", "k=100", "k <= n_latents", "(total_tokens)".
-_SETTING_RE = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)(?=(?: must\b|=| ?[<>]=? | ?[<>]=?$))|(?<=\()([a-z][a-z0-9_]*)(?=\))")
+_SETTING_RE = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)(?=(?: must\b| ?[<>]=? | ?[<>]=?$))|(?<=\()([a-z][a-z0-9_]*)(?=\))")
 _SETTING_AFTER_RE = re.compile(r"(?:(?<=[<>] )|(?<=[<>]= ))([a-z][a-z0-9_]*)\b(?![/.-])")
 
 
@@ -127,7 +127,8 @@ def in_option_words(message: str, options: set[str]) -> str:
         name = option(match)
         return match.group(0) if name == match.group(1) else f"{name} {match.group(3)}"
 
-    message = re.sub(r"(?<![\w/.-])([a-z][a-z0-9_]*)=(['\"]?)([\w.-]+)\2", assignment, message)
+    # not inside a path or a list of assignments: "runs/k=32", "k=32,lr=1e-3/"
+    message = re.sub(r"(?<![\w/.,=-])([a-z][a-z0-9_]*)=(['\"]?)([\w.-]++)\2(?![/,=])", assignment, message)
     message = _SETTING_RE.sub(option, message)
     return _SETTING_AFTER_RE.sub(option, message)
 

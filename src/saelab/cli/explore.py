@@ -240,7 +240,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     if args.serve:
         raise ConfigError("--export writes files for another viewer; --serve serves the site: pass one of them")
     if args.out:
-        raise ConfigError(f"--out is the site's folder; --export writes into its own OUT ({out}): leave --out out")
+        raise ConfigError(f"--out is the site's folder; --export writes into its own OUT, {out!r}: leave --out out")
     check_output_folder(out, "--export OUT")
     first, _ = open_sae(args.sae[0])
     lm = load_model(args.browse.model or model_for(first), device=args.device, dtype=args.model_dtype)

@@ -247,7 +247,7 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
                    math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR)
     wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
     if any(m.name == "n2g" for m in wanted):  # refused now, not after the metrics before it ran
-        check_latents(cfg.n2g.latents, sae.n_latents, name="--n2g-latents")
+        check_latents(cfg.n2g.latents, sae.n_latents, name="n2g.latents")
     reasons = {m.name: m.applies(run) for m in wanted}
     bad = {n: r for n, r in reasons.items() if r and cfg.metrics}
     if bad:

@@ -89,7 +89,7 @@ _UNSET = object()
 
 def _shown(value: Any) -> str:
     if value is _UNSET or value is None:
-        return "unset" if value is _UNSET else "none"
+        return "absent" if value is _UNSET else "none"
     text = json.dumps(value, default=str)
     return text if len(text) <= 40 else text[:37] + "..."
 
