@@ -431,6 +431,9 @@ def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
         for extra in ([], ["--overwrite"]) if out != earlier else ([],):
             assert main(["eval", str(tmp_path / "sae"), "--out", str(out), *extra]) == 2
             assert message in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "sae"), "--suite", "paper", "--out", str(other_run)]) == 2
+    assert "is the run folder of another SAE; its evals/ describe that SAE" in capsys.readouterr().err
+    assert not (other_run / "evals").exists()
     assert (other_run / "metrics.json").read_text() == '{"nmse": 0.1}'
     assert (earlier / "metrics.json").read_text() == '{"nmse": 0.2}'
     assert sorted(p.name for p in cache.iterdir()) == ["manifest.json"]

@@ -74,12 +74,17 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
         assert (run / "evals" / png).read_bytes()[:8] == PNG and f"]({png})" in report
     assert "evals/report.md" in (run / "report.md").read_text()  # the run's own report points to it
 
-    # Resumable: the same command reuses every result; a changed size reruns that metric only.
+    # Resumable: the same command reuses every result; a changed size is refused before any metric runs,
+    # and with --overwrite --metrics reruns that metric only.
     created = {m: r["created"] for m, r in recs.items()}
     out, _ = run_cli(capsys, *argv)
     assert out == {"report": str(run / "evals" / "report.md"), **{m: "ok (reused)" for m in names}}
-    out, _ = run_cli(capsys, *argv, "--abl-n-sites", "3")  # the last occurrence of an option wins
-    assert out["ablation_sparsity"] == "ok" and out["probe"] == "ok (reused)"
+    before = {p.name: p.read_bytes() for p in (run / "evals").iterdir()}
+    _, err = run_cli(capsys, *argv, "--abl-n-sites", "3", code=2)  # the last occurrence of an option wins
+    assert "holds ablation_sparsity of this SAE with other settings; pass --overwrite" in err
+    assert before == {p.name: p.read_bytes() for p in (run / "evals").iterdir()}
+    out, _ = run_cli(capsys, *argv, "--abl-n-sites", "3", "--overwrite", "--metrics", "ablation_sparsity")
+    assert out["ablation_sparsity"] == "ok"
     assert json.loads((run / "evals" / "ablation_sparsity.json").read_text())["result"]["n_sites"] == 3
     assert json.loads((run / "evals" / "probe.json").read_text())["created"] == created["probe"]
     out, _ = run_cli(capsys, *argv, "--overwrite", "--metrics", "core", "probe")
@@ -117,6 +122,13 @@ def test_openai_v5_checkpoint_gets_its_hook_and_context_64(tiny_dir, data_dir, t
     assert f"no checkpoint series is known for model {str(tiny_dir.resolve())!r}" in skipped["reason"]
     assert "--series" in skipped["reason"]
     assert "Skipped: no checkpoint series is known" in (out_dir / "evals" / "report.md").read_text()
+    # Another SAE's suite into the same folder is refused before it runs; every file there is kept.
+    other = v5_checkpoint(tmp_path / "other" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt", seed=1)
+    before = {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
+    _, err = run_cli(capsys, "eval", str(other), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir),
+                     "--corpus", str(corpus), *SMALL, "--metrics", "core", code=2)
+    assert "holds results of another SAE (core); pick another --out, or pass --overwrite" in err
+    assert before == {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
     # Asking for it by name is an error; so are unknown metrics and series, and a .pt without --out or hook.
     _, err = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir),
                      "--metrics", "compute_equivalent", "--corpus", str(corpus), code=2)

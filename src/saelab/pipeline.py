@@ -362,6 +362,9 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         raise ConfigError(f"--suite paper writes its results to a folder: pass --out DIR for {source}, which is "
                           "not a run folder")
     check_output_folder(out, "--out")
+    if (run is None or out.resolve() != run.resolve()) and (out / TRAIN_CONFIG).is_file():  # as `eval --out`: a run's evals/ are its own SAE's
+        raise ConfigError(f"--out {out} is the run folder of another SAE; its evals/ describe that SAE: pick "
+                          "another folder")
     if not sae.cfg.hook_name:
         raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook)")
     resolve_corpus(eval_cfg.corpus if eval_cfg else None, "eval")

@@ -49,7 +49,7 @@ import torch
 from simple_parsing.helpers import field as cli_field
 
 from saelab.data import resolve_corpus, token_contexts
-from saelab.errors import ConfigError, SaelabError
+from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals._common import config_dict
 from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
 from saelab.evals.compute_equivalent import (
@@ -210,11 +210,36 @@ def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status
             "wall_s": round(wall, 3), "created": _now(), "result": result}
 
 
+def _inputs(run: SuiteRun, m: SuiteMetric, base_inputs: dict) -> dict:
+    """What ``m``'s result depends on, as its file records it (equal inputs: the result is reused)."""
+    return json.loads(json.dumps({**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run)}))
+
+
+def _refuse_replacing(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict, base_inputs: dict) -> None:
+    """Results already in evals/ of another SAE, or of this SAE with other settings, are kept unless
+    overwrite: named before any metric runs."""
+    other_sae, other_settings = [], []
+    for m in wanted:
+        old = _read(run.evals / f"{m.name}.json")
+        if reasons[m.name] or not isinstance(old, dict) or old.get("status") != "ok":
+            continue
+        if old.get("inputs", {}).get("sae_sha256") != base_inputs["sae_sha256"]:
+            other_sae.append(m.name)
+        elif old.get("inputs") != _inputs(run, m, base_inputs):
+            other_settings.append(m.name)
+    if other_sae:
+        raise RunExistsError(f"{run.evals} holds results of another SAE ({', '.join(other_sae)}); pick another "
+                             "--out, or pass --overwrite to replace them")
+    if other_settings:
+        raise RunExistsError(f"{run.evals} holds {', '.join(other_settings)} of this SAE with other settings; pass "
+                             "--overwrite to replace them (with --metrics to rerun only those), or pick another --out")
+
+
 def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: dict, sae_info: dict,
                 eval_info: dict, *, overwrite: bool, progress: bool) -> dict:
     """Compute (or reuse, or skip) one metric, write its envelope; returns its suite.json entry."""
     path = run.evals / f"{m.name}.json"
-    inputs = {**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run)}
+    inputs = _inputs(run, m, base_inputs)
     entry = {"reused": False, "file": f"{EVALS_DIR}/{m.name}.json"}
     if reason:
         write_json(path, _envelope(m.name, inputs, sae_info, eval_info, "skipped", reason, None, 0.0))
@@ -284,6 +309,8 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
                    "prepend_bos": sae.cfg.prepend_bos, "position_0": position_0}
     index: dict[str, Any] = {"suite": "paper", "schema_version": SCHEMA_VERSION, "sae": sae_info, "model": lm.name,
                              "hook": hook, "eval": eval_info, "metrics": {}}
+    if not overwrite:
+        _refuse_replacing(run, wanted, reasons, base_inputs)
     for m in wanted:
         index["metrics"][m.name] = _run_metric(run, m, reasons[m.name], base_inputs, sae_info, eval_info,
                                                overwrite=overwrite, progress=progress)
