@@ -69,7 +69,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main([*argv])
     out, err = capsys.readouterr()
     # transformers draws a "Loading weights" bar on stderr even with --no-progress; keep saelab's lines.
-    ours = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("saelab ")]
+    ours = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(("saelab ", "saelab:"))]
     return code, out, "\n".join(ours)
 
 
@@ -585,19 +585,22 @@ def test_full_disk_cache_shard_keeps_earlier_shards(full_disk):
 # ---- refusing to overwrite a finished run ------------------------------------------------------------------
 
 
-def test_cli_train_refuses_to_overwrite_finished_run(tiny_cache, tmp_path, capsys):
+def test_cli_train_keeps_a_finished_run(tiny_cache, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--activations", str(tiny_cache), "--out", str(run), "--n-latents", "64", "--k", "4",
             "--batch-size", "128", "--total-tokens", "512", "--init-rows", "256", "--no-progress"]
     code, out, _ = run_cli(capsys, *args)
     assert code == 0 and json.loads(out)["n_latents"] == 64
     before = snapshot(run)
-    for extra in ([], ["--k", "8"]):  # the same options, or different ones: both refused
-        code, out, err = run_cli(capsys, *args, *extra)
-        assert code == 2 and out == ""
-        assert err.startswith(f"saelab train: error: run folder {run} holds a finished run")
-        assert "--overwrite" in err
-        assert snapshot(run) == before
+    # The same options again: the finished run is kept and is the answer, untouched.
+    code, again, err = run_cli(capsys, *args)
+    assert code == 0 and again == out and "already holds this finished run (--overwrite trains it again)" in err
+    assert snapshot(run) == before
+    code, out, err = run_cli(capsys, *args, "--k", "8")  # other options: refused
+    assert code == 2 and out == ""
+    assert err.startswith(f"saelab train: error: run folder {run} holds a finished run trained with other settings")
+    assert "--overwrite" in err
+    assert snapshot(run) == before
     assert issubclass(RunExistsError, SaelabError)
 
 

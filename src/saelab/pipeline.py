@@ -172,6 +172,10 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
     ``log_to``: also log its metrics to "tensorboard" and/or "wandb"."""
     check_output_folder(run_dir, "--out", "run")
     cache = _open_cache(cache, cfg.total_tokens)
+    done = None if overwrite else finished_training(Path(run_dir), cfg, cache)
+    if done is not None:  # the same command again: the finished run is the answer
+        print(f"saelab: {run_dir} already holds this finished run (--overwrite trains it again)", file=sys.stderr)
+        return done
     with _naming_cache(cache):
         return train_sae(cfg, _cache_batches(cache, cfg), run_dir, d_in=cache.d, meta=_cache_meta(cache),
                          overwrite=overwrite, progress=progress, device=device, log_to=log_to)

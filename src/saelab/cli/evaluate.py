@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from saelab.evals.core import EvalConfig
 from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
-from saelab.run_folder import ARTEFACTS, EVAL_METRICS, EVALS_DIR, REPORT, TRAIN_CONFIG, is_sweep, open_sae
+from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, EVALS_DIR, REPORT, TRAIN_CONFIG, is_sweep, open_sae,
+                               read_eval_metrics)
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -102,7 +104,7 @@ def _check_eval_out(out: Path, overwrite: bool) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.pipeline import evaluate, evaluate_run, evaluate_sweep, paper_suite
+    from saelab.pipeline import evaluate, evaluate_run, evaluate_sweep, evaluation_is_current, paper_suite
 
     suite_only = typed_starting(args, "--series", "--metrics", "--ablation-contexts", "--probe-contexts",
                                 "--n2g-contexts", *(f"--{prefix}" for _, _, prefix in METRIC_GROUPS))
@@ -138,6 +140,12 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
                             overwrite=args.overwrite, progress=args.progress)
     if args.out is not None:
+        current = not args.overwrite and evaluation_is_current(args.out, sae, args.eval, model=args.model,
+                                                               model_dtype=args.model_dtype)
+        if current:  # the same command again
+            print(f"{Path(args.out) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
+                  file=sys.stderr)
+            return read_eval_metrics(args.out, sae)
         _check_eval_out(Path(args.out), args.overwrite)
     return evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
                     model_dtype=args.model_dtype, progress=args.progress)
