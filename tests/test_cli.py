@@ -35,6 +35,8 @@ def test_version_is_the_installed_package_version(capsys):
     ("pass overwrite=True (--overwrite)", "pass --overwrite"),
     ("a ReLU SAE cannot be saved; use format='saelens'", "a ReLU SAE cannot be saved; use --format saelens"),
     ("warmup is longer than the run (total_tokens)", "warmup is longer than the run (--total-tokens)"),
+    ("recon_tokens must be >= 1, got 0", "--eval-recon-tokens must be >= 1, got 0"),  # one prefixed option
+    ("lm_batch_size must be >= 1, got 0", "lm_batch_size must be >= 1, got 0"),  # two: left as it is
     # the user's own words stay: grid entries, folder names and paths that look like assignments
     ("--grid k=8,8: a value is listed twice", "--grid k=8,8: a value is listed twice"),
     ("run folder lr=1e-3,k=32 holds a finished run", "run folder lr=1e-3,k=32 holds a finished run"),
@@ -45,7 +47,7 @@ def test_errors_name_the_options_a_user_types(message, expected):
     from saelab.cli import in_option_words
 
     options = {"--k", "--n-latents", "--batch-size", "--overwrite", "--format", "--total-tokens", "--lr", "--grid",
-               "--recipe"}
+               "--recipe", "--eval-recon-tokens", "--probe-lm-batch-size", "--n2g-lm-batch-size"}
     assert in_option_words(message, options) == expected
 
 
@@ -106,7 +108,7 @@ BAD = [
     ("eval SAE --recon-tokens 0", "--recon-tokens must be >= 1"),
     ("eval SAE --context-size 1", "--context-size must be >= 3"),
     ("eval SAE --ablations bogus", "argument --ablations"),
-    ("eval SAE --metrics core bogus", "metrics ['bogus'] unknown"),
+    ("eval SAE --metrics core bogus", "--metrics must be among the paper suite's (core"),
     ("steer SAE --latent 1 --value nan", "argument --value: expected a finite number"),
     ("steer SAE --latent 1 --value 1 --max-new-tokens -3", "argument --max-new-tokens: expected an integer >= 1"),
     ("steer SAE --latent 1 --value 1 --positions 10:2", "positions 10:2 is an empty range"),

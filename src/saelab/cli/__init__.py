@@ -121,7 +121,8 @@ def in_option_words(message: str, options: set[str]) -> str:
     def option(match: re.Match) -> str:
         word = next(group for group in match.groups() if group)
         name = "--" + word.replace("_", "-")
-        return name if name in options else word
+        prefixed = [o for o in options if o.endswith(name[1:])]  # "--eval-recon-tokens" for recon_tokens
+        return name if name in options else prefixed[0] if len(prefixed) == 1 else word
 
     def assignment(match: re.Match) -> str:  # "k=100" -> "--k 100", "format='saelens'" -> "--format saelens"
         name = option(match)

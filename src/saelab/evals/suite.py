@@ -92,7 +92,8 @@ class PaperSuiteConfig:
         self.metrics = tuple(self.metrics)
         unknown = [m for m in self.metrics if m not in PAPER_METRICS]
         if unknown:
-            raise ConfigError(f"metrics {unknown} unknown; the paper suite has {', '.join(PAPER_METRICS)}")
+            raise ConfigError(f"metrics must be among the paper suite's ({', '.join(PAPER_METRICS)}), got unknown "
+                              f"{', '.join(map(str, unknown))}")
         for name in ("ablation_contexts", "probe_contexts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

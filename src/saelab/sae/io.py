@@ -297,7 +297,7 @@ def download_dir() -> Path:
 def _checked_url(url: str, allow_http: bool) -> urllib.parse.SplitResult:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "https" and not (parts.scheme == "http" and allow_http):
-        hint = " (plain http needs allow_http=True / --allow-http)" if parts.scheme == "http" else ""
+        hint = "; plain http needs allow_http=True (--allow-http)" if parts.scheme == "http" else ""
         raise CheckpointError(f"{url}: only https:// URLs are downloaded{hint}")
     return parts
 

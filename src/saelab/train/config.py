@@ -196,9 +196,9 @@ def _check_sizes(c: TrainConfig) -> None:
         raise ConfigError(f"total_tokens={c.total_tokens} must be at least one batch of batch_size={c.batch_size}")
     for name in ("init_rows", "dead_tokens"):
         if getattr(c, name) is not None and getattr(c, name) < 1:
-            raise ConfigError(f"{name} must be >= 1 or None, got {getattr(c, name)}")
+            raise ConfigError(f"{name} must be >= 1 or unset, got {getattr(c, name)}")
     if c.warmup_steps is not None and c.warmup_steps < 0:
-        raise ConfigError(f"warmup_steps must be >= 0 or None, got {c.warmup_steps}")
+        raise ConfigError(f"warmup_steps must be >= 0 or unset, got {c.warmup_steps}")
     if c.warmup_steps is not None and c.warmup_steps > c.total_steps:
         raise ConfigError(f"warmup_steps={c.warmup_steps} exceeds the run's {c.total_steps:,} steps (total tokens / "
                           "batch size); the learning rate would never reach its peak")
@@ -219,7 +219,7 @@ def _check_rates(c: TrainConfig) -> None:
         if not 0 <= getattr(c, name) < 1:
             raise ConfigError(f"{name} must be in [0, 1), got {getattr(c, name)}")
     if c.ema_decay is not None and not 0 < c.ema_decay < 1:
-        raise ConfigError(f"ema_decay must be in (0, 1) or None, got {c.ema_decay}")
+        raise ConfigError(f"ema_decay must be in (0, 1) or unset, got {c.ema_decay}")
     if not 0 <= c.decay_fraction <= 1:
         raise ConfigError(f"decay_fraction must be in [0, 1], got {c.decay_fraction}")
     if c.l1_coefficient < 0:
