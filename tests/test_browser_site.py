@@ -154,6 +154,11 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
                                                  r"\(it shows run_small, saelens_large\); pass --overwrite"):
             build_browser(saes, out, other, lm="no-such-model", progress=False)
     assert (out / "site.json").stat().st_mtime_ns == stamp
+    # An --n2g-file that is not an N2G result (here the site's manifest) is refused before the model loads.
+    not_n2g = dataclasses.replace(cfg, n2g_file=str(out / "site.json"))
+    with pytest.raises(CheckpointError, match="site.json: not an N2G result"):
+        build_browser([sae_files / "run_small"], out, not_n2g, lm="no-such-model", overwrite=True, progress=False)
+    assert (out / "site.json").stat().st_mtime_ns == stamp
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

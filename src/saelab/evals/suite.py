@@ -74,7 +74,7 @@ class PaperSuiteConfig:
     default model takes minutes on 2 CPU cores)."""
 
     metrics: tuple[str, ...] = ()
-    """Metrics to run, of core compute_equivalent ablation_sparsity probe n2g; () = all that apply.
+    """Metrics to run, of core compute_equivalent ablation_sparsity probe n2g; unset: all that apply.
     A metric named here that does not apply is an error."""
     ablation_contexts: int = 64
     """Eval contexts the ablation-sparsity sites are drawn from."""

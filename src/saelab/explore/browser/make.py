@@ -28,6 +28,7 @@ from saelab.explore.browser.build import (
     finish_statistics,
     first_scored,
     open_sae_source,
+    read_n2g_file,
     read_tokens,
     resolve_corpus,
 )
@@ -140,6 +141,8 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         raise RunExistsError(f"{out} holds a feature browser site built from other inputs or settings (it shows "
                              f"{shown}); pass --overwrite to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
+    if cfg.n2g_file is not None:
+        read_n2g_file(cfg.n2g_file)  # a file that is not an N2G result: refused now, not after the pass
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     lm = load_model_beside(lm, cfg, sources, loaded_here, device, model_dtype)
