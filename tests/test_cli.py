@@ -19,6 +19,7 @@ def test_help_of_every_verb(verb, capsys):
     assert not re.search(r"\[--[\w-]+ \[[A-Z_]+\]\]", out)  # "[--corpus [CORPUS]]": the value is required
     assert not re.search(r"Config \['", out)  # groups titled "harvest options:", not "HarvestConfig ['harvest']:"
     assert not re.search(r"\bNone\b", out)  # a Python None cannot be typed: the help says "unset"
+    assert "Path to a config file" not in out  # --config says what the file holds
 
 
 def test_version_is_the_installed_package_version(capsys):

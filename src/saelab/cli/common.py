@@ -71,6 +71,10 @@ class Parser(ArgumentParser):
         """The help, with each option group titled for people ("harvest options:"), not after its
         dataclass ("HarvestConfig ['harvest']:"), and the settings' None (which cannot be typed) said as
         "unset"."""
+        for action in self._actions:  # simple_parsing's own words for --config say nothing of its format
+            if "--config" in action.option_strings:
+                action.help = ('a JSON or YAML file of option defaults by group, e.g. {"train": {"k": 64}}; '
+                               "options typed on the command line win")
         titles = {"suite_cfg": "paper suite", "compute_equivalent": "compute-equivalent (paper suite)",
                   "ablation_sparsity": "ablation sparsity (paper suite)", "probe": "probe loss (paper suite)",
                   "n2g": "N2G (paper suite)"}
