@@ -410,6 +410,27 @@ def test_a_sweep_folder_given_for_one_sae_names_its_runs(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
 
 
+def test_a_bad_hook_or_corpus_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """The SAE names gpt2, which cannot load here: each refusal comes before any model load."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    monkeypatch.chdir(tmp_path)
+    for n, name in ((64, "sae"), (128, "sae128")):
+        save_sae(TopKSAE(SAEConfig(d_in=16, n_latents=n, k=4, hook_name="blocks.1.hook_resid_post",
+                                   model_name="gpt2")), tmp_path / name)
+    for argv, message in ((["eval", "sae", "--hook", "nonsense", "--out", "ev"], "hook 'nonsense': expected blocks."),
+                          (["eval", "sae", "--suite", "paper", "--out", "ev", "--hook", "nonsense"],
+                           "hook 'nonsense': expected blocks."),
+                          (["browse", "sae", "--corpus", "missing.txt", "--out", "site"],
+                           "corpus path 'missing.txt' does not exist"),
+                          (["families", "sae", "sae128", "--corpus", "missing.txt", "--out", "f.json"],
+                           "corpus path 'missing.txt' does not exist")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae", "sae128"]
+
+
 def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
     """eval --out never replaces another run's (or an earlier) evaluation unasked; export never writes
     into a run's own sae/ folder."""

@@ -240,6 +240,7 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     given = isinstance(sae, TopKSAE)
     sae = sae if given else open_sae(sae)[0]
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
+    _check_hook_before_load(sae, lm or model_for(sae))
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress)
@@ -250,6 +251,14 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
         write_json(Path(out_dir) / EVAL_METRICS, metrics)
         density_histogram(core.frequencies_N, Path(out_dir) / DENSITY_PLOT, metrics["n_tokens"])
     return metrics
+
+
+def _check_hook_before_load(sae: TopKSAE, model: str | LanguageModel) -> None:
+    """A malformed hook, or one past the model's layers (when its config is on disk), refused before the load."""
+    problem = hook_form_problem(sae.cfg.hook_name)
+    if problem:
+        raise ConfigError(f"hook {sae.cfg.hook_name!r}: {problem}")
+    check_hook_layer(model, sae.cfg.hook_name)
 
 
 def _beside_model(sae: TopKSAE, lm: LanguageModel, *, given: bool) -> TopKSAE:
@@ -327,6 +336,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
     if not runs:
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
+    resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before any model loads
     state, specs = {}, {}
     for run in runs:  # one SAE in memory at a time: a sweep's SAEs together can outgrow it
         sae = load_sae(run / SAE_DIR)
@@ -374,6 +384,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     resolve_corpus(eval_cfg.corpus if eval_cfg else None, "eval")
     if cfg is not None and (not cfg.metrics or "n2g" in cfg.metrics):  # latent ids the SAE lacks: before the load
         check_latents(cfg.n2g.latents, sae.n_latents, name="--n2g-latents")
+    _check_hook_before_load(sae, lm or model_for(sae))
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=False)
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,

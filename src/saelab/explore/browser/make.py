@@ -95,10 +95,11 @@ def _named_model(cfg: BrowseConfig, lm) -> str | None:
 def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loaded_here: Sequence[SAESource],
                       device=None, model_dtype="float32"):
     """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU); SAEs the
-    caller gave stay where the caller put them."""
+    caller gave stay where the caller put them. A missing corpus is named first, not after the load."""
     from saelab.models import load_model
     from saelab.run_folder import model_for
 
+    resolve_corpus(cfg)
     lm = load_model(lm or cfg.model or model_for(sources[0].sae), device=device, dtype=model_dtype)
     for s in loaded_here:
         s.sae.to(lm.device)
