@@ -399,7 +399,7 @@ def test_a_sweep_folder_given_for_one_sae_names_its_runs(tmp_path, capsys):
         sae = TopKSAE(SAEConfig(d_in=16, n_latents=n, k=4, hook_name="blocks.1.hook_resid_post", model_name="gpt2"))
         save_sae(sae, sweep / f"n{n}_k4" / "sae")
         (sweep / f"n{n}_k4" / "train_config.json").write_text("{}")
-    for argv in (["top", "1", str(sweep)], ["browse", str(sweep), "--out", str(tmp_path / "site")],
+    for argv in (["top", "1", str(sweep)], ["browse", str(sweep), "--out", str(tmp_path / "site")], ["browse", str(sweep)],
                  ["families", str(sweep), str(sweep / "n64_k4"), "--out", str(tmp_path / "f.json")],
                  ["export", str(sweep), str(tmp_path / "out"), "--format", "saelens"],
                  ["steer", str(sweep), "--latent", "1", "--value", "1"]):

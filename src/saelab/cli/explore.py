@@ -14,7 +14,7 @@ from saelab.cli.common import add_io_options, finite_float, positive_int, typed
 from saelab.errors import ConfigError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.steering import STEER_MODES
-from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run
+from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
 
 
 def _items(text: str, kind: str) -> list[str]:
@@ -113,7 +113,7 @@ def _check_steer(args: argparse.Namespace):
 def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
     """The SAE named by ``args.sae`` (its latents ``args.latent`` checked) and its language model."""
     from saelab.models import load_model
-    from saelab.run_folder import model_for, open_sae
+    from saelab.run_folder import model_for
 
     sae, _ = open_sae(args.sae)
     if hook:
@@ -189,6 +189,8 @@ def add_browse(sub) -> None:
 def _default_out(sources: list[str]) -> Path:
     if is_run(sources[0]):
         return Path(sources[0]) / BROWSER_DIR
+    if is_sweep(sources[0]):
+        open_sae(sources[0])  # names the sweep's runs: one of them is what to browse
     if "://" not in sources[0] and not (sources[0] and Path(sources[0]).expanduser().exists()):
         raise ConfigError(f"{sources[0]!r}: no such file or folder; expected a run folder or an SAE")
     raise ConfigError(f"{sources[0]} is not a run folder; pass --out for the site folder")
@@ -232,7 +234,7 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
 def _export(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.explore.browser.export import export_neuronpedia_run
     from saelab.models import load_model
-    from saelab.run_folder import model_for, open_sae
+    from saelab.run_folder import model_for
 
     fmt, out = args.export
     if fmt != "neuronpedia":
