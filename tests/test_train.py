@@ -307,7 +307,6 @@ def test_tokens_past_the_last_whole_batch_are_named(tmp_path, capsys):
     train_sae(_cfg(total_tokens=1000), _source(data, 128), tmp_path / "run", d_in=24, progress=False)
     assert ("--total-tokens 1,000 is not a multiple of --batch-size 128; run trains 7 steps (896 tokens)"
             in capsys.readouterr().err)
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 1
     train_sae(_cfg(total_tokens=1024), _source(data, 128), tmp_path / "whole", d_in=24, progress=False)
     assert "not a multiple" not in capsys.readouterr().err
 

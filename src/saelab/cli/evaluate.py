@@ -59,9 +59,10 @@ def add_eval(sub) -> None:
     p.set_defaults(handler=run_eval)
 
 
-def _in_option_words(err: ConfigError, options: dict[str, str]) -> ConfigError:
+def _with_option_name(err: ConfigError, options: dict[str, str]) -> ConfigError:
     """``err`` with the setting it opens with ("max_len must be >= 1", the config checks' wording) as its
-    option; the CLI's own rewording finds options by setting name, which misses a prefixed group's."""
+    option; the CLI's own rewording finds options by setting name, which cannot tell the groups' fields of
+    one name apart (lm_batch_size is --ce-, --probe- and --n2g-lm-batch-size)."""
     first, _, rest = str(err).partition(" ")
     return ConfigError(f"{options[first]} {rest}") if first in options else err
 
@@ -72,7 +73,7 @@ def _named_by_options(cls: type, options: dict[str, str]):
         try:
             return cls(**kwargs)
         except ConfigError as e:
-            raise _in_option_words(e, options) from None
+            raise _with_option_name(e, options) from None
     return construct
 
 
@@ -82,7 +83,7 @@ def suite_config(args: argparse.Namespace) -> PaperSuiteConfig:
         ce = dataclasses.replace(args.compute_equivalent, series=args.series, steps=tuple(args.series_steps or ()),
                                  progress=args.progress)
     except ConfigError as e:  # steps and series come from --series-steps and --series
-        raise _in_option_words(e, {"steps": "--series-steps", "series": "--series"}) from None
+        raise _with_option_name(e, {"steps": "--series-steps", "series": "--series"}) from None
     abl = dataclasses.replace(args.ablation_sparsity, progress=args.progress)
     return dataclasses.replace(args.suite_cfg, compute_equivalent=ce, ablation_sparsity=abl, probe=args.probe,
                                n2g=args.n2g)
