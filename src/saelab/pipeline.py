@@ -90,8 +90,7 @@ class HarvestConfig:
             raise ConfigError(f"sample_pool_tokens must be >= 0, got {self.sample_pool_tokens}")
         if self.dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(f"dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
-        if hook_form_problem(self.hook):
-            raise ConfigError(f"hook {self.hook!r}: {hook_form_problem(self.hook)}")
+        _check_hook_form(self.hook)
 
 
 def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):
@@ -255,10 +254,14 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
 
 def _check_hook_before_load(sae: TopKSAE, model: str | LanguageModel) -> None:
     """A malformed hook, or one past the model's layers (when its config is on disk), refused before the load."""
-    problem = hook_form_problem(sae.cfg.hook_name)
-    if problem:
-        raise ConfigError(f"hook {sae.cfg.hook_name!r}: {problem}")
+    _check_hook_form(sae.cfg.hook_name)
     check_hook_layer(model, sae.cfg.hook_name)
+
+
+def _check_hook_form(hook: str) -> None:
+    problem = hook_form_problem(hook)
+    if problem:
+        raise ConfigError(f"hook {hook!r}: {problem}")
 
 
 def _beside_model(sae: TopKSAE, lm: LanguageModel, *, given: bool) -> TopKSAE:
@@ -376,7 +379,8 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         raise ConfigError(f"--suite paper writes its results to a folder: pass --out DIR for {source}, which is "
                           "not a run folder")
     check_output_folder(out, "--out")
-    if (run is None or out.resolve() != run.resolve()) and (out / TRAIN_CONFIG).is_file():  # as `eval --out`: a run's evals/ are its own SAE's
+    another_run = run is None or out.resolve() != run.resolve()
+    if another_run and (out / TRAIN_CONFIG).is_file():  # as `eval --out`: a run's evals/ are its own SAE's
         raise ConfigError(f"--out {out} is the run folder of another SAE; its evals/ describe that SAE: pick "
                           "another folder")
     if not sae.cfg.hook_name:
