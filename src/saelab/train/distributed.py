@@ -14,6 +14,7 @@ works); without CUDA it is gloo alone. Every collective here gets tensors on the
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 
 import torch
@@ -48,9 +49,19 @@ def init_from_env() -> bool:
 
 def _leave_group() -> None:
     """Shut the process group down before the interpreter does: gloo's threads left running at exit
-    can abort the process ("terminate called without an active exception") after its work is done."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    can abort the process ("terminate called without an active exception") after its work is done.
+    The ranks first wait for each other (a bounded wait: a rank that failed is not waited for long), so
+    rank 0, which holds the group's store, does not leave while another rank still talks to it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except RuntimeError:  # another rank is gone: nothing left to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def process_device(device: str | torch.device | None = None) -> torch.device:
