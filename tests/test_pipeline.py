@@ -85,6 +85,7 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     # A trained SAE: 16 steps on 8k tokens reach nMSE ~0.53 on held-out text (predicting the mean scores 1).
     assert on_disk["nmse"] < 0.7
     assert set(on_disk["wall_seconds"]) >= {"harvest", "train", "evaluate", "total"}
+    assert on_disk["stage_seconds"]["train"] == round(json.loads((run / "status.json").read_text())["train_seconds"], 1)
 
     cache = ActivationCache(run / "activations")
     assert (cache.n_rows, cache.d, cache.meta["hook_name"]) == (8192, 576, "blocks.9.hook_resid_post")
@@ -113,8 +114,12 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     assert again["reused"] == ["harvest", "train"] and "evaluate" in again["wall_seconds"]
     assert "harvest" not in again["wall_seconds"] and "Reused from an earlier run" in (run / "report.md").read_text()
     assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint_mtime and again["nmse"] == on_disk["nmse"]
-    # Finished and evaluated: nothing runs again. --overwrite retrains but keeps the activation cache.
-    assert quickstart(cfg, run, lm=smollm2, progress=False)["reused"] == ["harvest", "train", "evaluate"]
+    # Finished and evaluated: nothing runs again, and the stages keep the times of the calls that ran them.
+    # --overwrite retrains but keeps the activation cache.
+    third = quickstart(cfg, run, lm=smollm2, progress=False)
+    assert third["reused"] == ["harvest", "train", "evaluate"] and set(third["wall_seconds"]) == {"load_model", "total"}
+    assert third["stage_seconds"] == {**again["stage_seconds"], "load_model": third["wall_seconds"]["load_model"]}
+    assert f"| evaluate | reused (all calls: {again['stage_seconds']['evaluate']:,.1f}) |" in (run / "report.md").read_text()
     # Other eval settings would replace the evaluation: refused as `saelab eval` refuses, before any work.
     before = (run / "metrics.json").read_bytes()
     with pytest.raises(RunExistsError, match=r"evaluation with other settings \(eval.recon_tokens 2048 -> 1024\)"):

@@ -1,6 +1,7 @@
 """Training recipe: losses and gradients against a dense reference, constraints, resume."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from saelab.errors import NonFiniteError, RunExistsError
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.train import TrainConfig, train_sae
 from saelab.train.init import geometric_median
+from saelab.utils.atomic import write_json
 from saelab.sae.kernels import AUX_DENSE_FACTOR, sparse_topk_encode
 from saelab.train.losses import training_loss
 
@@ -264,8 +266,14 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     full = train_sae(_cfg(), _source(data, 128), tmp_path / "a", d_in=24, progress=False)
     # Stop after 5 steps (checkpoint at 4 and at the stop), then resume in a fresh call.
     train_sae(_cfg(), _source(data, 128), tmp_path / "b", d_in=24, progress=False, stop_after_steps=5)
-    assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "interrupted"
+    status = json.loads((tmp_path / "b" / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["train_seconds"] > 0
+    # The run's training time counts every call: the resumed call adds to what the first recorded.
+    write_json(tmp_path / "b" / "status.json", {**status, "train_seconds": 1000.0})
+    t = time.perf_counter()
     resumed = train_sae(_cfg(), _source(data, 128), tmp_path / "b", d_in=24, progress=False)
+    this_call = time.perf_counter() - t
+    assert 1000 < json.loads((tmp_path / "b" / "status.json").read_text())["train_seconds"] < 1000 + this_call
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

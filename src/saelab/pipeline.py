@@ -466,6 +466,27 @@ def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, ov
                                    "and train again, or pick another --out") from e
 
 
+def _recorded_stage_seconds(run_dir: Path) -> dict[str, float]:
+    """The stage times an earlier quickstart call recorded in metrics.json ({} when none are readable)."""
+    try:
+        recorded = json.loads((run_dir / EVAL_METRICS).read_text()).get("stage_seconds", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in recorded.items() if isinstance(v, (int, float))} if isinstance(recorded, dict) else {}
+
+
+def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, float],
+                   reused: list[str]) -> dict[str, float]:
+    """Seconds each stage took in the call that did it: a reused stage keeps its earlier record, and
+    training counts every call that resumed it (status.json's train_seconds)."""
+    out = {stage: earlier[stage] for stage in reused if stage in earlier}
+    out.update({stage: t for stage, t in times.items() if stage not in reused})
+    trained = read_status(run_dir).get("train_seconds")
+    if isinstance(trained, (int, float)):
+        out["train"] = round(trained, 1)
+    return out
+
+
 def _timed(times: dict[str, float], name: str, fn):
     t = time.perf_counter()
     out = fn()
@@ -492,6 +513,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
     resolve_corpus(harvest_cfg.corpus, "train"), resolve_corpus(cfg.eval.corpus, "eval")  # before the model loads
     times: dict[str, float] = {}
+    earlier = _recorded_stage_seconds(run_dir)
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
     reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
     cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
@@ -514,6 +536,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     # This invocation's wall times; stages whose earlier result was reused are listed, not timed.
     times = {stage: t for stage, t in times.items() if stage not in reused}
     metrics["wall_seconds"] = {**times, "total": round(sum(times.values()), 1)}
+    metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused)
     metrics["reused"] = reused
     write_json(run_dir / EVAL_METRICS, metrics)
     write_run_report(run_dir)

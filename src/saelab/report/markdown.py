@@ -60,6 +60,17 @@ def _paper_suite_of(run_dir: Path, sae) -> bool:
     return read_json(index, "paper-suite index").get("sae", {}).get("sha256") == sae_sha256(sae)
 
 
+def _wall_time_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """This call's seconds per stage, and the earlier calls' where a stage was reused or resumed."""
+    wall, stages = metrics["wall_seconds"], metrics.get("stage_seconds", {})
+    rows = []
+    for stage in [*wall, *(s for s in stages if s not in wall)]:
+        now = f"{wall[stage]:,.1f}" if stage in wall else "reused"
+        before = stages.get(stage)
+        rows.append((stage, now if before is None or before == wall.get(stage) else f"{now} (all calls: {before:,.1f})"))
+    return rows
+
+
 def write_run_report(run_dir: str | Path) -> Path:
     """report.md of a run folder; evaluation metrics appear only when they describe its current SAE."""
     run_dir = Path(run_dir)
@@ -107,11 +118,11 @@ def write_run_report(run_dir: str | Path) -> Path:
     if sae is not None and _paper_suite_of(run_dir, sae):
         lines += ["## Paper metrics", "", "Compute-equivalent, ablation sparsity, probe loss and N2G: "
                   "[evals/report.md](evals/report.md) (`saelab eval RUN --suite paper`).", ""]
-    wall = metrics.get("wall_seconds")
-    if wall:
-        lines += ["## Wall time (s)", "", markdown_table([(k, f"{v:,.1f}") for k, v in wall.items()]), ""]
+    if metrics.get("wall_seconds"):
+        lines += ["## Wall time (s)", "", markdown_table(_wall_time_rows(metrics)), ""]
         if metrics.get("reused"):
-            lines += [f"Reused from an earlier run of the same settings (not timed): {', '.join(metrics['reused'])}.", ""]
+            lines += [f"Reused from an earlier run of the same settings: {', '.join(metrics['reused'])}. "
+                      "\"all calls\": the time the stage took in the calls that did it.", ""]
     path = run_dir / REPORT
     write_text(path, "\n".join(lines))
     return path

@@ -353,6 +353,12 @@ class Trainer:
         return out
 
 
+def _recorded_seconds(status: dict[str, Any]) -> float:
+    """train_seconds as status.json recorded it at the last checkpoint (0 when absent or not a number)."""
+    seconds = status.get("train_seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
+
+
 class TrainingRun:
     """One SAE training into its run folder: lock, init or resume, log, checkpoint, finish.
 
@@ -375,7 +381,10 @@ class TrainingRun:
         try:
             if self.writer:
                 remove_stale_temp_files(self.run_dir, self.run_dir / ckpt.SAE_DIR)
+            # seconds earlier calls spent up to the checkpoint resumed from, so train_seconds is the run's total
+            self.seconds_before = 0.0
             if ckpt.check_run_dir(self.run_dir, config, overwrite=overwrite):
+                self.seconds_before = _recorded_seconds(ckpt.read_status(self.run_dir))
                 self.trainer = self._resume(sae_cfg, allow_tf32)
             else:
                 self.trainer = self._start(sae_cfg, init_sample, allow_tf32)
@@ -386,9 +395,10 @@ class TrainingRun:
         except BaseException:
             self.close(failed=True)
             raise
-        self._status("training")
         self.t0, self.steps_this_call = time.perf_counter(), 0
         self.saved_step = self.trainer.step  # the step a rerun resumes from (0: none saved yet)
+        self.saved_seconds = self.seconds_before  # train_seconds at that step
+        self._status("training")
         self.finished = False
 
     def _start(self, sae_cfg: SAEConfig, init_sample: Callable[[], torch.Tensor], allow_tf32: bool) -> Trainer:
@@ -434,16 +444,21 @@ class TrainingRun:
     def done(self) -> bool:
         return self.trainer.step >= self.cfg.total_steps
 
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent training this run, over every call that worked on it."""
+        return round(self.seconds_before + time.perf_counter() - self.t0, 2)
+
     def _status(self, state: str, step: int | None = None, **extra: Any) -> None:
         if self.writer:
             ckpt.write_status(self.run_dir, state, step=self.step if step is None else step,
-                              total_steps=self.cfg.total_steps, **extra)
+                              total_steps=self.cfg.total_steps, **{"train_seconds": self.train_seconds, **extra})
 
     def checkpoint(self) -> None:
         """The training state to checkpoint.pt and the step reached to status.json."""
         if self.writer:
             ckpt.save_checkpoint(self.run_dir, self.trainer.state_dict())
-        self.saved_step = self.trainer.step
+        self.saved_step, self.saved_seconds = self.trainer.step, self.train_seconds
         self._status("training")
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
@@ -473,7 +488,7 @@ class TrainingRun:
     def fail(self, err: BaseException) -> None:
         """Record a run stopped by an error: its state since the last checkpoint may be the error's
         (a diverged step), so no checkpoint is written; the same command resumes from the last one."""
-        self._status("failed", step=self.saved_step, error=first_line(err))
+        self._status("failed", step=self.saved_step, train_seconds=self.saved_seconds, error=first_line(err))
 
     def finish(self) -> TopKSAE:
         from saelab.sae.io import save_sae  # lazy: io pulls safetensors
@@ -482,7 +497,7 @@ class TrainingRun:
         final = self.trainer.final_sae()
         if self.writer:
             save_sae(final, self.run_dir / ckpt.SAE_DIR)
-        self._status("finished", train_seconds=round(time.perf_counter() - self.t0, 2))
+        self._status("finished")
         self.finished = True
         return final
 
