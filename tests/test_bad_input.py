@@ -650,3 +650,19 @@ def test_cli_train_on_a_full_disk_prints_one_line(tiny_cache, tmp_path):
     assert "File too large" in proc.stderr and str(run) in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert temp_files(run) == []
+
+
+def test_harvest_larger_than_the_free_disk_space_is_refused_before_it_starts(tiny_dir, corpus, tiny_cache, tmp_path,
+                                                                           capsys):
+    # 2^50 rows of 64 float16 values: 128 PiB, more than any disk holds.
+    argv = ["--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(corpus), "--n-tokens", str(2**50),
+            "--context-size", "32", "--no-progress"]
+    code, out, err = run_cli(capsys, "harvest", *argv, "--out", str(tmp_path / "acts"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert re.search(r"error: activation cache .*acts: 1,125,899,906,842,624 rows of 64 float16 values need "
+                     r"134,217,728\.0 GiB, and .* has [\d,.]+ GiB free; free some space", err)
+    assert not (tmp_path / "acts").exists()
+    # An overwrite writes beside the old cache: refused the same way, the old cache untouched.
+    before = snapshot(tiny_cache)
+    code, out, err = run_cli(capsys, "harvest", *argv, "--out", str(tiny_cache), "--overwrite")
+    assert code == 2 and "GiB free" in err and snapshot(tiny_cache) == before

@@ -17,7 +17,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, iter_texts, pack_contexts
-from saelab.data import cache_is_complete, resolve_corpus
+from saelab.data import cache_is_complete, check_disk_room, resolve_corpus
 from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
@@ -118,6 +118,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     check_hook_layer(lm or cfg.model, cfg.hook)
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
+    check_disk_room(out_dir, cfg.n_tokens, lm.hook_width(cfg.hook), cfg.dtype, overwrite=overwrite)
     stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus),
                               StreamConfig(batch_size=HARVEST_BATCH, lm_batch_size=cfg.lm_batch_size,
                                            exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens,

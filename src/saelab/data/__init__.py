@@ -11,6 +11,7 @@ from saelab.data.cache import (
     ActivationCache,
     ActivationCacheError,
     cache_is_complete,
+    check_disk_room,
     cache_rows_written,
     write_activation_cache,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "ActivationStream",
     "batched",
     "cache_is_complete",
+    "check_disk_room",
     "cache_rows_written",
     "default_corpus",
     "hf_tokenize_fn",
