@@ -402,6 +402,29 @@ def test_bad_corpus_in_cli_harvest(kind, tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "acts" / "manifest.json").exists()
 
 
+def test_cli_harvest_into_a_cache_of_other_settings_names_the_option(tiny_dir, corpus, tmp_path, capsys):
+    def harvest(n_tokens: str) -> tuple[int, str, str]:
+        return run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(corpus), "--out",
+                       str(tmp_path / "acts"), "--context-size", "32", "--n-tokens", n_tokens,
+                       "--buffer-tokens", "8192", "--no-progress", "--device", "cpu")
+
+    assert harvest("1024")[0] == 0
+    before = snapshot(tmp_path / "acts")
+    code, _, err = harvest("2048")
+    assert code == 2 and err.endswith("it was written with --n-tokens 1024, not 2048; pass --overwrite to replace it")
+    assert snapshot(tmp_path / "acts") == before
+
+
+def test_quickstart_names_its_cache_of_other_settings(tiny_gpt2, tiny_cache, corpus, tmp_path):
+    import shutil
+
+    from saelab.pipeline import ACTIVATIONS_DIR, _quickstart_harvest
+
+    shutil.copytree(tiny_cache, tmp_path / "run" / ACTIVATIONS_DIR)
+    with pytest.raises(ActivationCacheError, match="holds activations harvested with other settings"):
+        _quickstart_harvest(harvest_cfg(corpus, n_tokens=2048), tmp_path / "run", tiny_gpt2, False, False)
+
+
 # ---- NaN and inf --------------------------------------------------------------------------------------------
 
 

@@ -43,12 +43,26 @@ def test_version_is_the_installed_package_version(capsys):
     ("run folder lr=1e-3,k=32 holds a finished run", "run folder lr=1e-3,k=32 holds a finished run"),
     ("runs/k=32: no such folder", "runs/k=32: no such folder"),
     ("the relu-l1 recipe (architecture relu) keeps", "the relu-l1 recipe (architecture relu) keeps"),
+    # a setting named by its path: a group's field, or a field inside a recorded group
+    ("other settings (train.k 16 -> 32, eval.recon_tokens 4096 -> 2048)",
+     "other settings (--k 16 -> 32, --eval-recon-tokens 4096 -> 2048)"),
+    ('other settings (model_dtype "float32" -> "bfloat16")', 'other settings (--model-dtype "float32" -> "bfloat16")'),
+    ("it was written with meta.harvest.n_tokens 1024, not 2048", "it was written with --harvest-n-tokens 1024, not 2048"),
+    ("n2g.padding_token ' ab' is 2 tokens", "--n2g-padding-token ' ab' is 2 tokens"),
+    ("device='tpu' is not a device name", "--device tpu is not a device name"),
+    ("device='cuda:1': CUDA is not available", "--device cuda:1: CUDA is not available"),
+    ("sae.hook_name, cfg.json, manifest.json and blocks.1.hook_resid_post",
+     "sae.hook_name, cfg.json, manifest.json and blocks.1.hook_resid_post"),
 ])
 def test_errors_name_the_options_a_user_types(message, expected):
     from saelab.cli import in_option_words
 
-    options = {"--k", "--n-latents", "--batch-size", "--overwrite", "--format", "--total-tokens", "--lr", "--grid",
-               "--recipe", "--eval-recon-tokens", "--probe-lm-batch-size", "--n2g-lm-batch-size"}
+    options = {"--k": "train.k", "--n-latents": "train.n_latents", "--batch-size": "train.batch_size",
+               "--overwrite": "overwrite", "--format": "format", "--total-tokens": "train.total_tokens",
+               "--lr": "train.lr", "--grid": "grid", "--recipe": "train.recipe", "--eval-recon-tokens": "eval.recon_tokens",
+               "--probe-lm-batch-size": "probe.lm_batch_size", "--n2g-lm-batch-size": "n2g.lm_batch_size",
+               "--harvest-n-tokens": "harvest.n_tokens", "--model-dtype": "model_dtype", "--device": "device",
+               "--n2g-padding-token": "n2g.padding_token", "--json": "json"}
     assert in_option_words(message, options) == expected
 
 
@@ -149,6 +163,7 @@ BAD = [
     ("families A B --out missing/families.json", "expected a file path in an existing, writable folder"),
     ("quickstart --eval-corpus missing/eval.jsonl", "corpus path 'missing/eval.jsonl' does not exist"),
     ("harvest --corpus missing.jsonl.xz", "corpus path 'missing.jsonl.xz' does not exist"),
+    ("train --device tpu", "--device tpu is not a device name; expected auto, cpu, cuda or cuda:N"),
 ]
 
 
@@ -289,7 +304,7 @@ def test_quickstart_into_a_finished_run_of_other_settings_is_refused_before_the_
     (run / "train_config.json").write_text(json.dumps({"train": TrainConfig(n_latents=1024, k=16).to_dict(), "sae": {}}))
     assert _exit_code(["quickstart", "--out", str(run), "--n-tokens", "4096", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "holds a finished run trained with other settings (train.k 16 -> 32, train.n_latents 1024 -> 8192" in err, err
+    assert len(err.splitlines()) == 1 and "holds a finished run trained with other settings (--k 16 -> 32, --n-latents 1024 -> 8192" in err, err
     assert sorted(p.name for p in run.iterdir()) == ["status.json", "train_config.json"]  # nothing harvested
 
 
@@ -312,6 +327,31 @@ def test_output_folder_that_is_another_kind_of_saelab_folder_is_refused(verb, ma
     expected = {"harvest": "an activation cache", "sweep": "a sweep folder"}.get(verb, "a run folder")
     assert err == f"saelab {verb}: error: --out {out} is {what} ({marker}); expected a new folder or {expected}"
     assert sorted(p.name for p in out.iterdir()) == [marker]
+
+
+def test_an_activation_cache_given_for_an_sae_is_named_as_one(tmp_path, capsys):
+    cache = tmp_path / "acts"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    for argv in (["eval", str(cache)], ["top", "1", str(cache)], ["steer", str(cache), "--latent", "1", "--value", "1"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"{cache} is an activation cache (manifest.json), not an SAE: train one on it (`saelab "
+                            f"train --activations {cache} --out RUN`) and pass RUN, or pass an SAE folder"), err
+
+
+def test_paper_suite_names_its_options(tiny_dir, tmp_path, capsys):
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=128, k=4, hook_name="blocks.1.hook_resid_post",
+                               model_name="tiny-gpt2", context_size=32)), tmp_path / "sae")
+    for extra, message in ((["--metrics", "n2g", "--n2g-padding-token", " ab cd"], "n2g: --n2g-padding-token ' ab cd' is"),
+                           (["--metrics", "ablation_sparsity", "--abl-n-future", "40"],
+                            "contexts of 32 tokens are too short for --abl-n-future 40")):
+        assert main(["eval", str(tmp_path / "sae"), "--suite", "paper", "--model", str(tiny_dir), "--out",
+                     str(tmp_path / "ev"), "--no-progress", "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("saelab eval: error:") and message in err, err
 
 
 def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):

@@ -287,7 +287,7 @@ def test_finished_run_is_not_overwritten(tmp_path):
     before = (tmp_path / "run" / "sae" / "sae_weights.safetensors").read_bytes()
     with pytest.raises(RunExistsError, match="finished run"):
         train_sae(cfg, _source(data, 128), tmp_path / "run", d_in=24, progress=False)
-    with pytest.raises(RunExistsError, match=r"finished run trained with other settings \(.*sae.k 8 -> 4, train.k 8 -> 4\);"):
+    with pytest.raises(RunExistsError, match=r"finished run trained with other settings \(train.k 8 -> 4\);"):
         train_sae(_cfg(total_tokens=1024, k=4), _source(data, 128), tmp_path / "run", d_in=24, progress=False)
     assert (tmp_path / "run" / "sae" / "sae_weights.safetensors").read_bytes() == before
     with pytest.raises(RunExistsError, match="different config"):

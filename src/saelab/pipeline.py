@@ -460,7 +460,7 @@ def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, ov
     try:
         return harvest(cfg, run_dir / ACTIVATIONS_DIR, lm=lm, overwrite=overwrite, progress=progress)
     except ActivationCacheError as e:
-        if "this call asks for" not in str(e):  # the cache holds other settings
+        if "was written with" not in str(e):  # the cache holds other settings
             raise
         raise ActivationCacheError(f"{run_dir / ACTIVATIONS_DIR} holds activations harvested with other settings "
                                    "(e.g. another --n-tokens); pass --overwrite-activations --overwrite to harvest "

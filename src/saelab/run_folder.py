@@ -84,6 +84,10 @@ def open_sae(source: str | Path, *, allow_http: bool = False):
         runs = sweep_runs(path)
         raise CheckpointError(f"{path} is a sweep folder of {len(runs)} runs; expected one SAE: pass one of its run "
                               f"folders, e.g. {runs[0]}")
+    marker, what = ARTEFACTS["activations"]
+    if path.is_dir() and (path / marker).is_file() and not (path / "cfg.json").exists():
+        raise CheckpointError(f"{path} is {what} ({marker}), not an SAE: train one on it (`saelab train "
+                              f"--activations {path} --out RUN`) and pass RUN, or pass an SAE folder")
     return load_sae(str(source), allow_http=allow_http), None
 
 

@@ -92,26 +92,32 @@ def _verb(argv: list[str]) -> str:
     return next((a for a in argv if a in VERBS), "")
 
 
-def _verb_options(argv: list[str], verb: str) -> set[str]:
-    """The long options ``verb`` takes (the settings' fields become options only when its help is built)."""
+def _verb_options(argv: list[str], verb: str) -> dict[str, str]:
+    """The long options ``verb`` takes, each with the setting it sets ("--n-tokens": "harvest.n_tokens"); the
+    settings' fields become options only when its help is built."""
     if verb not in VERBS:
-        return set()
+        return {}
     try:
         parser = build_parser(argv).verb_parsers[verb]
         parser._preprocessing()  # simple_parsing adds the settings' options here, before a parse
     except Exception:  # noqa: BLE001 - the error being reported matters, not this rewording of it
-        return set()
-    return {o for action in parser._actions for o in action.option_strings if o.startswith("--")}
+        return {}
+    return {o: action.dest for action in parser._actions for o in action.option_strings if o.startswith("--")}
 
 
 # A setting named in an error the Python API raises: "lr must", "k=100", "k <= n_latents", "(total_tokens)".
 _SETTING_RE = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)(?=(?: must\b| ?[<>]=? | ?[<>]=?$))|(?<=\()([a-z][a-z0-9_]*)(?=\))")
 _SETTING_AFTER_RE = re.compile(r"(?:(?<=[<>] )|(?<=[<>]= ))([a-z][a-z0-9_]*)\b(?![/.-])")
+# A setting named by its path in the settings, "train.k", "meta.harvest.n_tokens" (not "cfg.json"), or in
+# a list of changes: "model_dtype "float32" -> "bfloat16"".
+_SETTING_PATH_RE = re.compile(r"(?<![\w/.-])(?:[a-z_]\w*(?:\.[a-z_]\w*)+(?![\w/-]|\.\w)|[a-z_]\w*(?= \S+ -> ))")
 
 
-def in_option_words(message: str, options: set[str]) -> str:
-    """``message`` with the API's words for a setting replaced by the verb's options: "pass overwrite=True
-    (--overwrite)" -> "pass --overwrite", "lr must be > 0" -> "--lr must be > 0", "k=100" -> "--k 100"."""
+def in_option_words(message: str, options: dict[str, str]) -> str:
+    """``message`` with the API's words for a setting replaced by the verb's options (``options``: each with
+    the setting it sets): "pass overwrite=True (--overwrite)" -> "pass --overwrite", "lr must be > 0" ->
+    "--lr must be > 0", "k=100" -> "--k 100", "train.k 16 -> 32" -> "--k 16 -> 32"."""
+    message = _SETTING_PATH_RE.sub(lambda m: _option_of_path(m[0], options), message)
     message = re.sub(r"\b\w+=True \((--[\w-]+)\)", r"\1", message)
     message = re.sub(r"\b\w+=(\S+) \((--[\w-]+)\)", r"\2 \1", message)
 
@@ -129,9 +135,21 @@ def in_option_words(message: str, options: set[str]) -> str:
         return match.group(0) if name == match.group(1) else f"{name} {match.group(3)}"
 
     # not inside a path or a list of assignments: "runs/k=32", "k=32,lr=1e-3/"
-    message = re.sub(r"(?<![\w/.,=-])([a-z][a-z0-9_]*)=(['\"]?)([\w.-]++)\2(?![/,=])", assignment, message)
+    message = re.sub(r"(?<![\w/.,=-])([a-z][a-z0-9_]*)=(['\"]?)([\w.-]++(?::\w+)?)\2(?![/,=])", assignment,
+                     message)  # ":N": "device='cuda:1'"
     message = _SETTING_RE.sub(option, message)
     return _SETTING_AFTER_RE.sub(option, message)
+
+
+def _option_of_path(path: str, options: dict[str, str]) -> str:
+    """The option setting ``path`` or a tail of two parts or more ("meta.harvest.n_tokens": harvest.n_tokens;
+    not "manifest.json": json), else ``path``."""
+    by_setting: dict[str, str] = {}
+    for option, setting in options.items():
+        by_setting.setdefault(setting, option)  # "--auxk", not "--no-auxk"
+    parts = path.split(".")
+    tails = (".".join(parts[i:]) for i in range(max(len(parts) - 1, 1)))
+    return next((by_setting[tail] for tail in tails if tail in by_setting), path)
 
 
 def _fail(verb: str, message: str, code: int) -> int:

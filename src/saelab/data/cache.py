@@ -300,7 +300,7 @@ def _open_existing(folder: Path, meta: dict, dtype: str, shard_rows: int, *, res
         hint = "pass overwrite=True to replace it" if existing["complete"] else \
             "pass resume=True to continue it or overwrite=True to start over"
         raise RunExistsError(f"{str(folder)!r} already holds a {state} activation cache; {hint}")
-    for key, want in (("dtype", dtype), ("shard_rows", shard_rows), ("meta", meta)):
+    for key, want in (("meta", meta), ("dtype", dtype), ("shard_rows", shard_rows)):  # meta: the options given
         if existing[key] != want and not (key == "shard_rows" and existing["complete"]):
             verb = "reuse" if existing["complete"] else "resume"
             raise ActivationCacheError(f"cannot {verb} activation cache {str(folder)!r}: "
@@ -312,12 +312,14 @@ def _open_existing(folder: Path, meta: dict, dtype: str, shard_rows: int, *, res
 
 
 def _difference(key: str, have: Any, want: Any) -> str:
-    """'its meta.seed is 5, this call asks for 0': the first setting that differs, not two whole dicts."""
+    """'it was written with meta.seed 5, not 0': the first setting that differs, not two whole dicts."""
     if isinstance(have, dict) and isinstance(want, dict):
-        for sub in sorted(set(have) | set(want), key=str):
+        # a group of settings (meta.harvest: the options given) names a difference better than the
+        # values derived from it (meta.context_size), so it comes first
+        for sub in sorted(set(have) | set(want), key=lambda k: (not isinstance(have.get(k), dict), str(k))):
             if have.get(sub) != want.get(sub):
                 return _difference(f"{key}.{sub}", have.get(sub), want.get(sub))
-    return f"its {key} is {have!r}, this call asks for {want!r}"
+    return f"it was written with {key} {have!r}, not {want!r}"
 
 
 class _ShardWriter:

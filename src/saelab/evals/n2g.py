@@ -408,10 +408,11 @@ def _columns(vals: torch.Tensor, idx: torch.Tensor, lats: torch.Tensor) -> torch
     return out
 
 
-def padding_id(tokenizer, text: str) -> int:
+def padding_id(tokenizer, text: str, name: str = "padding_token") -> int:
+    """The one token of ``text``; ``name``: the setting it comes from, as the message names it."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"padding_token {text!r} is {len(ids)} tokens for this tokenizer; pick a single-token text")
+        raise ValueError(f"{name} {text!r} is {len(ids)} tokens for this tokenizer; pick a single-token text")
     return ids[0]
 
 

@@ -165,13 +165,14 @@ def _ce_applies(run: SuiteRun) -> str | None:
 def _ablation_applies(run: SuiteRun) -> str | None:
     n_future = run.cfg.ablation_sparsity.n_future
     if run.T - n_future < run.first:
-        return f"contexts of {run.T} tokens leave no position with n_future={n_future} tokens after it"
+        return (f"contexts of {run.T} tokens are too short for ablation_sparsity.n_future {n_future}: no position has "
+                "that many tokens after it")
     return None
 
 
 def _n2g_applies(run: SuiteRun) -> str | None:
     try:
-        padding_id(run.lm.tokenizer, run.cfg.n2g.padding_token)
+        padding_id(run.lm.tokenizer, run.cfg.n2g.padding_token, "n2g.padding_token")  # the command line: its option
     except ValueError as e:
         return str(e)
     return None

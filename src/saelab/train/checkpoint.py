@@ -114,10 +114,15 @@ def training_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _what_it_trains(config: dict[str, Any]) -> dict[str, Any]:
-    """A run config less the settings a resume may change, and less the SAE's copy of the training
-    settings (sae.extra.train, the same values as train)."""
+    """A run config less the settings a resume may change, and less the SAE's copies of the training
+    settings (sae.extra.train, and sae.k, sae.n_latents, sae.input_norm: they follow from train's), so
+    that a change is named once, as the option that makes it."""
     config = json.loads(json.dumps(config, default=str))
-    extra = config.get("sae", {}).get("extra") if isinstance(config.get("sae"), dict) else None
+    sae, train = config.get("sae"), config.get("train")
+    if isinstance(sae, dict) and isinstance(train, dict):
+        for field in set(sae) & set(train):
+            sae.pop(field)
+    extra = sae.get("extra") if isinstance(sae, dict) else None
     if isinstance(extra, dict):
         extra.pop("train", None)
     for group, field in RESUMABLE_CHANGES:

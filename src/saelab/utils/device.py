@@ -16,6 +16,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``: ``$SAELAB_DEVICE`` if set, else ``"auto"``. ``"auto"``: CUDA when available, else the
     CPU; otherwise the device named (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), refused with a
     one-line error when absent."""
+    named = f"${DEVICE_ENV} {os.environ.get(DEVICE_ENV)!r}" if device is None else f"device={device!r}"
     if device is None:
         device = os.environ.get(DEVICE_ENV) or "auto"
     if isinstance(device, str) and device.strip().lower() == "auto":
@@ -23,14 +24,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {device!r} is not a device name; expected auto, cpu, cuda or cuda:N") from e
+        # "device='tpu'": the command line says "--device tpu" (saelab.cli.in_option_words)
+        raise ConfigError(f"{named} is not a device name; expected auto, cpu, cuda or cuda:N") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+            raise ConfigError(f"{named}: CUDA is not available on this machine; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"{named}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+        raise ConfigError(f"{named}: MPS is not available on this machine; use --device cpu")
     return dev
 
 
