@@ -20,6 +20,24 @@ def test_help_of_every_verb(verb, capsys):
     assert not re.search(r"Config \['", out)  # groups titled "harvest options:", not "HarvestConfig ['harvest']:"
     assert not re.search(r"\bNone\b", out)  # a Python None cannot be typed: the help says "unset"
     assert "Path to a config file" not in out  # --config says what the file holds
+    assert "[bool]" not in out and "(default: True)" not in out  # a switch shows as typed: --auxk / --no-auxk
+
+
+def test_switches_show_both_forms_and_their_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "[--auxk | --no-auxk]" in out and "[--multi-topk | --no-multi-topk]" in out  # usage
+    assert re.search(r"--auxk / --no-auxk +Train dead latents.*\s+\(default: --auxk\)", out)
+    assert re.search(r"--multi-topk / --no-multi-topk\s[^-]*\(Multi-TopK\)\. \(default: --no-multi-topk\)", out)
+
+
+def test_a_misspelled_verb_gets_the_closest_one(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["trian", "--activations", "a"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("saelab: error:") and "invalid choice: 'trian'" in err and "did you mean train?" in err
 
 
 def test_version_is_the_installed_package_version(capsys):
@@ -164,6 +182,8 @@ BAD = [
     ("quickstart --eval-corpus missing/eval.jsonl", "corpus path 'missing/eval.jsonl' does not exist"),
     ("harvest --corpus missing.jsonl.xz", "corpus path 'missing.jsonl.xz' does not exist"),
     ("train --device tpu", "--device tpu is not a device name; expected auto, cpu, cuda or cuda:N"),
+    ("train --recipe shortrun", "invalid choice: 'shortrun' (choose from 'short-run', 'paper', 'relu-l1'); did you "
+                                "mean short-run?"),
 ]
 
 

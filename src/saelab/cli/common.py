@@ -10,6 +10,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -65,6 +66,7 @@ class Parser(ArgumentParser):
                          lambda m: f"invalid choice: {m[2]} (choose from {m[1].replace(chr(39), '')})", message)
         if message.startswith("unrecognized arguments:"):
             message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions)
+        message += _closest_choice(message)
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
     def format_help(self) -> str:
@@ -188,6 +190,15 @@ def _did_you_mean(given: list[str], options: typing.Iterable[str]) -> str:
     return ""
 
 
+def _closest_choice(message: str) -> str:
+    """"; did you mean train?" for argparse's "invalid choice: 'trian' (choose from 'quickstart', ...)" (a
+    misspelled verb or choice), else ""."""
+    match = re.search(r"invalid choice: '(.*)' \(choose from (.*)\)$", message)
+    if not match:
+        return ""
+    return did_you_mean(match[1], [c.strip(" '") for c in match[2].split(",")])
+
+
 def typed(args: argparse.Namespace, option: str) -> bool:
     """Whether ``option`` (e.g. "--n-latents") was given on the command line (not from --config)."""
     return any(a == option or a.startswith(option + "=") for a in getattr(args, "command_line", ()))
@@ -224,7 +235,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
         if _bare_is_a_no_op(action):  # a value is required (Parser._get_values)
             return "%s" % self._metavar_formatter(action, default_metavar)(1)
+        if isinstance(action, BooleanOptionalAction):  # usage "[--auxk | --no-auxk]", not "[--auxk [bool]]"
+            return " ".join(f"| {o}" for o in action.option_strings[1:])
         return super()._format_args(action, default_metavar)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BooleanOptionalAction):  # "--auxk / --no-auxk", as a user types the switch
+            return " / ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # an option named in a help text ("(default: --no-harvest-prepend-bos)") stays whole
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
     def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
         return action.dest.rsplit(".", 1)[-1].upper()
@@ -235,6 +257,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         # argparse formats help with '%': a literal one in a docstring ("60 %") must be doubled.
         text = re.sub(r"%(?!\()", "%%", action.help or "")
+        if isinstance(action, BooleanOptionalAction) and action.default is not None:  # not "(default: False)"
+            switch = action.option_strings[0 if action.default else 1]
+            return text.replace(" (default: %(default)s)", "") + f" (default: {switch})"
         default = action.default  # "is", not "in": a default of 0 (a seed) is shown, only False / None are not
         if "(default" in text or default is None or default is False or default is argparse.SUPPRESS \
                 or action.nargs == 0:
