@@ -69,6 +69,7 @@ def test_version_is_the_installed_package_version(capsys):
     ("n2g.padding_token ' ab' is 2 tokens", "--n2g-padding-token ' ab' is 2 tokens"),
     ("device='tpu' is not a device name", "--device tpu is not a device name"),
     ("device='cuda:1': CUDA is not available", "--device cuda:1: CUDA is not available"),
+    ("--config c.yaml: train.k: expected an integer", "--config c.yaml: train.k: expected an integer"),
     ("sae.hook_name, cfg.json, manifest.json and blocks.1.hook_resid_post",
      "sae.hook_name, cfg.json, manifest.json and blocks.1.hook_resid_post"),
 ])

@@ -117,7 +117,8 @@ def in_option_words(message: str, options: dict[str, str]) -> str:
     """``message`` with the API's words for a setting replaced by the verb's options (``options``: each with
     the setting it sets): "pass overwrite=True (--overwrite)" -> "pass --overwrite", "lr must be > 0" ->
     "--lr must be > 0", "k=100" -> "--k 100", "train.k 16 -> 32" -> "--k 16 -> 32"."""
-    message = _SETTING_PATH_RE.sub(lambda m: _option_of_path(m[0], options), message)
+    if "--config " not in message:  # a config file's entry is named in the file's own words, "train.recipe"
+        message = _SETTING_PATH_RE.sub(lambda m: _option_of_path(m[0], options), message)
     message = re.sub(r"\b\w+=True \((--[\w-]+)\)", r"\1", message)
     message = re.sub(r"\b\w+=(\S+) \((--[\w-]+)\)", r"\2 \1", message)
 
