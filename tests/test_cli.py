@@ -492,6 +492,47 @@ def test_a_bad_hook_or_corpus_is_refused_before_the_model_loads(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae", "sae128"]
 
 
+def _config_only_model(folder):
+    """A 2-layer GPT-2's config.json (128 positions) and no weights: every load of it fails, so an error
+    naming the config's limits came from the config, before any load."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128).save_pretrained(folder)
+    return folder
+
+
+def _save_saes(tmp_path, model, *names_and_sizes, hook="blocks.1.hook_resid_post"):
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    for name, n in names_and_sizes:
+        save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=n, k=4, hook_name=hook, model_name=str(model),
+                                   context_size=32)), tmp_path / name)
+
+
+def _refusals(argvs_and_messages, capsys) -> None:
+    for argv, message in argvs_and_messages:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+
+
+def test_a_context_longer_than_the_model_takes_is_refused_from_its_config_before_the_load(tmp_path, capsys,
+                                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    _save_saes(tmp_path, model, ("sae", 64), ("run/sae", 64))
+    too_long = f"--context-size 100000 exceeds the longest context of {model} (128 tokens)"
+    harvest = ["harvest", "--model", str(model), "--hook", "blocks.1.hook_resid_post", "--out", "acts"]
+    _refusals([(["eval", "sae", "--context-size", "100000", "--out", "ev"], too_long),
+               (["eval", "run", "--context-size", "100000"], too_long),
+               (["eval", "sae", "--suite", "paper", "--context-size", "100000", "--out", "ev"], too_long),
+               ([*harvest, "--context-size", "100000"], too_long),
+               # the longest context passes the check; the load is what fails
+               (["eval", "sae", "--context-size", "128", "--out", "ev"], "cannot load model directory"),
+               ([*harvest, "--context-size", "128"], "cannot load model directory")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run", "sae"]
+
+
 def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
     """eval --out never replaces another run's (or an earlier) evaluation unasked; export never writes
     into a run's own sae/ folder."""

@@ -23,8 +23,8 @@ from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, R
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.n2g import check_latents
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
-from saelab.models import LanguageModel, check_hook_layer, load_model, model_name, model_provenance
-from saelab.models.hooks import hook_form_problem
+from saelab.models import LanguageModel, check_before_load, load_model, model_name, model_provenance
+from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
                                check_output_folder, is_run, model_for, open_sae, read_eval_metrics, read_json,
@@ -90,7 +90,7 @@ class HarvestConfig:
             raise ConfigError(f"sample_pool_tokens must be >= 0, got {self.sample_pool_tokens}")
         if self.dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(f"dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
-        _check_hook_form(self.hook)
+        check_hook_form(self.hook)
 
 
 def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):
@@ -115,7 +115,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     """Harvest activations into an on-disk cache; an interrupted harvest resumes where it stopped."""
     check_output_folder(out_dir, "--out", "activations")
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
-    check_hook_layer(lm or cfg.model, cfg.hook)
+    check_before_load(lm or cfg.model, cfg.hook, cfg.context_size)
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
     check_disk_room(out_dir, cfg.n_tokens, lm.hook_width(cfg.hook), cfg.dtype, overwrite=overwrite)
@@ -240,7 +240,7 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     given = isinstance(sae, TopKSAE)
     sae = sae if given else open_sae(sae)[0]
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
-    _check_hook_before_load(sae, lm or model_for(sae))
+    check_before_load(lm or model_for(sae), sae.cfg.hook_name, cfg.context_size or sae.cfg.context_size)
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress)
@@ -251,18 +251,6 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
         write_json(Path(out_dir) / EVAL_METRICS, metrics)
         density_histogram(core.frequencies_N, Path(out_dir) / DENSITY_PLOT, metrics["n_tokens"])
     return metrics
-
-
-def _check_hook_before_load(sae: TopKSAE, model: str | LanguageModel) -> None:
-    """A malformed hook, or one past the model's layers (when its config is on disk), refused before the load."""
-    _check_hook_form(sae.cfg.hook_name)
-    check_hook_layer(model, sae.cfg.hook_name)
-
-
-def _check_hook_form(hook: str) -> None:
-    problem = hook_form_problem(hook)
-    if problem:
-        raise ConfigError(f"hook {hook!r}: {problem}")
 
 
 def _beside_model(sae: TopKSAE, lm: LanguageModel, *, given: bool) -> TopKSAE:
@@ -386,10 +374,11 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
                           "another folder")
     if not sae.cfg.hook_name:
         raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook)")
-    resolve_corpus(eval_cfg.corpus if eval_cfg else None, "eval")
+    eval_cfg = eval_cfg or EvalConfig()
+    resolve_corpus(eval_cfg.corpus, "eval")
     if cfg is not None and (not cfg.metrics or "n2g" in cfg.metrics):  # latent ids the SAE lacks: before the load
         check_latents(cfg.n2g.latents, sae.n_latents, name="--n2g-latents")
-    _check_hook_before_load(sae, lm or model_for(sae))
+    check_before_load(lm or model_for(sae), sae.cfg.hook_name, eval_cfg.context_size or sae.cfg.context_size)
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=False)
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from saelab.errors import HookNameError, SaelabError, ShapeMismatchError
+from saelab.errors import ConfigError, HookNameError, SaelabError, ShapeMismatchError
 
 HOOK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 """Hook kinds in the order the forward pass produces them within one layer."""
@@ -119,6 +119,13 @@ def hook_form_problem(name: Any) -> str | None:
     if match is None or match.group(2) not in HOOK_KINDS:
         return f"expected blocks.{{L}}.hook_{{{'|'.join(HOOK_KINDS)}}}, e.g. blocks.9.hook_resid_post"
     return None
+
+
+def check_hook_form(hook: str) -> None:
+    """Refuse a hook no model has, in the words of the option that set it."""
+    problem = hook_form_problem(hook)
+    if problem:
+        raise ConfigError(f"hook {hook!r}: {problem}")
 
 
 def hook_layer(name: Any) -> int | None:

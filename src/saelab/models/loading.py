@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from saelab.errors import HookNameError, SaelabError, first_line
-from saelab.models.hooks import hook_layer
+from saelab.errors import ConfigError, HookNameError, SaelabError, first_line
+from saelab.models.hooks import check_hook_form, hook_layer
 from saelab.models.lm import LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
@@ -232,9 +232,9 @@ def load_model(
     return LanguageModel(model, tokenizer, name)
 
 
-def configured_layer_count(spec: str) -> int | None:
-    """The number of layers ``spec``'s config gives, read without loading the model when its config is on
-    disk already (a local directory, a dequantized GGUF, a hub id in the local cache); None otherwise."""
+def _config_on_disk(spec: str) -> dict:
+    """``spec``'s config.json, read without loading the model when it is on disk already (a local
+    directory, a dequantized GGUF, a hub id in the local cache); {} otherwise."""
     try:
         if spec == DEFAULT_MODEL or spec.endswith(".gguf"):
             gguf = default_gguf_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
@@ -249,17 +249,46 @@ def configured_layer_count(spec: str) -> int | None:
             config = Path(found) if found else None
         fields = json.loads(config.read_text()) if config is not None and config.is_file() else {}
     except (OSError, ValueError, SaelabError):
-        return None  # the load itself names what is wrong
-    count = fields.get("num_hidden_layers", fields.get("n_layer"))
-    return count if isinstance(count, int) and count > 0 else None
+        return {}  # the load itself names what is wrong
+    return fields if isinstance(fields, dict) else {}
+
+
+def _configured(spec: str | LanguageModel, *keys: str) -> int | None:
+    """The first of ``keys`` that ``spec``'s config on disk sets to a positive integer; None when
+    there is none or the config is not at hand (a loaded model is checked by its own methods)."""
+    fields = {} if isinstance(spec, LanguageModel) else _config_on_disk(spec)
+    value = next((fields[k] for k in keys if k in fields), None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def configured_layer_count(spec: str | LanguageModel) -> int | None:
+    """The number of layers ``spec``'s config gives, read without loading the model (``_config_on_disk``)."""
+    return _configured(spec, "num_hidden_layers", "n_layer")
 
 
 def check_hook_layer(spec: str | LanguageModel, hook: str) -> None:
     """Refuse a hook past the model's last layer before the (slow) load, when the config is at hand."""
-    count = None if isinstance(spec, LanguageModel) else configured_layer_count(spec)
+    count = configured_layer_count(spec)
     layer = hook_layer(hook)
     if count is not None and layer is not None and layer >= count:
         raise HookNameError(f"unknown hook {hook!r} for model {spec}: layer {layer} out of range 0..{count - 1}")
+
+
+def check_context_fits(spec: str | LanguageModel, context_size: int) -> None:
+    """Refuse a context longer than the model's positions before the (slow) load, when the config is
+    at hand; worded as ``LanguageModel.check_context_size``, which checks it after the load."""
+    longest = _configured(spec, "max_position_embeddings", "n_positions")
+    if longest is not None and context_size > longest:
+        raise ConfigError(f"context_size={context_size} exceeds the longest context of {spec} ({longest} tokens)")
+
+
+def check_before_load(spec: str | LanguageModel, hook: str, context_size: int | None = None) -> None:
+    """What the model's config on disk refuses before the (slow) load: a malformed hook, one past the
+    model's layers, a context (if given) longer than it takes."""
+    check_hook_form(hook)
+    check_hook_layer(spec, hook)
+    if context_size is not None:
+        check_context_fits(spec, context_size)
 
 
 def model_provenance(spec: str) -> dict:
