@@ -520,17 +520,41 @@ def test_a_context_longer_than_the_model_takes_is_refused_from_its_config_before
                                                                                          monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = _config_only_model(tmp_path / "model")
-    _save_saes(tmp_path, model, ("sae", 64), ("run/sae", 64))
+    _save_saes(tmp_path, model, ("sae", 64), ("sae128", 128), ("run/sae", 64))
     too_long = f"--context-size 100000 exceeds the longest context of {model} (128 tokens)"
     harvest = ["harvest", "--model", str(model), "--hook", "blocks.1.hook_resid_post", "--out", "acts"]
     _refusals([(["eval", "sae", "--context-size", "100000", "--out", "ev"], too_long),
                (["eval", "run", "--context-size", "100000"], too_long),
                (["eval", "sae", "--suite", "paper", "--context-size", "100000", "--out", "ev"], too_long),
+               (["browse", "sae", "--context-size", "100000", "--out", "site"], too_long),
+               (["browse", "sae", "--context-size", "100000", "--export", "neuronpedia", "np"], too_long),
+               (["families", "sae", "sae128", "--context-size", "100000", "--out", "f.json"], too_long),
                ([*harvest, "--context-size", "100000"], too_long),
                # the longest context passes the check; the load is what fails
                (["eval", "sae", "--context-size", "128", "--out", "ev"], "cannot load model directory"),
                ([*harvest, "--context-size", "128"], "cannot load model directory")], capsys)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run", "sae"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run", "sae", "sae128"]
+
+
+def test_browse_export_checks_its_folder_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))
+    (tmp_path / "np").mkdir()
+    (tmp_path / "np" / "notes.txt").write_text("mine")
+    _refusals([(["browse", "sae", "--export", "neuronpedia", "np"], "np: folder exists, is not empty and is not a "
+                                                                    "saelab Neuronpedia export")], capsys)
+    assert [p.name for p in (tmp_path / "np").iterdir()] == ["notes.txt"]
+
+
+def test_browse_checks_the_hook_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    _save_saes(tmp_path, model, ("sae", 64))
+    past = f"unknown hook 'blocks.5.hook_resid_post' for model {model}: layer 5 out of range 0..1"
+    _refusals([(["browse", "sae", "--hook", "blocks.5.hook_resid_post", "--out", "site"], past),
+               (["browse", "sae", "--hook", "nonsense", "--export", "neuronpedia", "np"], "hook 'nonsense': expected")],
+              capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 
 def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):

@@ -233,8 +233,6 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.explore.browser.export import export_neuronpedia_run
-    from saelab.models import load_model
-    from saelab.run_folder import model_for
 
     fmt, out = args.export
     if fmt != "neuronpedia":
@@ -244,10 +242,9 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         raise ConfigError(f"--out is the site's folder; --export writes into its own OUT, {out!r}: leave --out out")
     check_output_folder(out, "--export OUT")
-    first, _ = open_sae(args.sae[0])
-    lm = load_model(args.browse.model or model_for(first), device=args.device, dtype=args.model_dtype)
-    result = export_neuronpedia_run(args.sae, out, args.browse, lm=lm, progress=args.progress,
-                                    overwrite=args.overwrite)
+    # the export loads the model itself, after its own checks of the targets, hook and corpus
+    result = export_neuronpedia_run(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
+                                    progress=args.progress, overwrite=args.overwrite)
     return {"export": "neuronpedia", "out": out, "saes": result}
 
 

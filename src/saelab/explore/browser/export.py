@@ -263,7 +263,8 @@ def _write_folder(out: Path, files) -> None:
         raise
 
 
-def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=None, progress: bool = True,
+def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=None, device=None,
+                           model_dtype: str = "float32", progress: bool = True,
                            **kwargs) -> dict[str, Any] | list[dict[str, Any]]:
     """One browser pass over text for ``sae_sources`` (run folders, SAELens folders, OpenAI files) and
     their Neuronpedia export at ``out`` (see :func:`export_neuronpedia` for ``kwargs``)."""
@@ -284,7 +285,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     for target in [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]:
         _check_target(target, kwargs.get("overwrite", False))  # before the model loads and the text is scored
     hook = check_compatible(sources, cfg.hook, cfg.model)
-    lm = load_model_beside(lm, cfg, sources, loaded_here)
+    lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
     lm.check_hook(hook)
     tokens = read_tokens(lm, sources[0].sae, cfg)
     stats, _, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, families=False, progress=progress)

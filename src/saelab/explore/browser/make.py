@@ -93,14 +93,17 @@ def _named_model(cfg: BrowseConfig, lm) -> str | None:
 
 
 def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loaded_here: Sequence[SAESource],
-                      device=None, model_dtype="float32"):
+                      hook: str, device=None, model_dtype="float32"):
     """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU); SAEs the
-    caller gave stay where the caller put them. A missing corpus is named first, not after the load."""
-    from saelab.models import load_model
+    caller gave stay where the caller put them. A missing corpus, a bad hook or a context longer than the
+    model takes is named first (from its config on disk), not after the load."""
+    from saelab.models import check_before_load, load_model
     from saelab.run_folder import model_for
 
     resolve_corpus(cfg)
-    lm = load_model(lm or cfg.model or model_for(sources[0].sae), device=device, dtype=model_dtype)
+    spec = lm or cfg.model or model_for(sources[0].sae)
+    check_before_load(spec, hook, cfg.context_size or sources[0].sae.cfg.context_size)  # as read_tokens reads
+    lm = load_model(spec, device=device, dtype=model_dtype)
     for s in loaded_here:
         s.sae.to(lm.device)
     return lm
@@ -146,7 +149,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         read_n2g_file(cfg.n2g_file)  # a file that is not an N2G result: refused now, not after the pass
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    lm = load_model_beside(lm, cfg, sources, loaded_here, device, model_dtype)
+    lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
     lm.check_hook(hook)
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
@@ -196,7 +199,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     if len(set(sizes)) != len(sizes):
         raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
-    lm = load_model_beside(lm, cfg, sources, loaded_here, device, model_dtype)
+    lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
     lm.check_hook(hook)
     tokens = read_tokens(lm, sources[0].sae, cfg)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
