@@ -557,6 +557,20 @@ def test_browse_checks_the_hook_before_the_model_loads(tmp_path, capsys, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 
+def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    _save_saes(tmp_path, model, ("sae", 64))
+    _save_saes(tmp_path, model, ("sae5", 64), hook="blocks.5.hook_resid_post")
+    past = f"unknown hook 'blocks.5.hook_resid_post' for model {model}: layer 5 out of range 0..1"
+    steer = ["steer", "sae", "--latent", "1", "--value", "2", "--hook"]
+    _refusals([([*steer, "blocks.5.hook_resid_post"], past),
+               ([*steer, "nonsense"], "hook 'nonsense': expected blocks.{L}.hook_"),
+               (["top", "1", "sae5"], past),  # top reads the SAE's own hook
+               ([*steer, "blocks.1.hook_resid_post"], "cannot load model directory")], capsys)  # the load fails
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae", "sae5"]
+
+
 def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
     """eval --out never replaces another run's (or an earlier) evaluation unasked; export never writes
     into a run's own sae/ folder."""

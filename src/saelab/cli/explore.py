@@ -111,8 +111,8 @@ def _check_steer(args: argparse.Namespace):
 
 
 def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
-    """The SAE named by ``args.sae`` (its latents ``args.latent`` checked) and its language model."""
-    from saelab.models import load_model
+    """The SAE named by ``args.sae`` (its latents ``args.latent`` and its hook checked) and its language model."""
+    from saelab.models import check_before_load, load_model
     from saelab.run_folder import model_for
 
     sae, _ = open_sae(args.sae)
@@ -121,6 +121,7 @@ def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
     bad = [i for i in args.latent if i >= sae.n_latents]
     if bad:
         raise ConfigError(f"latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
+    check_before_load(args.model or model_for(sae), sae.cfg.hook_name)
     lm = load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
     return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
 
