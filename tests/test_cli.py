@@ -571,6 +571,19 @@ def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae", "sae5"]
 
 
+def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))
+    paper = ["eval", "sae", "--suite", "paper", "--out", "ev"]
+    _refusals([([*paper, "--series", "nosuch"], "unknown checkpoint series 'nosuch' (--series): expected a model "
+                                                "family (pythia-family[-deduped][:SIZES]"),
+               ([*paper, "--series", "pythia-7m"], "no Pythia of size '7m'; known sizes: 14m, 31m"),
+               ([*paper, "--series", "crfm-gpt2-small", "--series-steps", "7"], "has no checkpoint at step(s) [7]"),
+               # compute-equivalent left out by --metrics: its --series is not read
+               ([*paper, "--series", "nosuch", "--metrics", "core"], "cannot load model directory")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
+
+
 def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
     """eval --out never replaces another run's (or an earlier) evaluation unasked; export never writes
     into a run's own sae/ folder."""

@@ -20,6 +20,7 @@ from saelab.data import ActivationCache, ActivationCacheError, ActivationStream,
 from saelab.data import cache_is_complete, check_disk_room, resolve_corpus
 from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
+from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.n2g import check_latents
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
@@ -376,8 +377,10 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook)")
     eval_cfg = eval_cfg or EvalConfig()
     resolve_corpus(eval_cfg.corpus, "eval")
-    if cfg is not None and (not cfg.metrics or "n2g" in cfg.metrics):  # latent ids the SAE lacks: before the load
+    if _suite_runs(cfg, "n2g"):  # latent ids the SAE lacks: before the load
         check_latents(cfg.n2g.latents, sae.n_latents, name="--n2g-latents")
+    if _suite_runs(cfg, "compute_equivalent") and cfg.compute_equivalent.series:  # an unknown name: before the load
+        resolve_series(cfg.compute_equivalent.series, cfg.compute_equivalent.steps)
     check_before_load(lm or model_for(sae), sae.cfg.hook_name, eval_cfg.context_size or sae.cfg.context_size)
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=False)
@@ -391,6 +394,11 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         raise SaelabError(f"paper suite wrote {out / EVALS_DIR / 'report.md'} but failed in {len(failed)} "
                           "metric(s): " + "; ".join(f"{m}: {r}" for m, r in failed.items()))
     return index
+
+
+def _suite_runs(cfg: PaperSuiteConfig | None, metric: str) -> bool:
+    """Whether settings given for ``metric`` (None: none given) are used: --metrics, if given, names it."""
+    return cfg is not None and (not cfg.metrics or metric in cfg.metrics)
 
 
 @dataclass
