@@ -384,8 +384,11 @@ CORPUS_KINDS = ["missing", "empty", "blank_jsonl", "too_short"]
 @pytest.mark.parametrize("kind", CORPUS_KINDS)
 def test_bad_corpus_in_harvest_keeps_earlier_cache(kind, overwrite, tiny_gpt2, tiny_cache, tmp_path):
     bad, expect = _bad_corpus(kind, tmp_path)
+    error = CorpusError
+    if not overwrite and kind != "missing":  # the cache, of another corpus, is refused first (before the model loads)
+        error, expect = ActivationCacheError, "its meta.dataset is"
     before = snapshot(tiny_cache)
-    with pytest.raises(CorpusError) as err:  # even overwrite=True keeps the old cache: nothing to replace it with
+    with pytest.raises(error) as err:  # even overwrite=True keeps the old cache: nothing to replace it with
         harvest(harvest_cfg(bad), tiny_cache, lm=tiny_gpt2, overwrite=overwrite, progress=False)
     assert str(bad) in str(err.value) and expect in str(err.value)
     assert snapshot(tiny_cache) == before
@@ -625,6 +628,26 @@ def test_cli_train_keeps_a_finished_run(tiny_cache, tmp_path, capsys):
     assert "--overwrite" in err
     assert snapshot(run) == before
     assert issubclass(RunExistsError, SaelabError)
+
+
+def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_dir, corpus, tmp_path, capsys,
+                                                                          monkeypatch):
+    import saelab.pipeline
+
+    acts = tmp_path / "acts"
+    args = ["harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(corpus), "--n-tokens", "1024",
+            "--context-size", "32", "--buffer-tokens", "8192", "--out", str(acts), "--no-progress"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and json.loads(out)["rows"] == 1024
+    before = snapshot(acts)
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, again, _ = run_cli(capsys, *args)  # the same settings: the cache is the answer
+    assert code == 0 and again == out
+    code, out, err = run_cli(capsys, *args, "--seed", "3")  # other settings: refused
+    assert code == 2 and out == ""
+    assert err == (f"saelab harvest: error: cannot reuse activation cache '{acts}': its meta.harvest.seed is 0, this "
+                   "call asks for 3; pass --overwrite to replace it")
+    assert snapshot(acts) == before
 
 
 # ---- pickles disguised as other formats; a full disk seen from the command line -------------------------

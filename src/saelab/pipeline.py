@@ -17,7 +17,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, iter_texts, pack_contexts
-from saelab.data import cache_is_complete, check_disk_room, resolve_corpus
+from saelab.data import cache_is_complete, check_disk_room, resolve_corpus, reusable_cache
 from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.compute_equivalent import resolve_series
@@ -117,6 +117,24 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     check_output_folder(out_dir, "--out", "activations")
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
     check_before_load(lm or cfg.model, cfg.hook, cfg.context_size)
+    meta = {**model_provenance(model_name(cfg.model)), "hook_name": cfg.hook,  # a local path as an absolute one
+            "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
+            "exclude_first": cfg.exclude_first, "dataset": corpus, "harvest": asdict(cfg)}
+    # A finished cache of these settings is reused, one of others refused: both before the model loads.
+    cache = None if overwrite else reusable_cache(out_dir, meta=meta, dtype=cfg.dtype)
+    if cache is None:
+        cache = _harvest_into(out_dir, cfg, corpus, meta, lm=lm, device=device, model_dtype=model_dtype,
+                              overwrite=overwrite, progress=progress)
+    if cache.n_rows < cfg.n_tokens:  # the corpus ran out: say so rather than leave a silently smaller cache
+        print(f"saelab: warning: the corpus {corpus} gave {cache.n_rows:,} activations, fewer than the "
+              f"{cfg.n_tokens:,} asked (--n-tokens); the cache holds all it had", file=sys.stderr)
+    return cache
+
+
+def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, corpus: str, meta: dict[str, Any], *,
+                  lm: LanguageModel | None, device: str | torch.device | None, model_dtype: str, overwrite: bool,
+                  progress: bool) -> ActivationCache:
+    """Load the model and write (or resume) the cache."""
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
     check_disk_room(out_dir, cfg.n_tokens, lm.hook_width(cfg.hook), cfg.dtype, overwrite=overwrite)
@@ -125,15 +143,8 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
                                            exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens,
                                            seed=cfg.seed, max_tokens=cfg.n_tokens, drop_last=False,
                                            progress=progress))
-    meta = {**model_provenance(model_name(cfg.model)), "hook_name": cfg.hook,  # a local path as an absolute one
-            "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
-            "exclude_first": cfg.exclude_first, "dataset": corpus, "harvest": asdict(cfg)}
-    cache = write_activation_cache(stream, out_dir, meta=meta, dtype=cfg.dtype, resume=not overwrite,
-                                   overwrite=overwrite, progress=progress)
-    if cache.n_rows < cfg.n_tokens:  # the corpus ran out: say so rather than leave a silently smaller cache
-        print(f"saelab: warning: the corpus {corpus} gave {cache.n_rows:,} activations, fewer than the "
-              f"{cfg.n_tokens:,} asked (--n-tokens); the cache holds all it had", file=sys.stderr)
-    return cache
+    return write_activation_cache(stream, out_dir, meta=meta, dtype=cfg.dtype, resume=not overwrite,
+                                  overwrite=overwrite, progress=progress)
 
 
 def _open_cache(cache: str | Path | ActivationCache, rows_needed: int) -> ActivationCache:

@@ -13,6 +13,7 @@ from saelab.data.cache import (
     cache_is_complete,
     check_disk_room,
     cache_rows_written,
+    reusable_cache,
     write_activation_cache,
 )
 from saelab.data.harvest import ActivationModel, ActivationStream, StreamConfig
@@ -33,6 +34,7 @@ __all__ = [
     "iter_texts",
     "pack_contexts",
     "resolve_corpus",
+    "reusable_cache",
     "sample_contexts",
     "shipped_data_dir",
     "StreamConfig",

@@ -57,6 +57,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 OVERWRITE_STAGE = ".overwrite"
 """Where an overwrite writes its cache until it is complete (inside the cache folder)."""
+SHARD_ROWS = 262_144
+"""Rows per shard file unless the writer asks for another size."""
 # storage dtype name -> (torch dtype, numpy dtype of the stored bits)
 DTYPES = {
     "float16": (torch.float16, np.dtype("<f2")),
@@ -153,13 +155,25 @@ def check_disk_room(folder: str | os.PathLike, n_rows: int, d: int, dtype: str, 
                           "pick another --out or harvest fewer --n-tokens")
 
 
+def reusable_cache(folder: str | os.PathLike, *, meta: dict[str, Any], dtype: str,
+                   shard_rows: int = SHARD_ROWS) -> "ActivationCache | None":
+    """The finished cache in ``folder`` when it holds these settings (``write_activation_cache`` with
+    ``resume=True`` returns it as it is); None when there is none yet or it is unfinished. One of other
+    settings is refused as that call refuses it. Only reads, so a harvest decides before its model loads."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).exists():
+        return None  # nothing to decide; an overwrite's stage is finished under the writer's lock
+    existing = _open_existing(folder, _json_roundtrip(meta, folder), dtype, shard_rows, resume=True, overwrite=False)
+    return ActivationCache(folder) if existing is not None and existing["complete"] else None
+
+
 def write_activation_cache(
     batches: Iterable[torch.Tensor],
     folder: str | os.PathLike,
     *,
     meta: dict[str, Any],
     dtype: str = "float16",
-    shard_rows: int = 262_144,
+    shard_rows: int = SHARD_ROWS,
     resume: bool = False,
     overwrite: bool = False,
     skip_written: bool = True,
