@@ -584,6 +584,19 @@ def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 
+def test_quickstart_checks_the_hook_and_both_context_sizes_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    quickstart = ["quickstart", "--out", "qs", "--harvest-model", str(model), "--n-tokens", "8192", "--harvest-hook"]
+    too_long = f"context_size=100000 exceeds the longest context of {model} (128 tokens)"
+    _refusals([([*quickstart, "blocks.5.hook_resid_post"], "layer 5 out of range 0..1"),
+               ([*quickstart, "blocks.1.hook_resid_post", "--harvest-context-size", "100000"], too_long),
+               ([*quickstart, "blocks.1.hook_resid_post", "--eval-context-size", "100000"], too_long),
+               ([*quickstart, "blocks.1.hook_resid_post", "--eval-context-size", "128"], "cannot load model directory")],
+              capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
     """eval --out never replaces another run's (or an earlier) evaluation unasked; export never writes
     into a run's own sae/ folder."""

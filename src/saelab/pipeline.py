@@ -24,7 +24,8 @@ from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.n2g import check_latents
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
-from saelab.models import LanguageModel, check_before_load, load_model, model_name, model_provenance
+from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
+                           model_provenance)
 from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
@@ -521,6 +522,9 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
     resolve_corpus(harvest_cfg.corpus, "train"), resolve_corpus(cfg.eval.corpus, "eval")  # before the model loads
+    check_before_load(lm or harvest_cfg.model, harvest_cfg.hook, harvest_cfg.context_size)
+    if cfg.eval.context_size:  # the evaluation's, else refused only after the harvest and the training
+        check_context_fits(lm or harvest_cfg.model, cfg.eval.context_size)
     times: dict[str, float] = {}
     earlier = _recorded_stage_seconds(run_dir)
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
