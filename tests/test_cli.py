@@ -597,6 +597,19 @@ def test_quickstart_checks_the_hook_and_both_context_sizes_before_the_model_load
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_eval_of_a_sweep_checks_each_run_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    _save_saes(tmp_path, model, ("sweep/n64/sae", 64))
+    _save_saes(tmp_path, model, ("sweep/n128/sae", 128), hook="blocks.5.hook_resid_post")
+    for run in ("n64", "n128"):
+        (tmp_path / "sweep" / run / "train_config.json").write_text("{}")
+    _refusals([(["eval", "sweep", "--context-size", "100000"], "--context-size 100000 exceeds the longest context of "),
+               (["eval", "sweep"], "unknown hook 'blocks.5.hook_resid_post' for model")], capsys)  # the run n128
+    assert sorted(p.name for p in (tmp_path / "sweep").rglob("*") if p.is_file() and p.parent.name != "sae") == \
+        ["train_config.json", "train_config.json"]
+
+
 def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
     """eval --out never replaces another run's (or an earlier) evaluation unasked; export never writes
     into a run's own sae/ folder."""
