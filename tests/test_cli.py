@@ -588,12 +588,12 @@ def test_quickstart_checks_the_hook_and_both_context_sizes_before_the_model_load
     monkeypatch.chdir(tmp_path)
     model = _config_only_model(tmp_path / "model")
     quickstart = ["quickstart", "--out", "qs", "--harvest-model", str(model), "--n-tokens", "8192", "--harvest-hook"]
+    hook_1 = [*quickstart, "blocks.1.hook_resid_post"]
     too_long = f"context_size=100000 exceeds the longest context of {model} (128 tokens)"
     _refusals([([*quickstart, "blocks.5.hook_resid_post"], "layer 5 out of range 0..1"),
-               ([*quickstart, "blocks.1.hook_resid_post", "--harvest-context-size", "100000"], too_long),
-               ([*quickstart, "blocks.1.hook_resid_post", "--eval-context-size", "100000"], too_long),
-               ([*quickstart, "blocks.1.hook_resid_post", "--eval-context-size", "128"], "cannot load model directory")],
-              capsys)
+               ([*hook_1, "--harvest-context-size", "100000"], too_long),
+               ([*hook_1, "--eval-context-size", "100000"], too_long),
+               ([*hook_1, "--eval-context-size", "128"], "cannot load model directory")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
