@@ -122,7 +122,7 @@ def hook_form_problem(name: Any) -> str | None:
 
 
 def check_hook_form(hook: str) -> None:
-    """Refuse a hook no model has, in the words of the option that set it."""
+    """Refuse a name no model has a hook of (``hook_form_problem``); needs no model, so it runs first."""
     problem = hook_form_problem(hook)
     if problem:
         raise ConfigError(f"hook {hook!r}: {problem}")
