@@ -386,7 +386,7 @@ def test_bad_corpus_in_harvest_keeps_earlier_cache(kind, overwrite, tiny_gpt2, t
     bad, expect = _bad_corpus(kind, tmp_path)
     error = CorpusError
     if not overwrite and kind != "missing":  # the cache, of another corpus, is refused first (before the model loads)
-        error, expect = ActivationCacheError, "its meta.dataset is"
+        error, expect = ActivationCacheError, "it was written with meta.harvest.corpus"
     before = snapshot(tiny_cache)
     with pytest.raises(error) as err:  # even overwrite=True keeps the old cache: nothing to replace it with
         harvest(harvest_cfg(bad), tiny_cache, lm=tiny_gpt2, overwrite=overwrite, progress=False)
@@ -645,8 +645,8 @@ def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_d
     assert code == 0 and again == out
     code, out, err = run_cli(capsys, *args, "--seed", "3")  # other settings: refused
     assert code == 2 and out == ""
-    assert err == (f"saelab harvest: error: cannot reuse activation cache '{acts}': its meta.harvest.seed is 0, this "
-                   "call asks for 3; pass --overwrite to replace it")
+    assert err == (f"saelab harvest: error: cannot reuse activation cache '{acts}': it was written with --seed 0, "
+                   "not 3; pass --overwrite to replace it")
     assert snapshot(acts) == before
 
 
