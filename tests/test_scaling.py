@@ -126,6 +126,12 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
 
     # A second sweep into the same folder, evaluated as it finishes; k=2 has only two sizes.
     ev_prefixed = [a.replace("--", "--eval-", 1) for a in ev]
+    # An evaluation that would be refused after the training is refused before it.
+    for bad, why in ((["--eval-context-size", "100000"], "--eval-context-size 100000 exceeds the longest context of "),
+                     (["--eval-corpus", str(tmp_path / "nope.txt")], "nope.txt")):
+        _, err = run_cli(capsys, "sweep", *common, "--grid", "n_latents=32,64", "k=2", "--eval", *ev_prefixed, *bad,
+                         code=2)
+        assert why in err and not (sweep / "n32_k2").exists()
     run_cli(capsys, "sweep", *common, "--grid", "n_latents=32,64", "k=2", "--eval", *ev_prefixed)
     out, _ = run_cli(capsys, "report", str(sweep))
     assert out["report"] == str(sweep / "scaling.md") and out["k=4"]["alpha"] is not None

@@ -30,7 +30,7 @@ from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
                                check_output_folder, is_run, model_for, open_sae, read_eval_metrics, read_json,
-                               sae_sha256, sweep_runs)
+                               recorded_model, sae_sha256, sweep_runs)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train.checkpoint import changed_fields, read_metrics, read_status, training_changes
@@ -328,6 +328,15 @@ def _readable_eval_metrics(run_dir: str | Path, sae: TopKSAE) -> dict[str, Any]:
         return read_eval_metrics(run_dir, sae)
     except SaelabError:
         return {}
+
+
+def check_evaluation_before_training(cache: str | Path, cfg: EvalConfig) -> None:
+    """Refuse, before SAEs train on ``cache``, what would refuse their evaluation after the training: a
+    missing eval corpus, a hook or context the cache's model does not take."""
+    resolve_corpus(cfg.corpus, "eval")
+    meta = ActivationCache(cache).meta
+    spec = recorded_model(meta.get("model_source"), meta.get("model_name"), f"activation cache {cache}")
+    check_before_load(spec, meta.get("hook_name", ""), cfg.context_size or meta.get("context_size"))
 
 
 def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: str | None = None,

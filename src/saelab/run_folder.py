@@ -172,9 +172,15 @@ def model_for(sae) -> str:
     """The model spec to load for an SAE: the one it was trained with (e.g. 'default' for the offline
     SmolLM2 whose hub id the SAE records), its model_name, or the offline default."""
     source = sae.cfg.extra.get("model_source") if isinstance(sae.cfg.extra, dict) else None
+    return recorded_model(source, sae.cfg.model_name, "the SAE")
+
+
+def recorded_model(source: Any, model_name: str | None, what: str) -> str:
+    """The model spec an SAE or activation cache records: its ``model_source`` spec, else its model name,
+    else (with a warning) the offline default."""
     if isinstance(source, dict) and source.get("spec"):
         return str(source["spec"])
-    if not sae.cfg.model_name:
-        print("saelab: warning: the SAE records no model; using the offline default (--model chooses another)",
+    if not model_name:
+        print(f"saelab: warning: {what} records no model; using the offline default (--model chooses another)",
               file=sys.stderr)
-    return sae.cfg.model_name or "default"
+    return model_name or "default"

@@ -188,7 +188,7 @@ def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.pipeline import evaluate_sweep, sweep_configs
+    from saelab.pipeline import check_evaluation_before_training, evaluate_sweep, sweep_configs
     from saelab.report import write_scaling_report
 
     grid = parse_grid(args.grid)
@@ -198,6 +198,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")
     refuse_options_the_grid_sets(args, grid)
     sweep_configs(args.train, grid)  # every grid point validated before anything runs
+    if args.evaluate:
+        check_evaluation_before_training(args.activations, args.eval)  # not after the whole sweep trained
     init_from_env()
     saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
                             overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
