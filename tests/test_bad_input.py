@@ -428,6 +428,25 @@ def test_quickstart_names_its_cache_of_other_settings(tiny_gpt2, tiny_cache, cor
         _quickstart_harvest(harvest_cfg(corpus, n_tokens=2048), tmp_path / "run", tiny_gpt2, False, False)
 
 
+def test_quickstart_refuses_its_cache_of_other_settings_before_the_model_loads(tiny_cache, corpus, tmp_path,
+                                                                               monkeypatch):
+    import shutil
+
+    import saelab.pipeline
+    from saelab.pipeline import ACTIVATIONS_DIR, QuickstartConfig, quickstart
+
+    shutil.copytree(tiny_cache, tmp_path / "run" / ACTIVATIONS_DIR)
+    before = snapshot(tmp_path / "run" / ACTIVATIONS_DIR)
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = QuickstartConfig(harvest=harvest_cfg(corpus, n_tokens=2048),
+                           train=TrainConfig(n_latents=64, k=4, total_tokens=1024, batch_size=256),
+                           eval=EvalConfig(corpus=str(corpus)))
+    with pytest.raises(ActivationCacheError, match="holds activations harvested with other settings .* "
+                                                   "pass --overwrite-activations --overwrite"):
+        quickstart(cfg, tmp_path / "run", progress=False)
+    assert snapshot(tmp_path / "run" / ACTIVATIONS_DIR) == before
+
+
 # ---- NaN and inf --------------------------------------------------------------------------------------------
 
 

@@ -118,9 +118,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     check_output_folder(out_dir, "--out", "activations")
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
     check_before_load(lm or cfg.model, cfg.hook, cfg.context_size)
-    meta = {**model_provenance(model_name(cfg.model)), "hook_name": cfg.hook,  # a local path as an absolute one
-            "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
-            "exclude_first": cfg.exclude_first, "dataset": corpus, "harvest": asdict(cfg)}
+    meta = _harvest_meta(cfg, corpus)
     # A finished cache of these settings is reused, one of others refused: both before the model loads.
     cache = None if overwrite else reusable_cache(out_dir, meta=meta, dtype=cfg.dtype)
     if cache is None:
@@ -130,6 +128,13 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
         print(f"saelab: warning: the corpus {corpus} gave {cache.n_rows:,} activations, fewer than the "
               f"{cfg.n_tokens:,} asked (--n-tokens); the cache holds all it had", file=sys.stderr)
     return cache
+
+
+def _harvest_meta(cfg: HarvestConfig, corpus: str) -> dict[str, Any]:
+    """What an activation cache records of its harvest (a local model path as an absolute one)."""
+    return {**model_provenance(model_name(cfg.model)), "hook_name": cfg.hook, "context_size": cfg.context_size,
+            "prepend_bos": cfg.prepend_bos, "exclude_first": cfg.exclude_first, "dataset": corpus,
+            "harvest": asdict(cfg)}
 
 
 def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, corpus: str, meta: dict[str, Any], *,
@@ -474,17 +479,23 @@ def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, model_dty
                              "replaces it, --overwrite trains and evaluates again, or pick another --out")
 
 
-def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, overwrite: bool,
-                        progress: bool) -> ActivationCache:
-    """The quickstart's activation cache; one harvested with other settings is named, with the way out."""
+@contextlib.contextmanager
+def _naming_quickstart_cache(run_dir: Path):
+    """The quickstart's activation cache of other settings is named, with the way out."""
     try:
-        return harvest(cfg, run_dir / ACTIVATIONS_DIR, lm=lm, overwrite=overwrite, progress=progress)
+        yield
     except ActivationCacheError as e:
         if "was written with" not in str(e):  # the cache holds other settings
             raise
         raise ActivationCacheError(f"{run_dir / ACTIVATIONS_DIR} holds activations harvested with other settings "
                                    "(e.g. another --n-tokens); pass --overwrite-activations --overwrite to harvest "
                                    "and train again, or pick another --out") from e
+
+
+def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, overwrite: bool,
+                        progress: bool) -> ActivationCache:
+    with _naming_quickstart_cache(run_dir):
+        return harvest(cfg, run_dir / ACTIVATIONS_DIR, lm=lm, overwrite=overwrite, progress=progress)
 
 
 def _recorded_stage_seconds(run_dir: Path) -> dict[str, float]:
@@ -532,7 +543,11 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         _check_finished_run_matches(run_dir, cfg.train)
         _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
-    resolve_corpus(harvest_cfg.corpus, "train"), resolve_corpus(cfg.eval.corpus, "eval")  # before the model loads
+    corpus = resolve_corpus(harvest_cfg.corpus, "train")  # these, before the model loads
+    resolve_corpus(cfg.eval.corpus, "eval")
+    if not overwrite_activations:  # a cache of other settings
+        with _naming_quickstart_cache(run_dir):
+            reusable_cache(run_dir / ACTIVATIONS_DIR, meta=_harvest_meta(harvest_cfg, corpus), dtype=harvest_cfg.dtype)
     check_before_load(lm or harvest_cfg.model, harvest_cfg.hook, harvest_cfg.context_size)
     if cfg.eval.context_size:  # the evaluation's, else refused only after the harvest and the training
         check_context_fits(lm or harvest_cfg.model, cfg.eval.context_size)
