@@ -660,8 +660,9 @@ def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_d
     assert code == 0 and json.loads(out)["rows"] == 1024
     before = snapshot(acts)
     monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    code, again, _ = run_cli(capsys, *args)  # the same settings: the cache is the answer
+    code, again, err = run_cli(capsys, *args)  # the same settings: the cache is the answer, and says so
     assert code == 0 and again == out
+    assert err == f"saelab: {acts} already holds this harvest, 1,024 activations (--overwrite harvests again)"
     code, out, err = run_cli(capsys, *args, "--seed", "3")  # other settings: refused
     assert code == 2 and out == ""
     assert err == (f"saelab harvest: error: cannot reuse activation cache '{acts}': it was written with --seed 0, "

@@ -121,7 +121,10 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     meta = _harvest_meta(cfg, corpus)
     # A finished cache of these settings is reused, one of others refused: both before the model loads.
     cache = None if overwrite else reusable_cache(out_dir, meta=meta, dtype=cfg.dtype)
-    if cache is None:
+    if cache is not None:  # the same command again: the finished cache is the answer
+        print(f"saelab: {out_dir} already holds this harvest, {cache.n_rows:,} activations (--overwrite harvests "
+              "again)", file=sys.stderr)
+    else:
         cache = _harvest_into(out_dir, cfg, corpus, meta, lm=lm, device=device, model_dtype=model_dtype,
                               overwrite=overwrite, progress=progress)
     if cache.n_rows < cfg.n_tokens:  # the corpus ran out: say so rather than leave a silently smaller cache
