@@ -562,13 +562,16 @@ def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, m
     model = _config_only_model(tmp_path / "model")
     _save_saes(tmp_path, model, ("sae", 64))
     _save_saes(tmp_path, model, ("sae5", 64), hook="blocks.5.hook_resid_post")
+    _save_saes(tmp_path, model, ("bare", 64), hook="")  # e.g. a weights file with no hook recorded
     past = f"unknown hook 'blocks.5.hook_resid_post' for model {model}: layer 5 out of range 0..1"
     steer = ["steer", "sae", "--latent", "1", "--value", "2", "--hook"]
     _refusals([([*steer, "blocks.5.hook_resid_post"], past),
                ([*steer, "nonsense"], "hook 'nonsense': expected blocks.{L}.hook_"),
                (["top", "1", "sae5"], past),  # top reads the SAE's own hook
+               (["top", "1", "bare"], "SAE bare records no hook; pass the hook it reads (--hook)"),
+               (["top", "1", "bare", "--hook", "blocks.5.hook_resid_post"], past),
                ([*steer, "blocks.1.hook_resid_post"], "cannot load model directory")], capsys)  # the load fails
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae", "sae5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "model", "sae", "sae5"]
 
 
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -29,8 +29,8 @@ from saelab.models import (LanguageModel, check_before_load, check_context_fits,
 from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
-                               check_output_folder, is_run, model_for, open_sae, read_eval_metrics, read_json,
-                               recorded_model, sae_sha256, sweep_runs)
+                               check_output_folder, check_sae_hook, is_run, model_for, open_sae, read_eval_metrics,
+                               read_json, recorded_model, sae_sha256, sweep_runs)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train.checkpoint import changed_fields, read_metrics, read_status, training_changes
@@ -404,8 +404,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     if another_run and (out / TRAIN_CONFIG).is_file():  # as `eval --out`: a run's evals/ are its own SAE's
         raise ConfigError(f"--out {out} is the run folder of another SAE; its evals/ describe that SAE: pick "
                           "another folder")
-    if not sae.cfg.hook_name:
-        raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook)")
+    check_sae_hook(sae, source)
     eval_cfg = eval_cfg or EvalConfig()
     resolve_corpus(eval_cfg.corpus, "eval")
     if _suite_runs(cfg, "n2g"):  # latent ids the SAE lacks: before the load

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.errors import CheckpointError
+from saelab.errors import CheckpointError, ConfigError
 
 ACTIVATIONS_DIR = "activations"
 TRAIN_CONFIG = "train_config.json"
@@ -173,6 +173,12 @@ def model_for(sae) -> str:
     SmolLM2 whose hub id the SAE records), its model_name, or the offline default."""
     source = sae.cfg.extra.get("model_source") if isinstance(sae.cfg.extra, dict) else None
     return recorded_model(source, sae.cfg.model_name, "the SAE")
+
+
+def check_sae_hook(sae, source: Any) -> None:
+    """Refuse an SAE that records no hook (a bare weights file, say): what it reads must be given."""
+    if not sae.cfg.hook_name:
+        raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook)")
 
 
 def recorded_model(source: Any, model_name: str | None, what: str) -> str:

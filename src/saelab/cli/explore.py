@@ -113,7 +113,7 @@ def _check_steer(args: argparse.Namespace):
 def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
     """The SAE named by ``args.sae`` (its latents ``args.latent`` and its hook checked) and its language model."""
     from saelab.models import check_before_load, load_model
-    from saelab.run_folder import model_for
+    from saelab.run_folder import check_sae_hook, model_for
 
     sae, _ = open_sae(args.sae)
     if hook:
@@ -121,6 +121,7 @@ def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
     bad = [i for i in args.latent if i >= sae.n_latents]
     if bad:
         raise ConfigError(f"latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
+    check_sae_hook(sae, args.sae)
     check_before_load(args.model or model_for(sae), sae.cfg.hook_name)
     lm = load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
     return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
@@ -259,6 +260,7 @@ def add_top(sub) -> None:
                    help="tokens of text read (default: 262,144)")
     p.add_argument("--corpus", default=None, help="text to read (default: the offline Wikipedia eval split)")
     p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
+    p.add_argument("--hook", default=None, help="the hook the SAE reads (default: the one it records)")
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
     add_io_options(p, overwrite=False)
     p.set_defaults(handler=run_top)
@@ -269,7 +271,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.explore import top_activations
 
     resolve_corpus(args.corpus, "eval")  # a missing corpus is named before the model loads
-    sae, lm = _sae_and_model(args)
+    sae, lm = _sae_and_model(args, hook=args.hook)
     results = top_activations(sae, lm, args.corpus, list(args.latent), args.n_contexts, n_tokens=args.n_tokens,
                               progress=args.progress)
     if args.json:

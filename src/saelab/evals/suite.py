@@ -61,7 +61,7 @@ from saelab.evals.compute_equivalent import (
 from saelab.evals.core import EvalConfig, evaluate_core
 from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
 from saelab.evals.probe import ProbeConfig, run_probe
-from saelab.run_folder import EVALS_DIR, sae_sha256
+from saelab.run_folder import EVALS_DIR, check_sae_hook, sae_sha256
 from saelab.utils.atomic import write_json
 
 PAPER_METRICS = ("core", "compute_equivalent", "ablation_sparsity", "probe", "n2g")
@@ -297,8 +297,7 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     status "error" and its reason; the caller decides what to do about it.
     """
     t_start = time.perf_counter()
-    if not sae.cfg.hook_name:
-        raise ConfigError(f"SAE {source or '(given)'} records no hook; pass the hook it reads (--hook)")
+    check_sae_hook(sae, source or "(given)")
     run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig())
     corpus = str(resolve_corpus(run.eval_cfg.corpus, "eval"))
     position_0 = "excluded" if run.first else "included"
