@@ -420,6 +420,36 @@ def test_families_refuses_an_existing_out_file(tmp_path, capsys):
     assert precious.read_text() == '{"precious": true}'
 
 
+def _two_tiny_saes(folder, model_dir) -> list[str]:
+    """Two SAEs of different sizes on the tiny GPT-2's first block (feature families need two sizes)."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    for n in (32, 64):
+        save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=n, k=4, hook_name="blocks.0.hook_resid_post",
+                                   model_name=str(model_dir), context_size=32)), folder / f"sae{n}")
+    return [str(folder / "sae32"), str(folder / "sae64")]
+
+
+def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path, tiny_dir, capsys):
+    import json
+
+    out = tmp_path / "families.json"
+    argv = ["families", *_two_tiny_saes(tmp_path, tiny_dir), "--out", str(out), "--n-tokens", "256", "--no-progress"]
+    assert main(argv) == 0
+    first = out.read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 0  # the same command again: the file is kept, not refused
+    printed = capsys.readouterr()
+    assert printed.err.strip() == f"{out} already holds these feature families (--overwrite builds them again)"
+    assert json.loads(printed.out)["reused"] and out.read_bytes() == first
+    for other in (["--n-tokens", "512"], ["--model-dtype", "bfloat16"]):
+        assert main([*argv, *other]) == 2
+        assert "holds feature families of other inputs or settings; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == first
+    assert main([*argv, "--n-tokens", "512", "--overwrite"]) == 0
+    assert json.loads(out.read_text())["n_tokens"] > json.loads(first)["n_tokens"]
+
+
 def test_switches_and_optional_values_parse():
     """Bare switches mean true / false; a bare Optional option is refused only where it would change nothing."""
     from saelab.cli import parse_args

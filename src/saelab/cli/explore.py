@@ -305,11 +305,11 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--out {out}: expected a file path in an existing, writable folder (the families JSON)")
     if out.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
         raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"--out {out}: the file exists; pass --overwrite to replace it")
     tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
-                          progress=args.progress)
+                          overwrite=args.overwrite, progress=args.progress)
+    if tree["reused"]:  # the same command again
+        print(f"{out} already holds these feature families (--overwrite builds them again)", file=sys.stderr)
     top = tree["families"][:5]
-    return {"families": args.out, "n_tokens": tree["n_tokens"], "saes": tree["saes"],
+    return {"families": args.out, "reused": tree["reused"], "n_tokens": tree["n_tokens"], "saes": tree["saes"],
             "matched": {f"{l['child_sae']}->{l['parent_sae']}": l["n_children_matched"] for l in tree["links"]},
             "largest": [{"sae": f["sae"], "latent": f["latent"], "n_descendants": f["n_descendants"]} for f in top]}

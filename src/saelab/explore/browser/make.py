@@ -32,8 +32,9 @@ from saelab.explore.browser.build import (
     read_tokens,
     resolve_corpus,
 )
-from saelab.explore.browser.families import family_tree
-from saelab.explore.browser.site import SITE_FORMAT, SITE_VERSION, check_site_target, read_site_manifest, write_site
+from saelab.explore.browser.families import FAMILIES_FORMAT, family_tree
+from saelab.explore.browser.site import (SITE_FORMAT, SITE_VERSION, check_site_target, read_own_json,
+                                         read_site_manifest, write_site)
 from saelab.run_folder import SAE_DIR
 from saelab.utils.atomic import write_json
 
@@ -80,10 +81,13 @@ def _stat_key(source: SAESource) -> list:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
-def build_key(sources: Sequence[SAESource], cfg: BrowseConfig) -> str:
-    """Hash of the inputs and settings: a site with the same key needs no rebuild."""
-    blob = json.dumps({"saes": [[s.name, _stat_key(s)] for s in sources], "cfg": dataclasses.asdict(cfg),
-                       "version": SITE_VERSION}, sort_keys=True, default=str)
+def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32") -> str:
+    """Hash of the inputs and settings: a site (or families file) with the same key needs no rebuild."""
+    inputs = {"saes": [[s.name, _stat_key(s)] for s in sources], "cfg": dataclasses.asdict(cfg),
+              "version": SITE_VERSION}
+    if model_dtype != "float32":  # another dtype gives other numbers; float32 keys stay those of earlier builds
+        inputs["model_dtype"] = model_dtype
+    blob = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -189,9 +193,13 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
 
 
 def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig | None = None, *, lm=None,
-                   device=None, model_dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
-    """Feature families of several SAEs on one hook (see :mod:`.families`); written to ``out`` as JSON."""
+                   device=None, model_dtype: str = "float32", overwrite: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
+    """Feature families of several SAEs on one hook (see :mod:`.families`); written to ``out`` as JSON,
+    with the key of its inputs and settings. A file at ``out`` of the same key is kept and returned (with
+    ``"reused": True``); any other file there is kept (refused) unless ``overwrite``."""
     cfg = cfg or BrowseConfig()
+    earlier = None if out is None or overwrite else _earlier_families(Path(out))  # before the SAEs load
     sources, loaded_here = open_sources(sae_sources)
     if len(sources) < 2:
         raise SaelabError(f"feature families need at least two SAEs of different sizes, got {len(sources)}")
@@ -199,11 +207,27 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     if len(set(sizes)) != len(sizes):
         raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
+    key = build_key(sources, cfg, model_dtype)
+    if earlier is not None:
+        if earlier.get("key") != key:
+            raise RunExistsError(f"{out} holds feature families of other inputs or settings; pass --overwrite to "
+                                 "replace it, or pick another --out")
+        return {**earlier, "reused": True}
     lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
     lm.check_hook(hook)
     tokens = read_tokens(lm, sources[0].sae, cfg)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
-    tree = _families(lm, sources, coact, cfg, hook)
+    tree = {**_families(lm, sources, coact, cfg, hook), "key": key}
     if out is not None:
         write_json(out, tree)
-    return tree
+    return {**tree, "reused": False}
+
+
+def _earlier_families(out: Path) -> dict[str, Any] | None:
+    """The families file saelab wrote at ``out``, or None when there is none; any other file is refused."""
+    if not out.exists():
+        return None
+    earlier = read_own_json(out, FAMILIES_FORMAT)
+    if earlier is None:
+        raise RunExistsError(f"{out}: the file exists; pass --overwrite to replace it")
+    return earlier

@@ -72,12 +72,16 @@ def external_references(folder: str | os.PathLike) -> list[str]:
 
 def read_site_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The ``site.json`` of a finished site, or None."""
-    path = Path(folder) / "site.json"
+    return read_own_json(Path(folder) / "site.json", SITE_FORMAT)
+
+
+def read_own_json(path: str | os.PathLike, file_format: str) -> dict[str, Any] | None:
+    """A JSON file saelab wrote with ``"format": file_format``, or None (absent, unreadable or another file)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("format") == SITE_FORMAT else None
+    return data if isinstance(data, dict) and data.get("format") == file_format else None
 
 
 def _umask() -> int:
