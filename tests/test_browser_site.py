@@ -147,12 +147,14 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
     finally:
         (sae_files / "run_small" / "metrics.json").unlink()
     assert again["reused"] and (out / "site.json").stat().st_mtime_ns == stamp
-    # Other settings or other SAEs never replace the site unasked, and are refused before the model loads.
-    for saes, other in (([sae_files / "run_small", sae_files / "saelens_large"], dataclasses.replace(cfg, n_top=5)),
-                        ([sae_files / "run_small"], cfg)):
+    # Other settings, other SAEs or another model dtype never replace the site unasked, and are refused
+    # before the model loads.
+    both = [sae_files / "run_small", sae_files / "saelens_large"]
+    for saes, other, dtype in ((both, dataclasses.replace(cfg, n_top=5), "float32"),
+                               ([sae_files / "run_small"], cfg, "float32"), (both, cfg, "bfloat16")):
         with pytest.raises(RunExistsError, match=r"holds a feature browser site built from other inputs or settings "
                                                  r"\(it shows run_small, saelens_large\); pass --overwrite"):
-            build_browser(saes, out, other, lm="no-such-model", progress=False)
+            build_browser(saes, out, other, lm="no-such-model", model_dtype=dtype, progress=False)
     assert (out / "site.json").stat().st_mtime_ns == stamp
     # An --n2g-file that is not an N2G result (here the site's manifest) is refused before the model loads.
     not_n2g = dataclasses.replace(cfg, n2g_file=str(out / "site.json"))

@@ -140,7 +140,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     sources, loaded_here = open_sources(sae_sources)
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     out = Path(out)
-    key = build_key(sources, cfg)
+    key = build_key(sources, cfg, model_dtype)
     old = read_site_manifest(out)
     if old is not None and not overwrite:
         if old.get("key") == key:
