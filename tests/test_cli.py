@@ -402,8 +402,16 @@ def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["files"] == ["cfg.json", "sae.safetensors", "saelab.json"]
     again = load_sae(out)
     assert torch.equal(again.W_enc, sae.W_enc) and again.cfg.hook_name == sae.cfg.hook_name and again.cfg.prepend_bos
-    assert main(["export", str(tmp_path / "run"), str(out), "--format", "saelens"]) == 2
-    assert "holds an SAE already; pass --overwrite" in capsys.readouterr().err
+    written = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert main(["export", str(tmp_path / "run"), str(out), "--format", "sparsify"]) == 0  # the same command again
+    assert capsys.readouterr().err.strip() == f"{out} already holds this export (--overwrite writes it again)"
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == written
+    for other in (["--format", "saelens"], ["--format", "sparsify", "--dtype", "bfloat16"]):
+        assert main(["export", str(tmp_path / "run"), str(out), *other]) == 2
+        assert "holds an SAE already, not this export (another SAE, format or dtype); pass --overwrite" in \
+            capsys.readouterr().err
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no scratch copy left beside OUT
     assert main(["export", str(tmp_path / "run"), str(out), "--format", "saelens", "--dtype", "bfloat16",
                  "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import filecmp
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +38,40 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 
     from saelab.sae import save_sae
 
-    out = _check_export_folder(Path(args.out), args.overwrite)
+    out = _check_export_folder(Path(args.out))
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
     if args.dtype is not None:
         sae = sae.to(getattr(torch, args.dtype))
-    save_sae(sae, out, format=args.format)
+    if (out / "cfg.json").is_file() and not args.overwrite:
+        if not _holds_this_export(out, sae, args.format):
+            raise ConfigError(f"OUT {out} holds an SAE already, not this export (another SAE, format or dtype); pass "
+                              "--overwrite to replace it, or pick another folder")
+        print(f"{out} already holds this export (--overwrite writes it again)", file=sys.stderr)
+    else:
+        save_sae(sae, out, format=args.format)
     return {"sae": str(out), "format": args.format, "files": sorted(p.name for p in out.iterdir())}
 
 
-def _check_export_folder(out: Path, overwrite: bool) -> Path:
-    """A new or empty folder, or with --overwrite one that holds an SAE: never a folder of other files."""
+def _check_export_folder(out: Path) -> Path:
+    """A new or empty folder, or one that holds an SAE: never a folder of other files, nor a run's own SAE."""
     check_output_folder(out, "OUT")
     if (out.parent / TRAIN_CONFIG).is_file() and out.name == SAE_DIR:
         raise ConfigError(f"OUT {out} is the SAE of the run {out.parent}: an export there would make the run "
                           "describe another SAE; pick another folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / "cfg.json").is_file():
-            raise ConfigError(f"OUT {out} holds other files; expected a new or empty folder")
-        if not overwrite:
-            raise ConfigError(f"OUT {out} holds an SAE already; pass --overwrite to replace it, or pick another folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "cfg.json").is_file():
+        raise ConfigError(f"OUT {out} holds other files; expected a new or empty folder")
     return out
+
+
+def _holds_this_export(out: Path, sae, fmt: str) -> bool:
+    """Whether OUT's files are byte for byte the ones this export writes. The folder records every input
+    and setting itself (weights, config, layout, dtype), and other tools read it: no key file beside them."""
+    from saelab.sae import save_sae
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:  # beside OUT: room for one more SAE there
+        fresh = save_sae(sae, Path(scratch), format=fmt)
+        names = sorted(p.name for p in fresh.iterdir())
+        if names != sorted(p.name for p in out.iterdir()):
+            return False
+        same, _, _ = filecmp.cmpfiles(fresh, out, names, shallow=False)
+        return len(same) == len(names)
