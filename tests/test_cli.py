@@ -185,6 +185,9 @@ BAD = [
     ("train --device tpu", "--device tpu is not a device name; expected auto, cpu, cuda or cuda:N"),
     ("train --recipe shortrun", "invalid choice: 'shortrun' (choose from 'short-run', 'paper', 'relu-l1'); did you "
                                 "mean short-run?"),
+    ("eval SAE --ablations zero zero", "--ablations: 'zero' given twice; give each value once"),
+    ("eval SAE --suite paper --metrics core probe core", "--metrics: 'core' given twice; give each value once"),
+    ("browse A A --out site", "sae: 'A' given twice"),
 ]
 
 
@@ -279,6 +282,14 @@ def test_bad_config_file_is_one_line_naming_it_and_the_entry(name, text, expecte
     assert not (tmp_path / "run").exists()
     assert _exit_code(["train", "--activations", "a", "--out", "r", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: no such file" in capsys.readouterr().err
+
+
+def test_a_list_value_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text("eval:\n  ablations: [zero, zero]\n")
+    assert _exit_code(["eval", "SAE", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"saelab eval: error: --config {cfg}: eval.ablations: 'zero' given twice; give each value once"
 
 
 def test_one_config_file_serves_every_verb(tmp_path):

@@ -99,7 +99,13 @@ class Parser(ArgumentParser):
         # also the default, "--corpus" without its value would quietly change nothing.
         if _bare_is_a_no_op(action) and not arg_strings:
             self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
-        return super()._get_values(action, arg_strings)
+        values = super()._get_values(action, arg_strings)
+        if action.nargs in ("*", "+"):  # a list option: "--ablations zero zero" would run (and record) zero twice
+            repeat = first_repeat(values)
+            if repeat is not None:
+                self.error(f"{'/'.join(action.option_strings) or action.dest}: {repeat!r} given twice; give each "
+                           "value once")
+        return values
 
     def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
         # simple_parsing refuses "--no-auxk true" through exit(0, message): a bad option must fail
@@ -168,8 +174,21 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
         choices = literal_choices(hints[name])
         if choices and v not in choices:
             raise ConfigError(f"{where}.{key}: expected one of {', '.join(map(str, choices))}, got {v!r}")
+        repeat = first_repeat(v) if isinstance(v, list) else None
+        if repeat is not None:  # as on the command line (Parser._get_values)
+            raise ConfigError(f"{where}.{key}: {repeat!r} given twice; give each value once")
         section[name] = v
     return section
+
+
+def first_repeat(values: typing.Iterable[Any]) -> Any | None:
+    """The first value of a list option given more than once, or None."""
+    seen = []
+    for value in values:
+        if value in seen:
+            return value
+        seen.append(value)
+    return None
 
 
 def literal_choices(hint: Any) -> tuple:
