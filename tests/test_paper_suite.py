@@ -209,3 +209,20 @@ def test_n2g_latents_the_sae_lacks_are_refused_before_the_model_loads(tiny_serie
     assert err.count("\n") == 1, err
     assert "--n2g-latents [99999] out of range: the SAE has 128 latents (0 to 127)" in err
     assert not (out / "evals").exists()  # refused before the model (a missing one here) loads
+
+
+def test_the_runs_own_evals_folder_as_out_is_the_run_folder(tiny_dir, data_dir, tmp_path, capsys):
+    """`--out RUN/evals` means the run's evals/ (the default), not RUN/evals/evals/."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    run = tmp_path / "run"
+    save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post",
+                               model_name=str(tiny_dir), context_size=32)), run / "sae")
+    argv = ["eval", str(run), "--suite", "paper", "--metrics", "core", "--corpus",
+            str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), "--recon-tokens", "256", "--downstream-tokens", "248",
+            "--no-progress"]
+    out, _ = run_cli(capsys, *argv, "--out", str(run / "evals"))
+    assert out == {"report": str(run / "evals" / "report.md"), "core": "ok"}
+    assert sorted(p.name for p in (run / "evals").iterdir()) == ["core.json", "report.md", "suite.json"]
+    out, _ = run_cli(capsys, *argv)  # the default folder: the same evaluation, reused
+    assert out == {"report": str(run / "evals" / "report.md"), "core": "ok (reused)"}

@@ -395,7 +395,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     sae, run = open_sae(source, allow_http=allow_http)
     if hook:
         sae.cfg.hook_name = hook
-    out = Path(out_dir) if out_dir is not None else run
+    out = suite_folder(out_dir, run)
     if out is None:
         raise ConfigError(f"--suite paper writes its results to a folder: pass --out DIR for {source}, which is "
                           "not a run folder")
@@ -417,7 +417,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,
                             progress=progress)
     write_paper_report(out)
-    if run is not None and out == run and (run / TRAIN_CONFIG).exists():
+    if out is run and (run / TRAIN_CONFIG).exists():
         write_run_report(run)  # with a link to evals/report.md
     failed = {m: v["reason"] for m, v in index["metrics"].items() if v["status"] == "error"}
     if failed:
@@ -429,6 +429,16 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
 def _suite_runs(cfg: PaperSuiteConfig | None, metric: str) -> bool:
     """Whether settings given for ``metric`` (None: none given) are used: --metrics, if given, names it."""
     return cfg is not None and (not cfg.metrics or metric in cfg.metrics)
+
+
+def suite_folder(out_dir: str | Path | None, run: Path | None) -> Path | None:
+    """The folder whose evals/ the paper suite writes: ``out_dir``, else the run folder. The run folder
+    named as ``out_dir``, or its own evals/ folder, is the run folder (not RUN/evals/evals/)."""
+    if out_dir is None:
+        return run
+    if run is not None and Path(out_dir).resolve() in (run.resolve(), (run / EVALS_DIR).resolve()):
+        return run
+    return Path(out_dir)
 
 
 @dataclass
