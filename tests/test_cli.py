@@ -439,21 +439,34 @@ def test_families_refuses_an_existing_out_file(tmp_path, capsys):
     assert precious.read_text() == '{"precious": true}'
 
 
-def _two_tiny_saes(folder, model_dir) -> list[str]:
-    """Two SAEs of different sizes on the tiny GPT-2's first block (feature families need two sizes)."""
+def _tiny_sae(folder, model_dir, n_latents: int = 32) -> str:
+    """A SAELens folder of an SAE on the tiny GPT-2's first block (not a run folder)."""
     from saelab.sae import SAEConfig, TopKSAE, save_sae
 
-    for n in (32, 64):
-        save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=n, k=4, hook_name="blocks.0.hook_resid_post",
-                                   model_name=str(model_dir), context_size=32)), folder / f"sae{n}")
-    return [str(folder / "sae32"), str(folder / "sae64")]
+    save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=n_latents, k=4, hook_name="blocks.0.hook_resid_post",
+                               model_name=str(model_dir), context_size=32)), folder)
+    return str(folder)
+
+
+def test_eval_of_an_sae_outside_a_run_says_its_metrics_are_not_saved(tmp_path, tiny_dir, capsys):
+    import json
+
+    sae = _tiny_sae(tmp_path / "sae", tiny_dir)
+    assert main(["eval", sae, "--recon-tokens", "256", "--downstream-tokens", "248", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "nmse" in json.loads(printed.out)
+    assert printed.err.strip().splitlines()[-1] == (f"saelab eval: note: {sae} is not a run folder, so these metrics "
+                                                    "were not saved; --out DIR keeps them")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
 
 
 def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path, tiny_dir, capsys):
     import json
 
     out = tmp_path / "families.json"
-    argv = ["families", *_two_tiny_saes(tmp_path, tiny_dir), "--out", str(out), "--n-tokens", "256", "--no-progress"]
+    saes = [_tiny_sae(tmp_path / f"sae{n}", tiny_dir, n) for n in (32, 64)]
+    argv = ["families", *saes, "--out", str(out), "--n-tokens", "256", "--no-progress"]
     assert main(argv) == 0
     first = out.read_bytes()
     capsys.readouterr()

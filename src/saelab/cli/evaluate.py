@@ -149,8 +149,12 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                   file=sys.stderr)
             return read_eval_metrics(args.out, sae)
         _check_eval_out(Path(args.out), args.overwrite)
-    return evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
-                    model_dtype=args.model_dtype, progress=args.progress)
+    metrics = evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
+                       model_dtype=args.model_dtype, progress=args.progress)
+    if args.out is None:  # an SAE outside a run folder has no place of its own for them
+        print(f"saelab eval: note: {args.sae} is not a run folder, so these metrics were not saved; --out DIR keeps "
+              "them", file=sys.stderr)
+    return metrics
 
 
 def add_report(sub) -> None:
