@@ -158,8 +158,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_report(sub) -> None:
-    p = sub.add_parser("report", help="(re)write report.md and training_curves.png of a run folder; for a sweep folder the "
-                                      "scaling study (scaling.json, scaling_nmse.png, scaling_delta_loss.png)")
+    p = sub.add_parser("report", help="(re)write report.md and training_curves.png of a run folder; for a sweep "
+                                      "folder the scaling study (scaling.json, scaling_nmse.png, "
+                                      "scaling_delta_loss.png)")
     p.add_argument("run", help="run folder or sweep folder")
     add_io_options(p, device=False, overwrite=False)
     p.set_defaults(handler=run_report)
