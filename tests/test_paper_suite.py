@@ -211,7 +211,7 @@ def test_n2g_latents_the_sae_lacks_are_refused_before_the_model_loads(tiny_serie
     assert not (out / "evals").exists()  # refused before the model (a missing one here) loads
 
 
-def test_the_runs_own_evals_folder_as_out_is_the_run_folder(tiny_dir, data_dir, tmp_path, capsys):
+def test_the_runs_own_evals_folder_as_out_is_the_run_folder(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
     """`--out RUN/evals` means the run's evals/ (the default), not RUN/evals/evals/."""
     from saelab.sae import SAEConfig, TopKSAE, save_sae
 
@@ -225,4 +225,7 @@ def test_the_runs_own_evals_folder_as_out_is_the_run_folder(tiny_dir, data_dir, 
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok"}
     assert sorted(p.name for p in (run / "evals").iterdir()) == ["core.json", "report.md", "suite.json"]
     out, _ = run_cli(capsys, *argv)  # the default folder: the same evaluation, reused
+    assert out == {"report": str(run / "evals" / "report.md"), "core": "ok (reused)"}
+    monkeypatch.setenv("HOME", str(tmp_path))  # the run named from the home folder, as a shell leaves "~/run"
+    out, _ = run_cli(capsys, "eval", "~/run", *argv[2:])
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok (reused)"}

@@ -391,28 +391,17 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
                 device: str | torch.device | None = None, model_dtype: str = "float32", allow_http: bool = False,
                 overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """`saelab eval SAE --suite paper`: the suite into OUT/evals/ (OUT: the run folder, or ``out_dir``),
-    OUT/evals/report.md, and the run's report.md. Raises after writing when a metric failed."""
+    OUT/evals/report.md, and the run's report.md. Returns the suite index with "report", the path of that
+    report. Raises after writing when a metric failed."""
     sae, run = open_sae(source, allow_http=allow_http)
     if hook:
         sae.cfg.hook_name = hook
-    out = suite_folder(out_dir, run)
-    if out is None:
-        raise ConfigError(f"--suite paper writes its results to a folder: pass --out DIR for {source}, which is "
-                          "not a run folder")
-    check_output_folder(out, "--out")
-    another_run = run is None or out.resolve() != run.resolve()
-    if another_run and (out / TRAIN_CONFIG).is_file():  # as `eval --out`: a run's evals/ are its own SAE's
-        raise ConfigError(f"--out {out} is the run folder of another SAE; its evals/ describe that SAE: pick "
-                          "another folder")
-    check_sae_hook(sae, source)
+    out = _suite_folder(out_dir, run)
     eval_cfg = eval_cfg or EvalConfig()
-    resolve_corpus(eval_cfg.corpus, "eval")
-    if _suite_runs(cfg, "n2g"):  # latent ids the SAE lacks: before the load
-        check_latents(cfg.n2g.latents, sae.n_latents, name="--n2g-latents")
-    if _suite_runs(cfg, "compute_equivalent") and cfg.compute_equivalent.series:  # an unknown name: before the load
-        resolve_series(cfg.compute_equivalent.series, cfg.compute_equivalent.steps)
-    check_before_load(lm or model_for(sae), sae.cfg.hook_name, eval_cfg.context_size or sae.cfg.context_size)
-    lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
+    _check_suite_inputs(sae, source, run, out, eval_cfg, cfg)
+    spec = lm or model_for(sae)
+    check_before_load(spec, sae.cfg.hook_name, eval_cfg.context_size or sae.cfg.context_size)
+    lm = load_model(spec, device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=False)
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,
                             progress=progress)
@@ -423,7 +412,26 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     if failed:
         raise SaelabError(f"paper suite wrote {out / EVALS_DIR / 'report.md'} but failed in {len(failed)} "
                           "metric(s): " + "; ".join(f"{m}: {r}" for m, r in failed.items()))
-    return index
+    return {**index, "report": str(out / EVALS_DIR / "report.md")}
+
+
+def _check_suite_inputs(sae: TopKSAE, source: str | Path, run: Path | None, out: Path | None, eval_cfg: EvalConfig,
+                        cfg: PaperSuiteConfig | None) -> None:
+    """What refuses the paper suite's inputs and output folder, before the model loads."""
+    if out is None:
+        raise ConfigError(f"--suite paper writes its results to a folder: pass --out DIR for {source}, which is "
+                          "not a run folder")
+    check_output_folder(out, "--out")
+    another_run = run is None or out.resolve() != run.resolve()
+    if another_run and (out / TRAIN_CONFIG).is_file():  # as `eval --out`: a run's evals/ are its own SAE's
+        raise ConfigError(f"--out {out} is the run folder of another SAE; its evals/ describe that SAE: pick "
+                          "another folder")
+    check_sae_hook(sae, source)
+    resolve_corpus(eval_cfg.corpus, "eval")
+    if _suite_runs(cfg, "n2g"):  # latent ids the SAE lacks
+        check_latents(cfg.n2g.latents, sae.n_latents, name="--n2g-latents")
+    if _suite_runs(cfg, "compute_equivalent") and cfg.compute_equivalent.series:  # an unknown name
+        resolve_series(cfg.compute_equivalent.series, cfg.compute_equivalent.steps)
 
 
 def _suite_runs(cfg: PaperSuiteConfig | None, metric: str) -> bool:
@@ -431,7 +439,7 @@ def _suite_runs(cfg: PaperSuiteConfig | None, metric: str) -> bool:
     return cfg is not None and (not cfg.metrics or metric in cfg.metrics)
 
 
-def suite_folder(out_dir: str | Path | None, run: Path | None) -> Path | None:
+def _suite_folder(out_dir: str | Path | None, run: Path | None) -> Path | None:
     """The folder whose evals/ the paper suite writes: ``out_dir``, else the run folder. The run folder
     named as ``out_dir``, or its own evals/ folder, is the run folder (not RUN/evals/evals/)."""
     if out_dir is None:

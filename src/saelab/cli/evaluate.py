@@ -16,8 +16,7 @@ from saelab.evals.core import EvalConfig
 from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
-from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, EVALS_DIR, REPORT, TRAIN_CONFIG, is_run, is_sweep,
-                               open_sae, read_eval_metrics)
+from saelab.run_folder import ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, is_sweep, open_sae, read_eval_metrics
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -105,8 +104,7 @@ def _check_eval_out(out: Path, overwrite: bool) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.pipeline import (evaluate, evaluate_run, evaluate_sweep, evaluation_is_current, paper_suite,
-                                 suite_folder)
+    from saelab.pipeline import evaluate, evaluate_run, evaluate_sweep, evaluation_is_current, paper_suite
 
     suite_only = typed_starting(args, "--series", "--metrics", "--ablation-contexts", "--probe-contexts",
                                 "--n2g-contexts", *(f"--{prefix}" for _, _, prefix in METRIC_GROUPS))
@@ -125,8 +123,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         index = paper_suite(args.sae, out_dir=args.out, lm=args.model, hook=args.hook, eval_cfg=args.eval,
                             cfg=suite_config(args), device=args.device, model_dtype=args.model_dtype, allow_http=args.allow_http,
                             overwrite=args.overwrite, progress=args.progress)
-        out = suite_folder(args.out, Path(args.sae) if is_run(args.sae) else None)
-        return {"report": str(out / EVALS_DIR / REPORT),
+        return {"report": index["report"],
                 **{m: v["status"] + (" (reused)" if v["reused"] else "") for m, v in index["metrics"].items()}}
     sae, run = open_sae(args.sae, allow_http=args.allow_http)
     if args.hook:
