@@ -527,15 +527,25 @@ def _recorded_stage_seconds(run_dir: Path) -> dict[str, float]:
     return {k: v for k, v in recorded.items() if isinstance(v, (int, float))} if isinstance(recorded, dict) else {}
 
 
-def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, float],
-                   reused: list[str]) -> dict[str, float]:
-    """Seconds each stage took in the call that did it: a reused stage keeps its earlier record, and
-    training counts every call that resumed it (status.json's train_seconds)."""
+def _recorded_train_seconds(run_dir: Path, unfinished_only: bool) -> float:
+    """status.json's train_seconds (the training loop's time over every call), 0 when absent."""
+    status = read_status(run_dir)
+    seconds = status.get("train_seconds")
+    if not isinstance(seconds, (int, float)) or (unfinished_only and status.get("state") == "finished"):
+        return 0.0
+    return float(seconds)
+
+
+def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, float], reused: list[str],
+                   trained_before: float) -> dict[str, float]:
+    """Seconds each stage took in the calls that did it: a reused stage keeps its earlier record, and a
+    resumed training adds the earlier calls' training (``trained_before``) to this call's."""
     out = {stage: earlier[stage] for stage in reused if stage in earlier}
     out.update({stage: t for stage, t in times.items() if stage not in reused})
-    trained = read_status(run_dir).get("train_seconds")
-    if isinstance(trained, (int, float)):
-        out["train"] = round(trained, 1)
+    if "train" in times:
+        out["train"] = round(times["train"] + trained_before, 1)
+    elif "train" in reused and "train" not in out:  # no earlier record: the training loop's own time
+        out["train"] = round(_recorded_train_seconds(run_dir, unfinished_only=False), 1)
     return out
 
 
@@ -573,6 +583,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         check_context_fits(lm or harvest_cfg.model, cfg.eval.context_size)
     times: dict[str, float] = {}
     earlier = _recorded_stage_seconds(run_dir)
+    trained_before = 0.0 if overwrite else _recorded_train_seconds(run_dir, unfinished_only=True)
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
     reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
     cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
@@ -595,7 +606,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     # This invocation's wall times; stages whose earlier result was reused are listed, not timed.
     times = {stage: t for stage, t in times.items() if stage not in reused}
     metrics["wall_seconds"] = {**times, "total": round(sum(times.values()), 1)}
-    metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused)
+    metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused, trained_before)
     metrics["reused"] = reused
     write_json(run_dir / EVAL_METRICS, metrics)
     write_run_report(run_dir)

@@ -64,7 +64,8 @@ def _wall_time_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """This call's seconds per stage, and the earlier calls' where a stage was reused or resumed."""
     wall, stages = metrics["wall_seconds"], metrics.get("stage_seconds", {})
     rows = []
-    for stage in [*wall, *(s for s in stages if s not in wall)]:
+    order = [s for s in wall if s != "total"] + [s for s in stages if s not in wall] + ["total"]
+    for stage in (s for s in order if s in wall or s in stages):
         now = f"{wall[stage]:,.1f}" if stage in wall else "reused"
         before = stages.get(stage)
         rows.append((stage, now if before is None or before == wall.get(stage) else f"{now} (all calls: {before:,.1f})"))
@@ -119,10 +120,13 @@ def write_run_report(run_dir: str | Path) -> Path:
         lines += ["## Paper metrics", "", "Compute-equivalent, ablation sparsity, probe loss and N2G: "
                   "[evals/report.md](evals/report.md) (`saelab eval RUN --suite paper`).", ""]
     if metrics.get("wall_seconds"):
-        lines += ["## Wall time (s)", "", markdown_table(_wall_time_rows(metrics)), ""]
+        rows = _wall_time_rows(metrics)
+        lines += ["## Wall time (s)", "", markdown_table(rows), ""]
         if metrics.get("reused"):
-            lines += [f"Reused from an earlier run of the same settings: {', '.join(metrics['reused'])}. "
-                      "\"all calls\": the time the stage took in the calls that did it.", ""]
+            lines += [f"Reused from an earlier run of the same settings: {', '.join(metrics['reused'])}.", ""]
+        if any("all calls" in text for _, text in rows):
+            lines += ["\"all calls\": the seconds a stage took in the calls that ran it (a resumed training "
+                      "counts each call).", ""]
     path = run_dir / REPORT
     write_text(path, "\n".join(lines))
     return path
