@@ -563,12 +563,12 @@ def _config_only_model(folder):
     return folder
 
 
-def _save_saes(tmp_path, model, *names_and_sizes, hook="blocks.1.hook_resid_post"):
+def _save_saes(tmp_path, model, *names_and_sizes, hook="blocks.1.hook_resid_post", context_size=32):
     from saelab.sae import SAEConfig, TopKSAE, save_sae
 
     for name, n in names_and_sizes:
         save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=n, k=4, hook_name=hook, model_name=str(model),
-                                   context_size=32)), tmp_path / name)
+                                   context_size=context_size)), tmp_path / name)
 
 
 def _refusals(argvs_and_messages, capsys) -> None:
@@ -583,6 +583,7 @@ def test_a_context_longer_than_the_model_takes_is_refused_from_its_config_before
     monkeypatch.chdir(tmp_path)
     model = _config_only_model(tmp_path / "model")
     _save_saes(tmp_path, model, ("sae", 64), ("sae128", 128), ("run/sae", 64))
+    _save_saes(tmp_path, model, ("sae256", 64), context_size=256)
     too_long = f"--context-size 100000 exceeds the longest context of {model} (128 tokens)"
     harvest = ["harvest", "--model", str(model), "--hook", "blocks.1.hook_resid_post", "--out", "acts"]
     _refusals([(["eval", "sae", "--context-size", "100000", "--out", "ev"], too_long),
@@ -592,10 +593,13 @@ def test_a_context_longer_than_the_model_takes_is_refused_from_its_config_before
                (["browse", "sae", "--context-size", "100000", "--export", "neuronpedia", "np"], too_long),
                (["families", "sae", "sae128", "--context-size", "100000", "--out", "f.json"], too_long),
                ([*harvest, "--context-size", "100000"], too_long),
+               # no --context-size: the SAE's own, named as such
+               (["eval", "sae256", "--out", "ev"], "the SAE's context of 256 tokens (--context-size sets another) "
+                                                   f"exceeds the longest context of {model} (128 tokens)"),
                # the longest context passes the check; the load is what fails
                (["eval", "sae", "--context-size", "128", "--out", "ev"], "cannot load model directory"),
                ([*harvest, "--context-size", "128"], "cannot load model directory")], capsys)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run", "sae", "sae128"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run", "sae", "sae128", "sae256"]
 
 
 def test_browse_export_checks_its_folder_before_the_model_loads(tmp_path, capsys, monkeypatch):
@@ -654,10 +658,10 @@ def test_quickstart_checks_the_hook_and_both_context_sizes_before_the_model_load
     model = _config_only_model(tmp_path / "model")
     quickstart = ["quickstart", "--out", "qs", "--harvest-model", str(model), "--n-tokens", "8192", "--harvest-hook"]
     hook_1 = [*quickstart, "blocks.1.hook_resid_post"]
-    too_long = f"context_size=100000 exceeds the longest context of {model} (128 tokens)"
+    too_long = f"context-size 100000 exceeds the longest context of {model} (128 tokens)"
     _refusals([([*quickstart, "blocks.5.hook_resid_post"], "layer 5 out of range 0..1"),
-               ([*hook_1, "--harvest-context-size", "100000"], too_long),
-               ([*hook_1, "--eval-context-size", "100000"], too_long),
+               ([*hook_1, "--harvest-context-size", "100000"], f"--harvest-{too_long}"),
+               ([*hook_1, "--eval-context-size", "100000"], f"--eval-{too_long}"),
                ([*hook_1, "--eval-context-size", "128"], "cannot load model directory")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

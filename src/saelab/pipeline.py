@@ -261,7 +261,7 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     given = isinstance(sae, TopKSAE)
     sae = sae if given else open_sae(sae)[0]
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
-    check_before_load(lm or model_for(sae), sae.cfg.hook_name, cfg.context_size or sae.cfg.context_size)
+    check_before_load(lm or model_for(sae), sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
     lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress)
@@ -344,7 +344,7 @@ def check_evaluation_before_training(cache: str | Path, cfg: EvalConfig) -> None
     resolve_corpus(cfg.corpus, "eval")
     meta = ActivationCache(cache).meta
     spec = recorded_model(meta.get("model_source"), meta.get("model_name"), f"activation cache {cache}")
-    check_before_load(spec, meta.get("hook_name", ""), cfg.context_size or meta.get("context_size"))
+    check_before_load(spec, meta.get("hook_name", ""), cfg.context_size, meta.get("context_size"))
 
 
 def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: str | None = None,
@@ -365,7 +365,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         state[run] = "none" if overwrite else _evaluation_state(run, sae, cfg, model=model, model_dtype=model_dtype)
         specs[run] = model or model_for(sae)
         if state[run] != "current":  # to be evaluated: its hook and context checked before any model loads
-            check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size or sae.cfg.context_size)
+            check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
     other = [run.name for run in runs if state[run] == "other"]
     if other:
         raise RunExistsError(f"{', '.join(other)} in {folder} hold an evaluation with other settings (or another "
@@ -400,7 +400,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     eval_cfg = eval_cfg or EvalConfig()
     _check_suite_inputs(sae, source, run, out, eval_cfg, cfg)
     spec = lm or model_for(sae)
-    check_before_load(spec, sae.cfg.hook_name, eval_cfg.context_size or sae.cfg.context_size)
+    check_before_load(spec, sae.cfg.hook_name, eval_cfg.context_size, sae.cfg.context_size)
     lm = load_model(spec, device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=False)
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,
@@ -578,9 +578,10 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     if not overwrite_activations:  # a cache of other settings
         with _naming_quickstart_cache(run_dir):
             reusable_cache(run_dir / ACTIVATIONS_DIR, meta=_harvest_meta(harvest_cfg, corpus), dtype=harvest_cfg.dtype)
-    check_before_load(lm or harvest_cfg.model, harvest_cfg.hook, harvest_cfg.context_size)
+    check_before_load(lm or harvest_cfg.model, harvest_cfg.hook)
+    check_context_fits(lm or harvest_cfg.model, harvest_cfg.context_size, "harvest.context_size {n}")
     if cfg.eval.context_size:  # the evaluation's, else refused only after the harvest and the training
-        check_context_fits(lm or harvest_cfg.model, cfg.eval.context_size)
+        check_context_fits(lm or harvest_cfg.model, cfg.eval.context_size, "eval.context_size {n}")
     times: dict[str, float] = {}
     earlier = _recorded_stage_seconds(run_dir)
     trained_before = 0.0 if overwrite else _recorded_train_seconds(run_dir, unfinished_only=True)

@@ -274,21 +274,31 @@ def check_hook_layer(spec: str | LanguageModel, hook: str) -> None:
         raise HookNameError(f"unknown hook {hook!r} for model {spec}: layer {layer} out of range 0..{count - 1}")
 
 
-def check_context_fits(spec: str | LanguageModel, context_size: int) -> None:
+def check_context_fits(spec: str | LanguageModel, context_size: int, named: str = "context_size={n}") -> None:
     """Refuse a context longer than the model's positions before the (slow) load, when the config is
-    at hand; worded as ``LanguageModel.check_context_size``, which checks it after the load."""
+    at hand; worded as ``LanguageModel.check_context_size``, which checks it after the load. ``named``
+    says where the size came from ("--eval-context-size {n}"; by default the setting, which the command
+    line words as its option)."""
     longest = _configured(spec, "max_position_embeddings", "n_positions")
     if longest is not None and context_size > longest:
-        raise ConfigError(f"context_size={context_size} exceeds the longest context of {spec} ({longest} tokens)")
+        raise ConfigError(f"{named.format(n=context_size)} exceeds the longest context of {spec} ({longest} tokens)")
 
 
-def check_before_load(spec: str | LanguageModel, hook: str, context_size: int | None = None) -> None:
+# A context an SAE (or activation cache) recorded, not one the user typed.
+RECORDED_CONTEXT = "the SAE's context of {n} tokens (--context-size sets another)"
+
+
+def check_before_load(spec: str | LanguageModel, hook: str, context_size: int | None = None,
+                      recorded_context: int | None = None) -> None:
     """What the model's config on disk refuses before the (slow) load: a malformed hook, one past the
-    model's layers, a context (if given) longer than it takes."""
+    model's layers, a context longer than it takes (``context_size`` if given, else ``recorded_context``,
+    the SAE's own)."""
     check_hook_form(hook)
     check_hook_layer(spec, hook)
     if context_size is not None:
         check_context_fits(spec, context_size)
+    elif recorded_context is not None:
+        check_context_fits(spec, recorded_context, RECORDED_CONTEXT)
 
 
 def model_provenance(spec: str) -> dict:

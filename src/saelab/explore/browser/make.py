@@ -106,7 +106,7 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
 
     resolve_corpus(cfg)
     spec = lm or cfg.model or model_for(sources[0].sae)
-    check_before_load(spec, hook, cfg.context_size or sources[0].sae.cfg.context_size)  # as read_tokens reads
+    check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size)  # as read_tokens reads
     lm = load_model(spec, device=device, dtype=model_dtype)
     for s in loaded_here:
         s.sae.to(lm.device)
