@@ -72,6 +72,10 @@ def test_version_is_the_installed_package_version(capsys):
     ("--config c.yaml: train.k: expected an integer", "--config c.yaml: train.k: expected an integer"),
     ("sae.hook_name, cfg.json, manifest.json and blocks.1.hook_resid_post",
      "sae.hook_name, cfg.json, manifest.json and blocks.1.hook_resid_post"),
+    # a switch's value as typed; a flag without a --no- form keeps its words
+    ("it was written with meta.harvest.prepend_bos True, not False",
+     "it was written with --harvest-prepend-bos, not --no-harvest-prepend-bos"),
+    ("--json True is odd", "--json True is odd"),
 ])
 def test_errors_name_the_options_a_user_types(message, expected):
     from saelab.cli import in_option_words
@@ -81,7 +85,8 @@ def test_errors_name_the_options_a_user_types(message, expected):
                "--lr": "train.lr", "--grid": "grid", "--recipe": "train.recipe", "--eval-recon-tokens": "eval.recon_tokens",
                "--probe-lm-batch-size": "probe.lm_batch_size", "--n2g-lm-batch-size": "n2g.lm_batch_size",
                "--harvest-n-tokens": "harvest.n_tokens", "--model-dtype": "model_dtype", "--device": "device",
-               "--n2g-padding-token": "n2g.padding_token", "--json": "json"}
+               "--n2g-padding-token": "n2g.padding_token", "--json": "json",
+               "--harvest-prepend-bos": "harvest.prepend_bos", "--no-harvest-prepend-bos": "harvest.prepend_bos"}
     assert in_option_words(message, options) == expected
 
 

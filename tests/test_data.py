@@ -525,3 +525,7 @@ def test_a_cache_with_other_settings_names_the_setting_that_differs(tmp_path):
         write_activation_cache(batches, tmp_path / "c", meta={"model": "m", "seed": 0}, resume=True, progress=False)
     assert "cannot reuse activation cache" in str(e.value) and "it was written with meta.seed 5, not 0" in str(e.value)
     assert "'model'" not in str(e.value)  # the one setting, not the whole meta
+    # A setting left at its default (None) is named as such, not as a value to type.
+    write_activation_cache(batches, tmp_path / "d", meta={"corpus": None}, progress=False)
+    with pytest.raises(ActivationCacheError, match=r"it was written with meta.corpus unset \(the default\), not 'a.txt'"):
+        write_activation_cache(batches, tmp_path / "d", meta={"corpus": "a.txt"}, resume=True, progress=False)

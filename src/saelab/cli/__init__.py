@@ -139,7 +139,17 @@ def in_option_words(message: str, options: dict[str, str]) -> str:
     message = re.sub(r"(?<![\w/.,=-])([a-z][a-z0-9_]*)=(['\"]?)([\w.-]++(?::\w+)?)\2(?![/,=])", assignment,
                      message)  # ":N": "device='cuda:1'"
     message = _SETTING_RE.sub(option, message)
-    return _SETTING_AFTER_RE.sub(option, message)
+    message = _SETTING_AFTER_RE.sub(option, message)
+    return re.sub(r"--([\w-]+) (True|False)(, not (True|False))?\b", lambda m: _as_switch(m, options), message)
+
+
+def _as_switch(match: re.Match, options: dict[str, str]) -> str:
+    """A switch's value as it is typed: "--prepend-bos True, not False" -> "--prepend-bos, not --no-prepend-bos"."""
+    name = match[1]
+    if f"--no-{name}" not in options:
+        return match[0]
+    typed = {"True": f"--{name}", "False": f"--no-{name}"}
+    return typed[match[2]] + (f", not {typed[match[4]]}" if match[3] else "")
 
 
 def _option_of_path(path: str, options: dict[str, str]) -> str:

@@ -333,7 +333,11 @@ def _difference(key: str, have: Any, want: Any) -> str:
         for sub in sorted(set(have) | set(want), key=lambda k: (not isinstance(have.get(k), dict), str(k))):
             if have.get(sub) != want.get(sub):
                 return _difference(f"{key}.{sub}", have.get(sub), want.get(sub))
-    return f"it was written with {key} {have!r}, not {want!r}"
+    return f"it was written with {key} {_shown(have)}, not {_shown(want)}"
+
+
+def _shown(value: Any) -> str:
+    return "unset (the default)" if value is None else repr(value)
 
 
 class _ShardWriter:
