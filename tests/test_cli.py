@@ -403,7 +403,7 @@ def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys):
+def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys, monkeypatch):
     import json
 
     import torch
@@ -422,6 +422,11 @@ def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys):
     assert main(["export", str(tmp_path / "run"), str(out), "--format", "sparsify"]) == 0  # the same command again
     assert capsys.readouterr().err.strip() == f"{out} already holds this export (--overwrite writes it again)"
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == written
+    monkeypatch.chdir(out)  # OUT named from inside it
+    assert main(["export", str(tmp_path / "run"), ".", "--format", "sparsify"]) == 0
+    assert capsys.readouterr().err.strip() == ". already holds this export (--overwrite writes it again)"
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == written
+    monkeypatch.chdir(tmp_path)
     for other in (["--format", "saelens"], ["--format", "sparsify", "--dtype", "bfloat16"]):
         assert main(["export", str(tmp_path / "run"), str(out), *other]) == 2
         assert "holds an SAE already, not this export (another SAE, format or dtype); pass --overwrite" in \

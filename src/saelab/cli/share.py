@@ -68,10 +68,13 @@ def _holds_this_export(out: Path, sae, fmt: str) -> bool:
     and setting itself (weights, config, layout, dtype), and other tools read it: no key file beside them."""
     from saelab.sae import save_sae
 
-    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:  # beside OUT: room for one more SAE there
-        fresh = save_sae(sae, Path(scratch), format=fmt)
-        names = sorted(p.name for p in fresh.iterdir())
-        if names != sorted(p.name for p in out.iterdir()):
-            return False
-        same, _, _ = filecmp.cmpfiles(fresh, out, names, shallow=False)
-        return len(same) == len(names)
+    try:  # beside OUT (OUT may be "."): room for one more SAE there
+        with tempfile.TemporaryDirectory(dir=out.resolve().parent) as scratch:
+            fresh = save_sae(sae, Path(scratch), format=fmt)
+            names = sorted(p.name for p in fresh.iterdir())
+            if names != sorted(p.name for p in out.iterdir()):
+                return False
+            same, _, _ = filecmp.cmpfiles(fresh, out, names, shallow=False)
+            return len(same) == len(names)
+    except OSError:  # no room or no write access beside OUT: not shown to be the same, so not reused
+        return False
