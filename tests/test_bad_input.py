@@ -441,8 +441,9 @@ def test_quickstart_refuses_its_cache_of_other_settings_before_the_model_loads(t
     cfg = QuickstartConfig(harvest=harvest_cfg(corpus, n_tokens=2048),
                            train=TrainConfig(n_latents=64, k=4, total_tokens=1024, batch_size=256),
                            eval=EvalConfig(corpus=str(corpus)))
-    with pytest.raises(ActivationCacheError, match="holds activations harvested with other settings .* "
-                                                   "pass --overwrite-activations --overwrite"):
+    with pytest.raises(ActivationCacheError, match=r"holds activations harvested with other settings \(it was written "
+                                                   r"with meta.harvest.n_tokens 1024, not 2048\); pass "
+                                                   "--overwrite-activations --overwrite"):
         quickstart(cfg, tmp_path / "run", progress=False)
     assert snapshot(tmp_path / "run" / ACTIVATIONS_DIR) == before
 

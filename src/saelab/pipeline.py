@@ -8,6 +8,7 @@ import contextlib
 import copy
 import itertools
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -505,11 +506,12 @@ def _naming_quickstart_cache(run_dir: Path):
     try:
         yield
     except ActivationCacheError as e:
-        if "was written with" not in str(e):  # the cache holds other settings
+        difference = re.search(r"it was written with .*?(?=; pass )", str(e))
+        if difference is None:  # not a cache of other settings
             raise
         raise ActivationCacheError(f"{run_dir / ACTIVATIONS_DIR} holds activations harvested with other settings "
-                                   "(e.g. another --n-tokens); pass --overwrite-activations --overwrite to harvest "
-                                   "and train again, or pick another --out") from e
+                                   f"({difference[0]}); pass --overwrite-activations --overwrite to harvest and "
+                                   "train again, or pick another --out") from e
 
 
 def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, overwrite: bool,

@@ -178,7 +178,8 @@ def model_for(sae) -> str:
 def check_sae_hook(sae, source: Any) -> None:
     """Refuse an SAE that records no hook (a bare weights file, say): what it reads must be given."""
     if not sae.cfg.hook_name:
-        raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook)")
+        raise ConfigError(f"SAE {source} records no hook; pass the hook it reads (--hook), e.g. --hook "
+                          "blocks.8.hook_resid_post for an OpenAI .pt file outside its release layout")
 
 
 def recorded_model(source: Any, model_name: str | None, what: str) -> str:

@@ -16,7 +16,8 @@ from saelab.evals.core import EvalConfig
 from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
-from saelab.run_folder import ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, is_sweep, open_sae, read_eval_metrics
+from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_sae_hook, is_sweep, open_sae,
+                               read_eval_metrics)
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -128,9 +129,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     sae, run = open_sae(args.sae, allow_http=args.allow_http)
     if args.hook:
         sae.cfg.hook_name = args.hook
-    if not sae.cfg.hook_name:
-        raise ConfigError(f"SAE {args.sae} records no hook (an OpenAI .pt file outside its release layout "
-                          ".../resid_post_mlp_v5_32k/autoencoders/8.pt, say); pass --hook blocks.8.hook_resid_post")
+    check_sae_hook(sae, args.sae)
     into_run = run is not None and (args.out is None or Path(args.out).resolve() == run.resolve())
     if into_run and args.hook:
         raise ConfigError(f"--hook changes what {args.sae}'s SAE reads: its metrics would not describe the run; "
