@@ -262,8 +262,9 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     given = isinstance(sae, TopKSAE)
     sae = sae if given else open_sae(sae)[0]
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
-    check_before_load(lm or model_for(sae), sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
-    lm = load_model(lm or model_for(sae), device=device, dtype=model_dtype)
+    spec = lm or model_for(sae)
+    check_before_load(spec, sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
+    lm = load_model(spec, device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress)
     metrics = {**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),

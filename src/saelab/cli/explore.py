@@ -122,8 +122,9 @@ def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
     if bad:
         raise ConfigError(f"latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
     check_sae_hook(sae, args.sae)
-    check_before_load(args.model or model_for(sae), sae.cfg.hook_name)
-    lm = load_model(args.model or model_for(sae), device=args.device, dtype=args.model_dtype)
+    spec = args.model or model_for(sae)  # once: an SAE that records no model is warned about once
+    check_before_load(spec, sae.cfg.hook_name)
+    lm = load_model(spec, device=args.device, dtype=args.model_dtype)
     return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
 
 
