@@ -192,7 +192,7 @@ BAD = [
                                 "mean short-run?"),
     ("eval SAE --ablations zero zero", "--ablations: 'zero' given twice; give each value once"),
     ("eval SAE --suite paper --metrics core probe core", "--metrics: 'core' given twice; give each value once"),
-    ("browse A A --out site", "sae: 'A' given twice"),
+    ("browse A A --out site", "SAE: 'A' given twice"),
 ]
 
 

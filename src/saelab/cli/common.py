@@ -103,8 +103,8 @@ class Parser(ArgumentParser):
         if action.nargs in ("*", "+"):  # a list option: "--ablations zero zero" would run (and record) zero twice
             repeat = first_repeat(values)
             if repeat is not None:
-                self.error(f"{'/'.join(action.option_strings) or action.dest}: {repeat!r} given twice; give each "
-                           "value once")
+                named = "/".join(action.option_strings) or action.metavar or action.dest.upper()  # as the usage shows it
+                self.error(f"{named}: {repeat!r} given twice; give each value once")
         return values
 
     def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
