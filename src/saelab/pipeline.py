@@ -366,7 +366,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         sae = load_sae(run / SAE_DIR)
         state[run] = "none" if overwrite else _evaluation_state(run, sae, cfg, model=model, model_dtype=model_dtype)
         specs[run] = model or model_for(sae)
-        if state[run] != "current":  # to be evaluated: its hook and context checked before any model loads
+        if state[run] == "none":  # to be evaluated: its hook and context checked before any model loads
             check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
     other = [run.name for run in runs if state[run] == "other"]
     if other:
