@@ -559,6 +559,28 @@ def _timed(times: dict[str, float], name: str, fn):
     return out
 
 
+def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
+                             lm: LanguageModel | None, *, model_dtype: str, overwrite: bool, overwrite_activations: bool,
+                             log_to: Sequence[str]) -> None:
+    """Everything that refuses a quickstart, checked before the model loads: its output folder and
+    loggers, earlier results of other settings, both corpora, the hook and both context sizes."""
+    check_output_folder(run_dir, "--out", "run")
+    check_log_targets(log_to)
+    if not overwrite:
+        _check_finished_run_matches(run_dir, cfg.train)
+        _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
+    corpus = resolve_corpus(harvest_cfg.corpus, "train")
+    resolve_corpus(cfg.eval.corpus, "eval")
+    if not overwrite_activations:  # a cache of other settings
+        with _naming_quickstart_cache(run_dir):
+            reusable_cache(run_dir / ACTIVATIONS_DIR, meta=_harvest_meta(harvest_cfg, corpus), dtype=harvest_cfg.dtype)
+    spec = lm or harvest_cfg.model
+    check_before_load(spec, harvest_cfg.hook)
+    check_context_fits(spec, harvest_cfg.context_size, "harvest.context_size {n}")
+    if cfg.eval.context_size:  # the evaluation's, else refused only after the harvest and the training
+        check_context_fits(spec, cfg.eval.context_size, "eval.context_size {n}")
+
+
 def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel | None = None,
                device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                overwrite_activations: bool = False, progress: bool = True,
@@ -570,21 +592,9 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     ``lm``: the already-loaded model that ``cfg.harvest.model`` names (it is then not loaded again).
     """
     run_dir = Path(run_dir)
-    check_output_folder(run_dir, "--out", "run")
-    check_log_targets(log_to)  # before the harvest, not after it
-    if not overwrite:
-        _check_finished_run_matches(run_dir, cfg.train)
-        _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
-    corpus = resolve_corpus(harvest_cfg.corpus, "train")  # these, before the model loads
-    resolve_corpus(cfg.eval.corpus, "eval")
-    if not overwrite_activations:  # a cache of other settings
-        with _naming_quickstart_cache(run_dir):
-            reusable_cache(run_dir / ACTIVATIONS_DIR, meta=_harvest_meta(harvest_cfg, corpus), dtype=harvest_cfg.dtype)
-    check_before_load(lm or harvest_cfg.model, harvest_cfg.hook)
-    check_context_fits(lm or harvest_cfg.model, harvest_cfg.context_size, "harvest.context_size {n}")
-    if cfg.eval.context_size:  # the evaluation's, else refused only after the harvest and the training
-        check_context_fits(lm or harvest_cfg.model, cfg.eval.context_size, "eval.context_size {n}")
+    _check_quickstart_inputs(cfg, harvest_cfg, run_dir, lm, model_dtype=model_dtype, overwrite=overwrite,
+                             overwrite_activations=overwrite_activations, log_to=log_to)
     times: dict[str, float] = {}
     earlier = _recorded_stage_seconds(run_dir)
     trained_before = 0.0 if overwrite else _recorded_train_seconds(run_dir, unfinished_only=True)
