@@ -371,7 +371,8 @@ def test_cache_resume_after_interruption(tmp_path, source_rows):
     with pytest.raises(KeyboardInterrupt):
         write_activation_cache(src_batches(source_rows, fail_after=12), folder, meta=META, shard_rows=300,
                                progress=False)
-    assert cache_rows_written(folder) == 600  # 12 batches of 64 = 768 rows: two full shards are durable
+    assert cache_rows_written(folder) == 600  # 12 batches of 64 = 768 rows: two full shards are listed
+    assert json.loads((folder / "manifest.json").read_text())["partial_rows"] == 168  # and the rest saved aside
     with pytest.raises(CorpusError, match="incomplete"):
         ActivationCache(folder)
     with pytest.raises(RunExistsError, match="resume=True"):
@@ -385,7 +386,8 @@ def test_cache_resume_after_interruption(tmp_path, source_rows):
         name = f"shard_{s:05d}.npy"
         assert (folder / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     assert torch.equal(cache.read(), ref.read())
-    # the caller may instead position its input itself
+    assert not (folder / "partial.npy").exists() and "partial_rows" not in cache.manifest
+    # the caller may instead position its input itself (after the whole shards: the partial rows are dropped)
     folder2 = tmp_path / "c2"
     with pytest.raises(KeyboardInterrupt):
         write_activation_cache(src_batches(source_rows, fail_after=6), folder2, meta=META, shard_rows=300,
@@ -396,6 +398,38 @@ def test_cache_resume_after_interruption(tmp_path, source_rows):
     assert torch.equal(cache2.read(), ref.read())
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_interruption_before_the_first_shard_keeps_its_rows(tmp_path, source_rows, dtype, capsys):
+    """A harvest smaller than one shard (the README's first look) keeps what it gathered when interrupted."""
+    ref = write_activation_cache(src_batches(source_rows), tmp_path / "ref", meta=META, dtype=dtype, shard_rows=300,
+                                 progress=False)
+    folder = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):  # before any row: said as it is
+        write_activation_cache(src_batches(source_rows, fail_after=0), folder, meta=META, dtype=dtype,
+                               shard_rows=300, progress=False)
+    assert "holds no rows yet" in capsys.readouterr().err and not folder.exists()
+    for fail_after in (2, 4):  # 128 rows, then (the same call again, interrupted later) 256
+        with pytest.raises(KeyboardInterrupt):
+            write_activation_cache(src_batches(source_rows, fail_after=fail_after), folder, meta=META, dtype=dtype,
+                                   shard_rows=300, resume=True, progress=False)
+        assert f"keeps the {64 * fail_after} rows written so far" in capsys.readouterr().err
+        assert json.loads((folder / "manifest.json").read_text())["partial_rows"] == 64 * fail_after
+    cache = write_activation_cache(src_batches(source_rows), folder, meta=META, dtype=dtype, shard_rows=300,
+                                   resume=True, progress=False)
+    for s in range(4):  # the shards an uninterrupted write makes
+        name = f"shard_{s:05d}.npy"
+        assert (folder / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert torch.equal(cache.read(), ref.read()) and not (folder / "partial.npy").exists()
+    # A partial file that does not match the manifest is not trusted: those rows are written again.
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(src_batches(source_rows, fail_after=2), tmp_path / "d", meta=META, dtype=dtype,
+                               shard_rows=300, progress=False)
+    np.save(tmp_path / "d" / "partial.npy", np.zeros((5, 24), dtype=np.float32))
+    again = write_activation_cache(src_batches(source_rows), tmp_path / "d", meta=META, dtype=dtype, shard_rows=300,
+                                   resume=True, progress=False)
+    assert torch.equal(again.read(), ref.read())
+
+
 def test_interrupted_overwrite_keeps_the_old_cache_and_resumes(tmp_path, source_rows, capsys):
     folder, other = tmp_path / "c", {**META, "context_size": 32}
     old = write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, progress=False)
@@ -404,7 +438,7 @@ def test_interrupted_overwrite_keeps_the_old_cache_and_resumes(tmp_path, source_
     with pytest.raises(KeyboardInterrupt):  # after two of the new cache's shards
         write_activation_cache(src_batches(new_rows, fail_after=10), folder, meta=other, shard_rows=300,
                                overwrite=True, progress=False)
-    assert "keeps 600 of the 640 rows written so far (saved in whole shards of 300)" in capsys.readouterr().err
+    assert "keeps the 640 rows written so far; the same call continues from there" in capsys.readouterr().err
     assert torch.equal(ActivationCache(folder).read(), old_rows)  # the old cache still whole and listed
     assert {p.name: p.read_bytes() for p in folder.glob("shard_*")} == old_files
     assert (folder / OVERWRITE_STAGE).is_dir()

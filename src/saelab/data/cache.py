@@ -12,8 +12,11 @@ the raw bit patterns as uint16 (``tensor.view(torch.int16)``); readers must rein
 bfloat16 (as :class:`ActivationCache` does), not convert them numerically.
 
 Writing is crash-safe: each shard is written atomically, then the manifest is rewritten to list
-it, so the manifest only ever names complete shards. After an interruption,
-``write_activation_cache(..., resume=True)`` keeps the shards already listed and continues. By
+it, so the manifest only ever names complete shards. An interruption (Ctrl-C) also saves the rows
+gathered toward the next shard (``partial.npy``, counted by the manifest's ``partial_rows``), so a
+harvest smaller than one shard keeps its work too. After an interruption,
+``write_activation_cache(..., resume=True)`` keeps the shards already listed, takes the partial rows
+back and continues, writing the same shards an uninterrupted write would have written. By
 default it expects the *same* input again from the start and discards its first
 ``cache_rows_written(folder)`` rows (right for a deterministic stream with a fixed seed); pass
 ``skip_written=False`` when the caller has already positioned its input after those rows.
@@ -56,6 +59,7 @@ FORMAT = "saelab-activation-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 OVERWRITE_STAGE = ".overwrite"
+PARTIAL_SHARD = "partial.npy"  # rows toward the next shard, saved by an interrupted write
 """Where an overwrite writes its cache until it is complete (inside the cache folder)."""
 SHARD_ROWS = 262_144
 """Rows per shard file unless the writer asks for another size."""
@@ -114,6 +118,10 @@ def _read_manifest(folder: Path) -> dict | None:
         raise ActivationCacheError(
             f"activation cache {str(folder)!r}: manifest version {m.get('version')!r}, this saelab reads {VERSION}"
         )
+    partial = m.get("partial_rows", 0)
+    if not isinstance(partial, int) or not 0 <= partial < m["shard_rows"] or (partial and m["complete"]):
+        raise ActivationCacheError(f"activation cache {str(folder)!r}: partial_rows {partial!r} is not a count of "
+                                   "rows toward an unfinished shard")
     if sum(s["rows"] for s in m["shards"]) != m["n_rows"]:
         raise ActivationCacheError(f"activation cache {str(folder)!r}: n_rows disagrees with the shard list")
     return m
@@ -229,15 +237,18 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
         "n_rows": 0, "complete": False, "shards": [], "meta": meta,
     }
     writer = _ShardWriter(folder, manifest)
-    to_skip = manifest["n_rows"] if (existing is not None and skip_written) else 0
+    # the caller's input starts over: rows saved toward the next shard are taken back, not written again
+    partial = writer.restore_partial() if (existing is not None and skip_written) else writer.drop_partial()
+    to_skip = manifest["n_rows"] + partial if (existing is not None and skip_written) else 0
     bar = tqdm(total=None, unit="row", unit_scale=True, desc=f"cache {folder.name}", disable=not progress,
-               initial=manifest["n_rows"])
+               initial=manifest["n_rows"] + partial)
     try:
         to_skip = _write_batches(batches, writer, to_skip, bar)
-    except KeyboardInterrupt:  # say what an interruption keeps: rows are saved a whole shard at a time
-        kept = manifest["n_rows"]
-        print(f"saelab: activation cache {folder} keeps {kept:,} of the {kept + writer.n_buf:,} rows written so far "
-              f"(saved in whole shards of {shard_rows:,}); the same call continues from there", file=sys.stderr)
+    except KeyboardInterrupt:  # the rows toward the next shard are saved too: nothing is harvested twice
+        kept = manifest["n_rows"] + writer.save_partial()
+        print(f"saelab: activation cache {folder} keeps the {kept:,} rows written so far; the same call continues "
+              "from there" if kept else f"saelab: activation cache {folder} holds no rows yet (a shuffled harvest "
+              "writes its first rows once its shuffle buffer is full); the same call starts over", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -384,9 +395,19 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.n_buf:
             return
+        name = _shard_name(len(self.manifest["shards"]))
+        self._save(self.folder / name)
+        self.manifest["shards"].append({"file": name, "rows": self.n_buf})
+        self.manifest["n_rows"] += self.n_buf
+        self.manifest.pop("partial_rows", None)  # its rows are in the shard now
+        write_json(self.folder / MANIFEST, self.manifest)
+        (self.folder / PARTIAL_SHARD).unlink(missing_ok=True)
+        self.n_buf = 0
+
+    def _save(self, path: Path) -> None:
+        """The buffered rows as one .npy file, written atomically."""
         rows = self.buf[:self.n_buf]
         arr = rows.view(torch.int16).numpy().view(np.uint16) if self.dtype == "bfloat16" else rows.numpy()
-        name = _shard_name(len(self.manifest["shards"]))
 
         def save(tmp: Path) -> None:
             # The bytes np.save writes, but the data goes through f.write: np.save's tofile reports a failed
@@ -395,11 +416,42 @@ class _ShardWriter:
                 np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
                 f.write(np.ascontiguousarray(arr).data)
 
-        write_with(self.folder / name, save)
-        self.manifest["shards"].append({"file": name, "rows": self.n_buf})
-        self.manifest["n_rows"] += self.n_buf
-        write_json(self.folder / MANIFEST, self.manifest)
-        self.n_buf = 0
+        write_with(path, save)
+
+    def save_partial(self) -> int:
+        """Save the rows gathered toward the next shard (an interruption); returns how many."""
+        if self.n_buf:
+            self._save(self.folder / PARTIAL_SHARD)
+            self.manifest["partial_rows"] = self.n_buf
+            write_json(self.folder / MANIFEST, self.manifest)
+        return self.n_buf
+
+    def restore_partial(self) -> int:
+        """Take back the rows an interrupted write saved toward the next shard; returns how many (0 when
+        the file is missing or does not match: those rows are then harvested again)."""
+        rows = self.manifest.get("partial_rows", 0)
+        if not rows:
+            return 0
+        try:
+            arr = np.load(self.folder / PARTIAL_SHARD, allow_pickle=False)  # never unpickle a file on disk
+        except (OSError, ValueError) as e:
+            arr = e
+        if not isinstance(arr, np.ndarray) or arr.shape != (rows, self.manifest["d"]) or \
+                arr.dtype != DTYPES[self.dtype][1]:
+            return self.drop_partial()
+        data = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16) if self.dtype == "bfloat16" \
+            else torch.from_numpy(arr)
+        self.buf = torch.empty(self.manifest["shard_rows"], self.manifest["d"], dtype=self.torch_dtype)
+        self.buf[:rows] = data
+        self.n_buf = rows
+        return rows
+
+    def drop_partial(self) -> int:
+        """Forget saved partial rows (manifest first, then the file); returns 0."""
+        if self.manifest.pop("partial_rows", None) is not None:
+            write_json(self.folder / MANIFEST, self.manifest)
+        (self.folder / PARTIAL_SHARD).unlink(missing_ok=True)
+        return 0
 
 
 def _write_batches(batches: Iterable[torch.Tensor], writer: _ShardWriter, to_skip: int, bar) -> int:
