@@ -59,7 +59,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, dict]:
 # ---- quickstart on the real default model ------------------------------------------------------------------
 
 
-def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
+def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys):
     wiki = data_dir / "wiki-en"
     cfg = QuickstartConfig(
         harvest=HarvestConfig(model="default", corpus=str(wiki / "wiki_train.jsonl.xz"), context_size=32,
@@ -113,6 +113,8 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path):
     checkpoint_mtime = (run / "checkpoint.pt").stat().st_mtime_ns
     again = quickstart(cfg, run, lm=smollm2, progress=False)
     assert again["reused"] == ["harvest", "train"] and "evaluate" in again["wall_seconds"]
+    assert "already holds this harvest, 8,192 activations (--overwrite-activations harvests again)" in \
+        capsys.readouterr().err
     assert "harvest" not in again["wall_seconds"] and "Reused from an earlier run" in (run / "report.md").read_text()
     assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint_mtime and again["nmse"] == on_disk["nmse"]
     # Finished and evaluated: nothing runs again, and the stages keep the times of the calls that ran them.

@@ -114,8 +114,9 @@ def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):
 
 def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None = None,
             device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
-            progress: bool = True) -> ActivationCache:
-    """Harvest activations into an on-disk cache; an interrupted harvest resumes where it stopped."""
+            progress: bool = True, overwrite_option: str = "--overwrite") -> ActivationCache:
+    """Harvest activations into an on-disk cache; an interrupted harvest resumes where it stopped.
+    ``overwrite_option``: how the caller's command line asks for ``overwrite`` (said when a cache is reused)."""
     check_output_folder(out_dir, "--out", "activations")
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
     check_before_load(lm or cfg.model, cfg.hook, cfg.context_size)
@@ -123,8 +124,8 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     # A finished cache of these settings is reused, one of others refused: both before the model loads.
     cache = None if overwrite else reusable_cache(out_dir, meta=meta, dtype=cfg.dtype)
     if cache is not None:  # the same command again: the finished cache is the answer
-        print(f"saelab: {out_dir} already holds this harvest, {cache.n_rows:,} activations (--overwrite harvests "
-              "again)", file=sys.stderr)
+        print(f"saelab: {out_dir} already holds this harvest, {cache.n_rows:,} activations ({overwrite_option} "
+              "harvests again)", file=sys.stderr)
     else:
         cache = _harvest_into(out_dir, cfg, corpus, meta, lm=lm, device=device, model_dtype=model_dtype,
                               overwrite=overwrite, progress=progress)
@@ -518,7 +519,8 @@ def _naming_quickstart_cache(run_dir: Path):
 def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, overwrite: bool,
                         progress: bool) -> ActivationCache:
     with _naming_quickstart_cache(run_dir):
-        return harvest(cfg, run_dir / ACTIVATIONS_DIR, lm=lm, overwrite=overwrite, progress=progress)
+        return harvest(cfg, run_dir / ACTIVATIONS_DIR, lm=lm, overwrite=overwrite, progress=progress,
+                       overwrite_option="--overwrite-activations")
 
 
 def _recorded_stage_seconds(run_dir: Path) -> dict[str, float]:
