@@ -551,7 +551,7 @@ def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, fl
         out["train"] = round(times["train"] + trained_before, 1)
     elif "train" in reused and "train" not in out:  # no earlier record: the training loop's own time
         out["train"] = round(_recorded_train_seconds(run_dir, unfinished_only=False), 1)
-    return out
+    return {**out, "total": round(sum(out.values()), 1)}
 
 
 def _timed(times: dict[str, float], name: str, fn):
