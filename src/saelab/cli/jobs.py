@@ -51,9 +51,10 @@ def add_quickstart(sub, recipe: str) -> None:
                        description="Harvest activations, train a top-k SAE, evaluate it on held-out text and write "
                                    "OUT/report.md; every stage resumes when run again.")
     p.add_argument("--out", default=QUICKSTART_DIR, metavar="DIR", help=f"run folder (default: {QUICKSTART_DIR})")
+    total = TrainConfig.from_recipe(recipe).total_tokens  # what --n-tokens left out trains on
     p.add_argument("--n-tokens", type=int, default=None, metavar="N",
-                   help="training tokens, harvested and trained on (a small budget for a first try; "
-                        "default: the training config's total_tokens)")
+                   help="training tokens, harvested and trained on (a small budget for a first try); "
+                        f"sets --total-tokens and --harvest-n-tokens together (default: {total}, from --total-tokens)")
     p.add_argument("--overwrite-activations", action="store_true",
                    help="also harvest the activations again (--overwrite keeps the activation cache)")
     p.add_arguments(HarvestConfig, dest="harvest", prefix="harvest-")

@@ -30,11 +30,12 @@ class TrainConfig:
     total_tokens: int = 1_048_576
     """Activation rows to train on (each seen once)."""
     lr: float | None = None
-    """Adam learning rate; None scales it with n as lr_base / sqrt(n / 2^14), at most lr_max."""
+    """Adam learning rate; None scales it with the latent count n as --lr-base / sqrt(n / 2^14), at
+    most --lr-max."""
     lr_base: float = 4e-3
-    """Learning rate at n = 2^14 when lr is None."""
+    """Learning rate at n = 2^14 latents when --lr is None."""
     lr_max: float = 1e-2
-    """Cap of the scaled learning rate when lr is None (small n would otherwise get rates at which
+    """Cap of the scaled learning rate when --lr is None (small n would otherwise get rates at which
     short runs diverge)."""
     adam_beta1: float = 0.9
     """Adam beta1."""
@@ -55,23 +56,25 @@ class TrainConfig:
     tied_init: bool = switch(True)
     """Initialise the encoder as the transpose of the decoder."""
     geometric_median_init: bool = switch(True)
-    """Initialise b_pre (b_dec) to the geometric median of a sample of activations (else the mean)."""
+    """Initialise the pre-encoder bias (the paper's b_pre) to the geometric median of a sample of
+    activations (else the mean)."""
     decoder_init: Literal["auto", "random", "data"] = "auto"
     """'random' (unit-norm Gaussian rows, the paper), 'data' (rows start at distinct centred
     directions of the initialisation sample, mixed with random ones), or 'auto': 'data' when each
-    latent expects at least 16 activations per batch (batch_size * k / n_latents >= 16), else 'random'."""
+    latent expects at least 16 activations per batch (--batch-size x --k / --n-latents >= 16), else
+    'random'."""
     decoder_init_max_cos: float = 0.75
-    """With decoder_init='data': a sample direction whose cosine to an already chosen row exceeds
+    """With --decoder-init data: a sample direction whose cosine to an already chosen row exceeds
     this is skipped (near-duplicate latents compete and one of them dies); 1 keeps duplicates."""
     decoder_init_noise: float = 1.25
-    """With decoder_init='data': each row is normalize(data direction + this * random unit
+    """With --decoder-init data: each row is normalize(data direction + this * random unit
     direction); 0 is pure data directions."""
     scale_encoder_init: bool = switch(True)
     """Rescale the tied encoder so the initial reconstruction has the least-squares magnitude."""
     init_rows: int | None = None
-    """Rows taken from the start of the data for b_pre, the loss normalizer and the data
+    """Rows taken from the start of the data for the pre-encoder bias, the loss normalizer and the data
     directions of the decoder; None: 32,768, or max(32,768, 4 n) with data directions, at most
-    total_tokens."""
+    --total-tokens."""
     auxk: bool = switch(True)
     """Train dead latents to reconstruct the residual (AuxK)."""
     k_aux: int = 256
@@ -82,9 +85,9 @@ class TrainConfig:
     """A latent is dead (AuxK trains it) if it has not fired in this many training tokens;
     None: 1/8 of the run, at most the paper's 10 M (so AuxK acts in short runs too)."""
     multi_topk: bool = switch(False)
-    """Also reconstruct with the top multi_topk_factor*k latents (Multi-TopK)."""
+    """Also reconstruct with the top --multi-topk-factor x --k latents (Multi-TopK)."""
     multi_topk_factor: int = 4
-    """Multi-TopK uses this many times k latents."""
+    """Multi-TopK uses this many times --k latents."""
     multi_topk_coef: float = 1 / 8
     """Weight of the Multi-TopK loss."""
     ema_decay: float | None = None
@@ -97,11 +100,12 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metrics lines."""
     architecture: Literal["topk", "relu"] = "topk"
-    """'topk' (this paper's SAE), or 'relu': the ReLU + L1 baseline (SAELens 'standard'; k is unused,
+    """'topk' (this paper's SAE), or 'relu': the ReLU + L1 baseline (SAELens 'standard'; --k is unused,
     AuxK and Multi-TopK are off; its recipe: docs/training.md, "ReLU + L1 baseline")."""
     l1_coefficient: float = 5.0
-    """With architecture='relu': lambda of the L1 penalty sum_i z_i ||W_dec_i||, warmed up linearly over
-    the first 5 % of steps (Anthropic's April 2024 update; units in docs/training.md)."""
+    """With --architecture relu: lambda of the L1 penalty (each latent's activation times the norm of its
+    decoder row, summed over latents), warmed up linearly over the first 5 % of steps (Anthropic's
+    April 2024 update; units in docs/training.md)."""
 
     def __post_init__(self) -> None:
         _check_choices(self)
