@@ -104,7 +104,7 @@ class AblationSparsityConfig:
     n_sites: int = 64
     """(context, position) sites sampled uniformly; every site ablates its active latents."""
     latents_per_site: int | None = None
-    """Ablate at most this many of the site's active latents (drawn at random); None = all (<= k)."""
+    """Ablate at most this many of the site's active latents (drawn at random); None = all (at most the SAE's k)."""
     random_baseline: bool = switch(True)
     """Ablate, for every latent ablation, a random direction of the same norm (the matched baseline)."""
     channels_per_site: int = 16

@@ -117,7 +117,8 @@ class N2GConfig:
     n_latents: int = 64
     """Latents explained, drawn at random among those that fire on the build split (0 = all of them)."""
     latents: tuple[int, ...] = ()
-    """Explain exactly these latents instead (overrides n_latents)."""
+    """Explain exactly these latents instead of a random draw (the number of latents explained is then
+    ignored)."""
     n_examples: int = 20
     """Top-activating contexts per latent used to build its explanation (one example per context)."""
     max_len: int = 16
@@ -127,11 +128,13 @@ class N2GConfig:
     saliency_threshold: float = 0.5
     """Suffix tokens whose replacement keeps more than 1 - this of the activation become wildcards."""
     min_value: float = 0.0
-    """Drop patterns whose value (activation / max_act) is below this (0: keep every pattern)."""
+    """Drop patterns whose value (activation as a fraction of the latent's largest activation on the
+    build split) is below this (0: keep every pattern)."""
     padding_token: str = " _"
     """Text of the replacement token (must be one token; OpenAI uses ' _' for GPT-2)."""
     firing_frac: float = 0.0
-    """A latent fires at a token when its activation exceeds firing_frac * max_act (0: any nonzero)."""
+    """A latent fires at a token when its activation exceeds this fraction of its largest activation
+    on the build split (0: any nonzero)."""
     heldout_frac: float = 0.5
     """Fraction of the contexts (the last ones) held out for scoring and splicing."""
     splice: bool = switch(True)

@@ -96,7 +96,8 @@ class ProbeConfig:
     """Settings of the probe-loss metric."""
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    """Offline token tasks to run (names in saelab.evals.probe_tasks.TOKEN_TASKS)."""
+    """Offline token tasks to run: some of number, in_parens, in_quotes, capitalized, sentence_start,
+    topic_sports, topic_music, topic_military (the default runs them all)."""
     hf_tasks: tuple[str, ...] = ()
     """Hugging Face datasets ('name' or 'name:config', text + binary label) run as context tasks."""
     features: str = "pre"

@@ -81,7 +81,8 @@ class PaperSuiteConfig:
     probe_contexts: int = 512
     """Eval contexts whose tokens are labelled for the probe tasks."""
     n2g_contexts: int = 256
-    """Eval contexts for N2G: the first part builds the explanations, the rest (n2g heldout_frac) scores them."""
+    """Eval contexts for N2G: the first part builds the explanations, the rest (N2G's held-out
+    fraction) scores them."""
     # Each metric's own settings; the CLI adds them as option groups of their own (--ce-*, --abl-*, ...).
     compute_equivalent: ComputeEquivalentConfig = cli_field(default_factory=ComputeEquivalentConfig, cmd=False)
     ablation_sparsity: AblationSparsityConfig = cli_field(default_factory=AblationSparsityConfig, cmd=False)
