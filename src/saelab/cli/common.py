@@ -41,6 +41,9 @@ class Parser(ArgumentParser):
         """Sections of a config file shared between verbs that this verb skips (set by build_parser)."""
         self.hidden_fields: frozenset[str] = frozenset()
         """Fields of a shared settings group that this verb refuses: left out of its --help."""
+        self.group_text: dict[str, tuple[str, str]] = {}
+        """Title and description of a settings group, by its config key, where this verb uses a group
+        written for another verb (families reads browse's settings)."""
 
     def set_defaults(self, config_path: str | Path | None = None, **kwargs: Any) -> None:
         """simple_parsing reads each --config file through here: the file is checked first, so that a
@@ -80,6 +83,10 @@ class Parser(ArgumentParser):
         titles = {"suite_cfg": "paper suite", "compute_equivalent": "compute-equivalent (paper suite)",
                   "ablation_sparsity": "ablation sparsity (paper suite)", "probe": "probe loss (paper suite)",
                   "n2g": "N2G (paper suite)"}
+        for group in self._action_groups:
+            key = re.fullmatch(r"\w+ \['(\w+)'\]", group.title or "")
+            if key and key[1] in self.group_text:
+                titles[key[1]], group.description = self.group_text[key[1]]
         text = re.sub(r"^\w+ \['(\w+)'\]:$", lambda m: f"{titles.get(m[1], m[1])} options:", super().format_help(),
                       flags=re.M)
         if not re.search(r"\bNone\b", text):

@@ -288,6 +288,8 @@ def add_families(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
     p.add_arguments(BrowseConfig, dest="browse")
     p.hidden_fields = frozenset(PAGE_ONLY)
+    p.group_text = {"browse": ("families", "What the feature families are computed from, and how strict a parent "
+                                           "must be (in a --config file: its \"browse\" group).")}
     add_io_options(p, overwrite="replace an existing --out file")
     p.set_defaults(handler=run_families)
 

@@ -94,13 +94,14 @@ class BrowseConfig:
     lm_batch_size: int = 16
     """Contexts per LM forward."""
     n2g_file: str | None = None
-    """N2G result (JSON from saelab.evals.n2g.run_n2g) giving explanations; None: RUN/n2g.json if present."""
+    """N2G explanations to show: a JSON object with a 'per_latent' list, such as the "result" entry of
+    the evals/n2g.json that `saelab eval --suite paper` writes; None: RUN/n2g.json if present."""
     n2g_latents: int = 0
     """Also build N2G explanations here for this many latents (random among the active), from their
     top contexts (about a few seconds per latent on a CPU); 0: none."""
     family_min_score: float = 0.3
     """Feature families: a latent's parent in the next smaller SAE needs at least this score
-    (geometric mean of decoder cosine and co-activation containment, see saelab.explore.browser.families)."""
+    (the geometric mean of their decoder cosine and co-activation containment)."""
     seed: int = 0
     """Seed of the quantile samples and of the N2G latent choice."""
 
