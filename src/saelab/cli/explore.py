@@ -45,8 +45,8 @@ def add_steer(sub) -> None:
     p.add_argument("--latent", type=_int_list, required=True,
                    help="latent index; several, comma-separated ('12,40'), are steered together")
     p.add_argument("--mode", choices=STEER_MODES, default="add",
-                   help="add: x + value*W_dec[latent]; clamp: set the latent to value through the SAE (error term "
-                        "kept); ablate: clamp to 0")
+                   help="add: add --value times the latent's decoder direction to the activation at the hook; "
+                        "clamp: set the latent to --value through the SAE (error term kept); ablate: clamp to 0")
     p.add_argument("--value", type=_float_list, default=None,
                    help="strength (add) or activation (clamp): one number, or one per latent comma-separated. "
                         "Add and clamp need --value or --scale")
@@ -65,7 +65,7 @@ def add_steer(sub) -> None:
     p.add_argument("--top-p", type=finite_float, default=0.95, help="nucleus sampling threshold, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for both generations)")
     p.add_argument("--samples", type=positive_int, default=1,
-                   help="pairs of generations, with seeds seed, seed+1, ...")
+                   help="pairs of generations, with seeds --seed, --seed + 1, ...")
     p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
     p.add_argument("--hook", default=None, help="override the SAE's hook name")
     p.add_argument("--top-tokens", type=int, default=10,
