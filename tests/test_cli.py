@@ -29,7 +29,81 @@ def test_switches_show_both_forms_and_their_default(capsys):
     out = capsys.readouterr().out
     assert "[--auxk | --no-auxk]" in out and "[--multi-topk | --no-multi-topk]" in out  # usage
     assert re.search(r"--auxk / --no-auxk +Train dead latents.*\s+\(default: --auxk\)", out)
-    assert re.search(r"--multi-topk / --no-multi-topk\s[^-]*\(Multi-TopK\)\. \(default: --no-multi-topk\)", out)
+    assert re.search(r"--multi-topk / --no-multi-topk\s+Also reconstruct.*?\(Multi-TopK\)\. \(default: --no-multi-topk\)",
+                     out, flags=re.S)
+
+
+def _help(verb, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    return capsys.readouterr().out
+
+
+def _settings_field_names() -> set[str]:
+    """The snake_case names of every settings dataclass a verb reads: the words of the Python API that
+    are not what a user types (--n-latents, not n_latents)."""
+    import dataclasses
+
+    from saelab.evals.ablation_sparsity import AblationSparsityConfig
+    from saelab.evals.compute_equivalent import ComputeEquivalentConfig
+    from saelab.evals.core import EvalConfig
+    from saelab.evals.n2g import N2GConfig
+    from saelab.evals.probe import ProbeConfig
+    from saelab.evals.suite import PaperSuiteConfig
+    from saelab.explore.browser import BrowseConfig
+    from saelab.pipeline import HarvestConfig, QuickstartConfig
+    from saelab.train.config import TrainConfig
+
+    classes = (TrainConfig, HarvestConfig, QuickstartConfig, EvalConfig, PaperSuiteConfig, ComputeEquivalentConfig,
+               AblationSparsityConfig, ProbeConfig, N2GConfig, BrowseConfig)
+    return {f.name for cls in classes for f in dataclasses.fields(cls) if "_" in f.name}
+
+
+# Words with an underscore that a user does type: values of --metrics and --probe-tasks.
+TYPED_VALUES = {"compute_equivalent", "ablation_sparsity"}
+
+
+def internal_names(text: str) -> list[str]:
+    """What in a --help text speaks Python instead of options: a settings field name (n_latents where
+    the option is --n-latents), a keyword assignment (decoder_init='data'), a module path or a repr."""
+    fields = _settings_field_names() - TYPED_VALUES
+    found = [w for w in re.findall(r"(?<![\w.-])[a-z][a-z0-9]*_[a-z0-9_]+\b", text) if w in fields]
+    found += re.findall(r"\b\w+=(?:'\w*'|True|False|None)", text)  # decoder_init='data', flag=True
+    found += re.findall(r"\bsaelab\.\w+\.[\w.]+", text)  # saelab.evals.n2g.run_n2g
+    found += re.findall(r"\b(?:None|True|False)\b|\[bool\]", text)
+    return found
+
+
+def test_internal_names_are_found():
+    """The check below can fail: it finds each kind of name in help lines written before options were named."""
+    assert internal_names("With decoder_init='data': a sample direction") == ["decoder_init", "decoder_init='data'"]
+    assert internal_names("(batch_size * k / n_latents >= 16)") == ["batch_size", "n_latents"]
+    assert internal_names("(default: the training config's total_tokens)") == ["total_tokens"]
+    assert internal_names("N2G result (JSON from saelab.evals.n2g.run_n2g)") == ["saelab.evals.n2g.run_n2g"]
+    assert internal_names("see saelab.explore.browser.families).") == ["saelab.explore.browser.families"]
+    assert internal_names("exceeds firing_frac * max_act (0: any nonzero)") == ["firing_frac"]
+    assert internal_names("(default: True) [bool]") == ["True", "[bool]"]
+    # What a user types is not flagged: options, their values, metric and task names.
+    assert internal_names("--n-latents, --decoder-init data, n-latents=1024, compute_equivalent, in_parens") == []
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_speaks_in_options_not_internal_names(verb, capsys):
+    assert internal_names(_help(verb, capsys)) == []
+
+
+def test_help_of_shared_settings_names_no_other_verb_options(capsys):
+    """A sentence of a settings group names the option as this verb spells it: families, not browse, for
+    its own group; eval's --probe-tasks lists the task names a user can type."""
+    from saelab.evals.probe_tasks import TOKEN_TASKS
+
+    families = _help("families", capsys)
+    assert "families options:" in families and "browse options:" not in families
+    assert "feature browser" not in families
+    probe_tasks = re.search(r"^  --probe-tasks .*?\n  --", _help("eval", capsys), flags=re.S | re.M)[0]
+    assert all(name in probe_tasks.replace("\n", " ") for name in TOKEN_TASKS)
+    quickstart = _help("quickstart", capsys)
+    assert re.search(r"^  --n-tokens N .*?\(default: 1048576", quickstart, flags=re.S | re.M)
 
 
 def test_a_misspelled_verb_gets_the_closest_one(capsys):
