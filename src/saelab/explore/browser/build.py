@@ -28,7 +28,7 @@ Definitions (the browser's pages and ``site.json`` use exactly these):
 - **Nearest latents**: the ``n_neighbours`` other latents of the same SAE with the largest
   cosine between decoder rows.
 - **Explanation**: an N2G explanation (see :mod:`saelab.evals.n2g`) from the file named by
-  ``n2g_file`` (a ``run_n2g`` result, default ``RUN/n2g.json`` when it exists) or built here for
+  ``n2g_file`` (the paper suite's or a ``run_n2g`` result, default the run's ``evals/n2g.json``) or built here for
   ``n2g_latents`` latents from their top contexts; absent otherwise.
 
 Several SAEs read the same LM forward (they must share model, hook and width); feature families
@@ -94,8 +94,8 @@ class BrowseConfig:
     lm_batch_size: int = 16
     """Contexts per LM forward."""
     n2g_file: str | None = None
-    """N2G explanations to show: a JSON object with a 'per_latent' list, such as the "result" entry of
-    the evals/n2g.json that `saelab eval --suite paper` writes; None: RUN/n2g.json if present."""
+    """N2G explanations to show: the evals/n2g.json that `saelab eval --suite paper` writes, or a JSON
+    object with a 'per_latent' list; None: the run's evals/n2g.json (or n2g.json) if present."""
     n2g_latents: int = 0
     """Also build N2G explanations here for this many latents (random among the active), from their
     top contexts (about a few seconds per latent on a CPU); 0: none."""
@@ -438,16 +438,29 @@ def explanation_from_n2g(entry: dict[str, Any], n_patterns: int = 3) -> dict[str
             "precision": entry.get("precision"), "recall": entry.get("recall"), "f1": entry.get("f1")}
 
 
+# Where a run keeps N2G explanations: the paper suite's result (`saelab eval RUN --suite paper`), then a
+# run_n2g result saved beside the SAE.
+RUN_N2G_FILES = (Path("evals") / "n2g.json", Path("n2g.json"))
+
+
+def run_n2g_file(run_dir: Path) -> Path | None:
+    """The run's N2G explanations file, None when it has none."""
+    return next((run_dir / name for name in RUN_N2G_FILES if (run_dir / name).is_file()), None)
+
+
 def read_n2g_file(path: str | Path) -> dict[int, dict[str, Any]]:
-    """Explanations by latent from a ``run_n2g`` JSON result."""
+    """Explanations by latent from a ``run_n2g`` JSON result, or from the paper suite's n2g.json that
+    holds one as its "result"."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read N2G explanations: {e}") from e
+    if isinstance(data, dict) and isinstance(data.get("result"), dict):
+        data = data["result"]
     if not isinstance(data, dict) or not isinstance(data.get("per_latent"), list):
-        raise CheckpointError(f"{path}: not an N2G result (expected a JSON object with a 'per_latent' list, "
-                              "as saelab.evals.n2g.run_n2g returns)")
+        raise CheckpointError(f"{path}: not an N2G result (expected the evals/n2g.json that `saelab eval --suite "
+                              "paper` writes, or a JSON object with a 'per_latent' list)")
     return {int(e["latent"]): explanation_from_n2g(e) for e in data["per_latent"] if "latent" in e}
 
 
@@ -494,8 +507,8 @@ def finish_statistics(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook: str
     stats.neighbours = nearest_by_decoder(sae.W_dec.detach(), cfg.n_neighbours)
     stats.logits = direct_logit_effects(lm, sae, cfg.n_logits, hist_bins=logit_hist_bins)
     n2g_file = cfg.n2g_file
-    if n2g_file is None and stats.source.run_dir is not None and (stats.source.run_dir / "n2g.json").is_file():
-        n2g_file = str(stats.source.run_dir / "n2g.json")
+    if n2g_file is None and stats.source.run_dir is not None:
+        n2g_file = run_n2g_file(stats.source.run_dir)
     if n2g_file:
         stats.explanations.update(read_n2g_file(n2g_file))
     if cfg.n2g_latents:

@@ -21,6 +21,7 @@ import torch
 
 from saelab.errors import RunExistsError, SaelabError
 from saelab.explore.browser.build import (
+    RUN_N2G_FILES,
     BrowseConfig,
     SAESource,
     check_compatible,
@@ -75,7 +76,7 @@ def _stat_key(source: SAESource) -> list:
     if path.is_file():
         files = [path]
     elif source.run_dir is not None:
-        files = sorted((path / SAE_DIR).iterdir()) + [path / "n2g.json"]
+        files = sorted((path / SAE_DIR).iterdir()) + [path / name for name in RUN_N2G_FILES]
     else:
         files = sorted(p for p in path.rglob("*.json") if p.parent == path) + sorted(path.rglob("*.safetensors"))
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
