@@ -456,13 +456,15 @@ def test_paper_suite_names_its_options(tiny_dir, tmp_path, capsys):
 
     save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=128, k=4, hook_name="blocks.1.hook_resid_post",
                                model_name="tiny-gpt2", context_size=32)), tmp_path / "sae")
-    for extra, message in ((["--metrics", "n2g", "--n2g-padding-token", " ab cd"], "n2g: --n2g-padding-token ' ab cd' is"),
+    for extra, message in ((["--metrics", "n2g", "--n2g-padding-token", " ab cd"], "--n2g-padding-token ' ab cd' is"),
+                           (["--n2g-padding-token", " ab cd"], "error: --n2g-padding-token ' ab cd' is 2 tokens"),
                            (["--metrics", "ablation_sparsity", "--abl-n-future", "40"],
                             "contexts of 32 tokens are too short for --abl-n-future 40")):
         assert main(["eval", str(tmp_path / "sae"), "--suite", "paper", "--model", str(tiny_dir), "--out",
                      str(tmp_path / "ev"), "--no-progress", "--device", "cpu", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("saelab eval: error:") and message in err, err
+        assert not (tmp_path / "ev" / "evals" / "core.json").exists(), extra  # refused before any metric ran
 
 
 def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):

@@ -171,12 +171,14 @@ def _ablation_applies(run: SuiteRun) -> str | None:
     return None
 
 
-def _n2g_applies(run: SuiteRun) -> str | None:
+def _check_n2g_settings(cfg: N2GConfig, sae, lm) -> None:
+    """N2G's settings that only the SAE and the tokenizer can check: refused before any metric runs, not
+    recorded as a skipped n2g after the others ran."""
+    check_latents(cfg.latents, sae.n_latents, name="n2g.latents")
     try:
-        padding_id(run.lm.tokenizer, run.cfg.n2g.padding_token, "n2g.padding_token")  # the command line: its option
+        padding_id(lm.tokenizer, cfg.padding_token, "n2g.padding_token")  # the command line: its option
     except ValueError as e:
-        return str(e)
-    return None
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ SUITE: tuple[SuiteMetric, ...] = (
     SuiteMetric("probe", lambda r: config_dict(r.cfg.probe), lambda r: r.cfg.probe_contexts,
                 lambda r: None if (r.cfg.probe.tasks or r.cfg.probe.hf_tasks) else "no probe tasks selected",
                 lambda r: run_probe(r.lm, r.sae, r.tokens[:r.cfg.probe_contexts], r.cfg.probe)),
-    SuiteMetric("n2g", lambda r: config_dict(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, _n2g_applies,
+    SuiteMetric("n2g", lambda r: config_dict(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, lambda r: None,
                 lambda r: run_n2g(r.lm, r.sae, r.tokens[:r.cfg.n2g_contexts], r.cfg.n2g)),
 )
 
@@ -274,8 +276,8 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
     run = SuiteRun(lm, sae, cfg, eval_cfg, torch.empty(0), T, first,
                    math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR)
     wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
-    if any(m.name == "n2g" for m in wanted):  # refused now, not after the metrics before it ran
-        check_latents(cfg.n2g.latents, sae.n_latents, name="n2g.latents")
+    if any(m.name == "n2g" for m in wanted):
+        _check_n2g_settings(cfg.n2g, sae, lm)
     reasons = {m.name: m.applies(run) for m in wanted}
     bad = {n: r for n, r in reasons.items() if r and cfg.metrics}
     if bad:
