@@ -150,9 +150,11 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
     # Other settings, other SAEs or another model dtype never replace the site unasked, and are refused
     # before the model loads.
     both = [sae_files / "run_small", sae_files / "saelens_large"]
-    for saes, other, dtype in ((both, dataclasses.replace(cfg, n_top=5), "float32"),
-                               ([sae_files / "run_small"], cfg, "float32"), (both, cfg, "bfloat16")):
-        with pytest.raises(RunExistsError, match=r"holds a feature browser site built from other inputs or settings "
+    for saes, other, dtype, what in (
+            (both, dataclasses.replace(cfg, n_top=5), "float32", rf"other settings \(browse.n_top {cfg.n_top} -> 5\)"),
+            ([sae_files / "run_small"], cfg, "float32", r"other SAE files \(other SAEs, or the same ones retrained"),
+            (both, cfg, "bfloat16", r'other settings \(model_dtype "float32" -> "bfloat16"\)')):
+        with pytest.raises(RunExistsError, match=rf"holds a feature browser site built from {what}.*"
                                                  r"\(it shows run_small, saelens_large\); pass --overwrite"):
             build_browser(saes, out, other, lm="no-such-model", model_dtype=dtype, progress=False)
     assert (out / "site.json").stat().st_mtime_ns == stamp

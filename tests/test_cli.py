@@ -1,7 +1,9 @@
 """Every verb's --help works, and bad options end in one line `saelab VERB: error: ...` naming the
 option, exit status 2, no traceback, before any model loads or folder is created."""
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -560,9 +562,15 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
     printed = capsys.readouterr()
     assert printed.err.strip() == f"{out} already holds these feature families (--overwrite builds them again)"
     assert json.loads(printed.out)["reused"] and out.read_bytes() == first
-    for other in (["--n-tokens", "512"], ["--model-dtype", "bfloat16"]):
+    for other, what in ((["--n-tokens", "512"], "other settings (--n-tokens 256 -> 512)"),
+                        (["--model-dtype", "bfloat16"], 'other settings (--model-dtype "float32" -> "bfloat16")')):
         assert main([*argv, *other]) == 2
-        assert "holds feature families of other inputs or settings; pass --overwrite" in capsys.readouterr().err
+        assert f"holds feature families of {what}; pass --overwrite" in capsys.readouterr().err
+    weights = next(Path(saes[0]).glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # as a retrain leaves it
+    assert main(argv) == 2
+    assert "holds feature families of other SAE files (other SAEs, or the same ones retrained or replaced since)" \
+        in capsys.readouterr().err
     assert out.read_bytes() == first
     assert main([*argv, "--n-tokens", "512", "--overwrite"]) == 0
     assert json.loads(out.read_text())["n_tokens"] > json.loads(first)["n_tokens"]

@@ -86,7 +86,8 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     assert out == {"report": str(run / "evals" / "report.md"), **{m: "ok (reused)" for m in names}}
     before = {p.name: p.read_bytes() for p in (run / "evals").iterdir()}
     _, err = run_cli(capsys, *argv, "--abl-n-sites", "3", code=2)  # the last occurrence of an option wins
-    assert "holds ablation_sparsity of this SAE with other settings; pass --overwrite" in err
+    assert "holds results of this SAE with other settings: ablation_sparsity (--abl-n-sites 4 -> 3); pass --overwrite" \
+        in err
     assert before == {p.name: p.read_bytes() for p in (run / "evals").iterdir()}
     out, _ = run_cli(capsys, *argv, "--abl-n-sites", "3", "--overwrite", "--metrics", "ablation_sparsity")
     assert out["ablation_sparsity"] == "ok"

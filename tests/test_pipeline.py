@@ -335,7 +335,8 @@ def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, d
     _, again = run_cli(capsys, *ev, "--recon-tokens", "256")
     assert again == first and (run / "metrics.json").read_bytes() == before
     assert main([*ev, "--recon-tokens", "512"]) == 2
-    assert "holds this SAE's evaluation with other settings; pass --overwrite" in capsys.readouterr().err
+    assert "holds this SAE's evaluation with other settings (--recon-tokens 256 -> 512); pass --overwrite" \
+        in capsys.readouterr().err
     assert (run / "metrics.json").read_bytes() == before
     # The same into --out: written once, then reused; other settings there are refused.
     out = ["--out", str(tmp_path / "elsewhere"), "--recon-tokens", "256"]

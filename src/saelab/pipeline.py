@@ -301,13 +301,21 @@ def _evaluation_state(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, mod
                       model_dtype: str) -> str:
     """"current" (metrics.json is this evaluation), "other" (of this SAE, other settings or model) or
     "none" (absent, unreadable, or of other weights)."""
-    metrics = _readable_eval_metrics(run_dir, sae)
-    if not metrics:
-        return "none"
-    same = (metrics.get("eval_config") == _eval_config_record(cfg)
-            and metrics.get("model_dtype", "float32") == model_dtype
-            and metrics.get("model") == model_name(model or model_for(sae)))
-    return "current" if same else "other"
+    changes = _evaluation_changes(run_dir, sae, cfg, model=model, model_dtype=model_dtype)
+    return "none" if changes is None else "other" if changes else "current"
+
+
+def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
+                        model_dtype: str) -> list[str] | None:
+    """The settings (eval config, model dtype, model) in which the run's evaluation of ``sae`` differs from
+    this one, as "eval.recon_tokens 2048 -> 1024"; None when it holds no readable evaluation of ``sae``."""
+    old = _readable_eval_metrics(run_dir, sae)
+    if not old:
+        return None
+    return changed_fields({"eval": old.get("eval_config"), "model_dtype": old.get("model_dtype", "float32"),
+                           "model": old.get("model")},
+                          {"eval": _eval_config_record(cfg), "model_dtype": model_dtype,
+                           "model": model_name(model or model_for(sae))})
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
@@ -318,14 +326,15 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: Lang
     not, unless ``overwrite``."""
     cfg = cfg or EvalConfig()
     sae = load_sae(Path(run_dir) / SAE_DIR)
-    state = "none" if overwrite else _evaluation_state(run_dir, sae, cfg, model=lm, model_dtype=model_dtype)
-    if state == "current":
+    changes = None if overwrite else _evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype)
+    if changes == []:
         print(f"{Path(run_dir) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
               file=sys.stderr)
         return read_eval_metrics(run_dir, sae)
-    if state == "other":
-        raise RunExistsError(f"{Path(run_dir) / EVAL_METRICS} holds this SAE's evaluation with other settings; "
-                             "pass --overwrite to replace it, or --out DIR to write this one elsewhere")
+    if changes:
+        raise RunExistsError(f"{Path(run_dir) / EVAL_METRICS} holds this SAE's evaluation with other settings "
+                             f"({', '.join(changes)}); pass --overwrite to replace it, or --out DIR to write this "
+                             "one elsewhere")
     metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
                        progress=progress)
     if (Path(run_dir) / TRAIN_CONFIG).exists():
@@ -490,13 +499,8 @@ def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, model_dty
     (as ``saelab eval`` refuses)."""
     if read_status(run_dir).get("state") != "finished" or not (run_dir / SAE_DIR).is_dir():
         return
-    sae = load_sae(run_dir / SAE_DIR)
-    old = _readable_eval_metrics(run_dir, sae)
-    if old and not evaluation_is_current(run_dir, sae, cfg, model_dtype=model_dtype):
-        changed = changed_fields({"eval": old.get("eval_config"), "model_dtype": old.get("model_dtype", "float32"),
-                                  "model": old.get("model")},
-                                 {"eval": _eval_config_record(cfg), "model_dtype": model_dtype,
-                                  "model": model_name(model_for(sae))})
+    changed = _evaluation_changes(run_dir, load_sae(run_dir / SAE_DIR), cfg, model=None, model_dtype=model_dtype)
+    if changed:
         raise RunExistsError(f"{run_dir / EVAL_METRICS} holds this run's evaluation with other settings "
                              f"({', '.join(changed)}); `saelab eval {run_dir} --overwrite` with the new settings "
                              "replaces it, --overwrite trains and evaluates again, or pick another --out")

@@ -62,6 +62,7 @@ from saelab.evals.core import EvalConfig, evaluate_core
 from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
 from saelab.evals.probe import ProbeConfig, run_probe
 from saelab.run_folder import EVALS_DIR, check_sae_hook, sae_sha256
+from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
 
 PAPER_METRICS = ("core", "compute_equivalent", "ablation_sparsity", "probe", "n2g")
@@ -220,6 +221,23 @@ def _inputs(run: SuiteRun, m: SuiteMetric, base_inputs: dict) -> dict:
     return json.loads(json.dumps({**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run)}))
 
 
+# The option group each metric's settings come from (core's: the eval options); its contexts' setting.
+SETTINGS_GROUP = {"core": "eval"}
+CONTEXTS_SETTING = {"ablation_sparsity": "ablation_contexts", "probe": "probe_contexts", "n2g": "n2g_contexts"}
+
+
+def _input_changes(name: str, old: dict, new: dict) -> list[str]:
+    """changed_fields of two records of metric ``name``'s inputs, each setting named as its option group
+    does ("n2g.max_len 24 -> 16"). core's and compute_equivalent's contexts follow from eval.downstream_tokens,
+    named there."""
+    def by_setting(inputs: dict) -> dict:
+        named = {k: v for k, v in inputs.items() if k not in ("config", "n_contexts")}
+        if name in CONTEXTS_SETTING:
+            named[CONTEXTS_SETTING[name]] = inputs.get("n_contexts")
+        return {**named, SETTINGS_GROUP.get(name, name): inputs.get("config")}
+    return changed_fields(by_setting(old), by_setting(new))
+
+
 def _refuse_replacing(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict, base_inputs: dict) -> None:
     """Results already in evals/ of another SAE, or of this SAE with other settings, are kept unless
     overwrite: named before any metric runs."""
@@ -230,14 +248,15 @@ def _refuse_replacing(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict, b
             continue
         if old.get("inputs", {}).get("sae_sha256") != base_inputs["sae_sha256"]:
             other_sae.append(m.name)
-        elif old.get("inputs") != _inputs(run, m, base_inputs):
-            other_settings.append(m.name)
+        elif changes := _input_changes(m.name, old.get("inputs") or {}, _inputs(run, m, base_inputs)):
+            other_settings.append(f"{m.name} ({', '.join(changes)})")
     if other_sae:
         raise RunExistsError(f"{run.evals} holds results of another SAE ({', '.join(other_sae)}); pick another "
                              "--out, or pass --overwrite to replace them")
     if other_settings:
-        raise RunExistsError(f"{run.evals} holds {', '.join(other_settings)} of this SAE with other settings; pass "
-                             "--overwrite to replace them (with --metrics to rerun only those), or pick another --out")
+        raise RunExistsError(f"{run.evals} holds results of this SAE with other settings: {'; '.join(other_settings)}; "
+                             "pass --overwrite to replace them (with --metrics to rerun only those), or pick another "
+                             "--out")
 
 
 def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: dict, sae_info: dict,

@@ -37,6 +37,7 @@ from saelab.explore.browser.families import FAMILIES_FORMAT, family_tree
 from saelab.explore.browser.site import (SITE_FORMAT, SITE_VERSION, check_site_target, read_own_json,
                                          read_site_manifest, write_site)
 from saelab.run_folder import SAE_DIR
+from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
 
 DEFINITIONS = {
@@ -92,6 +93,28 @@ def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32") -> dict[str, Any]:
+    """What build_key hashes, as a site or families file records it to name what differs on a refusal: the
+    settings in full, the SAE files by a hash of their names, sizes and times."""
+    files = json.dumps([[s.name, _stat_key(s)] for s in sources], default=str)
+    return json.loads(json.dumps({"browse": dataclasses.asdict(cfg), "model_dtype": model_dtype,
+                                  "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16]}, default=str))
+
+
+def _what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
+    """"other settings (browse.n_tokens 4096 -> 8192)", "other SAE files (...)", or, for a build that recorded
+    no inputs (an earlier saelab) or differs in saelab's format only, "other inputs or settings"."""
+    if not isinstance(recorded, dict):
+        return "other inputs or settings"
+    changes = changed_fields({k: v for k, v in recorded.items() if k != "sae_files"},
+                             {k: v for k, v in inputs.items() if k != "sae_files"})
+    if changes:
+        return f"other settings ({', '.join(changes)})"
+    if recorded.get("sae_files") != inputs["sae_files"]:
+        return "other SAE files (other SAEs, or the same ones retrained or replaced since)"
+    return "other inputs or settings"
+
+
 def _named_model(cfg: BrowseConfig, lm) -> str | None:
     """The model the caller chose (it overrides what the SAE configs say), if any."""
     return cfg.model or (lm if isinstance(lm, str) else getattr(lm, "name", None))
@@ -141,14 +164,14 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     sources, loaded_here = open_sources(sae_sources)
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     out = Path(out)
-    key = build_key(sources, cfg, model_dtype)
+    key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
     old = read_site_manifest(out)
     if old is not None and not overwrite:
         if old.get("key") == key:
             return {**old, "site": str(out), "reused": True}
         shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
-        raise RunExistsError(f"{out} holds a feature browser site built from other inputs or settings (it shows "
-                             f"{shown}); pass --overwrite to replace it, or pick another --out")
+        raise RunExistsError(f"{out} holds a feature browser site built from {_what_differs(old.get('inputs'), inputs)} "
+                             f"(it shows {shown}); pass --overwrite to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
     if cfg.n2g_file is not None:
         read_n2g_file(cfg.n2g_file)  # a file that is not an N2G result: refused now, not after the pass
@@ -174,7 +197,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     seconds["finish"] = time.perf_counter() - t
     first = first_scored(sources[0].sae)
     manifest = {
-        "format": SITE_FORMAT, "version": SITE_VERSION, "key": key,
+        "format": SITE_FORMAT, "version": SITE_VERSION, "key": key, "inputs": inputs,
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": lm.name, "hook": hook, "corpus": resolve_corpus(cfg),
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
@@ -208,17 +231,17 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     if len(set(sizes)) != len(sizes):
         raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
-    key = build_key(sources, cfg, model_dtype)
+    key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
     if earlier is not None:
         if earlier.get("key") != key:
-            raise RunExistsError(f"{out} holds feature families of other inputs or settings; pass --overwrite to "
-                                 "replace it, or pick another --out")
+            raise RunExistsError(f"{out} holds feature families of {_what_differs(earlier.get('inputs'), inputs)}; "
+                                 "pass --overwrite to replace it, or pick another --out")
         return {**earlier, "reused": True}
     lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
     lm.check_hook(hook)
     tokens = read_tokens(lm, sources[0].sae, cfg)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
-    tree = {**_families(lm, sources, coact, cfg, hook), "key": key}
+    tree = {**_families(lm, sources, coact, cfg, hook), "key": key, "inputs": inputs}
     if out is not None:
         write_json(out, tree)
     return {**tree, "reused": False}
