@@ -166,6 +166,15 @@ def test_errors_name_the_options_a_user_types(message, expected):
     assert in_option_words(message, options) == expected
 
 
+def test_harvest_help_says_a_pool_smaller_than_n_tokens_is_raised(capsys):
+    """`harvest --n-tokens 32768 --sample-pool-tokens 1000` is accepted: the pool is raised to n_tokens, and
+    the help says so (it said the pool was "at least n_tokens", as if the smaller one were refused)."""
+    with pytest.raises(SystemExit):
+        main(["harvest", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "a pool smaller than n_tokens is raised to n_tokens" in help_text and "(at least n_tokens)" not in help_text
+
+
 def test_families_help_lists_only_the_options_it_takes(capsys):
     """The browser's page options are refused by families, so its help leaves them out (browse keeps them)."""
     from saelab.cli.explore import PAGE_ONLY

@@ -73,9 +73,10 @@ class HarvestConfig:
     buffer_tokens: int = 262_144
     """Shuffle buffer (rows) between the LM and the cache; at least 2 * 4,096."""
     sample_pool_tokens: int = 16_777_216
-    """Contexts are drawn at random from the first this-many corpus tokens (never fewer than the
-    tokens harvested), so that a harvest smaller than the corpus spans many documents instead of
-    its first few; 0: contexts in corpus order."""
+    """Contexts are drawn at random from the first this-many corpus tokens, so that a harvest smaller
+    than the corpus spans many documents instead of its first few; a pool smaller than the tokens
+    harvested is raised to them (the harvest then takes the corpus's first contexts, as 0 does);
+    0: contexts in corpus order."""
     seed: int = 0
     """Seed of the context draw and the shuffle."""
 
