@@ -355,7 +355,11 @@ BAD_CONFIGS = [
     ("settings.toml", "k = 3", "expected a .json, .yaml or .yml file"),
     ("recipe.yaml", "train:\n  recipe: foo\n", "train.recipe: expected one of short-run, paper, relu-l1, got 'foo'"),
     ("norm.yaml", "train:\n  input_norm: batchnorm\n", "train.input_norm: expected one of none, layernorm"),
-    ("typo.yaml", "trian:\n  k: 3\n", "trian: not an option group or option of `saelab train`"),
+    ("typo.yaml", "trian:\n  k: 3\n", "trian: not an option group or option of `saelab train`; expected one of train, "
+     "activations, device, log_to, out, overwrite, progress (false: --no-progress)"),
+    ("int.json", '{"train": {"k": "abc"}}', "train.k: expected an integer, got 'abc'"),
+    ("float.yaml", "train:\n  lr: fast\n", "train.lr: expected a number, got 'fast'"),
+    ("fraction.yaml", "train:\n  k: 3.5\n", "train.k: expected an integer, got 3.5"),
     ("flat.yaml", "n_latents: 1024\n", "n_latents: not an option group or option of `saelab train`"),
     ("section.yaml", "train: 3\n", "train: expected a mapping of its options"),
     ("flag.yaml", "overwrite: maybe\n", "overwrite: expected true or false"),
@@ -402,6 +406,10 @@ def test_one_config_file_serves_every_verb(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert parse_args(["train", "--activations", "a", "--out", "r", "--config", str(empty)]).train.k == 32
+    quiet = tmp_path / "quiet.yaml"  # the keys the refusal of an unknown one lists are the file's own
+    quiet.write_text("progress: false\ntrain:\n  lr: 1e-3\n")  # YAML reads 1e-3 as text: taken as --lr takes it
+    args = parse_args(["train", "--activations", "a", "--out", "r", "--config", str(quiet)])
+    assert (args.progress, args.train.lr) == (False, 1e-3)
 
 
 @pytest.mark.parametrize("name", ["train_config.json", "status.json"])

@@ -137,8 +137,16 @@ class Parser(ArgumentParser):
                 kept[key] = value
             elif key not in self.sections_of_other_verbs:
                 raise ConfigError(f"{where}: not an option group or option of `{self.prog}`; expected one of "
-                                  f"{', '.join(sorted(groups) + sorted(options))}")
+                                  f"{', '.join(sorted(groups) + [_file_key(options[o]) for o in sorted(options)])}")
         return kept
+
+
+def _file_key(action: argparse.Action) -> str:
+    """An option's key in a config file, with the value a switch named otherwise takes: "progress (false:
+    --no-progress)", as the key alone reads like an option --progress that does not exist."""
+    if f"--{action.dest.replace('_', '-')}" in action.option_strings or action.nargs != 0:
+        return action.dest
+    return f"{action.dest} ({str(bool(action.const)).lower()}: {action.option_strings[0]})"
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -167,8 +175,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
-    """A config file's section for the dataclass ``cls``: known field names (dashes allowed), and choices
-    for the fields that have them; the types are checked by the parse that follows."""
+    """A config file's section for the dataclass ``cls``: known field names (dashes allowed), choices for
+    the fields that have them, and numbers for the numeric fields (the parse that follows would name a bad
+    one by its option, "argument -k/--k", which the user never typed)."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping of its options, got {value!r}")
     hints = typing.get_type_hints(cls)
@@ -181,11 +190,34 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
         choices = literal_choices(hints[name])
         if choices and v not in choices:
             raise ConfigError(f"{where}.{key}: expected one of {', '.join(map(str, choices))}, got {v!r}")
+        wrong_type = _number_expected(hints[name], v)
+        if wrong_type:
+            raise ConfigError(f"{where}.{key}: expected {wrong_type}, got {v!r}")
         repeat = first_repeat(v) if isinstance(v, list) else None
         if repeat is not None:  # as on the command line (Parser._get_values)
             raise ConfigError(f"{where}.{key}: {repeat!r} given twice; give each value once")
         section[name] = v
     return section
+
+
+def _number_expected(hint: Any, value: Any) -> str | None:
+    """"an integer" or "a number" when ``value`` does not fit the int or float field of type ``hint``
+    (Optional allowed), else None. Text is read as the command line reads it: YAML takes 1e-3 for text."""
+    members = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    if value is None and type(None) in members:
+        return None
+    for kind, wanted, read in ((int, "an integer", int), (float, "a number", float)):
+        if members - {type(None)} != {kind}:
+            continue
+        if isinstance(value, str):
+            try:
+                read(value)
+            except ValueError:
+                return wanted
+            return None
+        fits = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        return None if fits else wanted
+    return None
 
 
 def first_repeat(values: typing.Iterable[Any]) -> Any | None:
