@@ -203,6 +203,8 @@ BAD = [
     ("train --recipe nope", "argument --recipe: invalid choice: 'nope'"),
     ("train --decoder-init best", "argument --decoder-init: invalid choice: 'best'"),
     ("sweep --grid n_latents=abc", "--grid n_latents=abc: expected a value of type int"),
+    ("sweep --grid n_latents=0,256", "error: --grid n_latents=0: must be an integer >= 1"),  # not --n-latents
+    ("sweep --grid lr=-1", "error: --grid lr=-1.0: must be > 0"),
     ("sweep --grid width=3", "--grid entry 'width=3'"),
     ("sweep --grid n_latents", "--grid entry 'n_latents' gives no values; expected n_latents=V1,V2"),
     ("sweep --grid k=8,8", "--grid k=8,8: a value is listed twice"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import typing
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,24 @@ def _grid_value(name: str, hint: Any, text: str) -> Any:
             from None
 
 
+def check_grid_points(base: TrainConfig, grid: dict[str, list]) -> None:
+    """Every grid point validated before anything trains; a refusal that opens with a grid setting names
+    the grid entry the user typed ("--grid n_latents=0: ..."), not an option never given."""
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
+        try:
+            dataclasses.replace(base, **point)
+        except ConfigError as e:
+            raise _as_grid_entry(e, point) from None
+
+
+def _as_grid_entry(err: ConfigError, point: dict[str, Any]) -> ConfigError:
+    setting, _, rest = str(err).partition(" ")
+    if setting not in point:
+        return err
+    return ConfigError(f"--grid {setting}={point[setting]}: {rest.removesuffix(f', got {point[setting]!r}')}")
+
+
 def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]) -> None:
     """A training option given on the command line and also swept would be silently replaced (one
     from --config is a default that the grid overrides, as the command line overrides the file)."""
@@ -190,7 +209,7 @@ def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.pipeline import check_evaluation_before_training, evaluate_sweep, sweep_configs
+    from saelab.pipeline import check_evaluation_before_training, evaluate_sweep
     from saelab.report import write_scaling_report
 
     grid = parse_grid(args.grid)
@@ -199,7 +218,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     if unused:
         raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")
     refuse_options_the_grid_sets(args, grid)
-    sweep_configs(args.train, grid)  # every grid point validated before anything runs
+    check_grid_points(args.train, grid)
     if args.evaluate:
         check_evaluation_before_training(args.activations, args.eval)  # not after the whole sweep trained
     init_from_env()
