@@ -240,7 +240,7 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --max-new-tokens -3", "argument --max-new-tokens: expected an integer >= 1"),
     ("steer SAE --latent 1 --value 1 --positions 10:2", "positions 10:2 is an empty range"),
     ("steer SAE --latent 1", "--mode add needs --value"),
-    ("steer SAE --latent 17,17 --value 1", "--latent lists 17 more than once"),
+    ("steer SAE --latent 17,17 --value 1", "argument --latent: latent 17 given twice in '17,17'"),
     ("steer SAE --latent 1 --value 1 --seed 99999999999999999999999", "--seed 99999999999999999999999: expected an"),
     ("steer SAE --latent 1 --value 1 --positions ,", "(no position listed)"),
     ("steer SAE --latent 1 --mode ablate --value 3", "--mode ablate sets the latent to 0: it takes no --value"),
@@ -281,6 +281,7 @@ BAD = [
     ("eval SAE --ablations zero zero", "--ablations: 'zero' given twice; give each value once"),
     ("eval SAE --suite paper --metrics core probe core", "--metrics: 'core' given twice; give each value once"),
     ("browse A A --out site", "SAE: 'A' given twice"),
+    ("top 5,5 SAE", "argument latent: latent 5 given twice in '5,5'; give each latent once"),
 ]
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, finite_float, positive_int, typed
+from saelab.cli.common import add_io_options, finite_float, first_repeat, positive_int, typed
 from saelab.errors import ConfigError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.steering import STEER_MODES
@@ -32,6 +32,9 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
     if min(values) < 0:
         raise argparse.ArgumentTypeError(f"expected latent indices >= 0, got {text!r}")
+    repeat = first_repeat(values)
+    if repeat is not None:  # "5,5": top would show it twice, steer add (or clamp) it twice
+        raise argparse.ArgumentTypeError(f"latent {repeat} given twice in {text!r}; give each latent once")
     return values
 
 
@@ -90,9 +93,6 @@ def _check_steer(args: argparse.Namespace):
         raise ConfigError("--mode ablate sets the latent to 0: it takes no --value or --scale")
     if args.mode != "ablate" and given is None:
         raise ConfigError(f"--mode {args.mode} needs --value (or --scale)")
-    twice = sorted({i for i in args.latent if args.latent.count(i) > 1})
-    if twice:  # each copy would add (or clamp) again: twice the asked strength
-        raise ConfigError(f"--latent lists {', '.join(map(str, twice))} more than once; give each latent once")
     if not -2**63 <= args.seed <= 2**63 - args.samples:  # torch's seed range, for every sample's seed
         raise ConfigError(f"--seed {args.seed}: expected an integer in -2^63..2^63 - {args.samples}")
     if given is not None and len(given) not in (1, len(args.latent)):
