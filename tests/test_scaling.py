@@ -116,9 +116,9 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
     # Other settings, or another model, never replace the evaluations unasked: named before any work.
     before = {name: (sweep / name / "metrics.json").read_bytes() for name in out}
     other_model = ["--model", str(tiny_series / "checkpoint-90")]
-    for extra in (["--recon-tokens", "512"], other_model):
+    for extra, changed in ((["--recon-tokens", "512"], "(--recon-tokens 1024 -> 512)"), (other_model, "(--model ")):
         _, err = run_cli(capsys, "eval", str(sweep), *ev, *extra, "--no-progress", code=2)
-        assert "hold an evaluation with other settings (or another model); pass --overwrite" in err
+        assert f"hold an evaluation with other settings {changed}" in err and "; pass --overwrite" in err
         assert all(name in err for name in out)
     _, err = run_cli(capsys, "eval", str(sweep / "n32_k4"), *ev, *other_model, "--no-progress", code=2)
     assert "holds this SAE's evaluation with other settings (--model " in err  # the model path, shortened

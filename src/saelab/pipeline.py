@@ -372,17 +372,18 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before any model loads
-    state, specs = {}, {}
+    state, specs, changes = {}, {}, {}
     for run in runs:  # one SAE in memory at a time: a sweep's SAEs together can outgrow it
         sae = load_sae(run / SAE_DIR)
-        state[run] = "none" if overwrite else _evaluation_state(run, sae, cfg, model=model, model_dtype=model_dtype)
+        changes[run] = None if overwrite else _evaluation_changes(run, sae, cfg, model=model, model_dtype=model_dtype)
+        state[run] = "none" if changes[run] is None else "other" if changes[run] else "current"
         specs[run] = model or model_for(sae)
         if state[run] == "none":  # to be evaluated: its hook and context checked before any model loads
             check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
-    other = [run.name for run in runs if state[run] == "other"]
+    other = [run for run in runs if state[run] == "other"]
     if other:
-        raise RunExistsError(f"{', '.join(other)} in {folder} hold an evaluation with other settings (or another "
-                             "model); pass --overwrite to replace them")
+        raise RunExistsError(f"{', '.join(run.name for run in other)} in {folder} hold an evaluation with other "
+                             f"settings ({', '.join(changes[other[0]])}); pass --overwrite to replace them")
     models: dict[str, LanguageModel] = {}
     out: dict[str, Any] = {}
     for run in runs:
