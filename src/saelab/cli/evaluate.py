@@ -105,7 +105,7 @@ def _check_eval_out(out: Path, overwrite: bool) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.pipeline import evaluate, evaluate_run, evaluate_sweep, evaluation_is_current, paper_suite
+    from saelab.pipeline import evaluate_sweep, paper_suite
 
     suite_only = typed_starting(args, "--series", "--metrics", "--ablation-contexts", "--probe-contexts",
                                 "--n2g-contexts", *(f"--{prefix}" for _, _, prefix in METRIC_GROUPS))
@@ -126,6 +126,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                             overwrite=args.overwrite, progress=args.progress)
         return {"report": index["report"],
                 **{m: v["status"] + (" (reused)" if v["reused"] else "") for m, v in index["metrics"].items()}}
+    return _eval_core(args)
+
+
+def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
+    """`saelab eval SAE`: the core metrics into the run folder, into --out, or printed only."""
+    from saelab.pipeline import evaluate, evaluate_run, evaluation_is_current
+
     sae, run = open_sae(args.sae, allow_http=args.allow_http)
     if args.hook:
         sae.cfg.hook_name = args.hook
