@@ -14,7 +14,8 @@ import torch
 
 from saelab.cli import main, parse_args
 from saelab.cli.evaluate import suite_config
-from saelab.explore.browser.build import read_n2g_file, run_n2g_file
+from saelab.explore.browser.build import read_n2g_file, run_explanations
+from saelab.sae import load_sae
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ENVELOPE = {"metric", "schema_version", "status", "reason", "inputs", "sae", "eval", "wall_s", "created", "result"}
@@ -65,10 +66,18 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     assert recs["ablation_sparsity"]["result"]["latent"]["n_ablations"] == 4 * 2  # k = 2 at 4 sites
     assert recs["probe"]["result"]["tasks"] and recs["n2g"]["result"]["n_explained"] == 8
     assert recs["n2g"]["result"]["splice"]["ce_n2g_all"] > 0
-    # The browser shows the suite's explanations of a run by default.
-    explained = read_n2g_file(run_n2g_file(run))
-    assert run_n2g_file(run) == run / "evals" / "n2g.json" and len(explained) == 8
-    assert any(e["text"] for e in explained.values())
+    # The browser shows the suite's explanations of a run by default, and only of the weights they describe.
+    sae = load_sae(run / "sae")
+    explained = run_explanations(run, sae)
+    assert len(explained) == 8 and any(e["text"] for e in explained.values())
+    assert explained == read_n2g_file(run / "evals" / "n2g.json")
+    with torch.no_grad():
+        sae.W_dec.mul_(2)
+    assert run_explanations(run, sae) == {}
+    record = (run / "evals" / "n2g.json").read_text()  # an N2G that failed has nothing to show, and breaks nothing
+    (run / "evals" / "n2g.json").write_text(json.dumps({**json.loads(record), "status": "error", "result": None}))
+    assert run_explanations(run, load_sae(run / "sae")) == {}
+    (run / "evals" / "n2g.json").write_text(record)
     index = json.loads((run / "evals" / "suite.json").read_text())
     assert set(index["metrics"]) == set(names) and index["wall_s"] > 0
     report = (run / "evals" / "report.md").read_text()

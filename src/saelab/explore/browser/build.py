@@ -443,21 +443,39 @@ def explanation_from_n2g(entry: dict[str, Any], n_patterns: int = 3) -> dict[str
 RUN_N2G_FILES = (Path("evals") / "n2g.json", Path("n2g.json"))
 
 
-def run_n2g_file(run_dir: Path) -> Path | None:
-    """The run's N2G explanations file, None when it has none."""
-    return next((run_dir / name for name in RUN_N2G_FILES if (run_dir / name).is_file()), None)
+def run_explanations(run_dir: Path, sae: TopKSAE) -> dict[int, dict[str, Any]]:
+    """The N2G explanations a run keeps for ``sae``: the paper suite's, when it ran to the end on these
+    weights (a failed or skipped N2G, or one of weights retrained since, has none to show), else those of
+    a ``run_n2g`` result saved as RUN/n2g.json; {} when there are none."""
+    from saelab.run_folder import sae_sha256  # lazy: the hash reads every weight, only when there is a file
+
+    suite_file, own_file = (run_dir / name for name in RUN_N2G_FILES)
+    if suite_file.is_file():
+        record = _read_n2g_json(suite_file)
+        if isinstance(record, dict) and record.get("status") == "ok" and isinstance(record.get("result"), dict) \
+                and (record.get("inputs") or {}).get("sae_sha256") == sae_sha256(sae):
+            return _explanations(record["result"], suite_file)
+    return read_n2g_file(own_file) if own_file.is_file() else {}
+
+
+def _read_n2g_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read N2G explanations: {e}") from e
 
 
 def read_n2g_file(path: str | Path) -> dict[int, dict[str, Any]]:
     """Explanations by latent from a ``run_n2g`` JSON result, or from the paper suite's n2g.json that
     holds one as its "result"."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read N2G explanations: {e}") from e
+    data = _read_n2g_json(path)
     if isinstance(data, dict) and isinstance(data.get("result"), dict):
         data = data["result"]
+    return _explanations(data, path)
+
+
+def _explanations(data: Any, path: Path) -> dict[int, dict[str, Any]]:
     if not isinstance(data, dict) or not isinstance(data.get("per_latent"), list):
         raise CheckpointError(f"{path}: not an N2G result (expected the evals/n2g.json that `saelab eval --suite "
                               "paper` writes, or a JSON object with a 'per_latent' list)")
@@ -506,10 +524,9 @@ def finish_statistics(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook: str
     sae = stats.source.sae
     stats.neighbours = nearest_by_decoder(sae.W_dec.detach(), cfg.n_neighbours)
     stats.logits = direct_logit_effects(lm, sae, cfg.n_logits, hist_bins=logit_hist_bins)
-    n2g_file = cfg.n2g_file
-    if n2g_file is None and stats.source.run_dir is not None:
-        n2g_file = run_n2g_file(stats.source.run_dir)
-    if n2g_file:
-        stats.explanations.update(read_n2g_file(n2g_file))
+    if cfg.n2g_file:
+        stats.explanations.update(read_n2g_file(cfg.n2g_file))
+    elif stats.source.run_dir is not None:
+        stats.explanations.update(run_explanations(stats.source.run_dir, sae))
     if cfg.n2g_latents:
         stats.explanations.update(build_n2g_explanations(lm, stats, tokens_NT, hook, cfg, progress))
