@@ -589,6 +589,44 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
         check_context_fits(spec, cfg.eval.context_size, "eval.context_size {n}")
 
 
+def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
+                         lm: LanguageModel | None, model_dtype: str) -> dict[str, Any] | None:
+    """The run's metrics when its harvest, training and evaluation are all done with these settings."""
+    meta = _harvest_meta(harvest_cfg, resolve_corpus(harvest_cfg.corpus, "train"))
+    cache = reusable_cache(run_dir / ACTIVATIONS_DIR, meta=meta, dtype=harvest_cfg.dtype)
+    sae = None if cache is None else finished_training(run_dir, cfg.train, cache)
+    model = model_name(lm or harvest_cfg.model)
+    if sae is None or not evaluation_is_current(run_dir, sae, cfg.eval, model=model, model_dtype=model_dtype):
+        return None
+    return read_eval_metrics(run_dir, sae)
+
+
+def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path, lm: LanguageModel | None,
+                       times: dict[str, float], *, device: str | torch.device | None, model_dtype: str,
+                       overwrite: bool, overwrite_activations: bool, progress: bool,
+                       log_to: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Load the model, then harvest, train and evaluate, each stage reused when done with these settings;
+    returns the metrics and the stages reused (``times`` gets the others' seconds)."""
+    lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
+    reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
+    cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
+                                                                 progress))
+    sae = None if overwrite else finished_training(run_dir, cfg.train, cache)
+    reused += ["train"] if sae is not None else []
+    if sae is None:
+        if overwrite and (run_dir / TRAIN_CONFIG).exists():
+            print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
+                  file=sys.stderr)
+        sae = _timed(times, "train", lambda: train_from_cache(cache, run_dir, cfg.train, device=device,
+                                                              overwrite=overwrite, progress=progress,
+                                                              log_to=log_to))
+    if evaluation_is_current(run_dir, sae, cfg.eval, model=lm.name, model_dtype=model_dtype):
+        reused.append("evaluate")
+        return read_eval_metrics(run_dir, sae), reused
+    return _timed(times, "evaluate", lambda: evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir,
+                                                      progress=progress)), reused
+
+
 def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel | None = None,
                device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                overwrite_activations: bool = False, progress: bool = True,
@@ -606,25 +644,15 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     times: dict[str, float] = {}
     earlier = _recorded_stage_seconds(run_dir)
     trained_before = 0.0 if overwrite else _recorded_train_seconds(run_dir, unfinished_only=True)
-    lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
-    reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
-    cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
-                                                                 progress))
-    sae = None if overwrite else finished_training(run_dir, cfg.train, cache)
-    reused += ["train"] if sae is not None else []
-    if sae is None:
-        if overwrite and (run_dir / TRAIN_CONFIG).exists():
-            print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
-                  file=sys.stderr)
-        sae = _timed(times, "train", lambda: train_from_cache(cache, run_dir, cfg.train, device=device,
-                                                              overwrite=overwrite, progress=progress,
-                                                              log_to=log_to))
-    if evaluation_is_current(run_dir, sae, cfg.eval, model=lm.name, model_dtype=model_dtype):
-        metrics = read_eval_metrics(run_dir, sae)
-        reused.append("evaluate")
+    done = None if overwrite or overwrite_activations else _finished_quickstart(cfg, harvest_cfg, run_dir, lm,
+                                                                               model_dtype)
+    if done is not None:  # every stage done with these settings: the model is not even loaded
+        metrics, reused = done, ["harvest", "train", "evaluate"]
     else:
-        metrics = _timed(times, "evaluate", lambda: evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir,
-                                                            progress=progress))
+        metrics, reused = _quickstart_stages(cfg, harvest_cfg, run_dir, lm, times, device=device,
+                                             model_dtype=model_dtype, overwrite=overwrite,
+                                             overwrite_activations=overwrite_activations, progress=progress,
+                                             log_to=log_to)
     # This invocation's wall times; stages whose earlier result was reused are listed, not timed.
     times = {stage: t for stage, t in times.items() if stage not in reused}
     metrics["wall_seconds"] = {**times, "total": round(sum(times.values()), 1)}
