@@ -420,6 +420,14 @@ def test_interruption_before_the_first_shard_keeps_its_rows(tmp_path, source_row
         name = f"shard_{s:05d}.npy"
         assert (folder / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     assert torch.equal(cache.read(), ref.read()) and not (folder / "partial.npy").exists()
+    # An overwrite of an interrupted cache leaves none of its partial rows behind.
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(src_batches(source_rows, fail_after=2), tmp_path / "e", meta=META, dtype=dtype,
+                               shard_rows=300, progress=False)
+    assert (tmp_path / "e" / "partial.npy").exists()
+    write_activation_cache(src_batches(source_rows), tmp_path / "e", meta={**META, "context_size": 32}, dtype=dtype,
+                           shard_rows=300, overwrite=True, progress=False)
+    assert not (tmp_path / "e" / "partial.npy").exists()
     # A partial file that does not match the manifest is not trusted: those rows are written again.
     with pytest.raises(KeyboardInterrupt):
         write_activation_cache(src_batches(source_rows, fail_after=2), tmp_path / "d", meta=META, dtype=dtype,
@@ -428,6 +436,34 @@ def test_interruption_before_the_first_shard_keeps_its_rows(tmp_path, source_row
     again = write_activation_cache(src_batches(source_rows), tmp_path / "d", meta=META, dtype=dtype, shard_rows=300,
                                    resume=True, progress=False)
     assert torch.equal(again.read(), ref.read())
+
+
+def test_interruption_while_a_shard_is_written_finishes_that_shard(tmp_path, source_rows, monkeypatch, capsys):
+    from saelab.data import cache as cache_module
+
+    ref = write_activation_cache(src_batches(source_rows), tmp_path / "ref", meta=META, shard_rows=300,
+                                 progress=False)
+    save, cut = cache_module._ShardWriter._save, []
+
+    def cut_once(writer, path):  # Ctrl-C arrives while the second shard is being written
+        if path.name == "shard_00001.npy" and not cut:
+            cut.append(path)
+            raise KeyboardInterrupt
+        save(writer, path)
+
+    monkeypatch.setattr(cache_module._ShardWriter, "_save", cut_once)
+    folder = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, progress=False)
+    assert "keeps the 600 rows written so far" in capsys.readouterr().err  # the cut shard finished, listed
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["n_rows"] == 600 and "partial_rows" not in m and not (folder / "partial.npy").exists()
+    cache = write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, resume=True,
+                                   progress=False)
+    assert torch.equal(cache.read(), ref.read())
+    for s in range(4):
+        name = f"shard_{s:05d}.npy"
+        assert (folder / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
 
 
 def test_interrupted_overwrite_keeps_the_old_cache_and_resumes(tmp_path, source_rows, capsys):

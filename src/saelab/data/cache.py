@@ -245,7 +245,8 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
     try:
         to_skip = _write_batches(batches, writer, to_skip, bar)
     except KeyboardInterrupt:  # the rows toward the next shard are saved too: nothing is harvested twice
-        kept = manifest["n_rows"] + writer.save_partial()
+        saved = writer.save_partial()  # may first finish a shard the interruption cut into
+        kept = manifest["n_rows"] + saved
         print(f"saelab: activation cache {folder} keeps the {kept:,} rows written so far; the same call continues "
               "from there" if kept else f"saelab: activation cache {folder} holds no rows yet (a shuffled harvest "
               "writes its first rows once its shuffle buffer is full); the same call starts over", file=sys.stderr)
@@ -299,6 +300,7 @@ def _finish_overwrite(folder: Path, stage: Path) -> None:
     for old in folder.glob("shard_*.npy"):
         if old.name not in listed:
             old.unlink()
+    (folder / PARTIAL_SHARD).unlink(missing_ok=True)  # an interrupted write of the old cache's
     os.replace(stage / MANIFEST, folder / MANIFEST)
     shutil.rmtree(stage)
 
@@ -397,12 +399,16 @@ class _ShardWriter:
             return
         name = _shard_name(len(self.manifest["shards"]))
         self._save(self.folder / name)
-        self.manifest["shards"].append({"file": name, "rows": self.n_buf})
-        self.manifest["n_rows"] += self.n_buf
-        self.manifest.pop("partial_rows", None)  # its rows are in the shard now
-        write_json(self.folder / MANIFEST, self.manifest)
-        (self.folder / PARTIAL_SHARD).unlink(missing_ok=True)
+        listed = {**self.manifest, "shards": [*self.manifest["shards"], {"file": name, "rows": self.n_buf}],
+                  "n_rows": self.manifest["n_rows"] + self.n_buf}
+        listed.pop("partial_rows", None)  # its rows are in the shard now
+        write_json(self.folder / MANIFEST, listed)
+        # An interruption anywhere above leaves the buffer whole (save_partial finishes this flush); from
+        # here on it finds nothing left to save, and the manifest on disk already lists the shard.
         self.n_buf = 0
+        self.manifest.pop("partial_rows", None)
+        self.manifest.update(listed)
+        (self.folder / PARTIAL_SHARD).unlink(missing_ok=True)
 
     def _save(self, path: Path) -> None:
         """The buffered rows as one .npy file, written atomically."""
@@ -420,6 +426,8 @@ class _ShardWriter:
 
     def save_partial(self) -> int:
         """Save the rows gathered toward the next shard (an interruption); returns how many."""
+        if self.n_buf == self.manifest["shard_rows"]:  # interrupted while writing its shard: finish that
+            self.flush()
         if self.n_buf:
             self._save(self.folder / PARTIAL_SHARD)
             self.manifest["partial_rows"] = self.n_buf
