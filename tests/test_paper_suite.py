@@ -244,3 +244,14 @@ def test_the_runs_own_evals_folder_as_out_is_the_run_folder(tiny_dir, data_dir, 
     monkeypatch.setenv("HOME", str(tmp_path))  # the run named from the home folder, as a shell leaves "~/run"
     out, _ = run_cli(capsys, "eval", "~/run", *argv[2:])
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok (reused)"}
+
+
+def test_a_difference_no_setting_names_still_counts():
+    """compute_equivalent's contexts follow from --downstream-tokens, which its own settings do not hold: a
+    record that differs only there is still another setting (its result is not replaced unasked)."""
+    from saelab.evals.suite import _input_changes
+
+    old = {"sae_sha256": "x", "n_contexts": 16, "config": {"fit": "power"}}
+    assert _input_changes("compute_equivalent", old, {**old, "n_contexts": 32}) == ["contexts 16 -> 32"]
+    assert _input_changes("compute_equivalent", old, {**old, "series": "other"})
+    assert _input_changes("compute_equivalent", old, dict(old)) == []

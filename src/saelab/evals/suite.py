@@ -235,7 +235,11 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
         if name in CONTEXTS_SETTING:
             named[CONTEXTS_SETTING[name]] = inputs.get("n_contexts")
         return {**named, SETTINGS_GROUP.get(name, name): inputs.get("config")}
-    return changed_fields(by_setting(old), by_setting(new))
+    changes = changed_fields(by_setting(old), by_setting(new))
+    if not changes and old != new:  # a difference no setting of this metric names: still a difference
+        contexts = (old.get("n_contexts"), new.get("n_contexts"))
+        changes = [f"contexts {contexts[0]} -> {contexts[1]}" if contexts[0] != contexts[1] else "other inputs"]
+    return changes
 
 
 def _refuse_replacing(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict, base_inputs: dict) -> None:
