@@ -172,10 +172,13 @@ def _ablation_applies(run: SuiteRun) -> str | None:
     return None
 
 
-def _check_n2g_settings(cfg: N2GConfig, sae, lm) -> None:
+def _check_n2g_settings(cfg: N2GConfig, sae, lm, asked_for: bool) -> None:
     """N2G's settings that only the SAE and the tokenizer can check: refused before any metric runs, not
-    recorded as a skipped n2g after the others ran."""
+    recorded as a skipped n2g after the others ran. The default padding token is checked only when N2G
+    was asked for by name: for a tokenizer that splits it, the rest of the suite still runs."""
     check_latents(cfg.latents, sae.n_latents, name="n2g.latents")
+    if not asked_for and cfg.padding_token == N2GConfig().padding_token:
+        return
     try:
         padding_id(lm.tokenizer, cfg.padding_token, "n2g.padding_token")  # the command line: its option
     except ValueError as e:
@@ -300,7 +303,7 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
                    math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR)
     wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
     if any(m.name == "n2g" for m in wanted):
-        _check_n2g_settings(cfg.n2g, sae, lm)
+        _check_n2g_settings(cfg.n2g, sae, lm, asked_for="n2g" in cfg.metrics)
     reasons = {m.name: m.applies(run) for m in wanted}
     bad = {n: r for n, r in reasons.items() if r and cfg.metrics}
     if bad:
