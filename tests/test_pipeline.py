@@ -124,7 +124,7 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
         m.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
         third = quickstart(cfg, run, progress=False)
     assert third["reused"] == ["harvest", "train", "evaluate"] and third["wall_seconds"] == {"total": 0.0}
-    earlier = {stage: again["stage_seconds"][stage] for stage in ("train", "evaluate")}
+    earlier = {stage: again["stage_seconds"][stage] for stage in ("load_model", "train", "evaluate")}
     assert third["stage_seconds"] == {**earlier, "total": round(sum(earlier.values()), 1)}
     assert f"| evaluate | reused (all calls: {again['stage_seconds']['evaluate']:,.1f}) |" in (run / "report.md").read_text()
     # Other eval settings would replace the evaluation: refused as `saelab eval` refuses, before any work.

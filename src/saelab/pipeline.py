@@ -551,7 +551,7 @@ def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, fl
                    trained_before: float) -> dict[str, float]:
     """Seconds each stage took in the calls that did it: a reused stage keeps its earlier record, and a
     resumed training adds the earlier calls' training (``trained_before``) to this call's."""
-    out = {stage: earlier[stage] for stage in reused if stage in earlier}
+    out = {stage: earlier[stage] for stage in [*reused, "load_model"] if stage in earlier}  # load: not this call
     out.update({stage: t for stage, t in times.items() if stage not in reused})
     if "train" in times:
         out["train"] = round(times["train"] + trained_before, 1)

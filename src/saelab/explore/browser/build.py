@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,7 +452,11 @@ def run_explanations(run_dir: Path, sae: TopKSAE) -> dict[int, dict[str, Any]]:
 
     suite_file, own_file = (run_dir / name for name in RUN_N2G_FILES)
     if suite_file.is_file():
-        record = _read_n2g_json(suite_file)
+        try:
+            record = _read_n2g_json(suite_file)
+        except CheckpointError as e:  # a damaged suite record: the browser is built without its explanations
+            print(f"saelab: warning: {e}; the site shows no N2G explanations", file=sys.stderr)
+            record = None
         if isinstance(record, dict) and record.get("status") == "ok" and isinstance(record.get("result"), dict) \
                 and (record.get("inputs") or {}).get("sae_sha256") == sae_sha256(sae):
             return _explanations(record["result"], suite_file)
