@@ -111,7 +111,8 @@ def _what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
     if changes:
         return f"other settings ({', '.join(changes)})"
     if recorded.get("sae_files") != inputs["sae_files"]:
-        return "other SAE files (other SAEs, or the same ones retrained or replaced since)"
+        return ("other SAE files (other SAEs, the same ones retrained or replaced since, or a run's N2G "
+                "explanations written since)")
     return "other inputs or settings"
 
 
