@@ -382,6 +382,16 @@ def test_bad_config_file_is_one_line_naming_it_and_the_entry(name, text, expecte
     assert "none.yaml: no such file" in capsys.readouterr().err
 
 
+def test_a_whole_number_written_as_a_float_in_a_config_file_is_an_integer(tmp_path):
+    from saelab.cli import parse_args
+
+    cfg = tmp_path / "floats.json"
+    cfg.write_text('{"train": {"total_tokens": 1e6, "k": 16.0}}')  # JSON writes big numbers this way
+    args = parse_args(["train", "--activations", "acts", "--out", "run", "--config", str(cfg)])
+    assert (args.train.total_tokens, args.train.k) == (1_000_000, 16)
+    assert type(args.train.total_tokens) is int and type(args.train.k) is int
+
+
 def test_a_list_value_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
     cfg = tmp_path / "twice.yaml"
     cfg.write_text("eval:\n  ablations: [zero, zero]\n")

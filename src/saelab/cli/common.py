@@ -191,6 +191,8 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
         if choices and v not in choices:
             raise ConfigError(f"{where}.{key}: expected one of {', '.join(map(str, choices))}, got {v!r}")
         wrong_type = _number_expected(hints[name], v)
+        if wrong_type == "an integer" and isinstance(v, float) and v.is_integer():  # JSON's 1e6, YAML's 4096.0
+            v, wrong_type = int(v), None
         if wrong_type:
             raise ConfigError(f"{where}.{key}: expected {wrong_type}, got {v!r}")
         repeat = first_repeat(v) if isinstance(v, list) else None
