@@ -152,7 +152,7 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
     both = [sae_files / "run_small", sae_files / "saelens_large"]
     for saes, other, dtype, what in (
             (both, dataclasses.replace(cfg, n_top=5), "float32", rf"other settings \(browse.n_top {cfg.n_top} -> 5\)"),
-            ([sae_files / "run_small"], cfg, "float32", r"other SAE files \(other SAEs, or the same ones retrained"),
+            ([sae_files / "run_small"], cfg, "float32", r"other SAE files \(other SAEs, the same ones retrained"),
             (both, cfg, "bfloat16", r'other settings \(model_dtype "float32" -> "bfloat16"\)')):
         with pytest.raises(RunExistsError, match=rf"holds a feature browser site built from {what}.*"
                                                  r"\(it shows run_small, saelens_large\); pass --overwrite"):
