@@ -791,6 +791,19 @@ def test_quickstart_checks_the_hook_and_both_context_sizes_before_the_model_load
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_browse_without_out_says_what_it_was_given(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, "gpt2", ("run/sae", 64), ("loose", 64))
+    (tmp_path / "run" / "train_config.json").write_text("{}")
+    (tmp_path / "acts").mkdir()
+    (tmp_path / "acts" / "manifest.json").write_text("{}")
+    _refusals([(["browse", "acts"], "acts is an activation cache (manifest.json), not an SAE"),
+               (["browse", "run/sae"], "run/sae is not a run folder; pass --out for the site folder, or browse its "
+                                       f"run folder {tmp_path / 'run'}")], capsys)
+    assert main(["browse", "loose"]) == 2  # an SAE outside a run: no run folder to point to
+    assert capsys.readouterr().err.strip().endswith("error: loose is not a run folder; pass --out for the site folder")
+
+
 def test_eval_of_a_sweep_checks_each_run_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = _config_only_model(tmp_path / "model")

@@ -194,9 +194,14 @@ def _default_out(sources: list[str]) -> Path:
         return Path(sources[0]) / BROWSER_DIR
     if is_sweep(sources[0]):
         open_sae(sources[0])  # names the sweep's runs: one of them is what to browse
-    if "://" not in sources[0] and not (sources[0] and Path(sources[0]).expanduser().exists()):
+    if "://" in sources[0]:
+        raise ConfigError(f"{sources[0]} is not a run folder; pass --out for the site folder")
+    if not (sources[0] and Path(sources[0]).expanduser().exists()):
         raise ConfigError(f"{sources[0]!r}: no such file or folder; expected a run folder or an SAE")
-    raise ConfigError(f"{sources[0]} is not a run folder; pass --out for the site folder")
+    open_sae(sources[0])  # what is no SAE at all (an activation cache, say) is named as such first
+    run = Path(sources[0]).expanduser().resolve().parent
+    its_run = f", or browse its run folder {run}" if is_run(run) else ""
+    raise ConfigError(f"{sources[0]} is not a run folder; pass --out for the site folder{its_run}")
 
 
 def _check_port(port: int) -> None:
