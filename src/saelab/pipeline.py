@@ -34,7 +34,8 @@ from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVAL
                                read_json, recorded_model, sae_sha256, sweep_runs)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
-from saelab.train.checkpoint import changed_fields, read_metrics, read_status, training_changes
+from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, recorded_train_seconds,
+                                     training_changes)
 from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
 from saelab.utils.config import switch
@@ -302,7 +303,10 @@ def _evaluation_state(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, mod
                       model_dtype: str) -> str:
     """"current" (metrics.json is this evaluation), "other" (of this SAE, other settings or model) or
     "none" (absent, unreadable, or of other weights)."""
-    changes = _evaluation_changes(run_dir, sae, cfg, model=model, model_dtype=model_dtype)
+    return _state_of(_evaluation_changes(run_dir, sae, cfg, model=model, model_dtype=model_dtype))
+
+
+def _state_of(changes: list[str] | None) -> str:
     return "none" if changes is None else "other" if changes else "current"
 
 
@@ -376,7 +380,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
     for run in runs:  # one SAE in memory at a time: a sweep's SAEs together can outgrow it
         sae = load_sae(run / SAE_DIR)
         changes[run] = None if overwrite else _evaluation_changes(run, sae, cfg, model=model, model_dtype=model_dtype)
-        state[run] = "none" if changes[run] is None else "other" if changes[run] else "current"
+        state[run] = _state_of(changes[run])
         specs[run] = model or model_for(sae)
         if state[run] == "none":  # to be evaluated: its hook and context checked before any model loads
             check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
@@ -538,15 +542,6 @@ def _recorded_stage_seconds(run_dir: Path) -> dict[str, float]:
     return {k: v for k, v in recorded.items() if isinstance(v, (int, float))} if isinstance(recorded, dict) else {}
 
 
-def _recorded_train_seconds(run_dir: Path, unfinished_only: bool) -> float:
-    """status.json's train_seconds (the training loop's time over every call), 0 when absent."""
-    status = read_status(run_dir)
-    seconds = status.get("train_seconds")
-    if not isinstance(seconds, (int, float)) or (unfinished_only and status.get("state") == "finished"):
-        return 0.0
-    return float(seconds)
-
-
 def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, float], reused: list[str],
                    trained_before: float) -> dict[str, float]:
     """Seconds each stage took in the calls that did it: a reused stage keeps its earlier record, and a
@@ -556,7 +551,7 @@ def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, fl
     if "train" in times:
         out["train"] = round(times["train"] + trained_before, 1)
     elif "train" in reused and "train" not in out:  # no earlier record: the training loop's own time
-        out["train"] = round(_recorded_train_seconds(run_dir, unfinished_only=False), 1)
+        out["train"] = round(recorded_train_seconds(read_status(run_dir)), 1)
     return {**out, "total": round(sum(out.values()), 1)}
 
 
@@ -643,7 +638,8 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
                              overwrite_activations=overwrite_activations, log_to=log_to)
     times: dict[str, float] = {}
     earlier = _recorded_stage_seconds(run_dir)
-    trained_before = 0.0 if overwrite else _recorded_train_seconds(run_dir, unfinished_only=True)
+    status = read_status(run_dir)  # an unfinished training resumed now: its earlier calls' seconds
+    trained_before = 0.0 if overwrite or status.get("state") == "finished" else recorded_train_seconds(status)
     done = None if overwrite or overwrite_activations else _finished_quickstart(cfg, harvest_cfg, run_dir, lm,
                                                                                model_dtype)
     if done is not None:  # every stage done with these settings: the model is not even loaded

@@ -32,6 +32,14 @@ def read_status(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the run folder is damaged") from e
 
 
+def recorded_train_seconds(status: dict[str, Any]) -> float:
+    """status.json's train_seconds: the training loop's time over every call, as of the last checkpoint
+    (0 when absent or not a number)."""
+    seconds = status.get("train_seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0 \
+        else 0.0
+
+
 def write_status(run_dir: Path, state: str, **extra: Any) -> None:
     write_json(run_dir / STATUS, {"state": state, **extra})
 

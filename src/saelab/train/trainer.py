@@ -353,12 +353,6 @@ class Trainer:
         return out
 
 
-def _recorded_seconds(status: dict[str, Any]) -> float:
-    """train_seconds as status.json recorded it at the last checkpoint (0 when absent or not a number)."""
-    seconds = status.get("train_seconds")
-    return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
-
-
 class TrainingRun:
     """One SAE training into its run folder: lock, init or resume, log, checkpoint, finish.
 
@@ -384,7 +378,7 @@ class TrainingRun:
             # seconds earlier calls spent up to the checkpoint resumed from, so train_seconds is the run's total
             self.seconds_before = 0.0
             if ckpt.check_run_dir(self.run_dir, config, overwrite=overwrite):
-                self.seconds_before = _recorded_seconds(ckpt.read_status(self.run_dir))
+                self.seconds_before = ckpt.recorded_train_seconds(ckpt.read_status(self.run_dir))
                 self.trainer = self._resume(sae_cfg, allow_tf32)
             else:
                 self.trainer = self._start(sae_cfg, init_sample, allow_tf32)
