@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,30 +88,37 @@ def child_env(threads: int, device: str = "cpu") -> dict[str, str]:
     return env
 
 
-def write_random_cache(folder: Path, rows: int, d: int, seed: int) -> None:
+def write_random_cache(folder: Path, rows: int, d: int, seed: int, rows_seed: int) -> None:
     """A float32 activation cache of Gaussian rows around a common random offset (as a residual stream
-    has one), in the format CacheReader reads; kept if one of at least ``rows`` rows is there."""
+    has one), in the format CacheReader reads; kept if one of at least ``rows`` rows with these seeds is
+    there. The offset comes from ``seed`` alone, so training and held-out rows (other ``rows_seed``)
+    share one distribution."""
     import numpy as np
 
     manifest = folder / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("n_rows", 0) >= rows:
-        return
+    contexts = f"random: N(offset, I), offset seed {seed}, rows seed {rows_seed}"
+    if manifest.is_file():
+        old = json.loads(manifest.read_text())
+        if old.get("n_rows", 0) >= rows and old.get("meta", {}).get("contexts") == contexts:
+            return
     folder.mkdir(parents=True, exist_ok=True)
-    g = np.random.default_rng(seed)
-    offset = 3.0 * g.standard_normal(d, dtype=np.float32)
+    offset = 3.0 * np.random.default_rng(seed).standard_normal(d, dtype=np.float32)
+    g = np.random.default_rng([seed, rows_seed])
     np.save(folder / "shard_00000.npy", g.standard_normal((rows, d), dtype=np.float32) + offset)
     manifest.write_text(json.dumps({"format": "saelab-activation-cache", "version": 1, "d": d, "dtype": "float32",
                                     "shard_rows": rows, "n_rows": rows, "complete": True,
                                     "shards": [{"file": "shard_00000.npy", "rows": rows}],
-                                    "meta": {"contexts": "random: N(offset, I)"}}))
+                                    "meta": {"contexts": contexts}}))
 
 
 def probe(lib: str, python: str, env: dict[str, str]) -> tuple[str | None, str | None]:
     """(version, None) if the library imports in that Python, else (None, why not)."""
     _, dist, module, _ = LIBRARIES[lib]
-    if not Path(python).exists():
+    if shutil.which(python) is None:  # a path, or a name on PATH such as python3
         return None, f"no Python at {python} (run benchmarks/peers/setup_peers.sh)"
-    code = f"import importlib.metadata as md, {module}; print(md.version({dist!r}))"
+    # A checkout on PYTHONPATH (the GPU machine's) has no installed metadata: its __version__ serves.
+    code = (f"import importlib.metadata as md, {module} as m; "
+            f"print(getattr(m, '__version__', None) or md.version({dist!r}))")
     try:
         p = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     except subprocess.TimeoutExpired:
@@ -214,8 +222,8 @@ def main() -> None:
     if args.device.startswith("cuda"):  # the TF32 bound: sparsify's Trainer and saelab's runner both use TF32
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.activations == "random":
-        write_random_cache(args.train_cache, args.rows, 576, args.seed)
-        write_random_cache(args.eval_cache, args.eval_rows, 576, args.seed + 1)
+        write_random_cache(args.train_cache, args.rows, 576, args.seed, rows_seed=0)
+        write_random_cache(args.eval_cache, args.eval_rows, 576, args.seed, rows_seed=1)
     else:
         ensure_bench_caches(args.train_cache, args.eval_cache, args.rows, args.eval_rows)
     d = json.loads((args.train_cache / "manifest.json").read_text())["d"]
@@ -253,6 +261,9 @@ def main() -> None:
                 print(f"round {rep + 1}/{args.repeats}  {lib:<11} n={n}: {run_summary(r)}", file=sys.stderr,
                       flush=True)
     print_report(args, d, results, versions, unavailable, runnable, log)
+    missing = [f"{lib} n={n}" for (lib, n), runs in results.items() if not any("error" not in r for r in runs)]
+    if missing:
+        sys.exit(f"compare_peers.py: no result for {', '.join(missing)} (see above)")
 
 
 def run_summary(r: dict) -> str:
@@ -293,7 +304,9 @@ def print_report(args, d, results, versions, unavailable, runnable, log) -> None
           "tokens/s of the median step without and with AuxK, and the share of timed steps with AuxK on. Bound: "
           f"{precision} GEMM FLOP/s of [{args.batch_size}, {d}] x [{d}, n] on {args.device}, measured right before "
           "each run / (2 d n); ratios are medians of each run's ratio. Peak memory: "
-          + ("peak GPU memory allocated by torch in the run (max_memory_allocated).\n" if gpu else
+          + ("peak GPU memory allocated by torch in the run (max_memory_allocated). On the GPU every runner "
+             "reads its training rows into host memory before the clock starts (a batch's file read takes "
+             "longer than a step); each batch's copy to the GPU is timed.\n" if gpu else
              "peak RSS of the run's process at the end of training, and in brackets its growth over the RSS "
              "after imports and before the SAE was built.\n"))
     print("| library | version | n | tokens/s (median) | runs (tokens/s) | ratio to bound | AuxK off / on tokens/s "
@@ -384,7 +397,7 @@ def profile_saelab(args: argparse.Namespace, n: int) -> None:
             flops = gemm_flops(reader.d, n, args.batch_size, repeats=args.gemm_repeats, device=args.device)
             gemm_s = 2 * args.batch_size * reader.d * n / flops
             print(f"\nn={n:,}, step {b}, AuxK {'ACTIVE' if aux else 'inactive'} ({dead:,} dead latents): "
-                  f"{wall * 1e3:,.0f} ms under the profiler; encoder GEMM alone {gemm_s * 1e3:,.0f} ms "
+                  f"{wall * 1e3:,.1f} ms under the profiler; encoder GEMM alone {gemm_s * 1e3:,.2f} ms "
                   f"(measured right after)")
             print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows))
             if len(seen) == 2:

@@ -4,11 +4,14 @@
 # train_sae end to end; benchmarks/gpu_throughput.py), then saelab side by side with sparsify on the
 # GPU (benchmarks/compare_peers.py --device cuda: n = 32,768 and 131,072, batch 4,096, the same
 # activations and batch order, AuxK active in most steps, TF32 GEMM bound measured in each round).
-# About 10 minutes at most on one H200 (each part is capped). Logs, the side-by-side table and one
+# Last, the top CUDA kernels of a step
+# with and without AuxK (compare_peers.py --profile). About 10 minutes at most on one H200 (each part
+# is capped: 150 + 150 + 240 + 90 s); about 5 in practice. Logs, the side-by-side table and one
 # JSON line per throughput figure go to OUT_DIR.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else benchmarks/gpu_check_out
 #   PYTHON=/path/to/python benchmarks/gpu_check.sh
+#   PARTS="peers profile" benchmarks/gpu_check.sh   # some parts only (default: tests throughput peers profile)
 #
 # Offline: the GPU machine has no package index. What its image lacks (saelab's simple-parsing and
 # docstring-parser; sparsify and the packages it imports that the image does not hold) is installed
@@ -24,6 +27,7 @@ elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT_DIR=${1:-${OUT:-benchmarks/gpu_check_out}}
+PARTS=${PARTS:-tests throughput peers profile}
 mkdir -p "$OUT_DIR"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -39,19 +43,37 @@ fi
 "$PY" -c "import saelab.train, saelab.data, saelab.sae, transformers" \
     || { echo "gpu_check: saelab or one of its dependencies does not import with $PY (see pyproject.toml)"; exit 1; }
 
-timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py tests/test_tensors.py 2>&1 \
-    | tee "$OUT_DIR/test_cuda.log"
-tests=${PIPESTATUS[0]}
-rm -f "$OUT_DIR/gpu_throughput.jsonl"
-timeout 210 "$PY" benchmarks/gpu_throughput.py --json "$OUT_DIR/gpu_throughput.jsonl" 2>&1 \
-    | tee "$OUT_DIR/gpu_throughput.log"
-bench=${PIPESTATUS[0]}
-# sparsify runs with the same Python (its wheels are on PYTHONPATH); random activations: the machine
-# holds neither the LM's weights nor room to carry a harvested cache.
-timeout 300 "$PY" benchmarks/compare_peers.py --device cuda --activations random --libs saelab sparsify \
-    --peer-python "$PY" --n 32768 131072 --batch-size 4096 --rows 131072 --eval-rows 16384 --repeats 2 \
-    --dead-tokens 32768 --threads 8 --gemm-repeats 50 --timeout 120 --workdir "${TMPDIR:-/tmp}/saelab-gpu-peers" \
-    2>&1 | tee "$OUT_DIR/compare_peers_cuda.md"
-peers=${PIPESTATUS[0]}
-echo "gpu_check: tests exit $tests, gpu_throughput.py exit $bench, compare_peers.py exit $peers"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$peers" -eq 0 ]
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
+status=0
+note() { echo "gpu_check: $1 exit $2"; [ "$2" -eq 0 ] || status=1; }
+if wants tests; then
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py \
+        tests/test_tensors.py 2>&1 | tee "$OUT_DIR/test_cuda.log"
+    note tests "${PIPESTATUS[0]}"
+fi
+if wants throughput; then
+    rm -f "$OUT_DIR/gpu_throughput.jsonl"
+    timeout 150 "$PY" benchmarks/gpu_throughput.py --json "$OUT_DIR/gpu_throughput.jsonl" 2>&1 \
+        | tee "$OUT_DIR/gpu_throughput.log"
+    note gpu_throughput.py "${PIPESTATUS[0]}"
+fi
+# sparsify runs with the same Python (its wheels are on PYTHONPATH). Random activations: the machine
+# holds neither the LM's weights nor room to carry a harvested cache. Isotropic rows leave no latent
+# dead for long, so the dead window is one batch: AuxK then acts in nearly every step, with 5-40 %
+# of the latents dead, the range where its cost matters.
+PEERS=(--device cuda --activations random --batch-size 4096 --eval-rows 16384 --threads 8 --gemm-repeats 50
+       --workdir "${TMPDIR:-/tmp}/saelab-gpu-peers")
+if wants peers; then
+    timeout 240 "$PY" benchmarks/compare_peers.py "${PEERS[@]}" --libs saelab sparsify --peer-python "$PY" \
+        --n 32768 131072 --rows 131072 --repeats 2 --dead-tokens 4096 --timeout 120 2>&1 \
+        | tee "$OUT_DIR/compare_peers_cuda.md"
+    note compare_peers.py "${PIPESTATUS[0]}"
+fi
+# The top CUDA kernels of one step without AuxK (step 2) and one with it (the last of 16; a
+# 3-batch dead window leaves step 2 without dead latents).
+if wants profile; then
+    timeout 90 "$PY" benchmarks/compare_peers.py "${PEERS[@]}" --profile --n 32768 --rows 65536 \
+        --dead-tokens 12288 --profile-rows 15 2>&1 | tee "$OUT_DIR/profile_cuda.txt"
+    note "compare_peers.py --profile" "${PIPESTATUS[0]}"
+fi
+exit $status
