@@ -607,6 +607,24 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
     assert json.loads(out.read_text())["n_tokens"] > json.loads(first)["n_tokens"]
 
 
+def test_a_refusal_shows_where_two_long_model_paths_differ(tmp_path, tiny_dir, capsys):
+    """Two --model paths that share a start longer than a short value: the refusal shows the parts that
+    differ, not the same start twice."""
+    shared = tmp_path / "models-kept-in-a-folder-whose-name-is-long-enough-to-hide-the-rest"
+    shared.mkdir()
+    models = [shared / name for name in ("tiny-gpt2-first", "tiny-gpt2-second")]
+    for model in models:
+        model.symlink_to(tiny_dir, target_is_directory=True)
+    out = tmp_path / "families.json"
+    saes = [_tiny_sae(tmp_path / f"sae{n}", tiny_dir, n) for n in (32, 64)]
+    argv = ["families", *saes, "--out", str(out), "--n-tokens", "256", "--no-progress"]
+    assert main([*argv, "--model", str(models[0])]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--model", str(models[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tiny-gpt2-first" in err and "tiny-gpt2-second" in err, err
+
+
 def test_switches_and_optional_values_parse():
     """Bare switches mean true / false; a bare Optional option is refused only where it would change nothing."""
     from saelab.cli import parse_args

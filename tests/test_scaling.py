@@ -121,7 +121,7 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
         assert f"hold an evaluation with other settings {changed}" in err and "; pass --overwrite" in err
         assert all(name in err for name in out)
     _, err = run_cli(capsys, "eval", str(sweep / "n32_k4"), *ev, *other_model, "--no-progress", code=2)
-    assert "holds this SAE's evaluation with other settings (--model " in err  # the model path, shortened
+    assert "holds this SAE's evaluation with other settings (--model " in err  # the model path
     assert before == {name: (sweep / name / "metrics.json").read_bytes() for name in out}
 
     # A second sweep into the same folder, evaluated as it finishes; k=2 has only two sizes.

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from saelab.errors import ConfigError, CorpusError, NonFiniteError, RunExistsError
 from saelab.utils.atomic import write_json, write_with
 from saelab.utils.device import resolve_device
+from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock, remove_stale_temp_files
 from saelab.utils.tensors import all_finite
 
@@ -346,7 +347,8 @@ def _difference(key: str, have: Any, want: Any) -> str:
         for sub in sorted(set(have) | set(want), key=lambda k: (not isinstance(have.get(k), dict), str(k))):
             if have.get(sub) != want.get(sub):
                 return _difference(f"{key}.{sub}", have.get(sub), want.get(sub))
-    return f"it was written with {key} {_shown(have)}, not {_shown(want)}"
+    shown_have, shown_want = visible_difference(_shown(have), _shown(want))
+    return f"it was written with {key} {shown_have}, not {shown_want}"
 
 
 def _shown(value: Any) -> str:

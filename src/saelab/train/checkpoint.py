@@ -18,6 +18,7 @@ from saelab.errors import CheckpointError, RunExistsError
 from saelab.run_folder import (BROWSER_DIR, CHECKPOINT, REPORT, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_CURVES,
                                TRAINING_LOG, clear_eval_outputs)
 from saelab.utils.atomic import atomic_path, write_bytes, write_json
+from saelab.utils.differences import visible_difference
 
 METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
 
@@ -98,8 +99,7 @@ _UNSET = object()
 def _shown(value: Any) -> str:
     if value is _UNSET or value is None:
         return "absent" if value is _UNSET else "none"
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return json.dumps(value, default=str)
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -111,7 +111,8 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
         if isinstance(a, dict) and isinstance(b, dict):
             changed += changed_fields(a, b, f"{prefix}{key}.")
         elif a != b:
-            changed.append(f"{prefix}{key} {_shown(a)} -> {_shown(b)}")
+            shown_a, shown_b = visible_difference(_shown(a), _shown(b))
+            changed.append(f"{prefix}{key} {shown_a} -> {shown_b}")
     return changed
 
 
