@@ -205,7 +205,11 @@ BAD = [
     ("train --decoder-init best", "argument --decoder-init: invalid choice: 'best'"),
     ("sweep --grid n_latents=abc", "--grid n_latents=abc: expected a value of type int"),
     ("sweep --grid n_latents=0,256", "error: --grid n_latents=0: must be an integer >= 1"),  # not --n-latents
-    ("sweep --grid lr=-1", "error: --grid lr=-1.0: must be > 0"),
+    ("sweep --grid lr=-1", "error: --grid lr=-1: must be > 0"),  # as typed, not -1.0
+    ("sweep --grid n-latents=0,256", "error: --grid n-latents=0: must be an integer >= 1"),  # not n_latents=0
+    ("sweep --grid n-latents=1024 k=16,2000", "error: --grid k=2000 exceeds --grid n-latents=1024; expected k <= "),
+    ("sweep --grid n-latnts=256", "training option such as n-latents, k, lr; did you mean n-latents?"),
+    ("sweep --grid input-norm=batchnorm", "--grid input-norm=batchnorm: expected one of none, layernorm"),
     ("sweep --grid width=3", "--grid entry 'width=3'"),
     ("sweep --grid n_latents", "--grid entry 'n_latents' gives no values; expected n_latents=V1,V2"),
     ("sweep --grid k=8,8", "--grid k=8,8: a value is listed twice"),
@@ -218,7 +222,7 @@ BAD = [
     ("quickstart --n-tokens 65536 --harvest-n-tokens 200000", "--n-tokens 65536 and --harvest-n-tokens 200000 both"),
     ("quickstart --n-tokens 65536 --total-tokens 8192", "--n-tokens 65536 and --total-tokens 8192 both set"),
     ("quickstart --harvest-n-tokens 8192", "--harvest-n-tokens 8192 is fewer than the 1,048,576 training tokens"),
-    ("sweep --grid k=16,9000", "--k 9000 exceeds --n-latents 8192"),
+    ("sweep --grid k=16,9000", "error: --grid k=9000 exceeds --n-latents 8192"),  # not --k 9000
     ("train --n-latent 5", "unrecognized arguments: --n-latent 5; did you mean --n-latents?"),
     ("families A B --n-tokns 5", "unrecognized arguments: --n-tokns; did you mean --n-tokens?"),  # not "--out"
     ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
@@ -226,6 +230,7 @@ BAD = [
     ("train --recipe relu-l1 --k 16", "--k: a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every"),
     ("train --architecture relu --multi-topk true", "--multi-topk: a ReLU SAE"),
     ("sweep --recipe relu-l1 --grid k=16,32", "--grid k: a ReLU SAE"),
+    ("sweep --recipe relu-l1 --grid k-aux=16,32", "--grid k-aux: a ReLU SAE"),
     ("quickstart --recipe relu-l1 --k-aux 64", "--k-aux: a ReLU SAE"),
     ("harvest --n-tokens -5", "--n-tokens must be >= 1"),
     ("harvest --hook blocks.9.resid_post", "hook 'blocks.9.resid_post': expected blocks.{L}.hook_{resid_pre|"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -31,17 +32,20 @@ def add_train_config(p, recipe: str) -> None:
                         "(WANDB_MODE=offline works offline); default: metrics.jsonl only")
 
 
-def refuse_unused_topk_options(train: TrainConfig, grid: dict[str, list] | None = None) -> None:
+def refuse_unused_topk_options(train: TrainConfig, grid: dict[str, list] | None = None,
+                               grid_names: dict[str, str] | None = None) -> None:
     """A ReLU SAE keeps every positive latent: k, k_aux and switching on AuxK or Multi-TopK would be
-    silently ignored, so an explicit value (or --grid entry) for one of them is refused."""
-    grid = grid or {}
+    silently ignored, so an explicit value (or --grid entry, named as ``grid_names`` says it was typed) for
+    one of them is refused."""
+    grid, grid_names = grid or {}, grid_names or {}
     if train.architecture != "relu" or "architecture" in grid:
         return
     recipe = TrainConfig.from_recipe(train.recipe)
     given = [name for name in ("k", "k_aux") if getattr(train, name) != getattr(recipe, name) or name in grid]
     given += [name for name in ("auxk", "multi_topk") if getattr(train, name) and not getattr(recipe, name)]
     if given:
-        option = f"--grid {given[0]}" if given[0] in grid else f"--{given[0].replace('_', '-')}"
+        name = given[0]
+        option = f"--grid {grid_names.get(name, name)}" if name in grid else f"--{name.replace('_', '-')}"
         raise ConfigError(f"{option}: a ReLU SAE (architecture relu, the relu-l1 recipe) "
                           "keeps every positive latent and has no k, AuxK or Multi-TopK; its sparsity is set by "
                           "--l1-coefficient")
@@ -142,23 +146,43 @@ def add_sweep(sub, recipe: str) -> None:
 
 def parse_grid(items: list[str]) -> dict[str, list]:
     """['n_latents=1024,4096', 'lr=1e-3'] -> {'n_latents': [1024, 4096], 'lr': [0.001]}, typed and each
-    grid point validated as a TrainConfig."""
+    grid point validated as a TrainConfig. Refusals name an entry as typed (n-latents or n_latents)."""
     hints = typing.get_type_hints(TrainConfig)
+    fields = [h for h in hints if h != "recipe"]
     grid: dict[str, list] = {}
-    for item in items:
-        name, _, values = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if name in hints and name != "recipe" and not values.strip(", "):
+    for item, name, field in _grid_entries(items):
+        values = item.partition("=")[2]
+        if field in fields and not values.strip(", "):
             raise ConfigError(f"--grid entry {item!r} gives no values; expected {name}=V1,V2")
-        if name not in hints or name == "recipe":
+        if field not in fields:
+            spelled = [_spelled_as(f, name) for f in fields]
             raise ConfigError(f"--grid entry {item!r}: expected FIELD=V1,V2 with FIELD a training option such as "
-                              f"n_latents, k, lr{did_you_mean(name, [h for h in hints if h != 'recipe'])}")
-        if name in grid:
+                              f"{', '.join(_spelled_as(f, name) for f in ('n_latents', 'k', 'lr'))}"
+                              f"{did_you_mean(_spelled_as(field, name), spelled)}")
+        if field in grid:
             raise ConfigError(f"--grid names {name} twice; give its values once: {name}=V1,V2")
-        grid[name] = [_grid_value(name, hints[name], v.strip()) for v in values.split(",")]
-        if len(set(map(repr, grid[name]))) < len(grid[name]):  # k=8,8: one run, not the two it looks like
+        grid[field] = [_grid_value(name, hints[field], v.strip()) for v in values.split(",")]
+        if len(set(map(repr, grid[field]))) < len(grid[field]):  # k=8,8: one run, not the two it looks like
             raise ConfigError(f"--grid {item}: a value is listed twice; give each value once")
     return grid
+
+
+def _grid_entries(items: list[str]) -> list[tuple[str, str, str]]:
+    """(entry, its name as typed, the field it sets) of each --grid entry: 'n-latents=8' sets n_latents."""
+    names = [item.partition("=")[0].strip() for item in items]
+    return [(item, name, name.replace("-", "_")) for item, name in zip(items, names)]
+
+
+def _spelled_as(field: str, typed_name: str) -> str:
+    """``field`` as the user spells grid names: n_latents after an underscore, else n-latents (as --help)."""
+    return field if "_" in typed_name else field.replace("_", "-")
+
+
+def typed_grid_words(items: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """field -> (its name, its values) as typed in --grid: a refusal echoes 'n-latents=0' and 'lr=-1', not
+    the parsed 'n_latents=0' and 'lr=-1.0'."""
+    return {field: (name, [v.strip() for v in item.partition("=")[2].split(",")])
+            for item, name, field in _grid_entries(items)}
 
 
 def _grid_value(name: str, hint: Any, text: str) -> Any:
@@ -180,22 +204,52 @@ def _grid_value(name: str, hint: Any, text: str) -> Any:
             from None
 
 
-def check_grid_points(base: TrainConfig, grid: dict[str, list]) -> None:
-    """Every grid point validated before anything trains; a refusal that opens with a grid setting names
-    the grid entry the user typed ("--grid n_latents=0: ..."), not an option never given."""
+def check_grid_points(base: TrainConfig, grid: dict[str, list], items: list[str]) -> None:
+    """Every grid point validated before anything trains; a refusal names the grid entries the user typed
+    ("--grid n-latents=0: ...", "--grid k=9000 exceeds --n-latents 8192"), not options never given."""
+    words = typed_grid_words(items)
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
         try:
             dataclasses.replace(base, **point)
         except ConfigError as e:
-            raise _as_grid_entry(e, point) from None
+            typed_point = {field: f"{words[field][0]}={words[field][1][grid[field].index(value)]}"
+                           for field, value in point.items()}
+            raise ConfigError(_as_grid_entries(str(e), typed_point)) from None
 
 
-def _as_grid_entry(err: ConfigError, point: dict[str, Any]) -> ConfigError:
-    setting, _, rest = str(err).partition(" ")
-    if setting not in point:
-        return err
-    return ConfigError(f"--grid {setting}={point[setting]}: {rest.removesuffix(f', got {point[setting]!r}')}")
+# A TrainConfig field in a refusal: an assignment ("k=9000"), or a bare name beside a comparison ("k <=
+# n_latents"); not inside a longer word or a path ("top-k", "runs/k=32"), nor a word of the prose ("x k latents").
+_ASSIGNED_FIELD_RE = re.compile(r"(?<![\w./-])([a-z][a-z0-9_]*)=([^\s,;:)]+)")
+_COMPARED_FIELD_RE = re.compile(r"(?<![\w./-])[a-z][a-z0-9_]*(?= [<>]=? )"
+                                r"|(?:(?<=[<>] )|(?<=[<>]= ))[a-z][a-z0-9_]*\b(?![/.-])")
+
+
+def _as_grid_entries(message: str, typed_point: dict[str, str]) -> str:
+    """A TrainConfig refusal in the words of the sweep: a field the grid sets as its entry ("--grid k=9000"),
+    any other as its option ("--n-latents 8192"). A rule about one grid field opens with its entry:
+    "n_latents must be >= 1, got 0" -> "--grid n-latents=0: must be >= 1"."""
+    fields = set(typing.get_type_hints(TrainConfig))
+
+    def assigned(match: re.Match) -> str:
+        field, value = match[1], match[2]
+        if field not in fields:
+            return match[0]
+        return f"--grid {typed_point[field]}" if field in typed_point else f"--{field.replace('_', '-')} {value}"
+
+    def compared(match: re.Match) -> str:  # the grid's name for a field it sets, else the option
+        field = match[0]
+        if field not in fields:
+            return field
+        return typed_point[field].partition("=")[0] if field in typed_point else f"--{field.replace('_', '-')}"
+
+    def reworded(text: str) -> str:
+        return _COMPARED_FIELD_RE.sub(compared, _ASSIGNED_FIELD_RE.sub(assigned, text))
+
+    setting, _, rest = message.partition(" ")
+    if setting in typed_point and rest.startswith("must "):  # the value is in the entry: no ", got 0"
+        return f"--grid {typed_point[setting]}: {reworded(re.sub(r', got [^,;]+$', '', rest))}"
+    return reworded(message)
 
 
 def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]) -> None:
@@ -213,12 +267,13 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.report import write_scaling_report
 
     grid = parse_grid(args.grid)
-    refuse_unused_topk_options(args.train, grid)
+    grid_names = {field: name for field, (name, _) in typed_grid_words(args.grid).items()}
+    refuse_unused_topk_options(args.train, grid, grid_names)
     unused = typed_starting(args, "--eval-") if not args.evaluate else []
     if unused:
         raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")
     refuse_options_the_grid_sets(args, grid)
-    check_grid_points(args.train, grid)
+    check_grid_points(args.train, grid, args.grid)
     if args.evaluate:
         check_evaluation_before_training(args.activations, args.eval)  # not after the whole sweep trained
     init_from_env()
