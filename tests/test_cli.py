@@ -372,6 +372,10 @@ BAD_CONFIGS = [
     ("flat.yaml", "n_latents: 1024\n", "n_latents: not an option group or option of `saelab train`"),
     ("section.yaml", "train: 3\n", "train: expected a mapping of its options"),
     ("flag.yaml", "overwrite: maybe\n", "overwrite: expected true or false"),
+    ("switch.yaml", "train:\n  auxk: maybe\n", "train.auxk: expected true or false, got 'maybe'"),
+    ("switch.json", '{"train": {"multi_topk": 3}}', "train.multi_topk: expected true or false, got 3"),
+    ("unset.yaml", "train:\n  auxk: null\n", "train.auxk: expected true or false, got None"),  # not Optional
+    ("choice.yaml", "train:\n  decoder_init: [data]\n", "train.decoder_init: expected one of auto, random, data"),
 ]
 
 
@@ -385,6 +389,36 @@ def test_bad_config_file_is_one_line_naming_it_and_the_entry(name, text, expecte
     assert not (tmp_path / "run").exists()
     assert _exit_code(["train", "--activations", "a", "--out", "r", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("eval:\n  ablations: zero\n", "eval.ablations: expected a list of zero or mean, got 'zero'"),
+    ("eval:\n  ablations: [zero, 5]\n", "eval.ablations: expected a list of zero or mean, got ['zero', 5]"),
+    ("eval:\n  corpus: [a.txt]\n", "eval.corpus: expected text, got ['a.txt']"),
+    ("probe:\n  tasks: 3\n", "probe.tasks: expected a list of text values, got 3"),
+    ("n2g:\n  latents: [1, two]\n", "n2g.latents: expected a list of integers, got [1, 'two']"),
+    ("n2g:\n  latents: [1, '2']\n", "n2g.latents: expected a list of integers, got [1, '2']"),  # not read as 2
+])
+def test_a_config_file_value_of_the_wrong_type_is_named_before_any_work(text, expected, tmp_path, capsys):
+    """Switches, lists and text are checked as numbers are: one line naming the file's entry and the type,
+    not the parser's words for an option (or a traceback) after the SAE or the model loaded."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert _exit_code(["eval", str(tmp_path / "missing-sae"), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"saelab eval: error: --config {cfg}: {expected}"
+
+
+def test_config_file_values_the_command_line_would_take_are_taken(tmp_path):
+    from saelab.cli import parse_args
+
+    cfg = tmp_path / "fine.yaml"
+    cfg.write_text('train:\n  auxk: "no"\n  multi_topk: 1\n  lr: null\n')  # as --no-auxk, --multi-topk 1
+    train = parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg)]).train
+    assert (train.auxk, train.multi_topk, train.lr) == (False, True, None)
+    cfg.write_text("eval:\n  ablations: [mean]\n  corpus: null\nn2g:\n  latents: [3, 4]\n")
+    args = parse_args(["eval", "sae", "--config", str(cfg)])
+    assert tuple(args.eval.ablations) == ("mean",) and args.eval.corpus is None and tuple(args.n2g.latents) == (3, 4)
 
 
 def test_a_whole_number_written_as_a_float_in_a_config_file_is_an_integer(tmp_path):

@@ -176,8 +176,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
     """A config file's section for the dataclass ``cls``: known field names (dashes allowed), choices for
-    the fields that have them, and numbers for the numeric fields (the parse that follows would name a bad
-    one by its option, "argument -k/--k", which the user never typed)."""
+    the fields that have them, and every value of the type its field takes (the parse that follows would
+    name a bad one by its option, "argument -k/--k", which the user never typed, or not at all)."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping of its options, got {value!r}")
     hints = typing.get_type_hints(cls)
@@ -190,11 +190,13 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
         choices = literal_choices(hints[name])
         if choices and v not in choices:
             raise ConfigError(f"{where}.{key}: expected one of {', '.join(map(str, choices))}, got {v!r}")
-        wrong_type = _number_expected(hints[name], v)
+        wrong_type = _type_expected(hints[name], v)
         if wrong_type == "an integer" and isinstance(v, float) and v.is_integer():  # JSON's 1e6, YAML's 4096.0
             v, wrong_type = int(v), None
         if wrong_type:
             raise ConfigError(f"{where}.{key}: expected {wrong_type}, got {v!r}")
+        if dataclasses.is_dataclass(hints[name]):  # a group inside a group: the paper suite's probe settings
+            v = check_config_section(f"{where}.{key}", hints[name], v)
         repeat = first_repeat(v) if isinstance(v, list) else None
         if repeat is not None:  # as on the command line (Parser._get_values)
             raise ConfigError(f"{where}.{key}: {repeat!r} given twice; give each value once")
@@ -202,24 +204,70 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
     return section
 
 
-def _number_expected(hint: Any, value: Any) -> str | None:
-    """"an integer" or "a number" when ``value`` does not fit the int or float field of type ``hint``
-    (Optional allowed), else None. Text is read as the command line reads it: YAML takes 1e-3 for text."""
+def _type_expected(hint: Any, value: Any) -> str | None:
+    """What a field of type ``hint`` takes ("an integer", "true or false", "a list of integers") when
+    ``value`` does not fit it (None fits an Optional field), else None. Text is read as the command line
+    reads it: YAML takes 1e-3 for text, and "--auxk yes" is a switch's value."""
     members = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
-    if value is None and type(None) in members:
+    kinds = members - {type(None)}
+    if len(kinds) != 1:  # a union of several types: the parse reads it
         return None
-    for kind, wanted, read in ((int, "an integer", int), (float, "a number", float)):
-        if members - {type(None)} != {kind}:
-            continue
-        if isinstance(value, str):
-            try:
-                read(value)
-            except ValueError:
-                return wanted
-            return None
-        fits = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-        return None if fits else wanted
-    return None
+    kind = kinds.pop()
+    if value is None:
+        return None if type(None) in members else _wanted(kind)
+    return None if _fits(kind, value) else _wanted(kind)
+
+
+_SWITCH_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # as simple_parsing reads them
+
+
+def _fits(kind: Any, value: Any) -> bool:
+    """Whether a config file's ``value`` (not None) is one the command line would read for type ``kind``."""
+    if typing.get_origin(kind) in (tuple, list):
+        return isinstance(value, list) and all(_fits_in_list(typing.get_args(kind)[0], v) for v in value)
+    if typing.get_origin(kind) is typing.Literal:
+        return value in typing.get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        return isinstance(value, dict)
+    if isinstance(value, str):
+        return _reads_as(kind, value)
+    if kind is bool:
+        return value in (0, 1) and not isinstance(value, float)  # true, false, or 1 and 0 as "--auxk 1" reads
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    return kind is not str  # a number or a list is not text; other types are left to the parse
+
+
+def _fits_in_list(item: Any, value: Any) -> bool:
+    # A list's items are not read from text as a lone value is: "4" in [3, "4"] would reach n2g as text.
+    text_taken = item is str or typing.get_origin(item) is typing.Literal
+    return _fits(item, value) and (text_taken or not isinstance(value, str))
+
+
+def _reads_as(kind: Any, text: str) -> bool:
+    """Whether ``text`` reads as ``kind`` the way the command line reads it (a number, a switch's value)."""
+    if kind is bool:
+        return text.strip().lower() in _SWITCH_WORDS
+    if kind in (int, float):
+        try:
+            kind(text)
+        except ValueError:
+            return False
+    return True
+
+
+def _wanted(kind: Any) -> str:
+    """The words for what type ``kind`` takes: "an integer", "a list of zero or mean"."""
+    if typing.get_origin(kind) in (tuple, list):
+        item = typing.get_args(kind)[0]
+        if typing.get_origin(item) is typing.Literal:
+            return f"a list of {' or '.join(map(str, typing.get_args(item)))}"
+        return {int: "a list of integers", float: "a list of numbers"}.get(item, "a list of text values")
+    if typing.get_origin(kind) is typing.Literal:
+        return f"one of {', '.join(map(str, typing.get_args(kind)))}"
+    if dataclasses.is_dataclass(kind):
+        return "a mapping of its options"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(kind, f"a {kind}")
 
 
 def first_repeat(values: typing.Iterable[Any]) -> Any | None:
