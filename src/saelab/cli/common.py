@@ -181,7 +181,8 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping of its options, got {value!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    # Fields the caller fills at run time (cmd=False: the hook, exclude_first) have no option to set.
+    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("cmd", True)]
     section = {}
     for key, v in value.items():
         name = str(key).replace("-", "_")
