@@ -211,6 +211,55 @@ def test_failed_overwrite_keeps_the_finished_run(tmp_path):
     assert snapshot(run) == before  # nothing removed before the new run had started
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, NonFiniteError])
+def test_an_overwrite_stopped_mid_training_puts_the_finished_run_back(tmp_path, stop, capsys):
+    """Ctrl-C (or an error) after the new run has started and checkpointed: the finished run, with its
+    SAE, evaluation, report and browser, is back in place byte for byte."""
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    for name in ("report.md", "metrics.json", "browser/index.html"):
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_text("of the old SAE")
+    before = snapshot(run)
+
+    def stop_at_batch_5(call, b):
+        if b == 5:
+            raise stop("activation batch 5 contains NaN or inf activations") if stop is NonFiniteError else stop()
+
+    with pytest.raises(stop):
+        train_sae(_cfg(k=8), _source(_data(), on_batch=stop_at_batch_5), run, d_in=D, progress=False,
+                  device="cpu", overwrite=True)
+    assert snapshot(run) == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [LOCK]
+    assert f"{run}: the replacement did not finish; the earlier results are back in place" in capsys.readouterr().err
+
+
+def test_an_overwrite_killed_mid_training_is_put_back_by_the_next_overwrite(tmp_path):
+    """A SIGKILL leaves the finished run set aside beside the new one's files; the next overwrite puts
+    it back before setting it aside again, and an interruption of that one leaves the finished run."""
+    from saelab.utils.atomic import SET_ASIDE
+
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    before = snapshot(run)
+    (run / SET_ASIDE).mkdir()  # what a kill mid-overwrite leaves: the old run set aside, the new one's files
+    for entry in run.iterdir():
+        if entry.name not in (LOCK, SET_ASIDE):
+            entry.replace(run / SET_ASIDE / entry.name)
+    (run / SET_ASIDE / ".all-set-aside").touch()
+    (run / "status.json").write_text('{"state": "training"}')
+    (run / "train_config.json").write_text("{}")
+
+    def interrupt_at_batch_5(call, b):
+        if b == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(_cfg(k=8), _source(_data(), on_batch=interrupt_at_batch_5), run, d_in=D, progress=False,
+                  device="cpu", overwrite=True)
+    assert snapshot(run) == before and not (run / SET_ASIDE).exists()
+
+
 def test_an_overwrite_clears_the_sae_it_replaces(tmp_path):
     """An overwritten run that is then interrupted must not show the old SAE, its report, curves or
     browser beside the new config."""

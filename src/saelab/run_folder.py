@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,12 @@ EVALS_DIR = "evals"
 BROWSER_DIR = "browser"
 
 EVAL_OUTPUTS = (EVAL_METRICS, DENSITY_PLOT, EVALS_DIR)
-"""What evaluating a run writes: removed with the training outputs when a run is overwritten."""
+"""What evaluating a run writes."""
+
+RUN_RESULTS = (TRAIN_CONFIG, CHECKPOINT, STATUS, TRAINING_LOG, SAE_DIR, REPORT, TRAINING_CURVES, BROWSER_DIR,
+               *EVAL_OUTPUTS)
+"""Everything that describes a run's SAE: an overwrite replaces all of it together (the activation cache,
+which does not depend on the SAE, stays)."""
 
 
 def is_run(path: str | Path) -> bool:
@@ -124,21 +128,6 @@ def read_eval_metrics(run_dir: str | Path, sae=None) -> dict[str, Any]:
     if sae is not None and metrics.get("sae_sha256") != sae_sha256(sae):
         return {}
     return metrics
-
-
-def clear_eval_outputs(run_dir: str | Path) -> list[str]:
-    """Remove a run's evaluation outputs (its SAE is about to change); returns what was removed."""
-    removed = []
-    for name in EVAL_OUTPUTS:
-        path = Path(run_dir) / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
-    return removed
 
 
 ARTEFACTS = {"activations": ("manifest.json", "an activation cache"), "run": (TRAIN_CONFIG, "a run folder"),

@@ -6,19 +6,19 @@ while it writes there.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from saelab.errors import CheckpointError, RunExistsError
-from saelab.run_folder import (BROWSER_DIR, CHECKPOINT, REPORT, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_CURVES,
-                               TRAINING_LOG, clear_eval_outputs)
-from saelab.utils.atomic import atomic_path, write_bytes, write_json
+from saelab.run_folder import CHECKPOINT, RUN_RESULTS, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_LOG
+from saelab.utils.atomic import atomic_path, replacing_entries, write_bytes, write_json
 from saelab.utils.differences import visible_difference
+from saelab.utils.folder_lock import RunLock
 
 METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
 
@@ -140,19 +140,23 @@ def _what_it_trains(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def commit_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False) -> None:
-    """Once the run has started (initialised or resumed without error): clear an overwritten run's
-    files and record the config. Written only now, so a start that failed leaves no config behind
-    that would make the corrected rerun look like a different experiment."""
-    if overwrite:
-        for name in (CHECKPOINT, STATUS, TRAINING_LOG, REPORT, TRAINING_CURVES):
-            (run_dir / name).unlink(missing_ok=True)
-        # The SAE being replaced goes too, with its browser: left beside the new config, an interrupted
-        # overwrite's folder would evaluate, report and show the old weights as the new run.
-        for folder in (SAE_DIR, BROWSER_DIR):
-            shutil.rmtree(run_dir / folder, ignore_errors=True)
-        clear_eval_outputs(run_dir)  # they describe the SAE being replaced
+def commit_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
+    """Once the run has started (initialised or resumed without error): record the config. Written only
+    now, so a start that failed leaves no config behind that would make the corrected rerun look like a
+    different experiment."""
     write_json(run_dir / TRAIN_CONFIG, config)
+
+
+@contextlib.contextmanager
+def replacing_run(run_dir: Path) -> Iterator[None]:
+    """An overwrite of the run in ``run_dir``: the earlier run's files (RUN_RESULTS) are set aside while
+    the block trains (and evaluates) the new one, removed when it ends, and put back when it is interrupted
+    or fails, so an overwrite never leaves less than it found. Set aside rather than left in place: beside
+    the new config, the old SAE, report or browser would be read as the new run's."""
+    if Path(run_dir).is_dir():
+        RunLock(run_dir).acquire().release()  # a live writer's files are never moved: it is refused first
+    with replacing_entries(run_dir, RUN_RESULTS):
+        yield
 
 
 CHECKPOINT_KEYS = ("step", "sae", "optimizer", "tokens_since_fired", "normalizer", "ema")

@@ -383,7 +383,7 @@ class TrainingRun:
             else:
                 self.trainer = self._start(sae_cfg, init_sample, allow_tf32)
             if self.writer:
-                ckpt.commit_run_dir(self.run_dir, config, overwrite=overwrite)
+                ckpt.commit_run_dir(self.run_dir, config)
                 ckpt.truncate_metrics(self.run_dir, self.trainer.step)
                 self.sinks = open_sinks(log_to, self.run_dir, self.trainer.step, cfg.to_dict(), log_group)
         except BaseException:
@@ -560,26 +560,38 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
             sample.append(take_rows(batches_from(0), max(c.effective_init_rows for c in cfgs), d_in))
         return sample[0]
 
-    runs: list[TrainingRun] = []
-    try:
-        for c, d in zip(cfgs, run_dirs):
-            runs.append(TrainingRun(c, d, d_in=d_in, meta=meta, init_sample=lambda c=c: init_sample()[:c.effective_init_rows],
-                                    overwrite=overwrite, device=dev, allow_tf32=allow_tf32, log_to=log_to,
-                                    log_group=log_group))
-        sample.clear()  # initialisation is done: do not hold the sample through training
-        for r in runs:  # a resume is said, not silent (a line, also under --no-progress)
-            if r.writer and 0 < r.step < r.cfg.total_steps:
-                print(f"saelab: resuming {r.run_dir} from its checkpoint at step {r.step:,} of "
-                      f"{r.cfg.total_steps:,}", file=sys.stderr)
-            left_over = r.cfg.total_tokens - r.cfg.total_steps * r.cfg.batch_size
-            if r.writer and r.step == 0 and left_over:  # whole batches only: the rest is not trained on
-                print(f"saelab: note: --total-tokens {r.cfg.total_tokens:,} is not a multiple of --batch-size "
-                      f"{r.cfg.batch_size:,}; {r.run_dir.name} trains {r.cfg.total_steps:,} steps "
-                      f"({r.cfg.total_steps * r.cfg.batch_size:,} tokens)", file=sys.stderr)
-        return _train_loop(runs, batches_from, dev, progress, stop_after_steps)
-    finally:
-        for r in runs:
-            r.close()
+    with _replacing_runs(run_dirs, overwrite):  # the earlier runs stay until every new one has ended
+        runs: list[TrainingRun] = []
+        try:
+            for c, d in zip(cfgs, run_dirs):
+                runs.append(TrainingRun(c, d, d_in=d_in, meta=meta,
+                                        init_sample=lambda c=c: init_sample()[:c.effective_init_rows],
+                                        overwrite=overwrite, device=dev, allow_tf32=allow_tf32, log_to=log_to,
+                                        log_group=log_group))
+            sample.clear()  # initialisation is done: do not hold the sample through training
+            for r in runs:  # a resume is said, not silent (a line, also under --no-progress)
+                if r.writer and 0 < r.step < r.cfg.total_steps:
+                    print(f"saelab: resuming {r.run_dir} from its checkpoint at step {r.step:,} of "
+                          f"{r.cfg.total_steps:,}", file=sys.stderr)
+                left_over = r.cfg.total_tokens - r.cfg.total_steps * r.cfg.batch_size
+                if r.writer and r.step == 0 and left_over:  # whole batches only: the rest is not trained on
+                    print(f"saelab: note: --total-tokens {r.cfg.total_tokens:,} is not a multiple of --batch-size "
+                          f"{r.cfg.batch_size:,}; {r.run_dir.name} trains {r.cfg.total_steps:,} steps "
+                          f"({r.cfg.total_steps * r.cfg.batch_size:,} tokens)", file=sys.stderr)
+            return _train_loop(runs, batches_from, dev, progress, stop_after_steps)
+        finally:
+            for r in runs:
+                r.close()
+
+
+@contextmanager
+def _replacing_runs(run_dirs: Sequence[str | Path], overwrite: bool) -> Iterator[None]:
+    """With ``overwrite``: each run folder's earlier run is replaced only by a call that ends normally."""
+    with contextlib.ExitStack() as replacing:
+        if overwrite and ddp.rank() == 0:  # one process moves files
+            for d in run_dirs:
+                replacing.enter_context(ckpt.replacing_run(Path(d)))
+        yield
 
 
 def _train_loop(runs: list[TrainingRun], batches_from: BatchSource, dev: torch.device, progress: bool,

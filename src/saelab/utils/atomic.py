@@ -1,7 +1,9 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one.
 
 Every file saelab writes goes through here, so a crash or a full disk mid-write leaves
-earlier results intact (the temporary file is removed and the error re-raised).
+earlier results intact (the temporary file is removed and the error re-raised). Results made of several
+files that a command writes over minutes (a run's training and evaluation) are replaced with
+:func:`replacing_entries`: the old ones stay whole until the new ones are complete.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 def _current_umask() -> int:
@@ -72,3 +76,90 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         f.write(line.rstrip("\n") + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+SET_ASIDE = ".set-aside"
+"""Where :func:`replacing_entries` keeps the entries being replaced until their replacement is complete."""
+
+_FINISHED_ASIDE = SET_ASIDE + ".done"
+"""The set-aside folder once its replacement is complete: removed, never put back."""
+
+_REPLACING: set[Path] = set()
+"""Folders a replacing_entries block of this process is replacing now (an inner block leaves them to it)."""
+
+
+@contextlib.contextmanager
+def replacing_entries(folder: str | os.PathLike, names: Iterable[str]) -> Iterator[None]:
+    """Replace the entries ``names`` of ``folder`` (files or folders) with what the block writes there.
+
+    The old entries are moved into ``folder/.set-aside`` first, so the block writes a clean folder
+    (nothing stale beside the new files) while the old results still exist. A block that ends normally
+    removes them; one that raises (Ctrl-C included) has what it wrote under ``names`` removed and the old
+    entries put back. A set-aside folder a killed process left is put back first. Nested blocks on the
+    same folder are one replacement: the outermost one decides.
+    """
+    folder, names = Path(folder), tuple(names)
+    if folder.resolve() in _REPLACING:
+        yield
+        return
+    put_back_set_aside(folder, names)
+    aside = _set_aside(folder, names)
+    if aside is None:  # nothing earlier to keep: whatever the block leaves is the only result
+        yield
+        return
+    _REPLACING.add(folder.resolve())
+    try:
+        yield
+    except BaseException:
+        put_back_set_aside(folder, names)
+        print(f"saelab: {folder}: the replacement did not finish; the earlier results are back in place",
+              file=sys.stderr)
+        raise
+    finally:
+        _REPLACING.discard(folder.resolve())
+    os.replace(aside, folder / _FINISHED_ASIDE)  # one rename: a kill from here on never puts them back
+    shutil.rmtree(folder / _FINISHED_ASIDE)
+
+
+def put_back_set_aside(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Undo an unfinished replacement: remove what the replacement wrote under ``names`` and move the
+    set-aside entries back. A finished replacement's leftover is only removed."""
+    folder = Path(folder)
+    shutil.rmtree(folder / _FINISHED_ASIDE, ignore_errors=True)
+    aside = folder / SET_ASIDE
+    if not aside.is_dir():
+        return
+    if (aside / _ALL_SET_ASIDE).exists():  # else cut off while moving: what stands in the folder is old too
+        for name in names:
+            _remove(folder / name)
+        (aside / _ALL_SET_ASIDE).unlink()
+    for entry in aside.iterdir():
+        os.replace(entry, folder / entry.name)
+    aside.rmdir()
+
+
+_ALL_SET_ASIDE = ".all-set-aside"
+"""Marks a set-aside folder whose entries were all moved: from then on the folder's entries may be new."""
+
+
+def _set_aside(folder: Path, names: tuple[str, ...]) -> Path | None:
+    present = [name for name in names if os.path.lexists(folder / name)]
+    if not present:
+        return None
+    aside = folder / SET_ASIDE
+    aside.mkdir()
+    try:
+        for name in present:
+            os.replace(folder / name, aside / name)
+        (aside / _ALL_SET_ASIDE).touch()
+    except BaseException:
+        put_back_set_aside(folder, names)
+        raise
+    return aside
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
