@@ -733,3 +733,33 @@ def test_harvest_larger_than_the_free_disk_space_is_refused_before_it_starts(tin
     before = snapshot(tiny_cache)
     code, out, err = run_cli(capsys, "harvest", *argv, "--out", str(tiny_cache), "--overwrite")
     assert code == 2 and "GiB free" in err and snapshot(tiny_cache) == before
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_interrupted_quickstart_overwrite_keeps_the_earlier_results(stage, tiny_gpt2, corpus, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Ctrl-C during the training or the evaluation of `quickstart --overwrite`: the earlier run's
+    metrics.json, report.md and SAE are still there, byte for byte."""
+    import saelab.pipeline
+    import saelab.train.trainer
+    from saelab.pipeline import QuickstartConfig, quickstart
+
+    run = tmp_path / "run"
+    cfg = QuickstartConfig(harvest=harvest_cfg(corpus), train=TrainConfig(n_latents=64, k=4, total_tokens=1024,
+                                                                            batch_size=128, checkpoint_every=2),
+                           eval=EvalConfig(corpus=str(corpus), recon_tokens=256, downstream_tokens=256))
+    quickstart(cfg, run, lm=tiny_gpt2, progress=False)
+    before = {p: data for p, data in snapshot(run).items() if not p.startswith("activations")}
+    assert {"metrics.json", "report.md", "sae/cfg.json"} <= set(before)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if stage == "train":
+        monkeypatch.setattr(saelab.train.trainer.TrainingRun, "train_step", interrupted)
+    else:
+        monkeypatch.setattr(saelab.pipeline, "evaluate_core", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quickstart(cfg, run, lm=tiny_gpt2, overwrite=True, progress=False)
+    assert {p: data for p, data in snapshot(run).items() if not p.startswith("activations")} == before
+    assert "the earlier results are back in place" in capsys.readouterr().err

@@ -35,7 +35,7 @@ from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVAL
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, recorded_train_seconds,
-                                     training_changes)
+                                     replacing_run, training_changes)
 from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
 from saelab.utils.config import switch
@@ -609,9 +609,6 @@ def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_di
     sae = None if overwrite else finished_training(run_dir, cfg.train, cache)
     reused += ["train"] if sae is not None else []
     if sae is None:
-        if overwrite and (run_dir / TRAIN_CONFIG).exists():
-            print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
-                  file=sys.stderr)
         sae = _timed(times, "train", lambda: train_from_cache(cache, run_dir, cfg.train, device=device,
                                                               overwrite=overwrite, progress=progress,
                                                               log_to=log_to))
@@ -643,12 +640,23 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     done = None if overwrite or overwrite_activations else _finished_quickstart(cfg, harvest_cfg, run_dir, lm,
                                                                                model_dtype)
     if done is not None:  # every stage done with these settings: the model is not even loaded
-        metrics, reused = done, ["harvest", "train", "evaluate"]
-    else:
+        return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
+                                         trained_before)
+    if overwrite and (run_dir / TRAIN_CONFIG).exists():
+        print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
+              file=sys.stderr)
+    # The earlier training and evaluation stay readable until this call's report is written.
+    with replacing_run(run_dir) if overwrite else contextlib.nullcontext():
         metrics, reused = _quickstart_stages(cfg, harvest_cfg, run_dir, lm, times, device=device,
                                              model_dtype=model_dtype, overwrite=overwrite,
                                              overwrite_activations=overwrite_activations, progress=progress,
                                              log_to=log_to)
+        return _write_quickstart_results(run_dir, metrics, reused, times, earlier, trained_before)
+
+
+def _write_quickstart_results(run_dir: Path, metrics: dict[str, Any], reused: list[str], times: dict[str, float],
+                              earlier: dict[str, float], trained_before: float) -> dict[str, Any]:
+    """metrics.json with the stage times, and report.md."""
     # This invocation's wall times; stages whose earlier result was reused are listed, not timed.
     times = {stage: t for stage, t in times.items() if stage not in reused}
     metrics["wall_seconds"] = {**times, "total": round(sum(times.values()), 1)}
