@@ -325,3 +325,29 @@ def test_a_call_that_stops_early_finishes_the_runs_it_completed(tmp_path):
         train_sae(_cfg(), _source(_data(1280)), few, d_in=D, progress=False, device="cpu")
     status = json.loads((few / "status.json").read_text())
     assert (status["state"], status["step"]) == ("failed", 10) and "ran out after 10 batches" in status["error"]
+
+
+def test_an_interrupted_overwrite_says_the_same_command_starts_it_over(tmp_path, monkeypatch, capsys):
+    """The CLI's Ctrl-C line: after an overwrite the earlier run is back and nothing of the new one is
+    kept, so "run the same command again to resume" would promise what the next call does not do."""
+    import saelab.train.trainer
+    from saelab.cli import main
+
+    write_activation_cache(_data().split(256), tmp_path / "acts", meta={"hook_name": "h"}, shard_rows=512,
+                           dtype="float32")
+    argv = ["train", "--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "run"), "--n-latents", "64",
+            "--k", "4", "--batch-size", "128", "--total-tokens", "1024", "--no-progress"]
+    assert main(argv) == 0
+    before = snapshot(tmp_path / "run")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saelab.train.trainer.TrainingRun, "train_step", interrupted)
+    assert main([*argv, "--k", "8", "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the run being replaced has its earlier results back; the same command starts the " \
+           "replacement over" in err and "to resume" not in err
+    assert snapshot(tmp_path / "run") == before
+    assert main([*argv[:4], str(tmp_path / "other"), *argv[5:]]) == 130  # a new run resumes
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err

@@ -205,11 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return _fail(verb, f"{where}{e.strerror or e}", 1)
     except KeyboardInterrupt:
-        print(f"\nsaelab {verb}: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"\nsaelab {verb}: interrupted; {_after_interruption(verb, args)}", file=sys.stderr)
         return 130
     if result is not None and _first_process():
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _after_interruption(verb: str, args: argparse.Namespace) -> str:
+    """What the same command does next: an interrupted --overwrite of a run put the earlier run back and
+    kept nothing of the new one (utils.atomic.replacing_entries), so it starts over instead of resuming."""
+    if verb in ("train", "sweep", "quickstart") and getattr(args, "overwrite", False):
+        return "the run being replaced has its earlier results back; the same command starts the replacement over"
+    return "run the same command again to resume"
 
 
 __all__ = ["VERBS", "build_parser", "main", "parse_args"]
