@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import saelab.pipeline
 from saelab.cli import main
 from saelab.data import ActivationCache
 from saelab.errors import RunExistsError
+from saelab.evals.core import eval_settings
 from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
-from saelab.run_folder import model_for
+from saelab.run_folder import LATENT_FREQUENCIES, model_for, read_latent_frequencies
 from saelab.sae import load_sae
 from saelab.train import TrainConfig
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
@@ -179,6 +181,13 @@ def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
     assert 0 < metrics["l0"] <= 8 and metrics["kl"] >= 0 and metrics["nmse"] < 0.65
     assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert_png(run / "density.png")
+    # Each latent's firing frequency is kept beside the metrics (plain tensors: loading runs no code), with
+    # the SAE and the settings it measured; they sum to L0, and the zeros are the inactive latents.
+    saved = read_latent_frequencies(run)
+    assert (saved.sae_sha256, saved.evaluation) == (metrics["sae_sha256"], eval_settings(metrics))
+    assert torch.equal(load_file(run / LATENT_FREQUENCIES)["frequencies"], saved.frequencies_N)
+    assert saved.frequencies_N.shape == (128,) and saved.frequencies_N.sum().item() == pytest.approx(metrics["l0"])
+    assert (saved.frequencies_N == 0).double().mean().item() == pytest.approx(metrics["dead_frac"])
 
     (run / "report.md").unlink()
     _, out = run_cli(capsys, "report", str(run))

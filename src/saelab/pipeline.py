@@ -30,8 +30,9 @@ from saelab.models import (LanguageModel, check_before_load, check_context_fits,
 from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
-                               check_output_folder, check_sae_hook, is_run, model_for, open_sae, read_eval_metrics,
-                               read_json, recorded_model, sae_sha256, sweep_runs)
+                               LatentFrequencies, check_output_folder, check_sae_hook, is_run, model_for, open_sae,
+                               read_eval_metrics, read_json, recorded_model, sae_sha256, sweep_runs,
+                               write_latent_frequencies)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, recorded_train_seconds,
@@ -258,7 +259,7 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
              out_dir: str | Path | None = None, device: str | torch.device | None = None,
              model_dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
     """Core metrics of an SAE on held-out text; with ``out_dir`` also metrics.json (recording the
-    SAE's weight hash and the eval settings) and density.png there."""
+    SAE's weight hash and the eval settings), latent_frequencies.safetensors and density.png there."""
     cfg = cfg or EvalConfig()
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
@@ -274,6 +275,11 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
                "sae_sha256": sae_sha256(sae), "eval_config": _eval_config_record(cfg),
                "model_dtype": str(lm.dtype).removeprefix("torch.")}
     if out_dir is not None:
+        # The frequencies go first: metrics.json marks the evaluation done, so one cut off before it runs
+        # again and rewrites them; they record the SAE and the settings, so a report never pairs them with
+        # a metrics.json of another evaluation.
+        write_latent_frequencies(out_dir, LatentFrequencies(core.frequencies_N, metrics["sae_sha256"],
+                                                            eval_settings(metrics)))
         write_json(Path(out_dir) / EVAL_METRICS, metrics)
         density_histogram(core.frequencies_N, Path(out_dir) / DENSITY_PLOT, metrics["n_tokens"])
     return metrics

@@ -10,6 +10,7 @@ A run folder holds everything about one SAE::
       metrics.jsonl       the training log, one JSON line every few steps
       sae/                the trained SAE (SAELens folder format)
       metrics.json        the evaluation on held-out text (with the hash of the SAE it describes)
+      latent_frequencies.safetensors  each latent's firing frequency in that evaluation (same hash)
       density.png  training_curves.png  report.md
       evals/              the paper suite: <metric>.json, suite.json, report.md and plots
       browser/            the feature browser site
@@ -24,10 +25,14 @@ import hashlib
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saelab.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 ACTIVATIONS_DIR = "activations"
 TRAIN_CONFIG = "train_config.json"
@@ -37,12 +42,13 @@ TRAINING_LOG = "metrics.jsonl"
 SAE_DIR = "sae"
 EVAL_METRICS = "metrics.json"
 DENSITY_PLOT = "density.png"
+LATENT_FREQUENCIES = "latent_frequencies.safetensors"
 TRAINING_CURVES = "training_curves.png"
 REPORT = "report.md"
 EVALS_DIR = "evals"
 BROWSER_DIR = "browser"
 
-EVAL_OUTPUTS = (EVAL_METRICS, DENSITY_PLOT, EVALS_DIR)
+EVAL_OUTPUTS = (EVAL_METRICS, LATENT_FREQUENCIES, DENSITY_PLOT, EVALS_DIR)
 """What evaluating a run writes."""
 
 RUN_RESULTS = (TRAIN_CONFIG, CHECKPOINT, STATUS, TRAINING_LOG, SAE_DIR, REPORT, TRAINING_CURVES, BROWSER_DIR,
@@ -128,6 +134,58 @@ def read_eval_metrics(run_dir: str | Path, sae=None) -> dict[str, Any]:
     if sae is not None and metrics.get("sae_sha256") != sae_sha256(sae):
         return {}
     return metrics
+
+
+@dataclass
+class LatentFrequencies:
+    """Each latent's firing frequency in one evaluation, and what it measured: ``density.png`` is drawn
+    from it, so ``saelab report`` can draw it again without the model."""
+
+    frequencies_N: torch.Tensor
+    """Fraction of the evaluation's reconstruction tokens each latent fired on (a float64 tensor)."""
+    sae_sha256: str
+    """:func:`sae_sha256` of the SAE measured: frequencies of other weights are never drawn as this SAE's."""
+    evaluation: dict[str, Any]
+    """The evaluation's settings (``saelab.evals.core.eval_settings``: model, corpus, n_tokens, ...), so
+    they can be matched with the metrics.json beside them."""
+
+
+def write_latent_frequencies(folder: str | Path, saved: LatentFrequencies) -> Path:
+    """``folder/latent_frequencies.safetensors``, atomically; safetensors, so reading it runs no code."""
+    from safetensors.torch import save as save_safetensors  # lazy: as open_sae
+
+    from saelab.utils.atomic import write_bytes
+
+    metadata = {"sae_sha256": saved.sae_sha256, "evaluation": json.dumps(saved.evaluation, sort_keys=True)}
+    tensors = {"frequencies": saved.frequencies_N.detach().to("cpu").double().contiguous()}
+    path = Path(folder) / LATENT_FREQUENCIES
+    write_bytes(path, save_safetensors(tensors, metadata=metadata))
+    return path
+
+
+def read_latent_frequencies(folder: str | Path) -> LatentFrequencies | None:
+    """The latent frequencies an evaluation saved in ``folder``; None when there are none (a folder
+    evaluated before saelab saved them). A damaged file is a one-line CheckpointError naming it."""
+    path = Path(folder) / LATENT_FREQUENCIES
+    if not path.exists():
+        return None
+    try:
+        tensors, metadata = _read_safetensors_with_metadata(path)
+        saved = LatentFrequencies(tensors["frequencies"], metadata["sae_sha256"], json.loads(metadata["evaluation"]))
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{path} is not a latent-frequencies file saelab wrote ({type(e).__name__}: {e}); "
+                              "remove it, or evaluate again with --overwrite") from e
+    if saved.frequencies_N.dim() != 1 or not isinstance(saved.evaluation, dict):
+        raise CheckpointError(f"{path} holds frequencies of shape {tuple(saved.frequencies_N.shape)} and evaluation "
+                              f"{type(saved.evaluation).__name__}; expected one value per latent and an object")
+    return saved
+
+
+def _read_safetensors_with_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open  # lazy: as open_sae
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
 
 
 ARTEFACTS = {"activations": ("manifest.json", "an activation cache"), "run": (TRAIN_CONFIG, "a run folder"),
