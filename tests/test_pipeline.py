@@ -361,6 +361,70 @@ def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, d
     assert replaced["n_tokens"] == 512 and json.loads((run / "metrics.json").read_text())["n_tokens"] == 512
 
 
+def _report_notes(capsys, run: Path) -> list[str]:
+    """`saelab report RUN`: the notes it printed (it must succeed)."""
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("saelab: note:")]
+
+
+def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_dir, data_dir, tmp_path, capsys):
+    """`saelab report RUN` draws density.png again from the latent frequencies the evaluation saved. Where
+    it cannot (a run evaluated before they were saved, frequencies of other weights or of another
+    evaluation, a damaged file, a retrained SAE) it keeps density.png and says why in one line."""
+    from saelab.report import density_histogram
+    from saelab.run_folder import write_latent_frequencies
+    from saelab.sae import save_sae
+
+    train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
+    eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
+    acts, run = tmp_path / "acts", tmp_path / "run"
+    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus), "--out",
+            str(acts), "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
+            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+    _, metrics = run_cli(capsys, "eval", str(run), "--corpus", str(eval_corpus), "--recon-tokens", "256",
+                         "--downstream-tokens", "128", "--no-progress")
+
+    saved = read_latent_frequencies(run)
+    drawn_by_eval = (run / "density.png").read_bytes()
+    (run / "density.png").unlink()
+    assert _report_notes(capsys, run) == []
+    assert (run / "density.png").read_bytes() == drawn_by_eval
+    assert "![latent density](density.png)" in (run / "report.md").read_text()
+    # Drawn from the saved file: other frequencies there draw another histogram.
+    halved = saved.frequencies_N / 2
+    write_latent_frequencies(run, replace(saved, frequencies_N=halved))
+    assert _report_notes(capsys, run) == []
+    expected = density_histogram(halved, tmp_path / "expected.png", metrics["n_tokens"]).read_bytes()
+    assert (run / "density.png").read_bytes() == expected != drawn_by_eval
+
+    def not_redrawn(reason: str) -> None:
+        before = (run / "density.png").read_bytes()
+        notes = _report_notes(capsys, run)
+        assert len(notes) == 1 and notes[0].startswith("saelab: note: density.png not redrawn: "), notes
+        assert reason in notes[0], notes
+        assert (run / "density.png").read_bytes() == before
+
+    where = run / LATENT_FREQUENCIES
+    (run / LATENT_FREQUENCIES).unlink()  # a run evaluated before the frequencies were saved
+    not_redrawn(f"{where} is missing (the run was evaluated before saelab saved the latents' firing frequencies); "
+                f"`saelab eval {run} --overwrite` evaluates the SAE again and saves its latent frequencies")
+    write_latent_frequencies(run, replace(saved, sae_sha256="0" * 20))
+    not_redrawn(f"{where} measured other SAE weights than sae/")
+    write_latent_frequencies(run, replace(saved, evaluation={**saved.evaluation, "n_tokens": 512}))
+    not_redrawn(f"{where} comes from another evaluation than metrics.json")
+    where.write_bytes(b"{not safetensors")
+    not_redrawn(f"{where} is not a latent-frequencies file saelab wrote")
+    write_latent_frequencies(run, saved)
+    sae = load_sae(run / "sae")
+    with torch.no_grad():
+        sae.b_dec += 1  # the SAE changed since its evaluation
+    save_sae(sae, run / "sae")
+    not_redrawn("metrics.json describes other SAE weights than sae/ (the SAE changed since)")
+    assert "latent density" not in (run / "report.md").read_text()
+
+
 def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
     from saelab.pipeline import _stage_seconds
     from saelab.report.markdown import _wall_time_rows

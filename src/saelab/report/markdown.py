@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.report.plots import training_curves
-from saelab.run_folder import (DENSITY_PLOT, EVALS_DIR, REPORT, SAE_DIR, TRAIN_CONFIG, TRAINING_CURVES,
-                               read_eval_metrics, read_json, sae_sha256)
+from saelab.errors import CheckpointError
+from saelab.evals.core import eval_settings
+from saelab.report.plots import density_histogram, training_curves
+from saelab.run_folder import (DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, LATENT_FREQUENCIES, REPORT, SAE_DIR,
+                               TRAIN_CONFIG, TRAINING_CURVES, read_eval_metrics, read_json, read_latent_frequencies,
+                               sae_sha256)
 from saelab.sae import load_sae
 from saelab.train.checkpoint import read_metrics, read_status
 from saelab.train.config import TrainConfig
@@ -72,8 +76,33 @@ def _wall_time_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _redraw_density(run_dir: Path, sae, metrics: dict[str, Any]) -> str | None:
+    """Draw density.png again from the latent frequencies the evaluation saved; returns why it was not
+    drawn (None: drawn, or the run was never evaluated)."""
+    if not (run_dir / EVAL_METRICS).exists():
+        return None
+    again = f"`saelab eval {run_dir} --overwrite` evaluates the SAE again and saves its latent frequencies"
+    if not metrics:  # read_eval_metrics dropped them: they describe other weights
+        return f"{EVAL_METRICS} describes other SAE weights than {SAE_DIR}/ (the SAE changed since); {again}"
+    try:
+        saved = read_latent_frequencies(run_dir)
+    except CheckpointError as e:
+        return str(e)
+    if saved is None:
+        return (f"{run_dir / LATENT_FREQUENCIES} is missing (the run was evaluated before saelab saved the "
+                f"latents' firing frequencies); {again}")
+    if saved.sae_sha256 != sae_sha256(sae):
+        return f"{run_dir / LATENT_FREQUENCIES} measured other SAE weights than {SAE_DIR}/; {again}"
+    if saved.evaluation != eval_settings(metrics):  # an evaluation cut off between its two files
+        return f"{run_dir / LATENT_FREQUENCIES} comes from another evaluation than {EVAL_METRICS}; {again}"
+    density_histogram(saved.frequencies_N, run_dir / DENSITY_PLOT, saved.evaluation["n_tokens"])
+    return None
+
+
 def write_run_report(run_dir: str | Path) -> Path:
-    """report.md of a run folder; evaluation metrics appear only when they describe its current SAE."""
+    """report.md of a run folder; evaluation metrics appear only when they describe its current SAE.
+    training_curves.png is drawn again from the training log, density.png from the latent frequencies
+    the evaluation saved (when they describe this SAE and metrics.json's evaluation; else one line says why not)."""
     run_dir = Path(run_dir)
     cfg = read_json(run_dir / TRAIN_CONFIG, "training config")
     sae_cfg, train = cfg["sae"], cfg["train"]
@@ -81,6 +110,9 @@ def write_run_report(run_dir: str | Path) -> Path:
     sae = load_sae(run_dir / SAE_DIR) if (run_dir / SAE_DIR).is_dir() else None
     if sae is not None:
         metrics = read_eval_metrics(run_dir, sae)
+        not_redrawn = _redraw_density(run_dir, sae, metrics)
+        if not_redrawn:
+            print(f"saelab: note: {DENSITY_PLOT} not redrawn: {not_redrawn}", file=sys.stderr)
     log = read_metrics(run_dir)
     status = read_status(run_dir)
 
