@@ -176,6 +176,13 @@ def test_harvest_help_says_a_pool_smaller_than_n_tokens_is_raised(capsys):
     assert "(at least n_tokens)" not in help_text
 
 
+def test_report_help_says_where_density_png_comes_from(capsys):
+    """report draws density.png again from the saved latent frequencies; its help said eval alone drew it."""
+    help_text = " ".join(_help("report", capsys).split())
+    assert "density.png (from latent_frequencies.safetensors, which `saelab eval` saves" in help_text
+    assert "keeps its density.png, and one line says why" in help_text
+
+
 def test_families_help_lists_only_the_options_it_takes(capsys):
     """The browser's page options are refused by families, so its help leaves them out (browse keeps them)."""
     from saelab.cli.explore import PAGE_ONLY

@@ -161,9 +161,15 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_report(sub) -> None:
-    p = sub.add_parser("report", help="(re)write report.md and training_curves.png of a run folder; for a sweep "
-                                      "folder the scaling study (scaling.json, scaling_nmse.png, "
-                                      "scaling_delta_loss.png)")
+    p = sub.add_parser("report", help="(re)write report.md, training_curves.png and density.png of a run folder; "
+                                      "for a sweep folder the scaling study (scaling.json, scaling_nmse.png, "
+                                      "scaling_delta_loss.png)",
+                       description="Rewrite a run folder's report.md from its saved results, with training_curves.png "
+                                   "(from metrics.jsonl) and density.png (from latent_frequencies.safetensors, which "
+                                   "`saelab eval` saves with the hash of the SAE it measured). A run evaluated before "
+                                   "that file was saved, or whose SAE changed since its evaluation, keeps its "
+                                   "density.png, and one line says why. For a sweep folder: the scaling study "
+                                   "(scaling.md, scaling.json, scaling_nmse.png, scaling_delta_loss.png).")
     p.add_argument("run", help="run folder or sweep folder")
     add_io_options(p, device=False, overwrite=False)
     p.set_defaults(handler=run_report)
