@@ -1,9 +1,9 @@
 """Fuzz the loaders with damaged files: every case loads, or fails with a SaelabError naming the input.
 
 Real files first, each written by saelab's own writers (or laid out as the foreign tool writes it): a
-SAELens folder with sparsity, a sparsify folder, an OpenAI v5 ``.pt``, an activation cache, and a
-training run stopped after two steps (its ``checkpoint.pt``). Then, per target file, CASES_PER_TARGET
-seeded random damages: a truncation at a random length, 1-8 bytes changed at random offsets, or, for
+SAELens folder with sparsity, a sparsify folder, an OpenAI v5 ``.pt``, an activation cache, a training
+run stopped after two steps (its ``checkpoint.pt``) and an evaluation's latent frequencies. Then, per
+target file, CASES_PER_TARGET seeded random damages: a truncation at a random length, 1-8 bytes changed at random offsets, or, for
 JSON files, one value replaced by one of the wrong type, sign or size. After
 each load the files on disk must be byte-for-byte what they were (loaders never write).
 TOTAL_CASES cases in all; the seed is fixed, so a failure reproduces.
@@ -23,6 +23,7 @@ import torch
 
 from saelab.data.cache import ActivationCache, write_activation_cache
 from saelab.errors import SaelabError
+from saelab.run_folder import LATENT_FREQUENCIES, LatentFrequencies, read_latent_frequencies, write_latent_frequencies
 from saelab.sae import SAEConfig, TopKSAE, load_sae, read_sparsity, save_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train.checkpoint import load_checkpoint
@@ -63,6 +64,9 @@ def originals(tmp_path_factory) -> Path:
     train_sae(cfg, lambda start: cache.batches(128, start_batch=start), base / "run", d_in=D, progress=False,
               stop_after_steps=2, device="cpu")
     assert (base / "run" / "checkpoint.pt").is_file()
+    frequencies = torch.rand(N, generator=g, dtype=torch.float64)
+    write_latent_frequencies(base / "eval", LatentFrequencies(frequencies, "0123456789abcdef0123",
+                                                              {"model": "gpt2", "n_tokens": 1024}))
     return base
 
 
@@ -77,6 +81,7 @@ TARGETS: dict[str, tuple[str, str, Callable[[Path], object]]] = {
     "training checkpoint.pt": ("run", "checkpoint.pt", load_checkpoint),
     "cache manifest.json": ("acts", "manifest.json", lambda folder: ActivationCache(folder).read()),
     "cache shard": ("acts", "shard_00000.npy", lambda folder: ActivationCache(folder).read()),
+    "eval latent_frequencies.safetensors": ("eval", LATENT_FREQUENCIES, read_latent_frequencies),
 }
 TOTAL_CASES = len(TARGETS) * CASES_PER_TARGET
 
@@ -158,4 +163,4 @@ def test_damaged_files_end_in_saelab_errors(originals, tmp_path, target):
 
 
 def test_case_count():
-    assert TOTAL_CASES == 360
+    assert TOTAL_CASES == 400

@@ -416,6 +416,8 @@ def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_d
     not_redrawn(f"{where} comes from another evaluation than metrics.json")
     where.write_bytes(b"{not safetensors")
     not_redrawn(f"{where} is not a latent-frequencies file saelab wrote")
+    write_latent_frequencies(run, replace(saved, frequencies_N=saved.frequencies_N * float("inf")))  # NaN, inf
+    not_redrawn(f"{where} holds frequencies outside [0, 1] (or NaN)")
     write_latent_frequencies(run, saved)
     sae = load_sae(run / "sae")
     with torch.no_grad():

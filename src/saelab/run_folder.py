@@ -178,6 +178,10 @@ def read_latent_frequencies(folder: str | Path) -> LatentFrequencies | None:
     if saved.frequencies_N.dim() != 1 or not isinstance(saved.evaluation, dict):
         raise CheckpointError(f"{path} holds frequencies of shape {tuple(saved.frequencies_N.shape)} and evaluation "
                               f"{type(saved.evaluation).__name__}; expected one value per latent and an object")
+    # Fractions of tokens: a NaN or a value past 1 (a damaged file) would break the histogram's range.
+    if not ((saved.frequencies_N >= 0) & (saved.frequencies_N <= 1)).all():
+        raise CheckpointError(f"{path} holds frequencies outside [0, 1] (or NaN); expected fractions of tokens: "
+                              "remove it, or evaluate again with --overwrite")
     return saved
 
 
