@@ -351,3 +351,23 @@ def test_an_interrupted_overwrite_says_the_same_command_starts_it_over(tmp_path,
     assert snapshot(tmp_path / "run") == before
     assert main([*argv[:4], str(tmp_path / "other"), *argv[5:]]) == 130  # a new run resumes
     assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+    # A verb that writes its output only at the end (browse, top, report, ...) promises no resume
+    import saelab.report
+    monkeypatch.setattr(saelab.report, "write_run_report", interrupted)
+    assert main(["report", str(tmp_path / "run")]) == 130
+    assert "saelab report: interrupted; nothing of this call was saved; the same command starts over" in \
+        capsys.readouterr().err
+
+
+def test_train_from_a_run_folder_names_the_cache_inside_it(tmp_path, capsys):
+    """`train --activations RUN` (a quickstart's run folder): the error points to RUN/activations."""
+    from saelab.cli import main
+
+    write_activation_cache(_data().split(256), tmp_path / "run" / "activations", meta={"hook_name": "h"},
+                           shard_rows=512, dtype="float32")
+    capsys.readouterr()  # the cache writer's progress bar
+    assert main(["train", "--activations", str(tmp_path / "run"), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"no activation cache at '{tmp_path / 'run'}' (manifest.json not found); the cache inside "
+                        f"it is '{tmp_path / 'run' / 'activations'}'") and len(err.splitlines()) == 1
+    assert not (tmp_path / "t").exists()

@@ -212,12 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+RESUMING_VERBS = ("quickstart", "harvest", "train", "sweep")
+"""Verbs whose interrupted call the same command continues (checkpoints, the cache's written shards)."""
+
+
 def _after_interruption(verb: str, args: argparse.Namespace) -> str:
-    """What the same command does next: an interrupted --overwrite of a run put the earlier run back and
-    kept nothing of the new one (utils.atomic.replacing_entries), so it starts over instead of resuming."""
+    """What the same command does next. An interrupted --overwrite of a run put the earlier run back and kept
+    nothing of the new one (utils.atomic.replacing_entries); eval keeps each metric file or run it finished;
+    the other verbs write their output only at the end."""
     if verb in ("train", "sweep", "quickstart") and getattr(args, "overwrite", False):
         return "the run being replaced has its earlier results back; the same command starts the replacement over"
-    return "run the same command again to resume"
+    if verb in RESUMING_VERBS:
+        return "run the same command again to resume"
+    if verb == "eval":
+        return "results finished before the interruption are kept; the same command does the rest"
+    return "nothing of this call was saved; the same command starts over"
 
 
 __all__ = ["VERBS", "build_parser", "main", "parse_args"]

@@ -497,7 +497,9 @@ class ActivationCache:
         self.folder = Path(folder)
         m = _read_manifest(self.folder)
         if m is None:
-            raise ActivationCacheError(f"no activation cache at {str(self.folder)!r} ({MANIFEST} not found)")
+            inner = sorted(self.folder.glob(f"*/{MANIFEST}")) if self.folder.is_dir() else []
+            hint = f"; the cache inside it is {str(inner[0].parent)!r}" if len(inner) == 1 else ""  # a run folder's
+            raise ActivationCacheError(f"no activation cache at {str(self.folder)!r} ({MANIFEST} not found){hint}")
         if not m["complete"] and not allow_incomplete:
             raise ActivationCacheError(
                 f"activation cache {str(self.folder)!r} is incomplete ({m['n_rows']} rows written); "

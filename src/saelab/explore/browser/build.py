@@ -118,8 +118,8 @@ class BrowseConfig:
         if self.context_size is not None and self.context_size < 3:
             raise ConfigError(f"context_size must be >= 3 (BOS and at least one scored token), got {self.context_size}")
         if self.n2g_file is not None and not Path(self.n2g_file).expanduser().is_file():  # before the model loads
-            raise ConfigError(f"n2g_file {self.n2g_file}: no such file; expected an N2G result (JSON from "
-                              "saelab.evals.n2g.run_n2g)")
+            raise ConfigError(f"n2g_file must name an existing file, got {str(self.n2g_file)!r}; expected an N2G "
+                              "result: a paper suite's evals/n2g.json (saelab eval RUN --suite paper)")
         if not 0 <= self.family_min_score <= 1:  # a geometric mean of a cosine and a containment
             raise ConfigError(f"family_min_score must be in [0, 1], got {self.family_min_score}")
 
