@@ -371,3 +371,79 @@ def test_train_from_a_run_folder_names_the_cache_inside_it(tmp_path, capsys):
     assert err.endswith(f"no activation cache at '{tmp_path / 'run'}' (manifest.json not found); the cache inside "
                         f"it is '{tmp_path / 'run' / 'activations'}'") and len(err.splitlines()) == 1
     assert not (tmp_path / "t").exists()
+
+
+def _kill_mid_overwrite(run: Path) -> None:
+    """What a SIGKILL during an overwrite leaves: the finished run set aside, the new one's partial files."""
+    from saelab.utils.atomic import SET_ASIDE
+
+    (run / SET_ASIDE).mkdir()
+    for entry in run.iterdir():
+        if entry.name not in (LOCK, SET_ASIDE):
+            entry.replace(run / SET_ASIDE / entry.name)
+    (run / SET_ASIDE / ".all-set-aside").touch()
+    (run / "status.json").write_text('{"state": "training", "step": 4}')
+    (run / "train_config.json").write_text("{}")
+
+
+def test_a_run_after_a_killed_overwrite_finds_the_earlier_run_back(tmp_path, capsys):
+    """A plain train into a folder an overwrite was killed in: the earlier run is put back first (as Ctrl-C
+    would have left it), so the partial new run is not resumed beside a set-aside that a later overwrite
+    would put back over it."""
+    from saelab.errors import RunExistsError
+    from saelab.utils.atomic import SET_ASIDE
+
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    before = snapshot(run)
+    _kill_mid_overwrite(run)
+    with pytest.raises(RunExistsError, match=r"other settings \(train.k 4 -> 8\)"):
+        train_sae(_cfg(k=8), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    assert snapshot(run) == before and not (run / SET_ASIDE).exists()
+    assert f"{run}: an overwrite of this run was cut off; its earlier results are back in place" in \
+        capsys.readouterr().err
+
+
+_REPLACER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from saelab.train.checkpoint import replacing_run
+
+    run, holding, go = map(Path, sys.argv[1:4])
+    try:
+        with replacing_run(run):  # as quickstart --overwrite holds it while the model loads and harvests
+            holding.write_text("")
+            deadline = time.monotonic() + 120
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+""")
+
+
+def test_a_live_overwrite_in_another_process_is_neither_undone_nor_joined(tmp_path):
+    """While another process replaces the run (its earlier run set aside, no training yet), an overwrite
+    or a plain train here is refused naming that process; the earlier run survives both."""
+    from saelab.utils.atomic import SET_ASIDE
+
+    run, holding, go = tmp_path / "run", tmp_path / "holding", tmp_path / "go"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    before = snapshot(run)
+    replacer = subprocess.Popen([sys.executable, "-c", _REPLACER, str(run), str(holding), str(go)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not holding.exists():
+            assert replacer.poll() is None, replacer.communicate()
+            assert time.monotonic() < deadline, "the replacer never set the run aside"
+            time.sleep(0.02)
+        assert (run / SET_ASIDE).is_dir()
+        for overwrite in (True, False):
+            with pytest.raises(RunFolderBusyError, match=f"being written by another process \\(pid {replacer.pid}\\)"):
+                train_sae(_cfg(k=16), _source(_data()), run, d_in=D, progress=False, device="cpu",
+                          overwrite=overwrite)
+    finally:
+        go.write_text("")
+        replacer.communicate(timeout=120)
+    assert snapshot(run) == before and not (run / SET_ASIDE).exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,7 +17,8 @@ import torch
 
 from saelab.errors import CheckpointError, RunExistsError
 from saelab.run_folder import CHECKPOINT, RUN_RESULTS, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_LOG
-from saelab.utils.atomic import atomic_path, replacing_entries, write_bytes, write_json
+from saelab.utils.atomic import (atomic_path, is_being_replaced, put_back_set_aside, replacing_entries,
+                                 write_bytes, write_json)
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock
 
@@ -157,6 +159,15 @@ def replacing_run(run_dir: Path) -> Iterator[None]:
         RunLock(run_dir).acquire().release()  # a live writer's files are never moved: it is refused first
     with replacing_entries(run_dir, RUN_RESULTS):
         yield
+
+
+def settle_cut_off_replacement(run_dir: Path) -> None:
+    """Put back the earlier run an overwrite killed mid-way (SIGKILL, power loss) left set aside, before a
+    writer reads the folder: the same state Ctrl-C leaves. Else the new run's partial files would be resumed
+    and the set-aside put back later, over it. A live replacement in another process is refused instead."""
+    if not is_being_replaced(run_dir) and put_back_set_aside(run_dir, RUN_RESULTS):
+        print(f"saelab: {run_dir}: an overwrite of this run was cut off; its earlier results are back in place",
+              file=sys.stderr)
 
 
 CHECKPOINT_KEYS = ("step", "sae", "optimizer", "tokens_since_fired", "normalizer", "ema")

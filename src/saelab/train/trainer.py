@@ -374,6 +374,7 @@ class TrainingRun:
         self._lock = RunLock(self.run_dir).acquire() if self.writer else None
         try:
             if self.writer:
+                ckpt.settle_cut_off_replacement(self.run_dir)
                 remove_stale_temp_files(self.run_dir, self.run_dir / ckpt.SAE_DIR)
             # seconds earlier calls spent up to the checkpoint resumed from, so train_seconds is the run's total
             self.seconds_before = 0.0

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from saelab.utils.folder_lock import LOCK, RunLock
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -95,67 +97,86 @@ def replacing_entries(folder: str | os.PathLike, names: Iterable[str]) -> Iterat
     The old entries are moved into ``folder/.set-aside`` first, so the block writes a clean folder
     (nothing stale beside the new files) while the old results still exist. A block that ends normally
     removes them; one that raises (Ctrl-C included) has what it wrote under ``names`` removed and the old
-    entries put back. A set-aside folder a killed process left is put back first. Nested blocks on the
-    same folder are one replacement: the outermost one decides.
+    entries put back. The set-aside folder holds its own lock for as long as its replacement runs, so a
+    set-aside a killed process left is put back first, and one a live process holds is refused. Nested
+    blocks on the same folder are one replacement: the outermost one decides.
     """
     folder, names = Path(folder), tuple(names)
-    if folder.resolve() in _REPLACING:
+    if is_being_replaced(folder):
         yield
         return
     put_back_set_aside(folder, names)
-    aside = _set_aside(folder, names)
-    if aside is None:  # nothing earlier to keep: whatever the block leaves is the only result
+    lock = _set_aside(folder, names)
+    if lock is None:  # nothing earlier to keep: whatever the block leaves is the only result
         yield
         return
     _REPLACING.add(folder.resolve())
     try:
         yield
     except BaseException:
-        put_back_set_aside(folder, names)
+        put_back_set_aside(folder, names, held=lock)
         print(f"saelab: {folder}: the replacement did not finish; the earlier results are back in place",
               file=sys.stderr)
         raise
+    else:  # one rename, under the lock: from here on nothing puts the old entries back
+        os.replace(folder / SET_ASIDE, folder / _FINISHED_ASIDE)
     finally:
         _REPLACING.discard(folder.resolve())
-    os.replace(aside, folder / _FINISHED_ASIDE)  # one rename: a kill from here on never puts them back
+        lock.release()
     shutil.rmtree(folder / _FINISHED_ASIDE)
 
 
-def put_back_set_aside(folder: str | os.PathLike, names: Iterable[str]) -> None:
+def is_being_replaced(folder: str | os.PathLike) -> bool:
+    """Whether a replacing_entries block of this process is replacing ``folder`` now."""
+    return Path(folder).resolve() in _REPLACING
+
+
+def put_back_set_aside(folder: str | os.PathLike, names: Iterable[str], *, held: RunLock | None = None) -> bool:
     """Undo an unfinished replacement: remove what the replacement wrote under ``names`` and move the
-    set-aside entries back. A finished replacement's leftover is only removed."""
+    set-aside entries back; True if there was one. A finished replacement's leftover is only removed. The
+    set-aside's lock (``held``, else taken here) keeps a live replacement in another process from being undone:
+    that one is refused with its pid."""
     folder = Path(folder)
     shutil.rmtree(folder / _FINISHED_ASIDE, ignore_errors=True)
     aside = folder / SET_ASIDE
     if not aside.is_dir():
-        return
-    if (aside / _ALL_SET_ASIDE).exists():  # else cut off while moving: what stands in the folder is old too
-        for name in names:
-            _remove(folder / name)
-        (aside / _ALL_SET_ASIDE).unlink()
-    for entry in aside.iterdir():
-        os.replace(entry, folder / entry.name)
-    aside.rmdir()
+        return False
+    lock = held or RunLock(aside, what=f"the replacement of {folder}").acquire()
+    try:
+        if (aside / _ALL_SET_ASIDE).exists():  # else cut off while moving: what stands in the folder is old too
+            for name in names:
+                _remove(folder / name)
+            (aside / _ALL_SET_ASIDE).unlink()
+        for entry in aside.iterdir():
+            if entry.name != LOCK:
+                os.replace(entry, folder / entry.name)
+        (aside / LOCK).unlink()  # still held through its open descriptor
+        aside.rmdir()
+    finally:
+        lock.release()
+    return True
 
 
 _ALL_SET_ASIDE = ".all-set-aside"
 """Marks a set-aside folder whose entries were all moved: from then on the folder's entries may be new."""
 
 
-def _set_aside(folder: Path, names: tuple[str, ...]) -> Path | None:
+def _set_aside(folder: Path, names: tuple[str, ...]) -> RunLock | None:
+    """Move the present ``names`` into ``folder/.set-aside``; the set-aside's lock, held, or None if none is there."""
     present = [name for name in names if os.path.lexists(folder / name)]
     if not present:
         return None
     aside = folder / SET_ASIDE
     aside.mkdir()
+    lock = RunLock(aside, what=f"the replacement of {folder}").acquire()
     try:
         for name in present:
             os.replace(folder / name, aside / name)
         (aside / _ALL_SET_ASIDE).touch()
     except BaseException:
-        put_back_set_aside(folder, names)
+        put_back_set_aside(folder, names, held=lock)
         raise
-    return aside
+    return lock
 
 
 def _remove(path: Path) -> None:
