@@ -656,6 +656,15 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
     assert json.loads(out.read_text())["n_tokens"] > json.loads(first)["n_tokens"]
 
 
+def test_a_long_value_that_starts_another_still_shows_how_they_differ():
+    """One long value the start of the other: the shared end is not counted twice, so the two shown parts
+    differ (were '"...aaaa..."' twice)."""
+    from saelab.utils.differences import visible_difference
+
+    old, new = visible_difference('"' + "a" * 120 + '"', '"' + "a" * 121 + '"')
+    assert old != new and old.count("a") + 1 == new.count("a") and not old.endswith('..."')
+
+
 def test_a_refusal_shows_where_two_long_model_paths_differ(tmp_path, tiny_dir, capsys):
     """Two --model paths that share a start longer than a short value: the refusal shows the parts that
     differ, not the same start twice."""

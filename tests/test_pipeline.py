@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import saelab.pipeline
 from saelab.cli import main
@@ -418,6 +418,11 @@ def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_d
     not_redrawn(f"{where} is not a latent-frequencies file saelab wrote")
     write_latent_frequencies(run, replace(saved, frequencies_N=saved.frequencies_N * float("inf")))  # NaN, inf
     not_redrawn(f"{where} holds frequencies outside [0, 1] (or NaN)")
+    write_latent_frequencies(run, replace(saved, frequencies_N=saved.frequencies_N[:5]))  # another SAE's count
+    not_redrawn(f"{where} holds 5 frequencies for an SAE of {saved.frequencies_N.numel():,} latents")
+    save_file({"frequencies": (saved.frequencies_N > 0).to(torch.int64)}, str(where),  # not fractions
+              metadata={"sae_sha256": saved.sae_sha256, "evaluation": json.dumps(saved.evaluation)})
+    not_redrawn("(torch.int64) and evaluation dict; expected one float per latent")
     write_latent_frequencies(run, saved)
     sae = load_sae(run / "sae")
     with torch.no_grad():

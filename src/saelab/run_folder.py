@@ -175,9 +175,11 @@ def read_latent_frequencies(folder: str | Path) -> LatentFrequencies | None:
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
         raise CheckpointError(f"{path} is not a latent-frequencies file saelab wrote ({type(e).__name__}: {e}); "
                               "remove it, or evaluate again with --overwrite") from e
-    if saved.frequencies_N.dim() != 1 or not isinstance(saved.evaluation, dict):
-        raise CheckpointError(f"{path} holds frequencies of shape {tuple(saved.frequencies_N.shape)} and evaluation "
-                              f"{type(saved.evaluation).__name__}; expected one value per latent and an object")
+    if (saved.frequencies_N.dim() != 1 or not saved.frequencies_N.is_floating_point()
+            or not isinstance(saved.evaluation, dict)):
+        raise CheckpointError(f"{path} holds frequencies of shape {tuple(saved.frequencies_N.shape)} "
+                              f"({saved.frequencies_N.dtype}) and evaluation {type(saved.evaluation).__name__}; "
+                              "expected one float per latent and an object")
     # Fractions of tokens: a NaN or a value past 1 (a damaged file) would break the histogram's range.
     if not ((saved.frequencies_N >= 0) & (saved.frequencies_N <= 1)).all():
         raise CheckpointError(f"{path} holds frequencies outside [0, 1] (or NaN); expected fractions of tokens: "
@@ -188,8 +190,8 @@ def read_latent_frequencies(folder: str | Path) -> LatentFrequencies | None:
 def _read_safetensors_with_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open  # lazy: as open_sae
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:  # only the tensor saelab writes
+        return {"frequencies": f.get_tensor("frequencies")}, f.metadata() or {}
 
 
 ARTEFACTS = {"activations": ("manifest.json", "an activation cache"), "run": (TRAIN_CONFIG, "a run folder"),

@@ -91,6 +91,9 @@ def _redraw_density(run_dir: Path, sae, metrics: dict[str, Any]) -> str | None:
     if saved is None:
         return (f"{run_dir / LATENT_FREQUENCIES} is missing (the run was evaluated before saelab saved the "
                 f"latents' firing frequencies); {again}")
+    if saved.frequencies_N.numel() != sae.n_latents:
+        return (f"{run_dir / LATENT_FREQUENCIES} holds {saved.frequencies_N.numel():,} frequencies for an SAE of "
+                f"{sae.n_latents:,} latents; {again}")
     if saved.sae_sha256 != sae_sha256(sae):
         return f"{run_dir / LATENT_FREQUENCIES} measured other SAE weights than {SAE_DIR}/; {again}"
     if saved.evaluation != eval_settings(metrics):  # an evaluation cut off between its two files

@@ -17,8 +17,10 @@ def visible_difference(old: str, new: str) -> tuple[str, str]:
     long paths with a common start still show what differs instead of the same start twice."""
     if max(len(old), len(new)) <= WHOLE:
         return old, new
-    start = _context_start(old, len(os.path.commonprefix([old, new])))
-    shared_tail = len(os.path.commonprefix([old[start:][::-1], new[start:][::-1]]))
+    differs_at = len(os.path.commonprefix([old, new]))
+    start = _context_start(old, differs_at)
+    # The shared end counted only past differs_at: where one value starts the other, the two overlap
+    shared_tail = len(os.path.commonprefix([old[differs_at:][::-1], new[differs_at:][::-1]]))
     tail_cut = max(0, shared_tail - CONTEXT)
     return _cut(old, start, tail_cut), _cut(new, start, tail_cut)
 
