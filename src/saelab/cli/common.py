@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from simple_parsing import ArgumentParser, DashVariant
 from simple_parsing.helpers.custom_actions import BooleanOptionalAction
+from simple_parsing.utils import FALSE_STRINGS, TRUE_STRINGS
 
 from saelab.errors import ConfigError
 
@@ -219,7 +220,7 @@ def _type_expected(hint: Any, value: Any) -> str | None:
     return None if _fits(kind, value) else _wanted(kind)
 
 
-_SWITCH_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # as simple_parsing reads them
+_SWITCH_WORDS = (*TRUE_STRINGS, *FALSE_STRINGS)  # the words simple_parsing reads as a switch's value
 
 
 def _fits(kind: Any, value: Any) -> bool:
