@@ -77,20 +77,28 @@ _HOLDER = textwrap.dedent("""
 """)
 
 
+def _start_holding(script: str, run: Path, holding: Path, go: Path, env: dict | None = None) -> subprocess.Popen:
+    """Run ``script`` in another process and return once it holds ``run`` (it writes ``holding``; it lets go
+    when ``go`` appears)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(run), str(holding), str(go)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not holding.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            go.write_text("")
+            pytest.fail(f"the other process never held {run}: {proc.communicate(timeout=60)}")
+        time.sleep(0.02)
+    return proc
+
+
 def test_second_writer_is_refused_naming_the_holder_pid(tmp_path):
     cache = tmp_path / "acts"
     write_activation_cache(iter(_data().split(512)), cache, meta={"hook_name": "blocks.0.hook_resid_post"},
                            dtype="float32", progress=False)
     run, holding, go = tmp_path / "run", tmp_path / "holding", tmp_path / "go"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run), str(holding), str(go)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = _start_holding(_HOLDER, run, holding, go, env)
     try:
-        deadline = time.monotonic() + 120
-        while not holding.exists():
-            assert holder.poll() is None, holder.communicate()
-            assert time.monotonic() < deadline, "the first writer never reached its batch 4"
-            time.sleep(0.02)
         live_tmp = run / ".checkpoint.pt.abc123.tmp"  # as if the holder were writing its checkpoint now
         live_tmp.write_bytes(b"being written")
         before = snapshot(run)
@@ -242,13 +250,7 @@ def test_an_overwrite_killed_mid_training_is_put_back_by_the_next_overwrite(tmp_
     run = tmp_path / "run"
     train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
     before = snapshot(run)
-    (run / SET_ASIDE).mkdir()  # what a kill mid-overwrite leaves: the old run set aside, the new one's files
-    for entry in run.iterdir():
-        if entry.name not in (LOCK, SET_ASIDE):
-            entry.replace(run / SET_ASIDE / entry.name)
-    (run / SET_ASIDE / ".all-set-aside").touch()
-    (run / "status.json").write_text('{"state": "training"}')
-    (run / "train_config.json").write_text("{}")
+    _kill_mid_overwrite(run)
 
     def interrupt_at_batch_5(call, b):
         if b == 5:
@@ -430,14 +432,8 @@ def test_a_live_overwrite_in_another_process_is_neither_undone_nor_joined(tmp_pa
     run, holding, go = tmp_path / "run", tmp_path / "holding", tmp_path / "go"
     train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
     before = snapshot(run)
-    replacer = subprocess.Popen([sys.executable, "-c", _REPLACER, str(run), str(holding), str(go)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    replacer = _start_holding(_REPLACER, run, holding, go)
     try:
-        deadline = time.monotonic() + 120
-        while not holding.exists():
-            assert replacer.poll() is None, replacer.communicate()
-            assert time.monotonic() < deadline, "the replacer never set the run aside"
-            time.sleep(0.02)
         assert (run / SET_ASIDE).is_dir()
         for overwrite in (True, False):
             with pytest.raises(RunFolderBusyError, match=f"being written by another process \\(pid {replacer.pid}\\)"):
