@@ -276,6 +276,22 @@ def test_an_overwrite_clears_the_sae_it_replaces(tmp_path):
                                                      "train_config.json"]
 
 
+def test_a_direct_training_run_overwrite_leaves_nothing_of_the_old_sae(tmp_path):
+    """TrainingRun(overwrite=True) without train_sae's set-aside (the Python API, the benchmarks): the old
+    SAE, evaluation, report and browser go when the new run starts, never left beside its config."""
+    from saelab.train import TrainingRun
+
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    for name in ("report.md", "browser/index.html", "metrics.json", "evals/core.json"):
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_text("of the old SAE")
+    with TrainingRun(_cfg(k=8), run, d_in=D, meta=None, init_sample=lambda: _data()[:256], overwrite=True,
+                     device="cpu"):
+        assert sorted(p.name for p in run.iterdir()) == [LOCK, "metrics.jsonl", "status.json", "train_config.json"]
+        assert json.loads((run / "train_config.json").read_text())["train"]["k"] == 8
+
+
 def test_an_unfinished_run_is_named_as_such(tmp_path):
     from saelab.errors import CheckpointError
     from saelab.run_folder import TRAIN_CONFIG, open_sae

@@ -17,8 +17,8 @@ import torch
 
 from saelab.errors import CheckpointError, RunExistsError
 from saelab.run_folder import CHECKPOINT, RUN_RESULTS, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_LOG
-from saelab.utils.atomic import (atomic_path, is_being_replaced, put_back_set_aside, replacing_entries,
-                                 write_bytes, write_json)
+from saelab.utils.atomic import (atomic_path, is_being_replaced, put_back_set_aside, remove_entry,
+                                 replacing_entries, write_bytes, write_json)
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock
 
@@ -142,10 +142,15 @@ def _what_it_trains(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def commit_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
-    """Once the run has started (initialised or resumed without error): record the config. Written only
-    now, so a start that failed leaves no config behind that would make the corrected rerun look like a
-    different experiment."""
+def commit_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = False) -> None:
+    """Once the run has started (initialised or resumed without error): clear what an overwritten run left
+    and record the config. Written only now, so a start that failed leaves no config behind that would make
+    the corrected rerun look like a different experiment. Under :func:`replacing_run` (train_sae, the CLI)
+    the earlier run is already set aside and nothing is left to clear; a direct ``TrainingRun(overwrite=True)``
+    loses it here, since beside the new config its SAE, report or browser would read as the new run's."""
+    if overwrite:
+        for name in RUN_RESULTS:
+            remove_entry(run_dir / name)
     write_json(run_dir / TRAIN_CONFIG, config)
 
 

@@ -384,7 +384,7 @@ class TrainingRun:
             else:
                 self.trainer = self._start(sae_cfg, init_sample, allow_tf32)
             if self.writer:
-                ckpt.commit_run_dir(self.run_dir, config)
+                ckpt.commit_run_dir(self.run_dir, config, overwrite=overwrite)
                 ckpt.truncate_metrics(self.run_dir, self.trainer.step)
                 self.sinks = open_sinks(log_to, self.run_dir, self.trainer.step, cfg.to_dict(), log_group)
         except BaseException:

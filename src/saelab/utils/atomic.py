@@ -145,7 +145,7 @@ def put_back_set_aside(folder: str | os.PathLike, names: Iterable[str], *, held:
     try:
         if (aside / _ALL_SET_ASIDE).exists():  # else cut off while moving: what stands in the folder is old too
             for name in names:
-                _remove(folder / name)
+                remove_entry(folder / name)
             (aside / _ALL_SET_ASIDE).unlink()
         for entry in aside.iterdir():
             if entry.name != LOCK:
@@ -179,7 +179,8 @@ def _set_aside(folder: Path, names: tuple[str, ...]) -> RunLock | None:
     return lock
 
 
-def _remove(path: Path) -> None:
+def remove_entry(path: Path) -> None:
+    """Remove a file, a link or a folder tree; nothing if absent."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
