@@ -570,19 +570,24 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
                                         overwrite=overwrite, device=dev, allow_tf32=allow_tf32, log_to=log_to,
                                         log_group=log_group))
             sample.clear()  # initialisation is done: do not hold the sample through training
-            for r in runs:  # a resume is said, not silent (a line, also under --no-progress)
-                if r.writer and 0 < r.step < r.cfg.total_steps:
-                    print(f"saelab: resuming {r.run_dir} from its checkpoint at step {r.step:,} of "
-                          f"{r.cfg.total_steps:,}", file=sys.stderr)
-                left_over = r.cfg.total_tokens - r.cfg.total_steps * r.cfg.batch_size
-                if r.writer and r.step == 0 and left_over:  # whole batches only: the rest is not trained on
-                    print(f"saelab: note: --total-tokens {r.cfg.total_tokens:,} is not a multiple of --batch-size "
-                          f"{r.cfg.batch_size:,}; {r.run_dir.name} trains {r.cfg.total_steps:,} steps "
-                          f"({r.cfg.total_steps * r.cfg.batch_size:,} tokens)", file=sys.stderr)
+            _say_how_runs_start(runs)
             return _train_loop(runs, batches_from, dev, progress, stop_after_steps)
         finally:
             for r in runs:
                 r.close()
+
+
+def _say_how_runs_start(runs: list[TrainingRun]) -> None:
+    """A resume is said, not silent (a line, also under --no-progress), and so are tokens left untrained."""
+    for r in runs:
+        if r.writer and 0 < r.step < r.cfg.total_steps:
+            print(f"saelab: resuming {r.run_dir} from its checkpoint at step {r.step:,} of {r.cfg.total_steps:,}",
+                  file=sys.stderr)
+        left_over = r.cfg.total_tokens - r.cfg.total_steps * r.cfg.batch_size
+        if r.writer and r.step == 0 and left_over:  # whole batches only: the rest is not trained on
+            print(f"saelab: note: --total-tokens {r.cfg.total_tokens:,} is not a multiple of --batch-size "
+                  f"{r.cfg.batch_size:,}; {r.run_dir.name} trains {r.cfg.total_steps:,} steps "
+                  f"({r.cfg.total_steps * r.cfg.batch_size:,} tokens)", file=sys.stderr)
 
 
 @contextmanager
