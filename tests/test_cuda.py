@@ -258,7 +258,7 @@ def _aux_forms() -> list:
 
 
 @CUDA
-@pytest.mark.parametrize("chunk_rows", [5, 1024])
+@pytest.mark.parametrize("chunk_rows", [5, 1024, None])
 @pytest.mark.parametrize("dead", ["none", "mix", "few"])
 @pytest.mark.parametrize("aux_dense", _aux_forms())
 @pytest.mark.parametrize("sorted_out", [False, True])

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+import saelab.sae.kernels as kernels
 from saelab.sae.kernels import AUX_DENSE_FACTOR, sparse_decode, sparse_topk_encode
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _dense_reference(x, b_dec, W, b, k_big, dead_idx, k_aux):
@@ -20,13 +23,13 @@ def _dense_reference(x, b_dec, W, b, k_big, dead_idx, k_aux):
 
 
 def _densify(vals, idx, n):
-    return torch.zeros(vals.shape[0], n, dtype=vals.dtype).scatter(-1, idx, vals)
+    return torch.zeros(vals.shape[0], n, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
 
 
 def _densify_aux(out, n):
     """AuxK output of either form as dense [B, n] latents."""
     if out.aux_dense:
-        za = torch.zeros(out.aux_vals_BA.shape[0], n, dtype=out.aux_vals_BA.dtype)
+        za = torch.zeros(out.aux_vals_BA.shape[0], n, dtype=out.aux_vals_BA.dtype, device=out.aux_vals_BA.device)
         return za.index_copy(1, out.aux_idx_BA, out.aux_vals_BA)
     return _densify(out.aux_vals_BA, out.aux_idx_BA, n)
 
@@ -43,10 +46,16 @@ DEAD_SETS = {"none": None, "mix": torch.arange(0, 50, 4), "few": torch.tensor([3
                                              (8192, 32, 300)])
 @pytest.mark.parametrize("sorted_out", [False, True])
 @pytest.mark.parametrize("ties", [False, True])
-def test_wide_encode_matches_torch_topk(n, k, dead_count, sorted_out, ties):
+@pytest.mark.parametrize("device,grouped_on_gpu,chunk_rows", [
+    ("cpu", False, None), pytest.param("cuda", False, None, marks=CUDA), pytest.param("cuda", True, None, marks=CUDA),
+    pytest.param("cuda", True, 7, marks=CUDA)])
+def test_wide_encode_matches_torch_topk(n, k, dead_count, sorted_out, ties, device, grouped_on_gpu, chunk_rows,
+                                        monkeypatch):
     """Widths where the encoder's top-k splits each row into column groups (n >= 8 k, with and without a
     dead block, k_aux = 32): the kept values equal torch.topk's on the dense pre-activations, also when
-    many pre-activations are equal (rounded to a coarse grid), and the indices point at those values."""
+    many pre-activations are equal (rounded to a coarse grid), and the indices point at those values.
+    On a GPU with torch.topk and with the grouped top-k, over whole batches and in chunks of 7 rows."""
+    monkeypatch.setattr(kernels, "GPU_GROUPED_TOPK_MIN_N", 0 if grouped_on_gpu else float("inf"))
     torch.manual_seed(3)
     B, D = 24, 8
     x = torch.randn(B, D, dtype=torch.float64)
@@ -54,9 +63,11 @@ def test_wide_encode_matches_torch_topk(n, k, dead_count, sorted_out, ties):
     b = torch.randn(n, dtype=torch.float64)
     if ties:  # pre-activations on a grid of 0.5: many equal values around every row's k-th
         x, W, b = x.round(), W.round(), (2 * b).round() / 2
-    dead_idx = torch.randperm(n)[:dead_count].sort().values if dead_count else None
-    out = sparse_topk_encode(x, torch.zeros(D, dtype=torch.float64), W, b, k, dead_idx=dead_idx, k_aux=32,
-                             sorted_out=sorted_out)
+    dead_idx = torch.randperm(n)[:dead_count].sort().values.to(device) if dead_count else None
+    x, W, b = x.to(device), W.to(device), b.to(device)
+    out = sparse_topk_encode(x, torch.zeros(D, dtype=torch.float64, device=device), W, b, k, dead_idx=dead_idx,
+                             k_aux=32,
+                             sorted_out=sorted_out, chunk_rows=chunk_rows)
     pre = x @ W + b
     ref = pre.topk(k, dim=-1).values.relu()
     got = out.vals_BK if sorted_out else out.vals_BK.sort(dim=-1, descending=True).values

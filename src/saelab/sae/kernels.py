@@ -47,11 +47,26 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_ROWS = 1024
+"""Rows per encoder chunk on CPU."""
+GPU_CHUNK_ELEMENTS = 2**27
+"""On a GPU a chunk holds up to this many pre-activations (512 MiB in float32; a whole batch of 4,096
+at n = 32,768), at least DEFAULT_CHUNK_ROWS rows: a GPU step waits mostly on the host's work of
+launching kernels, so fewer chunks shorten it (H200, batch 4,096, benchmarks/auxk_cost.py, whole batch
+vs chunks of 1,024 rows at n = 8,192: AuxK steps 7 -> 5 ms at 10 % dead, 11 -> 10 ms at 24 %)."""
+GPU_GROUPED_TOPK_MIN_N = 32768
+"""On a GPU, the grouped top-k (``_topk``) from this many latents on; torch.topk below, where the extra
+kernels cost more than they save (H200, batch 4,096, k = 32: a plain step 14 -> 9 ms at n = 131,072,
+CUDA time of the top-k 1.8 -> 0.4 ms at 32,768; 4 -> 5 ms at 8,192)."""
 AUX_DENSE_FACTOR = 6
 """Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux. Measured on a quiet 2-core CPU with a whole
 training step, k_aux = 256, batch 4,096 (benchmarks/auxk_cost.py --aux-form dense / sparse): the
 dense form costs 0.15 (n = 8,192) to 0.25 ms (n = 32,768) per dead latent, the sparse one a near
 fixed 200-450 ms (B * k_aux entries); they break even near 5 k_aux at n = 8,192 and 8 k_aux at 32,768."""
+GPU_AUX_DENSE_FACTOR = 64
+"""AUX_DENSE_FACTOR on a GPU, whose GEMMs make the dense form cheap for much larger dead sets. H200, TF32,
+k_aux = 256, batch 4,096 (benchmarks/auxk_cost.py): an AuxK step dense / sparse 6 / 10 ms at 3,113 dead
+latents (n = 8,192), 7 / 10 ms at 12,452 (n = 32,768), 13 / 16 ms at 13,107 (n = 131,072), 17 / 16 ms
+at 31,457 and 22 / 16 ms at 49,807."""
 
 
 class EncodeOutput(NamedTuple):
@@ -187,10 +202,10 @@ def _topk(pre: torch.Tensor, k: int, sorted_out: bool = False) -> tuple[torch.Te
     k = 32: 1,024 maxima in 8 groups of 128). Per 1,024 rows on 2 threads (benchmarks/kernel_micro.py),
     torch.topk -> this: 15.1 -> 9.9 ms for k = 32 of 8,192 (12.0 with one level of groups), 43.9 ->
     17.4 ms of 32,768 (19.1 with one level); AuxK's k = 256 of ~7,900 takes about half torch.topk's time.
-    GPUs keep torch.topk: this was measured on CPUs only."""
+    On a GPU it takes over from n = GPU_GROUPED_TOPK_MIN_N."""
     rows, n = pre.shape
     g = 8 if n >= 32 * k else 4 if n >= 8 * k else 1
-    if pre.device.type != "cpu" or g == 1 or n % g or k == 0:
+    if (pre.device.type != "cpu" and n < GPU_GROUPED_TOPK_MIN_N) or g == 1 or n % g or k == 0:
         return pre.topk(k, dim=-1, sorted=sorted_out)
     G = n // g
     slices = pre.view(rows, g, G)
@@ -280,7 +295,9 @@ class _SparseTopKEncode(torch.autograd.Function):
                 idx.append(i)
         else:
             is_live = torch.ones(n, dtype=torch.bool, device=dead_idx.device).index_fill_(0, dead_idx, False)
-            live = _Block.gather(W_enc_DN, b_enc_N, is_live.nonzero().squeeze(1), rows)
+            # Its size is known here: unlike nonzero, nonzero_static does not wait for a GPU.
+            live_cols = torch.nonzero_static(is_live, size=n - dead_idx.numel()).squeeze(1)
+            live = _Block.gather(W_enc_DN, b_enc_N, live_cols, rows)
             dead = _Block.gather(W_enc_DN, b_enc_N, dead_idx, rows)
             for lo in range(0, B, chunk_rows):
                 v, i, av, ai = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead, k_big, k_aux, aux_dense,
@@ -353,7 +370,7 @@ def _sparse_grads(xc_BD: torch.Tensor, W_enc_DN: torch.Tensor, g_parts: list[tor
 
 def sparse_topk_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DN: torch.Tensor, b_enc_N: torch.Tensor,
                        k: int, *, dead_idx: torch.Tensor | None = None, k_aux: int = 0, sorted_out: bool = False,
-                       aux_dense: bool | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> EncodeOutput:
+                       aux_dense: bool | None = None, chunk_rows: int | None = None) -> EncodeOutput:
     """Top-k (then ReLU) of ``(x - b_dec) @ W_enc + b_enc`` with a sparse backward.
 
     ``dead_idx`` (distinct latent indices, on the data's device) adds AuxK: the top ``k_aux`` pre-activations
@@ -365,8 +382,12 @@ def sparse_topk_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DN: torc
         k_aux = min(k_aux, dead_idx.numel())
         if k_aux == 0:
             dead_idx = None
+    cpu = x_BD.device.type == "cpu"
     if aux_dense is None:
-        aux_dense = dead_idx is not None and dead_idx.numel() <= AUX_DENSE_FACTOR * k_aux
+        factor = AUX_DENSE_FACTOR if cpu else GPU_AUX_DENSE_FACTOR
+        aux_dense = dead_idx is not None and dead_idx.numel() <= factor * k_aux
+    if chunk_rows is None:
+        chunk_rows = DEFAULT_CHUNK_ROWS if cpu else max(DEFAULT_CHUNK_ROWS, GPU_CHUNK_ELEMENTS // W_enc_DN.shape[1])
     vals, idx, aux_vals, aux_idx = _SparseTopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_idx, k_aux,
                                                            aux_dense, chunk_rows, sorted_out)
     if dead_idx is None:
