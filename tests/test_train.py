@@ -327,6 +327,27 @@ def test_nan_activations_are_refused(tmp_path):
                   progress=False)
 
 
+def test_a_non_finite_loss_stops_the_step_before_any_weight_moves():
+    """Finite activations, an SAE whose decoder holds an inf: the loss is inf; the step raises and leaves
+    every weight and the optimizer as they were (the statistics are read once, after the backward)."""
+    from saelab.train.trainer import Trainer
+
+    data = _data()
+    sae = TopKSAE(SAEConfig(24, 128, 8))
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    trainer = Trainer(_cfg(), sae, normalizer=9.0, device="cpu")
+    trainer.train_step(data[:128])
+    with torch.no_grad():
+        sae.W_dec[:, 0] = float("inf")
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    steps = [state["step"].item() for state in trainer.opt.state.values()]
+    with pytest.raises(NonFiniteError, match=r"^training loss became inf at step 1$"):
+        trainer.train_step(data[128:256])
+    for name, p in sae.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert [state["step"].item() for state in trainer.opt.state.values()] == steps and trainer.step == 1
+
+
 def test_ema_is_the_bias_corrected_average_of_the_trained_weights():
     """The EMA starts at zero and is divided by 1 - decay^t (OpenAI's EmaModel), so the saved SAE is a
     weighted average of the weights training produced, with none of the initialisation in it."""

@@ -18,21 +18,31 @@ from saelab.train.distributed import all_reduce_sum
 
 @dataclass
 class StepOutput:
+    """The loss and the step's statistics. The statistics are 0-d tensors on the data's device, read by
+    the caller in one go (``stats``): each read of a GPU value waits for the GPU, and a wait between
+    the forward and the backward leaves the GPU idle while the backward's kernels are being launched."""
     loss: torch.Tensor
     """Total loss to backpropagate."""
-    nmse: float
+    nmse: torch.Tensor
     """Normalized MSE of the top-k reconstruction (in the SAE's input space)."""
-    auxk: float
+    auxk: torch.Tensor
     """AuxK loss (0 when no latent is dead)."""
-    multi_topk: float
+    multi_topk: torch.Tensor
     """Multi-TopK loss (0 when off)."""
-    l0: float
+    l0: torch.Tensor
     """Mean number of nonzero latents per row."""
     idx_BK: torch.Tensor
     """Latents selected by TopK (for dead-latent tracking)."""
     vals_BK: torch.Tensor
-    l1: float = 0.0
-    """ReLU SAEs: the L1 penalty before lambda (0 for top-k)."""
+    l1: torch.Tensor | None = None
+    """ReLU SAEs: the L1 penalty before lambda (None for top-k)."""
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """{name: 0-d tensor}: the loss and every statistic, detached."""
+        out = {"loss": self.loss, "nmse": self.nmse, "auxk": self.auxk, "multi_topk": self.multi_topk, "l0": self.l0}
+        if self.l1 is not None:
+            out["l1"] = self.l1
+        return {name: value.detach() for name, value in out.items()}
 
 
 def residual_variance(r_BD: torch.Tensor) -> torch.Tensor:
@@ -62,8 +72,9 @@ def training_loss(
     k = sae.cfg.k
     big_k = min(k * cfg.multi_topk_factor, sae.n_latents) if cfg.multi_topk else k
     dead_idx = None
-    if cfg.auxk and dead_mask_N is not None and bool(dead_mask_N.any()):
+    if cfg.auxk and dead_mask_N is not None:
         dead_idx = dead_mask_N.nonzero().squeeze(1).to(x_n.device)  # index on the data's device
+        dead_idx = dead_idx if dead_idx.numel() else None
     # One sorted top-(4k) serves both TopK and Multi-TopK: the top-k are its first k.
     enc = sparse_topk_encode(x_n, sae.b_dec, sae.W_enc, sae.b_enc, big_k, dead_idx=dead_idx, k_aux=cfg.k_aux,
                              sorted_out=cfg.multi_topk)
@@ -74,12 +85,12 @@ def training_loss(
     nmse = normalized_mse(x_hat, x_n, normalizer)
     loss = nmse
 
-    multi = torch.zeros(())
+    multi = x_n.new_zeros(())
     if cfg.multi_topk:
         multi = normalized_mse(sparse_decode(enc.vals_BK, enc.idx_BK, sae.W_dec) + sae.b_dec, x_n, normalizer)
         loss = loss + cfg.multi_topk_coef * multi
 
-    auxk = torch.zeros(())
+    auxk = x_n.new_zeros(())
     if enc.aux_vals_BA is not None:
         # Dead latents reconstruct the residual, decoded WITHOUT b_dec (it is a difference).
         with torch.no_grad():
@@ -87,8 +98,8 @@ def training_loss(
         auxk = normalized_mse(decode_aux(enc, sae.W_dec), residual, residual_variance(residual))
         loss = loss + cfg.auxk_coef * auxk
 
-    l0 = (vals > 0).sum(dim=-1).float().mean().item()
-    return StepOutput(loss, nmse.item(), auxk.item(), multi.item(), l0, idx, vals)
+    l0 = (vals > 0).sum(dim=-1).float().mean()
+    return StepOutput(loss, nmse, auxk, multi, l0, idx, vals)
 
 
 L1_WARMUP_FRACTION = 0.05
@@ -119,5 +130,6 @@ def relu_l1_loss(sae: ReLUSAE, x_BD: torch.Tensor, cfg: TrainConfig, normalizer:
     nmse = normalized_mse(x_hat, x_n, normalizer)
     l1 = (z @ sae.W_dec.norm(dim=1)).mean() / math.sqrt(sae.d_in * normalizer)
     loss = nmse + l1_coefficient_at(cfg, step) * l1
-    l0 = (z > 0).sum(dim=-1).float().mean().item()
-    return StepOutput(loss, nmse.item(), 0.0, 0.0, l0, idx, z, l1=l1.item())
+    l0 = (z > 0).sum(dim=-1).float().mean()
+    zero = x_n.new_zeros(())
+    return StepOutput(loss, nmse, zero, zero, l0, idx, z, l1=l1)

@@ -268,7 +268,7 @@ class Trainer:
         """One step on a global batch (each process uses its own slice when data-parallel)."""
         x_BD = x_BD.to(self.device, non_blocking=True)
         with tf32_matmuls(self.allow_tf32):
-            out = self._forward_backward(x_BD)
+            out, stats = self._forward_backward(x_BD)
             self._update()
         fired = ddp.all_reduce_sum(self.sae.fired(out.vals_BK, out.idx_BK)) > 0
         # A revival: a latent dead at this step's start (the set AuxK trained) fires again. The AuxK loss
@@ -277,26 +277,26 @@ class Trainer:
         self.tokens_since_fired += x_BD.shape[0]
         self.tokens_since_fired[fired] = 0
         self.step += 1
-        names = ["loss", "nmse", "auxk", "multi_topk", "l0"]
-        stats = [out.loss.item(), out.nmse, out.auxk, out.multi_topk, out.l0]
-        if self.cfg.architecture == "relu":  # its L1 penalty before lambda
-            names.append("l1")
-            stats.append(out.l1)
-        if ddp.is_distributed():
-            stats = (ddp.all_reduce_sum(torch.tensor(stats, dtype=torch.float64, device=self.device))
-                     / ddp.world_size()).tolist()
-        return dict(zip(names, stats))
+        return stats
 
     def _forward_backward(self, x_BD: torch.Tensor):
+        """The loss's gradients in the SAE's .grad, and the step's statistics as floats (averaged over
+        the processes when data-parallel), read after the backward: one wait for a GPU per step."""
         cfg, sae = self.cfg, self.sae
         dead = self.tokens_since_fired >= cfg.effective_dead_tokens if cfg.auxk else None
         out = training_loss(sae, ddp.local_rows(x_BD), cfg, self.normalizer, dead, step=self.step)
-        if not torch.isfinite(out.loss):
-            raise NonFiniteError(f"training loss became {out.loss.item()} at step {self.step}")
         sae.zero_grad(set_to_none=True)
         out.loss.backward()
         ddp.average_gradients(sae.parameters())
-        return out
+        named = out.stats()
+        values = torch.stack(list(named.values())).double()
+        if ddp.is_distributed():
+            values = ddp.all_reduce_sum(values) / ddp.world_size()
+        stats = dict(zip(named, values.tolist()))
+        # Checked before any weight moves; the average over processes, so that every process stops.
+        if not math.isfinite(stats["loss"]):
+            raise NonFiniteError(f"training loss became {stats['loss']} at step {self.step}")
+        return out, stats
 
     def _update(self) -> None:
         """Adam step at this step's learning rate, decoder constraints, EMA."""
