@@ -57,6 +57,8 @@ def load_kernels_file(path: str | Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.AUX_DENSE_FACTOR = this.AUX_DENSE_FACTOR
+    if hasattr(module, "GPU_AUX_DENSE_FACTOR"):  # older files use AUX_DENSE_FACTOR on every device
+        module.GPU_AUX_DENSE_FACTOR = this.GPU_AUX_DENSE_FACTOR
     return module
 
 
@@ -92,6 +94,22 @@ def sync(device: str | torch.device = "cpu") -> None:
     """Wait for the device's queued work (CUDA runs asynchronously), so a clock read after it is true."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def profiled(step, device: str | torch.device, rows: int) -> tuple[float, str]:
+    """(wall seconds, its top operators by self time) of one call of ``step`` under torch.profiler,
+    with the CUDA kernels' times on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = str(device).startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        wall = time.perf_counter() - t
+    return wall, prof.key_averages().table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total",
+                                           row_limit=rows)
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
@@ -200,6 +218,27 @@ def ensure_bench_caches(train_dir: str | Path, eval_dir: str | Path, train_rows:
         acts = eval_activations(lm, eval_rows)
         meta = {**protocol_meta(default_corpus("train")), "dataset": default_corpus("eval"), "order": "harvest"}
         write_activation_cache([acts], eval_dir, meta=meta, dtype="float32", overwrite=True, progress=False)
+
+
+def write_random_cache(folder: Path, rows: int, d: int, seed: int, rows_seed: int) -> None:
+    """A float32 activation cache of Gaussian rows around a common random offset (as a residual stream
+    has one), in the format CacheReader reads; kept if one of at least ``rows`` rows with these seeds is
+    there. The offset comes from ``seed`` alone, so training and held-out rows (other ``rows_seed``)
+    share one distribution."""
+    manifest = folder / "manifest.json"
+    contexts = f"random: N(offset, I), offset seed {seed}, rows seed {rows_seed}"
+    if manifest.is_file():
+        old = json.loads(manifest.read_text())
+        if old.get("n_rows", 0) >= rows and old.get("meta", {}).get("contexts") == contexts:
+            return
+    folder.mkdir(parents=True, exist_ok=True)
+    offset = 3.0 * np.random.default_rng(seed).standard_normal(d, dtype=np.float32)
+    g = np.random.default_rng([seed, rows_seed])
+    np.save(folder / "shard_00000.npy", g.standard_normal((rows, d), dtype=np.float32) + offset)
+    manifest.write_text(json.dumps({"format": "saelab-activation-cache", "version": 1, "d": d, "dtype": "float32",
+                                    "shard_rows": rows, "n_rows": rows, "complete": True,
+                                    "shards": [{"file": "shard_00000.npy", "rows": rows}],
+                                    "meta": {"contexts": contexts}}))
 
 
 # ---- runner side: identical data, schedule, timing and metrics for every library ----------------

@@ -61,7 +61,7 @@ sys.path.insert(0, str(HERE))
 from common import BATCH, DEAD_TOKENS, EVAL_TOKENS, K, RESULT_PREFIX, THREADS, TRAIN_TOKENS  # noqa: E402
 from common import command_line  # noqa: E402
 from common import default_lr, device_name, encoder_bound, ensure_bench_caches, gemm_flops, machine_info  # noqa: E402
-from common import sync  # noqa: E402
+from common import sync, write_random_cache  # noqa: E402
 
 # name -> (runner script, distribution whose version is reported, module to import, needs the peer venv)
 LIBRARIES = {
@@ -86,29 +86,6 @@ def child_env(threads: int, device: str = "cpu") -> dict[str, str]:
     if not device.startswith("cuda"):  # sparsify's Triton kernels are its GPU path
         env["SPARSIFY_DISABLE_TRITON"] = "1"
     return env
-
-
-def write_random_cache(folder: Path, rows: int, d: int, seed: int, rows_seed: int) -> None:
-    """A float32 activation cache of Gaussian rows around a common random offset (as a residual stream
-    has one), in the format CacheReader reads; kept if one of at least ``rows`` rows with these seeds is
-    there. The offset comes from ``seed`` alone, so training and held-out rows (other ``rows_seed``)
-    share one distribution."""
-    import numpy as np
-
-    manifest = folder / "manifest.json"
-    contexts = f"random: N(offset, I), offset seed {seed}, rows seed {rows_seed}"
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())
-        if old.get("n_rows", 0) >= rows and old.get("meta", {}).get("contexts") == contexts:
-            return
-    folder.mkdir(parents=True, exist_ok=True)
-    offset = 3.0 * np.random.default_rng(seed).standard_normal(d, dtype=np.float32)
-    g = np.random.default_rng([seed, rows_seed])
-    np.save(folder / "shard_00000.npy", g.standard_normal((rows, d), dtype=np.float32) + offset)
-    manifest.write_text(json.dumps({"format": "saelab-activation-cache", "version": 1, "d": d, "dtype": "float32",
-                                    "shard_rows": rows, "n_rows": rows, "complete": True,
-                                    "shards": [{"file": "shard_00000.npy", "rows": rows}],
-                                    "meta": {"contexts": contexts}}))
 
 
 def probe(lib: str, python: str, env: dict[str, str]) -> tuple[str | None, str | None]:
@@ -361,9 +338,7 @@ def profile_saelab(args: argparse.Namespace, n: int) -> None:
     cuda`` CUDA kernel times are profiled too."""
     import tempfile
 
-    from torch.profiler import ProfilerActivity, profile
-
-    from common import CacheReader, default_lr
+    from common import CacheReader, default_lr, profiled
     from saelab.train import TrainConfig, TrainingRun
 
     reader = CacheReader(args.train_cache)
@@ -372,8 +347,6 @@ def profile_saelab(args: argparse.Namespace, n: int) -> None:
                       lr=args.lr or default_lr(n), seed=args.seed, checkpoint_every=10**9, log_every=10**9,
                       dead_tokens=args.dead_tokens)
     gpu = args.device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    sort_by = "self_cuda_time_total" if gpu else "self_cpu_time_total"
     seen: set[bool] = set()
     with tempfile.TemporaryDirectory(prefix="saelab-profile-") as run_dir:
         run = TrainingRun(cfg, run_dir, d_in=reader.d, meta=None, device=args.device, allow_tf32=gpu,
@@ -386,12 +359,7 @@ def profile_saelab(args: argparse.Namespace, n: int) -> None:
             if b < 2 or aux in seen or (aux and b != aux_step):  # steps 0-1 warm up; one step per regime
                 run.train_step(x)
                 continue
-            with profile(activities=activities) as prof:
-                sync(args.device)
-                t = time.perf_counter()
-                run.train_step(x)
-                sync(args.device)
-                wall = time.perf_counter() - t
+            wall, table = profiled(lambda: run.train_step(x), args.device, args.profile_rows)
             seen.add(aux)
             dead = (tr.tokens_since_fired >= cfg.effective_dead_tokens).sum().item()
             flops = gemm_flops(reader.d, n, args.batch_size, repeats=args.gemm_repeats, device=args.device)
@@ -399,7 +367,7 @@ def profile_saelab(args: argparse.Namespace, n: int) -> None:
             print(f"\nn={n:,}, step {b}, AuxK {'ACTIVE' if aux else 'inactive'} ({dead:,} dead latents): "
                   f"{wall * 1e3:,.1f} ms under the profiler; encoder GEMM alone {gemm_s * 1e3:,.2f} ms "
                   f"(measured right after)")
-            print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows))
+            print(table)
             if len(seen) == 2:
                 return
     print(f"n={n:,}: no step with AuxK {'active' if True not in seen else 'inactive'} in {n_batches} batches "
