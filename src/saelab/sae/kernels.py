@@ -53,10 +53,13 @@ GPU_CHUNK_ELEMENTS = 2**27
 at n = 32,768), at least DEFAULT_CHUNK_ROWS rows: a GPU step waits mostly on the host's work of
 launching kernels, so fewer chunks shorten it (H200, batch 4,096, benchmarks/auxk_cost.py, whole batch
 vs chunks of 1,024 rows at n = 8,192: AuxK steps 7 -> 5 ms at 10 % dead, 11 -> 10 ms at 24 %)."""
-GPU_GROUPED_TOPK_MIN_N = 32768
-"""On a GPU, the grouped top-k (``_topk``) from this many latents on; torch.topk below, where the extra
-kernels cost more than they save (H200, batch 4,096, k = 32: a plain step 14 -> 9 ms at n = 131,072,
-CUDA time of the top-k 1.8 -> 0.4 ms at 32,768; 4 -> 5 ms at 8,192)."""
+GPU_GROUPED_TOPK_MIN_N = 16384
+"""On a GPU, the grouped top-k (``_topk``) for blocks of this many latents or more; torch.topk below,
+where its extra kernels cost about what they save. H200, TF32, batch 4,096, k = 32, k_aux = 256
+(benchmarks/auxk_cost.py, the same rounds; plain / AuxK step at 3-38 % dead): vs torch.topk
+everywhere, n = 131,072 13.0-13.3 -> 8.2-8.9 ms / 16.5-21.9 -> 12.0-19.2 ms; vs grouped from 32,768
+latents, n = 32,768 3.9-4.6 -> 3.7-4.0 ms / 7.4-7.9 -> 6.0-7.1 ms (its live block of 20,000-32,000
+latents goes grouped too), n = 131,072 at 24 % dead 18.2 -> 19.2 ms (the dead block of 31,457 too)."""
 AUX_DENSE_FACTOR = 6
 """Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux. Measured on a quiet 2-core CPU with a whole
 training step, k_aux = 256, batch 4,096 (benchmarks/auxk_cost.py --aux-form dense / sparse): the
