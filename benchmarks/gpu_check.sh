@@ -4,14 +4,16 @@
 # train_sae end to end; benchmarks/gpu_throughput.py), then saelab side by side with sparsify on the
 # GPU (benchmarks/compare_peers.py --device cuda: n = 32,768 and 131,072, batch 4,096, the same
 # activations and batch order, AuxK active in most steps, TF32 GEMM bound measured in each round).
-# Last, the top CUDA kernels of a step
-# with and without AuxK (compare_peers.py --profile). About 10 minutes at most on one H200 (each part
-# is capped: 150 + 150 + 240 + 90 s); about 5 in practice. Logs, the side-by-side table and one
-# JSON line per throughput figure go to OUT_DIR.
+# Then the top CUDA kernels of a step
+# with and without AuxK (compare_peers.py --profile), and last what AuxK adds to a step at 3-38 % of
+# the latents dead (benchmarks/auxk_cost.py; AUXK_ARGS="--variant NAME=KNOB:VALUE" times settings of
+# saelab.sae.kernels beside it). At most 12 minutes on one H200 (each part is capped: 150 + 150 +
+# 240 + 90 + 90 s), about 6 in practice: where a command may run 10 minutes, split it with PARTS.
+# Logs, the side-by-side table and one JSON line per throughput figure go to OUT_DIR.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else benchmarks/gpu_check_out
 #   PYTHON=/path/to/python benchmarks/gpu_check.sh
-#   PARTS="peers profile" benchmarks/gpu_check.sh   # some parts only (default: tests throughput peers profile)
+#   PARTS="peers profile" benchmarks/gpu_check.sh   # some parts only (default: tests throughput peers profile auxk)
 #
 # Offline: the GPU machine has no package index. What its image lacks (saelab's simple-parsing and
 # docstring-parser; sparsify and the packages it imports that the image does not hold) is installed
@@ -27,7 +29,7 @@ elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT_DIR=${1:-${OUT:-benchmarks/gpu_check_out}}
-PARTS=${PARTS:-tests throughput peers profile}
+PARTS=${PARTS:-tests throughput peers profile auxk}
 mkdir -p "$OUT_DIR"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -75,5 +77,11 @@ if wants profile; then
     timeout 90 "$PY" benchmarks/compare_peers.py "${PEERS[@]}" --profile --n 32768 --rows 65536 \
         --dead-tokens 12288 --profile-rows 15 2>&1 | tee "$OUT_DIR/profile_cuda.txt"
     note "compare_peers.py --profile" "${PIPESTATUS[0]}"
+fi
+if wants auxk; then
+    # shellcheck disable=SC2086  # AUXK_ARGS holds several arguments
+    timeout 90 "$PY" benchmarks/auxk_cost.py --device cuda --cache random --n 8192 32768 131072 \
+        --dead 0.03 0.1 0.24 0.38 --rounds 7 ${AUXK_ARGS:-} 2>&1 | tee "$OUT_DIR/auxk_cost_cuda.txt"
+    note auxk_cost.py "${PIPESTATUS[0]}"
 fi
 exit $status
