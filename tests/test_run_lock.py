@@ -263,8 +263,10 @@ def test_an_overwrite_killed_mid_training_is_put_back_by_the_next_overwrite(tmp_
 
 
 def test_an_overwrite_clears_the_sae_it_replaces(tmp_path):
-    """An overwritten run that is then interrupted must not show the old SAE, its report, curves or
-    browser beside the new config."""
+    """An overwritten run that is then paused must not show the old SAE, its report, curves or browser
+    beside the new config: they wait in the set-aside folder."""
+    from saelab.utils.atomic import SET_ASIDE
+
     run = tmp_path / "run"
     train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
     for name in ("report.md", "training_curves.png", "browser/index.html", "metrics.json"):
@@ -272,8 +274,91 @@ def test_an_overwrite_clears_the_sae_it_replaces(tmp_path):
         (run / name).write_text("of the old SAE")
     train_sae(_cfg(k=8), _source(_data()), run, d_in=D, progress=False, device="cpu", overwrite=True,
               stop_after_steps=2)
-    assert sorted(p.name for p in run.iterdir()) == [LOCK, "checkpoint.pt", "metrics.jsonl", "status.json",
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, SET_ASIDE, "checkpoint.pt", "metrics.jsonl", "status.json",
                                                      "train_config.json"]
+
+
+def _set_aside_run(run: Path) -> dict[str, bytes]:
+    """The earlier run's files waiting in RUN/.set-aside, named as they were in RUN."""
+    from saelab.utils.atomic import SET_ASIDE
+
+    return {name: data for name, data in snapshot(run / SET_ASIDE).items() if not name.startswith(".")}
+
+
+def _earlier_run(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A finished run with an evaluation, report and browser of its own; its files."""
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    for name in ("report.md", "metrics.json", "browser/index.html"):
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_text("of the old SAE")
+    return run, snapshot(run)
+
+
+def test_a_paused_overwrite_keeps_the_earlier_run_until_a_resume_finishes_it(tmp_path, capsys):
+    """stop_after_steps pauses an overwrite on purpose: the earlier run stays set aside (not removed as if
+    the replacement were done), a resume cut short by Ctrl-C keeps it so, and the resume that finishes the
+    new run removes it."""
+    from saelab.sae import load_sae
+    from saelab.utils.atomic import SET_ASIDE
+
+    run, before = _earlier_run(tmp_path)
+    train_sae(_cfg(k=8), _source(_data()), run, d_in=D, progress=False, device="cpu", overwrite=True,
+              stop_after_steps=4)
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
+    assert _set_aside_run(run) == {k: v for k, v in before.items() if k != LOCK}
+    assert f"{run}: the replacement is paused; the earlier results wait in {SET_ASIDE}/ until a resume finishes " \
+           "it" in capsys.readouterr().err
+
+    def interrupt_at_batch_6(call, b):
+        if b == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(_cfg(k=8), _source(_data(), on_batch=interrupt_at_batch_6), run, d_in=D, progress=False,
+                  device="cpu")
+    assert _set_aside_run(run) == {k: v for k, v in before.items() if k != LOCK}
+    assert json.loads((run / "status.json").read_text())["step"] == 6  # the new run, resumable from there
+
+    train_sae(_cfg(k=8), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    assert not (run / SET_ASIDE).exists() and not (run / "report.md").exists()
+    assert json.loads((run / "status.json").read_text())["state"] == "finished" and load_sae(run / "sae").cfg.k == 8
+
+
+def test_a_paused_overwrite_is_resumed_not_put_back_and_a_new_overwrite_starts_over(tmp_path):
+    """A writer that opens a paused replacement resumes the new run (it is not a cut-off one to put back);
+    a later overwrite starts over from the earlier run, which an interruption of it then puts back."""
+    from saelab.train import TrainingRun
+    from saelab.utils.atomic import SET_ASIDE
+
+    run, before = _earlier_run(tmp_path)
+    train_sae(_cfg(k=8), _source(_data()), run, d_in=D, progress=False, device="cpu", overwrite=True,
+              stop_after_steps=4)
+    with TrainingRun(_cfg(k=8), run, d_in=D, meta=None, init_sample=lambda: _data()[:256], device="cpu") as direct:
+        assert direct.step == 4 and _set_aside_run(run) == {k: v for k, v in before.items() if k != LOCK}
+
+    def interrupt_at_batch_2(call, b):
+        if b == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(_cfg(k=16), _source(_data(), on_batch=interrupt_at_batch_2), run, d_in=D, progress=False,
+                  device="cpu", overwrite=True)
+    assert snapshot(run) == before and not (run / SET_ASIDE).exists()
+
+
+def test_a_paused_sweep_overwrite_removes_only_the_earlier_runs_it_finished_replacing(tmp_path):
+    from saelab.utils.atomic import SET_ASIDE
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    cfgs = [_cfg(total_tokens=1024), _cfg()]
+    train_many(cfgs, _source(_data()), [short, long], d_in=D, progress=False, device="cpu")
+    before = snapshot(long)
+    train_many([_cfg(total_tokens=1024, k=8), _cfg(k=8)], _source(_data()), [short, long], d_in=D,
+               progress=False, device="cpu", overwrite=True, stop_after_steps=10)
+    assert json.loads((short / "status.json").read_text())["state"] == "finished" and not (short / SET_ASIDE).exists()
+    assert json.loads((long / "status.json").read_text())["state"] == "interrupted"
+    assert _set_aside_run(long) == {k: v for k, v in before.items() if k != LOCK}
 
 
 def test_a_direct_training_run_overwrite_leaves_nothing_of_the_old_sae(tmp_path):

@@ -17,8 +17,8 @@ import torch
 
 from saelab.errors import CheckpointError, RunExistsError
 from saelab.run_folder import CHECKPOINT, RUN_RESULTS, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_LOG
-from saelab.utils.atomic import (atomic_path, is_being_replaced, put_back_set_aside, remove_entry,
-                                 replacing_entries, write_bytes, write_json)
+from saelab.utils.atomic import (atomic_path, is_being_replaced, is_paused, put_back_set_aside, remove_entry,
+                                 replacing_entries, resuming_replacement, write_bytes, write_json)
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock
 
@@ -157,20 +157,38 @@ def commit_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = F
 @contextlib.contextmanager
 def replacing_run(run_dir: Path) -> Iterator[None]:
     """An overwrite of the run in ``run_dir``: the earlier run's files (RUN_RESULTS) are set aside while
-    the block trains (and evaluates) the new one, removed when it ends, and put back when it is interrupted
-    or fails, so an overwrite never leaves less than it found. Set aside rather than left in place: beside
-    the new config, the old SAE, report or browser would be read as the new run's."""
+    the block trains (and evaluates) the new one, removed once the new run has finished, and put back when
+    it is interrupted or fails, so an overwrite never leaves less than it found. A block that ends with the
+    new run unfinished (``stop_after_steps``: a deliberate pause) keeps them set aside for the resume that
+    finishes it (:func:`resuming_run`). Set aside rather than left in place: beside the new config, the old
+    SAE, report or browser would be read as the new run's."""
     if Path(run_dir).is_dir():
         RunLock(run_dir).acquire().release()  # a live writer's files are never moved: it is refused first
-    with replacing_entries(run_dir, RUN_RESULTS):
+    with replacing_entries(run_dir, RUN_RESULTS, complete=lambda: _finished(run_dir)):
         yield
+
+
+@contextlib.contextmanager
+def resuming_run(run_dir: Path) -> Iterator[None]:
+    """A call that resumes the run in ``run_dir``: when it resumes a paused overwrite, the earlier run
+    still set aside is removed once the new run has finished; until then it stays set aside."""
+    with resuming_replacement(run_dir, complete=lambda: _finished(run_dir)):
+        yield
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return read_status(run_dir).get("state") == "finished"
+    except CheckpointError:  # a damaged status.json: keep the earlier run rather than lose it
+        return False
 
 
 def settle_cut_off_replacement(run_dir: Path) -> None:
     """Put back the earlier run an overwrite killed mid-way (SIGKILL, power loss) left set aside, before a
     writer reads the folder: the same state Ctrl-C leaves. Else the new run's partial files would be resumed
-    and the set-aside put back later, over it. A live replacement in another process is refused instead."""
-    if not is_being_replaced(run_dir) and put_back_set_aside(run_dir, RUN_RESULTS):
+    and the set-aside put back later, over it. A live replacement in another process is refused instead; a
+    paused one is left for the resume to finish."""
+    if not is_being_replaced(run_dir) and not is_paused(run_dir) and put_back_set_aside(run_dir, RUN_RESULTS):
         print(f"saelab: {run_dir}: an overwrite of this run was cut off; its earlier results are back in place",
               file=sys.stderr)
 

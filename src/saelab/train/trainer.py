@@ -544,7 +544,8 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
 
     The runs must share batch_size; they may differ in n, k, lr, total_tokens and anything else.
     Each resumes from its own checkpoint (written on any device). ``stop_after_steps`` ends the
-    call early (as an interruption would) after that many batches. ``device`` (None: CUDA when
+    call early (as an interruption would) after that many batches, a pause: an overwrite's earlier runs
+    stay set aside until a later call finishes the new ones. ``device`` (None: CUDA when
     available, else the CPU) is where training runs; ``allow_tf32`` lets CUDA run the SAE's float32
     matmuls in TF32. ``log_to`` also logs each run's metrics to "tensorboard" (RUN/tensorboard/)
     and/or "wandb" (train/metric_sinks.py); a sweep's W&B runs are grouped by their parent folder.
@@ -592,11 +593,12 @@ def _say_how_runs_start(runs: list[TrainingRun]) -> None:
 
 @contextmanager
 def _replacing_runs(run_dirs: Sequence[str | Path], overwrite: bool) -> Iterator[None]:
-    """With ``overwrite``: each run folder's earlier run is replaced only by a call that ends normally."""
+    """With ``overwrite``: each run folder's earlier run is replaced only once its new run has finished (a
+    stop_after_steps pause keeps it set aside). Without: a resumed paused overwrite is completed the same way."""
     with contextlib.ExitStack() as replacing:
-        if overwrite and ddp.rank() == 0:  # one process moves files
+        if ddp.rank() == 0:  # one process moves files
             for d in run_dirs:
-                replacing.enter_context(ckpt.replacing_run(Path(d)))
+                replacing.enter_context(ckpt.replacing_run(Path(d)) if overwrite else ckpt.resuming_run(Path(d)))
         yield
 
 
@@ -667,7 +669,8 @@ def train_sae(cfg: TrainConfig, batches_from: BatchSource, run_dir: str | Path, 
 
     ``meta`` fills the SAE's provenance (model_name, hook_name, context_size, prepend_bos,
     exclude_first, dataset). ``stop_after_steps`` ends the call early with a checkpoint, as an
-    interruption would (the run then resumes on the next call, on any device). ``device``: None =
+    interruption would (the run then resumes on the next call, on any device); a paused ``overwrite``
+    keeps the earlier run set aside until the call that finishes the new one. ``device``: None =
     CUDA when available, else the CPU; ``allow_tf32``: TF32 matmuls on CUDA. The SAE is returned on
     that device. ``log_to``: ("tensorboard",), ("wandb",) or both also log the metrics there.
     """

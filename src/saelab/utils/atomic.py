@@ -86,20 +86,30 @@ SET_ASIDE = ".set-aside"
 _FINISHED_ASIDE = SET_ASIDE + ".done"
 """The set-aside folder once its replacement is complete: removed, never put back."""
 
+_PAUSED = ".paused"
+"""Marks a set-aside folder whose replacement was paused: kept until a resume completes it."""
+
 _REPLACING: set[Path] = set()
 """Folders a replacing_entries block of this process is replacing now (an inner block leaves them to it)."""
 
 
+def _always() -> bool:
+    return True
+
+
 @contextlib.contextmanager
-def replacing_entries(folder: str | os.PathLike, names: Iterable[str]) -> Iterator[None]:
+def replacing_entries(folder: str | os.PathLike, names: Iterable[str], *,
+                      complete: Callable[[], bool] = _always) -> Iterator[None]:
     """Replace the entries ``names`` of ``folder`` (files or folders) with what the block writes there.
 
     The old entries are moved into ``folder/.set-aside`` first, so the block writes a clean folder
     (nothing stale beside the new files) while the old results still exist. A block that ends normally
-    removes them; one that raises (Ctrl-C included) has what it wrote under ``names`` removed and the old
-    entries put back. The set-aside folder holds its own lock for as long as its replacement runs, so a
-    set-aside a killed process left is put back first, and one a live process holds is refused. Nested
-    blocks on the same folder are one replacement: the outermost one decides.
+    removes them, unless ``complete()`` says its replacement is unfinished (a paused training): they then
+    stay set aside, marked paused, until :func:`resuming_replacement` completes it. A block that raises
+    (Ctrl-C included) has what it wrote under ``names`` removed and the old entries put back. The set-aside
+    folder holds its own lock for as long as its replacement runs, so a set-aside a killed process left is
+    put back first, and one a live process holds is refused. Nested blocks on the same folder are one
+    replacement: the outermost one decides.
     """
     folder, names = Path(folder), tuple(names)
     if is_being_replaced(folder):
@@ -110,20 +120,77 @@ def replacing_entries(folder: str | os.PathLike, names: Iterable[str]) -> Iterat
     if lock is None:  # nothing earlier to keep: whatever the block leaves is the only result
         yield
         return
-    _REPLACING.add(folder.resolve())
+    with _replacement(folder, lock, complete, undo=names):
+        yield
+
+
+@contextlib.contextmanager
+def resuming_replacement(folder: str | os.PathLike, *, complete: Callable[[], bool]) -> Iterator[None]:
+    """Go on with a replacement of ``folder`` that a :func:`replacing_entries` block paused (nothing to do
+    when there is none). The set-aside is removed once ``complete()`` holds at the block's end, however it
+    ends; else it stays set aside and paused: a resume that is interrupted or fails does not undo the
+    replacement the earlier call deliberately left for it, and the next resume goes on from there."""
+    folder = Path(folder)
+    lock = None if is_being_replaced(folder) else _take_paused(folder)
+    if lock is None:
+        yield
+        return
+    with _replacement(folder, lock, complete, undo=None):
+        yield
+
+
+@contextlib.contextmanager
+def _replacement(folder: Path, lock: RunLock, complete: Callable[[], bool], undo: tuple[str, ...] | None):
+    """Hold a set-aside (its ``lock``) while the block replaces ``folder``'s entries; ``undo``: the names put
+    back when the block raises (None: a resumed replacement, which stays paused instead)."""
+    key, done = folder.resolve(), False
+    _REPLACING.add(key)
     try:
         yield
     except BaseException:
-        put_back_set_aside(folder, names, held=lock)
-        print(f"saelab: {folder}: the replacement did not finish; the earlier results are back in place",
-              file=sys.stderr)
+        if undo is not None:
+            put_back_set_aside(folder, undo, held=lock)
+            print(f"saelab: {folder}: the replacement did not finish; the earlier results are back in place",
+                  file=sys.stderr)
+        else:
+            done = _settle(folder, complete)
         raise
-    else:  # one rename, under the lock: from here on nothing puts the old entries back
-        os.replace(folder / SET_ASIDE, folder / _FINISHED_ASIDE)
+    else:
+        done = _settle(folder, complete)
     finally:
-        _REPLACING.discard(folder.resolve())
+        _REPLACING.discard(key)
         lock.release()
-    shutil.rmtree(folder / _FINISHED_ASIDE)
+    if done:
+        shutil.rmtree(folder / _FINISHED_ASIDE)
+
+
+def _settle(folder: Path, complete: Callable[[], bool]) -> bool:
+    """At a replacement's end, under the set-aside's lock: True (the set-aside renamed, to be removed) when
+    ``complete()``, else the set-aside marked paused, False."""
+    if complete():  # one rename: from here on nothing puts the old entries back
+        os.replace(folder / SET_ASIDE, folder / _FINISHED_ASIDE)
+        return True
+    (folder / SET_ASIDE / _PAUSED).touch()
+    print(f"saelab: {folder}: the replacement is paused; the earlier results wait in {SET_ASIDE}/ until a "
+          "resume finishes it (an overwrite starts it over)", file=sys.stderr)
+    return False
+
+
+def _take_paused(folder: Path) -> RunLock | None:
+    """The lock of ``folder``'s paused set-aside, held; None when there is none (a live holder is refused)."""
+    aside = folder / SET_ASIDE
+    if not (aside / _PAUSED).exists():
+        return None
+    lock = RunLock(aside, what=f"the replacement of {folder}").acquire()
+    if (aside / _PAUSED).exists():
+        return lock
+    lock.release(remove_created_dir=True)  # put back by another process meanwhile
+    return None
+
+
+def is_paused(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a set-aside whose replacement was paused (to be resumed, not put back)."""
+    return (Path(folder) / SET_ASIDE / _PAUSED).exists()
 
 
 def is_being_replaced(folder: str | os.PathLike) -> bool:
@@ -143,6 +210,7 @@ def put_back_set_aside(folder: str | os.PathLike, names: Iterable[str], *, held:
         return False
     lock = held or RunLock(aside, what=f"the replacement of {folder}").acquire()
     try:
+        (aside / _PAUSED).unlink(missing_ok=True)  # a paused replacement is undone like an interrupted one
         if (aside / _ALL_SET_ASIDE).exists():  # else cut off while moving: what stands in the folder is old too
             for name in names:
                 remove_entry(folder / name)
