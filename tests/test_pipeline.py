@@ -432,6 +432,58 @@ def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_d
     assert "latent density" not in (run / "report.md").read_text()
 
 
+def _counting(monkeypatch, name: str, *modules) -> list[int]:
+    """Count the calls of function ``name`` as each module (which imported it) calls it."""
+    calls: list[int] = []
+    original = getattr(modules[0], name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for module in modules:
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_eval_quickstart_and_report_draw_density_and_hash_the_sae_once(tiny_dir, data_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    """density.png is drawn once by `saelab eval` and by quickstart (their report does not draw it again from
+    the frequencies the evaluation just saved), and `saelab report` hashes the SAE's weights once, paper
+    suite included."""
+    import saelab.report.markdown
+    import saelab.run_folder
+
+    train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
+    eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
+    acts, run = tmp_path / "acts", tmp_path / "run"
+    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus), "--out",
+            str(acts), "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
+            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+    small_eval = ["--corpus", str(eval_corpus), "--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
+    draws = _counting(monkeypatch, "density_histogram", saelab.pipeline, saelab.report.markdown)
+    run_cli(capsys, "eval", str(run), *small_eval)
+    assert len(draws) == 1 and "![latent density](density.png)" in (run / "report.md").read_text()
+    run_cli(capsys, "eval", str(run), "--suite", "paper", "--metrics", "core", *small_eval)
+    hashes = _counting(monkeypatch, "sae_sha256", saelab.run_folder, saelab.report.markdown)
+    draws.clear()
+    run_cli(capsys, "report", str(run))
+    assert (len(hashes), len(draws)) == (1, 1)  # metrics.json, the frequencies and evals/ checked with one hash
+    report = (run / "report.md").read_text()
+    assert "## Paper metrics" in report and "| nMSE (FVU), raw activation space |" in report
+
+    draws.clear()
+    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(train_corpus),
+                                                 context_size=32, n_tokens=1000, buffer_tokens=8192),
+                           train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
+                           eval=EvalConfig(corpus=str(eval_corpus), recon_tokens=256, downstream_tokens=128))
+    quickstart(cfg, tmp_path / "qs", progress=False)
+    assert len(draws) == 1 and "![latent density](density.png)" in (tmp_path / "qs" / "report.md").read_text()
+    quickstart(cfg, tmp_path / "qs", progress=False)  # every stage reused: the report draws it from the file
+    assert len(draws) == 2
+
+
 def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
     from saelab.pipeline import _stage_seconds
     from saelab.report.markdown import _wall_time_rows

@@ -349,7 +349,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: Lang
     metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
                        progress=progress)
     if (Path(run_dir) / TRAIN_CONFIG).exists():
-        write_run_report(run_dir)
+        write_run_report(run_dir, density_drawn_by=metrics)
     return metrics
 
 
@@ -669,7 +669,7 @@ def _write_quickstart_results(run_dir: Path, metrics: dict[str, Any], reused: li
     metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused, trained_before)
     metrics["reused"] = reused
     write_json(run_dir / EVAL_METRICS, metrics)
-    write_run_report(run_dir)
+    write_run_report(run_dir, density_drawn_by=None if "evaluate" in reused else metrics)
     return metrics
 
 

@@ -124,14 +124,15 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def read_eval_metrics(run_dir: str | Path, sae=None) -> dict[str, Any]:
+def read_eval_metrics(run_dir: str | Path, sae=None, *, sae_hash: str | None = None) -> dict[str, Any]:
     """The run's evaluation metrics, or {} when there are none or they describe other SAE weights
-    (``sae`` given: its hash must match the one recorded), so no report shows stale numbers."""
+    (``sae`` given: its hash must match the one recorded), so no report shows stale numbers.
+    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight)."""
     path = Path(run_dir) / EVAL_METRICS
     if not path.exists():
         return {}
     metrics = read_json(path, "evaluation metrics file")
-    if sae is not None and metrics.get("sae_sha256") != sae_sha256(sae):
+    if sae is not None and metrics.get("sae_sha256") != (sae_hash or sae_sha256(sae)):
         return {}
     return metrics
 

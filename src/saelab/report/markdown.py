@@ -56,12 +56,13 @@ def _recipe(train: dict[str, Any]) -> str:
     return f"`{cfg.recipe}`" + (", changed: " + ", ".join(f"{k}={v}" for k, v in changes.items()) if changes else "")
 
 
-def _paper_suite_of(run_dir: Path, sae) -> bool:
-    """Whether run_dir/evals holds a paper-suite report of this very SAE (not of one evaluated --out here)."""
+def _paper_suite_of(run_dir: Path, sae_hash: str) -> bool:
+    """Whether run_dir/evals holds a paper-suite report of this very SAE (its hash ``sae_hash``; not of one
+    evaluated --out here)."""
     index = run_dir / EVALS_DIR / "suite.json"
     if not (run_dir / EVALS_DIR / REPORT).exists() or not index.exists():
         return False
-    return read_json(index, "paper-suite index").get("sae", {}).get("sha256") == sae_sha256(sae)
+    return read_json(index, "paper-suite index").get("sae", {}).get("sha256") == sae_hash
 
 
 def _wall_time_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
@@ -76,9 +77,11 @@ def _wall_time_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _redraw_density(run_dir: Path, sae, metrics: dict[str, Any]) -> str | None:
-    """Draw density.png again from the latent frequencies the evaluation saved; returns why it was not
-    drawn (None: drawn, or the run was never evaluated)."""
+def _redraw_density(run_dir: Path, sae, sae_hash: str, metrics: dict[str, Any],
+                    drawn_by: dict[str, Any] | None) -> str | None:
+    """Draw density.png again from the latent frequencies the evaluation saved, unless ``drawn_by`` (the
+    metrics of the evaluation that has just drawn it) saved them; returns why it was not drawn (None:
+    drawn, just drawn, or the run was never evaluated)."""
     if not (run_dir / EVAL_METRICS).exists():
         return None
     again = f"`saelab eval {run_dir} --overwrite` evaluates the SAE again and saves its latent frequencies"
@@ -94,26 +97,32 @@ def _redraw_density(run_dir: Path, sae, metrics: dict[str, Any]) -> str | None:
     if saved.frequencies_N.numel() != sae.n_latents:
         return (f"{run_dir / LATENT_FREQUENCIES} holds {saved.frequencies_N.numel():,} frequencies for an SAE of "
                 f"{sae.n_latents:,} latents; {again}")
-    if saved.sae_sha256 != sae_sha256(sae):
+    if saved.sae_sha256 != sae_hash:
         return f"{run_dir / LATENT_FREQUENCIES} measured other SAE weights than {SAE_DIR}/; {again}"
     if saved.evaluation != eval_settings(metrics):  # an evaluation cut off between its two files
         return f"{run_dir / LATENT_FREQUENCIES} comes from another evaluation than {EVAL_METRICS}; {again}"
+    if drawn_by is not None and drawn_by.get("sae_sha256") == saved.sae_sha256 \
+            and eval_settings(drawn_by) == saved.evaluation:
+        return None  # the evaluation that saved these frequencies drew them a moment ago
     density_histogram(saved.frequencies_N, run_dir / DENSITY_PLOT, saved.evaluation["n_tokens"])
     return None
 
 
-def write_run_report(run_dir: str | Path) -> Path:
+def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | None = None) -> Path:
     """report.md of a run folder; evaluation metrics appear only when they describe its current SAE.
     training_curves.png is drawn again from the training log, density.png from the latent frequencies
-    the evaluation saved (when they describe this SAE and metrics.json's evaluation; else one line says why not)."""
+    the evaluation saved (when they describe this SAE and metrics.json's evaluation; else one line says why not).
+    ``density_drawn_by``: the metrics an evaluation of the run returned after drawing density.png, so the
+    report does not draw the same plot again."""
     run_dir = Path(run_dir)
     cfg = read_json(run_dir / TRAIN_CONFIG, "training config")
     sae_cfg, train = cfg["sae"], cfg["train"]
     metrics: dict[str, Any] = {}
     sae = load_sae(run_dir / SAE_DIR) if (run_dir / SAE_DIR).is_dir() else None
+    sae_hash = sae_sha256(sae) if sae is not None else ""  # once: it reads every weight
     if sae is not None:
-        metrics = read_eval_metrics(run_dir, sae)
-        not_redrawn = _redraw_density(run_dir, sae, metrics)
+        metrics = read_eval_metrics(run_dir, sae, sae_hash=sae_hash)
+        not_redrawn = _redraw_density(run_dir, sae, sae_hash, metrics, density_drawn_by)
         if not_redrawn:
             print(f"saelab: note: {DENSITY_PLOT} not redrawn: {not_redrawn}", file=sys.stderr)
     log = read_metrics(run_dir)
@@ -151,7 +160,7 @@ def write_run_report(run_dir: str | Path) -> Path:
                   "![training curves](training_curves.png)", ""]
     if metrics and (run_dir / DENSITY_PLOT).exists():
         lines += ["![latent density](density.png)", ""]
-    if sae is not None and _paper_suite_of(run_dir, sae):
+    if sae is not None and _paper_suite_of(run_dir, sae_hash):
         lines += ["## Paper metrics", "", "Compute-equivalent, ablation sparsity, probe loss and N2G: "
                   "[evals/report.md](evals/report.md) (`saelab eval RUN --suite paper`).", ""]
     if metrics.get("wall_seconds"):
