@@ -841,6 +841,21 @@ def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "model", "sae", "sae5"]
 
 
+def test_steer_refuses_unreachable_positions_before_the_model_loads(gpt2_tokenizer, tmp_path, capsys, monkeypatch):
+    """The model folder holds a config and a tokenizer but no weights: the prompt is measured without a load."""
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(model)
+    _save_saes(tmp_path, model, ("sae", 64))
+    steer = ["steer", "sae", "--latent", "1", "--value", "2", "--prompt", "Once upon a time", "--max-new-tokens",
+             "3", "--positions"]
+    _refusals([([*steer, "7"], "--positions 7: position 7 is never reached; the largest reachable is 6 (a prompt "
+                               "of 5 tokens with BOS, then --max-new-tokens 3, the last of which the model never reads)"),
+               ([*steer, "20:"], "--positions 20:: position 20 is never reached; the largest reachable is 6"),
+               ([*steer, "6"], "cannot load model directory")], capsys)  # reachable: the load is what fails
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
+
+
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))

@@ -135,15 +135,46 @@ def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):
     g = result["generations"][0]
     assert g["clean"] in out and g["steered"] in out and g["clean"] != g["steered"]
     assert result["promoted_tokens"]["7"]
-    # Positions past the prompt and the generation steer nothing: said, not shown as "no effect".
-    assert main([*argv, "--positions", "500", "--json"]) == 0
+    # Positions past the prompt (5 tokens with BOS) and the 4 generated tokens the model reads back are
+    # refused before anything runs, not shown as "no effect"; the last reachable one steers.
+    for far in ("9", "3,9", "9:", "500"):
+        assert main([*argv, "--positions", far, "--json"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.strip() == (
+            f"saelab steer: error: --positions {far}: position {far.split(',')[-1].rstrip(':')} is never reached; "
+            "the largest reachable is 8 (a prompt of 5 tokens with BOS, then --max-new-tokens 5, the last of which "
+            "the model never reads)")
+    for near in ("8", "3", "2:500"):
+        assert main([*argv, "--positions", near, "--json"]) == 0
+        assert "nothing was steered" not in capsys.readouterr().err
+
+
+def _eos_only(lm):
+    """A copy of ``lm`` whose final layer norm outputs one fixed vector that the end-of-text token's
+    embedding matches best: greedy generation ends at once, after one new token."""
+    model = copy.deepcopy(lm.model)
+    eos = lm.tokenizer.eos_token_id
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.linspace(-1, 1, 64))
+        model.transformer.wte.weight[eos] = 100 * model.transformer.ln_f.bias
+    return model
+
+
+def test_steer_warns_when_the_generation_ends_before_the_positions(tiny_gpt2, sae, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    _eos_only(tiny_gpt2).save_pretrained(model_dir)
+    tiny_gpt2.tokenizer.save_pretrained(model_dir)
+    save_sae(sae, tmp_path / "sae")
+    argv = ["steer", str(tmp_path / "sae"), "--latent", "7", "--value", "200", "--model", str(model_dir),
+            "--prompt", "Once upon a time", "--max-new-tokens", "5", "--greedy", "--device", "cpu",
+            "--top-tokens", "0", "--json"]
+    assert main([*argv, "--positions", "7"]) == 0  # reachable, but EOS comes first
     captured = capsys.readouterr()
-    far = json.loads(captured.out)["generations"][0]
-    assert far["clean"] == far["steered"] == g["clean"]
-    assert "--positions 500 lie past the 9 positions the model read (the prompt and the generation): " \
-        "nothing was steered" in captured.err
-    assert main([*argv, "--positions", "3", "--json"]) == 0
-    assert "nothing was steered" not in capsys.readouterr().err
+    g = json.loads(captured.out)["generations"][0]
+    assert g["clean"] == g["steered"] == ""  # the end-of-text token only, not shown
+    assert captured.err.strip().splitlines()[-1] == ("saelab steer: warning: --positions 7 lie past the 5 positions the model read "
+                                    "(the generation ended early, at the end-of-text token): nothing was steered")
 
 
 def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp_path, capsys):

@@ -110,9 +110,9 @@ def _check_steer(args: argparse.Namespace):
         raise ConfigError(f"--positions: {e}") from None
 
 
-def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
-    """The SAE named by ``args.sae`` (its latents ``args.latent`` and its hook checked) and its language model."""
-    from saelab.models import check_before_load, load_model
+def _checked_sae(args: argparse.Namespace, hook: str | None = None):
+    """The SAE named by ``args.sae`` (its latents ``args.latent`` and its hook checked) and its model's spec."""
+    from saelab.models import check_before_load
     from saelab.run_folder import check_sae_hook, model_for
 
     sae, _ = open_sae(args.sae)
@@ -124,8 +124,48 @@ def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
     check_sae_hook(sae, args.sae)
     spec = args.model or model_for(sae)  # once: an SAE that records no model is warned about once
     check_before_load(spec, sae.cfg.hook_name)
+    return sae, spec
+
+
+def _loaded(args: argparse.Namespace, sae, spec: str):
+    from saelab.models import load_model
+
     lm = load_model(spec, device=args.device, dtype=args.model_dtype)
     return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
+
+
+def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
+    """The SAE named by ``args.sae``, checked (see ``_checked_sae``), and its language model."""
+    return _loaded(args, *_checked_sae(args, hook))
+
+
+def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
+    """Refuse --positions that no step of the generation can reach; a None tokenizer (not on disk before
+    the load) leaves the check to the call after the load."""
+    from saelab.explore.positions import first_past
+    from saelab.explore.steering import prompt_length
+
+    if tokenizer is None:
+        return
+    n_prompt = prompt_length(tokenizer, args.prompt)
+    last = n_prompt + args.max_new_tokens - 2  # the last new token is sampled, never read back
+    past = first_past(positions, last)
+    if past is not None:
+        raise ConfigError(f"--positions {args.positions}: position {past} is never reached; the largest reachable is "
+                          f"{last} (a prompt of {n_prompt} tokens with BOS, then --max-new-tokens "
+                          f"{args.max_new_tokens}, the last of which the model never reads)")
+
+
+def _steer_sae_and_model(args: argparse.Namespace, positions):
+    """``_sae_and_model`` for steer, with --positions checked against the prompt before the load when the
+    model's tokenizer is on disk, else right after it (before any generation)."""
+    from saelab.models import tokenizer_on_disk
+
+    sae, spec = _checked_sae(args, args.hook)
+    _check_reachable(args, positions, tokenizer_on_disk(spec))
+    sae, lm = _loaded(args, sae, spec)
+    _check_reachable(args, positions, lm.tokenizer)
+    return sae, lm
 
 
 def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float, list[str]]:
@@ -150,7 +190,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.explore.steering import generate_with_and_without, steer
 
     positions = _check_steer(args)
-    sae, lm = _sae_and_model(args, hook=args.hook)
+    sae, lm = _steer_sae_and_model(args, positions)
     value, text = _steer_value(args, sae, lm)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     text.insert(0, f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
@@ -164,9 +204,9 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed + j)
         text += ["", f"=== sample {j + 1} (seed {args.seed + j}) ===" if args.samples > 1 else "", gen.format()]
         results.append({"seed": args.seed + j, "clean": gen.clean, "steered": gen.steered})
-    if not s.positions_edited:  # e.g. --positions 50 on a prompt and generation of 20 tokens
+    if not s.positions_edited:  # reachable positions the generation never got to: it stopped at EOS first
         print(f"saelab steer: warning: --positions {args.positions} lie past the {s.tokens_seen} positions the model "
-              "read (the prompt and the generation): nothing was steered", file=sys.stderr)
+              "read (the generation ended early, at the end-of-text token): nothing was steered", file=sys.stderr)
     result = {"prompt": args.prompt, "steering": s.describe(), "promoted_tokens": promoted, "generations": results}
     if args.json:
         return result

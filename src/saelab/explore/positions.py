@@ -146,6 +146,17 @@ def position_mask(positions: Positions, offset: int, length: int, device=None) -
     return mask
 
 
+def first_past(positions: Positions, last: int) -> int | None:
+    """The first position of ``positions`` (as ``check_positions`` returns them) after ``last``; None when
+    there is none. A range counts by its start: its later positions may lie past ``last``."""
+    if positions is None:
+        return None
+    if isinstance(positions, slice):
+        start = positions.start or 0
+        return start if start > last else None
+    return next((p for p in positions if p > last), None)
+
+
 def parse_positions(text: str | None) -> Positions:
     """Positions from command-line text: 'all', '5', '3,7,9', '1:' or '2:10' (absolute, 0-based)."""
     if text is None:

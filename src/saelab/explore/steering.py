@@ -162,6 +162,11 @@ def combine_edits(*edit_dicts: Mapping[str, Callable]) -> dict[str, Callable]:
 # ---- generation --------------------------------------------------------------------------------
 
 
+def prompt_length(tokenizer, prompt: str, prepend_bos: bool = True) -> int:
+    """How many tokens ``prompt_tokens`` gives ``prompt``, from the tokenizer alone (no model needed)."""
+    return len(tokenizer([prompt], add_special_tokens=False)["input_ids"][0]) + int(prepend_bos)
+
+
 def prompt_tokens(lm, prompt: str, prepend_bos: bool = True) -> torch.Tensor:
     """``[1, T]`` token ids of ``prompt``, BOS first when ``prepend_bos`` (as SAE training contexts)."""
     ids = lm.tokenize([prompt])[0]
@@ -285,6 +290,7 @@ __all__ = [
     "generate",
     "generate_ids",
     "generate_with_and_without",
+    "prompt_length",
     "prompt_tokens",
     "steer",
 ]

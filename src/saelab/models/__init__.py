@@ -21,6 +21,7 @@ from saelab.models.loading import (
     model_name,
     model_provenance,
     save_dequantized,
+    tokenizer_on_disk,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "model_name",
     "model_provenance",
     "save_dequantized",
+    "tokenizer_on_disk",
 ]

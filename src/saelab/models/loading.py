@@ -232,25 +232,45 @@ def load_model(
     return LanguageModel(model, tokenizer, name)
 
 
-def _config_on_disk(spec: str) -> dict:
-    """``spec``'s config.json, read without loading the model when it is on disk already (a local
-    directory, a dequantized GGUF, a hub id in the local cache); {} otherwise."""
-    try:
-        if spec == DEFAULT_MODEL or spec.endswith(".gguf"):
-            gguf = default_gguf_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
-            config = gguf_cache_dir(gguf) / "config.json"
-        elif Path(spec).expanduser().is_dir():
-            config = Path(spec).expanduser() / "config.json"
-        else:
-            from transformers.utils import cached_file
+def _folder_on_disk(spec: str) -> Path | None:
+    """The folder holding ``spec``'s config.json and tokenizer when they are on disk already (a local
+    directory, a dequantized GGUF, a hub id in the local cache); None otherwise."""
+    if spec == DEFAULT_MODEL or spec.endswith(".gguf"):
+        gguf = default_gguf_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+        return gguf_cache_dir(gguf)
+    if Path(spec).expanduser().is_dir():
+        return Path(spec).expanduser()
+    from transformers.utils import cached_file
 
-            found = cached_file(spec, "config.json", local_files_only=True,
-                                _raise_exceptions_for_missing_entries=False)
-            config = Path(found) if found else None
+    found = cached_file(spec, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False)
+    return Path(found).parent if found else None
+
+
+def _config_on_disk(spec: str) -> dict:
+    """``spec``'s config.json, read without loading the model when it is on disk already; {} otherwise."""
+    try:
+        folder = _folder_on_disk(spec)
+        config = folder / "config.json" if folder is not None else None
         fields = json.loads(config.read_text()) if config is not None and config.is_file() else {}
     except (OSError, ValueError, SaelabError):
         return {}  # the load itself names what is wrong
     return fields if isinstance(fields, dict) else {}
+
+
+def tokenizer_on_disk(spec: str | LanguageModel):
+    """``spec``'s tokenizer, read without loading the model when it is on disk already (a loaded
+    model's own); None otherwise, so that checks needing it wait for the load."""
+    if isinstance(spec, LanguageModel):
+        return spec.tokenizer
+    try:
+        folder = _folder_on_disk(spec)
+        if folder is None or not (folder / "config.json").is_file():
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception:  # any failure only defers the check: the load names what is wrong
+        return None
 
 
 def _configured(spec: str | LanguageModel, *keys: str) -> int | None:
