@@ -368,14 +368,8 @@ def _report_notes(capsys, run: Path) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("saelab: note:")]
 
 
-def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_dir, data_dir, tmp_path, capsys):
-    """`saelab report RUN` draws density.png again from the latent frequencies the evaluation saved. Where
-    it cannot (a run evaluated before they were saved, frequencies of other weights or of another
-    evaluation, a damaged file, a retrained SAE) it keeps density.png and says why in one line."""
-    from saelab.report import density_histogram
-    from saelab.run_folder import write_latent_frequencies
-    from saelab.sae import save_sae
-
+def _evaluated_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """A small run folder, trained and evaluated from the command line on real text; (folder, metrics)."""
     train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
     eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
     acts, run = tmp_path / "acts", tmp_path / "run"
@@ -385,7 +379,38 @@ def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_d
             "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
     _, metrics = run_cli(capsys, "eval", str(run), "--corpus", str(eval_corpus), "--recon-tokens", "256",
                          "--downstream-tokens", "128", "--no-progress")
+    return run, metrics
 
+
+def test_report_refuses_a_hand_edited_token_count(tiny_dir, data_dir, tmp_path, capsys):
+    """A count in metrics.json that is not a non-negative integer is named in one line, as the file's other
+    damage is; report.md and density.png stay as they were."""
+    run, _ = _evaluated_run(capsys, tiny_dir, data_dir, tmp_path)
+    path = run / "metrics.json"
+    good = path.read_text()
+    before = {name: (run / name).read_bytes() for name in ("report.md", "density.png")}
+    for key, value in (("n_tokens", 1.5), ("n_tokens", "abc"), ("n_tokens", -3), ("n_tokens", True),
+                       ("n_predictions", "1,024")):
+        path.write_text(json.dumps({**json.loads(good), key: value}))
+        assert main(["report", str(run)]) == 2, (key, value)
+        assert capsys.readouterr().err.strip() == (
+            f"saelab report: error: {path}: {key} is {value!r}, expected a non-negative integer (a count of tokens); "
+            "the evaluation metrics file is damaged: remove it, or run the command that wrote it again with "
+            "--overwrite")
+        assert {name: (run / name).read_bytes() for name in before} == before
+    path.write_text(good)
+    assert main(["report", str(run)]) == 0
+
+
+def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_dir, data_dir, tmp_path, capsys):
+    """`saelab report RUN` draws density.png again from the latent frequencies the evaluation saved. Where
+    it cannot (a run evaluated before they were saved, frequencies of other weights or of another
+    evaluation, a damaged file, a retrained SAE) it keeps density.png and says why in one line."""
+    from saelab.report import density_histogram
+    from saelab.run_folder import write_latent_frequencies
+    from saelab.sae import save_sae
+
+    run, metrics = _evaluated_run(capsys, tiny_dir, data_dir, tmp_path)
     saved = read_latent_frequencies(run)
     drawn_by_eval = (run / "density.png").read_bytes()
     (run / "density.png").unlink()

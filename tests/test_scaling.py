@@ -163,6 +163,15 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
     run_cli(capsys, "eval", str(sweep), *ev, "--overwrite", "--no-progress")
     out, _ = run_cli(capsys, "report", str(sweep))
     assert out["k=4"]["alpha"] is not None
+    # A hand-edited count in one run's metrics.json: named in one line, as a run's own report names it.
+    damaged = sweep / "n64_k4" / "metrics.json"
+    good = damaged.read_text()
+    damaged.write_text(json.dumps({**json.loads(good), "n_tokens": "abc"}))
+    _, err = run_cli(capsys, "report", str(sweep), code=2)
+    assert err.strip() == (f"saelab report: error: {damaged}: n_tokens is 'abc', expected a non-negative integer (a "
+                           "count of tokens); the evaluation metrics file is damaged: remove it, or run the command "
+                           "that wrote it again with --overwrite")
+    damaged.write_text(good)
     _, err = run_cli(capsys, "report", str(tmp_path), code=2)
     assert "is neither a run folder" in err
     _, err = run_cli(capsys, "eval", str(sweep), "--suite", "paper", code=2)

@@ -134,6 +134,22 @@ def read_eval_metrics(run_dir: str | Path, sae=None, *, sae_hash: str | None = N
     metrics = read_json(path, "evaluation metrics file")
     if sae is not None and metrics.get("sae_sha256") != (sae_hash or sae_sha256(sae)):
         return {}
+    return check_eval_counts(metrics, path)
+
+
+EVAL_COUNTS = ("n_tokens", "n_predictions")
+"""The token counts an evaluation records in metrics.json; reports print them with thousands separators."""
+
+
+def check_eval_counts(metrics: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``metrics`` when its counts are non-negative integers (or absent); a hand-edited one is refused as
+    the file's other damage is, in one line naming it."""
+    for key in EVAL_COUNTS:
+        value = metrics.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{path}: {key} is {value!r}, expected a non-negative integer (a count "
+                                  "of tokens); the evaluation metrics file is damaged: remove it, or run the "
+                                  "command that wrote it again with --overwrite")
     return metrics
 
 
