@@ -57,6 +57,38 @@ def test_stopped_and_resumed_run_logs_each_step_once(tmp_path):
     assert _scalars(run) == _expected(rows)
 
 
+def _interrupted_at(source, batch: int):
+    """``source``, with Ctrl-C pressed as its batch ``batch`` is drawn."""
+    def batches_from(start):
+        for i, rows in enumerate(source(start)):
+            if i == batch:
+                raise KeyboardInterrupt
+            yield rows
+    return batches_from
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_an_overwrite_replaces_the_earlier_runs_event_files(tmp_path, capsys):
+    """The earlier run's event files are set aside with its other results: put back by an interrupted
+    overwrite, gone once the new run ends, so TensorBoard shows the new run alone."""
+    run, data = tmp_path / "run", _data()
+    train_sae(_cfg(), _source(data, 128), run, d_in=24, progress=False, device="cpu", log_to="tensorboard")
+    before = _files(run / TENSORBOARD_DIR)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(_cfg(k=4), _interrupted_at(_source(data, 128), 10), run, d_in=24, progress=False, device="cpu",
+                  overwrite=True, log_to="tensorboard")
+    assert "the replacement did not finish; the earlier results are back in place" in capsys.readouterr().err
+    assert _files(run / TENSORBOARD_DIR) == before
+    train_sae(_cfg(k=4), _source(data, 128), run, d_in=24, progress=False, device="cpu", overwrite=True,
+              log_to="tensorboard")
+    after = _files(run / TENSORBOARD_DIR)
+    assert len(after) == 1 and not set(after) & set(before)
+    assert _scalars(run) == _expected(_jsonl(run))
+
+
 def test_steps_logged_after_the_checkpoint_of_a_crashed_run_are_replaced(tmp_path):
     """A run that dies at step 7 has logged step 6 after its last checkpoint (step 4): the resumed run
     trains and logs steps 5.. again, and TensorBoard shows the new step 6, once."""

@@ -8,6 +8,7 @@ A run folder holds everything about one SAE::
       checkpoint.pt       latest training state (resume)
       status.json         state, step, total_steps
       metrics.jsonl       the training log, one JSON line every few steps
+      tensorboard/        the same log as TensorBoard event files (--log-to tensorboard)
       sae/                the trained SAE (SAELens folder format)
       metrics.json        the evaluation on held-out text (with the hash of the SAE it describes)
       latent_frequencies.safetensors  each latent's firing frequency in that evaluation (same hash)
@@ -47,12 +48,13 @@ TRAINING_CURVES = "training_curves.png"
 REPORT = "report.md"
 EVALS_DIR = "evals"
 BROWSER_DIR = "browser"
+TENSORBOARD_DIR = "tensorboard"
 
 EVAL_OUTPUTS = (EVAL_METRICS, LATENT_FREQUENCIES, DENSITY_PLOT, EVALS_DIR)
 """What evaluating a run writes."""
 
-RUN_RESULTS = (TRAIN_CONFIG, CHECKPOINT, STATUS, TRAINING_LOG, SAE_DIR, REPORT, TRAINING_CURVES, BROWSER_DIR,
-               *EVAL_OUTPUTS)
+RUN_RESULTS = (TRAIN_CONFIG, CHECKPOINT, STATUS, TRAINING_LOG, TENSORBOARD_DIR, SAE_DIR, REPORT, TRAINING_CURVES,
+               BROWSER_DIR, *EVAL_OUTPUTS)
 """Everything that describes a run's SAE: an overwrite replaces all of it together (the activation cache,
 which does not depend on the SAE, stays)."""
 

@@ -6,6 +6,8 @@ twice: metrics.jsonl is cut back to the checkpoint's step, and so are the sinks:
 
 - TensorBoard (RUN/tensorboard/) reopens with ``purge_step`` = checkpoint step + 1, a marker that
   makes TensorBoard drop the events a crashed session wrote after the checkpoint.
+- An overwrite replaces RUN/tensorboard/ with the rest of the earlier run (``run_folder.RUN_RESULTS``):
+  TensorBoard reads every event file of the folder, so an earlier run's would show as the new one's.
 - W&B continues the same run (``resume="allow"``, its id kept in RUN/wandb_run_id). W&B cannot
   delete history: online, it ignores (with a warning) steps at or below the last one it holds, so
   the rows a crashed session logged after its checkpoint stay as they were; offline, each session
@@ -22,10 +24,10 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from saelab.errors import ConfigError
+from saelab.run_folder import TENSORBOARD_DIR
 from saelab.utils.atomic import write_text
 
 LOG_TARGETS = ("tensorboard", "wandb")
-TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_MIN_VERSION = "0.19.10"
 TAG_PREFIX = "train/"
