@@ -5,12 +5,14 @@ its own loader and its converter to Neuronpedia's bulk-import layout."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +207,28 @@ def test_dead_latents_exported_on_request_and_names_checked(exported, tiny_gpt2,
         export_neuronpedia(odd, tokens, tiny_gpt2, tmp_path / "odd")
     with pytest.raises(ConfigError, match="n_features_per_batch"):
         export_neuronpedia(stats, tokens, tiny_gpt2, tmp_path / "odd", n_features_per_batch=0)
+
+
+def test_a_failed_final_rename_keeps_the_earlier_export(exported, tiny_gpt2, tmp_path, monkeypatch):
+    """The OS refusing the rename that puts a new export in place (os.rename raising, as on an I/O error):
+    the earlier export is back at its place, byte for byte, and nothing else is left beside it."""
+    _, _, _, stats, tokens, _ = exported
+    out = tmp_path / "np"
+    export_neuronpedia(stats, tokens, tiny_gpt2, out, n_features_per_batch=50)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename = os.rename
+
+    def refuse_the_new_export(src, dst):
+        if Path(src).name.endswith(".tmp") and Path(dst) == out:
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refuse_the_new_export)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_neuronpedia(stats, tokens, tiny_gpt2, out, overwrite=True, n_features_per_batch=25)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["np"]
 
 
 def test_run_folders_exported_in_one_pass(tiny_gpt2, corpus, tmp_path):

@@ -1,7 +1,8 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one.
 
 Every file saelab writes goes through here, so a crash or a full disk mid-write leaves
-earlier results intact (the temporary file is removed and the error re-raised). Results made of several
+earlier results intact (the temporary file is removed and the error re-raised). Folders written in one
+go (a browser site, an export) are filled beside their place and renamed in with :func:`atomic_folder`. Results made of several
 files that a command writes over minutes (a run's training and evaluation) are replaced with
 :func:`replacing_entries`: the old ones stay whole until the new ones are complete.
 """
@@ -51,6 +52,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             # (OSError(errno, ...) picks the matching subclass, so the type is kept).
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to fill; once the block ends normally it takes the place of
+    ``path`` (:func:`replace_folder`). On any error it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes 0700; results are ordinary folders
+        yield tmp
+        replace_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the folder ``tmp`` to ``out``. A folder at ``out`` is moved aside first (a rename cannot replace
+    a non-empty folder), removed after, and moved back if the rename fails: ``out`` is never left missing."""
+    tmp, out = Path(tmp), Path(out)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+    if old is not None:
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

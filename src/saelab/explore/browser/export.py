@@ -36,8 +36,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +44,7 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, RunExistsError
+from saelab.utils.atomic import atomic_folder
 
 FORMAT = "saedashboard-neuronpedia-batches"
 """``format`` in ``run_settings.json``: marks a folder this module wrote (and may replace)."""
@@ -243,24 +242,10 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 def _write_folder(out: Path, files) -> None:
-    """Write every ``(name, JSON object)`` into a temporary folder beside ``out``, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is an ordinary folder
+    """Write every ``(name, JSON object)`` into a temporary folder beside ``out``, then put it in place."""
+    with atomic_folder(out) as tmp:
         for name, obj in files:
             (tmp / name).write_text(json.dumps(obj, allow_nan=False, ensure_ascii=False), encoding="utf-8")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-        if old is not None:
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=None, device=None,

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, RunExistsError
-from saelab.utils.atomic import write_json
+from saelab.utils.atomic import atomic_folder, write_json
 
 SITE_FORMAT = "saelab-feature-browser"
 SITE_VERSION = 1
@@ -82,12 +81,6 @@ def read_own_json(path: str | os.PathLike, file_format: str) -> dict[str, Any] |
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("format") == file_format else None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -232,10 +225,7 @@ def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: 
 
     out = Path(out)
     check_site_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a site is an ordinary folder
+    with atomic_folder(out) as tmp:
         for f in STATIC_FILES:
             shutil.copyfile(STATIC_DIR / f, tmp / f)
         data = tmp / "data"
@@ -256,10 +246,6 @@ def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: 
             (data / "families.js").write_text(_js("families", families), encoding="utf-8")
         (data / "meta.js").write_text(_js("meta", manifest), encoding="utf-8")
         write_json(tmp / "site.json", manifest)  # last: its presence marks a finished site
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -272,19 +258,3 @@ def check_site_target(out: Path) -> None:
     if read_site_manifest(out) is None and any(out.iterdir()):
         raise RunExistsError(f"{out}: folder exists, is not empty and is not a saelab feature browser site; "
                              "choose another --out (it is never deleted)")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an old site at ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
