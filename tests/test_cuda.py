@@ -295,6 +295,34 @@ def test_sparse_kernel_on_cuda_matches_dense_autograd(chunk_rows, dead, aux_dens
 
 
 @CUDA
+@pytest.mark.parametrize("aux_dense", [False, True])
+def test_the_sparse_kernels_never_wait_for_the_gpu(aux_dense):
+    """The encoder with AuxK (its live and dead blocks, the grouped top-k, either AuxK form) and the
+    decoders, forward and backward, only queue work: a host wait would stall the launches of the
+    rest of the step (torch's sync debug mode raises at the first op that waits)."""
+    from saelab.sae.kernels import decode_aux, sparse_decode
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    B, d, n, k, k_aux = 256, 32, 20480, 8, 64  # a live block of 17,480 latents: the grouped top-k
+    x = torch.randn(B, d, device=dev, generator=g)
+    b_dec = torch.randn(d, device=dev, generator=g).requires_grad_()
+    W_enc = torch.randn(n, d, device=dev, generator=g).t().requires_grad_()
+    b_enc = torch.randn(n, device=dev, generator=g).requires_grad_()
+    W_dec = torch.randn(n, d, device=dev, generator=g).requires_grad_()
+    dead_idx = torch.randperm(n, device=dev, generator=g)[:3000].sort().values
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        enc = sparse_topk_encode(x, b_dec, W_enc, b_enc, k, dead_idx=dead_idx, k_aux=k_aux, aux_dense=aux_dense)
+        loss = sparse_decode(enc.vals_BK, enc.idx_BK, W_dec).square().sum() + decode_aux(enc, W_dec).square().sum()
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert enc.aux_dense == aux_dense and torch.isfinite(W_enc.grad).all() and W_dec.grad.abs().sum() > 0
+
+
+@CUDA
 @pytest.mark.parametrize("decoder_init", ["random", "data"])
 def test_training_on_cuda_equals_the_cpu_run(tmp_path, decoder_init):
     # decoder_init="data": the sample's pairwise cosines stay >= 7.9e-5 away from max_cos 0.75 (checked on

@@ -26,7 +26,8 @@ kernel, W_dec's as one embedding_bag over the gradient's rows, like d W_enc.
 
 AuxK has two forms, chosen by size (``aux_dense``). Sparse: the top k_aux dead latents per row as
 (values, indices), decoded and backpropagated like the main selection (embedding_bag, ~k_aux
-entries per row). Dense: when few latents are dead (n_dead <= AUX_DENSE_FACTOR * k_aux, the usual
+entries per row). Dense: when few latents are dead (n_dead <= AUX_DENSE_FACTOR * k_aux on the CPU,
+GPU_AUX_DENSE_FACTOR * k_aux on other devices; the usual
 case), a [B, n_dead] matrix holding the top k_aux per row (zeros elsewhere), decoded with one GEMM
 ``[B, n_dead] @ W_dec[dead]`` and backpropagated with GEMMs on the dead columns
 (d W_enc[:, dead] = xc^T G, d x = G W_enc[:, dead]^T): a GEMM over n_dead columns costs less than
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 DEFAULT_CHUNK_ROWS = 1024
 """Rows per encoder chunk on CPU."""
 GPU_CHUNK_ELEMENTS = 2**27
-"""On a GPU a chunk holds up to this many pre-activations (512 MiB in float32; a whole batch of 4,096
+"""On a GPU (any device but the CPU) a chunk holds up to this many pre-activations (512 MiB in float32; a whole batch of 4,096
 at n = 32,768), at least DEFAULT_CHUNK_ROWS rows: a GPU step waits mostly on the host's work of
 launching kernels, so fewer chunks shorten it (H200, batch 4,096, benchmarks/auxk_cost.py, whole batch
 vs chunks of 1,024 rows at n = 8,192: AuxK steps 7 -> 5 ms at 10 % dead, 11 -> 10 ms at 24 %)."""
@@ -279,6 +280,16 @@ def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: in
     return v, i, torch.zeros_like(pre_dead).scatter_(1, ai, av.relu()), None
 
 
+def _live_columns(is_live: torch.Tensor, n_live: int) -> torch.Tensor:
+    """The indices where ``is_live`` holds (``n_live`` of them), ascending. nonzero's output size is data,
+    so off the CPU it waits for the device; a stable argsort of the mask does not, and runs on every
+    backend and torch version (nonzero_static has no CUDA kernel before torch 2.6). On the CPU nonzero
+    is 4-10x faster than the argsort."""
+    if is_live.device.type == "cpu":
+        return is_live.nonzero().squeeze(1)
+    return is_live.to(torch.uint8).argsort(descending=True, stable=True)[:n_live]
+
+
 class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k_big, dead_idx, k_aux, aux_dense, chunk_rows, sorted_out):
@@ -298,9 +309,7 @@ class _SparseTopKEncode(torch.autograd.Function):
                 idx.append(i)
         else:
             is_live = torch.ones(n, dtype=torch.bool, device=dead_idx.device).index_fill_(0, dead_idx, False)
-            # Its size is known here: unlike nonzero, nonzero_static does not wait for a GPU.
-            live_cols = torch.nonzero_static(is_live, size=n - dead_idx.numel()).squeeze(1)
-            live = _Block.gather(W_enc_DN, b_enc_N, live_cols, rows)
+            live = _Block.gather(W_enc_DN, b_enc_N, _live_columns(is_live, n - dead_idx.numel()), rows)
             dead = _Block.gather(W_enc_DN, b_enc_N, dead_idx, rows)
             for lo in range(0, B, chunk_rows):
                 v, i, av, ai = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead, k_big, k_aux, aux_dense,
@@ -376,10 +385,12 @@ def sparse_topk_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DN: torc
                        aux_dense: bool | None = None, chunk_rows: int | None = None) -> EncodeOutput:
     """Top-k (then ReLU) of ``(x - b_dec) @ W_enc + b_enc`` with a sparse backward.
 
-    ``dead_idx`` (distinct latent indices, on the data's device) adds AuxK: the top ``k_aux`` pre-activations
-    among those latents, in dense form when ``aux_dense`` (default: when n_dead <= AUX_DENSE_FACTOR *
-    k_aux), else sparse (see EncodeOutput). ``sorted_out`` sorts the kept values descending (needed
-    to slice Multi-TopK's top-k).
+    ``dead_idx`` (distinct latent indices, on the data's device: a repeated one would cut live latents
+    off the main top-k) adds AuxK: the top ``k_aux`` pre-activations among those latents, in dense form
+    when ``aux_dense`` (default: when n_dead <= AUX_DENSE_FACTOR * k_aux on the CPU, GPU_AUX_DENSE_FACTOR
+    * k_aux on other devices), else sparse (see EncodeOutput). ``sorted_out`` sorts the kept values
+    descending (needed to slice Multi-TopK's top-k). ``chunk_rows``: rows per encoder GEMM (default
+    DEFAULT_CHUNK_ROWS on the CPU; on other devices as many as GPU_CHUNK_ELEMENTS allows).
     """
     if dead_idx is not None:
         k_aux = min(k_aux, dead_idx.numel())

@@ -19,8 +19,9 @@ from saelab.train.distributed import all_reduce_sum
 @dataclass
 class StepOutput:
     """The loss and the step's statistics. The statistics are 0-d tensors on the data's device, read by
-    the caller in one go (``stats``): each read of a GPU value waits for the GPU, and a wait between
-    the forward and the backward leaves the GPU idle while the backward's kernels are being launched."""
+    the caller in one go after the backward (``stats``): each read of a GPU value waits for the GPU,
+    and a wait between the forward and the backward leaves the GPU idle while the backward's kernels
+    are being launched."""
     loss: torch.Tensor
     """Total loss to backpropagate."""
     nmse: torch.Tensor
@@ -48,7 +49,7 @@ class StepOutput:
 def residual_variance(r_BD: torch.Tensor) -> torch.Tensor:
     """Mean squared distance of the rows to their mean, over the GLOBAL batch when data-parallel."""
     stats = torch.cat([r_BD.sum(dim=0), r_BD.pow(2).sum().reshape(1),
-                       torch.tensor([float(r_BD.shape[0])], dtype=r_BD.dtype, device=r_BD.device)])
+                       r_BD.new_full((1,), float(r_BD.shape[0]))])  # made on the device: no copy to wait for
     stats = all_reduce_sum(stats)
     rows = stats[-1]
     mean = stats[:-2] / rows

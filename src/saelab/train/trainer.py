@@ -281,7 +281,8 @@ class Trainer:
 
     def _forward_backward(self, x_BD: torch.Tensor):
         """The loss's gradients in the SAE's .grad, and the step's statistics as floats (averaged over
-        the processes when data-parallel), read after the backward: one wait for a GPU per step."""
+        the processes when data-parallel), read after the backward. On a GPU a step waits for the
+        device twice: for the dead set's size (the encoder's blocks are sized by it) and here."""
         cfg, sae = self.cfg, self.sae
         dead = self.tokens_since_fired >= cfg.effective_dead_tokens if cfg.auxk else None
         out = training_loss(sae, ddp.local_rows(x_BD), cfg, self.normalizer, dead, step=self.step)
@@ -289,9 +290,9 @@ class Trainer:
         out.loss.backward()
         ddp.average_gradients(sae.parameters())
         named = out.stats()
-        values = torch.stack(list(named.values())).double()
-        if ddp.is_distributed():
-            values = ddp.all_reduce_sum(values) / ddp.world_size()
+        values = torch.stack(list(named.values()))
+        if ddp.is_distributed():  # (float64 only here: MPS has none)
+            values = ddp.all_reduce_sum(values.double()) / ddp.world_size()
         stats = dict(zip(named, values.tolist()))
         # Checked before any weight moves; the average over processes, so that every process stops.
         if not math.isfinite(stats["loss"]):
