@@ -28,7 +28,6 @@ asserted anywhere: it is a measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -61,7 +60,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall time, or this process's CPU time (time.process_time)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KNOB:VALUE[,KNOB:VALUE]",
-                    help="settings of saelab.sae.kernels (numbers, true/false, inf) timed against the module as it is")
+                    help="numeric settings of saelab.sae.kernels (numbers, true/false, inf) timed against the module "
+                         "as it is")
     ap.add_argument("--profile", action="store_true", help="top operators of one plain and one AuxK step per version")
     ap.add_argument("--profile-rows", type=int, default=15, help="operators shown by --profile")
     ap.add_argument("--aux-form", choices=["auto", "dense", "sparse"], default="auto",
@@ -69,9 +69,15 @@ def parse_args() -> argparse.Namespace:
                          "GPU_AUX_DENSE_FACTOR)")
     args = ap.parse_args()
     try:
-        args.variant = dict(parse_variant(v) for v in args.variant)
+        variants = [parse_variant(v) for v in args.variant]
     except ValueError as e:
         ap.error(f"--variant {e}")
+    args.variant = dict(variants)
+    if len(args.variant) < len(variants):
+        ap.error(f"--variant: each NAME once, got {[name for name, _ in variants]}")
+    if args.rounds < 1 or args.warmup_steps < 0:
+        ap.error(f"--rounds {args.rounds} --warmup-steps {args.warmup_steps}: expected at least 1 round, "
+                 "and 0 or more warm-up steps")
     if str(args.cache) != "random" and not (args.cache / "manifest.json").is_file():
         ap.error(f"--cache {args.cache}: no activation cache there; run benchmarks/compare_peers.py once to harvest it")
     if args.kernels_from is not None and not args.kernels_from.is_file():
@@ -82,19 +88,24 @@ def parse_args() -> argparse.Namespace:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """'NAME=KNOB:VALUE,KNOB:VALUE' -> (NAME, {KNOB: value}); each KNOB must be a setting of the kernels module."""
+    """'NAME=KNOB:VALUE,KNOB:VALUE' -> (NAME, {KNOB: value}); each KNOB a numeric or true/false setting of
+    the kernels module, each VALUE a number, true, false or inf."""
     import saelab.sae.kernels as kernels
 
     name, eq, body = text.partition("=")
+    if not name or not eq or name == "this":
+        raise ValueError(f"{text!r}: expected NAME=KNOB:VALUE[,KNOB:VALUE] with a NAME other than 'this'")
     settings = {}
-    for item in body.split(",") if eq else []:
+    for item in body.split(","):
         knob, _, value = item.partition(":")
-        if not hasattr(kernels, knob) or not knob.isupper():
-            raise ValueError(f"{text!r}: {knob!r} is not a setting of saelab.sae.kernels")
+        now = getattr(kernels, knob, None)
+        if not knob.isupper() or isinstance(now, bool) or not isinstance(now, (int, float)):
+            raise ValueError(f"{text!r}: {knob!r} is not a numeric setting of saelab.sae.kernels")
         words = {"true": True, "false": False, "inf": float("inf")}
-        settings[knob] = words[value] if value in words else json.loads(value)
-    if not name or not settings:
-        raise ValueError(f"{text!r}: expected NAME=KNOB:VALUE[,KNOB:VALUE]")
+        try:
+            settings[knob] = words[value] if value in words else float(value) if "." in value else int(value)
+        except ValueError:
+            raise ValueError(f"{text!r}: {knob} needs a number, true, false or inf, got {value!r}") from None
     return name, settings
 
 
