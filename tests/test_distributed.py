@@ -74,3 +74,39 @@ def test_sweep_evaluates_once_under_torchrun(tmp_path, tiny_gpt2, tiny_dir, data
     for run in ("n64", "n128"):
         assert (tmp_path / "sweep" / run / "metrics.json").is_file()
     assert (tmp_path / "sweep" / "scaling.md").is_file()
+
+
+NON_FINITE_ON_RANK_1 = """
+import torch, torch.distributed as dist
+from saelab.errors import NonFiniteError
+from saelab.sae.topk import SAEConfig, TopKSAE
+from saelab.train import TrainConfig
+from saelab.train.trainer import Trainer
+
+dist.init_process_group("gloo")
+data = torch.randn(256, 24, generator=torch.Generator().manual_seed(0))
+sae = TopKSAE(SAEConfig(24, 128, 8))
+sae.reset_parameters(torch.Generator().manual_seed(0))
+trainer = Trainer(TrainConfig(n_latents=128, k=8, batch_size=128, total_tokens=256, lr=1e-2), sae, normalizer=9.0,
+                  device="cpu")
+trainer.train_step(data[:128])
+if dist.get_rank() == 1:  # only this process's half of the batch gives an infinite loss
+    with torch.no_grad():
+        sae.W_dec[:, 0] = float("inf")
+try:
+    trainer.train_step(data[128:])
+    print(f"rank {dist.get_rank()}: trained on", flush=True)
+except NonFiniteError as e:
+    print(f"rank {dist.get_rank()}: {e}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_non_finite_loss_in_one_process_stops_every_process(tmp_path):
+    """The non-finite check reads the loss averaged over the processes: all of them stop at that step
+    (one stopping alone would leave the others waiting in the gradient all-reduce)."""
+    script = tmp_path / "non_finite.py"
+    script.write_text(NON_FINITE_ON_RANK_1)
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29519",
+                 str(script)])
+    assert sorted(proc.stdout.splitlines()) == [f"rank {r}: training loss became inf at step 1" for r in (0, 1)]
