@@ -77,6 +77,7 @@ def test_sweep_evaluates_once_under_torchrun(tmp_path, tiny_gpt2, tiny_dir, data
 
 
 NON_FINITE_ON_RANK_1 = """
+import sys
 import torch, torch.distributed as dist
 from saelab.errors import NonFiniteError
 from saelab.sae.topk import SAEConfig, TopKSAE
@@ -95,9 +96,11 @@ if dist.get_rank() == 1:  # only this process's half of the batch gives an infin
         sae.W_dec[:, 0] = float("inf")
 try:
     trainer.train_step(data[128:])
-    print(f"rank {dist.get_rank()}: trained on", flush=True)
+    outcome = "trained on"
 except NonFiniteError as e:
-    print(f"rank {dist.get_rank()}: {e}", flush=True)
+    outcome = str(e)
+with open(f"{sys.argv[1]}/rank{dist.get_rank()}.txt", "w") as f:  # one file each: the two stdouts interleave
+    f.write(outcome)
 dist.destroy_process_group()
 """
 
@@ -107,6 +110,7 @@ def test_a_non_finite_loss_in_one_process_stops_every_process(tmp_path):
     (one stopping alone would leave the others waiting in the gradient all-reduce)."""
     script = tmp_path / "non_finite.py"
     script.write_text(NON_FINITE_ON_RANK_1)
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29519",
-                 str(script)])
-    assert sorted(proc.stdout.splitlines()) == [f"rank {r}: training loss became inf at step 1" for r in (0, 1)]
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29519", str(script),
+          str(tmp_path)])
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text() == "training loss became inf at step 1", r
