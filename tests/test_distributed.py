@@ -110,7 +110,7 @@ def test_a_non_finite_loss_in_one_process_stops_every_process(tmp_path):
     (one stopping alone would leave the others waiting in the gradient all-reduce)."""
     script = tmp_path / "non_finite.py"
     script.write_text(NON_FINITE_ON_RANK_1)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29519", str(script),
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29520", str(script),
           str(tmp_path)])
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text() == "training loss became inf at step 1", r
