@@ -80,11 +80,12 @@ NON_FINITE_ON_RANK_1 = """
 import sys
 import torch, torch.distributed as dist
 from saelab.errors import NonFiniteError
+from saelab.train.distributed import init_from_env
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.train import TrainConfig
 from saelab.train.trainer import Trainer
 
-dist.init_process_group("gloo")
+init_from_env()  # saelab's own joining and leaving of the group, as under `saelab train`
 data = torch.randn(256, 24, generator=torch.Generator().manual_seed(0))
 sae = TopKSAE(SAEConfig(24, 128, 8))
 sae.reset_parameters(torch.Generator().manual_seed(0))
@@ -101,7 +102,6 @@ except NonFiniteError as e:
     outcome = str(e)
 with open(f"{sys.argv[1]}/rank{dist.get_rank()}.txt", "w") as f:  # one file each: the two stdouts interleave
     f.write(outcome)
-dist.destroy_process_group()
 """
 
 
