@@ -368,8 +368,9 @@ def _report_notes(capsys, run: Path) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("saelab: note:")]
 
 
-def _evaluated_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tuple[Path, dict]:
-    """A small run folder, trained and evaluated from the command line on real text; (folder, metrics)."""
+def _trained_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A small run folder trained from the command line on real text; (folder, the options of a small
+    evaluation on held-out text)."""
     train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
     eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
     acts, run = tmp_path / "acts", tmp_path / "run"
@@ -377,8 +378,13 @@ def _evaluated_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tu
             str(acts), "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
     run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
             "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
-    _, metrics = run_cli(capsys, "eval", str(run), "--corpus", str(eval_corpus), "--recon-tokens", "256",
-                         "--downstream-tokens", "128", "--no-progress")
+    return run, ["--corpus", str(eval_corpus), "--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
+
+
+def _evaluated_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """A small run folder, trained and evaluated from the command line on real text; (folder, metrics)."""
+    run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
+    _, metrics = run_cli(capsys, "eval", str(run), *small_eval)
     return run, metrics
 
 
@@ -479,14 +485,7 @@ def test_eval_quickstart_and_report_draw_density_and_hash_the_sae_once(tiny_dir,
     import saelab.report.markdown
     import saelab.run_folder
 
-    train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
-    eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
-    acts, run = tmp_path / "acts", tmp_path / "run"
-    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus), "--out",
-            str(acts), "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
-    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
-            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
-    small_eval = ["--corpus", str(eval_corpus), "--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
+    run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
     draws = _counting(monkeypatch, "density_histogram", saelab.pipeline, saelab.report.markdown)
     run_cli(capsys, "eval", str(run), *small_eval)
     assert len(draws) == 1 and "![latent density](density.png)" in (run / "report.md").read_text()
@@ -499,11 +498,12 @@ def test_eval_quickstart_and_report_draw_density_and_hash_the_sae_once(tiny_dir,
     assert "## Paper metrics" in report and "| nMSE (FVU), raw activation space |" in report
 
     draws.clear()
-    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(train_corpus),
+    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(tmp_path / "train.jsonl"),
                                                  context_size=32, n_tokens=1000, buffer_tokens=8192),
                            train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
-                           eval=EvalConfig(corpus=str(eval_corpus), recon_tokens=256, downstream_tokens=128))
-    quickstart(cfg, tmp_path / "qs", progress=False)
+                           eval=EvalConfig(corpus=str(tmp_path / "eval.jsonl"), recon_tokens=256,
+                                           downstream_tokens=128))
+    quickstart(cfg, tmp_path / "qs", progress=False)  # the corpora _trained_run wrote
     assert len(draws) == 1 and "![latent density](density.png)" in (tmp_path / "qs" / "report.md").read_text()
     quickstart(cfg, tmp_path / "qs", progress=False)  # every stage reused: the report draws it from the file
     assert len(draws) == 2

@@ -28,6 +28,14 @@ def _data(rows: int = 2048) -> torch.Tensor:
     return torch.randn(rows, 48, generator=g).relu() @ torch.randn(48, D, generator=g) + 1.0
 
 
+def _interrupt_at(batch: int):
+    """An on_batch hook for _source: Ctrl-C when batch ``batch`` is read."""
+    def hook(call, b):
+        if b == batch:
+            raise KeyboardInterrupt
+    return hook
+
+
 def _source(data: torch.Tensor, batch: int = 128, calls: list | None = None, on_batch=None):
     def batches_from(start):
         call = len(calls) if calls is not None else 0
@@ -252,12 +260,8 @@ def test_an_overwrite_killed_mid_training_is_put_back_by_the_next_overwrite(tmp_
     before = snapshot(run)
     _kill_mid_overwrite(run)
 
-    def interrupt_at_batch_5(call, b):
-        if b == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_sae(_cfg(k=8), _source(_data(), on_batch=interrupt_at_batch_5), run, d_in=D, progress=False,
+        train_sae(_cfg(k=8), _source(_data(), on_batch=_interrupt_at(5)), run, d_in=D, progress=False,
                   device="cpu", overwrite=True)
     assert snapshot(run) == before and not (run / SET_ASIDE).exists()
 
@@ -310,12 +314,8 @@ def test_a_paused_overwrite_keeps_the_earlier_run_until_a_resume_finishes_it(tmp
     assert f"{run}: the replacement is paused; the earlier results wait in {SET_ASIDE}/ until a resume finishes " \
            "it" in capsys.readouterr().err
 
-    def interrupt_at_batch_6(call, b):
-        if b == 6:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_sae(_cfg(k=8), _source(_data(), on_batch=interrupt_at_batch_6), run, d_in=D, progress=False,
+        train_sae(_cfg(k=8), _source(_data(), on_batch=_interrupt_at(6)), run, d_in=D, progress=False,
                   device="cpu")
     assert _set_aside_run(run) == {k: v for k, v in before.items() if k != LOCK}
     assert json.loads((run / "status.json").read_text())["step"] == 6  # the new run, resumable from there
@@ -337,12 +337,8 @@ def test_a_paused_overwrite_is_resumed_not_put_back_and_a_new_overwrite_starts_o
     with TrainingRun(_cfg(k=8), run, d_in=D, meta=None, init_sample=lambda: _data()[:256], device="cpu") as direct:
         assert direct.step == 4 and _set_aside_run(run) == {k: v for k, v in before.items() if k != LOCK}
 
-    def interrupt_at_batch_2(call, b):
-        if b == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_sae(_cfg(k=16), _source(_data(), on_batch=interrupt_at_batch_2), run, d_in=D, progress=False,
+        train_sae(_cfg(k=16), _source(_data(), on_batch=_interrupt_at(2)), run, d_in=D, progress=False,
                   device="cpu", overwrite=True)
     assert snapshot(run) == before and not (run / SET_ASIDE).exists()
 
