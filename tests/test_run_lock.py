@@ -313,6 +313,14 @@ def test_a_paused_overwrite_keeps_the_earlier_run_until_a_resume_finishes_it(tmp
     assert _set_aside_run(run) == {k: v for k, v in before.items() if k != LOCK}
     assert f"{run}: the replacement is paused; the earlier results wait in {SET_ASIDE}/ until a resume finishes " \
            "it" in capsys.readouterr().err
+    # Paused, the folder is an unfinished run: its set-aside is not a sweep member to evaluate or report on.
+    from saelab.cli import main
+
+    assert main(["eval", str(run)]) == 2
+    assert "a run folder whose training has not finished (no sae/ yet)" in capsys.readouterr().err
+    main(["report", str(run)])
+    assert not list(run.glob("scaling*")) and _set_aside_run(run) == {k: v for k, v in before.items() if k != LOCK}
+    (run / "report.md").unlink()  # the paused new run's own report; what follows is about the earlier run's
 
     with pytest.raises(KeyboardInterrupt):
         train_sae(_cfg(k=8), _source(_data(), on_batch=_interrupt_at(6)), run, d_in=D, progress=False,

@@ -66,12 +66,13 @@ def is_run(path: str | Path) -> bool:
 
 
 def sweep_runs(folder: str | Path) -> list[Path]:
-    """Run folders with a trained SAE directly inside ``folder``, in natural order (n4096 before n16384)."""
+    """Run folders with a trained SAE directly inside ``folder``, in natural order (n4096 before n16384).
+    Hidden folders are not runs: an overwrite keeps the run it replaces in RUN/.set-aside/."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    runs = [p for p in folder.iterdir()
-            if p.is_dir() and (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists()]
+    runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+            and (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists()]
     return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
 
 
