@@ -60,8 +60,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall time, or this process's CPU time (time.process_time)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KNOB:VALUE[,KNOB:VALUE]",
-                    help="numeric settings of saelab.sae.kernels (numbers, true/false, inf) timed against the module "
-                         "as it is")
+                    help="settings of saelab.sae.kernels (see TUNABLE) timed against the module as it is")
     ap.add_argument("--profile", action="store_true", help="top operators of one plain and one AuxK step per version")
     ap.add_argument("--profile-rows", type=int, default=15, help="operators shown by --profile")
     ap.add_argument("--aux-form", choices=["auto", "dense", "sparse"], default="auto",
@@ -87,26 +86,39 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """'NAME=KNOB:VALUE,KNOB:VALUE' -> (NAME, {KNOB: value}); each KNOB a numeric or true/false setting of
-    the kernels module, each VALUE a number, true, false or inf."""
-    import saelab.sae.kernels as kernels
+TUNABLE = {"DEFAULT_CHUNK_ROWS": "a positive integer", "GEMM_ALIGN": "a positive integer",
+           "GPU_CHUNK_ELEMENTS": "an integer >= 0", "GPU_GROUPED_TOPK_MIN_N": "an integer >= 0 or inf",
+           "AUX_DENSE_FACTOR": "a number >= 0 or inf", "GPU_AUX_DENSE_FACTOR": "a number >= 0 or inf"}
+"""The settings of saelab.sae.kernels that --variant may change, and the values each takes."""
 
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME=KNOB:VALUE,KNOB:VALUE' -> (NAME, {KNOB: value}), each KNOB in TUNABLE with a value it takes."""
     name, eq, body = text.partition("=")
     if not name or not eq or name == "this":
         raise ValueError(f"{text!r}: expected NAME=KNOB:VALUE[,KNOB:VALUE] with a NAME other than 'this'")
     settings = {}
     for item in body.split(","):
         knob, _, value = item.partition(":")
-        now = getattr(kernels, knob, None)
-        if not knob.isupper() or isinstance(now, bool) or not isinstance(now, (int, float)):
-            raise ValueError(f"{text!r}: {knob!r} is not a numeric setting of saelab.sae.kernels")
-        words = {"true": True, "false": False, "inf": float("inf")}
-        try:
-            settings[knob] = words[value] if value in words else float(value) if "." in value else int(value)
-        except ValueError:
-            raise ValueError(f"{text!r}: {knob} needs a number, true, false or inf, got {value!r}") from None
+        if knob not in TUNABLE:
+            raise ValueError(f"{text!r}: {knob!r} is not one of {', '.join(TUNABLE)}")
+        if knob in settings:
+            raise ValueError(f"{text!r}: {knob} is set twice")
+        settings[knob] = _setting(knob, value, text)
     return name, settings
+
+
+def _setting(knob: str, value: str, text: str) -> int | float:
+    want = TUNABLE[knob]
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    integral = x == float("inf") or (x == x and x == int(x))
+    ok = x >= (1 if "positive" in want else 0) and ("inf" in want or x != float("inf"))
+    if not ok or ("integer" in want and not integral):
+        raise ValueError(f"{text!r}: {knob} takes {want}, got {value!r}")
+    return x if x == float("inf") or "number" in want else int(x)
 
 
 def dead_mask(tokens_since_fired: torch.Tensor, count: int, seed: int) -> torch.Tensor:
