@@ -389,18 +389,21 @@ def _evaluated_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tu
 
 
 def test_report_refuses_a_hand_edited_token_count(tiny_dir, data_dir, tmp_path, capsys):
-    """A count in metrics.json that is not a non-negative integer is named in one line, as the file's other
-    damage is; report.md and density.png stay as they were."""
+    """A count in metrics.json that is not a non-negative integer, or a measurement that is not a number, is
+    named in one line, as the file's other damage is; report.md and density.png stay as they were."""
     run, _ = _evaluated_run(capsys, tiny_dir, data_dir, tmp_path)
     path = run / "metrics.json"
     good = path.read_text()
     before = {name: (run / name).read_bytes() for name in ("report.md", "density.png")}
-    for key, value in (("n_tokens", 1.5), ("n_tokens", "abc"), ("n_tokens", -3), ("n_tokens", True),
-                       ("n_predictions", "1,024")):
+    count = "a non-negative integer (a count of tokens)"
+    for key, value, expected in (("n_tokens", 1.5, count), ("n_tokens", "abc", count), ("n_tokens", -3, count),
+                                 ("n_tokens", True, count), ("n_tokens", None, count),
+                                 ("n_predictions", "1,024", count), ("nmse", "abc", "a number"),
+                                 ("delta_ce", [0.1], "a number"), ("l0", False, "a number")):
         path.write_text(json.dumps({**json.loads(good), key: value}))
         assert main(["report", str(run)]) == 2, (key, value)
         assert capsys.readouterr().err.strip() == (
-            f"saelab report: error: {path}: {key} is {value!r}, expected a non-negative integer (a count of tokens); "
+            f"saelab report: error: {path}: {key} is {value!r}, expected {expected}; "
             "the evaluation metrics file is damaged: remove it, or run the command that wrote it again with "
             "--overwrite")
         assert {name: (run / name).read_bytes() for name in before} == before

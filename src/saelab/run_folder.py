@@ -137,22 +137,30 @@ def read_eval_metrics(run_dir: str | Path, sae=None, *, sae_hash: str | None = N
     metrics = read_json(path, "evaluation metrics file")
     if sae is not None and metrics.get("sae_sha256") != (sae_hash or sae_sha256(sae)):
         return {}
-    return check_eval_counts(metrics, path)
+    return check_eval_metrics(metrics, path)
 
 
 EVAL_COUNTS = ("n_tokens", "n_predictions")
 """The token counts an evaluation records in metrics.json; reports print them with thousands separators."""
+EVAL_NUMBERS = ("nmse", "nmse_sae_input", "l0", "dead_frac", "dense_frac", "ce_clean", "ce_spliced", "delta_ce", "kl",
+                "ce_zero_abl", "ce_recovered_zero", "ce_mean_abl", "ce_recovered_mean")
+"""The measurements an evaluation records in metrics.json (numbers; null where one was not measured)."""
 
 
-def check_eval_counts(metrics: dict[str, Any], path: Path) -> dict[str, Any]:
-    """``metrics`` when its counts are non-negative integers (or absent); a hand-edited one is refused as
-    the file's other damage is, in one line naming it."""
-    for key in EVAL_COUNTS:
-        value = metrics.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(f"{path}: {key} is {value!r}, expected a non-negative integer (a count "
-                                  "of tokens); the evaluation metrics file is damaged: remove it, or run the "
-                                  "command that wrote it again with --overwrite")
+def check_eval_metrics(metrics: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``metrics`` when its counts are non-negative integers and its measurements numbers (each or absent);
+    a hand-edited one is refused as the file's other damage is, in one line naming it."""
+    for key in [k for k in EVAL_COUNTS + EVAL_NUMBERS if k in metrics]:
+        value = metrics[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in EVAL_COUNTS and not (number and isinstance(value, int) and value >= 0):
+            expected = "a non-negative integer (a count of tokens)"
+        elif key in EVAL_NUMBERS and value is not None and not number:
+            expected = "a number"
+        else:
+            continue
+        raise CheckpointError(f"{path}: {key} is {value!r}, expected {expected}; the evaluation metrics file is "
+                              "damaged: remove it, or run the command that wrote it again with --overwrite")
     return metrics
 
 

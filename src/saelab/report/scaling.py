@@ -54,7 +54,7 @@ import numpy as np
 from saelab.errors import ConfigError, SaelabError
 from saelab.evals.core import eval_settings
 from saelab.evals.power_law import fit_power_law
-from saelab.run_folder import EVAL_METRICS, TRAIN_CONFIG, check_eval_counts, read_json, sweep_runs
+from saelab.run_folder import EVAL_METRICS, TRAIN_CONFIG, check_eval_metrics, read_json, sweep_runs
 from saelab.train.checkpoint import read_metrics
 from saelab.train.config import TrainConfig
 from saelab.utils.atomic import write_json, write_text
@@ -83,7 +83,7 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]
         if not (run / EVAL_METRICS).exists():
             missing.append(run.name)
             continue
-        m = check_eval_counts(read_json(run / EVAL_METRICS, "evaluation metrics file"), run / EVAL_METRICS)
+        m = check_eval_metrics(read_json(run / EVAL_METRICS, "evaluation metrics file"), run / EVAL_METRICS)
         dead, window = _training_dead(run, train)
         rows.append({"run": run.name, "n_latents": int(train["n_latents"]), "k": int(train["k"]),
                      "total_tokens": int(train["total_tokens"]), **{key: m.get(key) for key in METRIC_KEYS},
