@@ -259,11 +259,11 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
     ("browse SAE --corpus", "argument --corpus: expected one argument"),
     ("browse SAE --port 8080", "--port is the port of --serve; add --serve"),
-    ("top 1,,2 SAE", "expected integers separated by single commas, got '1,,2'"),
+    ("top SAE --latent 1,,2", "expected integers separated by single commas, got '1,,2'"),
     ("steer SAE --latent 1,2 --value 3,", "expected numbers separated by single commas, got '3,'"),
     ("families A B --out report.md", "--out report.md: expected a .json file path"),
     ("families A B --out f.json --n-top 5", "--n-top shapes the browser's pages (saelab browse); families does not"),
-    ("top 1 SAE -n 0", "argument -n/--n-contexts: expected an integer >= 1, got 0"),
+    ("top SAE --latent 1 -n 0", "argument -n/--n-contexts: expected an integer >= 1, got 0"),
     ("browse SAE --n2g-file /nope.json",
      "--n2g-file must name an existing file, got '/nope.json'; expected an N2G result: a paper suite's evals/n2g.json"),
     ("steer SAE --latent 1 --value 1 --greedy --temperature 0.5", "--greedy picks the likeliest token: it takes no"),
@@ -294,7 +294,8 @@ BAD = [
     ("eval SAE --ablations zero zero", "--ablations: 'zero' given twice; give each value once"),
     ("eval SAE --suite paper --metrics core probe core", "--metrics: 'core' given twice; give each value once"),
     ("browse A A --out site", "SAE: 'A' given twice"),
-    ("top 5,5 SAE", "argument latent: latent 5 given twice in '5,5'; give each latent once"),
+    ("top SAE --latent 5,5", "argument --latent: latent 5 given twice in '5,5'; give each latent once"),
+    ("top SAE", "the following arguments are required: --latent"),
 ]
 
 
@@ -526,7 +527,8 @@ def test_an_activation_cache_given_for_an_sae_is_named_as_one(tmp_path, capsys):
     cache = tmp_path / "acts"
     cache.mkdir()
     (cache / "manifest.json").write_text("{}")
-    for argv in (["eval", str(cache)], ["top", "1", str(cache)], ["steer", str(cache), "--latent", "1", "--value", "1"]):
+    for argv in (["eval", str(cache)], ["top", str(cache), "--latent", "1"],
+                 ["steer", str(cache), "--latent", "1", "--value", "1"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.endswith(f"{cache} is an activation cache (manifest.json), not an SAE: train one on it (`saelab "
@@ -555,7 +557,8 @@ def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):
     for argv, message in [(["browse", "SAE", "--out", str(afile)], f"--out {afile} is a file"),
                           (["browse", "SAE", "--export", "neuronpedia", str(afile)], f"--export OUT {afile} is a file"),
                           (["families", "A", "B", "--out", str(afile / "f.json")], "existing, writable folder"),
-                          (["top", "3", "SAE", "--corpus", str(tmp_path / "nope.txt")], "nope.txt' does not exist")]:
+                          (["top", "SAE", "--latent", "3", "--corpus", str(tmp_path / "nope.txt")],
+                           "nope.txt' does not exist")]:
         assert _exit_code(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
@@ -723,7 +726,8 @@ def test_a_sweep_folder_given_for_one_sae_names_its_runs(tmp_path, capsys):
         sae = TopKSAE(SAEConfig(d_in=16, n_latents=n, k=4, hook_name="blocks.1.hook_resid_post", model_name="gpt2"))
         save_sae(sae, sweep / f"n{n}_k4" / "sae")
         (sweep / f"n{n}_k4" / "train_config.json").write_text("{}")
-    for argv in (["top", "1", str(sweep)], ["browse", str(sweep), "--out", str(tmp_path / "site")], ["browse", str(sweep)],
+    for argv in (["top", str(sweep), "--latent", "1"], ["browse", str(sweep), "--out", str(tmp_path / "site")],
+                 ["browse", str(sweep)],
                  ["families", str(sweep), str(sweep / "n64_k4"), "--out", str(tmp_path / "f.json")],
                  ["export", str(sweep), str(tmp_path / "out"), "--format", "saelens"],
                  ["steer", str(sweep), "--latent", "1", "--value", "1"]):
@@ -834,9 +838,9 @@ def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, m
     steer = ["steer", "sae", "--latent", "1", "--value", "2", "--hook"]
     _refusals([([*steer, "blocks.5.hook_resid_post"], past),
                ([*steer, "nonsense"], "hook 'nonsense': expected blocks.{L}.hook_"),
-               (["top", "1", "sae5"], past),  # top reads the SAE's own hook
-               (["top", "1", "bare"], "SAE bare records no hook; pass the hook it reads (--hook)"),
-               (["top", "1", "bare", "--hook", "blocks.5.hook_resid_post"], past),
+               (["top", "sae5", "--latent", "1"], past),  # top reads the SAE's own hook
+               (["top", "bare", "--latent", "1"], "SAE bare records no hook; pass the hook it reads (--hook)"),
+               (["top", "bare", "--latent", "1", "--hook", "blocks.5.hook_resid_post"], past),
                ([*steer, "blocks.1.hook_resid_post"], "cannot load model directory")], capsys)  # the load fails
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "model", "sae", "sae5"]
 

@@ -186,12 +186,12 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
     save_sae(sae, tmp_path / "sae")
     corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
     common = ["--model", str(model_dir), "--device", "cpu", "--no-progress"]
-    assert main(["top", "7,9", str(tmp_path / "sae"), "-n", "3", "--n-tokens", "1024", "--corpus", corpus,
+    assert main(["top", str(tmp_path / "sae"), "--latent", "7,9", "-n", "3", "--n-tokens", "1024", "--corpus", corpus,
                  "--json", *common]) == 0
     got = json.loads(capsys.readouterr().out)["latents"]
     want = top_activations(sae, tiny_gpt2, corpus, [7, 9], 3, n_tokens=1024)
     assert got == [json.loads(json.dumps(w.to_dict())) for w in want]
-    assert main(["top", "7", str(tmp_path / "sae"), "--n-tokens", "1024", "--corpus", corpus, *common]) == 0
+    assert main(["top", str(tmp_path / "sae"), "--latent", "7", "--n-tokens", "1024", "--corpus", corpus, *common]) == 0
     assert capsys.readouterr().out.startswith("latent 7: max ")
     # --scale 2: twice the latent's max activation on the eval split.
     assert main(["steer", str(tmp_path / "sae"), "--latent", "7", "--scale", "2", "--scale-tokens", "1024",

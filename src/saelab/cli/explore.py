@@ -298,8 +298,9 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_top(sub) -> None:
     p = sub.add_parser("top", help="the top-activating contexts of one or more latents on held-out text")
-    p.add_argument("latent", type=_int_list, help="latent index, or several comma-separated")
     p.add_argument("sae", help="run folder, SAELens or sparsify folder, OpenAI .pt file or URL")
+    p.add_argument("--latent", type=_int_list, required=True,
+                   help="latent index; several, comma-separated ('12,40'), are shown one after the other")
     p.add_argument("-n", "--n-contexts", type=positive_int, default=10,
                    help="contexts per latent (default: 10)")
     p.add_argument("--n-tokens", type=positive_int, default=262_144,
