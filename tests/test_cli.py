@@ -296,6 +296,9 @@ BAD = [
     ("browse A A --out site", "SAE: 'A' given twice"),
     ("top SAE --latent 5,5", "argument --latent: latent 5 given twice in '5,5'; give each latent once"),
     ("top SAE", "the following arguments are required: --latent"),
+    ("top 5 SAE", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 5 (`saelab top"),
+    ("top 3,7 SAE -n 3", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 3,7 -n 3"),
+    ("top SAE 5", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 5 (`saelab top"),
 ]
 
 
@@ -317,6 +320,23 @@ def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monke
     assert len(err.strip().splitlines()) == 1, err  # no usage block
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created
+
+
+def test_top_in_the_latent_first_order_shows_the_command_in_the_sae_first_one(tmp_path, capsys):
+    """`top 5 RUN` was the form before top took the SAE first, as steer does: the refusal's command runs."""
+    import shlex
+
+    from saelab.cli import parse_args
+
+    run = tmp_path / "my run"
+    argv = ["top", "-n", "5", "5,12", str(run), "--json"]  # -n's 5 is no latent
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("saelab top: error: the SAE comes first"), err
+    suggested = shlex.split(err.split(": ", 3)[3].split(" (`saelab top --help`")[0])
+    assert suggested == ["saelab", "top", "-n", "5", str(run), "--latent", "5,12", "--json"]
+    args = parse_args(suggested[1:])
+    assert (args.sae, args.latent, args.n_contexts, args.json) == (str(run), [5, 12], 5, True)
 
 
 def test_options_are_not_abbreviated(capsys):

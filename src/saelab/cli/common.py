@@ -45,6 +45,9 @@ class Parser(ArgumentParser):
         self.group_text: dict[str, tuple[str, str]] = {}
         """Title and description of a settings group, by its config key, where this verb uses a group
         written for another verb (families reads browse's settings)."""
+        self.check_words: typing.Callable[[Parser, list[str]], None] | None = None
+        """Called with the verb's words before they are parsed, to refuse a form argparse would misread
+        (``saelab top 5 RUN``, the latent first as in earlier versions, would read 5 as the SAE)."""
 
     def set_defaults(self, config_path: str | Path | None = None, **kwargs: Any) -> None:
         """simple_parsing reads each --config file through here: the file is checked first, so that a
@@ -55,6 +58,8 @@ class Parser(ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._argv_seen = list(sys.argv[1:] if args is None else args)  # for error()
+        if self.check_words is not None and not {"-h", "--help"} & set(self._argv_seen):
+            self.check_words(self, self._argv_seen)
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> typing.NoReturn:
@@ -377,6 +382,31 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(default, (list, tuple)):  # "zero mean", as typed, not "('zero', 'mean')"; () needs no word
             return text + f" (default: {' '.join(map(str, default))})" if default else text
         return text + " (default: %(default)s)"
+
+
+def positional_indices(parser: argparse.ArgumentParser, argv: list[str]) -> list[int]:
+    """Where in ``argv`` the words are that are neither an option nor an option's value, as ``parser``
+    reads them."""
+    found, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            return found + list(range(i, len(argv)))
+        if not arg.startswith("-") or arg == "-":
+            found.append(i - 1)
+            continue
+        action = parser._option_string_actions.get(arg)
+        if action is None or action.nargs == 0:  # "--opt=V", "-n5", a switch, an unknown option
+            continue
+        if isinstance(action.nargs, int):
+            i += action.nargs
+        elif action.nargs in ("*", "+"):
+            while i < len(argv) and not argv[i].startswith("-"):
+                i += 1
+        elif action.nargs is None or (i < len(argv) and not argv[i].startswith("-")):  # one value, or "?"
+            i += 1
+    return found
 
 
 def add_io_options(p: ArgumentParser, *, device: bool = True, model: bool = True, sae: bool = True,

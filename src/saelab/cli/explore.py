@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, finite_float, first_repeat, positive_int, typed
+from saelab.cli.common import (add_io_options, finite_float, first_repeat, positional_indices, positive_int,
+                               typed)
 from saelab.errors import ConfigError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.steering import STEER_MODES
@@ -310,7 +312,25 @@ def add_top(sub) -> None:
     p.add_argument("--hook", default=None, help="the hook the SAE reads (default: the one it records)")
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
     add_io_options(p, overwrite=False)
+    p.check_words = _check_top_order
     p.set_defaults(handler=run_top)
+
+
+def _looks_like_latents(word: str) -> bool:
+    return any(c.isdigit() for c in word) and all(c.isdigit() or c in ", " for c in word)
+
+
+def _check_top_order(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Refuse `top 5 RUN` (the latent first, as `top` took it before it took the SAE first like steer) and
+    `top RUN 5`, showing the command in the current form, before argparse reports a missing --latent."""
+    if "--" in argv or "--latent" in argv or any(a.startswith("--latent=") for a in argv):
+        return
+    at = positional_indices(parser, argv)
+    if len(at) != 2 or not any(_looks_like_latents(argv[i]) for i in at):
+        return
+    latent, sae = at if _looks_like_latents(argv[at[0]]) else at[::-1]
+    fixed = argv[:at[0]] + [argv[sae], "--latent", argv[latent]] + argv[at[0] + 1:at[1]] + argv[at[1] + 1:]
+    parser.error(f"the SAE comes first and the latents follow --latent: {shlex.join(['saelab', 'top', *fixed])}")
 
 
 def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
