@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,24 @@ def tiny_dir(tiny_gpt2, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model") / "tiny-gpt2"
     tiny_gpt2.model.save_pretrained(folder)
     tiny_gpt2.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def split_pad_dir(tiny_gpt2, data_dir, tmp_path_factory) -> Path:
+    """tiny_gpt2 saved with GPT-2's real tokenizer less the merge that makes " _" one token: a model folder
+    on whose tokenizer N2G's default padding token is 2 tokens."""
+    from transformers import GPT2TokenizerFast
+
+    files = tmp_path_factory.mktemp("split-pad-tokenizer")
+    shutil.copy(data_dir / "gpt2-tokenizer" / "vocab.json", files)
+    merges = (data_dir / "gpt2-tokenizer" / "merges.txt").read_text(encoding="utf-8").splitlines()
+    (files / "merges.txt").write_text("\n".join(m for m in merges if m != "Ġ _") + "\n", encoding="utf-8")
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(files))
+    assert len(tokenizer(" _", add_special_tokens=False)["input_ids"]) == 2
+    folder = tmp_path_factory.mktemp("model") / "tiny-gpt2-split-pad"
+    tiny_gpt2.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -259,37 +259,25 @@ def test_a_difference_no_setting_names_still_counts():
     assert _input_changes("compute_equivalent", old, dict(old)) == []
 
 
-def test_a_tokenizer_that_splits_the_default_padding_token_fails_only_n2g(tiny_gpt2, data_dir, tmp_path, capsys):
-    """N2G pads with " _" by default, one token for GPT-2. A tokenizer that splits it (GPT-2's without the merge
-    that makes it one) does not stop the whole suite up front: the other metrics run and n2g is recorded as
-    failed, naming the padding token. Asked for by name, n2g is refused before any metric runs."""
-    from transformers import GPT2TokenizerFast
-
+def test_a_tokenizer_that_splits_the_default_padding_token_is_refused_before_any_metric(split_pad_dir, data_dir,
+                                                                                        tmp_path, capsys):
+    """N2G pads with " _" by default, one token for GPT-2. On a tokenizer that splits it (GPT-2's without the
+    merge that makes it one) n2g failed at the end of the suite, after every other metric's forwards, naming
+    the setting (padding_token) instead of the option. Now the suite is refused before any metric runs, in one
+    line naming --n2g-padding-token, whether n2g was asked for by name or not; a single-token text runs it."""
     from saelab.sae import SAEConfig, TopKSAE, save_sae
 
-    files = tmp_path / "tokenizer"
-    files.mkdir()
-    shutil.copy(data_dir / "gpt2-tokenizer" / "vocab.json", files)
-    merges = (data_dir / "gpt2-tokenizer" / "merges.txt").read_text(encoding="utf-8").splitlines()
-    (files / "merges.txt").write_text("\n".join(m for m in merges if m != "Ġ _") + "\n", encoding="utf-8")
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(files))
-    assert len(tokenizer(" _", add_special_tokens=False)["input_ids"]) == 2
-    model = tmp_path / "model"
-    tiny_gpt2.model.save_pretrained(model)
-    tokenizer.save_pretrained(model)
     save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=128, k=4, hook_name="blocks.1.hook_resid_post",
-                               model_name=str(model), context_size=32)), tmp_path / "sae")
+                               model_name=str(split_pad_dir), context_size=32)), tmp_path / "sae")
     argv = ["eval", str(tmp_path / "sae"), "--suite", "paper", "--corpus",
             str(eval_corpus(data_dir, tmp_path / "eval.jsonl", n=8)), *SMALL]
+    refusal = "saelab eval: error: --n2g-padding-token ' _' (the default) is 2 tokens for this tokenizer; pick a " \
+              "single-token text"
+    for metrics, tail in (([], ", or leave n2g out with --metrics"), (["--metrics", "n2g"], "")):
+        _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "out"), *metrics, code=2)
+        assert err.strip().splitlines()[-1] == refusal + tail, err
+        assert not (tmp_path / "out" / "evals").exists()  # no metric ran
 
-    _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "all"), code=2)
-    evals = tmp_path / "all" / "evals"
-    assert "failed in 1 metric(s): n2g: ValueError: padding_token ' _' is 2 tokens for this tokenizer" in err
-    status = {m: json.loads((evals / f"{m}.json").read_text())["status"]
-              for m in ("core", "compute_equivalent", "ablation_sparsity", "probe", "n2g")}
-    assert status == {"core": "ok", "compute_equivalent": "skipped", "ablation_sparsity": "ok", "probe": "ok",
-                      "n2g": "error"}
-
-    _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "n2g"), "--metrics", "n2g", code=2)
-    assert err.strip().splitlines()[-1].startswith("saelab eval: error: --n2g-padding-token ' _' is 2 tokens"), err
-    assert not (tmp_path / "n2g" / "evals").exists()
+    out, _ = run_cli(capsys, *argv, "--out", str(tmp_path / "out"), "--metrics", "n2g", "--n2g-padding-token", " x")
+    assert out["n2g"] == "ok"
+    assert json.loads((tmp_path / "out" / "evals" / "n2g.json").read_text())["inputs"]["config"]["padding_token"] == " x"

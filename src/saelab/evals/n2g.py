@@ -131,7 +131,8 @@ class N2GConfig:
     """Drop patterns whose value (activation as a fraction of the latent's largest activation on the
     build split) is below this (0: keep every pattern)."""
     padding_token: str = " _"
-    """Text of the replacement token (must be one token; OpenAI uses ' _' for GPT-2)."""
+    """Text of the replacement token: one token of the model's tokenizer (OpenAI uses ' _' for GPT-2), checked
+    before the paper suite runs any metric."""
     firing_frac: float = 0.0
     """A latent fires at a token when its activation exceeds this fraction of its largest activation
     on the build split (0: any nonzero)."""
@@ -414,8 +415,9 @@ def _columns(vals: torch.Tensor, idx: torch.Tensor, lats: torch.Tensor) -> torch
 def padding_id(tokenizer, text: str, name: str = "padding_token") -> int:
     """The one token of ``text``; ``name``: the setting it comes from, as the message names it."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"{name} {text!r} is {len(ids)} tokens for this tokenizer; pick a single-token text")
+    if len(ids) != 1:  # the default named as such: the user may never have typed it
+        default = " (the default)" if text == N2GConfig.padding_token else ""
+        raise ValueError(f"{name} {text!r}{default} is {len(ids)} tokens for this tokenizer; pick a single-token text")
     return ids[0]
 
 

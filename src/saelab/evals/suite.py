@@ -174,15 +174,14 @@ def _ablation_applies(run: SuiteRun) -> str | None:
 
 def _check_n2g_settings(cfg: N2GConfig, sae, lm, asked_for: bool) -> None:
     """N2G's settings that only the SAE and the tokenizer can check: refused before any metric runs, not
-    recorded as a skipped n2g after the others ran. The default padding token is checked only when N2G
-    was asked for by name: for a tokenizer that splits it, the rest of the suite still runs."""
+    recorded as a failed n2g after the others ran. The default padding token too: on a tokenizer that
+    splits it, n2g would fail only at the end of the suite, after every other metric's forwards; the
+    message says how to run the others without it."""
     check_latents(cfg.latents, sae.n_latents, name="n2g.latents")
-    if not asked_for and cfg.padding_token == N2GConfig().padding_token:
-        return
     try:
         padding_id(lm.tokenizer, cfg.padding_token, "n2g.padding_token")  # the command line: its option
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e) + ("" if asked_for else ", or leave n2g out with --metrics")) from None
 
 
 @dataclass(frozen=True)
