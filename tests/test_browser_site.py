@@ -233,6 +233,28 @@ def test_server_is_loopback_only_and_port_in_use_is_an_error(site):
         make_server(out / "data", 0)
 
 
+def test_n2g_explanations_use_the_padding_token_given(split_pad_dir, corpus, tmp_path, monkeypatch):
+    """On a tokenizer that splits N2G's default padding token " _", browse --n2g-latents raised a ValueError after
+    the whole pass over the text. The default is now refused before the pass, naming the setting, and a padding
+    token given that is one token builds the explanations."""
+    from saelab.errors import ConfigError
+    from saelab.explore.browser import make
+    from saelab.models import load_model
+
+    lm = load_model(str(split_pad_dir))
+    save_sae(trained_like_sae(lm, 128, 0, corpus), tmp_path / "run" / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n2g_latents=2)
+    with monkeypatch.context() as m:
+        m.setattr(make, "collect_statistics", lambda *a, **k: pytest.fail("the text was scored first"))
+        with pytest.raises(ConfigError, match=r"^browse\.n2g_padding_token ' _' \(the default\) is 2 tokens for this "
+                                              r"tokenizer; pick a single-token text$"):
+            build_browser([tmp_path / "run"], tmp_path / "site", cfg, lm=lm, progress=False)
+    assert not (tmp_path / "site").exists()
+    res = build_browser([tmp_path / "run"], tmp_path / "site", dataclasses.replace(cfg, n2g_padding_token=" x"),
+                        lm=lm, progress=False)
+    assert res["saes"][0]["explained"] == 2 and res["inputs"]["browse"]["n2g_padding_token"] == " x"
+
+
 def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
     from saelab.cli import main
 

@@ -848,6 +848,28 @@ def test_browse_checks_the_hook_before_the_model_loads(tmp_path, capsys, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 
+def test_browse_checks_the_n2g_padding_token_against_the_tokenizer_before_the_text_is_scored(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """browse --n2g-latents built N2G explanations with the default padding token only, and a text that was not
+    one token of the model's tokenizer failed after the whole pass. --n2g-padding-token is now browse's too, and
+    one the tokenizer (the real default model's) splits is refused in one line, after the load, before the pass."""
+    import saelab.explore.browser.make as make
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    def scored(*args, **kwargs):
+        raise AssertionError("the text was scored before the padding token was checked")
+
+    monkeypatch.setattr(make, "collect_statistics", scored)
+    save_sae(TopKSAE(SAEConfig(d_in=576, n_latents=64, k=4, hook_name="blocks.9.hook_resid_post",
+                               model_name="default", context_size=32)), tmp_path / "sae")
+    assert main(["browse", str(tmp_path / "sae"), "--out", str(tmp_path / "site"), "--n2g-latents", "2",
+                 "--n2g-padding-token", " ab cd", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("saelab browse: error: --n2g-padding-token ' ab cd' is 2 tokens for this tokenizer; pick a "
+                   "single-token text"), err
+    assert not (tmp_path / "site").exists()
+
+
 def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = _config_only_model(tmp_path / "model")

@@ -362,7 +362,7 @@ def add_families(sub) -> None:
 
 # BrowseConfig fields that shape the browser's pages only: feature families read none of them.
 PAGE_ONLY = ("n_top", "n_samples", "n_bands", "n_bins", "window_before", "window_after", "n_logits", "n_neighbours",
-             "n2g_file", "n2g_latents", "seed")
+             "n2g_file", "n2g_latents", "n2g_padding_token", "seed")
 
 
 def run_families(args: argparse.Namespace) -> dict[str, Any]:

@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.errors import CheckpointError, ConfigError, CorpusError, ShapeMismatchError
+from saelab.evals.n2g import N2GConfig, padding_id
 from saelab.explore.browser.stats import (
     DoublingHistogram,
     FiringCounts,
@@ -100,6 +101,9 @@ class BrowseConfig:
     n2g_latents: int = 0
     """Also build N2G explanations here for this many latents (random among the active), from their
     top contexts (about a few seconds per latent on a CPU); 0: none."""
+    n2g_padding_token: str = N2GConfig.padding_token
+    """Text of the replacement token of the N2G explanations that --n2g-latents builds (' _' by default, as
+    for `saelab eval --suite paper`): one token of the model's tokenizer, checked before the text is scored."""
     family_min_score: float = 0.3
     """Feature families: a latent's parent in the next smaller SAE needs at least this score
     (the geometric mean of their decoder cosine and co-activation containment)."""
@@ -487,11 +491,19 @@ def _explanations(data: Any, path: Path) -> dict[int, dict[str, Any]]:
     return {int(e["latent"]): explanation_from_n2g(e) for e in data["per_latent"] if "latent" in e}
 
 
+def n2g_padding_id(tokenizer, cfg: BrowseConfig) -> int:
+    """The one token of ``cfg.n2g_padding_token``; a text the tokenizer splits is refused (ConfigError)."""
+    try:
+        return padding_id(tokenizer, cfg.n2g_padding_token, "browse.n2g_padding_token")  # the command line: its option
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 @torch.no_grad()
 def build_n2g_explanations(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook: str, cfg: BrowseConfig,
                            progress: bool = True) -> dict[int, dict[str, Any]]:
     """N2G explanations for ``cfg.n2g_latents`` latents built from the top contexts already found."""
-    from saelab.evals.n2g import N2GConfig, WILDCARD, model_act_fn, padding_id, build_explanations
+    from saelab.evals.n2g import WILDCARD, build_explanations, model_act_fn
     from saelab.evals.probe_tasks import token_strings
 
     sae = stats.source.sae
@@ -500,8 +512,8 @@ def build_n2g_explanations(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook
     lats = alive[torch.randperm(alive.numel(), generator=g)[:cfg.n2g_latents]].sort().values.tolist()
     if not lats:
         return {}
-    ncfg = N2GConfig(n_examples=cfg.n_top)
-    pad_id = padding_id(lm.tokenizer, ncfg.padding_token)
+    ncfg = N2GConfig(n_examples=cfg.n_top, padding_token=cfg.n2g_padding_token)
+    pad_id = n2g_padding_id(lm.tokenizer, cfg)
     s0 = 1 if sae.cfg.prepend_bos else 0
     act_fn = model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, ncfg.seq_batch_size)
     strs: dict[int, str] = {}

@@ -28,6 +28,7 @@ from saelab.explore.browser.build import (
     collect_statistics,
     finish_statistics,
     first_scored,
+    n2g_padding_id,
     open_sae_source,
     read_n2g_file,
     read_tokens,
@@ -83,9 +84,19 @@ def _stat_key(source: SAESource) -> list:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
+def _settings(cfg: BrowseConfig) -> dict[str, Any]:
+    """The settings a site or families file is keyed by and records. The N2G padding token is left out
+    where it changes nothing: without N2G latents to build, and at its default, so that a site built before
+    it was a setting keeps its key."""
+    settings = dataclasses.asdict(cfg)
+    if not cfg.n2g_latents or cfg.n2g_padding_token == BrowseConfig.n2g_padding_token:
+        del settings["n2g_padding_token"]
+    return settings
+
+
 def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32") -> str:
     """Hash of the inputs and settings: a site (or families file) with the same key needs no rebuild."""
-    inputs = {"saes": [[s.name, _stat_key(s)] for s in sources], "cfg": dataclasses.asdict(cfg),
+    inputs = {"saes": [[s.name, _stat_key(s)] for s in sources], "cfg": _settings(cfg),
               "version": SITE_VERSION}
     if model_dtype != "float32":  # another dtype gives other numbers; float32 keys stay those of earlier builds
         inputs["model_dtype"] = model_dtype
@@ -97,7 +108,7 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
     """What build_key hashes, as a site or families file records it to name what differs on a refusal: the
     settings in full, the SAE files by a hash of their names, sizes and times."""
     files = json.dumps([[s.name, _stat_key(s)] for s in sources], default=str)
-    return json.loads(json.dumps({"browse": dataclasses.asdict(cfg), "model_dtype": model_dtype,
+    return json.loads(json.dumps({"browse": _settings(cfg), "model_dtype": model_dtype,
                                   "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16]}, default=str))
 
 
@@ -183,6 +194,8 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
                           name=f"activations at {hook} of {lm.name} (for {s.source})")
+    if cfg.n2g_latents:  # a padding token the tokenizer splits: refused now, not after the pass
+        n2g_padding_id(lm.tokenizer, cfg)
     seconds["load"] = time.perf_counter() - t
     t = time.perf_counter()
     tokens = read_tokens(lm, sources[0].sae, cfg)
