@@ -279,6 +279,8 @@ BAD = [
     ("browse SAE --n-tokens 0", "--n-tokens must be >= 1"),
     ("browse SAE --n-logits -1", "--n-logits must be >= 0"),
     ("browse SAE --n2g-latents -1", "--n2g-latents must be >= 0"),
+    ("browse SAE --n2g-padding-token x", "--n2g-padding-token pads the N2G explanations that --n2g-latents builds; "
+                                         "add --n2g-latents N, or leave it out"),
     ("browse SAE --context-size 1", "--context-size must be >= 3"),
     ("browse missing", "'missing': no such file or folder; expected a run folder or an SAE"),
     ("report missing", "missing: no such folder; expected a run folder or a sweep folder"),

@@ -269,6 +269,9 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
         _check_port(args.port)  # before a long build, not after it
     elif typed(args, "--port"):
         raise ConfigError("--port is the port of --serve; add --serve, or leave it out")
+    if typed(args, "--n2g-padding-token") and not args.browse.n2g_latents:
+        raise ConfigError("--n2g-padding-token pads the N2G explanations that --n2g-latents builds; add "
+                          "--n2g-latents N, or leave it out")
     out = check_output_folder(args.out, "--out") if args.out else _default_out(args.sae)
     result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
                            overwrite=args.overwrite,
