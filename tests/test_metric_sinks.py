@@ -1,6 +1,7 @@
 """Experiment logging (train/metric_sinks.py): TensorBoard event files hold exactly metrics.jsonl's
 rows, a resumed run logs each step once, a missing package is one line before anything starts."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from test_train import _cfg, _data, _source
 
 from saelab.errors import ConfigError, NonFiniteError
 from saelab.train import train_many, train_sae
-from saelab.train.metric_sinks import TAG_PREFIX, TENSORBOARD_DIR, WANDB_ID_FILE
+from saelab.train.metric_sinks import TAG_PREFIX, TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
                                         reason="tensorboard is not installed (pip install -e '.[test]')")
@@ -87,6 +88,75 @@ def test_an_overwrite_replaces_the_earlier_runs_event_files(tmp_path, capsys):
     after = _files(run / TENSORBOARD_DIR)
     assert len(after) == 1 and not set(after) & set(before)
     assert _scalars(run) == _expected(_jsonl(run))
+
+
+def _tree(folder) -> dict[str, bytes | str]:
+    """Every entry under ``folder``: a file's bytes, a link's target, a folder as ""."""
+    return {str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else ""
+            for p in sorted(folder.rglob("*"))}
+
+
+def _write_wandb_files(run, run_id: str = "875871b4da4078fd") -> None:
+    """RUN/wandb/ and RUN/wandb_run_id as an offline ``wandb.init(dir=RUN, id=run_id)`` leaves them (wandb 0.31)."""
+    offline = f"offline-run-20260101_120000-{run_id}"
+    (run / WANDB_DIR / offline / "logs").mkdir(parents=True)
+    (run / WANDB_DIR / offline / "files").mkdir()
+    (run / WANDB_DIR / offline / "files" / "requirements.txt").write_text("torch\n")
+    (run / WANDB_DIR / offline / "logs" / "debug.log").write_text("wandb.init\n")
+    (run / WANDB_DIR / offline / f"run-{run_id}.wandb").write_bytes(b":W&B\x00\x00\x00" + bytes(range(256)))
+    (run / WANDB_DIR / "latest-run").symlink_to(offline)
+    (run / WANDB_DIR / "debug.log").symlink_to(f"{offline}/logs/debug.log")
+    (run / WANDB_ID_FILE).write_text(run_id + "\n")
+
+
+def test_an_overwrite_replaces_the_earlier_runs_wandb_files(tmp_path, capsys, monkeypatch):
+    """RUN/wandb/ (W&B's local files) and RUN/wandb_run_id are set aside with the earlier run's other results,
+    as RUN/tensorboard/ is: put back by an interrupted overwrite, gone once the new run ends, so W&B's files
+    never mix two runs. With wandb installed the runs log to it offline; without, the earlier run's files
+    are written as W&B writes them."""
+    has_wandb = importlib.util.find_spec("wandb") is not None
+    log_to = ("wandb",) if has_wandb else ()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def settled() -> None:
+        """W&B's service process goes on writing the files after run.finish(): stop it, so they are complete."""
+        if has_wandb:
+            import wandb
+
+            wandb.teardown()
+
+    run, data = tmp_path / "run", _data()
+    train_sae(_cfg(), _source(data, 128), run, d_in=24, progress=False, device="cpu", log_to=log_to)
+    settled()
+    if not has_wandb:
+        _write_wandb_files(run)
+    before, earlier_id = _tree(run / WANDB_DIR), (run / WANDB_ID_FILE).read_bytes()
+    earlier_runs = {name for name in before if name.startswith("offline-run-") and "/" not in name}
+    assert len(earlier_runs) == 1, sorted(before)
+    during = {}
+
+    def interrupted(start):  # Ctrl-C as batch 10 is drawn, once what the folder holds then is noted
+        for i, rows in enumerate(_source(data, 128)(start)):
+            if i == 10:
+                during.update(names=set(_tree(run / WANDB_DIR)) if (run / WANDB_DIR).exists() else set(),
+                              run_id=(run / WANDB_ID_FILE).read_bytes() if (run / WANDB_ID_FILE).exists() else None)
+                raise KeyboardInterrupt
+            yield rows
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(_cfg(k=4), interrupted, run, d_in=24, progress=False, device="cpu", overwrite=True, log_to=log_to)
+    settled()
+    assert "the replacement did not finish; the earlier results are back in place" in capsys.readouterr().err
+    assert not earlier_runs & during["names"] and during["run_id"] != earlier_id  # set aside while it trained
+    assert _tree(run / WANDB_DIR) == before and (run / WANDB_ID_FILE).read_bytes() == earlier_id
+    train_sae(_cfg(k=4), _source(data, 128), run, d_in=24, progress=False, device="cpu", overwrite=True,
+              log_to=log_to)
+    settled()
+    after = _tree(run / WANDB_DIR) if (run / WANDB_DIR).exists() else {}
+    assert not earlier_runs & set(after) and not (run / ".set-aside").exists()
+    assert (run / WANDB_ID_FILE).exists() == has_wandb
+    assert not (has_wandb and (run / WANDB_ID_FILE).read_bytes() == earlier_id)
 
 
 def test_steps_logged_after_the_checkpoint_of_a_crashed_run_are_replaced(tmp_path):

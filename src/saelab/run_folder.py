@@ -9,6 +9,7 @@ A run folder holds everything about one SAE::
       status.json         state, step, total_steps
       metrics.jsonl       the training log, one JSON line every few steps
       tensorboard/        the same log as TensorBoard event files (--log-to tensorboard)
+      wandb/  wandb_run_id  Weights & Biases' local files and the W&B run's id (--log-to wandb)
       sae/                the trained SAE (SAELens folder format)
       metrics.json        the evaluation on held-out text (with the hash of the SAE it describes)
       latent_frequencies.safetensors  each latent's firing frequency in that evaluation (same hash)
@@ -49,12 +50,16 @@ REPORT = "report.md"
 EVALS_DIR = "evals"
 BROWSER_DIR = "browser"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
+"""Where W&B keeps a run's local files: ``wandb.init(dir=RUN)`` writes them into RUN/wandb/."""
+WANDB_ID_FILE = "wandb_run_id"
+"""The W&B run a resumed training logs into (train/metric_sinks.py)."""
 
 EVAL_OUTPUTS = (EVAL_METRICS, LATENT_FREQUENCIES, DENSITY_PLOT, EVALS_DIR)
 """What evaluating a run writes."""
 
-RUN_RESULTS = (TRAIN_CONFIG, CHECKPOINT, STATUS, TRAINING_LOG, TENSORBOARD_DIR, SAE_DIR, REPORT, TRAINING_CURVES,
-               BROWSER_DIR, *EVAL_OUTPUTS)
+RUN_RESULTS = (TRAIN_CONFIG, CHECKPOINT, STATUS, TRAINING_LOG, TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE, SAE_DIR,
+               REPORT, TRAINING_CURVES, BROWSER_DIR, *EVAL_OUTPUTS)
 """Everything that describes a run's SAE: an overwrite replaces all of it together (the activation cache,
 which does not depend on the SAE, stays)."""
 

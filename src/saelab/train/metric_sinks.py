@@ -6,8 +6,10 @@ twice: metrics.jsonl is cut back to the checkpoint's step, and so are the sinks:
 
 - TensorBoard (RUN/tensorboard/) reopens with ``purge_step`` = checkpoint step + 1, a marker that
   makes TensorBoard drop the events a crashed session wrote after the checkpoint.
-- An overwrite replaces RUN/tensorboard/ with the rest of the earlier run (``run_folder.RUN_RESULTS``):
-  TensorBoard reads every event file of the folder, so an earlier run's would show as the new one's.
+- An overwrite replaces RUN/tensorboard/, RUN/wandb/ and RUN/wandb_run_id with the rest of the earlier
+  run (``run_folder.RUN_RESULTS``): TensorBoard reads every event file of the folder, so an earlier run's
+  would show as the new one's; W&B's offline runs beside the new one's would be synced with them, and an
+  interrupted overwrite's run id would make the earlier run, resumed, log into the new W&B run.
 - W&B continues the same run (``resume="allow"``, its id kept in RUN/wandb_run_id). W&B cannot
   delete history: online, it ignores (with a warning) steps at or below the last one it holds, so
   the rows a crashed session logged after its checkpoint stay as they were; offline, each session
@@ -24,11 +26,10 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from saelab.errors import ConfigError
-from saelab.run_folder import TENSORBOARD_DIR
+from saelab.run_folder import TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE
 from saelab.utils.atomic import write_text
 
 LOG_TARGETS = ("tensorboard", "wandb")
-WANDB_ID_FILE = "wandb_run_id"
 WANDB_MIN_VERSION = "0.19.10"
 TAG_PREFIX = "train/"
 """Scalars are named train/<metrics.jsonl field> (TensorBoard groups them by this prefix)."""
@@ -112,7 +113,8 @@ def wandb_run_id(run_dir: Path, resume_step: int) -> str:
 
 
 class WandbSink:
-    """A W&B run named after the run folder, its config the training config, its files in RUN/wandb/."""
+    """A W&B run named after the run folder, its config the training config, its files in RUN/wandb/
+    (WANDB_DIR: W&B names that folder itself, inside ``dir``)."""
 
     def __init__(self, run_dir: Path, resume_step: int, config: Mapping[str, Any], group: str | None = None):
         import wandb
@@ -158,5 +160,5 @@ def close_sinks(sinks: Sequence[MetricSink]) -> None:
         raise error
 
 
-__all__ = ["LOG_TARGETS", "TENSORBOARD_DIR", "WANDB_ID_FILE", "MetricSink", "TensorBoardSink", "WandbSink",
-           "check_log_targets", "close_sinks", "open_sinks"]
+__all__ = ["LOG_TARGETS", "TENSORBOARD_DIR", "WANDB_DIR", "WANDB_ID_FILE", "MetricSink", "TensorBoardSink",
+           "WandbSink", "check_log_targets", "close_sinks", "open_sinks"]
