@@ -512,6 +512,36 @@ def test_eval_quickstart_and_report_draw_density_and_hash_the_sae_once(tiny_dir,
     assert len(draws) == 2
 
 
+def test_eval_of_a_run_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """`saelab eval RUN` hashes the SAE's weights (which reads every weight) once: the up-to-date check, the
+    evaluation's files and the report share the digest, whether the call evaluates, reuses the evaluation,
+    or evaluates again weights that changed since."""
+    import saelab.report.markdown
+    import saelab.run_folder
+    from saelab.run_folder import sae_sha256
+    from saelab.sae import save_sae
+
+    run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
+    hashes = _counting(monkeypatch, "sae_sha256", saelab.pipeline, saelab.run_folder, saelab.report.markdown)
+    _, first = run_cli(capsys, "eval", str(run), *small_eval)  # no evaluation yet
+    assert len(hashes) == 1
+    hashes.clear()
+    _, again = run_cli(capsys, "eval", str(run), *small_eval)  # the same evaluation: reused
+    assert len(hashes) == 1 and again == first
+    sae = load_sae(run / "sae")
+    with torch.no_grad():
+        sae.b_dec += 1  # metrics.json now describes other weights: checked, then evaluated again
+    save_sae(sae, run / "sae")
+    hashes.clear()
+    _, changed = run_cli(capsys, "eval", str(run), *small_eval)
+    assert len(hashes) == 1
+    digest = sae_sha256(load_sae(run / "sae"))
+    assert changed["sae_sha256"] == digest != first["sae_sha256"]
+    assert json.loads((run / "metrics.json").read_text())["sae_sha256"] == digest
+    assert read_latent_frequencies(run).sae_sha256 == digest
+    assert "![latent density](density.png)" in (run / "report.md").read_text()
+
+
 def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
     from saelab.pipeline import _stage_seconds
     from saelab.report.markdown import _wall_time_rows

@@ -257,9 +257,10 @@ def _held_out_label(sae: TopKSAE, corpus: str) -> str:
 
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,
              out_dir: str | Path | None = None, device: str | torch.device | None = None,
-             model_dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
+             model_dtype: str = "float32", progress: bool = True, sae_hash: str | None = None) -> dict[str, Any]:
     """Core metrics of an SAE on held-out text; with ``out_dir`` also metrics.json (recording the
-    SAE's weight hash and the eval settings), latent_frequencies.safetensors and density.png there."""
+    SAE's weight hash and the eval settings), latent_frequencies.safetensors and density.png there.
+    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight)."""
     cfg = cfg or EvalConfig()
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
@@ -272,7 +273,7 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress)
     metrics = {**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
-               "sae_sha256": sae_sha256(sae), "eval_config": _eval_config_record(cfg),
+               "sae_sha256": sae_hash or sae_sha256(sae), "eval_config": _eval_config_record(cfg),
                "model_dtype": str(lm.dtype).removeprefix("torch.")}
     if out_dir is not None:
         # The frequencies go first: metrics.json marks the evaluation done, so one cut off before it runs
@@ -317,10 +318,11 @@ def _state_of(changes: list[str] | None) -> str:
 
 
 def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
-                        model_dtype: str) -> list[str] | None:
+                        model_dtype: str, sae_hash: str | None = None) -> list[str] | None:
     """The settings (eval config, model dtype, model) in which the run's evaluation of ``sae`` differs from
-    this one, as "eval.recon_tokens 2048 -> 1024"; None when it holds no readable evaluation of ``sae``."""
-    old = _readable_eval_metrics(run_dir, sae)
+    this one, as "eval.recon_tokens 2048 -> 1024"; None when it holds no readable evaluation of ``sae``.
+    ``sae_hash``: as :func:`read_eval_metrics` takes it."""
+    old = _readable_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     if not old:
         return None
     return changed_fields({"eval": old.get("eval_config"), "model_dtype": old.get("model_dtype", "float32"),
@@ -337,26 +339,28 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: Lang
     not, unless ``overwrite``."""
     cfg = cfg or EvalConfig()
     sae = load_sae(Path(run_dir) / SAE_DIR)
-    changes = None if overwrite else _evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype)
+    sae_hash = sae_sha256(sae)  # once, for the check, the evaluation and the report: it reads every weight
+    changes = None if overwrite else _evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype,
+                                                         sae_hash=sae_hash)
     if changes == []:
         print(f"{Path(run_dir) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
               file=sys.stderr)
-        return read_eval_metrics(run_dir, sae)
+        return read_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     if changes:
         raise RunExistsError(f"{Path(run_dir) / EVAL_METRICS} holds this SAE's evaluation with other settings "
                              f"({', '.join(changes)}); pass --overwrite to replace it, or --out DIR to write this "
                              "one elsewhere")
     metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
-                       progress=progress)
+                       progress=progress, sae_hash=sae_hash)
     if (Path(run_dir) / TRAIN_CONFIG).exists():
-        write_run_report(run_dir, density_drawn_by=metrics)
+        write_run_report(run_dir, density_drawn_by=metrics, sae_hash=sae_hash)
     return metrics
 
 
-def _readable_eval_metrics(run_dir: str | Path, sae: TopKSAE) -> dict[str, Any]:
+def _readable_eval_metrics(run_dir: str | Path, sae: TopKSAE, *, sae_hash: str | None = None) -> dict[str, Any]:
     """The run's metrics.json when it describes ``sae``; {} when absent, unreadable or of another SAE."""
     try:
-        return read_eval_metrics(run_dir, sae)
+        return read_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     except SaelabError:
         return {}
 
