@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import lzma
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -240,12 +241,63 @@ def test_the_runs_own_evals_folder_as_out_is_the_run_folder(tiny_dir, data_dir, 
             "--no-progress"]
     out, _ = run_cli(capsys, *argv, "--out", str(run / "evals"))
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok"}
-    assert sorted(p.name for p in (run / "evals").iterdir()) == ["core.json", "report.md", "suite.json"]
+    assert sorted(p.name for p in (run / "evals").iterdir()) == ["core.json", "density.png",
+                                                                "latent_frequencies.safetensors", "report.md",
+                                                                "suite.json"]
     out, _ = run_cli(capsys, *argv)  # the default folder: the same evaluation, reused
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok (reused)"}
     monkeypatch.setenv("HOME", str(tmp_path))  # the run named from the home folder, as a shell leaves "~/run"
     out, _ = run_cli(capsys, "eval", "~/run", *argv[2:])
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok (reused)"}
+
+
+def test_the_suites_core_saves_latent_frequencies_and_its_report_draws_density(tiny_dir, data_dir, tmp_path,
+                                                                                capsys):
+    """The suite's core metric saves each latent's firing frequency as `saelab eval` does (the same file and
+    values), and evals/report.md shows density.png drawn from them. Frequencies it cannot draw (missing: a
+    suite run before they were saved; of other weights) are named in one line, and the report goes on."""
+    from saelab.evals.core import eval_settings
+    from saelab.run_folder import read_latent_frequencies, write_latent_frequencies
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    torch.manual_seed(0)
+    sae_dir = tmp_path / "sae"
+    save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post",
+                               model_name=str(tiny_dir), context_size=32)), sae_dir)
+    sizes = ["--corpus", str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), "--recon-tokens", "256",
+             "--downstream-tokens", "248", "--no-progress"]
+    suite = ["eval", str(sae_dir), "--suite", "paper", "--metrics", "core", "--out", str(tmp_path / "out"), *sizes]
+    run_cli(capsys, *suite)
+    evals = tmp_path / "out" / "evals"
+    core = json.loads((evals / "core.json").read_text())
+    saved = read_latent_frequencies(evals)
+    assert saved.sae_sha256 == core["inputs"]["sae_sha256"] and saved.evaluation == eval_settings(core["result"])
+    assert saved.frequencies_N.shape == (32,) and saved.frequencies_N.sum() > 0
+    report = (evals / "report.md").read_text()
+    assert "![latent density](density.png)" in report and (evals / "density.png").read_bytes()[:8] == PNG
+    # The ordinary evaluation of the same SAE with the same settings: the same frequencies, the same plot.
+    run_cli(capsys, "eval", str(sae_dir), "--out", str(tmp_path / "plain"), *sizes)
+    plain = read_latent_frequencies(tmp_path / "plain")
+    assert torch.equal(plain.frequencies_N, saved.frequencies_N)
+    assert (plain.sae_sha256, plain.evaluation) == (saved.sae_sha256, saved.evaluation)
+    assert (evals / "density.png").read_bytes() == (tmp_path / "plain" / "density.png").read_bytes()
+
+    (evals / "latent_frequencies.safetensors").unlink()  # a suite run before the frequencies were saved
+    (evals / "density.png").unlink()
+    out, err = run_cli(capsys, *suite)
+    assert out["core"] == "ok (reused)" and not (evals / "density.png").exists()
+    assert "latent density" not in (evals / "report.md").read_text()
+    assert (f"saelab: note: evals/density.png not drawn: {evals / 'latent_frequencies.safetensors'} is missing (the "
+            "suite's core metric ran before saelab saved the latents' firing frequencies); the suite's core metric "
+            "run again (`--suite paper --metrics core --overwrite`) saves them") in err.splitlines()
+    write_latent_frequencies(evals, replace(saved, sae_sha256="0" * 20))
+    _, err = run_cli(capsys, *suite)
+    assert f"{evals / 'latent_frequencies.safetensors'} measured other SAE weights than those " \
+           f"{evals / 'core.json'} describes" in err and not (evals / "density.png").exists()
+    out, _ = run_cli(capsys, *suite, "--overwrite")
+    assert out["core"] == "ok" and read_latent_frequencies(evals).sae_sha256 == saved.sae_sha256
+    assert (evals / "density.png").read_bytes() == (tmp_path / "plain" / "density.png").read_bytes()
+    assert "![latent density](density.png)" in (evals / "report.md").read_text()
 
 
 def test_a_difference_no_setting_names_still_counts():

@@ -14,7 +14,8 @@ A run folder holds everything about one SAE::
       metrics.json        the evaluation on held-out text (with the hash of the SAE it describes)
       latent_frequencies.safetensors  each latent's firing frequency in that evaluation (same hash)
       density.png  training_curves.png  report.md
-      evals/              the paper suite: <metric>.json, suite.json, report.md and plots
+      evals/              the paper suite: <metric>.json, suite.json, report.md and plots; its core metric's
+                          latent_frequencies.safetensors (as above, for evals/density.png)
       browser/            the feature browser site
 
 A sweep folder holds run folders side by side (``saelab sweep``). This module sits just above

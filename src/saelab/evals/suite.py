@@ -6,7 +6,9 @@
   ``compute_equivalent`` (§4.1; needs a model family, or a checkpoint series for its training-progress twin),
   ``ablation_sparsity`` (§4.5), ``probe`` (§4.2) and ``n2g`` (§4.3-4.4, with its splice). Each
   writes ``OUT/evals/<metric>.json`` and ``OUT/evals/suite.json`` indexes the run; the caller
-  (``saelab.pipeline.paper_suite``) writes ``OUT/evals/report.md``. A run's own ``metrics.json``
+  (``saelab.pipeline.paper_suite``) writes ``OUT/evals/report.md``. ``core`` also saves each latent's
+  firing frequency in ``OUT/evals/latent_frequencies.safetensors``, as ``saelab eval`` does beside
+  ``metrics.json`` (the report draws ``evals/density.png`` from it). A run's own ``metrics.json``
   (the core evaluation of ``saelab eval RUN``) is left as it is.
 
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs
@@ -58,10 +60,10 @@ from saelab.evals.compute_equivalent import (
     run_compute_equivalent,
     series_for_model,
 )
-from saelab.evals.core import EvalConfig, evaluate_core
+from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
 from saelab.evals.probe import ProbeConfig, run_probe
-from saelab.run_folder import EVALS_DIR, check_sae_hook, sae_sha256
+from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
 
@@ -138,12 +140,20 @@ class SuiteRun:
     first: int
     n_down: int
     evals: Path
+    sae_hash: str = ""
+    """:func:`sae_sha256` of ``sae``: what every result records, hashed once."""
     series: Any = None
     results: dict[str, dict | None] = field(default_factory=dict)
 
 
 def _core(run: SuiteRun) -> dict:
-    return evaluate_core(run.sae, run.lm, run.eval_cfg, progress=False).metrics
+    core = evaluate_core(run.sae, run.lm, run.eval_cfg, progress=False)
+    # Saved as `saelab eval` saves them, and before core.json, which marks the metric done: a suite cut off in
+    # between runs core again and rewrites them; they record the SAE and the settings, so a report never pairs
+    # them with a core.json of another evaluation.
+    write_latent_frequencies(run.evals, LatentFrequencies(core.frequencies_N, run.sae_hash,
+                                                          eval_settings(core.metrics)))
+    return core.metrics
 
 
 def _compute_equivalent(run: SuiteRun) -> dict:
@@ -329,7 +339,7 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig())
     corpus = str(resolve_corpus(run.eval_cfg.corpus, "eval"))
     position_0 = "excluded" if run.first else "included"
-    sha = sae_sha256(sae)
+    sha = run.sae_hash = sae_sha256(sae)
     hook = sae.cfg.hook_name
     sae_info = {"source": source, "n_latents": sae.n_latents, "k": sae.cfg.k, "hook": hook, "model": lm.name,
                 "input_norm": sae.cfg.input_norm, "sha256": sha}

@@ -10,8 +10,8 @@ from saelab.errors import CheckpointError
 from saelab.evals.core import eval_settings
 from saelab.report.plots import density_histogram, training_curves
 from saelab.run_folder import (DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, LATENT_FREQUENCIES, REPORT, SAE_DIR,
-                               TRAIN_CONFIG, TRAINING_CURVES, read_eval_metrics, read_json, read_latent_frequencies,
-                               sae_sha256)
+                               TRAIN_CONFIG, TRAINING_CURVES, LatentFrequencies, read_eval_metrics, read_json,
+                               read_latent_frequencies, sae_sha256)
 from saelab.sae import load_sae
 from saelab.train.checkpoint import read_metrics, read_status
 from saelab.train.config import TrainConfig
@@ -77,6 +77,22 @@ def _wall_time_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def frequencies_mismatch(saved: LatentFrequencies, folder: Path, n_latents: int, sae_hash: str,
+                         settings: dict[str, Any], *, weights: str, evaluation: str) -> str | None:
+    """Why the latent frequencies saved in ``folder`` do not belong with an evaluation's results (None: they
+    do): another latent count than ``n_latents``, other weights than those hashed ``sae_hash`` (``weights``
+    names them), or another evaluation than the one whose settings (``eval_settings``) are ``settings``
+    (``evaluation`` names its file: one cut off between its two files)."""
+    path = Path(folder) / LATENT_FREQUENCIES
+    if saved.frequencies_N.numel() != n_latents:
+        return f"{path} holds {saved.frequencies_N.numel():,} frequencies for an SAE of {n_latents:,} latents"
+    if saved.sae_sha256 != sae_hash:
+        return f"{path} measured other SAE weights than {weights}"
+    if saved.evaluation != settings:
+        return f"{path} comes from another evaluation than {evaluation}"
+    return None
+
+
 def _redraw_density(run_dir: Path, sae, sae_hash: str, metrics: dict[str, Any],
                     drawn_by: dict[str, Any] | None) -> str | None:
     """Draw density.png again from the latent frequencies the evaluation saved, unless ``drawn_by`` (the
@@ -94,13 +110,10 @@ def _redraw_density(run_dir: Path, sae, sae_hash: str, metrics: dict[str, Any],
     if saved is None:
         return (f"{run_dir / LATENT_FREQUENCIES} is missing (the run was evaluated before saelab saved the "
                 f"latents' firing frequencies); {again}")
-    if saved.frequencies_N.numel() != sae.n_latents:
-        return (f"{run_dir / LATENT_FREQUENCIES} holds {saved.frequencies_N.numel():,} frequencies for an SAE of "
-                f"{sae.n_latents:,} latents; {again}")
-    if saved.sae_sha256 != sae_hash:
-        return f"{run_dir / LATENT_FREQUENCIES} measured other SAE weights than {SAE_DIR}/; {again}"
-    if saved.evaluation != eval_settings(metrics):  # an evaluation cut off between its two files
-        return f"{run_dir / LATENT_FREQUENCIES} comes from another evaluation than {EVAL_METRICS}; {again}"
+    other = frequencies_mismatch(saved, run_dir, sae.n_latents, sae_hash, eval_settings(metrics),
+                                 weights=f"{SAE_DIR}/", evaluation=EVAL_METRICS)
+    if other:
+        return f"{other}; {again}"
     if drawn_by is not None and drawn_by.get("sae_sha256") == saved.sae_sha256 \
             and eval_settings(drawn_by) == saved.evaluation:
         return None  # the evaluation that saved these frequencies drew them a moment ago

@@ -1,16 +1,21 @@
 """``OUT/evals/report.md``: the paper suite's results (``saelab.evals.suite``) as tables and plots.
 
-Rebuilt from the ``OUT/evals/<metric>.json`` files alone, so it can be rewritten at any time.
+Rebuilt from the ``OUT/evals/<metric>.json`` files alone (and the latent frequencies the core metric
+saved beside them, for ``density.png``), so it can be rewritten at any time.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from saelab.errors import CheckpointError
 from saelab.evals.compute_equivalent import KIND_FAMILY, upgrade_result
-from saelab.report.markdown import METRIC_ROWS, markdown_table
+from saelab.evals.core import eval_settings
+from saelab.report.markdown import METRIC_ROWS, frequencies_mismatch, markdown_table
+from saelab.run_folder import DENSITY_PLOT, EVALS_DIR, LATENT_FREQUENCIES, read_latent_frequencies
 from saelab.utils.atomic import write_text
 
 METRIC_TITLES = {"core": "Core (reconstruction and spliced loss)", "compute_equivalent": "Compute-equivalent (§4.1)",
@@ -57,7 +62,7 @@ def _headline_ce(r: dict) -> str:
     return s + (f" (extrapolated: {r['extrapolation']})" if r.get("extrapolated") else "")
 
 
-def _section_core(r: dict) -> list[str]:
+def _section_core(r: dict, density: bool) -> list[str]:
     lines = [f"{r.get('n_tokens', 0):,} tokens for reconstruction, {r.get('n_predictions', 0):,} next-token "
              "predictions for the downstream loss.", "",
              markdown_table([(label, fmt.format(r[key])) for key, label, fmt in METRIC_ROWS
@@ -66,7 +71,38 @@ def _section_core(r: dict) -> list[str]:
         lines += ["", f"nMSE in the SAE's own input space (after its input normalization, as the paper reports it): "
                       f"**{r['nmse_sae_input']:.4f}**; the table's nMSE is in the raw activation space (the same "
                       "number for an SAE without input normalization)."]
+    if density:
+        lines += ["", "![latent density](density.png)"]
     return lines
+
+
+def _core_density(evals: Path, rec: dict) -> bool:
+    """Draw evals/density.png from the latent frequencies the suite's core metric saved (as `saelab eval`
+    saves them beside metrics.json); True when drawn. Frequencies that are missing (a core metric computed
+    before saelab saved them), damaged, or of other weights or another evaluation than core.json's are not
+    drawn, and one line says why."""
+    from saelab.report.plots import density_histogram
+
+    core = evals / "core.json"
+    again = "the suite's core metric run again (`--suite paper --metrics core --overwrite`) saves them"
+    try:
+        saved = read_latent_frequencies(evals)
+    except CheckpointError as e:
+        why = str(e)
+    else:
+        if saved is None:
+            why = (f"{evals / LATENT_FREQUENCIES} is missing (the suite's core metric ran before saelab saved the "
+                   f"latents' firing frequencies); {again}")
+        else:
+            why = frequencies_mismatch(saved, evals, rec.get("sae", {}).get("n_latents"),
+                                       rec.get("inputs", {}).get("sae_sha256"), eval_settings(rec["result"]),
+                                       weights=f"those {core} describes", evaluation=str(core))
+            why = why and f"{why}; {again}"
+    if why:
+        print(f"saelab: note: {EVALS_DIR}/{DENSITY_PLOT} not drawn: {why}", file=sys.stderr)
+        return False
+    density_histogram(saved.frequencies_N, evals / DENSITY_PLOT, saved.evaluation["n_tokens"])
+    return True
 
 
 def _ce_reference_rows(r: dict) -> list[tuple[str, str]]:
@@ -227,10 +263,10 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
 
 
 def write_paper_report(out_dir: str | Path) -> Path:
-    """Write ``out_dir/evals/report.md`` (and the probe / N2G plots) from the metric files."""
+    """Write ``out_dir/evals/report.md`` (and the density, compute-equivalent, probe and N2G plots) from the
+    metric files."""
     from saelab.evals.suite import PAPER_METRICS
     from saelab.report.plots import compute_equivalent_plot, n2g_plot, probe_plot
-    from saelab.run_folder import EVALS_DIR
 
     evals = Path(out_dir) / EVALS_DIR
     recs = {m: json.loads((evals / f"{m}.json").read_text()) for m in PAPER_METRICS if (evals / f"{m}.json").exists()}
@@ -241,6 +277,7 @@ def write_paper_report(out_dir: str | Path) -> Path:
         probe_plot(recs["probe"]["result"], evals / "probe.png")
     if recs.get("n2g", {}).get("status") == "ok" and recs["n2g"]["result"]["per_latent"]:
         n2g_plot(recs["n2g"]["result"], evals / "n2g.png")
+    density = recs.get("core", {}).get("status") == "ok" and _core_density(evals, recs["core"])
     any_rec = next(iter(recs.values()), {})
     sae, ev = any_rec.get("sae", {}), any_rec.get("eval", {})
     lines = [f"# Paper metrics of SAE `{sae.get('source') or '?'}`", ""]
@@ -262,7 +299,7 @@ def write_paper_report(out_dir: str | Path) -> Path:
             lines += [f"{rec['status'].capitalize()}: {rec['reason']}", ""]
             continue
         r = rec["result"]
-        body = {"core": lambda: _section_core(r), "compute_equivalent": lambda: _section_ce(r, evals),
+        body = {"core": lambda: _section_core(r, density), "compute_equivalent": lambda: _section_ce(r, evals),
                 "ablation_sparsity": lambda: _section_ablation(r), "probe": lambda: _section_probe(r, evals),
                 "n2g": lambda: _section_n2g(r, evals)}[m]()
         where = "`saelab.evals.reconstruction` and `.downstream`" if m == "core" else f"`saelab.evals.{m}`"
