@@ -244,8 +244,10 @@ def test_wandb_offline_run_holds_the_metrics_and_resumes_the_same_run(tmp_path, 
     assert sorted(logged) == [r["step"] for r in _jsonl(run)]  # each step once
     for r in _jsonl(run):
         assert logged[r["step"]][TAG_PREFIX + "nmse"] == r["nmse"]
-    offline = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
-    assert offline and all(name.endswith(first_id) for name in offline)
+    # Each session's folder holds the same W&B run (one started in the same second as the one before gets
+    # the folder name offline-run-TIME-ID-1).
+    offline = sorted((run / WANDB_DIR).glob("offline-run-*"))
+    assert len(offline) == 2 and all((p / f"run-{first_id}.wandb").is_file() for p in offline)
 
 
 
