@@ -474,7 +474,7 @@ def test_interrupted_overwrite_keeps_the_old_cache_and_resumes(tmp_path, source_
     with pytest.raises(KeyboardInterrupt):  # after two of the new cache's shards
         write_activation_cache(src_batches(new_rows, fail_after=10), folder, meta=other, shard_rows=300,
                                overwrite=True, progress=False)
-    assert "keeps the 640 rows written so far; the same call continues from there" in capsys.readouterr().err
+    assert "keeps the 640 rows written so far; the same call reads the input again up to there" in capsys.readouterr().err
     assert torch.equal(ActivationCache(folder).read(), old_rows)  # the old cache still whole and listed
     assert {p.name: p.read_bytes() for p in folder.glob("shard_*")} == old_files
     assert (folder / OVERWRITE_STAGE).is_dir()

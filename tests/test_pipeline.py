@@ -224,6 +224,50 @@ BATCH = 64
 STEPS = TRAIN_ROWS // BATCH
 
 
+def test_an_interrupted_harvest_says_the_resume_reruns_the_model_up_to_the_rows_kept(tiny_dir, data_dir, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """Ctrl-C during `saelab harvest`: the rows written are kept, and the messages say that the same command runs
+    the model again over the text before them (the shuffle needs the same stream) without writing them again."""
+    from saelab.models import LanguageModel
+
+    corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 12)
+    forward, calls, stop_at = LanguageModel.activations, [], []
+
+    def counted(lm, tokens_BT, hook):  # the real forward, counted; a Ctrl-C arrives at the call stop_at names
+        calls.append(tokens_BT.shape[0])
+        if stop_at and len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return forward(lm, tokens_BT, hook)
+
+    monkeypatch.setattr(LanguageModel, "activations", counted)
+
+    def harvest_into(out: Path) -> tuple[int, str]:
+        calls.clear()
+        capsys.readouterr()
+        code = main(["harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(corpus), "--out", str(out),
+                     "--n-tokens", "16384", "--context-size", "32", "--lm-batch-size", "16",
+                     "--sample-pool-tokens", "0", "--buffer-tokens", "8192", "--no-progress"])
+        return code, capsys.readouterr().err
+
+    assert harvest_into(tmp_path / "ref")[0] == 0
+    whole = len(calls)
+    stop_at.append(20)  # 20 x 16 contexts of 31 rows: the 8,192-row buffer has filled once and emitted 4,096
+    code, err = harvest_into(tmp_path / "acts")
+    assert code == 130
+    assert (f"activation cache {tmp_path / 'acts'} keeps the 4,096 rows written so far; the same call reads the "
+            "input again up to there without writing those rows again (a harvest reruns the model over that text: "
+            "its shuffle needs the same stream), then writes the rest") in err
+    assert "interrupted; run the same command again to resume" in err
+    stop_at.clear()
+    code, err = harvest_into(tmp_path / "acts")
+    assert code == 0
+    assert (f"saelab: resuming activation cache {tmp_path / 'acts'}: re-reading the input up to the 4,096 rows "
+            "already written (a harvest reruns the model over that text to restore its shuffle), then writing") in err
+    assert len(calls) == whole  # as the messages say: the model ran over the whole text again
+    ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").glob("shard_*.npy")}
+    assert ref and {p.name: p.read_bytes() for p in (tmp_path / "acts").glob("shard_*.npy")} == ref
+
+
 def train_command(cache: Path, run: Path) -> list[str]:
     """128 small steps, a checkpoint every 2 and a metrics line (fsynced) every step: a few seconds."""
     return [sys.executable, "-m", "saelab", "train", "--activations", str(cache), "--out", str(run),

@@ -118,7 +118,8 @@ def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):
 def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None = None,
             device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
             progress: bool = True, overwrite_option: str = "--overwrite") -> ActivationCache:
-    """Harvest activations into an on-disk cache; an interrupted harvest resumes where it stopped.
+    """Harvest activations into an on-disk cache; an interrupted harvest keeps the rows it wrote, and the
+    same call writes the rest (rerunning the model over the text before them: the shuffle needs it).
     ``overwrite_option``: how the caller's command line asks for ``overwrite`` (said when a cache is reused)."""
     check_output_folder(out_dir, "--out", "activations")
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load

@@ -19,7 +19,9 @@ harvest smaller than one shard keeps its work too. After an interruption,
 back and continues, writing the same shards an uninterrupted write would have written. By
 default it expects the *same* input again from the start and discards its first
 ``cache_rows_written(folder)`` rows (right for a deterministic stream with a fixed seed); pass
-``skip_written=False`` when the caller has already positioned its input after those rows.
+``skip_written=False`` when the caller has already positioned its input after those rows. So a
+resumed harvest saves the writing, not the model's work: its shuffled stream is the same only if
+the model runs again over all the text before the rows already written.
 
 One process writes a cache folder at a time (a lock, saelab.utils.folder_lock). An overwrite writes
 the new cache in ``.overwrite/`` inside the folder and moves it in only once complete, so an
@@ -241,16 +243,22 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
     # the caller's input starts over: rows saved toward the next shard are taken back, not written again
     partial = writer.restore_partial() if (existing is not None and skip_written) else writer.drop_partial()
     to_skip = manifest["n_rows"] + partial if (existing is not None and skip_written) else 0
+    if to_skip:  # the input is read again from its start: say why nothing is written for a while
+        print(f"saelab: resuming activation cache {folder}: re-reading the input up to the {to_skip:,} rows already "
+              "written (a harvest reruns the model over that text to restore its shuffle), then writing",
+              file=sys.stderr)
     bar = tqdm(total=None, unit="row", unit_scale=True, desc=f"cache {folder.name}", disable=not progress,
                initial=manifest["n_rows"] + partial)
     try:
         to_skip = _write_batches(batches, writer, to_skip, bar)
-    except KeyboardInterrupt:  # the rows toward the next shard are saved too: nothing is harvested twice
+    except KeyboardInterrupt:  # the rows toward the next shard are saved too: none is written twice
         saved = writer.save_partial()  # may first finish a shard the interruption cut into
         kept = manifest["n_rows"] + saved
-        print(f"saelab: activation cache {folder} keeps the {kept:,} rows written so far; the same call continues "
-              "from there" if kept else f"saelab: activation cache {folder} holds no rows yet (a shuffled harvest "
-              "writes its first rows once its shuffle buffer is full); the same call starts over", file=sys.stderr)
+        print(f"saelab: activation cache {folder} keeps the {kept:,} rows written so far; the same call reads the "
+              "input again up to there without writing those rows again (a harvest reruns the model over that text: "
+              "its shuffle needs the same stream), then writes the rest" if kept else f"saelab: activation cache "
+              f"{folder} holds no rows yet (a shuffled harvest writes its first rows once its shuffle buffer is "
+              "full); the same call starts over", file=sys.stderr)
         raise
     finally:
         bar.close()
