@@ -872,6 +872,46 @@ def test_browse_checks_the_n2g_padding_token_against_the_tokenizer_before_the_te
     assert not (tmp_path / "site").exists()
 
 
+def test_browse_checks_the_whole_n2g_file_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """browse --n2g-file ended in a TypeError on an entry whose patterns were text, built a site "explaining" a
+    latent the SAE lacks, and answered a file that was no JSON in the parser's words. The whole file is now
+    checked first, and each is refused in one line naming the option, the file, the entry and what was
+    expected; the model here has no weights, so a refusal after its load would read "cannot load"."""
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("run/sae", 256))
+    files = {"bad3.json": '{"per_latent":[{"latent":5,"patterns":"<b>x</b>"}]}',
+             "big.json": '{"per_latent":[{"latent":99999}]}',
+             "notes.md": "# Notes\n",
+             "twice.json": '{"per_latent":[{"latent":1},{"latent":1}]}',
+             "nolatent.json": '{"per_latent":[{"patterns":[]}]}',
+             "tokens.json": '{"per_latent":[{"latent":2,"patterns":[{"tokens":[1,2]}]}]}',
+             "f1.json": '{"per_latent":[{"latent":2,"f1":"<i>high</i>"}]}',
+             "suite.json": '{"status":"ok","result":{"per_latent":[{"latent":0},{"latent":300}]}}'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    expected = "expected the evals/n2g.json that `saelab eval RUN --suite paper` writes, or a JSON object with a"
+    browse = ["browse", "run", "--out", "site", "--n-tokens", "4096", "--n2g-file"]
+    _refusals([([*browse, "bad3.json"], '--n2g-file bad3.json: per_latent[0] (latent 5): patterns is "<b>x</b>"; '
+                                        "expected a list of {tokens: [text, ...], anchored: true or false, value, "
+                                        "count}"),
+               ([*browse, "big.json"], "--n2g-file big.json: latent [99999] out of range: the SAE has 256 latents "
+                                       "(0 to 255)"),
+               ([*browse, "notes.md"], f"--n2g-file notes.md: not JSON (line 1, column 1); {expected}"),
+               ([*browse, "twice.json"], "--n2g-file twice.json: per_latent[1] (latent 1): latent 1 is explained "
+                                         "twice (also per_latent[0])"),
+               ([*browse, "nolatent.json"], "--n2g-file nolatent.json: per_latent[0]: latent is missing; expected a "
+                                            "latent index (an integer >= 0)"),
+               ([*browse, "tokens.json"], "--n2g-file tokens.json: per_latent[0] (latent 2): patterns[0].tokens is "
+                                          "[1, 2]; expected a list of token texts"),
+               ([*browse, "f1.json"], '--n2g-file f1.json: per_latent[0] (latent 2): f1 is "<i>high</i>"; expected '
+                                      "a number or null"),
+               ([*browse, "suite.json"], "--n2g-file suite.json: latent [300] out of range")], capsys)
+    # The run's own n2g.json, shown by default, is checked as early.
+    (tmp_path / "run" / "n2g.json").write_text(files["tokens.json"])
+    _refusals([(browse[:-1], "n2g.json: per_latent[0] (latent 2): patterns[0].tokens is [1, 2]")], capsys)
+    assert not (tmp_path / "site").exists()
+
+
 def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = _config_only_model(tmp_path / "model")

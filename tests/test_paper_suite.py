@@ -79,7 +79,7 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     (run / "evals" / "n2g.json").write_text(json.dumps({**json.loads(record), "status": "error", "result": None}))
     assert run_explanations(run, load_sae(run / "sae")) == {}
     (run / "evals" / "n2g.json").write_text(record[:50])  # a damaged one: said, and the site is built without
-    assert run_explanations(run, load_sae(run / "sae")) == {} and "cannot read N2G" in capsys.readouterr().err
+    assert run_explanations(run, load_sae(run / "sae")) == {} and "n2g.json: not JSON (line " in capsys.readouterr().err
     (run / "evals" / "n2g.json").write_text(record)
     index = json.loads((run / "evals" / "suite.json").read_text())
     assert set(index["metrics"]) == set(names) and index["wall_s"] > 0

@@ -187,8 +187,9 @@ class N2GConfig:
 def check_latents(latents: Sequence[int], n_latents: int, name: str = "latents") -> None:
     """Refuse latent ids an SAE with ``n_latents`` latents lacks (they would index past its latents)."""
     bad = sorted({int(l) for l in latents if l >= n_latents})
-    if bad:
-        raise ConfigError(f"{name} {bad} out of range: the SAE has {n_latents} latents (0 to {n_latents - 1})")
+    if bad:  # a file of another SAE's explanations can hold thousands: the first few name it
+        shown = f"{bad}" if len(bad) <= 5 else f"[{', '.join(map(str, bad[:5]))}, …] ({len(bad)} in all)"
+        raise ConfigError(f"{name} {shown} out of range: the SAE has {n_latents} latents (0 to {n_latents - 1})")
 
 
 # ---- explanations -------------------------------------------------------------------------

@@ -28,9 +28,9 @@ from saelab.explore.browser.build import (
     collect_statistics,
     finish_statistics,
     first_scored,
+    given_explanations,
     n2g_padding_id,
     open_sae_source,
-    read_n2g_file,
     read_tokens,
     resolve_corpus,
 )
@@ -185,8 +185,10 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         raise RunExistsError(f"{out} holds a feature browser site built from {_what_differs(old.get('inputs'), inputs)} "
                              f"(it shows {shown}); pass --overwrite to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
-    if cfg.n2g_file is not None:
-        read_n2g_file(cfg.n2g_file)  # a file that is not an N2G result: refused now, not after the pass
+    single = len(sources) == 1
+    # An N2G file that is no N2G result, or one of another SAE: refused now, not after the pass.
+    explanations = [given_explanations(s, cfg if single else dataclasses.replace(cfg, n2g_file=None))
+                    for s in sources]
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
@@ -203,10 +205,8 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     stats, coact, pass_times = collect_statistics(lm, sources, tokens, cfg, hook=hook, progress=progress)
     seconds.update(pass_times)
     t = time.perf_counter()
-    single = len(sources) == 1
-    for st in stats:
-        finish_statistics(lm, st, tokens, hook, cfg if single else dataclasses.replace(cfg, n2g_file=None),
-                          progress=progress)
+    for st, given in zip(stats, explanations):
+        finish_statistics(lm, st, tokens, hook, cfg, progress=progress, explanations=given)
     families = _families(lm, sources, coact, cfg, hook)
     seconds["finish"] = time.perf_counter() - t
     first = first_scored(sources[0].sae)
