@@ -220,6 +220,38 @@ def test_markup_in_data_files_shows_literally(browser, hostile_site, tmp_path): 
         server.server_close()
 
 
+def test_markup_in_an_n2g_file_shows_literally(browser, tiny_gpt2, data_dir, tmp_path):  # noqa: F811
+    """The explanations of browse --n2g-file reach the index and the latent page as text: patterns made of
+    markup show literally, and nothing from the file runs or becomes an element."""
+    from saelab.sae import save_sae
+
+    corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
+    save_sae(trained_like_sae(tiny_gpt2, 64, 0, corpus), tmp_path / "run" / "sae")
+    n2g = tmp_path / "n2g.json"
+    n2g.write_text(json.dumps({"per_latent": [
+        {"latent": 3, "f1": 0.5, "patterns": [
+            {"tokens": ["<img src=x onerror=window.__pwned=11>", "*", "<b>"], "anchored": True, "value": 1.5,
+             "count": 2},
+            {"tokens": ["<svg onload=window.__pwned=12>"], "anchored": False, "value": 0.5, "count": 1}]}]}))
+    res = build_browser([tmp_path / "run"], tmp_path / "site",
+                        BrowseConfig(n_tokens=31 * 32, corpus=corpus, n2g_file=str(n2g)), lm=tiny_gpt2, progress=False)
+    assert res["saes"][0]["explained"] == 1
+    server, _ = serve_in_thread(tmp_path / "site", 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    first = "⟨start⟩<img src=x onerror=window.__pwned=11>…<b>"
+    try:
+        for fragment, where in (("#/s/run?sort=id&dir=asc", "#latents"), ("#/s/run/l/3", "#explanation")):
+            page, dialogs = _open(browser, base + fragment)
+            assert page.evaluate("document.body.dataset.ready") != "error", page.inner_text("#main")
+            _assert_clean(page, dialogs)
+            assert first in page.inner_text(where)
+            assert "<svg onload=window.__pwned=12>" in page.inner_text(where)
+            page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("where", ["http", "file"])
 def test_csp_blocks_inline_script_that_gets_in(browser, served, hostile_site, where):  # noqa: F811
     """Defence in depth: were markup to reach the page, the policy still stops its handlers and scripts."""
