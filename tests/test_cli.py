@@ -912,6 +912,17 @@ def test_browse_checks_the_whole_n2g_file_before_the_model_loads(tmp_path, capsy
     assert not (tmp_path / "site").exists()
 
 
+def test_browse_of_several_saes_refuses_an_n2g_file(tmp_path, capsys, monkeypatch):
+    """browse A B --n2g-file F built the site without F's explanations and said nothing: they are one SAE's."""
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("a", 64), ("b", 128))
+    (tmp_path / "n2g.json").write_text('{"per_latent":[{"latent":1}]}')
+    _refusals([(["browse", "a", "b", "--out", "site", "--n2g-file", "n2g.json"],
+                "--n2g-file n2g.json holds the N2G explanations of one SAE, and 2 SAEs were given; browse that SAE "
+                "alone with it, or leave --n2g-file out")], capsys)
+    assert not (tmp_path / "site").exists()
+
+
 def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = _config_only_model(tmp_path / "model")

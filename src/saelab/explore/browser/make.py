@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from saelab.errors import RunExistsError, SaelabError
+from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.explore.browser.build import (
     RUN_N2G_FILES,
     BrowseConfig,
@@ -186,6 +186,9 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
                              f"(it shows {shown}); pass --overwrite to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
     single = len(sources) == 1
+    if cfg.n2g_file is not None and not single:  # its latents are one SAE's: it was left out without a word
+        raise ConfigError(f"browse.n2g_file {cfg.n2g_file} holds the N2G explanations of one SAE, and {len(sources)} "
+                          "SAEs were given; browse that SAE alone with it, or leave browse.n2g_file out")
     # An N2G file that is no N2G result, or one of another SAE: refused now, not after the pass.
     explanations = [given_explanations(s, cfg if single else dataclasses.replace(cfg, n2g_file=None))
                     for s in sources]
