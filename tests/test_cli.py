@@ -740,24 +740,43 @@ def test_grid_takes_choice_fields_and_config_file_defaults(tmp_path, capsys):
     assert "--n-tokens 100 is less than one batch" in capsys.readouterr().err
 
 
-def test_a_sweep_folder_given_for_one_sae_names_its_runs(tmp_path, capsys):
+def _sweep_of(folder, sizes) -> None:
+    """A sweep folder of run folders n{N}_k4 (an SAE and a train_config.json each): what sweep_runs lists."""
     from saelab.sae import SAEConfig, TopKSAE, save_sae
 
-    sweep = tmp_path / "sweep"
-    for n in (32, 64):
+    for n in sizes:
         sae = TopKSAE(SAEConfig(d_in=16, n_latents=n, k=4, hook_name="blocks.1.hook_resid_post", model_name="gpt2"))
-        save_sae(sae, sweep / f"n{n}_k4" / "sae")
-        (sweep / f"n{n}_k4" / "train_config.json").write_text("{}")
-    for argv in (["top", str(sweep), "--latent", "1"], ["browse", str(sweep), "--out", str(tmp_path / "site")],
-                 ["browse", str(sweep)],
-                 ["families", str(sweep), str(sweep / "n64_k4"), "--out", str(tmp_path / "f.json")],
-                 ["export", str(sweep), str(tmp_path / "out"), "--format", "saelens"],
-                 ["steer", str(sweep), "--latent", "1", "--value", "1"]):
+        save_sae(sae, folder / f"n{n}_k4" / "sae")
+        (folder / f"n{n}_k4" / "train_config.json").write_text("{}")
+
+
+def test_a_sweep_folder_given_for_one_sae_names_its_runs(tmp_path, capsys):
+    """A verb of one SAE names one run to pass; browse and families, which take several, all of them."""
+    sweep = tmp_path / "sweep"
+    _sweep_of(sweep, (32, 64))
+    one = f"{sweep} is a sweep folder of 2 runs; expected one SAE: pass one of its run folders, e.g. {sweep / 'n32_k4'}"
+    several = f"{sweep} is a sweep folder of 2 runs, not an SAE: pass its run folders: {sweep / 'n32_k4'} " \
+              f"{sweep / 'n64_k4'}"
+    for argv, expected in ((["top", str(sweep), "--latent", "1"], one),
+                           (["browse", str(sweep), "--out", str(tmp_path / "site")], several),
+                           (["browse", str(sweep)], several),
+                           (["families", str(sweep), "--out", str(tmp_path / "f.json")], several),
+                           (["families", str(sweep), str(sweep / "n64_k4"), "--out", str(tmp_path / "f.json")], several),
+                           (["export", str(sweep), str(tmp_path / "out"), "--format", "saelens"], one),
+                           (["steer", str(sweep), "--latent", "1", "--value", "1"], one)):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
-        assert err.endswith(f"{sweep} is a sweep folder of 2 runs; expected one SAE: pass one of its run folders, "
-                            f"e.g. {sweep / 'n32_k4'}"), (argv, err)
+        assert err.endswith(expected) and len(err.splitlines()) == 1, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+
+
+def test_a_large_sweep_folder_lists_its_first_runs_and_how_many_more(tmp_path, capsys):
+    sweep = tmp_path / "my sweep"  # a path with a space is quoted, to paste as one word
+    _sweep_of(sweep, (16, 32, 48, 64, 80, 96, 112, 128))
+    assert main(["families", str(sweep), "--out", str(tmp_path / "f.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    first = " ".join(f"'{sweep / f'n{n}_k4'}'" for n in (16, 32, 48, 64, 80, 96))
+    assert err.endswith(f"sweep folder of 8 runs, not an SAE: pass its run folders: {first} ... (2 more)"), err
 
 
 def test_a_bad_hook_or_corpus_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

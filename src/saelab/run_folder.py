@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,15 +83,23 @@ def sweep_runs(folder: str | Path) -> list[Path]:
     return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
 
 
+def listed_paths(paths: list[Path], most: int = 6) -> str:
+    """``paths`` as words to paste into a command (quoted where needed); past ``most``, the first ones
+    and how many more."""
+    shown = shlex.join(str(p) for p in paths[:most])
+    return shown if len(paths) <= most else f"{shown} ... ({len(paths) - most} more)"
+
+
 def is_sweep(path: str | Path) -> bool:
     """A folder that is not a run or SAE folder itself but holds run folders."""
     path = Path(path)
     return path.is_dir() and not is_run(path) and not (path / "cfg.json").exists() and bool(sweep_runs(path))
 
 
-def open_sae(source: str | Path, *, allow_http: bool = False):
+def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = False):
     """(SAE, run folder or None) for a run folder, a SAELens or sparsify folder, an OpenAI ``.pt`` file,
-    an https URL or ``hf://owner/repo/path``; ``allow_http`` also accepts plain http URLs."""
+    an https URL or ``hf://owner/repo/path``; ``allow_http`` also accepts plain http URLs. ``several``: the
+    caller takes several SAEs (browse, families), so a sweep folder's refusal lists all its runs to pass."""
     from saelab.sae import load_sae  # lazy: safetensors and the format readers load only when needed
 
     path = Path(str(source)).expanduser()
@@ -101,6 +110,9 @@ def open_sae(source: str | Path, *, allow_http: bool = False):
                               "the same `saelab train` (or sweep) command again to finish it")
     if is_sweep(path):
         runs = sweep_runs(path)
+        if several:
+            raise CheckpointError(f"{path} is a sweep folder of {len(runs)} runs, not an SAE: pass its run folders: "
+                                  f"{listed_paths(runs)}")
         raise CheckpointError(f"{path} is a sweep folder of {len(runs)} runs; expected one SAE: pass one of its run "
                               f"folders, e.g. {runs[0]}")
     marker, what = ARTEFACTS["activations"]

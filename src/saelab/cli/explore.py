@@ -235,7 +235,7 @@ def _default_out(sources: list[str]) -> Path:
     if is_run(sources[0]):
         return Path(sources[0]) / BROWSER_DIR
     if is_sweep(sources[0]):
-        open_sae(sources[0])  # names the sweep's runs: one of them is what to browse
+        open_sae(sources[0], several=True)  # names the sweep's runs: they are what to browse
     if "://" in sources[0]:
         raise ConfigError(f"{sources[0]} is not a run folder; pass --out for the site folder")
     if not (sources[0] and Path(sources[0]).expanduser().exists()):

@@ -63,7 +63,7 @@ def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource]) -> tuple[
     if isinstance(sae_sources, (str, os.PathLike, SAESource)):
         sae_sources = [sae_sources]
     sae_sources = list(sae_sources)  # read twice below
-    out = [s if isinstance(s, SAESource) else open_sae_source(s) for s in sae_sources]
+    out = [s if isinstance(s, SAESource) else open_sae_source(s, several=True) for s in sae_sources]
     if not out:
         raise SaelabError("no SAE given; pass a run folder, a SAELens folder or an OpenAI .pt file")
     return out, [s for s, given in zip(out, sae_sources) if s is not given]
