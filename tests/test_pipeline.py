@@ -455,6 +455,32 @@ def test_report_refuses_a_hand_edited_token_count(tiny_dir, data_dir, tmp_path, 
     assert main(["report", str(run)]) == 0
 
 
+def test_training_curves_leave_out_the_steps_where_auxk_was_inactive(tiny_dir, data_dir, tmp_path, capsys):
+    """A real run whose latents die only after a few steps (--dead-tokens 200): metrics.jsonl records AuxK
+    0.0 before, which the log axis cannot show; the curve leaves those steps out (gaps), and says so."""
+    import numpy as np
+
+    from saelab.report.plots import training_curves_figure
+
+    corpus, acts, run = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2), tmp_path / "acts", tmp_path / "run"
+    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(corpus), "--out",
+            str(acts), "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
+            "--batch-size", "50", "--total-tokens", "1000", "--init-rows", "500", "--dead-tokens", "200",
+            "--log-every", "1", "--no-progress")
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    auxk = np.array([m["auxk"] for m in log])
+    assert (auxk == 0).any() and (auxk > 0).any(), auxk  # the case at hand: inactive, then active
+    ax = training_curves_figure(log).axes[0]
+    [line] = [l for l in ax.get_lines() if l.get_label().startswith("AuxK")]
+    y = np.asarray(line.get_ydata(), dtype=float)
+    assert not (y == 0).any()  # no point at 0 for the log axis to drop to
+    assert np.array_equal(np.isnan(y), auxk == 0) and np.array_equal(y[auxk > 0], auxk[auxk > 0])
+    assert line.get_label() == "AuxK loss (gaps: no dead latents)"
+    assert main(["report", str(run)]) == 0  # the report draws the same figure
+    assert_png(run / "training_curves.png")
+
+
 def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_dir, data_dir, tmp_path, capsys):
     """`saelab report RUN` draws density.png again from the latent frequencies the evaluation saved. Where
     it cannot (a run evaluated before they were saved, frequencies of other weights or of another

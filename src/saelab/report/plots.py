@@ -7,19 +7,29 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from saelab.train.trainer import INACTIVE_WINDOW
 from saelab.utils.figures import figure, save_figure
 
 
 def training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Training nMSE and the fraction of inactive/dead latents against tokens."""
+    """Training nMSE and the fraction of inactive/dead latents against tokens, drawn to ``path``."""
+    return save_figure(training_curves_figure(metrics), Path(path))
+
+
+def training_curves_figure(metrics: Sequence[dict[str, Any]]) -> Figure:
+    """The figure :func:`training_curves` draws (from metrics.jsonl's records)."""
     tokens = np.array([m["tokens"] for m in metrics])
     style = {"marker": "o", "markersize": 3} if len(metrics) < 30 else {}  # a short run's few points stay visible
     fig, (ax1, ax2) = figure(1, 2, figsize=(10, 3.6))
     ax1.plot(tokens, [m["nmse"] for m in metrics], label="nMSE (train batch)", **style)
-    if any(m.get("auxk", 0) > 0 for m in metrics):
-        ax1.plot(tokens, [m["auxk"] for m in metrics], label="AuxK loss", alpha=0.7, **style)
+    auxk = np.array([m.get("auxk", 0.0) for m in metrics], dtype=float)
+    if (auxk > 0).any():
+        # AuxK trains the dead latents only: 0 at steps with none, which the log axis cannot show (the line
+        # fell off it). NaN leaves those steps out: gaps where it was inactive.
+        label = "AuxK loss" if (auxk > 0).all() else "AuxK loss (gaps: no dead latents)"
+        ax1.plot(tokens, np.where(auxk > 0, auxk, np.nan), label=label, alpha=0.7, **style)
     ax1.set_xlabel("training tokens")
     ax1.set_ylabel("loss")
     ax1.set_yscale("log")
@@ -36,7 +46,7 @@ def training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) -> Path
     ax2.grid(alpha=0.3)
     ax2.legend()
     fig.suptitle("Training")
-    return save_figure(fig, Path(path))
+    return fig
 
 
 def density_histogram(frequencies_N: torch.Tensor, path: str | Path, n_tokens: int) -> Path:
