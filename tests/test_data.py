@@ -578,14 +578,21 @@ def test_harvest_to_cache_end_to_end(tmp_path, model, contexts):
     np.testing.assert_allclose(sort_rows(cache.read()), sort_rows(expected), rtol=1e-3, atol=1e-3)
 
 
-def test_float16_underflow_is_reported_not_silent(tmp_path):
+def test_float16_underflow_is_reported_not_silent(tmp_path, capsys):
+    """In one line on stderr as saelab's other warnings, not Python's warning with its source line."""
     rows = torch.full((8, 4), 1.0)
     rows[0, 0] = 1e-9  # below float16's smallest subnormal: stored as 0
-    with pytest.warns(UserWarning, match=r"1 nonzero activations underflow to 0 in float16"):
-        write_activation_cache(iter([rows]), tmp_path / "f16", meta={}, dtype="float16", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_activation_cache(iter([rows, rows]), tmp_path / "f16", meta={}, dtype="float16", progress=False)
+    assert capsys.readouterr().err.splitlines() == [  # once per cache
+        f"saelab: warning: batch 0: 1 nonzero activations underflow to 0 in float16 in activation cache "
+        f"{str(tmp_path / 'f16')!r}; the dtype bfloat16 or float32 keeps them (harvest --dtype, quickstart "
+        "--harvest-dtype)"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # float32 keeps it: no warning
         write_activation_cache(iter([rows]), tmp_path / "f32", meta={}, dtype="float32", progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_cache_with_other_settings_names_the_setting_that_differs(tmp_path):

@@ -43,7 +43,6 @@ import os
 import shutil
 import sys
 import tokenize
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -401,8 +400,10 @@ class _ShardWriter:
         lost = int(((acts_BD.detach().cpu() != 0) & (rows_BD == 0)).sum())
         if lost:
             self.underflow = lost
-            warnings.warn(f"{what}: {lost:,} nonzero activations underflow to 0 in {self.dtype} in activation "
-                          f"cache {str(self.folder)!r}; dtype='bfloat16' or 'float32' keeps them", stacklevel=4)
+            # one line on stderr, as saelab's other warnings (not Python's, with a source line)
+            print(f"saelab: warning: {what}: {lost:,} nonzero activations underflow to 0 in {self.dtype} in "
+                  f"activation cache {str(self.folder)!r}; the dtype bfloat16 or float32 keeps them (harvest "
+                  "--dtype, quickstart --harvest-dtype)", file=sys.stderr)
 
     def flush(self) -> None:
         if not self.n_buf:
