@@ -210,7 +210,8 @@ BAD = [
     ("train --multi-topk --k 32 --n-latents 64", "--multi-topk-factor 4 times --k 32 exceeds --n-latents 64"),
     ("train --recipe nope", "argument --recipe: invalid choice: 'nope'"),
     ("train --decoder-init best", "argument --decoder-init: invalid choice: 'best'"),
-    ("sweep --grid n_latents=abc", "--grid n_latents=abc: expected a value of type int"),
+    ("sweep --grid n_latents=abc", "--grid n_latents=abc: expected an integer"),
+    ("sweep --grid lr=fast", "--grid lr=fast: expected a number"),
     ("sweep --grid n_latents=0,256", "error: --grid n_latents=0: must be an integer >= 1"),  # not --n-latents
     ("sweep --grid lr=-1", "error: --grid lr=-1: must be > 0"),  # as typed, not -1.0
     ("sweep --grid n-latents=0,256", "error: --grid n-latents=0: must be an integer >= 1"),  # not n_latents=0
@@ -254,7 +255,14 @@ BAD = [
     ("steer SAE --latent 1", "--mode add needs --value"),
     ("steer SAE --latent 17,17 --value 1", "argument --latent: latent 17 given twice in '17,17'"),
     ("steer SAE --latent 1 --value 1 --seed 99999999999999999999999", "--seed 99999999999999999999999: expected an"),
-    ("steer SAE --latent 1 --value 1 --positions ,", "(no position listed)"),
+    ("steer SAE --latent 1 --value 1 --positions ,", "cannot read positions ','"),
+    ("steer SAE --latent 1 --value 1 --positions abc", "--positions: cannot read positions 'abc': expected 'all', a "
+                                                       "position '5', positions '3,7,9' or a range '1:' / '2:10', as "
+                                                       "integers >= 0 (0 = the first token)"),
+    ("steer SAE --latent 1 --value 1 --positions 2:x", "--positions: cannot read positions '2:x': expected 'all'"),
+    ("steer SAE --latent 1 --value 1 --positions 3,,5", "--positions: cannot read positions '3,,5': expected 'all'"),
+    ("top SAE --latent abc", "argument --latent: expected an integer >= 0 or comma-separated integers >= 0, got 'abc'"),
+    ("top SAE --latent -3", "argument --latent: expected an integer >= 0 or comma-separated integers >= 0, got '-3'"),
     ("steer SAE --latent 1 --mode ablate --value 3", "--mode ablate sets the latent to 0: it takes no --value"),
     ("steer SAE --latent 1 --value 1 --top-p 2", "--top-p must be in (0, 1]"),
     ("browse SAE --corpus", "argument --corpus: expected one argument"),
@@ -321,6 +329,7 @@ def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monke
     assert last.startswith(f"saelab {args[0]}: error:") and message in last, err
     assert len(err.strip().splitlines()) == 1, err  # no usage block
     assert "Traceback" not in err
+    assert "invalid literal" not in err  # int()'s words, not the user's
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created
 
 

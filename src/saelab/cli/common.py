@@ -221,8 +221,8 @@ def _type_expected(hint: Any, value: Any) -> str | None:
         return None
     kind = kinds.pop()
     if value is None:
-        return None if type(None) in members else _wanted(kind)
-    return None if _fits(kind, value) else _wanted(kind)
+        return None if type(None) in members else type_words(kind)
+    return None if _fits(kind, value) else type_words(kind)
 
 
 _SWITCH_WORDS = (*TRUE_STRINGS, *FALSE_STRINGS)  # the words simple_parsing reads as a switch's value
@@ -263,7 +263,7 @@ def _reads_as(kind: Any, text: str) -> bool:
     return True
 
 
-def _wanted(kind: Any) -> str:
+def type_words(kind: Any) -> str:
     """The words for what type ``kind`` takes: "an integer", "a list of zero or mean"."""
     if typing.get_origin(kind) in (tuple, list):
         item = typing.get_args(kind)[0]

@@ -15,25 +15,16 @@ from saelab.cli.common import (add_io_options, finite_float, first_repeat, posit
                                typed)
 from saelab.errors import ConfigError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
+from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
 
 
-def _items(text: str, kind: str) -> list[str]:
-    """'12,40' -> ['12', '40']; an empty item ('1,,2', '5,') is refused: a number was likely left out."""
-    items = text.split(",")
-    if not all(t.strip() for t in items):
-        raise argparse.ArgumentTypeError(f"expected {kind} separated by single commas, got {text!r}")
-    return items
-
-
 def _int_list(text: str) -> list[int]:
     try:
-        values = [int(t) for t in _items(text, "integers")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
-    if min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected latent indices >= 0, got {text!r}")
+        values = index_list(text)  # the reader --positions shares
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     repeat = first_repeat(values)
     if repeat is not None:  # "5,5": top would show it twice, steer add (or clamp) it twice
         raise argparse.ArgumentTypeError(f"latent {repeat} given twice in {text!r}; give each latent once")
@@ -41,7 +32,11 @@ def _int_list(text: str) -> list[int]:
 
 
 def _float_list(text: str) -> list[float]:
-    return [finite_float(t) for t in _items(text, "numbers")]
+    try:
+        items = comma_items(text, "numbers")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return [finite_float(t) for t in items]
 
 
 def add_steer(sub) -> None:

@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, did_you_mean, literal_choices, typed, typed_starting
+from saelab.cli.common import add_io_options, did_you_mean, literal_choices, type_words, typed, typed_starting
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
@@ -200,8 +200,7 @@ def _grid_value(name: str, hint: Any, text: str) -> Any:
     try:
         return kind(text)
     except (TypeError, ValueError):
-        raise ConfigError(f"--grid {name}={text}: expected a value of type {getattr(kind, '__name__', kind)}") \
-            from None
+        raise ConfigError(f"--grid {name}={text}: expected {type_words(kind)}") from None  # as a --config file
 
 
 def check_grid_points(base: TrainConfig, grid: dict[str, list], items: list[str]) -> None:

@@ -157,6 +157,28 @@ def first_past(positions: Positions, last: int) -> int | None:
     return next((p for p in positions if p > last), None)
 
 
+def comma_items(text: str, kind: str) -> list[str]:
+    """'12,40' -> ['12', '40'] for a list of ``kind`` ("integers", "numbers") typed on the command line; an
+    empty item ('1,,2', '5,') is refused: a number was likely left out."""
+    items = text.split(",")
+    if not all(t.strip() for t in items):
+        raise ValueError(f"expected {kind} separated by single commas, got {text!r}")
+    return items
+
+
+def index_list(text: str) -> list[int]:
+    """'3,7,9' -> [3, 7, 9]: indices as typed on the command line (latents, token positions), each an
+    integer >= 0; ValueError in words for the user, not int()'s."""
+    items = comma_items(text, "integers")
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise ValueError(f"expected an integer >= 0 or comma-separated integers >= 0, got {text!r}")
+    return values
+
+
 def parse_positions(text: str | None) -> Positions:
     """Positions from command-line text: 'all', '5', '3,7,9', '1:' or '2:10' (absolute, 0-based)."""
     if text is None:
@@ -167,16 +189,14 @@ def parse_positions(text: str | None) -> Positions:
     try:
         if ":" in text:
             parts = text.split(":")
-            if len(parts) > 3:
+            if len(parts) > 3 or any(len(index_list(p)) != 1 for p in parts if p.strip()):
                 raise ValueError
-            vals = [int(p) if p.strip() else None for p in parts]
-            return check_positions(slice(*vals))
-        listed = [int(p) for p in text.split(",") if p.strip()]
-        if not listed:  # ',' would edit no position at all: a silent no-op
-            raise ValueError("no position listed")
-        return check_positions(listed)
+            return check_positions(slice(*[index_list(p)[0] if p.strip() else None for p in parts]))
+        return check_positions(index_list(text))
     except ValueError as e:
+        # check_positions's reasons (an empty range) are the user's to read; index_list's repeat the usage below
+        why = str(e) if str(e) and not str(e).startswith("expected") else ""
         raise ValueError(
-            f"cannot read positions {text!r}: use 'all', an index '5', a list '3,7,9' or a range '1:' / '2:10' "
-            f"(absolute, 0 = the first token){f' ({e})' if str(e) else ''}"
+            f"cannot read positions {text!r}: expected 'all', a position '5', positions '3,7,9' or a range '1:' / "
+            f"'2:10', as integers >= 0 (0 = the first token){f' ({why})' if why else ''}"
         ) from None
