@@ -809,6 +809,30 @@ def test_a_bad_hook_or_corpus_is_refused_before_the_model_loads(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae", "sae128"]
 
 
+def test_a_corpus_folder_without_text_files_says_what_it_should_hold(tmp_path, capsys, monkeypatch):
+    """A folder whose text lies in subfolders, or that is empty: the refusal names the files a corpus folder is
+    read from and that subfolders are not searched, before any model loads (gpt2 cannot load here)."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    monkeypatch.chdir(tmp_path)
+    save_sae(TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, hook_name="blocks.1.hook_resid_post", model_name="gpt2")),
+             tmp_path / "sae")
+    for sub in ("wiki", "news"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        (tmp_path / "data" / sub / "a.txt").write_text("Some text to read.")
+    (tmp_path / "data" / "notes.md").write_text("not a corpus file")
+    (tmp_path / "empty").mkdir()
+    kinds = ".txt, .jsonl, .jsonl.xz or .jsonl.gz files directly in it"
+    nested = (f"corpus folder 'data' holds no text to read: expected {kinds}; its subfolders (news, wiki) are not "
+              "searched: pass the folder or file that holds the text")
+    _refusals([(["eval", "sae", "--corpus", "data", "--out", "ev"], nested),
+               (["top", "sae", "--latent", "1", "--corpus", "data"], nested),
+               (["harvest", "--model", "gpt2", "--corpus", "data", "--out", "cache"], nested),
+               (["eval", "sae", "--corpus", "empty", "--out", "ev"],
+                f"corpus folder 'empty' holds no text to read: expected {kinds}")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "empty", "sae"]
+
+
 def _config_only_model(folder):
     """A 2-layer GPT-2's config.json (128 positions) and no weights: every load of it fails, so an error
     naming the config's limits came from the config, before any load."""

@@ -153,7 +153,7 @@ def test_missing_and_empty_corpus(tmp_path):
     with pytest.raises(CorpusError, match=r"empty\.jsonl.*no non-empty text"):
         list(it)
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(CorpusError, match="emptydir"):
+    with pytest.raises(CorpusError, match="emptydir' holds no text to read: expected .txt, .jsonl"):
         list(iter_texts(tmp_path / "emptydir"))
 
 

@@ -5,7 +5,8 @@ A *source* is one of
 - a ``.txt`` file (the whole file is one document),
 - a ``.jsonl``, ``.jsonl.xz`` or ``.jsonl.gz`` file (one JSON object a line; the document is
   the object's ``text_field``; blank lines are skipped),
-- a directory: every ``.txt`` / ``.jsonl[.xz|.gz]`` file in it, in sorted name order,
+- a directory: every ``.txt`` / ``.jsonl[.xz|.gz]`` file directly in it, in sorted name order (its
+  subfolders are not searched),
 - a Hugging Face dataset name, optionally ``name:config`` (streamed with ``datasets``, which is
   an optional dependency: ``pip install 'saelab[hub]'``).
 
@@ -30,7 +31,9 @@ from saelab.errors import CorpusError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz")
 TEXT_SUFFIXES = (".txt",)
-KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + (".json", ".xz", ".gz")
+CORPUS_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+"""The files a corpus folder is read from."""
+KNOWN_SUFFIXES = CORPUS_SUFFIXES + (".json", ".xz", ".gz")
 
 DEFAULT_CORPUS_FILES = {"train": "wiki_train.jsonl.xz", "eval": "wiki_eval.jsonl.xz"}
 CORPUS_DIR_ENV = "SAELAB_CORPUS_DIR"
@@ -92,9 +95,12 @@ def default_corpus(split: str = "train") -> str | None:
 def resolve_corpus(corpus: str | None, split: str) -> str:
     """``corpus`` when given, else the offline default for ``split``; a one-line error when neither exists."""
     if corpus:
-        if _looks_like_path(corpus) and not Path(corpus).expanduser().exists():  # before any slow work
+        path = Path(corpus).expanduser()
+        if _looks_like_path(corpus) and not path.exists():  # before any slow work
             raise CorpusError(f"corpus path {corpus!r} does not exist; expected a .txt/.jsonl[.xz|.gz] file, a "
-                              "folder of .txt files or a Hugging Face dataset name")
+                              "folder of such files or a Hugging Face dataset name")
+        if path.is_dir():
+            corpus_folder_files(path)  # a folder with none of them, before any slow work
         return corpus
     found = default_corpus(split)
     if found is None:
@@ -118,9 +124,7 @@ def _open_source(source: str | os.PathLike, *, text_field: str, split: str) -> t
     path = Path(text).expanduser()
     if path.exists():
         if path.is_dir():
-            suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
-            return _iter_files(files, text_field), f"directory {str(path)!r}"
+            return _iter_files(corpus_folder_files(path), text_field), f"directory {str(path)!r}"
         if path.name.endswith(JSONL_SUFFIXES) or path.name.endswith(TEXT_SUFFIXES):
             return _iter_files([path], text_field), f"file {str(path)!r}"
         raise CorpusError(
@@ -130,6 +134,20 @@ def _open_source(source: str | os.PathLike, *, text_field: str, split: str) -> t
     if isinstance(source, os.PathLike) or _looks_like_path(text):
         raise CorpusError(f"corpus path {text!r} does not exist")
     return _iter_hub(text, text_field=text_field, split=split), f"Hugging Face dataset {text!r} (split {split!r})"
+
+
+def corpus_folder_files(folder: Path) -> list[Path]:
+    """The files the corpus folder ``folder`` is read from, in name order; CorpusError, saying what it
+    should hold, when there are none."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(CORPUS_SUFFIXES))
+    if files:
+        return files
+    kinds = f"{', '.join(CORPUS_SUFFIXES[:-1])} or {CORPUS_SUFFIXES[-1]}"
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    inside = (f"; its subfolders ({', '.join(subfolders[:3])}{', ...' if len(subfolders) > 3 else ''}) are not "
+              "searched: pass the folder or file that holds the text" if subfolders else "")
+    raise CorpusError(f"corpus folder {str(folder)!r} holds no text to read: expected {kinds} files directly in "
+                      f"it{inside}")
 
 
 def _iter_files(files: list[Path], text_field: str) -> Iterator[str]:
