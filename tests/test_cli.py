@@ -416,6 +416,10 @@ BAD_CONFIGS = [
     ("switch.json", '{"train": {"multi_topk": 3}}', "train.multi_topk: expected true or false, got 3"),
     ("unset.yaml", "train:\n  auxk: null\n", "train.auxk: expected true or false, got None"),  # not Optional
     ("choice.yaml", "train:\n  decoder_init: [data]\n", "train.decoder_init: expected one of auto, random, data"),
+    # a value the settings refuse is the file's too, not an option never typed ("--k must be ...")
+    ("value.yaml", "train:\n  k: -4\n", "train.k: must be an integer >= 1, got -4"),
+    ("relation.json", '{"train": {"k": 600, "n_latents": 512}}',
+     "train.k 600 exceeds train.n_latents 512; expected train.k <= train.n_latents"),
 ]
 
 
@@ -449,6 +453,32 @@ def test_a_config_file_value_of_the_wrong_type_is_named_before_any_work(text, ex
     assert _exit_code(["eval", str(tmp_path / "missing-sae"), "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"saelab eval: error: --config {cfg}: {expected}") and len(err.splitlines()) == 1
+
+
+def test_a_refused_value_is_blamed_on_where_it_came_from(tmp_path, capsys):
+    """A value the settings refuse names the --config entry when it came from the file, and the option when
+    it was typed (the command line wins: a typed value that fixes the file's is taken)."""
+    from saelab.cli import parse_args
+
+    def error(*argv: str) -> str:
+        assert _exit_code([*argv, "--out", str(tmp_path / "out"), "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+        return err
+
+    cfg = tmp_path / "c3.yaml"
+    cfg.write_text("train:\n  k: -4\n")
+    assert error("train", "--activations", "acts") == \
+        f"saelab train: error: --config {cfg}: train.k: must be an integer >= 1, got -4"
+    assert parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg), "-k", "8"]).train.k == 8
+    cfg.write_text("train:\n  k: 8\n")
+    assert error("train", "--activations", "acts", "--k", "-4") == \
+        "saelab train: error: --k must be an integer >= 1, got -4"
+    cfg.write_text("train:\n  k: 600\n")  # a rule of two settings: each named where it came from
+    assert error("train", "--activations", "acts", "--n-latents", "512") == (
+        f"saelab train: error: --config {cfg}: train.k 600 exceeds --n-latents 512; expected train.k <= --n-latents")
+    cfg.write_text("harvest:\n  n-tokens: -5\n")  # another group, its key as written
+    assert error("harvest") == f"saelab harvest: error: --config {cfg}: harvest.n-tokens: must be >= 1, got -5"
 
 
 def test_config_file_values_the_command_line_would_take_are_taken(tmp_path):

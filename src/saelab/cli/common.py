@@ -48,6 +48,9 @@ class Parser(ArgumentParser):
         self.check_words: typing.Callable[[Parser, list[str]], None] | None = None
         """Called with the verb's words before they are parsed, to refuse a form argparse would misread
         (``saelab top 5 RUN``, the latent first as in earlier versions, would read 5 as the SAE)."""
+        self.config_entries: dict[str, str] = {}
+        """Each setting a --config file of this parse set ("train.k"), with its entry as the user wrote
+        it ("--config c.yaml: train.k")."""
 
     def set_defaults(self, config_path: str | Path | None = None, **kwargs: Any) -> None:
         """simple_parsing reads each --config file through here: the file is checked first, so that a
@@ -58,9 +61,50 @@ class Parser(ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._argv_seen = list(sys.argv[1:] if args is None else args)  # for error()
+        self.config_entries = {}
         if self.check_words is not None and not {"-h", "--help"} & set(self._argv_seen):
             self.check_words(self, self._argv_seen)
-        return super().parse_known_args(args, namespace)
+        try:
+            parsed, rest = super().parse_known_args(args, namespace)
+        except ConfigError as e:  # a settings class refused a value while the parse built it
+            raise ConfigError(self._in_config_file_words(str(e))) from None
+        # Read by given(); merged, as the verb's parser fills it before the top parser returns.
+        parsed.given_as = {**getattr(parsed, "given_as", {}), **self._given_as()}
+        return parsed, rest
+
+    def _given_as(self) -> dict[str, str]:
+        """Each setting the user gave, with how: its option as typed ("-k", "--no-auxk"), else the --config
+        file's entry that set it (the command line wins over the file)."""
+        given = {}
+        for action in self._actions:
+            typed_as = [a.split("=", 1)[0] for a in self._argv_seen
+                        if any(_is_option(a, o) for o in action.option_strings)]
+            if typed_as:
+                given[action.dest] = typed_as[-1]
+            elif action.dest in self.config_entries:
+                given[action.dest] = self.config_entries[action.dest]
+        return given
+
+    def _in_config_file_words(self, message: str) -> str:
+        """A settings class's refusal ("k must be an integer >= 1, got -4") with each setting that came from
+        a --config file named as the file's entry ("--config c.yaml: train.k: must be ..."), not as the
+        option the user never typed; a message about typed options and defaults only is left as it is."""
+        given = self._given_as()
+        keys: dict[str, list[str]] = {}
+        for dest, how in given.items():
+            if how.startswith("--config "):
+                keys.setdefault(dest.rsplit(".", 1)[-1], []).append(how)
+        from_file = {field: hows[0] for field, hows in keys.items() if len(hows) == 1}  # two groups' k: unknown
+        if not from_file or message.startswith("--config "):
+            return message
+        setting, _, rest = message.partition(" ")
+        if setting in from_file and rest.startswith("must "):
+            return f"{from_file[setting]}: {rest}"
+        file, _, _ = next(iter(from_file.values())).rpartition(": ")
+        entry = {field: how.rpartition(": ")[2] for field, how in from_file.items()}
+        reworded = reword_fields(message, lambda field, value: f"{entry[field]} {value}" if field in entry else None,
+                                 entry.get)
+        return message if reworded == message else f"{file}: {reworded}"
 
     def error(self, message: str) -> typing.NoReturn:
         """One line, as for every other bad input (argparse would print the usage block first), with a
@@ -135,7 +179,10 @@ class Parser(ArgumentParser):
             where = f"--config {path}: {key}"
             if key in groups:
                 kept[key] = check_config_section(where, groups[key], value)
+                self.config_entries.update({f"{key}.{str(field).replace('-', '_')}": f"{where}.{field}"
+                                            for field in value})
             elif key in options:
+                self.config_entries[key] = where
                 action = options[key]
                 if action.nargs == 0 and not isinstance(value, bool):
                     raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -316,7 +363,33 @@ def _closest_choice(message: str) -> str:
 
 def typed(args: argparse.Namespace, option: str) -> bool:
     """Whether ``option`` (e.g. "--n-latents") was given on the command line (not from --config)."""
-    return any(a == option or a.startswith(option + "=") for a in getattr(args, "command_line", ()))
+    return any(_is_option(a, option) for a in getattr(args, "command_line", ()))
+
+
+def _is_option(word: str, option: str) -> bool:
+    return word == option or word.startswith(option + "=")
+
+
+def given(args: argparse.Namespace, dest: str) -> str | None:
+    """How the user set the setting ``dest`` ("train.k"): its option as typed ("--k", "-k"), or the --config
+    file's entry ("--config c.yaml: train.k"); None where it is a default (a recipe's value included)."""
+    return getattr(args, "given_as", {}).get(dest)
+
+
+# A settings field in a refusal: an assignment ("k=9000"), or a bare name beside a comparison ("k <=
+# n_latents"); not inside a longer word or a path ("top-k", "runs/k=32"), nor a word of the prose ("x k latents").
+_ASSIGNED_FIELD_RE = re.compile(r"(?<![\w./-])([a-z][a-z0-9_]*)=([^\s,;:)]+)")
+_COMPARED_FIELD_RE = re.compile(r"(?<![\w./-])[a-z][a-z0-9_]*(?= [<>]=? )"
+                                r"|(?:(?<=[<>] )|(?<=[<>]= ))[a-z][a-z0-9_]*\b(?![/.-])")
+
+
+def reword_fields(message: str, assigned: typing.Callable[[str, str], str | None],
+                  compared: typing.Callable[[str], str | None]) -> str:
+    """A settings class's refusal with the settings it names in its own words: each assignment ("k=9000")
+    as ``assigned(field, value)`` says, each name beside a comparison ("k <= n_latents") as ``compared(field)``
+    says; None keeps the words."""
+    message = _ASSIGNED_FIELD_RE.sub(lambda m: assigned(m[1], m[2]) or m[0], message)
+    return _COMPARED_FIELD_RE.sub(lambda m: compared(m[0]) or m[0], message)
 
 
 def typed_starting(args: argparse.Namespace, *prefixes: str) -> list[str]:

@@ -10,7 +10,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, did_you_mean, literal_choices, type_words, typed, typed_starting
+from saelab.cli.common import (add_io_options, did_you_mean, literal_choices, reword_fields, type_words, typed,
+                               typed_starting)
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
@@ -217,33 +218,24 @@ def check_grid_points(base: TrainConfig, grid: dict[str, list], items: list[str]
             raise ConfigError(_as_grid_entries(str(e), typed_point)) from None
 
 
-# A TrainConfig field in a refusal: an assignment ("k=9000"), or a bare name beside a comparison ("k <=
-# n_latents"); not inside a longer word or a path ("top-k", "runs/k=32"), nor a word of the prose ("x k latents").
-_ASSIGNED_FIELD_RE = re.compile(r"(?<![\w./-])([a-z][a-z0-9_]*)=([^\s,;:)]+)")
-_COMPARED_FIELD_RE = re.compile(r"(?<![\w./-])[a-z][a-z0-9_]*(?= [<>]=? )"
-                                r"|(?:(?<=[<>] )|(?<=[<>]= ))[a-z][a-z0-9_]*\b(?![/.-])")
-
-
 def _as_grid_entries(message: str, typed_point: dict[str, str]) -> str:
     """A TrainConfig refusal in the words of the sweep: a field the grid sets as its entry ("--grid k=9000"),
     any other as its option ("--n-latents 8192"). A rule about one grid field opens with its entry:
     "n_latents must be >= 1, got 0" -> "--grid n-latents=0: must be >= 1"."""
     fields = set(typing.get_type_hints(TrainConfig))
 
-    def assigned(match: re.Match) -> str:
-        field, value = match[1], match[2]
+    def assigned(field: str, value: str) -> str | None:
         if field not in fields:
-            return match[0]
+            return None
         return f"--grid {typed_point[field]}" if field in typed_point else f"--{field.replace('_', '-')} {value}"
 
-    def compared(match: re.Match) -> str:  # the grid's name for a field it sets, else the option
-        field = match[0]
+    def compared(field: str) -> str | None:  # the grid's name for a field it sets, else the option
         if field not in fields:
-            return field
+            return None
         return typed_point[field].partition("=")[0] if field in typed_point else f"--{field.replace('_', '-')}"
 
     def reworded(text: str) -> str:
-        return _COMPARED_FIELD_RE.sub(compared, _ASSIGNED_FIELD_RE.sub(assigned, text))
+        return reword_fields(text, assigned, compared)
 
     setting, _, rest = message.partition(" ")
     if setting in typed_point and rest.startswith("must "):  # the value is in the entry: no ", got 0"
