@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from saelab.cli import VERBS, main
+from saelab.errors import ConfigError
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -240,6 +241,18 @@ BAD = [
     ("sweep --recipe relu-l1 --grid k=16,32", "--grid k: a ReLU SAE"),
     ("sweep --recipe relu-l1 --grid k-aux=16,32", "--grid k-aux: a ReLU SAE"),
     ("quickstart --recipe relu-l1 --k-aux 64", "--k-aux: a ReLU SAE"),
+    ("train --architecture relu -k 16", "-k: a ReLU SAE"),  # the short form, as typed
+    # an option that acts only with another setting: refused, not ignored and then reported as a change
+    ("train --l1-coefficient 3 --n-latents 64 -k 4", "--l1-coefficient: applies only with --architecture relu (the "
+                                                     "relu-l1 recipe); a top-k SAE's sparsity is set by --k"),
+    ("train --multi-topk-factor 4", "--multi-topk-factor: applies only with --multi-topk"),  # the default value too
+    ("quickstart --multi-topk-coef 0.5", "--multi-topk-coef: applies only with --multi-topk"),
+    ("train --no-auxk --k-aux 16", "--k-aux: applies only with --auxk (AuxK is off)"),
+    ("sweep --grid l1-coefficient=1,2", "--grid l1-coefficient: applies only with --architecture relu"),
+    ("train --k-aux 1000 --n-latents 64", "--k-aux: 1000 exceeds the SAE's 64 latents (--n-latents); AuxK trains at "
+                                          "most every dead latent: expected at most 64"),
+    ("sweep --n-latents 64 --grid k-aux=16,1000", "--grid k-aux: 1000 exceeds the SAE's 64 latents (--n-latents)"),
+    ("sweep --k-aux 100 --grid n-latents=64,256", "--k-aux: 100 exceeds the SAE's 64 latents (--grid n-latents)"),
     ("harvest --n-tokens -5", "--n-tokens must be >= 1"),
     ("harvest --hook blocks.9.resid_post", "hook 'blocks.9.resid_post': expected blocks.{L}.hook_{resid_pre|"),
     ("harvest --dtype float8", "argument --dtype: invalid choice: 'float8'"),
@@ -420,6 +433,11 @@ BAD_CONFIGS = [
     ("value.yaml", "train:\n  k: -4\n", "train.k: must be an integer >= 1, got -4"),
     ("relation.json", '{"train": {"k": 600, "n_latents": 512}}',
      "train.k 600 exceeds train.n_latents 512; expected train.k <= train.n_latents"),
+    # options that act only with another setting, as on the command line
+    ("l1.yaml", "train:\n  l1_coefficient: 3\n", "train.l1_coefficient: applies only with --architecture relu"),
+    ("factor.yaml", "train:\n  multi_topk_factor: 4\n", "train.multi_topk_factor: applies only with --multi-topk"),
+    ("relu.yaml", "train:\n  recipe: relu-l1\n  k: 8\n", "train.k: a ReLU SAE"),
+    ("kaux.yaml", "train:\n  n_latents: 64\n  k: 4\n  k_aux: 1000\n", "train.k_aux: 1000 exceeds the SAE's 64 latents"),
 ]
 
 
@@ -479,6 +497,40 @@ def test_a_refused_value_is_blamed_on_where_it_came_from(tmp_path, capsys):
         f"saelab train: error: --config {cfg}: train.k 600 exceeds --n-latents 512; expected train.k <= --n-latents")
     cfg.write_text("harvest:\n  n-tokens: -5\n")  # another group, its key as written
     assert error("harvest") == f"saelab harvest: error: --config {cfg}: harvest.n-tokens: must be >= 1, got -5"
+
+
+@pytest.mark.parametrize("argv", [
+    "train --n-latents 64 -k 4",  # the default k_aux (256) is more than 64: AuxK takes every dead latent
+    "train --recipe paper --n-latents 64 -k 4",  # the paper's 512 too
+    "train --n-latents 64 -k 4 --k-aux 64",
+    "train --multi-topk --multi-topk-factor 2 --multi-topk-coef 0.5",
+    "train --architecture relu --l1-coefficient 2 --no-multi-topk",  # a switch given off asks for nothing
+    "train --recipe relu-l1 --no-auxk",
+    "sweep --l1-coefficient 2 --grid architecture=topk,relu",  # some points use it
+    "sweep --multi-topk-factor 2 --grid multi-topk=false,true",
+    "sweep --grid k-aux=16,64 --n-latents 64",
+])
+def test_options_that_apply_are_taken(argv):
+    from saelab.cli import parse_args
+    from saelab.cli.jobs import parse_grid, refuse_options_that_do_not_apply, typed_grid_words
+
+    args = parse_args([*argv.split(), "--activations", "a", "--out", "r"])
+    grid = parse_grid(args.grid) if args.verb == "sweep" else None
+    names = {field: name for field, (name, _) in typed_grid_words(args.grid).items()} if grid else None
+    refuse_options_that_do_not_apply(args, grid, names)
+
+
+def test_options_that_apply_from_a_config_file_are_taken(tmp_path):
+    from saelab.cli import parse_args
+    from saelab.cli.jobs import refuse_options_that_do_not_apply
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  multi_topk: true\n  multi_topk_factor: 2\n  n_latents: 64\n  k: 4\n")
+    refuse_options_that_do_not_apply(parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg)]))
+    # a switch typed off wins over the file's on: the file's factor then has no effect
+    with pytest.raises(ConfigError, match=f"^--config {cfg}: train.multi_topk_factor: applies only with --multi-topk"):
+        refuse_options_that_do_not_apply(parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg),
+                                                     "--no-multi-topk"]))
 
 
 def test_config_file_values_the_command_line_would_take_are_taken(tmp_path):

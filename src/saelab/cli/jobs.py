@@ -10,8 +10,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, did_you_mean, literal_choices, reword_fields, type_words, typed,
-                               typed_starting)
+from saelab.cli.common import (add_io_options, did_you_mean, given, literal_choices, reword_fields, type_words,
+                               typed, typed_starting)
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
@@ -33,23 +33,49 @@ def add_train_config(p, recipe: str) -> None:
                         "(WANDB_MODE=offline works offline); default: metrics.jsonl only")
 
 
-def refuse_unused_topk_options(train: TrainConfig, grid: dict[str, list] | None = None,
-                               grid_names: dict[str, str] | None = None) -> None:
-    """A ReLU SAE keeps every positive latent: k, k_aux and switching on AuxK or Multi-TopK would be
-    silently ignored, so an explicit value (or --grid entry, named as ``grid_names`` says it was typed) for
-    one of them is refused."""
+RELU_HAS_NONE = ("a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every positive latent and has no k, "
+                 "AuxK or Multi-TopK; its sparsity is set by --l1-coefficient")
+
+# Training options that act only with another setting, in the order they are checked: (the options' fields,
+# whether a point of the settings uses them, why not). Given where they have no effect, they would be
+# silently ignored, and the report would list them as a change to the recipe.
+APPLIES_ONLY_WITH: list[tuple[tuple[str, ...], typing.Callable[[dict], bool], str]] = [
+    (("k", "k_aux", "auxk", "auxk_coef", "multi_topk", "multi_topk_factor", "multi_topk_coef"),
+     lambda s: s["architecture"] == "topk", RELU_HAS_NONE),
+    (("l1_coefficient",), lambda s: s["architecture"] == "relu",
+     "applies only with --architecture relu (the relu-l1 recipe); a top-k SAE's sparsity is set by --k"),
+    (("multi_topk_factor", "multi_topk_coef"), lambda s: s["multi_topk"], "applies only with --multi-topk"),
+    (("k_aux", "auxk_coef"), lambda s: s["auxk"], "applies only with --auxk (AuxK is off)"),
+]
+
+
+def refuse_options_that_do_not_apply(args: argparse.Namespace, grid: dict[str, list] | None = None,
+                                     grid_names: dict[str, str] | None = None) -> None:
+    """Refuse a training option the user gave (typed, in a --config file, or a --grid entry, named as
+    ``grid_names`` says it was typed) where it has no effect (APPLIES_ONLY_WITH), and a --k-aux above the
+    latent count (more dead latents than there are). Before any slow work: the cache is not read yet."""
     grid, grid_names = grid or {}, grid_names or {}
-    if train.architecture != "relu" or "architecture" in grid:
+    base = dataclasses.asdict(args.train)
+    points = [{**base, **dict(zip(grid, values))} for values in itertools.product(*grid.values())]
+
+    def how(field: str) -> str | None:
+        return f"--grid {grid_names.get(field, field)}" if field in grid else given(args, f"train.{field}")
+
+    def used(field: str) -> bool:  # a switch given off asks for nothing
+        return how(field) is not None and (not isinstance(base[field], bool) or any(p[field] for p in points))
+
+    for fields, applies, why in APPLIES_ONLY_WITH:
+        if not any(applies(p) for p in points):  # a grid may vary the setting: some of its points use them
+            for field in filter(used, fields):
+                raise ConfigError(f"{how(field)}: {why}")
+    # The default k_aux (256, the paper's 512) exceeds a small --n-latents: AuxK then takes every dead latent.
+    if how("k_aux") is None:
         return
-    recipe = TrainConfig.from_recipe(train.recipe)
-    given = [name for name in ("k", "k_aux") if getattr(train, name) != getattr(recipe, name) or name in grid]
-    given += [name for name in ("auxk", "multi_topk") if getattr(train, name) and not getattr(recipe, name)]
-    if given:
-        name = given[0]
-        option = f"--grid {grid_names.get(name, name)}" if name in grid else f"--{name.replace('_', '-')}"
-        raise ConfigError(f"{option}: a ReLU SAE (architecture relu, the relu-l1 recipe) "
-                          "keeps every positive latent and has no k, AuxK or Multi-TopK; its sparsity is set by "
-                          "--l1-coefficient")
+    for p in points:
+        if p["k_aux"] > p["n_latents"]:
+            latents = how("n_latents") or "--n-latents"
+            raise ConfigError(f"{how('k_aux')}: {p['k_aux']} exceeds the SAE's {p['n_latents']} latents ({latents}); "
+                              f"AuxK trains at most every dead latent: expected at most {p['n_latents']}")
 
 
 def add_quickstart(sub, recipe: str) -> None:
@@ -72,7 +98,7 @@ def add_quickstart(sub, recipe: str) -> None:
 
 def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     train = args.train
-    refuse_unused_topk_options(train)
+    refuse_options_that_do_not_apply(args)
     if args.n_tokens is not None:
         # --n-tokens sets both sizes: one also given on its own would be silently replaced
         for option, value in (("--total-tokens", train.total_tokens), ("--harvest-n-tokens", args.harvest.n_tokens)):
@@ -121,7 +147,7 @@ def add_train(sub, recipe: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    refuse_unused_topk_options(args.train)
+    refuse_options_that_do_not_apply(args)
     init_from_env()  # data-parallel when started by torchrun
     sae = train_from_cache(args.activations, args.out, args.train, device=args.device, overwrite=args.overwrite,
                            progress=args.progress, log_to=args.log_to)
@@ -259,7 +285,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
     grid = parse_grid(args.grid)
     grid_names = {field: name for field, (name, _) in typed_grid_words(args.grid).items()}
-    refuse_unused_topk_options(args.train, grid, grid_names)
+    refuse_options_that_do_not_apply(args, grid, grid_names)
     unused = typed_starting(args, "--eval-") if not args.evaluate else []
     if unused:
         raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")

@@ -78,7 +78,7 @@ class TrainConfig:
     auxk: bool = switch(True)
     """Train dead latents to reconstruct the residual (AuxK)."""
     k_aux: int = 256
-    """Dead latents used by AuxK."""
+    """Dead latents used by AuxK (all of them when fewer are dead; a --k-aux above --n-latents is refused)."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss."""
     dead_tokens: int | None = None
@@ -87,9 +87,9 @@ class TrainConfig:
     multi_topk: bool = switch(False)
     """Also reconstruct with the top --multi-topk-factor x --k latents (Multi-TopK)."""
     multi_topk_factor: int = 4
-    """Multi-TopK uses this many times --k latents."""
+    """With --multi-topk: Multi-TopK uses this many times --k latents."""
     multi_topk_coef: float = 1 / 8
-    """Weight of the Multi-TopK loss."""
+    """With --multi-topk: weight of the Multi-TopK loss."""
     ema_decay: float | None = None
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999) and save it
     as the final SAE; None disables."""
