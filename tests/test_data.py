@@ -606,3 +606,146 @@ def test_a_cache_with_other_settings_names_the_setting_that_differs(tmp_path):
     write_activation_cache(batches, tmp_path / "d", meta={"corpus": None}, progress=False)
     with pytest.raises(ActivationCacheError, match=r"it was written with meta.corpus unset \(the default\), not 'a.txt'"):
         write_activation_cache(batches, tmp_path / "d", meta={"corpus": "a.txt"}, resume=True, progress=False)
+
+
+class StopAt:
+    """Wraps a model, counts the contexts of each forward, and raises KeyboardInterrupt (a Ctrl-C) on the
+    forward ``stop_at`` names (1-based; 0: never)."""
+
+    def __init__(self, base: TinyGPT2, stop_at: int = 0):
+        self.base, self.stop_at, self.calls = base, stop_at, []
+
+    def hook_width(self, hook: str) -> int:
+        return self.base.hook_width(hook)
+
+    def activations(self, tokens_BT, hook):
+        if len(self.calls) + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        self.calls.append(tokens_BT.shape[0])
+        return self.base.activations(tokens_BT, hook)
+
+
+def stopping_writer(monkeypatch, stop_at: int) -> None:
+    """A Ctrl-C while the cache writer takes its ``stop_at``-th batch (the stream waits inside a round)."""
+    from saelab.data import cache as cache_module
+
+    add, seen = cache_module._ShardWriter.add, []
+
+    def add_or_stop(writer, acts_BD, what):
+        seen.append(1)
+        if len(seen) == stop_at:
+            raise KeyboardInterrupt
+        return add(writer, acts_BD, what)
+
+    monkeypatch.setattr(cache_module._ShardWriter, "add", add_or_stop)
+
+
+def harvest_once(model, contexts, folder, buffer_tokens, seed=0):
+    """600 rows (40 contexts of 15) in model batches of 4 contexts, shards of 100 rows."""
+    stream = ActivationStream(model, HOOK, contexts, batch_size=32, lm_batch_size=4, buffer_tokens=buffer_tokens,
+                              seed=seed, drop_last=False, progress=False)
+    return write_activation_cache(stream, folder, meta=META, dtype="float32", shard_rows=100, resume=True,
+                                  progress=False)
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard_*.npy"))}
+
+
+@pytest.mark.parametrize("buffer_tokens", [128, 0])
+@pytest.mark.parametrize("where,stop_at", [("model", 4), ("model", 7), ("writer", 3), ("writer", 8), ("writer", 18)])
+def test_a_resumed_harvest_continues_where_its_stream_stopped(tmp_path, model, contexts, buffer_tokens, where,
+                                                              stop_at, monkeypatch, capsys):
+    """Ctrl-C during a harvest (in the model, while the buffer refills; in the writer, inside a round), then the
+    same call: the shards of an uninterrupted harvest, and the model runs over each context once in all."""
+    whole = StopAt(model)
+    harvest_once(whole, contexts, tmp_path / "ref", buffer_tokens)
+    ref = shard_bytes(tmp_path / "ref")
+    assert len(ref) == 6
+
+    folder, first = tmp_path / "c", StopAt(model, stop_at if where == "model" else 0)
+    with monkeypatch.context() as m:
+        if where == "writer":
+            stopping_writer(m, stop_at)
+        with pytest.raises(KeyboardInterrupt):
+            harvest_once(first, list(contexts) if buffer_tokens else contexts, folder, buffer_tokens)
+    err = capsys.readouterr().err
+    assert "where its input stopped; the same call continues from there" in err
+    assert (folder / "stream_state.safetensors").is_file()
+
+    second = StopAt(model)
+    harvest_once(second, list(contexts) if buffer_tokens else contexts, folder, buffer_tokens)
+    assert "the input continues where it stopped" in capsys.readouterr().err
+    assert shard_bytes(folder) == ref
+    assert sum(first.calls) + sum(second.calls) == sum(whole.calls) == 40  # no context ran twice
+    assert not (folder / "stream_state.safetensors").exists()
+
+
+def edit_state(path: Path, **changes) -> None:
+    """Rewrite a saved stream state with some of its metadata (or settings) changed, its checksums kept."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    settings = json.loads(metadata["settings"])
+    for key, value in changes.items():
+        if key in settings:
+            settings[key] = value
+        else:
+            metadata[key] = value
+    metadata["settings"] = json.dumps(settings)
+    save_file(load_file(path), path, metadata=metadata)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "other seed", "other rows", "partial lost"])
+def test_a_damaged_or_mismatched_stream_state_falls_back_to_reading_the_input_again(
+        tmp_path, model, contexts, damage, capsys):
+    """A saved stream state that is damaged, of other settings or of other rows written is not trusted: one
+    note, then the input is read again from its start, and the shards are still those of an uninterrupted run."""
+    harvest_once(StopAt(model), contexts, tmp_path / "ref", 128)
+    folder = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        harvest_once(StopAt(model, 7), contexts, folder, 128)
+    path = folder / "stream_state.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "flipped byte":
+        data[-5] ^= 0xFF  # in the generator's state: its checksum no longer matches
+        path.write_bytes(bytes(data))
+    elif damage == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "other seed":
+        edit_state(path, seed=1)
+    elif damage == "other rows":
+        edit_state(path, rows_written="64")
+    else:  # the rows toward the next shard are gone: the resume counts fewer rows written than the state
+        (folder / "partial.npy").unlink()
+    capsys.readouterr()
+    again = StopAt(model)
+    harvest_once(again, contexts, folder, 128)
+    err = capsys.readouterr().err
+    assert f"saelab: note: {path} is not used (" in err and "the input is read again from its start" in err
+    assert "re-reading the input up to the" in err
+    assert sum(again.calls) == 40  # the full re-read
+    assert shard_bytes(folder) == shard_bytes(tmp_path / "ref")
+    assert not path.exists()
+
+
+def test_a_resumed_harvest_interrupted_again_resumes_again(tmp_path, model, contexts, monkeypatch, capsys):
+    """Ctrl-C during a resumed harvest, twice (in the model, then in the writer): the third call still writes
+    the uninterrupted harvest's shards, and no context went through the model twice."""
+    whole = StopAt(model)
+    harvest_once(whole, contexts, tmp_path / "ref", 128)
+    folder, runs = tmp_path / "c", [StopAt(model, 4), StopAt(model, 2), StopAt(model), StopAt(model)]
+    with pytest.raises(KeyboardInterrupt):
+        harvest_once(runs[0], contexts, folder, 128)
+    with pytest.raises(KeyboardInterrupt):  # the model's second batch after the restore
+        harvest_once(runs[1], contexts, folder, 128)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):  # the writer's 2nd batch: inside a round
+        stopping_writer(m, 2)
+        harvest_once(runs[2], contexts, folder, 128)
+    err = capsys.readouterr().err
+    assert err.count("the input continues where it stopped") == 2
+    harvest_once(runs[3], contexts, folder, 128)
+    assert shard_bytes(folder) == shard_bytes(tmp_path / "ref")
+    assert sum(sum(run.calls) for run in runs) == sum(whole.calls)  # each context through the model once

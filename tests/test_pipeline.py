@@ -224,18 +224,19 @@ BATCH = 64
 STEPS = TRAIN_ROWS // BATCH
 
 
-def test_an_interrupted_harvest_says_the_resume_reruns_the_model_up_to_the_rows_kept(tiny_dir, data_dir, tmp_path,
-                                                                                      capsys, monkeypatch):
-    """Ctrl-C during `saelab harvest`: the rows written are kept, and the messages say that the same command runs
-    the model again over the text before them (the shuffle needs the same stream) without writing them again."""
+@pytest.mark.parametrize("stop_at,kept", [(20, 4096), (30, 8192)])
+def test_an_interrupted_harvest_resumes_the_model_where_it_stopped(tiny_dir, data_dir, tmp_path, capsys, monkeypatch,
+                                                                    stop_at, kept):
+    """Ctrl-C during `saelab harvest`: the rows written are kept with the stream's state, and the same command
+    runs the model only over the text after it, writing the shards of an uninterrupted harvest."""
     from saelab.models import LanguageModel
 
     corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 12)
-    forward, calls, stop_at = LanguageModel.activations, [], []
+    forward, calls, stop = LanguageModel.activations, [], []
 
-    def counted(lm, tokens_BT, hook):  # the real forward, counted; a Ctrl-C arrives at the call stop_at names
+    def counted(lm, tokens_BT, hook):  # the real forward, counted; a Ctrl-C arrives at the call stop names
         calls.append(tokens_BT.shape[0])
-        if stop_at and len(calls) == stop_at[0]:
+        if stop and len(calls) == stop[0]:
             raise KeyboardInterrupt
         return forward(lm, tokens_BT, hook)
 
@@ -251,21 +252,23 @@ def test_an_interrupted_harvest_says_the_resume_reruns_the_model_up_to_the_rows_
 
     assert harvest_into(tmp_path / "ref")[0] == 0
     whole = len(calls)
-    stop_at.append(20)  # 20 x 16 contexts of 31 rows: the 8,192-row buffer has filled once and emitted 4,096
+    # 16 contexts of 31 rows a call: the 8,192-row buffer fills at calls 17 and 25, each time emitting 4,096
+    stop.append(stop_at)
     code, err = harvest_into(tmp_path / "acts")
     assert code == 130
-    assert (f"activation cache {tmp_path / 'acts'} keeps the 4,096 rows written so far; the same call reads the "
-            "input again up to there without writing those rows again (a harvest reruns the model over that text: "
-            "its shuffle needs the same stream), then writes the rest") in err
+    assert (f"activation cache {tmp_path / 'acts'} keeps the {kept:,} rows written so far and where its input stopped; "
+            "the same call continues from there (a harvest does not run the model again over the text before them), "
+            "then writes the rest") in err
     assert "interrupted; run the same command again to resume" in err
-    stop_at.clear()
+    stop.clear()
     code, err = harvest_into(tmp_path / "acts")
     assert code == 0
-    assert (f"saelab: resuming activation cache {tmp_path / 'acts'}: re-reading the input up to the 4,096 rows "
-            "already written (a harvest reruns the model over that text to restore its shuffle), then writing") in err
-    assert len(calls) == whole  # as the messages say: the model ran over the whole text again
+    assert (f"saelab: resuming activation cache {tmp_path / 'acts'} after the {kept:,} rows already written: the input "
+            "continues where it stopped (a harvest does not run the model again over the text before them)") in err
+    assert len(calls) == whole - (stop_at - 1)  # as the messages say: only the text after the stop
     ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").glob("shard_*.npy")}
     assert ref and {p.name: p.read_bytes() for p in (tmp_path / "acts").glob("shard_*.npy")} == ref
+    assert not (tmp_path / "acts" / "stream_state.safetensors").exists()
 
 
 def train_command(cache: Path, run: Path) -> list[str]:

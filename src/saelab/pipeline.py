@@ -118,8 +118,8 @@ def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):
 def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None = None,
             device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
             progress: bool = True, overwrite_option: str = "--overwrite") -> ActivationCache:
-    """Harvest activations into an on-disk cache; an interrupted harvest keeps the rows it wrote, and the
-    same call writes the rest (rerunning the model over the text before them: the shuffle needs it).
+    """Harvest activations into an on-disk cache; an interrupted harvest keeps the rows it wrote and where its
+    stream stopped, and the same call writes the rest (without running the model again over the text before).
     ``overwrite_option``: how the caller's command line asks for ``overwrite`` (said when a cache is reused)."""
     check_output_folder(out_dir, "--out", "activations")
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
@@ -152,7 +152,10 @@ def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, corpus: str, meta: di
     """Load the model and write (or resume) the cache."""
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
-    check_disk_room(out_dir, cfg.n_tokens, lm.hook_width(cfg.hook), cfg.dtype, overwrite=overwrite)
+    d = lm.hook_width(cfg.hook)
+    # An interruption saves the shuffle buffer and the model batch not yet in it (float32: the stream's store).
+    state_rows = cfg.buffer_tokens + cfg.lm_batch_size * cfg.context_size
+    check_disk_room(out_dir, cfg.n_tokens, d, cfg.dtype, overwrite=overwrite, state_bytes=state_rows * d * 4)
     stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus),
                               StreamConfig(batch_size=HARVEST_BATCH, lm_batch_size=cfg.lm_batch_size,
                                            exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens,

@@ -6,6 +6,7 @@ Layout of a cache folder::
                           "shards": [{"file", "rows"}, ...], "meta": {...}}
     shard_00000.npy      [rows, d] raw .npy arrays, rows = shard_rows except the last shard
     shard_00001.npy      ...
+    partial.npy, stream_state.safetensors   only while an interrupted write waits for its resume
 
 ``dtype`` is "float16", "bfloat16" or "float32". NumPy has no bfloat16, so bfloat16 shards hold
 the raw bit patterns as uint16 (``tensor.view(torch.int16)``); readers must reinterpret them as
@@ -19,9 +20,12 @@ harvest smaller than one shard keeps its work too. After an interruption,
 back and continues, writing the same shards an uninterrupted write would have written. By
 default it expects the *same* input again from the start and discards its first
 ``cache_rows_written(folder)`` rows (right for a deterministic stream with a fixed seed); pass
-``skip_written=False`` when the caller has already positioned its input after those rows. So a
-resumed harvest saves the writing, not the model's work: its shuffled stream is the same only if
-the model runs again over all the text before the rows already written.
+``skip_written=False`` when the caller has already positioned its input after those rows. An input
+with ``state()`` and ``restore(state)`` (an :class:`~saelab.data.harvest.ActivationStream`) also saves
+where it stood at the interruption (``stream_state.safetensors``: tensors and checksums, no pickle),
+and the resume restores it, so a harvest does not run the model again over the text before the rows
+written; a state file that is damaged or belongs to other settings or rows is not used (the input is
+then read again from its start, as for any other input).
 
 One process writes a cache folder at a time (a lock, saelab.utils.folder_lock). An overwrite writes
 the new cache in ``.overwrite/`` inside the folder and moves it in only once complete, so an
@@ -38,6 +42,7 @@ mixing, write the cache from a shuffled :class:`~saelab.data.harvest.ActivationS
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,6 +67,9 @@ VERSION = 1
 MANIFEST = "manifest.json"
 OVERWRITE_STAGE = ".overwrite"
 PARTIAL_SHARD = "partial.npy"  # rows toward the next shard, saved by an interrupted write
+STREAM_STATE = "stream_state.safetensors"  # where an interrupted harvest's input stopped (see _save_stream_state)
+STREAM_STATE_FORMAT = "saelab-stream-state"
+STREAM_STATE_VERSION = 1
 """Where an overwrite writes its cache until it is complete (inside the cache folder)."""
 SHARD_ROWS = 262_144
 """Rows per shard file unless the writer asks for another size."""
@@ -144,10 +152,12 @@ def cache_is_complete(folder: str | os.PathLike) -> bool:
     return m is not None and m["complete"]
 
 
-def check_disk_room(folder: str | os.PathLike, n_rows: int, d: int, dtype: str, *, overwrite: bool = False) -> None:
+def check_disk_room(folder: str | os.PathLike, n_rows: int, d: int, dtype: str, *, overwrite: bool = False,
+                    state_bytes: int = 0) -> None:
     """Refuse, before a harvest starts, a cache that cannot fit in the free space where it goes: the
-    rows still to write (an interrupted write keeps its shards) at ``d`` values of ``dtype`` each. An
-    overwrite writes beside the old cache, whose space is therefore not free."""
+    rows still to write (an interrupted write keeps its shards) at ``d`` values of ``dtype`` each, and
+    ``state_bytes`` for the state an interruption saves (a harvest's shuffle buffer). An overwrite writes
+    beside the old cache, whose space is therefore not free."""
     folder = Path(folder)
     if not overwrite and cache_is_complete(folder):
         return  # reused or refused as it is, nothing written
@@ -156,11 +166,12 @@ def check_disk_room(folder: str | os.PathLike, n_rows: int, d: int, dtype: str, 
         written = cache_rows_written(target)
     except ActivationCacheError:
         written = 0  # refused with its own message when the write opens it
-    need = max(n_rows - written, 0) * d * DTYPES[dtype][1].itemsize
+    need = max(n_rows - written, 0) * d * DTYPES[dtype][1].itemsize + state_bytes
     where = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need > free:
-        raise ConfigError(f"activation cache {folder}: {n_rows - written:,} rows of {d} {dtype} values need "
+        state = " and its shuffle buffer (saved on an interruption)" if state_bytes else ""
+        raise ConfigError(f"activation cache {folder}: {n_rows - written:,} rows of {d} {dtype} values{state} need "
                           f"{need / 2**30:,.1f} GiB, and {where} has {free / 2**30:,.1f} GiB free; free some space, "
                           "pick another --out or harvest fewer --n-tokens")
 
@@ -242,7 +253,16 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
     # the caller's input starts over: rows saved toward the next shard are taken back, not written again
     partial = writer.restore_partial() if (existing is not None and skip_written) else writer.drop_partial()
     to_skip = manifest["n_rows"] + partial if (existing is not None and skip_written) else 0
-    if to_skip:  # the input is read again from its start: say why nothing is written for a while
+    # Where an interrupted harvest's input stopped, so the model need not run again over the text before it.
+    # restored: how many of the restored input's next rows were written before the interruption
+    restored = _restore_stream_state(batches, folder, meta, dtype, to_skip) if to_skip else None
+    (folder / STREAM_STATE).unlink(missing_ok=True)  # used once: an interruption of this call saves its own
+    if restored is not None:
+        print(f"saelab: resuming activation cache {folder} after the {to_skip:,} rows already written: the input "
+              "continues where it stopped (a harvest does not run the model again over the text before them)",
+              file=sys.stderr)
+        to_skip = restored
+    elif to_skip:  # the input is read again from its start: say why nothing is written for a while
         print(f"saelab: resuming activation cache {folder}: re-reading the input up to the {to_skip:,} rows already "
               "written (a harvest reruns the model over that text to restore its shuffle), then writing",
               file=sys.stderr)
@@ -253,11 +273,16 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
     except KeyboardInterrupt:  # the rows toward the next shard are saved too: none is written twice
         saved = writer.save_partial()  # may first finish a shard the interruption cut into
         kept = manifest["n_rows"] + saved
-        print(f"saelab: activation cache {folder} keeps the {kept:,} rows written so far; the same call reads the "
-              "input again up to there without writing those rows again (a harvest reruns the model over that text: "
-              "its shuffle needs the same stream), then writes the rest" if kept else f"saelab: activation cache "
-              f"{folder} holds no rows yet (a shuffled harvest writes its first rows once its shuffle buffer is "
-              "full); the same call starts over", file=sys.stderr)
+        if kept and _save_stream_state(batches, folder, meta, dtype, kept):
+            print(f"saelab: activation cache {folder} keeps the {kept:,} rows written so far and where its input "
+                  "stopped; the same call continues from there (a harvest does not run the model again over the "
+                  "text before them), then writes the rest", file=sys.stderr)
+        else:
+            print(f"saelab: activation cache {folder} keeps the {kept:,} rows written so far; the same call reads the "
+                  "input again up to there without writing those rows again (a harvest reruns the model over that "
+                  "text: its shuffle needs the same stream), then writes the rest" if kept else f"saelab: activation "
+                  f"cache {folder} holds no rows yet (a shuffled harvest writes its first rows once its shuffle buffer "
+                  "is full); the same call starts over", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -271,7 +296,80 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
         raise CorpusError(f"no activations to write to activation cache {str(folder)!r}: the input was empty")
     manifest["complete"] = True
     write_json(folder / MANIFEST, manifest)
+    (folder / STREAM_STATE).unlink(missing_ok=True)  # one an interruption left after its restore
     return ActivationCache(folder)
+
+
+def _meta_sha256(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _save_stream_state(batches: Any, folder: Path, meta: dict, dtype: str, rows_written: int) -> bool:
+    """Save where an interrupted input stands (an ActivationStream's :meth:`state`), so the resume restores it
+    instead of reading the input again from its start; written after the manifest, which counts the
+    ``rows_written`` it goes with. Tensors in safetensors (reading it runs no code). False when the input has no
+    state to save, or it could not be written (the resume then reads the input again)."""
+    from safetensors.torch import save_file  # lazy: only an interrupted harvest needs it
+
+    if not callable(getattr(batches, "state", None)):
+        return False
+    try:
+        state = batches.state()
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in state["tensors"].items()}
+        metadata = {"format": STREAM_STATE_FORMAT, "version": str(STREAM_STATE_VERSION),
+                    "rows_written": str(rows_written), "cache_dtype": dtype, "meta_sha256": _meta_sha256(meta),
+                    "settings": json.dumps(state["settings"], sort_keys=True),
+                    "counters": json.dumps(state["counters"], sort_keys=True),
+                    "sha256": json.dumps({name: _tensor_sha256(t) for name, t in tensors.items()}, sort_keys=True)}
+        write_with(folder / STREAM_STATE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except OSError as e:  # a full disk: the rows written are kept all the same
+        print(f"saelab: note: could not save {folder / STREAM_STATE} ({e}); the resume reads the input again",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def _restore_stream_state(batches: Any, folder: Path, meta: dict, dtype: str, rows_written: int) -> int | None:
+    """Restore ``batches`` to where the interrupted write's input stopped (:func:`_save_stream_state`); returns
+    how many of its next rows were already written, or None (the input is then read again from its start)
+    when there is no state, or it does not belong to this cache, these settings or these rows (one note)."""
+    path = folder / STREAM_STATE
+    if not path.exists() or not callable(getattr(batches, "restore", None)):
+        return None
+    try:
+        from safetensors import safe_open  # lazy: as _save_stream_state
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            names = set(f.keys())
+            if names != set(json.loads(metadata.get("sha256", "{}"))):
+                raise ValueError(f"it holds tensors {sorted(names)}")
+            tensors = {name: f.get_tensor(name) for name in sorted(names)}
+        expected = {"format": STREAM_STATE_FORMAT, "version": str(STREAM_STATE_VERSION),
+                    "rows_written": str(rows_written), "cache_dtype": dtype, "meta_sha256": _meta_sha256(meta)}
+        for key, want in expected.items():
+            if metadata.get(key) != want:
+                raise ValueError(f"its {key} is {metadata.get(key)!r}, not {want!r}")
+        sums = json.loads(metadata["sha256"])
+        for name, t in tensors.items():
+            if _tensor_sha256(t) != sums[name]:
+                raise ValueError(f"its {name} does not match its checksum")
+        state = {"settings": json.loads(metadata["settings"]), "counters": json.loads(metadata["counters"]),
+                 "tensors": tensors}
+        emitted = state["counters"]["rows_emitted"]
+        held = sum(int(tensors[k].shape[0]) for k in ("buffer", "pending") if k in tensors)
+        if not isinstance(emitted, int) or not emitted <= rows_written <= emitted + held:
+            raise ValueError(f"its {emitted!r} rows handed out do not lead to the {rows_written} rows written")
+        batches.restore(state)  # checks the stream's own settings and the tensors' shapes
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        print(f"saelab: note: {path} is not used ({type(e).__name__}: {e}); the input is read again from its start",
+              file=sys.stderr)
+        return None
+    return rows_written - emitted
 
 
 def _overwrite_via_stage(batches: Iterable[torch.Tensor], folder: Path, stage: Path,
@@ -309,6 +407,7 @@ def _finish_overwrite(folder: Path, stage: Path) -> None:
         if old.name not in listed:
             old.unlink()
     (folder / PARTIAL_SHARD).unlink(missing_ok=True)  # an interrupted write of the old cache's
+    (folder / STREAM_STATE).unlink(missing_ok=True)  # as the partial rows
     os.replace(stage / MANIFEST, folder / MANIFEST)
     shutil.rmtree(stage)
 
@@ -326,6 +425,7 @@ def _open_existing(folder: Path, meta: dict, dtype: str, shard_rows: int, *, res
     if existing is not None and overwrite:
         for p in folder.glob("shard_*.npy"):
             p.unlink()
+        (folder / STREAM_STATE).unlink(missing_ok=True)
         (folder / MANIFEST).unlink(missing_ok=True)
         return None
     if existing is None:
