@@ -429,6 +429,45 @@ def test_harvest_from_a_gpu_model_writes_the_cpu_cache(tmp_path, tiny_gpt2, data
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)  # same rows in the same (shuffled) order
 
 
+
+@CUDA
+@pytest.mark.parametrize("buffer_tokens", [512, 0])
+def test_a_gpu_harvest_resumed_after_ctrl_c_writes_the_uninterrupted_shards(tmp_path, tiny_gpt2, data_dir,
+                                                                           monkeypatch, buffer_tokens):
+    """The stream's state saved at a Ctrl-C holds the GPU's shuffle buffer (copied to the host) and goes back
+    to the GPU on the resume: the same shards as an uninterrupted GPU harvest, each context run once."""
+    from saelab.models import LanguageModel
+    from test_data import shard_bytes
+
+    hook = "blocks.1.hook_resid_post"
+    contexts = token_contexts(data_dir / "wiki-en" / "wiki_eval.jsonl.xz", tiny_gpt2.tokenize, 33, n_contexts=40,
+                              bos_token_id=tiny_gpt2.bos_token_id)
+    gpu_lm = LanguageModel(copy.deepcopy(tiny_gpt2.model).to("cuda"), tiny_gpt2.tokenizer, "tiny-gpt2")
+    forward, calls = gpu_lm.activations, []
+
+    def harvest(folder, stop_at=0):
+        def counted(tokens_BT, h):  # the real forward, counted; a Ctrl-C on call stop_at
+            if len(calls) + 1 == stop_at:
+                raise KeyboardInterrupt
+            calls.append(tokens_BT.shape[0])
+            return forward(tokens_BT, h)
+
+        monkeypatch.setattr(gpu_lm, "activations", counted)
+        stream = ActivationStream(gpu_lm, hook, contexts, batch_size=64, lm_batch_size=4,
+                                  buffer_tokens=buffer_tokens, progress=False)
+        write_activation_cache(stream, folder, meta={"hook_name": hook}, dtype="float32", shard_rows=128,
+                               resume=True, progress=False)
+
+    harvest(tmp_path / "ref")
+    assert sum(calls) == 40
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        harvest(tmp_path / "c", stop_at=7)
+    assert (tmp_path / "c" / "stream_state.safetensors").is_file()
+    harvest(tmp_path / "c")
+    assert sum(calls) == 40  # the resume ran the model only over the contexts not read before
+    assert shard_bytes(tmp_path / "c") == shard_bytes(tmp_path / "ref")
+
 @CUDA
 @TWO_GPUS
 def test_two_gpu_training_equals_one_gpu(tmp_path, tiny_gpt2, data_dir):
