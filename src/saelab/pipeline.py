@@ -152,10 +152,7 @@ def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, corpus: str, meta: di
     """Load the model and write (or resume) the cache."""
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
-    d = lm.hook_width(cfg.hook)
-    # An interruption saves the shuffle buffer and the model batch not yet in it (float32: the stream's store).
-    state_rows = cfg.buffer_tokens + cfg.lm_batch_size * cfg.context_size
-    check_disk_room(out_dir, cfg.n_tokens, d, cfg.dtype, overwrite=overwrite, state_bytes=state_rows * d * 4)
+    check_disk_room(out_dir, cfg.n_tokens, lm.hook_width(cfg.hook), cfg.dtype, overwrite=overwrite)
     stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus),
                               StreamConfig(batch_size=HARVEST_BATCH, lm_batch_size=cfg.lm_batch_size,
                                            exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens,

@@ -152,12 +152,11 @@ def cache_is_complete(folder: str | os.PathLike) -> bool:
     return m is not None and m["complete"]
 
 
-def check_disk_room(folder: str | os.PathLike, n_rows: int, d: int, dtype: str, *, overwrite: bool = False,
-                    state_bytes: int = 0) -> None:
+def check_disk_room(folder: str | os.PathLike, n_rows: int, d: int, dtype: str, *, overwrite: bool = False) -> None:
     """Refuse, before a harvest starts, a cache that cannot fit in the free space where it goes: the
-    rows still to write (an interrupted write keeps its shards) at ``d`` values of ``dtype`` each, and
-    ``state_bytes`` for the state an interruption saves (a harvest's shuffle buffer). An overwrite writes
-    beside the old cache, whose space is therefore not free."""
+    rows still to write (an interrupted write keeps its shards) at ``d`` values of ``dtype`` each. An
+    overwrite writes beside the old cache, whose space is therefore not free. The stream state an
+    interruption saves is not counted: it is written only then, and a failure to write it loses nothing."""
     folder = Path(folder)
     if not overwrite and cache_is_complete(folder):
         return  # reused or refused as it is, nothing written
@@ -166,12 +165,11 @@ def check_disk_room(folder: str | os.PathLike, n_rows: int, d: int, dtype: str, 
         written = cache_rows_written(target)
     except ActivationCacheError:
         written = 0  # refused with its own message when the write opens it
-    need = max(n_rows - written, 0) * d * DTYPES[dtype][1].itemsize + state_bytes
+    need = max(n_rows - written, 0) * d * DTYPES[dtype][1].itemsize
     where = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need > free:
-        state = " and its shuffle buffer (saved on an interruption)" if state_bytes else ""
-        raise ConfigError(f"activation cache {folder}: {n_rows - written:,} rows of {d} {dtype} values{state} need "
+        raise ConfigError(f"activation cache {folder}: {n_rows - written:,} rows of {d} {dtype} values need "
                           f"{need / 2**30:,.1f} GiB, and {where} has {free / 2**30:,.1f} GiB free; free some space, "
                           "pick another --out or harvest fewer --n-tokens")
 
