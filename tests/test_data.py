@@ -7,6 +7,7 @@ import json
 import lzma
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -681,24 +682,31 @@ def test_a_resumed_harvest_continues_where_its_stream_stopped(tmp_path, model, c
     assert not (folder / "stream_state.safetensors").exists()
 
 
-def edit_state(path: Path, **changes) -> None:
-    """Rewrite a saved stream state with some of its metadata (or settings) changed, its checksums kept."""
+def edit_state(path: Path, rehash: bool = True, **changes) -> None:
+    """Rewrite a saved stream state with some of its metadata, settings or counters changed; ``rehash``: its
+    metadata checksum made to match again (to reach the checks behind it), else kept as it was."""
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from saelab.data.cache import _state_checksum
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    settings = json.loads(metadata["settings"])
+    settings, counters = json.loads(metadata["settings"]), json.loads(metadata["counters"])
     for key, value in changes.items():
         if key in settings:
             settings[key] = value
+        elif key in counters:
+            counters[key] = value
         else:
             metadata[key] = value
-    metadata["settings"] = json.dumps(settings)
+    metadata["settings"], metadata["counters"] = json.dumps(settings), json.dumps(counters)
+    if rehash:
+        metadata["checksum"] = _state_checksum(metadata)
     save_file(load_file(path), path, metadata=metadata)
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "other seed", "other rows", "partial lost"])
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "other seed", "other rows", "partial lost",
+                                    "edited counter", "edited setting"])
 def test_a_damaged_or_mismatched_stream_state_falls_back_to_reading_the_input_again(
         tmp_path, model, contexts, damage, capsys):
     """A saved stream state that is damaged, of other settings or of other rows written is not trusted: one
@@ -718,6 +726,12 @@ def test_a_damaged_or_mismatched_stream_state_falls_back_to_reading_the_input_ag
         edit_state(path, seed=1)
     elif damage == "other rows":
         edit_state(path, rows_written="64")
+    elif damage in ("edited counter", "edited setting"):  # the tensors intact: the metadata's checksum refuses it
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            seen = json.loads(f.metadata()["counters"])["contexts_seen"]
+        edit_state(path, rehash=False, **({"contexts_seen": seen + 10} if damage == "edited counter" else {"seed": 1}))
     else:  # the rows toward the next shard are gone: the resume counts fewer rows written than the state
         (folder / "partial.npy").unlink()
     capsys.readouterr()
@@ -725,10 +739,82 @@ def test_a_damaged_or_mismatched_stream_state_falls_back_to_reading_the_input_ag
     harvest_once(again, contexts, folder, 128)
     err = capsys.readouterr().err
     assert f"saelab: note: {path} is not used (" in err and "the input is read again from its start" in err
+    if damage.startswith("edited"):
+        assert "do not match its checksum" in err
     assert "re-reading the input up to the" in err
     assert sum(again.calls) == 40  # the full re-read
     assert shard_bytes(folder) == shard_bytes(tmp_path / "ref")
     assert not path.exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
+def test_a_stream_state_the_disk_refuses_still_ends_as_an_interruption(tmp_path, model, contexts, capsys):
+    """A file-size limit the shards fit under but the stream state does not (a full disk): safetensors' own
+    error does not replace the Ctrl-C; one note, the usual message, and the resume re-reads to the same shards."""
+    import resource
+
+    harvest_once(StopAt(model), contexts, tmp_path / "ref", 128)
+    folder = tmp_path / "c"
+    # shards: 100 rows x 64 float32 (25.7 kB); the state at this Ctrl-C: its buffered rows and more (32.8 kB)
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (29_000, old_limit[1]))
+        with pytest.raises(KeyboardInterrupt):
+            harvest_once(StopAt(model, 7), contexts, folder, 128)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    err = capsys.readouterr().err
+    assert f"saelab: note: could not save {folder / 'stream_state.safetensors'} (" in err
+    assert "the same call reads the input again up to there" in err and "where its input stopped" not in err
+    assert not list(folder.glob("*stream_state*"))  # no file, no temporary left
+    again = StopAt(model)
+    harvest_once(again, contexts, folder, 128)
+    assert "re-reading the input up to the" in capsys.readouterr().err
+    assert sum(again.calls) == 40
+    assert shard_bytes(folder) == shard_bytes(tmp_path / "ref")
+
+
+def test_a_re_read_interrupted_while_skipping_the_rows_written_saves_no_state(tmp_path, model, contexts, capsys):
+    """A resume that re-reads (its state was lost) and is stopped again before it reaches the rows kept: its
+    stream does not lead to them, so no state is saved and the message says the input is read again."""
+    harvest_once(StopAt(model), contexts, tmp_path / "ref", 128)
+    folder = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        harvest_once(StopAt(model, 7), contexts, folder, 128)
+    (folder / "stream_state.safetensors").unlink()
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):  # the 2nd model batch: 60 rows read of the 256 kept
+        harvest_once(StopAt(model, 2), contexts, folder, 128)
+    err = capsys.readouterr().err
+    assert "keeps the 256 rows written so far; the same call reads the input again up to there" in err
+    assert "where its input stopped" not in err
+    assert not (folder / "stream_state.safetensors").exists()
+    again = StopAt(model)
+    harvest_once(again, contexts, folder, 128)
+    err = capsys.readouterr().err
+    assert "is not used" not in err and "re-reading the input up to the 256 rows" in err
+    assert shard_bytes(folder) == shard_bytes(tmp_path / "ref")
+
+
+def test_a_stream_state_checksum_does_not_copy_the_tensor():
+    """The checksum reads the tensor's bytes in place: no second copy of a shuffle buffer (GBs at large d)."""
+    import hashlib
+    import tracemalloc
+
+    from saelab.data.cache import _tensor_sha256
+
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.randn(1024, 1024).to(dtype)
+        assert _tensor_sha256(t) == hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+        tracemalloc.start()
+        try:
+            _tensor_sha256(t)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20, peak  # the tensor is 2-4 MiB
+    assert _tensor_sha256(torch.empty(0, 64)) == hashlib.sha256(b"").hexdigest()
 
 
 def test_a_resumed_harvest_interrupted_again_resumes_again(tmp_path, model, contexts, monkeypatch, capsys):

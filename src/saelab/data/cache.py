@@ -22,7 +22,8 @@ default it expects the *same* input again from the start and discards its first
 ``cache_rows_written(folder)`` rows (right for a deterministic stream with a fixed seed); pass
 ``skip_written=False`` when the caller has already positioned its input after those rows. An input
 with ``state()`` and ``restore(state)`` (an :class:`~saelab.data.harvest.ActivationStream`) also saves
-where it stood at the interruption (``stream_state.safetensors``: tensors and checksums, no pickle),
+where it stood at the interruption (``stream_state.safetensors``: tensors, settings and counters under
+checksums, no pickle; not saved when it does not lead to the rows kept, nor when the disk refuses it),
 and the resume restores it, so a harvest does not run the model again over the text before the rows
 written; a state file that is damaged or belongs to other settings or rows is not used (the input is
 then read again from its start, as for any other input).
@@ -69,7 +70,7 @@ OVERWRITE_STAGE = ".overwrite"
 PARTIAL_SHARD = "partial.npy"  # rows toward the next shard, saved by an interrupted write
 STREAM_STATE = "stream_state.safetensors"  # where an interrupted harvest's input stopped (see _save_stream_state)
 STREAM_STATE_FORMAT = "saelab-stream-state"
-STREAM_STATE_VERSION = 1
+STREAM_STATE_VERSION = 2  # 2: one checksum over the metadata too
 """Where an overwrite writes its cache until it is complete (inside the cache folder)."""
 SHARD_ROWS = 262_144
 """Rows per shard file unless the writer asks for another size."""
@@ -303,28 +304,52 @@ def _meta_sha256(meta: dict) -> str:
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    # The tensor's own bytes through a buffer view: a copy (tobytes) would double a GBs-large shuffle buffer.
+    # As uint8 first: NumPy has no bfloat16.
+    return hashlib.sha256(t.contiguous().view(torch.uint8).reshape(-1).numpy()).hexdigest()
+
+
+def _state_checksum(metadata: dict[str, str]) -> str:
+    """One checksum over a saved stream state's metadata (settings, counters, rows written, the tensors'
+    checksums...), so an edited or damaged entry is refused like a damaged tensor."""
+    return _meta_sha256({k: v for k, v in metadata.items() if k != "checksum"})
+
+
+def _check_leads_to(counters: dict[str, Any], tensors: dict[str, torch.Tensor], rows_written: int) -> None:
+    """ValueError unless a stream in this state has handed out at most ``rows_written`` rows and holds the rest:
+    its next rows then continue the cache exactly."""
+    emitted = counters.get("rows_emitted")
+    held = sum(int(tensors[k].shape[0]) for k in ("buffer", "pending") if k in tensors)
+    if not isinstance(emitted, int) or not emitted <= rows_written <= emitted + held:
+        raise ValueError(f"its {emitted!r} rows handed out do not lead to the {rows_written} rows written")
 
 
 def _save_stream_state(batches: Any, folder: Path, meta: dict, dtype: str, rows_written: int) -> bool:
     """Save where an interrupted input stands (an ActivationStream's :meth:`state`), so the resume restores it
     instead of reading the input again from its start; written after the manifest, which counts the
     ``rows_written`` it goes with. Tensors in safetensors (reading it runs no code). False when the input has no
-    state to save, or it could not be written (the resume then reads the input again)."""
-    from safetensors.torch import save_file  # lazy: only an interrupted harvest needs it
+    state to save, its state does not lead to those rows (a re-read interrupted while still skipping the rows
+    written), or it could not be written (the resume then reads the input again)."""
+    from safetensors import SafetensorError  # lazy: only an interrupted harvest needs it
+    from safetensors.torch import save_file
 
     if not callable(getattr(batches, "state", None)):
         return False
+    state = batches.state()
     try:
-        state = batches.state()
+        _check_leads_to(state["counters"], state["tensors"], rows_written)
+    except ValueError:  # the resume would refuse it: it reads the input again, as said without a state
+        return False
+    try:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in state["tensors"].items()}
         metadata = {"format": STREAM_STATE_FORMAT, "version": str(STREAM_STATE_VERSION),
                     "rows_written": str(rows_written), "cache_dtype": dtype, "meta_sha256": _meta_sha256(meta),
                     "settings": json.dumps(state["settings"], sort_keys=True),
                     "counters": json.dumps(state["counters"], sort_keys=True),
                     "sha256": json.dumps({name: _tensor_sha256(t) for name, t in tensors.items()}, sort_keys=True)}
+        metadata["checksum"] = _state_checksum(metadata)
         write_with(folder / STREAM_STATE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    except OSError as e:  # a full disk: the rows written are kept all the same
+    except (OSError, SafetensorError) as e:  # a full disk, a file-size limit: the rows written are kept all the same
         print(f"saelab: note: could not save {folder / STREAM_STATE} ({e}); the resume reads the input again",
               file=sys.stderr)
         return False
@@ -343,12 +368,17 @@ def _restore_stream_state(batches: Any, folder: Path, meta: dict, dtype: str, ro
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
+            for key in ("format", "version"):  # an older file is named as such, not as a checksum mismatch
+                want = {"format": STREAM_STATE_FORMAT, "version": str(STREAM_STATE_VERSION)}[key]
+                if metadata.get(key) != want:
+                    raise ValueError(f"its {key} is {metadata.get(key)!r}, not {want!r}")
+            if metadata.get("checksum") != _state_checksum(metadata):
+                raise ValueError("its settings or counters do not match its checksum")
             names = set(f.keys())
             if names != set(json.loads(metadata.get("sha256", "{}"))):
                 raise ValueError(f"it holds tensors {sorted(names)}")
             tensors = {name: f.get_tensor(name) for name in sorted(names)}
-        expected = {"format": STREAM_STATE_FORMAT, "version": str(STREAM_STATE_VERSION),
-                    "rows_written": str(rows_written), "cache_dtype": dtype, "meta_sha256": _meta_sha256(meta)}
+        expected = {"rows_written": str(rows_written), "cache_dtype": dtype, "meta_sha256": _meta_sha256(meta)}
         for key, want in expected.items():
             if metadata.get(key) != want:
                 raise ValueError(f"its {key} is {metadata.get(key)!r}, not {want!r}")
@@ -358,16 +388,13 @@ def _restore_stream_state(batches: Any, folder: Path, meta: dict, dtype: str, ro
                 raise ValueError(f"its {name} does not match its checksum")
         state = {"settings": json.loads(metadata["settings"]), "counters": json.loads(metadata["counters"]),
                  "tensors": tensors}
-        emitted = state["counters"]["rows_emitted"]
-        held = sum(int(tensors[k].shape[0]) for k in ("buffer", "pending") if k in tensors)
-        if not isinstance(emitted, int) or not emitted <= rows_written <= emitted + held:
-            raise ValueError(f"its {emitted!r} rows handed out do not lead to the {rows_written} rows written")
+        _check_leads_to(state["counters"], tensors, rows_written)
         batches.restore(state)  # checks the stream's own settings and the tensors' shapes
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
         print(f"saelab: note: {path} is not used ({type(e).__name__}: {e}); the input is read again from its start",
               file=sys.stderr)
         return None
-    return rows_written - emitted
+    return rows_written - state["counters"]["rows_emitted"]
 
 
 def _overwrite_via_stage(batches: Iterable[torch.Tensor], folder: Path, stage: Path,
