@@ -499,6 +499,32 @@ def test_a_refused_value_is_blamed_on_where_it_came_from(tmp_path, capsys):
     assert error("harvest") == f"saelab harvest: error: --config {cfg}: harvest.n-tokens: must be >= 1, got -5"
 
 
+@pytest.mark.parametrize("file,typed,message", [
+    # harvest and eval share field names: the file's valid eval value is not the one refused
+    ("eval:\n  lm_batch_size: 8\n", "--harvest-lm-batch-size 0", "--harvest-lm-batch-size must be >= 1, got 0"),
+    ("eval:\n  context_size: 64\n", "--harvest-context-size 2", "--harvest-context-size must be >= 3"),
+    ("harvest:\n  context_size: 2\n", "--eval-context-size 64", "--config {cfg}: harvest.context_size: must be >= 3"),
+])
+def test_a_refused_value_is_blamed_on_the_group_that_refused_it(file, typed, message, tmp_path, capsys):
+    """A setting's name alone does not say whose value was refused where two groups have it: the refusing
+    group's setting is named, before quickstart harvests anything."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(file)
+    assert _exit_code(["quickstart", "--out", str(tmp_path / "qs"), "--config", str(cfg), *typed.split()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"saelab quickstart: error: {message.format(cfg=cfg)}"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "qs").exists()
+
+
+def test_a_refused_value_names_its_option_as_typed(tmp_path, capsys):
+    """-k, not the --k the user never typed."""
+    for argv, message in [(["-k", "700", "--n-latents", "512"], "-k 700 exceeds --n-latents 512; expected -k <= "),
+                          (["-k", "-4"], "-k must be an integer >= 1, got -4")]:
+        assert _exit_code(["train", "--activations", "acts", "--out", str(tmp_path / "r"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"saelab train: error: {message}"), err
+
+
 @pytest.mark.parametrize("argv", [
     "train --n-latents 64 -k 4",  # the default k_aux (256) is more than 64: AuxK takes every dead latent
     "train --recipe paper --n-latents 64 -k 4",  # the paper's 512 too

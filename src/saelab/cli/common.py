@@ -67,7 +67,7 @@ class Parser(ArgumentParser):
         try:
             parsed, rest = super().parse_known_args(args, namespace)
         except ConfigError as e:  # a settings class refused a value while the parse built it
-            raise ConfigError(self._in_config_file_words(str(e))) from None
+            raise ConfigError(self._in_given_words(str(e), self._refusing_group(e))) from None
         # Read by given(); merged, as the verb's parser fills it before the top parser returns.
         parsed.given_as = {**getattr(parsed, "given_as", {}), **self._given_as()}
         return parsed, rest
@@ -85,26 +85,53 @@ class Parser(ArgumentParser):
                 given[action.dest] = self.config_entries[action.dest]
         return given
 
-    def _in_config_file_words(self, message: str) -> str:
-        """A settings class's refusal ("k must be an integer >= 1, got -4") with each setting that came from
-        a --config file named as the file's entry ("--config c.yaml: train.k: must be ..."), not as the
-        option the user never typed; a message about typed options and defaults only is left as it is."""
+    def _refusing_group(self, error: ConfigError) -> str | None:
+        """The settings group ("harvest") whose class raised ``error`` while the parse built it, else None.
+        Its class's frame is the one to find: groups share field names (harvest's and eval's
+        lm_batch_size), so the message's bare name does not tell whose value was refused."""
+        groups: dict[type, list[str]] = {}
+        for wrapper in self._wrappers:
+            groups.setdefault(wrapper.dataclass, []).append(wrapper.dest)
+        tb, found = error.__traceback__, None
+        while tb is not None:  # the innermost frame of a group's class: a group may build another
+            dests = groups.get(type(tb.tb_frame.f_locals.get("self")))
+            if dests is not None:
+                found = dests[0] if len(dests) == 1 else None  # two groups of one class: unknown which
+            tb = tb.tb_next
+        return found
+
+    def _in_given_words(self, message: str, group: str | None) -> str:
+        """A settings class's refusal ("k must be an integer >= 1, got -4") with each setting the user gave
+        named as given: the option as typed ("-k must be ..."), or the --config file's entry ("--config
+        c.yaml: train.k: must be ..."), not an option never typed. The settings are those of ``group``, the
+        group that refused; where it is unknown, only a name no other group of the verb has."""
+        if message.startswith("--config "):
+            return message
         given = self._given_as()
-        keys: dict[str, list[str]] = {}
-        for dest, how in given.items():
-            if how.startswith("--config "):
-                keys.setdefault(dest.rsplit(".", 1)[-1], []).append(how)
-        from_file = {field: hows[0] for field, hows in keys.items() if len(hows) == 1}  # two groups' k: unknown
-        if not from_file or message.startswith("--config "):
+        if group is None:
+            names = [a.dest.rsplit(".", 1)[-1] for a in self._actions if "." in a.dest]
+            ours = {dest for dest in given if "." in dest and names.count(dest.rsplit(".", 1)[-1]) == 1}
+        else:
+            ours = {dest for dest in given if dest.rpartition(".")[0] == group}
+        how = {dest.rsplit(".", 1)[-1]: given[dest] for dest in ours}
+        if not how:
             return message
         setting, _, rest = message.partition(" ")
-        if setting in from_file and rest.startswith("must "):
-            return f"{from_file[setting]}: {rest}"
-        file, _, _ = next(iter(from_file.values())).rpartition(": ")
-        entry = {field: how.rpartition(": ")[2] for field, how in from_file.items()}
-        reworded = reword_fields(message, lambda field, value: f"{entry[field]} {value}" if field in entry else None,
-                                 entry.get)
-        return message if reworded == message else f"{file}: {reworded}"
+        if setting in how and rest.startswith("must "):
+            return f"{how[setting]}{':' if how[setting].startswith('--config ') else ''} {rest}"
+        files = []  # the file of each entry named: the message opens with it
+
+        def named(field: str) -> str | None:
+            if field not in how:
+                return None
+            file, _, entry = how[field].rpartition(": ")
+            files.append(file)
+            return entry
+
+        reworded = reword_fields(message, lambda field, value: f"{named(field)} {value}" if field in how else None,
+                                 named)
+        file = next((f for f in files if f), None)
+        return f"{file}: {reworded}" if file else reworded
 
     def error(self, message: str) -> typing.NoReturn:
         """One line, as for every other bad input (argparse would print the usage block first), with a
