@@ -322,6 +322,10 @@ BAD = [
     ("top 5 SAE", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 5 (`saelab top"),
     ("top 3,7 SAE -n 3", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 3,7 -n 3"),
     ("top SAE 5", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 5 (`saelab top"),
+    # an unknown option's value is no positional: argparse's message, not a command with "--lat" in it
+    ("top SAE --lat 5", "error: unrecognized arguments: --lat; did you mean --latent? (`saelab top"),
+    ("top SAE --bogus 5", "error: unrecognized arguments: --bogus (`saelab top"),
+    ("top SAE -x 5", "error: unrecognized arguments: -x (`saelab top"),
 ]
 
 

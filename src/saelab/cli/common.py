@@ -138,8 +138,7 @@ class Parser(ArgumentParser):
         close match for a misspelled option."""
         if message.startswith("the following arguments are required:"):
             # "--n-latent 5" without --out: the misspelling is the first thing to fix, not the missing --out
-            unknown = [a for a in getattr(self, "_argv_seen", []) if a.startswith("--")
-                       and a.split("=", 1)[0] not in self._option_string_actions]
+            unknown = unknown_options(self, getattr(self, "_argv_seen", []))
             message = f"unrecognized arguments: {' '.join(unknown)}" if unknown else message
         # simple_parsing's type for a Literal field reports "invalid typing.Literal['zero', 'mean'] value: 'foo'"
         message = re.sub(r"invalid typing\.Literal\[(.*)\] value: ('.*')",
@@ -482,6 +481,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(default, (list, tuple)):  # "zero mean", as typed, not "('zero', 'mean')"; () needs no word
             return text + f" (default: {' '.join(map(str, default))})" if default else text
         return text + " (default: %(default)s)"
+
+
+def unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The words of ``argv`` that ``parser`` reads as options it does not have ("--lat", "--lat=5", "-x"), as
+    typed; not a negative number, nor anything after "--"."""
+    found = []
+    for arg in argv:
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-" or " " in arg or parser._negative_number_matcher.match(arg):
+            continue  # a value or a positional, as argparse reads it
+        name = arg.split("=", 1)[0]
+        if name in parser._option_string_actions or (arg[1] != "-" and arg[:2] in parser._option_string_actions):
+            continue  # "-n5": -n and its value
+        found.append(arg)
+    return found
 
 
 def positional_indices(parser: argparse.ArgumentParser, argv: list[str]) -> list[int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.cli.common import (add_io_options, finite_float, first_repeat, positional_indices, positive_int,
-                               typed)
+                               typed, unknown_options)
 from saelab.errors import ConfigError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.positions import comma_items, index_list
@@ -322,6 +322,8 @@ def _check_top_order(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Refuse `top 5 RUN` (the latent first, as `top` took it before it took the SAE first like steer) and
     `top RUN 5`, showing the command in the current form, before argparse reports a missing --latent."""
     if "--" in argv or "--latent" in argv or any(a.startswith("--latent=") for a in argv):
+        return
+    if unknown_options(parser, argv):  # its value would read as a positional: argparse names it, with a close match
         return
     at = positional_indices(parser, argv)
     if len(at) != 2 or not any(_looks_like_latents(argv[i]) for i in at):
