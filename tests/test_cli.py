@@ -227,6 +227,7 @@ BAD = [
     ("sweep --grid n_latents=1024 n_latents=2048", "--grid names n_latents twice; give its values once"),
     ("sweep --n-latents 4096 --grid n_latents=1024,2048", "--n-latents 4096 and --grid n_latents=... both set"),
     ("sweep --k 32 --grid k=16,32", "--k 32 and --grid k=... both set k"),  # even at the recipe's value
+    ("sweep -k 32 --grid k=16,32", "error: -k 32 and --grid k=... both set k"),  # not replaced unseen
     ("sweep --grid input_norm=batchnorm", "--grid input_norm=batchnorm: expected one of none, layernorm"),
     ("quickstart --n-tokens 65536 --harvest-n-tokens 200000", "--n-tokens 65536 and --harvest-n-tokens 200000 both"),
     ("quickstart --n-tokens 65536 --total-tokens 8192", "--n-tokens 65536 and --total-tokens 8192 both set"),

@@ -273,8 +273,8 @@ def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]
     """A training option given on the command line and also swept would be silently replaced (one
     from --config is a default that the grid overrides, as the command line overrides the file)."""
     for name in grid:
-        option = f"--{name.replace('_', '-')}"
-        if typed(args, option):
+        option = given(args, f"train.{name}")  # as typed: "-k" too
+        if option is not None and not option.startswith("--config "):
             raise ConfigError(f"{option} {getattr(args.train, name)} and --grid {name}=... both set {name}; give "
                               "it once (in the grid)")
 
