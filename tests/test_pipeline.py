@@ -479,9 +479,26 @@ def test_training_curves_leave_out_the_steps_where_auxk_was_inactive(tiny_dir, d
     y = np.asarray(line.get_ydata(), dtype=float)
     assert not (y == 0).any()  # no point at 0 for the log axis to drop to
     assert np.array_equal(np.isnan(y), auxk == 0) and np.array_equal(y[auxk > 0], auxk[auxk > 0])
-    assert line.get_label() == "AuxK loss (gaps: no dead latents)"
+    assert line.get_label() == "AuxK loss (gaps: no latent dead at the step's start)"
     assert main(["report", str(run)]) == 0  # the report draws the same figure
     assert_png(run / "training_curves.png")
+
+
+def test_training_curves_mark_an_auxk_step_between_two_gaps():
+    """On a run long enough to draw lines without markers, a step where AuxK was active between two where it
+    was not draws no segment: it gets a marker of the AuxK line's colour."""
+    import numpy as np
+
+    from saelab.report.plots import training_curves_figure
+
+    auxk = [0.0] * 10 + [0.9] + [0.0] * 10 + [0.8, 0.7] + [0.0] * 17  # 40 log points: no markers on the lines
+    log = [{"step": i, "tokens": 100 * (i + 1), "nmse": 0.5, "auxk": a, "dead_frac": 0.0, "inactive_frac": 0.0}
+           for i, a in enumerate(auxk)]
+    lines = training_curves_figure(log).axes[0].get_lines()
+    [curve] = [l for l in lines if l.get_label().startswith("AuxK")]
+    [alone] = [l for l in lines if l.get_marker() == "o"]
+    assert np.array_equal(alone.get_xdata(), [1100]) and np.array_equal(alone.get_ydata(), [0.9])
+    assert alone.get_color() == curve.get_color() and alone.get_linestyle() == "None"
 
 
 def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_dir, data_dir, tmp_path, capsys):

@@ -25,11 +25,17 @@ def training_curves_figure(metrics: Sequence[dict[str, Any]]) -> Figure:
     fig, (ax1, ax2) = figure(1, 2, figsize=(10, 3.6))
     ax1.plot(tokens, [m["nmse"] for m in metrics], label="nMSE (train batch)", **style)
     auxk = np.array([m.get("auxk", 0.0) for m in metrics], dtype=float)
-    if (auxk > 0).any():
+    on = auxk > 0
+    if on.any():
         # AuxK trains the dead latents only: 0 at steps with none, which the log axis cannot show (the line
-        # fell off it). NaN leaves those steps out: gaps where it was inactive.
-        label = "AuxK loss" if (auxk > 0).all() else "AuxK loss (gaps: no dead latents)"
-        ax1.plot(tokens, np.where(auxk > 0, auxk, np.nan), label=label, alpha=0.7, **style)
+        # fell off it). NaN leaves those steps out: gaps where it was inactive. The dead set AuxK uses is the
+        # one at the step's start; the right panel's dead share is the one after it, a step later.
+        label = "AuxK loss" if on.all() else "AuxK loss (gaps: no latent dead at the step's start)"
+        [line] = ax1.plot(tokens, np.where(on, auxk, np.nan), label=label, alpha=0.7, **style)
+        alone = on & ~np.r_[False, on[:-1]] & ~np.r_[on[1:], False]
+        if alone.any() and not style:  # a step between two gaps draws no segment: a marker shows it
+            ax1.plot(tokens[alone], auxk[alone], linestyle="none", marker="o", markersize=3, alpha=0.7,
+                     color=line.get_color())
     ax1.set_xlabel("training tokens")
     ax1.set_ylabel("loss")
     ax1.set_yscale("log")
