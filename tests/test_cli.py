@@ -249,6 +249,10 @@ BAD = [
     ("train --multi-topk-factor 4", "--multi-topk-factor: applies only with --multi-topk"),  # the default value too
     ("quickstart --multi-topk-coef 0.5", "--multi-topk-coef: applies only with --multi-topk"),
     ("train --no-auxk --k-aux 16", "--k-aux: applies only with --auxk (AuxK is off)"),
+    ("train --decoder-init random --decoder-init-noise 0.5", "--decoder-init-noise: applies only to a decoder "
+     "initialized from data"),
+    ("train --lr 0.001 --lr-base 0.002", "--lr-base: sets the learning rate only when --lr is unset"),
+    ("sweep --lr-base 0.002 --grid lr=0.001,0.002", "--lr-base: sets the learning rate only when --lr is unset"),
     ("sweep --grid l1-coefficient=1,2", "--grid l1-coefficient: applies only with --architecture relu"),
     ("train --k-aux 1000 --n-latents 64", "--k-aux: 1000 exceeds the SAE's 64 latents (--n-latents); AuxK trains at "
                                           "most every dead latent: expected at most 64"),
@@ -540,6 +544,8 @@ def test_a_refused_value_names_its_option_as_typed(tmp_path, capsys):
     "sweep --l1-coefficient 2 --grid architecture=topk,relu",  # some points use it
     "sweep --multi-topk-factor 2 --grid multi-topk=false,true",
     "sweep --grid k-aux=16,64 --n-latents 64",
+    "train --decoder-init data --decoder-init-noise 0.5",
+    "train --lr-base 0.002 --lr-max 0.01",
 ])
 def test_options_that_apply_are_taken(argv):
     from saelab.cli import parse_args

@@ -46,6 +46,11 @@ APPLIES_ONLY_WITH: list[tuple[tuple[str, ...], typing.Callable[[dict], bool], st
      "applies only with --architecture relu (the relu-l1 recipe); a top-k SAE's sparsity is set by --k"),
     (("multi_topk_factor", "multi_topk_coef"), lambda s: s["multi_topk"], "applies only with --multi-topk"),
     (("k_aux", "auxk_coef"), lambda s: s["auxk"], "applies only with --auxk (AuxK is off)"),
+    (("decoder_init_max_cos", "decoder_init_noise"), lambda s: s["decoder_init"] != "random",
+     "applies only to a decoder initialized from data (--decoder-init data, or auto); --decoder-init random draws "
+     "it at random"),
+    (("lr_base", "lr_max"), lambda s: s["lr"] is None,
+     "sets the learning rate only when --lr is unset; --lr gives it outright"),
 ]
 
 
