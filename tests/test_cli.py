@@ -177,6 +177,13 @@ def test_harvest_help_says_a_pool_smaller_than_n_tokens_is_raised(capsys):
     assert "(at least n_tokens)" not in help_text
 
 
+@pytest.mark.parametrize("verb", ["eval", "browse"])
+def test_help_quotes_a_default_with_a_leading_space(verb, capsys):
+    """N2G's padding token ' _' showed as "(default:  _)", its space lost among the help's own."""
+    help_text = " ".join(_help(verb, capsys).split())
+    assert "(default: ' _')" in help_text and "(default: _)" not in help_text
+
+
 def test_report_help_says_where_density_png_comes_from(capsys):
     """report draws density.png again from the saved latent frequencies; its help said eval alone drew it."""
     help_text = " ".join(_help("report", capsys).split())

@@ -480,6 +480,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return text
         if isinstance(default, (list, tuple)):  # "zero mean", as typed, not "('zero', 'mean')"; () needs no word
             return text + f" (default: {' '.join(map(str, default))})" if default else text
+        if isinstance(default, str) and default != default.strip():  # ' _': a bare space would not show
+            return text + f" (default: {default!r})".replace("%", "%%")
         return text + " (default: %(default)s)"
 
 

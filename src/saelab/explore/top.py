@@ -73,7 +73,7 @@ class TopActivations:
     def to_text(self, before: int = 16, after: int = 8) -> str:
         """One line per context: rank, max, context index, and the tokens around the max, the max token in [[ ]]."""
         lines = [f"latent {self.latent}: max {self.max_activation:.4g} over {self.n_tokens:,} tokens, "
-                 f"{len(self)} top contexts"]
+                 f"{len(self)} top context{'' if len(self) == 1 else 's'}"]
         for rank, (c, m, p, strs) in enumerate(zip(self.context_idx.tolist(), self.max_acts.tolist(),
                                                    self.max_pos.tolist(), self.str_tokens), start=1):
             left = "".join(strs[max(0, p - before):p])
