@@ -330,6 +330,10 @@ BAD = [
     ("eval SAE --suite paper --metrics core probe core", "--metrics: 'core' given twice; give each value once"),
     ("browse A A --out site", "SAE: 'A' given twice"),
     ("top SAE --latent 5,5", "argument --latent: latent 5 given twice in '5,5'; give each latent once"),
+    # argparse kept the last --latent: latent 4 alone was shown (or steered); refused before the SAE is opened
+    ("top SAE --latent 3 --latent 4", "error: --latent given twice; list several as --latent 3,4 (`saelab top"),
+    ("top SAE --latent=3 --latent 3", "error: --latent given twice; list several as --latent 3,4"),
+    ("steer SAE --latent 3 --latent 4 --value 1", "error: --latent given twice; list several as --latent 3,4"),
     ("top SAE", "the following arguments are required: --latent"),
     ("top 5 SAE", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 5 (`saelab top"),
     ("top 3,7 SAE -n 3", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 3,7 -n 3"),

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import types
 import typing
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,26 @@ class Parser(ArgumentParser):
                 raise ConfigError(f"{where}: not an option group or option of `{self.prog}`; expected one of "
                                   f"{', '.join(sorted(groups) + [_file_key(options[o]) for o in sorted(options)])}")
         return kept
+
+
+class Once(argparse.Action):
+    """Stores an option's value, refusing the option given twice: argparse keeps the last value, so
+    `top RUN --latent 3 --latent 4` showed latent 4 alone. ``several`` says how to give several values
+    where the option takes them (``"--latent 3,4"``)."""
+
+    def __init__(self, *args: Any, several: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.several = several
+        self._namespace: typing.Callable[[], Any] | None = None  # the parse that set it: a weak reference
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        named = option_string or "/".join(self.option_strings)
+        if self._namespace is not None and self._namespace() is namespace:
+            hint = f"list several as {self.several}" if self.several else "give it once"
+            parser.error(f"{named} given twice; {hint}")
+        self._namespace = weakref.ref(namespace)
+        setattr(namespace, self.dest, values)
 
 
 def _file_key(action: argparse.Action) -> str:

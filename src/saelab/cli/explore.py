@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, finite_float, first_repeat, positional_indices, positive_int,
+from saelab.cli.common import (Once, add_io_options, finite_float, first_repeat, positional_indices, positive_int,
                                typed, unknown_options)
 from saelab.errors import ConfigError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
@@ -42,7 +42,7 @@ def _float_list(text: str) -> list[float]:
 def add_steer(sub) -> None:
     p = sub.add_parser("steer", help="generate with and without adding / clamping / ablating an SAE latent")
     p.add_argument("sae", help="run folder, SAE folder, OpenAI .pt file or https URL")
-    p.add_argument("--latent", type=_int_list, required=True,
+    p.add_argument("--latent", type=_int_list, required=True, action=Once, several="--latent 3,4",
                    help="latent index; several, comma-separated ('12,40'), are steered together")
     p.add_argument("--mode", choices=STEER_MODES, default="add",
                    help="add: add --value times the latent's decoder direction to the activation at the hook; "
@@ -299,7 +299,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 def add_top(sub) -> None:
     p = sub.add_parser("top", help="the top-activating contexts of one or more latents on held-out text")
     p.add_argument("sae", help="run folder, SAELens or sparsify folder, OpenAI .pt file or URL")
-    p.add_argument("--latent", type=_int_list, required=True,
+    p.add_argument("--latent", type=_int_list, required=True, action=Once, several="--latent 3,4",
                    help="latent index; several, comma-separated ('12,40'), are shown one after the other")
     p.add_argument("-n", "--n-contexts", type=positive_int, default=10,
                    help="contexts per latent (default: 10)")
