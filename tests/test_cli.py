@@ -1032,6 +1032,21 @@ def test_browse_checks_the_hook_before_the_model_loads(tmp_path, capsys, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 
+def test_browse_refuses_more_n2g_latents_than_an_sae_has_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """browse --n2g-latents 5000 on a 1024-latent SAE was accepted and, after the whole pass, built N2G for
+    every active latent (12-19 minutes). It is refused in one line naming the option and the latent count of
+    the smallest SAE given; the model has no weights, so a refusal after its load would read "cannot load"."""
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64), ("sae128", 128))
+    _refusals([(["browse", "sae", "--out", "site", "--n2g-latents", "65"],
+                "saelab browse: error: --n2g-latents 65: the SAE has 64 latents; expected at most 64"),
+               (["browse", "sae128", "sae", "--out", "site", "--n2g-latents", "100"],
+                "--n2g-latents 100: the SAE sae has 64 latents; expected at most 64"),
+               # as many as it has passes the check: the load is what fails
+               (["browse", "sae", "--out", "site", "--n2g-latents", "64"], "cannot load model directory")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae", "sae128"]
+
+
 def test_browse_checks_the_n2g_padding_token_against_the_tokenizer_before_the_text_is_scored(tmp_path, capsys,
                                                                                              monkeypatch):
     """browse --n2g-latents built N2G explanations with the default padding token only, and a text that was not

@@ -158,6 +158,16 @@ def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
                        model=lm.name)
 
 
+def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
+    """More N2G latents than an SAE has: refused before the model loads. The draw would quietly take every
+    active latent (minutes per hundred) after the whole pass over the text."""
+    smallest = min(sources, key=lambda s: s.sae.n_latents)
+    n = smallest.sae.n_latents
+    if cfg.n2g_latents > n:
+        which = "the SAE" if len(sources) == 1 else f"the SAE {smallest.name}"
+        raise ConfigError(f"browse.n2g_latents {cfg.n2g_latents}: {which} has {n} latents; expected at most {n}")
+
+
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
                   device=None, model_dtype: str = "float32", overwrite: bool = False,
                   progress: bool = True) -> dict[str, Any]:
@@ -175,6 +185,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     t_start = time.perf_counter()
     sources, loaded_here = open_sources(sae_sources)
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
+    _check_n2g_latents(sources, cfg)
     out = Path(out)
     key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
     old = read_site_manifest(out)
