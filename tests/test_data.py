@@ -590,6 +590,12 @@ def test_float16_underflow_is_reported_not_silent(tmp_path, capsys):
         f"saelab: warning: batch 0: 1 nonzero activations underflow to 0 in float16 in activation cache "
         f"{str(tmp_path / 'f16')!r}; the dtype bfloat16 or float32 keeps them (harvest --dtype, quickstart "
         "--harvest-dtype)"]
+    # an overwrite writes in a stage inside the folder: the warning names the folder the caller gave
+    write_activation_cache(iter([rows]), tmp_path / "f16", meta={"n": 1}, dtype="float16", overwrite=True,
+                           progress=False)
+    assert capsys.readouterr().err.startswith(
+        f"saelab: warning: batch 0: 1 nonzero activations underflow to 0 in float16 in activation cache "
+        f"{str(tmp_path / 'f16')!r} (its overwrite); the dtype")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # float32 keeps it: no warning
         write_activation_cache(iter([rows]), tmp_path / "f32", meta={}, dtype="float32", progress=False)

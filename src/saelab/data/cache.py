@@ -31,6 +31,7 @@ then read again from its start, as for any other input).
 One process writes a cache folder at a time (a lock, saelab.utils.folder_lock). An overwrite writes
 the new cache in ``.overwrite/`` inside the folder and moves it in only once complete, so an
 interrupted overwrite leaves the old cache whole (and the same call again resumes the new one).
+Messages name the folder the caller gave, "(its overwrite)" for the staged write.
 
 Reading (:meth:`ActivationCache.batches`) defines, per epoch, a row stream: shards in a random
 order (seeded by ``seed`` and the epoch), taken ``mix_shards`` at a time as a *chunk*, each chunk
@@ -231,16 +232,19 @@ def write_activation_cache(
         if overwrite and (folder / MANIFEST).exists():
             cache = _overwrite_via_stage(batches, folder, stage, args)
         else:
-            cache = _write(batches, folder, resume=resume, overwrite=overwrite, **args)
+            cache = _write(batches, folder, resume=resume, overwrite=overwrite, shown=folder, **args)
         ok = True
         return cache
     finally:
         lock.release(remove_created_dir=not ok)
 
 
-def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any], dtype: str, shard_rows: int,
-           resume: bool, overwrite: bool, skip_written: bool, progress: bool) -> "ActivationCache":
-    """write_activation_cache's work, in a folder this process holds the lock of."""
+def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: dict[str, Any], dtype: str,
+           shard_rows: int, resume: bool, overwrite: bool, skip_written: bool, progress: bool) -> "ActivationCache":
+    """write_activation_cache's work, in a folder this process holds the lock of. ``shown``: the folder the
+    caller gave, which messages name (an overwrite writes in its stage inside it, not a folder the user knows)."""
+    suffix = "" if shown == folder else " (its overwrite)"
+    name, quoted = f"{shown}{suffix}", f"{str(shown)!r}{suffix}"
     existing = _open_existing(folder, meta, dtype, shard_rows, resume=resume, overwrite=overwrite)
     if existing is not None and existing["complete"]:
         return ActivationCache(folder)
@@ -248,7 +252,7 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
         "format": FORMAT, "version": VERSION, "d": None, "dtype": dtype, "shard_rows": shard_rows,
         "n_rows": 0, "complete": False, "shards": [], "meta": meta,
     }
-    writer = _ShardWriter(folder, manifest)
+    writer = _ShardWriter(folder, manifest, quoted)
     # the caller's input starts over: rows saved toward the next shard are taken back, not written again
     partial = writer.restore_partial() if (existing is not None and skip_written) else writer.drop_partial()
     to_skip = manifest["n_rows"] + partial if (existing is not None and skip_written) else 0
@@ -257,15 +261,15 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
     restored = _restore_stream_state(batches, folder, meta, dtype, to_skip) if to_skip else None
     (folder / STREAM_STATE).unlink(missing_ok=True)  # used once: an interruption of this call saves its own
     if restored is not None:
-        print(f"saelab: resuming activation cache {folder} after the {to_skip:,} rows already written: the input "
+        print(f"saelab: resuming activation cache {name} after the {to_skip:,} rows already written: the input "
               "continues where it stopped (a harvest does not run the model again over the text before them)",
               file=sys.stderr)
         to_skip = restored
     elif to_skip:  # the input is read again from its start: say why nothing is written for a while
-        print(f"saelab: resuming activation cache {folder}: re-reading the input up to the {to_skip:,} rows already "
+        print(f"saelab: resuming activation cache {name}: re-reading the input up to the {to_skip:,} rows already "
               "written (a harvest reruns the model over that text to restore its shuffle), then writing",
               file=sys.stderr)
-    bar = tqdm(total=None, unit="row", unit_scale=True, desc=f"cache {folder.name}", disable=not progress,
+    bar = tqdm(total=None, unit="row", unit_scale=True, desc=f"cache {shown.name}{suffix}", disable=not progress,
                initial=manifest["n_rows"] + partial)
     try:
         to_skip = _write_batches(batches, writer, to_skip, bar)
@@ -273,26 +277,26 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, meta: dict[str, Any
         saved = writer.save_partial()  # may first finish a shard the interruption cut into
         kept = manifest["n_rows"] + saved
         if kept and _save_stream_state(batches, folder, meta, dtype, kept):
-            print(f"saelab: activation cache {folder} keeps the {kept:,} rows written so far and where its input "
+            print(f"saelab: activation cache {name} keeps the {kept:,} rows written so far and where its input "
                   "stopped; the same call continues from there (a harvest does not run the model again over the "
                   "text before them), then writes the rest", file=sys.stderr)
         else:
-            print(f"saelab: activation cache {folder} keeps the {kept:,} rows written so far; the same call reads the "
+            print(f"saelab: activation cache {name} keeps the {kept:,} rows written so far; the same call reads the "
                   "input again up to there without writing those rows again (a harvest reruns the model over that "
                   "text: its shuffle needs the same stream), then writes the rest" if kept else f"saelab: activation "
-                  f"cache {folder} holds no rows yet (a shuffled harvest writes its first rows once its shuffle buffer "
+                  f"cache {name} holds no rows yet (a shuffled harvest writes its first rows once its shuffle buffer "
                   "is full); the same call starts over", file=sys.stderr)
         raise
     finally:
         bar.close()
     if to_skip:
         raise ActivationCacheError(
-            f"resumed activation cache {str(folder)!r} has {manifest['n_rows']} rows, but the input ended "
+            f"resumed activation cache {quoted} has {manifest['n_rows']} rows, but the input ended "
             f"{to_skip} rows short of them; resume with the same input, or skip_written=False"
         )
     writer.flush()
     if manifest["d"] is None:
-        raise CorpusError(f"no activations to write to activation cache {str(folder)!r}: the input was empty")
+        raise CorpusError(f"no activations to write to activation cache {quoted}: the input was empty")
     manifest["complete"] = True
     write_json(folder / MANIFEST, manifest)
     (folder / STREAM_STATE).unlink(missing_ok=True)  # one an interruption left after its restore
@@ -404,7 +408,7 @@ def _overwrite_via_stage(batches: Iterable[torch.Tensor], folder: Path, stage: P
     resumes its stage; a stage of other settings (or a damaged one) is started over."""
     if stage.exists() and not (args["skip_written"] and _matches(stage, args, allow_incomplete=True)):
         shutil.rmtree(stage)
-    _write(batches, stage, resume=True, overwrite=False, **args)
+    _write(batches, stage, resume=True, overwrite=False, shown=folder, **args)
     _finish_overwrite(folder, stage)
     return ActivationCache(folder)
 
@@ -490,8 +494,9 @@ def _shown(value: Any) -> str:
 class _ShardWriter:
     """Fills one shard-sized buffer and writes it (atomically, then the manifest) whenever it is full."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
+    def __init__(self, folder: Path, manifest: dict[str, Any], name: str):
         self.folder, self.manifest = folder, manifest
+        self.name = name  # the cache as messages name it (quoted), see _write
         self.dtype = manifest["dtype"]
         self.torch_dtype = DTYPES[self.dtype][0]
         self.buf: torch.Tensor | None = None
@@ -502,7 +507,7 @@ class _ShardWriter:
         """Append finite rows [B, d] (any device and dtype); returns how many were added."""
         rows_BD = acts_BD.detach().to("cpu", self.torch_dtype)
         if not all_finite(rows_BD):
-            raise NonFiniteError(f"{what} overflows {self.dtype} in activation cache {str(self.folder)!r}; "
+            raise NonFiniteError(f"{what} overflows {self.dtype} in activation cache {self.name}; "
                                  "use dtype='bfloat16' or 'float32'")
         self._count_underflow(acts_BD, rows_BD, what)
         if self.manifest["d"] is None:
@@ -527,7 +532,7 @@ class _ShardWriter:
             self.underflow = lost
             # one line on stderr, as saelab's other warnings (not Python's, with a source line)
             print(f"saelab: warning: {what}: {lost:,} nonzero activations underflow to 0 in {self.dtype} in "
-                  f"activation cache {str(self.folder)!r}; the dtype bfloat16 or float32 keeps them (harvest "
+                  f"activation cache {self.name}; the dtype bfloat16 or float32 keeps them (harvest "
                   "--dtype, quickstart --harvest-dtype)", file=sys.stderr)
 
     def flush(self) -> None:
@@ -601,12 +606,11 @@ class _ShardWriter:
 def _write_batches(batches: Iterable[torch.Tensor], writer: _ShardWriter, to_skip: int, bar) -> int:
     """Feed the batches to the writer, first skipping ``to_skip`` rows (already written by a run that
     was interrupted); returns how many rows were left to skip when the input ended."""
-    folder = writer.folder
     for i, acts_BD in enumerate(batches):
         d = writer.manifest["d"]
         if acts_BD.dim() != 2 or (d is not None and acts_BD.shape[1] != d):
             want = f"[B, {d}]" if d is not None else "[B, D]"
-            raise ValueError(f"batch {i} for activation cache {str(folder)!r} has shape "
+            raise ValueError(f"batch {i} for activation cache {writer.name} has shape "
                              f"{tuple(acts_BD.shape)}, expected {want}")
         if to_skip:
             n = min(to_skip, acts_BD.shape[0])
@@ -614,7 +618,7 @@ def _write_batches(batches: Iterable[torch.Tensor], writer: _ShardWriter, to_ski
         if acts_BD.shape[0] == 0:
             continue
         if not all_finite(acts_BD):
-            raise NonFiniteError(f"NaN or inf in batch {i} written to activation cache {str(folder)!r}")
+            raise NonFiniteError(f"NaN or inf in batch {i} written to activation cache {writer.name}")
         bar.update(writer.add(acts_BD, f"batch {i}"))
     return to_skip
 
