@@ -489,6 +489,45 @@ def test_interrupted_overwrite_keeps_the_old_cache_and_resumes(tmp_path, source_
                                                         "shard_00001.npy", "shard_00002.npy"]
 
 
+def test_finishing_the_original_cache_discards_an_unfinished_overwrite(tmp_path, source_rows, capsys):
+    """Ctrl-C in a write, Ctrl-C in an overwrite of it, then the plain call again: it finishes the original
+    cache, and the overwrite it was to be replaced by, given up, does not stay hidden beside it."""
+    folder, stage = tmp_path / "c", tmp_path / "c" / OVERWRITE_STAGE
+    ref = write_activation_cache(src_batches(source_rows), tmp_path / "ref", meta=META, shard_rows=300,
+                                 progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(src_batches(source_rows, fail_after=6), folder, meta=META, shard_rows=300,
+                               progress=False)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):  # the same call with overwrite, before its first row
+        write_activation_cache(src_batches(source_rows, fail_after=0), folder, meta=META, shard_rows=300,
+                               overwrite=True, progress=False)
+    assert capsys.readouterr().err == (f"saelab: activation cache {folder} (its overwrite) holds no rows yet (a "
+                                       "shuffled harvest writes its first rows once its shuffle buffer is full); "
+                                       "the same call starts over\n")  # not the stage's folder
+    with pytest.raises(KeyboardInterrupt):  # and again, after a shard and some rows toward the next
+        write_activation_cache(src_batches(source_rows, fail_after=7), folder, meta=META, shard_rows=300,
+                               overwrite=True, progress=False)
+    err = capsys.readouterr().err
+    assert f"activation cache {folder} (its overwrite) keeps the 448 rows written so far" in err
+    assert OVERWRITE_STAGE not in err
+    assert {p.name for p in stage.iterdir()} == {"manifest.json", "shard_00000.npy", "partial.npy"}
+    cache = write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, resume=True,
+                                   progress=False)
+    assert torch.equal(cache.read(), ref.read()) and not stage.exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"saelab: activation cache {folder}: discarded the unfinished overwrite in {stage} (this call finished "
+        "the cache it was to replace)")
+    assert sorted(p.name for p in folder.iterdir()) == [".saelab.lock", "manifest.json", *shard_bytes(ref.folder)]
+    # A finished cache returned as it is (nothing written) leaves an overwrite of it to its own call.
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(src_batches(source_rows, fail_after=7), folder, meta={**META, "context_size": 32},
+                               shard_rows=300, overwrite=True, progress=False)
+    staged = {p.name: p.read_bytes() for p in stage.iterdir()}
+    write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in stage.iterdir()} == staged
+
+
 def test_an_overwrite_cut_off_while_moving_in_is_finished(tmp_path, source_rows):
     folder = tmp_path / "c"
     write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=200, progress=False)

@@ -30,7 +30,8 @@ then read again from its start, as for any other input).
 
 One process writes a cache folder at a time (a lock, saelab.utils.folder_lock). An overwrite writes
 the new cache in ``.overwrite/`` inside the folder and moves it in only once complete, so an
-interrupted overwrite leaves the old cache whole (and the same call again resumes the new one).
+interrupted overwrite leaves the old cache whole (and the same call again resumes the new one); a
+write without overwrite that then finishes the old cache discards that unfinished overwrite (one note).
 Messages name the folder the caller gave, "(its overwrite)" for the staged write.
 
 Reading (:meth:`ActivationCache.batches`) defines, per epoch, a row stream: shards in a random
@@ -211,7 +212,8 @@ def write_activation_cache(
     ``overwrite=True`` writes the new cache beside the old one (``.overwrite/``; room for both is
     needed) and replaces the old one once it is complete; the same call after an interruption
     continues that write (from its start again with ``skip_written=False``, whose input the caller
-    cannot position inside a write it does not see).
+    cannot position inside a write it does not see). A call without ``overwrite`` that finishes the
+    old cache instead discards that unfinished overwrite, with one note.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -232,7 +234,14 @@ def write_activation_cache(
         if overwrite and (folder / MANIFEST).exists():
             cache = _overwrite_via_stage(batches, folder, stage, args)
         else:
+            finished_before = cache_is_complete(folder)
             cache = _write(batches, folder, resume=resume, overwrite=overwrite, shown=folder, **args)
+            if stage.exists() and not finished_before:
+                # This call finished the cache in the folder, so an overwrite left unfinished beside it was
+                # given up: kept, it would only hold its disk space, unseen (a hidden folder).
+                shutil.rmtree(stage)
+                print(f"saelab: activation cache {folder}: discarded the unfinished overwrite in {stage} (this call "
+                      "finished the cache it was to replace)", file=sys.stderr)
         ok = True
         return cache
     finally:
