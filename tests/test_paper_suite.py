@@ -229,6 +229,18 @@ def test_n2g_latents_the_sae_lacks_are_refused_before_the_model_loads(tiny_serie
     assert not (out / "evals").exists()  # refused before the model (a missing one here) loads
 
 
+def test_more_n2g_latents_than_the_sae_has_are_refused_before_the_model_loads(tiny_series_run, data_dir, tmp_path,
+                                                                              capsys):
+    """--n2g-n-latents 500 on a 128-latent SAE explained every latent that fired, without a word."""
+    out = tmp_path / "out"
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
+    _, err = run_cli(capsys, "eval", str(tiny_series_run), "--suite", "paper", "--out", str(out), "--corpus",
+                     str(corpus), *SMALL, "--n2g-n-latents", "500", "--model", str(tmp_path / "no-model"), code=2)
+    assert err.count("\n") == 1, err
+    assert "--n2g-n-latents 500: the SAE has 128 latents; expected at most 128 (0: every latent that fires)" in err
+    assert not (out / "evals").exists()  # refused before the model (a missing one here) loads
+
+
 def test_the_runs_own_evals_folder_as_out_is_the_run_folder(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
     """`--out RUN/evals` means the run's evals/ (the default), not RUN/evals/evals/."""
     from saelab.sae import SAEConfig, TopKSAE, save_sae

@@ -23,7 +23,7 @@ from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
-from saelab.evals.n2g import check_latents
+from saelab.evals.n2g import N2GConfig, check_latents
 from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
                            model_provenance)
@@ -457,8 +457,13 @@ def _check_suite_inputs(sae: TopKSAE, source: str | Path, run: Path | None, out:
                           "another folder")
     check_sae_hook(sae, source)
     resolve_corpus(eval_cfg.corpus, "eval")
-    if _suite_runs(cfg, "n2g"):  # latent ids the SAE lacks
+    if _suite_runs(cfg, "n2g"):  # latent ids the SAE lacks; more latents to draw than it has
         check_latents(cfg.n2g.latents, sae.n_latents, name="--n2g-latents")
+        n = cfg.n2g.n_latents
+        # The default (64) may exceed a small SAE: it then draws every latent that fires, as 0 does.
+        if not cfg.n2g.latents and n > sae.n_latents and n != N2GConfig.n_latents:
+            raise ConfigError(f"--n2g-n-latents {n}: the SAE has {sae.n_latents} latents; expected at most "
+                              f"{sae.n_latents} (0: every latent that fires)")
     if _suite_runs(cfg, "compute_equivalent") and cfg.compute_equivalent.series:  # an unknown name
         resolve_series(cfg.compute_equivalent.series, cfg.compute_equivalent.steps)
 
