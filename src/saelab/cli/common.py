@@ -28,6 +28,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 UNSET_NOTE = "\n\"unset\" above: what a setting means when its option is left out.\n"
 
 
+def _naming_its_group(construct: typing.Callable, group: str) -> typing.Callable:
+    """``construct`` (how the parse builds a settings group) with its refusals carrying ``group``
+    ("harvest"): groups share field names (harvest's and eval's lm_batch_size), so the message's bare
+    name does not tell whose value was refused. The innermost group builder's name stays."""
+    if getattr(construct, "names_group", False):
+        return construct
+
+    def constructing(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return construct(*args, **kwargs)
+        except ConfigError as e:
+            if getattr(e, "group", None) is None:
+                e.group = group
+            raise
+
+    constructing.names_group = True
+    return constructing
+
+
 class Parser(ArgumentParser):
     """argparse that also reads config dataclasses (field docstrings become --help, ``Literal`` types
     become choices), with dashed option names and ``--config FILE`` (JSON or YAML option defaults keyed
@@ -65,10 +84,12 @@ class Parser(ArgumentParser):
         self.config_entries = {}
         if self.check_words is not None and not {"-h", "--help"} & set(self._argv_seen):
             self.check_words(self, self._argv_seen)
+        for wrapper in self._wrappers:
+            wrapper.dataclass_fn = _naming_its_group(wrapper.dataclass_fn, wrapper.dest)
         try:
             parsed, rest = super().parse_known_args(args, namespace)
         except ConfigError as e:  # a settings class refused a value while the parse built it
-            raise ConfigError(self._in_given_words(str(e), self._refusing_group(e))) from None
+            raise ConfigError(self._in_given_words(str(e), getattr(e, "group", None))) from None
         # Read by given(); merged, as the verb's parser fills it before the top parser returns.
         parsed.given_as = {**getattr(parsed, "given_as", {}), **self._given_as()}
         return parsed, rest
@@ -85,21 +106,6 @@ class Parser(ArgumentParser):
             elif action.dest in self.config_entries:
                 given[action.dest] = self.config_entries[action.dest]
         return given
-
-    def _refusing_group(self, error: ConfigError) -> str | None:
-        """The settings group ("harvest") whose class raised ``error`` while the parse built it, else None.
-        Its class's frame is the one to find: groups share field names (harvest's and eval's
-        lm_batch_size), so the message's bare name does not tell whose value was refused."""
-        groups: dict[type, list[str]] = {}
-        for wrapper in self._wrappers:
-            groups.setdefault(wrapper.dataclass, []).append(wrapper.dest)
-        tb, found = error.__traceback__, None
-        while tb is not None:  # the innermost frame of a group's class: a group may build another
-            dests = groups.get(type(tb.tb_frame.f_locals.get("self")))
-            if dests is not None:
-                found = dests[0] if len(dests) == 1 else None  # two groups of one class: unknown which
-            tb = tb.tb_next
-        return found
 
     def _in_given_words(self, message: str, group: str | None) -> str:
         """A settings class's refusal ("k must be an integer >= 1, got -4") with each setting the user gave
