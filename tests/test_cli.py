@@ -240,6 +240,7 @@ BAD = [
     ("quickstart --n-tokens 65536 --total-tokens 8192", "--n-tokens 65536 and --total-tokens 8192 both set"),
     ("quickstart --harvest-n-tokens 8192", "--harvest-n-tokens 8192 is fewer than the 1,048,576 training tokens"),
     ("sweep --grid k=16,9000", "error: --grid k=9000 exceeds --n-latents 8192"),  # not --k 9000
+    ("sweep -k 700 --grid n-latents=512,1024", "error: -k 700 exceeds --grid n-latents=512; expected -k <= "),  # as typed
     ("train --n-latent 5", "unrecognized arguments: --n-latent 5; did you mean --n-latents?"),
     ("families A B --n-tokns 5", "unrecognized arguments: --n-tokns; did you mean --n-tokens?"),  # not "--out"
     ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
@@ -252,7 +253,7 @@ BAD = [
     ("train --architecture relu -k 16", "-k: a ReLU SAE"),  # the short form, as typed
     # an option that acts only with another setting: refused, not ignored and then reported as a change
     ("train --l1-coefficient 3 --n-latents 64 -k 4", "--l1-coefficient: applies only with --architecture relu (the "
-                                                     "relu-l1 recipe); a top-k SAE's sparsity is set by --k"),
+                                                     "relu-l1 recipe); a top-k SAE's sparsity is set by -k"),  # as typed
     ("train --multi-topk-factor 4", "--multi-topk-factor: applies only with --multi-topk"),  # the default value too
     ("quickstart --multi-topk-coef 0.5", "--multi-topk-coef: applies only with --multi-topk"),
     ("train --no-auxk --k-aux 16", "--k-aux: applies only with --auxk (AuxK is off)"),

@@ -105,6 +105,19 @@ def _verb_options(argv: list[str], verb: str) -> dict[str, str]:
     return {o: action.dest for action in parser._actions for o in action.option_strings if o.startswith("--")}
 
 
+def _typed_spellings(args: argparse.Namespace | None, options: dict[str, str]) -> dict[str, str]:
+    """Each long option the user typed by its short spelling ("--k": "-k"), from :func:`_verb_options`' ``options``;
+    not a switch's --no- form, which sets the same setting but says the opposite."""
+    given_as = getattr(args, "given_as", {})
+    spelled = {}
+    for option, dest in options.items():
+        short = given_as.get(dest, "")
+        negative = option.startswith("--no-") and f"--{option[5:]}" in options
+        if short[:1] == "-" and short[1:2] != "-" and not negative:
+            spelled[option] = short
+    return spelled
+
+
 # A setting named in an error the Python API raises: "lr must", "k=100", "k <= n_latents", "(total_tokens)".
 _SETTING_RE = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)(?=(?: must\b| ?[<>]=? | ?[<>]=?$))|(?<=\()([a-z][a-z0-9_]*)(?=\))")
 _SETTING_AFTER_RE = re.compile(r"(?:(?<=[<>] )|(?<=[<>]= ))([a-z][a-z0-9_]*)\b(?![/.-])")
@@ -113,10 +126,18 @@ _SETTING_AFTER_RE = re.compile(r"(?:(?<=[<>] )|(?<=[<>]= ))([a-z][a-z0-9_]*)\b(?
 _SETTING_PATH_RE = re.compile(r"(?<![\w/.-])(?:[a-z_]\w*(?:\.[a-z_]\w*)+(?![\w/-]|\.\w)|[a-z_]\w*(?= \S+ -> ))")
 
 
-def in_option_words(message: str, options: dict[str, str]) -> str:
+def in_option_words(message: str, options: dict[str, str], typed_as: dict[str, str] | None = None) -> str:
     """``message`` with the API's words for a setting replaced by the verb's options (``options``: each with
     the setting it sets): "pass overwrite=True (--overwrite)" -> "pass --overwrite", "lr must be > 0" ->
-    "--lr must be > 0", "k=100" -> "--k 100", "train.k 16 -> 32" -> "--k 16 -> 32"."""
+    "--lr must be > 0", "k=100" -> "--k 100", "train.k 16 -> 32" -> "--k 16 -> 32"; then each long option
+    the user typed otherwise as typed (``typed_as``, "--k": "-k"): "--k 100" -> "-k 100"."""
+    message = _in_long_option_words(message, options)
+    for option, spelling in (typed_as or {}).items():  # the verbs' own messages name long options too
+        message = re.sub(rf"(?<![\w./-]){re.escape(option)}(?![\w-])", spelling, message)
+    return message
+
+
+def _in_long_option_words(message: str, options: dict[str, str]) -> str:
     if "--config " not in message:  # a config file's entry is named in the file's own words, "train.recipe"
         message = _SETTING_PATH_RE.sub(lambda m: _option_of_path(m[0], options), message)
     message = re.sub(r"\b\w+=True \((--[\w-]+)\)", r"\1", message)
@@ -188,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = _verb(argv)
     debug = "--debug" in argv
+    args = None  # a parse that fails has no typed spellings to name (it names them itself)
     try:
         args = parse_args(argv)
         if not getattr(args, "progress", True):
@@ -198,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     except SaelabError as e:
         if debug:
             raise
-        return _fail(verb, in_option_words(str(e), _verb_options(argv, verb)), 2)
+        options = _verb_options(argv, verb)
+        return _fail(verb, in_option_words(str(e), options, _typed_spellings(args, options)), 2)
     except OSError as e:  # disk full, read-only folder, a file that vanished: not the input's fault
         if debug:
             raise
