@@ -277,6 +277,13 @@ def test_stream_in_order_matches_model_and_excludes_first(model, contexts):
     torch.testing.assert_close(with_first.view(40, 16, -1)[:, 1:].reshape(-1, 64), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_in_order_stream_hands_out_no_empty_batch(model, contexts):
+    """A model batch too small to complete a batch hands out nothing, not an empty batch (counted as a batch)."""
+    out = list(ActivationStream(model, HOOK, contexts, batch_size=50, lm_batch_size=1, buffer_tokens=0,
+                                drop_last=False, progress=False))
+    assert [b.shape[0] for b in out] == [50] * 12
+
+
 def test_shuffle_buffer_emits_every_row_once_deterministically(model, contexts):
     expected = direct_rows(model, contexts)  # 600 rows
 

@@ -297,6 +297,8 @@ class ActivationStream:
         def emit() -> Iterator[torch.Tensor]:
             h = self._held
             n_full = h.pending.shape[0] // B * B
+            if not n_full:  # split would hand out one empty batch, which a writer's messages count as a batch
+                return
             for batch_BD in h.pending[:n_full].split(B):
                 yield self._out(batch_BD)  # pending is a fresh tensor from torch.cat
             self._held = replace(h, pending=h.pending[n_full:], rows_emitted=h.rows_emitted + n_full)
