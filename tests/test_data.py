@@ -693,11 +693,11 @@ def stopping_writer(monkeypatch, stop_at: int) -> None:
     monkeypatch.setattr(cache_module._ShardWriter, "add", add_or_stop)
 
 
-def harvest_once(model, contexts, folder, buffer_tokens, seed=0):
+def harvest_once(model, contexts, folder, buffer_tokens, seed=0, dtype="float32"):
     """600 rows (40 contexts of 15) in model batches of 4 contexts, shards of 100 rows."""
     stream = ActivationStream(model, HOOK, contexts, batch_size=32, lm_batch_size=4, buffer_tokens=buffer_tokens,
                               seed=seed, drop_last=False, progress=False)
-    return write_activation_cache(stream, folder, meta=META, dtype="float32", shard_rows=100, resume=True,
+    return write_activation_cache(stream, folder, meta=META, dtype=dtype, shard_rows=100, resume=True,
                                   progress=False)
 
 
@@ -732,6 +732,38 @@ def test_a_resumed_harvest_continues_where_its_stream_stopped(tmp_path, model, c
     assert shard_bytes(folder) == ref
     assert sum(first.calls) + sum(second.calls) == sum(whole.calls) == 40  # no context ran twice
     assert not (folder / "stream_state.safetensors").exists()
+
+
+class TinyIn(StopAt):
+    """StopAt whose activations of the context ``marked`` hold one value that float16 stores as 0."""
+
+    def __init__(self, base: TinyGPT2, marked: torch.Tensor, stop_at: int = 0):
+        super().__init__(base, stop_at)
+        self.marked = marked
+
+    def activations(self, tokens_BT, hook):
+        acts_BTD = super().activations(tokens_BT, hook).clone()
+        acts_BTD[(tokens_BT == self.marked).all(dim=1), -1, 0] = 1e-9
+        return acts_BTD
+
+
+@pytest.mark.parametrize("buffer_tokens", [128, 0])
+def test_a_resumed_harvest_numbers_its_batches_from_the_harvest_start(tmp_path, model, contexts, buffer_tokens,
+                                                                      capsys):
+    """A float16 underflow after a resume names the batch an uninterrupted harvest names, not one counted
+    from where the resume began."""
+    def warnings_seen() -> list[str]:
+        return [line for line in capsys.readouterr().err.splitlines() if "underflow" in line]
+
+    harvest_once(TinyIn(model, contexts[-1]), contexts, tmp_path / "ref", buffer_tokens, dtype="float16")
+    whole = warnings_seen()
+    assert len(whole) == 1 and int(re.match(r"saelab: warning: batch (\d+): 1 nonzero", whole[0])[1]) > 10
+    folder = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):  # before the model reads the last context
+        harvest_once(TinyIn(model, contexts[-1], stop_at=7), contexts, folder, buffer_tokens, dtype="float16")
+    assert warnings_seen() == []
+    harvest_once(TinyIn(model, contexts[-1]), contexts, folder, buffer_tokens, dtype="float16")
+    assert warnings_seen() == [whole[0].replace(repr(str(tmp_path / "ref")), repr(str(folder)))]
 
 
 def edit_state(path: Path, rehash: bool = True, **changes) -> None:

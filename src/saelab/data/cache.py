@@ -266,14 +266,16 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
     partial = writer.restore_partial() if (existing is not None and skip_written) else writer.drop_partial()
     to_skip = manifest["n_rows"] + partial if (existing is not None and skip_written) else 0
     # Where an interrupted harvest's input stopped, so the model need not run again over the text before it.
-    # restored: how many of the restored input's next rows were written before the interruption
+    # restored: how many of the restored input's next rows were written before the interruption, and the number
+    # of its next batch within the whole input (messages count batches as an uninterrupted write would)
     restored = _restore_stream_state(batches, folder, meta, dtype, to_skip) if to_skip else None
     (folder / STREAM_STATE).unlink(missing_ok=True)  # used once: an interruption of this call saves its own
+    first_batch = 0
     if restored is not None:
         print(f"saelab: resuming activation cache {name} after the {to_skip:,} rows already written: the input "
               "continues where it stopped (a harvest does not run the model again over the text before them)",
               file=sys.stderr)
-        to_skip = restored
+        to_skip, first_batch = restored
     elif to_skip:  # the input is read again from its start: say why nothing is written for a while
         print(f"saelab: resuming activation cache {name}: re-reading the input up to the {to_skip:,} rows already "
               "written (a harvest reruns the model over that text to restore its shuffle), then writing",
@@ -281,7 +283,7 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
     bar = tqdm(total=None, unit="row", unit_scale=True, desc=f"cache {shown.name}{suffix}", disable=not progress,
                initial=manifest["n_rows"] + partial)
     try:
-        to_skip = _write_batches(batches, writer, to_skip, bar)
+        to_skip = _write_batches(batches, writer, to_skip, bar, first_batch)
     except KeyboardInterrupt:  # the rows toward the next shard are saved too: none is written twice
         saved = writer.save_partial()  # may first finish a shard the interruption cut into
         kept = manifest["n_rows"] + saved
@@ -369,10 +371,12 @@ def _save_stream_state(batches: Any, folder: Path, meta: dict, dtype: str, rows_
     return True
 
 
-def _restore_stream_state(batches: Any, folder: Path, meta: dict, dtype: str, rows_written: int) -> int | None:
+def _restore_stream_state(batches: Any, folder: Path, meta: dict, dtype: str,
+                          rows_written: int) -> tuple[int, int] | None:
     """Restore ``batches`` to where the interrupted write's input stopped (:func:`_save_stream_state`); returns
-    how many of its next rows were already written, or None (the input is then read again from its start)
-    when there is no state, or it does not belong to this cache, these settings or these rows (one note)."""
+    how many of its next rows were already written and the number of its next batch within the whole input, or
+    None (the input is then read again from its start) when there is no state, or it does not belong to this
+    cache, these settings or these rows (one note)."""
     path = folder / STREAM_STATE
     if not path.exists() or not callable(getattr(batches, "restore", None)):
         return None
@@ -407,7 +411,9 @@ def _restore_stream_state(batches: Any, folder: Path, meta: dict, dtype: str, ro
         print(f"saelab: note: {path} is not used ({type(e).__name__}: {e}); the input is read again from its start",
               file=sys.stderr)
         return None
-    return rows_written - state["counters"]["rows_emitted"]
+    emitted = state["counters"]["rows_emitted"]
+    # a stream hands out whole batches until its end, so the rows emitted are a count of batches
+    return rows_written - emitted, emitted // state["settings"]["batch_size"]
 
 
 def _overwrite_via_stage(batches: Iterable[torch.Tensor], folder: Path, stage: Path,
@@ -612,10 +618,12 @@ class _ShardWriter:
         return 0
 
 
-def _write_batches(batches: Iterable[torch.Tensor], writer: _ShardWriter, to_skip: int, bar) -> int:
+def _write_batches(batches: Iterable[torch.Tensor], writer: _ShardWriter, to_skip: int, bar,
+                   first_batch: int = 0) -> int:
     """Feed the batches to the writer, first skipping ``to_skip`` rows (already written by a run that
-    was interrupted); returns how many rows were left to skip when the input ended."""
-    for i, acts_BD in enumerate(batches):
+    was interrupted); returns how many rows were left to skip when the input ended. ``first_batch``: the
+    number of the first batch within the whole input, which messages name (a restored input's is not 0)."""
+    for i, acts_BD in enumerate(batches, start=first_batch):
         d = writer.manifest["d"]
         if acts_BD.dim() != 2 or (d is not None and acts_BD.shape[1] != d):
             want = f"[B, {d}]" if d is not None else "[B, D]"
