@@ -1054,20 +1054,37 @@ def test_browse_checks_the_n2g_padding_token_against_the_tokenizer_before_the_te
     one token of the model's tokenizer failed after the whole pass. --n2g-padding-token is now browse's too, and
     one the tokenizer (the real default model's) splits is refused in one line, after the load, before the pass."""
     import saelab.explore.browser.make as make
-    from saelab.sae import SAEConfig, TopKSAE, save_sae
 
     def scored(*args, **kwargs):
         raise AssertionError("the text was scored before the padding token was checked")
 
     monkeypatch.setattr(make, "collect_statistics", scored)
+    assert _browse_with_a_split_padding_token(tmp_path, capsys) == PADDING_TOKEN_REFUSED
+    assert not (tmp_path / "site").exists()
+
+
+PADDING_TOKEN_REFUSED = ("saelab browse: error: --n2g-padding-token ' ab cd' is 2 tokens for this tokenizer; pick a "
+                         "single-token text")
+
+
+def _browse_with_a_split_padding_token(tmp_path, capsys) -> str:
+    """stderr of a browse of an SAE on the default model that loads the model, then refuses its padding token."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
     save_sae(TopKSAE(SAEConfig(d_in=576, n_latents=64, k=4, hook_name="blocks.9.hook_resid_post",
                                model_name="default", context_size=32)), tmp_path / "sae")
     assert main(["browse", str(tmp_path / "sae"), "--out", str(tmp_path / "site"), "--n2g-latents", "2",
                  "--n2g-padding-token", " ab cd", "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's first-load conversion bar, if any
-    assert err == ("saelab browse: error: --n2g-padding-token ' ab cd' is 2 tokens for this tokenizer; pick a "
-                   "single-token text"), err
-    assert not (tmp_path / "site").exists()
+    return capsys.readouterr().err.strip()
+
+
+@pytest.mark.slow  # the conversion: ~50 s on 2 cores
+def test_no_progress_hides_the_first_load_conversion_bar(tmp_path, capsys, monkeypatch):
+    """A machine's first load of the default model converts its GGUF file under a bar transformers draws with
+    plain tqdm: --no-progress hides it as it hides transformers' other bars, and stderr is the one error line."""
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))  # no converted model there: the conversion runs
+    assert _browse_with_a_split_padding_token(tmp_path, capsys) == PADDING_TOKEN_REFUSED
+    assert len(list((tmp_path / "cache" / "models").glob("*/saelab-source.json"))) == 1  # it did convert
 
 
 def test_browse_checks_the_whole_n2g_file_before_the_model_loads(tmp_path, capsys, monkeypatch):

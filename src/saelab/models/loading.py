@@ -140,7 +140,20 @@ def _load_dir(path: str | os.PathLike, dtype: torch.dtype, **kwargs):
 
 def _load_gguf_raw(gguf_path: Path):
     """Dequantize a GGUF file with transformers (slow): float32 model and its tokenizer."""
+    _gguf_bar_obeys_transformers()
     return _load_dir(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
+
+
+def _gguf_bar_obeys_transformers() -> None:
+    """transformers draws its GGUF conversion bar with plain tqdm, which its ``disable_progress_bar()``
+    (--no-progress) does not reach; its own tqdm draws the same bar and does. Swapped in the module that
+    draws it, not in tqdm: saelab's bars and other libraries' are left as they are."""
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_module
+    from transformers.utils import logging
+
+    if getattr(gguf_module, "tqdm", None) is tqdm:  # a transformers that already uses its own is left alone
+        gguf_module.tqdm = logging.tqdm
 
 
 def _load_gguf(gguf_path: Path, dtype: torch.dtype, cache: bool):
