@@ -415,17 +415,28 @@ def _report_notes(capsys, run: Path) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("saelab: note:")]
 
 
-def _trained_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tuple[Path, list[str]]:
-    """A small run folder trained from the command line on real text; (folder, the options of a small
+SMALL_TRAINING = ("--n-latents", "64", "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500",
+                  "--no-progress")
+
+
+def _harvested(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A small activation cache harvested from the command line on real text; (folder, the options of a small
     evaluation on held-out text)."""
     train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
     eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
-    acts, run = tmp_path / "acts", tmp_path / "run"
+    acts = tmp_path / "acts"
     run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(train_corpus), "--out",
             str(acts), "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
-    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
-            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
-    return run, ["--corpus", str(eval_corpus), "--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
+    return acts, ["--corpus", str(eval_corpus), "--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
+
+
+def _trained_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A small run folder trained from the command line on real text; (folder, the options of a small
+    evaluation on held-out text)."""
+    acts, small_eval = _harvested(capsys, tiny_dir, data_dir, tmp_path)
+    run = tmp_path / "run"
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--k", "4", *SMALL_TRAINING)
+    return run, small_eval
 
 
 def _evaluated_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tuple[Path, dict]:
@@ -556,14 +567,15 @@ def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_d
     assert "latent density" not in (run / "report.md").read_text()
 
 
-def _counting(monkeypatch, name: str, *modules) -> list[int]:
-    """Count the calls of function ``name`` as each module (which imported it) calls it."""
-    calls: list[int] = []
+def _counting(monkeypatch, name: str, *modules) -> list:
+    """The calls of function ``name`` as each module (which imported it) calls it: what each returned."""
+    calls: list = []  # what each call returned
     original = getattr(modules[0], name)
 
     def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+        out = original(*args, **kwargs)
+        calls.append(out)
+        return out
 
     for module in modules:
         monkeypatch.setattr(module, name, counted)
@@ -630,6 +642,38 @@ def test_eval_of_a_run_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, capsys,
     assert json.loads((run / "metrics.json").read_text())["sae_sha256"] == digest
     assert read_latent_frequencies(run).sae_sha256 == digest
     assert "![latent density](density.png)" in (run / "report.md").read_text()
+
+
+def _hashes(monkeypatch) -> list[str]:
+    """The digest of each hash of an SAE's weights, at every module that hashes one."""
+    import saelab.evals.suite
+    import saelab.report.markdown
+    import saelab.run_folder
+
+    return _counting(monkeypatch, "sae_sha256", saelab.pipeline, saelab.run_folder, saelab.report.markdown,
+                     saelab.evals.suite)
+
+
+def test_eval_of_a_sweep_hashes_each_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """`saelab eval SWEEP` hashes each run's SAE once: its up-to-date check, its evaluation and its report
+    share the digest, whether the run is evaluated, kept, or evaluated again after its weights changed."""
+    from saelab.run_folder import sae_sha256
+    from saelab.sae import save_sae
+
+    acts, small_eval = _harvested(capsys, tiny_dir, data_dir, tmp_path)
+    sweep = tmp_path / "sweep"
+    run_cli(capsys, "sweep", "--activations", str(acts), "--out", str(sweep), "--grid", "k=4,8", *SMALL_TRAINING)
+    hashes = _hashes(monkeypatch)
+    run_cli(capsys, "eval", str(sweep), *small_eval)
+    assert sorted(hashes) == sorted(sae_sha256(load_sae(sweep / run / "sae")) for run in ("k4", "k8"))
+    sae = load_sae(sweep / "k4" / "sae")
+    with torch.no_grad():
+        sae.b_dec += 1  # its metrics.json now describes other weights: checked, then evaluated again
+    save_sae(sae, sweep / "k4" / "sae")
+    hashes.clear()
+    _, out = run_cli(capsys, "eval", str(sweep), *small_eval)
+    assert out["k8"] == "already evaluated" and "nmse" in out["k4"]
+    assert sorted(hashes) == sorted(sae_sha256(load_sae(sweep / run / "sae")) for run in ("k4", "k8"))
 
 
 def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):

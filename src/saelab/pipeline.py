@@ -301,17 +301,13 @@ def _eval_config_record(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *,
-                          model: str | LanguageModel | None = None, model_dtype: str = "float32") -> bool:
+                          model: str | LanguageModel | None = None, model_dtype: str = "float32",
+                          sae_hash: str | None = None) -> bool:
     """True when the run's metrics.json describes this SAE evaluated with this config, model dtype and
-    model (None: the SAE's own). An unreadable metrics.json is not current: the evaluation runs again."""
-    return _evaluation_state(run_dir, sae, cfg, model=model, model_dtype=model_dtype) == "current"
-
-
-def _evaluation_state(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
-                      model_dtype: str) -> str:
-    """"current" (metrics.json is this evaluation), "other" (of this SAE, other settings or model) or
-    "none" (absent, unreadable, or of other weights)."""
-    return _state_of(_evaluation_changes(run_dir, sae, cfg, model=model, model_dtype=model_dtype))
+    model (None: the SAE's own). An unreadable metrics.json is not current: the evaluation runs again.
+    ``sae_hash``: as :func:`read_eval_metrics` takes it."""
+    changes = _evaluation_changes(run_dir, sae, cfg, model=model, model_dtype=model_dtype, sae_hash=sae_hash)
+    return _state_of(changes) == "current"
 
 
 def _state_of(changes: list[str] | None) -> str:
@@ -334,13 +330,14 @@ def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, m
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
                  device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, sae_hash: str | None = None) -> dict[str, Any]:
     """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md. An evaluation of
     this SAE already there is reused when its settings are these, and kept (refused) when they are
-    not, unless ``overwrite``."""
+    not, unless ``overwrite``. ``sae_hash``: :func:`sae_sha256` of the run's SAE when the caller has it."""
     cfg = cfg or EvalConfig()
     sae = load_sae(Path(run_dir) / SAE_DIR)
-    sae_hash = sae_sha256(sae)  # once, for the check, the evaluation and the report: it reads every weight
+    # Once, for the check, the evaluation and the report: hashing reads every weight.
+    sae_hash = sae_hash or sae_sha256(sae)
     changes = None if overwrite else _evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype,
                                                          sae_hash=sae_hash)
     if changes == []:
@@ -387,10 +384,12 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before any model loads
-    state, specs, changes = {}, {}, {}
+    state, specs, changes, hashes = {}, {}, {}, {}
     for run in runs:  # one SAE in memory at a time: a sweep's SAEs together can outgrow it
         sae = load_sae(run / SAE_DIR)
-        changes[run] = None if overwrite else _evaluation_changes(run, sae, cfg, model=model, model_dtype=model_dtype)
+        hashes[run] = sae_sha256(sae)  # once per run, for the check and the evaluation: it reads every weight
+        changes[run] = None if overwrite else _evaluation_changes(run, sae, cfg, model=model, model_dtype=model_dtype,
+                                                                  sae_hash=hashes[run])
         state[run] = _state_of(changes[run])
         specs[run] = model or model_for(sae)
         if state[run] == "none":  # to be evaluated: its hook and context checked before any model loads
@@ -410,7 +409,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
             models[spec] = load_model(spec, device=device, dtype=model_dtype)
         if progress:
             print(f"[sweep eval] {run.name}", flush=True)
-        m = evaluate_run(run, cfg, lm=models[spec], overwrite=True, progress=progress)  # not current: replaced
+        m = evaluate_run(run, cfg, lm=models[spec], overwrite=True, progress=progress,  # not current: replaced
+                         sae_hash=hashes[run])
         out[run.name] = {k: m[k] for k in ("nmse", "l0", "delta_ce") if k in m}
     return out
 
