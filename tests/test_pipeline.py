@@ -646,12 +646,13 @@ def test_eval_of_a_run_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, capsys,
 
 def _hashes(monkeypatch) -> list[str]:
     """The digest of each hash of an SAE's weights, at every module that hashes one."""
+    import saelab.cli.evaluate
     import saelab.evals.suite
     import saelab.report.markdown
     import saelab.run_folder
 
     return _counting(monkeypatch, "sae_sha256", saelab.pipeline, saelab.run_folder, saelab.report.markdown,
-                     saelab.evals.suite)
+                     saelab.evals.suite, saelab.cli.evaluate)
 
 
 def test_eval_of_a_sweep_hashes_each_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
@@ -674,6 +675,21 @@ def test_eval_of_a_sweep_hashes_each_sae_once(tiny_dir, data_dir, tmp_path, caps
     _, out = run_cli(capsys, "eval", str(sweep), *small_eval)
     assert out["k8"] == "already evaluated" and "nmse" in out["k4"]
     assert sorted(hashes) == sorted(sae_sha256(load_sae(sweep / run / "sae")) for run in ("k4", "k8"))
+
+
+def test_eval_into_an_out_folder_hashes_the_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """`saelab eval SAE --out DIR` hashes the SAE once, whether it evaluates it or finds this evaluation
+    already in DIR."""
+    from saelab.run_folder import sae_sha256
+
+    run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
+    digest = sae_sha256(load_sae(run / "sae"))
+    hashes = _hashes(monkeypatch)
+    _, first = run_cli(capsys, "eval", str(run / "sae"), "--out", str(tmp_path / "out"), *small_eval)
+    assert hashes == [digest] and first["sae_sha256"] == digest
+    hashes.clear()
+    _, again = run_cli(capsys, "eval", str(run / "sae"), "--out", str(tmp_path / "out"), *small_eval)  # reused
+    assert hashes == [digest] and again == first
 
 
 def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):

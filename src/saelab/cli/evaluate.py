@@ -17,7 +17,7 @@ from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
 from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_sae_hook, is_sweep, open_sae,
-                               read_eval_metrics)
+                               read_eval_metrics, sae_sha256)
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -144,16 +144,17 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     if into_run:
         return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
                             overwrite=args.overwrite, progress=args.progress)
+    sae_hash = sae_sha256(sae)  # once, for the check and the evaluation: it reads every weight
     if args.out is not None:
         current = not args.overwrite and evaluation_is_current(args.out, sae, args.eval, model=args.model,
-                                                               model_dtype=args.model_dtype)
+                                                               model_dtype=args.model_dtype, sae_hash=sae_hash)
         if current:  # the same command again
             print(f"{Path(args.out) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
                   file=sys.stderr)
-            return read_eval_metrics(args.out, sae)
+            return read_eval_metrics(args.out, sae, sae_hash=sae_hash)
         _check_eval_out(Path(args.out), args.overwrite)
     metrics = evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
-                       model_dtype=args.model_dtype, progress=args.progress)
+                       model_dtype=args.model_dtype, progress=args.progress, sae_hash=sae_hash)
     if args.out is None:  # an SAE outside a run folder has no place of its own for them
         print(f"saelab eval: note: {args.sae} is not a run folder, so these metrics were not saved; --out DIR keeps "
               "them", file=sys.stderr)
