@@ -692,6 +692,31 @@ def test_eval_into_an_out_folder_hashes_the_sae_once(tiny_dir, data_dir, tmp_pat
     assert hashes == [digest] and again == first
 
 
+def test_quickstart_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, monkeypatch):
+    """quickstart hashes the SAE once: when it trains and evaluates it, when it evaluates a finished training
+    again, and when every stage is reused (its checks, its evaluation and its report share the digest)."""
+    from saelab.run_folder import sae_sha256
+
+    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK,
+                                                 corpus=str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)),
+                                                 context_size=32, n_tokens=1000, buffer_tokens=8192),
+                           train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
+                           eval=EvalConfig(corpus=str(wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)),
+                                           recon_tokens=256, downstream_tokens=128))
+    run = tmp_path / "qs"
+    hashes = _hashes(monkeypatch)
+    first = quickstart(cfg, run, progress=False)
+    digest = sae_sha256(load_sae(run / "sae"))
+    assert hashes == [digest] and first["sae_sha256"] == digest
+    for reused in (["harvest", "train"], ["harvest", "train", "evaluate"]):
+        if "evaluate" not in reused:
+            (run / "metrics.json").unlink()  # the finished training is evaluated again
+        hashes.clear()
+        again = quickstart(cfg, run, progress=False)
+        assert hashes == [digest] and again["reused"] == reused and again["sae_sha256"] == digest
+    assert "| nMSE (FVU), raw activation space |" in (run / "report.md").read_text()
+
+
 def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
     from saelab.pipeline import _stage_seconds
     from saelab.report.markdown import _wall_time_rows

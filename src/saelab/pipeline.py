@@ -516,16 +516,20 @@ def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig) -> None:
                              "pick another --out, or pass --overwrite to train again (the activation cache is kept)")
 
 
-def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, model_dtype: str) -> None:
+def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, model_dtype: str) -> str | None:
     """Refuse, before any work, to replace a finished run's evaluation with one of other settings
-    (as ``saelab eval`` refuses)."""
+    (as ``saelab eval`` refuses). Returns :func:`sae_sha256` of the finished run's SAE (None: no finished
+    run), for the rest of the call: hashing reads every weight."""
     if read_status(run_dir).get("state") != "finished" or not (run_dir / SAE_DIR).is_dir():
-        return
-    changed = _evaluation_changes(run_dir, load_sae(run_dir / SAE_DIR), cfg, model=None, model_dtype=model_dtype)
+        return None
+    sae = load_sae(run_dir / SAE_DIR)
+    sae_hash = sae_sha256(sae)
+    changed = _evaluation_changes(run_dir, sae, cfg, model=None, model_dtype=model_dtype, sae_hash=sae_hash)
     if changed:
         raise RunExistsError(f"{run_dir / EVAL_METRICS} holds this run's evaluation with other settings "
                              f"({', '.join(changed)}); `saelab eval {run_dir} --overwrite` with the new settings "
                              "replaces it, --overwrite trains and evaluates again, or pick another --out")
+    return sae_hash
 
 
 @contextlib.contextmanager
@@ -580,14 +584,16 @@ def _timed(times: dict[str, float], name: str, fn):
 
 def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
                              lm: LanguageModel | None, *, model_dtype: str, overwrite: bool, overwrite_activations: bool,
-                             log_to: Sequence[str]) -> None:
+                             log_to: Sequence[str]) -> str | None:
     """Everything that refuses a quickstart, checked before the model loads: its output folder and
-    loggers, earlier results of other settings, both corpora, the hook and both context sizes."""
+    loggers, earlier results of other settings, both corpora, the hook and both context sizes. Returns
+    :func:`sae_sha256` of the finished run's SAE it checked (None: none, or ``overwrite``)."""
     check_output_folder(run_dir, "--out", "run")
     check_log_targets(log_to)
+    finished_hash = None
     if not overwrite:
         _check_finished_run_matches(run_dir, cfg.train)
-        _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
+        finished_hash = _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
     corpus = resolve_corpus(harvest_cfg.corpus, "train")
     resolve_corpus(cfg.eval.corpus, "eval")
     if not overwrite_activations:  # a cache of other settings
@@ -598,26 +604,31 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     check_context_fits(spec, harvest_cfg.context_size, "harvest.context_size {n}")
     if cfg.eval.context_size:  # the evaluation's, else refused only after the harvest and the training
         check_context_fits(spec, cfg.eval.context_size, "eval.context_size {n}")
+    return finished_hash
 
 
 def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
-                         lm: LanguageModel | None, model_dtype: str) -> dict[str, Any] | None:
-    """The run's metrics when its harvest, training and evaluation are all done with these settings."""
+                         lm: LanguageModel | None, model_dtype: str,
+                         finished_hash: str | None) -> dict[str, Any] | None:
+    """The run's metrics when its harvest, training and evaluation are all done with these settings.
+    ``finished_hash``: :func:`sae_sha256` of the finished run's SAE, as the checks returned it."""
     meta = _harvest_meta(harvest_cfg, resolve_corpus(harvest_cfg.corpus, "train"))
     cache = reusable_cache(run_dir / ACTIVATIONS_DIR, meta=meta, dtype=harvest_cfg.dtype)
     sae = None if cache is None else finished_training(run_dir, cfg.train, cache)
     model = model_name(lm or harvest_cfg.model)
-    if sae is None or not evaluation_is_current(run_dir, sae, cfg.eval, model=model, model_dtype=model_dtype):
+    if sae is None or not evaluation_is_current(run_dir, sae, cfg.eval, model=model, model_dtype=model_dtype,
+                                                sae_hash=finished_hash):
         return None
-    return read_eval_metrics(run_dir, sae)
+    return read_eval_metrics(run_dir, sae, sae_hash=finished_hash)
 
 
 def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path, lm: LanguageModel | None,
                        times: dict[str, float], *, device: str | torch.device | None, model_dtype: str,
-                       overwrite: bool, overwrite_activations: bool, progress: bool,
-                       log_to: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+                       overwrite: bool, overwrite_activations: bool, progress: bool, log_to: Sequence[str],
+                       finished_hash: str | None) -> tuple[dict[str, Any], list[str]]:
     """Load the model, then harvest, train and evaluate, each stage reused when done with these settings;
-    returns the metrics and the stages reused (``times`` gets the others' seconds)."""
+    returns the metrics and the stages reused (``times`` gets the others' seconds). ``finished_hash``:
+    :func:`sae_sha256` of the finished run's SAE, as the checks returned it."""
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
     reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
     cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
@@ -628,11 +639,13 @@ def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_di
         sae = _timed(times, "train", lambda: train_from_cache(cache, run_dir, cfg.train, device=device,
                                                               overwrite=overwrite, progress=progress,
                                                               log_to=log_to))
-    if evaluation_is_current(run_dir, sae, cfg.eval, model=lm.name, model_dtype=model_dtype):
+        finished_hash = None  # the SAE just trained
+    sae_hash = finished_hash or sae_sha256(sae)  # once, for the check and the evaluation: it reads every weight
+    if evaluation_is_current(run_dir, sae, cfg.eval, model=lm.name, model_dtype=model_dtype, sae_hash=sae_hash):
         reused.append("evaluate")
-        return read_eval_metrics(run_dir, sae), reused
-    return _timed(times, "evaluate", lambda: evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir,
-                                                      progress=progress)), reused
+        return read_eval_metrics(run_dir, sae, sae_hash=sae_hash), reused
+    return _timed(times, "evaluate", lambda: evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir, progress=progress,
+                                                      sae_hash=sae_hash)), reused
 
 
 def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel | None = None,
@@ -647,14 +660,15 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     """
     run_dir = Path(run_dir)
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
-    _check_quickstart_inputs(cfg, harvest_cfg, run_dir, lm, model_dtype=model_dtype, overwrite=overwrite,
-                             overwrite_activations=overwrite_activations, log_to=log_to)
+    finished_hash = _check_quickstart_inputs(cfg, harvest_cfg, run_dir, lm, model_dtype=model_dtype,
+                                             overwrite=overwrite, overwrite_activations=overwrite_activations,
+                                             log_to=log_to)
     times: dict[str, float] = {}
     earlier = _recorded_stage_seconds(run_dir)
     status = read_status(run_dir)  # an unfinished training resumed now: its earlier calls' seconds
     trained_before = 0.0 if overwrite or status.get("state") == "finished" else recorded_train_seconds(status)
     done = None if overwrite or overwrite_activations else _finished_quickstart(cfg, harvest_cfg, run_dir, lm,
-                                                                               model_dtype)
+                                                                               model_dtype, finished_hash)
     if done is not None:  # every stage done with these settings: the model is not even loaded
         return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
                                          trained_before)
@@ -666,7 +680,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         metrics, reused = _quickstart_stages(cfg, harvest_cfg, run_dir, lm, times, device=device,
                                              model_dtype=model_dtype, overwrite=overwrite,
                                              overwrite_activations=overwrite_activations, progress=progress,
-                                             log_to=log_to)
+                                             log_to=log_to, finished_hash=finished_hash)
         return _write_quickstart_results(run_dir, metrics, reused, times, earlier, trained_before)
 
 
@@ -679,7 +693,9 @@ def _write_quickstart_results(run_dir: Path, metrics: dict[str, Any], reused: li
     metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused, trained_before)
     metrics["reused"] = reused
     write_json(run_dir / EVAL_METRICS, metrics)
-    write_run_report(run_dir, density_drawn_by=None if "evaluate" in reused else metrics)
+    # The run's SAE, hashed when these metrics were measured or checked against it: not hashed again.
+    write_run_report(run_dir, density_drawn_by=None if "evaluate" in reused else metrics,
+                     sae_hash=metrics.get("sae_sha256"))
     return metrics
 
 
