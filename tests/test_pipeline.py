@@ -717,6 +717,28 @@ def test_quickstart_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, monkeypatc
     assert "| nMSE (FVU), raw activation space |" in (run / "report.md").read_text()
 
 
+def test_paper_suite_of_a_run_and_its_report_hash_the_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """`saelab eval RUN --suite paper` hashes the SAE once for the suite and the run's report. With --hook
+    the suite measures another SAE than the run's: the report checks the run's own."""
+    from saelab.run_folder import sae_sha256
+
+    run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
+    digest = sae_sha256(load_sae(run / "sae"))
+    hashes = _hashes(monkeypatch)
+    run_cli(capsys, "eval", str(run), *small_eval)
+    hashes.clear()
+    run_cli(capsys, "eval", str(run), "--suite", "paper", "--metrics", "core", *small_eval)
+    assert hashes == [digest]
+    report = (run / "report.md").read_text()
+    assert "## Paper metrics" in report and "| nMSE (FVU), raw activation space |" in report
+    hashes.clear()
+    run_cli(capsys, "eval", str(run), "--suite", "paper", "--metrics", "core", "--hook", "blocks.0.hook_resid_post",
+            "--overwrite", *small_eval)
+    assert len(hashes) == 2 and digest in hashes  # the suite's SAE reads another hook: hashed apart
+    report = (run / "report.md").read_text()
+    assert "## Paper metrics" not in report and "| nMSE (FVU), raw activation space |" in report
+
+
 def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
     from saelab.pipeline import _stage_seconds
     from saelab.report.markdown import _wall_time_rows

@@ -423,6 +423,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     OUT/evals/report.md, and the run's report.md. Returns the suite index with "report", the path of that
     report. Raises after writing when a metric failed."""
     sae, run = open_sae(source, allow_http=allow_http)
+    own_hook = not hook or hook == sae.cfg.hook_name  # the hash covers the hook: another makes another SAE
     if hook:
         sae.cfg.hook_name = hook
     out = _suite_folder(out_dir, run)
@@ -435,8 +436,9 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,
                             progress=progress)
     write_paper_report(out)
-    if out is run and (run / TRAIN_CONFIG).exists():
-        write_run_report(run)  # with a link to evals/report.md
+    if out is run and (run / TRAIN_CONFIG).exists():  # with a link to evals/report.md
+        # The suite hashed the run's SAE (unless --hook made it another): the report need not hash it again.
+        write_run_report(run, sae_hash=index["sae"]["sha256"] if own_hook else None)
     failed = {m: v["reason"] for m, v in index["metrics"].items() if v["status"] == "error"}
     if failed:
         raise SaelabError(f"paper suite wrote {out / EVALS_DIR / 'report.md'} but failed in {len(failed)} "
