@@ -518,6 +518,9 @@ def test_a_refused_value_is_blamed_on_where_it_came_from(tmp_path, capsys):
         f"saelab train: error: --config {cfg}: train.k 600 exceeds --n-latents 512; expected train.k <= --n-latents")
     cfg.write_text("harvest:\n  n-tokens: -5\n")  # another group, its key as written
     assert error("harvest") == f"saelab harvest: error: --config {cfg}: harvest.n-tokens: must be >= 1, got -5"
+    cfg.write_text("train:\n  k: 700\n")  # a grid point of a sweep: the file's entry beside the grid's
+    assert error("sweep", "--activations", "acts", "--grid", "n-latents=512,1024") == (
+        f"saelab sweep: error: --config {cfg}: train.k 700 exceeds --grid n-latents=512; expected train.k <= n-latents")
 
 
 @pytest.mark.parametrize("file,typed,message", [

@@ -235,9 +235,11 @@ def _grid_value(name: str, hint: Any, text: str) -> Any:
         raise ConfigError(f"--grid {name}={text}: expected {type_words(kind)}") from None  # as a --config file
 
 
-def check_grid_points(base: TrainConfig, grid: dict[str, list], items: list[str]) -> None:
+def check_grid_points(base: TrainConfig, grid: dict[str, list], items: list[str],
+                      given_as: dict[str, str] | None = None) -> None:
     """Every grid point validated before anything trains; a refusal names the grid entries the user typed
-    ("--grid n-latents=0: ...", "--grid k=9000 exceeds --n-latents 8192"), not options never given."""
+    ("--grid n-latents=0: ...", "--grid k=9000 exceeds --n-latents 8192"), not options never given, and
+    each other setting as ``given_as`` says it was given ({"train.k": "--config c.yaml: train.k"})."""
     words = typed_grid_words(items)
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
@@ -246,32 +248,41 @@ def check_grid_points(base: TrainConfig, grid: dict[str, list], items: list[str]
         except ConfigError as e:
             typed_point = {field: f"{words[field][0]}={words[field][1][grid[field].index(value)]}"
                            for field, value in point.items()}
-            raise ConfigError(_as_grid_entries(str(e), typed_point)) from None
+            raise ConfigError(_as_grid_entries(str(e), typed_point, given_as or {})) from None
 
 
-def _as_grid_entries(message: str, typed_point: dict[str, str]) -> str:
+def _as_grid_entries(message: str, typed_point: dict[str, str], given_as: dict[str, str]) -> str:
     """A TrainConfig refusal in the words of the sweep: a field the grid sets as its entry ("--grid k=9000"),
-    any other as its option ("--n-latents 8192"). A rule about one grid field opens with its entry:
+    one a --config file set as the file's entry ("--config c.yaml: train.k 700 exceeds ..."), any other as
+    its option ("--n-latents 8192"). A rule about one grid field opens with its entry:
     "n_latents must be >= 1, got 0" -> "--grid n-latents=0: must be >= 1"."""
     fields = set(typing.get_type_hints(TrainConfig))
+    files = set()  # of the entries named: the message opens with it
+
+    def compared(field: str) -> str | None:  # the grid's name for a field it sets, else as it was given
+        if field not in fields:
+            return None
+        if field in typed_point:
+            return typed_point[field].partition("=")[0]
+        how = given_as.get(f"train.{field}", f"--{field.replace('_', '-')}")
+        file, _, entry = how.rpartition(": ")
+        files.update([file] if file else [])
+        return entry
 
     def assigned(field: str, value: str) -> str | None:
         if field not in fields:
             return None
-        return f"--grid {typed_point[field]}" if field in typed_point else f"--{field.replace('_', '-')} {value}"
-
-    def compared(field: str) -> str | None:  # the grid's name for a field it sets, else the option
-        if field not in fields:
-            return None
-        return typed_point[field].partition("=")[0] if field in typed_point else f"--{field.replace('_', '-')}"
+        return f"--grid {typed_point[field]}" if field in typed_point else f"{compared(field)} {value}"
 
     def reworded(text: str) -> str:
         return reword_fields(text, assigned, compared)
 
     setting, _, rest = message.partition(" ")
     if setting in typed_point and rest.startswith("must "):  # the value is in the entry: no ", got 0"
-        return f"--grid {typed_point[setting]}: {reworded(re.sub(r', got [^,;]+$', '', rest))}"
-    return reworded(message)
+        message = f"--grid {typed_point[setting]}: {reworded(re.sub(r', got [^,;]+$', '', rest))}"
+    else:
+        message = reworded(message)
+    return f"{next(iter(files))}: {message}" if len(files) == 1 else message
 
 
 def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]) -> None:
@@ -295,7 +306,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     if unused:
         raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")
     refuse_options_the_grid_sets(args, grid)
-    check_grid_points(args.train, grid, args.grid)
+    check_grid_points(args.train, grid, args.grid, getattr(args, "given_as", {}))
     if args.evaluate:
         check_evaluation_before_training(args.activations, args.eval)  # not after the whole sweep trained
     init_from_env()
