@@ -1025,6 +1025,29 @@ def test_browse_export_checks_its_folder_before_the_model_loads(tmp_path, capsys
     assert [p.name for p in (tmp_path / "np").iterdir()] == ["notes.txt"]
 
 
+def test_browse_export_refuses_n2g_settings_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """SAEDashboard's batch files have no field for an explanation: --export neuronpedia wrote the same files
+    with --n2g-file or --n2g-latents as without, and said nothing. The model has no weights, so a refusal after
+    its load would read "cannot load"."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))
+    (tmp_path / "n2g.json").write_text(json.dumps({"per_latent": [{"latent": 3, "patterns": [
+        {"tokens": [" the"], "anchored": False, "value": 0.5, "count": 2}], "precision": 1.0}]}))
+    export = ["browse", "sae", "--export", "neuronpedia", "np"]
+    where = ("the Neuronpedia export (--export neuronpedia) has no place for N2G explanations (SAEDashboard's "
+             "batch files hold none); leave {} out, or build the site (browse without --export) to show them")
+    _refusals([([*export, "--n2g-file", "n2g.json"], "saelab browse: error: --n2g-file n2g.json: "
+                + where.format("--n2g-file")),
+               ([*export, "--n2g-latents", "3"], "error: --n2g-latents 3: " + where.format("--n2g-latents")),
+               ([*export, "--n2g-padding-token", "x"], "error: --n2g-padding-token 'x': "
+                + where.format("--n2g-padding-token")),
+               # without them the export goes on to the load, which is what fails
+               (export, "cannot load model directory")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "n2g.json", "sae"]
+
+
 def test_browse_checks_the_hook_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = _config_only_model(tmp_path / "model")

@@ -29,6 +29,10 @@ Each feature holds, with saelab's definitions (:mod:`.build`):
 - ``correlated_neurons_*``, ``correlated_features_*``, ``decoder_weights_dist``, ``vector``: empty
   lists (activation correlations are not gathered; the last two are for attention-head SAEs and
   steering vectors).
+
+No explanation: a feature of the batch files has no field for one, and the converters to Neuronpedia's
+bulk-import layout write features and activations only (Neuronpedia's explanations come from its own
+explainers, each with its type and explainer model). The browser's N2G settings are therefore refused.
 """
 
 from __future__ import annotations
@@ -265,6 +269,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     from saelab.explore.browser.make import load_model_beside, open_sources
 
     cfg = cfg or BrowseConfig()
+    _refuse_explanations(cfg)
     one = isinstance(sae_sources, (str, os.PathLike, SAESource))
     sources, loaded_here = open_sources(sae_sources)
     for target in [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]:
@@ -278,3 +283,18 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)
     result = export_neuronpedia(stats, tokens, lm, out, dataset=resolve_corpus(cfg), n_bands=cfg.n_bands, **kwargs)
     return result[0] if one and isinstance(result, list) else result
+
+
+def _refuse_explanations(cfg) -> None:
+    """Refuse the browser's N2G settings: the batch files have no place for an explanation (module
+    docstring), so they would be dropped without a word."""
+    from saelab.explore.browser.build import BrowseConfig
+
+    default = BrowseConfig()
+    for field in ("n2g_file", "n2g_latents", "n2g_padding_token"):
+        value = getattr(cfg, field)
+        if value != getattr(default, field):
+            shown = repr(value) if field == "n2g_padding_token" else value
+            raise ConfigError(f"browse.{field} {shown}: the Neuronpedia export (--export neuronpedia) has no place "
+                              "for N2G explanations (SAEDashboard's batch files hold none); leave "
+                              f"browse.{field} out, or build the site (browse without --export) to show them")
