@@ -671,6 +671,36 @@ def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_d
     assert snapshot(acts) == before
 
 
+def test_cli_harvest_reusing_a_finished_cache_names_the_unfinished_overwrite_beside_it(tiny_dir, corpus, tmp_path,
+                                                                                        capsys):
+    """harvest --overwrite --seed 3 cut off (Ctrl-C), then the first harvest again: the finished cache is reused,
+    and the overwrite kept in its hidden stage folder was not mentioned; one note names it and both ways out."""
+    acts = tmp_path / "acts"
+    args = ["harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(corpus), "--n-tokens", "1024",
+            "--context-size", "32", "--buffer-tokens", "8192", "--out", str(acts), "--no-progress"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0
+    cache = ActivationCache(acts)
+    rows, seed3 = cache.read(), {**cache.meta, "harvest": {**cache.meta["harvest"], "seed": 3}}
+
+    def cut_off():  # the overwrite's input, interrupted after its first rows
+        yield from rows[:320].split(64)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(cut_off(), acts, meta=seed3, dtype=cache.dtype, shard_rows=128, overwrite=True,
+                               progress=False)
+    stage = acts / ".overwrite"
+    staged = {p.name: p.read_bytes() for p in stage.iterdir()}
+    code, again, err = run_cli(capsys, *args)
+    assert code == 0 and again == out
+    assert err.splitlines() == [
+        f"saelab: {acts} already holds this harvest, 1,024 activations (--overwrite harvests again)",
+        f"saelab: note: activation cache {acts} (its overwrite) is unfinished; run the --overwrite call that started "
+        f"it again to resume it, or delete {stage} to discard it"]
+    assert {p.name: p.read_bytes() for p in stage.iterdir()} == staged  # kept for its own call
+
+
 # ---- pickles disguised as other formats; a full disk seen from the command line -------------------------
 
 

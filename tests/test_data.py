@@ -531,8 +531,12 @@ def test_finishing_the_original_cache_discards_an_unfinished_overwrite(tmp_path,
         write_activation_cache(src_batches(source_rows, fail_after=7), folder, meta={**META, "context_size": 32},
                                shard_rows=300, overwrite=True, progress=False)
     staged = {p.name: p.read_bytes() for p in stage.iterdir()}
+    capsys.readouterr()
     write_activation_cache(src_batches(source_rows), folder, meta=META, shard_rows=300, resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in stage.iterdir()} == staged
+    assert capsys.readouterr().err == (f"saelab: note: activation cache {folder} (its overwrite) is unfinished; run "
+                                       "the overwrite=True call that started it again to resume it, or delete "
+                                       f"{stage} to discard it\n")  # it was kept without a word
 
 
 def test_an_overwrite_cut_off_while_moving_in_is_finished(tmp_path, source_rows):

@@ -7,6 +7,7 @@ import json
 import lzma
 import math
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import saelab.pipeline
 from saelab.cli import main
-from saelab.data import ActivationCache
+from saelab.data import ActivationCache, write_activation_cache
 from saelab.errors import RunExistsError
 from saelab.evals.core import eval_settings
 from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
@@ -120,11 +121,27 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
         capsys.readouterr().err
     assert "harvest" not in again["wall_seconds"] and "Reused from an earlier run" in (run / "report.md").read_text()
     assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint_mtime and again["nmse"] == on_disk["nmse"]
+    # An overwrite of the activations cut off (Ctrl-C) lies beside them: kept, and named with both ways out.
+    cache = ActivationCache(run / "activations")
+
+    def cut_off():
+        yield cache.read(0, 512)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(cut_off(), cache.folder, meta={**cache.meta, "dataset": "other"}, dtype=cache.dtype,
+                               shard_rows=256, overwrite=True, progress=False)
+    capsys.readouterr()
     # Finished and evaluated: nothing runs again, and the stages keep the times of the calls that ran them.
     # --overwrite retrains but keeps the activation cache.
     with monkeypatch.context() as m:  # nothing to run: the model is not even loaded
         m.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
         third = quickstart(cfg, run, progress=False)
+    stage = cache.folder / ".overwrite"
+    assert capsys.readouterr().err == (f"saelab: note: activation cache {cache.folder} (its overwrite) is "
+                                       "unfinished; run the --overwrite-activations call that started it again to "
+                                       f"resume it, or delete {stage} to discard it\n")
+    shutil.rmtree(stage)  # as the note says; the checks below see the cache alone
     assert third["reused"] == ["harvest", "train", "evaluate"] and third["wall_seconds"] == {"total": 0.0}
     earlier = {stage: again["stage_seconds"][stage] for stage in ("load_model", "train", "evaluate")}
     assert third["stage_seconds"] == {**earlier, "total": round(sum(earlier.values()), 1)}

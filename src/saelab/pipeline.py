@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, iter_texts, pack_contexts
-from saelab.data import cache_is_complete, check_disk_room, resolve_corpus, reusable_cache
+from saelab.data import cache_is_complete, check_disk_room, note_unfinished_overwrite, resolve_corpus, reusable_cache
 from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.compute_equivalent import resolve_series
@@ -130,6 +130,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     if cache is not None:  # the same command again: the finished cache is the answer
         print(f"saelab: {out_dir} already holds this harvest, {cache.n_rows:,} activations ({overwrite_option} "
               "harvests again)", file=sys.stderr)
+        note_unfinished_overwrite(out_dir, overwrite_option)
     else:
         cache = _harvest_into(out_dir, cfg, corpus, meta, lm=lm, device=device, model_dtype=model_dtype,
                               overwrite=overwrite, progress=progress)
@@ -672,6 +673,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     done = None if overwrite or overwrite_activations else _finished_quickstart(cfg, harvest_cfg, run_dir, lm,
                                                                                model_dtype, finished_hash)
     if done is not None:  # every stage done with these settings: the model is not even loaded
+        note_unfinished_overwrite(run_dir / ACTIVATIONS_DIR, "--overwrite-activations")
         return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
                                          trained_before)
     if overwrite and (run_dir / TRAIN_CONFIG).exists():

@@ -13,6 +13,7 @@ from saelab.data.cache import (
     cache_is_complete,
     check_disk_room,
     cache_rows_written,
+    note_unfinished_overwrite,
     reusable_cache,
     write_activation_cache,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "default_corpus",
     "hf_tokenize_fn",
     "iter_texts",
+    "note_unfinished_overwrite",
     "pack_contexts",
     "resolve_corpus",
     "reusable_cache",

@@ -31,7 +31,8 @@ then read again from its start, as for any other input).
 One process writes a cache folder at a time (a lock, saelab.utils.folder_lock). An overwrite writes
 the new cache in ``.overwrite/`` inside the folder and moves it in only once complete, so an
 interrupted overwrite leaves the old cache whole (and the same call again resumes the new one); a
-write without overwrite that then finishes the old cache discards that unfinished overwrite (one note).
+write without overwrite that then finishes the old cache discards that unfinished overwrite (one note),
+and one that reuses the finished old cache keeps it, with one note saying so.
 Messages name the folder the caller gave, "(its overwrite)" for the staged write.
 
 Reading (:meth:`ActivationCache.batches`) defines, per epoch, a row stream: shards in a random
@@ -242,10 +243,22 @@ def write_activation_cache(
                 shutil.rmtree(stage)
                 print(f"saelab: activation cache {folder}: discarded the unfinished overwrite in {stage} (this call "
                       "finished the cache it was to replace)", file=sys.stderr)
+            elif finished_before:  # returned as it is: the overwrite beside it stays its own call's to resume
+                note_unfinished_overwrite(folder)
         ok = True
         return cache
     finally:
         lock.release(remove_created_dir=not ok)
+
+
+def note_unfinished_overwrite(folder: str | os.PathLike, option: str = "overwrite=True") -> None:
+    """One note when an overwrite left unfinished lies beside the finished cache in ``folder`` that is reused
+    as it is: it is kept for the call that started it (``option``: how that call asked to overwrite), and
+    unmentioned it would hold its disk space in a hidden folder."""
+    stage = Path(folder) / OVERWRITE_STAGE
+    if stage.is_dir():
+        print(f"saelab: note: activation cache {folder} (its overwrite) is unfinished; run the {option} call that "
+              f"started it again to resume it, or delete {stage} to discard it", file=sys.stderr)
 
 
 def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: dict[str, Any], dtype: str,
