@@ -12,6 +12,7 @@ from saelab.evals.n2g import (
     N2GConfig,
     Pattern,
     build_explanations,
+    checked_per_latent,
     n2g_scores,
     run_n2g,
     splice_latents,
@@ -161,7 +162,9 @@ def test_run_n2g_on_a_real_tiny_model(tiny_gpt2, data_dir):
     sae = TopKSAE(SAEConfig(d_in=64, n_latents=96, k=6, hook_name="blocks.0.hook_resid_post"))
     cfg = N2GConfig(n_latents=5, n_examples=4, max_len=4, lm_batch_size=12)
     res = run_n2g(lm, sae, tokens, cfg)
-    json.dumps(res, allow_nan=False)
+    saved = json.loads(json.dumps(res, allow_nan=False))
+    # What the browser reads back is what was written: the reader's definition of the file keeps up with it.
+    assert checked_per_latent(saved, "res", sae.n_latents) == saved["per_latent"]
     assert res["n_explained"] == 5 and res["n_build_contexts"] == 12 and res["n_eval_contexts"] == 12
     assert res["n_model_sequences"] > 0
     for r in res["per_latent"]:

@@ -77,19 +77,24 @@ Result schema (``run_n2g`` returns a JSON-serializable dict)::
                        n_groups, n_undefined} (the delta CEs only with the splice; {} when n_boot is 0)
     n_model_sequences short sequences run through the model while building
     build_s, eval_s, wall_s   wall times
+
+Saved as JSON (alone, or as the "result" of the paper suite's evals/n2g.json), a result is read back
+by :func:`load_result`, which checks ``per_latent`` against this schema (the browser shows it).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
-from saelab.errors import ConfigError
+from saelab.errors import CheckpointError, ConfigError
 from saelab.evals._common import (
     run_option,
     check_tokens,
@@ -528,6 +533,104 @@ def _score_latents(lm, expl: dict, pred: torch.Tensor, z_h: torch.Tensor, lats: 
                          for p in pats],
         })
     return per_latent, tot
+
+
+# ---- reading a result back ----------------------------------------------------------------
+RESULT_EXPECTED = ("the evals/n2g.json that `saelab eval RUN --suite paper` writes, or a JSON object with a "
+                   "'per_latent' list of {latent, patterns: [{tokens, anchored, value, count}], precision, recall, "
+                   "f1}")
+"""What an N2G result file is, for the refusals of one that is not."""
+PATTERN_EXPECTED = "{tokens: [text, ...], anchored: true or false, value, count}"
+"""One pattern of a ``per_latent`` entry, as :func:`_score_latents` writes it (its ids are not read back)."""
+
+
+def read_result_json(path: Path, name: str) -> Any:
+    """The JSON in ``path``; a file that is no text or no JSON is refused (CheckpointError) naming it as ``name``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{name}: not a text file; expected {RESULT_EXPECTED}") from None
+    except OSError as e:
+        raise CheckpointError(f"{name}: cannot read N2G explanations: {e.strerror or e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:  # the parser's own words name no file and no format
+        raise CheckpointError(f"{name}: not JSON (line {e.lineno}, column {e.colno}); expected "
+                              f"{RESULT_EXPECTED}") from None
+    except RecursionError:
+        raise CheckpointError(f"{name}: not an N2G result (nested too deep); expected {RESULT_EXPECTED}") from None
+
+
+def load_result(path: str | Path, n_latents: int | None = None, name: str | None = None) -> list[dict[str, Any]]:
+    """The checked ``per_latent`` entries (:func:`checked_per_latent`) of the ``run_n2g`` result saved as JSON
+    at ``path``, or of the one the paper suite's evals/n2g.json holds as its "result". ``name``: how refusals
+    name the file (the setting that gave it, say; default its path)."""
+    path = Path(path).expanduser()
+    name = name or str(path)
+    data = read_result_json(path, name)
+    if isinstance(data, dict) and isinstance(data.get("result"), dict):
+        data = data["result"]
+    return checked_per_latent(data, name, n_latents)
+
+
+def checked_per_latent(result: Any, name: str, n_latents: int | None = None) -> list[dict[str, Any]]:
+    """The ``per_latent`` entries of a ``run_n2g`` result read back, the whole list checked first: an entry
+    that is no explanation, a latent given twice or (with ``n_latents``) one the SAE lacks is refused naming
+    the result as ``name`` and the entry (CheckpointError; ConfigError for a latent out of range)."""
+    if not isinstance(result, dict) or not isinstance(result.get("per_latent"), list):
+        raise CheckpointError(f"{name}: not an N2G result; expected {RESULT_EXPECTED}")
+    seen: dict[int, int] = {}
+    for i, entry in enumerate(result["per_latent"]):
+        problem = _entry_problem(entry)
+        lat = entry.get("latent") if isinstance(entry, dict) else None
+        where = f"per_latent[{i}]" + (f" (latent {lat})" if isinstance(lat, int) and not isinstance(lat, bool) else "")
+        if problem is None and lat in seen:
+            problem = f"latent {lat} is explained twice (also per_latent[{seen[lat]}]); expected one entry per latent"
+        if problem is not None:
+            raise CheckpointError(f"{name}: {where}: {problem}")
+        seen[lat] = i
+    if n_latents is not None:  # explanations of another SAE would be read as those of latents they do not describe
+        check_latents(list(seen), n_latents, name=f"{name}: latent")
+    return result["per_latent"]
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What keeps one ``per_latent`` entry from being an explanation as :func:`_score_latents` writes it, or None."""
+    if not isinstance(entry, dict):
+        return f"is {_shown(entry)}; expected an object {{latent, patterns: [{PATTERN_EXPECTED}, ...]}}"
+    lat = entry.get("latent")
+    if not isinstance(lat, int) or isinstance(lat, bool) or lat < 0:
+        return f"latent is {_shown(lat) if 'latent' in entry else 'missing'}; expected a latent index (an integer >= 0)"
+    for key in ("precision", "recall", "f1"):
+        if entry.get(key) is not None and not _is_number(entry[key]):
+            return f"{key} is {_shown(entry[key])}; expected a number or null"
+    patterns = entry.get("patterns")
+    if patterns is None:
+        return None
+    if not isinstance(patterns, list):
+        return f"patterns is {_shown(patterns)}; expected a list of {PATTERN_EXPECTED}"
+    for j, p in enumerate(patterns):
+        if not isinstance(p, dict):
+            return f"patterns[{j}] is {_shown(p)}; expected {PATTERN_EXPECTED}"
+        tokens = p.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            found = _shown(tokens) if "tokens" in p else "missing"
+            return f"patterns[{j}].tokens is {found}; expected a list of token texts"
+        if p.get("anchored") is not None and not isinstance(p["anchored"], bool):
+            return f"patterns[{j}].anchored is {_shown(p['anchored'])}; expected true or false"
+        for key in ("value", "count"):
+            if p.get(key) is not None and not _is_number(p[key]):
+                return f"patterns[{j}].{key} is {_shown(p[key])}; expected a number or null"
+    return None
+
+
+def _shown(value: Any, width: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _intervals(per_ctx: dict[str, torch.Tensor], cfg: N2GConfig) -> dict:

@@ -37,7 +37,6 @@ across their sizes come from the same pass (:mod:`.families`).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -49,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.errors import CheckpointError, ConfigError, CorpusError, ShapeMismatchError
-from saelab.evals.n2g import N2GConfig, check_latents, padding_id
+from saelab.evals.n2g import N2GConfig, checked_per_latent, load_result, padding_id, read_result_json
 from saelab.explore.browser.stats import (
     DoublingHistogram,
     FiringCounts,
@@ -448,11 +447,6 @@ def explanation_from_n2g(entry: dict[str, Any], n_patterns: int = 3) -> dict[str
 # run_n2g result saved beside the SAE.
 RUN_N2G_FILES = (Path("evals") / "n2g.json", Path("n2g.json"))
 
-# What an N2G file is, for the refusals of one that is not.
-N2G_FILE_EXPECTED = ("the evals/n2g.json that `saelab eval RUN --suite paper` writes, or a JSON object with a "
-                     "'per_latent' list of {latent, patterns: [{tokens, anchored, value, count}], precision, recall, "
-                     "f1}")
-
 
 def run_explanations(run_dir: Path, sae: TopKSAE) -> dict[int, dict[str, Any]]:
     """The N2G explanations a run keeps for ``sae``: the paper suite's, when it ran to the end on these
@@ -463,100 +457,25 @@ def run_explanations(run_dir: Path, sae: TopKSAE) -> dict[int, dict[str, Any]]:
     suite_file, own_file = (run_dir / name for name in RUN_N2G_FILES)
     if suite_file.is_file():
         try:
-            record = _read_n2g_json(suite_file, str(suite_file))
+            record = read_result_json(suite_file, str(suite_file))
             if isinstance(record, dict) and record.get("status") == "ok" and isinstance(record.get("result"), dict) \
                     and (record.get("inputs") or {}).get("sae_sha256") == sae_sha256(sae):
-                return _explanations(record["result"], str(suite_file), sae.n_latents)
+                return _explanations(checked_per_latent(record["result"], str(suite_file), sae.n_latents))
         except (CheckpointError, ConfigError) as e:  # a damaged suite record: the site is built without it
             print(f"saelab: warning: {e}; the site shows no N2G explanations", file=sys.stderr)
     return read_n2g_file(own_file, sae.n_latents) if own_file.is_file() else {}
 
 
-def _read_n2g_json(path: Path, name: str) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{name}: not a text file; expected {N2G_FILE_EXPECTED}") from None
-    except OSError as e:
-        raise CheckpointError(f"{name}: cannot read N2G explanations: {e.strerror or e}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:  # the parser's own words name no file and no format
-        raise CheckpointError(f"{name}: not JSON (line {e.lineno}, column {e.colno}); expected "
-                              f"{N2G_FILE_EXPECTED}") from None
-    except RecursionError:
-        raise CheckpointError(f"{name}: not an N2G result (nested too deep); expected {N2G_FILE_EXPECTED}") from None
-
-
 def read_n2g_file(path: str | Path, n_latents: int | None = None, name: str | None = None) -> dict[int, dict[str, Any]]:
     """Explanations by latent from a ``run_n2g`` JSON result, or from the paper suite's n2g.json that
-    holds one as its "result". The whole file is checked first: an entry that is no explanation, a latent
-    given twice or (with ``n_latents``) one the SAE lacks is refused, naming the file as ``name`` (the
-    setting that gave it, say; default its path) and the entry."""
-    path = Path(path).expanduser()
-    name = name or str(path)
-    data = _read_n2g_json(path, name)
-    if isinstance(data, dict) and isinstance(data.get("result"), dict):
-        data = data["result"]
-    return _explanations(data, name, n_latents)
+    holds one as its "result". The whole file is checked first (:func:`saelab.evals.n2g.load_result`):
+    an entry that is no explanation, a latent given twice or (with ``n_latents``) one the SAE lacks is
+    refused, naming the file as ``name`` (the setting that gave it, say; default its path) and the entry."""
+    return _explanations(load_result(path, n_latents, name))
 
 
-def _explanations(data: Any, name: str, n_latents: int | None = None) -> dict[int, dict[str, Any]]:
-    if not isinstance(data, dict) or not isinstance(data.get("per_latent"), list):
-        raise CheckpointError(f"{name}: not an N2G result; expected {N2G_FILE_EXPECTED}")
-    seen: dict[int, int] = {}
-    for i, entry in enumerate(data["per_latent"]):
-        problem = _n2g_entry_problem(entry)
-        lat = entry.get("latent") if isinstance(entry, dict) else None
-        where = f"per_latent[{i}]" + (f" (latent {lat})" if isinstance(lat, int) and not isinstance(lat, bool) else "")
-        if problem is None and lat in seen:
-            problem = f"latent {lat} is explained twice (also per_latent[{seen[lat]}]); expected one entry per latent"
-        if problem is not None:
-            raise CheckpointError(f"{name}: {where}: {problem}")
-        seen[lat] = i
-    if n_latents is not None:  # explanations of another SAE would show on latents they do not describe
-        check_latents(list(seen), n_latents, name=f"{name}: latent")
-    return {int(e["latent"]): explanation_from_n2g(e) for e in data["per_latent"]}
-
-
-def _shown(value: Any, width: int = 40) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _n2g_entry_problem(entry: Any) -> str | None:
-    """What keeps one ``per_latent`` entry of an N2G result from being an explanation, or None."""
-    pattern = "{tokens: [text, ...], anchored: true or false, value, count}"
-    if not isinstance(entry, dict):
-        return f"is {_shown(entry)}; expected an object {{latent, patterns: [{pattern}, ...]}}"
-    lat = entry.get("latent")
-    if not isinstance(lat, int) or isinstance(lat, bool) or lat < 0:
-        return f"latent is {_shown(lat) if 'latent' in entry else 'missing'}; expected a latent index (an integer >= 0)"
-    for key in ("precision", "recall", "f1"):
-        if entry.get(key) is not None and not _is_number(entry[key]):
-            return f"{key} is {_shown(entry[key])}; expected a number or null"
-    patterns = entry.get("patterns")
-    if patterns is None:
-        return None
-    if not isinstance(patterns, list):
-        return f"patterns is {_shown(patterns)}; expected a list of {pattern}"
-    for j, p in enumerate(patterns):
-        if not isinstance(p, dict):
-            return f"patterns[{j}] is {_shown(p)}; expected {pattern}"
-        tokens = p.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            found = _shown(tokens) if "tokens" in p else "missing"
-            return f"patterns[{j}].tokens is {found}; expected a list of token texts"
-        if p.get("anchored") is not None and not isinstance(p["anchored"], bool):
-            return f"patterns[{j}].anchored is {_shown(p['anchored'])}; expected true or false"
-        for key in ("value", "count"):
-            if p.get(key) is not None and not _is_number(p[key]):
-                return f"patterns[{j}].{key} is {_shown(p[key])}; expected a number or null"
-    return None
+def _explanations(per_latent: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {int(e["latent"]): explanation_from_n2g(e) for e in per_latent}
 
 
 def given_explanations(source: SAESource, cfg: BrowseConfig) -> dict[int, dict[str, Any]]:
