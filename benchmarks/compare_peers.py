@@ -61,7 +61,7 @@ sys.path.insert(0, str(HERE))
 from common import BATCH, DEAD_TOKENS, EVAL_TOKENS, K, RESULT_PREFIX, THREADS, TRAIN_TOKENS  # noqa: E402
 from common import command_line  # noqa: E402
 from common import default_lr, device_name, encoder_bound, ensure_bench_caches, gemm_flops, machine_info  # noqa: E402
-from common import sync, write_random_cache  # noqa: E402
+from common import write_random_cache  # noqa: E402
 
 # name -> (runner script, distribution whose version is reported, module to import, needs the peer venv)
 LIBRARIES = {

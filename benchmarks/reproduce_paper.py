@@ -156,8 +156,6 @@ def adam_memory(run_dir: Path, cache: Path) -> dict[str, Any]:
     over entries of |gradient| / sqrt(bias-corrected second moment), on one fresh batch. Adam's second
     moments (beta2 = 0.999, a memory of ~1,000 steps) still hold a dead latent's live-phase gradients,
     so AuxK's small gradient moves it little."""
-    import torch
-
     from saelab.data.cache import ActivationCache
     from saelab.sae import SAEConfig
     from saelab.sae.relu import sae_class
@@ -373,7 +371,7 @@ def _f(iv: dict | None) -> str:
 
 def why(r: dict[str, Any]) -> list[str]:
     """One sentence per finding: what decides the verdict at this scale."""
-    a, b, c, d, e = r["frontier"], r["dead"], r["power_law"], r["delta_loss"], r["baselines"]
+    a, b, c, e = r["frontier"], r["dead"], r["power_law"], r["baselines"]
     widest, tokens = b["rows"][-1], r["plan"]["tokens"]
     per_latent = tokens * 32 / widest["n"]
     return [

@@ -10,7 +10,6 @@ import argparse
 import json
 import re
 import sys
-from typing import Any
 
 import saelab
 from saelab.cli.common import Parser

@@ -25,12 +25,11 @@ with a KV cache; ``None`` = every position, the prompt's and each generated toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from saelab.explore.positions import Positions, check_positions, parse_positions, position_mask, position_tracker
+from saelab.explore.positions import Positions, check_positions, position_mask, position_tracker
 from saelab.sae.topk import TopKSAE
 
 STEER_MODES = ("add", "clamp", "ablate")

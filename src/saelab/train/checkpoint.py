@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from saelab.errors import CheckpointError, RunExistsError
-from saelab.run_folder import CHECKPOINT, RUN_RESULTS, SAE_DIR, STATUS, TRAIN_CONFIG, TRAINING_LOG
+from saelab.run_folder import CHECKPOINT, RUN_RESULTS, STATUS, TRAIN_CONFIG, TRAINING_LOG
 from saelab.utils.atomic import (atomic_path, is_being_replaced, is_paused, put_back_set_aside, remove_entry,
                                  replacing_entries, resuming_replacement, write_bytes, write_json)
 from saelab.utils.differences import visible_difference

@@ -3,7 +3,6 @@ every item switchable. Why each default is what it is, with measurements: docs/t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal

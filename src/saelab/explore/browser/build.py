@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from saelab.errors import CheckpointError, ConfigError, CorpusError, ShapeMismatchError
+from saelab.errors import CheckpointError, ConfigError, ShapeMismatchError
 from saelab.evals.n2g import N2GConfig, checked_per_latent, load_result, padding_id, read_result_json
 from saelab.explore.browser.stats import (
     DoublingHistogram,
