@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from saelab.errors import (ConfigError, CorpusError, NonFiniteActivationsError, NonFiniteError, ShapeMismatchError,
                            first_line)
+from saelab.run_folder import SAE_DIR
 from saelab.sae.relu import sae_class
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.train import checkpoint as ckpt
@@ -376,7 +377,7 @@ class TrainingRun:
         try:
             if self.writer:
                 ckpt.settle_cut_off_replacement(self.run_dir)
-                remove_stale_temp_files(self.run_dir, self.run_dir / ckpt.SAE_DIR)
+                remove_stale_temp_files(self.run_dir, self.run_dir / SAE_DIR)
             # seconds earlier calls spent up to the checkpoint resumed from, so train_seconds is the run's total
             self.seconds_before = 0.0
             if ckpt.check_run_dir(self.run_dir, config, overwrite=overwrite):
@@ -492,7 +493,7 @@ class TrainingRun:
         self.checkpoint()
         final = self.trainer.final_sae()
         if self.writer:
-            save_sae(final, self.run_dir / ckpt.SAE_DIR)
+            save_sae(final, self.run_dir / SAE_DIR)
         self._status("finished")
         self.finished = True
         return final
