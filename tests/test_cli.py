@@ -755,7 +755,7 @@ def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys, 
     monkeypatch.chdir(tmp_path)
     for other in (["--format", "saelens"], ["--format", "sparsify", "--dtype", "bfloat16"]):
         assert main(["export", str(tmp_path / "run"), str(out), *other]) == 2
-        assert "holds an SAE already, not this export (another SAE, format or dtype); pass --overwrite" in \
+        assert "holds an SAE already, not this export (another SAE, format, dtype or hook); pass --overwrite" in \
             capsys.readouterr().err
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no scratch copy left beside OUT
@@ -1013,6 +1013,23 @@ def test_a_context_longer_than_the_model_takes_is_refused_from_its_config_before
                (["eval", "sae", "--context-size", "128", "--out", "ev"], "cannot load model directory"),
                ([*harvest, "--context-size", "128"], "cannot load model directory")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run", "sae", "sae128", "sae256"]
+
+
+def test_export_of_an_sae_without_a_hook_needs_one(tmp_path, capsys):
+    """An SAE that records no hook (a bare weights file) was exported with an empty hook name, which the
+    other tools cannot load by: refused, naming --hook, and --hook writes it (a malformed one refused first)."""
+    from saelab.sae import SAEConfig, TopKSAE, load_sae, save_sae
+
+    save_sae(TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, hook_name="", model_name="gpt2")), tmp_path / "bare")
+    out = tmp_path / "out"
+    _refusals([(["export", str(tmp_path / "bare"), str(out), "--format", "saelens"],
+                f"SAE {tmp_path / 'bare'} records no hook; pass the hook it reads (--hook)"),
+               (["export", str(tmp_path / "bare"), str(out), "--format", "saelens", "--hook", "nonsense"],
+                "hook 'nonsense': expected blocks.{L}.hook_")], capsys)
+    assert not out.exists()
+    assert main(["export", str(tmp_path / "bare"), str(out), "--format", "saelens", "--hook",
+                 "blocks.3.hook_resid_post"]) == 0
+    assert load_sae(out).cfg.hook_name == "blocks.3.hook_resid_post"
 
 
 def test_browse_export_checks_its_folder_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ from typing import Any
 
 from saelab.cli.common import DTYPES, add_io_options
 from saelab.errors import ConfigError
-from saelab.run_folder import SAE_DIR, TRAIN_CONFIG, check_output_folder, open_sae
+from saelab.run_folder import SAE_DIR, TRAIN_CONFIG, check_output_folder, check_sae_hook, open_sae
 
 
 def add_export(sub) -> None:
@@ -29,6 +29,9 @@ def add_export(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="store the weights in this dtype (default: float32, as loaded)")
     p.add_argument("--allow-http", action="store_true", help="also download SAEs from plain http URLs")
+    p.add_argument("--hook", default=None,
+                   help="the hook the SAE reads (blocks.L.hook_KIND), written into OUT: needed where the SAE records "
+                        "none (an OpenAI .pt file outside its release layout), else it replaces the recorded one")
     add_io_options(p, device=False)
     p.set_defaults(handler=run_export)
 
@@ -36,15 +39,21 @@ def add_export(sub) -> None:
 def run_export(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from saelab.models.hooks import check_hook_form
     from saelab.sae import save_sae
 
     out = _check_export_folder(Path(args.out))
+    if args.hook is not None:
+        check_hook_form(args.hook)
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
+    if args.hook is not None:
+        sae.cfg.hook_name = args.hook
+    check_sae_hook(sae, args.sae)  # other tools find the activations by it: without one OUT is unusable
     if args.dtype is not None:
         sae = sae.to(getattr(torch, args.dtype))
     if (out / "cfg.json").is_file() and not args.overwrite:
         if not _holds_this_export(out, sae, args.format):
-            raise ConfigError(f"OUT {out} holds an SAE already, not this export (another SAE, format or dtype); pass "
+            raise ConfigError(f"OUT {out} holds an SAE already, not this export (another SAE, format, dtype or hook); pass "
                               "--overwrite to replace it, or pick another folder")
         print(f"{out} already holds this export (--overwrite writes it again)", file=sys.stderr)
     else:
