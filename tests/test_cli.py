@@ -277,7 +277,8 @@ BAD = [
     ("eval SAE --metrics core bogus", "--metrics must be among the paper suite's (core"),
     ("steer SAE --latent 1 --value nan", "argument --value: expected a finite number"),
     ("steer SAE --latent 1 --value 1 --max-new-tokens -3", "argument --max-new-tokens: expected an integer >= 1"),
-    ("steer SAE --latent 1 --value 1 --positions 10:2", "positions 10:2 is an empty range"),
+    ("steer SAE --latent 1 --value 1 --positions 10:2", "error: --positions: positions 10:2 is an empty range; "
+                                                         "expected start < stop"),  # the reason alone, no usage
     ("steer SAE --latent 1", "--mode add needs --value"),
     ("steer SAE --latent 17,17 --value 1", "argument --latent: latent 17 given twice in '17,17'"),
     ("steer SAE --latent 1 --value 1 --seed 99999999999999999999999", "--seed 99999999999999999999999: expected an"),

@@ -194,9 +194,9 @@ def parse_positions(text: str | None) -> Positions:
             return check_positions(slice(*[index_list(p)[0] if p.strip() else None for p in parts]))
         return check_positions(index_list(text))
     except ValueError as e:
-        # check_positions's reasons (an empty range) are the user's to read; index_list's repeat the usage below
-        why = str(e) if str(e) and not str(e).startswith("expected") else ""
+        if str(e) and not str(e).startswith("expected"):  # check_positions's reason (an empty range): read, not a form
+            raise
         raise ValueError(
             f"cannot read positions {text!r}: expected 'all', a position '5', positions '3,7,9' or a range '1:' / "
-            f"'2:10', as integers >= 0 (0 = the first token){f' ({why})' if why else ''}"
+            "'2:10', as integers >= 0 (0 = the first token)"
         ) from None
