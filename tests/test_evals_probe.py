@@ -249,3 +249,14 @@ def test_run_probe_schema_and_known_planted_latent(setup):
     assert t["latent"] == 3
     assert t["train_loss"] == pytest.approx(t["baseline_train_loss"], abs=1e-9)
     assert t["loss"] == pytest.approx(t["baseline_loss"], abs=1e-9)
+
+
+def test_token_strings_spell_loose_bytes_only_when_asked(gpt2_tokenizer):
+    """The probe's labels read tokens as decoded (U+FFFD for part of a character); pages people read ask for
+    the bytes, escaped, which tell such tokens apart."""
+    text = "Das ist ünïcödé 中文 🎉 end"
+    ids = gpt2_tokenizer(text)["input_ids"]
+    assert "".join(token_strings(gpt2_tokenizer, ids)).count("\ufffd") == 7
+    assert token_strings(gpt2_tokenizer, ids, readable_bytes=True) == [
+        "D", "as", " is", "t", " \\xc3", "\\xbc", "n", "ï", "c", "ö", "d", "é", " ", "中", "\\xe6\\x96", "\\x87",
+        " \\xf0\\x9f", "\\x8e", "\\x89", " end"]  # ü = C3 BC, 文 = E6 96 87, 🎉 = F0 9F 8E 89

@@ -138,3 +138,16 @@ def test_bad_input_is_refused_with_a_named_error(tiny_gpt2, corpus):
         top_activations("no-such-sae", "no-such-model", [1, 2], 0)
     with pytest.raises(CorpusError, match="corpus path '/no/such/text.txt' does not exist"):
         top_activations("no-such-sae", "no-such-model", "/no/such/text.txt", 0)
+
+
+def test_tokens_holding_part_of_a_character_read_as_their_bytes(tiny_gpt2, tmp_path):
+    """Byte-level BPE splits "中文" and emoji into tokens that each decode to U+FFFD: shown that way, different
+    tokens looked the same. top shows each as its bytes, escaped; whole characters stay as they are."""
+    text = "Das Wort ünïcödé, 中文 und 🎉 stehen hier. " * 12
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    sae = centred_sae(tiny_gpt2, str(tmp_path / "c.txt"))
+    busy = [t for t in top_activations(sae, tiny_gpt2, str(tmp_path / "c.txt"), list(range(64)), k=1,
+                                       n_tokens=2 * (T - 1)) if t.str_tokens]
+    tokens = busy[0].str_tokens[0]
+    assert "\ufffd" not in "".join(tokens)
+    assert "中" in tokens and " \\xf0\\x9f" in tokens and "\\x8e" in tokens  # 🎉: F0 9F | 8E | 89

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -72,11 +72,13 @@ class _Token:
     index_in_para: int
 
 
-def token_strings(tokenizer, ids: Sequence[int], cache: dict[int, str] | None = None) -> list[str]:
+def token_strings(tokenizer, ids: Sequence[int], cache: dict[int, str] | None = None, *,
+                  readable_bytes: bool = False) -> list[str]:
     """Text of each token on its own, such that joining them spells the text.
 
     Byte-level BPE (GPT-2, SmolLM2): the token's decoded bytes (a token holding part of a
-    multi-byte character decodes to U+FFFD). SentencePiece: '▁' becomes a space.
+    multi-byte character decodes to U+FFFD; with ``readable_bytes``, for pages people read, to
+    its bytes as escapes, "\\xe4\\xb8", which tell such tokens apart). SentencePiece: '▁' becomes a space.
     """
     cache = {} if cache is None else cache
     out = []
@@ -89,9 +91,35 @@ def token_strings(tokenizer, ids: Sequence[int], cache: dict[int, str] | None = 
                 s = " " + tokenizer.convert_tokens_to_string([piece]).lstrip()
             else:
                 s = tokenizer.decode([i])
+            if readable_bytes and "\ufffd" in s:
+                s = _partial_character(piece) or s
             cache[i] = s
         out.append(s)
     return out
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte each character of a byte-level BPE vocabulary (GPT-2's scheme) stands for: printable
+    bytes as themselves, the others as the characters from U+0100 on, in byte order."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+def _partial_character(piece: Any) -> str | None:
+    """A vocabulary entry that holds part of a multi-byte character, as its text with the loose bytes
+    escaped; None where the entry is not spelled in the byte-level alphabet. SentencePiece's byte
+    fallback entries ("<0xE4>") already read as bytes."""
+    if not isinstance(piece, str) or not piece:
+        return None
+    if piece.startswith("<0x") and piece.endswith(">"):
+        return piece
+    if not all(c in _BYTE_OF_CHAR for c in piece):
+        return None
+    return bytes(_BYTE_OF_CHAR[c] for c in piece).decode("utf-8", errors="backslashreplace")
 
 
 def _paragraphs(strs: list[str], breaks: list[bool]) -> list[list[tuple[int, _Token]]]:

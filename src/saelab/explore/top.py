@@ -189,10 +189,10 @@ def _result(latent: int, row: int, top, tokens_NT: torch.Tensor, tokenizer, n_sc
     ctx = top.payload["ctx"][row][filled]
     toks = tokens_NT[ctx]
     cache: dict[int, str] = {}
+    str_tokens = [token_strings(tokenizer, t.tolist(), cache, readable_bytes=True) for t in toks]
     return TopActivations(latent=latent, max_acts=top.score_NK[row][filled].clone(), context_idx=ctx.clone(),
                           max_pos=top.payload["pos"][row][filled].clone(), tokens=toks.clone(),
-                          acts=top.payload["rows"][row][filled].clone(),
-                          str_tokens=[token_strings(tokenizer, t.tolist(), cache) for t in toks], n_tokens=n_scored)
+                          acts=top.payload["rows"][row][filled].clone(), str_tokens=str_tokens, n_tokens=n_scored)
 
 
 def latent_max_activation(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, *, n_tokens: int = 262_144,

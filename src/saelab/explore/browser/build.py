@@ -513,6 +513,10 @@ def build_n2g_explanations(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook
     s0 = 1 if sae.cfg.prepend_bos else 0
     act_fn = model_act_fn(lm, sae, hook, sae.cfg.prepend_bos, pad_id, ncfg.seq_batch_size)
     strs: dict[int, str] = {}
+
+    def shown(t: int) -> str:  # a pattern's token as the pages show tokens
+        return "*" if t == WILDCARD else token_strings(lm.tokenizer, [t], strs, readable_bytes=True)[0]
+
     out = {}
     for lat in tqdm(lats, desc="N2G", disable=not progress):
         examples = {lat: [(tokens_NT[int(c), s0:int(p) + 1].tolist(), float(a))
@@ -520,8 +524,7 @@ def build_n2g_explanations(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook
                           if int(c) >= 0 and float(a) > 0]}
         expl, _ = build_explanations(examples, act_fn, {lat: float(stats.max_N[lat])}, ncfg, pad_id)[lat]
         pats = sorted(expl.patterns, key=lambda p: (-p.count, -p.value))[:ncfg.max_patterns_reported]
-        entry = {"patterns": [{"tokens": ["*" if t == WILDCARD else token_strings(lm.tokenizer, [t], strs)[0]
-                                          for t in p.ids], "anchored": p.anchored, "value": p.value,
+        entry = {"patterns": [{"tokens": [shown(t) for t in p.ids], "anchored": p.anchored, "value": p.value,
                                "count": p.count} for p in pats]}
         out[lat] = explanation_from_n2g(entry)
     return out

@@ -139,7 +139,7 @@ class FeatureWriter:
         ids = np.unique(np.concatenate([self.tokens.ravel(), self.logits["pos_ids"].ravel(),
                                         self.logits["neg_ids"].ravel()]))
         self.vocab = np.empty(int(ids.max()) + 1, dtype=object)
-        self.vocab[ids] = token_strings(lm.tokenizer, ids.tolist())
+        self.vocab[ids] = token_strings(lm.tokenizer, ids.tolist(), readable_bytes=True)
         self.top = tuple(t.numpy() for t in (stats.top_ctx_NK, stats.top_pos_NK, stats.top_rows_NKT))
         self.samples = tuple(t.numpy() for t in (stats.sample_act_NS, stats.sample_ctx_NS, stats.sample_pos_NS,
                                                  stats.sample_rows_NST))

@@ -112,7 +112,7 @@ class _Vocab:
     def strings(self) -> dict[str, str]:
         ids = sorted(self.used)
         cache: dict[int, str] = {}
-        return {str(i): s for i, s in zip(ids, self.token_strings(self.tokenizer, ids, cache))}
+        return {str(i): s for i, s in zip(ids, self.token_strings(self.tokenizer, ids, cache, readable_bytes=True))}
 
 
 def _examples(tokens_np: np.ndarray, ctx_K: np.ndarray, pos_K: np.ndarray, rows_KT: np.ndarray, scale: float,
