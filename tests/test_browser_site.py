@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from saelab.errors import CheckpointError, RunExistsError
-from saelab.explore.browser import BrowseConfig, build_browser, make_server, serve_in_thread
+from saelab.explore.browser import BrowseConfig, build_browser, build_families, make_server, serve_in_thread
 from saelab.explore.browser import site as site_module
 from saelab.explore.browser.serve import ServeError
 from saelab.explore.browser.site import external_references, read_site_manifest
@@ -177,6 +177,25 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
     with pytest.raises(KeyboardInterrupt):
         build_browser([sae_files / "run_small"], fresh, cfg, lm=tiny_gpt2, progress=False)
     assert not fresh.exists()  # no half-written site that looks complete
+
+
+def test_an_edited_corpus_file_is_not_taken_for_the_one_read_before(sae_files, tiny_gpt2, tmp_path):
+    text = tmp_path / "c.txt"
+    text.write_text("The cat sat on the mat. " * 400)
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=str(text), n_top=4, n_samples=4, lm_batch_size=8)
+    both = [sae_files / "run_small", sae_files / "saelens_large"]
+    out, fam = tmp_path / "site", tmp_path / "ff.json"
+    build_browser(both, out, cfg, lm=tiny_gpt2, progress=False)
+    build_families(both, fam, cfg, lm=tiny_gpt2, progress=False)
+    text.write_text("Numbers 12 34 56 and 78 follow. " * 400)  # the same name, other text
+    with pytest.raises(RunExistsError, match=rf"built from other corpus text \(browse.corpus {re.escape(str(text))} "
+                                             r"changed since\)"):
+        build_browser(both, out, cfg, lm="no-such-model", progress=False)
+    with pytest.raises(RunExistsError, match=r"holds feature families of other corpus text"):
+        build_families(both, fam, cfg, lm="no-such-model", progress=False)
+    again = build_browser(both, out, cfg, lm=tiny_gpt2, overwrite=True, progress=False)
+    assert not again["reused"] and build_browser(both, out, cfg, lm=tiny_gpt2, progress=False)["reused"]
+    assert not build_families(both, fam, cfg, lm=tiny_gpt2, overwrite=True, progress=False)["reused"]
 
 
 def test_openai_pt_file_builds(tiny_gpt2, corpus, tmp_path):

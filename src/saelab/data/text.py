@@ -109,6 +109,16 @@ def resolve_corpus(corpus: str | None, split: str) -> str:
     return found
 
 
+def corpus_files_key(corpus: str | None) -> list | None:
+    """What identifies a local corpus's text: each file's path, size and modification time (so an edited
+    file is not taken for the one read before); None for no corpus or a Hugging Face dataset name."""
+    path = Path(corpus).expanduser() if corpus else None
+    if path is None or not path.exists():
+        return None
+    files = corpus_folder_files(path) if path.is_dir() else [path]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 # --- sources -----------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from saelab.data.text import corpus_files_key
 from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.explore.browser.build import (
     RUN_N2G_FILES,
@@ -100,16 +101,21 @@ def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str 
               "version": SITE_VERSION}
     if model_dtype != "float32":  # another dtype gives other numbers; float32 keys stay those of earlier builds
         inputs["model_dtype"] = model_dtype
+    corpus = corpus_files_key(cfg.corpus)
+    if corpus is not None:  # a local corpus edited since gives other numbers; names alone keep earlier keys
+        inputs["corpus_files"] = corpus
     blob = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32") -> dict[str, Any]:
     """What build_key hashes, as a site or families file records it to name what differs on a refusal: the
-    settings in full, the SAE files by a hash of their names, sizes and times."""
+    settings in full, the SAE files and a local corpus's files by a hash of their names, sizes and times."""
     files = json.dumps([[s.name, _stat_key(s)] for s in sources], default=str)
+    corpus = json.dumps(corpus_files_key(cfg.corpus))
     return json.loads(json.dumps({"browse": _settings(cfg), "model_dtype": model_dtype,
-                                  "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16]}, default=str))
+                                  "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16],
+                                  "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16]}, default=str))
 
 
 def _what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
@@ -117,13 +123,16 @@ def _what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
     no inputs (an earlier saelab) or differs in saelab's format only, "other inputs or settings"."""
     if not isinstance(recorded, dict):
         return "other inputs or settings"
-    changes = changed_fields({k: v for k, v in recorded.items() if k != "sae_files"},
-                             {k: v for k, v in inputs.items() if k != "sae_files"})
+    hashed = ("sae_files", "corpus_files")
+    changes = changed_fields({k: v for k, v in recorded.items() if k not in hashed},
+                             {k: v for k, v in inputs.items() if k not in hashed})
     if changes:
         return f"other settings ({', '.join(changes)})"
     if recorded.get("sae_files") != inputs["sae_files"]:
         return ("other SAE files (other SAEs, the same ones retrained or replaced since, or a run's N2G "
                 "explanations written since)")
+    if "corpus_files" in recorded and recorded["corpus_files"] != inputs["corpus_files"]:
+        return f"other corpus text (browse.corpus {inputs['browse'].get('corpus')} changed since)"
     return "other inputs or settings"
 
 
