@@ -190,3 +190,45 @@ def test_site_opens_from_disk_without_a_server(browser, served_site):
     assert page.inner_text("#latent-title") == f"{first} · latent #5"
     assert all(u.startswith(("file://", "data:")) for u in requested), requested
     page.close()
+
+
+def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2, data_dir, tmp_path):
+    """Sorting by explanation puts the explained latents first in either direction; a token that is a lone
+    space shows as ␣ (it was an empty chip), as newlines and tabs show as ↵ and ⇥."""
+    from test_browser_site import trained_like_sae
+
+    from saelab.sae import save_sae
+
+    corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
+    save_sae(trained_like_sae(tiny_gpt2, 64, 0, corpus), tmp_path / "run" / "sae")
+    n2g = tmp_path / "n2g.json"
+    n2g.write_text(json.dumps({"per_latent": [
+        {"latent": i, "f1": 0.5, "patterns": [{"tokens": ["the"], "anchored": False, "value": 1.0, "count": 1}]}
+        for i in (3, 40)]}))
+    site = tmp_path / "site"
+    build_browser([tmp_path / "run"], site, BrowseConfig(n_tokens=31 * 32, corpus=corpus, n2g_file=str(n2g)),
+                  lm=tiny_gpt2, progress=False)
+    top = next(i for i, t in enumerate(_index(site, "run")["top_tokens"]) if t)
+    vocab_js = site / "data" / "vocab.js"
+    vocab = json.loads(re.fullmatch(r'SAELAB\.put\("vocab",(.*)\);\n', vocab_js.read_text(), re.S).group(1))
+    vocab[str(_index(site, "run")["top_tokens"][top][0][0])] = " "  # the token it fires most on, made a space
+    vocab_js.write_text(f'SAELAB.put("vocab",{json.dumps(vocab)});\n')
+    server, _ = serve_in_thread(site, 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    page = browser.new_page()
+    try:
+        for d in ("desc", "asc"):
+            page.goto(base + f"#/s/run?sort=expl&dir={d}")
+            _wait(page)
+            shown = page.locator("#latents tbody tr td:first-child a").all_inner_texts()
+            assert sorted(shown[:2]) == ["#3", "#40"], (d, shown[:5])
+        page.goto(base + "#/s/run?sort=id&dir=asc")
+        _wait(page)
+        assert page.locator(f"#latents tbody tr:nth-child({top + 1}) td:nth-child(5) .tok").first.inner_text() == "␣"
+        page.goto(base + f"#/s/run/l/{top}")
+        _wait(page)
+        assert page.locator(".card .tok").first.inner_text() == "␣"
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()

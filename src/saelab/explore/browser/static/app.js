@@ -67,7 +67,8 @@ function pct(x) {
   return (p >= 1 ? p.toFixed(1) : p >= 0.01 ? p.toFixed(3) : p.toExponential(1)) + "%";
 }
 const tokText = id => (VOCAB && VOCAB[id] !== undefined ? VOCAB[id] : "⟨" + id + "⟩");
-const showTok = s => s.replace(/\n/g, "↵").replace(/\t/g, "⇥");
+// a token of spaces only is marked, or its chip shows empty
+const showTok = s => (/^ +$/.test(s) ? s.replace(/ /g, "␣") : s).replace(/\n/g, "↵").replace(/\t/g, "⇥");
 const tokChip = id => html`<span class="tok">${showTok(String(tokText(id)))}</span>`;
 
 function decodePart(p) {
@@ -184,9 +185,14 @@ function sortedLatents(ix, q, sort, dir) {
   if (q) { scores = searchScores(ix, q); ids = ids.filter(i => scores[i] > 0); }
   const key = {
     id: i => i, density: i => ix.density[i], max: i => ix.max[i], mean: i => ix.mean[i],
-    expl: i => ix.expl[i] || "\uffff", match: i => (scores ? scores[i] : 0) * 1e6 + ix.max[i],
+    expl: i => ix.expl[i] || "", match: i => (scores ? scores[i] : 0) * 1e6 + ix.max[i],
   }[sort];
-  ids.sort((a, b) => { const x = key(a), y = key(b); const c = x < y ? -1 : x > y ? 1 : a - b; return dir === "asc" ? c : -c; });
+  // latents without an explanation go last either way: a page of blanks first hid the explained ones
+  const unexplained = i => sort === "expl" && !ix.expl[i];
+  ids.sort((a, b) => {
+    if (unexplained(a) !== unexplained(b)) return unexplained(a) ? 1 : -1;
+    const x = key(a), y = key(b); const c = x < y ? -1 : x > y ? 1 : a - b; return dir === "asc" ? c : -c;
+  });
   return ids;
 }
 
