@@ -317,6 +317,7 @@ BAD = [
     ("browse SAE --n2g-padding-token x", "--n2g-padding-token pads the N2G explanations that --n2g-latents builds; "
                                          "add --n2g-latents N, or leave it out"),
     ("browse SAE --context-size 1", "--context-size must be >= 3"),
+    ("browse SAE --n-bands 20 --n-samples 4", "--n-bands 20 exceeds --n-samples 4; expected --n-bands <= --n-samples"),
     ("browse missing", "'missing': no such file or folder; expected a run folder or an SAE"),
     ("report missing", "missing: no such folder; expected a run folder or a sweep folder"),
     ("eval missing", "missing: no such file or folder; expected a run folder (saelab train), a SAELens folder"),

@@ -116,6 +116,9 @@ class BrowseConfig:
         for name in ("window_before", "window_after", "n_logits", "n_neighbours", "n2g_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_bands > self.n_samples:  # the bands cut the samples: the bands past the samples stayed empty
+            raise ConfigError(f"n_bands={self.n_bands} exceeds n_samples={self.n_samples}; expected n_bands <= "
+                              "n_samples (each band holds at least one sampled context)")
         if self.n_bins < 2 or self.n_bins & (self.n_bins - 1):
             raise ConfigError(f"n_bins must be a power of two >= 2, got {self.n_bins}")
         if self.context_size is not None and self.context_size < 3:
