@@ -119,8 +119,9 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
 
 
 def _what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
-    """"other settings (browse.n_tokens 4096 -> 8192)", "other SAE files (...)", or, for a build that recorded
-    no inputs (an earlier saelab) or differs in saelab's format only, "other inputs or settings"."""
+    """"other settings (browse.n_tokens 4096 -> 8192)", "other SAE files (...)", "other corpus text (...)", or,
+    for a build that recorded no inputs (an earlier saelab) or differs in saelab's format only, "other inputs
+    or settings"."""
     if not isinstance(recorded, dict):
         return "other inputs or settings"
     hashed = ("sae_files", "corpus_files")
