@@ -1,6 +1,7 @@
 """Every verb's --help works, and bad options end in one line `saelab VERB: error: ...` naming the
 option, exit status 2, no traceback, before any model loads or folder is created."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -1065,6 +1066,28 @@ def test_browse_export_refuses_n2g_settings_before_the_model_loads(tmp_path, cap
                # without them the export goes on to the load, which is what fails
                (export, "cannot load model directory")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "n2g.json", "sae"]
+
+
+def test_browse_export_again_reuses_the_same_export_and_refuses_another(tmp_path, tiny_dir, data_dir, capsys,
+                                                                      monkeypatch):
+    """The same --export neuronpedia command twice: the second keeps the files (as browse and families keep
+    theirs); other settings are refused, naming what differs, until --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, tiny_dir, ("sae", 64))
+    export = ["browse", "sae", "--export", "neuronpedia", "np", "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"),
+              "--n-tokens", "62", "--n-top", "2", "--n-samples", "2", "--no-progress"]
+    assert main(export) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "np").iterdir()}
+    assert main(export) == 0
+    out = capsys.readouterr()
+    assert out.err.strip() == "np already holds this Neuronpedia export (--overwrite writes it again)"
+    assert json.loads(out.out)["saes"]["reused"] is True
+    assert {p.name: p.read_bytes() for p in (tmp_path / "np").iterdir()} == before
+    _refusals([([*export, "--n-top", "3"], "np: an earlier Neuronpedia export made from other settings "
+                                           "(--n-top 2 -> 3) is there; pass --overwrite to replace it")], capsys)
+    assert main([*export, "--n-top", "3", "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["saes"]["reused"] is False
 
 
 def test_browse_checks_the_hook_before_the_model_loads(tmp_path, capsys, monkeypatch):

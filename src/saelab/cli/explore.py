@@ -293,6 +293,8 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     # the export loads the model itself, after its own checks of the targets, hook and corpus
     result = export_neuronpedia_run(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
                                     progress=args.progress, overwrite=args.overwrite)
+    if all(r["reused"] for r in (result if isinstance(result, list) else [result])):  # the same command again
+        print(f"{out} already holds this Neuronpedia export (--overwrite writes it again)", file=sys.stderr)
     return {"export": "neuronpedia", "out": out, "saes": result}
 
 

@@ -37,6 +37,8 @@ explainers, each with its type and explainer model). The browser's N2G settings 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import re
@@ -63,7 +65,8 @@ ROUND = 5
 def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLike, *, dataset: str = "",
                        model_id: str | None = None, layer: int | None = None, sae_set: str | None = None,
                        sae_id_suffix: str | None = None, n_bands: int = 4, n_features_per_batch: int = 128,
-                       include_dead: bool = False, overwrite: bool = False) -> dict[str, Any]:
+                       include_dead: bool = False, overwrite: bool = False, key: str | None = None,
+                       inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write SAEDashboard/Neuronpedia batch files for one SAE's statistics (or several: ``out/NAME`` each).
 
     ``stats``: :class:`~.build.LatentStats` from :func:`~.build.collect_statistics` (after
@@ -75,14 +78,17 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     ``sae_id_suffix`` name the Neuronpedia source (``{layer}-{sae_set}[__{suffix}]``). Latents
     never active are listed in ``skipped_indexes.json`` instead, unless ``include_dead``. An
     earlier export at ``out`` is replaced only with ``overwrite``; any other non-empty folder is
-    refused. Returns a summary per SAE (a dict, or a list of them for several SAEs).
+    refused. ``key`` and ``inputs`` (:func:`export_key`) are recorded in ``run_settings.json``, so that
+    the same export asked for again is reused. Returns a summary per SAE (a dict, or a list of them for
+    several SAEs).
     """
     if isinstance(stats, Sequence):
         if len(stats) != 1:
             return [export_neuronpedia(s, tokens_NT, lm, Path(out) / s.source.name, dataset=dataset,
                                        model_id=model_id, layer=layer, sae_set=sae_set, sae_id_suffix=sae_id_suffix,
                                        n_bands=n_bands, n_features_per_batch=n_features_per_batch,
-                                       include_dead=include_dead, overwrite=overwrite) for s in stats]
+                                       include_dead=include_dead, overwrite=overwrite, key=key, inputs=inputs)
+                    for s in stats]
         stats = stats[0]
     for name, value in (("n_features_per_batch", n_features_per_batch), ("n_bands", n_bands)):
         if not isinstance(value, int) or value < 1:
@@ -102,6 +108,8 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     settings = {"format": FORMAT, "generator": "saelab", "written": written, **header, "hook_name": sae.cfg.hook_name,
                 "sae": stats.source.source, "n_latents": sae.n_latents, "n_exported": len(exported),
                 "n_tokens_scored": stats.n_tokens, **common, "n_features_per_batch": n_features_per_batch}
+    if key is not None:
+        settings.update(key=key, inputs=inputs)
 
     def files():  # one batch in memory at a time
         for b, s in enumerate(range(0, len(exported), n_features_per_batch)):
@@ -226,23 +234,56 @@ def _layer(hook: str, layer: int | None) -> int:
     return int(m.group(1))
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def _check_target(out: Path, overwrite: bool, key: str | None = None,
+                  inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """None when ``out`` may be written; the earlier export's settings when it holds the export of ``key``
+    (reused, unless ``overwrite``). Anything else there is refused."""
+    from saelab.explore.browser.make import what_differs
+
     if not out.exists():
-        return
+        return None
     if not out.is_dir():
         raise RunExistsError(f"{out}: exists and is not a folder; choose another export folder")
     if not any(out.iterdir()):
-        return
+        return None
     try:
-        ours = json.loads((out / "run_settings.json").read_text()).get("format") == FORMAT
+        earlier = json.loads((out / "run_settings.json").read_text())
+        ours = earlier.get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
         raise RunExistsError(f"{out}: folder exists, is not empty and is not a saelab Neuronpedia export; "
                              "choose another export folder (it is never deleted)")
-    if not overwrite:
-        raise RunExistsError(f"{out}: an earlier Neuronpedia export is there; pass overwrite=True (--overwrite) "
-                             "to replace it")
+    if overwrite:
+        return None
+    if key is not None and earlier.get("key") == key:
+        return earlier
+    made_of = "" if key is None else f" made from {what_differs(earlier.get('inputs'), inputs)}"
+    raise RunExistsError(f"{out}: an earlier Neuronpedia export{made_of} is there; pass overwrite=True "
+                         "(--overwrite) to replace it")
+
+
+def export_key(sources, cfg, model_dtype: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(key, inputs) of an export: the browser's key of its SAEs and settings (see ``make.build_key``)
+    and the export's own options, at their defaults where not given."""
+    from saelab.explore.browser.make import build_inputs, build_key
+
+    given = inspect.signature(export_neuronpedia).parameters
+    options = {name: options.get(name, given[name].default) for name in EXPORT_OPTIONS}
+    blob = json.dumps([FORMAT, build_key(sources, cfg, model_dtype), options], sort_keys=True, default=str)
+    inputs = json.loads(json.dumps({**build_inputs(sources, cfg, model_dtype), "export": options}, default=str))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], inputs
+
+
+EXPORT_OPTIONS = ("model_id", "layer", "sae_set", "sae_id_suffix", "n_features_per_batch", "include_dead")
+"""export_neuronpedia's options that change what it writes (the rest come from the browser's settings)."""
+
+
+def _reused(out: Path, earlier: dict[str, Any]) -> dict[str, Any]:
+    """The summary export_neuronpedia returns, read back from an earlier export's run_settings.json."""
+    n, per = int(earlier["n_exported"]), int(earlier["n_features_per_batch"])
+    return {"out": str(out), "batches": -(-n // per), "features": n, "skipped": int(earlier["n_latents"]) - n,
+            **{k: earlier[k] for k in ("model_id", "layer", "sae_set", "sae_id_suffix")}, "reused": True}
 
 
 def _write_folder(out: Path, files) -> None:
@@ -272,8 +313,13 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     _refuse_explanations(cfg)
     one = isinstance(sae_sources, (str, os.PathLike, SAESource))
     sources, loaded_here = open_sources(sae_sources)
-    for target in [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]:
-        _check_target(target, kwargs.get("overwrite", False))  # before the model loads and the text is scored
+    key, inputs = export_key(sources, cfg, model_dtype, kwargs)
+    targets = [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]
+    # before the model loads and the text is scored; an export of the same key is the same files
+    earlier = [_check_target(t, kwargs.get("overwrite", False), key, inputs) for t in targets]
+    if all(earlier):
+        return _as_given([_reused(t, e) for t, e in zip(targets, earlier)], one)
+    kwargs["overwrite"] = True  # what is there now is the same export (the others were refused above)
     hook = check_compatible(sources, cfg.hook, cfg.model)
     lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
     lm.check_hook(hook)
@@ -281,8 +327,14 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     stats, _, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, families=False, progress=progress)
     for st in stats:
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)
-    result = export_neuronpedia(stats, tokens, lm, out, dataset=resolve_corpus(cfg), n_bands=cfg.n_bands, **kwargs)
-    return result[0] if one and isinstance(result, list) else result
+    result = export_neuronpedia(stats, tokens, lm, out, dataset=resolve_corpus(cfg), n_bands=cfg.n_bands, key=key,
+                                inputs=inputs, **kwargs)
+    return _as_given([{**r, "reused": False} for r in (result if isinstance(result, list) else [result])], one)
+
+
+def _as_given(summaries: list[dict[str, Any]], one: bool) -> dict[str, Any] | list[dict[str, Any]]:
+    """One summary for one SAE (or one source given), else the list."""
+    return summaries[0] if one or len(summaries) == 1 else summaries
 
 
 def _refuse_explanations(cfg) -> None:

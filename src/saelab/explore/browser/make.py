@@ -118,7 +118,7 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
                                   "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16]}, default=str))
 
 
-def _what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
+def what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
     """"other settings (browse.n_tokens 4096 -> 8192)", "other SAE files (...)", "other corpus text (...)", or,
     for a build that recorded no inputs (an earlier saelab) or differs in saelab's format only, "other inputs
     or settings"."""
@@ -203,7 +203,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         if old.get("key") == key:
             return {**old, "site": str(out), "reused": True}
         shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
-        raise RunExistsError(f"{out} holds a feature browser site built from {_what_differs(old.get('inputs'), inputs)} "
+        raise RunExistsError(f"{out} holds a feature browser site built from {what_differs(old.get('inputs'), inputs)} "
                              f"(it shows {shown}); pass --overwrite to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
     single = len(sources) == 1
@@ -272,7 +272,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
     if earlier is not None:
         if earlier.get("key") != key:
-            raise RunExistsError(f"{out} holds feature families of {_what_differs(earlier.get('inputs'), inputs)}; "
+            raise RunExistsError(f"{out} holds feature families of {what_differs(earlier.get('inputs'), inputs)}; "
                                  "pass --overwrite to replace it, or pick another --out")
         return {**earlier, "reused": True}
     lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
