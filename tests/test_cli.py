@@ -1068,6 +1068,26 @@ def test_browse_export_refuses_n2g_settings_before_the_model_loads(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "n2g.json", "sae"]
 
 
+def test_browse_export_refuses_the_options_of_the_site_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """--export neuronpedia took --n-neighbours, --family-min-score, --window-before/--window-after and --port
+    and wrote the same files as without them. The model has no weights: a refusal after its load reads
+    "cannot load"."""
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))
+    export = ["browse", "sae", "--export", "neuronpedia", "np"]
+    pages = "shapes the browser's pages (browse without --export); the Neuronpedia export does not use it"
+    _refusals([([*export, "--n-neighbours", "3"], f"saelab browse: error: --n-neighbours {pages}"),
+               ([*export, "--family-min-score", "0.5"], f"error: --family-min-score {pages}"),
+               ([*export, "--window-before", "4"], f"error: --window-before {pages}"),
+               ([*export, "--window-after=4"], f"error: --window-after {pages}"),
+               ([*export, "--port", "8001"], "error: --port is the port of --serve; the Neuronpedia export does "
+                                             "not use it"),
+               # the options it reads go on to the load, which is what fails
+               ([*export, "--n-top", "3", "--n-bins", "32", "--n-logits", "4", "--seed", "1"],
+                "cannot load model directory")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
+
+
 def test_browse_export_again_reuses_the_same_export_and_refuses_another(tmp_path, tiny_dir, data_dir, capsys,
                                                                       monkeypatch):
     """The same --export neuronpedia command twice: the second keeps the files (as browse and families keep

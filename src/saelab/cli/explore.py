@@ -289,6 +289,12 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--export writes files for another viewer; --serve serves the site: pass one of them")
     if args.out:
         raise ConfigError(f"--out is the site's folder; --export writes into its own OUT, {out!r}: leave --out out")
+    if typed(args, "--port"):
+        raise ConfigError("--port is the port of --serve; the Neuronpedia export does not use it")
+    unused = _typed_fields(args, SITE_ONLY)
+    if unused:
+        raise ConfigError(f"{unused[0]} shapes the browser's pages (browse without --export); the Neuronpedia "
+                          "export does not use it")
     check_output_folder(out, "--export OUT")
     # the export loads the model itself, after its own checks of the targets, hook and corpus
     result = export_neuronpedia_run(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
@@ -367,8 +373,18 @@ PAGE_ONLY = ("n_top", "n_samples", "n_bands", "n_bins", "window_before", "window
              "n2g_file", "n2g_latents", "n2g_padding_token", "seed")
 
 
+# BrowseConfig fields that shape the site's pages only: the Neuronpedia export reads none of them (its N2G
+# settings are refused by the export itself, naming why).
+SITE_ONLY = ("window_before", "window_after", "n_neighbours", "family_min_score")
+
+
+def _typed_fields(args: argparse.Namespace, fields) -> list[str]:
+    """The options of ``fields`` (BrowseConfig names) given on the command line, as typed."""
+    return [f"--{f.replace('_', '-')}" for f in fields if typed(args, f"--{f.replace('_', '-')}")]
+
+
 def run_families(args: argparse.Namespace) -> dict[str, Any]:
-    unused = [f"--{f.replace('_', '-')}" for f in PAGE_ONLY if typed(args, f"--{f.replace('_', '-')}")]
+    unused = _typed_fields(args, PAGE_ONLY)
     if unused:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (saelab browse); families does not use it")
     out = Path(args.out)
