@@ -9,6 +9,7 @@ import errno
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -241,7 +242,31 @@ def test_run_folders_exported_in_one_pass(tiny_gpt2, corpus, tmp_path):
     for name in ("small", "large"):
         feats = json.loads((tmp_path / "np" / name / "batch-0.json").read_text())["features"]
         assert feats and all(len(f["logits_hist_data_bar_heights"]) == 50 for f in feats)
-        assert all(f["dataset"] == corpus for f in feats)
+        assert all(f["dataset"] == "English Wikipedia 2015 sample (saelab data/wiki-en/wiki_eval.jsonl.xz)"
+                   for f in feats)
+
+
+def test_the_corpus_is_named_without_its_local_path(tiny_gpt2, corpus, tmp_path):
+    """The files are for upload to a public site: a local corpus is named by its base name, not by the
+    path of the user's home folder; a folder by its name, a hub dataset as given."""
+    from saelab.data import corpus_name
+
+    mine = tmp_path / "home" / "me" / "my_text.jsonl.xz"
+    mine.parent.mkdir(parents=True)
+    shutil.copy(corpus, mine)
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "run" / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=str(mine), n_top=2, n_samples=2, lm_batch_size=8)
+    export_neuronpedia_run(tmp_path / "run", tmp_path / "np", cfg, lm=tiny_gpt2, progress=False)
+    feats = json.loads((tmp_path / "np" / "batch-0.json").read_text())["features"]
+    assert feats and {f["dataset"] for f in feats} == {"my_text.jsonl.xz"}
+    assert json.loads((tmp_path / "np" / "run_settings.json").read_text())["dataset"] == "my_text.jsonl.xz"
+    shared = [*(tmp_path / "np").glob("batch-*.json"), tmp_path / "np" / "skipped_indexes.json"]
+    assert not [f.name for f in shared if str(mine.parent) in f.read_text()]
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("Some text.")
+    assert corpus_name(str(tmp_path / "texts"), "eval") == "texts"
+    assert corpus_name("Salesforce/wikitext", "eval") == "Salesforce/wikitext"
+    assert corpus_name(None, "eval") == "English Wikipedia 2015 sample (saelab data/wiki-en/wiki_eval.jsonl.xz)"
 
 
 # ---- sae-dashboard's own loader and its Neuronpedia converter (where installed) --------------------------------

@@ -18,7 +18,8 @@ from saelab.data.cache import (
     write_activation_cache,
 )
 from saelab.data.harvest import ActivationModel, ActivationStream, StreamConfig
-from saelab.data.text import corpus_files_key, default_corpus, iter_texts, resolve_corpus, shipped_data_dir
+from saelab.data.text import (corpus_files_key, corpus_name, default_corpus, iter_texts, resolve_corpus,
+                              shipped_data_dir)
 from saelab.data.tokens import batched, hf_tokenize_fn, pack_contexts, sample_contexts, token_contexts
 
 __all__ = [
@@ -29,8 +30,9 @@ __all__ = [
     "batched",
     "cache_is_complete",
     "check_disk_room",
-    "corpus_files_key",
     "cache_rows_written",
+    "corpus_files_key",
+    "corpus_name",
     "default_corpus",
     "hf_tokenize_fn",
     "iter_texts",

@@ -119,6 +119,19 @@ def corpus_files_key(corpus: str | None) -> list | None:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+def corpus_name(corpus: str | None, split: str) -> str:
+    """A name of the text read, for files shared with others (no local path in them): a Hugging Face
+    dataset's name as given, a local file's or folder's base name, the shipped sample by what it is."""
+    found = resolve_corpus(corpus, split)
+    path = Path(found).expanduser()
+    if not path.exists():
+        return found
+    for each, name in DEFAULT_CORPUS_FILES.items():  # the shipped sample (or the one in $SAELAB_CORPUS_DIR)
+        if str(path.resolve()) == default_corpus(each):
+            return f"English Wikipedia 2015 sample (saelab data/wiki-en/{name})"
+    return path.resolve().name
+
+
 # --- sources -----------------------------------------------------------------------------------
 
 
