@@ -151,3 +151,17 @@ def test_tokens_holding_part_of_a_character_read_as_their_bytes(tiny_gpt2, tmp_p
     tokens = busy[0].str_tokens[0]
     assert "\ufffd" not in "".join(tokens)
     assert "中" in tokens and " \\xf0\\x9f" in tokens and "\\x8e" in tokens  # 🎉: F0 9F | 8E | 89
+
+
+def test_control_characters_of_the_text_are_shown_escaped(tiny_gpt2, corpus, tmp_path):
+    """A corpus with terminal escape sequences: the text output printed them raw (ESC[2J cleared the screen
+    that showed it); every control character is shown escaped, as a newline was."""
+    ansi = tmp_path / "ansi.txt"
+    ansi.write_text("\x1b[2J\x1b[31mred\tcolumn\x1b[0m and\x7f plain text\n" * 40)
+    sae = centred_sae(tiny_gpt2, corpus)
+    res = top_activations(sae, tiny_gpt2, str(ansi), [0, 1, 2, 3], 2, n_tokens=4 * (T - 1), context_size=T)
+    shown = "\n".join(r.to_text(before=T, after=T) for r in res if len(r))
+    raw = "".join(s for r in res for strs in r.str_tokens for s in strs)
+    assert "\x1b" in raw and "\t" in raw  # the tokens themselves keep the text as it is
+    assert "\\x1b[2J\\x1b[31mred\\tcolumn\\x1b[0m and\\x7f plain text\\n" in shown
+    assert not [c for c in shown if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0)]

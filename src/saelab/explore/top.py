@@ -42,6 +42,11 @@ from saelab.explore.browser.stats import context_maxima, select_latents
 from saelab.sae.topk import TopKSAE
 
 
+ESCAPED = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+"""Control characters (C0, DEL, C1) as escapes ('\\n', '\\t', '\\x1b'): a corpus's own ESC sequences would
+otherwise drive the terminal that shows the contexts (clear it, move the cursor, recolour it)."""
+
+
 @dataclass
 class TopActivations:
     """The top-activating contexts of one latent, best first (``K <= k`` entries)."""
@@ -78,7 +83,7 @@ class TopActivations:
                                                    self.max_pos.tolist(), self.str_tokens), start=1):
             left = "".join(strs[max(0, p - before):p])
             right = "".join(strs[p + 1:p + 1 + after])
-            text = f"{left}[[{strs[p]}]]{right}".replace("\n", "\\n")
+            text = f"{left}[[{strs[p]}]]{right}".translate(ESCAPED)
             lines.append(f"{rank:3d}  {m:9.4g}  ctx {c:<7d} {text}")
         return "\n".join(lines)
 
