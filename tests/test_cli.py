@@ -1239,8 +1239,9 @@ def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, m
                (["top", "sae5", "--latent", "1"], past),  # top reads the SAE's own hook
                (["top", "bare", "--latent", "1"], "SAE bare records no hook; pass the hook it reads (--hook)"),
                (["top", "bare", "--latent", "1", "--hook", "blocks.5.hook_resid_post"], past),
-               (["top", "sae", "--latent", "3,64"], "latent [64] out of range: sae has latents 0..63"),
-               (["steer", "sae", "--latent", "64", "--value", "2"], "latent [64] out of range: sae has latents 0..63"),
+               (["top", "sae", "--latent", "3,64"], "--latent 64 is out of range: sae has latents 0..63"),
+               (["top", "sae", "--latent", "64,70"], "--latent 64,70 are out of range: sae has latents 0..63"),
+               (["steer", "sae", "--latent", "64", "--value", "2"], "--latent 64 is out of range: sae has latents 0..63"),
                ([*steer, "blocks.1.hook_resid_post"], "cannot load model directory")], capsys)  # the load fails
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "model", "sae", "sae5"]
 

@@ -3,6 +3,7 @@ dense computation (encode every token, take each context's maximum, sort)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,14 @@ def test_bad_input_is_refused_with_a_named_error(tiny_gpt2, corpus):
     toks = token_contexts(corpus, tiny_gpt2.tokenize, T, n_contexts=2, bos_token_id=tiny_gpt2.bos_token_id)
     with pytest.raises(ConfigError, match="latent 256 is out of range"):
         top_activations(sae, tiny_gpt2, toks, 256)
+    # numpy integers are latent indices (np.int64(3) raised "not iterable"); a bool is no index (True read as 1)
+    assert top_activations(sae, tiny_gpt2, toks, np.int64(3)).latent == 3
+    assert [r.latent for r in top_activations(sae, tiny_gpt2, toks, np.array([3, 5]))] == [3, 5]
+    for flag in (True, [False], np.bool_(True)):
+        with pytest.raises(ConfigError, match="latent: expected a latent index"):
+            top_activations(sae, tiny_gpt2, toks, flag)
+    with pytest.raises(ConfigError, match="latent: expected a latent index"):
+        top_activations(sae, tiny_gpt2, toks, 2.5)
     with pytest.raises(ConfigError, match="latent"):
         top_activations(sae, tiny_gpt2, toks, [])
     with pytest.raises(ConfigError, match="k: expected a positive"):

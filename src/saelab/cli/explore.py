@@ -117,7 +117,8 @@ def _checked_sae(args: argparse.Namespace, hook: str | None = None):
         sae.cfg.hook_name = hook
     bad = [i for i in args.latent if i >= sae.n_latents]
     if bad:
-        raise ConfigError(f"latent {bad} out of range: {args.sae} has latents 0..{sae.n_latents - 1}")
+        raise ConfigError(f"--latent {','.join(map(str, bad))} {'is' if len(bad) == 1 else 'are'} out of range: "
+                          f"{args.sae} has latents 0..{sae.n_latents - 1}")
     check_sae_hook(sae, args.sae)
     spec = args.model or model_for(sae)  # once: an SAE that records no model is warned about once
     check_before_load(spec, sae.cfg.hook_name)

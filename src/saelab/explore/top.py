@@ -19,10 +19,12 @@ one-pass code (:func:`~saelab.explore.browser.build.encoded_batches`, the runnin
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from saelab.errors import ConfigError, ShapeMismatchError
@@ -97,12 +99,34 @@ class TopActivations:
 
 
 def _is_many(latent) -> bool:
-    """A list (or 1-D tensor) of latents rather than one index."""
-    return not isinstance(latent, (int, torch.Tensor)) or (isinstance(latent, torch.Tensor) and latent.dim() > 0)
+    """A list (or 1-D tensor or array) of latents rather than one index (an int, numpy or 0-d tensor integer)."""
+    if isinstance(latent, torch.Tensor):
+        return latent.dim() > 0
+    if isinstance(latent, np.bool_):  # no index (refused as one), yet not a list
+        return False
+    try:
+        operator.index(latent)
+    except TypeError:
+        return True
+    return False
+
+
+def _index(i) -> int:
+    """One latent index; a bool is refused (True would read as latent 1), as is anything not an integer."""
+    if isinstance(i, (bool, np.bool_)) or isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+        raise ConfigError(f"latent: expected a latent index (an integer), got {i!r}")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise ConfigError(f"latent: expected a latent index (an integer) or a list of them, got {i!r}") from None
 
 
 def _latent_list(latent: int | Sequence[int], n_latents: int) -> list[int]:
-    lats = [int(i) for i in (latent if _is_many(latent) else [latent])]
+    try:
+        items = list(latent) if _is_many(latent) else [latent]
+    except TypeError:  # neither an index nor a list (2.5, None)
+        items = [latent]
+    lats = [_index(i) for i in items]
     if not lats:
         raise ConfigError("latent: expected a latent index or a non-empty list of them, got an empty list")
     bad = [i for i in lats if not 0 <= i < n_latents]
