@@ -8,7 +8,8 @@ files from one pass of saelab's browser, for any model saelab reads::
 
     OUT/batch-0.json, batch-1.json, ...   {"model_id", "layer", "sae_set", "sae_id_suffix", "features": [...]}
     OUT/skipped_indexes.json              latents left out (never active on the text read), as SAEDashboard
-    OUT/run_settings.json                 what was read and how (saelab's record; not read by the importers)
+    OUT/run_settings.json                 what was read and how, and the key of it that a repeat reuses (saelab's
+                                          record; not read by the importers)
 
 Each feature holds, with saelab's definitions (:mod:`.build`):
 
@@ -297,7 +298,9 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
                            model_dtype: str = "float32", progress: bool = True,
                            **kwargs) -> dict[str, Any] | list[dict[str, Any]]:
     """One browser pass over text for ``sae_sources`` (run folders, SAELens folders, OpenAI files) and
-    their Neuronpedia export at ``out`` (see :func:`export_neuronpedia` for ``kwargs``)."""
+    their Neuronpedia export at ``out`` (see :func:`export_neuronpedia` for ``kwargs``). An export at ``out``
+    of the same SAE files, settings and options is kept (its summary has ``"reused": True``) unless
+    ``overwrite``; one of others is refused unless ``overwrite``, naming what differs."""
     from saelab.explore.browser.build import (
         BrowseConfig,
         SAESource,
