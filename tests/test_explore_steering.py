@@ -208,3 +208,27 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
                  "--max-new-tokens", "2", "--greedy", "--top-tokens", "0", "--json", *common]) == 0
     assert "latent(s) [9] never fired on 1,024 eval tokens, so --scale gives them a value of 0" in \
         capsys.readouterr().err
+
+
+def test_default_positions_leave_bos_as_the_splice_does(tiny_series, tiny_series_run):
+    """A trained SAE without position 0 (cfg.exclude_first): ablating a latent active at BOS with the default
+    positions is the splice (error term kept) with the latent ablated, which leaves BOS unedited; an explicit
+    range from 0 still edits BOS."""
+    from saelab.models import load_model
+    from saelab.run_folder import open_sae
+
+    lm = load_model(str(tiny_series / "checkpoint-120"), device="cpu")
+    sae, _ = open_sae(tiny_series_run)
+    assert sae.cfg.exclude_first
+    tokens = prompt_tokens(lm, "The cat sat on the mat while the dog slept.")
+    with torch.no_grad():
+        z = sae.encode(lm.activations(tokens, sae.cfg.hook_name))
+        lat = int(z[0, 0].argmax())
+        assert z[0, 0, lat] > 0  # active at BOS
+        s = steer(lm, sae, lat, "ablate")
+        want = run_with_cache_with_saes(lm, tokens, [sae], use_error_term=True,
+                                        hooks={sae.cfg.hook_name + ".hook_sae_acts_post": latent_edit(lm, lat, "ablate")})[0]
+        torch.testing.assert_close(lm.logits(tokens, edits=s.edits), want, atol=1e-5, rtol=1e-5)
+        assert "positions 1:" in s.describe()
+        at_bos = lm.logits(tokens, edits=steer(lm, sae, lat, "ablate", positions=slice(0, None)).edits)
+        assert (at_bos[0, 0] - lm.logits(tokens)[0, 0]).abs().max() > 1e-3

@@ -1,7 +1,7 @@
 """Steering and ablation with SAE latents, in scoring and in generation; the ``saelab steer`` verb.
 
     from saelab.explore import steer, generate_with_and_without
-    s = steer(lm, sae, latent=1234, mode="add", value=40.0)          # positions=None: every token
+    s = steer(lm, sae, latent=1234, mode="add", value=40.0)          # positions=None: every token the SAE reads
     lm.cross_entropy(tokens, edits=s.edits)                          # scoring
     with lm.hooked(s.edits):                                         # generation (KV cache)
         out = lm.model.generate(...)
@@ -18,8 +18,10 @@ Modes (``x`` is the activation at the SAE's hook, ``d_i = W_dec[i]``, ``z_i`` th
 
 ``positions`` are **absolute** token positions (0 = the first token, BOS included; generated tokens
 continue the count), so the same edit means the same thing in ``lm.logits`` and in ``generate``
-with a KV cache; ``None`` = every position, the prompt's and each generated token's. See
-:mod:`saelab.explore.positions`.
+with a KV cache; ``None`` = every position the SAE reads, the prompt's and each generated token's:
+from 1 for an SAE trained without position 0 (``cfg.exclude_first``), which the splice leaves
+unedited too, so that clamp and ablate stay equal to it; pass ``slice(0, None)`` to edit BOS as
+well. See :mod:`saelab.explore.positions`.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def steer(
     """An edit that steers (``add``), clamps or ablates ``latent`` (one index or several) at ``positions``.
 
     ``value``: one number, or one per latent (ignored by ``ablate``). ``hook``: default the SAE's
-    ``cfg.hook_name``. See the module docstring for what each mode does and what positions mean.
+    ``cfg.hook_name``. ``positions=None``: every position but 0 when the SAE was trained without it. See the module docstring for what each mode does and what positions mean.
     """
     if mode not in STEER_MODES:
         raise ValueError(f"mode must be one of {STEER_MODES}, got {mode!r}")
@@ -134,6 +136,8 @@ def steer(
         values = values.expand(len(latents)).clone()
     if values.numel() != len(latents):
         raise ValueError(f"got {values.numel()} values for {len(latents)} latents")
+    if positions is None and sae.cfg.exclude_first:  # the splice leaves position 0, which the SAE never saw
+        positions = slice(1, None)
     return Steering(lm, sae, latents, mode, values, check_positions(positions), hook)
 
 
