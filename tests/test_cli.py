@@ -304,6 +304,11 @@ BAD = [
      "--n2g-file must name an existing file, got '/nope.json'; expected an N2G result: a paper suite's evals/n2g.json"),
     ("steer SAE --latent 1 --value 1 --greedy --temperature 0.5", "--greedy picks the likeliest token: it takes no"),
     ("steer SAE --latent 1 --value 1 --greedy --samples 3", "--greedy gives the same text in every sample"),
+    ("steer SAE --latent 17 --value 1,2", "--value has 2 numbers for 1 latent; expected 1 number"),
+    ("steer SAE --latent 1,2,3 --scale 1,2", "--scale has 2 numbers for 3 latents; expected 1 number, or one per "
+                                             "latent (3)"),
+    ("steer SAE --latent 1 --value 1 --scale-tokens 1024", "--scale-tokens is the text read to measure --scale; add "
+                                                           "--scale, or leave it out"),
     ("eval SAE --metrics probe", "--metrics is an option of the paper suite; add --suite paper"),
     ("eval SAE --series pythia-family", "--series is an option of the paper suite"),
     ("sweep --grid k=8,16 --eval-recon-tokens 1024", "--eval-recon-tokens sets the evaluation that --eval runs"),

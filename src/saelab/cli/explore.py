@@ -81,6 +81,8 @@ def _check_steer(args: argparse.Namespace):
 
     if args.value is not None and args.scale is not None:
         raise ConfigError("give --value or --scale, not both")
+    if typed(args, "--scale-tokens") and args.scale is None:
+        raise ConfigError("--scale-tokens is the text read to measure --scale; add --scale, or leave it out")
     sampling = [o for o in ("--temperature", "--top-p") if typed(args, o)]
     if args.greedy and sampling:
         raise ConfigError(f"--greedy picks the likeliest token: it takes no {sampling[0]}")
@@ -93,9 +95,11 @@ def _check_steer(args: argparse.Namespace):
         raise ConfigError(f"--mode {args.mode} needs --value (or --scale)")
     if not -2**63 <= args.seed <= 2**63 - args.samples:  # torch's seed range, for every sample's seed
         raise ConfigError(f"--seed {args.seed}: expected an integer in -2^63..2^63 - {args.samples}")
-    if given is not None and len(given) not in (1, len(args.latent)):
-        raise ConfigError(f"--value/--scale has {len(given)} numbers for {len(args.latent)} latents; expected 1 or "
-                          f"{len(args.latent)}")
+    n = len(args.latent)
+    if given is not None and len(given) not in (1, n):
+        option = "--value" if args.value is not None else "--scale"
+        raise ConfigError(f"{option} has {len(given)} numbers for {n} latent{'s' if n > 1 else ''}; expected 1 number"
+                          + (f", or one per latent ({n})" if n > 1 else ""))
     if not args.greedy and args.temperature <= 0:
         raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
