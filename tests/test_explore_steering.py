@@ -232,3 +232,17 @@ def test_default_positions_leave_bos_as_the_splice_does(tiny_series, tiny_series
         assert "positions 1:" in s.describe()
         at_bos = lm.logits(tokens, edits=steer(lm, sae, lat, "ablate", positions=slice(0, None)).edits)
         assert (at_bos[0, 0] - lm.logits(tokens)[0, 0]).abs().max() > 1e-3
+
+
+def test_steer_scale_tokens_past_the_eval_split_names_the_option_and_its_maximum(tiny_dir, sae, tmp_path, capsys):
+    import re
+
+    save_sae(sae, tmp_path / "sae")
+    argv = ["steer", str(tmp_path / "sae"), "--latent", "7", "--scale", "2", "--scale-tokens", "100000000",
+            "--model", str(tiny_dir), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    m = re.fullmatch(r"saelab steer: error: --scale-tokens 100,000,000: the eval split holds ([\d,]+) tokens the SAE "
+                     r"reads; expected --scale-tokens (\d+) at most", err)
+    assert m and int(m.group(1).replace(",", "")) == int(m.group(2)), err
+    assert int(m.group(2)) % (sae.cfg.context_size - 1) == 0  # whole contexts less their BOS

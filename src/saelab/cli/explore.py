@@ -13,7 +13,7 @@ from typing import Any
 
 from saelab.cli.common import (Once, add_io_options, finite_float, first_repeat, positional_indices, positive_int,
                                typed, unknown_options)
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
@@ -177,7 +177,13 @@ def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float
 
     if args.scale is None:
         return (args.value if args.value is not None else 0.0), []
-    maxima = latent_max_activation(sae, lm, None, args.latent, n_tokens=args.scale_tokens)
+    try:
+        maxima = latent_max_activation(sae, lm, None, args.latent, n_tokens=args.scale_tokens)
+    except CorpusError as e:
+        if not getattr(e, "max_tokens", 0):  # an empty or unreadable split: its own words
+            raise
+        raise ConfigError(f"--scale-tokens {args.scale_tokens:,}: the eval split holds {e.max_tokens:,} tokens the SAE "
+                          f"reads; expected --scale-tokens {e.max_tokens} at most") from None
     scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
     values = [f * m for f, m in zip(scales, maxima)]
     silent = [i for i, m in zip(args.latent, maxima) if m <= 0]

@@ -200,7 +200,7 @@ def token_contexts(
     name = repr(os.fspath(source)) if is_source else "the given texts"
     if not rows or (n_contexts is not None and len(rows) < n_contexts):
         want = f"{n_contexts}" if n_contexts is not None else "at least 1"
-        raise CorpusError(
-            f"corpus {name} gave only {len(rows)} contexts of {context_size} tokens; {want} requested"
-        )
+        err = CorpusError(f"corpus {name} gave only {len(rows)} contexts of {context_size} tokens; {want} requested")
+        err.contexts = len(rows)  # for callers that name their own option's maximum
+        raise err
     return torch.stack(rows)

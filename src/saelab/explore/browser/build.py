@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from saelab.errors import CheckpointError, ConfigError, ShapeMismatchError
+from saelab.errors import CheckpointError, ConfigError, CorpusError, ShapeMismatchError
 from saelab.evals.n2g import N2GConfig, checked_per_latent, load_result, padding_id, read_result_json
 from saelab.explore.browser.stats import (
     DoublingHistogram,
@@ -296,8 +296,12 @@ def read_tokens(lm, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor:
     first = first_scored(sae)
     if T - first < 1:
         raise ValueError(f"context_size={T} leaves no scored token")
-    return token_contexts(corpus, lm.tokenize, T, n_contexts=math.ceil(cfg.n_tokens / (T - first)),
-                          bos_token_id=lm.bos_token_id, prepend_bos=sae.cfg.prepend_bos)
+    try:
+        return token_contexts(corpus, lm.tokenize, T, n_contexts=math.ceil(cfg.n_tokens / (T - first)),
+                              bos_token_id=lm.bos_token_id, prepend_bos=sae.cfg.prepend_bos)
+    except CorpusError as e:
+        e.max_tokens = getattr(e, "contexts", 0) * (T - first)  # the largest n_tokens the corpus allows
+        raise
 
 
 @torch.no_grad()
