@@ -316,3 +316,13 @@ def test_a_folder_that_is_not_a_site_is_refused_before_the_model_loads(tmp_path)
     with pytest.raises(RunExistsError, match="is not a saelab Neuronpedia export"):
         export_neuronpedia_run(sae, other, lm="no-such-model-here")
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_fewer_samples_than_the_default_bands_lower_the_bands():
+    """--n-samples 2 alone: two bands of one sample, not a refusal of a --n-bands never typed; a typed count
+    of bands above the samples is refused."""
+    from saelab.errors import ConfigError
+
+    assert BrowseConfig(n_samples=2).n_bands == 2 and BrowseConfig().n_bands == 4
+    with pytest.raises(ConfigError, match="n_bands=5 exceeds n_samples=2"):
+        BrowseConfig(n_samples=2, n_bands=5)

@@ -61,6 +61,9 @@ from saelab.explore.browser.stats import (
 from saelab.sae.topk import TopKSAE
 
 
+DEFAULT_BANDS = 4
+
+
 @dataclass
 class BrowseConfig:
     """What the feature browser reads and shows."""
@@ -80,8 +83,9 @@ class BrowseConfig:
     """Top-activating contexts kept per latent."""
     n_samples: int = 12
     """Contexts sampled at random per latent (among those where it fires) for the quantile bands."""
-    n_bands: int = 4
-    """Quantile bands the samples are split into."""
+    n_bands: int = DEFAULT_BANDS
+    """Quantile bands the samples are split into (at most n_samples; the default 4 is lowered to fewer
+    samples)."""
     n_bins: int = 64
     """Histogram bins (a power of two)."""
     window_before: int = 16
@@ -116,6 +120,8 @@ class BrowseConfig:
         for name in ("window_before", "window_after", "n_logits", "n_neighbours", "n2g_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_bands > self.n_samples and self.n_bands == DEFAULT_BANDS:
+            self.n_bands = self.n_samples  # --n-samples 2 alone: two bands of one, not a refusal of the default
         if self.n_bands > self.n_samples:  # the bands cut the samples: the bands past the samples stayed empty
             raise ConfigError(f"n_bands={self.n_bands} exceeds n_samples={self.n_samples}; expected n_bands <= "
                               "n_samples (each band holds at least one sampled context)")
