@@ -21,6 +21,7 @@ import torch
 
 from saelab.data import token_contexts
 from saelab.errors import ConfigError, RunExistsError
+from saelab.evals.probe_tasks import token_strings
 from saelab.explore.attribution import unembed_direction
 from saelab.explore.browser.build import (
     BrowseConfig,
@@ -162,7 +163,7 @@ def test_logit_tables_histogram_and_alignment_against_dense(exported, tiny_gpt2,
     for i, f in list(features_by_index(batches).items())[:5]:
         eff = unembed_direction(tiny_gpt2, sae.W_dec[i:i + 1].detach()).float()[0]
         order = torch.argsort(eff, descending=True)
-        assert f["pos_str"] == [tiny_gpt2.tokenizer.decode([int(t)]) for t in order[:10]]
+        assert f["pos_str"] == token_strings(tiny_gpt2.tokenizer, order[:10].tolist(), readable_bytes=True)
         np.testing.assert_allclose(f["pos_values"], eff[order[:10]].numpy(), atol=1e-5)
         np.testing.assert_allclose(f["neg_values"], eff[order.flip(0)[:10]].numpy(), atol=1e-5)
         lo, hi = float(eff.min()), float(eff.max())

@@ -84,8 +84,8 @@ class BrowseConfig:
     n_samples: int = 12
     """Contexts sampled at random per latent (among those where it fires) for the quantile bands."""
     n_bands: int = DEFAULT_BANDS
-    """Quantile bands the samples are split into (at most n_samples; the default 4 is lowered to fewer
-    samples)."""
+    """Quantile bands the samples are split into, at most one per sample (the default 4 is lowered to
+    fewer samples)."""
     n_bins: int = 64
     """Histogram bins (a power of two)."""
     window_before: int = 16
