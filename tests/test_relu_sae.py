@@ -216,6 +216,9 @@ def test_cli_trains_and_evaluates_a_relu_sae(cache_dir, data_dir, tmp_path, caps
     # The L0 of a ReLU SAE depends on the data: here lambda = 5 leaves few latents firing on this tiny
     # model's activations after 12 steps (L0 ~0.06, nMSE ~1.0), but some do, never all.
     assert 0 < metrics["l0"] < 128 and metrics["nmse"] > 0
+    report = (run / "report.md").read_text()  # no k nor AuxK where the SAE has none; the seed, typed or not
+    assert "| latents n / sparsity | 128 / ReLU, L1 coefficient 5.0 |" in report and "k_aux" not in report
+    assert "| seed | 0 |" in report
 
 
 def test_fired_marks_the_latents_with_a_positive_value():

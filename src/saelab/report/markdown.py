@@ -50,6 +50,21 @@ def _training_tokens(train: dict[str, Any]) -> str:
     return f"{trained:,} in batches of {train['batch_size']:,}{asked}"
 
 
+def _sparsity_row(train: dict[str, Any]) -> tuple[str, str]:
+    """k for a top-k SAE; a ReLU SAE has none (its sparsity comes from the L1 penalty)."""
+    if train.get("architecture") == "relu":
+        return "latents n / sparsity", f"{train['n_latents']:,} / ReLU, L1 coefficient {train['l1_coefficient']}"
+    return "latents n / k", f"{train['n_latents']:,} / {train['k']}"
+
+
+def _dead_latents_and_ema_row(train: dict[str, Any]) -> tuple[str, str]:
+    """AuxK and Multi-TopK act on a top-k SAE only: a ReLU SAE's row names its EMA alone."""
+    if train.get("architecture") == "relu":
+        return "EMA", f"{train['ema_decay']}"
+    return ("AuxK / Multi-TopK / EMA",
+            f"{train['auxk']} (k_aux={train['k_aux']}) / {train['multi_topk']} / {train['ema_decay']}")
+
+
 def _recipe(train: dict[str, Any]) -> str:
     cfg = TrainConfig.from_dict(train)
     changes = cfg.changes_from_recipe()
@@ -146,14 +161,15 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
     lines = [f"# SAE run `{run_dir.name}`", ""]
     lines += ["## Setup", "", markdown_table([
         ("model", f"`{sae_cfg['model_name']}`"), ("hook", f"`{sae_cfg['hook_name']}`"),
-        ("latents n / k", f"{train['n_latents']:,} / {train['k']}"),
+        _sparsity_row(train),
         ("training tokens", _training_tokens(train)),
         ("context", f"{sae_cfg['context_size']} tokens, BOS first: {sae_cfg['prepend_bos']}, "
                     f"position 0 excluded: {sae_cfg['exclude_first']}"),
         ("corpus", f"`{sae_cfg['dataset']}`"),
         ("recipe", _recipe(train)),
         ("learning rate", f"{TrainConfig.from_dict(train).effective_lr:.3g}"),
-        ("AuxK / Multi-TopK / EMA", f"{train['auxk']} (k_aux={train['k_aux']}) / {train['multi_topk']} / {train['ema_decay']}"),
+        _dead_latents_and_ema_row(train),
+        ("seed", f"{train['seed']}"),
         ("status", f"{status.get('state', '?')} at step {status.get('step', '?')} of {status.get('total_steps', '?')}"),
     ]), ""]
     if metrics:
