@@ -480,6 +480,9 @@ def test_bad_config_file_is_one_line_naming_it_and_the_entry(name, text, expecte
     assert not (tmp_path / "run").exists()
     assert _exit_code(["train", "--activations", "a", "--out", "r", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: no such file" in capsys.readouterr().err
+    (tmp_path / "cfgs").mkdir()  # a folder where the file was meant: said so, not "no such file"
+    assert _exit_code(["train", "--activations", "a", "--out", "r", "--config", str(tmp_path / "cfgs")]) == 2
+    assert "cfgs: is a folder; expected a .json, .yaml or .yml file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -257,6 +257,8 @@ def _file_key(action: argparse.Action) -> str:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A --config file (JSON, or YAML by its suffix) as a mapping; ConfigError for anything else."""
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: is a folder; expected a .json, .yaml or .yml file")
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     if path.suffix.lower() not in (".json", ".yaml", ".yml"):
