@@ -31,8 +31,9 @@ class EvalConfig:
     recon_tokens: int = 32_768
     """Tokens for nMSE, L0 and dead/dense latents."""
     downstream_tokens: int = 16_384
-    """Tokens for delta CE, KL and CE recovered (the layers below the hook run once, the rest once per
-    variant: clean, spliced and each ablation)."""
+    """Tokens for delta CE, KL and CE recovered, at least (rounded up to whole contexts: the predictions
+    counted in metrics.json are those of every context read; the layers below the hook run once, the rest
+    once per variant: clean, spliced and each ablation)."""
     context_size: int | None = None
     """Context length; None: the SAE's training context size."""
     lm_batch_size: int = 8
