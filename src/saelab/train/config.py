@@ -13,7 +13,8 @@ from saelab.utils.config import switch
 
 @dataclass
 class TrainConfig:
-    """How to train one top-k SAE (Gao et al. 2024, with OpenAI's and sparsify's defaults)."""
+    """How to train one SAE. The defaults shown are the 'short-run' recipe's; --recipe paper (Gao et al.
+    2024) or relu-l1 starts from its own (docs/training.md), and each option typed overrides the recipe."""
 
     recipe: Literal["short-run", "paper", "relu-l1"] = "short-run"
     """The recipe these settings start from: 'short-run' (tuned for runs of a few hundred steps,
