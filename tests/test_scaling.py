@@ -42,6 +42,9 @@ def test_fit_recovers_known_exponent_and_floor_per_k():
     assert fits["k=64"]["alpha_interval"] is None
     assert fits["k=64"]["alpha_interval_note"].startswith("undefined: 3 points for 3 parameters")
     assert fits["k=16"] == {**fits["k=16"], "fitted": False, "note": "needs 3 sizes to fit a + c, has 2"}
+    # Three sizes whose log-log curve bends down would need a floor below 0: the fit misses them, and says so.
+    bent = fit_scaling(rows_for(4, sizes[:3], {1024: 0.5, 2048: 0.45, 4096: 0.2}.get))["k=4"]
+    assert bent["rmse_log"] > 0.01 and "yet the curve misses them: the floor c cannot go below 0" in bent["note"]
     # nMSE that does not fall with n (undertrained large SAEs) is flagged: its alpha says nothing.
     bumpy = fit_scaling(rows_for(8, sizes[:4], {1024: 0.31, 2048: 0.30, 4096: 0.302, 8192: 0.29}.get))["k=8"]
     assert not bumpy["monotone"] and bumpy["note"].startswith("nMSE stops falling from n = 2,048 to 4,096 "

@@ -140,8 +140,10 @@ def _fit_group(n: list[int], y: list[float], what: str) -> dict[str, Any]:
     notes = [] if monotone else [
         f"nMSE stops falling from n = {n[stops]:,} to {n[stops + 1]:,} ({y[stops]:.4f} -> {y[stops + 1]:.4f}; "
         "larger SAEs undertrained at this budget?), so alpha is not meaningful"]
-    if len(n) == 3:
-        notes.append("3 sizes for 3 parameters: the curve passes through them")
+    if len(n) == 3:  # three parameters fit three points exactly, unless the floor c >= 0 holds the fit back
+        notes.append("3 sizes for 3 parameters: the curve passes through them" if law.rmse_log < 1e-6 else
+                     "3 sizes for 3 parameters, yet the curve misses them: the floor c cannot go below 0 "
+                     f"(rms log residual {law.rmse_log:.2g})")
     return dict(fitted=True, alpha=law.alpha, alpha_se=law.alpha_se, alpha_interval=law.alpha_interval,
                 alpha_interval_note=law.alpha_interval_note, interval_level=law.interval_level,
                 a=law.a, c=law.c, c_se=law.c_se, rmse_log=law.rmse_log, dof=len(n) - 3, fitted_nmse=fitted,
