@@ -207,6 +207,8 @@ def test_families_help_lists_only_the_options_it_takes(capsys):
 
 
 BAD = [
+    ("eval", "the following arguments are required: SAE"),  # as the usage line spells it, not "sae"
+    ("report", "the following arguments are required: RUN"),
     ("train --k 600 --n-latents 512", "--k 600 exceeds --n-latents 512; expected --k <= --n-latents"),
     ("train --k 0", "k must be an integer >= 1"),
     ("train --n-latents -5", "--n-latents must be an integer >= 1"),

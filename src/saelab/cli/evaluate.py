@@ -29,7 +29,7 @@ METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens or sparsify folder, OpenAI .pt file or "
                                     "URL), or every run of a sweep folder")
-    p.add_argument("sae", help="run folder, SAE folder, .pt file, https URL, or a sweep folder")
+    p.add_argument("sae", metavar="SAE", help="run folder, SAE folder, .pt file, https URL, or a sweep folder")
     p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
     p.add_argument("--hook", default=None, help="override the SAE's hook name")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -171,7 +171,7 @@ def add_report(sub) -> None:
                                    "that file was saved, or whose SAE changed since its evaluation, keeps its "
                                    "density.png, and one line says why. For a sweep folder: the scaling study "
                                    "(scaling.md, scaling.json, scaling_nmse.png, scaling_delta_loss.png).")
-    p.add_argument("run", help="run folder or sweep folder")
+    p.add_argument("run", metavar="RUN", help="run folder or sweep folder")
     add_io_options(p, device=False, overwrite=False)
     p.set_defaults(handler=run_report)
 

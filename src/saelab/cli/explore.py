@@ -41,7 +41,7 @@ def _float_list(text: str) -> list[float]:
 
 def add_steer(sub) -> None:
     p = sub.add_parser("steer", help="generate with and without adding / clamping / ablating an SAE latent")
-    p.add_argument("sae", help="run folder, SAE folder, OpenAI .pt file or https URL")
+    p.add_argument("sae", metavar="SAE", help="run folder, SAE folder, OpenAI .pt file or https URL")
     p.add_argument("--latent", type=_int_list, required=True, action=Once, several="--latent 3,4",
                    help="latent index; several, comma-separated ('12,40'), are steered together")
     p.add_argument("--mode", choices=STEER_MODES, default="add",
@@ -225,7 +225,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def add_browse(sub) -> None:
     p = sub.add_parser("browse", help="build (and serve on 127.0.0.1) an offline feature browser for SAEs")
-    p.add_argument("sae", nargs="+", help="run folder(s), SAELens folder(s), OpenAI .pt file(s) or URL(s); several "
+    p.add_argument("sae", metavar="SAE", nargs="+", help="run folder(s), SAELens folder(s), OpenAI .pt file(s) or URL(s); several "
                                           "SAEs on one hook also get their feature families")
     p.add_argument("--out", default=None, metavar="DIR", help="site folder (default: RUN/browser for a run folder)")
     p.add_argument("--serve", action="store_true", help="serve the site on 127.0.0.1 after building it")
@@ -318,7 +318,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_top(sub) -> None:
     p = sub.add_parser("top", help="the top-activating contexts of one or more latents on held-out text")
-    p.add_argument("sae", help="run folder, SAELens or sparsify folder, OpenAI .pt file or URL")
+    p.add_argument("sae", metavar="SAE", help="run folder, SAELens or sparsify folder, OpenAI .pt file or URL")
     p.add_argument("--latent", type=_int_list, required=True, action=Once, several="--latent 3,4",
                    help="latent index; several, comma-separated ('12,40'), are shown one after the other")
     p.add_argument("-n", "--n-contexts", type=positive_int, default=10,
@@ -369,7 +369,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def add_families(sub) -> None:
     p = sub.add_parser("families", help="feature families of SAEs of several sizes on one hook, as JSON")
-    p.add_argument("sae", nargs="+", help="two or more SAEs of different sizes on one hook (run folders, SAELens "
+    p.add_argument("sae", metavar="SAE", nargs="+", help="two or more SAEs of different sizes on one hook (run folders, SAELens "
                                           "folders, OpenAI .pt files)")
     p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
     p.add_arguments(BrowseConfig, dest="browse")

@@ -21,7 +21,7 @@ def add_export(sub) -> None:
                        description="Write an SAE (run folder, SAE folder, OpenAI .pt file, https URL or hf://) in "
                                    "SAELens' folder layout (SAE.load_from_disk) or sparsify's (SparseCoder."
                                    "load_from_disk); the SAE's hook, model and BOS settings go with it.")
-    p.add_argument("sae", help="run folder, SAE folder, .pt file, https URL or hf://owner/repo/path")
+    p.add_argument("sae", metavar="SAE", help="run folder, SAE folder, .pt file, https URL or hf://owner/repo/path")
     p.add_argument("out", metavar="OUT", help="folder to write: new or empty (--overwrite replaces an SAE there)")
     p.add_argument("--format", choices=SAVE_FORMATS, required=True,
                    help="saelens: cfg.json + sae_weights.safetensors; sparsify: cfg.json + sae.safetensors "
