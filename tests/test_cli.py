@@ -972,7 +972,11 @@ def test_a_corpus_folder_without_text_files_says_what_it_should_hold(tmp_path, c
     kinds = ".txt, .jsonl, .jsonl.xz or .jsonl.gz files directly in it"
     nested = (f"corpus folder 'data' holds no text to read: expected {kinds}; its subfolders (news, wiki) are not "
               "searched: pass the folder or file that holds the text")
+    unknown = ("corpus file 'data/notes.md' has an unknown type: expected one of .txt, .jsonl, .jsonl.xz, .jsonl.gz "
+               "or a directory of such files")
     _refusals([(["eval", "sae", "--corpus", "data", "--out", "ev"], nested),
+               (["eval", "sae", "--corpus", "data/notes.md", "--out", "ev"], unknown),  # a file of another kind
+               (["harvest", "--model", "gpt2", "--corpus", "data/notes.md", "--out", "cache"], unknown),
                (["top", "sae", "--latent", "1", "--corpus", "data"], nested),
                (["harvest", "--model", "gpt2", "--corpus", "data", "--out", "cache"], nested),
                (["eval", "sae", "--corpus", "empty", "--out", "ev"],

@@ -101,6 +101,8 @@ def resolve_corpus(corpus: str | None, split: str) -> str:
                               "folder of such files or a Hugging Face dataset name")
         if path.is_dir():
             corpus_folder_files(path)  # a folder with none of them, before any slow work
+        elif path.exists():
+            _check_file_type(path)
         return corpus
     found = default_corpus(split)
     if found is None:
@@ -141,6 +143,13 @@ def _looks_like_path(source: str) -> bool:
     return source.count("/") > 1 or "\\" in source
 
 
+def _check_file_type(path: Path) -> None:
+    """A corpus file saelab can read, by its name: a text or JSON-lines file, compressed or not."""
+    if not (path.name.endswith(JSONL_SUFFIXES) or path.name.endswith(TEXT_SUFFIXES)):
+        raise CorpusError(f"corpus file {str(path)!r} has an unknown type: expected one of "
+                          f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} or a directory of such files")
+
+
 def _open_source(source: str | os.PathLike, *, text_field: str, split: str) -> tuple[Iterable[str], str]:
     """Return (iterable of raw documents, a label naming the source for errors)."""
     text = os.fspath(source)
@@ -148,12 +157,8 @@ def _open_source(source: str | os.PathLike, *, text_field: str, split: str) -> t
     if path.exists():
         if path.is_dir():
             return _iter_files(corpus_folder_files(path), text_field), f"directory {str(path)!r}"
-        if path.name.endswith(JSONL_SUFFIXES) or path.name.endswith(TEXT_SUFFIXES):
-            return _iter_files([path], text_field), f"file {str(path)!r}"
-        raise CorpusError(
-            f"corpus file {str(path)!r} has an unknown type: expected one of "
-            f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} or a directory of such files"
-        )
+        _check_file_type(path)
+        return _iter_files([path], text_field), f"file {str(path)!r}"
     if isinstance(source, os.PathLike) or _looks_like_path(text):
         raise CorpusError(f"corpus path {text!r} does not exist")
     return _iter_hub(text, text_field=text_field, split=split), f"Hugging Face dataset {text!r} (split {split!r})"
