@@ -437,6 +437,12 @@ def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsys):
 
     paper = parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg)]).train
     assert (paper.recipe, paper.input_norm, paper.ema_decay, paper.k) == ("paper", "layernorm", 0.999, 16)
+    # The recipe's average turned off, typed or from the file: 0 is "none", which the recipe cannot fill back in.
+    argv = ["train", "--activations", "a", "--out", "r", "--recipe", "paper", "--ema-decay", "0"]
+    assert parse_args(argv).train.ema_decay is None
+    cfg.write_text(json.dumps({"train": {"recipe": "paper", "ema_decay": 0}}))
+    paper = parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg)]).train
+    assert paper.ema_decay is None and paper.changes_from_recipe() == {"ema_decay": None}
 
 
 BAD_CONFIGS = [

@@ -92,7 +92,7 @@ class TrainConfig:
     """With --multi-topk: weight of the Multi-TopK loss."""
     ema_decay: float | None = None
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999) and save it
-    as the final SAE; None disables."""
+    as the final SAE; 0 or None disables (--ema-decay 0 turns off the paper recipe's 0.999)."""
     seed: int = 0
     """Seed for initialisation."""
     checkpoint_every: int = 50
@@ -111,6 +111,8 @@ class TrainConfig:
         _check_choices(self)
         _check_sizes(self)
         _check_rates(self)
+        if self.ema_decay == 0:  # one spelling of "off", which a recipe's default cannot fill back in
+            self.ema_decay = None
 
     @classmethod
     def from_recipe(cls, recipe: str = "short-run", **overrides: Any) -> "TrainConfig":
@@ -222,8 +224,8 @@ def _check_rates(c: TrainConfig) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(c, name) < 1:
             raise ConfigError(f"{name} must be in [0, 1), got {getattr(c, name)}")
-    if c.ema_decay is not None and not 0 < c.ema_decay < 1:
-        raise ConfigError(f"ema_decay must be in (0, 1) or unset, got {c.ema_decay}")
+    if c.ema_decay is not None and not 0 <= c.ema_decay < 1:
+        raise ConfigError(f"ema_decay must be in [0, 1) (0: no average), got {c.ema_decay}")
     if not 0 <= c.decay_fraction <= 1:
         raise ConfigError(f"decay_fraction must be in [0, 1], got {c.decay_fraction}")
     if c.l1_coefficient < 0:
