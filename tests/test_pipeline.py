@@ -529,6 +529,20 @@ def test_training_curves_mark_an_auxk_step_between_two_gaps():
     assert alone.get_color() == curve.get_color() and alone.get_linestyle() == "None"
 
 
+def test_training_curves_read_at_a_glance():
+    """Tick labels of a long run's token counts ran together ("10000120001400016000") and an all-zero share of
+    latents drew its axis down to -0.04 %: ticks in k / M, the share's axis from 0, labels laid out apart."""
+    from saelab.report.plots import training_curves_figure
+
+    log = [{"step": i, "tokens": 1024 * (i + 1), "nmse": 0.5, "auxk": 0.0, "dead_frac": 0.0, "inactive_frac": 0.0}
+           for i in range(16)]
+    fig = training_curves_figure(log)
+    losses, shares = fig.axes
+    assert shares.get_ylim()[0] == 0
+    assert [losses.xaxis.get_major_formatter()(t) for t in (2000, 16000, 2_000_000)] == ["2k", "16k", "2M"]
+    assert fig.get_layout_engine() is not None
+
+
 def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_dir, data_dir, tmp_path, capsys):
     """`saelab report RUN` draws density.png again from the latent frequencies the evaluation saved. Where
     it cannot (a run evaluated before they were saved, frequencies of other weights or of another

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 from saelab.train.trainer import INACTIVE_WINDOW
 from saelab.utils.figures import figure, save_figure
@@ -40,7 +41,7 @@ def training_curves_figure(metrics: Sequence[dict[str, Any]]) -> Figure:
     ax1.set_ylabel("loss")
     ax1.set_yscale("log")
     ax1.grid(alpha=0.3)
-    ax1.legend()
+    ax1.legend(fontsize=8, framealpha=0.7)
     # Before the window has passed no latent can have gone that long without firing: not measured, not 0 %.
     seen = tokens >= INACTIVE_WINDOW
     inactive = [100 * m["inactive_frac"] for m, ok in zip(metrics, seen) if ok]
@@ -49,8 +50,11 @@ def training_curves_figure(metrics: Sequence[dict[str, Any]]) -> Figure:
     ax2.plot(tokens, [100 * m["dead_frac"] for m in metrics], label="dead (AuxK window)", **style)
     ax2.set_xlabel("training tokens")
     ax2.set_ylabel("% of latents")
+    ax2.set_ylim(bottom=0)  # a share: no room below 0 % when every point is 0
     ax2.grid(alpha=0.3)
-    ax2.legend()
+    ax2.legend(fontsize=8, framealpha=0.7)
+    for ax in (ax1, ax2):  # "12k", not 12000 run into its neighbours
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     fig.suptitle("Training")
     return fig
 

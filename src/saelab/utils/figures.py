@@ -12,7 +12,7 @@ from saelab.utils.atomic import atomic_path
 
 def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 3.6), dpi: int | None = None):
     """A new figure and its axes (an array of them when there are several)."""
-    fig = Figure(figsize=figsize, dpi=dpi)
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")  # side-by-side panels' labels do not collide
     return fig, fig.subplots(nrows, ncols)
 
 
