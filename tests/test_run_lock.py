@@ -548,3 +548,50 @@ def test_a_live_overwrite_in_another_process_is_neither_undone_nor_joined(tmp_pa
         go.write_text("")
         replacer.communicate(timeout=120)
     assert snapshot(run) == before and not (run / SET_ASIDE).exists()
+
+
+# Holds a folder's lock, as a training or an evaluation of it does, until the file `go` appears.
+_LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from saelab.utils.folder_lock import RunLock
+
+    run, holding, go = map(Path, sys.argv[1:4])
+    lock = RunLock(run).acquire()
+    holding.write_text("")
+    deadline = time.monotonic() + 180
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    lock.release()
+""")
+
+
+def test_eval_of_a_run_takes_its_lock(tmp_path, capsys):
+    """An evaluation into a run folder is one of its writers: refused while a training (or another
+    evaluation) holds the run, in one line naming the holder, before any model loads."""
+    from saelab.cli import main
+    from saelab.pipeline import evaluate_run, paper_suite, train_from_cache
+
+    cache = tmp_path / "acts"
+    write_activation_cache(iter(_data().split(512)), cache, meta={"hook_name": "blocks.0.hook_resid_post"},
+                           dtype="float32", progress=False)
+    run = tmp_path / "run"
+    train_from_cache(cache, run, _cfg(), device="cpu", progress=False)
+    (run / "metrics.json").write_text("{}")  # stands for an earlier evaluation: no refusal may touch it
+    before = snapshot(run)
+    holding, go = tmp_path / "holding", tmp_path / "go"
+    holder = _start_holding(_LOCK_HOLDER, run, holding, go)
+    try:
+        busy = f"run folder {run} is being written by another process \\(pid {holder.pid}\\)"
+        with pytest.raises(RunFolderBusyError, match=busy):
+            evaluate_run(run, device="cpu", progress=False)
+        with pytest.raises(RunFolderBusyError, match=busy):
+            paper_suite(run, device="cpu", progress=False)
+        capsys.readouterr()
+        assert main(["eval", str(run), "--device", "cpu", "--no-progress"]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("saelab eval: error: ") and f"pid {holder.pid}" in err and len(err.splitlines()) == 1, err
+        assert snapshot(run) == {**before, LOCK: f"{holder.pid}\n".encode()}
+    finally:
+        go.write_text("")
+        holder.communicate(timeout=60)

@@ -41,6 +41,7 @@ from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
 from saelab.utils.config import switch
 from saelab.utils.device import same_device
+from saelab.utils.folder_lock import RunLock
 
 DEFAULT_HOOK = "blocks.9.hook_resid_post"
 
@@ -334,8 +335,20 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: Lang
                  progress: bool = True, sae_hash: str | None = None) -> dict[str, Any]:
     """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md. An evaluation of
     this SAE already there is reused when its settings are these, and kept (refused) when they are
-    not, unless ``overwrite``. ``sae_hash``: :func:`sae_sha256` of the run's SAE when the caller has it."""
-    cfg = cfg or EvalConfig()
+    not, unless ``overwrite``. ``sae_hash``: :func:`sae_sha256` of the run's SAE when the caller has it.
+    Holds the run's lock throughout: a training into the run, or another evaluation of it, is refused
+    meanwhile (and this one is refused while they run), so metrics.json describes the SAE beside it."""
+    lock = RunLock(Path(run_dir)).acquire()
+    try:
+        return _evaluate_run_locked(run_dir, cfg or EvalConfig(), lm=lm, device=device, model_dtype=model_dtype,
+                                    overwrite=overwrite, progress=progress, sae_hash=sae_hash)
+    finally:
+        lock.release()
+
+
+def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageModel | str | None,
+                         device: str | torch.device | None, model_dtype: str, overwrite: bool, progress: bool,
+                         sae_hash: str | None) -> dict[str, Any]:
     sae = load_sae(Path(run_dir) / SAE_DIR)
     # Once, for the check, the evaluation and the report: hashing reads every weight.
     sae_hash = sae_hash or sae_sha256(sae)
@@ -432,14 +445,20 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     _check_suite_inputs(sae, source, run, out, eval_cfg, cfg)
     spec = lm or model_for(sae)
     check_before_load(spec, sae.cfg.hook_name, eval_cfg.context_size, sae.cfg.context_size)
-    lm = load_model(spec, device=device, dtype=model_dtype)
-    sae = _beside_model(sae, lm, given=False)
-    index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg, overwrite=overwrite,
-                            progress=progress)
-    write_paper_report(out)
-    if out is run and (run / TRAIN_CONFIG).exists():  # with a link to evals/report.md
-        # The suite hashed the run's SAE (unless --hook made it another): the report need not hash it again.
-        write_run_report(run, sae_hash=index["sae"]["sha256"] if own_hook else None)
+    # Into a run folder: its lock, as evaluate_run holds it (a retraining meanwhile would mix two SAEs' files).
+    lock = RunLock(run).acquire() if out is run else None
+    try:
+        lm = load_model(spec, device=device, dtype=model_dtype)
+        sae = _beside_model(sae, lm, given=False)
+        index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg,
+                                overwrite=overwrite, progress=progress)
+        write_paper_report(out)
+        if out is run and (run / TRAIN_CONFIG).exists():  # with a link to evals/report.md
+            # The suite hashed the run's SAE (unless --hook made it another): the report need not hash it again.
+            write_run_report(run, sae_hash=index["sae"]["sha256"] if own_hook else None)
+    finally:
+        if lock is not None:
+            lock.release()
     failed = {m: v["reason"] for m, v in index["metrics"].items() if v["status"] == "error"}
     if failed:
         raise SaelabError(f"paper suite wrote {out / EVALS_DIR / 'report.md'} but failed in {len(failed)} "
