@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from saelab.data import write_activation_cache
-from saelab.errors import ConfigError, CorpusError, NonFiniteError
+from saelab.errors import ConfigError, CorpusError, NonFiniteError, RunExistsError
 from saelab.train import TrainConfig, train_many, train_sae
 from saelab.utils.folder_lock import LOCK, RunFolderBusyError, RunLock
 
@@ -390,21 +390,28 @@ def test_an_unfinished_run_is_named_as_such(tmp_path):
         open_sae(tmp_path)
 
 
-def test_nan_in_a_cache_is_named_and_the_run_marked_failed(tmp_path):
-    """A cache damaged on disk (the writer refuses NaN) stops training with an error naming the cache;
-    status.json says failed at the last checkpoint, not training."""
+def _cache_damaged_at_batch_10(folder: Path):
+    """A cache of _data() with a NaN written into the shard behind training batch 10 (as damage on disk:
+    the writer refuses NaN), so that a run on it stops after its checkpoint at step 10."""
     import numpy as np
 
-    from saelab.pipeline import train_from_cache
-
-    cache = write_activation_cache(iter([_data()]), tmp_path / "acts", meta={"hook_name": "h"}, dtype="float32",
+    cache = write_activation_cache(iter([_data()]), folder, meta={"hook_name": "h"}, dtype="float32",
                                    shard_rows=512, progress=False)
     row = cache.batches(128, shuffle=True, seed=_cfg().seed, start_batch=10).__next__()[0]
     where = int((_data() == row).all(1).nonzero())  # the first row of batch 10 in the file
-    shard = np.load(tmp_path / "acts" / f"shard_{where // 512:05d}.npy", mmap_mode="r+")
+    shard = np.load(folder / f"shard_{where // 512:05d}.npy", mmap_mode="r+")
     shard[where % 512, 2] = np.nan
     shard.flush()
     del shard
+    return cache
+
+
+def test_nan_in_a_cache_is_named_and_the_run_marked_failed(tmp_path):
+    """A cache damaged on disk (the writer refuses NaN) stops training with an error naming the cache;
+    status.json says failed at the last checkpoint, not training."""
+    from saelab.pipeline import train_from_cache
+
+    cache = _cache_damaged_at_batch_10(tmp_path / "acts")
     run = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=f"contains NaN or inf activations, read from activation cache "
                                              f"{tmp_path / 'acts'}; harvest it again"):
@@ -595,3 +602,34 @@ def test_eval_of_a_run_takes_its_lock(tmp_path, capsys):
     finally:
         go.write_text("")
         holder.communicate(timeout=60)
+
+
+def test_a_resume_on_another_cache_is_refused(tmp_path):
+    """train_config.json records the cache a run trains on: resuming it (or reusing a finished one) on
+    another cache is refused in one line, before training; a run recorded without it resumes as before."""
+    from saelab.pipeline import train_from_cache
+
+    first = _cache_damaged_at_batch_10(tmp_path / "acts")
+    other = write_activation_cache(iter([_data() * 2]), tmp_path / "other", meta={"hook_name": "h"},
+                                   dtype="float32", shard_rows=512, progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError):  # stops at batch 10: an unfinished run with a checkpoint
+        train_from_cache(first.folder, run, _cfg(), progress=False, device="cpu")
+    before = snapshot(run)
+    with pytest.raises(RunExistsError, match=f"unfinished run with a different config \\(differs in --activations "
+                                             f"{tmp_path / 'acts'} -> {tmp_path / 'other'}\\)"):
+        train_from_cache(other.folder, run, _cfg(), progress=False, device="cpu")
+    assert snapshot(run) == before
+    # A run from before the record: taken as trained on the cache given.
+    config = json.loads((run / "train_config.json").read_text())
+    assert config.pop("data")["activations"] == str(tmp_path / "acts")
+    (run / "train_config.json").write_text(json.dumps(config))
+    train_from_cache(other.folder, run, _cfg(), progress=False, device="cpu")
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    # The finished run is not the answer for a third cache: refused, naming the caches.
+    third = write_activation_cache(iter([_data() * 3]), tmp_path / "third", meta={"hook_name": "h"},
+                                   dtype="float32", shard_rows=512, progress=False)
+    with pytest.raises(RunExistsError, match=f"finished run trained with other settings \\(--activations "
+                                             f"{tmp_path / 'other'} -> {tmp_path / 'third'}\\)"):
+        train_from_cache(third.folder, run, _cfg(), progress=False, device="cpu")
+    assert train_from_cache(other.folder, run, _cfg(), progress=False, device="cpu") is not None  # the same: reused

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import itertools
 import json
 import re
@@ -178,6 +179,17 @@ def _cache_meta(cache: ActivationCache) -> dict[str, Any]:
     return {k: cache.meta[k] for k in keys if k in cache.meta}
 
 
+def _cache_record(cache: ActivationCache) -> dict[str, Any]:
+    """What a run records of the cache it trains on (train_config.json's "data"): its folder, and a
+    fingerprint by which a resume on another cache is refused: the manifest (rows, settings) and the head
+    of each shard, since two harvests with the same settings have equal manifests. Reads 64 KiB a shard."""
+    digest = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode("utf-8"))
+    for shard in cache.manifest["shards"]:
+        with open(cache.folder / shard["file"], "rb") as f:
+            digest.update(f.read(1 << 16))
+    return {"activations": str(cache.folder.resolve()), "fingerprint": digest.hexdigest()}
+
+
 def _cache_batches(cache: ActivationCache, cfg: TrainConfig):
     def batches_from(start_batch: int):
         return cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, start_batch=start_batch)
@@ -207,7 +219,8 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
         return done
     with _naming_cache(cache):
         return train_sae(cfg, _cache_batches(cache, cfg), run_dir, d_in=cache.d, meta=_cache_meta(cache),
-                         overwrite=overwrite, progress=progress, device=device, log_to=log_to)
+                         overwrite=overwrite, progress=progress, device=device, log_to=log_to,
+                         data=_cache_record(cache))
 
 
 def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, TrainConfig]:
@@ -241,7 +254,7 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
         with _naming_cache(cache):
             saes = train_many([configs[n] for n in todo], _cache_batches(cache, base), [out_dir / n for n in todo],
                               d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress,
-                              device=device, log_to=log_to)
+                              device=device, log_to=log_to, data=_cache_record(cache))
         done.update(zip(todo, saes))
     return {n: done[n] for n in configs}
 
@@ -521,7 +534,8 @@ def finished_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache) -
         return None
     recorded = read_json(run_dir / TRAIN_CONFIG, "training config")
     same_data = all(recorded.get("sae", {}).get(k) == v for k, v in _cache_meta(cache).items() if k != "model_source")
-    if training_changes({"train": recorded.get("train")}, {"train": cfg.to_dict()}) or not same_data:
+    if training_changes({"train": recorded.get("train"), "data": recorded.get("data")},
+                        {"train": cfg.to_dict(), "data": _cache_record(cache)}) or not same_data:
         return None
     return load_sae(run_dir / SAE_DIR)
 

@@ -4,7 +4,8 @@ A run folder holds everything about one SAE::
 
     run/
       activations/        on-disk activation cache (quickstart; several SAEs may share one)
-      train_config.json   the training and SAE config (written once validation passed)
+      train_config.json   the training and SAE config, and the activation cache trained on (written once
+                          validation passed)
       checkpoint.pt       latest training state (resume)
       status.json         state, step, total_steps
       metrics.jsonl       the training log, one JSON line every few steps

@@ -121,7 +121,18 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 def training_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """changed_fields of two run configs (or their "train" groups alone), less the settings a resume may
     change: empty when both train the same SAE."""
-    return changed_fields(_what_it_trains(old), _what_it_trains(new))
+    return changed_fields(_what_it_trains(old), _what_it_trains(new)) + data_changes(old, new)
+
+
+def data_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'--activations OLD -> NEW' when two run configs trained on other activations (their "data": the
+    cache's folder and a fingerprint of its rows). Compared by the fingerprint, so a moved cache is the
+    same; a run recorded before "data" existed is taken as trained on these."""
+    a, b = old.get("data"), new.get("data")
+    if not isinstance(a, dict) or not isinstance(b, dict) or a.get("fingerprint") == b.get("fingerprint"):
+        return []
+    was, now = a.get("activations"), b.get("activations")
+    return [f"--activations {was} -> {now}" if was != now else f"--activations {now} (harvested again since)"]
 
 
 def _what_it_trains(config: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +140,7 @@ def _what_it_trains(config: dict[str, Any]) -> dict[str, Any]:
     settings (sae.extra.train, and sae.k, sae.n_latents, sae.input_norm: they follow from train's), so
     that a change is named once, as the option that makes it."""
     config = json.loads(json.dumps(config, default=str))
+    config.pop("data", None)  # data_changes names it
     sae, train = config.get("sae"), config.get("train")
     if isinstance(sae, dict) and isinstance(train, dict):
         for field in set(sae) & set(train):

@@ -366,13 +366,13 @@ class TrainingRun:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, d_in: int, meta: dict[str, Any] | None,
                  init_sample: Callable[[], torch.Tensor], overwrite: bool = False,
                  device: str | torch.device | None = None, allow_tf32: bool = False,
-                 log_to: Sequence[str] = (), log_group: str | None = None):
+                 log_to: Sequence[str] = (), log_group: str | None = None, data: dict[str, Any] | None = None):
         self.cfg, self.run_dir, self.d_in = cfg, Path(run_dir), d_in
         self.sinks: list[MetricSink] = []  # TensorBoard / W&B (metric_sinks), fed the rows of metrics.jsonl
         self.writer = ddp.rank() == 0  # one process writes files
         self.device = ddp.process_device(device)  # a bad device is refused before the folder is touched
         sae_cfg = _sae_config(cfg, d_in, meta)
-        config = {"train": cfg.to_dict(), "sae": sae_cfg.to_dict()}
+        config = {"train": cfg.to_dict(), "sae": sae_cfg.to_dict(), **({"data": data} if data else {})}
         self._lock = RunLock(self.run_dir).acquire() if self.writer else None
         try:
             if self.writer:
@@ -541,7 +541,8 @@ def _check_runs(cfgs: Sequence[TrainConfig], run_dirs: Sequence[str | Path]) -> 
 def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs: Sequence[str | Path], *,
                d_in: int, meta: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
                stop_after_steps: int | None = None, device: str | torch.device | None = None,
-               allow_tf32: bool = False, log_to: Sequence[str] = ()) -> list[TopKSAE]:
+               allow_tf32: bool = False, log_to: Sequence[str] = (),
+               data: dict[str, Any] | None = None) -> list[TopKSAE]:
     """Train several SAEs from ONE pass over the data: every batch feeds every unfinished run.
 
     The runs must share batch_size; they may differ in n, k, lr, total_tokens and anything else.
@@ -551,7 +552,8 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
     available, else the CPU) is where training runs; ``allow_tf32`` lets CUDA run the SAE's float32
     matmuls in TF32. ``log_to`` also logs each run's metrics to "tensorboard" (RUN/tensorboard/)
     and/or "wandb" (train/metric_sinks.py); a sweep's W&B runs are grouped by their parent folder.
-    The SAEs are returned on that device.
+    The SAEs are returned on that device. ``data`` records what the runs train on (train_config.json's
+    "data": a resume on other data is refused, checkpoint.data_changes).
     """
     log_to = check_log_targets(log_to)  # a missing package is reported before anything is touched
     log_group = Path(run_dirs[0]).resolve().parent.name if len(run_dirs) > 1 else None
@@ -568,7 +570,7 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
         runs: list[TrainingRun] = []
         try:
             for c, d in zip(cfgs, run_dirs):
-                runs.append(TrainingRun(c, d, d_in=d_in, meta=meta,
+                runs.append(TrainingRun(c, d, d_in=d_in, meta=meta, data=data,
                                         init_sample=lambda c=c: init_sample()[:c.effective_init_rows],
                                         overwrite=overwrite, device=dev, allow_tf32=allow_tf32, log_to=log_to,
                                         log_group=log_group))
@@ -666,7 +668,7 @@ def _end(r: TrainingRun, batch_idx: int, stop_after_steps: int | None) -> TopKSA
 def train_sae(cfg: TrainConfig, batches_from: BatchSource, run_dir: str | Path, *, d_in: int,
               meta: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
               stop_after_steps: int | None = None, device: str | torch.device | None = None,
-              allow_tf32: bool = False, log_to: Sequence[str] = ()) -> TopKSAE:
+              allow_tf32: bool = False, log_to: Sequence[str] = (), data: dict[str, Any] | None = None) -> TopKSAE:
     """Train one top-k SAE into ``run_dir``, resuming from its checkpoint when there is one.
 
     ``meta`` fills the SAE's provenance (model_name, hook_name, context_size, prepend_bos,
@@ -678,4 +680,4 @@ def train_sae(cfg: TrainConfig, batches_from: BatchSource, run_dir: str | Path, 
     """
     return train_many([cfg], batches_from, [run_dir], d_in=d_in, meta=meta, overwrite=overwrite,
                       progress=progress, stop_after_steps=stop_after_steps, device=device,
-                      allow_tf32=allow_tf32, log_to=log_to)[0]
+                      allow_tf32=allow_tf32, log_to=log_to, data=data)[0]
