@@ -334,7 +334,14 @@ BAD = [
     ("families A B --out missing/families.json", "expected a file path in an existing, writable folder"),
     ("quickstart --eval-corpus missing/eval.jsonl", "corpus path 'missing/eval.jsonl' does not exist"),
     ("harvest --corpus missing.jsonl.xz", "corpus path 'missing.jsonl.xz' does not exist"),
-    ("train --device tpu", "--device tpu is not a device name; expected auto, cpu, cuda or cuda:N"),
+    ("train --device tpu", "error: --device tpu: expected auto, cpu, cuda or cuda:N"),
+    # names torch takes but saelab does not run on, and a bad index: the same line, before the model loads
+    ("train --device meta", "error: --device meta: expected auto, cpu, cuda or cuda:N"),
+    ("harvest --device hpu", "error: --device hpu: expected auto, cpu, cuda or cuda:N"),
+    ("eval SAE --device xpu", "error: --device xpu: expected auto, cpu, cuda or cuda:N"),
+    ("top SAE --latent 1 --device vulkan", "error: --device vulkan: expected auto, cpu, cuda or cuda:N"),
+    ("steer SAE --latent 1 --value 1 --device cuda:-1", "error: --device cuda:-1: expected auto, cpu, cuda or cuda:N"),
+    ("browse SAE --device cuda:x", "error: --device cuda:x: expected auto, cpu, cuda or cuda:N"),
     ("train --recipe shortrun", "invalid choice: 'shortrun' (choose from 'short-run', 'paper', 'relu-l1'); did you "
                                 "mean short-run?"),
     ("eval SAE --ablations zero zero", "--ablations: 'zero' given twice; give each value once"),

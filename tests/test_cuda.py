@@ -141,8 +141,9 @@ def test_cuda_refused_with_one_line_where_absent(tmp_path):
     refused(lambda: next(cache.batches(64, device="cuda")))
     with pytest.raises(ConfigError, match="pin_memory=True needs CUDA"):
         next(cache.batches(64, pin_memory=True))
-    with pytest.raises(ConfigError, match="not a device name"):
-        _train(tmp_path, "run", "gpu0")
+    for name in ("gpu0", "meta", "cuda:-1"):  # meta: a torch device that saelab's kernels do not run on
+        with pytest.raises(ConfigError, match=rf"^device='{name}': expected auto, cpu, cuda or cuda:N$"):
+            _train(tmp_path, "run", name)
 
 
 def test_prefetcher_keeps_order_stops_early_and_raises_reader_errors():

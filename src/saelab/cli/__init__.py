@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 
 import saelab
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if not getattr(args, "progress", True):
             _hide_library_progress_bars()
-        if hasattr(args, "device") and resolve_device(args.device).type == "cpu":
+        if hasattr(args, "device") and resolve_device(args.device, _device_as_typed(args)).type == "cpu":
             retain_freed_memory()  # large CPU temporaries (logits, gradients) reuse pages instead of faulting
         result = args.handler(args)
     except SaelabError as e:
@@ -232,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None and _first_process():
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _device_as_typed(args: argparse.Namespace) -> str | None:
+    """--device as the user typed it, for resolve_device's refusal; None (not typed): $SAELAB_DEVICE names it."""
+    return None if args.device is None else f"--device {shlex.quote(args.device)}"
 
 
 RESUMING_VERBS = ("quickstart", "harvest", "train", "sweep")

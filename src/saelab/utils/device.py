@@ -12,20 +12,27 @@ DEVICE_ENV = "SAELAB_DEVICE"
 """Environment variable naming the device that ``device=None`` means (default: auto)."""
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
+SUPPORTED_TYPES = ("cpu", "cuda", "mps")
+"""The device types saelab runs on; torch names others (meta, xpu, hpu) that its kernels and loaders do not."""
+
+
+def resolve_device(device: str | torch.device | None = None, named: str | None = None) -> torch.device:
     """``None``: ``$SAELAB_DEVICE`` if set, else ``"auto"``. ``"auto"``: CUDA when available, else the
     CPU; otherwise the device named (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), refused with a
-    one-line error when absent."""
-    named = f"${DEVICE_ENV} {os.environ.get(DEVICE_ENV)!r}" if device is None else f"device={device!r}"
+    one-line error when it is another or absent. ``named``: how that error names ``device`` (the
+    command line's ``"--device cuda:-1"``; default ``"device='cuda:-1'"``)."""
+    if named is None:
+        named = f"${DEVICE_ENV} {os.environ.get(DEVICE_ENV)!r}" if device is None else f"device={device!r}"
     if device is None:
         device = os.environ.get(DEVICE_ENV) or "auto"
     if isinstance(device, str) and device.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        # "device='tpu'": the command line says "--device tpu" (saelab.cli.in_option_words)
-        raise ConfigError(f"{named} is not a device name; expected auto, cpu, cuda or cuda:N") from e
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in SUPPORTED_TYPES:
+        raise ConfigError(f"{named}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"{named}: CUDA is not available on this machine; use --device cpu")
