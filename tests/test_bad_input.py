@@ -701,6 +701,28 @@ def test_cli_harvest_reusing_a_finished_cache_names_the_unfinished_overwrite_bes
     assert {p.name: p.read_bytes() for p in stage.iterdir()} == staged  # kept for its own call
 
 
+def test_cli_train_on_an_interrupted_harvest_names_the_harvest_that_finishes_it(tmp_path, capsys):
+    """train and sweep on a cache whose harvest was cut off: its rows were counted without those saved toward the
+    next shard (0 after a harvest that said it kept 4,096), and the advice was a Python call."""
+    acts = tmp_path / "hr"
+    rows = torch.randn(384, D, generator=torch.Generator().manual_seed(0))
+
+    def cut_off():  # one shard of 256 rows listed, 128 saved toward the next
+        yield from rows.split(128)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(cut_off(), acts, meta={"hook_name": HOOK}, shard_rows=256, progress=False)
+    assert "keeps the 384 rows written so far" in capsys.readouterr().err
+    for verb, extra in (("train", []), ("sweep", ["--grid", "k=4,8"])):
+        code, out, err = run_cli(capsys, verb, "--activations", str(acts), "--out", str(tmp_path / verb), *extra,
+                                 "--no-progress")
+        assert code == 2 and out == ""
+        assert err == (f"saelab {verb}: error: activation cache '{acts}' is incomplete (384 rows written); run the "
+                       f"same `saelab harvest --out {acts} ...` command again to finish it")
+        assert not (tmp_path / verb).exists()
+
+
 # ---- pickles disguised as other formats; a full disk seen from the command line -------------------------
 
 

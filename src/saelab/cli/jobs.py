@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import re
+import shlex
 import typing
 from pathlib import Path
 from typing import Any
 
 from saelab.cli.common import (add_io_options, did_you_mean, given, literal_choices, reword_fields, type_words,
                                typed, typed_starting)
+from saelab.data import IncompleteCacheError
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
@@ -154,9 +157,22 @@ def add_train(sub, recipe: str) -> None:
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     refuse_options_that_do_not_apply(args)
     init_from_env()  # data-parallel when started by torchrun
-    sae = train_from_cache(args.activations, args.out, args.train, device=args.device, overwrite=args.overwrite,
-                           progress=args.progress, log_to=args.log_to)
+    with _finished_by_harvest(args.activations):
+        sae = train_from_cache(args.activations, args.out, args.train, device=args.device, overwrite=args.overwrite,
+                               progress=args.progress, log_to=args.log_to)
     return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, "k": sae.cfg.k}
+
+
+@contextlib.contextmanager
+def _finished_by_harvest(activations: str):
+    """An unfinished --activations cache is finished by the harvest that was cut off, run again; the library's
+    advice names a Python call."""
+    try:
+        yield
+    except IncompleteCacheError as e:
+        raise IncompleteCacheError(f"activation cache {activations!r} is incomplete ({e.rows:,} rows written); run "
+                                   f"the same `saelab harvest --out {shlex.quote(activations)} ...` command again "
+                                   "to finish it", e.rows) from None
 
 
 def add_sweep(sub, recipe: str) -> None:
@@ -307,11 +323,12 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")
     refuse_options_the_grid_sets(args, grid)
     check_grid_points(args.train, grid, args.grid, getattr(args, "given_as", {}))
-    if args.evaluate:
-        check_evaluation_before_training(args.activations, args.eval)  # not after the whole sweep trained
-    init_from_env()
-    saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
-                            overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
+    with _finished_by_harvest(args.activations):
+        if args.evaluate:
+            check_evaluation_before_training(args.activations, args.eval)  # not after the whole sweep trained
+        init_from_env()
+        saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
+                                overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
     if args.evaluate and ddp.rank() == 0:  # under torchrun one process evaluates; the others are done
         evaluate_sweep(args.out, args.eval, device=args.device, model_dtype=args.model_dtype,
                        overwrite=args.overwrite, progress=args.progress)

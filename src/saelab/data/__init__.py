@@ -10,6 +10,7 @@
 from saelab.data.cache import (
     ActivationCache,
     ActivationCacheError,
+    IncompleteCacheError,
     cache_is_complete,
     check_disk_room,
     cache_rows_written,
@@ -35,6 +36,7 @@ __all__ = [
     "corpus_name",
     "default_corpus",
     "hf_tokenize_fn",
+    "IncompleteCacheError",
     "iter_texts",
     "note_unfinished_overwrite",
     "pack_contexts",

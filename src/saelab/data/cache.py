@@ -89,6 +89,15 @@ class ActivationCacheError(CorpusError):
     """An activation cache that is missing, incomplete, corrupt or does not match the request."""
 
 
+class IncompleteCacheError(ActivationCacheError):
+    """An unfinished activation cache (an interrupted write) opened for reading; ``rows``: the rows it keeps,
+    for a caller that words the advice its own way (the command line names the harvest that finishes it)."""
+
+    def __init__(self, message: str, rows: int = 0) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.npy"
 
@@ -669,10 +678,9 @@ class ActivationCache:
             hint = f"; the cache inside it is {str(inner[0].parent)!r}" if len(inner) == 1 else ""  # a run folder's
             raise ActivationCacheError(f"no activation cache at {str(self.folder)!r} ({MANIFEST} not found){hint}")
         if not m["complete"] and not allow_incomplete:
-            raise ActivationCacheError(
-                f"activation cache {str(self.folder)!r} is incomplete ({m['n_rows']} rows written); "
-                "finish it with write_activation_cache(..., resume=True)"
-            )
+            kept = m["n_rows"] + m.get("partial_rows", 0)  # the count an interrupted write reports keeping
+            raise IncompleteCacheError(f"activation cache {str(self.folder)!r} is incomplete ({kept:,} rows "
+                                       "written); finish it with write_activation_cache(..., resume=True)", kept)
         self.manifest = m
         self.d: int = m["d"]
         self.dtype: str = m["dtype"]
