@@ -345,3 +345,20 @@ def test_a_tokenizer_that_splits_the_default_padding_token_is_refused_before_any
     out, _ = run_cli(capsys, *argv, "--out", str(tmp_path / "out"), "--metrics", "n2g", "--n2g-padding-token", " x")
     assert out["n2g"] == "ok"
     assert json.loads((tmp_path / "out" / "evals" / "n2g.json").read_text())["inputs"]["config"]["padding_token"] == " x"
+
+
+def test_a_probe_that_measured_no_task_is_not_ok(tiny_series_run, data_dir, tmp_path, capsys):
+    """--probe-contexts too few for any task read "probe": "ok" with mean loss null over 0 tasks."""
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus", str(corpus),
+            *SMALL, "--probe-contexts", "1"]
+    out, _ = run_cli(capsys, *argv)
+    assert out["probe"] == "skipped" and out["core"] == "ok"
+    rec = json.loads((tmp_path / "out" / "evals" / "probe.json").read_text())
+    assert rec["status"] == "skipped" and rec["result"] is None
+    assert rec["reason"].startswith("every task was skipped") and "(need 20 of each)" in rec["reason"]
+    assert "| skipped |" in (tmp_path / "out" / "evals" / "report.md").read_text()
+    # Asked for by name, as a metric that does not apply: an error, exit 2.
+    _, err = run_cli(capsys, *argv, "--metrics", "probe", code=2)
+    assert "failed in 1 metric(s): probe: every task was skipped" in err
+    assert json.loads((tmp_path / "out" / "evals" / "probe.json").read_text())["status"] == "error"

@@ -203,6 +203,15 @@ class SuiteMetric:
     n_contexts: Callable[[SuiteRun], int]
     applies: Callable[[SuiteRun], str | None]
     compute: Callable[[SuiteRun], dict]
+    measured_nothing: Callable[[dict], str | None] = lambda result: None
+    """Why a computed result holds no measurement (None: it holds one); such a result is not ok."""
+
+
+def _probe_measured_nothing(result: dict) -> str | None:
+    if result["tasks"]:
+        return None
+    reasons = "; ".join(f"{task}: {why}" for task, why in result["skipped"].items())
+    return f"every task was skipped (more --probe-contexts give more examples): {reasons}"
 
 
 SUITE: tuple[SuiteMetric, ...] = (
@@ -215,7 +224,8 @@ SUITE: tuple[SuiteMetric, ...] = (
                 lambda r: run_ablation_sparsity(r.lm, r.sae, r.tokens[:r.cfg.ablation_contexts], r.cfg.ablation_sparsity)),
     SuiteMetric("probe", lambda r: config_dict(r.cfg.probe), lambda r: r.cfg.probe_contexts,
                 lambda r: None if (r.cfg.probe.tasks or r.cfg.probe.hf_tasks) else "no probe tasks selected",
-                lambda r: run_probe(r.lm, r.sae, r.tokens[:r.cfg.probe_contexts], r.cfg.probe)),
+                lambda r: run_probe(r.lm, r.sae, r.tokens[:r.cfg.probe_contexts], r.cfg.probe),
+                _probe_measured_nothing),
     SuiteMetric("n2g", lambda r: config_dict(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, lambda r: None,
                 lambda r: run_n2g(r.lm, r.sae, r.tokens[:r.cfg.n2g_contexts], r.cfg.n2g)),
 )
@@ -295,6 +305,9 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
         result, status, why = _jsonable(m.compute(run)), "ok", None
     except (SaelabError, ValueError, RuntimeError, OSError) as e:
         result, status, why = None, "error", f"{type(e).__name__}: {e}"
+    if status == "ok" and (empty := m.measured_nothing(result)):
+        # Skipped like a metric that does not apply, and an error when asked for by name, as such a metric is.
+        result, status, why = None, "error" if m.name in run.cfg.metrics else "skipped", empty
     wall = time.perf_counter() - t0
     run.results[m.name] = result
     write_json(path, _envelope(m.name, inputs, sae_info, eval_info, status, why, result, wall))
