@@ -742,6 +742,27 @@ def test_paper_suite_names_its_options(tiny_dir, tmp_path, capsys):
         assert not (tmp_path / "ev" / "evals" / "core.json").exists(), extra  # refused before any metric ran
 
 
+def test_a_typed_abl_n_future_longer_than_the_contexts_is_refused_before_the_model_loads(tmp_path, capsys):
+    """--abl-n-future 1000 on contexts of 64 tokens ran every other metric, then skipped ablation sparsity."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=128, k=4, hook_name="blocks.1.hook_resid_post",
+                               model_name="tiny-gpt2", context_size=64)), tmp_path / "sae")
+    base = ["eval", str(tmp_path / "sae"), "--suite", "paper", "--model", str(tmp_path / "no-model"), "--out",
+            str(tmp_path / "ev"), "--no-progress"]
+    for extra, message in ((["--abl-n-future", "1000"], "contexts of 64 tokens are too short for --abl-n-future "
+                                                        "1000; expected at most 63"),  # position 0 left out
+                           (["--abl-n-future", "100", "--context-size", "32"], "contexts of 32 tokens are too short "
+                                                                              "for --abl-n-future 100; expected at "
+                                                                              "most 31")):
+        assert _exit_code([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err  # not the missing model: before it loads
+    # Unused: --metrics leaves ablation sparsity out, so only the model is missing.
+    assert _exit_code([*base, "--abl-n-future", "1000", "--metrics", "core"]) == 2
+    assert "too short" not in capsys.readouterr().err
+
+
 def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -22,10 +22,11 @@ from saelab.data import ActivationCache, ActivationCacheError, ActivationStream,
 from saelab.data import cache_is_complete, check_disk_room, note_unfinished_overwrite, resolve_corpus, reusable_cache
 from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
+from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
 from saelab.evals.n2g import N2GConfig, check_latents
-from saelab.evals.suite import PaperSuiteConfig, run_paper_suite
+from saelab.evals.suite import PaperSuiteConfig, longest_n_future, run_paper_suite
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
                            model_provenance)
 from saelab.models.hooks import check_hook_form
@@ -501,6 +502,17 @@ def _check_suite_inputs(sae: TopKSAE, source: str | Path, run: Path | None, out:
                               f"{sae.n_latents} (0: every latent that fires)")
     if _suite_runs(cfg, "compute_equivalent") and cfg.compute_equivalent.series:  # an unknown name
         resolve_series(cfg.compute_equivalent.series, cfg.compute_equivalent.steps)
+    if _suite_runs(cfg, "ablation_sparsity"):
+        _check_n_future(cfg.ablation_sparsity.n_future, eval_cfg.context_size or sae.cfg.context_size,
+                        sae.cfg.exclude_first)
+
+
+def _check_n_future(n_future: int, T: int | None, exclude_first: bool) -> None:
+    """A --abl-n-future the contexts cannot hold, refused before the model loads; the default is not typed, and
+    on short contexts the suite records the metric as skipped."""
+    if T and n_future != AblationSparsityConfig.n_future and n_future > longest_n_future(T, int(exclude_first)):
+        raise ConfigError(f"contexts of {T} tokens are too short for --abl-n-future {n_future}; expected at most "
+                          f"{longest_n_future(T, int(exclude_first))}")
 
 
 def _suite_runs(cfg: PaperSuiteConfig | None, metric: str) -> bool:

@@ -174,9 +174,15 @@ def _ce_applies(run: SuiteRun) -> str | None:
     return None
 
 
+def longest_n_future(T: int, first: int) -> int:
+    """The largest ablation_sparsity.n_future contexts of ``T`` tokens take: the effect is read from the
+    first position the SAE edits (``first``) on, which needs n_future tokens from there."""
+    return T - first
+
+
 def _ablation_applies(run: SuiteRun) -> str | None:
     n_future = run.cfg.ablation_sparsity.n_future
-    if run.T - n_future < run.first:
+    if n_future > longest_n_future(run.T, run.first):
         return (f"contexts of {run.T} tokens are too short for ablation_sparsity.n_future {n_future}: no position has "
                 "that many tokens after it")
     return None
@@ -372,4 +378,4 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     return index
 
 
-__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "run_paper_suite"]
+__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "longest_n_future", "run_paper_suite"]
