@@ -225,8 +225,9 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def add_browse(sub) -> None:
     p = sub.add_parser("browse", help="build (and serve on 127.0.0.1) an offline feature browser for SAEs")
-    p.add_argument("sae", metavar="SAE", nargs="+", help="run folder(s), SAELens folder(s), OpenAI .pt file(s) or URL(s); several "
-                                          "SAEs on one hook also get their feature families")
+    p.add_argument("sae", metavar="SAE", nargs="+",
+                   help="run folder(s), SAELens folder(s), OpenAI .pt file(s) or URL(s); several "
+                        "SAEs on one hook also get their feature families")
     p.add_argument("--out", default=None, metavar="DIR", help="site folder (default: RUN/browser for a run folder)")
     p.add_argument("--serve", action="store_true", help="serve the site on 127.0.0.1 after building it")
     p.add_argument("--port", type=int, default=8000, help="port for --serve, 1..65535 (0: any free port)")
@@ -369,8 +370,9 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def add_families(sub) -> None:
     p = sub.add_parser("families", help="feature families of SAEs of several sizes on one hook, as JSON")
-    p.add_argument("sae", metavar="SAE", nargs="+", help="two or more SAEs of different sizes on one hook (run folders, SAELens "
-                                          "folders, OpenAI .pt files)")
+    p.add_argument("sae", metavar="SAE", nargs="+",
+                   help="two or more SAEs of different sizes on one hook (run folders, SAELens "
+                        "folders, OpenAI .pt files)")
     p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
     p.add_arguments(BrowseConfig, dest="browse")
     p.hidden_fields = frozenset(PAGE_ONLY)

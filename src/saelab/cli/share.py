@@ -53,8 +53,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
         sae = sae.to(getattr(torch, args.dtype))
     if (out / "cfg.json").is_file() and not args.overwrite:
         if not _holds_this_export(out, sae, args.format):
-            raise ConfigError(f"OUT {out} holds an SAE already, not this export (another SAE, format, dtype or hook); pass "
-                              "--overwrite to replace it, or pick another folder")
+            raise ConfigError(f"OUT {out} holds an SAE already, not this export (another SAE, format, dtype or hook); "
+                              "pass --overwrite to replace it, or pick another folder")
         print(f"{out} already holds this export (--overwrite writes it again)", file=sys.stderr)
     else:
         save_sae(sae, out, format=args.format)

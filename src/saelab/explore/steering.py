@@ -115,7 +115,8 @@ def steer(
     """An edit that steers (``add``), clamps or ablates ``latent`` (one index or several) at ``positions``.
 
     ``value``: one number, or one per latent (ignored by ``ablate``). ``hook``: default the SAE's
-    ``cfg.hook_name``. ``positions=None``: every position but 0 when the SAE was trained without it. See the module docstring for what each mode does and what positions mean.
+    ``cfg.hook_name``. ``positions=None``: every position but 0 when the SAE was trained without it.
+    See the module docstring for what each mode does and what positions mean.
     """
     if mode not in STEER_MODES:
         raise ValueError(f"mode must be one of {STEER_MODES}, got {mode!r}")

@@ -73,10 +73,10 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     ``stats``: :class:`~.build.LatentStats` from :func:`~.build.collect_statistics` (after
     :func:`~.build.finish_statistics`, or the direct logit effects are computed here);
     ``tokens_NT``: the contexts that pass read; ``lm``: its language model. ``dataset``: the
-    corpus name recorded with every feature (a name, not a local path: the files are for a public site); ``n_bands``: the browser's ``BrowseConfig.n_bands``
-    (how the quantile samples are cut). ``model_id`` (default from ``lm.name``), ``layer``
-    (default from the hook name ``blocks.L.*``), ``sae_set`` (default the SAE's name) and
-    ``sae_id_suffix`` name the Neuronpedia source (``{layer}-{sae_set}[__{suffix}]``). Latents
+    corpus name recorded with every feature (a name, not a local path: the files are for a public
+    site); ``n_bands``: the browser's ``BrowseConfig.n_bands`` (how the quantile samples are cut).
+    ``model_id`` (default from ``lm.name``), ``layer`` (default from the hook name ``blocks.L.*``),
+    ``sae_set`` (default the SAE's name) and ``sae_id_suffix`` name the Neuronpedia source (``{layer}-{sae_set}[__{suffix}]``). Latents
     never active are listed in ``skipped_indexes.json`` instead, unless ``include_dead``. An
     earlier export at ``out`` is replaced only with ``overwrite``; any other non-empty folder is
     refused. ``key`` and ``inputs`` (:func:`export_key`) are recorded in ``run_settings.json``, so that
@@ -330,8 +330,8 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     stats, _, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, families=False, progress=progress)
     for st in stats:
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)
-    result = export_neuronpedia(stats, tokens, lm, out, dataset=corpus_name(cfg.corpus, "eval"), n_bands=cfg.n_bands, key=key,
-                                inputs=inputs, **kwargs)
+    result = export_neuronpedia(stats, tokens, lm, out, dataset=corpus_name(cfg.corpus, "eval"), n_bands=cfg.n_bands,
+                                key=key, inputs=inputs, **kwargs)
     return _as_given([{**r, "reused": False} for r in (result if isinstance(result, list) else [result])], one)
 
 
