@@ -245,7 +245,6 @@ def scatter_plot(ablation: torch.Tensor, attribution: torch.Tensor, path: str | 
     ax.text(0.03, 0.97, f"Pearson r = {r:.3f}\nSpearman rho = {rho:.3f}\nn = {len(x)}", transform=ax.transAxes,
             va="top", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
     return save_figure(fig, path, dpi=100)
 
 
