@@ -270,6 +270,33 @@ def test_the_corpus_is_named_without_its_local_path(tiny_gpt2, corpus, tmp_path)
     assert corpus_name(None, "eval") == "English Wikipedia 2015 sample (saelab data/wiki-en/wiki_eval.jsonl.xz)"
 
 
+def test_run_settings_carry_no_local_path_and_reuse_goes_by_the_weights(tiny_gpt2, corpus, tmp_path):
+    """run_settings.json recorded the SAE's and the corpus's paths as given (the exporter's home folder, in
+    files meant for upload). It names them by their base names and the SAE by its weights' hash: the same
+    export again is reused, other weights at the same path are not."""
+    from saelab.run_folder import sae_sha256
+
+    home = tmp_path / "home" / "me"
+    text = home / "texts" / "my_text.jsonl.xz"
+    text.parent.mkdir(parents=True)
+    shutil.copy(corpus, text)
+    sae = centred_sae(tiny_gpt2, corpus, 64, 2)
+    save_sae(sae, home / "runs" / "n64" / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=str(text), n_top=2, n_samples=2, lm_batch_size=8)
+    out = tmp_path / "np"
+    assert export_neuronpedia_run(home / "runs" / "n64", out, cfg, lm=tiny_gpt2, progress=False)["reused"] is False
+    recorded = (out / "run_settings.json").read_text()
+    assert str(home) not in recorded and str(tmp_path) not in recorded
+    settings = json.loads(recorded)
+    assert (settings["sae"], settings["sae_sha256"]) == ("n64", sae_sha256(sae))
+    assert settings["inputs"]["browse"]["corpus"] == "my_text.jsonl.xz"
+    assert export_neuronpedia_run(home / "runs" / "n64", out, cfg, lm=tiny_gpt2, progress=False)["reused"] is True
+    shutil.rmtree(home / "runs" / "n64" / "sae")  # retrained: other weights at the same path
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 3), home / "runs" / "n64" / "sae")
+    with pytest.raises(RunExistsError, match="made from other SAE files"):
+        export_neuronpedia_run(home / "runs" / "n64", out, cfg, lm=tiny_gpt2, progress=False)
+
+
 # ---- sae-dashboard's own loader and its Neuronpedia converter (where installed) --------------------------------
 
 VALIDATE = textwrap.dedent('''

@@ -9,7 +9,8 @@ files from one pass of saelab's browser, for any model saelab reads::
     OUT/batch-0.json, batch-1.json, ...   {"model_id", "layer", "sae_set", "sae_id_suffix", "features": [...]}
     OUT/skipped_indexes.json              latents left out (never active on the text read), as SAEDashboard
     OUT/run_settings.json                 what was read and how, and the key of it that a repeat reuses (saelab's
-                                          record; not read by the importers)
+                                          record; not read by the importers): the SAE by its name and
+                                          weights' hash, local files by their base names, never their paths
 
 Each feature holds, with saelab's definitions (:mod:`.build`):
 
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, RunExistsError
+from saelab.run_folder import sae_sha256
 from saelab.utils.atomic import atomic_folder
 
 FORMAT = "saedashboard-neuronpedia-batches"
@@ -107,7 +109,8 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     features = FeatureWriter(stats, tokens_NT, lm, common, n_bands)
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     settings = {"format": FORMAT, "generator": "saelab", "written": written, **header, "hook_name": sae.cfg.hook_name,
-                "sae": stats.source.source, "n_latents": sae.n_latents, "n_exported": len(exported),
+                "sae": public_name(stats.source.source), "sae_sha256": sae_sha256(sae),
+                "n_latents": sae.n_latents, "n_exported": len(exported),
                 "n_tokens_scored": stats.n_tokens, **common, "n_features_per_batch": n_features_per_batch}
     if key is not None:
         settings.update(key=key, inputs=inputs)
@@ -266,14 +269,32 @@ def _check_target(out: Path, overwrite: bool, key: str | None = None,
 
 def export_key(sources, cfg, model_dtype: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(key, inputs) of an export: the browser's key of its SAEs and settings (see ``make.build_key``)
-    and the export's own options, at their defaults where not given."""
+    and the export's own options, at their defaults where not given. The SAEs are known by their weights,
+    not by where they lie, and the recorded settings name local files by their base names: the folder is
+    shared with others."""
     from saelab.explore.browser.make import build_inputs, build_key
 
     given = inspect.signature(export_neuronpedia).parameters
     options = {name: options.get(name, given[name].default) for name in EXPORT_OPTIONS}
-    blob = json.dumps([FORMAT, build_key(sources, cfg, model_dtype), options], sort_keys=True, default=str)
-    inputs = json.loads(json.dumps({**build_inputs(sources, cfg, model_dtype), "export": options}, default=str))
+    hashes = {id(s): sae_sha256(s.sae) for s in sources}  # reads every weight: once per SAE
+
+    def identify(source) -> str:
+        return hashes[id(source)]
+
+    blob = json.dumps([FORMAT, build_key(sources, cfg, model_dtype, identify), options], sort_keys=True, default=str)
+    inputs = json.loads(json.dumps({**build_inputs(sources, cfg, model_dtype, identify), "export": options},
+                                   default=str))
+    for name in ("corpus", "model"):
+        inputs["browse"][name] = public_name(inputs["browse"][name])
     return hashlib.sha256(blob.encode()).hexdigest()[:16], inputs
+
+
+def public_name(value: str | None) -> str | None:
+    """A local file or folder by its base name (no path of the user's disk in shared files); a URL, a hub
+    id or a name as given."""
+    if not value or "://" in value or not Path(value).expanduser().exists():
+        return value
+    return Path(value).expanduser().resolve().name
 
 
 EXPORT_OPTIONS = ("model_id", "layer", "sae_set", "sae_id_suffix", "n_features_per_batch", "include_dead")

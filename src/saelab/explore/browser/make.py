@@ -15,7 +15,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -95,9 +95,11 @@ def _settings(cfg: BrowseConfig) -> dict[str, Any]:
     return settings
 
 
-def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32") -> str:
-    """Hash of the inputs and settings: a site (or families file) with the same key needs no rebuild."""
-    inputs = {"saes": [[s.name, _stat_key(s)] for s in sources], "cfg": _settings(cfg),
+def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
+              identify: Callable[[SAESource], Any] = _stat_key) -> str:
+    """Hash of the inputs and settings: a site (or families file) with the same key needs no rebuild.
+    ``identify``: what stands for an SAE's files (default: their paths, sizes and times)."""
+    inputs = {"saes": [[s.name, identify(s)] for s in sources], "cfg": _settings(cfg),
               "version": SITE_VERSION}
     if model_dtype != "float32":  # another dtype gives other numbers; float32 keys stay those of earlier builds
         inputs["model_dtype"] = model_dtype
@@ -108,10 +110,12 @@ def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32") -> dict[str, Any]:
+def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
+                 identify: Callable[[SAESource], Any] = _stat_key) -> dict[str, Any]:
     """What build_key hashes, as a site or families file records it to name what differs on a refusal: the
-    settings in full, the SAE files and a local corpus's files by a hash of their names, sizes and times."""
-    files = json.dumps([[s.name, _stat_key(s)] for s in sources], default=str)
+    settings in full, the SAE files (as ``identify`` gives them) and a local corpus's files by a hash of their
+    names, sizes and times."""
+    files = json.dumps([[s.name, identify(s)] for s in sources], default=str)
     corpus = json.dumps(corpus_files_key(cfg.corpus))
     return json.loads(json.dumps({"browse": _settings(cfg), "model_dtype": model_dtype,
                                   "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16],
