@@ -1103,6 +1103,7 @@ def test_browse_export_refuses_n2g_settings_before_the_model_loads(tmp_path, cap
     _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))
     (tmp_path / "n2g.json").write_text(json.dumps({"per_latent": [{"latent": 3, "patterns": [
         {"tokens": [" the"], "anchored": False, "value": 0.5, "count": 2}], "precision": 1.0}]}))
+    (tmp_path / "c.json").write_text(json.dumps({"browse": {"n2g_file": "n2g.json"}}))
     export = ["browse", "sae", "--export", "neuronpedia", "np"]
     where = ("the Neuronpedia export (--export neuronpedia) has no place for N2G explanations (SAEDashboard's "
              "batch files hold none); leave {} out, or build the site (browse without --export) to show them")
@@ -1111,9 +1112,12 @@ def test_browse_export_refuses_n2g_settings_before_the_model_loads(tmp_path, cap
                ([*export, "--n2g-latents", "3"], "error: --n2g-latents 3: " + where.format("--n2g-latents")),
                ([*export, "--n2g-padding-token", "x"], "error: --n2g-padding-token 'x': "
                 + where.format("--n2g-padding-token")),
+               # from a --config file: named as its entry, not as an option never typed
+               ([*export, "--config", "c.json"], "saelab browse: error: --config c.json: browse.n2g_file n2g.json: "
+                + where.format("browse.n2g_file")),
                # without them the export goes on to the load, which is what fails
                (export, "cannot load model directory")], capsys)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "n2g.json", "sae"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "model", "n2g.json", "sae"]
 
 
 def test_browse_export_refuses_the_options_of_the_site_before_the_model_loads(tmp_path, capsys, monkeypatch):

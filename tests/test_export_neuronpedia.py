@@ -297,6 +297,25 @@ def test_run_settings_carry_no_local_path_and_reuse_goes_by_the_weights(tiny_gpt
         export_neuronpedia_run(home / "runs" / "n64", out, cfg, lm=tiny_gpt2, progress=False)
 
 
+def test_a_run_folder_s_n2g_explanations_are_named_as_left_out(tiny_gpt2, corpus, tmp_path, capsys):
+    """The batch files have no place for an explanation: a run folder's N2G explanations (which its site
+    shows) were left out of the export without a word. One line on stderr says so; a run without them, none."""
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "run" / "sae")
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 3), tmp_path / "plain" / "sae")
+    (tmp_path / "run" / "n2g.json").write_text(json.dumps({"per_latent": [
+        {"latent": i, "patterns": [{"tokens": [" the"], "anchored": False, "value": 0.5, "count": 2}], "precision": 1.0}
+        for i in (3, 5)]}))
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    export_neuronpedia_run(tmp_path / "plain", tmp_path / "np-plain", cfg, lm=tiny_gpt2, progress=False)
+    assert capsys.readouterr().err == ""
+    for _ in range(2):  # written, then reused: still without them
+        export_neuronpedia_run(tmp_path / "run", tmp_path / "np", cfg, lm=tiny_gpt2, progress=False)
+        err = capsys.readouterr().err.strip()
+        assert err == (f"saelab: warning: the run {tmp_path / 'run'} keeps N2G explanations of 2 latent(s); the "
+                       "Neuronpedia export leaves them out (SAEDashboard's batch files have no place for them): "
+                       f"browse {tmp_path / 'run'} without --export shows them")
+
+
 # ---- sae-dashboard's own loader and its Neuronpedia converter (where installed) --------------------------------
 
 VALIDATE = textwrap.dedent('''

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (Once, add_io_options, finite_float, first_repeat, positional_indices, positive_int,
-                               typed, unknown_options)
+from saelab.cli.common import (Once, add_io_options, finite_float, first_repeat, given, positional_indices,
+                               positive_int, typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.positions import comma_items, index_list
@@ -293,7 +293,7 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.explore.browser.export import export_neuronpedia_run
+    from saelab.explore.browser.export import export_neuronpedia_run, refuse_explanations
 
     fmt, out = args.export
     if fmt != "neuronpedia":
@@ -308,6 +308,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     if unused:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (browse without --export); the Neuronpedia "
                           "export does not use it")
+    refuse_explanations(args.browse, lambda setting: given(args, setting))  # a --config entry named as the file has it
     check_output_folder(out, "--export OUT")
     # the export loads the model itself, after its own checks of the targets, hook and corpus
     result = export_neuronpedia_run(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,

@@ -34,7 +34,8 @@ Each feature holds, with saelab's definitions (:mod:`.build`):
 
 No explanation: a feature of the batch files has no field for one, and the converters to Neuronpedia's
 bulk-import layout write features and activations only (Neuronpedia's explanations come from its own
-explainers, each with its type and explainer model). The browser's N2G settings are therefore refused.
+explainers, each with its type and explainer model). The browser's N2G settings are therefore refused, and
+the explanations a run folder keeps are named on stderr as left out.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ import inspect
 import json
 import os
 import re
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -334,9 +336,11 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     from saelab.explore.browser.make import load_model_beside, open_sources
 
     cfg = cfg or BrowseConfig()
-    _refuse_explanations(cfg)
+    refuse_explanations(cfg)
     one = isinstance(sae_sources, (str, os.PathLike, SAESource))
     sources, loaded_here = open_sources(sae_sources)
+    for s in sources:
+        _say_explanations_left_out(s)
     key, inputs = export_key(sources, cfg, model_dtype, kwargs)
     targets = [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]
     # before the model loads and the text is scored; an export of the same key is the same files
@@ -361,9 +365,22 @@ def _as_given(summaries: list[dict[str, Any]], one: bool) -> dict[str, Any] | li
     return summaries[0] if one or len(summaries) == 1 else summaries
 
 
-def _refuse_explanations(cfg) -> None:
+def _say_explanations_left_out(source) -> None:
+    """One line on stderr for the N2G explanations a run folder keeps (those its site shows): the batch
+    files have no place for them (module docstring), and they were left out without a word."""
+    from saelab.explore.browser.build import run_explanations
+
+    explained = run_explanations(source.run_dir, source.sae) if source.run_dir is not None else {}
+    if explained:
+        print(f"saelab: warning: the run {source.source} keeps N2G explanations of {len(explained)} latent(s); the "
+              "Neuronpedia export leaves them out (SAEDashboard's batch files have no place for them): browse "
+              f"{source.source} without --export shows them", file=sys.stderr)
+
+
+def refuse_explanations(cfg, given_as: Callable[[str], str | None] = lambda setting: None) -> None:
     """Refuse the browser's N2G settings: the batch files have no place for an explanation (module
-    docstring), so they would be dropped without a word."""
+    docstring), so they would be dropped without a word. ``given_as("browse.n2g_file")``: how the user gave
+    the setting (an option as typed, or a --config file's entry), named so in the refusal; None: its name."""
     from saelab.explore.browser.build import BrowseConfig
 
     default = BrowseConfig()
@@ -371,6 +388,7 @@ def _refuse_explanations(cfg) -> None:
         value = getattr(cfg, field)
         if value != getattr(default, field):
             shown = repr(value) if field == "n2g_padding_token" else value
-            raise ConfigError(f"browse.{field} {shown}: the Neuronpedia export (--export neuronpedia) has no place "
-                              "for N2G explanations (SAEDashboard's batch files hold none); leave "
-                              f"browse.{field} out, or build the site (browse without --export) to show them")
+            file, _, entry = (given_as(f"browse.{field}") or f"browse.{field}").rpartition(": ")
+            raise ConfigError(f"{file}{': ' if file else ''}{entry} {shown}: the Neuronpedia export (--export "
+                              "neuronpedia) has no place for N2G explanations (SAEDashboard's batch files hold "
+                              f"none); leave {entry} out, or build the site (browse without --export) to show them")
