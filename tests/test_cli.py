@@ -1162,6 +1162,38 @@ def test_browse_export_again_reuses_the_same_export_and_refuses_another(tmp_path
     assert json.loads(capsys.readouterr().out)["saes"]["reused"] is False
 
 
+def test_browse_export_names_the_model_and_sae_set_as_given(tmp_path, tiny_dir, data_dir, capsys, monkeypatch):
+    """--model-id and --sae-set name the export's Neuronpedia pages (they were Python-only: a command-line
+    export always took the names saelab made up); ids Neuronpedia cannot take are refused before the model
+    loads, as are the options without --export and one --sae-set for several SAEs."""
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64), ("sae128", 128))
+    export = ["browse", "sae", "--export", "neuronpedia", "np"]
+    (tmp_path / "c.json").write_text(json.dumps({"model_id": "My Model"}))
+    _refusals([([*export, "--model-id", "GPT2-small"], "saelab browse: error: --model-id 'GPT2-small': expected 2 to "
+                "32 lowercase letters, digits, hyphens and periods, from a letter to a letter or digit, without '--' "
+                "or '..' (as Neuronpedia's model ids: gpt2-small, gemma-2-2b)"),
+               ([*export, "--model-id", "gpt2--small"], "--model-id 'gpt2--small': expected 2 to 32"),
+               ([*export, "--config", "c.json"], "error: --config c.json: model_id 'My Model': expected 2 to 32"),
+               ([*export, "--sae-set", "res/jb"], "error: --sae-set 'res/jb': expected 1 to 64 lowercase letters, "
+                "digits, hyphens, underscores and periods"),
+               ([*export, "--sae-set", "res__jb"], "--sae-set 'res__jb': expected 1 to 64"),
+               (["browse", "sae", "sae128", "--export", "neuronpedia", "np", "--sae-set", "res-jb"],
+                "error: --sae-set res-jb: names one SAE's set, and 2 SAEs were given"),
+               (["browse", "sae", "--out", "site", "--sae-set", "res-jb"], "error: --sae-set names the Neuronpedia "
+                "export's pages; add --export neuronpedia OUT, or leave it out"),
+               # good ids go on to the load, which is what fails
+               ([*export, "--model-id", "gpt2-small", "--sae-set", "res_scefr-ajt"], "cannot load model directory")],
+              capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "model", "sae", "sae128"]
+    _save_saes(tmp_path, tiny_dir, ("real", 64))
+    assert main(["browse", "real", "--export", "neuronpedia", "np", "--model-id", "tiny-gpt2", "--sae-set", "res-x",
+                 "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), "--n-tokens", "62", "--n-top", "2",
+                 "--n-samples", "2", "--no-progress"]) == 0
+    batch = json.loads((tmp_path / "np" / "batch-0.json").read_text())
+    assert (batch["model_id"], batch["sae_set"], batch["layer"]) == ("tiny-gpt2", "res-x", 1)
+
+
 def test_browse_checks_the_hook_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = _config_only_model(tmp_path / "model")

@@ -209,6 +209,10 @@ def test_dead_latents_exported_on_request_and_names_checked(exported, tiny_gpt2,
         export_neuronpedia(odd, tokens, tiny_gpt2, tmp_path / "odd")
     with pytest.raises(ConfigError, match="n_features_per_batch"):
         export_neuronpedia(stats, tokens, tiny_gpt2, tmp_path / "odd", n_features_per_batch=0)
+    with pytest.raises(ConfigError, match=r"model_id 'GPT 2': expected 2 to 32 lowercase letters"):
+        export_neuronpedia(stats, tokens, tiny_gpt2, tmp_path / "odd", model_id="GPT 2")
+    with pytest.raises(ConfigError, match=r"sae_set 'res\.': expected 1 to 64 lowercase letters"):
+        export_neuronpedia(stats, tokens, tiny_gpt2, tmp_path / "odd", sae_set="res.")
 
 
 def test_a_failed_final_rename_keeps_the_earlier_export(exported, tiny_gpt2, tmp_path, monkeypatch):
@@ -240,6 +244,9 @@ def test_run_folders_exported_in_one_pass(tiny_gpt2, corpus, tmp_path):
     res = export_neuronpedia_run([tmp_path / "small", tmp_path / "large"], tmp_path / "np", cfg, lm=tiny_gpt2,
                                  progress=False)
     assert [r["features"] + r["skipped"] for r in res] == [64, 96]
+    with pytest.raises(ConfigError, match="sae_set 'res' names one SAE's set, and 2 SAEs were given"):
+        export_neuronpedia_run([tmp_path / "small", tmp_path / "large"], tmp_path / "np2", cfg, lm=tiny_gpt2,
+                               progress=False, sae_set="res")
     for name in ("small", "large"):
         feats = json.loads((tmp_path / "np" / name / "batch-0.json").read_text())["features"]
         assert feats and all(len(f["logits_hist_data_bar_heights"]) == 50 for f in feats)

@@ -234,6 +234,12 @@ def add_browse(sub) -> None:
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "OUT"), default=None,
                    help="instead of the site, write the latents' pages for another viewer: 'neuronpedia OUT' "
                         "writes SAEDashboard's Neuronpedia batch files (batch-N.json) into the folder OUT")
+    p.add_argument("--model-id", default=None, metavar="ID",
+                   help="with --export neuronpedia: the model's Neuronpedia id, 2 to 32 of a-z 0-9 - . from a letter "
+                        "(e.g. gpt2-small; default: from the model's name)")
+    p.add_argument("--sae-set", default=None, metavar="NAME",
+                   help="with --export neuronpedia, one SAE: its Neuronpedia SAE set, 1 to 64 of a-z 0-9 - _ . "
+                        "(e.g. res-jb; its pages are MODEL/LAYER-NAME; default: from the SAE's name)")
     p.add_arguments(BrowseConfig, dest="browse")
     add_io_options(p)
     p.set_defaults(handler=run_browse)
@@ -273,6 +279,10 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.export:
         return _export(args)
+    for dest in ("model_id", "sae_set"):
+        if getattr(args, dest) is not None:
+            raise ConfigError(f"{given(args, dest)} names the Neuronpedia export's pages; add --export neuronpedia OUT, "
+                              "or leave it out")
     if args.serve:
         _check_port(args.port)  # before a long build, not after it
     elif typed(args, "--port"):
@@ -293,7 +303,7 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.explore.browser.export import export_neuronpedia_run, refuse_explanations
+    from saelab.explore.browser.export import check_neuronpedia_ids, export_neuronpedia_run, refuse_explanations
 
     fmt, out = args.export
     if fmt != "neuronpedia":
@@ -309,10 +319,16 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (browse without --export); the Neuronpedia "
                           "export does not use it")
     refuse_explanations(args.browse, lambda setting: given(args, setting))  # a --config entry named as the file has it
+    check_neuronpedia_ids(args.model_id, args.sae_set, (given(args, "model_id"), given(args, "sae_set")))
+    if args.sae_set is not None and len(args.sae) > 1:  # each SAE's pages would take the same address
+        raise ConfigError(f"{given(args, 'sae_set')} {args.sae_set}: names one SAE's set, and {len(args.sae)} SAEs "
+                          "were given; export each SAE with its own --sae-set, or leave it out (each SAE's set is "
+                          "then its name)")
     check_output_folder(out, "--export OUT")
     # the export loads the model itself, after its own checks of the targets, hook and corpus
     result = export_neuronpedia_run(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
-                                    progress=args.progress, overwrite=args.overwrite)
+                                    progress=args.progress, overwrite=args.overwrite, model_id=args.model_id,
+                                    sae_set=args.sae_set)
     if all(r["reused"] for r in (result if isinstance(result, list) else [result])):  # the same command again
         print(f"{out} already holds this Neuronpedia export (--overwrite writes it again)", file=sys.stderr)
     return {"export": "neuronpedia", "out": out, "saes": result}

@@ -98,6 +98,7 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     for name, value in (("n_features_per_batch", n_features_per_batch), ("n_bands", n_bands)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+    check_neuronpedia_ids(model_id, sae_set)
     out = Path(out)
     _check_target(out, overwrite)
     sae = stats.source.sae
@@ -220,6 +221,26 @@ def _num(x: float) -> float | int:
     return -1 if x == -1 else round(float(x), ROUND)
 
 
+MODEL_ID_RULE = (re.compile(r"[a-z][a-z0-9.-]{0,30}[a-z0-9]"),
+                 "2 to 32 lowercase letters, digits, hyphens and periods, from a letter to a letter or digit, "
+                 "without '--' or '..' (as Neuronpedia's model ids: gpt2-small, gemma-2-2b)")
+SAE_SET_RULE = (re.compile(r"[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?"),
+                "1 to 64 lowercase letters, digits, hyphens, underscores and periods, from a letter or digit to "
+                "one, without '__' (it parts the set from sae_id_suffix; as Neuronpedia's SAE sets: res-jb, "
+                "res_scefr-ajt)")
+
+
+def check_neuronpedia_ids(model_id: str | None, sae_set: str | None,
+                          names: tuple[str, str] = ("model_id", "sae_set")) -> None:
+    """Refuse a model id or SAE set Neuronpedia cannot take (they name its pages: /MODEL/LAYER-SET/INDEX),
+    named as ``names`` say (the options on the command line)."""
+    for value, name, (pattern, rule), doubled in ((model_id, names[0], MODEL_ID_RULE, ("--", "..")),
+                                                  (sae_set, names[1], SAE_SET_RULE, ("__",))):
+        if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)
+                                  or any(d in value for d in doubled)):
+            raise ConfigError(f"{name} {value!r}: expected {rule}")
+
+
 def default_model_id(name: str) -> str:
     """A Neuronpedia-style model id from ``lm.name``: the hub id's or folder's last part, lower case."""
     if name == "default":
@@ -337,8 +358,12 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
 
     cfg = cfg or BrowseConfig()
     refuse_explanations(cfg)
+    check_neuronpedia_ids(kwargs.get("model_id"), kwargs.get("sae_set"))  # before the SAEs and the model load
     one = isinstance(sae_sources, (str, os.PathLike, SAESource))
     sources, loaded_here = open_sources(sae_sources)
+    if kwargs.get("sae_set") is not None and len(sources) > 1:  # each SAE's pages would take the same address
+        raise ConfigError(f"sae_set {kwargs['sae_set']!r} names one SAE's set, and {len(sources)} SAEs were given; "
+                          "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")
     for s in sources:
         _say_explanations_left_out(s)
     key, inputs = export_key(sources, cfg, model_dtype, kwargs)
