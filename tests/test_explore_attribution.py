@@ -106,6 +106,26 @@ def test_latent_logit_effects_equal_manual_matmul(tiny_gpt2, sae):
     assert eff["promoted"][0][0] == tiny_gpt2.tokenizer.decode([eff["promoted"][0][1]])
 
 
+def test_logit_effects_show_a_token_holding_part_of_a_character_as_its_bytes(tiny_gpt2):
+    """Byte-level BPE tokens holding part of a character (🎉: F0 9F | 8E | 89) were listed one by one as
+    "\ufffd": different tokens looked the same. They read as their bytes, as top and the site show them."""
+    from saelab.evals.probe_tasks import token_strings
+
+    tok = tiny_gpt2.tokenizer
+    partial = [i for i in tok(" 🎉中")["input_ids"] if "\ufffd" in tok.decode([i])]
+    assert len(partial) >= 2
+    sae = TopKSAE(SAEConfig(d_in=tiny_gpt2.d_model, n_latents=4, k=1, hook_name=HOOK))
+    W_U = tiny_gpt2.model.lm_head.weight.detach()
+    with torch.no_grad():  # latent 1 writes the sum of their unembeddings: they are its top tokens
+        sae.W_dec[1] = W_U[partial].sum(0) / tiny_gpt2.model.transformer.ln_f.weight
+    eff = latent_logit_effects(tiny_gpt2, sae, 1, top=len(partial))
+    shown = {i: s for s, i, _ in eff["promoted"]}
+    assert sorted(shown) == sorted(partial)
+    assert not [s for s in shown.values() if "\ufffd" in s]
+    assert len(set(shown.values())) == len(partial)
+    assert [s for s, _, _ in eff["promoted"]] == token_strings(tok, list(shown), readable_bytes=True)
+
+
 def test_token_latent_gradients(tiny_gpt2, sae, tokens):
     lm, pos, lat = tiny_gpt2, 6, 4
     sal = token_latent_gradients(lm, sae, tokens, lat, pos)

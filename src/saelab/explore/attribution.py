@@ -292,15 +292,20 @@ def latent_logit_effects(lm, sae: TopKSAE, latent: int, top: int = 20) -> dict:
 
     ``values`` = ``W_U (g * W_dec[latent])`` (see :func:`unembed_direction`; ``g`` the final norm
     weight). Returns ``{latent, promoted, suppressed, values}`` with ``promoted``/``suppressed``
-    lists of ``(token string, token id, value)``.
+    lists of ``(token string, token id, value)``; a token holding part of a character reads as its
+    bytes, escaped (``token_strings(..., readable_bytes=True)``).
     """
     if not 0 <= latent < sae.n_latents:
         raise IndexError(f"latent {latent} out of range: the SAE has {sae.n_latents} latents")
+    from saelab.evals.probe_tasks import token_strings
+
     values = unembed_direction(lm, sae.W_dec[latent]).float().cpu()
     k = min(top, values.numel())
 
     def listing(idx: torch.Tensor) -> list[tuple[str, int, float]]:
-        return [(lm.tokenizer.decode([int(i)]), int(i), float(values[i])) for i in idx]
+        # a token holding part of a character as its bytes ("\xe4\xb8"), as top and the site show it, not "\ufffd"
+        ids = idx.tolist()
+        return [(s, i, float(values[i])) for s, i in zip(token_strings(lm.tokenizer, ids, readable_bytes=True), ids)]
 
     return {
         "latent": latent,
