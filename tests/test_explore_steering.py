@@ -234,6 +234,28 @@ def test_default_positions_leave_bos_as_the_splice_does(tiny_series, tiny_series
         assert (at_bos[0, 0] - lm.logits(tokens)[0, 0]).abs().max() > 1e-3
 
 
+def test_a_steering_built_by_hand_leaves_position_0_as_steer_does(tiny_gpt2, sae, tokens):
+    """The rule that the default positions skip position 0 for an SAE trained without it lived in steer():
+    a Steering built from the Python API with positions=None edited BOS, which the SAE never saw."""
+    from saelab.explore import Steering
+
+    no_bos = copy.deepcopy(sae)
+    no_bos.cfg.exclude_first = True
+    with_bos = copy.deepcopy(sae)
+    with_bos.cfg.exclude_first = False
+    by_hand = Steering(tiny_gpt2, no_bos, [7], "add", torch.tensor([4.0]), None, HOOK)
+    assert by_hand.positions == slice(1, None) and "positions 1:" in by_hand.describe()
+    clean = tiny_gpt2.logits(tokens)
+    got = tiny_gpt2.logits(tokens, edits=by_hand.edits)
+    assert torch.equal(got[:, 0], clean[:, 0]) and (got[:, 1] - clean[:, 1]).abs().max() > 1e-3
+    assert torch.equal(got, tiny_gpt2.logits(tokens, edits=steer(tiny_gpt2, no_bos, 7, "add", 4.0).edits))
+    # an SAE that reads position 0 is steered there too; given positions are checked as steer checks them
+    every = Steering(tiny_gpt2, with_bos, [7], "add", torch.tensor([4.0]), None, HOOK)
+    assert every.positions is None and not torch.equal(tiny_gpt2.logits(tokens, edits=every.edits)[:, 0], clean[:, 0])
+    with pytest.raises(ValueError, match="non-negative"):
+        Steering(tiny_gpt2, sae, [7], "add", torch.tensor([4.0]), slice(-1, None), HOOK)
+
+
 def test_steer_scale_tokens_past_the_eval_split_names_the_option_and_its_maximum(tiny_dir, sae, tmp_path, capsys):
     import re
 

@@ -38,11 +38,13 @@ STEER_MODES = ("add", "clamp", "ablate")
 
 
 class Steering:
-    """An edit ``x -> x'`` at ``hook`` that adds, clamps or ablates SAE latents; build with :func:`steer`."""
+    """An edit ``x -> x'`` at ``hook`` that adds, clamps or ablates SAE latents; build with :func:`steer`.
+    ``positions`` as :func:`steer` takes them (None: every position the SAE reads)."""
 
     def __init__(self, lm, sae: TopKSAE, latents: Sequence[int], mode: str, values: torch.Tensor,
                  positions: Positions, hook: str) -> None:
-        self.lm, self.sae, self.mode, self.positions, self.hook = lm, sae, mode, positions, hook
+        self.lm, self.sae, self.mode, self.hook = lm, sae, mode, hook
+        self.positions = steered_positions(sae, positions)
         self.latents = torch.as_tensor(list(latents), dtype=torch.long)
         self.values = values
         self._tracker = position_tracker(lm)
@@ -137,9 +139,15 @@ def steer(
         values = values.expand(len(latents)).clone()
     if values.numel() != len(latents):
         raise ValueError(f"got {values.numel()} values for {len(latents)} latents")
-    if positions is None and sae.cfg.exclude_first:  # the splice leaves position 0, which the SAE never saw
-        positions = slice(1, None)
-    return Steering(lm, sae, latents, mode, values, check_positions(positions), hook)
+    return Steering(lm, sae, latents, mode, values, positions, hook)
+
+
+def steered_positions(sae: TopKSAE, positions: Positions) -> Positions:
+    """``positions`` checked; None: every position the SAE reads, from 1 for an SAE trained without
+    position 0 (``cfg.exclude_first``): the splice leaves position 0, which the SAE never saw."""
+    if positions is None and sae.cfg.exclude_first:
+        return slice(1, None)
+    return check_positions(positions)
 
 
 def combine_edits(*edit_dicts: Mapping[str, Callable]) -> dict[str, Callable]:
