@@ -226,6 +226,32 @@ def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
 TRAIN_ROWS = 8192
 
 
+def test_a_small_harvest_tokenizes_only_the_pool_it_draws_from(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """`saelab harvest --n-tokens 4096` at the default --sample-pool-tokens (16 M) tokenized the whole corpus
+    into its pool before the first forward, with no bar moving: its pool is now 16 times the tokens it
+    harvests (65,536), which the first batch of 64 documents holds, and a bar counts the pool's contexts."""
+    from saelab.models import LanguageModel
+
+    corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 200)  # ~800k tokens
+    tokenize, texts = LanguageModel.tokenize, []
+
+    def counted(lm, batch):  # the real tokenizer, its texts counted
+        texts.extend(batch)
+        return tokenize(lm, batch)
+
+    monkeypatch.setattr(LanguageModel, "tokenize", counted)
+    capsys.readouterr()
+    code = main(["harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(corpus),
+                 "--out", str(tmp_path / "acts"), "--n-tokens", "4096", "--buffer-tokens", "8192"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    assert len(texts) <= 64, len(texts)
+    pool_bar = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("context pool")]
+    assert pool_bar and "1.02k/1.02k" in pool_bar[-1], pool_bar[-1:]  # 65,536 tokens of 64-token contexts
+    cache = ActivationCache(tmp_path / "acts")
+    assert cache.n_rows == 4096 and cache.meta["sample_pool_tokens_drawn"] == 65536  # not resumed from a larger pool
+
+
 @pytest.fixture(scope="module")
 def kill_cache(tiny_gpt2, tiny_dir, data_dir, tmp_path_factory) -> Path:
     """8,192 real activation rows of the tiny GPT-2 (its saved folder named as the model)."""

@@ -50,6 +50,11 @@ DEFAULT_HOOK = "blocks.9.hook_resid_post"
 HARVEST_BATCH = 4096
 """Rows per block the harvest stream hands to the cache (its shuffle buffer holds at least two)."""
 
+SAMPLE_POOL_FACTOR = 16
+"""A harvest draws its contexts from at most this many times the tokens it harvests (16 M for the default
+1 M, which is also the default --sample-pool-tokens): spread over many documents, while a small harvest
+does not tokenize a pool of 16 M tokens for a few thousand."""
+
 
 @dataclass
 class HarvestConfig:
@@ -79,7 +84,8 @@ class HarvestConfig:
     """Shuffle buffer (rows) between the LM and the cache; at least 2 * 4,096."""
     sample_pool_tokens: int = 16_777_216
     """Contexts are drawn at random from the first this-many corpus tokens, so that a harvest smaller
-    than the corpus spans many documents instead of its first few; a pool smaller than the tokens
+    than the corpus spans many documents instead of its first few; the pool is at most 16 times the
+    tokens harvested (a smaller harvest tokenizes less text first); a pool smaller than the tokens
     harvested is raised to them (the harvest then takes the corpus's first contexts, as 0 does);
     0: contexts in corpus order."""
     seed: int = 0
@@ -102,8 +108,14 @@ class HarvestConfig:
         check_hook_form(self.hook)
 
 
-def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):
-    """Packed contexts of the corpus, drawn across its first sample_pool_tokens tokens."""
+def _pool_tokens(cfg: HarvestConfig) -> int:
+    """The corpus tokens a harvest draws its contexts from: sample_pool_tokens, at most SAMPLE_POOL_FACTOR
+    times the tokens harvested."""
+    return min(cfg.sample_pool_tokens, SAMPLE_POOL_FACTOR * cfg.n_tokens)
+
+
+def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str, progress: bool):
+    """Packed contexts of the corpus, drawn across its first _pool_tokens tokens."""
     contexts = pack_contexts(iter_texts(corpus), lm.tokenize, lm.check_context_size(cfg.context_size),
                              bos_token_id=lm.bos_token_id, prepend_bos=cfg.prepend_bos)
     first = next(contexts, None)  # an empty corpus raises here; a too-short one gives no context
@@ -113,8 +125,8 @@ def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str):
     contexts = itertools.chain([first], contexts)
     if cfg.sample_pool_tokens > 0:
         per_context = cfg.context_size - (1 if cfg.exclude_first else 0)
-        contexts = sample_contexts(contexts, -(-cfg.n_tokens // per_context),
-                                   cfg.sample_pool_tokens // cfg.context_size, seed=cfg.seed)
+        contexts = sample_contexts(contexts, -(-cfg.n_tokens // per_context), _pool_tokens(cfg) // cfg.context_size,
+                                   seed=cfg.seed, progress=progress)
     return contexts
 
 
@@ -145,9 +157,14 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
 
 def _harvest_meta(cfg: HarvestConfig, corpus: str) -> dict[str, Any]:
     """What an activation cache records of its harvest (a local model path as an absolute one)."""
-    return {**model_provenance(model_name(cfg.model)), "hook_name": cfg.hook, "context_size": cfg.context_size,
+    meta = {**model_provenance(model_name(cfg.model)), "hook_name": cfg.hook, "context_size": cfg.context_size,
             "prepend_bos": cfg.prepend_bos, "exclude_first": cfg.exclude_first, "dataset": corpus,
             "harvest": asdict(cfg)}
+    if cfg.sample_pool_tokens and _pool_tokens(cfg) < cfg.sample_pool_tokens:
+        # Only a pool smaller than the option's is recorded: caches drawn from the option's whole pool, as
+        # before the pool was sized to the harvest, are still this harvest; a smaller one is not resumed.
+        meta["sample_pool_tokens_drawn"] = _pool_tokens(cfg)
+    return meta
 
 
 def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, corpus: str, meta: dict[str, Any], *,
@@ -157,7 +174,7 @@ def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, corpus: str, meta: di
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
     check_disk_room(out_dir, cfg.n_tokens, lm.hook_width(cfg.hook), cfg.dtype, overwrite=overwrite)
-    stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus),
+    stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus, progress),
                               StreamConfig(batch_size=HARVEST_BATCH, lm_batch_size=cfg.lm_batch_size,
                                            exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens,
                                            seed=cfg.seed, max_tokens=cfg.n_tokens, drop_last=False,

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from saelab.errors import CorpusError
 
@@ -104,7 +105,7 @@ def pack_contexts(
 
 
 def sample_contexts(contexts: Iterable[torch.Tensor], n_contexts: int, pool_contexts: int, *,
-                    seed: int = 0) -> Iterator[torch.Tensor]:
+                    seed: int = 0, progress: bool = False) -> Iterator[torch.Tensor]:
     """``n_contexts`` windows drawn at random (seeded) from the first ``pool_contexts`` of a stream.
 
     Packed windows follow the corpus, so a harvest much smaller than the corpus would otherwise
@@ -112,16 +113,19 @@ def sample_contexts(contexts: Iterable[torch.Tensor], n_contexts: int, pool_cont
     SAE trained on them reconstructs other articles worse. Drawing from a larger pool spreads the
     windows over many documents. The draw keeps corpus order (a shuffle buffer follows anyway)
     and is deterministic, so an interrupted harvest resumes with the same windows. A pool smaller
-    than ``n_contexts`` yields every window it has.
+    than ``n_contexts`` yields every window it has. ``progress``: a bar counting the pool's contexts
+    (tokenizing a large pool takes a while before the first window is yielded).
     """
     if n_contexts <= 0:
         return
     pool_contexts = max(pool_contexts, n_contexts)
     pool = []
-    for ctx in contexts:
-        pool.append(ctx.clone())  # packed contexts share storage with their neighbours
-        if len(pool) >= pool_contexts:
-            break
+    with tqdm(total=pool_contexts, unit="ctx", unit_scale=True, desc="context pool", disable=not progress) as bar:
+        for ctx in contexts:
+            pool.append(ctx.clone())  # packed contexts share storage with their neighbours
+            bar.update(1)
+            if len(pool) >= pool_contexts:
+                break
     if len(pool) <= n_contexts:
         yield from pool
         return
