@@ -37,7 +37,7 @@ from saelab.models import LanguageModel
 from saelab.pipeline import EvalConfig, HarvestConfig, evaluate, harvest
 from saelab.sae import SAEConfig, TopKSAE, load_sae, save_sae
 from saelab.train import TrainConfig, Trainer, train_sae
-from saelab.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from saelab.train.checkpoint import CHECKPOINT, load_checkpoint, read_status, save_checkpoint
 from saelab.utils.folder_lock import LOCK
 
 HOOK = "blocks.1.hook_resid_post"
@@ -648,6 +648,27 @@ def test_cli_train_keeps_a_finished_run(tiny_cache, tmp_path, capsys):
     assert "--overwrite" in err
     assert snapshot(run) == before
     assert issubclass(RunExistsError, SaelabError)
+
+
+def test_cli_train_on_a_small_cache_trains_on_all_its_rows_unless_total_tokens_is_given(tiny_cache, tmp_path, capsys):
+    """`saelab train --activations CACHE` on a cache of 1,024 rows was refused: the short-run recipe's
+    --total-tokens 1,048,576 did not fit, though the user never typed it. Left at its default it now trains on
+    all the cache's rows, says so, and records it; a --total-tokens typed larger than the cache is refused."""
+    small = ["--n-latents", "64", "--k", "4", "--init-rows", "256", "--no-progress"]
+    code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "run"),
+                             "--batch-size", "128", *small)
+    assert code == 0, err
+    assert err.splitlines()[0] == (f"saelab: activation cache {tiny_cache} holds 1,024 rows, fewer than the recipe's "
+                                   "1,048,576 training tokens; training on all of them (--total-tokens 1024)")
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]
+    assert (recorded["total_tokens"], read_status(tmp_path / "run")["state"]) == (1024, "finished")
+    code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "typed"),
+                             "--batch-size", "128", "--total-tokens", "2048", *small)
+    assert code == 2 and "holds 1,024 rows but training needs 2,048" in err and "--total-tokens 1024 at most" in err
+    code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "batch"),
+                             "--batch-size", "2048", *small)
+    assert code == 2 and err == (f"saelab train: error: activation cache {str(tiny_cache)!r} holds 1,024 rows, fewer "
+                                 "than one batch (--batch-size 2048); harvest more, or give a smaller --batch-size")
 
 
 def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_dir, corpus, tmp_path, capsys,

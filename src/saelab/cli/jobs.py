@@ -8,13 +8,14 @@ import dataclasses
 import itertools
 import re
 import shlex
+import sys
 import typing
 from pathlib import Path
 from typing import Any
 
 from saelab.cli.common import (add_io_options, did_you_mean, given, literal_choices, reword_fields, type_words,
                                typed, typed_starting)
-from saelab.data import IncompleteCacheError
+from saelab.data import ActivationCache, IncompleteCacheError
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
@@ -158,9 +159,28 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     refuse_options_that_do_not_apply(args)
     init_from_env()  # data-parallel when started by torchrun
     with _finished_by_harvest(args.activations):
-        sae = train_from_cache(args.activations, args.out, args.train, device=args.device, overwrite=args.overwrite,
+        cache = ActivationCache(args.activations)
+        train = _fit_to_cache(args, cache)
+        sae = train_from_cache(cache, args.out, train, device=args.device, overwrite=args.overwrite,
                                progress=args.progress, log_to=args.log_to)
     return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, "k": sae.cfg.k}
+
+
+def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache) -> TrainConfig:
+    """The training settings, with a --total-tokens left at the recipe's default lowered to the rows of a cache
+    that holds fewer (said in one line; train_config.json records it). One the user gave is kept: the
+    training refuses it when the cache cannot hold it."""
+    train = args.train
+    if given(args, "train.total_tokens") is not None or cache.n_rows >= train.total_tokens:
+        return train
+    if cache.n_rows < train.batch_size:
+        raise ConfigError(f"activation cache {args.activations!r} holds {cache.n_rows:,} rows, fewer than one batch "
+                          f"(--batch-size {train.batch_size}); harvest more, or give a smaller --batch-size")
+    if ddp.rank() == 0:
+        print(f"saelab: activation cache {args.activations} holds {cache.n_rows:,} rows, fewer than the recipe's "
+              f"{train.total_tokens:,} training tokens; training on all of them (--total-tokens {cache.n_rows})",
+              file=sys.stderr)
+    return dataclasses.replace(train, total_tokens=cache.n_rows)
 
 
 @contextlib.contextmanager
