@@ -1345,6 +1345,35 @@ def test_steer_refuses_unreachable_positions_before_the_model_loads(gpt2_tokeniz
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 
+def test_top_and_browse_refuse_n_tokens_past_the_corpus_before_the_model_loads(gpt2_tokenizer, data_dir, tmp_path,
+                                                                               capsys, monkeypatch):
+    """`top` and `browse` with --n-tokens past the corpus read the whole text, loaded the model and then
+    failed with a count of contexts (`gave only 11 contexts of 32 tokens; 3226 requested`). The model folder
+    holds a config and a tokenizer but no weights: the corpus is measured with the tokenizer, before a load."""
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(model)
+    _save_saes(tmp_path, model, ("sae", 64), ("sae128", 128))
+    (tmp_path / "c.txt").write_text("The cat sat on the mat. " * 50, encoding="utf-8")  # 351 tokens: 11 contexts
+    most = 11 * 31  # position 0 (BOS) of each 32-token context is not read by an SAE trained without it
+    past = (f"--n-tokens 100,000: the corpus c.txt holds {most:,} tokens the SAE reads; expected --n-tokens {most} "
+            "at most")
+    top = ["top", "sae", "--latent", "1", "--corpus", "c.txt", "--n-tokens"]
+    browse = ["browse", "sae", "--out", "site", "--corpus", "c.txt", "--n-tokens"]
+    families = ["families", "sae", "sae128", "--out", "ff.json", "--corpus", "c.txt", "--n-tokens"]
+    _refusals([([*top, "100000"], past), ([*browse, "100000"], past), ([*families, "100000"], past),
+               ([*top, str(most + 1)], f"--n-tokens {most + 1:,}: the corpus c.txt holds {most:,} tokens"),
+               # as many as the corpus holds: the load is what fails
+               ([*top, str(most)], "cannot load model directory"),
+               ([*browse, str(most)], "cannot load model directory")], capsys)
+    eval_split = re.compile(r"--n-tokens 100,000,000: the eval split holds ([\d,]+) tokens the SAE reads; expected "
+                            r"--n-tokens (\d+) at most")
+    assert main(["top", "sae", "--latent", "1", "--n-tokens", "100000000"]) == 2
+    m = eval_split.search(capsys.readouterr().err)
+    assert m and int(m[1].replace(",", "")) == int(m[2]) > 1_000_000, m
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "model", "sae", "sae128"]
+
+
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -15,6 +16,7 @@ from saelab.cli.common import (Once, add_io_options, finite_float, first_repeat,
                                positive_int, typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
+from saelab.explore.browser.build import read_tokens_before_load
 from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
@@ -171,19 +173,34 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
     return sae, lm
 
 
+@contextlib.contextmanager
+def _within_the_corpus(option: str, value: int, corpus: str | None):
+    """More tokens asked for than the corpus holds (``read_tokens``' CorpusError with ``max_tokens``): said as
+    the option that asked (as typed) and the most it can be."""
+    try:
+        yield
+    except CorpusError as e:
+        if not getattr(e, "max_tokens", 0):  # an empty or unreadable corpus: its own words
+            raise
+        text = "the eval split" if corpus is None else f"the corpus {corpus}"
+        raise ConfigError(f"{option} {value:,}: {text} holds {e.max_tokens:,} tokens the SAE reads; expected "
+                          f"{option} {e.max_tokens} at most") from None
+
+
+def _n_tokens_option(args: argparse.Namespace) -> str:
+    """browse's --n-tokens as typed (a value from --config is named by the option)."""
+    typed_as = given(args, "browse.n_tokens")
+    return typed_as if typed_as and not typed_as.startswith("--config") else "--n-tokens"
+
+
 def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float, list[str]]:
     """--value as given, or --scale times each latent's max activation on held-out text."""
     from saelab.explore import latent_max_activation
 
     if args.scale is None:
         return (args.value if args.value is not None else 0.0), []
-    try:
+    with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
         maxima = latent_max_activation(sae, lm, None, args.latent, n_tokens=args.scale_tokens)
-    except CorpusError as e:
-        if not getattr(e, "max_tokens", 0):  # an empty or unreadable split: its own words
-            raise
-        raise ConfigError(f"--scale-tokens {args.scale_tokens:,}: the eval split holds {e.max_tokens:,} tokens the SAE "
-                          f"reads; expected --scale-tokens {e.max_tokens} at most") from None
     scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
     values = [f * m for f, m in zip(scales, maxima)]
     silent = [i for i, m in zip(args.latent, maxima) if m <= 0]
@@ -291,9 +308,9 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--n2g-padding-token pads the N2G explanations that --n2g-latents builds; add "
                           "--n2g-latents N, or leave it out")
     out = check_output_folder(args.out, "--out") if args.out else _default_out(args.sae)
-    result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
-                           overwrite=args.overwrite,
-                           progress=args.progress)
+    with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus):
+        result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
+                               overwrite=args.overwrite, progress=args.progress)
     summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
                "saes": result["saes"], "seconds": result["seconds"]}
     if args.serve:
@@ -326,9 +343,10 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
                           "then its name)")
     check_output_folder(out, "--export OUT")
     # the export loads the model itself, after its own checks of the targets, hook and corpus
-    result = export_neuronpedia_run(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
-                                    progress=args.progress, overwrite=args.overwrite, model_id=args.model_id,
-                                    sae_set=args.sae_set)
+    with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus):
+        result = export_neuronpedia_run(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
+                                        progress=args.progress, overwrite=args.overwrite, model_id=args.model_id,
+                                        sae_set=args.sae_set)
     if all(r["reused"] for r in (result if isinstance(result, list) else [result])):  # the same command again
         print(f"{out} already holds this Neuronpedia export (--overwrite writes it again)", file=sys.stderr)
     return {"export": "neuronpedia", "out": out, "saes": result}
@@ -376,9 +394,15 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.explore import top_activations
 
     resolve_corpus(args.corpus, "eval")  # a missing corpus is named before the model loads
-    sae, lm = _sae_and_model(args, hook=args.hook)
-    results = top_activations(sae, lm, args.corpus, list(args.latent), args.n_contexts, n_tokens=args.n_tokens,
-                              progress=args.progress)
+    sae, spec = _checked_sae(args, args.hook)
+    with _within_the_corpus("--n-tokens", args.n_tokens, args.corpus):
+        # read with the tokenizer on disk: a corpus too short for --n-tokens is named before the load
+        tokens = read_tokens_before_load(spec, sae, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus))
+        sae, lm = _loaded(args, sae, spec)
+        if tokens is not None:
+            lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
+        results = top_activations(sae, lm, args.corpus if tokens is None else tokens, list(args.latent),
+                                  args.n_contexts, n_tokens=args.n_tokens, progress=args.progress)
     if args.json:
         return {"sae": args.sae, "latents": [r.to_dict() for r in results]}
     print("\n\n".join(r.to_text() for r in results))
@@ -423,8 +447,9 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--out {out}: expected a file path in an existing, writable folder (the families JSON)")
     if out.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
         raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
-    tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
-                          overwrite=args.overwrite, progress=args.progress)
+    with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus):
+        tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
+                              overwrite=args.overwrite, progress=args.progress)
     if tree["reused"]:  # the same command again
         print(f"{out} already holds these feature families (--overwrite builds them again)", file=sys.stderr)
     top = tree["families"][:5]

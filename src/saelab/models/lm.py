@@ -36,6 +36,12 @@ from saelab.models.hooks import (
 Edits = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 
 
+def bos_token_id(tokenizer) -> int | None:
+    """The id a context starts with: the tokenizer's BOS, else its EOS (for tokenizers that name no BOS)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None else tokenizer.eos_token_id
+
+
 class LanguageModel:
     """An HF causal LM (frozen, eval mode) plus its tokenizer, with hook points by name.
 
@@ -54,8 +60,7 @@ class LanguageModel:
         self.d_model = int(model.config.hidden_size)
         out_emb = model.get_output_embeddings()
         self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
-        bos = getattr(tokenizer, "bos_token_id", None)
-        self.bos_token_id = bos if bos is not None else tokenizer.eos_token_id
+        self.bos_token_id = bos_token_id(tokenizer)
         longest = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         self.max_context: int | None = int(longest) if longest else None
         """The longest context the model was built for (None: its config does not say)."""

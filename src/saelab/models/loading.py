@@ -270,6 +270,10 @@ def _config_on_disk(spec: str) -> dict:
     return fields if isinstance(fields, dict) else {}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+"""Files of which a model folder with a tokenizer holds at least one."""
+
+
 def tokenizer_on_disk(spec: str | LanguageModel):
     """``spec``'s tokenizer, read without loading the model when it is on disk already (a loaded
     model's own); None otherwise, so that checks needing it wait for the load."""
@@ -279,6 +283,8 @@ def tokenizer_on_disk(spec: str | LanguageModel):
         folder = _folder_on_disk(spec)
         if folder is None or not (folder / "config.json").is_file():
             return None
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return None  # transformers would make an empty tokenizer from the config alone
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)

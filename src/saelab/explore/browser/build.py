@@ -294,20 +294,36 @@ def resolve_corpus(cfg: BrowseConfig) -> str:
 
 
 def read_tokens(lm, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor:
-    """The contexts ``[N, T]`` the browser reads (see the module docstring)."""
+    """The contexts ``[N, T]`` the browser reads (see the module docstring). ``lm``: the language model, or
+    its tokenizer alone (read before the model loads; ``check_before_load`` checks the context size then)."""
     from saelab.data import token_contexts
+    from saelab.models import LanguageModel
+    from saelab.models.lm import bos_token_id
 
     corpus = resolve_corpus(cfg)
-    T = lm.check_context_size(cfg.context_size or sae.cfg.context_size)
+    T = cfg.context_size or sae.cfg.context_size
+    if isinstance(lm, LanguageModel):
+        T, tokenize, bos = lm.check_context_size(T), lm.tokenize, lm.bos_token_id
+    else:
+        tokenize, bos = lm, bos_token_id(lm)
     first = first_scored(sae)
     if T - first < 1:
         raise ValueError(f"context_size={T} leaves no scored token")
     try:
-        return token_contexts(corpus, lm.tokenize, T, n_contexts=math.ceil(cfg.n_tokens / (T - first)),
-                              bos_token_id=lm.bos_token_id, prepend_bos=sae.cfg.prepend_bos)
+        return token_contexts(corpus, tokenize, T, n_contexts=math.ceil(cfg.n_tokens / (T - first)),
+                              bos_token_id=bos, prepend_bos=sae.cfg.prepend_bos)
     except CorpusError as e:
         e.max_tokens = getattr(e, "contexts", 0) * (T - first)  # the largest n_tokens the corpus allows
         raise
+
+
+def read_tokens_before_load(spec, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor | None:
+    """:func:`read_tokens` with the tokenizer of the model ``spec`` on disk, before the (slow) load, so that a
+    corpus too short for ``cfg.n_tokens`` is named first; None when the tokenizer comes only with the load."""
+    from saelab.models import tokenizer_on_disk
+
+    tokenizer = tokenizer_on_disk(spec)
+    return None if tokenizer is None else read_tokens(tokenizer, sae, cfg)
 
 
 @torch.no_grad()

@@ -351,7 +351,6 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         check_compatible,
         collect_statistics,
         direct_logit_effects,
-        read_tokens,
     )
     from saelab.data import corpus_name
     from saelab.explore.browser.make import load_model_beside, open_sources
@@ -374,9 +373,8 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         return _as_given([_reused(t, e) for t, e in zip(targets, earlier)], one)
     kwargs["overwrite"] = True  # what is there now is the same export (the others were refused above)
     hook = check_compatible(sources, cfg.hook, cfg.model)
-    lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
+    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
     lm.check_hook(hook)
-    tokens = read_tokens(lm, sources[0].sae, cfg)
     stats, _, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, families=False, progress=progress)
     for st in stats:
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)

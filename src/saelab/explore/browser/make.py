@@ -33,6 +33,7 @@ from saelab.explore.browser.build import (
     n2g_padding_id,
     open_sae_source,
     read_tokens,
+    read_tokens_before_load,
     resolve_corpus,
 )
 from saelab.explore.browser.families import FAMILIES_FORMAT, family_tree
@@ -147,20 +148,32 @@ def _named_model(cfg: BrowseConfig, lm) -> str | None:
 
 
 def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loaded_here: Sequence[SAESource],
-                      hook: str, device=None, model_dtype="float32"):
-    """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU); SAEs the
-    caller gave stay where the caller put them. A missing corpus, a bad hook or a context longer than the
-    model takes is named first (from its config on disk), not after the load."""
+                      hook: str, device=None, model_dtype="float32", seconds: dict[str, float] | None = None):
+    """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU; SAEs the
+    caller gave stay where the caller put them), and the contexts read (:func:`read_tokens`). A missing
+    corpus, a bad hook, a context longer than the model takes or a corpus too short for ``cfg.n_tokens`` is
+    named first (from the config and tokenizer on disk), not after the load. ``seconds["tokenize"]``: the read's."""
     from saelab.models import check_before_load, load_model
     from saelab.run_folder import model_for
 
     resolve_corpus(cfg)
     spec = lm or cfg.model or model_for(sources[0].sae)
     check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size)  # as read_tokens reads
+    t = time.perf_counter()
+    tokens = read_tokens_before_load(spec, sources[0].sae, cfg)
+    took = time.perf_counter() - t
     lm = load_model(spec, device=device, dtype=model_dtype)
     for s in loaded_here:
         s.sae.to(lm.device)
-    return lm
+    if tokens is None:  # the tokenizer came with the model
+        t = time.perf_counter()
+        tokens = read_tokens(lm, sources[0].sae, cfg)
+        took = time.perf_counter() - t
+    else:
+        lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
+    if seconds is not None:
+        seconds["tokenize"] = took
+    return lm, tokens
 
 
 def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
@@ -219,17 +232,14 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
                     for s in sources]
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
+    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, seconds)
     lm.check_hook(hook)
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
                           name=f"activations at {hook} of {lm.name} (for {s.source})")
     if cfg.n2g_latents:  # a padding token the tokenizer splits: refused now, not after the pass
         n2g_padding_id(lm.tokenizer, cfg)
-    seconds["load"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tokens = read_tokens(lm, sources[0].sae, cfg)
-    seconds["tokenize"] = time.perf_counter() - t
+    seconds["load"] = time.perf_counter() - t - seconds["tokenize"]
     stats, coact, pass_times = collect_statistics(lm, sources, tokens, cfg, hook=hook, progress=progress)
     seconds.update(pass_times)
     t = time.perf_counter()
@@ -279,9 +289,8 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
             raise RunExistsError(f"{out} holds feature families of {what_differs(earlier.get('inputs'), inputs)}; "
                                  "pass --overwrite to replace it, or pick another --out")
         return {**earlier, "reused": True}
-    lm = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
+    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
     lm.check_hook(hook)
-    tokens = read_tokens(lm, sources[0].sae, cfg)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
     tree = {**_families(lm, sources, coact, cfg, hook), "key": key, "inputs": inputs}
     if out is not None:
