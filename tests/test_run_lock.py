@@ -406,6 +406,37 @@ def _cache_damaged_at_batch_10(folder: Path):
     return cache
 
 
+def test_a_resume_on_its_cache_harvested_again_says_what_to_do(tmp_path):
+    """A cache harvested again into its folder (other rows) refused the resume of a run on it with "resume it
+    with the same options", which cannot help: the rows are gone. It says so and names the ways out:
+    --overwrite trains again on the new rows; the old rows harvested back into the cache resume the run."""
+    import shutil
+
+    from saelab.pipeline import train_from_cache
+
+    acts, run = tmp_path / "acts", tmp_path / "run"
+    _cache_damaged_at_batch_10(acts)
+    with pytest.raises(NonFiniteError):  # stops at batch 10: an unfinished run with a checkpoint
+        train_from_cache(acts, run, _cfg(), progress=False, device="cpu")
+    write_activation_cache(iter([_data() * 2]), acts, meta={"hook_name": "h"}, dtype="float32", shard_rows=512,
+                           overwrite=True, progress=False)
+    before = snapshot(run)
+    with pytest.raises(RunExistsError) as refused:
+        train_from_cache(acts, run, _cfg(), progress=False, device="cpu")
+    assert str(refused.value) == (
+        f"run folder {run} holds an unfinished run with a different config (differs in --activations {acts} "
+        "(harvested again since)); the rows it was training on were replaced by that harvest, so it cannot resume "
+        "on them: pass overwrite=True (--overwrite) to train it again from the start on the rows there now, or "
+        "pick another folder; to resume it, harvest its rows into the cache again (the harvest it was trained on, "
+        "with --overwrite) and the other rows into another folder")
+    assert snapshot(run) == before
+    shutil.rmtree(acts)
+    _cache_damaged_at_batch_10(acts)  # its rows again: the run resumes, at batch 10, where the damage still is
+    with pytest.raises(NonFiniteError, match="read from activation cache"):
+        train_from_cache(acts, run, _cfg(), progress=False, device="cpu")
+    assert json.loads((run / "status.json").read_text())["step"] == 10
+
+
 def test_nan_in_a_cache_is_named_and_the_run_marked_failed(tmp_path):
     """A cache damaged on disk (the writer refuses NaN) stops training with an error naming the cache;
     status.json says failed at the last checkpoint, not training."""

@@ -82,13 +82,21 @@ def check_run_dir(run_dir: Path, config: dict[str, Any], *, overwrite: bool = Fa
     # Without a checkpoint (a run that failed before its first one) there is nothing to resume: the
     # new run starts over in the folder, and its start clears the old log.
     if changes and (run_dir / CHECKPOINT).exists():
-        raise RunExistsError(
-            f"run folder {run_dir} holds an unfinished run with a different config (differs in "
-            f"{', '.join(changes)}); resume it with the same "
-            "options (--checkpoint-every and --log-every may change), pick another folder, or pass overwrite=True "
-            "(--overwrite)"
-        )
+        raise RunExistsError(f"run folder {run_dir} holds an unfinished run with a different config (differs in "
+                             f"{', '.join(changes)}); {_how_to_go_on(changes)}")
     return (run_dir / CHECKPOINT).exists()
+
+
+def _how_to_go_on(changes: list[str]) -> str:
+    """What to do about an unfinished run that these settings may not resume."""
+    if any(c.endswith(HARVESTED_AGAIN) for c in changes):
+        # The same options cannot resume it: the rows it trained on are no longer in the cache.
+        return ("the rows it was training on were replaced by that harvest, so it cannot resume on them: pass "
+                "overwrite=True (--overwrite) to train it again from the start on the rows there now, or pick another "
+                "folder; to resume it, harvest its rows into the cache again (the harvest it was trained on, with "
+                "--overwrite) and the other rows into another folder")
+    return ("resume it with the same options (--checkpoint-every and --log-every may change), pick another folder, "
+            "or pass overwrite=True (--overwrite)")
 
 
 RESUMABLE_CHANGES = (("train", "checkpoint_every"), ("train", "log_every"))
@@ -132,7 +140,11 @@ def data_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if not isinstance(a, dict) or not isinstance(b, dict) or a.get("fingerprint") == b.get("fingerprint"):
         return []
     was, now = a.get("activations"), b.get("activations")
-    return [f"--activations {was} -> {now}" if was != now else f"--activations {now} (harvested again since)"]
+    return [f"--activations {was} -> {now}" if was != now else f"--activations {now}{HARVESTED_AGAIN}"]
+
+
+HARVESTED_AGAIN = " (harvested again since)"
+"""How a data change reads when the cache is in the same folder with other rows."""
 
 
 def _what_it_trains(config: dict[str, Any]) -> dict[str, Any]:
