@@ -20,6 +20,7 @@ from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
                              train_from_cache)
+from saelab.run_folder import check_output_folder
 from saelab.train import TrainConfig
 from saelab.train.metric_sinks import LOG_TARGETS
 from saelab.train import distributed as ddp
@@ -158,6 +159,7 @@ def add_train(sub, recipe: str) -> None:
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     refuse_options_that_do_not_apply(args)
     init_from_env()  # data-parallel when started by torchrun
+    check_output_folder(args.out, "--out", "run")  # a wrong --out is named before the cache is read
     with _finished_by_harvest(args.activations):
         cache = ActivationCache(args.activations)
         train = _fit_to_cache(args, cache)
