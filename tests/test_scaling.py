@@ -179,3 +179,25 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
     assert "is neither a run folder" in err
     _, err = run_cli(capsys, "eval", str(sweep), "--suite", "paper", code=2)
     assert "is a sweep folder; --suite paper evaluates one SAE" in err
+
+
+def test_report_on_a_folder_of_unrelated_runs_writes_each_runs_report(tiny_dir, data_dir, tmp_path, capsys):
+    """Runs on other hooks gathered in one folder are not a sweep: no scaling curve across them."""
+    from saelab.pipeline import HarvestConfig, harvest, train_from_cache
+    from saelab.train import TrainConfig
+
+    folder = tmp_path / "gathered"
+    for layer in (0, 1):
+        cfg = HarvestConfig(model=str(tiny_dir), hook=f"blocks.{layer}.hook_resid_post", context_size=32,
+                            corpus=str(data_dir / "wiki-en" / "wiki_train.jsonl.xz"), n_tokens=2048,
+                            buffer_tokens=8192, sample_pool_tokens=0)
+        cache = harvest(cfg, tmp_path / f"acts{layer}", progress=False)
+        train = TrainConfig(n_latents=32, k=2, batch_size=256, total_tokens=2048, init_rows=512)
+        train_from_cache(cache, folder / f"layer{layer}", train, progress=False)
+    out, err = run_cli(capsys, "report", str(folder))
+    assert out == {"reports": [str(folder / "layer0" / "report.md"), str(folder / "layer1" / "report.md")]}
+    assert (f"saelab report: note: the runs in {folder} are not one sweep (hook_name differs "
+            "(blocks.0.hook_resid_post: layer0; blocks.1.hook_resid_post: layer1); ") in err
+    assert "no scaling study" in err
+    assert "blocks.1.hook_resid_post" in (folder / "layer1" / "report.md").read_text()
+    assert not (folder / "scaling.json").exists()

@@ -17,7 +17,7 @@ from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
 from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_sae_hook, is_sweep, open_sae,
-                               read_eval_metrics, sae_sha256)
+                               read_eval_metrics, sae_sha256, sweep_runs)
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -170,15 +170,24 @@ def add_report(sub) -> None:
                                    "`saelab eval` saves with the hash of the SAE it measured). A run evaluated before "
                                    "that file was saved, or whose SAE changed since its evaluation, keeps its "
                                    "density.png, and one line says why. For a sweep folder: the scaling study "
-                                   "(scaling.md, scaling.json, scaling_nmse.png, scaling_delta_loss.png).")
+                                   "(scaling.md, scaling.json, scaling_nmse.png, scaling_delta_loss.png); for a "
+                                   "folder of runs trained on other activations (model, hook, context or corpus), "
+                                   "each run's report.md.")
     p.add_argument("run", metavar="RUN", help="run folder or sweep folder")
     add_io_options(p, device=False, overwrite=False)
     p.set_defaults(handler=run_report)
 
 
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.report import write_run_report, write_scaling_report
+    from saelab.report import sweep_difference, write_run_report, write_scaling_report
 
+    unlike = sweep_difference(args.run) if is_sweep(args.run) else None
+    if unlike:  # runs gathered in one folder: each its own report, no scaling curve across them
+        reports = [str(write_run_report(run)) for run in sweep_runs(args.run)]
+        print(f"saelab report: note: the runs in {args.run} are not one sweep ({unlike}; a sweep's runs share "
+              "their activations' model, hook, context and corpus): wrote each run's report.md, no scaling study",
+              file=sys.stderr)
+        return {"reports": reports}
     if is_sweep(args.run):
         fits = write_scaling_report(args.run)["fits"]
         return {"report": str(Path(args.run) / "scaling.md"),

@@ -110,17 +110,39 @@ def _show(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _difference(key: str, values: dict[str, Any]) -> str | None:
+    """'KEY differs (VALUE: run, run; VALUE: run)' when the runs' ``values`` (by run name) are not all one."""
+    by_value: dict[str, list[str]] = defaultdict(list)
+    for run, value in values.items():
+        by_value[_show(value)].append(run)
+    if len(by_value) < 2:
+        return None
+    parts = "; ".join(f"{v}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+                      for v, names in by_value.items())
+    return f"{key} differs ({parts})"
+
+
+SWEEP_ACTIVATIONS = ("model_name", "hook_name", "context_size", "prepend_bos", "exclude_first", "dataset")
+"""What the runs of one sweep share: the settings of the activation cache they were all trained on. A
+sweep writes no file of its own beside its runs, so these (each run's train_config.json) tell a sweep
+from a folder that gathers unrelated runs, whose nMSE do not lie on one curve."""
+
+
+def sweep_difference(folder: str | Path) -> str | None:
+    """None when the runs of ``folder`` were trained on activations of one kind (a sweep); else the first
+    setting that differs, with the runs of each value."""
+    configs = {run.name: read_json(run / TRAIN_CONFIG, "training config").get("sae", {}) for run in sweep_runs(folder)}
+    differences = (_difference(key, {run: sae.get(key) for run, sae in configs.items()}) for key in SWEEP_ACTIVATIONS)
+    return next((d for d in differences if d), None)
+
+
 def check_eval_settings(rows: list[dict[str, Any]], folder: str | Path) -> dict[str, Any]:
     """The eval settings all rows share; SaelabError naming the runs and the setting when they differ."""
     keys = list(dict.fromkeys(key for r in rows for key in r["eval_settings"]))
     for key in keys:
-        by_value: dict[str, list[str]] = defaultdict(list)
-        for r in rows:
-            by_value[_show(r["eval_settings"].get(key))].append(r["run"])
-        if len(by_value) > 1:
-            parts = "; ".join(f"{v}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
-                              for v, names in by_value.items())
-            raise SaelabError(f"sweep folder {folder} mixes evaluations: {key} differs ({parts}); their nMSE and "
+        differs = _difference(key, {r["run"]: r["eval_settings"].get(key) for r in rows})
+        if differs:
+            raise SaelabError(f"sweep folder {folder} mixes evaluations: {differs}; their nMSE and "
                               f"delta CE cannot share one fit: re-evaluate every run with one setting, "
                               f"`saelab eval {folder} --overwrite` (with the eval options you want)")
     return {key: rows[0]["eval_settings"].get(key) for key in keys}
@@ -319,4 +341,4 @@ def write_scaling_report(sweep_dir: str | Path) -> dict[str, Any]:
     return result
 
 
-__all__ = ["check_eval_settings", "collect_runs", "fit_scaling", "write_scaling_report"]
+__all__ = ["check_eval_settings", "collect_runs", "fit_scaling", "sweep_difference", "write_scaling_report"]
