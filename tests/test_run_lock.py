@@ -664,3 +664,27 @@ def test_a_resume_on_another_cache_is_refused(tmp_path):
                                              f"{tmp_path / 'other'} -> {tmp_path / 'third'}\\)"):
         train_from_cache(third.folder, run, _cfg(), progress=False, device="cpu")
     assert train_from_cache(other.folder, run, _cfg(), progress=False, device="cpu") is not None  # the same: reused
+
+
+def test_eval_of_a_run_in_training_says_it_is_being_trained(tmp_path, capsys):
+    """A run whose training is in progress has no SAE yet: eval names the training process and says to
+    wait, where it said to run the training again (which would be refused as a second writer)."""
+    from saelab.cli import main
+
+    run, holding, go = tmp_path / "run", tmp_path / "holding", tmp_path / "go"
+    holder = _start_holding(_HOLDER, run, holding, go, {**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        capsys.readouterr()
+        assert main(["eval", str(run), "--device", "cpu", "--no-progress"]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err == (f"saelab eval: error: {run} is being trained by another process (pid {holder.pid}) and has "
+                       "no sae/ yet; wait for the training to finish, then run this command again")
+    finally:
+        go.write_text("")
+        holder.communicate(timeout=300)
+    # Cut off (no process holds it): the training is what finishes it.
+    cut = tmp_path / "cut"
+    train_sae(_cfg(), _source(_data()), cut, d_in=D, progress=False, device="cpu", stop_after_steps=3)
+    assert main(["eval", str(cut), "--device", "cpu", "--no-progress"]) != 0
+    assert "whose training has not finished (no sae/ yet); run the same `saelab train`" in capsys.readouterr().err
+    assert (cut / LOCK).read_text() == ""

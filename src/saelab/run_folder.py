@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saelab.errors import CheckpointError, ConfigError
+from saelab.utils.folder_lock import RunFolderBusyError, held_by
 
 if TYPE_CHECKING:
     import torch
@@ -107,6 +108,10 @@ def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = Fa
     if is_run(path):
         return load_sae(path / SAE_DIR), path
     if path.is_dir() and (path / TRAIN_CONFIG).is_file():  # a run folder whose SAE is not written yet
+        holder = held_by(path)
+        if holder:  # a training in progress: running it again would be refused as a second writer
+            raise RunFolderBusyError(f"{path} is being trained by another process ({holder}) and has no {SAE_DIR}/ "
+                                     "yet; wait for the training to finish, then run this command again")
         raise CheckpointError(f"{path}: a run folder whose training has not finished (no {SAE_DIR}/ yet); run "
                               "the same `saelab train` (or sweep) command again to finish it")
     if is_sweep(path):

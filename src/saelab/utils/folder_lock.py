@@ -76,6 +76,24 @@ class RunLock:
             os.close(fd)
 
 
+def held_by(folder: str | Path) -> str | None:
+    """Who holds ``folder``'s lock ("pid 123"), or None when no writer holds it. Only looks: a folder
+    without a lock file gets none, and a free lock keeps its (empty) file as it was."""
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file: never written by a process that locks
+        return None
+    try:
+        _flock(fd, exclusive=True)
+    except BlockingIOError:
+        return RunLock(Path(folder)).holder()
+    else:
+        _flock(fd, exclusive=False)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _flock(fd: int, *, exclusive: bool) -> None:
     try:
         import fcntl
