@@ -25,6 +25,7 @@ from saelab.cli import main
 from saelab.data import ActivationCache, write_activation_cache
 from saelab.errors import RunExistsError
 from saelab.evals.core import eval_settings
+from saelab.models import DEFAULT_MODEL_HUB_ID
 from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
 from saelab.run_folder import LATENT_FREQUENCIES, model_for, read_latent_frequencies
 from saelab.sae import load_sae
@@ -85,7 +86,12 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
     assert 0 < on_disk["l0"] <= 8 and 0 <= on_disk["dead_frac"] < 1
     assert on_disk["kl"] >= 0
     assert on_disk["n_tokens"] == 2048 and on_disk["n_predictions"] >= 1000
-    assert (on_disk["model"], on_disk["hook"], on_disk["context_size"]) == ("default", "blocks.9.hook_resid_post", 32)
+    assert (on_disk["model"], on_disk["hook"], on_disk["context_size"]) == \
+        (DEFAULT_MODEL_HUB_ID, "blocks.9.hook_resid_post", 32)
+    assert on_disk["model_source"]["spec"] == "default"
+    every_eval, quickstart_adds = _documented_metrics_keys()
+    ablations = {"ce_zero_abl", "ce_recovered_zero", "ce_mean_abl", "ce_recovered_mean"}  # none asked for
+    assert set(on_disk) == (every_eval | quickstart_adds) - ablations
     # A trained SAE: 16 steps on 8k tokens reach nMSE ~0.53 on held-out text (predicting the mean scores 1).
     assert on_disk["nmse"] < 0.7
     assert set(on_disk["wall_seconds"]) >= {"harvest", "train", "evaluate", "total"}
@@ -807,3 +813,49 @@ def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
     rows = _wall_time_rows({"wall_seconds": {**times, "total": 37.0}, "stage_seconds": stages})
     assert rows == [("load_model", "2.0"), ("train", "30.0 (all calls: 100.0)"), ("evaluate", "5.0"),
                     ("harvest", "reused (all calls: 40.0)"), ("total", "37.0 (all calls: 147.0)")]
+
+
+def _documented_metrics_keys() -> tuple[set[str], set[str]]:
+    """(keys every evaluation writes, keys quickstart adds) as docs/evals.md's metrics.json table lists them."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "evals.md").read_text()
+    section = text.split("\n## `metrics.json`\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    keys = {key.strip().strip("`"): meaning for key, meaning in rows}
+    quickstart_only = {k for k, meaning in keys.items() if meaning.strip().startswith("quickstart only")}
+    return set(keys) - quickstart_only, quickstart_only
+
+
+def test_metrics_json_records_the_full_model_id_and_only_documented_keys(smollm2, tmp_path):
+    """metrics.json names the offline default by its hub id, as report.md does (it wrote "default"); one
+    written before, with "default", still reads as the same evaluation. Its keys are docs/evals.md's list."""
+    from saelab.models import DEFAULT_MODEL, model_provenance
+    from saelab.pipeline import evaluate, evaluation_is_current
+    from saelab.report.markdown import frequencies_mismatch
+    from saelab.sae import TopKSAE
+    from saelab.sae.topk import SAEConfig
+
+    provenance = model_provenance(DEFAULT_MODEL)
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=smollm2.hook_width("blocks.9.hook_resid_post"), n_latents=64, k=4,
+                            hook_name="blocks.9.hook_resid_post", context_size=32,
+                            model_name=provenance["model_name"], extra={"model_source": provenance["model_source"]}))
+    assert model_for(sae) == DEFAULT_MODEL
+    cfg = EvalConfig(recon_tokens=256, downstream_tokens=128)
+    out = tmp_path / "out"
+    metrics = evaluate(sae, lm=smollm2, cfg=cfg, out_dir=out, progress=False)
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["model"] == metrics["model"] == DEFAULT_MODEL_HUB_ID
+    every_eval, quickstart_adds = _documented_metrics_keys()
+    assert set(written) == every_eval
+    assert quickstart_adds == {"wall_seconds", "stage_seconds", "reused"}
+    assert written["model_source"] == provenance["model_source"]  # what was loaded: not the hub's weights
+    assert evaluation_is_current(out, sae, cfg) and not evaluation_is_current(out, sae, cfg,
+                                                                              model=DEFAULT_MODEL_HUB_ID)
+    # A metrics.json written before, naming the model "default": the same evaluation, its frequencies its own.
+    old = {k: v for k, v in {**written, "model": DEFAULT_MODEL}.items() if k != "model_source"}
+    (out / "metrics.json").write_text(json.dumps(old))
+    assert evaluation_is_current(out, sae, cfg) and not evaluation_is_current(out, sae, cfg,
+                                                                              model=DEFAULT_MODEL_HUB_ID)
+    assert eval_settings(old) == eval_settings(written)
+    assert frequencies_mismatch(read_latent_frequencies(out), out, 64, written["sae_sha256"], eval_settings(old),
+                                weights="sae/", evaluation="metrics.json") is None

@@ -24,7 +24,7 @@ from saelab.data import StreamConfig, sample_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
-from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
+from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, evaluated_model
 from saelab.evals.n2g import N2GConfig, check_latents
 from saelab.evals.suite import PaperSuiteConfig, longest_n_future, run_paper_suite
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
@@ -356,7 +356,7 @@ def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, m
     if not old:
         return None
     return changed_fields({"eval": old.get("eval_config"), "model_dtype": old.get("model_dtype", "float32"),
-                           "model": old.get("model")},
+                           "model": evaluated_model(old)},
                           {"eval": _eval_config_record(cfg), "model_dtype": model_dtype,
                            "model": model_name(model or model_for(sae))})
 

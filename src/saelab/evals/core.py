@@ -17,6 +17,8 @@ from saelab.data import resolve_corpus, token_contexts
 from saelab.errors import ConfigError, NonFiniteError
 from saelab.evals.downstream import downstream_metrics
 from saelab.evals.reconstruction import reconstruction_metrics
+from saelab.models import model_provenance
+from saelab.run_folder import recorded_model
 from saelab.utils.tensors import all_finite
 
 ABLATIONS = ("zero", "mean")
@@ -67,10 +69,23 @@ class CoreEvaluation:
     """Fraction of the reconstruction tokens each latent fired on."""
 
 
+def model_record(name: str) -> dict[str, Any]:
+    """How metrics.json records the model loaded as ``name``: ``model``, its full id (the hub id of the
+    offline default, as report.md names it), and ``model_source``, the spec loaded ("default": its
+    dequantized weights, close to but not the hub's), which tells two evaluations' models apart."""
+    provenance = model_provenance(name)
+    return {"model": provenance["model_name"], "model_source": provenance["model_source"]}
+
+
+def evaluated_model(metrics: dict[str, Any]) -> str:
+    """The model spec an evaluation loaded; files written before ``model_source`` recorded it as ``model``."""
+    return recorded_model(metrics.get("model_source"), metrics.get("model"), "the evaluation")
+
+
 def eval_settings(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The settings two evaluations must share for their numbers to be compared."""
+    """The settings two evaluations must share for their numbers to be compared (the model as loaded)."""
     keys = ("model", "hook", "eval_corpus", "context_size", "position_0", "n_tokens", "n_predictions")
-    return {k: metrics.get(k) for k in keys}
+    return {**{k: metrics.get(k) for k in keys}, "model": evaluated_model(metrics)}
 
 
 def _hook_rows(lm, tokens_NT: torch.Tensor, hook: str, first: int, n_rows: int, batch: int) -> torch.Tensor:
@@ -112,7 +127,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     down = downstream_metrics(lm, sae, tokens[:n_down], hook=hook, lm_batch_size=cfg.lm_batch_size,
                               mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations,
                               variants_per_forward=cfg.variants_per_forward, progress=progress)
-    metrics = {**recon.to_dict(), **down, "model": lm.name, "hook": hook, "eval_corpus": str(corpus),
+    metrics = {**recon.to_dict(), **down, **model_record(lm.name), "hook": hook, "eval_corpus": str(corpus),
                "context_size": T, "position_0": "excluded" if first else "included",
                "dead_definition": f"never fired on the {recon.n_tokens:,} eval tokens (not the training-time window)",
                "seconds": {"reconstruction": round(t_recon, 2),
