@@ -688,8 +688,9 @@ def test_eval_of_a_run_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, capsys,
 
     run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
     hashes = _counting(monkeypatch, "sae_sha256", saelab.pipeline, saelab.run_folder, saelab.report.markdown)
+    loads = _loads(monkeypatch)
     _, first = run_cli(capsys, "eval", str(run), *small_eval)  # no evaluation yet
-    assert len(hashes) == 1
+    assert len(hashes) == 1 and len(loads) == 1  # the SAE is loaded once, for the check, evaluation and report
     hashes.clear()
     _, again = run_cli(capsys, "eval", str(run), *small_eval)  # the same evaluation: reused
     assert len(hashes) == 1 and again == first
@@ -718,26 +719,38 @@ def _hashes(monkeypatch) -> list[str]:
                      saelab.evals.suite, saelab.cli.evaluate)
 
 
-def test_eval_of_a_sweep_hashes_each_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
-    """`saelab eval SWEEP` hashes each run's SAE once: its up-to-date check, its evaluation and its report
-    share the digest, whether the run is evaluated, kept, or evaluated again after its weights changed."""
+def _loads(monkeypatch) -> list:
+    """The SAEs loaded, at every module that loads one (open_sae imports it from saelab.sae when called)."""
+    import saelab.report.markdown
+    import saelab.sae
+
+    return _counting(monkeypatch, "load_sae", saelab.pipeline, saelab.report.markdown, saelab.sae)
+
+
+def test_eval_of_a_sweep_hashes_and_loads_each_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """`saelab eval SWEEP` hashes and loads each run's SAE once: its up-to-date check, its evaluation and its
+    report share the digest and the SAE, whether the run is evaluated, kept, or evaluated again after its
+    weights changed."""
     from saelab.run_folder import sae_sha256
     from saelab.sae import save_sae
 
     acts, small_eval = _harvested(capsys, tiny_dir, data_dir, tmp_path)
     sweep = tmp_path / "sweep"
     run_cli(capsys, "sweep", "--activations", str(acts), "--out", str(sweep), "--grid", "k=4,8", *SMALL_TRAINING)
-    hashes = _hashes(monkeypatch)
+    hashes, loads = _hashes(monkeypatch), _loads(monkeypatch)
     run_cli(capsys, "eval", str(sweep), *small_eval)
     assert sorted(hashes) == sorted(sae_sha256(load_sae(sweep / run / "sae")) for run in ("k4", "k8"))
+    assert len(loads) == 2
     sae = load_sae(sweep / "k4" / "sae")
     with torch.no_grad():
         sae.b_dec += 1  # its metrics.json now describes other weights: checked, then evaluated again
     save_sae(sae, sweep / "k4" / "sae")
     hashes.clear()
+    loads.clear()
     _, out = run_cli(capsys, "eval", str(sweep), *small_eval)
     assert out["k8"] == "already evaluated" and "nmse" in out["k4"]
     assert sorted(hashes) == sorted(sae_sha256(load_sae(sweep / run / "sae")) for run in ("k4", "k8"))
+    assert len(loads) == 2
 
 
 def test_eval_into_an_out_folder_hashes_the_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):

@@ -363,24 +363,25 @@ def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, m
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
                  device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
-                 progress: bool = True, sae_hash: str | None = None) -> dict[str, Any]:
+                 progress: bool = True, sae_hash: str | None = None, sae: TopKSAE | None = None) -> dict[str, Any]:
     """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md. An evaluation of
     this SAE already there is reused when its settings are these, and kept (refused) when they are
-    not, unless ``overwrite``. ``sae_hash``: :func:`sae_sha256` of the run's SAE when the caller has it.
+    not, unless ``overwrite``. ``sae_hash``, ``sae``: :func:`sae_sha256` of the run's SAE, and the SAE as
+    loaded from the run, when the caller has them (neither is read again).
     Holds the run's lock throughout: a training into the run, or another evaluation of it, is refused
     meanwhile (and this one is refused while they run), so metrics.json describes the SAE beside it."""
     lock = RunLock(Path(run_dir)).acquire()
     try:
         return _evaluate_run_locked(run_dir, cfg or EvalConfig(), lm=lm, device=device, model_dtype=model_dtype,
-                                    overwrite=overwrite, progress=progress, sae_hash=sae_hash)
+                                    overwrite=overwrite, progress=progress, sae_hash=sae_hash, sae=sae)
     finally:
         lock.release()
 
 
 def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageModel | str | None,
                          device: str | torch.device | None, model_dtype: str, overwrite: bool, progress: bool,
-                         sae_hash: str | None) -> dict[str, Any]:
-    sae = load_sae(Path(run_dir) / SAE_DIR)
+                         sae_hash: str | None, sae: TopKSAE | None) -> dict[str, Any]:
+    sae = sae if sae is not None else load_sae(Path(run_dir) / SAE_DIR)
     # Once, for the check, the evaluation and the report: hashing reads every weight.
     sae_hash = sae_hash or sae_sha256(sae)
     changes = None if overwrite else _evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype,
@@ -396,7 +397,7 @@ def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageMo
     metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
                        progress=progress, sae_hash=sae_hash)
     if (Path(run_dir) / TRAIN_CONFIG).exists():
-        write_run_report(run_dir, density_drawn_by=metrics, sae_hash=sae_hash)
+        write_run_report(run_dir, density_drawn_by=metrics, sae_hash=sae_hash, sae=sae)
     return metrics
 
 
@@ -429,8 +430,10 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before any model loads
-    state, specs, changes, hashes = {}, {}, {}, {}
-    for run in runs:  # one SAE in memory at a time: a sweep's SAEs together can outgrow it
+    state, specs, changes, hashes, saes = {}, {}, {}, {}, {}
+    # Each SAE is loaded once: those to evaluate are kept from their check to their evaluation (on the CPU;
+    # the sweep trained them all at once), the others dropped after their check.
+    for run in runs:
         sae = load_sae(run / SAE_DIR)
         hashes[run] = sae_sha256(sae)  # once per run, for the check and the evaluation: it reads every weight
         changes[run] = None if overwrite else _evaluation_changes(run, sae, cfg, model=model, model_dtype=model_dtype,
@@ -439,6 +442,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         specs[run] = model or model_for(sae)
         if state[run] == "none":  # to be evaluated: its hook and context checked before any model loads
             check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
+            saes[run] = sae
     other = [run for run in runs if state[run] == "other"]
     if other:
         raise RunExistsError(f"{', '.join(run.name for run in other)} in {folder} hold an evaluation with other "
@@ -455,7 +459,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         if progress:
             print(f"[sweep eval] {run.name}", flush=True)
         m = evaluate_run(run, cfg, lm=models[spec], overwrite=True, progress=progress,  # not current: replaced
-                         sae_hash=hashes[run])
+                         sae_hash=hashes[run], sae=saes.pop(run))
         out[run.name] = {k: m[k] for k in ("nmse", "l0", "delta_ce") if k in m}
     return out
 

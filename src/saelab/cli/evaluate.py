@@ -143,7 +143,7 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
                           "pass --out DIR for them")
     if into_run:
         return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
-                            overwrite=args.overwrite, progress=args.progress)
+                            overwrite=args.overwrite, progress=args.progress, sae=sae)
     sae_hash = sae_sha256(sae)  # once, for the check and the evaluation: it reads every weight
     if args.out is not None:
         current = not args.overwrite and evaluation_is_current(args.out, sae, args.eval, model=args.model,

@@ -137,18 +137,20 @@ def _redraw_density(run_dir: Path, sae, sae_hash: str, metrics: dict[str, Any],
 
 
 def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | None = None,
-                     sae_hash: str | None = None) -> Path:
+                     sae_hash: str | None = None, sae=None) -> Path:
     """report.md of a run folder; evaluation metrics appear only when they describe its current SAE.
     training_curves.png is drawn again from the training log, density.png from the latent frequencies
     the evaluation saved (when they describe this SAE and metrics.json's evaluation; else one line says why not).
     ``density_drawn_by``: the metrics an evaluation of the run returned after drawing density.png, so the
     report does not draw the same plot again. ``sae_hash``: :func:`sae_sha256` of the run's SAE when the
-    caller has it already (an evaluation of the run has just hashed it)."""
+    caller has it already (an evaluation of the run has just hashed it); ``sae``: the run's SAE when the
+    caller has loaded it (not loaded again)."""
     run_dir = Path(run_dir)
     cfg = read_json(run_dir / TRAIN_CONFIG, "training config")
     sae_cfg, train = cfg["sae"], cfg["train"]
     metrics: dict[str, Any] = {}
-    sae = load_sae(run_dir / SAE_DIR) if (run_dir / SAE_DIR).is_dir() else None
+    if sae is None and (run_dir / SAE_DIR).is_dir():
+        sae = load_sae(run_dir / SAE_DIR)
     sae_hash = (sae_hash or sae_sha256(sae)) if sae is not None else ""  # once: it reads every weight
     if sae is not None:
         metrics = read_eval_metrics(run_dir, sae, sae_hash=sae_hash)
