@@ -518,6 +518,20 @@ def test_report_refuses_a_hand_edited_token_count(tiny_dir, data_dir, tmp_path, 
     assert main(["report", str(run)]) == 0
 
 
+def test_report_refuses_a_json_file_that_is_no_text_or_nested_too_deep(tmp_path, capsys):
+    """A run's JSON file that is binary, or nested deeper than the parser goes, is refused in one line naming
+    it, as one that is no JSON is (the same reader as N2G result files): they ended in a traceback."""
+    path = tmp_path / "run" / "train_config.json"
+    path.parent.mkdir()
+    advice = "the training config is damaged: remove it, or run the command that wrote it again with --overwrite"
+    for content, problem in ((b"\xff\xfe\x00binary", "not a text file"),
+                             (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deep to read"),
+                             (b'{"train": {', "not JSON (line 1, column 12)")):
+        path.write_bytes(content)
+        assert main(["report", str(path.parent)]) == 2
+        assert capsys.readouterr().err.strip() == f"saelab report: error: {path}: {problem}; {advice}"
+
+
 def test_training_curves_leave_out_the_steps_where_auxk_was_inactive(tiny_dir, data_dir, tmp_path, capsys):
     """A real run whose latents die only after a few steps (--dead-tokens 200): metrics.jsonl records AuxK
     0.0 before, which the log axis cannot show; the curve leaves those steps out (gaps), and says so."""

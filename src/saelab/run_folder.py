@@ -139,13 +139,27 @@ def sae_sha256(sae) -> str:
     return h.hexdigest()[:20]
 
 
+def read_json_value(path: Path, name: str, advice: str) -> Any:
+    """The JSON in ``path``, of any type; a file that cannot be read, is no text or no JSON is refused in one
+    line (CheckpointError) naming it as ``name``, with ``advice``: what to do, or what was expected."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{name}: not a text file; {advice}") from None
+    except OSError as e:
+        raise CheckpointError(f"{name}: cannot be read: {e.strerror or e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:  # the parser's own words name no file
+        raise CheckpointError(f"{name}: not JSON (line {e.lineno}, column {e.colno}); {advice}") from None
+    except RecursionError:
+        raise CheckpointError(f"{name}: JSON nested too deep to read; {advice}") from None
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON file saelab wrote, or a one-line error naming it when it is damaged."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the {what} is damaged: remove it, or run the "
-                              "command that wrote it again with --overwrite") from e
+    data = read_json_value(path, str(path), f"the {what} is damaged: remove it, or run the command that wrote it "
+                                            "again with --overwrite")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, expected a JSON object ({what})")
     return data

@@ -106,6 +106,7 @@ from saelab.evals._common import (
 from saelab.evals.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args, paired_bootstrap
 from saelab.evals.downstream import ce_and_kl
 from saelab.evals.probe_tasks import token_strings
+from saelab.run_folder import read_json_value
 from saelab.utils.config import switch
 
 WILDCARD = -1
@@ -545,20 +546,9 @@ PATTERN_EXPECTED = "{tokens: [text, ...], anchored: true or false, value, count}
 
 
 def read_result_json(path: Path, name: str) -> Any:
-    """The JSON in ``path``; a file that is no text or no JSON is refused (CheckpointError) naming it as ``name``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{name}: not a text file; expected {RESULT_EXPECTED}") from None
-    except OSError as e:
-        raise CheckpointError(f"{name}: cannot read N2G explanations: {e.strerror or e}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:  # the parser's own words name no file and no format
-        raise CheckpointError(f"{name}: not JSON (line {e.lineno}, column {e.colno}); expected "
-                              f"{RESULT_EXPECTED}") from None
-    except RecursionError:
-        raise CheckpointError(f"{name}: not an N2G result (nested too deep); expected {RESULT_EXPECTED}") from None
+    """The JSON in ``path``; a file that is no text or no JSON is refused (CheckpointError) naming it as ``name``
+    and what an N2G result is."""
+    return read_json_value(path, name, f"expected {RESULT_EXPECTED}")
 
 
 def load_result(path: str | Path, n_latents: int | None = None, name: str | None = None) -> list[dict[str, Any]]:
