@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 import saelab.pipeline
 from saelab.cli import main
 from saelab.data import ActivationCache, write_activation_cache
-from saelab.errors import RunExistsError
+from saelab.errors import CorpusError, RunExistsError
 from saelab.evals.core import eval_settings
 from saelab.models import DEFAULT_MODEL_HUB_ID
 from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
@@ -805,6 +805,12 @@ def test_quickstart_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, monkeypatc
         again = quickstart(cfg, run, progress=False)
         assert hashes == [digest] and again["reused"] == reused and again["sae_sha256"] == digest
     assert "| nMSE (FVU), raw activation space |" in (run / "report.md").read_text()
+    # A finished run with no evaluation to check: its SAE is not hashed before the checks that refuse the call.
+    (run / "metrics.json").unlink()
+    hashes.clear()
+    with pytest.raises(CorpusError, match="nope.jsonl"):
+        quickstart(replace(cfg, eval=replace(cfg.eval, corpus=str(tmp_path / "nope.jsonl"))), run, progress=False)
+    assert hashes == []
 
 
 def test_paper_suite_of_a_run_and_its_report_hash_the_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
