@@ -633,8 +633,9 @@ def test_full_disk_cache_shard_keeps_earlier_shards(full_disk):
 
 def test_cli_train_keeps_a_finished_run(tiny_cache, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["train", "--activations", str(tiny_cache), "--out", str(run), "--n-latents", "64", "--k", "4",
-            "--batch-size", "128", "--total-tokens", "512", "--init-rows", "256", "--no-progress"]
+    base = ["train", "--activations", str(tiny_cache), "--out", str(run), "--n-latents", "64", "--batch-size", "128",
+            "--total-tokens", "512", "--init-rows", "256", "--no-progress"]
+    args = [*base, "--k", "4"]
     code, out, _ = run_cli(capsys, *args)
     assert code == 0 and json.loads(out)["n_latents"] == 64
     before = snapshot(run)
@@ -642,7 +643,7 @@ def test_cli_train_keeps_a_finished_run(tiny_cache, tmp_path, capsys):
     code, again, err = run_cli(capsys, *args)
     assert code == 0 and again == out and "already holds this finished run (--overwrite trains it again)" in err
     assert snapshot(run) == before
-    code, out, err = run_cli(capsys, *args, "--k", "8")  # other options: refused
+    code, out, err = run_cli(capsys, *base, "--k", "8")  # other options: refused
     assert code == 2 and out == ""
     assert err.startswith(f"saelab train: error: run folder {run} holds a finished run trained with other settings")
     assert "--overwrite" in err

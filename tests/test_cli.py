@@ -349,9 +349,21 @@ BAD = [
     ("browse A A --out site", "SAE: 'A' given twice"),
     ("top SAE --latent 5,5", "argument --latent: latent 5 given twice in '5,5'; give each latent once"),
     # argparse kept the last --latent: latent 4 alone was shown (or steered); refused before the SAE is opened
-    ("top SAE --latent 3 --latent 4", "error: --latent given twice; list several as --latent 3,4 (`saelab top"),
-    ("top SAE --latent=3 --latent 3", "error: --latent given twice; list several as --latent 3,4"),
-    ("steer SAE --latent 3 --latent 4 --value 1", "error: --latent given twice; list several as --latent 3,4"),
+    ("top SAE --latent 3 --latent 4", "error: --latent given twice (3, 4): list several as --latent 3,4 (`saelab "),
+    ("top SAE --latent=3 --latent 3", "error: --latent given twice (3, 3): list several as --latent 3,4"),
+    ("steer SAE --latent 3 --latent 4 --value 1", "error: --latent given twice (3, 4): list several as --latent 3,4"),
+    # any option given twice: argparse kept the last value without a word (k=16 trained)
+    ("train --k 8 --k 16", "error: --k given twice (8, 16): give it once (`saelab train"),
+    ("train -k 8 --k=16", "error: -k/--k given twice (8, 16): give it once"),  # as typed
+    ("train --out a", "error: --out given twice (a, run): give it once"),  # the test adds --out run
+    ("eval SAE --context-size 64 --context-size=128", "error: --context-size given twice (64, 128): give it once"),
+    ("top SAE --latent 1 -n5 -n 6", "error: -n given twice (5, 6): give it once"),
+    ("train --recipe relu-l1 --warmup-steps --warmup-steps 5", "error: --warmup-steps given twice (no value, 5)"),
+    ("sweep --grid k=8,16 --grid lr=1e-3", "error: --grid given twice (k=8,16 and lr=1e-3): list all its values "
+                                           "after one --grid"),
+    ("eval SAE --ablations zero --ablations mean", "--ablations given twice (zero and mean): list all its values"),
+    ("train --config a.yaml --config b.yaml", "error: --config given twice (a.yaml and b.yaml): list all its values "
+                                              "after one --config"),  # a.yaml's entries were dropped
     ("top SAE", "the following arguments are required: --latent"),
     ("top 5 SAE", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 5 (`saelab top"),
     ("top 3,7 SAE -n 3", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 3,7 -n 3"),
@@ -849,7 +861,8 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
 
     out = tmp_path / "families.json"
     saes = [_tiny_sae(tmp_path / f"sae{n}", tiny_dir, n) for n in (32, 64)]
-    argv = ["families", *saes, "--out", str(out), "--n-tokens", "256", "--no-progress"]
+    base = ["families", *saes, "--out", str(out), "--no-progress"]
+    argv = [*base, "--n-tokens", "256"]
     assert main(argv) == 0
     first = out.read_bytes()
     capsys.readouterr()
@@ -857,9 +870,9 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
     printed = capsys.readouterr()
     assert printed.err.strip() == f"{out} already holds these feature families (--overwrite builds them again)"
     assert json.loads(printed.out)["reused"] and out.read_bytes() == first
-    for other, what in ((["--n-tokens", "512"], "other settings (--n-tokens 256 -> 512)"),
-                        (["--model-dtype", "bfloat16"], 'other settings (--model-dtype "float32" -> "bfloat16")')):
-        assert main([*argv, *other]) == 2
+    for other, what in (([*base, "--n-tokens", "512"], "other settings (--n-tokens 256 -> 512)"),
+                        ([*argv, "--model-dtype", "bfloat16"], 'other settings (--model-dtype "float32" -> "bfloat16")')):
+        assert main(other) == 2
         assert f"holds feature families of {what}; pass --overwrite" in capsys.readouterr().err
     weights = next(Path(saes[0]).glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # as a retrain leaves it
@@ -867,7 +880,7 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
     assert "holds feature families of other SAE files (other SAEs, the same ones retrained or replaced since, or " \
         in capsys.readouterr().err
     assert out.read_bytes() == first
-    assert main([*argv, "--n-tokens", "512", "--overwrite"]) == 0
+    assert main([*base, "--n-tokens", "512", "--overwrite"]) == 0
     assert json.loads(out.read_text())["n_tokens"] > json.loads(first)["n_tokens"]
 
 
@@ -905,6 +918,7 @@ def test_switches_and_optional_values_parse():
     train = ["train", "--activations", "a", "--out", "o"]
     assert parse_args([*train, "--no-auxk"]).train.auxk is False
     assert parse_args([*train, "--no-auxk", "--auxk"]).train.auxk is True
+    assert parse_args([*train, "--log-to", "tensorboard", "--log-to", "wandb"]).log_to == ["tensorboard", "wandb"]
     assert parse_args(["harvest", "--out", "x", "--no-prepend-bos"]).harvest.prepend_bos is False
     assert parse_args(["quickstart", "--no-harvest-prepend-bos"]).harvest.prepend_bos is False
     assert parse_args(["eval", "x", "--no-abl-random-baseline"]).ablation_sparsity.random_baseline is False
@@ -1146,8 +1160,9 @@ def test_browse_export_again_reuses_the_same_export_and_refuses_another(tmp_path
     theirs); other settings are refused, naming what differs, until --overwrite."""
     monkeypatch.chdir(tmp_path)
     _save_saes(tmp_path, tiny_dir, ("sae", 64))
-    export = ["browse", "sae", "--export", "neuronpedia", "np", "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"),
-              "--n-tokens", "62", "--n-top", "2", "--n-samples", "2", "--no-progress"]
+    base = ["browse", "sae", "--export", "neuronpedia", "np", "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"),
+            "--n-tokens", "62", "--n-samples", "2", "--no-progress"]
+    export = [*base, "--n-top", "2"]
     assert main(export) == 0
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in (tmp_path / "np").iterdir()}
@@ -1156,9 +1171,9 @@ def test_browse_export_again_reuses_the_same_export_and_refuses_another(tmp_path
     assert out.err.strip() == "np already holds this Neuronpedia export (--overwrite writes it again)"
     assert json.loads(out.out)["saes"]["reused"] is True
     assert {p.name: p.read_bytes() for p in (tmp_path / "np").iterdir()} == before
-    _refusals([([*export, "--n-top", "3"], "np: an earlier Neuronpedia export made from other settings "
+    _refusals([([*base, "--n-top", "3"], "np: an earlier Neuronpedia export made from other settings "
                                            "(--n-top 2 -> 3) is there; pass --overwrite to replace it")], capsys)
-    assert main([*export, "--n-top", "3", "--overwrite"]) == 0
+    assert main([*base, "--n-top", "3", "--overwrite"]) == 0
     assert json.loads(capsys.readouterr().out)["saes"]["reused"] is False
 
 

@@ -97,11 +97,12 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     out, _ = run_cli(capsys, *argv)
     assert out == {"report": str(run / "evals" / "report.md"), **{m: "ok (reused)" for m in names}}
     before = {p.name: p.read_bytes() for p in (run / "evals").iterdir()}
-    _, err = run_cli(capsys, *argv, "--abl-n-sites", "3", code=2)  # the last occurrence of an option wins
+    fewer_sites = [*argv[:argv.index("--abl-n-sites") + 1], "3", *argv[argv.index("--abl-n-sites") + 2:]]
+    _, err = run_cli(capsys, *fewer_sites, code=2)
     assert "holds results of this SAE with other settings: ablation_sparsity (--abl-n-sites 4 -> 3); pass --overwrite" \
         in err
     assert before == {p.name: p.read_bytes() for p in (run / "evals").iterdir()}
-    out, _ = run_cli(capsys, *argv, "--abl-n-sites", "3", "--overwrite", "--metrics", "ablation_sparsity")
+    out, _ = run_cli(capsys, *fewer_sites, "--overwrite", "--metrics", "ablation_sparsity")
     assert out["ablation_sparsity"] == "ok"
     assert json.loads((run / "evals" / "ablation_sparsity.json").read_text())["result"]["n_sites"] == 3
     assert json.loads((run / "evals" / "probe.json").read_text())["created"] == created["probe"]

@@ -446,10 +446,10 @@ def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, d
         in capsys.readouterr().err
     assert (run / "metrics.json").read_bytes() == before
     # The same into --out: written once, then reused; other settings there are refused.
-    out = ["--out", str(tmp_path / "elsewhere"), "--recon-tokens", "256"]
-    _, written = run_cli(capsys, *ev, *out)
+    out = ["--out", str(tmp_path / "elsewhere")]
+    _, written = run_cli(capsys, *ev, *out, "--recon-tokens", "256")
     kept = (tmp_path / "elsewhere" / "metrics.json").read_bytes()
-    _, reused = run_cli(capsys, *ev, *out)
+    _, reused = run_cli(capsys, *ev, *out, "--recon-tokens", "256")
     assert reused == written and (tmp_path / "elsewhere" / "metrics.json").read_bytes() == kept
     assert main([*ev, *out, "--recon-tokens", "512"]) == 2
     assert "already holds an evaluation (metrics.json); pass --overwrite" in capsys.readouterr().err

@@ -480,21 +480,21 @@ def test_an_interrupted_overwrite_says_the_same_command_starts_it_over(tmp_path,
 
     write_activation_cache(_data().split(256), tmp_path / "acts", meta={"hook_name": "h"}, shard_rows=512,
                            dtype="float32")
-    argv = ["train", "--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "run"), "--n-latents", "64",
-            "--k", "4", "--batch-size", "128", "--total-tokens", "1024", "--no-progress"]
-    assert main(argv) == 0
+    base = ["train", "--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "run"), "--n-latents", "64",
+            "--batch-size", "128", "--total-tokens", "1024", "--no-progress"]
+    assert main([*base, "--k", "4"]) == 0
     before = snapshot(tmp_path / "run")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(saelab.train.trainer.TrainingRun, "train_step", interrupted)
-    assert main([*argv, "--k", "8", "--overwrite"]) == 130
+    assert main([*base, "--k", "8", "--overwrite"]) == 130
     err = capsys.readouterr().err
     assert "interrupted; the run being replaced has its earlier results back; the same command starts the " \
            "replacement over" in err and "to resume" not in err
     assert snapshot(tmp_path / "run") == before
-    assert main([*argv[:4], str(tmp_path / "other"), *argv[5:]]) == 130  # a new run resumes
+    assert main([*base[:4], str(tmp_path / "other"), *base[5:], "--k", "4"]) == 130  # a new run resumes
     assert "interrupted; run the same command again to resume" in capsys.readouterr().err
     # A verb that writes its output only at the end (browse, top, report, ...) promises no resume
     import saelab.report

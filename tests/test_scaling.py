@@ -119,8 +119,9 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
     # Other settings, or another model, never replace the evaluations unasked: named before any work.
     before = {name: (sweep / name / "metrics.json").read_bytes() for name in out}
     other_model = ["--model", str(tiny_series / "checkpoint-90")]
-    for extra, changed in ((["--recon-tokens", "512"], "(--recon-tokens 1024 -> 512)"), (other_model, "(--model ")):
-        _, err = run_cli(capsys, "eval", str(sweep), *ev, *extra, "--no-progress", code=2)
+    fewer = [*ev[:3], "512", *ev[4:]]  # --recon-tokens 512
+    for given, changed in ((fewer, "(--recon-tokens 1024 -> 512)"), ([*ev, *other_model], "(--model ")):
+        _, err = run_cli(capsys, "eval", str(sweep), *given, "--no-progress", code=2)
         assert f"hold an evaluation with other settings {changed}" in err and "; pass --overwrite" in err
         assert all(name in err for name in out)
     _, err = run_cli(capsys, "eval", str(sweep / "n32_k4"), *ev, *other_model, "--no-progress", code=2)
@@ -130,10 +131,10 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
     # A second sweep into the same folder, evaluated as it finishes; k=2 has only two sizes.
     ev_prefixed = [a.replace("--", "--eval-", 1) for a in ev]
     # An evaluation that would be refused after the training is refused before it.
-    for bad, why in ((["--eval-context-size", "100000"], "--eval-context-size 100000 exceeds the longest context of "),
-                     (["--eval-corpus", str(tmp_path / "nope.txt")], "nope.txt")):
-        _, err = run_cli(capsys, "sweep", *common, "--grid", "n_latents=32,64", "k=2", "--eval", *ev_prefixed, *bad,
-                         code=2)
+    no_corpus = [ev_prefixed[0], str(tmp_path / "nope.txt"), *ev_prefixed[2:]]  # --eval-corpus nope.txt
+    for given, why in (([*ev_prefixed, "--eval-context-size", "100000"], "--eval-context-size 100000 exceeds the "
+                        "longest context of "), (no_corpus, "nope.txt")):
+        _, err = run_cli(capsys, "sweep", *common, "--grid", "n_latents=32,64", "k=2", "--eval", *given, code=2)
         assert why in err and not (sweep / "n32_k2").exists()
     run_cli(capsys, "sweep", *common, "--grid", "n_latents=32,64", "k=2", "--eval", *ev_prefixed)
     out, _ = run_cli(capsys, "report", str(sweep))

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import types
 import typing
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +83,8 @@ class Parser(ArgumentParser):
         self.config_entries = {}
         if self.check_words is not None and not {"-h", "--help"} & set(self._argv_seen):
             self.check_words(self, self._argv_seen)
+        if self.add_config_path_arg:
+            self._refuse_a_repeated_config()
         for wrapper in self._wrappers:
             wrapper.dataclass_fn = _naming_its_group(wrapper.dataclass_fn, wrapper.dest)
         try:
@@ -93,6 +94,16 @@ class Parser(ArgumentParser):
         # Read by given(); merged, as the verb's parser fills it before the top parser returns.
         parsed.given_as = {**getattr(parsed, "given_as", {}), **self._given_as()}
         return parsed, rest
+
+    def _refuse_a_repeated_config(self) -> None:
+        """--config given twice: simple_parsing reads it before the parse, keeping the last one's files
+        (`--config a.yaml --config b.yaml` dropped a.yaml's entries), so _refuse_a_repeat never sees it."""
+        option = f"--{self.add_config_path_arg}"
+        reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        reader.add_argument(option, dest="files", nargs="*", action="append", default=[])
+        files = reader.parse_known_args(self._argv_seen)[0].files
+        if len(files) > 1:
+            self.error(repeat_refusal([option] * 2, files[:2], listed=True))
 
     def _given_as(self) -> dict[str, str]:
         """Each setting the user gave, with how: its option as typed ("-k", "--no-auxk"), else the --config
@@ -184,7 +195,12 @@ class Parser(ArgumentParser):
             if action.dest.rsplit(".", 1)[-1] in self.hidden_fields:
                 action.help = argparse.SUPPRESS
 
+    def _parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        self._taken: dict[argparse.Action, list[list[str]]] = {}  # each option's values so far, as typed
+        return super()._parse_known_args(*args, **kwargs)
+
     def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        self._refuse_a_repeat(action, arg_strings)
         # simple_parsing gives an Optional field nargs="?", the bare option meaning None: where None is
         # also the default, "--corpus" without its value would quietly change nothing.
         if _bare_is_a_no_op(action) and not arg_strings:
@@ -196,6 +212,21 @@ class Parser(ArgumentParser):
                 named = "/".join(action.option_strings) or action.metavar or action.dest.upper()  # as the usage shows it
                 self.error(f"{named}: {repeat!r} given twice; give each value once")
         return values
+
+    def _refuse_a_repeat(self, action: argparse.Action, arg_strings: list[str]) -> None:
+        """An option given a second time: argparse keeps the last value, so `train --k 8 --k 16` trained
+        k=16 without a word. Options that gather their occurrences (--log-to) take repeats, and a switch
+        takes the last of its forms, as switches do ("--no-auxk --auxk")."""
+        if (not action.option_strings or isinstance(action, (*REPEATABLE_ACTIONS, BooleanOptionalAction))
+                or action.nargs == 0):
+            return
+        taken = self._taken.setdefault(action, [])
+        taken.append(list(arg_strings))
+        if len(taken) == 2:
+            spellings = [o for w in self._argv_seen for o in action.option_strings if _typed_as(w, o)]
+            spellings = spellings[:2] if len(spellings) >= 2 else [action.option_strings[0]] * 2
+            listed = action.nargs in ("*", "+") or isinstance(action.nargs, int) and action.nargs > 1
+            self.error(repeat_refusal(spellings, taken, listed, getattr(action, "several", None)))
 
     def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
         # simple_parsing refuses "--no-auxk true" through exit(0, message): a bad option must fail
@@ -227,24 +258,21 @@ class Parser(ArgumentParser):
         return kept
 
 
-class Once(argparse.Action):
-    """Stores an option's value, refusing the option given twice: argparse keeps the last value, so
-    `top RUN --latent 3 --latent 4` showed latent 4 alone. ``several`` says how to give several values
-    where the option takes them (``"--latent 3,4"``)."""
+REPEATABLE_ACTIONS = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction)
+"""Actions that gather each occurrence of their option (``--log-to`` extends): a repeat adds, it loses nothing."""
 
-    def __init__(self, *args: Any, several: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.several = several
-        self._namespace: typing.Callable[[], Any] | None = None  # the parse that set it: a weak reference
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        named = option_string or "/".join(self.option_strings)
-        if self._namespace is not None and self._namespace() is namespace:
-            hint = f"list several as {self.several}" if self.several else "give it once"
-            parser.error(f"{named} given twice; {hint}")
-        self._namespace = weakref.ref(namespace)
-        setattr(namespace, self.dest, values)
+def repeat_refusal(spellings: list[str], values: list[list[str]], listed: bool = False,
+                   several: str | None = None) -> str:
+    """The refusal of an option given twice: "--k given twice (8, 16): give it once", from how each
+    occurrence was typed (``spellings``: "-k", "--k") and its values as typed. ``listed``: the option takes
+    several values; ``several`` says how to give several where one value lists them ("--latent 3,4")."""
+    names = "/".join(dict.fromkeys(spellings))
+    shown = [" ".join(v) or "no value" for v in values]  # "--warmup-steps" bare: its optional value left out
+    if listed:  # "--grid k=8,16 --grid lr=1e-3": its values would read as one list
+        return f"{names} given twice ({' and '.join(shown)}): list all its values after one {spellings[0]}"
+    hint = f"list several as {several}" if several else "give it once"
+    return f"{names} given twice ({', '.join(shown)}): {hint}"
 
 
 def _file_key(action: argparse.Action) -> str:
@@ -423,6 +451,11 @@ def typed(args: argparse.Namespace, option: str) -> bool:
 
 def _is_option(word: str, option: str) -> bool:
     return word == option or word.startswith(option + "=")
+
+
+def _typed_as(word: str, option: str) -> bool:
+    """Whether ``word`` gives ``option``: "--k", "--k=8", and a short option's attached value, "-n5"."""
+    return _is_option(word, option) or (option[1] != "-" and word.startswith(option) and word[1] != "-")
 
 
 def given(args: argparse.Namespace, dest: str) -> str | None:

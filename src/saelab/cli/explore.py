@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (Once, add_io_options, finite_float, first_repeat, given, positional_indices,
-                               positive_int, typed, unknown_options)
+from saelab.cli.common import (add_io_options, finite_float, first_repeat, given, positional_indices, positive_int,
+                               typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import read_tokens_before_load
@@ -44,8 +44,9 @@ def _float_list(text: str) -> list[float]:
 def add_steer(sub) -> None:
     p = sub.add_parser("steer", help="generate with and without adding / clamping / ablating an SAE latent")
     p.add_argument("sae", metavar="SAE", help="run folder, SAE folder, OpenAI .pt file or https URL")
-    p.add_argument("--latent", type=_int_list, required=True, action=Once, several="--latent 3,4",
-                   help="latent index; several, comma-separated ('12,40'), are steered together")
+    latent = p.add_argument("--latent", type=_int_list, required=True,
+                            help="latent index; several, comma-separated ('12,40'), are steered together")
+    latent.several = "--latent 3,4"  # how a repeat's refusal says to give several (Parser)
     p.add_argument("--mode", choices=STEER_MODES, default="add",
                    help="add: add --value times the latent's decoder direction to the activation at the hook; "
                         "clamp: set the latent to --value through the SAE (error term kept); ablate: clamp to 0")
@@ -355,8 +356,9 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 def add_top(sub) -> None:
     p = sub.add_parser("top", help="the top-activating contexts of one or more latents on held-out text")
     p.add_argument("sae", metavar="SAE", help="run folder, SAELens or sparsify folder, OpenAI .pt file or URL")
-    p.add_argument("--latent", type=_int_list, required=True, action=Once, several="--latent 3,4",
-                   help="latent index; several, comma-separated ('12,40'), are shown one after the other")
+    latent = p.add_argument("--latent", type=_int_list, required=True,
+                            help="latent index; several, comma-separated ('12,40'), are shown one after the other")
+    latent.several = "--latent 3,4"  # how a repeat's refusal says to give several (Parser)
     p.add_argument("-n", "--n-contexts", type=positive_int, default=10,
                    help="contexts per latent (default: 10)")
     p.add_argument("--n-tokens", type=positive_int, default=262_144,
