@@ -364,6 +364,25 @@ BAD = [
     ("eval SAE --ablations zero --ablations mean", "--ablations given twice (zero and mean): list all its values"),
     ("train --config a.yaml --config b.yaml", "error: --config given twice (a.yaml and b.yaml): list all its values "
                                               "after one --config"),  # a.yaml's entries were dropped
+    # accepted and never used: refused before the model loads
+    ("eval SAE --suite paper --metrics", "argument --metrics: expected at least one argument"),  # ran every metric
+    ("eval SAE --suite paper --series-steps", "argument --series-steps: expected at least one argument"),
+    ("sweep --grid k=8,16 --model-dtype bfloat16", "--model-dtype sets the evaluation that --eval runs; add --eval"),
+    ("eval SAE --suite paper --metrics core --abl-n-sites 3", "error: --abl-n-sites is an option of the "
+     "ablation_sparsity metric, which --metrics core leaves out; add ablation_sparsity to --metrics, or leave "
+     "--abl-n-sites out"),
+    ("eval SAE --suite paper --metrics core --ablation-contexts 8", "--ablation-contexts is an option of the "
+                                                                    "ablation_sparsity metric"),
+    ("eval SAE --suite paper --metrics core probe --n2g-max-len 5", "--n2g-max-len is an option of the n2g metric, "
+                                                                    "which --metrics core probe leaves out"),
+    ("eval SAE --suite paper --metrics n2g --probe-contexts 64", "--probe-contexts is an option of the probe metric"),
+    ("eval SAE --suite paper --metrics core --series pythia-family", "--series is an option of the "
+                                                                     "compute_equivalent metric"),
+    ("eval SAE --suite paper --metrics core --ce-fit-min-frac 0.1", "--ce-fit-min-frac is an option of the "
+                                                                    "compute_equivalent metric"),
+    ("train --n-latents 8192 -k 4 --decoder-init-noise 0.5", "error: --decoder-init-noise: applies only to a decoder "
+     "initialized from data (--decoder-init data, or auto where --batch-size x -k / --n-latents >= 16); here it is "
+     "drawn at random"),  # auto: 4,096 x 4 / 8,192 activations per latent is 2
     ("top SAE", "the following arguments are required: --latent"),
     ("top 5 SAE", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 5 (`saelab top"),
     ("top 3,7 SAE -n 3", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 3,7 -n 3"),
@@ -598,6 +617,8 @@ def test_a_refused_value_names_its_option_as_typed(tmp_path, capsys):
     "sweep --multi-topk-factor 2 --grid multi-topk=false,true",
     "sweep --grid k-aux=16,64 --n-latents 64",
     "train --decoder-init data --decoder-init-noise 0.5",
+    "train --decoder-init-noise 0.5",  # auto: data directions at the recipe's sizes
+    "sweep --decoder-init-noise 0.5 --grid k=4,32",  # k=32 uses data directions
     "train --lr-base 0.002 --lr-max 0.01",
 ])
 def test_options_that_apply_are_taken(argv):
@@ -608,6 +629,13 @@ def test_options_that_apply_are_taken(argv):
     grid = parse_grid(args.grid) if args.verb == "sweep" else None
     names = {field: name for field, (name, _) in typed_grid_words(args.grid).items()} if grid else None
     refuse_options_that_do_not_apply(args, grid, names)
+
+
+@pytest.mark.parametrize("options", ["--metrics core probe --probe-contexts 64", "--abl-n-sites 3",
+                                     "--metrics compute_equivalent --series pythia-family --ce-fit-min-frac 0.1"])
+def test_options_of_the_metrics_asked_for_are_taken(options, tmp_path, capsys):
+    assert _exit_code(["eval", str(tmp_path / "missing"), "--suite", "paper", *options.split()]) == 2
+    assert "missing: no such file or folder" in capsys.readouterr().err  # past the option checks
 
 
 def test_options_that_apply_from_a_config_file_are_taken(tmp_path):
@@ -770,9 +798,11 @@ def test_a_typed_abl_n_future_longer_than_the_contexts_is_refused_before_the_mod
         assert _exit_code([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err  # not the missing model: before it loads
-    # Unused: --metrics leaves ablation sparsity out, so only the model is missing.
+    # --metrics leaves ablation sparsity out: its option is refused as unused, not checked
     assert _exit_code([*base, "--abl-n-future", "1000", "--metrics", "core"]) == 2
-    assert "too short" not in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == "saelab eval: error: --abl-n-future is an option of the " \
+        "ablation_sparsity metric, which --metrics core leaves out; add ablation_sparsity to --metrics, or leave " \
+        "--abl-n-future out"
 
 
 def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):
@@ -1397,8 +1427,10 @@ def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, m
                                                 "family (pythia-family[-deduped][:SIZES]"),
                ([*paper, "--series", "pythia-7m"], "no Pythia of size '7m'; known sizes: 14m, 31m"),
                ([*paper, "--series", "crfm-gpt2-small", "--series-steps", "7"], "has no checkpoint at step(s) [7]"),
-               # compute-equivalent left out by --metrics: its --series is not read
-               ([*paper, "--series", "nosuch", "--metrics", "core"], "cannot load model directory")], capsys)
+               # compute-equivalent left out by --metrics: its --series would not be read
+               ([*paper, "--series", "nosuch", "--metrics", "core"], "--series is an option of the "
+                                                                     "compute_equivalent metric, which --metrics core "
+                                                                     "leaves out")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 

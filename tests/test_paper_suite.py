@@ -27,6 +27,27 @@ SMALL = ["--recon-tokens", "1024", "--downstream-tokens", "992", "--ablation-con
          "--n2g-max-len", "6", "--no-progress"]
 
 
+def for_metrics(argv: list[str], *metrics: str) -> list[str]:
+    """``argv`` without the options (and their values) of the paper metrics not in ``metrics``: --metrics
+    refuses an option of a metric it leaves out."""
+    from saelab.cli.evaluate import METRIC_OPTIONS
+
+    left_out = tuple(p for metric, prefixes in METRIC_OPTIONS.items() if metric not in metrics for p in prefixes)
+    kept, words = [], iter(argv)
+    for word in words:
+        if word.startswith(left_out):
+            next(words)  # its value
+        else:
+            kept.append(word)
+    return kept
+
+
+def replaced(argv: list[str], option: str, value: str) -> list[str]:
+    """``argv`` with ``option``'s value changed: an option given twice is refused."""
+    i = argv.index(option)
+    return [*argv[:i + 1], value, *argv[i + 2:]]
+
+
 def eval_corpus(data_dir: Path, path: Path, n: int = 6) -> Path:
     with lzma.open(data_dir / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
         lines = [next(f) for _ in range(n)]
@@ -97,16 +118,17 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     out, _ = run_cli(capsys, *argv)
     assert out == {"report": str(run / "evals" / "report.md"), **{m: "ok (reused)" for m in names}}
     before = {p.name: p.read_bytes() for p in (run / "evals").iterdir()}
-    fewer_sites = [*argv[:argv.index("--abl-n-sites") + 1], "3", *argv[argv.index("--abl-n-sites") + 2:]]
+    fewer_sites = replaced(argv, "--abl-n-sites", "3")
     _, err = run_cli(capsys, *fewer_sites, code=2)
     assert "holds results of this SAE with other settings: ablation_sparsity (--abl-n-sites 4 -> 3); pass --overwrite" \
         in err
     assert before == {p.name: p.read_bytes() for p in (run / "evals").iterdir()}
-    out, _ = run_cli(capsys, *fewer_sites, "--overwrite", "--metrics", "ablation_sparsity")
+    out, _ = run_cli(capsys, *for_metrics(fewer_sites, "ablation_sparsity"), "--overwrite", "--metrics",
+                     "ablation_sparsity")
     assert out["ablation_sparsity"] == "ok"
     assert json.loads((run / "evals" / "ablation_sparsity.json").read_text())["result"]["n_sites"] == 3
     assert json.loads((run / "evals" / "probe.json").read_text())["created"] == created["probe"]
-    out, _ = run_cli(capsys, *argv, "--overwrite", "--metrics", "core", "probe")
+    out, _ = run_cli(capsys, *for_metrics(argv, "probe"), "--overwrite", "--metrics", "core", "probe")
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok", "probe": "ok"}
 
 
@@ -145,7 +167,7 @@ def test_openai_v5_checkpoint_gets_its_hook_and_context_64(tiny_dir, data_dir, t
     other = v5_checkpoint(tmp_path / "other" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt", seed=1)
     before = {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
     _, err = run_cli(capsys, "eval", str(other), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir),
-                     "--corpus", str(corpus), *SMALL, "--metrics", "core", code=2)
+                     "--corpus", str(corpus), *for_metrics(SMALL), "--metrics", "core", code=2)
     assert "holds results of another SAE (core); pick another --out, or pass --overwrite" in err
     assert before == {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
     # Asking for it by name is an error; so are unknown metrics and series, and a .pt without --out or hook.
@@ -236,7 +258,8 @@ def test_more_n2g_latents_than_the_sae_has_are_refused_before_the_model_loads(ti
     out = tmp_path / "out"
     corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
     _, err = run_cli(capsys, "eval", str(tiny_series_run), "--suite", "paper", "--out", str(out), "--corpus",
-                     str(corpus), *SMALL, "--n2g-n-latents", "500", "--model", str(tmp_path / "no-model"), code=2)
+                     str(corpus), *replaced(SMALL, "--n2g-n-latents", "500"), "--model", str(tmp_path / "no-model"),
+                     code=2)
     assert err.count("\n") == 1, err
     assert "--n2g-n-latents 500: the SAE has 128 latents; expected at most 128 (0: every latent that fires)" in err
     assert not (out / "evals").exists()  # refused before the model (a missing one here) loads
@@ -339,11 +362,12 @@ def test_a_tokenizer_that_splits_the_default_padding_token_is_refused_before_any
     refusal = "saelab eval: error: --n2g-padding-token ' _' (the default) is 2 tokens for this tokenizer; pick a " \
               "single-token text"
     for metrics, tail in (([], ", or leave n2g out with --metrics"), (["--metrics", "n2g"], "")):
-        _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "out"), *metrics, code=2)
+        _, err = run_cli(capsys, *for_metrics(argv, "n2g"), "--out", str(tmp_path / "out"), *metrics, code=2)
         assert err.strip().splitlines()[-1] == refusal + tail, err
         assert not (tmp_path / "out" / "evals").exists()  # no metric ran
 
-    out, _ = run_cli(capsys, *argv, "--out", str(tmp_path / "out"), "--metrics", "n2g", "--n2g-padding-token", " x")
+    out, _ = run_cli(capsys, *for_metrics(argv, "n2g"), "--out", str(tmp_path / "out"), "--metrics", "n2g",
+                     "--n2g-padding-token", " x")
     assert out["n2g"] == "ok"
     assert json.loads((tmp_path / "out" / "evals" / "n2g.json").read_text())["inputs"]["config"]["padding_token"] == " x"
 
@@ -352,7 +376,7 @@ def test_a_probe_that_measured_no_task_is_not_ok(tiny_series_run, data_dir, tmp_
     """--probe-contexts too few for any task read "probe": "ok" with mean loss null over 0 tasks."""
     corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
     argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus", str(corpus),
-            *SMALL, "--probe-contexts", "1"]
+            *replaced(SMALL, "--probe-contexts", "1")]
     out, _ = run_cli(capsys, *argv)
     assert out["probe"] == "skipped" and out["core"] == "ok"
     rec = json.loads((tmp_path / "out" / "evals" / "probe.json").read_text())
@@ -360,6 +384,6 @@ def test_a_probe_that_measured_no_task_is_not_ok(tiny_series_run, data_dir, tmp_
     assert rec["reason"].startswith("every task was skipped") and "(need 20 of each)" in rec["reason"]
     assert "| skipped |" in (tmp_path / "out" / "evals" / "report.md").read_text()
     # Asked for by name, as a metric that does not apply: an error, exit 2.
-    _, err = run_cli(capsys, *argv, "--metrics", "probe", code=2)
+    _, err = run_cli(capsys, *for_metrics(argv, "probe"), "--metrics", "probe", code=2)
     assert "failed in 1 metric(s): probe: every task was skipped" in err
     assert json.loads((tmp_path / "out" / "evals" / "probe.json").read_text())["status"] == "error"

@@ -201,10 +201,12 @@ class Parser(ArgumentParser):
 
     def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
         self._refuse_a_repeat(action, arg_strings)
-        # simple_parsing gives an Optional field nargs="?", the bare option meaning None: where None is
-        # also the default, "--corpus" without its value would quietly change nothing.
+        # simple_parsing gives an Optional field nargs="?", the bare option meaning None, and a list field
+        # nargs="*": where that is also the default, "--corpus" or "--metrics" without a value would quietly
+        # change nothing (a bare --metrics ran every metric).
         if _bare_is_a_no_op(action) and not arg_strings:
-            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+            wanted = "at least one argument" if action.nargs == "*" else "one argument"
+            self.error(f"argument {'/'.join(action.option_strings)}: expected {wanted}")
         values = super()._get_values(action, arg_strings)
         if action.nargs in ("*", "+"):  # a list option: "--ablations zero zero" would run (and record) zero twice
             repeat = first_repeat(values)
@@ -492,10 +494,19 @@ def did_you_mean(word: str, names: typing.Iterable[str]) -> str:
 
 
 def _bare_is_a_no_op(action: argparse.Action) -> bool:
-    """An option whose value may be left out, giving None, when None is its default anyway (not a
-    switch such as --auxk / --no-auxk, whose bare forms mean true / false)."""
+    """An option whose value may be left out, giving None (an empty list), when that is its default anyway
+    (not a switch such as --auxk / --no-auxk, whose bare forms mean true / false; not --ablations, whose
+    bare form is no ablation where its default has two)."""
+    if action.nargs == "*":
+        return bool(action.option_strings) and action.default in (None, (), [])
     return (action.nargs == "?" and bool(action.option_strings) and action.const is None
             and action.default is None and not isinstance(action, BooleanOptionalAction))
+
+
+def _with_nargs(action: argparse.Action, nargs: Any) -> argparse.Action:
+    shown = copy.copy(action)
+    shown.nargs = nargs
+    return shown
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -510,6 +521,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
         if _bare_is_a_no_op(action):  # a value is required (Parser._get_values)
+            if action.nargs == "*":  # "--metrics METRICS [METRICS ...]"
+                return super()._format_args(_with_nargs(action, "+"), default_metavar)
             return "%s" % self._metavar_formatter(action, default_metavar)(1)
         if isinstance(action, BooleanOptionalAction):  # usage "[--auxk | --no-auxk]", not "[--auxk [bool]]"
             return " ".join(f"| {o}" for o in action.option_strings[1:])

@@ -26,6 +26,12 @@ METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
                  ("n2g", N2GConfig, "n2g-"))
 
 
+# The options of each paper metric but core (whose settings every metric reads): its group's, and its
+# share of the text.
+METRIC_OPTIONS = {"compute_equivalent": ("--series", "--ce-"), "ablation_sparsity": ("--ablation-contexts", "--abl-"),
+                  "probe": ("--probe-",), "n2g": ("--n2g-",)}
+
+
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens or sparsify folder, OpenAI .pt file or "
                                     "URL), or every run of a sweep folder")
@@ -111,6 +117,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                                 "--n2g-contexts", *(f"--{prefix}" for _, _, prefix in METRIC_GROUPS))
     if suite_only and args.suite != "paper":
         raise ConfigError(f"{suite_only[0]} is an option of the paper suite; add --suite paper, or leave it out")
+    _refuse_options_of_metrics_left_out(args)
     if is_sweep(args.sae):
         if args.out or args.hook:
             raise ConfigError(f"{args.sae} is a sweep folder: each run is evaluated into its own folder with its "
@@ -127,6 +134,16 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         return {"report": index["report"],
                 **{m: v["status"] + (" (reused)" if v["reused"] else "") for m, v in index["metrics"].items()}}
     return _eval_core(args)
+
+
+def _refuse_options_of_metrics_left_out(args: argparse.Namespace) -> None:
+    """An option of a paper metric that --metrics leaves out would be accepted and never used."""
+    chosen = args.suite_cfg.metrics
+    for metric, prefixes in METRIC_OPTIONS.items():
+        unused = typed_starting(args, *prefixes) if chosen and metric not in chosen else []
+        if unused:
+            raise ConfigError(f"{unused[0]} is an option of the {metric} metric, which --metrics "
+                              f"{' '.join(chosen)} leaves out; add {metric} to --metrics, or leave {unused[0]} out")
 
 
 def _eval_core(args: argparse.Namespace) -> dict[str, Any]:

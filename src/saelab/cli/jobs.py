@@ -23,6 +23,7 @@ from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstar
 from saelab.run_folder import check_output_folder
 from saelab.train import TrainConfig
 from saelab.train.metric_sinks import LOG_TARGETS
+from saelab.train.config import resolved_decoder_init
 from saelab.train import distributed as ddp
 from saelab.train.distributed import init_from_env
 
@@ -51,9 +52,10 @@ APPLIES_ONLY_WITH: list[tuple[tuple[str, ...], typing.Callable[[dict], bool], st
      "applies only with --architecture relu (the relu-l1 recipe); a top-k SAE's sparsity is set by --k"),
     (("multi_topk_factor", "multi_topk_coef"), lambda s: s["multi_topk"], "applies only with --multi-topk"),
     (("k_aux", "auxk_coef"), lambda s: s["auxk"], "applies only with --auxk (AuxK is off)"),
-    (("decoder_init_max_cos", "decoder_init_noise"), lambda s: s["decoder_init"] != "random",
-     "applies only to a decoder initialized from data (--decoder-init data, or auto); --decoder-init random draws "
-     "it at random"),
+    (("decoder_init_max_cos", "decoder_init_noise"),  # auto draws it at random on too few activations per latent
+     lambda s: resolved_decoder_init(s["decoder_init"], s["batch_size"], s["k"], s["n_latents"]) != "random",
+     "applies only to a decoder initialized from data (--decoder-init data, or auto where --batch-size x --k / "
+     "--n-latents >= 16); here it is drawn at random"),
     (("lr_base", "lr_max"), lambda s: s["lr"] is None,
      "sets the learning rate only when --lr is unset; --lr gives it outright"),
 ]
@@ -340,7 +342,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     grid = parse_grid(args.grid)
     grid_names = {field: name for field, (name, _) in typed_grid_words(args.grid).items()}
     refuse_options_that_do_not_apply(args, grid, grid_names)
-    unused = typed_starting(args, "--eval-") if not args.evaluate else []
+    unused = typed_starting(args, "--eval-", "--model-dtype") if not args.evaluate else []  # the model runs in --eval
     if unused:
         raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")
     refuse_options_the_grid_sets(args, grid)

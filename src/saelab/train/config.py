@@ -133,9 +133,7 @@ class TrainConfig:
 
     @property
     def effective_decoder_init(self) -> str:
-        if self.decoder_init != "auto":
-            return self.decoder_init
-        return "data" if self.batch_size * self.k >= 16 * self.n_latents else "random"
+        return resolved_decoder_init(self.decoder_init, self.batch_size, self.k, self.n_latents)
 
     @property
     def effective_init_rows(self) -> int:
@@ -176,6 +174,14 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training options: {sorted(unknown)}")
         return cls(**d)
+
+
+def resolved_decoder_init(decoder_init: str, batch_size: int, k: int, n_latents: int) -> str:
+    """--decoder-init with 'auto' resolved: 'data' when each latent expects at least 16 activations per
+    batch, else 'random'."""
+    if decoder_init != "auto":
+        return decoder_init
+    return "data" if batch_size * k >= 16 * n_latents else "random"
 
 
 def _check_choices(c: TrainConfig) -> None:
