@@ -13,7 +13,7 @@ import shlex
 import sys
 
 import saelab
-from saelab.cli.common import Parser
+from saelab.cli.common import Parser, in_given_words
 from saelab.errors import SaelabError
 from saelab.utils.device import resolve_device
 from saelab.utils.host_memory import retain_freed_memory
@@ -131,10 +131,7 @@ def in_option_words(message: str, options: dict[str, str], typed_as: dict[str, s
     the setting it sets): "pass overwrite=True (--overwrite)" -> "pass --overwrite", "lr must be > 0" ->
     "--lr must be > 0", "k=100" -> "--k 100", "train.k 16 -> 32" -> "--k 16 -> 32"; then each long option
     the user typed otherwise as typed (``typed_as``, "--k": "-k"): "--k 100" -> "-k 100"."""
-    message = _in_long_option_words(message, options)
-    for option, spelling in (typed_as or {}).items():  # the verbs' own messages name long options too
-        message = re.sub(rf"(?<![\w./-]){re.escape(option)}(?![\w-])", spelling, message)
-    return message
+    return in_given_words(_in_long_option_words(message, options), typed_as or {})
 
 
 def _in_long_option_words(message: str, options: dict[str, str]) -> str:

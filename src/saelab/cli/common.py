@@ -131,25 +131,7 @@ class Parser(ArgumentParser):
             ours = {dest for dest in given if "." in dest and names.count(dest.rsplit(".", 1)[-1]) == 1}
         else:
             ours = {dest for dest in given if dest.rpartition(".")[0] == group}
-        how = {dest.rsplit(".", 1)[-1]: given[dest] for dest in ours}
-        if not how:
-            return message
-        setting, _, rest = message.partition(" ")
-        if setting in how and rest.startswith("must "):
-            return f"{how[setting]}{':' if how[setting].startswith('--config ') else ''} {rest}"
-        files = []  # the file of each entry named: the message opens with it
-
-        def named(field: str) -> str | None:
-            if field not in how:
-                return None
-            file, _, entry = how[field].rpartition(": ")
-            files.append(file)
-            return entry
-
-        reworded = reword_fields(message, lambda field, value: f"{named(field)} {value}" if field in how else None,
-                                 named)
-        file = next((f for f in files if f), None)
-        return f"{file}: {reworded}" if file else reworded
+        return in_given_words(message, {dest.rsplit(".", 1)[-1]: given[dest] for dest in ours})
 
     def error(self, message: str) -> typing.NoReturn:
         """One line, as for every other bad input (argparse would print the usage block first), with a
@@ -480,6 +462,47 @@ def reword_fields(message: str, assigned: typing.Callable[[str, str], str | None
     says; None keeps the words."""
     message = _ASSIGNED_FIELD_RE.sub(lambda m: assigned(m[1], m[2]) or m[0], message)
     return _COMPARED_FIELD_RE.sub(lambda m: compared(m[0]) or m[0], message)
+
+
+def in_given_words(message: str, how: dict[str, str],
+                   otherwise: typing.Callable[[str], str | None] = lambda field: None) -> str:
+    """``message`` with each setting and option it names in the words the user gave it. ``how`` maps a
+    setting ("k") or a long option ("--k") to how it was given: an option as typed ("-k"), a --config file's
+    entry ("--config c.yaml: train.k"; the message then opens with the first file it names) or a grid
+    entry ("--grid k=9000", named "k" beside a comparison); ``otherwise`` names a setting ``how`` lacks (None:
+    as the message has it). "k must be >= 1, got 0" -> "-k must be >= 1, got 0", "--config c.yaml: train.k:
+    must be ...", "--grid k=0: must be >= 1"; "--k 100" -> "-k 100"."""
+    files = []  # the file of each entry named
+
+    def compared(field: str) -> str | None:
+        words = how.get(field) or otherwise(field)
+        if words is None:
+            return None
+        if words.startswith("--grid "):  # beside a comparison, the entry's name: "expected k <= n-latents"
+            return words.removeprefix("--grid ").partition("=")[0]
+        file, _, entry = words.rpartition(": ")
+        files.append(file)
+        return entry
+
+    def assigned(field: str, value: str) -> str | None:
+        if (how.get(field) or "").startswith("--grid "):  # the entry holds the value as typed
+            return how[field]
+        name = compared(field)
+        return None if name is None else f"{name} {value}"
+
+    setting, _, rest = message.partition(" ")
+    lead = how.get(setting) if rest.startswith("must ") and not setting.startswith("-") else None
+    if lead is not None and not lead.startswith("--grid "):
+        return f"{lead}{':' if lead.startswith('--config ') else ''} {rest}"
+    if lead is not None:  # the value is in the entry: no ", got 0"
+        message = f"{lead}: {reword_fields(re.sub(r', got [^,;]+$', '', rest), assigned, compared)}"
+    else:
+        message = reword_fields(message, assigned, compared)
+    for option, spelling in how.items():  # the verbs' own messages name long options too
+        if option.startswith("--"):
+            message = re.sub(rf"(?<![\w./-]){re.escape(option)}(?![\w-])", spelling, message)
+    file = next((f for f in files if f), None)
+    return f"{file}: {message}" if file else message
 
 
 def typed_starting(args: argparse.Namespace, *prefixes: str) -> list[str]:

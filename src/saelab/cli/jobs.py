@@ -6,14 +6,13 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
-import re
 import shlex
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, did_you_mean, given, literal_choices, reword_fields, type_words,
+from saelab.cli.common import (add_io_options, did_you_mean, given, in_given_words, literal_choices, type_words,
                                typed, typed_starting)
 from saelab.data import ActivationCache, IncompleteCacheError
 from saelab.errors import ConfigError
@@ -297,32 +296,11 @@ def _as_grid_entries(message: str, typed_point: dict[str, str], given_as: dict[s
     its option ("--n-latents 8192"). A rule about one grid field opens with its entry:
     "n_latents must be >= 1, got 0" -> "--grid n-latents=0: must be >= 1"."""
     fields = set(typing.get_type_hints(TrainConfig))
-    files = set()  # of the entries named: the message opens with it
 
-    def compared(field: str) -> str | None:  # the grid's name for a field it sets, else as it was given
-        if field not in fields:
-            return None
-        if field in typed_point:
-            return typed_point[field].partition("=")[0]
-        how = given_as.get(f"train.{field}", f"--{field.replace('_', '-')}")
-        file, _, entry = how.rpartition(": ")
-        files.update([file] if file else [])
-        return entry
+    def otherwise(field: str) -> str | None:  # a setting the grid leaves: as it was given, else its option
+        return given_as.get(f"train.{field}", f"--{field.replace('_', '-')}") if field in fields else None
 
-    def assigned(field: str, value: str) -> str | None:
-        if field not in fields:
-            return None
-        return f"--grid {typed_point[field]}" if field in typed_point else f"{compared(field)} {value}"
-
-    def reworded(text: str) -> str:
-        return reword_fields(text, assigned, compared)
-
-    setting, _, rest = message.partition(" ")
-    if setting in typed_point and rest.startswith("must "):  # the value is in the entry: no ", got 0"
-        message = f"--grid {typed_point[setting]}: {reworded(re.sub(r', got [^,;]+$', '', rest))}"
-    else:
-        message = reworded(message)
-    return f"{next(iter(files))}: {message}" if len(files) == 1 else message
+    return in_given_words(message, {field: f"--grid {entry}" for field, entry in typed_point.items()}, otherwise)
 
 
 def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]) -> None:
