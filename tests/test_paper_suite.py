@@ -198,7 +198,7 @@ def test_series_that_fails_to_load_is_recorded_and_reported(tiny_dir, data_dir, 
     corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl", n=8)
     _, err = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out",
                      str(tmp_path / "out"), "--series", str(broken), "--metrics", "core", "compute_equivalent",
-                     "--corpus", str(corpus), *SMALL, code=2)
+                     "--corpus", str(corpus), *for_metrics(SMALL, "compute_equivalent"), code=2)
     assert "failed in 1 metric(s): compute_equivalent: ModelLoadError: cannot load model directory" in err
     rec = json.loads((tmp_path / "out" / "evals" / "compute_equivalent.json").read_text())
     assert rec["status"] == "error" and "checkpoint-1" in rec["reason"]
