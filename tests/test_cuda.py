@@ -212,7 +212,7 @@ def test_browser_runs_the_saes_it_loads_on_the_model_device(tmp_path, gpt2_token
     with torch.device("meta"):  # any device but the CPU
         model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=D, n_head=4, vocab_size=50257, n_positions=64))
     lm = LanguageModel(model, gpt2_tokenizer, "meta-gpt2")
-    assert load_model_beside(lm, BrowseConfig(), sources, loaded_here, "blocks.0.hook_resid_post") is lm
+    assert load_model_beside(lm, BrowseConfig(), sources, loaded_here, "blocks.0.hook_resid_post")[0] is lm
     assert sources[0].sae.W_dec.is_meta and given.sae.W_dec.device.type == "cpu"
 
 
