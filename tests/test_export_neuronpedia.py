@@ -304,6 +304,20 @@ def test_run_settings_carry_no_local_path_and_reuse_goes_by_the_weights(tiny_gpt
         export_neuronpedia_run(home / "runs" / "n64", out, cfg, lm=tiny_gpt2, progress=False)
 
 
+def test_the_same_corpus_and_sae_by_another_path_are_reused(tiny_gpt2, corpus, tmp_path, monkeypatch):
+    """The key held the corpus path as typed: the same export asked for with absolute paths after relative
+    ones (or from another folder) was refused as made from other inputs."""
+    shutil.copy(corpus, tmp_path / "text.jsonl.xz")
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "runs" / "r1" / "sae")
+    monkeypatch.chdir(tmp_path)
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus="text.jsonl.xz", n_top=2, n_samples=2, lm_batch_size=8)
+    assert export_neuronpedia_run("runs/r1", "np", cfg, lm=tiny_gpt2, progress=False)["reused"] is False
+    cfg = dataclasses.replace(cfg, corpus=str(tmp_path / "text.jsonl.xz"))
+    monkeypatch.chdir(tmp_path / "runs")
+    assert export_neuronpedia_run(tmp_path / "runs" / "r1", tmp_path / "np", cfg, lm=tiny_gpt2,
+                                  progress=False)["reused"] is True
+
+
 def test_a_run_folder_s_n2g_explanations_are_named_as_left_out(tiny_gpt2, corpus, tmp_path, capsys):
     """The batch files have no place for an explanation: a run folder's N2G explanations (which its site
     shows) were left out of the export without a word. One line on stderr says so; a run without them, none."""

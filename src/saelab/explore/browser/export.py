@@ -40,6 +40,7 @@ the explanations a run folder keeps are named on stderr as left out.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -304,12 +305,21 @@ def export_key(sources, cfg, model_dtype: str, options: dict[str, Any]) -> tuple
     def identify(source) -> str:
         return hashes[id(source)]
 
-    blob = json.dumps([FORMAT, build_key(sources, cfg, model_dtype, identify), options], sort_keys=True, default=str)
+    # local files by where they lie, not by the path typed: the same corpus given from another folder is reused
+    where = dataclasses.replace(cfg, corpus=_resolved(cfg.corpus), model=_resolved(cfg.model))
+    blob = json.dumps([FORMAT, build_key(sources, where, model_dtype, identify), options], sort_keys=True, default=str)
     inputs = json.loads(json.dumps({**build_inputs(sources, cfg, model_dtype, identify), "export": options},
                                    default=str))
     for name in ("corpus", "model"):
         inputs["browse"][name] = public_name(inputs["browse"][name])
     return hashlib.sha256(blob.encode()).hexdigest()[:16], inputs
+
+
+def _resolved(value: str | None) -> str | None:
+    """A local file or folder by its absolute path; a URL, a hub id or a name as given."""
+    if not value or "://" in value or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
 
 
 def public_name(value: str | None) -> str | None:
