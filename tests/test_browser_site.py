@@ -179,6 +179,21 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
     assert not fresh.exists()  # no half-written site that looks complete
 
 
+def test_families_are_reused_after_n2g_explanations_and_in_another_order(sae_files, tiny_gpt2, corpus, tmp_path):
+    """The families file was keyed by a run's n2g.json (which it never reads) and by the order the SAEs were
+    given in (the tree orders them by size): either refused the same families again."""
+    shutil.copytree(sae_files / "run_small", tmp_path / "run_small")
+    both = [tmp_path / "run_small", sae_files / "saelens_large"]
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n_samples=4, lm_batch_size=8)
+    fam = tmp_path / "fam.json"
+    assert not build_families(both, fam, cfg, lm=tiny_gpt2, progress=False)["reused"]
+    (tmp_path / "run_small" / "n2g.json").write_text(json.dumps({"per_latent": [
+        {"latent": 3, "patterns": [{"tokens": [" the"], "anchored": False, "value": 0.5, "count": 2}],
+         "precision": 1.0}]}))
+    assert build_families(both, fam, cfg, lm="no-such-model", progress=False)["reused"]
+    assert build_families(both[::-1], fam, cfg, lm="no-such-model", progress=False)["reused"]
+
+
 def test_an_edited_corpus_file_is_not_taken_for_the_one_read_before(sae_files, tiny_gpt2, tmp_path):
     text = tmp_path / "c.txt"
     text.write_text("The cat sat on the mat. " * 400)

@@ -71,19 +71,23 @@ def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource]) -> tuple[
     return out, [s for s, given in zip(out, sae_sources) if s is not given]
 
 
-def _stat_key(source: SAESource) -> list:
+def _stat_key(source: SAESource, n2g: bool = True) -> list:
     """What identifies an SAE's files: paths, sizes and modification times. Of a run folder, its SAE and
-    its n2g.json explanations only: its metrics and report change with every evaluation."""
+    (with ``n2g``) its n2g.json explanations only: its metrics and report change with every evaluation."""
     path = Path(source.source).expanduser()
     if not path.exists():
         return [source.source]
     if path.is_file():
         files = [path]
     elif source.run_dir is not None:
-        files = sorted((path / SAE_DIR).iterdir()) + [path / name for name in RUN_N2G_FILES]
+        files = sorted((path / SAE_DIR).iterdir()) + [path / name for name in RUN_N2G_FILES if n2g]
     else:
         files = sorted(p for p in path.rglob("*.json") if p.parent == path) + sorted(path.rglob("*.safetensors"))
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+
+
+def _sae_files_key(source: SAESource) -> list:
+    return _stat_key(source, n2g=False)
 
 
 def _settings(cfg: BrowseConfig) -> dict[str, Any]:
@@ -283,7 +287,10 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     if len(set(sizes)) != len(sizes):
         raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
-    key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
+    # The tree reads no N2G explanations and orders the SAEs by size: neither changes its key.
+    by_size = sorted(sources, key=lambda s: s.sae.n_latents)
+    key, inputs = (build_key(by_size, cfg, model_dtype, _sae_files_key),
+                   build_inputs(by_size, cfg, model_dtype, _sae_files_key))
     if earlier is not None:
         if earlier.get("key") != key:
             raise RunExistsError(f"{out} holds feature families of {what_differs(earlier.get('inputs'), inputs)}; "
