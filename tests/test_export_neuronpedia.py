@@ -318,6 +318,26 @@ def test_the_same_corpus_and_sae_by_another_path_are_reused(tiny_gpt2, corpus, t
                                   progress=False)["reused"] is True
 
 
+def test_default_ids_follow_neuronpedia_s_rule_and_the_model_s_name_as_given(tiny_gpt2, tiny_dir, corpus, tmp_path):
+    """A run named "ααα" gave the SAE set "", a model folder the 43-character id of where its link led:
+    the defaults are checked before the model loads, and a model folder is named as given."""
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "ααα" / "sae")
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "r1" / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    with pytest.raises(ConfigError, match=r"^sae_set '', drawn from the SAE's name ααα: expected 1 to 64 .*; "
+                                          r"pass one as sae_set= \(--sae-set\)$"):
+        export_neuronpedia_run(tmp_path / "ααα", tmp_path / "np", cfg, lm="no-such-model", progress=False)
+    long = tmp_path / "Tiny-GPT2.Q4_1-054dac6ed241389e0123456789"
+    long.symlink_to(tiny_dir)
+    with pytest.raises(ConfigError, match=r"^model_id 'tiny-gpt2.q4-1-054dac6ed241389e0123456789', drawn from the "
+                                          r"model's name .*: expected 2 to 32 .*; pass one as model_id= \(--model-id\)$"):
+        export_neuronpedia_run(tmp_path / "r1", tmp_path / "np", cfg, lm=str(long), progress=False)
+    (tmp_path / "tiny-link").symlink_to(long)
+    res = export_neuronpedia_run(tmp_path / "r1", tmp_path / "np", cfg, lm=str(tmp_path / "tiny-link"), progress=False)
+    assert res["model_id"] == "tiny-link"
+    assert json.loads((tmp_path / "np" / "batch-0.json").read_text())["model_id"] == "tiny-link"
+
+
 def test_a_run_folder_s_n2g_explanations_are_named_as_left_out(tiny_gpt2, corpus, tmp_path, capsys):
     """The batch files have no place for an explanation: a run folder's N2G explanations (which its site
     shows) were left out of the export without a word. One line on stderr says so; a run without them, none."""

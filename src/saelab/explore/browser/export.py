@@ -235,11 +235,33 @@ def check_neuronpedia_ids(model_id: str | None, sae_set: str | None,
                           names: tuple[str, str] = ("model_id", "sae_set")) -> None:
     """Refuse a model id or SAE set Neuronpedia cannot take (they name its pages: /MODEL/LAYER-SET/INDEX),
     named as ``names`` say (the options on the command line)."""
-    for value, name, (pattern, rule), doubled in ((model_id, names[0], MODEL_ID_RULE, ("--", "..")),
-                                                  (sae_set, names[1], SAE_SET_RULE, ("__",))):
-        if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)
-                                  or any(d in value for d in doubled)):
-            raise ConfigError(f"{name} {value!r}: expected {rule}")
+    for value, name, rule in ((model_id, names[0], MODEL_ID_RULE), (sae_set, names[1], SAE_SET_RULE)):
+        if value is not None and not _follows(value, rule):
+            raise ConfigError(f"{name} {value!r}: expected {rule[1]}")
+
+
+def _follows(value: Any, rule: tuple[re.Pattern, str]) -> bool:
+    doubled = ("__",) if rule is SAE_SET_RULE else ("--", "..")
+    return isinstance(value, str) and bool(rule[0].fullmatch(value)) and not any(d in value for d in doubled)
+
+
+def default_ids(sources, lm, cfg, model_id: str | None, sae_set: str | None) -> str:
+    """The model id to write: ``model_id``, else drawn from the model's name as given (a folder by its own
+    name, not by where a link to it leads). A default Neuronpedia cannot take (of the model or of an SAE's
+    name) is refused before the model loads, with the option to pass instead."""
+    from saelab.run_folder import model_for
+
+    if model_id is None:
+        spec = getattr(lm, "name", lm) or cfg.model or model_for(sources[0].sae)
+        model_id = default_model_id(str(spec))
+        if not _follows(model_id, MODEL_ID_RULE):
+            raise ConfigError(f"model_id {model_id!r}, drawn from the model's name {spec}: expected "
+                              f"{MODEL_ID_RULE[1]}; pass one as model_id= (--model-id)")
+    for s in sources if sae_set is None else []:
+        if not _follows(_slug(s.name), SAE_SET_RULE):
+            raise ConfigError(f"sae_set {_slug(s.name)!r}, drawn from the SAE's name {s.name}: expected "
+                              f"{SAE_SET_RULE[1]}; pass one as sae_set= (--sae-set)")
+    return model_id
 
 
 def default_model_id(name: str) -> str:
@@ -373,6 +395,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     if kwargs.get("sae_set") is not None and len(sources) > 1:  # each SAE's pages would take the same address
         raise ConfigError(f"sae_set {kwargs['sae_set']!r} names one SAE's set, and {len(sources)} SAEs were given; "
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")
+    model_id = default_ids(sources, lm, cfg, kwargs.get("model_id"), kwargs.get("sae_set"))
     for s in sources:
         _say_explanations_left_out(s)
     key, inputs = export_key(sources, cfg, model_dtype, kwargs)
@@ -389,7 +412,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     for st in stats:
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)
     result = export_neuronpedia(stats, tokens, lm, out, dataset=corpus_name(cfg.corpus, "eval"), n_bands=cfg.n_bands,
-                                key=key, inputs=inputs, **kwargs)
+                                key=key, inputs=inputs, **{**kwargs, "model_id": model_id})
     return _as_given([{**r, "reused": False} for r in (result if isinstance(result, list) else [result])], one)
 
 
