@@ -108,6 +108,26 @@ def test_generate_with_and_without_is_seeded(tiny_gpt2, sae):
     assert "add 200" in a.format() and "--- without steering ---" in a.format()
 
 
+def test_steer_shows_promoted_tokens_as_top_does(tiny_gpt2, tiny_dir, tmp_path, capsys):
+    r"""A token holding part of a character printed as repr() of its bytes, '\\x9f' (the backslash doubled),
+    where top and the site show '\x9f'; a newline stays escaped."""
+    from saelab.evals.probe_tasks import token_strings
+
+    tok = tiny_gpt2.tokenizer
+    tops = [i for i in tok(" 🎉")["input_ids"] if "\ufffd" in tok.decode([i])][:1] + tok("\n")["input_ids"]
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=4, k=1, hook_name=HOOK, model_name="tiny"))
+    with torch.no_grad():  # latent 1 writes the sum of their unembeddings: they are its top tokens
+        sae.W_dec[1] = tiny_gpt2.model.lm_head.weight[tops].sum(0) / tiny_gpt2.model.transformer.ln_f.weight
+    save_sae(sae, tmp_path / "sae")
+    assert main(["steer", str(tmp_path / "sae"), "--latent", "1", "--value", "1", "--model", str(tiny_dir),
+                 "--prompt", "Hi", "--max-new-tokens", "1", "--greedy", "--device", "cpu",
+                 "--top-tokens", "4"]) == 0
+    line = next(li for li in capsys.readouterr().out.splitlines() if li.startswith("latent 1 promotes: "))
+    shown = [s.replace("\n", "\\n") for s in token_strings(tok, tops, readable_bytes=True)]
+    assert any("\\x" in s for s in shown) and all(f"'{s}'" in line for s in shown), line
+    assert "\\\\" not in line
+
+
 def test_steer_rejects_bad_input(tiny_gpt2, sae):
     with pytest.raises(ValueError, match="mode"):
         steer(tiny_gpt2, sae, 1, "boost", 1.0)

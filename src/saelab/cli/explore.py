@@ -212,6 +212,13 @@ def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float
                     for i, m, v in zip(args.latent, maxima, values)]
 
 
+def _quoted(token: str) -> str:
+    """A token in quotes, escaped as top shows it: repr() doubled the backslash of a byte ('\\x9f')."""
+    from saelab.explore.top import ESCAPED
+
+    return f"'{token.translate(ESCAPED)}'"
+
+
 def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.explore.attribution import latent_logit_effects
     from saelab.explore.steering import generate_with_and_without, steer
@@ -224,7 +231,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     promoted = {}
     for i in s.latents.tolist() if args.top_tokens > 0 else []:
         promoted[i] = [t for t, _, _ in latent_logit_effects(lm, sae, i, top=args.top_tokens)["promoted"]]
-        text.append(f"latent {i} promotes: {' '.join(repr(t) for t in promoted[i])}")
+        text.append(f"latent {i} promotes: {' '.join(_quoted(t) for t in promoted[i])}")
     results = []
     for j in range(args.samples):
         gen = generate_with_and_without(lm, args.prompt, s, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
