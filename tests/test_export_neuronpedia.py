@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from saelab.data import token_contexts
-from saelab.errors import ConfigError, RunExistsError
+from saelab.errors import ConfigError, CorpusError, RunExistsError
 from saelab.evals.probe_tasks import token_strings
 from saelab.explore.attribution import unembed_direction
 from saelab.explore.browser.build import (
@@ -348,6 +348,10 @@ def test_a_run_folder_s_n2g_explanations_are_named_as_left_out(tiny_gpt2, corpus
         for i in (3, 5)]}))
     cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
     export_neuronpedia_run(tmp_path / "plain", tmp_path / "np-plain", cfg, lm=tiny_gpt2, progress=False)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(CorpusError):  # refused on the way: the refusal alone is said
+        export_neuronpedia_run(tmp_path / "run", tmp_path / "np", dataclasses.replace(cfg, n_tokens=10**9),
+                               lm=tiny_gpt2, progress=False)
     assert capsys.readouterr().err == ""
     for _ in range(2):  # written, then reused: still without them
         export_neuronpedia_run(tmp_path / "run", tmp_path / "np", cfg, lm=tiny_gpt2, progress=False)

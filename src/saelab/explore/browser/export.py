@@ -396,13 +396,12 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         raise ConfigError(f"sae_set {kwargs['sae_set']!r} names one SAE's set, and {len(sources)} SAEs were given; "
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")
     model_id = default_ids(sources, lm, cfg, kwargs.get("model_id"), kwargs.get("sae_set"))
-    for s in sources:
-        _say_explanations_left_out(s)
     key, inputs = export_key(sources, cfg, model_dtype, kwargs)
     targets = [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]
     # before the model loads and the text is scored; an export of the same key is the same files
     earlier = [_check_target(t, kwargs.get("overwrite", False), key, inputs) for t in targets]
     if all(earlier):
+        _say_explanations_left_out(sources)
         return _as_given([_reused(t, e) for t, e in zip(targets, earlier)], one)
     kwargs["overwrite"] = True  # what is there now is the same export (the others were refused above)
     hook = check_compatible(sources, cfg.hook, cfg.model)
@@ -413,6 +412,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)
     result = export_neuronpedia(stats, tokens, lm, out, dataset=corpus_name(cfg.corpus, "eval"), n_bands=cfg.n_bands,
                                 key=key, inputs=inputs, **{**kwargs, "model_id": model_id})
+    _say_explanations_left_out(sources)  # once written: a refusal on the way is the one line to read
     return _as_given([{**r, "reused": False} for r in (result if isinstance(result, list) else [result])], one)
 
 
@@ -421,16 +421,17 @@ def _as_given(summaries: list[dict[str, Any]], one: bool) -> dict[str, Any] | li
     return summaries[0] if one or len(summaries) == 1 else summaries
 
 
-def _say_explanations_left_out(source) -> None:
-    """One line on stderr for the N2G explanations a run folder keeps (those its site shows): the batch
+def _say_explanations_left_out(sources) -> None:
+    """One line on stderr per run folder that keeps N2G explanations (those its site shows): the batch
     files have no place for them (module docstring), and they were left out without a word."""
     from saelab.explore.browser.build import run_explanations
 
-    explained = run_explanations(source.run_dir, source.sae) if source.run_dir is not None else {}
-    if explained:
-        print(f"saelab: warning: the run {source.source} keeps N2G explanations of {len(explained)} latent(s); the "
-              "Neuronpedia export leaves them out (SAEDashboard's batch files have no place for them): browse "
-              f"{source.source} without --export shows them", file=sys.stderr)
+    for source in sources:
+        explained = run_explanations(source.run_dir, source.sae) if source.run_dir is not None else {}
+        if explained:
+            print(f"saelab: warning: the run {source.source} keeps N2G explanations of {len(explained)} latent(s); "
+                  "the Neuronpedia export leaves them out (SAEDashboard's batch files have no place for them): "
+                  f"browse {source.source} without --export shows them", file=sys.stderr)
 
 
 def refuse_explanations(cfg, given_as: Callable[[str], str | None] = lambda setting: None) -> None:
