@@ -37,6 +37,16 @@ def test_switches_show_both_forms_and_their_default(capsys):
                      out, flags=re.S)
 
 
+def test_browse_help_states_the_whole_rule_of_neuronpedia_ids(capsys):
+    """--model-id and --sae-set's help left out parts of the rule they are checked by: an id ending in '-', or
+    holding '--', '..' or '__', was refused by a rule the help did not state."""
+    with pytest.raises(SystemExit):
+        main(["browse", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "from a letter to a letter or digit, without '--' or '..'" in out
+    assert "from a letter or digit to one, without '__'" in out
+
+
 def _help(verb, capsys) -> str:
     with pytest.raises(SystemExit):
         main([verb, "--help"])
