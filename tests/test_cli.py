@@ -1212,7 +1212,10 @@ def test_browse_export_again_reuses_the_same_export_and_refuses_another(tmp_path
     assert json.loads(out.out)["saes"]["reused"] is True
     assert {p.name: p.read_bytes() for p in (tmp_path / "np").iterdir()} == before
     _refusals([([*base, "--n-top", "3"], "np: an earlier Neuronpedia export made from other settings "
-                                           "(--n-top 2 -> 3) is there; pass --overwrite to replace it")], capsys)
+                                           "(--n-top 2 -> 3) is there; pass --overwrite to replace it"),
+               # an option of the export by its option, not its place in the record (export.model_id)
+               ([*export, "--model-id", "tiny-b"], "made from other settings (--model-id none -> \"tiny-b\") is there"),
+               ], capsys)
     assert main([*base, "--n-top", "3", "--overwrite"]) == 0
     assert json.loads(capsys.readouterr().out)["saes"]["reused"] is False
 
@@ -1416,7 +1419,10 @@ def test_top_and_browse_refuse_n_tokens_past_the_corpus_before_the_model_loads(g
     top = ["top", "sae", "--latent", "1", "--corpus", "c.txt", "--n-tokens"]
     browse = ["browse", "sae", "--out", "site", "--corpus", "c.txt", "--n-tokens"]
     families = ["families", "sae", "sae128", "--out", "ff.json", "--corpus", "c.txt", "--n-tokens"]
-    _refusals([([*top, "100000"], past), ([*browse, "100000"], past), ([*families, "100000"], past),
+    (tmp_path / "c.json").write_text(json.dumps({"browse": {"n_tokens": 100000}}))
+    _refusals([([*browse[:-1], "--config", "c.json"], "error: --config c.json: browse.n_tokens 100,000: the corpus "
+                f"c.txt holds {most:,} tokens the SAE reads; expected browse.n_tokens {most} at most"),
+               ([*top, "100000"], past), ([*browse, "100000"], past), ([*families, "100000"], past),
                ([*top, str(most + 1)], f"--n-tokens {most + 1:,}: the corpus c.txt holds {most:,} tokens"),
                # as many as the corpus holds: the load is what fails
                ([*top, str(most)], "cannot load model directory"),
@@ -1426,7 +1432,7 @@ def test_top_and_browse_refuse_n_tokens_past_the_corpus_before_the_model_loads(g
     assert main(["top", "sae", "--latent", "1", "--n-tokens", "100000000"]) == 2
     m = eval_split.search(capsys.readouterr().err)
     assert m and int(m[1].replace(",", "")) == int(m[2]) > 1_000_000, m
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "model", "sae", "sae128"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.txt", "model", "sae", "sae128"]
 
 
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

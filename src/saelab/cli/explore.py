@@ -184,14 +184,14 @@ def _within_the_corpus(option: str, value: int, corpus: str | None):
         if not getattr(e, "max_tokens", 0):  # an empty or unreadable corpus: its own words
             raise
         text = "the eval split" if corpus is None else f"the corpus {corpus}"
-        raise ConfigError(f"{option} {value:,}: {text} holds {e.max_tokens:,} tokens the SAE reads; expected "
-                          f"{option} {e.max_tokens} at most") from None
+        file, _, entry = option.rpartition(": ")  # a --config file's entry: "--config c.json: browse.n_tokens"
+        raise ConfigError(f"{file}{': ' if file else ''}{entry} {value:,}: {text} holds {e.max_tokens:,} tokens the "
+                          f"SAE reads; expected {entry} {e.max_tokens} at most") from None
 
 
 def _n_tokens_option(args: argparse.Namespace) -> str:
-    """browse's --n-tokens as typed (a value from --config is named by the option)."""
-    typed_as = given(args, "browse.n_tokens")
-    return typed_as if typed_as and not typed_as.startswith("--config") else "--n-tokens"
+    """browse's --n-tokens as the user gave it: the option as typed, or the --config file's entry."""
+    return given(args, "browse.n_tokens") or "--n-tokens"
 
 
 def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float, list[str]]:

@@ -133,9 +133,13 @@ def what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
     or settings"."""
     if not isinstance(recorded, dict):
         return "other inputs or settings"
-    hashed = ("sae_files", "corpus_files")
-    changes = changed_fields({k: v for k, v in recorded.items() if k not in hashed},
-                             {k: v for k, v in inputs.items() if k not in hashed})
+    hashed = ("sae_files", "corpus_files", "export")
+
+    def settings(of: dict[str, Any]) -> dict[str, Any]:  # an export's options by their own names, as passed
+        export = of.get("export")
+        return {**{k: v for k, v in of.items() if k not in hashed}, **(export if isinstance(export, dict) else {})}
+
+    changes = changed_fields(settings(recorded), settings(inputs))
     if changes:
         return f"other settings ({', '.join(changes)})"
     if recorded.get("sae_files") != inputs["sae_files"]:
