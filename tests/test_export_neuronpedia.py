@@ -324,13 +324,14 @@ def test_default_ids_follow_neuronpedia_s_rule_and_the_model_s_name_as_given(tin
     save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "ααα" / "sae")
     save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "r1" / "sae")
     cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
-    with pytest.raises(ConfigError, match=r"^sae_set '', drawn from the SAE's name ααα: expected 1 to 64 .*; "
-                                          r"pass one as sae_set= \(--sae-set\)$"):
+    with pytest.raises(ConfigError, match=r"^the default SAE set '', drawn from the SAE's name ααα: expected 1 "
+                                          r"to 64 .*; pass one: sae_set=NAME \(--sae-set\)$"):
         export_neuronpedia_run(tmp_path / "ααα", tmp_path / "np", cfg, lm="no-such-model", progress=False)
     long = tmp_path / "Tiny-GPT2.Q4_1-054dac6ed241389e0123456789"
     long.symlink_to(tiny_dir)
-    with pytest.raises(ConfigError, match=r"^model_id 'tiny-gpt2.q4-1-054dac6ed241389e0123456789', drawn from the "
-                                          r"model's name .*: expected 2 to 32 .*; pass one as model_id= \(--model-id\)$"):
+    with pytest.raises(ConfigError, match=r"^the default model id 'tiny-gpt2.q4-1-054dac6ed241389e0123456789', "
+                                          r"drawn from the model's name .*: expected 2 to 32 .*; pass one: "
+                                          r"model_id=ID \(--model-id\)$"):
         export_neuronpedia_run(tmp_path / "r1", tmp_path / "np", cfg, lm=str(long), progress=False)
     (tmp_path / "tiny-link").symlink_to(long)
     res = export_neuronpedia_run(tmp_path / "r1", tmp_path / "np", cfg, lm=str(tmp_path / "tiny-link"), progress=False)

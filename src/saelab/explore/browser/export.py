@@ -255,12 +255,12 @@ def default_ids(sources, lm, cfg, model_id: str | None, sae_set: str | None) -> 
         spec = getattr(lm, "name", lm) or cfg.model or model_for(sources[0].sae)
         model_id = default_model_id(str(spec))
         if not _follows(model_id, MODEL_ID_RULE):
-            raise ConfigError(f"model_id {model_id!r}, drawn from the model's name {spec}: expected "
-                              f"{MODEL_ID_RULE[1]}; pass one as model_id= (--model-id)")
+            raise ConfigError(f"the default model id {model_id!r}, drawn from the model's name {spec}: expected "
+                              f"{MODEL_ID_RULE[1]}; pass one: model_id=ID (--model-id)")
     for s in sources if sae_set is None else []:
         if not _follows(_slug(s.name), SAE_SET_RULE):
-            raise ConfigError(f"sae_set {_slug(s.name)!r}, drawn from the SAE's name {s.name}: expected "
-                              f"{SAE_SET_RULE[1]}; pass one as sae_set= (--sae-set)")
+            raise ConfigError(f"the default SAE set {_slug(s.name)!r}, drawn from the SAE's name {s.name}: expected "
+                              f"{SAE_SET_RULE[1]}; pass one: sae_set=NAME (--sae-set)")
     return model_id
 
 
