@@ -192,6 +192,11 @@ def test_families_are_reused_after_n2g_explanations_and_in_another_order(sae_fil
          "precision": 1.0}]}))
     assert build_families(both, fam, cfg, lm="no-such-model", progress=False)["reused"]
     assert build_families(both[::-1], fam, cfg, lm="no-such-model", progress=False)["reused"]
+    shutil.rmtree(tmp_path / "run_small" / "sae")  # retrained: refused, naming what can have changed
+    save_sae(trained_like_sae(tiny_gpt2, 128, 5, corpus), tmp_path / "run_small" / "sae")
+    with pytest.raises(RunExistsError, match=r"of other SAE files \(other SAEs, the same ones retrained or replaced "
+                                             r"since\); pass --overwrite"):
+        build_families(both, fam, cfg, lm="no-such-model", progress=False)
 
 
 def test_an_edited_corpus_file_is_not_taken_for_the_one_read_before(sae_files, tiny_gpt2, tmp_path):

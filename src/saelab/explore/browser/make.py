@@ -127,7 +127,7 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
                                   "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16]}, default=str))
 
 
-def what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
+def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str:
     """"other settings (browse.n_tokens 4096 -> 8192)", "other SAE files (...)", "other corpus text (...)", or,
     for a build that recorded no inputs (an earlier saelab) or differs in saelab's format only, "other inputs
     or settings"."""
@@ -142,9 +142,9 @@ def what_differs(recorded: Any, inputs: dict[str, Any]) -> str:
     changes = changed_fields(settings(recorded), settings(inputs))
     if changes:
         return f"other settings ({', '.join(changes)})"
-    if recorded.get("sae_files") != inputs["sae_files"]:
-        return ("other SAE files (other SAEs, the same ones retrained or replaced since, or a run's N2G "
-                "explanations written since)")
+    if recorded.get("sae_files") != inputs["sae_files"]:  # n2g: whether the key holds a run's N2G files
+        return ("other SAE files (other SAEs, the same ones retrained or replaced since"
+                + (", or a run's N2G explanations written since)" if n2g else ")"))
     if "corpus_files" in recorded and recorded["corpus_files"] != inputs["corpus_files"]:
         return f"other corpus text (browse.corpus {inputs['browse'].get('corpus')} changed since)"
     return "other inputs or settings"
@@ -297,7 +297,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
                    build_inputs(by_size, cfg, model_dtype, _sae_files_key))
     if earlier is not None:
         if earlier.get("key") != key:
-            raise RunExistsError(f"{out} holds feature families of {what_differs(earlier.get('inputs'), inputs)}; "
+            raise RunExistsError(f"{out} holds feature families of {what_differs(earlier.get('inputs'), inputs, n2g=False)}; "
                                  "pass --overwrite to replace it, or pick another --out")
         return {**earlier, "reused": True}
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
