@@ -672,6 +672,20 @@ def test_cli_train_on_a_small_cache_trains_on_all_its_rows_unless_total_tokens_i
                                  "than one batch (--batch-size 2048); harvest more, or give a smaller --batch-size")
 
 
+def test_cli_sweep_on_a_small_cache_trains_on_all_its_rows_as_train_does(tiny_cache, tmp_path, capsys):
+    """sweep on a cache smaller than the recipe's --total-tokens was refused for an option never typed, where
+    train trains on all the rows: both now fit the budget to the cache, through one function."""
+    code, out, err = run_cli(capsys, "sweep", "--activations", str(tiny_cache), "--out", str(tmp_path / "sweep"),
+                             "--grid", "k=4,8", "--n-latents", "64", "--batch-size", "128", "--init-rows", "256",
+                             "--no-progress")
+    assert code == 0, err
+    assert err.splitlines()[0] == (f"saelab: activation cache {tiny_cache} holds 1,024 rows, fewer than the recipe's "
+                                   "1,048,576 training tokens; training on all of them (--total-tokens 1024)")
+    for run in ("k4", "k8"):
+        recorded = json.loads((tmp_path / "sweep" / run / "train_config.json").read_text())["train"]
+        assert (recorded["total_tokens"], read_status(tmp_path / "sweep" / run)["state"]) == (1024, "finished")
+
+
 def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_dir, corpus, tmp_path, capsys,
                                                                           monkeypatch):
     import saelab.pipeline

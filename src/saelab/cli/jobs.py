@@ -169,12 +169,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, "k": sae.cfg.k}
 
 
-def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache) -> TrainConfig:
+def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[str, list] | None = None) -> TrainConfig:
     """The training settings, with a --total-tokens left at the recipe's default lowered to the rows of a cache
-    that holds fewer (said in one line; train_config.json records it). One the user gave is kept: the
-    training refuses it when the cache cannot hold it."""
+    that holds fewer (said in one line; train_config.json records it). One the user gave (or a sweep's grid
+    sets) is kept: the training refuses it when the cache cannot hold it."""
     train = args.train
-    if given(args, "train.total_tokens") is not None or cache.n_rows >= train.total_tokens:
+    if given(args, "train.total_tokens") is not None or "total_tokens" in (grid or {}) \
+            or cache.n_rows >= train.total_tokens:
         return train
     if cache.n_rows < train.batch_size:
         raise ConfigError(f"activation cache {args.activations!r} holds {cache.n_rows:,} rows, fewer than one batch "
@@ -325,11 +326,14 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")
     refuse_options_the_grid_sets(args, grid)
     check_grid_points(args.train, grid, args.grid, getattr(args, "given_as", {}))
+    check_output_folder(args.out, "--out", "sweep")  # a wrong --out is named before the cache is read
     with _finished_by_harvest(args.activations):
+        init_from_env()
+        cache = ActivationCache(args.activations)
+        base = _fit_to_cache(args, cache, grid)
         if args.evaluate:
             check_evaluation_before_training(args.activations, args.eval)  # not after the whole sweep trained
-        init_from_env()
-        saes = sweep_from_cache(args.activations, args.out, args.train, grid, device=args.device,
+        saes = sweep_from_cache(cache, args.out, base, grid, device=args.device,
                                 overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
     if args.evaluate and ddp.rank() == 0:  # under torchrun one process evaluates; the others are done
         evaluate_sweep(args.out, args.eval, device=args.device, model_dtype=args.model_dtype,
