@@ -663,6 +663,15 @@ def test_cli_train_on_a_small_cache_trains_on_all_its_rows_unless_total_tokens_i
                                    "1,048,576 training tokens; training on all of them (--total-tokens 1024)")
     recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]
     assert (recorded["total_tokens"], read_status(tmp_path / "run")["state"]) == (1024, "finished")
+    # 1,024 rows in batches of 384: two whole batches train, and that is what is said and recorded.
+    code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "part"),
+                             "--batch-size", "384", *small)
+    assert code == 0, err
+    assert err.splitlines()[0] == (f"saelab: activation cache {tiny_cache} holds 1,024 rows, fewer than the recipe's "
+                                   "1,048,576 training tokens; training on 768 of them, in whole batches of 384 "
+                                   "(--total-tokens 768)")
+    assert "not a multiple" not in err
+    assert json.loads((tmp_path / "part" / "train_config.json").read_text())["train"]["total_tokens"] == 768
     code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "typed"),
                              "--batch-size", "128", "--total-tokens", "2048", *small)
     assert code == 2 and "holds 1,024 rows but training needs 2,048" in err and "--total-tokens 1024 at most" in err

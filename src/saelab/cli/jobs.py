@@ -180,11 +180,12 @@ def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[s
     if cache.n_rows < train.batch_size:
         raise ConfigError(f"activation cache {args.activations!r} holds {cache.n_rows:,} rows, fewer than one batch "
                           f"(--batch-size {train.batch_size}); harvest more, or give a smaller --batch-size")
+    rows = cache.n_rows // train.batch_size * train.batch_size  # whole batches only: the rest is never trained on
+    how = "all of them" if rows == cache.n_rows else f"{rows:,} of them, in whole batches of {train.batch_size:,}"
     if ddp.rank() == 0:
         print(f"saelab: activation cache {args.activations} holds {cache.n_rows:,} rows, fewer than the recipe's "
-              f"{train.total_tokens:,} training tokens; training on all of them (--total-tokens {cache.n_rows})",
-              file=sys.stderr)
-    return dataclasses.replace(train, total_tokens=cache.n_rows)
+              f"{train.total_tokens:,} training tokens; training on {how} (--total-tokens {rows})", file=sys.stderr)
+    return dataclasses.replace(train, total_tokens=rows)
 
 
 @contextlib.contextmanager
