@@ -675,6 +675,13 @@ def test_cli_train_on_a_small_cache_trains_on_all_its_rows_unless_total_tokens_i
     code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "typed"),
                              "--batch-size", "128", "--total-tokens", "2048", *small)
     assert code == 2 and "holds 1,024 rows but training needs 2,048" in err and "--total-tokens 1024 at most" in err
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  total_tokens: 2048\n")
+    code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "file"),
+                             "--batch-size", "128", "--config", str(config), *small)
+    assert code == 2 and err == (f"saelab train: error: --config {config}: activation cache {str(tiny_cache)!r} holds "
+                                 "1,024 rows but training needs 2,048 (train.total_tokens); harvest more or train on "
+                                 "fewer tokens (train.total_tokens 1024 at most)")
     code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "batch"),
                              "--batch-size", "2048", *small)
     assert code == 2 and err == (f"saelab train: error: activation cache {str(tiny_cache)!r} holds 1,024 rows, fewer "

@@ -171,11 +171,15 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[str, list] | None = None) -> TrainConfig:
     """The training settings, with a --total-tokens left at the recipe's default lowered to the rows of a cache
-    that holds fewer (said in one line; train_config.json records it). One the user gave (or a sweep's grid
-    sets) is kept: the training refuses it when the cache cannot hold it."""
-    train = args.train
-    if given(args, "train.total_tokens") is not None or "total_tokens" in (grid or {}) \
-            or cache.n_rows >= train.total_tokens:
+    that holds fewer (said in one line; train_config.json records it). One the user gave is kept, and refused
+    here when the cache cannot hold it; one a sweep's grid sets is left to the training to check."""
+    train, how = args.train, given(args, "train.total_tokens")
+    if how is not None and cache.n_rows < train.total_tokens:  # named as given: a --config entry as the file's
+        file, _, entry = how.rpartition(": ")
+        raise ConfigError(f"{file + ': ' if file else ''}activation cache {args.activations!r} holds "
+                          f"{cache.n_rows:,} rows but training needs {train.total_tokens:,} ({entry}); harvest "
+                          f"more or train on fewer tokens ({entry} {cache.n_rows} at most)")
+    if how is not None or "total_tokens" in (grid or {}) or cache.n_rows >= train.total_tokens:
         return train
     if cache.n_rows < train.batch_size:
         raise ConfigError(f"activation cache {args.activations!r} holds {cache.n_rows:,} rows, fewer than one batch "
