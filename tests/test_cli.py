@@ -255,6 +255,8 @@ BAD = [
     ("sweep --grid k=16,9000", "error: --grid k=9000 exceeds --n-latents 8192"),  # not --k 9000
     ("sweep -k 700 --grid n-latents=512,1024", "error: -k 700 exceeds --grid n-latents=512; expected -k <= "),  # as typed
     ("train --n-latent 5", "unrecognized arguments: --n-latent 5; did you mean --n-latents?"),
+    # the misspelling first: the setting it was meant to give may be the one another option's check refuses
+    ("train --n-latentz 16 --n-latents 8", "unrecognized arguments: --n-latentz 16; did you mean --n-latents?"),
     ("families A B --n-tokns 5", "unrecognized arguments: --n-tokns; did you mean --n-tokens?"),  # not "--out"
     ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
     ("eval SAE --bogus", "unrecognized arguments: --bogus (`saelab eval --help` lists the options)"),

@@ -87,9 +87,12 @@ class Parser(ArgumentParser):
             self._refuse_a_repeated_config()
         for wrapper in self._wrappers:
             wrapper.dataclass_fn = _naming_its_group(wrapper.dataclass_fn, wrapper.dest)
+        self._extras: list[str] = []
         try:
             parsed, rest = super().parse_known_args(args, namespace)
         except ConfigError as e:  # a settings class refused a value while the parse built it
+            if any(word.startswith("-") for word in self._extras):  # a misspelling first: it may be the cause
+                self.error(f"unrecognized arguments: {' '.join(self._extras)}")
             raise ConfigError(self._in_given_words(str(e), getattr(e, "group", None))) from None
         # Read by given(); merged, as the verb's parser fills it before the top parser returns.
         parsed.given_as = {**getattr(parsed, "given_as", {}), **self._given_as()}
@@ -179,7 +182,8 @@ class Parser(ArgumentParser):
 
     def _parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
         self._taken: dict[argparse.Action, list[list[str]]] = {}  # each option's values so far, as typed
-        return super()._parse_known_args(*args, **kwargs)
+        parsed, self._extras = super()._parse_known_args(*args, **kwargs)  # for a refusal while building settings
+        return parsed, self._extras
 
     def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
         self._refuse_a_repeat(action, arg_strings)
