@@ -688,3 +688,29 @@ def test_eval_of_a_run_in_training_says_it_is_being_trained(tmp_path, capsys):
     assert main(["eval", str(cut), "--device", "cpu", "--no-progress"]) != 0
     assert "whose training has not finished (no sae/ yet); run the same `saelab train`" in capsys.readouterr().err
     assert (cut / LOCK).read_text() == ""
+
+
+# _HOLDER as an overwrite of a finished run, held before its first batch: the folder then holds only the
+# lock and the earlier run set aside, no train_config.json yet.
+_OVERWRITE_HOLDER = _HOLDER.replace("b == 4", "b == 0").replace('device="cpu")', 'device="cpu", overwrite=True)')
+
+
+def test_eval_in_the_first_moments_of_an_overwrite_says_it_is_being_trained(tmp_path, capsys):
+    """eval RUN just after `train --overwrite` of RUN started read the folder as an SAE folder: "folder has no
+    cfg.json (found ['.saelab.lock', '.set-aside'])"; it names the training, as it does a moment later."""
+    from saelab.cli import main
+    from saelab.utils.atomic import SET_ASIDE
+
+    run, holding, go = tmp_path / "run", tmp_path / "holding", tmp_path / "go"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    holder = _start_holding(_OVERWRITE_HOLDER, run, holding, go, {**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert sorted(p.name for p in run.iterdir()) == [LOCK, SET_ASIDE]
+        capsys.readouterr()
+        assert main(["eval", str(run), "--device", "cpu", "--no-progress"]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err == (f"saelab eval: error: {run} is being trained by another process (pid {holder.pid}) and has "
+                       "no sae/ yet; wait for the training to finish, then run this command again")
+    finally:
+        go.write_text("")
+        holder.communicate(timeout=300)

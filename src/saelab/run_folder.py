@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saelab.errors import CheckpointError, ConfigError
+from saelab.utils.atomic import SET_ASIDE
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
 
 if TYPE_CHECKING:
@@ -107,7 +108,8 @@ def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = Fa
     path = Path(str(source)).expanduser()
     if is_run(path):
         return load_sae(path / SAE_DIR), path
-    if path.is_dir() and (path / TRAIN_CONFIG).is_file():  # a run folder whose SAE is not written yet
+    # a run folder whose SAE is not written yet; an overwrite's first moments hold only the earlier run set aside
+    if path.is_dir() and any((p / TRAIN_CONFIG).is_file() for p in (path, path / SET_ASIDE)):
         holder = held_by(path)
         if holder:  # a training in progress: running it again would be refused as a second writer
             raise RunFolderBusyError(f"{path} is being trained by another process ({holder}) and has no {SAE_DIR}/ "
