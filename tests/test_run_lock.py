@@ -690,6 +690,27 @@ def test_eval_of_a_run_in_training_says_it_is_being_trained(tmp_path, capsys):
     assert (cut / LOCK).read_text() == ""
 
 
+def test_report_of_a_run_in_training_gives_its_latest_step(tmp_path, capsys):
+    """status.json is written only at checkpoints: report of a run in training said "training at step 0 of 16"
+    and called the latest logged batch the final one. It gives the step of the metrics log, and the holder."""
+    from saelab.cli import main
+
+    run, holding, go = tmp_path / "run", tmp_path / "holding", tmp_path / "go"
+    rare_checkpoints = _HOLDER.replace("checkpoint_every=2", "checkpoint_every=8")  # none before the hold
+    holder = _start_holding(rare_checkpoints, run, holding, go, {**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert main(["report", str(run)]) == 0
+        report = (run / "report.md").read_text()
+    finally:
+        go.write_text("")
+        holder.communicate(timeout=300)
+    assert f"| status | training now (pid {holder.pid}), at step 4 of 16 |" in report
+    assert "Latest batch nMSE" in report and "Final batch" not in report
+    assert main(["report", str(run)]) == 0  # finished: the status and the last batch as they were
+    report = (run / "report.md").read_text()
+    assert "| status | finished at step 16 of 16 |" in report and "Final batch nMSE" in report
+
+
 # _HOLDER as an overwrite of a finished run, held before its first batch: the folder then holds only the
 # lock and the earlier run set aside, no train_config.json yet.
 _OVERWRITE_HOLDER = _HOLDER.replace("b == 4", "b == 0").replace('device="cpu")', 'device="cpu", overwrite=True)')

@@ -17,6 +17,7 @@ from saelab.train.checkpoint import read_metrics, read_status
 from saelab.train.config import TrainConfig
 from saelab.train.trainer import INACTIVE_WINDOW
 from saelab.utils.atomic import write_text
+from saelab.utils.folder_lock import held_by
 
 METRIC_ROWS = [
     ("nmse", "nMSE (FVU), raw activation space", "{:.4f}"),
@@ -41,6 +42,16 @@ def markdown_table(rows: list[tuple[str, str]]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("\\|", "|").replace("|", "\\|")
     return "| | |\n|---|---|\n" + "".join(f"| {cell(a)} | {cell(b)} |\n" for a, b in rows)
+
+
+def _status_row(status: dict[str, Any], log: list[dict[str, Any]], holder: str | None) -> tuple[str, str]:
+    """status.json is written only at checkpoints: while a training (``holder``) holds the run, its step is
+    the metrics log's last one (or at least the last checkpoint's, before the first line is logged)."""
+    of = f"of {status.get('total_steps', '?')}"
+    if holder is None:
+        return "status", f"{status.get('state', '?')} at step {status.get('step', '?')} {of}"
+    step = log[-1]["step"] if log and "step" in log[-1] else f">= {status.get('step', 0)}"
+    return "status", f"training now ({holder}), at step {step} {of}"
 
 
 def _training_tokens(train: dict[str, Any]) -> str:
@@ -159,6 +170,9 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
             print(f"saelab: note: {DENSITY_PLOT} not redrawn: {not_redrawn}", file=sys.stderr)
     log = read_metrics(run_dir)
     status = read_status(run_dir)
+    finished = status.get("state") == "finished"
+    # a training in progress: its checkpoint's status lags (a finished run's lock is an evaluation's)
+    holder = None if finished else held_by(run_dir)
 
     lines = [f"# SAE run `{run_dir.name}`", ""]
     lines += ["## Setup", "", markdown_table([
@@ -172,7 +186,7 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
         ("learning rate", f"{TrainConfig.from_dict(train).effective_lr:.3g}"),
         _dead_latents_and_ema_row(train),
         ("seed", f"{train['seed']}"),
-        ("status", f"{status.get('state', '?')} at step {status.get('step', '?')} of {status.get('total_steps', '?')}"),
+        _status_row(status, log, holder),
     ]), ""]
     if metrics:
         n_tok = metrics.get("n_tokens", 0)
@@ -187,7 +201,7 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
         # Every latent counts as fired at the start, so a run shorter than the window has none inactive yet.
         inactive = (f"{last['inactive_frac']:.2%}" if last.get("tokens", 0) >= INACTIVE_WINDOW
                     else f"not measured (the run saw {last.get('tokens', 0):,} tokens)")
-        lines += ["## Training", "", f"Final batch nMSE {last['nmse']:.4f}, L0 {last['l0']:.1f}, "
+        lines += ["## Training", "", f"{'Final' if finished else 'Latest'} batch nMSE {last['nmse']:.4f}, L0 {last['l0']:.1f}, "
                   f"latents dead in the training window (AuxK) {last.get('dead_frac', 0):.2%}, not fired in the last "
                   f"{INACTIVE_WINDOW:,} training tokens: {inactive}, throughput {last['tokens_per_s']:,.0f} tokens/s.", "",
                   "![training curves](training_curves.png)", ""]
