@@ -7,6 +7,7 @@ import json
 import lzma
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -825,6 +826,13 @@ def test_paper_suite_of_a_run_and_its_report_hash_the_sae_once(tiny_dir, data_di
     hashes.clear()
     run_cli(capsys, "eval", str(run), "--suite", "paper", "--metrics", "core", *small_eval)
     assert hashes == [digest]
+    # evals/core.json's result: metrics.json's keys but those docs/evals.md names, every one in its list
+    core = set(json.loads((run / "evals" / "core.json").read_text())["result"])
+    text = (Path(__file__).resolve().parents[1] / "docs" / "evals.md").read_text()
+    section = text.split("\n### `core`\n", 1)[1].split("\n### ", 1)[0]
+    left_out = set(re.findall(r"`(\w+)`", section.split(" except ", 1)[1].split("(", 1)[0]))
+    assert core == _documented_metrics_keys()[0] - left_out
+    assert core <= set(re.findall(r"`(\w+)`", section))
     report = (run / "report.md").read_text()
     assert "## Paper metrics" in report and "| nMSE (FVU), raw activation space |" in report
     hashes.clear()

@@ -127,6 +127,11 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
     _, err = run_cli(capsys, "eval", str(sweep / "n32_k4"), *ev, *other_model, "--no-progress", code=2)
     assert "holds this SAE's evaluation with other settings (--model " in err  # the model path
     assert before == {name: (sweep / name / "metrics.json").read_bytes() for name in out}
+    # One run evaluated otherwise: named in the singular.
+    run_cli(capsys, "eval", str(sweep / "n32_k4"), *fewer, "--overwrite", "--no-progress")
+    _, err = run_cli(capsys, "eval", str(sweep), *ev, "--no-progress", code=2)
+    assert f"n32_k4 in {sweep} holds an evaluation with other settings (--recon-tokens 512 -> 1024)" in err
+    run_cli(capsys, "eval", str(sweep / "n32_k4"), *ev, "--overwrite", "--no-progress")
 
     # A second sweep into the same folder, evaluated as it finishes; k=2 has only two sizes.
     ev_prefixed = [a.replace("--", "--eval-", 1) for a in ev]

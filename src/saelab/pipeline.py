@@ -445,7 +445,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
             saes[run] = sae
     other = [run for run in runs if state[run] == "other"]
     if other:
-        raise RunExistsError(f"{', '.join(run.name for run in other)} in {folder} hold an evaluation with other "
+        raise RunExistsError(f"{', '.join(run.name for run in other)} in {folder} "
+                             f"{'holds' if len(other) == 1 else 'hold'} an evaluation with other "
                              f"settings ({', '.join(changes[other[0]])}); pass --overwrite to replace them")
     models: dict[str, LanguageModel] = {}
     out: dict[str, Any] = {}
