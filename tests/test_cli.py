@@ -919,8 +919,8 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
     weights = next(Path(saes[0]).glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # as a retrain leaves it
     assert main(argv) == 2
-    assert "holds feature families of other SAE files (other SAEs, the same ones retrained or replaced since, or " \
-        in capsys.readouterr().err
+    assert "holds feature families of other SAE files (other SAEs, the same ones retrained or replaced since); " \
+        "pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == first
     assert main([*base, "--n-tokens", "512", "--overwrite"]) == 0
     assert json.loads(out.read_text())["n_tokens"] > json.loads(first)["n_tokens"]
