@@ -666,22 +666,36 @@ def test_a_resume_on_another_cache_is_refused(tmp_path):
     assert train_from_cache(other.folder, run, _cfg(), progress=False, device="cpu") is not None  # the same: reused
 
 
+def _eval_while_trained(holder_script: str, run: Path, tmp_path: Path, capsys) -> tuple[list[str], str, int]:
+    """`saelab eval RUN` while a training started by ``holder_script`` holds RUN: the folder's names at
+    that moment, eval's refusal and the training's pid."""
+    from saelab.cli import main
+
+    holding, go = tmp_path / "holding", tmp_path / "go"
+    holder = _start_holding(holder_script, run, holding, go, {**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        names = sorted(p.name for p in run.iterdir())
+        capsys.readouterr()
+        assert main(["eval", str(run), "--device", "cpu", "--no-progress"]) != 0
+        return names, capsys.readouterr().err.strip(), holder.pid
+    finally:
+        go.write_text("")
+        holder.communicate(timeout=300)
+
+
+def _being_trained(run: Path, pid: int) -> str:
+    return (f"saelab eval: error: {run} is being trained by another process (pid {pid}) and has no sae/ yet; "
+            "wait for the training to finish, then run this command again")
+
+
 def test_eval_of_a_run_in_training_says_it_is_being_trained(tmp_path, capsys):
     """A run whose training is in progress has no SAE yet: eval names the training process and says to
     wait, where it said to run the training again (which would be refused as a second writer)."""
     from saelab.cli import main
 
-    run, holding, go = tmp_path / "run", tmp_path / "holding", tmp_path / "go"
-    holder = _start_holding(_HOLDER, run, holding, go, {**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        capsys.readouterr()
-        assert main(["eval", str(run), "--device", "cpu", "--no-progress"]) != 0
-        err = capsys.readouterr().err.strip()
-        assert err == (f"saelab eval: error: {run} is being trained by another process (pid {holder.pid}) and has "
-                       "no sae/ yet; wait for the training to finish, then run this command again")
-    finally:
-        go.write_text("")
-        holder.communicate(timeout=300)
+    run = tmp_path / "run"
+    _, err, pid = _eval_while_trained(_HOLDER, run, tmp_path, capsys)
+    assert err == _being_trained(run, pid)
     # Cut off (no process holds it): the training is what finishes it.
     cut = tmp_path / "cut"
     train_sae(_cfg(), _source(_data()), cut, d_in=D, progress=False, device="cpu", stop_after_steps=3)
@@ -719,19 +733,9 @@ _OVERWRITE_HOLDER = _HOLDER.replace("b == 4", "b == 0").replace('device="cpu")',
 def test_eval_in_the_first_moments_of_an_overwrite_says_it_is_being_trained(tmp_path, capsys):
     """eval RUN just after `train --overwrite` of RUN started read the folder as an SAE folder: "folder has no
     cfg.json (found ['.saelab.lock', '.set-aside'])"; it names the training, as it does a moment later."""
-    from saelab.cli import main
     from saelab.utils.atomic import SET_ASIDE
 
-    run, holding, go = tmp_path / "run", tmp_path / "holding", tmp_path / "go"
+    run = tmp_path / "run"
     train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
-    holder = _start_holding(_OVERWRITE_HOLDER, run, holding, go, {**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        assert sorted(p.name for p in run.iterdir()) == [LOCK, SET_ASIDE]
-        capsys.readouterr()
-        assert main(["eval", str(run), "--device", "cpu", "--no-progress"]) != 0
-        err = capsys.readouterr().err.strip()
-        assert err == (f"saelab eval: error: {run} is being trained by another process (pid {holder.pid}) and has "
-                       "no sae/ yet; wait for the training to finish, then run this command again")
-    finally:
-        go.write_text("")
-        holder.communicate(timeout=300)
+    names, err, pid = _eval_while_trained(_OVERWRITE_HOLDER, run, tmp_path, capsys)
+    assert names == [LOCK, SET_ASIDE] and err == _being_trained(run, pid)
