@@ -346,3 +346,15 @@ def test_fewer_samples_than_the_default_bands_lower_the_bands():
     assert BrowseConfig(n_samples=2).n_bands == 2 and BrowseConfig().n_bands == 4
     with pytest.raises(ConfigError, match="n_bands=5 exceeds n_samples=2"):
         BrowseConfig(n_samples=2, n_bands=5)
+
+
+def test_site_names_the_offline_default_by_its_hub_id(smollm2, corpus, tmp_path):
+    """The site's header read "blocks.1.hook_resid_post of default", where metrics.json and report.md name
+    the offline default by its hub id."""
+    from saelab.models import DEFAULT_MODEL_HUB_ID
+
+    save_sae(TopKSAE(SAEConfig(d_in=smollm2.hook_width(HOOK), n_latents=32, k=4, hook_name=HOOK)), tmp_path / "sae")
+    cfg = BrowseConfig(n_tokens=256, corpus=corpus, context_size=64, n_top=4, n_samples=4, n_bands=2)
+    result = build_browser([tmp_path / "sae"], tmp_path / "site", cfg, lm=smollm2, progress=False)
+    assert result["model"] == DEFAULT_MODEL_HUB_ID
+    assert read_js(tmp_path / "site" / "data" / "meta.js")[1]["model"] == DEFAULT_MODEL_HUB_ID

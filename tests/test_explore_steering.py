@@ -288,3 +288,15 @@ def test_steer_scale_tokens_past_the_eval_split_names_the_option_and_its_maximum
                      r"reads; expected --scale-tokens (\d+) at most", err)
     assert m and int(m.group(1).replace(",", "")) == int(m.group(2)), err
     assert int(m.group(2)) % (sae.cfg.context_size - 1) == 0  # whole contexts less their BOS
+
+
+def test_steer_names_the_offline_default_by_its_hub_id(smollm2, tmp_path, capsys):
+    """steer's first line read "model default", where metrics.json and report.md name the hub id."""
+    from saelab.models import DEFAULT_MODEL_HUB_ID
+
+    hook = "blocks.1.hook_resid_post"
+    save_sae(TopKSAE(SAEConfig(d_in=smollm2.hook_width(hook), n_latents=16, k=2, hook_name=hook)), tmp_path / "sae")
+    assert main(["steer", str(tmp_path / "sae"), "--latent", "1", "--value", "1", "--model", "default",
+                 "--prompt", "Hi", "--max-new-tokens", "1", "--greedy", "--device", "cpu"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"model {DEFAULT_MODEL_HUB_ID}, SAE "), first

@@ -19,6 +19,7 @@ from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import read_tokens_before_load
 from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
+from saelab.models import model_provenance
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
 
 
@@ -227,7 +228,8 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     sae, lm = _steer_sae_and_model(args, positions)
     value, text = _steer_value(args, sae, lm)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
-    text.insert(0, f"model {lm.name}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
+    model = model_provenance(lm.name)["model_name"]  # the hub id of the offline default, as reports name it
+    text.insert(0, f"model {model}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
     promoted = {}
     for i in s.latents.tolist() if args.top_tokens > 0 else []:
         promoted[i] = [t for t, _, _ in latent_logit_effects(lm, sae, i, top=args.top_tokens)["promoted"]]

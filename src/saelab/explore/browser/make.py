@@ -255,11 +255,13 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         finish_statistics(lm, st, tokens, hook, cfg, progress=progress, explanations=given)
     families = _families(lm, sources, coact, cfg, hook)
     seconds["finish"] = time.perf_counter() - t
+    from saelab.models import model_provenance  # the offline default named by its hub id, as reports name it
+
     first = first_scored(sources[0].sae)
     manifest = {
         "format": SITE_FORMAT, "version": SITE_VERSION, "key": key, "inputs": inputs,
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": lm.name, "hook": hook, "corpus": resolve_corpus(cfg),
+        "model": model_provenance(lm.name)["model_name"], "hook": hook, "corpus": resolve_corpus(cfg),
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
         "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": "excluded" if first else "included",
         "config": dataclasses.asdict(cfg), "definitions": DEFINITIONS, "has_families": families is not None,
