@@ -372,7 +372,7 @@ def add_top(sub) -> None:
     p.add_argument("-n", "--n-contexts", type=positive_int, default=10,
                    help="contexts per latent (default: 10)")
     p.add_argument("--n-tokens", type=positive_int, default=262_144,
-                   help="tokens of text read (default: 262,144)")
+                   help="tokens of text read, rounded up to whole contexts (default: 262,144)")
     p.add_argument("--corpus", default=None, help="text to read (default: the offline Wikipedia eval split)")
     p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
     p.add_argument("--hook", default=None, help="the hook the SAE reads (default: the one it records)")
