@@ -337,19 +337,24 @@ def export_key(sources, cfg, model_dtype: str, options: dict[str, Any]) -> tuple
     return hashlib.sha256(blob.encode()).hexdigest()[:16], inputs
 
 
+def _local(value: str | None) -> Path | None:
+    """A local file or folder's absolute path; None for a URL, a hub id or a name."""
+    if not value or "://" in value or not Path(value).expanduser().exists():
+        return None
+    return Path(value).expanduser().resolve()
+
+
 def _resolved(value: str | None) -> str | None:
     """A local file or folder by its absolute path; a URL, a hub id or a name as given."""
-    if not value or "://" in value or not Path(value).expanduser().exists():
-        return value
-    return str(Path(value).expanduser().resolve())
+    local = _local(value)
+    return str(local) if local else value
 
 
 def public_name(value: str | None) -> str | None:
     """A local file or folder by its base name (no path of the user's disk in shared files); a URL, a hub
     id or a name as given."""
-    if not value or "://" in value or not Path(value).expanduser().exists():
-        return value
-    return Path(value).expanduser().resolve().name
+    local = _local(value)
+    return local.name if local else value
 
 
 EXPORT_OPTIONS = ("model_id", "layer", "sae_set", "sae_id_suffix", "n_features_per_batch", "include_dead")
