@@ -17,7 +17,7 @@ from saelab.models import (
     load_model,
     save_dequantized,
 )
-from saelab.models.loading import configured_layer_count, gguf_cache_dir
+from saelab.models.loading import configured_layer_count, gguf_cache_dir, model_name
 from saelab.utils import hub
 
 KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -558,3 +558,16 @@ def test_logits_from_on_smollm2(smollm2, data_dir, hook):
     want = smollm2.logits(toks[:3], {hook: lambda _: patch})
     torch.testing.assert_close(smollm2.logits_from(hook, patch, toks[:3]), want)
     assert (want - clean).abs().max() > 1.0
+
+
+def test_model_name_is_a_local_models_absolute_path_and_any_other_spec_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("folder", "default"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "weights.gguf").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    assert model_name("folder") == str(tmp_path / "folder")
+    assert model_name("./weights.gguf") == str(tmp_path / "weights.gguf")
+    # A file that is no model, a hub id, and the offline default even beside a folder of its name
+    for spec in ("notes.txt", "openai-community/gpt2", "default", "https://example.org/model"):
+        assert model_name(spec) == spec

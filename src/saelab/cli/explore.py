@@ -21,6 +21,7 @@ from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
 from saelab.models import model_provenance
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
+from saelab.utils.hub import local_path
 
 
 def _int_list(text: str) -> list[int]:
@@ -280,10 +281,11 @@ def _default_out(sources: list[str]) -> Path:
         open_sae(sources[0], several=True)  # names the sweep's runs: they are what to browse
     if "://" in sources[0]:
         raise ConfigError(f"{sources[0]} is not a run folder; pass --out for the site folder")
-    if not (sources[0] and Path(sources[0]).expanduser().exists()):
+    local = local_path(sources[0])
+    if local is None:
         raise ConfigError(f"{sources[0]!r}: no such file or folder; expected a run folder or an SAE")
     open_sae(sources[0])  # what is no SAE at all (an activation cache, say) is named as such first
-    run = Path(sources[0]).expanduser().resolve().parent
+    run = local.parent
     its_run = f", or browse its run folder {run}" if is_run(run) else ""
     raise ConfigError(f"{sources[0]} is not a run folder; pass --out for the site folder{its_run}")
 

@@ -178,9 +178,9 @@ def model_name(spec: str | LanguageModel) -> str:
     .gguf file or model folder, else the spec as typed ("default", a hub id)."""
     if isinstance(spec, LanguageModel):
         return spec.name
-    local = Path(spec).expanduser()
-    if spec != DEFAULT_MODEL and ((local.is_file() and local.suffix == ".gguf") or local.is_dir()):
-        return str(local.resolve())
+    local = hub.local_path(spec)
+    if spec != DEFAULT_MODEL and local and (local.is_dir() or local.suffix == ".gguf"):
+        return str(local)
     return spec
 
 

@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+
+def local_path(spec: str | None) -> Path | None:
+    """The absolute path of a file or folder on this disk that ``spec`` names; None for a URL, or for
+    a hub id or any other name that names nothing here."""
+    if not spec or "://" in spec or not Path(spec).expanduser().exists():
+        return None
+    return Path(spec).expanduser().resolve()
 
 
 def hub_unreachable_reason() -> str | None:

@@ -57,6 +57,7 @@ import torch
 from saelab.errors import ConfigError, RunExistsError
 from saelab.run_folder import sae_sha256
 from saelab.utils.atomic import atomic_folder
+from saelab.utils.hub import local_path
 
 FORMAT = "saedashboard-neuronpedia-batches"
 """``format`` in ``run_settings.json``: marks a folder this module wrote (and may replace)."""
@@ -337,23 +338,16 @@ def export_key(sources, cfg, model_dtype: str, options: dict[str, Any]) -> tuple
     return hashlib.sha256(blob.encode()).hexdigest()[:16], inputs
 
 
-def _local(value: str | None) -> Path | None:
-    """A local file or folder's absolute path; None for a URL, a hub id or a name."""
-    if not value or "://" in value or not Path(value).expanduser().exists():
-        return None
-    return Path(value).expanduser().resolve()
-
-
 def _resolved(value: str | None) -> str | None:
     """A local file or folder by its absolute path; a URL, a hub id or a name as given."""
-    local = _local(value)
+    local = local_path(value)
     return str(local) if local else value
 
 
 def public_name(value: str | None) -> str | None:
     """A local file or folder by its base name (no path of the user's disk in shared files); a URL, a hub
     id or a name as given."""
-    local = _local(value)
+    local = local_path(value)
     return local.name if local else value
 
 
