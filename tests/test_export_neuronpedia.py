@@ -135,7 +135,7 @@ def test_numbers_are_the_browser_statistics(exported, tiny_gpt2):
     f = feats[busy]
     assert f["frac_nonzero"] == pytest.approx(int(stats.count_N[busy]) / N_TOKENS)
     assert sum(f["freq_hist_data_bar_heights"]) == int(stats.count_N[busy])
-    assert (f["n_prompts_total"], f["n_tokens_in_prompt"]) == tuple(tokens.shape)
+    assert f["n_prompts_total"] == tokens.shape[0]
     top = [a for a in f["activations"] if a["bin_min"] == -1]
     assert len(top) == cfg.n_top and all(a["bin_max"] == round(float(stats.max_N[busy]), 5) for a in top)
     for a, ctx, pos in zip(top, stats.top_ctx_NK[busy], stats.top_pos_NK[busy]):
@@ -149,6 +149,24 @@ def test_numbers_are_the_browser_statistics(exported, tiny_gpt2):
     assert sum({(a["bin_min"], a["bin_max"]): a["bin_contains"] for a in bands}.values()) == pytest.approx(1.0)
     assert all(a["bin_min"] <= max(a["values"]) <= a["bin_max"] for a in bands)
     assert [a["bin_max"] for a in bands] == sorted((a["bin_max"] for a in bands), reverse=True)  # highest band first
+
+
+def test_n_tokens_in_prompt_is_the_length_of_every_record(exported, tiny_gpt2, corpus, tmp_path):
+    """Neuronpedia reads n_tokens_in_prompt as the tokens of each activation shown; it held the context size
+    (32) while each record left the BOS token out (31). An SAE trained with position 0 keeps all 32."""
+    out, _, batches, _, tokens, _ = exported
+    with_bos = centred_sae(tiny_gpt2, corpus, 64, 2)
+    with_bos.cfg.exclude_first = False
+    save_sae(with_bos, tmp_path / "with-bos" / "sae")
+    cfg = BrowseConfig(n_tokens=32 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    export_neuronpedia_run(tmp_path / "with-bos", tmp_path / "np", cfg, lm=tiny_gpt2, progress=False)
+    for folder, feats, want in ((out, features_by_index(batches).values(), tokens.shape[1] - 1),
+                                (tmp_path / "np", json.loads((tmp_path / "np" / "batch-0.json").read_text())["features"],
+                                 32)):
+        assert feats and {f["n_tokens_in_prompt"] for f in feats} == {want}
+        assert {len(a["tokens"]) for f in feats for a in f["activations"]} == {want}
+        settings = json.loads((folder / "run_settings.json").read_text())
+        assert (settings["n_tokens_in_prompt"], settings["context_size"]) == (want, 32)
 
 
 def test_logit_tables_histogram_and_alignment_against_dense(exported, tiny_gpt2, tmp_path):

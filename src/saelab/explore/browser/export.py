@@ -20,8 +20,9 @@ Each feature holds, with saelab's definitions (:mod:`.build`):
   ``bin_contains`` = the band's share of the uniform sample of active contexts). Each entry is a
   whole context from its first scored token (without the BOS token when the SAE leaves position 0
   out; ``tokens``: token texts, ``values``: the latent's activation at each, ``qualifying_token_index``:
-  where the context maximum is). SAEDashboard's own bands are
-  equal-width intervals of [0, max] over tokens; ours are equal-count bands of context maxima.
+  where the context maximum is; ``n_tokens_in_prompt``, with each feature, is the length of these records).
+  SAEDashboard's own bands are equal-width intervals of [0, max] over tokens; ours are equal-count bands
+  of context maxima.
 - ``pos_str`` / ``pos_values``, ``neg_str`` / ``neg_values``: the direct logit effect's most promoted
   and suppressed tokens; ``logits_hist_data_bar_values`` / ``_heights``: its histogram over the whole
   vocabulary (50 equal bins between its min and max: bin centres and counts, as SAEDashboard).
@@ -109,12 +110,16 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     alive = (stats.count_N > 0).tolist()
     exported = [i for i in range(sae.n_latents) if include_dead or alive[i]]
     skipped = [i for i in range(sae.n_latents) if not (include_dead or alive[i])]
-    common = {"n_prompts_total": int(tokens_NT.shape[0]), "n_tokens_in_prompt": int(tokens_NT.shape[1]),
-              "dataset": dataset}
+    from saelab.explore.browser.build import first_scored
+
+    # the tokens of each activation record (Neuronpedia's "context tokens per prompt"): BOS left out with position 0
+    common = {"n_prompts_total": int(tokens_NT.shape[0]),
+              "n_tokens_in_prompt": int(tokens_NT.shape[1]) - first_scored(sae), "dataset": dataset}
     features = FeatureWriter(stats, tokens_NT, lm, common, n_bands)
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     settings = {"format": FORMAT, "generator": "saelab", "written": written, **header, "hook_name": sae.cfg.hook_name,
                 "sae": public_name(stats.source.source), "sae_sha256": sae_sha256(sae),
+                "context_size": int(tokens_NT.shape[1]),
                 "n_latents": sae.n_latents, "n_exported": len(exported),
                 "n_tokens_scored": stats.n_tokens, **common, "n_features_per_batch": n_features_per_batch}
     if key is not None:
