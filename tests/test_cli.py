@@ -1424,7 +1424,8 @@ def test_top_and_browse_refuse_n_tokens_past_the_corpus_before_the_model_loads(g
     (tmp_path / "c.json").write_text(json.dumps({"browse": {"n_tokens": 100000}}))
     _refusals([([*browse[:-1], "--config", "c.json"], "error: --config c.json: browse.n_tokens 100,000: the corpus "
                 f"c.txt holds {most:,} tokens the SAE reads; expected browse.n_tokens {most} at most"),
-               ([*top, "100000"], past), ([*browse, "100000"], past), ([*families, "100000"], past),
+               ([*top, "100000"], past), ([*browse, "100000"], past),
+               ([*families, "100000"], past.replace("the SAE reads", "each SAE reads")),
                ([*top, str(most + 1)], f"--n-tokens {most + 1:,}: the corpus c.txt holds {most:,} tokens"),
                # as many as the corpus holds: the load is what fails
                ([*top, str(most)], "cannot load model directory"),
@@ -1435,6 +1436,32 @@ def test_top_and_browse_refuse_n_tokens_past_the_corpus_before_the_model_loads(g
     m = eval_split.search(capsys.readouterr().err)
     assert m and int(m[1].replace(",", "")) == int(m[2]) > 1_000_000, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.txt", "model", "sae", "sae128"]
+
+
+def test_n_tokens_past_the_corpus_is_refused_with_the_most_every_sae_reads(gpt2_tokenizer, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Of two SAEs, one trained with position 0 (32 tokens scored per context) and one without it (31), the
+    maximum followed the first given: `browse with without` offered 352, which the SAE without position 0
+    cannot read from 11 contexts. Either order now offers 341, and 341 passes (the load is what fails)."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(model)
+    for name, n, exclude_first in (("with", 64, False), ("without", 128, True)):
+        save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=n, k=4, hook_name="blocks.1.hook_resid_post",
+                                   model_name=str(model), context_size=32, exclude_first=exclude_first)), name)
+    (tmp_path / "c.txt").write_text("The cat sat on the mat. " * 50, encoding="utf-8")  # 351 tokens: 11 contexts
+    past = "--n-tokens 342: the corpus c.txt holds 341 tokens each SAE reads; expected --n-tokens 341 at most"
+    refusals = []
+    for order in (["with", "without"], ["without", "with"]):
+        for verb in (["browse", *order, "--out", "site"], ["families", *order, "--out", "ff.json"],
+                     ["browse", *order, "--export", "neuronpedia", "np"]):
+            refusals += [([*verb, "--corpus", "c.txt", "--n-tokens", "342"], past),
+                         ([*verb, "--corpus", "c.txt", "--n-tokens", "341"], "cannot load model directory")]
+    _refusals(refusals, capsys)
+    _refusals([(["browse", "with", "--out", "site", "--corpus", "c.txt", "--n-tokens", "353"],
+                "holds 352 tokens the SAE reads; expected --n-tokens 352 at most")], capsys)  # one SAE: its own
 
 
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -177,18 +177,19 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
 
 
 @contextlib.contextmanager
-def _within_the_corpus(option: str, value: int, corpus: str | None):
+def _within_the_corpus(option: str, value: int, corpus: str | None, n_saes: int = 1):
     """More tokens asked for than the corpus holds (``read_tokens``' CorpusError with ``max_tokens``): said as
-    the option that asked (as typed) and the most it can be."""
+    the option that asked (as typed) and the most it can be (for ``n_saes`` > 1, the most each can score)."""
     try:
         yield
     except CorpusError as e:
         if not getattr(e, "max_tokens", 0):  # an empty or unreadable corpus: its own words
             raise
         text = "the eval split" if corpus is None else f"the corpus {corpus}"
+        reader = "each SAE" if n_saes > 1 else "the SAE"
         file, _, entry = option.rpartition(": ")  # a --config file's entry: "--config c.json: browse.n_tokens"
-        raise ConfigError(f"{file}{': ' if file else ''}{entry} {value:,}: {text} holds {e.max_tokens:,} tokens the "
-                          f"SAE reads; expected {entry} {e.max_tokens} at most") from None
+        raise ConfigError(f"{file}{': ' if file else ''}{entry} {value:,}: {text} holds {e.max_tokens:,} tokens "
+                          f"{reader} reads; expected {entry} {e.max_tokens} at most") from None
 
 
 def _n_tokens_option(args: argparse.Namespace) -> str:
@@ -321,7 +322,7 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--n2g-padding-token pads the N2G explanations that --n2g-latents builds; add "
                           "--n2g-latents N, or leave it out")
     out = check_output_folder(args.out, "--out") if args.out else _default_out(args.sae)
-    with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus):
+    with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
                                overwrite=args.overwrite, progress=args.progress)
     summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
@@ -356,7 +357,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
                           "then its name)")
     check_output_folder(out, "--export OUT")
     # the export loads the model itself, after its own checks of the targets, hook and corpus
-    with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus):
+    with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         result = export_neuronpedia_run(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
                                         progress=args.progress, overwrite=args.overwrite, model_id=args.model_id,
                                         sae_set=args.sae_set)
@@ -461,7 +462,7 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--out {out}: expected a file path in an existing, writable folder (the families JSON)")
     if out.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
         raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
-    with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus):
+    with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
                               overwrite=args.overwrite, progress=args.progress)
     if tree["reused"]:  # the same command again

@@ -293,20 +293,24 @@ def resolve_corpus(cfg: BrowseConfig) -> str:
     return resolve(cfg.corpus, "eval")
 
 
-def read_tokens(lm, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor:
+def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig) -> torch.Tensor:
     """The contexts ``[N, T]`` the browser reads (see the module docstring). ``lm``: the language model, or
-    its tokenizer alone (read before the model loads; ``check_before_load`` checks the context size then)."""
+    its tokenizer alone (read before the model loads; ``check_before_load`` checks the context size then).
+    ``sae``: the SAE, or several that read the same contexts: enough are read for each to score
+    ``cfg.n_tokens``, and a corpus too short is refused with the most that every one of them can score."""
     from saelab.data import token_contexts
     from saelab.models import LanguageModel
     from saelab.models.lm import bos_token_id
 
+    saes = list(sae) if isinstance(sae, Sequence) else [sae]
+    sae = saes[0]
     corpus = resolve_corpus(cfg)
     T = cfg.context_size or sae.cfg.context_size
     if isinstance(lm, LanguageModel):
         T, tokenize, bos = lm.check_context_size(T), lm.tokenize, lm.bos_token_id
     else:
         tokenize, bos = lm, bos_token_id(lm)
-    first = first_scored(sae)
+    first = max(first_scored(s) for s in saes)  # an SAE trained without position 0 scores fewest per context
     if T - first < 1:
         raise ValueError(f"context_size={T} leaves no scored token")
     try:
@@ -317,7 +321,7 @@ def read_tokens(lm, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor:
         raise
 
 
-def read_tokens_before_load(spec, sae: TopKSAE, cfg: BrowseConfig) -> torch.Tensor | None:
+def read_tokens_before_load(spec, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig) -> torch.Tensor | None:
     """:func:`read_tokens` with the tokenizer of the model ``spec`` on disk, before the (slow) load, so that a
     corpus too short for ``cfg.n_tokens`` is named first; None when the tokenizer comes only with the load."""
     from saelab.models import tokenizer_on_disk

@@ -168,14 +168,14 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     spec = lm or cfg.model or model_for(sources[0].sae)
     check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size)  # as read_tokens reads
     t = time.perf_counter()
-    tokens = read_tokens_before_load(spec, sources[0].sae, cfg)
+    tokens = read_tokens_before_load(spec, [s.sae for s in sources], cfg)
     took = time.perf_counter() - t
     lm = load_model(spec, device=device, dtype=model_dtype)
     for s in loaded_here:
         s.sae.to(lm.device)
     if tokens is None:  # the tokenizer came with the model
         t = time.perf_counter()
-        tokens = read_tokens(lm, sources[0].sae, cfg)
+        tokens = read_tokens(lm, [s.sae for s in sources], cfg)
         took = time.perf_counter() - t
     else:
         lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
