@@ -336,9 +336,12 @@ def test_the_same_corpus_and_sae_by_another_path_are_reused(tiny_gpt2, corpus, t
                                   progress=False)["reused"] is True
 
 
-def test_default_ids_follow_neuronpedia_s_rule_and_the_model_s_name_as_given(tiny_gpt2, tiny_dir, corpus, tmp_path):
-    """A run named "ααα" gave the SAE set "", a model folder the 43-character id of where its link led:
-    the defaults are checked before the model loads, and a model folder is named as given."""
+def test_default_ids_follow_neuronpedia_s_rule_and_the_model_s_name_as_given(tiny_gpt2, tiny_dir, corpus, tmp_path,
+                                                                            capsys):
+    """A run named "ααα" gave the SAE set "", a model folder the 43-character id of where its link led: the
+    default SAE set is checked before the model loads, and a model folder is named as given. A model id drawn
+    from a name Neuronpedia cannot take was refused, though no id was typed: it is made to follow the rule, and
+    the export says which it wrote."""
     save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "ααα" / "sae")
     save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "r1" / "sae")
     cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
@@ -347,14 +350,34 @@ def test_default_ids_follow_neuronpedia_s_rule_and_the_model_s_name_as_given(tin
         export_neuronpedia_run(tmp_path / "ααα", tmp_path / "np", cfg, lm="no-such-model", progress=False)
     long = tmp_path / "Tiny-GPT2.Q4_1-054dac6ed241389e0123456789"
     long.symlink_to(tiny_dir)
-    with pytest.raises(ConfigError, match=r"^the default model id 'tiny-gpt2.q4-1-054dac6ed241389e0123456789', "
-                                          r"drawn from the model's name .*: expected 2 to 32 .*; pass one: "
-                                          r"model_id=ID \(--model-id\)$"):
-        export_neuronpedia_run(tmp_path / "r1", tmp_path / "np", cfg, lm=str(long), progress=False)
+    res = export_neuronpedia_run(tmp_path / "r1", tmp_path / "np-long", cfg, lm=str(long), progress=False)
+    assert res["model_id"] == "tiny-gpt2.q4-1-054dac6ed241389e0"  # cut to 32 characters
+    assert json.loads((tmp_path / "np-long" / "batch-0.json").read_text())["model_id"] == res["model_id"]
+    assert said(capsys) == [f"saelab: note: the Neuronpedia model id is 'tiny-gpt2.q4-1-054dac6ed241389e0', "
+                            f"made from the model's name {long} by Neuronpedia's rule for ids; pass "
+                            "model_id=ID (--model-id) for another"]
     (tmp_path / "tiny-link").symlink_to(long)
     res = export_neuronpedia_run(tmp_path / "r1", tmp_path / "np", cfg, lm=str(tmp_path / "tiny-link"), progress=False)
-    assert res["model_id"] == "tiny-link"
+    assert res["model_id"] == "tiny-link" and said(capsys) == []  # the name as it is: nothing to say
     assert json.loads((tmp_path / "np" / "batch-0.json").read_text())["model_id"] == "tiny-link"
+    with pytest.raises(ConfigError, match=r"^model_id 'Tiny-Link': expected 2 to 32 "):  # typed: refused as typed
+        export_neuronpedia_run(tmp_path / "r1", tmp_path / "np2", cfg, lm=str(long), model_id="Tiny-Link")
+
+
+def said(capsys) -> list[str]:
+    """saelab's lines on stderr (the model load's progress bars left out)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("saelab")]
+
+
+@pytest.mark.parametrize("name, model_id", [("SmolLM2-135M", "smollm2-135m"), ("org/Tiny--Model..v2", "tiny-model.v2"),
+                                            ("135m", "model-135m"), ("x", "model-x"), ("ααα", "model"),
+                                            ("_Qwen2_5-", "qwen2-5"), ("m.gguf", "model-m"), ("a" * 40, "a" * 32),
+                                            ("a" * 31 + ".-b", "a" * 31), ("gpt2-small", "gpt2-small")])
+def test_a_default_model_id_is_made_to_follow_neuronpedia_s_rule(name, model_id):
+    from saelab.explore.browser.export import check_neuronpedia_ids, default_model_id
+
+    assert default_model_id(name) == model_id
+    check_neuronpedia_ids(model_id, None)
 
 
 def test_a_run_folder_s_n2g_explanations_are_named_as_left_out(tiny_gpt2, corpus, tmp_path, capsys):

@@ -265,7 +265,8 @@ def add_browse(sub) -> None:
                         "writes SAEDashboard's Neuronpedia batch files (batch-N.json) into the folder OUT")
     p.add_argument("--model-id", default=None, metavar="ID",
                    help="with --export neuronpedia: the model's Neuronpedia id, 2 to 32 of a-z 0-9 - . from a letter "
-                        "to a letter or digit, without '--' or '..' (e.g. gpt2-small; default: from the model's name)")
+                        "to a letter or digit, without '--' or '..' (e.g. gpt2-small; default: the model's name, made "
+                        "to follow this rule)")
     p.add_argument("--sae-set", default=None, metavar="NAME",
                    help="with --export neuronpedia, one SAE: its Neuronpedia SAE set, 1 to 64 of a-z 0-9 - _ . "
                         "from a letter or digit to one, without '__' (e.g. res-jb; its pages are MODEL/LAYER-NAME; "

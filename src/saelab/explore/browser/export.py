@@ -251,30 +251,41 @@ def _follows(value: Any, rule: tuple[re.Pattern, str]) -> bool:
     return isinstance(value, str) and bool(rule[0].fullmatch(value)) and not any(d in value for d in doubled)
 
 
-def default_ids(sources, lm, cfg, model_id: str | None, sae_set: str | None) -> str:
+def default_ids(sources, lm, cfg, model_id: str | None, sae_set: str | None) -> tuple[str, str | None]:
     """The model id to write: ``model_id``, else drawn from the model's name as given (a folder by its own
-    name, not by where a link to it leads). A default Neuronpedia cannot take (of the model or of an SAE's
-    name) is refused before the model loads, with the option to pass instead."""
+    name, not by where a link to it leads) and made to follow Neuronpedia's rule; and, when that changed the
+    name, a line that says so (None otherwise). A default SAE set Neuronpedia cannot take is
+    refused before the model loads, with the option to pass instead."""
     from saelab.run_folder import model_for
 
+    note = None
     if model_id is None:
         spec = getattr(lm, "name", lm) or cfg.model or model_for(sources[0].sae)
         model_id = default_model_id(str(spec))
-        if not _follows(model_id, MODEL_ID_RULE):
-            raise ConfigError(f"the default model id {model_id!r}, drawn from the model's name {spec}: expected "
-                              f"{MODEL_ID_RULE[1]}; pass one: model_id=ID (--model-id)")
+        if model_id != _base_name(str(spec)) and str(spec) != "default":  # the default's id is its hub name's
+            note = (f"saelab: note: the Neuronpedia model id is {model_id!r}, made from the model's name {spec} by "
+                    "Neuronpedia's rule for ids; pass model_id=ID (--model-id) for another")
     for s in sources if sae_set is None else []:
         if not _follows(_slug(s.name), SAE_SET_RULE):
             raise ConfigError(f"the default SAE set {_slug(s.name)!r}, drawn from the SAE's name {s.name}: expected "
                               f"{SAE_SET_RULE[1]}; pass one: sae_set=NAME (--sae-set)")
-    return model_id
+    return model_id, note
 
 
 def default_model_id(name: str) -> str:
-    """A Neuronpedia-style model id from ``lm.name``: the hub id's or folder's last part, lower case."""
+    """A Neuronpedia model id from ``lm.name``: the hub id's or folder's last part, lower case, made to follow
+    MODEL_ID_RULE (other characters as '-', a doubled '-' or '.' single, 'model-' before a name that does not
+    start with a letter or is one character long, cut to 32 characters)."""
     if name == "default":
         return "smollm2-135m-instruct"
-    return _slug(Path(name.rstrip("/")).name.removesuffix(".gguf")) or "model"
+    text = re.sub(r"([.-])\1+", r"\1", _slug(_base_name(name))).strip(".-")
+    if not text[:1].isalpha() or len(text) < 2:
+        text = f"model-{text}".rstrip("-")
+    return text[:32].rstrip(".-")
+
+
+def _base_name(name: str) -> str:
+    return Path(name.rstrip("/")).name.removesuffix(".gguf")
 
 
 def _slug(text: str) -> str:
@@ -399,13 +410,13 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     if kwargs.get("sae_set") is not None and len(sources) > 1:  # each SAE's pages would take the same address
         raise ConfigError(f"sae_set {kwargs['sae_set']!r} names one SAE's set, and {len(sources)} SAEs were given; "
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")
-    model_id = default_ids(sources, lm, cfg, kwargs.get("model_id"), kwargs.get("sae_set"))
+    model_id, note = default_ids(sources, lm, cfg, kwargs.get("model_id"), kwargs.get("sae_set"))
     key, inputs = export_key(sources, cfg, model_dtype, kwargs)
     targets = [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]
     # before the model loads and the text is scored; an export of the same key is the same files
     earlier = [_check_target(t, kwargs.get("overwrite", False), key, inputs) for t in targets]
     if all(earlier):
-        _say_explanations_left_out(sources)
+        _say_what_was_left_out_or_made(sources, note)
         return _as_given([_reused(t, e) for t, e in zip(targets, earlier)], one)
     kwargs["overwrite"] = True  # what is there now is the same export (the others were refused above)
     hook = check_compatible(sources, cfg.hook, cfg.model)
@@ -416,13 +427,21 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)
     result = export_neuronpedia(stats, tokens, lm, out, dataset=corpus_name(cfg.corpus, "eval"), n_bands=cfg.n_bands,
                                 key=key, inputs=inputs, **{**kwargs, "model_id": model_id})
-    _say_explanations_left_out(sources)  # once written: a refusal on the way is the one line to read
+    _say_what_was_left_out_or_made(sources, note)  # once written: a refusal on the way is the one line to read
     return _as_given([{**r, "reused": False} for r in (result if isinstance(result, list) else [result])], one)
 
 
 def _as_given(summaries: list[dict[str, Any]], one: bool) -> dict[str, Any] | list[dict[str, Any]]:
     """One summary for one SAE (or one source given), else the list."""
     return summaries[0] if one or len(summaries) == 1 else summaries
+
+
+def _say_what_was_left_out_or_made(sources, model_id_note: str | None) -> None:
+    """The lines an export written or reused prints on stderr: the explanations it leaves out, and the model
+    id it made from the model's name (``default_ids``' note)."""
+    _say_explanations_left_out(sources)
+    if model_id_note:
+        print(model_id_note, file=sys.stderr)
 
 
 def _say_explanations_left_out(sources) -> None:
