@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -228,6 +229,52 @@ def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2
         page.goto(base + f"#/s/run/l/{top}")
         _wait(page)
         assert page.locator(".card .tok").first.inner_text() == "␣"
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_character_searched_finds_tokens_holding_part_of_it(browser, tiny_gpt2, tmp_path):
+    """Byte-level BPE splits "🎉" (F0 9F 8E 89) into " \\xf0\\x9f" | "\\x8e" | "\\x89", shown as their bytes:
+    the emoji pasted into the search found none of them. A token holding part of a character of the word
+    searched now counts as part of the word."""
+    from test_browser_site import trained_like_sae
+
+    from saelab.sae import save_sae
+
+    words = ("🎉", "中文")
+    (tmp_path / "c.txt").write_text("Das Wort ünïcödé, 中文 und 🎉 stehen hier. " * 60, encoding="utf-8")
+    corpus = str(tmp_path / "c.txt")
+    save_sae(trained_like_sae(tiny_gpt2, 512, 0, corpus), tmp_path / "run" / "sae")
+    site = tmp_path / "site"
+    build_browser([tmp_path / "run"], site, BrowseConfig(n_tokens=31 * 16, corpus=corpus), lm=tiny_gpt2,
+                  progress=False)
+    vocab = json.loads(re.fullmatch(r'SAELAB\.put\("vocab",(.*)\);\n', (site / "data" / "vocab.js").read_text(),
+                                    re.S).group(1))
+    as_bytes = {w: w.encode().decode("ascii", errors="backslashreplace") for w in words}
+    # per word, the latents that fire most on a token holding part of one of its characters
+    targets = {w: [i for i, top in enumerate(_index(site, "run")["top_tokens"]) for t, _ in top[:1]
+                   if "\\x" in vocab[str(t)] and vocab[str(t)].strip() in as_bytes[w]] for w in words}
+    assert all(targets.values()), targets
+    server, _ = serve_in_thread(site, 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    page = browser.new_page()
+    try:
+        for word in words:
+            page.goto(base + "#/s/run")
+            _wait(page)
+            page.fill("#q", word)
+            page.press("#q", "Enter")
+            _wait(page)
+            assert page.locator("#results .query").inner_text() == word
+            n = int(re.match(r"([\d,]+) latents match", page.inner_text("#results"))[1].replace(",", ""))
+            hits = set()
+            for p in range(-(-n // 100)):  # every page of results, 100 a page
+                page.goto(base + "#/s/run?" + urlencode({"q": word, "page": p}))
+                _wait(page)
+                hits |= set(page.locator("#latents tbody tr td:first-child a").all_inner_texts())
+            assert {f"#{i}" for i in targets[word]} <= hits and len(hits) == n, (word, n)
     finally:
         page.close()
         server.shutdown()

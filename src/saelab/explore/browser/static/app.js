@@ -127,27 +127,42 @@ function topTokensHtml(ix, i, n = 3) {
 
 // Search: a query is split into words; a latent scores when a word equals (or is part of) one of the
 // tokens it fires strongly on in its top contexts (at least half its max; up to 12 listed), one of
-// the tokens it promotes most, or appears in its explanation.
+// the tokens it promotes most, or appears in its explanation. A token that holds part of a character
+// of the word (shown as its bytes, escaped) counts as part of the word.
 function searchScores(ix, query) {
-  const words = query.toLowerCase().split(/\s+/).filter(Boolean);
+  const typed = query.split(/\s+/).filter(Boolean), words = typed.map(w => w.toLowerCase());
   const scores = new Float64Array(ix.n_latents);
   const norm = id => String(tokText(id)).trim().toLowerCase();
+  // the bytes of the characters as typed (lower case is another character), their escapes lower-cased as x is
+  const forms = typed.map(w => byteForms(w).map(f => f.toLowerCase()));
+  const inBytes = forms.map(fs => x => BYTE_TOKEN.test(x) && fs.some(f => f.includes(x)));
   for (let i = 0; i < ix.n_latents; i++) {
     let s = 0;
-    for (const w of words) {
+    words.forEach((w, k) => {
       for (const [t, c] of ix.top_tokens[i]) {
         const x = norm(t);
-        if (x === w) s += 10 * c; else if (w.length > 1 && x.includes(w)) s += 3 * c;
+        if (x === w) s += 10 * c; else if ((w.length > 1 && x.includes(w)) || inBytes[k](x)) s += 3 * c;
       }
       for (const t of ix.promoted[i]) {
         const x = norm(t);
-        if (x === w) s += 4; else if (w.length > 1 && x.includes(w)) s += 1;
+        if (x === w) s += 4; else if ((w.length > 1 && x.includes(w)) || inBytes[k](x)) s += 1;
       }
       if (ix.expl[i] && String(ix.expl[i]).toLowerCase().includes(w)) s += 20;
-    }
+    });
     scores[i] = s;
   }
   return scores;
+}
+
+// A token holding part of a character shows its bytes escaped: "\xf0\x9f" (byte-level BPE) or "<0xF0>"
+// (a SentencePiece byte), lower-cased by the search like all token text.
+const BYTE_TOKEN = /\\x[0-9a-f]{2}|<0x[0-9a-f]{2}>/;
+// The word with each non-ASCII character written as its UTF-8 bytes, in both forms ([] for ASCII words).
+function byteForms(w) {
+  if (!/[^\x00-\x7f]/.test(w)) return [];
+  const utf8 = new TextEncoder(), hex = b => b.toString(16).padStart(2, "0");
+  const form = esc => Array.from(w, ch => (ch.codePointAt(0) < 128 ? ch : Array.from(utf8.encode(ch), b => esc(hex(b))).join(""))).join("");
+  return [form(h => "\\x" + h), form(h => "<0x" + h + ">")];
 }
 
 function densityPlot(ix) {
