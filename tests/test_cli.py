@@ -368,6 +368,8 @@ BAD = [
     ("train --k 8 --k 16", "error: --k given twice (8, 16): give it once (`saelab train"),
     ("train -k 8 --k=16", "error: -k/--k given twice (8, 16): give it once"),  # as typed
     ("train --out a", "error: --out given twice (a, run): give it once"),  # the test adds --out run
+    # an option of a fixed number of values is given once; "list all its values" led to `unrecognized arguments: b`
+    ("browse SAE --export neuronpedia a --export neuronpedia b", "--export given twice (neuronpedia a, neuronpedia b): give it once"),
     ("eval SAE --context-size 64 --context-size=128", "error: --context-size given twice (64, 128): give it once"),
     ("top SAE --latent 1 -n5 -n 6", "error: -n given twice (5, 6): give it once"),
     ("train --recipe relu-l1 --warmup-steps --warmup-steps 5", "error: --warmup-steps given twice (no value, 5)"),

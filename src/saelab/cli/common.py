@@ -213,7 +213,7 @@ class Parser(ArgumentParser):
         if len(taken) == 2:
             spellings = [o for w in self._argv_seen for o in action.option_strings if _typed_as(w, o)]
             spellings = spellings[:2] if len(spellings) >= 2 else [action.option_strings[0]] * 2
-            listed = action.nargs in ("*", "+") or isinstance(action.nargs, int) and action.nargs > 1
+            listed = action.nargs in ("*", "+")  # a fixed number of values (--export FORMAT OUT) is one use
             self.error(repeat_refusal(spellings, taken, listed, getattr(action, "several", None)))
 
     def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
