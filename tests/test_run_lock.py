@@ -739,3 +739,20 @@ def test_eval_in_the_first_moments_of_an_overwrite_says_it_is_being_trained(tmp_
     train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
     names, err, pid = _eval_while_trained(_OVERWRITE_HOLDER, run, tmp_path, capsys)
     assert names == [LOCK, SET_ASIDE] and err == _being_trained(run, pid)
+
+
+def test_a_report_written_under_this_process_s_own_lock_does_not_name_it_as_the_trainer(tmp_path):
+    """An evaluation holds the run's lock while it writes report.md: the report of a cut-off run called
+    the evaluation's own process the training in progress ("training now (pid <its own>)")."""
+    from saelab.report.markdown import write_run_report
+
+    cut = tmp_path / "cut"
+    train_sae(_cfg(), _source(_data()), cut, d_in=D, progress=False, device="cpu", stop_after_steps=3)
+    lock = RunLock(cut).acquire()
+    try:
+        write_run_report(cut)
+    finally:
+        lock.release()
+    report = (cut / "report.md").read_text()
+    assert "training now" not in report and f"pid {os.getpid()}" not in report
+    assert "| status |" in report

@@ -77,16 +77,18 @@ class RunLock:
 
 
 def held_by(folder: str | Path) -> str | None:
-    """Who holds ``folder``'s lock ("pid 123"), or None when no writer holds it. Only looks: a folder
-    without a lock file gets none, and a free lock keeps its (empty) file as it was."""
+    """Which other process holds ``folder``'s lock ("pid 123"), or None when no writer holds it or this
+    process does (an evaluation writing the run's report holds it). Only looks: a folder without a lock
+    file gets none, and a free lock keeps its (empty) file as it was."""
     try:
         fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
     except OSError:  # no lock file: never written by a process that locks
         return None
     try:
         _flock(fd, exclusive=True)
-    except BlockingIOError:
-        return RunLock(Path(folder)).holder()
+    except BlockingIOError:  # flock refuses a second lock of this process's own too
+        holder = RunLock(Path(folder)).holder()
+        return None if holder == f"pid {os.getpid()}" else holder
     else:
         _flock(fd, exclusive=False)
         return None
