@@ -702,6 +702,26 @@ def test_cli_sweep_on_a_small_cache_trains_on_all_its_rows_as_train_does(tiny_ca
         assert (recorded["total_tokens"], read_status(tmp_path / "sweep" / run)["state"]) == (1024, "finished")
 
 
+def test_cli_sweep_refuses_a_grid_total_tokens_past_the_cache_naming_the_entry(tiny_cache, tmp_path, capsys):
+    """A --grid total_tokens value larger than the cache was refused naming --total-tokens, an option never
+    typed; a --config file's total_tokens that the grid replaces at every point was refused though unused."""
+    small = ["--n-latents", "64", "--k", "4", "--batch-size", "128", "--init-rows", "256", "--no-progress"]
+    for entry in ("total_tokens=512,2048", "total-tokens=2048"):
+        code, out, err = run_cli(capsys, "sweep", "--activations", str(tiny_cache), "--out", str(tmp_path / "sw"),
+                                 "--grid", entry, *small)
+        name = entry.partition("=")[0]
+        assert code == 2 and err == (f"saelab sweep: error: --grid {name}=2048: activation cache {str(tiny_cache)!r} "
+                                     "holds 1,024 rows but training needs 2,048; harvest more or train on fewer "
+                                     f"tokens ({name}=1024 at most)")
+        assert not (tmp_path / "sw").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  total_tokens: 2048\n")
+    code, out, err = run_cli(capsys, "sweep", "--activations", str(tiny_cache), "--out", str(tmp_path / "sw"),
+                             "--config", str(config), "--grid", "total_tokens=512,1024", *small)
+    assert code == 0, err
+    assert sorted(json.loads(out)) == ["tok1024", "tok512"]
+
+
 def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_dir, corpus, tmp_path, capsys,
                                                                           monkeypatch):
     import saelab.pipeline

@@ -171,15 +171,16 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[str, list] | None = None) -> TrainConfig:
     """The training settings, with a --total-tokens left at the recipe's default lowered to the rows of a cache
-    that holds fewer (said in one line; train_config.json records it). One the user gave is kept, and refused
-    here when the cache cannot hold it; one a sweep's grid sets is left to the training to check."""
-    train, how = args.train, given(args, "train.total_tokens")
-    if how is not None and cache.n_rows < train.total_tokens:  # named as given: a --config entry as the file's
-        file, _, entry = how.rpartition(": ")
-        raise ConfigError(f"{file + ': ' if file else ''}activation cache {args.activations!r} holds "
-                          f"{cache.n_rows:,} rows but training needs {train.total_tokens:,} ({entry}); harvest "
-                          f"more or train on fewer tokens ({entry} {cache.n_rows} at most)")
-    if how is not None or "total_tokens" in (grid or {}) or cache.n_rows >= train.total_tokens:
+    that holds fewer (said in one line; train_config.json records it). One the user gave, or a sweep's grid
+    sets, is kept, and refused here when the cache cannot hold it."""
+    train = args.train
+    if "total_tokens" in (grid or {}):  # every point sets it: the largest is the one to fit
+        _refuse_a_budget_past_the_cache(args, cache, max(grid["total_tokens"]), grid)
+        return train
+    if given(args, "train.total_tokens") is not None:
+        _refuse_a_budget_past_the_cache(args, cache, train.total_tokens)
+        return train
+    if cache.n_rows >= train.total_tokens:
         return train
     if cache.n_rows < train.batch_size:
         raise ConfigError(f"activation cache {args.activations!r} holds {cache.n_rows:,} rows, fewer than one batch "
@@ -190,6 +191,24 @@ def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[s
         print(f"saelab: activation cache {args.activations} holds {cache.n_rows:,} rows, fewer than the recipe's "
               f"{train.total_tokens:,} training tokens; training on {how} (--total-tokens {rows})", file=sys.stderr)
     return dataclasses.replace(train, total_tokens=rows)
+
+
+def _refuse_a_budget_past_the_cache(args: argparse.Namespace, cache: ActivationCache, tokens: int,
+                                    grid: dict[str, list] | None = None) -> None:
+    """Refuse training ``tokens`` on a cache of fewer rows, naming the setting as given: its option as typed,
+    a --config file's entry as the file's, a --grid entry as typed with its value ("--grid total_tokens=2048")."""
+    if cache.n_rows >= tokens:
+        return
+    if grid is not None:
+        name, values = typed_grid_words(args.grid)["total_tokens"]
+        lead, entry = f"--grid {name}={values[grid['total_tokens'].index(tokens)]}", ""
+        fewer = f"{name}={cache.n_rows}"
+    else:
+        lead, _, entry = given(args, "train.total_tokens").rpartition(": ")
+        fewer = f"{entry} {cache.n_rows}"
+    raise ConfigError(f"{lead + ': ' if lead else ''}activation cache {args.activations!r} holds {cache.n_rows:,} "
+                      f"rows but training needs {tokens:,}{f' ({entry})' if entry else ''}; harvest more or train "
+                      f"on fewer tokens ({fewer} at most)")
 
 
 @contextlib.contextmanager
