@@ -373,11 +373,38 @@ def _bad_corpus(kind: str, tmp: Path) -> tuple[Path, str]:
     path = {"empty": tmp / "empty.txt", "blank_jsonl": tmp / "blank.jsonl", "too_short": tmp / "short.txt"}[kind]
     path.write_text({"empty": "", "blank_jsonl": '{"text": "  "}\n\n{"text": ""}\n',
                      "too_short": "Just a few words."}[kind])
-    expect = "is too short" if kind == "too_short" else "contains no non-empty text"
+    expect = "too few for one context" if kind == "too_short" else "contains no non-empty text"
     return path, expect
 
 
 CORPUS_KINDS = ["missing", "empty", "blank_jsonl", "too_short"]
+
+
+def test_cli_corpus_shorter_than_a_context_is_refused_before_the_model_loads(tiny_dir, corpus, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A corpus too short for one context was refused once the model had loaded (harvest), or after the harvest
+    and the training (quickstart's eval corpus: `gave only 0 contexts of 32 tokens; 33 requested`), naming no
+    option. Now before the load: the corpus's tokens, what one context takes, and the option that shrinks it."""
+    import saelab.pipeline
+
+    short, _ = _bad_corpus("too_short", tmp_path)  # "Just a few words.": 5 GPT-2 tokens
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, out, err = run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(short),
+                             "--n-tokens", "1024", "--context-size", "32", "--out", str(tmp_path / "acts"),
+                             "--no-progress")
+    assert code == 2 and err == (f"saelab harvest: error: corpus {str(short)!r} holds 5 tokens, too few for one "
+                                 "context of 32 (BOS and 31 tokens of text); expected a corpus of at least 31 tokens, "
+                                 "or --context-size <= 6")
+    run = ["quickstart", "--out", str(tmp_path / "q"), "--harvest-model", str(tiny_dir), "--harvest-hook", HOOK,
+           "--harvest-context-size", "32", "--n-tokens", "1024", "--n-latents", "64", "--k", "4", "--batch-size",
+           "128", "--init-rows", "256", "--no-progress"]
+    for extra, option in ((["--harvest-corpus", str(short)], "--harvest-context-size"),
+                          (["--harvest-corpus", str(corpus), "--eval-corpus", str(short)], "--eval-context-size")):
+        code, out, err = run_cli(capsys, *run, *extra)
+        assert code == 2 and err == (f"saelab quickstart: error: corpus {str(short)!r} holds 5 tokens, too few for "
+                                     "one context of 32 (BOS and 31 tokens of text); expected a corpus of at least "
+                                     f"31 tokens, or {option} <= 6")
+        assert not (tmp_path / "q" / "activations").exists()
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

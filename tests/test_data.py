@@ -247,8 +247,13 @@ def test_batched_and_token_contexts(tok):
     assert torch.equal(torch.cat(list(batched(iter(rows), 3))), torch.stack(rows))
     ctx = token_contexts(WIKI_EVAL, tok, 64, n_tokens=1000, bos_token_id=tok.bos_token_id, limit_docs=5)
     assert ctx.shape == (16, 64) and ctx.dtype == torch.long
-    with pytest.raises(CorpusError, match="requested"):
+    # Shorter than one context: what it holds, what a context takes, and the setting that shrinks it.
+    with pytest.raises(CorpusError, match=re.escape("corpus the given texts holds 2 tokens, too few for one context "
+                                                    "of 64 (BOS and 63 tokens of text); expected a corpus of at least "
+                                                    "63 tokens, or context_size <= 3")):
         token_contexts(["tiny text"], tok, 64, n_contexts=2, bos_token_id=tok.bos_token_id)
+    with pytest.raises(CorpusError, match="gave only 1 contexts of 64 tokens; 2 requested"):
+        token_contexts([" word" * 80], tok, 64, n_contexts=2, bos_token_id=tok.bos_token_id)
 
 
 # --- harvest ---------------------------------------------------------------------------------

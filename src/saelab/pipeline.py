@@ -20,7 +20,7 @@ import torch
 
 from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, iter_texts, pack_contexts
 from saelab.data import cache_is_complete, check_disk_room, note_unfinished_overwrite, resolve_corpus, reusable_cache
-from saelab.data import StreamConfig, sample_contexts, write_activation_cache
+from saelab.data import StreamConfig, sample_contexts, token_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
@@ -28,7 +28,8 @@ from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, evaluate
 from saelab.evals.n2g import N2GConfig, check_latents
 from saelab.evals.suite import PaperSuiteConfig, longest_n_future, run_paper_suite
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
-                           model_provenance)
+                           model_provenance, tokenizer_on_disk)
+from saelab.models.lm import bos_token_id
 from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
@@ -114,15 +115,21 @@ def _pool_tokens(cfg: HarvestConfig) -> int:
     return min(cfg.sample_pool_tokens, SAMPLE_POOL_FACTOR * cfg.n_tokens)
 
 
+def check_corpus_fills_a_context(spec: str | LanguageModel, corpus: str, context_size: int, prepend_bos: bool,
+                                 setting: str) -> None:
+    """Refuse a corpus too short for one context of ``context_size`` (``setting`` chose it), with the model's
+    tokenizer: before the (slow) load when it is on disk, else (None) left to the loaded model's check."""
+    tokenizer = tokenizer_on_disk(spec)
+    if tokenizer is not None:
+        token_contexts(corpus, tokenizer, context_size, n_contexts=1, bos_token_id=bos_token_id(tokenizer),
+                       prepend_bos=prepend_bos, setting=setting)
+
+
 def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str, progress: bool):
     """Packed contexts of the corpus, drawn across its first _pool_tokens tokens."""
+    check_corpus_fills_a_context(lm, corpus, cfg.context_size, cfg.prepend_bos, "harvest.context_size")
     contexts = pack_contexts(iter_texts(corpus), lm.tokenize, lm.check_context_size(cfg.context_size),
                              bos_token_id=lm.bos_token_id, prepend_bos=cfg.prepend_bos)
-    first = next(contexts, None)  # an empty corpus raises here; a too-short one gives no context
-    if first is None:
-        raise CorpusError(f"corpus {corpus!r} is too short: it does not fill one context of "
-                          f"{cfg.context_size} tokens; expected at least that much text")
-    contexts = itertools.chain([first], contexts)
     if cfg.sample_pool_tokens > 0:
         per_context = cfg.context_size - (1 if cfg.exclude_first else 0)
         contexts = sample_contexts(contexts, -(-cfg.n_tokens // per_context), _pool_tokens(cfg) // cfg.context_size,
@@ -147,6 +154,8 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
               "harvests again)", file=sys.stderr)
         note_unfinished_overwrite(out_dir, overwrite_option)
     else:
+        check_corpus_fills_a_context(lm or cfg.model, corpus, cfg.context_size, cfg.prepend_bos,
+                                     "harvest.context_size")
         cache = _harvest_into(out_dir, cfg, corpus, meta, lm=lm, device=device, model_dtype=model_dtype,
                               overwrite=overwrite, progress=progress)
     if cache.n_rows < cfg.n_tokens:  # the corpus ran out: say so rather than leave a silently smaller cache
@@ -679,6 +688,20 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     return finished_hash
 
 
+def _check_corpora_fill_a_context(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
+                                  lm: LanguageModel | None, overwrite_activations: bool) -> None:
+    """A training corpus still to harvest, or the eval corpus, too short for one context: refused before the
+    model loads, not after a harvest and a training. The SAE evaluates at the harvest's context size unless
+    eval.context_size is given; either way, that is the setting that shrinks the evaluation's contexts."""
+    spec = lm or harvest_cfg.model
+    if overwrite_activations or not cache_is_complete(run_dir / ACTIVATIONS_DIR):
+        check_corpus_fills_a_context(spec, resolve_corpus(harvest_cfg.corpus, "train"), harvest_cfg.context_size,
+                                     harvest_cfg.prepend_bos, "harvest.context_size")
+    check_corpus_fills_a_context(spec, resolve_corpus(cfg.eval.corpus, "eval"),
+                                 cfg.eval.context_size or harvest_cfg.context_size, harvest_cfg.prepend_bos,
+                                 "eval.context_size")
+
+
 def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
                          lm: LanguageModel | None, model_dtype: str,
                          finished_hash: str | None) -> dict[str, Any] | None:
@@ -745,6 +768,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         note_unfinished_overwrite(run_dir / ACTIVATIONS_DIR, "--overwrite-activations")
         return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
                                          trained_before)
+    _check_corpora_fill_a_context(cfg, harvest_cfg, run_dir, lm, overwrite_activations)
     if overwrite and (run_dir / TRAIN_CONFIG).exists():
         print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
               file=sys.stderr)

@@ -170,12 +170,14 @@ def token_contexts(
     split: str = "train",
     limit_docs: int | None = None,
     doc_batch: int = 64,
+    setting: str = "context_size",
 ) -> torch.Tensor:
     """Pack a whole (small) token set into one LongTensor [N, context_size], e.g. an eval set.
 
     ``source`` is anything :func:`~saelab.data.text.iter_texts` reads, or an iterable of texts.
     Give at most one of ``n_tokens`` (rounded up to whole contexts) and ``n_contexts``; with
-    neither, the whole source is packed. A source too small for the request raises CorpusError.
+    neither, the whole source is packed. A source too small for the request raises CorpusError;
+    one shorter than a context names ``setting``, the setting that chose ``context_size``.
     """
     from saelab.data.text import iter_texts
 
@@ -189,10 +191,17 @@ def token_contexts(
         raise ValueError(f"n_contexts must be positive, got {n_contexts}")
     is_source = isinstance(source, (str, os.PathLike))
     texts = iter_texts(source, text_field=text_field, split=split, limit_docs=limit_docs) if is_source else source
+    tokenize, counted = _as_tokenize_fn(tokenizer_fn), [0, 0]  # tokens and documents, for a corpus too short
+
+    def counting(docs: list[str]) -> list[list[int]]:
+        ids = tokenize(docs)
+        counted[0], counted[1] = counted[0] + sum(map(len, ids)), counted[1] + len(ids)
+        return ids
+
     rows = list(
         pack_contexts(
             texts,
-            tokenizer_fn,
+            counting,
             context_size,
             bos_token_id=bos_token_id,
             prepend_bos=prepend_bos,
@@ -202,9 +211,26 @@ def token_contexts(
         )
     )
     name = repr(os.fspath(source)) if is_source else "the given texts"
-    if not rows or (n_contexts is not None and len(rows) < n_contexts):
-        want = f"{n_contexts}" if n_contexts is not None else "at least 1"
-        err = CorpusError(f"corpus {name} gave only {len(rows)} contexts of {context_size} tokens; {want} requested")
+    if not rows:
+        sep = bos_token_id if separator_token_id is None else separator_token_id
+        stream = counted[0] + (max(counted[1] - 1, 0) if sep is not None else 0)  # separators between documents
+        raise _shorter_than_a_context(name, stream, context_size, prepend_bos, setting)
+    if n_contexts is not None and len(rows) < n_contexts:
+        err = CorpusError(f"corpus {name} gave only {len(rows)} contexts of {context_size} tokens; {n_contexts} "
+                          "requested")
         err.contexts = len(rows)  # for callers that name their own option's maximum
         raise err
     return torch.stack(rows)
+
+
+def _shorter_than_a_context(name: str, tokens: int, context_size: int, prepend_bos: bool,
+                            setting: str) -> CorpusError:
+    """The refusal of a corpus of ``tokens`` tokens that fills no context: what one takes, and the two ways
+    out (more text, or a context it fills, named as ``setting``)."""
+    window = context_size - 1 if prepend_bos else context_size
+    takes = f"BOS and {window:,} tokens of text" if prepend_bos else f"{window:,} tokens of text"
+    err = CorpusError(f"corpus {name} holds {tokens:,} tokens, too few for one context of {context_size:,} "
+                      f"({takes}); expected a corpus of at least {window:,} tokens, or "
+                      f"{setting} <= {tokens + (1 if prepend_bos else 0)}")
+    err.contexts = 0  # for callers that name their own option's maximum
+    return err
