@@ -276,10 +276,16 @@ def test_a_steering_built_by_hand_leaves_position_0_as_steer_does(tiny_gpt2, sae
         Steering(tiny_gpt2, sae, [7], "add", torch.tensor([4.0]), slice(-1, None), HOOK)
 
 
-def test_steer_scale_tokens_past_the_eval_split_names_the_option_and_its_maximum(tiny_dir, sae, tmp_path, capsys):
+def test_steer_scale_tokens_past_the_eval_split_names_the_option_and_its_maximum(tiny_dir, sae, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Refused before the model loads, as top's and browse's --n-tokens are: the split is measured with the
+    tokenizer on disk (it was read after the load)."""
     import re
 
+    import saelab.models
+
     save_sae(sae, tmp_path / "sae")
+    monkeypatch.setattr(saelab.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     argv = ["steer", str(tmp_path / "sae"), "--latent", "7", "--scale", "2", "--scale-tokens", "100000000",
             "--model", str(tiny_dir), "--device", "cpu", "--no-progress"]
     assert main(argv) == 2

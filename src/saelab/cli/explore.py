@@ -16,7 +16,7 @@ from saelab.cli.common import (add_io_options, finite_float, first_repeat, given
                                typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
-from saelab.explore.browser.build import read_tokens_before_load
+from saelab.explore.browser.build import read_tokens, read_tokens_before_load
 from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
 from saelab.models import model_provenance
@@ -165,15 +165,23 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
 
 
 def _steer_sae_and_model(args: argparse.Namespace, positions):
-    """``_sae_and_model`` for steer, with --positions checked against the prompt before the load when the
-    model's tokenizer is on disk, else right after it (before any generation)."""
+    """``_sae_and_model`` for steer, with --positions checked against the prompt, and --scale's eval text read
+    (a --scale-tokens past the eval split refused), before the load when the model's tokenizer is on disk,
+    else right after it (before any generation). Also returns that text: None where it is read after the load."""
     from saelab.models import tokenizer_on_disk
 
     sae, spec = _checked_sae(args, args.hook)
-    _check_reachable(args, positions, tokenizer_on_disk(spec))
+    tokenizer = tokenizer_on_disk(spec)
+    _check_reachable(args, positions, tokenizer)
+    tokens = None
+    if args.scale is not None and tokenizer is not None:
+        with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
+            tokens = read_tokens(tokenizer, sae, BrowseConfig(n_tokens=args.scale_tokens))
     sae, lm = _loaded(args, sae, spec)
     _check_reachable(args, positions, lm.tokenizer)
-    return sae, lm
+    if tokens is not None:
+        lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
+    return sae, lm, tokens
 
 
 @contextlib.contextmanager
@@ -197,14 +205,15 @@ def _n_tokens_option(args: argparse.Namespace) -> str:
     return given(args, "browse.n_tokens") or "--n-tokens"
 
 
-def _steer_value(args: argparse.Namespace, sae, lm) -> tuple[list[float] | float, list[str]]:
-    """--value as given, or --scale times each latent's max activation on held-out text."""
+def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float] | float, list[str]]:
+    """--value as given, or --scale times each latent's max activation on held-out text (``tokens``, when
+    read before the load)."""
     from saelab.explore import latent_max_activation
 
     if args.scale is None:
         return (args.value if args.value is not None else 0.0), []
     with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
-        maxima = latent_max_activation(sae, lm, None, args.latent, n_tokens=args.scale_tokens)
+        maxima = latent_max_activation(sae, lm, tokens, args.latent, n_tokens=args.scale_tokens)
     scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
     values = [f * m for f, m in zip(scales, maxima)]
     silent = [i for i, m in zip(args.latent, maxima) if m <= 0]
@@ -227,8 +236,8 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.explore.steering import generate_with_and_without, steer
 
     positions = _check_steer(args)
-    sae, lm = _steer_sae_and_model(args, positions)
-    value, text = _steer_value(args, sae, lm)
+    sae, lm, tokens = _steer_sae_and_model(args, positions)
+    value, text = _steer_value(args, sae, lm, tokens)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     model = model_provenance(lm.name)["model_name"]  # the hub id of the offline default, as reports name it
     text.insert(0, f"model {model}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
