@@ -459,8 +459,10 @@ SITE_ONLY = ("window_before", "window_after", "n_neighbours", "family_min_score"
 
 
 def _typed_fields(args: argparse.Namespace, fields) -> list[str]:
-    """The options of ``fields`` (BrowseConfig names) given on the command line, as typed."""
-    return [f"--{f.replace('_', '-')}" for f in fields if typed(args, f"--{f.replace('_', '-')}")]
+    """The options of ``fields`` (BrowseConfig names) given on the command line, as typed; not a --config
+    file's entries: one file serves every verb, so it may set what this verb does not read."""
+    ways = [given(args, f"browse.{field}") for field in fields]
+    return [way for way in ways if way is not None and not way.startswith("--config ")]
 
 
 def run_families(args: argparse.Namespace) -> dict[str, Any]:
