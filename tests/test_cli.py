@@ -1118,6 +1118,9 @@ def test_a_context_longer_than_the_model_takes_is_refused_from_its_config_before
                # no --context-size: the SAE's own, named as such
                (["eval", "sae256", "--out", "ev"], "the SAE's context of 256 tokens (--context-size sets another) "
                                                    f"exceeds the longest context of {model} (128 tokens)"),
+               # top has no --context-size: it reads the SAE's (it was refused after the corpus and the load)
+               (["top", "sae256", "--latent", "1"], f"the SAE's context of 256 tokens exceeds the longest context of "
+                                                    f"{model} (128 tokens)"),
                # the longest context passes the check; the load is what fails
                (["eval", "sae", "--context-size", "128", "--out", "ev"], "cannot load model directory"),
                ([*harvest, "--context-size", "128"], "cannot load model directory")], capsys)

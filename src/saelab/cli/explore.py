@@ -417,9 +417,12 @@ def _check_top_order(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.data import resolve_corpus
     from saelab.explore import top_activations
+    from saelab.models import check_context_fits
 
     resolve_corpus(args.corpus, "eval")  # a missing corpus is named before the model loads
     sae, spec = _checked_sae(args, args.hook)
+    # top reads contexts of the SAE's length (it has no --context-size): one the model cannot take is refused now
+    check_context_fits(spec, sae.cfg.context_size, "the SAE's context of {n} tokens")
     with _within_the_corpus("--n-tokens", args.n_tokens, args.corpus):
         # read with the tokenizer on disk: a corpus too short for --n-tokens is named before the load
         tokens = read_tokens_before_load(spec, sae, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus))
