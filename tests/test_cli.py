@@ -817,6 +817,12 @@ def test_a_typed_abl_n_future_longer_than_the_contexts_is_refused_before_the_mod
     assert capsys.readouterr().err.strip() == "saelab eval: error: --abl-n-future is an option of the " \
         "ablation_sparsity metric, which --metrics core leaves out; add ablation_sparsity to --metrics, or leave " \
         "--abl-n-future out"
+    # the metrics from a --config file: named as its entry, not as a --metrics never typed
+    (tmp_path / "m.yaml").write_text("suite_cfg:\n  metrics: [core, probe]\n")
+    assert _exit_code([*base, "--abl-n-future", "1000", "--config", str(tmp_path / "m.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == "saelab eval: error: --abl-n-future is an option of the " \
+        f"ablation_sparsity metric, which --config {tmp_path / 'm.yaml'}: suite_cfg.metrics [core, probe] leaves " \
+        "out; add ablation_sparsity to that entry, or leave --abl-n-future out"
 
 
 def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):

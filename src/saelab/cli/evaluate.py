@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, typed_starting
+from saelab.cli.common import add_io_options, given, typed_starting
 from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import ComputeEquivalentConfig, known_series_names
@@ -139,11 +139,16 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _refuse_options_of_metrics_left_out(args: argparse.Namespace) -> None:
     """An option of a paper metric that --metrics leaves out would be accepted and never used."""
     chosen = args.suite_cfg.metrics
+    entry = given(args, "suite_cfg.metrics") or "--metrics"  # named as given: as typed, or the file's entry
+    if entry.startswith("--config "):
+        where, it = f"{entry} [{', '.join(chosen or ())}]", "that entry"
+    else:
+        where, it = f"{entry} {' '.join(chosen or ())}", entry
     for metric, prefixes in METRIC_OPTIONS.items():
         unused = typed_starting(args, *prefixes) if chosen and metric not in chosen else []
         if unused:
-            raise ConfigError(f"{unused[0]} is an option of the {metric} metric, which --metrics "
-                              f"{' '.join(chosen)} leaves out; add {metric} to --metrics, or leave {unused[0]} out")
+            raise ConfigError(f"{unused[0]} is an option of the {metric} metric, which {where} leaves out; add "
+                              f"{metric} to {it}, or leave {unused[0]} out")
 
 
 def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
