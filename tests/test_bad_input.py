@@ -749,6 +749,31 @@ def test_cli_sweep_refuses_a_grid_total_tokens_past_the_cache_naming_the_entry(t
     assert sorted(json.loads(out)) == ["tok1024", "tok512"]
 
 
+def test_cli_batch_size_is_named_as_given_and_refused_in_a_sweep_grid(tiny_cache, tmp_path, capsys):
+    """A cache smaller than one batch named --batch-size however the batch size was given; a --grid batch_size
+    trained every run on the recipe's batches while recording its own ("ran out after 1 batches"), or was
+    refused after the cache was read as "runs trained together must share batch_size"."""
+    cache = str(tiny_cache)
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  batch_size: 2048\n")
+    code, _, err = run_cli(capsys, "train", "--activations", cache, "--out", str(tmp_path / "r"), "--config",
+                           str(config), "--n-latents", "64", "--k", "4", "--no-progress")
+    assert code == 2 and err == (f"saelab train: error: activation cache {cache!r} holds 1,024 rows, fewer than one "
+                                 f"batch (--config {config}: train.batch_size 2048); harvest more, or give a smaller "
+                                 "batch size")
+    for entry in ("batch_size=128", "batch-size=128,256"):
+        code, _, err = run_cli(capsys, "sweep", "--activations", cache, "--out", str(tmp_path / "sw"), "--grid",
+                               "k=4,8", entry, "--n-latents", "64", "--no-progress")
+        assert code == 2 and err == (f"saelab sweep: error: --grid {entry}: a sweep's runs train together on the same "
+                                     "batches, so they share one batch size; set it with --batch-size")
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "r").exists()
+    from saelab.pipeline import sweep_from_cache
+    from saelab.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="share one batch size: set batch_size in the base config"):
+        sweep_from_cache(cache, tmp_path / "sw", TrainConfig(n_latents=64, k=4), {"k": [4], "batch_size": [128]})
+
+
 def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_dir, corpus, tmp_path, capsys,
                                                                           monkeypatch):
     import saelab.pipeline

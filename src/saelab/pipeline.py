@@ -251,7 +251,11 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
 
 
 def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, TrainConfig]:
-    """Every combination of the grid's values over ``base``, keyed by a folder name like n4096_k32."""
+    """Every combination of the grid's values over ``base``, keyed by a folder name like n4096_k32. The runs
+    train together on one stream of batches: the grid cannot set batch_size."""
+    if "batch_size" in grid:  # each run would count base-sized batches as its own: steps and lr schedule wrong
+        raise ConfigError("a sweep's runs train together on the same batches, so they share one batch size: set "
+                          "batch_size in the base config, not in the grid")
     short = {"n_latents": "n", "k": "k", "lr": "lr", "k_aux": "kaux", "total_tokens": "tok"}
     keys = list(grid)
     out = {}

@@ -183,8 +183,9 @@ def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[s
     if cache.n_rows >= train.total_tokens:
         return train
     if cache.n_rows < train.batch_size:
+        how = given(args, "train.batch_size") or "--batch-size"  # as given: typed, or a --config file's entry
         raise ConfigError(f"activation cache {args.activations!r} holds {cache.n_rows:,} rows, fewer than one batch "
-                          f"(--batch-size {train.batch_size}); harvest more, or give a smaller --batch-size")
+                          f"({how} {train.batch_size}); harvest more, or give a smaller batch size")
     rows = cache.n_rows // train.batch_size * train.batch_size  # whole batches only: the rest is never trained on
     how = "all of them" if rows == cache.n_rows else f"{rows:,} of them, in whole batches of {train.batch_size:,}"
     if ddp.rank() == 0:
@@ -257,6 +258,9 @@ def parse_grid(items: list[str]) -> dict[str, list]:
                               f"{did_you_mean(_spelled_as(field, name), spelled)}")
         if field in grid:
             raise ConfigError(f"--grid names {name} twice; give its values once: {name}=V1,V2")
+        if field == "batch_size":  # the runs read one stream of batches (train_many)
+            raise ConfigError(f"--grid {item}: a sweep's runs train together on the same batches, so they share one "
+                              "batch size; set it with --batch-size")
         grid[field] = [_grid_value(name, hints[field], v.strip()) for v in values.split(",")]
         if len(set(map(repr, grid[field]))) < len(grid[field]):  # k=8,8: one run, not the two it looks like
             raise ConfigError(f"--grid {item}: a value is listed twice; give each value once")
