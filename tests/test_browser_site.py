@@ -358,3 +358,8 @@ def test_site_names_the_offline_default_by_its_hub_id(smollm2, corpus, tmp_path)
     result = build_browser([tmp_path / "sae"], tmp_path / "site", cfg, lm=smollm2, progress=False)
     assert result["model"] == DEFAULT_MODEL_HUB_ID
     assert read_js(tmp_path / "site" / "data" / "meta.js")[1]["model"] == DEFAULT_MODEL_HUB_ID
+    # the feature families of the same model name it so too (they read "default")
+    save_sae(TopKSAE(SAEConfig(d_in=smollm2.hook_width(HOOK), n_latents=64, k=4, hook_name=HOOK)), tmp_path / "big")
+    families = build_families([tmp_path / "sae", tmp_path / "big"], tmp_path / "f.json", cfg, lm=smollm2,
+                              progress=False)
+    assert families["model"] == json.loads((tmp_path / "f.json").read_text())["model"] == DEFAULT_MODEL_HUB_ID

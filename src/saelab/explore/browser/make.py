@@ -190,7 +190,14 @@ def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
     order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
     return family_tree([sources[i].name for i in order], [sources[i].source for i in order],
                        [sources[i].sae for i in order], coact, min_score=cfg.family_min_score, hook=hook,
-                       model=lm.name)
+                       model=_public_model_name(lm))
+
+
+def _public_model_name(lm) -> str:
+    """The model as the site and the families name it: the offline default by its hub id, as reports do."""
+    from saelab.models import model_provenance
+
+    return model_provenance(lm.name)["model_name"]
 
 
 def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
@@ -255,13 +262,11 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         finish_statistics(lm, st, tokens, hook, cfg, progress=progress, explanations=given)
     families = _families(lm, sources, coact, cfg, hook)
     seconds["finish"] = time.perf_counter() - t
-    from saelab.models import model_provenance  # the offline default named by its hub id, as reports name it
-
     first = first_scored(sources[0].sae)
     manifest = {
         "format": SITE_FORMAT, "version": SITE_VERSION, "key": key, "inputs": inputs,
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": model_provenance(lm.name)["model_name"], "hook": hook, "corpus": resolve_corpus(cfg),
+        "model": _public_model_name(lm), "hook": hook, "corpus": resolve_corpus(cfg),
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
         "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": "excluded" if first else "included",
         "config": dataclasses.asdict(cfg), "definitions": DEFINITIONS, "has_families": families is not None,
