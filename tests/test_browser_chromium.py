@@ -279,3 +279,34 @@ def test_a_character_searched_finds_tokens_holding_part_of_it(browser, tiny_gpt2
         page.close()
         server.shutdown()
         server.server_close()
+
+
+def test_each_sae_shows_its_own_tokens_scored(browser, tiny_gpt2, data_dir, tmp_path):
+    """Of SAEs trained with and without position 0, the About page gave one count of tokens scored and every
+    latent's histogram the same; each SAE now shows its own count and whether position 0 is scored."""
+    from test_browser_site import trained_like_sae
+
+    from saelab.sae import save_sae
+
+    corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
+    with_bos = trained_like_sae(tiny_gpt2, 64, 0, corpus)
+    with_bos.cfg.exclude_first = False
+    save_sae(with_bos, tmp_path / "with" / "sae")
+    save_sae(trained_like_sae(tiny_gpt2, 128, 1, corpus), tmp_path / "without" / "sae")
+    site = tmp_path / "site"
+    build_browser([tmp_path / "without", tmp_path / "with"], site, BrowseConfig(n_tokens=31 * 8, corpus=corpus),
+                  lm=tiny_gpt2, progress=False)
+    page = browser.new_page()
+    try:
+        page.goto((site / "index.html").as_uri() + "#/about")
+        _wait(page)
+        about = page.inner_text("#main")
+        assert "without: 128 latents" in about and "248 tokens scored (position 0 excluded), from" in about
+        assert "with: 64 latents" in about and "256 tokens scored (position 0 included), from" in about
+        for name, n_tokens in (("with", 256), ("without", 248)):
+            density = _index(site, name)["density"]
+            page.goto((site / "index.html").as_uri() + f"#/s/{name}/l/{density.index(max(density))}")
+            _wait(page)
+            assert f"nonzero activations over {n_tokens} tokens" in page.inner_text("#main")
+    finally:
+        page.close()

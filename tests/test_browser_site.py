@@ -363,3 +363,41 @@ def test_site_names_the_offline_default_by_its_hub_id(smollm2, corpus, tmp_path)
     families = build_families([tmp_path / "sae", tmp_path / "big"], tmp_path / "f.json", cfg, lm=smollm2,
                               progress=False)
     assert families["model"] == json.loads((tmp_path / "f.json").read_text())["model"] == DEFAULT_MODEL_HUB_ID
+
+
+def test_each_sae_is_shown_with_its_own_tokens_scored(tiny_gpt2, corpus, tmp_path):
+    """SAEs trained with and without position 0, browsed together: each was scored from the first one's position
+    (the one without it at BOS, after the other), and the site gave one count for all. Each SAE's index is now
+    the one it has alone, in either order, with its own count and position 0; families count the positions
+    both read, and the Neuronpedia export gives each SAE its own count."""
+    from saelab.explore.browser.export import export_neuronpedia_run
+    from saelab.explore.browser.make import build_key, open_sources
+
+    with_bos = trained_like_sae(tiny_gpt2, 128, 7, corpus)
+    with_bos.cfg.exclude_first = False
+    save_sae(with_bos, tmp_path / "with" / "sae")
+    save_sae(trained_like_sae(tiny_gpt2, 256, 8, corpus), tmp_path / "without" / "sae")
+    runs = [tmp_path / "with", tmp_path / "without"]
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n_samples=4, lm_batch_size=8)  # 8 contexts each way
+    own = {"with": (8 * 32, "included"), "without": (8 * 31, "excluded")}
+    alone = {}
+    for run in runs:
+        build_browser([run], tmp_path / f"alone-{run.name}", cfg, lm=tiny_gpt2, progress=False)
+        alone[run.name] = read_js(tmp_path / f"alone-{run.name}" / "data" / run.name / "index.js")[1]
+    for i, order in enumerate((runs, runs[::-1])):
+        out = tmp_path / f"site{i}"
+        manifest = build_browser(order, out, cfg, lm=tiny_gpt2, progress=False)
+        assert {s["name"]: (s["n_tokens"], s["position_0"]) for s in manifest["saes"]} == own
+        assert (manifest["n_tokens"], manifest["position_0"]) == own["without"]  # the tokens both read
+        assert json.loads((out / "families.json").read_text())["n_tokens"] == own["without"][0]
+        for name in own:
+            assert read_js(out / "data" / name / "index.js")[1] == alone[name]
+            assert alone[name]["n_tokens"] == own[name][0]
+    export_neuronpedia_run(runs, tmp_path / "np", cfg, lm=tiny_gpt2, progress=False)
+    for name, (n_tokens, _) in own.items():
+        assert json.loads((tmp_path / "np" / name / "run_settings.json").read_text())["n_tokens_scored"] == n_tokens
+    # a site of these SAEs built before, when both were scored from the first one's position, is not reused
+    sources, _ = open_sources(runs)
+    key = build_key(sources, cfg)
+    sources[0].sae.cfg.exclude_first = True
+    assert build_key(sources, cfg) != key

@@ -244,3 +244,39 @@ def test_statistics_do_not_depend_on_the_batch_size(tiny_gpt2, wiki_tokens):
     for name in ("count_N", "hist_NH", "top_ctx_NK", "top_pos_NK", "sample_ctx_NS"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     torch.testing.assert_close(a.top_rows_NKT, b.top_rows_NKT)
+
+
+def test_each_sae_is_scored_from_its_own_first_position(tiny_gpt2, wiki_tokens):
+    """Of two SAEs on one hook, one trained with position 0 and one without it, both were scored from the first
+    one's position: the second's statistics changed with the order given (the SAE without position 0 was
+    scored at BOS, where activations are largest). Each now has the statistics it has alone; the families
+    count the positions both read."""
+    without, with_bos = small_sae(seed=4), small_sae(n=128, seed=5)
+    with_bos.cfg.exclude_first = False
+    with torch.no_grad():  # centred on the text past BOS, so BOS stands out as it does for a trained SAE
+        x = tiny_gpt2.activations(wiki_tokens[:8], HOOK)[:, 1:].reshape(-1, 64)
+        without.b_dec.copy_(x.mean(0))
+        with_bos.b_dec.copy_(x.mean(0))
+    cfg = BrowseConfig(n_top=4, n_samples=5, n_bins=8, lm_batch_size=16)
+    a, b = SAESource("without", "mem", without), SAESource("with", "mem", with_bos)
+
+    def scored(*sources):
+        return collect_statistics(tiny_gpt2, list(sources), wiki_tokens, cfg, hook=HOOK, progress=False)
+
+    alone = {s.name: scored(s)[0][0] for s in (a, b)}
+    N, T = wiki_tokens.shape
+    assert (alone["without"].n_tokens, alone["with"].n_tokens) == (N * (T - 1), N * T)
+    assert (alone["with"].top_pos_NK[alone["with"].top_ctx_NK >= 0] == 0).any()  # BOS is among its top examples
+    for order in ((a, b), (b, a)):
+        stats, coact, _ = scored(*order)
+        for st in stats:
+            own = alone[st.source.name]
+            assert st.n_tokens == own.n_tokens
+            for name in ("count_N", "sum_N", "max_N", "hist_NH", "top_act_NK", "top_ctx_NK", "top_pos_NK",
+                         "top_rows_NKT", "sample_ctx_NS", "sample_pos_NS", "sample_rows_NST"):
+                assert torch.equal(getattr(st, name), getattr(own, name)), (st.source.name, name)
+        # families: the positions both read, so the SAE with position 0 is counted past it
+        assert coact.n_tokens == N * (T - 1)
+        z = with_bos.encode(tiny_gpt2.activations(wiki_tokens, HOOK)).detach()[:, 1:]
+        assert torch.equal(coact.active[1], (z > 0).sum(dim=(0, 1)))
+        assert torch.equal(coact.active[0], alone["without"].count_N)

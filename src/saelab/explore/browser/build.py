@@ -4,8 +4,9 @@ Definitions (the browser's pages and ``site.json`` use exactly these):
 
 - **Tokens scored**: ``n_contexts`` contexts of ``context_size`` tokens packed from the corpus as
   everywhere in saelab (BOS first); position 0 is left out when the SAE was trained without it
-  (``cfg.exclude_first``), so ``n_tokens = n_contexts * (context_size - 1)`` then. ``n_contexts``
-  is ``BrowseConfig.n_tokens`` rounded up to whole contexts.
+  (``cfg.exclude_first``), so ``n_tokens = n_contexts * (context_size - 1)`` then. Each SAE is
+  scored from its own first position, whichever SAEs are browsed with it. ``n_contexts`` is
+  ``BrowseConfig.n_tokens`` rounded up to whole contexts of the SAE that scores fewest per context.
 - **Active**: a latent is active at a token when its TopK+ReLU value there is > 0.
 - **Density** = active tokens / tokens scored. **Max activation** = the largest value over the
   tokens scored. **Mean activation** = the mean value over the tokens where it is active.
@@ -286,6 +287,12 @@ def first_scored(sae: TopKSAE) -> int:
     return 1 if sae.cfg.exclude_first else 0
 
 
+def shared_first(saes) -> int:
+    """The first position every SAE of ``saes`` reads: families compare co-activations on the same tokens, so
+    they leave position 0 out when any SAE was trained without it."""
+    return max(first_scored(sae) for sae in saes)
+
+
 def resolve_corpus(cfg: BrowseConfig) -> str:
     """``cfg.corpus``, or the offline Wikipedia eval split when none is given."""
     from saelab.data import resolve_corpus as resolve
@@ -310,7 +317,7 @@ def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig) -> torc
         T, tokenize, bos = lm.check_context_size(T), lm.tokenize, lm.bos_token_id
     else:
         tokenize, bos = lm, bos_token_id(lm)
-    first = max(first_scored(s) for s in saes)  # an SAE trained without position 0 scores fewest per context
+    first = shared_first(saes)  # an SAE trained without position 0 scores fewest per context
     if T - first < 1:
         raise ValueError(f"context_size={T} leaves no scored token")
     try:
@@ -342,11 +349,11 @@ def collect_statistics(lm, sources: Sequence[SAESource], tokens_NT: torch.Tensor
     """
     from saelab.explore.browser.families import CoactivationCounts
 
-    first = first_scored(sources[0].sae)
     N, T = tokens_NT.shape
     collectors = [_Collector(s.sae, T, cfg) for s in sources] if latent_stats else []
     order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
     coact = CoactivationCounts([sources[i].sae for i in order]) if families and len(sources) > 1 else None
+    shared = shared_first(s.sae for s in sources)
     times = {"lm": 0.0, "encode": 0.0, "stats": 0.0}
     for ctx_B, codes in encoded_batches(lm, [s.sae for s in sources], tokens_NT, hook, cfg.lm_batch_size,
                                         times=times, progress=progress):
@@ -354,21 +361,30 @@ def collect_statistics(lm, sources: Sequence[SAESource], tokens_NT: torch.Tensor
         for col, (vals, idx) in zip(collectors, codes):
             col.update(vals, idx, ctx_B)
         if coact is not None:
-            coact.update([codes[i] for i in order], ctx_B.numel() * (T - first))
+            coact.update([_scored_from(*codes[i], shared) for i in order], ctx_B.numel() * (T - shared))
         times["stats"] += time.perf_counter() - t0
-    stats = [c.finish(s, N * (T - first)) for c, s in zip(collectors, sources)]
+    stats = [c.finish(s, N * (T - first_scored(s.sae))) for c, s in zip(collectors, sources)]
     return stats, coact, times
+
+
+def _scored_from(vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes with the positions before ``first`` inactive (a copy where any are scored)."""
+    if first and vals_BTK[:, :first].any():
+        vals_BTK = vals_BTK.clone()
+        vals_BTK[:, :first] = 0
+    return vals_BTK, idx_BTK
 
 
 def encoded_batches(lm, saes: Sequence[TopKSAE], tokens_NT: torch.Tensor, hook: str, batch_size: int, *,
                     times: dict[str, float] | None = None, progress: bool = False, desc: str = "browse"):
     """Yield ``(ctx_B, [(vals_BTK, idx_BTK) per SAE])`` for consecutive batches of contexts.
 
-    One truncated LM forward per batch read by every SAE; codes are on the CPU, unscored
-    positions (position 0 when the first SAE leaves it out) have value 0. ``times`` (if given)
+    One truncated LM forward per batch read by every SAE; codes are on the CPU, each SAE's unscored
+    positions (position 0 when that SAE leaves it out) have value 0. ``times`` (if given)
     accumulates the seconds spent in ``lm`` and ``encode``.
     """
-    first = first_scored(saes[0])
+    firsts = [first_scored(sae) for sae in saes]
+    first = min(firsts)  # the bar counts the tokens any SAE scores
     N, T = tokens_NT.shape
     for sae in saes:
         sae.eval()
@@ -379,7 +395,7 @@ def encoded_batches(lm, saes: Sequence[TopKSAE], tokens_NT: torch.Tensor, hook: 
         with torch.no_grad():
             x_BTD = lm.activations(toks, hook)
             t1 = time.perf_counter()
-            codes = [_encode(sae, x_BTD, first) for sae in saes]
+            codes = [_encode(sae, x_BTD, own) for sae, own in zip(saes, firsts)]
         if times is not None:
             times["lm"] = times.get("lm", 0.0) + t1 - t0
             times["encode"] = times.get("encode", 0.0) + time.perf_counter() - t1

@@ -2,8 +2,9 @@
 
 The SAEs must read the same hook (same model, same width); they are sorted by size, n_1 < n_2 < ...,
 and each pair of neighbouring sizes is matched on the same tokens (one pass, see
-:func:`saelab.explore.browser.build.collect_statistics`). For parent latent ``i`` of the smaller
-SAE and child latent ``j`` of the next larger one:
+:func:`saelab.explore.browser.build.collect_statistics`): the positions every SAE reads, so position 0
+is left out when any of them was trained without it (``n_tokens`` counts these). For parent latent ``i``
+of the smaller SAE and child latent ``j`` of the next larger one:
 
 - ``cos[i, j]``: cosine between their decoder rows (directions written into the model);
 - ``containment[i, j] = both[i, j] / active[j]``: of the tokens where the child is active, the
@@ -47,6 +48,7 @@ DEFINITIONS = {
     "score": "sqrt(max(cos, 0) * containment); a child's parent is the latent of the next smaller SAE with the "
              "largest score, kept when score >= min_score",
     "density": "fraction of the tokens read at which the latent is active (value > 0)",
+    "tokens read": "the positions every SAE reads: position 0 is left out when any SAE was trained without it",
 }
 
 

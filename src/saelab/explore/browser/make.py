@@ -35,6 +35,7 @@ from saelab.explore.browser.build import (
     read_tokens,
     read_tokens_before_load,
     resolve_corpus,
+    shared_first,
 )
 from saelab.explore.browser.families import FAMILIES_FORMAT, family_tree
 from saelab.explore.browser.site import (SITE_FORMAT, SITE_VERSION, check_site_target, read_own_json,
@@ -108,6 +109,9 @@ def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str 
               "version": SITE_VERSION}
     if model_dtype != "float32":  # another dtype gives other numbers; float32 keys stay those of earlier builds
         inputs["model_dtype"] = model_dtype
+    firsts = [first_scored(s.sae) for s in sources]
+    if len(set(firsts)) > 1:  # SAEs with and without position 0: built before, all were scored from the first one's
+        inputs["first_scored"] = firsts
     corpus = corpus_files_key(cfg.corpus)
     if corpus is not None:  # a local corpus edited since gives other numbers; names alone keep earlier keys
         inputs["corpus_files"] = corpus
@@ -210,6 +214,10 @@ def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
         raise ConfigError(f"browse.n2g_latents {cfg.n2g_latents}: {which} has {n} latents; expected at most {n}")
 
 
+def _position_0(first: int) -> str:
+    return "excluded" if first else "included"
+
+
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
                   device=None, model_dtype: str = "float32", overwrite: bool = False,
                   progress: bool = True) -> dict[str, Any]:
@@ -262,17 +270,18 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         finish_statistics(lm, st, tokens, hook, cfg, progress=progress, explanations=given)
     families = _families(lm, sources, coact, cfg, hook)
     seconds["finish"] = time.perf_counter() - t
-    first = first_scored(sources[0].sae)
+    first = shared_first(s.sae for s in sources)  # the tokens every SAE reads; each SAE's own are in "saes"
     manifest = {
         "format": SITE_FORMAT, "version": SITE_VERSION, "key": key, "inputs": inputs,
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": _public_model_name(lm), "hook": hook, "corpus": resolve_corpus(cfg),
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
-        "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": "excluded" if first else "included",
+        "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": _position_0(first),
         "config": dataclasses.asdict(cfg), "definitions": DEFINITIONS, "has_families": families is not None,
         "saes": [{"name": s.name, "source": s.source, "n_latents": s.sae.n_latents, "k": s.sae.cfg.k,
                   "input_norm": s.sae.cfg.input_norm, "alive": int((st.count_N > 0).sum()),
-                  "explained": len(st.explanations)} for s, st in zip(sources, stats)],
+                  "explained": len(st.explanations), "n_tokens": st.n_tokens,
+                  "position_0": _position_0(first_scored(s.sae))} for s, st in zip(sources, stats)],
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     t = time.perf_counter()

@@ -256,7 +256,7 @@ function exampleHtml(ex, scale) {
   return html`<div class="ex" data-ctx="${ctx}"><span class="v">${fmt(peak * scale / Q_SCALE)}</span><span class="text">${spans}</span></div>`;
 }
 
-function histogramSvg(rec) {
+function histogramSvg(rec, nTokens) {
   const [top, counts] = rec.hist;
   if (!counts.length) return html`<p class="muted">never active</p>`;
   const nb = META.config.n_bins, W = 520, H = 130, bw = W / nb;
@@ -267,7 +267,7 @@ function histogramSvg(rec) {
   });
   const ticks = [0, 0.25, 0.5, 0.75, 1].map(f => html`<text x="${f * W}" y="${H - 3}" text-anchor="middle">${fmt(top * f)}</text>`);
   return html`<svg width="${W + 30}" height="${H}" viewBox="-15 0 ${W + 30} ${H}" role="img" aria-label="activation histogram">${bars}${ticks}</svg>
-    <div class="muted small">nonzero activations over ${META.n_tokens.toLocaleString()} tokens (log count); max ${fmt(rec.max, 4)}</div>`;
+    <div class="muted small">nonzero activations over ${nTokens.toLocaleString()} tokens (log count); max ${fmt(rec.max, 4)}</div>`;
 }
 
 function logitTable(rows, cls) {
@@ -337,7 +337,7 @@ async function showLatent(name, idText) {
     <h2>Top activations <span class="legend"><span>0</span><i></i><span>${fmt(scale, 4)}</span></span></h2>
     <div class="examples" id="top-examples">${rec.top.length ? rec.top.map(x => exampleHtml(x, scale)) : html`<p class="muted">never active</p>`}</div>
     <div class="grid2">
-      <div><h2>Activation histogram</h2>${histogramSvg(rec)}</div>
+      <div><h2>Activation histogram</h2>${histogramSvg(rec, ix.n_tokens)}</div>
       <div><h2>Nearest latents <span class="muted small">decoder cosine</span></h2><table>${await neighbourRows(name, rec.near)}</table></div>
     </div>
     <h2>Direct logit effect <span class="muted small">W_U · (g ⊙ W_dec[${id}]), final norm weight applied</span></h2>
@@ -418,7 +418,7 @@ function showAbout() {
   render($("#main"), html`<h1>About this site</h1>
     <table><tr><th>model</th><td>${META.model}</td></tr><tr><th>hook</th><td>${META.hook}</td></tr>
     <tr><th>text</th><td>${META.corpus}: ${META.n_contexts.toLocaleString()} contexts of ${META.context_size} tokens, ${META.n_tokens.toLocaleString()} tokens scored (position 0 ${META.position_0})</td></tr>
-    <tr><th>SAEs</th><td>${META.saes.map((s, j) => html`${j ? html`<br>` : ""}${s.name}: ${s.n_latents} latents, k = ${s.k}, ${s.alive} active, from <code>${s.source}</code>`)}</td></tr>
+    <tr><th>SAEs</th><td>${META.saes.map((s, j) => html`${j ? html`<br>` : ""}${s.name}: ${s.n_latents} latents, k = ${s.k}, ${s.alive} active, ${s.n_tokens.toLocaleString()} tokens scored (position 0 ${s.position_0}), from <code>${s.source}</code>`)}</td></tr>
     <tr><th>built</th><td>${META.built} in ${Object.entries(META.seconds).map(([k, v]) => `${k} ${v} s`).join(", ")}</td></tr></table>
     <h2>What the numbers mean</h2><table>${Object.entries(d).map(([k, v]) => html`<tr><th>${k}</th><td>${v}</td></tr>`)}</table>`);
 }
