@@ -389,7 +389,8 @@ def test_each_sae_is_shown_with_its_own_tokens_scored(tiny_gpt2, corpus, tmp_pat
         manifest = build_browser(order, out, cfg, lm=tiny_gpt2, progress=False)
         assert {s["name"]: (s["n_tokens"], s["position_0"]) for s in manifest["saes"]} == own
         assert (manifest["n_tokens"], manifest["position_0"]) == own["without"]  # the tokens both read
-        assert json.loads((out / "families.json").read_text())["n_tokens"] == own["without"][0]
+        families = json.loads((out / "families.json").read_text())
+        assert (families["n_tokens"], families["position_0"]) == own["without"]
         for name in own:
             assert read_js(out / "data" / name / "index.js")[1] == alone[name]
             assert alone[name]["n_tokens"] == own[name][0]

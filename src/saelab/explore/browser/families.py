@@ -21,7 +21,7 @@ own. Parents link to every child that chose them, so the links form a forest acr
 
 ``families.json`` (:func:`family_tree`)::
 
-    format "saelab-feature-families", version 1, hook, model, n_tokens, min_score, definitions
+    format "saelab-feature-families", version 1, hook, model, n_tokens, position_0, min_score, definitions
     saes      [{name, source, n_latents, k}]  (ascending size: the levels)
     links     [{parent_sae, child_sae, n_children_matched, n_children_active,
                 children: [{child, parent, cos, containment, share, score}]}]
@@ -125,8 +125,9 @@ def _r(x: float, digits: int = 4) -> float:
 
 
 def family_tree(names: Sequence[str], sources: Sequence[str], saes: Sequence[TopKSAE], counts: CoactivationCounts,
-                *, min_score: float, hook: str, model: str) -> dict[str, Any]:
-    """The families JSON (module docstring) from the counts of one pass; ``saes`` sorted by size."""
+                *, min_score: float, hook: str, model: str, position_0: str = "included") -> dict[str, Any]:
+    """The families JSON (module docstring) from the counts of one pass; ``saes`` sorted by size.
+    ``position_0``: "excluded" when the counts left position 0 out."""
     n_tok = max(counts.n_tokens, 1)
     links, parent_of = [], []
     for level in range(len(saes) - 1):
@@ -178,7 +179,7 @@ def family_tree(names: Sequence[str], sources: Sequence[str], saes: Sequence[Top
     families.sort(key=lambda r: (-r["n_descendants"], names.index(r["sae"]), r["latent"]))
     return {
         "format": FAMILIES_FORMAT, "version": 1, "hook": hook, "model": model, "n_tokens": counts.n_tokens,
-        "min_score": min_score, "definitions": DEFINITIONS,
+        "position_0": position_0, "min_score": min_score, "definitions": DEFINITIONS,
         "saes": [{"name": n, "source": s, "n_latents": sae.n_latents, "k": sae.cfg.k}
                  for n, s, sae in zip(names, sources, saes)],
         "links": links, "families": families, "singletons": singletons,

@@ -188,13 +188,17 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     return lm, tokens
 
 
+def _position_0(first: int) -> str:
+    return "excluded" if first else "included"
+
+
 def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
     if coact is None:
         return None
     order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
     return family_tree([sources[i].name for i in order], [sources[i].source for i in order],
                        [sources[i].sae for i in order], coact, min_score=cfg.family_min_score, hook=hook,
-                       model=_public_model_name(lm))
+                       model=_public_model_name(lm), position_0=_position_0(shared_first(s.sae for s in sources)))
 
 
 def _public_model_name(lm) -> str:
@@ -212,10 +216,6 @@ def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
     if cfg.n2g_latents > n:
         which = "the SAE" if len(sources) == 1 else f"the SAE {smallest.name}"
         raise ConfigError(f"browse.n2g_latents {cfg.n2g_latents}: {which} has {n} latents; expected at most {n}")
-
-
-def _position_0(first: int) -> str:
-    return "excluded" if first else "included"
 
 
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
