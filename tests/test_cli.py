@@ -368,6 +368,9 @@ BAD = [
     ("train --k 8 --k 16", "error: --k given twice (8, 16): give it once (`saelab train"),
     ("train -k 8 --k=16", "error: -k/--k given twice (8, 16): give it once"),  # as typed
     ("train --out a", "error: --out given twice (a, run): give it once"),  # the test adds --out run
+    # the SAE after --config was read as a second config file ("--config RUN: is a folder")
+    ("eval --config m.yaml RUN", "error: --config takes every word after it as a file, and 'RUN' is not a .json, "
+                                 ".yaml or .yml file: put it before --config, or end the files with --"),
     # an option of a fixed number of values is given once; "list all its values" led to `unrecognized arguments: b`
     ("browse SAE --export neuronpedia a --export neuronpedia b", "--export given twice (neuronpedia a, neuronpedia b): give it once"),
     ("eval SAE --context-size 64 --context-size=128", "error: --context-size given twice (64, 128): give it once"),

@@ -107,6 +107,11 @@ class Parser(ArgumentParser):
         files = reader.parse_known_args(self._argv_seen)[0].files
         if len(files) > 1:
             self.error(repeat_refusal([option] * 2, files[:2], listed=True))
+        # `eval --config m.yaml RUN`: --config takes RUN as a second file, and RUN would be named as a bad config
+        other = next((w for w in (files[0][1:] if files else []) if not w.lower().endswith(CONFIG_SUFFIXES)), None)
+        if other is not None:
+            self.error(f"{option} takes every word after it as a file, and {other!r} is not a .json, .yaml or .yml "
+                       f"file: put it before {option}, or end the files with --")
 
     def _given_as(self) -> dict[str, str]:
         """Each setting the user gave, with how: its option as typed ("-k", "--no-auxk"), else the --config
@@ -271,13 +276,16 @@ def _file_key(action: argparse.Action) -> str:
     return f"{action.dest} ({str(bool(action.const)).lower()}: {action.option_strings[0]})"
 
 
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """A --config file (JSON, or YAML by its suffix) as a mapping; ConfigError for anything else."""
     if path.is_dir():
         raise ConfigError(f"--config {path}: is a folder; expected a .json, .yaml or .yml file")
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+    if path.suffix.lower() not in CONFIG_SUFFIXES:
         raise ConfigError(f"--config {path}: expected a .json, .yaml or .yml file")
     try:
         text = path.read_text(encoding="utf-8")
