@@ -756,3 +756,21 @@ def test_a_report_written_under_this_process_s_own_lock_does_not_name_it_as_the_
     report = (cut / "report.md").read_text()
     assert "training now" not in report and f"pid {os.getpid()}" not in report
     assert "| status |" in report
+
+
+def test_a_writer_is_not_refused_for_a_look_at_its_folder(tmp_path):
+    """held_by (eval and report asking whether a run is in training) locks a free folder for an instant: a
+    training starting in that instant was refused as a second writer ("pid unknown")."""
+    import fcntl
+    import threading
+
+    run = tmp_path / "run"
+    RunLock(run).acquire().release()  # the lock file exists, free
+    fd = os.open(run / LOCK, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a look, as held_by takes it
+    threading.Timer(0.05, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))).start()
+    lock = RunLock(run).acquire()  # waits out the look
+    try:
+        assert (run / LOCK).read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.release()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from saelab.errors import RunExistsError
@@ -38,7 +39,7 @@ class RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            _flock(fd, exclusive=True)
+            _flock_soon(fd)
         except BlockingIOError:
             os.close(fd)
             raise RunFolderBusyError(
@@ -94,6 +95,23 @@ def held_by(folder: str | Path) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+LOOK_SECONDS = 0.2
+"""How long acquire waits for a lock held only for a look: held_by locks a free folder for an instant."""
+
+
+def _flock_soon(fd: int) -> None:
+    """The exclusive lock, tried again for up to LOOK_SECONDS: a writer holds it for its whole run, so one
+    that is still held then is a writer's, not a look's."""
+    deadline = time.monotonic() + LOOK_SECONDS
+    while True:
+        try:
+            return _flock(fd, exclusive=True)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _flock(fd: int, *, exclusive: bool) -> None:
