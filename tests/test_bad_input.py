@@ -760,7 +760,7 @@ def test_cli_batch_size_is_named_as_given_and_refused_in_a_sweep_grid(tiny_cache
                            str(config), "--n-latents", "64", "--k", "4", "--no-progress")
     assert code == 2 and err == (f"saelab train: error: activation cache {cache!r} holds 1,024 rows, fewer than one "
                                  f"batch (--config {config}: train.batch_size 2048); harvest more, or give a smaller "
-                                 "batch size")
+                                 "train.batch_size")
     for entry in ("batch_size=128", "batch-size=128,256"):
         code, _, err = run_cli(capsys, "sweep", "--activations", cache, "--out", str(tmp_path / "sw"), "--grid",
                                "k=4,8", entry, "--n-latents", "64", "--no-progress")

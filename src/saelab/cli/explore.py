@@ -21,6 +21,7 @@ from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
 from saelab.models import model_provenance
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
+from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
 
 
@@ -195,8 +196,8 @@ def _within_the_corpus(option: str, value: int, corpus: str | None, n_saes: int 
             raise
         text = "the eval split" if corpus is None else f"the corpus {corpus}"
         reader = "each SAE" if n_saes > 1 else "the SAE"
-        file, _, entry = option.rpartition(": ")  # a --config file's entry: "--config c.json: browse.n_tokens"
-        raise ConfigError(f"{file}{': ' if file else ''}{entry} {value:,}: {text} holds {e.max_tokens:,} tokens "
+        lead, entry = given_parts(option)  # a --config file's entry: "--config c.json: browse.n_tokens"
+        raise ConfigError(f"{lead}{entry} {value:,}: {text} holds {e.max_tokens:,} tokens "
                           f"{reader} reads; expected {entry} {e.max_tokens} at most") from None
 
 

@@ -25,6 +25,7 @@ from saelab.train.metric_sinks import LOG_TARGETS
 from saelab.train.config import resolved_decoder_init
 from saelab.train import distributed as ddp
 from saelab.train.distributed import init_from_env
+from saelab.utils.config import given_parts
 
 QUICKSTART_DIR = "runs/quickstart"
 
@@ -185,7 +186,7 @@ def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[s
     if cache.n_rows < train.batch_size:
         how = given(args, "train.batch_size") or "--batch-size"  # as given: typed, or a --config file's entry
         raise ConfigError(f"activation cache {args.activations!r} holds {cache.n_rows:,} rows, fewer than one batch "
-                          f"({how} {train.batch_size}); harvest more, or give a smaller batch size")
+                          f"({how} {train.batch_size}); harvest more, or give a smaller {given_parts(how)[1]}")
     rows = cache.n_rows // train.batch_size * train.batch_size  # whole batches only: the rest is never trained on
     how = "all of them" if rows == cache.n_rows else f"{rows:,} of them, in whole batches of {train.batch_size:,}"
     if ddp.rank() == 0:
@@ -202,12 +203,12 @@ def _refuse_a_budget_past_the_cache(args: argparse.Namespace, cache: ActivationC
         return
     if grid is not None:
         name, values = typed_grid_words(args.grid)["total_tokens"]
-        lead, entry = f"--grid {name}={values[grid['total_tokens'].index(tokens)]}", ""
+        lead, entry = f"--grid {name}={values[grid['total_tokens'].index(tokens)]}: ", ""
         fewer = f"{name}={cache.n_rows}"
     else:
-        lead, _, entry = given(args, "train.total_tokens").rpartition(": ")
+        lead, entry = given_parts(given(args, "train.total_tokens"))
         fewer = f"{entry} {cache.n_rows}"
-    raise ConfigError(f"{lead + ': ' if lead else ''}activation cache {args.activations!r} holds {cache.n_rows:,} "
+    raise ConfigError(f"{lead}activation cache {args.activations!r} holds {cache.n_rows:,} "
                       f"rows but training needs {tokens:,}{f' ({entry})' if entry else ''}; harvest more or train "
                       f"on fewer tokens ({fewer} at most)")
 

@@ -58,6 +58,7 @@ import torch
 from saelab.errors import ConfigError, RunExistsError
 from saelab.run_folder import sae_sha256
 from saelab.utils.atomic import atomic_folder
+from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
 
 FORMAT = "saedashboard-neuronpedia-batches"
@@ -468,7 +469,7 @@ def refuse_explanations(cfg, given_as: Callable[[str], str | None] = lambda sett
         value = getattr(cfg, field)
         if value != getattr(default, field):
             shown = repr(value) if field == "n2g_padding_token" else value
-            file, _, entry = (given_as(f"browse.{field}") or f"browse.{field}").rpartition(": ")
-            raise ConfigError(f"{file}{': ' if file else ''}{entry} {shown}: the Neuronpedia export (--export "
+            lead, entry = given_parts(given_as(f"browse.{field}") or f"browse.{field}")
+            raise ConfigError(f"{lead}{entry} {shown}: the Neuronpedia export (--export "
                               "neuronpedia) has no place for N2G explanations (SAEDashboard's batch files hold "
                               f"none); leave {entry} out, or build the site (browse without --export) to show them")
