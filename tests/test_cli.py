@@ -597,6 +597,26 @@ def test_a_refused_value_is_blamed_on_where_it_came_from(tmp_path, capsys):
         f"saelab sweep: error: --config {cfg}: train.k 700 exceeds --grid n-latents=512; expected train.k <= n-latents")
 
 
+def test_entries_of_two_config_files_are_each_blamed_on_their_own_file(tmp_path, capsys):
+    """`--config a.yaml b.yaml`: a rule of two settings set in different files names each with its file, not
+    both with the first."""
+    totals, batch = tmp_path / "t.yaml", tmp_path / "c.yaml"
+    totals.write_text("train:\n  total_tokens: 2000\n")
+    batch.write_text("train:\n  batch_size: 2048\n")
+    argv = ["train", "--activations", "acts", "--out", str(tmp_path / "r"), "--config", str(totals), str(batch)]
+    assert _exit_code(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"saelab train: error: train.total_tokens 2000 (--config {totals}) must be at least one batch of "
+        f"train.batch_size 2048 (--config {batch})")
+    batch.write_text("train:\n  k: 8\n")  # both entries of one file: named once, at the front
+    totals.write_text("train:\n  total_tokens: 2000\n  batch_size: 2048\n")
+    assert _exit_code(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"saelab train: error: --config {totals}: train.total_tokens 2000 must be at least one batch of "
+        f"train.batch_size 2048")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("file,typed,message", [
     # harvest and eval share field names: the file's valid eval value is not the one refused
     ("eval:\n  lm_batch_size: 8\n", "--harvest-lm-batch-size 0", "--harvest-lm-batch-size must be >= 1, got 0"),

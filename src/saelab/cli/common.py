@@ -480,41 +480,54 @@ def in_given_words(message: str, how: dict[str, str],
                    otherwise: typing.Callable[[str], str | None] = lambda field: None) -> str:
     """``message`` with each setting and option it names in the words the user gave it. ``how`` maps a
     setting ("k") or a long option ("--k") to how it was given: an option as typed ("-k"), a --config file's
-    entry ("--config c.yaml: train.k"; the message then opens with the first file it names) or a grid
-    entry ("--grid k=9000", named "k" beside a comparison); ``otherwise`` names a setting ``how`` lacks (None:
-    as the message has it). "k must be >= 1, got 0" -> "-k must be >= 1, got 0", "--config c.yaml: train.k:
-    must be ...", "--grid k=0: must be >= 1"; "--k 100" -> "-k 100"."""
-    files = []  # the file of each entry named
+    entry ("--config c.yaml: train.k"; the message then opens with its file, or, where the entries named
+    come from several files, each is followed by its own at its first mention) or a grid entry ("--grid
+    k=9000", named "k" beside a comparison); ``otherwise`` names a setting ``how`` lacks (None: as the
+    message has it). "k must be >= 1, got 0" -> "-k must be >= 1, got 0", "--config c.yaml: train.k: must
+    be ...", "--grid k=0: must be >= 1"; "--k 100" -> "-k 100"."""
+    setting, _, rest = message.partition(" ")
+    lead = how.get(setting) if rest.startswith("must ") and not setting.startswith("-") else None
+    if lead is not None and not lead.startswith("--grid "):
+        return f"{lead}{':' if lead.startswith('--config ') else ''} {rest}"
+    files: dict[str, str] = {}  # the file of each entry named
+    reworded = _in_given_words(message, lead, how, otherwise, files, several=False)
+    named = {file for file in files.values() if file}
+    if len(named) > 1:  # one file at the front would blame it for the others' entries
+        return _in_given_words(message, lead, how, otherwise, {}, several=True)
+    return f"{named.pop()}: {reworded}" if named else reworded
 
-    def compared(field: str) -> str | None:
+
+def _in_given_words(message: str, lead: str | None, how: dict[str, str],
+                    otherwise: typing.Callable[[str], str | None], files: dict[str, str], several: bool) -> str:
+    """in_given_words' rewording, recording in ``files`` the file of each entry named; ``several``: each
+    entry followed by its file ("train.k 600 (--config k.yaml)") where first named."""
+
+    def compared(field: str, value: str | None = None) -> str | None:
         words = how.get(field) or otherwise(field)
         if words is None:
             return None
         if words.startswith("--grid "):  # beside a comparison, the entry's name: "expected k <= n-latents"
             return words.removeprefix("--grid ").partition("=")[0]
         file, _, entry = words.rpartition(": ")
-        files.append(file)
-        return entry
+        first = entry not in files
+        files.setdefault(entry, file)
+        named = entry if value is None else f"{entry} {value}"
+        return f"{named} ({file})" if several and first and file else named
 
     def assigned(field: str, value: str) -> str | None:
         if (how.get(field) or "").startswith("--grid "):  # the entry holds the value as typed
             return how[field]
-        name = compared(field)
-        return None if name is None else f"{name} {value}"
+        return compared(field, value)
 
-    setting, _, rest = message.partition(" ")
-    lead = how.get(setting) if rest.startswith("must ") and not setting.startswith("-") else None
-    if lead is not None and not lead.startswith("--grid "):
-        return f"{lead}{':' if lead.startswith('--config ') else ''} {rest}"
-    if lead is not None:  # the value is in the entry: no ", got 0"
+    if lead is not None:  # a grid entry: the value is in the entry, no ", got 0"
+        rest = message.partition(" ")[2]
         message = f"{lead}: {reword_fields(re.sub(r', got [^,;]+$', '', rest), assigned, compared)}"
     else:
         message = reword_fields(message, assigned, compared)
     for option, spelling in how.items():  # the verbs' own messages name long options too
         if option.startswith("--"):
             message = re.sub(rf"(?<![\w./-]){re.escape(option)}(?![\w-])", spelling, message)
-    file = next((f for f in files if f), None)
-    return f"{file}: {message}" if file else message
+    return message
 
 
 def typed_starting(args: argparse.Namespace, *prefixes: str) -> list[str]:
