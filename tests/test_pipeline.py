@@ -259,6 +259,31 @@ def test_a_small_harvest_tokenizes_only_the_pool_it_draws_from(tiny_dir, data_di
     assert cache.n_rows == 4096 and cache.meta["sample_pool_tokens_drawn"] == 65536  # not resumed from a larger pool
 
 
+def test_a_cache_an_earlier_saelab_finished_is_reused(tiny_dir, data_dir, tmp_path, capsys):
+    """A finished cache harvested before the pool was sized to the harvest (its manifest without
+    sample_pool_tokens_drawn) is a valid harvest of the same command: reused, not refused over a meta key no
+    option sets; an unfinished one cannot be drawn on the same way, and is refused in the options' words."""
+    corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 12)
+    out = tmp_path / "acts"
+    argv = ["harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", str(corpus), "--out", str(out),
+            "--n-tokens", "4096", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress"]
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["meta"]["sample_pool_tokens_drawn"]  # as the earlier release wrote it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shards = {p.name: p.read_bytes() for p in out.glob("shard_*.npy")}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"{out} already holds this harvest, 4,096 activations" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.glob("shard_*.npy")} == shards
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"saelab harvest: error: cannot resume activation cache '{out}': its harvest was started by an earlier "
+                   "saelab, which drew its contexts from the whole --sample-pool-tokens pool (16,777,216 tokens), "
+                   "not from 65,536: its rest cannot be drawn the same way; pass --overwrite to harvest it again"), err
+
+
 @pytest.fixture(scope="module")
 def kill_cache(tiny_gpt2, tiny_dir, data_dir, tmp_path_factory) -> Path:
     """8,192 real activation rows of the tiny GPT-2 (its saved folder named as the model)."""

@@ -148,7 +148,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     check_before_load(lm or cfg.model, cfg.hook, cfg.context_size)
     meta = _harvest_meta(cfg, corpus)
     # A finished cache of these settings is reused, one of others refused: both before the model loads.
-    cache = None if overwrite else reusable_cache(out_dir, meta=meta, dtype=cfg.dtype)
+    cache = None if overwrite else _reusable_harvest(out_dir, meta, cfg.dtype, overwrite_option)
     if cache is not None:  # the same command again: the finished cache is the answer
         print(f"saelab: {out_dir} already holds this harvest, {cache.n_rows:,} activations ({overwrite_option} "
               "harvests again)", file=sys.stderr)
@@ -175,6 +175,27 @@ def _harvest_meta(cfg: HarvestConfig, corpus: str) -> dict[str, Any]:
         meta["sample_pool_tokens_drawn"] = _pool_tokens(cfg)
     return meta
 
+
+
+def _reusable_harvest(out_dir: str | Path, meta: dict[str, Any], dtype: str,
+                      overwrite_option: str) -> ActivationCache | None:
+    """reusable_cache, taking a finished cache an earlier saelab drew from the whole --sample-pool-tokens pool
+    (its meta has no sample_pool_tokens_drawn): its rows are a valid harvest of these options. Only an
+    unfinished one needs the same draw to go on, which the pool sized to the harvest cannot give."""
+    try:
+        return reusable_cache(out_dir, meta=meta, dtype=dtype)
+    except ActivationCacheError:
+        if "sample_pool_tokens_drawn" not in meta:
+            raise
+    whole_pool = {key: value for key, value in meta.items() if key != "sample_pool_tokens_drawn"}
+    cache = reusable_cache(out_dir, meta=whole_pool, dtype=dtype)  # another difference: refused by its name
+    if cache is None:
+        raise ActivationCacheError(
+            f"cannot resume activation cache {str(out_dir)!r}: its harvest was started by an earlier saelab, which "
+            f"drew its contexts from the whole --sample-pool-tokens pool ({meta['harvest']['sample_pool_tokens']:,} "
+            f"tokens), not from {meta['sample_pool_tokens_drawn']:,}: its rest cannot be drawn the same way; pass "
+            f"overwrite=True ({overwrite_option}) to harvest it again")
+    return cache
 
 def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, corpus: str, meta: dict[str, Any], *,
                   lm: LanguageModel | None, device: str | torch.device | None, model_dtype: str, overwrite: bool,
