@@ -322,6 +322,32 @@ def test_run_settings_carry_no_local_path_and_reuse_goes_by_the_weights(tiny_gpt
         export_neuronpedia_run(home / "runs" / "n64", out, cfg, lm=tiny_gpt2, progress=False)
 
 
+def test_each_sae_s_weights_are_hashed_once(tiny_gpt2, corpus, tmp_path, monkeypatch):
+    """The export's key and its run_settings.json both name each SAE by its weights' hash, which reads every
+    weight: it was computed twice per SAE."""
+    import saelab.explore.browser.export as export
+    import saelab.run_folder
+    from saelab.run_folder import sae_sha256
+
+    hashed = []
+
+    def counted(sae):  # the real hash, its calls counted
+        hashed.append(sae)
+        return sae_sha256(sae)
+
+    monkeypatch.setattr(export, "sae_sha256", counted)
+    monkeypatch.setattr(saelab.run_folder, "sae_sha256", counted)
+    saes = {name: centred_sae(tiny_gpt2, corpus, n, seed) for name, n, seed in (("small", 64, 2), ("large", 96, 3))}
+    for name, sae in saes.items():
+        save_sae(sae, tmp_path / name / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    export_neuronpedia_run([tmp_path / "small", tmp_path / "large"], tmp_path / "np", cfg, lm=tiny_gpt2,
+                           progress=False)
+    assert len(hashed) == 2 and {s.n_latents for s in hashed} == {64, 96}
+    for name, sae in saes.items():  # each SAE's record holds its own hash
+        assert json.loads((tmp_path / "np" / name / "run_settings.json").read_text())["sae_sha256"] == sae_sha256(sae)
+
+
 def test_the_same_corpus_and_sae_by_another_path_are_reused(tiny_gpt2, corpus, tmp_path, monkeypatch):
     """The key held the corpus path as typed: the same export asked for with absolute paths after relative
     ones (or from another folder) was refused as made from other inputs."""

@@ -75,7 +75,7 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
                        model_id: str | None = None, layer: int | None = None, sae_set: str | None = None,
                        sae_id_suffix: str | None = None, n_bands: int = 4, n_features_per_batch: int = 128,
                        include_dead: bool = False, overwrite: bool = False, key: str | None = None,
-                       inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+                       inputs: dict[str, Any] | None = None, sae_hashes: Sequence[str] | None = None) -> dict[str, Any]:
     """Write SAEDashboard/Neuronpedia batch files for one SAE's statistics (or several: ``out/NAME`` each).
 
     ``stats``: :class:`~.build.LatentStats` from :func:`~.build.collect_statistics` (after
@@ -88,16 +88,18 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     never active are listed in ``skipped_indexes.json`` instead, unless ``include_dead``. An
     earlier export at ``out`` is replaced only with ``overwrite``; any other non-empty folder is
     refused. ``key`` and ``inputs`` (:func:`export_key`) are recorded in ``run_settings.json``, so that
-    the same export asked for again is reused. Returns a summary per SAE (a dict, or a list of them for
-    several SAEs).
+    the same export asked for again is reused; ``sae_hashes``: each SAE's :func:`sae_sha256`, in the order of
+    ``stats``, where the caller has them (hashing reads every weight). Returns a summary per SAE (a dict, or a
+    list of them for several SAEs).
     """
     if isinstance(stats, Sequence):
         if len(stats) != 1:
             return [export_neuronpedia(s, tokens_NT, lm, Path(out) / s.source.name, dataset=dataset,
                                        model_id=model_id, layer=layer, sae_set=sae_set, sae_id_suffix=sae_id_suffix,
                                        n_bands=n_bands, n_features_per_batch=n_features_per_batch,
-                                       include_dead=include_dead, overwrite=overwrite, key=key, inputs=inputs)
-                    for s in stats]
+                                       include_dead=include_dead, overwrite=overwrite, key=key, inputs=inputs,
+                                       sae_hashes=None if sae_hashes is None else [h])
+                    for s, h in zip(stats, sae_hashes or [None] * len(stats))]
         stats = stats[0]
     for name, value in (("n_features_per_batch", n_features_per_batch), ("n_bands", n_bands)):
         if not isinstance(value, int) or value < 1:
@@ -119,7 +121,8 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     features = FeatureWriter(stats, tokens_NT, lm, common, n_bands)
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     settings = {"format": FORMAT, "generator": "saelab", "written": written, **header, "hook_name": sae.cfg.hook_name,
-                "sae": public_name(stats.source.source), "sae_sha256": sae_sha256(sae),
+                "sae": public_name(stats.source.source),
+                "sae_sha256": sae_hashes[0] if sae_hashes else sae_sha256(sae),
                 "context_size": int(tokens_NT.shape[1]),
                 "n_latents": sae.n_latents, "n_exported": len(exported),
                 "n_tokens_scored": stats.n_tokens, **common, "n_features_per_batch": n_features_per_batch}
@@ -331,19 +334,20 @@ def _check_target(out: Path, overwrite: bool, key: str | None = None,
                          "(--overwrite) to replace it")
 
 
-def export_key(sources, cfg, model_dtype: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def export_key(sources, cfg, model_dtype: str, options: dict[str, Any],
+               hashes: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """(key, inputs) of an export: the browser's key of its SAEs and settings (see ``make.build_key``)
-    and the export's own options, at their defaults where not given. The SAEs are known by their weights,
-    not by where they lie, and the recorded settings name local files by their base names: the folder is
-    shared with others."""
+    and the export's own options, at their defaults where not given. The SAEs are known by their weights
+    (``hashes``: each one's :func:`sae_sha256`), not by where they lie, and the recorded settings name local
+    files by their base names: the folder is shared with others."""
     from saelab.explore.browser.make import build_inputs, build_key
 
     given = inspect.signature(export_neuronpedia).parameters
     options = {name: options.get(name, given[name].default) for name in EXPORT_OPTIONS}
-    hashes = {id(s): sae_sha256(s.sae) for s in sources}  # reads every weight: once per SAE
+    by_source = {id(s): h for s, h in zip(sources, hashes)}
 
     def identify(source) -> str:
-        return hashes[id(source)]
+        return by_source[id(source)]
 
     # local files by where they lie, not by the path typed: the same corpus given from another folder is reused
     where = dataclasses.replace(cfg, corpus=_resolved(cfg.corpus), model=_resolved(cfg.model))
@@ -412,7 +416,8 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         raise ConfigError(f"sae_set {kwargs['sae_set']!r} names one SAE's set, and {len(sources)} SAEs were given; "
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")
     model_id, note = default_ids(sources, lm, cfg, kwargs.get("model_id"), kwargs.get("sae_set"))
-    key, inputs = export_key(sources, cfg, model_dtype, kwargs)
+    hashes = [sae_sha256(s.sae) for s in sources]  # reads every weight: once per SAE, for the key and the record
+    key, inputs = export_key(sources, cfg, model_dtype, kwargs, hashes)
     targets = [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]
     # before the model loads and the text is scored; an export of the same key is the same files
     earlier = [_check_target(t, kwargs.get("overwrite", False), key, inputs) for t in targets]
@@ -427,7 +432,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     for st in stats:
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)
     result = export_neuronpedia(stats, tokens, lm, out, dataset=corpus_name(cfg.corpus, "eval"), n_bands=cfg.n_bands,
-                                key=key, inputs=inputs, **{**kwargs, "model_id": model_id})
+                                key=key, inputs=inputs, sae_hashes=hashes, **{**kwargs, "model_id": model_id})
     _say_what_was_left_out_or_made(sources, note)  # once written: a refusal on the way is the one line to read
     return _as_given([{**r, "reused": False} for r in (result if isinstance(result, list) else [result])], one)
 
