@@ -362,6 +362,32 @@ def test_the_same_corpus_and_sae_by_another_path_are_reused(tiny_gpt2, corpus, t
                                   progress=False)["reused"] is True
 
 
+def test_a_corpus_of_the_same_name_elsewhere_is_not_called_changed(tiny_gpt2, corpus, tmp_path, monkeypatch):
+    """The record names the corpus by its base name and the key by where it lies: a copy in another folder was
+    refused as the corpus "changed since", though it had not; a corpus edited since still is."""
+    shutil.copy(corpus, tmp_path / "text.jsonl.xz")
+    (tmp_path / "d2").mkdir()
+    shutil.copy(corpus, tmp_path / "d2" / "text.jsonl.xz")
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "runs" / "r1" / "sae")
+    monkeypatch.chdir(tmp_path)
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus="text.jsonl.xz", n_top=2, n_samples=2, lm_batch_size=8)
+    assert export_neuronpedia_run("runs/r1", "np", cfg, lm=tiny_gpt2, progress=False)["reused"] is False
+    assert str(tmp_path) not in (tmp_path / "np" / "run_settings.json").read_text()
+    elsewhere = dataclasses.replace(cfg, corpus="d2/text.jsonl.xz")
+    with pytest.raises(RunExistsError, match=r"^np: an earlier Neuronpedia export made from other corpus text "
+                       r"\(browse.corpus text.jsonl.xz is another corpus of that name, not the one read then\)"):
+        export_neuronpedia_run("runs/r1", "np", elsewhere, lm=tiny_gpt2, progress=False)
+    with open(tmp_path / "text.jsonl.xz", "ab") as f:  # edited: a larger file at the same place
+        f.write(b"\0")
+    with pytest.raises(RunExistsError, match=r"other corpus text \(browse.corpus text.jsonl.xz changed since\)"):
+        export_neuronpedia_run("runs/r1", "np", cfg, lm=tiny_gpt2, progress=False)
+    settings = json.loads((tmp_path / "np" / "run_settings.json").read_text())
+    del settings["inputs"]["corpus_where"]  # as an earlier saelab recorded it: which it is cannot be told
+    (tmp_path / "np" / "run_settings.json").write_text(json.dumps(settings))
+    with pytest.raises(RunExistsError, match=r"\(browse.corpus text.jsonl.xz changed since, or is another corpus of "):
+        export_neuronpedia_run("runs/r1", "np", elsewhere, lm=tiny_gpt2, progress=False)
+
+
 def test_default_ids_follow_neuronpedia_s_rule_and_the_model_s_name_as_given(tiny_gpt2, tiny_dir, corpus, tmp_path,
                                                                             capsys):
     """A run named "ααα" gave the SAE set "", a model folder the 43-character id of where its link led: the

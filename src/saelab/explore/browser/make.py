@@ -123,12 +123,16 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
                  identify: Callable[[SAESource], Any] = _stat_key) -> dict[str, Any]:
     """What build_key hashes, as a site or families file records it to name what differs on a refusal: the
     settings in full, the SAE files (as ``identify`` gives them) and a local corpus's files by a hash of their
-    names, sizes and times."""
+    names, sizes and times, and where it lies by a hash of its path (a record named by base names then tells a
+    corpus of the same name elsewhere from one changed since)."""
     files = json.dumps([[s.name, identify(s)] for s in sources], default=str)
     corpus = json.dumps(corpus_files_key(cfg.corpus))
+    local = Path(cfg.corpus).expanduser() if cfg.corpus else None
+    where = json.dumps(str(local.resolve()) if local is not None and local.exists() else None)
     return json.loads(json.dumps({"browse": _settings(cfg), "model_dtype": model_dtype,
                                   "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16],
-                                  "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16]}, default=str))
+                                  "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16],
+                                  "corpus_where": hashlib.sha256(where.encode()).hexdigest()[:16]}, default=str))
 
 
 def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str:
@@ -137,7 +141,7 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str
     or settings"."""
     if not isinstance(recorded, dict):
         return "other inputs or settings"
-    hashed = ("sae_files", "corpus_files", "export")
+    hashed = ("sae_files", "corpus_files", "corpus_where", "export")
 
     def settings(of: dict[str, Any]) -> dict[str, Any]:  # an export's options by their own names, as passed
         export = of.get("export")
@@ -150,7 +154,12 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str
         return ("other SAE files (other SAEs, the same ones retrained or replaced since"
                 + (", or a run's N2G explanations written since)" if n2g else ")"))
     if "corpus_files" in recorded and recorded["corpus_files"] != inputs["corpus_files"]:
-        return f"other corpus text (browse.corpus {inputs['browse'].get('corpus')} changed since)"
+        corpus = inputs["browse"].get("corpus")
+        if "corpus_where" not in recorded:  # recorded by an earlier saelab: either may be the case
+            return f"other corpus text (browse.corpus {corpus} changed since, or is another corpus of that name)"
+        if recorded["corpus_where"] != inputs["corpus_where"]:  # an export names the corpus by its base name
+            return f"other corpus text (browse.corpus {corpus} is another corpus of that name, not the one read then)"
+        return f"other corpus text (browse.corpus {corpus} changed since)"
     return "other inputs or settings"
 
 
