@@ -390,6 +390,24 @@ def test_an_unfinished_run_is_named_as_such(tmp_path):
         open_sae(tmp_path)
 
 
+def test_a_sweep_cut_off_before_any_run_finished_is_named_as_such(tmp_path, capsys):
+    """A sweep interrupted before its SAEs were written was "neither a run folder nor a sweep folder" to
+    report, and "folder has no cfg.json" to eval, browse and top: each names its unfinished runs."""
+    from saelab.cli import main
+
+    sweep = tmp_path / "sweep"
+    train_many([_cfg(n_latents=32), _cfg()], _source(_data()), [sweep / "n32", sweep / "n64"], d_in=D,
+               progress=False, device="cpu", stop_after_steps=3)
+    expected = (f"{sweep} is a sweep folder whose runs n32, n64 have not finished training (no sae/ yet); run the "
+                "same `saelab sweep` command again to finish them")
+    for argv in (["eval", str(sweep), "--device", "cpu"], ["report", str(sweep)], ["top", str(sweep), "--latent", "1"],
+                 ["browse", str(sweep)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(expected) and len(err.splitlines()) == 1, (argv, err)
+    assert sorted(p.name for p in sweep.iterdir()) == ["n32", "n64"]
+
+
 def _cache_damaged_at_batch_10(folder: Path):
     """A cache of _data() with a NaN written into the shard behind training batch 10 (as damage on disk:
     the writer refuses NaN), so that a run on it stops after its checkpoint at step 10."""

@@ -10,8 +10,10 @@ import struct
 import pytest
 
 from saelab.cli import main
+from saelab.data import ActivationCache
 from saelab.errors import SaelabError
 from saelab.report.scaling import check_eval_settings, fit_scaling
+from saelab.train import TrainConfig, train_sae
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -181,6 +183,18 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
                            "count of tokens); the evaluation metrics file is damaged: remove it, or run the command "
                            "that wrote it again with --overwrite")
     damaged.write_text(good)
+    # A run cut off before its SAE was written: eval and report go on with the finished runs and name it.
+    cache = ActivationCache(acts)
+    train_sae(TrainConfig(n_latents=256, k=4, batch_size=256, total_tokens=4096, init_rows=1024),
+              lambda start: cache.batches(256, start_batch=start), sweep / "n256_k4", d_in=cache.d, progress=False,
+              device="cpu", stop_after_steps=2)
+    unfinished = (f"{sweep}; its run n256_k4 has not finished training (no sae/ yet); run the same `saelab sweep` "
+                  "command again to finish it")
+    out, err = run_cli(capsys, "eval", str(sweep), *ev, "--no-progress")
+    assert "n256_k4" not in out and err.strip() == f"saelab eval: note: this evaluates the finished runs of {unfinished}"
+    out, err = run_cli(capsys, "report", str(sweep))
+    assert out["k=4"]["alpha"] is not None
+    assert f"saelab report: note: this reports the finished runs of {unfinished}" in err
     _, err = run_cli(capsys, "report", str(tmp_path), code=2)
     assert "is neither a run folder" in err
     _, err = run_cli(capsys, "eval", str(sweep), "--suite", "paper", code=2)

@@ -78,12 +78,44 @@ def is_run(path: str | Path) -> bool:
 def sweep_runs(folder: str | Path) -> list[Path]:
     """Run folders with a trained SAE directly inside ``folder``, in natural order (n4096 before n16384).
     Hidden folders are not runs: an overwrite keeps the run it replaces in RUN/.set-aside/."""
+    return [p for p in _run_folders_in(folder) if (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists()]
+
+
+def unfinished_sweep_runs(folder: str | Path) -> list[Path]:
+    """Run folders directly inside ``folder`` whose training has not finished (no SAE yet), in the order of
+    :func:`sweep_runs`: an interrupted sweep leaves them, and they belong in its messages."""
+    return [p for p in _run_folders_in(folder) if _holds_run_config(p) and not (p / SAE_DIR / "cfg.json").exists()]
+
+
+def _run_folders_in(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-            and (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists()]
+    runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+
+
+def _holds_run_config(path: Path) -> bool:
+    """A run folder, finished or not: an overwrite's first moments hold only the earlier run set aside."""
+    return any((p / TRAIN_CONFIG).is_file() for p in (path, path / SET_ASIDE))
+
+
+def unfinished_runs_line(folder: str | Path) -> str | None:
+    """The words naming the runs of a sweep folder that have not finished training, or None when all have."""
+    unfinished = unfinished_sweep_runs(folder)
+    if not unfinished:
+        return None
+    names, several = ", ".join(p.name for p in unfinished), len(unfinished) > 1
+    return (f"{'runs' if several else 'run'} {names} {'have' if several else 'has'} not finished training (no "
+            f"{SAE_DIR}/ yet); run the same `saelab sweep` command again to finish {'them' if several else 'it'}")
+
+
+def check_sweep_has_finished_runs(folder: str | Path) -> list[Path]:
+    """The finished runs of a sweep folder; none yet (an interrupted sweep) is refused in one line naming them."""
+    runs = sweep_runs(folder)
+    if not runs:
+        raise CheckpointError(f"{folder} is a sweep folder whose {unfinished_runs_line(folder)}")
+    return runs
 
 
 def listed_paths(paths: list[Path], most: int = 6) -> str:
@@ -96,7 +128,8 @@ def listed_paths(paths: list[Path], most: int = 6) -> str:
 def is_sweep(path: str | Path) -> bool:
     """A folder that is not a run or SAE folder itself but holds run folders."""
     path = Path(path)
-    return path.is_dir() and not is_run(path) and not (path / "cfg.json").exists() and bool(sweep_runs(path))
+    return (path.is_dir() and not is_run(path) and not (path / "cfg.json").exists() and not _holds_run_config(path)
+            and bool(sweep_runs(path) or unfinished_sweep_runs(path)))
 
 
 def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = False):
@@ -109,7 +142,7 @@ def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = Fa
     if is_run(path):
         return load_sae(path / SAE_DIR), path
     # a run folder whose SAE is not written yet; an overwrite's first moments hold only the earlier run set aside
-    if path.is_dir() and any((p / TRAIN_CONFIG).is_file() for p in (path, path / SET_ASIDE)):
+    if path.is_dir() and _holds_run_config(path):
         holder = held_by(path)
         if holder:  # a training in progress: running it again would be refused as a second writer
             raise RunFolderBusyError(f"{path} is being trained by another process ({holder}) and has no {SAE_DIR}/ "
@@ -117,7 +150,7 @@ def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = Fa
         raise CheckpointError(f"{path}: a run folder whose training has not finished (no {SAE_DIR}/ yet); run "
                               "the same `saelab train` (or sweep) command again to finish it")
     if is_sweep(path):
-        runs = sweep_runs(path)
+        runs = check_sweep_has_finished_runs(path)
         if several:
             raise CheckpointError(f"{path} is a sweep folder of {len(runs)} runs, not an SAE: pass its run folders: "
                                   f"{listed_paths(runs)}")

@@ -16,8 +16,8 @@ from saelab.evals.core import EvalConfig
 from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
-from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_sae_hook, is_sweep, open_sae,
-                               read_eval_metrics, sae_sha256, sweep_runs)
+from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_sae_hook, check_sweep_has_finished_runs,
+                               is_sweep, open_sae, read_eval_metrics, sae_sha256, sweep_runs, unfinished_runs_line)
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -119,12 +119,14 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{suite_only[0]} is an option of the paper suite; add --suite paper, or leave it out")
     _refuse_options_of_metrics_left_out(args)
     if is_sweep(args.sae):
+        check_sweep_has_finished_runs(args.sae)
         if args.out or args.hook:
             raise ConfigError(f"{args.sae} is a sweep folder: each run is evaluated into its own folder with its "
                               "own hook; --out and --hook apply to one SAE")
         if args.suite != "core":
             raise ConfigError(f"{args.sae} is a sweep folder; --suite paper evaluates one SAE: run it on each run "
                               "folder you want the paper metrics of")
+        _note_unfinished("eval", args.sae, "evaluates the finished runs")
         return evaluate_sweep(args.sae, args.eval, model=args.model, device=args.device, model_dtype=args.model_dtype,
                               overwrite=args.overwrite, progress=args.progress)
     if args.suite == "paper":
@@ -183,6 +185,13 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+def _note_unfinished(verb: str, sweep: str, what: str) -> None:
+    """One line naming the runs of ``sweep`` left out for not having finished training, if any."""
+    line = unfinished_runs_line(sweep)
+    if line:
+        print(f"saelab {verb}: note: this {what} of {sweep}; its {line}", file=sys.stderr)
+
+
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="(re)write report.md, training_curves.png and density.png of a run folder; "
                                       "for a sweep folder the scaling study (scaling.json, scaling_nmse.png, "
@@ -203,6 +212,9 @@ def add_report(sub) -> None:
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.report import sweep_difference, write_run_report, write_scaling_report
 
+    if is_sweep(args.run):
+        check_sweep_has_finished_runs(args.run)
+        _note_unfinished("report", args.run, "reports the finished runs")
     unlike = sweep_difference(args.run) if is_sweep(args.run) else None
     if unlike:  # runs gathered in one folder: each its own report, no scaling curve across them
         reports = [str(write_run_report(run)) for run in sweep_runs(args.run)]
