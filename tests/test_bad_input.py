@@ -475,6 +475,28 @@ def test_quickstart_refuses_its_cache_of_other_settings_before_the_model_loads(t
     assert snapshot(tmp_path / "run" / ACTIVATIONS_DIR) == before
 
 
+def test_quickstart_with_another_n_tokens_names_the_cache_and_both_options_at_once(tiny_dir, corpus, tmp_path,
+                                                                                   capsys):
+    """A finished quickstart run again with another --n-tokens was refused for its run with "pass --overwrite
+    ... (the activation cache is kept)", then with --overwrite for its cache: the first refusal names the
+    cache and both options, and the option typed (not --total-tokens or --harvest-n-tokens, which it sets)."""
+    q = tmp_path / "q"
+    run = ["quickstart", "--out", str(q), "--harvest-model", str(tiny_dir), "--harvest-hook", HOOK,
+           "--harvest-corpus", str(corpus), "--harvest-context-size", "32", "--harvest-buffer-tokens", "8192",
+           "--n-latents", "64", "--k", "4", "--batch-size", "128", "--init-rows", "256", "--eval-corpus", str(corpus),
+           "--eval-recon-tokens", "256", "--eval-downstream-tokens", "128", "--device", "cpu", "--no-progress"]
+    assert run_cli(capsys, *run, "--n-tokens", "1024")[0] == 0
+    before = snapshot(q)
+    code, _, err = run_cli(capsys, *run, "--n-tokens", "2048")
+    assert code == 2 and err == (f"saelab quickstart: error: {q / 'activations'} holds activations harvested with "
+                                 "other settings (it was written with --n-tokens 1024, not 2048); pass "
+                                 "--overwrite-activations --overwrite to harvest and train again, or pick another --out")
+    assert snapshot(q) == before
+    code, _, err = run_cli(capsys, *run, "--n-tokens", "2048", "--overwrite-activations", "--overwrite")
+    assert code == 0, err
+    assert json.loads((q / "train_config.json").read_text())["train"]["total_tokens"] == 2048
+
+
 # ---- NaN and inf --------------------------------------------------------------------------------------------
 
 

@@ -608,16 +608,17 @@ def finished_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache) -
     return load_sae(run_dir / SAE_DIR)
 
 
-def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig) -> None:
+def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig, cache_kept: bool) -> None:
     """Refuse, before the harvest, a folder whose finished run was trained with other settings (the
-    training would refuse it anyway, after the harvest's minutes)."""
+    training would refuse it anyway, after the harvest's minutes). ``cache_kept``: no --overwrite-activations."""
     if read_status(run_dir).get("state") != "finished" or not (run_dir / TRAIN_CONFIG).exists():
         return
     recorded = {"train": read_json(run_dir / TRAIN_CONFIG, "training config").get("train")}
     changed = training_changes(recorded, {"train": cfg.to_dict()})
     if changed:
         raise RunExistsError(f"run folder {run_dir} holds a finished run trained with other settings ({', '.join(changed)}); "
-                             "pick another --out, or pass --overwrite to train again (the activation cache is kept)")
+                             "pick another --out, or pass --overwrite to train again"
+                             f"{' (the activation cache is kept)' if cache_kept else ''}")
 
 
 def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, model_dtype: str) -> str | None:
@@ -696,15 +697,17 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     :func:`sae_sha256` of the finished run's SAE it checked (None: none, or ``overwrite``)."""
     check_output_folder(run_dir, "--out", "run")
     check_log_targets(log_to)
-    finished_hash = None
-    if not overwrite:
-        _check_finished_run_matches(run_dir, cfg.train)
-        finished_hash = _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
     corpus = resolve_corpus(harvest_cfg.corpus, "train")
     resolve_corpus(cfg.eval.corpus, "eval")
-    if not overwrite_activations:  # a cache of other settings
+    # A cache of other settings first: its refusal names both options that replace it and the run trained
+    # on it, where the run's would send the user to --overwrite alone, refused next for the cache.
+    if not overwrite_activations:
         with _naming_quickstart_cache(run_dir):
             reusable_cache(run_dir / ACTIVATIONS_DIR, meta=_harvest_meta(harvest_cfg, corpus), dtype=harvest_cfg.dtype)
+    finished_hash = None
+    if not overwrite:
+        _check_finished_run_matches(run_dir, cfg.train, cache_kept=not overwrite_activations)
+        finished_hash = _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
     spec = lm or harvest_cfg.model
     check_before_load(spec, harvest_cfg.hook)
     check_context_fits(spec, harvest_cfg.context_size, "harvest.context_size {n}")

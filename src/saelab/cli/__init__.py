@@ -106,15 +106,17 @@ def _verb_options(argv: list[str], verb: str) -> dict[str, str]:
 
 
 def _typed_spellings(args: argparse.Namespace | None, options: dict[str, str]) -> dict[str, str]:
-    """Each long option the user typed by its short spelling ("--k": "-k"), from :func:`_verb_options`' ``options``;
-    not a switch's --no- form, which sets the same setting but says the opposite."""
+    """Each long option the user set by another spelling, from :func:`_verb_options`' ``options``: its short
+    one ("--k": "-k"), or another option that sets it ("--total-tokens": "--n-tokens" in quickstart); not a
+    switch's --no- form, which sets the same setting but says the opposite."""
     given_as = getattr(args, "given_as", {})
     spelled = {}
     for option, dest in options.items():
-        short = given_as.get(dest, "")
+        spelling = given_as.get(dest, "")
         negative = option.startswith("--no-") and f"--{option[5:]}" in options
-        if short[:1] == "-" and short[1:2] != "-" and not negative:
-            spelled[option] = short
+        other_option = options.get(spelling) not in (None, dest)
+        if (spelling[:1] == "-" and spelling[1:2] != "-" or other_option) and not negative:
+            spelled[option] = spelling
     return spelled
 
 

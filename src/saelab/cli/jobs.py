@@ -120,6 +120,8 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         if args.n_tokens < train.batch_size:
             raise ConfigError(f"--n-tokens {args.n_tokens} is less than one batch (--batch-size {train.batch_size})")
         train = dataclasses.replace(train, total_tokens=args.n_tokens)
+        if typed(args, "--n-tokens"):  # refusals of either size name the option typed
+            args.given_as.update(dict.fromkeys(("train.total_tokens", "harvest.n_tokens"), "--n-tokens"))
     if typed(args, "--harvest-n-tokens") and args.harvest.n_tokens < train.total_tokens:
         raise ConfigError(f"--harvest-n-tokens {args.harvest.n_tokens} is fewer than the {train.total_tokens:,} "
                           f"training tokens (--total-tokens), which quickstart harvests at least; --n-tokens "
