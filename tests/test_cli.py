@@ -502,14 +502,19 @@ def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsys):
 
 BAD_CONFIGS = [
     ("bogus.yaml", "train:\n  bogus_key: 3\n", "train.bogus_key: not one of its options"),
-    ("bogus.json", '{"train": {"bogus_key": 3}}', "train.bogus_key: not one of its options"),
+    ("bogus.json", '{"train": {"bogus_key": 3}}', "train.bogus_key: not one of its options (recipe, n_latents, "),
+    # a misspelled key: its close match alone, as on the command line, spelled as the key is
+    ("misspelled.json", '{"train": {"n_latent": 256}}', "train.n_latent: not one of its options; did you mean "
+     "n_latents?"),
+    ("dashed.yaml", "train:\n  n-latent: 256\n", "train.n-latent: not one of its options; did you mean n-latents?"),
     ("broken.yaml", "train: [1\n", "not valid YAML (line 2"),
     ("broken.json", '{"train": {', "not valid JSON (line 1"),
     ("list.json", "[1, 2]", "expected a mapping of option groups"),
     ("settings.toml", "k = 3", "expected a .json, .yaml or .yml file"),
     ("recipe.yaml", "train:\n  recipe: foo\n", "train.recipe: expected one of short-run, paper, relu-l1, got 'foo'"),
     ("norm.yaml", "train:\n  input_norm: batchnorm\n", "train.input_norm: expected one of none, layernorm"),
-    ("typo.yaml", "trian:\n  k: 3\n", "trian: not an option group or option of `saelab train`; expected one of train, "
+    ("typo.yaml", "trian:\n  k: 3\n", "trian: not an option group or option of `saelab train`; did you mean train?"),
+    ("unknown.yaml", "loud: 3\n", "loud: not an option group or option of `saelab train`; expected one of train, "
      "activations, device, log_to, out, overwrite, progress (false: --no-progress)"),
     ("int.json", '{"train": {"k": "abc"}}', "train.k: expected an integer, got 'abc'"),
     ("float.yaml", "train:\n  lr: fast\n", "train.lr: expected a number, got 'fast'"),

@@ -246,8 +246,10 @@ class Parser(ArgumentParser):
                 action.required = False  # --out or --activations may come from the file
                 kept[key] = value
             elif key not in self.sections_of_other_verbs:
-                raise ConfigError(f"{where}: not an option group or option of `{self.prog}`; expected one of "
-                                  f"{', '.join(sorted(groups) + [_file_key(options[o]) for o in sorted(options)])}")
+                keys = sorted(groups) + [_file_key(options[o]) for o in sorted(options)]
+                listed = f"; expected one of {', '.join(keys)}"
+                raise ConfigError(f"{where}: not an option group or option of `{self.prog}`"
+                                  f"{_closest_key(key, [*groups, *options]) or listed}")
         return kept
 
 
@@ -318,8 +320,9 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
     section = {}
     for key, v in value.items():
         name = str(key).replace("-", "_")
-        if name not in names:
-            raise ConfigError(f"{where}.{key}: not one of its options ({', '.join(names)})")
+        if name not in names:  # a close match alone, as on the command line; else every option
+            raise ConfigError(f"{where}.{key}: not one of its options"
+                              f"{_closest_key(key, names) or ' (' + ', '.join(names) + ')'}")
         choices = literal_choices(hints[name])
         if choices and v not in choices:
             raise ConfigError(f"{where}.{key}: expected one of {', '.join(map(str, choices))}, got {v!r}")
@@ -335,6 +338,13 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
             raise ConfigError(f"{where}.{key}: {repeat!r} given twice; give each value once")
         section[name] = v
     return section
+
+
+def _closest_key(key: Any, names: list[str]) -> str:
+    """"; did you mean n_latents?" for a misspelled config file key, spelled as the key is (n-latents for a
+    key with dashes), else ""."""
+    dashed = "-" in str(key)
+    return did_you_mean(str(key), [n.replace("_", "-") if dashed else n for n in names])
 
 
 def _type_expected(hint: Any, value: Any) -> str | None:
