@@ -70,6 +70,50 @@ def test_family_fit_inverts_in_flops_relative_to_the_evaluated_member():
     json.dumps(res, allow_nan=False)
 
 
+def test_extrapolation_is_decided_by_where_c_star_lies_not_by_the_measured_losses(tmp_path):
+    """A member off the fitted curve: a spliced loss between its measured and fitted loss is inside the
+    measured losses, yet the fit inverts it to a compute beyond that member's."""
+    from saelab.report.paper import write_paper_report
+
+    pts = synthetic_family()
+    pts[-1]["loss"] -= 0.02  # the largest member (the evaluated one) below the curve
+    pts[0]["loss"] -= 0.05  # the smallest below it too
+    c_ref = 6.0 * pts[-1]["params"] * pts[-1]["tokens"]
+    run = lambda loss: compute_equivalent(pts, loss, reference_compute=c_ref, kind="model_family",  # noqa: E731
+                                          clean_loss=pts[-1]["loss"], series_name="syn", reference_label="m4")
+    rows = run(pts[-1]["loss"])["checkpoints"]
+    measured, fitted = [r["loss"] for r in rows], [r["fitted_loss"] for r in rows]
+    assert measured[-1] < fitted[-1] and measured[0] < fitted[0]
+    compute = [r["compute"] for r in rows]
+    # Worse than the clean loss, better than the fit at the largest member: C* past the largest compute.
+    res = run((measured[-1] + fitted[-1]) / 2)
+    assert min(measured) < res["spliced_loss"] < measured[0]
+    assert res["compute_equivalent"] > compute[-1] and res["fraction"] > 1
+    assert res["extrapolated"] and res["extrapolation"] == "beyond_last"
+    # The SAE raised the loss, so the fraction > 1 is the fit's error at the member, not a compute-equivalent.
+    assert res["below_fit_error"] and res["fraction_relative"] < 1
+    # Above the smallest member's measured loss but below its fitted one: inside the fitted compute.
+    inside = run((measured[0] + fitted[0]) / 2)
+    assert compute[0] < inside["compute_equivalent"] < compute[-1]
+    assert not inside["extrapolated"] and inside["extrapolation"] is None and not inside["below_fit_error"]
+    assert run(fitted[0] + 0.01)["extrapolation"] == "before_first"
+    # Without a fit's error to explain it: a spliced loss below the clean one is no such case.
+    assert not run(measured[-1] - 0.01)["below_fit_error"]
+    # The report says neither "inside the measured range" nor presents the fraction as the SAE's cost.
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "compute_equivalent.json").write_text(json.dumps(
+        {"metric": "compute_equivalent", "schema_version": 1, "status": "ok", "reason": None, "inputs": {},
+         "sae": {}, "eval": {}, "wall_s": 2.0, "created": "2026-01-01T00:00:00Z",
+         "result": res | {"series": {"name": "syn", "kind": "model_family", "description": "synthetic"},
+                          "n_predictions": 100}}))
+    text = write_paper_report(tmp_path).read_text()
+    assert "inside the measured range" not in text and "| extrapolated | beyond_last |" in text
+    assert "(extrapolated: beyond_last); the spliced loss is worse than the clean loss, so this fraction >= 1 is " \
+           "the fit's error at the evaluated model" in text
+    assert "| below the fit's error |" in text
+    assert f"relative to the clean model: {res['fraction_relative']:.4g}" in text
+
+
 def test_family_messages_name_members_and_flops():
     pts = synthetic_family()
     with pytest.raises(SeriesError, match="model family 'syn' has 2 members; the fit needs at least 3 "
@@ -261,6 +305,12 @@ def test_compute_equivalent_on_a_trained_family(tiny_family, family_sae_run, dat
     assert again(losses[-1] - 0.05)["extrapolation"] == "beyond_last"
     assert again(losses[-1] - 0.05)["fraction"] > res["clean_fraction"]
     assert again(losses[0] + 0.05)["extrapolation"] == "before_first"
+    # Between an end member's measured and fitted loss, the flag follows where C* lies, not the measured losses.
+    compute = [r["compute"] for r in rows]
+    for end in (0, -1):
+        there = again((losses[end] + rows[end]["fitted_loss"]) / 2)
+        assert there["extrapolated"] == (not compute[0] <= there["compute_equivalent"] <= compute[-1])
+        assert there["below_fit_error"] == (there["spliced_loss"] > res["clean_loss"] and there["fraction"] >= 1)
     compute_equivalent_plot(res, tmp_path / "ce.png")
     data = (tmp_path / "ce.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24])[0] > 300
@@ -280,6 +330,10 @@ def test_paper_suite_with_a_family_and_its_report(tiny_family, family_sae_run, d
     report = (tmp_path / "evals" / "report.md").read_text()
     assert "compute-equivalent" in report and "of the compute of `l2-d64-h4` (6 N D, family `tiny-family`)" in report
     assert "| l2-d64-h4 | 100,096 |" in report and "training-progress" not in report
+    r, compute = rec["result"], [c["compute"] for c in rec["result"]["checkpoints"]]
+    assert r["extrapolated"] == (not compute[0] <= r["compute_equivalent"] <= compute[-1])
+    assert ("| extrapolated | no (inside the measured range) |" in report) == (not r["extrapolated"])
+    assert r["below_fit_error"] == (r["spliced_loss"] > r["clean_loss"] and r["fraction"] >= 1)
     # An unknown family is one line naming the option.
     capsys.readouterr()
     assert main(argv[:5] + ["pythia-family:3m"] + argv[6:]) == 2

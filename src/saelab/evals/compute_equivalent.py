@@ -44,10 +44,17 @@ Shared definitions:
   model's clean loss on the same curve (about 1 when the model is the reference: the fit's error
   at that point); ``fraction_relative = C*(spliced) / C*(clean)`` corrects for a model that is
   not exactly on the curve (OpenAI's GPT-2 against the CRFM re-training, say).
-- **Extrapolation**: ``extrapolated`` is true when the spliced loss lies outside the losses of
-  the fitted points: ``"beyond_last"`` (lower than the best checkpoint or largest member: the
-  fraction may exceed 1), ``"before_first"`` (higher than the first one fitted) or
-  ``"unreachable"`` (at or below the irreducible loss c; fraction None).
+- **Extrapolation**: ``extrapolated`` is true when the headline's compute lies outside the compute
+  of the fitted points: ``"beyond_last"`` (C* above the best checkpoint's or largest member's
+  compute: the fraction may exceed 1), ``"before_first"`` (below the first one fitted) or
+  ``"unreachable"`` (spliced loss at or below the irreducible loss c; fraction None). The power
+  law's C* is compared with the compute, not the spliced loss with the measured losses: a model
+  below the fitted curve puts C* past its compute for a spliced loss between its measured and
+  fitted loss. (The interpolation exists exactly between the measured losses.)
+- **Below the fit's error**: ``below_fit_error`` is true when the spliced loss is worse than the
+  clean loss yet the fraction is >= 1: the model lies below the fitted curve by more than the SAE
+  raised its loss, so the fraction says where the fit is off, not what the SAE costs;
+  ``fraction_relative`` (< 1) places both losses on the same curve.
 
 References (``resolve_series``; the CLI's ``--series``):
 
@@ -85,6 +92,7 @@ Result schema (``run_compute_equivalent`` / ``compute_equivalent`` return a JSON
     fraction_power, fraction_interp       both estimates
     clean_compute_equivalent, clean_fraction, fraction_relative
     extrapolated, extrapolation           see above
+    below_fit_error                       see above (absent from results written before it existed)
     checkpoint_s, wall_s                  wall time of the reference losses, of everything
 
 Results written before families existed (no ``kind``; ``tokens_equivalent``,
@@ -621,9 +629,16 @@ def _fit_series(rows: list[dict[str, Any]], min_compute: float, kind: str, name:
     return law, C, L
 
 
-def _extrapolation(law, L: np.ndarray, spliced_loss: float) -> str | None:
+def _extrapolation(law, C: np.ndarray, L: np.ndarray, spliced_loss: float, fit: str) -> str | None:
+    """Where the headline's compute lies outside the fitted models' compute, or None inside it."""
     if spliced_loss <= law.c:
         return "unreachable"
+    if fit == "power":
+        # Judged by C* itself: a measured model may lie off the curve, so a spliced loss between its
+        # measured and fitted loss is inside the measured losses while C* is past its compute.
+        c_star = law.invert(spliced_loss)
+        return "beyond_last" if c_star > C.max() else "before_first" if c_star < C.min() else None
+    # The interpolation exists exactly between the measured losses (running minimum, so L.min() is its end).
     if spliced_loss < L.min():
         return "beyond_last"
     if spliced_loss > L[0]:
@@ -664,7 +679,12 @@ def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
         reference_compute, how = c_clean, "clean_loss"
     ratio = (lambda x: _finite(x) / reference_compute if _finite(x) is not None else None) if reference_compute \
         else (lambda x: None)
-    extrapolation = _extrapolation(law, L, spliced_loss)
+    extrapolation = _extrapolation(law, C, L, spliced_loss, fit)
+    fraction = ratio(c_main)
+    # A loss worse than the clean one needs less compute than the model had: a fraction >= 1 then comes
+    # from the model lying below the fitted curve (the fit's error there), not from the SAE.
+    below_fit_error = (clean_loss is not None and spliced_loss > clean_loss and fraction is not None
+                       and fraction >= 1)
     return {
         "metric": "compute_equivalent",
         "kind": kind,
@@ -680,7 +700,7 @@ def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
         "compute_equivalent_interp": c_interp,
         "reference_compute": reference_compute,
         "reference": {"how": how, "label": reference_label},
-        "fraction": ratio(c_main),
+        "fraction": fraction,
         "fraction_power": ratio(c_star),
         "fraction_interp": ratio(c_interp),
         "clean_compute_equivalent": c_clean,
@@ -688,6 +708,7 @@ def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
         "fraction_relative": c_main / c_clean if c_main is not None and c_clean else None,
         "extrapolated": extrapolation is not None,
         "extrapolation": extrapolation,
+        "below_fit_error": below_fit_error,
     }
 
 

@@ -59,7 +59,15 @@ def _headline_ce(r: dict) -> str:
         s = (f"training-progress equivalent {frac:.3g} of the training tokens of `{name}` (one run's checkpoints, "
              "not the paper's family of sizes)" if frac is not None
              else f"training-progress equivalent: spliced loss not reached by the fit of `{name}`")
-    return s + (f" (extrapolated: {r['extrapolation']})" if r.get("extrapolated") else "")
+    s += f" (extrapolated: {r['extrapolation']})" if r.get("extrapolated") else ""
+    return s + (f"; {_below_fit_error(r)}" if r.get("below_fit_error") else "")
+
+
+def _below_fit_error(r: dict) -> str:
+    """Why a fraction >= 1 for a spliced loss worse than the clean one measures no SAE cost."""
+    return (f"the spliced loss is worse than the clean loss, so this fraction >= 1 is the fit's error at the "
+            f"evaluated model (it lies below the curve), not a compute-equivalent; relative to the clean model: "
+            f"{_f(r.get('fraction_relative'), '{:.4g}')}")
 
 
 def _section_core(r: dict, density: bool) -> list[str]:
@@ -142,6 +150,8 @@ def _section_ce(r: dict, evals: Path) -> list[str]:
         ("clean model's own position on the curve", _f(r["clean_fraction"], "{:.4g}")),
         ("fraction relative to the clean model", _f(r["fraction_relative"], "{:.4g}")),
         ("extrapolated", str(r["extrapolation"]) if r["extrapolated"] else "no (inside the measured range)")]
+    if r.get("below_fit_error"):
+        rows.append(("below the fit's error", _below_fit_error(r)))
     head = "| member | N (non-embedding) | tokens D | 6 N D (FLOPs) |" if family else "| checkpoint | tokens |"
     lines = [markdown_table(rows), "", head + " loss | fitted | in fit |",
              "|---|" + ("---|---|---|" if family else "---|") + "---|---|---|"]
