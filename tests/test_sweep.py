@@ -73,3 +73,28 @@ def test_sweep_from_cache_keeps_finished_runs_and_trains_the_rest(tmp_path):
     assert (tmp_path / "sweep" / "k8" / "sae" / "sae_weights.safetensors").exists()
     with pytest.raises(RunExistsError, match="finished run"):  # another config in a finished run's folder
         sweep_from_cache(cache, tmp_path / "sweep", replace(base, lr=2e-2), {"k": [4]}, progress=False)
+
+
+def test_sweep_names_runs_in_one_order_and_keeps_a_finished_run_of_the_same_config(tmp_path, capsys):
+    """A grid point equal to a finished run (k=32 where the base k is 32; a name written in the typed
+    order) is that run: not trained again under a second name, which would count one SAE twice."""
+    from saelab.data.cache import write_activation_cache
+    from saelab.pipeline import sweep_from_cache
+
+    assert list(sweep_configs(TrainConfig(), {"k": [8], "n_latents": [256]})) == ["n256_k8"]
+    cache = write_activation_cache(_data().split(128), tmp_path / "acts", meta={"hook_name": "h"}, shard_rows=1024,
+                                   progress=False)
+    base = TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=1024, init_rows=512, lr=1e-2,
+                       dead_tokens=512, k_aux=8, checkpoint_every=100)
+    sweep = tmp_path / "sweep"
+    sweep_from_cache(cache, sweep, base, {"n_latents": [64, 96]}, progress=False)
+    (sweep / "n96").rename(sweep / "typed_first")  # a name the grid would not give it now
+    weights = (sweep / "n64" / "sae" / "sae_weights.safetensors").read_bytes()
+    capsys.readouterr()
+    again = sweep_from_cache(cache, sweep, base, {"k": [4, 8], "n_latents": [64, 96]}, progress=False)
+    assert list(again) == ["n64", "n64_k8", "typed_first", "n96_k8"]
+    assert not (sweep / "n64_k4").exists() and not (sweep / "n96_k4").exists()
+    assert (sweep / "n64" / "sae" / "sae_weights.safetensors").read_bytes() == weights
+    err = capsys.readouterr().err
+    assert f"sweep point n64_k4 is the finished run {sweep / 'n64'} (same training config): kept it" in err
+    assert f"sweep point n96_k4 is the finished run {sweep / 'typed_first'}" in err

@@ -12,7 +12,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -278,7 +278,9 @@ def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, Tr
         raise ConfigError("a sweep's runs train together on the same batches, so they share one batch size: set "
                           "batch_size in the base config, not in the grid")
     short = {"n_latents": "n", "k": "k", "lr": "lr", "k_aux": "kaux", "total_tokens": "tok"}
-    keys = list(grid)
+    # One order, TrainConfig's, whatever order the grid was typed in: `k=8 n-latents=256` names n256_k8
+    order = [f.name for f in fields(TrainConfig)]
+    keys = sorted(grid, key=lambda k: order.index(k) if k in order else len(order))
     out = {}
     for values in itertools.product(*(grid[k] for k in keys)):
         cfg = replace(base, **dict(zip(keys, values)))
@@ -300,6 +302,8 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
     configs = sweep_configs(base, grid)
     cache = _open_cache(cache, max(c.total_tokens for c in configs.values()))
     out_dir = Path(out_dir)
+    if not overwrite:
+        configs = _named_as_finished(out_dir, configs, cache)
     done = {} if overwrite else {n: finished_training(out_dir / n, c, cache) for n, c in configs.items()}
     todo = [n for n in configs if done.get(n) is None]
     if todo:
@@ -309,6 +313,24 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
                               device=device, log_to=log_to, data=_cache_record(cache))
         done.update(zip(todo, saes))
     return {n: done[n] for n in configs}
+
+
+def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig],
+                       cache: ActivationCache) -> dict[str, TrainConfig]:
+    """``configs`` with each grid point that a finished run of ``out_dir`` under another name trained
+    (same config, e.g. k=32 given where the recipe's k is 32, or a name an earlier saelab wrote in the
+    order the grid was typed) renamed to that run, so the same SAE is not trained and counted twice."""
+    record = _cache_record(cache)
+    others = [run for run in sweep_runs(out_dir) if run.name not in configs]
+    out = {}
+    for name, cfg in configs.items():
+        same = None if finished_training(out_dir / name, cfg, cache, record=record, load=False) else next(
+            (run.name for run in others if finished_training(run, cfg, cache, record=record, load=False)), None)
+        if same is not None and same not in out:
+            print(f"saelab: sweep point {name} is the finished run {out_dir / same} (same training config): "
+                  "kept it, not trained again", file=sys.stderr)
+        out.setdefault(same or name, cfg)
+    return out
 
 
 def _held_out_label(sae: TopKSAE, corpus: str) -> str:
@@ -595,17 +617,19 @@ class QuickstartConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def finished_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache) -> TopKSAE | None:
+def finished_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache, *, record: dict | None = None,
+                      load: bool = True) -> TopKSAE | bool | None:
     """The SAE of a finished run in ``run_dir`` trained with ``cfg`` on activations like ``cache``'s
-    (same model, hook, corpus, context), else None."""
+    (same model, hook, corpus, context), else None. ``record``: :func:`_cache_record` of ``cache`` when
+    the caller has it (it reads every shard's head); ``load=False``: True instead of the SAE."""
     if read_status(run_dir).get("state") != "finished" or not (run_dir / TRAIN_CONFIG).exists():
         return None
     recorded = read_json(run_dir / TRAIN_CONFIG, "training config")
     same_data = all(recorded.get("sae", {}).get(k) == v for k, v in _cache_meta(cache).items() if k != "model_source")
     if training_changes({"train": recorded.get("train"), "data": recorded.get("data")},
-                        {"train": cfg.to_dict(), "data": _cache_record(cache)}) or not same_data:
+                        {"train": cfg.to_dict(), "data": record or _cache_record(cache)}) or not same_data:
         return None
-    return load_sae(run_dir / SAE_DIR)
+    return load_sae(run_dir / SAE_DIR) if load else True
 
 
 def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig, cache_kept: bool) -> None:
