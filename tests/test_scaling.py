@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +222,44 @@ def test_report_on_a_folder_of_unrelated_runs_writes_each_runs_report(tiny_dir, 
     assert "no scaling study" in err
     assert "blocks.1.hook_resid_post" in (folder / "layer1" / "report.md").read_text()
     assert not (folder / "scaling.json").exists()
+
+
+@pytest.fixture(scope="module")
+def evaluated_sweep(tiny_dir, data_dir, tmp_path_factory):
+    """A real sweep of three sizes on tiny-gpt2, evaluated (the model and cache are kept for more runs)."""
+    from saelab.evals.core import EvalConfig
+    from saelab.pipeline import HarvestConfig, evaluate_sweep, harvest, sweep_from_cache
+    from saelab.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("evaluated_sweep")
+    wiki = data_dir / "wiki-en"
+    cache = harvest(HarvestConfig(model=str(tiny_dir), hook="blocks.1.hook_resid_post", context_size=32,
+                                  corpus=str(wiki / "wiki_train.jsonl.xz"), n_tokens=2048, buffer_tokens=8192,
+                                  sample_pool_tokens=0), root / "acts", progress=False)
+    base = TrainConfig(n_latents=32, k=2, batch_size=256, total_tokens=2048, init_rows=512)
+    sweep_from_cache(cache, root / "sweep", base, {"n_latents": [32, 64, 128]}, progress=False)
+    ev = EvalConfig(corpus=str(wiki / "wiki_eval.jsonl.xz"), recon_tokens=512, downstream_tokens=155)
+    evaluate_sweep(root / "sweep", ev, progress=False)
+    return root / "sweep", cache, base, ev
+
+
+def _copy_of(evaluated_sweep, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(evaluated_sweep[0], tmp_path / "sweep"))
+
+
+def test_a_run_trained_twice_under_two_names_is_one_point_of_the_fit(evaluated_sweep, tmp_path, capsys):
+    import shutil
+
+    sweep = _copy_of(evaluated_sweep, tmp_path)
+    shutil.copytree(sweep / "n32", sweep / "n32_k2")  # what a sweep given the base's k=2 again once wrote
+    out, _ = run_cli(capsys, "report", str(sweep))
+    data = json.loads((sweep / "scaling.json").read_text())
+    fit = data["fits"]["k=2"]
+    assert fit["n"] == [32, 64, 128] and fit["runs"] == ["n32", "n64", "n128"]
+    assert fit["copies"] == {"n32_k2": "n32"}
+    assert [r["copy_of"] for r in data["runs"]] == [None, "n32", None, None]
+    md = (sweep / "scaling.md").read_text()
+    assert "| k=2 | 2^5, 2^6, 2^7 |" in md and "| n32_k2 (copy of n32) | 32 |" in md
+    assert "Copies, counted once (same training config and weights, trained under two names): n32_k2 = n32." in md

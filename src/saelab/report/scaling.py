@@ -7,7 +7,8 @@ position 0, number of reconstruction tokens and of next-token predictions): a ru
 otherwise (e.g. by ``--suite paper`` with other sizes) is refused by name, since its nMSE and
 delta CE are not the same measurement. Runs are grouped by k, training tokens and any other training
 setting that varies across the sweep, such as lr (points trained on different budgets or recipes are
-not mixed in one curve); each group with at least 3 sizes is fitted with
+not mixed in one curve). A run with the same weights and training config as another (one SAE trained
+twice under two names) is that run's copy (``copy_of``), counted once. Each group with at least 3 sizes is fitted with
 
     nMSE(n) = a * n^(-alpha) + c
 
@@ -30,8 +31,10 @@ Outputs, in the sweep folder::
 
     scaling.json         {sweep, eval_settings, runs: [{run, n_latents, k, total_tokens, nmse, delta_ce, l0,
                           eval_inactive_frac, eval_tokens, train_dead_frac, train_dead_window, ce_clean,
-                          ce_spliced, settings: {varying training setting: value}}], unevaluated: [run names],
-                          fits: {label: {k, total_tokens, settings, n, nmse, runs, fitted, alpha, alpha_se,
+                          ce_spliced, sae_sha256, copy_of: run | null, settings: {varying training setting:
+                          value}}], unevaluated: [run names],
+                          fits: {label: {k, total_tokens, settings, n, nmse, runs, copies: {run: run it copies},
+                          fitted, alpha, alpha_se,
                           alpha_interval: [low|null, high|null] | null, alpha_interval_note, interval_level,
                           a, c, c_se, rmse_log, dof, residuals: [{n, nmse, fitted, residual_log}],
                           alpha_pure, monotone, delta_ce_slope, note}}}
@@ -54,8 +57,10 @@ import numpy as np
 from saelab.errors import ConfigError, SaelabError
 from saelab.evals.core import eval_settings
 from saelab.evals.power_law import fit_power_law
-from saelab.run_folder import EVAL_METRICS, TRAIN_CONFIG, check_eval_metrics, read_json, sweep_runs
-from saelab.train.checkpoint import read_metrics
+from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, check_eval_metrics, read_json, sae_sha256,
+                               sweep_runs)
+from saelab.sae import load_sae
+from saelab.train.checkpoint import read_metrics, training_changes
 from saelab.train.config import TrainConfig
 from saelab.utils.atomic import write_json, write_text
 from saelab.utils.figures import figure, save_figure
@@ -85,7 +90,7 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]
             continue
         m = check_eval_metrics(read_json(run / EVAL_METRICS, "evaluation metrics file"), run / EVAL_METRICS)
         dead, window = _training_dead(run, train)
-        rows.append({"run": run.name, "n_latents": int(train["n_latents"]), "k": int(train["k"]),
+        rows.append({"run": run.name, "sae_sha256": sae_sha256(load_sae(run / SAE_DIR)), "n_latents": int(train["n_latents"]), "k": int(train["k"]),
                      "total_tokens": int(train["total_tokens"]), **{key: m.get(key) for key in METRIC_KEYS},
                      "eval_inactive_frac": m.get("dead_frac"), "eval_tokens": m.get("n_tokens"),
                      "train_dead_frac": dead, "train_dead_window": window, "eval_settings": eval_settings(m),
@@ -94,9 +99,19 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]
     # runs that differ in one (an lr grid, say) are separate curves.
     varying = sorted({key for r in rows for key in r["settings"]
                       if key not in _NOT_A_GROUP and len({json.dumps(q["settings"].get(key)) for q in rows}) > 1})
+    _mark_copies(rows)
     for r in rows:
         r["settings"] = {key: r["settings"].get(key) for key in varying}
     return rows, missing
+
+
+def _mark_copies(rows: list[dict[str, Any]]) -> None:
+    """Give each row that repeats an earlier one (same weights, same training config: one SAE trained
+    twice under two names) ``copy_of``, that row's run, so that a fit counts the SAE once."""
+    for i, r in enumerate(rows):
+        r["copy_of"] = next((q["run"] for q in rows[:i] if q.get("copy_of") is None
+                             and q["sae_sha256"] == r["sae_sha256"]
+                             and not training_changes({"train": q["settings"]}, {"train": r["settings"]})), None)
 
 
 _NOT_A_GROUP = ("n_latents", "k", "total_tokens", "checkpoint_every", "log_every")
@@ -180,7 +195,7 @@ def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     module docstring)."""
     groups: dict[tuple[int, int, str], list[dict]] = defaultdict(list)
     for r in rows:
-        if r["nmse"] is not None:
+        if r["nmse"] is not None and r.get("copy_of") is None:  # a copy would be a second point of one SAE
             groups[(r["k"], r["total_tokens"], json.dumps(r.get("settings", {}), sort_keys=True))].append(r)
     several = len({t for _, t, _ in groups}) > 1
     fits = {}
@@ -190,7 +205,8 @@ def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         settings = rs[0].get("settings", {})
         label = _label(k, tokens, several, settings)
         out: dict[str, Any] = {"k": k, "total_tokens": tokens, "settings": settings, "n": n, "nmse": y,
-                               "runs": [r["run"] for r in rs]}
+                               "runs": [r["run"] for r in rs],
+                               "copies": {r["run"]: r["copy_of"] for r in rows if r.get("copy_of") in {q["run"] for q in rs}}}
         if len(set(n)) < 3:
             out.update(fitted=False, note=f"needs 3 sizes to fit a + c, has {len(set(n))}")
         else:
@@ -298,7 +314,8 @@ def _runs_table(rows: list[dict[str, Any]], eval_tokens: int | None) -> list[str
     lines = [f"| run | n | k | tokens | nMSE | delta CE | L0 | {eval_head} | dead at end of training "
              "| training dead window (tokens) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["k"], r["n_latents"])):
-        lines.append(f"| {r['run']} | {r['n_latents']:,} | {r['k']} | {r['total_tokens']:,} | {fmt(r['nmse'])} | "
+        run = r["run"] + (f" (copy of {r['copy_of']})" if r.get("copy_of") else "")
+        lines.append(f"| {run} | {r['n_latents']:,} | {r['k']} | {r['total_tokens']:,} | {fmt(r['nmse'])} | "
                      f"{fmt(r['delta_ce'])} | {fmt(r['l0'], '{:.1f}')} | {fmt(r['eval_inactive_frac'], '{:.2%}')} | "
                      f"{fmt(r['train_dead_frac'], '{:.2%}')} | {fmt(r['train_dead_window'], '{:,}')} |")
     return lines
@@ -315,6 +332,10 @@ def _markdown(folder: Path, fits: dict, rows: list[dict], missing: list[str], se
              "Two kinds of dead latents: *inactive on the eval tokens* never fired on the evaluation text; "
              "*dead at end of training* had not fired within the trainer's dead window (the latents AuxK trains) "
              "at its last logged step.", "", *_runs_table(rows, settings.get("n_tokens"))]
+    copies = [f"{r['run']} = {r['copy_of']}" for r in rows if r.get("copy_of")]
+    if copies:
+        lines += ["", "Copies, counted once (same training config and weights, trained under two names): "
+                  f"{', '.join(copies)}."]
     if missing:
         lines += ["", f"Not evaluated (no metrics.json): {', '.join(missing)}."]
     lines += ["", "![nMSE vs n](scaling_nmse.png)", "", "![delta CE vs n](scaling_delta_loss.png)", ""]
