@@ -263,3 +263,26 @@ def test_a_run_trained_twice_under_two_names_is_one_point_of_the_fit(evaluated_s
     md = (sweep / "scaling.md").read_text()
     assert "| k=2 | 2^5, 2^6, 2^7 |" in md and "| n32_k2 (copy of n32) | 32 |" in md
     assert "Copies, counted once (same training config and weights, trained under two names): n32_k2 = n32." in md
+
+
+def test_a_relu_run_is_shown_and_grouped_by_its_l1_coefficient_not_as_k(evaluated_sweep, tmp_path, capsys):
+    """A ReLU SAE has no k (train_config.json records the unused default): the study shows its L1
+    coefficient, as its report.md does, and never puts it on a top-k curve."""
+    from dataclasses import replace
+
+    from saelab.pipeline import evaluate_run, train_from_cache
+
+    _, cache, base, ev = evaluated_sweep
+    sweep = _copy_of(evaluated_sweep, tmp_path)
+    train_from_cache(cache, sweep / "relu64", replace(base, recipe="relu-l1", architecture="relu", n_latents=64,
+                                                       k=base.k, l1_coefficient=5.0), progress=False)
+    evaluate_run(sweep / "relu64", ev, progress=False)
+    assert json.loads((sweep / "relu64" / "train_config.json").read_text())["train"]["k"] == 2
+    run_cli(capsys, "report", str(sweep))
+    data = json.loads((sweep / "scaling.json").read_text())
+    relu = data["fits"]["ReLU, L1 coefficient 5.0, recipe=relu-l1"]
+    assert relu["runs"] == ["relu64"] and relu["k"] is None and not relu["fitted"]
+    assert data["fits"]["k=2, recipe=short-run"]["runs"] == ["n32", "n64", "n128"]
+    md = (sweep / "scaling.md").read_text()
+    assert "| relu64 | 64 | ReLU, L1 coefficient 5.0 |" in md and "| relu64 | 64 | 2 |" not in md
+    assert "64 / ReLU, L1 coefficient 5.0" in (sweep / "relu64" / "report.md").read_text()

@@ -61,10 +61,16 @@ def _training_tokens(train: dict[str, Any]) -> str:
     return f"{trained:,} in batches of {train['batch_size']:,}{asked}"
 
 
+def sparsity(train: dict[str, Any]) -> str | None:
+    """None for a top-k SAE (its k says it); a ReLU SAE has no k (its train_config.json records the unused
+    default): its sparsity comes from the L1 penalty."""
+    return f"ReLU, L1 coefficient {train['l1_coefficient']}" if train.get("architecture") == "relu" else None
+
+
 def _sparsity_row(train: dict[str, Any]) -> tuple[str, str]:
-    """k for a top-k SAE; a ReLU SAE has none (its sparsity comes from the L1 penalty)."""
-    if train.get("architecture") == "relu":
-        return "latents n / sparsity", f"{train['n_latents']:,} / ReLU, L1 coefficient {train['l1_coefficient']}"
+    relu = sparsity(train)
+    if relu:
+        return "latents n / sparsity", f"{train['n_latents']:,} / {relu}"
     return "latents n / k", f"{train['n_latents']:,} / {train['k']}"
 
 

@@ -5,7 +5,7 @@ Every run folder in the sweep (``saelab sweep --out SWEEP_DIR``) that has been e
 points must come from evaluations with the same settings (model, hook, eval corpus, context size,
 position 0, number of reconstruction tokens and of next-token predictions): a run evaluated
 otherwise (e.g. by ``--suite paper`` with other sizes) is refused by name, since its nMSE and
-delta CE are not the same measurement. Runs are grouped by k, training tokens and any other training
+delta CE are not the same measurement. Runs are grouped by k (a ReLU SAE has none: by its L1 coefficient), training tokens and any other training
 setting that varies across the sweep, such as lr (points trained on different budgets or recipes are
 not mixed in one curve). A run with the same weights and training config as another (one SAE trained
 twice under two names) is that run's copy (``copy_of``), counted once. Each group with at least 3 sizes is fitted with
@@ -29,11 +29,12 @@ was training).
 
 Outputs, in the sweep folder::
 
-    scaling.json         {sweep, eval_settings, runs: [{run, n_latents, k, total_tokens, nmse, delta_ce, l0,
+    scaling.json         {sweep, eval_settings, runs: [{run, n_latents, k (null: ReLU), sparsity (ReLU: its L1
+                          coefficient; null: top-k), total_tokens, nmse, delta_ce, l0,
                           eval_inactive_frac, eval_tokens, train_dead_frac, train_dead_window, ce_clean,
                           ce_spliced, sae_sha256, copy_of: run | null, settings: {varying training setting:
                           value}}], unevaluated: [run names],
-                          fits: {label: {k, total_tokens, settings, n, nmse, runs, copies: {run: run it copies},
+                          fits: {label: {k, sparsity, total_tokens, settings, n, nmse, runs, copies: {run: run it copies},
                           fitted, alpha, alpha_se,
                           alpha_interval: [low|null, high|null] | null, alpha_interval_note, interval_level,
                           a, c, c_se, rmse_log, dof, residuals: [{n, nmse, fitted, residual_log}],
@@ -57,6 +58,7 @@ import numpy as np
 from saelab.errors import ConfigError, SaelabError
 from saelab.evals.core import eval_settings
 from saelab.evals.power_law import fit_power_law
+from saelab.report.markdown import sparsity
 from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, check_eval_metrics, read_json, sae_sha256,
                                sweep_runs)
 from saelab.sae import load_sae
@@ -90,7 +92,8 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]
             continue
         m = check_eval_metrics(read_json(run / EVAL_METRICS, "evaluation metrics file"), run / EVAL_METRICS)
         dead, window = _training_dead(run, train)
-        rows.append({"run": run.name, "sae_sha256": sae_sha256(load_sae(run / SAE_DIR)), "n_latents": int(train["n_latents"]), "k": int(train["k"]),
+        rows.append({"run": run.name, "sae_sha256": sae_sha256(load_sae(run / SAE_DIR)), "n_latents": int(train["n_latents"]),
+                     "k": None if sparsity(train) else int(train["k"]), "sparsity": sparsity(train),
                      "total_tokens": int(train["total_tokens"]), **{key: m.get(key) for key in METRIC_KEYS},
                      "eval_inactive_frac": m.get("dead_frac"), "eval_tokens": m.get("n_tokens"),
                      "train_dead_frac": dead, "train_dead_window": window, "eval_settings": eval_settings(m),
@@ -114,9 +117,9 @@ def _mark_copies(rows: list[dict[str, Any]]) -> None:
                              and not training_changes({"train": q["settings"]}, {"train": r["settings"]})), None)
 
 
-_NOT_A_GROUP = ("n_latents", "k", "total_tokens", "checkpoint_every", "log_every")
-"""Training settings that do not split runs into groups: the curve's variable, the two group keys of
-their own, and bookkeeping."""
+_NOT_A_GROUP = ("n_latents", "k", "architecture", "l1_coefficient", "total_tokens", "checkpoint_every", "log_every")
+"""Training settings that do not split runs into groups: the curve's variable, the group keys of their
+own (k, or a ReLU SAE's L1 coefficient, and the budget), and bookkeeping."""
 
 
 def _show(value: Any) -> str:
@@ -163,8 +166,13 @@ def check_eval_settings(rows: list[dict[str, Any]], folder: str | Path) -> dict[
     return {key: rows[0]["eval_settings"].get(key) for key in keys}
 
 
-def _label(k: int, tokens: int, several_budgets: bool, settings: dict[str, Any]) -> str:
-    return (f"k={k}" + (f", {tokens / 1e6:.3g}M tokens" if several_budgets else "")
+def _sparsity_of(r: dict[str, Any]) -> str:
+    """A row's k as its run's report.md gives it: 'k=32', or a ReLU SAE's L1 coefficient (it has no k)."""
+    return r.get("sparsity") or f"k={r['k']}"
+
+
+def _label(sparse: str, tokens: int, several_budgets: bool, settings: dict[str, Any]) -> str:
+    return (sparse + (f", {tokens / 1e6:.3g}M tokens" if several_budgets else "")
             + "".join(f", {key}={value}" for key, value in settings.items()))
 
 
@@ -193,18 +201,20 @@ def _fit_group(n: list[int], y: list[float], what: str) -> dict[str, Any]:
 def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """One nMSE(n) power law per (k, training tokens, other varying settings) group of runs (see the
     module docstring)."""
-    groups: dict[tuple[int, int, str], list[dict]] = defaultdict(list)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if r["nmse"] is not None and r.get("copy_of") is None:  # a copy would be a second point of one SAE
-            groups[(r["k"], r["total_tokens"], json.dumps(r.get("settings", {}), sort_keys=True))].append(r)
+            # top-k curves by k first, then ReLU ones by their L1 coefficient
+            order = (r["k"] is None, r["k"] or 0, _sparsity_of(r))
+            groups[(order, r["total_tokens"], json.dumps(r.get("settings", {}), sort_keys=True))].append(r)
     several = len({t for _, t, _ in groups}) > 1
     fits = {}
-    for (k, tokens, _), rs in sorted(groups.items()):
+    for ((_, _, sparse), tokens, _), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["n_latents"])
         n, y = [r["n_latents"] for r in rs], [r["nmse"] for r in rs]
         settings = rs[0].get("settings", {})
-        label = _label(k, tokens, several, settings)
-        out: dict[str, Any] = {"k": k, "total_tokens": tokens, "settings": settings, "n": n, "nmse": y,
+        label = _label(sparse, tokens, several, settings)
+        out: dict[str, Any] = {"k": rs[0]["k"], "sparsity": rs[0].get("sparsity"), "total_tokens": tokens, "settings": settings, "n": n, "nmse": y,
                                "runs": [r["run"] for r in rs],
                                "copies": {r["run"]: r["copy_of"] for r in rows if r.get("copy_of") in {q["run"] for q in rs}}}
         if len(set(n)) < 3:
@@ -313,9 +323,9 @@ def _runs_table(rows: list[dict[str, Any]], eval_tokens: int | None) -> list[str
     eval_head = f"inactive on the {eval_tokens:,} eval tokens" if eval_tokens else "inactive on the eval tokens"
     lines = [f"| run | n | k | tokens | nMSE | delta CE | L0 | {eval_head} | dead at end of training "
              "| training dead window (tokens) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["k"], r["n_latents"])):
+    for r in sorted(rows, key=lambda r: (r["k"] is None, r["k"] or 0, _sparsity_of(r), r["n_latents"])):
         run = r["run"] + (f" (copy of {r['copy_of']})" if r.get("copy_of") else "")
-        lines.append(f"| {run} | {r['n_latents']:,} | {r['k']} | {r['total_tokens']:,} | {fmt(r['nmse'])} | "
+        lines.append(f"| {run} | {r['n_latents']:,} | {r.get('sparsity') or r['k']} | {r['total_tokens']:,} | {fmt(r['nmse'])} | "
                      f"{fmt(r['delta_ce'])} | {fmt(r['l0'], '{:.1f}')} | {fmt(r['eval_inactive_frac'], '{:.2%}')} | "
                      f"{fmt(r['train_dead_frac'], '{:.2%}')} | {fmt(r['train_dead_window'], '{:,}')} |")
     return lines
