@@ -286,3 +286,21 @@ def test_a_relu_run_is_shown_and_grouped_by_its_l1_coefficient_not_as_k(evaluate
     md = (sweep / "scaling.md").read_text()
     assert "| relu64 | 64 | ReLU, L1 coefficient 5.0 |" in md and "| relu64 | 64 | 2 |" not in md
     assert "64 / ReLU, L1 coefficient 5.0" in (sweep / "relu64" / "report.md").read_text()
+
+
+def test_a_run_whose_metrics_describe_other_weights_is_not_evaluated(evaluated_sweep, tmp_path, capsys):
+    """sae/ replaced after the evaluation: its metrics.json is stale, as the run's own report says."""
+    import shutil
+
+    sweep = _copy_of(evaluated_sweep, tmp_path)
+    shutil.rmtree(sweep / "n64" / "sae")
+    shutil.copytree(sweep / "n128" / "sae", sweep / "n64" / "sae")
+    _, err = run_cli(capsys, "report", str(sweep))
+    assert (f"saelab: note: metrics.json of n64 describes other weights than sae/ (the SAE changed since): left out "
+            f"of the scaling study; run `saelab eval {sweep}`") in err
+    data = json.loads((sweep / "scaling.json").read_text())
+    assert [r["run"] for r in data["runs"]] == ["n32", "n128"] and data["fits"]["k=2"]["n"] == [32, 128]
+    assert data["unevaluated"] == ["n64"] and data["other_weights"] == ["n64"]
+    md = (sweep / "scaling.md").read_text()
+    assert f"Not evaluated (metrics.json describes other weights than sae/; run `saelab eval {sweep}`): n64." in md
+    assert "| n64 |" not in md

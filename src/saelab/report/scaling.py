@@ -33,7 +33,8 @@ Outputs, in the sweep folder::
                           coefficient; null: top-k), total_tokens, nmse, delta_ce, l0,
                           eval_inactive_frac, eval_tokens, train_dead_frac, train_dead_window, ce_clean,
                           ce_spliced, sae_sha256, copy_of: run | null, settings: {varying training setting:
-                          value}}], unevaluated: [run names],
+                          value}}], unevaluated: [run names], other_weights: [the unevaluated runs whose metrics.json
+                          describes other weights than sae/],
                           fits: {label: {k, sparsity, total_tokens, settings, n, nmse, runs, copies: {run: run it copies},
                           fitted, alpha, alpha_se,
                           alpha_interval: [low|null, high|null] | null, alpha_interval_note, interval_level,
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,7 @@ from saelab.errors import ConfigError, SaelabError
 from saelab.evals.core import eval_settings
 from saelab.evals.power_law import fit_power_law
 from saelab.report.markdown import sparsity
-from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, check_eval_metrics, read_json, sae_sha256,
+from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, read_eval_metrics, read_json, sae_sha256,
                                sweep_runs)
 from saelab.sae import load_sae
 from saelab.train.checkpoint import read_metrics, training_changes
@@ -80,19 +82,25 @@ def _training_dead(run: Path, train: dict[str, Any]) -> tuple[float | None, int 
     return (float(log[-1]["dead_frac"]) if log else None), window
 
 
-def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """(evaluated runs as rows, names of runs without metrics.json) of a sweep folder.
+def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """(evaluated runs as rows, names of runs without metrics.json, names of runs whose metrics.json
+    describes other weights than their sae/) of a sweep folder.
 
     Each row carries ``eval_settings``: what its evaluation must share with the others'."""
-    rows, missing = [], []
+    rows, missing, stale = [], [], []
     for run in sweep_runs(sweep_dir):
         train = read_json(run / TRAIN_CONFIG, "training config")["train"]
         if not (run / EVAL_METRICS).exists():
             missing.append(run.name)
             continue
-        m = check_eval_metrics(read_json(run / EVAL_METRICS, "evaluation metrics file"), run / EVAL_METRICS)
+        sae = load_sae(run / SAE_DIR)
+        sae_hash = sae_sha256(sae)
+        m = read_eval_metrics(run, sae, sae_hash=sae_hash)  # {} for other weights, as the run's report.md reads it
+        if not m:
+            stale.append(run.name)
+            continue
         dead, window = _training_dead(run, train)
-        rows.append({"run": run.name, "sae_sha256": sae_sha256(load_sae(run / SAE_DIR)), "n_latents": int(train["n_latents"]),
+        rows.append({"run": run.name, "sae_sha256": sae_hash, "n_latents": int(train["n_latents"]),
                      "k": None if sparsity(train) else int(train["k"]), "sparsity": sparsity(train),
                      "total_tokens": int(train["total_tokens"]), **{key: m.get(key) for key in METRIC_KEYS},
                      "eval_inactive_frac": m.get("dead_frac"), "eval_tokens": m.get("n_tokens"),
@@ -105,7 +113,7 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]
     _mark_copies(rows)
     for r in rows:
         r["settings"] = {key: r["settings"].get(key) for key in varying}
-    return rows, missing
+    return rows, missing, stale
 
 
 def _mark_copies(rows: list[dict[str, Any]]) -> None:
@@ -331,7 +339,8 @@ def _runs_table(rows: list[dict[str, Any]], eval_tokens: int | None) -> list[str
     return lines
 
 
-def _markdown(folder: Path, fits: dict, rows: list[dict], missing: list[str], settings: dict) -> str:
+def _markdown(folder: Path, fits: dict, rows: list[dict], missing: list[str], stale: list[str],
+              settings: dict) -> str:
     shown = ", ".join(f"{k} {_show(v)}" for k, v in settings.items())
     lines = [f"# Scaling study `{folder.name}`", "",
              "nMSE(n) = a n^-alpha + c fitted per k (log-space residuals); held-out nMSE from each run's metrics.json, "
@@ -348,27 +357,39 @@ def _markdown(folder: Path, fits: dict, rows: list[dict], missing: list[str], se
                   f"{', '.join(copies)}."]
     if missing:
         lines += ["", f"Not evaluated (no metrics.json): {', '.join(missing)}."]
+    if stale:
+        lines += ["", f"Not evaluated ({EVAL_METRICS} describes other weights than {SAE_DIR}/; run `saelab eval "
+                  f"{folder}`): {', '.join(stale)}."]
     lines += ["", "![nMSE vs n](scaling_nmse.png)", "", "![delta CE vs n](scaling_delta_loss.png)", ""]
     return "\n".join(lines)
+
+
+def _names(runs: list[str]) -> str:
+    return f"{', '.join(runs[:6])}{', ...' if len(runs) > 6 else ''}"
 
 
 def write_scaling_report(sweep_dir: str | Path) -> dict[str, Any]:
     """Read every run of ``sweep_dir``, check they were evaluated alike, fit, and write scaling.json,
     the two plots and scaling.md."""
     folder = Path(sweep_dir)
-    rows, missing = collect_runs(folder)
+    rows, missing, stale = collect_runs(folder)
+    if stale:
+        print(f"saelab: note: {EVAL_METRICS} of {_names(stale)} describes other weights than {SAE_DIR}/ (the SAE "
+              f"changed since): left out of the scaling study; run `saelab eval {folder}`", file=sys.stderr)
     if not rows:
-        what = f"its runs ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}) have no metrics.json" \
-            if missing else "it holds no run folders"
+        what = "; ".join([f"its runs ({_names(missing)}) have no metrics.json"] * bool(missing)
+                         + [f"the {EVAL_METRICS} of {_names(stale)} describes other weights"] * bool(stale))
+        what = what or "it holds no run folders"
         raise SaelabError(f"sweep folder {folder} has no evaluated runs: {what}; run `saelab eval {folder}` first")
     settings = check_eval_settings(rows, folder)
     rows = [{k: v for k, v in r.items() if k != "eval_settings"} for r in rows]
     fits = fit_scaling(rows)
-    result = {"sweep": str(folder), "eval_settings": settings, "runs": rows, "unevaluated": missing, "fits": fits}
+    result = {"sweep": str(folder), "eval_settings": settings, "runs": rows, "unevaluated": missing + stale,
+              "other_weights": stale, "fits": fits}
     write_json(folder / "scaling.json", result)
     _nmse_plot(fits, folder / "scaling_nmse.png")
     _delta_loss_plot(fits, rows, folder / "scaling_delta_loss.png")
-    write_text(folder / "scaling.md", _markdown(folder, fits, rows, missing, settings))
+    write_text(folder / "scaling.md", _markdown(folder, fits, rows, missing, stale, settings))
     return result
 
 
