@@ -304,3 +304,36 @@ def test_a_run_whose_metrics_describe_other_weights_is_not_evaluated(evaluated_s
     md = (sweep / "scaling.md").read_text()
     assert f"Not evaluated (metrics.json describes other weights than sae/; run `saelab eval {sweep}`): n64." in md
     assert "| n64 |" not in md
+
+
+def test_an_earlier_scaling_study_the_runs_no_longer_make_is_removed(evaluated_sweep, tiny_dir, data_dir, tmp_path,
+                                                                     capsys):
+    """Once the runs are not one sweep, or were evaluated unalike, the study written before them is removed,
+    not left looking current."""
+    from dataclasses import replace
+
+    from saelab.pipeline import HarvestConfig, evaluate_run, harvest, train_from_cache
+    _, _, base, ev = evaluated_sweep
+    SCALING_FILES = ("scaling.md", "scaling.json", "scaling_nmse.png", "scaling_delta_loss.png")
+    unalike = _copy_of(evaluated_sweep, tmp_path / "unalike")
+    run_cli(capsys, "report", str(unalike))
+    assert all((unalike / name).exists() for name in SCALING_FILES)
+    evaluate_run(unalike / "n64", replace(ev, recon_tokens=256), overwrite=True, progress=False)
+    _, err = run_cli(capsys, "report", str(unalike), code=2)
+    assert f"sweep folder {unalike} mixes evaluations: n_tokens differs (" in err
+    assert err.strip().endswith("; removed the earlier scaling study (scaling.md, scaling.json, scaling_nmse.png, "
+                                "scaling_delta_loss.png), which these evaluations no longer make")
+    assert not any((unalike / name).exists() for name in SCALING_FILES) and not (unalike / ".set-aside").exists()
+
+    gathered = _copy_of(evaluated_sweep, tmp_path / "gathered")
+    run_cli(capsys, "report", str(gathered))
+    other = harvest(HarvestConfig(model=str(tiny_dir),
+                                  hook="blocks.1.hook_resid_post", context_size=16,
+                                  corpus=str(data_dir / "wiki-en" / "wiki_train.jsonl.xz"), n_tokens=2048,
+                                  buffer_tokens=8192, sample_pool_tokens=0), tmp_path / "acts16", progress=False)
+    train_from_cache(other, gathered / "ctx16", base, progress=False)
+    _, err = run_cli(capsys, "report", str(gathered))
+    assert "are not one sweep (context_size differs" in err
+    assert err.strip().endswith("no scaling study; removed the earlier one (scaling.md, scaling.json, "
+                                "scaling_nmse.png, scaling_delta_loss.png)")
+    assert not any((gathered / name).exists() for name in SCALING_FILES)

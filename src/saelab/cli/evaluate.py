@@ -210,7 +210,7 @@ def add_report(sub) -> None:
 
 
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.report import sweep_difference, write_run_report, write_scaling_report
+    from saelab.report import remove_scaling_study, sweep_difference, write_run_report, write_scaling_report
 
     if is_sweep(args.run):
         check_sweep_has_finished_runs(args.run)
@@ -218,9 +218,10 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     unlike = sweep_difference(args.run) if is_sweep(args.run) else None
     if unlike:  # runs gathered in one folder: each its own report, no scaling curve across them
         reports = [str(write_run_report(run)) for run in sweep_runs(args.run)]
+        removed = remove_scaling_study(args.run)  # an earlier study of runs that no longer make one sweep
         print(f"saelab report: note: the runs in {args.run} are not one sweep ({unlike}; a sweep's runs share "
-              "their activations' model, hook, context and corpus): wrote each run's report.md, no scaling study",
-              file=sys.stderr)
+              "their activations' model, hook, context and corpus): wrote each run's report.md, no scaling study"
+              + (f"; removed the earlier one ({', '.join(removed)})" if removed else ""), file=sys.stderr)
         return {"reports": reports}
     if is_sweep(args.run):
         fits = write_scaling_report(args.run)["fits"]

@@ -66,7 +66,7 @@ from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, read_eval_me
 from saelab.sae import load_sae
 from saelab.train.checkpoint import read_metrics, training_changes
 from saelab.train.config import TrainConfig
-from saelab.utils.atomic import write_json, write_text
+from saelab.utils.atomic import replacing_entries, write_json, write_text
 from saelab.utils.figures import figure, save_figure
 
 METRIC_KEYS = ("nmse", "delta_ce", "l0", "ce_clean", "ce_spliced")
@@ -364,6 +364,21 @@ def _markdown(folder: Path, fits: dict, rows: list[dict], missing: list[str], st
     return "\n".join(lines)
 
 
+SCALING_FILES = ("scaling.md", "scaling.json", "scaling_nmse.png", "scaling_delta_loss.png")
+"""What a scaling study writes in the sweep folder."""
+
+
+def remove_scaling_study(folder: str | Path) -> list[str]:
+    """Remove the scaling study an earlier report wrote in ``folder`` (all its files, or on an interruption
+    none: they go through the set-aside a replacement uses), so that no study is left that the runs no
+    longer make; returns the names removed."""
+    present = [name for name in SCALING_FILES if (Path(folder) / name).exists()]
+    if present:
+        with replacing_entries(folder, present):
+            pass  # nothing replaces them: the block's end removes the set-aside
+    return present
+
+
 def _names(runs: list[str]) -> str:
     return f"{', '.join(runs[:6])}{', ...' if len(runs) > 6 else ''}"
 
@@ -381,7 +396,14 @@ def write_scaling_report(sweep_dir: str | Path) -> dict[str, Any]:
                          + [f"the {EVAL_METRICS} of {_names(stale)} describes other weights"] * bool(stale))
         what = what or "it holds no run folders"
         raise SaelabError(f"sweep folder {folder} has no evaluated runs: {what}; run `saelab eval {folder}` first")
-    settings = check_eval_settings(rows, folder)
+    try:
+        settings = check_eval_settings(rows, folder)
+    except SaelabError as e:
+        removed = remove_scaling_study(folder)
+        if not removed:
+            raise
+        raise SaelabError(f"{e}; removed the earlier scaling study ({', '.join(removed)}), which these "
+                          "evaluations no longer make") from None
     rows = [{k: v for k, v in r.items() if k != "eval_settings"} for r in rows]
     fits = fit_scaling(rows)
     result = {"sweep": str(folder), "eval_settings": settings, "runs": rows, "unevaluated": missing + stale,
@@ -393,4 +415,5 @@ def write_scaling_report(sweep_dir: str | Path) -> dict[str, Any]:
     return result
 
 
-__all__ = ["check_eval_settings", "collect_runs", "fit_scaling", "sweep_difference", "write_scaling_report"]
+__all__ = ["SCALING_FILES", "check_eval_settings", "collect_runs", "fit_scaling", "remove_scaling_study",
+           "sweep_difference", "write_scaling_report"]
