@@ -35,8 +35,8 @@ Outputs, in the sweep folder::
                           ce_spliced, sae_sha256, copy_of: run | null, settings: {varying training setting:
                           value}}], unevaluated: [run names], other_weights: [the unevaluated runs whose metrics.json
                           describes other weights than sae/],
-                          fits: {label: {k, sparsity, total_tokens, settings, n, nmse, runs, copies: {run: run it copies},
-                          fitted, alpha, alpha_se,
+                          fits: {label: {k, sparsity, total_tokens, settings, n, nmse, runs,
+                          copies: {run: the run it copies}, fitted, alpha, alpha_se,
                           alpha_interval: [low|null, high|null] | null, alpha_interval_note, interval_level,
                           a, c, c_se, rmse_log, dof, residuals: [{n, nmse, fitted, residual_log}],
                           alpha_pure, monotone, delta_ce_slope, note}}}
@@ -222,9 +222,10 @@ def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         n, y = [r["n_latents"] for r in rs], [r["nmse"] for r in rs]
         settings = rs[0].get("settings", {})
         label = _label(sparse, tokens, several, settings)
-        out: dict[str, Any] = {"k": rs[0]["k"], "sparsity": rs[0].get("sparsity"), "total_tokens": tokens, "settings": settings, "n": n, "nmse": y,
-                               "runs": [r["run"] for r in rs],
-                               "copies": {r["run"]: r["copy_of"] for r in rows if r.get("copy_of") in {q["run"] for q in rs}}}
+        runs = [r["run"] for r in rs]
+        out: dict[str, Any] = {"k": rs[0]["k"], "sparsity": rs[0].get("sparsity"), "total_tokens": tokens,
+                               "settings": settings, "n": n, "nmse": y, "runs": runs,
+                               "copies": {r["run"]: r["copy_of"] for r in rows if r.get("copy_of") in runs}}
         if len(set(n)) < 3:
             out.update(fitted=False, note=f"needs 3 sizes to fit a + c, has {len(set(n))}")
         else:
@@ -333,8 +334,9 @@ def _runs_table(rows: list[dict[str, Any]], eval_tokens: int | None) -> list[str
              "| training dead window (tokens) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["k"] is None, r["k"] or 0, _sparsity_of(r), r["n_latents"])):
         run = r["run"] + (f" (copy of {r['copy_of']})" if r.get("copy_of") else "")
-        lines.append(f"| {run} | {r['n_latents']:,} | {r.get('sparsity') or r['k']} | {r['total_tokens']:,} | {fmt(r['nmse'])} | "
-                     f"{fmt(r['delta_ce'])} | {fmt(r['l0'], '{:.1f}')} | {fmt(r['eval_inactive_frac'], '{:.2%}')} | "
+        lines.append(f"| {run} | {r['n_latents']:,} | {r.get('sparsity') or r['k']} | {r['total_tokens']:,} | "
+                     f"{fmt(r['nmse'])} | {fmt(r['delta_ce'])} | {fmt(r['l0'], '{:.1f}')} | "
+                     f"{fmt(r['eval_inactive_frac'], '{:.2%}')} | "
                      f"{fmt(r['train_dead_frac'], '{:.2%}')} | {fmt(r['train_dead_window'], '{:,}')} |")
     return lines
 
