@@ -98,3 +98,9 @@ def test_sweep_names_runs_in_one_order_and_keeps_a_finished_run_of_the_same_conf
     err = capsys.readouterr().err
     assert f"sweep point n64_k4 is the finished run {sweep / 'n64'} (same training config): kept it" in err
     assert f"sweep point n96_k4 is the finished run {sweep / 'typed_first'}" in err
+    # Trained again when asked, in the folder of the run it is, not beside it as a second copy.
+    sweep_from_cache(cache, sweep, base, {"n_latents": [64]}, overwrite=True, progress=False)
+    assert "sweep point n64_k4" not in capsys.readouterr().err  # its own name: n64
+    again = sweep_from_cache(cache, sweep, base, {"k": [4], "n_latents": [96]}, overwrite=True, progress=False)
+    assert list(again) == ["typed_first"] and not (sweep / "n96_k4").exists()
+    assert "(same training config): trains it again there (--overwrite)" in capsys.readouterr().err
