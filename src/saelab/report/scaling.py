@@ -5,10 +5,13 @@ Every run folder in the sweep (``saelab sweep --out SWEEP_DIR``) that has been e
 points must come from evaluations with the same settings (model, hook, eval corpus, context size,
 position 0, number of reconstruction tokens and of next-token predictions): a run evaluated
 otherwise (e.g. by ``--suite paper`` with other sizes) is refused by name, since its nMSE and
-delta CE are not the same measurement. Runs are grouped by k (a ReLU SAE has none: by its L1 coefficient), training tokens and any other training
-setting that varies across the sweep, such as lr (points trained on different budgets or recipes are
-not mixed in one curve). A run with the same weights and training config as another (one SAE trained
-twice under two names) is that run's copy (``copy_of``), counted once. Each group with at least 3 sizes is fitted with
+delta CE are not the same measurement. Runs are grouped by k (a ReLU SAE has none: by its L1
+coefficient), training tokens and any other training setting that varies across the sweep, such as lr
+(points trained on different budgets or recipes are not mixed in one curve). A run with the same
+weights and training config as another (one SAE trained twice under two names) is that run's copy
+(``copy_of``), counted once. A run whose metrics.json describes other weights than its sae/ is left
+out (``other_weights``), as its report.md leaves that evaluation out. Each group with at least 3 sizes
+is fitted with
 
     nMSE(n) = a * n^(-alpha) + c
 
@@ -33,8 +36,8 @@ Outputs, in the sweep folder::
                           coefficient; null: top-k), total_tokens, nmse, delta_ce, l0,
                           eval_inactive_frac, eval_tokens, train_dead_frac, train_dead_window, ce_clean,
                           ce_spliced, sae_sha256, copy_of: run | null, settings: {varying training setting:
-                          value}}], unevaluated: [run names], other_weights: [the unevaluated runs whose metrics.json
-                          describes other weights than sae/],
+                          value}}], unevaluated: [run names], other_weights: [the unevaluated runs whose
+                          metrics.json describes other weights than sae/],
                           fits: {label: {k, sparsity, total_tokens, settings, n, nmse, runs,
                           copies: {run: the run it copies}, fitted, alpha, alpha_se,
                           alpha_interval: [low|null, high|null] | null, alpha_interval_note, interval_level,
