@@ -308,8 +308,8 @@ def test_a_run_whose_metrics_describe_other_weights_is_not_evaluated(evaluated_s
 
 def test_an_earlier_scaling_study_the_runs_no_longer_make_is_removed(evaluated_sweep, tiny_dir, data_dir, tmp_path,
                                                                      capsys):
-    """Once the runs are not one sweep, or were evaluated unalike, the study written before them is removed,
-    not left looking current."""
+    """Once the runs are not one sweep, the study written before them is removed, not left looking current; where
+    they were evaluated unalike, the refusal says the study there is of the earlier evaluations."""
     from dataclasses import replace
 
     from saelab.pipeline import HarvestConfig, evaluate_run, harvest, train_from_cache
@@ -321,9 +321,10 @@ def test_an_earlier_scaling_study_the_runs_no_longer_make_is_removed(evaluated_s
     evaluate_run(unalike / "n64", replace(ev, recon_tokens=256), overwrite=True, progress=False)
     _, err = run_cli(capsys, "report", str(unalike), code=2)
     assert f"sweep folder {unalike} mixes evaluations: n_tokens differs (" in err
-    assert err.strip().endswith("; removed the earlier scaling study (scaling.md, scaling.json, scaling_nmse.png, "
-                                "scaling_delta_loss.png), which these evaluations no longer make")
-    assert not any((unalike / name).exists() for name in SCALING_FILES) and not (unalike / ".set-aside").exists()
+    # a refusal destroys nothing: the study stays, named as of the earlier evaluations
+    assert err.strip().endswith("; the scaling study there (scaling.md, scaling.json, scaling_nmse.png, "
+                                "scaling_delta_loss.png) is of earlier evaluations, and stays until a report replaces it")
+    assert all((unalike / name).exists() for name in SCALING_FILES)
 
     gathered = _copy_of(evaluated_sweep, tmp_path / "gathered")
     run_cli(capsys, "report", str(gathered))

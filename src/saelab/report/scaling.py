@@ -403,12 +403,12 @@ def write_scaling_report(sweep_dir: str | Path) -> dict[str, Any]:
         raise SaelabError(f"sweep folder {folder} has no evaluated runs: {what}; run `saelab eval {folder}` first")
     try:
         settings = check_eval_settings(rows, folder)
-    except SaelabError as e:
-        removed = remove_scaling_study(folder)
-        if not removed:
+    except SaelabError as e:  # a refusal destroys nothing: the earlier study stays, said to be of other evaluations
+        present = [name for name in SCALING_FILES if (folder / name).exists()]
+        if not present:
             raise
-        raise SaelabError(f"{e}; removed the earlier scaling study ({', '.join(removed)}), which these "
-                          "evaluations no longer make") from None
+        raise SaelabError(f"{e}; the scaling study there ({', '.join(present)}) is of earlier evaluations, and stays "
+                          "until a report replaces it") from None
     rows = [{k: v for k, v in r.items() if k != "eval_settings"} for r in rows]
     fits = fit_scaling(rows)
     result = {"sweep": str(folder), "eval_settings": settings, "runs": rows, "unevaluated": missing + stale,
