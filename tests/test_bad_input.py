@@ -12,6 +12,7 @@ import json
 import lzma
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -495,6 +496,14 @@ def test_quickstart_with_another_n_tokens_names_the_cache_and_both_options_at_on
     code, _, err = run_cli(capsys, *run, "--n-tokens", "2048", "--overwrite-activations", "--overwrite")
     assert code == 0, err
     assert json.loads((q / "train_config.json").read_text())["train"]["total_tokens"] == 2048
+    # a finished cache as an earlier saelab wrote it (no sample_pool_tokens_drawn): trained on, as harvest reuses it
+    q2 = tmp_path / "q2"
+    shutil.copytree(q / "activations", q2 / "activations")
+    manifest = json.loads((q2 / "activations" / "manifest.json").read_text())
+    del manifest["meta"]["sample_pool_tokens_drawn"]
+    (q2 / "activations" / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(capsys, *[str(q2) if word == str(q) else word for word in run], "--n-tokens", "2048")
+    assert code == 0 and "already holds this harvest, 2,048 activations" in err, err
 
 
 # ---- NaN and inf --------------------------------------------------------------------------------------------

@@ -197,6 +197,7 @@ def _reusable_harvest(out_dir: str | Path, meta: dict[str, Any], dtype: str,
             f"overwrite=True ({overwrite_option}) to harvest it again")
     return cache
 
+
 def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, corpus: str, meta: dict[str, Any], *,
                   lm: LanguageModel | None, device: str | torch.device | None, model_dtype: str, overwrite: bool,
                   progress: bool) -> ActivationCache:
@@ -728,7 +729,8 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     # on it, where the run's would send the user to --overwrite alone, refused next for the cache.
     if not overwrite_activations:
         with _naming_quickstart_cache(run_dir):
-            reusable_cache(run_dir / ACTIVATIONS_DIR, meta=_harvest_meta(harvest_cfg, corpus), dtype=harvest_cfg.dtype)
+            _reusable_harvest(run_dir / ACTIVATIONS_DIR, _harvest_meta(harvest_cfg, corpus), harvest_cfg.dtype,
+                              "--overwrite-activations")
     finished_hash = None
     if not overwrite:
         _check_finished_run_matches(run_dir, cfg.train, cache_kept=not overwrite_activations)
@@ -761,7 +763,7 @@ def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_
     """The run's metrics when its harvest, training and evaluation are all done with these settings.
     ``finished_hash``: :func:`sae_sha256` of the finished run's SAE, as the checks returned it."""
     meta = _harvest_meta(harvest_cfg, resolve_corpus(harvest_cfg.corpus, "train"))
-    cache = reusable_cache(run_dir / ACTIVATIONS_DIR, meta=meta, dtype=harvest_cfg.dtype)
+    cache = _reusable_harvest(run_dir / ACTIVATIONS_DIR, meta, harvest_cfg.dtype, "--overwrite-activations")
     sae = None if cache is None else finished_training(run_dir, cfg.train, cache)
     model = model_name(lm or harvest_cfg.model)
     if sae is None or not evaluation_is_current(run_dir, sae, cfg.eval, model=model, model_dtype=model_dtype,
