@@ -1509,6 +1509,25 @@ def test_n_tokens_past_the_corpus_is_refused_with_the_most_every_sae_reads(gpt2_
                 "holds 352 tokens the SAE reads; expected --n-tokens 352 at most")], capsys)  # one SAE: its own
 
 
+def test_a_corpus_shorter_than_a_context_names_the_context_option_only_where_the_verb_has_one(gpt2_tokenizer,
+                                                                                              tmp_path, capsys,
+                                                                                              monkeypatch):
+    """top reads the SAE's own context (steer --scale too): "or context_size <= 3" named a setting it has not
+    (`top --context-size 3` is refused as unrecognized); browse, which has --context-size, names it."""
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(model)
+    _save_saes(tmp_path, model, ("sae", 64))
+    (tmp_path / "one.txt").write_text("Hi", encoding="utf-8")
+    short = "corpus 'one.txt' holds 1 tokens, too few for one context of 32 (BOS and 31 tokens of text); expected " \
+            "a corpus of at least 31 tokens"
+    assert main(["top", "sae", "--latent", "0", "--corpus", "one.txt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"saelab top: error: {short}", err
+    _refusals([(["browse", "sae", "--out", "site", "--corpus", "one.txt"], f"{short}, or --context-size <= 2")],
+              capsys)
+
+
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))

@@ -177,7 +177,7 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
     tokens = None
     if args.scale is not None and tokenizer is not None:
         with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
-            tokens = read_tokens(tokenizer, sae, BrowseConfig(n_tokens=args.scale_tokens))
+            tokens = read_tokens(tokenizer, sae, BrowseConfig(n_tokens=args.scale_tokens), None)  # SAE's context
     sae, lm = _loaded(args, sae, spec)
     _check_reachable(args, positions, lm.tokenizer)
     if tokens is not None:
@@ -426,7 +426,8 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     check_context_fits(spec, sae.cfg.context_size, "the SAE's context of {n} tokens")
     with _within_the_corpus("--n-tokens", args.n_tokens, args.corpus):
         # read with the tokenizer on disk: a corpus too short for --n-tokens is named before the load
-        tokens = read_tokens_before_load(spec, sae, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus))
+        # None: top reads the SAE's context, which no option changes
+        tokens = read_tokens_before_load(spec, sae, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus), None)
         sae, lm = _loaded(args, sae, spec)
         if tokens is not None:
             lm.check_context_size(tokens.shape[1])  # where the config on disk did not say

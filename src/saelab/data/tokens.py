@@ -170,14 +170,15 @@ def token_contexts(
     split: str = "train",
     limit_docs: int | None = None,
     doc_batch: int = 64,
-    setting: str = "context_size",
+    setting: str | None = "context_size",
 ) -> torch.Tensor:
     """Pack a whole (small) token set into one LongTensor [N, context_size], e.g. an eval set.
 
     ``source`` is anything :func:`~saelab.data.text.iter_texts` reads, or an iterable of texts.
     Give at most one of ``n_tokens`` (rounded up to whole contexts) and ``n_contexts``; with
     neither, the whole source is packed. A source too small for the request raises CorpusError;
-    one shorter than a context names ``setting``, the setting that chose ``context_size``.
+    one shorter than a context names ``setting``, the setting that chose ``context_size`` (None: one the
+    caller cannot change, left out).
     """
     from saelab.data.text import iter_texts
 
@@ -224,13 +225,13 @@ def token_contexts(
 
 
 def _shorter_than_a_context(name: str, tokens: int, context_size: int, prepend_bos: bool,
-                            setting: str) -> CorpusError:
+                            setting: str | None) -> CorpusError:
     """The refusal of a corpus of ``tokens`` tokens that fills no context: what one takes, and the two ways
     out (more text, or a context it fills, named as ``setting``)."""
     window = context_size - 1 if prepend_bos else context_size
     takes = f"BOS and {window:,} tokens of text" if prepend_bos else f"{window:,} tokens of text"
     err = CorpusError(f"corpus {name} holds {tokens:,} tokens, too few for one context of {context_size:,} "
-                      f"({takes}); expected a corpus of at least {window:,} tokens, or "
-                      f"{setting} <= {tokens + (1 if prepend_bos else 0)}")
+                      f"({takes}); expected a corpus of at least {window:,} tokens"
+                      + (f", or {setting} <= {tokens + (1 if prepend_bos else 0)}" if setting else ""))
     err.contexts = 0  # for callers that name their own option's maximum
     return err

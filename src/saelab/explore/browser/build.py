@@ -300,11 +300,14 @@ def resolve_corpus(cfg: BrowseConfig) -> str:
     return resolve(cfg.corpus, "eval")
 
 
-def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig) -> torch.Tensor:
+def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
+                context_setting: str | None = "context_size") -> torch.Tensor:
     """The contexts ``[N, T]`` the browser reads (see the module docstring). ``lm``: the language model, or
     its tokenizer alone (read before the model loads; ``check_before_load`` checks the context size then).
     ``sae``: the SAE, or several that read the same contexts: enough are read for each to score
-    ``cfg.n_tokens``, and a corpus too short is refused with the most that every one of them can score."""
+    ``cfg.n_tokens``, and a corpus too short is refused with the most that every one of them can score.
+    ``context_setting`` names what sets the context size in a corpus too short for one (None: the caller
+    reads the SAE's own, which nothing changes)."""
     from saelab.data import token_contexts
     from saelab.models import LanguageModel
     from saelab.models.lm import bos_token_id
@@ -322,19 +325,20 @@ def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig) -> torc
         raise ValueError(f"context_size={T} leaves no scored token")
     try:
         return token_contexts(corpus, tokenize, T, n_contexts=math.ceil(cfg.n_tokens / (T - first)),
-                              bos_token_id=bos, prepend_bos=sae.cfg.prepend_bos)
+                              bos_token_id=bos, prepend_bos=sae.cfg.prepend_bos, setting=context_setting)
     except CorpusError as e:
         e.max_tokens = getattr(e, "contexts", 0) * (T - first)  # the largest n_tokens the corpus allows
         raise
 
 
-def read_tokens_before_load(spec, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig) -> torch.Tensor | None:
+def read_tokens_before_load(spec, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
+                            context_setting: str | None = "context_size") -> torch.Tensor | None:
     """:func:`read_tokens` with the tokenizer of the model ``spec`` on disk, before the (slow) load, so that a
     corpus too short for ``cfg.n_tokens`` is named first; None when the tokenizer comes only with the load."""
     from saelab.models import tokenizer_on_disk
 
     tokenizer = tokenizer_on_disk(spec)
-    return None if tokenizer is None else read_tokens(tokenizer, sae, cfg)
+    return None if tokenizer is None else read_tokens(tokenizer, sae, cfg, context_setting)
 
 
 @torch.no_grad()
