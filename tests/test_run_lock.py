@@ -398,14 +398,27 @@ def test_a_sweep_cut_off_before_any_run_finished_is_named_as_such(tmp_path, caps
     sweep = tmp_path / "sweep"
     train_many([_cfg(n_latents=32), _cfg()], _source(_data()), [sweep / "n32", sweep / "n64"], d_in=D,
                progress=False, device="cpu", stop_after_steps=3)
-    expected = (f"{sweep} is a sweep folder whose runs n32, n64 have not finished training (no sae/ yet); run the "
-                "same `saelab sweep` command again to finish them")
+    expected = (f"{sweep} holds no finished run: its runs n32, n64 have not finished training (no sae/ yet); run the "
+                "same `saelab sweep` or `saelab train` command again to finish them")
     for argv in (["eval", str(sweep), "--device", "cpu"], ["report", str(sweep)], ["top", str(sweep), "--latent", "1"],
                  ["browse", str(sweep)]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.endswith(expected) and len(err.splitlines()) == 1, (argv, err)
     assert sorted(p.name for p in sweep.iterdir()) == ["n32", "n64"]
+    # one of them in training now: named so, and the advice is to wait, not to start it again
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d' % os.getpid()); print(flush=True); "
+                               "time.sleep(60)", str(sweep / "n32" / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # the lock is held
+        assert main(["report", str(sweep)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"runs n32 (being trained by pid {holder.pid}), n64 have not finished training (no sae/ "
+                            "yet); run the same `saelab sweep` or `saelab train` command again to finish them"), err
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _cache_damaged_at_batch_10(folder: Path):

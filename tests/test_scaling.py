@@ -190,7 +190,7 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
               lambda start: cache.batches(256, start_batch=start), sweep / "n256_k4", d_in=cache.d, progress=False,
               device="cpu", stop_after_steps=2)
     unfinished = (f"{sweep}; its run n256_k4 has not finished training (no sae/ yet); run the same `saelab sweep` "
-                  "command again to finish it")
+                  "or `saelab train` command again to finish it")
     out, err = run_cli(capsys, "eval", str(sweep), *ev, "--no-progress")
     assert "n256_k4" not in out and err.strip() == f"saelab eval: note: this evaluates the finished runs of {unfinished}"
     out, err = run_cli(capsys, "report", str(sweep))

@@ -101,20 +101,26 @@ def _holds_run_config(path: Path) -> bool:
 
 
 def unfinished_runs_line(folder: str | Path) -> str | None:
-    """The words naming the runs of a sweep folder that have not finished training, or None when all have."""
+    """The words naming the runs of a folder of runs that have not finished training, or None when all have.
+    A run may be one of a sweep or a `saelab train` run in a folder of its own; one being trained is named so."""
     unfinished = unfinished_sweep_runs(folder)
     if not unfinished:
         return None
-    names, several = ", ".join(p.name for p in unfinished), len(unfinished) > 1
-    return (f"{'runs' if several else 'run'} {names} {'have' if several else 'has'} not finished training (no "
-            f"{SAE_DIR}/ yet); run the same `saelab sweep` command again to finish {'them' if several else 'it'}")
+    holders = [held_by(p) for p in unfinished]
+    names = ", ".join(p.name + (f" (being trained by {h})" if h else "") for p, h in zip(unfinished, holders))
+    several = len(unfinished) > 1
+    line = (f"{'runs' if several else 'run'} {names} {'have' if several else 'has'} not finished training (no "
+            f"{SAE_DIR}/ yet)")
+    if all(holders):  # running the command again would be refused as a second writer
+        return f"{line}; wait for the training to finish"
+    return f"{line}; run the same `saelab sweep` or `saelab train` command again to finish {'them' if several else 'it'}"
 
 
 def check_sweep_has_finished_runs(folder: str | Path) -> list[Path]:
-    """The finished runs of a sweep folder; none yet (an interrupted sweep) is refused in one line naming them."""
+    """The finished runs of a folder of runs; none yet (an interrupted sweep) is refused in one line naming them."""
     runs = sweep_runs(folder)
     if not runs:
-        raise CheckpointError(f"{folder} is a sweep folder whose {unfinished_runs_line(folder)}")
+        raise CheckpointError(f"{folder} holds no finished run: its {unfinished_runs_line(folder)}")
     return runs
 
 
