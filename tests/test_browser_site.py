@@ -397,6 +397,19 @@ def test_each_sae_is_shown_with_its_own_tokens_scored(tiny_gpt2, corpus, tmp_pat
     export_neuronpedia_run(runs, tmp_path / "np", cfg, lm=tiny_gpt2, progress=False)
     for name, (n_tokens, _) in own.items():
         assert json.loads((tmp_path / "np" / name / "run_settings.json").read_text())["n_tokens_scored"] == n_tokens
+    # files an earlier saelab wrote (other keys, records without the new marks) are refused saying why
+    settings = tmp_path / "np" / "without" / "run_settings.json"
+    earlier = json.loads(settings.read_text())
+    del earlier["inputs"]["export_version"]
+    settings.write_text(json.dumps({**earlier, "key": "0" * 16}))
+    with pytest.raises(RunExistsError, match="an earlier saelab's export, whose n_tokens_in_prompt counted the BOS"):
+        export_neuronpedia_run(runs, tmp_path / "np", cfg, lm=tiny_gpt2, progress=False)
+    build_families(runs, tmp_path / "families.json", cfg, lm=tiny_gpt2, progress=False)
+    families = json.loads((tmp_path / "families.json").read_text())
+    del families["inputs"]["first_scored"]
+    (tmp_path / "families.json").write_text(json.dumps({**families, "key": "0" * 16}))
+    with pytest.raises(RunExistsError, match="SAEs scored by an earlier saelab, which read every SAE from the first"):
+        build_families(runs, tmp_path / "families.json", cfg, lm=tiny_gpt2, progress=False)
     # a site of these SAEs built before, when both were scored from the first one's position, is not reused
     sources, _ = open_sources(runs)
     key = build_key(sources, cfg)

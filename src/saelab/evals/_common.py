@@ -19,6 +19,12 @@ def run_option(default: Any) -> Any:
     return _config_field(default=default, cmd=False)
 
 
+def position_0_words(first: int) -> str:
+    """How a record says whether position 0 was read ("included") or left out ("excluded"), from the first
+    position read."""
+    return "excluded" if first else "included"
+
+
 def first_position(sae, exclude_first: bool | None) -> int:
     """First context position an evaluation edits or scores: 1 when position 0 (BOS) is left out."""
     flag = sae.cfg.exclude_first if exclude_first is None else exclude_first

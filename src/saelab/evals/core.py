@@ -15,6 +15,7 @@ import torch
 
 from saelab.data import resolve_corpus, token_contexts
 from saelab.errors import ConfigError, NonFiniteError
+from saelab.evals._common import position_0_words
 from saelab.evals.downstream import downstream_metrics
 from saelab.evals.reconstruction import reconstruction_metrics
 from saelab.models import model_provenance
@@ -128,7 +129,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
                               mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations,
                               variants_per_forward=cfg.variants_per_forward, progress=progress)
     metrics = {**recon.to_dict(), **down, **model_record(lm.name), "hook": hook, "eval_corpus": str(corpus),
-               "context_size": T, "position_0": "excluded" if first else "included",
+               "context_size": T, "position_0": position_0_words(first),
                "dead_definition": f"never fired on the {recon.n_tokens:,} eval tokens (not the training-time window)",
                "seconds": {"reconstruction": round(t_recon, 2),
                            "downstream": round(time.perf_counter() - t0 - t_recon, 2)}}

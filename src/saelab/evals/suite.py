@@ -52,7 +52,7 @@ from simple_parsing.helpers import field as cli_field
 
 from saelab.data import resolve_corpus, token_contexts
 from saelab.errors import ConfigError, RunExistsError, SaelabError
-from saelab.evals._common import config_dict
+from saelab.evals._common import config_dict, position_0_words
 from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
 from saelab.evals.compute_equivalent import (
     ComputeEquivalentConfig,
@@ -357,7 +357,7 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     check_sae_hook(sae, source or "(given)")
     run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig())
     corpus = str(resolve_corpus(run.eval_cfg.corpus, "eval"))
-    position_0 = "excluded" if run.first else "included"
+    position_0 = position_0_words(run.first)
     sha = run.sae_hash = sae_sha256(sae)
     hook = sae.cfg.hook_name
     sae_info = {"source": source, "n_latents": sae.n_latents, "k": sae.cfg.k, "hook": hook, "model": lm.name,

@@ -63,6 +63,9 @@ from saelab.utils.hub import local_path
 
 FORMAT = "saedashboard-neuronpedia-batches"
 """``format`` in ``run_settings.json``: marks a folder this module wrote (and may replace)."""
+EXPORT_VERSION = 2
+"""In the key and record of an export of an SAE that leaves position 0 out: version 1 (unmarked) wrote its
+n_tokens_in_prompt with the BOS its records leave out."""
 LOGIT_HIST_BINS = 50
 """Bins of the direct-logit-effect histogram (SAEDashboard's LogitsHistogramConfig default)."""
 N_ALIGNMENT = 3
@@ -340,6 +343,7 @@ def export_key(sources, cfg, model_dtype: str, options: dict[str, Any],
     and the export's own options, at their defaults where not given. The SAEs are known by their weights
     (``hashes``: each one's :func:`sae_sha256`), not by where they lie, and the recorded settings name local
     files by their base names: the folder is shared with others."""
+    from saelab.explore.browser.build import first_scored
     from saelab.explore.browser.make import build_inputs, build_key
 
     given = inspect.signature(export_neuronpedia).parameters
@@ -351,9 +355,13 @@ def export_key(sources, cfg, model_dtype: str, options: dict[str, Any],
 
     # local files by where they lie, not by the path typed: the same corpus given from another folder is reused
     where = dataclasses.replace(cfg, corpus=_resolved(cfg.corpus), model=_resolved(cfg.model))
-    blob = json.dumps([FORMAT, build_key(sources, where, model_dtype, identify), options], sort_keys=True, default=str)
+    parts = [FORMAT, build_key(sources, where, model_dtype, identify), options]
     inputs = json.loads(json.dumps({**build_inputs(sources, cfg, model_dtype, identify), "export": options},
                                    default=str))
+    if any(first_scored(s.sae) for s in sources):  # earlier exports of these counted BOS in n_tokens_in_prompt
+        inputs["export_version"] = EXPORT_VERSION
+        parts.append(EXPORT_VERSION)
+    blob = json.dumps(parts, sort_keys=True, default=str)
     for name in ("corpus", "model"):
         inputs["browse"][name] = public_name(inputs["browse"][name])
     return hashlib.sha256(blob.encode()).hexdigest()[:16], inputs

@@ -21,6 +21,7 @@ import torch
 
 from saelab.data.text import corpus_files_key
 from saelab.errors import ConfigError, RunExistsError, SaelabError
+from saelab.evals._common import position_0_words
 from saelab.explore.browser.build import (
     RUN_N2G_FILES,
     BrowseConfig,
@@ -43,6 +44,7 @@ from saelab.explore.browser.site import (SITE_FORMAT, SITE_VERSION, check_site_t
 from saelab.run_folder import SAE_DIR
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
+from saelab.utils.hub import local_path
 
 DEFINITIONS = {
     "tokens": "contexts packed from the corpus, BOS first; position 0 is not scored when the SAE leaves it out",
@@ -127,12 +129,16 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
     corpus of the same name elsewhere from one changed since)."""
     files = json.dumps([[s.name, identify(s)] for s in sources], default=str)
     corpus = json.dumps(corpus_files_key(cfg.corpus))
-    local = Path(cfg.corpus).expanduser() if cfg.corpus else None
-    where = json.dumps(str(local.resolve()) if local is not None and local.exists() else None)
-    return json.loads(json.dumps({"browse": _settings(cfg), "model_dtype": model_dtype,
-                                  "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16],
-                                  "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16],
-                                  "corpus_where": hashlib.sha256(where.encode()).hexdigest()[:16]}, default=str))
+    local = local_path(cfg.corpus)
+    where = json.dumps(str(local) if local is not None else None)
+    inputs = {"browse": _settings(cfg), "model_dtype": model_dtype,
+              "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16],
+              "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16],
+              "corpus_where": hashlib.sha256(where.encode()).hexdigest()[:16]}
+    firsts = [first_scored(s.sae) for s in sources]
+    if len(set(firsts)) > 1:  # as build_key: a refusal can then say what an earlier build did
+        inputs["first_scored"] = firsts
+    return json.loads(json.dumps(inputs, default=str))
 
 
 def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str:
@@ -147,6 +153,12 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str
         export = of.get("export")
         return {**{k: v for k, v in of.items() if k not in hashed}, **(export if isinstance(export, dict) else {})}
 
+    if "first_scored" in inputs and "first_scored" not in recorded:
+        return ("SAEs scored by an earlier saelab, which read every SAE from the first one's first position (these "
+                "differ in whether they read position 0)")
+    if inputs.get("export_version") != recorded.get("export_version"):
+        return ("an earlier saelab's export, whose n_tokens_in_prompt counted the BOS position its records leave "
+                "out")
     changes = changed_fields(settings(recorded), settings(inputs))
     if changes:
         return f"other settings ({', '.join(changes)})"
@@ -197,8 +209,6 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     return lm, tokens
 
 
-def _position_0(first: int) -> str:
-    return "excluded" if first else "included"
 
 
 def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
@@ -207,7 +217,8 @@ def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
     order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
     return family_tree([sources[i].name for i in order], [sources[i].source for i in order],
                        [sources[i].sae for i in order], coact, min_score=cfg.family_min_score, hook=hook,
-                       model=_public_model_name(lm), position_0=_position_0(shared_first(s.sae for s in sources)))
+                       model=_public_model_name(lm),
+                       position_0=position_0_words(shared_first(s.sae for s in sources)))
 
 
 def _public_model_name(lm) -> str:
@@ -285,12 +296,12 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": _public_model_name(lm), "hook": hook, "corpus": resolve_corpus(cfg),
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
-        "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": _position_0(first),
+        "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": position_0_words(first),
         "config": dataclasses.asdict(cfg), "definitions": DEFINITIONS, "has_families": families is not None,
         "saes": [{"name": s.name, "source": s.source, "n_latents": s.sae.n_latents, "k": s.sae.cfg.k,
                   "input_norm": s.sae.cfg.input_norm, "alive": int((st.count_N > 0).sum()),
                   "explained": len(st.explanations), "n_tokens": st.n_tokens,
-                  "position_0": _position_0(first_scored(s.sae))} for s, st in zip(sources, stats)],
+                  "position_0": position_0_words(first_scored(s.sae))} for s, st in zip(sources, stats)],
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     t = time.perf_counter()
