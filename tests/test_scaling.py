@@ -196,6 +196,10 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
     out, err = run_cli(capsys, "report", str(sweep))
     assert out["k=4"]["alpha"] is not None
     assert f"saelab report: note: this reports the finished runs of {unfinished}" in err
+    # the study itself names it too (the note goes to the terminal only)
+    assert json.loads((sweep / "scaling.json").read_text())["unfinished"] == ["n256_k4"]
+    assert (f"Not finished training (no sae/ yet; run the same `saelab sweep` or `saelab train` command again, then "
+            f"`saelab eval {sweep}`): n256_k4.") in (sweep / "scaling.md").read_text()
     _, err = run_cli(capsys, "report", str(tmp_path), code=2)
     assert "is neither a run folder" in err
     _, err = run_cli(capsys, "eval", str(sweep), "--suite", "paper", code=2)

@@ -37,7 +37,8 @@ Outputs, in the sweep folder::
                           eval_inactive_frac, eval_tokens, train_dead_frac, train_dead_window, ce_clean,
                           ce_spliced, sae_sha256, copy_of: run | null, settings: {varying training setting:
                           value}}], unevaluated: [run names], other_weights: [the unevaluated runs whose
-                          metrics.json describes other weights than sae/],
+                          metrics.json describes other weights than sae/], unfinished: [runs whose
+                          training has not finished (no sae/ yet)],
                           fits: {label: {k, sparsity, total_tokens, settings, n, nmse, runs,
                           copies: {run: the run it copies}, fitted, alpha, alpha_se,
                           alpha_interval: [low|null, high|null] | null, alpha_interval_note, interval_level,
@@ -65,7 +66,7 @@ from saelab.evals.core import eval_settings
 from saelab.evals.power_law import fit_power_law
 from saelab.report.markdown import sparsity
 from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, read_eval_metrics, read_json, sae_sha256,
-                               sweep_runs)
+                               sweep_runs, unfinished_sweep_runs)
 from saelab.sae import load_sae
 from saelab.train.checkpoint import read_metrics, training_changes
 from saelab.train.config import TrainConfig
@@ -345,7 +346,7 @@ def _runs_table(rows: list[dict[str, Any]], eval_tokens: int | None) -> list[str
 
 
 def _markdown(folder: Path, fits: dict, rows: list[dict], missing: list[str], stale: list[str],
-              settings: dict) -> str:
+              settings: dict, unfinished: list[str]) -> str:
     shown = ", ".join(f"{k} {_show(v)}" for k, v in settings.items())
     lines = [f"# Scaling study `{folder.name}`", "",
              "nMSE(n) = a n^-alpha + c fitted per k (log-space residuals); held-out nMSE from each run's metrics.json, "
@@ -365,6 +366,9 @@ def _markdown(folder: Path, fits: dict, rows: list[dict], missing: list[str], st
     if stale:
         lines += ["", f"Not evaluated ({EVAL_METRICS} describes other weights than {SAE_DIR}/; run `saelab eval "
                   f"{folder}`): {', '.join(stale)}."]
+    if unfinished:
+        lines += ["", f"Not finished training (no {SAE_DIR}/ yet; run the same `saelab sweep` or `saelab train` command "
+                  f"again, then `saelab eval {folder}`): {', '.join(unfinished)}."]
     lines += ["", "![nMSE vs n](scaling_nmse.png)", "", "![delta CE vs n](scaling_delta_loss.png)", ""]
     return "\n".join(lines)
 
@@ -411,12 +415,13 @@ def write_scaling_report(sweep_dir: str | Path) -> dict[str, Any]:
                           "until a report replaces it") from None
     rows = [{k: v for k, v in r.items() if k != "eval_settings"} for r in rows]
     fits = fit_scaling(rows)
+    unfinished = [run.name for run in unfinished_sweep_runs(folder)]
     result = {"sweep": str(folder), "eval_settings": settings, "runs": rows, "unevaluated": missing + stale,
-              "other_weights": stale, "fits": fits}
+              "other_weights": stale, "unfinished": unfinished, "fits": fits}
     write_json(folder / "scaling.json", result)
     _nmse_plot(fits, folder / "scaling_nmse.png")
     _delta_loss_plot(fits, rows, folder / "scaling_delta_loss.png")
-    write_text(folder / "scaling.md", _markdown(folder, fits, rows, missing, stale, settings))
+    write_text(folder / "scaling.md", _markdown(folder, fits, rows, missing, stale, settings, unfinished))
     return result
 
 
