@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -406,6 +407,11 @@ def test_a_sweep_cut_off_before_any_run_finished_is_named_as_such(tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert err.endswith(expected) and len(err.splitlines()) == 1, (argv, err)
     assert sorted(p.name for p in sweep.iterdir()) == ["n32", "n64"]
+    from saelab.errors import CheckpointError
+    from saelab.pipeline import evaluate_sweep
+
+    with pytest.raises(CheckpointError, match=re.escape(expected)):  # from Python too, not "no run folders"
+        evaluate_sweep(sweep, progress=False)
     # one of them in training now: named so, and the advice is to wait, not to start it again
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
                                "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d' % os.getpid()); print(flush=True); "

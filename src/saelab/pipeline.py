@@ -33,9 +33,9 @@ from saelab.models.lm import bos_token_id
 from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
-                               LatentFrequencies, check_output_folder, check_sae_hook, is_run, model_for, open_sae,
-                               read_eval_metrics, read_json, recorded_model, sae_sha256, sweep_runs,
-                               write_latent_frequencies)
+                               LatentFrequencies, check_output_folder, check_sae_hook, check_sweep_has_finished_runs,
+                               is_run, model_for, open_sae, read_eval_metrics, read_json, recorded_model, sae_sha256,
+                               sweep_runs, unfinished_sweep_runs, write_latent_frequencies)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, recorded_train_seconds,
@@ -484,6 +484,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
     work, unless ``overwrite``."""
     cfg = cfg or EvalConfig()
     runs = sweep_runs(folder)
+    if not runs and unfinished_sweep_runs(folder):  # an interrupted sweep: its runs named, as the CLI does
+        check_sweep_has_finished_runs(folder)
     if not runs:
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
