@@ -410,6 +410,18 @@ def test_each_sae_is_shown_with_its_own_tokens_scored(tiny_gpt2, corpus, tmp_pat
     (tmp_path / "families.json").write_text(json.dumps({**families, "key": "0" * 16}))
     with pytest.raises(RunExistsError, match="SAEs scored by an earlier saelab, which read every SAE from the first"):
         build_families(runs, tmp_path / "families.json", cfg, lm=tiny_gpt2, progress=False)
+    # files of OTHER SAEs are named as such, whichever of the two differs in position 0
+    save_sae(trained_like_sae(tiny_gpt2, 64, 8, corpus), tmp_path / "third" / "sae")
+    same = [runs[1], tmp_path / "third"]  # neither reads position 0
+    build_families(same, tmp_path / "one.json", cfg, lm=tiny_gpt2, progress=False)
+    with pytest.raises(RunExistsError, match=r"other SAE files \(other SAEs"):
+        build_families(runs, tmp_path / "one.json", cfg, lm=tiny_gpt2, progress=False)
+    build_families(runs, tmp_path / "both.json", cfg, lm=tiny_gpt2, progress=False)
+    with pytest.raises(RunExistsError, match=r"other SAE files \(other SAEs"):
+        build_families(same, tmp_path / "both.json", cfg, lm=tiny_gpt2, progress=False)
+    export_neuronpedia_run(runs[1:], tmp_path / "np1", cfg, lm=tiny_gpt2, progress=False)
+    with pytest.raises(RunExistsError, match=r"other SAE files \(other SAEs"):
+        export_neuronpedia_run(runs[:1], tmp_path / "np1", cfg, lm=tiny_gpt2, progress=False)
     # a site of these SAEs built before, when both were scored from the first one's position, is not reused
     sources, _ = open_sources(runs)
     key = build_key(sources, cfg)

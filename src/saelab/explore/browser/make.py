@@ -147,24 +147,26 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str
     or settings"."""
     if not isinstance(recorded, dict):
         return "other inputs or settings"
-    hashed = ("sae_files", "corpus_files", "corpus_where", "export")
+    # Not settings: the SAE files name these (first_scored, export_version) or are named below.
+    hashed = ("sae_files", "corpus_files", "corpus_where", "export", "first_scored", "export_version")
 
     def settings(of: dict[str, Any]) -> dict[str, Any]:  # an export's options by their own names, as passed
         export = of.get("export")
         return {**{k: v for k, v in of.items() if k not in hashed}, **(export if isinstance(export, dict) else {})}
 
-    if "first_scored" in inputs and "first_scored" not in recorded:
-        return ("SAEs scored by an earlier saelab, which read every SAE from the first one's first position (these "
-                "differ in whether they read position 0)")
-    if inputs.get("export_version") != recorded.get("export_version"):
-        return ("an earlier saelab's export, whose n_tokens_in_prompt counted the BOS position its records leave "
-                "out")
     changes = changed_fields(settings(recorded), settings(inputs))
     if changes:
         return f"other settings ({', '.join(changes)})"
     if recorded.get("sae_files") != inputs["sae_files"]:  # n2g: whether the key holds a run's N2G files
         return ("other SAE files (other SAEs, the same ones retrained or replaced since"
                 + (", or a run's N2G explanations written since)" if n2g else ")"))
+    # The same SAEs and settings: only how an earlier saelab scored or exported them can differ.
+    if "first_scored" in inputs and "first_scored" not in recorded:
+        return ("SAEs scored by an earlier saelab, which read every SAE from the first one's first position (these "
+                "differ in whether they read position 0)")
+    if inputs.get("export_version") != recorded.get("export_version"):
+        return ("an earlier saelab's export, whose n_tokens_in_prompt counted the BOS position its records leave "
+                "out")
     if "corpus_files" in recorded and recorded["corpus_files"] != inputs["corpus_files"]:
         corpus = inputs["browse"].get("corpus")
         if "corpus_where" not in recorded:  # recorded by an earlier saelab: either may be the case
