@@ -804,10 +804,36 @@ def test_a_writer_is_not_refused_for_a_look_at_its_folder(tmp_path):
     run = tmp_path / "run"
     RunLock(run).acquire().release()  # the lock file exists, free
     fd = os.open(run / LOCK, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a look, as held_by takes it
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a look, as held_by takes it
     threading.Timer(0.05, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))).start()
     lock = RunLock(run).acquire()  # waits out the look
     try:
         assert (run / LOCK).read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.release()
+
+
+def test_two_looks_at_a_free_folder_see_no_writer(tmp_path):
+    """Two processes asking held_by at once (two evals or reports naming a sweep's unfinished runs) each
+    locked the free folder for an instant and saw the other as a writer, "pid unknown", ~2 % of the time."""
+    run = tmp_path / "run"
+    RunLock(run).acquire().release()  # the lock file exists, free
+    look = textwrap.dedent("""
+        import sys, time
+        from saelab.utils.folder_lock import held_by
+        end, seen = time.monotonic() + 1.5, set()
+        while time.monotonic() < end:
+            seen.add(held_by(sys.argv[1]))
+        print(sorted(map(str, seen)))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    looks = [subprocess.Popen([sys.executable, "-c", look, str(run)], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    assert [p.communicate(timeout=60)[0].strip() for p in looks] == ["['None']"] * 2
+    lock = RunLock(run).acquire()  # a writer is still seen by a look
+    try:
+        assert subprocess.run([sys.executable, "-c", "import sys; from saelab.utils.folder_lock import held_by; "
+                               "print(held_by(sys.argv[1]))", str(run)], env=env, capture_output=True,
+                              text=True).stdout.strip() == f"pid {os.getpid()}"
     finally:
         lock.release()

@@ -73,7 +73,7 @@ class RunLock:
                 with contextlib.suppress(OSError):  # not empty: something else lives there
                     self.run_dir.rmdir()
         finally:
-            _flock(fd, exclusive=False)
+            _flock(fd, "unlock")
             os.close(fd)
 
 
@@ -85,20 +85,21 @@ def held_by(folder: str | Path) -> str | None:
         fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
     except OSError:  # no lock file: never written by a process that locks
         return None
-    try:
-        _flock(fd, exclusive=True)
+    try:  # a shared lock: two looks at once do not see each other as a writer
+        _flock(fd, "shared")
     except BlockingIOError:  # flock refuses a second lock of this process's own too
         holder = RunLock(Path(folder)).holder()
         return None if holder == f"pid {os.getpid()}" else holder
     else:
-        _flock(fd, exclusive=False)
+        _flock(fd, "unlock")
         return None
     finally:
         os.close(fd)
 
 
 LOOK_SECONDS = 0.2
-"""How long acquire waits for a lock held only for a look: held_by locks a free folder for an instant."""
+"""How long acquire waits for a lock held only for a look: held_by locks a free folder for an instant (shared,
+so looks do not block each other, but a writer must wait it out)."""
 
 
 def _flock_soon(fd: int) -> None:
@@ -107,19 +108,21 @@ def _flock_soon(fd: int) -> None:
     deadline = time.monotonic() + LOOK_SECONDS
     while True:
         try:
-            return _flock(fd, exclusive=True)
+            return _flock(fd, "exclusive")
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.01)
 
 
-def _flock(fd: int, *, exclusive: bool) -> None:
+def _flock(fd: int, how: str) -> None:
+    """flock without waiting: "exclusive" (a writer), "shared" (a look) or "unlock"."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform (Windows): one writer is then the user's care
         return
-    fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_UN)
+    ops = {"exclusive": fcntl.LOCK_EX | fcntl.LOCK_NB, "shared": fcntl.LOCK_SH | fcntl.LOCK_NB, "unlock": fcntl.LOCK_UN}
+    fcntl.flock(fd, ops[how])
 
 
 def remove_stale_temp_files(*folders: Path) -> list[Path]:
