@@ -8,6 +8,7 @@ Models are real (a randomly initialised 2-layer GPT-2 with GPT-2's tokenizer), t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import lzma
 import os
@@ -406,6 +407,88 @@ def test_cli_corpus_shorter_than_a_context_is_refused_before_the_model_loads(tin
                                      "one context of 32 (BOS and 31 tokens of text); expected a corpus of at least "
                                      f"31 tokens, or {option} <= 6")
         assert not (tmp_path / "q" / "activations").exists()
+
+
+SHORT_EVAL_TEXT = "The cat sat on the mat. " * 50  # 351 GPT-2 tokens: 11 contexts of 32, 341 tokens an SAE reads
+
+
+def _too_short(corpus: str, reads: str, text: str, lower: str) -> str:
+    """The refusal of an eval corpus of SHORT_EVAL_TEXT too short for the evaluation's ``reads``."""
+    return (f"{corpus} holds 351 tokens, too few for the evaluation ({reads} in contexts of 32: {text} tokens of "
+            f"text); expected a corpus of at least {text} tokens, or {lower} <= 341")
+
+
+def test_cli_quickstart_refuses_an_eval_corpus_too_short_for_the_evaluation_before_the_harvest(
+        tiny_dir, corpus, tmp_path, capsys, monkeypatch):
+    """An eval corpus that fills a context but holds fewer tokens than the evaluation reads was refused after
+    the harvest and the training (`gave only 11 contexts of 32 tokens; 1058 requested`), naming no option.
+    Now before the model loads: the corpus as given, its tokens, the evaluation's and the options that lower them."""
+    import saelab.pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text(SHORT_EVAL_TEXT, encoding="utf-8")
+    (tmp_path / "c.json").write_text(json.dumps({"eval": {"corpus": "c.txt", "downstream_tokens": 100_000}}))
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    run = ["quickstart", "--out", "q", "--harvest-model", str(tiny_dir), "--harvest-hook", HOOK, "--harvest-corpus",
+           str(corpus), "--harvest-context-size", "32", "--n-tokens", "1024", "--n-latents", "64", "--k", "4",
+           "--batch-size", "128", "--init-rows", "256", "--no-progress"]
+    both = "--eval-recon-tokens and --eval-downstream-tokens"
+    for extra, message in (
+            (["--eval-corpus", "c.txt"], _too_short("--eval-corpus 'c.txt'", "--eval-recon-tokens 32,768 and "
+                                                    "--eval-downstream-tokens 16,384", "32,798", both)),
+            # only the setting past the corpus is named; one from --config as the file's entry
+            (["--config", "c.json", "--eval-recon-tokens", "300"],
+             "--config c.json: " + _too_short("eval.corpus 'c.txt'", "eval.downstream_tokens 100,000", "100,006",
+                                              "eval.downstream_tokens"))):
+        code, out, err = run_cli(capsys, *run, *extra)
+        assert code == 2 and err == f"saelab quickstart: error: {message}"
+        assert not (tmp_path / "q").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir_cache(tiny_gpt2, tiny_dir, corpus, tmp_path_factory) -> Path:
+    """A complete activation cache of 1,024 rows recording tiny_dir, whose tokenizer is on disk, as its model."""
+    folder = tmp_path_factory.mktemp("cache") / "acts"
+    harvest(dataclasses.replace(harvest_cfg(corpus), model=str(tiny_dir)), folder, lm=tiny_gpt2, progress=False)
+    return folder
+
+
+def test_cli_sweep_and_eval_refuse_an_eval_corpus_too_short_for_the_evaluation_before_the_load(
+        tiny_dir_cache, tmp_path, capsys, monkeypatch):
+    """`sweep --eval` trained every run, then loaded the model and failed on a short --eval-corpus; `eval` of a
+    sweep, a run or an SAE loaded the model first. Now each is refused before (the sweep before its training)."""
+    import saelab.pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text(SHORT_EVAL_TEXT, encoding="utf-8")
+    sweep = ["sweep", "--activations", str(tiny_dir_cache), "--out", "sw", "--grid", "k=4,8", "--n-latents", "64",
+             "--batch-size", "128", "--init-rows", "256", "--no-progress"]
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, out, err = run_cli(capsys, *sweep, "--eval", "--eval-corpus", "c.txt", "--eval-recon-tokens", "341")
+    assert code == 2 and err.splitlines()[-1] == "saelab sweep: error: " + _too_short(
+        "--eval-corpus 'c.txt'", "--eval-downstream-tokens 16,384", "16,399", "--eval-downstream-tokens")
+    assert not (tmp_path / "sw").exists()
+    assert run_cli(capsys, *sweep)[0] == 0  # trained without --eval: no model runs
+    before = snapshot(tmp_path / "sw")
+    short = _too_short("--corpus 'c.txt'", "--recon-tokens 32,768 and --downstream-tokens 16,384", "32,798",
+                       "--recon-tokens and --downstream-tokens")
+    for target in (["sw"], ["sw/k4"], ["sw/k4/sae", "--out", "ev"]):
+        code, out, err = run_cli(capsys, "eval", *target, "--corpus", "c.txt", "--no-progress")
+        assert code == 2 and err == f"saelab eval: error: {short}", target
+    assert snapshot(tmp_path / "sw") == before and not (tmp_path / "ev").exists()
+
+
+def test_an_eval_corpus_too_short_is_refused_in_the_same_words_after_a_load(tiny_gpt2, tmp_path):
+    """Where the tokenizer comes only with the model (here, a model already loaded), the evaluation's own read
+    refuses the corpus as the check before a load does, by the settings' names (`gave only 11 contexts of 32
+    tokens; 1058 requested` before)."""
+    (tmp_path / "c.txt").write_text(SHORT_EVAL_TEXT, encoding="utf-8")
+    sae = TopKSAE(SAEConfig(d_in=D, n_latents=64, k=4, hook_name=HOOK, context_size=32))
+    with pytest.raises(CorpusError) as err:
+        evaluate(sae, lm=tiny_gpt2, cfg=EvalConfig(corpus=str(tmp_path / "c.txt")), progress=False)
+    assert str(err.value) == _too_short(f"eval.corpus {str(tmp_path / 'c.txt')!r}", "eval.recon_tokens 32,768 and "
+                                        "eval.downstream_tokens 16,384", "32,798",
+                                        "eval.recon_tokens and eval.downstream_tokens")
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -24,7 +24,7 @@ from saelab.data import StreamConfig, sample_contexts, token_contexts, write_act
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
-from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, evaluated_model
+from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, evaluated_model, read_eval_contexts
 from saelab.evals.n2g import N2GConfig, check_latents
 from saelab.evals.suite import PaperSuiteConfig, longest_n_future, run_paper_suite
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
@@ -123,6 +123,17 @@ def check_corpus_fills_a_context(spec: str | LanguageModel, corpus: str, context
     if tokenizer is not None:
         token_contexts(corpus, tokenizer, context_size, n_contexts=1, bos_token_id=bos_token_id(tokenizer),
                        prepend_bos=prepend_bos, setting=setting)
+
+
+def check_eval_corpus_before_load(spec: str | LanguageModel, cfg: EvalConfig, context_size: int, first: int,
+                                  prepend_bos: bool) -> torch.Tensor | None:
+    """Refuse an eval corpus too short for ``cfg``'s evaluation (see ``read_eval_contexts``) with the model's
+    tokenizer: before the (slow) load when it is on disk, else (None) left to the evaluation, which reads the
+    corpus the same way after the load. Returns the contexts read (None: none were)."""
+    tokenizer = tokenizer_on_disk(spec)
+    if tokenizer is None:
+        return None
+    return read_eval_contexts(cfg, tokenizer, bos_token_id(tokenizer), context_size, first, prepend_bos)
 
 
 def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str, progress: bool):
@@ -361,9 +372,13 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
     spec = lm or model_for(sae)
     check_before_load(spec, sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
+    contexts = None  # read before the load, for the evaluation: a loaded model's reads the corpus at once
+    if not isinstance(spec, LanguageModel):
+        contexts = check_eval_corpus_before_load(spec, cfg, cfg.context_size or sae.cfg.context_size,
+                                                 int(sae.cfg.exclude_first), sae.cfg.prepend_bos)
     lm = load_model(spec, device=device, dtype=model_dtype)
     sae = _beside_model(sae, lm, given=given)
-    core = evaluate_core(sae, lm, cfg, progress=progress)
+    core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
     metrics = {**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
                "sae_sha256": sae_hash or sae_sha256(sae), "eval_config": _eval_config_record(cfg),
                "model_dtype": str(lm.dtype).removeprefix("torch.")}
@@ -469,11 +484,15 @@ def _readable_eval_metrics(run_dir: str | Path, sae: TopKSAE, *, sae_hash: str |
 
 def check_evaluation_before_training(cache: str | Path, cfg: EvalConfig) -> None:
     """Refuse, before SAEs train on ``cache``, what would refuse their evaluation after the training: a
-    missing eval corpus, a hook or context the cache's model does not take."""
+    missing eval corpus or one too short for the evaluation, a hook or context the cache's model does not take."""
     resolve_corpus(cfg.corpus, "eval")
     meta = ActivationCache(cache).meta
     spec = recorded_model(meta.get("model_source"), meta.get("model_name"), f"activation cache {cache}")
     check_before_load(spec, meta.get("hook_name", ""), cfg.context_size, meta.get("context_size"))
+    context_size = cfg.context_size or meta.get("context_size")
+    if context_size:  # the SAEs trained on the cache read its contexts, from the position its harvest kept
+        check_eval_corpus_before_load(spec, cfg, context_size, int(bool(meta.get("exclude_first"))),
+                                      meta.get("prepend_bos", True))
 
 
 def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: str | None = None,
@@ -490,7 +509,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before any model loads
-    state, specs, changes, hashes, saes = {}, {}, {}, {}, {}
+    state, specs, changes, hashes, saes, corpus_read = {}, {}, {}, {}, {}, set()
     # Each SAE is loaded once: those to evaluate are kept from their check to their evaluation (on the CPU;
     # the sweep trained them all at once), the others dropped after their check.
     for run in runs:
@@ -500,8 +519,13 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
                                                                   sae_hash=hashes[run])
         state[run] = _state_of(changes[run])
         specs[run] = model or model_for(sae)
-        if state[run] == "none":  # to be evaluated: its hook and context checked before any model loads
+        if state[run] == "none":  # to be evaluated: its hook, context and corpus checked before any model loads
             check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
+            read = (specs[run], cfg.context_size or sae.cfg.context_size, int(sae.cfg.exclude_first),
+                    sae.cfg.prepend_bos)
+            if read not in corpus_read:  # runs of one cache read the same contexts: once
+                check_eval_corpus_before_load(specs[run], cfg, *read[1:])
+                corpus_read.add(read)
             saes[run] = sae
     other = [run for run in runs if state[run] == "other"]
     if other:
@@ -745,18 +769,18 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     return finished_hash
 
 
-def _check_corpora_fill_a_context(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
-                                  lm: LanguageModel | None, overwrite_activations: bool) -> None:
-    """A training corpus still to harvest, or the eval corpus, too short for one context: refused before the
-    model loads, not after a harvest and a training. The SAE evaluates at the harvest's context size unless
-    eval.context_size is given; either way, that is the setting that shrinks the evaluation's contexts."""
+def _check_corpora_are_long_enough(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
+                                   lm: LanguageModel | None, overwrite_activations: bool) -> None:
+    """A training corpus still to harvest too short for one context, or the eval corpus too short for the
+    evaluation: refused before the model loads, not after a harvest and a training. The SAE evaluates at the
+    harvest's context size unless eval.context_size is given; either way, that is the setting that shrinks the
+    evaluation's contexts."""
     spec = lm or harvest_cfg.model
     if overwrite_activations or not cache_is_complete(run_dir / ACTIVATIONS_DIR):
         check_corpus_fills_a_context(spec, resolve_corpus(harvest_cfg.corpus, "train"), harvest_cfg.context_size,
                                      harvest_cfg.prepend_bos, "harvest.context_size")
-    check_corpus_fills_a_context(spec, resolve_corpus(cfg.eval.corpus, "eval"),
-                                 cfg.eval.context_size or harvest_cfg.context_size, harvest_cfg.prepend_bos,
-                                 "eval.context_size")
+    check_eval_corpus_before_load(spec, cfg.eval, cfg.eval.context_size or harvest_cfg.context_size,
+                                  int(harvest_cfg.exclude_first), harvest_cfg.prepend_bos)
 
 
 def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
@@ -825,7 +849,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         note_unfinished_overwrite(run_dir / ACTIVATIONS_DIR, "--overwrite-activations")
         return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
                                          trained_before)
-    _check_corpora_fill_a_context(cfg, harvest_cfg, run_dir, lm, overwrite_activations)
+    _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, lm, overwrite_activations)
     if overwrite and (run_dir / TRAIN_CONFIG).exists():
         print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
               file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -21,7 +22,8 @@ from simple_parsing import ArgumentParser, DashVariant
 from simple_parsing.helpers.custom_actions import BooleanOptionalAction
 from simple_parsing.utils import FALSE_STRINGS, TRUE_STRINGS
 
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, CorpusError
+from saelab.utils.config import given_parts
 
 DTYPES = ("float32", "bfloat16", "float16")
 UNSET_NOTE = "\n\"unset\" above: what a setting means when its option is left out.\n"
@@ -468,6 +470,30 @@ def given(args: argparse.Namespace, dest: str) -> str | None:
     """How the user set the setting ``dest`` ("train.k"): its option as typed ("--k", "-k"), or the --config
     file's entry ("--config c.yaml: train.k"); None where it is a default (a recipe's value included)."""
     return getattr(args, "given_as", {}).get(dest)
+
+
+@contextlib.contextmanager
+def eval_settings_as_given(args: argparse.Namespace, prefix: str):
+    """An eval corpus too short for the evaluation (``saelab.evals.core.eval_corpus_too_short``) refused with
+    each eval setting as the user gave it: its option as typed, or the --config file's entry (the file
+    leading the line), and one left at its default by its option (``prefix``: "--eval-", or "--" in eval)."""
+    try:
+        yield
+    except CorpusError as e:
+        worded = getattr(e, "worded", None)
+        if worded is None:
+            raise
+        files: set[str] = set()
+
+        def name(setting: str, with_file: bool = False) -> str:
+            file, entry = given_parts(given(args, setting) or f"{prefix}{setting.partition('.')[2].replace('_', '-')}")
+            files.update([file] if file else [])
+            return f"{entry} ({file.removesuffix(': ')})" if with_file and file else entry
+
+        message = worded(name)
+        if len(files) > 1:  # entries of several files: each named with its own
+            message = worded(lambda setting: name(setting, with_file=True))
+        raise CorpusError(files.pop() + message if len(files) == 1 else message) from None
 
 
 # A settings field in a refusal: an assignment ("k=9000"), or a bare name beside a comparison ("k <=

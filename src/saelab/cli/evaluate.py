@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, given, typed_starting
+from saelab.cli.common import add_io_options, eval_settings_as_given, given, typed_starting
 from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import ComputeEquivalentConfig, known_series_names
@@ -127,15 +127,17 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{args.sae} is a sweep folder; --suite paper evaluates one SAE: run it on each run "
                               "folder you want the paper metrics of")
         _note_unfinished("eval", args.sae, "evaluates the finished runs")
-        return evaluate_sweep(args.sae, args.eval, model=args.model, device=args.device, model_dtype=args.model_dtype,
-                              overwrite=args.overwrite, progress=args.progress)
+        with eval_settings_as_given(args, "--"):
+            return evaluate_sweep(args.sae, args.eval, model=args.model, device=args.device,
+                                  model_dtype=args.model_dtype, overwrite=args.overwrite, progress=args.progress)
     if args.suite == "paper":
         index = paper_suite(args.sae, out_dir=args.out, lm=args.model, hook=args.hook, eval_cfg=args.eval,
                             cfg=suite_config(args), device=args.device, model_dtype=args.model_dtype, allow_http=args.allow_http,
                             overwrite=args.overwrite, progress=args.progress)
         return {"report": index["report"],
                 **{m: v["status"] + (" (reused)" if v["reused"] else "") for m, v in index["metrics"].items()}}
-    return _eval_core(args)
+    with eval_settings_as_given(args, "--"):
+        return _eval_core(args)
 
 
 def _refuse_options_of_metrics_left_out(args: argparse.Namespace) -> None:

@@ -12,8 +12,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, did_you_mean, given, in_given_words, literal_choices, type_words,
-                               typed, typed_starting)
+from saelab.cli.common import (add_io_options, did_you_mean, eval_settings_as_given, given, in_given_words,
+                               literal_choices, type_words, typed, typed_starting)
 from saelab.data import ActivationCache, IncompleteCacheError
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
@@ -128,9 +128,10 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
                           f"{args.harvest.n_tokens} sets both")
     harvest_cfg = dataclasses.replace(args.harvest, n_tokens=args.n_tokens) if args.n_tokens else args.harvest
     cfg = QuickstartConfig(harvest=harvest_cfg, train=train, eval=args.eval)  # harvests max(n_tokens, total_tokens)
-    metrics = quickstart(cfg, args.out, device=args.device, model_dtype=args.model_dtype, overwrite=args.overwrite,
-                         overwrite_activations=args.overwrite_activations, progress=args.progress,
-                         log_to=args.log_to)
+    with eval_settings_as_given(args, "--eval-"):
+        metrics = quickstart(cfg, args.out, device=args.device, model_dtype=args.model_dtype,
+                             overwrite=args.overwrite, overwrite_activations=args.overwrite_activations,
+                             progress=args.progress, log_to=args.log_to)
     print(f"\nreport: {Path(args.out) / 'report.md'}")
     return metrics
 
@@ -358,7 +359,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     refuse_options_the_grid_sets(args, grid)
     check_grid_points(args.train, grid, args.grid, getattr(args, "given_as", {}))
     check_output_folder(args.out, "--out", "sweep")  # a wrong --out is named before the cache is read
-    with _finished_by_harvest(args.activations):
+    with _finished_by_harvest(args.activations), eval_settings_as_given(args, "--eval-"):
         init_from_env()
         cache = ActivationCache(args.activations)
         base = _fit_to_cache(args, cache, grid)
@@ -367,7 +368,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         saes = sweep_from_cache(cache, args.out, base, grid, device=args.device,
                                 overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
     if args.evaluate and ddp.rank() == 0:  # under torchrun one process evaluates; the others are done
-        evaluate_sweep(args.out, args.eval, device=args.device, model_dtype=args.model_dtype,
-                       overwrite=args.overwrite, progress=args.progress)
+        with eval_settings_as_given(args, "--eval-"):
+            evaluate_sweep(args.out, args.eval, device=args.device, model_dtype=args.model_dtype,
+                           overwrite=args.overwrite, progress=args.progress)
         write_scaling_report(args.out)
     return {name: str(Path(args.out) / name / "sae") for name in saes}

@@ -212,14 +212,14 @@ def token_contexts(
         )
     )
     name = repr(os.fspath(source)) if is_source else "the given texts"
+    sep = bos_token_id if separator_token_id is None else separator_token_id
+    stream = counted[0] + (max(counted[1] - 1, 0) if sep is not None else 0)  # separators between documents
     if not rows:
-        sep = bos_token_id if separator_token_id is None else separator_token_id
-        stream = counted[0] + (max(counted[1] - 1, 0) if sep is not None else 0)  # separators between documents
         raise _shorter_than_a_context(name, stream, context_size, prepend_bos, setting)
     if n_contexts is not None and len(rows) < n_contexts:
         err = CorpusError(f"corpus {name} gave only {len(rows)} contexts of {context_size} tokens; {n_contexts} "
                           "requested")
-        err.contexts = len(rows)  # for callers that name their own option's maximum
+        err.contexts, err.tokens = len(rows), stream  # for callers that name their own option's maximum
         raise err
     return torch.stack(rows)
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from saelab.data import resolve_corpus, token_contexts
-from saelab.errors import ConfigError, NonFiniteError
+from saelab.errors import ConfigError, CorpusError, NonFiniteError
 from saelab.evals._common import position_0_words
 from saelab.evals.downstream import downstream_metrics
 from saelab.evals.reconstruction import reconstruction_metrics
@@ -101,11 +101,54 @@ def _hook_rows(lm, tokens_NT: torch.Tensor, hook: str, first: int, n_rows: int, 
     return torch.cat(rows)[:n_rows]
 
 
+def read_eval_contexts(cfg: EvalConfig, tokenize, bos_token_id: int | None, context_size: int, first: int,
+                       prepend_bos: bool) -> torch.Tensor:
+    """The contexts ``[N, context_size]`` the evaluation reads from ``cfg.corpus``: enough for
+    ``cfg.recon_tokens`` and ``cfg.downstream_tokens`` scored tokens, each context's from position ``first``
+    on. ``tokenize``: the model's, or its tokenizer read before the load. A corpus too short for them is
+    refused naming the settings that lower the need (:func:`eval_corpus_too_short`)."""
+    corpus = resolve_corpus(cfg.corpus, "eval")
+    per_ctx = context_size - first
+    needs = {name: getattr(cfg, name) for name in ("recon_tokens", "downstream_tokens")}
+    n_contexts = max(math.ceil(n / per_ctx) for n in needs.values())
+    try:
+        return token_contexts(corpus, tokenize, context_size, n_contexts=n_contexts, bos_token_id=bos_token_id,
+                              prepend_bos=prepend_bos, setting="eval.context_size")
+    except CorpusError as e:
+        if not getattr(e, "contexts", 0):  # shorter than one context: its own words name eval.context_size
+            raise
+        window = context_size - 1 if prepend_bos else context_size
+        raise eval_corpus_too_short(cfg.corpus, corpus, e.tokens, e.contexts * per_ctx, n_contexts * window,
+                                    context_size, needs) from None
+
+
+def eval_corpus_too_short(given: str | None, corpus: str, tokens: int, most: int, text_needed: int, T: int,
+                          needs: dict[str, int]) -> CorpusError:
+    """The refusal of an eval corpus of ``tokens`` tokens that fills fewer contexts of ``T`` than the
+    evaluation reads (``text_needed`` tokens of text), ``most`` the most tokens it lets each setting in
+    ``needs`` score. It names each setting by its path ("eval.corpus", "eval.recon_tokens"); its
+    ``worded(name)`` words it again with each as ``name`` says (a command line: as the user gave it)."""
+    over = {f"eval.{setting}": n for setting, n in needs.items() if n > most}
+
+    def worded(name) -> str:
+        text = "the eval split" if given is None else name("eval.corpus")
+        reads = " and ".join(f"{name(setting)} {n:,}" for setting, n in over.items())
+        return (f"{text} {corpus!r} holds {tokens:,} tokens, too few for the evaluation ({reads} in contexts of "
+                f"{T:,}: {text_needed:,} tokens of text); expected a corpus of at least {text_needed:,} tokens, or "
+                f"{' and '.join(map(name, over))} <= {most}")
+
+    err = CorpusError(worded(lambda setting: setting))
+    err.worded = worded
+    return err
+
+
 @torch.no_grad()
-def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = True) -> CoreEvaluation:
+def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = True,
+                  contexts: torch.Tensor | None = None) -> CoreEvaluation:
     """Reconstruction metrics on ``cfg.recon_tokens`` held-out tokens and the spliced loss on
     ``cfg.downstream_tokens``, both from the same packed contexts (BOS first, position 0 as the SAE
-    was trained)."""
+    was trained). ``contexts``: those contexts when the caller read them already (:func:`read_eval_contexts`
+    with the model's tokenizer, before the load)."""
     cfg = cfg or EvalConfig()
     hook = lm.check_hook(sae.cfg.hook_name)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
@@ -115,8 +158,8 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     first = 1 if sae.cfg.exclude_first else 0
     per_ctx = T - first
     n_recon, n_down = math.ceil(cfg.recon_tokens / per_ctx), math.ceil(cfg.downstream_tokens / per_ctx)
-    tokens = token_contexts(corpus, lm.tokenize, T, n_contexts=max(n_recon, n_down),
-                            bos_token_id=lm.bos_token_id, prepend_bos=sae.cfg.prepend_bos)
+    tokens = contexts if contexts is not None else read_eval_contexts(cfg, lm.tokenize, lm.bos_token_id, T, first,
+                                                                      sae.cfg.prepend_bos)
     t0 = time.perf_counter()
     sae.eval()
     acts_ND = _hook_rows(lm, tokens[:n_recon], hook, first, cfg.recon_tokens, cfg.lm_batch_size)
