@@ -1528,6 +1528,34 @@ def test_a_corpus_shorter_than_a_context_names_the_context_option_only_where_the
               capsys)
 
 
+def test_steer_scale_refuses_an_eval_split_too_short_before_the_model_loads(gpt2_tokenizer, tmp_path, capsys,
+                                                                           monkeypatch):
+    """steer has no --corpus: --scale reads the eval split, which $SAELAB_CORPUS_DIR can replace with a short
+    one. One shorter than a context is refused in its own words, naming no option (steer reads the SAE's
+    context); one shorter than --scale-tokens with the most the split holds. Both before the load (the model
+    has no weights: a refusal after it would read "cannot load")."""
+    import lzma
+
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(model)
+    _save_saes(tmp_path, model, ("sae", 64))
+    split = tmp_path / "split" / "wiki_eval.jsonl.xz"
+    split.parent.mkdir()
+    monkeypatch.setenv("SAELAB_CORPUS_DIR", str(split.parent))
+    steer = ["steer", "sae", "--latent", "1", "--scale", "2", "--prompt", "Hi", "--max-new-tokens", "1"]
+    for text, message in (("Hi", f"corpus {str(split)!r} holds 1 tokens, too few for one context of 32 (BOS and 31 "
+                                 "tokens of text); expected a corpus of at least 31 tokens"),
+                          ("The cat sat on the mat. " * 50,  # 351 tokens: 11 contexts of 32, less their BOS
+                           "--scale-tokens 65,536: the eval split holds 341 tokens the SAE reads; expected "
+                           "--scale-tokens 341 at most")):
+        split.write_bytes(lzma.compress((json.dumps({"text": text}) + "\n").encode()))
+        assert main(steer) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"saelab steer: error: {message}", err
+    _refusals([([*steer, "--scale-tokens", "341"], "cannot load model directory")], capsys)  # the split holds it
+
+
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))
