@@ -475,6 +475,14 @@ def test_cli_sweep_and_eval_refuse_an_eval_corpus_too_short_for_the_evaluation_b
     for target in (["sw"], ["sw/k4"], ["sw/k4/sae", "--out", "ev"]):
         code, out, err = run_cli(capsys, "eval", *target, "--corpus", "c.txt", "--no-progress")
         assert code == 2 and err == f"saelab eval: error: {short}", target
+    # entries of two --config files: each followed by its file where first named
+    (tmp_path / "a.json").write_text(json.dumps({"eval": {"corpus": "c.txt"}}))
+    (tmp_path / "b.json").write_text(json.dumps({"eval": {"downstream_tokens": 100_000}}))
+    code, out, err = run_cli(capsys, "eval", "sw/k4/sae", "--out", "ev", "--recon-tokens", "100", "--config", "a.json",
+                             "b.json")
+    assert code == 2 and err == "saelab eval: error: " + _too_short(
+        "eval.corpus (--config a.json) 'c.txt'", "eval.downstream_tokens (--config b.json) 100,000", "100,006",
+        "eval.downstream_tokens")
     assert snapshot(tmp_path / "sw") == before and not (tmp_path / "ev").exists()
 
 

@@ -483,17 +483,20 @@ def eval_settings_as_given(args: argparse.Namespace, prefix: str):
         worded = getattr(e, "worded", None)
         if worded is None:
             raise
-        files: set[str] = set()
+        files: dict[str, str] = {}  # each entry named, with its file ("" for an option)
 
-        def name(setting: str, with_file: bool = False) -> str:
+        def name(setting: str, several: bool = False) -> str:
             file, entry = given_parts(given(args, setting) or f"{prefix}{setting.partition('.')[2].replace('_', '-')}")
-            files.update([file] if file else [])
-            return f"{entry} ({file.removesuffix(': ')})" if with_file and file else entry
+            first = entry not in files
+            files.setdefault(entry, file)
+            return f"{entry} ({file.removesuffix(': ')})" if several and first and file else entry
 
         message = worded(name)
-        if len(files) > 1:  # entries of several files: each named with its own
-            message = worded(lambda setting: name(setting, with_file=True))
-        raise CorpusError(files.pop() + message if len(files) == 1 else message) from None
+        leads = set(files.values()) - {""}
+        if len(leads) > 1:  # entries of several files: each followed by its own where first named
+            files.clear()
+            message = worded(lambda setting: name(setting, several=True))
+        raise CorpusError(leads.pop() + message if len(leads) == 1 else message) from None
 
 
 # A settings field in a refusal: an assignment ("k=9000"), or a bare name beside a comparison ("k <=
