@@ -597,6 +597,7 @@ def test_quickstart_with_another_n_tokens_names_the_cache_and_both_options_at_on
     assert code == 0 and "already holds this harvest, 2,048 activations" in err, err
 
 
+
 # ---- NaN and inf --------------------------------------------------------------------------------------------
 
 
@@ -853,7 +854,8 @@ def test_cli_sweep_on_a_small_cache_trains_on_all_its_rows_as_train_does(tiny_ca
 
 def test_cli_sweep_refuses_a_grid_total_tokens_past_the_cache_naming_the_entry(tiny_cache, tmp_path, capsys):
     """A --grid total_tokens value larger than the cache was refused naming --total-tokens, an option never
-    typed; a --config file's total_tokens that the grid replaces at every point was refused though unused."""
+    typed (a --config file's grid as --grid); a --config file's total_tokens that the grid replaces at every
+    point was refused though unused."""
     small = ["--n-latents", "64", "--k", "4", "--batch-size", "128", "--init-rows", "256", "--no-progress"]
     for entry in ("total_tokens=512,2048", "total-tokens=2048"):
         code, out, err = run_cli(capsys, "sweep", "--activations", str(tiny_cache), "--out", str(tmp_path / "sw"),
@@ -863,6 +865,14 @@ def test_cli_sweep_refuses_a_grid_total_tokens_past_the_cache_naming_the_entry(t
                                      "holds 1,024 rows but training needs 2,048; harvest more or train on fewer "
                                      f"tokens ({name}=1024 at most)")
         assert not (tmp_path / "sw").exists()
+    grid = tmp_path / "grid.yaml"  # a file's grid: named by its entry, as the file's other settings
+    grid.write_text('grid: ["total-tokens=512,2048"]\n')
+    code, out, err = run_cli(capsys, "sweep", "--activations", str(tiny_cache), "--out", str(tmp_path / "sw"),
+                             "--config", str(grid), *small)
+    assert code == 2 and err == (f"saelab sweep: error: --config {grid}: grid total-tokens=2048: activation cache "
+                                 f"{str(tiny_cache)!r} holds 1,024 rows but training needs 2,048; harvest more or "
+                                 "train on fewer tokens (total-tokens=1024 at most)")
+    assert not (tmp_path / "sw").exists()
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  total_tokens: 2048\n")
     code, out, err = run_cli(capsys, "sweep", "--activations", str(tiny_cache), "--out", str(tmp_path / "sw"),

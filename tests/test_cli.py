@@ -622,6 +622,67 @@ def test_entries_of_two_config_files_are_each_blamed_on_their_own_file(tmp_path,
     assert not (tmp_path / "r").exists()
 
 
+GRID_FROM_A_FILE = [  # (the file, options typed, the refusal after "--config FILE: ")
+    ('grid: ["k=99"]\n', "--n-latents 32", "grid k=99 exceeds --n-latents 32; expected k <= --n-latents"),
+    ('{"grid": ["k=8,16", "batch_size=128"]}', "", "grid batch_size=128: a sweep's runs train together on the "
+                                                   "same batches, so they share one batch size; set it with "
+                                                   "--batch-size"),
+    ('grid: ["n-latents=0"]\n', "", "grid n-latents=0: must be an integer >= 1"),
+    ('grid: ["lr=-1"]\n', "", "grid lr=-1: must be > 0"),
+    ('grid: ["k=8,x"]\n', "", "grid k=x: expected an integer"),
+    ('grid: ["kk=8"]\n', "", "grid entry 'kk=8': expected FIELD=V1,V2 with FIELD a training option such as "
+                             "n-latents, k, lr"),
+    ('grid: ["k="]\n', "", "grid entry 'k=' gives no values; expected k=V1,V2"),
+    ('grid: ["k=8,8"]\n', "", "grid k=8,8: a value is listed twice; give each value once"),
+    ('grid: ["k=8", "k=16"]\n', "", "grid names k twice; give its values once: k=V1,V2"),
+    ('grid: ["k-aux=16"]\n', "--no-auxk", "grid k-aux: applies only with --auxk (AuxK is off)"),
+    ('grid: ["k-aux=100", "n-latents=64"]\n', "", "grid k-aux: 100 exceeds the SAE's 64 latents (grid n-latents); "
+                                                  "AuxK trains at most every dead latent: expected at most 64"),
+    ('grid: ["k=8,16"]\n', "-k 32", "-k 32 and grid k=... both set k; give it once (in the grid)"),
+    ('grid: ["n-latents=512"]\ntrain:\n  k: 700\n', "", "train.k 700 exceeds grid n-latents=512; expected "
+                                                        "train.k <= n-latents"),
+    # not a list of entries: a string was read letter by letter, unquoted YAML splits k=8,16 at its comma
+    ('grid: "k=8,16"\n', "", """grid: expected a list of OPTION=V1,V2 entries, quoted in YAML, e.g. ["k=16,32", """
+                             """"n-latents=1024"], got 'k=8,16'"""),
+    ("grid: [k=8,16]\n", "", """grid: expected a list of OPTION=V1,V2 entries, quoted in YAML, e.g. ["k=16,32", """
+                             """"n-latents=1024"], got ['k=8', 16]"""),
+    ("grid:\n  k: [8]\n", "", """grid: expected a list of OPTION=V1,V2 entries, quoted in YAML, e.g. ["k=16,32", """
+                             """"n-latents=1024"], got {'k': [8]}"""),
+    ("grid: []\n", "", """grid: expected a list of OPTION=V1,V2 entries, quoted in YAML, e.g. ["k=16,32", """
+                        """"n-latents=1024"], got []"""),
+]
+
+
+@pytest.mark.parametrize("text,typed,message", GRID_FROM_A_FILE)
+def test_a_grid_from_a_config_file_is_named_by_its_entry(text, typed, message, tmp_path, capsys):
+    """A --config file's grid was refused as "--grid ...", an option never typed (a string grid as entries
+    'k', '=', ...; a YAML mapping by its keys): each refusal names the file's entry, before the cache is read."""
+    cfg = tmp_path / ("c.json" if text.startswith("{") else "c.yaml")
+    cfg.write_text(text)
+    argv = ["sweep", "--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "sw"), "--config", str(cfg)]
+    assert _exit_code([*argv, *typed.split()]) == 2
+    assert capsys.readouterr().err.strip() == f"saelab sweep: error: --config {cfg}: {message}"
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_grid_typed_or_in_another_file_keeps_its_own_words(tmp_path, capsys):
+    """A typed --grid is named as typed, beside a file's entries too; a grid from one file and a setting from
+    another name each with its own file."""
+    totals, grid = tmp_path / "t.yaml", tmp_path / "g.yaml"
+    totals.write_text("train:\n  k: 700\n")
+    grid.write_text('grid: ["n-latents=512,1024"]\n')
+    argv = ["sweep", "--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "sw")]
+    for extra, message in (
+            (["--grid", "k-aux=100", "n-latents=64"], "--grid k-aux: 100 exceeds the SAE's 64 latents "
+                                                      "(--grid n-latents); AuxK trains at most every dead latent: "
+                                                      "expected at most 64"),
+            (["--config", str(totals), str(grid)], f"train.k 700 (--config {totals}) exceeds grid n-latents=512 "
+                                                   f"(--config {grid}); expected train.k <= n-latents"),
+            (["--config", str(grid), "--grid", "k=0"], "--grid k=0: must be an integer >= 1")):  # typed wins
+        assert _exit_code([*argv, *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"saelab sweep: error: {message}"
+
+
 @pytest.mark.parametrize("file,typed,message", [
     # harvest and eval share field names: the file's valid eval value is not the one refused
     ("eval:\n  lm_batch_size: 8\n", "--harvest-lm-batch-size 0", "--harvest-lm-batch-size must be >= 1, got 0"),

@@ -13,7 +13,7 @@ import shlex
 import sys
 
 import saelab
-from saelab.cli.common import Parser, in_given_words
+from saelab.cli.common import GRID_ENTRY_RE, Parser, in_given_words
 from saelab.errors import SaelabError
 from saelab.utils.device import resolve_device
 from saelab.utils.host_memory import retain_freed_memory
@@ -142,7 +142,7 @@ def _in_long_option_words(message: str, options: dict[str, str]) -> str:
     message = re.sub(r"\b\w+=True \((--[\w-]+)\)", r"\1", message)
     message = re.sub(r"\b\w+=(\S+) \((--[\w-]+)\)", r"\2 \1", message)
 
-    if "--grid " in message:  # a grid entry is named in the grid's own words, "k=16,32"
+    if "--grid " in message or GRID_ENTRY_RE.search(message):  # a grid entry in its own words, "k=16,32"
         return message
 
     def option(match: re.Match) -> str:

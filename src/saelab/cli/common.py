@@ -521,13 +521,13 @@ def in_given_words(message: str, how: dict[str, str],
     setting ("k") or a long option ("--k") to how it was given: an option as typed ("-k"), a --config file's
     entry ("--config c.yaml: train.k"; the message then opens with its file, or, where the entries named
     come from several files, each is followed by its own at its first mention) or a grid entry ("--grid
-    k=9000", named "k" beside a comparison); ``otherwise`` names a setting ``how`` lacks (None: as the
-    message has it). "k must be >= 1, got 0" -> "-k must be >= 1, got 0", "--config c.yaml: train.k: must
-    be ...", "--grid k=0: must be >= 1"; "--k 100" -> "-k 100"."""
+    k=9000", or a file's "--config c.yaml: grid k=9000"; named "k" beside a comparison); ``otherwise`` names
+    a setting ``how`` lacks (None: as the message has it). "k must be >= 1, got 0" -> "-k must be >= 1, got
+    0", "--config c.yaml: train.k: must be ...", "--grid k=0: must be >= 1"; "--k 100" -> "-k 100"."""
     setting, _, rest = message.partition(" ")
-    lead = how.get(setting) if rest.startswith("must ") and not setting.startswith("-") else None
-    if lead is not None and not lead.startswith("--grid "):
-        return f"{lead}{':' if lead.startswith('--config ') else ''} {rest}"
+    lead = setting if rest.startswith("must ") and not setting.startswith("-") and setting in how else None
+    if lead is not None and grid_entry(how[lead]) is None:
+        return f"{how[lead]}{':' if how[lead].startswith('--config ') else ''} {rest}"
     files: dict[str, str] = {}  # the file of each entry named
     reworded = _in_given_words(message, lead, how, otherwise, files, several=False)
     named = {file for file in files.values() if file}
@@ -536,36 +536,49 @@ def in_given_words(message: str, how: dict[str, str],
     return f"{named.pop()}: {reworded}" if named else reworded
 
 
+def grid_entry(words: str | None) -> str | None:
+    """The sweep grid's entry that ``words`` name, as the grid was given: typed ("--grid k=8") or a --config
+    file's ("--config c.yaml: grid k=8" -> "grid k=8"); None for any other setting."""
+    entry = (words or "").rpartition(": ")[2]
+    return entry if entry.startswith(("--grid ", "grid ")) else None
+
+
+# A grid entry in a refusal, as typed ("--grid k=8") or from a file ("grid k=8", "grid k-aux:", "grid entry
+# 'k='", "grid: expected ..."): named in the grid's own words, not reworded as options ("--k 8").
+GRID_ENTRY_RE = re.compile(r"(?:--|(?<![\w./-]))grid(?::| (?:[\w-]+[=:]|entry |names ))")
+
+
 def _in_given_words(message: str, lead: str | None, how: dict[str, str],
                     otherwise: typing.Callable[[str], str | None], files: dict[str, str], several: bool) -> str:
     """in_given_words' rewording, recording in ``files`` the file of each entry named; ``several``: each
-    entry followed by its file ("train.k 600 (--config k.yaml)") where first named."""
+    entry followed by its file ("train.k 600 (--config k.yaml)") where first named. ``lead``: the setting
+    of a grid entry the message opens with."""
 
-    def compared(field: str, value: str | None = None) -> str | None:
-        words = how.get(field) or otherwise(field)
-        if words is None:
-            return None
-        if words.startswith("--grid "):  # beside a comparison, the entry's name: "expected k <= n-latents"
-            return words.removeprefix("--grid ").partition("=")[0]
+    def named(words: str, value: str | None = None) -> str:  # a grid entry holds its value as typed
         file, _, entry = words.rpartition(": ")
         first = entry not in files
         files.setdefault(entry, file)
-        named = entry if value is None else f"{entry} {value}"
-        return f"{named} ({file})" if several and first and file else named
+        shown = entry if value is None or grid_entry(entry) else f"{entry} {value}"
+        return f"{shown} ({file})" if several and first and file else shown
+
+    def compared(field: str) -> str | None:
+        words = how.get(field) or otherwise(field)
+        if words is not None and grid_entry(words):  # beside a comparison, the entry's name: "k <= n-latents"
+            return grid_entry(words).partition(" ")[2].partition("=")[0]
+        return None if words is None else named(words)
 
     def assigned(field: str, value: str) -> str | None:
-        if (how.get(field) or "").startswith("--grid "):  # the entry holds the value as typed
-            return how[field]
-        return compared(field, value)
+        words = how.get(field) or otherwise(field)
+        return None if words is None else named(words, value)
 
     if lead is not None:  # a grid entry: the value is in the entry, no ", got 0"
         rest = message.partition(" ")[2]
-        message = f"{lead}: {reword_fields(re.sub(r', got [^,;]+$', '', rest), assigned, compared)}"
+        message = f"{named(how[lead])}: {reword_fields(re.sub(r', got [^,;]+$', '', rest), assigned, compared)}"
     else:
         message = reword_fields(message, assigned, compared)
-    for option, spelling in how.items():  # the verbs' own messages name long options too
+    for option in how:  # the verbs' own messages name long options too
         if option.startswith("--"):
-            message = re.sub(rf"(?<![\w./-]){re.escape(option)}(?![\w-])", spelling, message)
+            message = re.sub(rf"(?<![\w./-]){re.escape(option)}(?![\w-])", lambda m: named(how[option]), message)
     return message
 
 

@@ -63,15 +63,15 @@ APPLIES_ONLY_WITH: list[tuple[tuple[str, ...], typing.Callable[[dict], bool], st
 
 def refuse_options_that_do_not_apply(args: argparse.Namespace, grid: dict[str, list] | None = None,
                                      grid_names: dict[str, str] | None = None) -> None:
-    """Refuse a training option the user gave (typed, in a --config file, or a --grid entry, named as
-    ``grid_names`` says it was typed) where it has no effect (APPLIES_ONLY_WITH), and a --k-aux above the
+    """Refuse a training option the user gave (typed, in a --config file, or a grid entry, named as
+    ``grid_names`` says it was written) where it has no effect (APPLIES_ONLY_WITH), and a --k-aux above the
     latent count (more dead latents than there are). Before any slow work: the cache is not read yet."""
     grid, grid_names = grid or {}, grid_names or {}
     base = dataclasses.asdict(args.train)
     points = [{**base, **dict(zip(grid, values))} for values in itertools.product(*grid.values())]
 
     def how(field: str) -> str | None:
-        return f"--grid {grid_names.get(field, field)}" if field in grid else given(args, f"train.{field}")
+        return f"{grid_as(args)} {grid_names.get(field, field)}" if field in grid else given(args, f"train.{field}")
 
     def used(field: str) -> bool:  # a switch given off asks for nothing
         return how(field) is not None and (not isinstance(base[field], bool) or any(p[field] for p in points))
@@ -84,10 +84,17 @@ def refuse_options_that_do_not_apply(args: argparse.Namespace, grid: dict[str, l
     if how("k_aux") is None:
         return
     for p in points:
-        if p["k_aux"] > p["n_latents"]:
-            latents = how("n_latents") or "--n-latents"
-            raise ConfigError(f"{how('k_aux')}: {p['k_aux']} exceeds the SAE's {p['n_latents']} latents ({latents}); "
-                              f"AuxK trains at most every dead latent: expected at most {p['n_latents']}")
+        if p["k_aux"] > p["n_latents"]:  # each named as given, a file's entries after their file
+            how_given = {"--k-aux": how("k_aux"), "--n-latents": how("n_latents") or "--n-latents"}
+            raise ConfigError(in_given_words(f"--k-aux: {p['k_aux']} exceeds the SAE's {p['n_latents']} latents "
+                                             f"(--n-latents); AuxK trains at most every dead latent: expected at "
+                                             f"most {p['n_latents']}", how_given))
+
+
+def grid_as(args: argparse.Namespace) -> str:
+    """How the sweep's grid was given, to name its entries: "--grid" typed, or the --config file's entry
+    ("--config c.yaml: grid"), as the file's other settings are named."""
+    return given(args, "grid") or "--grid"
 
 
 def add_quickstart(sub, recipe: str) -> None:
@@ -201,12 +208,13 @@ def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[s
 def _refuse_a_budget_past_the_cache(args: argparse.Namespace, cache: ActivationCache, tokens: int,
                                     grid: dict[str, list] | None = None) -> None:
     """Refuse training ``tokens`` on a cache of fewer rows, naming the setting as given: its option as typed,
-    a --config file's entry as the file's, a --grid entry as typed with its value ("--grid total_tokens=2048")."""
+    a --config file's entry as the file's, a grid entry as written with its value ("--grid total_tokens=2048",
+    "--config c.yaml: grid total_tokens=2048")."""
     if cache.n_rows >= tokens:
         return
     if grid is not None:
         name, values = typed_grid_words(args.grid)["total_tokens"]
-        lead, entry = f"--grid {name}={values[grid['total_tokens'].index(tokens)]}: ", ""
+        lead, entry = f"{grid_as(args)} {name}={values[grid['total_tokens'].index(tokens)]}: ", ""
         fewer = f"{name}={cache.n_rows}"
     else:
         lead, entry = given_parts(given(args, "train.total_tokens"))
@@ -245,30 +253,40 @@ def add_sweep(sub, recipe: str) -> None:
     p.set_defaults(handler=run_sweep)
 
 
-def parse_grid(items: list[str]) -> dict[str, list]:
+def parse_grid(items: list[str], named: str = "--grid") -> dict[str, list]:
     """['n_latents=1024,4096', 'lr=1e-3'] -> {'n_latents': [1024, 4096], 'lr': [0.001]}, typed and each
-    grid point validated as a TrainConfig. Refusals name an entry as typed (n-latents or n_latents)."""
+    grid point validated as a TrainConfig. Refusals name an entry as written (n-latents or n_latents), after
+    ``named``, how the grid was given: "--grid", or a --config file's entry "--config c.yaml: grid"."""
+    _refuse_a_grid_not_listed(items, named)
     hints = typing.get_type_hints(TrainConfig)
     fields = [h for h in hints if h != "recipe"]
     grid: dict[str, list] = {}
     for item, name, field in _grid_entries(items):
         values = item.partition("=")[2]
         if field in fields and not values.strip(", "):
-            raise ConfigError(f"--grid entry {item!r} gives no values; expected {name}=V1,V2")
+            raise ConfigError(f"{named} entry {item!r} gives no values; expected {name}=V1,V2")
         if field not in fields:
             spelled = [_spelled_as(f, name) for f in fields]
-            raise ConfigError(f"--grid entry {item!r}: expected FIELD=V1,V2 with FIELD a training option such as "
+            raise ConfigError(f"{named} entry {item!r}: expected FIELD=V1,V2 with FIELD a training option such as "
                               f"{', '.join(_spelled_as(f, name) for f in ('n_latents', 'k', 'lr'))}"
                               f"{did_you_mean(_spelled_as(field, name), spelled)}")
         if field in grid:
-            raise ConfigError(f"--grid names {name} twice; give its values once: {name}=V1,V2")
+            raise ConfigError(f"{named} names {name} twice; give its values once: {name}=V1,V2")
         if field == "batch_size":  # the runs read one stream of batches (train_many)
-            raise ConfigError(f"--grid {item}: a sweep's runs train together on the same batches, so they share one "
-                              "batch size; set it with --batch-size")
-        grid[field] = [_grid_value(name, hints[field], v.strip()) for v in values.split(",")]
+            raise ConfigError(f"{named} {item}: a sweep's runs train together on the same batches, so they share "
+                              "one batch size; set it with --batch-size")
+        grid[field] = [_grid_value(name, hints[field], v.strip(), named) for v in values.split(",")]
         if len(set(map(repr, grid[field]))) < len(grid[field]):  # k=8,8: one run, not the two it looks like
-            raise ConfigError(f"--grid {item}: a value is listed twice; give each value once")
+            raise ConfigError(f"{named} {item}: a value is listed twice; give each value once")
     return grid
+
+
+def _refuse_a_grid_not_listed(items: Any, named: str) -> None:
+    """A --config file's grid that is not a list of OPTION=V1,V2 strings: a string would be read letter by
+    letter ("k=8,16" as entries k, =, 8, ...), a YAML mapping by its keys alone."""
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f'{named}: expected a list of OPTION=V1,V2 entries, quoted in YAML, e.g. ["k=16,32", '
+                          f'"n-latents=1024"], got {items!r}')
 
 
 def _grid_entries(items: list[str]) -> list[tuple[str, str, str]]:
@@ -289,36 +307,37 @@ def typed_grid_words(items: list[str]) -> dict[str, tuple[str, list[str]]]:
             for item, name, field in _grid_entries(items)}
 
 
-def _grid_value(name: str, hint: Any, text: str) -> Any:
+def _grid_value(name: str, hint: Any, text: str, named: str) -> Any:
     choices = literal_choices(hint)
     if choices:
         if text not in choices:
-            raise ConfigError(f"--grid {name}={text}: expected one of {', '.join(map(str, choices))}")
+            raise ConfigError(f"{named} {name}={text}: expected one of {', '.join(map(str, choices))}")
         return text
     kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     kind = kinds[0]
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"--grid {name}={text}: expected true or false")
+            raise ConfigError(f"{named} {name}={text}: expected true or false")
         return text.lower() in ("true", "1", "yes")
     try:
         return kind(text)
     except (TypeError, ValueError):
-        raise ConfigError(f"--grid {name}={text}: expected {type_words(kind)}") from None  # as a --config file
+        raise ConfigError(f"{named} {name}={text}: expected {type_words(kind)}") from None  # as a --config file
 
 
 def check_grid_points(base: TrainConfig, grid: dict[str, list], items: list[str],
-                      given_as: dict[str, str] | None = None) -> None:
-    """Every grid point validated before anything trains; a refusal names the grid entries the user typed
-    ("--grid n-latents=0: ...", "--grid k=9000 exceeds --n-latents 8192"), not options never given, and
-    each other setting as ``given_as`` says it was given ({"train.k": "--config c.yaml: train.k"})."""
+                      given_as: dict[str, str] | None = None, named: str = "--grid") -> None:
+    """Every grid point validated before anything trains; a refusal names the grid entries the user wrote
+    after ``named`` ("--grid n-latents=0: ...", "--grid k=9000 exceeds --n-latents 8192", "--config c.yaml:
+    grid k=9000 ..."), not options never given, and each other setting as ``given_as`` says it was given
+    ({"train.k": "--config c.yaml: train.k"})."""
     words = typed_grid_words(items)
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
         try:
             dataclasses.replace(base, **point)
         except ConfigError as e:
-            typed_point = {field: f"{words[field][0]}={words[field][1][grid[field].index(value)]}"
+            typed_point = {field: f"{named} {words[field][0]}={words[field][1][grid[field].index(value)]}"
                            for field, value in point.items()}
             raise ConfigError(_as_grid_entries(str(e), typed_point, given_as or {})) from None
 
@@ -333,31 +352,32 @@ def _as_grid_entries(message: str, typed_point: dict[str, str], given_as: dict[s
     def otherwise(field: str) -> str | None:  # a setting the grid leaves: as it was given, else its option
         return given_as.get(f"train.{field}", f"--{field.replace('_', '-')}") if field in fields else None
 
-    return in_given_words(message, {field: f"--grid {entry}" for field, entry in typed_point.items()}, otherwise)
+    return in_given_words(message, typed_point, otherwise)
 
 
 def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]) -> None:
     """A training option given on the command line and also swept would be silently replaced (one
     from --config is a default that the grid overrides, as the command line overrides the file)."""
+    lead, entry = given_parts(grid_as(args))  # a file's grid: its file first, as its other entries
     for name in grid:
         option = given(args, f"train.{name}")  # as typed: "-k" too
         if option is not None and not option.startswith("--config "):
-            raise ConfigError(f"{option} {getattr(args.train, name)} and --grid {name}=... both set {name}; give "
-                              "it once (in the grid)")
+            raise ConfigError(f"{lead}{option} {getattr(args.train, name)} and {entry} {name}=... both set {name}; "
+                              "give it once (in the grid)")
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.pipeline import check_evaluation_before_training, evaluate_sweep
     from saelab.report import write_scaling_report
 
-    grid = parse_grid(args.grid)
+    grid = parse_grid(args.grid, grid_as(args))
     grid_names = {field: name for field, (name, _) in typed_grid_words(args.grid).items()}
     refuse_options_that_do_not_apply(args, grid, grid_names)
     unused = typed_starting(args, "--eval-", "--model-dtype") if not args.evaluate else []  # the model runs in --eval
     if unused:
         raise ConfigError(f"{unused[0]} sets the evaluation that --eval runs; add --eval, or leave it out")
     refuse_options_the_grid_sets(args, grid)
-    check_grid_points(args.train, grid, args.grid, getattr(args, "given_as", {}))
+    check_grid_points(args.train, grid, args.grid, getattr(args, "given_as", {}), grid_as(args))
     check_output_folder(args.out, "--out", "sweep")  # a wrong --out is named before the cache is read
     with _finished_by_harvest(args.activations), eval_settings_as_given(args, "--eval-"):
         init_from_env()
