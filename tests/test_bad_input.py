@@ -597,6 +597,43 @@ def test_quickstart_with_another_n_tokens_names_the_cache_and_both_options_at_on
     assert code == 0 and "already holds this harvest, 2,048 activations" in err, err
 
 
+def test_quickstart_n_tokens_from_a_config_file_is_named_by_its_entry(tiny_dir, corpus, tmp_path, capsys):
+    """A --config file's n_tokens was named by the options it sets (--harvest-n-tokens, --total-tokens) or as
+    --n-tokens, never typed: each refusal of the token count names the file's entry; typed, --n-tokens."""
+    q, cfg = tmp_path / "q", tmp_path / "q.yaml"
+    run = ["quickstart", "--out", str(q), "--harvest-model", str(tiny_dir), "--harvest-hook", HOOK,
+           "--harvest-corpus", str(corpus), "--harvest-context-size", "32", "--harvest-buffer-tokens", "8192",
+           "--n-latents", "64", "--k", "4", "--init-rows", "256", "--eval-corpus", str(corpus),
+           "--eval-recon-tokens", "256", "--eval-downstream-tokens", "128", "--device", "cpu", "--no-progress",
+           "--config", str(cfg)]
+    cfg.write_text("n_tokens: 1024\ntrain:\n  batch_size: 128\n")
+    assert run_cli(capsys, *run)[0] == 0
+    before = snapshot(q)
+    lead = f"saelab quickstart: error: --config {cfg}: "
+    cfg.write_text("n_tokens: 2048\ntrain:\n  batch_size: 128\n")
+    for extra, message in (
+            ([], f"{q / 'activations'} holds activations harvested with other settings (it was written with n_tokens "
+                 "1024, not 2048); pass --overwrite-activations --overwrite to harvest and train again, or pick "
+                 "another --out"),
+            (["--overwrite-activations"], f"run folder {q} holds a finished run trained with other settings (n_tokens "
+                                          "1024 -> 2048); pick another --out, or pass --overwrite to train again"),
+            (["--total-tokens", "1024"], "n_tokens 2048 and --total-tokens 1024 both set the tokens to harvest and "
+                                         "train on; give n_tokens only")):
+        assert run_cli(capsys, *run, *extra) == (2, "", lead + message)
+    cfg.write_text("n_tokens: 100\ntrain:\n  batch_size: 128\n")  # both entries of the file, named once
+    assert run_cli(capsys, *run)[2] == f"{lead}n_tokens 100 is less than one batch (train.batch_size 128)"
+    assert snapshot(q) == before
+    # More tokens than the corpus holds: the harvest takes all it has, then training is refused.
+    cfg.write_text("n_tokens: 200000\ntrain:\n  batch_size: 128\n")
+    short = [str(tmp_path / "short") if word == str(q) else word for word in run]
+    typed = "saelab quickstart: error: "
+    for given, opening, name in (([], lead, "n_tokens"), (["--n-tokens", "200000"], typed, "--n-tokens")):
+        code, _, err = run_cli(capsys, *short, *given)
+        rows = re.search(r"gave ([\d,]+) activations", err)[1]
+        assert code == 2 and err.splitlines()[-1] == (
+            f"{opening}activation cache {tmp_path / 'short' / 'activations'} holds {rows} rows but training needs "
+            f"200,000 ({name}); harvest more or train on fewer tokens ({name} {rows.replace(',', '')} at most)")
+
 
 # ---- NaN and inf --------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import sys
 import saelab
 from saelab.cli.common import GRID_ENTRY_RE, Parser, in_given_words
 from saelab.errors import SaelabError
+from saelab.utils.config import given_parts
 from saelab.utils.device import resolve_device
 from saelab.utils.host_memory import retain_freed_memory
 
@@ -107,14 +108,16 @@ def _verb_options(argv: list[str], verb: str) -> dict[str, str]:
 
 def _typed_spellings(args: argparse.Namespace | None, options: dict[str, str]) -> dict[str, str]:
     """Each long option the user set by another spelling, from :func:`_verb_options`' ``options``: its short
-    one ("--k": "-k"), or another option that sets it ("--total-tokens": "--n-tokens" in quickstart); not a
-    switch's --no- form, which sets the same setting but says the opposite."""
+    one ("--k": "-k"), or another option that sets it, typed or a --config file's entry ("--total-tokens":
+    "--n-tokens" or "--config c.yaml: n_tokens" in quickstart); not a switch's --no- form, which sets the
+    same setting but says the opposite."""
     given_as = getattr(args, "given_as", {})
     spelled = {}
     for option, dest in options.items():
         spelling = given_as.get(dest, "")
         negative = option.startswith("--no-") and f"--{option[5:]}" in options
-        other_option = options.get(spelling) not in (None, dest)
+        lead, entry = given_parts(spelling)  # a file's entry of an option is its name: "n_tokens"
+        other_option = options.get(f"--{entry.replace('_', '-')}" if lead else spelling) not in (None, dest)
         if (spelling[:1] == "-" and spelling[1:2] != "-" or other_option) and not negative:
             spelled[option] = spelling
     return spelled

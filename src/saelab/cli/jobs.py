@@ -119,16 +119,7 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     train = args.train
     refuse_options_that_do_not_apply(args)
     if args.n_tokens is not None:
-        # --n-tokens sets both sizes: one also given on its own would be silently replaced
-        for option, value in (("--total-tokens", train.total_tokens), ("--harvest-n-tokens", args.harvest.n_tokens)):
-            if typed(args, option):
-                raise ConfigError(f"--n-tokens {args.n_tokens} and {option} {value} both set the tokens to "
-                                  f"harvest and train on; give --n-tokens only")
-        if args.n_tokens < train.batch_size:
-            raise ConfigError(f"--n-tokens {args.n_tokens} is less than one batch (--batch-size {train.batch_size})")
-        train = dataclasses.replace(train, total_tokens=args.n_tokens)
-        if typed(args, "--n-tokens"):  # refusals of either size name the option typed
-            args.given_as.update(dict.fromkeys(("train.total_tokens", "harvest.n_tokens"), "--n-tokens"))
+        train = _with_n_tokens(args, train)
     if typed(args, "--harvest-n-tokens") and args.harvest.n_tokens < train.total_tokens:
         raise ConfigError(f"--harvest-n-tokens {args.harvest.n_tokens} is fewer than the {train.total_tokens:,} "
                           f"training tokens (--total-tokens), which quickstart harvests at least; --n-tokens "
@@ -141,6 +132,23 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
                              progress=args.progress, log_to=args.log_to)
     print(f"\nreport: {Path(args.out) / 'report.md'}")
     return metrics
+
+
+def _with_n_tokens(args: argparse.Namespace, train: TrainConfig) -> TrainConfig:
+    """``train`` with quickstart's --n-tokens (typed, or a --config file's n_tokens) as its training tokens;
+    the later refusals of either size it sets name it as given, not --total-tokens or --harvest-n-tokens."""
+    how = {"--n-tokens": given(args, "n_tokens") or "--n-tokens",
+           "--batch-size": given(args, "train.batch_size") or "--batch-size"}
+    # --n-tokens sets both sizes: one also given on its own would be silently replaced
+    for option, value in (("--total-tokens", train.total_tokens), ("--harvest-n-tokens", args.harvest.n_tokens)):
+        if typed(args, option):
+            raise ConfigError(in_given_words(f"--n-tokens {args.n_tokens} and {option} {value} both set the tokens "
+                                             "to harvest and train on; give --n-tokens only", how))
+    if args.n_tokens < train.batch_size:
+        raise ConfigError(in_given_words(f"--n-tokens {args.n_tokens} is less than one batch (--batch-size "
+                                         f"{train.batch_size})", how))
+    args.given_as.update(dict.fromkeys(("train.total_tokens", "harvest.n_tokens"), how["--n-tokens"]))
+    return dataclasses.replace(train, total_tokens=args.n_tokens)
 
 
 def add_harvest(sub) -> None:
