@@ -793,6 +793,41 @@ def test_eval_of_a_sweep_hashes_and_loads_each_sae_once(tiny_dir, data_dir, tmp_
     assert len(loads) == 2
 
 
+def test_sweep_eval_hashes_each_sae_once_for_its_evaluation_and_scaling_study(tiny_dir, data_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """`saelab sweep --eval` hashes and loads each run's SAE once: its scaling study takes the digests its
+    evaluation just made. A standalone `saelab report` hashes every SAE, and one whose sae/ was written after
+    the evaluation hashed it is hashed again, so its stale metrics.json is still left out."""
+    from saelab.report import write_scaling_report
+    from saelab.run_folder import SaeHashes, sae_sha256
+    from saelab.sae import save_sae
+
+    acts, small_eval = _harvested(capsys, tiny_dir, data_dir, tmp_path)
+    eval_options = [a.replace("--", "--eval-", 1) for a in small_eval[:-1]]  # --corpus X -> --eval-corpus X
+    sweep = tmp_path / "sweep"
+    hashes, loads = _hashes(monkeypatch), _loads(monkeypatch)
+    run_cli(capsys, "sweep", "--activations", str(acts), "--out", str(sweep), "--grid", "k=4,8", *SMALL_TRAINING,
+            "--eval", *eval_options)
+    digests = sorted(sae_sha256(load_sae(sweep / run / "sae")) for run in ("k4", "k8"))
+    study = json.loads((sweep / "scaling.json").read_text())
+    assert sorted(r["sae_sha256"] for r in study["runs"]) == digests and study["other_weights"] == []
+    assert sorted(hashes) == digests and len(loads) == 2
+    hashes.clear()
+    run_cli(capsys, "report", str(sweep))
+    assert sorted(hashes) == digests
+
+    kept = SaeHashes()
+    for run in ("k4", "k8"):  # as the evaluation reads them
+        kept.load(sweep / run)
+    sae = load_sae(sweep / "k4" / "sae")
+    with torch.no_grad():
+        sae.b_dec += 1  # after the evaluation hashed it: metrics.json now describes other weights
+    save_sae(sae, sweep / "k4" / "sae")
+    hashes.clear()
+    assert write_scaling_report(sweep, sae_hashes=kept)["other_weights"] == ["k4"]
+    assert hashes == [sae_sha256(load_sae(sweep / "k4" / "sae"))]  # k8's kept digest still holds
+
+
 def test_eval_into_an_out_folder_hashes_the_sae_once(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
     """`saelab eval SAE --out DIR` hashes the SAE once, whether it evaluates it or finds this evaluation
     already in DIR."""

@@ -33,9 +33,9 @@ from saelab.models.lm import bos_token_id
 from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
-                               LatentFrequencies, check_output_folder, check_sae_hook, check_sweep_has_finished_runs,
-                               is_run, model_for, open_sae, read_eval_metrics, read_json, recorded_model, sae_sha256,
-                               sweep_runs, unfinished_sweep_runs, write_latent_frequencies)
+                               LatentFrequencies, SaeHashes, check_output_folder, check_sae_hook,
+                               check_sweep_has_finished_runs, is_run, model_for, open_sae, read_eval_metrics, read_json,
+                               recorded_model, sae_sha256, sweep_runs, unfinished_sweep_runs, write_latent_frequencies)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, recorded_train_seconds,
@@ -497,11 +497,12 @@ def check_evaluation_before_training(cache: str | Path, cfg: EvalConfig) -> None
 
 def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: str | None = None,
                    device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, sae_hashes: SaeHashes | None = None) -> dict[str, Any]:
     """Core-evaluate every run of a sweep folder (one model load each); runs whose metrics.json
     describes their SAE with the same settings are kept, and ones with other settings refused before any
-    work, unless ``overwrite``."""
+    work, unless ``overwrite``. ``sae_hashes``: filled with each run's SAE hash, for the scaling study next."""
     cfg = cfg or EvalConfig()
+    sae_hashes = sae_hashes or SaeHashes()
     runs = sweep_runs(folder)
     if not runs and unfinished_sweep_runs(folder):  # an interrupted sweep: its runs named, as the CLI does
         check_sweep_has_finished_runs(folder)
@@ -513,8 +514,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
     # Each SAE is loaded once: those to evaluate are kept from their check to their evaluation (on the CPU;
     # the sweep trained them all at once), the others dropped after their check.
     for run in runs:
-        sae = load_sae(run / SAE_DIR)
-        hashes[run] = sae_sha256(sae)  # once per run, for the check and the evaluation: it reads every weight
+        # once per run, for the check, the evaluation and the scaling study: hashing reads every weight
+        sae, hashes[run] = sae_hashes.load(run)
         changes[run] = None if overwrite else _evaluation_changes(run, sae, cfg, model=model, model_dtype=model_dtype,
                                                                   sae_hash=hashes[run])
         state[run] = _state_of(changes[run])

@@ -180,6 +180,41 @@ def sae_sha256(sae) -> str:
     return h.hexdigest()[:20]
 
 
+def sae_files_key(sae_dir: Path) -> list:
+    """What identifies the SAE files of a folder as written: each file's name, inode, size and modification
+    time (saving writes each file anew, so a new SAE changes them)."""
+    files = sorted(p for p in Path(sae_dir).iterdir() if p.is_file())
+    return [[p.name, st.st_ino, st.st_size, st.st_mtime_ns] for p, st in ((p, p.stat()) for p in files)]
+
+
+class SaeHashes:
+    """:func:`sae_sha256` of run folders' SAEs, each kept with :func:`sae_files_key` of its sae/ as read: a
+    sweep's evaluation and its scaling study in one process hash each SAE once, and again where sae/ was
+    written since (so a stale metrics.json is still told from a current one)."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[list, str]] = {}
+
+    def load(self, run: Path):
+        """(the run's SAE, its hash), read now and kept."""
+        from saelab.sae import load_sae  # lazy, as in open_sae
+
+        key = sae_files_key(run / SAE_DIR)  # before the read: a write meanwhile leaves the key stale, never the hash
+        sae = load_sae(run / SAE_DIR)
+        digest = sae_sha256(sae)
+        self._known[run.resolve()] = (key, digest)
+        return sae, digest
+
+    def known(self, run: Path) -> str | None:
+        """The hash kept for the run while its sae/ holds the files it was read from; else None."""
+        kept = self._known.get(run.resolve())
+        return kept[1] if kept is not None and kept[0] == sae_files_key(run / SAE_DIR) else None
+
+    def of(self, run: Path) -> str:
+        """The run's hash: the one kept, else read now."""
+        return self.known(run) or self.load(run)[1]
+
+
 def read_json_value(path: Path, name: str, advice: str) -> Any:
     """The JSON in ``path``, of any type; a file that cannot be read, is no text or no JSON is refused in one
     line (CheckpointError) naming it as ``name``, with ``advice``: what to do, or what was expected."""
@@ -208,13 +243,13 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def read_eval_metrics(run_dir: str | Path, sae=None, *, sae_hash: str | None = None) -> dict[str, Any]:
     """The run's evaluation metrics, or {} when there are none or they describe other SAE weights
-    (``sae`` given: its hash must match the one recorded), so no report shows stale numbers.
-    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight)."""
+    (``sae`` or ``sae_hash`` given: the hash must match the one recorded), so no report shows stale numbers.
+    ``sae_hash``: :func:`sae_sha256` of the SAE when the caller has it already (hashing reads every weight)."""
     path = Path(run_dir) / EVAL_METRICS
     if not path.exists():
         return {}
     metrics = read_json(path, "evaluation metrics file")
-    if sae is not None and metrics.get("sae_sha256") != (sae_hash or sae_sha256(sae)):
+    if (sae is not None or sae_hash) and metrics.get("sae_sha256") != (sae_hash or sae_sha256(sae)):
         return {}
     return check_eval_metrics(metrics, path)
 

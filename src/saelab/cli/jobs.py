@@ -19,7 +19,7 @@ from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
 from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
                              train_from_cache)
-from saelab.run_folder import check_output_folder
+from saelab.run_folder import SaeHashes, check_output_folder
 from saelab.train import TrainConfig
 from saelab.train.metric_sinks import LOG_TARGETS
 from saelab.train.config import resolved_decoder_init
@@ -396,8 +396,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         saes = sweep_from_cache(cache, args.out, base, grid, device=args.device,
                                 overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
     if args.evaluate and ddp.rank() == 0:  # under torchrun one process evaluates; the others are done
+        hashes = SaeHashes()  # the evaluation's hashes of the SAEs serve the scaling study: each read once
         with eval_settings_as_given(args, "--eval-"):
             evaluate_sweep(args.out, args.eval, device=args.device, model_dtype=args.model_dtype,
-                           overwrite=args.overwrite, progress=args.progress)
-        write_scaling_report(args.out)
+                           overwrite=args.overwrite, progress=args.progress, sae_hashes=hashes)
+        write_scaling_report(args.out, sae_hashes=hashes)
     return {name: str(Path(args.out) / name / "sae") for name in saes}

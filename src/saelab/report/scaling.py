@@ -65,9 +65,8 @@ from saelab.errors import ConfigError, SaelabError
 from saelab.evals.core import eval_settings
 from saelab.evals.power_law import fit_power_law
 from saelab.report.markdown import sparsity
-from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, read_eval_metrics, read_json, sae_sha256,
+from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, SaeHashes, read_eval_metrics, read_json,
                                sweep_runs, unfinished_sweep_runs)
-from saelab.sae import load_sae
 from saelab.train.checkpoint import read_metrics, training_changes
 from saelab.train.config import TrainConfig
 from saelab.utils.atomic import replacing_entries, write_json, write_text
@@ -86,20 +85,22 @@ def _training_dead(run: Path, train: dict[str, Any]) -> tuple[float | None, int 
     return (float(log[-1]["dead_frac"]) if log else None), window
 
 
-def collect_runs(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+def collect_runs(sweep_dir: str | Path, sae_hashes: SaeHashes | None = None
+                 ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """(evaluated runs as rows, names of runs without metrics.json, names of runs whose metrics.json
-    describes other weights than their sae/) of a sweep folder.
+    describes other weights than their sae/) of a sweep folder. ``sae_hashes``: the runs' SAEs as an
+    evaluation of the sweep just hashed them (a run's sae/ written since is hashed again).
 
     Each row carries ``eval_settings``: what its evaluation must share with the others'."""
     rows, missing, stale = [], [], []
+    sae_hashes = sae_hashes or SaeHashes()
     for run in sweep_runs(sweep_dir):
         train = read_json(run / TRAIN_CONFIG, "training config")["train"]
         if not (run / EVAL_METRICS).exists():
             missing.append(run.name)
             continue
-        sae = load_sae(run / SAE_DIR)
-        sae_hash = sae_sha256(sae)
-        m = read_eval_metrics(run, sae, sae_hash=sae_hash)  # {} for other weights, as the run's report.md reads it
+        sae_hash = sae_hashes.of(run)
+        m = read_eval_metrics(run, sae_hash=sae_hash)  # {} for other weights, as the run's report.md reads it
         if not m:
             stale.append(run.name)
             continue
@@ -392,11 +393,11 @@ def _names(runs: list[str]) -> str:
     return f"{', '.join(runs[:6])}{', ...' if len(runs) > 6 else ''}"
 
 
-def write_scaling_report(sweep_dir: str | Path) -> dict[str, Any]:
+def write_scaling_report(sweep_dir: str | Path, *, sae_hashes: SaeHashes | None = None) -> dict[str, Any]:
     """Read every run of ``sweep_dir``, check they were evaluated alike, fit, and write scaling.json,
-    the two plots and scaling.md."""
+    the two plots and scaling.md. ``sae_hashes``: as :func:`collect_runs` takes it."""
     folder = Path(sweep_dir)
-    rows, missing, stale = collect_runs(folder)
+    rows, missing, stale = collect_runs(folder, sae_hashes)
     if stale:
         print(f"saelab: note: {EVAL_METRICS} of {_names(stale)} describes other weights than {SAE_DIR}/ (the SAE "
               f"changed since): left out of the scaling study; run `saelab eval {folder}`", file=sys.stderr)
