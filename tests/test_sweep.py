@@ -75,9 +75,24 @@ def test_sweep_from_cache_keeps_finished_runs_and_trains_the_rest(tmp_path):
         sweep_from_cache(cache, tmp_path / "sweep", replace(base, lr=2e-2), {"k": [4]}, progress=False)
 
 
-def test_sweep_names_runs_in_one_order_and_keeps_a_finished_run_of_the_same_config(tmp_path, capsys):
+def _asked(monkeypatch, name: str) -> list:
+    """The arguments of each call of saelab.pipeline's function ``name`` (called through)."""
+    import saelab.pipeline
+
+    calls, original = [], getattr(saelab.pipeline, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(saelab.pipeline, name, counted)
+    return calls
+
+
+def test_sweep_names_runs_in_one_order_and_keeps_a_finished_run_of_the_same_config(tmp_path, capsys, monkeypatch):
     """A grid point equal to a finished run (k=32 where the base k is 32; a name written in the typed
-    order) is that run: not trained again under a second name, which would count one SAE twice."""
+    order) is that run: not trained again under a second name, which would count one SAE twice. Whether
+    a run folder holds a point's finished run is asked once, and a kept run's SAE loaded once."""
     from saelab.data.cache import write_activation_cache
     from saelab.pipeline import sweep_from_cache
 
@@ -91,8 +106,12 @@ def test_sweep_names_runs_in_one_order_and_keeps_a_finished_run_of_the_same_conf
     (sweep / "n96").rename(sweep / "typed_first")  # a name the grid would not give it now
     weights = (sweep / "n64" / "sae" / "sae_weights.safetensors").read_bytes()
     capsys.readouterr()
+    asked, loads = _asked(monkeypatch, "finished_training"), _asked(monkeypatch, "load_sae")
     again = sweep_from_cache(cache, sweep, base, {"k": [4, 8], "n_latents": [64, 96]}, progress=False)
     assert list(again) == ["n64", "n64_k8", "typed_first", "n96_k8"]
+    questions = [(run.name, cfg.k, cfg.n_latents) for run, cfg, _ in asked]
+    assert len(questions) == len(set(questions)) and ("n64", 4, 64) in questions
+    assert sorted(run.parent.name for (run,) in loads) == ["n64", "typed_first"]
     assert not (sweep / "n64_k4").exists() and not (sweep / "n96_k4").exists()
     assert (sweep / "n64" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     err = capsys.readouterr().err

@@ -314,8 +314,8 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
     configs = sweep_configs(base, grid)
     cache = _open_cache(cache, max(c.total_tokens for c in configs.values()))
     out_dir = Path(out_dir)
-    configs = _named_as_finished(out_dir, configs, cache, overwrite=overwrite)
-    done = {} if overwrite else {n: finished_training(out_dir / n, c, cache) for n, c in configs.items()}
+    configs, finished = _named_as_finished(out_dir, configs, cache, overwrite=overwrite)
+    done = {} if overwrite else {n: load_sae(out_dir / n / SAE_DIR) for n in finished}
     todo = [n for n in configs if done.get(n) is None]
     if todo:
         with _naming_cache(cache):
@@ -327,23 +327,26 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
 
 
 def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig], cache: ActivationCache, *,
-                       overwrite: bool = False) -> dict[str, TrainConfig]:
-    """``configs`` with each grid point that a finished run of ``out_dir`` under another name trained
+                       overwrite: bool = False) -> tuple[dict[str, TrainConfig], set[str]]:
+    """(``configs`` with each grid point that a finished run of ``out_dir`` under another name trained
     (same config, e.g. k=32 given where the recipe's k is 32, or a name an earlier saelab wrote in the
-    order the grid was typed) renamed to that run, so the same SAE is not trained and counted twice
-    (with ``overwrite`` it is trained again in that run's folder)."""
+    order the grid was typed) renamed to that run, the names of the points finished), so the same SAE
+    is not trained and counted twice (with ``overwrite`` it is trained again in that run's folder)."""
     record = _cache_record(cache)
     others = [run for run in sweep_runs(out_dir) if run.name not in configs]
-    out = {}
+    out, finished = {}, set()
     for name, cfg in configs.items():
-        same = None if finished_training(out_dir / name, cfg, cache, record=record, load=False) else next(
+        here = finished_training(out_dir / name, cfg, cache, record=record, load=False)
+        same = None if here else next(
             (run.name for run in others if finished_training(run, cfg, cache, record=record, load=False)), None)
         if same is not None and same not in out:
             done = "trains it again there (--overwrite)" if overwrite else "kept it, not trained again"
             print(f"saelab: sweep point {name} is the finished run {out_dir / same} (same training config): {done}",
                   file=sys.stderr)
         out.setdefault(same or name, cfg)
-    return out
+        if here or same is not None:
+            finished.add(same or name)
+    return out, finished
 
 
 def _held_out_label(sae: TopKSAE, corpus: str) -> str:
