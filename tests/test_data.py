@@ -178,6 +178,38 @@ def test_real_wiki_corpus_and_default(tmp_path, monkeypatch):
         default_corpus("dev")
 
 
+def test_texts_read_once_open_the_corpus_once_and_hand_out_every_document_in_order(tmp_path, monkeypatch):
+    """Checks read the first documents (each time from the first, the second time from memory), then the
+    whole stream comes out once in the corpus's order, those read first included, from one opening."""
+    import saelab.data.text
+    from saelab.data import TextsReadOnce
+
+    docs = list(iter_texts(WIKI_EVAL))
+    real, opened = saelab.data.text._open_source, []
+
+    def counted(*args, **kwargs):  # the real opening, counted
+        opened.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(saelab.data.text, "_open_source", counted)
+    texts = TextsReadOnce(WIKI_EVAL)
+    assert opened == []  # opened on first need, as a check that is deferred reads nothing
+    assert [d for d, _ in zip(texts.head(), range(3))] == docs[:3]
+    assert [d for d, _ in zip(texts.head(), range(5))] == docs[:5]
+    assert list(texts.all()) == docs and len(opened) == 1
+    with pytest.raises(RuntimeError, match="no longer kept"):
+        next(texts.head())
+    short = tmp_path / "short.jsonl"
+    write_jsonl(short, [{"text": "one"}, {"text": "two"}])
+    texts = TextsReadOnce(short)
+    assert list(texts.head()) == list(texts.head()) == ["one", "two"]  # the stream's end, met twice
+    assert list(texts.all()) == ["one", "two"]
+    empty = tmp_path / "empty.jsonl"
+    write_jsonl(empty, [{"text": " "}])
+    with pytest.raises(CorpusError, match="no non-empty text"):  # as iter_texts says it, at the check
+        list(TextsReadOnce(empty).head())
+
+
 # --- tokens ----------------------------------------------------------------------------------
 
 

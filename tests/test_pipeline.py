@@ -259,6 +259,32 @@ def test_a_small_harvest_tokenizes_only_the_pool_it_draws_from(tiny_dir, data_di
     assert cache.n_rows == 4096 and cache.meta["sample_pool_tokens_drawn"] == 65536  # not resumed from a larger pool
 
 
+def test_a_harvest_opens_its_corpus_once(tiny_dir, data_dir, tmp_path, monkeypatch):
+    """The checks that the corpus fills a context (before the model loads, and with the loaded model's tokenizer)
+    read the first documents of the stream the harvest then reads on: a hub dataset is opened once, not three
+    times, and the harvest still packs every document in the corpus's order."""
+    import saelab.data.text
+    from saelab.data import iter_texts
+    from saelab.models import LanguageModel
+
+    articles = wiki_jsonl(data_dir, tmp_path / "articles.jsonl", 0, 6).read_text().splitlines()
+    paragraphs = [p for line in articles for p in json.loads(line)["text"].split("\n") if p.strip()]
+    corpus = tmp_path / "paragraphs.jsonl"  # short documents: the harvest reads past those the checks read
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    opened = _counting(monkeypatch, "_open_source", saelab.data.text)
+    tokenize, texts = LanguageModel.tokenize, []
+
+    def counted(lm, batch):  # the real tokenizer, its texts kept
+        texts.extend(batch)
+        return tokenize(lm, batch)
+
+    monkeypatch.setattr(LanguageModel, "tokenize", counted)
+    harvest(HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(corpus), n_tokens=8192, context_size=32,
+                          buffer_tokens=8192, sample_pool_tokens=0), tmp_path / "acts", progress=False)
+    assert len(opened) == 1
+    assert len(texts) > 64 and texts == list(iter_texts(corpus))[:len(texts)]  # the checks read 64
+
+
 def test_a_cache_an_earlier_saelab_finished_is_reused(tiny_dir, data_dir, tmp_path, capsys):
     """A finished cache harvested before the pool was sized to the harvest (its manifest without
     sample_pool_tokens_drawn) is a valid harvest of the same command: reused, not refused over a meta key no

@@ -18,9 +18,9 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, iter_texts, pack_contexts
+from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, pack_contexts
 from saelab.data import cache_is_complete, check_disk_room, note_unfinished_overwrite, resolve_corpus, reusable_cache
-from saelab.data import StreamConfig, sample_contexts, token_contexts, write_activation_cache
+from saelab.data import StreamConfig, TextsReadOnce, sample_contexts, token_contexts, write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
@@ -116,13 +116,14 @@ def _pool_tokens(cfg: HarvestConfig) -> int:
 
 
 def check_corpus_fills_a_context(spec: str | LanguageModel, corpus: str, context_size: int, prepend_bos: bool,
-                                 setting: str) -> None:
+                                 setting: str, texts: TextsReadOnce | None = None) -> None:
     """Refuse a corpus too short for one context of ``context_size`` (``setting`` chose it), with the model's
-    tokenizer: before the (slow) load when it is on disk, else (None) left to the loaded model's check."""
+    tokenizer: before the (slow) load when it is on disk, else (None) left to the loaded model's check.
+    ``texts``: the corpus as the caller streams it (its first documents read there, not opened again)."""
     tokenizer = tokenizer_on_disk(spec)
     if tokenizer is not None:
         token_contexts(corpus, tokenizer, context_size, n_contexts=1, bos_token_id=bos_token_id(tokenizer),
-                       prepend_bos=prepend_bos, setting=setting)
+                       prepend_bos=prepend_bos, setting=setting, texts=None if texts is None else texts.head())
 
 
 def check_eval_corpus_before_load(spec: str | LanguageModel, cfg: EvalConfig, context_size: int, first: int,
@@ -136,10 +137,11 @@ def check_eval_corpus_before_load(spec: str | LanguageModel, cfg: EvalConfig, co
     return read_eval_contexts(cfg, tokenizer, bos_token_id(tokenizer), context_size, first, prepend_bos)
 
 
-def _contexts(cfg: HarvestConfig, lm: LanguageModel, corpus: str, progress: bool):
+def _contexts(cfg: HarvestConfig, lm: LanguageModel, texts: TextsReadOnce, progress: bool):
     """Packed contexts of the corpus, drawn across its first _pool_tokens tokens."""
-    check_corpus_fills_a_context(lm, corpus, cfg.context_size, cfg.prepend_bos, "harvest.context_size")
-    contexts = pack_contexts(iter_texts(corpus), lm.tokenize, lm.check_context_size(cfg.context_size),
+    check_corpus_fills_a_context(lm, str(texts.source), cfg.context_size, cfg.prepend_bos, "harvest.context_size",
+                                 texts)
+    contexts = pack_contexts(texts.all(), lm.tokenize, lm.check_context_size(cfg.context_size),
                              bos_token_id=lm.bos_token_id, prepend_bos=cfg.prepend_bos)
     if cfg.sample_pool_tokens > 0:
         per_context = cfg.context_size - (1 if cfg.exclude_first else 0)
@@ -165,9 +167,10 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
               "harvests again)", file=sys.stderr)
         note_unfinished_overwrite(out_dir, overwrite_option)
     else:
+        texts = TextsReadOnce(corpus)  # one stream: the checks' first documents are the harvest's
         check_corpus_fills_a_context(lm or cfg.model, corpus, cfg.context_size, cfg.prepend_bos,
-                                     "harvest.context_size")
-        cache = _harvest_into(out_dir, cfg, corpus, meta, lm=lm, device=device, model_dtype=model_dtype,
+                                     "harvest.context_size", texts)
+        cache = _harvest_into(out_dir, cfg, texts, meta, lm=lm, device=device, model_dtype=model_dtype,
                               overwrite=overwrite, progress=progress)
     if cache.n_rows < cfg.n_tokens:  # the corpus ran out: say so rather than leave a silently smaller cache
         print(f"saelab: warning: the corpus {corpus} gave {cache.n_rows:,} activations, fewer than the "
@@ -209,14 +212,14 @@ def _reusable_harvest(out_dir: str | Path, meta: dict[str, Any], dtype: str,
     return cache
 
 
-def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, corpus: str, meta: dict[str, Any], *,
+def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, texts: TextsReadOnce, meta: dict[str, Any], *,
                   lm: LanguageModel | None, device: str | torch.device | None, model_dtype: str, overwrite: bool,
                   progress: bool) -> ActivationCache:
     """Load the model and write (or resume) the cache."""
     lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
     lm.check_hook(cfg.hook)
     check_disk_room(out_dir, cfg.n_tokens, lm.hook_width(cfg.hook), cfg.dtype, overwrite=overwrite)
-    stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, corpus, progress),
+    stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, texts, progress),
                               StreamConfig(batch_size=HARVEST_BATCH, lm_batch_size=cfg.lm_batch_size,
                                            exclude_first=cfg.exclude_first, buffer_tokens=cfg.buffer_tokens,
                                            seed=cfg.seed, max_tokens=cfg.n_tokens, drop_last=False,

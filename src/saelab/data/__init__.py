@@ -19,8 +19,8 @@ from saelab.data.cache import (
     write_activation_cache,
 )
 from saelab.data.harvest import ActivationModel, ActivationStream, StreamConfig
-from saelab.data.text import (corpus_files_key, corpus_name, default_corpus, iter_texts, resolve_corpus,
-                              shipped_data_dir)
+from saelab.data.text import (TextsReadOnce, corpus_files_key, corpus_name, default_corpus, iter_texts,
+                              resolve_corpus, shipped_data_dir)
 from saelab.data.tokens import batched, hf_tokenize_fn, pack_contexts, sample_contexts, token_contexts
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "sample_contexts",
     "shipped_data_dir",
     "StreamConfig",
+    "TextsReadOnce",
     "token_contexts",
     "write_activation_cache",
 ]

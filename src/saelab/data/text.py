@@ -59,6 +59,48 @@ def iter_texts(
     return _checked(docs, label, limit_docs)
 
 
+class TextsReadOnce:
+    """The documents of ``source``, from one stream opened on first need: checks read its first documents
+    (:meth:`head`, each time from the first), then :meth:`all` streams every document once, those read
+    already from memory. A hub dataset is so streamed once, not once a check and once more to harvest."""
+
+    def __init__(self, source: str | os.PathLike) -> None:
+        self.source = source
+        self._docs: Iterator[str] | None = None
+        self._read: list[str] | None = []
+
+    def _stream(self) -> Iterator[str]:
+        if self._docs is None:
+            self._docs = iter_texts(self.source)
+        return self._docs
+
+    def head(self) -> Iterator[str]:
+        """The documents from the first; each is read from the stream once, and kept for what reads next."""
+        read = self._read
+        if read is None:
+            raise RuntimeError("TextsReadOnce.head() after all(): the documents read are no longer kept")
+        i = 0
+        while True:
+            if i == len(read):
+                doc = next(self._stream(), None)
+                if doc is None:
+                    return
+                read.append(doc)
+            yield read[i]
+            i += 1
+
+    def all(self) -> Iterator[str]:
+        """Every document from the first, once: those read already (let go as they are handed out), then the
+        rest of the stream."""
+        read, self._read = self._read, None
+        if read is None:
+            raise RuntimeError("TextsReadOnce.all() streams the documents once")
+        read.reverse()
+        while read:
+            yield read.pop()
+        yield from self._stream()
+
+
 def shipped_data_dir() -> Path | None:
     """``data/`` of the saelab checkout this package runs from (the corpus and tokenizer files it
     ships), or None for an install without the repository around it."""

@@ -171,10 +171,13 @@ def token_contexts(
     limit_docs: int | None = None,
     doc_batch: int = 64,
     setting: str | None = "context_size",
+    texts: Iterable[str] | None = None,
 ) -> torch.Tensor:
     """Pack a whole (small) token set into one LongTensor [N, context_size], e.g. an eval set.
 
     ``source`` is anything :func:`~saelab.data.text.iter_texts` reads, or an iterable of texts.
+    ``texts``: the documents of ``source`` when the caller has opened it (read instead of opening it
+    again; ``source`` names it in errors).
     Give at most one of ``n_tokens`` (rounded up to whole contexts) and ``n_contexts``; with
     neither, the whole source is packed. A source too small for the request raises CorpusError;
     one shorter than a context names ``setting``, the setting that chose ``context_size`` (None: one the
@@ -191,7 +194,8 @@ def token_contexts(
     if n_contexts is not None and n_contexts <= 0:
         raise ValueError(f"n_contexts must be positive, got {n_contexts}")
     is_source = isinstance(source, (str, os.PathLike))
-    texts = iter_texts(source, text_field=text_field, split=split, limit_docs=limit_docs) if is_source else source
+    if texts is None:
+        texts = iter_texts(source, text_field=text_field, split=split, limit_docs=limit_docs) if is_source else source
     tokenize, counted = _as_tokenize_fn(tokenizer_fn), [0, 0]  # tokens and documents, for a corpus too short
 
     def counting(docs: list[str]) -> list[list[int]]:
