@@ -190,7 +190,6 @@ def _harvest_meta(cfg: HarvestConfig, corpus: str) -> dict[str, Any]:
     return meta
 
 
-
 def _reusable_harvest(out_dir: str | Path, meta: dict[str, Any], dtype: str,
                       overwrite_option: str) -> ActivationCache | None:
     """reusable_cache, taking a finished cache an earlier saelab drew from the whole --sample-pool-tokens pool
