@@ -410,8 +410,11 @@ def test_a_sweep_cut_off_before_any_run_finished_is_named_as_such(tmp_path, caps
     from saelab.errors import CheckpointError
     from saelab.pipeline import evaluate_sweep
 
-    with pytest.raises(CheckpointError, match=re.escape(expected)):  # from Python too, not "no run folders"
-        evaluate_sweep(sweep, progress=False)
+    from saelab.report import write_scaling_report
+
+    for call in (evaluate_sweep, write_scaling_report):  # from Python too, not "no run folders"
+        with pytest.raises(CheckpointError, match=re.escape(expected)):
+            call(sweep, progress=False) if call is evaluate_sweep else call(sweep)
     # one of them in training now: named so, and the advice is to wait, not to start it again
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
                                "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d' % os.getpid()); print(flush=True); "

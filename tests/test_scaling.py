@@ -310,6 +310,24 @@ def test_a_run_whose_metrics_describe_other_weights_is_not_evaluated(evaluated_s
     assert "| n64 |" not in md
 
 
+def test_a_report_after_an_overwrite_left_no_run_evaluated_says_the_study_there_is_of_earlier_ones(
+        evaluated_sweep, tmp_path, capsys):
+    """sweep --overwrite trains every run anew, none evaluated yet: the report is refused, and the study the
+    earlier runs made stays, said to be of earlier evaluations rather than left looking current."""
+    from saelab.pipeline import sweep_from_cache
+
+    _, cache, base, _ = evaluated_sweep
+    sweep = _copy_of(evaluated_sweep, tmp_path)
+    run_cli(capsys, "report", str(sweep))
+    before = (sweep / "scaling.json").read_bytes()
+    sweep_from_cache(cache, sweep, base, {"n_latents": [32, 64, 128]}, overwrite=True, progress=False)
+    _, err = run_cli(capsys, "report", str(sweep), code=2)
+    assert f"sweep folder {sweep} has no evaluated runs: its runs (n32, n64, n128) have no metrics.json" in err
+    assert err.strip().endswith("; the scaling study there (scaling.md, scaling.json, scaling_nmse.png, "
+                                "scaling_delta_loss.png) is of earlier evaluations, and stays until a report replaces it")
+    assert (sweep / "scaling.json").read_bytes() == before
+
+
 def test_an_earlier_scaling_study_the_runs_no_longer_make_is_removed(evaluated_sweep, tiny_dir, data_dir, tmp_path,
                                                                      capsys):
     """Once the runs are not one sweep, the study written before them is removed, not left looking current; where

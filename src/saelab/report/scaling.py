@@ -65,8 +65,8 @@ from saelab.errors import ConfigError, SaelabError
 from saelab.evals.core import eval_settings
 from saelab.evals.power_law import fit_power_law
 from saelab.report.markdown import sparsity
-from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, SaeHashes, read_eval_metrics, read_json,
-                               sweep_runs, unfinished_sweep_runs)
+from saelab.run_folder import (EVAL_METRICS, SAE_DIR, TRAIN_CONFIG, SaeHashes, check_sweep_has_finished_runs,
+                               read_eval_metrics, read_json, sweep_runs, unfinished_sweep_runs)
 from saelab.train.checkpoint import read_metrics, training_changes
 from saelab.train.config import TrainConfig
 from saelab.utils.atomic import replacing_entries, write_json, write_text
@@ -393,10 +393,22 @@ def _names(runs: list[str]) -> str:
     return f"{', '.join(runs[:6])}{', ...' if len(runs) > 6 else ''}"
 
 
+def _refuse_keeping_study(folder: Path, error: SaelabError) -> None:
+    """Raise ``error``, refusing a study of ``folder``; a refusal destroys nothing: an earlier study there
+    stays, and is said to be of earlier evaluations (of runs an overwrite may since have replaced)."""
+    present = [name for name in SCALING_FILES if (folder / name).exists()]
+    if not present:
+        raise error
+    raise SaelabError(f"{error}; the scaling study there ({', '.join(present)}) is of earlier evaluations, and "
+                      "stays until a report replaces it") from None
+
+
 def write_scaling_report(sweep_dir: str | Path, *, sae_hashes: SaeHashes | None = None) -> dict[str, Any]:
     """Read every run of ``sweep_dir``, check they were evaluated alike, fit, and write scaling.json,
     the two plots and scaling.md. ``sae_hashes``: as :func:`collect_runs` takes it."""
     folder = Path(sweep_dir)
+    if not sweep_runs(folder) and unfinished_sweep_runs(folder):  # a cut-off sweep: its runs named, as the CLI does
+        check_sweep_has_finished_runs(folder)
     rows, missing, stale = collect_runs(folder, sae_hashes)
     if stale:
         print(f"saelab: note: {EVAL_METRICS} of {_names(stale)} describes other weights than {SAE_DIR}/ (the SAE "
@@ -405,15 +417,12 @@ def write_scaling_report(sweep_dir: str | Path, *, sae_hashes: SaeHashes | None 
         what = "; ".join([f"its runs ({_names(missing)}) have no metrics.json"] * bool(missing)
                          + [f"the {EVAL_METRICS} of {_names(stale)} describes other weights"] * bool(stale))
         what = what or "it holds no run folders"
-        raise SaelabError(f"sweep folder {folder} has no evaluated runs: {what}; run `saelab eval {folder}` first")
+        _refuse_keeping_study(folder, SaelabError(f"sweep folder {folder} has no evaluated runs: {what}; run "
+                                                  f"`saelab eval {folder}` first"))
     try:
         settings = check_eval_settings(rows, folder)
-    except SaelabError as e:  # a refusal destroys nothing: the earlier study stays, said to be of other evaluations
-        present = [name for name in SCALING_FILES if (folder / name).exists()]
-        if not present:
-            raise
-        raise SaelabError(f"{e}; the scaling study there ({', '.join(present)}) is of earlier evaluations, and stays "
-                          "until a report replaces it") from None
+    except SaelabError as e:
+        _refuse_keeping_study(folder, e)
     rows = [{k: v for k, v in r.items() if k != "eval_settings"} for r in rows]
     fits = fit_scaling(rows)
     unfinished = [run.name for run in unfinished_sweep_runs(folder)]
