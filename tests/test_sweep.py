@@ -123,3 +123,34 @@ def test_sweep_names_runs_in_one_order_and_keeps_a_finished_run_of_the_same_conf
     again = sweep_from_cache(cache, sweep, base, {"k": [4], "n_latents": [96]}, overwrite=True, progress=False)
     assert list(again) == ["typed_first"] and not (sweep / "n96_k4").exists()
     assert "(same training config): trains it again there (--overwrite)" in capsys.readouterr().err
+
+
+def test_a_cut_off_run_named_in_the_typed_order_goes_on_in_its_folder(tmp_path, capsys, monkeypatch):
+    """An earlier saelab named a grid point in the order it was typed (k8_n96). A sweep of it cut off left
+    k8_n96 unfinished; the same sweep now names the point n96_k8 and must go on in k8_n96, not train a
+    second copy beside it and leave the cut-off run unfinished for good."""
+    import functools
+
+    import saelab.train
+    from saelab.data.cache import write_activation_cache
+    from saelab.pipeline import sweep_from_cache
+
+    cache = write_activation_cache(_data().split(128), tmp_path / "acts", meta={"hook_name": "h"}, shard_rows=1024,
+                                   progress=False)
+    base = TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=1024, init_rows=512, lr=1e-2,
+                       dead_tokens=512, k_aux=8, checkpoint_every=2)
+    grid = {"k": [8], "n_latents": [96]}
+    whole = saelab.train.train_many
+    monkeypatch.setattr(saelab.train, "train_many", functools.partial(whole, stop_after_steps=3))  # cut off
+    sweep = tmp_path / "sweep"
+    sweep_from_cache(cache, sweep, base, grid, progress=False)
+    monkeypatch.setattr(saelab.train, "train_many", whole)
+    (sweep / "n96_k8").rename(sweep / "k8_n96")  # the name the earlier saelab gave it
+    assert not (sweep / "k8_n96" / "sae").exists()
+    capsys.readouterr()
+    again = sweep_from_cache(cache, sweep, base, grid, progress=False)
+    assert list(again) == ["k8_n96"] and sorted(p.name for p in sweep.iterdir()) == ["k8_n96"]
+    assert (f"sweep point n96_k8 is the unfinished run {sweep / 'k8_n96'} (same training config): goes on training "
+            "it there") in capsys.readouterr().err
+    one_go = sweep_from_cache(cache, tmp_path / "one_go", base, grid, progress=False)
+    assert torch.equal(again["k8_n96"].W_dec, one_go["n96_k8"].W_dec)  # resumed, as if never cut off

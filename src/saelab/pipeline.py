@@ -330,12 +330,13 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
 
 def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig], cache: ActivationCache, *,
                        overwrite: bool = False) -> tuple[dict[str, TrainConfig], set[str]]:
-    """(``configs`` with each grid point that a finished run of ``out_dir`` under another name trained
-    (same config, e.g. k=32 given where the recipe's k is 32, or a name an earlier saelab wrote in the
-    order the grid was typed) renamed to that run, the names of the points finished), so the same SAE
-    is not trained and counted twice (with ``overwrite`` it is trained again in that run's folder)."""
+    """(``configs`` with each grid point that a run of ``out_dir`` under another name trains (same config,
+    e.g. k=32 given where the recipe's k is 32, or a name an earlier saelab wrote in the order the grid was
+    typed) renamed to that run, the names of the points finished), so the same SAE is not trained and
+    counted twice, and a cut-off run goes on in its folder (with ``overwrite`` it is trained again there)."""
     record = _cache_record(cache)
     others = [run for run in sweep_runs(out_dir) if run.name not in configs]
+    cut_off = [run for run in unfinished_sweep_runs(out_dir) if run.name not in configs]
     out, finished = {}, set()
     for name, cfg in configs.items():
         here = finished_training(out_dir / name, cfg, cache, record=record, load=False)
@@ -345,7 +346,13 @@ def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig], cache: Ac
             done = "trains it again there (--overwrite)" if overwrite else "kept it, not trained again"
             print(f"saelab: sweep point {name} is the finished run {out_dir / same} (same training config): {done}",
                   file=sys.stderr)
-        out.setdefault(same or name, cfg)
+        resumed = None if here or same is not None or (out_dir / name).exists() else next(
+            (run.name for run in cut_off if _same_training(run, cfg, cache, record)), None)
+        if resumed is not None and resumed not in out:  # else trained beside it, and it stays unfinished for good
+            done = "trains it again there (--overwrite)" if overwrite else "goes on training it there"
+            print(f"saelab: sweep point {name} is the unfinished run {out_dir / resumed} (same training config): "
+                  f"{done}", file=sys.stderr)
+        out.setdefault(same or resumed or name, cfg)
         if here or same is not None:
             finished.add(same or name)
     return out, finished
@@ -656,14 +663,19 @@ def finished_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache, *
     """The SAE of a finished run in ``run_dir`` trained with ``cfg`` on activations like ``cache``'s
     (same model, hook, corpus, context), else None. ``record``: :func:`_cache_record` of ``cache`` when
     the caller has it (it reads every shard's head); ``load=False``: True instead of the SAE."""
-    if read_status(run_dir).get("state") != "finished" or not (run_dir / TRAIN_CONFIG).exists():
-        return None
-    recorded = read_json(run_dir / TRAIN_CONFIG, "training config")
-    same_data = all(recorded.get("sae", {}).get(k) == v for k, v in _cache_meta(cache).items() if k != "model_source")
-    if training_changes({"train": recorded.get("train"), "data": recorded.get("data")},
-                        {"train": cfg.to_dict(), "data": record or _cache_record(cache)}) or not same_data:
+    if read_status(run_dir).get("state") != "finished" or not _same_training(run_dir, cfg, cache, record):
         return None
     return load_sae(run_dir / SAE_DIR) if load else True
+
+
+def _same_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache, record: dict | None) -> bool:
+    """Whether the run in ``run_dir``, finished or not, trains with ``cfg`` on activations like ``cache``'s."""
+    if not (run_dir / TRAIN_CONFIG).exists():
+        return False
+    recorded = read_json(run_dir / TRAIN_CONFIG, "training config")
+    same_data = all(recorded.get("sae", {}).get(k) == v for k, v in _cache_meta(cache).items() if k != "model_source")
+    return same_data and not training_changes({"train": recorded.get("train"), "data": recorded.get("data")},
+                                              {"train": cfg.to_dict(), "data": record or _cache_record(cache)})
 
 
 def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig, cache_kept: bool) -> None:
