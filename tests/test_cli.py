@@ -1587,6 +1587,13 @@ def test_a_corpus_shorter_than_a_context_names_the_context_option_only_where_the
     assert err == f"saelab top: error: {short}", err
     _refusals([(["browse", "sae", "--out", "site", "--corpus", "one.txt"], f"{short}, or --context-size <= 2")],
               capsys)
+    # a --config file's context size is named as the file's entry, not as --context-size, never typed
+    (tmp_path / "c.json").write_text('{"harvest": {"context_size": 32}}', encoding="utf-8")
+    harvest = ["harvest", "--model", str(model), "--hook", "blocks.1.hook_resid_post", "--corpus", "one.txt",
+               "--out", "acts"]
+    _refusals([(harvest + ["--config", "c.json"], f"saelab harvest: error: --config c.json: {short}, or "
+                "harvest.context_size <= 2"), (harvest + ["--context-size", "32"], f"{short}, or --context-size <= 2")],
+              capsys)
 
 
 def test_steer_scale_refuses_an_eval_split_too_short_before_the_model_loads(gpt2_tokenizer, tmp_path, capsys,

@@ -108,9 +108,9 @@ def _verb_options(argv: list[str], verb: str) -> dict[str, str]:
 
 def _typed_spellings(args: argparse.Namespace | None, options: dict[str, str]) -> dict[str, str]:
     """Each long option the user set by another spelling, from :func:`_verb_options`' ``options``: its short
-    one ("--k": "-k"), or another option that sets it, typed or a --config file's entry ("--total-tokens":
-    "--n-tokens" or "--config c.yaml: n_tokens" in quickstart); not a switch's --no- form, which sets the
-    same setting but says the opposite."""
+    one ("--k": "-k"), another option that sets it ("--total-tokens": "--n-tokens" in quickstart), or a
+    --config file's entry ("--context-size": "--config c.yaml: harvest.context_size"); not a switch's --no-
+    form, which sets the same setting but says the opposite."""
     given_as = getattr(args, "given_as", {})
     spelled = {}
     for option, dest in options.items():
@@ -118,7 +118,7 @@ def _typed_spellings(args: argparse.Namespace | None, options: dict[str, str]) -
         negative = option.startswith("--no-") and f"--{option[5:]}" in options
         lead, entry = given_parts(spelling)  # a file's entry of an option is its name: "n_tokens"
         other_option = options.get(f"--{entry.replace('_', '-')}" if lead else spelling) not in (None, dest)
-        if (spelling[:1] == "-" and spelling[1:2] != "-" or other_option) and not negative:
+        if (spelling[:1] == "-" and spelling[1:2] != "-" or other_option or lead) and not negative:
             spelled[option] = spelling
     return spelled
 
