@@ -507,6 +507,13 @@ BAD_CONFIGS = [
     ("misspelled.json", '{"train": {"n_latent": 256}}', "train.n_latent: not one of its options; did you mean "
      "n_latents?"),
     ("dashed.yaml", "train:\n  n-latent: 256\n", "train.n-latent: not one of its options; did you mean n-latents?"),
+    # a switch's --no- form as a key: its own key set false, not "did you mean auxk?", which turns it on
+    ("negated.json", '{"train": {"no_auxk": true}}',
+     "train.no_auxk: not one of its options; did you mean auxk: false?"),
+    ("negated.yaml", "train:\n  no-scale-encoder-init: true\n", "train.no-scale-encoder-init: not one of its options; "
+     "did you mean scale-encoder-init: false?"),
+    ("negated_top.yaml", "no_progress: true\n", "no_progress: not an option group or option of `saelab train`; did you "
+     "mean progress: false?"),
     ("broken.yaml", "train: [1\n", "not valid YAML (line 2"),
     ("broken.json", '{"train": {', "not valid JSON (line 1"),
     ("list.json", "[1, 2]", "expected a mapping of option groups"),

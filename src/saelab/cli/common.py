@@ -249,9 +249,10 @@ class Parser(ArgumentParser):
                 kept[key] = value
             elif key not in self.sections_of_other_verbs:
                 keys = sorted(groups) + [_file_key(options[o]) for o in sorted(options)]
+                switches = [o for o, action in options.items() if action.nargs == 0]
                 listed = f"; expected one of {', '.join(keys)}"
                 raise ConfigError(f"{where}: not an option group or option of `{self.prog}`"
-                                  f"{_closest_key(key, [*groups, *options]) or listed}")
+                                  f"{_closest_key(key, [*groups, *options], switches) or listed}")
         return kept
 
 
@@ -323,8 +324,9 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
     for key, v in value.items():
         name = str(key).replace("-", "_")
         if name not in names:  # a close match alone, as on the command line; else every option
+            switches = [n for n in names if hints[n] is bool]
             raise ConfigError(f"{where}.{key}: not one of its options"
-                              f"{_closest_key(key, names) or ' (' + ', '.join(names) + ')'}")
+                              f"{_closest_key(key, names, switches) or ' (' + ', '.join(names) + ')'}")
         choices = literal_choices(hints[name])
         if choices and v not in choices:
             raise ConfigError(f"{where}.{key}: expected one of {', '.join(map(str, choices))}, got {v!r}")
@@ -342,10 +344,14 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
     return section
 
 
-def _closest_key(key: Any, names: list[str]) -> str:
+def _closest_key(key: Any, names: list[str], switches: typing.Collection[str] = ()) -> str:
     """"; did you mean n_latents?" for a misspelled config file key, spelled as the key is (n-latents for a
-    key with dashes), else ""."""
+    key with dashes), else "". A switch's --no- form as a key (no_auxk, of ``switches``): "; did you mean
+    auxk: false?", as "did you mean auxk?" would turn on what the key meant to turn off."""
     dashed = "-" in str(key)
+    name = str(key).replace("-", "_")
+    if name.startswith("no_") and name[3:] in switches:
+        return f"; did you mean {name[3:].replace('_', '-') if dashed else name[3:]}: false?"
     return did_you_mean(str(key), [n.replace("_", "-") if dashed else n for n in names])
 
 
