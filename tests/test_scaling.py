@@ -328,6 +328,27 @@ def test_a_report_after_an_overwrite_left_no_run_evaluated_says_the_study_there_
     assert (sweep / "scaling.json").read_bytes() == before
 
 
+def test_a_report_interrupted_while_writing_the_study_leaves_the_earlier_study_whole(evaluated_sweep, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """Ctrl-C between the study's files left a new scaling.json beside the earlier scaling.md and plots:
+    one study of two evaluations. The files are replaced together: the earlier ones come back."""
+    import saelab.report.scaling as scaling
+
+    sweep = _copy_of(evaluated_sweep, tmp_path)
+    run_cli(capsys, "report", str(sweep))
+    before = {name: (sweep / name).read_bytes() for name in scaling.SCALING_FILES}
+    (sweep / "n64" / "metrics.json").unlink()  # the new study: of n32 and n128 only
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scaling, "_delta_loss_plot", interrupted)  # after scaling.json and one plot
+    with pytest.raises(KeyboardInterrupt):
+        scaling.write_scaling_report(sweep)
+    assert {name: (sweep / name).read_bytes() for name in scaling.SCALING_FILES} == before
+    assert sorted(p.name for p in sweep.iterdir()) == sorted(["n32", "n64", "n128", *scaling.SCALING_FILES])
+
+
 def test_an_earlier_scaling_study_the_runs_no_longer_make_is_removed(evaluated_sweep, tiny_dir, data_dir, tmp_path,
                                                                      capsys):
     """Once the runs are not one sweep, the study written before them is removed, not left looking current; where

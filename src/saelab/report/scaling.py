@@ -428,10 +428,11 @@ def write_scaling_report(sweep_dir: str | Path, *, sae_hashes: SaeHashes | None 
     unfinished = [run.name for run in unfinished_sweep_runs(folder)]
     result = {"sweep": str(folder), "eval_settings": settings, "runs": rows, "unevaluated": missing + stale,
               "other_weights": stale, "unfinished": unfinished, "fits": fits}
-    write_json(folder / "scaling.json", result)
-    _nmse_plot(fits, folder / "scaling_nmse.png")
-    _delta_loss_plot(fits, rows, folder / "scaling_delta_loss.png")
-    write_text(folder / "scaling.md", _markdown(folder, fits, rows, missing, stale, settings, unfinished))
+    with replacing_entries(folder, SCALING_FILES):  # one study, whole: an interruption puts the earlier one back
+        write_json(folder / "scaling.json", result)
+        _nmse_plot(fits, folder / "scaling_nmse.png")
+        _delta_loss_plot(fits, rows, folder / "scaling_delta_loss.png")
+        write_text(folder / "scaling.md", _markdown(folder, fits, rows, missing, stale, settings, unfinished))
     return result
 
 
