@@ -961,6 +961,14 @@ def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_d
     assert code == 2 and out == ""
     assert err == (f"saelab harvest: error: cannot reuse activation cache '{acts}': it was written with --seed 0, "
                    "not 3; pass --overwrite to replace it")
+    # a switch a --config file set is named as the file's entry with its values, not as --no-prepend-bos
+    (tmp_path / "c.json").write_text('{"harvest": {"prepend_bos": false}}')
+    code, out, err = run_cli(capsys, *args, "--config", str(tmp_path / "c.json"))
+    assert code == 2 and err == (f"saelab harvest: error: --config {tmp_path / 'c.json'}: cannot reuse activation "
+                                 f"cache '{acts}': it was written with harvest.prepend_bos true, not false; pass "
+                                 "--overwrite to replace it")
+    code, out, err = run_cli(capsys, *args, "--no-prepend-bos")
+    assert code == 2 and "it was written with --prepend-bos, not --no-prepend-bos; pass --overwrite" in err
     assert snapshot(acts) == before
 
 

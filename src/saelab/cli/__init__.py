@@ -116,9 +116,8 @@ def _typed_spellings(args: argparse.Namespace | None, options: dict[str, str]) -
     for option, dest in options.items():
         spelling = given_as.get(dest, "")
         negative = option.startswith("--no-") and f"--{option[5:]}" in options
-        lead, entry = given_parts(spelling)  # a file's entry of an option is its name: "n_tokens"
-        other_option = options.get(f"--{entry.replace('_', '-')}" if lead else spelling) not in (None, dest)
-        if (spelling[:1] == "-" and spelling[1:2] != "-" or other_option or lead) and not negative:
+        short = spelling[:1] == "-" and spelling[1:2] != "-"
+        if (short or options.get(spelling) not in (None, dest) or given_parts(spelling)[0]) and not negative:
             spelled[option] = spelling
     return spelled
 
@@ -136,10 +135,10 @@ def in_option_words(message: str, options: dict[str, str], typed_as: dict[str, s
     the setting it sets): "pass overwrite=True (--overwrite)" -> "pass --overwrite", "lr must be > 0" ->
     "--lr must be > 0", "k=100" -> "--k 100", "train.k 16 -> 32" -> "--k 16 -> 32"; then each long option
     the user typed otherwise as typed (``typed_as``, "--k": "-k"): "--k 100" -> "-k 100"."""
-    return in_given_words(_in_long_option_words(message, options), typed_as or {})
+    return in_given_words(_in_long_option_words(message, options, typed_as or {}), typed_as or {})
 
 
-def _in_long_option_words(message: str, options: dict[str, str]) -> str:
+def _in_long_option_words(message: str, options: dict[str, str], typed_as: dict[str, str]) -> str:
     if "--config " not in message:  # a config file's entry is named in the file's own words, "train.recipe"
         message = _SETTING_PATH_RE.sub(lambda m: _option_of_path(m[0], options), message)
     message = re.sub(r"\b\w+=True \((--[\w-]+)\)", r"\1", message)
@@ -163,14 +162,19 @@ def _in_long_option_words(message: str, options: dict[str, str]) -> str:
                      message)  # ":N": "device='cuda:1'"
     message = _SETTING_RE.sub(option, message)
     message = _SETTING_AFTER_RE.sub(option, message)
-    return re.sub(r"--([\w-]+) (True|False)(, not (True|False))?\b", lambda m: _as_switch(m, options), message)
+    return re.sub(r"--([\w-]+) (True|False)(, not (True|False))?\b", lambda m: _as_switch(m, options, typed_as),
+                  message)
 
 
-def _as_switch(match: re.Match, options: dict[str, str]) -> str:
-    """A switch's value as it is typed: "--prepend-bos True, not False" -> "--prepend-bos, not --no-prepend-bos"."""
+def _as_switch(match: re.Match, options: dict[str, str], typed_as: dict[str, str]) -> str:
+    """A switch's value as it is typed: "--prepend-bos True, not False" -> "--prepend-bos, not --no-prepend-bos";
+    as a --config file's entry (``typed_as``) gives it, "--prepend-bos true, not false", which the file's
+    entry then names ("harvest.prepend_bos true, not false"), not the half of the switch never typed."""
     name = match[1]
     if f"--no-{name}" not in options:
         return match[0]
+    if given_parts(typed_as.get(f"--{name}", ""))[0]:
+        return f"--{name} {match[2].lower()}" + (f", not {match[4].lower()}" if match[3] else "")
     typed = {"True": f"--{name}", "False": f"--no-{name}"}
     return typed[match[2]] + (f", not {typed[match[4]]}" if match[3] else "")
 
