@@ -328,6 +328,28 @@ def test_a_report_after_an_overwrite_left_no_run_evaluated_says_the_study_there_
     assert (sweep / "scaling.json").read_bytes() == before
 
 
+def test_a_report_after_an_overwrite_was_cut_off_says_the_study_there_is_of_earlier_runs(evaluated_sweep, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """sweep --overwrite cut off before any run finished: the report names the unfinished runs, and the study
+    the replaced runs made stays, said to be of earlier evaluations rather than left looking current."""
+    import functools
+
+    import saelab.train
+    from saelab.pipeline import sweep_from_cache
+
+    _, cache, base, _ = evaluated_sweep
+    sweep = _copy_of(evaluated_sweep, tmp_path)
+    run_cli(capsys, "report", str(sweep))
+    before = (sweep / "scaling.json").read_bytes()
+    monkeypatch.setattr(saelab.train, "train_many", functools.partial(saelab.train.train_many, stop_after_steps=1))
+    sweep_from_cache(cache, sweep, base, {"n_latents": [32, 64, 128]}, overwrite=True, progress=False)
+    _, err = run_cli(capsys, "report", str(sweep), code=2)
+    assert f"{sweep} holds no finished run: its runs n32, n64, n128 have not finished training" in err
+    assert err.strip().endswith("; the scaling study there (scaling.md, scaling.json, scaling_nmse.png, "
+                                "scaling_delta_loss.png) is of earlier evaluations, and stays until a report replaces it")
+    assert (sweep / "scaling.json").read_bytes() == before
+
+
 def test_a_report_interrupted_while_writing_the_study_leaves_the_earlier_study_whole(evaluated_sweep, tmp_path,
                                                                                      capsys, monkeypatch):
     """Ctrl-C between the study's files left a new scaling.json beside the earlier scaling.md and plots:

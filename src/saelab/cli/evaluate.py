@@ -212,10 +212,11 @@ def add_report(sub) -> None:
 
 
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.report import remove_scaling_study, sweep_difference, write_run_report, write_scaling_report
+    from saelab.report import (check_study_has_finished_runs, remove_scaling_study, sweep_difference, write_run_report,
+                               write_scaling_report)
 
     if is_sweep(args.run):
-        check_sweep_has_finished_runs(args.run)
+        check_study_has_finished_runs(args.run)
         _note_unfinished("report", args.run, "reports the finished runs")
     unlike = sweep_difference(args.run) if is_sweep(args.run) else None
     if unlike:  # runs gathered in one folder: each its own report, no scaling curve across them

@@ -403,12 +403,21 @@ def _refuse_keeping_study(folder: Path, error: SaelabError) -> None:
                       "stays until a report replaces it") from None
 
 
+def check_study_has_finished_runs(folder: str | Path) -> None:
+    """Refuse a study of a sweep cut off before any run finished (an interrupted --overwrite too), naming its
+    unfinished runs, and saying that an earlier study there (of the runs replaced) stays."""
+    if not sweep_runs(folder) and unfinished_sweep_runs(folder):
+        try:
+            check_sweep_has_finished_runs(folder)
+        except SaelabError as e:
+            _refuse_keeping_study(Path(folder), e)
+
+
 def write_scaling_report(sweep_dir: str | Path, *, sae_hashes: SaeHashes | None = None) -> dict[str, Any]:
     """Read every run of ``sweep_dir``, check they were evaluated alike, fit, and write scaling.json,
     the two plots and scaling.md. ``sae_hashes``: as :func:`collect_runs` takes it."""
     folder = Path(sweep_dir)
-    if not sweep_runs(folder) and unfinished_sweep_runs(folder):  # a cut-off sweep: its runs named, as the CLI does
-        check_sweep_has_finished_runs(folder)
+    check_study_has_finished_runs(folder)
     rows, missing, stale = collect_runs(folder, sae_hashes)
     if stale:
         print(f"saelab: note: {EVAL_METRICS} of {_names(stale)} describes other weights than {SAE_DIR}/ (the SAE "
@@ -436,5 +445,5 @@ def write_scaling_report(sweep_dir: str | Path, *, sae_hashes: SaeHashes | None 
     return result
 
 
-__all__ = ["SCALING_FILES", "check_eval_settings", "collect_runs", "fit_scaling", "remove_scaling_study",
+__all__ = ["SCALING_FILES", "check_eval_settings", "check_study_has_finished_runs", "collect_runs", "fit_scaling", "remove_scaling_study",
            "sweep_difference", "write_scaling_report"]
