@@ -620,6 +620,10 @@ def test_quickstart_n_tokens_from_a_config_file_is_named_by_its_entry(tiny_dir, 
             (["--total-tokens", "1024"], "n_tokens 2048 and --total-tokens 1024 both set the tokens to harvest and "
                                          "train on; give n_tokens only")):
         assert run_cli(capsys, *run, *extra) == (2, "", lead + message)
+    # the file's own total_tokens beside its n_tokens: refused, not silently replaced by n_tokens
+    cfg.write_text("n_tokens: 2048\ntrain:\n  batch_size: 128\n  total_tokens: 4096\n")
+    assert run_cli(capsys, *run) == (2, "", lead + "n_tokens 2048 and train.total_tokens 4096 both set the tokens to "
+                                     "harvest and train on; give n_tokens only")
     cfg.write_text("n_tokens: 100\ntrain:\n  batch_size: 128\n")  # both entries of the file, named once
     assert run_cli(capsys, *run)[2] == f"{lead}n_tokens 100 is less than one batch (train.batch_size 128)"
     assert snapshot(q) == before

@@ -139,9 +139,13 @@ def _with_n_tokens(args: argparse.Namespace, train: TrainConfig) -> TrainConfig:
     the later refusals of either size it sets name it as given, not --total-tokens or --harvest-n-tokens."""
     how = {"--n-tokens": given(args, "n_tokens") or "--n-tokens",
            "--batch-size": given(args, "train.batch_size") or "--batch-size"}
-    # --n-tokens sets both sizes: one also given on its own would be silently replaced
-    for option, value in (("--total-tokens", train.total_tokens), ("--harvest-n-tokens", args.harvest.n_tokens)):
-        if typed(args, option):
+    # --n-tokens sets both sizes: one also given on its own would be silently replaced (a file's is a default
+    # that a typed --n-tokens overrides, but beside a file's n_tokens, both are the file's word)
+    in_file = bool(given_parts(how["--n-tokens"])[0])
+    for option, dest, value in (("--total-tokens", "train.total_tokens", train.total_tokens),
+                                ("--harvest-n-tokens", "harvest.n_tokens", args.harvest.n_tokens)):
+        if typed(args, option) or (in_file and given_parts(given(args, dest) or "")[0]):
+            how[option] = given(args, dest) or option
             raise ConfigError(in_given_words(f"--n-tokens {args.n_tokens} and {option} {value} both set the tokens "
                                              "to harvest and train on; give --n-tokens only", how))
     if args.n_tokens < train.batch_size:
