@@ -986,3 +986,41 @@ def test_metrics_json_records_the_full_model_id_and_only_documented_keys(smollm2
     assert eval_settings(old) == eval_settings(written)
     assert frequencies_mismatch(read_latent_frequencies(out), out, 64, written["sae_sha256"], eval_settings(old),
                                 weights="sae/", evaluation="metrics.json") is None
+
+
+def _opens_of(monkeypatch, corpus) -> list:
+    """Each time a corpus source is opened (a hub dataset: a stream), the ones of ``corpus`` kept."""
+    import saelab.data.text
+
+    opened, original = [], saelab.data.text._open_source
+
+    def counted(source, **kwargs):
+        if os.fspath(source) == os.fspath(corpus):
+            opened.append(source)
+        return original(source, **kwargs)
+
+    monkeypatch.setattr(saelab.data.text, "_open_source", counted)
+    return opened
+
+
+def test_quickstart_and_a_sweep_evaluation_read_the_eval_corpus_once(tiny_dir, data_dir, tmp_path, monkeypatch):
+    """The check that the eval corpus holds the evaluation's tokens (before the model loads) reads the
+    contexts the evaluation then uses: quickstart read the corpus twice, a sweep's evaluation once more per
+    run; a hub dataset is streamed once."""
+    from saelab.pipeline import evaluate_sweep, sweep_from_cache
+
+    eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
+    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK,
+                                                 corpus=str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)),
+                                                 context_size=32, n_tokens=1000, buffer_tokens=8192),
+                           train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
+                           eval=EvalConfig(corpus=str(eval_corpus), recon_tokens=256, downstream_tokens=128))
+    opened = _opens_of(monkeypatch, eval_corpus)
+    first = quickstart(cfg, tmp_path / "qs", progress=False)
+    assert len(opened) == 1
+    opened.clear()
+    sweep_from_cache(tmp_path / "qs" / "activations", tmp_path / "sweep", cfg.train, {"k": [2, 4]}, progress=False)
+    evaluate_sweep(tmp_path / "sweep", cfg.eval, progress=False)
+    assert len(opened) == 1
+    again = json.loads((tmp_path / "sweep" / "k4" / "metrics.json").read_text())
+    assert again["nmse"] == first["nmse"]  # the same SAE, evaluated on the same contexts

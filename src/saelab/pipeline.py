@@ -372,10 +372,12 @@ def _held_out_label(sae: TopKSAE, corpus: str) -> str:
 
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,
              out_dir: str | Path | None = None, device: str | torch.device | None = None,
-             model_dtype: str = "float32", progress: bool = True, sae_hash: str | None = None) -> dict[str, Any]:
+             model_dtype: str = "float32", progress: bool = True, sae_hash: str | None = None,
+             contexts: torch.Tensor | None = None) -> dict[str, Any]:
     """Core metrics of an SAE on held-out text; with ``out_dir`` also metrics.json (recording the
     SAE's weight hash and the eval settings), latent_frequencies.safetensors and density.png there.
-    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight)."""
+    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight);
+    ``contexts``: the eval contexts when the caller read them already (:func:`check_eval_corpus_before_load`)."""
     cfg = cfg or EvalConfig()
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
@@ -384,8 +386,8 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
     spec = lm or model_for(sae)
     check_before_load(spec, sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
-    contexts = None  # read before the load, for the evaluation: a loaded model's reads the corpus at once
-    if not isinstance(spec, LanguageModel):
+    # read before the load, for the evaluation: a loaded model's reads the corpus at once
+    if contexts is None and not isinstance(spec, LanguageModel):
         contexts = check_eval_corpus_before_load(spec, cfg, cfg.context_size or sae.cfg.context_size,
                                                  int(sae.cfg.exclude_first), sae.cfg.prepend_bos)
     lm = load_model(spec, device=device, dtype=model_dtype)
@@ -448,24 +450,26 @@ def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, m
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
                  device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
-                 progress: bool = True, sae_hash: str | None = None, sae: TopKSAE | None = None) -> dict[str, Any]:
+                 progress: bool = True, sae_hash: str | None = None, sae: TopKSAE | None = None,
+                 contexts: torch.Tensor | None = None) -> dict[str, Any]:
     """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md. An evaluation of
     this SAE already there is reused when its settings are these, and kept (refused) when they are
-    not, unless ``overwrite``. ``sae_hash``, ``sae``: :func:`sae_sha256` of the run's SAE, and the SAE as
-    loaded from the run, when the caller has them (neither is read again).
+    not, unless ``overwrite``. ``sae_hash``, ``sae``, ``contexts``: :func:`sae_sha256` of the run's SAE,
+    the SAE as loaded from the run and the eval contexts, when the caller has them (none is read again).
     Holds the run's lock throughout: a training into the run, or another evaluation of it, is refused
     meanwhile (and this one is refused while they run), so metrics.json describes the SAE beside it."""
     lock = RunLock(Path(run_dir)).acquire()
     try:
         return _evaluate_run_locked(run_dir, cfg or EvalConfig(), lm=lm, device=device, model_dtype=model_dtype,
-                                    overwrite=overwrite, progress=progress, sae_hash=sae_hash, sae=sae)
+                                    overwrite=overwrite, progress=progress, sae_hash=sae_hash, sae=sae,
+                                    contexts=contexts)
     finally:
         lock.release()
 
 
 def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageModel | str | None,
                          device: str | torch.device | None, model_dtype: str, overwrite: bool, progress: bool,
-                         sae_hash: str | None, sae: TopKSAE | None) -> dict[str, Any]:
+                         sae_hash: str | None, sae: TopKSAE | None, contexts: torch.Tensor | None) -> dict[str, Any]:
     sae = sae if sae is not None else load_sae(Path(run_dir) / SAE_DIR)
     # Once, for the check, the evaluation and the report: hashing reads every weight.
     sae_hash = sae_hash or sae_sha256(sae)
@@ -480,7 +484,7 @@ def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageMo
                              f"({', '.join(changes)}); pass --overwrite to replace it, or --out DIR to write this "
                              "one elsewhere")
     metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
-                       progress=progress, sae_hash=sae_hash)
+                       progress=progress, sae_hash=sae_hash, contexts=contexts)
     if (Path(run_dir) / TRAIN_CONFIG).exists():
         write_run_report(run_dir, density_drawn_by=metrics, sae_hash=sae_hash, sae=sae)
     return metrics
@@ -522,7 +526,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before any model loads
-    state, specs, changes, hashes, saes, corpus_read = {}, {}, {}, {}, {}, set()
+    state, specs, changes, hashes, saes, corpus_read, contexts = {}, {}, {}, {}, {}, {}, {}
     # Each SAE is loaded once: those to evaluate are kept from their check to their evaluation (on the CPU;
     # the sweep trained them all at once), the others dropped after their check.
     for run in runs:
@@ -536,10 +540,9 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
             check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
             read = (specs[run], cfg.context_size or sae.cfg.context_size, int(sae.cfg.exclude_first),
                     sae.cfg.prepend_bos)
-            if read not in corpus_read:  # runs of one cache read the same contexts: once
-                check_eval_corpus_before_load(specs[run], cfg, *read[1:])
-                corpus_read.add(read)
-            saes[run] = sae
+            if read not in corpus_read:  # runs of one cache read the same contexts: once, for every evaluation
+                corpus_read[read] = check_eval_corpus_before_load(specs[run], cfg, *read[1:])
+            saes[run], contexts[run] = sae, corpus_read[read]
     other = [run for run in runs if state[run] == "other"]
     if other:
         raise RunExistsError(f"{', '.join(run.name for run in other)} in {folder} "
@@ -557,7 +560,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         if progress:
             print(f"[sweep eval] {run.name}", flush=True)
         m = evaluate_run(run, cfg, lm=models[spec], overwrite=True, progress=progress,  # not current: replaced
-                         sae_hash=hashes[run], sae=saes.pop(run))
+                         sae_hash=hashes[run], sae=saes.pop(run), contexts=contexts.pop(run))
         out[run.name] = {k: m[k] for k in ("nmse", "l0", "delta_ce") if k in m}
     return out
 
@@ -788,17 +791,17 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
 
 
 def _check_corpora_are_long_enough(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
-                                   lm: LanguageModel | None, overwrite_activations: bool) -> None:
+                                   lm: LanguageModel | None, overwrite_activations: bool) -> torch.Tensor | None:
     """A training corpus still to harvest too short for one context, or the eval corpus too short for the
     evaluation: refused before the model loads, not after a harvest and a training. The SAE evaluates at the
     harvest's context size unless eval.context_size is given; either way, that is the setting that shrinks the
-    evaluation's contexts."""
+    evaluation's contexts. Returns the eval contexts read (None: none were), for the evaluation."""
     spec = lm or harvest_cfg.model
     if overwrite_activations or not cache_is_complete(run_dir / ACTIVATIONS_DIR):
         check_corpus_fills_a_context(spec, resolve_corpus(harvest_cfg.corpus, "train"), harvest_cfg.context_size,
                                      harvest_cfg.prepend_bos, "harvest.context_size")
-    check_eval_corpus_before_load(spec, cfg.eval, cfg.eval.context_size or harvest_cfg.context_size,
-                                  int(harvest_cfg.exclude_first), harvest_cfg.prepend_bos)
+    return check_eval_corpus_before_load(spec, cfg.eval, cfg.eval.context_size or harvest_cfg.context_size,
+                                         int(harvest_cfg.exclude_first), harvest_cfg.prepend_bos)
 
 
 def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
@@ -819,10 +822,12 @@ def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_
 def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path, lm: LanguageModel | None,
                        times: dict[str, float], *, device: str | torch.device | None, model_dtype: str,
                        overwrite: bool, overwrite_activations: bool, progress: bool, log_to: Sequence[str],
-                       finished_hash: str | None) -> tuple[dict[str, Any], list[str]]:
+                       finished_hash: str | None, eval_contexts: torch.Tensor | None
+                       ) -> tuple[dict[str, Any], list[str]]:
     """Load the model, then harvest, train and evaluate, each stage reused when done with these settings;
-    returns the metrics and the stages reused (``times`` gets the others' seconds). ``finished_hash``:
-    :func:`sae_sha256` of the finished run's SAE, as the checks returned it."""
+    returns the metrics and the stages reused (``times`` gets the others' seconds). ``finished_hash``,
+    ``eval_contexts``: :func:`sae_sha256` of the finished run's SAE and the eval contexts, as the checks
+    returned them."""
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
     reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
     cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
@@ -839,7 +844,7 @@ def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_di
         reused.append("evaluate")
         return read_eval_metrics(run_dir, sae, sae_hash=sae_hash), reused
     return _timed(times, "evaluate", lambda: evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir, progress=progress,
-                                                      sae_hash=sae_hash)), reused
+                                                      sae_hash=sae_hash, contexts=eval_contexts)), reused
 
 
 def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel | None = None,
@@ -867,7 +872,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         note_unfinished_overwrite(run_dir / ACTIVATIONS_DIR, "--overwrite-activations")
         return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
                                          trained_before)
-    _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, lm, overwrite_activations)
+    eval_contexts = _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, lm, overwrite_activations)
     if overwrite and (run_dir / TRAIN_CONFIG).exists():
         print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
               file=sys.stderr)
@@ -876,7 +881,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         metrics, reused = _quickstart_stages(cfg, harvest_cfg, run_dir, lm, times, device=device,
                                              model_dtype=model_dtype, overwrite=overwrite,
                                              overwrite_activations=overwrite_activations, progress=progress,
-                                             log_to=log_to, finished_hash=finished_hash)
+                                             log_to=log_to, finished_hash=finished_hash, eval_contexts=eval_contexts)
         return _write_quickstart_results(run_dir, metrics, reused, times, earlier, trained_before)
 
 
