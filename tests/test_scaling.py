@@ -310,28 +310,11 @@ def test_a_run_whose_metrics_describe_other_weights_is_not_evaluated(evaluated_s
     assert "| n64 |" not in md
 
 
-def test_a_report_after_an_overwrite_left_no_run_evaluated_says_the_study_there_is_of_earlier_ones(
-        evaluated_sweep, tmp_path, capsys):
-    """sweep --overwrite trains every run anew, none evaluated yet: the report is refused, and the study the
-    earlier runs made stays, said to be of earlier evaluations rather than left looking current."""
-    from saelab.pipeline import sweep_from_cache
-
-    _, cache, base, _ = evaluated_sweep
-    sweep = _copy_of(evaluated_sweep, tmp_path)
-    run_cli(capsys, "report", str(sweep))
-    before = (sweep / "scaling.json").read_bytes()
-    sweep_from_cache(cache, sweep, base, {"n_latents": [32, 64, 128]}, overwrite=True, progress=False)
-    _, err = run_cli(capsys, "report", str(sweep), code=2)
-    assert f"sweep folder {sweep} has no evaluated runs: its runs (n32, n64, n128) have no metrics.json" in err
-    assert err.strip().endswith("; the scaling study there (scaling.md, scaling.json, scaling_nmse.png, "
-                                "scaling_delta_loss.png) is of earlier evaluations, and stays until a report replaces it")
-    assert (sweep / "scaling.json").read_bytes() == before
-
-
-def test_a_report_after_an_overwrite_was_cut_off_says_the_study_there_is_of_earlier_runs(evaluated_sweep, tmp_path,
-                                                                                         capsys, monkeypatch):
-    """sweep --overwrite cut off before any run finished: the report names the unfinished runs, and the study
-    the replaced runs made stays, said to be of earlier evaluations rather than left looking current."""
+def test_a_report_after_an_overwrite_says_the_study_there_is_of_earlier_evaluations(evaluated_sweep, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """sweep --overwrite trains every run anew: cut off before any run finished, then finished, none evaluated
+    yet. Each report is refused, and the study the replaced runs made stays, said to be of earlier
+    evaluations rather than left looking current."""
     import functools
 
     import saelab.train
@@ -341,13 +324,17 @@ def test_a_report_after_an_overwrite_was_cut_off_says_the_study_there_is_of_earl
     sweep = _copy_of(evaluated_sweep, tmp_path)
     run_cli(capsys, "report", str(sweep))
     before = (sweep / "scaling.json").read_bytes()
-    monkeypatch.setattr(saelab.train, "train_many", functools.partial(saelab.train.train_many, stop_after_steps=1))
-    sweep_from_cache(cache, sweep, base, {"n_latents": [32, 64, 128]}, overwrite=True, progress=False)
-    _, err = run_cli(capsys, "report", str(sweep), code=2)
-    assert f"{sweep} holds no finished run: its runs n32, n64, n128 have not finished training" in err
-    assert err.strip().endswith("; the scaling study there (scaling.md, scaling.json, scaling_nmse.png, "
-                                "scaling_delta_loss.png) is of earlier evaluations, and stays until a report replaces it")
-    assert (sweep / "scaling.json").read_bytes() == before
+    kept = ("; the scaling study there (scaling.md, scaling.json, scaling_nmse.png, scaling_delta_loss.png) is of "
+            "earlier evaluations, and stays until a report replaces it")
+    whole = saelab.train.train_many
+    monkeypatch.setattr(saelab.train, "train_many", functools.partial(whole, stop_after_steps=1))  # cut off
+    for reason in (f"{sweep} holds no finished run: its runs n32, n64, n128 have not finished training",
+                   f"sweep folder {sweep} has no evaluated runs: its runs (n32, n64, n128) have no metrics.json"):
+        sweep_from_cache(cache, sweep, base, {"n_latents": [32, 64, 128]}, overwrite=True, progress=False)
+        _, err = run_cli(capsys, "report", str(sweep), code=2)
+        assert reason in err and err.strip().endswith(kept), err
+        assert (sweep / "scaling.json").read_bytes() == before
+        monkeypatch.setattr(saelab.train, "train_many", whole)  # the same command again finishes the overwrite
 
 
 def test_a_report_interrupted_while_writing_the_study_leaves_the_earlier_study_whole(evaluated_sweep, tmp_path,
