@@ -1631,6 +1631,30 @@ def test_steer_scale_refuses_an_eval_split_too_short_before_the_model_loads(gpt2
     _refusals([([*steer, "--scale-tokens", "341"], "cannot load model directory")], capsys)  # the split holds it
 
 
+def test_eval_suite_paper_refuses_a_short_eval_corpus_before_the_model_loads(gpt2_tokenizer, tmp_path, capsys,
+                                                                            monkeypatch):
+    """`eval --suite paper` read its contexts after the load, refusing a short corpus as "gave only 11 contexts
+    of 32 tokens; 512 requested", naming no setting. Now before the load (the model has no weights: a refusal
+    after it reads "cannot load"), naming the settings past the corpus as given; enough text, and the load."""
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(model)
+    _save_saes(tmp_path, model, ("sae", 64))
+    (tmp_path / "c.txt").write_text("The cat sat on the mat. " * 50, encoding="utf-8")  # 11 contexts of 32
+    paper = ["eval", "sae", "--suite", "paper", "--out", "ev", "--corpus", "c.txt", "--metrics", "core", "probe"]
+    (tmp_path / "s.yaml").write_text("suite_cfg:\n  probe_contexts: 20\n")
+    _refusals([
+        (paper, "saelab eval: error: --corpus 'c.txt' holds 351 tokens, too few for the paper suite (--downstream-tokens "
+                "16,384 and --probe-contexts 512: 529 contexts of 32, 16,399 tokens of text); expected a corpus of at "
+                "least 16,399 tokens, or --downstream-tokens <= 341 and --probe-contexts <= 11"),
+        ([*paper, "--downstream-tokens", "300", "--config", "s.yaml"],
+         f"saelab eval: error: --config s.yaml: --corpus 'c.txt' holds 351 tokens, too few for the paper suite "
+         "(suite_cfg.probe_contexts 20: 20 contexts of 32, 620 tokens of text); expected a corpus of at least 620 "
+         "tokens, or suite_cfg.probe_contexts <= 11"),
+        ([*paper, "--downstream-tokens", "300", "--probe-contexts", "11"], "cannot load model directory")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "model", "s.yaml", "sae"]
+
+
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))

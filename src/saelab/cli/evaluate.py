@@ -131,9 +131,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             return evaluate_sweep(args.sae, args.eval, model=args.model, device=args.device,
                                   model_dtype=args.model_dtype, overwrite=args.overwrite, progress=args.progress)
     if args.suite == "paper":
-        index = paper_suite(args.sae, out_dir=args.out, lm=args.model, hook=args.hook, eval_cfg=args.eval,
-                            cfg=suite_config(args), device=args.device, model_dtype=args.model_dtype, allow_http=args.allow_http,
-                            overwrite=args.overwrite, progress=args.progress)
+        with eval_settings_as_given(args, "--"):
+            index = paper_suite(args.sae, out_dir=args.out, lm=args.model, hook=args.hook, eval_cfg=args.eval,
+                                cfg=suite_config(args), device=args.device, model_dtype=args.model_dtype,
+                                allow_http=args.allow_http, overwrite=args.overwrite, progress=args.progress)
         return {"report": index["report"],
                 **{m: v["status"] + (" (reused)" if v["reused"] else "") for m, v in index["metrics"].items()}}
     with eval_settings_as_given(args, "--"):

@@ -51,7 +51,7 @@ import torch
 from simple_parsing.helpers import field as cli_field
 
 from saelab.data import resolve_corpus, token_contexts
-from saelab.errors import ConfigError, RunExistsError, SaelabError
+from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals._common import config_dict, position_0_words
 from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
 from saelab.evals.compute_equivalent import (
@@ -144,6 +144,8 @@ class SuiteRun:
     """:func:`sae_sha256` of ``sae``: what every result records, hashed once."""
     series: Any = None
     results: dict[str, dict | None] = field(default_factory=dict)
+    model: str = ""
+    """The model's name (``lm.name``; known before the load, as ``saelab.models.model_name`` gives it)."""
 
 
 def _core(run: SuiteRun) -> dict:
@@ -167,8 +169,8 @@ def _compute_equivalent(run: SuiteRun) -> dict:
 
 
 def _ce_applies(run: SuiteRun) -> str | None:
-    if run.cfg.compute_equivalent.series is None and series_for_model(run.lm.name) is None:
-        return (f"no checkpoint series is known for model {run.lm.name!r} (built in: EleutherAI/pythia-<size> -> "
+    if run.cfg.compute_equivalent.series is None and series_for_model(run.model) is None:
+        return (f"no checkpoint series is known for model {run.model!r} (built in: EleutherAI/pythia-<size> -> "
                 "the model family pythia-family, GPT-2 small -> the checkpoint series crfm-gpt2-small); pass "
                 "--series NAME, a folder with family.json or a folder of checkpoints")
     return None
@@ -320,42 +322,102 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
     return {**entry, "status": status, "reason": why, "wall_s": round(wall, 3)}
 
 
-def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig) -> tuple[SuiteRun, list, dict]:
-    """The suite run's shared inputs, the metrics wanted and why each does not apply (or None)."""
+def _suite_run(lm, sae, model: str, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, T: int
+               ) -> tuple[SuiteRun, list, dict]:
+    """A suite run without its contexts, the metrics wanted and why each does not apply (or None): from the
+    settings alone (``lm`` may be None: before the model loads)."""
+    first = 1 if sae.cfg.exclude_first else 0
+    run = SuiteRun(lm, sae, cfg, eval_cfg, torch.empty(0), T, first,
+                   math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR, model=model)
+    wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
+    return run, wanted, {m.name: m.applies(run) for m in wanted}
+
+
+# The setting that sets how many contexts each metric reads; core's and compute_equivalent's follow from a count
+# of tokens.
+CONTEXTS_SETTING_OF = {"core": "eval.downstream_tokens", "compute_equivalent": "eval.downstream_tokens",
+                       "ablation_sparsity": "suite_cfg.ablation_contexts", "probe": "suite_cfg.probe_contexts",
+                       "n2g": "suite_cfg.n2g_contexts"}
+
+
+def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, tokenize,
+                        bos_token_id: int | None, T: int) -> torch.Tensor:
+    """The eval contexts of ``T`` tokens the suite's metrics that apply read (the most any of them reads).
+    ``tokenize``: the model's, or its tokenizer read before the load. A corpus too short for them is refused
+    naming the settings that lower the need, as :func:`saelab.evals.core.eval_corpus_too_short` does."""
+    run, wanted, reasons = _suite_run(None, sae, model, Path(), cfg, eval_cfg, T)
+    needs = {m.name: m.n_contexts(run) for m in wanted if not reasons[m.name]}
+    n_ctx = max(needs.values(), default=1)
+    corpus = resolve_corpus(eval_cfg.corpus, "eval")
+    try:
+        return token_contexts(corpus, tokenize, T, n_contexts=n_ctx, bos_token_id=bos_token_id,
+                              prepend_bos=sae.cfg.prepend_bos, setting="eval.context_size")
+    except CorpusError as e:
+        if not getattr(e, "contexts", 0):  # shorter than one context: its own words name eval.context_size
+            raise
+        over = {CONTEXTS_SETTING_OF[name]: n for name, n in needs.items() if n > e.contexts}
+        raise _suite_corpus_too_short(eval_cfg, corpus, e.tokens, e.contexts, n_ctx, run, over) from None
+
+
+def _suite_corpus_too_short(eval_cfg: EvalConfig, corpus: str, tokens: int, most: int, n_ctx: int, run: SuiteRun,
+                            over: dict[str, int]) -> CorpusError:
+    """The refusal of an eval corpus of ``tokens`` tokens that fills ``most`` contexts, fewer than the
+    ``n_ctx`` the suite reads; ``over``: the settings past it (by path) and the contexts each reads. Its
+    ``worded(name)`` names each setting as ``name`` says (a command line: as the user gave it)."""
+    per_ctx = run.T - run.first
+    text_needed = n_ctx * (run.T - 1 if run.sae.cfg.prepend_bos else run.T)
+    values = {"eval.downstream_tokens": eval_cfg.downstream_tokens,
+              **{p: getattr(run.cfg, p.partition(".")[2]) for p in over if p.startswith("suite_cfg.")}}
+    limits = {p: most * per_ctx if p.startswith("eval.") else most for p in over}
+
+    def worded(name) -> str:
+        text = "the eval split" if eval_cfg.corpus is None else name("eval.corpus")
+        reads = " and ".join(f"{name(p)} {values[p]:,}" for p in over)
+        lower = " and ".join(f"{name(p)} <= {limit}" for p, limit in limits.items())
+        return (f"{text} {corpus!r} holds {tokens:,} tokens, too few for the paper suite ({reads}: {n_ctx:,} "
+                f"contexts of {run.T:,}, {text_needed:,} tokens of text); expected a corpus of at least "
+                f"{text_needed:,} tokens, or {lower}")
+
+    err = CorpusError(worded(lambda setting: setting))
+    err.worded = worded
+    return err
+
+
+def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig,
+             tokens: torch.Tensor | None) -> tuple[SuiteRun, list, dict]:
+    """The suite run's shared inputs, the metrics wanted and why each does not apply (or None). ``tokens``:
+    the contexts :func:`read_suite_contexts` read before the load (None: read here)."""
     hook = lm.check_hook(sae.cfg.hook_name)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
     sae.check_device(lm.device, f"model {lm.name}")
     T = lm.check_context_size(eval_cfg.context_size or sae.cfg.context_size)
-    first = 1 if sae.cfg.exclude_first else 0
-    run = SuiteRun(lm, sae, cfg, eval_cfg, torch.empty(0), T, first,
-                   math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR)
-    wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
+    run, wanted, reasons = _suite_run(lm, sae, lm.name, out_dir, cfg, eval_cfg, T)
     if any(m.name == "n2g" for m in wanted):
         _check_n2g_settings(cfg.n2g, sae, lm, asked_for="n2g" in cfg.metrics)
-    reasons = {m.name: m.applies(run) for m in wanted}
     bad = {n: r for n, r in reasons.items() if r and cfg.metrics}
     if bad:
         raise ConfigError("metric(s) asked for do not apply: " + "; ".join(f"{m}: {r}" for m, r in bad.items()))
     if "compute_equivalent" in reasons and not reasons["compute_equivalent"]:
         ce = cfg.compute_equivalent
         run.series = resolve_series(ce.series or series_for_model(lm.name), ce.steps, device=lm.device)
-    n_ctx = max([m.n_contexts(run) for m in wanted if not reasons[m.name]], default=1)
-    run.tokens = token_contexts(resolve_corpus(eval_cfg.corpus, "eval"), lm.tokenize, T, n_contexts=n_ctx,
-                                bos_token_id=lm.bos_token_id, prepend_bos=sae.cfg.prepend_bos)
+    run.tokens = tokens if tokens is not None else read_suite_contexts(sae, lm.name, cfg, eval_cfg, lm.tokenize,
+                                                                       lm.bos_token_id, T)
     return run, wanted, reasons
 
 
 def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg: EvalConfig | None = None,
                     cfg: PaperSuiteConfig | None = None, overwrite: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, tokens: torch.Tensor | None = None) -> dict[str, Any]:
     """Run the paper suite on ``sae`` with ``lm`` into ``out_dir/evals/`` (module docstring).
 
     Returns the suite index (also written to suite.json). A metric that fails is recorded with
-    status "error" and its reason; the caller decides what to do about it.
+    status "error" and its reason; the caller decides what to do about it. ``tokens``: the eval contexts
+    when the caller read them already (:func:`read_suite_contexts`).
     """
     t_start = time.perf_counter()
     check_sae_hook(sae, source or "(given)")
-    run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig())
+    run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig(),
+                                    tokens)
     corpus = str(resolve_corpus(run.eval_cfg.corpus, "eval"))
     position_0 = position_0_words(run.first)
     sha = run.sae_hash = sae_sha256(sae)
@@ -378,4 +440,5 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     return index
 
 
-__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "longest_n_future", "run_paper_suite"]
+__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "longest_n_future", "read_suite_contexts",
+           "run_paper_suite"]
