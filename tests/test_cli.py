@@ -1648,7 +1648,7 @@ def test_eval_suite_paper_refuses_a_short_eval_corpus_before_the_model_loads(gpt
                 "16,384 and --probe-contexts 512: 529 contexts of 32, 16,399 tokens of text); expected a corpus of at "
                 "least 16,399 tokens, or --downstream-tokens <= 341 and --probe-contexts <= 11"),
         ([*paper, "--downstream-tokens", "300", "--config", "s.yaml"],
-         f"saelab eval: error: --config s.yaml: --corpus 'c.txt' holds 351 tokens, too few for the paper suite "
+         "saelab eval: error: --config s.yaml: --corpus 'c.txt' holds 351 tokens, too few for the paper suite "
          "(suite_cfg.probe_contexts 20: 20 contexts of 32, 620 tokens of text); expected a corpus of at least 620 "
          "tokens, or suite_cfg.probe_contexts <= 11"),
         ([*paper, "--downstream-tokens", "300", "--probe-contexts", "11"], "cannot load model directory")], capsys)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -137,6 +137,12 @@ def eval_corpus_too_short(given: str | None, corpus: str, tokens: int, most: int
                 f"{T:,}: {text_needed:,} tokens of text); expected a corpus of at least {text_needed:,} tokens, or "
                 f"{' and '.join(map(name, over))} <= {most}")
 
+    return worded_corpus_error(worded)
+
+
+def worded_corpus_error(worded: Callable[[Callable[[str], str]], str]) -> CorpusError:
+    """A CorpusError naming each setting by its path, as ``worded(name)`` words it with ``name`` = identity;
+    a caller that knows how the user gave each setting words it again (its ``worded`` attribute)."""
     err = CorpusError(worded(lambda setting: setting))
     err.worded = worded
     return err

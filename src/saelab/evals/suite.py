@@ -60,7 +60,7 @@ from saelab.evals.compute_equivalent import (
     run_compute_equivalent,
     series_for_model,
 )
-from saelab.evals.core import EvalConfig, eval_settings, evaluate_core
+from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, worded_corpus_error
 from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
 from saelab.evals.probe import ProbeConfig, run_probe
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
@@ -378,9 +378,7 @@ def _suite_corpus_too_short(eval_cfg: EvalConfig, corpus: str, tokens: int, most
                 f"contexts of {run.T:,}, {text_needed:,} tokens of text); expected a corpus of at least "
                 f"{text_needed:,} tokens, or {lower}")
 
-    err = CorpusError(worded(lambda setting: setting))
-    err.worded = worded
-    return err
+    return worded_corpus_error(worded)
 
 
 def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig,
