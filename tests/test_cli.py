@@ -514,6 +514,8 @@ BAD_CONFIGS = [
      "did you mean scale-encoder-init: false?"),
     ("negated_top.yaml", "no_progress: true\n", "no_progress: not an option group or option of `saelab train`; did you "
      "mean progress: false?"),
+    ("negated_off.yaml", "train:\n  no_auxk: false\n", "train.no_auxk: not one of its options; did you mean auxk: true?"),
+    ("negated_text.yaml", "train:\n  no_auxk: yes please\n", "train.no_auxk: not one of its options; did you mean auxk?"),
     ("broken.yaml", "train: [1\n", "not valid YAML (line 2"),
     ("broken.json", '{"train": {', "not valid JSON (line 1"),
     ("list.json", "[1, 2]", "expected a mapping of option groups"),
@@ -1643,15 +1645,23 @@ def test_eval_suite_paper_refuses_a_short_eval_corpus_before_the_model_loads(gpt
     (tmp_path / "c.txt").write_text("The cat sat on the mat. " * 50, encoding="utf-8")  # 11 contexts of 32
     paper = ["eval", "sae", "--suite", "paper", "--out", "ev", "--corpus", "c.txt", "--metrics", "core", "probe"]
     (tmp_path / "s.yaml").write_text("suite_cfg:\n  probe_contexts: 20\n")
+    fits = ["--recon-tokens", "300", "--downstream-tokens", "300"]
     _refusals([
-        (paper, "saelab eval: error: --corpus 'c.txt' holds 351 tokens, too few for the paper suite (--downstream-tokens "
-                "16,384 and --probe-contexts 512: 529 contexts of 32, 16,399 tokens of text); expected a corpus of at "
-                "least 16,399 tokens, or --downstream-tokens <= 341 and --probe-contexts <= 11"),
-        ([*paper, "--downstream-tokens", "300", "--config", "s.yaml"],
+        (paper, "saelab eval: error: --corpus 'c.txt' holds 351 tokens, too few for the paper suite (--recon-tokens "
+                "32,768 and --downstream-tokens 16,384 and --probe-contexts 512: 1,058 contexts of 32, 32,798 tokens "
+                "of text); expected a corpus of at least 32,798 tokens, or --recon-tokens and --downstream-tokens "
+                "<= 341 and --probe-contexts <= 11"),
+        ([*paper, "--downstream-tokens", "300", "--probe-contexts", "11"],  # core reads its recon tokens too
+         "(--recon-tokens 32,768: 1,058 contexts of 32, 32,798 tokens of text); expected a corpus of at least 32,798 "
+         "tokens, or --recon-tokens <= 341"),
+        ([*paper, *fits, "--config", "s.yaml"],
          "saelab eval: error: --config s.yaml: --corpus 'c.txt' holds 351 tokens, too few for the paper suite "
          "(suite_cfg.probe_contexts 20: 20 contexts of 32, 620 tokens of text); expected a corpus of at least 620 "
          "tokens, or suite_cfg.probe_contexts <= 11"),
-        ([*paper, "--downstream-tokens", "300", "--probe-contexts", "11"], "cannot load model directory")], capsys)
+        # a metric asked for that does not apply is refused before the load too
+        ([*paper[:-2], "compute_equivalent", *fits], "metric(s) asked for do not apply: compute_equivalent: no "
+                                                     "checkpoint series is known for model"),
+        ([*paper, *fits, "--probe-contexts", "11"], "cannot load model directory")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "model", "s.yaml", "sae"]
 
 

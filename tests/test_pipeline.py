@@ -1006,8 +1006,9 @@ def _opens_of(monkeypatch, corpus) -> list:
 def test_quickstart_and_a_sweep_evaluation_read_the_eval_corpus_once(tiny_dir, data_dir, tmp_path, monkeypatch):
     """The check that the eval corpus holds the evaluation's tokens (before the model loads) reads the
     contexts the evaluation then uses: quickstart read the corpus twice, a sweep's evaluation once more per
-    run; a hub dataset is streamed once."""
-    from saelab.pipeline import evaluate_sweep, sweep_from_cache
+    run, the paper suite twice; a hub dataset is streamed once."""
+    from saelab.evals.suite import PaperSuiteConfig
+    from saelab.pipeline import evaluate_sweep, paper_suite, sweep_from_cache
 
     eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
     cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK,
@@ -1024,3 +1025,9 @@ def test_quickstart_and_a_sweep_evaluation_read_the_eval_corpus_once(tiny_dir, d
     assert len(opened) == 1
     again = json.loads((tmp_path / "sweep" / "k4" / "metrics.json").read_text())
     assert again["nmse"] == first["nmse"]  # the same SAE, evaluated on the same contexts
+    opened.clear()  # the paper suite: its core metric evaluates the contexts read before the load
+    suite = paper_suite(tmp_path / "sweep" / "k4", eval_cfg=cfg.eval, cfg=PaperSuiteConfig(metrics=["core"]),
+                        progress=False)
+    assert len(opened) == 1 and suite["metrics"]["core"]["status"] == "ok"
+    core = json.loads((tmp_path / "sweep" / "k4" / "evals" / "core.json").read_text())
+    assert core["result"]["nmse"] == first["nmse"]

@@ -252,7 +252,7 @@ class Parser(ArgumentParser):
                 switches = [o for o, action in options.items() if action.nargs == 0]
                 listed = f"; expected one of {', '.join(keys)}"
                 raise ConfigError(f"{where}: not an option group or option of `{self.prog}`"
-                                  f"{_closest_key(key, [*groups, *options], switches) or listed}")
+                                  f"{_closest_key(key, [*groups, *options], switches, value) or listed}")
         return kept
 
 
@@ -326,7 +326,7 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
         if name not in names:  # a close match alone, as on the command line; else every option
             switches = [n for n in names if hints[n] is bool]
             raise ConfigError(f"{where}.{key}: not one of its options"
-                              f"{_closest_key(key, names, switches) or ' (' + ', '.join(names) + ')'}")
+                              f"{_closest_key(key, names, switches, v) or ' (' + ', '.join(names) + ')'}")
         choices = literal_choices(hints[name])
         if choices and v not in choices:
             raise ConfigError(f"{where}.{key}: expected one of {', '.join(map(str, choices))}, got {v!r}")
@@ -344,14 +344,16 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
     return section
 
 
-def _closest_key(key: Any, names: list[str], switches: typing.Collection[str] = ()) -> str:
+def _closest_key(key: Any, names: list[str], switches: typing.Collection[str] = (), value: Any = None) -> str:
     """"; did you mean n_latents?" for a misspelled config file key, spelled as the key is (n-latents for a
-    key with dashes), else "". A switch's --no- form as a key (no_auxk, of ``switches``): "; did you mean
-    auxk: false?", as "did you mean auxk?" would turn on what the key meant to turn off."""
+    key with dashes), else "". A switch's --no- form as a key (no_auxk, of ``switches``) with ``value`` true
+    or false: "; did you mean auxk: false?" (or true), as "did you mean auxk?" could turn on what the key
+    meant to turn off."""
     dashed = "-" in str(key)
     name = str(key).replace("-", "_")
     if name.startswith("no_") and name[3:] in switches:
-        return f"; did you mean {name[3:].replace('_', '-') if dashed else name[3:]}: false?"
+        switch = name[3:].replace("_", "-") if dashed else name[3:]
+        return f"; did you mean {switch}{f': {str(not value).lower()}' if isinstance(value, bool) else ''}?"
     return did_you_mean(str(key), [n.replace("_", "-") if dashed else n for n in names])
 
 

@@ -149,7 +149,7 @@ class SuiteRun:
 
 
 def _core(run: SuiteRun) -> dict:
-    core = evaluate_core(run.sae, run.lm, run.eval_cfg, progress=False)
+    core = evaluate_core(run.sae, run.lm, run.eval_cfg, progress=False, contexts=run.tokens)  # its first ones
     # Saved as `saelab eval` saves them, and before core.json, which marks the metric done: a suite cut off in
     # between runs core again and rewrites them; they record the SAE and the settings, so a report never pairs
     # them with a core.json of another evaluation.
@@ -333,11 +333,25 @@ def _suite_run(lm, sae, model: str, out_dir: Path, cfg: PaperSuiteConfig, eval_c
     return run, wanted, {m.name: m.applies(run) for m in wanted}
 
 
-# The setting that sets how many contexts each metric reads; core's and compute_equivalent's follow from a count
-# of tokens.
-CONTEXTS_SETTING_OF = {"core": "eval.downstream_tokens", "compute_equivalent": "eval.downstream_tokens",
-                       "ablation_sparsity": "suite_cfg.ablation_contexts", "probe": "suite_cfg.probe_contexts",
-                       "n2g": "suite_cfg.n2g_contexts"}
+def _contexts_read(run: SuiteRun, metric: str) -> dict[str, int]:
+    """The contexts ``metric`` reads, by the setting (its path) that asks for them: core's recon and
+    downstream tokens (evaluate_core reads both), compute_equivalent's downstream tokens, the others' counts."""
+    if metric in CONTEXTS_SETTING:
+        return {f"suite_cfg.{CONTEXTS_SETTING[metric]}": getattr(run.cfg, CONTEXTS_SETTING[metric])}
+    counts = ("recon_tokens", "downstream_tokens") if metric == "core" else ("downstream_tokens",)
+    return {f"eval.{count}": math.ceil(getattr(run.eval_cfg, count) / (run.T - run.first)) for count in counts}
+
+
+def check_suite_applies(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, T: int) -> None:
+    """Refuse metrics asked for by name (``cfg.metrics``) that do not apply, from the settings alone: before
+    the model loads."""
+    _refuse_not_applying(cfg, _suite_run(None, sae, model, Path(), cfg, eval_cfg, T)[2])
+
+
+def _refuse_not_applying(cfg: PaperSuiteConfig, reasons: dict[str, str | None]) -> None:
+    bad = {n: r for n, r in reasons.items() if r and cfg.metrics}
+    if bad:
+        raise ConfigError("metric(s) asked for do not apply: " + "; ".join(f"{m}: {r}" for m, r in bad.items()))
 
 
 def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, tokenize,
@@ -346,7 +360,10 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
     ``tokenize``: the model's, or its tokenizer read before the load. A corpus too short for them is refused
     naming the settings that lower the need, as :func:`saelab.evals.core.eval_corpus_too_short` does."""
     run, wanted, reasons = _suite_run(None, sae, model, Path(), cfg, eval_cfg, T)
-    needs = {m.name: m.n_contexts(run) for m in wanted if not reasons[m.name]}
+    needs: dict[str, int] = {}
+    for m in wanted:
+        if not reasons[m.name]:
+            needs.update(_contexts_read(run, m.name))  # a setting two metrics share asks the same of both
     n_ctx = max(needs.values(), default=1)
     corpus = resolve_corpus(eval_cfg.corpus, "eval")
     try:
@@ -355,7 +372,7 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
     except CorpusError as e:
         if not getattr(e, "contexts", 0):  # shorter than one context: its own words name eval.context_size
             raise
-        over = {CONTEXTS_SETTING_OF[name]: n for name, n in needs.items() if n > e.contexts}
+        over = {setting: n for setting, n in needs.items() if n > e.contexts}
         raise _suite_corpus_too_short(eval_cfg, corpus, e.tokens, e.contexts, n_ctx, run, over) from None
 
 
@@ -366,14 +383,15 @@ def _suite_corpus_too_short(eval_cfg: EvalConfig, corpus: str, tokens: int, most
     ``worded(name)`` names each setting as ``name`` says (a command line: as the user gave it)."""
     per_ctx = run.T - run.first
     text_needed = n_ctx * (run.T - 1 if run.sae.cfg.prepend_bos else run.T)
-    values = {"eval.downstream_tokens": eval_cfg.downstream_tokens,
-              **{p: getattr(run.cfg, p.partition(".")[2]) for p in over if p.startswith("suite_cfg.")}}
-    limits = {p: most * per_ctx if p.startswith("eval.") else most for p in over}
+    values = {p: getattr(eval_cfg if p.startswith("eval.") else run.cfg, p.partition(".")[2]) for p in over}
+    limits: dict[int, list[str]] = {}  # token counts share one limit, context counts another
+    for p in over:
+        limits.setdefault(most * per_ctx if p.startswith("eval.") else most, []).append(p)
 
     def worded(name) -> str:
         text = "the eval split" if eval_cfg.corpus is None else name("eval.corpus")
         reads = " and ".join(f"{name(p)} {values[p]:,}" for p in over)
-        lower = " and ".join(f"{name(p)} <= {limit}" for p, limit in limits.items())
+        lower = " and ".join(f"{' and '.join(map(name, ps))} <= {limit}" for limit, ps in limits.items())
         return (f"{text} {corpus!r} holds {tokens:,} tokens, too few for the paper suite ({reads}: {n_ctx:,} "
                 f"contexts of {run.T:,}, {text_needed:,} tokens of text); expected a corpus of at least "
                 f"{text_needed:,} tokens, or {lower}")
@@ -392,9 +410,7 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
     run, wanted, reasons = _suite_run(lm, sae, lm.name, out_dir, cfg, eval_cfg, T)
     if any(m.name == "n2g" for m in wanted):
         _check_n2g_settings(cfg.n2g, sae, lm, asked_for="n2g" in cfg.metrics)
-    bad = {n: r for n, r in reasons.items() if r and cfg.metrics}
-    if bad:
-        raise ConfigError("metric(s) asked for do not apply: " + "; ".join(f"{m}: {r}" for m, r in bad.items()))
+    _refuse_not_applying(cfg, reasons)
     if "compute_equivalent" in reasons and not reasons["compute_equivalent"]:
         ce = cfg.compute_equivalent
         run.series = resolve_series(ce.series or series_for_model(lm.name), ce.steps, device=lm.device)
@@ -438,5 +454,5 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     return index
 
 
-__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "longest_n_future", "read_suite_contexts",
-           "run_paper_suite"]
+__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "check_suite_applies", "longest_n_future",
+           "read_suite_contexts", "run_paper_suite"]
