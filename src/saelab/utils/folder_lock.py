@@ -85,8 +85,8 @@ def held_by(folder: str | Path) -> str | None:
         fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
     except OSError:  # no lock file: never written by a process that locks
         return None
-    try:  # a shared lock: two looks at once do not see each other as a writer
-        _flock(fd, "shared")
+    try:  # a reader's lock (LOCK_SH): two looks at once do not see each other as a writer
+        _flock(fd, "look")
     except BlockingIOError:  # flock refuses a second lock of this process's own too
         holder = RunLock(Path(folder)).holder()
         return None if holder == f"pid {os.getpid()}" else holder
@@ -98,8 +98,8 @@ def held_by(folder: str | Path) -> str | None:
 
 
 LOOK_SECONDS = 0.2
-"""How long acquire waits for a lock held only for a look: held_by locks a free folder for an instant (shared,
-so looks do not block each other, but a writer must wait it out)."""
+"""How long acquire waits for a lock held only for a look: held_by locks a free folder for an instant (a
+reader's lock, so looks do not block each other, but a writer must wait it out)."""
 
 
 def _flock_soon(fd: int) -> None:
@@ -116,12 +116,12 @@ def _flock_soon(fd: int) -> None:
 
 
 def _flock(fd: int, how: str) -> None:
-    """flock without waiting: "exclusive" (a writer), "shared" (a look) or "unlock"."""
+    """flock without waiting: "exclusive" (a writer), "look" (a reader's lock, LOCK_SH) or "unlock"."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform (Windows): one writer is then the user's care
         return
-    ops = {"exclusive": fcntl.LOCK_EX | fcntl.LOCK_NB, "shared": fcntl.LOCK_SH | fcntl.LOCK_NB, "unlock": fcntl.LOCK_UN}
+    ops = {"exclusive": fcntl.LOCK_EX | fcntl.LOCK_NB, "look": fcntl.LOCK_SH | fcntl.LOCK_NB, "unlock": fcntl.LOCK_UN}
     fcntl.flock(fd, ops[how])
 
 
