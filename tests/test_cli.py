@@ -981,11 +981,16 @@ def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys, 
 
 
 def test_families_refuses_an_existing_out_file(tmp_path, capsys):
+    """A file at --out that is not a families file (a run's cfg.json, metrics.json) is never replaced:
+    --overwrite wrote over it."""
     precious = tmp_path / "notes.json"
     precious.write_text('{"precious": true}')
-    assert main(["families", "a", "b", "--out", str(precious)]) == 2
-    assert "the file exists; pass --overwrite to replace it" in capsys.readouterr().err
-    assert precious.read_text() == '{"precious": true}'
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["families", "a", "b", "--out", str(precious), *overwrite]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"{precious}: exists and is not a feature families file (saelab families); choose another --out (it is "
+            "never replaced)")
+        assert precious.read_text() == '{"precious": true}'
 
 
 def _tiny_sae(folder, model_dir, n_latents: int = 32) -> str:

@@ -319,9 +319,11 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
                    progress: bool = True) -> dict[str, Any]:
     """Feature families of several SAEs on one hook (see :mod:`.families`); written to ``out`` as JSON,
     with the key of its inputs and settings. A file at ``out`` of the same key is kept and returned (with
-    ``"reused": True``); any other file there is kept (refused) unless ``overwrite``."""
+    ``"reused": True``); a families file of other inputs is kept (refused) unless ``overwrite``, and a file
+    that is not a families file is never replaced."""
     cfg = cfg or BrowseConfig()
-    earlier = None if out is None or overwrite else _earlier_families(Path(out))  # before the SAEs load
+    earlier = None if out is None else _earlier_families(Path(out))  # before the SAEs load
+    earlier = None if overwrite else earlier
     sources, loaded_here = open_sources(sae_sources)
     if len(sources) < 2:
         raise SaelabError(f"feature families need at least two SAEs of different sizes, got {len(sources)}")
@@ -348,10 +350,12 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
 
 
 def _earlier_families(out: Path) -> dict[str, Any] | None:
-    """The families file saelab wrote at ``out``, or None when there is none; any other file is refused."""
+    """The families file saelab wrote at ``out``, or None when there is none; anything else there is refused,
+    --overwrite or not (it may be a run's cfg.json or metrics.json)."""
     if not out.exists():
         return None
     earlier = read_own_json(out, FAMILIES_FORMAT)
     if earlier is None:
-        raise RunExistsError(f"{out}: the file exists; pass --overwrite to replace it")
+        raise RunExistsError(f"{out}: exists and is not a feature families file (saelab families); choose another "
+                             "--out (it is never replaced)")
     return earlier
