@@ -212,7 +212,19 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
     want = top_activations(sae, tiny_gpt2, corpus, [7, 9], 3, n_tokens=1024)
     assert got == [json.loads(json.dumps(w.to_dict())) for w in want]
     assert main(["top", str(tmp_path / "sae"), "--latent", "7", "--n-tokens", "1024", "--corpus", corpus, *common]) == 0
-    assert capsys.readouterr().out.startswith("latent 7: max ")
+    typed = capsys.readouterr().out
+    assert typed.startswith("latent 7: max ")
+    # a --config file's latent as the JSON number or list it naturally is, read as typed (it crashed as no list)
+    for latent, printed in ((7, typed), ([7, 9], None)):
+        (tmp_path / "c.json").write_text(json.dumps({"latent": latent, "n_tokens": 1024}))
+        assert main(["top", str(tmp_path / "sae"), "--config", str(tmp_path / "c.json"), "--corpus", corpus,
+                     *common]) == 0
+        out = capsys.readouterr().out
+        assert out == printed if printed else out.startswith("latent 7: max ") and "latent 9: max " in out
+    (tmp_path / "c.json").write_text(json.dumps({"latent": [7, -1]}))
+    with pytest.raises(SystemExit, match="2"):  # refused by the parser, as typed
+        main(["top", str(tmp_path / "sae"), "--config", str(tmp_path / "c.json"), *common])
+    assert "expected an integer >= 0 or comma-separated integers >= 0, got '7,-1'" in capsys.readouterr().err
     # --scale 2: twice the latent's max activation on the eval split.
     assert main(["steer", str(tmp_path / "sae"), "--latent", "7", "--scale", "2", "--scale-tokens", "1024",
                  "--max-new-tokens", "3", "--greedy", "--top-tokens", "0", "--json", *common]) == 0

@@ -246,7 +246,7 @@ class Parser(ArgumentParser):
                 if action.nargs == 0 and not isinstance(value, bool):
                     raise ConfigError(f"{where}: expected true or false, got {value!r}")
                 action.required = False  # --out or --activations may come from the file
-                kept[key] = value
+                kept[key] = _as_typed(action, value)
             elif key not in self.sections_of_other_verbs:
                 keys = sorted(groups) + [_file_key(options[o]) for o in sorted(options)]
                 switches = [o for o, action in options.items() if action.nargs == 0]
@@ -254,6 +254,15 @@ class Parser(ArgumentParser):
                 raise ConfigError(f"{where}: not an option group or option of `{self.prog}`"
                                   f"{_closest_key(key, [*groups, *options], switches, value) or listed}")
         return kept
+
+
+def _as_typed(action: argparse.Action, value: Any) -> Any:
+    """A file's value of a one-value option as the command line would give it ("latent: 0" as "0", "[0, 1]"
+    as "0,1"), so that argparse reads it with the option's own type and checks (it reads only text
+    defaults): a number or list went to the command as it was, "latent: 0" crashing it as no list."""
+    if action.type is None or action.nargs is not None or isinstance(value, (str, bool)):
+        return value
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 REPEATABLE_ACTIONS = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction)
