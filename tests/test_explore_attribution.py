@@ -77,6 +77,10 @@ def test_ablation_effects_batching_and_sign(tiny_gpt2, sae, tokens):
     i = lats[0]
     manual = metric(tiny_gpt2.logits(tokens)) - metric(tiny_gpt2.logits(tokens, edits=steer(tiny_gpt2, sae, i, "ablate").edits))
     assert float(a[0, 0]) == pytest.approx(float(manual[0]), abs=1e-5)
+    # a latent the SAE lacks is refused: -1 ablated the last latent, silently
+    for bad in (-1, sae.n_latents):
+        with pytest.raises(IndexError, match=f"latent {bad} out of range: the SAE has {sae.n_latents} latents"):
+            ablation_effects(tiny_gpt2, sae, both, [lats[0], bad], metric)
 
 
 def test_attribution_approximates_ablation(tiny_gpt2, sae, tokens, tmp_path):

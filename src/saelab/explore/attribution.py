@@ -133,6 +133,7 @@ def ablation_effects(
     contribution). ``batch_size`` latents are ablated per forward, the batch repeated once per latent.
     """
     hook = _hook_of(sae, hook)
+    sae.check_latents(latents)
     post = sae_hook_name(hook, "hook_sae_acts_post")
     tokens_BT = lm.as_tokens(tokens_BT)
     B, T = tokens_BT.shape
@@ -295,8 +296,7 @@ def latent_logit_effects(lm, sae: TopKSAE, latent: int, top: int = 20) -> dict:
     lists of ``(token string, token id, value)``; a token holding part of a character reads as its
     bytes, escaped (``token_strings(..., readable_bytes=True)``).
     """
-    if not 0 <= latent < sae.n_latents:
-        raise IndexError(f"latent {latent} out of range: the SAE has {sae.n_latents} latents")
+    sae.check_latents([latent])
     from saelab.evals.probe_tasks import token_strings
 
     values = unembed_direction(lm, sae.W_dec[latent]).float().cpu()
@@ -345,8 +345,7 @@ def token_latent_gradients(
     embedding or scale). The forward stops after the SAE's layer. Tokens after ``position`` get 0.
     """
     hook = _hook_of(sae, hook)
-    if not 0 <= latent < sae.n_latents:
-        raise IndexError(f"latent {latent} out of range: the SAE has {sae.n_latents} latents")
+    sae.check_latents([latent])
     tokens_BT = lm.as_tokens(tokens_BT)
     store: dict[str, torch.Tensor] = {}
 

@@ -131,9 +131,7 @@ def steer(
     latents = [latent] if isinstance(latent, int) else [int(i) for i in latent]
     if not latents:
         raise ValueError("no latent given")
-    for i in latents:
-        if not 0 <= i < sae.n_latents:
-            raise IndexError(f"latent {i} out of range: the SAE has {sae.n_latents} latents")
+    sae.check_latents(latents)
     values = torch.as_tensor(0.0 if mode == "ablate" else value, dtype=torch.float32).flatten()
     if values.numel() == 1:
         values = values.expand(len(latents)).clone()

@@ -211,6 +211,12 @@ class TopKSAE(nn.Module):
         if not same_device(mine, device):
             raise ConfigError(f"the SAE is on {mine} but {name} is on {device}; move it with sae.to({str(device)!r})")
 
+    def check_latents(self, latents) -> None:
+        """Refuse latent ids this SAE lacks: a negative one would index from the end, silently another latent."""
+        bad = [int(i) for i in latents if not 0 <= int(i) < self.n_latents]
+        if bad:
+            raise IndexError(f"latent {bad[0]} out of range: the SAE has {self.n_latents} latents")
+
     # ---- input normalization ---------------------------------------------------------------
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         if self.cfg.input_norm == "none":
