@@ -1506,8 +1506,11 @@ def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, m
                (["top", "sae", "--latent", "3,64"], "--latent 64 is out of range: sae has latents 0..63"),
                (["top", "sae", "--latent", "64,70"], "--latent 64,70 are out of range: sae has latents 0..63"),
                (["steer", "sae", "--latent", "64", "--value", "2"], "--latent 64 is out of range: sae has latents 0..63"),
-               ([*steer, "blocks.1.hook_resid_post"], "cannot load model directory")], capsys)  # the load fails
+               ([*steer, "blocks.1.hook_resid_post"], "cannot load model directory"),  # the load fails
+               # export writes no SAE whose hook its model lacks (every verb would refuse the export)
+               (["export", "bare", "out", "--format", "saelens", "--hook", "blocks.5.hook_resid_post"], past)], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "model", "sae", "sae5"]
+    assert main(["export", "bare", "out", "--format", "saelens", "--hook", "blocks.1.hook_resid_post"]) == 0
 
 
 def test_steer_refuses_unreachable_positions_before_the_model_loads(gpt2_tokenizer, tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ from typing import Any
 
 from saelab.cli.common import DTYPES, add_io_options
 from saelab.errors import ConfigError
-from saelab.run_folder import SAE_DIR, TRAIN_CONFIG, check_output_folder, check_sae_hook, open_sae
+from saelab.run_folder import SAE_DIR, TRAIN_CONFIG, check_output_folder, check_sae_hook, model_for, open_sae
 
 
 def add_export(sub) -> None:
@@ -39,6 +39,7 @@ def add_export(sub) -> None:
 def run_export(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from saelab.models import check_hook_layer
     from saelab.models.hooks import check_hook_form
     from saelab.sae import save_sae
 
@@ -46,7 +47,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     if args.hook is not None:
         check_hook_form(args.hook)
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
-    if args.hook is not None:
+    if args.hook is not None:  # past the SAE's model's layers: refused as every verb that reads it would
+        check_hook_layer(model_for(sae), args.hook)
         sae.cfg.hook_name = args.hook
     check_sae_hook(sae, args.sae)  # other tools find the activations by it: without one OUT is unusable
     if args.dtype is not None:
