@@ -411,6 +411,23 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("entries,typed,message", [
+    ('{"greedy": true, "temperature": 0.5}', [], "--config c.json: greedy picks the likeliest token: it takes no "
+                                                 "temperature"),
+    ('{"top_p": 0.5}', ["--greedy"], "--config c.json: --greedy picks the likeliest token: it takes no top_p"),
+    ('{"scale_tokens": 100}', [], "--config c.json: scale_tokens is the text read to measure --scale; add --scale, or "
+                                   "leave it out"),
+])
+def test_steer_refuses_a_config_files_options_as_it_refuses_them_typed(entries, typed, message, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A sampling option beside --greedy, or --scale-tokens without --scale, was refused typed and silently
+    ignored from a --config file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.json").write_text(entries)
+    assert main(["steer", "SAE", "--latent", "1", "--value", "1", "--config", "c.json", *typed]) == 2
+    assert capsys.readouterr().err.strip() == f"saelab steer: error: {message}"
+
+
 @pytest.mark.parametrize("argv,message", BAD)
 def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

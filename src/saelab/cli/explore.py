@@ -87,24 +87,25 @@ def _check_steer(args: argparse.Namespace):
 
     if args.value is not None and args.scale is not None:
         raise ConfigError("give --value or --scale, not both")
-    if typed(args, "--scale-tokens") and args.scale is None:
+    # each as given, typed or a --config file's entry (the refusal then names the entry)
+    if given(args, "scale_tokens") and args.scale is None:
         raise ConfigError("--scale-tokens is the text read to measure --scale; add --scale, or leave it out")
-    sampling = [o for o in ("--temperature", "--top-p") if typed(args, o)]
+    sampling = [o for o in ("--temperature", "--top-p") if given(args, o[2:].replace("-", "_"))]
     if args.greedy and sampling:
         raise ConfigError(f"--greedy picks the likeliest token: it takes no {sampling[0]}")
     if args.greedy and args.samples > 1:
         raise ConfigError(f"--greedy gives the same text in every sample: --samples {args.samples} would repeat it")
-    given = args.value if args.value is not None else args.scale
-    if args.mode == "ablate" and given is not None:
+    amount = args.value if args.value is not None else args.scale
+    if args.mode == "ablate" and amount is not None:
         raise ConfigError("--mode ablate sets the latent to 0: it takes no --value or --scale")
-    if args.mode != "ablate" and given is None:
+    if args.mode != "ablate" and amount is None:
         raise ConfigError(f"--mode {args.mode} needs --value (or --scale)")
     if not -2**63 <= args.seed <= 2**63 - args.samples:  # torch's seed range, for every sample's seed
         raise ConfigError(f"--seed {args.seed}: expected an integer in -2^63..2^63 - {args.samples}")
     n = len(args.latent)
-    if given is not None and len(given) not in (1, n):
+    if amount is not None and len(amount) not in (1, n):
         option = "--value" if args.value is not None else "--scale"
-        raise ConfigError(f"{option} has {len(given)} numbers for {n} latent{'s' if n > 1 else ''}; expected 1 number"
+        raise ConfigError(f"{option} has {len(amount)} numbers for {n} latent{'s' if n > 1 else ''}; expected 1 number"
                           + (f", or one per latent ({n})" if n > 1 else ""))
     if not args.greedy and args.temperature <= 0:
         raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
