@@ -319,6 +319,17 @@ def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
     # a SAELens folder needs --out
     assert main(["browse", str(sae_files / "saelens_large"), *args]) == 2
     assert "pass --out" in capsys.readouterr().err
+    # --family-min-score with one SAE scores no families: refused, not recorded in the site to refuse a rebuild
+    assert main(["browse", str(sae_files / "run_small"), "--out", str(tmp_path / "y"), "--family-min-score", "0.5",
+                 *args]) == 2
+    assert capsys.readouterr().err.strip().endswith("--family-min-score scores the feature families between SAEs of "
+                                                    "different sizes; browse two or more, or leave it out")
+    # SAEs of one size have no families (no smaller SAE holds a parent): none built, and said so
+    shutil.copytree(sae_files / "run_small" / "sae", tmp_path / "twin")
+    assert main(["browse", str(sae_files / "run_small"), str(tmp_path / "twin"), "--out", str(tmp_path / "z"),
+                 *args]) == 0
+    assert "the SAEs share a size (n_latents [128, 128]): no feature families" in capsys.readouterr().err
+    assert read_site_manifest(tmp_path / "z")["has_families"] is False
 
 
 def test_a_folder_that_is_not_a_site_is_refused_before_the_model_loads(tmp_path):

@@ -330,6 +330,9 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
         _check_port(args.port)  # before a long build, not after it
     elif typed(args, "--port"):
         raise ConfigError("--port is the port of --serve; add --serve, or leave it out")
+    if len(args.sae) < 2 and typed(args, "--family-min-score"):
+        raise ConfigError("--family-min-score scores the feature families between SAEs of different sizes; browse "
+                          "two or more, or leave it out")
     if typed(args, "--n2g-padding-token") and not args.browse.n2g_latents:
         raise ConfigError("--n2g-padding-token pads the N2G explanations that --n2g-latents builds; add "
                           "--n2g-latents N, or leave it out")

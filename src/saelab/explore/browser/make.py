@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -214,7 +215,14 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
 
 
 def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
+    """The family tree of SAEs of different sizes (each latent linked to its parent in the next smaller SAE);
+    None for one SAE, or SAEs of one size, which have no smaller SAE to hold a parent."""
     if coact is None:
+        return None
+    sizes = [s.sae.n_latents for s in sources]
+    if len(set(sizes)) != len(sizes):
+        print(f"saelab: note: the SAEs share a size (n_latents {sizes}): no feature families, which link each "
+              "latent to its parent in the next smaller SAE", file=sys.stderr)
         return None
     order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
     return family_tree([sources[i].name for i in order], [sources[i].source for i in order],
