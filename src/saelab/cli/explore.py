@@ -210,19 +210,20 @@ def _n_tokens_option(args: argparse.Namespace) -> str:
 def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float] | float, list[str]]:
     """--value as given, or --scale times each latent's max activation on held-out text (``tokens``, when
     read before the load)."""
-    from saelab.explore import latent_max_activation
+    from saelab.explore import top_activations
 
     if args.scale is None:
         return (args.value if args.value is not None else 0.0), []
-    with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
-        maxima = latent_max_activation(sae, lm, tokens, args.latent, n_tokens=args.scale_tokens)
+    with _within_the_corpus("--scale-tokens", args.scale_tokens, None):  # latent_max_activation, with its count
+        tops = top_activations(sae, lm, tokens, args.latent, 1, n_tokens=args.scale_tokens)
+    maxima, scored = [t.max_activation for t in tops], tops[0].n_tokens  # whole contexts: a few past the option
     scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
     values = [f * m for f, m in zip(scales, maxima)]
     silent = [i for i, m in zip(args.latent, maxima) if m <= 0]
     if silent:  # --scale of a latent that never fired steers by 0: say so instead of showing no effect
-        print(f"saelab steer: warning: latent(s) {silent} never fired on {args.scale_tokens:,} eval tokens, so --scale "
+        print(f"saelab steer: warning: latent(s) {silent} never fired on {scored:,} eval tokens, so --scale "
               "gives them a value of 0; pass --value, or more --scale-tokens", file=sys.stderr)
-    return values, [f"latent {i}: max activation {m:.4g} on {args.scale_tokens:,} eval tokens, value {v:.4g}"
+    return values, [f"latent {i}: max activation {m:.4g} on {scored:,} eval tokens, value {v:.4g}"
                     for i, m, v in zip(args.latent, maxima, values)]
 
 
