@@ -137,6 +137,11 @@ def test_steer_rejects_bad_input(tiny_gpt2, sae):
         steer(tiny_gpt2, sae, 1, "add", 1.0, positions=[-1])
     with pytest.raises(ValueError, match="values"):
         steer(tiny_gpt2, sae, [1, 2], "add", [1.0, 2.0, 3.0])
+    for latent, value in ((1, float("nan")), ([1, 2], [1.0, float("inf")])):  # every steered activation NaN
+        with pytest.raises(ValueError, match="value must be a finite number"):
+            steer(tiny_gpt2, sae, latent, "add", value)
+    with pytest.raises(IndexError, match="latent -1 out of range"):  # it steered the last latent
+        steer(tiny_gpt2, sae, -1, "add", 1.0)
 
 
 def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):

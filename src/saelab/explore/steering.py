@@ -137,6 +137,8 @@ def steer(
         values = values.expand(len(latents)).clone()
     if values.numel() != len(latents):
         raise ValueError(f"got {values.numel()} values for {len(latents)} latents")
+    if not torch.isfinite(values).all():  # the command line refuses it too: every steered activation would be NaN
+        raise ValueError(f"value must be a finite number, got {value!r}")
     return Steering(lm, sae, latents, mode, values, positions, hook)
 
 
