@@ -226,10 +226,11 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
                      *common]) == 0
         out = capsys.readouterr().out
         assert out == printed if printed else out.startswith("latent 7: max ") and "latent 9: max " in out
-    (tmp_path / "c.json").write_text(json.dumps({"latent": [7, -1]}))
-    with pytest.raises(SystemExit, match="2"):  # refused by the parser, as typed
-        main(["top", str(tmp_path / "sae"), "--config", str(tmp_path / "c.json"), *common])
-    assert "expected an integer >= 0 or comma-separated integers >= 0, got '7,-1'" in capsys.readouterr().err
+    for latent, why in (([7, -1], "expected an integer >= 0 or comma-separated integers >= 0, got '7,-1'"),
+                        (True, "expected a value --latent takes, got True")):  # refused in the file's words
+        (tmp_path / "c.json").write_text(json.dumps({"latent": latent, "n_tokens": 1e3}))
+        assert main(["top", str(tmp_path / "sae"), "--config", str(tmp_path / "c.json"), *common]) == 2
+        assert capsys.readouterr().err.strip() == f"saelab top: error: --config {tmp_path / 'c.json'}: latent: {why}"
     # --scale 2: twice the latent's max activation on the eval split.
     assert main(["steer", str(tmp_path / "sae"), "--latent", "7", "--scale", "2", "--scale-tokens", "1024",
                  "--max-new-tokens", "3", "--greedy", "--top-tokens", "0", "--json", *common]) == 0

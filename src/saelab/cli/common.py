@@ -246,7 +246,7 @@ class Parser(ArgumentParser):
                 if action.nargs == 0 and not isinstance(value, bool):
                     raise ConfigError(f"{where}: expected true or false, got {value!r}")
                 action.required = False  # --out or --activations may come from the file
-                kept[key] = _as_typed(action, value)
+                kept[key] = _as_typed(action, value, where)
             elif key not in self.sections_of_other_verbs:
                 keys = sorted(groups) + [_file_key(options[o]) for o in sorted(options)]
                 switches = [o for o, action in options.items() if action.nargs == 0]
@@ -256,13 +256,26 @@ class Parser(ArgumentParser):
         return kept
 
 
-def _as_typed(action: argparse.Action, value: Any) -> Any:
+def _as_typed(action: argparse.Action, value: Any, where: str) -> Any:
     """A file's value of a one-value option as the command line would give it ("latent: 0" as "0", "[0, 1]"
-    as "0,1"), so that argparse reads it with the option's own type and checks (it reads only text
-    defaults): a number or list went to the command as it was, "latent: 0" crashing it as no list."""
-    if action.type is None or action.nargs is not None or isinstance(value, (str, bool)):
+    as "0,1", 1e6 as "1000000"), read here with the option's own type and checks, a refusal naming the
+    file's entry ``where``: argparse reads only text defaults, so a number or list went to the command as
+    it was ("latent: 0" crashed it as no list)."""
+    if action.type is None or action.nargs is not None or isinstance(value, str):
         return value
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if isinstance(value, float) and value.is_integer():  # JSON's 1e6, YAML's 4096.0: read as typed
+        value = int(value)
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    try:
+        if isinstance(value, (bool, dict)):  # true is no number or list: "--latent True" is not typed
+            raise ValueError
+        action.type(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError):
+        wanted = type_words(action.type) if action.type in (int, float) else f"a value {action.option_strings[0]} takes"
+        raise ConfigError(f"{where}: expected {wanted}, got {value!r}") from None
+    return text
 
 
 REPEATABLE_ACTIONS = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction)
