@@ -291,6 +291,7 @@ BAD = [
     ("eval SAE --ablations bogus", "argument --ablations"),
     ("eval SAE --metrics core bogus", "--metrics must be among the paper suite's (core"),
     ("steer SAE --latent 1 --value nan", "argument --value: expected a finite number"),
+    ("steer SAE --latent 1 --value 1e39", "--value 1e+39: expected numbers within float32's range (|x| <= 3.403e+38)"),
     ("steer SAE --latent 1 --value 1 --max-new-tokens -3", "argument --max-new-tokens: expected an integer >= 1"),
     ("steer SAE --latent 1 --value 1 --positions 10:2", "error: --positions: positions 10:2 is an empty range; "
                                                          "expected start < stop"),  # the reason alone, no usage

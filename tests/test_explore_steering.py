@@ -248,6 +248,14 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
     assert scored > 1024
     assert f"latent(s) [9] never fired on {scored:,} eval tokens, so --scale gives them a value of 0" in \
         capsys.readouterr().err
+    # a --scale that takes a value past float32's range is refused (a traceback after the scale pass)
+    loud = copy.deepcopy(sae)
+    with torch.no_grad():
+        loud.b_enc[7] += 100.0  # its max activation past 1: 3.4e38 times it overflows
+    save_sae(loud, tmp_path / "loud")
+    assert main(["steer", str(tmp_path / "loud"), "--latent", "7", "--scale", "3.4e38", "--scale-tokens", "1024",
+                 "--max-new-tokens", "2", "--greedy", *common]) == 2
+    assert "--scale 3.4e+38 times latent 7's max activation" in capsys.readouterr().err
 
 
 def test_default_positions_leave_bos_as_the_splice_does(tiny_series, tiny_series_run):

@@ -82,6 +82,10 @@ def add_steer(sub) -> None:
     p.set_defaults(handler=run_steer)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: a steering value past it becomes inf in the activations, and the text NaN."""
+
+
 def _check_steer(args: argparse.Namespace):
     from saelab.explore.positions import parse_positions
 
@@ -96,6 +100,10 @@ def _check_steer(args: argparse.Namespace):
     if args.greedy and args.samples > 1:
         raise ConfigError(f"--greedy gives the same text in every sample: --samples {args.samples} would repeat it")
     amount = args.value if args.value is not None else args.scale
+    option = "--value" if args.value is not None else "--scale"
+    if amount is not None and any(abs(v) > FLOAT32_MAX for v in amount):  # steered as float32: inf, then NaN
+        raise ConfigError(f"{option} {','.join(f'{v:g}' for v in amount)}: expected numbers within float32's range "
+                          f"(|x| <= {FLOAT32_MAX:.4g}), which the activations are steered in")
     if args.mode == "ablate" and amount is not None:
         raise ConfigError("--mode ablate sets the latent to 0: it takes no --value or --scale")
     if args.mode != "ablate" and amount is None:
@@ -104,7 +112,6 @@ def _check_steer(args: argparse.Namespace):
         raise ConfigError(f"--seed {args.seed}: expected an integer in -2^63..2^63 - {args.samples}")
     n = len(args.latent)
     if amount is not None and len(amount) not in (1, n):
-        option = "--value" if args.value is not None else "--scale"
         raise ConfigError(f"{option} has {len(amount)} numbers for {n} latent{'s' if n > 1 else ''}; expected 1 number"
                           + (f", or one per latent ({n})" if n > 1 else ""))
     if not args.greedy and args.temperature <= 0:
@@ -219,6 +226,11 @@ def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float]
     maxima, scored = [t.max_activation for t in tops], tops[0].n_tokens  # whole contexts: a few past the option
     scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
     values = [f * m for f, m in zip(scales, maxima)]
+    past = [(i, f, m) for i, f, m in zip(args.latent, scales, maxima) if abs(f * m) > FLOAT32_MAX]
+    if past:
+        i, f, m = past[0]
+        raise ConfigError(f"--scale {f:g} times latent {i}'s max activation {m:.4g} is past float32's range "
+                          f"(|x| <= {FLOAT32_MAX:.4g}), which the activations are steered in; pass a smaller --scale")
     silent = [i for i, m in zip(args.latent, maxima) if m <= 0]
     if silent:  # --scale of a latent that never fired steers by 0: say so instead of showing no effect
         print(f"saelab steer: warning: latent(s) {silent} never fired on {scored:,} eval tokens, so --scale "
