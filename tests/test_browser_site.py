@@ -330,6 +330,10 @@ def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
                  *args]) == 0
     assert "the SAEs share a size (n_latents [128, 128]): no feature families" in capsys.readouterr().err
     assert read_site_manifest(tmp_path / "z")["has_families"] is False
+    # their family score changes nothing, so it keys nothing: the site is this build (it refused as other settings)
+    assert main(["browse", str(sae_files / "run_small"), str(tmp_path / "twin"), "--out", str(tmp_path / "z"),
+                 "--family-min-score", "0.5", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["reused"]
 
 
 def test_a_folder_that_is_not_a_site_is_refused_before_the_model_loads(tmp_path):

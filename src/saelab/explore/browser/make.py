@@ -94,21 +94,31 @@ def _sae_files_key(source: SAESource) -> list:
     return _stat_key(source, n2g=False)
 
 
-def _settings(cfg: BrowseConfig) -> dict[str, Any]:
+def _settings(cfg: BrowseConfig, sources: Sequence[SAESource]) -> dict[str, Any]:
     """The settings a site or families file is keyed by and records. The N2G padding token is left out
     where it changes nothing: without N2G latents to build, and at its default, so that a site built before
-    it was a setting keeps its key."""
+    it was a setting keeps its key. The family score of SAEs that make no families (one SAE, or SAEs of one
+    size) is recorded at its default, as sites built before were keyed: it changes nothing there."""
     settings = dataclasses.asdict(cfg)
     if not cfg.n2g_latents or cfg.n2g_padding_token == BrowseConfig.n2g_padding_token:
         del settings["n2g_padding_token"]
+    if not makes_families(sources):
+        settings["family_min_score"] = BrowseConfig.family_min_score
     return settings
+
+
+def makes_families(sources: Sequence[SAESource]) -> bool:
+    """Whether ``sources`` make feature families: two SAEs or more, each of its own size (a latent's
+    parent is in the next smaller SAE)."""
+    sizes = [s.sae.n_latents for s in sources]
+    return len(sizes) > 1 and len(set(sizes)) == len(sizes)
 
 
 def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
               identify: Callable[[SAESource], Any] = _stat_key) -> str:
     """Hash of the inputs and settings: a site (or families file) with the same key needs no rebuild.
     ``identify``: what stands for an SAE's files (default: their paths, sizes and times)."""
-    inputs = {"saes": [[s.name, identify(s)] for s in sources], "cfg": _settings(cfg),
+    inputs = {"saes": [[s.name, identify(s)] for s in sources], "cfg": _settings(cfg, sources),
               "version": SITE_VERSION}
     if model_dtype != "float32":  # another dtype gives other numbers; float32 keys stay those of earlier builds
         inputs["model_dtype"] = model_dtype
@@ -132,7 +142,7 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
     corpus = json.dumps(corpus_files_key(cfg.corpus))
     local = local_path(cfg.corpus)
     where = json.dumps(str(local) if local is not None else None)
-    inputs = {"browse": _settings(cfg), "model_dtype": model_dtype,
+    inputs = {"browse": _settings(cfg, sources), "model_dtype": model_dtype,
               "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16],
               "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16],
               "corpus_where": hashlib.sha256(where.encode()).hexdigest()[:16]}
@@ -219,10 +229,9 @@ def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
     None for one SAE, or SAEs of one size, which have no smaller SAE to hold a parent."""
     if coact is None:
         return None
-    sizes = [s.sae.n_latents for s in sources]
-    if len(set(sizes)) != len(sizes):
-        print(f"saelab: note: the SAEs share a size (n_latents {sizes}): no feature families, which link each "
-              "latent to its parent in the next smaller SAE", file=sys.stderr)
+    if not makes_families(sources):
+        print(f"saelab: note: the SAEs share a size (n_latents {[s.sae.n_latents for s in sources]}): no feature "
+              "families, which link each latent to its parent in the next smaller SAE", file=sys.stderr)
         return None
     order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
     return family_tree([sources[i].name for i in order], [sources[i].source for i in order],
@@ -335,9 +344,9 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     sources, loaded_here = open_sources(sae_sources)
     if len(sources) < 2:
         raise SaelabError(f"feature families need at least two SAEs of different sizes, got {len(sources)}")
-    sizes = [s.sae.n_latents for s in sources]
-    if len(set(sizes)) != len(sizes):
-        raise SaelabError(f"feature families need SAEs of different sizes, got n_latents {sizes}")
+    if not makes_families(sources):
+        raise SaelabError(f"feature families need SAEs of different sizes, got n_latents "
+                          f"{[s.sae.n_latents for s in sources]}")
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     # The tree reads no N2G explanations and orders the SAEs by size: neither changes its key.
     by_size = sorted(sources, key=lambda s: s.sae.n_latents)
