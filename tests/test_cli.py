@@ -1275,6 +1275,11 @@ def test_export_of_an_sae_without_a_hook_needs_one(tmp_path, capsys):
     assert main(["export", str(tmp_path / "bare"), str(out), "--format", "saelens", "--hook",
                  "blocks.3.hook_resid_post"]) == 0
     assert load_sae(out).cfg.hook_name == "blocks.3.hook_resid_post"
+    # an SAE that names no model: its hook is not checked against a model it never named (nor the offline default)
+    save_sae(TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, hook_name="", model_name="")), tmp_path / "nomodel")
+    assert main(["export", str(tmp_path / "nomodel"), str(tmp_path / "out2"), "--format", "saelens", "--hook",
+                 "blocks.35.hook_resid_post"]) == 0
+    assert "offline default" not in capsys.readouterr().err
 
 
 def test_browse_export_checks_its_folder_before_the_model_loads(tmp_path, capsys, monkeypatch):

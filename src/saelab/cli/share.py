@@ -47,8 +47,10 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     if args.hook is not None:
         check_hook_form(args.hook)
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
-    if args.hook is not None:  # past the SAE's model's layers: refused as every verb that reads it would
-        check_hook_layer(model_for(sae), args.hook)
+    if args.hook is not None:
+        source = sae.cfg.extra.get("model_source") if isinstance(sae.cfg.extra, dict) else None
+        if sae.cfg.model_name or source:  # past its model's layers: refused as every verb that reads it would
+            check_hook_layer(model_for(sae), args.hook)
         sae.cfg.hook_name = args.hook
     check_sae_hook(sae, args.sae)  # other tools find the activations by it: without one OUT is unusable
     if args.dtype is not None:
