@@ -142,6 +142,9 @@ def test_steer_rejects_bad_input(tiny_gpt2, sae):
             steer(tiny_gpt2, sae, latent, "add", value)
     with pytest.raises(IndexError, match="latent -1 out of range"):  # it steered the last latent
         steer(tiny_gpt2, sae, -1, "add", 1.0)
+    for latent in ([2.9], [True]):  # read as latent 2, latent 1
+        with pytest.raises(TypeError, match=f"latent {latent[0]!r}: expected an integer index"):
+            steer(tiny_gpt2, sae, latent, "add", 1.0)
 
 
 def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):

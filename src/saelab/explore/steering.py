@@ -128,10 +128,11 @@ def steer(
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook}")
     sae.check_device(lm.device, f"model {lm.name}")
-    latents = [latent] if isinstance(latent, int) else [int(i) for i in latent]
-    if not latents:
+    given = [latent] if isinstance(latent, int) else list(latent)
+    if not given:
         raise ValueError("no latent given")
-    sae.check_latents(latents)
+    sae.check_latents(given)  # before int(): 2.9 would be read as 2
+    latents = [int(i) for i in given]
     values = torch.as_tensor(0.0 if mode == "ablate" else value, dtype=torch.float32).flatten()
     if values.numel() == 1:
         values = values.expand(len(latents)).clone()

@@ -212,10 +212,13 @@ class TopKSAE(nn.Module):
             raise ConfigError(f"the SAE is on {mine} but {name} is on {device}; move it with sae.to({str(device)!r})")
 
     def check_latents(self, latents) -> None:
-        """Refuse latent ids this SAE lacks: a negative one would index from the end, silently another latent."""
-        bad = [int(i) for i in latents if not 0 <= int(i) < self.n_latents]
-        if bad:
-            raise IndexError(f"latent {bad[0]} out of range: the SAE has {self.n_latents} latents")
+        """Refuse latent ids this SAE lacks: a negative one would index from the end, silently another latent,
+        and 2.9 or True would be read as 2 or 1."""
+        for i in latents:
+            if isinstance(i, bool) or not float(i).is_integer():
+                raise TypeError(f"latent {i!r}: expected an integer index of one of the SAE's {self.n_latents} latents")
+            if not 0 <= int(i) < self.n_latents:
+                raise IndexError(f"latent {int(i)} out of range: the SAE has {self.n_latents} latents")
 
     # ---- input normalization ---------------------------------------------------------------
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
