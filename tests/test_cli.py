@@ -429,6 +429,15 @@ def test_steer_refuses_a_config_files_options_as_it_refuses_them_typed(entries, 
     assert capsys.readouterr().err.strip() == f"saelab steer: error: {message}"
 
 
+def test_browse_refuses_a_config_files_port_without_serve_as_it_refuses_it_typed(tmp_path, capsys, monkeypatch):
+    """A file's port without --serve was silently ignored; typed, it is refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.json").write_text('{"port": 8080}')
+    assert main(["browse", "SAE", "--config", "c.json"]) == 2
+    assert capsys.readouterr().err.strip() == ("saelab browse: error: --config c.json: port is the port of --serve; add "
+                                               "--serve, or leave it out")
+
+
 @pytest.mark.parametrize("argv,message", BAD)
 def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -341,7 +341,7 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
                               "or leave it out")
     if args.serve:
         _check_port(args.port)  # before a long build, not after it
-    elif typed(args, "--port"):
+    elif given(args, "port"):  # typed, or a --config file's entry (then named so)
         raise ConfigError("--port is the port of --serve; add --serve, or leave it out")
     if len(args.sae) < 2 and typed(args, "--family-min-score"):
         raise ConfigError("--family-min-score scores the feature families between SAEs of different sizes; browse "
