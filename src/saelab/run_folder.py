@@ -366,8 +366,16 @@ def check_output_folder(path: str | Path, option: str, kind: str | None = None) 
 def model_for(sae) -> str:
     """The model spec to load for an SAE: the one it was trained with (e.g. 'default' for the offline
     SmolLM2 whose hub id the SAE records), its model_name, or the offline default."""
-    source = sae.cfg.extra.get("model_source") if isinstance(sae.cfg.extra, dict) else None
-    return recorded_model(source, sae.cfg.model_name, "the SAE")
+    return recorded_model(_model_source(sae), sae.cfg.model_name, "the SAE")
+
+
+def names_a_model(sae) -> bool:
+    """Whether the SAE records the model it reads (else :func:`model_for` falls back to the offline default)."""
+    return bool(sae.cfg.model_name or _model_source(sae))
+
+
+def _model_source(sae) -> Any:
+    return sae.cfg.extra.get("model_source") if isinstance(sae.cfg.extra, dict) else None
 
 
 def check_sae_hook(sae, source: Any) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 from saelab.cli.common import DTYPES, add_io_options
 from saelab.errors import ConfigError
-from saelab.run_folder import SAE_DIR, TRAIN_CONFIG, check_output_folder, check_sae_hook, model_for, open_sae
+from saelab.run_folder import (SAE_DIR, TRAIN_CONFIG, check_output_folder, check_sae_hook, model_for, names_a_model,
+                               open_sae)
 
 
 def add_export(sub) -> None:
@@ -48,8 +49,7 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
         check_hook_form(args.hook)
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
     if args.hook is not None:
-        source = sae.cfg.extra.get("model_source") if isinstance(sae.cfg.extra, dict) else None
-        if sae.cfg.model_name or source:  # past its model's layers: refused as every verb that reads it would
+        if names_a_model(sae):  # past its model's layers: refused as every verb that reads it would
             check_hook_layer(model_for(sae), args.hook)
         sae.cfg.hook_name = args.hook
     check_sae_hook(sae, args.sae)  # other tools find the activations by it: without one OUT is unusable
