@@ -28,10 +28,10 @@ def _densify(vals, idx, n):
 
 def _densify_aux(out, n):
     """AuxK output of either form as dense [B, n] latents."""
+    za = torch.zeros(out.vals_BK.shape[0], n, dtype=out.aux_vals_BA.dtype, device=out.aux_vals_BA.device)
     if out.aux_dense:
-        za = torch.zeros(out.aux_vals_BA.shape[0], n, dtype=out.aux_vals_BA.dtype, device=out.aux_vals_BA.device)
         return za.index_copy(1, out.aux_idx_BA, out.aux_vals_BA)
-    return _densify(out.aux_vals_BA, out.aux_idx_BA, n)
+    return za.index_put((out.aux_rows_E, out.aux_idx_BA), out.aux_vals_BA)  # an entry appears once
 
 
 # Dead sets: none, a mix of dead and alive latents (13 > k_aux), fewer dead than k_aux, exactly k_aux,
@@ -94,7 +94,7 @@ def test_non_finite_input_gives_non_finite_values_with_auxk(aux_dense):
                              aux_dense=aux_dense)
     assert out.idx_BK.max() < n and out.idx_BK.min() >= 0
     assert (~out.vals_BK[1:3].isfinite()).any(dim=1).all() and out.vals_BK[[0, 3]].isfinite().all()
-    assert (~out.aux_vals_BA[1:3].isfinite()).any(dim=1).all()
+    assert (~_densify_aux(out, n)[1:3].isfinite()).any(dim=1).all()
 
 
 @pytest.mark.parametrize("chunk_rows", [5, 1024])
@@ -215,15 +215,26 @@ def test_cuda_sparse_decode_matches_cpu_reference():
 
 
 def test_aux_form_is_chosen_by_size():
-    """Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux, sparse beyond (both exact, tested above)."""
-
-    torch.manual_seed(0)
-    x, b_dec, W, b = torch.randn(8, 4), torch.zeros(4), torch.randn(4, 64), torch.zeros(64)
-    k_aux = 2
-    for n_dead, dense in ((AUX_DENSE_FACTOR * k_aux, True), (AUX_DENSE_FACTOR * k_aux + 1, False)):
-        out = sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=torch.arange(n_dead), k_aux=k_aux)
+    """Dense AuxK while n_dead <= AUX_DENSE_FACTOR * (nonzero AuxK values per row), entries beyond:
+    on the CPU the entry form keeps only the nonzero values (both forms exact, tested above)."""
+    B, n, k_aux = 8, 64, 4
+    x, b_dec, b = torch.eye(B), torch.zeros(B), torch.zeros(n)  # pre-activations = W's rows
+    for n_dead, dense in ((AUX_DENSE_FACTOR, True), (AUX_DENSE_FACTOR + 1, False)):
+        # Row r: live latents at 2 + r / 10, dead ones at -1 but one (r mod n_dead) at 1: one of its
+        # k_aux AuxK values survives the ReLU.
+        dead = torch.arange(n_dead)
+        W = 2 + torch.arange(B * n, dtype=torch.float32).view(B, n) / (10 * B * n)
+        W[:, dead] = -1
+        W[torch.arange(B), torch.arange(B) % n_dead] = 1
+        out = sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=dead, k_aux=k_aux)
         assert out.aux_dense == dense
-        assert out.aux_vals_BA.shape == ((8, n_dead) if dense else (8, k_aux))
+        want = torch.zeros(B, n_dead).index_put((torch.arange(B), torch.arange(B) % n_dead), torch.tensor(1.0))
+        assert torch.equal(_densify_aux(out, n)[:, dead], want)
+        if not dense:  # only the nonzero values, one per row, in row order
+            assert torch.equal(out.aux_vals_BA, torch.ones(B)) and torch.equal(out.aux_rows_E, torch.arange(B))
+    # Told the form, it keeps it.
+    assert not sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=dead[:2], k_aux=k_aux, aux_dense=False).aux_dense
+    assert sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=dead, k_aux=k_aux, aux_dense=True).aux_dense
 
 
 @pytest.mark.parametrize("sliced", [False, True])
@@ -249,3 +260,46 @@ def test_sparse_decode_matches_dense_autograd(sliced):
     for name, got, want in zip(("vals", "W_dec"), grads, ref_grads):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), name
     assert grads[1][torch.isin(torch.arange(n), i.unique(), invert=True)].abs().sum() == 0
+
+
+@pytest.mark.parametrize("n_entries", [0, 1, 60])
+def test_decode_entries_matches_dense_autograd(n_entries):
+    """decode_entries (AuxK's entry form: rows of any number of entries, some none) against z @ W_dec
+    with z dense: the output and the gradients of the values and of every decoder row."""
+    torch.manual_seed(0)
+    B, n, d = 13, 40, 11
+    cells = torch.randperm(B * n)[:n_entries].sort().values  # distinct (row, latent) cells in row order
+    rows, idx = cells // n, cells % n
+    vals = torch.randn(n_entries, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    out = kernels.decode_entries(vals, idx, rows, B, W)
+    ref = torch.zeros(B, n, dtype=torch.float64).index_put((rows, idx), vals) @ W
+    assert out.shape == (B, d) and torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn(B, d, dtype=torch.float64)
+    for name, got, want in zip(("vals", "W_dec"), torch.autograd.grad(out, (vals, W), g),
+                               torch.autograd.grad(ref, (vals, W), g)):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), name
+
+
+def test_auxk_with_every_value_clipped_decodes_to_zero():
+    """Every dead latent's pre-activation negative: the entry form holds no entry, AuxK decodes to 0
+    and sends no gradient, and the main selection's gradients are those of dense autograd."""
+    torch.manual_seed(0)
+    B, D, n, k = 9, 5, 30, 3
+    x = torch.randn(B, D, dtype=torch.float64)
+    W = torch.randn(D, n, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n, dtype=torch.float64)
+    dead = torch.arange(20, 30)
+    b[dead] = -1e3
+    b.requires_grad_()
+    b_dec = torch.zeros(D, dtype=torch.float64, requires_grad=True)
+    out = sparse_topk_encode(x, b_dec, W, b, k, dead_idx=dead, k_aux=4)
+    assert not out.aux_dense and out.aux_vals_BA.numel() == 0
+    W_dec = torch.randn(n, D, dtype=torch.float64, requires_grad=True)
+    aux = kernels.decode_aux(out, W_dec)
+    assert torch.equal(aux, torch.zeros(B, D, dtype=torch.float64))
+    loss = (sparse_decode(out.vals_BK, out.idx_BK, W_dec) - x).pow(2).sum() + aux.sum()
+    z_ref, _ = _dense_reference(x, b_dec, W, b, k, None, 0)
+    ref = (z_ref @ W_dec - x).pow(2).sum()
+    for g, rg in zip(torch.autograd.grad(loss, (W, b, b_dec, W_dec)), torch.autograd.grad(ref, (W, b, b_dec, W_dec))):
+        assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12)

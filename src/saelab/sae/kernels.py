@@ -24,14 +24,16 @@ The decoder side (``sparse_decode``) is embedding_bag forward; its backward grou
 latent once and takes both gradients in that order: the values' from embedding_bag's own per-entry
 kernel, W_dec's as one embedding_bag over the gradient's rows, like d W_enc.
 
-AuxK has two forms, chosen by size (``aux_dense``). Sparse: the top k_aux dead latents per row as
-(values, indices), decoded and backpropagated like the main selection (embedding_bag, ~k_aux
-entries per row). Dense: when few latents are dead (n_dead <= AUX_DENSE_FACTOR * k_aux on the CPU,
-GPU_AUX_DENSE_FACTOR * k_aux on other devices; the usual
-case), a [B, n_dead] matrix holding the top k_aux per row (zeros elsewhere), decoded with one GEMM
-``[B, n_dead] @ W_dec[dead]`` and backpropagated with GEMMs on the dead columns
-(d W_enc[:, dead] = xc^T G, d x = G W_enc[:, dead]^T): a GEMM over n_dead columns costs less than
-embedding_bag over k_aux entries per row until n_dead is several times k_aux.
+AuxK has two forms, chosen by size (``aux_dense``). Entries: each row's nonzero AuxK values (on the
+CPU; all k_aux per row on other devices) as flat (value, latent, row) triples, decoded and
+backpropagated like the main selection (embedding_bag passes over the entries). In training most
+AuxK values are 0 after the ReLU: a dead latent's pre-activation is mostly negative (the quickstart
+keeps 1-3 % of its top 256, about 4 per row), so the entry form's passes are short. Dense: when the
+entries per row are many against the dead set (n_dead <= AUX_DENSE_FACTOR * entries per row on the
+CPU, GPU_AUX_DENSE_FACTOR * k_aux on other devices), a [B, n_dead] matrix holding the top k_aux per
+row (zeros elsewhere), decoded with one GEMM ``[B, n_dead] @ W_dec[dead]`` and backpropagated with
+GEMMs on the dead columns (d W_enc[:, dead] = xc^T G, d x = G W_enc[:, dead]^T): a GEMM over n_dead
+columns costs less than embedding_bag over the entries until n_dead is several times their number.
 
 ``TopKSAE`` stores W_enc latent-major (each latent's column contiguous in memory), so
 ``W_enc.t()`` is a plain [n, d] table for embedding_bag and the [n, d] gradient transposes back to
@@ -62,7 +64,7 @@ everywhere, n = 131,072 13.0-13.3 -> 8.2-8.9 ms / 16.5-21.9 -> 12.0-19.2 ms; vs 
 latents, n = 32,768 3.9-4.6 -> 3.7-4.0 ms / 7.4-7.9 -> 6.0-7.1 ms (its live block of 20,000-32,000
 latents goes grouped too), n = 131,072 at 24 % dead 18.2 -> 19.2 ms (the dead block of 31,457 too)."""
 AUX_DENSE_FACTOR = 6
-"""Dense AuxK while n_dead <= AUX_DENSE_FACTOR * k_aux. Measured on a quiet 2-core CPU with a whole
+"""Dense AuxK while n_dead <= AUX_DENSE_FACTOR * (AuxK entries per row). Measured on a quiet 2-core CPU with a whole
 training step, k_aux = 256, batch 4,096 (benchmarks/auxk_cost.py --aux-form dense / sparse): the
 dense form costs 0.15 (n = 8,192) to 0.25 ms (n = 32,768) per dead latent, the sparse one a near
 fixed 200-450 ms (B * k_aux entries); they break even near 5 k_aux at n = 8,192 and 8 k_aux at 32,768."""
@@ -79,22 +81,24 @@ class EncodeOutput(NamedTuple):
     idx_BK: torch.Tensor
     """Their latent indices."""
     aux_vals_BA: torch.Tensor | None
-    """AuxK values (top k_aux among dead latents, after ReLU) or None: [B, k_aux] (sparse form), or
-    [B, n_dead] with zeros outside each row's top k_aux (dense form)."""
+    """AuxK values (top k_aux among dead latents, after ReLU) or None: [B, n_dead] with zeros outside
+    each row's top k_aux (dense form), or [E], one per entry (entry form)."""
     aux_idx_BA: torch.Tensor | None
-    """Their latent indices (in the full latent space): [B, k_aux] (sparse form), or the [n_dead]
-    dead latents, one per column of aux_vals_BA (dense form)."""
+    """Their latent indices (in the full latent space): the [n_dead] dead latents, one per column of
+    aux_vals_BA (dense form), or [E], each entry's latent (entry form)."""
+    aux_rows_E: torch.Tensor | None = None
+    """Entry form: each entry's row, ascending (None in the dense form)."""
 
     @property
     def aux_dense(self) -> bool:
-        return self.aux_idx_BA is not None and self.aux_idx_BA.dim() == 1
+        return self.aux_vals_BA is not None and self.aux_rows_E is None
 
 
 def decode_aux(enc: EncodeOutput, W_dec_ND: torch.Tensor) -> torch.Tensor:
     """The AuxK reconstruction sum_j aux_val_j * W_dec[j] (no bias), in either form."""
     if enc.aux_dense:
         return _DenseRowsDecode.apply(enc.aux_vals_BA, W_dec_ND, enc.aux_idx_BA)
-    return sparse_decode(enc.aux_vals_BA, enc.aux_idx_BA, W_dec_ND)
+    return decode_entries(enc.aux_vals_BA, enc.aux_idx_BA, enc.aux_rows_E, enc.vals_BK.shape[0], W_dec_ND)
 
 
 def sparse_decode(vals_BS: torch.Tensor, idx_BS: torch.Tensor, W_dec_ND: torch.Tensor) -> torch.Tensor:
@@ -104,45 +108,66 @@ def sparse_decode(vals_BS: torch.Tensor, idx_BS: torch.Tensor, W_dec_ND: torch.T
     W_dec's gradient latent by latent (one stable sort of int32 keys, one embedding_bag over the
     gradient's rows), about half the time of embedding_bag's generic dense backward on CPU: the
     whole decode, forward and backward, 1.1x (256 entries per row) to 1.25x (32) faster."""
-    return _SparseDecode.apply(vals_BS, W_dec_ND, idx_BS)
+    return _SparseDecode.apply(vals_BS, W_dec_ND, idx_BS, None, idx_BS.shape[0])
+
+
+def decode_entries(vals_E: torch.Tensor, idx_E: torch.Tensor, rows_E: torch.Tensor, n_rows: int,
+                   W_dec_ND: torch.Tensor) -> torch.Tensor:
+    """[n_rows, d]: row b is the sum of vals[e] * W_dec[idx[e]] over the entries e of row b (``rows_E``
+    ascending; a row may have none). ``sparse_decode`` for rows of any number of entries."""
+    return _SparseDecode.apply(vals_E, W_dec_ND, idx_E, rows_E, n_rows)
+
+
+def _row_offsets(rows_E: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Where each row's entries start in ascending ``rows_E`` (embedding_bag's offsets)."""
+    return torch.searchsorted(rows_E, torch.arange(n_rows, dtype=rows_E.dtype, device=rows_E.device))
 
 
 class _SparseDecode(torch.autograd.Function):
+    """sparse_decode ([B, S] entries, ``rows`` None) and decode_entries (flat entries of ``rows``)."""
+
     @staticmethod
-    def forward(ctx, vals_BS, W_ND, idx_BS):
-        ctx.save_for_backward(vals_BS, W_ND, idx_BS)
-        return F.embedding_bag(idx_BS, W_ND, per_sample_weights=vals_BS, mode="sum")
+    def forward(ctx, vals, W_ND, idx, rows, n_rows):
+        ctx.save_for_backward(vals, W_ND, idx, rows)
+        ctx.n_rows = n_rows
+        if rows is None:
+            return F.embedding_bag(idx, W_ND, per_sample_weights=vals, mode="sum")
+        return F.embedding_bag(idx, W_ND, _row_offsets(rows, n_rows), per_sample_weights=vals, mode="sum")
 
     @staticmethod
     def backward(ctx, g_BD):
-        vals_BS, W_ND, idx_BS = ctx.saved_tensors
-        B, S = idx_BS.shape
+        vals, W_ND, idx, rows = ctx.saved_tensors
         g_BD = g_BD.contiguous()
-        groups = _LatentGroups(idx_BS.reshape(-1), S, W_ND.shape[0])
+        groups = _LatentGroups(idx.reshape(-1), W_ND.shape[0], ctx.n_rows, rows_E=rows)
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:  # the dot product of each entry's decoder row with its row's gradient
             # Taken in latent order: consecutive entries share a decoder row, which stays in cache;
             # in row order each entry fetches a row from anywhere in W_dec (2x slower at 1 M entries
             # over 7,864 rows of 576 on CPU).
+            offsets = (torch.arange(0, idx.numel(), idx.shape[-1], device=idx.device) if rows is None
+                       else _row_offsets(rows, ctx.n_rows))
             per_entry = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                g_BD, W_ND, groups.latent, torch.arange(0, B * S, S, device=idx_BS.device), groups.row, 0)
-            grad_vals = torch.empty_like(per_entry).index_copy_(0, groups.order, per_entry).view(B, S)
+                g_BD, W_ND, groups.latent, offsets, groups.row, 0)
+            grad_vals = torch.empty_like(per_entry).index_copy_(0, groups.order, per_entry).view(vals.shape)
         if ctx.needs_input_grad[1]:
-            grad_W = groups.sum_rows(vals_BS.reshape(-1), g_BD)
-        return grad_vals, grad_W, None
+            grad_W = groups.sum_rows(vals.reshape(-1), g_BD)
+        return grad_vals, grad_W, None, None, None
 
 
 class _LatentGroups:
-    """The entries of a [B, S] selection (entry e = b * S + s picks latent idx_flat[e]) grouped by latent:
-    ``order`` sorts them by latent (stably), ``sorted_keys`` / ``latent`` and ``row`` are their latents
-    and rows in that order, ``offsets[j]`` starts latent j's run."""
+    """Entries (entry e picks latent idx_flat[e] for a row: e // S of a [B, S] selection, or rows_E[e])
+    grouped by latent: ``order`` sorts them by latent (stably), ``sorted_keys`` / ``latent`` and ``row``
+    are their latents and rows in that order, ``offsets[j]`` starts latent j's run."""
 
-    def __init__(self, idx_flat: torch.Tensor, S: int, n: int):
+    def __init__(self, idx_flat: torch.Tensor, n: int, n_rows: int, *, rows_E: torch.Tensor | None = None):
         # A stable sort of int32 keys: about half the time of argsort on int64 ones on CPU.
         keys = idx_flat.to(torch.int32) if n < 2**31 else idx_flat
         self.sorted_keys, self.order = keys.sort(stable=True)
-        self.row = torch.div(self.order, S, rounding_mode="floor")
-        self.n_rows = idx_flat.numel() // S
+        if rows_E is None:
+            self.row = torch.div(self.order, idx_flat.numel() // max(n_rows, 1), rounding_mode="floor")
+        else:
+            self.row = rows_E[self.order]
+        self.n_rows = n_rows
         # Where each latent's run starts; unlike bincount, searchsorted needs no host sync on a GPU.
         self.offsets = torch.searchsorted(self.sorted_keys, torch.arange(n, dtype=keys.dtype, device=keys.device))
 
@@ -247,37 +272,59 @@ class _Block(NamedTuple):
         return out
 
 
-def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: int, k_aux: int, aux_dense: bool,
-                         sorted_out: bool):
+def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: int, k_aux: int, sorted_out: bool):
     """Top-k_big over all latents, and AuxK over the dead ones, of one chunk whose pre-activations come
     from two GEMMs, live columns then dead ones: the dead block is contiguous, so AuxK needs no column
     gather, and the main top-k takes the live block's top-k_big merged with the dead block's.
-    Returns (values, latents, AuxK values, AuxK latents or None in the dense form)."""
+    Returns (values, latents, AuxK values after ReLU, their positions in the dead block or None when
+    every dead latent is kept)."""
     n_dead = dead.cols.numel()
     pre_dead = dead.pre(xs)
     keep_all = k_aux >= n_dead  # AuxK keeps every dead latent: no selection, only the main candidates
     # Otherwise its top max(k_aux, k_big) holds both its AuxK selection and its main candidates.
     dv, di = _topk(pre_dead, min(k_big if keep_all else max(k_aux, k_big), n_dead))
     if keep_all:
-        av, ai = pre_dead[:, :n_dead], torch.arange(n_dead, device=xs.device).expand(xs.shape[0], -1)
+        av, ai = pre_dead[:, :n_dead], None
     elif k_aux < dv.shape[1]:
         av, pos = dv.topk(k_aux, dim=-1, sorted=False)
         ai = di.gather(1, pos)
     else:
         av, ai = dv, di
+    av = av.relu()  # a new tensor: pre_dead is the next chunk's buffer
     if dv.shape[1] > k_big:
         dv, pos = dv.topk(k_big, dim=-1, sorted=False)
         di = di.gather(1, pos)
     lv, li = _topk(live.pre(xs), min(k_big, live.cols.numel()))
     cand_v, cand_i = torch.cat([lv, dv], dim=1), torch.cat([live.cols[li], dead.cols[di]], dim=1)
     v, pos = cand_v.topk(k_big, dim=-1, sorted=sorted_out)
-    i = cand_i.gather(1, pos)
-    if not aux_dense:
-        return v, i, av.relu(), dead.cols[ai]
-    pre_dead = pre_dead[:, :n_dead]  # without the padding columns
-    if ai.shape[1] == n_dead:  # every dead latent is kept
-        return v, i, pre_dead.relu(), None
-    return v, i, torch.zeros_like(pre_dead).scatter_(1, ai, av.relu()), None
+    return v, cand_i.gather(1, pos), av, ai
+
+
+def _aux_form(av_BA: torch.Tensor, ai_BA: torch.Tensor | None, dead_idx: torch.Tensor, aux_dense: bool | None,
+              dense_factor: float, drop_zeros: bool):
+    """AuxK's values in the form that costs less (see EncodeOutput): (values, latents, rows or None).
+
+    ``av_BA`` holds each row's AuxK values after ReLU, at positions ``ai_BA`` of the dead block (None:
+    column j is dead latent j). The entry form keeps only the nonzero values when ``drop_zeros``:
+    in training most are 0 (1-3 % of the top 256 positive at n = 8,192 in the quickstart), and a
+    zero adds nothing to the decode or to any gradient. The dense form is chosen (``aux_dense`` None)
+    while n_dead <= dense_factor * entries per row: a GEMM over n_dead columns costs less than
+    embedding_bag passes over that many entries per row until n_dead is several times their number."""
+    B, A = av_BA.shape
+    n_dead = dead_idx.numel()
+    # != 0 keeps a NaN (a non-finite input must reach the loss, which the trainer checks).
+    pos = (av_BA != 0).view(-1).nonzero().squeeze(1) if drop_zeros else None
+    if aux_dense is None:
+        per_row = (A if pos is None else pos.numel()) / max(B, 1)
+        aux_dense = n_dead <= dense_factor * per_row
+    if aux_dense:
+        if ai_BA is None:
+            return av_BA, dead_idx, None
+        return av_BA.new_zeros(B, n_dead).scatter_(1, ai_BA, av_BA), dead_idx, None
+    if pos is None:
+        pos = torch.arange(B * A, device=av_BA.device)
+    local = pos % A if ai_BA is None else ai_BA.reshape(-1)[pos]
+    return av_BA.reshape(-1)[pos], dead_idx[local], torch.div(pos, A, rounding_mode="floor")
 
 
 def _live_columns(is_live: torch.Tensor, n_live: int) -> torch.Tensor:
@@ -292,11 +339,12 @@ def _live_columns(is_live: torch.Tensor, n_live: int) -> torch.Tensor:
 
 class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k_big, dead_idx, k_aux, aux_dense, chunk_rows, sorted_out):
+    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k_big, dead_idx, k_aux, aux_dense, dense_factor, drop_zeros,
+                chunk_rows, sorted_out):
         xc_BD = x_BD - b_dec_D
         B, n = xc_BD.shape[0], W_enc_DN.shape[1]
         rows = min(chunk_rows, B)
-        vals, idx, aux_vals, aux_idx = [], [], [], []
+        vals, idx, aux_vals, aux_pos = [], [], [], []
         # One buffer (per block) for every chunk: a fresh [chunk, n] allocation per chunk is a fresh
         # mmap whose page faults cost ~10 % of the GEMM on CPU.
         if dead_idx is None:
@@ -312,72 +360,86 @@ class _SparseTopKEncode(torch.autograd.Function):
             live = _Block.gather(W_enc_DN, b_enc_N, _live_columns(is_live, n - dead_idx.numel()), rows)
             dead = _Block.gather(W_enc_DN, b_enc_N, dead_idx, rows)
             for lo in range(0, B, chunk_rows):
-                v, i, av, ai = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead, k_big, k_aux, aux_dense,
-                                                    sorted_out)
-                for out, part in zip((vals, idx, aux_vals, aux_idx), (v, i, av, ai)):
+                parts = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead, k_big, k_aux, sorted_out)
+                for out, part in zip((vals, idx, aux_vals, aux_pos), parts):
                     out.append(part)
         vals_BK = torch.relu(torch.cat(vals))
         idx_BK = torch.cat(idx)
         if dead_idx is None:
-            aux_vals_BA, aux_idx_BA = xc_BD.new_empty(B, 0), idx_BK.new_empty(B, 0)
-        elif aux_dense:
-            aux_vals_BA, aux_idx_BA = torch.cat(aux_vals), dead_idx
+            aux_vals_BA, aux_idx, aux_rows = xc_BD.new_empty(B, 0), idx_BK.new_empty(0), None
         else:
-            aux_vals_BA, aux_idx_BA = torch.cat(aux_vals), torch.cat(aux_idx)
-        ctx.aux_dense = aux_dense and dead_idx is not None
-        ctx.save_for_backward(xc_BD, W_enc_DN, vals_BK, idx_BK, aux_vals_BA, aux_idx_BA)
-        # The dense form's indices are dead_idx itself, which the caller holds already.
-        aux_idx_out = idx_BK.new_empty(0) if ctx.aux_dense else aux_idx_BA
-        ctx.mark_non_differentiable(idx_BK, aux_idx_out)
-        return vals_BK, idx_BK, aux_vals_BA, aux_idx_out
+            ai = None if aux_pos[0] is None else torch.cat(aux_pos)
+            aux_vals_BA, aux_idx, aux_rows = _aux_form(torch.cat(aux_vals), ai, dead_idx, aux_dense, dense_factor,
+                                                       drop_zeros)
+        ctx.aux_dense = dead_idx is not None and aux_rows is None
+        ctx.save_for_backward(xc_BD, W_enc_DN, vals_BK, idx_BK, aux_vals_BA, aux_idx, aux_rows)
+        ctx.mark_non_differentiable(idx_BK, aux_idx, *([] if aux_rows is None else [aux_rows]))
+        return vals_BK, idx_BK, aux_vals_BA, aux_idx, aux_rows
 
     @staticmethod
-    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
-        xc_BD, W_enc_DN, vals_BK, idx_BK, aux_vals_BA, aux_idx_BA = ctx.saved_tensors
+    def backward(ctx, g_vals, _g_idx, g_aux, *_g_indices):
+        xc_BD, W_enc_DN, vals_BK, idx_BK, aux_vals, aux_idx, aux_rows = ctx.saved_tensors
         need_x, need_b_dec, need_W, need_b = ctx.needs_input_grad[:4]
-        g_parts, i_parts = [], []
+        parts = []  # (gradient of the kept values, their latents, their rows or None for [B, S])
         if g_vals is not None:
-            g_parts.append(g_vals * (vals_BK > 0))  # ReLU: no gradient where the kept value was clipped
-            i_parts.append(idx_BK)
+            parts.append((g_vals * (vals_BK > 0), idx_BK, None))  # ReLU: no gradient where a value was clipped
         g_dense = None
-        if g_aux is not None and aux_vals_BA.numel() > 0:
-            g_a = g_aux * (aux_vals_BA > 0)  # zero outside the top k_aux too (those values are 0)
+        if g_aux is not None and aux_vals.numel() > 0:
+            g_a = g_aux * (aux_vals > 0)  # zero outside the top k_aux too (those values are 0)
             if ctx.aux_dense:
                 g_dense = g_a
             else:
-                g_parts.append(g_a)
-                i_parts.append(aux_idx_BA)
-        grad_x, grad_W, grad_b = _sparse_grads(xc_BD, W_enc_DN, g_parts, i_parts, need_x, need_W)
+                parts.append((g_a, aux_idx, aux_rows))
+        grad_x, grad_W, grad_b = _sparse_grads(xc_BD, W_enc_DN, parts, need_x, need_W)
         if g_dense is not None:  # dense AuxK: GEMMs on the dead latents' columns
-            dead = aux_idx_BA
+            dead = aux_idx
             if need_x:
                 grad_x = torch.addmm(grad_x, g_dense, W_enc_DN.index_select(1, dead).t())
             if need_W:
                 _add_to_rows_(grad_W, dead, g_dense.t() @ xc_BD)
             grad_b.index_add_(0, dead, g_dense.sum(0))
         grad_b_dec = -(W_enc_DN @ grad_b) if need_b_dec else None
-        return (grad_x, grad_b_dec, grad_W.t() if need_W else None, grad_b if need_b else None) + (None,) * 6
+        return (grad_x, grad_b_dec, grad_W.t() if need_W else None, grad_b if need_b else None) + (None,) * 8
 
 
-def _sparse_grads(xc_BD: torch.Tensor, W_enc_DN: torch.Tensor, g_parts: list[torch.Tensor],
-                  i_parts: list[torch.Tensor], need_x: bool, need_W: bool):
-    """Gradients of the selected entries (values g at latents idx, [B, S] each part): d x [B, d] (or
-    None), d W_enc as a latent-major [n, d] table (or None), d b_enc [n]; zeros when nothing is selected."""
-    n = W_enc_DN.shape[1]
-    g = torch.cat(g_parts, dim=1) if g_parts else xc_BD.new_zeros(xc_BD.shape[0], 0)
-    idx = torch.cat(i_parts, dim=1) if i_parts else g.new_zeros(g.shape, dtype=torch.long)
-    B, S = idx.shape
-    idx_flat, g_flat = idx.reshape(-1), g.reshape(-1)
-    grad_x = grad_W = None
-    if S == 0:
-        grad_W = xc_BD.new_zeros(n, xc_BD.shape[1]) if need_W else None
-        return (torch.zeros_like(xc_BD) if need_x else None), grad_W, g.new_zeros(n)
+def _bag_sum(g: torch.Tensor, idx: torch.Tensor, rows_E: torch.Tensor | None, table_ND: torch.Tensor,
+             n_rows: int) -> torch.Tensor:
+    """[n_rows, d]: sum of g * table[idx] over each row's entries ([B, S] entries, or flat ones of rows_E)."""
+    if rows_E is None:
+        return F.embedding_bag(idx, table_ND, per_sample_weights=g, mode="sum")
+    return F.embedding_bag(idx, table_ND, _row_offsets(rows_E, n_rows), per_sample_weights=g, mode="sum")
+
+
+def _sparse_grads(xc_BD: torch.Tensor, W_enc_DN: torch.Tensor, parts: list, need_x: bool, need_W: bool):
+    """Gradients of the selected entries (``parts``: values' gradient, latents, rows as in _bag_sum):
+    d x [B, d] (or None), d W_enc as a latent-major [n, d] table (or None), d b_enc [n]; zeros when
+    nothing is selected."""
+    (B, d), n = xc_BD.shape, W_enc_DN.shape[1]
+    parts = [part for part in parts if part[0].numel() > 0]
+    if not parts:
+        grad_W = xc_BD.new_zeros(n, d) if need_W else None
+        return (torch.zeros_like(xc_BD) if need_x else None), grad_W, xc_BD.new_zeros(n)
+    grad_x = None
     if need_x:
-        grad_x = F.embedding_bag(idx, W_enc_DN.t().contiguous(), per_sample_weights=g, mode="sum")
-    groups = _LatentGroups(idx_flat, S, n)
-    if need_W:
-        grad_W = groups.sum_rows(g_flat, xc_BD)
+        W_ND = W_enc_DN.t().contiguous()
+        grad_x = sum(_bag_sum(g, idx, rows, W_ND, B) for g, idx, rows in parts)
+    if len(parts) == 1:
+        g, idx, rows = parts[0]
+    else:  # one grouping for all entries: each part's rows made explicit
+        g = torch.cat([p[0].reshape(-1) for p in parts])
+        idx = torch.cat([p[1].reshape(-1) for p in parts])
+        rows = torch.cat([_entry_rows(p[1], p[2]) for p in parts])
+    groups = _LatentGroups(idx.reshape(-1), n, B, rows_E=rows)
+    g_flat = g.reshape(-1)
+    grad_W = groups.sum_rows(g_flat, xc_BD) if need_W else None
     return grad_x, grad_W, groups.sums(g_flat)
+
+
+def _entry_rows(idx: torch.Tensor, rows_E: torch.Tensor | None) -> torch.Tensor:
+    """Each entry's row: rows_E, or e // S for a [B, S] selection."""
+    if rows_E is not None:
+        return rows_E
+    return torch.div(torch.arange(idx.numel(), device=idx.device), idx.shape[1], rounding_mode="floor")
 
 
 def sparse_topk_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DN: torch.Tensor, b_enc_N: torch.Tensor,
@@ -386,24 +448,25 @@ def sparse_topk_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DN: torc
     """Top-k (then ReLU) of ``(x - b_dec) @ W_enc + b_enc`` with a sparse backward.
 
     ``dead_idx`` (distinct latent indices, on the data's device: a repeated one would cut live latents
-    off the main top-k) adds AuxK: the top ``k_aux`` pre-activations among those latents, in dense form
-    when ``aux_dense`` (default: when n_dead <= AUX_DENSE_FACTOR * k_aux on the CPU, GPU_AUX_DENSE_FACTOR
-    * k_aux on other devices), else sparse (see EncodeOutput). ``sorted_out`` sorts the kept values
-    descending (needed to slice Multi-TopK's top-k). ``chunk_rows``: rows per encoder GEMM (default
-    DEFAULT_CHUNK_ROWS on the CPU; on other devices as many as GPU_CHUNK_ELEMENTS allows).
+    off the main top-k) adds AuxK: the top ``k_aux`` pre-activations among those latents, after ReLU,
+    in dense form when ``aux_dense``, in entry form when not (see EncodeOutput). By default the form
+    is chosen by size: dense while n_dead <= AUX_DENSE_FACTOR * (positive AuxK values per row) on the
+    CPU, whose entry form keeps only those; GPU_AUX_DENSE_FACTOR * k_aux on other devices, whose entry
+    form keeps all k_aux per row (finding the positive ones there would wait for the device once more
+    per step; not yet measured). ``sorted_out`` sorts the kept values descending (needed to slice
+    Multi-TopK's top-k). ``chunk_rows``: rows per encoder GEMM (default DEFAULT_CHUNK_ROWS on the CPU;
+    on other devices as many as GPU_CHUNK_ELEMENTS allows).
     """
     if dead_idx is not None:
         k_aux = min(k_aux, dead_idx.numel())
         if k_aux == 0:
             dead_idx = None
     cpu = x_BD.device.type == "cpu"
-    if aux_dense is None:
-        factor = AUX_DENSE_FACTOR if cpu else GPU_AUX_DENSE_FACTOR
-        aux_dense = dead_idx is not None and dead_idx.numel() <= factor * k_aux
+    factor = AUX_DENSE_FACTOR if cpu else GPU_AUX_DENSE_FACTOR
     if chunk_rows is None:
         chunk_rows = DEFAULT_CHUNK_ROWS if cpu else max(DEFAULT_CHUNK_ROWS, GPU_CHUNK_ELEMENTS // W_enc_DN.shape[1])
-    vals, idx, aux_vals, aux_idx = _SparseTopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_idx, k_aux,
-                                                           aux_dense, chunk_rows, sorted_out)
+    vals, idx, aux_vals, aux_idx, aux_rows = _SparseTopKEncode.apply(
+        x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_idx, k_aux, aux_dense, factor, cpu, chunk_rows, sorted_out)
     if dead_idx is None:
         return EncodeOutput(vals, idx, None, None)
-    return EncodeOutput(vals, idx, aux_vals, dead_idx if aux_dense else aux_idx)
+    return EncodeOutput(vals, idx, aux_vals, aux_idx, aux_rows)
