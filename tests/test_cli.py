@@ -569,6 +569,9 @@ BAD_CONFIGS = [
     # options that act only with another setting, as on the command line
     ("l1.yaml", "train:\n  l1_coefficient: 3\n", "train.l1_coefficient: applies only with --architecture relu"),
     ("factor.yaml", "train:\n  multi_topk_factor: 4\n", "train.multi_topk_factor: applies only with --multi-topk"),
+    # the setting it needs from the same file: named as the file's entry, the file named once
+    ("l1_topk.yaml", "train:\n  architecture: topk\n  l1_coefficient: 3\n",
+     "train.l1_coefficient: applies only with train.architecture relu"),
     ("relu.yaml", "train:\n  recipe: relu-l1\n  k: 8\n", "train.k: a ReLU SAE"),
     ("kaux.yaml", "train:\n  n_latents: 64\n  k: 4\n  k_aux: 1000\n", "train.k_aux: 1000 exceeds the SAE's 64 latents"),
 ]
@@ -581,6 +584,7 @@ def test_bad_config_file_is_one_line_naming_it_and_the_entry(name, text, expecte
     assert _exit_code(["train", "--activations", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"saelab train: error: --config {cfg}") and expected in err
+    assert err.count(str(cfg)) == 1
     assert not (tmp_path / "run").exists()
     assert _exit_code(["train", "--activations", "a", "--out", "r", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: no such file" in capsys.readouterr().err

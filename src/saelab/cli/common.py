@@ -563,7 +563,10 @@ def in_given_words(message: str, how: dict[str, str],
     named = {file for file in files.values() if file}
     if len(named) > 1:  # one file at the front would blame it for the others' entries
         return _in_given_words(message, lead, how, otherwise, {}, several=True)
-    return f"{named.pop()}: {reworded}" if named else reworded
+    if not named:
+        return reworded
+    file = named.pop()  # at the front once: the message may open with that file's entry already
+    return reworded if reworded.startswith(f"{file}: ") else f"{file}: {reworded}"
 
 
 def grid_entry(words: str | None) -> str | None:
