@@ -424,7 +424,8 @@ def test_a_sweep_cut_off_before_any_run_finished_is_named_as_such(tmp_path, caps
         assert main(["report", str(sweep)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.endswith(f"runs n32 (being trained by pid {holder.pid}), n64 have not finished training (no sae/ "
-                            "yet); run the same `saelab sweep` or `saelab train` command again to finish them"), err
+                            "yet); wait for n32 to finish training, then run the same `saelab sweep` or `saelab "
+                            "train` command again to finish n64"), err
     finally:
         holder.kill()
         holder.wait()

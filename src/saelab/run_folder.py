@@ -113,7 +113,12 @@ def unfinished_runs_line(folder: str | Path) -> str | None:
             f"{SAE_DIR}/ yet)")
     if all(holders):  # running the command again would be refused as a second writer
         return f"{line}; wait for the training to finish"
-    return f"{line}; run the same `saelab sweep` or `saelab train` command again to finish {'them' if several else 'it'}"
+    again = "run the same `saelab sweep` or `saelab train` command again to finish"
+    if any(holders):  # until those finish, the command would be refused for them
+        held = [p.name for p, h in zip(unfinished, holders) if h]
+        free = [p.name for p, h in zip(unfinished, holders) if not h]
+        return f"{line}; wait for {', '.join(held)} to finish training, then {again} {', '.join(free)}"
+    return f"{line}; {again} {'them' if several else 'it'}"
 
 
 def check_sweep_has_finished_runs(folder: str | Path) -> list[Path]:
