@@ -64,8 +64,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="top operators of one plain and one AuxK step per version")
     ap.add_argument("--profile-rows", type=int, default=15, help="operators shown by --profile")
     ap.add_argument("--aux-form", choices=["auto", "dense", "sparse"], default="auto",
-                    help="force AuxK's dense or sparse form (auto: saelab's size rule, kernels.AUX_DENSE_FACTOR and "
-                         "GPU_AUX_DENSE_FACTOR)")
+                    help="force AuxK's dense or sparse (entry) form (auto: saelab's size rule, "
+                         "kernels.AUX_DENSE_FACTOR and GPU_AUX_DENSE_FACTOR)")
     args = ap.parse_args()
     try:
         variants = [parse_variant(v) for v in args.variant]
