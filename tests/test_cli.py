@@ -1797,3 +1797,29 @@ def test_eval_and_export_keep_other_runs_results(tmp_path, capsys):
     assert main(["export", str(tmp_path / "sae"), str(other_run / "sae"), "--format", "saelens", "--overwrite"]) == 2
     assert "is the SAE of the run" in capsys.readouterr().err
     assert (other_run / "sae" / "cfg.json").read_bytes() == before
+
+
+def test_a_runs_train_config_as_config_trains_the_same_recipe(tmp_path, capsys):
+    """`--config RUN/train_config.json` (a run's record: its training settings beside the SAE's shape
+    and its data) trains what RUN trained: its settings that differ from its recipe, a recipe's
+    setting turned off included; before, the record's `sae` section was refused as an unknown group."""
+    import torch
+
+    from saelab.cli import main
+    from saelab.data.cache import write_activation_cache
+
+    torch.manual_seed(0)
+    acts = tmp_path / "acts"
+    write_activation_cache((torch.randn(512, 16) + 2).split(128), acts, meta={"hook_name": "h"}, progress=False)
+    first = ["--recipe", "paper", "--ema-decay", "0", "--n-latents", "64", "-k", "4", "--batch-size", "64",
+             "--total-tokens", "256", "--k-aux", "8", "--lr", "0.003"]
+    assert main(["train", "--activations", str(acts), "--out", str(tmp_path / "a"), "--no-progress", *first]) == 0
+    record = tmp_path / "a" / "train_config.json"
+    assert main(["train", "--activations", str(acts), "--out", str(tmp_path / "b"), "--no-progress",
+                 "--config", str(record)]) == 0, capsys.readouterr().err
+    trained = [json.loads((tmp_path / run / "train_config.json").read_text())["train"] for run in "ab"]
+    assert trained[0] == trained[1] and trained[1]["ema_decay"] is None and trained[1]["recipe"] == "paper"
+    # Typed options still win over the record's.
+    assert main(["train", "--activations", str(acts), "--out", str(tmp_path / "c"), "--no-progress",
+                 "--config", str(record), "-k", "8"]) == 0
+    assert json.loads((tmp_path / "c" / "train_config.json").read_text())["train"]["k"] == 8

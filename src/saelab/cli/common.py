@@ -234,7 +234,7 @@ class Parser(ArgumentParser):
         groups = {w.dest: w.dataclass for w in self._wrappers}
         options = {a.dest: a for a in self._actions if a.option_strings and a.dest not in ("help", "debug")}
         kept = {}
-        for key, value in read_config_file(path).items():
+        for key, value in _run_record_as_settings(read_config_file(path), groups.get("train")).items():
             where = f"--config {path}: {key}"
             if key in groups:
                 kept[key] = check_config_section(where, groups[key], value)
@@ -254,6 +254,18 @@ class Parser(ArgumentParser):
                 raise ConfigError(f"{where}: not an option group or option of `{self.prog}`"
                                   f"{_closest_key(key, [*groups, *options], switches, value) or listed}")
         return kept
+
+
+def _run_record_as_settings(entries: dict[str, Any], train_settings: type | None) -> dict[str, Any]:
+    """A run's ``train_config.json`` (its ``train`` settings beside the SAE's shape and its data) read as a
+    --config file of a verb that trains: the entries that give its training settings again
+    (``TrainConfig.entries_giving``); the SAE's shape and the data are the record's, not options. Any other
+    file as it is."""
+    sae = entries.get("sae")
+    is_record = isinstance(entries.get("train"), dict) and isinstance(sae, dict) and "d_in" in sae
+    if not is_record or not hasattr(train_settings, "entries_giving"):
+        return entries
+    return {"train": train_settings.entries_giving(entries["train"])}
 
 
 def _as_typed(action: argparse.Action, value: Any, where: str) -> Any:
