@@ -1025,6 +1025,15 @@ def test_quickstart_and_a_sweep_evaluation_read_the_eval_corpus_once(tiny_dir, d
     assert len(opened) == 1
     again = json.loads((tmp_path / "sweep" / "k4" / "metrics.json").read_text())
     assert again["nmse"] == first["nmse"]  # the same SAE, evaluated on the same contexts
+    opened.clear()  # sweep --eval: the check before training reads the contexts its evaluation uses
+    from saelab.cli import main
+
+    assert main(["sweep", "--activations", str(tmp_path / "qs" / "activations"), "--out", str(tmp_path / "sweep2"),
+                 "--grid", "k=4", "--n-latents", "64", "--batch-size", "250", "--total-tokens", "1000",
+                 "--init-rows", "500", "--eval", "--eval-corpus", str(eval_corpus), "--eval-recon-tokens", "256",
+                 "--eval-downstream-tokens", "128", "--device", "cpu", "--no-progress"]) == 0
+    assert len(opened) == 1
+    assert json.loads((tmp_path / "sweep2" / "k4" / "metrics.json").read_text())["nmse"] == first["nmse"]
     opened.clear()  # the paper suite: its core metric evaluates the contexts read before the load
     suite = paper_suite(tmp_path / "sweep" / "k4", eval_cfg=cfg.eval, cfg=PaperSuiteConfig(metrics=["core"]),
                         progress=False)

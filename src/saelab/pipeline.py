@@ -499,25 +499,37 @@ def _readable_eval_metrics(run_dir: str | Path, sae: TopKSAE, *, sae_hash: str |
         return {}
 
 
-def check_evaluation_before_training(cache: str | Path, cfg: EvalConfig) -> None:
+EvalContextsRead = dict[tuple[str, int, int, bool], torch.Tensor]
+"""Eval contexts read already, by (model, context size, first position, prepend_bos): what evaluate_sweep
+would read again."""
+
+
+def check_evaluation_before_training(cache: str | Path, cfg: EvalConfig) -> EvalContextsRead:
     """Refuse, before SAEs train on ``cache``, what would refuse their evaluation after the training: a
-    missing eval corpus or one too short for the evaluation, a hook or context the cache's model does not take."""
+    missing eval corpus or one too short for the evaluation, a hook or context the cache's model does not take.
+    Returns the eval contexts read for the check (for ``evaluate_sweep``'s ``contexts_read``)."""
     resolve_corpus(cfg.corpus, "eval")
     meta = ActivationCache(cache).meta
     spec = recorded_model(meta.get("model_source"), meta.get("model_name"), f"activation cache {cache}")
     check_before_load(spec, meta.get("hook_name", ""), cfg.context_size, meta.get("context_size"))
     context_size = cfg.context_size or meta.get("context_size")
-    if context_size:  # the SAEs trained on the cache read its contexts, from the position its harvest kept
-        check_eval_corpus_before_load(spec, cfg, context_size, int(bool(meta.get("exclude_first"))),
-                                      meta.get("prepend_bos", True))
+    if not context_size:
+        return {}
+    # The SAEs trained on the cache read its contexts, from the position its harvest kept.
+    read = (spec, context_size, int(bool(meta.get("exclude_first"))), meta.get("prepend_bos", True))
+    contexts = check_eval_corpus_before_load(spec, cfg, *read[1:])
+    return {} if contexts is None else {read: contexts}
 
 
 def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: str | None = None,
                    device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
-                   progress: bool = True, sae_hashes: SaeHashes | None = None) -> dict[str, Any]:
+                   progress: bool = True, sae_hashes: SaeHashes | None = None,
+                   contexts_read: EvalContextsRead | None = None) -> dict[str, Any]:
     """Core-evaluate every run of a sweep folder (one model load each); runs whose metrics.json
     describes their SAE with the same settings are kept, and ones with other settings refused before any
-    work, unless ``overwrite``. ``sae_hashes``: filled with each run's SAE hash, for the scaling study next."""
+    work, unless ``overwrite``. ``sae_hashes``: filled with each run's SAE hash, for the scaling study next.
+    ``contexts_read``: eval contexts of ``cfg`` read already (check_evaluation_before_training's), used
+    where a run reads the same ones."""
     cfg = cfg or EvalConfig()
     sae_hashes = sae_hashes or SaeHashes()
     runs = sweep_runs(folder)
@@ -527,7 +539,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before any model loads
-    state, specs, changes, hashes, saes, corpus_read, contexts = {}, {}, {}, {}, {}, {}, {}
+    state, specs, changes, hashes, saes, contexts = {}, {}, {}, {}, {}, {}
+    corpus_read = dict(contexts_read or {})
     # Each SAE is loaded once: those to evaluate are kept from their check to their evaluation (on the CPU;
     # the sweep trained them all at once), the others dropped after their check.
     for run in runs:

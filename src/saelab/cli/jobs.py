@@ -395,14 +395,16 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         init_from_env()
         cache = ActivationCache(args.activations)
         base = _fit_to_cache(args, cache, grid)
-        if args.evaluate:
-            check_evaluation_before_training(args.activations, args.eval)  # not after the whole sweep trained
+        contexts_read = None
+        if args.evaluate:  # not after the whole sweep trained; the contexts it reads are the evaluation's
+            contexts_read = check_evaluation_before_training(args.activations, args.eval)
         saes = sweep_from_cache(cache, args.out, base, grid, device=args.device,
                                 overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
     if args.evaluate and ddp.rank() == 0:  # under torchrun one process evaluates; the others are done
         hashes = SaeHashes()  # the evaluation's hashes of the SAEs serve the scaling study: each read once
         with eval_settings_as_given(args, "--eval-"):
             evaluate_sweep(args.out, args.eval, device=args.device, model_dtype=args.model_dtype,
-                           overwrite=args.overwrite, progress=args.progress, sae_hashes=hashes)
+                           overwrite=args.overwrite, progress=args.progress, sae_hashes=hashes,
+                           contexts_read=contexts_read)
         write_scaling_report(args.out, sae_hashes=hashes)
     return {name: str(Path(args.out) / name / "sae") for name in saes}
