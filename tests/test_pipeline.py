@@ -1006,19 +1006,21 @@ def _opens_of(monkeypatch, corpus) -> list:
 def test_quickstart_and_a_sweep_evaluation_read_the_eval_corpus_once(tiny_dir, data_dir, tmp_path, monkeypatch):
     """The check that the eval corpus holds the evaluation's tokens (before the model loads) reads the
     contexts the evaluation then uses: quickstart read the corpus twice, a sweep's evaluation once more per
-    run, the paper suite twice; a hub dataset is streamed once."""
+    run, the paper suite twice; a hub dataset is streamed once. quickstart's training corpus too: its check
+    opened it once and the harvest again."""
     from saelab.evals.suite import PaperSuiteConfig
     from saelab.pipeline import evaluate_sweep, paper_suite, sweep_from_cache
 
     eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
-    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK,
-                                                 corpus=str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)),
+    train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
+    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(train_corpus),
                                                  context_size=32, n_tokens=1000, buffer_tokens=8192),
                            train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
                            eval=EvalConfig(corpus=str(eval_corpus), recon_tokens=256, downstream_tokens=128))
-    opened = _opens_of(monkeypatch, eval_corpus)
+    opened, train_opened = _opens_of(monkeypatch, eval_corpus), _opens_of(monkeypatch, train_corpus)
     first = quickstart(cfg, tmp_path / "qs", progress=False)
     assert len(opened) == 1
+    assert len(train_opened) == 1  # its check before the load reads the stream the harvest goes on with
     opened.clear()
     sweep_from_cache(tmp_path / "qs" / "activations", tmp_path / "sweep", cfg.train, {"k": [2, 4]}, progress=False)
     evaluate_sweep(tmp_path / "sweep", cfg.eval, progress=False)

@@ -153,10 +153,12 @@ def _contexts(cfg: HarvestConfig, lm: LanguageModel, texts: TextsReadOnce, progr
 
 def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None = None,
             device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
-            progress: bool = True, overwrite_option: str = "--overwrite") -> ActivationCache:
+            progress: bool = True, overwrite_option: str = "--overwrite",
+            texts: TextsReadOnce | None = None) -> ActivationCache:
     """Harvest activations into an on-disk cache; an interrupted harvest keeps the rows it wrote and where its
     stream stopped, and the same call writes the rest (without running the model again over the text before).
-    ``overwrite_option``: how the caller's command line asks for ``overwrite`` (said when a cache is reused)."""
+    ``overwrite_option``: how the caller's command line asks for ``overwrite`` (said when a cache is reused).
+    ``texts``: the corpus's stream when the caller's checks opened it already (its first documents read)."""
     check_output_folder(out_dir, "--out", "activations")
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
     check_before_load(lm or cfg.model, cfg.hook, cfg.context_size)
@@ -168,7 +170,8 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
               "harvests again)", file=sys.stderr)
         note_unfinished_overwrite(out_dir, overwrite_option)
     else:
-        texts = TextsReadOnce(corpus)  # one stream: the checks' first documents are the harvest's
+        if texts is None or str(texts.source) != str(corpus):  # one stream: the checks' documents are the harvest's
+            texts = TextsReadOnce(corpus)
         check_corpus_fills_a_context(lm or cfg.model, corpus, cfg.context_size, cfg.prepend_bos,
                                      "harvest.context_size", texts)
         cache = _harvest_into(out_dir, cfg, texts, meta, lm=lm, device=device, model_dtype=model_dtype,
@@ -746,10 +749,10 @@ def _naming_quickstart_cache(run_dir: Path):
 
 
 def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, overwrite: bool,
-                        progress: bool) -> ActivationCache:
+                        progress: bool, texts: TextsReadOnce | None) -> ActivationCache:
     with _naming_quickstart_cache(run_dir):
         return harvest(cfg, run_dir / ACTIVATIONS_DIR, lm=lm, overwrite=overwrite, progress=progress,
-                       overwrite_option="--overwrite-activations")
+                       overwrite_option="--overwrite-activations", texts=texts)
 
 
 def _recorded_stage_seconds(run_dir: Path) -> dict[str, float]:
@@ -810,17 +813,21 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
 
 
 def _check_corpora_are_long_enough(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
-                                   lm: LanguageModel | None, overwrite_activations: bool) -> torch.Tensor | None:
+                                   lm: LanguageModel | None, overwrite_activations: bool
+                                   ) -> tuple[TextsReadOnce | None, torch.Tensor | None]:
     """A training corpus still to harvest too short for one context, or the eval corpus too short for the
     evaluation: refused before the model loads, not after a harvest and a training. The SAE evaluates at the
     harvest's context size unless eval.context_size is given; either way, that is the setting that shrinks the
-    evaluation's contexts. Returns the eval contexts read (None: none were), for the evaluation."""
-    spec = lm or harvest_cfg.model
+    evaluation's contexts. Returns the training corpus's stream (None: no harvest to do), for the harvest to
+    go on reading, and the eval contexts read (None: none were), for the evaluation."""
+    spec, texts = lm or harvest_cfg.model, None
     if overwrite_activations or not cache_is_complete(run_dir / ACTIVATIONS_DIR):
-        check_corpus_fills_a_context(spec, resolve_corpus(harvest_cfg.corpus, "train"), harvest_cfg.context_size,
-                                     harvest_cfg.prepend_bos, "harvest.context_size")
-    return check_eval_corpus_before_load(spec, cfg.eval, cfg.eval.context_size or harvest_cfg.context_size,
-                                         int(harvest_cfg.exclude_first), harvest_cfg.prepend_bos)
+        corpus = resolve_corpus(harvest_cfg.corpus, "train")
+        texts = TextsReadOnce(corpus)
+        check_corpus_fills_a_context(spec, corpus, harvest_cfg.context_size, harvest_cfg.prepend_bos,
+                                     "harvest.context_size", texts)
+    return texts, check_eval_corpus_before_load(spec, cfg.eval, cfg.eval.context_size or harvest_cfg.context_size,
+                                                int(harvest_cfg.exclude_first), harvest_cfg.prepend_bos)
 
 
 def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
@@ -841,16 +848,16 @@ def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_
 def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path, lm: LanguageModel | None,
                        times: dict[str, float], *, device: str | torch.device | None, model_dtype: str,
                        overwrite: bool, overwrite_activations: bool, progress: bool, log_to: Sequence[str],
-                       finished_hash: str | None, eval_contexts: torch.Tensor | None
-                       ) -> tuple[dict[str, Any], list[str]]:
+                       finished_hash: str | None, train_texts: TextsReadOnce | None,
+                       eval_contexts: torch.Tensor | None) -> tuple[dict[str, Any], list[str]]:
     """Load the model, then harvest, train and evaluate, each stage reused when done with these settings;
     returns the metrics and the stages reused (``times`` gets the others' seconds). ``finished_hash``,
-    ``eval_contexts``: :func:`sae_sha256` of the finished run's SAE and the eval contexts, as the checks
-    returned them."""
+    ``train_texts``, ``eval_contexts``: :func:`sae_sha256` of the finished run's SAE, the training corpus's
+    stream and the eval contexts, as the checks returned them."""
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
     reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
     cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
-                                                                 progress))
+                                                                 progress, train_texts))
     sae = None if overwrite else finished_training(run_dir, cfg.train, cache)
     reused += ["train"] if sae is not None else []
     if sae is None:
@@ -891,7 +898,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         note_unfinished_overwrite(run_dir / ACTIVATIONS_DIR, "--overwrite-activations")
         return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
                                          trained_before)
-    eval_contexts = _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, lm, overwrite_activations)
+    train_texts, eval_contexts = _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, lm, overwrite_activations)
     if overwrite and (run_dir / TRAIN_CONFIG).exists():
         print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
               file=sys.stderr)
@@ -900,7 +907,8 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         metrics, reused = _quickstart_stages(cfg, harvest_cfg, run_dir, lm, times, device=device,
                                              model_dtype=model_dtype, overwrite=overwrite,
                                              overwrite_activations=overwrite_activations, progress=progress,
-                                             log_to=log_to, finished_hash=finished_hash, eval_contexts=eval_contexts)
+                                             log_to=log_to, finished_hash=finished_hash, train_texts=train_texts,
+                                             eval_contexts=eval_contexts)
         return _write_quickstart_results(run_dir, metrics, reused, times, earlier, trained_before)
 
 
