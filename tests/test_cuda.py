@@ -32,7 +32,7 @@ from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.train import TrainConfig, Trainer, train_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint, to_cpu
 from saelab.train.trainer import prefetched
-from test_kernels import _dense_reference
+from test_kernels import _dense_reference, _densify_aux
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -243,16 +243,6 @@ def test_sae_beside_a_model_on_another_device_is_refused_in_one_line(entry, tiny
 # ---- on a CUDA GPU -------------------------------------------------------------------------------------
 
 
-def _dense_aux(out, n: int) -> torch.Tensor:
-    """AuxK output as dense [B, n] latents, in the sparse form ([B, k_aux] indices) or the dense one
-    ([B, n_dead] values for the [n_dead] dead latents)."""
-    B = out.aux_vals_BA.shape[0]
-    z = torch.zeros(B, n, dtype=out.aux_vals_BA.dtype, device=out.aux_vals_BA.device)
-    if out.aux_idx_BA.dim() == 1:
-        return z.index_copy(1, out.aux_idx_BA, out.aux_vals_BA)
-    return z.scatter(-1, out.aux_idx_BA, out.aux_vals_BA)
-
-
 def _aux_forms() -> list:
     takes = "aux_dense" in inspect.signature(sparse_topk_encode).parameters
     return [None, False, True] if takes else [None]
@@ -286,7 +276,7 @@ def test_sparse_kernel_on_cuda_matches_dense_autograd(chunk_rows, dead, aux_dens
     proj = torch.randn(n, 3, dtype=torch.float64, generator=g).to(dev)
     loss, ref_loss = (z @ proj).pow(2).sum(), (z_ref @ proj).pow(2).sum()
     if dead_idx is not None:
-        za = _dense_aux(out, n)
+        za = _densify_aux(out, n)
         assert torch.allclose(za, za_ref, atol=1e-12)
         loss, ref_loss = loss + (za @ proj).sin().sum(), ref_loss + (za_ref @ proj).sin().sum()
     grads = torch.autograd.grad(loss, (x, b_dec, W, b))

@@ -125,7 +125,8 @@ def test_sparse_encode_matches_dense_autograd(chunk_rows, dead, aux_dense, sorte
     z_ref, za_ref = reference()
     assert (out.aux_vals_BA is not None) == with_aux
     if with_aux:
-        by_size = dead_idx.numel() <= AUX_DENSE_FACTOR * min(k_aux, dead_idx.numel())
+        za = reference()[1]  # the rule counts the nonzero AuxK values per row
+        by_size = dead_idx.numel() <= AUX_DENSE_FACTOR * (za != 0).sum() / B
         assert out.aux_dense == (aux_dense if aux_dense is not None else by_size)
     z = _densify(out.vals_BK, out.idx_BK, n)
     assert torch.allclose(z, z_ref, atol=1e-12)
@@ -232,6 +233,23 @@ def test_aux_form_is_chosen_by_size():
         assert torch.equal(_densify_aux(out, n)[:, dead], want)
         if not dense:  # only the nonzero values, one per row, in row order
             assert torch.equal(out.aux_vals_BA, torch.ones(B)) and torch.equal(out.aux_rows_E, torch.arange(B))
+    # Off the CPU the entry form keeps every one of the k_aux values per row (finding the nonzero ones
+    # would wait for the device), and the rule counts k_aux: dense while n_dead <= factor * k_aux.
+    av = torch.tensor([[0.5, 0.0], [0.0, 0.0], [0.25, 0.0]])
+    ai = torch.tensor([[3, 1], [0, 2], [1, 4]])
+    for n_dead, dense in ((2 * 4, True), (2 * 4 + 1, False)):
+        dead = torch.arange(10, 10 + n_dead)
+        vals, lat, rows = kernels._aux_form(av, ai, dead, None, 4.0, drop_zeros=False)
+        assert (rows is None) == dense, n_dead
+        if not dense:  # all B * k_aux entries, zeros included, row by row
+            assert torch.equal(vals, av.reshape(-1)) and torch.equal(lat, dead[ai.reshape(-1)])
+            assert torch.equal(rows, torch.tensor([0, 0, 1, 1, 2, 2]))
+    # With drop_zeros the same values give 2 entries (2 / 3 per row): dense only while n_dead <= 4 * 2 / 3.
+    vals, lat, rows = kernels._aux_form(av, ai, torch.arange(10, 15), None, 4.0, drop_zeros=True)
+    assert torch.equal(vals, torch.tensor([0.5, 0.25])) and torch.equal(rows, torch.tensor([0, 2]))
+    assert torch.equal(lat, torch.tensor([13, 11]))
+    # A factor of inf (benchmarks force the dense form so) is dense even with no nonzero value.
+    assert kernels._aux_form(torch.zeros(3, 2), ai, torch.arange(10, 19), None, float("inf"), True)[2] is None
     # Told the form, it keeps it.
     assert not sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=dead[:2], k_aux=k_aux, aux_dense=False).aux_dense
     assert sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=dead, k_aux=k_aux, aux_dense=True).aux_dense

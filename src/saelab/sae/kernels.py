@@ -315,8 +315,8 @@ def _aux_form(av_BA: torch.Tensor, ai_BA: torch.Tensor | None, dead_idx: torch.T
     # != 0 keeps a NaN (a non-finite input must reach the loss, which the trainer checks).
     pos = (av_BA != 0).view(-1).nonzero().squeeze(1) if drop_zeros else None
     if aux_dense is None:
-        per_row = (A if pos is None else pos.numel()) / max(B, 1)
-        aux_dense = n_dead <= dense_factor * per_row
+        per_row = A if pos is None else pos.numel() / max(B, 1)
+        aux_dense = dense_factor == float("inf") or n_dead <= dense_factor * per_row  # inf: dense even at 0
     if aux_dense:
         if ai_BA is None:
             return av_BA, dead_idx, None
