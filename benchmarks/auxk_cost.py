@@ -9,6 +9,11 @@ in the warm-up (ties in a seeded random order), ``--dead`` of them (fractions of
 
     python benchmarks/auxk_cost.py --n 8192 32768 --dead 0.03 0.1 0.24 --rounds 5
 
+What an AuxK step costs depends on how many of its values are nonzero (the line before each result
+says): a short warm-up makes latents "dead" that fired a few steps ago, whose AuxK values are often
+positive; after a warm-up as long as a run (``--warmup-steps 200`` on the quickstart's cache) the
+longest-silent latents are dead as in a real run, with a few nonzero values per row.
+
 Both kinds of step run the same code path (``TrainingRun.train_step``); only the dead mask
 differs. ``--kernels-from OLD/src/saelab/sae/kernels.py`` compares two versions of the kernels
 in the same process: each round times this saelab's and the other file's in turn, each first in
@@ -212,10 +217,26 @@ def measure(args: argparse.Namespace, reader: CacheReader, n: int) -> None:
                     aux.append(seconds)
                     losses.append(loss)
             variants["this"]()
+            per_row, dense = nonzero_aux_per_row(run, x, dead)
+            print(f"n={n:,} dead={int(dead.sum()):,}: {per_row:.1f} nonzero AuxK values per row; this saelab takes "
+                  f"the {'dense' if dense else 'entry'} form", flush=True)
             for name, (plain, aux, losses) in times.items():
                 report(n, dead, name if len(variants) > 1 else "", plain, aux, losses)
         if args.profile:
             profile_versions(args, run, variants, x, dead)
+
+
+def nonzero_aux_per_row(run, x: torch.Tensor, dead: torch.Tensor) -> tuple[float, bool]:
+    """The nonzero AuxK values per row of ``x`` at the dead set ``dead`` (they set AuxK's cost and form),
+    and whether this saelab takes the dense form there."""
+    from saelab.sae.kernels import sparse_topk_encode
+
+    sae = run.trainer.sae
+    with torch.no_grad():
+        x_n, _ = sae.normalize_input(x)
+        enc = sparse_topk_encode(x_n, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k,
+                                 dead_idx=dead.nonzero().squeeze(1), k_aux=run.trainer.cfg.k_aux)
+    return (enc.aux_vals_BA != 0).sum().item() / x.shape[0], enc.aux_dense
 
 
 def profile_versions(args: argparse.Namespace, run, variants: dict, x: torch.Tensor, dead: torch.Tensor) -> None:
