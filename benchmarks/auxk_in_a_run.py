@@ -39,7 +39,16 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="train options beside the recipe")
     ap.add_argument("--threads", type=int, default=2)
-    return ap.parse_args()
+    args = ap.parse_args()
+    if not (args.activations / "manifest.json").is_file():
+        ap.error(f"--activations {args.activations}: not an activation cache (no manifest.json); "
+                 "expected a folder `saelab harvest` wrote")
+    if args.baseline is not None and not (args.baseline / "saelab").is_dir():
+        ap.error(f"--baseline {args.baseline}: holds no saelab package; expected another checkout's src/")
+    bad = [o for o in args.set if "=" not in o or not o.split("=", 1)[0]]
+    if bad:
+        ap.error(f"--set {bad[0]}: expected OPTION=VALUE, e.g. n-latents=16384")
+    return args
 
 
 def train(src: Path, args: argparse.Namespace, out: Path) -> list[dict]:
@@ -48,7 +57,8 @@ def train(src: Path, args: argparse.Namespace, out: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "saelab", "train", "--activations", str(args.activations), "--out", str(out),
            "--device", "cpu", "--no-progress", "--log-every", "10", "--checkpoint-every", "100000", *options]
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(args.threads)}
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        sys.exit(f"auxk_in_a_run.py: `saelab train` of {src} failed (its error is above)")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
