@@ -525,6 +525,12 @@ def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsys):
     cfg.write_text(json.dumps({"train": {"recipe": "paper", "ema_decay": 0}}))
     paper = parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg)]).train
     assert paper.ema_decay is None and paper.changes_from_recipe() == {"ema_decay": None}
+    # A file's null is None, as the bare option gives it, not "no entry" (which left the recipe's value).
+    cfg.write_text(json.dumps({"train": {"recipe": "paper", "dead_tokens": None, "warmup_steps": None}}))
+    paper = parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg)]).train
+    assert (paper.dead_tokens, paper.warmup_steps) == (None, None)
+    paper = parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg), "--dead-tokens", "5000"]).train
+    assert (paper.dead_tokens, paper.warmup_steps) == (5000, None)  # typed still wins
 
 
 BAD_CONFIGS = [
@@ -721,6 +727,17 @@ def test_a_grid_typed_or_in_another_file_keeps_its_own_words(tmp_path, capsys):
             (["--config", str(grid), "--grid", "k=0"], "--grid k=0: must be an integer >= 1")):  # typed wins
         assert _exit_code([*argv, *extra]) == 2
         assert capsys.readouterr().err.strip() == f"saelab sweep: error: {message}"
+    # A refusal that opens with one file's entry (or a typed option) and names another file's: each its own.
+    arch, l1 = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    arch.write_text("train:\n  architecture: topk\n")
+    l1.write_text("train:\n  l1_coefficient: 3\n")
+    why = "relu (the relu-l1 recipe); a top-k SAE's sparsity is set by --k"
+    for extra, opening in ((["--config", str(arch), str(l1)], f"--config {l1}: train.l1_coefficient"),
+                           (["--config", str(l1), str(arch)], f"--config {l1}: train.l1_coefficient"),
+                           (["--config", str(arch), "--l1-coefficient", "3"], "--l1-coefficient")):
+        assert _exit_code(["train", "--activations", "a", "--out", "r", *extra]) == 2
+        assert capsys.readouterr().err.strip() == (f"saelab train: error: {opening}: applies only with "
+                                                   f"train.architecture (--config {arch}) {why}")
 
 
 @pytest.mark.parametrize("file,typed,message", [
@@ -1812,14 +1829,30 @@ def test_a_runs_train_config_as_config_trains_the_same_recipe(tmp_path, capsys):
     acts = tmp_path / "acts"
     write_activation_cache((torch.randn(512, 16) + 2).split(128), acts, meta={"hook_name": "h"}, progress=False)
     first = ["--recipe", "paper", "--ema-decay", "0", "--n-latents", "64", "-k", "4", "--batch-size", "64",
-             "--total-tokens", "256", "--k-aux", "8", "--lr", "0.003"]
+             "--total-tokens", "256", "--k-aux", "8", "--lr", "0.003", "--dead-tokens", "--warmup-steps"]
     assert main(["train", "--activations", str(acts), "--out", str(tmp_path / "a"), "--no-progress", *first]) == 0
     record = tmp_path / "a" / "train_config.json"
     assert main(["train", "--activations", str(acts), "--out", str(tmp_path / "b"), "--no-progress",
                  "--config", str(record)]) == 0, capsys.readouterr().err
     trained = [json.loads((tmp_path / run / "train_config.json").read_text())["train"] for run in "ab"]
     assert trained[0] == trained[1] and trained[1]["ema_decay"] is None and trained[1]["recipe"] == "paper"
+    assert trained[1]["dead_tokens"] is None and trained[1]["warmup_steps"] is None  # not the recipe's
     # Typed options still win over the record's.
     assert main(["train", "--activations", str(acts), "--out", str(tmp_path / "c"), "--no-progress",
                  "--config", str(record), "-k", "8"]) == 0
     assert json.loads((tmp_path / "c" / "train_config.json").read_text())["train"]["k"] == 8
+    # A sweep point whose grid turned AuxK off records a k_aux that acts on nothing: left aside, not refused.
+    assert main(["sweep", "--activations", str(acts), "--out", str(tmp_path / "sw"), "--n-latents", "64", "-k", "4",
+                 "--batch-size", "64", "--total-tokens", "256", "--k-aux", "8", "--grid", "auxk=true,false",
+                 "--no-progress"]) == 0
+    off = next(run for run in (tmp_path / "sw").iterdir() if run.is_dir() and "false" in run.name.lower())
+    assert main(["train", "--activations", str(acts), "--out", str(tmp_path / "d"), "--no-progress",
+                 "--config", str(off / "train_config.json")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "d" / "train_config.json").read_text())["train"]["auxk"] is False
+    # Verbs that would leave the record's model, hook and data aside refuse it in one line.
+    capsys.readouterr()
+    for argv in (["quickstart", "--out", str(tmp_path / "q")], ["eval", str(tmp_path / "a")]):
+        assert main([*argv, "--config", str(record)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--config {record}: a run's record of its settings" in err, err
+    assert not (tmp_path / "q").exists()

@@ -83,6 +83,7 @@ class Parser(ArgumentParser):
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._argv_seen = list(sys.argv[1:] if args is None else args)  # for error()
         self.config_entries = {}
+        self.config_nulls: dict[str, set[str]] = {}  # group: its fields a --config file set to null
         if self.check_words is not None and not {"-h", "--help"} & set(self._argv_seen):
             self.check_words(self, self._argv_seen)
         if self.add_config_path_arg:
@@ -96,9 +97,20 @@ class Parser(ArgumentParser):
             if any(word.startswith("-") for word in self._extras):  # a misspelling first: it may be the cause
                 self.error(f"unrecognized arguments: {' '.join(self._extras)}")
             raise ConfigError(self._in_given_words(str(e), getattr(e, "group", None))) from None
+        self._keep_config_nulls(parsed)
         # Read by given(); merged, as the verb's parser fills it before the top parser returns.
         parsed.given_as = {**getattr(parsed, "given_as", {}), **self._given_as()}
         return parsed, rest
+
+    def _keep_config_nulls(self, parsed: argparse.Namespace) -> None:
+        """A --config file's null for a setting, not typed over: None, as the bare option gives it. The parse
+        takes a group's null default for "no default", which left a recipe's value in its place."""
+        given = self._given_as()
+        for group, fields in self.config_nulls.items():
+            settings = getattr(parsed, group, None)
+            nulls = {f: None for f in fields if given.get(f"{group}.{f}", "").startswith("--config ")}
+            if dataclasses.is_dataclass(settings) and nulls:
+                setattr(parsed, group, dataclasses.replace(settings, **nulls))
 
     def _refuse_a_repeated_config(self) -> None:
         """--config given twice: simple_parsing reads it before the parse, keeping the last one's files
@@ -234,10 +246,12 @@ class Parser(ArgumentParser):
         groups = {w.dest: w.dataclass for w in self._wrappers}
         options = {a.dest: a for a in self._actions if a.option_strings and a.dest not in ("help", "debug")}
         kept = {}
-        for key, value in _run_record_as_settings(read_config_file(path), groups.get("train")).items():
+        for key, value in _run_record_as_settings(read_config_file(path), groups.get("train"), self.prog,
+                                                  path).items():
             where = f"--config {path}: {key}"
             if key in groups:
                 kept[key] = check_config_section(where, groups[key], value)
+                self.config_nulls.setdefault(key, set()).update(f for f, v in kept[key].items() if v is None)
                 self.config_entries.update({f"{key}.{str(field).replace('-', '_')}": f"{where}.{field}"
                                             for field in value})
             elif key in options:
@@ -256,16 +270,33 @@ class Parser(ArgumentParser):
         return kept
 
 
-def _run_record_as_settings(entries: dict[str, Any], train_settings: type | None) -> dict[str, Any]:
+RECORD_READERS = ("saelab train", "saelab sweep")
+"""The verbs that read a run's train_config.json as --config: they train on the --activations given."""
+
+
+def _run_record_as_settings(entries: dict[str, Any], train_settings: type | None, prog: str,
+                            path: Path) -> dict[str, Any]:
     """A run's ``train_config.json`` (its ``train`` settings beside the SAE's shape and its data) read as a
-    --config file of a verb that trains: the entries that give its training settings again
-    (``TrainConfig.entries_giving``); the SAE's shape and the data are the record's, not options. Any other
-    file as it is."""
+    --config file of `saelab train` or `saelab sweep`: the entries that give its training settings again
+    (``TrainConfig.entries_giving``), less those that act on nothing under its own settings (a k_aux with
+    AuxK off: a sweep's grid may have turned AuxK off); its SAE shape and data are the record's, not
+    options. Any other file as it is."""
     sae = entries.get("sae")
-    is_record = isinstance(entries.get("train"), dict) and isinstance(sae, dict) and "d_in" in sae
-    if not is_record or not hasattr(train_settings, "entries_giving"):
+    if not (isinstance(entries.get("train"), dict) and isinstance(sae, dict) and "d_in" in sae):
         return entries
-    return {"train": train_settings.entries_giving(entries["train"])}
+    if prog not in RECORD_READERS or not hasattr(train_settings, "entries_giving"):
+        raise ConfigError(f"--config {path}: a run's record of its settings; `saelab train` and `saelab sweep` "
+                          f"read it, training on the --activations given, while `{prog}` would leave its model, "
+                          "hook and data aside; expected option groups such as {\"train\": {\"k\": 64}}")
+    from saelab.cli.jobs import APPLIES_ONLY_WITH  # here: jobs builds on this module
+
+    given = train_settings.entries_giving(entries["train"])
+    try:
+        settings = {**train_settings.from_recipe(given["recipe"]).to_dict(), **entries["train"]}
+        unused = {field for fields, applies, _ in APPLIES_ONLY_WITH if not applies(settings) for field in fields}
+    except (ConfigError, KeyError, TypeError):  # an unknown recipe or setting: refused as the file's entry
+        unused = set()
+    return {"train": {field: value for field, value in given.items() if field not in unused}}
 
 
 def _as_typed(action: argparse.Action, value: Any, where: str) -> Any:
@@ -573,12 +604,20 @@ def in_given_words(message: str, how: dict[str, str],
     files: dict[str, str] = {}  # the file of each entry named
     reworded = _in_given_words(message, lead, how, otherwise, files, several=False)
     named = {file for file in files.values() if file}
-    if len(named) > 1:  # one file at the front would blame it for the others' entries
+    opening = _OPENING_ENTRY_RE.match(message)  # an option typed, or a file's entry, at the front already
+    opened_by = (None if opening is None or opening[1] in how  # (an option given otherwise is reworded)
+                 else opening[1] if opening[1].startswith("--config ") else "")
+    if len(named) > 1 or (opened_by is not None and named - {opened_by}):
+        # one file at the front would blame it for the others' entries: each entry followed by its own
         return _in_given_words(message, lead, how, otherwise, {}, several=True)
     if not named:
         return reworded
     file = named.pop()  # at the front once: the message may open with that file's entry already
     return reworded if reworded.startswith(f"{file}: ") else f"{file}: {reworded}"
+
+
+# A refusal that opens with the entry it is about, as given: "--l1-coefficient: ...", "--config b.yaml: ...".
+_OPENING_ENTRY_RE = re.compile(r"^(--config \S+|--?[\w-]+): ")
 
 
 def grid_entry(words: str | None) -> str | None:

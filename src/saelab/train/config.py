@@ -124,15 +124,12 @@ class TrainConfig:
     @classmethod
     def entries_giving(cls, recorded: dict[str, Any]) -> dict[str, Any]:
         """A run's recorded settings (``to_dict``) as the option entries that give them again: its recipe and
-        the settings that differ from the recipe's, an ``ema_decay`` of None as 0 (None would leave the
-        recipe's average on). A recipe or setting this version does not know is kept, to be refused."""
+        the settings that differ from the recipe's. A recipe or setting this version does not know is kept,
+        to be refused."""
         if recorded.get("recipe", "short-run") not in RECIPES:
             return dict(recorded)
         base = asdict(cls.from_recipe(recorded.get("recipe", "short-run")))
-        entries = {k: v for k, v in recorded.items() if k == "recipe" or k not in base or base[k] != v}
-        if "ema_decay" in entries and entries["ema_decay"] is None:
-            entries["ema_decay"] = 0
-        return entries
+        return {k: v for k, v in recorded.items() if k == "recipe" or k not in base or base[k] != v}
 
     def changes_from_recipe(self) -> dict[str, Any]:
         """Settings that differ from this config's recipe (what a report prints beside its name)."""
