@@ -749,7 +749,7 @@ def _naming_quickstart_cache(run_dir: Path):
 
 
 def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, overwrite: bool,
-                        progress: bool, texts: TextsReadOnce | None) -> ActivationCache:
+                        progress: bool, texts: TextsReadOnce | None = None) -> ActivationCache:
     with _naming_quickstart_cache(run_dir):
         return harvest(cfg, run_dir / ACTIVATIONS_DIR, lm=lm, overwrite=overwrite, progress=progress,
                        overwrite_option="--overwrite-activations", texts=texts)
