@@ -290,13 +290,13 @@ def _run_record_as_settings(entries: dict[str, Any], train_settings: type | None
                           "hook and data aside; expected option groups such as {\"train\": {\"k\": 64}}")
     from saelab.cli.jobs import APPLIES_ONLY_WITH  # here: jobs builds on this module
 
-    given = train_settings.entries_giving(entries["train"])
+    giving = train_settings.entries_giving(entries["train"])
     try:
-        settings = {**train_settings.from_recipe(given["recipe"]).to_dict(), **entries["train"]}
+        settings = {**train_settings.from_recipe(giving["recipe"]).to_dict(), **entries["train"]}
         unused = {field for fields, applies, _ in APPLIES_ONLY_WITH if not applies(settings) for field in fields}
     except (ConfigError, KeyError, TypeError):  # an unknown recipe or setting: refused as the file's entry
         unused = set()
-    return {"train": {field: value for field, value in given.items() if field not in unused}}
+    return {"train": {field: value for field, value in giving.items() if field not in unused}}
 
 
 def _as_typed(action: argparse.Action, value: Any, where: str) -> Any:
