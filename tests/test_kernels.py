@@ -321,3 +321,33 @@ def test_auxk_with_every_value_clipped_decodes_to_zero():
     ref = (z_ref @ W_dec - x).pow(2).sum()
     for g, rg in zip(torch.autograd.grad(loss, (W, b, b_dec, W_dec)), torch.autograd.grad(ref, (W, b, b_dec, W_dec))):
         assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("one_dead_wins", [False, True])
+def test_main_topk_with_dead_latents_below_every_kth_live_value(one_dead_wins):
+    """Dead latents whose pre-activations stay below each row's k-th live one (as latents dead for a
+    whole window do): the main top-k is the dense one, of live latents only; a single dead
+    pre-activation above it in one row is selected there."""
+    torch.manual_seed(0)
+    B, D, n, k, k_aux = 24, 8, 60, 4, 6
+    x = torch.randn(B, D, dtype=torch.float64)
+    W = torch.randn(D, n, dtype=torch.float64)
+    b = torch.zeros(n, dtype=torch.float64)
+    dead = torch.arange(0, n, 5)
+    b[dead] = -50.0  # below any live pre-activation
+    if one_dead_wins:
+        b[dead[3]] = 0.0
+        x[7] = 10 * W[:, dead[3]] / W[:, dead[3]].norm()  # row 7 points along that dead latent's column
+    W.requires_grad_(), b.requires_grad_()
+    b_dec = torch.zeros(D, dtype=torch.float64, requires_grad=True)
+    out = sparse_topk_encode(x, b_dec, W, b, k, dead_idx=dead, k_aux=k_aux, chunk_rows=8)
+    z_ref, za_ref = _dense_reference(x, b_dec, W, b, k, dead, k_aux)
+    z = _densify(out.vals_BK, out.idx_BK, n)
+    assert torch.allclose(z, z_ref, atol=1e-12)
+    assert bool((z[7, dead[3]] > 0)) == one_dead_wins
+    assert torch.allclose(_densify_aux(out, n), za_ref, atol=1e-12)
+    proj = torch.randn(n, 3, dtype=torch.float64)
+    loss = (z @ proj).pow(2).sum() + (_densify_aux(out, n) @ proj).sin().sum()
+    ref = (z_ref @ proj).pow(2).sum() + (za_ref @ proj).sin().sum()
+    for g, rg in zip(torch.autograd.grad(loss, (W, b, b_dec)), torch.autograd.grad(ref, (W, b, b_dec))):
+        assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12)
