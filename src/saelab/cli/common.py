@@ -97,15 +97,16 @@ class Parser(ArgumentParser):
             if any(word.startswith("-") for word in self._extras):  # a misspelling first: it may be the cause
                 self.error(f"unrecognized arguments: {' '.join(self._extras)}")
             raise ConfigError(self._in_given_words(str(e), getattr(e, "group", None))) from None
-        self._keep_config_nulls(parsed)
+        given = self._given_as()
+        self._keep_config_nulls(parsed, given)
         # Read by given(); merged, as the verb's parser fills it before the top parser returns.
-        parsed.given_as = {**getattr(parsed, "given_as", {}), **self._given_as()}
+        parsed.given_as = {**getattr(parsed, "given_as", {}), **given}
         return parsed, rest
 
-    def _keep_config_nulls(self, parsed: argparse.Namespace) -> None:
-        """A --config file's null for a setting, not typed over: None, as the bare option gives it. The parse
-        takes a group's null default for "no default", which left a recipe's value in its place."""
-        given = self._given_as()
+    def _keep_config_nulls(self, parsed: argparse.Namespace, given: dict[str, str]) -> None:
+        """A --config file's null for a setting, not typed over (``given``: _given_as): None, as the bare
+        option gives it. The parse takes a group's null default for "no default", which left a recipe's
+        value in its place."""
         for group, fields in self.config_nulls.items():
             settings = getattr(parsed, group, None)
             nulls = {f: None for f in fields if given.get(f"{group}.{f}", "").startswith("--config ")}

@@ -313,7 +313,7 @@ def _aux_form(av_BA: torch.Tensor, ai_BA: torch.Tensor | None, dead_idx: torch.T
     B, A = av_BA.shape
     n_dead = dead_idx.numel()
     # != 0 keeps a NaN (a non-finite input must reach the loss, which the trainer checks).
-    pos = (av_BA != 0).view(-1).nonzero().squeeze(1) if drop_zeros else None
+    pos = (av_BA != 0).view(-1).nonzero().squeeze(1) if drop_zeros and aux_dense is not True else None
     if aux_dense is None:
         per_row = A if pos is None else pos.numel() / max(B, 1)
         aux_dense = dense_factor == float("inf") or n_dead <= dense_factor * per_row  # inf: dense even at 0
