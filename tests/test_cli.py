@@ -1,9 +1,14 @@
 """Every verb's --help works, and bad options end in one line `saelab VERB: error: ...` naming the
 option, exit status 2, no traceback, before any model loads or folder is created."""
 
+import hashlib
+import http.server
 import json
 import os
 import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -1724,6 +1729,72 @@ def test_eval_suite_paper_refuses_a_short_eval_corpus_before_the_model_loads(gpt
                                                      "checkpoint series is known for model"),
         ([*paper, *fits, "--probe-contexts", "11"], "cannot load model directory")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "model", "s.yaml", "sae"]
+
+
+class _HubMirror:
+    """A Hugging Face hub mirror on 127.0.0.1 (for HF_ENDPOINT) serving the files of ``folder`` as the model
+    repository ``repo``, with the headers huggingface_hub reads; each request is recorded as "METHOD PATH"."""
+
+    def __init__(self, repo: str, folder: Path):
+        self.prefix, self.folder, self.requests = f"/{repo}/resolve/main/", folder, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                outer.answer(self, with_body=False)
+
+            def do_GET(self):
+                outer.answer(self, with_body=True)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, h, with_body: bool) -> None:
+        self.requests.append(f"{h.command} {h.path}")
+        file = self.folder / h.path.removeprefix(self.prefix) if h.path.startswith(self.prefix) else None
+        if file is None or not file.is_file():  # the hub's answer for a file (or API route) it lacks
+            h.send_response(404)
+            h.send_header("X-Error-Code", "EntryNotFound")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        data = file.read_bytes()
+        h.send_response(200)
+        h.send_header("X-Repo-Commit", "0" * 40)
+        h.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if with_body:
+            h.wfile.write(data)
+
+
+def test_eval_suite_paper_refuses_a_short_corpus_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path):
+    """A hub model not yet downloaded has no tokenizer on disk: `eval --suite paper` refused a short corpus only
+    after downloading and loading the weights. Now its tokenizer comes first, alone, and the corpus is refused
+    before any weights file is asked for (the mirror holds none: a load reads "cannot load model")."""
+    model = _config_only_model(tmp_path / "mirror")
+    gpt2_tokenizer.save_pretrained(model)
+    _save_saes(tmp_path, "org/tiny-gpt2", ("sae", 64))
+    (tmp_path / "c.txt").write_text("The cat sat on the mat. " * 50, encoding="utf-8")  # 11 contexts of 32
+    hub = _HubMirror("org/tiny-gpt2", model)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.run([sys.executable, "-m", "saelab", "eval", "sae", "--suite", "paper", "--out", "ev",
+                           "--corpus", "c.txt", "--metrics", "core", "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr == (
+        "saelab eval: error: --corpus 'c.txt' holds 351 tokens, too few for the paper suite (--recon-tokens 32,768 "
+        "and --downstream-tokens 16,384: 1,058 contexts of 32, 32,798 tokens of text); expected a corpus of at "
+        "least 32,798 tokens, or --recon-tokens and --downstream-tokens <= 341\n"), proc.stderr
+    assert f"GET {hub.prefix}tokenizer.json" in hub.requests  # the tokenizer came from the mirror
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    assert not [r for r in hub.requests if r.endswith(weights)], hub.requests
+    assert not (tmp_path / "ev").exists()
 
 
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -151,7 +151,7 @@ def test_hub_checkpoints_load_through_load_model_with_their_revision(monkeypatch
     # load_model hands the revision to from_pretrained for hub ids, and refuses it for local files.
     seen = []
 
-    def fake_load_dir(path, dtype, **kw):
+    def fake_load_dir(path, dtype, tokenizer=None, **kw):
         seen.append((path, kw))
         raise OSError("offline")
     monkeypatch.setattr(loading, "_load_dir", fake_load_dir)

@@ -29,7 +29,7 @@ from saelab.evals.n2g import N2GConfig, check_latents
 from saelab.evals.suite import (PaperSuiteConfig, check_suite_applies, longest_n_future, read_suite_contexts,
                                 run_paper_suite)
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
-                           model_provenance, tokenizer_on_disk)
+                           model_provenance, tokenizer_before_load, tokenizer_on_disk)
 from saelab.models.lm import bos_token_id
 from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
@@ -600,13 +600,14 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     check_before_load(spec, sae.cfg.hook_name, eval_cfg.context_size, sae.cfg.context_size)
     cfg, T = cfg or PaperSuiteConfig(), eval_cfg.context_size or sae.cfg.context_size
     check_suite_applies(sae, model_name(spec), cfg, eval_cfg, T)
-    tokenizer = None if isinstance(spec, LanguageModel) else tokenizer_on_disk(spec)
+    # A hub model's tokenizer is fetched alone, so that a short corpus is refused before its weights download.
+    tokenizer = None if isinstance(spec, LanguageModel) else tokenizer_before_load(spec)
     tokens = None if tokenizer is None else read_suite_contexts(  # a short corpus refused before the load
         sae, model_name(spec), cfg, eval_cfg, tokenizer, bos_token_id(tokenizer), T)
     # Into a run folder: its lock, as evaluate_run holds it (a retraining meanwhile would mix two SAEs' files).
     lock = RunLock(run).acquire() if out is run else None
     try:
-        lm = load_model(spec, device=device, dtype=model_dtype)
+        lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer)  # not read again
         sae = _beside_model(sae, lm, given=False)
         index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg,
                                 overwrite=overwrite, progress=progress, tokens=tokens)

@@ -21,6 +21,7 @@ from saelab.models.loading import (
     model_name,
     model_provenance,
     save_dequantized,
+    tokenizer_before_load,
     tokenizer_on_disk,
 )
 
@@ -40,5 +41,6 @@ __all__ = [
     "model_name",
     "model_provenance",
     "save_dequantized",
+    "tokenizer_before_load",
     "tokenizer_on_disk",
 ]

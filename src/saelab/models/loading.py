@@ -130,10 +130,11 @@ def save_dequantized(model: torch.nn.Module, tokenizer, dest: str | os.PathLike)
     return dest
 
 
-def _load_dir(path: str | os.PathLike, dtype: torch.dtype, **kwargs):
+def _load_dir(path: str | os.PathLike, dtype: torch.dtype, tokenizer=None, **kwargs):
+    """The model at ``path`` and its tokenizer (``tokenizer`` when read already, else read here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return model, tokenizer
 
@@ -184,12 +185,23 @@ def model_name(spec: str | LanguageModel) -> str:
     return spec
 
 
+def _names_a_path(spec: str) -> bool:
+    """Whether ``spec`` is written as a path (so names no hub id), whether or not it exists."""
+    return spec.endswith(".gguf") or spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
+
+
+def _is_hub_id(spec: str) -> bool:
+    """Whether ``load_model`` reads ``spec`` from the Hugging Face hub (or its local cache)."""
+    return spec != DEFAULT_MODEL and not Path(spec).expanduser().exists() and not _names_a_path(spec)
+
+
 def load_model(
     spec: str | LanguageModel = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
     cache: bool = True,
     revision: str | None = None,
+    tokenizer=None,
 ) -> LanguageModel:
     """Load a causal LM as a ``LanguageModel``.
 
@@ -202,6 +214,8 @@ def load_model(
     ``lm.name`` is ``spec`` itself ("default", the hub id) or the absolute path for local files,
     so it can be passed back to ``load_model``. A ``LanguageModel`` is returned as it is (callers
     take a model or its spec). ``device``: None = CUDA when available, else the CPU.
+    ``tokenizer``: the model's own read already (:func:`tokenizer_before_load`), used rather than read again
+    from a model folder or the hub.
     """
     if isinstance(spec, LanguageModel):
         return spec
@@ -219,18 +233,19 @@ def load_model(
         model, tokenizer = _load_gguf(local, dtype, cache)
     elif local.is_dir():
         try:
-            model, tokenizer = _load_dir(local, dtype)
+            model, tokenizer = _load_dir(local, dtype, tokenizer)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load model directory {local}: {first_line(err)}") from err
     elif local.exists():
         raise ModelLoadError(f"model spec {spec!r} is a file but not a .gguf file")
-    elif spec.endswith(".gguf") or spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+    elif _names_a_path(spec):
         raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
     else:
         offline = hub.hub_unreachable_reason()
         local_only = {"local_files_only": True} if offline else {}
         try:
-            model, tokenizer = _load_dir(spec, dtype, **local_only, **({"revision": revision} if revision else {}))
+            model, tokenizer = _load_dir(spec, dtype, tokenizer, **local_only,
+                                         **({"revision": revision} if revision else {}))
         except (OSError, ValueError) as err:
             at = f" at revision {revision!r}" if revision else ""
             if offline:
@@ -288,6 +303,21 @@ def tokenizer_on_disk(spec: str | LanguageModel):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception:  # any failure only defers the check: the load names what is wrong
+        return None
+
+
+def tokenizer_before_load(spec: str | LanguageModel):
+    """``spec``'s tokenizer without its weights: :func:`tokenizer_on_disk`'s, else a hub model's own, its
+    small files fetched ahead of the (large) weights; None when it comes only with the load (a .gguf file
+    not yet dequantized) or cannot be had (the load then names why). ``load_model(tokenizer=...)`` takes it."""
+    tokenizer = tokenizer_on_disk(spec)
+    if tokenizer is not None or not _is_hub_id(spec):
+        return tokenizer
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(spec, **hub.hub_kwargs())
     except Exception:  # any failure only defers the check: the load names what is wrong
         return None
 
