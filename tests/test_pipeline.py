@@ -647,7 +647,7 @@ def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_d
     evaluation, a damaged file, a retrained SAE) it keeps density.png and says why in one line."""
     from saelab.report import density_histogram
     from saelab.run_folder import write_latent_frequencies
-    from saelab.sae import save_sae
+    from saelab.sae.io import write_sae  # as a retraining writes sae/ (save_sae refuses a run's)
 
     run, metrics = _evaluated_run(capsys, tiny_dir, data_dir, tmp_path)
     saved = read_latent_frequencies(run)
@@ -691,7 +691,7 @@ def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_d
     sae = load_sae(run / "sae")
     with torch.no_grad():
         sae.b_dec += 1  # the SAE changed since its evaluation
-    save_sae(sae, run / "sae")
+    write_sae(sae, run / "sae")
     not_redrawn("metrics.json describes other SAE weights than sae/ (the SAE changed since)")
     assert "latent density" not in (run / "report.md").read_text()
 
@@ -750,7 +750,7 @@ def test_eval_of_a_run_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, capsys,
     import saelab.report.markdown
     import saelab.run_folder
     from saelab.run_folder import sae_sha256
-    from saelab.sae import save_sae
+    from saelab.sae.io import write_sae  # as a retraining writes sae/ (save_sae refuses a run's)
 
     run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
     hashes = _counting(monkeypatch, "sae_sha256", saelab.pipeline, saelab.run_folder, saelab.report.markdown)
@@ -763,7 +763,7 @@ def test_eval_of_a_run_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, capsys,
     sae = load_sae(run / "sae")
     with torch.no_grad():
         sae.b_dec += 1  # metrics.json now describes other weights: checked, then evaluated again
-    save_sae(sae, run / "sae")
+    write_sae(sae, run / "sae")
     hashes.clear()
     _, changed = run_cli(capsys, "eval", str(run), *small_eval)
     assert len(hashes) == 1
@@ -798,7 +798,7 @@ def test_eval_of_a_sweep_hashes_and_loads_each_sae_once(tiny_dir, data_dir, tmp_
     report share the digest and the SAE, whether the run is evaluated, kept, or evaluated again after its
     weights changed."""
     from saelab.run_folder import sae_sha256
-    from saelab.sae import save_sae
+    from saelab.sae.io import write_sae  # as a retraining writes sae/ (save_sae refuses a run's)
 
     acts, small_eval = _harvested(capsys, tiny_dir, data_dir, tmp_path)
     sweep = tmp_path / "sweep"
@@ -810,7 +810,7 @@ def test_eval_of_a_sweep_hashes_and_loads_each_sae_once(tiny_dir, data_dir, tmp_
     sae = load_sae(sweep / "k4" / "sae")
     with torch.no_grad():
         sae.b_dec += 1  # its metrics.json now describes other weights: checked, then evaluated again
-    save_sae(sae, sweep / "k4" / "sae")
+    write_sae(sae, sweep / "k4" / "sae")
     hashes.clear()
     loads.clear()
     _, out = run_cli(capsys, "eval", str(sweep), *small_eval)
@@ -826,7 +826,7 @@ def test_sweep_eval_hashes_each_sae_once_for_its_evaluation_and_scaling_study(ti
     the evaluation hashed it is hashed again, so its stale metrics.json is still left out."""
     from saelab.report import write_scaling_report
     from saelab.run_folder import SaeHashes, sae_sha256
-    from saelab.sae import save_sae
+    from saelab.sae.io import write_sae  # as a retraining writes sae/ (save_sae refuses a run's)
 
     acts, small_eval = _harvested(capsys, tiny_dir, data_dir, tmp_path)
     eval_options = [a.replace("--", "--eval-", 1) for a in small_eval[:-1]]  # --corpus X -> --eval-corpus X
@@ -848,7 +848,7 @@ def test_sweep_eval_hashes_each_sae_once_for_its_evaluation_and_scaling_study(ti
     sae = load_sae(sweep / "k4" / "sae")
     with torch.no_grad():
         sae.b_dec += 1  # after the evaluation hashed it: metrics.json now describes other weights
-    save_sae(sae, sweep / "k4" / "sae")
+    write_sae(sae, sweep / "k4" / "sae")
     hashes.clear()
     assert write_scaling_report(sweep, sae_hashes=kept)["other_weights"] == ["k4"]
     assert hashes == [sae_sha256(load_sae(sweep / "k4" / "sae"))]  # k8's kept digest still holds

@@ -841,3 +841,28 @@ def test_two_looks_at_a_free_folder_see_no_writer(tmp_path):
                               text=True).stdout.strip() == f"pid {os.getpid()}"
     finally:
         lock.release()
+
+
+def test_save_sae_refuses_a_run_folder_and_its_sae_folder(tmp_path):
+    """The run's training is the one writer of its folder: saving another SAE into RUN mixed it with the
+    run's results, and into RUN/sae replaced the run's SAE under its config and log. Both are refused in
+    one line, nothing written; a retraining of the run (--overwrite) still writes its sae/."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae, save_sparsify
+
+    run = tmp_path / "run"
+    train_sae(_cfg(), _source(_data()), run, d_in=D, progress=False, device="cpu")
+    before = snapshot(run)
+    other = TopKSAE(SAEConfig(d_in=D, n_latents=32, k=2))
+    refusals = {run: f"{run} is a run folder (train_config.json): saving an SAE there would mix it with the run's "
+                     "results; pick another folder",
+                run / "sae": f"{run / 'sae'} is the SAE of the run {run}: saving there would make the run describe "
+                             "another SAE; pick another folder"}
+    for folder, message in refusals.items():
+        for save in (save_sae, save_sparsify):
+            with pytest.raises(ConfigError) as refused:
+                save(other, folder)
+            assert str(refused.value) == message
+    assert snapshot(run) == before
+    assert save_sae(other, tmp_path / "elsewhere") == tmp_path / "elsewhere"  # another folder is the way on
+    train_sae(_cfg(k=8), _source(_data()), run, d_in=D, progress=False, device="cpu", overwrite=True)
+    assert json.loads((run / "sae" / "cfg.json").read_text())["k"] == 8

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saelab.errors import CheckpointError, ConfigError
+from saelab.sae.io import SAE_DIR, TRAIN_CONFIG  # defined where saving refuses a run's folders
 from saelab.utils.atomic import SET_ASIDE
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
 
@@ -42,11 +43,9 @@ if TYPE_CHECKING:
     import torch
 
 ACTIVATIONS_DIR = "activations"
-TRAIN_CONFIG = "train_config.json"
 CHECKPOINT = "checkpoint.pt"
 STATUS = "status.json"
 TRAINING_LOG = "metrics.jsonl"
-SAE_DIR = "sae"
 EVAL_METRICS = "metrics.json"
 DENSITY_PLOT = "density.png"
 LATENT_FREQUENCIES = "latent_frequencies.safetensors"

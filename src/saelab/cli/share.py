@@ -11,8 +11,7 @@ from typing import Any
 
 from saelab.cli.common import DTYPES, add_io_options
 from saelab.errors import ConfigError
-from saelab.run_folder import (SAE_DIR, TRAIN_CONFIG, check_output_folder, check_sae_hook, model_for, names_a_model,
-                               open_sae)
+from saelab.run_folder import check_output_folder, check_sae_hook, model_for, names_a_model, open_sae
 
 
 def add_export(sub) -> None:
@@ -66,11 +65,11 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_export_folder(out: Path) -> Path:
-    """A new or empty folder, or one that holds an SAE: never a folder of other files, nor a run's own SAE."""
+    """A new or empty folder, or one that holds an SAE: never a folder of other files, a run folder or its SAE."""
+    from saelab.sae.io import refuse_a_run_folder
+
     check_output_folder(out, "OUT")
-    if (out.parent / TRAIN_CONFIG).is_file() and out.name == SAE_DIR:
-        raise ConfigError(f"OUT {out} is the SAE of the run {out.parent}: an export there would make the run "
-                          "describe another SAE; pick another folder")
+    refuse_a_run_folder(out, f"OUT {out}")
     if out.is_dir() and any(out.iterdir()) and not (out / "cfg.json").is_file():
         raise ConfigError(f"OUT {out} holds other files; expected a new or empty folder")
     return out

@@ -67,6 +67,12 @@ HF_PREFIX = "hf://"
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+TRAIN_CONFIG = "train_config.json"
+SAE_DIR = "sae"
+"""What marks a run folder (``saelab train --out RUN``), and where its SAE is: here, below
+:mod:`saelab.run_folder` (which lists a run's other files), so that saving can refuse both."""
+
+
 def save_sae(
     sae: TopKSAE,
     folder: str | os.PathLike,
@@ -80,8 +86,22 @@ def save_sae(
     ``sparsity_log10`` (one value per latent) goes to ``sparsity.safetensors``. ``extra_files`` maps plain file
     names to bytes, text, or JSON-able dicts/lists (e.g. a training config) written beside the weights; both
     exist only in the SAELens layout. Files are written atomically and ``cfg.json`` last, so a folder with
-    ``cfg.json`` is complete.
+    ``cfg.json`` is complete. A run folder and its ``sae/`` are refused (:func:`refuse_a_run_folder`).
     """
+    refuse_a_run_folder(folder, str(folder))
+    return write_sae(sae, folder, format=format, sparsity_log10=sparsity_log10, extra_files=extra_files)
+
+
+def write_sae(
+    sae: TopKSAE,
+    folder: str | os.PathLike,
+    *,
+    format: str = "saelens",
+    sparsity_log10: torch.Tensor | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
+    """:func:`save_sae` without its refusal of run folders: for a run's training alone, the one writer of
+    the run's ``sae/``."""
     if format not in SAVE_FORMATS:
         raise ConfigError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
     _check_save_folder(folder)
@@ -109,6 +129,18 @@ def _drop_other_layout(folder: Path, written: str) -> Path:
     return folder
 
 
+def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
+    """Refuse a run folder and its ``sae/``, ``named`` as the caller's input: the run's training is their one
+    writer, and another SAE there would be taken for the one the run's config, log and evaluation describe."""
+    path = Path(folder).resolve()  # "." inside a run's sae/ is that folder too
+    if (path / TRAIN_CONFIG).is_file():
+        raise ConfigError(f"{named} is a run folder ({TRAIN_CONFIG}): saving an SAE there would mix it with the "
+                          "run's results; pick another folder")
+    if path.name == SAE_DIR and (path.parent / TRAIN_CONFIG).is_file():
+        raise ConfigError(f"{named} is the SAE of the run {path.parent}: saving there would make the run describe "
+                          "another SAE; pick another folder")
+
+
 def _check_save_folder(folder: str | os.PathLike) -> None:
     if Path(folder).exists() and not Path(folder).is_dir():
         raise ConfigError(f"{folder}: exists and is not a folder; expected a folder to save the SAE in")
@@ -122,7 +154,9 @@ def _refuse_relu_in_sparsify(sae: TopKSAE) -> None:
 def save_sparsify(saes: TopKSAE | Mapping[str, TopKSAE], folder: str | os.PathLike, *,
                   family: str | None = None) -> Path:
     """Write one SAE as a sparsify SAE folder, or SAEs keyed by hook name as a sparsify trainer's folder
-    (one subfolder per hookpoint, ``layers.9`` etc.; ``family`` as in ``write_sparsify_hookpoints``)."""
+    (one subfolder per hookpoint, ``layers.9`` etc.; ``family`` as in ``write_sparsify_hookpoints``).
+    A run folder and its ``sae/`` are refused, as by :func:`save_sae`."""
+    refuse_a_run_folder(folder, str(folder))
     _check_save_folder(folder)
     if isinstance(saes, TopKSAE):
         _refuse_relu_in_sparsify(saes)

@@ -488,12 +488,12 @@ class TrainingRun:
         self._status("failed", step=self.saved_step, train_seconds=self.saved_seconds, error=first_line(err))
 
     def finish(self) -> TopKSAE:
-        from saelab.sae.io import save_sae  # lazy: io pulls safetensors
+        from saelab.sae.io import write_sae  # lazy: io pulls safetensors
 
         self.checkpoint()
         final = self.trainer.final_sae()
         if self.writer:
-            save_sae(final, self.run_dir / SAE_DIR)
+            write_sae(final, self.run_dir / SAE_DIR)  # the run's one writer: save_sae refuses a run's sae/
         self._status("finished")
         self.finished = True
         return final
