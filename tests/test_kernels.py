@@ -81,7 +81,8 @@ def test_wide_encode_matches_torch_topk(n, k, dead_count, sorted_out, ties, devi
 
 
 @pytest.mark.parametrize("aux_dense", [False, True])
-def test_non_finite_input_gives_non_finite_values_with_auxk(aux_dense):
+@pytest.mark.parametrize("k_aux", [4, 20])  # 20: AuxK keeps every dead latent, with no top-k
+def test_non_finite_input_gives_non_finite_values_with_auxk(aux_dense, k_aux):
     """A NaN or inf in the input makes its row's pre-activations non-finite, padding columns of the
     live and dead blocks included (0 * inf is NaN): the kept values must come out non-finite (which
     the trainer turns into NonFiniteError), not an out-of-range latent index."""
@@ -90,7 +91,7 @@ def test_non_finite_input_gives_non_finite_values_with_auxk(aux_dense):
     x = torch.randn(4, D)
     x[1, 2], x[2, 0] = float("nan"), float("inf")
     dead_idx = torch.arange(0, n, 7)  # 15 dead: both blocks have padding columns
-    out = sparse_topk_encode(x, torch.zeros(D), torch.randn(D, n), torch.zeros(n), 5, dead_idx=dead_idx, k_aux=4,
+    out = sparse_topk_encode(x, torch.zeros(D), torch.randn(D, n), torch.zeros(n), 5, dead_idx=dead_idx, k_aux=k_aux,
                              aux_dense=aux_dense)
     assert out.idx_BK.max() < n and out.idx_BK.min() >= 0
     assert (~out.vals_BK[1:3].isfinite()).any(dim=1).all() and out.vals_BK[[0, 3]].isfinite().all()
@@ -102,9 +103,10 @@ def test_non_finite_input_gives_non_finite_values_with_auxk(aux_dense):
 @pytest.mark.parametrize("aux_dense", [False, True, None])
 @pytest.mark.parametrize("sorted_out", [False, True])
 @pytest.mark.parametrize("latent_major", [False, True])
-def test_sparse_encode_matches_dense_autograd(chunk_rows, dead, aux_dense, sorted_out, latent_major):
+@pytest.mark.parametrize("k_aux", [5, 30])  # 30: most rows' positive dead values fit, AuxK needs no top-k there
+def test_sparse_encode_matches_dense_autograd(chunk_rows, dead, aux_dense, sorted_out, latent_major, k_aux):
     torch.manual_seed(0)
-    B, D, n, k, k_aux = 37, 12, 50, 6, 5
+    B, D, n, k = 37, 12, 50, 6
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     b_dec = torch.randn(D, dtype=torch.float64, requires_grad=True)
     W = torch.randn(D, n, dtype=torch.float64)
@@ -239,17 +241,19 @@ def test_aux_form_is_chosen_by_size():
     ai = torch.tensor([[3, 1], [0, 2], [1, 4]])
     for n_dead, dense in ((2 * 4, True), (2 * 4 + 1, False)):
         dead = torch.arange(10, 10 + n_dead)
-        vals, lat, rows = kernels._aux_form(av, ai, dead, None, 4.0, drop_zeros=False)
+        vals, lat, rows = kernels._aux_form([(av, ai)], dead, 3, None, 4.0, entries=False)
         assert (rows is None) == dense, n_dead
         if not dense:  # all B * k_aux entries, zeros included, row by row
             assert torch.equal(vals, av.reshape(-1)) and torch.equal(lat, dead[ai.reshape(-1)])
             assert torch.equal(rows, torch.tensor([0, 0, 1, 1, 2, 2]))
     # With drop_zeros the same values give 2 entries (2 / 3 per row): dense only while n_dead <= 4 * 2 / 3.
-    vals, lat, rows = kernels._aux_form(av, ai, torch.arange(10, 15), None, 4.0, drop_zeros=True)
+    nonzero = [kernels._nonzero_entries(av, ai)]
+    vals, lat, rows = kernels._aux_form(nonzero, torch.arange(10, 15), 3, None, 4.0, entries=True)
     assert torch.equal(vals, torch.tensor([0.5, 0.25])) and torch.equal(rows, torch.tensor([0, 2]))
     assert torch.equal(lat, torch.tensor([13, 11]))
     # A factor of inf (benchmarks force the dense form so) is dense even with no nonzero value.
-    assert kernels._aux_form(torch.zeros(3, 2), ai, torch.arange(10, 19), None, float("inf"), True)[2] is None
+    none = [kernels._nonzero_entries(torch.zeros(3, 2), ai)]
+    assert kernels._aux_form(none, torch.arange(10, 19), 3, None, float("inf"), True)[2] is None
     # Told the form, it keeps it.
     assert not sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=dead[:2], k_aux=k_aux, aux_dense=False).aux_dense
     assert sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=dead, k_aux=k_aux, aux_dense=True).aux_dense
@@ -297,6 +301,50 @@ def test_decode_entries_matches_dense_autograd(n_entries):
     for name, got, want in zip(("vals", "W_dec"), torch.autograd.grad(out, (vals, W), g),
                                torch.autograd.grad(ref, (vals, W), g)):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), name
+
+
+@pytest.mark.parametrize("dead", ["mix", "few", "most"])
+@pytest.mark.parametrize("aux_dense", [False, True])
+def test_auxk_as_on_a_gpu_matches_dense_autograd(dead, aux_dense):
+    """Off the CPU, AuxK keeps all k_aux values of each row, zeros too (finding the nonzero ones would
+    wait for the device): that path, run here on the CPU, against dense autograd, values and gradients."""
+    torch.manual_seed(0)
+    B, D, n, k = 37, 12, 50, 6
+    x, b_dec = torch.randn(B, D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    W, b = torch.randn(D, n, dtype=torch.float64), 0.3 * torch.randn(n, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, b_dec, W, b)]
+    dead_idx = DEAD_SETS[dead]
+    k_aux = min(5, dead_idx.numel())
+    out = kernels.EncodeOutput(*kernels._SparseTopKEncode.apply(
+        *inputs, k, dead_idx, k_aux, aux_dense, kernels.GPU_AUX_DENSE_FACTOR, False, 5, False))
+    assert out.aux_dense == aux_dense and (aux_dense or out.aux_vals_BA.numel() == B * k_aux)
+    z, za = _densify(out.vals_BK, out.idx_BK, n), _densify_aux(out, n)
+    z_ref, za_ref = _dense_reference(*inputs, k, dead_idx, k_aux)
+    assert torch.allclose(z, z_ref, atol=1e-12) and torch.allclose(za, za_ref, atol=1e-12)
+    proj = torch.randn(n, 3, dtype=torch.float64)
+    grads = torch.autograd.grad(((z @ proj).pow(2) + (za @ proj).sin()).sum(), inputs)
+    ref_grads = torch.autograd.grad(((z_ref @ proj).pow(2) + (za_ref @ proj).sin()).sum(), inputs)
+    for name, g, rg in zip(("x", "b_dec", "W_enc", "b_enc"), grads, ref_grads):
+        assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("aux_dense", [False, True])
+def test_auxk_keeps_k_aux_values_where_more_are_positive(aux_dense):
+    """Rows with k_aux - 1, k_aux and k_aux + 1 positive dead pre-activations: AuxK keeps all of them in
+    the first two and only the top k_aux in the third (the rows without more than k_aux go without a
+    top-k), as torch.topk then ReLU does."""
+    n, k_aux = 12, 3
+    dead = torch.arange(2, 12)
+    x, b_dec, b = torch.eye(3), torch.zeros(3), torch.zeros(n)  # pre-activations = W's rows
+    W = -torch.ones(3, n)
+    W[:, :2] = 5  # the two live latents hold the main top-2
+    for row, positive in enumerate((k_aux - 1, k_aux, k_aux + 1)):
+        W[row, dead[1:1 + positive]] = torch.arange(1, positive + 1, dtype=torch.float32)
+    out = sparse_topk_encode(x, b_dec, W, b, 2, dead_idx=dead, k_aux=k_aux, aux_dense=aux_dense)
+    want = W[:, dead].topk(k_aux, dim=-1)
+    want = torch.zeros(3, dead.numel()).scatter_(1, want.indices, want.values.relu())
+    assert torch.equal(_densify_aux(out, n)[:, dead], want)
+    assert (want != 0).sum(1).tolist() == [k_aux - 1, k_aux, k_aux]
 
 
 def test_auxk_with_every_value_clipped_decodes_to_zero():

@@ -272,59 +272,94 @@ class _Block(NamedTuple):
         return out
 
 
-def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: int, k_aux: int, sorted_out: bool):
+def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: int, k_aux: int, sorted_out: bool,
+                         aux_entries: bool):
     """Top-k_big over all latents, and AuxK over the dead ones, of one chunk whose pre-activations come
     from two GEMMs, live columns then dead ones: the dead block is contiguous, so AuxK needs no column
     gather, and the main top-k takes the live block's top-k_big merged with the dead block's.
-    Returns (values, latents, AuxK values after ReLU, their positions in the dead block or None when
-    every dead latent is kept)."""
+    Returns (values, latents, AuxK): AuxK as its nonzero entries (values, positions in the dead block,
+    rows in the chunk) when ``aux_entries``, else as (values after ReLU [rows, A], their positions in
+    the dead block or None when every dead latent is kept)."""
     n_dead = dead.cols.numel()
     pre_dead = dead.pre(xs)
     keep_all = k_aux >= n_dead  # AuxK keeps every dead latent: no selection, only the main candidates
-    # Otherwise its top max(k_aux, k_big) holds both its AuxK selection and its main candidates.
-    dv, di = _topk(pre_dead, min(k_big if keep_all else max(k_aux, k_big), n_dead))
-    if keep_all:
-        av, ai = pre_dead[:, :n_dead], None
-    elif k_aux < dv.shape[1]:
-        av, pos = dv.topk(k_aux, dim=-1, sorted=False)
-        ai = di.gather(1, pos)
-    else:
-        av, ai = dv, di
-    av = av.relu()  # a new tensor: pre_dead is the next chunk's buffer
+    aux = _entries_kept_by_relu(pre_dead[:, :n_dead], k_aux) if aux_entries else None
+    if keep_all or aux is not None:  # AuxK needs no top-k: the dead block gives only main candidates
+        dv, di = _topk(pre_dead, min(k_big, n_dead))
+        if aux is None:
+            aux = (pre_dead[:, :n_dead].relu(), None)  # a new tensor: pre_dead is the next chunk's buffer
+    else:  # its top max(k_aux, k_big) holds both its AuxK selection and its main candidates
+        dv, di = _topk(pre_dead, max(k_aux, k_big))
+        if k_aux < dv.shape[1]:
+            av, pos = dv.topk(k_aux, dim=-1, sorted=False)
+            ai = di.gather(1, pos)
+        else:
+            av, ai = dv, di
+        aux = _nonzero_entries(av.relu(), ai) if aux_entries else (av.relu(), ai)
     if dv.shape[1] > k_big:
         dv, pos = dv.topk(k_big, dim=-1, sorted=False)
         di = di.gather(1, pos)
     lv, li = _topk(live.pre(xs), min(k_big, live.cols.numel()))
     cand_v, cand_i = torch.cat([lv, dv], dim=1), torch.cat([live.cols[li], dead.cols[di]], dim=1)
     v, pos = cand_v.topk(k_big, dim=-1, sorted=sorted_out)
-    return v, cand_i.gather(1, pos), av, ai
+    return v, cand_i.gather(1, pos), aux
 
 
-def _aux_form(av_BA: torch.Tensor, ai_BA: torch.Tensor | None, dead_idx: torch.Tensor, aux_dense: bool | None,
-              dense_factor: float, drop_zeros: bool):
+def _entries_kept_by_relu(pre_RA: torch.Tensor, k_aux: int):
+    """The entries of ``pre_RA`` that the ReLU leaves nonzero (positive, or NaN: a non-finite input must
+    reach the loss, which the trainer checks) as (values, columns, rows), row by row; None when a row
+    has more than k_aux of them. Otherwise they are exactly the nonzero values of each row's top k_aux
+    after ReLU, found without that top-k: in training a row has 1-30 of them among hundreds of dead
+    latents, and the top-256 of 819 took about half of AuxK's time at n = 8,192 with 10 % dead."""
+    rows, cols = (~(pre_RA <= 0)).nonzero(as_tuple=True)
+    if rows.numel() and torch.bincount(rows).max() > k_aux:  # on the CPU only: no device to wait for
+        return None
+    return pre_RA[rows, cols], cols, rows
+
+
+def _nonzero_entries(av_RA: torch.Tensor, ai_RA: torch.Tensor | None):
+    """_flat_entries of the nonzero values of ``av_RA`` (!= 0 keeps a NaN)."""
+    return _flat_entries(av_RA, ai_RA, (av_RA != 0).view(-1).nonzero().squeeze(1))
+
+
+def _flat_entries(av_RA: torch.Tensor, ai_RA: torch.Tensor | None, pos: torch.Tensor | None = None):
+    """(values, positions in the dead block, rows) of ``av_RA``'s entries at flat positions ``pos`` (None:
+    all), row by row; ``ai_RA`` the values' positions in the dead block (None: column j is position j)."""
+    A = av_RA.shape[1]
+    if pos is None:
+        pos = torch.arange(av_RA.numel(), device=av_RA.device)
+    local = pos % A if ai_RA is None else ai_RA.reshape(-1)[pos]
+    return av_RA.reshape(-1)[pos], local, torch.div(pos, A, rounding_mode="floor")
+
+
+def _aux_form(aux_parts: list, dead_idx: torch.Tensor, B: int, aux_dense: bool | None, dense_factor: float,
+              entries: bool):
     """AuxK's values in the form that costs less (see EncodeOutput): (values, latents, rows or None).
 
-    ``av_BA`` holds each row's AuxK values after ReLU, at positions ``ai_BA`` of the dead block (None:
-    column j is dead latent j). The entry form keeps only the nonzero values when ``drop_zeros``:
-    in training most are 0 (1-3 % of the top 256 positive at n = 8,192 in the quickstart), and a
-    zero adds nothing to the decode or to any gradient. The dense form is chosen (``aux_dense`` None)
-    while n_dead <= dense_factor * entries per row: a GEMM over n_dead columns costs less than
-    embedding_bag passes over that many entries per row until n_dead is several times their number."""
-    B, A = av_BA.shape
+    ``aux_parts``: one per chunk of rows, in order, as _topk_of_split_chunk returns them. With
+    ``entries`` (on the CPU) they hold only the nonzero values: in training most AuxK values are 0
+    (1-3 % of the top 256 positive at n = 8,192 in the quickstart), and a zero adds nothing to the
+    decode or to any gradient. The dense form is chosen (``aux_dense`` None) while n_dead <=
+    dense_factor * entries per row: a GEMM over n_dead columns costs less than embedding_bag passes over
+    that many entries per row until n_dead is several times their number."""
     n_dead = dead_idx.numel()
-    # != 0 keeps a NaN (a non-finite input must reach the loss, which the trainer checks).
-    pos = (av_BA != 0).view(-1).nonzero().squeeze(1) if drop_zeros and aux_dense is not True else None
+    if entries:
+        vals, local, rows = (torch.cat(part) for part in zip(*aux_parts))
+        per_row = vals.numel() / max(B, 1)
+    else:
+        av_BA = torch.cat([part[0] for part in aux_parts])
+        ai_BA = None if aux_parts[0][1] is None else torch.cat([part[1] for part in aux_parts])
+        per_row = av_BA.shape[1]
     if aux_dense is None:
-        per_row = A if pos is None else pos.numel() / max(B, 1)
         aux_dense = dense_factor == float("inf") or n_dead <= dense_factor * per_row  # inf: dense even at 0
+    if entries:
+        if aux_dense:
+            return vals.new_zeros(B, n_dead).index_put_((rows, local), vals), dead_idx, None
+        return vals, dead_idx[local], rows
     if aux_dense:
-        if ai_BA is None:
-            return av_BA, dead_idx, None
-        return av_BA.new_zeros(B, n_dead).scatter_(1, ai_BA, av_BA), dead_idx, None
-    if pos is None:
-        pos = torch.arange(B * A, device=av_BA.device)
-    local = pos % A if ai_BA is None else ai_BA.reshape(-1)[pos]
-    return av_BA.reshape(-1)[pos], dead_idx[local], torch.div(pos, A, rounding_mode="floor")
+        return (av_BA if ai_BA is None else av_BA.new_zeros(B, n_dead).scatter_(1, ai_BA, av_BA)), dead_idx, None
+    vals, local, rows = _flat_entries(av_BA, ai_BA)  # all B * A of them: keeping only the nonzero ones off the
+    return vals, dead_idx[local], rows                 # CPU would wait for the device (not yet measured)
 
 
 def _live_columns(is_live: torch.Tensor, n_live: int) -> torch.Tensor:
@@ -344,7 +379,7 @@ class _SparseTopKEncode(torch.autograd.Function):
         xc_BD = x_BD - b_dec_D
         B, n = xc_BD.shape[0], W_enc_DN.shape[1]
         rows = min(chunk_rows, B)
-        vals, idx, aux_vals, aux_pos = [], [], [], []
+        vals, idx, aux_parts = [], [], []
         # One buffer (per block) for every chunk: a fresh [chunk, n] allocation per chunk is a fresh
         # mmap whose page faults cost ~10 % of the GEMM on CPU.
         if dead_idx is None:
@@ -360,17 +395,17 @@ class _SparseTopKEncode(torch.autograd.Function):
             live = _Block.gather(W_enc_DN, b_enc_N, _live_columns(is_live, n - dead_idx.numel()), rows)
             dead = _Block.gather(W_enc_DN, b_enc_N, dead_idx, rows)
             for lo in range(0, B, chunk_rows):
-                parts = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead, k_big, k_aux, sorted_out)
-                for out, part in zip((vals, idx, aux_vals, aux_pos), parts):
-                    out.append(part)
+                v, i, aux = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead, k_big, k_aux, sorted_out,
+                                                 drop_zeros)
+                vals.append(v)
+                idx.append(i)
+                aux_parts.append((aux[0], aux[1], aux[2] + lo) if drop_zeros else aux)  # rows of the batch
         vals_BK = torch.relu(torch.cat(vals))
         idx_BK = torch.cat(idx)
         if dead_idx is None:
             aux_vals_BA, aux_idx, aux_rows = xc_BD.new_empty(B, 0), idx_BK.new_empty(0), None
         else:
-            ai = None if aux_pos[0] is None else torch.cat(aux_pos)
-            aux_vals_BA, aux_idx, aux_rows = _aux_form(torch.cat(aux_vals), ai, dead_idx, aux_dense, dense_factor,
-                                                       drop_zeros)
+            aux_vals_BA, aux_idx, aux_rows = _aux_form(aux_parts, dead_idx, B, aux_dense, dense_factor, drop_zeros)
         ctx.aux_dense = dead_idx is not None and aux_rows is None
         ctx.save_for_backward(xc_BD, W_enc_DN, vals_BK, idx_BK, aux_vals_BA, aux_idx, aux_rows)
         ctx.mark_non_differentiable(idx_BK, aux_idx, *([] if aux_rows is None else [aux_rows]))
