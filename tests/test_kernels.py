@@ -371,6 +371,20 @@ def test_auxk_with_every_value_clipped_decodes_to_zero():
         assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12)
 
 
+def test_main_topk_takes_a_dead_latent_above_a_negative_kth_live_value():
+    """A row whose live pre-activations are all negative: a dead latent at -1 (AuxK keeps nothing of the
+    row, its ReLU is 0) is above the row's k-th live value, and the main top-k selects it as torch.topk
+    does, though every kept value is 0 after ReLU."""
+    n, k = 12, 2
+    dead = torch.arange(4, 12)
+    W = torch.tensor([[-5.0, -6, -7, -8] + [-10.0] * 8, [3.0, 2, 1, 0.5] + [-10.0] * 8])  # pre-activations = W's rows
+    W[0, dead[5]] = -1.0
+    out = sparse_topk_encode(torch.eye(2), torch.zeros(2), W, torch.zeros(n), k, dead_idx=dead, k_aux=3)
+    for row in range(2):
+        assert set(out.idx_BK[row].tolist()) == set(W[row].topk(k).indices.tolist()), row
+    assert out.idx_BK[0].tolist().count(int(dead[5])) == 1 and (out.vals_BK[0] == 0).all()
+
+
 @pytest.mark.parametrize("one_dead_wins", [False, True])
 def test_main_topk_with_dead_latents_below_every_kth_live_value(one_dead_wins):
     """Dead latents whose pre-activations stay below each row's k-th live one (as latents dead for a

@@ -284,8 +284,8 @@ def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: in
     pre_dead = dead.pre(xs)
     keep_all = k_aux >= n_dead  # AuxK keeps every dead latent: no selection, only the main candidates
     aux = _entries_kept_by_relu(pre_dead[:, :n_dead], k_aux) if aux_entries else None
-    if keep_all or aux is not None:  # AuxK needs no top-k: the dead block gives only main candidates
-        dv, di = _topk(pre_dead, min(k_big, n_dead))
+    dv = di = None  # the dead block's candidates for the main top-k
+    if keep_all or aux is not None:  # AuxK needs no top-k
         if aux is None:
             aux = (pre_dead[:, :n_dead].relu(), None)  # a new tensor: pre_dead is the next chunk's buffer
     else:  # its top max(k_aux, k_big) holds both its AuxK selection and its main candidates
@@ -296,10 +296,15 @@ def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: in
         else:
             av, ai = dv, di
         aux = _nonzero_entries(av.relu(), ai) if aux_entries else (av.relu(), ai)
+    lv, li = _topk(live.pre(xs), min(k_big, live.cols.numel()), sorted_out)
+    if dv is None:
+        merged = _merge_dead_winners(lv, live.cols[li], k_big, aux, dead.cols, sorted_out) if aux_entries else None
+        if merged is not None:
+            return *merged, aux
+        dv, di = _topk(pre_dead, min(k_big, n_dead))
     if dv.shape[1] > k_big:
         dv, pos = dv.topk(k_big, dim=-1, sorted=False)
         di = di.gather(1, pos)
-    lv, li = _topk(live.pre(xs), min(k_big, live.cols.numel()))
     cand_v, cand_i = torch.cat([lv, dv], dim=1), torch.cat([live.cols[li], dead.cols[di]], dim=1)
     v, pos = cand_v.topk(k_big, dim=-1, sorted=sorted_out)
     return v, cand_i.gather(1, pos), aux
@@ -315,6 +320,34 @@ def _entries_kept_by_relu(pre_RA: torch.Tensor, k_aux: int):
     if rows.numel() and torch.bincount(rows).max() > k_aux:  # on the CPU only: no device to wait for
         return None
     return pre_RA[rows, cols], cols, rows
+
+
+def _merge_dead_winners(lv_RK: torch.Tensor, li_RK: torch.Tensor, k_big: int, entries: tuple, dead_cols: torch.Tensor,
+                        sorted_out: bool):
+    """The main top-k (values, latents) of a chunk from its live block's top-k (``lv_RK``, latents
+    ``li_RK``) and the dead block's ``entries`` (its values above 0, and NaN) above each row's k-th live
+    value; None when a row's k-th live value is below 0 or it has fewer than k_big live latents (a dead
+    value at most 0 could then be selected). Latents dead for a window rarely pass a row's k-th live
+    value: the dead block's own top-k would cost a pass over it for a few candidates."""
+    if lv_RK.shape[1] < k_big:
+        return None
+    kth = lv_RK.amin(dim=1)
+    if not bool((kth >= 0).all()):
+        return None
+    vals, cols, rows = entries
+    win = (~(vals <= kth[rows])).nonzero().squeeze(1)  # ~(<=): a NaN wins, as in torch.topk
+    if win.numel() == 0:
+        return lv_RK, li_RK
+    rows = rows[win]  # ascending: each row's winners go after its k_big live candidates
+    counts = torch.bincount(rows, minlength=lv_RK.shape[0])
+    slot = k_big + torch.arange(win.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    width = k_big + int(counts.max())
+    cand_v = torch.cat([lv_RK, lv_RK.new_full((lv_RK.shape[0], width - k_big), float("-inf"))], dim=1)
+    cand_i = torch.cat([li_RK, li_RK.new_zeros(li_RK.shape[0], width - k_big)], dim=1)
+    cand_v[rows, slot] = vals[win]
+    cand_i[rows, slot] = dead_cols[cols[win]]
+    v, pos = cand_v.topk(k_big, dim=-1, sorted=sorted_out)
+    return v, cand_i.gather(1, pos)
 
 
 def _nonzero_entries(av_RA: torch.Tensor, ai_RA: torch.Tensor | None):
