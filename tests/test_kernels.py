@@ -241,18 +241,18 @@ def test_aux_form_is_chosen_by_size():
     ai = torch.tensor([[3, 1], [0, 2], [1, 4]])
     for n_dead, dense in ((2 * 4, True), (2 * 4 + 1, False)):
         dead = torch.arange(10, 10 + n_dead)
-        vals, lat, rows = kernels._aux_form([(av, ai)], dead, 3, None, 4.0, entries=False)
+        vals, lat, rows = kernels._aux_form([kernels._AuxPart(0, av, ai)], dead, 3, None, 4.0, drop_zeros=False)
         assert (rows is None) == dense, n_dead
         if not dense:  # all B * k_aux entries, zeros included, row by row
             assert torch.equal(vals, av.reshape(-1)) and torch.equal(lat, dead[ai.reshape(-1)])
             assert torch.equal(rows, torch.tensor([0, 0, 1, 1, 2, 2]))
     # With drop_zeros the same values give 2 entries (2 / 3 per row): dense only while n_dead <= 4 * 2 / 3.
-    nonzero = [kernels._nonzero_entries(av, ai)]
-    vals, lat, rows = kernels._aux_form(nonzero, torch.arange(10, 15), 3, None, 4.0, entries=True)
+    parts = [kernels._AuxPart(0, av[:2], ai[:2]), kernels._AuxPart(2, av[2:], ai[2:])]  # two chunks of rows
+    vals, lat, rows = kernels._aux_form(parts, torch.arange(10, 15), 3, None, 4.0, drop_zeros=True)
     assert torch.equal(vals, torch.tensor([0.5, 0.25])) and torch.equal(rows, torch.tensor([0, 2]))
     assert torch.equal(lat, torch.tensor([13, 11]))
     # A factor of inf (benchmarks force the dense form so) is dense even with no nonzero value.
-    none = [kernels._nonzero_entries(torch.zeros(3, 2), ai)]
+    none = [kernels._AuxPart(0, torch.zeros(3, 2), ai)]
     assert kernels._aux_form(none, torch.arange(10, 19), 3, None, float("inf"), True)[2] is None
     # Told the form, it keeps it.
     assert not sparse_topk_encode(x, b_dec, W, b, 3, dead_idx=dead[:2], k_aux=k_aux, aux_dense=False).aux_dense
@@ -328,8 +328,9 @@ def test_auxk_as_on_a_gpu_matches_dense_autograd(dead, aux_dense):
         assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12), name
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 2])  # 2: the first chunk's AuxK goes without a top-k, the second not
 @pytest.mark.parametrize("aux_dense", [False, True])
-def test_auxk_keeps_k_aux_values_where_more_are_positive(aux_dense):
+def test_auxk_keeps_k_aux_values_where_more_are_positive(aux_dense, chunk_rows):
     """Rows with k_aux - 1, k_aux and k_aux + 1 positive dead pre-activations: AuxK keeps all of them in
     the first two and only the top k_aux in the third (the rows without more than k_aux go without a
     top-k), as torch.topk then ReLU does."""
@@ -340,7 +341,7 @@ def test_auxk_keeps_k_aux_values_where_more_are_positive(aux_dense):
     W[:, :2] = 5  # the two live latents hold the main top-2
     for row, positive in enumerate((k_aux - 1, k_aux, k_aux + 1)):
         W[row, dead[1:1 + positive]] = torch.arange(1, positive + 1, dtype=torch.float32)
-    out = sparse_topk_encode(x, b_dec, W, b, 2, dead_idx=dead, k_aux=k_aux, aux_dense=aux_dense)
+    out = sparse_topk_encode(x, b_dec, W, b, 2, dead_idx=dead, k_aux=k_aux, aux_dense=aux_dense, chunk_rows=chunk_rows)
     want = W[:, dead].topk(k_aux, dim=-1)
     want = torch.zeros(3, dead.numel()).scatter_(1, want.indices, want.values.relu())
     assert torch.equal(_densify_aux(out, n)[:, dead], want)

@@ -272,33 +272,30 @@ class _Block(NamedTuple):
         return out
 
 
-def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: int, k_aux: int, sorted_out: bool,
-                         aux_entries: bool):
-    """Top-k_big over all latents, and AuxK over the dead ones, of one chunk whose pre-activations come
-    from two GEMMs, live columns then dead ones: the dead block is contiguous, so AuxK needs no column
-    gather, and the main top-k takes the live block's top-k_big merged with the dead block's.
-    Returns (values, latents, AuxK): AuxK as its nonzero entries (values, positions in the dead block,
-    rows in the chunk) when ``aux_entries``, else as (values after ReLU [rows, A], their positions in
-    the dead block or None when every dead latent is kept)."""
+def _topk_of_split_chunk(xs: torch.Tensor, lo: int, live: _Block, dead: _Block, k_big: int, k_aux: int,
+                         sorted_out: bool, aux_entries: bool):
+    """Top-k_big over all latents, and AuxK over the dead ones, of one chunk (rows from ``lo`` of the
+    batch) whose pre-activations come from two GEMMs, live columns then dead ones: the dead block is
+    contiguous, so AuxK needs no column gather, and the main top-k takes the live block's top-k_big
+    merged with the dead block's candidates. Returns (values, latents, AuxK as an _AuxPart: its
+    entries when ``aux_entries`` and no row has more than k_aux values that the ReLU keeps)."""
     n_dead = dead.cols.numel()
     pre_dead = dead.pre(xs)
     keep_all = k_aux >= n_dead  # AuxK keeps every dead latent: no selection, only the main candidates
-    aux = _entries_kept_by_relu(pre_dead[:, :n_dead], k_aux) if aux_entries else None
+    aux = _entries_kept_by_relu(pre_dead[:, :n_dead], k_aux, lo) if aux_entries else None
     dv = di = None  # the dead block's candidates for the main top-k
-    if keep_all or aux is not None:  # AuxK needs no top-k
-        if aux is None:
-            aux = (pre_dead[:, :n_dead].relu(), None)  # a new tensor: pre_dead is the next chunk's buffer
-    else:  # its top max(k_aux, k_big) holds both its AuxK selection and its main candidates
+    if keep_all and aux is None:  # a new tensor: pre_dead is the next chunk's buffer
+        aux = _AuxPart(lo, pre_dead[:, :n_dead].relu(), None)
+    elif aux is None:  # its top max(k_aux, k_big) holds both its AuxK selection and its main candidates
         dv, di = _topk(pre_dead, max(k_aux, k_big))
         if k_aux < dv.shape[1]:
             av, pos = dv.topk(k_aux, dim=-1, sorted=False)
-            ai = di.gather(1, pos)
+            aux = _AuxPart(lo, av.relu(), di.gather(1, pos))
         else:
-            av, ai = dv, di
-        aux = _nonzero_entries(av.relu(), ai) if aux_entries else (av.relu(), ai)
+            aux = _AuxPart(lo, dv.relu(), di)
     lv, li = _topk(live.pre(xs), min(k_big, live.cols.numel()), sorted_out)
     if dv is None:
-        merged = _merge_dead_winners(lv, live.cols[li], k_big, aux, dead.cols, sorted_out) if aux_entries else None
+        merged = _merge_dead_winners(lv, live.cols[li], k_big, aux, dead.cols, sorted_out) if aux.is_entries else None
         if merged is not None:
             return *merged, aux
         dv, di = _topk(pre_dead, min(k_big, n_dead))
@@ -310,20 +307,63 @@ def _topk_of_split_chunk(xs: torch.Tensor, live: _Block, dead: _Block, k_big: in
     return v, cand_i.gather(1, pos), aux
 
 
-def _entries_kept_by_relu(pre_RA: torch.Tensor, k_aux: int):
+class _AuxPart(NamedTuple):
+    """One chunk's AuxK values, its rows from ``lo`` of the batch: its entries (``vals`` [E], nonzero;
+    ``local`` their positions in the dead block; ``rows`` ascending, in the chunk), or each row's top
+    k_aux after ReLU (``vals`` [R, A]; ``local`` their positions, None where column j is position j;
+    ``rows`` None)."""
+    lo: int
+    vals: torch.Tensor
+    local: torch.Tensor | None
+    rows: torch.Tensor | None = None
+
+    @property
+    def is_entries(self) -> bool:
+        return self.rows is not None
+
+    def kept(self, drop_zeros: bool) -> int:
+        """How many values the entry form keeps: the nonzero ones with ``drop_zeros`` (!= 0 keeps a NaN)."""
+        if self.is_entries or not drop_zeros:
+            return self.vals.numel()
+        return int((self.vals != 0).sum())
+
+    def fill(self, dense_BN: torch.Tensor) -> None:
+        """Write the values into the batch's dense form."""
+        if self.is_entries:
+            dense_BN.index_put_((self.rows + self.lo, self.local), self.vals)
+            return
+        rows = dense_BN[self.lo:self.lo + self.vals.shape[0]]
+        if self.local is None:
+            rows.copy_(self.vals)
+        else:
+            rows.scatter_(1, self.local, self.vals)
+
+    def entries(self, drop_zeros: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, positions in the dead block, rows of the batch) row by row: the nonzero values with
+        ``drop_zeros``, else all of them (keeping only those off the CPU would wait for the device)."""
+        if self.is_entries:
+            return self.vals, self.local, self.rows + self.lo
+        av, A = self.vals, self.vals.shape[1]
+        pos = (av != 0).view(-1).nonzero().squeeze(1) if drop_zeros else torch.arange(av.numel(), device=av.device)
+        local = pos % A if self.local is None else self.local.reshape(-1)[pos]
+        return av.reshape(-1)[pos], local, torch.div(pos, A, rounding_mode="floor") + self.lo
+
+
+def _entries_kept_by_relu(pre_RA: torch.Tensor, k_aux: int, lo: int) -> _AuxPart | None:
     """The entries of ``pre_RA`` that the ReLU leaves nonzero (positive, or NaN: a non-finite input must
-    reach the loss, which the trainer checks) as (values, columns, rows), row by row; None when a row
-    has more than k_aux of them. Otherwise they are exactly the nonzero values of each row's top k_aux
-    after ReLU, found without that top-k: in training a row has 1-30 of them among hundreds of dead
-    latents, and the top-256 of 819 took about half of AuxK's time at n = 8,192 with 10 % dead."""
-    rows, cols = (~(pre_RA <= 0)).nonzero(as_tuple=True)
-    if rows.numel() and torch.bincount(rows).max() > k_aux:  # on the CPU only: no device to wait for
-        return None
-    return pre_RA[rows, cols], cols, rows
+    reach the loss, which the trainer checks); None when a row has more than k_aux of them. Otherwise
+    they are exactly the nonzero values of each row's top k_aux after ReLU, found without that top-k:
+    in training a row has 1-30 of them among hundreds of dead latents, and the top-256 of 819 took
+    about half of AuxK's time at n = 8,192 with 10 % dead."""
+    kept = ~(pre_RA <= 0)
+    if k_aux < pre_RA.shape[1] and kept.sum(dim=1).max() > k_aux:  # counted first: a sum costs less than
+        return None                                                # a nonzero; on the CPU only: no device to wait for
+    rows, cols = kept.nonzero(as_tuple=True)
+    return _AuxPart(lo, pre_RA[rows, cols], cols, rows)
 
 
-def _merge_dead_winners(lv_RK: torch.Tensor, li_RK: torch.Tensor, k_big: int, entries: tuple, dead_cols: torch.Tensor,
-                        sorted_out: bool):
+def _merge_dead_winners(lv_RK: torch.Tensor, li_RK: torch.Tensor, k_big: int, entries: _AuxPart,
+                        dead_cols: torch.Tensor, sorted_out: bool):
     """The main top-k (values, latents) of a chunk from its live block's top-k (``lv_RK``, latents
     ``li_RK``) and the dead block's ``entries`` (its values above 0, and NaN) above each row's k-th live
     value; None when a row's k-th live value is below 0 or it has fewer than k_big live latents (a dead
@@ -334,65 +374,42 @@ def _merge_dead_winners(lv_RK: torch.Tensor, li_RK: torch.Tensor, k_big: int, en
     kth = lv_RK.amin(dim=1)
     if not bool((kth >= 0).all()):
         return None
-    vals, cols, rows = entries
-    win = (~(vals <= kth[rows])).nonzero().squeeze(1)  # ~(<=): a NaN wins, as in torch.topk
+    win = (~(entries.vals <= kth[entries.rows])).nonzero().squeeze(1)  # ~(<=): a NaN wins, as in torch.topk
     if win.numel() == 0:
         return lv_RK, li_RK
-    rows = rows[win]  # ascending: each row's winners go after its k_big live candidates
+    rows = entries.rows[win]  # ascending: each row's winners go after its k_big live candidates
     counts = torch.bincount(rows, minlength=lv_RK.shape[0])
     slot = k_big + torch.arange(win.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
     width = k_big + int(counts.max())
     cand_v = torch.cat([lv_RK, lv_RK.new_full((lv_RK.shape[0], width - k_big), float("-inf"))], dim=1)
     cand_i = torch.cat([li_RK, li_RK.new_zeros(li_RK.shape[0], width - k_big)], dim=1)
-    cand_v[rows, slot] = vals[win]
-    cand_i[rows, slot] = dead_cols[cols[win]]
+    cand_v[rows, slot] = entries.vals[win]
+    cand_i[rows, slot] = dead_cols[entries.local[win]]
     v, pos = cand_v.topk(k_big, dim=-1, sorted=sorted_out)
     return v, cand_i.gather(1, pos)
 
 
-def _nonzero_entries(av_RA: torch.Tensor, ai_RA: torch.Tensor | None):
-    """_flat_entries of the nonzero values of ``av_RA`` (!= 0 keeps a NaN)."""
-    return _flat_entries(av_RA, ai_RA, (av_RA != 0).view(-1).nonzero().squeeze(1))
-
-
-def _flat_entries(av_RA: torch.Tensor, ai_RA: torch.Tensor | None, pos: torch.Tensor | None = None):
-    """(values, positions in the dead block, rows) of ``av_RA``'s entries at flat positions ``pos`` (None:
-    all), row by row; ``ai_RA`` the values' positions in the dead block (None: column j is position j)."""
-    A = av_RA.shape[1]
-    if pos is None:
-        pos = torch.arange(av_RA.numel(), device=av_RA.device)
-    local = pos % A if ai_RA is None else ai_RA.reshape(-1)[pos]
-    return av_RA.reshape(-1)[pos], local, torch.div(pos, A, rounding_mode="floor")
-
-
-def _aux_form(aux_parts: list, dead_idx: torch.Tensor, B: int, aux_dense: bool | None, dense_factor: float,
-              entries: bool):
+def _aux_form(aux_parts: list[_AuxPart], dead_idx: torch.Tensor, B: int, aux_dense: bool | None,
+              dense_factor: float, drop_zeros: bool):
     """AuxK's values in the form that costs less (see EncodeOutput): (values, latents, rows or None).
 
-    ``aux_parts``: one per chunk of rows, in order, as _topk_of_split_chunk returns them. With
-    ``entries`` (on the CPU) they hold only the nonzero values: in training most AuxK values are 0
-    (1-3 % of the top 256 positive at n = 8,192 in the quickstart), and a zero adds nothing to the
-    decode or to any gradient. The dense form is chosen (``aux_dense`` None) while n_dead <=
-    dense_factor * entries per row: a GEMM over n_dead columns costs less than embedding_bag passes over
-    that many entries per row until n_dead is several times their number."""
+    ``aux_parts``: the chunks' values. With ``drop_zeros`` (on the CPU) the entry form keeps only the
+    nonzero values: in training most AuxK values are 0 (1-3 % of the top 256 positive at n = 8,192 in
+    the quickstart), and a zero adds nothing to the decode or to any gradient. The dense form is
+    chosen (``aux_dense`` None) while n_dead <= dense_factor * entries per row: a GEMM over n_dead
+    columns costs less than embedding_bag passes over that many entries per row until n_dead is several
+    times their number."""
     n_dead = dead_idx.numel()
-    if entries:
-        vals, local, rows = (torch.cat(part) for part in zip(*aux_parts))
-        per_row = vals.numel() / max(B, 1)
-    else:
-        av_BA = torch.cat([part[0] for part in aux_parts])
-        ai_BA = None if aux_parts[0][1] is None else torch.cat([part[1] for part in aux_parts])
-        per_row = av_BA.shape[1]
     if aux_dense is None:
+        per_row = sum(part.kept(drop_zeros) for part in aux_parts) / max(B, 1)
         aux_dense = dense_factor == float("inf") or n_dead <= dense_factor * per_row  # inf: dense even at 0
-    if entries:
-        if aux_dense:
-            return vals.new_zeros(B, n_dead).index_put_((rows, local), vals), dead_idx, None
-        return vals, dead_idx[local], rows
     if aux_dense:
-        return (av_BA if ai_BA is None else av_BA.new_zeros(B, n_dead).scatter_(1, ai_BA, av_BA)), dead_idx, None
-    vals, local, rows = _flat_entries(av_BA, ai_BA)  # all B * A of them: keeping only the nonzero ones off the
-    return vals, dead_idx[local], rows                 # CPU would wait for the device (not yet measured)
+        dense = aux_parts[0].vals.new_zeros(B, n_dead)
+        for part in aux_parts:
+            part.fill(dense)
+        return dense, dead_idx, None
+    vals, local, rows = (torch.cat(column) for column in zip(*(part.entries(drop_zeros) for part in aux_parts)))
+    return vals, dead_idx[local], rows
 
 
 def _live_columns(is_live: torch.Tensor, n_live: int) -> torch.Tensor:
@@ -428,11 +445,11 @@ class _SparseTopKEncode(torch.autograd.Function):
             live = _Block.gather(W_enc_DN, b_enc_N, _live_columns(is_live, n - dead_idx.numel()), rows)
             dead = _Block.gather(W_enc_DN, b_enc_N, dead_idx, rows)
             for lo in range(0, B, chunk_rows):
-                v, i, aux = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], live, dead, k_big, k_aux, sorted_out,
-                                                 drop_zeros)
+                v, i, aux = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], lo, live, dead, k_big, k_aux,
+                                                 sorted_out, drop_zeros)
                 vals.append(v)
                 idx.append(i)
-                aux_parts.append((aux[0], aux[1], aux[2] + lo) if drop_zeros else aux)  # rows of the batch
+                aux_parts.append(aux)
         vals_BK = torch.relu(torch.cat(vals))
         idx_BK = torch.cat(idx)
         if dead_idx is None:
