@@ -1772,29 +1772,73 @@ class _HubMirror:
             h.wfile.write(data)
 
 
-def test_eval_suite_paper_refuses_a_short_corpus_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path):
-    """A hub model not yet downloaded has no tokenizer on disk: `eval --suite paper` refused a short corpus only
-    after downloading and loading the weights. Now its tokenizer comes first, alone, and the corpus is refused
-    before any weights file is asked for (the mirror holds none: a load reads "cannot load model")."""
+_WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, *argv):
+    """`saelab ARGV` in ``tmp_path`` (a fresh HF_HOME: nothing downloaded yet) with the hub model org/tiny-gpt2
+    served by a _HubMirror holding its config (2 layers, 128 positions) and tokenizer and no weights, so that a
+    load reads "cannot load model". Returns the finished process and the mirror's requests."""
     model = _config_only_model(tmp_path / "mirror")
     gpt2_tokenizer.save_pretrained(model)
-    _save_saes(tmp_path, "org/tiny-gpt2", ("sae", 64))
-    (tmp_path / "c.txt").write_text("The cat sat on the mat. " * 50, encoding="utf-8")  # 11 contexts of 32
     hub = _HubMirror("org/tiny-gpt2", model)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
                PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    proc = subprocess.run([sys.executable, "-m", "saelab", "eval", "sae", "--suite", "paper", "--out", "ev",
-                           "--corpus", "c.txt", "--metrics", "core", "--no-progress"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "saelab", *argv, "--no-progress"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    return proc, hub.requests
+
+
+def test_eval_suite_paper_refuses_a_short_corpus_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path):
+    """A hub model not yet downloaded has no tokenizer on disk: `eval --suite paper` refused a short corpus only
+    after downloading and loading the weights. Now its tokenizer comes first, alone, and the corpus is refused
+    before any weights file is asked for (the mirror holds none: a load reads "cannot load model")."""
+    _save_saes(tmp_path, "org/tiny-gpt2", ("sae", 64))
+    (tmp_path / "c.txt").write_text("The cat sat on the mat. " * 50, encoding="utf-8")  # 11 contexts of 32
+    proc, requests = _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, "eval", "sae", "--suite", "paper", "--out",
+                                              "ev", "--corpus", "c.txt", "--metrics", "core")
     assert proc.returncode == 2 and proc.stderr == (
         "saelab eval: error: --corpus 'c.txt' holds 351 tokens, too few for the paper suite (--recon-tokens 32,768 "
         "and --downstream-tokens 16,384: 1,058 contexts of 32, 32,798 tokens of text); expected a corpus of at "
         "least 32,798 tokens, or --recon-tokens and --downstream-tokens <= 341\n"), proc.stderr
-    assert f"GET {hub.prefix}tokenizer.json" in hub.requests  # the tokenizer came from the mirror
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    assert not [r for r in hub.requests if r.endswith(weights)], hub.requests
+    assert "GET /org/tiny-gpt2/resolve/main/tokenizer.json" in requests  # the tokenizer came from the mirror
+    assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
     assert not (tmp_path / "ev").exists()
+
+
+_HARVEST_HUB_MODEL = ("harvest", "--model", "org/tiny-gpt2", "--out", "acts", "--hook")
+_SHORT = "The cat sat on the mat. " * 50  # 351 tokens: 11 contexts of 32
+
+
+@pytest.mark.parametrize("corpus, argv, message", [
+    pytest.param(_SHORT, (*_HARVEST_HUB_MODEL, "blocks.5.hook_resid_post", "--corpus", "c.txt"),
+                 "harvest: error: unknown hook 'blocks.5.hook_resid_post' for model org/tiny-gpt2: layer 5 out of "
+                 "range 0..1", id="harvest-hook-past-the-last-layer"),
+    pytest.param(_SHORT, (*_HARVEST_HUB_MODEL, "blocks.1.hook_resid_post", "--corpus", "c.txt", "--context-size",
+                          "1000"),
+                 "harvest: error: --context-size 1000 exceeds the longest context of org/tiny-gpt2 (128 tokens)",
+                 id="harvest-context-past-the-models"),
+    pytest.param(_SHORT, ("eval", "sae", "--corpus", "c.txt", "--out", "ev", "--context-size", "1000"),
+                 "eval: error: --context-size 1000 exceeds the longest context of org/tiny-gpt2 (128 tokens)",
+                 id="eval-context-past-the-models"),
+    pytest.param(_SHORT, ("eval", "sae", "--suite", "paper", "--corpus", "c.txt", "--out", "ev", "--context-size",
+                          "1000"),
+                 "eval: error: --context-size 1000 exceeds the longest context of org/tiny-gpt2 (128 tokens)",
+                 id="eval-suite-paper-context-past-the-models"),
+])
+def test_bad_input_is_refused_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path, corpus, argv, message):
+    """A hub model not yet downloaded has no config on disk: these were refused only after its weights downloaded
+    and loaded (here, with a mirror holding none: "cannot load model ..."), or, by the paper suite, for a corpus
+    too short for the context. Its config is fetched alone first, and the input is refused before any weights
+    file is asked for."""
+    _save_saes(tmp_path, "org/tiny-gpt2", ("sae", 64))
+    (tmp_path / "c.txt").write_text(corpus, encoding="utf-8")
+    proc, requests = _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, *argv)
+    assert (proc.returncode, proc.stderr) == (2, f"saelab {message}\n")
+    assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "hf-home", "mirror", "sae"]
 
 
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -357,12 +357,27 @@ def check_context_fits(spec: str | LanguageModel, context_size: int, named: str 
 RECORDED_CONTEXT = "the SAE's context of {n} tokens (--context-size sets another)"
 
 
+def _fetch_config(spec: str | LanguageModel) -> None:
+    """Bring a hub model's config.json alone (not its weights) into the local cache, where ``_config_on_disk``
+    reads it; any failure only defers the checks from it: the load names what is wrong."""
+    if isinstance(spec, LanguageModel) or not _is_hub_id(spec) or _config_on_disk(spec):
+        return
+    try:
+        from transformers.utils import cached_file
+
+        cached_file(spec, "config.json", _raise_exceptions_for_missing_entries=False, **hub.hub_kwargs())
+    except Exception:
+        pass
+
+
 def check_before_load(spec: str | LanguageModel, hook: str, context_size: int | None = None,
                       recorded_context: int | None = None) -> None:
-    """What the model's config on disk refuses before the (slow) load: a malformed hook, one past the
-    model's layers, a context longer than it takes (``context_size`` if given, else ``recorded_context``,
-    the SAE's own)."""
+    """What the model's config refuses before the (slow) load: a malformed hook, one past the model's layers,
+    a context longer than it takes (``context_size`` if given, else ``recorded_context``, the SAE's own). A hub
+    model's config is fetched alone first, so that these come before its weights download; the checks that
+    follow (``check_context_fits``) then read it too."""
     check_hook_form(hook)
+    _fetch_config(spec)
     check_hook_layer(spec, hook)
     if context_size is not None:
         check_context_fits(spec, context_size)
