@@ -1809,7 +1809,12 @@ def test_eval_suite_paper_refuses_a_short_corpus_before_a_hub_models_weights_dow
 
 
 _HARVEST_HUB_MODEL = ("harvest", "--model", "org/tiny-gpt2", "--out", "acts", "--hook")
+_QUICKSTART_HUB_MODEL = ("quickstart", "--harvest-model", "org/tiny-gpt2", "--harvest-hook", "blocks.1.hook_resid_post",
+                         "--out", "run")
 _SHORT = "The cat sat on the mat. " * 50  # 351 tokens: 11 contexts of 32
+_NO_CONTEXT = "Hi"  # 1 token: not one context
+_CORPUS_TOO_SHORT = ("corpus 'c.txt' holds 1 tokens, too few for one context of 64 (BOS and 63 tokens of text); "
+                     "expected a corpus of at least 63 tokens, or {option} <= 2")
 
 
 @pytest.mark.parametrize("corpus, argv, message", [
@@ -1820,6 +1825,12 @@ _SHORT = "The cat sat on the mat. " * 50  # 351 tokens: 11 contexts of 32
                           "1000"),
                  "harvest: error: --context-size 1000 exceeds the longest context of org/tiny-gpt2 (128 tokens)",
                  id="harvest-context-past-the-models"),
+    pytest.param(_NO_CONTEXT, (*_HARVEST_HUB_MODEL, "blocks.1.hook_resid_post", "--corpus", "c.txt"),
+                 "harvest: error: " + _CORPUS_TOO_SHORT.format(option="--context-size"), id="harvest-short-corpus"),
+    pytest.param(_SHORT, ("eval", "sae", "--corpus", "c.txt", "--out", "ev"),
+                 "eval: error: --corpus 'c.txt' holds 351 tokens, too few for the evaluation (--recon-tokens 32,768 "
+                 "and --downstream-tokens 16,384 in contexts of 32: 32,798 tokens of text); expected a corpus of at "
+                 "least 32,798 tokens, or --recon-tokens and --downstream-tokens <= 341", id="eval-short-corpus"),
     pytest.param(_SHORT, ("eval", "sae", "--corpus", "c.txt", "--out", "ev", "--context-size", "1000"),
                  "eval: error: --context-size 1000 exceeds the longest context of org/tiny-gpt2 (128 tokens)",
                  id="eval-context-past-the-models"),
@@ -1827,18 +1838,63 @@ _SHORT = "The cat sat on the mat. " * 50  # 351 tokens: 11 contexts of 32
                           "1000"),
                  "eval: error: --context-size 1000 exceeds the longest context of org/tiny-gpt2 (128 tokens)",
                  id="eval-suite-paper-context-past-the-models"),
+    pytest.param(_SHORT, ("top", "sae", "--latent", "1", "--corpus", "c.txt", "--n-tokens", "1000"),
+                 "top: error: --n-tokens 1,000: the corpus c.txt holds 341 tokens the SAE reads; expected --n-tokens "
+                 "341 at most", id="top-n-tokens-past-the-corpus"),
+    pytest.param(_SHORT, ("browse", "sae", "--out", "site", "--corpus", "c.txt", "--n-tokens", "1000"),
+                 "browse: error: --n-tokens 1,000: the corpus c.txt holds 341 tokens the SAE reads; expected "
+                 "--n-tokens 341 at most", id="browse-n-tokens-past-the-corpus"),
+    pytest.param(_SHORT, ("steer", "sae", "--latent", "1", "--value", "2", "--prompt", "Once upon a time",
+                          "--max-new-tokens", "3", "--positions", "7"),
+                 "steer: error: --positions 7: position 7 is never reached; the largest reachable is 6 (a prompt of "
+                 "5 tokens with BOS, then --max-new-tokens 3, the last of which the model never reads)",
+                 id="steer-positions-never-reached"),
+    pytest.param(_NO_CONTEXT, (*_QUICKSTART_HUB_MODEL, "--harvest-corpus", "c.txt"),
+                 "quickstart: error: " + _CORPUS_TOO_SHORT.format(option="--harvest-context-size"),
+                 id="quickstart-short-corpus"),
 ])
 def test_bad_input_is_refused_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path, corpus, argv, message):
-    """A hub model not yet downloaded has no config on disk: these were refused only after its weights downloaded
-    and loaded (here, with a mirror holding none: "cannot load model ..."), or, by the paper suite, for a corpus
-    too short for the context. Its config is fetched alone first, and the input is refused before any weights
-    file is asked for."""
+    """A hub model not yet downloaded has neither config nor tokenizer on disk: these were refused only after its
+    weights downloaded and loaded (here, with a mirror holding none: "cannot load model ..."), or, by the paper
+    suite, for a corpus too short for the context. Its config and tokenizer are fetched alone first, and the
+    input is refused before any weights file is asked for."""
     _save_saes(tmp_path, "org/tiny-gpt2", ("sae", 64))
     (tmp_path / "c.txt").write_text(corpus, encoding="utf-8")
     proc, requests = _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, *argv)
     assert (proc.returncode, proc.stderr) == (2, f"saelab {message}\n")
     assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "hf-home", "mirror", "sae"]
+
+
+def test_each_verb_loads_its_model_with_the_tokenizer_its_checks_read(gpt2_tokenizer, tmp_path, capsys,
+                                                                      monkeypatch):
+    """The tokenizer read for the checks before the load (a hub model's fetched alone) is the one the load takes:
+    not read, or fetched, a second time. The model folder holds no weights, so each load fails after it."""
+    from saelab.models import loading
+
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(model)
+    _save_saes(tmp_path, model, ("sae", 64))
+    (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
+    given = []
+
+    def no_weights(path, dtype, tokenizer=None, **kwargs):
+        given.append(tokenizer)
+        raise OSError("no weights")
+    monkeypatch.setattr(loading, "_load_dir", no_weights)
+    few = ["--recon-tokens", "300", "--downstream-tokens", "300"]
+    _refusals([(argv, "cannot load model directory") for argv in (
+        ["harvest", "--model", str(model), "--hook", "blocks.1.hook_resid_post", "--corpus", "c.txt", "--out", "a"],
+        ["eval", "sae", "--corpus", "c.txt", "--out", "ev", *few],
+        ["eval", "sae", "--suite", "paper", "--metrics", "core", "--corpus", "c.txt", "--out", "ev", *few],
+        ["top", "sae", "--latent", "1", "--corpus", "c.txt", "--n-tokens", "300"],
+        ["browse", "sae", "--out", "site", "--corpus", "c.txt", "--n-tokens", "300"],
+        ["steer", "sae", "--latent", "1", "--value", "2", "--prompt", "Hi"],
+        ["quickstart", "--harvest-model", str(model), "--harvest-hook", "blocks.1.hook_resid_post", "--harvest-corpus",
+         "c.txt", "--eval-corpus", "c.txt", "--eval-recon-tokens", "300", "--eval-downstream-tokens", "300", "--out",
+         "run"])], capsys)
+    assert len(given) == 7 and all(tokenizer is not None for tokenizer in given), given
 
 
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -416,6 +416,22 @@ def test_unreachable_hub_is_named_at_once(monkeypatch):
     assert hub.hub_unreachable_reason() == "saelab-tests.invalid does not resolve: no network?"
 
 
+def test_checks_before_a_load_pass_over_an_unreachable_hub_at_once(monkeypatch):
+    """The config and tokenizer fetched ahead of a hub model's weights: with the hub unreachable, neither is
+    there, so nothing is refused and nothing retried; the load then names the problem, as before."""
+    import time
+
+    import huggingface_hub.constants
+
+    from saelab.models import check_before_load, tokenizer_before_load
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://saelab-tests.invalid")
+    started = time.perf_counter()
+    check_before_load("saelab-tests/no-such-model", "blocks.99.hook_resid_post", 100_000)
+    assert tokenizer_before_load("saelab-tests/no-such-model") is None
+    assert time.perf_counter() - started < 5  # huggingface_hub's retries take about 25 s
+
+
 def test_default_model(smollm2):
     lm = smollm2
     assert lm.name == DEFAULT_MODEL == "default"

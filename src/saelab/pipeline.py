@@ -29,7 +29,7 @@ from saelab.evals.n2g import N2GConfig, check_latents
 from saelab.evals.suite import (PaperSuiteConfig, check_suite_applies, longest_n_future, read_suite_contexts,
                                 run_paper_suite)
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
-                           model_provenance, tokenizer_before_load, tokenizer_on_disk)
+                           model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
 from saelab.models.hooks import check_hook_form
 from saelab.report import density_histogram, write_paper_report, write_run_report
@@ -116,23 +116,22 @@ def _pool_tokens(cfg: HarvestConfig) -> int:
     return min(cfg.sample_pool_tokens, SAMPLE_POOL_FACTOR * cfg.n_tokens)
 
 
-def check_corpus_fills_a_context(spec: str | LanguageModel, corpus: str, context_size: int, prepend_bos: bool,
-                                 setting: str, texts: TextsReadOnce | None = None) -> None:
+def check_corpus_fills_a_context(tokenizer, corpus: str, context_size: int, prepend_bos: bool, setting: str,
+                                 texts: TextsReadOnce | None = None) -> None:
     """Refuse a corpus too short for one context of ``context_size`` (``setting`` chose it), with the model's
-    tokenizer: before the (slow) load when it is on disk, else (None) left to the loaded model's check.
-    ``texts``: the corpus as the caller streams it (its first documents read there, not opened again)."""
-    tokenizer = tokenizer_on_disk(spec)
+    tokenizer: before the (slow) load with :func:`tokenizer_before_load`'s, else (None) left to the loaded
+    model's check. ``texts``: the corpus as the caller streams it (its first documents read there, not opened
+    again)."""
     if tokenizer is not None:
         token_contexts(corpus, tokenizer, context_size, n_contexts=1, bos_token_id=bos_token_id(tokenizer),
                        prepend_bos=prepend_bos, setting=setting, texts=None if texts is None else texts.head())
 
 
-def check_eval_corpus_before_load(spec: str | LanguageModel, cfg: EvalConfig, context_size: int, first: int,
+def check_eval_corpus_before_load(tokenizer, cfg: EvalConfig, context_size: int, first: int,
                                   prepend_bos: bool) -> torch.Tensor | None:
     """Refuse an eval corpus too short for ``cfg``'s evaluation (see ``read_eval_contexts``) with the model's
-    tokenizer: before the (slow) load when it is on disk, else (None) left to the evaluation, which reads the
-    corpus the same way after the load. Returns the contexts read (None: none were)."""
-    tokenizer = tokenizer_on_disk(spec)
+    tokenizer: before the (slow) load with :func:`tokenizer_before_load`'s, else (None) left to the evaluation,
+    which reads the corpus the same way after the load. Returns the contexts read (None: none were)."""
     if tokenizer is None:
         return None
     return read_eval_contexts(cfg, tokenizer, bos_token_id(tokenizer), context_size, first, prepend_bos)
@@ -140,8 +139,8 @@ def check_eval_corpus_before_load(spec: str | LanguageModel, cfg: EvalConfig, co
 
 def _contexts(cfg: HarvestConfig, lm: LanguageModel, texts: TextsReadOnce, progress: bool):
     """Packed contexts of the corpus, drawn across its first _pool_tokens tokens."""
-    check_corpus_fills_a_context(lm, str(texts.source), cfg.context_size, cfg.prepend_bos, "harvest.context_size",
-                                 texts)
+    check_corpus_fills_a_context(lm.tokenizer, str(texts.source), cfg.context_size, cfg.prepend_bos,
+                                 "harvest.context_size", texts)
     contexts = pack_contexts(texts.all(), lm.tokenize, lm.check_context_size(cfg.context_size),
                              bos_token_id=lm.bos_token_id, prepend_bos=cfg.prepend_bos)
     if cfg.sample_pool_tokens > 0:
@@ -172,10 +171,12 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     else:
         if texts is None or str(texts.source) != str(corpus):  # one stream: the checks' documents are the harvest's
             texts = TextsReadOnce(corpus)
-        check_corpus_fills_a_context(lm or cfg.model, corpus, cfg.context_size, cfg.prepend_bos,
-                                     "harvest.context_size", texts)
+        # A hub model's tokenizer is fetched alone: a short corpus is refused before its weights download.
+        tokenizer = tokenizer_before_load(lm or cfg.model)
+        check_corpus_fills_a_context(tokenizer, corpus, cfg.context_size, cfg.prepend_bos, "harvest.context_size",
+                                     texts)
         cache = _harvest_into(out_dir, cfg, texts, meta, lm=lm, device=device, model_dtype=model_dtype,
-                              overwrite=overwrite, progress=progress)
+                              overwrite=overwrite, progress=progress, tokenizer=tokenizer)
     if cache.n_rows < cfg.n_tokens:  # the corpus ran out: say so rather than leave a silently smaller cache
         print(f"saelab: warning: the corpus {corpus} gave {cache.n_rows:,} activations, fewer than the "
               f"{cfg.n_tokens:,} asked (--n-tokens); the cache holds all it had", file=sys.stderr)
@@ -217,9 +218,9 @@ def _reusable_harvest(out_dir: str | Path, meta: dict[str, Any], dtype: str,
 
 def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, texts: TextsReadOnce, meta: dict[str, Any], *,
                   lm: LanguageModel | None, device: str | torch.device | None, model_dtype: str, overwrite: bool,
-                  progress: bool) -> ActivationCache:
-    """Load the model and write (or resume) the cache."""
-    lm = load_model(lm or cfg.model, device=device, dtype=model_dtype)
+                  progress: bool, tokenizer=None) -> ActivationCache:
+    """Load the model (with ``tokenizer``, read already, when given) and write (or resume) the cache."""
+    lm = load_model(lm or cfg.model, device=device, dtype=model_dtype, tokenizer=tokenizer)
     lm.check_hook(cfg.hook)
     check_disk_room(out_dir, cfg.n_tokens, lm.hook_width(cfg.hook), cfg.dtype, overwrite=overwrite)
     stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, texts, progress),
@@ -390,11 +391,13 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
     spec = lm or model_for(sae)
     check_before_load(spec, sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
+    # A hub model's tokenizer is fetched alone: a short corpus is refused before its weights download.
+    tokenizer = None if isinstance(spec, LanguageModel) else tokenizer_before_load(spec)
     # read before the load, for the evaluation: a loaded model's reads the corpus at once
-    if contexts is None and not isinstance(spec, LanguageModel):
-        contexts = check_eval_corpus_before_load(spec, cfg, cfg.context_size or sae.cfg.context_size,
+    if contexts is None:
+        contexts = check_eval_corpus_before_load(tokenizer, cfg, cfg.context_size or sae.cfg.context_size,
                                                  int(sae.cfg.exclude_first), sae.cfg.prepend_bos)
-    lm = load_model(spec, device=device, dtype=model_dtype)
+    lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer)  # not read again
     sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
     metrics = {**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
@@ -520,8 +523,16 @@ def check_evaluation_before_training(cache: str | Path, cfg: EvalConfig) -> Eval
         return {}
     # The SAEs trained on the cache read its contexts, from the position its harvest kept.
     read = (spec, context_size, int(bool(meta.get("exclude_first"))), meta.get("prepend_bos", True))
-    contexts = check_eval_corpus_before_load(spec, cfg, *read[1:])
+    contexts = check_eval_corpus_before_load(tokenizer_before_load(spec), cfg, *read[1:])
     return {} if contexts is None else {read: contexts}
+
+
+class _TokenizersBeforeLoad(dict):
+    """Each model's :func:`tokenizer_before_load`, read once: for the checks of every run, then for the load."""
+
+    def __missing__(self, spec: str):
+        self[spec] = tokenizer_before_load(spec)
+        return self[spec]
 
 
 def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: str | None = None,
@@ -543,7 +554,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
                           "`saelab sweep`")
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before any model loads
     state, specs, changes, hashes, saes, contexts = {}, {}, {}, {}, {}, {}
-    corpus_read = dict(contexts_read or {})
+    corpus_read, tokenizers = dict(contexts_read or {}), _TokenizersBeforeLoad()
     # Each SAE is loaded once: those to evaluate are kept from their check to their evaluation (on the CPU;
     # the sweep trained them all at once), the others dropped after their check.
     for run in runs:
@@ -558,7 +569,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
             read = (specs[run], cfg.context_size or sae.cfg.context_size, int(sae.cfg.exclude_first),
                     sae.cfg.prepend_bos)
             if read not in corpus_read:  # runs of one cache read the same contexts: once, for every evaluation
-                corpus_read[read] = check_eval_corpus_before_load(specs[run], cfg, *read[1:])
+                corpus_read[read] = check_eval_corpus_before_load(tokenizers[specs[run]], cfg, *read[1:])
             saes[run], contexts[run] = sae, corpus_read[read]
     other = [run for run in runs if state[run] == "other"]
     if other:
@@ -573,7 +584,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
             continue
         spec = specs[run]
         if spec not in models:
-            models[spec] = load_model(spec, device=device, dtype=model_dtype)
+            models[spec] = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizers.get(spec))
         if progress:
             print(f"[sweep eval] {run.name}", flush=True)
         m = evaluate_run(run, cfg, lm=models[spec], overwrite=True, progress=progress,  # not current: replaced
@@ -813,21 +824,21 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     return finished_hash
 
 
-def _check_corpora_are_long_enough(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path,
-                                   lm: LanguageModel | None, overwrite_activations: bool
-                                   ) -> tuple[TextsReadOnce | None, torch.Tensor | None]:
+def _check_corpora_are_long_enough(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_dir: Path, tokenizer,
+                                   overwrite_activations: bool) -> tuple[TextsReadOnce | None, torch.Tensor | None]:
     """A training corpus still to harvest too short for one context, or the eval corpus too short for the
     evaluation: refused before the model loads, not after a harvest and a training. The SAE evaluates at the
     harvest's context size unless eval.context_size is given; either way, that is the setting that shrinks the
     evaluation's contexts. Returns the training corpus's stream (None: no harvest to do), for the harvest to
-    go on reading, and the eval contexts read (None: none were), for the evaluation."""
-    spec, texts = lm or harvest_cfg.model, None
+    go on reading, and the eval contexts read (None: none were), for the evaluation. ``tokenizer``: the model's,
+    from :func:`tokenizer_before_load` (None: the checks wait for the load)."""
+    texts = None
     if overwrite_activations or not cache_is_complete(run_dir / ACTIVATIONS_DIR):
         corpus = resolve_corpus(harvest_cfg.corpus, "train")
         texts = TextsReadOnce(corpus)
-        check_corpus_fills_a_context(spec, corpus, harvest_cfg.context_size, harvest_cfg.prepend_bos,
+        check_corpus_fills_a_context(tokenizer, corpus, harvest_cfg.context_size, harvest_cfg.prepend_bos,
                                      "harvest.context_size", texts)
-    return texts, check_eval_corpus_before_load(spec, cfg.eval, cfg.eval.context_size or harvest_cfg.context_size,
+    return texts, check_eval_corpus_before_load(tokenizer, cfg.eval, cfg.eval.context_size or harvest_cfg.context_size,
                                                 int(harvest_cfg.exclude_first), harvest_cfg.prepend_bos)
 
 
@@ -850,12 +861,13 @@ def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_di
                        times: dict[str, float], *, device: str | torch.device | None, model_dtype: str,
                        overwrite: bool, overwrite_activations: bool, progress: bool, log_to: Sequence[str],
                        finished_hash: str | None, train_texts: TextsReadOnce | None,
-                       eval_contexts: torch.Tensor | None) -> tuple[dict[str, Any], list[str]]:
+                       eval_contexts: torch.Tensor | None, tokenizer) -> tuple[dict[str, Any], list[str]]:
     """Load the model, then harvest, train and evaluate, each stage reused when done with these settings;
     returns the metrics and the stages reused (``times`` gets the others' seconds). ``finished_hash``,
-    ``train_texts``, ``eval_contexts``: :func:`sae_sha256` of the finished run's SAE, the training corpus's
-    stream and the eval contexts, as the checks returned them."""
-    lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype))
+    ``train_texts``, ``eval_contexts``, ``tokenizer``: :func:`sae_sha256` of the finished run's SAE, the training
+    corpus's stream, the eval contexts and the model's tokenizer, as the checks returned or read them."""
+    lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype,
+                                                        tokenizer=tokenizer))
     reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
     cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
                                                                  progress, train_texts))
@@ -899,7 +911,10 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         note_unfinished_overwrite(run_dir / ACTIVATIONS_DIR, "--overwrite-activations")
         return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
                                          trained_before)
-    train_texts, eval_contexts = _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, lm, overwrite_activations)
+    # A hub model's tokenizer is fetched alone: a short corpus is refused before its weights download.
+    tokenizer = tokenizer_before_load(lm or harvest_cfg.model)
+    train_texts, eval_contexts = _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, tokenizer,
+                                                                overwrite_activations)
     if overwrite and (run_dir / TRAIN_CONFIG).exists():
         print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
               file=sys.stderr)
@@ -909,7 +924,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
                                              model_dtype=model_dtype, overwrite=overwrite,
                                              overwrite_activations=overwrite_activations, progress=progress,
                                              log_to=log_to, finished_hash=finished_hash, train_texts=train_texts,
-                                             eval_contexts=eval_contexts)
+                                             eval_contexts=eval_contexts, tokenizer=tokenizer)
         return _write_quickstart_results(run_dir, metrics, reused, times, earlier, trained_before)
 
 

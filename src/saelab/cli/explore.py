@@ -144,10 +144,11 @@ def _checked_sae(args: argparse.Namespace, hook: str | None = None):
     return sae, spec
 
 
-def _loaded(args: argparse.Namespace, sae, spec: str):
+def _loaded(args: argparse.Namespace, sae, spec: str, tokenizer=None):
+    """The SAE beside its model, loaded with ``tokenizer`` when the checks read it already (not read again)."""
     from saelab.models import load_model
 
-    lm = load_model(spec, device=args.device, dtype=args.model_dtype)
+    lm = load_model(spec, device=args.device, dtype=args.model_dtype, tokenizer=tokenizer)
     return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
 
 
@@ -175,18 +176,19 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
 
 def _steer_sae_and_model(args: argparse.Namespace, positions):
     """``_sae_and_model`` for steer, with --positions checked against the prompt, and --scale's eval text read
-    (a --scale-tokens past the eval split refused), before the load when the model's tokenizer is on disk,
-    else right after it (before any generation). Also returns that text: None where it is read after the load."""
-    from saelab.models import tokenizer_on_disk
+    (a --scale-tokens past the eval split refused), before the load when the model's tokenizer can be had without
+    it (a hub model's fetched alone), else right after it (before any generation). Also returns that text: None
+    where it is read after the load."""
+    from saelab.models import tokenizer_before_load
 
     sae, spec = _checked_sae(args, args.hook)
-    tokenizer = tokenizer_on_disk(spec)
+    tokenizer = tokenizer_before_load(spec)
     _check_reachable(args, positions, tokenizer)
     tokens = None
     if args.scale is not None and tokenizer is not None:
         with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
             tokens = read_tokens(tokenizer, sae, BrowseConfig(n_tokens=args.scale_tokens), None)  # SAE's context
-    sae, lm = _loaded(args, sae, spec)
+    sae, lm = _loaded(args, sae, spec, tokenizer)
     _check_reachable(args, positions, lm.tokenizer)
     if tokens is not None:
         lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
@@ -435,17 +437,19 @@ def _check_top_order(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.data import resolve_corpus
     from saelab.explore import top_activations
-    from saelab.models import check_context_fits
+    from saelab.models import check_context_fits, tokenizer_before_load
 
     resolve_corpus(args.corpus, "eval")  # a missing corpus is named before the model loads
     sae, spec = _checked_sae(args, args.hook)
     # top reads contexts of the SAE's length (it has no --context-size): one the model cannot take is refused now
     check_context_fits(spec, sae.cfg.context_size, "the SAE's context of {n} tokens")
     with _within_the_corpus("--n-tokens", args.n_tokens, args.corpus):
-        # read with the tokenizer on disk: a corpus too short for --n-tokens is named before the load
-        # None: top reads the SAE's context, which no option changes
-        tokens = read_tokens_before_load(spec, sae, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus), None)
-        sae, lm = _loaded(args, sae, spec)
+        # read with the tokenizer alone (a hub model's fetched first): a corpus too short for --n-tokens is named
+        # before the load; None: top reads the SAE's context, which no option changes
+        tokenizer = tokenizer_before_load(spec)
+        tokens = read_tokens_before_load(tokenizer, sae, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus),
+                                         None)
+        sae, lm = _loaded(args, sae, spec, tokenizer)
         if tokens is not None:
             lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
         results = top_activations(sae, lm, args.corpus if tokens is None else tokens, list(args.latent),

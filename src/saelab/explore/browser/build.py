@@ -331,13 +331,11 @@ def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
         raise
 
 
-def read_tokens_before_load(spec, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
+def read_tokens_before_load(tokenizer, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
                             context_setting: str | None = "context_size") -> torch.Tensor | None:
-    """:func:`read_tokens` with the tokenizer of the model ``spec`` on disk, before the (slow) load, so that a
-    corpus too short for ``cfg.n_tokens`` is named first; None when the tokenizer comes only with the load."""
-    from saelab.models import tokenizer_on_disk
-
-    tokenizer = tokenizer_on_disk(spec)
+    """:func:`read_tokens` with the model's tokenizer read before the (slow) load (``tokenizer_before_load``'s),
+    so that a corpus too short for ``cfg.n_tokens`` is named first; None when the tokenizer is None (it comes
+    only with the load)."""
     return None if tokenizer is None else read_tokens(tokenizer, sae, cfg, context_setting)
 
 

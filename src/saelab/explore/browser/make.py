@@ -198,17 +198,19 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU; SAEs the
     caller gave stay where the caller put them), and the contexts read (:func:`read_tokens`). A missing
     corpus, a bad hook, a context longer than the model takes or a corpus too short for ``cfg.n_tokens`` is
-    named first (from the config and tokenizer on disk), not after the load. ``seconds["tokenize"]``: the read's."""
-    from saelab.models import check_before_load, load_model
+    named first (from the config and tokenizer, a hub model's fetched alone), not after the load.
+    ``seconds["tokenize"]``: the read's."""
+    from saelab.models import check_before_load, load_model, tokenizer_before_load
     from saelab.run_folder import model_for
 
     resolve_corpus(cfg)
     spec = lm or cfg.model or model_for(sources[0].sae)
     check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size)  # as read_tokens reads
+    tokenizer = tokenizer_before_load(spec)  # a hub model's before its weights download: for the check and the load
     t = time.perf_counter()
-    tokens = read_tokens_before_load(spec, [s.sae for s in sources], cfg)
+    tokens = read_tokens_before_load(tokenizer, [s.sae for s in sources], cfg)
     took = time.perf_counter() - t
-    lm = load_model(spec, device=device, dtype=model_dtype)
+    lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer)
     for s in loaded_here:
         s.sae.to(lm.device)
     if tokens is None:  # the tokenizer came with the model
