@@ -103,7 +103,9 @@ def test_non_finite_input_gives_non_finite_values_with_auxk(aux_dense, k_aux):
 @pytest.mark.parametrize("aux_dense", [False, True, None])
 @pytest.mark.parametrize("sorted_out", [False, True])
 @pytest.mark.parametrize("latent_major", [False, True])
-@pytest.mark.parametrize("k_aux", [5, 30])  # 30: most rows' positive dead values fit, AuxK needs no top-k there
+# 2: fewer than k dead latents ("few") and more than k_aux; 30: most rows' positive dead values fit, AuxK
+# needs no top-k there
+@pytest.mark.parametrize("k_aux", [2, 5, 30])
 def test_sparse_encode_matches_dense_autograd(chunk_rows, dead, aux_dense, sorted_out, latent_major, k_aux):
     torch.manual_seed(0)
     B, D, n, k = 37, 12, 50, 6

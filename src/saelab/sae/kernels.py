@@ -11,7 +11,10 @@ Here, with xc = x - b_dec:
   reads a contiguous block instead of gathering the dead columns of every chunk, and the main
   top-k merges the live block's top-k with the dead block's (on CPU about 10 % off the encoder's
   forward and backward with a quarter of the latents dead, no change with 3 %; not measured on
-  a GPU, where the gathered copy of W_enc is a transient [n, d] allocation per step);
+  a GPU, where the gathered copy of W_enc is a transient [n, d] allocation per step). On the CPU,
+  where no row of a chunk has more than k_aux positive dead pre-activations, AuxK takes them
+  without a top-k, and the main top-k takes from the dead block only those above a row's k-th
+  live value;
 - backward, with g the gradient of the kept values (ReLU mask applied):
     d b_enc[j]    = sum of g over selections of latent j            (in entry order, as d W_enc)
     d W_enc[:, j] = sum over selections (b, j) of g * xc[b]         (embedding_bag, rows grouped by latent)
@@ -273,27 +276,28 @@ class _Block(NamedTuple):
 
 
 def _topk_of_split_chunk(xs: torch.Tensor, lo: int, live: _Block, dead: _Block, k_big: int, k_aux: int,
-                         sorted_out: bool, aux_entries: bool):
+                         sorted_out: bool, try_entries: bool):
     """Top-k_big over all latents, and AuxK over the dead ones, of one chunk (rows from ``lo`` of the
     batch) whose pre-activations come from two GEMMs, live columns then dead ones: the dead block is
     contiguous, so AuxK needs no column gather, and the main top-k takes the live block's top-k_big
     merged with the dead block's candidates. Returns (values, latents, AuxK as an _AuxPart: its
-    entries when ``aux_entries`` and no row has more than k_aux values that the ReLU keeps)."""
+    entries when ``try_entries`` (on the CPU only) and no row has more than k_aux values that the ReLU
+    keeps)."""
     n_dead = dead.cols.numel()
     pre_dead = dead.pre(xs)
     keep_all = k_aux >= n_dead  # AuxK keeps every dead latent: no selection, only the main candidates
-    aux = _entries_kept_by_relu(pre_dead[:, :n_dead], k_aux, lo) if aux_entries else None
+    aux = _entries_kept_by_relu(pre_dead[:, :n_dead], k_aux, lo) if try_entries else None
     dv = di = None  # the dead block's candidates for the main top-k
     if keep_all and aux is None:  # a new tensor: pre_dead is the next chunk's buffer
         aux = _AuxPart(lo, pre_dead[:, :n_dead].relu(), None)
     elif aux is None:  # its top max(k_aux, k_big) holds both its AuxK selection and its main candidates
-        dv, di = _topk(pre_dead, max(k_aux, k_big))
+        dv, di = _topk(pre_dead, min(max(k_aux, k_big), n_dead))
         if k_aux < dv.shape[1]:
             av, pos = dv.topk(k_aux, dim=-1, sorted=False)
             aux = _AuxPart(lo, av.relu(), di.gather(1, pos))
         else:
             aux = _AuxPart(lo, dv.relu(), di)
-    lv, li = _topk(live.pre(xs), min(k_big, live.cols.numel()), sorted_out)
+    lv, li = _topk(live.pre(xs), min(k_big, live.cols.numel()), sorted_out and aux.is_entries)  # may be final
     if dv is None:
         merged = _merge_dead_winners(lv, live.cols[li], k_big, aux, dead.cols, sorted_out) if aux.is_entries else None
         if merged is not None:
@@ -378,9 +382,9 @@ def _merge_dead_winners(lv_RK: torch.Tensor, li_RK: torch.Tensor, k_big: int, en
     if win.numel() == 0:
         return lv_RK, li_RK
     rows = entries.rows[win]  # ascending: each row's winners go after its k_big live candidates
-    counts = torch.bincount(rows, minlength=lv_RK.shape[0])
-    slot = k_big + torch.arange(win.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
-    width = k_big + int(counts.max())
+    starts = _row_offsets(rows, lv_RK.shape[0])
+    slot = k_big + torch.arange(win.numel(), device=rows.device) - starts[rows]
+    width = k_big + int(torch.diff(starts, append=starts.new_tensor([win.numel()])).max())
     cand_v = torch.cat([lv_RK, lv_RK.new_full((lv_RK.shape[0], width - k_big), float("-inf"))], dim=1)
     cand_i = torch.cat([li_RK, li_RK.new_zeros(li_RK.shape[0], width - k_big)], dim=1)
     cand_v[rows, slot] = entries.vals[win]
@@ -444,12 +448,14 @@ class _SparseTopKEncode(torch.autograd.Function):
             is_live = torch.ones(n, dtype=torch.bool, device=dead_idx.device).index_fill_(0, dead_idx, False)
             live = _Block.gather(W_enc_DN, b_enc_N, _live_columns(is_live, n - dead_idx.numel()), rows)
             dead = _Block.gather(W_enc_DN, b_enc_N, dead_idx, rows)
+            try_entries = drop_zeros  # on the CPU, until a chunk has a row with more than k_aux: the next likely too
             for lo in range(0, B, chunk_rows):
                 v, i, aux = _topk_of_split_chunk(xc_BD[lo:lo + chunk_rows], lo, live, dead, k_big, k_aux,
-                                                 sorted_out, drop_zeros)
+                                                 sorted_out, try_entries)
                 vals.append(v)
                 idx.append(i)
                 aux_parts.append(aux)
+                try_entries = aux.is_entries
         vals_BK = torch.relu(torch.cat(vals))
         idx_BK = torch.cat(idx)
         if dead_idx is None:
