@@ -174,3 +174,26 @@ def test_control_characters_of_the_text_are_shown_escaped(tiny_gpt2, corpus, tmp
     assert "\x1b" in raw and "\t" in raw  # the tokens themselves keep the text as it is
     assert "\\x1b[2J\\x1b[31mred\\tcolumn\\x1b[0m and\\x7f plain text\\n" in shown
     assert not [c for c in shown if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0)]
+
+
+def test_a_corpus_too_short_is_refused_before_the_model_loads(gpt2_tokenizer, tmp_path):
+    """With no model given, top_activations loaded the SAE's model and then read the corpus: a corpus too short
+    for n_tokens was named only after the load. The model folder holds a config and a tokenizer but no weights:
+    a refusal after the load would read "cannot load model directory", so the corpus's came first."""
+    from transformers import GPT2Config
+
+    from saelab.models.loading import ModelLoadError
+
+    model = tmp_path / "model"
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128).save_pretrained(model)
+    gpt2_tokenizer.save_pretrained(model)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=64, k=4, hook_name=HOOK, model_name=str(model), context_size=T))
+    text = tmp_path / "c.txt"
+    text.write_text("The cat sat on the mat. " * 50, encoding="utf-8")  # 351 tokens: 11 contexts of 32
+    most = 11 * (T - 1)  # position 0 (BOS) is not scored
+    for lm in (None, str(model)):  # the SAE's model, or one named
+        with pytest.raises(CorpusError, match="gave only 11 contexts") as e:
+            top_activations(sae, lm, str(text), 0, n_tokens=most + 1)
+        assert e.value.max_tokens == most
+        with pytest.raises(ModelLoadError, match="cannot load model directory"):  # as many as it holds: the load
+            top_activations(sae, lm, str(text), 0, n_tokens=most)

@@ -16,7 +16,7 @@ from saelab.cli.common import (add_io_options, finite_float, first_repeat, given
                                typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
-from saelab.explore.browser.build import read_tokens, read_tokens_before_load
+from saelab.explore.browser.build import SAESource, read_tokens
 from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
 from saelab.models import model_provenance
@@ -437,23 +437,21 @@ def _check_top_order(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.data import resolve_corpus
     from saelab.explore import top_activations
-    from saelab.models import check_context_fits, tokenizer_before_load
+    from saelab.explore.browser.make import load_model_beside
+    from saelab.models import check_context_fits
 
     resolve_corpus(args.corpus, "eval")  # a missing corpus is named before the model loads
     sae, spec = _checked_sae(args, args.hook)
     # top reads contexts of the SAE's length (it has no --context-size): one the model cannot take is refused now
     check_context_fits(spec, sae.cfg.context_size, "the SAE's context of {n} tokens")
+    source = SAESource(args.sae, args.sae, sae)
     with _within_the_corpus("--n-tokens", args.n_tokens, args.corpus):
-        # read with the tokenizer alone (a hub model's fetched first): a corpus too short for --n-tokens is named
-        # before the load; None: top reads the SAE's context, which no option changes
-        tokenizer = tokenizer_before_load(spec)
-        tokens = read_tokens_before_load(tokenizer, sae, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus),
-                                         None)
-        sae, lm = _loaded(args, sae, spec, tokenizer)
-        if tokens is not None:
-            lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
-        results = top_activations(sae, lm, args.corpus if tokens is None else tokens, list(args.latent),
-                                  args.n_contexts, n_tokens=args.n_tokens, progress=args.progress)
+        # the library's own read before the load, on the device asked for; None: top reads the SAE's context,
+        # which no option changes
+        lm, tokens = load_model_beside(spec, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus), [source],
+                                       [source], sae.cfg.hook_name, args.device, args.model_dtype,
+                                       context_setting=None)
+        results = top_activations(sae, lm, tokens, list(args.latent), args.n_contexts, progress=args.progress)
     if args.json:
         return {"sae": args.sae, "latents": [r.to_dict() for r in results]}
     print("\n\n".join(r.to_text() for r in results))

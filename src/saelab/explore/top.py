@@ -37,7 +37,6 @@ from saelab.explore.browser.build import (
     encoded_batches,
     first_scored,
     open_sae_source,
-    read_tokens,
     top_contexts_state,
 )
 from saelab.explore.browser.stats import context_maxima, select_latents
@@ -135,16 +134,14 @@ def _latent_list(latent: int | Sequence[int], n_latents: int) -> list[int]:
     return lats
 
 
-def _open(sae, lm):
-    from saelab.models import load_model
-
-    given = isinstance(sae, (SAESource, TopKSAE))
-    source = sae if isinstance(sae, SAESource) else (
-        SAESource("sae", "the SAE given", sae) if isinstance(sae, TopKSAE) else open_sae_source(sae))
-    lm = load_model(lm if lm is not None else source.sae.cfg.model_name or "default")
-    if not given:  # an SAE loaded here runs beside the model; a given one stays where the caller put it
-        source.sae.to(lm.device)
-    return source, lm
+def _source(sae) -> tuple[SAESource, bool]:
+    """The SAE as a source, and whether the caller gave it loaded: a given one stays where the caller put it,
+    one loaded here runs beside the model."""
+    if isinstance(sae, SAESource):
+        return sae, True
+    if isinstance(sae, TopKSAE):
+        return SAESource("sae", "the SAE given", sae), True
+    return open_sae_source(sae), False
 
 
 def _check_corpus(corpus) -> None:
@@ -157,16 +154,32 @@ def _check_corpus(corpus) -> None:
     resolve_corpus(None if corpus is None else str(corpus), "eval")
 
 
-def _contexts(lm, sae: TopKSAE, corpus, n_tokens: int, context_size: int | None) -> torch.Tensor:
-    """``[N, T]`` contexts: given as a LongTensor, or packed from the corpus as the browser does."""
-    if isinstance(corpus, torch.Tensor):
-        if corpus.dim() != 2 or corpus.dtype != torch.long or corpus.shape[1] - first_scored(sae) < 1:
-            raise ShapeMismatchError(f"corpus: a token tensor must be a LongTensor [contexts, tokens] with at least "
-                                     f"{first_scored(sae) + 1} tokens per context, got {corpus.dtype} "
-                                     f"{list(corpus.shape)}")
-        return corpus
-    cfg = BrowseConfig(n_tokens=n_tokens, corpus=None if corpus is None else str(corpus), context_size=context_size)
-    return read_tokens(lm, sae, cfg)
+def _check_token_tensor(tokens: torch.Tensor, sae: TopKSAE) -> None:
+    if tokens.dim() != 2 or tokens.dtype != torch.long or tokens.shape[1] - first_scored(sae) < 1:
+        raise ShapeMismatchError(f"corpus: a token tensor must be a LongTensor [contexts, tokens] with at least "
+                                 f"{first_scored(sae) + 1} tokens per context, got {tokens.dtype} "
+                                 f"{list(tokens.shape)}")
+
+
+def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n_tokens: int,
+                        context_size: int | None) -> tuple[Any, torch.Tensor]:
+    """The model (loaded here unless ``lm`` is one) and the contexts ``[N, T]``: given as a LongTensor, or
+    packed from the corpus as the browser does, with a corpus too short for ``n_tokens`` refused before the
+    load where the model's tokenizer can be had without it (``load_model_beside``)."""
+    from saelab.explore.browser.make import load_model_beside
+    from saelab.models import load_model
+    from saelab.run_folder import model_for
+
+    loaded_here = [] if given else [source]
+    if not isinstance(corpus, torch.Tensor):
+        cfg = BrowseConfig(n_tokens=n_tokens, corpus=None if corpus is None else str(corpus),
+                           context_size=context_size)
+        return load_model_beside(lm, cfg, [source], loaded_here, hook)
+    _check_token_tensor(corpus, source.sae)
+    lm = load_model(lm if lm is not None else model_for(source.sae))
+    for s in loaded_here:
+        s.sae.to(lm.device)
+    return lm, corpus
 
 
 @torch.no_grad()
@@ -179,18 +192,19 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     ``lm``: a :class:`~saelab.models.LanguageModel` or a model name (None: the SAE's model).
     ``corpus``: a text file or folder, a Hugging Face dataset name, a LongTensor ``[N, T]`` of
     contexts, or None for the offline Wikipedia eval split; ``n_tokens`` tokens are read from it
-    (rounded up to whole contexts). ``hook`` overrides the SAE's own hook name.
+    (rounded up to whole contexts). ``hook`` overrides the SAE's own hook name. A model loaded here is loaded
+    after the checks that need none: a corpus too short for ``n_tokens`` is refused before it.
     """
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"k: expected a positive number of contexts, got {k!r}")
     _check_corpus(corpus)
-    source, lm = _open(sae, lm)
+    source, given = _source(sae)
     sae = source.sae
     lats = _latent_list(latent, sae.n_latents)
     hook = check_compatible([source], hook, None)
+    lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, n_tokens, context_size)
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
-    tokens_NT = _contexts(lm, sae, corpus, n_tokens, context_size)
     uniq = sorted(set(lats))
     top = _scan(lm, sae, tokens_NT, hook, torch.tensor(uniq), k, batch_size, progress)
     n_scored = tokens_NT.shape[0] * (tokens_NT.shape[1] - first_scored(sae))

@@ -194,12 +194,13 @@ def _named_model(cfg: BrowseConfig, lm) -> str | None:
 
 
 def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loaded_here: Sequence[SAESource],
-                      hook: str, device=None, model_dtype="float32", seconds: dict[str, float] | None = None):
+                      hook: str, device=None, model_dtype="float32", seconds: dict[str, float] | None = None,
+                      context_setting: str | None = "context_size"):
     """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU; SAEs the
     caller gave stay where the caller put them), and the contexts read (:func:`read_tokens`). A missing
     corpus, a bad hook, a context longer than the model takes or a corpus too short for ``cfg.n_tokens`` is
     named first (from the config and tokenizer, a hub model's fetched alone), not after the load.
-    ``seconds["tokenize"]``: the read's."""
+    ``seconds["tokenize"]``: the read's. ``context_setting``: as :func:`read_tokens` takes it."""
     from saelab.models import check_before_load, load_model, tokenizer_before_load
     from saelab.run_folder import model_for
 
@@ -208,14 +209,14 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size)  # as read_tokens reads
     tokenizer = tokenizer_before_load(spec)  # a hub model's before its weights download: for the check and the load
     t = time.perf_counter()
-    tokens = read_tokens_before_load(tokenizer, [s.sae for s in sources], cfg)
+    tokens = read_tokens_before_load(tokenizer, [s.sae for s in sources], cfg, context_setting)
     took = time.perf_counter() - t
     lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer)
     for s in loaded_here:
         s.sae.to(lm.device)
     if tokens is None:  # the tokenizer came with the model
         t = time.perf_counter()
-        tokens = read_tokens(lm, [s.sae for s in sources], cfg)
+        tokens = read_tokens(lm, [s.sae for s in sources], cfg, context_setting)
         took = time.perf_counter() - t
     else:
         lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
