@@ -152,11 +152,6 @@ def _loaded(args: argparse.Namespace, sae, spec: str, tokenizer=None):
     return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
 
 
-def _sae_and_model(args: argparse.Namespace, hook: str | None = None):
-    """The SAE named by ``args.sae``, checked (see ``_checked_sae``), and its language model."""
-    return _loaded(args, *_checked_sae(args, hook))
-
-
 def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
     """Refuse --positions that no step of the generation can reach; a None tokenizer (not on disk before
     the load) leaves the check to the call after the load."""
@@ -175,10 +170,10 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
 
 
 def _steer_sae_and_model(args: argparse.Namespace, positions):
-    """``_sae_and_model`` for steer, with --positions checked against the prompt, and --scale's eval text read
-    (a --scale-tokens past the eval split refused), before the load when the model's tokenizer can be had without
-    it (a hub model's fetched alone), else right after it (before any generation). Also returns that text: None
-    where it is read after the load."""
+    """The SAE named by ``args.sae``, checked (``_checked_sae``), and its language model (``_loaded``), with
+    --positions checked against the prompt, and --scale's eval text read (a --scale-tokens past the eval split
+    refused), before the load when the model's tokenizer can be had without it (a hub model's fetched alone),
+    else right after it (before any generation). Also returns that text: None where it is read after the load."""
     from saelab.models import tokenizer_before_load
 
     sae, spec = _checked_sae(args, args.hook)
