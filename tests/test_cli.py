@@ -578,8 +578,8 @@ BAD_CONFIGS = [
     ("relation.json", '{"train": {"k": 600, "n_latents": 512}}',
      "train.k 600 exceeds train.n_latents 512; expected train.k <= train.n_latents"),
     # options that act only with another setting, as on the command line
-    ("l1.yaml", "train:\n  l1_coefficient: 3\n", "train.l1_coefficient: applies only with --architecture relu"),
-    ("factor.yaml", "train:\n  multi_topk_factor: 4\n", "train.multi_topk_factor: applies only with --multi-topk"),
+    ("l1.yaml", "train:\n  l1_coefficient: 3\n", "train.l1_coefficient: applies only with train.architecture relu"),
+    ("factor.yaml", "train:\n  multi_topk_factor: 4\n", "train.multi_topk_factor: applies only with train.multi_topk"),
     # the setting it needs from the same file: named as the file's entry, the file named once
     ("l1_topk.yaml", "train:\n  architecture: topk\n  l1_coefficient: 3\n",
      "train.l1_coefficient: applies only with train.architecture relu"),
@@ -736,13 +736,56 @@ def test_a_grid_typed_or_in_another_file_keeps_its_own_words(tmp_path, capsys):
     arch, l1 = tmp_path / "a.yaml", tmp_path / "b.yaml"
     arch.write_text("train:\n  architecture: topk\n")
     l1.write_text("train:\n  l1_coefficient: 3\n")
-    why = "relu (the relu-l1 recipe); a top-k SAE's sparsity is set by --k"
-    for extra, opening in ((["--config", str(arch), str(l1)], f"--config {l1}: train.l1_coefficient"),
-                           (["--config", str(l1), str(arch)], f"--config {l1}: train.l1_coefficient"),
-                           (["--config", str(arch), "--l1-coefficient", "3"], "--l1-coefficient")):
+    why = "relu (the relu-l1 recipe); a top-k SAE's sparsity is set by"  # k left at its default: as the entry
+    for extra, opening, k in ((["--config", str(arch), str(l1)], f"--config {l1}: train.l1_coefficient", "train.k"),
+                              (["--config", str(l1), str(arch)], f"--config {l1}: train.l1_coefficient", "train.k"),
+                              (["--config", str(arch), "--l1-coefficient", "3"], "--l1-coefficient", "--k")):
         assert _exit_code(["train", "--activations", "a", "--out", "r", *extra]) == 2
         assert capsys.readouterr().err.strip() == (f"saelab train: error: {opening}: applies only with "
-                                                   f"train.architecture (--config {arch}) {why}")
+                                                   f"train.architecture (--config {arch}) {why} {k}")
+
+
+RELU = "a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every positive latent and has no k, AuxK or Multi-TopK"
+ADVICE_AS_GIVEN = [  # (the file, the command after "saelab", the refusal after "error: ")
+    ('{"train": {"l1_coefficient": 3}}', "train --config {cfg}", "--config {cfg}: train.l1_coefficient: applies only "
+     "with train.architecture relu (the relu-l1 recipe); a top-k SAE's sparsity is set by train.k"),
+    ("", "train --l1-coefficient 3", "--l1-coefficient: applies only with --architecture relu (the relu-l1 recipe); "
+                                     "a top-k SAE's sparsity is set by --k"),
+    # a setting of the advice the user typed keeps its spelling beside the file's
+    ('{"train": {"l1_coefficient": 3}}', "train --config {cfg} -k 5", "--config {cfg}: train.l1_coefficient: applies "
+     "only with train.architecture relu (the relu-l1 recipe); a top-k SAE's sparsity is set by -k"),
+    ('{"train": {"architecture": "relu", "k": 8}}', "train --config {cfg}",
+     f"--config {{cfg}}: train.k: {RELU}; its sparsity is set by train.l1_coefficient"),
+    ("", "train --architecture relu -k 8", f"-k: {RELU}; its sparsity is set by --l1-coefficient"),
+    ('{"train": {"multi_topk_factor": 4}}', "train --config {cfg}",
+     "--config {cfg}: train.multi_topk_factor: applies only with train.multi_topk"),
+    ('{"train": {"decoder_init": "random", "decoder_init_noise": 0.5}}', "train --config {cfg}",
+     "--config {cfg}: train.decoder_init_noise: applies only to a decoder initialized from data (train.decoder_init "
+     "data, or auto where train.batch_size x train.k / train.n_latents >= 16); here it is drawn at random"),
+    ('{"train": {"k_aux": 100000}}', "train --config {cfg}", "--config {cfg}: train.k_aux: 100000 exceeds the SAE's "
+     "8192 latents (train.n_latents); AuxK trains at most every dead latent: expected at most 8192"),
+    # a sweep's grid entry: from a file, the file's words; typed, the options
+    ('{"grid": ["l1-coefficient=3,4"]}', "sweep --config {cfg}", "--config {cfg}: grid l1-coefficient: applies only "
+     "with train.architecture relu (the relu-l1 recipe); a top-k SAE's sparsity is set by train.k"),
+    ("", "sweep --grid l1-coefficient=3,4", "--grid l1-coefficient: applies only with --architecture relu (the relu-l1 "
+                                            "recipe); a top-k SAE's sparsity is set by --k"),
+]
+
+
+@pytest.mark.parametrize("file,command,message", ADVICE_AS_GIVEN,
+                         ids=["l1", "l1-typed", "l1-k-typed", "relu-k", "relu-k-typed", "factor", "noise", "k-aux",
+                              "grid", "grid-typed"])
+def test_the_advice_of_a_refusal_names_settings_as_the_refused_entry_was_given(file, command, message, tmp_path,
+                                                                               capsys):
+    """An entry of a --config file that applies only with another setting was advised with options the user
+    never typed ("train.l1_coefficient: applies only with --architecture relu ...; ... set by --k"): the settings
+    the advice names are now written as the file writes them, and as options where the user typed options."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(file)
+    verb, *rest = command.format(cfg=cfg).split()
+    assert _exit_code([verb, "--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "o"), *rest]) == 2
+    assert capsys.readouterr().err.strip() == f"saelab {verb}: error: {message.format(cfg=cfg)}"
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("file,typed,message", [

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import re
 import shlex
 import sys
 import typing
@@ -79,16 +80,30 @@ def refuse_options_that_do_not_apply(args: argparse.Namespace, grid: dict[str, l
     for fields, applies, why in APPLIES_ONLY_WITH:
         if not any(applies(p) for p in points):  # a grid may vary the setting: some of its points use them
             for field in filter(used, fields):
-                raise ConfigError(f"{how(field)}: {why}")
+                advice = {o: advised_as(args, how(field), o) for o in re.findall(r"(?<![\w-])--[a-z][\w-]*", why)}
+                raise ConfigError(in_given_words(f"{how(field)}: {why}", {o: w for o, w in advice.items() if w}))
     # The default k_aux (256, the paper's 512) exceeds a small --n-latents: AuxK then takes every dead latent.
     if how("k_aux") is None:
         return
     for p in points:
         if p["k_aux"] > p["n_latents"]:  # each named as given, a file's entries after their file
-            how_given = {"--k-aux": how("k_aux"), "--n-latents": how("n_latents") or "--n-latents"}
+            n_latents = how("n_latents") or advised_as(args, how("k_aux"), "--n-latents") or "--n-latents"
+            how_given = {"--k-aux": how("k_aux"), "--n-latents": n_latents}
             raise ConfigError(in_given_words(f"--k-aux: {p['k_aux']} exceeds the SAE's {p['n_latents']} latents "
                                              f"(--n-latents); AuxK trains at most every dead latent: expected at "
                                              f"most {p['n_latents']}", how_given))
+
+
+def advised_as(args: argparse.Namespace, lead: str, option: str) -> str | None:
+    """How a refusal of the entry ``lead`` (as given) names a training option its advice gives ("--k"): the
+    --config file's entry where a file set it; where nothing did, as ``lead``'s file writes it ("train.k") when
+    ``lead`` came from one. None keeps the option, which the verb's errors spell as typed ("-k"; a switch typed
+    off is still advised by its name)."""
+    dest = f"train.{option[2:].replace('-', '_')}"
+    words = given(args, dest)
+    if words is None:
+        return dest if given_parts(lead)[0] else None
+    return words if given_parts(words)[0] else None
 
 
 def grid_as(args: argparse.Namespace) -> str:
