@@ -217,26 +217,29 @@ def measure(args: argparse.Namespace, reader: CacheReader, n: int) -> None:
                     aux.append(seconds)
                     losses.append(loss)
             variants["this"]()
-            per_row, dense = nonzero_aux_per_row(run, x, dead)
-            print(f"n={n:,} dead={int(dead.sum()):,}: {per_row:.1f} nonzero AuxK values per row; this saelab takes "
-                  f"the {'dense' if dense else 'entry'} form", flush=True)
+            per_row, dense, over = nonzero_aux_per_row(run, x, dead)
+            print(f"n={n:,} dead={int(dead.sum()):,}: {per_row:.1f} nonzero AuxK values per row, {over:.1%} of rows "
+                  f"with more than k_aux positive; this saelab takes the {'dense' if dense else 'entry'} form",
+                  flush=True)
             for name, (plain, aux, losses) in times.items():
                 report(n, dead, name if len(variants) > 1 else "", plain, aux, losses)
         if args.profile:
             profile_versions(args, run, variants, x, dead)
 
 
-def nonzero_aux_per_row(run, x: torch.Tensor, dead: torch.Tensor) -> tuple[float, bool]:
+def nonzero_aux_per_row(run, x: torch.Tensor, dead: torch.Tensor) -> tuple[float, bool, float]:
     """The nonzero AuxK values per row of ``x`` at the dead set ``dead`` (they set AuxK's cost and form),
-    and whether this saelab takes the dense form there."""
+    whether this saelab takes the dense form there, and the share of rows with more than k_aux positive
+    dead pre-activations (on the CPU, a chunk holding one such row runs AuxK's top-k)."""
     from saelab.sae.kernels import sparse_topk_encode
 
-    sae = run.trainer.sae
+    sae, dead_idx, k_aux = run.trainer.sae, dead.nonzero().squeeze(1), run.trainer.cfg.k_aux
     with torch.no_grad():
         x_n, _ = sae.normalize_input(x)
-        enc = sparse_topk_encode(x_n, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k,
-                                 dead_idx=dead.nonzero().squeeze(1), k_aux=run.trainer.cfg.k_aux)
-    return (enc.aux_vals_BA != 0).sum().item() / x.shape[0], enc.aux_dense
+        enc = sparse_topk_encode(x_n, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, dead_idx=dead_idx, k_aux=k_aux)
+        pre_dead = (x_n - sae.b_dec) @ sae.W_enc[:, dead_idx] + sae.b_enc[dead_idx]
+        over = ((pre_dead > 0).sum(dim=1) > k_aux).float().mean().item()
+    return (enc.aux_vals_BA != 0).sum().item() / x.shape[0], enc.aux_dense, over
 
 
 def profile_versions(args: argparse.Namespace, run, variants: dict, x: torch.Tensor, dead: torch.Tensor) -> None:
