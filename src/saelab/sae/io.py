@@ -89,28 +89,23 @@ def save_sae(
     ``cfg.json`` is complete. A run folder and its ``sae/`` are refused (:func:`refuse_a_run_folder`).
     """
     refuse_a_run_folder(folder, str(folder))
-    return write_sae(sae, folder, format=format, sparsity_log10=sparsity_log10, extra_files=extra_files)
-
-
-def write_sae(
-    sae: TopKSAE,
-    folder: str | os.PathLike,
-    *,
-    format: str = "saelens",
-    sparsity_log10: torch.Tensor | None = None,
-    extra_files: dict[str, Any] | None = None,
-) -> Path:
-    """:func:`save_sae` without its refusal of run folders: for a run's training alone, the one writer of
-    the run's ``sae/``."""
     if format not in SAVE_FORMATS:
         raise ConfigError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
-    _check_save_folder(folder)
     if format == "sparsify":
         if sparsity_log10 is not None or extra_files:
             raise ConfigError("format='sparsify' holds only cfg.json and sae.safetensors; sparsity_log10 and "
                               "extra_files need format='saelens'")
+        _check_save_folder(folder)
         _refuse_relu_in_sparsify(sae)
         return _drop_other_layout(write_sparsify_folder(sae, folder), "sparsify")
+    return write_sae(sae, folder, sparsity_log10=sparsity_log10, extra_files=extra_files)
+
+
+def write_sae(sae: TopKSAE, folder: str | os.PathLike, *, sparsity_log10: torch.Tensor | None = None,
+              extra_files: dict[str, Any] | None = None) -> Path:
+    """:func:`save_sae`'s SAELens folder without its refusal of run folders: for a run's training alone, the
+    one writer of the run's ``sae/``."""
+    _check_save_folder(folder)
     return _drop_other_layout(write_saelens_folder(sae, folder, sparsity_log10=sparsity_log10,
                                                    extra_files=extra_files), "saelens")
 
