@@ -305,9 +305,10 @@ def test_decode_entries_matches_dense_autograd(n_entries):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), name
 
 
-@pytest.mark.parametrize("dead", ["mix", "few", "most"])
+@pytest.mark.parametrize("chunk_rows", [5, 64])  # 64: the batch's 37 rows in one chunk
+@pytest.mark.parametrize("dead", ["mix", "few", "most"])  # "few": k_aux keeps every dead latent
 @pytest.mark.parametrize("aux_dense", [False, True])
-def test_auxk_as_on_a_gpu_matches_dense_autograd(dead, aux_dense):
+def test_auxk_as_on_a_gpu_matches_dense_autograd(dead, aux_dense, chunk_rows):
     """Off the CPU, AuxK keeps all k_aux values of each row, zeros too (finding the nonzero ones would
     wait for the device): that path, run here on the CPU, against dense autograd, values and gradients."""
     torch.manual_seed(0)
@@ -318,7 +319,7 @@ def test_auxk_as_on_a_gpu_matches_dense_autograd(dead, aux_dense):
     dead_idx = DEAD_SETS[dead]
     k_aux = min(5, dead_idx.numel())
     out = kernels.EncodeOutput(*kernels._SparseTopKEncode.apply(
-        *inputs, k, dead_idx, k_aux, aux_dense, kernels.GPU_AUX_DENSE_FACTOR, False, 5, False))
+        *inputs, k, dead_idx, k_aux, aux_dense, kernels.GPU_AUX_DENSE_FACTOR, False, chunk_rows, False))
     assert out.aux_dense == aux_dense and (aux_dense or out.aux_vals_BA.numel() == B * k_aux)
     z, za = _densify(out.vals_BK, out.idx_BK, n), _densify_aux(out, n)
     z_ref, za_ref = _dense_reference(*inputs, k, dead_idx, k_aux)

@@ -325,11 +325,10 @@ class _AuxPart(NamedTuple):
     def is_entries(self) -> bool:
         return self.rows is not None
 
-    def kept(self, drop_zeros: bool) -> int:
-        """How many values the entry form keeps: the nonzero ones with ``drop_zeros`` (!= 0 keeps a NaN)."""
-        if self.is_entries or not drop_zeros:
-            return self.vals.numel()
-        return int((self.vals != 0).sum())
+    def kept(self, drop_zeros: bool) -> torch.Tensor | None:
+        """Which values the entry form keeps, for ``entries``: a mask of the nonzero ones with
+        ``drop_zeros`` (!= 0 keeps a NaN); None where it keeps them all."""
+        return None if self.is_entries or not drop_zeros else self.vals != 0
 
     def fill(self, dense_BN: torch.Tensor) -> None:
         """Write the values into the batch's dense form."""
@@ -342,13 +341,14 @@ class _AuxPart(NamedTuple):
         else:
             rows.scatter_(1, self.local, self.vals)
 
-    def entries(self, drop_zeros: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values, positions in the dead block, rows of the batch) row by row: the nonzero values with
-        ``drop_zeros``, else all of them (keeping only those off the CPU would wait for the device)."""
+    def entries(self, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, positions in the dead block, rows of the batch) row by row: those of ``kept`` (the
+        mask from ``kept()``), else all of them (keeping only the nonzero ones off the CPU would wait
+        for the device)."""
         if self.is_entries:
             return self.vals, self.local, self.rows + self.lo
         av, A = self.vals, self.vals.shape[1]
-        pos = (av != 0).view(-1).nonzero().squeeze(1) if drop_zeros else torch.arange(av.numel(), device=av.device)
+        pos = kept.view(-1).nonzero().squeeze(1) if kept is not None else torch.arange(av.numel(), device=av.device)
         local = pos % A if self.local is None else self.local.reshape(-1)[pos]
         return av.reshape(-1)[pos], local, torch.div(pos, A, rounding_mode="floor") + self.lo
 
@@ -404,16 +404,28 @@ def _aux_form(aux_parts: list[_AuxPart], dead_idx: torch.Tensor, B: int, aux_den
     columns costs less than embedding_bag passes over that many entries per row until n_dead is several
     times their number."""
     n_dead = dead_idx.numel()
+    kept = [part.kept(drop_zeros) for part in aux_parts]  # each mask built once: it decides, then selects
     if aux_dense is None:
-        per_row = sum(part.kept(drop_zeros) for part in aux_parts) / max(B, 1)
+        per_row = sum(part.vals.numel() if mask is None else int(mask.sum())
+                      for part, mask in zip(aux_parts, kept)) / max(B, 1)
         aux_dense = dense_factor == float("inf") or n_dead <= dense_factor * per_row  # inf: dense even at 0
     if aux_dense:
-        dense = aux_parts[0].vals.new_zeros(B, n_dead)
-        for part in aux_parts:
-            part.fill(dense)
-        return dense, dead_idx, None
-    vals, local, rows = (torch.cat(column) for column in zip(*(part.entries(drop_zeros) for part in aux_parts)))
+        return _dense_aux(aux_parts, B, n_dead), dead_idx, None
+    vals, local, rows = (torch.cat(column) for column in zip(*(p.entries(m) for p, m in zip(aux_parts, kept))))
     return vals, dead_idx[local], rows
+
+
+def _dense_aux(aux_parts: list[_AuxPart], B: int, n_dead: int) -> torch.Tensor:
+    """[B, n_dead]: the chunks' AuxK values in the dense form. Where every chunk kept each dead latent
+    (k_aux >= n_dead, as on a GPU at a small dead set) their values already are its rows: no zeros to
+    write first."""
+    if all(not part.is_entries and part.local is None for part in aux_parts):
+        vals = [part.vals for part in aux_parts]
+        return vals[0] if len(vals) == 1 else torch.cat(vals)
+    dense = aux_parts[0].vals.new_zeros(B, n_dead)
+    for part in aux_parts:
+        part.fill(dense)
+    return dense
 
 
 def _live_columns(is_live: torch.Tensor, n_live: int) -> torch.Tensor:
