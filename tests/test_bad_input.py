@@ -302,6 +302,25 @@ def test_cli_eval_of_run_folder_with_corrupt_sae_keeps_earlier_results(tmp_path,
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_model_folder_with_corrupt_weights_is_one_line_naming_the_file(damage, tiny_dir, corpus, tmp_path, capsys):
+    from saelab.models import ModelLoadError, load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-100] if damage == "truncated" else b"\x00garbage" * 64)
+    expect = f"{weights} is not a readable safetensors file"
+    with pytest.raises(ModelLoadError, match=re.escape(expect)) as err:
+        load_model(str(folder))
+    assert "\n" not in str(err.value) and "expected the model's weights" in str(err.value)
+    code, out, err = run_cli(capsys, "harvest", "--model", str(folder), "--hook", HOOK, "--corpus", str(corpus),
+                             "--out", str(tmp_path / "acts"), "--no-progress")
+    assert code == 2 and out == "" and err.startswith("saelab harvest: error: ") and expect in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "acts").exists()
+
+
 # ---- a corrupt checkpoint.pt when resuming a training run ------------------------------------------------
 
 

@@ -139,6 +139,33 @@ def _load_dir(path: str | os.PathLike, dtype: torch.dtype, tokenizer=None, **kwa
     return model, tokenizer
 
 
+def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
+    """``_load_dir`` of a local model folder, any failure one ``ModelLoadError`` line naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_dir(folder, dtype, tokenizer)
+    except SafetensorError as err:  # a truncated or corrupt weights file; safetensors' error names no file
+        why = _unreadable_weights(folder) or first_line(err)
+        raise ModelLoadError(f"cannot load model directory {folder}: {why}") from err
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model directory {folder}: {first_line(err)}") from err
+
+
+def _unreadable_weights(folder: Path) -> str | None:
+    """Which of ``folder``'s safetensors files does not open, and why; None when they all do."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+            return (f"{path} is not a readable safetensors file ({first_line(err)}); expected the model's weights, "
+                    "as save_pretrained writes them")
+    return None
+
+
 def _load_gguf_raw(gguf_path: Path):
     """Dequantize a GGUF file with transformers (slow): float32 model and its tokenizer."""
     _gguf_bar_obeys_transformers()
@@ -232,10 +259,7 @@ def load_model(
     elif local.is_file() and local.suffix == ".gguf":
         model, tokenizer = _load_gguf(local, dtype, cache)
     elif local.is_dir():
-        try:
-            model, tokenizer = _load_dir(local, dtype, tokenizer)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"cannot load model directory {local}: {first_line(err)}") from err
+        model, tokenizer = _load_folder(local, dtype, tokenizer)
     elif local.exists():
         raise ModelLoadError(f"model spec {spec!r} is a file but not a .gguf file")
     elif _names_a_path(spec):
