@@ -1614,6 +1614,24 @@ def test_steer_and_top_check_the_hook_before_the_model_loads(tmp_path, capsys, m
     assert main(["export", "bare", "out", "--format", "saelens", "--hook", "blocks.1.hook_resid_post"]) == 0
 
 
+def test_top_checks_the_model_once_before_its_load(tmp_path, capsys, monkeypatch):
+    """`top` ran check_before_load for the SAE and again before the corpus read and the load (a hub model's config
+    looked for twice); one run covers its hook and the SAE's context, which the test above and
+    test_a_context_longer_than_the_model_takes_is_refused_from_its_config_before_the_load hold it to."""
+    from saelab import models
+
+    monkeypatch.chdir(tmp_path)
+    _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64))
+    calls, check = [], models.check_before_load
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return check(*args, **kwargs)
+    monkeypatch.setattr(models, "check_before_load", counted)
+    _refusals([(["top", "sae", "--latent", "1"], "cannot load model directory")], capsys)  # past every check
+    assert len(calls) == 1, calls
+
+
 def test_steer_refuses_unreachable_positions_before_the_model_loads(gpt2_tokenizer, tmp_path, capsys, monkeypatch):
     """The model folder holds a config and a tokenizer but no weights: the prompt is measured without a load."""
     monkeypatch.chdir(tmp_path)

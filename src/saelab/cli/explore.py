@@ -127,8 +127,8 @@ def _check_steer(args: argparse.Namespace):
 
 
 def _checked_sae(args: argparse.Namespace, hook: str | None = None):
-    """The SAE named by ``args.sae`` (its latents ``args.latent`` and its hook checked) and its model's spec."""
-    from saelab.models import check_before_load
+    """The SAE named by ``args.sae`` (its latents ``args.latent`` and its hook checked) and its model's spec;
+    the checks against the model's config (``check_before_load``) are the caller's, run once."""
     from saelab.run_folder import check_sae_hook, model_for
 
     sae, _ = open_sae(args.sae)
@@ -140,7 +140,6 @@ def _checked_sae(args: argparse.Namespace, hook: str | None = None):
                           f"{args.sae} has latents 0..{sae.n_latents - 1}")
     check_sae_hook(sae, args.sae)
     spec = args.model or model_for(sae)  # once: an SAE that records no model is warned about once
-    check_before_load(spec, sae.cfg.hook_name)
     return sae, spec
 
 
@@ -174,9 +173,10 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
     --positions checked against the prompt, and --scale's eval text read (a --scale-tokens past the eval split
     refused), before the load when the model's tokenizer can be had without it (a hub model's fetched alone),
     else right after it (before any generation). Also returns that text: None where it is read after the load."""
-    from saelab.models import tokenizer_before_load
+    from saelab.models import check_before_load, tokenizer_before_load
 
     sae, spec = _checked_sae(args, args.hook)
+    check_before_load(spec, sae.cfg.hook_name)
     tokenizer = tokenizer_before_load(spec)
     _check_reachable(args, positions, tokenizer)
     tokens = None
@@ -433,16 +433,13 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.data import resolve_corpus
     from saelab.explore import top_activations
     from saelab.explore.browser.make import load_model_beside
-    from saelab.models import check_context_fits
 
     resolve_corpus(args.corpus, "eval")  # a missing corpus is named before the model loads
     sae, spec = _checked_sae(args, args.hook)
-    # top reads contexts of the SAE's length (it has no --context-size): one the model cannot take is refused now
-    check_context_fits(spec, sae.cfg.context_size, "the SAE's context of {n} tokens")
     source = SAESource(args.sae, args.sae, sae)
     with _within_the_corpus("--n-tokens", args.n_tokens, args.corpus):
-        # the library's own read before the load, on the device asked for; None: top reads the SAE's context,
-        # which no option changes
+        # the library's own checks and read before the load, on the device asked for; None: top reads the SAE's
+        # context, which no option changes (a context the model cannot take is refused in the SAE's words)
         lm, tokens = load_model_beside(spec, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus), [source],
                                        [source], sae.cfg.hook_name, args.device, args.model_dtype,
                                        context_setting=None)

@@ -377,8 +377,10 @@ def check_context_fits(spec: str | LanguageModel, context_size: int, named: str 
         raise ConfigError(f"{named.format(n=context_size)} exceeds the longest context of {spec} ({longest} tokens)")
 
 
-# A context an SAE (or activation cache) recorded, not one the user typed.
-RECORDED_CONTEXT = "the SAE's context of {n} tokens (--context-size sets another)"
+# A context an SAE (or activation cache) recorded, not one the user typed; SAE_CONTEXT where no option sets
+# another (saelab top reads the SAE's own).
+SAE_CONTEXT = "the SAE's context of {n} tokens"
+RECORDED_CONTEXT = SAE_CONTEXT + " (--context-size sets another)"
 
 
 def _fetch_config(spec: str | LanguageModel) -> None:
@@ -395,18 +397,18 @@ def _fetch_config(spec: str | LanguageModel) -> None:
 
 
 def check_before_load(spec: str | LanguageModel, hook: str, context_size: int | None = None,
-                      recorded_context: int | None = None) -> None:
+                      recorded_context: int | None = None, recorded_named: str = RECORDED_CONTEXT) -> None:
     """What the model's config refuses before the (slow) load: a malformed hook, one past the model's layers,
-    a context longer than it takes (``context_size`` if given, else ``recorded_context``, the SAE's own). A hub
-    model's config is fetched alone first, so that these come before its weights download; the checks that
-    follow (``check_context_fits``) then read it too."""
+    a context longer than it takes (``context_size`` if given, else ``recorded_context``, the SAE's own, worded
+    as ``recorded_named``). A hub model's config is fetched alone first, so that these come before its weights
+    download; the checks that follow (``check_context_fits``) then read it too."""
     check_hook_form(hook)
     _fetch_config(spec)
     check_hook_layer(spec, hook)
     if context_size is not None:
         check_context_fits(spec, context_size)
     elif recorded_context is not None:
-        check_context_fits(spec, recorded_context, RECORDED_CONTEXT)
+        check_context_fits(spec, recorded_context, recorded_named)
 
 
 def model_provenance(spec: str) -> dict:

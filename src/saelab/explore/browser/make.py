@@ -202,11 +202,13 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     named first (from the config and tokenizer, a hub model's fetched alone), not after the load.
     ``seconds["tokenize"]``: the read's. ``context_setting``: as :func:`read_tokens` takes it."""
     from saelab.models import check_before_load, load_model, tokenizer_before_load
+    from saelab.models.loading import RECORDED_CONTEXT, SAE_CONTEXT
     from saelab.run_folder import model_for
 
     resolve_corpus(cfg)
     spec = lm or cfg.model or model_for(sources[0].sae)
-    check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size)  # as read_tokens reads
+    check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size,  # as read_tokens reads
+                      RECORDED_CONTEXT if context_setting else SAE_CONTEXT)
     tokenizer = tokenizer_before_load(spec)  # a hub model's before its weights download: for the check and the load
     t = time.perf_counter()
     tokens = read_tokens_before_load(tokenizer, [s.sae for s in sources], cfg, context_setting)
