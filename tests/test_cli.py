@@ -1910,6 +1910,15 @@ _CORPUS_TOO_SHORT = ("corpus 'c.txt' holds 1 tokens, too few for one context of 
                  "steer: error: --positions 7: position 7 is never reached; the largest reachable is 6 (a prompt of "
                  "5 tokens with BOS, then --max-new-tokens 3, the last of which the model never reads)",
                  id="steer-positions-never-reached"),
+    pytest.param(_SHORT, ("steer", "sae", "--latent", "1", "--scale", "2", "--prompt", "Once upon a time",
+                          "--max-new-tokens", "3", "--positions", "7"),
+                 "steer: error: --positions 7: position 7 is never reached; the largest reachable is 6 (a prompt of "
+                 "5 tokens with BOS, then --max-new-tokens 3, the last of which the model never reads)",
+                 id="steer-scale-positions-never-reached"),
+    # --scale reads eval text in the SAE's context, which no option of steer changes
+    pytest.param(_SHORT, ("steer", "sae256", "--latent", "1", "--scale", "2", "--max-new-tokens", "3"),
+                 "steer: error: the SAE's context of 256 tokens exceeds the longest context of org/tiny-gpt2 "
+                 "(128 tokens)", id="steer-scale-sae-context-past-the-models"),
     pytest.param(_NO_CONTEXT, (*_QUICKSTART_HUB_MODEL, "--harvest-corpus", "c.txt"),
                  "quickstart: error: " + _CORPUS_TOO_SHORT.format(option="--harvest-context-size"),
                  id="quickstart-short-corpus"),
@@ -1920,11 +1929,12 @@ def test_bad_input_is_refused_before_a_hub_models_weights_download(gpt2_tokenize
     suite, for a corpus too short for the context. Its config and tokenizer are fetched alone first, and the
     input is refused before any weights file is asked for."""
     _save_saes(tmp_path, "org/tiny-gpt2", ("sae", 64))
+    _save_saes(tmp_path, "org/tiny-gpt2", ("sae256", 64), context_size=256)
     (tmp_path / "c.txt").write_text(corpus, encoding="utf-8")
     proc, requests = _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, *argv)
     assert (proc.returncode, proc.stderr) == (2, f"saelab {message}\n")
     assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "hf-home", "mirror", "sae"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "hf-home", "mirror", "sae", "sae256"]
 
 
 def test_each_verb_loads_its_model_with_the_tokenizer_its_checks_read(gpt2_tokenizer, tmp_path, capsys,
@@ -1952,10 +1962,11 @@ def test_each_verb_loads_its_model_with_the_tokenizer_its_checks_read(gpt2_token
         ["top", "sae", "--latent", "1", "--corpus", "c.txt", "--n-tokens", "300"],
         ["browse", "sae", "--out", "site", "--corpus", "c.txt", "--n-tokens", "300"],
         ["steer", "sae", "--latent", "1", "--value", "2", "--prompt", "Hi"],
+        ["steer", "sae", "--latent", "1", "--scale", "2", "--scale-tokens", "300", "--prompt", "Hi"],
         ["quickstart", "--harvest-model", str(model), "--harvest-hook", "blocks.1.hook_resid_post", "--harvest-corpus",
          "c.txt", "--eval-corpus", "c.txt", "--eval-recon-tokens", "300", "--eval-downstream-tokens", "300", "--out",
          "run"])], capsys)
-    assert len(given) == 7 and all(tokenizer is not None for tokenizer in given), given
+    assert len(given) == 8 and all(tokenizer is not None for tokenizer in given), given
 
 
 def test_an_unknown_series_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

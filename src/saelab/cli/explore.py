@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -16,7 +17,7 @@ from saelab.cli.common import (add_io_options, finite_float, first_repeat, given
                                typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
-from saelab.explore.browser.build import SAESource, read_tokens
+from saelab.explore.browser.build import SAESource
 from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
 from saelab.models import model_provenance
@@ -169,25 +170,37 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
 
 
 def _steer_sae_and_model(args: argparse.Namespace, positions):
-    """The SAE named by ``args.sae``, checked (``_checked_sae``), and its language model (``_loaded``), with
-    --positions checked against the prompt, and --scale's eval text read (a --scale-tokens past the eval split
-    refused), before the load when the model's tokenizer can be had without it (a hub model's fetched alone),
-    else right after it (before any generation). Also returns that text: None where it is read after the load."""
+    """The SAE named by ``args.sae``, checked (``_checked_sae``), and its language model, with --positions checked
+    against the prompt before the load when the model's tokenizer can be had without it (a hub model's fetched
+    alone), else right after it (before any generation). --scale's eval text is read as top reads its corpus
+    (``load_model_beside``: a --scale-tokens past the eval split refused before the load where it can be) and
+    returned too; None without --scale."""
     from saelab.models import check_before_load, tokenizer_before_load
 
     sae, spec = _checked_sae(args, args.hook)
-    check_before_load(spec, sae.cfg.hook_name)
-    tokenizer = tokenizer_before_load(spec)
-    _check_reachable(args, positions, tokenizer)
-    tokens = None
-    if args.scale is not None and tokenizer is not None:
-        with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
-            tokens = read_tokens(tokenizer, sae, BrowseConfig(n_tokens=args.scale_tokens), None)  # SAE's context
-    sae, lm = _loaded(args, sae, spec, tokenizer)
-    _check_reachable(args, positions, lm.tokenizer)
-    if tokens is not None:
-        lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
+    reachable = functools.partial(_check_reachable, args, positions)
+    if args.scale is not None:
+        lm, tokens = _scale_text_and_model(args, sae, spec, reachable)
+    else:
+        check_before_load(spec, sae.cfg.hook_name)
+        tokenizer = tokenizer_before_load(spec)
+        reachable(tokenizer)
+        sae, lm = _loaded(args, sae, spec, tokenizer)
+        tokens = None
+    reachable(lm.tokenizer)
     return sae, lm, tokens
+
+
+def _scale_text_and_model(args: argparse.Namespace, sae, spec: str, reachable):
+    """The model (the SAE moved beside it) and --scale's eval text in the SAE's context, which no option of steer
+    changes; ``reachable`` checks --positions with the tokenizer read before the load."""
+    from saelab.explore.browser.make import load_model_beside
+
+    source = SAESource(args.sae, args.sae, sae)
+    with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
+        return load_model_beside(spec, BrowseConfig(n_tokens=args.scale_tokens), [source], [source],
+                                 sae.cfg.hook_name, args.device, args.model_dtype, context_setting=None,
+                                 check_tokenizer=reachable)
 
 
 @contextlib.contextmanager
@@ -212,14 +225,13 @@ def _n_tokens_option(args: argparse.Namespace) -> str:
 
 
 def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float] | float, list[str]]:
-    """--value as given, or --scale times each latent's max activation on held-out text (``tokens``, when
-    read before the load)."""
+    """--value as given, or --scale times each latent's max activation on held-out text (``tokens``, read
+    beside the load)."""
     from saelab.explore import top_activations
 
     if args.scale is None:
         return (args.value if args.value is not None else 0.0), []
-    with _within_the_corpus("--scale-tokens", args.scale_tokens, None):  # latent_max_activation, with its count
-        tops = top_activations(sae, lm, tokens, args.latent, 1, n_tokens=args.scale_tokens)
+    tops = top_activations(sae, lm, tokens, args.latent, 1)  # latent_max_activation, with its count
     maxima, scored = [t.max_activation for t in tops], tops[0].n_tokens  # whole contexts: a few past the option
     scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
     values = [f * m for f, m in zip(scales, maxima)]

@@ -195,12 +195,14 @@ def _named_model(cfg: BrowseConfig, lm) -> str | None:
 
 def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loaded_here: Sequence[SAESource],
                       hook: str, device=None, model_dtype="float32", seconds: dict[str, float] | None = None,
-                      context_setting: str | None = "context_size"):
+                      context_setting: str | None = "context_size", check_tokenizer: Callable | None = None):
     """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU; SAEs the
     caller gave stay where the caller put them), and the contexts read (:func:`read_tokens`). A missing
     corpus, a bad hook, a context longer than the model takes or a corpus too short for ``cfg.n_tokens`` is
     named first (from the config and tokenizer, a hub model's fetched alone), not after the load.
-    ``seconds["tokenize"]``: the read's. ``context_setting``: as :func:`read_tokens` takes it."""
+    ``seconds["tokenize"]``: the read's. ``context_setting``: as :func:`read_tokens` takes it.
+    ``check_tokenizer``: the caller's own check of the tokenizer read before the load (None where it comes only
+    with the load), run ahead of the corpus read; the tokenizer is then not read a second time for it."""
     from saelab.models import check_before_load, load_model, tokenizer_before_load
     from saelab.models.loading import RECORDED_CONTEXT, SAE_CONTEXT
     from saelab.run_folder import model_for
@@ -210,6 +212,8 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size,  # as read_tokens reads
                       RECORDED_CONTEXT if context_setting else SAE_CONTEXT)
     tokenizer = tokenizer_before_load(spec)  # a hub model's before its weights download: for the check and the load
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     t = time.perf_counter()
     tokens = read_tokens_before_load(tokenizer, [s.sae for s in sources], cfg, context_setting)
     took = time.perf_counter() - t
