@@ -866,3 +866,44 @@ def test_save_sae_refuses_a_run_folder_and_its_sae_folder(tmp_path):
     assert save_sae(other, tmp_path / "elsewhere") == tmp_path / "elsewhere"  # another folder is the way on
     train_sae(_cfg(k=8), _source(_data()), run, d_in=D, progress=False, device="cpu", overwrite=True)
     assert json.loads((run / "sae" / "cfg.json").read_text())["k"] == 8
+
+
+def test_save_sae_refuses_a_sweep_folder_and_any_folder_inside_a_run(tmp_path, capsys):
+    """Saving into a sweep folder put an SAE's cfg.json beside its runs, so the folder read as that one SAE and
+    no longer as a sweep; saving into a run's evals/ or browser/ (or any folder inside the run) mixed the SAE
+    with results the run's commands write and read there. Each is refused in one line before anything is
+    written, by save_sae, save_sparsify and `saelab export`; a new or empty folder of one's own still takes it."""
+    from saelab.cli import main
+    from saelab.pipeline import sweep_from_cache
+    from saelab.run_folder import is_sweep
+    from saelab.sae import SAEConfig, TopKSAE, save_sae, save_sparsify
+
+    cache = write_activation_cache(iter(_data().split(512)), tmp_path / "acts",
+                                   meta={"hook_name": "blocks.0.hook_resid_post"}, dtype="float32", progress=False)
+    sweep = tmp_path / "sweep"
+    sweep_from_cache(cache, sweep, _cfg(), {"k": [2, 4]}, device="cpu", progress=False)
+    run = sweep / "k4"
+    (run / "evals").mkdir()  # as `eval RUN --suite paper` and `browse RUN` lay them out
+    (run / "evals" / "suite.json").write_text("{}")
+    (run / "browser").mkdir()
+    (run / "browser" / "index.html").write_text("")
+    before = snapshot(sweep)
+    other = TopKSAE(SAEConfig(d_in=D, n_latents=32, k=2, hook_name="blocks.0.hook_resid_post"))
+    inside = ("is inside the run folder {run}: saving an SAE there would mix it with the run's results; pick a "
+              "folder outside the run")
+    refusals = {sweep: f"{sweep} is a sweep folder (a folder of runs): saving an SAE there would make it read as "
+                       "that SAE instead of its runs; pick another folder",
+                **{folder: f"{folder} " + inside.format(run=run)
+                   for folder in (run / "evals", run / "browser", run / "evals" / "mine", run / "mine")}}
+    for folder, message in refusals.items():
+        for save in (save_sae, save_sparsify):
+            with pytest.raises(ConfigError) as refused:
+                save(other, folder)
+            assert str(refused.value) == message
+        assert main(["export", str(run), str(folder), "--format", "saelens"]) == 2
+        assert capsys.readouterr().err == f"saelab export: error: OUT {message}\n"
+    assert snapshot(sweep) == before and is_sweep(sweep)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "new"):  # a folder of one's own is the way on
+        assert save_sae(other, folder) == folder
+    assert main(["export", str(run), str(tmp_path / "exported"), "--format", "saelens"]) == 0

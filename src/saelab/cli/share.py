@@ -65,7 +65,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_export_folder(out: Path) -> Path:
-    """A new or empty folder, or one that holds an SAE: never a folder of other files, a run folder or its SAE."""
+    """A new or empty folder, or one that holds an SAE: never a folder of other files, nor a run folder, a folder
+    inside one or a sweep folder."""
     from saelab.sae.io import refuse_a_run_folder
 
     check_output_folder(out, "OUT")

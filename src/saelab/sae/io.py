@@ -86,7 +86,8 @@ def save_sae(
     ``sparsity_log10`` (one value per latent) goes to ``sparsity.safetensors``. ``extra_files`` maps plain file
     names to bytes, text, or JSON-able dicts/lists (e.g. a training config) written beside the weights; both
     exist only in the SAELens layout. Files are written atomically and ``cfg.json`` last, so a folder with
-    ``cfg.json`` is complete. A run folder and its ``sae/`` are refused (:func:`refuse_a_run_folder`).
+    ``cfg.json`` is complete. A run folder, any folder inside it and a sweep folder are refused
+    (:func:`refuse_a_run_folder`).
     """
     refuse_a_run_folder(folder, str(folder))
     if format not in SAVE_FORMATS:
@@ -125,8 +126,12 @@ def _drop_other_layout(folder: Path, written: str) -> Path:
 
 
 def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
-    """Refuse a run folder and its ``sae/``, ``named`` as the caller's input: the run's training is their one
-    writer, and another SAE there would be taken for the one the run's config, log and evaluation describe."""
+    """Refuse the folders saelab writes and reads back, ``named`` as the caller's input: a run folder, its
+    ``sae/`` and any folder inside it (``evals/``, ``browser/``: the run's commands are their writers, and
+    another SAE there would be taken for the one the run's config, log and evaluation describe, or mixed with
+    them), and a sweep folder (a cfg.json beside its runs makes it read as that SAE, no longer as a sweep)."""
+    from saelab.run_folder import is_sweep  # lazy: run_folder sits above this module and imports it
+
     path = Path(folder).resolve()  # "." inside a run's sae/ is that folder too
     if (path / TRAIN_CONFIG).is_file():
         raise ConfigError(f"{named} is a run folder ({TRAIN_CONFIG}): saving an SAE there would mix it with the "
@@ -134,6 +139,13 @@ def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
     if path.name == SAE_DIR and (path.parent / TRAIN_CONFIG).is_file():
         raise ConfigError(f"{named} is the SAE of the run {path.parent}: saving there would make the run describe "
                           "another SAE; pick another folder")
+    run = next((p for p in path.parents if (p / TRAIN_CONFIG).is_file()), None)
+    if run is not None:
+        raise ConfigError(f"{named} is inside the run folder {run}: saving an SAE there would mix it with the "
+                          "run's results; pick a folder outside the run")
+    if is_sweep(path):
+        raise ConfigError(f"{named} is a sweep folder (a folder of runs): saving an SAE there would make it read "
+                          "as that SAE instead of its runs; pick another folder")
 
 
 def _check_save_folder(folder: str | os.PathLike) -> None:
@@ -150,7 +162,7 @@ def save_sparsify(saes: TopKSAE | Mapping[str, TopKSAE], folder: str | os.PathLi
                   family: str | None = None) -> Path:
     """Write one SAE as a sparsify SAE folder, or SAEs keyed by hook name as a sparsify trainer's folder
     (one subfolder per hookpoint, ``layers.9`` etc.; ``family`` as in ``write_sparsify_hookpoints``).
-    A run folder and its ``sae/`` are refused, as by :func:`save_sae`."""
+    saelab's run and sweep folders are refused, as by :func:`save_sae`."""
     refuse_a_run_folder(folder, str(folder))
     _check_save_folder(folder)
     if isinstance(saes, TopKSAE):
