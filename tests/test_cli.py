@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -1794,10 +1795,11 @@ def test_eval_suite_paper_refuses_a_short_eval_corpus_before_the_model_loads(gpt
 
 class _HubMirror:
     """A Hugging Face hub mirror on 127.0.0.1 (for HF_ENDPOINT) serving the files of ``folder`` as the model
-    repository ``repo``, with the headers huggingface_hub reads; each request is recorded as "METHOD PATH"."""
+    repository ``repo`` (its main branch), and those of each folder of ``revisions`` as that revision of it, with
+    the headers huggingface_hub reads; each request is recorded as "METHOD PATH"."""
 
-    def __init__(self, repo: str, folder: Path):
-        self.prefix, self.folder, self.requests = f"/{repo}/resolve/main/", folder, []
+    def __init__(self, repo: str, folder: Path, revisions: dict[str, Path] | None = None):
+        self.prefix, self.folders, self.requests = f"/{repo}/resolve/", {"main": folder, **(revisions or {})}, []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -1816,7 +1818,9 @@ class _HubMirror:
 
     def answer(self, h, with_body: bool) -> None:
         self.requests.append(f"{h.command} {h.path}")
-        file = self.folder / h.path.removeprefix(self.prefix) if h.path.startswith(self.prefix) else None
+        revision, _, name = h.path.removeprefix(self.prefix).partition("/")
+        folder = self.folders.get(revision) if h.path.startswith(self.prefix) else None
+        file = folder / name if folder is not None and name else None
         if file is None or not file.is_file():  # the hub's answer for a file (or API route) it lacks
             h.send_response(404)
             h.send_header("X-Error-Code", "EntryNotFound")
@@ -1825,7 +1829,7 @@ class _HubMirror:
             return
         data = file.read_bytes()
         h.send_response(200)
-        h.send_header("X-Repo-Commit", "0" * 40)
+        h.send_header("X-Repo-Commit", hashlib.sha1(revision.encode()).hexdigest())  # each revision its own commit
         h.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
@@ -1837,18 +1841,20 @@ _WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_
                  "pytorch_model.bin.index.json")
 
 
-def _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, *argv):
-    """`saelab ARGV` in ``tmp_path`` (a fresh HF_HOME: nothing downloaded yet) with the hub model org/tiny-gpt2
-    served by a _HubMirror holding its config (2 layers, 128 positions) and tokenizer and no weights, so that a
-    load reads "cannot load model". Returns the finished process and the mirror's requests."""
+def _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, *argv, repo="org/tiny-gpt2", revisions=None, script=None):
+    """`saelab ARGV` (or ``python -c SCRIPT ARGV``) in ``tmp_path`` (a fresh HF_HOME: nothing downloaded yet) with
+    the hub model ``repo`` served by a _HubMirror holding its config (2 layers, 128 positions) and tokenizer and no
+    weights, so that a load reads "cannot load model"; ``revisions``: its other revisions' folders. Returns the
+    finished process and the mirror's requests."""
     model = _config_only_model(tmp_path / "mirror")
     gpt2_tokenizer.save_pretrained(model)
-    hub = _HubMirror("org/tiny-gpt2", model)
+    hub = _HubMirror(repo, model, revisions)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
                PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    proc = subprocess.run([sys.executable, "-m", "saelab", *argv, "--no-progress"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    command = ["-c", script, *argv] if script else ["-m", "saelab", *argv, "--no-progress"]
+    proc = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
     return proc, hub.requests
 
 
@@ -1935,6 +1941,88 @@ def test_bad_input_is_refused_before_a_hub_models_weights_download(gpt2_tokenize
     assert (proc.returncode, proc.stderr) == (2, f"saelab {message}\n")
     assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "hf-home", "mirror", "sae", "sae256"]
+
+
+_CRFM = "stanford-crfm/alias-gpt2-small-x21"  # the hub repository of the series crfm-gpt2-small, by revision
+
+
+def _checkpoint_folder(folder, gpt2_tokenizer, case):
+    """A checkpoint's config (no weights) and tokenizer: taking contexts of 16 tokens, or GPT-2's tokenizer
+    retrained to 300 tokens on the eval text (which it tokenizes otherwise than GPT-2's)."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=16 if case == "short-context" else 128).save_pretrained(
+        folder)
+    tokenizer = gpt2_tokenizer.train_new_from_iterator([_SHORT], 300) if case == "other-tokenizer" else gpt2_tokenizer
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case, message", [
+    pytest.param("short-context", f"the SAE's context of 32 tokens (--context-size sets another) exceeds the longest "
+                 f"context of {_CRFM} at revision 'checkpoint-400' (16 tokens)", id="context-past-the-checkpoints"),
+    pytest.param("other-tokenizer", "checkpoint checkpoint-400 tokenizes the eval text differently from the "
+                 "evaluated model; expected reference models that share its tokenizer",
+                 id="corpus-tokenized-otherwise"),
+])
+def test_compute_equivalent_input_is_refused_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path, case,
+                                                                                  message):
+    """compute_equivalent loads its reference models by hub revision, and their config and tokenizer came only
+    with the weights: eval contexts longer than a checkpoint takes, or a corpus it tokenizes otherwise, were
+    refused only after each revision's weights downloaded (here, after the evaluated model's: "cannot load
+    model"). Each revision's config and tokenizer are fetched alone first, and the input is refused before
+    any weights file is asked for."""
+    checkpoint = _checkpoint_folder(tmp_path / "checkpoint", gpt2_tokenizer, case)
+    _save_saes(tmp_path, _CRFM, ("sae", 64))
+    (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
+    proc, requests = _saelab_with_a_hub_model(
+        gpt2_tokenizer, tmp_path, "eval", "sae", "--suite", "paper", "--out", "ev", "--corpus", "c.txt",
+        "--downstream-tokens", "310", "--metrics", "compute_equivalent", "--series", "crfm-gpt2-small",
+        "--series-steps", "400", "1000", repo=_CRFM, revisions={f"checkpoint-{s}": checkpoint for s in (400, 1000)})
+    assert (proc.returncode, proc.stderr) == (2, f"saelab eval: error: {message}\n")
+    assert f"HEAD /{_CRFM}/resolve/checkpoint-400/config.json" in requests, requests  # the revision's own
+    assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "checkpoint", "hf-home", "mirror", "sae"]
+
+
+# run_compute_equivalent from Python, the evaluated model (a local folder) loaded, the series by name.
+_COMPUTE_EQUIVALENT = textwrap.dedent("""
+    import sys
+    from saelab.data import token_contexts
+    from saelab.evals.compute_equivalent import ComputeEquivalentConfig, run_compute_equivalent
+    from saelab.models import load_model
+    from saelab.sae import SAEConfig, TopKSAE
+
+    lm = load_model(sys.argv[1], device="cpu")
+    tokens = token_contexts("c.txt", lm.tokenize, 32, n_contexts=4, bos_token_id=lm.bos_token_id)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=64, k=4, hook_name="blocks.1.hook_resid_post"))
+    try:
+        run_compute_equivalent(lm, sae, tokens, ComputeEquivalentConfig(series="crfm-gpt2-small", steps=(400, 1000)))
+    except Exception as e:
+        sys.exit(f"{type(e).__name__}: {e}")
+""")
+
+
+@pytest.mark.parametrize("case, message", [
+    pytest.param("short-context", f"ConfigError: context_size=32 exceeds the longest context of {_CRFM} at revision "
+                 "'checkpoint-400' (16 tokens)", id="context-past-the-checkpoints"),
+    pytest.param("other-tokenizer", "SeriesError: checkpoint checkpoint-400 tokenizes the eval text differently from "
+                 "the evaluated model; expected reference models that share its tokenizer",
+                 id="corpus-tokenized-otherwise"),
+])
+def test_run_compute_equivalent_refuses_its_input_before_a_hub_checkpoints_weights_download(
+        gpt2_tokenizer, tiny_dir, tmp_path, case, message):
+    """From Python, the evaluated model loaded: each checkpoint of the series was loaded, weights and all, before
+    its tokenizer and context were checked. Every checkpoint's config and tokenizer are read first, at its
+    revision, and the input is refused before any of their weights is asked for."""
+    checkpoint = _checkpoint_folder(tmp_path / "checkpoint", gpt2_tokenizer, case)
+    (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
+    proc, requests = _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, str(tiny_dir), repo=_CRFM,
+                                              revisions={f"checkpoint-{s}": checkpoint for s in (400, 1000)},
+                                              script=_COMPUTE_EQUIVALENT)
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (1, message)  # after the local model's progress bar
+    assert f"HEAD /{_CRFM}/resolve/checkpoint-400/config.json" in requests, requests
+    assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
 
 
 def test_each_verb_loads_its_model_with_the_tokenizer_its_checks_read(gpt2_tokenizer, tmp_path, capsys,

@@ -26,8 +26,8 @@ from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, evaluated_model, read_eval_contexts
 from saelab.evals.n2g import N2GConfig, check_latents
-from saelab.evals.suite import (PaperSuiteConfig, check_suite_applies, longest_n_future, read_suite_contexts,
-                                run_paper_suite)
+from saelab.evals.suite import (PaperSuiteConfig, check_series_before_load, check_suite_applies, longest_n_future,
+                                read_suite_contexts, run_paper_suite)
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
                            model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
@@ -615,6 +615,8 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     tokenizer = None if isinstance(spec, LanguageModel) else tokenizer_before_load(spec)
     tokens = None if tokenizer is None else read_suite_contexts(  # a short corpus refused before the load
         sae, model_name(spec), cfg, eval_cfg, tokenizer, bos_token_id(tokenizer), T)
+    if tokens is not None:  # compute_equivalent's reference models, from their configs and tokenizers alone
+        check_series_before_load(sae, model_name(spec), cfg, eval_cfg, tokens, tokenizer)
     # Into a run folder: its lock, as evaluate_run holds it (a retraining meanwhile would mix two SAEs' files).
     lock = RunLock(run).acquire() if out is run else None
     try:

@@ -117,6 +117,7 @@ from saelab.errors import ConfigError, SaelabError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
 from saelab.evals.power_law import FitError, fit_power_law
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
+from saelab.models.loading import check_before_load, tokenizer_before_load
 from saelab.utils.atomic import write_json
 
 
@@ -149,7 +150,10 @@ class SeriesCheckpoint:
     params: int | None = None
     """Non-embedding parameters N (families); None = counted after loading."""
     model_id: str = ""
-    """What it is loaded from (hub id or absolute path): tells a family which member is the evaluated model."""
+    """What it is loaded from (hub id or absolute path): tells a family which member is the evaluated model,
+    and the checks before its load what to read."""
+    revision: str | None = None
+    """The hub revision ``model_id`` is loaded at ('checkpoint-1000'); None: its main branch, or a path."""
 
 
 @dataclass
@@ -242,7 +246,7 @@ def crfm_gpt2_small_series(steps: Sequence[int] = CRFM_DEFAULT_STEPS, seed: int 
     repo = f"stanford-crfm/{CRFM_RUNS[seed]}-gpt2-small-x{seed}"
     steps = _check_steps(steps or CRFM_DEFAULT_STEPS, crfm_checkpoint_steps(), name)
     cks = [SeriesCheckpoint(f"checkpoint-{s}", s * CRFM_TOKENS_PER_STEP, _hub_loader(repo, f"checkpoint-{s}", device),
-                            f"hub:{repo}@checkpoint-{s}") for s in steps]
+                            f"hub:{repo}@checkpoint-{s}", model_id=repo, revision=f"checkpoint-{s}") for s in steps]
     return CheckpointSeries(name, cks, CRFM_TOTAL_STEPS * CRFM_TOKENS_PER_STEP, CRFM_TOKENS_PER_STEP,
                             "GPT-2 small re-trained on OpenWebText by Stanford CRFM (Mistral)", f"hub:{repo}")
 
@@ -256,7 +260,7 @@ def pythia_series(size: str = "70m", steps: Sequence[int] = PYTHIA_DEFAULT_STEPS
     repo = f"EleutherAI/{name}"
     steps = _check_steps(steps or PYTHIA_DEFAULT_STEPS, pythia_checkpoint_steps(), name)
     cks = [SeriesCheckpoint(f"step{s}", s * PYTHIA_TOKENS_PER_STEP, _hub_loader(repo, f"step{s}", device),
-                            f"hub:{repo}@step{s}") for s in steps]
+                            f"hub:{repo}@step{s}", model_id=repo, revision=f"step{s}") for s in steps]
     return CheckpointSeries(name, cks, PYTHIA_TOTAL_STEPS * PYTHIA_TOKENS_PER_STEP, PYTHIA_TOKENS_PER_STEP,
                             f"Pythia-{size}{' (deduplicated Pile)' if deduped else ''} by EleutherAI", f"hub:{repo}")
 
@@ -280,13 +284,13 @@ def pythia_family(sizes: Sequence[str] = (), deduped: bool = False, device: str 
     for size in sizes:
         label = f"pythia-{size}{suffix}"
         repo = f"EleutherAI/{label}"
+        revision = f"step{PYTHIA_TOTAL_STEPS}" if local_root is None else None
         if local_root is None:
-            load, source, model_id = (_hub_loader(repo, f"step{PYTHIA_TOTAL_STEPS}", device),
-                                      f"hub:{repo}@step{PYTHIA_TOTAL_STEPS}", repo)
+            load, source, model_id = _hub_loader(repo, revision, device), f"hub:{repo}@{revision}", repo
         else:
             path = (Path(local_root).expanduser() / label).resolve()
             load, source, model_id = _path_loader(path, device), str(path), str(path)
-        cks.append(SeriesCheckpoint(label, PYTHIA_TOTAL_TOKENS, load, source, model_id=model_id))
+        cks.append(SeriesCheckpoint(label, PYTHIA_TOTAL_TOKENS, load, source, model_id=model_id, revision=revision))
     return CheckpointSeries(f"pythia-family{suffix}", cks, None, PYTHIA_TOKENS_PER_STEP,
                             f"Pythia suite by EleutherAI{' (deduplicated Pile)' if deduped else ''}, final checkpoints "
                             f"of {', '.join(sizes)}", "hub:EleutherAI" if local_root is None else str(local_root),
@@ -492,15 +496,36 @@ def _check_tokenizer(ckpt, reference_tokenizer, tokens_NT: torch.Tensor, label: 
     top = int(tokens_NT.max())
     if top >= ckpt.vocab_size:
         raise SeriesError(f"checkpoint {label}: vocabulary of {ckpt.vocab_size} tokens, but the eval tokens use "
-                          f"id {top}; a series must share the evaluated model's tokenizer")
+                          f"id {top}; expected reference models that share the evaluated model's tokenizer")
+    _check_same_tokenizer(ckpt.tokenizer, reference_tokenizer, tokens_NT, label)
+
+
+def _check_same_tokenizer(tokenizer, reference_tokenizer, tokens_NT: torch.Tensor, label: str) -> None:
     if reference_tokenizer is None:
         return
     probe = reference_tokenizer.decode(tokens_NT[0, 1:].tolist())
     ours = reference_tokenizer(probe, add_special_tokens=False)["input_ids"]
-    theirs = ckpt.tokenizer(probe, add_special_tokens=False)["input_ids"]
+    theirs = tokenizer(probe, add_special_tokens=False)["input_ids"]
     if list(ours) != list(theirs):
         raise SeriesError(f"checkpoint {label} tokenizes the eval text differently from the evaluated model; "
-                          "a series must share its tokenizer")
+                          "expected reference models that share its tokenizer")
+
+
+def check_checkpoints_before_load(checkpoints: Sequence[SeriesCheckpoint], tokens_NT: torch.Tensor,
+                                  reference_tokenizer=None, *, recorded_context: bool = False) -> None:
+    """Refuse eval contexts that reference models cannot read, from each one's config and tokenizer alone (a
+    hub model's fetched at its revision, as its load takes them): longer than it takes, or text it tokenizes
+    otherwise than ``reference_tokenizer`` (the evaluated model's); so a wrong series is named before any of
+    their weights download. ``recorded_context``: the contexts are the SAE's length, not one the user set."""
+    T = int(tokens_NT.shape[1])
+    context, recorded = (None, T) if recorded_context else (T, None)
+    for ck in checkpoints:
+        if not ck.model_id:  # a reference given only by its loader: checked once loaded
+            continue
+        check_before_load(ck.model_id, None, context, recorded, revision=ck.revision)  # no hook: nothing spliced in
+        tokenizer = tokenizer_before_load(ck.model_id, ck.revision)
+        if tokenizer is not None:  # else it comes with the load, and is checked then
+            _check_same_tokenizer(tokenizer, reference_tokenizer, tokens_NT, ck.label)
 
 
 def point_compute(kind: str, tokens: int, params: int | None) -> float:
@@ -510,6 +535,13 @@ def point_compute(kind: str, tokens: int, params: int | None) -> float:
     if params is None:
         raise SeriesError(f"a model-family member trained on {tokens:,} tokens has no parameter count")
     return 6.0 * params * tokens
+
+
+def _to_load(ck: SeriesCheckpoint, cache: dict[str, Any], family: bool) -> bool:
+    """Whether ``ck`` must be loaded: the cache lacks its loss, or (a family member of unknown N) its parameter
+    count."""
+    hit = cache.get(ck.source)
+    return hit is None or (family and ck.params is None and hit.get("params") is None)
 
 
 def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: int, *, lm_batch_size: int = 8,
@@ -531,10 +563,12 @@ def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: 
         old = json.loads(Path(cache_path).read_text())
         if old.get("tokens_key") == key:
             cache = old.get("losses", {})
+    to_load = [ck for ck in series.checkpoints if _to_load(ck, cache, family)]
+    check_checkpoints_before_load(to_load, tokens_NT, reference_tokenizer)  # before any of their weights download
     out = []
     for ck in tqdm(series.checkpoints, desc=f"series {series.name}", unit="model", disable=not progress):
         hit = cache.get(ck.source)
-        if hit is None or (family and ck.params is None and hit.get("params") is None):
+        if _to_load(ck, cache, family):
             lm = ck.load()
             _check_tokenizer(lm, reference_tokenizer, tokens_NT, ck.label)
             t0 = time.perf_counter()
@@ -835,8 +869,8 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
 __all__ = [
     "CRFM_TOKENS_PER_STEP", "CheckpointSeries", "ComputeEquivalentConfig", "KINDS", "KIND_FAMILY", "KIND_PROGRESS",
     "KIND_TITLES", "PYTHIA_TOKENS_PER_STEP", "PYTHIA_TOTAL_TOKENS", "SeriesCheckpoint", "SeriesError",
-    "checkpoint_losses", "compute_equivalent", "crfm_checkpoint_steps", "crfm_gpt2_small_series", "interp_compute",
-    "interp_tokens", "known_series_names", "local_family", "local_series", "mean_loss", "point_compute",
-    "pythia_checkpoint_steps", "pythia_family", "pythia_series", "resolve_series", "run_compute_equivalent",
-    "series_for_model", "upgrade_result",
+    "check_checkpoints_before_load", "checkpoint_losses", "compute_equivalent", "crfm_checkpoint_steps",
+    "crfm_gpt2_small_series", "interp_compute", "interp_tokens", "known_series_names", "local_family", "local_series",
+    "mean_loss", "point_compute", "pythia_checkpoint_steps", "pythia_family", "pythia_series", "resolve_series",
+    "run_compute_equivalent", "series_for_model", "upgrade_result",
 ]

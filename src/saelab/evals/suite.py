@@ -56,6 +56,7 @@ from saelab.evals._common import config_dict, position_0_words
 from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
 from saelab.evals.compute_equivalent import (
     ComputeEquivalentConfig,
+    check_checkpoints_before_load,
     resolve_series,
     run_compute_equivalent,
     series_for_model,
@@ -376,6 +377,20 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
         raise _suite_corpus_too_short(eval_cfg, corpus, e.tokens, e.contexts, n_ctx, run, over) from None
 
 
+def check_series_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, tokens: torch.Tensor,
+                             tokenizer) -> None:
+    """When compute_equivalent runs, its reference models checked against the eval contexts (``tokens``, read
+    with the model's ``tokenizer`` before its load) from their configs and tokenizers alone: a wrong series
+    is refused before the model's weights or any of theirs download."""
+    run, _, reasons = _suite_run(None, sae, model, Path(), cfg, eval_cfg, int(tokens.shape[1]))
+    if "compute_equivalent" not in reasons or reasons["compute_equivalent"]:
+        return
+    ce = cfg.compute_equivalent
+    series = resolve_series(ce.series or series_for_model(model), ce.steps)
+    check_checkpoints_before_load(series.checkpoints, tokens[:run.n_down], tokenizer,
+                                  recorded_context=eval_cfg.context_size is None)
+
+
 def _suite_corpus_too_short(eval_cfg: EvalConfig, corpus: str, tokens: int, most: int, n_ctx: int, run: SuiteRun,
                             over: dict[str, int]) -> CorpusError:
     """The refusal of an eval corpus of ``tokens`` tokens that fills ``most`` contexts, fewer than the
@@ -454,5 +469,5 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     return index
 
 
-__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "check_suite_applies", "longest_n_future",
-           "read_suite_contexts", "run_paper_suite"]
+__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "check_series_before_load",
+           "check_suite_applies", "longest_n_future", "read_suite_contexts", "run_paper_suite"]

@@ -284,9 +284,9 @@ def load_model(
     return LanguageModel(model, tokenizer, name)
 
 
-def _folder_on_disk(spec: str) -> Path | None:
+def _folder_on_disk(spec: str, revision: str | None = None) -> Path | None:
     """The folder holding ``spec``'s config.json and tokenizer when they are on disk already (a local
-    directory, a dequantized GGUF, a hub id in the local cache); None otherwise."""
+    directory, a dequantized GGUF, a hub id in the local cache, at ``revision``); None otherwise."""
     if spec == DEFAULT_MODEL or spec.endswith(".gguf"):
         gguf = default_gguf_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
         return gguf_cache_dir(gguf)
@@ -294,14 +294,16 @@ def _folder_on_disk(spec: str) -> Path | None:
         return Path(spec).expanduser()
     from transformers.utils import cached_file
 
-    found = cached_file(spec, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False)
+    found = cached_file(spec, "config.json", revision=revision, local_files_only=True,
+                        _raise_exceptions_for_missing_entries=False)
     return Path(found).parent if found else None
 
 
-def _config_on_disk(spec: str) -> dict:
-    """``spec``'s config.json, read without loading the model when it is on disk already; {} otherwise."""
+def _config_on_disk(spec: str, revision: str | None = None) -> dict:
+    """``spec``'s config.json (at a hub ``revision``), read without loading the model when it is on disk
+    already; {} otherwise."""
     try:
-        folder = _folder_on_disk(spec)
+        folder = _folder_on_disk(spec, revision)
         config = folder / "config.json" if folder is not None else None
         fields = json.loads(config.read_text()) if config is not None and config.is_file() else {}
     except (OSError, ValueError, SaelabError):
@@ -313,13 +315,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 """Files of which a model folder with a tokenizer holds at least one."""
 
 
-def tokenizer_on_disk(spec: str | LanguageModel):
-    """``spec``'s tokenizer, read without loading the model when it is on disk already (a loaded
-    model's own); None otherwise, so that checks needing it wait for the load."""
+def tokenizer_on_disk(spec: str | LanguageModel, revision: str | None = None):
+    """``spec``'s tokenizer (at a hub ``revision``), read without loading the model when it is on disk
+    already (a loaded model's own); None otherwise, so that checks needing it wait for the load."""
     if isinstance(spec, LanguageModel):
         return spec.tokenizer
     try:
-        folder = _folder_on_disk(spec)
+        folder = _folder_on_disk(spec, revision)
         if folder is None or not (folder / "config.json").is_file():
             return None
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -331,50 +333,59 @@ def tokenizer_on_disk(spec: str | LanguageModel):
         return None
 
 
-def tokenizer_before_load(spec: str | LanguageModel):
-    """``spec``'s tokenizer without its weights: :func:`tokenizer_on_disk`'s, else a hub model's own, its
-    small files fetched ahead of the (large) weights; None when it comes only with the load (a .gguf file
-    not yet dequantized) or cannot be had (the load then names why). ``load_model(tokenizer=...)`` takes it."""
-    tokenizer = tokenizer_on_disk(spec)
+def tokenizer_before_load(spec: str | LanguageModel, revision: str | None = None):
+    """``spec``'s tokenizer without its weights: :func:`tokenizer_on_disk`'s, else a hub model's own (at
+    ``revision``, as ``load_model`` takes it), its small files fetched ahead of the (large) weights; None when
+    it comes only with the load (a .gguf file not yet dequantized) or cannot be had (the load then names why).
+    ``load_model(tokenizer=...)`` takes it."""
+    tokenizer = tokenizer_on_disk(spec, revision)
     if tokenizer is not None or not _is_hub_id(spec):
         return tokenizer
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(spec, **hub.hub_kwargs())
+        return AutoTokenizer.from_pretrained(spec, revision=revision, **hub.hub_kwargs())
     except Exception:  # any failure only defers the check: the load names what is wrong
         return None
 
 
-def _configured(spec: str | LanguageModel, *keys: str) -> int | None:
-    """The first of ``keys`` that ``spec``'s config on disk sets to a positive integer; None when
-    there is none or the config is not at hand (a loaded model is checked by its own methods)."""
-    fields = {} if isinstance(spec, LanguageModel) else _config_on_disk(spec)
+def _configured(spec: str | LanguageModel, *keys: str, revision: str | None = None) -> int | None:
+    """The first of ``keys`` that ``spec``'s config on disk (at ``revision``) sets to a positive integer; None
+    when there is none or the config is not at hand (a loaded model is checked by its own methods)."""
+    fields = {} if isinstance(spec, LanguageModel) else _config_on_disk(spec, revision)
     value = next((fields[k] for k in keys if k in fields), None)
     return value if isinstance(value, int) and value > 0 else None
 
 
-def configured_layer_count(spec: str | LanguageModel) -> int | None:
+def configured_layer_count(spec: str | LanguageModel, revision: str | None = None) -> int | None:
     """The number of layers ``spec``'s config gives, read without loading the model (``_config_on_disk``)."""
-    return _configured(spec, "num_hidden_layers", "n_layer")
+    return _configured(spec, "num_hidden_layers", "n_layer", revision=revision)
 
 
-def check_hook_layer(spec: str | LanguageModel, hook: str) -> None:
+def _at(spec: str | LanguageModel, revision: str | None) -> str:
+    """The model as a refusal names it: ``spec``, and the hub revision it is loaded at."""
+    return f"{spec} at revision {revision!r}" if revision else str(spec)
+
+
+def check_hook_layer(spec: str | LanguageModel, hook: str, revision: str | None = None) -> None:
     """Refuse a hook past the model's last layer before the (slow) load, when the config is at hand."""
-    count = configured_layer_count(spec)
+    count = configured_layer_count(spec, revision)
     layer = hook_layer(hook)
     if count is not None and layer is not None and layer >= count:
-        raise HookNameError(f"unknown hook {hook!r} for model {spec}: layer {layer} out of range 0..{count - 1}")
+        raise HookNameError(f"unknown hook {hook!r} for model {_at(spec, revision)}: layer {layer} out of range "
+                            f"0..{count - 1}")
 
 
-def check_context_fits(spec: str | LanguageModel, context_size: int, named: str = "context_size={n}") -> None:
+def check_context_fits(spec: str | LanguageModel, context_size: int, named: str = "context_size={n}",
+                       revision: str | None = None) -> None:
     """Refuse a context longer than the model's positions before the (slow) load, when the config is
     at hand; worded as ``LanguageModel.check_context_size``, which checks it after the load. ``named``
     says where the size came from ("--eval-context-size {n}"; by default the setting, which the command
     line words as its option)."""
-    longest = _configured(spec, "max_position_embeddings", "n_positions")
+    longest = _configured(spec, "max_position_embeddings", "n_positions", revision=revision)
     if longest is not None and context_size > longest:
-        raise ConfigError(f"{named.format(n=context_size)} exceeds the longest context of {spec} ({longest} tokens)")
+        raise ConfigError(f"{named.format(n=context_size)} exceeds the longest context of {_at(spec, revision)} "
+                          f"({longest} tokens)")
 
 
 # A context an SAE (or activation cache) recorded, not one the user typed; SAE_CONTEXT where no option sets
@@ -383,32 +394,37 @@ SAE_CONTEXT = "the SAE's context of {n} tokens"
 RECORDED_CONTEXT = SAE_CONTEXT + " (--context-size sets another)"
 
 
-def _fetch_config(spec: str | LanguageModel) -> None:
-    """Bring a hub model's config.json alone (not its weights) into the local cache, where ``_config_on_disk``
-    reads it; any failure only defers the checks from it: the load names what is wrong."""
-    if isinstance(spec, LanguageModel) or not _is_hub_id(spec) or _config_on_disk(spec):
+def _fetch_config(spec: str | LanguageModel, revision: str | None = None) -> None:
+    """Bring a hub model's config.json (at ``revision``) alone, not its weights, into the local cache, where
+    ``_config_on_disk`` reads it; any failure only defers the checks from it: the load names what is wrong."""
+    if isinstance(spec, LanguageModel) or not _is_hub_id(spec) or _config_on_disk(spec, revision):
         return
     try:
         from transformers.utils import cached_file
 
-        cached_file(spec, "config.json", _raise_exceptions_for_missing_entries=False, **hub.hub_kwargs())
+        cached_file(spec, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+                    **hub.hub_kwargs())
     except Exception:
         pass
 
 
-def check_before_load(spec: str | LanguageModel, hook: str, context_size: int | None = None,
-                      recorded_context: int | None = None, recorded_named: str = RECORDED_CONTEXT) -> None:
-    """What the model's config refuses before the (slow) load: a malformed hook, one past the model's layers,
-    a context longer than it takes (``context_size`` if given, else ``recorded_context``, the SAE's own, worded
-    as ``recorded_named``). A hub model's config is fetched alone first, so that these come before its weights
-    download; the checks that follow (``check_context_fits``) then read it too."""
-    check_hook_form(hook)
-    _fetch_config(spec)
-    check_hook_layer(spec, hook)
+def check_before_load(spec: str | LanguageModel, hook: str | None, context_size: int | None = None,
+                      recorded_context: int | None = None, recorded_named: str = RECORDED_CONTEXT,
+                      revision: str | None = None) -> None:
+    """What the model's config refuses before the (slow) load: a malformed hook, one past the model's layers
+    (None: a model nothing is spliced into), a context longer than it takes (``context_size`` if given, else
+    ``recorded_context``, the SAE's own, worded as ``recorded_named``). A hub model's config (at ``revision``,
+    as ``load_model`` takes it) is fetched alone first, so that these come before its weights download; the
+    checks that follow (``check_context_fits``) then read it too."""
+    if hook is not None:
+        check_hook_form(hook)
+    _fetch_config(spec, revision)
+    if hook is not None:
+        check_hook_layer(spec, hook, revision)
     if context_size is not None:
-        check_context_fits(spec, context_size)
+        check_context_fits(spec, context_size, revision=revision)
     elif recorded_context is not None:
-        check_context_fits(spec, recorded_context, recorded_named)
+        check_context_fits(spec, recorded_context, recorded_named, revision)
 
 
 def model_provenance(spec: str) -> dict:
