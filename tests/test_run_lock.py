@@ -868,6 +868,23 @@ def test_save_sae_refuses_a_run_folder_and_its_sae_folder(tmp_path):
     assert json.loads((run / "sae" / "cfg.json").read_text())["k"] == 8
 
 
+def test_save_sae_refuses_a_run_folder_in_an_overwrites_first_moments(tmp_path):
+    """An overwrite first sets the earlier run aside (RUN/.set-aside/ holds its train_config.json, RUN none):
+    that folder is a run all the same, as run_folder counts it, and so is its sweep."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+    from saelab.utils.atomic import SET_ASIDE
+
+    run = tmp_path / "sweep" / "run"
+    (run / SET_ASIDE).mkdir(parents=True)
+    (run / SET_ASIDE / "train_config.json").write_text("{}")
+    other = TopKSAE(SAEConfig(d_in=D, n_latents=32, k=2))
+    for folder, words in ((run, "is a run folder"), (run / "sae", "is the SAE of the run"),
+                          (run / "evals", "is inside the run folder"), (tmp_path / "sweep", "is a sweep folder")):
+        with pytest.raises(ConfigError, match=words):
+            save_sae(other, folder)
+    assert not (run / "sae").exists() and not (run / "evals").exists()
+
+
 def test_save_sae_refuses_a_sweep_folder_and_any_folder_inside_a_run(tmp_path, capsys):
     """Saving into a sweep folder put an SAE's cfg.json beside its runs, so the folder read as that one SAE and
     no longer as a sweep; saving into a run's evals/ or browser/ (or any folder inside the run) mixed the SAE

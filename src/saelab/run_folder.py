@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saelab.errors import CheckpointError, ConfigError
-from saelab.sae.io import SAE_DIR, TRAIN_CONFIG  # defined where saving refuses a run's folders
-from saelab.utils.atomic import SET_ASIDE
+from saelab.sae.io import SAE_DIR, TRAIN_CONFIG, holds_a_run  # defined where saving refuses a run's folders
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
 
 if TYPE_CHECKING:
@@ -83,7 +82,7 @@ def sweep_runs(folder: str | Path) -> list[Path]:
 def unfinished_sweep_runs(folder: str | Path) -> list[Path]:
     """Run folders directly inside ``folder`` whose training has not finished (no SAE yet), in the order of
     :func:`sweep_runs`: an interrupted sweep leaves them, and they belong in its messages."""
-    return [p for p in _run_folders_in(folder) if _holds_run_config(p) and not (p / SAE_DIR / "cfg.json").exists()]
+    return [p for p in _run_folders_in(folder) if holds_a_run(p) and not (p / SAE_DIR / "cfg.json").exists()]
 
 
 def _run_folders_in(folder: str | Path) -> list[Path]:
@@ -92,11 +91,6 @@ def _run_folders_in(folder: str | Path) -> list[Path]:
         return []
     runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
-
-
-def _holds_run_config(path: Path) -> bool:
-    """A run folder, finished or not: an overwrite's first moments hold only the earlier run set aside."""
-    return any((p / TRAIN_CONFIG).is_file() for p in (path, path / SET_ASIDE))
 
 
 def unfinished_runs_line(folder: str | Path) -> str | None:
@@ -138,7 +132,7 @@ def listed_paths(paths: list[Path], most: int = 6) -> str:
 def is_sweep(path: str | Path) -> bool:
     """A folder that is not a run or SAE folder itself but holds run folders."""
     path = Path(path)
-    return (path.is_dir() and not is_run(path) and not (path / "cfg.json").exists() and not _holds_run_config(path)
+    return (path.is_dir() and not is_run(path) and not (path / "cfg.json").exists() and not holds_a_run(path)
             and bool(sweep_runs(path) or unfinished_sweep_runs(path)))
 
 
@@ -152,7 +146,7 @@ def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = Fa
     if is_run(path):
         return load_sae(path / SAE_DIR), path
     # a run folder whose SAE is not written yet; an overwrite's first moments hold only the earlier run set aside
-    if path.is_dir() and _holds_run_config(path):
+    if path.is_dir() and holds_a_run(path):
         holder = held_by(path)
         if holder:  # a training in progress: running it again would be refused as a second writer
             raise RunFolderBusyError(f"{path} is being trained by another process ({holder}) and has no {SAE_DIR}/ "

@@ -58,7 +58,7 @@ from saelab.sae.sparsify_format import (
 )
 from saelab.sae.relu import ReLUSAE
 from saelab.sae.topk import TopKSAE
-from saelab.utils.atomic import atomic_path
+from saelab.utils.atomic import SET_ASIDE, atomic_path
 from saelab.utils.hub import hub_unreachable_reason
 
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -129,23 +129,27 @@ def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
     """Refuse the folders saelab writes and reads back, ``named`` as the caller's input: a run folder, its
     ``sae/`` and any folder inside it (``evals/``, ``browser/``: the run's commands are their writers, and
     another SAE there would be taken for the one the run's config, log and evaluation describe, or mixed with
-    them), and a sweep folder (a cfg.json beside its runs makes it read as that SAE, no longer as a sweep)."""
-    from saelab.run_folder import is_sweep  # lazy: run_folder sits above this module and imports it
-
+    them), and a sweep folder (a cfg.json beside its runs makes it read as that SAE, no longer as a sweep).
+    A run counts from its first moments, when an overwrite holds only the run it replaces in ``.set-aside/``."""
     path = Path(folder).resolve()  # "." inside a run's sae/ is that folder too
-    if (path / TRAIN_CONFIG).is_file():
+    if holds_a_run(path):
         raise ConfigError(f"{named} is a run folder ({TRAIN_CONFIG}): saving an SAE there would mix it with the "
                           "run's results; pick another folder")
-    if path.name == SAE_DIR and (path.parent / TRAIN_CONFIG).is_file():
+    if path.name == SAE_DIR and holds_a_run(path.parent):
         raise ConfigError(f"{named} is the SAE of the run {path.parent}: saving there would make the run describe "
                           "another SAE; pick another folder")
-    run = next((p for p in path.parents if (p / TRAIN_CONFIG).is_file()), None)
+    run = next((p for p in path.parents if holds_a_run(p)), None)
     if run is not None:
         raise ConfigError(f"{named} is inside the run folder {run}: saving an SAE there would mix it with the "
                           "run's results; pick a folder outside the run")
-    if is_sweep(path):
+    if path.is_dir() and any(holds_a_run(p) for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
         raise ConfigError(f"{named} is a sweep folder (a folder of runs): saving an SAE there would make it read "
                           "as that SAE instead of its runs; pick another folder")
+
+
+def holds_a_run(path: Path) -> bool:
+    """A run folder, finished or not: an overwrite's first moments hold only the earlier run, set aside."""
+    return any((p / TRAIN_CONFIG).is_file() for p in (path, path / SET_ASIDE))
 
 
 def _check_save_folder(folder: str | os.PathLike) -> None:
