@@ -321,6 +321,56 @@ def test_model_folder_with_corrupt_weights_is_one_line_naming_the_file(damage, t
     assert len(err.splitlines()) == 1 and not (tmp_path / "acts").exists()
 
 
+def misfit_weights(kind: str, tiny_gpt2) -> dict[str, torch.Tensor]:
+    """Weights under a well-formed safetensors header that do not fit tiny_gpt2's config (its tied lm_head is
+    left out, as save_pretrained leaves it out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    state = tiny_gpt2.model.state_dict()
+    if kind == "shapes":  # the same names, from a GPT-2 half as wide
+        torch.manual_seed(0)
+        state = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128)).state_dict()
+    elif kind == "partial":  # layer 1 left out: transformers made it up at random, saying so only in its log
+        state = {k: v for k, v in state.items() if ".h.1." not in k}
+    else:  # another model's weights
+        state = {"encoder.weight": torch.zeros(8, 8), "encoder.bias": torch.zeros(8)}
+    return {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}
+
+
+MISFITS = {
+    "shapes": "of another shape: transformer.h.0.attn.c_attn.bias (96 in the file, 192 expected), "
+              "transformer.h.0.attn.c_attn.weight (32x96 in the file, 64x192 expected), "
+              "transformer.h.0.attn.c_proj.bias (32 in the file, 64 expected) and 25 more",
+    "partial": "missing: transformer.h.1.attn.c_attn.bias, transformer.h.1.attn.c_attn.weight, "
+               "transformer.h.1.attn.c_proj.bias and 9 more",
+    "unrelated": "missing: lm_head.weight, transformer.h.0.attn.c_attn.bias, transformer.h.0.attn.c_attn.weight "
+                 "and 26 more; not in the model: encoder.bias, encoder.weight",
+}
+
+
+@pytest.mark.parametrize("kind", MISFITS)
+def test_model_folder_whose_weights_do_not_fit_its_config_is_one_line_naming_them(kind, tiny_gpt2, tiny_dir, corpus,
+                                                                                  tmp_path, capsys):
+    """Weights of the wrong shapes were a RuntimeError traceback; missing or unrelated ones loaded silently, made
+    up at random, so that every number computed from the model was a random model's."""
+    from safetensors.torch import save_file
+
+    from saelab.models import ModelLoadError, load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    save_file(misfit_weights(kind, tiny_gpt2), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    expect = (f"cannot load model directory {folder}: its weights do not fit the GPT2LMHeadModel its config "
+              f"describes ({MISFITS[kind]}); expected that model's weights, as save_pretrained writes them")
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
+    assert str(err.value) == expect
+    code, out, err = run_cli(capsys, "harvest", "--model", str(folder), "--hook", HOOK, "--corpus", str(corpus),
+                             "--out", str(tmp_path / "acts"), "--no-progress")
+    assert (code, out, err) == (2, "", f"saelab harvest: error: {expect}")
+    assert not (tmp_path / "acts").exists()
+
+
 # ---- a corrupt checkpoint.pt when resuming a training run ------------------------------------------------
 
 

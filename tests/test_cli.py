@@ -1849,13 +1849,40 @@ def _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, *argv, repo="org/tiny-gpt
     model = _config_only_model(tmp_path / "mirror")
     gpt2_tokenizer.save_pretrained(model)
     hub = _HubMirror(repo, model, revisions)
+    command = ["-c", script, *argv] if script else ["-m", "saelab", *argv, "--no-progress"]
+    return _with_hub(hub, tmp_path, *command), hub.requests
+
+
+def _with_hub(hub: _HubMirror, tmp_path, *args) -> subprocess.CompletedProcess:
+    """`python ARGS` in ``tmp_path`` with ``hub`` as the Hugging Face hub and ``tmp_path``/hf-home as its cache."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
                PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    command = ["-c", script, *argv] if script else ["-m", "saelab", *argv, "--no-progress"]
-    proc = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    return proc, hub.requests
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+_HARVEST_HUB_TINY = ("-m", "saelab", "harvest", "--model", "org/tiny-gpt2", "--hook", "blocks.1.hook_resid_post",
+                     "--corpus", "c.txt", "--context-size", "32", "--n-tokens", "256", "--out", "acts", "--no-progress")
+
+
+def test_hub_model_whose_weights_do_not_fit_its_config_is_refused_in_one_line(tiny_gpt2, tmp_path):
+    """A hub model whose weights lack layer 1 loaded with that layer made up at random (transformers only logged
+    it), so that every number computed from it was a random model's; it is refused, naming the missing weights."""
+    from safetensors.torch import save_file
+
+    model = tmp_path / "mirror"
+    tiny_gpt2.model.config.save_pretrained(model)
+    tiny_gpt2.tokenizer.save_pretrained(model)
+    save_file({k: v.contiguous() for k, v in tiny_gpt2.model.state_dict().items()
+               if ".h.1." not in k and k != "lm_head.weight"}, str(model / "model.safetensors"))
+    (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
+    proc = _with_hub(_HubMirror("org/tiny-gpt2", model), tmp_path, *_HARVEST_HUB_TINY)
+    assert (proc.returncode, proc.stderr) == (2, (
+        "saelab harvest: error: cannot load model 'org/tiny-gpt2': its weights do not fit the GPT2LMHeadModel its "
+        "config describes (missing: transformer.h.1.attn.c_attn.bias, transformer.h.1.attn.c_attn.weight, "
+        "transformer.h.1.attn.c_proj.bias and 9 more); expected that model's weights, as save_pretrained writes "
+        "them\n")), proc.stderr
+    assert not (tmp_path / "acts").exists()
 
 
 def test_eval_suite_paper_refuses_a_short_corpus_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path):

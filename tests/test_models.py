@@ -3,6 +3,8 @@ tokenizers, and the real default SmolLM2 model (loaded once per session, cached 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -474,6 +476,21 @@ def test_default_cache_round_trip_is_exact(smollm2):
     assert torch.equal(again.logits(toks), reference)
     text = "Zürich, 1999: naïve café — ok?"
     assert again.tokenizer.decode(again.tokenize([text])[0]) == text
+
+
+def test_default_cache_whose_weights_do_not_fit_is_rebuilt(smollm2, tmp_path, monkeypatch):
+    """A dequantized cache that lacks weights (but for the embedding) loaded with them made up at random; it is
+    rebuilt from the GGUF file instead (~20 s), as a cache that does not load is."""
+    from safetensors.torch import save_file
+
+    real = gguf_cache_dir(default_gguf_path())
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path))
+    damaged = gguf_cache_dir(default_gguf_path())
+    shutil.copytree(real, damaged, ignore=shutil.ignore_patterns("model.safetensors"))
+    embedding = smollm2.model.get_input_embeddings().weight.detach().contiguous()
+    save_file({"model.embed_tokens.weight": embedding}, str(damaged / "model.safetensors"))
+    toks = torch.tensor([smollm2.tokenize(["Sparse autoencoders find features in language models."])[0]])
+    assert torch.equal(load_model("default").logits(toks), smollm2.logits(toks))
 
 
 # -- forward resumed at a hook ------------------------------------------------------------------

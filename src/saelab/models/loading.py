@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -131,12 +132,48 @@ def save_dequantized(model: torch.nn.Module, tokenizer, dest: str | os.PathLike)
 
 
 def _load_dir(path: str | os.PathLike, dtype: torch.dtype, tokenizer=None, **kwargs):
-    """The model at ``path`` and its tokenizer (``tokenizer`` when read already, else read here)."""
+    """The model at ``path`` and its tokenizer (``tokenizer`` when read already, else read here). Weights that
+    do not fit the model its config describes are a ``ModelLoadError`` (``_misfit``), which does not name ``path``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    # what transformers logs while loading (its table of misfit weights) is held: shown once the load goes on,
+    # dropped when the refusal below names those weights in one line
+    log, held, misfit = logging.getLogger("transformers.modeling_utils"), [], None
+    hold = held.append  # as a filter: returns None, so the record is held, not shown
+    log.addFilter(hold)
+    try:
+        # ignore_mismatched_sizes: weights of the wrong shape come back in the loading info, named below
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
+        misfit = _misfit(info)
+    finally:
+        log.removeFilter(hold)
+        for record in held if misfit is None else ():
+            log.handle(record)
+    if misfit:
+        raise ModelLoadError(f"its weights do not fit the {type(model).__name__} its config describes ({misfit}); "
+                             "expected that model's weights, as save_pretrained writes them")
     return model, tokenizer
+
+
+def _misfit(info: dict) -> str | None:
+    """Which weights transformers' loading info finds missing (it makes them up at random, only logging it) or of
+    another shape, and which it did not expect; None when none is missing or misshapen. Keys the model ties or
+    never saves (a tied lm_head, non-persistent buffers) are not in the info."""
+    def few(names) -> str:
+        names = sorted(names)
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    def dims(shape) -> str:
+        return "x".join(map(str, shape))
+
+    missing, mismatched, unexpected = info["missing_keys"], info["mismatched_keys"], info["unexpected_keys"]
+    if not missing and not mismatched:
+        return None  # unexpected weights alone are left unused, as transformers leaves them
+    shapes = [f"{key} ({dims(got)} in the file, {dims(want)} expected)" for key, got, want in mismatched]
+    parts = [("missing", missing), ("of another shape", shapes), ("not in the model", unexpected)]
+    return "; ".join(f"{what}: {few(names)}" for what, names in parts if names)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
@@ -169,7 +206,10 @@ def _unreadable_weights(folder: Path) -> str | None:
 def _load_gguf_raw(gguf_path: Path):
     """Dequantize a GGUF file with transformers (slow): float32 model and its tokenizer."""
     _gguf_bar_obeys_transformers()
-    return _load_dir(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
+    try:
+        return _load_dir(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
+    except ModelLoadError as err:  # weights that do not fit
+        raise ModelLoadError(f"cannot load {gguf_path}: {err}") from err
 
 
 def _gguf_bar_obeys_transformers() -> None:
@@ -198,7 +238,7 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, cache: bool):
     model, tokenizer = _load_gguf_raw(gguf_path)
     save_dequantized(model, tokenizer, cached)
     del model
-    return _load_dir(cached, dtype)
+    return _load_folder(cached, dtype)
 
 
 def model_name(spec: str | LanguageModel) -> str:
@@ -267,11 +307,13 @@ def load_model(
     else:
         offline = hub.hub_unreachable_reason()
         local_only = {"local_files_only": True} if offline else {}
+        at = f" at revision {revision!r}" if revision else ""
         try:
             model, tokenizer = _load_dir(spec, dtype, tokenizer, **local_only,
                                          **({"revision": revision} if revision else {}))
+        except ModelLoadError as err:  # weights that do not fit
+            raise ModelLoadError(f"cannot load model {spec!r}{at}: {err}") from err
         except (OSError, ValueError) as err:
-            at = f" at revision {revision!r}" if revision else ""
             if offline:
                 raise ModelLoadError(f"cannot load model {spec!r}{at} from the local Hugging Face cache (the hub "
                                      f"cannot be reached: {offline}; a local model directory or .gguf path also "
