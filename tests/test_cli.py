@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -1900,6 +1901,29 @@ def test_eval_suite_paper_refuses_a_short_corpus_before_a_hub_models_weights_dow
     assert "GET /org/tiny-gpt2/resolve/main/tokenizer.json" in requests  # the tokenizer came from the mirror
     assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
     assert not (tmp_path / "ev").exists()
+
+
+def test_hub_model_whose_cached_weights_are_corrupt_is_one_line_naming_the_file_and_what_to_delete(tiny_dir,
+                                                                                                    tmp_path):
+    """A corrupt model.safetensors in the Hugging Face cache (a disk fault, a copy damaged in place) was a raw
+    SafetensorError naming no file, and the cache kept serving it. It is one line naming the file and the cache
+    folder to delete, after which the next load downloads the model again."""
+    hub = _HubMirror("org/tiny-gpt2", tiny_dir)
+    load = ("-c", "from saelab.models import load_model; load_model('org/tiny-gpt2')")
+    assert _with_hub(hub, tmp_path, *load).returncode == 0
+    repo = tmp_path / "hf-home" / "hub" / "models--org--tiny-gpt2"
+    weights = next(repo.glob("snapshots/*/model.safetensors"))
+    weights.resolve().write_bytes(b"\x00garbage" * 64)
+    (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
+    proc = _with_hub(hub, tmp_path, *_HARVEST_HUB_TINY)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"saelab harvest: error: cannot load model 'org/tiny-gpt2': {weights} is not a "
+                                  "readable safetensors file (Error while deserializing header: "), proc.stderr
+    assert proc.stderr.endswith(f"; it is the Hugging Face cache's copy: delete {repo} so that the next load "
+                                "downloads it again\n"), proc.stderr
+    assert not (tmp_path / "acts").exists()
+    shutil.rmtree(repo)  # as the message says
+    assert _with_hub(hub, tmp_path, *load).returncode == 0
 
 
 _HARVEST_HUB_MODEL = ("harvest", "--model", "org/tiny-gpt2", "--out", "acts", "--hook")

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from saelab.errors import ConfigError, HookNameError, SaelabError, first_line
 from saelab.models.hooks import check_hook_form, hook_layer
@@ -178,8 +179,6 @@ def _misfit(info: dict) -> str | None:
 
 def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
     """``_load_dir`` of a local model folder, any failure one ``ModelLoadError`` line naming the folder."""
-    from safetensors import SafetensorError
-
     try:
         return _load_dir(folder, dtype, tokenizer)
     except SafetensorError as err:  # a truncated or corrupt weights file; safetensors' error names no file
@@ -191,8 +190,6 @@ def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
 
 def _unreadable_weights(folder: Path) -> str | None:
     """Which of ``folder``'s safetensors files does not open, and why; None when they all do."""
-    from safetensors import safe_open
-
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt"):
@@ -313,7 +310,12 @@ def load_model(
                                          **({"revision": revision} if revision else {}))
         except ModelLoadError as err:  # weights that do not fit
             raise ModelLoadError(f"cannot load model {spec!r}{at}: {err}") from err
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SafetensorError) as err:
+            cached = _folder_on_disk(spec, revision)
+            unreadable = _unreadable_weights(cached) if cached is not None else None
+            if unreadable:  # the cache gives the same damaged copy to every load until it is deleted
+                raise ModelLoadError(f"cannot load model {spec!r}{at}: {unreadable}; it is the Hugging Face cache's "
+                                     f"copy: delete {cached.parents[1]} so that the next load downloads it again") from err
             if offline:
                 raise ModelLoadError(f"cannot load model {spec!r}{at} from the local Hugging Face cache (the hub "
                                      f"cannot be reached: {offline}; a local model directory or .gguf path also "
@@ -336,8 +338,11 @@ def _folder_on_disk(spec: str, revision: str | None = None) -> Path | None:
         return Path(spec).expanduser()
     from transformers.utils import cached_file
 
-    found = cached_file(spec, "config.json", revision=revision, local_files_only=True,
-                        _raise_exceptions_for_missing_entries=False)
+    try:
+        found = cached_file(spec, "config.json", revision=revision, local_files_only=True,
+                            _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):  # no valid hub id: nothing of it is cached
+        return None
     return Path(found).parent if found else None
 
 
