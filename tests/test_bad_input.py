@@ -321,6 +321,38 @@ def test_model_folder_with_corrupt_weights_is_one_line_naming_the_file(damage, t
     assert len(err.splitlines()) == 1 and not (tmp_path / "acts").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "zip_noise", "pickle_runs_code"])
+def test_model_folder_with_corrupt_pytorch_weights_is_one_line_naming_the_file(damage, tiny_gpt2, tiny_dir, corpus,
+                                                                               tmp_path, capsys):
+    """A damaged pytorch_model.bin was torch's traceback naming no file (an UnpicklingError, a RuntimeError, or
+    "[Errno 22] Invalid argument"), whose text advised retrying with weights_only=False: that runs whatever
+    code the pickle holds. It is one line naming the file, without that advice, and nothing is ever run."""
+    from saelab.models import ModelLoadError, load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    weights, marker = folder / "pytorch_model.bin", tmp_path / "pwned"
+    torch.save(tiny_gpt2.model.state_dict(), weights)
+    load_model(str(folder))  # intact, it loads
+    good = weights.read_bytes()
+    if damage == "pickle_runs_code":
+        torch.save({**tiny_gpt2.model.state_dict(), "extra": _Payload(marker)}, weights)
+    else:
+        noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+        weights.write_bytes({"truncated": good[: len(good) // 2], "garbage": b"\x00garbage" * 64,
+                             "zip_noise": b"PK\x03\x04" + noise.numpy().tobytes()}[damage])
+    expect = f"cannot load model directory {folder}: {weights} is not a readable torch file of plain tensors ("
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
+    msg = str(err.value)
+    assert msg.startswith(expect) and msg.endswith("); expected the model's weights, as save_pretrained writes them")
+    assert "\n" not in msg and "weights_only" not in msg and not marker.exists(), msg
+    code, out, err = run_cli(capsys, "harvest", "--model", str(folder), "--hook", HOOK, "--corpus", str(corpus),
+                             "--out", str(tmp_path / "acts"), "--no-progress")
+    assert (code, out, err) == (2, "", f"saelab harvest: error: {msg}")
+    assert not (tmp_path / "acts").exists() and not marker.exists()
+
+
 def misfit_weights(kind: str, tiny_gpt2) -> dict[str, torch.Tensor]:
     """Weights under a well-formed safetensors header that do not fit tiny_gpt2's config (its tied lm_head is
     left out, as save_pretrained leaves it out)."""

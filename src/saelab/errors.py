@@ -11,6 +11,20 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+# Lines of torch's weights_only error that are advice, not a reason; the advice to retry with
+# weights_only=False is exactly what an untrusted file must not get.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def torch_load_reason(err: BaseException) -> str:
+    """The informative part of a torch.load failure (e.g. 'Unsupported operand 60'), one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line.removeprefix("WeightsUnpickler error:").strip() for line in lines
+             if not line.startswith(_TORCH_BOILERPLATE)]
+    reason = next((line for line in lines if line), "")
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+
+
 class HookNameError(SaelabError, KeyError):
     """A hook name that the model does not have."""
 

@@ -17,12 +17,13 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from saelab.errors import ConfigError, HookNameError, SaelabError, first_line
+from saelab.errors import ConfigError, HookNameError, SaelabError, first_line, torch_load_reason
 from saelab.models.hooks import check_hook_form, hook_layer
 from saelab.models.lm import LanguageModel
 from saelab.utils.device import resolve_device
@@ -144,9 +145,10 @@ def _load_dir(path: str | os.PathLike, dtype: torch.dtype, tokenizer=None, **kwa
     hold = held.append  # as a filter: returns None, so the record is held, not shown
     log.addFilter(hold)
     try:
-        # ignore_mismatched_sizes: weights of the wrong shape come back in the loading info, named below
+        # ignore_mismatched_sizes: weights of the wrong shape come back in the loading info, named below;
+        # weights_only: a pytorch_model.bin is read as plain tensors, never as code, whatever transformers' default
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **kwargs)
+                                                           ignore_mismatched_sizes=True, weights_only=True, **kwargs)
         misfit = _misfit(info)
     finally:
         log.removeFilter(hold)
@@ -177,26 +179,38 @@ def _misfit(info: dict) -> str | None:
     return "; ".join(f"{what}: {few(names)}" for what, names in parts if names)
 
 
+# What a load raises for a model that is not there or not whole; any other error is raised as it is, unless a
+# weights file is found not to read (safetensors' and torch's errors for that name no file, and torch's
+# advises loading it with weights_only=False, which would run the code a pickle holds).
+_LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
     """``_load_dir`` of a local model folder, any failure one ``ModelLoadError`` line naming the folder."""
     try:
         return _load_dir(folder, dtype, tokenizer)
-    except SafetensorError as err:  # a truncated or corrupt weights file; safetensors' error names no file
-        why = _unreadable_weights(folder) or first_line(err)
-        raise ModelLoadError(f"cannot load model directory {folder}: {why}") from err
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load model directory {folder}: {first_line(err)}") from err
+    except Exception as err:
+        why = _unreadable_weights(folder)
+        if why is None and not isinstance(err, _LOAD_ERRORS):
+            raise
+        raise ModelLoadError(f"cannot load model directory {folder}: {why or first_line(err)}") from err
 
 
 def _unreadable_weights(folder: Path) -> str | None:
-    """Which of ``folder``'s safetensors files does not open, and why; None when they all do."""
-    for path in sorted(folder.glob("*.safetensors")):
+    """Which of ``folder``'s weights files (its safetensors files, else its pytorch_model*.bin, as transformers
+    prefers them) does not read, and why; None when they all do."""
+    for path in sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin")):
+        pickled = path.suffix == ".bin"
         try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-            return (f"{path} is not a readable safetensors file ({first_line(err)}); expected the model's weights, "
-                    "as save_pretrained writes them")
+            if pickled:  # as transformers reads it: plain tensors only, never code
+                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            else:
+                with safe_open(str(path), framework="pt"):
+                    pass
+        except Exception as err:  # each format raises its own error types for truncated or corrupt files
+            kind, why = ("torch file of plain tensors", torch_load_reason(err)) if pickled else (
+                "safetensors file", first_line(err))
+            return f"{path} is not a readable {kind} ({why}); expected the model's weights, as save_pretrained writes them"
     return None
 
 
@@ -310,12 +324,14 @@ def load_model(
                                          **({"revision": revision} if revision else {}))
         except ModelLoadError as err:  # weights that do not fit
             raise ModelLoadError(f"cannot load model {spec!r}{at}: {err}") from err
-        except (OSError, ValueError, SafetensorError) as err:
+        except Exception as err:
             cached = _folder_on_disk(spec, revision)
             unreadable = _unreadable_weights(cached) if cached is not None else None
             if unreadable:  # the cache gives the same damaged copy to every load until it is deleted
                 raise ModelLoadError(f"cannot load model {spec!r}{at}: {unreadable}; it is the Hugging Face cache's "
                                      f"copy: delete {cached.parents[1]} so that the next load downloads it again") from err
+            if not isinstance(err, _LOAD_ERRORS):
+                raise
             if offline:
                 raise ModelLoadError(f"cannot load model {spec!r}{at} from the local Hugging Face cache (the hub "
                                      f"cannot be reached: {offline}; a local model directory or .gguf path also "

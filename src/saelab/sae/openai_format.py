@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from saelab.errors import CheckpointError
+from saelab.errors import CheckpointError, torch_load_reason
 from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
 
@@ -71,20 +71,6 @@ def _provenance(path: Path, url: str | None) -> dict[str, Any]:
     return {"hook_name": openai_hook_name(layer, location), "extra": extra}
 
 
-# Lines of torch's weights_only error that are advice, not a reason; the advice to retry with
-# weights_only=False is exactly what an untrusted file must not get.
-_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
-
-
-def _load_failure_reason(e: Exception) -> str:
-    """The informative part of a torch.load failure (e.g. 'Unsupported operand 60'), one line."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    lines = [line.removeprefix("WeightsUnpickler error:").strip() for line in lines
-             if not line.startswith(_TORCH_BOILERPLATE)]
-    reason = next((line for line in lines if line), "")
-    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
-
-
 def load_untrusted_checkpoint(path: Path, what: str = "an OpenAI sparse_autoencoder .pt checkpoint") -> Any:
     """``torch.load(path, weights_only=True)``; any failure is a CheckpointError naming ``path``."""
     try:
@@ -100,7 +86,7 @@ def load_untrusted_checkpoint(path: Path, what: str = "an OpenAI sparse_autoenco
         raise
     except Exception as e:  # truncated zip, corrupt pickle, or a pickle that references code (refused)
         raise CheckpointError(
-            f"{path}: could not be read as a plain tensor checkpoint ({_load_failure_reason(e)}); expected {what} "
+            f"{path}: could not be read as a plain tensor checkpoint ({torch_load_reason(e)}); expected {what} "
             "(read with weights_only=True: pickles that reference code are refused, never run)"
         ) from e
 
