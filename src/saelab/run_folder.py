@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saelab.errors import CheckpointError, ConfigError
-from saelab.sae.io import SAE_DIR, TRAIN_CONFIG, holds_a_run  # defined where saving refuses a run's folders
+from saelab.sae.io import SAE_DIR, TRAIN_CONFIG, holds_a_run, run_folders_in  # where saving refuses runs
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
 
 if TYPE_CHECKING:
@@ -76,21 +75,13 @@ def is_run(path: str | Path) -> bool:
 def sweep_runs(folder: str | Path) -> list[Path]:
     """Run folders with a trained SAE directly inside ``folder``, in natural order (n4096 before n16384).
     Hidden folders are not runs: an overwrite keeps the run it replaces in RUN/.set-aside/."""
-    return [p for p in _run_folders_in(folder) if (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists()]
+    return [p for p in run_folders_in(folder) if (p / TRAIN_CONFIG).exists() and (p / SAE_DIR / "cfg.json").exists()]
 
 
 def unfinished_sweep_runs(folder: str | Path) -> list[Path]:
     """Run folders directly inside ``folder`` whose training has not finished (no SAE yet), in the order of
     :func:`sweep_runs`: an interrupted sweep leaves them, and they belong in its messages."""
-    return [p for p in _run_folders_in(folder) if holds_a_run(p) and not (p / SAE_DIR / "cfg.json").exists()]
-
-
-def _run_folders_in(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+    return [p for p in run_folders_in(folder) if holds_a_run(p) and not (p / SAE_DIR / "cfg.json").exists()]
 
 
 def unfinished_runs_line(folder: str | Path) -> str | None:

@@ -142,7 +142,7 @@ def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
     if run is not None:
         raise ConfigError(f"{named} is inside the run folder {run}: saving an SAE there would mix it with the "
                           "run's results; pick a folder outside the run")
-    if path.is_dir() and any(holds_a_run(p) for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    if any(holds_a_run(p) for p in run_folders_in(path)):
         raise ConfigError(f"{named} is a sweep folder (a folder of runs): saving an SAE there would make it read "
                           "as that SAE instead of its runs; pick another folder")
 
@@ -150,6 +150,16 @@ def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
 def holds_a_run(path: Path) -> bool:
     """A run folder, finished or not: an overwrite's first moments hold only the earlier run, set aside."""
     return any((p / TRAIN_CONFIG).is_file() for p in (path, path / SET_ASIDE))
+
+
+def run_folders_in(folder: str | os.PathLike) -> list[Path]:
+    """The folders directly inside ``folder`` that may be runs (a sweep's), in natural order (n4096 before
+    n16384). Hidden folders are not: an overwrite keeps the run it replaces in RUN/.set-aside/."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
 
 
 def _check_save_folder(folder: str | os.PathLike) -> None:

@@ -404,7 +404,8 @@ def _aux_form(aux_parts: list[_AuxPart], dead_idx: torch.Tensor, B: int, aux_den
     columns costs less than embedding_bag passes over that many entries per row until n_dead is several
     times their number."""
     n_dead = dead_idx.numel()
-    kept = [part.kept(drop_zeros) for part in aux_parts]  # each mask built once: it decides, then selects
+    # each mask built once: it decides the form, then selects the entries (a dense form told needs neither)
+    kept = [part.kept(drop_zeros and aux_dense is not True) for part in aux_parts]
     if aux_dense is None:
         per_row = sum(part.vals.numel() if mask is None else int(mask.sum())
                       for part, mask in zip(aux_parts, kept)) / max(B, 1)
