@@ -190,10 +190,48 @@ def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
     try:
         return _load_dir(folder, dtype, tokenizer)
     except Exception as err:
-        why = _unreadable_weights(folder)
-        if why is None and not isinstance(err, _LOAD_ERRORS):
+        refusal = _load_refusal(err, f"model directory {folder}", folder)
+        if refusal is None:
             raise
-        raise ModelLoadError(f"cannot load model directory {folder}: {why or first_line(err)}") from err
+        raise refusal from err
+
+
+def _load_hub(spec: str, dtype: torch.dtype, tokenizer=None, revision: str | None = None):
+    """``_load_dir`` of a hub id at ``revision`` (from the local cache alone when the hub cannot be reached), any
+    failure one ``ModelLoadError`` line naming the id and, for damaged weights, the cache folder to delete."""
+    offline = hub.hub_unreachable_reason()
+    kwargs = {"local_files_only": True} if offline else {}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        return _load_dir(spec, dtype, tokenizer, **kwargs)
+    except Exception as err:
+        cached = _folder_on_disk(spec, revision)
+        also = "a local model directory or .gguf path also works"
+        sought = (f" from the local Hugging Face cache (the hub cannot be reached: {offline}; {also})" if offline
+                  else f" from the Hugging Face hub (is the id right and the hub reachable? {also})")
+        # the cache gives the same damaged copy to every load until it is deleted
+        damaged = (f"; it is the Hugging Face cache's copy: delete {cached.parents[1]} so that the next load "
+                   "downloads it again") if cached is not None else ""
+        refusal = _load_refusal(err, f"model {_at(repr(spec), revision)}", cached, sought, damaged)
+        if refusal is None:
+            raise
+        raise refusal from err
+
+
+def _load_refusal(err: Exception, named: str, folder: Path | None, sought: str = "",
+                  damaged: str = "") -> ModelLoadError | None:
+    """The one line a failed load of ``named`` ("model directory PATH") ends in: the weights file of ``folder``
+    that does not read (then ``damaged``), else ``err``'s first line (after ``sought``: where the model was looked
+    for); None when ``err`` is neither that nor one of ``_LOAD_ERRORS``, to be raised as it is."""
+    unreadable = _unreadable_weights(folder) if folder is not None else None
+    if unreadable:
+        return ModelLoadError(f"cannot load {named}: {unreadable}{damaged}")
+    if not isinstance(err, _LOAD_ERRORS):
+        return None
+    if isinstance(err, ModelLoadError):  # weights that do not fit: found, so where they were looked for is beside it
+        sought = ""
+    return ModelLoadError(f"cannot load {named}{sought}: {first_line(err)}")
 
 
 def _unreadable_weights(folder: Path) -> str | None:
@@ -316,30 +354,7 @@ def load_model(
     elif _names_a_path(spec):
         raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
     else:
-        offline = hub.hub_unreachable_reason()
-        local_only = {"local_files_only": True} if offline else {}
-        at = f" at revision {revision!r}" if revision else ""
-        try:
-            model, tokenizer = _load_dir(spec, dtype, tokenizer, **local_only,
-                                         **({"revision": revision} if revision else {}))
-        except ModelLoadError as err:  # weights that do not fit
-            raise ModelLoadError(f"cannot load model {spec!r}{at}: {err}") from err
-        except Exception as err:
-            cached = _folder_on_disk(spec, revision)
-            unreadable = _unreadable_weights(cached) if cached is not None else None
-            if unreadable:  # the cache gives the same damaged copy to every load until it is deleted
-                raise ModelLoadError(f"cannot load model {spec!r}{at}: {unreadable}; it is the Hugging Face cache's "
-                                     f"copy: delete {cached.parents[1]} so that the next load downloads it again") from err
-            if not isinstance(err, _LOAD_ERRORS):
-                raise
-            if offline:
-                raise ModelLoadError(f"cannot load model {spec!r}{at} from the local Hugging Face cache (the hub "
-                                     f"cannot be reached: {offline}; a local model directory or .gguf path also "
-                                     f"works): {first_line(err)}") from err
-            raise ModelLoadError(
-                f"cannot load model {spec!r}{at} from the Hugging Face hub (is the id right and the hub "
-                f"reachable? a local model directory or .gguf path also works): {first_line(err)}"
-            ) from err
+        model, tokenizer = _load_hub(spec, dtype, tokenizer, revision)
     model.to(device)
     return LanguageModel(model, tokenizer, name)
 
