@@ -403,6 +403,59 @@ def test_model_folder_whose_weights_do_not_fit_its_config_is_one_line_naming_the
     assert not (tmp_path / "acts").exists()
 
 
+def test_sharded_model_folder_with_corrupt_weights_is_one_line_naming_the_shard(tiny_gpt2, tmp_path):
+    """A model saved in shards, one of which is damaged: the shard its index lists is the file named."""
+    from saelab.models import ModelLoadError, load_model
+
+    folder = tmp_path / "model"
+    tiny_gpt2.model.save_pretrained(folder, max_shard_size="4MB")
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(shards) > 1 and not (folder / "model.safetensors").exists()
+    shard = folder / shards[-1]
+    shard.write_bytes(b"\x00garbage" * 64)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
+    msg = str(err.value)
+    assert msg.startswith(f"cannot load model directory {folder}: {shard} is not a readable safetensors file (") and (
+        msg.endswith("); expected the model's weights, as save_pretrained writes them") and "\n" not in msg), msg
+
+
+_LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1048576\n"
+
+
+def test_stray_unreadable_file_does_not_hide_why_a_model_folder_fails_to_load(tiny_gpt2, tiny_dir, gpt2_tokenizer,
+                                                                              tmp_path):
+    """A failed load probed every *.safetensors in the folder, so a file transformers never reads (a git-lfs
+    pointer left as adapter_model.safetensors) was named as the fault in place of the real one."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from saelab.models import ModelLoadError, load_model
+
+    misfit = tmp_path / "misfit"  # layer 1's weights left out
+    shutil.copytree(tiny_dir, misfit)
+    save_file(misfit_weights("partial", tiny_gpt2), str(misfit / "model.safetensors"), metadata={"format": "pt"})
+    (misfit / "adapter_model.safetensors").write_text(_LFS_POINTER)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(misfit))
+    assert str(err.value) == (f"cannot load model directory {misfit}: its weights do not fit the GPT2LMHeadModel its "
+                              f"config describes ({MISFITS['partial']}); expected that model's weights, as "
+                              "save_pretrained writes them")
+
+    heads = tmp_path / "heads"  # a whole Llama whose config then asks for 5 heads of its 32 dimensions
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(heads)
+    gpt2_tokenizer.save_pretrained(heads)
+    config = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+    (heads / "adapter_model.safetensors").write_text(_LFS_POINTER)
+    with pytest.raises(Exception) as err:
+        load_model(str(heads))
+    assert "hidden size (32) is not a multiple of the number of attention heads (5)" in str(err.value), err.value
+    assert "adapter_model" not in str(err.value)
+
+
 # ---- a corrupt checkpoint.pt when resuming a training run ------------------------------------------------
 
 

@@ -1926,6 +1926,32 @@ def test_hub_model_whose_cached_weights_are_corrupt_is_one_line_naming_the_file_
     assert _with_hub(hub, tmp_path, *load).returncode == 0
 
 
+_STRAY_THEN_LOAD = """
+from huggingface_hub import hf_hub_download
+from saelab.models import ModelLoadError, load_model
+hf_hub_download("org/tiny-gpt2", "adapter_model.safetensors")  # into the cache, beside what the load reads
+try:
+    load_model("org/tiny-gpt2")
+except ModelLoadError as err:
+    print(err)
+"""
+
+
+def test_hub_model_with_a_stray_unreadable_file_in_its_cache_is_refused_for_its_real_fault(tiny_dir, tmp_path):
+    """A failed hub load probed every *.safetensors in the model's cache folder, so a file transformers never reads
+    (a git-lfs pointer served as adapter_model.safetensors) was named as the fault, with the cache to delete, in
+    place of the real one: here, no weights at all."""
+    mirror = tmp_path / "mirror"
+    shutil.copytree(tiny_dir, mirror, ignore=shutil.ignore_patterns("model.safetensors"))
+    (mirror / "adapter_model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:"
+                                                      + "0" * 64 + "\nsize 1048576\n")
+    proc = _with_hub(_HubMirror("org/tiny-gpt2", mirror), tmp_path, "-c", _STRAY_THEN_LOAD)
+    assert proc.stdout == (
+        "cannot load model 'org/tiny-gpt2' from the Hugging Face hub (is the id right and the hub reachable? a local "
+        "model directory or .gguf path also works): org/tiny-gpt2 does not appear to have a file named "
+        "pytorch_model.bin or model.safetensors.\n"), proc.stderr
+
+
 _HARVEST_HUB_MODEL = ("harvest", "--model", "org/tiny-gpt2", "--out", "acts", "--hook")
 _QUICKSTART_HUB_MODEL = ("quickstart", "--harvest-model", "org/tiny-gpt2", "--harvest-hook", "blocks.1.hook_resid_post",
                          "--out", "run")

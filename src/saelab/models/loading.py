@@ -234,10 +234,28 @@ def _load_refusal(err: Exception, named: str, folder: Path | None, sought: str =
     return ModelLoadError(f"cannot load {named}{sought}: {first_line(err)}")
 
 
+def _weights_files(folder: Path) -> list[Path]:
+    """The weights files transformers reads from ``folder``, picked as it picks them: model.safetensors, else the
+    shards its index lists, else pytorch_model.bin, else the shards its index lists. Any other file there (an
+    adapter, a git-lfs pointer) is never read, so it is not what a failed load is blamed on."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+        index = folder / f"{single}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                # a shard not there is left to transformers, whose error names it
+                return [folder / name for name in shards if (folder / name).is_file()]
+            except Exception:  # a malformed index: transformers' own error names it
+                return []
+    return []
+
+
 def _unreadable_weights(folder: Path) -> str | None:
-    """Which of ``folder``'s weights files (its safetensors files, else its pytorch_model*.bin, as transformers
-    prefers them) does not read, and why; None when they all do."""
-    for path in sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin")):
+    """Which of the weights files transformers reads from ``folder`` (``_weights_files``) does not read, and why;
+    None when they all do."""
+    for path in _weights_files(folder):
         pickled = path.suffix == ".bin"
         try:
             if pickled:  # as transformers reads it: plain tensors only, never code
