@@ -456,6 +456,60 @@ def test_stray_unreadable_file_does_not_hide_why_a_model_folder_fails_to_load(ti
     assert "adapter_model" not in str(err.value)
 
 
+def tiny_llama_gguf(path: Path, leave_out: str | None = None) -> Path:
+    """A 2-layer Llama (d_model 32) of random float32 tensors and a 28-token BPE vocabulary (a to z, one merge, one
+    BOS/EOS token), written as a GGUF file with llama.cpp's names; the tensors named ``leave_out``... are left out."""
+    import gguf
+    import numpy as np
+
+    d, ff, heads, kv_heads, tokens = 32, 64, 4, 2, [*"abcdefghijklmnopqrstuvwxyz", "ab", "<s>"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [(writer.add_context_length, 64), (writer.add_embedding_length, d), (writer.add_block_count, 2),
+                       (writer.add_feed_forward_length, ff), (writer.add_head_count, heads),
+                       (writer.add_head_count_kv, kv_heads), (writer.add_rope_dimension_count, d // heads),
+                       (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_tokenizer_model, "gpt2"),
+                       (writer.add_token_list, tokens), (writer.add_token_merges, ["a b"]),
+                       (writer.add_token_types, [1] * len(tokens)), (writer.add_bos_token_id, len(tokens) - 1),
+                       (writer.add_eos_token_id, len(tokens) - 1)]:
+        add(value)
+    kv = kv_heads * d // heads
+    shapes = {"token_embd": (len(tokens), d), "output_norm": (d,)}
+    for i in range(2):
+        shapes.update({f"blk.{i}.{name}": shape for name, shape in [
+            ("attn_norm", (d,)), ("ffn_norm", (d,)), ("attn_q", (d, d)), ("attn_k", (kv, d)), ("attn_v", (kv, d)),
+            ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))]})
+    rng = np.random.default_rng(0)
+    for name, shape in shapes.items():
+        if leave_out is None or not name.startswith(leave_out):
+            writer.add_tensor(f"{name}.weight", rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_whose_weights_do_not_fit_its_metadata_is_one_line_naming_them(tmp_path, corpus, capsys, monkeypatch):
+    """A .gguf file lacking layer 1's tensors is refused naming them, and what it should hold is worded for a GGUF
+    file (save_pretrained writes none); nothing is cached."""
+    from saelab.models import ModelLoadError, load_model
+
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    load_model(str(tiny_llama_gguf(tmp_path / "whole.gguf")), cache=False)  # whole, it loads
+    partial = tiny_llama_gguf(tmp_path / "partial.gguf", leave_out="blk.1.")
+    expect = (f"cannot load {partial}: its weights do not fit the LlamaForCausalLM its config describes (missing: "
+              "model.layers.1.input_layernorm.weight, model.layers.1.mlp.down_proj.weight, "
+              "model.layers.1.mlp.gate_proj.weight and 6 more); expected that model's weights, as llama.cpp's "
+              "convert_hf_to_gguf.py writes them")
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(partial), cache=False)
+    assert str(err.value) == expect
+    code, out, err = run_cli(capsys, "harvest", "--model", str(partial), "--hook", "blocks.1.hook_resid_post", "--corpus",
+                             str(corpus), "--out", str(tmp_path / "acts"), "--no-progress")
+    assert (code, out, err) == (2, "", f"saelab harvest: error: {expect}")
+    assert not (tmp_path / "acts").exists() and not (tmp_path / "cache").exists()
+
+
 # ---- a corrupt checkpoint.pt when resuming a training run ------------------------------------------------
 
 

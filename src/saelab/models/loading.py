@@ -133,9 +133,11 @@ def save_dequantized(model: torch.nn.Module, tokenizer, dest: str | os.PathLike)
     return dest
 
 
-def _load_dir(path: str | os.PathLike, dtype: torch.dtype, tokenizer=None, **kwargs):
+def _load_dir(path: str | os.PathLike, dtype: torch.dtype, tokenizer=None, writer: str = "save_pretrained",
+              **kwargs):
     """The model at ``path`` and its tokenizer (``tokenizer`` when read already, else read here). Weights that
-    do not fit the model its config describes are a ``ModelLoadError`` (``_misfit``), which does not name ``path``."""
+    do not fit the model its config describes are a ``ModelLoadError`` (``_misfit``), which does not name ``path``
+    and expects the weights as ``writer`` (what writes the source's format) writes them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path, **kwargs)
@@ -156,7 +158,7 @@ def _load_dir(path: str | os.PathLike, dtype: torch.dtype, tokenizer=None, **kwa
             log.handle(record)
     if misfit:
         raise ModelLoadError(f"its weights do not fit the {type(model).__name__} its config describes ({misfit}); "
-                             "expected that model's weights, as save_pretrained writes them")
+                             f"expected that model's weights, as {writer} writes them")
     return model, tokenizer
 
 
@@ -274,7 +276,8 @@ def _load_gguf_raw(gguf_path: Path):
     """Dequantize a GGUF file with transformers (slow): float32 model and its tokenizer."""
     _gguf_bar_obeys_transformers()
     try:
-        return _load_dir(gguf_path.parent, torch.float32, gguf_file=gguf_path.name)
+        return _load_dir(gguf_path.parent, torch.float32, writer="llama.cpp's convert_hf_to_gguf.py",
+                         gguf_file=gguf_path.name)
     except ModelLoadError as err:  # weights that do not fit
         raise ModelLoadError(f"cannot load {gguf_path}: {err}") from err
 
