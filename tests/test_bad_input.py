@@ -456,6 +456,31 @@ def test_stray_unreadable_file_does_not_hide_why_a_model_folder_fails_to_load(ti
     assert "adapter_model" not in str(err.value)
 
 
+def test_model_folder_whose_config_does_not_validate_is_one_line(gpt2_tokenizer, corpus, tmp_path, capsys):
+    """A config that transformers' own checks refuse (5 heads of 32 dimensions) ended in a traceback whose first line,
+    "Class validation error for validator 'validate_architecture':", named neither the folder nor the fault."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from saelab.models import ModelLoadError, load_model
+
+    folder = tmp_path / "heads"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    load_model(str(folder))  # as saved, it loads
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+    expect = (f"cannot load model directory {folder}: its config.json does not validate (The hidden size (32) is not a "
+              "multiple of the number of attention heads (5).)")
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
+    assert str(err.value) == expect
+    code, out, err = run_cli(capsys, "harvest", "--model", str(folder), "--hook", "blocks.0.hook_resid_post",
+                             "--corpus", str(corpus), "--out", str(tmp_path / "acts"), "--no-progress")
+    assert (code, out, err) == (2, "", f"saelab harvest: error: {expect}")
+    assert not (tmp_path / "acts").exists()
+
+
 def tiny_llama_gguf(path: Path, leave_out: str | None = None) -> Path:
     """A 2-layer Llama (d_model 32) of random float32 tensors and a 28-token BPE vocabulary (a to z, one merge, one
     BOS/EOS token), written as a GGUF file with llama.cpp's names; the tensors named ``leave_out``... are left out."""

@@ -186,6 +186,11 @@ def _misfit(info: dict) -> str | None:
 # advises loading it with weights_only=False, which would run the code a pickle holds).
 _LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
+try:  # newer huggingface_hub validates configs as strict dataclasses; an older one raises a ValueError
+    from huggingface_hub.errors import StrictDataclassError as _InvalidConfig
+except ImportError:
+    _InvalidConfig = ValueError
+
 
 def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
     """``_load_dir`` of a local model folder, any failure one ``ModelLoadError`` line naming the folder."""
@@ -229,6 +234,8 @@ def _load_refusal(err: Exception, named: str, folder: Path | None, sought: str =
     unreadable = _unreadable_weights(folder) if folder is not None else None
     if unreadable:
         return ModelLoadError(f"cannot load {named}: {unreadable}{damaged}")
+    if isinstance(err, _InvalidConfig) and err.__cause__ is not None:  # its own first line names no fault
+        return ModelLoadError(f"cannot load {named}: its config.json does not validate ({first_line(err.__cause__)})")
     if not isinstance(err, _LOAD_ERRORS):
         return None
     if isinstance(err, ModelLoadError):  # weights that do not fit: found, so where they were looked for is beside it
