@@ -535,6 +535,27 @@ def test_gguf_whose_weights_do_not_fit_its_metadata_is_one_line_naming_them(tmp_
     assert not (tmp_path / "acts").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("damage", ["no_magic", "bad_version", "truncated"])
+def test_damaged_gguf_is_one_line_naming_it(damage, tmp_path, corpus, capsys, monkeypatch):
+    """A .gguf that does not parse (no GGUF magic, a version no reader knows, cut short) was transformers'
+    traceback; it is one line naming the file, and nothing is cached."""
+    from saelab.models import ModelLoadError, load_model
+
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    whole = tiny_llama_gguf(tmp_path / "whole.gguf").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes({"no_magic": b"\x00garbage" * 64, "bad_version": whole[:4] + b"\xff\xff\x00\x00" + whole[8:],
+                     "truncated": whole[:len(whole) // 2]}[damage])
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(bad))
+    msg = str(err.value)
+    assert msg.startswith(f"cannot load {bad} as a GGUF model file: ") and "\n" not in msg, msg
+    code, out, err = run_cli(capsys, "harvest", "--model", str(bad), "--hook", "blocks.1.hook_resid_post", "--corpus",
+                             str(corpus), "--out", str(tmp_path / "acts"), "--no-progress")
+    assert (code, out, err) == (2, "", f"saelab harvest: error: {msg}")
+    assert not (tmp_path / "acts").exists() and not any((tmp_path / "cache").rglob("config.json"))
+
+
 # ---- a corrupt checkpoint.pt when resuming a training run ------------------------------------------------
 
 

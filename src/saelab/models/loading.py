@@ -285,8 +285,11 @@ def _load_gguf_raw(gguf_path: Path):
     try:
         return _load_dir(gguf_path.parent, torch.float32, writer="llama.cpp's convert_hf_to_gguf.py",
                          gguf_file=gguf_path.name)
-    except ModelLoadError as err:  # weights that do not fit
-        raise ModelLoadError(f"cannot load {gguf_path}: {err}") from err
+    except Exception as err:  # weights that do not fit, a file that does not parse
+        refusal = _load_refusal(err, str(gguf_path), None, sought=" as a GGUF model file")
+        if refusal is None:
+            raise
+        raise refusal from err
 
 
 def _gguf_bar_obeys_transformers() -> None:
