@@ -2102,6 +2102,62 @@ def test_run_compute_equivalent_refuses_its_input_before_a_hub_checkpoints_weigh
     assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
 
 
+# The paper suite's settings for _SHORT (11 contexts of 32): each metric runs in a second or two.
+_SUITE_ON_SHORT = ("--corpus", "c.txt", "--recon-tokens", "310", "--downstream-tokens", "310", "--ablation-contexts",
+                   "4", "--abl-n-sites", "4", "--abl-n-future", "8", "--abl-channels-per-site", "4", "--probe-contexts",
+                   "11", "--n2g-contexts", "10", "--n2g-n-latents", "4", "--n2g-n-examples", "3", "--n2g-max-len", "6")
+_CRFM_STEPS = ("--series", "crfm-gpt2-small", "--series-steps", "400", "1000")
+
+
+@pytest.mark.parametrize("case, error", [
+    pytest.param("short-context", f"ConfigError: the SAE's context of 32 tokens (--context-size sets another) exceeds "
+                 f"the longest context of {_CRFM} at revision 'checkpoint-400' (16 tokens)",
+                 id="context-past-the-checkpoints"),
+    pytest.param("other-tokenizer", "SeriesError: checkpoint checkpoint-400 tokenizes the eval text differently from "
+                 "the evaluated model; expected reference models that share its tokenizer",
+                 id="corpus-tokenized-otherwise"),
+])
+def test_compute_equivalent_input_refused_in_the_default_suite_is_its_error_and_the_others_run(
+        gpt2_tokenizer, tiny_dir, tmp_path, case, error):
+    """The suite run by default (no --metrics) stopped before the model loaded on a series its checks refused,
+    computing nothing, where a wrong series had been compute_equivalent's error alone. It is that error again,
+    found from the checkpoints' configs and tokenizers (no checkpoint loads), and the other metrics run."""
+    checkpoint = _checkpoint_folder(tmp_path / "checkpoint", gpt2_tokenizer, case)
+    _save_saes(tmp_path, tiny_dir, ("sae", 64))
+    (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
+    proc, requests = _saelab_with_a_hub_model(
+        gpt2_tokenizer, tmp_path, "eval", "sae", "--suite", "paper", "--out", "ev", *_SUITE_ON_SHORT, *_CRFM_STEPS,
+        repo=_CRFM, revisions={f"checkpoint-{s}": checkpoint for s in (400, 1000)})
+    assert (proc.returncode, proc.stderr) == (2, "saelab eval: error: paper suite wrote ev/evals/report.md but failed "
+                                                 f"in 1 metric(s): compute_equivalent: {error}\n")
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "ev" / "evals").glob("*.json")}
+    assert (records["compute_equivalent"]["status"], records["compute_equivalent"]["reason"]) == ("error", error)
+    assert {m: records[m]["status"] for m in ("core", "ablation_sparsity", "probe", "n2g")} == {
+        "core": "ok", "ablation_sparsity": "ok", "probe": "skipped", "n2g": "ok"}
+    assert f"HEAD /{_CRFM}/resolve/checkpoint-400/config.json" in requests, requests  # found before any load
+    assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
+
+
+def test_a_resumed_suite_asks_the_hub_for_no_checkpoint_it_does_not_load(gpt2_tokenizer, tiny_series, tmp_path):
+    """The checks before the load fetched every checkpoint's config and tokenizer, also when the suite resumed
+    reuses compute_equivalent.json or finds their losses in series_losses.json (here the Hugging Face cache
+    emptied meanwhile): hub requests for models it does not load. Only the checkpoints it loads are checked."""
+    _save_saes(tmp_path, tiny_series / "checkpoint-120", ("sae", 64))
+    (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
+    argv = ("eval", "sae", "--suite", "paper", "--out", "ev", "--corpus", "c.txt", "--recon-tokens", "310",
+            "--downstream-tokens", "310", "--metrics", "core", "compute_equivalent", *_CRFM_STEPS, "2000",
+            "--ce-fit-min-frac", "0")  # three checkpoints, the fewest a fit takes
+    revisions = {f"checkpoint-{s}": tiny_series / f"checkpoint-{t}" for s, t in ((400, 10), (1000, 40), (2000, 120))}
+    for resumed, status in (("no", "ok"), ("its result reused", "ok (reused)"), ("its losses kept", "ok")):
+        if resumed == "its losses kept":  # cut off after the losses were saved, before the result was
+            (tmp_path / "ev" / "evals" / "compute_equivalent.json").unlink()
+        shutil.rmtree(tmp_path / "hf-home", ignore_errors=True)
+        proc, requests = _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, *argv, repo=_CRFM, revisions=revisions)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["compute_equivalent"] == status, proc.stderr
+        checkpoints = [r for r in requests if "/resolve/checkpoint-" in r]
+        assert bool(checkpoints) == (resumed == "no"), (resumed, checkpoints)
+
+
 def test_each_verb_loads_its_model_with_the_tokenizer_its_checks_read(gpt2_tokenizer, tmp_path, capsys,
                                                                       monkeypatch):
     """The tokenizer read for the checks before the load (a hub model's fetched alone) is the one the load takes:

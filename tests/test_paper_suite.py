@@ -17,6 +17,7 @@ from saelab.cli import main, parse_args
 from saelab.cli.evaluate import suite_config
 from saelab.explore.browser.build import read_n2g_file, run_explanations
 from saelab.sae import load_sae
+from test_pipeline import _hashes
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ENVELOPE = {"metric", "schema_version", "status", "reason", "inputs", "sae", "eval", "wall_s", "created", "result"}
@@ -63,7 +64,7 @@ def run_cli(capsys, *argv: str, code: int = 0) -> tuple[dict | None, str]:
     return (json.loads(out) if code == 0 else None), err
 
 
-def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, tmp_path, capsys):
+def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(tiny_series_run, run)
     corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
@@ -112,11 +113,14 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
         assert (run / "evals" / png).read_bytes()[:8] == PNG and f"]({png})" in report
     assert "evals/report.md" in (run / "report.md").read_text()  # the run's own report points to it
 
-    # Resumable: the same command reuses every result; a changed size is refused before any metric runs,
-    # and with --overwrite --metrics reruns that metric only.
+    # Resumable: the same command reuses every result (the SAE hashed once, for the checks before the load and
+    # the suite); a changed size is refused before any metric runs, and with --overwrite --metrics reruns that
+    # metric only.
     created = {m: r["created"] for m, r in recs.items()}
+    hashes = _hashes(monkeypatch)
     out, _ = run_cli(capsys, *argv)
     assert out == {"report": str(run / "evals" / "report.md"), **{m: "ok (reused)" for m in names}}
+    assert hashes == [recs["core"]["sae"]["sha256"]]
     before = {p.name: p.read_bytes() for p in (run / "evals").iterdir()}
     fewer_sites = replaced(argv, "--abl-n-sites", "3")
     _, err = run_cli(capsys, *fewer_sites, code=2)

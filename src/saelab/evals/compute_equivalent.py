@@ -544,6 +544,27 @@ def _to_load(ck: SeriesCheckpoint, cache: dict[str, Any], family: bool) -> bool:
     return hit is None or (family and ck.params is None and hit.get("params") is None)
 
 
+def _cached_losses(cache_path: str | Path | None, key: str) -> dict[str, Any]:
+    """The losses ``cache_path`` holds for the tokens of ``key`` (``_tokens_key``): {} when it holds another
+    evaluation's, or none, or is unreadable (they are measured again)."""
+    try:
+        old = json.loads(Path(cache_path).read_text()) if cache_path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return old.get("losses", {}) if isinstance(old, dict) and old.get("tokens_key") == key else {}
+
+
+def _checkpoints_to_load(series: CheckpointSeries, cache: dict[str, Any]) -> list[SeriesCheckpoint]:
+    return [ck for ck in series.checkpoints if _to_load(ck, cache, series.kind == KIND_FAMILY)]
+
+
+def checkpoints_to_load(series: CheckpointSeries, tokens_NT: torch.Tensor, first: int,
+                        cache_path: str | Path | None = None) -> list[SeriesCheckpoint]:
+    """The models of ``series`` that :func:`checkpoint_losses` (with these arguments) loads: those whose loss
+    on ``tokens_NT`` ``cache_path`` lacks."""
+    return _checkpoints_to_load(series, _cached_losses(cache_path, _tokens_key(check_tokens(tokens_NT), first)))
+
+
 def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: int, *, lm_batch_size: int = 8,
                       cache_path: str | Path | None = None, reference_tokenizer=None,
                       progress: bool = False) -> list[dict[str, Any]]:
@@ -558,13 +579,9 @@ def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: 
     tokens_NT = check_tokens(tokens_NT)
     key = _tokens_key(tokens_NT, first)
     family = series.kind == KIND_FAMILY
-    cache: dict[str, Any] = {}
-    if cache_path is not None and Path(cache_path).exists():
-        old = json.loads(Path(cache_path).read_text())
-        if old.get("tokens_key") == key:
-            cache = old.get("losses", {})
-    to_load = [ck for ck in series.checkpoints if _to_load(ck, cache, family)]
-    check_checkpoints_before_load(to_load, tokens_NT, reference_tokenizer)  # before any of their weights download
+    cache = _cached_losses(cache_path, key)
+    # before any of their weights download
+    check_checkpoints_before_load(_checkpoints_to_load(series, cache), tokens_NT, reference_tokenizer)
     out = []
     for ck in tqdm(series.checkpoints, desc=f"series {series.name}", unit="model", disable=not progress):
         hit = cache.get(ck.source)
@@ -869,8 +886,8 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
 __all__ = [
     "CRFM_TOKENS_PER_STEP", "CheckpointSeries", "ComputeEquivalentConfig", "KINDS", "KIND_FAMILY", "KIND_PROGRESS",
     "KIND_TITLES", "PYTHIA_TOKENS_PER_STEP", "PYTHIA_TOTAL_TOKENS", "SeriesCheckpoint", "SeriesError",
-    "check_checkpoints_before_load", "checkpoint_losses", "compute_equivalent", "crfm_checkpoint_steps",
-    "crfm_gpt2_small_series", "interp_compute", "interp_tokens", "known_series_names", "local_family", "local_series",
-    "mean_loss", "point_compute", "pythia_checkpoint_steps", "pythia_family", "pythia_series", "resolve_series",
-    "run_compute_equivalent", "series_for_model", "upgrade_result",
+    "check_checkpoints_before_load", "checkpoint_losses", "checkpoints_to_load", "compute_equivalent",
+    "crfm_checkpoint_steps", "crfm_gpt2_small_series", "interp_compute", "interp_tokens", "known_series_names",
+    "local_family", "local_series", "mean_loss", "point_compute", "pythia_checkpoint_steps", "pythia_family",
+    "pythia_series", "resolve_series", "run_compute_equivalent", "series_for_model", "upgrade_result",
 ]

@@ -52,11 +52,12 @@ from simple_parsing.helpers import field as cli_field
 
 from saelab.data import resolve_corpus, token_contexts
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
-from saelab.evals._common import config_dict, position_0_words
+from saelab.evals._common import config_dict, first_position, position_0_words
 from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
 from saelab.evals.compute_equivalent import (
     ComputeEquivalentConfig,
     check_checkpoints_before_load,
+    checkpoints_to_load,
     resolve_series,
     run_compute_equivalent,
     series_for_model,
@@ -147,6 +148,8 @@ class SuiteRun:
     results: dict[str, dict | None] = field(default_factory=dict)
     model: str = ""
     """The model's name (``lm.name``; known before the load, as ``saelab.models.model_name`` gives it)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Metrics found to fail before the model loaded (:func:`check_series_before_load`), with their error."""
 
 
 def _core(run: SuiteRun) -> dict:
@@ -166,7 +169,12 @@ def _compute_equivalent(run: SuiteRun) -> dict:
         spliced, clean = core["ce_spliced"], core["ce_clean"]  # the same predictions
     return run_compute_equivalent(run.lm, run.sae, run.tokens[:run.n_down], run.cfg.compute_equivalent,
                                   series=run.series, spliced_loss=spliced, clean_loss=clean,
-                                  cache_path=run.evals / "series_losses.json")
+                                  cache_path=_series_losses(run))
+
+
+def _series_losses(run: SuiteRun) -> Path:
+    """Where compute_equivalent keeps each checkpoint's loss, for a resumed suite."""
+    return run.evals / "series_losses.json"
 
 
 def _ce_applies(run: SuiteRun) -> str | None:
@@ -247,6 +255,13 @@ def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status
             "wall_s": round(wall, 3), "created": _now(), "result": result}
 
 
+def _base_inputs(run: SuiteRun) -> dict:
+    """What every metric's result depends on, besides its own settings and contexts (``_inputs``)."""
+    return {"sae_sha256": run.sae_hash, "model": run.model, "hook": run.sae.cfg.hook_name,
+            "corpus": str(resolve_corpus(run.eval_cfg.corpus, "eval")), "context_size": run.T,
+            "prepend_bos": run.sae.cfg.prepend_bos, "position_0": position_0_words(run.first)}
+
+
 def _inputs(run: SuiteRun, m: SuiteMetric, base_inputs: dict) -> dict:
     """What ``m``'s result depends on, as its file records it (equal inputs: the result is reused)."""
     return json.loads(json.dumps({**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run)}))
@@ -294,6 +309,33 @@ def _refuse_replacing(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict, b
                              "--out")
 
 
+def _reusable(old: dict | None, inputs: dict) -> bool:
+    """Whether a metric's earlier record ``old`` is reused: an ok result of these ``inputs``."""
+    return bool(old) and old.get("status") == "ok" and old.get("inputs") == json.loads(json.dumps(inputs))
+
+
+# What a metric may raise that its record names as its error, the other metrics running on.
+_METRIC_ERRORS = (SaelabError, ValueError, RuntimeError, OSError)
+
+
+def _error_reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _computed(run: SuiteRun, m: SuiteMetric) -> tuple[dict | None, str, str | None]:
+    """``m``'s result, status and reason: as computed, or the error found before the model loaded."""
+    if m.name in run.refused:  # known to fail: nothing of it is loaded
+        return None, "error", run.refused[m.name]
+    try:
+        result = _jsonable(m.compute(run))
+    except _METRIC_ERRORS as e:
+        return None, "error", _error_reason(e)
+    if empty := m.measured_nothing(result):
+        # Skipped like a metric that does not apply, and an error when asked for by name, as such a metric is.
+        return None, "error" if m.name in run.cfg.metrics else "skipped", empty
+    return result, "ok", None
+
+
 def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: dict, sae_info: dict,
                 eval_info: dict, *, overwrite: bool, progress: bool) -> dict:
     """Compute (or reuse, or skip) one metric, write its envelope; returns its suite.json entry."""
@@ -304,19 +346,13 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
         write_json(path, _envelope(m.name, inputs, sae_info, eval_info, "skipped", reason, None, 0.0))
         return {**entry, "status": "skipped", "reason": reason, "wall_s": 0.0}
     old = None if overwrite else _read(path)
-    if old and old.get("status") == "ok" and old.get("inputs") == json.loads(json.dumps(inputs)):
+    if _reusable(old, inputs):
         run.results[m.name] = old["result"]
         return {**entry, "status": "ok", "reason": None, "reused": True, "wall_s": old["wall_s"]}
     if progress:
         print(f"[paper suite] {m.name} ...", flush=True)
     t0 = time.perf_counter()
-    try:
-        result, status, why = _jsonable(m.compute(run)), "ok", None
-    except (SaelabError, ValueError, RuntimeError, OSError) as e:
-        result, status, why = None, "error", f"{type(e).__name__}: {e}"
-    if status == "ok" and (empty := m.measured_nothing(result)):
-        # Skipped like a metric that does not apply, and an error when asked for by name, as such a metric is.
-        result, status, why = None, "error" if m.name in run.cfg.metrics else "skipped", empty
+    result, status, why = _computed(run, m)
     wall = time.perf_counter() - t0
     run.results[m.name] = result
     write_json(path, _envelope(m.name, inputs, sae_info, eval_info, status, why, result, wall))
@@ -378,17 +414,48 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
 
 
 def check_series_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, tokens: torch.Tensor,
-                             tokenizer) -> None:
-    """When compute_equivalent runs, its reference models checked against the eval contexts (``tokens``, read
-    with the model's ``tokenizer`` before its load) from their configs and tokenizers alone: a wrong series
-    is refused before the model's weights or any of theirs download."""
-    run, _, reasons = _suite_run(None, sae, model, Path(), cfg, eval_cfg, int(tokens.shape[1]))
+                             tokenizer, out_dir: str | Path, *, overwrite: bool = False, sae_hash: str = ""
+                             ) -> dict[str, str]:
+    """When compute_equivalent runs, the reference models it will load checked against the eval contexts
+    (``tokens``, read with the model's ``tokenizer`` before its load) from their configs and tokenizers alone.
+    A wrong series is refused before the model's weights or any of theirs download when compute_equivalent is
+    asked for by name (``cfg.metrics``); else it is returned as that metric's error, {name: reason} ({}: none),
+    for :func:`run_paper_suite` (``refused``) to record while the other metrics run. ``sae_hash``:
+    :func:`sae_sha256` of ``sae`` when the caller has it ("": hashed here if a result to reuse needs it)."""
+    run, _, reasons = _suite_run(None, sae, model, Path(out_dir), cfg, eval_cfg, int(tokens.shape[1]))
+    run.sae_hash = sae_hash
     if "compute_equivalent" not in reasons or reasons["compute_equivalent"]:
-        return
+        return {}
     ce = cfg.compute_equivalent
-    series = resolve_series(ce.series or series_for_model(model), ce.steps)
-    check_checkpoints_before_load(series.checkpoints, tokens[:run.n_down], tokenizer,
-                                  recorded_context=eval_cfg.context_size is None)
+    run.series = resolve_series(ce.series or series_for_model(model), ce.steps)
+    down = tokens[:run.n_down]  # the contexts compute_equivalent reads
+    try:
+        check_checkpoints_before_load(_series_to_load(run, down, overwrite), down, tokenizer,
+                                      recorded_context=eval_cfg.context_size is None)
+    except _METRIC_ERRORS as e:
+        if "compute_equivalent" in cfg.metrics:
+            raise
+        return {"compute_equivalent": _error_reason(e)}
+    return {}
+
+
+def _series_to_load(run: SuiteRun, tokens: torch.Tensor, overwrite: bool) -> list:
+    """The checkpoints compute_equivalent will load on ``tokens``: none when its result is reused, else those
+    whose loss series_losses.json lacks."""
+    if not overwrite and _result_reused(run, "compute_equivalent"):
+        return []
+    first = first_position(run.sae, run.cfg.compute_equivalent.exclude_first)
+    return checkpoints_to_load(run.series, tokens, first, _series_losses(run))
+
+
+def _result_reused(run: SuiteRun, name: str) -> bool:
+    """Whether metric ``name``'s record in ``run.evals`` will be reused, before the model loads (the SAE, unless
+    hashed already, hashed only when an ok result is there)."""
+    old = _read(run.evals / f"{name}.json")
+    if not old or old.get("status") != "ok":
+        return False
+    run.sae_hash = run.sae_hash or sae_sha256(run.sae)
+    return _reusable(old, _inputs(run, next(m for m in SUITE if m.name == name), _base_inputs(run)))
 
 
 def _suite_corpus_too_short(eval_cfg: EvalConfig, corpus: str, tokens: int, most: int, n_ctx: int, run: SuiteRun,
@@ -435,27 +502,28 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
 
 
 def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg: EvalConfig | None = None,
-                    cfg: PaperSuiteConfig | None = None, overwrite: bool = False,
-                    progress: bool = True, tokens: torch.Tensor | None = None) -> dict[str, Any]:
+                    cfg: PaperSuiteConfig | None = None, overwrite: bool = False, progress: bool = True,
+                    tokens: torch.Tensor | None = None, refused: dict[str, str] | None = None,
+                    sae_hash: str | None = None) -> dict[str, Any]:
     """Run the paper suite on ``sae`` with ``lm`` into ``out_dir/evals/`` (module docstring).
 
     Returns the suite index (also written to suite.json). A metric that fails is recorded with
     status "error" and its reason; the caller decides what to do about it. ``tokens``: the eval contexts
-    when the caller read them already (:func:`read_suite_contexts`).
+    when the caller read them already (:func:`read_suite_contexts`); ``refused``: metrics found to fail
+    before the model loaded, with their reason (:func:`check_series_before_load`), recorded so, not run;
+    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight).
     """
     t_start = time.perf_counter()
     check_sae_hook(sae, source or "(given)")
     run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig(),
                                     tokens)
-    corpus = str(resolve_corpus(run.eval_cfg.corpus, "eval"))
-    position_0 = position_0_words(run.first)
-    sha = run.sae_hash = sae_sha256(sae)
+    run.refused = dict(refused or {})
+    run.sae_hash = sae_hash or sae_sha256(sae)
+    base_inputs = _base_inputs(run)
     hook = sae.cfg.hook_name
     sae_info = {"source": source, "n_latents": sae.n_latents, "k": sae.cfg.k, "hook": hook, "model": lm.name,
-                "input_norm": sae.cfg.input_norm, "sha256": sha}
-    eval_info = {"corpus": corpus, "context_size": run.T, "position_0": position_0}
-    base_inputs = {"sae_sha256": sha, "model": lm.name, "hook": hook, "corpus": corpus, "context_size": run.T,
-                   "prepend_bos": sae.cfg.prepend_bos, "position_0": position_0}
+                "input_norm": sae.cfg.input_norm, "sha256": run.sae_hash}
+    eval_info = {k: base_inputs[k] for k in ("corpus", "context_size", "position_0")}
     index: dict[str, Any] = {"suite": "paper", "schema_version": SCHEMA_VERSION, "sae": sae_info, "model": lm.name,
                              "hook": hook, "eval": eval_info, "metrics": {}}
     if not overwrite:
