@@ -2158,6 +2158,31 @@ def test_a_resumed_suite_asks_the_hub_for_no_checkpoint_it_does_not_load(gpt2_to
         assert bool(checkpoints) == (resumed == "no"), (resumed, checkpoints)
 
 
+# checkpoint_losses from Python without the evaluated model's tokenizer (reference_tokenizer None).
+_LOSSES_WITHOUT_A_TOKENIZER = textwrap.dedent("""
+    import sys
+    import torch
+    from saelab.evals.compute_equivalent import checkpoint_losses, crfm_gpt2_small_series
+
+    try:
+        checkpoint_losses(crfm_gpt2_small_series((400, 1000)), torch.ones(2, 32, dtype=torch.long), 0)
+    except Exception as e:
+        sys.exit(f"{type(e).__name__}: {e}")
+""")
+
+
+def test_checkpoint_losses_with_no_tokenizer_to_compare_fetches_no_checkpoints_tokenizer(gpt2_tokenizer, tmp_path):
+    """With no tokenizer to compare them with, each checkpoint's tokenizer was still fetched before the first
+    load, for nothing. Only their configs are read then (the checkpoints hold no weights: the first load fails,
+    and checkpoint-1000 is never loaded)."""
+    checkpoint = _checkpoint_folder(tmp_path / "checkpoint", gpt2_tokenizer, "other-tokenizer")
+    proc, requests = _saelab_with_a_hub_model(gpt2_tokenizer, tmp_path, repo=_CRFM, script=_LOSSES_WITHOUT_A_TOKENIZER,
+                                              revisions={f"checkpoint-{s}": checkpoint for s in (400, 1000)})
+    assert proc.stderr.splitlines()[-1].startswith(f"ModelLoadError: cannot load model '{_CRFM}' at revision "
+                                                   "'checkpoint-400'"), proc.stderr
+    assert [r for r in requests if "/checkpoint-1000/" in r and not r.endswith("/config.json")] == [], requests
+
+
 def test_each_verb_loads_its_model_with_the_tokenizer_its_checks_read(gpt2_tokenizer, tmp_path, capsys,
                                                                       monkeypatch):
     """The tokenizer read for the checks before the load (a hub model's fetched alone) is the one the load takes:

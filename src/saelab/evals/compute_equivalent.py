@@ -523,6 +523,8 @@ def check_checkpoints_before_load(checkpoints: Sequence[SeriesCheckpoint], token
         if not ck.model_id:  # a reference given only by its loader: checked once loaded
             continue
         check_before_load(ck.model_id, None, context, recorded, revision=ck.revision)  # no hook: nothing spliced in
+        if reference_tokenizer is None:  # nothing to compare its tokenizer with: not fetched
+            continue
         tokenizer = tokenizer_before_load(ck.model_id, ck.revision)
         if tokenizer is not None:  # else it comes with the load, and is checked then
             _check_same_tokenizer(tokenizer, reference_tokenizer, tokens_NT, ck.label)
