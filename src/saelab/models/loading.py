@@ -197,10 +197,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
     try:
         return _load_dir(folder, dtype, tokenizer)
     except Exception as err:
-        refusal = _load_refusal(err, f"model directory {folder}", folder)
-        if refusal is None:
-            raise
-        raise refusal from err
+        _raise_in_one_line(err, f"model directory {folder}", folder)
 
 
 def _load_hub(spec: str, dtype: torch.dtype, tokenizer=None, revision: str | None = None):
@@ -220,27 +217,25 @@ def _load_hub(spec: str, dtype: torch.dtype, tokenizer=None, revision: str | Non
         # the cache gives the same damaged copy to every load until it is deleted
         damaged = (f"; it is the Hugging Face cache's copy: delete {cached.parents[1]} so that the next load "
                    "downloads it again") if cached is not None else ""
-        refusal = _load_refusal(err, f"model {_at(repr(spec), revision)}", cached, sought, damaged)
-        if refusal is None:
-            raise
-        raise refusal from err
+        _raise_in_one_line(err, f"model {_at(repr(spec), revision)}", cached, sought, damaged)
 
 
-def _load_refusal(err: Exception, named: str, folder: Path | None, sought: str = "",
-                  damaged: str = "") -> ModelLoadError | None:
-    """The one line a failed load of ``named`` ("model directory PATH") ends in: the weights file of ``folder``
-    that does not read (then ``damaged``), else ``err``'s first line (after ``sought``: where the model was looked
-    for); None when ``err`` is neither that nor one of ``_LOAD_ERRORS``, to be raised as it is."""
+def _raise_in_one_line(err: Exception, named: str, folder: Path | None, sought: str = "", damaged: str = ""):
+    """Raise ``err``, the failed load of ``named`` ("model directory PATH") being handled, as one
+    ``ModelLoadError`` line: the weights file of ``folder`` that does not read (then ``damaged``), else the fault
+    of an invalid config, else ``err``'s first line (after ``sought``: where the model was looked for); an error
+    that is none of these nor one of ``_LOAD_ERRORS`` is raised as it is."""
     unreadable = _unreadable_weights(folder) if folder is not None else None
     if unreadable:
-        return ModelLoadError(f"cannot load {named}: {unreadable}{damaged}")
+        raise ModelLoadError(f"cannot load {named}: {unreadable}{damaged}") from err
     if isinstance(err, _InvalidConfig) and err.__cause__ is not None:  # its own first line names no fault
-        return ModelLoadError(f"cannot load {named}: its config.json does not validate ({first_line(err.__cause__)})")
+        raise ModelLoadError(f"cannot load {named}: its config.json does not validate "
+                             f"({first_line(err.__cause__)})") from err
     if not isinstance(err, _LOAD_ERRORS):
-        return None
+        raise err
     if isinstance(err, ModelLoadError):  # weights that do not fit: found, so where they were looked for is beside it
         sought = ""
-    return ModelLoadError(f"cannot load {named}{sought}: {first_line(err)}")
+    raise ModelLoadError(f"cannot load {named}{sought}: {first_line(err)}") from err
 
 
 def _weights_files(folder: Path) -> list[Path]:
@@ -286,10 +281,7 @@ def _load_gguf_raw(gguf_path: Path):
         return _load_dir(gguf_path.parent, torch.float32, writer="llama.cpp's convert_hf_to_gguf.py",
                          gguf_file=gguf_path.name)
     except Exception as err:  # weights that do not fit, a file that does not parse
-        refusal = _load_refusal(err, str(gguf_path), None, sought=" as a GGUF model file")
-        if refusal is None:
-            raise
-        raise refusal from err
+        _raise_in_one_line(err, str(gguf_path), None, sought=" as a GGUF model file")
 
 
 def _gguf_bar_obeys_transformers() -> None:
