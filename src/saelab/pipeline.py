@@ -615,20 +615,17 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     tokenizer = None if isinstance(spec, LanguageModel) else tokenizer_before_load(spec)
     tokens = None if tokenizer is None else read_suite_contexts(  # a short corpus refused before the load
         sae, model_name(spec), cfg, eval_cfg, tokenizer, bos_token_id(tokenizer), T)
-    sae_hash = sae_sha256(sae)  # once, for the checks of a result to reuse and for the suite
     # compute_equivalent's reference models to load, from their configs and tokenizers alone: refused here when
     # asked for by name, else its error, the other metrics running on
     refused = {} if tokens is None else check_series_before_load(sae, model_name(spec), cfg, eval_cfg, tokens,
-                                                                 tokenizer, out, overwrite=overwrite,
-                                                                 sae_hash=sae_hash)
+                                                                 tokenizer, out)
     # Into a run folder: its lock, as evaluate_run holds it (a retraining meanwhile would mix two SAEs' files).
     lock = RunLock(run).acquire() if out is run else None
     try:
         lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer)  # not read again
         sae = _beside_model(sae, lm, given=False)
         index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg,
-                                overwrite=overwrite, progress=progress, tokens=tokens, refused=refused,
-                                sae_hash=sae_hash)
+                                overwrite=overwrite, progress=progress, tokens=tokens, refused=refused)
         write_paper_report(out)
         if out is run and (run / TRAIN_CONFIG).exists():  # with a link to evals/report.md
             # The suite hashed the run's SAE (unless --hook made it another): the report need not hash it again.

@@ -553,7 +553,8 @@ def _cached_losses(cache_path: str | Path | None, key: str) -> dict[str, Any]:
         old = json.loads(Path(cache_path).read_text()) if cache_path is not None else {}
     except (OSError, ValueError):
         return {}
-    return old.get("losses", {}) if isinstance(old, dict) and old.get("tokens_key") == key else {}
+    losses = old.get("losses") if isinstance(old, dict) and old.get("tokens_key") == key else None
+    return losses if isinstance(losses, dict) else {}
 
 
 def _checkpoints_to_load(series: CheckpointSeries, cache: dict[str, Any]) -> list[SeriesCheckpoint]:

@@ -414,48 +414,29 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
 
 
 def check_series_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, tokens: torch.Tensor,
-                             tokenizer, out_dir: str | Path, *, overwrite: bool = False, sae_hash: str = ""
-                             ) -> dict[str, str]:
+                             tokenizer, out_dir: str | Path) -> dict[str, str]:
     """When compute_equivalent runs, the reference models it will load checked against the eval contexts
     (``tokens``, read with the model's ``tokenizer`` before its load) from their configs and tokenizers alone.
     A wrong series is refused before the model's weights or any of theirs download when compute_equivalent is
     asked for by name (``cfg.metrics``); else it is returned as that metric's error, {name: reason} ({}: none),
-    for :func:`run_paper_suite` (``refused``) to record while the other metrics run. ``sae_hash``:
-    :func:`sae_sha256` of ``sae`` when the caller has it ("": hashed here if a result to reuse needs it)."""
+    for :func:`run_paper_suite` (``refused``) to record while the other metrics run. Only the checkpoints whose
+    loss ``out_dir``'s series_losses.json lacks are checked: a resumed suite loads no other (its result reused
+    or not, the losses file holds every loss that result was made of)."""
     run, _, reasons = _suite_run(None, sae, model, Path(out_dir), cfg, eval_cfg, int(tokens.shape[1]))
-    run.sae_hash = sae_hash
     if "compute_equivalent" not in reasons or reasons["compute_equivalent"]:
         return {}
     ce = cfg.compute_equivalent
     run.series = resolve_series(ce.series or series_for_model(model), ce.steps)
     down = tokens[:run.n_down]  # the contexts compute_equivalent reads
     try:
-        check_checkpoints_before_load(_series_to_load(run, down, overwrite), down, tokenizer,
-                                      recorded_context=eval_cfg.context_size is None)
+        first = first_position(run.sae, ce.exclude_first)
+        check_checkpoints_before_load(checkpoints_to_load(run.series, down, first, _series_losses(run)), down,
+                                      tokenizer, recorded_context=eval_cfg.context_size is None)
     except _METRIC_ERRORS as e:
         if "compute_equivalent" in cfg.metrics:
             raise
         return {"compute_equivalent": _error_reason(e)}
     return {}
-
-
-def _series_to_load(run: SuiteRun, tokens: torch.Tensor, overwrite: bool) -> list:
-    """The checkpoints compute_equivalent will load on ``tokens``: none when its result is reused, else those
-    whose loss series_losses.json lacks."""
-    if not overwrite and _result_reused(run, "compute_equivalent"):
-        return []
-    first = first_position(run.sae, run.cfg.compute_equivalent.exclude_first)
-    return checkpoints_to_load(run.series, tokens, first, _series_losses(run))
-
-
-def _result_reused(run: SuiteRun, name: str) -> bool:
-    """Whether metric ``name``'s record in ``run.evals`` will be reused, before the model loads (the SAE, unless
-    hashed already, hashed only when an ok result is there)."""
-    old = _read(run.evals / f"{name}.json")
-    if not old or old.get("status") != "ok":
-        return False
-    run.sae_hash = run.sae_hash or sae_sha256(run.sae)
-    return _reusable(old, _inputs(run, next(m for m in SUITE if m.name == name), _base_inputs(run)))
 
 
 def _suite_corpus_too_short(eval_cfg: EvalConfig, corpus: str, tokens: int, most: int, n_ctx: int, run: SuiteRun,
@@ -503,22 +484,20 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
 
 def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg: EvalConfig | None = None,
                     cfg: PaperSuiteConfig | None = None, overwrite: bool = False, progress: bool = True,
-                    tokens: torch.Tensor | None = None, refused: dict[str, str] | None = None,
-                    sae_hash: str | None = None) -> dict[str, Any]:
+                    tokens: torch.Tensor | None = None, refused: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the paper suite on ``sae`` with ``lm`` into ``out_dir/evals/`` (module docstring).
 
     Returns the suite index (also written to suite.json). A metric that fails is recorded with
     status "error" and its reason; the caller decides what to do about it. ``tokens``: the eval contexts
     when the caller read them already (:func:`read_suite_contexts`); ``refused``: metrics found to fail
-    before the model loaded, with their reason (:func:`check_series_before_load`), recorded so, not run;
-    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight).
+    before the model loaded, with their reason (:func:`check_series_before_load`), recorded so, not run.
     """
     t_start = time.perf_counter()
     check_sae_hook(sae, source or "(given)")
     run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig(),
                                     tokens)
     run.refused = dict(refused or {})
-    run.sae_hash = sae_hash or sae_sha256(sae)
+    run.sae_hash = sae_sha256(sae)
     base_inputs = _base_inputs(run)
     hook = sae.cfg.hook_name
     sae_info = {"source": source, "n_latents": sae.n_latents, "k": sae.cfg.k, "hook": hook, "model": lm.name,

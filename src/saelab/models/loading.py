@@ -186,10 +186,10 @@ def _misfit(info: dict) -> str | None:
 # advises loading it with weights_only=False, which would run the code a pickle holds).
 _LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
-try:  # newer huggingface_hub validates configs as strict dataclasses; an older one raises a ValueError
+try:  # newer huggingface_hub validates configs as strict dataclasses; an older one's ValueError names the fault
     from huggingface_hub.errors import StrictDataclassError as _InvalidConfig
 except ImportError:
-    _InvalidConfig = ValueError
+    _InvalidConfig = ()  # matches no error
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
