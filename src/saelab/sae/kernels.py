@@ -52,11 +52,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_ROWS = 1024
-"""Rows per encoder chunk on CPU."""
+DEFAULT_CHUNK_ROWS = 2048
+"""Rows per encoder chunk on CPU: fewer, larger GEMMs. 2-core CPU, batch 4,096, medians of 4 rounds
+(``benchmarks/auxk_cost.py --n 8192 32768 --dead 0.03 0.1 --rounds 4 --variant rows1024=DEFAULT_CHUNK_ROWS:1024``),
+plain / AuxK step, 1,024 -> 2,048 rows: 288 / 323 -> 283 / 311 ms (n = 8,192, 3 % dead), 1,081 / 1,148 ->
+1,049 / 1,098 ms (n = 32,768, 3 %); 4,096 rows gained nothing more at n = 8,192. A [2,048, n] float32
+chunk is 64 MiB at n = 8,192, 256 MiB at 32,768."""
+GPU_MIN_CHUNK_ROWS = 1024
 GPU_CHUNK_ELEMENTS = 2**27
 """On a GPU (any device but the CPU) a chunk holds up to this many pre-activations (512 MiB in float32; a whole batch of 4,096
-at n = 32,768), at least DEFAULT_CHUNK_ROWS rows: a GPU step waits mostly on the host's work of
+at n = 32,768), at least GPU_MIN_CHUNK_ROWS rows: a GPU step waits mostly on the host's work of
 launching kernels, so fewer chunks shorten it (H200, batch 4,096, benchmarks/auxk_cost.py, whole batch
 vs chunks of 1,024 rows at n = 8,192: AuxK steps 7 -> 5 ms at 10 % dead, 11 -> 10 ms at 24 %)."""
 GPU_GROUPED_TOPK_MIN_N = 16384
@@ -568,7 +573,7 @@ def sparse_topk_encode(x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DN: torc
     cpu = x_BD.device.type == "cpu"
     factor = AUX_DENSE_FACTOR if cpu else GPU_AUX_DENSE_FACTOR
     if chunk_rows is None:
-        chunk_rows = DEFAULT_CHUNK_ROWS if cpu else max(DEFAULT_CHUNK_ROWS, GPU_CHUNK_ELEMENTS // W_enc_DN.shape[1])
+        chunk_rows = DEFAULT_CHUNK_ROWS if cpu else max(GPU_MIN_CHUNK_ROWS, GPU_CHUNK_ELEMENTS // W_enc_DN.shape[1])
     vals, idx, aux_vals, aux_idx, aux_rows = _SparseTopKEncode.apply(
         x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_idx, k_aux, aux_dense, factor, cpu, chunk_rows, sorted_out)
     if dead_idx is None:
