@@ -924,3 +924,30 @@ def test_save_sae_refuses_a_sweep_folder_and_any_folder_inside_a_run(tmp_path, c
     for folder in (tmp_path / "empty", tmp_path / "new"):  # a folder of one's own is the way on
         assert save_sae(other, folder) == folder
     assert main(["export", str(run), str(tmp_path / "exported"), "--format", "saelens"]) == 0
+
+
+def test_save_sae_refuses_an_activation_cache(tmp_path, capsys):
+    """Saving into an activation cache (`saelab harvest --out CACHE`) put an SAE's cfg.json and weights among its
+    shards and manifest. save_sae, save_sparsify and `saelab export` refuse it in one line, nothing written; a
+    manifest.json of another format does not make a cache."""
+    from saelab.cli import main
+    from saelab.sae import SAEConfig, TopKSAE, save_sae, save_sparsify
+
+    cache = tmp_path / "acts"
+    write_activation_cache(iter(_data().split(512)), cache, meta={"hook_name": "blocks.0.hook_resid_post"},
+                           dtype="float32", progress=False)
+    before = snapshot(cache)
+    other = TopKSAE(SAEConfig(d_in=D, n_latents=32, k=2, hook_name="blocks.0.hook_resid_post"))
+    message = (f"{cache} is an activation cache (manifest.json): saving an SAE there would mix it with the cache's "
+               "files; pick another folder")
+    for save in (save_sae, save_sparsify):
+        with pytest.raises(ConfigError) as refused:
+            save(other, cache)
+        assert str(refused.value) == message
+    exported = save_sae(other, tmp_path / "exported")
+    assert main(["export", str(exported), str(cache), "--format", "saelens"]) == 2
+    assert capsys.readouterr().err == f"saelab export: error: OUT {message}\n"
+    assert snapshot(cache) == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"format": "another-tool"}')
+    assert save_sae(other, tmp_path / "other") == tmp_path / "other"

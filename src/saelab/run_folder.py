@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from saelab.errors import CheckpointError, ConfigError
 from saelab.sae.io import SAE_DIR, TRAIN_CONFIG, holds_a_run, run_folders_in  # where saving refuses runs
+from saelab.utils.cache_manifest import MANIFEST
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
 
 if TYPE_CHECKING:
@@ -325,7 +326,7 @@ def _read_safetensors_with_metadata(path: Path) -> tuple[dict[str, torch.Tensor]
         return {"frequencies": f.get_tensor("frequencies")}, f.metadata() or {}
 
 
-ARTEFACTS = {"activations": ("manifest.json", "an activation cache"), "run": (TRAIN_CONFIG, "a run folder"),
+ARTEFACTS = {"activations": (MANIFEST, "an activation cache"), "run": (TRAIN_CONFIG, "a run folder"),
              "sae": ("cfg.json", "an SAE folder")}
 """Each kind of folder saelab writes: the file that marks it, and its name in messages."""
 

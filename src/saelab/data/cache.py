@@ -61,14 +61,13 @@ from tqdm.auto import tqdm
 
 from saelab.errors import ConfigError, CorpusError, NonFiniteError, RunExistsError
 from saelab.utils.atomic import write_json, write_with
+from saelab.utils.cache_manifest import FORMAT, MANIFEST, is_cache_manifest
 from saelab.utils.device import resolve_device
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock, remove_stale_temp_files
 from saelab.utils.tensors import all_finite
 
-FORMAT = "saelab-activation-cache"
 VERSION = 1
-MANIFEST = "manifest.json"
 OVERWRITE_STAGE = ".overwrite"
 PARTIAL_SHARD = "partial.npy"  # rows toward the next shard, saved by an interrupted write
 STREAM_STATE = "stream_state.safetensors"  # where an interrupted harvest's input stopped (see _save_stream_state)
@@ -121,8 +120,7 @@ def _read_manifest(folder: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ActivationCacheError(f"activation cache {str(folder)!r}: unreadable {MANIFEST}: {e}") from e
     ok = (
-        isinstance(m, dict)
-        and m.get("format") == FORMAT
+        is_cache_manifest(m)
         and isinstance(m.get("dtype"), str) and m["dtype"] in DTYPES
         and isinstance(m.get("d"), int) and m["d"] > 0
         and isinstance(m.get("shard_rows"), int) and m["shard_rows"] > 0

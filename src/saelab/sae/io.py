@@ -59,6 +59,7 @@ from saelab.sae.sparsify_format import (
 from saelab.sae.relu import ReLUSAE
 from saelab.sae.topk import TopKSAE
 from saelab.utils.atomic import SET_ASIDE, atomic_path
+from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
 from saelab.utils.hub import hub_unreachable_reason
 
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -86,8 +87,8 @@ def save_sae(
     ``sparsity_log10`` (one value per latent) goes to ``sparsity.safetensors``. ``extra_files`` maps plain file
     names to bytes, text, or JSON-able dicts/lists (e.g. a training config) written beside the weights; both
     exist only in the SAELens layout. Files are written atomically and ``cfg.json`` last, so a folder with
-    ``cfg.json`` is complete. A run folder, any folder inside it and a sweep folder are refused
-    (:func:`refuse_a_run_folder`).
+    ``cfg.json`` is complete. A run folder, any folder inside it, a sweep folder and an activation cache are
+    refused (:func:`refuse_a_run_folder`).
     """
     refuse_a_run_folder(folder, str(folder))
     if format not in SAVE_FORMATS:
@@ -129,7 +130,8 @@ def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
     """Refuse the folders saelab writes and reads back, ``named`` as the caller's input: a run folder, its
     ``sae/`` and any folder inside it (``evals/``, ``browser/``: the run's commands are their writers, and
     another SAE there would be taken for the one the run's config, log and evaluation describe, or mixed with
-    them), and a sweep folder (a cfg.json beside its runs makes it read as that SAE, no longer as a sweep).
+    them), a sweep folder (a cfg.json beside its runs makes it read as that SAE, no longer as a sweep) and an
+    activation cache (the same for its shards, and `harvest --out` then refuses it as an SAE folder).
     A run counts from its first moments, when an overwrite holds only the run it replaces in ``.set-aside/``."""
     path = Path(folder).resolve()  # "." inside a run's sae/ is that folder too
     if holds_a_run(path):
@@ -145,6 +147,9 @@ def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
     if any(holds_a_run(p) for p in run_folders_in(path)):
         raise ConfigError(f"{named} is a sweep folder (a folder of runs): saving an SAE there would make it read "
                           "as that SAE instead of its runs; pick another folder")
+    if holds_an_activation_cache(path):  # its cfg.json would make it read as that SAE, and refuse the next harvest
+        raise ConfigError(f"{named} is an activation cache ({MANIFEST}): saving an SAE there would mix it with the "
+                          "cache's files; pick another folder")
 
 
 def holds_a_run(path: Path) -> bool:
