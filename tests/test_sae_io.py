@@ -62,13 +62,21 @@ def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
 # ---- SAELens round trip -------------------------------------------------------------------------------
 
 
+def test_save_sae_refuses_a_run_marker_among_extra_files(tmp_path):
+    """An extra file named train_config.json made the saved SAE read as a run whose training had not
+    finished: open_sae refused it, and inside a sweep eval and report listed it as an unfinished run."""
+    with pytest.raises(ConfigError, match=r"^extra_files name 'train_config.json' marks a saelab run folder"):
+        save_sae(random_sae("none"), tmp_path / "sae", extra_files={"train_config.json": {"lr": 1e-4}})
+    assert not (tmp_path / "sae").exists()
+
+
 @pytest.mark.parametrize("input_norm", ["none", "layernorm"])
 def test_saelens_round_trip_is_exact(tmp_path, input_norm):
     sae = random_sae(input_norm, model_name="gpt2", hook_name="blocks.8.hook_resid_post", dataset="owt",
                      exclude_first=False, extra={"run": "r1", "steps": 3})
     sparsity = torch.log10(torch.rand(N) + 1e-6)
     folder = save_sae(sae, tmp_path / "sae", sparsity_log10=sparsity,
-                      extra_files={"train_config.json": {"lr": 1e-4}, "notes.txt": "hello"})
+                      extra_files={"training.json": {"lr": 1e-4}, "notes.txt": "hello"})
     loaded = load_sae(folder)
     assert loaded.cfg == sae.cfg
     for name, p in sae.named_parameters():
@@ -78,7 +86,7 @@ def test_saelens_round_trip_is_exact(tmp_path, input_norm):
     assert torch.equal(loaded.encode(x), sae.encode(x))
     assert torch.equal(read_sparsity(folder), sparsity)
     assert torch.equal(load_file(str(folder / "sparsity.safetensors"))["sparsity"], sparsity)
-    assert json.loads((folder / "train_config.json").read_text()) == {"lr": 1e-4}
+    assert json.loads((folder / "training.json").read_text()) == {"lr": 1e-4}
     assert (folder / "notes.txt").read_text() == "hello"
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], "temporary files left behind"
 

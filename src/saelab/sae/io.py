@@ -85,12 +85,16 @@ def save_sae(
     """Write ``sae`` as a SAELens folder (``format="saelens"``) or a sparsify SAE folder (``"sparsify"``).
 
     ``sparsity_log10`` (one value per latent) goes to ``sparsity.safetensors``. ``extra_files`` maps plain file
-    names to bytes, text, or JSON-able dicts/lists (e.g. a training config) written beside the weights; both
+    names to bytes, text, or JSON-able dicts/lists (e.g. a training config, not as ``train_config.json``: that
+    file marks a run folder) written beside the weights; both
     exist only in the SAELens layout. Files are written atomically and ``cfg.json`` last, so a folder with
     ``cfg.json`` is complete. A run folder, any folder inside it, a sweep folder and an activation cache are
     refused (:func:`refuse_a_run_folder`).
     """
     refuse_a_run_folder(folder, str(folder))
+    if TRAIN_CONFIG in (extra_files or {}):  # the file that marks a run: the SAE would read as an unfinished one
+        raise ConfigError(f"extra_files name {TRAIN_CONFIG!r} marks a saelab run folder (the saved SAE would read as "
+                          "a run whose training has not finished); name it otherwise, e.g. 'training.json'")
     if format not in SAVE_FORMATS:
         raise ConfigError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
     if format == "sparsify":
