@@ -421,6 +421,37 @@ def test_sharded_model_folder_with_corrupt_weights_is_one_line_naming_the_shard(
         msg.endswith("); expected the model's weights, as save_pretrained writes them") and "\n" not in msg), msg
 
 
+
+def test_model_folder_whose_config_names_its_weights_file_blames_that_file(tiny_gpt2, tiny_dir, tmp_path):
+    """config.json's transformers_weights names the file transformers reads in place of model.safetensors: that
+    file damaged was one line naming no file, and a damaged model.safetensors beside it (never read) was blamed in
+    place of why the named file does not load."""
+    from safetensors.torch import save_file
+
+    from saelab.models import ModelLoadError, load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    default, named = folder / "model.safetensors", folder / "weights.safetensors"
+    good = default.read_bytes()
+    named.write_bytes(good)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": named.name}))
+    default.write_bytes(b"\x00garbage" * 64)
+    load_model(str(folder))  # transformers reads the named file alone, so the load goes on
+    named.write_bytes(good[:-100])
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
+    assert str(err.value).startswith(f"cannot load model directory {folder}: {named} is not a readable safetensors "
+                                     "file ("), err.value
+    save_file(misfit_weights("partial", tiny_gpt2), str(named), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
+    assert str(err.value) == (f"cannot load model directory {folder}: its weights do not fit the GPT2LMHeadModel its "
+                              f"config describes ({MISFITS['partial']}); expected that model's weights, as "
+                              "save_pretrained writes them")
+
+
 _LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1048576\n"
 
 

@@ -239,21 +239,32 @@ def _raise_in_one_line(err: Exception, named: str, folder: Path | None, sought: 
 
 
 def _weights_files(folder: Path) -> list[Path]:
-    """The weights files transformers reads from ``folder``, picked as it picks them: model.safetensors, else the
-    shards its index lists, else pytorch_model.bin, else the shards its index lists. Any other file there (an
-    adapter, a git-lfs pointer) is never read, so it is not what a failed load is blamed on."""
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).is_file():
-            return [folder / single]
-        index = folder / f"{single}.index.json"
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                # a shard not there is left to transformers, whose error names it
-                return [folder / name for name in shards if (folder / name).is_file()]
-            except Exception:  # a malformed index: transformers' own error names it
-                return []
+    """The weights files transformers reads from ``folder``, picked as it picks them: the one config.json's
+    ``transformers_weights`` names, else model.safetensors, else the shards its index lists, else
+    pytorch_model.bin, else the shards its index lists. Any other file there (an adapter, a git-lfs pointer) is
+    never read, so it is not what a failed load is blamed on."""
+    named = _config_on_disk(str(folder.absolute())).get("transformers_weights")
+    if named is not None:  # transformers reads it in place of the defaults; one outside the folder, it refuses
+        inside = isinstance(named, str) and (folder / named).resolve().is_relative_to(folder.resolve())
+        names = (named,) if inside else ()
+    else:
+        names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            return _listed_shards(path) if name.endswith(".index.json") else [path]
     return []
+
+
+def _listed_shards(index: Path) -> list[Path]:
+    """The shards a weights index lists that are there (a shard not there is left to transformers, whose error
+    names it); none for a malformed index, which transformers' own error names."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except Exception:
+        return []
+    return [index.parent / name for name in shards if (index.parent / name).is_file()]
 
 
 def _unreadable_weights(folder: Path) -> str | None:
