@@ -25,6 +25,20 @@ def torch_load_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
 
 
+# torch's zip reader says what it found wrong with a checkpoint cut short or damaged, then, on the same line, a
+# paragraph of advice ("This is an internal miniz error. If you are seeing this error, ...").
+_TORCH_ZIP_READER = "PytorchStreamReader failed "
+
+
+def torch_archive_fault(err: BaseException) -> str | None:
+    """What torch's zip reader found wrong with a checkpoint cut short or damaged (e.g. 'failed finding central
+    directory'), without its advice; None for a failure of anything else."""
+    text = first_line(err)
+    if not text.startswith(_TORCH_ZIP_READER):
+        return None
+    return text.split(". ", 1)[0].removeprefix(_TORCH_ZIP_READER + "reading zip archive: ")
+
+
 class HookNameError(SaelabError, KeyError):
     """A hook name that the model does not have."""
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from saelab.errors import ConfigError, HookNameError, SaelabError, first_line, torch_load_reason
+from saelab.errors import (ConfigError, HookNameError, SaelabError, first_line, torch_archive_fault,
+                           torch_load_reason)
 from saelab.models.hooks import check_hook_form, hook_layer
 from saelab.models.lm import LanguageModel
 from saelab.utils.device import resolve_device
@@ -279,9 +280,11 @@ def _unreadable_weights(folder: Path) -> str | None:
                 with safe_open(str(path), framework="pt"):
                     pass
         except Exception as err:  # each format raises its own error types for truncated or corrupt files
-            kind, why = ("torch file of plain tensors", torch_load_reason(err)) if pickled else (
-                "safetensors file", first_line(err))
-            return f"{path} is not a readable {kind} ({why}); expected the model's weights, as save_pretrained writes them"
+            cut = torch_archive_fault(err) if pickled else None
+            what = (f"is not a complete PyTorch checkpoint (truncated or damaged: {cut})" if cut else
+                    f"is not a readable torch file of plain tensors ({torch_load_reason(err)})" if pickled else
+                    f"is not a readable safetensors file ({first_line(err)})")
+            return f"{path} {what}; expected the model's weights, as save_pretrained writes them"
     return None
 
 
