@@ -18,6 +18,9 @@ _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check
 
 def torch_load_reason(err: BaseException) -> str:
     """The informative part of a torch.load failure (e.g. 'Unsupported operand 60'), one line."""
+    fault = torch_archive_fault(err)
+    if fault is not None:
+        return f"truncated or damaged archive: {fault}"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     lines = [line.removeprefix("WeightsUnpickler error:").strip() for line in lines
              if not line.startswith(_TORCH_BOILERPLATE)]

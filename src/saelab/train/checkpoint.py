@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from saelab.errors import CheckpointError, RunExistsError
+from saelab.errors import CheckpointError, RunExistsError, torch_load_reason
 from saelab.run_folder import CHECKPOINT, RUN_RESULTS, STATUS, TRAIN_CONFIG, TRAINING_LOG
 from saelab.utils.atomic import (atomic_path, is_being_replaced, is_paused, put_back_set_aside, remove_entry,
                                  replacing_entries, resuming_replacement, write_bytes, write_json)
@@ -256,11 +256,7 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
         # Only tensors and plain containers: a checkpoint is never allowed to run code.
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure is reported the same way
-        lines = str(e).strip().splitlines()
-        detail = lines[0] if lines else ""
-        if "weights_only" in detail:  # torch's advice to load with weights_only=False is wrong here
-            detail = "not a plain tensor checkpoint (objects other than tensors and containers are refused)"
-        raise cannot_resume(path, f"unreadable, truncated or corrupt ({type(e).__name__}: {detail})") from e
+        raise cannot_resume(path, f"unreadable, truncated or corrupt ({torch_load_reason(e)})") from e
     if not isinstance(state, dict):
         raise cannot_resume(path, f"it holds a {type(state).__name__}, not a dict")
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
