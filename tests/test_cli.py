@@ -2025,11 +2025,13 @@ _CRFM = "stanford-crfm/alias-gpt2-small-x21"  # the hub repository of the series
 
 def _checkpoint_folder(folder, gpt2_tokenizer, case):
     """A checkpoint's config (no weights) and tokenizer: taking contexts of 16 tokens, or GPT-2's tokenizer
-    retrained to 300 tokens on the eval text (which it tokenizes otherwise than GPT-2's)."""
+    retrained to 300 tokens on the eval text (which it tokenizes otherwise than GPT-2's), or GPT-2's own beside
+    a vocabulary of 300 tokens (the same text, ids past its embedding)."""
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=16 if case == "short-context" else 128).save_pretrained(
-        folder)
+    vocab = {"vocab_size": 300, "bos_token_id": 0, "eos_token_id": 0} if case == "small-vocab" else {}
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=16 if case == "short-context" else 128,
+               **vocab).save_pretrained(folder)
     tokenizer = gpt2_tokenizer.train_new_from_iterator([_SHORT], 300) if case == "other-tokenizer" else gpt2_tokenizer
     tokenizer.save_pretrained(folder)
     return folder
@@ -2041,12 +2043,16 @@ def _checkpoint_folder(folder, gpt2_tokenizer, case):
     pytest.param("other-tokenizer", "checkpoint checkpoint-400 tokenizes the eval text differently from the "
                  "evaluated model; expected reference models that share its tokenizer",
                  id="corpus-tokenized-otherwise"),
+    pytest.param("small-vocab", "checkpoint checkpoint-400: vocabulary of 300 tokens, but the eval tokens use id "
+                 "50256; expected reference models that share the evaluated model's tokenizer",
+                 id="vocabulary-smaller-than-the-eval-ids"),
 ])
 def test_compute_equivalent_input_is_refused_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path, case,
                                                                                   message):
     """compute_equivalent loads its reference models by hub revision, and their config and tokenizer came only
     with the weights: eval contexts longer than a checkpoint takes, or a corpus it tokenizes otherwise, were
-    refused only after each revision's weights downloaded (here, after the evaluated model's: "cannot load
+    refused only after each revision's weights downloaded (ids past its vocabulary, until the vocabulary was read
+    from its config too) (here, after the evaluated model's: "cannot load
     model"). Each revision's config and tokenizer are fetched alone first, and the input is refused before
     any weights file is asked for."""
     checkpoint = _checkpoint_folder(tmp_path / "checkpoint", gpt2_tokenizer, case)
@@ -2086,6 +2092,9 @@ _COMPUTE_EQUIVALENT = textwrap.dedent("""
     pytest.param("other-tokenizer", "SeriesError: checkpoint checkpoint-400 tokenizes the eval text differently from "
                  "the evaluated model; expected reference models that share its tokenizer",
                  id="corpus-tokenized-otherwise"),
+    pytest.param("small-vocab", "SeriesError: checkpoint checkpoint-400: vocabulary of 300 tokens, but the eval "
+                 "tokens use id 50256; expected reference models that share the evaluated model's tokenizer",
+                 id="vocabulary-smaller-than-the-eval-ids"),
 ])
 def test_run_compute_equivalent_refuses_its_input_before_a_hub_checkpoints_weights_download(
         gpt2_tokenizer, tiny_dir, tmp_path, case, message):

@@ -117,7 +117,7 @@ from saelab.errors import ConfigError, SaelabError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
 from saelab.evals.power_law import FitError, fit_power_law
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
-from saelab.models.loading import check_before_load, tokenizer_before_load
+from saelab.models.loading import check_before_load, configured_vocab_size, tokenizer_before_load
 from saelab.utils.atomic import write_json
 
 
@@ -493,11 +493,16 @@ def _tokens_key(tokens_NT: torch.Tensor, first: int) -> str:
 
 
 def _check_tokenizer(ckpt, reference_tokenizer, tokens_NT: torch.Tensor, label: str) -> None:
-    top = int(tokens_NT.max())
-    if top >= ckpt.vocab_size:
-        raise SeriesError(f"checkpoint {label}: vocabulary of {ckpt.vocab_size} tokens, but the eval tokens use "
-                          f"id {top}; expected reference models that share the evaluated model's tokenizer")
+    _check_vocab_size(ckpt.vocab_size, tokens_NT, label)
     _check_same_tokenizer(ckpt.tokenizer, reference_tokenizer, tokens_NT, label)
+
+
+def _check_vocab_size(vocab_size: int | None, tokens_NT: torch.Tensor, label: str) -> None:
+    """Refuse eval token ids past a reference model's vocabulary (None: not known yet, checked after its load)."""
+    top = int(tokens_NT.max())
+    if vocab_size is not None and top >= vocab_size:
+        raise SeriesError(f"checkpoint {label}: vocabulary of {vocab_size} tokens, but the eval tokens use "
+                          f"id {top}; expected reference models that share the evaluated model's tokenizer")
 
 
 def _check_same_tokenizer(tokenizer, reference_tokenizer, tokens_NT: torch.Tensor, label: str) -> None:
@@ -514,15 +519,17 @@ def _check_same_tokenizer(tokenizer, reference_tokenizer, tokens_NT: torch.Tenso
 def check_checkpoints_before_load(checkpoints: Sequence[SeriesCheckpoint], tokens_NT: torch.Tensor,
                                   reference_tokenizer=None, *, recorded_context: bool = False) -> None:
     """Refuse eval contexts that reference models cannot read, from each one's config and tokenizer alone (a
-    hub model's fetched at its revision, as its load takes them): longer than it takes, or text it tokenizes
-    otherwise than ``reference_tokenizer`` (the evaluated model's); so a wrong series is named before any of
-    their weights download. ``recorded_context``: the contexts are the SAE's length, not one the user set."""
+    hub model's fetched at its revision, as its load takes them): longer than it takes, with ids past its
+    vocabulary, or text it tokenizes otherwise than ``reference_tokenizer`` (the evaluated model's); so a wrong
+    series is named before any of their weights download. ``recorded_context``: the contexts are the SAE's
+    length, not one the user set."""
     T = int(tokens_NT.shape[1])
     context, recorded = (None, T) if recorded_context else (T, None)
     for ck in checkpoints:
         if not ck.model_id:  # a reference given only by its loader: checked once loaded
             continue
         check_before_load(ck.model_id, None, context, recorded, revision=ck.revision)  # no hook: nothing spliced in
+        _check_vocab_size(configured_vocab_size(ck.model_id, ck.revision), tokens_NT, ck.label)  # from that config
         if reference_tokenizer is None:  # nothing to compare its tokenizer with: not fetched
             continue
         tokenizer = tokenizer_before_load(ck.model_id, ck.revision)

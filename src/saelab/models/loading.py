@@ -477,6 +477,11 @@ def configured_layer_count(spec: str | LanguageModel, revision: str | None = Non
     return _configured(spec, "num_hidden_layers", "n_layer", revision=revision)
 
 
+def configured_vocab_size(spec: str | LanguageModel, revision: str | None = None) -> int | None:
+    """The vocabulary size ``spec``'s config gives, read without loading the model (``_config_on_disk``)."""
+    return _configured(spec, "vocab_size", revision=revision)
+
+
 def _at(spec: str | LanguageModel, revision: str | None) -> str:
     """The model as a refusal names it: ``spec``, and the hub revision it is loaded at."""
     return f"{spec} at revision {revision!r}" if revision else str(spec)
