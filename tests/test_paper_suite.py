@@ -210,6 +210,30 @@ def test_series_that_fails_to_load_is_recorded_and_reported(tiny_dir, data_dir, 
     assert "| error |" in (tmp_path / "out" / "evals" / "report.md").read_text()
 
 
+def test_results_the_suite_would_replace_are_refused_before_the_model_loads(tiny_dir, data_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Results in --out of another SAE, or of this SAE with other settings, were refused only after the model
+    loaded; the refusal needs only the settings, the SAE and the files there, so it now comes before the load.
+    The SAE is still hashed once."""
+    import saelab.pipeline
+
+    pt = v5_checkpoint(tmp_path / "sae" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt")
+    other = v5_checkpoint(tmp_path / "other" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt", seed=1)
+    out_dir = tmp_path / "out"
+    argv = ["eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir), "--corpus",
+            str(eval_corpus(data_dir, tmp_path / "eval.jsonl", n=8)), *for_metrics(SMALL), "--metrics", "core"]
+    run_cli(capsys, *argv)
+    before = {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    hashes = _hashes(monkeypatch)
+    _, err = run_cli(capsys, "eval", str(other), *argv[2:], code=2)
+    assert "holds results of another SAE (core); pick another --out, or pass --overwrite" in err
+    assert len(hashes) == 1
+    _, err = run_cli(capsys, *replaced(argv, "--recon-tokens", "992"), code=2)
+    assert "holds results of this SAE with other settings: core (--recon-tokens 1024 -> 992)" in err
+    assert before == {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--probe-contexts", "0"], "--probe-contexts must be >= 1"),
     (["--n2g-contexts", "1"], "--n2g-contexts must be >= 2"),

@@ -26,8 +26,8 @@ from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, evaluated_model, read_eval_contexts
 from saelab.evals.n2g import N2GConfig, check_latents
-from saelab.evals.suite import (PaperSuiteConfig, check_series_before_load, check_suite_applies, longest_n_future,
-                                read_suite_contexts, run_paper_suite)
+from saelab.evals.suite import (PaperSuiteConfig, check_results_before_load, check_series_before_load,
+                                check_suite_applies, longest_n_future, read_suite_contexts, run_paper_suite)
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
                            model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
@@ -619,13 +619,16 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     # asked for by name, else its error, the other metrics running on
     refused = {} if tokens is None else check_series_before_load(sae, model_name(spec), cfg, eval_cfg, tokens,
                                                                  tokenizer, out)
+    # Results it would replace, last: the SAE is hashed for it, once (the suite takes the hash)
+    sae_hash = None if overwrite else check_results_before_load(sae, model_name(spec), cfg, eval_cfg, T, out)
     # Into a run folder: its lock, as evaluate_run holds it (a retraining meanwhile would mix two SAEs' files).
     lock = RunLock(run).acquire() if out is run else None
     try:
         lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer)  # not read again
         sae = _beside_model(sae, lm, given=False)
         index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg,
-                                overwrite=overwrite, progress=progress, tokens=tokens, refused=refused)
+                                overwrite=overwrite, progress=progress, tokens=tokens, refused=refused,
+                                sae_hash=sae_hash)
         write_paper_report(out)
         if out is run and (run / TRAIN_CONFIG).exists():  # with a link to evals/report.md
             # The suite hashed the run's SAE (unless --hook made it another): the report need not hash it again.

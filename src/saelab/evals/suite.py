@@ -309,6 +309,18 @@ def _refuse_replacing(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict, b
                              "--out")
 
 
+def check_results_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, T: int,
+                              out_dir: str | Path) -> str:
+    """:func:`run_paper_suite`'s refusal of results in ``out_dir``'s evals/ that it would replace (without
+    overwrite), from the settings, the SAE and those files alone: before the model loads. Returns
+    :func:`sae_sha256` of ``sae``, for the suite to take (hashing reads every weight)."""
+    run, wanted, reasons = _suite_run(None, sae, model, Path(out_dir), cfg, eval_cfg, T)
+    _resolve_series(run, reasons)
+    run.sae_hash = sae_sha256(sae)
+    _refuse_replacing(run, wanted, reasons, _base_inputs(run))
+    return run.sae_hash
+
+
 def _reusable(old: dict | None, inputs: dict) -> bool:
     """Whether a metric's earlier record ``old`` is reused: an ok result of these ``inputs``."""
     return bool(old) and old.get("status") == "ok" and old.get("inputs") == json.loads(json.dumps(inputs))
@@ -370,6 +382,13 @@ def _suite_run(lm, sae, model: str, out_dir: Path, cfg: PaperSuiteConfig, eval_c
     return run, wanted, {m.name: m.applies(run) for m in wanted}
 
 
+def _resolve_series(run: SuiteRun, reasons: dict[str, str | None], device: str | torch.device = "cpu") -> None:
+    """``run.series``: compute_equivalent's reference models, when that metric runs (its inputs record them)."""
+    if "compute_equivalent" in reasons and not reasons["compute_equivalent"]:
+        ce = run.cfg.compute_equivalent
+        run.series = resolve_series(ce.series or series_for_model(run.model), ce.steps, device=device)
+
+
 def _contexts_read(run: SuiteRun, metric: str) -> dict[str, int]:
     """The contexts ``metric`` reads, by the setting (its path) that asks for them: core's recon and
     downstream tokens (evaluate_core reads both), compute_equivalent's downstream tokens, the others' counts."""
@@ -423,10 +442,10 @@ def check_series_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: E
     loss ``out_dir``'s series_losses.json lacks are checked: a resumed suite loads no other (its result reused
     or not, the losses file holds every loss that result was made of)."""
     run, _, reasons = _suite_run(None, sae, model, Path(out_dir), cfg, eval_cfg, int(tokens.shape[1]))
-    if "compute_equivalent" not in reasons or reasons["compute_equivalent"]:
+    _resolve_series(run, reasons)
+    if run.series is None:  # compute_equivalent does not run
         return {}
     ce = cfg.compute_equivalent
-    run.series = resolve_series(ce.series or series_for_model(model), ce.steps)
     down = tokens[:run.n_down]  # the contexts compute_equivalent reads
     try:
         first = first_position(run.sae, ce.exclude_first)
@@ -474,9 +493,7 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
     if any(m.name == "n2g" for m in wanted):
         _check_n2g_settings(cfg.n2g, sae, lm, asked_for="n2g" in cfg.metrics)
     _refuse_not_applying(cfg, reasons)
-    if "compute_equivalent" in reasons and not reasons["compute_equivalent"]:
-        ce = cfg.compute_equivalent
-        run.series = resolve_series(ce.series or series_for_model(lm.name), ce.steps, device=lm.device)
+    _resolve_series(run, reasons, lm.device)
     run.tokens = tokens if tokens is not None else read_suite_contexts(sae, lm.name, cfg, eval_cfg, lm.tokenize,
                                                                        lm.bos_token_id, T)
     return run, wanted, reasons
@@ -484,20 +501,22 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
 
 def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg: EvalConfig | None = None,
                     cfg: PaperSuiteConfig | None = None, overwrite: bool = False, progress: bool = True,
-                    tokens: torch.Tensor | None = None, refused: dict[str, str] | None = None) -> dict[str, Any]:
+                    tokens: torch.Tensor | None = None, refused: dict[str, str] | None = None,
+                    sae_hash: str | None = None) -> dict[str, Any]:
     """Run the paper suite on ``sae`` with ``lm`` into ``out_dir/evals/`` (module docstring).
 
     Returns the suite index (also written to suite.json). A metric that fails is recorded with
     status "error" and its reason; the caller decides what to do about it. ``tokens``: the eval contexts
     when the caller read them already (:func:`read_suite_contexts`); ``refused``: metrics found to fail
-    before the model loaded, with their reason (:func:`check_series_before_load`), recorded so, not run.
+    before the model loaded, with their reason (:func:`check_series_before_load`), recorded so, not run;
+    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it (:func:`check_results_before_load`'s).
     """
     t_start = time.perf_counter()
     check_sae_hook(sae, source or "(given)")
     run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig(),
                                     tokens)
     run.refused = dict(refused or {})
-    run.sae_hash = sae_sha256(sae)
+    run.sae_hash = sae_hash or sae_sha256(sae)
     base_inputs = _base_inputs(run)
     hook = sae.cfg.hook_name
     sae_info = {"source": source, "n_latents": sae.n_latents, "k": sae.cfg.k, "hook": hook, "model": lm.name,
@@ -516,5 +535,5 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     return index
 
 
-__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "check_series_before_load",
-           "check_suite_applies", "longest_n_future", "read_suite_contexts", "run_paper_suite"]
+__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "check_results_before_load",
+           "check_series_before_load", "check_suite_applies", "longest_n_future", "read_suite_contexts", "run_paper_suite"]
