@@ -234,6 +234,25 @@ def test_results_the_suite_would_replace_are_refused_before_the_model_loads(tiny
     assert before == {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
 
 
+def test_run_paper_suite_names_the_saes_context_it_refuses(tiny_gpt2, tmp_path):
+    """From Python with the model loaded, the SAE's own context past the model's positions was refused as
+    `context_size=256 ...`, a setting never given; it is named as the command line names it, and a context set
+    in the eval settings keeps its setting's name."""
+    from saelab.errors import ConfigError
+    from saelab.evals.core import EvalConfig
+    from saelab.evals.suite import run_paper_suite
+    from saelab.sae import SAEConfig, TopKSAE
+
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.1.hook_resid_post", context_size=256))
+    with pytest.raises(ConfigError) as e:
+        run_paper_suite(sae, tmp_path, lm=tiny_gpt2, progress=False)
+    assert str(e.value) == "the SAE's context of 256 tokens exceeds the longest context of tiny-gpt2 (128 tokens)"
+    with pytest.raises(ConfigError) as e:
+        run_paper_suite(sae, tmp_path, lm=tiny_gpt2, eval_cfg=EvalConfig(context_size=200), progress=False)
+    assert str(e.value) == "context_size=200 exceeds the longest context of tiny-gpt2 (128 tokens)"
+    assert not (tmp_path / "evals").exists()
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--probe-contexts", "0"], "--probe-contexts must be >= 1"),
     (["--n2g-contexts", "1"], "--n2g-contexts must be >= 2"),

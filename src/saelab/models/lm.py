@@ -36,6 +36,10 @@ from saelab.models.hooks import (
 Edits = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 
 
+CONTEXT_SETTING = "context_size={n}"
+"""How a context-length refusal names a context the settings gave (the command line words it as its option)."""
+
+
 def bos_token_id(tokenizer) -> int | None:
     """The id a context starts with: the tokenizer's BOS, else its EOS (for tokenizers that name no BOS)."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -94,10 +98,12 @@ class LanguageModel:
         self.check_hook(name)
         return self.d_model
 
-    def check_context_size(self, T: int) -> int:
-        """``T`` if the model takes contexts that long, else ConfigError (before any forward runs)."""
+    def check_context_size(self, T: int, named: str = CONTEXT_SETTING) -> int:
+        """``T`` if the model takes contexts that long, else ConfigError (before any forward runs); ``named``
+        says where ``T`` came from (by default the setting)."""
         if self.max_context is not None and T > self.max_context:
-            raise ConfigError(f"context_size={T} exceeds the longest context of {self.name} ({self.max_context} tokens)")
+            raise ConfigError(f"{named.format(n=T)} exceeds the longest context of {self.name} "
+                              f"({self.max_context} tokens)")
         return T
 
     # -- tokens -----------------------------------------------------------------------------

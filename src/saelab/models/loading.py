@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from saelab.errors import (ConfigError, HookNameError, SaelabError, first_line, torch_archive_fault,
                            torch_load_reason)
 from saelab.models.hooks import check_hook_form, hook_layer
-from saelab.models.lm import LanguageModel
+from saelab.models.lm import CONTEXT_SETTING, LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
 
@@ -496,7 +496,7 @@ def check_hook_layer(spec: str | LanguageModel, hook: str, revision: str | None 
                             f"0..{count - 1}")
 
 
-def check_context_fits(spec: str | LanguageModel, context_size: int, named: str = "context_size={n}",
+def check_context_fits(spec: str | LanguageModel, context_size: int, named: str = CONTEXT_SETTING,
                        revision: str | None = None) -> None:
     """Refuse a context longer than the model's positions before the (slow) load, when the config is
     at hand; worded as ``LanguageModel.check_context_size``, which checks it after the load. ``named``
