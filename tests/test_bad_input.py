@@ -227,6 +227,11 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
         torch.save(openai_state_dict(), path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         expect = "could not be read as a plain tensor checkpoint"
+    elif kind == "cut_short_pt":  # cut where torch's zip reader names the damage: its reason, not its advice
+        path = tmp / "ae.pt"
+        torch.save(openai_state_dict(), path)
+        path.write_bytes(path.read_bytes()[:2000])
+        expect = "could not be read as a plain tensor checkpoint (truncated or damaged archive: failed finding central"
     elif kind == "truncated_folder":
         path = tmp / "sae"
         save_sae(make_sae(), path)
@@ -258,7 +263,7 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
     return path, expect, marker
 
 
-CHECKPOINT_KINDS = ["foreign_pt", "foreign_folder", "truncated_pt", "truncated_folder", "corrupt_pt", "text_pt",
+CHECKPOINT_KINDS = ["foreign_pt", "foreign_folder", "truncated_pt", "cut_short_pt", "truncated_folder", "corrupt_pt", "text_pt",
                     "corrupt_folder", "pickle_runs_code"]
 
 
@@ -342,9 +347,8 @@ def test_model_folder_with_corrupt_pytorch_weights_is_one_line_naming_the_file(d
         weights.write_bytes({"truncated": good[: len(good) // 2], "garbage": b"\x00garbage" * 64,
                              "zip_noise": b"PK\x03\x04" + noise.numpy().tobytes()}[damage])
     # cut short, torch's zip reader names what it missed, then a paragraph of advice on corrupt checkpoints
-    expect = f"cannot load model directory {folder}: {weights} " + (
-        "is not a complete PyTorch checkpoint (truncated or damaged: failed finding central directory"
-        if damage == "truncated" else "is not a readable torch file of plain tensors (")
+    expect = f"cannot load model directory {folder}: {weights} is not a readable torch file of plain tensors (" + (
+        "truncated or damaged archive: failed finding central directory)" if damage == "truncated" else "")
     with pytest.raises(ModelLoadError) as err:
         load_model(str(folder))
     msg = str(err.value)
@@ -453,6 +457,47 @@ def test_model_folder_whose_config_names_its_weights_file_blames_that_file(tiny_
     assert str(err.value) == (f"cannot load model directory {folder}: its weights do not fit the GPT2LMHeadModel its "
                               f"config describes ({MISFITS['partial']}); expected that model's weights, as "
                               "save_pretrained writes them")
+
+
+@pytest.mark.parametrize("case", ["symlink", "index_in_subfolder", "name_transformers_refuses"])
+def test_named_weights_file_is_probed_where_transformers_reads_it(case, tiny_dir, tmp_path):
+    """transformers_weights as transformers takes it: a symlink to a file outside the folder (every file of a hub
+    cache's snapshot) is read, an index's shards are read from the model folder wherever the index lies, and a
+    name other than *.safetensors, *.safetensors.index.json or adapter_model.bin is refused unread, so the
+    refusal, not that file, is what the message names."""
+    from saelab.models import ModelLoadError, load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    good = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").unlink()
+    if case == "symlink":
+        blob = tmp_path / "blobs" / "abc"
+        blob.parent.mkdir()
+        blob.write_bytes(good[:-100])
+        (folder / "weights.safetensors").symlink_to(blob)
+        named, blamed = "weights.safetensors", folder / "weights.safetensors"
+    elif case == "index_in_subfolder":
+        (folder / "w-00001.safetensors").write_bytes(good[:-100])
+        keys = json.loads(good[8:8 + int.from_bytes(good[:8], "little")])
+        (folder / "sub").mkdir()
+        (folder / "sub" / "w.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {key: "w-00001.safetensors" for key in keys if key != "__metadata__"}}))
+        named, blamed = "sub/w.safetensors.index.json", folder / "w-00001.safetensors"
+    else:
+        (folder / "weights.bin").write_bytes(b"\x00garbage" * 64)
+        named, blamed = "weights.bin", None
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": named}))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
+    message = str(err.value)
+    if blamed is not None:
+        assert message.startswith(f"cannot load model directory {folder}: {blamed} is not a readable safetensors "
+                                  "file ("), message
+    else:
+        assert message.startswith(f"cannot load model directory {folder}: The transformers file in the config seems "
+                                  "to be incorrect"), message
 
 
 _LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1048576\n"

@@ -30,16 +30,17 @@ def torch_load_reason(err: BaseException) -> str:
 
 # torch's zip reader says what it found wrong with a checkpoint cut short or damaged, then, on the same line, a
 # paragraph of advice ("This is an internal miniz error. If you are seeing this error, ...").
-_TORCH_ZIP_READER = "PytorchStreamReader failed "
+_TORCH_ZIP_READER = "PytorchStreamReader "
 
 
 def torch_archive_fault(err: BaseException) -> str | None:
     """What torch's zip reader found wrong with a checkpoint cut short or damaged (e.g. 'failed finding central
-    directory'), without its advice; None for a failure of anything else."""
+    directory', 'failed locating file data.pkl: file not found'), without its advice; None for a failure of
+    anything else."""
     text = first_line(err)
     if not text.startswith(_TORCH_ZIP_READER):
         return None
-    return text.split(". ", 1)[0].removeprefix(_TORCH_ZIP_READER + "reading zip archive: ")
+    return text.split(". ", 1)[0].removeprefix(_TORCH_ZIP_READER).removeprefix("failed reading zip archive: ")
 
 
 class HookNameError(SaelabError, KeyError):

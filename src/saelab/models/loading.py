@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from saelab.errors import (ConfigError, HookNameError, SaelabError, first_line, torch_archive_fault,
-                           torch_load_reason)
+from saelab.errors import ConfigError, HookNameError, SaelabError, first_line, torch_load_reason
 from saelab.models.hooks import check_hook_form, hook_layer
 from saelab.models.lm import CONTEXT_SETTING, LanguageModel
 from saelab.utils.device import resolve_device
@@ -241,31 +240,39 @@ def _raise_in_one_line(err: Exception, named: str, folder: Path | None, sought: 
 
 def _weights_files(folder: Path) -> list[Path]:
     """The weights files transformers reads from ``folder``, picked as it picks them: the one config.json's
-    ``transformers_weights`` names, else model.safetensors, else the shards its index lists, else
-    pytorch_model.bin, else the shards its index lists. Any other file there (an adapter, a git-lfs pointer) is
-    never read, so it is not what a failed load is blamed on."""
+    ``transformers_weights`` names (``_named_weights``), else model.safetensors, else the shards its index lists,
+    else pytorch_model.bin, else the shards its index lists. Any other file there (an adapter, a git-lfs pointer)
+    is never read, so it is not what a failed load is blamed on."""
     named = _config_on_disk(str(folder.absolute())).get("transformers_weights")
-    if named is not None:  # transformers reads it in place of the defaults; one outside the folder, it refuses
-        inside = isinstance(named, str) and (folder / named).resolve().is_relative_to(folder.resolve())
-        names = (named,) if inside else ()
-    else:
-        names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+    names = _named_weights(folder, named) if named is not None else (
+        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     for name in names:
         path = folder / name
         if path.is_file():
-            return _listed_shards(path) if name.endswith(".index.json") else [path]
+            return _listed_shards(path, folder) if name.endswith(".index.json") else [path]
     return []
 
 
-def _listed_shards(index: Path) -> list[Path]:
-    """The shards a weights index lists that are there (a shard not there is left to transformers, whose error
-    names it); none for a malformed index, which transformers' own error names."""
+def _named_weights(folder: Path, named) -> tuple[str, ...]:
+    """``transformers_weights`` if transformers reads it: a name ending .safetensors or .safetensors.index.json
+    (or adapter_model.bin), inside the folder as its path reads (a symlink out of it, as in a hub cache's
+    snapshot, is read); none otherwise, as transformers refuses it unread and its refusal is the message."""
+    if not isinstance(named, str) or not (named.endswith((".safetensors", ".safetensors.index.json"))
+                                          or named == "adapter_model.bin"):
+        return ()
+    base = os.path.abspath(folder)
+    return (named,) if os.path.commonpath([base, os.path.abspath(folder / named)]) == base else ()
+
+
+def _listed_shards(index: Path, folder: Path) -> list[Path]:
+    """The shards a weights index lists that are in the model ``folder``, where transformers reads them wherever
+    the index lies (a shard not there is left to transformers, whose error names it); none for a malformed
+    index, which transformers' own error names."""
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except Exception:
         return []
-    return [index.parent / name for name in shards if (index.parent / name).is_file()]
+    return [folder / name for name in shards if (folder / name).is_file()]
 
 
 def _unreadable_weights(folder: Path) -> str | None:
@@ -280,11 +287,9 @@ def _unreadable_weights(folder: Path) -> str | None:
                 with safe_open(str(path), framework="pt"):
                     pass
         except Exception as err:  # each format raises its own error types for truncated or corrupt files
-            cut = torch_archive_fault(err) if pickled else None
-            what = (f"is not a complete PyTorch checkpoint (truncated or damaged: {cut})" if cut else
-                    f"is not a readable torch file of plain tensors ({torch_load_reason(err)})" if pickled else
-                    f"is not a readable safetensors file ({first_line(err)})")
-            return f"{path} {what}; expected the model's weights, as save_pretrained writes them"
+            kind, why = ("torch file of plain tensors", torch_load_reason(err)) if pickled else (
+                "safetensors file", first_line(err))
+            return f"{path} is not a readable {kind} ({why}); expected the model's weights, as save_pretrained writes them"
     return None
 
 
