@@ -948,6 +948,15 @@ def test_save_sae_refuses_an_activation_cache(tmp_path, capsys):
     assert main(["export", str(exported), str(cache), "--format", "saelens"]) == 2
     assert capsys.readouterr().err == f"saelab export: error: OUT {message}\n"
     assert snapshot(cache) == before
+    # an overwrite interrupted while moving its cache in: the old manifest gone, the new one still in .overwrite/
+    stage = tmp_path / "stage"
+    write_activation_cache(iter(_data().split(512)), stage, meta={"hook_name": "blocks.0.hook_resid_post"},
+                           dtype="float32", progress=False)
+    (cache / "manifest.json").unlink()
+    stage.rename(cache / ".overwrite")
+    with pytest.raises(ConfigError) as refused:
+        save_sae(other, cache)
+    assert str(refused.value) == message
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "manifest.json").write_text('{"format": "another-tool"}')
     assert save_sae(other, tmp_path / "other") == tmp_path / "other"

@@ -61,14 +61,13 @@ from tqdm.auto import tqdm
 
 from saelab.errors import ConfigError, CorpusError, NonFiniteError, RunExistsError
 from saelab.utils.atomic import write_json, write_with
-from saelab.utils.cache_manifest import FORMAT, MANIFEST, is_cache_manifest
+from saelab.utils.cache_manifest import FORMAT, MANIFEST, OVERWRITE_STAGE, is_cache_manifest
 from saelab.utils.device import resolve_device
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock, remove_stale_temp_files
 from saelab.utils.tensors import all_finite
 
 VERSION = 1
-OVERWRITE_STAGE = ".overwrite"
 PARTIAL_SHARD = "partial.npy"  # rows toward the next shard, saved by an interrupted write
 STREAM_STATE = "stream_state.safetensors"  # where an interrupted harvest's input stopped (see _save_stream_state)
 STREAM_STATE_FORMAT = "saelab-stream-state"

@@ -10,6 +10,8 @@ from typing import Any
 
 FORMAT = "saelab-activation-cache"
 MANIFEST = "manifest.json"
+OVERWRITE_STAGE = ".overwrite"
+"""Where ``harvest --overwrite`` writes the new cache before moving it in over the old one."""
 
 
 def is_cache_manifest(manifest: Any) -> bool:
@@ -18,8 +20,14 @@ def is_cache_manifest(manifest: Any) -> bool:
 
 
 def holds_an_activation_cache(folder: str | os.PathLike) -> bool:
-    """A folder whose manifest.json is an activation cache's, finished or not; another tool's is not one."""
+    """A folder whose manifest.json is an activation cache's, finished or not, or whose overwrite stage holds one
+    (an overwrite interrupted while moving its cache in has no manifest.json of its own); another tool's
+    manifest.json is not one."""
+    return any(_reads_as_cache_manifest(Path(folder, *stage, MANIFEST)) for stage in ((), (OVERWRITE_STAGE,)))
+
+
+def _reads_as_cache_manifest(path: Path) -> bool:
     try:
-        return is_cache_manifest(json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8")))
+        return is_cache_manifest(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
