@@ -15,8 +15,8 @@ k_aux = 256), each variant timed in turn for ``--rounds`` rounds (medians and mi
 
 Without ``--other`` only the finite check and the top-k comparison run. ``--gemm`` adds the encoder
 GEMM itself, [4,096, 576] @ [576, n], as compare_peers' bound times it (one ``mm``, row-major
-weight) against the ways a step could run it: the step's own (``addmm`` with the bias, 1,024-row
-chunks into one reused buffer, the latent-major weight), the whole batch latent-major, 2,048-row
+weight) against the ways a step could run it: the step's own (``addmm`` with the bias, 2,048-row
+chunks into one reused buffer, the latent-major weight), the whole batch latent-major, 1,024-row
 chunks, and MKL's and oneDNN's prepacked-weight GEMMs where this torch has them (packing included:
 the weights change every step). No timing here is asserted anywhere.
 """
@@ -59,6 +59,7 @@ def gemm_variants(n: int, gen: torch.Generator) -> dict:
     W_ND = torch.randn(n, D, generator=gen)  # W_enc.t() of the latent-major TopKSAE: a linear layer's weight
     b = torch.zeros(n)
     whole, bufs = torch.empty(BATCH, n), {rows: torch.empty(rows, n) for rows in (CHUNK, 2 * CHUNK)}
+    # the step's chunks are 2,048 rows on the CPU (kernels.DEFAULT_CHUNK_ROWS)
 
     def chunked(rows: int):
         def run():
@@ -67,7 +68,7 @@ def gemm_variants(n: int, gen: torch.Generator) -> dict:
         return run
 
     variants = {"bound (mm, row-major)": lambda: torch.mm(x, W_row_major, out=whole),
-                "step (addmm, 1,024-row chunks)": chunked(CHUNK), "2,048-row chunks": chunked(2 * CHUNK),
+                "addmm, 1,024-row chunks": chunked(CHUNK), "step (addmm, 2,048-row chunks)": chunked(2 * CHUNK),
                 "mm latent-major": lambda: torch.mm(x, W_ND.t(), out=whole)}
     if torch.backends.mkl.is_available():
         def mkl_packed():

@@ -1,7 +1,7 @@
 """Keep freed host memory in the process, so that the next training step reuses it.
 
 A training step on the CPU frees and allocates again, every step, several tensors of tens to
-hundreds of MB: the encoder's [1,024, n] chunk buffer, the [n, d] gradients, the decoder
+hundreds of MB: the encoder's [2,048, n] chunk buffer, the [n, d] gradients, the decoder
 projection's temporary; a language model's forward does the same with its logits. glibc's malloc
 serves every block above 32 MB with a fresh mmap and unmaps it on free, so the kernel faults in and
 zeroes every page again each time. Told to serve large blocks from its heap (those allocated by the
