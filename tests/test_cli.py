@@ -2125,6 +2125,9 @@ _CRFM_STEPS = ("--series", "crfm-gpt2-small", "--series-steps", "400", "1000")
     pytest.param("other-tokenizer", "SeriesError: checkpoint checkpoint-400 tokenizes the eval text differently from "
                  "the evaluated model; expected reference models that share its tokenizer",
                  id="corpus-tokenized-otherwise"),
+    pytest.param("small-vocab", "SeriesError: checkpoint checkpoint-400: vocabulary of 300 tokens, but the eval "
+                 "tokens use id 50256; expected reference models that share the evaluated model's tokenizer",
+                 id="ids-past-the-vocabulary"),
 ])
 def test_compute_equivalent_input_refused_in_the_default_suite_is_its_error_and_the_others_run(
         gpt2_tokenizer, tiny_dir, tmp_path, case, error):

@@ -205,7 +205,7 @@ def test_local_series_from_series_json_or_trainer_states(tmp_path):
 def test_a_context_longer_than_a_loaded_checkpoint_takes_is_refused_before_its_forward(tiny_gpt2):
     """A checkpoint whose config cannot be read before its load (here one given only by its loader) ran eval
     contexts past its positions into the forward: an IndexError from the position embedding. The loaded model's
-    own limit refuses them first, in the words of the check before the load."""
+    own limit refuses them first, naming the checkpoint as the other refusals of a series do."""
     import torch
 
     from saelab.errors import ConfigError
@@ -214,7 +214,8 @@ def test_a_context_longer_than_a_loaded_checkpoint_takes_is_refused_before_its_f
     series = CheckpointSeries("loaded", [SeriesCheckpoint("only-a-loader", 100, lambda: tiny_gpt2)], 100)
     with pytest.raises(ConfigError) as e:
         checkpoint_losses(series, torch.ones(2, 130, dtype=torch.long), 0)
-    assert str(e.value) == "context_size=130 exceeds the longest context of tiny-gpt2 (128 tokens)"
+    assert str(e.value) == ("checkpoint only-a-loader: the eval context of 130 tokens exceeds the longest context of "
+                            "tiny-gpt2 (128 tokens)")
 
 
 # ---- the whole method on a series trained here -------------------------------------------------

@@ -597,7 +597,8 @@ def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: 
         hit = cache.get(ck.source)
         if _to_load(ck, cache, family):
             lm = ck.load()
-            lm.check_context_size(int(tokens_NT.shape[1]))  # its config may not have been at hand before the load
+            # its config may not have been at hand before the load
+            lm.check_context_size(int(tokens_NT.shape[1]), f"checkpoint {ck.label}: the eval context of {{n}} tokens")
             _check_tokenizer(lm, reference_tokenizer, tokens_NT, ck.label)
             t0 = time.perf_counter()
             loss, n = mean_loss(lm, tokens_NT, first, lm_batch_size=lm_batch_size)

@@ -19,6 +19,7 @@ from saelab.evals._common import position_0_words
 from saelab.evals.downstream import downstream_metrics
 from saelab.evals.reconstruction import reconstruction_metrics
 from saelab.models import model_provenance
+from saelab.models.lm import context_named
 from saelab.run_folder import recorded_model
 from saelab.utils.tensors import all_finite
 
@@ -160,7 +161,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
     sae.check_device(lm.device, f"model {lm.name}")
     corpus = resolve_corpus(cfg.corpus, "eval")
-    T = lm.check_context_size(cfg.context_size or sae.cfg.context_size)
+    T = lm.check_context_size(cfg.context_size or sae.cfg.context_size, context_named(cfg.context_size))
     first = 1 if sae.cfg.exclude_first else 0
     per_ctx = T - first
     n_recon, n_down = math.ceil(cfg.recon_tokens / per_ctx), math.ceil(cfg.downstream_tokens / per_ctx)

@@ -65,8 +65,7 @@ from saelab.evals.compute_equivalent import (
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, worded_corpus_error
 from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
 from saelab.evals.probe import ProbeConfig, run_probe
-from saelab.models.lm import CONTEXT_SETTING
-from saelab.models.loading import SAE_CONTEXT
+from saelab.models.lm import context_named
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
@@ -490,9 +489,7 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
     hook = lm.check_hook(sae.cfg.hook_name)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
     sae.check_device(lm.device, f"model {lm.name}")
-    # no context set: the SAE's own, which no setting names
-    T = lm.check_context_size(eval_cfg.context_size or sae.cfg.context_size,
-                              CONTEXT_SETTING if eval_cfg.context_size else SAE_CONTEXT)
+    T = lm.check_context_size(eval_cfg.context_size or sae.cfg.context_size, context_named(eval_cfg.context_size))
     run, wanted, reasons = _suite_run(lm, sae, lm.name, out_dir, cfg, eval_cfg, T)
     if any(m.name == "n2g" for m in wanted):
         _check_n2g_settings(cfg.n2g, sae, lm, asked_for="n2g" in cfg.metrics)

@@ -38,6 +38,13 @@ Edits = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 
 CONTEXT_SETTING = "context_size={n}"
 """How a context-length refusal names a context the settings gave (the command line words it as its option)."""
+SAE_CONTEXT = "the SAE's context of {n} tokens"
+"""How it names the context an SAE recorded, read where no setting gave one."""
+
+
+def context_named(setting: int | None) -> str:
+    """How a refusal names a context: ``setting``'s name when one was given, else the SAE's own."""
+    return CONTEXT_SETTING if setting else SAE_CONTEXT
 
 
 def bos_token_id(tokenizer) -> int | None:

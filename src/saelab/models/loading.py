@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from saelab.errors import ConfigError, HookNameError, SaelabError, first_line, torch_load_reason
 from saelab.models.hooks import check_hook_form, hook_layer
-from saelab.models.lm import CONTEXT_SETTING, LanguageModel
+from saelab.models.lm import CONTEXT_SETTING, SAE_CONTEXT, LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
 
@@ -513,9 +513,8 @@ def check_context_fits(spec: str | LanguageModel, context_size: int, named: str 
                           f"({longest} tokens)")
 
 
-# A context an SAE (or activation cache) recorded, not one the user typed; SAE_CONTEXT where no option sets
-# another (saelab top reads the SAE's own).
-SAE_CONTEXT = "the SAE's context of {n} tokens"
+# A context an SAE (or activation cache) recorded, not one the user typed, where an option sets another;
+# SAE_CONTEXT where none does (saelab top reads the SAE's own).
 RECORDED_CONTEXT = SAE_CONTEXT + " (--context-size sets another)"
 
 

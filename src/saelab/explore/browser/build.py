@@ -310,14 +310,14 @@ def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
     reads the SAE's own, which nothing changes)."""
     from saelab.data import token_contexts
     from saelab.models import LanguageModel
-    from saelab.models.lm import bos_token_id
+    from saelab.models.lm import bos_token_id, context_named
 
     saes = list(sae) if isinstance(sae, Sequence) else [sae]
     sae = saes[0]
     corpus = resolve_corpus(cfg)
     T = cfg.context_size or sae.cfg.context_size
     if isinstance(lm, LanguageModel):
-        T, tokenize, bos = lm.check_context_size(T), lm.tokenize, lm.bos_token_id
+        T, tokenize, bos = lm.check_context_size(T, context_named(cfg.context_size)), lm.tokenize, lm.bos_token_id
     else:
         tokenize, bos = lm, bos_token_id(lm)
     first = shared_first(saes)  # an SAE trained without position 0 scores fewest per context

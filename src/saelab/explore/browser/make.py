@@ -204,7 +204,8 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     ``check_tokenizer``: the caller's own check of the tokenizer read before the load (None where it comes only
     with the load), run ahead of the corpus read; the tokenizer is then not read a second time for it."""
     from saelab.models import check_before_load, load_model, tokenizer_before_load
-    from saelab.models.loading import RECORDED_CONTEXT, SAE_CONTEXT
+    from saelab.models.lm import SAE_CONTEXT
+    from saelab.models.loading import RECORDED_CONTEXT
     from saelab.run_folder import model_for
 
     resolve_corpus(cfg)
