@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from saelab.data import write_activation_cache
-from saelab.errors import ConfigError, CorpusError, NonFiniteError, RunExistsError
+from saelab.errors import CheckpointError, ConfigError, CorpusError, NonFiniteError, RunExistsError
 from saelab.train import TrainConfig, train_many, train_sae
 from saelab.utils.folder_lock import LOCK, RunFolderBusyError, RunLock
 
@@ -957,6 +957,14 @@ def test_save_sae_refuses_an_activation_cache(tmp_path, capsys):
     with pytest.raises(ConfigError) as refused:
         save_sae(other, cache)
     assert str(refused.value) == message
+    # nor does a run go there (train / sweep --out), nor an evaluation (eval --out), nor does it open as an SAE
+    from saelab.run_folder import check_output_folder, open_sae
+    with pytest.raises(CheckpointError, match=r"^--out .* is an activation cache \(manifest.json\); expected a new"):
+        check_output_folder(cache, "--out", "run")
+    with pytest.raises(CheckpointError, match=r" is an activation cache \(manifest.json\), not an SAE"):
+        open_sae(cache)
+    assert main(["eval", str(exported), "--out", str(cache)]) == 2
+    assert "is an activation cache (manifest.json)" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "manifest.json").write_text('{"format": "another-tool"}')
     assert save_sae(other, tmp_path / "other") == tmp_path / "other"

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from saelab.errors import CheckpointError, ConfigError
 from saelab.sae.io import SAE_DIR, TRAIN_CONFIG, holds_a_run, run_folders_in  # where saving refuses runs
-from saelab.utils.cache_manifest import MANIFEST
+from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = Fa
         raise CheckpointError(f"{path} is a sweep folder of {len(runs)} runs; expected one SAE: pass one of its run "
                               f"folders, e.g. {runs[0]}")
     marker, what = ARTEFACTS["activations"]
-    if path.is_dir() and (path / marker).is_file() and not (path / "cfg.json").exists():
+    if path.is_dir() and holds_artefact(path, "activations") and not (path / "cfg.json").exists():
         raise CheckpointError(f"{path} is {what} ({marker}), not an SAE: train one on it (`saelab train "
                               f"--activations {path} --out RUN`) and pass RUN, or pass an SAE folder")
     return load_sae(str(source), allow_http=allow_http), None
@@ -331,6 +331,13 @@ ARTEFACTS = {"activations": (MANIFEST, "an activation cache"), "run": (TRAIN_CON
 """Each kind of folder saelab writes: the file that marks it, and its name in messages."""
 
 
+def holds_artefact(path: Path, kind: str) -> bool:
+    """Whether ``path`` may be that kind of ARTEFACTS folder: its marker file is there (any manifest.json counts:
+    a folder to write into or read is refused on the safe side), or, for an activation cache, an interrupted
+    overwrite left its manifest only in its stage."""
+    return (path / ARTEFACTS[kind][0]).is_file() or (kind == "activations" and holds_an_activation_cache(path))
+
+
 def check_output_folder(path: str | Path, option: str, kind: str | None = None) -> Path:
     """Refuse, before any slow work, an output folder that is a file or cannot be created or written,
     or (given the ``kind`` of ARTEFACTS it will be, or "sweep": a folder of runs) one that is another kind
@@ -341,7 +348,7 @@ def check_output_folder(path: str | Path, option: str, kind: str | None = None) 
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{option} {path} is a file; expected a folder (new or existing)")
     for other, (marker, what) in ARTEFACTS.items():
-        if kind is not None and other != kind and (path / marker).is_file():
+        if kind is not None and other != kind and holds_artefact(path, other):
             raise CheckpointError(f"{option} {path} is {what} ({marker}); expected a new folder or "
                                   f"{ARTEFACTS[kind][1] if kind in ARTEFACTS else f'a {kind} folder'}")
     existing = path

@@ -17,7 +17,8 @@ from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
 from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_sae_hook, check_sweep_has_finished_runs,
-                               is_sweep, open_sae, read_eval_metrics, sae_sha256, sweep_runs, unfinished_runs_line)
+                               holds_artefact, is_sweep, open_sae, read_eval_metrics, sae_sha256, sweep_runs,
+                               unfinished_runs_line)
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -101,8 +102,8 @@ def _check_eval_out(out: Path, overwrite: bool) -> None:
     if (out / TRAIN_CONFIG).is_file():
         raise ConfigError(f"--out {out} is the run folder of another SAE; its metrics.json describes that SAE: "
                           "pick another folder")
-    for marker, what in ARTEFACTS.values():
-        if (out / marker).is_file():
+    for kind, (marker, what) in ARTEFACTS.items():
+        if holds_artefact(out, kind):
             raise ConfigError(f"--out {out} is {what} ({marker}); expected a folder for this evaluation (new, or "
                               "one that holds only evaluations)")
     if (out / EVAL_METRICS).exists() and not overwrite:
