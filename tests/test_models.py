@@ -398,6 +398,19 @@ def test_load_errors_name_the_spec(tmp_path, monkeypatch):
         load_model("default", dtype="float33")
 
 
+def test_a_folder_without_config_json_is_named_as_no_model_folder(tmp_path):
+    """An empty folder or a run folder given as --model: transformers' tokenizer error was cut to its first line,
+    'Couldn't instantiate the backend tokenizer from one of:', which names nothing."""
+    (tmp_path / "empty").mkdir()
+    run = tmp_path / "run"
+    (run / "sae").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    for folder, found in ((tmp_path / "empty", r"\[\]"), (run, r"\['sae', 'train_config.json'\]")):
+        with pytest.raises(ModelLoadError, match=f"model directory {folder}: no config.json \\(found {found}\\); "
+                                                 "expected a Hugging Face model folder"):
+            load_model(str(folder))
+
+
 def test_unreachable_hub_is_named_at_once(monkeypatch):
     """A hub whose host does not resolve: the local cache only, no minute of retries, and a message
     that says so; behind a proxy (unless the host bypasses it) the name is not checked."""

@@ -194,6 +194,11 @@ except ImportError:
 
 def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
     """``_load_dir`` of a local model folder, any failure one ``ModelLoadError`` line naming the folder."""
+    if not (folder / "config.json").is_file():  # a run or empty folder: transformers' error would name no file
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise ModelLoadError(f"cannot load model directory {folder}: no config.json (found {found}); expected a "
+                             "Hugging Face model folder (config.json, weights and tokenizer files, as save_pretrained "
+                             "writes them), a .gguf file, 'default' or a hub id")
     try:
         return _load_dir(folder, dtype, tokenizer)
     except Exception as err:
