@@ -1078,6 +1078,29 @@ def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys, 
     assert "holds other files; expected a new or empty folder" in capsys.readouterr().err
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, tiny_dir, data_dir):
+    """`saelab ... | head -1`, the reader gone before the output: the JSON printed at the end was a BrokenPipeError
+    traceback (buffered stdout: `Exception ignored ...`, exit 120) and text printed by the verb `saelab top: error:
+    Broken pipe`, exit 1, as if the work had failed."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    save_sae(TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, hook_name="blocks.3.hook_resid_post")), tmp_path / "sae")
+    top = ["top", _tiny_sae(tmp_path / "tiny", tiny_dir), "--latent", "0,1", "--n-tokens", "64", "--no-progress",
+           "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")]
+    for unbuffered in ("1", ""):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+               "PYTHONUNBUFFERED": unbuffered}
+        out = tmp_path / f"out{unbuffered}"
+        for argv in (["export", str(tmp_path / "sae"), str(out), "--format", "sparsify"], top):
+            read, write = os.pipe()
+            os.close(read)  # every write to stdout then fails, whenever it comes
+            done = subprocess.run([sys.executable, "-m", "saelab", *argv], stdout=write, stderr=subprocess.PIPE,
+                                  env=env, text=True, timeout=120)
+            os.close(write)
+            assert (done.returncode, done.stderr) == (141, ""), (argv, unbuffered)
+        assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae.safetensors", "saelab.json"]
+
+
 def test_families_refuses_an_existing_out_file(tmp_path, capsys):
     """A file at --out that is not a families file (a run's cfg.json, metrics.json) is never replaced:
     --overwrite wrote over it."""

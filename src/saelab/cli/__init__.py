@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -223,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "device") and resolve_device(args.device, _device_as_typed(args)).type == "cpu":
             retain_freed_memory()  # large CPU temporaries (logits, gradients) reuse pages instead of faulting
         result = args.handler(args)
+        if result is not None and _first_process():
+            print(json.dumps(result, indent=2, default=str))
+        sys.stdout.flush()  # here, not at exit: a reader gone is then the BrokenPipeError below
+    except BrokenPipeError:  # the reader of stdout is gone (`saelab ... | head`): not a failure of the work
+        return _reader_gone()
     except SaelabError as e:
         if debug:
             raise
@@ -236,9 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nsaelab {verb}: interrupted; {_after_interruption(verb, args)}", file=sys.stderr)
         return 130
-    if result is not None and _first_process():
-        print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _reader_gone() -> int:
+    """End quietly, with the status of a tool that SIGPIPE stops (128 + 13); stdout goes to /dev/null so that
+    its flush at exit raises nothing more."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout with no file behind it (captured): nothing is flushed to a pipe
+        pass
+    return 141
 
 
 def _device_as_typed(args: argparse.Namespace) -> str | None:
