@@ -970,6 +970,18 @@ def test_output_folder_that_is_another_kind_of_saelab_folder_is_refused(verb, ma
     assert sorted(p.name for p in out.iterdir()) == [marker]
 
 
+@pytest.mark.parametrize("verb", ["eval", "top", "steer", "browse"])
+def test_an_empty_model_is_refused(verb, tmp_path, capsys):
+    """--model '' (an unset shell variable) silently meant the SAE's own model."""
+    extra = {"top": ["--latent", "0"], "steer": ["--latent", "0", "--value", "1"],
+             "browse": ["--out", str(tmp_path / "site")]}.get(verb, [])
+    assert _exit_code([verb, str(tmp_path / "run"), *extra, "--model", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"saelab {verb}: error: ") and ("must name a language model (a Hugging Face hub id, a model "
+                                                          "folder, a .gguf file or 'default'), got ''") in err, err
+    assert not (tmp_path / "site").exists()
+
+
 def test_an_activation_cache_given_for_an_sae_is_named_as_one(tmp_path, capsys):
     cache = tmp_path / "acts"
     cache.mkdir()

@@ -810,6 +810,19 @@ def add_model_dtype(p: ArgumentParser) -> None:
                         "memory and speed it up)")
 
 
+def add_model_option(p: ArgumentParser) -> None:
+    p.add_argument("--model", type=model_spec, default=None,
+                   help="language model (default: the one the SAE was trained on)")
+
+
+def model_spec(text: str) -> str:
+    """--model's value: not empty (an unset shell variable would otherwise mean the SAE's own model, unsaid)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a language model (a Hugging Face hub id, a model folder, a .gguf "
+                                         f"file or 'default'), got {text!r}")
+    return text
+
+
 def positive_int(text: str) -> int:
     """An option's integer >= 1 (argparse names the option in front of the message)."""
     try:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, eval_settings_as_given, given, typed_starting
+from saelab.cli.common import add_io_options, add_model_option, eval_settings_as_given, given, typed_starting
 from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import ComputeEquivalentConfig, known_series_names
@@ -37,7 +37,7 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens or sparsify folder, OpenAI .pt file or "
                                     "URL), or every run of a sweep folder")
     p.add_argument("sae", metavar="SAE", help="run folder, SAE folder, .pt file, https URL, or a sweep folder")
-    p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
+    add_model_option(p)
     p.add_argument("--hook", default=None, help="override the SAE's hook name")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where to write metrics.json, and evals/ with --suite paper (default: the run folder, if "

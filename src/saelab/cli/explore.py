@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, finite_float, first_repeat, given, positional_indices, positive_int,
-                               typed, unknown_options)
+from saelab.cli.common import (add_io_options, add_model_option, finite_float, first_repeat, given, positional_indices,
+                               positive_int, typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import SAESource
@@ -74,7 +74,7 @@ def add_steer(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for both generations)")
     p.add_argument("--samples", type=positive_int, default=1,
                    help="pairs of generations, with seeds --seed, --seed + 1, ...")
-    p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
+    add_model_option(p)
     p.add_argument("--hook", default=None, help="override the SAE's hook name")
     p.add_argument("--top-tokens", type=int, default=10,
                    help="also print the tokens the latent's decoder direction promotes most (0: skip)")
@@ -414,7 +414,7 @@ def add_top(sub) -> None:
     p.add_argument("--n-tokens", type=positive_int, default=262_144,
                    help="tokens of text read, rounded up to whole contexts (default: 262,144)")
     p.add_argument("--corpus", default=None, help="text to read (default: the offline Wikipedia eval split)")
-    p.add_argument("--model", default=None, help="language model (default: the one the SAE was trained on)")
+    add_model_option(p)
     p.add_argument("--hook", default=None, help="the hook the SAE reads (default: the one it records)")
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
     add_io_options(p, overwrite=False)
