@@ -237,9 +237,14 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
     # --scale 2: twice the latent's max activation on the eval split.
     assert main(["steer", str(tmp_path / "sae"), "--latent", "7", "--scale", "2", "--scale-tokens", "1024",
                  "--max-new-tokens", "3", "--greedy", "--top-tokens", "0", "--json", *common]) == 0
-    steering = json.loads(capsys.readouterr().out)["steering"]
+    printed = json.loads(capsys.readouterr().out)
+    steering = printed["steering"]
     peak = latent_max_activation(sae, tiny_gpt2, None, 7, n_tokens=1024)
     assert peak > 0 and steering.startswith(f"latent 7 at {HOOK}: add {2 * peak:g}")
+    # what the text shows of the scale (the max activation and the tokens it was read on) is in the JSON too
+    scored = top_activations(sae, tiny_gpt2, None, 7, 1, n_tokens=1024).n_tokens
+    assert printed["scale"] == [{"latent": 7, "max_activation": pytest.approx(peak), "eval_tokens": scored,
+                                 "scale": 2.0, "value": pytest.approx(2 * peak)}]
     # A latent that never fires: --scale would steer by 0, and says so.
     silent = copy.deepcopy(sae)
     with torch.no_grad():

@@ -224,9 +224,9 @@ def _n_tokens_option(args: argparse.Namespace) -> str:
     return given(args, "browse.n_tokens") or "--n-tokens"
 
 
-def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float] | float, list[str]]:
+def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float] | float, list[dict[str, Any]]]:
     """--value as given, or --scale times each latent's max activation on held-out text (``tokens``, read
-    beside the load)."""
+    beside the load), with what each value was scaled from (none for --value)."""
     from saelab.explore import top_activations
 
     if args.scale is None:
@@ -244,8 +244,8 @@ def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float]
     if silent:  # --scale of a latent that never fired steers by 0: say so instead of showing no effect
         print(f"saelab steer: warning: latent(s) {silent} never fired on {scored:,} eval tokens, so --scale "
               "gives them a value of 0; pass --value, or more --scale-tokens", file=sys.stderr)
-    return values, [f"latent {i}: max activation {m:.4g} on {scored:,} eval tokens, value {v:.4g}"
-                    for i, m, v in zip(args.latent, maxima, values)]
+    return values, [{"latent": i, "max_activation": m, "eval_tokens": scored, "scale": f, "value": v}
+                    for i, m, f, v in zip(args.latent, maxima, scales, values)]
 
 
 def _quoted(token: str) -> str:
@@ -261,10 +261,12 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
     positions = _check_steer(args)
     sae, lm, tokens = _steer_sae_and_model(args, positions)
-    value, text = _steer_value(args, sae, lm, tokens)
+    value, scaled = _steer_value(args, sae, lm, tokens)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     model = model_provenance(lm.name)["model_name"]  # the hub id of the offline default, as reports name it
-    text.insert(0, f"model {model}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})")
+    text = [f"model {model}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})"]
+    text += [f"latent {r['latent']}: max activation {r['max_activation']:.4g} on {r['eval_tokens']:,} eval tokens, "
+             f"value {r['value']:.4g}" for r in scaled]
     promoted = {}
     for i in s.latents.tolist() if args.top_tokens > 0 else []:
         promoted[i] = [t for t, _, _ in latent_logit_effects(lm, sae, i, top=args.top_tokens)["promoted"]]
@@ -278,7 +280,8 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     if not s.positions_edited:  # reachable positions the generation never got to: it stopped at EOS first
         print(f"saelab steer: warning: --positions {args.positions} lie past the {s.tokens_seen} positions the model "
               "read (the generation ended early, at the end-of-text token): nothing was steered", file=sys.stderr)
-    result = {"prompt": args.prompt, "steering": s.describe(), "promoted_tokens": promoted, "generations": results}
+    result = {"prompt": args.prompt, "steering": s.describe(), "promoted_tokens": promoted, "generations": results,
+              **({"scale": scaled} if scaled else {})}
     if args.json:
         return result
     print("\n".join(line for line in text if line is not None))
