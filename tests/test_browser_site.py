@@ -139,6 +139,7 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
     again = build_browser([sae_files / "run_small", sae_files / "saelens_large"], out, cfg, lm=tiny_gpt2,
                           progress=False)
     assert again["reused"] and (out / "site.json").stat().st_mtime_ns == stamp
+    assert list(again["seconds"]) == ["total"]  # this call's time, not the phases of the build it reused
     # An evaluation written into the run folder changes its metrics, not its SAE: the site is still current.
     (sae_files / "run_small" / "metrics.json").write_text('{"nmse": 0.1}')
     try:

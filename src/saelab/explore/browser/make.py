@@ -278,7 +278,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     with ``"reused": True``) unless ``overwrite``; one built from other inputs is kept (refused) unless
     ``overwrite``. A folder
     at ``out`` that is not a site is never replaced. Returns the site's manifest plus ``site`` and
-    ``seconds`` (all phases, the site write included).
+    ``seconds`` (all phases, the site write included; a reused site: this call's total).
     """
     cfg = cfg or BrowseConfig()
     t_start = time.perf_counter()
@@ -290,7 +290,9 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     old = read_site_manifest(out)
     if old is not None and not overwrite:
         if old.get("key") == key:
-            return {**old, "site": str(out), "reused": True}
+            # its seconds are this call's: the manifest's are the phases of the build it reuses
+            return {**old, "site": str(out), "reused": True,
+                    "seconds": {"total": round(time.perf_counter() - t_start, 2)}}
         shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
         raise RunExistsError(f"{out} holds a feature browser site built from {what_differs(old.get('inputs'), inputs)} "
                              f"(it shows {shown}); pass --overwrite to replace it, or pick another --out")
