@@ -1111,6 +1111,29 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, tiny_dir, data_dir):
             os.close(write)
             assert (done.returncode, done.stderr) == (141, ""), (argv, unbuffered)
         assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae.safetensors", "saelab.json"]
+    # stdout closed from the start (`>&-`): nothing to print to, not a failure either
+    export = ["export", str(tmp_path / "sae"), str(tmp_path / "closed"), "--format", "sparsify"]
+    done = subprocess.run([sys.executable, "-m", "saelab", *export], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=env, text=True, timeout=120, pass_fds=(), preexec_fn=lambda: os.close(1))
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(tmp_path, monkeypatch, capsys):
+    """Only a reader of stdout gone ends quietly: a BrokenPipeError of anything else the work writes to (a
+    logging service's socket, say) is the error it is, and stdout stays as it was for the caller."""
+    import saelab.cli as cli
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    save_sae(TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4, hook_name="blocks.3.hook_resid_post")), tmp_path / "sae")
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+    real = cli.parse_args
+    monkeypatch.setattr(cli, "parse_args", lambda argv: (lambda a: (setattr(a, "handler", broken), a)[1])(real(argv)))
+    assert main(["export", str(tmp_path / "sae"), str(tmp_path / "out"), "--format", "sparsify"]) == 1
+    assert capsys.readouterr().err.strip() == "saelab export: error: Broken pipe"
+    print("still here")
+    assert capsys.readouterr().out == "still here\n"
 
 
 def test_families_refuses_an_existing_out_file(tmp_path, capsys):

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import select
 import shlex
 import sys
 
@@ -226,32 +227,51 @@ def main(argv: list[str] | None = None) -> int:
         result = args.handler(args)
         if result is not None and _first_process():
             print(json.dumps(result, indent=2, default=str))
-        sys.stdout.flush()  # here, not at exit: a reader gone is then the BrokenPipeError below
-    except BrokenPipeError:  # the reader of stdout is gone (`saelab ... | head`): not a failure of the work
-        return _reader_gone()
+        if sys.stdout is not None:  # None: started with stdout closed
+            sys.stdout.flush()  # here, not at exit: a reader gone is then the BrokenPipeError below
+    except BrokenPipeError as e:
+        if not debug and _stdout_reader_gone():  # `saelab ... | head`: not a failure of the work
+            return _reader_gone()
+        return _failed_on_the_system(verb, e, debug)
     except SaelabError as e:
         if debug:
             raise
         options = _verb_options(argv, verb)
         return _fail(verb, in_option_words(str(e), options, _typed_spellings(args, options)), 2)
     except OSError as e:  # disk full, read-only folder, a file that vanished: not the input's fault
-        if debug:
-            raise
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        return _fail(verb, f"{where}{e.strerror or e}", 1)
+        return _failed_on_the_system(verb, e, debug)
     except KeyboardInterrupt:
         print(f"\nsaelab {verb}: interrupted; {_after_interruption(verb, args)}", file=sys.stderr)
         return 130
     return 0
 
 
+def _failed_on_the_system(verb: str, e: OSError, debug: bool) -> int:
+    if debug:
+        raise e
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    return _fail(verb, f"{where}{e.strerror or e}", 1)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its end); False where that
+    cannot be told (no poll, no file behind stdout)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _reader_gone() -> int:
     """End quietly, with the status of a tool that SIGPIPE stops (128 + 13); stdout goes to /dev/null so that
     its flush at exit raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # a stdout with no file behind it (captured): nothing is flushed to a pipe
-        pass
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
     return 141
 
 
