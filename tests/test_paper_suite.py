@@ -253,19 +253,25 @@ def test_run_paper_suite_names_the_saes_context_it_refuses(tiny_gpt2, tmp_path):
     assert not (tmp_path / "evals").exists()
 
 
-def test_core_and_browser_name_the_saes_context_they_refuse(tiny_gpt2):
+def test_core_and_browser_name_the_saes_context_they_refuse(tiny_gpt2, tmp_path):
     """evaluate_core and the browser's reader, given a loaded model, refused the SAE's own context as
     `context_size=256 ...`, a setting never given; named as the suite names it."""
     from saelab.errors import ConfigError
     from saelab.evals.core import evaluate_core
+    from saelab.explore.browser import build_browser
     from saelab.explore.browser.build import BrowseConfig, read_tokens
-    from saelab.sae import SAEConfig, TopKSAE
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
 
     sae = TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.1.hook_resid_post", context_size=256))
     for refuse in (lambda: evaluate_core(sae, tiny_gpt2, progress=False), lambda: read_tokens(tiny_gpt2, sae, BrowseConfig())):
         with pytest.raises(ConfigError) as e:
             refuse()
         assert str(e.value) == "the SAE's context of 256 tokens exceeds the longest context of tiny-gpt2 (128 tokens)"
+    save_sae(sae, tmp_path / "sae")
+    with pytest.raises(ConfigError) as e:  # the whole build, the model given loaded
+        build_browser([tmp_path / "sae"], tmp_path / "site", BrowseConfig(n_tokens=256), lm=tiny_gpt2, progress=False)
+    assert str(e.value) == ("the SAE's context of 256 tokens (--context-size sets another) exceeds the longest context "
+                            "of tiny-gpt2 (128 tokens)")
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -23,6 +23,7 @@ from simple_parsing.helpers.custom_actions import BooleanOptionalAction
 from simple_parsing.utils import FALSE_STRINGS, TRUE_STRINGS
 
 from saelab.errors import ConfigError, CorpusError
+from saelab.models.loading import MODEL_SPECS
 from saelab.utils.config import given_parts
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -818,8 +819,7 @@ def add_model_option(p: ArgumentParser) -> None:
 def model_spec(text: str) -> str:
     """--model's value: not empty (an unset shell variable would otherwise mean the SAE's own model, unsaid)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"must name a language model (a Hugging Face hub id, a model folder, a .gguf "
-                                         f"file or 'default'), got {text!r}")
+        raise argparse.ArgumentTypeError(f"must name a language model ({MODEL_SPECS}), got {text!r}")
     return text
 
 

@@ -192,6 +192,10 @@ except ImportError:
     _InvalidConfig = ()  # matches no error
 
 
+MODEL_SPECS = "a Hugging Face hub id, a model folder, a .gguf file or 'default'"
+"""What names a language model wherever one is asked for (``load_model``'s ``spec``, ``--model``)."""
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
     """``_load_dir`` of a local model folder, any failure one ``ModelLoadError`` line naming the folder."""
     if not (folder / "config.json").is_file():  # a run or empty folder: transformers' error would name no file
@@ -383,8 +387,8 @@ def load_model(
     if isinstance(spec, LanguageModel):
         return spec
     device = resolve_device(device)
-    if not isinstance(spec, str) or not spec:
-        raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}")
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(f"model must name a language model ({MODEL_SPECS}), got {spec!r}")
     dtype = _dtype(dtype)
     name = model_name(spec)
     local = Path(spec).expanduser()

@@ -59,6 +59,7 @@ from saelab.explore.browser.stats import (
     context_rows,
     sample_keys,
 )
+from saelab.models.loading import MODEL_SPECS
 from saelab.sae.topk import TopKSAE
 
 
@@ -131,8 +132,7 @@ class BrowseConfig:
         if self.context_size is not None and self.context_size < 3:
             raise ConfigError(f"context_size must be >= 3 (BOS and at least one scored token), got {self.context_size}")
         if self.model is not None and not self.model.strip():  # '' read as no model meant the SAE's own, unsaid
-            raise ConfigError(f"model must name a language model (a Hugging Face hub id, a model folder, a .gguf file "
-                              f"or 'default'), got {self.model!r}")
+            raise ConfigError(f"model must name a language model ({MODEL_SPECS}), got {self.model!r}")
         if self.n2g_file is not None and not Path(self.n2g_file).expanduser().is_file():  # before the model loads
             raise ConfigError(f"n2g_file must name an existing file, got {str(self.n2g_file)!r}; expected an N2G "
                               "result: a paper suite's evals/n2g.json (saelab eval RUN --suite paper)")

@@ -204,14 +204,14 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     ``check_tokenizer``: the caller's own check of the tokenizer read before the load (None where it comes only
     with the load), run ahead of the corpus read; the tokenizer is then not read a second time for it."""
     from saelab.models import check_before_load, load_model, tokenizer_before_load
-    from saelab.models.lm import SAE_CONTEXT
+    from saelab.models.lm import CONTEXT_SETTING, SAE_CONTEXT
     from saelab.models.loading import RECORDED_CONTEXT
     from saelab.run_folder import model_for
 
     resolve_corpus(cfg)
     spec = lm or cfg.model or model_for(sources[0].sae)
-    check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size,  # as read_tokens reads
-                      RECORDED_CONTEXT if context_setting else SAE_CONTEXT)
+    recorded = RECORDED_CONTEXT if context_setting else SAE_CONTEXT
+    check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size, recorded)  # as read_tokens reads
     tokenizer = tokenizer_before_load(spec)  # a hub model's before its weights download: for the check and the load
     if check_tokenizer is not None:
         check_tokenizer(tokenizer)
@@ -226,7 +226,8 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
         tokens = read_tokens(lm, [s.sae for s in sources], cfg, context_setting)
         took = time.perf_counter() - t
     else:
-        lm.check_context_size(tokens.shape[1])  # where the config on disk did not say
+        # where the config on disk did not say (or the model came loaded)
+        lm.check_context_size(tokens.shape[1], CONTEXT_SETTING if cfg.context_size else recorded)
     if seconds is not None:
         seconds["tokenize"] = took
     return lm, tokens
