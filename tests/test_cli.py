@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -1111,6 +1112,15 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, tiny_dir, data_dir):
             os.close(write)
             assert (done.returncode, done.stderr) == (141, ""), (argv, unbuffered)
         assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae.safetensors", "saelab.json"]
+    # a socket whose reader is gone (a journal, a harness reading over a socket), --debug or not
+    for debug in ([], ["--debug"]):
+        mine, theirs = socket.socketpair()
+        theirs.close()
+        export = ["export", str(tmp_path / "sae"), str(tmp_path / f"sock{len(debug)}"), "--format", "sparsify", *debug]
+        done = subprocess.run([sys.executable, "-m", "saelab", *export], stdout=mine.fileno(), stderr=subprocess.PIPE,
+                              env=env, text=True, timeout=120)
+        mine.close()
+        assert (done.returncode, done.stderr) == (141, ""), debug
     # stdout closed from the start (`>&-`): nothing to print to, not a failure either
     export = ["export", str(tmp_path / "sae"), str(tmp_path / "closed"), "--format", "sparsify"]
     done = subprocess.run([sys.executable, "-m", "saelab", *export], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if sys.stdout is not None:  # None: started with stdout closed
             sys.stdout.flush()  # here, not at exit: a reader gone is then the BrokenPipeError below
     except BrokenPipeError as e:
-        if not debug and _stdout_reader_gone():  # `saelab ... | head`: not a failure of the work
+        if _stdout_reader_gone():  # `saelab ... | head`: not a failure of the work, --debug or not
             return _reader_gone()
         return _failed_on_the_system(verb, e, debug)
     except SaelabError as e:
@@ -254,12 +254,12 @@ def _failed_on_the_system(verb: str, e: OSError, debug: bool) -> int:
 
 
 def _stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its end); False where that
-    cannot be told (no poll, no file behind stdout)."""
+    """Whether stdout is a pipe or socket whose reader has closed it (poll reports an error on a pipe's end, a
+    hang-up on a socket's); False where that cannot be told (no poll, no file behind stdout)."""
     try:
         poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLERR)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        poller.register(sys.stdout.fileno(), select.POLLERR | select.POLLHUP)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (AttributeError, OSError, ValueError):
         return False
 

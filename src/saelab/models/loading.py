@@ -387,7 +387,9 @@ def load_model(
     if isinstance(spec, LanguageModel):
         return spec
     device = resolve_device(device)
-    if not isinstance(spec, str) or not spec.strip():
+    if not isinstance(spec, str):
+        raise ModelLoadError(f"model must be a str or a LanguageModel, got {type(spec).__name__} {spec!r}")
+    if not spec.strip():
         raise ModelLoadError(f"model must name a language model ({MODEL_SPECS}), got {spec!r}")
     dtype = _dtype(dtype)
     name = model_name(spec)
