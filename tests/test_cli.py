@@ -2105,15 +2105,21 @@ def _checkpoint_folder(folder, gpt2_tokenizer, case):
     return folder
 
 
+def _tokenizer_refusals(prefix: str = "") -> list:
+    """A series whose checkpoints read the eval tokens otherwise than the evaluated model, refused from their configs
+    and tokenizers before their weights (on the command line, from Python and in the default suite alike)."""
+    return [pytest.param("other-tokenizer", f"{prefix}checkpoint checkpoint-400 tokenizes the eval text differently "
+                         "from the evaluated model; expected reference models that share its tokenizer",
+                         id="corpus-tokenized-otherwise"),
+            pytest.param("small-vocab", f"{prefix}checkpoint checkpoint-400: vocabulary of 300 tokens, but the eval "
+                         "tokens use id 50256; expected reference models that share the evaluated model's tokenizer",
+                         id="ids-past-the-vocabulary")]
+
+
 @pytest.mark.parametrize("case, message", [
     pytest.param("short-context", f"the SAE's context of 32 tokens (--context-size sets another) exceeds the longest "
                  f"context of {_CRFM} at revision 'checkpoint-400' (16 tokens)", id="context-past-the-checkpoints"),
-    pytest.param("other-tokenizer", "checkpoint checkpoint-400 tokenizes the eval text differently from the "
-                 "evaluated model; expected reference models that share its tokenizer",
-                 id="corpus-tokenized-otherwise"),
-    pytest.param("small-vocab", "checkpoint checkpoint-400: vocabulary of 300 tokens, but the eval tokens use id "
-                 "50256; expected reference models that share the evaluated model's tokenizer",
-                 id="vocabulary-smaller-than-the-eval-ids"),
+    *_tokenizer_refusals(),
 ])
 def test_compute_equivalent_input_is_refused_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path, case,
                                                                                   message):
@@ -2157,12 +2163,7 @@ _COMPUTE_EQUIVALENT = textwrap.dedent("""
 @pytest.mark.parametrize("case, message", [
     pytest.param("short-context", f"ConfigError: context_size=32 exceeds the longest context of {_CRFM} at revision "
                  "'checkpoint-400' (16 tokens)", id="context-past-the-checkpoints"),
-    pytest.param("other-tokenizer", "SeriesError: checkpoint checkpoint-400 tokenizes the eval text differently from "
-                 "the evaluated model; expected reference models that share its tokenizer",
-                 id="corpus-tokenized-otherwise"),
-    pytest.param("small-vocab", "SeriesError: checkpoint checkpoint-400: vocabulary of 300 tokens, but the eval "
-                 "tokens use id 50256; expected reference models that share the evaluated model's tokenizer",
-                 id="vocabulary-smaller-than-the-eval-ids"),
+    *_tokenizer_refusals("SeriesError: "),
 ])
 def test_run_compute_equivalent_refuses_its_input_before_a_hub_checkpoints_weights_download(
         gpt2_tokenizer, tiny_dir, tmp_path, case, message):
@@ -2190,12 +2191,7 @@ _CRFM_STEPS = ("--series", "crfm-gpt2-small", "--series-steps", "400", "1000")
     pytest.param("short-context", f"ConfigError: the SAE's context of 32 tokens (--context-size sets another) exceeds "
                  f"the longest context of {_CRFM} at revision 'checkpoint-400' (16 tokens)",
                  id="context-past-the-checkpoints"),
-    pytest.param("other-tokenizer", "SeriesError: checkpoint checkpoint-400 tokenizes the eval text differently from "
-                 "the evaluated model; expected reference models that share its tokenizer",
-                 id="corpus-tokenized-otherwise"),
-    pytest.param("small-vocab", "SeriesError: checkpoint checkpoint-400: vocabulary of 300 tokens, but the eval "
-                 "tokens use id 50256; expected reference models that share the evaluated model's tokenizer",
-                 id="ids-past-the-vocabulary"),
+    *_tokenizer_refusals("SeriesError: "),
 ])
 def test_compute_equivalent_input_refused_in_the_default_suite_is_its_error_and_the_others_run(
         gpt2_tokenizer, tiny_dir, tmp_path, case, error):
