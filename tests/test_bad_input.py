@@ -246,7 +246,18 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
     elif kind == "text_pt":  # not a checkpoint at all: named as such, not by the unpickler's KeyError
         path = tmp / "notes.txt"
         path.write_text("hello\n")
-        expect = "not a torch checkpoint (neither a zip archive nor a pickle); expected an OpenAI"
+        expect = ("not a torch checkpoint (neither a zip archive nor a pickle); expected an SAE: a run folder "
+                  "(saelab train), a SAELens folder")  # what a path may name, not only the format it was read as
+    elif kind == "training_checkpoint":  # a run's own checkpoint.pt: named as such, with the folder to pass
+        rows = torch.randn(512, D, generator=torch.Generator().manual_seed(2)).split(128)
+        cache = write_activation_cache(rows, tmp / "acts", meta={"hook_name": "blocks.0.hook_resid_post"},
+                                       shard_rows=256, progress=False)
+        cfg = TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=512, init_rows=256, checkpoint_every=1,
+                          log_every=1, warmup_steps=1)
+        train_sae(cfg, lambda start: cache.batches(128, start_batch=start), tmp / "run", d_in=D, progress=False,
+                  stop_after_steps=1, device="cpu")
+        path = tmp / "run" / CHECKPOINT
+        expect = f"a training checkpoint, not an SAE: pass its run folder {tmp / 'run'} (its SAE is written"
     elif kind == "corrupt_folder":
         path = tmp / "sae"
         save_sae(make_sae(), path)
@@ -264,7 +275,7 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
 
 
 CHECKPOINT_KINDS = ["foreign_pt", "foreign_folder", "truncated_pt", "cut_short_pt", "truncated_folder", "corrupt_pt", "text_pt",
-                    "corrupt_folder", "pickle_runs_code"]
+                    "training_checkpoint", "corrupt_folder", "pickle_runs_code"]
 
 
 @pytest.mark.parametrize("kind", CHECKPOINT_KINDS)

@@ -234,15 +234,16 @@ def load_sae(
     return load_local(source, device=device, dtype=dtype)
 
 
+SAE_SOURCES = (f"a run folder (saelab train), a SAELens folder (cfg.json + {WEIGHTS_FILENAME}), a sparsify "
+               f"folder (cfg.json + {SPARSIFY_WEIGHTS_FILENAME}), an OpenAI .pt file, an https:// URL or "
+               f"{HF_PREFIX}owner/repo/path")
+"""What can be given where an SAE is expected: the one phrase of the CLI's help and of the refusals."""
+
+
 def _existing_path(source: str | os.PathLike) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
-        raise CheckpointError(
-            f"{path}: no such file or folder; expected a run folder (saelab train), a SAELens folder (cfg.json + "
-            f"{WEIGHTS_FILENAME}), a "
-            f"sparsify folder (cfg.json + {SPARSIFY_WEIGHTS_FILENAME}), an OpenAI .pt file, an https:// URL or "
-            f"{HF_PREFIX}owner/repo/path"
-        )
+        raise CheckpointError(f"{path}: no such file or folder; expected {SAE_SOURCES}")
     return path
 
 
@@ -253,7 +254,7 @@ def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
     if path.is_file() and path.name in (CFG_FILENAME, WEIGHTS_FILENAME, SPARSIFY_WEIGHTS_FILENAME):
         path = path.parent  # pointing at a file inside the folder means the folder
     if not path.is_dir():
-        return read_openai_v5(path, device=device, dtype=dtype)
+        return read_openai_v5(path, device=device, dtype=dtype, what=f"an SAE: {SAE_SOURCES}")
     if is_sparsify_folder(path):
         return read_sparsify_folder(path, device=device, dtype=dtype)
     if (path / CFG_FILENAME).exists():

@@ -71,7 +71,10 @@ def _provenance(path: Path, url: str | None) -> dict[str, Any]:
     return {"hook_name": openai_hook_name(layer, location), "extra": extra}
 
 
-def load_untrusted_checkpoint(path: Path, what: str = "an OpenAI sparse_autoencoder .pt checkpoint") -> Any:
+OPENAI_CHECKPOINT = "an OpenAI sparse_autoencoder .pt checkpoint"
+
+
+def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT) -> Any:
     """``torch.load(path, weights_only=True)``; any failure is a CheckpointError naming ``path``."""
     try:
         with open(path, "rb") as f:
@@ -91,14 +94,18 @@ def load_untrusted_checkpoint(path: Path, what: str = "an OpenAI sparse_autoenco
         ) from e
 
 
-def read_openai_v5_state(path: Path) -> Mapping[str, Any]:
-    """The state dict of an OpenAI v5 ``.pt`` file, checked to be a mapping with the model's tensors."""
-    state = load_untrusted_checkpoint(path)
+def read_openai_v5_state(path: Path, what: str = OPENAI_CHECKPOINT) -> Mapping[str, Any]:
+    """The state dict of an OpenAI v5 ``.pt`` file, checked to be a mapping with the model's tensors;
+    ``what`` says what a file that is no torch checkpoint at all was expected to be."""
+    state = load_untrusted_checkpoint(path, what)
     if not isinstance(state, Mapping):
         raise CheckpointError(
             f"{path}: holds a {type(state).__name__}, expected an OpenAI sparse_autoencoder state dict"
         )
     missing = [key for key in _REQUIRED_KEYS if key not in state]
+    if missing and {"sae", "optimizer"} <= state.keys():  # the keys of saelab's own training checkpoint
+        raise CheckpointError(f"{path}: a training checkpoint, not an SAE: pass its run folder {path.parent} "
+                              "(its SAE is written to sae/ there when the training finishes)")
     if missing:
         found = sorted(str(key) for key in state)[:6]
         raise CheckpointError(
@@ -138,9 +145,11 @@ def _top_k(state: Mapping[str, Any], n: int, path: Path) -> int:
     return k
 
 
-def read_openai_v5(path: Path, *, device="cpu", dtype: torch.dtype = torch.float32, url: str | None = None) -> TopKSAE:
-    """Load an OpenAI v5 ``.pt`` checkpoint as a TopKSAE (``input_norm='layernorm'``)."""
-    state = read_openai_v5_state(path)
+def read_openai_v5(path: Path, *, device="cpu", dtype: torch.dtype = torch.float32, url: str | None = None,
+                   what: str = OPENAI_CHECKPOINT) -> TopKSAE:
+    """Load an OpenAI v5 ``.pt`` checkpoint as a TopKSAE (``input_norm='layernorm'``); ``what``: as in
+    read_openai_v5_state."""
+    state = read_openai_v5_state(path, what)
     enc = state["encoder.weight"]
     if not isinstance(enc, torch.Tensor) or enc.ndim != 2:
         raise CheckpointError(f"{path}: 'encoder.weight' must be a 2-D tensor [n_latents, d_model]")
