@@ -55,6 +55,15 @@ def test_browse_help_states_the_whole_rule_of_neuronpedia_ids(capsys):
     assert "from a letter or digit to one, without '__'" in out
 
 
+@pytest.mark.parametrize("verb", ["eval", "steer", "top", "browse", "families", "export"])
+def test_every_verb_lists_the_same_sae_sources(verb, capsys):
+    """The SAE argument's help differed from verb to verb (hf:// and sparsify folders missing from some,
+    a sweep folder 'a .pt file' in others): each now states the one list that loading accepts."""
+    from saelab.sae.io import SAE_SOURCES
+
+    assert " ".join(SAE_SOURCES.split()) in " ".join(_help(verb, capsys).split())
+
+
 def _help(verb, capsys) -> str:
     with pytest.raises(SystemExit):
         main([verb, "--help"])

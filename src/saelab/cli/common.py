@@ -24,6 +24,7 @@ from simple_parsing.utils import FALSE_STRINGS, TRUE_STRINGS
 
 from saelab.errors import ConfigError, CorpusError
 from saelab.models.loading import MODEL_SPECS
+from saelab.sae.io import SAE_SOURCES
 from saelab.utils.config import given_parts
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -809,6 +810,12 @@ def add_model_dtype(p: ArgumentParser) -> None:
     p.add_argument("--model-dtype", default="float32", choices=DTYPES,
                    help="dtype of the language model's weights and forward (bfloat16 / float16 on a GPU halve "
                         "memory and speed it up)")
+
+
+def add_sae_argument(p: ArgumentParser, lead: str = "the SAE:", *, several: bool = False, also: str = "") -> None:
+    """The positional SAE(s): ``lead``, the one list of what is accepted, then ``also``."""
+    p.add_argument("sae", metavar="SAE", nargs="+" if several else None,
+                   help=f"{lead} {SAE_SOURCES}{also}")
 
 
 def add_model_option(p: ArgumentParser) -> None:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import add_io_options, add_model_option, eval_settings_as_given, given, typed_starting
+from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, eval_settings_as_given, given,
+                               typed_starting)
 from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import ComputeEquivalentConfig, known_series_names
@@ -36,7 +37,7 @@ METRIC_OPTIONS = {"compute_equivalent": ("--series", "--ce-"), "ablation_sparsit
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens or sparsify folder, OpenAI .pt file or "
                                     "URL), or every run of a sweep folder")
-    p.add_argument("sae", metavar="SAE", help="run folder, SAE folder, .pt file, https URL, or a sweep folder")
+    add_sae_argument(p, "the SAE to evaluate:", also=", or a sweep folder (each of its runs)")
     add_model_option(p)
     p.add_argument("--hook", default=None, help="override the SAE's hook name")
     p.add_argument("--out", default=None, metavar="DIR",

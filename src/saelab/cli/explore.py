@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, add_model_option, finite_float, first_repeat, given, positional_indices,
-                               positive_int, typed, unknown_options)
+from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, finite_float, first_repeat, given,
+                               positional_indices, positive_int, typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import SAESource
@@ -47,7 +47,7 @@ def _float_list(text: str) -> list[float]:
 
 def add_steer(sub) -> None:
     p = sub.add_parser("steer", help="generate with and without adding / clamping / ablating an SAE latent")
-    p.add_argument("sae", metavar="SAE", help="run folder, SAE folder, OpenAI .pt file or https URL")
+    add_sae_argument(p, "the SAE to steer through:")
     latent = p.add_argument("--latent", type=_int_list, required=True,
                             help="latent index; several, comma-separated ('12,40'), are steered together")
     latent.several = "--latent 3,4"  # how a repeat's refusal says to give several (Parser)
@@ -290,9 +290,8 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def add_browse(sub) -> None:
     p = sub.add_parser("browse", help="build (and serve on 127.0.0.1) an offline feature browser for SAEs")
-    p.add_argument("sae", metavar="SAE", nargs="+",
-                   help="run folder(s), SAELens folder(s), OpenAI .pt file(s) or URL(s); several "
-                        "SAEs on one hook also get their feature families")
+    add_sae_argument(p, "one or more SAEs, each", several=True,
+                     also="; several SAEs on one hook also get their feature families")
     p.add_argument("--out", default=None, metavar="DIR", help="site folder (default: RUN/browser for a run folder)")
     p.add_argument("--serve", action="store_true", help="serve the site on 127.0.0.1 after building it")
     p.add_argument("--port", type=int, default=8000, help="port for --serve, 1..65535 (0: any free port)")
@@ -408,7 +407,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_top(sub) -> None:
     p = sub.add_parser("top", help="the top-activating contexts of one or more latents on held-out text")
-    p.add_argument("sae", metavar="SAE", help="run folder, SAELens or sparsify folder, OpenAI .pt file or URL")
+    add_sae_argument(p, "the SAE whose latents to show:")
     latent = p.add_argument("--latent", type=_int_list, required=True,
                             help="latent index; several, comma-separated ('12,40'), are shown one after the other")
     latent.several = "--latent 3,4"  # how a repeat's refusal says to give several (Parser)
@@ -467,9 +466,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def add_families(sub) -> None:
     p = sub.add_parser("families", help="feature families of SAEs of several sizes on one hook, as JSON")
-    p.add_argument("sae", metavar="SAE", nargs="+",
-                   help="two or more SAEs of different sizes on one hook (run folders, SAELens "
-                        "folders, OpenAI .pt files)")
+    add_sae_argument(p, "two or more SAEs of different sizes on one hook, each", several=True)
     p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
     p.add_arguments(BrowseConfig, dest="browse")
     p.hidden_fields = frozenset(PAGE_ONLY)

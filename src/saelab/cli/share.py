@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import DTYPES, add_io_options
+from saelab.cli.common import DTYPES, add_io_options, add_sae_argument
 from saelab.errors import ConfigError
 from saelab.run_folder import check_output_folder, check_sae_hook, model_for, names_a_model, open_sae
 
@@ -21,7 +21,7 @@ def add_export(sub) -> None:
                        description="Write an SAE (run folder, SAE folder, OpenAI .pt file, https URL or hf://) in "
                                    "SAELens' folder layout (SAE.load_from_disk) or sparsify's (SparseCoder."
                                    "load_from_disk); the SAE's hook, model and BOS settings go with it.")
-    p.add_argument("sae", metavar="SAE", help="run folder, SAE folder, .pt file, https URL or hf://owner/repo/path")
+    add_sae_argument(p, "the SAE to write:")
     p.add_argument("out", metavar="OUT", help="folder to write: new or empty (--overwrite replaces an SAE there)")
     p.add_argument("--format", choices=SAVE_FORMATS, required=True,
                    help="saelens: cfg.json + sae_weights.safetensors; sparsify: cfg.json + sae.safetensors "
