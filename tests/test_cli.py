@@ -1420,6 +1420,35 @@ def test_a_context_longer_than_the_model_takes_is_refused_from_its_config_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run", "sae", "sae128", "sae256"]
 
 
+def test_a_context_too_long_for_the_offline_default_names_it_by_its_hub_id(smollm2, tmp_path, capsys, monkeypatch):
+    """A run on the offline default refused a context past its positions naming the model "default", the spec its
+    SAE records, where metrics.json and report.md name it by its hub id: each refusal names the hub id, from the
+    config before the load (eval, browse, top, a hook past its layers) and from the loaded model alike."""
+    from saelab.errors import ConfigError
+    from saelab.models import DEFAULT_MODEL_HUB_ID, model_provenance
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    monkeypatch.chdir(tmp_path)
+    hook = "blocks.1.hook_resid_post"
+    recorded = model_provenance("default")  # as a run on the offline default records its model
+    for name, context_size in (("run/sae", 64), ("long", 100000)):
+        save_sae(TopKSAE(SAEConfig(d_in=smollm2.d_model, n_latents=16, k=2, hook_name=hook, context_size=context_size,
+                                   model_name=recorded["model_name"], extra={"model_source": recorded["model_source"]})),
+                 tmp_path / name)
+    too_long = f"exceeds the longest context of {DEFAULT_MODEL_HUB_ID} (8192 tokens)"
+    _refusals([(["eval", "run", "--context-size", "100000"], f"--context-size 100000 {too_long}"),
+               (["browse", "run", "--context-size", "100000", "--out", "site"], f"--context-size 100000 {too_long}"),
+               (["eval", "long", "--out", "ev"], f"(--context-size sets another) {too_long}"),
+               (["top", "long", "--latent", "1"], f"the SAE's context of 100000 tokens {too_long}"),
+               (["eval", "run", "--hook", "blocks.50.hook_resid_post", "--out", "ev"],
+                f"unknown hook 'blocks.50.hook_resid_post' for model {DEFAULT_MODEL_HUB_ID}: layer 50 out of range")],
+              capsys)
+    with pytest.raises(ConfigError) as e:  # the loaded model's own check, where no config was read first
+        smollm2.check_context_size(100000)
+    assert str(e.value) == f"context_size=100000 {too_long}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long", "run"]
+
+
 def test_export_of_an_sae_without_a_hook_needs_one(tmp_path, capsys):
     """An SAE that records no hook (a bare weights file) was exported with an empty hook name, which the
     other tools cannot load by: refused, naming --hook, and --hook writes it (a malformed one refused first)."""

@@ -107,10 +107,13 @@ class LanguageModel:
 
     def check_context_size(self, T: int, named: str = CONTEXT_SETTING) -> int:
         """``T`` if the model takes contexts that long, else ConfigError (before any forward runs); ``named``
-        says where ``T`` came from (by default the setting)."""
+        says where ``T`` came from (by default the setting). The model is named as ``check_context_fits`` names
+        it before the load (the offline default by its hub id)."""
         if self.max_context is not None and T > self.max_context:
-            raise ConfigError(f"{named.format(n=T)} exceeds the longest context of {self.name} "
-                              f"({self.max_context} tokens)")
+            from saelab.models.loading import model_provenance  # loading builds on this module
+
+            raise ConfigError(f"{named.format(n=T)} exceeds the longest context of "
+                              f"{model_provenance(self.name)['model_name']} ({self.max_context} tokens)")
         return T
 
     # -- tokens -----------------------------------------------------------------------------

@@ -499,8 +499,10 @@ def configured_vocab_size(spec: str | LanguageModel, revision: str | None = None
 
 
 def _at(spec: str | LanguageModel, revision: str | None) -> str:
-    """The model as a refusal names it: ``spec``, and the hub revision it is loaded at."""
-    return f"{spec} at revision {revision!r}" if revision else str(spec)
+    """The model as a refusal names it: ``spec`` (the offline default by its hub id, as metrics.json names it),
+    and the hub revision it is loaded at."""
+    named = model_provenance(spec.name if isinstance(spec, LanguageModel) else spec)["model_name"]
+    return f"{named} at revision {revision!r}" if revision else str(named)
 
 
 def check_hook_layer(spec: str | LanguageModel, hook: str, revision: str | None = None) -> None:
