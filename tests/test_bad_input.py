@@ -222,11 +222,21 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
         path = tmp / "model"
         tiny_gpt2.model.config.save_pretrained(path)
         expect = "folder has no cfg.json"
-    elif kind == "truncated_pt":
+    elif kind == "truncated_pt":  # cut in half, under 64 KiB: torch's zip reader names no fault, only [Errno 22]
         path = tmp / "ae.pt"
         torch.save(openai_state_dict(), path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        expect = "could not be read as a plain tensor checkpoint"
+        expect = ("could not be read as a plain tensor checkpoint (truncated or damaged archive "
+                  f"({path.stat().st_size:,} bytes)); expected")
+    elif kind == "cut_legacy_pt":  # the pickle format before torch 1.6, cut short: torch says only EOFError
+        path = tmp / "ae.pt"
+        torch.save(openai_state_dict(), path, _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes()[:50])
+        expect = "could not be read as a plain tensor checkpoint (truncated file (50 bytes)); expected"
+    elif kind == "empty_pt":  # torch says only EOFError
+        path = tmp / "ae.pt"
+        path.write_bytes(b"")
+        expect = "could not be read as a plain tensor checkpoint (empty file (0 bytes)); expected an SAE"
     elif kind == "cut_short_pt":  # cut where torch's zip reader names the damage: its reason, not its advice
         path = tmp / "ae.pt"
         torch.save(openai_state_dict(), path)
@@ -274,8 +284,9 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
     return path, expect, marker
 
 
-CHECKPOINT_KINDS = ["foreign_pt", "foreign_folder", "truncated_pt", "cut_short_pt", "truncated_folder", "corrupt_pt", "text_pt",
-                    "training_checkpoint", "corrupt_folder", "pickle_runs_code"]
+CHECKPOINT_KINDS = ["foreign_pt", "foreign_folder", "truncated_pt", "cut_short_pt", "cut_legacy_pt", "empty_pt",
+                    "truncated_folder", "corrupt_pt", "text_pt", "training_checkpoint", "corrupt_folder",
+                    "pickle_runs_code"]
 
 
 @pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
@@ -337,7 +348,7 @@ def test_model_folder_with_corrupt_weights_is_one_line_naming_the_file(damage, t
     assert len(err.splitlines()) == 1 and not (tmp_path / "acts").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "zip_noise", "pickle_runs_code"])
+@pytest.mark.parametrize("damage", ["truncated", "cut_small", "empty", "garbage", "zip_noise", "pickle_runs_code"])
 def test_model_folder_with_corrupt_pytorch_weights_is_one_line_naming_the_file(damage, tiny_gpt2, tiny_dir, corpus,
                                                                                tmp_path, capsys):
     """A damaged pytorch_model.bin was torch's traceback naming no file (an UnpicklingError, a RuntimeError, or
@@ -355,11 +366,14 @@ def test_model_folder_with_corrupt_pytorch_weights_is_one_line_naming_the_file(d
         torch.save({**tiny_gpt2.model.state_dict(), "extra": _Payload(marker)}, weights)
     else:
         noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-        weights.write_bytes({"truncated": good[: len(good) // 2], "garbage": b"\x00garbage" * 64,
-                             "zip_noise": b"PK\x03\x04" + noise.numpy().tobytes()}[damage])
-    # cut short, torch's zip reader names what it missed, then a paragraph of advice on corrupt checkpoints
-    expect = f"cannot load model directory {folder}: {weights} is not a readable torch file of plain tensors (" + (
-        "truncated or damaged archive: failed finding central directory)" if damage == "truncated" else "")
+        weights.write_bytes({"truncated": good[: len(good) // 2], "cut_small": good[:30000], "empty": b"",
+                             "garbage": b"\x00garbage" * 64, "zip_noise": b"PK\x03\x04" + noise.numpy().tobytes()
+                             }[damage])
+    # cut short, torch's zip reader names what it missed, then a paragraph of advice on corrupt checkpoints; cut
+    # under 64 KiB it names nothing ("[Errno 22] Invalid argument"), and an empty file is torch's bare EOFError
+    expect = f"cannot load model directory {folder}: {weights} is not a readable torch file of plain tensors (" + {
+        "truncated": "truncated or damaged archive: failed finding central directory)",
+        "cut_small": "truncated or damaged archive (30,000 bytes))", "empty": "empty file (0 bytes))"}.get(damage, "")
     with pytest.raises(ModelLoadError) as err:
         load_model(str(folder))
     msg = str(err.value)
@@ -665,8 +679,8 @@ def _train_cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign", "pickle_runs_code", "other_run",
-                                    "optimizer_layout"])
+@pytest.mark.parametrize("damage", ["truncated", "cut_small", "empty", "garbage", "foreign", "pickle_runs_code",
+                                    "other_run", "optimizer_layout"])
 def test_corrupt_checkpoint_when_resuming(damage, tmp_path):
     run = tmp_path / "run"
     train_sae(_train_cfg(), _synthetic_source(), run, d_in=D, progress=False, stop_after_steps=3)
@@ -676,6 +690,12 @@ def test_corrupt_checkpoint_when_resuming(damage, tmp_path):
     if damage == "truncated":
         ckpt_path.write_bytes(ckpt_path.read_bytes()[: ckpt_path.stat().st_size // 2])
         expect = "unreadable, truncated or corrupt (truncated or damaged archive: failed finding central directory)"
+    elif damage == "cut_small":  # under 64 KiB, torch's zip reader names no fault: [Errno 22] Invalid argument
+        ckpt_path.write_bytes(ckpt_path.read_bytes()[:30000])
+        expect = "unreadable, truncated or corrupt (truncated or damaged archive (30,000 bytes)); expected"
+    elif damage == "empty":  # torch says only EOFError
+        ckpt_path.write_bytes(b"")
+        expect = "unreadable, truncated or corrupt (empty file (0 bytes)); expected"
     elif damage == "garbage":
         ckpt_path.write_bytes(b"\x00not a checkpoint\xff" * 100)
         expect = "unreadable, truncated or corrupt"

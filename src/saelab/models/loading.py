@@ -296,7 +296,7 @@ def _unreadable_weights(folder: Path) -> str | None:
                 with safe_open(str(path), framework="pt"):
                     pass
         except Exception as err:  # each format raises its own error types for truncated or corrupt files
-            kind, why = ("torch file of plain tensors", torch_load_reason(err)) if pickled else (
+            kind, why = ("torch file of plain tensors", torch_load_reason(err, path)) if pickled else (
                 "safetensors file", first_line(err))
             return f"{path} is not a readable {kind} ({why}); expected the model's weights, as save_pretrained writes them"
     return None

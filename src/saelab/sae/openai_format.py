@@ -79,7 +79,8 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT) -> Any:
     try:
         with open(path, "rb") as f:
             head = f.read(4)
-        if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch saves a zip, or a pickle before 1.6
+        # torch saves a zip, or a pickle before 1.6; an empty file is left to torch.load, whose reason names it
+        if head and head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
             raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
                                   f"expected {what}")
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -89,7 +90,7 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT) -> Any:
         raise
     except Exception as e:  # truncated zip, corrupt pickle, or a pickle that references code (refused)
         raise CheckpointError(
-            f"{path}: could not be read as a plain tensor checkpoint ({torch_load_reason(e)}); expected {what} "
+            f"{path}: could not be read as a plain tensor checkpoint ({torch_load_reason(e, path)}); expected {what} "
             "(read with weights_only=True: pickles that reference code are refused, never run)"
         ) from e
 

@@ -256,7 +256,7 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
         # Only tensors and plain containers: a checkpoint is never allowed to run code.
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure is reported the same way
-        raise cannot_resume(path, f"unreadable, truncated or corrupt ({torch_load_reason(e)})") from e
+        raise cannot_resume(path, f"unreadable, truncated or corrupt ({torch_load_reason(e, path)})") from e
     if not isinstance(state, dict):
         raise cannot_resume(path, f"it holds a {type(state).__name__}, not a dict")
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
