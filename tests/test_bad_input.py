@@ -227,16 +227,17 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
         torch.save(openai_state_dict(), path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         expect = ("could not be read as a plain tensor checkpoint (truncated or damaged archive "
-                  f"({path.stat().st_size:,} bytes)); expected")
+                  f"({path.stat().st_size:,} bytes)); expected an OpenAI sparse_autoencoder .pt checkpoint (read")
     elif kind == "cut_legacy_pt":  # the pickle format before torch 1.6, cut short: torch says only EOFError
         path = tmp / "ae.pt"
         torch.save(openai_state_dict(), path, _use_new_zipfile_serialization=False)
         path.write_bytes(path.read_bytes()[:50])
-        expect = "could not be read as a plain tensor checkpoint (truncated file (50 bytes)); expected"
+        expect = ("could not be read as a plain tensor checkpoint (truncated file (50 bytes)); expected an OpenAI "
+                  "sparse_autoencoder .pt checkpoint (read")  # a damaged torch file: the format it was read as
     elif kind == "empty_pt":  # torch says only EOFError
         path = tmp / "ae.pt"
         path.write_bytes(b"")
-        expect = "could not be read as a plain tensor checkpoint (empty file (0 bytes)); expected an SAE"
+        expect = "could not be read as a plain tensor checkpoint (empty file (0 bytes)); expected an OpenAI"
     elif kind == "cut_short_pt":  # cut where torch's zip reader names the damage: its reason, not its advice
         path = tmp / "ae.pt"
         torch.save(openai_state_dict(), path)
@@ -258,16 +259,6 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
         path.write_text("hello\n")
         expect = ("not a torch checkpoint (neither a zip archive nor a pickle); expected an SAE: a run folder "
                   "(saelab train), a SAELens folder")  # what a path may name, not only the format it was read as
-    elif kind == "training_checkpoint":  # a run's own checkpoint.pt: named as such, with the folder to pass
-        rows = torch.randn(512, D, generator=torch.Generator().manual_seed(2)).split(128)
-        cache = write_activation_cache(rows, tmp / "acts", meta={"hook_name": "blocks.0.hook_resid_post"},
-                                       shard_rows=256, progress=False)
-        cfg = TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=512, init_rows=256, checkpoint_every=1,
-                          log_every=1, warmup_steps=1)
-        train_sae(cfg, lambda start: cache.batches(128, start_batch=start), tmp / "run", d_in=D, progress=False,
-                  stop_after_steps=1, device="cpu")
-        path = tmp / "run" / CHECKPOINT
-        expect = f"a training checkpoint, not an SAE: pass its run folder {tmp / 'run'} (its SAE is written"
     elif kind == "corrupt_folder":
         path = tmp / "sae"
         save_sae(make_sae(), path)
@@ -285,7 +276,7 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
 
 
 CHECKPOINT_KINDS = ["foreign_pt", "foreign_folder", "truncated_pt", "cut_short_pt", "cut_legacy_pt", "empty_pt",
-                    "truncated_folder", "corrupt_pt", "text_pt", "training_checkpoint", "corrupt_folder",
+                    "truncated_folder", "corrupt_pt", "text_pt", "corrupt_folder",
                     "pickle_runs_code"]
 
 
@@ -313,6 +304,37 @@ def test_bad_checkpoint_cli_eval(kind, tmp_path, tiny_gpt2, tiny_dir, corpus, ca
     if marker is not None:
         assert not marker.exists()
     assert snapshot(tmp_path) == before
+
+
+def _train_tiny_run(run: Path, stop_after_steps: int | None = None) -> None:
+    rows = torch.randn(512, D, generator=torch.Generator().manual_seed(2)).split(128)
+    cache = write_activation_cache(rows, run.parent / f"{run.name}-acts", meta={"hook_name": "blocks.0.hook_resid_post"},
+                                   shard_rows=256, progress=False)
+    cfg = TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=512, init_rows=256, checkpoint_every=1,
+                      log_every=1, warmup_steps=1)
+    train_sae(cfg, lambda start: cache.batches(128, start_batch=start), run, d_in=D, progress=False,
+              stop_after_steps=stop_after_steps, device="cpu")
+
+
+def test_training_checkpoint_given_as_sae_names_its_run(tmp_path, capsys):
+    """A run's checkpoint.pt given as the SAE read as an OpenAI checkpoint missing its keys: it names its run
+    folder (through a link too); a copy outside a run gets the plain refusal."""
+    unfinished, finished = tmp_path / "unfinished", tmp_path / "finished"
+    _train_tiny_run(unfinished, stop_after_steps=1)
+    _train_tiny_run(finished)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(finished / CHECKPOINT, tmp_path / "elsewhere" / CHECKPOINT)
+    (tmp_path / "link.pt").symlink_to(finished / CHECKPOINT)
+    run_hint = "the training checkpoint of run folder {}, not an SAE: pass the run folder"
+    cases = {unfinished / CHECKPOINT: run_hint.format(unfinished) + " once its training has finished",
+             finished / CHECKPOINT: run_hint.format(finished),
+             tmp_path / "link.pt": run_hint.format(finished),
+             tmp_path / "elsewhere" / CHECKPOINT: "not an OpenAI sparse_autoencoder checkpoint: missing encoder.weight"}
+    for path, expect in cases.items():
+        code, out, err = run_cli(capsys, "top", str(path), "--latent", "1")
+        assert code == 2 and err.startswith(f"saelab top: error: {path}: {expect}")
+        assert "elsewhere" in str(path) or err.strip() == f"saelab top: error: {path}: {expect}"
+    assert load_sae(finished).cfg.n_latents == 64  # the run folder it names loads, from Python too
 
 
 def test_cli_eval_of_run_folder_with_corrupt_sae_keeps_earlier_results(tmp_path, tiny_dir, corpus, capsys):

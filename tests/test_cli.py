@@ -57,8 +57,8 @@ def test_browse_help_states_the_whole_rule_of_neuronpedia_ids(capsys):
 
 @pytest.mark.parametrize("verb", ["eval", "steer", "top", "browse", "families", "export"])
 def test_every_verb_lists_the_same_sae_sources(verb, capsys):
-    """The SAE argument's help differed from verb to verb (hf:// and sparsify folders missing from some,
-    a sweep folder 'a .pt file' in others): each now states the one list that loading accepts."""
+    """The SAE argument's help differed from verb to verb (hf:// named by export only, sparsify folders by top
+    only, URLs not by families): each now states the one list that loading accepts."""
     from saelab.sae.io import SAE_SOURCES
 
     assert " ".join(SAE_SOURCES.split()) in " ".join(_help(verb, capsys).split())

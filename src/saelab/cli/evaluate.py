@@ -35,8 +35,7 @@ METRIC_OPTIONS = {"compute_equivalent": ("--series", "--ce-"), "ablation_sparsit
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate an SAE (run folder, SAELens or sparsify folder, OpenAI .pt file or "
-                                    "URL), or every run of a sweep folder")
+    p = sub.add_parser("eval", help="evaluate an SAE, or every run of a sweep folder")
     add_sae_argument(p, "the SAE to evaluate:", also=", or a sweep folder (each of its runs)")
     add_model_option(p)
     p.add_argument("--hook", default=None, help="override the SAE's hook name")

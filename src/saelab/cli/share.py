@@ -18,8 +18,7 @@ def add_export(sub) -> None:
     from saelab.sae.io import SAVE_FORMATS
 
     p = sub.add_parser("export", help="write an SAE as a SAELens or sparsify folder, for other tools to load",
-                       description="Write an SAE (run folder, SAE folder, OpenAI .pt file, https URL or hf://) in "
-                                   "SAELens' folder layout (SAE.load_from_disk) or sparsify's (SparseCoder."
+                       description="Write an SAE in SAELens' folder layout (SAE.load_from_disk) or sparsify's (SparseCoder."
                                    "load_from_disk); the SAE's hook, model and BOS settings go with it.")
     add_sae_argument(p, "the SAE to write:")
     p.add_argument("out", metavar="OUT", help="folder to write: new or empty (--overwrite replaces an SAE there)")

@@ -249,12 +249,20 @@ def _existing_path(source: str | os.PathLike) -> Path:
 
 def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> TopKSAE:
-    """Load an SAE folder (SAELens or sparsify layout) or an OpenAI ``.pt`` file from disk."""
-    path = _existing_path(source)
+    """Load a finished run folder's SAE, an SAE folder (SAELens or sparsify layout) or an OpenAI ``.pt`` file
+    from disk."""
+    # a path could be any of SAE_SOURCES: a file that is no torch checkpoint is told so
+    return _load_path(_existing_path(source), device, dtype, not_torch=f"an SAE: {SAE_SOURCES}")
+
+
+def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype, not_torch: str | None = None) -> TopKSAE:
+    """load_local of an existing ``path``; ``not_torch``: as in load_untrusted_checkpoint."""
     if path.is_file() and path.name in (CFG_FILENAME, WEIGHTS_FILENAME, SPARSIFY_WEIGHTS_FILENAME):
         path = path.parent  # pointing at a file inside the folder means the folder
+    if (path / TRAIN_CONFIG).is_file() and (path / SAE_DIR / CFG_FILENAME).is_file():
+        path = path / SAE_DIR  # a finished run folder (one still training has no sae/cfg.json)
     if not path.is_dir():
-        return read_openai_v5(path, device=device, dtype=dtype, what=f"an SAE: {SAE_SOURCES}")
+        return read_openai_v5(path, device=device, dtype=dtype, not_torch=not_torch)
     if is_sparsify_folder(path):
         return read_sparsify_folder(path, device=device, dtype=dtype)
     if (path / CFG_FILENAME).exists():
@@ -316,7 +324,7 @@ def load_from_hub(
         root = local.parents[len(Path(sae_id).parts) - 1] if sae_id else local
         found = sorted(p.name for p in root.iterdir())[:8] if root.is_dir() else []
         raise CheckpointError(f"{where}: the repository has no {sae_id!r} (found {found})")
-    return load_local(local, device=device, dtype=dtype)
+    return _load_path(local, device, dtype)  # a file there was an OpenAI .pt: named so if it is none
 
 
 def _hub_fetch(repo_id: str, sae_id: str, where: str, **hub_kwargs: Any) -> Path:

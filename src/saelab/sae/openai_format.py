@@ -74,15 +74,16 @@ def _provenance(path: Path, url: str | None) -> dict[str, Any]:
 OPENAI_CHECKPOINT = "an OpenAI sparse_autoencoder .pt checkpoint"
 
 
-def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT) -> Any:
-    """``torch.load(path, weights_only=True)``; any failure is a CheckpointError naming ``path``."""
+def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT, not_torch: str | None = None) -> Any:
+    """``torch.load(path, weights_only=True)``; any failure is a CheckpointError naming ``path`` and ``what`` was
+    expected; ``not_torch``, if given, what a file that is no torch checkpoint at all was expected to be."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
         # torch saves a zip, or a pickle before 1.6; an empty file is left to torch.load, whose reason names it
         if head and head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
             raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
-                                  f"expected {what}")
+                                  f"expected {not_torch or what}")
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; expected {what}") from None
@@ -95,18 +96,15 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT) -> Any:
         ) from e
 
 
-def read_openai_v5_state(path: Path, what: str = OPENAI_CHECKPOINT) -> Mapping[str, Any]:
+def read_openai_v5_state(path: Path, not_torch: str | None = None) -> Mapping[str, Any]:
     """The state dict of an OpenAI v5 ``.pt`` file, checked to be a mapping with the model's tensors;
-    ``what`` says what a file that is no torch checkpoint at all was expected to be."""
-    state = load_untrusted_checkpoint(path, what)
+    ``not_torch``: as in load_untrusted_checkpoint."""
+    state = load_untrusted_checkpoint(path, not_torch=not_torch)
     if not isinstance(state, Mapping):
         raise CheckpointError(
             f"{path}: holds a {type(state).__name__}, expected an OpenAI sparse_autoencoder state dict"
         )
     missing = [key for key in _REQUIRED_KEYS if key not in state]
-    if missing and {"sae", "optimizer"} <= state.keys():  # the keys of saelab's own training checkpoint
-        raise CheckpointError(f"{path}: a training checkpoint, not an SAE: pass its run folder {path.parent} "
-                              "(its SAE is written to sae/ there when the training finishes)")
     if missing:
         found = sorted(str(key) for key in state)[:6]
         raise CheckpointError(
@@ -147,10 +145,10 @@ def _top_k(state: Mapping[str, Any], n: int, path: Path) -> int:
 
 
 def read_openai_v5(path: Path, *, device="cpu", dtype: torch.dtype = torch.float32, url: str | None = None,
-                   what: str = OPENAI_CHECKPOINT) -> TopKSAE:
-    """Load an OpenAI v5 ``.pt`` checkpoint as a TopKSAE (``input_norm='layernorm'``); ``what``: as in
-    read_openai_v5_state."""
-    state = read_openai_v5_state(path, what)
+                   not_torch: str | None = None) -> TopKSAE:
+    """Load an OpenAI v5 ``.pt`` checkpoint as a TopKSAE (``input_norm='layernorm'``); ``not_torch``: as in
+    load_untrusted_checkpoint."""
+    state = read_openai_v5_state(path, not_torch)
     enc = state["encoder.weight"]
     if not isinstance(enc, torch.Tensor) or enc.ndim != 2:
         raise CheckpointError(f"{path}: 'encoder.weight' must be a 2-D tensor [n_latents, d_model]")

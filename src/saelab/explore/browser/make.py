@@ -43,6 +43,7 @@ from saelab.explore.browser.families import FAMILIES_FORMAT, family_tree
 from saelab.explore.browser.site import (SITE_FORMAT, SITE_VERSION, check_site_target, read_own_json,
                                          read_site_manifest, write_site)
 from saelab.run_folder import SAE_DIR
+from saelab.sae.io import SAE_SOURCES
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
 from saelab.utils.hub import local_path
@@ -71,7 +72,7 @@ def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource]) -> tuple[
     sae_sources = list(sae_sources)  # read twice below
     out = [s if isinstance(s, SAESource) else open_sae_source(s, several=True) for s in sae_sources]
     if not out:
-        raise SaelabError("no SAE given; pass a run folder, a SAELens folder or an OpenAI .pt file")
+        raise SaelabError(f"no SAE given; pass {SAE_SOURCES}")
     return out, [s for s, given in zip(out, sae_sources) if s is not given]
 
 
