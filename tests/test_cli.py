@@ -1758,6 +1758,22 @@ def test_steer_refuses_unreachable_positions_before_the_model_loads(gpt2_tokeniz
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 
+def test_steer_refuses_top_tokens_past_the_vocabulary_before_the_model_loads(gpt2_tokenizer, tmp_path, capsys,
+                                                                              monkeypatch):
+    """`--top-tokens 999999` printed the whole vocabulary on one line after the load. The model folder holds a
+    config (50,257 tokens) and a tokenizer but no weights: the vocabulary is read from the config, before a load."""
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(model)
+    _save_saes(tmp_path, model, ("sae", 64))
+    steer = ["steer", "sae", "--latent", "1", "--value", "2", "--top-tokens"]
+    past = "saelab steer: error: --top-tokens {}: expected at most the model's vocabulary size, 50,257 tokens"
+    _refusals([([*steer, "999999"], past.format(999999)), ([*steer, "50258"], past.format(50258)),
+               (["steer", "sae", "--latent", "1", "--scale", "2", "--top-tokens", "999999"], past.format(999999)),
+               ([*steer, "-1"], "--top-tokens must be >= 0, got -1"),
+               ([*steer, "50257"], "cannot load model directory")], capsys)  # the whole vocabulary: the load fails
+
+
 def test_top_and_browse_refuse_n_tokens_past_the_corpus_before_the_model_loads(gpt2_tokenizer, data_dir, tmp_path,
                                                                                capsys, monkeypatch):
     """`top` and `browse` with --n-tokens past the corpus read the whole text, loaded the model and then

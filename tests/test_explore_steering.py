@@ -177,6 +177,32 @@ def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):
         assert "nothing was steered" not in capsys.readouterr().err
 
 
+def test_steer_refuses_top_tokens_past_the_vocabulary_after_the_load(tiny_gpt2, sae, tmp_path, capsys, monkeypatch):
+    """A model whose config names no vocabulary size (as a .gguf file's, read only by the load) is checked right
+    after the load, before any generation: `--top-tokens 999999` printed the whole vocabulary on one line."""
+    from saelab.explore import steering
+
+    model_dir = tmp_path / "model"
+    tiny_gpt2.model.save_pretrained(model_dir)
+    tiny_gpt2.tokenizer.save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["vocab_size"]  # GPT-2's default, 50,257, is the tiny model's: it loads as before
+    (model_dir / "config.json").write_text(json.dumps(config))
+    save_sae(sae, tmp_path / "sae")
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before refusing --top-tokens")
+
+    monkeypatch.setattr(steering, "generate_with_and_without", no_generation)
+    argv = ["steer", str(tmp_path / "sae"), "--latent", "7", "--value", "2", "--model", str(model_dir), "--prompt",
+            "Hi", "--max-new-tokens", "2", "--greedy", "--device", "cpu", "--top-tokens", "999999"]
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines()[-1] == (  # after the load's progress bar
+        "saelab steer: error: --top-tokens 999999: expected at most the model's vocabulary size, 50,257 tokens")
+
+
 def _eos_only(lm):
     """A copy of ``lm`` whose final layer norm outputs one fixed vector that the end-of-text token's
     embedding matches best: greedy generation ends at once, after one new token."""

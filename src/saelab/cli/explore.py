@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import shlex
@@ -169,38 +168,53 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
                           f"{args.max_new_tokens}, the last of which the model never reads)")
 
 
+def _check_top_tokens(args: argparse.Namespace, vocab_size: int | None) -> None:
+    """Refuse a --top-tokens past the model's vocabulary: the list would be all of it, on one line. A None
+    ``vocab_size`` (no config on disk before the load) leaves the check to the call after the load."""
+    if vocab_size is not None and args.top_tokens > vocab_size:
+        lead, entry = given_parts(given(args, "top_tokens") or "--top-tokens")
+        raise ConfigError(f"{lead}{entry} {args.top_tokens}: expected at most the model's vocabulary size, "
+                          f"{vocab_size:,} tokens")
+
+
 def _steer_sae_and_model(args: argparse.Namespace, positions):
     """The SAE named by ``args.sae``, checked (``_checked_sae``), and its language model, with --positions checked
     against the prompt before the load when the model's tokenizer can be had without it (a hub model's fetched
-    alone), else right after it (before any generation). --scale's eval text is read as top reads its corpus
-    (``load_model_beside``: a --scale-tokens past the eval split refused before the load where it can be) and
-    returned too; None without --scale."""
+    alone), and --top-tokens against the vocabulary its config gives, else right after it (before any
+    generation). --scale's eval text is read as top reads its corpus (``load_model_beside``: a --scale-tokens
+    past the eval split refused before the load where it can be) and returned too; None without --scale."""
     from saelab.models import check_before_load, tokenizer_before_load
+    from saelab.models.loading import configured_vocab_size
 
     sae, spec = _checked_sae(args, args.hook)
-    reachable = functools.partial(_check_reachable, args, positions)
+
+    def before_load(tokenizer) -> None:  # after check_before_load, which fetches a hub model's config alone
+        _check_reachable(args, positions, tokenizer)
+        _check_top_tokens(args, configured_vocab_size(spec))
+
     if args.scale is not None:
-        lm, tokens = _scale_text_and_model(args, sae, spec, reachable)
+        lm, tokens = _scale_text_and_model(args, sae, spec, before_load)
     else:
         check_before_load(spec, sae.cfg.hook_name)
         tokenizer = tokenizer_before_load(spec)
-        reachable(tokenizer)
+        before_load(tokenizer)
         sae, lm = _loaded(args, sae, spec, tokenizer)
         tokens = None
-    reachable(lm.tokenizer)
+    _check_reachable(args, positions, lm.tokenizer)
+    _check_top_tokens(args, lm.vocab_size)  # the rows of its unembedding, which the list ranks
     return sae, lm, tokens
 
 
-def _scale_text_and_model(args: argparse.Namespace, sae, spec: str, reachable):
+def _scale_text_and_model(args: argparse.Namespace, sae, spec: str, before_load):
     """The model (the SAE moved beside it) and --scale's eval text in the SAE's context, which no option of steer
-    changes; ``reachable`` checks --positions with the tokenizer read before the load."""
+    changes; ``before_load`` checks the options with the tokenizer read before the load."""
     from saelab.explore.browser.make import load_model_beside
 
     source = SAESource(args.sae, args.sae, sae)
     with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
         return load_model_beside(spec, BrowseConfig(n_tokens=args.scale_tokens), [source], [source],
                                  sae.cfg.hook_name, args.device, args.model_dtype, context_setting=None,
-                                 check_tokenizer=reachable)
+                                 check_tokenizer=before_load)
 
 
 @contextlib.contextmanager
