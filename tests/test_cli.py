@@ -205,6 +205,20 @@ def test_harvest_help_says_a_pool_smaller_than_n_tokens_is_raised(capsys):
     assert "(at least n_tokens)" not in help_text
 
 
+def test_steer_positions_help_names_the_step_it_reads(capsys):
+    """`steer --positions 1::2` edits every second token, as a Python slice; neither the help nor the refusal of
+    an unreadable form named the step. Each form the help names reads as it says."""
+    from saelab.explore.positions import parse_positions, position_mask
+
+    help_text = " ".join(_help("steer", capsys).split())
+    assert "'2:10' or '1::2' (every second, as a Python slice)" in help_text
+    forms = re.search(r"0 = BOS: (.*?)\. 'all' leaves", help_text).group(1)
+    assert re.findall(r"'([^']*)'", forms) == ["all", "5", "3,7,9", "1:", "2:10", "1::2"]
+    assert position_mask(parse_positions("1::2"), 0, 6).tolist() == [False, True, False, True, False, True]
+    with pytest.raises(ValueError, match=r"cannot read positions 'x': .* a range '1:' / '2:10' / '1::2', as"):
+        parse_positions("x")
+
+
 @pytest.mark.parametrize("verb", ["eval", "browse"])
 def test_help_quotes_a_default_with_a_leading_space(verb, capsys):
     """N2G's padding token ' _' showed as "(default:  _)", its space lost among the help's own."""
@@ -317,8 +331,10 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --seed 99999999999999999999999", "--seed 99999999999999999999999: expected an"),
     ("steer SAE --latent 1 --value 1 --positions ,", "cannot read positions ','"),
     ("steer SAE --latent 1 --value 1 --positions abc", "--positions: cannot read positions 'abc': expected 'all', a "
-                                                       "position '5', positions '3,7,9' or a range '1:' / '2:10', as "
-                                                       "integers >= 0 (0 = the first token)"),
+                                                       "position '5', positions '3,7,9' or a range '1:' / '2:10' / "
+                                                       "'1::2', as integers >= 0 (0 = the first token)"),
+    ("steer SAE --latent 1 --value 1 --positions 1:5:0", "error: --positions: positions 1:5:0 has a step of 0; "
+                                                          "expected a step >= 1"),
     ("steer SAE --latent 1 --value 1 --positions 2:x", "--positions: cannot read positions '2:x': expected 'all'"),
     ("steer SAE --latent 1 --value 1 --positions 3,,5", "--positions: cannot read positions '3,,5': expected 'all'"),
     ("top SAE --latent abc", "argument --latent: expected an integer >= 0 or comma-separated integers >= 0, got 'abc'"),

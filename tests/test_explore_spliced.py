@@ -224,7 +224,7 @@ def test_positions_parsing_and_masks():
         with pytest.raises(ValueError) as e:
             parse_positions(text)
         assert str(e.value) == (f"cannot read positions {text!r}: expected 'all', a position '5', positions "
-                                "'3,7,9' or a range '1:' / '2:10', as integers >= 0 (0 = the first token)")
+                                "'3,7,9' or a range '1:' / '2:10' / '1::2', as integers >= 0 (0 = the first token)")
     # during generation the forward covers absolute positions offset .. offset+length-1
     assert position_mask(slice(1, None), 0, 4).tolist() == [False, True, True, True]
     assert position_mask([5], 5, 1).tolist() == [True]

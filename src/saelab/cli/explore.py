@@ -64,8 +64,8 @@ def add_steer(sub) -> None:
     p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
     p.add_argument("--positions", default="all",
                    help="absolute token positions to edit, 0 = BOS: 'all', '5', '3,7,9', '1:' (generated tokens "
-                        "included) or '2:10'. 'all' leaves out position 0 when the SAE was trained without it, "
-                        "as its splice does; '0:' edits it too")
+                        "included), '2:10' or '1::2' (every second, as a Python slice). 'all' leaves out position 0 "
+                        "when the SAE was trained without it, as its splice does; '0:' edits it too")
     p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens to generate")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--temperature", type=finite_float, default=0.8, help="sampling temperature (> 0)")

@@ -16,7 +16,8 @@ first, BOS included, then generated tokens in order), whether the model is scori
 - an int or a list of ints: those positions (a position past the prompt is edited when the
   model reaches it during generation);
 - a ``slice`` with non-negative ``start``/``stop`` (``stop=None`` means open-ended, e.g.
-  ``slice(1, None)`` = every token but the first, generated ones included).
+  ``slice(1, None)`` = every token but the first, generated ones included) and a ``step`` >= 1
+  counted from ``start``, as Python's (``slice(1, None, 2)`` = tokens 1, 3, 5, ...).
 
 Negative positions are refused: during generation "the last position" changes at every step.
 The offset is read from the ``past_key_values`` keyword, which is how ``generate`` and every HF
@@ -105,7 +106,8 @@ def check_positions(positions: Positions) -> Positions:
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f"positions slice {name} must be a non-negative int or None, got {v!r}")
         if positions.step == 0:
-            raise ValueError("positions slice step must not be 0")
+            bound = ["" if v is None else v for v in (positions.start, positions.stop)]
+            raise ValueError(f"positions {bound[0]}:{bound[1]}:0 has a step of 0; expected a step >= 1")
         if positions.start is not None and positions.stop is not None and positions.stop <= positions.start:
             raise ValueError(f"positions {positions.start}:{positions.stop} is an empty range; expected start < stop")
         return positions
@@ -180,7 +182,8 @@ def index_list(text: str) -> list[int]:
 
 
 def parse_positions(text: str | None) -> Positions:
-    """Positions from command-line text: 'all', '5', '3,7,9', '1:' or '2:10' (absolute, 0-based)."""
+    """Positions from command-line text: 'all', '5', '3,7,9', '1:', '2:10' or '1::2' (a step, as Python's
+    slices; absolute, 0-based)."""
     if text is None:
         return None
     text = text.strip()
@@ -198,5 +201,5 @@ def parse_positions(text: str | None) -> Positions:
             raise
         raise ValueError(
             f"cannot read positions {text!r}: expected 'all', a position '5', positions '3,7,9' or a range '1:' / "
-            "'2:10', as integers >= 0 (0 = the first token)"
+            "'2:10' / '1::2', as integers >= 0 (0 = the first token)"
         ) from None
