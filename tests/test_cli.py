@@ -1770,7 +1770,10 @@ def test_steer_refuses_unreachable_positions_before_the_model_loads(gpt2_tokeniz
     _refusals([([*steer, "7"], "--positions 7: position 7 is never reached; the largest reachable is 6 (a prompt "
                                "of 5 tokens with BOS, then --max-new-tokens 3, the last of which the model never reads)"),
                ([*steer, "20:"], "--positions 20:: position 20 is never reached; the largest reachable is 6"),
-               ([*steer, "6"], "cannot load model directory")], capsys)  # reachable: the load is what fails
+               ([*steer, "6"], "cannot load model directory"),  # reachable: the load is what fails
+               ([*steer[:7], "", *steer[8:], "7"], "--positions 7: position 7 is never reached; the largest reachable "
+                                                   "is 2 (a prompt of 1 token with BOS, then --max-new-tokens 3")],
+              capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 
@@ -1859,7 +1862,7 @@ def test_a_corpus_shorter_than_a_context_names_the_context_option_only_where_the
     gpt2_tokenizer.save_pretrained(model)
     _save_saes(tmp_path, model, ("sae", 64))
     (tmp_path / "one.txt").write_text("Hi", encoding="utf-8")
-    short = "corpus 'one.txt' holds 1 tokens, too few for one context of 32 (BOS and 31 tokens of text); expected " \
+    short = "corpus 'one.txt' holds 1 token, too few for one context of 32 (BOS and 31 tokens of text); expected " \
             "a corpus of at least 31 tokens"
     assert main(["top", "sae", "--latent", "0", "--corpus", "one.txt"]) == 2
     err = capsys.readouterr().err.strip()
@@ -1891,7 +1894,7 @@ def test_steer_scale_refuses_an_eval_split_too_short_before_the_model_loads(gpt2
     split.parent.mkdir()
     monkeypatch.setenv("SAELAB_CORPUS_DIR", str(split.parent))
     steer = ["steer", "sae", "--latent", "1", "--scale", "2", "--prompt", "Hi", "--max-new-tokens", "1"]
-    for text, message in (("Hi", f"corpus {str(split)!r} holds 1 tokens, too few for one context of 32 (BOS and 31 "
+    for text, message in (("Hi", f"corpus {str(split)!r} holds 1 token, too few for one context of 32 (BOS and 31 "
                                  "tokens of text); expected a corpus of at least 31 tokens"),
                           ("The cat sat on the mat. " * 50,  # 351 tokens: 11 contexts of 32, less their BOS
                            "--scale-tokens 65,536: the eval split holds 341 tokens the SAE reads; expected "
@@ -2098,7 +2101,7 @@ _QUICKSTART_HUB_MODEL = ("quickstart", "--harvest-model", "org/tiny-gpt2", "--ha
                          "--out", "run")
 _SHORT = "The cat sat on the mat. " * 50  # 351 tokens: 11 contexts of 32
 _NO_CONTEXT = "Hi"  # 1 token: not one context
-_CORPUS_TOO_SHORT = ("corpus 'c.txt' holds 1 tokens, too few for one context of 64 (BOS and 63 tokens of text); "
+_CORPUS_TOO_SHORT = ("corpus 'c.txt' holds 1 token, too few for one context of 64 (BOS and 63 tokens of text); "
                      "expected a corpus of at least 63 tokens, or {option} <= 2")
 
 

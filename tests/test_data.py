@@ -284,8 +284,25 @@ def test_batched_and_token_contexts(tok):
                                                     "of 64 (BOS and 63 tokens of text); expected a corpus of at least "
                                                     "63 tokens, or context_size <= 3")):
         token_contexts(["tiny text"], tok, 64, n_contexts=2, bos_token_id=tok.bos_token_id)
-    with pytest.raises(CorpusError, match="gave only 1 contexts of 64 tokens; 2 requested"):
+    with pytest.raises(CorpusError, match="gave only 1 context of 64 tokens; 2 requested"):
         token_contexts([" word" * 80], tok, 64, n_contexts=2, bos_token_id=tok.bos_token_id)
+
+
+def test_a_count_of_one_reads_in_the_singular(tok):
+    """A one-token corpus read "holds 1 tokens", one context "gave only 1 contexts of 1 tokens", one row of NaN
+    "in 1 of 1 rows": every message that can print a count of 1 says "1 token", through one helper."""
+    from saelab.sae import SAEConfig, TopKSAE
+    from saelab.utils.words import plural
+
+    assert [plural(n, "token") for n in (0, 1, 2)] == ["tokens", "token", "tokens"]
+    with pytest.raises(CorpusError) as e:
+        token_contexts(["Hi"], tok, 3, bos_token_id=tok.bos_token_id)
+    assert str(e.value) == ("corpus the given texts holds 1 token, too few for one context of 3 (BOS and 2 tokens of "
+                            "text); expected a corpus of at least 2 tokens, or context_size <= 2")
+    with pytest.raises(CorpusError, match=r"gave only 1 context of 1 token; 2 requested$"):
+        token_contexts(["Hi"], tok, 1, n_contexts=2, bos_token_id=tok.bos_token_id, prepend_bos=False)
+    with pytest.raises(NonFiniteError, match=r"contain NaN or inf in 1 of 1 row; expected finite numbers"):
+        TopKSAE(SAEConfig(d_in=4, n_latents=8, k=2)).check_input(torch.full((1, 4), float("nan")))
 
 
 # --- harvest ---------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from saelab.utils.atomic import write_json
 from saelab.utils.config import switch
 from saelab.utils.device import same_device
 from saelab.utils.folder_lock import RunLock
+from saelab.utils.words import plural
 
 DEFAULT_HOOK = "blocks.9.hook_resid_post"
 
@@ -235,7 +236,8 @@ def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, texts: TextsReadOnce,
 def _open_cache(cache: str | Path | ActivationCache, rows_needed: int) -> ActivationCache:
     cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
     if cache.n_rows < rows_needed:
-        raise CorpusError(f"activation cache {cache.folder} holds {cache.n_rows:,} rows but training needs "
+        raise CorpusError(f"activation cache {cache.folder} holds {cache.n_rows:,} {plural(cache.n_rows, 'row')} but "
+                          "training needs "
                           f"{rows_needed:,} (total_tokens); harvest more or train on fewer tokens (--total-tokens "
                           f"{cache.n_rows} at most)")
     return cache

@@ -23,6 +23,7 @@ from saelab.models import model_provenance
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
+from saelab.utils.words import plural
 
 
 def _int_list(text: str) -> list[int]:
@@ -112,7 +113,7 @@ def _check_steer(args: argparse.Namespace):
         raise ConfigError(f"--seed {args.seed}: expected an integer in -2^63..2^63 - {args.samples}")
     n = len(args.latent)
     if amount is not None and len(amount) not in (1, n):
-        raise ConfigError(f"{option} has {len(amount)} numbers for {n} latent{'s' if n > 1 else ''}; expected 1 number"
+        raise ConfigError(f"{option} has {len(amount)} numbers for {n} {plural(n, 'latent')}; expected 1 number"
                           + (f", or one per latent ({n})" if n > 1 else ""))
     if not args.greedy and args.temperature <= 0:
         raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
@@ -164,7 +165,7 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
     past = first_past(positions, last)
     if past is not None:
         raise ConfigError(f"--positions {args.positions}: position {past} is never reached; the largest reachable is "
-                          f"{last} (a prompt of {n_prompt} tokens with BOS, then --max-new-tokens "
+                          f"{last} (a prompt of {n_prompt} {plural(n_prompt, 'token')} with BOS, then --max-new-tokens "
                           f"{args.max_new_tokens}, the last of which the model never reads)")
 
 
@@ -229,7 +230,7 @@ def _within_the_corpus(option: str, value: int, corpus: str | None, n_saes: int 
         text = "the eval split" if corpus is None else f"the corpus {corpus}"
         reader = "each SAE" if n_saes > 1 else "the SAE"
         lead, entry = given_parts(option)  # a --config file's entry: "--config c.json: browse.n_tokens"
-        raise ConfigError(f"{lead}{entry} {value:,}: {text} holds {e.max_tokens:,} tokens "
+        raise ConfigError(f"{lead}{entry} {value:,}: {text} holds {e.max_tokens:,} {plural(e.max_tokens, 'token')} "
                           f"{reader} reads; expected {entry} {e.max_tokens} at most") from None
 
 
@@ -292,8 +293,9 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
         text += ["", f"=== sample {j + 1} (seed {args.seed + j}) ===" if args.samples > 1 else "", gen.format()]
         results.append({"seed": args.seed + j, "clean": gen.clean, "steered": gen.steered})
     if not s.positions_edited:  # reachable positions the generation never got to: it stopped at EOS first
-        print(f"saelab steer: warning: --positions {args.positions} lie past the {s.tokens_seen} positions the model "
-              "read (the generation ended early, at the end-of-text token): nothing was steered", file=sys.stderr)
+        print(f"saelab steer: warning: --positions {args.positions} lie past the {s.tokens_seen} "
+              f"{plural(s.tokens_seen, 'position')} the model read (the generation ended early, at the end-of-text "
+              "token): nothing was steered", file=sys.stderr)
     result = {"prompt": args.prompt, "steering": s.describe(), "promoted_tokens": promoted, "generations": results,
               **({"scale": scaled} if scaled else {})}
     if args.json:

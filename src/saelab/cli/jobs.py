@@ -27,6 +27,7 @@ from saelab.train.config import resolved_decoder_init
 from saelab.train import distributed as ddp
 from saelab.train.distributed import init_from_env
 from saelab.utils.config import given_parts
+from saelab.utils.words import plural
 
 QUICKSTART_DIR = "runs/quickstart"
 
@@ -222,13 +223,15 @@ def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[s
         return train
     if cache.n_rows < train.batch_size:
         how = given(args, "train.batch_size") or "--batch-size"  # as given: typed, or a --config file's entry
-        raise ConfigError(f"activation cache {args.activations!r} holds {cache.n_rows:,} rows, fewer than one batch "
-                          f"({how} {train.batch_size}); harvest more, or give a smaller {given_parts(how)[1]}")
+        raise ConfigError(f"activation cache {args.activations!r} holds {cache.n_rows:,} {plural(cache.n_rows, 'row')},"
+                          f" fewer than one batch ({how} {train.batch_size}); harvest more, or give a smaller "
+                          f"{given_parts(how)[1]}")
     rows = cache.n_rows // train.batch_size * train.batch_size  # whole batches only: the rest is never trained on
     how = "all of them" if rows == cache.n_rows else f"{rows:,} of them, in whole batches of {train.batch_size:,}"
     if ddp.rank() == 0:
-        print(f"saelab: activation cache {args.activations} holds {cache.n_rows:,} rows, fewer than the recipe's "
-              f"{train.total_tokens:,} training tokens; training on {how} (--total-tokens {rows})", file=sys.stderr)
+        print(f"saelab: activation cache {args.activations} holds {cache.n_rows:,} {plural(cache.n_rows, 'row')}, "
+              f"fewer than the recipe's {train.total_tokens:,} training tokens; training on {how} (--total-tokens "
+              f"{rows})", file=sys.stderr)
     return dataclasses.replace(train, total_tokens=rows)
 
 
@@ -258,9 +261,9 @@ def _finished_by_harvest(activations: str):
     try:
         yield
     except IncompleteCacheError as e:
-        raise IncompleteCacheError(f"activation cache {activations!r} is incomplete ({e.rows:,} rows written); run "
-                                   f"the same `saelab harvest --out {shlex.quote(activations)} ...` command again "
-                                   "to finish it", e.rows) from None
+        raise IncompleteCacheError(f"activation cache {activations!r} is incomplete ({e.rows:,} "
+                                   f"{plural(e.rows, 'row')} written); run the same `saelab harvest --out "
+                                   f"{shlex.quote(activations)} ...` command again to finish it", e.rows) from None
 
 
 def add_sweep(sub, recipe: str) -> None:

@@ -66,6 +66,7 @@ from saelab.utils.device import resolve_device
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock, remove_stale_temp_files
 from saelab.utils.tensors import all_finite
+from saelab.utils.words import plural
 
 VERSION = 1
 PARTIAL_SHARD = "partial.npy"  # rows toward the next shard, saved by an interrupted write
@@ -179,9 +180,9 @@ def check_disk_room(folder: str | os.PathLike, n_rows: int, d: int, dtype: str, 
     where = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need > free:
-        raise ConfigError(f"activation cache {folder}: {n_rows - written:,} rows of {d} {dtype} values need "
-                          f"{need / 2**30:,.1f} GiB, and {where} has {free / 2**30:,.1f} GiB free; free some space, "
-                          "pick another --out or harvest fewer --n-tokens")
+        raise ConfigError(f"activation cache {folder}: {n_rows - written:,} {plural(n_rows - written, 'row')} of {d} "
+                          f"{dtype} values need {need / 2**30:,.1f} GiB, and {where} has {free / 2**30:,.1f} GiB free; "
+                          "free some space, pick another --out or harvest fewer --n-tokens")
 
 
 def reusable_cache(folder: str | os.PathLike, *, meta: dict[str, Any], dtype: str,
@@ -291,14 +292,14 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
     (folder / STREAM_STATE).unlink(missing_ok=True)  # used once: an interruption of this call saves its own
     first_batch = 0
     if restored is not None:
-        print(f"saelab: resuming activation cache {name} after the {to_skip:,} rows already written: the input "
-              "continues where it stopped (a harvest does not run the model again over the text before them)",
-              file=sys.stderr)
+        print(f"saelab: resuming activation cache {name} after the {to_skip:,} {plural(to_skip, 'row')} already "
+              "written: the input continues where it stopped (a harvest does not run the model again over the text "
+              "before them)", file=sys.stderr)
         to_skip, first_batch = restored
     elif to_skip:  # the input is read again from its start: say why nothing is written for a while
-        print(f"saelab: resuming activation cache {name}: re-reading the input up to the {to_skip:,} rows already "
-              "written (a harvest reruns the model over that text to restore its shuffle), then writing",
-              file=sys.stderr)
+        print(f"saelab: resuming activation cache {name}: re-reading the input up to the {to_skip:,} "
+              f"{plural(to_skip, 'row')} already written (a harvest reruns the model over that text to restore its "
+              "shuffle), then writing", file=sys.stderr)
     bar = tqdm(total=None, unit="row", unit_scale=True, desc=f"cache {shown.name}{suffix}", disable=not progress,
                initial=manifest["n_rows"] + partial)
     try:
@@ -307,22 +308,23 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
         saved = writer.save_partial()  # may first finish a shard the interruption cut into
         kept = manifest["n_rows"] + saved
         if kept and _save_stream_state(batches, folder, meta, dtype, kept):
-            print(f"saelab: activation cache {name} keeps the {kept:,} rows written so far and where its input "
-                  "stopped; the same call continues from there (a harvest does not run the model again over the "
-                  "text before them), then writes the rest", file=sys.stderr)
+            print(f"saelab: activation cache {name} keeps the {kept:,} {plural(kept, 'row')} written so far and where "
+                  "its input stopped; the same call continues from there (a harvest does not run the model again "
+                  "over the text before them), then writes the rest", file=sys.stderr)
         else:
-            print(f"saelab: activation cache {name} keeps the {kept:,} rows written so far; the same call reads the "
-                  "input again up to there without writing those rows again (a harvest reruns the model over that "
-                  "text: its shuffle needs the same stream), then writes the rest" if kept else f"saelab: activation "
-                  f"cache {name} holds no rows yet (a shuffled harvest writes its first rows once its shuffle buffer "
-                  "is full); the same call starts over", file=sys.stderr)
+            print(f"saelab: activation cache {name} keeps the {kept:,} {plural(kept, 'row')} written so far; the same "
+                  "call reads the input again up to there without writing those rows again (a harvest reruns the "
+                  "model over that text: its shuffle needs the same stream), then writes the rest" if kept else
+                  f"saelab: activation cache {name} holds no rows yet (a shuffled harvest writes its first rows once "
+                  "its shuffle buffer is full); the same call starts over", file=sys.stderr)
         raise
     finally:
         bar.close()
     if to_skip:
         raise ActivationCacheError(
-            f"resumed activation cache {quoted} has {manifest['n_rows']} rows, but the input ended "
-            f"{to_skip} rows short of them; resume with the same input, or skip_written=False"
+            f"resumed activation cache {quoted} has {manifest['n_rows']} {plural(manifest['n_rows'], 'row')}, but the "
+            f"input ended {to_skip} {plural(to_skip, 'row')} short of them; resume with the same input, or "
+            "skip_written=False"
         )
     writer.flush()
     if manifest["d"] is None:
@@ -676,8 +678,9 @@ class ActivationCache:
             raise ActivationCacheError(f"no activation cache at {str(self.folder)!r} ({MANIFEST} not found){hint}")
         if not m["complete"] and not allow_incomplete:
             kept = m["n_rows"] + m.get("partial_rows", 0)  # the count an interrupted write reports keeping
-            raise IncompleteCacheError(f"activation cache {str(self.folder)!r} is incomplete ({kept:,} rows "
-                                       "written); finish it with write_activation_cache(..., resume=True)", kept)
+            raise IncompleteCacheError(f"activation cache {str(self.folder)!r} is incomplete ({kept:,} "
+                                       f"{plural(kept, 'row')} written); finish it with "
+                                       "write_activation_cache(..., resume=True)", kept)
         self.manifest = m
         self.d: int = m["d"]
         self.dtype: str = m["dtype"]
@@ -747,7 +750,8 @@ class ActivationCache:
         """Rows ``[start, stop)`` in stored order as a [rows, d] tensor (e.g. a sample for b_pre)."""
         stop = self.n_rows if stop is None else min(stop, self.n_rows)
         if not 0 <= start <= stop:
-            raise ValueError(f"bad row range [{start}, {stop}) for a cache of {self.n_rows} rows")
+            raise ValueError(f"bad row range [{start}, {stop}) for a cache of {self.n_rows} "
+                             f"{plural(self.n_rows, 'row')}")
         out = np.empty((stop - start, self.d), dtype=self._np_dtype)
         pos, shard_start = 0, 0
         for s, rows in enumerate(self.shard_rows):

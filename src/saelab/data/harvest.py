@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from saelab.data.tokens import batched
 from saelab.errors import ConfigError, NonFiniteError, ShapeMismatchError
 from saelab.utils.tensors import all_finite
+from saelab.utils.words import plural
 
 
 @runtime_checkable
@@ -263,7 +264,8 @@ class ActivationStream:
         where += f"{contexts_seen}..{contexts_seen + B - 1})"
         if not all_finite(acts_ND):
             n_bad = int((~torch.isfinite(acts_ND)).any(dim=1).sum())
-            raise NonFiniteError(f"NaN or inf in {where}: {n_bad} of {acts_ND.shape[0]} rows")
+            raise NonFiniteError(f"NaN or inf in {where}: {n_bad} of {acts_ND.shape[0]} "
+                                 f"{plural(acts_ND.shape[0], 'row')}")
         if acts_ND.dtype != self.store_dtype:
             acts_ND = acts_ND.to(self.store_dtype)
             if not all_finite(acts_ND):

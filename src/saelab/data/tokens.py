@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.errors import CorpusError
+from saelab.utils.words import plural
 
 TokenizeFn = Callable[[list[str]], list[list[int]]]
 
@@ -221,8 +222,8 @@ def token_contexts(
     if not rows:
         raise _shorter_than_a_context(name, stream, context_size, prepend_bos, setting)
     if n_contexts is not None and len(rows) < n_contexts:
-        err = CorpusError(f"corpus {name} gave only {len(rows)} contexts of {context_size} tokens; {n_contexts} "
-                          "requested")
+        err = CorpusError(f"corpus {name} gave only {len(rows)} {plural(len(rows), 'context')} of {context_size} "
+                          f"{plural(context_size, 'token')}; {n_contexts} requested")
         err.contexts, err.tokens = len(rows), stream  # for callers that name their own option's maximum
         raise err
     return torch.stack(rows)
@@ -233,9 +234,10 @@ def _shorter_than_a_context(name: str, tokens: int, context_size: int, prepend_b
     """The refusal of a corpus of ``tokens`` tokens that fills no context: what one takes, and the two ways
     out (more text, or a context it fills, named as ``setting``)."""
     window = context_size - 1 if prepend_bos else context_size
-    takes = f"BOS and {window:,} tokens of text" if prepend_bos else f"{window:,} tokens of text"
-    err = CorpusError(f"corpus {name} holds {tokens:,} tokens, too few for one context of {context_size:,} "
-                      f"({takes}); expected a corpus of at least {window:,} tokens"
+    text = f"{window:,} {plural(window, 'token')}"
+    takes = f"BOS and {text} of text" if prepend_bos else f"{text} of text"
+    err = CorpusError(f"corpus {name} holds {tokens:,} {plural(tokens, 'token')}, too few for one context of "
+                      f"{context_size:,} ({takes}); expected a corpus of at least {text}"
                       + (f", or {setting} <= {tokens + (1 if prepend_bos else 0)}" if setting else ""))
     err.contexts = 0  # for callers that name their own option's maximum
     return err

@@ -90,6 +90,7 @@ from saelab.evals._common import (
 )
 from saelab.evals.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args, paired_bootstrap, ratio
 from saelab.utils.config import switch
+from saelab.utils.words import plural
 
 CENTERS = ("median", "none")
 GAUSSIAN_REFERENCE = 2 / math.pi
@@ -217,7 +218,7 @@ def random_directions_like(contrib_RD: torch.Tensor, g: torch.Generator) -> torc
 def _sample_sites(N: int, T_ctx: int, first: int, n_future: int, n: int, g: torch.Generator) -> list[tuple[int, int]]:
     last = T_ctx - n_future  # largest allowed position
     if last < first:
-        raise ValueError(f"contexts of {T_ctx} tokens are too short for n_future={n_future} "
+        raise ValueError(f"contexts of {T_ctx} {plural(T_ctx, 'token')} are too short for n_future={n_future} "
                          f"(positions start at {first})")
     ctx = torch.randint(0, N, (n,), generator=g)
     pos = torch.randint(first, last + 1, (n,), generator=g)

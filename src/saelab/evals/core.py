@@ -22,6 +22,7 @@ from saelab.models import model_provenance
 from saelab.models.lm import context_named
 from saelab.run_folder import recorded_model
 from saelab.utils.tensors import all_finite
+from saelab.utils.words import plural
 
 ABLATIONS = ("zero", "mean")
 
@@ -134,8 +135,9 @@ def eval_corpus_too_short(given: str | None, corpus: str, tokens: int, most: int
     def worded(name) -> str:
         text = "the eval split" if given is None else name("eval.corpus")
         reads = " and ".join(f"{name(setting)} {n:,}" for setting, n in over.items())
-        return (f"{text} {corpus!r} holds {tokens:,} tokens, too few for the evaluation ({reads} in contexts of "
-                f"{T:,}: {text_needed:,} tokens of text); expected a corpus of at least {text_needed:,} tokens, or "
+        needed = f"{text_needed:,} {plural(text_needed, 'token')}"
+        return (f"{text} {corpus!r} holds {tokens:,} {plural(tokens, 'token')}, too few for the evaluation ({reads} "
+                f"in contexts of {T:,}: {needed} of text); expected a corpus of at least {needed}, or "
                 f"{' and '.join(map(name, over))} <= {most}")
 
     return worded_corpus_error(worded)

@@ -69,6 +69,7 @@ from saelab.models.lm import context_named
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
+from saelab.utils.words import plural
 
 PAPER_METRICS = ("core", "compute_equivalent", "ablation_sparsity", "probe", "n2g")
 SCHEMA_VERSION = 1
@@ -475,9 +476,10 @@ def _suite_corpus_too_short(eval_cfg: EvalConfig, corpus: str, tokens: int, most
         text = "the eval split" if eval_cfg.corpus is None else name("eval.corpus")
         reads = " and ".join(f"{name(p)} {values[p]:,}" for p in over)
         lower = " and ".join(f"{' and '.join(map(name, ps))} <= {limit}" for limit, ps in limits.items())
-        return (f"{text} {corpus!r} holds {tokens:,} tokens, too few for the paper suite ({reads}: {n_ctx:,} "
-                f"contexts of {run.T:,}, {text_needed:,} tokens of text); expected a corpus of at least "
-                f"{text_needed:,} tokens, or {lower}")
+        needed = f"{text_needed:,} {plural(text_needed, 'token')}"
+        return (f"{text} {corpus!r} holds {tokens:,} {plural(tokens, 'token')}, too few for the paper suite "
+                f"({reads}: {n_ctx:,} {plural(n_ctx, 'context')} of {run.T:,}, {needed} of text); expected a corpus "
+                f"of at least {needed}, or {lower}")
 
     return worded_corpus_error(worded)
 

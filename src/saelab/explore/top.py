@@ -41,6 +41,7 @@ from saelab.explore.browser.build import (
 )
 from saelab.explore.browser.stats import context_maxima, select_latents
 from saelab.sae.topk import TopKSAE
+from saelab.utils.words import plural
 
 
 ESCAPED = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
@@ -78,8 +79,8 @@ class TopActivations:
 
     def to_text(self, before: int = 16, after: int = 8) -> str:
         """One line per context: rank, max, context index, and the tokens around the max, the max token in [[ ]]."""
-        lines = [f"latent {self.latent}: max {self.max_activation:.4g} over {self.n_tokens:,} tokens, "
-                 f"{len(self)} top context{'' if len(self) == 1 else 's'}"]
+        lines = [f"latent {self.latent}: max {self.max_activation:.4g} over {self.n_tokens:,} "
+                 f"{plural(self.n_tokens, 'token')}, {len(self)} top {plural(len(self), 'context')}"]
         for rank, (c, m, p, strs) in enumerate(zip(self.context_idx.tolist(), self.max_acts.tolist(),
                                                    self.max_pos.tolist(), self.str_tokens), start=1):
             left = "".join(strs[max(0, p - before):p])

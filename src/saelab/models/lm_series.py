@@ -53,6 +53,7 @@ import torch
 from saelab.errors import CorpusError, SaelabError
 from saelab.utils.atomic import write_json
 from saelab.utils.hub import hub_kwargs
+from saelab.utils.words import plural
 
 SERIES_FILE = "series.json"
 FAMILY_FILE = "family.json"
@@ -149,7 +150,8 @@ def _shuffled_contexts(cfg: LMSeriesConfig, tokenizer, bos: int, corpus: str, n_
     contexts = list(pack_contexts(iter_texts(corpus), tokenizer, cfg.context_size, bos_token_id=bos,
                                   max_contexts=n_ctx))
     if len(contexts) < n_ctx:
-        raise CorpusError(f"corpus {corpus!r} gave {len(contexts)} contexts of {cfg.context_size} tokens; "
+        raise CorpusError(f"corpus {corpus!r} gave {len(contexts)} {plural(len(contexts), 'context')} of "
+                          f"{cfg.context_size} tokens; "
                           f"{n_ctx // cfg.batch_size} steps of {cfg.batch_size} need {n_ctx}")
     data = torch.stack(contexts)
     g = torch.Generator().manual_seed(cfg.seed)

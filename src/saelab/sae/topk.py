@@ -25,6 +25,7 @@ from torch import nn
 from saelab.errors import ConfigError, NonFiniteError, ShapeMismatchError
 from saelab.utils.device import same_device
 from saelab.utils.tensors import all_finite
+from saelab.utils.words import plural
 
 INPUT_NORMS = ("none", "layernorm")
 LN_EPS = 1e-5
@@ -203,7 +204,7 @@ class TopKSAE(nn.Module):
             rows = x.reshape(-1, x.shape[-1])
             n_bad = int((~torch.isfinite(rows)).any(dim=1).sum())
             raise NonFiniteError(f"{name} given to the SAE{trained_on} contain NaN or inf in {n_bad} of "
-                                 f"{rows.shape[0]} rows; expected finite numbers")
+                                 f"{rows.shape[0]} {plural(rows.shape[0], 'row')}; expected finite numbers")
 
     def check_device(self, device: torch.device, name: str) -> None:
         """Refuse to run beside a model on another device (the SAE is spliced into its forward)."""

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from saelab.errors import ConfigError
 from saelab.utils.device import resolve_device
+from saelab.utils.words import plural
 
 
 def is_distributed() -> bool:
@@ -106,7 +107,8 @@ def local_rows(x_BD: torch.Tensor) -> torch.Tensor:
     if w == 1:
         return x_BD
     if x_BD.shape[0] % w:
-        raise ConfigError(f"global batch of {x_BD.shape[0]} rows does not split evenly over {w} processes; "
+        raise ConfigError(f"global batch of {x_BD.shape[0]} {plural(x_BD.shape[0], 'row')} does not split evenly over "
+                          f"{w} processes; "
                           "expected a batch size divisible by the process count")
     per = x_BD.shape[0] // w
     return x_BD[rank() * per:(rank() + 1) * per]
