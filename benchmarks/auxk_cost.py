@@ -93,7 +93,8 @@ def parse_args() -> argparse.Namespace:
 
 TUNABLE = {"DEFAULT_CHUNK_ROWS": "a positive integer", "GEMM_ALIGN": "a positive integer",
            "GPU_CHUNK_ELEMENTS": "an integer >= 0", "GPU_GROUPED_TOPK_MIN_N": "an integer >= 0 or inf",
-           "AUX_DENSE_FACTOR": "a number >= 0 or inf", "GPU_AUX_DENSE_FACTOR": "a number >= 0 or inf"}
+           "AUX_DENSE_FACTOR": "a number >= 0 or inf", "GPU_AUX_DENSE_FACTOR": "a number >= 0 or inf",
+           "CPU_BF16_SCREEN_MIN_N": "an integer >= 0 or inf", "SCREEN_MARGIN": "an integer >= 0"}
 """The settings of saelab.sae.kernels that --variant may change, and the values each takes."""
 
 

@@ -417,3 +417,82 @@ def test_main_topk_with_dead_latents_below_every_kth_live_value(one_dead_wins):
     ref = (z_ref @ proj).pow(2).sum() + (za_ref @ proj).sin().sum()
     for g, rg in zip(torch.autograd.grad(loss, (W, b, b_dec)), torch.autograd.grad(ref, (W, b, b_dec))):
         assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12)
+
+
+NATIVE_BF16 = pytest.mark.skipif(not kernels._native_bf16_gemm(), reason="needs a CPU with a native bfloat16 GEMM")
+
+
+def _screen_inputs(seed=0, B=300, d=96, n=2048):
+    """float32 inputs whose rows have a few large dimensions (as a residual stream's) and whose latents'
+    norms differ, as a trained encoder's do."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g) * torch.where(torch.arange(d) < 4, 20.0, 1.0)
+    W = torch.randn(d, n, generator=g) / d ** 0.5 * (0.5 + torch.rand(n, generator=g))
+    return [t.requires_grad_() for t in (x, torch.randn(d, generator=g) * 0.1, W, torch.randn(n, generator=g) * 0.1)]
+
+
+@NATIVE_BF16
+@pytest.mark.parametrize("dead_count", [0, 150])
+@pytest.mark.parametrize("sorted_out", [False, True])
+def test_bf16_screen_matches_dense_autograd(monkeypatch, dead_count, sorted_out):
+    """The screened top-k (a bfloat16 GEMM, its candidates recomputed in float32, a bound on its error)
+    selects what the float64 top-k selects wherever the k-th and next value are apart by more than
+    float32's error, with the selected latents' float32 values; the gradients are dense autograd's."""
+    monkeypatch.setattr(kernels, "CPU_BF16_SCREEN_MIN_N", 512)
+    screens = []
+    monkeypatch.setattr(kernels._Screen, "topk", _recorded(kernels._Screen.topk, screens))
+    x, b_dec, W, b = _screen_inputs()
+    k, k_aux, n = 8, 16, W.shape[1]
+    dead_idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:dead_count].sort().values
+    out = sparse_topk_encode(x, b_dec, W, b, k, dead_idx=dead_idx if dead_count else None, k_aux=k_aux,
+                             sorted_out=sorted_out)
+    assert screens and sum(s.rows for s in screens) == x.shape[0]  # the screen took every row
+    x64, b_dec64, W64, b64 = (t.detach().double().requires_grad_() for t in (x, b_dec, W, b))
+    pre = (x64 - b_dec64) @ W64 + b64
+    top = pre.detach().topk(k + 1, dim=1).values
+    clear = top[:, k - 1] - top[:, k] > 1e-4
+    assert clear.float().mean() > 0.9
+    assert torch.equal(out.idx_BK[clear].sort(1).values, pre.detach().topk(k, dim=1).indices[clear].sort(1).values)
+    if sorted_out:
+        assert (out.vals_BK[:, :-1] >= out.vals_BK[:, 1:]).all()
+    ref_vals = pre.gather(1, out.idx_BK).relu()
+    assert torch.allclose(out.vals_BK.double(), ref_vals.detach(), rtol=1e-5, atol=1e-5)
+    if dead_count:
+        _, za_ref = _dense_reference(x64.detach(), b_dec64.detach(), W64.detach(), b64.detach(), k, dead_idx, k_aux)
+        assert torch.allclose(_densify_aux(out, n).double(), za_ref, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(out.vals_BK.shape, generator=torch.Generator().manual_seed(2))
+    (out.vals_BK * weights).sum().backward()
+    (ref_vals * weights.double()).sum().backward()
+    for got, want in ((x, x64), (b_dec, b_dec64), (W, W64), (b, b64)):
+        assert torch.allclose(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+
+
+def _recorded(topk, screens):
+    def wrapper(self, *args, **kwargs):
+        if self not in screens:
+            screens.append(self)
+        return topk(self, *args, **kwargs)
+    return wrapper
+
+
+@NATIVE_BF16
+def test_bf16_screen_bound_holds_and_open_rows_take_float32():
+    """The bound the screen settles rows by covers every entry's bfloat16 error (measured against float64), rows
+    of large norm included; a row it leaves open (a NaN) gets the float32 top-k, the others the same selection."""
+    x, b_dec, W, b = (t.detach() for t in _screen_inputs(seed=3))
+    xc = x - b_dec
+    xc[5] = float("nan")
+    xc[10:20] *= 1e4
+    screen = kernels._Screen(W, b, W.shape[1], xc, xc.shape[0])
+    exact = xc.double() @ W.double() + b.double()
+    xh = xc.to(torch.bfloat16)
+    approx = (torch.addmm(b.to(torch.bfloat16), xh, W.to(torch.bfloat16))).double()
+    finite = exact.isfinite().all(1)
+    err = (approx - exact).abs() - 2 * kernels._BF16_U * approx.abs()
+    assert (err[finite] <= screen._row_bound(xc, xh).double()[finite, None]).all()
+    vals, idx = screen.topk(xc, 8, sorted_out=True)
+    assert 0 < screen.settled < screen.rows == xc.shape[0]
+    assert vals[5].isnan().any()
+    ref_v, ref_i = torch.addmm(b, xc, W).topk(8, dim=1)
+    assert torch.equal(idx[finite].sort(1).values, ref_i[finite].sort(1).values)
+    assert torch.allclose(vals[finite], ref_v[finite], rtol=1e-5, atol=1e-4)
