@@ -419,34 +419,47 @@ def test_main_topk_with_dead_latents_below_every_kth_live_value(one_dead_wins):
         assert torch.allclose(g, rg, rtol=1e-10, atol=1e-12)
 
 
-NATIVE_BF16 = pytest.mark.skipif(not kernels._native_bf16_gemm(), reason="needs a CPU with a native bfloat16 GEMM")
 
-
-def _screen_inputs(seed=0, B=300, d=96, n=2048):
+def _screen_inputs(seed=0, B=300, d=96, n=2048, latent_major=False):
     """float32 inputs whose rows have a few large dimensions (as a residual stream's) and whose latents'
-    norms differ, as a trained encoder's do."""
+    norms differ, as a trained encoder's do; W stored latent-major as TopKSAE stores it, or not."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, d, generator=g) * torch.where(torch.arange(d) < 4, 20.0, 1.0)
     W = torch.randn(d, n, generator=g) / d ** 0.5 * (0.5 + torch.rand(n, generator=g))
+    if latent_major:
+        W = W.t().contiguous().t()
     return [t.requires_grad_() for t in (x, torch.randn(d, generator=g) * 0.1, W, torch.randn(n, generator=g) * 0.1)]
 
 
-@NATIVE_BF16
+@pytest.fixture
+def screened(monkeypatch):
+    """The screen on for blocks of 512 latents or more, on any CPU (its hardware check is about speed only),
+    and every _Screen the encoder builds, to count the rows each stage took."""
+    monkeypatch.setattr(kernels, "CPU_BF16_SCREEN_MIN_N", 512)
+    monkeypatch.setattr(kernels, "_native_bf16_gemm", lambda: True)
+    screens = []
+    init = kernels._Screen.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        screens.append(self)
+    monkeypatch.setattr(kernels._Screen, "__init__", recorded)
+    return screens
+
+
 @pytest.mark.parametrize("dead_count", [0, 150])
 @pytest.mark.parametrize("sorted_out", [False, True])
-def test_bf16_screen_matches_dense_autograd(monkeypatch, dead_count, sorted_out):
+@pytest.mark.parametrize("chunk_rows,latent_major", [(None, False), (64, True)])  # 64: 5 chunks, the last short
+def test_bf16_screen_matches_dense_autograd(screened, dead_count, sorted_out, chunk_rows, latent_major):
     """The screened top-k (a bfloat16 GEMM, its candidates recomputed in float32, a bound on its error)
     selects what the float64 top-k selects wherever the k-th and next value are apart by more than
     float32's error, with the selected latents' float32 values; the gradients are dense autograd's."""
-    monkeypatch.setattr(kernels, "CPU_BF16_SCREEN_MIN_N", 512)
-    screens = []
-    monkeypatch.setattr(kernels._Screen, "topk", _recorded(kernels._Screen.topk, screens))
-    x, b_dec, W, b = _screen_inputs()
+    x, b_dec, W, b = _screen_inputs(latent_major=latent_major)
     k, k_aux, n = 8, 16, W.shape[1]
     dead_idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:dead_count].sort().values
     out = sparse_topk_encode(x, b_dec, W, b, k, dead_idx=dead_idx if dead_count else None, k_aux=k_aux,
-                             sorted_out=sorted_out)
-    assert screens and sum(s.rows for s in screens) == x.shape[0]  # the screen took every row
+                             sorted_out=sorted_out, chunk_rows=chunk_rows)
+    assert len(screened) == 1 and screened[0].rows == x.shape[0] and screened[0].settled == x.shape[0]
     x64, b_dec64, W64, b64 = (t.detach().double().requires_grad_() for t in (x, b_dec, W, b))
     pre = (x64 - b_dec64) @ W64 + b64
     top = pre.detach().topk(k + 1, dim=1).values
@@ -454,12 +467,12 @@ def test_bf16_screen_matches_dense_autograd(monkeypatch, dead_count, sorted_out)
     assert clear.float().mean() > 0.9
     assert torch.equal(out.idx_BK[clear].sort(1).values, pre.detach().topk(k, dim=1).indices[clear].sort(1).values)
     if sorted_out:
-        assert (out.vals_BK[:, :-1] >= out.vals_BK[:, 1:]).all()
+        assert (out.vals_BK[clear, :-1] >= out.vals_BK[clear, 1:]).all()
     ref_vals = pre.gather(1, out.idx_BK).relu()
-    assert torch.allclose(out.vals_BK.double(), ref_vals.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(out.vals_BK.double()[clear], ref_vals.detach()[clear], rtol=1e-5, atol=1e-5)
     if dead_count:
         _, za_ref = _dense_reference(x64.detach(), b_dec64.detach(), W64.detach(), b64.detach(), k, dead_idx, k_aux)
-        assert torch.allclose(_densify_aux(out, n).double(), za_ref, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(_densify_aux(out, n).double()[clear], za_ref[clear], rtol=1e-5, atol=1e-5)
     weights = torch.randn(out.vals_BK.shape, generator=torch.Generator().manual_seed(2))
     (out.vals_BK * weights).sum().backward()
     (ref_vals * weights.double()).sum().backward()
@@ -467,32 +480,60 @@ def test_bf16_screen_matches_dense_autograd(monkeypatch, dead_count, sorted_out)
         assert torch.allclose(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
 
 
-def _recorded(topk, screens):
-    def wrapper(self, *args, **kwargs):
-        if self not in screens:
-            screens.append(self)
-        return topk(self, *args, **kwargs)
-    return wrapper
+def test_bf16_screen_takes_more_candidates_where_bfloat16_ties(screened):
+    """Row 0's pre-activations tie in bfloat16 across 200 latents that float32 tells apart: the first 72
+    candidates cannot settle it, the next 264 do; the selection is float64's. A screen that ignored its bound,
+    or dropped the second stage's result, would select other latents."""
+    g = torch.Generator().manual_seed(0)
+    B, d, n, k, T = 4, 96, 2048, 8, 200
+    x = torch.randn(B, d, generator=g).bfloat16().float()
+    W = torch.randn(d, n, generator=g).bfloat16().float() * 0.01
+    base = x[0].sign()
+    W[:, :T] = base[:, None] * (1 + 2.0 ** -10 * torch.rand(d, T, generator=g))
+    assert torch.equal(W[:, :T].bfloat16(), base[:, None].bfloat16().expand(d, T))
+    out = sparse_topk_encode(x, torch.zeros(d), W, torch.zeros(n), k)
+    assert screened[0].settled == screened[0].rows == B
+    ref = (x.double() @ W.double()).topk(k, dim=1)
+    assert torch.equal(out.idx_BK.sort(1).values, ref.indices.sort(1).values)
 
 
-@NATIVE_BF16
 def test_bf16_screen_bound_holds_and_open_rows_take_float32():
     """The bound the screen settles rows by covers every entry's bfloat16 error (measured against float64), rows
-    of large norm included; a row it leaves open (a NaN) gets the float32 top-k, the others the same selection."""
+    of large norm included; a row it leaves open (a NaN) gets the float32 top-k, the others the same selection.
+    Values near float32's underflow, which the bfloat16 instructions flush to zero, are left open too."""
     x, b_dec, W, b = (t.detach() for t in _screen_inputs(seed=3))
     xc = x - b_dec
     xc[5] = float("nan")
     xc[10:20] *= 1e4
-    screen = kernels._Screen(W, b, W.shape[1], xc, xc.shape[0])
-    exact = xc.double() @ W.double() + b.double()
+    screen = kernels._Screen(W, b, W.shape[1], xc, 64)
+    W_used, b_used = screen.W, screen.b
+    exact = xc.double() @ W_used.double() + b_used.double()
     xh = xc.to(torch.bfloat16)
-    approx = (torch.addmm(b.to(torch.bfloat16), xh, W.to(torch.bfloat16))).double()
+    approx = (torch.addmm(b_used.to(torch.bfloat16), xh, W_used.to(torch.bfloat16))).double()
     finite = exact.isfinite().all(1)
     err = (approx - exact).abs() - 2 * kernels._BF16_U * approx.abs()
     assert (err[finite] <= screen._row_bound(xc, xh).double()[finite, None]).all()
-    vals, idx = screen.topk(xc, 8, sorted_out=True)
+    vals, idx = zip(*(screen.topk(xc[lo:lo + 64], 8, sorted_out=True) for lo in range(0, xc.shape[0], 64)))
+    vals, idx = torch.cat(vals), torch.cat(idx)
     assert 0 < screen.settled < screen.rows == xc.shape[0]
     assert vals[5].isnan().any()
-    ref_v, ref_i = torch.addmm(b, xc, W).topk(8, dim=1)
+    ref_v, ref_i = torch.addmm(b_used, xc, W_used).topk(8, dim=1)
     assert torch.equal(idx[finite].sort(1).values, ref_i[finite].sort(1).values)
     assert torch.allclose(vals[finite], ref_v[finite], rtol=1e-5, atol=1e-4)
+    g = torch.Generator().manual_seed(4)  # every product subnormal: the bfloat16 GEMM returns zeros
+    x_tiny, W_tiny = torch.randn(64, 96, generator=g) * 1e-20, torch.randn(96, 2048, generator=g) * 1e-19
+    tiny = kernels._Screen(W_tiny, torch.zeros(2048), 2048, x_tiny, 64)
+    _, idx = tiny.topk(x_tiny, 8, sorted_out=True)
+    assert torch.equal(idx.sort(1).values, (x_tiny.double() @ W_tiny.double()).topk(8, dim=1).indices.sort(1).values)
+
+
+def test_bf16_screen_leaves_a_nan_row_to_float32_and_k_0_alone(screened):
+    """A NaN in a row reaches its values (the trainer's non-finite check needs it), as without the screen; k = 0
+    selects nothing, without a screen."""
+    x, b_dec, W, b = (t.detach() for t in _screen_inputs())
+    x[7, 50] = float("nan")
+    out = sparse_topk_encode(x, b_dec, W, b, 8)
+    assert screened[0].settled == x.shape[0] - 1 and out.vals_BK[7].isnan().any()
+    assert out.vals_BK[torch.arange(x.shape[0]) != 7].isfinite().all()
+    screened.clear()
+    assert sparse_topk_encode(x, b_dec, W, b, 0).vals_BK.shape == (x.shape[0], 0) and not screened

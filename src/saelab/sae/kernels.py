@@ -102,6 +102,7 @@ SCREEN_OUTLIER_DIMS = 32
 dimensions would loosen a bound taken over the whole row."""
 _BF16_U = 2.0 ** -8
 """bfloat16's unit roundoff: rounding a float32 to it moves it by at most this much of its magnitude."""
+_SMALLEST_NORMAL = 2.0 ** -126
 
 
 class EncodeOutput(NamedTuple):
@@ -312,15 +313,13 @@ class _Block(NamedTuple):
 
 
 def _native_bf16_gemm() -> bool:
-    """Whether this CPU runs bfloat16 GEMMs natively (AVX512-BF16, AMX), accumulating in float32: elsewhere
-    they are emulated, slower than float32."""
-    global _NATIVE_BF16
-    if _NATIVE_BF16 is None:
-        _NATIVE_BF16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return _NATIVE_BF16
-
-
-_NATIVE_BF16: bool | None = None
+    """Whether this CPU runs bfloat16 GEMMs in hardware (AVX512-BF16 or AMX) through oneDNN, accumulating in
+    float32: elsewhere they are emulated, or run by PyTorch's generic kernel, both slower than float32.
+    (mkldnn's own bf16 check accepts any AVX-512 CPU.) The switch torch.backends.mkldnn.enabled is read each call."""
+    cpu = torch.cpu
+    hardware = any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
+    return hardware and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 class _Screen:
@@ -333,28 +332,35 @@ class _Screen:
     (a NaN among them) run the float32 GEMM. With x = x_hi + x_lo and W = W_hi + W_lo their bfloat16
     parts and remainders, per row: |x.w + b - fl(x_hi.w_hi + b_hi)| <= sum over the outlier dimensions
     of |x_hi,i| max_j |W_lo,ij| + ||x_hi,rest|| max_j ||W_lo,j|| + ||x_lo|| max_j ||W_j|| (1 + 2u)
-    + float32 accumulation (twice gamma_d, for the GEMM and the recomputation) + the bias' rounding, and the
-    output's rounding 2u |value|, u = 2^-8."""
+    + float32 accumulation (twice gamma_d, for the GEMM and the recomputation) + the bias' rounding + what
+    flushing subnormals to zero moves (2^-126 per input, product and sum), and the output's rounding
+    2u |value|, u = 2^-8."""
 
     def __init__(self, W_DP: torch.Tensor, b_P: torch.Tensor, m: int, xc_BD: torch.Tensor, rows: int):
         self.W, self.b, self.m = W_DP, b_P, m
         self.table = W_DP.t() if W_DP.t().is_contiguous() else W_DP.t().contiguous()  # [P, D] rows for the dots
         self.Wh, self.bh = W_DP.to(torch.bfloat16), b_P.to(torch.bfloat16)
         self.buf = self.Wh.new_empty(rows, W_DP.shape[1])
-        self.outliers = (xc_BD * xc_BD).sum(0).topk(min(SCREEN_OUTLIER_DIMS, W_DP.shape[0])).indices
-        self.rest = torch.ones(W_DP.shape[0], dtype=torch.bool).index_fill_(0, self.outliers, False)
-        W_lo = W_DP - self.Wh.float()
+        self.outliers = torch.linalg.vector_norm(xc_BD, dim=0).topk(min(SCREEN_OUTLIER_DIMS, W_DP.shape[0])).indices
+        rest = torch.ones(W_DP.shape[0], dtype=torch.bool).index_fill_(0, self.outliers, False)
+        self.rest = rest.nonzero().squeeze(1)
+        W_lo = W_DP - self.Wh  # float32, exact: one [D, P] temporary
         self.lo_outliers = W_lo.index_select(0, self.outliers).abs().amax(1)
         # the remainders' whole columns bound their rest (a copy of the rest would cost more than it tightens)
         self.lo_rest = torch.linalg.vector_norm(W_lo, dim=0).max()
         self.norm = torch.linalg.vector_norm(W_DP, dim=0).max()
         self.slack = 2 * _BF16_U * b_P.abs().max()
+        # The bfloat16 instructions flush subnormal inputs, products and sums to zero: a flushed W entry moves
+        # the dot product by under 2^-126 |x_i|, a flushed x entry by under 2^-126 |w_i|, a product or sum by
+        # under 2^-126 (the smallest normal float32).
+        self.flush_W = _SMALLEST_NORMAL * W_DP.shape[0] * self.Wh.abs().max().float()
+        self.flush = _SMALLEST_NORMAL * (2 * W_DP.shape[0] + 2)
         self.settled = self.rows = 0  # rows the bound settled, of all rows screened (for benchmarks)
 
     @staticmethod
     def wanted(W_DN: torch.Tensor, m: int, k: int) -> bool:
         return (W_DN.device.type == "cpu" and W_DN.dtype == torch.float32 and m >= CPU_BF16_SCREEN_MIN_N
-                and k + SCREEN_MARGIN < m and _native_bf16_gemm())
+                and 1 <= k and k + SCREEN_MARGIN < m and _native_bf16_gemm())
 
     def _row_bound(self, xs: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
         xhf = xh.float()
@@ -362,7 +368,8 @@ class _Screen:
         return (xhf[:, self.outliers].abs() @ self.lo_outliers
                 + torch.linalg.vector_norm(xhf[:, self.rest], dim=1) * self.lo_rest
                 + torch.linalg.vector_norm(xs - xhf, dim=1) * self.norm * (1 + 2 * _BF16_U)
-                + 2 * gamma * torch.linalg.vector_norm(xs, dim=1) * self.norm * (1 + _BF16_U) + self.slack)
+                + 2 * gamma * torch.linalg.vector_norm(xs, dim=1) * self.norm * (1 + _BF16_U) + self.slack
+                + _SMALLEST_NORMAL * xhf.abs().sum(1) + self.flush_W + self.flush)
 
     def topk(self, xs: torch.Tensor, k: int, sorted_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, positions in the block) of each row's top k, as ``_topk`` of the float32 pre-activations.
