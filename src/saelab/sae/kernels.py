@@ -86,14 +86,14 @@ latents (n = 8,192), 7 / 10 ms at 12,452 (n = 32,768), 13 / 16 ms at 13,107 (n =
 at 31,457 and 22 / 16 ms at 49,807."""
 
 
-CPU_BF16_SCREEN_MIN_N = 8192
-"""On a CPU with a native bfloat16 GEMM, a block of this many latents or more takes its top-k by screening
+CPU_BF16_SCREEN_MIN_N = 4096
+"""On a CPU with bfloat16 hardware, a block of this many latents or more takes its top-k by screening
 (``_Screen``): the same selection, exact float32 values, from a GEMM 2-2.5x faster. Whole training steps,
-2-core CPU with AVX512-BF16, batch 4,096, medians of 3 (``benchmarks/auxk_cost.py --n 32768 8192 --dead 0.03
---warmup-steps 30 --variant float32=CPU_BF16_SCREEN_MIN_N:inf``), plain / AuxK step, float32 -> screened:
-1,062 / 1,117 -> 672 / 862 ms at n = 32,768 (3 % dead; 1,044 / 1,241 -> 753 / 1,114 ms at 24 %), 281 / 317 ->
-229 / 276 ms at n = 8,192. Not measured below 8,192 latents, where the candidates' recomputation weighs more
-against the GEMM it saves."""
+2-core CPU with AVX512-BF16, batch 4,096, medians of 3 (``benchmarks/auxk_cost.py --n 4096 8192 32768 --dead
+0.03 --warmup-steps 30 --variant float32=CPU_BF16_SCREEN_MIN_N:inf``), plain / AuxK step, float32 -> screened:
+1,062 / 1,117 -> 672 / 862 ms at n = 32,768 (3 % dead; 1,044 / 1,241 -> 753 / 1,114 ms at 24 %), 273 / 303 ->
+226 / 275 ms at n = 8,192, 158 / 177 -> 146 / 171 ms at n = 4,096 (whose AuxK live block, under 4,096, is not
+screened). Below that the candidates' recomputation weighs more against the GEMM it saves (not measured)."""
 SCREEN_MARGIN = 64
 """Candidates per row beyond k (4x as many for rows the bound leaves open): at n = 32,768 the bound settles
 about 92 % of rows with the first 64, 99 % with the next; steps with 32 or 128 took 16 % and 9 % longer."""
