@@ -335,6 +335,14 @@ def test_training_checkpoint_given_as_sae_names_its_run(tmp_path, capsys):
         assert code == 2 and err.startswith(f"saelab top: error: {path}: {expect}")
         assert "elsewhere" in str(path) or err.strip() == f"saelab top: error: {path}: {expect}"
     assert load_sae(finished).cfg.n_latents == 64  # the run folder it names loads, from Python too
+    # an SAE saved as checkpoint.pt beside another tool's train_config.json is no run's checkpoint: it loads
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save(openai_state_dict(), other / CHECKPOINT)
+    (other / "train_config.json").write_text('{"lr": 0.0001}')
+    code, out, err = run_cli(capsys, "export", str(other / CHECKPOINT), str(tmp_path / "out"), "--format", "saelens",
+                             "--hook", "blocks.1.hook_resid_post")
+    assert code == 0, err
 
 
 def test_cli_eval_of_run_folder_with_corrupt_sae_keeps_earlier_results(tmp_path, tiny_dir, corpus, capsys):

@@ -152,17 +152,25 @@ def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = Fa
                                   f"{listed_paths(runs)}")
         raise CheckpointError(f"{path} is a sweep folder of {len(runs)} runs; expected one SAE: pass one of its run "
                               f"folders, e.g. {runs[0]}")
+    marker, what = ARTEFACTS["activations"]
+    if path.is_dir() and holds_artefact(path, "activations") and not (path / "cfg.json").exists():
+        raise CheckpointError(f"{path} is {what} ({marker}), not an SAE: train one on it (`saelab train "
+                              f"--activations {path} --out RUN`) and pass RUN, or pass an SAE folder")
+    try:
+        return load_sae(str(source), allow_http=allow_http), None
+    except CheckpointError:
+        _refuse_a_runs_checkpoint(path)  # only once it failed: an SAE saved under that name still loads
+        raise
+
+
+def _refuse_a_runs_checkpoint(path: Path) -> None:
+    """Name the run folder of ``path`` when it is (or links to) a run's training checkpoint."""
     real = path.resolve()  # through a link too: the folder the checkpoint belongs to
     if real.name == CHECKPOINT and real.is_file() and holds_a_run(real.parent):
         run = real.parent
         when = "" if is_run(run) else " once its training has finished"
         raise CheckpointError(f"{path}: the training checkpoint of run folder {run}, not an SAE: pass the run "
-                              f"folder{when}")
-    marker, what = ARTEFACTS["activations"]
-    if path.is_dir() and holds_artefact(path, "activations") and not (path / "cfg.json").exists():
-        raise CheckpointError(f"{path} is {what} ({marker}), not an SAE: train one on it (`saelab train "
-                              f"--activations {path} --out RUN`) and pass RUN, or pass an SAE folder")
-    return load_sae(str(source), allow_http=allow_http), None
+                              f"folder{when}") from None
 
 
 def sae_sha256(sae) -> str:

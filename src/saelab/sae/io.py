@@ -219,8 +219,8 @@ def load_sae(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ) -> TopKSAE:
-    """Load a SAELens or sparsify folder, an OpenAI v5 ``.pt`` file, an ``https://`` URL of one, or an
-    ``hf://owner/repo/path`` location, as a TopKSAE.
+    """Load a finished run folder's SAE, a SAELens or sparsify folder, an OpenAI v5 ``.pt`` file, an ``https://``
+    URL of one, or an ``hf://owner/repo/path`` location, as a TopKSAE.
 
     ``allow_http`` permits plain ``http://`` URLs. ``revision``, ``cache_dir`` and ``local_files_only`` are
     passed to ``huggingface_hub`` for ``hf://`` locations.
