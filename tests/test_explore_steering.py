@@ -135,8 +135,10 @@ def test_steer_rejects_bad_input(tiny_gpt2, sae):
         steer(tiny_gpt2, sae, 128, "add", 1.0)
     with pytest.raises(ValueError, match="negative"):
         steer(tiny_gpt2, sae, 1, "add", 1.0, positions=[-1])
-    with pytest.raises(ValueError, match="values"):
+    with pytest.raises(ValueError, match="got 3 values for 2 latents$"):
         steer(tiny_gpt2, sae, [1, 2], "add", [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="got 2 values for 1 latent$"):  # read "1 latents"
+        steer(tiny_gpt2, sae, [1], "add", [1.0, 2.0])
     for latent, value in ((1, float("nan")), ([1, 2], [1.0, float("inf")])):  # every steered activation NaN
         with pytest.raises(ValueError, match="value must be a finite number"):
             steer(tiny_gpt2, sae, latent, "add", value)

@@ -60,6 +60,7 @@ import torch
 from saelab.errors import HookNameError, ShapeMismatchError
 from saelab.explore.positions import Positions, check_positions, position_mask, position_tracker
 from saelab.sae.topk import TopKSAE
+from saelab.utils.words import plural
 
 SAE_HOOK_POINTS = (
     "hook_sae_input",
@@ -323,7 +324,7 @@ def latent_edit(
     lat = torch.as_tensor([latents] if isinstance(latents, int) else list(latents), dtype=torch.long)
     val = torch.as_tensor(0.0 if mode == "ablate" else value, dtype=torch.float32).flatten()
     if val.numel() not in (1, lat.numel()):
-        raise ValueError(f"got {val.numel()} values for {lat.numel()} latents")
+        raise ValueError(f"got {val.numel()} values for {lat.numel()} {plural(lat.numel(), 'latent')}")
     positions = check_positions(positions)
     tracker = position_tracker(lm)
 

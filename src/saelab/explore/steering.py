@@ -33,6 +33,7 @@ import torch
 
 from saelab.explore.positions import Positions, check_positions, position_mask, position_tracker
 from saelab.sae.topk import TopKSAE
+from saelab.utils.words import plural
 
 STEER_MODES = ("add", "clamp", "ablate")
 
@@ -137,7 +138,7 @@ def steer(
     if values.numel() == 1:
         values = values.expand(len(latents)).clone()
     if values.numel() != len(latents):
-        raise ValueError(f"got {values.numel()} values for {len(latents)} latents")
+        raise ValueError(f"got {values.numel()} values for {len(latents)} {plural(len(latents), 'latent')}")
     if not torch.isfinite(values).all():  # the command line refuses it too: every steered activation would be NaN
         raise ValueError(f"value must be a finite number, got {value!r}")
     return Steering(lm, sae, latents, mode, values, positions, hook)

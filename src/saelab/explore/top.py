@@ -158,7 +158,8 @@ def _check_corpus(corpus) -> None:
 def _check_token_tensor(tokens: torch.Tensor, sae: TopKSAE) -> None:
     if tokens.dim() != 2 or tokens.dtype != torch.long or tokens.shape[1] - first_scored(sae) < 1:
         raise ShapeMismatchError(f"corpus: a token tensor must be a LongTensor [contexts, tokens] with at least "
-                                 f"{first_scored(sae) + 1} tokens per context, got {tokens.dtype} "
+                                 f"{first_scored(sae) + 1} {plural(first_scored(sae) + 1, 'token')} per context, got "
+                                 f"{tokens.dtype} "
                                  f"{list(tokens.shape)}")
 
 
