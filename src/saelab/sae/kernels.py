@@ -17,7 +17,7 @@ Here, with xc = x - b_dec:
   live value. On a CPU with a native bfloat16 GEMM, a block of CPU_BF16_SCREEN_MIN_N latents or more
   (all of them without AuxK, the live ones with it) takes its top-k from a bfloat16 GEMM whose
   candidates are recomputed in float32 under a rigorous error bound (``_Screen``): the float32
-  selection and values, 10-37 % off a training step at n = 8,192 to 32,768;
+  selection and values, 3-37 % off a training step at n = 4,096 to 32,768 (CPU_BF16_SCREEN_MIN_N);
 - backward, with g the gradient of the kept values (ReLU mask applied):
     d b_enc[j]    = sum of g over selections of latent j            (in entry order, as d W_enc)
     d W_enc[:, j] = sum over selections (b, j) of g * xc[b]         (embedding_bag, rows grouped by latent)
@@ -89,8 +89,9 @@ at 31,457 and 22 / 16 ms at 49,807."""
 CPU_BF16_SCREEN_MIN_N = 4096
 """On a CPU with bfloat16 hardware, a block of this many latents or more takes its top-k by screening
 (``_Screen``): the same selection, exact float32 values, from a GEMM 2-2.5x faster. Whole training steps,
-2-core CPU with AVX512-BF16, batch 4,096, medians of 3 (``benchmarks/auxk_cost.py --n 4096 8192 32768 --dead
-0.03 --warmup-steps 30 --variant float32=CPU_BF16_SCREEN_MIN_N:inf``), plain / AuxK step, float32 -> screened:
+2-core CPU with AVX512-BF16, batch 4,096, medians of 3 (``benchmarks/auxk_cost.py --n 32768 8192 --dead 0.03
+0.24 --rounds 3 --warmup-steps 30 --variant float32=CPU_BF16_SCREEN_MIN_N:inf`` with the threshold at 8,192,
+then ``--n 4096 8192`` at 4,096), plain / AuxK step, float32 -> screened:
 1,062 / 1,117 -> 672 / 862 ms at n = 32,768 (3 % dead; 1,044 / 1,241 -> 753 / 1,114 ms at 24 %), 273 / 303 ->
 226 / 275 ms at n = 8,192, 158 / 177 -> 146 / 171 ms at n = 4,096 (whose AuxK live block, under 4,096, is not
 screened). Below that the candidates' recomputation weighs more against the GEMM it saves (not measured)."""
