@@ -1440,7 +1440,8 @@ def test_a_context_too_long_for_the_offline_default_names_it_by_its_hub_id(smoll
     """A run on the offline default refused a context past its positions naming the model "default", the spec its
     SAE records, where metrics.json and report.md name it by its hub id: each refusal names the hub id, from the
     config before the load (eval, browse, top, a hook past its layers) and from the loaded model alike."""
-    from saelab.errors import ConfigError
+    from saelab.errors import ConfigError, HookNameError, ShapeMismatchError
+    from saelab.explore import top_activations
     from saelab.models import DEFAULT_MODEL_HUB_ID, model_provenance
     from saelab.sae import SAEConfig, TopKSAE, save_sae
 
@@ -1462,6 +1463,11 @@ def test_a_context_too_long_for_the_offline_default_names_it_by_its_hub_id(smoll
     with pytest.raises(ConfigError) as e:  # the loaded model's own check, where no config was read first
         smollm2.check_context_size(100000)
     assert str(e.value) == f"context_size=100000 {too_long}"
+    with pytest.raises(HookNameError, match=f"for model {DEFAULT_MODEL_HUB_ID}: layer 50"):  # after the load too
+        smollm2.check_hook("blocks.50.hook_resid_post")
+    wide = TopKSAE(SAEConfig(d_in=100, n_latents=16, k=2, hook_name="blocks.1.hook_resid_post"))
+    with pytest.raises(ShapeMismatchError, match=f"of {DEFAULT_MODEL_HUB_ID} have width 576"):
+        top_activations(wide, smollm2, None, latent=0, k=1, n_tokens=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long", "run"]
 
 

@@ -19,7 +19,6 @@ from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import SAESource
 from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
-from saelab.models import model_provenance
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
@@ -278,7 +277,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     sae, lm, tokens = _steer_sae_and_model(args, positions)
     value, scaled = _steer_value(args, sae, lm, tokens)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
-    model = model_provenance(lm.name)["model_name"]  # the hub id of the offline default, as reports name it
+    model = lm.known_as  # the hub id of the offline default, as reports name it
     text = [f"model {model}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})"]
     text += [f"latent {r['latent']}: max activation {r['max_activation']:.4g} on {r['eval_tokens']:,} eval tokens, "
              f"value {r['value']:.4g}" for r in scaled]

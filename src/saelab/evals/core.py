@@ -160,8 +160,8 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     with the model's tokenizer, before the load)."""
     cfg = cfg or EvalConfig()
     hook = lm.check_hook(sae.cfg.hook_name)
-    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
-    sae.check_device(lm.device, f"model {lm.name}")
+    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
+    sae.check_device(lm.device, f"model {lm.known_as}")
     corpus = resolve_corpus(cfg.corpus, "eval")
     T = lm.check_context_size(cfg.context_size or sae.cfg.context_size, context_named(cfg.context_size))
     first = 1 if sae.cfg.exclude_first else 0
@@ -173,7 +173,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     sae.eval()
     acts_ND = _hook_rows(lm, tokens[:n_recon], hook, first, cfg.recon_tokens, cfg.lm_batch_size)
     if not all_finite(acts_ND):
-        raise NonFiniteError(f"activations at {hook} of model {lm.name} on eval corpus {corpus!r} contain NaN or "
+        raise NonFiniteError(f"activations at {hook} of model {lm.known_as} on eval corpus {corpus!r} contain NaN or "
                              "inf; expected finite activations (is the model broken, or overflowing its dtype?)")
     recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress)
     t_recon = time.perf_counter() - t0

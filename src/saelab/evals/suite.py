@@ -489,8 +489,8 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
     """The suite run's shared inputs, the metrics wanted and why each does not apply (or None). ``tokens``:
     the contexts :func:`read_suite_contexts` read before the load (None: read here)."""
     hook = lm.check_hook(sae.cfg.hook_name)
-    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
-    sae.check_device(lm.device, f"model {lm.name}")
+    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
+    sae.check_device(lm.device, f"model {lm.known_as}")
     T = lm.check_context_size(eval_cfg.context_size or sae.cfg.context_size, context_named(eval_cfg.context_size))
     run, wanted, reasons = _suite_run(lm, sae, lm.name, out_dir, cfg, eval_cfg, T)
     if any(m.name == "n2g" for m in wanted):

@@ -104,7 +104,7 @@ def normalize_saes(lm, saes: SAEs) -> dict[str, TopKSAE]:
     for hook, sae in out.items():
         lm.check_hook(hook)
         sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook}")
-        sae.check_device(lm.device, f"model {lm.name}")
+        sae.check_device(lm.device, f"model {lm.known_as}")
     return out
 
 

@@ -128,7 +128,7 @@ def steer(
         raise ValueError("the SAE has no cfg.hook_name; pass hook=")
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook}")
-    sae.check_device(lm.device, f"model {lm.name}")
+    sae.check_device(lm.device, f"model {lm.known_as}")
     given = [latent] if isinstance(latent, int) else list(latent)
     if not given:
         raise ValueError("no latent given")

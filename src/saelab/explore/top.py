@@ -206,7 +206,7 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     hook = check_compatible([source], hook, None)
     lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, n_tokens, context_size)
     lm.check_hook(hook)
-    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.name}")
+    sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
     uniq = sorted(set(lats))
     top = _scan(lm, sae, tokens_NT, hook, torch.tensor(uniq), k, batch_size, progress)
     n_scored = tokens_NT.shape[0] * (tokens_NT.shape[1] - first_scored(sae))

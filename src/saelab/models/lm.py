@@ -97,7 +97,7 @@ class LanguageModel:
 
     def check_hook(self, name: str) -> str:
         """Return ``name`` if this model has that hook; else raise HookNameError saying why."""
-        parse_hook(name, self.layout, self.name)
+        parse_hook(name, self.layout, self.known_as)
         return name
 
     def hook_width(self, name: str) -> int:
@@ -105,15 +105,20 @@ class LanguageModel:
         self.check_hook(name)
         return self.d_model
 
+    @property
+    def known_as(self) -> str:
+        """The model as reports and refusals name it: ``name``, the offline default by its hub id."""
+        from saelab.models.loading import model_provenance  # loading builds on this module
+
+        return model_provenance(self.name)["model_name"]
+
     def check_context_size(self, T: int, named: str = CONTEXT_SETTING) -> int:
         """``T`` if the model takes contexts that long, else ConfigError (before any forward runs); ``named``
         says where ``T`` came from (by default the setting). The model is named as ``check_context_fits`` names
         it before the load (the offline default by its hub id)."""
         if self.max_context is not None and T > self.max_context:
-            from saelab.models.loading import model_provenance  # loading builds on this module
-
-            raise ConfigError(f"{named.format(n=T)} exceeds the longest context of "
-                              f"{model_provenance(self.name)['model_name']} ({self.max_context} tokens)")
+            raise ConfigError(f"{named.format(n=T)} exceeds the longest context of {self.known_as} "
+                              f"({self.max_context} tokens)")
         return T
 
     # -- tokens -----------------------------------------------------------------------------
@@ -165,11 +170,11 @@ class LanguageModel:
     ) -> HookSet:
         parsed_edits = {}
         for name, fn in (edits or {}).items():
-            layer, kind = parse_hook(name, self.layout, self.name)
+            layer, kind = parse_hook(name, self.layout, self.known_as)
             if not callable(fn):
                 raise TypeError(f"edit for hook {name!r} must be callable, got {type(fn).__name__}")
             parsed_edits[name] = (layer, kind, fn)
-        parsed_reads = {name: parse_hook(name, self.layout, self.name) for name in unique(reads)}
+        parsed_reads = {name: parse_hook(name, self.layout, self.known_as) for name in unique(reads)}
         return HookSet(self.layout, parsed_edits, parsed_reads, store, stop_when_done)
 
     @contextlib.contextmanager
@@ -241,7 +246,7 @@ class LanguageModel:
         ``tokens_BT``. Other hooks (attn_out, resid_mid, mlp_out) do not determine the residual
         stream, so for them the full forward runs with ``acts_BTD`` patched in.
         """
-        layer, kind = parse_hook(hook, self.layout, self.name)
+        layer, kind = parse_hook(hook, self.layout, self.known_as)
         tokens_BT = self.as_tokens(tokens_BT)
         if acts_BTD.shape != (*tokens_BT.shape, self.hook_width(hook)):
             raise ShapeMismatchError(
@@ -264,9 +269,9 @@ class LanguageModel:
 
     def _check_after(self, hook: str, edits: Edits) -> None:
         """Refuse edits at hooks that come before ``hook`` (a forward resumed there would skip them)."""
-        position = hook_position(*parse_hook(hook, self.layout, self.name))
+        position = hook_position(*parse_hook(hook, self.layout, self.known_as))
         for name in edits:
-            if hook_position(*parse_hook(name, self.layout, self.name)) < position:
+            if hook_position(*parse_hook(name, self.layout, self.known_as)) < position:
                 raise ConfigError(f"edit at hook {name!r} comes before {hook!r}, where the forward is resumed; "
                                   f"expected edits at {hook!r} or later hooks")
 

@@ -501,7 +501,7 @@ def configured_vocab_size(spec: str | LanguageModel, revision: str | None = None
 def _at(spec: str | LanguageModel, revision: str | None) -> str:
     """The model as a refusal names it: ``spec`` (the offline default by its hub id, as metrics.json names it),
     and the hub revision it is loaded at."""
-    named = model_provenance(spec.name if isinstance(spec, LanguageModel) else spec)["model_name"]
+    named = spec.known_as if isinstance(spec, LanguageModel) else model_provenance(spec)["model_name"]
     return f"{named} at revision {revision!r}" if revision else str(named)
 
 

@@ -248,15 +248,8 @@ def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
     order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
     return family_tree([sources[i].name for i in order], [sources[i].source for i in order],
                        [sources[i].sae for i in order], coact, min_score=cfg.family_min_score, hook=hook,
-                       model=_public_model_name(lm),
+                       model=lm.known_as,
                        position_0=position_0_words(shared_first(s.sae for s in sources)))
-
-
-def _public_model_name(lm) -> str:
-    """The model as the site and the families name it: the offline default by its hub id, as reports do."""
-    from saelab.models import model_provenance
-
-    return model_provenance(lm.name)["model_name"]
 
 
 def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
@@ -312,7 +305,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     lm.check_hook(hook)
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
-                          name=f"activations at {hook} of {lm.name} (for {s.source})")
+                          name=f"activations at {hook} of {lm.known_as} (for {s.source})")
     if cfg.n2g_latents:  # a padding token the tokenizer splits: refused now, not after the pass
         n2g_padding_id(lm.tokenizer, cfg)
     seconds["load"] = time.perf_counter() - t - seconds["tokenize"]
@@ -327,7 +320,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     manifest = {
         "format": SITE_FORMAT, "version": SITE_VERSION, "key": key, "inputs": inputs,
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": _public_model_name(lm), "hook": hook, "corpus": resolve_corpus(cfg),
+        "model": lm.known_as, "hook": hook, "corpus": resolve_corpus(cfg),
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
         "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": position_0_words(first),
         "config": dataclasses.asdict(cfg), "definitions": DEFINITIONS, "has_families": families is not None,
