@@ -1458,7 +1458,9 @@ def test_a_context_too_long_for_the_offline_default_names_it_by_its_hub_id(smoll
                (["eval", "long", "--out", "ev"], f"(--context-size sets another) {too_long}"),
                (["top", "long", "--latent", "1"], f"the SAE's context of 100000 tokens {too_long}"),
                (["eval", "run", "--hook", "blocks.50.hook_resid_post", "--out", "ev"],
-                f"unknown hook 'blocks.50.hook_resid_post' for model {DEFAULT_MODEL_HUB_ID}: layer 50 out of range")],
+                f"unknown hook 'blocks.50.hook_resid_post' for model {DEFAULT_MODEL_HUB_ID}: layer 50 out of range"),
+               (["eval", "run", "--suite", "paper", "--metrics", "compute_equivalent", "--out", "ev"],
+                f"no checkpoint series is known for model '{DEFAULT_MODEL_HUB_ID}'")],
               capsys)
     with pytest.raises(ConfigError) as e:  # the loaded model's own check, where no config was read first
         smollm2.check_context_size(100000)

@@ -38,7 +38,7 @@ def resolve_hook(lm, sae, hook: str | None) -> str:
         raise ValueError("no hook given and the SAE's cfg.hook_name is empty; pass cfg.hook")
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"hook {hook}")
-    sae.check_device(lm.device, f"model {lm.name}")
+    sae.check_device(lm.device, f"model {lm.known_as}")
     return hook
 
 

@@ -874,7 +874,8 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
     if series is None:
         spec = cfg.series or series_for_model(lm.name)
         if spec is None:
-            raise SeriesError(f"no checkpoint series or model family given and none is known for model {lm.name!r}; "
+            raise SeriesError(f"no checkpoint series or model family given and none is known for model "
+                              f"{lm.known_as!r}; "
                               f"pass one (--series {', '.join(known_series_names()[:2])}, ... or a folder)")
         series = resolve_series(spec, cfg.steps, device=lm.device)
     if spliced_loss is None:

@@ -126,7 +126,7 @@ def downstream_metrics(lm, sae, tokens_NT: torch.Tensor, *, hook: str | None = N
     hook = hook or sae.cfg.hook_name
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"hook {hook}")
-    sae.check_device(lm.device, f"model {lm.name}")
+    sae.check_device(lm.device, f"model {lm.known_as}")
     if not (isinstance(variants_per_forward, int) and variants_per_forward >= 1):
         raise ConfigError(f"variants_per_forward must be an integer >= 1, got {variants_per_forward!r}")
     first = 1 if (sae.cfg.exclude_first if exclude_first is None else exclude_first) else 0

@@ -65,6 +65,7 @@ from saelab.evals.compute_equivalent import (
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, worded_corpus_error
 from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
 from saelab.evals.probe import ProbeConfig, run_probe
+from saelab.models.loading import model_provenance
 from saelab.models.lm import context_named
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
 from saelab.train.checkpoint import changed_fields
@@ -181,7 +182,8 @@ def _series_losses(run: SuiteRun) -> Path:
 
 def _ce_applies(run: SuiteRun) -> str | None:
     if run.cfg.compute_equivalent.series is None and series_for_model(run.model) is None:
-        return (f"no checkpoint series is known for model {run.model!r} (built in: EleutherAI/pythia-<size> -> "
+        model = model_provenance(run.model)["model_name"]  # the offline default by its hub id
+        return (f"no checkpoint series is known for model {model!r} (built in: EleutherAI/pythia-<size> -> "
                 "the model family pythia-family, GPT-2 small -> the checkpoint series crfm-gpt2-small); pass "
                 "--series NAME, a folder with family.json or a folder of checkpoints")
     return None
