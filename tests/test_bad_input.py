@@ -227,13 +227,13 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
         torch.save(openai_state_dict(), path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         expect = ("could not be read as a plain tensor checkpoint (truncated or damaged archive "
-                  f"({path.stat().st_size:,} bytes)); expected an OpenAI sparse_autoencoder .pt checkpoint (read")
+                  f"({path.stat().st_size:,} bytes)); expected an OpenAI sparse_autoencoder .pt checkpoint")
     elif kind == "cut_legacy_pt":  # the pickle format before torch 1.6, cut short: torch says only EOFError
         path = tmp / "ae.pt"
         torch.save(openai_state_dict(), path, _use_new_zipfile_serialization=False)
         path.write_bytes(path.read_bytes()[:50])
         expect = ("could not be read as a plain tensor checkpoint (truncated file (50 bytes)); expected an OpenAI "
-                  "sparse_autoencoder .pt checkpoint (read")  # a damaged torch file: the format it was read as
+                  "sparse_autoencoder .pt checkpoint")  # a damaged torch file: the format it was read as
     elif kind == "empty_pt":  # torch says only EOFError
         path = tmp / "ae.pt"
         path.write_bytes(b"")
@@ -304,6 +304,68 @@ def test_bad_checkpoint_cli_eval(kind, tmp_path, tiny_gpt2, tiny_dir, corpus, ca
     if marker is not None:
         assert not marker.exists()
     assert snapshot(tmp_path) == before
+
+
+class _NotAllowed:
+    """Unpickling this makes a pathlib path: no code runs, but weights_only refuses any class it does not know."""
+
+    def __reduce__(self):
+        return (Path, ("x",))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy_pickle"])
+@pytest.mark.parametrize("payload", ["blocked_module", "builtin", "class"])
+def test_refused_pickle_is_never_told_to_load_unsafely(payload, legacy, tmp_path):
+    """torch refuses a global outside its allowlist with a paragraph whose first line past its title is "(1) In
+    PyTorch 2.6 ... Re-running torch.load with weights_only set to False will likely succeed": that line was
+    passed on as the reason, advising the one thing an untrusted file must not get. Only a blocked module
+    (os.system) came in the one-paragraph form the filter knew. Every loader now names the global refused."""
+    marker = tmp_path / "pwned"
+    value, name = {"blocked_module": (_Payload(marker), "GLOBAL posix.system"), "builtin": (_Builtin(), "GLOBAL print"),
+                   "class": (_NotAllowed(), "GLOBAL pathlib.Path")}[payload]
+    sd = {**openai_state_dict(), "activation_state_dict": value}
+    path = tmp_path / "ae.pt"
+    torch.save(sd, path, _use_new_zipfile_serialization=not legacy)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"sae": value}, run / CHECKPOINT, _use_new_zipfile_serialization=not legacy)
+    messages = []
+    for load in (lambda: load_sae(path), lambda: load_checkpoint(run)):
+        with pytest.raises(CheckpointError) as err:
+            load()
+        messages.append(str(err.value))
+    for msg in messages:
+        assert name in msg and "\n" not in msg, msg
+        for advice in ("False", "trusted source", "safe_globals", "(1)", "(2)"):
+            assert advice not in msg, msg
+    assert "(read with weights_only=True: pickles that reference code are refused, never run)" in messages[0]
+    assert not marker.exists()
+
+
+class _Builtin:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_legacy_pickle_cut_anywhere_says_truncated(tmp_path):
+    """A pre-1.6 torch file (a pickle) cut short raised IndexError ('index out of range'), struct.error ('unpack
+    requires a buffer of 2 bytes'), RuntimeError ('unexpected EOF, expected 8 more bytes') or, cut within a class
+    name, a refusal of the name's first part ('GLOBAL collections.Orde'), by where it was cut; a zip cut to its
+    first 1-3 bytes was 'not a torch checkpoint'. Each is now a truncated file of its size, without the clause on
+    refused pickles (nothing was refused)."""
+    path = tmp_path / "ae.pt"
+    torch.save(openai_state_dict(n=4, d=3), path, _use_new_zipfile_serialization=False)
+    legacy = path.read_bytes()
+    torch.save(openai_state_dict(n=4, d=3), path)
+    cuts = [legacy[:n] for n in range(1, len(legacy))] + [path.read_bytes()[:n] for n in (1, 2, 3)]
+    reasons = set()
+    for data in cuts:
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError) as err:
+            load_sae(path)
+        reasons.add(str(err.value).replace(f"({len(data):,} byte{'s' * (len(data) != 1)})", "(N bytes)"))
+    assert reasons == {f"{path}: could not be read as a plain tensor checkpoint (truncated file (N bytes)); "
+                       "expected an OpenAI sparse_autoencoder .pt checkpoint"}, reasons
 
 
 def _train_tiny_run(run: Path, stop_after_steps: int | None = None) -> None:
@@ -378,7 +440,8 @@ def test_model_folder_with_corrupt_weights_is_one_line_naming_the_file(damage, t
     assert len(err.splitlines()) == 1 and not (tmp_path / "acts").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "cut_small", "empty", "garbage", "zip_noise", "pickle_runs_code"])
+@pytest.mark.parametrize("damage", ["truncated", "cut_small", "empty", "garbage", "zip_noise", "pickle_runs_code",
+                                    "pickle_refused_builtin"])
 def test_model_folder_with_corrupt_pytorch_weights_is_one_line_naming_the_file(damage, tiny_gpt2, tiny_dir, corpus,
                                                                                tmp_path, capsys):
     """A damaged pytorch_model.bin was torch's traceback naming no file (an UnpicklingError, a RuntimeError, or
@@ -392,8 +455,9 @@ def test_model_folder_with_corrupt_pytorch_weights_is_one_line_naming_the_file(d
     torch.save(tiny_gpt2.model.state_dict(), weights)
     load_model(str(folder))  # intact, it loads
     good = weights.read_bytes()
-    if damage == "pickle_runs_code":
-        torch.save({**tiny_gpt2.model.state_dict(), "extra": _Payload(marker)}, weights)
+    if damage.startswith("pickle"):
+        extra = _Payload(marker) if damage == "pickle_runs_code" else _Builtin()
+        torch.save({**tiny_gpt2.model.state_dict(), "extra": extra}, weights)
     else:
         noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
         weights.write_bytes({"truncated": good[: len(good) // 2], "cut_small": good[:30000], "empty": b"",

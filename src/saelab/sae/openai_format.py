@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from saelab.errors import CheckpointError, torch_load_reason
+from saelab.errors import CheckpointError, refused_by_weights_only, torch_load_reason
 from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
 
@@ -80,8 +80,9 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT, not_tor
     try:
         with open(path, "rb") as f:
             head = f.read(4)
-        # torch saves a zip, or a pickle before 1.6; an empty file is left to torch.load, whose reason names it
-        if head and head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        # torch saves a zip, or a pickle before 1.6; an empty file, or one cut within the zip's signature, is left
+        # to torch.load, whose reason names it
+        if head and not (head[:1] == b"\x80" or b"PK\x03\x04".startswith(head)):
             raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
                                   f"expected {not_torch or what}")
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -90,10 +91,9 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT, not_tor
     except CheckpointError:
         raise
     except Exception as e:  # truncated zip, corrupt pickle, or a pickle that references code (refused)
-        raise CheckpointError(
-            f"{path}: could not be read as a plain tensor checkpoint ({torch_load_reason(e, path)}); expected {what} "
-            "(read with weights_only=True: pickles that reference code are refused, never run)"
-        ) from e
+        refused = " (read with weights_only=True: pickles that reference code are refused, never run)"
+        raise CheckpointError(f"{path}: could not be read as a plain tensor checkpoint ({torch_load_reason(e, path)}); "
+                              f"expected {what}{refused if refused_by_weights_only(e, path) else ''}") from e
 
 
 def read_openai_v5_state(path: Path, not_torch: str | None = None) -> Mapping[str, Any]:
