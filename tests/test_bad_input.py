@@ -380,22 +380,30 @@ def _train_tiny_run(run: Path, stop_after_steps: int | None = None) -> None:
 
 def test_training_checkpoint_given_as_sae_names_its_run(tmp_path, capsys):
     """A run's checkpoint.pt given as the SAE read as an OpenAI checkpoint missing its keys: it names its run
-    folder (through a link too); a copy outside a run gets the plain refusal."""
-    unfinished, finished = tmp_path / "unfinished", tmp_path / "finished"
+    folder (through a link to it, or as a run's own checkpoint.pt that links elsewhere), from the CLI and from
+    Python (load_sae gave the plain refusal); a copy outside a run gets the plain refusal."""
+    unfinished, finished, linked = tmp_path / "unfinished", tmp_path / "finished", tmp_path / "linked"
     _train_tiny_run(unfinished, stop_after_steps=1)
     _train_tiny_run(finished)
+    _train_tiny_run(linked, stop_after_steps=1)
     (tmp_path / "elsewhere").mkdir()
     shutil.copy(finished / CHECKPOINT, tmp_path / "elsewhere" / CHECKPOINT)
     (tmp_path / "link.pt").symlink_to(finished / CHECKPOINT)
+    shutil.move(linked / CHECKPOINT, tmp_path / "elsewhere" / "kept.pt")  # a checkpoint kept on another disk
+    (linked / CHECKPOINT).symlink_to(tmp_path / "elsewhere" / "kept.pt")
     run_hint = "the training checkpoint of run folder {}, not an SAE: pass the run folder"
     cases = {unfinished / CHECKPOINT: run_hint.format(unfinished) + " once its training has finished",
              finished / CHECKPOINT: run_hint.format(finished),
              tmp_path / "link.pt": run_hint.format(finished),
+             linked / CHECKPOINT: run_hint.format(linked) + " once its training has finished",
              tmp_path / "elsewhere" / CHECKPOINT: "not an OpenAI sparse_autoencoder checkpoint: missing encoder.weight"}
     for path, expect in cases.items():
         code, out, err = run_cli(capsys, "top", str(path), "--latent", "1")
-        assert code == 2 and err.startswith(f"saelab top: error: {path}: {expect}")
+        assert code == 2 and err.startswith(f"saelab top: error: {path}: {expect}"), err
         assert "elsewhere" in str(path) or err.strip() == f"saelab top: error: {path}: {expect}"
+        with pytest.raises(CheckpointError) as raised:
+            load_sae(path)
+        assert str(raised.value).startswith(f"{path}: {expect}"), raised.value
     assert load_sae(finished).cfg.n_latents == 64  # the run folder it names loads, from Python too
     # an SAE saved as checkpoint.pt beside another tool's train_config.json is no run's checkpoint: it loads
     other = tmp_path / "other"

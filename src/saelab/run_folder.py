@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saelab.errors import CheckpointError, ConfigError
-from saelab.sae.io import SAE_DIR, TRAIN_CONFIG, holds_a_run, run_folders_in  # where saving refuses runs
+from saelab.sae.io import CHECKPOINT, SAE_DIR, TRAIN_CONFIG, holds_a_run, run_folders_in  # where saving refuses runs
 from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
 
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     import torch
 
 ACTIVATIONS_DIR = "activations"
-CHECKPOINT = "checkpoint.pt"
 STATUS = "status.json"
 TRAINING_LOG = "metrics.jsonl"
 EVAL_METRICS = "metrics.json"
@@ -156,21 +155,7 @@ def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = Fa
     if path.is_dir() and holds_artefact(path, "activations") and not (path / "cfg.json").exists():
         raise CheckpointError(f"{path} is {what} ({marker}), not an SAE: train one on it (`saelab train "
                               f"--activations {path} --out RUN`) and pass RUN, or pass an SAE folder")
-    try:
-        return load_sae(str(source), allow_http=allow_http), None
-    except CheckpointError:
-        _refuse_a_runs_checkpoint(path)  # only once it failed: an SAE saved under that name still loads
-        raise
-
-
-def _refuse_a_runs_checkpoint(path: Path) -> None:
-    """Name the run folder of ``path`` when it is (or links to) a run's training checkpoint."""
-    real = path.resolve()  # through a link too: the folder the checkpoint belongs to
-    if real.name == CHECKPOINT and real.is_file() and holds_a_run(real.parent):
-        run = real.parent
-        when = "" if is_run(run) else " once its training has finished"
-        raise CheckpointError(f"{path}: the training checkpoint of run folder {run}, not an SAE: pass the run "
-                              f"folder{when}") from None
+    return load_sae(str(source), allow_http=allow_http), None
 
 
 def sae_sha256(sae) -> str:

@@ -70,8 +70,10 @@ _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 TRAIN_CONFIG = "train_config.json"
 SAE_DIR = "sae"
-"""What marks a run folder (``saelab train --out RUN``), and where its SAE is: here, below
-:mod:`saelab.run_folder` (which lists a run's other files), so that saving can refuse both."""
+CHECKPOINT = "checkpoint.pt"
+"""What marks a run folder (``saelab train --out RUN``), where its SAE is and its training checkpoint (no SAE):
+here, below :mod:`saelab.run_folder` (which lists a run's other files), so that saving can refuse a run and
+loading can name one."""
 
 
 def save_sae(
@@ -251,8 +253,23 @@ def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> TopKSAE:
     """Load a finished run folder's SAE, an SAE folder (SAELens or sparsify layout) or an OpenAI ``.pt`` file
     from disk."""
-    # a path could be any of SAE_SOURCES: a file that is no torch checkpoint is told so
-    return _load_path(_existing_path(source), device, dtype, not_torch=f"an SAE: {SAE_SOURCES}")
+    path = _existing_path(source)
+    try:  # a path could be any of SAE_SOURCES: a file that is no torch checkpoint is told so
+        return _load_path(path, device, dtype, not_torch=f"an SAE: {SAE_SOURCES}")
+    except CheckpointError:
+        _refuse_a_runs_checkpoint(path)  # only once it failed: an SAE saved under that name still loads
+        raise
+
+
+def _refuse_a_runs_checkpoint(path: Path) -> None:
+    """Name the run folder of ``path`` when it is a run's training checkpoint: RUN/checkpoint.pt (a link to a file
+    elsewhere too) or a link to one."""
+    for checkpoint in (path, path.resolve()):
+        run = checkpoint.parent
+        if checkpoint.name == CHECKPOINT and checkpoint.is_file() and holds_a_run(run):
+            when = "" if (run / SAE_DIR / CFG_FILENAME).is_file() else " once its training has finished"
+            raise CheckpointError(f"{path}: the training checkpoint of run folder {run}, not an SAE: pass the run "
+                                  f"folder{when}") from None
 
 
 def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype, not_torch: str | None = None) -> TopKSAE:
