@@ -303,6 +303,11 @@ def test_a_count_of_one_reads_in_the_singular(tok):
         token_contexts(["Hi"], tok, 1, n_contexts=2, bos_token_id=tok.bos_token_id, prepend_bos=False)
     with pytest.raises(NonFiniteError, match=r"contain NaN or inf in 1 of 1 row; expected finite numbers"):
         TopKSAE(SAEConfig(d_in=4, n_latents=8, k=2)).check_input(torch.full((1, 4), float("nan")))
+    one_latent = TopKSAE(SAEConfig(d_in=4, n_latents=1, k=1))
+    with pytest.raises(IndexError, match=r"^latent 3 out of range: the SAE has 1 latent$"):
+        one_latent.check_latents([3])
+    with pytest.raises(TypeError, match=r"one of the SAE's 1 latent$"):
+        one_latent.check_latents([0.5])
 
 
 # --- harvest ---------------------------------------------------------------------------------

@@ -663,8 +663,8 @@ def _check_suite_inputs(sae: TopKSAE, source: str | Path, run: Path | None, out:
         n = cfg.n2g.n_latents
         # The default (64) may exceed a small SAE: it then draws every latent that fires, as 0 does.
         if not cfg.n2g.latents and n > sae.n_latents and n != N2GConfig.n_latents:
-            raise ConfigError(f"--n2g-n-latents {n}: the SAE has {sae.n_latents} latents; expected at most "
-                              f"{sae.n_latents} (0: every latent that fires)")
+            raise ConfigError(f"--n2g-n-latents {n}: the SAE has {sae.n_latents} {plural(sae.n_latents, 'latent')}; "
+                              f"expected at most {sae.n_latents} (0: every latent that fires)")
     if _suite_runs(cfg, "compute_equivalent") and cfg.compute_equivalent.series:  # an unknown name
         resolve_series(cfg.compute_equivalent.series, cfg.compute_equivalent.steps)
     if _suite_runs(cfg, "ablation_sparsity"):

@@ -90,7 +90,8 @@ def refuse_options_that_do_not_apply(args: argparse.Namespace, grid: dict[str, l
         if p["k_aux"] > p["n_latents"]:  # each named as given, a file's entries after their file
             n_latents = how("n_latents") or advised_as(args, how("k_aux"), "--n-latents") or "--n-latents"
             how_given = {"--k-aux": how("k_aux"), "--n-latents": n_latents}
-            raise ConfigError(in_given_words(f"--k-aux: {p['k_aux']} exceeds the SAE's {p['n_latents']} latents "
+            latents = f"{p['n_latents']} {plural(p['n_latents'], 'latent')}"
+            raise ConfigError(in_given_words(f"--k-aux: {p['k_aux']} exceeds the SAE's {latents} "
                                              f"(--n-latents); AuxK trains at most every dead latent: expected at "
                                              f"most {p['n_latents']}", how_given))
 

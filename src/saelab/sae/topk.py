@@ -217,9 +217,11 @@ class TopKSAE(nn.Module):
         and 2.9 or True would be read as 2 or 1."""
         for i in latents:
             if isinstance(i, bool) or not float(i).is_integer():
-                raise TypeError(f"latent {i!r}: expected an integer index of one of the SAE's {self.n_latents} latents")
+                raise TypeError(f"latent {i!r}: expected an integer index of one of the SAE's {self.n_latents} "
+                                f"{plural(self.n_latents, 'latent')}")
             if not 0 <= int(i) < self.n_latents:
-                raise IndexError(f"latent {int(i)} out of range: the SAE has {self.n_latents} latents")
+                raise IndexError(f"latent {int(i)} out of range: the SAE has {self.n_latents} "
+                                 f"{plural(self.n_latents, 'latent')}")
 
     # ---- input normalization ---------------------------------------------------------------
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:

@@ -47,6 +47,7 @@ from saelab.sae.io import SAE_SOURCES
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
 from saelab.utils.hub import local_path
+from saelab.utils.words import plural
 
 DEFINITIONS = {
     "tokens": "contexts packed from the corpus, BOS first; position 0 is not scored when the SAE leaves it out",
@@ -259,7 +260,8 @@ def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
     n = smallest.sae.n_latents
     if cfg.n2g_latents > n:
         which = "the SAE" if len(sources) == 1 else f"the SAE {smallest.name}"
-        raise ConfigError(f"browse.n2g_latents {cfg.n2g_latents}: {which} has {n} latents; expected at most {n}")
+        raise ConfigError(f"browse.n2g_latents {cfg.n2g_latents}: {which} has {n} {plural(n, 'latent')}; expected at "
+                          f"most {n}")
 
 
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
