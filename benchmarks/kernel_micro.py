@@ -18,7 +18,12 @@ GEMM itself, [4,096, 576] @ [576, n], as compare_peers' bound times it (one ``mm
 weight) against the ways a step could run it: the step's own (``addmm`` with the bias, 2,048-row
 chunks into one reused buffer, the latent-major weight), the whole batch latent-major, 1,024-row
 chunks, and MKL's and oneDNN's prepacked-weight GEMMs where this torch has them (packing included:
-the weights change every step). No timing here is asserted anywhere.
+the weights change every step). ``--screen`` times the parts of the bfloat16 screen (``_Screen``) on one
+[2,048, n] chunk, where this CPU has bfloat16 hardware: its GEMM against the float32 one it replaces, the
+top k + SCREEN_MARGIN of the bfloat16 pre-activations, the candidates' float32 recomputation, the error
+bound, and the whole screened top-k (random rows and weights settle fewer rows by the bound than a trained
+SAE's on activations, so more run the second stage or the float32 GEMM: the share is printed; whole training
+steps are auxk_cost.py's). No timing here is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -84,6 +89,25 @@ def gemm_variants(n: int, gen: torch.Generator) -> dict:
     return variants
 
 
+def screen_parts(n: int, gen: torch.Generator) -> tuple[dict, "this._Screen"]:
+    """The bfloat16 screen's parts on one chunk of DEFAULT_CHUNK_ROWS rows (see the module docstring), and the
+    screen (it counts the rows its bound settles)."""
+    rows, c = this.DEFAULT_CHUNK_ROWS, K + this.SCREEN_MARGIN
+    xs = torch.randn(rows, D, generator=gen)
+    W = (torch.randn(n, D, generator=gen) / D**0.5).t()  # latent-major, as TopKSAE
+    b = torch.zeros(n)
+    screen = this._Screen(W, b, n, xs, rows)
+    xh = xs.to(torch.bfloat16)
+    approx = torch.addmm(screen.bh, xh, screen.Wh)
+    bound = screen._row_bound(xs, xh)
+    return {"bfloat16 GEMM": lambda: torch.addmm(screen.bh, xh, screen.Wh, out=screen.buf),
+            "float32 GEMM": lambda: torch.addmm(b, xs, W),
+            f"top {c} of bfloat16": lambda: this._topk(approx, c),
+            "candidates": lambda: screen._candidates_top(xs, approx, bound, c, K, False),
+            "bound": lambda: screen._row_bound(xs, xh),
+            "screened top-k": lambda: screen.topk(xs, K, False)}, screen
+
+
 def decode_case(mod, vals, idx, W, g):
     def run():
         mod.sparse_decode(vals, idx, W).backward(g)
@@ -110,6 +134,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gemm", action="store_true", help="also time the encoder GEMM's forms against the bound's")
+    ap.add_argument("--screen", action="store_true", help="also time the parts of the bfloat16 screen's top-k")
     args = ap.parse_args()
     if args.other is not None and not args.other.is_file():
         ap.error(f"--other {args.other}: expected a kernels.py file")
@@ -132,6 +157,12 @@ def main() -> None:
         compare(f"n={n:,} topk k={K} of [{CHUNK:,}, {n:,}]", topk_variants, args.rounds)
         if args.gemm:
             compare(f"n={n:,} encoder GEMM [{BATCH:,}, {D}] @ [{D}, {n:,}]", gemm_variants(n, gen), args.rounds)
+        if args.screen and this._native_bf16_gemm():
+            parts, screen = screen_parts(n, gen)
+            compare(f"n={n:,} screen of a [{this.DEFAULT_CHUNK_ROWS:,}, {n:,}] chunk", parts, args.rounds)
+            print(f"  rows the bound settled (either stage): {screen.settled / screen.rows:.1%}")
+        elif args.screen:
+            print(f"n={n:,} screen: not timed, this CPU has no bfloat16 GEMM in hardware (saelab uses float32)")
         if other is None:
             continue
         W_dec = torch.randn(n, D, generator=gen).requires_grad_()
