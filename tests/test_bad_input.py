@@ -351,8 +351,9 @@ def test_legacy_pickle_cut_anywhere_says_truncated(tmp_path):
     """A pre-1.6 torch file (a pickle) cut short raised IndexError ('index out of range'), struct.error ('unpack
     requires a buffer of 2 bytes'), RuntimeError ('unexpected EOF, expected 8 more bytes') or, cut within a class
     name, a refusal of the name's first part ('GLOBAL collections.Orde'), by where it was cut; a zip cut to its
-    first 1-3 bytes was 'not a torch checkpoint'. Each is now a truncated file of its size, without the clause on
-    refused pickles (nothing was refused)."""
+    first 1-3 bytes was 'not a torch checkpoint'. Each is now a truncated file of its size ('truncated or damaged'
+    where the unpickler's error is one that damage gives too), without the clause on refused pickles (nothing
+    was refused). The same file damaged in the middle, whole, is never called truncated."""
     path = tmp_path / "ae.pt"
     torch.save(openai_state_dict(n=4, d=3), path, _use_new_zipfile_serialization=False)
     legacy = path.read_bytes()
@@ -364,8 +365,50 @@ def test_legacy_pickle_cut_anywhere_says_truncated(tmp_path):
         with pytest.raises(CheckpointError) as err:
             load_sae(path)
         reasons.add(str(err.value).replace(f"({len(data):,} byte{'s' * (len(data) != 1)})", "(N bytes)"))
-    assert reasons == {f"{path}: could not be read as a plain tensor checkpoint (truncated file (N bytes)); "
-                       "expected an OpenAI sparse_autoencoder .pt checkpoint"}, reasons
+    assert reasons == {f"{path}: could not be read as a plain tensor checkpoint ({how} (N bytes)); expected an "
+                       "OpenAI sparse_autoencoder .pt checkpoint" for how in ("truncated file",
+                                                                            "truncated or damaged file")}, reasons
+    for at in range(2, 300):  # one byte of the pickles changed, the file whole
+        path.write_bytes(legacy[:at] + bytes([legacy[at] ^ 0x55]) + legacy[at + 1:])
+        try:
+            load_sae(path)
+        except CheckpointError as err:
+            assert "truncated file" not in str(err) and "\n" not in str(err), (at, str(err))
+
+
+def test_torch_refusals_in_other_wordings_carry_no_advice(tmp_path):
+    """torch words its advice to retry with weights_only=False after other reasons too: a DTensor's module not
+    imported, a TorchScript archive (and the legacy .tar format). Each loader keeps the reason and drops the
+    advice. The DTensor's file is read by a fresh `saelab top`: once a test has imported transformers, which
+    imports torch.distributed.tensor, torch reads the file further and fails otherwise."""
+    dtensor = tmp_path / "dtensor.pt"
+    dtensor.write_bytes(b"\x80\x02ctorch.distributed.tensor\nDTensor\n.")
+    done = subprocess.run([sys.executable, "-m", "saelab", "top", str(dtensor), "--latent", "1"], capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (2, "") and done.stderr == (
+        f"saelab top: error: {dtensor}: could not be read as a plain tensor checkpoint (UnpicklingError: "
+        "``torch.distributed.tensor`` must be imported to load DTensors); expected an OpenAI sparse_autoencoder .pt "
+        "checkpoint\n"), done.stderr
+    script = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(script, run / CHECKPOINT)
+    for load in (lambda: load_sae(script), lambda: load_checkpoint(run)):
+        with pytest.raises(CheckpointError) as err:
+            load()
+        msg = str(err.value)
+        assert ("(RuntimeError: Cannot use ``weights_only=True`` with TorchScript archives passed to ``torch.load``)"
+                in msg and "False" not in msg and "trust" not in msg and "\n" not in msg), msg
+
+
+def test_class_name_from_a_file_is_shown_escaped(tmp_path):
+    """A refused global's name comes from the file: its terminal escapes reached the terminal as they were."""
+    path = tmp_path / "ansi.pt"
+    path.write_bytes(b"\x80\x02cx\n\x1b[2J\x1b[31mOK\n.")
+    with pytest.raises(CheckpointError) as err:
+        load_sae(path)
+    assert "\x1b" not in str(err.value) and "GLOBAL x.\\x1b[2J\\x1b[31mOK" in str(err.value), str(err.value)
 
 
 def _train_tiny_run(run: Path, stop_after_steps: int | None = None) -> None:

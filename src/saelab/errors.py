@@ -3,7 +3,7 @@
 import errno
 import os
 import pickle
-import pickletools
+import re
 import struct
 
 
@@ -17,20 +17,25 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-# Lines of torch's weights_only error that are advice, not a reason: to retry with weights_only=False (its
-# title line, or a numbered "(1) ... Re-running torch.load with weights_only set to False will likely succeed"),
-# to allowlist the global, to read the docs. Retrying unsafely is exactly what an untrusted file must not get.
-_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1) ", "(2) ")
-_ALLOWLIST_ADVICE = " Please use `torch.serialization"
+# Fragments that mark a sentence of torch's load errors as advice, not a reason: to retry with weights_only=False
+# (in several wordings: a title line, "(1) In PyTorch 2.6 ...", after "Cannot use weights_only=True with ..."), to
+# allowlist a global, to read the docs. Retrying unsafely is exactly what an untrusted file must not get; a
+# sentence that names False at all is dropped, whatever a file's own class names make it say.
+_TORCH_ADVICE = ("Weights only load failed", "can still be loaded", "In PyTorch 2.6", "Re-running", "Do it only if",
+                 "trust", "safe_globals", "Alternatively", "recommended steps", "Please file an issue",
+                 "Check the documentation", "False")
+_REASON_CHARS = 200
+"""At most this much of torch's reason is shown: past torch's own words it quotes the file (a class name)."""
 
 
 def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None) -> str:
     """The informative part of a torch.load failure (e.g. 'Unsupported global: GLOBAL print was not an allowed
-    global by default'), one line, without torch's advice. ``path``, the file torch read, names the faults
-    torch's own error leaves unsaid, by the file's size: an empty file (torch says EOFError), a zip archive cut
-    short where its reader names no fault (torch says OSError [Errno 22] Invalid argument, for a file cut to
-    under about 64 KiB), a file cut short in the older pickle format (EOFError, IndexError, struct.error or
-    'unexpected EOF', by where it was cut) or within a zip's first 4 bytes (read by torch as a pickle)."""
+    global by default'), one line of printable characters, without torch's advice. ``path``, the file torch
+    read, names the faults torch's own error leaves unsaid, by the file's size: an empty file (torch says
+    EOFError), a zip archive cut short where its reader names no fault (torch says OSError [Errno 22] Invalid
+    argument, for a file cut to under about 64 KiB), a file cut short (``_cut_short``), and a file in the older
+    pickle format whose bytes the unpickler could not read as a pickle (IndexError, struct.error or
+    UnicodeDecodeError, by where it was cut or damaged)."""
     fault = torch_archive_fault(err)
     if fault is not None:
         return f"truncated or damaged archive: {fault}"
@@ -40,53 +45,85 @@ def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None)
     if size is not None and head == _ZIP_SIGNATURE and isinstance(err, OSError) and err.errno == errno.EINVAL:
         return f"truncated or damaged archive ({size:,} bytes)"
     if size is not None and _cut_short(err, head, size, path):
-        return f"truncated file ({size:,} byte{'s' * (size != 1)})"
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    lines = [line.removeprefix("WeightsUnpickler error:").strip() for line in lines
-             if not line.startswith(_TORCH_ADVICE)]
-    reason = next((line for line in lines if line), "").split(_ALLOWLIST_ADVICE, 1)[0].rstrip(".")
+        return f"truncated file ({_bytes(size)})"
+    if size is not None and head[:1] == _PICKLE and isinstance(err, (IndexError, struct.error, UnicodeDecodeError)):
+        return f"truncated or damaged file ({_bytes(size)})"
+    reason = _printable(next(_reason_sentences(str(err)), "").rstrip("."))
     return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
 
 
+def _bytes(size: int) -> str:
+    return f"{size:,} byte{'s' * (size != 1)}"
+
+
+def may_be_torch_file(head: bytes) -> bool:
+    """Whether a file that starts with ``head`` (its first 4 bytes, or all of a shorter file) may be one torch.save
+    wrote: a zip archive (or its first bytes) or a pickle."""
+    return head[:1] == _PICKLE or _ZIP_SIGNATURE.startswith(head)
+
+
+def _reason_sentences(text: str):
+    """The sentences of torch's error text that are not advice, in order."""
+    for line in text.splitlines():
+        for sentence in re.split(r"(?<=\.)\s+", line.strip().removeprefix("WeightsUnpickler error:").strip()):
+            if sentence and not any(fragment in sentence for fragment in _TORCH_ADVICE):
+                yield sentence
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters escaped (a class name in a file can hold terminal escapes), cut to
+    _REASON_CHARS."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
+
+
 def refused_by_weights_only(err: BaseException, path: str | os.PathLike | None = None) -> bool:
-    """Whether torch.load(weights_only=True) refused what the pickle would have built (a global off its allowlist),
-    in the file at ``path`` whole: a pickle cut within a class name reads as a refusal of the name's first part."""
+    """Whether torch.load(weights_only=True) refused a global off its allowlist that the file at ``path`` holds
+    whole (a pickle cut within a class name reads as a refusal of the name's first part)."""
+    if not isinstance(err, pickle.UnpicklingError) or _REFUSED_GLOBAL.search(str(err)) is None:
+        return False
     size, head = _size_and_head(path)
-    refused = isinstance(err, pickle.UnpicklingError) and str(err).startswith("Weights only load failed")
-    return refused and (size is None or not _cut_short(err, head, size, path))
+    return size is None or not _cut_short(err, head, size, path)
 
 
-_LEGACY_PICKLES = 5
-"""A torch file in the pickle format (before torch 1.6) starts with this many pickles: magic number, protocol
-version, system info, the object, its storages' keys; the storages' bytes follow."""
+_PICKLE = b"\x80"
+"""How a pickle of protocol 2 or later starts: a torch file in the format before torch 1.6 is a few of them."""
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S*)")
+"""How torch names the global it refused ('Unsupported global: GLOBAL print', 'unsupported GLOBAL posix.system')."""
 
 
-def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLike | None) -> bool:
-    """Whether torch ran out of data: EOFError, a zip signature cut within its 4 bytes, or, in the pickle format,
-    the reader's errors for reading past the end, or any error where a pickle ends before its STOP."""
+def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLike) -> bool:
+    """Whether torch ran out of data: EOFError, a zip signature cut within its 4 bytes, 'unexpected EOF' in the
+    storages of the pickle format, or a refused global whose name the file's end cuts short."""
     if isinstance(err, EOFError) or (size < len(_ZIP_SIGNATURE) and _ZIP_SIGNATURE.startswith(head)):
         return True
-    if head[:1] != b"\x80":
+    if head[:1] != _PICKLE:
         return False
-    if isinstance(err, (IndexError, struct.error)) or (isinstance(err, RuntimeError)
-                                                     and str(err).startswith("unexpected EOF")):
-        return True
-    return _pickles_cut_short(path, size)
+    return (isinstance(err, RuntimeError) and str(err).startswith("unexpected EOF")) or _global_cut_at_end(err, path)
 
 
-def _pickles_cut_short(path: str | os.PathLike, size: int) -> bool:
-    """Whether the file's leading pickles end before their STOP opcode (pickletools parses them; nothing is built
-    or run)."""
+def _global_cut_at_end(err: BaseException, path: str | os.PathLike) -> bool:
+    """Whether the global torch refused is what a GLOBAL opcode ('c', then a module line and a name line) at the
+    file's end reads as, its last line running to the end: a class name the end cut short."""
+    found = _REFUSED_GLOBAL.search(str(err))
+    if found is None or not isinstance(err, pickle.UnpicklingError):
+        return False
     with open(path, "rb") as f:
-        try:
-            for _ in range(_LEGACY_PICKLES):
-                if f.tell() == size:
-                    return False
-                for _ in pickletools.genops(f):
-                    pass
-        except Exception:  # noqa: BLE001 - an unknown opcode or bad argument before the end, or data run out at it
-            return f.tell() >= size
-    return False
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - len(found.group(1).encode()) - 3))  # 'c', module, newline, name, a byte dropped
+        tail = f.read()
+    return any(tail[start:start + 1] == b"c" and _global_as_read(tail[start + 1:]) == found.group(1)
+               for start in range(len(tail)))
+
+
+def _global_as_read(lines: bytes) -> str | None:
+    """'module.name' as torch's unpickler reads a GLOBAL's two lines that run to the end of the file: it drops each
+    line's last byte, taken for its newline; None where the name line has a newline (it does not run to the end)."""
+    module, newline, name = lines.partition(b"\n")
+    if b"\n" in name:
+        return None
+    module, name = (module, name[:-1]) if newline else (module[:-1], b"")
+    return f"{module.decode(errors='replace')}.{name.decode(errors='replace')}"
 
 
 _ZIP_SIGNATURE = b"PK\x03\x04"

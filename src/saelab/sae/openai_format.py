@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from saelab.errors import CheckpointError, refused_by_weights_only, torch_load_reason
+from saelab.errors import CheckpointError, may_be_torch_file, refused_by_weights_only, torch_load_reason
 from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
 
@@ -82,7 +82,7 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT, not_tor
             head = f.read(4)
         # torch saves a zip, or a pickle before 1.6; an empty file, or one cut within the zip's signature, is left
         # to torch.load, whose reason names it
-        if head and not (head[:1] == b"\x80" or b"PK\x03\x04".startswith(head)):
+        if head and not may_be_torch_file(head):
             raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
                                   f"expected {not_torch or what}")
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -91,9 +91,9 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT, not_tor
     except CheckpointError:
         raise
     except Exception as e:  # truncated zip, corrupt pickle, or a pickle that references code (refused)
-        refused = " (read with weights_only=True: pickles that reference code are refused, never run)"
+        how_read = " (read with weights_only=True: pickles that reference code are refused, never run)"
         raise CheckpointError(f"{path}: could not be read as a plain tensor checkpoint ({torch_load_reason(e, path)}); "
-                              f"expected {what}{refused if refused_by_weights_only(e, path) else ''}") from e
+                              f"expected {what}{how_read if refused_by_weights_only(e, path) else ''}") from e
 
 
 def read_openai_v5_state(path: Path, not_torch: str | None = None) -> Mapping[str, Any]:
