@@ -402,6 +402,19 @@ def test_torch_refusals_in_other_wordings_carry_no_advice(tmp_path):
                 in msg and "False" not in msg and "trust" not in msg and "\n" not in msg), msg
 
 
+def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
+    """A numpy .npz is a zip archive: torch's reason came with the place in its C++ code that raised it
+    ('[enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: x.npy')."""
+    import numpy as np
+
+    path = tmp_path / "acts.npz"
+    np.savez(path, x=np.zeros(3))
+    with pytest.raises(CheckpointError) as err:
+        load_sae(path)
+    assert str(err.value) == (f"{path}: could not be read as a plain tensor checkpoint (RuntimeError: file in archive "
+                              "is not in a subdirectory: x.npy); expected an OpenAI sparse_autoencoder .pt checkpoint")
+
+
 def test_class_name_from_a_file_is_shown_escaped(tmp_path):
     """A refused global's name comes from the file: its terminal escapes reached the terminal as they were."""
     path = tmp_path / "ansi.pt"

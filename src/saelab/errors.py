@@ -63,11 +63,16 @@ def may_be_torch_file(head: bytes) -> bool:
 
 
 def _reason_sentences(text: str):
-    """The sentences of torch's error text that are not advice, in order."""
+    """The sentences of torch's error text that are not advice, in order, without the place in torch's C++ code
+    that raised it ('[enforce fail at inline_container.cc:180] . ')."""
     for line in text.splitlines():
-        for sentence in re.split(r"(?<=\.)\s+", line.strip().removeprefix("WeightsUnpickler error:").strip()):
-            if sentence and not any(fragment in sentence for fragment in _TORCH_ADVICE):
+        line = _CPP_PLACE.sub("", line.strip().removeprefix("WeightsUnpickler error:").strip())
+        for sentence in re.split(r"(?<=\.)\s+", line):
+            if re.search(r"\w", sentence) and not any(fragment in sentence for fragment in _TORCH_ADVICE):
                 yield sentence
+
+
+_CPP_PLACE = re.compile(r"^\[enforce fail at [^\]]*\][\s.]*")
 
 
 def _printable(text: str) -> str:
