@@ -2200,13 +2200,17 @@ def _tokenizer_refusals(prefix: str = "") -> list:
                          id="ids-past-the-vocabulary")]
 
 
-@pytest.mark.parametrize("case, message", [
-    pytest.param("short-context", f"the SAE's context of 32 tokens (--context-size sets another) exceeds the longest "
-                 f"context of {_CRFM} at revision 'checkpoint-400' (16 tokens)", id="context-past-the-checkpoints"),
-    *_tokenizer_refusals(),
+@pytest.mark.parametrize("case, message, extra", [
+    pytest.param("short-context", f"checkpoint checkpoint-400: the SAE's context of 32 tokens (--context-size sets "
+                 f"another) exceeds the longest context of {_CRFM} at revision 'checkpoint-400' (16 tokens)", (),
+                 id="context-past-the-checkpoints"),
+    pytest.param("short-context", "checkpoint checkpoint-400: --context-size 24 exceeds the longest context of "
+                 f"{_CRFM} at revision 'checkpoint-400' (16 tokens)", ("--context-size", "24"),
+                 id="context-set-past-the-checkpoints"),
+    *[pytest.param(*p.values, (), id=p.id) for p in _tokenizer_refusals()],
 ])
 def test_compute_equivalent_input_is_refused_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path, case,
-                                                                                  message):
+                                                                                  message, extra):
     """compute_equivalent loads its reference models by hub revision, and their config and tokenizer came only
     with the weights: eval contexts longer than a checkpoint takes, or a corpus it tokenizes otherwise, were
     refused only after each revision's weights downloaded (ids past its vocabulary, until the vocabulary was read
@@ -2219,7 +2223,8 @@ def test_compute_equivalent_input_is_refused_before_a_hub_models_weights_downloa
     proc, requests = _saelab_with_a_hub_model(
         gpt2_tokenizer, tmp_path, "eval", "sae", "--suite", "paper", "--out", "ev", "--corpus", "c.txt",
         "--downstream-tokens", "310", "--metrics", "compute_equivalent", "--series", "crfm-gpt2-small",
-        "--series-steps", "400", "1000", repo=_CRFM, revisions={f"checkpoint-{s}": checkpoint for s in (400, 1000)})
+        "--series-steps", "400", "1000", *extra, repo=_CRFM,
+        revisions={f"checkpoint-{s}": checkpoint for s in (400, 1000)})
     assert (proc.returncode, proc.stderr) == (2, f"saelab eval: error: {message}\n")
     assert f"HEAD /{_CRFM}/resolve/checkpoint-400/config.json" in requests, requests  # the revision's own
     assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
@@ -2245,8 +2250,8 @@ _COMPUTE_EQUIVALENT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("case, message", [
-    pytest.param("short-context", f"ConfigError: context_size=32 exceeds the longest context of {_CRFM} at revision "
-                 "'checkpoint-400' (16 tokens)", id="context-past-the-checkpoints"),
+    pytest.param("short-context", f"ConfigError: checkpoint checkpoint-400: the eval context of 32 tokens exceeds the "
+                 f"longest context of {_CRFM} at revision 'checkpoint-400' (16 tokens)", id="context-past-the-checkpoints"),
     *_tokenizer_refusals("SeriesError: "),
 ])
 def test_run_compute_equivalent_refuses_its_input_before_a_hub_checkpoints_weights_download(
@@ -2272,9 +2277,9 @@ _CRFM_STEPS = ("--series", "crfm-gpt2-small", "--series-steps", "400", "1000")
 
 
 @pytest.mark.parametrize("case, error", [
-    pytest.param("short-context", f"ConfigError: the SAE's context of 32 tokens (--context-size sets another) exceeds "
-                 f"the longest context of {_CRFM} at revision 'checkpoint-400' (16 tokens)",
-                 id="context-past-the-checkpoints"),
+    pytest.param("short-context", f"ConfigError: checkpoint checkpoint-400: the SAE's context of 32 tokens "
+                 f"(--context-size sets another) exceeds the longest context of {_CRFM} at revision 'checkpoint-400' "
+                 "(16 tokens)", id="context-past-the-checkpoints"),
     *_tokenizer_refusals("SeriesError: "),
 ])
 def test_compute_equivalent_input_refused_in_the_default_suite_is_its_error_and_the_others_run(

@@ -117,7 +117,7 @@ from saelab.errors import ConfigError, SaelabError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
 from saelab.evals.power_law import FitError, fit_power_law
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
-from saelab.models.loading import check_before_load, configured_vocab_size, tokenizer_before_load
+from saelab.models.loading import check_before_load, check_context_fits, configured_vocab_size, tokenizer_before_load
 from saelab.utils.atomic import write_json
 
 
@@ -516,19 +516,23 @@ def _check_same_tokenizer(tokenizer, reference_tokenizer, tokens_NT: torch.Tenso
                           "expected reference models that share its tokenizer")
 
 
+EVAL_CONTEXT = "the eval context of {n} tokens"
+"""How a reference model's refusal of the eval contexts' length names them where no setting gave it."""
+
+
 def check_checkpoints_before_load(checkpoints: Sequence[SeriesCheckpoint], tokens_NT: torch.Tensor,
-                                  reference_tokenizer=None, *, recorded_context: bool = False) -> None:
+                                  reference_tokenizer=None, *, context_named: str = EVAL_CONTEXT) -> None:
     """Refuse eval contexts that reference models cannot read, from each one's config and tokenizer alone (a
     hub model's fetched at its revision, as its load takes them): longer than it takes, with ids past its
     vocabulary, or text it tokenizes otherwise than ``reference_tokenizer`` (the evaluated model's); so a wrong
-    series is named before any of their weights download. ``recorded_context``: the contexts are the SAE's
-    length, not one the user set."""
+    series is named before any of their weights download. Each refusal names its checkpoint; ``context_named``
+    names the contexts' length ({n}) as where it came from (a setting, the SAE's), as after the load."""
     T = int(tokens_NT.shape[1])
-    context, recorded = (None, T) if recorded_context else (T, None)
     for ck in checkpoints:
         if not ck.model_id:  # a reference given only by its loader: checked once loaded
             continue
-        check_before_load(ck.model_id, None, context, recorded, revision=ck.revision)  # no hook: nothing spliced in
+        check_before_load(ck.model_id, None, revision=ck.revision)  # no hook: nothing spliced in; fetches its config
+        check_context_fits(ck.model_id, T, f"checkpoint {ck.label}: {context_named}", ck.revision)
         _check_vocab_size(configured_vocab_size(ck.model_id, ck.revision), tokens_NT, ck.label)  # from that config
         if reference_tokenizer is None:  # nothing to compare its tokenizer with: not fetched
             continue
@@ -598,7 +602,7 @@ def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: 
         if _to_load(ck, cache, family):
             lm = ck.load()
             # its config may not have been at hand before the load
-            lm.check_context_size(int(tokens_NT.shape[1]), f"checkpoint {ck.label}: the eval context of {{n}} tokens")
+            lm.check_context_size(int(tokens_NT.shape[1]), f"checkpoint {ck.label}: {EVAL_CONTEXT}")
             _check_tokenizer(lm, reference_tokenizer, tokens_NT, ck.label)
             t0 = time.perf_counter()
             loss, n = mean_loss(lm, tokens_NT, first, lm_batch_size=lm_batch_size)

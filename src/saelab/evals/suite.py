@@ -65,8 +65,8 @@ from saelab.evals.compute_equivalent import (
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, worded_corpus_error
 from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
 from saelab.evals.probe import ProbeConfig, run_probe
-from saelab.models.loading import model_provenance
-from saelab.models.lm import context_named
+from saelab.models.loading import RECORDED_CONTEXT, model_provenance
+from saelab.models.lm import CONTEXT_SETTING, context_named
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
@@ -454,7 +454,8 @@ def check_series_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: E
     try:
         first = first_position(run.sae, ce.exclude_first)
         check_checkpoints_before_load(checkpoints_to_load(run.series, down, first, _series_losses(run)), down,
-                                      tokenizer, recorded_context=eval_cfg.context_size is None)
+                                      tokenizer, context_named=RECORDED_CONTEXT if eval_cfg.context_size is None
+                                      else CONTEXT_SETTING)
     except _METRIC_ERRORS as e:
         if "compute_equivalent" in cfg.metrics:
             raise
