@@ -19,9 +19,10 @@ weight) against the ways a step could run it: the step's own (``addmm`` with the
 chunks into one reused buffer, the latent-major weight), the whole batch latent-major, 1,024-row
 chunks, and MKL's and oneDNN's prepacked-weight GEMMs where this torch has them (packing included:
 the weights change every step). ``--screen`` times the parts of the bfloat16 screen (``_Screen``) on one
-[2,048, n] chunk, where this CPU has bfloat16 hardware: its GEMM against the float32 one it replaces, the
-top k + SCREEN_MARGIN of the bfloat16 pre-activations, the candidates' float32 recomputation, the error
-bound, and the whole screened top-k (random rows and weights settle fewer rows by the bound than a trained
+[2,048, n] chunk, where saelab would screen it (bfloat16 hardware, n >= CPU_BF16_SCREEN_MIN_N): its GEMM
+against the float32 one it replaces, the top k + SCREEN_MARGIN of the bfloat16 pre-activations, the
+candidates (that top-k, their float32 recomputation and the top k of those), the error bound, and the whole
+screened top-k (random rows and weights settle fewer rows by the bound than a trained
 SAE's on activations, so more run the second stage or the float32 GEMM: the share is printed; whole training
 steps are auxk_cost.py's). No timing here is asserted anywhere.
 """
@@ -89,13 +90,15 @@ def gemm_variants(n: int, gen: torch.Generator) -> dict:
     return variants
 
 
-def screen_parts(n: int, gen: torch.Generator) -> tuple[dict, "this._Screen"]:
+def screen_parts(n: int, gen: torch.Generator) -> tuple[dict, "this._Screen"] | None:
     """The bfloat16 screen's parts on one chunk of DEFAULT_CHUNK_ROWS rows (see the module docstring), and the
-    screen (it counts the rows its bound settles)."""
+    screen (it counts the rows its bound settles); None where saelab would not screen n latents here."""
     rows, c = this.DEFAULT_CHUNK_ROWS, K + this.SCREEN_MARGIN
     xs = torch.randn(rows, D, generator=gen)
     W = (torch.randn(n, D, generator=gen) / D**0.5).t()  # latent-major, as TopKSAE
     b = torch.zeros(n)
+    if not this._Screen.wanted(W, n, K):
+        return None
     screen = this._Screen(W, b, n, xs, rows)
     xh = xs.to(torch.bfloat16)
     approx = torch.addmm(screen.bh, xh, screen.Wh)
@@ -157,12 +160,13 @@ def main() -> None:
         compare(f"n={n:,} topk k={K} of [{CHUNK:,}, {n:,}]", topk_variants, args.rounds)
         if args.gemm:
             compare(f"n={n:,} encoder GEMM [{BATCH:,}, {D}] @ [{D}, {n:,}]", gemm_variants(n, gen), args.rounds)
-        if args.screen and this._native_bf16_gemm():
-            parts, screen = screen_parts(n, gen)
-            compare(f"n={n:,} screen of a [{this.DEFAULT_CHUNK_ROWS:,}, {n:,}] chunk", parts, args.rounds)
-            print(f"  rows the bound settled (either stage): {screen.settled / screen.rows:.1%}")
+        screened = screen_parts(n, gen) if args.screen else None
+        if screened is not None:
+            compare(f"n={n:,} screen of a [{this.DEFAULT_CHUNK_ROWS:,}, {n:,}] chunk", screened[0], args.rounds)
+            print(f"  rows the bound settled (either stage): {screened[1].settled / screened[1].rows:.1%}")
         elif args.screen:
-            print(f"n={n:,} screen: not timed, this CPU has no bfloat16 GEMM in hardware (saelab uses float32)")
+            print(f"n={n:,} screen: not timed, saelab runs float32 here (no bfloat16 GEMM in hardware, or fewer than "
+                  f"{this.CPU_BF16_SCREEN_MIN_N:,} latents)")
         if other is None:
             continue
         W_dec = torch.randn(n, D, generator=gen).requires_grad_()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import lzma
 import os
@@ -232,8 +233,8 @@ def make_bad_checkpoint(kind: str, tmp: Path, tiny_gpt2) -> tuple[Path, str, Pat
         path = tmp / "ae.pt"
         torch.save(openai_state_dict(), path, _use_new_zipfile_serialization=False)
         path.write_bytes(path.read_bytes()[:50])
-        expect = ("could not be read as a plain tensor checkpoint (truncated file (50 bytes)); expected an OpenAI "
-                  "sparse_autoencoder .pt checkpoint")  # a damaged torch file: the format it was read as
+        expect = ("could not be read as a plain tensor checkpoint (truncated or damaged file (50 bytes)); expected an "
+                  "OpenAI sparse_autoencoder .pt checkpoint")  # a damaged torch file: the format it was read as
     elif kind == "empty_pt":  # torch says only EOFError
         path = tmp / "ae.pt"
         path.write_bytes(b"")
@@ -321,8 +322,9 @@ def test_refused_pickle_is_never_told_to_load_unsafely(payload, legacy, tmp_path
     passed on as the reason, advising the one thing an untrusted file must not get. Only a blocked module
     (os.system) came in the one-paragraph form the filter knew. Every loader now names the global refused."""
     marker = tmp_path / "pwned"
-    value, name = {"blocked_module": (_Payload(marker), "GLOBAL posix.system"), "builtin": (_Builtin(), "GLOBAL print"),
-                   "class": (_NotAllowed(), "GLOBAL pathlib.Path")}[payload]
+    value, name = {"blocked_module": (_Payload(marker), "GLOBAL 'posix.system' whose module 'posix' is blocked"),
+                   "builtin": (_Builtin(), "GLOBAL 'print' was not an allowed global"),
+                   "class": (_NotAllowed(), "GLOBAL 'pathlib.Path' was not an allowed global")}[payload]
     sd = {**openai_state_dict(), "activation_state_dict": value}
     path = tmp_path / "ae.pt"
     torch.save(sd, path, _use_new_zipfile_serialization=not legacy)
@@ -347,15 +349,20 @@ class _Builtin:
         return (print, ("unpickled",))
 
 
-def test_legacy_pickle_cut_anywhere_says_truncated(tmp_path):
+@pytest.mark.parametrize("extra", [None, {1, 2}], ids=["tensors", "with_a_set"])
+def test_legacy_pickle_cut_anywhere_says_truncated(extra, tmp_path):
     """A pre-1.6 torch file (a pickle) cut short raised IndexError ('index out of range'), struct.error ('unpack
-    requires a buffer of 2 bytes'), RuntimeError ('unexpected EOF, expected 8 more bytes') or, cut within a class
-    name, a refusal of the name's first part ('GLOBAL collections.Orde'), by where it was cut; a zip cut to its
-    first 1-3 bytes was 'not a torch checkpoint'. Each is now a truncated file of its size ('truncated or damaged'
-    where the unpickler's error is one that damage gives too), without the clause on refused pickles (nothing
-    was refused). The same file damaged in the middle, whole, is never called truncated."""
+    requires a buffer of 2 bytes'), RuntimeError ('unexpected EOF, expected 8 more bytes'), a bare EOFError or,
+    cut within a class name, a refusal of the name's first part ('GLOBAL collections.Orde'), by where it was cut;
+    a zip cut to its first 1-3 bytes was 'not a torch checkpoint'. Each is now a file of its size, 'truncated
+    or damaged' (a pickle holds the lengths it reads: one damaged byte runs it past its end as a cut does),
+    'truncated' for the zip, without the clause on refused pickles (nothing was refused). A set is written as the
+    global '__builtin__.set', which torch renames 'set': cut within it, it was a refusal. The same file damaged
+    in the middle, whole, is never called 'truncated' (a byte turned into a GLOBAL opcode makes the rest of the
+    file a class name; one that lengthens a string runs the reader past the end: a bare EOFError)."""
     path = tmp_path / "ae.pt"
-    torch.save(openai_state_dict(n=4, d=3), path, _use_new_zipfile_serialization=False)
+    state = openai_state_dict(n=4, d=3) | ({} if extra is None else {"extra": extra})
+    torch.save(state, path, _use_new_zipfile_serialization=False)
     legacy = path.read_bytes()
     torch.save(openai_state_dict(n=4, d=3), path)
     cuts = [legacy[:n] for n in range(1, len(legacy))] + [path.read_bytes()[:n] for n in (1, 2, 3)]
@@ -368,12 +375,14 @@ def test_legacy_pickle_cut_anywhere_says_truncated(tmp_path):
     assert reasons == {f"{path}: could not be read as a plain tensor checkpoint ({how} (N bytes)); expected an "
                        "OpenAI sparse_autoencoder .pt checkpoint" for how in ("truncated file",
                                                                             "truncated or damaged file")}, reasons
-    for at in range(2, 300):  # one byte of the pickles changed, the file whole
-        path.write_bytes(legacy[:at] + bytes([legacy[at] ^ 0x55]) + legacy[at + 1:])
-        try:
-            load_sae(path)
-        except CheckpointError as err:
-            assert "truncated file" not in str(err) and "\n" not in str(err), (at, str(err))
+    torch.save({"b": torch.zeros(4)}, tmp_path / "small.pt", _use_new_zipfile_serialization=False)
+    for whole in (legacy, (tmp_path / "small.pt").read_bytes()):
+        for at, byte in itertools.product(range(2, len(whole)), (0x55, 0x63)):  # one byte changed, the file whole
+            path.write_bytes(whole[:at] + bytes([whole[at] ^ byte if byte == 0x55 else byte]) + whole[at + 1:])
+            try:
+                load_sae(path)
+            except CheckpointError as err:
+                assert "truncated file" not in str(err) and "\n" not in str(err), (at, str(err))
 
 
 def test_torch_refusals_in_other_wordings_carry_no_advice(tmp_path):
@@ -415,13 +424,21 @@ def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
                               "is not in a subdirectory: x.npy); expected an OpenAI sparse_autoencoder .pt checkpoint")
 
 
-def test_class_name_from_a_file_is_shown_escaped(tmp_path):
-    """A refused global's name comes from the file: its terminal escapes reached the terminal as they were."""
-    path = tmp_path / "ansi.pt"
-    path.write_bytes(b"\x80\x02cx\n\x1b[2J\x1b[31mOK\n.")
+@pytest.mark.parametrize("name", [b"\x1b[2J\x1b[31mOK", b"Re-running torch.load with weights_only=False. It is trusted",
+                                  b"a\rb\x0bc. d" + b"x" * 300])
+def test_class_name_from_a_file_is_shown_quoted(name, tmp_path):
+    """A refused global's name comes from the file: its terminal escapes reached the terminal as they were, a
+    line break or '. ' in it cut it short, and any sentence in it with an advice word dropped it whole. It is
+    quoted as Python writes a string, cut to 200 characters, whatever it says."""
+    path = tmp_path / "named.pt"
+    path.write_bytes(b"\x80\x02cx\n" + name + b"\n.")
     with pytest.raises(CheckpointError) as err:
         load_sae(path)
-    assert "\x1b" not in str(err.value) and "GLOBAL x.\\x1b[2J\\x1b[31mOK" in str(err.value), str(err.value)
+    shown = repr(("x." + name.decode())[:200]) + ("..." if len(name) > 198 else "")
+    assert str(err.value) == (f"{path}: could not be read as a plain tensor checkpoint (UnpicklingError: Unsupported "
+                              f"global: GLOBAL {shown} was not an allowed global by default); expected an OpenAI "
+                              "sparse_autoencoder .pt checkpoint (read with weights_only=True: pickles that reference "
+                              "code are refused, never run)")
 
 
 def _train_tiny_run(run: Path, stop_after_steps: int | None = None) -> None:
@@ -461,6 +478,19 @@ def test_training_checkpoint_given_as_sae_names_its_run(tmp_path, capsys):
             load_sae(path)
         assert str(raised.value).startswith(f"{path}: {expect}"), raised.value
     assert load_sae(finished).cfg.n_latents == 64  # the run folder it names loads, from Python too
+    # from inside the run, as "checkpoint.pt": the run folder by its absolute path, not "."
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(finished)
+        with pytest.raises(CheckpointError) as raised:
+            load_sae(CHECKPOINT)
+    assert str(raised.value).startswith(f"{CHECKPOINT}: {run_hint.format(finished)}"), raised.value
+    # another tool's checkpoint.pt beside its own train_config.json: the plain refusal, not a run to pass
+    tool = tmp_path / "tool"
+    tool.mkdir()
+    torch.save({"model": {"w": torch.zeros(2)}, "optimizer": {}}, tool / CHECKPOINT)
+    (tool / "train_config.json").write_text('{"lr": 0.0001, "n_latents": 64}')
+    with pytest.raises(CheckpointError, match="not an OpenAI sparse_autoencoder checkpoint: missing encoder.weight"):
+        load_sae(tool / CHECKPOINT)
     # an SAE saved as checkpoint.pt beside another tool's train_config.json is no run's checkpoint: it loads
     other = tmp_path / "other"
     other.mkdir()

@@ -306,8 +306,13 @@ def test_a_count_of_one_reads_in_the_singular(tok):
     one_latent = TopKSAE(SAEConfig(d_in=4, n_latents=1, k=1))
     with pytest.raises(IndexError, match=r"^latent 3 out of range: the SAE has 1 latent$"):
         one_latent.check_latents([3])
-    with pytest.raises(TypeError, match=r"one of the SAE's 1 latent$"):
+    with pytest.raises(TypeError, match=r"an integer index of a latent \(the SAE has 1 latent\)$"):
         one_latent.check_latents([0.5])
+    from saelab.errors import ConfigError
+    from saelab.evals.n2g import check_latents
+
+    with pytest.raises(ConfigError, match=r"out of range: the SAE has 1 latent \(0 to 0\)$"):
+        check_latents([3], 1)
 
 
 # --- harvest ---------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ def first_line(err: BaseException) -> str:
 # Fragments that mark a sentence of torch's load errors as advice, not a reason: to retry with weights_only=False
 # (in several wordings: a title line, "(1) In PyTorch 2.6 ...", after "Cannot use weights_only=True with ..."), to
 # allowlist a global, to read the docs. Retrying unsafely is exactly what an untrusted file must not get; a
-# sentence that names False at all is dropped, whatever a file's own class names make it say.
+# sentence that names False at all is dropped.
 _TORCH_ADVICE = ("Weights only load failed", "can still be loaded", "In PyTorch 2.6", "Re-running", "Do it only if",
                  "trust", "safe_globals", "Alternatively", "recommended steps", "Please file an issue",
                  "Check the documentation", "False")
 _REASON_CHARS = 200
-"""At most this much of torch's reason is shown: past torch's own words it quotes the file (a class name)."""
+"""At most this much of a name from the file (a refused global's) or of torch's reason is shown."""
 
 
 def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None) -> str:
@@ -33,9 +33,7 @@ def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None)
     global by default'), one line of printable characters, without torch's advice. ``path``, the file torch
     read, names the faults torch's own error leaves unsaid, by the file's size: an empty file (torch says
     EOFError), a zip archive cut short where its reader names no fault (torch says OSError [Errno 22] Invalid
-    argument, for a file cut to under about 64 KiB), a file cut short (``_cut_short``), and a file in the older
-    pickle format whose bytes the unpickler could not read as a pickle (IndexError, struct.error or
-    UnicodeDecodeError, by where it was cut or damaged)."""
+    argument, for a file cut to under about 64 KiB), a file cut short or damaged (``_cut_short``)."""
     fault = torch_archive_fault(err)
     if fault is not None:
         return f"truncated or damaged archive: {fault}"
@@ -44,22 +42,29 @@ def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None)
         return "empty file (0 bytes)"
     if size is not None and head == _ZIP_SIGNATURE and isinstance(err, OSError) and err.errno == errno.EINVAL:
         return f"truncated or damaged archive ({size:,} bytes)"
-    if size is not None and _cut_short(err, head, size, path):
-        return f"truncated file ({_bytes(size)})"
-    if size is not None and head[:1] == _PICKLE and isinstance(err, (IndexError, struct.error, UnicodeDecodeError)):
-        return f"truncated or damaged file ({_bytes(size)})"
+    cut = None if size is None else _cut_short(err, head, size, path)
+    if cut is not None:
+        return f"{cut} ({size:,} byte{'s' * (size != 1)})"
+    refused = _refused_global(err)
+    if refused is not None:
+        return f"{type(err).__name__}: {refused[0]}"
     reason = _printable(next(_reason_sentences(str(err)), "").rstrip("."))
     return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
-
-
-def _bytes(size: int) -> str:
-    return f"{size:,} byte{'s' * (size != 1)}"
 
 
 def may_be_torch_file(head: bytes) -> bool:
     """Whether a file that starts with ``head`` (its first 4 bytes, or all of a shorter file) may be one torch.save
     wrote: a zip archive (or its first bytes) or a pickle."""
     return head[:1] == _PICKLE or _ZIP_SIGNATURE.startswith(head)
+
+
+def refused_by_weights_only(err: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether torch.load(weights_only=True) refused a global off its allowlist that the file at ``path`` holds
+    whole (a pickle cut within a class name reads as a refusal of the name's first part)."""
+    if _refused_global(err) is None:
+        return False
+    size, head = _size_and_head(path)
+    return size is None or _cut_short(err, head, size, path) is None
 
 
 def _reason_sentences(text: str):
@@ -76,59 +81,90 @@ _CPP_PLACE = re.compile(r"^\[enforce fail at [^\]]*\][\s.]*")
 
 
 def _printable(text: str) -> str:
-    """``text`` with its control characters escaped (a class name in a file can hold terminal escapes), cut to
-    _REASON_CHARS."""
-    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-    return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
+    """``text`` cut to _REASON_CHARS, its control characters escaped (a class name in a file can hold terminal
+    escapes or line breaks)."""
+    cut = text[:_REASON_CHARS]
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in cut)
+    return shown if len(cut) == len(text) else shown + "..."
 
 
-def refused_by_weights_only(err: BaseException, path: str | os.PathLike | None = None) -> bool:
-    """Whether torch.load(weights_only=True) refused a global off its allowlist that the file at ``path`` holds
-    whole (a pickle cut within a class name reads as a refusal of the name's first part)."""
-    if not isinstance(err, pickle.UnpicklingError) or _REFUSED_GLOBAL.search(str(err)) is None:
-        return False
-    size, head = _size_and_head(path)
-    return size is None or not _cut_short(err, head, size, path)
+# How torch words the refusal of a global: the name comes from the file (any characters, line breaks included).
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (.*?) was not an allowed global by default", re.S)
+_BLOCKED = re.compile(r"Trying to load unsupported GLOBAL (.*?) whose module (.*?) is blocked", re.S)
+
+
+def _refused_global(err: BaseException) -> tuple[str, str] | None:
+    """(torch's refusal of a global in its own words, the file's names quoted; the global's name as torch gives
+    it), or None when ``err`` is no such refusal."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    found = _UNSUPPORTED.search(str(err))
+    if found is not None:
+        return f"Unsupported global: GLOBAL {_quoted(found[1])} was not an allowed global by default", found[1]
+    found = _BLOCKED.search(str(err))
+    if found is not None:
+        return (f"Trying to load unsupported GLOBAL {_quoted(found[1])} whose module {_quoted(found[2])} is "
+                "blocked", found[1])
+    return None
+
+
+def _quoted(name: str) -> str:
+    """A name from a file, quoted as Python writes a string (control characters escaped), cut to _REASON_CHARS: it
+    reads as the file's words, whatever they say."""
+    return repr(name[:_REASON_CHARS]) + ("..." if len(name) > _REASON_CHARS else "")
 
 
 _PICKLE = b"\x80"
 """How a pickle of protocol 2 or later starts: a torch file in the format before torch 1.6 is a few of them."""
-_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S*)")
-"""How torch names the global it refused ('Unsupported global: GLOBAL print', 'unsupported GLOBAL posix.system')."""
 
 
-def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLike) -> bool:
-    """Whether torch ran out of data: EOFError, a zip signature cut within its 4 bytes, 'unexpected EOF' in the
-    storages of the pickle format, or a refused global whose name the file's end cuts short."""
-    if isinstance(err, EOFError) or (size < len(_ZIP_SIGNATURE) and _ZIP_SIGNATURE.startswith(head)):
-        return True
+def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLike) -> str | None:
+    """How a file that torch ran out of data in reads: 'truncated file' for a zip signature cut within its 4 bytes;
+    'truncated or damaged file' for EOFError and, in the pickle format, 'unexpected EOF' in the storages,
+    IndexError, struct.error, UnicodeDecodeError or a refused global whose name runs to the end of the file (a
+    pickle holds the lengths it reads: one damaged byte runs it past the end as a cut does); None otherwise."""
+    if size < len(_ZIP_SIGNATURE) and _ZIP_SIGNATURE.startswith(head):
+        return "truncated file"
+    if isinstance(err, EOFError):
+        return "truncated or damaged file"
     if head[:1] != _PICKLE:
-        return False
-    return (isinstance(err, RuntimeError) and str(err).startswith("unexpected EOF")) or _global_cut_at_end(err, path)
+        return None
+    ran_out = isinstance(err, (IndexError, struct.error, UnicodeDecodeError)) or (
+        isinstance(err, RuntimeError) and str(err).startswith("unexpected EOF"))
+    return "truncated or damaged file" if ran_out or _global_runs_to_the_end(err, path) else None
 
 
-def _global_cut_at_end(err: BaseException, path: str | os.PathLike) -> bool:
-    """Whether the global torch refused is what a GLOBAL opcode ('c', then a module line and a name line) at the
-    file's end reads as, its last line running to the end: a class name the end cut short."""
-    found = _REFUSED_GLOBAL.search(str(err))
-    if found is None or not isinstance(err, pickle.UnpicklingError):
+def _global_runs_to_the_end(err: BaseException, path: str | os.PathLike) -> bool:
+    """Whether the global torch refused is what a GLOBAL opcode ('c', a module line, a name line) at the file's end
+    reads as, its lines running to the end: a class name cut short (or bytes damaged into a GLOBAL)."""
+    refused = _refused_global(err)
+    if refused is None:
         return False
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # 'c', the module (renamed by torch: '__builtin__' ...), a newline, the name
         f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - len(found.group(1).encode()) - 3))  # 'c', module, newline, name, a byte dropped
+        f.seek(max(0, f.tell() - len(refused[1].encode()) - 64))
         tail = f.read()
-    return any(tail[start:start + 1] == b"c" and _global_as_read(tail[start + 1:]) == found.group(1)
+    return any(tail[start:start + 1] == b"c" and refused[1] in _global_as_read(tail[start + 1:])
                for start in range(len(tail)))
 
 
-def _global_as_read(lines: bytes) -> str | None:
-    """'module.name' as torch's unpickler reads a GLOBAL's two lines that run to the end of the file: it drops each
-    line's last byte, taken for its newline; None where the name line has a newline (it does not run to the end)."""
-    module, newline, name = lines.partition(b"\n")
-    if b"\n" in name:
-        return None
-    module, name = (module, name[:-1]) if newline else (module[:-1], b"")
-    return f"{module.decode(errors='replace')}.{name.decode(errors='replace')}"
+def _global_as_read(rest: bytes) -> tuple[str, ...]:
+    """How torch names the global of a GLOBAL opcode whose lines are ``rest``, when they run to the end of the file
+    (each line loses its last byte, taken for its newline; the module is renamed as for Python 2 pickles): with
+    and without its 'builtins.' prefix, the two ways torch words a refusal; () where they do not run to the end."""
+    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # the renaming torch's unpickler applies
+
+    module, newline, rest = rest.partition(b"\n")
+    name, newline_2, _ = rest.partition(b"\n")
+    if newline_2:
+        return ()
+    try:
+        module, name = (module.decode(), name[:-1].decode()) if newline else (module[:-1].decode(), "")
+    except UnicodeDecodeError:  # torch would have failed to decode it, not refused it
+        return ()
+    module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+    full = f"{module}.{name}"
+    return (full, full.removeprefix("builtins.")) if full.startswith("builtins.") else (full,)
 
 
 _ZIP_SIGNATURE = b"PK\x03\x04"

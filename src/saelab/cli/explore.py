@@ -278,7 +278,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     value, scaled = _steer_value(args, sae, lm, tokens)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     model = lm.known_as  # the hub id of the offline default, as reports name it
-    text = [f"model {model}, SAE {args.sae} ({sae.n_latents} latents at {s.hook})"]
+    text = [f"model {model}, SAE {args.sae} ({sae.n_latents} {plural(sae.n_latents, 'latent')} at {s.hook})"]
     text += [f"latent {r['latent']}: max activation {r['max_activation']:.4g} on {r['eval_tokens']:,} eval tokens, "
              f"value {r['value']:.4g}" for r in scaled]
     promoted = {}

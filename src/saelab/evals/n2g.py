@@ -108,6 +108,7 @@ from saelab.evals.downstream import ce_and_kl
 from saelab.evals.probe_tasks import token_strings
 from saelab.run_folder import read_json_value
 from saelab.utils.config import switch
+from saelab.utils.words import plural
 
 WILDCARD = -1
 """Pattern entry matching any token."""
@@ -195,7 +196,8 @@ def check_latents(latents: Sequence[int], n_latents: int, name: str = "latents")
     bad = sorted({int(l) for l in latents if l >= n_latents})
     if bad:  # a file of another SAE's explanations can hold thousands: the first few name it
         shown = f"{bad}" if len(bad) <= 5 else f"[{', '.join(map(str, bad[:5]))}, …] ({len(bad)} in all)"
-        raise ConfigError(f"{name} {shown} out of range: the SAE has {n_latents} latents (0 to {n_latents - 1})")
+        raise ConfigError(f"{name} {shown} out of range: the SAE has {n_latents} {plural(n_latents, 'latent')} "
+                          f"(0 to {n_latents - 1})")
 
 
 # ---- explanations -------------------------------------------------------------------------

@@ -330,7 +330,8 @@ def latent_edit(
 
     def edit(z_BTN: torch.Tensor) -> torch.Tensor:
         if lat.numel() and int(lat.max()) >= z_BTN.shape[-1]:
-            raise IndexError(f"latent {int(lat.max())} out of range for an SAE with {z_BTN.shape[-1]} latents")
+            raise IndexError(f"latent {int(lat.max())} out of range for an SAE with {z_BTN.shape[-1]} "
+                             f"{plural(z_BTN.shape[-1], 'latent')}")
         li = lat.to(z_BTN.device)
         v = val.to(z_BTN.device, z_BTN.dtype).expand(li.numel())
         cur = z_BTN[..., li]

@@ -18,6 +18,7 @@ from saelab.train.config import TrainConfig
 from saelab.train.trainer import INACTIVE_WINDOW
 from saelab.utils.atomic import write_text
 from saelab.utils.folder_lock import held_by
+from saelab.utils.words import plural
 
 METRIC_ROWS = [
     ("nmse", "nMSE (FVU), raw activation space", "{:.4f}"),
@@ -117,7 +118,8 @@ def frequencies_mismatch(saved: LatentFrequencies, folder: Path, n_latents: int,
     (``evaluation`` names its file: one cut off between its two files)."""
     path = Path(folder) / LATENT_FREQUENCIES
     if saved.frequencies_N.numel() != n_latents:
-        return f"{path} holds {saved.frequencies_N.numel():,} frequencies for an SAE of {n_latents:,} latents"
+        return (f"{path} holds {saved.frequencies_N.numel():,} frequencies for an SAE of {n_latents:,} "
+                f"{plural(n_latents, 'latent')}")
     if saved.sae_sha256 != sae_hash:
         return f"{path} measured other SAE weights than {weights}"
     if saved.evaluation != settings:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 import urllib.error
@@ -262,14 +263,27 @@ def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def _refuse_a_runs_checkpoint(path: Path) -> None:
-    """Name the run folder of ``path`` when it is a run's training checkpoint: RUN/checkpoint.pt (a link to a file
-    elsewhere too) or a link to one."""
-    for checkpoint in (path, path.resolve()):
+    """Name the run folder of ``path`` when it is a saelab run's training checkpoint: RUN/checkpoint.pt (a link to a
+    file elsewhere too) or a link to one."""
+    for checkpoint in (path.absolute(), path.resolve()):
         run = checkpoint.parent
-        if checkpoint.name == CHECKPOINT and checkpoint.is_file() and holds_a_run(run):
+        if checkpoint.name == CHECKPOINT and checkpoint.is_file() and _trained_by_saelab(run):
             when = "" if (run / SAE_DIR / CFG_FILENAME).is_file() else " once its training has finished"
             raise CheckpointError(f"{path}: the training checkpoint of run folder {run}, not an SAE: pass the run "
                                   f"folder{when}") from None
+
+
+def _trained_by_saelab(run: Path) -> bool:
+    """Whether ``run`` (or the run an overwrite set aside in it) has a train_config.json that saelab wrote: its
+    "train" settings name n_latents. Another tool's train_config.json beside its checkpoint.pt is no run's."""
+    for config in (run / TRAIN_CONFIG, run / SET_ASIDE / TRAIN_CONFIG):
+        try:
+            settings = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(settings, dict) and isinstance(settings.get("train"), dict) and "n_latents" in settings["train"]:
+            return True
+    return False
 
 
 def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype, not_torch: str | None = None) -> TopKSAE:

@@ -44,6 +44,7 @@ from saelab.errors import CheckpointError, ConfigError
 from saelab.sae.saelens_format import build_sae, own_config, read_cfg_json, read_safetensors
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
+from saelab.utils.words import plural
 
 SPARSIFY_CFG_FILENAME = "cfg.json"
 SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
@@ -181,7 +182,7 @@ def _checked_weights(state: dict[str, torch.Tensor], d: int, n: int, path: Path)
         t, shape = state[key], tuple(sizes[c] for c in dims)
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)} but cfg.json (d_in={d}, "
-                                  f"{n} latents) implies {shape}")
+                                  f"{n} {plural(n, 'latent')}) implies {shape}")
         if not t.is_floating_point():
             raise CheckpointError(f"{path}: {key} has dtype {t.dtype}, expected a floating-point tensor")
     return state

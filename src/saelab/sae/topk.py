@@ -217,8 +217,8 @@ class TopKSAE(nn.Module):
         and 2.9 or True would be read as 2 or 1."""
         for i in latents:
             if isinstance(i, bool) or not float(i).is_integer():
-                raise TypeError(f"latent {i!r}: expected an integer index of one of the SAE's {self.n_latents} "
-                                f"{plural(self.n_latents, 'latent')}")
+                raise TypeError(f"latent {i!r}: expected an integer index of a latent (the SAE has {self.n_latents} "
+                                f"{plural(self.n_latents, 'latent')})")
             if not 0 <= int(i) < self.n_latents:
                 raise IndexError(f"latent {int(i)} out of range: the SAE has {self.n_latents} "
                                  f"{plural(self.n_latents, 'latent')}")
