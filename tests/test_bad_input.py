@@ -411,6 +411,34 @@ def test_torch_refusals_in_other_wordings_carry_no_advice(tmp_path):
                 in msg and "False" not in msg and "trust" not in msg and "\n" not in msg), msg
 
 
+@pytest.mark.parametrize("module, name, shown", [
+    (b"os2", b"x was not an allowed global by default. Please use `torch.serialization.add_safe_globals([os2.x])` y",
+     "Unsupported global: GLOBAL 'os2.x was not an allowed global by default. Please use `torch.serialization."
+     "add_safe_globals([os2.x])` y' was not an allowed global by default"),
+    (b"os", b"system whose module evil is blocked",
+     "Trying to load unsupported GLOBAL 'os.system whose module evil is blocked' whose module 'os' is blocked")])
+def test_refused_name_holding_torchs_own_words_is_quoted_whole(module, name, shown, tmp_path):
+    """A class name that holds torch's own wording of a refusal ended the name there: the file chose which module
+    a blocked global was named in. The name is found by the whole of torch's wording around it."""
+    path = tmp_path / "named.pt"
+    path.write_bytes(b"\x80\x02c" + module + b"\n" + name + b"\n.")
+    with pytest.raises(CheckpointError) as err:
+        load_sae(path)
+    assert f"(UnpicklingError: {shown}); expected" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("data", [b"\x80\x02cConfigParser\nFo", b"\x80\x02cexceptions\nValueErrorX",
+                                  b"\x80\x02c__builtin__\nse", b"\x80\x02c__builtin__\n"])
+def test_pickle_cut_within_a_python_2_name_is_truncated(data, tmp_path):
+    """A pickle cut within a class name is refused by torch as the name's first part, renamed as torch renames
+    Python 2 modules (some: '__builtin__' to 'builtins', not 'ConfigParser'); each such cut is a truncated file."""
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as err:
+        load_sae(path)
+    assert f"(truncated or damaged file ({len(data)} bytes)); expected" in str(err.value), str(err.value)
+
+
 def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
     """A numpy .npz is a zip archive: torch's reason came with the place in its C++ code that raised it
     ('[enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: x.npy')."""
@@ -484,11 +512,22 @@ def test_training_checkpoint_given_as_sae_names_its_run(tmp_path, capsys):
         with pytest.raises(CheckpointError) as raised:
             load_sae(CHECKPOINT)
     assert str(raised.value).startswith(f"{CHECKPOINT}: {run_hint.format(finished)}"), raised.value
+    # as "../checkpoint.pt" from a folder inside the run: the folder without ".."
+    (finished / "sub").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(finished / "sub")
+        with pytest.raises(CheckpointError) as raised:
+            load_sae(Path("..") / CHECKPOINT)
+    assert f"run folder {finished}, not an SAE" in str(raised.value), raised.value
     # another tool's checkpoint.pt beside its own train_config.json: the plain refusal, not a run to pass
     tool = tmp_path / "tool"
     tool.mkdir()
     torch.save({"model": {"w": torch.zeros(2)}, "optimizer": {}}, tool / CHECKPOINT)
     (tool / "train_config.json").write_text('{"lr": 0.0001, "n_latents": 64}')
+    with pytest.raises(CheckpointError, match="not an OpenAI sparse_autoencoder checkpoint: missing encoder.weight"):
+        load_sae(tool / CHECKPOINT)
+    (tool / "train_config.json").unlink()
+    os.mkfifo(tool / "train_config.json")  # read, it would wait for a writer for good
     with pytest.raises(CheckpointError, match="not an OpenAI sparse_autoencoder checkpoint: missing encoder.weight"):
         load_sae(tool / CHECKPOINT)
     # an SAE saved as checkpoint.pt beside another tool's train_config.json is no run's checkpoint: it loads

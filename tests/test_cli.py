@@ -2251,7 +2251,8 @@ _COMPUTE_EQUIVALENT = textwrap.dedent("""
 
 @pytest.mark.parametrize("case, message", [
     pytest.param("short-context", f"ConfigError: checkpoint checkpoint-400: the eval context of 32 tokens exceeds the "
-                 f"longest context of {_CRFM} at revision 'checkpoint-400' (16 tokens)", id="context-past-the-checkpoints"),
+                 f"longest context of {_CRFM} at revision 'checkpoint-400' (16 tokens)",
+                 id="context-past-the-checkpoints"),
     *_tokenizer_refusals("SeriesError: "),
 ])
 def test_run_compute_equivalent_refuses_its_input_before_a_hub_checkpoints_weights_download(

@@ -1,6 +1,7 @@
 """Errors raised for bad input. Each message names the input and what was expected."""
 
 import errno
+import functools
 import os
 import pickle
 import re
@@ -88,9 +89,15 @@ def _printable(text: str) -> str:
     return shown if len(cut) == len(text) else shown + "..."
 
 
-# How torch words the refusal of a global: the name comes from the file (any characters, line breaks included).
-_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (.*?) was not an allowed global by default", re.S)
-_BLOCKED = re.compile(r"Trying to load unsupported GLOBAL (.*?) whose module (.*?) is blocked", re.S)
+# How torch words the refusal of a global. The name comes from the file and may hold any characters, torch's own
+# words too: it is found by the whole of torch's fixed wording around it, which repeats it (the words of another
+# torch, where that fails: up to the first of its words).
+_UNSUPPORTED = ("Unsupported global: GLOBAL ", " was not an allowed global by default. Please use "
+                "`torch.serialization.add_safe_globals([", "])` or the `torch.serialization.safe_globals([",
+                "])` context manager to allowlist this global if you trust this class/function.")
+_BLOCKED = ("Trying to load unsupported GLOBAL ", " whose module ", " is blocked.")
+_UNSUPPORTED_LOOSELY = re.compile(r"Unsupported global: GLOBAL (.*?) was not an allowed global by default", re.S)
+_BLOCKED_LOOSELY = re.compile(r"Trying to load unsupported GLOBAL (.*?) whose module (.*?) is blocked", re.S)
 
 
 def _refused_global(err: BaseException) -> tuple[str, str] | None:
@@ -98,13 +105,14 @@ def _refused_global(err: BaseException) -> tuple[str, str] | None:
     it), or None when ``err`` is no such refusal."""
     if not isinstance(err, pickle.UnpicklingError):
         return None
-    found = _UNSUPPORTED.search(str(err))
-    if found is not None:
-        return f"Unsupported global: GLOBAL {_quoted(found[1])} was not an allowed global by default", found[1]
-    found = _BLOCKED.search(str(err))
-    if found is not None:
-        return (f"Trying to load unsupported GLOBAL {_quoted(found[1])} whose module {_quoted(found[2])} is "
-                "blocked", found[1])
+    text = str(err)
+    name = _unsupported_name(text)
+    if name is not None:
+        return f"Unsupported global: GLOBAL {_quoted(name)} was not an allowed global by default", name
+    blocked = _blocked_name(text)
+    if blocked is not None:
+        return (f"Trying to load unsupported GLOBAL {_quoted(blocked[0])} whose module {_quoted(blocked[1])} is "
+                "blocked", blocked[0])
     return None
 
 
@@ -112,6 +120,32 @@ def _quoted(name: str) -> str:
     """A name from a file, quoted as Python writes a string (control characters escaped), cut to _REASON_CHARS: it
     reads as the file's words, whatever they say."""
     return repr(name[:_REASON_CHARS]) + ("..." if len(name) > _REASON_CHARS else "")
+
+
+def _unsupported_name(text: str) -> str | None:
+    """The global's name in torch's 'Unsupported global' refusal (it says the name three times)."""
+    lead, between, again, tail = _UNSUPPORTED
+    start, end = text.find(lead), text.rfind(tail)
+    body = text[start + len(lead):end] if 0 <= start < end else ""
+    n, odd = divmod(len(body) - len(between) - len(again), 3)
+    if body and not odd and n >= 0 and body == body[:n] + between + body[:n] + again + body[:n]:
+        return body[:n]
+    found = _UNSUPPORTED_LOOSELY.search(text)
+    return None if found is None else found[1]
+
+
+def _blocked_name(text: str) -> tuple[str, str] | None:
+    """(the global's name, its module) in torch's refusal of a global of a blocked module (the module is said
+    last: torch's, whatever the name holds)."""
+    lead, between, tail = _BLOCKED
+    start, end = text.find(lead), text.rfind(tail)
+    middle = text.rfind(between, 0, end)
+    if 0 <= start and start + len(lead) <= middle:
+        name, module = text[start + len(lead):middle], text[middle + len(between):end]
+        if name.startswith(module + "."):
+            return name, module
+    found = _BLOCKED_LOOSELY.search(text)
+    return None if found is None else (found[1], found[2])
 
 
 _PICKLE = b"\x80"
@@ -152,8 +186,6 @@ def _global_as_read(rest: bytes) -> tuple[str, ...]:
     """How torch names the global of a GLOBAL opcode whose lines are ``rest``, when they run to the end of the file
     (each line loses its last byte, taken for its newline; the module is renamed as for Python 2 pickles): with
     and without its 'builtins.' prefix, the two ways torch words a refusal; () where they do not run to the end."""
-    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # the renaming torch's unpickler applies
-
     module, newline, rest = rest.partition(b"\n")
     name, newline_2, _ = rest.partition(b"\n")
     if newline_2:
@@ -162,9 +194,21 @@ def _global_as_read(rest: bytes) -> tuple[str, ...]:
         module, name = (module.decode(), name[:-1].decode()) if newline else (module[:-1].decode(), "")
     except UnicodeDecodeError:  # torch would have failed to decode it, not refused it
         return ()
-    module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
-    full = f"{module}.{name}"
-    return (full, full.removeprefix("builtins.")) if full.startswith("builtins.") else (full,)
+    modules, names = _torch_renames()
+    renamed = names.get((module, name), (modules.get(module, module), name))
+    fulls = {f"{module}.{name}", ".".join(renamed)}  # as read, and as this torch renames it
+    return tuple(fulls | {full.removeprefix("builtins.") for full in fulls if full.startswith("builtins.")})
+
+
+@functools.cache
+def _torch_renames() -> tuple[dict, dict]:
+    """The Python 2 module and (module, name) renames torch's weights_only unpickler applies; none where this
+    torch keeps them elsewhere (the name as read is matched too)."""
+    try:
+        from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+    except ImportError:
+        return {}, {}
+    return IMPORT_MAPPING, NAME_MAPPING
 
 
 _ZIP_SIGNATURE = b"PK\x03\x04"

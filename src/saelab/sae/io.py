@@ -265,7 +265,7 @@ def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
 def _refuse_a_runs_checkpoint(path: Path) -> None:
     """Name the run folder of ``path`` when it is a saelab run's training checkpoint: RUN/checkpoint.pt (a link to a
     file elsewhere too) or a link to one."""
-    for checkpoint in (path.absolute(), path.resolve()):
+    for checkpoint in (Path(os.path.abspath(path)), path.resolve()):  # as given (no '..' shown), and where it leads
         run = checkpoint.parent
         if checkpoint.name == CHECKPOINT and checkpoint.is_file() and _trained_by_saelab(run):
             when = "" if (run / SAE_DIR / CFG_FILENAME).is_file() else " once its training has finished"
@@ -273,11 +273,17 @@ def _refuse_a_runs_checkpoint(path: Path) -> None:
                                   f"folder{when}") from None
 
 
+_CONFIG_BYTES = 1 << 20
+"""A train_config.json larger than this is none saelab wrote (its are a few KiB)."""
+
+
 def _trained_by_saelab(run: Path) -> bool:
     """Whether ``run`` (or the run an overwrite set aside in it) has a train_config.json that saelab wrote: its
     "train" settings name n_latents. Another tool's train_config.json beside its checkpoint.pt is no run's."""
     for config in (run / TRAIN_CONFIG, run / SET_ASIDE / TRAIN_CONFIG):
-        try:
+        try:  # a plain file of a config's size: not a pipe or device that would hold the read
+            if not config.is_file() or config.stat().st_size > _CONFIG_BYTES:
+                continue
             settings = json.loads(config.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
