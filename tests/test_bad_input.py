@@ -416,15 +416,33 @@ def test_torch_refusals_in_other_wordings_carry_no_advice(tmp_path):
      "Unsupported global: GLOBAL 'os2.x was not an allowed global by default. Please use `torch.serialization."
      "add_safe_globals([os2.x])` y' was not an allowed global by default"),
     (b"os", b"system whose module evil is blocked",
-     "Trying to load unsupported GLOBAL 'os.system whose module evil is blocked' whose module 'os' is blocked")])
+     "Trying to load unsupported GLOBAL 'os.system whose module evil is blocked' whose module 'os' is blocked"),
+    (b"os", b"system Unsupported global: GLOBAL print was not an allowed global by default",
+     "Trying to load unsupported GLOBAL 'os.system Unsupported global: GLOBAL print was not an allowed global by "
+     "default' whose module 'os' is blocked"),
+    (b"evil", b"Trying to load unsupported GLOBAL os.x whose module os is blocked.",
+     "Unsupported global: GLOBAL 'evil.Trying to load unsupported GLOBAL os.x whose module os is blocked.' was not "
+     "an allowed global by default")])
 def test_refused_name_holding_torchs_own_words_is_quoted_whole(module, name, shown, tmp_path):
     """A class name that holds torch's own wording of a refusal ended the name there: the file chose which module
-    a blocked global was named in. The name is found by the whole of torch's wording around it."""
+    a blocked global was named in, or showed a blocked global as another refusal. The name is found by the whole
+    of torch's wording around it, the refusal by the words that end torch's text."""
     path = tmp_path / "named.pt"
     path.write_bytes(b"\x80\x02c" + module + b"\n" + name + b"\n.")
     with pytest.raises(CheckpointError) as err:
         load_sae(path)
     assert f"(UnpicklingError: {shown}); expected" in str(err.value), str(err.value)
+
+
+def test_refusal_followed_by_a_cut_copy_of_its_global_is_a_refusal(tmp_path):
+    """A whole refused global, then its name again at the end of the file, cut: torch refused the first, and
+    stopped there; the file read as truncated. It is the refusal: where torch stopped reading decides."""
+    path = tmp_path / "evil.pt"
+    path.write_bytes(b"\x80\x02cos\nsystem\n)R.cos\nsystemX")
+    with pytest.raises(CheckpointError) as err:
+        load_sae(path)
+    assert ("(UnpicklingError: Trying to load unsupported GLOBAL 'os.system' whose module 'os' is blocked); expected an "
+            "OpenAI sparse_autoencoder .pt checkpoint (read with weights_only=True") in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("data", [b"\x80\x02cConfigParser\nFo", b"\x80\x02cexceptions\nValueErrorX",
@@ -519,6 +537,14 @@ def test_training_checkpoint_given_as_sae_names_its_run(tmp_path, capsys):
         with pytest.raises(CheckpointError) as raised:
             load_sae(Path("..") / CHECKPOINT)
     assert f"run folder {finished}, not an SAE" in str(raised.value), raised.value
+    # "link/../checkpoint.pt" inside the run, with link to another folder: the file opened is that folder's parent's
+    elsewhere = tmp_path / "elsewhere" / "deep"
+    elsewhere.mkdir()
+    (finished / "link").symlink_to(elsewhere)
+    torch.save({"model": {}}, tmp_path / "elsewhere" / CHECKPOINT)
+    with pytest.raises(CheckpointError) as raised:
+        load_sae(finished / "link" / ".." / CHECKPOINT)
+    assert "not an OpenAI sparse_autoencoder checkpoint" in str(raised.value), raised.value
     # another tool's checkpoint.pt beside its own train_config.json: the plain refusal, not a run to pass
     tool = tmp_path / "tool"
     tool.mkdir()

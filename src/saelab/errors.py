@@ -1,7 +1,6 @@
 """Errors raised for bad input. Each message names the input and what was expected."""
 
 import errno
-import functools
 import os
 import pickle
 import re
@@ -96,8 +95,6 @@ _UNSUPPORTED = ("Unsupported global: GLOBAL ", " was not an allowed global by de
                 "`torch.serialization.add_safe_globals([", "])` or the `torch.serialization.safe_globals([",
                 "])` context manager to allowlist this global if you trust this class/function.")
 _BLOCKED = ("Trying to load unsupported GLOBAL ", " whose module ", " is blocked.")
-_UNSUPPORTED_LOOSELY = re.compile(r"Unsupported global: GLOBAL (.*?) was not an allowed global by default", re.S)
-_BLOCKED_LOOSELY = re.compile(r"Trying to load unsupported GLOBAL (.*?) whose module (.*?) is blocked", re.S)
 
 
 def _refused_global(err: BaseException) -> tuple[str, str] | None:
@@ -106,13 +103,18 @@ def _refused_global(err: BaseException) -> tuple[str, str] | None:
     if not isinstance(err, pickle.UnpicklingError):
         return None
     text = str(err)
-    name = _unsupported_name(text)
-    if name is not None:
-        return f"Unsupported global: GLOBAL {_quoted(name)} was not an allowed global by default", name
-    blocked = _blocked_name(text)
-    if blocked is not None:
+    unsupported, blocked = _unsupported_name(text), _blocked_name(text)
+    if unsupported is not None and blocked is not None:  # a name holds the other refusal: torch's words end the text
+        unsupported, blocked = ((unsupported, None) if text.rfind(_UNSUPPORTED[-1]) > text.rfind(_BLOCKED[-1])
+                                else (None, blocked))
+    if unsupported is None and blocked is None:  # another torch's wording
+        unsupported, blocked = _between(text, _UNSUPPORTED[:2]), _between(text, _BLOCKED)
+    if blocked is not None:  # torch checks the module first
         return (f"Trying to load unsupported GLOBAL {_quoted(blocked[0])} whose module {_quoted(blocked[1])} is "
                 "blocked", blocked[0])
+    if unsupported is not None:
+        return f"Unsupported global: GLOBAL {_quoted(unsupported[0])} was not an allowed global by default", \
+            unsupported[0]
     return None
 
 
@@ -122,30 +124,44 @@ def _quoted(name: str) -> str:
     return repr(name[:_REASON_CHARS]) + ("..." if len(name) > _REASON_CHARS else "")
 
 
-def _unsupported_name(text: str) -> str | None:
-    """The global's name in torch's 'Unsupported global' refusal (it says the name three times)."""
+def _unsupported_name(text: str) -> tuple[str] | None:
+    """(the global's name,) in torch's 'Unsupported global' refusal, which says the name three times."""
     lead, between, again, tail = _UNSUPPORTED
     start, end = text.find(lead), text.rfind(tail)
     body = text[start + len(lead):end] if 0 <= start < end else ""
     n, odd = divmod(len(body) - len(between) - len(again), 3)
-    if body and not odd and n >= 0 and body == body[:n] + between + body[:n] + again + body[:n]:
-        return body[:n]
-    found = _UNSUPPORTED_LOOSELY.search(text)
-    return None if found is None else found[1]
+    if not odd and n >= 0 and body == body[:n] + between + body[:n] + again + body[:n]:
+        return (body[:n],)
+    return None
 
 
 def _blocked_name(text: str) -> tuple[str, str] | None:
-    """(the global's name, its module) in torch's refusal of a global of a blocked module (the module is said
-    last: torch's, whatever the name holds)."""
+    """(the global's name, its module) in torch's refusal of a global of a blocked module, which says the module
+    last (torch's, whatever the name holds) and first, as the name's start."""
     lead, between, tail = _BLOCKED
     start, end = text.find(lead), text.rfind(tail)
-    middle = text.rfind(between, 0, end)
+    middle = text.rfind(between, 0, max(end, 0))
     if 0 <= start and start + len(lead) <= middle:
         name, module = text[start + len(lead):middle], text[middle + len(between):end]
         if name.startswith(module + "."):
             return name, module
-    found = _BLOCKED_LOOSELY.search(text)
-    return None if found is None else (found[1], found[2])
+    return None
+
+
+def _between(text: str, words: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The pieces of ``text`` between ``words`` taken in order, each up to the first of the next (in linear
+    time); None where a word is missing."""
+    at, pieces = text.find(words[0]), []
+    if at < 0:
+        return None
+    at += len(words[0])
+    for word in words[1:]:
+        end = text.find(word, at)
+        if end < 0:
+            return None
+        pieces.append(text[at:end])
+        at = end + len(word)
+    return tuple(pieces)
 
 
 _PICKLE = b"\x80"
@@ -155,8 +171,9 @@ _PICKLE = b"\x80"
 def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLike) -> str | None:
     """How a file that torch ran out of data in reads: 'truncated file' for a zip signature cut within its 4 bytes;
     'truncated or damaged file' for EOFError and, in the pickle format, 'unexpected EOF' in the storages,
-    IndexError, struct.error, UnicodeDecodeError or a refused global whose name runs to the end of the file (a
-    pickle holds the lengths it reads: one damaged byte runs it past the end as a cut does); None otherwise."""
+    IndexError, struct.error, UnicodeDecodeError or a refused global that the reader took to the end of the file
+    (a pickle cut within a class name; a pickle holds the lengths it reads: one damaged byte runs it past the end
+    as a cut does); None otherwise."""
     if size < len(_ZIP_SIGNATURE) and _ZIP_SIGNATURE.startswith(head):
         return "truncated file"
     if isinstance(err, EOFError):
@@ -165,50 +182,23 @@ def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLi
         return None
     ran_out = isinstance(err, (IndexError, struct.error, UnicodeDecodeError)) or (
         isinstance(err, RuntimeError) and str(err).startswith("unexpected EOF"))
-    return "truncated or damaged file" if ran_out or _global_runs_to_the_end(err, path) else None
+    return "truncated or damaged file" if ran_out or _refused_at_the_end(err, path, size) else None
 
 
-def _global_runs_to_the_end(err: BaseException, path: str | os.PathLike) -> bool:
-    """Whether the global torch refused is what a GLOBAL opcode ('c', a module line, a name line) at the file's end
-    reads as, its lines running to the end: a class name cut short (or bytes damaged into a GLOBAL)."""
-    refused = _refused_global(err)
-    if refused is None:
+def _refused_at_the_end(err: BaseException, path: str | os.PathLike, size: int) -> bool:
+    """Whether torch refused a global whose lines it read to the end of the file: torch reads a pickle-format file
+    again from an open file (weights_only: it builds nothing it does not know, runs nothing; it stops where it
+    stopped before), whose position then says where."""
+    if _refused_global(err) is None:
         return False
-    with open(path, "rb") as f:  # 'c', the module (renamed by torch: '__builtin__' ...), a newline, the name
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - len(refused[1].encode()) - 64))
-        tail = f.read()
-    return any(tail[start:start + 1] == b"c" and refused[1] in _global_as_read(tail[start + 1:])
-               for start in range(len(tail)))
+    import torch  # here only: this module is imported where torch is not needed
 
-
-def _global_as_read(rest: bytes) -> tuple[str, ...]:
-    """How torch names the global of a GLOBAL opcode whose lines are ``rest``, when they run to the end of the file
-    (each line loses its last byte, taken for its newline; the module is renamed as for Python 2 pickles): with
-    and without its 'builtins.' prefix, the two ways torch words a refusal; () where they do not run to the end."""
-    module, newline, rest = rest.partition(b"\n")
-    name, newline_2, _ = rest.partition(b"\n")
-    if newline_2:
-        return ()
-    try:
-        module, name = (module.decode(), name[:-1].decode()) if newline else (module[:-1].decode(), "")
-    except UnicodeDecodeError:  # torch would have failed to decode it, not refused it
-        return ()
-    modules, names = _torch_renames()
-    renamed = names.get((module, name), (modules.get(module, module), name))
-    fulls = {f"{module}.{name}", ".".join(renamed)}  # as read, and as this torch renames it
-    return tuple(fulls | {full.removeprefix("builtins.") for full in fulls if full.startswith("builtins.")})
-
-
-@functools.cache
-def _torch_renames() -> tuple[dict, dict]:
-    """The Python 2 module and (module, name) renames torch's weights_only unpickler applies; none where this
-    torch keeps them elsewhere (the name as read is matched too)."""
-    try:
-        from torch._utils import IMPORT_MAPPING, NAME_MAPPING
-    except ImportError:
-        return {}, {}
-    return IMPORT_MAPPING, NAME_MAPPING
+    with open(path, "rb") as f:
+        try:
+            torch.load(f, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - the same refusal, expected
+            pass
+        return f.tell() >= size
 
 
 _ZIP_SIGNATURE = b"PK\x03\x04"

@@ -265,7 +265,9 @@ def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
 def _refuse_a_runs_checkpoint(path: Path) -> None:
     """Name the run folder of ``path`` when it is a saelab run's training checkpoint: RUN/checkpoint.pt (a link to a
     file elsewhere too) or a link to one."""
-    for checkpoint in (Path(os.path.abspath(path)), path.resolve()):  # as given (no '..' shown), and where it leads
+    as_given = Path(os.path.abspath(path))  # without '..', which a link before it can make another file
+    same = as_given.exists() and os.path.samefile(as_given, path)
+    for checkpoint in ([as_given] if same else []) + [path.resolve()]:  # and where it leads
         run = checkpoint.parent
         if checkpoint.name == CHECKPOINT and checkpoint.is_file() and _trained_by_saelab(run):
             when = "" if (run / SAE_DIR / CFG_FILENAME).is_file() else " once its training has finished"
