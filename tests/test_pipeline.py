@@ -497,6 +497,10 @@ def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, d
     assert "holds this SAE's evaluation with other settings (--recon-tokens 256 -> 512); pass --overwrite" \
         in capsys.readouterr().err
     assert (run / "metrics.json").read_bytes() == before
+    # a corpus that is not there is named first: --overwrite or --out, as advised, would meet it next
+    assert main(["eval", str(run), "--corpus", str(tmp_path / "missing.txt"), "--no-progress"]) == 2
+    assert f"corpus path '{tmp_path / 'missing.txt'}' does not exist" in capsys.readouterr().err
+    assert (run / "metrics.json").read_bytes() == before
     # The same into --out: written once, then reused; other settings there are refused.
     out = ["--out", str(tmp_path / "elsewhere")]
     _, written = run_cli(capsys, *ev, *out, "--recon-tokens", "256")

@@ -489,6 +489,7 @@ def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageMo
               file=sys.stderr)
         return read_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     if changes:
+        resolve_corpus(cfg.corpus, "eval")  # a missing corpus first: --overwrite or --out, as advised, meets it next
         raise RunExistsError(f"{Path(run_dir) / EVAL_METRICS} holds this SAE's evaluation with other settings "
                              f"({', '.join(changes)}); pass --overwrite to replace it, or --out DIR to write this "
                              "one elsewhere")
