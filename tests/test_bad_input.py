@@ -434,15 +434,18 @@ def test_refused_name_holding_torchs_own_words_is_quoted_whole(module, name, sho
     assert f"(UnpicklingError: {shown}); expected" in str(err.value), str(err.value)
 
 
-def test_refusal_followed_by_a_cut_copy_of_its_global_is_a_refusal(tmp_path):
-    """A whole refused global, then its name again at the end of the file, cut: torch refused the first, and
-    stopped there; the file read as truncated. It is the refusal: where torch stopped reading decides."""
+@pytest.mark.parametrize("data", [b"\x80\x02cos\nsystem\n)R.cos\nsystemX", b"\x80\x02cos\nsystem\n"])
+def test_whole_refused_global_near_the_end_is_a_refusal(data, tmp_path):
+    """A whole refused global, then its name again at the end of the file, cut: torch refused the first and
+    stopped there, but the file read as truncated. A whole name with no pickle after it: the same. Where torch
+    stopped reading, and whether the name's line was whole, decide."""
     path = tmp_path / "evil.pt"
-    path.write_bytes(b"\x80\x02cos\nsystem\n)R.cos\nsystemX")
+    path.write_bytes(data)
     with pytest.raises(CheckpointError) as err:
         load_sae(path)
-    assert ("(UnpicklingError: Trying to load unsupported GLOBAL 'os.system' whose module 'os' is blocked); expected an "
-            "OpenAI sparse_autoencoder .pt checkpoint (read with weights_only=True") in str(err.value), str(err.value)
+    refusal = ("(UnpicklingError: Trying to load unsupported GLOBAL 'os.system' whose module 'os' is blocked); "
+               "expected an OpenAI sparse_autoencoder .pt checkpoint (read with weights_only=True")
+    assert refusal in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("data", [b"\x80\x02cConfigParser\nFo", b"\x80\x02cexceptions\nValueErrorX",

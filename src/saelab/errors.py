@@ -182,23 +182,19 @@ def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLi
         return None
     ran_out = isinstance(err, (IndexError, struct.error, UnicodeDecodeError)) or (
         isinstance(err, RuntimeError) and str(err).startswith("unexpected EOF"))
-    return "truncated or damaged file" if ran_out or _refused_at_the_end(err, path, size) else None
+    return "truncated or damaged file" if ran_out or _name_cut_at_the_end(err, path, size) else None
 
 
-def _refused_at_the_end(err: BaseException, path: str | os.PathLike, size: int) -> bool:
-    """Whether torch refused a global whose lines it read to the end of the file: torch reads a pickle-format file
-    again from an open file (weights_only: it builds nothing it does not know, runs nothing; it stops where it
-    stopped before), whose position then says where."""
-    if _refused_global(err) is None:
+def _name_cut_at_the_end(err: BaseException, path: str | os.PathLike, size: int) -> bool:
+    """Whether torch refused a global whose lines the end of the file cut short: it stopped reading at the end
+    (``stopped_at``, where ``utils.torch_files.load_plain_tensors`` read the file) and the name's line has no
+    newline there, or the name is empty (a module line, then the end). A whole name at the end is a refusal."""
+    refused = _refused_global(err)
+    if refused is None or getattr(err, "stopped_at", -1) < size:
         return False
-    import torch  # here only: this module is imported where torch is not needed
-
     with open(path, "rb") as f:
-        try:
-            torch.load(f, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - the same refusal, expected
-            pass
-        return f.tell() >= size
+        f.seek(size - 1)
+        return f.read(1) != b"\n" or refused[1].endswith(".") or refused[1] == ""
 
 
 _ZIP_SIGNATURE = b"PK\x03\x04"

