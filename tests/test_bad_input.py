@@ -434,8 +434,9 @@ def test_refused_name_holding_torchs_own_words_is_quoted_whole(module, name, sho
     assert f"(UnpicklingError: {shown}); expected" in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("data", [b"\x80\x02cos\nsystem\n)R.cos\nsystemX", b"\x80\x02cos\nsystem\n"])
-def test_whole_refused_global_near_the_end_is_a_refusal(data, tmp_path):
+@pytest.mark.parametrize("data, name", [(b"\x80\x02cos\nsystem\n)R.cos\nsystemX", "os.system"),
+                                        (b"\x80\x02cos\nsystem\n", "os.system"), (b"\x80\x02cos\nsystem.\n", "os.system.")])
+def test_whole_refused_global_near_the_end_is_a_refusal(data, name, tmp_path):
     """A whole refused global, then its name again at the end of the file, cut: torch refused the first and
     stopped there, but the file read as truncated. A whole name with no pickle after it: the same. Where torch
     stopped reading, and whether the name's line was whole, decide."""
@@ -443,7 +444,7 @@ def test_whole_refused_global_near_the_end_is_a_refusal(data, tmp_path):
     path.write_bytes(data)
     with pytest.raises(CheckpointError) as err:
         load_sae(path)
-    refusal = ("(UnpicklingError: Trying to load unsupported GLOBAL 'os.system' whose module 'os' is blocked); "
+    refusal = (f"(UnpicklingError: Trying to load unsupported GLOBAL '{name}' whose module 'os' is blocked); "
                "expected an OpenAI sparse_autoencoder .pt checkpoint (read with weights_only=True")
     assert refusal in str(err.value), str(err.value)
 
@@ -603,7 +604,7 @@ def test_model_folder_with_corrupt_weights_is_one_line_naming_the_file(damage, t
 
 
 @pytest.mark.parametrize("damage", ["truncated", "cut_small", "empty", "garbage", "zip_noise", "pickle_runs_code",
-                                    "pickle_refused_builtin"])
+                                    "pickle_refused_builtin", "pickle_format_with_a_zip_end"])
 def test_model_folder_with_corrupt_pytorch_weights_is_one_line_naming_the_file(damage, tiny_gpt2, tiny_dir, corpus,
                                                                                tmp_path, capsys):
     """A damaged pytorch_model.bin was torch's traceback naming no file (an UnpicklingError, a RuntimeError, or
@@ -617,7 +618,10 @@ def test_model_folder_with_corrupt_pytorch_weights_is_one_line_naming_the_file(d
     torch.save(tiny_gpt2.model.state_dict(), weights)
     load_model(str(folder))  # intact, it loads
     good = weights.read_bytes()
-    if damage.startswith("pickle"):
+    if damage == "pickle_format_with_a_zip_end":  # zipfile.is_zipfile: True, so transformers asks torch for mmap
+        torch.save(tiny_gpt2.model.state_dict(), weights, _use_new_zipfile_serialization=False)
+        weights.write_bytes(weights.read_bytes() + b"PK\x05\x06" + bytes(18))
+    elif damage.startswith("pickle"):
         extra = _Payload(marker) if damage == "pickle_runs_code" else _Builtin()
         torch.save({**tiny_gpt2.model.state_dict(), "extra": extra}, weights)
     else:

@@ -55,7 +55,7 @@ def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None)
 def may_be_torch_file(head: bytes) -> bool:
     """Whether a file that starts with ``head`` (its first 4 bytes, or all of a shorter file) may be one torch.save
     wrote: a zip archive (or its first bytes) or a pickle."""
-    return head[:1] == _PICKLE or _ZIP_SIGNATURE.startswith(head)
+    return head[:1] == PICKLE_HEAD or _ZIP_SIGNATURE.startswith(head)
 
 
 def refused_by_weights_only(err: BaseException, path: str | os.PathLike | None = None) -> bool:
@@ -164,7 +164,7 @@ def _between(text: str, words: tuple[str, ...]) -> tuple[str, ...] | None:
     return tuple(pieces)
 
 
-_PICKLE = b"\x80"
+PICKLE_HEAD = b"\x80"
 """How a pickle of protocol 2 or later starts: a torch file in the format before torch 1.6 is a few of them."""
 
 
@@ -178,7 +178,7 @@ def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLi
         return "truncated file"
     if isinstance(err, EOFError):
         return "truncated or damaged file"
-    if head[:1] != _PICKLE:
+    if head[:1] != PICKLE_HEAD:
         return None
     ran_out = isinstance(err, (IndexError, struct.error, UnicodeDecodeError)) or (
         isinstance(err, RuntimeError) and str(err).startswith("unexpected EOF"))
@@ -188,13 +188,23 @@ def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLi
 def _name_cut_at_the_end(err: BaseException, path: str | os.PathLike, size: int) -> bool:
     """Whether torch refused a global whose lines the end of the file cut short: it stopped reading at the end
     (``stopped_at``, where ``utils.torch_files.load_plain_tensors`` read the file) and the name's line has no
-    newline there, or the name is empty (a module line, then the end). A whole name at the end is a refusal."""
+    newline there, or the file ends with the opcode and the module line alone (an empty name). A whole name at the
+    end is a refusal."""
     refused = _refused_global(err)
     if refused is None or getattr(err, "stopped_at", -1) < size:
         return False
-    with open(path, "rb") as f:
-        f.seek(size - 1)
-        return f.read(1) != b"\n" or refused[1].endswith(".") or refused[1] == ""
+    name = refused[1]
+    with open(path, "rb") as f:  # the GLOBAL opcode, a whole module line, an empty name: as long as the name
+        f.seek(max(0, size - len(name.encode()) - len(_BUILTIN_MODULE) - 2))
+        tail = f.read()
+    if not tail.endswith(b"\n"):
+        return True
+    modules = [name[:-1]] if name.endswith(".") else [] if name else ["builtins", _BUILTIN_MODULE]
+    return any(tail.endswith(b"c" + module.encode() + b"\n") for module in modules)
+
+
+_BUILTIN_MODULE = "__builtin__"
+"""Python 2's name of builtins: torch names its globals without a module, as those of builtins."""
 
 
 _ZIP_SIGNATURE = b"PK\x03\x04"

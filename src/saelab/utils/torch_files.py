@@ -1,4 +1,4 @@
-"""torch.load of files saelab did not write: plain tensors and containers only, never code."""
+"""torch.load of the torch files saelab reads (from anyone): plain tensors and containers only, never code."""
 
 from __future__ import annotations
 
@@ -7,20 +7,19 @@ from typing import Any
 
 import torch
 
-_PICKLE = b"\x80"
-"""How a torch file in the pickle format (before torch 1.6) starts."""
+from saelab.errors import PICKLE_HEAD
 
 
 def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` (``mmap`` for a zip archive). A failure on a file in the pickle
-    format carries ``stopped_at``, the byte where torch stopped reading: a refused global whose name torch read
-    to the end of the file is a class name cut short (``errors.torch_load_reason`` reads it)."""
+    """``torch.load(path, weights_only=True, mmap=mmap)``. A failure on a file in the pickle format carries
+    ``stopped_at``, the byte where torch stopped reading: a refused global whose name torch read to the end of
+    the file is a class name cut short (``errors.torch_load_reason`` reads it)."""
     with open(path, "rb") as f:
-        if f.read(1) != _PICKLE:  # a zip archive, read by path as torch maps it, or no torch file at all
+        if f.read(1) != PICKLE_HEAD:  # a zip archive, read by path as torch maps it, or no torch file at all
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         f.seek(0)
         try:
-            return torch.load(f, map_location=map_location, weights_only=True)
+            return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as err:
             err.stopped_at = f.tell()  # the pickle reader reads through the file's own buffered read and readline
             raise
