@@ -435,7 +435,8 @@ def test_refused_name_holding_torchs_own_words_is_quoted_whole(module, name, sho
 
 
 @pytest.mark.parametrize("data, name", [(b"\x80\x02cos\nsystem\n)R.cos\nsystemX", "os.system"),
-                                        (b"\x80\x02cos\nsystem\n", "os.system"), (b"\x80\x02cos\nsystem.\n", "os.system.")])
+                                        (b"\x80\x02cos\nsystem\n", "os.system"),
+                                        (b"\x80\x02cos\nsystem.\n", "os.system.")])
 def test_whole_refused_global_near_the_end_is_a_refusal(data, name, tmp_path):
     """A whole refused global, then its name again at the end of the file, cut: torch refused the first and
     stopped there, but the file read as truncated. A whole name with no pickle after it: the same. Where torch
