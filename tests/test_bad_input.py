@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -399,13 +400,17 @@ def test_torch_refusals_in_other_wordings_carry_no_advice(tmp_path):
         "``torch.distributed.tensor`` must be imported to load DTensors); expected an OpenAI sparse_autoencoder .pt "
         "checkpoint\n"), done.stderr
     script = tmp_path / "script.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's own: a TorchScript file is what is needed
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(script, run / CHECKPOINT)
     for load in (lambda: load_sae(script), lambda: load_checkpoint(run)):
-        with pytest.raises(CheckpointError) as err:
+        with pytest.raises(CheckpointError) as err, warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
             load()
+        assert warned == []  # torch's warning on a TorchScript archive ("dispatching to torch.jit.load") neither
         msg = str(err.value)
         assert ("(RuntimeError: Cannot use ``weights_only=True`` with TorchScript archives passed to ``torch.load``)"
                 in msg and "False" not in msg and "trust" not in msg and "\n" not in msg), msg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -14,7 +15,10 @@ def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mm
     """``torch.load(path, weights_only=True, mmap=mmap)``. A failure on a file in the pickle format carries
     ``stopped_at``, the byte where torch stopped reading: a refused global whose name torch read to the end of
     the file is a class name cut short (``errors.torch_load_reason`` reads it)."""
-    with open(path, "rb") as f:
+    # torch warns about files it then reads or refuses (a pickle protocol it did not write, a TorchScript archive):
+    # noise above the one line saelab words a failure in
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         if f.read(1) != PICKLE_HEAD:  # a zip archive, read by path as torch maps it, or no torch file at all
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         f.seek(0)
