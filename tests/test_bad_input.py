@@ -467,6 +467,16 @@ def test_pickle_cut_within_a_python_2_name_is_truncated(data, tmp_path):
     assert f"(truncated or damaged file ({len(data)} bytes)); expected" in str(err.value), str(err.value)
 
 
+def test_operating_system_error_on_a_path_with_advice_words_keeps_its_reason(tmp_path):
+    """The filter of torch's advice dropped any sentence holding 'trust' or 'False': an OSError quoting a path under
+    trusted_models/ read as a bare '(IsADirectoryError)'. An operating system's error is taken whole."""
+    run = tmp_path / "trusted_models" / "run"
+    (run / CHECKPOINT).mkdir(parents=True)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(run)
+    assert f"(IsADirectoryError: [Errno 21] Is a directory: '{run / CHECKPOINT}')" in str(err.value), str(err.value)
+
+
 def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
     """A numpy .npz is a zip archive: torch's reason came with the place in its C++ code that raised it
     ('[enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: x.npy')."""

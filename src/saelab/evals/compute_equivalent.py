@@ -526,7 +526,8 @@ def check_checkpoints_before_load(checkpoints: Sequence[SeriesCheckpoint], token
     hub model's fetched at its revision, as its load takes them): longer than it takes, with ids past its
     vocabulary, or text it tokenizes otherwise than ``reference_tokenizer`` (the evaluated model's); so a wrong
     series is named before any of their weights download. Each refusal names its checkpoint; ``context_named``
-    names the contexts' length ({n}) as where it came from (a setting, the SAE's), as after the load."""
+    names the contexts' length ({n}) by where it came from (a setting, the SAE's); the check after the load,
+    which does not know, says the eval context."""
     T = int(tokens_NT.shape[1])
     for ck in checkpoints:
         if not ck.model_id:  # a reference given only by its loader: checked once loaded
