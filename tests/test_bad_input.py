@@ -477,6 +477,17 @@ def test_operating_system_error_on_a_path_with_advice_words_keeps_its_reason(tmp
     assert f"(IsADirectoryError: [Errno 21] Is a directory: '{run / CHECKPOINT}')" in str(err.value), str(err.value)
 
 
+def test_reason_quoting_the_file_with_advice_words_is_dropped(tmp_path):
+    """torch's 'Trying to call reduce for unrecognized function {name}' quotes the file: a name saying to retry with
+    weights_only = False was shown as the reason. A sentence of torch's naming False or trust is dropped."""
+    name = b"x; retry with weights_only = False (you may trust this file)"
+    path = tmp_path / "reduce.pt"
+    path.write_bytes(b"\x80\x02X" + len(name).to_bytes(4, "little") + name + b")R.")
+    with pytest.raises(CheckpointError) as err:
+        load_sae(path)
+    assert "False" not in str(err.value) and "trust" not in str(err.value), str(err.value)
+
+
 def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
     """A numpy .npz is a zip archive: torch's reason came with the place in its C++ code that raised it
     ('[enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: x.npy')."""

@@ -17,14 +17,14 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-# Fragments of torch's own wording that mark a sentence of its load errors as advice, not a reason: to retry with
-# weights_only=False (a title line, "(1) In PyTorch 2.6 ...", after "Cannot use weights_only=True with ..."), to
-# allowlist a global, to read the docs. Retrying unsafely is exactly what an untrusted file must not get. (An
-# operating system's error, which may quote a path holding such words, is taken whole.)
-_TORCH_ADVICE = ("Weights only load failed", "can still be loaded", "In PyTorch 2.6", "Re-running `torch.load`",
-                 "Do it only if", "trusted source", "if you trust", "safe_globals", "Alternatively, to load",
-                 "recommended steps", "Please file an issue", "Check the documentation", "`False`",
-                 "weights_only=False")
+# Fragments that mark a sentence of torch's load errors as advice, not a reason: to retry with weights_only=False (a
+# title line, "(1) In PyTorch 2.6 ...", after "Cannot use weights_only=True with ..."), to allowlist a global, to
+# read the docs. Retrying unsafely is exactly what an untrusted file must not get: a sentence naming False or trust
+# at all is dropped, as some of torch's reasons quote the file ("unrecognized function {name}"). (An operating
+# system's error, which may quote a path holding such words, is taken whole.)
+_TORCH_ADVICE = ("Weights only load failed", "can still be loaded", "In PyTorch 2.6", "Re-running", "Do it only if",
+                 "trust", "safe_globals", "Alternatively", "recommended steps", "Please file an issue",
+                 "Check the documentation", "False")
 _REASON_CHARS = 200
 """At most this much of a name from the file (a refused global's) or of torch's reason is shown."""
 
