@@ -528,6 +528,45 @@ def _train_tiny_run(run: Path, stop_after_steps: int | None = None) -> None:
               stop_after_steps=stop_after_steps, device="cpu")
 
 
+def _safetensors_whose_first_byte_is(value: int, path: Path) -> Path:
+    """A real safetensors file whose header length's lowest byte, its first, is ``value``."""
+    from safetensors.torch import save_file
+
+    for pad in range(256):
+        save_file({"w": torch.zeros(2)}, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == value:
+            return path
+    raise AssertionError(f"no padding gives a first byte {value:#x}")
+
+
+def test_safetensors_file_given_as_sae_is_named_as_one(tmp_path, capsys):
+    """A lone .safetensors file given as the SAE was 'not a torch checkpoint', or, where its header's length ends
+    in byte 0x80 (a pickle's first byte), read as a pickle: 'Unsupported operand 0'. Under any name it is now a
+    safetensors file; a file beside an SAE folder's cfg.json names that folder, and one beside nothing does not."""
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    pickle_like = _safetensors_whose_first_byte_is(0x80, lone / "weights.safetensors")
+    plain = _safetensors_whose_first_byte_is(0x50, lone / "other.safetensors")
+    renamed = lone / "weights.pt"
+    shutil.copy(pickle_like, renamed)
+    for path in (pickle_like, plain, renamed):
+        expect = f"{path}: a safetensors file, not a torch checkpoint; expected an SAE: a run folder (saelab train)"
+        code, out, err = run_cli(capsys, "top", str(path), "--latent", "1")
+        assert code == 2 and err.startswith(f"saelab top: error: {expect}") and "its folder" not in err, err
+        with pytest.raises(CheckpointError) as raised:
+            load_sae(path)
+        assert str(raised.value).startswith(expect), raised.value
+    folder = tmp_path / "sae"
+    save_sae(make_sae(), folder)
+    shutil.copy(pickle_like, folder / "sparsity_copy.safetensors")
+    (folder / "notes.txt").write_text("hello\n")
+    for name in ("sparsity_copy.safetensors", "notes.txt"):
+        with pytest.raises(CheckpointError) as raised:
+            load_sae(folder / name)
+        assert str(raised.value).endswith(f"; its folder {folder} holds an SAE: pass the folder"), raised.value
+    assert load_sae(folder / "cfg.json").cfg.n_latents == 128  # a file that stands for its folder still loads
+
+
 def test_training_checkpoint_given_as_sae_names_its_run(tmp_path, capsys):
     """A run's checkpoint.pt given as the SAE read as an OpenAI checkpoint missing its keys: it names its run
     folder (through a link to it, or as a run's own checkpoint.pt that links elsewhere), from the CLI and from
@@ -555,6 +594,9 @@ def test_training_checkpoint_given_as_sae_names_its_run(tmp_path, capsys):
             load_sae(path)
         assert str(raised.value).startswith(f"{path}: {expect}"), raised.value
     assert load_sae(finished).cfg.n_latents == 64  # the run folder it names loads, from Python too
+    with pytest.raises(CheckpointError) as raised:  # a run's other file names the run folder too
+        load_sae(finished / "train_config.json")
+    assert str(raised.value).endswith(f"; its folder {finished} holds an SAE: pass the folder"), raised.value
     # from inside the run, as "checkpoint.pt": the run folder by its absolute path, not "."
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(finished)

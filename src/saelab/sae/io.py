@@ -257,9 +257,21 @@ def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
     path = _existing_path(source)
     try:  # a path could be any of SAE_SOURCES: a file that is no torch checkpoint is told so
         return _load_path(path, device, dtype, not_torch=f"an SAE: {SAE_SOURCES}")
-    except CheckpointError:
+    except CheckpointError as err:
         _refuse_a_runs_checkpoint(path)  # only once it failed: an SAE saved under that name still loads
+        _name_the_sae_beside(path, err)
         raise
+
+
+def _name_the_sae_beside(path: Path, err: CheckpointError) -> None:
+    """Add to ``err`` the folder of ``path`` where that holds an SAE: a file beside one (a run's
+    latent_frequencies.safetensors, an SAE folder's sparsity.safetensors) was given for it."""
+    folder = path.parent
+    if path.name in _MEANS_ITS_FOLDER or not path.is_file():
+        return  # the folder itself was read
+    finished_run = (folder / TRAIN_CONFIG).is_file() and (folder / SAE_DIR / CFG_FILENAME).is_file()
+    if finished_run or (folder / CFG_FILENAME).is_file():
+        raise CheckpointError(f"{err}; its folder {folder} holds an SAE: pass the folder") from None
 
 
 def _refuse_a_runs_checkpoint(path: Path) -> None:
@@ -294,9 +306,13 @@ def _trained_by_saelab(run: Path) -> bool:
     return False
 
 
+_MEANS_ITS_FOLDER = (CFG_FILENAME, WEIGHTS_FILENAME, SPARSIFY_WEIGHTS_FILENAME)
+"""The files of an SAE folder whose path stands for the folder."""
+
+
 def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype, not_torch: str | None = None) -> TopKSAE:
     """load_local of an existing ``path``; ``not_torch``: as in load_untrusted_checkpoint."""
-    if path.is_file() and path.name in (CFG_FILENAME, WEIGHTS_FILENAME, SPARSIFY_WEIGHTS_FILENAME):
+    if path.is_file() and path.name in _MEANS_ITS_FOLDER:
         path = path.parent  # pointing at a file inside the folder means the folder
     if (path / TRAIN_CONFIG).is_file() and (path / SAE_DIR / CFG_FILENAME).is_file():
         path = path / SAE_DIR  # a finished run folder (one still training has no sae/cfg.json)

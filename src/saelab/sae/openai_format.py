@@ -15,6 +15,7 @@ Checkpoints are untrusted: they are read with ``torch.load(weights_only=True)``,
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from saelab.errors import CheckpointError, may_be_torch_file, refused_by_weights_only, torch_load_reason
 from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
-from saelab.utils.torch_files import load_plain_tensors
+from saelab.utils.torch_files import SNIFF_BYTES, is_safetensors, load_plain_tensors
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small"
 OPENAI_LOCATION_TO_HOOK = {
@@ -80,10 +81,12 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT, not_tor
     expected; ``not_torch``, if given, what a file that is no torch checkpoint at all was expected to be."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head, size = f.read(SNIFF_BYTES), os.fstat(f.fileno()).st_size
+        if is_safetensors(head, size):
+            raise CheckpointError(f"{path}: a safetensors file, not a torch checkpoint; expected {not_torch or what}")
         # torch saves a zip, or a pickle before 1.6; an empty file, or one cut within the zip's signature, is left
         # to torch.load, whose reason names it
-        if head and not may_be_torch_file(head):
+        if head and not may_be_torch_file(head[:4]):
             raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
                                   f"expected {not_torch or what}")
         return load_plain_tensors(path)

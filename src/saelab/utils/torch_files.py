@@ -11,6 +11,17 @@ import torch
 
 from saelab.errors import PICKLE_HEAD
 
+SNIFF_BYTES = 9
+"""How much of a file's start is_safetensors needs."""
+
+
+def is_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file of ``size`` bytes that starts with ``head`` (its first SNIFF_BYTES) is a safetensors file: an
+    8-byte little-endian length, then a JSON header of that length that fits the file. Its first byte is that
+    length's lowest, which can be a pickle's 0x80."""
+    return (len(head) >= SNIFF_BYTES and head[8:9] == b"{"
+            and SNIFF_BYTES - 1 + int.from_bytes(head[:8], "little") <= size)
+
 
 def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True, mmap=mmap)``. A failure on a file in the pickle format carries
