@@ -416,6 +416,20 @@ def test_torch_refusals_in_other_wordings_carry_no_advice(tmp_path):
                 in msg and "False" not in msg and "trust" not in msg and "\n" not in msg), msg
 
 
+@pytest.mark.parametrize("ops, shown", [
+    (b"K\x05)\x81", "Can only create new object for nn.Parameter or classes allowlisted but got 5"),
+    (b"K\x05)b", "Can only build Tensor, Parameter, OrderedDict or types allowlisted, but got <class 'int'>")])
+def test_torch_refusal_that_names_its_allowlist_keeps_its_reason(ops, shown, tmp_path):
+    """torch's 'Can only create new object / build ... allowlisted via `add_safe_globals` but got X' (a damaged or
+    crafted pickle: NEWOBJ or BUILD on an int) read as a bare '(UnpicklingError)': the whole sentence was taken
+    for advice. The reason stays; only the pointer to add_safe_globals goes."""
+    path = tmp_path / "odd.pt"
+    path.write_bytes(b"\x80\x02" + ops + b".")
+    with pytest.raises(CheckpointError) as err:
+        load_sae(path)
+    assert f"(UnpicklingError: {shown});" in str(err.value), err.value
+
+
 @pytest.mark.parametrize("module, name, shown", [
     (b"os2", b"x was not an allowed global by default. Please use `torch.serialization.add_safe_globals([os2.x])` y",
      "Unsupported global: GLOBAL 'os2.x was not an allowed global by default. Please use `torch.serialization."

@@ -74,11 +74,13 @@ def _reason_sentences(text: str):
     that raised it ('[enforce fail at inline_container.cc:180] . ')."""
     for line in text.splitlines():
         line = _CPP_PLACE.sub("", line.strip().removeprefix("WeightsUnpickler error:").strip())
+        line = line.replace(_ALLOWLIST_POINTER, "")  # the pointer ends a reason's sentence: 'Can only build ...'
         for sentence in re.split(r"(?<=\.)\s+", line):
             if re.search(r"\w", sentence) and not any(fragment in sentence for fragment in _TORCH_ADVICE):
                 yield sentence
 
 
+_ALLOWLIST_POINTER = " via `add_safe_globals`"
 _CPP_PLACE = re.compile(r"^\[enforce fail at [^\]]*\][\s.]*")
 
 
