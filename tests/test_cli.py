@@ -1801,6 +1801,21 @@ def test_steer_refuses_top_tokens_past_the_vocabulary_before_the_model_loads(gpt
                ([*steer, "50257"], "cannot load model directory")], capsys)  # the whole vocabulary: the load fails
 
 
+def test_steer_cuts_its_default_top_tokens_to_a_smaller_vocabulary():
+    """A model of fewer than 10 tokens was refused naming `--top-tokens 10`, a value nobody typed: the default is
+    now cut to the vocabulary, while a typed value past it is still refused."""
+    from saelab.cli import parse_args
+    from saelab.cli.explore import _check_top_tokens
+
+    steer = ["steer", "sae", "--latent", "1", "--value", "2"]
+    args = parse_args(steer)
+    _check_top_tokens(args, 6)
+    assert args.top_tokens == 6
+    args = parse_args([*steer, "--top-tokens", "10"])
+    with pytest.raises(ConfigError, match=r"^--top-tokens 10: expected at most the model's vocabulary size, 6 tokens$"):
+        _check_top_tokens(args, 6)
+
+
 def test_top_and_browse_refuse_n_tokens_past_the_corpus_before_the_model_loads(gpt2_tokenizer, data_dir, tmp_path,
                                                                                capsys, monkeypatch):
     """`top` and `browse` with --n-tokens past the corpus read the whole text, loaded the model and then

@@ -169,10 +169,15 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
 
 
 def _check_top_tokens(args: argparse.Namespace, vocab_size: int | None) -> None:
-    """Refuse a --top-tokens past the model's vocabulary: the list would be all of it, on one line. A None
-    ``vocab_size`` (no config on disk before the load) leaves the check to the call after the load."""
-    if vocab_size is not None and args.top_tokens > vocab_size:
-        lead, entry = given_parts(given(args, "top_tokens") or "--top-tokens")
+    """Refuse a --top-tokens past the model's vocabulary: the list would be all of it, on one line; the default
+    is cut to a smaller vocabulary's size. A None ``vocab_size`` (no config on disk before the load) leaves the
+    check to the call after the load."""
+    if vocab_size is None or args.top_tokens <= vocab_size:
+        return
+    if given(args, "top_tokens") is None:
+        args.top_tokens = vocab_size
+    else:
+        lead, entry = given_parts(given(args, "top_tokens"))
         raise ConfigError(f"{lead}{entry} {args.top_tokens}: expected at most the model's vocabulary size, "
                           f"{vocab_size:,} tokens")
 
