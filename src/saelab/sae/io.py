@@ -161,7 +161,12 @@ def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
 
 def holds_a_run(path: Path) -> bool:
     """A run folder, finished or not: an overwrite's first moments hold only the earlier run, set aside."""
-    return any((p / TRAIN_CONFIG).is_file() for p in (path, path / SET_ASIDE))
+    return any(config.is_file() for config in _run_configs(path))
+
+
+def _run_configs(path: Path) -> tuple[Path, Path]:
+    """Where a run folder keeps its train_config.json: in it, or in the run an overwrite set aside in it."""
+    return path / TRAIN_CONFIG, path / SET_ASIDE / TRAIN_CONFIG
 
 
 def run_folders_in(folder: str | os.PathLike) -> list[Path]:
@@ -294,7 +299,7 @@ _CONFIG_BYTES = 1 << 20
 def _trained_by_saelab(run: Path) -> bool:
     """Whether ``run`` (or the run an overwrite set aside in it) has a train_config.json that saelab wrote: its
     "train" settings name n_latents. Another tool's train_config.json beside its checkpoint.pt is no run's."""
-    for config in (run / TRAIN_CONFIG, run / SET_ASIDE / TRAIN_CONFIG):
+    for config in _run_configs(run):
         try:  # a plain file of a config's size: not a pipe or device that would hold the read
             if not config.is_file() or config.stat().st_size > _CONFIG_BYTES:
                 continue

@@ -23,10 +23,17 @@ from typing import Any
 
 import torch
 
-from saelab.errors import CheckpointError, may_be_torch_file, refused_by_weights_only, torch_load_reason
+from saelab.errors import CheckpointError
 from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
-from saelab.utils.torch_files import SNIFF_BYTES, is_safetensors, load_plain_tensors
+from saelab.utils.torch_files import (
+    SNIFF_BYTES,
+    is_safetensors,
+    load_plain_tensors,
+    may_be_torch_file,
+    refused_by_weights_only,
+    torch_load_reason,
+)
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small"
 OPENAI_LOCATION_TO_HOOK = {

@@ -15,13 +15,13 @@ from typing import Any, Iterator
 
 import torch
 
-from saelab.errors import CheckpointError, RunExistsError, torch_load_reason
+from saelab.errors import CheckpointError, RunExistsError
 from saelab.run_folder import CHECKPOINT, RUN_RESULTS, STATUS, TRAIN_CONFIG, TRAINING_LOG
 from saelab.utils.atomic import (atomic_path, is_being_replaced, is_paused, put_back_set_aside, remove_entry,
                                  replacing_entries, resuming_replacement, write_bytes, write_json)
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock
-from saelab.utils.torch_files import load_plain_tensors
+from saelab.utils.torch_files import load_plain_tensors, torch_load_reason
 
 METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
 

@@ -1,15 +1,20 @@
-"""torch.load of the torch files saelab reads (from anyone): plain tensors and containers only, never code."""
+"""torch.load of the torch files saelab reads (from anyone): plain tensors and containers only, never code; and
+what a failed load is worded as: torch's reason without its advice, in one line."""
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import re
+import struct
 import warnings
 from typing import Any
 
 import torch
 
-from saelab.errors import PICKLE_HEAD
+from saelab.errors import first_line
+
 
 SNIFF_BYTES = 9
 """How much of a file's start is_safetensors needs."""
@@ -26,7 +31,7 @@ def is_safetensors(head: bytes, size: int) -> bool:
 def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True, mmap=mmap)``. A failure on a file in the pickle format carries
     ``stopped_at``, the byte where torch stopped reading: a refused global whose name torch read to the end of
-    the file is a class name cut short (``errors.torch_load_reason`` reads it)."""
+    the file is a class name cut short (``torch_load_reason`` reads it)."""
     # torch warns about files it then reads or refuses (a pickle protocol it did not write, a TorchScript archive):
     # noise above the one line saelab words a failure in. Only torch's warnings, some of which it files under its
     # caller, this module; catch_warnings sets the process's filters, so another thread's warnings from torch are
@@ -41,3 +46,229 @@ def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mm
         except Exception as err:
             err.stopped_at = f.tell()  # the pickle reader reads through the file's own buffered read and readline
             raise
+
+
+# Fragments that mark a sentence of torch's load errors as advice, not a reason: to retry with weights_only=False (a
+# title line, "(1) In PyTorch 2.6 ...", after "Cannot use weights_only=True with ..."), to allowlist a global, to
+# read the docs. Retrying unsafely is exactly what an untrusted file must not get: a sentence naming False or trust
+# at all is dropped, as some of torch's reasons quote the file ("unrecognized function {name}"). (An operating
+# system's error, which may quote a path holding such words, is taken whole.)
+_TORCH_ADVICE = ("Weights only load failed", "can still be loaded", "In PyTorch 2.6", "Re-running", "Do it only if",
+                 "trust", "safe_globals", "Alternatively", "recommended steps", "Please file an issue",
+                 "Check the documentation", "False")
+_REASON_CHARS = 200
+"""At most this much of a name from the file (a refused global's) or of torch's reason is shown."""
+
+
+def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None) -> str:
+    """The informative part of a torch.load failure (e.g. 'Unsupported global: GLOBAL print was not an allowed
+    global by default'), one line of printable characters, without torch's advice. ``path``, the file torch
+    read, names the faults torch's own error leaves unsaid, by the file's size: an empty file (torch says
+    EOFError), a zip archive cut short where its reader names no fault (torch says OSError [Errno 22] Invalid
+    argument, for a file cut to under about 64 KiB), a file cut short or damaged (``_cut_short``)."""
+    fault = torch_archive_fault(err)
+    if fault is not None:
+        return f"truncated or damaged archive: {fault}"
+    size, head = _size_and_head(path)
+    if size == 0:
+        return "empty file (0 bytes)"
+    if size is not None and head == _ZIP_SIGNATURE and isinstance(err, OSError) and err.errno == errno.EINVAL:
+        return f"truncated or damaged archive ({size:,} bytes)"
+    refused = _refused_global(err)
+    cut = None if size is None else _cut_short(err, head, size, path, refused)
+    if cut is not None:
+        return f"{cut} ({size:,} byte{'s' * (size != 1)})"
+    if refused is not None:
+        return f"{type(err).__name__}: {refused[0]}"
+    text = first_line(err) if isinstance(err, OSError) else next(_reason_sentences(str(err)), "")
+    reason = _printable(text.rstrip("."))
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+
+
+def may_be_torch_file(head: bytes) -> bool:
+    """Whether a file that starts with ``head`` (its first 4 bytes, or all of a shorter file) may be one torch.save
+    wrote: a zip archive (or its first bytes) or a pickle."""
+    return head[:1] == PICKLE_HEAD or _ZIP_SIGNATURE.startswith(head)
+
+
+def refused_by_weights_only(err: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether torch.load(weights_only=True) refused a global off its allowlist that the file at ``path`` holds
+    whole (a pickle cut within a class name reads as a refusal of the name's first part)."""
+    refused = _refused_global(err)
+    if refused is None:
+        return False
+    size, head = _size_and_head(path)
+    return size is None or _cut_short(err, head, size, path, refused) is None
+
+
+def _reason_sentences(text: str):
+    """The sentences of torch's error text that are not advice, in order, without the place in torch's C++ code
+    that raised it ('[enforce fail at inline_container.cc:180] . ')."""
+    for line in text.splitlines():
+        line = _CPP_PLACE.sub("", line.strip().removeprefix("WeightsUnpickler error:").strip())
+        line = line.replace(_ALLOWLIST_POINTER, "")  # the pointer ends a reason's sentence: 'Can only build ...'
+        for sentence in re.split(r"(?<=\.)\s+", line):
+            if re.search(r"\w", sentence) and not any(fragment in sentence for fragment in _TORCH_ADVICE):
+                yield sentence
+
+
+_ALLOWLIST_POINTER = " via `add_safe_globals`"
+_CPP_PLACE = re.compile(r"^\[enforce fail at [^\]]*\][\s.]*")
+
+
+def _printable(text: str) -> str:
+    """``text`` cut to _REASON_CHARS, its control characters escaped (a class name in a file can hold terminal
+    escapes or line breaks)."""
+    cut = text[:_REASON_CHARS]
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in cut)
+    return shown if len(cut) == len(text) else shown + "..."
+
+
+# How torch words the refusal of a global. The name comes from the file and may hold any characters, torch's own
+# words too: it is found by the whole of torch's fixed wording around it, which repeats it (the words of another
+# torch, where that fails: up to the first of its words).
+_UNSUPPORTED = ("Unsupported global: GLOBAL ", " was not an allowed global by default. Please use "
+                "`torch.serialization.add_safe_globals([", "])` or the `torch.serialization.safe_globals([",
+                "])` context manager to allowlist this global if you trust this class/function.")
+_BLOCKED = ("Trying to load unsupported GLOBAL ", " whose module ", " is blocked.")
+
+
+def _refused_global(err: BaseException) -> tuple[str, str] | None:
+    """(torch's refusal of a global in its own words, the file's names quoted; the global's name as torch gives
+    it), or None when ``err`` is no such refusal."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    text = str(err)
+    unsupported, blocked = _unsupported_name(text), _blocked_name(text)
+    if unsupported is not None and blocked is not None:  # a name holds the other refusal: torch's words end the text
+        unsupported, blocked = ((unsupported, None) if text.rfind(_UNSUPPORTED[-1]) > text.rfind(_BLOCKED[-1])
+                                else (None, blocked))
+    if unsupported is None and blocked is None:  # another torch's wording
+        unsupported, blocked = _between(text, _UNSUPPORTED[:2]), _between(text, _BLOCKED)
+    if blocked is not None:  # torch checks the module first
+        return (f"Trying to load unsupported GLOBAL {_quoted(blocked[0])} whose module {_quoted(blocked[1])} is "
+                "blocked", blocked[0])
+    if unsupported is not None:
+        return f"Unsupported global: GLOBAL {_quoted(unsupported[0])} was not an allowed global by default", \
+            unsupported[0]
+    return None
+
+
+def _quoted(name: str) -> str:
+    """A name from a file, quoted as Python writes a string (control characters escaped), cut to _REASON_CHARS: it
+    reads as the file's words, whatever they say."""
+    return repr(name[:_REASON_CHARS]) + ("..." if len(name) > _REASON_CHARS else "")
+
+
+def _unsupported_name(text: str) -> tuple[str] | None:
+    """(the global's name,) in torch's 'Unsupported global' refusal, which says the name three times."""
+    lead, between, again, tail = _UNSUPPORTED
+    start, end = text.find(lead), text.rfind(tail)
+    body = text[start + len(lead):end] if 0 <= start < end else ""
+    n, odd = divmod(len(body) - len(between) - len(again), 3)
+    if not odd and n >= 0 and body == body[:n] + between + body[:n] + again + body[:n]:
+        return (body[:n],)
+    return None
+
+
+def _blocked_name(text: str) -> tuple[str, str] | None:
+    """(the global's name, its module) in torch's refusal of a global of a blocked module, which says the module
+    last (torch's, whatever the name holds) and first, as the name's start."""
+    lead, between, tail = _BLOCKED
+    start, end = text.find(lead), text.rfind(tail)
+    middle = text.rfind(between, 0, max(end, 0))
+    if 0 <= start and start + len(lead) <= middle:
+        name, module = text[start + len(lead):middle], text[middle + len(between):end]
+        if name.startswith(module + "."):
+            return name, module
+    return None
+
+
+def _between(text: str, words: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The pieces of ``text`` between ``words`` taken in order, each up to the first of the next (in linear
+    time); None where a word is missing."""
+    at, pieces = text.find(words[0]), []
+    if at < 0:
+        return None
+    at += len(words[0])
+    for word in words[1:]:
+        end = text.find(word, at)
+        if end < 0:
+            return None
+        pieces.append(text[at:end])
+        at = end + len(word)
+    return tuple(pieces)
+
+
+PICKLE_HEAD = b"\x80"
+"""How a pickle of protocol 2 or later starts: a torch file in the format before torch 1.6 is a few of them."""
+
+
+def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLike,
+               refused: tuple[str, str] | None) -> str | None:
+    """How a file that torch ran out of data in reads: 'truncated file' for a zip signature cut within its 4 bytes;
+    'truncated or damaged file' for EOFError and, in the pickle format, 'unexpected EOF' in the storages,
+    IndexError, struct.error, UnicodeDecodeError or a refused global that the reader took to the end of the file
+    (a pickle cut within a class name; a pickle holds the lengths it reads: one damaged byte runs it past the end
+    as a cut does); None otherwise. ``refused``: ``_refused_global(err)``."""
+    if size < len(_ZIP_SIGNATURE) and _ZIP_SIGNATURE.startswith(head):
+        return "truncated file"
+    if isinstance(err, EOFError):
+        return "truncated or damaged file"
+    if head[:1] != PICKLE_HEAD:
+        return None
+    ran_out = isinstance(err, (IndexError, struct.error, UnicodeDecodeError)) or (
+        isinstance(err, RuntimeError) and str(err).startswith("unexpected EOF"))
+    return "truncated or damaged file" if ran_out or _name_cut_at_the_end(err, path, size, refused) else None
+
+
+def _name_cut_at_the_end(err: BaseException, path: str | os.PathLike, size: int,
+                         refused: tuple[str, str] | None) -> bool:
+    """Whether torch refused a global whose lines the end of the file cut short: it stopped reading at the end
+    (``stopped_at``, where ``utils.torch_files.load_plain_tensors`` read the file) and the name's line has no
+    newline there, or the file ends with the opcode and the module line alone (an empty name). A whole name at the
+    end is a refusal. ``refused``: ``_refused_global(err)``."""
+    if refused is None or getattr(err, "stopped_at", -1) < size:
+        return False
+    name = refused[1]
+    with open(path, "rb") as f:  # the GLOBAL opcode, a whole module line, an empty name: as long as the name
+        f.seek(max(0, size - len(name.encode()) - len(_BUILTIN_MODULE) - 2))
+        tail = f.read()
+    if not tail.endswith(b"\n"):
+        return True
+    modules = [name[:-1]] if name.endswith(".") else [] if name else ["builtins", _BUILTIN_MODULE]
+    return any(tail.endswith(b"c" + module.encode() + b"\n") for module in modules)
+
+
+_BUILTIN_MODULE = "__builtin__"
+"""Python 2's name of builtins: torch names its globals without a module, as those of builtins."""
+
+
+_ZIP_SIGNATURE = b"PK\x03\x04"
+"""How the zip archive torch.save writes starts (torch reads any file that starts so as one)."""
+
+
+def _size_and_head(path: str | os.PathLike | None) -> tuple[int | None, bytes]:
+    """The size of the file at ``path`` and its first 4 bytes; (None, b"") when there is none to read."""
+    if path is None:
+        return None, b""
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size, f.read(len(_ZIP_SIGNATURE))
+    except OSError:
+        return None, b""
+
+
+# torch's zip reader says what it found wrong with a checkpoint cut short or damaged, then, on the same line, a
+# paragraph of advice ("This is an internal miniz error. If you are seeing this error, ...").
+_TORCH_ZIP_READER = "PytorchStreamReader "
+
+
+def torch_archive_fault(err: BaseException) -> str | None:
+    """What torch's zip reader found wrong with a checkpoint cut short or damaged (e.g. 'failed finding central
+    directory', 'failed locating file data.pkl: file not found'), without its advice; None for a failure of
+    anything else."""
+    text = first_line(err)
+    if not text.startswith(_TORCH_ZIP_READER):
+        return None
+    return text.split(". ", 1)[0].removeprefix(_TORCH_ZIP_READER).removeprefix("failed reading zip archive: ")
