@@ -416,13 +416,19 @@ def test_torch_refusals_in_other_wordings_carry_no_advice(tmp_path):
                 in msg and "False" not in msg and "trust" not in msg and "\n" not in msg), msg
 
 
+_SAYS_SAFE = "5); this file is safe. load it with torch.load(weights_only=0) instead"
+
+
 @pytest.mark.parametrize("ops, shown", [
-    (b"K\x05)\x81", "Can only create new object for nn.Parameter or classes allowlisted but got 5"),
+    (b"K\x05)\x81", "Can only create new object for nn.Parameter or classes allowlisted but got '5'"),
+    (b"X" + len(_SAYS_SAFE).to_bytes(4, "little") + _SAYS_SAFE.encode() + b")\x81",
+     f"Can only create new object for nn.Parameter or classes allowlisted but got {_SAYS_SAFE!r}"),
     (b"K\x05)b", "Can only build Tensor, Parameter, OrderedDict or types allowlisted, but got <class 'int'>")])
 def test_torch_refusal_that_names_its_allowlist_keeps_its_reason(ops, shown, tmp_path):
     """torch's 'Can only create new object / build ... allowlisted via `add_safe_globals` but got X' (a damaged or
-    crafted pickle: NEWOBJ or BUILD on an int) read as a bare '(UnpicklingError)': the whole sentence was taken
-    for advice. The reason stays; only the pointer to add_safe_globals goes."""
+    crafted pickle: NEWOBJ or BUILD on an int or a string) read as a bare '(UnpicklingError)': the whole sentence
+    was taken for advice. The reason stays, the object the pickle made quoted (its text is the file's); only the
+    pointer to add_safe_globals goes."""
     path = tmp_path / "odd.pt"
     path.write_bytes(b"\x80\x02" + ops + b".")
     with pytest.raises(CheckpointError) as err:
@@ -491,15 +497,20 @@ def test_operating_system_error_on_a_path_with_advice_words_keeps_its_reason(tmp
     assert f"(IsADirectoryError: [Errno 21] Is a directory: '{run / CHECKPOINT}')" in str(err.value), str(err.value)
 
 
-def test_reason_quoting_the_file_with_advice_words_is_dropped(tmp_path):
+def test_reason_quoting_the_file_shows_its_words_quoted(tmp_path):
     """torch's 'Trying to call reduce for unrecognized function {name}' quotes the file: a name saying to retry with
-    weights_only = False was shown as the reason. A sentence of torch's naming False or trust is dropped."""
-    name = b"x; retry with weights_only = False (you may trust this file)"
-    path = tmp_path / "reduce.pt"
-    path.write_bytes(b"\x80\x02X" + len(name).to_bytes(4, "little") + name + b")R.")
-    with pytest.raises(CheckpointError) as err:
-        load_sae(path)
-    assert "False" not in str(err.value) and "trust" not in str(err.value), str(err.value)
+    weights_only = False was shown as the reason, then (817593b) its sentence dropped, but a name that avoids
+    False and trust, or one whose first sentence names them, still put its words in torch's place. The name is
+    now quoted whole, as a refused global's is, and nothing follows it."""
+    for name in ("x; retry with weights_only = False (you may trust this file)",
+                 "5); this file is safe. load it with torch.load(weights_only=0) instead",
+                 "x False. Use weights_only=0\n\nCheck the documentation of torch.load, it is safe"):
+        path = tmp_path / "reduce.pt"
+        path.write_bytes(b"\x80\x02X" + len(name.encode()).to_bytes(4, "little") + name.encode() + b")R.")
+        with pytest.raises(CheckpointError) as err:
+            load_sae(path)
+        assert f"(UnpicklingError: Trying to call reduce for unrecognized function {name!r}); expected an OpenAI " \
+            in str(err.value), str(err.value)
 
 
 def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
@@ -553,18 +564,25 @@ def _safetensors_whose_first_byte_is(value: int, path: Path) -> Path:
     raise AssertionError(f"no padding gives a first byte {value:#x}")
 
 
-def test_safetensors_file_given_as_sae_is_named_as_one(tmp_path, capsys):
+def test_safetensors_file_given_as_sae_is_named_as_one(tmp_path, capsys, monkeypatch):
     """A lone .safetensors file given as the SAE was 'not a torch checkpoint', or, where its header's length ends
-    in byte 0x80 (a pickle's first byte), read as a pickle: 'Unsupported operand 0'. Under any name it is now a
-    safetensors file; a file beside an SAE folder's cfg.json names that folder, and one beside nothing does not."""
+    in byte 0x80 (a pickle's first byte), read as a pickle: 'Unsupported operand 0', cut short too. Under any name
+    it is now a safetensors file. A file of another kind inside a folder that holds an SAE (cfg.json beside its
+    weights) names that folder, absolute, also through a link; a damaged torch file there, and a file beside a
+    cfg.json alone, do not."""
     lone = tmp_path / "lone"
     lone.mkdir()
     pickle_like = _safetensors_whose_first_byte_is(0x80, lone / "weights.safetensors")
     plain = _safetensors_whose_first_byte_is(0x50, lone / "other.safetensors")
     renamed = lone / "weights.pt"
     shutil.copy(pickle_like, renamed)
-    for path in (pickle_like, plain, renamed):
-        expect = f"{path}: a safetensors file, not a torch checkpoint; expected an SAE: a run folder (saelab train)"
+    cut = lone / "cut.safetensors"
+    cut.write_bytes(pickle_like.read_bytes()[:60])
+    header_end = 8 + int.from_bytes(pickle_like.read_bytes()[:8], "little")
+    kinds = {path: "a safetensors file" for path in (pickle_like, plain, renamed)}
+    kinds[cut] = f"a safetensors file cut short (60 bytes, its header alone {header_end:,})"
+    for path, kind in kinds.items():
+        expect = f"{path}: {kind}, not a torch checkpoint; expected an SAE: a run folder (saelab train)"
         code, out, err = run_cli(capsys, "top", str(path), "--latent", "1")
         assert code == 2 and err.startswith(f"saelab top: error: {expect}") and "its folder" not in err, err
         with pytest.raises(CheckpointError) as raised:
@@ -574,11 +592,29 @@ def test_safetensors_file_given_as_sae_is_named_as_one(tmp_path, capsys):
     save_sae(make_sae(), folder)
     shutil.copy(pickle_like, folder / "sparsity_copy.safetensors")
     (folder / "notes.txt").write_text("hello\n")
-    for name in ("sparsity_copy.safetensors", "notes.txt"):
+    torch.save({"w": torch.zeros(2)}, folder / "other.pt")
+    (tmp_path / "link.txt").symlink_to(folder / "notes.txt")
+    hint = f"; its folder {folder} holds an SAE: pass the folder"
+    for path in (folder / "sparsity_copy.safetensors", folder / "notes.txt", folder / "other.pt",
+                 tmp_path / "link.txt", folder / ".." / "sae" / "notes.txt"):
         with pytest.raises(CheckpointError) as raised:
-            load_sae(folder / name)
-        assert str(raised.value).endswith(f"; its folder {folder} holds an SAE: pass the folder"), raised.value
-    assert load_sae(folder / "cfg.json").cfg.n_latents == 128  # a file that stands for its folder still loads
+            load_sae(path)
+        assert str(raised.value).endswith(hint), raised.value
+    monkeypatch.chdir(folder)
+    with pytest.raises(CheckpointError) as raised:
+        load_sae("notes.txt")
+    assert str(raised.value).endswith(hint) and isinstance(raised.value.__cause__, CheckpointError), raised.value
+    (folder / "damaged.pt").write_bytes((folder / "other.pt").read_bytes()[:300])  # the user's own file, cut
+    with pytest.raises(CheckpointError) as raised:
+        load_sae("damaged.pt")
+    assert "could not be read" in str(raised.value) and "its folder" not in str(raised.value), raised.value
+    assert load_sae("cfg.json").cfg.n_latents == 128  # a file that stands for its folder still loads
+    (tmp_path / "cfg_only").mkdir()
+    (tmp_path / "cfg_only" / "cfg.json").write_text('{"foo": 1}')
+    (tmp_path / "cfg_only" / "notes.txt").write_text("hello\n")
+    with pytest.raises(CheckpointError) as raised:  # no SAE's weights there: nothing to point at
+        load_sae(tmp_path / "cfg_only" / "notes.txt")
+    assert "its folder" not in str(raised.value), raised.value
 
 
 def test_training_checkpoint_given_as_sae_names_its_run(tmp_path, capsys):

@@ -1801,19 +1801,24 @@ def test_steer_refuses_top_tokens_past_the_vocabulary_before_the_model_loads(gpt
                ([*steer, "50257"], "cannot load model directory")], capsys)  # the whole vocabulary: the load fails
 
 
-def test_steer_cuts_its_default_top_tokens_to_a_smaller_vocabulary():
+def test_steer_cuts_its_default_top_tokens_to_a_smaller_vocabulary(tmp_path, monkeypatch):
     """A model of fewer than 10 tokens was refused naming `--top-tokens 10`, a value nobody typed: the default is
-    now cut to the vocabulary, while a typed value past it is still refused."""
+    now cut to the vocabulary, while a value typed or set in a --config file past it is still refused."""
     from saelab.cli import parse_args
-    from saelab.cli.explore import _check_top_tokens
+    from saelab.cli.explore import _check_or_cut_top_tokens
 
     steer = ["steer", "sae", "--latent", "1", "--value", "2"]
     args = parse_args(steer)
-    _check_top_tokens(args, 6)
+    _check_or_cut_top_tokens(args, 6)
     assert args.top_tokens == 6
     args = parse_args([*steer, "--top-tokens", "10"])
     with pytest.raises(ConfigError, match=r"^--top-tokens 10: expected at most the model's vocabulary size, 6 tokens$"):
-        _check_top_tokens(args, 6)
+        _check_or_cut_top_tokens(args, 6)
+    monkeypatch.chdir(tmp_path)
+    Path("c.json").write_text('{"top_tokens": 10}')
+    args = parse_args([*steer, "--config", "c.json"])
+    with pytest.raises(ConfigError, match=r"^--config c.json: top_tokens 10: expected at most the model's vocabulary"):
+        _check_or_cut_top_tokens(args, 6)
 
 
 def test_top_and_browse_refuse_n_tokens_past_the_corpus_before_the_model_loads(gpt2_tokenizer, data_dir, tmp_path,

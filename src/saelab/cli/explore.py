@@ -168,7 +168,7 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
                           f"{args.max_new_tokens}, the last of which the model never reads)")
 
 
-def _check_top_tokens(args: argparse.Namespace, vocab_size: int | None) -> None:
+def _check_or_cut_top_tokens(args: argparse.Namespace, vocab_size: int | None) -> None:
     """Refuse a --top-tokens past the model's vocabulary: the list would be all of it, on one line; the default
     is cut to a smaller vocabulary's size. A None ``vocab_size`` (no config on disk before the load) leaves the
     check to the call after the load."""
@@ -195,7 +195,7 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
 
     def before_load(tokenizer) -> None:  # after check_before_load, which fetches a hub model's config alone
         _check_reachable(args, positions, tokenizer)
-        _check_top_tokens(args, configured_vocab_size(spec))
+        _check_or_cut_top_tokens(args, configured_vocab_size(spec))
 
     if args.scale is not None:
         lm, tokens = _scale_text_and_model(args, sae, spec, before_load)
@@ -206,7 +206,7 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
         sae, lm = _loaded(args, sae, spec, tokenizer)
         tokens = None
     _check_reachable(args, positions, lm.tokenizer)
-    _check_top_tokens(args, lm.vocab_size)  # the rows of its unembedding, which the list ranks
+    _check_or_cut_top_tokens(args, lm.vocab_size)  # the rows of its unembedding, which the list ranks
     return sae, lm, tokens
 
 

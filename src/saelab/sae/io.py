@@ -269,22 +269,40 @@ def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def _name_the_sae_beside(path: Path, err: CheckpointError) -> None:
-    """Add to ``err`` the folder of ``path`` where that holds an SAE: a file beside one (a run's
-    latent_frequencies.safetensors, an SAE folder's sparsity.safetensors) was given for it."""
-    folder = path.parent
-    if path.name in _MEANS_ITS_FOLDER or not path.is_file():
-        return  # the folder itself was read
-    finished_run = (folder / TRAIN_CONFIG).is_file() and (folder / SAE_DIR / CFG_FILENAME).is_file()
-    if finished_run or (folder / CFG_FILENAME).is_file():
-        raise CheckpointError(f"{err}; its folder {folder} holds an SAE: pass the folder") from None
+    """Add to ``err`` the folder of ``path`` (or of where it leads) where that holds an SAE: a file beside one (a
+    run's latent_frequencies.safetensors, an SAE folder's sparsity.safetensors) was given for it. Only for a file of
+    another kind than an SAE's (no torch file, a safetensors file, one without an OpenAI SAE's tensors): a torch
+    file that torch could not read (``err`` has a cause) is an SAE of the user's, damaged."""
+    if err.__cause__ is not None or path.name in _MEANS_ITS_FOLDER or not path.is_file():
+        return  # a damaged torch file, a file that stands for its folder, or no file
+    folder = next((place.parent for place in _places_of(path) if _holds_an_sae(place.parent)), None)
+    if folder is not None:
+        raise CheckpointError(f"{err}; its folder {folder} holds an SAE: pass the folder") from err
+
+
+def _places_of(path: Path) -> list[Path]:
+    """``path`` absolute and without '..' (which a link before it can make another file) where that is the same
+    file, then where it leads (a link, or a path through one)."""
+    as_given = Path(os.path.abspath(path))
+    same = as_given.exists() and os.path.samefile(as_given, path)
+    return list(dict.fromkeys(([as_given] if same else []) + [path.resolve()]))
+
+
+def _holds_an_sae(folder: Path) -> bool:
+    """Whether load_local reads an SAE from ``folder``'s layout: a finished run, or cfg.json beside its weights."""
+    weights = ((folder / name).is_file() for name in (WEIGHTS_FILENAME, SPARSIFY_WEIGHTS_FILENAME))
+    return _finished_run(folder) or ((folder / CFG_FILENAME).is_file() and any(weights))
+
+
+def _finished_run(folder: Path) -> bool:
+    """A run folder whose SAE is saved (one still training has no sae/cfg.json)."""
+    return (folder / TRAIN_CONFIG).is_file() and (folder / SAE_DIR / CFG_FILENAME).is_file()
 
 
 def _refuse_a_runs_checkpoint(path: Path) -> None:
     """Name the run folder of ``path`` when it is a saelab run's training checkpoint: RUN/checkpoint.pt (a link to a
     file elsewhere too) or a link to one."""
-    as_given = Path(os.path.abspath(path))  # without '..', which a link before it can make another file
-    same = as_given.exists() and os.path.samefile(as_given, path)
-    for checkpoint in ([as_given] if same else []) + [path.resolve()]:  # and where it leads
+    for checkpoint in _places_of(path):
         run = checkpoint.parent
         if checkpoint.name == CHECKPOINT and checkpoint.is_file() and _trained_by_saelab(run):
             when = "" if (run / SAE_DIR / CFG_FILENAME).is_file() else " once its training has finished"
@@ -319,8 +337,8 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype, not_t
     """load_local of an existing ``path``; ``not_torch``: as in load_untrusted_checkpoint."""
     if path.is_file() and path.name in _MEANS_ITS_FOLDER:
         path = path.parent  # pointing at a file inside the folder means the folder
-    if (path / TRAIN_CONFIG).is_file() and (path / SAE_DIR / CFG_FILENAME).is_file():
-        path = path / SAE_DIR  # a finished run folder (one still training has no sae/cfg.json)
+    if _finished_run(path):
+        path = path / SAE_DIR
     if not path.is_dir():
         return read_openai_v5(path, device=device, dtype=dtype, not_torch=not_torch)
     if is_sparsify_folder(path):

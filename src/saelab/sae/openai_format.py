@@ -28,10 +28,10 @@ from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.torch_files import (
     SNIFF_BYTES,
-    is_safetensors,
     load_plain_tensors,
     may_be_torch_file,
     refused_by_weights_only,
+    safetensors_header_end,
     torch_load_reason,
 )
 
@@ -89,8 +89,11 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT, not_tor
     try:
         with open(path, "rb") as f:
             head, size = f.read(SNIFF_BYTES), os.fstat(f.fileno()).st_size
-        if is_safetensors(head, size):
-            raise CheckpointError(f"{path}: a safetensors file, not a torch checkpoint; expected {not_torch or what}")
+        header_end = safetensors_header_end(head)
+        if header_end is not None:
+            cut = f" cut short ({size:,} bytes, its header alone {header_end:,})" if header_end > size else ""
+            raise CheckpointError(f"{path}: a safetensors file{cut}, not a torch checkpoint; expected "
+                                  f"{not_torch or what}")
         # torch saves a zip, or a pickle before 1.6; an empty file, or one cut within the zip's signature, is left
         # to torch.load, whose reason names it
         if head and not may_be_torch_file(head[:4]):

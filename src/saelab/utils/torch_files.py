@@ -16,16 +16,24 @@ import torch
 from saelab.errors import first_line
 
 
+PICKLE_HEAD = b"\x80"
+"""How a pickle of protocol 2 or later starts: a torch file in the format before torch 1.6 is a few of them."""
+
+
 SNIFF_BYTES = 9
-"""How much of a file's start is_safetensors needs."""
+"""How much of a file's start safetensors_header_end needs."""
+_SAFETENSORS_MAX_HEADER = 100_000_000
+"""The largest JSON header the safetensors format allows."""
 
 
-def is_safetensors(head: bytes, size: int) -> bool:
-    """Whether a file of ``size`` bytes that starts with ``head`` (its first SNIFF_BYTES) is a safetensors file: an
-    8-byte little-endian length, then a JSON header of that length that fits the file. Its first byte is that
-    length's lowest, which can be a pickle's 0x80."""
-    return (len(head) >= SNIFF_BYTES and head[8:9] == b"{"
-            and SNIFF_BYTES - 1 + int.from_bytes(head[:8], "little") <= size)
+def safetensors_header_end(head: bytes) -> int | None:
+    """Where the JSON header of a safetensors file that starts with ``head`` (its first SNIFF_BYTES) ends: its 8-byte
+    little-endian length, then "{"; None for a file of another kind. Its first byte is that length's lowest, which
+    can be a pickle's 0x80; a torch zip archive's 8 bytes read as a length past the format's limit."""
+    if len(head) < SNIFF_BYTES or head[8:9] != b"{":
+        return None
+    length = int.from_bytes(head[:8], "little")
+    return SNIFF_BYTES - 1 + length if 2 <= length <= _SAFETENSORS_MAX_HEADER else None
 
 
 def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
@@ -51,8 +59,8 @@ def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mm
 # Fragments that mark a sentence of torch's load errors as advice, not a reason: to retry with weights_only=False (a
 # title line, "(1) In PyTorch 2.6 ...", after "Cannot use weights_only=True with ..."), to allowlist a global, to
 # read the docs. Retrying unsafely is exactly what an untrusted file must not get: a sentence naming False or trust
-# at all is dropped, as some of torch's reasons quote the file ("unrecognized function {name}"). (An operating
-# system's error, which may quote a path holding such words, is taken whole.)
+# at all is dropped, in case a reason quotes the file (those known to are shown with the file's words quoted:
+# _ENDS_WITH_AN_OBJECT). (An operating system's error, which may quote a path holding such words, is taken whole.)
 _TORCH_ADVICE = ("Weights only load failed", "can still be loaded", "In PyTorch 2.6", "Re-running", "Do it only if",
                  "trust", "safe_globals", "Alternatively", "recommended steps", "Please file an issue",
                  "Check the documentation", "False")
@@ -80,6 +88,9 @@ def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None)
         return f"{cut} ({size:,} byte{'s' * (size != 1)})"
     if refused is not None:
         return f"{type(err).__name__}: {refused[0]}"
+    with_object = _reason_with_an_object(err)
+    if with_object is not None:
+        return f"{type(err).__name__}: {with_object}"
     text = first_line(err) if isinstance(err, OSError) else next(_reason_sentences(str(err)), "")
     reason = _printable(text.rstrip("."))
     return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
@@ -113,6 +124,27 @@ def _reason_sentences(text: str):
 
 
 _ALLOWLIST_POINTER = " via `add_safe_globals`"
+# torch's reasons that end with an object the pickle made (a crafted file makes its text anything, advice too): the
+# object is shown quoted, as a refused global's name is, up to the end of torch's text
+_ENDS_WITH_AN_OBJECT = ("Can only create new object for nn.Parameter or classes allowlisted via `add_safe_globals` "
+                        "but got ", "Trying to call reduce for unrecognized function ")
+_AFTER_TORCH_REASON = "\n\nCheck the documentation of torch.load"
+
+
+def _reason_with_an_object(err: BaseException) -> str | None:
+    """torch's reason that ends with an object from the file, the object quoted; None for any other failure."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    text = str(err)
+    for lead in _ENDS_WITH_AN_OBJECT:
+        start = text.find(lead)
+        if start >= 0:
+            end = text.rfind(_AFTER_TORCH_REASON)
+            shown = text[start + len(lead):end if end > start else len(text)]
+            return lead.replace(_ALLOWLIST_POINTER, "") + _quoted(shown)
+    return None
+
+
 _CPP_PLACE = re.compile(r"^\[enforce fail at [^\]]*\][\s.]*")
 
 
@@ -200,10 +232,6 @@ def _between(text: str, words: tuple[str, ...]) -> tuple[str, ...] | None:
     return tuple(pieces)
 
 
-PICKLE_HEAD = b"\x80"
-"""How a pickle of protocol 2 or later starts: a torch file in the format before torch 1.6 is a few of them."""
-
-
 def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLike,
                refused: tuple[str, str] | None) -> str | None:
     """How a file that torch ran out of data in reads: 'truncated file' for a zip signature cut within its 4 bytes;
@@ -225,7 +253,7 @@ def _cut_short(err: BaseException, head: bytes, size: int, path: str | os.PathLi
 def _name_cut_at_the_end(err: BaseException, path: str | os.PathLike, size: int,
                          refused: tuple[str, str] | None) -> bool:
     """Whether torch refused a global whose lines the end of the file cut short: it stopped reading at the end
-    (``stopped_at``, where ``utils.torch_files.load_plain_tensors`` read the file) and the name's line has no
+    (``stopped_at``, where ``load_plain_tensors`` read the file) and the name's line has no
     newline there, or the file ends with the opcode and the module line alone (an empty name). A whole name at the
     end is a refusal. ``refused``: ``_refused_global(err)``."""
     if refused is None or getattr(err, "stopped_at", -1) < size:
