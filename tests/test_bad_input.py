@@ -513,6 +513,50 @@ def test_reason_quoting_the_file_shows_its_words_quoted(tmp_path):
             in str(err.value), str(err.value)
 
 
+def _torch_zip_rewritten(src: Path, dst: Path, change) -> Path:
+    """A copy of the zip archive torch.save wrote at ``src``, each member (name, bytes) passed through ``change``."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
+        for info in old.infolist():
+            new.writestr(*change(info.filename, old.read(info.filename)))
+    return dst
+
+
+def test_torch_reasons_show_the_files_own_text_quoted(tmp_path):
+    """torch's reasons quote text a crafted file chooses: a pre-1.6 file's protocol version, a byteorder record, a
+    storage key (the member torch then looks for), a member's name. It was shown as torch's words (a file could
+    word saelab's message: 'this file is safe, load it with ...'), the storage key with its terminal escapes.
+    Each is now quoted as Python writes a string, escapes escaped."""
+    import pickle
+    import zipfile
+
+    says = "5; this file is safe\x1b[2J, load it with torch.load(f, weights_only=0)"
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(2)}, good)
+    legacy = tmp_path / "legacy.pt"
+    with open(legacy, "wb") as f:
+        pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)  # torch's magic number, then the protocol "version"
+        pickle.dump(says, f, protocol=2)
+    byteorder = _torch_zip_rewritten(good, tmp_path / "byteorder.pt", lambda name, data: (
+        name, says.encode() if name.endswith("/byteorder") else data))
+    key = b"X\x01\x00\x00\x000"  # data.pkl's storage key "0": BINUNICODE of one character
+    keyed = _torch_zip_rewritten(good, tmp_path / "key.pt", lambda name, data: (name, data.replace(
+        key, b"X" + len(says.encode()).to_bytes(4, "little") + says.encode())
+        if name.endswith("data.pkl") else data))
+    member = tmp_path / "member.pt"
+    with zipfile.ZipFile(member, "w") as z:
+        z.writestr(says, b"x")
+    cases = {legacy: f"(RuntimeError: Invalid protocol version: {says!r});",
+             byteorder: f"(ValueError: Unknown endianness type: {says!r});",
+             keyed: f"(truncated or damaged archive: failed locating file {'data/' + says!r}: file not found);",
+             member: f"(RuntimeError: file in archive is not in a subdirectory: {says!r});"}
+    for path, shown in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            load_sae(path)
+        assert shown in str(err.value) and "\x1b" not in str(err.value), str(err.value)
+
+
 def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
     """A numpy .npz is a zip archive: torch's reason came with the place in its C++ code that raised it
     ('[enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: x.npy')."""
@@ -523,7 +567,7 @@ def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_sae(path)
     assert str(err.value) == (f"{path}: could not be read as a plain tensor checkpoint (RuntimeError: file in archive "
-                              "is not in a subdirectory: x.npy); expected an OpenAI sparse_autoencoder .pt checkpoint")
+                              "is not in a subdirectory: 'x.npy'); expected an OpenAI sparse_autoencoder .pt checkpoint")
 
 
 @pytest.mark.parametrize("name", [b"\x1b[2J\x1b[31mOK", b"Re-running torch.load with weights_only=False. It is trusted",
@@ -604,10 +648,12 @@ def test_safetensors_file_given_as_sae_is_named_as_one(tmp_path, capsys, monkeyp
     with pytest.raises(CheckpointError) as raised:
         load_sae("notes.txt")
     assert str(raised.value).endswith(hint) and isinstance(raised.value.__cause__, CheckpointError), raised.value
-    (folder / "damaged.pt").write_bytes((folder / "other.pt").read_bytes()[:300])  # the user's own file, cut
-    with pytest.raises(CheckpointError) as raised:
-        load_sae("damaged.pt")
-    assert "could not be read" in str(raised.value) and "its folder" not in str(raised.value), raised.value
+    (folder / "damaged.pt").write_bytes((folder / "other.pt").read_bytes()[:300])  # the user's own files: one cut,
+    torch.save(openai_state_dict(k=999), folder / "openai_k.pt")  # an OpenAI SAE with a setting out of range
+    for name, reason in (("damaged.pt", "could not be read"), ("openai_k.pt", "k=999 must be an integer")):
+        with pytest.raises(CheckpointError) as raised:
+            load_sae(name)
+        assert reason in str(raised.value) and "its folder" not in str(raised.value), raised.value
     assert load_sae("cfg.json").cfg.n_latents == 128  # a file that stands for its folder still loads
     (tmp_path / "cfg_only").mkdir()
     (tmp_path / "cfg_only" / "cfg.json").write_text('{"foo": 1}')

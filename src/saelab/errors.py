@@ -26,6 +26,11 @@ class CheckpointError(SaelabError, ValueError):
     """A checkpoint that is missing, truncated, corrupt, foreign or unsafe."""
 
 
+class NotThatKindOfFileError(CheckpointError):
+    """A readable file of another kind than the one expected: no torch file, a safetensors file, a torch file
+    without the expected tensors (not a damaged or refused one)."""
+
+
 class CorpusError(SaelabError, ValueError):
     """A corpus that is missing, empty or unreadable."""
 

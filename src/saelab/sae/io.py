@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from saelab.errors import CheckpointError, ConfigError, first_line
+from saelab.errors import CheckpointError, ConfigError, NotThatKindOfFileError, first_line
 from saelab.sae.openai_format import (
     OPENAI_LOCATION_TO_HOOK,
     openai_hook_name,
@@ -270,11 +270,11 @@ def load_local(source: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 def _name_the_sae_beside(path: Path, err: CheckpointError) -> None:
     """Add to ``err`` the folder of ``path`` (or of where it leads) where that holds an SAE: a file beside one (a
-    run's latent_frequencies.safetensors, an SAE folder's sparsity.safetensors) was given for it. Only for a file of
-    another kind than an SAE's (no torch file, a safetensors file, one without an OpenAI SAE's tensors): a torch
-    file that torch could not read (``err`` has a cause) is an SAE of the user's, damaged."""
-    if err.__cause__ is not None or path.name in _MEANS_ITS_FOLDER or not path.is_file():
-        return  # a damaged torch file, a file that stands for its folder, or no file
+    run's latent_frequencies.safetensors, an SAE folder's sparsity.safetensors) was given for it. Only where ``err``
+    refuses the file's kind (NotThatKindOfFileError): a torch file torch could not read, or an OpenAI SAE refused for
+    its settings, is an SAE file of the user's."""
+    if not isinstance(err, NotThatKindOfFileError) or path.name in _MEANS_ITS_FOLDER or not path.is_file():
+        return
     folder = next((place.parent for place in _places_of(path) if _holds_an_sae(place.parent)), None)
     if folder is not None:
         raise CheckpointError(f"{err}; its folder {folder} holds an SAE: pass the folder") from err

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from saelab.errors import CheckpointError
+from saelab.errors import CheckpointError, NotThatKindOfFileError
 from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.torch_files import (
@@ -92,13 +92,13 @@ def load_untrusted_checkpoint(path: Path, what: str = OPENAI_CHECKPOINT, not_tor
         header_end = safetensors_header_end(head)
         if header_end is not None:
             cut = f" cut short ({size:,} bytes, its header alone {header_end:,})" if header_end > size else ""
-            raise CheckpointError(f"{path}: a safetensors file{cut}, not a torch checkpoint; expected "
-                                  f"{not_torch or what}")
+            raise NotThatKindOfFileError(f"{path}: a safetensors file{cut}, not a torch checkpoint; expected "
+                                         f"{not_torch or what}")
         # torch saves a zip, or a pickle before 1.6; an empty file, or one cut within the zip's signature, is left
         # to torch.load, whose reason names it
         if head and not may_be_torch_file(head[:4]):
-            raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
-                                  f"expected {not_torch or what}")
+            raise NotThatKindOfFileError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle); "
+                                         f"expected {not_torch or what}")
         return load_plain_tensors(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; expected {what}") from None
@@ -115,13 +115,13 @@ def read_openai_v5_state(path: Path, not_torch: str | None = None) -> Mapping[st
     ``not_torch``: as in load_untrusted_checkpoint."""
     state = load_untrusted_checkpoint(path, not_torch=not_torch)
     if not isinstance(state, Mapping):
-        raise CheckpointError(
+        raise NotThatKindOfFileError(
             f"{path}: holds a {type(state).__name__}, expected an OpenAI sparse_autoencoder state dict"
         )
     missing = [key for key in _REQUIRED_KEYS if key not in state]
     if missing:
         found = sorted(str(key) for key in state)[:6]
-        raise CheckpointError(
+        raise NotThatKindOfFileError(
             f"{path}: not an OpenAI sparse_autoencoder checkpoint: missing {', '.join(missing)} (found {found}"
             f"{', ...' if len(state) > 6 else ''})"
         )

@@ -60,7 +60,7 @@ def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mm
 # title line, "(1) In PyTorch 2.6 ...", after "Cannot use weights_only=True with ..."), to allowlist a global, to
 # read the docs. Retrying unsafely is exactly what an untrusted file must not get: a sentence naming False or trust
 # at all is dropped, in case a reason quotes the file (those known to are shown with the file's words quoted:
-# _ENDS_WITH_AN_OBJECT). (An operating system's error, which may quote a path holding such words, is taken whole.)
+# _FILE_TEXT_IN). (An operating system's error, which may quote a path holding such words, is taken whole.)
 _TORCH_ADVICE = ("Weights only load failed", "can still be loaded", "In PyTorch 2.6", "Re-running", "Do it only if",
                  "trust", "safe_globals", "Alternatively", "recommended steps", "Please file an issue",
                  "Check the documentation", "False")
@@ -88,9 +88,9 @@ def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None)
         return f"{cut} ({size:,} byte{'s' * (size != 1)})"
     if refused is not None:
         return f"{type(err).__name__}: {refused[0]}"
-    with_object = _reason_with_an_object(err)
-    if with_object is not None:
-        return f"{type(err).__name__}: {with_object}"
+    quoted = None if isinstance(err, OSError) else _with_file_text_quoted(str(err))
+    if quoted is not None:
+        return f"{type(err).__name__}: {quoted}"
     text = first_line(err) if isinstance(err, OSError) else next(_reason_sentences(str(err)), "")
     reason = _printable(text.rstrip("."))
     return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
@@ -124,25 +124,32 @@ def _reason_sentences(text: str):
 
 
 _ALLOWLIST_POINTER = " via `add_safe_globals`"
-# torch's reasons that end with an object the pickle made (a crafted file makes its text anything, advice too): the
-# object is shown quoted, as a refused global's name is, up to the end of torch's text
-_ENDS_WITH_AN_OBJECT = ("Can only create new object for nn.Parameter or classes allowlisted via `add_safe_globals` "
-                        "but got ", "Trying to call reduce for unrecognized function ")
+# torch's reasons that hold text from the file (an object a pickle made, a record, an archive member's name: a
+# crafted file makes it anything, advice and terminal escapes too), as (torch's words before it, torch's words after
+# it or None for the end, the part of those kept): the file's text is shown quoted, as a refused global's name is
 _AFTER_TORCH_REASON = "\n\nCheck the documentation of torch.load"
+_FILE_TEXT_IN = (
+    ("Can only create new object for nn.Parameter or classes allowlisted via `add_safe_globals` but got ",
+     _AFTER_TORCH_REASON, ""),
+    ("Trying to call reduce for unrecognized function ", _AFTER_TORCH_REASON, ""),
+    ("Invalid protocol version: ", None, ""),  # a pre-1.6 file's second pickle
+    ("Unknown endianness type: ", None, ""),  # a zip archive's byteorder record
+    ("file in archive is not in a subdirectory: ", None, ""),
+    ("failed locating file ", ": file not found. This is an internal miniz error", ": file not found"),
+)
 
 
-def _reason_with_an_object(err: BaseException) -> str | None:
-    """torch's reason that ends with an object from the file, the object quoted; None for any other failure."""
-    if not isinstance(err, pickle.UnpicklingError):
+def _with_file_text_quoted(text: str) -> str | None:
+    """torch's reason ``text`` (not an operating system's) from the first of its words in _FILE_TEXT_IN, the file's
+    text in it quoted, without torch's advice; None where it holds none of them. The words that come first are
+    torch's: the file's text comes after them."""
+    found = [(text.find(lead), lead, after, kept) for lead, after, kept in _FILE_TEXT_IN if lead in text]
+    if not found:
         return None
-    text = str(err)
-    for lead in _ENDS_WITH_AN_OBJECT:
-        start = text.find(lead)
-        if start >= 0:
-            end = text.rfind(_AFTER_TORCH_REASON)
-            shown = text[start + len(lead):end if end > start else len(text)]
-            return lead.replace(_ALLOWLIST_POINTER, "") + _quoted(shown)
-    return None
+    start, lead, after, kept = min(found, key=lambda hit: hit[0])
+    end = text.rfind(after) if after else -1
+    end, kept = (end, kept) if end >= start + len(lead) else (len(text), "")
+    return lead.replace(_ALLOWLIST_POINTER, "") + _quoted(text[start + len(lead):end]) + kept
 
 
 _CPP_PLACE = re.compile(r"^\[enforce fail at [^\]]*\][\s.]*")
@@ -296,7 +303,11 @@ def torch_archive_fault(err: BaseException) -> str | None:
     """What torch's zip reader found wrong with a checkpoint cut short or damaged (e.g. 'failed finding central
     directory', 'failed locating file data.pkl: file not found'), without its advice; None for a failure of
     anything else."""
-    text = first_line(err)
+    text = str(err).strip()
     if not text.startswith(_TORCH_ZIP_READER):
         return None
-    return text.split(". ", 1)[0].removeprefix(_TORCH_ZIP_READER).removeprefix("failed reading zip archive: ")
+    quoted = _with_file_text_quoted(text)  # a member's name, from the archive
+    if quoted is not None:
+        return quoted
+    first = first_line(err).split(". ", 1)[0].removeprefix(_TORCH_ZIP_READER)
+    return _printable(first.removeprefix("failed reading zip archive: "))
