@@ -302,13 +302,22 @@ def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, Tr
     # One order, TrainConfig's, whatever order the grid was typed in: `k=8 n-latents=256` names n256_k8
     order = [f.name for f in fields(TrainConfig)]
     keys = sorted(grid, key=lambda k: order.index(k) if k in order else len(order))
-    out = {}
+    out, point_of = {}, {}
     for values in itertools.product(*(grid[k] for k in keys)):
-        cfg = replace(base, **dict(zip(keys, values)))
-        name = "_".join(f"{short.get(k, k)}{v:g}" if isinstance(v, float) else f"{short.get(k, k)}{v}"
-                        for k, v in zip(keys, values)) or "base"
-        out[name] = cfg
+        name = "_".join(f"{short.get(k, k)}{_folder_value(v)}" for k, v in zip(keys, values)) or "base"
+        if name in out:  # one folder would hold both runs: the first would be lost
+            raise ConfigError(f"the grid's points {point_of[name]} and {dict(zip(keys, values))} both name the run "
+                              f"folder {name}; give values that differ in their written form")
+        out[name], point_of[name] = replace(base, **dict(zip(keys, values))), dict(zip(keys, values))
     return out
+
+
+def _folder_value(value: Any) -> str:
+    """A grid value as a run folder's name writes it: a float in 6 significant digits (0.0003, 1e-05) where they
+    say it exactly, else in all it needs (0.0010000001 beside 0.001)."""
+    if isinstance(value, float) and float(f"{value:g}") == value:
+        return f"{value:g}"
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, base: TrainConfig,
