@@ -221,3 +221,22 @@ def test_url_must_name_a_pt_file(tmp_path, monkeypatch):
         load_sae("https://127.0.0.1:9/some/folder/cfg.json")
     with pytest.raises(CheckpointError, match="not a downloadable checkpoint URL"):
         load_sae("https://127.0.0.1:9/a/../../etc/x.pt")
+
+
+@pytest.mark.parametrize("verb, extra", [
+    ("eval", ["--out", "ev"]), ("steer", ["--latent", "1", "--value", "1"]), ("top", ["--latent", "1"]),
+    ("browse", ["--out", "site"]), ("families", ["OTHER", "--out", "f.json"]), ("export", ["out", "--format", "saelens"])])
+def test_every_sae_verb_takes_the_allow_http_its_refusal_names(verb, extra, served, tmp_path, capsys, monkeypatch):
+    """The refusal of a plain http URL says to pass --allow-http, which only eval and export accepted: steer, top,
+    browse and families answered 'unrecognized arguments: --allow-http'. Every verb that takes an SAE now has it,
+    and with it the SAE is downloaded (what fails after that, offline, is the model's load)."""
+    from saelab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    url = f"{served.base}/good{RELEASE}"
+    argv = [verb, url, *(f"{served.base}/other{RELEASE}" if a == "OTHER" else a for a in extra)]
+    assert main(argv) == 2
+    assert "plain http needs --allow-http" in capsys.readouterr().err and not served.hits
+    main([*argv, "--allow-http"])
+    assert "unrecognized arguments" not in capsys.readouterr().err
+    assert served.hits[f"/good{RELEASE}"] == 1

@@ -813,9 +813,12 @@ def add_model_dtype(p: ArgumentParser) -> None:
 
 
 def add_sae_argument(p: ArgumentParser, lead: str = "the SAE:", *, several: bool = False, also: str = "") -> None:
-    """The positional SAE(s): ``lead``, the one list of what is accepted, then ``also``."""
+    """The positional SAE(s): ``lead``, the one list of what is accepted, then ``also``; and --allow-http, which
+    the loader's refusal of an http URL names."""
     p.add_argument("sae", metavar="SAE", nargs="+" if several else None,
                    help=f"{lead} {SAE_SOURCES}{also}")
+    p.add_argument("--allow-http", action="store_true",
+                   help="also download SAEs from plain http URLs (unverified transport; https is the default)")
 
 
 def add_model_option(p: ArgumentParser) -> None:

@@ -45,8 +45,6 @@ def add_eval(sub) -> None:
     p.add_argument("--suite", choices=("core", "paper"), default="core",
                    help="core: reconstruction and spliced loss; paper: also compute-equivalent, ablation sparsity, "
                         "probe loss and N2G, each in OUT/evals/<metric>.json, with OUT/evals/report.md")
-    p.add_argument("--allow-http", action="store_true",
-                   help="also download SAEs from plain http URLs (unverified transport; https is the default)")
     p.add_argument("--series", default=None,
                    help="reference models for compute-equivalent: a model family (pythia-family[-deduped][:SIZES] "
                         "or a folder with family.json: the paper's compute-equivalent) or a checkpoint series ("

@@ -131,7 +131,7 @@ def _checked_sae(args: argparse.Namespace, hook: str | None = None):
     the checks against the model's config (``check_before_load``) are the caller's, run once."""
     from saelab.run_folder import check_sae_hook, model_for
 
-    sae, _ = open_sae(args.sae)
+    sae, _ = open_sae(args.sae, allow_http=args.allow_http)
     if hook:
         sae.cfg.hook_name = hook
     bad = [i for i in args.latent if i >= sae.n_latents]
@@ -383,7 +383,7 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
     out = check_output_folder(args.out, "--out") if args.out else _default_out(args.sae)
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
-                               overwrite=args.overwrite, progress=args.progress)
+                               overwrite=args.overwrite, progress=args.progress, allow_http=args.allow_http)
     summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
                "saes": result["saes"], "seconds": result["seconds"]}
     if args.serve:
@@ -419,7 +419,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         result = export_neuronpedia_run(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
                                         progress=args.progress, overwrite=args.overwrite, model_id=args.model_id,
-                                        sae_set=args.sae_set)
+                                        sae_set=args.sae_set, allow_http=args.allow_http)
     if all(r["reused"] for r in (result if isinstance(result, list) else [result])):  # the same command again
         print(f"{out} already holds this Neuronpedia export (--overwrite writes it again)", file=sys.stderr)
     return {"export": "neuronpedia", "out": out, "saes": result}
@@ -524,7 +524,7 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
-                              overwrite=args.overwrite, progress=args.progress)
+                              overwrite=args.overwrite, progress=args.progress, allow_http=args.allow_http)
     if tree["reused"]:  # the same command again
         print(f"{out} already holds these feature families (--overwrite builds them again)", file=sys.stderr)
     top = tree["families"][:5]

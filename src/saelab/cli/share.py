@@ -27,7 +27,6 @@ def add_export(sub) -> None:
                         "(+ saelab.json, which sparsify ignores)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="store the weights in this dtype (default: float32, as loaded)")
-    p.add_argument("--allow-http", action="store_true", help="also download SAEs from plain http URLs")
     p.add_argument("--hook", default=None,
                    help="the hook the SAE reads (blocks.L.hook_KIND), written into OUT: needed where the SAE records "
                         "none (an OpenAI .pt file outside its release layout), else it replaces the recorded one")

@@ -154,12 +154,13 @@ class SAESource:
     """The run folder, when the source was one (N2G results may live there)."""
 
 
-def open_sae_source(source: str | Path, name: str | None = None, *, several: bool = False) -> SAESource:
+def open_sae_source(source: str | Path, name: str | None = None, *, several: bool = False,
+                    allow_http: bool = False) -> SAESource:
     """Load a run folder (``RUN/sae``), a SAELens or sparsify folder, an OpenAI ``.pt`` file or URL;
-    ``several``: one of several SAEs the caller takes (see :func:`saelab.run_folder.open_sae`)."""
+    ``several`` and ``allow_http``: as in :func:`saelab.run_folder.open_sae`."""
     from saelab.run_folder import open_sae
 
-    sae, run_dir = open_sae(source, several=several)
+    sae, run_dir = open_sae(source, several=several, allow_http=allow_http)
     path = Path(str(source)).expanduser()
     stem = path.name if run_dir is not None else (path.stem if path.suffix == ".pt" else path.name)
     return SAESource(name or stem or "sae", str(source), sae, run_dir=run_dir)

@@ -399,12 +399,13 @@ def _write_folder(out: Path, files) -> None:
 
 
 def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=None, device=None,
-                           model_dtype: str = "float32", progress: bool = True,
+                           model_dtype: str = "float32", progress: bool = True, allow_http: bool = False,
                            **kwargs) -> dict[str, Any] | list[dict[str, Any]]:
     """One browser pass over text for ``sae_sources`` (run folders, SAELens folders, OpenAI files) and
     their Neuronpedia export at ``out`` (see :func:`export_neuronpedia` for ``kwargs``). An export at ``out``
     of the same SAE files, settings and options is kept (its summary has ``"reused": True``) unless
-    ``overwrite``; one of others is refused unless ``overwrite``, naming what differs."""
+    ``overwrite``; one of others is refused unless ``overwrite``, naming what differs. ``allow_http`` also
+    downloads SAEs from plain http URLs."""
     from saelab.explore.browser.build import (
         BrowseConfig,
         SAESource,
@@ -419,7 +420,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     refuse_explanations(cfg)
     check_neuronpedia_ids(kwargs.get("model_id"), kwargs.get("sae_set"))  # before the SAEs and the model load
     one = isinstance(sae_sources, (str, os.PathLike, SAESource))
-    sources, loaded_here = open_sources(sae_sources)
+    sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
     if kwargs.get("sae_set") is not None and len(sources) > 1:  # each SAE's pages would take the same address
         raise ConfigError(f"sae_set {kwargs['sae_set']!r} names one SAE's set, and {len(sources)} SAEs were given; "
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")

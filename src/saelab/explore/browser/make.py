@@ -66,12 +66,15 @@ DEFINITIONS = {
 }
 
 
-def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource]) -> tuple[list[SAESource], list[SAESource]]:
-    """(every SAE, those loaded here from a path): the latter go to the model's device once it loads."""
+def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource], *,
+                 allow_http: bool = False) -> tuple[list[SAESource], list[SAESource]]:
+    """(every SAE, those loaded here from a path): the latter go to the model's device once it loads;
+    ``allow_http`` also downloads from plain http URLs."""
     if isinstance(sae_sources, (str, os.PathLike, SAESource)):
         sae_sources = [sae_sources]
     sae_sources = list(sae_sources)  # read twice below
-    out = [s if isinstance(s, SAESource) else open_sae_source(s, several=True) for s in sae_sources]
+    out = [s if isinstance(s, SAESource) else open_sae_source(s, several=True, allow_http=allow_http)
+           for s in sae_sources]
     if not out:
         raise SaelabError(f"no SAE given; pass {SAE_SOURCES}")
     return out, [s for s, given in zip(out, sae_sources) if s is not given]
@@ -266,7 +269,7 @@ def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
 
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
                   device=None, model_dtype: str = "float32", overwrite: bool = False,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, allow_http: bool = False) -> dict[str, Any]:
     """Build the feature browser site for one or several SAEs (on one hook) at ``out``.
 
     ``sae_sources``: run folders, SAELens folders, OpenAI ``.pt`` files or URLs (or :class:`SAESource`).
@@ -275,11 +278,12 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     with ``"reused": True``) unless ``overwrite``; one built from other inputs is kept (refused) unless
     ``overwrite``. A folder
     at ``out`` that is not a site is never replaced. Returns the site's manifest plus ``site`` and
-    ``seconds`` (all phases, the site write included; a reused site: this call's total).
+    ``seconds`` (all phases, the site write included; a reused site: this call's total). ``allow_http`` also
+    downloads SAEs from plain http URLs.
     """
     cfg = cfg or BrowseConfig()
     t_start = time.perf_counter()
-    sources, loaded_here = open_sources(sae_sources)
+    sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     _check_n2g_latents(sources, cfg)
     out = Path(out)
@@ -342,15 +346,15 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
 
 def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig | None = None, *, lm=None,
                    device=None, model_dtype: str = "float32", overwrite: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, allow_http: bool = False) -> dict[str, Any]:
     """Feature families of several SAEs on one hook (see :mod:`.families`); written to ``out`` as JSON,
     with the key of its inputs and settings. A file at ``out`` of the same key is kept and returned (with
     ``"reused": True``); a families file of other inputs is kept (refused) unless ``overwrite``, and a file
-    that is not a families file is never replaced."""
+    that is not a families file is never replaced. ``allow_http`` also downloads SAEs from plain http URLs."""
     cfg = cfg or BrowseConfig()
     earlier = None if out is None else _earlier_families(Path(out))  # before the SAEs load
     earlier = None if overwrite else earlier
-    sources, loaded_here = open_sources(sae_sources)
+    sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
     if len(sources) < 2:
         raise SaelabError(f"feature families need at least two SAEs of different sizes, got {len(sources)}")
     if not makes_families(sources):
