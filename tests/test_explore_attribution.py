@@ -173,3 +173,30 @@ def test_real_model_identity_steering_and_logit_lens(smollm2):
     d = sae.W_dec[3].detach()
     manual = lm.model.lm_head.weight @ (d * lm.model.model.norm.weight)
     torch.testing.assert_close(latent_logit_effects(lm, sae, 3)["values"], manual, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_are_refused_before_the_forwards(tiny_gpt2, sae, tokens, tmp_path, monkeypatch):
+    """A plot path that is a folder failed after every attribution and ablation forward (IsADirectoryError at the
+    atomic rename: the results lost); batch_size 0 was range()'s error, True a token id, and a position past the
+    sequence torch's IndexError. Each is now refused by name, the first two before any forward."""
+    import saelab.explore.attribution as attribution
+
+    forwards = []
+    monkeypatch.setattr(attribution, "attribution_patching", lambda *a, **k: forwards.append(a))
+    metric = logit_diff(tiny_gpt2, " Mary", " John")
+    cases = [(tokens, metric)]
+    for plot, expect in ((tmp_path, "expected a file path in an existing, writable folder"),
+                         (tmp_path / "no" / "p.png", "expected a file path in an existing, writable folder"),
+                         (tmp_path / "p.txt", r"expected an image file \(.avif, .eps")):
+        with pytest.raises(ValueError, match=f"^plot {plot}: {expect}"):
+            compare_attribution_with_ablation(tiny_gpt2, sae, cases, plot=plot)
+    with pytest.raises(ValueError, match="^batch_size 0: expected a whole number of latents per forward"):
+        compare_attribution_with_ablation(tiny_gpt2, sae, cases, batch_size=0)
+    assert forwards == []
+    with pytest.raises(ValueError, match="^batch_size 0: expected"):
+        ablation_effects(tiny_gpt2, sae, tokens, [1, 2], metric, batch_size=0)
+    with pytest.raises(ValueError, match="^token True: expected a token id or a string of one token"):
+        logit_diff(tiny_gpt2, True, " John")
+    with pytest.raises(ValueError, match=rf"^logit_diff position 50: the sequences have {tokens.shape[1]} positions"):
+        run = logit_diff(tiny_gpt2, " Mary", " John", position=50)
+        run(run_with_saes(tiny_gpt2, tokens, {}))

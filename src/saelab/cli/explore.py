@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shlex
 import socket
 import sys
@@ -20,6 +19,7 @@ from saelab.explore.browser.build import SAESource
 from saelab.explore.positions import comma_items, index_list
 from saelab.explore.steering import STEER_MODES
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
+from saelab.utils.atomic import check_file_target
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
 from saelab.utils.words import plural
@@ -517,9 +517,7 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
     unused = _typed_fields(args, PAGE_ONLY)
     if unused:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (saelab browse); families does not use it")
-    out = Path(args.out)
-    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: expected a file path in an existing, writable folder (the families JSON)")
+    out = check_file_target(args.out, "--out", "the families JSON")
     if out.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
         raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):

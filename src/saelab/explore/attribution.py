@@ -37,6 +37,8 @@ Metric = Callable[[torch.Tensor], torch.Tensor]
 
 def token_id(lm, token: int | str) -> int:
     """A token id from an id or a string that is exactly one token (e.g. ' Paris')."""
+    if isinstance(token, bool) or not isinstance(token, (int, str)):  # True would read as token 1
+        raise ValueError(f"token {token!r}: expected a token id or a string of one token")
     if isinstance(token, int):
         if not 0 <= token < lm.vocab_size:
             raise ValueError(f"token id {token} out of range 0..{lm.vocab_size - 1}")
@@ -52,6 +54,9 @@ def logit_diff(lm, token_a: int | str, token_b: int | str, position: int = -1) -
     a, b = token_id(lm, token_a), token_id(lm, token_b)
 
     def metric(logits_BTV: torch.Tensor) -> torch.Tensor:
+        T = logits_BTV.shape[1]
+        if not -T <= position < T:
+            raise ValueError(f"logit_diff position {position}: the sequences have {T} positions")
         return (logits_BTV[:, position, a] - logits_BTV[:, position, b]).float()
 
     metric.tokens = (a, b)  # type: ignore[attr-defined]
@@ -134,6 +139,7 @@ def ablation_effects(
     """
     hook = _hook_of(sae, hook)
     sae.check_latents(latents)
+    _check_batch_size(batch_size)
     post = sae_hook_name(hook, "hook_sae_acts_post")
     tokens_BT = lm.as_tokens(tokens_BT)
     B, T = tokens_BT.shape
@@ -182,6 +188,11 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return pearson(_ranks(x), _ranks(y))
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r}: expected a whole number of latents per forward, at least 1")
+
+
 def compare_attribution_with_ablation(
     lm, sae: TopKSAE, cases: Sequence[tuple[torch.Tensor, Metric]], *, max_latents: int = 200,
     seed: int = 0, plot: str | Path | None = None, title: str | None = None, hook: str | None = None,
@@ -195,6 +206,11 @@ def compare_attribution_with_ablation(
     Returns ``{pearson, spearman, n, n_cases, attribution, ablation, plot}`` (the two lists hold the
     points). ``plot``: write a scatter plot PNG there (atomically).
     """
+    _check_batch_size(batch_size)
+    if plot is not None:  # before the forwards: a path that cannot be written would lose them
+        from saelab.utils.figures import check_figure_path  # matplotlib loads only where a plot is asked for
+
+        check_figure_path(plot, "plot")
     if isinstance(cases, tuple) and len(cases) == 2 and isinstance(cases[0], torch.Tensor):
         cases = [cases]
     gen = torch.Generator().manual_seed(seed)

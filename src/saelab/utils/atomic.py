@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from saelab.errors import ConfigError
 from saelab.utils.folder_lock import LOCK, RunLock
 
 
@@ -28,6 +29,15 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def check_file_target(path: str | os.PathLike, named: str, what: str) -> Path:
+    """``path`` checked as a file to write ``what`` to, before the work that makes it: not a folder, in an existing
+    folder this process may write in. ``named``: how the user gave it (an option, an argument)."""
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{named} {path}: expected a file path in an existing, writable folder ({what})")
+    return path
 
 
 @contextlib.contextmanager

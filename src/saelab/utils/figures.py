@@ -7,13 +7,24 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from saelab.utils.atomic import atomic_path
+from saelab.errors import ConfigError
+from saelab.utils.atomic import atomic_path, check_file_target
 
 
 def figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 3.6), dpi: int | None = None):
     """A new figure and its axes (an array of them when there are several)."""
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")  # side-by-side panels' labels do not collide
     return fig, fig.subplots(nrows, ncols)
+
+
+def check_figure_path(path: str | Path, named: str) -> Path:
+    """``path`` checked, before the work that draws it, as where save_figure can write a figure: a file path in a
+    writable folder, in a format matplotlib writes (none: png)."""
+    path = check_file_target(path, named, "the figure")
+    kinds = Figure().canvas.get_supported_filetypes()
+    if path.suffix and path.suffix.lstrip(".").lower() not in kinds:
+        raise ConfigError(f"{named} {path}: expected an image file ({', '.join('.' + k for k in sorted(kinds))})")
+    return path
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
