@@ -197,6 +197,10 @@ def test_bad_arguments_are_refused_before_the_forwards(tiny_gpt2, sae, tokens, t
         ablation_effects(tiny_gpt2, sae, tokens, [1, 2], metric, batch_size=0)
     with pytest.raises(ValueError, match="^token True: expected a token id or a string of one token"):
         logit_diff(tiny_gpt2, True, " John")
+    import numpy as np  # an integer of another type is a whole number: numpy's, a 0-d tensor's
+
+    assert logit_diff(tiny_gpt2, np.int64(5), torch.tensor(6)).tokens == (5, 6)
+    assert ablation_effects(tiny_gpt2, sae, tokens, [1, 2], metric, batch_size=np.int64(1)).shape == (2, 1)
     with pytest.raises(ValueError, match=rf"^logit_diff position 50: the sequences have {tokens.shape[1]} positions"):
         run = logit_diff(tiny_gpt2, " Mary", " John", position=50)
         run(run_with_saes(tiny_gpt2, tokens, {}))

@@ -18,6 +18,7 @@ builds the usual one.
 
 from __future__ import annotations
 
+import operator
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,10 @@ Metric = Callable[[torch.Tensor], torch.Tensor]
 
 def token_id(lm, token: int | str) -> int:
     """A token id from an id or a string that is exactly one token (e.g. ' Paris')."""
-    if isinstance(token, bool) or not isinstance(token, (int, str)):  # True would read as token 1
+    if isinstance(token, bool) or not (isinstance(token, str) or hasattr(token, "__index__")):  # True: token 1
         raise ValueError(f"token {token!r}: expected a token id or a string of one token")
-    if isinstance(token, int):
+    if not isinstance(token, str):  # an id of any integer type (numpy's, a 0-d tensor's)
+        token = operator.index(token)
         if not 0 <= token < lm.vocab_size:
             raise ValueError(f"token id {token} out of range 0..{lm.vocab_size - 1}")
         return token
@@ -189,7 +191,9 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    """A whole number >= 1 of any integer type (numpy's too), not a bool."""
+    whole = not isinstance(batch_size, bool) and hasattr(batch_size, "__index__")
+    if not whole or operator.index(batch_size) < 1:
         raise ValueError(f"batch_size {batch_size!r}: expected a whole number of latents per forward, at least 1")
 
 
