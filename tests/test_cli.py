@@ -652,6 +652,81 @@ def test_a_config_file_value_of_the_wrong_type_is_named_before_any_work(text, ex
     assert err.startswith(f"saelab eval: error: --config {cfg}: {expected}") and len(err.splitlines()) == 1
 
 
+OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after "--config FILE: ")
+    # a choice: a misspelled suite ran the core eval alone, a bad mode or dtype failed after the model loaded
+    ("eval SAE", '{"suite": "papers"}', "suite: expected one of core, paper, got 'papers'"),
+    ("steer SAE", '{"latent": 3, "value": 2, "mode": "explode"}', "mode: expected one of add, clamp, ablate, "
+                                                                   "got 'explode'"),
+    ("steer SAE --latent 3 --value 2", '{"model_dtype": "int8"}',
+     "model_dtype: expected one of float32, bfloat16, float16, got 'int8'"),
+    ("steer SAE --latent 3 --value 2", '{"mode": null}', "mode: expected one of add, clamp, ablate, got None"),
+    ("export SAE OUT", '{"format": "onnx"}', "format: expected one of saelens, sparsify, got 'onnx'"),
+    # text: a number crashed where the text was read ("'int' object has no attribute 'strip'", a TypeError)
+    ("steer SAE --latent 3 --value 2", '{"positions": 5}', "positions: expected text, got 5"),
+    ("steer SAE --latent 3 --value 2", '{"prompt": 5}', "prompt: expected text, got 5"),
+    ("steer SAE --latent 3 --value 2", '{"device": 0}', "device: expected text, got 0"),  # was shown as ''
+    ("browse SAE", '{"out": 7}', "out: expected text, got 7"),
+    ("eval SAE", '{"hook": ["blocks.0.hook_resid_post"]}', "hook: expected text, got ['blocks.0.hook_resid_post']"),
+    ("train --out r", '{"activations": null}', "activations: expected text, got None"),  # it is required
+    # several values: each checked as on the command line, a count where it is fixed
+    ("train --activations a --out r", '{"log_to": ["bogus"]}', "log_to: expected a list of tensorboard or wandb, "
+                                                                "got ['bogus']"),
+    ("train --activations a --out r", '{"log_to": ["wandb", "wandb"]}', "log_to: 'wandb' given twice; give each "
+                                                                         "value once"),
+    ("eval SAE", '{"series_steps": ["a"]}', "series_steps: expected a list of integers, got ['a']"),
+    ("browse SAE", '{"export": ["neuronpedia"]}', "export: expected 2 values (FORMAT OUT), got ['neuronpedia']"),
+    ("browse SAE", '{"export": "neuronpedia"}', "export: expected 2 values (FORMAT OUT), got 'neuronpedia'"),
+    # a switch takes true or false, as before; and a group's values, as before
+    ("steer SAE --latent 3 --value 2", '{"greedy": "yes"}', "greedy: expected true or false, got 'yes'"),
+    ("harvest --out r", '{"harvest": {"hook": 5}}', "harvest.hook: expected text, got 5"),
+    ("harvest --out r", '{"harvest": {"dtype": "int8"}}', "harvest.dtype: expected one of float16, bfloat16, "
+                                                           "float32, got 'int8'"),
+]
+
+
+@pytest.mark.parametrize("words,text,expected", OPTION_VALUES_FROM_A_FILE,
+                         ids=[f"{w.split()[0]}-{t}" for w, t, _ in OPTION_VALUES_FROM_A_FILE])
+def test_a_config_file_value_of_an_untyped_option_is_checked_before_any_work(words, text, expected, tmp_path,
+                                                                             capsys):
+    """Options read as text or a choice (no type of their own) took a file's value unchecked: argparse checks
+    neither the choices nor the type of a default. Refused as the typed options' file values are."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(text)
+    assert _exit_code([*words.split(), "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == f"saelab {words.split()[0]}: error: --config {cfg}: {expected}"
+
+
+def test_a_config_file_value_an_untyped_option_takes_is_kept(tmp_path):
+    """What the command line would take is taken: a choice, text (a number only where the option reads one,
+    --model), null where the option's default is unset, and one value for a list option as one item."""
+    from saelab.cli import parse_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mode: clamp\npositions: '5'\nprompt: Hello\ndevice: null\nmodel: 5\nmodel_dtype: bfloat16\n")
+    steer = parse_args(["steer", "SAE", "--latent", "3", "--value", "2", "--config", str(cfg)])
+    assert (steer.mode, steer.positions, steer.prompt, steer.device, steer.model, steer.model_dtype) == \
+        ("clamp", "5", "Hello", None, "5", "bfloat16")
+    cfg.write_text("log_to: tensorboard\n")  # as `--log-to tensorboard`
+    assert parse_args(["train", "--activations", "a", "--out", "r", "--config", str(cfg)]).log_to == ["tensorboard"]
+    cfg.write_text("log_to: [tensorboard]\nout: runs/7\n")
+    train = parse_args(["train", "--activations", "a", "--config", str(cfg)])
+    assert (train.log_to, train.out) == (["tensorboard"], "runs/7")
+    cfg.write_text("suite: paper\nseries_steps: [100, 200]\nhook: blocks.0.hook_resid_post\n")
+    ev = parse_args(["eval", "SAE", "--config", str(cfg)])
+    assert (ev.suite, list(ev.series_steps), ev.hook) == ("paper", [100, 200], "blocks.0.hook_resid_post")
+    cfg.write_text("export: [neuronpedia, np]\n")
+    assert list(parse_args(["browse", "SAE", "--config", str(cfg)]).export) == ["neuronpedia", "np"]
+
+
+def test_a_config_file_null_for_a_required_option_is_refused_after_another_file_set_it(tmp_path, capsys):
+    """A file that gives --out lifts its requirement: a second file's null would leave it unset, a crash."""
+    given, unset = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    given.write_text("out: run\n")
+    unset.write_text("out: null\n")
+    assert _exit_code(["train", "--activations", "a", "--config", str(given), str(unset)]) == 2
+    assert capsys.readouterr().err.strip() == f"saelab train: error: --config {unset}: out: expected text, got None"
+
+
 def test_a_refused_value_is_blamed_on_where_it_came_from(tmp_path, capsys):
     """A value the settings refuse names the --config entry when it came from the file, and the option when
     it was typed (the command line wins: a typed value that fixes the file's is taken)."""

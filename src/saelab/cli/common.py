@@ -260,10 +260,9 @@ class Parser(ArgumentParser):
             elif key in options:
                 self.config_entries[key] = where
                 action = options[key]
-                if action.nargs == 0 and not isinstance(value, bool):
-                    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+                action.needed = getattr(action, "needed", action.required)  # a later file's null leaves it unset
+                kept[key] = _file_value(action, value, where)
                 action.required = False  # --out or --activations may come from the file
-                kept[key] = _as_typed(action, value, where)
             elif key not in self.sections_of_other_verbs:
                 keys = sorted(groups) + [_file_key(options[o]) for o in sorted(options)]
                 switches = [o for o, action in options.items() if action.nargs == 0]
@@ -300,6 +299,46 @@ def _run_record_as_settings(entries: dict[str, Any], train_settings: type | None
     except (ConfigError, KeyError, TypeError):  # an unknown recipe or setting: refused as the file's entry
         unused = set()
     return {"train": {field: value for field, value in giving.items() if field not in unused}}
+
+
+def _file_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A --config file's value of a plain option (not a group's), checked as the command line checks it,
+    a refusal naming the file's entry ``where``: argparse checks neither the choices nor the type of a
+    default, so a misspelled choice ran silently (suite: papers) and a number crashed where text was read."""
+    if action.nargs == 0:  # a switch: "overwrite: maybe" or 1 would be true
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if action.type is not None and action.nargs is None:
+        return _as_typed(action, value, where)
+    if hasattr(action, "check_file_value"):  # an option with words of its own for a malformed value (--grid)
+        action.check_file_value(value, where)
+        return value
+    hint = _file_type(action)
+    if hint is None:  # an item type of its own: left to the command, as before
+        return value
+    if action.nargs in ("*", "+") and value is not None and not isinstance(value, list):
+        value = [value]  # one value, as `--log-to wandb` gives it
+    if isinstance(action.nargs, int) and value is not None and not (isinstance(value, list)
+                                                                    and len(value) == action.nargs):
+        named = f" ({' '.join(action.metavar)})" if isinstance(action.metavar, tuple) else ""  # --export FORMAT OUT
+        raise ConfigError(f"{where}: expected {action.nargs} values{named}, got {value!r}")
+    return checked_value(where, hint, value)
+
+
+def _file_type(action: argparse.Action) -> Any:
+    """The type a file's value of an option without a type of its own takes, as a settings field's hint
+    (``Literal`` for its choices, text, a tuple for several values; Optional where the option may be left
+    unset), for the checks of a group's fields; None for an option whose type reads its own items."""
+    if action.choices is not None:
+        item = typing.Literal[tuple(action.choices)]
+    elif action.type in (None, int, float):
+        item = action.type or str
+    else:
+        return None
+    hint = item if action.nargs in (None, "?") else tuple[item, ...]
+    unset = action.default in (None, [], ()) and not action.needed  # a file's null leaves it so
+    return typing.Optional[hint] if unset else hint
 
 
 def _as_typed(action: argparse.Action, value: Any, where: str) -> Any:
@@ -395,21 +434,29 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
             switches = [n for n in names if hints[n] is bool]
             raise ConfigError(f"{where}.{key}: not one of its options"
                               f"{_closest_key(key, names, switches, v) or ' (' + ', '.join(names) + ')'}")
-        choices = literal_choices(hints[name])
-        if choices and v not in choices:
-            raise ConfigError(f"{where}.{key}: expected one of {', '.join(map(str, choices))}, got {v!r}")
-        wrong_type = _type_expected(hints[name], v)
-        if wrong_type == "an integer" and isinstance(v, float) and v.is_integer():  # JSON's 1e6, YAML's 4096.0
-            v, wrong_type = int(v), None
-        if wrong_type:
-            raise ConfigError(f"{where}.{key}: expected {wrong_type}, got {v!r}")
+        v = checked_value(f"{where}.{key}", hints[name], v)
         if dataclasses.is_dataclass(hints[name]):  # a group inside a group: the paper suite's probe settings
             v = check_config_section(f"{where}.{key}", hints[name], v)
-        repeat = first_repeat(v) if isinstance(v, list) else None
-        if repeat is not None:  # as on the command line (Parser._get_values)
-            raise ConfigError(f"{where}.{key}: {repeat!r} given twice; give each value once")
         section[name] = v
     return section
+
+
+def checked_value(where: str, hint: Any, value: Any) -> Any:
+    """A config file's ``value`` for a setting of type ``hint``, refused as the file's entry ``where``
+    unless the command line would take it: one of its choices, of its type, a list without repeats; a
+    whole number written as a float (JSON's 1e6, YAML's 4096.0) is the integer."""
+    choices = literal_choices(hint)
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+    wrong_type = _type_expected(hint, value)
+    if wrong_type == "an integer" and isinstance(value, float) and value.is_integer():
+        value, wrong_type = int(value), None
+    if wrong_type:
+        raise ConfigError(f"{where}: expected {wrong_type}, got {value!r}")
+    repeat = first_repeat(value) if isinstance(value, list) else None
+    if repeat is not None:  # as on the command line (Parser._get_values)
+        raise ConfigError(f"{where}: {repeat!r} given twice; give each value once")
+    return value
 
 
 def _closest_key(key: Any, names: list[str], switches: typing.Collection[str] = (), value: Any = None) -> str:

@@ -273,9 +273,10 @@ def add_sweep(sub, recipe: str) -> None:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for the runs (one subfolder per grid point); the same command again resumes "
                         "unfinished runs and keeps finished ones")
-    p.add_argument("--grid", nargs="+", required=True, metavar="OPTION=V1,V2",
-                   help="training options to vary, named without their leading dashes, e.g. n-latents=1024,4096 "
-                        "k=16,32 lr=1e-3,3e-3")
+    grid = p.add_argument("--grid", nargs="+", required=True, metavar="OPTION=V1,V2",
+                          help="training options to vary, named without their leading dashes, e.g. "
+                               "n-latents=1024,4096 k=16,32 lr=1e-3,3e-3")
+    grid.check_file_value = _refuse_a_grid_not_listed  # a --config file's grid: refused in its own words
     p.add_argument("--eval", dest="evaluate", action="store_true", help="then evaluate every run (core metrics) and write the "
                                                        "scaling report (saelab report OUT)")
     add_train_config(p, recipe)
