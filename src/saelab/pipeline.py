@@ -305,10 +305,12 @@ def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, Tr
     out, point_of = {}, {}
     for values in itertools.product(*(grid[k] for k in keys)):
         name = "_".join(f"{short.get(k, k)}{_folder_value(v)}" for k, v in zip(keys, values)) or "base"
-        if name in out:  # one folder would hold both runs: the first would be lost
+        cfg = replace(base, **dict(zip(keys, values)))
+        if name in out and out[name] != cfg:  # never expected (floats are written exactly): one folder, two runs
             raise ConfigError(f"the grid's points {point_of[name]} and {dict(zip(keys, values))} both name the run "
                               f"folder {name}; give values that differ in their written form")
-        out[name], point_of[name] = replace(base, **dict(zip(keys, values))), dict(zip(keys, values))
+        out.setdefault(name, cfg)  # a point given twice is one run
+        point_of.setdefault(name, dict(zip(keys, values)))
     return out
 
 
@@ -317,7 +319,7 @@ def _folder_value(value: Any) -> str:
     say it exactly, else in all it needs (0.0010000001 beside 0.001)."""
     if isinstance(value, float) and float(f"{value:g}") == value:
         return f"{value:g}"
-    return repr(value) if isinstance(value, float) else str(value)
+    return float.__repr__(value) if isinstance(value, float) else str(value)  # numpy's repr names its type
 
 
 def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, base: TrainConfig,

@@ -21,7 +21,7 @@ def check_figure_path(path: str | Path, named: str) -> Path:
     """``path`` checked, before the work that draws it, as where save_figure can write a figure: a file path in a
     writable folder, in a format matplotlib writes (none: png)."""
     path = check_file_target(path, named, "the figure")
-    kinds = Figure().canvas.get_supported_filetypes()
+    kinds = set(Figure().canvas.get_supported_filetypes()) - {"pgf"}  # pgf needs a TeX install to write
     if path.suffix and path.suffix.lstrip(".").lower() not in kinds:
         raise ConfigError(f"{named} {path}: expected an image file ({', '.join('.' + k for k in sorted(kinds))})")
     return path
