@@ -56,6 +56,10 @@ WANDB_DIR = "wandb"
 """Where W&B keeps a run's local files: ``wandb.init(dir=RUN)`` writes them into RUN/wandb/."""
 WANDB_ID_FILE = "wandb_run_id"
 """The W&B run a resumed training logs into (train/metric_sinks.py)."""
+SITE_MANIFEST = "site.json"
+"""Written last into a feature browser site (explore/browser/site.py): it marks a finished one."""
+NEURONPEDIA_SETTINGS = "run_settings.json"
+"""saelab's record beside a Neuronpedia export's batch files (explore/browser/export.py)."""
 
 EVAL_OUTPUTS = (EVAL_METRICS, LATENT_FREQUENCIES, DENSITY_PLOT, EVALS_DIR)
 """What evaluating a run writes."""

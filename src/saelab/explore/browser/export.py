@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, RunExistsError
-from saelab.run_folder import sae_sha256
+from saelab.run_folder import NEURONPEDIA_SETTINGS, sae_sha256
 from saelab.utils.atomic import atomic_folder
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
@@ -137,7 +137,7 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
             yield f"batch-{b}.json", {**header, "features": [features(i) for i in exported[s:s + n_features_per_batch]]}
         yield "skipped_indexes.json", {"model_id": header["model_id"], "layer": str(header["layer"]),
                                        "sae_set": header["sae_set"], "skipped_indexes": skipped}
-        yield "run_settings.json", settings
+        yield NEURONPEDIA_SETTINGS, settings
 
     _write_folder(out, files())
     return {"out": str(out), "batches": -(-len(exported) // n_features_per_batch), "features": len(exported),
@@ -321,7 +321,7 @@ def _check_target(out: Path, overwrite: bool, key: str | None = None,
     if not any(out.iterdir()):
         return None
     try:
-        earlier = json.loads((out / "run_settings.json").read_text())
+        earlier = json.loads((out / NEURONPEDIA_SETTINGS).read_text())
         ours = earlier.get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         ours = False

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, RunExistsError
+from saelab.run_folder import SITE_MANIFEST
 from saelab.utils.atomic import atomic_folder, write_json
 
 SITE_FORMAT = "saelab-feature-browser"
@@ -71,7 +72,7 @@ def external_references(folder: str | os.PathLike) -> list[str]:
 
 def read_site_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The ``site.json`` of a finished site, or None."""
-    return read_own_json(Path(folder) / "site.json", SITE_FORMAT)
+    return read_own_json(Path(folder) / SITE_MANIFEST, SITE_FORMAT)
 
 
 def read_own_json(path: str | os.PathLike, file_format: str) -> dict[str, Any] | None:
@@ -245,7 +246,7 @@ def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: 
             write_json(tmp / "families.json", families)
             (data / "families.js").write_text(_js("families", families), encoding="utf-8")
         (data / "meta.js").write_text(_js("meta", manifest), encoding="utf-8")
-        write_json(tmp / "site.json", manifest)  # last: its presence marks a finished site
+        write_json(tmp / SITE_MANIFEST, manifest)  # last: its presence marks a finished site
     return out
 
 
