@@ -1818,6 +1818,111 @@ def test_cli_train_on_an_interrupted_harvest_names_the_harvest_that_finishes_it(
         assert not (tmp_path / verb).exists()
 
 
+# ---- a run's --out that holds other results ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_results(tiny_gpt2, tiny_cache, corpus, tmp_path_factory) -> Path:
+    """What saelab's other verbs write, for real and small: a sweep, a browser site, exports (SAELens, sparsify,
+    Neuronpedia), an evaluation and a paper-suite evaluation; and a folder of the user's own files."""
+    from saelab.evals.suite import PaperSuiteConfig
+    from saelab.explore.browser import BrowseConfig, build_browser
+    from saelab.explore.browser.export import export_neuronpedia_run
+    from saelab.pipeline import paper_suite, sweep_from_cache
+
+    root = tmp_path_factory.mktemp("other-results")
+    sweep_from_cache(tiny_cache, root / "sweep", TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=512,
+                                                             init_rows=256), {"n_latents": [64, 128]}, progress=False)
+    run = root / "sweep" / "n64"
+    eval_cfg = EvalConfig(corpus=str(corpus), recon_tokens=256, downstream_tokens=256)
+    evaluate(run, lm=tiny_gpt2, cfg=eval_cfg, out_dir=root / "eval", progress=False)
+    paper_suite(run, out_dir=root / "suite", lm=tiny_gpt2, eval_cfg=eval_cfg, cfg=PaperSuiteConfig(metrics=("core",)),
+                progress=False)
+    browse = BrowseConfig(n_tokens=31 * 16, corpus=str(corpus), n_top=2, n_samples=2, lm_batch_size=8)
+    build_browser([run], root / "site", browse, lm=tiny_gpt2, progress=False)
+    export_neuronpedia_run([run], root / "neuronpedia", browse, lm=tiny_gpt2, progress=False)
+    save_sae(load_sae(run), root / "saelens")
+    save_sae(load_sae(run), root / "sparsify", format="sparsify")
+    (root / "notes").mkdir()
+    (root / "notes" / "notes.txt").write_text("mine")
+    (root / "notes" / "metrics.json").write_text('{"accuracy": 0.9}')  # another tool's, no evaluation of saelab
+    return root
+
+
+_NOT_FOR_A_RUN = "expected a new or empty folder, or a run folder"
+_RUN_REFUSALS = {
+    "sweep": "is a sweep folder (a folder of runs): a run there would hide its runs; pick another folder",
+    "site": f"is a feature browser site (site.json): a run there would mix with its files; {_NOT_FOR_A_RUN}",
+    "neuronpedia": f"is a Neuronpedia export (run_settings.json): a run there would mix with its files; "
+                   f"{_NOT_FOR_A_RUN}",
+    "eval": f"is an evaluation's folder (latent_frequencies.safetensors): a run there would mix with its files; "
+            f"{_NOT_FOR_A_RUN}",
+    "suite": f"is a paper-suite evaluation's folder (evals/): a run there would mix with its files; {_NOT_FOR_A_RUN}",
+    "saelens": "is an SAE folder (cfg.json); expected a new folder or a run folder",
+    "sparsify": "is an SAE folder (cfg.json); expected a new folder or a run folder",
+    "notes": f"holds other files (metrics.json, notes.txt): a run there would mix with them; {_NOT_FOR_A_RUN}"}
+
+
+@pytest.mark.parametrize("verb", ["train", "quickstart"])
+@pytest.mark.parametrize("folder", list(_RUN_REFUSALS))
+def test_a_run_is_not_written_into_other_results(verb, folder, other_results, tiny_cache, tmp_path, capsys):
+    """`train --out` and `quickstart --out` took a sweep folder (it then held sae/ and train_config.json beside
+    its runs and read as one run), a site, an export, an evaluation or the user's files, and wrote a run into
+    it. Refused in one line, before the model loads (there is none here), and nothing is written."""
+    out = other_results / folder
+    before = snapshot(out), sorted(p.relative_to(out) for p in out.rglob("*"))
+    args = {"train": ["--activations", str(tiny_cache), "--n-latents", "64", "--k", "4", "--batch-size", "128",
+                      "--total-tokens", "512", "--init-rows", "256"],
+            "quickstart": ["--harvest-model", str(tmp_path / "no-model")]}
+    code, stdout, err = run_cli(capsys, verb, *args[verb], "--out", str(out), "--no-progress")
+    assert (code, stdout, err) == (2, "", f"saelab {verb}: error: --out {out} {_RUN_REFUSALS[folder]}")
+    assert (snapshot(out), sorted(p.relative_to(out) for p in out.rglob("*"))) == before
+
+
+def test_a_run_folder_in_its_first_moments_is_still_a_run_s_out(tiny_gpt2, tiny_cache, corpus, data_dir, tmp_path,
+                                                                monkeypatch, capsys):
+    """What the refusal of other results must still take: quickstart interrupted in its harvest (RUN holds only
+    activations/) then run again; `train --activations RUN/activations --out RUN`, as quickstart trains; a
+    finished run trained again with --overwrite; a new and an empty folder."""
+    from saelab.pipeline import QuickstartConfig, quickstart
+
+    run = tmp_path / "run"
+    # 16 contexts of 31 rows a forward: the 8,192-row buffer writes its first 4,096 rows at the 17th
+    harvesting = harvest_cfg(data_dir / "wiki-en" / "wiki_train.jsonl.xz", n_tokens=16384)
+    cfg = QuickstartConfig(harvest=harvesting, train=TrainConfig(n_latents=64, k=4, total_tokens=1024, batch_size=128,
+                                                                 init_rows=256),
+                           eval=EvalConfig(corpus=str(corpus), recon_tokens=256, downstream_tokens=256))
+    forward, calls = LanguageModel.activations, []
+
+    def interrupted_past_the_first_rows(lm, tokens_BT, hook):
+        calls.append(tokens_BT.shape[0])
+        if len(calls) == 18:
+            raise KeyboardInterrupt
+        return forward(lm, tokens_BT, hook)
+
+    monkeypatch.setattr(LanguageModel, "activations", interrupted_past_the_first_rows)
+    with pytest.raises(KeyboardInterrupt):
+        quickstart(cfg, run, lm=tiny_gpt2, progress=False)
+    assert [p.name for p in run.iterdir() if not p.name.startswith(".")] == ["activations"]
+    assert json.loads((run / "activations" / "manifest.json").read_text())["partial_rows"] == 4096
+    capsys.readouterr()
+    assert quickstart(cfg, run, lm=tiny_gpt2, progress=False)["sae_sha256"]
+    assert f"resuming activation cache {run / 'activations'} after the 4,096 rows" in capsys.readouterr().err
+    monkeypatch.undo()
+    first = ["train", "--n-latents", "64", "--k", "4", "--batch-size", "128", "--total-tokens", "512", "--init-rows",
+             "256", "--no-progress"]
+    fresh = tmp_path / "fresh"
+    harvest(harvest_cfg(corpus), fresh / "activations", lm=tiny_gpt2, progress=False)
+    (tmp_path / "empty").mkdir()
+    for out, activations in ((fresh, fresh / "activations"), (tmp_path / "empty", tiny_cache),
+                             (tmp_path / "new", tiny_cache)):
+        code, _, err = run_cli(capsys, *first, "--activations", str(activations), "--out", str(out))
+        assert code == 0 and read_status(out)["state"] == "finished", err
+    code, _, err = run_cli(capsys, *first, "--activations", str(tiny_cache), "--out", str(run), "--overwrite")
+    assert code == 0 and read_status(run)["state"] == "finished", err
+    assert not (run / ".set-aside").exists()  # the earlier run, set aside, went once the new one finished
+
+
 # ---- pickles disguised as other formats; a full disk seen from the command line -------------------------
 
 

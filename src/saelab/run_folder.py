@@ -344,7 +344,7 @@ def holds_artefact(path: Path, kind: str) -> bool:
 def check_output_folder(path: str | Path, option: str, kind: str | None = None) -> Path:
     """Refuse, before any slow work, an output folder that is a file or cannot be created or written,
     or (given the ``kind`` of ARTEFACTS it will be, or "sweep": a folder of runs) one that is another kind
-    of saelab folder."""
+    of saelab folder; a run's, one that holds anything but a run (:func:`_refuse_a_folder_a_run_would_mix_with`)."""
     import os
 
     path = Path(path)
@@ -354,6 +354,8 @@ def check_output_folder(path: str | Path, option: str, kind: str | None = None) 
         if kind is not None and other != kind and holds_artefact(path, other):
             raise CheckpointError(f"{option} {path} is {what} ({marker}); expected a new folder or "
                                   f"{ARTEFACTS[kind][1] if kind in ARTEFACTS else f'a {kind} folder'}")
+    if kind == "run":
+        _refuse_a_folder_a_run_would_mix_with(path, option)
     existing = path
     while not existing.exists():
         existing = existing.parent
@@ -361,6 +363,36 @@ def check_output_folder(path: str | Path, option: str, kind: str | None = None) 
         raise CheckpointError(f"{option} {path}: {existing} is not a writable folder; expected a place saelab can "
                               "write to")
     return path
+
+
+NOT_A_RUN = ((SITE_MANIFEST, "a feature browser site"), (NEURONPEDIA_SETTINGS, "a Neuronpedia export"),
+             (LATENT_FREQUENCIES, "an evaluation's folder"), (EVALS_DIR, "a paper-suite evaluation's folder"))
+"""The folders saelab writes that hold no run, by the entry that marks each (a run holds some of them too,
+beside its train_config.json), and their names in messages. An SAE folder and an activation cache: ARTEFACTS."""
+
+
+def _refuse_a_folder_a_run_would_mix_with(path: Path, option: str) -> None:
+    """Refuse, as a run's output folder, one that holds anything but a run: a run written into a sweep folder
+    makes it read as that one run (its runs are no longer found), and one beside a site, an export, an
+    evaluation or other files mixes its results with theirs. Taken: a new or empty folder, a run (to resume, or
+    set aside by --overwrite), and a run in its first moments: quickstart harvests into RUN/activations/ before
+    train_config.json is written (hidden entries are saelab's lock, temporary files and set-aside runs)."""
+    if not path.is_dir() or holds_a_run(path):
+        return
+    if is_sweep(path):
+        raise CheckpointError(f"{option} {path} is a sweep folder (a folder of runs): a run there would hide its "
+                              "runs; pick another folder")
+    others = sorted(p.name + "/" * p.is_dir() for p in path.iterdir()
+                    if p.name != ACTIVATIONS_DIR and not p.name.startswith("."))
+    if not others:
+        return
+    expected = "expected a new or empty folder, or a run folder"
+    for marker, what in NOT_A_RUN:
+        if (path / marker).exists():
+            raise CheckpointError(f"{option} {path} is {what} ({marker}{'/' * (path / marker).is_dir()}): a run "
+                                  f"there would mix with its files; {expected}")
+    shown = ", ".join(others[:4]) + (f", ... ({len(others) - 4} more)" if len(others) > 4 else "")
+    raise CheckpointError(f"{option} {path} holds other files ({shown}): a run there would mix with them; {expected}")
 
 
 def model_for(sae) -> str:
