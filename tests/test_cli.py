@@ -324,7 +324,7 @@ BAD = [
     ("steer SAE --latent 1 --value nan", "argument --value: expected a finite number"),
     ("steer SAE --latent 1 --value 1e39", "--value 1e+39: expected numbers within float32's range (|x| <= 3.403e+38)"),
     ("steer SAE --latent 1 --value 1 --max-new-tokens -3", "argument --max-new-tokens: expected an integer >= 1"),
-    ("steer SAE --latent 1 --value 1 --positions 10:2", "error: --positions: positions 10:2 is an empty range; "
+    ("steer SAE --latent 1 --value 1 --positions 10:2", "error: argument --positions: positions 10:2 is an empty range; "
                                                          "expected start < stop"),  # the reason alone, no usage
     ("steer SAE --latent 1", "--mode add needs --value"),
     ("steer SAE --latent 17,17 --value 1", "argument --latent: latent 17 given twice in '17,17'"),
@@ -333,7 +333,7 @@ BAD = [
     ("steer SAE --latent 1 --value 1 --positions abc", "--positions: cannot read positions 'abc': expected 'all', a "
                                                        "position '5', positions '3,7,9' or a range '1:' / '2:10' / "
                                                        "'1::2', as integers >= 0 (0 = the first token)"),
-    ("steer SAE --latent 1 --value 1 --positions 1:5:0", "error: --positions: positions 1:5:0 has a step of 0; "
+    ("steer SAE --latent 1 --value 1 --positions 1:5:0", "error: argument --positions: positions 1:5:0 has a step of 0; "
                                                           "expected a step >= 1"),
     ("steer SAE --latent 1 --value 1 --positions 2:x", "--positions: cannot read positions '2:x': expected 'all'"),
     ("steer SAE --latent 1 --value 1 --positions 3,,5", "--positions: cannot read positions '3,,5': expected 'all'"),
@@ -662,10 +662,18 @@ OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after 
     ("steer SAE --latent 3 --value 2", '{"mode": null}', "mode: expected one of add, clamp, ablate, got None"),
     ("export SAE OUT", '{"format": "onnx"}', "format: expected one of saelens, sparsify, got 'onnx'"),
     # text: a number crashed where the text was read ("'int' object has no attribute 'strip'", a TypeError)
-    ("steer SAE --latent 3 --value 2", '{"positions": 5}', "positions: expected text, got 5"),
-    ("steer SAE --latent 3 --value 2", '{"prompt": 5}', "prompt: expected text, got 5"),
-    ("steer SAE --latent 3 --value 2", '{"device": 0}', "device: expected text, got 0"),  # was shown as ''
-    ("browse SAE", '{"out": 7}', "out: expected text, got 7"),
+    # (a number is not taken as a name, a path or a prompt: the refusal says how to give it as text)
+    ("steer SAE --latent 3 --value 2", '{"prompt": 5}', "prompt: expected text, got 5; quote it to give it as text"),
+    ("steer SAE --latent 3 --value 2", '{"device": 0}', "device: expected text, got 0; quote it to give it as "
+                                                         "text"),  # was shown as ''
+    ("browse SAE", '{"out": 7}', "out: expected text, got 7; quote it to give it as text"),
+    # positions read as --positions reads them (a number or a list of them is taken: see _takes)
+    ("steer SAE --latent 3 --value 2", '{"positions": "3,,5"}', "positions: cannot read positions '3,,5': expected "
+     "'all', a position '5', positions '3,7,9' or a range '1:' / '2:10' / '1::2', as integers >= 0 (0 = the first "
+     "token)"),
+    ("steer SAE --latent 3 --value 2", '{"positions": [3, -1]}', "positions: cannot read positions '3,-1': expected "
+     "'all', a position '5', positions '3,7,9' or a range '1:' / '2:10' / '1::2', as integers >= 0 (0 = the first "
+     "token)"),
     ("eval SAE", '{"hook": ["blocks.0.hook_resid_post"]}', "hook: expected text, got ['blocks.0.hook_resid_post']"),
     ("train --out r", '{"activations": null}', "activations: expected text, got None"),  # it is required
     # several values: each checked as on the command line, a count where it is fixed
@@ -673,12 +681,15 @@ OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after 
                                                                 "got ['bogus']"),
     ("train --activations a --out r", '{"log_to": ["wandb", "wandb"]}', "log_to: 'wandb' given twice; give each "
                                                                          "value once"),
+    ("train --activations a --out r", '{"log_to": "bogus"}', "log_to: expected one of tensorboard, wandb, "
+                                                              "got 'bogus'"),  # as the file wrote it, not ['bogus']
     ("eval SAE", '{"series_steps": ["a"]}', "series_steps: expected a list of integers, got ['a']"),
     ("browse SAE", '{"export": ["neuronpedia"]}', "export: expected 2 values (FORMAT OUT), got ['neuronpedia']"),
     ("browse SAE", '{"export": "neuronpedia"}', "export: expected 2 values (FORMAT OUT), got 'neuronpedia'"),
     # a switch takes true or false, as before; and a group's values, as before
     ("steer SAE --latent 3 --value 2", '{"greedy": "yes"}', "greedy: expected true or false, got 'yes'"),
-    ("harvest --out r", '{"harvest": {"hook": 5}}', "harvest.hook: expected text, got 5"),
+    ("harvest --out r", '{"harvest": {"hook": 5}}', "harvest.hook: expected text, got 5; quote it to give it as "
+                                                     "text"),
     ("harvest --out r", '{"harvest": {"dtype": "int8"}}', "harvest.dtype: expected one of float16, bfloat16, "
                                                            "float32, got 'int8'"),
 ]
@@ -716,6 +727,67 @@ def test_a_config_file_value_an_untyped_option_takes_is_kept(tmp_path):
     assert (ev.suite, list(ev.series_steps), ev.hook) == ("paper", [100, 200], "blocks.0.hook_resid_post")
     cfg.write_text("export: [neuronpedia, np]\n")
     assert list(parse_args(["browse", "SAE", "--config", str(cfg)]).export) == ["neuronpedia", "np"]
+
+
+def test_a_config_file_date_for_text_is_shown_as_the_file_wrote_it(tmp_path, capsys):
+    """YAML reads 2024-01-01 as a date: the refusal shows it as written, not as datetime.date(2024, 1, 1)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("prompt: 2024-01-01\n")
+    assert _exit_code(["steer", "SAE", "--latent", "3", "--value", "2", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == (f"saelab steer: error: --config {cfg}: prompt: expected text, got "
+                                               "2024-01-01 (a date); quote it to give it as text")
+
+
+def test_a_config_file_value_is_taken_as_the_command_line_takes_it(tmp_path):
+    """Positions as numbers, as --positions 5 and --positions 3,7,9 give them; a fixed pair of values that
+    repeats (--export FORMAT OUT takes "neuronpedia neuronpedia" typed); whole numbers written as floats in
+    a list of integers, as a lone one is."""
+    from saelab.cli import parse_args
+
+    cfg = tmp_path / "c.yaml"
+    steer = ["steer", "SAE", "--latent", "3", "--value", "2", "--config", str(cfg)]
+    cfg.write_text("positions: 5\n")
+    assert parse_args(steer).positions == "5"
+    cfg.write_text("positions: 2:10\n")  # a range, not YAML 1.1's base-60 integer 130
+    assert parse_args(steer).positions == "2:10"
+    cfg.write_text("positions: [3, 7, 9]\nmodel: null\n")  # null: the SAE's own model, as --model left out
+    assert (parse_args(steer).positions, parse_args(steer).model) == ("3,7,9", None)
+    cfg.write_text("export: [neuronpedia, neuronpedia]\n")
+    assert list(parse_args(["browse", "SAE", "--config", str(cfg)]).export) == ["neuronpedia", "neuronpedia"]
+    steps = tmp_path / "s.json"
+    steps.write_text('{"series_steps": 1e3}')
+    assert list(parse_args(["eval", "SAE", "--config", str(steps)]).series_steps) == [1000]
+    steps.write_text('{"series_steps": [1000.0, 2000]}')
+    assert list(parse_args(["eval", "SAE", "--config", str(steps)]).series_steps) == [1000, 2000]
+
+
+def test_a_later_config_file_null_unsets_an_option_an_earlier_one_set(tmp_path):
+    """Each file's values become the parser's defaults: whether null may unset an option is decided from the
+    option as built, not from the value the earlier file left as its default."""
+    from saelab.cli import parse_args
+
+    first, second = tmp_path / "c.yaml", tmp_path / "d.yaml"
+    first.write_text("device: cuda\nout: site\n")
+    second.write_text("device: null\nout: null\n")
+    ev = parse_args(["eval", "SAE", "--config", str(first), str(second)])
+    assert (ev.device, ev.out) == (None, None)
+    first.write_text("log_to: [wandb]\n")
+    second.write_text("log_to: null\n")
+    assert parse_args(["train", "--activations", "a", "--out", "r", "--config", str(first), str(second)]).log_to is None
+
+
+def test_a_value_typed_on_the_command_line_wins_over_a_bad_config_file_value(tmp_path):
+    """The command line wins over the file, a bad file value included: the typed value is the one used."""
+    from saelab.cli import parse_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("suite: papers\n")
+    assert parse_args(["eval", "SAE", "--suite", "paper", "--config", str(cfg)]).suite == "paper"
+    cfg.write_text("prompt: 5\ngreedy: maybe\n")
+    assert parse_args(["steer", "SAE", "--latent", "3", "--value", "2", "--prompt", "Hi", "--greedy", "--config",
+                       str(cfg)]).prompt == "Hi"
+    cfg.write_text("latent: abc\n")  # as before: a typed option's file value
+    assert parse_args(["steer", "SAE", "--latent", "3", "--value", "2", "--config", str(cfg)]).latent == [3]
 
 
 def test_a_config_file_null_for_a_required_option_is_refused_after_another_file_set_it(tmp_path, capsys):

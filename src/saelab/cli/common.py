@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import json
 import math
@@ -135,13 +136,16 @@ class Parser(ArgumentParser):
         file's entry that set it (the command line wins over the file)."""
         given = {}
         for action in self._actions:
-            typed_as = [a.split("=", 1)[0] for a in self._argv_seen
-                        if any(_is_option(a, o) for o in action.option_strings)]
+            typed_as = self._typed_words(action)
             if typed_as:
                 given[action.dest] = typed_as[-1]
             elif action.dest in self.config_entries:
                 given[action.dest] = self.config_entries[action.dest]
         return given
+
+    def _typed_words(self, action: argparse.Action) -> list[str]:
+        """How ``action``'s option was typed on the command line ("-k", "--k"), each time, in order."""
+        return [a.split("=", 1)[0] for a in self._argv_seen if any(_is_option(a, o) for o in action.option_strings)]
 
     def _in_given_words(self, message: str, group: str | None) -> str:
         """A settings class's refusal ("k must be an integer >= 1, got -4") with each setting the user gave
@@ -260,8 +264,12 @@ class Parser(ArgumentParser):
             elif key in options:
                 self.config_entries[key] = where
                 action = options[key]
-                action.needed = getattr(action, "needed", action.required)  # a later file's null leaves it unset
-                kept[key] = _file_value(action, value, where)
+                if not hasattr(action, "may_be_unset"):  # as built: each file rewrites the default (set_defaults)
+                    action.may_be_unset = action.default in (None, [], ()) and not action.required
+                # A typed value replaces the file's, which is then never used (an option that gathers its
+                # values, --log-to, keeps the file's beside it): the command line wins, as for a typed option.
+                typed_over = self._typed_words(action) and not isinstance(action, REPEATABLE_ACTIONS)
+                kept[key] = value if typed_over else _file_value(action, value, where)
                 action.required = False  # --out or --activations may come from the file
             elif key not in self.sections_of_other_verbs:
                 keys = sorted(groups) + [_file_key(options[o]) for o in sorted(options)]
@@ -307,50 +315,48 @@ def _file_value(action: argparse.Action, value: Any, where: str) -> Any:
     default, so a misspelled choice ran silently (suite: papers) and a number crashed where text was read."""
     if action.nargs == 0:  # a switch: "overwrite: maybe" or 1 would be true
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {shown_value(value)}")
         return value
     if action.type is not None and action.nargs is None:
         return _as_typed(action, value, where)
     if hasattr(action, "check_file_value"):  # an option with words of its own for a malformed value (--grid)
         action.check_file_value(value, where)
         return value
-    hint = _file_type(action)
-    if hint is None:  # an item type of its own: left to the command, as before
+    item = _item_type(action)
+    if item is None:  # an item type of its own: left to the command, as before
         return value
-    if action.nargs in ("*", "+") and value is not None and not isinstance(value, list):
-        value = [value]  # one value, as `--log-to wandb` gives it
+    listed = action.nargs in ("*", "+")
+    if listed and value is not None and not isinstance(value, list):
+        return [checked_value(where, item, value)]  # one value, as `--log-to wandb` gives it
     if isinstance(action.nargs, int) and value is not None and not (isinstance(value, list)
                                                                     and len(value) == action.nargs):
         named = f" ({' '.join(action.metavar)})" if isinstance(action.metavar, tuple) else ""  # --export FORMAT OUT
-        raise ConfigError(f"{where}: expected {action.nargs} values{named}, got {value!r}")
-    return checked_value(where, hint, value)
-
-
-def _file_type(action: argparse.Action) -> Any:
-    """The type a file's value of an option without a type of its own takes, as a settings field's hint
-    (``Literal`` for its choices, text, a tuple for several values; Optional where the option may be left
-    unset), for the checks of a group's fields; None for an option whose type reads its own items."""
-    if action.choices is not None:
-        item = typing.Literal[tuple(action.choices)]
-    elif action.type in (None, int, float):
-        item = action.type or str
-    else:
-        return None
+        raise ConfigError(f"{where}: expected {action.nargs} values{named}, got {shown_value(value)}")
     hint = item if action.nargs in (None, "?") else tuple[item, ...]
-    unset = action.default in (None, [], ()) and not action.needed  # a file's null leaves it so
-    return typing.Optional[hint] if unset else hint
+    # null leaves the option unset: taken where the option as built may be left so
+    hint = typing.Optional[hint] if action.may_be_unset else hint
+    return checked_value(where, hint, value, repeats_refused=listed)  # FORMAT OUT may repeat, as typed
+
+
+def _item_type(action: argparse.Action) -> Any:
+    """The type of each value of an option without a type of its own (``Literal`` for its choices, else
+    text), or of the items of a list option typed int (--series-steps), as a settings field's hint for the
+    checks of a group's fields; None for an option whose type reads its own items."""
+    if action.choices is not None:
+        return typing.Literal[tuple(action.choices)]
+    return action.type or str if action.type in (None, int, float) else None
 
 
 def _as_typed(action: argparse.Action, value: Any, where: str) -> Any:
     """A file's value of a one-value option as the command line would give it ("latent: 0" as "0", "[0, 1]"
     as "0,1", 1e6 as "1000000"), read here with the option's own type and checks, a refusal naming the
     file's entry ``where``: argparse reads only text defaults, so a number or list went to the command as
-    it was ("latent: 0" crashed it as no list)."""
-    if action.type is None or action.nargs is not None or isinstance(value, str):
-        return value
-    if isinstance(value, float) and value.is_integer():  # JSON's 1e6, YAML's 4096.0: read as typed
-        value = int(value)
-    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    it was ("latent: 0" crashed it as no list), and its refusal of text named an option never typed. Null
+    leaves the option unset where it may be (--model), not the text "None"."""
+    if value is None and action.may_be_unset:
+        return None
+    value = _whole(value)  # JSON's 1e6, YAML's 4096.0: read as typed
+    text = value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, list) else str(value)
     try:
         if isinstance(value, (bool, dict)):  # true is no number or list: "--latent True" is not typed
             raise ValueError
@@ -359,7 +365,7 @@ def _as_typed(action: argparse.Action, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {e}") from None
     except (TypeError, ValueError):
         wanted = type_words(action.type) if action.type in (int, float) else f"a value {action.option_strings[0]} takes"
-        raise ConfigError(f"{where}: expected {wanted}, got {value!r}") from None
+        raise ConfigError(f"{where}: expected {wanted}, got {shown_value(value)}") from None
     return text
 
 
@@ -391,6 +397,18 @@ def _file_key(action: argparse.Action) -> str:
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as safe_load reads it, but for digits joined by colons: YAML 1.1 reads ``positions: 2:10`` as
+    the base-60 integer 130, which --positions would then take as position 130; kept as text, as YAML 1.2
+    reads it."""
+
+
+_BASE_60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-9_]*)+(?:\.[0-9_]*)?$")  # 2:10, 1:5:2, 1:30.5
+_ConfigLoader.yaml_implicit_resolvers = {  # the first resolver that matches a plain value tags it
+    first: ([("tag:yaml.org,2002:str", _BASE_60)] if first in "+-0123456789" else []) + resolvers
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """A --config file (JSON, or YAML by its suffix) as a mapping; ConfigError for anything else."""
     if path.is_dir():
@@ -401,7 +419,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: expected a .json, .yaml or .yml file")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_ConfigLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -441,22 +459,49 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
     return section
 
 
-def checked_value(where: str, hint: Any, value: Any) -> Any:
+def checked_value(where: str, hint: Any, value: Any, repeats_refused: bool = True) -> Any:
     """A config file's ``value`` for a setting of type ``hint``, refused as the file's entry ``where``
-    unless the command line would take it: one of its choices, of its type, a list without repeats; a
-    whole number written as a float (JSON's 1e6, YAML's 4096.0) is the integer."""
+    unless the command line would take it: one of its choices, of its type, a list without repeats (where
+    ``repeats_refused``: not a fixed number of values, --export FORMAT OUT); a whole number written as a
+    float (JSON's 1e6, YAML's 4096.0) is the integer, alone or in a list."""
     choices = literal_choices(hint)
     if choices and value not in choices:
-        raise ConfigError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        raise ConfigError(f"{where}: expected one of {', '.join(map(str, choices))}, got {shown_value(value)}")
+    value = _whole_numbers_as_integers(hint, value)
     wrong_type = _type_expected(hint, value)
-    if wrong_type == "an integer" and isinstance(value, float) and value.is_integer():
-        value, wrong_type = int(value), None
     if wrong_type:
-        raise ConfigError(f"{where}: expected {wrong_type}, got {value!r}")
-    repeat = first_repeat(value) if isinstance(value, list) else None
+        # a number, a switch's word or a date where text is read: YAML and JSON read it so unless quoted
+        fix = "; quote it to give it as text" if wrong_type == "text" and _is_scalar(value) else ""
+        raise ConfigError(f"{where}: expected {wrong_type}, got {shown_value(value)}{fix}")
+    repeat = first_repeat(value) if isinstance(value, list) and repeats_refused else None
     if repeat is not None:  # as on the command line (Parser._get_values)
-        raise ConfigError(f"{where}: {repeat!r} given twice; give each value once")
+        raise ConfigError(f"{where}: {shown_value(repeat)} given twice; give each value once")
     return value
+
+
+def _whole_numbers_as_integers(hint: Any, value: Any) -> Any:
+    """``value`` with each whole number written as a float (1e3, 1000.0) the integer, where ``hint`` reads
+    an integer or a list of integers; any other value as it is."""
+    kind = _kind(hint)
+    item = typing.get_args(kind)[0] if typing.get_origin(kind) in (tuple, list) else None
+    if kind is int:
+        return _whole(value)
+    return [_whole(v) for v in value] if item is int and isinstance(value, list) else value
+
+
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, datetime.date))  # bool is an int
+
+
+def shown_value(value: Any) -> str:
+    """A config file's value in a refusal, as the file wrote it where its repr would not (a YAML date)."""
+    if isinstance(value, datetime.date):  # YAML's 2024-01-01, not datetime.date(2024, 1, 1)
+        return f"{value.isoformat()} (a date)"
+    return repr(value)
 
 
 def _closest_key(key: Any, names: list[str], switches: typing.Collection[str] = (), value: Any = None) -> str:
@@ -476,14 +521,22 @@ def _type_expected(hint: Any, value: Any) -> str | None:
     """What a field of type ``hint`` takes ("an integer", "true or false", "a list of integers") when
     ``value`` does not fit it (None fits an Optional field), else None. Text is read as the command line
     reads it: YAML takes 1e-3 for text, and "--auxk yes" is a switch's value."""
-    members = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
-    kinds = members - {type(None)}
-    if len(kinds) != 1:  # a union of several types: the parse reads it
+    kind = _kind(hint)
+    if kind is None:  # a union of several types: the parse reads it
         return None
-    kind = kinds.pop()
     if value is None:
-        return None if type(None) in members else type_words(kind)
+        return None if type(None) in _members(hint) else type_words(kind)
     return None if _fits(kind, value) else type_words(kind)
+
+
+def _members(hint: Any) -> set[Any]:
+    return set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+
+
+def _kind(hint: Any) -> Any:
+    """The one type ``hint`` takes, less None (int for Optional[int]); None for a union of several types."""
+    kinds = _members(hint) - {type(None)}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 _SWITCH_WORDS = (*TRUE_STRINGS, *FALSE_STRINGS)  # the words simple_parsing reads as a switch's value

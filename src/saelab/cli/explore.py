@@ -16,7 +16,7 @@ from saelab.cli.common import (add_io_options, add_model_option, add_sae_argumen
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import SAESource
-from saelab.explore.positions import comma_items, index_list
+from saelab.explore.positions import comma_items, index_list, parse_positions
 from saelab.explore.steering import STEER_MODES
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
 from saelab.utils.atomic import check_file_target
@@ -34,6 +34,16 @@ def _int_list(text: str) -> list[int]:
     if repeat is not None:  # "5,5": top would show it twice, steer add (or clamp) it twice
         raise argparse.ArgumentTypeError(f"latent {repeat} given twice in {text!r}; give each latent once")
     return values
+
+
+def _positions_text(text: str) -> str:
+    """--positions as typed, once it reads as positions: a --config file's 5 or [3, 7, 9] is then given as
+    "5" or "3,7,9", as --latent's is. Kept as text: its refusals after the parse (_check_reachable) show it so."""
+    try:
+        parse_positions(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _float_list(text: str) -> list[float]:
@@ -62,7 +72,7 @@ def add_steer(sub) -> None:
     p.add_argument("--scale-tokens", type=positive_int, default=65_536,
                    help="tokens read to find each latent's max activation for --scale")
     p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
-    p.add_argument("--positions", default="all",
+    p.add_argument("--positions", type=_positions_text, default="all",
                    help="absolute token positions to edit, 0 = BOS: 'all', '5', '3,7,9', '1:' (generated tokens "
                         "included), '2:10' or '1::2' (every second, as a Python slice). 'all' leaves out position 0 "
                         "when the SAE was trained without it, as its splice does; '0:' edits it too")
@@ -87,8 +97,6 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check_steer(args: argparse.Namespace):
-    from saelab.explore.positions import parse_positions
-
     if args.value is not None and args.scale is not None:
         raise ConfigError("give --value or --scale, not both")
     # each as given, typed or a --config file's entry (the refusal then names the entry)
@@ -120,10 +128,7 @@ def _check_steer(args: argparse.Namespace):
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_tokens < 0:
         raise ConfigError(f"--top-tokens must be >= 0, got {args.top_tokens}")
-    try:
-        return parse_positions(args.positions)
-    except ValueError as e:
-        raise ConfigError(f"--positions: {e}") from None
+    return parse_positions(args.positions)  # read by its type (_positions_text): only the positions are new
 
 
 def _checked_sae(args: argparse.Namespace, hook: str | None = None):
