@@ -39,6 +39,7 @@ from saelab.errors import (
 from saelab.evals.downstream import downstream_metrics
 from saelab.models import LanguageModel
 from saelab.pipeline import EvalConfig, HarvestConfig, evaluate, harvest
+from saelab.run_folder import check_output_folder
 from saelab.sae import SAEConfig, TopKSAE, load_sae, save_sae
 from saelab.train import TrainConfig, Trainer, train_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint, read_status, save_checkpoint
@@ -1849,9 +1850,9 @@ def other_results(tiny_gpt2, tiny_cache, corpus, tmp_path_factory) -> Path:
     return root
 
 
-_NOT_FOR_A_RUN = "expected a new or empty folder, or a run folder"
+_NOT_FOR_A_RUN = "expected a new folder, a folder of other files or a run folder"
 _RUN_REFUSALS = {
-    "sweep": "is a sweep folder (a folder of runs): a run there would hide its runs; pick another folder",
+    "sweep": f"is a sweep folder (a folder of runs): a run there would hide its runs; {_NOT_FOR_A_RUN}",
     "site": f"is a feature browser site (site.json): a run there would mix with its files; {_NOT_FOR_A_RUN}",
     "neuronpedia": f"is a Neuronpedia export (run_settings.json): a run there would mix with its files; "
                    f"{_NOT_FOR_A_RUN}",
@@ -1860,7 +1861,8 @@ _RUN_REFUSALS = {
     "suite": f"is a paper-suite evaluation's folder (evals/): a run there would mix with its files; {_NOT_FOR_A_RUN}",
     "saelens": "is an SAE folder (cfg.json); expected a new folder or a run folder",
     "sparsify": "is an SAE folder (cfg.json); expected a new folder or a run folder",
-    "notes": f"holds other files (metrics.json, notes.txt): a run there would mix with them; {_NOT_FOR_A_RUN}"}
+    "notes": f"holds metrics.json, which a run writes, but no run (train_config.json): a run there would replace "
+             f"them; {_NOT_FOR_A_RUN}"}
 
 
 @pytest.mark.parametrize("verb", ["train", "quickstart"])
@@ -1883,7 +1885,9 @@ def test_a_run_folder_in_its_first_moments_is_still_a_run_s_out(tiny_gpt2, tiny_
                                                                 monkeypatch, capsys):
     """What the refusal of other results must still take: quickstart interrupted in its harvest (RUN holds only
     activations/) then run again; `train --activations RUN/activations --out RUN`, as quickstart trains; a
-    finished run trained again with --overwrite; a new and an empty folder."""
+    finished run trained again with --overwrite; a new and an empty folder; a folder of the user's files (the
+    log a shell redirects there, the --config file; for a moment, 156008a, refused); one holding only the lock of
+    a training killed before its config; an overwrite's state where only the set-aside run has a config."""
     from saelab.pipeline import QuickstartConfig, quickstart
 
     run = tmp_path / "run"
@@ -1914,13 +1918,25 @@ def test_a_run_folder_in_its_first_moments_is_still_a_run_s_out(tiny_gpt2, tiny_
     fresh = tmp_path / "fresh"
     harvest(harvest_cfg(corpus), fresh / "activations", lm=tiny_gpt2, progress=False)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "logged").mkdir()
+    (tmp_path / "logged" / "train.log").write_text("saelab train ...\n")  # `> RUN/train.log` makes it first
+    (tmp_path / "logged" / "config.yaml").write_text("k: 4\n")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / LOCK).write_text("")  # a training killed before it wrote its config
     for out, activations in ((fresh, fresh / "activations"), (tmp_path / "empty", tiny_cache),
-                             (tmp_path / "new", tiny_cache)):
+                             (tmp_path / "new", tiny_cache), (tmp_path / "logged", tiny_cache),
+                             (tmp_path / "locked", tiny_cache)):
         code, _, err = run_cli(capsys, *first, "--activations", str(activations), "--out", str(out))
         assert code == 0 and read_status(out)["state"] == "finished", err
     code, _, err = run_cli(capsys, *first, "--activations", str(tiny_cache), "--out", str(run), "--overwrite")
     assert code == 0 and read_status(run)["state"] == "finished", err
     assert not (run / ".set-aside").exists()  # the earlier run, set aside, went once the new one finished
+    aside = tmp_path / "aside"  # an overwrite cut off while it put the earlier run back: only that one's config
+    (aside / ".set-aside").mkdir(parents=True)
+    shutil.copy(run / "train_config.json", aside / ".set-aside" / "train_config.json")
+    for name in ("checkpoint.pt", "status.json", "metrics.jsonl"):
+        shutil.copy(run / name, aside / name)
+    assert check_output_folder(aside, "--out", "run") == aside
 
 
 # ---- pickles disguised as other formats; a full disk seen from the command line -------------------------

@@ -372,27 +372,28 @@ beside its train_config.json), and their names in messages. An SAE folder and an
 
 
 def _refuse_a_folder_a_run_would_mix_with(path: Path, option: str) -> None:
-    """Refuse, as a run's output folder, one that holds anything but a run: a run written into a sweep folder
-    makes it read as that one run (its runs are no longer found), and one beside a site, an export, an
-    evaluation or other files mixes its results with theirs. Taken: a new or empty folder, a run (to resume, or
-    set aside by --overwrite), and a run in its first moments: quickstart harvests into RUN/activations/ before
-    train_config.json is written (hidden entries are saelab's lock, temporary files and set-aside runs)."""
+    """Refuse, as a run's output folder, one that holds results but no run: a run written into a sweep folder
+    makes it read as that one run (its runs are no longer found); one in a site, an export or an evaluation, or
+    beside files a run writes (another tool's metrics.json), mixes or replaces their results. Taken: a new
+    folder, a run (to resume, or set aside by --overwrite), a run in its first moments (quickstart harvests into
+    RUN/activations/ first), and a folder of the user's other files (the log a shell redirects there, the
+    --config file)."""
     if not path.is_dir() or holds_a_run(path):
         return
     if is_sweep(path):
         raise CheckpointError(f"{option} {path} is a sweep folder (a folder of runs): a run there would hide its "
-                              "runs; pick another folder")
-    others = sorted(p.name + "/" * p.is_dir() for p in path.iterdir()
-                    if p.name != ACTIVATIONS_DIR and not p.name.startswith("."))
-    if not others:
-        return
-    expected = "expected a new or empty folder, or a run folder"
+                              f"runs; {_NOT_FOR_A_RUN}")
     for marker, what in NOT_A_RUN:
         if (path / marker).exists():
             raise CheckpointError(f"{option} {path} is {what} ({marker}{'/' * (path / marker).is_dir()}): a run "
-                                  f"there would mix with its files; {expected}")
-    shown = ", ".join(others[:4]) + (f", ... ({len(others) - 4} more)" if len(others) > 4 else "")
-    raise CheckpointError(f"{option} {path} holds other files ({shown}): a run there would mix with them; {expected}")
+                                  f"there would mix with its files; {_NOT_FOR_A_RUN}")
+    written = [name + "/" * (path / name).is_dir() for name in RUN_RESULTS if (path / name).exists()]
+    if written:
+        raise CheckpointError(f"{option} {path} holds {', '.join(written)}, which a run writes, but no run "
+                              f"({TRAIN_CONFIG}): a run there would replace them; {_NOT_FOR_A_RUN}")
+
+
+_NOT_FOR_A_RUN = "expected a new folder, a folder of other files or a run folder"
 
 
 def model_for(sae) -> str:
