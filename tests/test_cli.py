@@ -599,7 +599,7 @@ BAD_CONFIGS = [
     ("flag.yaml", "overwrite: maybe\n", "overwrite: expected true or false"),
     ("switch.yaml", "train:\n  auxk: maybe\n", "train.auxk: expected true or false, got 'maybe'"),
     ("switch.json", '{"train": {"multi_topk": 3}}', "train.multi_topk: expected true or false, got 3"),
-    ("unset.yaml", "train:\n  auxk: null\n", "train.auxk: expected true or false, got None"),  # not Optional
+    ("unset.yaml", "train:\n  auxk: null\n", "train.auxk: expected true or false, got null"),  # not Optional
     ("choice.yaml", "train:\n  decoder_init: [data]\n", "train.decoder_init: expected one of auto, random, data"),
     # a value the settings refuse is the file's too, not an option never typed ("--k must be ...")
     ("value.yaml", "train:\n  k: -4\n", "train.k: must be an integer >= 1, got -4"),
@@ -659,7 +659,7 @@ OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after 
                                                                    "got 'explode'"),
     ("steer SAE --latent 3 --value 2", '{"model_dtype": "int8"}',
      "model_dtype: expected one of float32, bfloat16, float16, got 'int8'"),
-    ("steer SAE --latent 3 --value 2", '{"mode": null}', "mode: expected one of add, clamp, ablate, got None"),
+    ("steer SAE --latent 3 --value 2", '{"mode": null}', "mode: expected one of add, clamp, ablate, got null"),
     ("export SAE OUT", '{"format": "onnx"}', "format: expected one of saelens, sparsify, got 'onnx'"),
     # text: a number crashed where the text was read ("'int' object has no attribute 'strip'", a TypeError)
     # (a number is not taken as a name, a path or a prompt: the refusal says how to give it as text)
@@ -675,7 +675,7 @@ OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after 
      "'all', a position '5', positions '3,7,9' or a range '1:' / '2:10' / '1::2', as integers >= 0 (0 = the first "
      "token)"),
     ("eval SAE", '{"hook": ["blocks.0.hook_resid_post"]}', "hook: expected text, got ['blocks.0.hook_resid_post']"),
-    ("train --out r", '{"activations": null}', "activations: expected text, got None"),  # it is required
+    ("train --out r", '{"activations": null}', "activations: expected text, got null"),  # it is required
     # several values: each checked as on the command line, a count where it is fixed
     ("train --activations a --out r", '{"log_to": ["bogus"]}', "log_to: expected a list of tensorboard or wandb, "
                                                                 "got ['bogus']"),
@@ -684,6 +684,18 @@ OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after 
     ("train --activations a --out r", '{"log_to": "bogus"}', "log_to: expected one of tensorboard, wandb, "
                                                               "got 'bogus'"),  # as the file wrote it, not ['bogus']
     ("eval SAE", '{"series_steps": ["a"]}', "series_steps: expected a list of integers, got ['a']"),
+    # text for a list of integers, alone as in a list: nothing converts it (a TypeError in the eval)
+    ("eval SAE", '{"series_steps": "1000"}', "series_steps: expected a list of integers, got '1000'"),
+    ("eval SAE", '{"series_steps": [1e23]}', "series_steps: expected a list of integers, got [1e+23]"),  # not 2**76.4
+    # --log-to adds a typed value to the file's, so the file's is still checked
+    ("train --activations a --out r --log-to wandb", '{"log_to": "bogus"}', "log_to: expected one of tensorboard, "
+                                                                             "wandb, got 'bogus'"),
+    # no positions (joined to "", every position), and null, as the file wrote it, where the option needs a value
+    ("steer SAE --latent 3 --value 2", '{"positions": []}', "positions: expected a value --positions takes, got []"),
+    ("steer SAE --latent 3 --value 2", '{"positions": null}', "positions: expected a value --positions takes, "
+                                                              "got null"),
+    ("steer SAE --value 2", '{"latent": null}', "latent: expected a value --latent takes, got null"),
+    ("steer SAE --value 2", '{"latent": [3, true]}', "latent: expected a value --latent takes, got [3, true]"),
     ("browse SAE", '{"export": ["neuronpedia"]}', "export: expected 2 values (FORMAT OUT), got ['neuronpedia']"),
     ("browse SAE", '{"export": "neuronpedia"}', "export: expected 2 values (FORMAT OUT), got 'neuronpedia'"),
     # a switch takes true or false, as before; and a group's values, as before
@@ -759,6 +771,14 @@ def test_a_config_file_value_is_taken_as_the_command_line_takes_it(tmp_path):
     assert list(parse_args(["eval", "SAE", "--config", str(steps)]).series_steps) == [1000]
     steps.write_text('{"series_steps": [1000.0, 2000]}')
     assert list(parse_args(["eval", "SAE", "--config", str(steps)]).series_steps) == [1000, 2000]
+    # whole floats in a typed option's list, as alone (latent: 3.0) and in series_steps
+    steps.write_text('{"positions": [3.0, 7], "scale_tokens": 1e5}')
+    assert (parse_args(steer[:-1] + [str(steps)]).positions, parse_args(steer[:-1] + [str(steps)]).scale_tokens) == \
+        ("3,7", 100_000)
+    steps.write_text('{"latent": [3.0, 4]}')
+    assert parse_args(["steer", "SAE", "--value", "2", "--config", str(steps)]).latent == [3, 4]
+    steps.write_text('{"port": 8000.0}')
+    assert parse_args(["browse", "SAE", "--config", str(steps)]).port == 8000
 
 
 def test_a_later_config_file_null_unsets_an_option_an_earlier_one_set(tmp_path):
@@ -790,13 +810,43 @@ def test_a_value_typed_on_the_command_line_wins_over_a_bad_config_file_value(tmp
     assert parse_args(["steer", "SAE", "--latent", "3", "--value", "2", "--config", str(cfg)]).latent == [3]
 
 
+def test_a_short_option_with_its_value_attached_wins_over_a_config_file_value(tmp_path):
+    """"-n5" is -n typed: the file's value is never used, so a bad one is not refused, and the setting is
+    named as typed, not as the file's entry."""
+    from saelab.cli import parse_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_contexts: abc\n")
+    top = parse_args(["top", "SAE", "--latent", "3", "-n5", "--config", str(cfg)])
+    assert (top.n_contexts, top.given_as["n_contexts"]) == (5, "-n")
+    cfg.write_text("train:\n  k: 16\n")
+    train = parse_args(["train", "--activations", "a", "--out", "r", "-k8", "--config", str(cfg)])
+    assert (train.train.k, train.given_as["train.k"]) == (8, "-k")
+
+
+def test_a_yaml_config_file_builds_no_objects_and_keeps_colon_values_as_text(tmp_path, capsys):
+    """A YAML tag that would run code is refused in one line, nothing run; values with colons (a time, a
+    device, an address) are text, not YAML 1.1's base-60 integers."""
+    from saelab.cli.common import read_config_file
+
+    ran = tmp_path / "ran"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f'device: !!python/object/apply:os.system ["touch {ran}"]\n')
+    assert _exit_code(["eval", "SAE", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"saelab eval: error: --config {cfg}: not valid YAML (line 1")
+    assert not ran.exists()
+    cfg.write_text("at: 12:30\ndevice: cuda:0\nhost: ::1\n")
+    assert read_config_file(cfg) == {"at": "12:30", "device": "cuda:0", "host": "::1"}
+
+
 def test_a_config_file_null_for_a_required_option_is_refused_after_another_file_set_it(tmp_path, capsys):
     """A file that gives --out lifts its requirement: a second file's null would leave it unset, a crash."""
     given, unset = tmp_path / "a.yaml", tmp_path / "b.yaml"
     given.write_text("out: run\n")
     unset.write_text("out: null\n")
     assert _exit_code(["train", "--activations", "a", "--config", str(given), str(unset)]) == 2
-    assert capsys.readouterr().err.strip() == f"saelab train: error: --config {unset}: out: expected text, got None"
+    assert capsys.readouterr().err.strip() == f"saelab train: error: --config {unset}: out: expected text, got null"
 
 
 def test_a_refused_value_is_blamed_on_where_it_came_from(tmp_path, capsys):

@@ -258,7 +258,7 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
         out = capsys.readouterr().out
         assert out == printed if printed else out.startswith("latent 7: max ") and "latent 9: max " in out
     for latent, why in (([7, -1], "expected an integer >= 0 or comma-separated integers >= 0, got '7,-1'"),
-                        (True, "expected a value --latent takes, got True")):  # refused in the file's words
+                        (True, "expected a value --latent takes, got true")):  # refused in the file's words
         (tmp_path / "c.json").write_text(json.dumps({"latent": latent, "n_tokens": 1e3}))
         assert main(["top", str(tmp_path / "sae"), "--config", str(tmp_path / "c.json"), *common]) == 2
         assert capsys.readouterr().err.strip() == f"saelab top: error: --config {tmp_path / 'c.json'}: latent: {why}"

@@ -144,8 +144,9 @@ class Parser(ArgumentParser):
         return given
 
     def _typed_words(self, action: argparse.Action) -> list[str]:
-        """How ``action``'s option was typed on the command line ("-k", "--k"), each time, in order."""
-        return [a.split("=", 1)[0] for a in self._argv_seen if any(_is_option(a, o) for o in action.option_strings)]
+        """How ``action``'s option was typed on the command line ("-k", "--k"), each time, in order; a short
+        option with its value attached ("-n5") counts, or a file's bad value would be refused over it."""
+        return [o for a in self._argv_seen for o in action.option_strings if _typed_as(a, o)]
 
     def _in_given_words(self, message: str, group: str | None) -> str:
         """A settings class's refusal ("k must be an integer >= 1, got -4") with each setting the user gave
@@ -327,7 +328,7 @@ def _file_value(action: argparse.Action, value: Any, where: str) -> Any:
         return value
     listed = action.nargs in ("*", "+")
     if listed and value is not None and not isinstance(value, list):
-        return [checked_value(where, item, value)]  # one value, as `--log-to wandb` gives it
+        return [_lone_item(where, item, value)]  # one value, as `--log-to wandb` gives it
     if isinstance(action.nargs, int) and value is not None and not (isinstance(value, list)
                                                                     and len(value) == action.nargs):
         named = f" ({' '.join(action.metavar)})" if isinstance(action.metavar, tuple) else ""  # --export FORMAT OUT
@@ -336,6 +337,16 @@ def _file_value(action: argparse.Action, value: Any, where: str) -> Any:
     # null leaves the option unset: taken where the option as built may be left so
     hint = typing.Optional[hint] if action.may_be_unset else hint
     return checked_value(where, hint, value, repeats_refused=listed)  # FORMAT OUT may repeat, as typed
+
+
+def _lone_item(where: str, item: Any, value: Any) -> Any:
+    """A list option's lone file value, checked as an item of its list: text that reads as a number
+    (`series_steps: '1000'`) is refused as it is inside a list, as nothing after the parse converts it (it
+    reached the eval as text); the refusal shows the value as the file wrote it."""
+    value = checked_value(where, item, value)
+    if not _fits_in_list(item, value):
+        raise ConfigError(f"{where}: expected {type_words(tuple[item, ...])}, got {shown_value(value)}")
+    return value
 
 
 def _item_type(action: argparse.Action) -> Any:
@@ -355,18 +366,27 @@ def _as_typed(action: argparse.Action, value: Any, where: str) -> Any:
     leaves the option unset where it may be (--model), not the text "None"."""
     if value is None and action.may_be_unset:
         return None
-    value = _whole(value)  # JSON's 1e6, YAML's 4096.0: read as typed
-    text = value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    wanted = type_words(action.type) if action.type in (int, float) else f"a value {action.option_strings[0]} takes"
+    if value is None or value == []:  # neither is a value typed: str() gave 'None', "" steered every position
+        raise ConfigError(f"{where}: expected {wanted}, got {shown_value(value)}")
     try:
-        if isinstance(value, (bool, dict)):  # true is no number or list: "--latent True" is not typed
-            raise ValueError
+        text = _typed_text(value)
         action.type(text)
     except argparse.ArgumentTypeError as e:
         raise ConfigError(f"{where}: {e}") from None
     except (TypeError, ValueError):
-        wanted = type_words(action.type) if action.type in (int, float) else f"a value {action.option_strings[0]} takes"
         raise ConfigError(f"{where}: expected {wanted}, got {shown_value(value)}") from None
     return text
+
+
+def _typed_text(value: Any) -> str:
+    """A file's value as the command line would type it: 3 as "3", [3.0, 7] as "3,7" (a whole float, JSON's
+    1e6 or YAML's 4096.0, as its integer); ValueError for what cannot be typed (true is no number or list,
+    "--latent True" is not typed)."""
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, (bool, dict, list)) for v in items):
+        raise ValueError
+    return value if isinstance(value, str) else ",".join(str(_whole(v)) for v in items)
 
 
 REPEATABLE_ACTIONS = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction)
@@ -441,7 +461,7 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
     the fields that have them, and every value of the type its field takes (the parse that follows would
     name a bad one by its option, "argument -k/--k", which the user never typed, or not at all)."""
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping of its options, got {value!r}")
+        raise ConfigError(f"{where}: expected a mapping of its options, got {shown_value(value)}")
     hints = typing.get_type_hints(cls)
     # Fields the caller fills at run time (cmd=False: the hook, exclude_first) have no option to set.
     names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("cmd", True)]
@@ -490,7 +510,9 @@ def _whole_numbers_as_integers(hint: Any, value: Any) -> Any:
 
 
 def _whole(value: Any) -> Any:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+    # Past 2**53 a float is not the integer written (JSON's 1e23 would become 99999999999999991611392).
+    whole = isinstance(value, float) and value.is_integer() and abs(value) <= 2**53
+    return int(value) if whole else value
 
 
 def _is_scalar(value: Any) -> bool:
@@ -498,9 +520,16 @@ def _is_scalar(value: Any) -> bool:
 
 
 def shown_value(value: Any) -> str:
-    """A config file's value in a refusal, as the file wrote it where its repr would not (a YAML date)."""
+    """A config file's value in a refusal, as the file wrote it where its repr would not: null, true and
+    false, not Python's None, True and False (None read as a value); a YAML date as written."""
     if isinstance(value, datetime.date):  # YAML's 2024-01-01, not datetime.date(2024, 1, 1)
         return f"{value.isoformat()} (a date)"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, list):
+        return f"[{', '.join(map(shown_value, value))}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{shown_value(k)}: {shown_value(v)}' for k, v in value.items())}}}"
     return repr(value)
 
 
@@ -629,8 +658,9 @@ def _closest_choice(message: str) -> str:
 
 
 def typed(args: argparse.Namespace, option: str) -> bool:
-    """Whether ``option`` (e.g. "--n-latents") was given on the command line (not from --config)."""
-    return any(_is_option(a, option) for a in getattr(args, "command_line", ()))
+    """Whether ``option`` (e.g. "--n-latents", "-n") was given on the command line (not from --config); read
+    as the parser reads its words (_typed_as: "-n5" is -n), so both agree on what was typed."""
+    return any(_typed_as(a, option) for a in getattr(args, "command_line", ()))
 
 
 def _is_option(word: str, option: str) -> bool:
