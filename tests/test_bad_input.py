@@ -1850,7 +1850,7 @@ def other_results(tiny_gpt2, tiny_cache, corpus, tmp_path_factory) -> Path:
     return root
 
 
-_NOT_FOR_A_RUN = "expected a new folder, a folder of other files or a run folder"
+_NOT_FOR_A_RUN = "pick another folder (a new one, or one holding only other files such as a log, is taken)"
 _RUN_REFUSALS = {
     "sweep": f"is a sweep folder (a folder of runs): a run there would hide its runs; {_NOT_FOR_A_RUN}",
     "site": f"is a feature browser site (site.json): a run there would mix with its files; {_NOT_FOR_A_RUN}",
@@ -1861,8 +1861,8 @@ _RUN_REFUSALS = {
     "suite": f"is a paper-suite evaluation's folder (evals/): a run there would mix with its files; {_NOT_FOR_A_RUN}",
     "saelens": "is an SAE folder (cfg.json); expected a new folder or a run folder",
     "sparsify": "is an SAE folder (cfg.json); expected a new folder or a run folder",
-    "notes": f"holds metrics.json, which a run writes, but no run (train_config.json): a run there would replace "
-             f"them; {_NOT_FOR_A_RUN}"}
+    "notes": f"holds metrics.json, which a run writes, but no run (train_config.json): a run there would mix with "
+             f"or replace it; move it out or {_NOT_FOR_A_RUN}"}
 
 
 @pytest.mark.parametrize("verb", ["train", "quickstart"])

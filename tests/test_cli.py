@@ -695,6 +695,7 @@ OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after 
     ("steer SAE --latent 3 --value 2", '{"positions": null}', "positions: expected a value --positions takes, "
                                                               "got null"),
     ("steer SAE --value 2", '{"latent": null}', "latent: expected a value --latent takes, got null"),
+    ("top SAE --latent 1", '{"n_contexts": null}', "n_contexts: expected a value --n-contexts takes, got null"),
     ("steer SAE --value 2", '{"latent": [3, true]}', "latent: expected a value --latent takes, got [3, true]"),
     ("browse SAE", '{"export": ["neuronpedia"]}', "export: expected 2 values (FORMAT OUT), got ['neuronpedia']"),
     ("browse SAE", '{"export": "neuronpedia"}', "export: expected 2 values (FORMAT OUT), got 'neuronpedia'"),

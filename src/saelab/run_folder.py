@@ -389,11 +389,13 @@ def _refuse_a_folder_a_run_would_mix_with(path: Path, option: str) -> None:
                                   f"there would mix with its files; {_NOT_FOR_A_RUN}")
     written = [name + "/" * (path / name).is_dir() for name in RUN_RESULTS if (path / name).exists()]
     if written:
+        them = "them" if len(written) > 1 else "it"
         raise CheckpointError(f"{option} {path} holds {', '.join(written)}, which a run writes, but no run "
-                              f"({TRAIN_CONFIG}): a run there would replace them; {_NOT_FOR_A_RUN}")
+                              f"({TRAIN_CONFIG}): a run there would mix with or replace {them}; move {them} out or "
+                              f"{_NOT_FOR_A_RUN}")
 
 
-_NOT_FOR_A_RUN = "expected a new folder, a folder of other files or a run folder"
+_NOT_FOR_A_RUN = "pick another folder (a new one, or one holding only other files such as a log, is taken)"
 
 
 def model_for(sae) -> str:

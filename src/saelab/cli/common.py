@@ -366,7 +366,8 @@ def _as_typed(action: argparse.Action, value: Any, where: str) -> Any:
     leaves the option unset where it may be (--model), not the text "None"."""
     if value is None and action.may_be_unset:
         return None
-    wanted = type_words(action.type) if action.type in (int, float) else f"a value {action.option_strings[0]} takes"
+    long_form = max(action.option_strings, key=len)  # --n-contexts, not -n: a file's entry is named long
+    wanted = type_words(action.type) if action.type in (int, float) else f"a value {long_form} takes"
     if value is None or value == []:  # neither is a value typed: str() gave 'None', "" steered every position
         raise ConfigError(f"{where}: expected {wanted}, got {shown_value(value)}")
     try:
