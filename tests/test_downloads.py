@@ -11,6 +11,7 @@ import base64
 import hashlib
 import http.server
 import io
+import shutil
 import struct
 import threading
 import zipfile
@@ -240,3 +241,22 @@ def test_every_sae_verb_takes_the_allow_http_its_refusal_names(verb, extra, serv
     main([*argv, "--allow-http"])
     assert "unrecognized arguments" not in capsys.readouterr().err
     assert served.hits[f"/good{RELEASE}"] == 1
+
+
+def test_python_entry_points_that_load_an_sae_take_allow_http(served, tmp_path):
+    """top_activations, latent_max_activation and evaluate load an SAE given as a URL, and the loader's refusal of an
+    http URL names allow_http=True, which they did not take. With it the SAE is downloaded (what fails after that,
+    offline, is the model's load)."""
+    from saelab.explore import latent_max_activation, top_activations
+    from saelab.pipeline import evaluate
+
+    url = f"{served.base}/good{RELEASE}"
+    for call in (top_activations, latent_max_activation, evaluate):
+        with pytest.raises(CheckpointError, match=r"plain http needs allow_http=True"):
+            call(url)
+        assert not served.hits
+        with pytest.raises(Exception) as err:
+            call(url, allow_http=True)
+        assert "plain http" not in str(err.value) and served.hits[f"/good{RELEASE}"] == 1, err.value
+        served.hits.clear()
+        shutil.rmtree(tmp_path / "cache")  # the next call downloads again

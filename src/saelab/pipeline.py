@@ -391,16 +391,17 @@ def _held_out_label(sae: TopKSAE, corpus: str) -> str:
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,
              out_dir: str | Path | None = None, device: str | torch.device | None = None,
              model_dtype: str = "float32", progress: bool = True, sae_hash: str | None = None,
-             contexts: torch.Tensor | None = None) -> dict[str, Any]:
+             contexts: torch.Tensor | None = None, allow_http: bool = False) -> dict[str, Any]:
     """Core metrics of an SAE on held-out text; with ``out_dir`` also metrics.json (recording the
     SAE's weight hash and the eval settings), latent_frequencies.safetensors and density.png there.
     ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight);
-    ``contexts``: the eval contexts when the caller read them already (:func:`check_eval_corpus_before_load`)."""
+    ``contexts``: the eval contexts when the caller read them already (:func:`check_eval_corpus_before_load`);
+    ``allow_http``: also download the SAE from a plain http URL."""
     cfg = cfg or EvalConfig()
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
     given = isinstance(sae, TopKSAE)
-    sae = sae if given else open_sae(sae)[0]
+    sae = sae if given else open_sae(sae, allow_http=allow_http)[0]
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
     spec = lm or model_for(sae)
     check_before_load(spec, sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)

@@ -135,14 +135,14 @@ def _latent_list(latent: int | Sequence[int], n_latents: int) -> list[int]:
     return lats
 
 
-def _source(sae) -> tuple[SAESource, bool]:
+def _source(sae, allow_http: bool = False) -> tuple[SAESource, bool]:
     """The SAE as a source, and whether the caller gave it loaded: a given one stays where the caller put it,
-    one loaded here runs beside the model."""
+    one loaded here runs beside the model (``allow_http``: also from a plain http URL)."""
     if isinstance(sae, SAESource):
         return sae, True
     if isinstance(sae, TopKSAE):
         return SAESource("sae", "the SAE given", sae), True
-    return open_sae_source(sae), False
+    return open_sae_source(sae, allow_http=allow_http), False
 
 
 def _check_corpus(corpus) -> None:
@@ -187,7 +187,8 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
 @torch.no_grad()
 def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, k: int = 16, *,
                     n_tokens: int = 262_144, context_size: int | None = None, hook: str | None = None,
-                    batch_size: int = 16, progress: bool = False) -> TopActivations | list[TopActivations]:
+                    batch_size: int = 16, progress: bool = False,
+                    allow_http: bool = False) -> TopActivations | list[TopActivations]:
     """The ``k`` top-activating contexts of ``latent`` (an index, or a list: one result per entry).
 
     ``sae``: a :class:`~saelab.sae.TopKSAE`, or a run folder / SAELens folder / OpenAI ``.pt`` file or URL.
@@ -195,12 +196,13 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     ``corpus``: a text file or folder, a Hugging Face dataset name, a LongTensor ``[N, T]`` of
     contexts, or None for the offline Wikipedia eval split; ``n_tokens`` tokens are read from it
     (rounded up to whole contexts). ``hook`` overrides the SAE's own hook name. A model loaded here is loaded
-    after the checks that need none: a corpus too short for ``n_tokens`` is refused before it.
+    after the checks that need none: a corpus too short for ``n_tokens`` is refused before it. ``allow_http``
+    also downloads the SAE from a plain http URL.
     """
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"k: expected a positive number of contexts, got {k!r}")
     _check_corpus(corpus)
-    source, given = _source(sae)
+    source, given = _source(sae, allow_http)
     sae = source.sae
     lats = _latent_list(latent, sae.n_latents)
     hook = check_compatible([source], hook, None)
@@ -242,12 +244,12 @@ def _result(latent: int, row: int, top, tokens_NT: torch.Tensor, tokenizer, n_sc
 
 def latent_max_activation(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, *, n_tokens: int = 262_144,
                           context_size: int | None = None, hook: str | None = None, batch_size: int = 16,
-                          progress: bool = False) -> float | list[float]:
+                          progress: bool = False, allow_http: bool = False) -> float | list[float]:
     """The latent's largest activation over the text read (0.0 if it never fires there): the unit for
     steering strengths given as multiples of it (``value = scale * latent_max_activation(...)``).
 
     The same number as the feature browser's "max" for the same text; arguments as :func:`top_activations`.
     """
     res = top_activations(sae, lm, corpus, latent, 1, n_tokens=n_tokens, context_size=context_size, hook=hook,
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, progress=progress, allow_http=allow_http)
     return [r.max_activation for r in res] if isinstance(res, list) else res.max_activation
