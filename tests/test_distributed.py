@@ -76,6 +76,23 @@ def test_sweep_evaluates_once_under_torchrun(tmp_path, tiny_gpt2, tiny_dir, data
     assert (tmp_path / "sweep" / "scaling.md").is_file()
 
 
+def test_a_killed_overwrite_is_put_back_before_any_process_reads_the_run(tmp_path, tiny_gpt2, data_dir):
+    """The same train under torchrun after an overwrite of its run was killed: rank 0 puts the earlier run back
+    while the others wait, so every process finds that finished run (one that read the killed overwrite's
+    partial files would train alone, waiting for the others)."""
+    from test_run_lock import _kill_mid_overwrite, snapshot
+
+    cache, run = _cache(tmp_path, tiny_gpt2, data_dir), tmp_path / "run"
+    train = ["-m", "saelab", "train", "--activations", str(cache), "--out", str(run), *TRAIN_ARGS]
+    _run([sys.executable, *train])
+    before = snapshot(run)
+    _kill_mid_overwrite(run)
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29521", *train])
+    assert "an overwrite of this run was cut off; its earlier results are back in place" in proc.stderr
+    assert f"{run} already holds this finished run" in proc.stderr
+    assert snapshot(run) == before
+
+
 NON_FINITE_ON_RANK_1 = """
 import sys
 import torch, torch.distributed as dist

@@ -590,6 +590,26 @@ def test_a_run_after_a_killed_overwrite_finds_the_earlier_run_back(tmp_path, cap
         capsys.readouterr().err
 
 
+def test_the_same_train_after_a_killed_overwrite_finds_its_finished_run(tmp_path, capsys):
+    """The command that trained the run, given again after an overwrite of it was killed: the earlier run is put
+    back before the folder is read for a finished run, and is the answer (not "pass --overwrite")."""
+    from saelab.pipeline import train_from_cache
+
+    acts, run = tmp_path / "acts", tmp_path / "run"
+    write_activation_cache(_data().split(256), acts, meta={"hook_name": "h"}, shard_rows=512, dtype="float32",
+                           progress=False)
+    first = train_from_cache(acts, run, _cfg(), progress=False, device="cpu")
+    before = snapshot(run)
+    _kill_mid_overwrite(run)
+    capsys.readouterr()
+    again = train_from_cache(acts, run, _cfg(), progress=False, device="cpu")
+    assert snapshot(run) == before
+    assert torch.equal(again.W_dec, first.W_dec)
+    err = capsys.readouterr().err
+    assert f"{run}: an overwrite of this run was cut off; its earlier results are back in place" in err
+    assert f"{run} already holds this finished run" in err
+
+
 _REPLACER = textwrap.dedent("""
     import sys, time
     from pathlib import Path

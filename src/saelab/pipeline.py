@@ -40,7 +40,7 @@ from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVAL
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, recorded_train_seconds,
-                                     replacing_run, training_changes)
+                                     replacing_run, settle_before_reading, training_changes)
 from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
 from saelab.utils.config import switch
@@ -282,6 +282,7 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
     ``log_to``: also log its metrics to "tensorboard" and/or "wandb"."""
     check_output_folder(run_dir, "--out", "run")
     cache = _open_cache(cache, cfg.total_tokens)
+    settle_before_reading(Path(run_dir))
     done = None if overwrite else finished_training(Path(run_dir), cfg, cache)
     if done is not None:  # the same command again: the finished run is the answer
         print(f"saelab: {run_dir} already holds this finished run (--overwrite trains it again)", file=sys.stderr)
@@ -353,6 +354,9 @@ def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig], cache: Ac
     typed) renamed to that run, the names of the points finished), so the same SAE is not trained and
     counted twice, and a cut-off run goes on in its folder (with ``overwrite`` it is trained again there)."""
     record = _cache_record(cache)
+    for folder in sorted(out_dir.iterdir()) if out_dir.is_dir() else ():
+        if folder.is_dir() and not folder.name.startswith("."):  # an overwrite killed mid-way: its run put back
+            settle_before_reading(folder)
     others = [run for run in sweep_runs(out_dir) if run.name not in configs]
     cut_off = [run for run in unfinished_sweep_runs(out_dir) if run.name not in configs]
     out, finished = {}, set()
@@ -826,6 +830,7 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     :func:`sae_sha256` of the finished run's SAE it checked (None: none, or ``overwrite``)."""
     check_output_folder(run_dir, "--out", "run")
     check_log_targets(log_to)
+    settle_before_reading(run_dir)  # an overwrite killed mid-way: the checks below read the run it set aside
     corpus = resolve_corpus(harvest_cfg.corpus, "train")
     resolve_corpus(cfg.eval.corpus, "eval")
     # A cache of other settings first: its refusal names both options that replace it and the run trained

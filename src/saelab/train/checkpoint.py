@@ -17,8 +17,9 @@ import torch
 
 from saelab.errors import CheckpointError, RunExistsError
 from saelab.run_folder import CHECKPOINT, RUN_RESULTS, STATUS, TRAIN_CONFIG, TRAINING_LOG
-from saelab.utils.atomic import (atomic_path, is_being_replaced, is_paused, put_back_set_aside, remove_entry,
-                                 replacing_entries, resuming_replacement, write_bytes, write_json)
+from saelab.train import distributed as ddp
+from saelab.utils.atomic import (SET_ASIDE, atomic_path, is_being_replaced, is_paused, put_back_set_aside,
+                                 remove_entry, replacing_entries, resuming_replacement, write_bytes, write_json)
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunLock
 from saelab.utils.torch_files import load_plain_tensors, torch_load_reason
@@ -216,6 +217,21 @@ def settle_cut_off_replacement(run_dir: Path) -> None:
     if not is_being_replaced(run_dir) and not is_paused(run_dir) and put_back_set_aside(run_dir, RUN_RESULTS):
         print(f"saelab: {run_dir}: an overwrite of this run was cut off; its earlier results are back in place",
               file=sys.stderr)
+
+
+def settle_before_reading(run_dir: Path) -> None:
+    """:func:`settle_cut_off_replacement` before the folder is read for a finished run, so the same command
+    again finds the earlier run, not the killed overwrite's partial files. The run folder's lock is taken only
+    where there is a set-aside (a live evaluation of the finished run keeps no reader out); under torchrun rank 0
+    settles while the others wait, so every rank reads one state."""
+    run_dir = Path(run_dir)
+    if ddp.rank() == 0 and (run_dir / SET_ASIDE).is_dir():
+        lock = RunLock(run_dir).acquire()
+        try:
+            settle_cut_off_replacement(run_dir)
+        finally:
+            lock.release()
+    ddp.wait_for_every_rank()
 
 
 CHECKPOINT_KEYS = ("step", "sae", "optimizer", "tokens_since_fired", "normalizer", "ema")

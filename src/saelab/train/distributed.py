@@ -93,6 +93,13 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def wait_for_every_rank() -> None:
+    """Every process reaches this point before any goes on: where rank 0 changes a folder the others read.
+    A CPU tensor, so gloo carries it beside NCCL, whatever GPU a process holds."""
+    if is_distributed():
+        dist.all_reduce(torch.zeros(1))
+
+
 def check_batch_split(batch_size: int) -> None:
     """Refuse a global batch that the processes cannot share evenly (checked before a run starts)."""
     w = world_size()

@@ -378,6 +378,7 @@ class TrainingRun:
             if self.writer:
                 ckpt.settle_cut_off_replacement(self.run_dir)
                 remove_stale_temp_files(self.run_dir, self.run_dir / SAE_DIR)
+            ddp.wait_for_every_rank()  # the others read the folder as rank 0 left it: one decision to resume
             # seconds earlier calls spent up to the checkpoint resumed from, so train_seconds is the run's total
             self.seconds_before = 0.0
             if ckpt.check_run_dir(self.run_dir, config, overwrite=overwrite):
@@ -566,6 +567,7 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
             sample.append(take_rows(batches_from(0), max(c.effective_init_rows for c in cfgs), d_in))
         return sample[0]
 
+    ddp.wait_for_every_rank()  # every rank has read the run folders before rank 0 moves their files
     with _replacing_runs(run_dirs, overwrite):  # the earlier runs stay until every new one has ended
         runs: list[TrainingRun] = []
         try:
