@@ -471,6 +471,16 @@ def test_browse_refuses_a_config_files_port_without_serve_as_it_refuses_it_typed
                                                "--serve, or leave it out")
 
 
+def test_empty_positions_are_refused_not_read_as_all(tmp_path, capsys, monkeypatch):
+    """`--positions ""` (an unset variable in a script) edited every position; a --config file's [] was refused."""
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(["steer", "SAE", "--latent", "1", "--value", "1", "--positions", ""]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "saelab steer: error: argument --positions: cannot read positions '': expected 'all', a position '5', "
+        "positions '3,7,9' or a range '1:' / '2:10' / '1::2', as integers >= 0 (0 = the first token) "
+        "(`saelab steer --help` lists the options)")
+
+
 @pytest.mark.parametrize("argv,message", BAD)
 def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -671,6 +681,8 @@ OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after 
     ("steer SAE --latent 3 --value 2", '{"positions": "3,,5"}', "positions: cannot read positions '3,,5': expected "
      "'all', a position '5', positions '3,7,9' or a range '1:' / '2:10' / '1::2', as integers >= 0 (0 = the first "
      "token)"),
+    ("steer SAE --latent 3 --value 2", '{"positions": ""}', "positions: cannot read positions '': expected 'all', a "
+     "position '5', positions '3,7,9' or a range '1:' / '2:10' / '1::2', as integers >= 0 (0 = the first token)"),
     ("steer SAE --latent 3 --value 2", '{"positions": [3, -1]}', "positions: cannot read positions '3,-1': expected "
      "'all', a position '5', positions '3,7,9' or a range '1:' / '2:10' / '1::2', as integers >= 0 (0 = the first "
      "token)"),
