@@ -87,6 +87,10 @@ def test_a_killed_overwrite_is_put_back_before_any_process_reads_the_run(tmp_pat
     _run([sys.executable, *train])
     before = snapshot(run)
     _kill_mid_overwrite(run)
+    logs = run / "tensorboard"  # the killed overwrite's many files: rank 0 takes a while to remove them
+    logs.mkdir()
+    for i in range(20000):
+        (logs / f"events.{i}").touch()
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29521", *train])
     assert "an overwrite of this run was cut off; its earlier results are back in place" in proc.stderr
     assert f"{run} already holds this finished run" in proc.stderr

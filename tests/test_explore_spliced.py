@@ -220,7 +220,8 @@ def test_positions_parsing_and_masks():
         parse_positions("-1")
     with pytest.raises(ValueError):
         parse_positions("a:b")
-    for text in ("abc", "1,x", "2:x", "5,", "-1", ""):  # "" is no position, not 'all'  # the user's input and what it takes, not int()'s words
+    # the user's input and what it takes, not int()'s words; "" is no position, not 'all'
+    for text in ("abc", "1,x", "2:x", "5,", "-1", ""):
         with pytest.raises(ValueError) as e:
             parse_positions(text)
         assert str(e.value) == (f"cannot read positions {text!r}: expected 'all', a position '5', positions "

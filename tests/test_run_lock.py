@@ -610,6 +610,47 @@ def test_the_same_train_after_a_killed_overwrite_finds_its_finished_run(tmp_path
     assert f"{run} already holds this finished run" in err
 
 
+_LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from saelab.utils.folder_lock import RunLock
+
+    run, holding, go = map(Path, sys.argv[1:4])
+    held = RunLock(run).acquire(), RunLock(run / ".set-aside").acquire()  # as a live train --overwrite holds them
+    holding.write_text("")
+    deadline = time.monotonic() + 120
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+""")
+
+
+def test_a_sweep_puts_back_its_own_runs_and_leaves_others_to_their_writer(tmp_path, capsys):
+    """The same sweep after an overwrite of one of its runs was killed finds that run (put back, not trained
+    again); a folder beside its runs that another process is overwriting now is not its to settle (it was, for a
+    moment: the sweep was refused as that folder's second writer)."""
+    from saelab.pipeline import sweep_from_cache
+
+    acts, sweep = tmp_path / "acts", tmp_path / "sweep"
+    write_activation_cache(_data().split(256), acts, meta={"hook_name": "h"}, shard_rows=512, dtype="float32",
+                           progress=False)
+    sweep_from_cache(acts, sweep, _cfg(), {"k": [2, 4]}, progress=False, device="cpu")
+    before = snapshot(sweep / "k2")
+    _kill_mid_overwrite(sweep / "k2")
+    _kill_mid_overwrite(sweep / "k4")
+    capsys.readouterr()
+    holding, go = tmp_path / "holding", tmp_path / "go"
+    holder = _start_holding(_LOCK_HOLDER, sweep / "k4", holding, go)
+    try:
+        saes = sweep_from_cache(acts, sweep, _cfg(), {"k": [2, 8]}, progress=False, device="cpu")
+    finally:
+        go.write_text("")
+        holder.wait(timeout=60)
+    assert sorted(saes) == ["k2", "k8"] and snapshot(sweep / "k2") == before
+    assert f"{sweep / 'k2'}: an overwrite of this run was cut off; its earlier results are back in place" in \
+        capsys.readouterr().err
+    assert (sweep / "k4" / ".set-aside").is_dir()  # its writer's
+
+
 _REPLACER = textwrap.dedent("""
     import sys, time
     from pathlib import Path

@@ -354,9 +354,7 @@ def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig], cache: Ac
     typed) renamed to that run, the names of the points finished), so the same SAE is not trained and
     counted twice, and a cut-off run goes on in its folder (with ``overwrite`` it is trained again there)."""
     record = _cache_record(cache)
-    for folder in sorted(out_dir.iterdir()) if out_dir.is_dir() else ():
-        if folder.is_dir() and not folder.name.startswith("."):  # an overwrite killed mid-way: its run put back
-            settle_before_reading(folder)
+    settle_before_reading(*(out_dir / name for name in configs))  # its runs' killed overwrites put back
     others = [run for run in sweep_runs(out_dir) if run.name not in configs]
     cut_off = [run for run in unfinished_sweep_runs(out_dir) if run.name not in configs]
     out, finished = {}, set()

@@ -187,7 +187,7 @@ def parse_positions(text: str | None) -> Positions:
     if text is None:
         return None
     text = text.strip()
-    if text == "all":  # not "": a --config file's [] or an empty variable in a script is a mistake, not 'all'
+    if text == "all":  # not "": an empty variable in a script is a mistake, not every position
         return None
     try:
         if ":" in text:

@@ -219,18 +219,20 @@ def settle_cut_off_replacement(run_dir: Path) -> None:
               file=sys.stderr)
 
 
-def settle_before_reading(run_dir: Path) -> None:
-    """:func:`settle_cut_off_replacement` before the folder is read for a finished run, so the same command
-    again finds the earlier run, not the killed overwrite's partial files. The run folder's lock is taken only
-    where there is a set-aside (a live evaluation of the finished run keeps no reader out); under torchrun rank 0
-    settles while the others wait, so every rank reads one state."""
-    run_dir = Path(run_dir)
-    if ddp.rank() == 0 and (run_dir / SET_ASIDE).is_dir():
-        lock = RunLock(run_dir).acquire()
-        try:
-            settle_cut_off_replacement(run_dir)
-        finally:
-            lock.release()
+def settle_before_reading(*run_dirs: Path) -> None:
+    """:func:`settle_cut_off_replacement` of each run folder before it is read for a finished run, so the same
+    command again finds the earlier run, not the killed overwrite's partial files. A folder's lock is taken only
+    where that puts a run back (a live evaluation of a finished run, or a paused overwrite being resumed, keeps no
+    reader out); under torchrun rank 0 settles while the others wait, so every rank reads one state."""
+    if ddp.rank() == 0:
+        for run_dir in map(Path, run_dirs):
+            if not (run_dir / SET_ASIDE).is_dir() or is_paused(run_dir) or is_being_replaced(run_dir):
+                continue
+            lock = RunLock(run_dir).acquire()
+            try:
+                settle_cut_off_replacement(run_dir)
+            finally:
+                lock.release()
     ddp.wait_for_every_rank()
 
 
