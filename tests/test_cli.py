@@ -840,7 +840,7 @@ def test_a_short_option_with_its_value_attached_wins_over_a_config_file_value(tm
 def test_a_yaml_config_file_builds_no_objects_and_keeps_colon_values_as_text(tmp_path, capsys):
     """A YAML tag that would run code is refused in one line, nothing run; values with colons (a time, a
     device, an address) are text, not YAML 1.1's base-60 integers."""
-    from saelab.cli.common import read_config_file
+    from saelab.cli.config_file import read_config_file
 
     ran = tmp_path / "ran"
     cfg = tmp_path / "c.yaml"

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, finite_float, first_repeat, given,
+from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, finite_float, given,
                                positional_indices, positive_int, typed, unknown_options)
+from saelab.cli.config_file import first_repeat
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import SAESource

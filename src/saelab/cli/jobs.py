@@ -13,8 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, did_you_mean, eval_settings_as_given, given, in_given_words,
-                               literal_choices, type_words, typed, typed_starting)
+from saelab.cli.common import add_io_options, eval_settings_as_given, given, in_given_words, typed, typed_starting
+from saelab.cli.config_file import literal_choices, type_words
 from saelab.data import ActivationCache, IncompleteCacheError
 from saelab.errors import ConfigError
 from saelab.evals.core import EvalConfig
@@ -27,7 +27,7 @@ from saelab.train.config import resolved_decoder_init
 from saelab.train import distributed as ddp
 from saelab.train.distributed import init_from_env
 from saelab.utils.config import given_parts
-from saelab.utils.words import plural
+from saelab.utils.words import did_you_mean, plural
 
 QUICKSTART_DIR = "runs/quickstart"
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 def plural(n: int, noun: str) -> str:
     """``noun`` as a count of ``n`` takes it: "token" for 1, "tokens" otherwise (0 included), so that a
     message reads "1 token" and "2 tokens"; the caller writes the number as it formats it."""
     return noun if n == 1 else f"{noun}s"
+
+
+def did_you_mean(word: str, names: Iterable[str]) -> str:
+    """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, else ""."""
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
