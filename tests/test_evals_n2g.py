@@ -245,3 +245,20 @@ def test_full_n2g_splice_simulates_every_latent(tiny_gpt2, data_dir):
     for k in ("delta_ce_sae", "delta_ce_n2g_all", "delta_ce_n2g_partial"):
         assert ci[k]["estimate"] == pytest.approx(sp[k], rel=1e-9) and ci[k]["n_groups"] == 8
     assert ci["n2g_all_minus_sae"]["estimate"] == pytest.approx(sp["ce_n2g_all"] - sp["ce_sae"], rel=1e-9)
+    # CE recovered, partial: a scale from zeroing the explained latents (0) to their real values (1), defined
+    # where zeroing raises CE above the SAE's; the report gives it only where that rise is beyond its interval.
+    from saelab.report.paper import _recovered_text
+
+    gap = sp["ce_zeroed"] - sp["ce_sae"]
+    assert ci["zeroed_minus_sae"]["estimate"] == pytest.approx(gap, rel=1e-9)
+    assert ci["delta_ce_zeroed"]["estimate"] == pytest.approx(sp["delta_ce_zeroed"], rel=1e-9)
+    if gap > 0:
+        assert sp["ce_recovered_partial"] == pytest.approx((sp["ce_zeroed"] - sp["ce_n2g_partial"]) / gap)
+        assert ci["ce_recovered_partial"]["estimate"] == pytest.approx(sp["ce_recovered_partial"], rel=1e-9)
+    rises = {**ci["zeroed_minus_sae"], "low": abs(gap) / 2, "high": 2 * abs(gap)}
+    positive = {**sp, "ce_zeroed": sp["ce_sae"] + abs(gap), "ce_recovered_partial": 0.25}
+    assert _recovered_text(positive, {**ci, "zeroed_minus_sae": rises}).startswith("0.250 [")
+    for low, zeroed in ((-abs(gap), sp["ce_sae"] + abs(gap)), (None, sp["ce_sae"] - abs(gap))):  # noise; a fall
+        noise = {**ci, "zeroed_minus_sae": {**rises, "low": low, "high": None if low is None else abs(gap)}}
+        text = _recovered_text({**positive, "ce_zeroed": zeroed}, noise)
+        assert text.startswith("none: zeroing the explained latents changes CE by ") and "0.250" not in text

@@ -659,14 +659,24 @@ def _splice(lm, sae, held: torch.Tensor, hook: str, lats: torch.Tensor, pred: to
     totals = {k: torch.cat(v) for k, v in per_ctx.items()}
     count = int(totals["n"].sum())
     ce = {k: float(v.sum()) / count for k, v in totals.items() if k != "n"}
-    gap = ce["ce_zeroed"] - ce["ce_sae"]
     return {
         **ce, **{f"delta_{k}": v - ce["ce_clean"] for k, v in ce.items() if k != "ce_clean"},
         **{f"kl_{k}": kl[k] / count for k in ("sae", "n2g_all", "n2g_partial")},
-        "ce_recovered_partial": json_float((ce["ce_zeroed"] - ce["ce_n2g_partial"]) / gap) if gap != 0 else None,
+        "ce_recovered_partial": json_float(_recovered(*(torch.tensor(ce[k], dtype=torch.float64) for k in RECOVERED))),
         "n_simulated": int(lats.numel()), "simulated_frac": lats.numel() / sae.n_latents,
         "n_predictions": count,
     }, totals
+
+
+RECOVERED = ("ce_zeroed", "ce_n2g_partial", "ce_sae")
+
+
+def _recovered(zeroed: torch.Tensor, partial: torch.Tensor, sae: torch.Tensor) -> torch.Tensor:
+    """ce_recovered_partial: (zeroed - partial) / (zeroed - sae), NaN where zeroing the explained latents does not
+    raise CE above the SAE's (the scale from 0 to 1 is then undefined: 1.7 from two differences of noise)."""
+    gap = zeroed - sae
+    return torch.where(gap > 0, (zeroed - partial) / torch.where(gap > 0, gap, torch.ones_like(gap)),
+                       torch.full_like(gap, float("nan")))
 
 
 def _nanmean_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -685,6 +695,9 @@ SPLICE_STATS = {
     "delta_ce_n2g_all": lambda t: (t["ce_n2g_all"] - t["ce_clean"]) / t["n"],
     "delta_ce_n2g_partial": lambda t: (t["ce_n2g_partial"] - t["ce_clean"]) / t["n"],
     "n2g_all_minus_sae": lambda t: (t["ce_n2g_all"] - t["ce_sae"]) / t["n"],
+    "delta_ce_zeroed": lambda t: (t["ce_zeroed"] - t["ce_clean"]) / t["n"],
+    "zeroed_minus_sae": lambda t: (t["ce_zeroed"] - t["ce_sae"]) / t["n"],  # ce_recovered_partial's denominator
+    "ce_recovered_partial": lambda t: _recovered(t["ce_zeroed"], t["ce_n2g_partial"], t["ce_sae"]),
 }
 """Statistics of per held-out context totals: counts [E] per latent, and the splices' CE sums."""
 

@@ -23,6 +23,18 @@ METRIC_TITLES = {"core": "Core (reconstruction and spliced loss)", "compute_equi
                  "n2g": "N2G explanations (§4.3-4.4)"}
 
 
+def _recovered_text(sp: dict, ci: dict) -> str:
+    """The partial CE recovered, or why it has no value: its scale runs from zeroing the explained latents (0) to
+    their real values (1), and needs zeroing to raise CE above the SAE's by more than the sampling noise."""
+    from saelab.evals.bootstrap import format_interval
+
+    gap, interval = sp["ce_zeroed"] - sp["ce_sae"], ci.get("zeroed_minus_sae") or {}
+    if gap <= 0 or (interval.get("low") is not None and interval["low"] <= 0):
+        return (f"none: zeroing the explained latents changes CE by {gap:+.4f}{format_interval(interval)} from the "
+                "SAE's, within noise, so the scale has no length")
+    return _f(sp["ce_recovered_partial"], "{:.3f}") + format_interval(ci.get("ce_recovered_partial"), "{:.3f}")
+
+
 def _f(x: Any, fmt: str = "{:.4f}") -> str:
     return "—" if x is None else fmt.format(x)
 
@@ -252,9 +264,10 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
                            f"**{sp['delta_ce_n2g_all']:.4f}**{format_interval(ci.get('delta_ce_n2g_all'))}"),
                           ("delta CE N2G, explained latents only (partial)",
                            f"{sp['delta_ce_n2g_partial']:.4f}{format_interval(ci.get('delta_ce_n2g_partial'))}"),
-                          ("delta CE, explained latents zeroed", f"{sp['delta_ce_zeroed']:.4f}"),
+                          ("delta CE, explained latents zeroed",
+                           f"{sp['delta_ce_zeroed']:.4f}{format_interval(ci.get('delta_ce_zeroed'))}"),
                           ("CE recovered by N2G, partial (1 = as the real values, 0 = as zeroing)",
-                           _f(sp["ce_recovered_partial"], "{:.3f}"))])]
+                           _recovered_text(sp, ci))])]
     elif sp:  # a result written before the full splice existed
         lines += ["", "Splice (explained latents only): " + ", ".join(f"{k} {v:.4f}" for k, v in sp.items()
                                                                        if isinstance(v, float))]
