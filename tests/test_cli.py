@@ -64,6 +64,15 @@ def test_every_verb_lists_the_same_sae_sources(verb, capsys):
     assert " ".join(SAE_SOURCES.split()) in " ".join(_help(verb, capsys).split())
 
 
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_help_opens_with_what_it_does(verb, capsys):
+    """`saelab top --help` (and steer, harvest, sweep, eval, browse, families) went from the usage to the options:
+    what the verb does was only in `saelab --help`'s list."""
+    first = " ".join(_help(verb, capsys).split("\n\n")[1].split())
+    assert not first.startswith(("options:", "positional arguments:")), first
+    assert first[0].isupper() and first.endswith("."), first
+
+
 def _help(verb, capsys) -> str:
     with pytest.raises(SystemExit):
         main([verb, "--help"])

@@ -60,6 +60,9 @@ def build_parser(argv: list[str] | None = None, recipe: str | None = None) -> ar
     explore.add_families(sub)
     share.add_export(sub)
     _share_config_sections(sub.choices.values())
+    for choice in sub._choices_actions:  # a verb's --help opens with what it does, as `saelab --help` lists it
+        verb = sub.choices[choice.dest]
+        verb.description = verb.description or f"{choice.help[0].upper()}{choice.help[1:]}."
     parser.verb_parsers = sub.choices
     return parser
 
