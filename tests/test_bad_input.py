@@ -558,6 +558,22 @@ def test_torch_reasons_show_the_files_own_text_quoted(tmp_path):
         assert shown in str(err.value) and "\x1b" not in str(err.value), str(err.value)
 
 
+def test_values_read_from_a_file_are_named_by_type_in_messages(tmp_path):
+    """A file of shared tuples or a tensor viewed from one element, no call in it: it loads, and saelab's own message
+    wrote the value out (the OpenAI activation, the keys of a checkpoint). Named by its type instead."""
+    levels = ()
+    for _ in range(40):
+        levels = (levels, levels)  # pickled once per level (memo), 2**40 leaves written out
+    torch.save({"activation": levels, "encoder.weight": torch.zeros(2, 2), "decoder.weight": torch.zeros(2, 2),
+                "pre_bias": torch.zeros(2), "latent_bias": torch.zeros(2), "stats_last_nonzero": torch.zeros(2)},
+               tmp_path / "sae.pt")
+    with pytest.raises(CheckpointError, match=r"activation \(a tuple\) is not supported"):
+        load_sae(tmp_path / "sae.pt")
+    torch.save({torch.zeros(1).expand(*[2] * 30): 1, "step": 3}, tmp_path / CHECKPOINT)  # 2**30 elements printed
+    with pytest.raises(CheckpointError, match=r"\(found \['\(a Tensor\)', 'step'\]\)"):
+        load_checkpoint(tmp_path)
+
+
 def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
     """A numpy .npz is a zip archive: torch's reason came with the place in its C++ code that raised it
     ('[enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: x.npy')."""

@@ -26,14 +26,8 @@ import torch
 from saelab.errors import CheckpointError, NotThatKindOfFileError
 from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
-from saelab.utils.torch_files import (
-    SNIFF_BYTES,
-    load_plain_tensors,
-    may_be_torch_file,
-    refused_by_weights_only,
-    safetensors_header_end,
-    torch_load_reason,
-)
+from saelab.utils.torch_files import (SNIFF_BYTES, key_names, load_plain_tensors, may_be_torch_file,
+                                     refused_by_weights_only, safetensors_header_end, shown_loaded, torch_load_reason)
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small"
 OPENAI_LOCATION_TO_HOOK = {
@@ -120,7 +114,7 @@ def read_openai_v5_state(path: Path, not_torch: str | None = None) -> Mapping[st
         )
     missing = [key for key in _REQUIRED_KEYS if key not in state]
     if missing:
-        found = sorted(str(key) for key in state)[:6]
+        found = key_names(state, 6)
         raise NotThatKindOfFileError(
             f"{path}: not an OpenAI sparse_autoencoder checkpoint: missing {', '.join(missing)} (found {found}"
             f"{', ...' if len(state) > 6 else ''})"
@@ -141,7 +135,8 @@ def _top_k(state: Mapping[str, Any], n: int, path: Path) -> int:
     activation = state.get("activation", "ReLU")  # their loader's default when the key is absent
     if activation != "TopK":
         raise CheckpointError(
-            f"{path}: activation {activation!r} is not supported; saelab loads OpenAI top-k SAEs (activation 'TopK')"
+            f"{path}: activation {shown_loaded(activation)} is not supported; saelab loads OpenAI top-k SAEs "
+            "(activation 'TopK')"
         )
     act_state = state.get("activation_state_dict")
     if not isinstance(act_state, Mapping) or "k" not in act_state:
@@ -150,10 +145,11 @@ def _top_k(state: Mapping[str, Any], n: int, path: Path) -> int:
     if isinstance(k, torch.Tensor) and k.numel() == 1:
         k = int(k.item())
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
-        raise CheckpointError(f"{path}: activation_state_dict k={k!r} must be an integer in 1..{n}")
+        raise CheckpointError(f"{path}: activation_state_dict k={shown_loaded(k)} must be an integer in 1..{n}")
     if postact != "ReLU":
         raise CheckpointError(
-            f"{path}: postact_fn {postact!r} is not supported; saelab's TopK applies ReLU to the kept values"
+            f"{path}: postact_fn {shown_loaded(postact)} is not supported; saelab's TopK applies ReLU to the kept "
+            "values"
         )
     return k
 

@@ -96,6 +96,23 @@ def torch_load_reason(err: BaseException, path: str | os.PathLike | None = None)
     return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
 
 
+def shown_loaded(value: Any) -> str:
+    """A value read from a torch file, for a message: text (cut to 200 characters) and numbers as Python writes
+    them, anything else by its type, "(a tuple)": a crafted file's tuple of shared tuples, or a tensor viewed
+    from one element, would take days to write out."""
+    if isinstance(value, str):
+        return repr(value[:_REASON_CHARS]) + ("..." if len(value) > _REASON_CHARS else "")
+    if value is None or isinstance(value, float) or (isinstance(value, int) and value.bit_length() <= 64):
+        return repr(value)
+    return f"(a {type(value).__name__})"
+
+
+def key_names(mapping: Any, n: int) -> list[str]:
+    """The first ``n`` of a loaded mapping's keys in sorted order, for a message: text keys (cut to 200
+    characters), any other as "(a tuple)" (see shown_loaded)."""
+    return sorted(k[:_REASON_CHARS] if isinstance(k, str) else shown_loaded(k) for k in mapping)[:n]
+
+
 def may_be_torch_file(head: bytes) -> bool:
     """Whether a file that starts with ``head`` (its first 4 bytes, or all of a shorter file) may be one torch.save
     wrote: a zip archive (or its first bytes) or a pickle."""
