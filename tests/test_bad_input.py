@@ -574,6 +574,18 @@ def test_values_read_from_a_file_are_named_by_type_in_messages(tmp_path):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("k", [1.7, float("nan"), float("inf")])
+def test_openai_k_as_a_float_tensor_is_refused(k, tmp_path):
+    """k stored as a float tensor: 1.7 loaded as k = 1 (int() of its item) while a plain 4.0 is refused; nan and inf
+    were a ValueError / OverflowError traceback. An integer tensor is still taken."""
+    path = tmp_path / "sae.pt"
+    torch.save({**openai_state_dict(), "activation_state_dict": {"k": torch.tensor(k), "postact_fn": "ReLU"}}, path)
+    with pytest.raises(CheckpointError, match=r"activation_state_dict k=\(a Tensor\) must be an integer in 1\.\.128"):
+        load_sae(path)
+    torch.save({**openai_state_dict(), "activation_state_dict": {"k": torch.tensor(8), "postact_fn": "ReLU"}}, path)
+    assert load_sae(path).cfg.k == 8
+
+
 def test_zip_that_torch_did_not_write_names_what_torch_found(tmp_path):
     """A numpy .npz is a zip archive: torch's reason came with the place in its C++ code that raised it
     ('[enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory: x.npy')."""

@@ -610,6 +610,18 @@ def test_the_same_train_after_a_killed_overwrite_finds_its_finished_run(tmp_path
     assert f"{run} already holds this finished run" in err
 
 
+def test_an_optimizer_state_key_read_from_a_checkpoint_is_named_by_type(tmp_path):
+    """A checkpoint whose Adam state has a key that is a tensor viewed from one element (2**20 elements) and a value
+    of the wrong shape: the refusal wrote the key out element by element (6 MB, 10 s; 2**30: gigabytes)."""
+    run, data = tmp_path / "run", _data()
+    train_sae(_cfg(total_tokens=4096), _source(data), run, d_in=D, progress=False, device="cpu", stop_after_steps=4)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["optimizer"]["state"][0][torch.zeros(1).expand(*[2] * 20)] = torch.zeros(3)
+    torch.save(state, run / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"optimizer state \(a Tensor\) has shape \(3,\)"):
+        train_sae(_cfg(total_tokens=4096), _source(data), run, d_in=D, progress=False, device="cpu")
+
+
 _LOCK_HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -649,6 +661,24 @@ def test_a_sweep_puts_back_its_own_runs_and_leaves_others_to_their_writer(tmp_pa
     assert f"{sweep / 'k2'}: an overwrite of this run was cut off; its earlier results are back in place" in \
         capsys.readouterr().err
     assert (sweep / "k4" / ".set-aside").is_dir()  # its writer's
+
+
+def test_a_sweep_finds_a_run_under_another_name_after_its_overwrite_was_killed(tmp_path, capsys):
+    """A grid point that a run beside it trains (n64, given again as n64_k4 with k at its value) is that run, also
+    when an overwrite of it was killed: it is put back before the match, not trained again beside it."""
+    from saelab.pipeline import sweep_from_cache
+
+    acts, sweep = tmp_path / "acts", tmp_path / "sweep"
+    write_activation_cache(_data().split(256), acts, meta={"hook_name": "h"}, shard_rows=512, dtype="float32",
+                           progress=False)
+    sweep_from_cache(acts, sweep, _cfg(), {"n_latents": [64]}, progress=False, device="cpu")
+    before = snapshot(sweep / "n64")
+    _kill_mid_overwrite(sweep / "n64")
+    capsys.readouterr()
+    saes = sweep_from_cache(acts, sweep, _cfg(), {"n_latents": [64], "k": [4]}, progress=False, device="cpu")
+    assert sorted(saes) == ["n64"] and sorted(p.name for p in sweep.iterdir()) == ["n64"]
+    assert snapshot(sweep / "n64") == before
+    assert "sweep point n64_k4 is the finished run" in capsys.readouterr().err
 
 
 _REPLACER = textwrap.dedent("""

@@ -355,6 +355,9 @@ def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig], cache: Ac
     counted twice, and a cut-off run goes on in its folder (with ``overwrite`` it is trained again there)."""
     record = _cache_record(cache)
     settle_before_reading(*(out_dir / name for name in configs))  # its runs' killed overwrites put back
+    neighbours = [d for d in sorted(out_dir.iterdir()) if d.is_dir() and d.name not in configs and d.name[0] != "."] \
+        if out_dir.is_dir() else []
+    settle_before_reading(*neighbours, busy_left=True)  # runs a grid point may be: another writer's are its own
     others = [run for run in sweep_runs(out_dir) if run.name not in configs]
     cut_off = [run for run in unfinished_sweep_runs(out_dir) if run.name not in configs]
     out, finished = {}, set()

@@ -630,7 +630,11 @@ def _intervals(per_ctx: dict[str, torch.Tensor], cfg: N2GConfig) -> dict:
     if cfg.n_boot == 0:
         return {}
     stats = {**INTERVAL_STATS, **(SPLICE_STATS if "ce_clean" in per_ctx else {})}
-    return paired_bootstrap(per_ctx, stats, n_boot=cfg.n_boot, level=cfg.ci_level, seed=cfg.seed)
+    out = paired_bootstrap(per_ctx, stats, n_boot=cfg.n_boot, level=cfg.ci_level, seed=cfg.seed)
+    recovered = out.get("ce_recovered_partial")
+    if recovered is not None and recovered["estimate"] is None:  # undefined: bounds from the draws it is defined on
+        recovered.update(low=None, high=None)  # would read as its interval
+    return out
 
 
 SPLICES = {"sae": False, "n2g_partial": False, "zeroed": False, "n2g_all": True}

@@ -29,9 +29,11 @@ def _recovered_text(sp: dict, ci: dict) -> str:
     from saelab.evals.bootstrap import format_interval
 
     gap, interval = sp["ce_zeroed"] - sp["ce_sae"], ci.get("zeroed_minus_sae") or {}
-    if gap <= 0 or (interval.get("low") is not None and interval["low"] <= 0):
-        return (f"none: zeroing the explained latents changes CE by {gap:+.4f}{format_interval(interval)} from the "
-                "SAE's, within noise, so the scale has no length")
+    shown = f"{gap:+.4f}{format_interval(interval)}"
+    if gap <= 0:
+        return f"none: zeroing the explained latents does not raise CE above the SAE's ({shown})"
+    if interval.get("low") is not None and interval["low"] <= 0:
+        return f"none: zeroing the explained latents raises CE above the SAE's only within noise ({shown})"
     return _f(sp["ce_recovered_partial"], "{:.3f}") + format_interval(ci.get("ce_recovered_partial"), "{:.3f}")
 
 

@@ -142,7 +142,7 @@ def _top_k(state: Mapping[str, Any], n: int, path: Path) -> int:
     if not isinstance(act_state, Mapping) or "k" not in act_state:
         raise CheckpointError(f"{path}: 'activation_state_dict' with key 'k' is required for a TopK activation")
     k, postact = act_state["k"], act_state.get("postact_fn")
-    if isinstance(k, torch.Tensor) and k.numel() == 1:
+    if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():  # 1.7 or nan: refused below
         k = int(k.item())
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= n:
         raise CheckpointError(f"{path}: activation_state_dict k={shown_loaded(k)} must be an integer in 1..{n}")

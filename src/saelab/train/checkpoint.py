@@ -21,7 +21,7 @@ from saelab.train import distributed as ddp
 from saelab.utils.atomic import (SET_ASIDE, atomic_path, is_being_replaced, is_paused, put_back_set_aside,
                                  remove_entry, replacing_entries, resuming_replacement, write_bytes, write_json)
 from saelab.utils.differences import visible_difference
-from saelab.utils.folder_lock import RunLock
+from saelab.utils.folder_lock import RunFolderBusyError, RunLock
 from saelab.utils.torch_files import key_names, load_plain_tensors, torch_load_reason
 
 METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
@@ -219,16 +219,22 @@ def settle_cut_off_replacement(run_dir: Path) -> None:
               file=sys.stderr)
 
 
-def settle_before_reading(*run_dirs: Path) -> None:
+def settle_before_reading(*run_dirs: Path, busy_left: bool = False) -> None:
     """:func:`settle_cut_off_replacement` of each run folder before it is read for a finished run, so the same
     command again finds the earlier run, not the killed overwrite's partial files. A folder's lock is taken only
     where that puts a run back (a live evaluation of a finished run, or a paused overwrite being resumed, keeps no
-    reader out); under torchrun rank 0 settles while the others wait, so every rank reads one state."""
+    reader out); under torchrun rank 0 settles while the others wait, so every rank reads one state. ``busy_left``:
+    a folder another process writes is left to it (a sweep's neighbours), not refused."""
     if ddp.rank() == 0:
         for run_dir in map(Path, run_dirs):
             if not (run_dir / SET_ASIDE).is_dir() or is_paused(run_dir) or is_being_replaced(run_dir):
                 continue
-            lock = RunLock(run_dir).acquire()
+            try:
+                lock = RunLock(run_dir).acquire()
+            except RunFolderBusyError:
+                if busy_left:
+                    continue
+                raise
             try:
                 settle_cut_off_replacement(run_dir)
             finally:

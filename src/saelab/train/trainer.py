@@ -46,6 +46,7 @@ from saelab.train.losses import training_loss
 from saelab.utils.atomic import append_line
 from saelab.utils.folder_lock import RunLock, remove_stale_temp_files
 from saelab.utils.host_memory import retain_freed_memory
+from saelab.utils.torch_files import shown_loaded
 from saelab.utils.tensors import all_finite
 
 BatchSource = Callable[[int], Iterator[torch.Tensor]]
@@ -240,7 +241,7 @@ class Trainer:
         for _, v in self._opt_params:  # Adam itself would only fail, obscurely, at the next step
             for key, t in self.opt.state.get(v, {}).items():
                 if torch.is_tensor(t) and t.dim() and t.shape != v.shape:
-                    raise ValueError(f"optimizer state {key!r} has shape {tuple(t.shape)}, its parameter "
+                    raise ValueError(f"optimizer state {shown_loaded(key)} has shape {tuple(t.shape)}, its parameter "
                                      f"{tuple(v.shape)}")
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device, torch.long)
         if "revivals" in state:  # absent from checkpoints of older versions
