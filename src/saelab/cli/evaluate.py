@@ -196,8 +196,8 @@ def _note_unfinished(verb: str, sweep: str, what: str) -> None:
 
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="(re)write report.md, training_curves.png and density.png of a run folder; "
-                                      "for a sweep folder the scaling study (scaling.json, scaling_nmse.png, "
-                                      "scaling_delta_loss.png)",
+                                      "for a sweep folder the scaling study (scaling.md, scaling.json, "
+                                      "scaling_nmse.png, scaling_delta_loss.png)",
                        description="Rewrite a run folder's report.md from its saved results, with training_curves.png "
                                    "(from metrics.jsonl) and density.png (from latent_frequencies.safetensors, which "
                                    "`saelab eval` saves with the hash of the SAE it measured). A run evaluated before "

@@ -315,7 +315,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def add_browse(sub) -> None:
-    p = sub.add_parser("browse", help="build (and serve on 127.0.0.1) an offline feature browser for SAEs")
+    p = sub.add_parser("browse", help="build an offline feature browser for SAEs (--serve serves it on 127.0.0.1)")
     add_sae_argument(p, "one or more SAEs, each", several=True,
                      also="; several SAEs on one hook also get their feature families")
     p.add_argument("--out", default=None, metavar="DIR", help="site folder (default: RUN/browser for a run folder)")
