@@ -711,7 +711,7 @@ OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after 
     # --log-to adds a typed value to the file's, so the file's is still checked
     ("train --activations a --out r --log-to wandb", '{"log_to": "bogus"}', "log_to: expected one of tensorboard, "
                                                                              "wandb, got 'bogus'"),
-    # no positions (joined to "", every position), and null, as the file wrote it, where the option needs a value
+    # no positions (an empty list, as "" is refused too), and null, as the file wrote it, where the option needs a value
     ("steer SAE --latent 3 --value 2", '{"positions": []}', "positions: expected a value --positions takes, got []"),
     ("steer SAE --latent 3 --value 2", '{"positions": null}', "positions: expected a value --positions takes, "
                                                               "got null"),
