@@ -235,16 +235,18 @@ def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2
         server.server_close()
 
 
-def test_a_character_searched_finds_tokens_holding_part_of_it(browser, tiny_gpt2, tmp_path):
-    """Byte-level BPE splits "🎉" (F0 9F 8E 89) into " \\xf0\\x9f" | "\\x8e" | "\\x89", shown as their bytes:
-    the emoji pasted into the search found none of them. A token holding part of a character of the word
-    searched now counts as part of the word."""
+def test_a_word_searched_finds_the_tokens_it_is_split_into(browser, tiny_gpt2, tmp_path):
+    """Byte-level BPE splits "🎉" (F0 9F 8E 89) into " \\xf0\\x9f" | "\\x8e" | "\\x89", shown as their bytes,
+    and "planetarium" into " planet" | "arium": searching the emoji or the word found none of them. A token
+    holding part of a character of the word, or of at least 3 characters inside the word, now counts as
+    part of it."""
     from test_browser_site import trained_like_sae
 
     from saelab.sae import save_sae
 
-    words = ("🎉", "中文")
-    (tmp_path / "c.txt").write_text("Das Wort ünïcödé, 中文 und 🎉 stehen hier. " * 60, encoding="utf-8")
+    words = ("🎉", "中文", "planetarium")
+    (tmp_path / "c.txt").write_text("Das Wort ünïcödé, 中文 und 🎉 stehen im planetarium hier. " * 60,
+                                    encoding="utf-8")
     corpus = str(tmp_path / "c.txt")
     save_sae(trained_like_sae(tiny_gpt2, 512, 0, corpus), tmp_path / "run" / "sae")
     site = tmp_path / "site"
@@ -253,9 +255,14 @@ def test_a_character_searched_finds_tokens_holding_part_of_it(browser, tiny_gpt2
     vocab = json.loads(re.fullmatch(r'SAELAB\.put\("vocab",(.*)\);\n', (site / "data" / "vocab.js").read_text(),
                                     re.S).group(1))
     as_bytes = {w: w.encode().decode("ascii", errors="backslashreplace") for w in words}
-    # per word, the latents that fire most on a token holding part of one of its characters
+    def piece(token: str, word: str) -> bool:
+        x = token.strip().lower()
+        return x in as_bytes[word] if "\\x" in token else len(x) >= 3 and x in word
+
+    # per word, the latents that fire most on one of its pieces: a token holding part of one of its
+    # characters, or a token of at least 3 characters inside it
     targets = {w: [i for i, top in enumerate(_index(site, "run")["top_tokens"]) for t, _ in top[:1]
-                   if "\\x" in vocab[str(t)] and vocab[str(t)].strip() in as_bytes[w]] for w in words}
+                   if piece(vocab[str(t)], w)] for w in words}
     assert all(targets.values()), targets
     server, _ = serve_in_thread(site, 0)
     base = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -268,7 +275,7 @@ def test_a_character_searched_finds_tokens_holding_part_of_it(browser, tiny_gpt2
             page.press("#q", "Enter")
             _wait(page)
             assert page.locator("#results .query").inner_text() == word
-            n = int(re.match(r"([\d,]+) latents match", page.inner_text("#results"))[1].replace(",", ""))
+            n = int(re.match(r"([\d,]+) latents? match", page.inner_text("#results"))[1].replace(",", ""))
             hits = set()
             for p in range(-(-n // 100)):  # every page of results, 100 a page
                 page.goto(base + "#/s/run?" + urlencode({"q": word, "page": p}))

@@ -60,6 +60,8 @@ function fmt(x, d = 3) {
   if (a < 1e-3) return x.toExponential(1);
   return Number(x.toPrecision(d)).toString();
 }
+// "1 latent matches", "2 latents match": a count with the singular or plural words after it
+const count = (n, one, many) => `${n.toLocaleString()} ${n === 1 ? one : many}`;
 function pct(x) {
   x = Number(x);
   if (!x) return "0";
@@ -127,8 +129,9 @@ function topTokensHtml(ix, i, n = 3) {
 
 // Search: a query is split into words; a latent scores when a word equals (or is part of) one of the
 // tokens it fires strongly on in its top contexts (at least half its max; up to 12 listed), one of
-// the tokens it promotes most, or appears in its explanation. A token that holds part of a character
-// of the word (shown as its bytes, escaped) counts as part of the word.
+// the tokens it promotes most, or appears in its explanation. A word the tokenizer splits matches
+// through its pieces: a token of at least 3 characters inside the word scores too, lowest; so does a
+// token that holds part of a character of the word (shown as its bytes, escaped).
 function searchScores(ix, query) {
   const typed = query.split(/\s+/).filter(Boolean), words = typed.map(w => w.toLowerCase());
   const scores = new Float64Array(ix.n_latents);
@@ -136,16 +139,17 @@ function searchScores(ix, query) {
   // the bytes of the characters as typed (lower case is another character), their escapes lower-cased as x is
   const forms = typed.map(w => byteForms(w).map(f => f.toLowerCase()));
   const inBytes = forms.map(fs => x => BYTE_TOKEN.test(x) && fs.some(f => f.includes(x)));
+  const piece = (x, k) => (x.length >= PIECE_MIN && words[k].includes(x)) || inBytes[k](x);
   for (let i = 0; i < ix.n_latents; i++) {
     let s = 0;
     words.forEach((w, k) => {
       for (const [t, c] of ix.top_tokens[i]) {
         const x = norm(t);
-        if (x === w) s += 10 * c; else if ((w.length > 1 && x.includes(w)) || inBytes[k](x)) s += 3 * c;
+        if (x === w) s += 10 * c; else if (w.length > 1 && x.includes(w)) s += 3 * c; else if (piece(x, k)) s += c;
       }
       for (const t of ix.promoted[i]) {
         const x = norm(t);
-        if (x === w) s += 4; else if ((w.length > 1 && x.includes(w)) || inBytes[k](x)) s += 1;
+        if (x === w) s += 4; else if (w.length > 1 && x.includes(w)) s += 1; else if (piece(x, k)) s += 0.5;
       }
       if (ix.expl[i] && String(ix.expl[i]).toLowerCase().includes(w)) s += 20;
     });
@@ -154,6 +158,8 @@ function searchScores(ix, query) {
   return scores;
 }
 
+// The shortest token that counts as a piece of a longer word: shorter ones ("an", "s") sit inside most words.
+const PIECE_MIN = 3;
 // A token holding part of a character shows its bytes escaped: "\xf0\x9f" (byte-level BPE) or "<0xF0>"
 // (a SentencePiece byte), lower-cased by the search like all token text.
 const BYTE_TOKEN = /\\x[0-9a-f]{2}|<0x[0-9a-f]{2}>/;
@@ -228,7 +234,7 @@ async function showIndex(name, params) {
   const pager = pagerHtml(page, pages, p => href(["s", name], withQ({sort, dir, page: p})));
   render($("#main"), html`
     <h1>${name} <span class="muted small">${info.n_latents.toLocaleString()} latents, k = ${info.k}, ${META.hook} of ${META.model}</span></h1>
-    ${q ? html`<p id="results">${ids.length.toLocaleString()} latents match <b class="query"></b> (their top-activating or promoted tokens, or explanation). <a href="${href(["s", name])}">clear</a></p>`
+    ${q ? html`<p id="results">${count(ids.length, "latent matches", "latents match")} <b class="query"></b> (their top-activating or promoted tokens or pieces of the words, or explanation). <a href="${href(["s", name])}">clear</a></p>`
         : densityPlot(ix)}
     ${pager}
     <table id="latents"><thead><tr>${th("id", "latent")}${th("density", "density")}${th("max", "max act")}${th("mean", "mean act")}
@@ -291,7 +297,7 @@ async function familyHtml(name, fam) {
   }
   if (fam.children.length) {
     const cs = fam.children[0][0], cix = await index(cs);
-    parts.push(html`<p>Splits into ${fam.children.length} latent${fam.children.length > 1 ? "s" : ""} of <b>${cs}</b>:</p><table><tr><th>child</th><th>score</th><th>cos</th><th>share of parent's tokens</th><th>fires most on</th></tr>
+    parts.push(html`<p>Splits into ${count(fam.children.length, "latent", "latents")} of <b>${cs}</b>:</p><table><tr><th>child</th><th>score</th><th>cos</th><th>share of parent's tokens</th><th>fires most on</th></tr>
       ${fam.children.map(([s, j, score, cos, share]) => html`<tr><td><a href="${href(["s", s, "l", String(j)])}">#${j}</a></td><td class="num">${fmt(score)}</td>
         <td class="num">${fmt(cos)}</td><td class="num">${pct(share)}</td><td>${topTokensHtml(cix, j)}</td></tr>`)}</table>`);
   }
@@ -394,7 +400,7 @@ async function showFamilies(params) {
   const pages = Math.ceil(list.length / per), page = pageOf(params.get("page"), Math.max(1, pages));
   const trees = await Promise.all(list.slice(page * per, (page + 1) * per).map(async (k, j) => {
     const f = fams.families[k], first = f.children.length;
-    return html`<details class="fam" ${j < 8 || focus ? "open" : ""}><summary><b>${f.sae} #${f.latent}</b> splits into ${first} latent${first > 1 ? "s" : ""} of the next size
+    return html`<details class="fam" ${j < 8 || focus ? "open" : ""}><summary><b>${f.sae} #${f.latent}</b> splits into ${count(first, "latent", "latents")} of the next size
        <span class="pill">${f.n_descendants} descendants, ${f.depth} levels</span></summary><ul class="tree root">${await nodeHtml(f, marked, true)}</ul></details>`;
   }));
   const links = fams.links.map(l => html`<li>${l.parent_sae} → ${l.child_sae}: ${l.n_children_matched.toLocaleString()} of ${l.n_children_active.toLocaleString()} active latents of ${l.child_sae} have a parent</li>`);
@@ -405,8 +411,8 @@ async function showFamilies(params) {
       A family is the tree under a latent without a parent: it shows how one latent splits into several of a larger SAE.</p>
     <ul>${links}</ul>
     ${focusText !== null ? html`<p>Family of <b>${focusText}</b> · ${all}</p>`
-      : q ? html`<p id="results">${list.length.toLocaleString()} families with a latent matching <b class="query"></b> · ${all}</p>`
-      : html`<p>${list.length.toLocaleString()} families, largest first. Search a token to find the families of latents that fire on it.</p>`}
+      : q ? html`<p id="results">${count(list.length, "family", "families")} with a latent matching <b class="query"></b> · ${all}</p>`
+      : html`<p>${count(list.length, "family", "families")}, largest first. Search a token to find the families of latents that fire on it.</p>`}
     <div id="families">${trees.length ? trees : html`<p class="muted">${focus === null && focusText !== null ? `${focusText} is not a latent of this site.` : `${focusText || ""} is in no family (no parent and no children).`}</p>`}</div>
     ${pagerHtml(page, pages, p => href(["families"], Object.assign(q ? {q} : {}, {page: p})))}`);
   showQuery(q);
