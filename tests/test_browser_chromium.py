@@ -282,6 +282,9 @@ def test_a_word_searched_finds_the_tokens_it_is_split_into(browser, tiny_gpt2, t
                 _wait(page)
                 hits |= set(page.locator("#latents tbody tr td:first-child a").all_inner_texts())
             assert {f"#{i}" for i in targets[word]} <= hits and len(hits) == n, (word, n)
+        # a count of one reads in the singular (the page's own wording helper)
+        said = page.evaluate("() => [1, 2, 1234].map(n => count(n, 'latent matches', 'latents match'))")
+        assert said == ["1 latent matches", "2 latents match", "1,234 latents match"]
     finally:
         page.close()
         server.shutdown()

@@ -129,30 +129,44 @@ function topTokensHtml(ix, i, n = 3) {
 
 // Search: a query is split into words; a latent scores when a word equals (or is part of) one of the
 // tokens it fires strongly on in its top contexts (at least half its max; up to 12 listed), one of
-// the tokens it promotes most, or appears in its explanation. A word the tokenizer splits matches
-// through its pieces: a token of at least 3 characters inside the word scores too, lowest; so does a
-// token that holds part of a character of the word (shown as its bytes, escaped).
+// the tokens it promotes most, or appears in its explanation. A token that holds part of a character
+// of the word (shown as its bytes, escaped) counts as part of the word. A word no latent matches so
+// (one the tokenizer splits, "planetarium" = " planet" | "arium") is looked for through its pieces,
+// tokens of at least PIECE_MIN characters inside it, in a tier below every whole-word match.
 function searchScores(ix, query) {
-  const typed = query.split(/\s+/).filter(Boolean), words = typed.map(w => w.toLowerCase());
+  const typed = query.split(/\s+/).filter(Boolean);
   const scores = new Float64Array(ix.n_latents);
+  typed.forEach(w => {
+    const whole = wordScores(ix, w, false);
+    const found = whole.some(s => s > 0);
+    const add = found ? whole : wordScores(ix, w, true);
+    add.forEach((s, i) => { scores[i] += s; });
+  });
+  return scores;
+}
+
+// One typed word's score per latent: as a whole (and part of a token), or (``byPieces``) through its pieces.
+function wordScores(ix, typed, byPieces) {
+  const w = typed.toLowerCase(), scores = new Float64Array(ix.n_latents);
   const norm = id => String(tokText(id)).trim().toLowerCase();
   // the bytes of the characters as typed (lower case is another character), their escapes lower-cased as x is
-  const forms = typed.map(w => byteForms(w).map(f => f.toLowerCase()));
-  const inBytes = forms.map(fs => x => BYTE_TOKEN.test(x) && fs.some(f => f.includes(x)));
-  const piece = (x, k) => (x.length >= PIECE_MIN && words[k].includes(x)) || inBytes[k](x);
+  const forms = byteForms(typed).map(f => f.toLowerCase());
+  const partOf = x => (w.length > 1 && x.includes(w)) || (BYTE_TOKEN.test(x) && forms.some(f => f.includes(x)));
+  const isPiece = x => x.length >= PIECE_MIN && w.includes(x);
+  const low = c => 1e-3 * Math.min(c, 100);  // below any whole-word score (the least is 1)
   for (let i = 0; i < ix.n_latents; i++) {
     let s = 0;
-    words.forEach((w, k) => {
-      for (const [t, c] of ix.top_tokens[i]) {
-        const x = norm(t);
-        if (x === w) s += 10 * c; else if (w.length > 1 && x.includes(w)) s += 3 * c; else if (piece(x, k)) s += c;
-      }
-      for (const t of ix.promoted[i]) {
-        const x = norm(t);
-        if (x === w) s += 4; else if (w.length > 1 && x.includes(w)) s += 1; else if (piece(x, k)) s += 0.5;
-      }
-      if (ix.expl[i] && String(ix.expl[i]).toLowerCase().includes(w)) s += 20;
-    });
+    for (const [t, c] of ix.top_tokens[i]) {
+      const x = norm(t);
+      if (byPieces) s += isPiece(x) ? low(c) : 0;
+      else if (x === w) s += 10 * c; else if (partOf(x)) s += 3 * c;
+    }
+    for (const t of ix.promoted[i]) {
+      const x = norm(t);
+      if (byPieces) s += isPiece(x) ? low(0.5) : 0;
+      else if (x === w) s += 4; else if (partOf(x)) s += 1;
+    }
+    if (!byPieces && ix.expl[i] && String(ix.expl[i]).toLowerCase().includes(w)) s += 20;
     scores[i] = s;
   }
   return scores;
