@@ -19,7 +19,6 @@ from saelab.cli.common import GRID_ENTRY_RE, Parser, in_given_words
 from saelab.errors import SaelabError
 from saelab.utils.config import given_parts
 from saelab.utils.device import resolve_device
-from saelab.utils.host_memory import retain_freed_memory
 
 VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "top", "browse", "families", "export")
 
@@ -225,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if not getattr(args, "progress", True):
             _hide_library_progress_bars()
-        if hasattr(args, "device") and resolve_device(args.device, _device_as_typed(args)).type == "cpu":
-            retain_freed_memory()  # large CPU temporaries (logits, gradients) reuse pages instead of faulting
+        if hasattr(args, "device"):  # a device this machine lacks is refused before any work starts
+            resolve_device(args.device, _device_as_typed(args))
         result = args.handler(args)
         if result is not None and _first_process():
             print(json.dumps(result, indent=2, default=str))

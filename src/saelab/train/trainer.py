@@ -45,7 +45,7 @@ from saelab.train.metric_sinks import MetricSink, check_log_targets, close_sinks
 from saelab.train.losses import training_loss
 from saelab.utils.atomic import append_line
 from saelab.utils.folder_lock import RunLock, remove_stale_temp_files
-from saelab.utils.host_memory import retain_freed_memory
+from saelab.utils.host_memory import hold_freed_memory, release_freed_memory
 from saelab.utils.torch_files import shown_loaded
 from saelab.utils.tensors import all_finite
 
@@ -195,17 +195,13 @@ class Trainer:
 
     ``device`` (None: CUDA when available, else the CPU; under torchrun this process's GPU) is
     where the SAE is moved and where every training tensor lives. ``allow_tf32`` runs the SAE's
-    float32 matmuls in TF32 on CUDA (off by default; ignored elsewhere). On the CPU it tells glibc's
-    malloc, for the rest of the process, to keep freed memory for reuse (saelab.utils.host_memory;
-    ``SAELAB_RETAIN_FREED_MEMORY=0`` opts out).
+    float32 matmuls in TF32 on CUDA (off by default; ignored elsewhere).
     """
 
     def __init__(self, cfg: TrainConfig, sae: TopKSAE, normalizer: float, *,
                  device: str | torch.device | None = None, allow_tf32: bool = False):
         self.cfg = cfg
         self.device = ddp.process_device(device)
-        if self.device.type == "cpu":  # each step's large temporaries reuse the last step's pages
-            retain_freed_memory()
         self.allow_tf32 = bool(allow_tf32) and self.device.type == "cuda"
         self.sae = sae.to(self.device)  # before the optimizer views below, which share its storage
         self.normalizer = normalizer
@@ -360,7 +356,9 @@ class TrainingRun:
     """One SAE training into its run folder: lock, init or resume, log, checkpoint, finish.
 
     The writing process (rank 0) holds the run folder's lock from here until :meth:`close` (a
-    second writer is refused, naming this pid) and removes temporary files killed runs left.
+    second writer is refused, naming this pid) and removes temporary files killed runs left. On the
+    CPU, glibc's malloc keeps freed memory for reuse until then (saelab.utils.host_memory: each step's
+    large temporaries reuse the last step's pages; ``SAELAB_RETAIN_FREED_MEMORY=0`` opts out).
     ``train_config.json`` is written only once initialisation or resumption succeeded.
     """
 
@@ -375,6 +373,9 @@ class TrainingRun:
         sae_cfg = _sae_config(cfg, d_in, meta)
         config = {"train": cfg.to_dict(), "sae": sae_cfg.to_dict(), **({"data": data} if data else {})}
         self._lock = RunLock(self.run_dir).acquire() if self.writer else None
+        self._holds_memory = self.device.type == "cpu"
+        if self._holds_memory:
+            hold_freed_memory()
         try:
             if self.writer:
                 ckpt.settle_cut_off_replacement(self.run_dir)
@@ -507,6 +508,9 @@ class TrainingRun:
         try:
             close_sinks(sinks)
         finally:
+            if self._holds_memory:
+                self._holds_memory = False
+                release_freed_memory()
             if self._lock is not None:
                 self._lock.release(remove_created_dir=failed)
 
