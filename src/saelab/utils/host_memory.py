@@ -2,15 +2,15 @@
 
 A training step on the CPU frees and allocates again, every step, several tensors of tens to
 hundreds of MB: the encoder's [2,048, n] chunk buffer, the [n, d] gradients, the decoder
-projection's temporary; a language model's forward does the same with its logits. glibc's malloc
+projection's temporary. glibc's malloc
 serves every block above 32 MB with a fresh mmap and unmaps it on free, so the kernel faults in and
 zeroes every page again each time. Told to serve large blocks from its heap (those allocated by the
 main thread, where torch allocates an operator's output; other threads' arenas above 64 MB still
 map and unmap) and to keep up to 2 GiB of freed memory at the heap's top, malloc hands the next
 step the same pages. Measured on a 2-core EPYC VM (benchmarks/host_memory.py, benchmarks/RESULTS.md
 "Host memory reuse"): a step at n = 32,768 goes from ~90,000 page faults and ~300 ms of kernel time
-to none, 0.91x the wall time; a cross-entropy forward of SmolLM2 on [16, 128] tokens 0.91x; at
-n = 8,192, whose blocks glibc mostly reuses already, no change (0.93-1.15x per pair, median 1.01).
+to none, 0.91x the wall time; at n = 8,192, whose blocks glibc mostly reuses already, no change
+(0.93-1.15x per pair, median 1.01).
 
 The cost: memory the process frees goes back to the OS only from the heap's top, past 2 GiB free
 there; a large block freed below a live small one stays resident. Where the sizes of the large
@@ -19,11 +19,14 @@ ablation site, its size set by the site, beside the scores it keeps), the freed 
 the next request and the heap keeps growing: the paper suite's ablation-sparsity stage on a
 small local model went from 1.9 GB to 20 GB in two minutes, against 0.9 GB with malloc as it is.
 So only a training run holds the setting (``TrainingRun``, on the CPU), whose steps allocate the
-same sizes every time; the last run to close puts glibc's defaults back and hands the freed memory
-to the OS (malloc_trim). On a GPU the per-step blocks live in CUDA's own caching allocator.
-``SAELAB_RETAIN_FREED_MEMORY=0`` (or false, no, off) leaves malloc as it is. Other C libraries
-(musl, macOS), and a malloc preloaded in glibc's place, are left as they are: this is glibc's
-interface.
+same sizes every time; the last run to close puts glibc's default trim threshold and mmap count
+back and hands the freed memory to the OS (malloc_trim). (glibc's threshold for serving a block by
+mmap, which it raises by itself up to 32 MB as blocks are freed, then stays where it was: any
+mallopt call ends that adjustment.) On a GPU the per-step blocks live in CUDA's own caching
+allocator. ``SAELAB_RETAIN_FREED_MEMORY=0`` (or false, no, off) leaves malloc as it is, and so do
+glibc's own settings in the environment (GLIBC_TUNABLES, MALLOC_*_), which this would override.
+Other C libraries (musl, macOS), and a malloc preloaded in glibc's place, are left as they are:
+this is glibc's interface.
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ _tuned = False
 
 
 def _wanted() -> bool:
-    return os.environ.get(RETAIN_ENV, "1").strip().lower() not in _OFF and platform.libc_ver()[0] == "glibc"
+    own_settings = "GLIBC_TUNABLES" in os.environ or any(
+        key.startswith("MALLOC_") and key.endswith("_") for key in os.environ)
+    return (os.environ.get(RETAIN_ENV, "1").strip().lower() not in _OFF and not own_settings
+            and platform.libc_ver()[0] == "glibc")
 
 
 def _set_malloc(trim_bytes: int, mmap_max: int) -> bool:
@@ -73,6 +79,8 @@ def hold_freed_memory() -> bool:
         _holders += 1
         if _holders == 1 and _wanted():
             _tuned = _set_malloc(_TRIM_BYTES, 0)
+            if not _tuned:  # the trim threshold may have been set before mmap failed
+                _set_malloc(_DEFAULT_TRIM_BYTES, _DEFAULT_MMAP_MAX)
         return _tuned
 
 
