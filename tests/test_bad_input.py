@@ -1909,6 +1909,7 @@ def test_a_run_is_not_written_into_other_results(verb, folder, other_results, ti
     assert (snapshot(out), sorted(p.relative_to(out) for p in out.rglob("*"))) == before
 
 
+@pytest.mark.slow  # ~15 s on 2 cores; .ci/run runs the slow tests
 def test_a_run_folder_in_its_first_moments_is_still_a_run_s_out(tiny_gpt2, tiny_cache, corpus, data_dir, tmp_path,
                                                                 monkeypatch, capsys):
     """What the refusal of other results must still take: quickstart interrupted in its harvest (RUN holds only

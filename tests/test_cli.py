@@ -1335,6 +1335,7 @@ def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys, 
     assert "holds other files; expected a new or empty folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~45 s on 2 cores: seven saelab processes; .ci/run runs the slow tests
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path, tiny_dir, data_dir):
     """`saelab ... | head -1`, the reader gone before the output: the JSON printed at the end was a BrokenPipeError
     traceback (buffered stdout: `Exception ignored ...`, exit 120) and text printed by the verb `saelab top: error:
@@ -2294,6 +2295,7 @@ def test_eval_suite_paper_refuses_a_short_corpus_before_a_hub_models_weights_dow
     assert not (tmp_path / "ev").exists()
 
 
+@pytest.mark.slow  # ~25 s on 2 cores; .ci/run runs the slow tests
 def test_hub_model_whose_cached_weights_are_corrupt_is_one_line_naming_the_file_and_what_to_delete(tiny_dir,
                                                                                                     tmp_path):
     """A corrupt model.safetensors in the Hugging Face cache (a disk fault, a copy damaged in place) was a raw
@@ -2543,6 +2545,7 @@ def test_compute_equivalent_input_refused_in_the_default_suite_is_its_error_and_
     assert not [r for r in requests if r.endswith(_WEIGHTS_FILES)], requests
 
 
+@pytest.mark.slow  # ~45 s on 2 cores with its hub mirror; .ci/run runs the slow tests
 def test_a_resumed_suite_asks_the_hub_for_no_checkpoint_it_does_not_load(gpt2_tokenizer, tiny_series, tmp_path):
     """The checks before the load fetched every checkpoint's config and tokenizer, also when the suite resumed
     reuses compute_equivalent.json or finds their losses in series_losses.json (here the Hugging Face cache

@@ -229,6 +229,7 @@ def family_sae_run(tiny_family, data_dir, tmp_path_factory):
     return base / "run"
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: trains the family (module fixture); .ci/run runs the slow tests
 def test_trained_family_folder(tiny_family, data_dir):
     from saelab.models import load_model
 
@@ -264,6 +265,7 @@ def test_sizes_must_grow(data_dir, tmp_path):
         train_model_family(cfg, tmp_path / "f", corpus=str(data_dir / "wiki-en" / "wiki_train.jsonl.xz"))
 
 
+@pytest.mark.slow  # with the trained family; .ci/run runs the slow tests
 def test_compute_equivalent_on_a_trained_family(tiny_family, family_sae_run, data_dir, tmp_path):
     from saelab.data import token_contexts
     from saelab.models import load_model
@@ -316,6 +318,7 @@ def test_compute_equivalent_on_a_trained_family(tiny_family, family_sae_run, dat
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24])[0] > 300
 
 
+@pytest.mark.slow  # with the trained family; .ci/run runs the slow tests
 def test_paper_suite_with_a_family_and_its_report(tiny_family, family_sae_run, data_dir, tmp_path, capsys):
     """saelab eval --suite paper --series FAMILY_FOLDER: the compute-equivalent in FLOPs, named as such."""
     from saelab.cli import main

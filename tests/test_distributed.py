@@ -61,6 +61,7 @@ def test_batch_that_does_not_split_is_refused_before_the_run_folder(tmp_path, ti
     assert not (tmp_path / "odd").exists()
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; .ci/run runs the slow tests
 def test_sweep_evaluates_once_under_torchrun(tmp_path, tiny_gpt2, tiny_dir, data_dir):
     """sweep --eval under torchrun: the processes train together, then one of them evaluates."""
     cache = _cache(tmp_path, tiny_gpt2, data_dir, model_name=str(tiny_dir))  # the model evaluation loads
@@ -76,6 +77,7 @@ def test_sweep_evaluates_once_under_torchrun(tmp_path, tiny_gpt2, tiny_dir, data
     assert (tmp_path / "sweep" / "scaling.md").is_file()
 
 
+@pytest.mark.slow  # ~15 s on 2 cores: 20,000 files; .ci/run runs the slow tests
 def test_a_killed_overwrite_is_put_back_before_any_process_reads_the_run(tmp_path, tiny_gpt2, data_dir):
     """The same train under torchrun after an overwrite of its run was killed: rank 0 puts the earlier run back
     while the others wait, so every process finds that finished run (one that read the killed overwrite's

@@ -472,6 +472,7 @@ def test_layer_count_is_read_from_the_config_without_a_load(smollm2, tiny_dir, t
     assert configured_layer_count("saelab-tests/no-such-model") is None  # a hub id not in the local cache
 
 
+@pytest.mark.slow  # ~15 s on 2 cores; .ci/run runs the slow tests
 def test_default_cache_round_trip_is_exact(smollm2):
     from transformers import AutoModelForCausalLM
 
@@ -491,6 +492,7 @@ def test_default_cache_round_trip_is_exact(smollm2):
     assert again.tokenizer.decode(again.tokenize([text])[0]) == text
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: rebuilds the default model's cache; .ci/run runs the slow tests
 def test_default_cache_whose_weights_do_not_fit_is_rebuilt(smollm2, tmp_path, monkeypatch):
     """A dequantized cache that lacks weights (but for the embedding) loaded with them made up at random; it is
     rebuilt from the GGUF file instead (~20 s), as a cache that does not load is."""

@@ -64,6 +64,7 @@ def run_cli(capsys, *argv: str, code: int = 0) -> tuple[dict | None, str]:
     return (json.loads(out) if code == 0 else None), err
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; .ci/run runs the slow tests
 def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(tiny_series_run, run)

@@ -65,6 +65,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, dict]:
 # ---- quickstart on the real default model ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~20 s on 2 cores (.ci/newcomer.sh also runs a quickstart); .ci/run runs the slow tests
 def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkeypatch):
     wiki = data_dir / "wiki-en"
     cfg = QuickstartConfig(

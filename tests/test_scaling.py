@@ -97,6 +97,7 @@ def run_cli(capsys, *argv, code=0):
     return (json.loads(out) if code == 0 else None), err
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; .ci/run runs the slow tests
 def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, capsys):
     wiki = data_dir / "wiki-en"
     acts, sweep = tmp_path / "acts", tmp_path / "sweep"
