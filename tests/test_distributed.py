@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from saelab.data import ActivationStream, token_contexts, write_activation_cache
