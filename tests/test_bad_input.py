@@ -559,12 +559,10 @@ def test_torch_reasons_show_the_files_own_text_quoted(tmp_path):
 
 
 def test_values_read_from_a_file_are_named_by_type_in_messages(tmp_path):
-    """A file of shared tuples or a tensor viewed from one element, no call in it: it loads, and saelab's own message
-    wrote the value out (the OpenAI activation, the keys of a checkpoint). Named by its type instead."""
-    levels = ()
-    for _ in range(40):
-        levels = (levels, levels)  # pickled once per level (memo), 2**40 leaves written out
-    torch.save({"activation": levels, "encoder.weight": torch.zeros(2, 2), "decoder.weight": torch.zeros(2, 2),
+    """A file with a long tuple or a tensor viewed from one element, no call in it: it loads, and saelab's own
+    message wrote the value out (the OpenAI activation, the keys of a checkpoint). Named by its type instead. (A
+    tuple of shared tuples, 2**40 leaves written out, is refused unread: tests/test_pickle_check.py.)"""
+    torch.save({"activation": tuple(range(100_000)), "encoder.weight": torch.zeros(2, 2), "decoder.weight": torch.zeros(2, 2),
                 "pre_bias": torch.zeros(2), "latent_bias": torch.zeros(2), "stats_last_nonzero": torch.zeros(2)},
                tmp_path / "sae.pt")
     with pytest.raises(CheckpointError, match=r"activation \(a tuple\) is not supported"):

@@ -28,6 +28,7 @@ from saelab.models.hooks import check_hook_form, hook_layer
 from saelab.models.lm import CONTEXT_SETTING, SAE_CONTEXT, LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
+from saelab.utils.pickle_check import PickleBombError, check_torch_file
 from saelab.utils.torch_files import load_plain_tensors, torch_load_reason
 
 DEFAULT_MODEL = "default"
@@ -204,10 +205,23 @@ def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
         raise ModelLoadError(f"cannot load model directory {folder}: no config.json (found {found}); expected a "
                              "Hugging Face model folder (config.json, weights and tokenizer files, as save_pretrained "
                              "writes them), a .gguf file, 'default' or a hub id")
+    _check_pickled_weights(folder, f"model directory {folder}")
     try:
         return _load_dir(folder, dtype, tokenizer)
     except Exception as err:
         _raise_in_one_line(err, f"model directory {folder}", folder)
+
+
+def _check_pickled_weights(folder: Path | None, named: str) -> None:
+    """``check_torch_file`` of the pickled weights files transformers would read from ``folder`` (a local model,
+    or a hub model's cached copy), before transformers reads them: refused in one ``ModelLoadError`` line."""
+    for path in _weights_files(folder) if folder is not None else ():
+        if path.suffix == ".bin":
+            try:
+                check_torch_file(path)
+            except PickleBombError as err:
+                raise ModelLoadError(f"cannot load {named}: {path} is refused unread ({err}); expected the "
+                                     "model's weights, as save_pretrained writes them") from err
 
 
 def _load_hub(spec: str, dtype: torch.dtype, tokenizer=None, revision: str | None = None):
@@ -217,6 +231,8 @@ def _load_hub(spec: str, dtype: torch.dtype, tokenizer=None, revision: str | Non
     kwargs = {"local_files_only": True} if offline else {}
     if revision:
         kwargs["revision"] = revision
+    # a copy cached already is checked before transformers reads it (a first download only as it reads it)
+    _check_pickled_weights(_folder_on_disk(spec, revision), f"model {_at(repr(spec), revision)}")
     try:
         return _load_dir(spec, dtype, tokenizer, **kwargs)
     except Exception as err:

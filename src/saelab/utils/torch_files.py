@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from saelab.errors import first_line
+from saelab.utils.pickle_check import check_torch_file
 
 
 PICKLE_HEAD = b"\x80"
@@ -37,9 +38,11 @@ def safetensors_header_end(head: bytes) -> int | None:
 
 
 def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True, mmap=mmap)``. A failure on a file in the pickle format carries
-    ``stopped_at``, the byte where torch stopped reading: a refused global whose name torch read to the end of
-    the file is a class name cut short (``torch_load_reason`` reads it)."""
+    """``torch.load(path, weights_only=True, mmap=mmap)``, after ``check_torch_file`` (PickleBombError, an
+    UnpicklingError, for a pickle that describes an object far larger than the file). A failure on a file in
+    the pickle format carries ``stopped_at``, the byte where torch stopped reading: a refused global whose name
+    torch read to the end of the file is a class name cut short (``torch_load_reason`` reads it)."""
+    check_torch_file(path)  # a pickle describing an object far larger than the file is refused unread
     # torch warns about files it then reads or refuses (a pickle protocol it did not write, a TorchScript archive):
     # noise above the one line saelab words a failure in. Only torch's warnings, some of which it files under its
     # caller, this module; catch_warnings sets the process's filters, so another thread's warnings from torch are

@@ -1,0 +1,239 @@
+"""Refuse a torch pickle whose objects would take far more time or memory than its size, before torch reads it.
+
+``torch.load(weights_only=True)`` runs no code, but a pickle of a few hundred bytes can still describe a huge
+object: a tuple of two references to one tuple of two references to one tuple ..., 2**d leaves from d levels. Any
+later walk over it (hashing it into a set or Counter, deep-copying an optimizer state, formatting it into an error
+message, torch.as_tensor) takes 2**d steps. And a legacy tensor constructor or ``bytearray`` called with a large
+integer allocates that much at once. torch.save writes neither: it refers again only to things it memoized
+(strings, globals, tensors, storages, now and then a small tuple such as Adam's betas).
+
+So this reads the pickle's opcodes, the subset torch's weights-only reader understands, keeping for each object on
+its stack only what kind it is (nothing is built), and refuses:
+
+- a second reference (a memo get) to a container unless it is small and flat (at most SHARED_ITEMS_MAX items,
+  none of them a container), and a later change that makes a shared container large or nested: a container can
+  then hold at most SHARED_ITEMS_MAX leaves per reference, so what the pickle describes stays proportional to
+  its size;
+- a legacy tensor class or ``bytearray`` called with integers whose product exceeds CONSTRUCTED_SIZE_MAX.
+
+Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
+left to torch, which stops at the same place or before. The cost is one pass over the pickle's opcodes: a few
+thousand for a model's weights (the tensors' bytes are not in the pickle).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import zipfile
+from typing import IO
+
+SHARED_ITEMS_MAX = 16
+"""The most items a container referred to from more than one place may hold (all of them leaves)."""
+CONSTRUCTED_SIZE_MAX = 2**26
+"""The largest allocation (elements or bytes) a legacy tensor class or bytearray may be asked for by its integers."""
+
+
+class PickleBombError(pickle.UnpicklingError):
+    """A torch pickle that describes an object far larger than the file (see the module docstring)."""
+
+
+class _Box:
+    """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
+    __slots__ = ("items", "flat", "shared", "int_product")
+
+    def __init__(self) -> None:
+        self.items, self.flat, self.shared, self.int_product = 0, True, False, 1
+
+    def add(self, item: object) -> None:
+        self.items += 1
+        if isinstance(item, _Box):
+            self.flat = False
+            self.int_product = min(self.int_product * item.int_product, 2**63)
+        elif isinstance(item, int) and abs(item) > 1:
+            self.int_product = min(self.int_product * abs(item), 2**63)
+        if self.shared and not self.shareable:
+            raise PickleBombError("a container referred to again grows nested or past "
+                                  f"{SHARED_ITEMS_MAX} items afterwards")
+
+    @property
+    def shareable(self) -> bool:
+        return self.flat and self.items <= SHARED_ITEMS_MAX
+
+
+class _Global(str):
+    """The name (module.name) a GLOBAL opcode pushed."""
+
+
+_LEAF = object()  # anything else: text, floats, None, bools, tensors, storages, devices
+_SIZED = ("builtins.bytearray",)  # and every torch tensor class ("torch.FloatTensor", "torch.Tensor", ...)
+_MAKES_LEAF = ("torch._utils.", "torch._tensor._rebuild_from_type_v2", "torch.nn.parameter.Parameter",
+               "torch.device", "torch.serialization._get_layout", "_codecs.encode", "builtins.complex")
+
+
+def _sized(name: str) -> bool:
+    return name in _SIZED or (name.startswith("torch.") and name.endswith("Tensor") and name.count(".") == 1)
+
+
+def _made(callee: object, args: object) -> object:
+    """What calling ``callee`` (REDUCE, NEWOBJ) with ``args`` makes."""
+    name = str(callee) if isinstance(callee, _Global) else ""
+    if _sized(name) and isinstance(args, _Box) and args.int_product > CONSTRUCTED_SIZE_MAX:
+        raise PickleBombError(f"it calls {name} for {args.int_product:,} elements at once (torch.save writes no "
+                              "such call)")
+    if name.startswith(_MAKES_LEAF) or _sized(name):
+        return _LEAF
+    made = _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what it was made from, as large
+    if isinstance(args, _Box):
+        made.items, made.flat, made.int_product = args.items, args.flat, args.int_product
+    return made
+
+
+def check_pickle_stream(f: IO[bytes]) -> bool:
+    """Scan one pickle from ``f`` (see the module docstring). True when it ended at its STOP opcode, False where
+    the scan stopped early (left to torch). Raises PickleBombError for a refused pickle."""
+    read = f.read
+    stack: list[object] = []
+    marks: list[int] = []
+    memo: dict[int, object] = {}
+
+    def to_mark() -> list[object]:
+        start = marks.pop()
+        items = stack[start:]
+        del stack[start:]
+        return items
+
+    def fill(box: object, items) -> None:
+        if isinstance(box, _Box):
+            for item in items:
+                box.add(item)
+
+    def get(idx: int) -> None:
+        obj = memo[idx]
+        if isinstance(obj, _Box):
+            if not obj.flat:
+                raise PickleBombError(f"it refers again to a container that holds containers (memo {idx}): "
+                                      "such sharing can describe an exponentially large object")
+            if not obj.shareable:
+                raise PickleBombError(f"it refers again to a container of {obj.items:,} items (memo {idx}); "
+                                      f"at most {SHARED_ITEMS_MAX} are read in a container referred to again")
+            obj.shared = True
+        stack.append(obj)
+
+    def new_box(items) -> _Box:
+        box = _Box()
+        for item in items:
+            box.add(item)
+        return box
+
+    try:
+        while True:
+            op = read(1)
+            if op == b"":
+                return False
+            code = op[0]
+            if code == 0x80:  # PROTO
+                read(1)
+            elif code == 0x2E:  # STOP
+                return True
+            elif code == 0x28:  # MARK
+                marks.append(len(stack))
+            elif code == 0x63:  # GLOBAL
+                module, name = f.readline()[:-1], f.readline()[:-1]
+                stack.append(_Global(f"{module.decode('utf-8')}.{name.decode('utf-8')}"))
+            elif code == 0x51:  # BINPERSID: a storage
+                stack.pop()
+                stack.append(_LEAF)
+            elif code in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
+                stack.append(_LEAF)
+            elif code == 0x4A:  # BININT
+                stack.append(struct.unpack("<i", read(4))[0])
+            elif code == 0x4B:  # BININT1
+                stack.append(read(1)[0])
+            elif code == 0x4D:  # BININT2
+                stack.append(struct.unpack("<H", read(2))[0])
+            elif code == 0x8A:  # LONG1
+                stack.append(int.from_bytes(read(read(1)[0]), "little", signed=True))
+            elif code == 0x47:  # BINFLOAT
+                read(8)
+                stack.append(_LEAF)
+            elif code == 0x58:  # BINUNICODE
+                _skip(f, struct.unpack("<I", read(4))[0])
+                stack.append(_LEAF)
+            elif code == 0x55:  # SHORT_BINSTRING
+                _skip(f, read(1)[0])
+                stack.append(_LEAF)
+            elif code in (0x29, 0x5D, 0x7D, 0x8F):  # EMPTY_TUPLE, EMPTY_LIST, EMPTY_DICT, EMPTY_SET
+                stack.append(_Box())
+            elif code == 0x74:  # TUPLE
+                stack.append(new_box(to_mark()))
+            elif code in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
+                n = code - 0x84
+                items = stack[-n:]
+                del stack[-n:]
+                if len(items) < n:
+                    return False
+                stack.append(new_box(items))
+            elif code == 0x61:  # APPEND
+                item = stack.pop()
+                fill(stack[-1], (item,))
+            elif code in (0x65, 0x75):  # APPENDS, SETITEMS
+                items = to_mark()
+                fill(stack[-1], items)
+            elif code == 0x73:  # SETITEM
+                value, key = stack.pop(), stack.pop()
+                fill(stack[-1], (key, value))
+            elif code == 0x62:  # BUILD: the state goes into the object
+                state = stack.pop()
+                if stack[-1] is _LEAF and isinstance(state, _Box):
+                    stack[-1] = new_box((state,))
+                fill(stack[-1], (state,))
+            elif code in (0x52, 0x81):  # REDUCE, NEWOBJ
+                args = stack.pop()
+                stack[-1] = _made(stack[-1], args)
+            elif code in (0x68, 0x6A):  # BINGET, LONG_BINGET
+                get(read(1)[0] if code == 0x68 else struct.unpack("<I", read(4))[0])
+            elif code in (0x71, 0x72):  # BINPUT, LONG_BINPUT
+                memo[read(1)[0] if code == 0x71 else struct.unpack("<I", read(4))[0]] = stack[-1]
+            else:  # an opcode torch's weights-only reader refuses: its refusal is the message
+                return False
+    except (IndexError, KeyError, struct.error, UnicodeDecodeError):
+        return False  # malformed: torch stops here or before, with its own error
+
+
+def _skip(f: IO[bytes], n: int) -> None:
+    if f.seekable():
+        f.seek(n, os.SEEK_CUR)
+    else:
+        f.read(n)
+
+
+LEGACY_PICKLES = 5
+"""A torch file from before torch 1.6: magic number, protocol, system info, the object, its storage keys."""
+
+
+def check_torch_file(path: str | os.PathLike) -> None:
+    """Scan the pickles of the torch file at ``path`` (a zip archive's data.pkl, or a legacy file's pickles);
+    raises PickleBombError naming what it refused. Files of other kinds are left to their readers."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        if head[:1] == b"\x80":
+            for _ in range(LEGACY_PICKLES):
+                if not check_pickle_stream(f):
+                    return
+            return
+    if head != b"PK\x03\x04":
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            # torch reads DIR/data.pkl, DIR being the archive's first record's folder
+            record = names[0].split("/", 1)[0] + "/data.pkl" if names else None
+            if record in names:
+                with archive.open(record) as raw, io.BufferedReader(raw, 1 << 20) as f:  # read(1) each opcode
+                    check_pickle_stream(f)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return  # torch's reader decides

@@ -1,0 +1,112 @@
+"""Torch files whose pickle describes an object far larger than the file are refused unread, in one line, by every
+reader of torch files (checkpoints, OpenAI SAEs, a model folder's pytorch_model.bin); the files torch.save writes
+(tied weights, optimizer states, both file formats) read as before.
+
+Without the check, a file of 40 levels of shared tuples (a few hundred bytes, written by torch.save itself) loaded,
+and any walk over it (a set, a Counter, a deep copy, torch.as_tensor, a message) took 2**40 steps; a legacy tensor
+constructor asked for 2**30 elements allocated them."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import shutil
+import time
+
+import pytest
+import torch
+
+from saelab.cli import main
+from saelab.errors import CheckpointError
+from saelab.models import load_model
+from saelab.models.loading import ModelLoadError
+from saelab.sae import load_sae
+from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
+from saelab.utils.pickle_check import SHARED_ITEMS_MAX, PickleBombError, check_torch_file
+from saelab.utils.torch_files import load_plain_tensors
+
+LEGACY = {"_use_new_zipfile_serialization": False}
+
+
+def shared_levels(depth: int) -> tuple:
+    levels = ()
+    for _ in range(depth):
+        levels = (levels, levels)  # torch.save pickles each level once (memo): 2**depth leaves
+    return levels
+
+
+def legacy_call(module: str, name: str, *ints: int) -> bytes:
+    """A pickle calling ``module.name(*ints)``, as no torch.save writes it (BININT arguments, TUPLE, REDUCE)."""
+    args = b"".join(b"J" + i.to_bytes(4, "little", signed=True) for i in ints)
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"(" + args + b"tR."
+
+
+BOMBS = {
+    "shared-tuples": lambda p: torch.save({"revivals": shared_levels(40)}, p),
+    "shared-tuples-legacy": lambda p: torch.save({"revivals": shared_levels(40)}, p, **LEGACY),
+    "counter-of-shared-tuples": lambda p: torch.save(collections.Counter({shared_levels(24): 1}), p),
+    "shared-list-of-lists": lambda p: torch.save([[[1], [1]]] * 2, p),
+    "large-shared-tuple": lambda p: torch.save([tuple(range(SHARED_ITEMS_MAX + 1))] * 2, p),
+    "tensor-of-2**30": lambda p: p.write_bytes(legacy_call("torch", "FloatTensor", 2**30)),
+    "tensor-of-65536x65536": lambda p: p.write_bytes(legacy_call("torch", "FloatTensor", 65536, 65536)),
+    "bytearray-of-2**30": lambda p: p.write_bytes(legacy_call("builtins", "bytearray", 2**30)),
+}
+
+
+@pytest.mark.parametrize("kind", BOMBS)
+def test_a_pickle_describing_a_huge_object_is_refused_unread(kind, tmp_path):
+    path = tmp_path / "x.pt"
+    BOMBS[kind](path)
+    assert path.stat().st_size < 2000
+    start = time.perf_counter()
+    with pytest.raises(PickleBombError, match=r"refers again to a container|for \d[\d,]+ elements at once"):
+        load_plain_tensors(path)
+    assert time.perf_counter() - start < 5  # no walk over the object: it is never built
+
+
+def test_what_torch_save_writes_reads_as_before(tmp_path):
+    """Tied weights (one tensor under two keys), an optimizer state with two groups sharing a betas tuple, small
+    shared tuples, in the zip and the legacy format."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=500, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0))
+    weights = model.state_dict()
+    weights["lm_head.weight"] = weights["transformer.wte.weight"]  # one tensor object under two keys
+    p1, p2 = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    betas = (0.9, 0.999)
+    opt = torch.optim.Adam([{"params": [p1], "betas": betas}, {"params": [p2], "lr": 0.1, "betas": betas}])
+    (p1.sum() + p2.sum()).backward()
+    opt.step()
+    flat = tuple(range(SHARED_ITEMS_MAX))
+    state = {"model": weights, "opt": opt.state_dict(), "a": flat, "b": flat, "tied": [p1, p1]}
+    for fmt in ({}, LEGACY):
+        torch.save(state, tmp_path / "s.pt", **fmt)
+        check_torch_file(tmp_path / "s.pt")
+        loaded = load_plain_tensors(tmp_path / "s.pt")
+        assert loaded["model"].keys() == state["model"].keys()
+        assert all(loaded["model"][k].equal(v) for k, v in state["model"].items())
+        assert loaded["opt"]["param_groups"] == state["opt"]["param_groups"]
+        assert (loaded["a"], loaded["b"]) == (flat, flat)
+        copy.deepcopy(loaded)
+
+
+def test_every_reader_refuses_it_in_one_line(tmp_path, tiny_dir):
+    bomb = {"revivals": shared_levels(40)}
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(bomb, run / CHECKPOINT)
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint\.pt: .*refers again to a container"):
+        load_checkpoint(run)
+    torch.save(bomb, tmp_path / "sae.pt")
+    with pytest.raises(CheckpointError, match=r"sae\.pt: .*refers again to a container"):
+        load_sae(tmp_path / "sae.pt")
+    # a model folder whose pytorch_model.bin is one: refused before transformers reads it
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    for weights in folder.glob("model*.safetensors*"):
+        weights.unlink()
+    torch.save(bomb, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin is refused unread \(it refers again to a container"):
+        load_model(str(folder))
+    assert main(["top", str(tmp_path / "sae.pt"), "--latent", "0", "--model", str(folder)]) == 2
