@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import collections
 import copy
+import pickle
 import shutil
 import time
+import warnings
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +26,7 @@ from saelab.models import load_model
 from saelab.models.loading import ModelLoadError
 from saelab.sae import load_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
-from saelab.utils.pickle_check import SHARED_ITEMS_MAX, PickleBombError, check_torch_file
+from saelab.utils.pickle_check import SHARED_ITEMS_MAX, check_torch_file
 from saelab.utils.torch_files import load_plain_tensors
 
 LEGACY = {"_use_new_zipfile_serialization": False}
@@ -35,10 +39,41 @@ def shared_levels(depth: int) -> tuple:
     return levels
 
 
+def glob(module: str, name: str) -> bytes:
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def text(t: str) -> bytes:
+    return b"X" + len(t.encode()).to_bytes(4, "little") + t.encode()
+
+
 def legacy_call(module: str, name: str, *ints: int) -> bytes:
     """A pickle calling ``module.name(*ints)``, as no torch.save writes it (BININT arguments, TUPLE, REDUCE)."""
     args = b"".join(b"J" + i.to_bytes(4, "little", signed=True) for i in ints)
-    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"(" + args + b"tR."
+    return b"\x80\x02" + glob(module, name) + b"(" + args + b"tR."
+
+
+def in_archive(path: Path, *pickles: bytes) -> None:
+    """A torch zip archive whose data.pkl is each of ``pickles`` in turn (torch's reader takes the first)."""
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as archive:
+        warnings.simplefilter("ignore")  # a duplicate name, on purpose
+        for data in pickles:
+            archive.writestr("archive/data.pkl", data)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+
+
+def without_protocol(path: Path) -> None:
+    """A legacy file whose first pickle starts without its PROTO opcode (torch reads it all the same)."""
+    path.write_bytes(path.read_bytes()[2:])
+
+
+ENCODE = glob("_codecs", "encode")
+# bytes of bytes: encode(encode("ab", "latin1"), "hex"), each such call doubling the last
+HEX_OF_BYTES = b"\x80\x02" + ENCODE + ENCODE + text("ab") + text("latin1") + b"\x86R" + text("hex") + b"\x86R."
+# _rebuild_from_type_v2(OrderedDict, OrderedDict, ({},), None): a dict passed off as a tensor, so referable again
+DICT_AS_TENSOR = (b"\x80\x02" + glob("torch._tensor", "_rebuild_from_type_v2") + b"(" + glob("collections", "OrderedDict")
+                  + glob("collections", "OrderedDict") + b"}\x85Nt" + b"R.")
 
 
 BOMBS = {
@@ -50,7 +85,15 @@ BOMBS = {
     "tensor-of-2**30": lambda p: p.write_bytes(legacy_call("torch", "FloatTensor", 2**30)),
     "tensor-of-65536x65536": lambda p: p.write_bytes(legacy_call("torch", "FloatTensor", 65536, 65536)),
     "bytearray-of-2**30": lambda p: p.write_bytes(legacy_call("builtins", "bytearray", 2**30)),
+    "bytearray-by-its-python-2-name": lambda p: p.write_bytes(legacy_call("__builtin__", "bytearray", 2**30)),
+    "storage-of-2**31": lambda p: p.write_bytes(legacy_call("torch.storage", "TypedStorage", 2**31 - 1)),
+    "encode-of-bytes": lambda p: in_archive(p, HEX_OF_BYTES),
+    "dict-as-a-tensor": lambda p: in_archive(p, DICT_AS_TENSOR),
+    "shared-tuples-legacy-without-protocol": lambda p: (BOMBS["shared-tuples-legacy"](p), without_protocol(p)),
+    "second-data.pkl-harmless": lambda p: in_archive(p, legacy_call("builtins", "bytearray", 2**30), b"\x80\x02}."),
+    "view-of-one-element": lambda p: torch.save({"tokens_since_fired": torch.zeros(1).expand(2**29)}, p),
 }
+REFUSALS = r"refers again to a container|elements at once|_codecs.encode on|a state or a function|views only"
 
 
 @pytest.mark.parametrize("kind", BOMBS)
@@ -59,7 +102,7 @@ def test_a_pickle_describing_a_huge_object_is_refused_unread(kind, tmp_path):
     BOMBS[kind](path)
     assert path.stat().st_size < 2000
     start = time.perf_counter()
-    with pytest.raises(PickleBombError, match=r"refers again to a container|for \d[\d,]+ elements at once"):
+    with pytest.raises(pickle.UnpicklingError, match=REFUSALS):
         load_plain_tensors(path)
     assert time.perf_counter() - start < 5  # no walk over the object: it is never built
 

@@ -7,18 +7,22 @@ message, torch.as_tensor) takes 2**d steps. And a legacy tensor constructor or `
 integer allocates that much at once. torch.save writes neither: it refers again only to things it memoized
 (strings, globals, tensors, storages, now and then a small tuple such as Adam's betas).
 
-So this reads the pickle's opcodes, the subset torch's weights-only reader understands, keeping for each object on
-its stack only what kind it is (nothing is built), and refuses:
+So this reads the pickle's opcodes, the subset torch's weights-only reader understands (the bytes torch's own zip
+reader gives it), keeping for each object on its stack only what kind it is (nothing is built), and refuses:
 
 - a second reference (a memo get) to a container unless it is small and flat (at most SHARED_ITEMS_MAX items,
-  none of them a container), and a later change that makes a shared container large or nested: a container can
-  then hold at most SHARED_ITEMS_MAX leaves per reference, so what the pickle describes stays proportional to
-  its size;
-- a legacy tensor class or ``bytearray`` called with integers whose product exceeds CONSTRUCTED_SIZE_MAX.
+  none of them a container), and a later change that makes a shared container large or nested;
+- a tensor rebuilt with a state of its own (``_rebuild_from_type_v2`` of a function other than torch's tensor
+  rebuilds, a parameter with state, a BUILD on a tensor): a tensor is the one object referred to again freely;
+- ``_codecs.encode`` of anything but a literal text in latin1 (what torch.save writes for bytes), since its
+  result fed to another encode doubles with each call;
+- a legacy tensor or storage class, or ``bytearray``, called with integers whose product exceeds
+  CONSTRUCTED_SIZE_MAX.
 
 Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
-left to torch, which stops at the same place or before. The cost is one pass over the pickle's opcodes: a few
-thousand for a model's weights (the tensors' bytes are not in the pickle).
+left to torch, which refuses it. Not caught: a dict of many keys that hash alike (quadratic, not exponential: a
+760 KB file loads in ~30 s). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
+(the tensors' bytes are not in the pickle).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import io
 import os
 import pickle
 import struct
-import zipfile
 from typing import IO
+
+import torch
+from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # the renames torch's reader applies to a global's name
 
 SHARED_ITEMS_MAX = 16
 """The most items a container referred to from more than one place may hold (all of them leaves)."""
@@ -40,15 +46,21 @@ class PickleBombError(pickle.UnpicklingError):
     """A torch pickle that describes an object far larger than the file (see the module docstring)."""
 
 
+_HEAD = 8
+"""How many of a container's first items the scan keeps (a call's arguments)."""
+
+
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
-    __slots__ = ("items", "flat", "shared", "int_product")
+    __slots__ = ("items", "flat", "shared", "int_product", "head")
 
     def __init__(self) -> None:
-        self.items, self.flat, self.shared, self.int_product = 0, True, False, 1
+        self.items, self.flat, self.shared, self.int_product, self.head = 0, True, False, 1, []
 
     def add(self, item: object) -> None:
         self.items += 1
+        if len(self.head) < _HEAD:
+            self.head.append(item)
         if isinstance(item, _Box):
             self.flat = False
             self.int_product = min(self.int_product * item.int_product, 2**63)
@@ -64,25 +76,48 @@ class _Box:
 
 
 class _Global(str):
-    """The name (module.name) a GLOBAL opcode pushed."""
+    """The name (module.name, as torch's reader renames it) a GLOBAL opcode pushed."""
 
 
-_LEAF = object()  # anything else: text, floats, None, bools, tensors, storages, devices
-_SIZED = ("builtins.bytearray",)  # and every torch tensor class ("torch.FloatTensor", "torch.Tensor", ...)
-_MAKES_LEAF = ("torch._utils.", "torch._tensor._rebuild_from_type_v2", "torch.nn.parameter.Parameter",
-               "torch.device", "torch.serialization._get_layout", "_codecs.encode", "builtins.complex")
+class _Text(str):
+    """A text a BINUNICODE or SHORT_BINSTRING opcode pushed (its value when short, else empty)."""
+
+
+_LEAF = object()  # anything else: floats, None, bools, bytes, tensors, storages, devices
+_SIZED = ("builtins.bytearray",)  # and every torch tensor and storage class ("torch.FloatTensor", ...)
+_MAKES_LEAF = ("torch._utils._rebuild_", "torch.nn.parameter.Parameter", "torch.device",
+               "torch.serialization._get_layout", "builtins.complex")
+_WITH_STATE = ("torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_parameter_with_state")
+"""Tensor rebuilds whose last argument is a state set on the tensor."""
 
 
 def _sized(name: str) -> bool:
-    return name in _SIZED or (name.startswith("torch.") and name.endswith("Tensor") and name.count(".") == 1)
+    return name in _SIZED or (name.startswith("torch.") and name.endswith(("Tensor", "Storage")))
+
+
+def _empty(item: object) -> bool:
+    return item is _LEAF or (isinstance(item, _Box) and item.items == 0)
 
 
 def _made(callee: object, args: object) -> object:
     """What calling ``callee`` (REDUCE, NEWOBJ) with ``args`` makes."""
     name = str(callee) if isinstance(callee, _Global) else ""
+    head = args.head if isinstance(args, _Box) else []
     if _sized(name) and isinstance(args, _Box) and args.int_product > CONSTRUCTED_SIZE_MAX:
         raise PickleBombError(f"it calls {name} for {args.int_product:,} elements at once (torch.save writes no "
                               "such call)")
+    if name == "_codecs.encode":  # torch.save writes bytes as encode(text, "latin1")
+        if not (len(head) == 2 == args.items and isinstance(head[0], _Text) and head[1] in ("latin1", "latin-1")):
+            raise PickleBombError("it calls _codecs.encode on something other than a text in latin1 (torch.save "
+                                  "writes no such call)")
+        return _LEAF
+    if name in _WITH_STATE:
+        rebuild = head[0] if name.endswith("type_v2") and head else _Global("torch._utils._rebuild_")
+        whole = isinstance(args, _Box) and 0 < args.items <= _HEAD  # head[-1]: the last argument, the state
+        if not (whole and str(rebuild).startswith("torch._utils._rebuild_") and _empty(head[-1])):
+            raise PickleBombError(f"it calls {name} with a state or a function of its own (torch.save writes "
+                                  "plain tensors without)")
+        return _LEAF
     if name.startswith(_MAKES_LEAF) or _sized(name):
         return _LEAF
     made = _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what it was made from, as large
@@ -141,8 +176,12 @@ def check_pickle_stream(f: IO[bytes]) -> bool:
             elif code == 0x28:  # MARK
                 marks.append(len(stack))
             elif code == 0x63:  # GLOBAL
-                module, name = f.readline()[:-1], f.readline()[:-1]
-                stack.append(_Global(f"{module.decode('utf-8')}.{name.decode('utf-8')}"))
+                module, name = f.readline()[:-1].decode("utf-8"), f.readline()[:-1].decode("utf-8")
+                if (module, name) in NAME_MAPPING:
+                    module, name = NAME_MAPPING[(module, name)]
+                elif module in IMPORT_MAPPING:
+                    module = IMPORT_MAPPING[module]
+                stack.append(_Global(f"{module}.{name}"))
             elif code == 0x51:  # BINPERSID: a storage
                 stack.pop()
                 stack.append(_LEAF)
@@ -159,12 +198,9 @@ def check_pickle_stream(f: IO[bytes]) -> bool:
             elif code == 0x47:  # BINFLOAT
                 read(8)
                 stack.append(_LEAF)
-            elif code == 0x58:  # BINUNICODE
-                _skip(f, struct.unpack("<I", read(4))[0])
-                stack.append(_LEAF)
-            elif code == 0x55:  # SHORT_BINSTRING
-                _skip(f, read(1)[0])
-                stack.append(_LEAF)
+            elif code in (0x58, 0x55):  # BINUNICODE, SHORT_BINSTRING
+                n = struct.unpack("<I", read(4))[0] if code == 0x58 else read(1)[0]
+                stack.append(_Text(read(n).decode("utf-8", "replace") if n <= _SHORT_TEXT else _skip(f, n)))
             elif code in (0x29, 0x5D, 0x7D, 0x8F):  # EMPTY_TUPLE, EMPTY_LIST, EMPTY_DICT, EMPTY_SET
                 stack.append(_Box())
             elif code == 0x74:  # TUPLE
@@ -187,8 +223,9 @@ def check_pickle_stream(f: IO[bytes]) -> bool:
                 fill(stack[-1], (key, value))
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
-                if stack[-1] is _LEAF and isinstance(state, _Box):
-                    stack[-1] = new_box((state,))
+                if stack[-1] is _LEAF and not _empty(state):
+                    raise PickleBombError("it sets a state on a tensor or a value (torch.save writes plain tensors "
+                                          "without)")
                 fill(stack[-1], (state,))
             elif code in (0x52, 0x81):  # REDUCE, NEWOBJ
                 args = stack.pop()
@@ -203,11 +240,13 @@ def check_pickle_stream(f: IO[bytes]) -> bool:
         return False  # malformed: torch stops here or before, with its own error
 
 
-def _skip(f: IO[bytes], n: int) -> None:
-    if f.seekable():
-        f.seek(n, os.SEEK_CUR)
-    else:
-        f.read(n)
+_SHORT_TEXT = 64
+"""Texts up to this long are kept (a call's arguments); longer ones are skipped."""
+
+
+def _skip(f: IO[bytes], n: int) -> str:
+    f.seek(n, os.SEEK_CUR)
+    return ""
 
 
 LEGACY_PICKLES = 5
@@ -215,25 +254,20 @@ LEGACY_PICKLES = 5
 
 
 def check_torch_file(path: str | os.PathLike) -> None:
-    """Scan the pickles of the torch file at ``path`` (a zip archive's data.pkl, or a legacy file's pickles);
-    raises PickleBombError naming what it refused. Files of other kinds are left to their readers."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(0)
-        if head[:1] == b"\x80":
-            for _ in range(LEGACY_PICKLES):
-                if not check_pickle_stream(f):
-                    return
-            return
-    if head != b"PK\x03\x04":
-        return
+    """Scan the pickles of the torch file at ``path``: a zip archive's data.pkl as torch's own zip reader gives
+    it, else the pickles a legacy file starts with. Raises PickleBombError naming what it refused; a file that
+    cannot be read so is left to torch, whose error names the fault."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            # torch reads DIR/data.pkl, DIR being the archive's first record's folder
-            record = names[0].split("/", 1)[0] + "/data.pkl" if names else None
-            if record in names:
-                with archive.open(record) as raw, io.BufferedReader(raw, 1 << 20) as f:  # read(1) each opcode
-                    check_pickle_stream(f)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
-        return  # torch's reader decides
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # as torch tells a zip archive from a legacy file
+                f.seek(0)
+                for _ in range(LEGACY_PICKLES):
+                    if not check_pickle_stream(f):
+                        return
+                return
+        record = torch._C.PyTorchFileReader(str(path)).get_record("data.pkl")
+    except PickleBombError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable as a torch file: torch.load's own error says why
+        return
+    check_pickle_stream(io.BytesIO(record))

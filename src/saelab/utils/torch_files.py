@@ -50,13 +50,34 @@ def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mm
     with open(path, "rb") as f, warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=rf"(torch|{re.escape(__name__)})(\.|$)")
         if f.read(1) != PICKLE_HEAD:  # a zip archive, read by path as torch maps it, or no torch file at all
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return _without_inflated_views(torch.load(path, map_location=map_location, weights_only=True, mmap=mmap))
         f.seek(0)
         try:
-            return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+            loaded = torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as err:
             err.stopped_at = f.tell()  # the pickle reader reads through the file's own buffered read and readline
             raise
+    return _without_inflated_views(loaded)
+
+
+def _without_inflated_views(loaded: Any) -> Any:
+    """``loaded``, after checking that none of its tensors is a view of more elements than its storage holds
+    (stride 0: ``torch.zeros(1).expand(2**29)`` is 4 bytes on disk, and 2 GB once copied, as a cast copies it).
+    The walk is linear: check_torch_file let no container be shared but small flat ones."""
+    todo = [loaded]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        elif torch.is_tensor(obj) and obj.layout == torch.strided and obj.numel() > 1:
+            held = obj.untyped_storage().nbytes() // max(obj.element_size(), 1)
+            if obj.numel() > held:
+                raise pickle.UnpicklingError(f"a tensor of shape {tuple(obj.shape)} views only {held:,} stored "
+                                             "elements (a copy of it would take them all)")
+    return loaded
 
 
 # Fragments that mark a sentence of torch's load errors as advice, not a reason: to retry with weights_only=False (a
