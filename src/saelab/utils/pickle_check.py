@@ -14,13 +14,17 @@ reader gives it), keeping for each object on its stack only what kind it is (not
   none of them a container), and a later change that makes a shared container large or nested;
 - a tensor rebuilt with a state of its own (``_rebuild_from_type_v2`` of a function other than torch's tensor
   rebuilds, a parameter with state, a BUILD on a tensor): a tensor is the one object referred to again freely;
+- a tensor passed to anything but a tensor rebuild (``set``, ``torch.Size``, ``bytearray`` read it element by
+  element, and a view of one stored element has as many as it says), and the rebuilds that copy a tensor while
+  loading (``_rebuild_device_tensor_from_cpu_tensor``, ``_from_numpy``);
 - ``_codecs.encode`` of anything but a literal text in latin1 (what torch.save writes for bytes), since its
   result fed to another encode doubles with each call;
 - a legacy tensor or storage class, or ``bytearray``, called with integers whose product exceeds
   CONSTRUCTED_SIZE_MAX.
 
 Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
-left to torch, which refuses it. Not caught: a dict of many keys that hash alike (quadratic, not exponential: a
+left to torch, which refuses it. What the tensors take once loaded is checked after the load
+(torch_files.load_plain_tensors: views, compressed or uninitialised storages, repeated references). Not caught: a dict of many keys that hash alike (quadratic, not exponential: a
 760 KB file loads in ~30 s). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
 (the tensors' bytes are not in the pickle).
 """
@@ -52,10 +56,11 @@ _HEAD = 8
 
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
-    __slots__ = ("items", "flat", "shared", "int_product", "head")
+    __slots__ = ("items", "flat", "shared", "int_product", "head", "tensors")
 
     def __init__(self) -> None:
         self.items, self.flat, self.shared, self.int_product, self.head = 0, True, False, 1, []
+        self.tensors = False  # whether a tensor is in it, at any depth
 
     def add(self, item: object) -> None:
         self.items += 1
@@ -64,6 +69,9 @@ class _Box:
         if isinstance(item, _Box):
             self.flat = False
             self.int_product = min(self.int_product * item.int_product, 2**63)
+            self.tensors = self.tensors or item.tensors
+        elif item is _TENSOR:
+            self.tensors = True
         elif isinstance(item, int) and abs(item) > 1:
             self.int_product = min(self.int_product * abs(item), 2**63)
         if self.shared and not self.shareable:
@@ -83,12 +91,16 @@ class _Text(str):
     """A text a BINUNICODE or SHORT_BINSTRING opcode pushed (its value when short, else empty)."""
 
 
-_LEAF = object()  # anything else: floats, None, bools, bytes, tensors, storages, devices
+_LEAF = object()  # anything else: floats, None, bools, bytes, storages, devices
+_TENSOR = object()  # a tensor a rebuild function made: referred to again freely, passed to nothing but rebuilds
 _SIZED = ("builtins.bytearray",)  # and every torch tensor and storage class ("torch.FloatTensor", ...)
-_MAKES_LEAF = ("torch._utils._rebuild_", "torch.nn.parameter.Parameter", "torch.device",
-               "torch.serialization._get_layout", "builtins.complex")
+_MAKES_TENSOR = ("torch._utils._rebuild_", "torch.nn.parameter.Parameter")
+_MAKES_LEAF = ("torch.device", "torch.serialization._get_layout", "builtins.complex")
 _WITH_STATE = ("torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_parameter_with_state")
 """Tensor rebuilds whose last argument is a state set on the tensor."""
+_REFUSED = ("torch._utils._rebuild_device_tensor_from_cpu_tensor", "torch._utils._rebuild_device_tensor_from_numpy")
+"""Rebuilds that copy a tensor while loading (a view of one element becomes gigabytes); torch.save writes them only
+for tensors on devices without storage, which saelab never reads."""
 
 
 def _sized(name: str) -> bool:
@@ -103,6 +115,13 @@ def _made(callee: object, args: object) -> object:
     """What calling ``callee`` (REDUCE, NEWOBJ) with ``args`` makes."""
     name = str(callee) if isinstance(callee, _Global) else ""
     head = args.head if isinstance(args, _Box) else []
+    if name in _REFUSED:
+        raise PickleBombError(f"it calls {name}, which copies a tensor while loading (saelab reads tensors with "
+                              "storage of their own)")
+    if (args is _TENSOR or (isinstance(args, _Box) and args.tensors)) and not name.startswith(_MAKES_TENSOR) \
+            and name not in _WITH_STATE:
+        raise PickleBombError(f"it passes a tensor to {name or 'a call'}, which would read it element by element "
+                              "(torch.save writes no such call)")
     if _sized(name) and isinstance(args, _Box) and args.int_product > CONSTRUCTED_SIZE_MAX:
         raise PickleBombError(f"it calls {name} for {args.int_product:,} elements at once (torch.save writes no "
                               "such call)")
@@ -117,7 +136,9 @@ def _made(callee: object, args: object) -> object:
         if not (whole and str(rebuild).startswith("torch._utils._rebuild_") and _empty(head[-1])):
             raise PickleBombError(f"it calls {name} with a state or a function of its own (torch.save writes "
                                   "plain tensors without)")
-        return _LEAF
+        return _TENSOR
+    if name.startswith(_MAKES_TENSOR):
+        return _TENSOR
     if name.startswith(_MAKES_LEAF) or _sized(name):
         return _LEAF
     made = _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what it was made from, as large
@@ -223,7 +244,7 @@ def check_pickle_stream(f: IO[bytes]) -> bool:
                 fill(stack[-1], (key, value))
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
-                if stack[-1] is _LEAF and not _empty(state):
+                if stack[-1] in (_LEAF, _TENSOR) and not _empty(state):
                     raise PickleBombError("it sets a state on a tensor or a value (torch.save writes plain tensors "
                                           "without)")
                 fill(stack[-1], (state,))
@@ -258,16 +279,18 @@ def check_torch_file(path: str | os.PathLike) -> None:
     it, else the pickles a legacy file starts with. Raises PickleBombError naming what it refused; a file that
     cannot be read so is left to torch, whose error names the fault."""
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":  # as torch tells a zip archive from a legacy file
-                f.seek(0)
-                for _ in range(LEGACY_PICKLES):
-                    if not check_pickle_stream(f):
-                        return
-                return
+        f = open(path, "rb")
+    except OSError:  # torch.load's own error says why
+        return
+    with f:
+        if f.read(4) != b"PK\x03\x04":  # as torch tells a zip archive from a legacy file
+            f.seek(0)
+            for _ in range(LEGACY_PICKLES):
+                if not check_pickle_stream(f):
+                    return
+            return
+    try:
         record = torch._C.PyTorchFileReader(str(path)).get_record("data.pkl")
-    except PickleBombError:
-        raise
-    except Exception:  # noqa: BLE001 - unreadable as a torch file: torch.load's own error says why
+    except Exception:  # noqa: BLE001 - unreadable as a torch archive: torch.load's own error says why
         return
     check_pickle_stream(io.BytesIO(record))

@@ -50,21 +50,29 @@ def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mm
     with open(path, "rb") as f, warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=rf"(torch|{re.escape(__name__)})(\.|$)")
         if f.read(1) != PICKLE_HEAD:  # a zip archive, read by path as torch maps it, or no torch file at all
-            return _without_inflated_views(torch.load(path, map_location=map_location, weights_only=True, mmap=mmap))
+            return _with_tensors_the_file_holds(
+                torch.load(path, map_location=map_location, weights_only=True, mmap=mmap), path)
         f.seek(0)
         try:
             loaded = torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as err:
             err.stopped_at = f.tell()  # the pickle reader reads through the file's own buffered read and readline
             raise
-    return _without_inflated_views(loaded)
+    return _with_tensors_the_file_holds(loaded, path)
 
 
-def _without_inflated_views(loaded: Any) -> Any:
-    """``loaded``, after checking that none of its tensors is a view of more elements than its storage holds
-    (stride 0: ``torch.zeros(1).expand(2**29)`` is 4 bytes on disk, and 2 GB once copied, as a cast copies it).
-    The walk is linear: check_torch_file let no container be shared but small flat ones."""
-    todo = [loaded]
+COPIED_BYTES_PER_FILE_BYTE = 4
+"""How many times the file's size a load's tensors may take once copied (counted per reference: tied weights twice)."""
+
+
+def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
+    """``loaded``, after checking that its tensors, each copy counted (a cast at resume copies each reference),
+    take at most COPIED_BYTES_PER_FILE_BYTE times the file's size (and 1 MiB): a view of one stored element
+    (``torch.zeros(1).expand(2**29)``: 4 bytes on disk, 2 GB once copied), a compressed or an uninitialised
+    legacy storage, or one tensor referred to thousands of times, is refused. The walk is linear: check_torch_file
+    let no container be shared but small flat ones."""
+    limit = COPIED_BYTES_PER_FILE_BYTE * os.path.getsize(path) + 2**20
+    total, todo = 0, [loaded]
     while todo:
         obj = todo.pop()
         if isinstance(obj, dict):
@@ -72,12 +80,23 @@ def _without_inflated_views(loaded: Any) -> Any:
             todo.extend(obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):
             todo.extend(obj)
-        elif torch.is_tensor(obj) and obj.layout == torch.strided and obj.numel() > 1:
-            held = obj.untyped_storage().nbytes() // max(obj.element_size(), 1)
-            if obj.numel() > held:
-                raise pickle.UnpicklingError(f"a tensor of shape {tuple(obj.shape)} views only {held:,} stored "
-                                             "elements (a copy of it would take them all)")
+        elif torch.is_tensor(obj):
+            total += _copied_bytes(obj)
+            if total > limit:
+                raise pickle.UnpicklingError(
+                    f"its tensors take {total:,} bytes or more once copied, over {COPIED_BYTES_PER_FILE_BYTE} "
+                    f"times the file's {os.path.getsize(path):,} (views of a few stored elements, compressed or "
+                    "uninitialised storages, or one tensor referred to again and again)")
     return loaded
+
+
+def _copied_bytes(t: torch.Tensor) -> int:
+    if t.layout == torch.sparse_coo:
+        return t._indices().numel() * 8 + t._values().numel() * t._values().element_size()
+    try:
+        return t.numel() * t.element_size()
+    except RuntimeError:  # a nested tensor: no numel
+        raise pickle.UnpicklingError(f"it holds a tensor of layout {t.layout} that saelab does not read") from None
 
 
 # Fragments that mark a sentence of torch's load errors as advice, not a reason: to retry with weights_only=False (a
