@@ -561,13 +561,14 @@ def test_torch_reasons_show_the_files_own_text_quoted(tmp_path):
 def test_values_read_from_a_file_are_named_by_type_in_messages(tmp_path):
     """A file with a long tuple or a tensor viewed from one element, no call in it: it loads, and saelab's own
     message wrote the value out (the OpenAI activation, the keys of a checkpoint). Named by its type instead. (A
-    tuple of shared tuples, 2**40 leaves written out, is refused unread: tests/test_pickle_check.py.)"""
+    tuple of shared tuples, 2**40 leaves written out, and a view that takes gigabytes once copied are refused
+    unread: tests/test_pickle_check.py.)"""
     torch.save({"activation": tuple(range(100_000)), "encoder.weight": torch.zeros(2, 2), "decoder.weight": torch.zeros(2, 2),
                 "pre_bias": torch.zeros(2), "latent_bias": torch.zeros(2), "stats_last_nonzero": torch.zeros(2)},
                tmp_path / "sae.pt")
     with pytest.raises(CheckpointError, match=r"activation \(a tuple\) is not supported"):
         load_sae(tmp_path / "sae.pt")
-    torch.save({torch.zeros(1).expand(*[2] * 30): 1, "step": 3}, tmp_path / CHECKPOINT)  # 2**30 elements printed
+    torch.save({torch.zeros(1).expand(*[2] * 14): 1, "step": 3}, tmp_path / CHECKPOINT)  # 2**14 elements printed
     with pytest.raises(CheckpointError, match=r"\(found \['\(a Tensor\)', 'step'\]\)"):
         load_checkpoint(tmp_path)
 

@@ -83,10 +83,8 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
         elif torch.is_tensor(obj):
             total += _copied_bytes(obj)
             if total > limit:
-                raise pickle.UnpicklingError(
-                    f"its tensors take {total:,} bytes or more once copied, over {COPIED_BYTES_PER_FILE_BYTE} "
-                    f"times the file's {os.path.getsize(path):,} (views of a few stored elements, compressed or "
-                    "uninitialised storages, or one tensor referred to again and again)")
+                raise pickle.UnpicklingError(f"its tensors take {total:,} bytes or more once copied, over "
+                                             f"{COPIED_BYTES_PER_FILE_BYTE} times the file's {os.path.getsize(path):,}")
     return loaded
 
 
