@@ -87,12 +87,21 @@ def deflated(path: Path, obj) -> None:
             dst.writestr(info.filename, src.read(info))
 
 
+def put(i: int) -> bytes:
+    return b"r" + i.to_bytes(4, "little")
+
+
+def get(i: int) -> bytes:
+    return b"j" + i.to_bytes(4, "little")
+
+
+BININT_2_26 = b"J" + (2**26).to_bytes(4, "little")
 ENCODE = glob("_codecs", "encode")
 # bytes of bytes: encode(encode("ab", "latin1"), "hex"), each such call doubling the last
 HEX_OF_BYTES = b"\x80\x02" + ENCODE + ENCODE + text("ab") + text("latin1") + b"\x86R" + text("hex") + b"\x86R."
 # _rebuild_from_type_v2(OrderedDict, OrderedDict, ({},), None): a dict passed off as a tensor, so referable again
-DICT_AS_TENSOR = (b"\x80\x02" + glob("torch._tensor", "_rebuild_from_type_v2") + b"(" + glob("collections", "OrderedDict")
-                  + glob("collections", "OrderedDict") + b"}\x85Nt" + b"R.")
+DICT_AS_TENSOR = (b"\x80\x02" + glob("torch._tensor", "_rebuild_from_type_v2") + b"("
+                  + glob("collections", "OrderedDict") * 2 + b"}\x85Nt" + b"R.")
 
 
 BOMBS = {
@@ -114,15 +123,23 @@ BOMBS = {
     "sparse-of-one-element": lambda p: torch.save(  # its invariants unchecked, as torch.load leaves them
         {"tokens_since_fired": torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.long).expand(1, 2**26),
                                                        torch.zeros(1).expand(2**26), (1,))}, p),
-    "a-tensor-referred-to-1024-times": lambda p: torch.save({"exp_avg": [torch.zeros(2**14, dtype=torch.float64)] * 1024}, p),
+    "a-tensor-referred-to-1024-times": lambda p: torch.save({"exp_avg": [torch.zeros(2**14).double()] * 1024}, p),
     "set-of-a-view": lambda p: torch.save({"x": Calls(set, torch.zeros(1).expand(2**22))}, p),
     "bytearray-of-a-tensor": lambda p: torch.save({"x": Calls(bytearray, torch.tensor(2**30))}, p),
     "copy-while-loading": lambda p: torch.save({"x": Calls(torch._utils._rebuild_device_tensor_from_cpu_tensor,
-                                                           torch.zeros(1).expand(2**26), torch.float64, "cpu", False)}, p),
+                                                           torch.zeros(1).expand(2**26), torch.float64, "cpu",
+                                                           False)}, p),
     "compressed-storage": lambda p: deflated(p, {"t": torch.zeros(2**21)}),
+    "40-bytearrays-of-2**26": lambda p: in_archive(p, b"\x80\x02](" + glob("builtins", "bytearray") + put(0)
+                                                   + (BININT_2_26 + b"\x85R" + get(0)) * 39 + BININT_2_26 + b"\x85Re."),
+    "one-text-encoded-100-times": lambda p: in_archive(p, b"\x80\x02](" + ENCODE + put(1) + text("x" * 100_000)
+                                                       + put(2) + text("latin1") + put(3)
+                                                       + (b"\x86R" + get(1) + get(2) + get(3)) * 99 + b"\x86Re."),
+    "global-of-20000-characters": lambda p: in_archive(p, b"\x80\x02" + glob("a" * 20_000, "b") + b"."),
+    "call-of-a-list": lambda p: in_archive(p, b"\x80\x02" + b"]" + text("x" * 1000) + b"\x85R."),
 }
 REFUSALS = (r"refers again to a container|elements at once|_codecs.encode on|a state or a function|once copied|"
-            r"passes a tensor|copies a tensor")
+            r"passes a tensor|copies a tensor|its calls would make|a global of over|a container or a long text")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
@@ -152,7 +169,8 @@ def test_what_torch_save_writes_reads_as_before(tmp_path):
     (p1.sum() + p2.sum()).backward()
     opt.step()
     flat = tuple(range(SHARED_ITEMS_MAX))
-    state = {"small_view": torch.ones(1).expand(4), "model": weights, "opt": opt.state_dict(), "a": flat, "b": flat, "tied": [p1, p1]}
+    state = {"small_view": torch.ones(1).expand(4), "model": weights, "opt": opt.state_dict(), "a": flat, "b": flat,
+             "tied": [p1, p1]}
     for fmt in ({}, LEGACY):
         torch.save(state, tmp_path / "s.pt", **fmt)
         check_torch_file(tmp_path / "s.pt")

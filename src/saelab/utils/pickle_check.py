@@ -23,8 +23,11 @@ reader gives it), keeping for each object on its stack only what kind it is (not
   CONSTRUCTED_SIZE_MAX.
 
 Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
-left to torch, which refuses it. What the tensors take once loaded is checked after the load
-(torch_files.load_plain_tensors: views, compressed or uninitialised storages, repeated references). Not caught: a dict of many keys that hash alike (quadratic, not exponential: a
+left to torch, which refuses it. The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times
+the file's size (texts passed, each reference counted; elements asked for), and a global's name is at most
+_NAME_MAX characters (torch searches a refused one's message in time that grows with its square). What the tensors
+take once loaded is checked after the load (torch_files.load_plain_tensors: views, compressed or uninitialised
+storages, repeated references). Not caught: a dict of many keys that hash alike (quadratic, not exponential: a
 760 KB file loads in ~30 s). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
 (the tensors' bytes are not in the pickle).
 """
@@ -56,11 +59,12 @@ _HEAD = 8
 
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
-    __slots__ = ("items", "flat", "shared", "int_product", "head", "tensors")
+    __slots__ = ("items", "flat", "shared", "int_product", "head", "tensors", "text_bytes")
 
     def __init__(self) -> None:
         self.items, self.flat, self.shared, self.int_product, self.head = 0, True, False, 1, []
         self.tensors = False  # whether a tensor is in it, at any depth
+        self.text_bytes = 0  # the length of the texts in it, at any depth, each reference counted
 
     def add(self, item: object) -> None:
         self.items += 1
@@ -70,6 +74,9 @@ class _Box:
             self.flat = False
             self.int_product = min(self.int_product * item.int_product, 2**63)
             self.tensors = self.tensors or item.tensors
+            self.text_bytes += item.text_bytes
+        elif isinstance(item, _Text):
+            self.text_bytes += item.size
         elif item is _TENSOR:
             self.tensors = True
         elif isinstance(item, int) and abs(item) > 1:
@@ -88,7 +95,15 @@ class _Global(str):
 
 
 class _Text(str):
-    """A text a BINUNICODE or SHORT_BINSTRING opcode pushed (its value when short, else empty)."""
+    """A text a BINUNICODE or SHORT_BINSTRING opcode pushed (its value when short, else empty), or the bytes encoded
+    from one (empty), and its ``size``."""
+    size = 0
+
+
+def _text(value: str, size: int) -> _Text:
+    text = _Text(value)
+    text.size = size
+    return text
 
 
 _LEAF = object()  # anything else: floats, None, bools, bytes, storages, devices
@@ -111,6 +126,26 @@ def _empty(item: object) -> bool:
     return item is _LEAF or (isinstance(item, _Box) and item.items == 0)
 
 
+_NAME_MAX = 1000
+"""The longest module or name of a global: torch writes a refused one into a message it then searches with a
+regular expression whose time grows with the square of its length."""
+
+
+def _cost(callee: object, args: object) -> int:
+    """What a call makes, as far as the budget counts it: the elements a sized constructor asks for, the texts it
+    is passed (each reference: one text fetched again and again is copied or hashed each time)."""
+    if isinstance(callee, _Box) or (isinstance(callee, _Text) and callee.size > _NAME_MAX):
+        # torch refuses it, writing it into its message first, however large
+        raise PickleBombError("it calls a container or a long text, not a named function")
+    if not isinstance(callee, _Global):  # torch's refusal, quoting a short value, is the message
+        return 0
+    if isinstance(args, _Text):
+        return args.size
+    if not isinstance(args, _Box):
+        return 0
+    return args.text_bytes + (args.int_product if _sized(callee) else 0)
+
+
 def _made(callee: object, args: object) -> object:
     """What calling ``callee`` (REDUCE, NEWOBJ) with ``args`` makes."""
     name = str(callee) if isinstance(callee, _Global) else ""
@@ -129,7 +164,7 @@ def _made(callee: object, args: object) -> object:
         if not (len(head) == 2 == args.items and isinstance(head[0], _Text) and head[1] in ("latin1", "latin-1")):
             raise PickleBombError("it calls _codecs.encode on something other than a text in latin1 (torch.save "
                                   "writes no such call)")
-        return _LEAF
+        return _text("", head[0].size)  # bytes as long: passed again, copied again
     if name in _WITH_STATE:
         rebuild = head[0] if name.endswith("type_v2") and head else _Global("torch._utils._rebuild_")
         whole = isinstance(args, _Box) and 0 < args.items <= _HEAD  # head[-1]: the last argument, the state
@@ -147,10 +182,12 @@ def _made(callee: object, args: object) -> object:
     return made
 
 
-def check_pickle_stream(f: IO[bytes]) -> bool:
-    """Scan one pickle from ``f`` (see the module docstring). True when it ended at its STOP opcode, False where
-    the scan stopped early (left to torch). Raises PickleBombError for a refused pickle."""
+def check_pickle_stream(f: IO[bytes], budget: int) -> bool:
+    """Scan one pickle from ``f`` (see the module docstring) whose calls may make at most ``budget`` bytes or
+    elements in all. True when it ended at its STOP opcode, False where the scan stopped early (left to torch).
+    Raises PickleBombError for a refused pickle."""
     read = f.read
+    spent = 0
     stack: list[object] = []
     marks: list[int] = []
     memo: dict[int, object] = {}
@@ -197,7 +234,12 @@ def check_pickle_stream(f: IO[bytes]) -> bool:
             elif code == 0x28:  # MARK
                 marks.append(len(stack))
             elif code == 0x63:  # GLOBAL
-                module, name = f.readline()[:-1].decode("utf-8"), f.readline()[:-1].decode("utf-8")
+                module, name = f.readline(_NAME_MAX + 1), f.readline(_NAME_MAX + 1)
+                if any(len(part) > _NAME_MAX and not part.endswith(b"\n") for part in (module, name)):
+                    raise PickleBombError(f"it names a global of over {_NAME_MAX} characters")
+                if not (module.endswith(b"\n") and name.endswith(b"\n")):  # cut short: torch's error says so
+                    return False
+                module, name = module[:-1].decode("utf-8"), name[:-1].decode("utf-8")
                 if (module, name) in NAME_MAPPING:
                     module, name = NAME_MAPPING[(module, name)]
                 elif module in IMPORT_MAPPING:
@@ -221,7 +263,7 @@ def check_pickle_stream(f: IO[bytes]) -> bool:
                 stack.append(_LEAF)
             elif code in (0x58, 0x55):  # BINUNICODE, SHORT_BINSTRING
                 n = struct.unpack("<I", read(4))[0] if code == 0x58 else read(1)[0]
-                stack.append(_Text(read(n).decode("utf-8", "replace") if n <= _SHORT_TEXT else _skip(f, n)))
+                stack.append(_text(read(n).decode("utf-8", "replace") if n <= _SHORT_TEXT else _skip(f, n), n))
             elif code in (0x29, 0x5D, 0x7D, 0x8F):  # EMPTY_TUPLE, EMPTY_LIST, EMPTY_DICT, EMPTY_SET
                 stack.append(_Box())
             elif code == 0x74:  # TUPLE
@@ -250,6 +292,11 @@ def check_pickle_stream(f: IO[bytes]) -> bool:
                 fill(stack[-1], (state,))
             elif code in (0x52, 0x81):  # REDUCE, NEWOBJ
                 args = stack.pop()
+                spent += _cost(stack[-1], args)
+                if spent > budget:
+                    raise PickleBombError(f"its calls would make {spent:,} bytes or elements or more, over "
+                                          f"{budget:,} for a file of its size (one text passed again and again, or "
+                                          "many constructor calls)")
                 stack[-1] = _made(stack[-1], args)
             elif code in (0x68, 0x6A):  # BINGET, LONG_BINGET
                 get(read(1)[0] if code == 0x68 else struct.unpack("<I", read(4))[0])
@@ -270,6 +317,8 @@ def _skip(f: IO[bytes], n: int) -> str:
     return ""
 
 
+MADE_BYTES_PER_FILE_BYTE = 4
+"""What a pickle's calls may make in all (texts passed, elements asked for), in times the file's size (and 1 MiB)."""
 LEGACY_PICKLES = 5
 """A torch file from before torch 1.6: magic number, protocol, system info, the object, its storage keys."""
 
@@ -280,17 +329,18 @@ def check_torch_file(path: str | os.PathLike) -> None:
     cannot be read so is left to torch, whose error names the fault."""
     try:
         f = open(path, "rb")
+        budget = MADE_BYTES_PER_FILE_BYTE * os.path.getsize(path) + 2**20
     except OSError:  # torch.load's own error says why
         return
     with f:
         if f.read(4) != b"PK\x03\x04":  # as torch tells a zip archive from a legacy file
             f.seek(0)
             for _ in range(LEGACY_PICKLES):
-                if not check_pickle_stream(f):
+                if not check_pickle_stream(f, budget):
                     return
             return
     try:
         record = torch._C.PyTorchFileReader(str(path)).get_record("data.pkl")
     except Exception:  # noqa: BLE001 - unreadable as a torch archive: torch.load's own error says why
         return
-    check_pickle_stream(io.BytesIO(record))
+    check_pickle_stream(io.BytesIO(record), budget)
