@@ -11,7 +11,7 @@ So this reads the pickle's opcodes, the subset torch's weights-only reader under
 reader gives it), keeping for each object on its stack only what kind it is (nothing is built), and refuses:
 
 - a second reference (a memo get) to a container unless it is small and flat (at most SHARED_ITEMS_MAX items,
-  none of them a container), and a later change that makes a shared container large or nested;
+  none of them a container), and a later change that makes such a container large or nested;
 - a tensor rebuilt with a state of its own (``_rebuild_from_type_v2`` of a function other than torch's tensor
   rebuilds, a parameter with state, a BUILD on a tensor): a tensor is the one object referred to again freely;
 - a tensor passed to anything but a tensor rebuild (``set``, ``torch.Size``, ``bytearray`` read it element by
@@ -59,10 +59,10 @@ _HEAD = 8
 
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
-    __slots__ = ("items", "flat", "shared", "int_product", "head", "tensors", "text_bytes")
+    __slots__ = ("items", "flat", "referred_again", "int_product", "head", "tensors", "text_bytes")
 
     def __init__(self) -> None:
-        self.items, self.flat, self.shared, self.int_product, self.head = 0, True, False, 1, []
+        self.items, self.flat, self.referred_again, self.int_product, self.head = 0, True, False, 1, []
         self.tensors = False  # whether a tensor is in it, at any depth
         self.text_bytes = 0  # the length of the texts in it, at any depth, each reference counted
 
@@ -81,7 +81,7 @@ class _Box:
             self.tensors = True
         elif isinstance(item, int) and abs(item) > 1:
             self.int_product = min(self.int_product * abs(item), 2**63)
-        if self.shared and not self.shareable:
+        if self.referred_again and not self.shareable:
             raise PickleBombError("a container referred to again grows nested or past "
                                   f"{SHARED_ITEMS_MAX} items afterwards")
 
@@ -212,7 +212,7 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> bool:
             if not obj.shareable:
                 raise PickleBombError(f"it refers again to a container of {obj.items:,} items (memo {idx}); "
                                       f"at most {SHARED_ITEMS_MAX} are read in a container referred to again")
-            obj.shared = True
+            obj.referred_again = True
         stack.append(obj)
 
     def new_box(items) -> _Box:
