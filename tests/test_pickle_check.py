@@ -26,7 +26,7 @@ from saelab.models import load_model
 from saelab.models.loading import ModelLoadError
 from saelab.sae import load_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
-from saelab.utils.pickle_check import SHARED_ITEMS_MAX, check_torch_file
+from saelab.utils.pickle_check import HASHED_ALIKE_MAX, SHARED_ITEMS_MAX, check_torch_file
 from saelab.utils.torch_files import load_plain_tensors
 
 LEGACY = {"_use_new_zipfile_serialization": False}
@@ -104,6 +104,10 @@ DICT_AS_TENSOR = (b"\x80\x02" + glob("torch._tensor", "_rebuild_from_type_v2") +
                   + glob("collections", "OrderedDict") * 2 + b"}\x85Nt" + b"R.")
 
 
+# keys of one hash: an int's hash is its remainder by 2**61 - 1; complex(a, b) hashes as hash(a) + 1000003 * hash(b)
+ONE_HASH_INTS = [k * (2**61 - 1) for k in range(1, 2_000)]
+ONE_HASH_COMPLEX = [complex(2**50 - 1_000_003 * j, j) for j in range(2_000)]
+
 BOMBS = {
     "shared-tuples": lambda p: torch.save({"revivals": shared_levels(40)}, p),
     "shared-tuples-legacy": lambda p: torch.save({"revivals": shared_levels(40)}, p, **LEGACY),
@@ -137,9 +141,15 @@ BOMBS = {
                                                        + (b"\x86R" + get(1) + get(2) + get(3)) * 99 + b"\x86Re."),
     "global-of-20000-characters": lambda p: in_archive(p, b"\x80\x02" + glob("a" * 20_000, "b") + b"."),
     "call-of-a-list": lambda p: in_archive(p, b"\x80\x02" + b"]" + text("x" * 1000) + b"\x85R."),
+    "dict-of-ints-of-one-hash": lambda p: torch.save(dict.fromkeys(ONE_HASH_INTS, 0), p),
+    "set-of-complex-of-one-hash": lambda p: torch.save({"x": set(ONE_HASH_COMPLEX)}, p),
+    "counter-of-tuples-of-one-hash": lambda p: torch.save(collections.Counter((k,) for k in ONE_HASH_INTS), p),
+    "ordered-dict-of-pairs-of-one-hash": lambda p: torch.save(
+        {"x": Calls(collections.OrderedDict, [((k,), 0) for k in ONE_HASH_INTS])}, p),
 }
 REFUSALS = (r"refers again to a container|elements at once|_codecs.encode on|a state or a function|once copied|"
-            r"passes a tensor|copies a tensor|its calls would make|a global of over|a container or a long text")
+            r"passes a tensor|copies a tensor|its calls would make|a global of over|a container or a long text|"
+            r"whose hashes can be made equal")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
@@ -170,7 +180,8 @@ def test_what_torch_save_writes_reads_as_before(tmp_path):
     opt.step()
     flat = tuple(range(SHARED_ITEMS_MAX))
     state = {"small_view": torch.ones(1).expand(4), "model": weights, "opt": opt.state_dict(), "a": flat, "b": flat,
-             "tied": [p1, p1]}
+             "tied": [p1, p1], "tuple_keys": {(i, str(i)): i for i in range(HASHED_ALIKE_MAX)},
+             "texts": set(map(str, range(1000))), "counts": collections.Counter(map(str, range(1000)))}
     for fmt in ({}, LEGACY):
         torch.save(state, tmp_path / "s.pt", **fmt)
         check_torch_file(tmp_path / "s.pt")
@@ -179,6 +190,7 @@ def test_what_torch_save_writes_reads_as_before(tmp_path):
         assert all(loaded["model"][k].equal(v) for k, v in state["model"].items())
         assert loaded["opt"]["param_groups"] == state["opt"]["param_groups"]
         assert (loaded["a"], loaded["b"]) == (flat, flat)
+        assert all(loaded[k] == state[k] for k in ("tuple_keys", "texts", "counts"))
         copy.deepcopy(loaded)
 
 

@@ -20,15 +20,17 @@ reader gives it), keeping for each object on its stack only what kind it is (not
 - ``_codecs.encode`` of anything but a literal text in latin1 (what torch.save writes for bytes), since its
   result fed to another encode doubles with each call;
 - a legacy tensor or storage class, or ``bytearray``, called with integers whose product exceeds
-  CONSTRUCTED_SIZE_MAX.
+  CONSTRUCTED_SIZE_MAX;
+- a dict, set or Counter given more than HASHED_ALIKE_MAX keys whose hashes can be made equal (integers of 2**61 - 1
+  or more, whose hash is their remainder; complex numbers; tuples): inserting n keys of one hash takes n**2 / 2
+  comparisons. Texts cannot be made so: their hash is keyed afresh in every process.
 
 Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
 left to torch, which refuses it. The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times
 the file's size (texts passed, each reference counted; elements asked for), and a global's name is at most
 _NAME_MAX characters (torch searches a refused one's message in time that grows with its square). What the tensors
 take once loaded is checked after the load (torch_files.load_plain_tensors: views, compressed or uninitialised
-storages, repeated references). Not caught: a dict of many keys that hash alike (quadratic, not exponential: a
-760 KB file loads in ~30 s). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
+storages, repeated references). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
 (the tensors' bytes are not in the pickle).
 """
 
@@ -47,6 +49,9 @@ SHARED_ITEMS_MAX = 16
 """The most items a container referred to from more than one place may hold (all of them leaves)."""
 CONSTRUCTED_SIZE_MAX = 2**26
 """The largest allocation (elements or bytes) a legacy tensor class or bytearray may be asked for by its integers."""
+HASHED_ALIKE_MAX = 256
+"""The most keys that may hash alike (see _may_hash_alike) one dict, set or Counter is given: 256 of one hash take
+32,640 comparisons to insert, and each such key takes ten or more bytes of the file."""
 
 
 class PickleBombError(pickle.UnpicklingError):
@@ -59,14 +64,22 @@ _HEAD = 8
 
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
-    __slots__ = ("items", "flat", "referred_again", "int_product", "head", "tensors", "text_bytes")
+    __slots__ = ("items", "flat", "referred_again", "int_product", "head", "tensors", "text_bytes", "alike",
+                 "alike_pairs", "first_alike", "keys_alike")
 
     def __init__(self) -> None:
         self.items, self.flat, self.referred_again, self.int_product, self.head = 0, True, False, 1, []
         self.tensors = False  # whether a tensor is in it, at any depth
         self.text_bytes = 0  # the length of the texts in it, at any depth, each reference counted
+        self.alike = self.alike_pairs = 0  # items that may hash alike; items that are pairs whose key may
+        self.first_alike = False  # whether its first item may hash alike (a pair's key)
+        self.keys_alike = 0  # keys that may hash alike it was given as a dict, set or Counter
 
     def add(self, item: object) -> None:
+        alike = _may_hash_alike(item)
+        self.first_alike = self.first_alike or (alike and self.items == 0)
+        self.alike += alike
+        self.alike_pairs += isinstance(item, _Box) and item.first_alike
         self.items += 1
         if len(self.head) < _HEAD:
             self.head.append(item)
@@ -89,6 +102,14 @@ class _Box:
     def shareable(self) -> bool:
         return self.flat and self.items <= SHARED_ITEMS_MAX
 
+    def hash_keys(self, alike: int) -> None:
+        """Count ``alike`` more keys that may hash alike given to this dict, set or Counter."""
+        self.keys_alike += alike
+        if self.keys_alike > HASHED_ALIKE_MAX:
+            raise PickleBombError(f"it gives a dict or set over {HASHED_ALIKE_MAX} keys whose hashes can be made "
+                                  "equal (large integers, complex numbers, tuples; torch.save writes no such keys "
+                                  "in weights): inserting them takes their count squared")
+
 
 class _Global(str):
     """The name (module.name, as torch's reader renames it) a GLOBAL opcode pushed."""
@@ -107,10 +128,15 @@ def _text(value: str, size: int) -> _Text:
 
 
 _LEAF = object()  # anything else: floats, None, bools, bytes, storages, devices
+_COMPLEX = object()  # a complex number: a leaf whose hash can be chosen (hash(real) + 1000003 * hash(imag))
 _TENSOR = object()  # a tensor a rebuild function made: referred to again freely, passed to nothing but rebuilds
 _SIZED = ("builtins.bytearray",)  # and every torch tensor and storage class ("torch.FloatTensor", ...)
 _MAKES_TENSOR = ("torch._utils._rebuild_", "torch.nn.parameter.Parameter")
-_MAKES_LEAF = ("torch.device", "torch.serialization._get_layout", "builtins.complex")
+_MAKES_LEAF = ("torch.device", "torch.serialization._get_layout")
+_HASHES = {"builtins.set": "alike", "collections.Counter": "alike", "collections.OrderedDict": "alike_pairs"}
+"""Calls that hash the items of their first argument (OrderedDict: the first item of each pair)."""
+_HASH_MODULUS = 2**61 - 1
+"""An int's hash is its remainder by this: any number of ints of one hash are written in a few bytes each."""
 _WITH_STATE = ("torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_parameter_with_state")
 """Tensor rebuilds whose last argument is a state set on the tensor."""
 _REFUSED = ("torch._utils._rebuild_device_tensor_from_cpu_tensor", "torch._utils._rebuild_device_tensor_from_numpy")
@@ -120,6 +146,13 @@ for tensors on devices without storage, which saelab never reads."""
 
 def _sized(name: str) -> bool:
     return name in _SIZED or (name.startswith("torch.") and name.endswith(("Tensor", "Storage")))
+
+
+def _may_hash_alike(item: object) -> bool:
+    """Whether a pickle can give many distinct keys of this kind one hash: large ints, complex numbers, and tuples
+    (whose hash combines their items' by steps that can be undone). Floats can share a hash only by the few dozen."""
+    return ((isinstance(item, int) and abs(item) >= _HASH_MODULUS) or item is _COMPLEX
+            or (isinstance(item, _Box) and item.items > 0))
 
 
 def _empty(item: object) -> bool:
@@ -174,11 +207,15 @@ def _made(callee: object, args: object) -> object:
         return _TENSOR
     if name.startswith(_MAKES_TENSOR):
         return _TENSOR
+    if name == "builtins.complex":
+        return _COMPLEX
     if name.startswith(_MAKES_LEAF) or _sized(name):
         return _LEAF
     made = _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what it was made from, as large
     if isinstance(args, _Box):
         made.items, made.flat, made.int_product = args.items, args.flat, args.int_product
+        if name in _HASHES and isinstance(head[0] if head else None, _Box):
+            made.hash_keys(getattr(head[0], _HASHES[name]))
     return made
 
 
@@ -278,15 +315,17 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> bool:
             elif code == 0x61:  # APPEND
                 item = stack.pop()
                 fill(stack[-1], (item,))
-            elif code in (0x65, 0x75):  # APPENDS, SETITEMS
+            elif code == 0x65:  # APPENDS
                 items = to_mark()
                 fill(stack[-1], items)
-            elif code == 0x73:  # SETITEM
-                value, key = stack.pop(), stack.pop()
-                fill(stack[-1], (key, value))
+            elif code in (0x73, 0x75):  # SETITEM, SETITEMS
+                items = [stack.pop(-2), stack.pop()] if code == 0x73 else to_mark()
+                fill(stack[-1], items)
+                if isinstance(stack[-1], _Box):
+                    stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])))
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
-                if stack[-1] in (_LEAF, _TENSOR) and not _empty(state):
+                if stack[-1] in (_LEAF, _TENSOR, _COMPLEX) and not _empty(state):
                     raise PickleBombError("it sets a state on a tensor or a value (torch.save writes plain tensors "
                                           "without)")
                 fill(stack[-1], (state,))
