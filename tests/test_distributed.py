@@ -138,3 +138,35 @@ def test_a_non_finite_loss_in_one_process_stops_every_process(tmp_path):
           str(tmp_path)])
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text() == "training loss became inf at step 1", r
+
+
+OWN_GROUP = """
+import os, sys
+import torch, torch.distributed as dist
+from saelab.data import ActivationCache
+from saelab.train import TrainConfig, train_sae
+
+backend, cache, out = sys.argv[1:]
+if backend == "nccl":
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+dist.init_process_group(backend)  # the caller's own group: NCCL alone carries no CPU tensor
+acts = ActivationCache(cache)
+cfg = TrainConfig(n_latents=128, k=8, batch_size=256, total_tokens=2048, init_rows=1024, lr=0.01, dead_tokens=512,
+                  k_aux=16)
+train_sae(cfg, lambda start: acts.batches(256, shuffle=True, start_batch=start), out, d_in=acts.d, progress=False,
+          device="cuda" if backend == "nccl" else "cpu")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # ~20 s on 2 cores; .ci/run runs the slow tests
+@pytest.mark.parametrize("backend", [
+    "gloo", pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"))])
+def test_training_in_a_group_the_caller_started(backend, tmp_path, tiny_gpt2, data_dir):
+    """A library user's own process group, NCCL alone included: saelab's waits use tensors the group carries."""
+    cache = _cache(tmp_path, tiny_gpt2, data_dir)
+    script = tmp_path / "own_group.py"
+    script.write_text(OWN_GROUP)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29521", str(script),
+          backend, str(cache), str(tmp_path / "run")], gpus=backend == "nccl")
+    assert load_sae(tmp_path / "run" / "sae").cfg.n_latents == 128

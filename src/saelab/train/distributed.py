@@ -95,9 +95,11 @@ def world_size() -> int:
 
 def wait_for_every_rank() -> None:
     """Every process reaches this point before any goes on: where rank 0 changes a folder the others read.
-    A CPU tensor, so gloo carries it beside NCCL, whatever GPU a process holds."""
+    A CPU tensor where the group has gloo (ours pairs it with NCCL), whatever GPU a process holds; in a group
+    a library user started with NCCL alone, a tensor on this process's GPU."""
     if is_distributed():
-        dist.all_reduce(torch.zeros(1))
+        on_cpu = any(name in str(dist.get_backend()) for name in ("gloo", "mpi"))
+        dist.all_reduce(torch.zeros(1, device="cpu" if on_cpu else torch.device("cuda", torch.cuda.current_device())))
 
 
 def check_batch_split(batch_size: int) -> None:
