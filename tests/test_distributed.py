@@ -2,6 +2,7 @@
 version on 2 GPUs is in tests/test_cuda.py)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from saelab.data import ActivationStream, token_contexts, write_activation_cache
 from saelab.sae import load_sae
+from saelab.utils.folder_lock import LOCK, RunLock
 
 TRAIN_ARGS = ["--n-latents", "128", "--k", "8", "--batch-size", "256", "--total-tokens", "4096", "--init-rows", "1024",
               "--lr", "0.01", "--warmup-steps", "2", "--dead-tokens", "512", "--k-aux", "16", "--checkpoint-every", "8",
@@ -170,3 +172,25 @@ def test_training_in_a_group_the_caller_started(backend, tmp_path, tiny_gpt2, da
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29521", str(script),
           backend, str(cache), str(tmp_path / "run")], gpus=backend == "nccl")
     assert load_sae(tmp_path / "run" / "sae").cfg.n_latents == 128
+
+
+@pytest.mark.slow  # ~20 s on 2 cores; .ci/run runs the slow tests
+def test_a_refusal_in_one_process_ends_every_process_at_once(tmp_path, tiny_gpt2, data_dir):
+    """Rank 0 alone takes the run folder's lock; where another saelab holds it, rank 0 refuses while rank 1
+    waits for it. Rank 0 used to wait 60 s at exit for rank 1, which then printed gloo's traceback."""
+    cache = _cache(tmp_path, tiny_gpt2, data_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunLock(run).acquire()  # another saelab writing this folder
+    try:
+        proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29522",
+                     "-m", "saelab", "train", "--activations", str(cache), "--out", str(run), *TRAIN_ARGS],
+                    returncode=1)
+    finally:
+        lock.release()
+    assert f"saelab train: error: run folder {run} is being written by another process" in proc.stderr
+    assert re.search(r"saelab train: error: process 1 of 2: another process of this run stopped \(its error says "
+                     r"why\); the wait for it ended in: [^\n]+\n", proc.stderr), proc.stderr[-3000:]
+    assert "monitoredBarrier" not in proc.stderr  # rank 0 left at once
+    assert "[rank1]: Traceback" not in proc.stderr
+    assert [p.name for p in run.iterdir()] == [LOCK]  # the folder as the other saelab has it

@@ -35,6 +35,10 @@ class CorpusError(SaelabError, ValueError):
     """A corpus that is missing, empty or unreadable."""
 
 
+class PeerProcessError(SaelabError, RuntimeError):
+    """Under torchrun, another process of the run stopped while this one waited for it (its error says why)."""
+
+
 class NonFiniteError(SaelabError, ValueError):
     """NaN or inf where finite numbers are required."""
 

@@ -216,7 +216,17 @@ def _first_process() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    status = 1  # an exception that escapes (--debug) is a failure too
+    try:
+        status = _run_verb(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        ddp = sys.modules.get("saelab.train.distributed")  # not imported: no process group was started
+        if status != 0 and ddp is not None:  # leave at once, not after 60 s waiting for processes that wait for this
+            ddp.leave_on_failure()
+    return status
+
+
+def _run_verb(argv: list[str]) -> int:
     verb = _verb(argv)
     debug = "--debug" in argv
     args = None  # a parse that fails has no typed spellings to name (it names them itself)

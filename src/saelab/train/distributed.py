@@ -16,11 +16,12 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
 
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, PeerProcessError, first_line
 from saelab.utils.device import resolve_device
 from saelab.utils.words import plural
 
@@ -48,20 +49,31 @@ def init_from_env() -> bool:
     return True
 
 
+_failed = False
+
+
+def leave_on_failure() -> None:
+    """This process ends in failure: leave the group at exit without waiting for the others, which may be
+    waiting in a collective for this one (torchrun then stops them) rather than at the final barrier."""
+    global _failed
+    _failed = True
+
+
 def _leave_group() -> None:
     """Shut the process group down before the interpreter does: gloo's threads left running at exit
     can abort the process ("terminate called without an active exception") after its work is done.
-    The ranks first wait for each other (a bounded wait: a rank that failed is not waited for long), so
-    rank 0, which holds the group's store, does not leave while another rank still talks to it."""
+    After a success the ranks first wait for each other (a bounded wait: a rank that failed is not waited
+    for long), so rank 0, which holds the group's store, does not leave while another rank still talks to it."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    try:
-        if dist.get_backend() == "gloo":
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
-        else:
-            dist.barrier()
-    except RuntimeError:  # another rank is gone: nothing left to wait for
-        pass
+    if not _failed:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:  # another rank is gone: nothing left to wait for
+            pass
     dist.destroy_process_group()
 
 
@@ -99,7 +111,19 @@ def wait_for_every_rank() -> None:
     a library user started with NCCL alone, a tensor on this process's GPU."""
     if is_distributed():
         on_cpu = any(name in str(dist.get_backend()) for name in ("gloo", "mpi"))
-        dist.all_reduce(torch.zeros(1, device="cpu" if on_cpu else torch.device("cuda", torch.cuda.current_device())))
+        _together(dist.all_reduce, torch.zeros(1, device="cpu" if on_cpu else
+                                               torch.device("cuda", torch.cuda.current_device())))
+
+
+def _together(collective, *args, **kwargs) -> None:
+    """Run ``collective``; where another process has stopped, say so in one line (that process's own error
+    says why) instead of the backend's traceback."""
+    try:
+        collective(*args, **kwargs)
+    except RuntimeError as e:
+        reason = re.sub(r"^\[[^\]]*\] ", "", first_line(e)).split(". ")[0]  # without gloo's source file, advice
+        raise PeerProcessError(f"process {rank()} of {world_size()}: another process of this run stopped "
+                               f"(its error says why); the wait for it ended in: {reason}") from e
 
 
 def check_batch_split(batch_size: int) -> None:
@@ -125,7 +149,7 @@ def local_rows(x_BD: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _together(dist.all_reduce, t, op=dist.ReduceOp.SUM)
     return t
 
 
@@ -135,7 +159,7 @@ def average_gradients(params) -> None:
     w = world_size()
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    _together(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
     flat /= w
     offset = 0
     for g in grads:
@@ -153,10 +177,10 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
         # Collectives need contiguous memory: a matrix stored transposed (W_enc) goes as its transpose.
         view = p if p.is_contiguous() else p.t() if p.dim() == 2 and p.t().is_contiguous() else None
         if view is not None:
-            dist.broadcast(view, src)
+            _together(dist.broadcast, view, src)
         else:
             flat = p.contiguous()
-            dist.broadcast(flat, src)
+            _together(dist.broadcast, flat, src)
             p.copy_(flat)
 
 
@@ -165,5 +189,5 @@ def broadcast_float(value: float, device: torch.device, src: int = 0) -> float:
     if not is_distributed():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src)
+    _together(dist.broadcast, t, src)
     return float(t.item())
