@@ -12,6 +12,7 @@ import collections
 import copy
 import pickle
 import shutil
+import struct
 import time
 import warnings
 import zipfile
@@ -104,6 +105,46 @@ DICT_AS_TENSOR = (b"\x80\x02" + glob("torch._tensor", "_rebuild_from_type_v2") +
                   + glob("collections", "OrderedDict") * 2 + b"}\x85Nt" + b"R.")
 
 
+def long1(n: int) -> bytes:
+    b = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(b)]) + b
+
+
+def storage_id(cls: str, numel: int, legacy: bool = False) -> bytes:
+    """A persistent id naming storage "0" of ``numel`` elements (BINPERSID), as torch.save writes one."""
+    return (b"(" + text("storage") + glob("torch", cls) + text("0") + text("cpu") + long1(numel)
+            + (b"N" if legacy else b"") + b"tQ")
+
+
+def legacy_file(path: Path, pickled: bytes) -> None:
+    """A pre-1.6 torch file: magic number, protocol, system info, ``pickled``, and no storage keys (so a storage
+    its id names is allocated and never filled)."""
+    info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, 2) + pickle.dumps(1001, 2) + pickle.dumps(info, 2)
+                     + pickled + b"\x80\x02].")
+
+
+def one_element_on(storage: bytes) -> bytes:
+    """_rebuild_tensor_v2(storage, 0, (1,), (1,), False, OrderedDict()): a tensor of one element."""
+    return (glob("torch._utils", "_rebuild_tensor_v2") + b"(" + storage + b"K\x00K\x01\x85K\x01\x85\x89"
+            + glob("collections", "OrderedDict") + b")RtR")
+
+
+def with_record(path: Path, pickled: bytes, record: bytes, compress: int = zipfile.ZIP_STORED) -> None:
+    """A torch zip archive whose data.pkl is ``pickled`` and whose storage "0" is ``record``."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/data/0", record, compress_type=compress)
+        archive.writestr("archive/version", "3\n")
+
+
+SIZE = glob("torch", "Size")
+# torch.Size(x) called again and again with one x (memo 0: Size, memo 1: x), each call reading x element by element
+SIZE_AGAIN = put(0) + b"%s" + put(1) + b"\x85R" + (get(0) + get(1) + b"\x85R") * 9
+# complex(2**50 - 1000003 * j, j) for j < 5000, stored as numbers: a set of them hashes all 5000 alike
+COMPLEX_OF_ONE_HASH = b"".join(struct.pack("<dd", 2**50 - 1_000_003 * j, j) for j in range(5_000))
+
 # keys of one hash: an int's hash is its remainder by 2**61 - 1; complex(a, b) hashes as hash(a) + 1000003 * hash(b)
 ONE_HASH_INTS = [k * (2**61 - 1) for k in range(1, 2_000)]
 ONE_HASH_COMPLEX = [complex(2**50 - 1_000_003 * j, j) for j in range(2_000)]
@@ -146,9 +187,31 @@ BOMBS = {
     "counter-of-tuples-of-one-hash": lambda p: torch.save(collections.Counter((k,) for k in ONE_HASH_INTS), p),
     "ordered-dict-of-pairs-of-one-hash": lambda p: torch.save(
         {"x": Calls(collections.OrderedDict, [((k,), 0) for k in ONE_HASH_INTS])}, p),
+    "legacy-storage-sized-by-its-id": lambda p: legacy_file(p, b"\x80\x02}" + text("s")
+                                                            + storage_id("FloatStorage", 2**28, legacy=True) + b"s."),
+    "legacy-tensor-on-a-storage-sized-by-its-id": lambda p: legacy_file(
+        p, b"\x80\x02}" + text("w") + one_element_on(storage_id("FloatStorage", 2**28, legacy=True)) + b"s."),
+    "tensor-on-a-deflated-storage": lambda p: with_record(
+        p, b"\x80\x02}" + text("w") + one_element_on(storage_id("ByteStorage", 2**27)) + b"s.", bytes(2**27),
+        zipfile.ZIP_DEFLATED),
+    "storage-class-of-a-storage": lambda p: with_record(
+        p, b"\x80\x02" + glob("torch.storage", "TypedStorage") + storage_id("LongStorage", 1) + b"R.",
+        struct.pack("<q", 2**30)),
+    "bytearray-of-a-storage's-numbers": lambda p: with_record(
+        p, b"\x80\x02" + glob("builtins", "bytearray") + storage_id("LongStorage", 1) + b"R.", struct.pack("<q", 2**30)),
+    "torch.Size-of-a-storage-10-times": lambda p: with_record(
+        p, b"\x80\x02](" + SIZE + SIZE_AGAIN % storage_id("ByteStorage", 2**16) + b"e.", bytes(2**16)),
+    "torch.Size-of-a-legacy-tensor-10-times": lambda p: in_archive(
+        p, b"\x80\x02](" + SIZE + SIZE_AGAIN % (glob("torch", "ByteTensor") + b"J" + (2**20).to_bytes(4, "little")
+                                                 + b"\x85R") + b"e."),
+    "set-of-a-storage-of-complex-of-one-hash": lambda p: with_record(
+        p, b"\x80\x02" + glob("builtins", "set") + storage_id("ComplexDoubleStorage", 5_000) + b"\x85R.",
+        COMPLEX_OF_ONE_HASH),
+    "one-text-referred-to-5000-times": lambda p: in_archive(
+        p, b"\x80\x02}" + text("notes") + b"](" + text("x" * 100_000) + put(0) + get(0) * 4_999 + b"es."),
 }
 REFUSALS = (r"refers again to a container|elements at once|_codecs.encode on|a state or a function|once copied|"
-            r"passes a tensor|copies a tensor|its calls would make|a global of over|a container or a long text|"
+            r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|a global of over|a container or a long text|"
             r"whose hashes can be made equal")
 
 

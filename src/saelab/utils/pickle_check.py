@@ -14,9 +14,11 @@ reader gives it), keeping for each object on its stack only what kind it is (not
   none of them a container), and a later change that makes such a container large or nested;
 - a tensor rebuilt with a state of its own (``_rebuild_from_type_v2`` of a function other than torch's tensor
   rebuilds, a parameter with state, a BUILD on a tensor): a tensor is the one object referred to again freely;
-- a tensor passed to anything but a tensor rebuild (``set``, ``torch.Size``, ``bytearray`` read it element by
-  element, and a view of one stored element has as many as it says), and the rebuilds that copy a tensor while
-  loading (``_rebuild_device_tensor_from_cpu_tensor``, ``_from_numpy``);
+- a tensor or storage (a persistent id, or what a legacy tensor or storage class or ``bytearray`` makes) passed to
+  anything but a tensor rebuild (``set``, ``torch.Size``, ``bytearray`` read it element by element, and a view of
+  one stored element has as many as it says), and the rebuilds that copy a tensor while loading
+  (``_rebuild_device_tensor_from_cpu_tensor``, ``_from_numpy``);
+- a call whose arguments are not a container (``bytearray(*storage)`` reads the storage's numbers);
 - ``_codecs.encode`` of anything but a literal text in latin1 (what torch.save writes for bytes), since its
   result fed to another encode doubles with each call;
 - a legacy tensor or storage class, or ``bytearray``, called with integers whose product exceeds
@@ -27,7 +29,8 @@ reader gives it), keeping for each object on its stack only what kind it is (not
 
 Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
 left to torch, which refuses it. The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times
-the file's size (texts passed, each reference counted; elements asked for), and a global's name is at most
+the file's size (texts passed or referred to again, each reference counted; elements asked for; the elements of
+each storage a persistent id names, which a legacy file allocates as the id says), and a global's name is at most
 _NAME_MAX characters (torch searches a refused one's message in time that grows with its square). What the tensors
 take once loaded is checked after the load (torch_files.load_plain_tensors: views, compressed or uninitialised
 storages, repeated references). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
@@ -127,9 +130,9 @@ def _text(value: str, size: int) -> _Text:
     return text
 
 
-_LEAF = object()  # anything else: floats, None, bools, bytes, storages, devices
+_LEAF = object()  # anything else: floats, None, bools, devices, dtypes
 _COMPLEX = object()  # a complex number: a leaf whose hash can be chosen (hash(real) + 1000003 * hash(imag))
-_TENSOR = object()  # a tensor a rebuild function made: referred to again freely, passed to nothing but rebuilds
+_TENSOR = object()  # a tensor or storage: referred to again freely, passed to nothing but rebuilds
 _SIZED = ("builtins.bytearray",)  # and every torch tensor and storage class ("torch.FloatTensor", ...)
 _MAKES_TENSOR = ("torch._utils._rebuild_", "torch.nn.parameter.Parameter")
 _MAKES_LEAF = ("torch.device", "torch.serialization._get_layout")
@@ -186,11 +189,13 @@ def _made(callee: object, args: object) -> object:
     if name in _REFUSED:
         raise PickleBombError(f"it calls {name}, which copies a tensor while loading (saelab reads tensors with "
                               "storage of their own)")
-    if (args is _TENSOR or (isinstance(args, _Box) and args.tensors)) and not name.startswith(_MAKES_TENSOR) \
-            and name not in _WITH_STATE:
-        raise PickleBombError(f"it passes a tensor to {name or 'a call'}, which would read it element by element "
-                              "(torch.save writes no such call)")
-    if _sized(name) and isinstance(args, _Box) and args.int_product > CONSTRUCTED_SIZE_MAX:
+    if not isinstance(args, _Box):
+        raise PickleBombError(f"it calls {name or 'something'} with arguments that are not a tuple (torch.save "
+                              "writes every call's arguments as one)")
+    if args.tensors and not name.startswith(_MAKES_TENSOR) and name not in _WITH_STATE:
+        raise PickleBombError(f"it passes a tensor or storage to {name or 'a call'}, which would read it element by "
+                              "element (torch.save writes no such call)")
+    if _sized(name) and args.int_product > CONSTRUCTED_SIZE_MAX:
         raise PickleBombError(f"it calls {name} for {args.int_product:,} elements at once (torch.save writes no "
                               "such call)")
     if name == "_codecs.encode":  # torch.save writes bytes as encode(text, "latin1")
@@ -200,34 +205,41 @@ def _made(callee: object, args: object) -> object:
         return _text("", head[0].size)  # bytes as long: passed again, copied again
     if name in _WITH_STATE:
         rebuild = head[0] if name.endswith("type_v2") and head else _Global("torch._utils._rebuild_")
-        whole = isinstance(args, _Box) and 0 < args.items <= _HEAD  # head[-1]: the last argument, the state
+        whole = 0 < args.items <= _HEAD  # head[-1]: the last argument, the state
         if not (whole and str(rebuild).startswith("torch._utils._rebuild_") and _empty(head[-1])):
             raise PickleBombError(f"it calls {name} with a state or a function of its own (torch.save writes "
                                   "plain tensors without)")
         return _TENSOR
-    if name.startswith(_MAKES_TENSOR):
+    if name.startswith(_MAKES_TENSOR) or _sized(name):
         return _TENSOR
     if name == "builtins.complex":
         return _COMPLEX
-    if name.startswith(_MAKES_LEAF) or _sized(name):
+    if name.startswith(_MAKES_LEAF):
         return _LEAF
     made = _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what it was made from, as large
-    if isinstance(args, _Box):
-        made.items, made.flat, made.int_product = args.items, args.flat, args.int_product
-        if name in _HASHES and isinstance(head[0] if head else None, _Box):
-            made.hash_keys(getattr(head[0], _HASHES[name]))
+    made.items, made.flat, made.int_product = args.items, args.flat, args.int_product
+    if name in _HASHES and isinstance(head[0] if head else None, _Box):
+        made.hash_keys(getattr(head[0], _HASHES[name]))
     return made
 
 
-def check_pickle_stream(f: IO[bytes], budget: int) -> bool:
-    """Scan one pickle from ``f`` (see the module docstring) whose calls may make at most ``budget`` bytes or
-    elements in all. True when it ended at its STOP opcode, False where the scan stopped early (left to torch).
-    Raises PickleBombError for a refused pickle."""
+def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
+    """Scan one pickle from ``f`` (see the module docstring) whose calls, texts referred to again and storages may
+    make at most ``budget`` bytes or elements in all. Returns what is left of the budget when it ended at its
+    STOP opcode, None where the scan stopped early (left to torch). Raises PickleBombError for a refused pickle."""
     read = f.read
     spent = 0
     stack: list[object] = []
     marks: list[int] = []
     memo: dict[int, object] = {}
+    storages: set[str] = set()  # the keys of the storages named so far: one storage, named again, is read once
+
+    def charge(made: int) -> None:
+        nonlocal spent
+        spent += made
+        if spent > budget:
+            raise PickleBombError(f"its calls, repeated texts and storages would make {spent:,} bytes or elements "
+                                  f"or more, over {budget:,} for a file of its size")
 
     def to_mark() -> list[object]:
         start = marks.pop()
@@ -242,7 +254,9 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> bool:
 
     def get(idx: int) -> None:
         obj = memo[idx]
-        if isinstance(obj, _Box):
+        if isinstance(obj, _Text):  # walked (formatted, copied) once per reference
+            charge(obj.size)
+        elif isinstance(obj, _Box):
             if not obj.flat:
                 raise PickleBombError(f"it refers again to a container that holds containers (memo {idx}): "
                                       "such sharing can describe an exponentially large object")
@@ -262,12 +276,12 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> bool:
         while True:
             op = read(1)
             if op == b"":
-                return False
+                return None
             code = op[0]
             if code == 0x80:  # PROTO
                 read(1)
             elif code == 0x2E:  # STOP
-                return True
+                return budget - spent
             elif code == 0x28:  # MARK
                 marks.append(len(stack))
             elif code == 0x63:  # GLOBAL
@@ -275,16 +289,21 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> bool:
                 if any(len(part) > _NAME_MAX and not part.endswith(b"\n") for part in (module, name)):
                     raise PickleBombError(f"it names a global of over {_NAME_MAX} characters")
                 if not (module.endswith(b"\n") and name.endswith(b"\n")):  # cut short: torch's error says so
-                    return False
+                    return None
                 module, name = module[:-1].decode("utf-8"), name[:-1].decode("utf-8")
                 if (module, name) in NAME_MAPPING:
                     module, name = NAME_MAPPING[(module, name)]
                 elif module in IMPORT_MAPPING:
                     module = IMPORT_MAPPING[module]
                 stack.append(_Global(f"{module}.{name}"))
-            elif code == 0x51:  # BINPERSID: a storage
-                stack.pop()
-                stack.append(_LEAF)
+            elif code == 0x51:  # BINPERSID: a storage ("storage", class, key, location, elements, ...)
+                pid = stack.pop()
+                head = pid.head if isinstance(pid, _Box) else []
+                key = head[2] if len(head) > 4 and isinstance(head[2], _Text) and head[2] else None
+                if key not in storages and len(head) > 4 and isinstance(head[4], int):
+                    charge(abs(head[4]))  # a legacy file allocates it as its id says, whatever the file holds
+                storages.add(key)
+                stack.append(_TENSOR)
             elif code in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
                 stack.append(_LEAF)
             elif code == 0x4A:  # BININT
@@ -310,7 +329,7 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> bool:
                 items = stack[-n:]
                 del stack[-n:]
                 if len(items) < n:
-                    return False
+                    return None
                 stack.append(new_box(items))
             elif code == 0x61:  # APPEND
                 item = stack.pop()
@@ -331,20 +350,16 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> bool:
                 fill(stack[-1], (state,))
             elif code in (0x52, 0x81):  # REDUCE, NEWOBJ
                 args = stack.pop()
-                spent += _cost(stack[-1], args)
-                if spent > budget:
-                    raise PickleBombError(f"its calls would make {spent:,} bytes or elements or more, over "
-                                          f"{budget:,} for a file of its size (one text passed again and again, or "
-                                          "many constructor calls)")
+                charge(_cost(stack[-1], args))
                 stack[-1] = _made(stack[-1], args)
             elif code in (0x68, 0x6A):  # BINGET, LONG_BINGET
                 get(read(1)[0] if code == 0x68 else struct.unpack("<I", read(4))[0])
             elif code in (0x71, 0x72):  # BINPUT, LONG_BINPUT
                 memo[read(1)[0] if code == 0x71 else struct.unpack("<I", read(4))[0]] = stack[-1]
             else:  # an opcode torch's weights-only reader refuses: its refusal is the message
-                return False
+                return None
     except (IndexError, KeyError, struct.error, UnicodeDecodeError):
-        return False  # malformed: torch stops here or before, with its own error
+        return None  # malformed: torch stops here or before, with its own error
 
 
 _SHORT_TEXT = 64
@@ -374,8 +389,9 @@ def check_torch_file(path: str | os.PathLike) -> None:
     with f:
         if f.read(4) != b"PK\x03\x04":  # as torch tells a zip archive from a legacy file
             f.seek(0)
-            for _ in range(LEGACY_PICKLES):
-                if not check_pickle_stream(f, budget):
+            for _ in range(LEGACY_PICKLES):  # one budget for the five
+                budget = check_pickle_stream(f, budget)
+                if budget is None:
                     return
             return
     try:
