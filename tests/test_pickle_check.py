@@ -110,9 +110,9 @@ def long1(n: int) -> bytes:
     return b"\x8a" + bytes([len(b)]) + b
 
 
-def storage_id(cls: str, numel: int, legacy: bool = False) -> bytes:
-    """A persistent id naming storage "0" of ``numel`` elements (BINPERSID), as torch.save writes one."""
-    return (b"(" + text("storage") + glob("torch", cls) + text("0") + text("cpu") + long1(numel)
+def storage_id(cls: str, numel: int, legacy: bool = False, key: bytes = text("0")) -> bytes:
+    """A persistent id naming storage ``key`` of ``numel`` elements (BINPERSID), as torch.save writes one."""
+    return (b"(" + text("storage") + glob("torch", cls) + key + text("cpu") + long1(numel)
             + (b"N" if legacy else b"") + b"tQ")
 
 
@@ -128,6 +128,16 @@ def one_element_on(storage: bytes) -> bytes:
     """_rebuild_tensor_v2(storage, 0, (1,), (1,), False, OrderedDict()): a tensor of one element."""
     return (glob("torch._utils", "_rebuild_tensor_v2") + b"(" + storage + b"K\x00K\x01\x85K\x01\x85\x89"
             + glob("collections", "OrderedDict") + b")RtR")
+
+
+def deflated_in_place(path: Path) -> None:
+    """Every record of the archive at ``path`` deflated (torch's reader reads them; torch.save never writes so)."""
+    records = {}
+    with zipfile.ZipFile(path) as src:
+        records = {info.filename: src.read(info) for info in src.infolist()}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in records.items():
+            dst.writestr(name, data)
 
 
 def with_record(path: Path, pickled: bytes, record: bytes, compress: int = zipfile.ZIP_STORED) -> None:
@@ -207,11 +217,26 @@ BOMBS = {
     "set-of-a-storage-of-complex-of-one-hash": lambda p: with_record(
         p, b"\x80\x02" + glob("builtins", "set") + storage_id("ComplexDoubleStorage", 5_000) + b"\x85R.",
         COMPLEX_OF_ONE_HASH),
+    "legacy-storages-with-number-keys": lambda p: legacy_file(p, b"\x80\x02](" + b"".join(
+        one_element_on(storage_id("FloatStorage", 2**28 if k else 1, legacy=True, key=b"K" + bytes([k])))
+        for k in range(3)) + b"e."),
+    "a-tuple-of-a-text-referred-to-2000-times": lambda p: in_archive(
+        p, b"\x80\x02](" + text("x" * 100_000) + b"\x85" + put(0) + get(0) * 1_999 + b"e."),
+    "a-bytearray-referred-to-500-times": lambda p: in_archive(
+        p, b"\x80\x02]" + glob("builtins", "bytearray") + b"(J" + (10**6).to_bytes(4, "little") + b"tR" + put(0)
+        + b"a(" + get(0) * 499 + b"e."),
+    "a-storage-outside-any-tensor": lambda p: with_record(p, b"\x80\x02]" + storage_id("ByteStorage", 2**17) + b"a.",
+                                                          bytes(2**17)),
+    "a-deflated-pickle": lambda p: (in_archive(p, b"\x80\x02]" + text("x" * 2**24) + b"a."), deflated_in_place(p)),
+    "ordered-dict-state-of-pairs-of-one-hash": lambda p: in_archive(
+        p, b"\x80\x02" + glob("collections", "OrderedDict") + b")R](" + b"".join(long1(k) + b"N\x86" for k in ONE_HASH_INTS)
+        + b"eb."),
     "one-text-referred-to-5000-times": lambda p: in_archive(
         p, b"\x80\x02}" + text("notes") + b"](" + text("x" * 100_000) + put(0) + get(0) * 4_999 + b"es."),
 }
 REFUSALS = (r"refers again to a container|elements at once|_codecs.encode on|a state or a function|once copied|"
-            r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|a global of over|a container or a long text|"
+            r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|is compressed|"
+            r"storage outside any tensor|a global of over|a container or a long text|"
             r"whose hashes can be made equal")
 
 

@@ -43,6 +43,7 @@ import io
 import os
 import pickle
 import struct
+import zipfile
 from typing import IO
 
 import torch
@@ -210,6 +211,8 @@ def _made(callee: object, args: object) -> object:
             raise PickleBombError(f"it calls {name} with a state or a function of its own (torch.save writes "
                                   "plain tensors without)")
         return _TENSOR
+    if name == "builtins.bytearray":  # bytes as long as it was given or asked for: referred to again, walked again
+        return _text("", args.text_bytes + (args.int_product if args.items == 1 and not args.text_bytes else 0))
     if name.startswith(_MAKES_TENSOR) or _sized(name):
         return _TENSOR
     if name == "builtins.complex":
@@ -257,6 +260,7 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
         if isinstance(obj, _Text):  # walked (formatted, copied) once per reference
             charge(obj.size)
         elif isinstance(obj, _Box):
+            charge(obj.text_bytes)
             if not obj.flat:
                 raise PickleBombError(f"it refers again to a container that holds containers (memo {idx}): "
                                       "such sharing can describe an exponentially large object")
@@ -299,9 +303,11 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
             elif code == 0x51:  # BINPERSID: a storage ("storage", class, key, location, elements, ...)
                 pid = stack.pop()
                 head = pid.head if isinstance(pid, _Box) else []
-                key = head[2] if len(head) > 4 and isinstance(head[2], _Text) and head[2] else None
-                if key not in storages and len(head) > 4 and isinstance(head[4], int):
-                    charge(abs(head[4]))  # a legacy file allocates it as its id says, whatever the file holds
+                if len(head) < 5 or not isinstance(head[4], int):  # torch's own error names a malformed id
+                    raise PickleBombError("it names a storage without a number of elements (torch.save writes one)")
+                key = str(head[2]) if isinstance(head[2], _Text) and head[2] else None  # a long text is kept empty
+                if key is None or key not in storages:  # a legacy file allocates it as its id says
+                    charge(abs(head[4]))
                 storages.add(key)
                 stack.append(_TENSOR)
             elif code in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
@@ -348,6 +354,8 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
                     raise PickleBombError("it sets a state on a tensor or a value (torch.save writes plain tensors "
                                           "without)")
                 fill(stack[-1], (state,))
+                if isinstance(stack[-1], _Box) and isinstance(state, _Box):  # __dict__.update(state): its keys hashed
+                    stack[-1].hash_keys(state.keys_alike + state.alike_pairs)
             elif code in (0x52, 0x81):  # REDUCE, NEWOBJ
                 args = stack.pop()
                 charge(_cost(stack[-1], args))
@@ -394,8 +402,27 @@ def check_torch_file(path: str | os.PathLike) -> None:
                 if budget is None:
                     return
             return
+    _check_stored(path)
     try:
         record = torch._C.PyTorchFileReader(str(path)).get_record("data.pkl")
     except Exception:  # noqa: BLE001 - unreadable as a torch archive: torch.load's own error says why
         return
+    if len(record) > os.path.getsize(path):  # deflated after all, where Python's zip reader saw otherwise
+        raise PickleBombError(f"its pickle takes {len(record):,} bytes, more than the file (torch.save stores "
+                              "records uncompressed)")
     check_pickle_stream(io.BytesIO(record), budget)
+
+
+def _check_stored(path: str | os.PathLike) -> None:
+    """Refuse a zip archive whose pickle or a storage is compressed (a TorchScript archive's code may be: torch
+    refuses that archive itself): torch.save stores every record as it is, and torch's reader
+    inflates a record whole before checking its size (a 1 GiB storage from a 1 MB file, a pickle far larger than
+    the budget the file's size gives)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED
+                      and (info.filename.endswith("data.pkl") or "/data/" in info.filename)]  # what torch.load reads
+    except (zipfile.BadZipFile, OSError, ValueError):  # torch's own reader says what is wrong, or reads it stored
+        return
+    if packed:
+        raise PickleBombError(f"its record {packed[0]} is compressed (torch.save stores every record as it is)")

@@ -69,7 +69,7 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
     """``loaded``, after checking that its tensors, each copy counted (a cast at resume copies each reference),
     take at most COPIED_BYTES_PER_FILE_BYTE times the file's size (and 1 MiB): a view of one stored element
     (``torch.zeros(1).expand(2**29)``: 4 bytes on disk, 2 GB once copied), a compressed or an uninitialised
-    legacy storage, a bare storage, or one tensor referred to thousands of times, is refused. The walk is linear: check_torch_file
+    legacy storage, or one tensor referred to thousands of times, is refused, as is a storage outside any tensor. The walk is linear: check_torch_file
     let no container be shared but small flat ones."""
     limit = COPIED_BYTES_PER_FILE_BYTE * os.path.getsize(path) + 2**20
     total, todo = 0, [loaded]
@@ -78,10 +78,14 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
         if isinstance(obj, dict):
             todo.extend(obj.keys())
             todo.extend(obj.values())
+            todo.extend(getattr(obj, "__dict__", {}).values())  # an OrderedDict's attributes, set by its state
         elif isinstance(obj, (list, tuple, set, frozenset)):
             todo.extend(obj)
-        elif torch.is_tensor(obj) or isinstance(obj, (torch.TypedStorage, torch.UntypedStorage)):
-            total += _copied_bytes(obj) if torch.is_tensor(obj) else obj.nbytes()  # a storage: copied whole
+        elif isinstance(obj, (torch.TypedStorage, torch.UntypedStorage)):  # printed element by element in Python
+            raise pickle.UnpicklingError("it holds a storage outside any tensor (torch.save writes weights as "
+                                         "tensors; saelab reads nothing else)")
+        elif torch.is_tensor(obj):
+            total += _copied_bytes(obj)
             if total > limit:
                 raise pickle.UnpicklingError(f"its tensors take {total:,} bytes or more once copied, over "
                                              f"{COPIED_BYTES_PER_FILE_BYTE} times the file's {os.path.getsize(path):,}")
