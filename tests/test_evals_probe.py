@@ -190,6 +190,25 @@ def test_probe_task_intervals_are_paired_over_held_out_groups():
     assert mean["mean_loss"]["low"] == ci["loss"]["low"]
 
 
+def test_a_task_whose_split_leaves_a_part_with_one_class_is_skipped():
+    """Positive examples all in one paragraph: every split puts them on one side, whose probe then fits one class
+    (a near-zero train loss and a held-out loss of ~20 that once dominated the mean). The task is skipped, saying
+    why; where a split with both classes on both sides exists, it is taken."""
+    g = torch.Generator().manual_seed(0)
+    groups = torch.arange(10).repeat_interleave(4)
+    x = torch.randn(40, 4, generator=g)
+    sae = TopKSAE(SAEConfig(d_in=4, n_latents=6, k=2))
+    cfg = ProbeConfig(n_boot=50)
+    y = (groups == 3).long()  # one paragraph holds every positive
+    assert probe_task(sae, x, y, cfg, torch.Generator().manual_seed(0), groups) == (
+        "no split of its paragraphs into train and held-out parts gave each part both classes (positive examples in "
+        "1 paragraph, negative in 9 paragraphs; 16 splits tried)")
+    y = ((groups == 3) | (groups == 7)).long()  # two: some splits give one to each side
+    for seed in range(10):
+        res, _ = probe_task(sae, x, y, cfg, torch.Generator().manual_seed(seed), groups)
+        assert 0 < res["base_rate"] < 1 and res["n_train_groups"] + res["n_test_groups"] == 10
+
+
 def test_hf_loader_without_datasets_says_so():
     try:
         import datasets  # noqa: F401
