@@ -274,7 +274,7 @@ def test_server_is_loopback_only_and_port_in_use_is_an_error(site):
 
 
 def test_n2g_explanations_use_the_padding_token_given(split_pad_dir, corpus, tmp_path, monkeypatch):
-    """On a tokenizer that splits N2G's default padding token " _", browse --n2g-latents raised a ValueError after
+    """On a tokenizer that splits N2G's default padding token " _", browse --n2g-n-latents raised a ValueError after
     the whole pass over the text. The default is now refused before the pass, naming the setting, and a padding
     token given that is one token builds the explanations."""
     from saelab.errors import ConfigError
@@ -283,7 +283,7 @@ def test_n2g_explanations_use_the_padding_token_given(split_pad_dir, corpus, tmp
 
     lm = load_model(str(split_pad_dir))
     save_sae(trained_like_sae(lm, 128, 0, corpus), tmp_path / "run" / "sae")
-    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n2g_latents=2)
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n2g_n_latents=2)
     with monkeypatch.context() as m:
         m.setattr(make, "collect_statistics", lambda *a, **k: pytest.fail("the text was scored first"))
         with pytest.raises(ConfigError, match=r"^browse\.n2g_padding_token ' _' \(the default\) is 2 tokens for this "

@@ -376,9 +376,11 @@ BAD = [
     ("browse SAE --export neuronpedia np --out site", "--out is the site's folder; --export writes into its own OUT"),
     ("browse SAE --n-tokens 0", "--n-tokens must be >= 1"),
     ("browse SAE --n-logits -1", "--n-logits must be >= 0"),
-    ("browse SAE --n2g-latents -1", "--n2g-latents must be >= 0"),
-    ("browse SAE --n2g-padding-token x", "--n2g-padding-token pads the N2G explanations that --n2g-latents builds; "
-                                         "add --n2g-latents N, or leave it out"),
+    ("browse SAE --n2g-n-latents -1", "--n2g-n-latents must be >= 0"),
+    # browse's count is eval's --n2g-n-latents; --n2g-latents (eval's latent ids) is not browse's
+    ("browse SAE --n2g-latents 3", "unrecognized arguments: --n2g-latents 3; did you mean --n2g-n-latents?"),
+    ("browse SAE --n2g-padding-token x", "--n2g-padding-token pads the N2G explanations that --n2g-n-latents builds; "
+                                         "add --n2g-n-latents N, or leave it out"),
     ("browse SAE --context-size 1", "--context-size must be >= 3"),
     ("browse SAE --n-bands 20 --n-samples 4", "--n-bands 20 exceeds --n-samples 4; expected --n-bands <= --n-samples"),
     ("browse missing", "'missing': no such file or folder; expected a run folder or an SAE"),
@@ -1727,7 +1729,7 @@ def test_browse_export_checks_its_folder_before_the_model_loads(tmp_path, capsys
 
 def test_browse_export_refuses_n2g_settings_before_the_model_loads(tmp_path, capsys, monkeypatch):
     """SAEDashboard's batch files have no field for an explanation: --export neuronpedia wrote the same files
-    with --n2g-file or --n2g-latents as without, and said nothing. The model has no weights, so a refusal after
+    with --n2g-file or --n2g-n-latents as without, and said nothing. The model has no weights, so a refusal after
     its load would read "cannot load"."""
     import json
 
@@ -1741,7 +1743,7 @@ def test_browse_export_refuses_n2g_settings_before_the_model_loads(tmp_path, cap
              "batch files hold none); leave {} out, or build the site (browse without --export) to show them")
     _refusals([([*export, "--n2g-file", "n2g.json"], "saelab browse: error: --n2g-file n2g.json: "
                 + where.format("--n2g-file")),
-               ([*export, "--n2g-latents", "3"], "error: --n2g-latents 3: " + where.format("--n2g-latents")),
+               ([*export, "--n2g-n-latents", "3"], "error: --n2g-n-latents 3: " + where.format("--n2g-n-latents")),
                ([*export, "--n2g-padding-token", "x"], "error: --n2g-padding-token 'x': "
                 + where.format("--n2g-padding-token")),
                # from a --config file: named as its entry, not as an option never typed
@@ -1842,23 +1844,23 @@ def test_browse_checks_the_hook_before_the_model_loads(tmp_path, capsys, monkeyp
 
 
 def test_browse_refuses_more_n2g_latents_than_an_sae_has_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    """browse --n2g-latents 5000 on a 1024-latent SAE was accepted and, after the whole pass, built N2G for
+    """browse --n2g-n-latents 5000 on a 1024-latent SAE was accepted and, after the whole pass, built N2G for
     every active latent (12-19 minutes). It is refused in one line naming the option and the latent count of
     the smallest SAE given; the model has no weights, so a refusal after its load would read "cannot load"."""
     monkeypatch.chdir(tmp_path)
     _save_saes(tmp_path, _config_only_model(tmp_path / "model"), ("sae", 64), ("sae128", 128))
-    _refusals([(["browse", "sae", "--out", "site", "--n2g-latents", "65"],
-                "saelab browse: error: --n2g-latents 65: the SAE has 64 latents; expected at most 64"),
-               (["browse", "sae128", "sae", "--out", "site", "--n2g-latents", "100"],
-                "--n2g-latents 100: the SAE sae has 64 latents; expected at most 64"),
+    _refusals([(["browse", "sae", "--out", "site", "--n2g-n-latents", "65"],
+                "saelab browse: error: --n2g-n-latents 65: the SAE has 64 latents; expected at most 64"),
+               (["browse", "sae128", "sae", "--out", "site", "--n2g-n-latents", "100"],
+                "--n2g-n-latents 100: the SAE sae has 64 latents; expected at most 64"),
                # as many as it has passes the check: the load is what fails
-               (["browse", "sae", "--out", "site", "--n2g-latents", "64"], "cannot load model directory")], capsys)
+               (["browse", "sae", "--out", "site", "--n2g-n-latents", "64"], "cannot load model directory")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae", "sae128"]
 
 
 def test_browse_checks_the_n2g_padding_token_against_the_tokenizer_before_the_text_is_scored(tmp_path, capsys,
                                                                                              monkeypatch):
-    """browse --n2g-latents built N2G explanations with the default padding token only, and a text that was not
+    """browse --n2g-n-latents built N2G explanations with the default padding token only, and a text that was not
     one token of the model's tokenizer failed after the whole pass. --n2g-padding-token is now browse's too, and
     one the tokenizer (the real default model's) splits is refused in one line, after the load, before the pass."""
     import saelab.explore.browser.make as make
@@ -1881,7 +1883,7 @@ def _browse_with_a_split_padding_token(tmp_path, capsys) -> str:
 
     save_sae(TopKSAE(SAEConfig(d_in=576, n_latents=64, k=4, hook_name="blocks.9.hook_resid_post",
                                model_name="default", context_size=32)), tmp_path / "sae")
-    assert main(["browse", str(tmp_path / "sae"), "--out", str(tmp_path / "site"), "--n2g-latents", "2",
+    assert main(["browse", str(tmp_path / "sae"), "--out", str(tmp_path / "site"), "--n2g-n-latents", "2",
                  "--n2g-padding-token", " ab cd", "--no-progress"]) == 2
     return capsys.readouterr().err.strip()
 

@@ -383,9 +383,9 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
     if len(args.sae) < 2 and typed(args, "--family-min-score"):
         raise ConfigError("--family-min-score scores the feature families between SAEs of different sizes; browse "
                           "two or more, or leave it out")
-    if typed(args, "--n2g-padding-token") and not args.browse.n2g_latents:
-        raise ConfigError("--n2g-padding-token pads the N2G explanations that --n2g-latents builds; add "
-                          "--n2g-latents N, or leave it out")
+    if typed(args, "--n2g-padding-token") and not args.browse.n2g_n_latents:
+        raise ConfigError("--n2g-padding-token pads the N2G explanations that --n2g-n-latents builds; add "
+                          "--n2g-n-latents N, or leave it out")
     out = check_output_folder(args.out, "--out") if args.out else _default_out(args.sae)
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
@@ -504,7 +504,7 @@ def add_families(sub) -> None:
 
 # BrowseConfig fields that shape the browser's pages only: feature families read none of them.
 PAGE_ONLY = ("n_top", "n_samples", "n_bands", "n_bins", "window_before", "window_after", "n_logits", "n_neighbours",
-             "n2g_file", "n2g_latents", "n2g_padding_token", "seed")
+             "n2g_file", "n2g_n_latents", "n2g_padding_token", "seed")
 
 
 # BrowseConfig fields that shape the site's pages only: the Neuronpedia export reads none of them (its N2G

@@ -30,7 +30,7 @@ Definitions (the browser's pages and ``site.json`` use exactly these):
   cosine between decoder rows.
 - **Explanation**: an N2G explanation (see :mod:`saelab.evals.n2g`) from the file named by
   ``n2g_file`` (the paper suite's or a ``run_n2g`` result, default the run's ``evals/n2g.json``) or built here for
-  ``n2g_latents`` latents from their top contexts; absent otherwise.
+  ``n2g_n_latents`` latents from their top contexts; absent otherwise.
 
 Several SAEs read the same LM forward (they must share model, hook and width); feature families
 across their sizes come from the same pass (:mod:`.families`).
@@ -103,11 +103,11 @@ class BrowseConfig:
     n2g_file: str | None = None
     """N2G explanations to show: the evals/n2g.json that `saelab eval --suite paper` writes, or a JSON
     object with a 'per_latent' list; None: the run's evals/n2g.json (or n2g.json) if present."""
-    n2g_latents: int = 0
+    n2g_n_latents: int = 0
     """Also build N2G explanations here for this many latents (random among the active), from their
     top contexts (about a few seconds per latent on a CPU); 0: none."""
     n2g_padding_token: str = N2GConfig.padding_token
-    """Text of the replacement token of the N2G explanations that --n2g-latents builds (' _' by default, as
+    """Text of the replacement token of the N2G explanations that --n2g-n-latents builds (' _' by default, as
     for `saelab eval --suite paper`): one token of the model's tokenizer, checked before the text is scored."""
     family_min_score: float = 0.3
     """Feature families: a latent's parent in the next smaller SAE needs at least this score
@@ -119,7 +119,7 @@ class BrowseConfig:
         for name in ("n_tokens", "n_top", "n_samples", "n_bands", "lm_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("window_before", "window_after", "n_logits", "n_neighbours", "n2g_latents"):
+        for name in ("window_before", "window_after", "n_logits", "n_neighbours", "n2g_n_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_bands > self.n_samples and self.n_bands == DEFAULT_BANDS:
@@ -553,14 +553,14 @@ def n2g_padding_id(tokenizer, cfg: BrowseConfig) -> int:
 @torch.no_grad()
 def build_n2g_explanations(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook: str, cfg: BrowseConfig,
                            progress: bool = True) -> dict[int, dict[str, Any]]:
-    """N2G explanations for ``cfg.n2g_latents`` latents built from the top contexts already found."""
+    """N2G explanations for ``cfg.n2g_n_latents`` latents built from the top contexts already found."""
     from saelab.evals.n2g import WILDCARD, build_explanations, model_act_fn
     from saelab.evals.probe_tasks import token_strings
 
     sae = stats.source.sae
     alive = (stats.count_N > 0).nonzero().squeeze(1)
     g = torch.Generator().manual_seed(cfg.seed)
-    lats = alive[torch.randperm(alive.numel(), generator=g)[:cfg.n2g_latents]].sort().values.tolist()
+    lats = alive[torch.randperm(alive.numel(), generator=g)[:cfg.n2g_n_latents]].sort().values.tolist()
     if not lats:
         return {}
     ncfg = N2GConfig(n_examples=cfg.n_top, padding_token=cfg.n2g_padding_token)
@@ -598,5 +598,5 @@ def finish_statistics(lm, stats: LatentStats, tokens_NT: torch.Tensor, hook: str
     stats.neighbours = nearest_by_decoder(sae.W_dec.detach(), cfg.n_neighbours)
     stats.logits = direct_logit_effects(lm, sae, cfg.n_logits, hist_bins=logit_hist_bins)
     stats.explanations.update(given_explanations(stats.source, cfg) if explanations is None else explanations)
-    if cfg.n2g_latents:
+    if cfg.n2g_n_latents:
         stats.explanations.update(build_n2g_explanations(lm, stats, tokens_NT, hook, cfg, progress))

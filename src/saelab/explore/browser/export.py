@@ -479,7 +479,7 @@ def refuse_explanations(cfg, given_as: Callable[[str], str | None] = lambda sett
     from saelab.explore.browser.build import BrowseConfig
 
     default = BrowseConfig()
-    for field in ("n2g_file", "n2g_latents", "n2g_padding_token"):
+    for field in ("n2g_file", "n2g_n_latents", "n2g_padding_token"):
         value = getattr(cfg, field)
         if value != getattr(default, field):
             shown = repr(value) if field == "n2g_padding_token" else value

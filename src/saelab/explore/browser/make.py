@@ -105,7 +105,7 @@ def _settings(cfg: BrowseConfig, sources: Sequence[SAESource]) -> dict[str, Any]
     it was a setting keeps its key. The family score of SAEs that make no families (one SAE, or SAEs of one
     size) is recorded at its default, as sites built before were keyed: it changes nothing there."""
     settings = dataclasses.asdict(cfg)
-    if not cfg.n2g_latents or cfg.n2g_padding_token == BrowseConfig.n2g_padding_token:
+    if not cfg.n2g_n_latents or cfg.n2g_padding_token == BrowseConfig.n2g_padding_token:
         del settings["n2g_padding_token"]
     if not makes_families(sources):
         settings["family_min_score"] = BrowseConfig.family_min_score
@@ -261,9 +261,9 @@ def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
     active latent (minutes per hundred) after the whole pass over the text."""
     smallest = min(sources, key=lambda s: s.sae.n_latents)
     n = smallest.sae.n_latents
-    if cfg.n2g_latents > n:
+    if cfg.n2g_n_latents > n:
         which = "the SAE" if len(sources) == 1 else f"the SAE {smallest.name}"
-        raise ConfigError(f"browse.n2g_latents {cfg.n2g_latents}: {which} has {n} {plural(n, 'latent')}; expected at "
+        raise ConfigError(f"browse.n2g_n_latents {cfg.n2g_n_latents}: {which} has {n} {plural(n, 'latent')}; expected at "
                           f"most {n}")
 
 
@@ -312,7 +312,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
                           name=f"activations at {hook} of {lm.known_as} (for {s.source})")
-    if cfg.n2g_latents:  # a padding token the tokenizer splits: refused now, not after the pass
+    if cfg.n2g_n_latents:  # a padding token the tokenizer splits: refused now, not after the pass
         n2g_padding_id(lm.tokenizer, cfg)
     seconds["load"] = time.perf_counter() - t - seconds["tokenize"]
     stats, coact, pass_times = collect_statistics(lm, sources, tokens, cfg, hook=hook, progress=progress)
