@@ -619,3 +619,12 @@ def test_model_name_is_a_local_models_absolute_path_and_any_other_spec_as_given(
     # A file that is no model, a hub id, and the offline default even beside a folder of its name
     for spec in ("notes.txt", "openai-community/gpt2", "default", "https://example.org/model"):
         assert model_name(spec) == spec
+
+
+def test_load_model_without_progress_draws_no_bar_and_leaves_the_setting(tiny_dir, capfd):
+    """load_model(progress=False) in Python, as --no-progress on the command line: no "Loading weights" bar of
+    transformers; the bars come back afterwards for a caller who did not hide them."""
+    load_model(str(tiny_dir), progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    load_model(str(tiny_dir))
+    assert "Loading weights" in capfd.readouterr().err

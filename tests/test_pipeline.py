@@ -514,6 +514,50 @@ def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, d
     assert replaced["n_tokens"] == 512 and json.loads((run / "metrics.json").read_text())["n_tokens"] == 512
 
 
+def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """`--corpus ev.jsonl` typed in two folders names two files: the second evaluation does not take the first's
+    numbers for its own. The shipped corpus and the SAE's context size typed out are the defaults they name."""
+    from saelab.data import default_corpus
+
+    acts, run = tmp_path / "acts", tmp_path / "run"
+    for folder, first in (("a", 3), ("b", 4)):
+        (tmp_path / folder).mkdir()
+        wiki_jsonl(data_dir, tmp_path / folder / "ev.jsonl", first, 1)
+    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus",
+            str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)), "--out", str(acts), "--n-tokens", "1000",
+            "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
+            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+    ev = ["eval", str(run), "--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
+    monkeypatch.chdir(tmp_path / "a")
+    run_cli(capsys, *ev, "--corpus", "ev.jsonl")
+    before = (run / "metrics.json").read_bytes()
+    monkeypatch.chdir(tmp_path / "b")
+    assert main([*ev, "--corpus", "ev.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r'with other settings \(--corpus "\.\.\./a/ev\.jsonl \([\d,]+ bytes, changed 20[^"]*" -> '
+                     r'"\.\.\./b/ev\.jsonl \(', err), err  # the paths' common start elided
+    assert (run / "metrics.json").read_bytes() == before
+    run_cli(capsys, *ev, "--overwrite")
+    default = (run / "metrics.json").read_bytes()
+    run_cli(capsys, *ev, "--corpus", default_corpus("eval"), "--context-size", "32")
+    assert (run / "metrics.json").read_bytes() == default  # reused
+
+
+def test_paper_suite_results_record_the_corpus_by_its_absolute_path(data_dir, tmp_path, monkeypatch):
+    """The suite's per-metric records compare the corpus as a path: a relative one typed in two folders is two."""
+    from saelab.evals.suite import _corpus_path
+
+    seen = set()
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        wiki_jsonl(data_dir, tmp_path / folder / "ev.jsonl", 3, 1)
+        monkeypatch.chdir(tmp_path / folder)
+        seen.add(_corpus_path("ev.jsonl"))
+    assert seen == {str(tmp_path / "a" / "ev.jsonl"), str(tmp_path / "b" / "ev.jsonl")}
+    assert _corpus_path("some/hub-dataset") == "some/hub-dataset"
+
+
 def _report_notes(capsys, run: Path) -> list[str]:
     """`saelab report RUN`: the notes it printed (it must succeed)."""
     capsys.readouterr()

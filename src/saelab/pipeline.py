@@ -20,7 +20,8 @@ import torch
 
 from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, pack_contexts
 from saelab.data import cache_is_complete, check_disk_room, note_unfinished_overwrite, resolve_corpus, reusable_cache
-from saelab.data import StreamConfig, TextsReadOnce, sample_contexts, token_contexts, write_activation_cache
+from saelab.data import StreamConfig, TextsReadOnce, corpus_identity, sample_contexts, token_contexts
+from saelab.data import write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
@@ -221,7 +222,7 @@ def _harvest_into(out_dir: str | Path, cfg: HarvestConfig, texts: TextsReadOnce,
                   lm: LanguageModel | None, device: str | torch.device | None, model_dtype: str, overwrite: bool,
                   progress: bool, tokenizer=None) -> ActivationCache:
     """Load the model (with ``tokenizer``, read already, when given) and write (or resume) the cache."""
-    lm = load_model(lm or cfg.model, device=device, dtype=model_dtype, tokenizer=tokenizer)
+    lm = load_model(lm or cfg.model, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)
     lm.check_hook(cfg.hook)
     check_disk_room(out_dir, cfg.n_tokens, lm.hook_width(cfg.hook), cfg.dtype, overwrite=overwrite)
     stream = ActivationStream(lm, cfg.hook, _contexts(cfg, lm, texts, progress),
@@ -416,12 +417,12 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     if contexts is None:
         contexts = check_eval_corpus_before_load(tokenizer, cfg, cfg.context_size or sae.cfg.context_size,
                                                  int(sae.cfg.exclude_first), sae.cfg.prepend_bos)
-    lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer)  # not read again
+    lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
     sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
     metrics = {**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
                "sae_sha256": sae_hash or sae_sha256(sae), "eval_config": _eval_config_record(cfg),
-               "model_dtype": str(lm.dtype).removeprefix("torch.")}
+               "eval_as_read": _eval_as_read(cfg, sae), "model_dtype": str(lm.dtype).removeprefix("torch.")}
     if out_dir is not None:
         # The frequencies go first: metrics.json marks the evaluation done, so one cut off before it runs
         # again and rewrites them; they record the SAE and the settings, so a report never pairs them with
@@ -446,6 +447,12 @@ def _eval_config_record(cfg: EvalConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg)))
 
 
+def _eval_as_read(cfg: EvalConfig, sae: TopKSAE) -> dict[str, Any]:
+    """The eval settings left to defaults or paths, as this evaluation of ``sae`` reads them: the corpus's file
+    (corpus_identity: ``ev.jsonl`` typed in two folders names two files) and the context size."""
+    return {"corpus": corpus_identity(cfg.corpus, "eval"), "context_size": cfg.context_size or sae.cfg.context_size}
+
+
 def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *,
                           model: str | LanguageModel | None = None, model_dtype: str = "float32",
                           sae_hash: str | None = None) -> bool:
@@ -468,10 +475,12 @@ def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, m
     old = _readable_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     if not old:
         return None
-    return changed_fields({"eval": old.get("eval_config"), "model_dtype": old.get("model_dtype", "float32"),
+    old_eval, new_eval = old.get("eval_config"), _eval_config_record(cfg)
+    if isinstance(old_eval, dict) and isinstance(old.get("eval_as_read"), dict):  # older files: settings as typed
+        old_eval, new_eval = {**old_eval, **old["eval_as_read"]}, {**new_eval, **_eval_as_read(cfg, sae)}
+    return changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
                            "model": evaluated_model(old)},
-                          {"eval": _eval_config_record(cfg), "model_dtype": model_dtype,
-                           "model": model_name(model or model_for(sae))})
+                          {"eval": new_eval, "model_dtype": model_dtype, "model": model_name(model or model_for(sae))})
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
@@ -604,7 +613,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
             continue
         spec = specs[run]
         if spec not in models:
-            models[spec] = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizers.get(spec))
+            models[spec] = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizers.get(spec),
+                                      progress=progress)
         if progress:
             print(f"[sweep eval] {run.name}", flush=True)
         m = evaluate_run(run, cfg, lm=models[spec], overwrite=True, progress=progress,  # not current: replaced
@@ -644,7 +654,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     # Into a run folder: its lock, as evaluate_run holds it (a retraining meanwhile would mix two SAEs' files).
     lock = RunLock(run).acquire() if out is run else None
     try:
-        lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer)  # not read again
+        lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
         sae = _beside_model(sae, lm, given=False)
         index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg,
                                 overwrite=overwrite, progress=progress, tokens=tokens, refused=refused,
@@ -895,7 +905,7 @@ def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_di
     ``train_texts``, ``eval_contexts``, ``tokenizer``: :func:`sae_sha256` of the finished run's SAE, the training
     corpus's stream, the eval contexts and the model's tokenizer, as the checks returned or read them."""
     lm = _timed(times, "load_model", lambda: load_model(lm or harvest_cfg.model, device=device, dtype=model_dtype,
-                                                        tokenizer=tokenizer))
+                                                        tokenizer=tokenizer, progress=progress))
     reused = ["harvest"] if not overwrite_activations and cache_is_complete(run_dir / ACTIVATIONS_DIR) else []
     cache = _timed(times, "harvest", lambda: _quickstart_harvest(harvest_cfg, run_dir, lm, overwrite_activations,
                                                                  progress, train_texts))

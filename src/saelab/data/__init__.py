@@ -19,7 +19,7 @@ from saelab.data.cache import (
     write_activation_cache,
 )
 from saelab.data.harvest import ActivationModel, ActivationStream, StreamConfig
-from saelab.data.text import (TextsReadOnce, corpus_files_key, corpus_name, default_corpus, iter_texts,
+from saelab.data.text import (TextsReadOnce, corpus_files_key, corpus_identity, corpus_name, default_corpus, iter_texts,
                               resolve_corpus, shipped_data_dir)
 from saelab.data.tokens import batched, hf_tokenize_fn, pack_contexts, sample_contexts, token_contexts
 
@@ -33,6 +33,7 @@ __all__ = [
     "check_disk_room",
     "cache_rows_written",
     "corpus_files_key",
+    "corpus_identity",
     "corpus_name",
     "default_corpus",
     "hf_tokenize_fn",

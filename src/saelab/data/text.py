@@ -24,6 +24,7 @@ import gzip
 import json
 import lzma
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
@@ -161,6 +162,19 @@ def corpus_files_key(corpus: str | None) -> list | None:
         return None
     files = corpus_folder_files(path) if path.is_dir() else [path]
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def corpus_identity(corpus: str | None, split: str) -> str:
+    """The text ``corpus`` (None: the offline default of ``split``) names, as two evaluations compare it: a local
+    file's or folder's absolute path, its size and last change (another file of the same name, or an edited one,
+    differs; the shipped default typed out is the default); a dataset name as given."""
+    found = resolve_corpus(corpus, split)
+    key = corpus_files_key(found)
+    if key is None:
+        return found
+    changed = datetime.fromtimestamp(max(f[2] for f in key) / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    files = f"{len(key)} files, " if len(key) > 1 else ""
+    return f"{Path(found).expanduser().resolve()} ({files}{sum(f[1] for f in key):,} bytes, changed {changed})"
 
 
 def corpus_name(corpus: str | None, split: str) -> str:

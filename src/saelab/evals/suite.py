@@ -262,8 +262,17 @@ def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status
 def _base_inputs(run: SuiteRun) -> dict:
     """What every metric's result depends on, besides its own settings and contexts (``_inputs``)."""
     return {"sae_sha256": run.sae_hash, "model": run.model, "hook": run.sae.cfg.hook_name,
-            "corpus": str(resolve_corpus(run.eval_cfg.corpus, "eval")), "context_size": run.T,
+            "corpus": _corpus_path(run.eval_cfg.corpus), "context_size": run.T,
             "prepend_bos": run.sae.cfg.prepend_bos, "position_0": position_0_words(run.first)}
+
+
+def _corpus_path(corpus: str | None) -> str:
+    """The eval corpus as results record it: a local file or folder by its absolute path (``ev.jsonl`` typed in
+    two folders names two files), a dataset by its name. (metrics.json also records a file's size and last change;
+    these records keep the path alone, so that results written before stay comparable.)"""
+    found = resolve_corpus(corpus, "eval")
+    path = Path(found).expanduser()
+    return str(path.resolve()) if path.exists() else found
 
 
 def _inputs(run: SuiteRun, m: SuiteMetric, base_inputs: dict) -> dict:

@@ -10,6 +10,7 @@ that directory. The cache lives in ``$SAELAB_CACHE_DIR/models/`` (default
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -386,6 +387,7 @@ def load_model(
     cache: bool = True,
     revision: str | None = None,
     tokenizer=None,
+    progress: bool = True,
 ) -> LanguageModel:
     """Load a causal LM as a ``LanguageModel``.
 
@@ -399,7 +401,8 @@ def load_model(
     so it can be passed back to ``load_model``. A ``LanguageModel`` is returned as it is (callers
     take a model or its spec). ``device``: None = CUDA when available, else the CPU.
     ``tokenizer``: the model's own read already (:func:`tokenizer_before_load`), used rather than read again
-    from a model folder or the hub.
+    from a model folder or the hub. ``progress=False`` hides the bars transformers and the hub draw meanwhile
+    (loading weights, downloads).
     """
     if isinstance(spec, LanguageModel):
         return spec
@@ -413,20 +416,42 @@ def load_model(
     local = Path(spec).expanduser()
     if revision is not None and (spec == DEFAULT_MODEL or local.exists()):
         raise ModelLoadError(f"model spec {spec!r} is not a hub id; revision={revision!r} applies only to hub ids")
-    if spec == DEFAULT_MODEL:
-        model, tokenizer = _load_gguf(default_gguf_path(), dtype, cache)
-    elif local.is_file() and local.suffix == ".gguf":
-        model, tokenizer = _load_gguf(local, dtype, cache)
-    elif local.is_dir():
-        model, tokenizer = _load_folder(local, dtype, tokenizer)
-    elif local.exists():
-        raise ModelLoadError(f"model spec {spec!r} is a file but not a .gguf file")
-    elif _names_a_path(spec):
-        raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
-    else:
-        model, tokenizer = _load_hub(spec, dtype, tokenizer, revision)
+    with _library_bars(progress):
+        if spec == DEFAULT_MODEL:
+            model, tokenizer = _load_gguf(default_gguf_path(), dtype, cache)
+        elif local.is_file() and local.suffix == ".gguf":
+            model, tokenizer = _load_gguf(local, dtype, cache)
+        elif local.is_dir():
+            model, tokenizer = _load_folder(local, dtype, tokenizer)
+        elif local.exists():
+            raise ModelLoadError(f"model spec {spec!r} is a file but not a .gguf file")
+        elif _names_a_path(spec):
+            raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
+        else:
+            model, tokenizer = _load_hub(spec, dtype, tokenizer, revision)
     model.to(device)
     return LanguageModel(model, tokenizer, name)
+
+
+@contextlib.contextmanager
+def _library_bars(shown: bool):
+    """The progress bars of transformers and the hub shown, or hidden until the block ends (put back as they were:
+    the caller may have hidden them for good)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hide = not shown and hf_logging.is_progress_bar_enabled(), not shown and not are_progress_bars_disabled()
+    if hide[0]:
+        hf_logging.disable_progress_bar()
+    if hide[1]:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide[0]:
+            hf_logging.enable_progress_bar()
+        if hide[1]:
+            enable_progress_bars()
 
 
 def _folder_on_disk(spec: str, revision: str | None = None) -> Path | None:
