@@ -2755,3 +2755,24 @@ def test_a_runs_train_config_as_config_trains_the_same_recipe(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"--config {record}: a run's record of its settings" in err, err
     assert not (tmp_path / "q").exists()
+
+
+def test_report_and_train_name_what_they_were_given_instead(tmp_path, capsys):
+    """`report` of an activation cache or an SAE folder said only "neither a run folder nor a sweep folder", and
+    `train --activations FILE` said "manifest.json not found": each now names what it was given."""
+    from saelab.sae import save_sae
+    from saelab.sae.topk import SAEConfig, TopKSAE
+
+    cache = tmp_path / "acts"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    save_sae(TopKSAE(SAEConfig(d_in=4, n_latents=8, k=2)), tmp_path / "sae")
+    (tmp_path / "notes.json").write_text("{}")
+    for argv, said in ((["report", str(cache)], f"{cache} is an activation cache, not a run folder"),
+                       (["report", str(tmp_path / "sae")], f"{tmp_path / 'sae'} is an SAE folder, not a run folder"),
+                       (["report", str(tmp_path / "notes.json")], "notes.json is a file, not a run folder"),
+                       (["train", "--activations", str(tmp_path / "notes.json"), "--out", str(tmp_path / "run")],
+                        f"'{tmp_path / 'notes.json'}' is a file; expected an activation cache's folder")):
+        assert _exit_code(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and said in err, err

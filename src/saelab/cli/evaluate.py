@@ -236,5 +236,8 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         raise SaelabError(f"{args.run}: no such folder; expected a run folder or a sweep folder (saelab train, "
                           "saelab sweep)")
     if not (Path(args.run) / TRAIN_CONFIG).exists():
-        raise SaelabError(f"{args.run} is neither a run folder (with {TRAIN_CONFIG}) nor a sweep folder of runs")
+        what = next((name for kind, (_, name) in ARTEFACTS.items() if holds_artefact(Path(args.run), kind)),
+                    "a file" if Path(args.run).is_file() else None)
+        raise SaelabError(f"{args.run} is {what + ', not ' if what else 'neither '}a run folder (with {TRAIN_CONFIG}) "
+                          f"{'or' if what else 'nor'} a sweep folder of runs")
     return {"report": str(write_run_report(args.run))}

@@ -673,6 +673,9 @@ class ActivationCache:
         self.folder = Path(folder)
         m = _read_manifest(self.folder)
         if m is None:
+            if self.folder.is_file():
+                raise ActivationCacheError(f"{str(self.folder)!r} is a file; expected an activation cache's folder "
+                                           f"(holding {MANIFEST}, as saelab harvest writes it)")
             inner = sorted(self.folder.glob(f"*/{MANIFEST}")) if self.folder.is_dir() else []
             hint = f"; the cache inside it is {str(inner[0].parent)!r}" if len(inner) == 1 else ""  # a run folder's
             raise ActivationCacheError(f"no activation cache at {str(self.folder)!r} ({MANIFEST} not found){hint}")
