@@ -443,3 +443,14 @@ def test_each_sae_is_shown_with_its_own_tokens_scored(tiny_gpt2, corpus, tmp_pat
     key = build_key(sources, cfg)
     sources[0].sae.cfg.exclude_first = True
     assert build_key(sources, cfg) != key
+
+
+def test_a_renamed_setting_keeps_earlier_builds_keys_and_is_named_as_it_is_now():
+    """browse's N2G count became n2g_n_latents (as eval's): sites, families files and exports record it under
+    its earlier name, so that their keys stay (a rebuild of an unchanged site is reused), and a refusal names it
+    as it is now."""
+    from saelab.explore.browser.make import build_inputs, what_differs
+
+    before, after = (build_inputs([], BrowseConfig(n2g_n_latents=n)) for n in (0, 3))
+    assert before["browse"]["n2g_latents"] == 0 and "n2g_n_latents" not in before["browse"]
+    assert what_differs(before, after) == "other settings (browse.n2g_n_latents 0 -> 3)"

@@ -203,6 +203,8 @@ def test_a_task_whose_split_leaves_a_part_with_one_class_is_skipped():
     assert probe_task(sae, x, y, cfg, torch.Generator().manual_seed(0), groups) == (
         "no split of its paragraphs into train and held-out parts gave each part both classes (positive examples in "
         "1 paragraph, negative in 9 paragraphs; 16 splits tried)")
+    assert probe_task(sae, x[:2], torch.tensor([1, 0]), ProbeConfig(min_per_class=1), torch.Generator(),
+                      torch.arange(2), "text").startswith("no split of its texts")  # a context task's groups
     y = ((groups == 3) | (groups == 7)).long()  # two: some splits give one to each side
     for seed in range(10):
         res, _ = probe_task(sae, x, y, cfg, torch.Generator().manual_seed(seed), groups)

@@ -535,9 +535,18 @@ def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_
     monkeypatch.chdir(tmp_path / "b")
     assert main([*ev, "--corpus", "ev.jsonl"]) == 2
     err = capsys.readouterr().err
-    assert re.search(r'with other settings \(--corpus "\.\.\./a/ev\.jsonl \([\d,]+ bytes, changed 20[^"]*" -> '
+    assert re.search(r'with other settings \(--corpus "\.\.\./a/ev\.jsonl \([\d,]+ bytes, sha256 [0-9a-f]{12}\)" -> '
                      r'"\.\.\./b/ev\.jsonl \(', err), err  # the paths' common start elided
     assert (run / "metrics.json").read_bytes() == before
+    shutil.copy(tmp_path / "b" / "ev.jsonl", tmp_path / "a" / "ev.jsonl")  # b's text, written anew
+    assert main([*ev, "--corpus", str(tmp_path / "a" / "ev.jsonl")]) == 2  # a's path, b's text: not a's numbers
+    assert re.search(r'--corpus "\.\.\./a/ev\.jsonl \(7,348 bytes, sha256 [0-9a-f]{12}\)" -> "\.\.\./a/ev\.jsonl \(16,235 '
+                     r'bytes, sha256 [0-9a-f]{12}\)"', capsys.readouterr().err)
+    run_cli(capsys, *ev, "--corpus", "ev.jsonl", "--overwrite")
+    os.utime(tmp_path / "b" / "ev.jsonl", (1, 1))  # the same text, touched: still its evaluation
+    kept = (run / "metrics.json").read_bytes()
+    run_cli(capsys, *ev, "--corpus", "ev.jsonl")
+    assert (run / "metrics.json").read_bytes() == kept
     run_cli(capsys, *ev, "--overwrite")
     default = (run / "metrics.json").read_bytes()
     run_cli(capsys, *ev, "--corpus", default_corpus("eval"), "--context-size", "32")

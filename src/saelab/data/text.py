@@ -21,10 +21,10 @@ that is not on disk is a hub dataset name. ``split`` applies to hub datasets onl
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
@@ -166,15 +166,28 @@ def corpus_files_key(corpus: str | None) -> list | None:
 
 def corpus_identity(corpus: str | None, split: str) -> str:
     """The text ``corpus`` (None: the offline default of ``split``) names, as two evaluations compare it: a local
-    file's or folder's absolute path, its size and last change (another file of the same name, or an edited one,
-    differs; the shipped default typed out is the default); a dataset name as given."""
+    file or folder by its absolute path (the shipped corpus by what it is, wherever saelab lies), size and a hash
+    of each file's first FINGERPRINT_BYTES (another file of the same name, or an edited one, differs; a copy does
+    not); a dataset name as given."""
     found = resolve_corpus(corpus, split)
-    key = corpus_files_key(found)
-    if key is None:
+    path = Path(found).expanduser()
+    if not path.exists():
         return found
-    changed = datetime.fromtimestamp(max(f[2] for f in key) / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    files = f"{len(key)} files, " if len(key) > 1 else ""
-    return f"{Path(found).expanduser().resolve()} ({files}{sum(f[1] for f in key):,} bytes, changed {changed})"
+    files = corpus_folder_files(path) if path.is_dir() else [path]
+    digest, size = hashlib.sha256(), 0
+    for f in files:
+        size += f.stat().st_size
+        digest.update(f"{f.relative_to(path) if f != path else ''}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as text:
+            digest.update(text.read(FINGERPRINT_BYTES))
+    shipped = str(path.resolve()) in {default_corpus(each) for each in DEFAULT_CORPUS_FILES}
+    count = f"{len(files)} files, " if len(files) > 1 else ""
+    return (f"{corpus_name(found, split) if shipped else path.resolve()} ({count}{size:,} bytes, "
+            f"sha256 {digest.hexdigest()[:12]})")
+
+
+FINGERPRINT_BYTES = 2**24
+"""How much of each corpus file its identity hashes: an evaluation reads the start of its corpus."""
 
 
 def corpus_name(corpus: str | None, split: str) -> str:

@@ -329,33 +329,34 @@ SPLIT_TRIES = 16
 """Random splits tried for one that puts both classes in train and in the held-out part."""
 
 
-def _split_with_both_classes(groups_M: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig,
-                             g: torch.Generator) -> torch.Tensor | str:
+def _split_with_both_classes(groups_M: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig, g: torch.Generator,
+                             unit: str) -> torch.Tensor | str:
     """A train mask (split_by_group) whose two sides each hold both classes (the first of SPLIT_TRIES random
     splits that does), or why there is none: a side of one class has no loss to compare (a probe fits it exactly,
     or is scored on labels it never saw)."""
     for _ in range(SPLIT_TRIES):
         train = split_by_group(groups_M, cfg.test_frac, g)
         if train is None:
-            return f"all examples come from one {cfg.split_unit}: no held-out text apart from the train text"
+            return f"all examples come from one {unit}: no held-out text apart from the train text"
         if all(y_M[side].unique().numel() == 2 for side in (train, ~train)):
             return train
     pos_groups = torch.unique(groups_M[y_M == 1]).numel()
     neg_groups = torch.unique(groups_M[y_M == 0]).numel()
-    return (f"no split of its {cfg.split_unit}s into train and held-out parts gave each part both classes "
-            f"(positive examples in {pos_groups} {plural(pos_groups, cfg.split_unit)}, negative in {neg_groups} "
-            f"{plural(neg_groups, cfg.split_unit)}; {SPLIT_TRIES} splits tried)")
+    return (f"no split of its {unit}s into train and held-out parts gave each part both classes "
+            f"(positive examples in {pos_groups} {plural(pos_groups, unit)}, negative in {neg_groups} "
+            f"{plural(neg_groups, unit)}; {SPLIT_TRIES} splits tried)")
 
 
 def probe_task(sae, x_MD: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig, g: torch.Generator,
-               groups_M: torch.Tensor | None = None) -> tuple[dict, dict[str, torch.Tensor]] | str:
+               groups_M: torch.Tensor | None = None,
+               unit: str | None = None) -> tuple[dict, dict[str, torch.Tensor]] | str:
     """Probe one task given its examples' hook activations, labels and groups (each example its own
     group when None). Returns the TaskResult of the schema (without intervals) and the held-out
     per-group loss totals, or why the task is skipped: its examples hold fewer than two groups, or no split
-    gives both classes to both parts."""
+    gives both classes to both parts. ``unit``: what a group is, for that reason (default ``cfg.split_unit``)."""
     groups_M = torch.arange(x_MD.shape[0]) if groups_M is None else groups_M.cpu()
     y_M = y_M.cpu()
-    train = _split_with_both_classes(groups_M, y_M, cfg, g)
+    train = _split_with_both_classes(groups_M, y_M, cfg, g, unit or cfg.split_unit)
     if isinstance(train, str):
         return train
     x_tr, x_te = x_MD[train.to(x_MD.device)], x_MD[~train.to(x_MD.device)]
@@ -504,9 +505,11 @@ def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, 
     examples = _token_examples(lm, sae, tokens_NT, hook, cfg, skipped)
     all_ctx = list(context_tasks) + [load_hf_task(n) for n in cfg.hf_tasks]
     examples.update(_context_examples(lm, sae, hook, all_ctx, cfg, skipped))
+    context_names = {task.name for task in all_ctx}
     results, totals = {}, {}
     for name, (x, y, groups) in examples.items():
-        done = probe_task(sae, x.to(sae.W_dec.device), y, cfg, _task_generator(cfg.seed, name, 1), groups)
+        done = probe_task(sae, x.to(sae.W_dec.device), y, cfg, _task_generator(cfg.seed, name, 1), groups,
+                          "text" if name in context_names else None)  # a context task's examples: whole texts
         if isinstance(done, str):
             skipped[name] = done
             continue

@@ -435,23 +435,24 @@ def load_model(
 
 @contextlib.contextmanager
 def _library_bars(shown: bool):
-    """The progress bars of transformers and the hub shown, or hidden until the block ends (put back as they were:
-    the caller may have hidden them for good)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    """transformers' bars hidden until the block ends (transformers switches the hub's with its own), then put
+    back as they were: hub bars the caller hid stay hidden. ``HF_HUB_DISABLE_PROGRESS_BARS=0`` (bars asked for)
+    is left alone, as the hub would refuse with a warning."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    hide = not shown and hf_logging.is_progress_bar_enabled(), not shown and not are_progress_bars_disabled()
-    if hide[0]:
+    hide = (not shown and hf_logging.is_progress_bar_enabled()
+            and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "0")
+    hub_hidden = are_progress_bars_disabled()
+    if hide:
         hf_logging.disable_progress_bar()
-    if hide[1]:
-        disable_progress_bars()
     try:
         yield
     finally:
-        if hide[0]:
+        if hide:
             hf_logging.enable_progress_bar()
-        if hide[1]:
-            enable_progress_bars()
+            if hub_hidden:
+                disable_progress_bars()
 
 
 def _folder_on_disk(spec: str, revision: str | None = None) -> Path | None:

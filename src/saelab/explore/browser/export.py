@@ -435,7 +435,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         return _as_given([_reused(t, e) for t, e in zip(targets, earlier)], one)
     kwargs["overwrite"] = True  # what is there now is the same export (the others were refused above)
     hook = check_compatible(sources, cfg.hook, cfg.model)
-    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
+    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
     lm.check_hook(hook)
     stats, _, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, families=False, progress=progress)
     for st in stats:

@@ -105,11 +105,16 @@ def _settings(cfg: BrowseConfig, sources: Sequence[SAESource]) -> dict[str, Any]
     it was a setting keeps its key. The family score of SAEs that make no families (one SAE, or SAEs of one
     size) is recorded at its default, as sites built before were keyed: it changes nothing there."""
     settings = dataclasses.asdict(cfg)
+    settings[RECORDED_AS["n2g_n_latents"]] = settings.pop("n2g_n_latents")  # earlier builds keep their key
     if not cfg.n2g_n_latents or cfg.n2g_padding_token == BrowseConfig.n2g_padding_token:
         del settings["n2g_padding_token"]
     if not makes_families(sources):
         settings["family_min_score"] = BrowseConfig.family_min_score
     return settings
+
+
+RECORDED_AS = {"n2g_n_latents": "n2g_latents"}
+"""Settings that sites, families files and exports record under the name they had before it changed."""
 
 
 def makes_families(sources: Sequence[SAESource]) -> bool:
@@ -168,7 +173,11 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str
 
     def settings(of: dict[str, Any]) -> dict[str, Any]:  # an export's options by their own names, as passed
         export = of.get("export")
-        return {**{k: v for k, v in of.items() if k not in hashed}, **(export if isinstance(export, dict) else {})}
+        named = {k: v for k, v in of.items() if k not in hashed}
+        if isinstance(named.get("browse"), dict):  # each setting by its name now
+            recorded_as = {old: new for new, old in RECORDED_AS.items()}
+            named["browse"] = {recorded_as.get(k, k): v for k, v in named["browse"].items()}
+        return {**named, **(export if isinstance(export, dict) else {})}
 
     changes = changed_fields(settings(recorded), settings(inputs))
     if changes:
@@ -200,7 +209,8 @@ def _named_model(cfg: BrowseConfig, lm) -> str | None:
 
 def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loaded_here: Sequence[SAESource],
                       hook: str, device=None, model_dtype="float32", seconds: dict[str, float] | None = None,
-                      context_setting: str | None = "context_size", check_tokenizer: Callable | None = None):
+                      context_setting: str | None = "context_size", check_tokenizer: Callable | None = None,
+                      progress: bool = True):
     """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU; SAEs the
     caller gave stay where the caller put them), and the contexts read (:func:`read_tokens`). A missing
     corpus, a bad hook, a context longer than the model takes or a corpus too short for ``cfg.n_tokens`` is
@@ -223,7 +233,7 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     t = time.perf_counter()
     tokens = read_tokens_before_load(tokenizer, [s.sae for s in sources], cfg, context_setting)
     took = time.perf_counter() - t
-    lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer)
+    lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)
     for s in loaded_here:
         s.sae.to(lm.device)
     if tokens is None:  # the tokenizer came with the model
@@ -307,7 +317,8 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
                     for s in sources]
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, seconds)
+    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, seconds,
+                                   progress=progress)
     lm.check_hook(hook)
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
@@ -370,7 +381,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
             raise RunExistsError(f"{out} holds feature families of {what_differs(earlier.get('inputs'), inputs, n2g=False)}; "
                                  "pass --overwrite to replace it, or pick another --out")
         return {**earlier, "reused": True}
-    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype)
+    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
     lm.check_hook(hook)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
     tree = {**_families(lm, sources, coact, cfg, hook), "key": key, "inputs": inputs}
