@@ -27,7 +27,7 @@ from saelab.models import load_model
 from saelab.models.loading import ModelLoadError
 from saelab.sae import load_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
-from saelab.utils.pickle_check import HASHED_ALIKE_MAX, SHARED_ITEMS_MAX, check_torch_file
+from saelab.utils.pickle_check import HASHED_ALIKE_MAX, check_torch_file
 from saelab.utils.torch_files import load_plain_tensors
 
 LEGACY = {"_use_new_zipfile_serialization": False}
@@ -110,6 +110,11 @@ def long1(n: int) -> bytes:
     return b"\x8a" + bytes([len(b)]) + b
 
 
+def text_bytes(b: bytes) -> bytes:
+    """BINUNICODE of raw UTF-8 bytes (lone surrogates too, as torch decodes them)."""
+    return b"X" + len(b).to_bytes(4, "little") + b
+
+
 def storage_id(cls: str, numel: int, legacy: bool = False, key: bytes = text("0")) -> bytes:
     """A persistent id naming storage ``key`` of ``numel`` elements (BINPERSID), as torch.save writes one."""
     return (b"(" + text("storage") + glob("torch", cls) + key + text("cpu") + long1(numel)
@@ -140,13 +145,18 @@ def deflated_in_place(path: Path) -> None:
             dst.writestr(name, data)
 
 
-def with_record(path: Path, pickled: bytes, record: bytes, compress: int = zipfile.ZIP_STORED) -> None:
-    """A torch zip archive whose data.pkl is ``pickled`` and whose storage "0" is ``record``."""
+def with_record(path: Path, pickled: bytes, record: bytes, compress: int = zipfile.ZIP_STORED,
+                name: str = "archive/data/0", extra: bytes = b"") -> None:
+    """A torch zip archive whose data.pkl is ``pickled`` and whose storage "0" is ``record`` (stored under
+    ``name``, torch's reader finding it whatever its case; ``extra``: a malformed extra field on the version
+    record, which torch's reader skips and Python's zipfile refuses)."""
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", pickled)
         archive.writestr("archive/byteorder", "little")
-        archive.writestr("archive/data/0", record, compress_type=compress)
-        archive.writestr("archive/version", "3\n")
+        archive.writestr(name, record, compress_type=compress)
+        version = zipfile.ZipInfo("archive/version")
+        version.extra = extra
+        archive.writestr(version, "3\n")
 
 
 SIZE = glob("torch", "Size")
@@ -164,7 +174,7 @@ BOMBS = {
     "shared-tuples-legacy": lambda p: torch.save({"revivals": shared_levels(40)}, p, **LEGACY),
     "counter-of-shared-tuples": lambda p: torch.save(collections.Counter({shared_levels(24): 1}), p),
     "shared-list-of-lists": lambda p: torch.save([[[1], [1]]] * 2, p),
-    "large-shared-tuple": lambda p: torch.save([tuple(range(SHARED_ITEMS_MAX + 1))] * 2, p),
+    "a-list-of-20000-referred-to-20000-times": lambda p: torch.save([list(range(20_000))] * 20_000, p),
     "tensor-of-2**30": lambda p: p.write_bytes(legacy_call("torch", "FloatTensor", 2**30)),
     "tensor-of-65536x65536": lambda p: p.write_bytes(legacy_call("torch", "FloatTensor", 65536, 65536)),
     "bytearray-of-2**30": lambda p: p.write_bytes(legacy_call("builtins", "bytearray", 2**30)),
@@ -231,10 +241,31 @@ BOMBS = {
     "ordered-dict-state-of-pairs-of-one-hash": lambda p: in_archive(
         p, b"\x80\x02" + glob("collections", "OrderedDict") + b")R](" + b"".join(long1(k) + b"N\x86" for k in ONE_HASH_INTS)
         + b"eb."),
+    "legacy-storages-keyed-by-lone-surrogates": lambda p: legacy_file(p, b"\x80\x02](" + b"".join(
+        one_element_on(storage_id("FloatStorage", 2**28 if k else 1, legacy=True,
+                                  key=text_bytes(chr(0xD800 + k).encode("utf-8", "surrogatepass")))) for k in range(3))
+        + b"e."),
+    "a-storage-in-a-record-named-in-capitals": lambda p: with_record(
+        p, b"\x80\x02}" + text("w") + one_element_on(storage_id("ByteStorage", 1)) + b"s.", bytes(2**27),
+        zipfile.ZIP_DEFLATED, name="archive/DATA/0"),
+    "a-zip-python-cannot-read": lambda p: (with_record(
+        p, b"\x80\x02}" + text("w") + one_element_on(storage_id("ByteStorage", 1)) + b"s.", bytes(2**27),
+        zipfile.ZIP_DEFLATED, extra=b"\x99\x99\xff\x00")),
+    "a-text-added-to-a-list-after-2000-references": lambda p: in_archive(
+        p, b"\x80\x02}" + text("refs") + b"](]" + put(1) + get(1) * 2_000 + b"es" + text("x") + get(1)
+        + text("y" * 100_000) + b"as."),
+    "a-tensor-with-a-backward-hook": lambda p: with_record(
+        p, b"\x80\x02}" + text("w") + glob("torch._utils", "_rebuild_tensor_v2") + b"(" + storage_id("FloatStorage", 1)
+        + b"K\x00K\x01\x85K\x01\x85\x89" + glob("collections", "OrderedDict") + b")R(K\x00" + one_element_on(
+            storage_id("FloatStorage", 1)) + b"utRs.", bytes(4)),  # a hook: a tensor of 2**30 in 30 dimensions once
+    "a-view-of-2**20-booleans-in-20-dimensions": lambda p: with_record(
+        p, b"\x80\x02}" + text("w") + glob("torch._utils", "_rebuild_tensor_v2") + b"(" + storage_id("BoolStorage", 1)
+        + b"K\x00(" + b"K\x02" * 20 + b"t(" + b"K\x00" * 20 + b"t\x89" + glob("collections", "OrderedDict")
+        + b")RtRs.", bytes(1)),
     "one-text-referred-to-5000-times": lambda p: in_archive(
         p, b"\x80\x02}" + text("notes") + b"](" + text("x" * 100_000) + put(0) + get(0) * 4_999 + b"es."),
 }
-REFUSALS = (r"refers again to a container|elements at once|_codecs.encode on|a state or a function|once copied|"
+REFUSALS = (r"refers again to a container|changes afterwards|backward hooks|zip directory|elements at once|_codecs.encode on|a state or a function|once copied|"
             r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|is compressed|"
             r"storage outside any tensor|a global of over|a container or a long text|"
             r"whose hashes can be made equal")
@@ -266,8 +297,15 @@ def test_what_torch_save_writes_reads_as_before(tmp_path):
     opt = torch.optim.Adam([{"params": [p1], "betas": betas}, {"params": [p2], "lr": 0.1, "betas": betas}])
     (p1.sum() + p2.sum()).backward()
     opt.step()
-    flat = tuple(range(SHARED_ITEMS_MAX))
+    flat = tuple(range(100))
+    groups = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(20)], lr=0.1)
+    schedule = torch.optim.lr_scheduler.SequentialLR(groups, [torch.optim.lr_scheduler.LinearLR(groups),
+                                                              torch.optim.lr_scheduler.CosineAnnealingLR(groups, 5)],
+                                                     [2])  # and its first scheduler share a list of 20 rates
+    groups.step()
+    schedule.step()
     state = {"small_view": torch.ones(1).expand(4), "model": weights, "opt": opt.state_dict(), "a": flat, "b": flat,
+             "schedule": schedule.state_dict(),
              "tied": [p1, p1], "tuple_keys": {(i, str(i)): i for i in range(HASHED_ALIKE_MAX)},
              "texts": set(map(str, range(1000))), "counts": collections.Counter(map(str, range(1000)))}
     for fmt in ({}, LEGACY):

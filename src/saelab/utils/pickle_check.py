@@ -10,8 +10,9 @@ integer allocates that much at once. torch.save writes neither: it refers again 
 So this reads the pickle's opcodes, the subset torch's weights-only reader understands (the bytes torch's own zip
 reader gives it), keeping for each object on its stack only what kind it is (nothing is built), and refuses:
 
-- a second reference (a memo get) to a container unless it is small and flat (at most SHARED_ITEMS_MAX items,
-  none of them a container), and a later change that makes such a container large or nested;
+- a second reference (a memo get) to a container that holds containers, and any change to a container after a
+  second reference to it (torch.save writes a container whole first); each reference to a flat one counts its
+  items and texts toward the budget below;
 - a tensor rebuilt with a state of its own (``_rebuild_from_type_v2`` of a function other than torch's tensor
   rebuilds, a parameter with state, a BUILD on a tensor): a tensor is the one object referred to again freely;
 - a tensor or storage (a persistent id, or what a legacy tensor or storage class or ``bytearray`` makes) passed to
@@ -49,8 +50,6 @@ from typing import IO
 import torch
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # the renames torch's reader applies to a global's name
 
-SHARED_ITEMS_MAX = 16
-"""The most items a container referred to from more than one place may hold (all of them leaves)."""
 CONSTRUCTED_SIZE_MAX = 2**26
 """The largest allocation (elements or bytes) a legacy tensor class or bytearray may be asked for by its integers."""
 HASHED_ALIKE_MAX = 256
@@ -98,13 +97,9 @@ class _Box:
             self.tensors = True
         elif isinstance(item, int) and abs(item) > 1:
             self.int_product = min(self.int_product * abs(item), 2**63)
-        if self.referred_again and not self.shareable:
-            raise PickleBombError("a container referred to again grows nested or past "
-                                  f"{SHARED_ITEMS_MAX} items afterwards")
-
-    @property
-    def shareable(self) -> bool:
-        return self.flat and self.items <= SHARED_ITEMS_MAX
+        if self.referred_again:
+            raise PickleBombError("a container referred to again changes afterwards (torch.save writes a container "
+                                  "whole before it refers to it again)")
 
     def hash_keys(self, alike: int) -> None:
         """Count ``alike`` more keys that may hash alike given to this dict, set or Counter."""
@@ -163,6 +158,10 @@ def _empty(item: object) -> bool:
     return item is _LEAF or (isinstance(item, _Box) and item.items == 0)
 
 
+_HOOKS_ARGUMENT = {"_rebuild_tensor_v2": 5, "_rebuild_tensor_v3": 5, "_rebuild_parameter": 2,
+                   "_rebuild_parameter_with_state": 2, "_rebuild_qtensor": 6}
+"""Where each tensor rebuild takes the tensor's backward hooks, which torch sets on the tensor as they are."""
+
 _NAME_MAX = 1000
 """The longest module or name of a global: torch writes a refused one into a message it then searches with a
 regular expression whose time grows with the square of its length."""
@@ -196,6 +195,10 @@ def _made(callee: object, args: object) -> object:
     if args.tensors and not name.startswith(_MAKES_TENSOR) and name not in _WITH_STATE:
         raise PickleBombError(f"it passes a tensor or storage to {name or 'a call'}, which would read it element by "
                               "element (torch.save writes no such call)")
+    hooks = _HOOKS_ARGUMENT.get(name.removeprefix("torch._utils."), len(head)) if name.startswith("torch.") else 99
+    if hooks < len(head) and not _empty(head[hooks]):
+        raise PickleBombError(f"it calls {name} with backward hooks (torch.save writes an empty OrderedDict; a "
+                              "tensor's hooks are formatted, element by element, when it is saved again)")
     if _sized(name) and args.int_product > CONSTRUCTED_SIZE_MAX:
         raise PickleBombError(f"it calls {name} for {args.int_product:,} elements at once (torch.save writes no "
                               "such call)")
@@ -260,13 +263,10 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
         if isinstance(obj, _Text):  # walked (formatted, copied) once per reference
             charge(obj.size)
         elif isinstance(obj, _Box):
-            charge(obj.text_bytes)
             if not obj.flat:
                 raise PickleBombError(f"it refers again to a container that holds containers (memo {idx}): "
                                       "such sharing can describe an exponentially large object")
-            if not obj.shareable:
-                raise PickleBombError(f"it refers again to a container of {obj.items:,} items (memo {idx}); "
-                                      f"at most {SHARED_ITEMS_MAX} are read in a container referred to again")
+            charge(obj.items + obj.text_bytes)  # walked again in full at each reference
             obj.referred_again = True
         stack.append(obj)
 
@@ -325,7 +325,8 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
                 stack.append(_LEAF)
             elif code in (0x58, 0x55):  # BINUNICODE, SHORT_BINSTRING
                 n = struct.unpack("<I", read(4))[0] if code == 0x58 else read(1)[0]
-                stack.append(_text(read(n).decode("utf-8", "replace") if n <= _SHORT_TEXT else _skip(f, n), n))
+                # as torch decodes it: lone surrogates kept (two storage keys differing in one are two storages)
+                stack.append(_text(read(n).decode("utf-8", "surrogatepass") if n <= _SHORT_TEXT else _skip(f, n), n))
             elif code in (0x29, 0x5D, 0x7D, 0x8F):  # EMPTY_TUPLE, EMPTY_LIST, EMPTY_DICT, EMPTY_SET
                 stack.append(_Box())
             elif code == 0x74:  # TUPLE
@@ -419,10 +420,17 @@ def _check_stored(path: str | os.PathLike) -> None:
     inflates a record whole before checking its size (a 1 GiB storage from a 1 MB file, a pickle far larger than
     the budget the file's size gives)."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(path) as archive:  # names as torch's reader finds them: whatever their case
             packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED
-                      and (info.filename.endswith("data.pkl") or "/data/" in info.filename)]  # what torch.load reads
-    except (zipfile.BadZipFile, OSError, ValueError):  # torch's own reader says what is wrong, or reads it stored
+                      and (info.filename.lower().endswith("data.pkl") or "/data/" in info.filename.lower())]
+    except (zipfile.BadZipFile, ValueError, NotImplementedError) as e:
+        try:
+            torch._C.PyTorchFileReader(str(path))  # reads the directory alone
+        except Exception:  # noqa: BLE001 - torch cannot read it either: its own error says what is wrong
+            return
+        raise PickleBombError(f"torch reads a zip directory that Python's zipfile refuses ({e}); torch.save "
+                              "writes a plain one") from None
+    except OSError:  # torch.load's own error says why
         return
     if packed:
         raise PickleBombError(f"its record {packed[0]} is compressed (torch.save stores every record as it is)")

@@ -63,15 +63,18 @@ def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mm
 
 COPIED_BYTES_PER_FILE_BYTE = 4
 """How many times the file's size a load's tensors may take once copied (counted per reference: tied weights twice)."""
+COPIED_BYTES_FREE = 2**16
+"""What they may take beyond that whatever the file's size: small, as a view of a few stored bytes is printed
+element by element (2**20 booleans in 20 dimensions of 2 took 12-19 s to format)."""
 
 
 def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
     """``loaded``, after checking that its tensors, each copy counted (a cast at resume copies each reference),
-    take at most COPIED_BYTES_PER_FILE_BYTE times the file's size (and 1 MiB): a view of one stored element
+    take at most COPIED_BYTES_PER_FILE_BYTE times the file's size (and COPIED_BYTES_FREE): a view of one stored element
     (``torch.zeros(1).expand(2**29)``: 4 bytes on disk, 2 GB once copied), a compressed or an uninitialised
     legacy storage, or one tensor referred to thousands of times, is refused, as is a storage outside any tensor. The walk is linear: check_torch_file
-    let no container be shared but small flat ones."""
-    limit = COPIED_BYTES_PER_FILE_BYTE * os.path.getsize(path) + 2**20
+    let no container be shared but flat ones, each reference charged."""
+    limit = COPIED_BYTES_PER_FILE_BYTE * os.path.getsize(path) + COPIED_BYTES_FREE
     total, todo = 0, [loaded]
     while todo:
         obj = todo.pop()
