@@ -145,6 +145,22 @@ def deflated_in_place(path: Path) -> None:
             dst.writestr(name, data)
 
 
+DISTINCT = "".join(chr(c) for c in range(0x20, 0x10000) if not 0xD800 <= c < 0xE000)
+"""Texts of distinct characters: a set or Counter of one holds an item per character."""
+
+
+def version_deflated(path: Path) -> None:
+    """The archive at ``path`` with its version record deflated and 16 MiB longer (torch's reader inflates it
+    whole when it opens the archive)."""
+    with zipfile.ZipFile(path) as src:
+        records = {info.filename: src.read(info) for info in src.infolist()}
+    with zipfile.ZipFile(path, "w") as dst:
+        for name, data in records.items():
+            packed = name.endswith("/version")
+            dst.writestr(name, data + b" " * 2**24 if packed else data,
+                         compress_type=zipfile.ZIP_DEFLATED if packed else zipfile.ZIP_STORED)
+
+
 def with_record(path: Path, pickled: bytes, record: bytes, compress: int = zipfile.ZIP_STORED,
                 name: str = "archive/data/0", extra: bytes = b"") -> None:
     """A torch zip archive whose data.pkl is ``pickled`` and whose storage "0" is ``record`` (stored under
@@ -262,6 +278,26 @@ BOMBS = {
         p, b"\x80\x02}" + text("w") + glob("torch._utils", "_rebuild_tensor_v2") + b"(" + storage_id("BoolStorage", 1)
         + b"K\x00(" + b"K\x02" * 20 + b"t(" + b"K\x00" * 20 + b"t\x89" + glob("collections", "OrderedDict")
         + b")RtRs.", bytes(1)),
+    "a-counter-of-10000-characters-referred-to-500-times": lambda p: in_archive(
+        p, b"\x80\x02]" + glob("collections", "Counter") + b"(" + text(DISTINCT[:10_000]) + b"tR" + put(0) + b"a("
+        + get(0) * 500 + b"e."),
+    "a-set-of-20000-characters-copied-200-times": lambda p: in_archive(
+        p, b"\x80\x02]" + glob("builtins", "set") + put(1) + b"(" + text(DISTINCT[:20_000]) + b"tR" + put(0) + b"a"
+        + (get(1) + get(0) + b"\x85Ra") * 200 + b"."),
+    "hooks-in-a-rebuild-from-type-v2": lambda p: with_record(
+        p, b"\x80\x02}" + text("w") + glob("torch._tensor", "_rebuild_from_type_v2") + b"("
+        + glob("torch._utils", "_rebuild_tensor_v2") + glob("torch", "Tensor") + b"(" + storage_id("FloatStorage", 1)
+        + b"K\x00K\x01\x85K\x01\x85\x89" + glob("collections", "OrderedDict") + b")R(K\x00"
+        + one_element_on(storage_id("FloatStorage", 1)) + b"ut" + glob("collections", "OrderedDict") + b")RtRs.",
+        bytes(4)),
+    "a-copying-rebuild-in-a-rebuild-from-type-v2": lambda p: with_record(
+        p, b"\x80\x02}" + text("w") + glob("torch._tensor", "_rebuild_from_type_v2") + b"("
+        + glob("torch._utils", "_rebuild_device_tensor_from_cpu_tensor") + glob("torch", "Tensor") + b"("
+        + one_element_on(storage_id("FloatStorage", 1)) + glob("torch", "float64") + text("cpu") + b"\x89t"
+        + glob("collections", "OrderedDict") + b")RtRs.", bytes(4)),
+    "a-deflated-version-record": lambda p: (torch.save({"w": torch.zeros(1)}, p), version_deflated(p)),
+    "a-list-of-500-large-integers-referred-to-2000-times": lambda p: in_archive(
+        p, b"\x80\x02]](" + long1(-(1 << 2030) + 12345) * 500 + b"e" + put(0) + b"a(" + get(0) * 2_000 + b"e."),
     "one-text-referred-to-5000-times": lambda p: in_archive(
         p, b"\x80\x02}" + text("notes") + b"](" + text("x" * 100_000) + put(0) + get(0) * 4_999 + b"es."),
 }

@@ -68,7 +68,7 @@ _HEAD = 8
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
     __slots__ = ("items", "flat", "referred_again", "int_product", "head", "tensors", "text_bytes", "alike",
-                 "alike_pairs", "first_alike", "keys_alike")
+                 "alike_pairs", "first_alike", "keys_alike", "weight")
 
     def __init__(self) -> None:
         self.items, self.flat, self.referred_again, self.int_product, self.head = 0, True, False, 1, []
@@ -77,6 +77,7 @@ class _Box:
         self.alike = self.alike_pairs = 0  # items that may hash alike; items that are pairs whose key may
         self.first_alike = False  # whether its first item may hash alike (a pair's key)
         self.keys_alike = 0  # keys that may hash alike it was given as a dict, set or Counter
+        self.weight = 0  # its items at every depth, each reference counted
 
     def add(self, item: object) -> None:
         alike = _may_hash_alike(item)
@@ -84,6 +85,7 @@ class _Box:
         self.alike += alike
         self.alike_pairs += isinstance(item, _Box) and item.first_alike
         self.items += 1
+        self.weight += 1 + (item.weight if isinstance(item, _Box) else 0)
         if len(self.head) < _HEAD:
             self.head.append(item)
         if isinstance(item, _Box):
@@ -95,8 +97,9 @@ class _Box:
             self.text_bytes += item.size
         elif item is _TENSOR:
             self.tensors = True
-        elif isinstance(item, int) and abs(item) > 1:
-            self.int_product = min(self.int_product * abs(item), 2**63)
+        elif isinstance(item, int):
+            self.int_product = min(self.int_product * max(abs(item), 1), 2**63)
+            self.text_bytes += _digits(item)
         if self.referred_again:
             raise PickleBombError("a container referred to again changes afterwards (torch.save writes a container "
                                   "whole before it refers to it again)")
@@ -118,6 +121,11 @@ class _Text(str):
     """A text a BINUNICODE or SHORT_BINSTRING opcode pushed (its value when short, else empty), or the bytes encoded
     from one (empty), and its ``size``."""
     size = 0
+
+
+def _digits(n: int) -> int:
+    """What an integer of more than 64 bits is charged when walked (its decimal digits, about); 0 for others."""
+    return n.bit_length() // 3 + 1 if n.bit_length() > 64 else 0
 
 
 def _text(value: str, size: int) -> _Text:
@@ -179,26 +187,34 @@ def _cost(callee: object, args: object) -> int:
         return args.size
     if not isinstance(args, _Box):
         return 0
-    return args.text_bytes + (args.int_product if _sized(callee) else 0)
+    return args.text_bytes + args.weight + (args.int_product if _sized(callee) else 0)  # each item walked
+
+
+def _check_rebuild(name: str, head: list) -> None:
+    """Refuse the tensor rebuilds torch.save never writes: one that copies a tensor while loading, or one given
+    backward hooks (torch sets them on the tensor as they are, and formats them when it is saved again)."""
+    if name in _REFUSED:
+        raise PickleBombError(f"it calls {name}, which copies a tensor while loading (saelab reads tensors with "
+                              "storage of their own)")
+    hooks = _HOOKS_ARGUMENT.get(name.removeprefix("torch._utils."), len(head)) if name.startswith("torch.") else 99
+    if hooks < len(head) and not _empty(head[hooks]):
+        raise PickleBombError(f"it calls {name} with backward hooks (torch.save writes an empty OrderedDict; a "
+                              "tensor's hooks are formatted, element by element, when it is saved again)")
 
 
 def _made(callee: object, args: object) -> object:
     """What calling ``callee`` (REDUCE, NEWOBJ) with ``args`` makes."""
     name = str(callee) if isinstance(callee, _Global) else ""
     head = args.head if isinstance(args, _Box) else []
-    if name in _REFUSED:
-        raise PickleBombError(f"it calls {name}, which copies a tensor while loading (saelab reads tensors with "
-                              "storage of their own)")
+    _check_rebuild(name, head)
+    if name.endswith("_rebuild_from_type_v2") and len(head) > 2 and isinstance(head[2], _Box):
+        _check_rebuild(str(head[0]), head[2].head)  # the rebuild it runs, with its arguments
     if not isinstance(args, _Box):
         raise PickleBombError(f"it calls {name or 'something'} with arguments that are not a tuple (torch.save "
                               "writes every call's arguments as one)")
     if args.tensors and not name.startswith(_MAKES_TENSOR) and name not in _WITH_STATE:
         raise PickleBombError(f"it passes a tensor or storage to {name or 'a call'}, which would read it element by "
                               "element (torch.save writes no such call)")
-    hooks = _HOOKS_ARGUMENT.get(name.removeprefix("torch._utils."), len(head)) if name.startswith("torch.") else 99
-    if hooks < len(head) and not _empty(head[hooks]):
-        raise PickleBombError(f"it calls {name} with backward hooks (torch.save writes an empty OrderedDict; a "
-                              "tensor's hooks are formatted, element by element, when it is saved again)")
     if _sized(name) and args.int_product > CONSTRUCTED_SIZE_MAX:
         raise PickleBombError(f"it calls {name} for {args.int_product:,} elements at once (torch.save writes no "
                               "such call)")
@@ -223,7 +239,8 @@ def _made(callee: object, args: object) -> object:
     if name.startswith(_MAKES_LEAF):
         return _LEAF
     made = _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what it was made from, as large
-    made.items, made.flat, made.int_product = args.items, args.flat, args.int_product
+    made.flat, made.int_product, made.text_bytes = args.flat, args.int_product, args.text_bytes
+    made.items = made.weight = args.weight + args.text_bytes  # set("text..."): an item per character
     if name in _HASHES and isinstance(head[0] if head else None, _Box):
         made.hash_keys(getattr(head[0], _HASHES[name]))
     return made
@@ -262,6 +279,8 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
         obj = memo[idx]
         if isinstance(obj, _Text):  # walked (formatted, copied) once per reference
             charge(obj.size)
+        elif isinstance(obj, int):
+            charge(_digits(obj))
         elif isinstance(obj, _Box):
             if not obj.flat:
                 raise PickleBombError(f"it refers again to a container that holds containers (memo {idx}): "
@@ -415,14 +434,14 @@ def check_torch_file(path: str | os.PathLike) -> None:
 
 
 def _check_stored(path: str | os.PathLike) -> None:
-    """Refuse a zip archive whose pickle or a storage is compressed (a TorchScript archive's code may be: torch
-    refuses that archive itself): torch.save stores every record as it is, and torch's reader
+    """Refuse a zip archive with a compressed record (a TorchScript archive's code may be: torch refuses that
+    archive unread): torch.save stores every record as it is, and torch's reader
     inflates a record whole before checking its size (a 1 GiB storage from a 1 MB file, a pickle far larger than
     the budget the file's size gives)."""
     try:
         with zipfile.ZipFile(path) as archive:  # names as torch's reader finds them: whatever their case
             packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED
-                      and (info.filename.lower().endswith("data.pkl") or "/data/" in info.filename.lower())]
+                      and "/code/" not in info.filename.lower()]  # TorchScript's code: torch.load refuses it unread
     except (zipfile.BadZipFile, ValueError, NotImplementedError) as e:
         try:
             torch._C.PyTorchFileReader(str(path))  # reads the directory alone
