@@ -553,6 +553,25 @@ def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_
     assert (run / "metrics.json").read_bytes() == default  # reused
 
 
+def test_a_corpus_folder_is_known_by_its_files_and_its_start(data_dir, tmp_path):
+    """corpus_identity of a folder: its path, file count and size, and a hash that a file added, renamed or
+    resized changes, and a touch does not."""
+    from saelab.data import corpus_identity
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    wiki_jsonl(data_dir, folder / "a.jsonl", 3, 1)
+    first = corpus_identity(str(folder), "eval")
+    assert first.startswith(f"{folder} (") and " files, " not in first
+    os.utime(folder / "a.jsonl", (1, 1))
+    assert corpus_identity(str(folder), "eval") == first
+    wiki_jsonl(data_dir, folder / "b.jsonl", 4, 1)
+    second = corpus_identity(str(folder), "eval")
+    assert second != first and "2 files, " in second
+    (folder / "b.jsonl").rename(folder / "c.jsonl")
+    assert corpus_identity(str(folder), "eval") not in (first, second)
+
+
 def test_paper_suite_results_record_the_corpus_by_its_absolute_path(data_dir, tmp_path, monkeypatch):
     """The suite's per-metric records compare the corpus as a path: a relative one typed in two folders is two."""
     from saelab.evals.suite import _corpus_path

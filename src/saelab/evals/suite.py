@@ -268,8 +268,8 @@ def _base_inputs(run: SuiteRun) -> dict:
 
 def _corpus_path(corpus: str | None) -> str:
     """The eval corpus as results record it: a local file or folder by its absolute path (``ev.jsonl`` typed in
-    two folders names two files), a dataset by its name. (metrics.json also records a file's size and last change;
-    these records keep the path alone, so that results written before stay comparable.)"""
+    two folders names two files), a dataset by its name. (metrics.json also records its size and a hash of its
+    start; these records keep the path alone, so that results written before stay comparable.)"""
     found = resolve_corpus(corpus, "eval")
     path = Path(found).expanduser()
     return str(path.resolve()) if path.exists() else found
