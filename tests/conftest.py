@@ -109,3 +109,19 @@ def tiny_series_run(tiny_series, data_dir, tmp_path_factory) -> Path:
     train_from_cache(cache, base / "run", TrainConfig(n_latents=128, k=2, batch_size=256, total_tokens=8192,
                                                       init_rows=2048), progress=False)
     return base / "run"
+
+
+@pytest.fixture
+def library_bars_on():
+    """transformers' and the hub's bars on for the test (an earlier test's --no-progress hid them for the
+    whole process), put back as they were after it."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.enable_progress_bar()
+    enable_progress_bars()
+    yield
+    (hf_logging.enable_progress_bar if was[0] else hf_logging.disable_progress_bar)()
+    (disable_progress_bars if was[1] else enable_progress_bars)()
+

@@ -278,3 +278,20 @@ def test_whole_method_on_a_few_hundred_steps(data_dir, tmp_path):
     assert not res["extrapolated"] and 0 < res["fraction"] < 1
     assert res["fraction_interp"] == pytest.approx(res["fraction"], rel=0.5)
     assert (tmp_path / "ce.png").exists()
+
+
+def test_checkpoint_loads_draw_their_bars_only_with_progress(tiny_dir, library_bars_on, capfd):
+    """progress=False hides transformers' "Loading weights" bar of every checkpoint's load, a loader of the
+    caller's own included (the CLI's --no-progress hid them already; the Python call did not), and puts the
+    bars back after; progress=True shows them."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from saelab.evals.compute_equivalent import CheckpointSeries, SeriesCheckpoint, checkpoint_losses
+    from saelab.models import load_model
+
+    series = CheckpointSeries("own", [SeriesCheckpoint("own-loader", 100, lambda: load_model(str(tiny_dir)))], 100)
+    checkpoint_losses(series, torch.ones(2, 16, dtype=torch.long), 0)
+    assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
+    checkpoint_losses(series, torch.ones(2, 16, dtype=torch.long), 0, progress=True)
+    assert "Loading weights" in capfd.readouterr().err

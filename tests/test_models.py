@@ -621,23 +621,17 @@ def test_model_name_is_a_local_models_absolute_path_and_any_other_spec_as_given(
         assert model_name(spec) == spec
 
 
-def test_load_model_without_progress_draws_no_bar_and_leaves_the_setting(tiny_dir, capfd):
+def test_load_model_without_progress_draws_no_bar_and_leaves_the_setting(tiny_dir, library_bars_on, capfd):
     """load_model(progress=False) in Python, as --no-progress on the command line: no "Loading weights" bar of
     transformers; the bars come back afterwards for a caller who did not hide them, and the hub's stay hidden
     for one who hid them."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
-    hf_logging.enable_progress_bar()  # an earlier test's --no-progress hid them for the whole process
-    try:
-        load_model(str(tiny_dir), progress=False)
-        assert "Loading weights" not in capfd.readouterr().err
-        load_model(str(tiny_dir))
-        assert "Loading weights" in capfd.readouterr().err
-        disable_progress_bars()  # the hub's alone
-        load_model(str(tiny_dir), progress=False)
-        assert are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
-    finally:
-        (hf_logging.enable_progress_bar if was[0] else hf_logging.disable_progress_bar)()
-        (disable_progress_bars if was[1] else enable_progress_bars)()
+    load_model(str(tiny_dir), progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    load_model(str(tiny_dir))
+    assert "Loading weights" in capfd.readouterr().err
+    disable_progress_bars()  # the hub's alone
+    load_model(str(tiny_dir), progress=False)
+    assert are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()

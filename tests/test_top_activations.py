@@ -197,3 +197,18 @@ def test_a_corpus_too_short_is_refused_before_the_model_loads(gpt2_tokenizer, tm
         assert e.value.max_tokens == most
         with pytest.raises(ModelLoadError, match="cannot load model directory"):  # as many as it holds: the load
             top_activations(sae, lm, str(text), 0, n_tokens=most)
+
+
+@pytest.mark.parametrize("contexts", ["tensor", "corpus"])
+def test_a_model_loaded_here_draws_its_bar_only_with_progress(tiny_gpt2, tiny_dir, corpus, contexts,
+                                                              library_bars_on, capfd):
+    """A model named by its folder is loaded here; progress=False (the default in Python) hides transformers'
+    "Loading weights" bar of that load, as load_model(progress=False) does, and progress=True shows it."""
+    sae = centred_sae(tiny_gpt2, corpus)
+    text = (token_contexts(corpus, tiny_gpt2.tokenize, T, n_contexts=2, bos_token_id=tiny_gpt2.bos_token_id)
+            if contexts == "tensor" else corpus)
+    capfd.readouterr()
+    top_activations(sae, str(tiny_dir), text, 3, k=1, n_tokens=2 * T)
+    assert "Loading weights" not in capfd.readouterr().err
+    top_activations(sae, str(tiny_dir), text, 3, k=1, n_tokens=2 * T, progress=True)
+    assert "Loading weights" in capfd.readouterr().err

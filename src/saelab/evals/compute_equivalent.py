@@ -117,7 +117,8 @@ from saelab.errors import ConfigError, SaelabError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
 from saelab.evals.power_law import FitError, fit_power_law
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
-from saelab.models.loading import check_before_load, check_context_fits, configured_vocab_size, tokenizer_before_load
+from saelab.models.loading import (check_before_load, check_context_fits, configured_vocab_size, library_bars,
+                                   tokenizer_before_load)
 from saelab.utils.atomic import write_json
 
 
@@ -588,6 +589,7 @@ def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: 
     Family members whose N is not given have it counted (non-embedding) when loaded. With
     ``cache_path`` each loss (and count) is saved (atomically) as soon as it is known and reused by
     a later call on the same tokens: an interrupted run over hub models resumes where it stopped.
+    ``progress``: a bar over the models, and the libraries' bars of each load (hidden without it).
     """
     from tqdm.auto import tqdm
 
@@ -601,7 +603,8 @@ def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: 
     for ck in tqdm(series.checkpoints, desc=f"series {series.name}", unit="model", disable=not progress):
         hit = cache.get(ck.source)
         if _to_load(ck, cache, family):
-            lm = ck.load()
+            with library_bars(progress):  # a loader of the caller's own included
+                lm = ck.load()
             # its config may not have been at hand before the load
             lm.check_context_size(int(tokens_NT.shape[1]), f"checkpoint {ck.label}: {EVAL_CONTEXT}")
             _check_tokenizer(lm, reference_tokenizer, tokens_NT, ck.label)

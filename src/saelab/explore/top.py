@@ -164,7 +164,7 @@ def _check_token_tensor(tokens: torch.Tensor, sae: TopKSAE) -> None:
 
 
 def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n_tokens: int,
-                        context_size: int | None) -> tuple[Any, torch.Tensor]:
+                        context_size: int | None, progress: bool) -> tuple[Any, torch.Tensor]:
     """The model (loaded here unless ``lm`` is one) and the contexts ``[N, T]``: given as a LongTensor, or
     packed from the corpus as the browser does, with a corpus too short for ``n_tokens`` refused before the
     load where the model's tokenizer can be had without it (``load_model_beside``)."""
@@ -176,9 +176,9 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
     if not isinstance(corpus, torch.Tensor):
         cfg = BrowseConfig(n_tokens=n_tokens, corpus=None if corpus is None else str(corpus),
                            context_size=context_size)
-        return load_model_beside(lm, cfg, [source], loaded_here, hook)
+        return load_model_beside(lm, cfg, [source], loaded_here, hook, progress=progress)
     _check_token_tensor(corpus, source.sae)
-    lm = load_model(lm if lm is not None else model_for(source.sae))
+    lm = load_model(lm if lm is not None else model_for(source.sae), progress=progress)
     for s in loaded_here:
         s.sae.to(lm.device)
     return lm, corpus
@@ -197,7 +197,7 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     contexts, or None for the offline Wikipedia eval split; ``n_tokens`` tokens are read from it
     (rounded up to whole contexts). ``hook`` overrides the SAE's own hook name. A model loaded here is loaded
     after the checks that need none: a corpus too short for ``n_tokens`` is refused before it. ``allow_http``
-    also downloads the SAE from a plain http URL.
+    also downloads the SAE from a plain http URL. ``progress``: bars over the scan and over that load.
     """
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"k: expected a positive number of contexts, got {k!r}")
@@ -206,7 +206,7 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     sae = source.sae
     lats = _latent_list(latent, sae.n_latents)
     hook = check_compatible([source], hook, None)
-    lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, n_tokens, context_size)
+    lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, n_tokens, context_size, progress)
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
     uniq = sorted(set(lats))

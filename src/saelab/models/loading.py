@@ -416,7 +416,7 @@ def load_model(
     local = Path(spec).expanduser()
     if revision is not None and (spec == DEFAULT_MODEL or local.exists()):
         raise ModelLoadError(f"model spec {spec!r} is not a hub id; revision={revision!r} applies only to hub ids")
-    with _library_bars(progress):
+    with library_bars(progress):
         if spec == DEFAULT_MODEL:
             model, tokenizer = _load_gguf(default_gguf_path(), dtype, cache)
         elif local.is_file() and local.suffix == ".gguf":
@@ -434,8 +434,8 @@ def load_model(
 
 
 @contextlib.contextmanager
-def _library_bars(shown: bool):
-    """transformers' bars hidden until the block ends (transformers switches the hub's with its own), then put
+def library_bars(shown: bool):
+    """Unless ``shown``, transformers' bars hidden until the block ends (transformers switches the hub's with its own), then put
     back as they were: hub bars the caller hid stay hidden. ``HF_HUB_DISABLE_PROGRESS_BARS=0`` (bars asked for)
     is left alone, as the hub would refuse with a warning."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
