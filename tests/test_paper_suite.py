@@ -456,3 +456,27 @@ def test_a_probe_that_measured_no_task_is_not_ok(tiny_series_run, data_dir, tmp_
     _, err = run_cli(capsys, *for_metrics(argv, "probe"), "--metrics", "probe", code=2)
     assert "failed in 1 metric(s): probe: every task was skipped" in err
     assert json.loads((tmp_path / "out" / "evals" / "probe.json").read_text())["status"] == "error"
+
+
+def test_a_probe_result_of_the_earlier_split_is_not_reused(tiny_series_run, data_dir, tmp_path, capsys):
+    """A probe result written before splits had to give each part both classes may hold a task scored on one
+    class; its inputs were equal to today's, so the suite reused it. Its record now names the split method: a
+    record without it is another setting, refused before any metric runs and named, and replaced with
+    --overwrite --metrics probe."""
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus", str(corpus),
+            *for_metrics(SMALL, "probe"), "--metrics", "probe"]
+    out, _ = run_cli(capsys, *argv)
+    path = tmp_path / "out" / "evals" / "probe.json"
+    rec = json.loads(path.read_text())
+    assert out["probe"] == "ok" and rec["inputs"]["method"] == "splits: each part holds both classes"
+    out, _ = run_cli(capsys, *argv)
+    assert out["probe"] == "ok (reused)" and json.loads(path.read_text())["created"] == rec["created"]
+    del rec["inputs"]["method"]  # as the earlier probe wrote it
+    path.write_text(json.dumps(rec))
+    before = path.read_bytes()
+    _, err = run_cli(capsys, *argv, code=2)
+    assert ('holds results of this SAE with other settings: probe (method absent -> "splits: each part holds both '
+            'classes")') in err and path.read_bytes() == before
+    out, _ = run_cli(capsys, *argv, "--overwrite")
+    assert out["probe"] == "ok" and json.loads(path.read_text())["inputs"]["method"]

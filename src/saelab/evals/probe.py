@@ -327,6 +327,9 @@ def _group_totals(groups_M: torch.Tensor, losses: dict[str, torch.Tensor]) -> di
 
 SPLIT_TRIES = 16
 """Random splits tried for one that puts both classes in train and in the held-out part."""
+SPLIT_METHOD = "each part holds both classes"
+"""How a task's examples are split, as the paper suite records it: results of a probe that scored one-class
+parts (which it recorded nothing for) are not reused."""
 
 
 def _split_with_both_classes(groups_M: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig, g: torch.Generator,

@@ -12,8 +12,9 @@
   (the core evaluation of ``saelab eval RUN``) is left as it is.
 
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs
-(the SAE's weights, model, hook, eval corpus, context size, contexts and the metric's config) is
-not run again, unless ``overwrite``. An interrupted suite keeps every metric finished before the
+(the SAE's weights, model, hook, eval corpus, context size, contexts, the metric's config and, where its
+computation changed since, its ``method``) is not run again, unless ``overwrite``; a result of other inputs is
+replaced only with ``overwrite``. An interrupted suite keeps every metric finished before the
 interruption; compute-equivalent also keeps each checkpoint's loss (``evals/series_losses.json``).
 
 All metrics read the same packed eval contexts (the eval corpus, the SAE's context size, BOS
@@ -64,7 +65,7 @@ from saelab.evals.compute_equivalent import (
 )
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, worded_corpus_error
 from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
-from saelab.evals.probe import ProbeConfig, run_probe
+from saelab.evals.probe import SPLIT_METHOD as PROBE_SPLIT_METHOD, ProbeConfig, run_probe
 from saelab.models.loading import RECORDED_CONTEXT, model_provenance
 from saelab.models.lm import CONTEXT_SETTING, context_named
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
@@ -226,6 +227,9 @@ class SuiteMetric:
     compute: Callable[[SuiteRun], dict]
     measured_nothing: Callable[[dict], str | None] = lambda result: None
     """Why a computed result holds no measurement (None: it holds one); such a result is not ok."""
+    method: str | None = None
+    """What changed in how the result is computed that its settings do not show (recorded in its inputs: a
+    result of the earlier method, which records none, is not reused); None: nothing so far."""
 
 
 def _probe_measured_nothing(result: dict) -> str | None:
@@ -246,7 +250,7 @@ SUITE: tuple[SuiteMetric, ...] = (
     SuiteMetric("probe", lambda r: config_dict(r.cfg.probe), lambda r: r.cfg.probe_contexts,
                 lambda r: None if (r.cfg.probe.tasks or r.cfg.probe.hf_tasks) else "no probe tasks selected",
                 lambda r: run_probe(r.lm, r.sae, r.tokens[:r.cfg.probe_contexts], r.cfg.probe),
-                _probe_measured_nothing),
+                _probe_measured_nothing, method=f"splits: {PROBE_SPLIT_METHOD}"),
     SuiteMetric("n2g", lambda r: config_dict(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, lambda r: None,
                 lambda r: run_n2g(r.lm, r.sae, r.tokens[:r.cfg.n2g_contexts], r.cfg.n2g)),
 )
@@ -277,7 +281,8 @@ def _corpus_path(corpus: str | None) -> str:
 
 def _inputs(run: SuiteRun, m: SuiteMetric, base_inputs: dict) -> dict:
     """What ``m``'s result depends on, as its file records it (equal inputs: the result is reused)."""
-    return json.loads(json.dumps({**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run)}))
+    method = {"method": m.method} if m.method else {}
+    return json.loads(json.dumps({**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run), **method}))
 
 
 # The option group each metric's settings come from (core's: the eval options); its contexts' setting.
