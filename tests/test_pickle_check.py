@@ -13,9 +13,11 @@ import copy
 import pickle
 import shutil
 import struct
+import tarfile
 import time
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,49 @@ def with_record(path: Path, pickled: bytes, record: bytes, compress: int = zipfi
         archive.writestr(version, "3\n")
 
 
+def tar_with_pax(path: Path, pax: bytes) -> None:
+    """A tar archive whose first member is a pax header holding ``pax`` and whose name starts as a pickle does
+    (PROTO 2, APPEND on an empty stack: the pickle scan stops there), as torch.load opens a non-zip file first."""
+    info = tarfile.TarInfo(b"\x80\x02a".decode("utf-8", "surrogateescape"))
+    info.type, info.size = tarfile.XHDTYPE, len(pax)
+    path.write_bytes(info.tobuf(tarfile.USTAR_FORMAT) + pax + bytes(-len(pax) % 512 + 1024))
+
+
+def zip_record(name: str, data: bytes, packed: bytes, method: int, offset: int | None = None) -> bytes:
+    """A zip local header with its data (``offset`` None), or the central directory entry of one at ``offset``."""
+    n = name.encode()
+    if offset is None:
+        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0, zlib.crc32(data), len(packed), len(data),
+                           len(n), 0) + n + packed
+    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0, zlib.crc32(data), len(packed),
+                       len(data), len(n), 0, 0, 0, 0, 0, offset) + n
+
+
+def two_directories(path: Path) -> None:
+    """An archive of two central directories: a zip64 locator that gives torch's reader the first (its records
+    deflated, each 64 MiB once inflated, all from one stream), and the zip64 end record right before it, where
+    Python's zipfile reads the second (its records stored)."""
+    pickled = b"\x80\x02}" + text("w") + one_element_on(storage_id("ByteStorage", 1)) + b"s."
+    big = b" " * (2**26 - 2) + b"3\n"  # a version for both torch's reader and int()
+    packed = zlib.compress(big, 9)[2:-4]
+    body, plain = b"", b""
+    for name, data in [("archive/data.pkl", pickled), ("archive/byteorder", b"little"), ("archive/version", b"3\n")]:
+        plain += zip_record(name, data, data, 0, len(body))
+        body += zip_record(name, data, data, 0)
+    inflated = plain[:plain.rfind(b"PK\x01\x02")] + b"".join(  # data.pkl and byteorder, then all from one stream
+        zip_record(name, big, packed, 8, len(body)) for name in ("archive/version", "archive/data/0"))
+    body += zip_record("x", big, packed, 8)
+
+    def end64(directory: bytes, at: int) -> bytes:
+        count = directory.count(b"PK\x01\x02")
+        return struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(directory), at)
+    out = body + inflated + end64(inflated, len(body))
+    first_end = len(body) + len(inflated)
+    out += plain + end64(plain, len(out))
+    out += struct.pack("<IIQI", 0x07064B50, 0, first_end, 1)
+    path.write_bytes(out + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+
+
 SIZE = glob("torch", "Size")
 # torch.Size(x) called again and again with one x (memo 0: Size, memo 1: x), each call reading x element by element
 SIZE_AGAIN = put(0) + b"%s" + put(1) + b"\x85R" + (get(0) + get(1) + b"\x85R") * 9
@@ -298,13 +343,24 @@ BOMBS = {
     "a-deflated-version-record": lambda p: (torch.save({"w": torch.zeros(1)}, p), version_deflated(p)),
     "a-list-of-500-large-integers-referred-to-2000-times": lambda p: in_archive(
         p, b"\x80\x02]](" + long1(-(1 << 2030) + 12345) * 500 + b"e" + put(0) + b"a(" + get(0) * 2_000 + b"e."),
+    "a-tar-of-pax-keywords": lambda p: tar_with_pax(p, b"2 " * 50_000 + b"="),  # 2.7 GB while tarfile reads them
+    "a-tar-of-pax-digits": lambda p: tar_with_pax(p, b"1" * 100_000),  # Python 3.11.7's pax regex: 15-26 s
+    "a-deflated-storage-keyed-as-code": lambda p: with_record(
+        p, b"\x80\x02}" + text("w") + one_element_on(storage_id("ByteStorage", 1, key=text("a/code/b"))) + b"s.",
+        bytes(2**27), zipfile.ZIP_DEFLATED, name="archive/data/a/code/b"),
+    "two-zip-directories": two_directories,
+    "a-view-of-one-boolean-in-64-dimensions": lambda p: torch.save(
+        {"w": torch.zeros(1, dtype=torch.bool).expand(*(2,) * 16 + (1,) * 48)}, p),  # 30-37 s to print
+    "a-sparse-tensor-with-an-index-out-of-range": lambda p: torch.save(  # to_dense() wrote out of bounds
+        {"weight": torch.sparse_coo_tensor(torch.tensor([[0], [2**40]]), torch.ones(1), (4, 4),
+                                           check_invariants=False)}, p),
     "one-text-referred-to-5000-times": lambda p: in_archive(
         p, b"\x80\x02}" + text("notes") + b"](" + text("x" * 100_000) + put(0) + get(0) * 4_999 + b"es."),
 }
 REFUSALS = (r"refers again to a container|changes afterwards|backward hooks|zip directory|elements at once|_codecs.encode on|a state or a function|once copied|"
             r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|is compressed|"
             r"storage outside any tensor|a global of over|a container or a long text|"
-            r"whose hashes can be made equal")
+            r"whose hashes can be made equal|tar archive|both find it|which saelab does not read")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")

@@ -32,9 +32,12 @@ Anything else it cannot follow (an opcode torch does not read, a malformed recor
 left to torch, which refuses it. The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times
 the file's size (texts passed or referred to again, each reference counted; elements asked for; the elements of
 each storage a persistent id names, which a legacy file allocates as the id says), and a global's name is at most
-_NAME_MAX characters (torch searches a refused one's message in time that grows with its square). What the tensors
-take once loaded is checked after the load (torch_files.load_plain_tensors: views, compressed or uninitialised
-storages, repeated references). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
+_NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around the pickle,
+a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored and within
+the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip archive
+must not be a tar archive (torch.load parses a tar's headers first). What the tensors take once loaded is checked
+after the load (torch_files.load_plain_tensors: views, compressed or uninitialised storages, repeated references,
+tensors that are not dense). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
 (the tensors' bytes are not in the pickle).
 """
 
@@ -44,6 +47,7 @@ import io
 import os
 import pickle
 import struct
+import tarfile
 import zipfile
 from typing import IO
 
@@ -417,39 +421,97 @@ def check_torch_file(path: str | os.PathLike) -> None:
     with f:
         if f.read(4) != b"PK\x03\x04":  # as torch tells a zip archive from a legacy file
             f.seek(0)
+            _check_not_tar(f)
             for _ in range(LEGACY_PICKLES):  # one budget for the five
                 budget = check_pickle_stream(f, budget)
                 if budget is None:
                     return
             return
-    _check_stored(path)
+    _check_archive(path)
     try:
         record = torch._C.PyTorchFileReader(str(path)).get_record("data.pkl")
     except Exception:  # noqa: BLE001 - unreadable as a torch archive: torch.load's own error says why
         return
-    if len(record) > os.path.getsize(path):  # deflated after all, where Python's zip reader saw otherwise
-        raise PickleBombError(f"its pickle takes {len(record):,} bytes, more than the file (torch.save stores "
-                              "records uncompressed)")
     check_pickle_stream(io.BytesIO(record), budget)
 
 
-def _check_stored(path: str | os.PathLike) -> None:
-    """Refuse a zip archive with a compressed record (a TorchScript archive's code may be: torch refuses that
-    archive unread): torch.save stores every record as it is, and torch's reader
-    inflates a record whole before checking its size (a 1 GiB storage from a 1 MB file, a pickle far larger than
-    the budget the file's size gives)."""
+def _check_not_tar(f: IO[bytes]) -> None:
+    """Refuse a file whose first block is a tar header: torch.load opens a file that is not a zip archive as a tar
+    archive first (its oldest format, which it refuses with weights_only only after), and Python's tarfile reads the
+    first member's headers whole (pax records of a 100 KB file: 2.7 GB, or 15-26 s)."""
+    block = f.read(tarfile.BLOCKSIZE)
+    f.seek(0)
     try:
-        with zipfile.ZipFile(path) as archive:  # names as torch's reader finds them: whatever their case
-            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED
-                      and "/code/" not in info.filename.lower()]  # TorchScript's code: torch.load refuses it unread
-    except (zipfile.BadZipFile, ValueError, NotImplementedError) as e:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except Exception:  # noqa: BLE001 - no tar header: tarfile.open fails at once, and torch reads the pickles
+        return
+    raise PickleBombError("it is a tar archive (torch's oldest format, which torch does not read with weights_only; "
+                          "torch.save writes a zip archive)")
+
+
+def _check_archive(path: str | os.PathLike) -> None:
+    """Refuse a zip archive that torch's zip reader and Python's zipfile could read as two directories, or whose
+    records are compressed or take more bytes than the file holds: torch.save stores every record once, as it is,
+    and torch's reader inflates a record whole before checking its size (a 1 GiB storage from a 1 MB file). A
+    TorchScript archive's code may be compressed: torch refuses that archive unread."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            found = _directory_as_torch_finds_it(f, size)
+            read = (archive.start_dir, len(archive.infolist()))
+            records = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, NotImplementedError, struct.error) as e:
         try:
-            torch._C.PyTorchFileReader(str(path))  # reads the directory alone
+            torch._C.PyTorchFileReader(str(path))  # reads the directory (and the version record)
         except Exception:  # noqa: BLE001 - torch cannot read it either: its own error says what is wrong
             return
         raise PickleBombError(f"torch reads a zip directory that Python's zipfile refuses ({e}); torch.save "
                               "writes a plain one") from None
     except OSError:  # torch.load's own error says why
         return
-    if packed:
-        raise PickleBombError(f"its record {packed[0]} is compressed (torch.save stores every record as it is)")
+    if found != read:
+        raise PickleBombError("its zip directory is not where torch's reader and Python's zipfile both find it "
+                              "(torch.save writes one directory, at the end)")
+    total = 0
+    for info in records:
+        if _torchscript_code(info.filename):
+            continue
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise PickleBombError(f"its record {info.filename} is compressed (torch.save stores every record as it is)")
+        total += max(info.file_size, info.compress_size)
+        if info.header_offset + max(info.file_size, info.compress_size) > size or total > size:
+            raise PickleBombError(f"its records take {total:,} bytes or more, more than the file's {size:,} (torch.save "
+                                  "stores every record once, as it is)")
+
+
+def _torchscript_code(name: str) -> bool:
+    """Whether a record is a TorchScript archive's code: ``<archive>/code/...``, whatever its case (a storage's
+    record is ``<archive>/data/<key>``, its key any text)."""
+    parts = name.split("/")
+    return len(parts) > 2 and parts[1].lower() == "code"
+
+
+def _directory_as_torch_finds_it(f: IO[bytes], size: int) -> tuple[int, int] | None:
+    """(where the central directory starts, how many records it lists) as torch's zip reader finds them: from the
+    last end record with its 22 bytes in the file and, where a zip64 locator precedes it, from the zip64 end record
+    at the offset the locator gives. None where that record is not right before the locator, where Python's
+    zipfile reads it whatever the locator says."""
+    tail_size = min(size, 2**16 + 22)
+    f.seek(size - tail_size)
+    tail = f.read(tail_size)
+    at = tail.rfind(b"PK\x05\x06", 0, len(tail) - 18)
+    if at < 0:
+        return None
+    entries, _, start = struct.unpack_from("<HII", tail, at + 10)
+    end = size - tail_size + at
+    if end >= 20 + 56:
+        f.seek(end - 20)
+        locator = f.read(20)
+        if locator[:4] == b"PK\x06\x07":
+            zip64_end = struct.unpack_from("<Q", locator, 8)[0]
+            f.seek(end - 20 - 56)
+            record = f.read(56)
+            if zip64_end != end - 20 - 56 or record[:4] != b"PK\x06\x06":
+                return None
+            entries, _, start = struct.unpack_from("<QQQ", record, 32)
+    return start, entries

@@ -65,15 +65,16 @@ COPIED_BYTES_PER_FILE_BYTE = 4
 """How many times the file's size a load's tensors may take once copied (counted per reference: tied weights twice)."""
 COPIED_BYTES_FREE = 2**16
 """What they may take beyond that whatever the file's size: small, as a view of a few stored bytes is printed
-element by element (2**20 booleans in 20 dimensions of 2 took 12-19 s to format)."""
+element by element (2**20 booleans in 20 dimensions of 2 took 12-19 s to format; see _copied_bytes)."""
 
 
 def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
     """``loaded``, after checking that its tensors, each copy counted (a cast at resume copies each reference),
     take at most COPIED_BYTES_PER_FILE_BYTE times the file's size (and COPIED_BYTES_FREE): a view of one stored element
     (``torch.zeros(1).expand(2**29)``: 4 bytes on disk, 2 GB once copied), a compressed or an uninitialised
-    legacy storage, or one tensor referred to thousands of times, is refused, as is a storage outside any tensor. The walk is linear: check_torch_file
-    let no container be shared but flat ones, each reference charged."""
+    legacy storage, or one tensor referred to thousands of times, is refused, as is a storage outside any tensor
+    and a tensor that is not dense (sparse, nested, quantized). The walk is linear: check_torch_file let no
+    container be shared but flat ones, each reference charged."""
     limit = COPIED_BYTES_PER_FILE_BYTE * os.path.getsize(path) + COPIED_BYTES_FREE
     total, todo = 0, [loaded]
     while todo:
@@ -90,18 +91,23 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
         elif torch.is_tensor(obj):
             total += _copied_bytes(obj)
             if total > limit:
-                raise pickle.UnpicklingError(f"its tensors take {total:,} bytes or more once copied, over "
+                raise pickle.UnpicklingError(f"its tensors count for {total:,} bytes or more once copied or printed, over "
                                              f"{COPIED_BYTES_PER_FILE_BYTE} times the file's {os.path.getsize(path):,}")
     return loaded
 
 
 def _copied_bytes(t: torch.Tensor) -> int:
-    if t.layout == torch.sparse_coo:
-        return t._indices().numel() * 8 + t._values().numel() * t._values().element_size()
-    try:
-        return t.numel() * t.element_size()
-    except RuntimeError:  # a nested tensor: no numel
-        raise pickle.UnpicklingError(f"it holds a tensor of layout {t.layout} that saelab does not read") from None
+    """What ``t`` is charged: its bytes once copied, and for a tensor of many dimensions more per element, as
+    printing it joins each element's text once per dimension, a text that grows with the depth (a view of one
+    boolean in 16 dimensions of 2 and 48 of 1: 65,536 elements, 30-37 s to format), so a charge of dimensions**2 / 4
+    (as many as four dimensions cost nothing more)."""
+    # A sparse tensor's indices are not checked at load: out of range, they write out of bounds when it is used.
+    kind = ("a nested tensor" if t.is_nested else "a quantized tensor" if t.is_quantized
+            else None if t.layout == torch.strided else f"a tensor of layout {t.layout}")
+    if kind:
+        raise pickle.UnpicklingError(f"it holds {kind}, which saelab does not read (torch.save writes weights as "
+                                     "dense tensors)")
+    return t.numel() * max(t.element_size(), t.dim() ** 2 // 4)
 
 
 # Fragments that mark a sentence of torch's load errors as advice, not a reason: to retry with weights_only=False (a
