@@ -185,14 +185,34 @@ def tar_with_pax(path: Path, pax: bytes) -> None:
     path.write_bytes(info.tobuf(tarfile.USTAR_FORMAT) + pax + bytes(-len(pax) % 512 + 1024))
 
 
-def zip_record(name: str, data: bytes, packed: bytes, method: int, offset: int | None = None) -> bytes:
-    """A zip local header with its data (``offset`` None), or the central directory entry of one at ``offset``."""
+def zip_record(name: str, data: bytes, packed: bytes, method: int, offset: int | None = None, extra: bytes = b"",
+               attr: int = 0, sizes: tuple[int, int] | None = None) -> bytes:
+    """A zip local header with its data (``offset`` None), or the central directory entry of one at ``offset``
+    (with ``extra`` data, external attributes ``attr``, and ``sizes`` (packed, data) in place of the true ones)."""
     n = name.encode()
     if offset is None:
         return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0, zlib.crc32(data), len(packed), len(data),
                            len(n), 0) + n + packed
-    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0, zlib.crc32(data), len(packed),
-                       len(data), len(n), 0, 0, 0, 0, 0, offset) + n
+    packed_size, data_size = sizes or (len(packed), len(data))
+    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0, zlib.crc32(data), packed_size,
+                       data_size, len(n), len(extra), 0, 0, 0, attr, offset) + n + extra
+
+
+def stored_zip(path: Path, records: list[tuple[str, bytes, dict]]) -> None:
+    """A zip archive of stored ``records`` (name, data, zip_record's central-entry options), one directory."""
+    body, directory = b"", b""
+    for name, data, central in records:
+        directory += zip_record(name, data, data, 0, len(body), **central)
+        body += zip_record(name, data, data, 0)
+    n = len(records)
+    path.write_bytes(body + directory + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, len(directory), len(body), 0))
+
+
+def zip64_field(*values: int) -> bytes:
+    return struct.pack("<HH", 1, 8 * len(values)) + b"".join(struct.pack("<Q", v) for v in values)
+
+
+ONE_BYTE_TENSOR = b"\x80\x02}" + text("w") + one_element_on(storage_id("ByteStorage", 1)) + b"s."
 
 
 def two_directories(path: Path) -> None:
@@ -354,13 +374,22 @@ BOMBS = {
     "a-sparse-tensor-with-an-index-out-of-range": lambda p: torch.save(  # to_dense() wrote out of bounds
         {"weight": torch.sparse_coo_tensor(torch.tensor([[0], [2**40]]), torch.ones(1), (4, 4),
                                            check_invariants=False)}, p),
+    "a-tuple-nested-5000-deep-as-a-key": lambda p: in_archive(p, b"\x80\x02})" + b"\x85" * 5_000 + b"K\x00s."),
+    "a-version-of-two-zip64-sizes": lambda p: stored_zip(p, [  # torch's reader: 4 GiB; Python's zipfile: 2 bytes
+        ("archive/data.pkl", ONE_BYTE_TENSOR, {}), ("archive/byteorder", b"little", {}), ("archive/data/0", b"\0", {}),
+        ("archive/version", b"3\n", {"sizes": (0xFFFFFFFF, 0xFFFFFFFF),
+                                     "extra": zip64_field(0xFFFFFFFF, 0) + zip64_field(2)})]),
+    "a-storage-in-a-folder-entry": lambda p: stored_zip(p, [  # read as the reader's uninitialised memory
+        ("archive/data.pkl", ONE_BYTE_TENSOR, {}), ("archive/byteorder", b"little", {}),
+        ("archive/data/0", b"\0", {"attr": 0x10}), ("archive/version", b"3\n", {})]),
     "one-text-referred-to-5000-times": lambda p: in_archive(
         p, b"\x80\x02}" + text("notes") + b"](" + text("x" * 100_000) + put(0) + get(0) * 4_999 + b"es."),
 }
 REFUSALS = (r"refers again to a container|changes afterwards|backward hooks|zip directory|elements at once|_codecs.encode on|a state or a function|once copied|"
             r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|is compressed|"
             r"storage outside any tensor|a global of over|a container or a long text|"
-            r"whose hashes can be made equal|tar archive|both find it|which saelab does not read")
+            r"whose hashes can be made equal|tar archive|both find it|which saelab does not read|nests containers|"
+            r"zip64 size fields|folder entry")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")

@@ -56,6 +56,9 @@ from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # the renames torch's rea
 
 CONSTRUCTED_SIZE_MAX = 2**26
 """The largest allocation (elements or bytes) a legacy tensor class or bytearray may be asked for by its integers."""
+NESTING_MAX = 100
+"""The deepest a container may nest containers: hashing a tuple nested 160,000 deep (1 byte per level) overflows the C
+stack while torch loads it (a dict key), and Python's printing, copying and saving refuse past 1,000 levels."""
 HASHED_ALIKE_MAX = 256
 """The most keys that may hash alike (see _may_hash_alike) one dict, set or Counter is given: 256 of one hash take
 32,640 comparisons to insert, and each such key takes ten or more bytes of the file."""
@@ -72,7 +75,7 @@ _HEAD = 8
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
     __slots__ = ("items", "flat", "referred_again", "int_product", "head", "tensors", "text_bytes", "alike",
-                 "alike_pairs", "first_alike", "keys_alike", "weight")
+                 "alike_pairs", "first_alike", "keys_alike", "weight", "depth")
 
     def __init__(self) -> None:
         self.items, self.flat, self.referred_again, self.int_product, self.head = 0, True, False, 1, []
@@ -82,6 +85,7 @@ class _Box:
         self.first_alike = False  # whether its first item may hash alike (a pair's key)
         self.keys_alike = 0  # keys that may hash alike it was given as a dict, set or Counter
         self.weight = 0  # its items at every depth, each reference counted
+        self.depth = 1  # how deep it nests containers (itself one level)
 
     def add(self, item: object) -> None:
         alike = _may_hash_alike(item)
@@ -94,6 +98,7 @@ class _Box:
             self.head.append(item)
         if isinstance(item, _Box):
             self.flat = False
+            self.nest(item.depth)
             self.int_product = min(self.int_product * item.int_product, 2**63)
             self.tensors = self.tensors or item.tensors
             self.text_bytes += item.text_bytes
@@ -107,6 +112,13 @@ class _Box:
         if self.referred_again:
             raise PickleBombError("a container referred to again changes afterwards (torch.save writes a container "
                                   "whole before it refers to it again)")
+
+    def nest(self, depth: int) -> None:
+        """Count a container ``depth`` deep inside this one."""
+        self.depth = max(self.depth, depth + 1)
+        if self.depth > NESTING_MAX:
+            raise PickleBombError(f"it nests containers over {NESTING_MAX} deep (torch.save writes weights in a few "
+                                  "levels; hashing one nested 160,000 deep crashes Python)")
 
     def hash_keys(self, alike: int) -> None:
         """Count ``alike`` more keys that may hash alike given to this dict, set or Counter."""
@@ -245,6 +257,7 @@ def _made(callee: object, args: object) -> object:
     made = _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what it was made from, as large
     made.flat, made.int_product, made.text_bytes = args.flat, args.int_product, args.text_bytes
     made.items = made.weight = args.weight + args.text_bytes  # set("text..."): an item per character
+    made.depth = args.depth  # a container of its arguments' items
     if name in _HASHES and isinstance(head[0] if head else None, _Box):
         made.hash_keys(getattr(head[0], _HASHES[name]))
     return made
@@ -474,6 +487,13 @@ def _check_archive(path: str | os.PathLike) -> None:
                               "(torch.save writes one directory, at the end)")
     total = 0
     for info in records:
+        # torch's reader reads nothing of a folder (a name ending in / or the MS-DOS folder flag): a storage read
+        # from one holds whatever memory the reader was given
+        if info.filename.endswith("/") or info.external_attr & 0x10:
+            raise PickleBombError(f"it holds a folder entry, {info.filename} (torch.save writes records alone)")
+        if _zip64_fields(info.extra) > 1:
+            raise PickleBombError(f"its record {info.filename} has several zip64 size fields, which torch's reader "
+                                  "and Python's zipfile read differently (torch.save writes at most one)")
         if _torchscript_code(info.filename):
             continue
         if info.compress_type != zipfile.ZIP_STORED:
@@ -482,6 +502,17 @@ def _check_archive(path: str | os.PathLike) -> None:
         if info.header_offset + max(info.file_size, info.compress_size) > size or total > size:
             raise PickleBombError(f"its records take {total:,} bytes or more, more than the file's {size:,} (torch.save "
                                   "stores every record once, as it is)")
+
+
+def _zip64_fields(extra: bytes) -> int:
+    """How many zip64 fields (id 1) a central directory entry's extra data holds: torch's reader takes the first,
+    Python's zipfile applies each in turn (4 GiB read from a 403-byte file)."""
+    count, at = 0, 0
+    while at + 4 <= len(extra):
+        kind, size = struct.unpack_from("<HH", extra, at)
+        count += kind == 1
+        at += 4 + size
+    return count
 
 
 def _torchscript_code(name: str) -> bool:
