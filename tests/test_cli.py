@@ -399,7 +399,7 @@ BAD = [
     ("top SAE --latent 1 --device vulkan", "error: --device vulkan: expected auto, cpu, cuda or cuda:N"),
     ("steer SAE --latent 1 --value 1 --device cuda:-1", "error: --device cuda:-1: expected auto, cpu, cuda or cuda:N"),
     ("browse SAE --device cuda:x", "error: --device cuda:x: expected auto, cpu, cuda or cuda:N"),
-    ("train --recipe shortrun", "invalid choice: 'shortrun' (choose from 'short-run', 'paper', 'relu-l1'); did you "
+    ("train --recipe shortrun", "invalid choice: 'shortrun' (choose from short-run, paper, relu-l1); did you "
                                 "mean short-run?"),
     ("eval SAE --ablations zero zero", "--ablations: 'zero' given twice; give each value once"),
     ("eval SAE --suite paper --metrics core probe core", "--metrics: 'core' given twice; give each value once"),

@@ -170,6 +170,8 @@ class Parser(ArgumentParser):
         # simple_parsing's type for a Literal field reports "invalid typing.Literal['zero', 'mean'] value: 'foo'"
         message = re.sub(r"invalid typing\.Literal\[(.*)\] value: ('.*')",
                          lambda m: f"invalid choice: {m[2]} (choose from {m[1].replace(chr(39), '')})", message)
+        # argparse quotes each choice ("'saelens', 'sparsify'"); saelab's own messages list them bare
+        message = re.sub(r"\(choose from ([^()]*)\)$", lambda m: f"(choose from {m[1].replace(chr(39), '')})", message)
         if message.startswith("unrecognized arguments:"):
             message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions)
         message += _closest_choice(message)
