@@ -1409,6 +1409,22 @@ def test_families_refuses_an_existing_out_file(tmp_path, capsys):
         assert precious.read_text() == '{"precious": true}'
 
 
+def test_families_out_is_not_a_file_a_run_writes(tmp_path, capsys):
+    """--out runs/b/metrics.json (b trained, not yet evaluated) was written, and the next `saelab eval runs/b`
+    replaced it without a word; a run's own file names in a run folder are refused, other names there taken."""
+    run = tmp_path / "b"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")
+    for name in ("metrics.json", "report.md"):
+        assert main(["families", "a", "b", "--out", str(run / name)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"saelab families: error: --out {run / name}: the run {run} writes its own {name} there; pick another "
+            "file name")
+        assert not (run / name).exists()
+    assert main(["families", "a", "b", "--out", str(run / "families.json")]) == 2  # refused later: no SAE "a"
+    assert "writes its own" not in capsys.readouterr().err
+
+
 def _tiny_sae(folder, model_dir, n_latents: int = 32) -> str:
     """A SAELens folder of an SAE on the tiny GPT-2's first block (not a run folder)."""
     from saelab.sae import SAEConfig, TopKSAE, save_sae

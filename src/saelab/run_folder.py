@@ -398,6 +398,15 @@ def _refuse_a_folder_a_run_would_mix_with(path: Path, option: str) -> None:
 _NOT_FOR_A_RUN = "pick another folder (a new one, or one holding only other files such as a log, is taken)"
 
 
+def refuse_a_run_file(path: str | Path, named: str) -> None:
+    """Refuse, as the file of another result, a name a run writes in a run folder (its metrics.json, report.md):
+    the run's own next command would replace it, or it the run's."""
+    path = Path(path).resolve()
+    if path.name in (*RUN_RESULTS, ACTIVATIONS_DIR) and holds_a_run(path.parent):
+        raise ConfigError(f"{named} {path}: the run {path.parent} writes its own {path.name} there; pick another "
+                          "file name")
+
+
 def model_for(sae) -> str:
     """The model spec to load for an SAE: the one it was trained with (e.g. 'default' for the offline
     SmolLM2 whose hub id the SAE records), its model_name, or the offline default."""

@@ -19,7 +19,7 @@ from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import SAESource
 from saelab.explore.positions import comma_items, index_list, parse_positions
 from saelab.explore.steering import STEER_MODES
-from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
+from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae, refuse_a_run_file
 from saelab.utils.atomic import check_file_target
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
@@ -524,6 +524,7 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
     if unused:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (saelab browse); families does not use it")
     out = check_file_target(args.out, "--out", "the families JSON")
+    refuse_a_run_file(out, "--out")
     if out.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
         raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
