@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
+import signal
 import socket
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -317,6 +321,22 @@ def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
         assert main(["browse", str(sae_files / "run_small"), "--out", str(tmp_path / "x"), "--serve", "--port",
                      str(port), *args]) == 2
     assert "is in use" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # --serve prints the summary once, before it serves: Ctrl-C ended it with the summary again
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def interrupt_once_served():
+        for _ in range(600):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to the main thread
+                    return
+            time.sleep(0.1)
+    threading.Thread(target=interrupt_once_served, daemon=True).start()
+    assert main(["browse", str(sae_files / "run_small"), "--out", str(out), "--serve", "--port", str(port), *args]) == 0
+    served = capsys.readouterr().out
+    assert served.count('"site"') == 1 and f"http://127.0.0.1:{port}/" in served
     # a SAELens folder needs --out
     assert main(["browse", str(sae_files / "saelens_large"), *args]) == 2
     assert "pass --out" in capsys.readouterr().err

@@ -392,10 +392,11 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
                                overwrite=args.overwrite, progress=args.progress, allow_http=args.allow_http)
     summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
                "saes": result["saes"], "seconds": result["seconds"]}
-    if args.serve:
-        print(json.dumps(summary, indent=2))
-        serve_site(out, args.port)
-    return summary
+    if not args.serve:
+        return summary
+    print(json.dumps(summary, indent=2))  # before serving, once: Ctrl-C ends the command
+    serve_site(out, args.port)
+    return None
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
