@@ -1425,6 +1425,20 @@ def test_families_out_is_not_a_file_a_run_writes(tmp_path, capsys):
     assert "writes its own" not in capsys.readouterr().err
 
 
+def test_top_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
+    """--hook blocks.1... for an SAE trained at blocks.0... read the latents there without a word (a near miss
+    gives plausible-looking output); it is said, in one line, and --hook equal to the SAE's own says nothing."""
+    sae = _tiny_sae(tmp_path / "tiny", tiny_dir)
+    argv = ["top", sae, "--latent", "1", "--n-tokens", "64", "--no-progress", "--json",
+            "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")]
+    assert main([*argv, "--hook", "blocks.1.hook_resid_post"]) == 0
+    assert capsys.readouterr().err.strip() == (f"saelab top: note: --hook blocks.1.hook_resid_post: {sae} was trained "
+                                               "at blocks.0.hook_resid_post; its latents are read at "
+                                               "blocks.1.hook_resid_post here")
+    assert main([*argv, "--hook", "blocks.0.hook_resid_post"]) == 0
+    assert "note" not in capsys.readouterr().err
+
+
 def _tiny_sae(folder, model_dir, n_latents: int = 32) -> str:
     """A SAELens folder of an SAE on the tiny GPT-2's first block (not a run folder)."""
     from saelab.sae import SAEConfig, TopKSAE, save_sae

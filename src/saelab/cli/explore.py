@@ -138,6 +138,9 @@ def _checked_sae(args: argparse.Namespace, hook: str | None = None):
     from saelab.run_folder import check_sae_hook, model_for
 
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
+    if hook and hook != sae.cfg.hook_name:  # said, as a near miss (blocks.8 for blocks.9) reads as plausible output
+        print(f"saelab {args.verb}: note: --hook {hook}: {args.sae} was trained at {sae.cfg.hook_name}; its latents "
+              f"are read at {hook} here", file=sys.stderr)
     if hook:
         sae.cfg.hook_name = hook
     bad = [i for i in args.latent if i >= sae.n_latents]
