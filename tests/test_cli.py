@@ -1439,6 +1439,22 @@ def test_top_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir
     assert "note" not in capsys.readouterr().err
 
 
+def test_steer_refuses_a_generation_longer_than_the_models_context_before_the_load(tmp_path, tiny_dir, capsys,
+                                                                                    monkeypatch):
+    """--max-new-tokens 100000 generated for over 10 minutes, and a 9,000-token prompt ran past the model's 8,192
+    positions for 2 minutes, exit 0; the prompt and the new tokens together are checked against the model's
+    context, from its config before the load."""
+    import saelab.cli.explore
+
+    sae = _tiny_sae(tmp_path / "tiny", tiny_dir)  # a GPT-2 of 128 positions
+    monkeypatch.setattr(saelab.cli.explore, "_loaded", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["steer", sae, "--latent", "1", "--value", "1", "--greedy", "--prompt", "one two",
+                 "--max-new-tokens", "200"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"saelab steer: error: --max-new-tokens 200 after the prompt (3 tokens with BOS), 203 tokens in all, exceeds "
+        f"the longest context of {tiny_dir} (128 tokens)")
+
+
 def _tiny_sae(folder, model_dir, n_latents: int = 32) -> str:
     """A SAELens folder of an SAE on the tiny GPT-2's first block (not a run folder)."""
     from saelab.sae import SAEConfig, TopKSAE, save_sae

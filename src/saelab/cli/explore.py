@@ -177,6 +177,21 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
                           f"{args.max_new_tokens}, the last of which the model never reads)")
 
 
+def _check_generation_fits(args: argparse.Namespace, tokenizer, model) -> None:
+    """Refuse a prompt and --max-new-tokens longer together than the model's context (``model``: its spec, whose
+    config may be on disk before the load, or the loaded model): generating past it fails, or runs for ever, only
+    after the load. A None tokenizer leaves the check to the call after the load."""
+    from saelab.explore.steering import prompt_length
+    from saelab.models import check_context_fits
+
+    if tokenizer is None:
+        return
+    n_prompt = prompt_length(tokenizer, args.prompt)
+    check_context_fits(model, n_prompt + args.max_new_tokens,
+                       f"--max-new-tokens {args.max_new_tokens:,} after the prompt ({n_prompt:,} "
+                       f"{plural(n_prompt, 'token')} with BOS), {{n:,}} tokens in all,")
+
+
 def _check_or_cut_top_tokens(args: argparse.Namespace, vocab_size: int | None) -> None:
     """Refuse a --top-tokens past the model's vocabulary: the list would be all of it, on one line; the default
     is cut to a smaller vocabulary's size. A None ``vocab_size`` (no config on disk before the load) leaves the
@@ -204,6 +219,7 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
 
     def before_load(tokenizer) -> None:  # after check_before_load, which fetches a hub model's config alone
         _check_reachable(args, positions, tokenizer)
+        _check_generation_fits(args, tokenizer, spec)
         _check_or_cut_top_tokens(args, configured_vocab_size(spec))
 
     if args.scale is not None:
@@ -215,6 +231,7 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
         sae, lm = _loaded(args, sae, spec, tokenizer)
         tokens = None
     _check_reachable(args, positions, lm.tokenizer)
+    _check_generation_fits(args, lm.tokenizer, lm)
     _check_or_cut_top_tokens(args, lm.vocab_size)  # the rows of its unembedding, which the list ranks
     return sae, lm, tokens
 
