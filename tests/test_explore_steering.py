@@ -108,6 +108,16 @@ def test_generate_with_and_without_is_seeded(tiny_gpt2, sae):
     assert "add 200" in a.format() and "--- without steering ---" in a.format()
 
 
+def test_generations_are_shown_with_their_control_characters_escaped(tiny_gpt2, sae):
+    """A prompt's ESC sequence and carriage return reached the terminal raw in both generations (its `prompt:` line
+    was escaped), as would a model's; they are escaped as top escapes them, newlines and tabs kept."""
+    s = steer(tiny_gpt2, sae, 7, "add", 200.0)
+    prompt = "hi\x1b[31mRED\rX\tY\nZ"
+    shown = generate_with_and_without(tiny_gpt2, prompt, s, max_new_tokens=2, greedy=True).format()
+    assert "\x1b" not in shown and "\r" not in shown
+    assert shown.count("hi\\x1b[31mRED\\rX\tY\nZ") == 2
+
+
 def test_steer_shows_promoted_tokens_as_top_does(tiny_gpt2, tiny_dir, tmp_path, capsys):
     r"""A token holding part of a character printed as repr() of its bytes, '\\x9f' (the backslash doubled),
     where top and the site show '\x9f'; a newline stays escaped."""

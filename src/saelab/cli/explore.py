@@ -138,9 +138,7 @@ def _checked_sae(args: argparse.Namespace, hook: str | None = None):
     from saelab.run_folder import check_sae_hook, model_for
 
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
-    if hook and hook != sae.cfg.hook_name:  # said, as a near miss (blocks.8 for blocks.9) reads as plausible output
-        print(f"saelab {args.verb}: note: --hook {hook}: {args.sae} was trained at {sae.cfg.hook_name}; its latents "
-              f"are read at {hook} here", file=sys.stderr)
+    args.trained_at = sae.cfg.hook_name  # for _note_another_hook, once every check has passed
     if hook:
         sae.cfg.hook_name = hook
     bad = [i for i in args.latent if i >= sae.n_latents]
@@ -158,6 +156,14 @@ def _loaded(args: argparse.Namespace, sae, spec: str, tokenizer=None):
 
     lm = load_model(spec, device=args.device, dtype=args.model_dtype, tokenizer=tokenizer)
     return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
+
+
+def _note_another_hook(args: argparse.Namespace, sae) -> None:
+    """Say that --hook reads the SAE at another hook than it was trained at: a near miss (blocks.8 for blocks.9)
+    gives plausible-looking output."""
+    if sae.cfg.hook_name != args.trained_at:
+        print(f"saelab {args.verb}: note: --hook {sae.cfg.hook_name}: {args.sae} was trained at {args.trained_at}; its "
+              f"latents are read at {sae.cfg.hook_name} here", file=sys.stderr)
 
 
 def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
@@ -295,7 +301,7 @@ def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float]
 
 def _quoted(token: str) -> str:
     """A token in quotes, escaped as top shows it: repr() doubled the backslash of a byte ('\\x9f')."""
-    from saelab.explore.top import ESCAPED
+    from saelab.utils.words import ESCAPED
 
     return f"'{token.translate(ESCAPED)}'"
 
@@ -306,6 +312,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
     positions = _check_steer(args)
     sae, lm, tokens = _steer_sae_and_model(args, positions)
+    _note_another_hook(args, sae)
     value, scaled = _steer_value(args, sae, lm, tokens)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     model = lm.known_as  # the hub id of the offline default, as reports name it
@@ -504,6 +511,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
         lm, tokens = load_model_beside(spec, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus), [source],
                                        [source], sae.cfg.hook_name, args.device, args.model_dtype,
                                        context_setting=None)
+        _note_another_hook(args, sae)
         results = top_activations(sae, lm, tokens, list(args.latent), args.n_contexts, progress=args.progress)
     if args.json:
         return {"sae": args.sae, "latents": [r.to_dict() for r in results]}

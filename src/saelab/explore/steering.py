@@ -33,7 +33,7 @@ import torch
 
 from saelab.explore.positions import Positions, check_positions, position_mask, position_tracker
 from saelab.sae.topk import TopKSAE
-from saelab.utils.words import plural
+from saelab.utils.words import ESCAPED_BUT_LINES, plural
 
 STEER_MODES = ("add", "clamp", "ablate")
 
@@ -266,10 +266,13 @@ class SteeredGeneration:
     """What the edits do."""
 
     def format(self) -> str:
+        """Both generations as they read, their control characters but newlines and tabs escaped (the prompt's or
+        the model's ESC sequences would drive the terminal)."""
+        prompt, clean, steered = (text.translate(ESCAPED_BUT_LINES) for text in (self.prompt, self.clean, self.steered))
         return (
             f"prompt: {self.prompt!r}\n\n"
-            f"--- without steering ---\n{self.prompt}{self.clean}\n\n"
-            f"--- with steering ({self.description or 'edits'}) ---\n{self.prompt}{self.steered}\n"
+            f"--- without steering ---\n{prompt}{clean}\n\n"
+            f"--- with steering ({self.description or 'edits'}) ---\n{prompt}{steered}\n"
         )
 
 

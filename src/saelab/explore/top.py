@@ -41,12 +41,9 @@ from saelab.explore.browser.build import (
 )
 from saelab.explore.browser.stats import context_maxima, select_latents
 from saelab.sae.topk import TopKSAE
-from saelab.utils.words import plural
+from saelab.utils.words import ESCAPED, plural
 
 
-ESCAPED = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
-"""Control characters (C0, DEL, C1) as escapes ('\\n', '\\t', '\\x1b'): a corpus's own ESC sequences would
-otherwise drive the terminal that shows the contexts (clear it, move the cursor, recolour it)."""
 
 
 @dataclass

@@ -16,3 +16,11 @@ def did_you_mean(word: str, names: Iterable[str]) -> str:
     """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, else ""."""
     close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.75)
     return f"; did you mean {close[0]}?" if close else ""
+
+
+ESCAPED = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+"""Control characters (C0, DEL, C1) as escapes ('\\n', '\\t', '\\x1b'), for ``str.translate``: text from data
+(a corpus, a model's generation) would otherwise drive the terminal that shows it (clear it, move the cursor,
+recolour it)."""
+ESCAPED_BUT_LINES = {c: e for c, e in ESCAPED.items() if chr(c) not in "\n\t"}
+"""ESCAPED less newlines and tabs, for running text shown as it reads."""
