@@ -212,6 +212,22 @@ def zip64_field(*values: int) -> bytes:
     return struct.pack("<HH", 1, 8 * len(values)) + b"".join(struct.pack("<Q", v) for v in values)
 
 
+def view_of(storage: bytes, size: bytes, stride: bytes) -> bytes:
+    """_rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict()): a view of any size (pickled tuples)."""
+    return (glob("torch._utils", "_rebuild_tensor_v2") + b"(" + storage + b"K\x00" + size + stride + b"\x89"
+            + glob("collections", "OrderedDict") + b")RtR")
+
+
+LONG_OF_2_24 = b"J" + (2**24).to_bytes(4, "little") + b"\x85"  # (2**24,)
+MADE_STORAGE = glob("torch.storage", "TypedStorage") + b"K\x01\x85R"  # a storage of one element, made by a call
+VIEW_IN_64_DIMENSIONS = view_of(MADE_STORAGE, b"(" + b"K\x02" * 16 + b"K\x01" * 48 + b"t", b"(" + b"K\x00" * 64 + b"t")
+
+
+def one_of_one_hash(k: int, set_global: bytes) -> bytes:
+    """set((k * (2**61 - 1), 1)): a pair whose key hashes as every other such key."""
+    return set_global + long1(k * (2**61 - 1)) + b"K\x01\x86\x85R"
+
+
 ONE_BYTE_TENSOR = b"\x80\x02}" + text("w") + one_element_on(storage_id("ByteStorage", 1)) + b"s."
 
 
@@ -382,6 +398,25 @@ BOMBS = {
     "a-storage-in-a-folder-entry": lambda p: stored_zip(p, [  # read as the reader's uninitialised memory
         ("archive/data.pkl", ONE_BYTE_TENSOR, {}), ("archive/byteorder", b"little", {}),
         ("archive/data/0", b"\0", {"attr": 0x10}), ("archive/version", b"3\n", {})]),
+    "legacy-storages-keyed-by-integers-of-one-hash": lambda p: legacy_file(p, b"\x80\x02(" + text("storage") + put(0)
+        + glob("torch", "FloatStorage") + put(1) + b"K\x00" + text("cpu") + put(2) + b"K\x00NtQ" + b"".join(
+            b"(" + get(0) + get(1) + long1(k * (2**61 - 1)) + get(2) + b"K\x00NtQ" for k in range(1, 2_000)) + b"}."),
+    "an-ordered-dict-of-sets-of-pairs-of-one-hash": lambda p: in_archive(
+        p, b"\x80\x02" + glob("collections", "OrderedDict") + b"](" + one_of_one_hash(1, glob("builtins", "set") + put(0))
+        + b"".join(one_of_one_hash(k, get(0)) for k in range(2, 2_000)) + b"e\x85R."),
+    "a-quantized-rebuild-of-views": lambda p: with_record(  # its scales made contiguous while loading
+        p, b"\x80\x02" + glob("torch._utils", "_rebuild_qtensor") + b"(" + storage_id("QUInt8Storage", 1) + b"K\x00"
+        + LONG_OF_2_24 + b"K\x00\x85(" + glob("torch", "per_channel_affine")
+        + view_of(storage_id("DoubleStorage", 1, key=text("1")), LONG_OF_2_24, b"K\x00\x85")
+        + view_of(storage_id("LongStorage", 1, key=text("2")), LONG_OF_2_24, b"K\x00\x85") + b"K\x00t\x89"
+        + glob("collections", "OrderedDict") + b")RtR.", b"\0"),
+    "a-legacy-protocol-version-that-is-a-view": lambda p: p.write_bytes(  # compared element by element
+        pickle.dumps(0x1950A86A20F9469CFC6C, 2) + b"\x80\x02" + view_of(MADE_STORAGE, long1(2**32) + b"\x85",
+                                                                         b"K\x00\x85") + b"."),
+    "a-storage-keyed-by-a-view-in-64-dimensions": lambda p: in_archive(  # formatted into the record's name
+        p, b"\x80\x02(" + text("storage") + glob("torch", "FloatStorage") + VIEW_IN_64_DIMENSIONS + text("cpu")
+        + b"K\x01tQ."),
+    "a-call-of-a-view-in-64-dimensions": lambda p: in_archive(p, b"\x80\x02" + VIEW_IN_64_DIMENSIONS + b")R."),
     "one-text-referred-to-5000-times": lambda p: in_archive(
         p, b"\x80\x02}" + text("notes") + b"](" + text("x" * 100_000) + put(0) + get(0) * 4_999 + b"es."),
 }
@@ -389,7 +424,8 @@ REFUSALS = (r"refers again to a container|changes afterwards|backward hooks|zip 
             r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|is compressed|"
             r"storage outside any tensor|a global of over|a container or a long text|"
             r"whose hashes can be made equal|tar archive|both find it|which saelab does not read|nests containers|"
-            r"zip64 size fields|folder entry")
+            r"zip64 size fields|folder entry|not dense|header calls|storage by a tensor|calls a tensor|"
+            r"names storages by over")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")

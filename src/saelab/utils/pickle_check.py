@@ -206,12 +206,21 @@ def _cost(callee: object, args: object) -> int:
     return args.text_bytes + args.weight + (args.int_product if _sized(callee) else 0)  # each item walked
 
 
+_NOT_DENSE = ("torch._utils._rebuild_qtensor", "torch._utils._rebuild_nested_tensor", "torch._utils._rebuild_sparse_",
+              "torch._utils._rebuild_meta_tensor_no_storage", "torch._utils._rebuild_wrapper_subclass")
+"""Rebuilds of tensors that are not dense, which torch_files refuses once loaded; refused before, as their rebuild
+works through the tensors it is given (a quantizer's scales made contiguous: 2 GiB from a view of one element)."""
+
+
 def _check_rebuild(name: str, head: list) -> None:
-    """Refuse the tensor rebuilds torch.save never writes: one that copies a tensor while loading, or one given
-    backward hooks (torch sets them on the tensor as they are, and formats them when it is saved again)."""
+    """Refuse the tensor rebuilds torch.save never writes: one that copies a tensor while loading, one of a tensor
+    that is not dense, or one given backward hooks (torch sets them on the tensor as they are, and formats them when
+    it is saved again)."""
     if name in _REFUSED:
         raise PickleBombError(f"it calls {name}, which copies a tensor while loading (saelab reads tensors with "
                               "storage of their own)")
+    if name.startswith(_NOT_DENSE):
+        raise PickleBombError(f"it calls {name}, a tensor that is not dense (saelab reads dense tensors alone)")
     hooks = _HOOKS_ARGUMENT.get(name.removeprefix("torch._utils."), len(head)) if name.startswith("torch.") else 99
     if hooks < len(head) and not _empty(head[hooks]):
         raise PickleBombError(f"it calls {name} with backward hooks (torch.save writes an empty OrderedDict; a "
@@ -258,21 +267,26 @@ def _made(callee: object, args: object) -> object:
     made.flat, made.int_product, made.text_bytes = args.flat, args.int_product, args.text_bytes
     made.items = made.weight = args.weight + args.text_bytes  # set("text..."): an item per character
     made.depth = args.depth  # a container of its arguments' items
+    made.first_alike = args.alike > 0 or any(isinstance(item, _Box) and item.alike for item in head)  # a set's
+    # items come in no set order: any of them may be the key a pair of it gives
     if name in _HASHES and isinstance(head[0] if head else None, _Box):
         made.hash_keys(getattr(head[0], _HASHES[name]))
     return made
 
 
-def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
+def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int | None:
     """Scan one pickle from ``f`` (see the module docstring) whose calls, texts referred to again and storages may
-    make at most ``budget`` bytes or elements in all. Returns what is left of the budget when it ended at its
-    STOP opcode, None where the scan stopped early (left to torch). Raises PickleBombError for a refused pickle."""
+    make at most ``budget`` bytes or elements in all; ``plain``: one that calls nothing of torch's (a legacy file's
+    headers: torch compares its protocol version, a tensor element by element). Returns what is left of the budget when it
+    ended at its STOP opcode, None where the scan stopped early (left to torch). Raises PickleBombError for a
+    refused pickle."""
     read = f.read
     spent = 0
     stack: list[object] = []
     marks: list[int] = []
     memo: dict[int, object] = {}
     storages: set[str] = set()  # the keys of the storages named so far: one storage, named again, is read once
+    alike_keys = 0  # storage keys that may hash alike
 
     def charge(made: int) -> None:
         nonlocal spent
@@ -341,6 +355,13 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
                 head = pid.head if isinstance(pid, _Box) else []
                 if len(head) < 5 or not isinstance(head[4], int):  # torch's own error names a malformed id
                     raise PickleBombError("it names a storage without a number of elements (torch.save writes one)")
+                if pid.tensors:  # torch formats its key, multiplies its offset: a view, element by element
+                    raise PickleBombError("it names a storage by a tensor (torch.save names one by texts and numbers)")
+                if _may_hash_alike(head[2]):  # torch keeps each storage in a dict by its key
+                    alike_keys += 1
+                    if alike_keys > HASHED_ALIKE_MAX:
+                        raise PickleBombError(f"it names storages by over {HASHED_ALIKE_MAX} keys whose hashes can be "
+                                              "made equal (torch.save keys them by short texts)")
                 key = str(head[2]) if isinstance(head[2], _Text) and head[2] else None  # a long text is kept empty
                 if key is None or key not in storages:  # a legacy file allocates it as its id says
                     charge(abs(head[4]))
@@ -395,6 +416,10 @@ def check_pickle_stream(f: IO[bytes], budget: int) -> int | None:
                     stack[-1].hash_keys(state.keys_alike + state.alike_pairs)
             elif code in (0x52, 0x81):  # REDUCE, NEWOBJ
                 args = stack.pop()
+                if stack[-1] is _TENSOR:  # torch's refusal formats it, element by element
+                    raise PickleBombError("it calls a tensor (torch.save writes no such call)")
+                if plain and str(stack[-1]).startswith("torch."):  # others: torch's refusal names the global
+                    raise PickleBombError(f"its header calls {stack[-1]} (torch.save writes plain numbers there)")
                 charge(_cost(stack[-1], args))
                 stack[-1] = _made(stack[-1], args)
             elif code in (0x68, 0x6A):  # BINGET, LONG_BINGET
@@ -420,6 +445,8 @@ MADE_BYTES_PER_FILE_BYTE = 4
 """What a pickle's calls may make in all (texts passed, elements asked for), in times the file's size (and 1 MiB)."""
 LEGACY_PICKLES = 5
 """A torch file from before torch 1.6: magic number, protocol, system info, the object, its storage keys."""
+LEGACY_HEADERS = 3
+"""Its first pickles, plain numbers and a dict of them, which torch compares and reads as they are."""
 
 
 def check_torch_file(path: str | os.PathLike) -> None:
@@ -435,8 +462,8 @@ def check_torch_file(path: str | os.PathLike) -> None:
         if f.read(4) != b"PK\x03\x04":  # as torch tells a zip archive from a legacy file
             f.seek(0)
             _check_not_tar(f)
-            for _ in range(LEGACY_PICKLES):  # one budget for the five
-                budget = check_pickle_stream(f, budget)
+            for i in range(LEGACY_PICKLES):  # one budget for the five
+                budget = check_pickle_stream(f, budget, plain=i < LEGACY_HEADERS)
                 if budget is None:
                     return
             return

@@ -4,6 +4,7 @@ what a failed load is worded as: torch's reason without its advice, in one line.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import re
@@ -97,17 +98,22 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
 
 
 def _copied_bytes(t: torch.Tensor) -> int:
-    """What ``t`` is charged: its bytes once copied, and for a tensor of many dimensions more per element, as
-    printing it joins each element's text once per dimension, a text that grows with the depth (a view of one
-    boolean in 16 dimensions of 2 and 48 of 1: 65,536 elements, 30-37 s to format), so a charge of dimensions**2 / 4
-    (as many as four dimensions cost nothing more)."""
+    """What ``t`` is charged: its bytes once copied, or, if more, dimensions**2 / 4 per element printed, as printing
+    joins each element's text once per dimension, a text that grows with the depth (a view of one boolean in 16
+    dimensions of 2 and 48 of 1: 65,536 elements printed, 30-37 s)."""
     # A sparse tensor's indices are not checked at load: out of range, they write out of bounds when it is used.
     kind = ("a nested tensor" if t.is_nested else "a quantized tensor" if t.is_quantized
             else None if t.layout == torch.strided else f"a tensor of layout {t.layout}")
     if kind:
         raise pickle.UnpicklingError(f"it holds {kind}, which saelab does not read (torch.save writes weights as "
                                      "dense tensors)")
-    return t.numel() * max(t.element_size(), t.dim() ** 2 // 4)
+    printed = t.numel() if t.numel() <= PRINTED_WHOLE else math.prod(min(n, 2 * PRINTED_EDGE) for n in t.shape)
+    return max(t.numel() * t.element_size(), printed * (t.dim() ** 2 // 4))
+
+
+PRINTED_WHOLE, PRINTED_EDGE = 1000, 3
+"""torch's default print options (threshold, edgeitems): a tensor of more elements is printed as the first and last
+3 of each dimension longer than 6."""
 
 
 # Fragments that mark a sentence of torch's load errors as advice, not a reason: to retry with weights_only=False (a
