@@ -308,7 +308,9 @@ def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["site"] == str(out) and not printed["reused"] and read_site_manifest(out)
     assert main(["browse", str(sae_files / "run_small"), "--out", str(out), *args]) == 0
-    assert json.loads(capsys.readouterr().out)["reused"]
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["reused"]
+    assert printed.err.strip() == f"{out} already holds this feature browser site (--overwrite builds it again)"
     fam = tmp_path / "families.json"
     assert main(["families", str(sae_files / "run_small"), str(sae_files / "saelens_large"), "--out", str(fam), *args]) == 0
     summary = json.loads(capsys.readouterr().out)

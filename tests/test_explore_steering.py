@@ -108,6 +108,20 @@ def test_generate_with_and_without_is_seeded(tiny_gpt2, sae):
     assert "add 200" in a.format() and "--- without steering ---" in a.format()
 
 
+def test_steer_in_python_refuses_what_the_command_line_refuses(tiny_gpt2, sae):
+    """steer(lm, sae, 1, "add") returned "add 0", an edit that changes nothing; a value for ablate was taken and
+    ignored; a text for a value was torch's TypeError. Each is one ValueError naming it; ablate's 0 is taken."""
+    for args, said in ((("add",), "mode 'add' needs a value: one number, or one per latent"),
+                       (("clamp",), "mode 'clamp' needs a value: one number, or one per latent"),
+                       (("ablate", 5.0), "mode 'ablate' sets the latent to 0: it takes no value, got 5.0"),
+                       (("add", "3"), "value: expected a number, or one per latent, got '3'"),
+                       (("add", [1.0, "x"]), "value: expected a number, or one per latent, got [1.0, 'x']")):
+        with pytest.raises(ValueError) as err:
+            steer(tiny_gpt2, sae, 1, *args)
+        assert str(err.value) == said
+    assert steer(tiny_gpt2, sae, 1, "ablate").describe() == steer(tiny_gpt2, sae, 1, "ablate", 0.0).describe()
+
+
 def test_generations_are_shown_with_their_control_characters_escaped(tiny_gpt2, sae):
     """A prompt's ESC sequence and carriage return reached the terminal raw in both generations (its `prompt:` line
     was escaped), as would a model's; they are escaped as top escapes them, newlines and tabs kept."""

@@ -419,6 +419,8 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
                                overwrite=args.overwrite, progress=args.progress, allow_http=args.allow_http)
     summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
                "saes": result["saes"], "seconds": result["seconds"]}
+    if result["reused"]:  # the same command again, said as families and export say it
+        print(f"{out} already holds this feature browser site (--overwrite builds it again)", file=sys.stderr)
     if not args.serve:
         return summary
     print(json.dumps(summary, indent=2))  # before serving, once: Ctrl-C ends the command

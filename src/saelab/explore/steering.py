@@ -111,13 +111,13 @@ def steer(
     sae: TopKSAE,
     latent: int | Sequence[int],
     mode: str = "add",
-    value: float | Sequence[float] = 0.0,
+    value: float | Sequence[float] | None = None,
     positions: Positions = None,
     hook: str | None = None,
 ) -> Steering:
     """An edit that steers (``add``), clamps or ablates ``latent`` (one index or several) at ``positions``.
 
-    ``value``: one number, or one per latent (ignored by ``ablate``). ``hook``: default the SAE's
+    ``value``: one number, or one per latent, for ``add`` and ``clamp``; ``ablate`` takes none (or 0). ``hook``: default the SAE's
     ``cfg.hook_name``. ``positions=None``: every position but 0 when the SAE was trained without it.
     See the module docstring for what each mode does and what positions mean.
     """
@@ -134,7 +134,7 @@ def steer(
         raise ValueError("no latent given")
     sae.check_latents(given)  # before int(): 2.9 would be read as 2
     latents = [int(i) for i in given]
-    values = torch.as_tensor(0.0 if mode == "ablate" else value, dtype=torch.float32).flatten()
+    values = _steer_values(mode, value)
     if values.numel() == 1:
         values = values.expand(len(latents)).clone()
     if values.numel() != len(latents):
@@ -142,6 +142,23 @@ def steer(
     if not torch.isfinite(values).all():  # the command line refuses it too: every steered activation would be NaN
         raise ValueError(f"value must be a finite number, got {value!r}")
     return Steering(lm, sae, latents, mode, values, positions, hook)
+
+
+def _steer_values(mode: str, value) -> torch.Tensor:
+    """``value`` as float32 numbers, as ``mode`` takes it: add and clamp need one (an add of the default 0 changed
+    nothing, silently), ablate sets 0 and takes no other."""
+    if mode == "ablate":
+        if value is not None and not (isinstance(value, (int, float)) and value == 0):
+            raise ValueError(f"mode 'ablate' sets the latent to 0: it takes no value, got {value!r}")
+        value = 0.0
+    elif value is None:
+        raise ValueError(f"mode {mode!r} needs a value: one number, or one per latent")
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"value: expected a number, or one per latent, got {value!r}")
+    try:
+        return torch.as_tensor(value, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"value: expected a number, or one per latent, got {value!r}") from None
 
 
 def steered_positions(sae: TopKSAE, positions: Positions) -> Positions:
