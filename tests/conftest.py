@@ -124,4 +124,3 @@ def library_bars_on():
     yield
     (hf_logging.enable_progress_bar if was[0] else hf_logging.disable_progress_bar)()
     (disable_progress_bars if was[1] else enable_progress_bars)()
-

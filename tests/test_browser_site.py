@@ -328,13 +328,15 @@ def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
-    def interrupt_once_served():
+    def interrupt_once_served():  # a page answered: the server is in serve_forever, where Ctrl-C ends it
         for _ in range(600):
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to the main thread
-                    return
-            time.sleep(0.1)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+            except OSError:
+                time.sleep(0.1)
+                continue
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to the main thread
+            return
     threading.Thread(target=interrupt_once_served, daemon=True).start()
     assert main(["browse", str(sae_files / "run_small"), "--out", str(out), "--serve", "--port", str(port), *args]) == 0
     served = capsys.readouterr().out

@@ -1421,8 +1421,15 @@ def test_families_out_is_not_a_file_a_run_writes(tmp_path, capsys):
             f"saelab families: error: --out {run / name}: the run {run} writes its own {name} there; pick another "
             "file name")
         assert not (run / name).exists()
+    (run / "evals").mkdir()
+    assert main(["families", "a", "b", "--out", str(run / "evals" / "probe.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"the run {run} writes its own evals/ there; pick another file name")
     assert main(["families", "a", "b", "--out", str(run / "families.json")]) == 2  # refused later: no SAE "a"
     assert "writes its own" not in capsys.readouterr().err
+    from saelab.explore.browser import build_families
+
+    with pytest.raises(ConfigError, match="the run .* writes its own metrics.json there"):  # from Python too
+        build_families(["a", "b"], run / "metrics.json")
 
 
 def test_top_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
@@ -1451,8 +1458,25 @@ def test_steer_refuses_a_generation_longer_than_the_models_context_before_the_lo
     assert main(["steer", sae, "--latent", "1", "--value", "1", "--greedy", "--prompt", "one two",
                  "--max-new-tokens", "200"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"saelab steer: error: --max-new-tokens 200 after the prompt (3 tokens with BOS), 203 tokens in all, exceeds "
-        f"the longest context of {tiny_dir} (128 tokens)")
+        f"saelab steer: error: --max-new-tokens 200 after the prompt (3 tokens with BOS; the model reads 202 of them, "
+        f"all but the last new one) exceeds the longest context of {tiny_dir} (128 tokens)")
+    # the tokenizer not on disk before the load (a .gguf's first use): refused right after it, before any generation;
+    # 126 new tokens fit exactly (the model reads 3 + 125 = 128 positions)
+    import saelab.explore.steering
+    import saelab.models
+
+    monkeypatch.undo()
+    monkeypatch.setattr(saelab.models, "tokenizer_before_load", lambda *a, **k: None)
+    monkeypatch.setattr(saelab.explore.steering, "generate_with_and_without", lambda *a, **k: pytest.fail("generated"))
+    assert main(["steer", sae, "--latent", "1", "--value", "1", "--greedy", "--prompt", "one two",
+                 "--max-new-tokens", "127", "--top-tokens", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("saelab steer: error: --max-new-tokens 127 after the prompt (3 tokens with BOS; the model "
+                          "reads 129 of them, all but the last new one) exceeds the longest context of ")
+    assert err.endswith("(128 tokens)")
+    with pytest.raises(pytest.fail.Exception, match="generated"):
+        main(["steer", sae, "--latent", "1", "--value", "1", "--greedy", "--prompt", "one two", "--max-new-tokens",
+              "126", "--top-tokens", "0"])
 
 
 def _tiny_sae(folder, model_dir, n_latents: int = 32) -> str:

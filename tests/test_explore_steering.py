@@ -119,7 +119,8 @@ def test_steer_in_python_refuses_what_the_command_line_refuses(tiny_gpt2, sae):
         with pytest.raises(ValueError) as err:
             steer(tiny_gpt2, sae, 1, *args)
         assert str(err.value) == said
-    assert steer(tiny_gpt2, sae, 1, "ablate").describe() == steer(tiny_gpt2, sae, 1, "ablate", 0.0).describe()
+    for zero in (0.0, 0, torch.tensor(0.0), [0.0]):
+        assert steer(tiny_gpt2, sae, 1, "ablate").describe() == steer(tiny_gpt2, sae, 1, "ablate", zero).describe()
 
 
 def test_generations_are_shown_with_their_control_characters_escaped(tiny_gpt2, sae):

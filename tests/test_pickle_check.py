@@ -440,6 +440,16 @@ def test_a_pickle_describing_a_huge_object_is_refused_unread(kind, tmp_path):
     assert time.perf_counter() - start < 5  # no walk over the object: it is never built
 
 
+def test_tensors_of_many_dimensions_stored_whole_read(tmp_path):
+    """The print charge is for views of fewer stored bytes: a tensor of 12 dimensions stored whole (18 KB) was
+    refused as counting for 147,456 bytes; a view of the same shape from one element is still refused."""
+    torch.save({"w": torch.ones(*(2,) * 12)}, tmp_path / "whole.pt")
+    assert load_plain_tensors(tmp_path / "whole.pt")["w"].shape == (2,) * 12
+    torch.save({"w": torch.ones(1).expand(*(2,) * 16)}, tmp_path / "view.pt")
+    with pytest.raises(pickle.UnpicklingError, match="once copied or printed"):
+        load_plain_tensors(tmp_path / "view.pt")
+
+
 def test_what_torch_save_writes_reads_as_before(tmp_path):
     """Tied weights (one tensor under two keys), an optimizer state with two groups sharing a betas tuple, small
     shared tuples, in the zip and the legacy format."""

@@ -399,12 +399,17 @@ _NOT_FOR_A_RUN = "pick another folder (a new one, or one holding only other file
 
 
 def refuse_a_run_file(path: str | Path, named: str) -> None:
-    """Refuse, as the file of another result, a name a run writes in a run folder (its metrics.json, report.md):
-    the run's own next command would replace it, or it the run's."""
+    """Refuse, as the file of another result, a name a run writes in a run folder (its metrics.json, report.md) or
+    a file in a folder it writes (evals/, browser/, sae/): the run's own next command would replace it, or it the
+    run's."""
     path = Path(path).resolve()
-    if path.name in (*RUN_RESULTS, ACTIVATIONS_DIR) and holds_a_run(path.parent):
-        raise ConfigError(f"{named} {path}: the run {path.parent} writes its own {path.name} there; pick another "
-                          "file name")
+    run = next((folder for folder in path.parents if holds_a_run(folder)), None)
+    if run is None:
+        return
+    first = path.relative_to(run).parts[0]
+    if first in (*RUN_RESULTS, ACTIVATIONS_DIR):
+        written = first if path.parent == run else first + "/"
+        raise ConfigError(f"{named} {path}: the run {run} writes its own {written} there; pick another file name")
 
 
 def model_for(sae) -> str:

@@ -307,8 +307,8 @@ def _did_you_mean(given: list[str], options: typing.Iterable[str]) -> str:
 
 
 def _closest_choice(message: str) -> str:
-    """"; did you mean train?" for argparse's "invalid choice: 'trian' (choose from 'quickstart', ...)" (a
-    misspelled verb or choice), else ""."""
+    """"; did you mean train?" for argparse's "invalid choice: 'trian' (choose from quickstart, ...)" (a
+    misspelled verb or choice; its choices listed bare by ``error``), else ""."""
     match = re.search(r"invalid choice: '(.*)' \(choose from (.*)\)$", message)
     if not match:
         return ""

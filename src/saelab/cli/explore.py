@@ -39,7 +39,7 @@ def _int_list(text: str) -> list[int]:
 
 def _positions_text(text: str) -> str:
     """--positions as typed, once it reads as positions: a --config file's 5 or [3, 7, 9] is then given as
-    "5" or "3,7,9", as --latent's is. Kept as text: its refusals after the parse (_check_reachable) show it so."""
+    "5" or "3,7,9", as --latent's is. Kept as text: its refusals after the parse (_check_generation) show it so."""
     try:
         parse_positions(text)
     except ValueError as e:
@@ -138,7 +138,7 @@ def _checked_sae(args: argparse.Namespace, hook: str | None = None):
     from saelab.run_folder import check_sae_hook, model_for
 
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
-    args.trained_at = sae.cfg.hook_name  # for _note_another_hook, once every check has passed
+    args.trained_at = sae.cfg.hook_name  # what _note_another_hook compares --hook with
     if hook:
         sae.cfg.hook_name = hook
     bad = [i for i in args.latent if i >= sae.n_latents]
@@ -160,17 +160,21 @@ def _loaded(args: argparse.Namespace, sae, spec: str, tokenizer=None):
 
 def _note_another_hook(args: argparse.Namespace, sae) -> None:
     """Say that --hook reads the SAE at another hook than it was trained at: a near miss (blocks.8 for blocks.9)
-    gives plausible-looking output."""
-    if sae.cfg.hook_name != args.trained_at:
+    gives plausible-looking output. Called once every check has passed; an SAE that records no hook has none to
+    compare with (--hook is required for it)."""
+    if args.trained_at and sae.cfg.hook_name != args.trained_at:
         print(f"saelab {args.verb}: note: --hook {sae.cfg.hook_name}: {args.sae} was trained at {args.trained_at}; its "
               f"latents are read at {sae.cfg.hook_name} here", file=sys.stderr)
 
 
-def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
-    """Refuse --positions that no step of the generation can reach; a None tokenizer (not on disk before
-    the load) leaves the check to the call after the load."""
+def _check_generation(args: argparse.Namespace, positions, tokenizer, model) -> None:
+    """Refuse --positions that no step of the generation can reach, and a prompt and --max-new-tokens longer together
+    than the model's context (``model``: its spec, whose config may be on disk before the load, or the loaded model):
+    generating past it fails, or runs for ever, only after the load. A None tokenizer (not on disk before the load)
+    leaves the checks to the call after the load."""
     from saelab.explore.positions import first_past
     from saelab.explore.steering import prompt_length
+    from saelab.models import LanguageModel, check_context_fits
 
     if tokenizer is None:
         return
@@ -181,21 +185,12 @@ def _check_reachable(args: argparse.Namespace, positions, tokenizer) -> None:
         raise ConfigError(f"--positions {args.positions}: position {past} is never reached; the largest reachable is "
                           f"{last} (a prompt of {n_prompt} {plural(n_prompt, 'token')} with BOS, then --max-new-tokens "
                           f"{args.max_new_tokens}, the last of which the model never reads)")
-
-
-def _check_generation_fits(args: argparse.Namespace, tokenizer, model) -> None:
-    """Refuse a prompt and --max-new-tokens longer together than the model's context (``model``: its spec, whose
-    config may be on disk before the load, or the loaded model): generating past it fails, or runs for ever, only
-    after the load. A None tokenizer leaves the check to the call after the load."""
-    from saelab.explore.steering import prompt_length
-    from saelab.models import check_context_fits
-
-    if tokenizer is None:
-        return
-    n_prompt = prompt_length(tokenizer, args.prompt)
-    check_context_fits(model, n_prompt + args.max_new_tokens,
-                       f"--max-new-tokens {args.max_new_tokens:,} after the prompt ({n_prompt:,} "
-                       f"{plural(n_prompt, 'token')} with BOS), {{n:,}} tokens in all,")
+    named = (f"--max-new-tokens {args.max_new_tokens} after the prompt ({n_prompt} {plural(n_prompt, 'token')} with "
+             "BOS; the model reads {n} of them, all but the last new one)")
+    if isinstance(model, LanguageModel):
+        model.check_context_size(last + 1, named)
+    else:
+        check_context_fits(model, last + 1, named)
 
 
 def _check_or_cut_top_tokens(args: argparse.Namespace, vocab_size: int | None) -> None:
@@ -224,8 +219,7 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
     sae, spec = _checked_sae(args, args.hook)
 
     def before_load(tokenizer) -> None:  # after check_before_load, which fetches a hub model's config alone
-        _check_reachable(args, positions, tokenizer)
-        _check_generation_fits(args, tokenizer, spec)
+        _check_generation(args, positions, tokenizer, spec)
         _check_or_cut_top_tokens(args, configured_vocab_size(spec))
 
     if args.scale is not None:
@@ -236,8 +230,7 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
         before_load(tokenizer)
         sae, lm = _loaded(args, sae, spec, tokenizer)
         tokens = None
-    _check_reachable(args, positions, lm.tokenizer)
-    _check_generation_fits(args, lm.tokenizer, lm)
+    _check_generation(args, positions, lm.tokenizer, lm)
     _check_or_cut_top_tokens(args, lm.vocab_size)  # the rows of its unembedding, which the list ranks
     return sae, lm, tokens
 
@@ -312,8 +305,8 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
     positions = _check_steer(args)
     sae, lm, tokens = _steer_sae_and_model(args, positions)
-    _note_another_hook(args, sae)
     value, scaled = _steer_value(args, sae, lm, tokens)
+    _note_another_hook(args, sae)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     model = lm.known_as  # the hub id of the offline default, as reports name it
     text = [f"model {model}, SAE {args.sae} ({sae.n_latents} {plural(sae.n_latents, 'latent')} at {s.hook})"]
@@ -555,7 +548,7 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
     if unused:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (saelab browse); families does not use it")
     out = check_file_target(args.out, "--out", "the families JSON")
-    refuse_a_run_file(out, "--out")
+    refuse_a_run_file(out, "--out")  # build_families refuses it too, naming it as Python gives it
     if out.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
         raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):

@@ -147,18 +147,17 @@ def steer(
 def _steer_values(mode: str, value) -> torch.Tensor:
     """``value`` as float32 numbers, as ``mode`` takes it: add and clamp need one (an add of the default 0 changed
     nothing, silently), ablate sets 0 and takes no other."""
-    if mode == "ablate":
-        if value is not None and not (isinstance(value, (int, float)) and value == 0):
-            raise ValueError(f"mode 'ablate' sets the latent to 0: it takes no value, got {value!r}")
-        value = 0.0
-    elif value is None:
+    if value is None and mode != "ablate":
         raise ValueError(f"mode {mode!r} needs a value: one number, or one per latent")
-    if isinstance(value, (str, bytes)):
-        raise ValueError(f"value: expected a number, or one per latent, got {value!r}")
     try:
-        return torch.as_tensor(value, dtype=torch.float32).flatten()
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        values = torch.as_tensor(0.0 if value is None else value, dtype=torch.float32).flatten()
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"value: expected a number, or one per latent, got {value!r}") from None
+    if mode == "ablate" and not bool((values == 0).all()):
+        raise ValueError(f"mode 'ablate' sets the latent to 0: it takes no value, got {value!r}")
+    return values
 
 
 def steered_positions(sae: TopKSAE, positions: Positions) -> Positions:

@@ -44,8 +44,6 @@ from saelab.sae.topk import TopKSAE
 from saelab.utils.words import ESCAPED, plural
 
 
-
-
 @dataclass
 class TopActivations:
     """The top-activating contexts of one latent, best first (``K <= k`` entries)."""

@@ -98,17 +98,20 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
 
 
 def _copied_bytes(t: torch.Tensor) -> int:
-    """What ``t`` is charged: its bytes once copied, or, if more, dimensions**2 / 4 per element printed, as printing
-    joins each element's text once per dimension, a text that grows with the depth (a view of one boolean in 16
-    dimensions of 2 and 48 of 1: 65,536 elements printed, 30-37 s)."""
+    """What ``t`` is charged: its bytes once copied, or, for a view of fewer stored bytes, dimensions**2 / 4 per
+    element printed if more, as printing joins each element's text once per dimension, a text that grows with the
+    depth (a view of one boolean in 16 dimensions of 2 and 48 of 1: 65,536 elements printed, 30-37 s)."""
     # A sparse tensor's indices are not checked at load: out of range, they write out of bounds when it is used.
     kind = ("a nested tensor" if t.is_nested else "a quantized tensor" if t.is_quantized
             else None if t.layout == torch.strided else f"a tensor of layout {t.layout}")
     if kind:
         raise pickle.UnpicklingError(f"it holds {kind}, which saelab does not read (torch.save writes weights as "
                                      "dense tensors)")
+    copied = t.numel() * t.element_size()
+    if t.untyped_storage().nbytes() >= copied:  # its elements are in the file: printing it costs what its size says
+        return copied
     printed = t.numel() if t.numel() <= PRINTED_WHOLE else math.prod(min(n, 2 * PRINTED_EDGE) for n in t.shape)
-    return max(t.numel() * t.element_size(), printed * (t.dim() ** 2 // 4))
+    return max(copied, printed * (t.dim() ** 2 // 4))
 
 
 PRINTED_WHOLE, PRINTED_EDGE = 1000, 3

@@ -42,7 +42,7 @@ from saelab.explore.browser.build import (
 from saelab.explore.browser.families import FAMILIES_FORMAT, family_tree
 from saelab.explore.browser.site import (SITE_FORMAT, SITE_VERSION, check_site_target, read_own_json,
                                          read_site_manifest, write_site)
-from saelab.run_folder import SAE_DIR
+from saelab.run_folder import SAE_DIR, refuse_a_run_file
 from saelab.sae.io import SAE_SOURCES
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
@@ -363,6 +363,8 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     ``"reused": True``); a families file of other inputs is kept (refused) unless ``overwrite``, and a file
     that is not a families file is never replaced. ``allow_http`` also downloads SAEs from plain http URLs."""
     cfg = cfg or BrowseConfig()
+    if out is not None:
+        refuse_a_run_file(out, "out")
     earlier = None if out is None else _earlier_families(Path(out))  # before the SAEs load
     earlier = None if overwrite else earlier
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
