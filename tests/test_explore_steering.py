@@ -123,6 +123,18 @@ def test_steer_in_python_refuses_what_the_command_line_refuses(tiny_gpt2, sae):
         assert steer(tiny_gpt2, sae, 1, "ablate").describe() == steer(tiny_gpt2, sae, 1, "ablate", zero).describe()
 
 
+def test_sampling_settings_are_refused_as_the_command_line_refuses_them(tiny_gpt2, sae):
+    """top_p=2 was taken; max_new_tokens=0 and temperature=0 reached transformers' own errors."""
+    s = steer(tiny_gpt2, sae, 7, "add", 2.0)
+    for kw, said in (({"top_p": 2.0}, "top_p must be in (0, 1], got 2.0"),
+                     ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
+                     ({"temperature": 0.0}, "temperature must be > 0, got 0.0 (greedy=True picks the likeliest token)")):
+        with pytest.raises(ValueError) as err:
+            generate_with_and_without(tiny_gpt2, "Once", s, **kw)
+        assert str(err.value) == said
+    assert generate_with_and_without(tiny_gpt2, "Once", s, max_new_tokens=1, greedy=True, temperature=0.0).clean
+
+
 def test_generations_are_shown_with_their_control_characters_escaped(tiny_gpt2, sae):
     """A prompt's ESC sequence and carriage return reached the terminal raw in both generations (its `prompt:` line
     was escaped), as would a model's; they are escaped as top escapes them, newlines and tabs kept."""

@@ -208,6 +208,17 @@ def prompt_tokens(lm, prompt: str, prepend_bos: bool = True) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _check_sampling(max_new_tokens: int, greedy: bool, temperature: float, top_p: float) -> None:
+    """The sampling settings, refused as the command line refuses them (top_p = 2 was taken, 0 new tokens or a
+    temperature of 0 reached transformers' own errors)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r} (greedy=True picks the likeliest token)")
+    if not greedy and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def generate_ids(
     lm,
     ids_BT: torch.Tensor,
@@ -227,6 +238,7 @@ def generate_ids(
     """
     from transformers import GenerationConfig
 
+    _check_sampling(max_new_tokens, greedy, temperature, top_p)
     ids_BT = lm.as_tokens(ids_BT)
     eos = lm.tokenizer.eos_token_id
     config = GenerationConfig(
