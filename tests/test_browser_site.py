@@ -337,8 +337,14 @@ def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
                 continue
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to the main thread
             return
-    threading.Thread(target=interrupt_once_served, daemon=True).start()
-    assert main(["browse", str(sae_files / "run_small"), "--out", str(out), "--serve", "--port", str(port), *args]) == 0
+    # Ctrl-C raises KeyboardInterrupt however this process was started (a background job ignores SIGINT)
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_once_served, daemon=True).start()
+        assert main(["browse", str(sae_files / "run_small"), "--out", str(out), "--serve", "--port", str(port),
+                     *args]) == 0
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     served = capsys.readouterr().out
     assert served.count('"site"') == 1 and f"http://127.0.0.1:{port}/" in served
     # a SAELens folder needs --out
