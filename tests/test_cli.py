@@ -2846,3 +2846,26 @@ def test_report_and_train_name_what_they_were_given_instead(tmp_path, capsys):
         assert _exit_code(argv) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and said in err, err
+
+
+def test_an_sae_of_another_width_than_the_model_is_refused_from_its_config_before_the_load(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """An SAE whose d_in is not the model's width was refused only after the model loaded (a minute for a large
+    one, a download for a hub model): now from the config on disk, in the words of the check after the load."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    monkeypatch.chdir(tmp_path)
+    model = _config_only_model(tmp_path / "model")  # n_embd 64; every load of it fails
+    hook = "blocks.1.hook_resid_post"
+    save_sae(TopKSAE(SAEConfig(d_in=32, n_latents=64, k=4, hook_name=hook, model_name=str(model),
+                               context_size=32)), tmp_path / "narrow")
+    wrong = f"activations at {hook} of {model} have width 64 but the SAE expects d_in=32 (trained on {hook})"
+    _refusals([(["eval", "narrow", "--out", "ev"], wrong),
+               (["eval", "narrow", "--suite", "paper", "--metrics", "core", "--out", "ev"], wrong),
+               (["browse", "narrow", "--out", "site"], wrong),
+               (["top", "narrow", "--latent", "1"], wrong),
+               (["steer", "narrow", "--latent", "1", "--value", "1", "--prompt", "The cat"], wrong)], capsys)
+    _save_saes(tmp_path, model, ("fits", 64))  # d_in 64: past the check, the load is what fails
+    _refusals([(["eval", "fits", "--out", "ev"], "cannot load model directory"),
+               (["top", "fits", "--latent", "1"], "cannot load model directory")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fits", "model", "narrow"]

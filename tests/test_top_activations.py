@@ -212,3 +212,30 @@ def test_a_model_loaded_here_draws_its_bar_only_with_progress(tiny_gpt2, tiny_di
     assert "Loading weights" not in capfd.readouterr().err
     top_activations(sae, str(tiny_dir), text, 3, k=1, n_tokens=2 * T, progress=True)
     assert "Loading weights" in capfd.readouterr().err
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_forward(tiny_gpt2, corpus, gpt2_tokenizer,
+                                                                        tmp_path):
+    """A token tensor holding an id past the vocabulary (or a negative one) reached the embedding: torch's
+    IndexError on the CPU, a device-side assert ending the process on CUDA. Refused, naming the id and the range:
+    from the config before the load (the model here has none to load), after it for a model given, and by
+    every forward of the model."""
+    from transformers import GPT2Config
+
+    sae = centred_sae(tiny_gpt2, corpus)
+    toks = token_contexts(corpus, tiny_gpt2.tokenize, T, n_contexts=2, bos_token_id=tiny_gpt2.bos_token_id)
+    vocab = tiny_gpt2.model.get_input_embeddings().weight.shape[0]
+    for bad in (vocab, -1):
+        wrong = toks.clone()
+        wrong[1, 5] = bad
+        with pytest.raises(ShapeMismatchError) as e:
+            top_activations(sae, tiny_gpt2, wrong, 0)
+        assert str(e.value) == f"corpus: id {bad} is outside the vocabulary of {tiny_gpt2.known_as} (ids 0..{vocab - 1})"
+        with pytest.raises(ShapeMismatchError, match=f"tokens: id {bad} is outside the vocabulary"):
+            tiny_gpt2.logits(wrong)
+    model = tmp_path / "model"  # a config and no weights: a refusal after the load would be "cannot load"
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=1000).save_pretrained(model)
+    sae.cfg.model_name = str(model)
+    with pytest.raises(ShapeMismatchError, match=r"corpus: id \d+ is outside the vocabulary of .*\(ids 0..999\)"):
+        top_activations(sae, None, toks, 0)
+    assert top_activations(sae, tiny_gpt2, toks, 0).n_tokens == 2 * (T - 1)  # ids it has: read, all of them

@@ -410,7 +410,7 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     sae = sae if given else open_sae(sae, allow_http=allow_http)[0]
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
     spec = lm or model_for(sae)
-    check_before_load(spec, sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
+    check_before_load(spec, sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size, sae=sae)
     # A hub model's tokenizer is fetched alone: a short corpus is refused before its weights download.
     tokenizer = None if isinstance(spec, LanguageModel) else tokenizer_before_load(spec)
     # read before the load, for the evaluation: a loaded model's reads the corpus at once
@@ -594,7 +594,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         state[run] = _state_of(changes[run])
         specs[run] = model or model_for(sae)
         if state[run] == "none":  # to be evaluated: its hook, context and corpus checked before any model loads
-            check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size)
+            check_before_load(specs[run], sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size, sae=sae)
             read = (specs[run], cfg.context_size or sae.cfg.context_size, int(sae.cfg.exclude_first),
                     sae.cfg.prepend_bos)
             if read not in corpus_read:  # runs of one cache read the same contexts: once, for every evaluation
@@ -638,7 +638,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     eval_cfg = eval_cfg or EvalConfig()
     _check_suite_inputs(sae, source, run, out, eval_cfg, cfg)
     spec = lm or model_for(sae)
-    check_before_load(spec, sae.cfg.hook_name, eval_cfg.context_size, sae.cfg.context_size)
+    check_before_load(spec, sae.cfg.hook_name, eval_cfg.context_size, sae.cfg.context_size, sae=sae)
     cfg, T = cfg or PaperSuiteConfig(), eval_cfg.context_size or sae.cfg.context_size
     check_suite_applies(sae, model_name(spec), cfg, eval_cfg, T)
     # A hub model's tokenizer is fetched alone, so that a short corpus is refused before its weights download.

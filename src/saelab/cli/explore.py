@@ -225,7 +225,7 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
     if args.scale is not None:
         lm, tokens = _scale_text_and_model(args, sae, spec, before_load)
     else:
-        check_before_load(spec, sae.cfg.hook_name)
+        check_before_load(spec, sae.cfg.hook_name, sae=sae)
         tokenizer = tokenizer_before_load(spec)
         before_load(tokenizer)
         sae, lm = _loaded(args, sae, spec, tokenizer)

@@ -164,7 +164,9 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
     packed from the corpus as the browser does, with a corpus too short for ``n_tokens`` refused before the
     load where the model's tokenizer can be had without it (``load_model_beside``)."""
     from saelab.explore.browser.make import load_model_beside
-    from saelab.models import load_model
+    from saelab.models import LanguageModel, load_model, model_provenance
+    from saelab.models.lm import check_token_ids
+    from saelab.models.loading import configured_vocab_size
     from saelab.run_folder import model_for
 
     loaded_here = [] if given else [source]
@@ -173,7 +175,11 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
                            context_size=context_size)
         return load_model_beside(lm, cfg, [source], loaded_here, hook, progress=progress)
     _check_token_tensor(corpus, source.sae)
-    lm = load_model(lm if lm is not None else model_for(source.sae), progress=progress)
+    spec = lm if lm is not None else model_for(source.sae)
+    if not isinstance(spec, LanguageModel):  # before the load where the config is on disk
+        check_token_ids(corpus, configured_vocab_size(spec), model_provenance(spec)["model_name"], "corpus")
+    lm = load_model(spec, progress=progress)
+    check_token_ids(corpus, lm.n_input_ids, lm.known_as, "corpus")  # before the scan, not at its failing batch
     for s in loaded_here:
         s.sae.to(lm.device)
     return lm, corpus
@@ -189,8 +195,8 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     ``sae``: a :class:`~saelab.sae.TopKSAE`, or a run folder / SAELens folder / OpenAI ``.pt`` file or URL.
     ``lm``: a :class:`~saelab.models.LanguageModel` or a model name (None: the SAE's model).
     ``corpus``: a text file or folder, a Hugging Face dataset name, a LongTensor ``[N, T]`` of
-    contexts, or None for the offline Wikipedia eval split; ``n_tokens`` tokens are read from it
-    (rounded up to whole contexts). ``hook`` overrides the SAE's own hook name. A model loaded here is loaded
+    contexts (ids of the model's vocabulary), or None for the offline Wikipedia eval split; ``n_tokens`` tokens
+    are read from a text corpus (rounded up to whole contexts), a tensor's contexts all. ``hook`` overrides the SAE's own hook name. A model loaded here is loaded
     after the checks that need none: a corpus too short for ``n_tokens`` is refused before it. ``allow_http``
     also downloads the SAE from a plain http URL. ``progress``: bars over the scan and over that load.
     """

@@ -47,6 +47,17 @@ def context_named(setting: int | None) -> str:
     return CONTEXT_SETTING if setting else SAE_CONTEXT
 
 
+def check_token_ids(tokens: torch.Tensor, n_ids: int | None, model: str, named: str = "tokens") -> None:
+    """Refuse ids outside ``0..n_ids-1`` (the rows of ``model``'s input embedding; None: not known yet): an
+    embedding lookup past them is an IndexError on the CPU and a device-side assert that ends the process on CUDA."""
+    if n_ids is None or tokens.numel() == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= n_ids:
+        raise ShapeMismatchError(f"{named}: id {low if low < 0 else high} is outside the vocabulary of {model} "
+                                 f"(ids 0..{n_ids - 1})")
+
+
 def bos_token_id(tokenizer) -> int | None:
     """The id a context starts with: the tokenizer's BOS, else its EOS (for tokenizers that name no BOS)."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -106,6 +117,11 @@ class LanguageModel:
         return self.d_model
 
     @property
+    def n_input_ids(self) -> int:
+        """How many token ids the model reads: the rows of its input embedding."""
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    @property
     def known_as(self) -> str:
         """The model as reports and refusals name it: ``name``, the offline default by its hub id."""
         from saelab.models.loading import model_provenance  # loading builds on this module
@@ -150,7 +166,7 @@ class LanguageModel:
         return tokens_BT.to(self.device) if move_to_device else tokens_BT
 
     def as_tokens(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        """``tokens_BT`` as a LongTensor [batch, seq] on the model's device, or a one-line error."""
+        """``tokens_BT`` as a LongTensor [batch, seq] of ids the model has, on its device, or a one-line error."""
         if not isinstance(tokens_BT, torch.Tensor):
             tokens_BT = torch.as_tensor(tokens_BT)
         if tokens_BT.ndim != 2 or tokens_BT.dtype not in (torch.int64, torch.int32):
@@ -158,6 +174,7 @@ class LanguageModel:
                 f"tokens must be an integer tensor [batch, seq], got {tokens_BT.dtype} of shape "
                 f"{tuple(tokens_BT.shape)}"
             )
+        check_token_ids(tokens_BT, self.n_input_ids, self.known_as)
         return tokens_BT.to(self.device, torch.long)
 
     # -- hooks ------------------------------------------------------------------------------

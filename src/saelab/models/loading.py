@@ -536,6 +536,11 @@ def configured_layer_count(spec: str | LanguageModel, revision: str | None = Non
     return _configured(spec, "num_hidden_layers", "n_layer", revision=revision)
 
 
+def configured_width(spec: str | LanguageModel, revision: str | None = None) -> int | None:
+    """The width of ``spec``'s residual stream (every hook's) its config gives, read without loading the model."""
+    return _configured(spec, "hidden_size", "n_embd", "d_model", revision=revision)
+
+
 def configured_vocab_size(spec: str | LanguageModel, revision: str | None = None) -> int | None:
     """The vocabulary size ``spec``'s config gives, read without loading the model (``_config_on_disk``)."""
     return _configured(spec, "vocab_size", revision=revision)
@@ -590,10 +595,11 @@ def _fetch_config(spec: str | LanguageModel, revision: str | None = None) -> Non
 
 def check_before_load(spec: str | LanguageModel, hook: str | None, context_size: int | None = None,
                       recorded_context: int | None = None, recorded_named: str = RECORDED_CONTEXT,
-                      revision: str | None = None) -> None:
+                      revision: str | None = None, sae=None) -> None:
     """What the model's config refuses before the (slow) load: a malformed hook, one past the model's layers
     (None: a model nothing is spliced into), a context longer than it takes (``context_size`` if given, else
-    ``recorded_context``, the SAE's own, worded as ``recorded_named``). A hub model's config (at ``revision``,
+    ``recorded_context``, the SAE's own, worded as ``recorded_named``), activations of another width than
+    ``sae`` reads (its ``check_input``'s refusal, as after the load). A hub model's config (at ``revision``,
     as ``load_model`` takes it) is fetched alone first, so that these come before its weights download; the
     checks that follow (``check_context_fits``) then read it too."""
     if hook is not None:
@@ -601,6 +607,9 @@ def check_before_load(spec: str | LanguageModel, hook: str | None, context_size:
     _fetch_config(spec, revision)
     if hook is not None:
         check_hook_layer(spec, hook, revision)
+        width = configured_width(spec, revision) if sae is not None else None
+        if width is not None:
+            sae.check_input(torch.empty(0, width), name=f"activations at {hook} of {_at(spec, revision)}")
     if context_size is not None:
         check_context_fits(spec, context_size, revision=revision)
     elif recorded_context is not None:

@@ -226,7 +226,8 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     resolve_corpus(cfg)
     spec = lm or cfg.model or model_for(sources[0].sae)
     recorded = RECORDED_CONTEXT if context_setting else SAE_CONTEXT
-    check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size, recorded)  # as read_tokens reads
+    check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size, recorded,  # as read_tokens reads
+                      sae=sources[0].sae)
     tokenizer = tokenizer_before_load(spec)  # a hub model's before its weights download: for the check and the load
     if check_tokenizer is not None:
         check_tokenizer(tokenizer)
