@@ -195,7 +195,8 @@ def test_site_opens_from_disk_without_a_server(browser, served_site):
 
 def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2, data_dir, tmp_path):
     """Sorting by explanation puts the explained latents first in either direction; a token that is a lone
-    space shows as ␣ (it was an empty chip), as newlines and tabs show as ↵ and ⇥."""
+    space shows as ␣ (it was an empty chip), as newlines and tabs show as ↵ and ⇥; a bell or an escape shows as
+    `saelab top` shows it (it showed as nothing, in chips and in the examples' text)."""
     from test_browser_site import trained_like_sae
 
     from saelab.sae import save_sae
@@ -213,6 +214,8 @@ def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2
     vocab_js = site / "data" / "vocab.js"
     vocab = json.loads(re.fullmatch(r'SAELAB\.put\("vocab",(.*)\);\n', vocab_js.read_text(), re.S).group(1))
     vocab[str(_index(site, "run")["top_tokens"][top][0][0])] = " "  # the token it fires most on, made a space
+    other = next(i for i, t in enumerate(_index(site, "run")["top_tokens"]) if t and i != top)
+    vocab[str(_index(site, "run")["top_tokens"][other][0][0])] = "a\x07b\x1b[2J\r"  # and another's made controls
     vocab_js.write_text(f'SAELAB.put("vocab",{json.dumps(vocab)});\n')
     server, _ = serve_in_thread(site, 0)
     base = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -229,6 +232,12 @@ def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2
         page.goto(base + f"#/s/run/l/{top}")
         _wait(page)
         assert page.locator(".card .tok").first.inner_text() == "␣"
+        page.goto(base + f"#/s/run/l/{other}")
+        _wait(page)
+        assert page.locator(".card .tok").first.inner_text() == "a\\x07b\\x1b[2J\\r"
+        shown = page.locator(".ex .text").all_inner_texts()
+        assert shown and not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", "".join(shown)), shown
+        assert any("a\\x07b" in text for text in shown)  # the token in its examples, as in its chip
     finally:
         page.close()
         server.shutdown()

@@ -69,8 +69,13 @@ function pct(x) {
   return (p >= 1 ? p.toFixed(1) : p >= 0.01 ? p.toFixed(3) : p.toExponential(1)) + "%";
 }
 const tokText = id => (VOCAB && VOCAB[id] !== undefined ? VOCAB[id] : "⟨" + id + "⟩");
+// control characters but line breaks and tabs (a bell, an escape) show as `saelab top` shows them ("\x07"):
+// the page would show nothing for them
+const CONTROL = /[\x00-\x08\x0b-\x1f\x7f-\x9f]/g;
+const visible = s => s.replace(CONTROL,
+  c => (c === "\r" ? "\\r" : "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0")));
 // a token of spaces only is marked, or its chip shows empty
-const showTok = s => (/^ +$/.test(s) ? s.replace(/ /g, "␣") : s).replace(/\n/g, "↵").replace(/\t/g, "⇥");
+const showTok = s => visible(/^ +$/.test(s) ? s.replace(/ /g, "␣") : s).replace(/\n/g, "↵").replace(/\t/g, "⇥");
 const tokChip = id => html`<span class="tok">${showTok(String(tokText(id)))}</span>`;
 
 function decodePart(p) {
@@ -267,8 +272,8 @@ function exampleHtml(ex, scale) {
   let peak = 0, best = -1;
   q.forEach((v, j) => { if (v > peak) { peak = v; best = j; } });
   const spans = ids.map((id, j) => {
-    const a = q[j] * scale / Q_SCALE, s = String(tokText(id));
-    const txt = s.includes("\n") ? s.replace(/\n/g, "↵") + "\n" : s;
+    const a = q[j] * scale / Q_SCALE, s = String(tokText(id)), v = visible(s);
+    const txt = v.includes("\n") ? v.replace(/\n/g, "↵") + "\n" : v;
     if (!q[j]) return html`<span class="t" data-act="0" data-tok="${showTok(s)}">${txt}</span>`;
     const alpha = (0.08 + 0.92 * q[j] / Q_SCALE).toFixed(3);
     return html`<span class="t act${j === best ? " peak" : ""}" data-alpha="${alpha}" data-act="${fmt(a, 4)}" data-tok="${showTok(s)}">${txt}</span>`;
