@@ -361,6 +361,7 @@ BAD = [
      "--n2g-file must name an existing file, got '/nope.json'; expected an N2G result: a paper suite's evals/n2g.json"),
     ("steer SAE --latent 1 --value 1 --greedy --temperature 0.5", "--greedy picks the likeliest token: it takes no"),
     ("steer SAE --latent 1 --value 1 --greedy --samples 3", "--greedy gives the same text in every sample"),
+    ("steer SAE --latent 1 --value 1 --greedy --seed 4", "--greedy picks the likeliest token: it takes no --seed"),
     ("steer SAE --latent 17 --value 1,2", "--value has 2 numbers for 1 latent; expected 1 number"),
     ("steer SAE --latent 1,2,3 --scale 1,2", "--scale has 2 numbers for 3 latents; expected 1 number, or one per "
                                              "latent (3)"),
@@ -460,6 +461,7 @@ BAD = [
     ('{"greedy": true, "temperature": 0.5}', [], "--config c.json: greedy picks the likeliest token: it takes no "
                                                  "temperature"),
     ('{"top_p": 0.5}', ["--greedy"], "--config c.json: --greedy picks the likeliest token: it takes no top_p"),
+    ('{"seed": 3}', ["--greedy"], "--config c.json: --greedy picks the likeliest token: it takes no seed"),
     ('{"scale_tokens": 100}', [], "--config c.json: scale_tokens is the text read to measure --scale; add --scale, or "
                                    "leave it out"),
 ])

@@ -103,7 +103,7 @@ def _check_steer(args: argparse.Namespace):
     # each as given, typed or a --config file's entry (the refusal then names the entry)
     if given(args, "scale_tokens") and args.scale is None:
         raise ConfigError("--scale-tokens is the text read to measure --scale; add --scale, or leave it out")
-    sampling = [o for o in ("--temperature", "--top-p") if given(args, o[2:].replace("-", "_"))]
+    sampling = [o for o in ("--temperature", "--top-p", "--seed") if given(args, o[2:].replace("-", "_"))]
     if args.greedy and sampling:
         raise ConfigError(f"--greedy picks the likeliest token: it takes no {sampling[0]}")
     if args.greedy and args.samples > 1:
