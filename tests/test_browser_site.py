@@ -156,11 +156,12 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
     # before the model loads.
     both = [sae_files / "run_small", sae_files / "saelens_large"]
     for saes, other, dtype, what in (
-            (both, dataclasses.replace(cfg, n_top=5), "float32", rf"other settings \(browse.n_top {cfg.n_top} -> 5\)"),
-            ([sae_files / "run_small"], cfg, "float32", r"other SAE files \(other SAEs, the same ones retrained"),
-            (both, cfg, "bfloat16", r'other settings \(model_dtype "float32" -> "bfloat16"\)')):
-        with pytest.raises(RunExistsError, match=rf"holds a feature browser site built from {what}.*"
-                                                 r"\(it shows run_small, saelens_large\); pass --overwrite"):
+            (both, dataclasses.replace(cfg, n_top=5), "float32", rf"other settings \(browse.n_top {cfg.n_top} -> 5\) "
+                                                                 r"\(it shows run_small, saelens_large\)"),
+            ([sae_files / "run_small"], cfg, "float32", r"other SAEs \(run_small, saelens_large -> run_small\)"),
+            (both, cfg, "bfloat16", r'other settings \(model_dtype "float32" -> "bfloat16"\) '
+                                    r'\(it shows run_small, saelens_large\)')):
+        with pytest.raises(RunExistsError, match=rf"holds a feature browser site built from {what}; pass --overwrite"):
             build_browser(saes, out, other, lm="no-such-model", model_dtype=dtype, progress=False)
     assert (out / "site.json").stat().st_mtime_ns == stamp
     # An --n2g-file that is not an N2G result (here the site's manifest) is refused before the model loads.
@@ -456,17 +457,17 @@ def test_each_sae_is_shown_with_its_own_tokens_scored(tiny_gpt2, corpus, tmp_pat
     (tmp_path / "families.json").write_text(json.dumps({**families, "key": "0" * 16}))
     with pytest.raises(RunExistsError, match="SAEs scored by an earlier saelab, which read every SAE from the first"):
         build_families(runs, tmp_path / "families.json", cfg, lm=tiny_gpt2, progress=False)
-    # files of OTHER SAEs are named as such, whichever of the two differs in position 0
+    # OTHER SAEs are named as such (by their names), whichever of the two differs in position 0
     save_sae(trained_like_sae(tiny_gpt2, 64, 8, corpus), tmp_path / "third" / "sae")
     same = [runs[1], tmp_path / "third"]  # neither reads position 0
     build_families(same, tmp_path / "one.json", cfg, lm=tiny_gpt2, progress=False)
-    with pytest.raises(RunExistsError, match=r"other SAE files \(other SAEs"):
+    with pytest.raises(RunExistsError, match=r"of other SAEs \(\w+, \w+ -> \w+, \w+\)"):
         build_families(runs, tmp_path / "one.json", cfg, lm=tiny_gpt2, progress=False)
     build_families(runs, tmp_path / "both.json", cfg, lm=tiny_gpt2, progress=False)
-    with pytest.raises(RunExistsError, match=r"other SAE files \(other SAEs"):
+    with pytest.raises(RunExistsError, match=r"of other SAEs \(\w+, \w+ -> \w+, \w+\)"):
         build_families(same, tmp_path / "both.json", cfg, lm=tiny_gpt2, progress=False)
     export_neuronpedia_run(runs[1:], tmp_path / "np1", cfg, lm=tiny_gpt2, progress=False)
-    with pytest.raises(RunExistsError, match=r"other SAE files \(other SAEs"):
+    with pytest.raises(RunExistsError, match=r"from other SAEs \(without -> with\)"):
         export_neuronpedia_run(runs[:1], tmp_path / "np1", cfg, lm=tiny_gpt2, progress=False)
     # a site of these SAEs built before, when both were scored from the first one's position, is not reused
     sources, _ = open_sources(runs)

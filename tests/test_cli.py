@@ -1526,6 +1526,11 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
     assert main(argv) == 2
     assert "holds feature families of other SAE files (other SAEs, the same ones retrained or replaced since); " \
         "pass --overwrite" in capsys.readouterr().err
+    # the same SAE by another path, under which it has another name (as RUN/sae and RUN do): named by its names
+    (tmp_path / "alias").symlink_to(saes[0])
+    assert main(["families", str(tmp_path / "alias"), saes[1], "--out", str(out), "--n-tokens", "256"]) == 2
+    assert "holds feature families of other SAEs (sae32, sae64 -> alias, sae64); pass --overwrite" \
+        in capsys.readouterr().err
     assert out.read_bytes() == first
     assert main([*base, "--n-tokens", "512", "--overwrite"]) == 0
     assert json.loads(out.read_text())["n_tokens"] > json.loads(first)["n_tokens"]

@@ -152,7 +152,7 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
     corpus = json.dumps(corpus_files_key(cfg.corpus))
     local = local_path(cfg.corpus)
     where = json.dumps(str(local) if local is not None else None)
-    inputs = {"browse": _settings(cfg, sources), "model_dtype": model_dtype,
+    inputs = {"browse": _settings(cfg, sources), "model_dtype": model_dtype, "sae_names": [s.name for s in sources],
               "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16],
               "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16],
               "corpus_where": hashlib.sha256(where.encode()).hexdigest()[:16]}
@@ -163,13 +163,14 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
 
 
 def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str:
-    """"other settings (browse.n_tokens 4096 -> 8192)", "other SAE files (...)", "other corpus text (...)", or,
+    """"other settings (browse.n_tokens 4096 -> 8192)", "other SAEs (a, b -> sae, b)" (by the names the pages
+    show them by: another path to an SAE may give it another), "other SAE files (...)", "other corpus text (...)", or,
     for a build that recorded no inputs (an earlier saelab) or differs in saelab's format only, "other inputs
     or settings"."""
     if not isinstance(recorded, dict):
         return "other inputs or settings"
     # Not settings: the SAE files name these (first_scored, export_version) or are named below.
-    hashed = ("sae_files", "corpus_files", "corpus_where", "export", "first_scored", "export_version")
+    hashed = ("sae_files", "sae_names", "corpus_files", "corpus_where", "export", "first_scored", "export_version")
 
     def settings(of: dict[str, Any]) -> dict[str, Any]:  # an export's options by their own names, as passed
         export = of.get("export")
@@ -182,6 +183,9 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str
     changes = changed_fields(settings(recorded), settings(inputs))
     if changes:
         return f"other settings ({', '.join(changes)})"
+    names = recorded.get("sae_names")
+    if recorded.get("sae_files") != inputs["sae_files"] and isinstance(names, list) and names != inputs["sae_names"]:
+        return f"other SAEs ({', '.join(map(str, names))} -> {', '.join(inputs['sae_names'])})"  # or other names
     if recorded.get("sae_files") != inputs["sae_files"]:  # n2g: whether the key holds a run's N2G files
         return ("other SAE files (other SAEs, the same ones retrained or replaced since"
                 + (", or a run's N2G explanations written since)" if n2g else ")"))
@@ -306,8 +310,10 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
             return {**old, "site": str(out), "reused": True,
                     "seconds": {"total": round(time.perf_counter() - t_start, 2)}}
         shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
-        raise RunExistsError(f"{out} holds a feature browser site built from {what_differs(old.get('inputs'), inputs)} "
-                             f"(it shows {shown}); pass --overwrite to replace it, or pick another --out")
+        differs = what_differs(old.get("inputs"), inputs)
+        shown = "" if differs.startswith("other SAEs (") else f" (it shows {shown})"  # else named twice
+        raise RunExistsError(f"{out} holds a feature browser site built from {differs}{shown}; pass --overwrite "
+                             "to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
     single = len(sources) == 1
     if cfg.n2g_file is not None and not single:  # its latents are one SAE's: it was left out without a word
