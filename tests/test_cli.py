@@ -2357,6 +2357,30 @@ def test_hub_model_whose_weights_do_not_fit_its_config_is_refused_in_one_line(ti
     assert not (tmp_path / "acts").exists()
 
 
+def test_a_hub_models_pickled_weights_are_checked_on_their_first_download(tiny_gpt2, tmp_path):
+    """A hub model with only a pytorch_model.bin not yet in the cache was read by transformers as it downloaded it,
+    before saelab's check of the pickle (which only a cached copy had). Now the weights are fetched first, as
+    transformers picks them, and checked before it reads them: the file, which the check refuses and torch would
+    read, is refused unread on the first run and on the next alike."""
+    import torch
+
+    model = tmp_path / "mirror"
+    tiny_gpt2.model.config.save_pretrained(model)
+    tiny_gpt2.tokenizer.save_pretrained(model)
+    shared = [[0.5]]  # a list of lists referred to twice: the check refuses such sharing unread, torch reads it
+    torch.save({**tiny_gpt2.model.state_dict(), "a": shared, "b": shared}, model / "pytorch_model.bin")
+    (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
+    hub = _HubMirror("org/tiny-gpt2", model)
+    for attempt in ("first download", "cached"):
+        proc = _with_hub(hub, tmp_path, *_HARVEST_HUB_TINY)
+        assert proc.returncode == 2 and proc.stderr.startswith(
+            "saelab harvest: error: cannot load model 'org/tiny-gpt2': ") and "pytorch_model.bin is refused unread " \
+            "(it refers again to a container that holds containers" in proc.stderr, (attempt,
+                                                                                                     proc.stderr)
+        assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "acts").exists()
+    assert "GET /org/tiny-gpt2/resolve/main/pytorch_model.bin" in hub.requests
+
+
 def test_eval_suite_paper_refuses_a_short_corpus_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path):
     """A hub model not yet downloaded has no tokenizer on disk: `eval --suite paper` refused a short corpus only
     after downloading and loading the weights. Now its tokenizer comes first, alone, and the corpus is refused

@@ -232,7 +232,8 @@ def _load_hub(spec: str, dtype: torch.dtype, tokenizer=None, revision: str | Non
     kwargs = {"local_files_only": True} if offline else {}
     if revision:
         kwargs["revision"] = revision
-    # a copy cached already is checked before transformers reads it (a first download only as it reads it)
+    if not offline:  # a first download too is checked before transformers reads it, as a copy cached already is
+        _fetch_weights(spec, revision)
     _check_pickled_weights(_folder_on_disk(spec, revision), f"model {_at(repr(spec), revision)}")
     try:
         return _load_dir(spec, dtype, tokenizer, **kwargs)
@@ -245,6 +246,33 @@ def _load_hub(spec: str, dtype: torch.dtype, tokenizer=None, revision: str | Non
         damaged = (f"; it is the Hugging Face cache's copy: delete {cached.parents[1]} so that the next load "
                    "downloads it again") if cached is not None else ""
         _raise_in_one_line(err, f"model {_at(repr(spec), revision)}", cached, sought, damaged)
+
+
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+"""The weights files transformers looks for, in its order, where config.json names none."""
+
+
+def _fetch_weights(spec: str, revision: str | None) -> None:
+    """Download the weights files of hub model ``spec`` that transformers would read, as it picks them, into the
+    local cache (where it then finds them): transformers reads a pickled file it downloads itself at once, before
+    ``_check_pickled_weights`` could. Any failure is left to the load, which names it."""
+    from transformers.utils import cached_file
+
+    kwargs = {"revision": revision, "_raise_exceptions_for_missing_entries": False}
+    try:
+        _fetch_config(spec, revision)
+        named = _config_on_disk(spec, revision).get("transformers_weights")
+        # a file config.json names is read alone, and of pickles transformers reads only adapter_model.bin so
+        names = WEIGHTS_FILES if not isinstance(named, str) else (named,) if named == "adapter_model.bin" else ()
+        for name in names:
+            found = cached_file(spec, name, **kwargs)
+            if found is not None and name.endswith(".bin.index.json"):
+                for shard in sorted(set(json.loads(Path(found).read_text())["weight_map"].values())):
+                    cached_file(spec, shard, **kwargs)
+            if found is not None:
+                return
+    except Exception:  # the load meets the same fault and names it
+        return
 
 
 def _raise_in_one_line(err: Exception, named: str, folder: Path | None, sought: str = "", damaged: str = ""):
@@ -271,8 +299,7 @@ def _weights_files(folder: Path) -> list[Path]:
     else pytorch_model.bin, else the shards its index lists. Any other file there (an adapter, a git-lfs pointer)
     is never read, so it is not what a failed load is blamed on."""
     named = _config_on_disk(str(folder.absolute())).get("transformers_weights")
-    names = _named_weights(folder, named) if named is not None else (
-        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    names = _named_weights(folder, named) if named is not None else WEIGHTS_FILES
     for name in names:
         path = folder / name
         if path.is_file():
