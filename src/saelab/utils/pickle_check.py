@@ -29,10 +29,11 @@ reader gives it), keeping for each object on its stack only what kind it is (not
   comparisons. Texts cannot be made so: their hash is keyed afresh in every process.
 
 Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
-left to torch, which refuses it. The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times
-the file's size (texts passed or referred to again, each reference counted; elements asked for; the elements of
-each storage a persistent id names, which a legacy file allocates as the id says), and a global's name is at most
-_NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around the pickle,
+left to torch, which refuses it; a PROTO after a pickle's first opcode is refused (torch warns at each). The calls
+of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed or referred to
+again, each reference counted; elements asked for; the elements of each storage a persistent id names, which a legacy
+file allocates as the id says; CONTAINER_BYTES per list, dict or set and TUPLE_BYTES per tuple), and a global's name
+is at most _NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around the pickle,
 a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored and within
 the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip archive
 must not be a tar archive (torch.load parses a tar's headers first). What the tensors take once loaded is checked
@@ -88,6 +89,12 @@ class _Box:
         self.depth = 1  # how deep it nests containers (itself one level)
 
     def add(self, item: object) -> None:
+        if self.referred_again:
+            raise PickleBombError("a container referred to again changes afterwards (torch.save writes a container "
+                                  "whole before it refers to it again)")
+        if item is _LEAF or item is _TENSOR or (type(item) is int and -_HASH_MODULUS < item < _HASH_MODULUS):
+            self._add_plain(item)  # the items of most containers (a tensor's sizes and strides): quickly
+            return
         alike = _may_hash_alike(item)
         self.first_alike = self.first_alike or (alike and self.items == 0)
         self.alike += alike
@@ -109,9 +116,18 @@ class _Box:
         elif isinstance(item, int):
             self.int_product = min(self.int_product * max(abs(item), 1), 2**63)
             self.text_bytes += _digits(item)
-        if self.referred_again:
-            raise PickleBombError("a container referred to again changes afterwards (torch.save writes a container "
-                                  "whole before it refers to it again)")
+
+    def _add_plain(self, item: object) -> None:
+        """``add`` of an item that cannot hash alike, holds nothing and has no digits to walk: a leaf, a tensor or
+        an int below 2**61 - 1 in size."""
+        self.items += 1
+        self.weight += 1
+        if len(self.head) < _HEAD:
+            self.head.append(item)
+        if item is _TENSOR:
+            self.tensors = True
+        elif item is not _LEAF:
+            self.int_product = min(self.int_product * (item if item > 1 else -item if item < -1 else 1), 2**63)
 
     def nest(self, depth: int) -> None:
         """Count a container ``depth`` deep inside this one."""
@@ -127,6 +143,27 @@ class _Box:
             raise PickleBombError(f"it gives a dict or set over {HASHED_ALIKE_MAX} keys whose hashes can be made "
                                   "equal (large integers, complex numbers, tuples; torch.save writes no such keys "
                                   "in weights): inserting them takes their count squared")
+
+
+class _EmptyTuple(_Box):
+    """The empty tuple, one object for every EMPTY_TUPLE opcode (as in Python): a million of them cost the scan no
+    memory. Nothing changes it: torch refuses to append to a tuple, set its items or its state."""
+    __slots__ = ()
+
+    def add(self, item: object) -> None:
+        pass
+
+    def hash_keys(self, alike: int) -> None:
+        pass
+
+
+_EMPTY_TUPLE = _EmptyTuple()
+CONTAINER_BYTES = 64
+"""What each list, dict or set the pickle makes is charged against the budget: torch makes one of 56 to 216 bytes
+from one byte of the file (five million empty sets: 1.2 GB from 5 MB), and the scan keeps a record of each."""
+TUPLE_BYTES = 16
+"""What each tuple is charged: less, as torch.save writes several for each tensor (its size, its stride, its
+storage's id, the rebuild's arguments: about 70 bytes of the pickle for a view of a stored tensor)."""
 
 
 class _Global(str):
@@ -251,7 +288,9 @@ def _made(callee: object, args: object) -> object:
     if name in _WITH_STATE:
         rebuild = head[0] if name.endswith("type_v2") and head else _Global("torch._utils._rebuild_")
         whole = 0 < args.items <= _HEAD  # head[-1]: the last argument, the state
-        if not (whole and str(rebuild).startswith("torch._utils._rebuild_") and _empty(head[-1])):
+        # a rebuild with a state of its own inside: torch sets that state too (a Parameter's is never wrapped so)
+        if not (whole and str(rebuild).startswith("torch._utils._rebuild_") and str(rebuild) not in _WITH_STATE
+                and _empty(head[-1])):
             raise PickleBombError(f"it calls {name} with a state or a function of its own (torch.save writes "
                                   "plain tensors without)")
         return _TENSOR
@@ -292,7 +331,8 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
         nonlocal spent
         spent += made
         if spent > budget:
-            raise PickleBombError(f"its calls, repeated texts and storages would make {spent:,} bytes or elements "
+            raise PickleBombError(f"its containers, calls, repeated texts and storages would make {spent:,} bytes "
+                                  f"or elements "
                                   f"or more, over {budget:,} for a file of its size")
 
     def to_mark() -> list[object]:
@@ -321,18 +361,30 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
         stack.append(obj)
 
     def new_box(items) -> _Box:
+        charge(TUPLE_BYTES)
         box = _Box()
         for item in items:
             box.add(item)
         return box
 
+    start = f.tell()
     try:
         while True:
             op = read(1)
             if op == b"":
                 return None
             code = op[0]
-            if code == 0x80:  # PROTO
+            # the opcodes most frequent in what torch.save writes first: the scan's time is this chain's
+            if code in (0x71, 0x72):  # BINPUT, LONG_BINPUT
+                memo[read(1)[0] if code == 0x71 else struct.unpack("<I", read(4))[0]] = stack[-1]
+            elif code in (0x68, 0x6A):  # BINGET, LONG_BINGET
+                get(read(1)[0] if code == 0x68 else struct.unpack("<I", read(4))[0])
+            elif code == 0x4B:  # BININT1
+                stack.append(read(1)[0])
+            elif code == 0x80:  # PROTO
+                if f.tell() != start + 1:  # torch warns at each one, a few microseconds each
+                    raise PickleBombError("it gives its protocol again after its first opcode (torch.save writes it "
+                                          "once, first)")
                 read(1)
             elif code == 0x2E:  # STOP
                 return budget - spent
@@ -371,8 +423,6 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
                 stack.append(_LEAF)
             elif code == 0x4A:  # BININT
                 stack.append(struct.unpack("<i", read(4))[0])
-            elif code == 0x4B:  # BININT1
-                stack.append(read(1)[0])
             elif code == 0x4D:  # BININT2
                 stack.append(struct.unpack("<H", read(2))[0])
             elif code == 0x8A:  # LONG1
@@ -384,7 +434,10 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
                 n = struct.unpack("<I", read(4))[0] if code == 0x58 else read(1)[0]
                 # as torch decodes it: lone surrogates kept (two storage keys differing in one are two storages)
                 stack.append(_text(read(n).decode("utf-8", "surrogatepass") if n <= _SHORT_TEXT else _skip(f, n), n))
-            elif code in (0x29, 0x5D, 0x7D, 0x8F):  # EMPTY_TUPLE, EMPTY_LIST, EMPTY_DICT, EMPTY_SET
+            elif code == 0x29:  # EMPTY_TUPLE
+                stack.append(_EMPTY_TUPLE)
+            elif code in (0x5D, 0x7D, 0x8F):  # EMPTY_LIST, EMPTY_DICT, EMPTY_SET
+                charge(CONTAINER_BYTES)
                 stack.append(_Box())
             elif code == 0x74:  # TUPLE
                 stack.append(new_box(to_mark()))
@@ -422,10 +475,8 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
                     raise PickleBombError(f"its header calls {stack[-1]} (torch.save writes plain numbers there)")
                 charge(_cost(stack[-1], args))
                 stack[-1] = _made(stack[-1], args)
-            elif code in (0x68, 0x6A):  # BINGET, LONG_BINGET
-                get(read(1)[0] if code == 0x68 else struct.unpack("<I", read(4))[0])
-            elif code in (0x71, 0x72):  # BINPUT, LONG_BINPUT
-                memo[read(1)[0] if code == 0x71 else struct.unpack("<I", read(4))[0]] = stack[-1]
+                if isinstance(stack[-1], _Box):
+                    charge(CONTAINER_BYTES)
             else:  # an opcode torch's weights-only reader refuses: its refusal is the message
                 return None
     except (IndexError, KeyError, struct.error, UnicodeDecodeError):

@@ -65,19 +65,29 @@ def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mm
 COPIED_BYTES_PER_FILE_BYTE = 4
 """How many times the file's size a load's tensors may take once copied (counted per reference: tied weights twice)."""
 COPIED_BYTES_FREE = 2**16
-"""What they may take beyond that whatever the file's size: small, as a view of a few stored bytes is printed
-element by element (2**20 booleans in 20 dimensions of 2 took 12-19 s to format; see _copied_bytes)."""
+"""What they may take beyond that whatever the file's size."""
+PRINT_STEPS_PER_FILE_BYTE = 16
+"""How many steps printing a load's tensors may take (see _print_steps), in times the file's size (and
+PRINT_STEPS_FREE): a step is about 0.4 microseconds here, torch.load about 1.6 per byte of an ordinary file."""
+PRINT_STEPS_FREE = 2**21
+PRINT_STEPS_PER_TENSOR = 128
+"""What printing one tensor (each reference) takes whatever its size: one element's tensor takes ~36 microseconds,
+a Parameter ~120, so that 100,000 references to one tensor in a 200 KB file took 3.6 s to print."""
 
 
 def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
     """``loaded``, after checking that its tensors, each copy counted (a cast at resume copies each reference),
-    take at most COPIED_BYTES_PER_FILE_BYTE times the file's size (and COPIED_BYTES_FREE): a view of one stored element
+    take at most COPIED_BYTES_PER_FILE_BYTE times the file's size (and COPIED_BYTES_FREE), and printing them at most
+    PRINT_STEPS_PER_FILE_BYTE steps per byte (and PRINT_STEPS_FREE): a view of one stored element
     (``torch.zeros(1).expand(2**29)``: 4 bytes on disk, 2 GB once copied), a compressed or an uninitialised
-    legacy storage, or one tensor referred to thousands of times, is refused, as is a storage outside any tensor
+    legacy storage, one tensor referred to thousands of times, or one of hundreds of dimensions, is refused, as is
+    a storage outside any tensor
     and a tensor that is not dense (sparse, nested, quantized). The walk is linear: check_torch_file let no
     container be shared but flat ones, each reference charged."""
-    limit = COPIED_BYTES_PER_FILE_BYTE * os.path.getsize(path) + COPIED_BYTES_FREE
-    total, todo = 0, [loaded]
+    size = os.path.getsize(path)
+    limit = COPIED_BYTES_PER_FILE_BYTE * size + COPIED_BYTES_FREE
+    steps_limit = PRINT_STEPS_PER_FILE_BYTE * size + PRINT_STEPS_FREE
+    total, steps, todo = 0, 0, [loaded]
     while todo:
         obj = todo.pop()
         if isinstance(obj, dict):
@@ -90,28 +100,36 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
             raise pickle.UnpicklingError("it holds a storage outside any tensor (torch.save writes weights as "
                                          "tensors; saelab reads nothing else)")
         elif torch.is_tensor(obj):
-            total += _copied_bytes(obj)
+            total, steps = total + _copied_bytes(obj), steps + _print_steps(obj)
             if total > limit:
-                raise pickle.UnpicklingError(f"its tensors count for {total:,} bytes or more once copied or printed, over "
-                                             f"{COPIED_BYTES_PER_FILE_BYTE} times the file's {os.path.getsize(path):,}")
+                raise pickle.UnpicklingError(f"its tensors count for {total:,} bytes or more once copied, over "
+                                             f"{COPIED_BYTES_PER_FILE_BYTE} times the file's {size:,}")
+            if steps > steps_limit:
+                raise pickle.UnpicklingError(f"its tensors take {steps:,} steps or more to print (each element's text "
+                                             f"joined once per dimension), over {PRINT_STEPS_PER_FILE_BYTE} per byte "
+                                             f"of the file's {size:,}")
     return loaded
 
 
 def _copied_bytes(t: torch.Tensor) -> int:
-    """What ``t`` is charged: its bytes once copied, or, for a view of fewer stored bytes, dimensions**2 / 4 per
-    element printed if more, as printing joins each element's text once per dimension, a text that grows with the
-    depth (a view of one boolean in 16 dimensions of 2 and 48 of 1: 65,536 elements printed, 30-37 s)."""
+    """What ``t`` is charged in bytes: its bytes once copied; a tensor of no elements as though each empty dimension
+    held one (iterating one unbinds its first dimension: ``torch.zeros(3_000_000, 0)``, 1,866 bytes on disk, is 2 GB
+    of views)."""
     # A sparse tensor's indices are not checked at load: out of range, they write out of bounds when it is used.
     kind = ("a nested tensor" if t.is_nested else "a quantized tensor" if t.is_quantized
             else None if t.layout == torch.strided else f"a tensor of layout {t.layout}")
     if kind:
         raise pickle.UnpicklingError(f"it holds {kind}, which saelab does not read (torch.save writes weights as "
                                      "dense tensors)")
-    copied = t.numel() * t.element_size()
-    if t.untyped_storage().nbytes() >= copied:  # its elements are in the file: printing it costs what its size says
-        return copied
+    return math.prod(n or 1 for n in t.shape) * t.element_size() if t.numel() == 0 else t.numel() * t.element_size()
+
+
+def _print_steps(t: torch.Tensor) -> int:
+    """What printing ``t`` takes, in steps: PRINT_STEPS_PER_TENSOR, and dimensions**2 / 4 per element printed, as
+    printing joins each element's text once per dimension, a text that grows with the depth (65,536 elements in 16
+    dimensions of 2 and 48 of 1: 30-70 s, a view of one boolean or stored whole)."""
     printed = t.numel() if t.numel() <= PRINTED_WHOLE else math.prod(min(n, 2 * PRINTED_EDGE) for n in t.shape)
-    return max(copied, printed * (t.dim() ** 2 // 4))
+    return PRINT_STEPS_PER_TENSOR + printed * t.dim() ** 2 // 4
 
 
 PRINTED_WHOLE, PRINTED_EDGE = 1000, 3
