@@ -1892,6 +1892,21 @@ _RUN_REFUSALS = {
              f"or replace it; move it out or {_NOT_FOR_A_RUN}"}
 
 
+@pytest.mark.parametrize("folder", list(_RUN_REFUSALS))
+def test_an_activation_cache_is_not_harvested_into_other_results(folder, other_results, tmp_path, capsys):
+    """`harvest --out` took a sweep folder (its manifest.json then beside the runs: the sweep could no longer be
+    resumed or extended), a site, an export, an evaluation or the user's files. Refused as a run is, in one line,
+    before the model loads (there is none here), nothing written."""
+    out = other_results / folder
+    before = snapshot(out), sorted(p.relative_to(out) for p in out.rglob("*"))
+    refusal = _RUN_REFUSALS[folder].replace("a run there", "a cache there").replace("or a run folder",
+                                                                                    "or an activation cache")
+    code, stdout, err = run_cli(capsys, "harvest", "--model", str(tmp_path / "no-model"), "--hook",
+                                "blocks.0.hook_resid_post", "--out", str(out), "--no-progress")
+    assert (code, stdout, err) == (2, "", f"saelab harvest: error: --out {out} {refusal}")
+    assert (snapshot(out), sorted(p.relative_to(out) for p in out.rglob("*"))) == before
+
+
 @pytest.mark.parametrize("verb", ["train", "quickstart"])
 @pytest.mark.parametrize("folder", list(_RUN_REFUSALS))
 def test_a_run_is_not_written_into_other_results(verb, folder, other_results, tiny_cache, tmp_path, capsys):

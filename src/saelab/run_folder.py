@@ -354,8 +354,8 @@ def check_output_folder(path: str | Path, option: str, kind: str | None = None) 
         if kind is not None and other != kind and holds_artefact(path, other):
             raise CheckpointError(f"{option} {path} is {what} ({marker}); expected a new folder or "
                                   f"{ARTEFACTS[kind][1] if kind in ARTEFACTS else f'a {kind} folder'}")
-    if kind == "run":
-        _refuse_a_folder_a_run_would_mix_with(path, option)
+    if kind in ("run", "activations"):
+        _refuse_a_folder_a_run_would_mix_with(path, option, "a run" if kind == "run" else "a cache")
     existing = path
     while not existing.exists():
         existing = existing.parent
@@ -371,9 +371,10 @@ NOT_A_RUN = ((SITE_MANIFEST, "a feature browser site"), (NEURONPEDIA_SETTINGS, "
 beside its train_config.json), and their names in messages. An SAE folder and an activation cache: ARTEFACTS."""
 
 
-def _refuse_a_folder_a_run_would_mix_with(path: Path, option: str) -> None:
-    """Refuse, as a run's output folder, one that holds results but no run: a run written into a sweep folder
-    makes it read as that one run (its runs are no longer found); one in a site, an export or an evaluation, or
+def _refuse_a_folder_a_run_would_mix_with(path: Path, option: str, made: str = "a run") -> None:
+    """Refuse, as the output folder of ``made`` (a run, or an activation cache: "a cache"), one that holds results
+    but no run: a run written into a sweep folder makes it read as that one run (a cache, as a cache: its runs are
+    no longer found, nor resumed); one in a site, an export or an evaluation, or
     beside files a run writes (another tool's metrics.json), mixes or replaces their results. Taken: a new
     folder, a run (to resume, or set aside by --overwrite), a run in its first moments (quickstart harvests into
     RUN/activations/ first), and a folder of the user's other files (the log a shell redirects there, the
@@ -381,17 +382,17 @@ def _refuse_a_folder_a_run_would_mix_with(path: Path, option: str) -> None:
     if not path.is_dir() or holds_a_run(path):
         return
     if is_sweep(path):
-        raise CheckpointError(f"{option} {path} is a sweep folder (a folder of runs): a run there would hide its "
+        raise CheckpointError(f"{option} {path} is a sweep folder (a folder of runs): {made} there would hide its "
                               f"runs; {_NOT_FOR_A_RUN}")
     for marker, what in NOT_A_RUN:
         if (path / marker).exists():
-            raise CheckpointError(f"{option} {path} is {what} ({marker}{'/' * (path / marker).is_dir()}): a run "
+            raise CheckpointError(f"{option} {path} is {what} ({marker}{'/' * (path / marker).is_dir()}): {made} "
                                   f"there would mix with its files; {_NOT_FOR_A_RUN}")
     written = [name + "/" * (path / name).is_dir() for name in RUN_RESULTS if (path / name).exists()]
     if written:
         them = "them" if len(written) > 1 else "it"
         raise CheckpointError(f"{option} {path} holds {', '.join(written)}, which a run writes, but no run "
-                              f"({TRAIN_CONFIG}): a run there would mix with or replace {them}; move {them} out or "
+                              f"({TRAIN_CONFIG}): {made} there would mix with or replace {them}; move {them} out or "
                               f"{_NOT_FOR_A_RUN}")
 
 
