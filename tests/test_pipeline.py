@@ -326,7 +326,7 @@ BATCH = 64
 STEPS = TRAIN_ROWS // BATCH
 
 
-@pytest.mark.parametrize("stop_at,kept", [(20, 4096), (30, 8192)])
+@pytest.mark.parametrize("stop_at,kept", [(10, 0), (20, 4096), (30, 8192)])
 def test_an_interrupted_harvest_resumes_the_model_where_it_stopped(tiny_dir, data_dir, tmp_path, capsys, monkeypatch,
                                                                     stop_at, kept):
     """Ctrl-C during `saelab harvest`: the rows written are kept with the stream's state, and the same command
@@ -358,6 +358,14 @@ def test_an_interrupted_harvest_resumes_the_model_where_it_stopped(tiny_dir, dat
     stop.append(stop_at)
     code, err = harvest_into(tmp_path / "acts")
     assert code == 130
+    if not kept:  # before the buffer first filled: said once, as it is, not as a resume
+        assert [line for line in err.splitlines() if line][-2:] == [
+            f"saelab: activation cache {tmp_path / 'acts'} holds no rows yet (a shuffled harvest writes its first "
+            "rows once its shuffle buffer is full); the same call starts over",
+            "saelab harvest: interrupted; nothing of this call was kept; the same command starts over"], err
+        stop.clear()
+        assert harvest_into(tmp_path / "acts")[0] == 0 and len(calls) == whole
+        return
     assert (f"activation cache {tmp_path / 'acts'} keeps the {kept:,} rows written so far and where its input stopped; "
             "the same call continues from there (a harvest does not run the model again over the text before them), "
             "then writes the rest") in err

@@ -54,3 +54,7 @@ class RunExistsError(SaelabError, FileExistsError):
 class ConfigError(SaelabError, ValueError):
     """An option or config field with a value outside what it accepts; the message names the
     option and what it expects. Every config class raises this one type."""
+
+
+class InterruptedBeforeAnyResult(KeyboardInterrupt):
+    """A Ctrl-C that left nothing to resume from (a harvest before its first rows): the same call starts over."""

@@ -16,7 +16,7 @@ import sys
 
 import saelab
 from saelab.cli.common import GRID_ENTRY_RE, Parser, in_given_words
-from saelab.errors import SaelabError
+from saelab.errors import InterruptedBeforeAnyResult, SaelabError
 from saelab.utils.config import given_parts
 from saelab.utils.device import resolve_device
 
@@ -252,8 +252,8 @@ def _run_verb(argv: list[str]) -> int:
         return _fail(verb, in_option_words(str(e), options, _typed_spellings(args, options)), 2)
     except OSError as e:  # disk full, read-only folder, a file that vanished: not the input's fault
         return _failed_on_the_system(verb, e, debug)
-    except KeyboardInterrupt:
-        print(f"\nsaelab {verb}: interrupted; {_after_interruption(verb, args)}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\nsaelab {verb}: interrupted; {_after_interruption(verb, args, e)}", file=sys.stderr)
         return 130
     return 0
 
@@ -296,12 +296,14 @@ RESUMING_VERBS = ("quickstart", "harvest", "train", "sweep")
 """Verbs whose interrupted call the same command continues (checkpoints, the cache's written shards)."""
 
 
-def _after_interruption(verb: str, args: argparse.Namespace) -> str:
+def _after_interruption(verb: str, args: argparse.Namespace, interruption: KeyboardInterrupt) -> str:
     """What the same command does next. An interrupted --overwrite of a run put the earlier run back and kept
     nothing of the new one (utils.atomic.replacing_entries); eval keeps each metric file or run it finished;
-    the other verbs write their output only at the end."""
+    the other verbs write their output only at the end; a harvest before its first rows kept nothing."""
     if verb in ("train", "sweep", "quickstart") and getattr(args, "overwrite", False):
         return "the run being replaced has its earlier results back; the same command starts the replacement over"
+    if isinstance(interruption, InterruptedBeforeAnyResult):
+        return "nothing of this call was kept; the same command starts over"
     if verb in RESUMING_VERBS:
         return "run the same command again to resume"
     if verb == "eval":

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab.errors import ConfigError, CorpusError, NonFiniteError, RunExistsError
+from saelab.errors import ConfigError, CorpusError, InterruptedBeforeAnyResult, NonFiniteError, RunExistsError
 from saelab.utils.atomic import write_json, write_with
 from saelab.utils.cache_manifest import FORMAT, MANIFEST, OVERWRITE_STAGE, is_cache_manifest
 from saelab.utils.device import resolve_device
@@ -317,6 +317,8 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
                   "model over that text: its shuffle needs the same stream), then writes the rest" if kept else
                   f"saelab: activation cache {name} holds no rows yet (a shuffled harvest writes its first rows once "
                   "its shuffle buffer is full); the same call starts over", file=sys.stderr)
+        if not kept:
+            raise InterruptedBeforeAnyResult from None
         raise
     finally:
         bar.close()
