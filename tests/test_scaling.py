@@ -13,7 +13,7 @@ import pytest
 from saelab.cli import main
 from saelab.data import ActivationCache
 from saelab.errors import SaelabError
-from saelab.report.scaling import check_eval_settings, fit_scaling
+from saelab.report.scaling import _fits_table, check_eval_settings, fit_scaling
 from saelab.train import TrainConfig, train_sae
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -52,6 +52,14 @@ def test_fit_recovers_known_exponent_and_floor_per_k():
     bumpy = fit_scaling(rows_for(8, sizes[:4], {1024: 0.31, 2048: 0.30, 4096: 0.302, 8192: 0.29}.get))["k=8"]
     assert not bumpy["monotone"] and bumpy["note"].startswith("nMSE stops falling from n = 2,048 to 4,096 "
                                                               "(0.3000 -> 0.3020;")
+    # Three sizes that dip and rise: the curve misses them as no falling law passes a rise, not for its floor
+    # (which sits at 0.295, far above 0), and its alpha (here about -50) is marked as meaningless in the table.
+    dip = fit_scaling(rows_for(16, sizes[:3], {1024: 0.2975, 2048: 0.2926, 4096: 0.3220}.get))
+    assert not dip["k=16"]["monotone"] and dip["k=16"]["c"] > 0.2
+    assert "yet the curve misses them: no curve of this form falls and then rises" in dip["k=16"]["note"]
+    assert "floor c cannot go below 0" not in dip["k=16"]["note"]
+    assert "(not meaningful: see the note)" in "\n".join(_fits_table(dip))
+    assert "(not meaningful" not in "\n".join(_fits_table({"k=32": fits["k=32"]}))
     # Runs on other token budgets are their own curves.
     more = fit_scaling(rows + rows_for(32, sizes[:3], lambda n: 0.4, tokens=2**20))
     assert "k=32, 2.1M tokens" in more and "k=32, 1.05M tokens" in more

@@ -199,8 +199,10 @@ def _fit_group(n: list[int], y: list[float], what: str) -> dict[str, Any]:
         f"nMSE stops falling from n = {n[stops]:,} to {n[stops + 1]:,} ({y[stops]:.4f} -> {y[stops + 1]:.4f}; "
         "larger SAEs undertrained at this budget?), so alpha is not meaningful"]
     if len(n) == 3:  # three parameters fit three points exactly, unless the floor c >= 0 holds the fit back
+        misses = ("no curve of this form falls and then rises" if not monotone and law.c > 1e-9 * max(y)
+                  else "the floor c cannot go below 0")  # a floor that sits above 0 held nothing back
         notes.append("3 sizes for 3 parameters: the curve passes through them" if law.rmse_log < 1e-6 else
-                     "3 sizes for 3 parameters, yet the curve misses them: the floor c cannot go below 0 "
+                     f"3 sizes for 3 parameters, yet the curve misses them: {misses} "
                      f"(rms log residual {law.rmse_log:.2g})")
     return dict(fitted=True, alpha=law.alpha, alpha_se=law.alpha_se, alpha_interval=law.alpha_interval,
                 alpha_interval_note=law.alpha_interval_note, interval_level=law.interval_level,
@@ -327,7 +329,9 @@ def _fits_table(fits: dict[str, dict]) -> list[str]:
         se = f" ± {f['alpha_se']:.3f}" if f["alpha_se"] is not None else ""
         slope = "—" if f["delta_ce_slope"] is None else f"{f['delta_ce_slope']:.4f}"
         note = "; ".join(s for s in (f["note"], f["alpha_interval_note"] if f["dof"] > 0 else None) if s)
-        lines.append(f"| {label} | {sizes} | {f['alpha']:.4f}{se} | {_interval_text(f)} | {f['alpha_pure']:.4f} | "
+        meaningless = "" if f["monotone"] else " (not meaningful: see the note)"
+        lines.append(f"| {label} | {sizes} | {f['alpha']:.4f}{se}{meaningless} | {_interval_text(f)} | "
+                     f"{f['alpha_pure']:.4f} | "
                      f"{f['a']:.4g} | {f['c']:.4f} | {f['rmse_log']:.4f} | {slope} | {note} |")
     return lines
 
