@@ -740,6 +740,8 @@ _LOCK_HOLDER = textwrap.dedent("""
 def test_eval_of_a_run_takes_its_lock(tmp_path, capsys):
     """An evaluation into a run folder is one of its writers: refused while a training (or another
     evaluation) holds the run, in one line naming the holder, before any model loads."""
+    from transformers import GPT2Config
+
     from saelab.cli import main
     from saelab.pipeline import evaluate_run, paper_suite, train_from_cache
 
@@ -756,8 +758,10 @@ def test_eval_of_a_run_takes_its_lock(tmp_path, capsys):
         busy = f"run folder {run} is being written by another process \\(pid {holder.pid}\\)"
         with pytest.raises(RunFolderBusyError, match=busy):
             evaluate_run(run, device="cpu", progress=False)
+        # a model of the SAE's width (16; the offline default's 576 is refused first), from its config alone
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=128).save_pretrained(tmp_path / "model")
         with pytest.raises(RunFolderBusyError, match=busy):
-            paper_suite(run, device="cpu", progress=False)
+            paper_suite(run, lm=str(tmp_path / "model"), device="cpu", progress=False)
         capsys.readouterr()
         assert main(["eval", str(run), "--device", "cpu", "--no-progress"]) != 0
         err = capsys.readouterr().err.strip()
