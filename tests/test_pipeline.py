@@ -129,6 +129,9 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
         capsys.readouterr().err
     assert "harvest" not in again["wall_seconds"] and "Reused from an earlier run" in (run / "report.md").read_text()
     assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint_mtime and again["nmse"] == on_disk["nmse"]
+    # the harvest's time, lost with the interrupted call's metrics.json, is the cache's own record of its writing
+    written = json.loads((run / "activations" / "manifest.json").read_text())["seconds"]
+    assert 0 < written <= on_disk["stage_seconds"]["harvest"] and again["stage_seconds"]["harvest"] == written
     # An overwrite of the activations cut off (Ctrl-C) lies beside them: kept, and named with both ways out.
     cache = ActivationCache(run / "activations")
 
@@ -151,7 +154,7 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
                                        f"resume it, or delete {stage} to discard it\n")
     shutil.rmtree(stage)  # as the note says; the checks below see the cache alone
     assert third["reused"] == ["harvest", "train", "evaluate"] and third["wall_seconds"] == {"total": 0.0}
-    earlier = {stage: again["stage_seconds"][stage] for stage in ("load_model", "train", "evaluate")}
+    earlier = {stage: again["stage_seconds"][stage] for stage in ("harvest", "load_model", "train", "evaluate")}
     assert third["stage_seconds"] == {**earlier, "total": round(sum(earlier.values()), 1)}
     assert f"| evaluate | reused (all calls: {again['stage_seconds']['evaluate']:,.1f}) |" in (run / "report.md").read_text()
     # Other eval settings would replace the evaluation: refused as `saelab eval` refuses, before any work.
@@ -1020,8 +1023,15 @@ def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
 
     times = {"load_model": 2.0, "train": 30.0, "evaluate": 5.0}
     # A training resumed after 70 s in earlier calls; the harvest reused from a call that took 40 s.
-    stages = _stage_seconds(tmp_path, {"harvest": 40.0, "train": 12.0}, times, ["harvest"], trained_before=70.0)
+    stages = _stage_seconds(tmp_path, {"harvest": 40.0, "train": 12.0}, times, ["harvest"], trained_before=70.0,
+                            harvested=(33.0, True))  # the earlier call's record wins over the cache's writing
     assert stages == {"harvest": 40.0, "load_model": 2.0, "train": 100.0, "evaluate": 5.0, "total": 147.0}
+    # An earlier call finished the harvest and was interrupted later (no record): the cache's writing time. A
+    # harvest resumed now: this call's and the earlier calls' writing. An earlier saelab's cache records none.
+    later = {"load_model": 2.0, "evaluate": 5.0}
+    assert _stage_seconds(tmp_path, {}, later, ["harvest"], 0.0, (33.0, True))["harvest"] == 33.0
+    assert _stage_seconds(tmp_path, {}, {**later, "harvest": 10.0}, [], 0.0, (25.0, False))["harvest"] == 35.0
+    assert "harvest" not in _stage_seconds(tmp_path, {}, later, ["harvest"], 0.0, (None, True))
     rows = _wall_time_rows({"wall_seconds": {**times, "total": 37.0}, "stage_seconds": stages})
     assert rows == [("load_model", "2.0"), ("train", "30.0 (all calls: 100.0)"), ("evaluate", "5.0"),
                     ("harvest", "reused (all calls: 40.0)"), ("total", "37.0 (all calls: 147.0)")]

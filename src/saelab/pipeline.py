@@ -44,6 +44,7 @@ from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, 
                                      replacing_run, settle_before_reading, training_changes)
 from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
+from saelab.utils.cache_manifest import MANIFEST
 from saelab.utils.config import switch
 from saelab.utils.device import same_device
 from saelab.utils.folder_lock import RunLock
@@ -814,16 +815,37 @@ def _recorded_stage_seconds(run_dir: Path) -> dict[str, float]:
 
 
 def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, float], reused: list[str],
-                   trained_before: float) -> dict[str, float]:
+                   trained_before: float, harvested: tuple[float | None, bool]) -> dict[str, float]:
     """Seconds each stage took in the calls that did it: a reused stage keeps its earlier record, and a
-    resumed training adds the earlier calls' training (``trained_before``) to this call's."""
+    resumed training adds the earlier calls' training (``trained_before``) to this call's, as a resumed harvest
+    adds the earlier calls' writing of the cache; a stage with no earlier record (its call was interrupted later)
+    is its own record's: the training loop's, the cache's writing. ``harvested``: :func:`_cache_seconds` before
+    this call."""
     out = {stage: earlier[stage] for stage in [*reused, "load_model"] if stage in earlier}  # load: not this call
     out.update({stage: t for stage, t in times.items() if stage not in reused})
     if "train" in times:
         out["train"] = round(times["train"] + trained_before, 1)
     elif "train" in reused and "train" not in out:  # no earlier record: the training loop's own time
         out["train"] = round(recorded_train_seconds(read_status(run_dir)), 1)
+    cache_seconds, finished = harvested
+    if "harvest" in times and cache_seconds and not finished:
+        out["harvest"] = round(times["harvest"] + cache_seconds, 1)
+    elif "harvest" in reused and "harvest" not in out and cache_seconds is not None and finished:
+        out["harvest"] = cache_seconds
     return {**out, "total": round(sum(out.values()), 1)}
+
+
+def _cache_seconds(cache: Path) -> tuple[float | None, bool]:
+    """The seconds an activation cache's writing took so far, every call counted (its manifest's; None where it
+    records none: an earlier saelab's), and whether it is finished."""
+    try:
+        manifest = json.loads((cache / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, False
+    if not isinstance(manifest, dict):
+        return None, False
+    seconds = manifest.get("seconds")
+    return (float(seconds) if isinstance(seconds, (int, float)) else None), manifest.get("complete") is True
 
 
 def _timed(times: dict[str, float], name: str, fn):
@@ -941,6 +963,8 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
                                              log_to=log_to)
     times: dict[str, float] = {}
     earlier = _recorded_stage_seconds(run_dir)
+    # as the training's, the harvest's earlier calls: a cache overwritten now counts this call's alone
+    harvested = (None, False) if overwrite_activations else _cache_seconds(run_dir / ACTIVATIONS_DIR)
     status = read_status(run_dir)  # an unfinished training resumed now: its earlier calls' seconds
     trained_before = 0.0 if overwrite or status.get("state") == "finished" else recorded_train_seconds(status)
     done = None if overwrite or overwrite_activations else _finished_quickstart(cfg, harvest_cfg, run_dir, lm,
@@ -948,7 +972,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     if done is not None:  # every stage done with these settings: the model is not even loaded
         note_unfinished_overwrite(run_dir / ACTIVATIONS_DIR, "--overwrite-activations")
         return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
-                                         trained_before)
+                                         trained_before, harvested)
     # A hub model's tokenizer is fetched alone: a short corpus is refused before its weights download.
     tokenizer = tokenizer_before_load(lm or harvest_cfg.model)
     train_texts, eval_contexts = _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, tokenizer,
@@ -963,16 +987,17 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
                                              overwrite_activations=overwrite_activations, progress=progress,
                                              log_to=log_to, finished_hash=finished_hash, train_texts=train_texts,
                                              eval_contexts=eval_contexts, tokenizer=tokenizer)
-        return _write_quickstart_results(run_dir, metrics, reused, times, earlier, trained_before)
+        return _write_quickstart_results(run_dir, metrics, reused, times, earlier, trained_before, harvested)
 
 
 def _write_quickstart_results(run_dir: Path, metrics: dict[str, Any], reused: list[str], times: dict[str, float],
-                              earlier: dict[str, float], trained_before: float) -> dict[str, Any]:
+                              earlier: dict[str, float], trained_before: float,
+                              harvested: tuple[float | None, bool]) -> dict[str, Any]:
     """metrics.json with the stage times, and report.md."""
     # This invocation's wall times; stages whose earlier result was reused are listed, not timed.
     times = {stage: t for stage, t in times.items() if stage not in reused}
     metrics["wall_seconds"] = {**times, "total": round(sum(times.values()), 1)}
-    metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused, trained_before)
+    metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused, trained_before, harvested)
     metrics["reused"] = reused
     write_json(run_dir / EVAL_METRICS, metrics)
     # The run's SAE, hashed when these metrics were measured or checked against it: not hashed again.

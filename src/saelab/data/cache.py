@@ -3,7 +3,8 @@
 Layout of a cache folder::
 
     manifest.json        {"format", "version", "d", "dtype", "shard_rows", "n_rows", "complete",
-                          "shards": [{"file", "rows"}, ...], "meta": {...}}
+                          "shards": [{"file", "rows"}, ...], "meta": {...},
+                          "seconds": the writing's time so far, an interrupted call's counted}
     shard_00000.npy      [rows, d] raw .npy arrays, rows = shard_rows except the last shard
     shard_00001.npy      ...
     partial.npy, stream_state.safetensors   only while an interrupted write waits for its resume
@@ -51,6 +52,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import tokenize
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -332,7 +334,7 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
     if manifest["d"] is None:
         raise CorpusError(f"no activations to write to activation cache {quoted}: the input was empty")
     manifest["complete"] = True
-    write_json(folder / MANIFEST, manifest)
+    write_json(folder / MANIFEST, writer.stamped(manifest))
     (folder / STREAM_STATE).unlink(missing_ok=True)  # one an interruption left after its restore
     return ActivationCache(folder)
 
@@ -540,6 +542,12 @@ class _ShardWriter:
         self.buf: torch.Tensor | None = None
         self.n_buf = 0
         self.underflow = 0
+        # the seconds writing this cache took, every call counted (an interrupted one's kept): its harvest's time
+        self.started, self.seconds_before = time.perf_counter(), float(manifest.get("seconds", 0.0))
+
+    def stamped(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """``manifest`` with the seconds written so far, in this call and the earlier ones."""
+        return {**manifest, "seconds": round(self.seconds_before + time.perf_counter() - self.started, 1)}
 
     def add(self, acts_BD: torch.Tensor, what: str) -> int:
         """Append finite rows [B, d] (any device and dtype); returns how many were added."""
@@ -581,6 +589,7 @@ class _ShardWriter:
         listed = {**self.manifest, "shards": [*self.manifest["shards"], {"file": name, "rows": self.n_buf}],
                   "n_rows": self.manifest["n_rows"] + self.n_buf}
         listed.pop("partial_rows", None)  # its rows are in the shard now
+        listed = self.stamped(listed)
         write_json(self.folder / MANIFEST, listed)
         # An interruption anywhere above leaves the buffer whole (save_partial finishes this flush); from
         # here on it finds nothing left to save, and the manifest on disk already lists the shard.
@@ -610,6 +619,7 @@ class _ShardWriter:
         if self.n_buf:
             self._save(self.folder / PARTIAL_SHARD)
             self.manifest["partial_rows"] = self.n_buf
+            self.manifest.update(self.stamped(self.manifest))
             write_json(self.folder / MANIFEST, self.manifest)
         return self.n_buf
 
