@@ -399,6 +399,7 @@ BOMBS = {
     "a-tensor-referred-to-100000-times": lambda p: torch.save({"exp_avg": [torch.zeros(1)] * 100_000}, p),
     "an-empty-tensor-of-3-million-rows": lambda p: torch.save(  # 1,866 bytes; 2 GB of views once iterated
         {"tokens_since_fired": torch.zeros(3_000_000, 0)}, p),
+    "an-empty-bool-tensor-of-4-million-rows": lambda p: torch.save({"mask": torch.zeros(4_000_000, 0, dtype=torch.bool)}, p),
     "the-protocol-given-20000-times": lambda p: in_archive(p, b"\x80\x03" * 20_000 + b"}."),  # a warning each
     "150000-empty-sets": lambda p: in_archive(p, b"\x80\x02(" + b"\x8f" * 150_000 + b"t."),  # 216 bytes each
     "a-parameter-with-state-inside-rebuild-from-type-v2": lambda p: with_record(  # a plain tensor with a hook
@@ -495,7 +496,8 @@ def test_what_torch_save_writes_reads_as_before(tmp_path):
              "conv3d": torch.zeros(8, 4, 3, 3, 3, dtype=torch.int8),
              "batch": torch.zeros(4, 3, 8, 16, 16, dtype=torch.uint8),
              "steps": [torch.tensor(float(i)) for i in range(2000)], "no_features": torch.zeros(100, 0),
-             "empty": [[] for _ in range(500)], "nothing": {str(i): {} for i in range(500)}}
+             "empty": [[] for _ in range(100_000)], "nothing": {str(i): {} for i in range(500)},
+             "no_rows": [torch.empty(0, 4096) for _ in range(20)]}  # 100,000 lists in 600 KB; no views to iterate
     for fmt in ({}, LEGACY):
         torch.save(state, tmp_path / "s.pt", **fmt)
         check_torch_file(tmp_path / "s.pt")

@@ -199,8 +199,8 @@ def _fit_group(n: list[int], y: list[float], what: str) -> dict[str, Any]:
         f"nMSE stops falling from n = {n[stops]:,} to {n[stops + 1]:,} ({y[stops]:.4f} -> {y[stops + 1]:.4f}; "
         "larger SAEs undertrained at this budget?), so alpha is not meaningful"]
     if len(n) == 3:  # three parameters fit three points exactly, unless the floor c >= 0 holds the fit back
-        misses = ("no curve of this form falls and then rises" if not monotone and law.c > 1e-9 * max(y)
-                  else "the floor c cannot go below 0")  # a floor that sits above 0 held nothing back
+        # a curve of this form falls, or rises, all along: one that changes direction cannot pass through them all
+        misses = "no curve of this form changes direction" if not monotone else "the floor c cannot go below 0"
         notes.append("3 sizes for 3 parameters: the curve passes through them" if law.rmse_log < 1e-6 else
                      f"3 sizes for 3 parameters, yet the curve misses them: {misses} "
                      f"(rms log residual {law.rmse_log:.2g})")

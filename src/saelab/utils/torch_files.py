@@ -4,6 +4,7 @@ what a failed load is worded as: torch's reason without its advice, in one line.
 from __future__ import annotations
 
 import errno
+import itertools
 import math
 import os
 import pickle
@@ -112,16 +113,22 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
 
 
 def _copied_bytes(t: torch.Tensor) -> int:
-    """What ``t`` is charged in bytes: its bytes once copied; a tensor of no elements as though each empty dimension
-    held one (iterating one unbinds its first dimension: ``torch.zeros(3_000_000, 0)``, 1,866 bytes on disk, is 2 GB
-    of views)."""
+    """What ``t`` is charged in bytes: its bytes once copied; a tensor of no elements EMPTY_VIEW_BYTES per row of
+    its dimensions before the first empty one (iterating one unbinds them: ``torch.zeros(3_000_000, 0)``, 1,866
+    bytes on disk, is 2 GB of views; ``torch.zeros(0, 4096)`` none)."""
     # A sparse tensor's indices are not checked at load: out of range, they write out of bounds when it is used.
     kind = ("a nested tensor" if t.is_nested else "a quantized tensor" if t.is_quantized
             else None if t.layout == torch.strided else f"a tensor of layout {t.layout}")
     if kind:
         raise pickle.UnpicklingError(f"it holds {kind}, which saelab does not read (torch.save writes weights as "
                                      "dense tensors)")
-    return math.prod(n or 1 for n in t.shape) * t.element_size() if t.numel() == 0 else t.numel() * t.element_size()
+    if t.numel() == 0:
+        return EMPTY_VIEW_BYTES * math.prod(itertools.takewhile(bool, t.shape))
+    return t.numel() * t.element_size()
+
+
+EMPTY_VIEW_BYTES = 16
+"""What each view iterating a tensor of no elements makes is charged (a view object takes about 700 bytes)."""
 
 
 def _print_steps(t: torch.Tensor) -> int:
