@@ -1907,6 +1907,22 @@ def test_an_activation_cache_is_not_harvested_into_other_results(folder, other_r
     assert (snapshot(out), sorted(p.relative_to(out) for p in out.rglob("*"))) == before
 
 
+def test_an_activation_cache_is_not_harvested_into_a_run_being_replaced(tmp_path, capsys):
+    """A run whose overwrite was cut off holds only the run it set aside (.set-aside/train_config.json): harvest
+    took it as a folder of other files and wrote its cache among the run's."""
+    from saelab.utils.atomic import SET_ASIDE
+
+    run = tmp_path / "run"
+    (run / SET_ASIDE).mkdir(parents=True)
+    (run / SET_ASIDE / "train_config.json").write_text("{}")
+    code, stdout, err = run_cli(capsys, "harvest", "--model", str(tmp_path / "no-model"), "--hook",
+                                "blocks.0.hook_resid_post", "--out", str(run), "--no-progress")
+    assert (code, stdout, err) == (2, "", f"saelab harvest: error: --out {run} holds a run (train_config.json, or the "
+                                          f"one an overwrite set aside): a cache there would mix with its files; "
+                                          f"{_NOT_FOR_A_RUN}")
+    assert sorted(p.name for p in run.rglob("*")) == [SET_ASIDE, "train_config.json"]
+
+
 @pytest.mark.parametrize("verb", ["train", "quickstart"])
 @pytest.mark.parametrize("folder", list(_RUN_REFUSALS))
 def test_a_run_is_not_written_into_other_results(verb, folder, other_results, tiny_cache, tmp_path, capsys):

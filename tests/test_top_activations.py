@@ -238,4 +238,12 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_forward(tiny_gp
     sae.cfg.model_name = str(model)
     with pytest.raises(ShapeMismatchError, match=r"corpus: id \d+ is outside the vocabulary of .*\(ids 0..999\)"):
         top_activations(sae, None, toks, 0)
+    # the model's width and positions are read from its config before the load too, as for a text corpus
+    GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=16).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(ShapeMismatchError, match="of .*narrow have width 32 but the SAE expects d_in=64"):
+        top_activations(sae, str(tmp_path / "narrow"), toks, 0)
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=16).save_pretrained(tmp_path / "short")
+    with pytest.raises(ConfigError, match=f"corpus: contexts of {T} tokens exceeds the longest context of .*short "
+                                          r"\(16 tokens\)"):
+        top_activations(sae, str(tmp_path / "short"), toks, 0)
     assert top_activations(sae, tiny_gpt2, toks, 0).n_tokens == 2 * (T - 1)  # ids it has: read, all of them

@@ -379,8 +379,13 @@ def _refuse_a_folder_a_run_would_mix_with(path: Path, option: str, made: str = "
     folder, a run (to resume, or set aside by --overwrite), a run in its first moments (quickstart harvests into
     RUN/activations/ first), and a folder of the user's other files (the log a shell redirects there, the
     --config file)."""
-    if not path.is_dir() or holds_a_run(path):
+    if not path.is_dir():
         return
+    if holds_a_run(path):  # a run's own folder takes a run (to resume or replace it), never a cache beside it
+        if made == "a run":
+            return
+        raise CheckpointError(f"{option} {path} holds a run ({TRAIN_CONFIG}, or the one an overwrite set aside): "
+                              f"{made} there would mix with its files; {_NOT_FOR_A_RUN}")
     if is_sweep(path):
         raise CheckpointError(f"{option} {path} is a sweep folder (a folder of runs): {made} there would hide its "
                               f"runs; {_NOT_FOR_A_RUN}")

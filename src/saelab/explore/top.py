@@ -164,7 +164,7 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
     packed from the corpus as the browser does, with a corpus too short for ``n_tokens`` refused before the
     load where the model's tokenizer can be had without it (``load_model_beside``)."""
     from saelab.explore.browser.make import load_model_beside
-    from saelab.models import LanguageModel, load_model, model_provenance
+    from saelab.models import LanguageModel, check_before_load, load_model, model_provenance
     from saelab.models.lm import check_token_ids
     from saelab.models.loading import configured_vocab_size
     from saelab.run_folder import model_for
@@ -176,7 +176,9 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
         return load_model_beside(lm, cfg, [source], loaded_here, hook, progress=progress)
     _check_token_tensor(corpus, source.sae)
     spec = lm if lm is not None else model_for(source.sae)
-    if not isinstance(spec, LanguageModel):  # before the load where the config is on disk
+    if not isinstance(spec, LanguageModel):  # before the load where the config is on disk, as for a text corpus
+        check_before_load(spec, hook, recorded_context=corpus.shape[1], recorded_named="corpus: contexts of {n} tokens",
+                          sae=source.sae)
         check_token_ids(corpus, configured_vocab_size(spec), model_provenance(spec)["model_name"], "corpus")
     lm = load_model(spec, progress=progress)
     check_token_ids(corpus, lm.n_input_ids, lm.known_as, "corpus")  # before the scan, not at its failing batch

@@ -117,9 +117,12 @@ class LanguageModel:
         return self.d_model
 
     @property
-    def n_input_ids(self) -> int:
-        """How many token ids the model reads: the rows of its input embedding."""
-        return int(self.model.get_input_embeddings().weight.shape[0])
+    def n_input_ids(self) -> int | None:
+        """How many token ids the model reads: the rows of its input embedding (None where it has none that says)."""
+        embedding = self.model.get_input_embeddings()
+        rows = getattr(embedding, "num_embeddings", None)
+        weight = getattr(embedding, "weight", None)
+        return int(rows) if rows is not None else int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
     @property
     def known_as(self) -> str:
