@@ -2381,6 +2381,41 @@ def test_a_hub_models_pickled_weights_are_checked_on_their_first_download(tiny_g
     assert "GET /org/tiny-gpt2/resolve/main/pytorch_model.bin" in hub.requests
 
 
+def test_a_hub_models_pickled_shards_are_all_checked_before_any_is_read(tiny_gpt2, tmp_path):
+    """Sharded pickled weights: every shard the index lists is fetched and checked before transformers reads any
+    (the second refused, naming it); a shard the index lists but the repository lacks is refused, not left for
+    transformers to fetch (and read unchecked) itself."""
+    import json as json_module
+
+    import torch
+
+    model = tmp_path / "mirror"
+    tiny_gpt2.model.config.save_pretrained(model)
+    tiny_gpt2.tokenizer.save_pretrained(model)
+    weights = tiny_gpt2.model.state_dict()
+    first = [k for k in weights if ".h.1." not in k]
+    shared = [[0.5]]  # refused by the check unread, read by torch
+    torch.save({k: weights[k] for k in first}, model / "pytorch_model-00001-of-00002.bin")
+    torch.save({**{k: v for k, v in weights.items() if k not in first}, "a": shared, "b": shared},
+               model / "pytorch_model-00002-of-00002.bin")
+    index = {"metadata": {}, "weight_map": {k: f"pytorch_model-0000{1 if k in first else 2}-of-00002.bin"
+                                            for k in weights}}
+    (model / "pytorch_model.bin.index.json").write_text(json_module.dumps(index))
+    (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
+    hub = _HubMirror("org/tiny-gpt2", model)
+    proc = _with_hub(hub, tmp_path, *_HARVEST_HUB_TINY)
+    assert proc.returncode == 2 and "pytorch_model-00002-of-00002.bin is refused unread (it refers again to a " \
+        "container that holds containers" in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    (model / "pytorch_model-00002-of-00002.bin").unlink()  # listed, not there: nothing left to transformers
+    shutil.rmtree(tmp_path / "hf-home")
+    proc = _with_hub(hub, tmp_path, *_HARVEST_HUB_TINY)
+    assert proc.stderr == ("saelab harvest: error: cannot load model 'org/tiny-gpt2': its pytorch_model.bin.index.json "
+                           "could not be downloaded whole, to be checked before it is read "
+                           "(pytorch_model-00002-of-00002.bin, which the index lists, is not in the repository)\n"), \
+        proc.stderr
+    assert not (tmp_path / "acts").exists()
+
+
 def test_eval_suite_paper_refuses_a_short_corpus_before_a_hub_models_weights_download(gpt2_tokenizer, tmp_path):
     """A hub model not yet downloaded has no tokenizer on disk: `eval --suite paper` refused a short corpus only
     after downloading and loading the weights. Now its tokenizer comes first, alone, and the corpus is refused

@@ -232,9 +232,12 @@ def _load_hub(spec: str, dtype: torch.dtype, tokenizer=None, revision: str | Non
     kwargs = {"local_files_only": True} if offline else {}
     if revision:
         kwargs["revision"] = revision
-    if not offline:  # a first download too is checked before transformers reads it, as a copy cached already is
-        _fetch_weights(spec, revision)
-    _check_pickled_weights(_folder_on_disk(spec, revision), f"model {_at(repr(spec), revision)}")
+    # a first download too is checked before transformers reads it, as a copy cached already is; the load then
+    # reads the commit that was fetched and checked, whatever the branch holds by then
+    fetched = None if offline else _fetch_weights(spec, revision)
+    if fetched is not None:
+        kwargs["revision"] = fetched.name
+    _check_pickled_weights(fetched or _folder_on_disk(spec, revision), f"model {_at(repr(spec), revision)}")
     try:
         return _load_dir(spec, dtype, tokenizer, **kwargs)
     except Exception as err:
@@ -252,27 +255,36 @@ WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 """The weights files transformers looks for, in its order, where config.json names none."""
 
 
-def _fetch_weights(spec: str, revision: str | None) -> None:
+def _fetch_weights(spec: str, revision: str | None) -> Path | None:
     """Download the weights files of hub model ``spec`` that transformers would read, as it picks them, into the
-    local cache (where it then finds them): transformers reads a pickled file it downloads itself at once, before
-    ``_check_pickled_weights`` could. Any failure is left to the load, which names it."""
+    local cache: transformers reads a pickled file it downloads itself at once, before ``_check_pickled_weights``
+    could. Returns the cache's folder of the commit they came from (its name, the commit, is what the load then
+    reads), None where none was found (the load names why). A pickled file or shard that does not come whole is
+    refused: transformers would fetch it again, and read it unchecked."""
     from transformers.utils import cached_file
 
     kwargs = {"revision": revision, "_raise_exceptions_for_missing_entries": False}
     try:
         _fetch_config(spec, revision)
         named = _config_on_disk(spec, revision).get("transformers_weights")
-        # a file config.json names is read alone, and of pickles transformers reads only adapter_model.bin so
-        names = WEIGHTS_FILES if not isinstance(named, str) else (named,) if named == "adapter_model.bin" else ()
-        for name in names:
+    except Exception:  # the load meets the same fault and names it
+        return None
+    # a file config.json names is read alone, and of pickles transformers reads only adapter_model.bin so
+    for name in WEIGHTS_FILES if not isinstance(named, str) else (named,) if named == "adapter_model.bin" else ():
+        try:
             found = cached_file(spec, name, **kwargs)
             if found is not None and name.endswith(".bin.index.json"):
                 for shard in sorted(set(json.loads(Path(found).read_text())["weight_map"].values())):
-                    cached_file(spec, shard, **kwargs)
-            if found is not None:
-                return
-    except Exception:  # the load meets the same fault and names it
-        return
+                    if cached_file(spec, shard, **kwargs) is None:
+                        raise FileNotFoundError(f"{shard}, which the index lists, is not in the repository")
+        except Exception as err:
+            if not name.endswith((".bin", ".bin.index.json")):
+                return None  # safetensors, which hold no code: the load meets the same fault and names it
+            raise ModelLoadError(f"cannot load model {_at(repr(spec), revision)}: its {name} could not be "
+                                 f"downloaded whole, to be checked before it is read ({first_line(err)})") from err
+        if found is not None:
+            return Path(found).parent
+    return None
 
 
 def _raise_in_one_line(err: Exception, named: str, folder: Path | None, sought: str = "", damaged: str = ""):
