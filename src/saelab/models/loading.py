@@ -266,9 +266,12 @@ def _fetch_weights(spec: str, revision: str | None) -> Path | None:
     kwargs = {"revision": revision, "_raise_exceptions_for_missing_entries": False}
     try:
         _fetch_config(spec, revision)
-        named = _config_on_disk(spec, revision).get("transformers_weights")
+        config = _config_on_disk(spec, revision)
     except Exception:  # the load meets the same fault and names it
         return None
+    if not config:  # the hub gave no config (no such model, no network): asking for weights would only retry
+        return None
+    named = config.get("transformers_weights")
     # a file config.json names is read alone, and of pickles transformers reads only adapter_model.bin so
     for name in WEIGHTS_FILES if not isinstance(named, str) else (named,) if named == "adapter_model.bin" else ():
         try:
