@@ -1,0 +1,86 @@
+"""What the untrusted-torch-file check costs on large pickles, side by side with the check of another version.
+
+The check (``saelab.utils.pickle_check.check_torch_file``) reads every opcode of a torch file's pickle before
+torch does; its time grows with the pickle's size. Two files of about 5 and 10 MB are written once:
+
+- ``views``: what torch.save writes for 150,000 views of one stored tensor (an ordinary, pickle-heavy file);
+- ``empty-tuples``: a pickle of one tuple of 5 million empty tuples (what a hostile file may hold).
+
+Each round times the check of this saelab and, with ``--other OLD/src``, of another version's source in a
+fresh process each (CPU time, so a busy machine slows both alike), alternating which goes first:
+
+    python benchmarks/pickle_check_cost.py --other /tmp/old/src --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parents[1] / "src"
+TIMED = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from saelab.utils.pickle_check import check_torch_file
+t = time.process_time()
+try:
+    check_torch_file(sys.argv[2]); outcome = "read"
+except Exception as e:
+    outcome = type(e).__name__
+print(json.dumps({"cpu_s": round(time.process_time() - t, 2), "outcome": outcome,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+"""
+
+
+def write_views(path: Path) -> None:
+    base = torch.zeros(4096)
+    torch.save({"views": [base[i % 4000:i % 4000 + 8] for i in range(150_000)]}, path)
+
+
+def write_empty_tuples(path: Path) -> None:
+    """A torch zip archive whose data.pkl is one tuple of 5 million empty tuples (torch reads it)."""
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                data = b"\x80\x02(" + b")" * 5_000_000 + b"t."
+            out.writestr(info, data)
+
+
+def timed(src: Path, path: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", TIMED, str(src), str(path)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--other", type=Path, help="another version's src folder, timed beside this one")
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    versions = {"this": HERE, **({"other": args.other} if args.other else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"views": Path(tmp, "views.pt"), "empty-tuples": Path(tmp, "empty.pt")}
+        write_views(files["views"])
+        write_empty_tuples(files["empty-tuples"])
+        for name, path in files.items():
+            print(f"{name}: {path.stat().st_size:,} bytes")
+        for r in range(args.rounds):
+            order = list(versions.items()) if r % 2 == 0 else list(versions.items())[::-1]
+            for name, path in files.items():
+                for version, src in order:
+                    print(json.dumps({"round": r, "file": name, "version": version, **timed(src, path)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
