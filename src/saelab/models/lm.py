@@ -47,15 +47,17 @@ def context_named(setting: int | None) -> str:
     return CONTEXT_SETTING if setting else SAE_CONTEXT
 
 
-def check_token_ids(tokens: torch.Tensor, n_ids: int | None, model: str, named: str = "tokens") -> None:
+def check_token_ids(tokens: torch.Tensor, n_ids: int | None, model: str | Callable[[], str],
+                    named: str = "tokens") -> None:
     """Refuse ids outside ``0..n_ids-1`` (the rows of ``model``'s input embedding; None: not known yet): an
-    embedding lookup past them is an IndexError on the CPU and a device-side assert that ends the process on CUDA."""
+    embedding lookup past them is an IndexError on the CPU and a device-side assert that ends the process on CUDA.
+    ``model``: its name, or what gives it (asked only for a refusal: every forward checks its tokens)."""
     if n_ids is None or tokens.numel() == 0:
         return
-    low, high = int(tokens.min()), int(tokens.max())
+    low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one read back from a GPU, not two
     if low < 0 or high >= n_ids:
-        raise ShapeMismatchError(f"{named}: id {low if low < 0 else high} is outside the vocabulary of {model} "
-                                 f"(ids 0..{n_ids - 1})")
+        raise ShapeMismatchError(f"{named}: id {low if low < 0 else high} is outside the vocabulary of "
+                                 f"{model() if callable(model) else model} (ids 0..{n_ids - 1})")
 
 
 def bos_token_id(tokenizer) -> int | None:
@@ -177,7 +179,7 @@ class LanguageModel:
                 f"tokens must be an integer tensor [batch, seq], got {tokens_BT.dtype} of shape "
                 f"{tuple(tokens_BT.shape)}"
             )
-        check_token_ids(tokens_BT, self.n_input_ids, self.known_as)
+        check_token_ids(tokens_BT, self.n_input_ids, lambda: self.known_as)
         return tokens_BT.to(self.device, torch.long)
 
     # -- hooks ------------------------------------------------------------------------------
