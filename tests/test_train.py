@@ -351,6 +351,73 @@ def test_a_non_finite_loss_stops_the_step_before_any_weight_moves():
     assert [state["step"].item() for state in trainer.opt.state.values()] == steps and trainer.step == 1
 
 
+def test_a_batch_with_a_nan_stops_the_step_before_any_weight_moves():
+    """The batch's values are checked with the step's statistics, read once after the backward: the error
+    names the batch, and no weight, optimizer state or firing count has moved."""
+    from saelab.errors import NonFiniteActivationsError
+    from saelab.train.trainer import Trainer
+
+    data = _data()
+    sae = TopKSAE(SAEConfig(24, 128, 8))
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    trainer = Trainer(_cfg(), sae, normalizer=9.0, device="cpu")
+    trainer.train_step(data[:128])
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    fired_before = trainer.tokens_since_fired.clone()
+    bad = data[128:256].clone()
+    bad[7, 2] = float("nan")
+    with pytest.raises(NonFiniteActivationsError, match=r"^activation batch 1 contains NaN or inf activations$"):
+        trainer.train_step(bad)
+    for name, p in sae.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert torch.equal(trainer.tokens_since_fired, fired_before) and trainer.step == 1
+    big = data[128:256].clone()
+    big[:, 0] = 3e38  # finite values whose sum overflows: not called NaN or inf activations (the loss is inf)
+    with pytest.raises(NonFiniteError, match=r"^training loss became inf at step 1$"):
+        trainer.train_step(big)
+
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    """Each read of a tensor's value into Python (on a GPU, a wait for the device), by the method used."""
+    reads: list[str] = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            reads.append(_name)
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
+    """A step with AuxK off reads back only its statistics (the batch's finiteness among them): on a GPU any
+    other read makes the device wait mid-step. (With AuxK on, a GPU waits once more, for the dead set's size;
+    the CPU's AuxK entry form reads more, where there is nothing to wait for.)"""
+    from saelab.train.trainer import TrainingRun
+
+    data = _data()
+    cfg = _cfg(n_latents=1024, total_tokens=2048, dead_tokens=1 << 20, log_every=1000, checkpoint_every=1000,
+               ema_decay=None)
+    run = TrainingRun(cfg, tmp_path / "run", d_in=24, meta=None, init_sample=lambda: data[:512], device="cpu")
+    try:
+        run.train_step(data[:128])
+        reads = _count_host_reads(monkeypatch)
+        run.train_step(data[128:256])
+        assert reads == ["tolist"]
+    finally:
+        monkeypatch.undo()
+        run.close()
+
+
+def test_a_trained_sae_keeps_no_gradients(tmp_path):
+    """The returned SAE's parameters hold no .grad from the last step (which would double its memory)."""
+    for ema in (None, 0.9):
+        sae = train_sae(_cfg(ema_decay=ema), _source(_data(), 128), tmp_path / f"run{ema}", d_in=24,
+                        progress=False)
+        assert all(p.grad is None for p in sae.parameters()), ema
+
+
 def test_ema_is_the_bias_corrected_average_of_the_trained_weights():
     """The EMA starts at zero and is divided by 1 - decay^t (OpenAI's EmaModel), so the saved SAE is a
     weighted average of the weights training produced, with none of the initialisation in it."""

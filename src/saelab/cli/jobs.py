@@ -418,8 +418,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         contexts_read = None
         if args.evaluate:  # not after the whole sweep trained; the contexts it reads are the evaluation's
             contexts_read = check_evaluation_before_training(args.activations, args.eval)
-        saes = sweep_from_cache(cache, args.out, base, grid, device=args.device,
-                                overwrite=args.overwrite, progress=args.progress, log_to=args.log_to)
+        # names only: the SAEs stay out of the evaluation's device memory (it reads each from its run)
+        names = list(sweep_from_cache(cache, args.out, base, grid, device=args.device,
+                                      overwrite=args.overwrite, progress=args.progress, log_to=args.log_to))
     if args.evaluate and ddp.rank() == 0:  # under torchrun one process evaluates; the others are done
         hashes = SaeHashes()  # the evaluation's hashes of the SAEs serve the scaling study: each read once
         with eval_settings_as_given(args, "--eval-"):
@@ -427,4 +428,4 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                            overwrite=args.overwrite, progress=args.progress, sae_hashes=hashes,
                            contexts_read=contexts_read)
         write_scaling_report(args.out, sae_hashes=hashes)
-    return {name: str(Path(args.out) / name / "sae") for name in saes}
+    return {name: str(Path(args.out) / name / "sae") for name in names}

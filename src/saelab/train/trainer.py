@@ -165,11 +165,22 @@ def tf32_matmuls(tf32: bool):
             cublas.fp32_precision = old
 
 
-def _check_batch(x: torch.Tensor, d_in: int, what: str) -> None:
+def _check_batch_shape(x: torch.Tensor, d_in: int, what: str) -> None:
     if x.ndim != 2 or x.shape[1] != d_in:
         raise ShapeMismatchError(f"{what} has shape {tuple(x.shape)}; expected [rows, d_in={d_in}]")
+
+
+def _check_batch(x: torch.Tensor, d_in: int, what: str) -> None:
+    _check_batch_shape(x, d_in, what)
     if not all_finite(x):
         raise NonFiniteActivationsError(f"{what} contains NaN or inf activations")
+
+
+def _non_finite_rows(x_BD: torch.Tensor) -> bool:
+    """Whether some process's rows hold a NaN or inf (asked once their sum was not finite: finite values
+    can overflow it), decided for every process at once."""
+    bad = (~torch.isfinite(ddp.local_rows(x_BD))).any().to(torch.float32).reshape(1)
+    return bool(ddp.all_reduce_sum(bad).item() > 0)
 
 
 def take_rows(batches: Iterator[torch.Tensor], n_rows: int, d_in: int) -> torch.Tensor:
@@ -195,7 +206,8 @@ class Trainer:
 
     ``device`` (None: CUDA when available, else the CPU; under torchrun this process's GPU) is
     where the SAE is moved and where every training tensor lives. ``allow_tf32`` runs the SAE's
-    float32 matmuls in TF32 on CUDA (off by default; ignored elsewhere).
+    float32 matmuls in TF32 on CUDA (ignored elsewhere); False leaves torch's own setting as it is:
+    full float32 unless the calling program turned TF32 on (``torch.set_float32_matmul_precision``).
     """
 
     def __init__(self, cfg: TrainConfig, sae: TopKSAE, normalizer: float, *,
@@ -288,11 +300,16 @@ class Trainer:
         out.loss.backward()
         ddp.average_gradients(sae.parameters())
         named = out.stats()
+        # The batch's sum rides on the statistics' one read-back: a check of its own would make the GPU wait
+        # before the forward, for the last step's update too.
+        named["batch_sum"] = ddp.local_rows(x_BD).detach().sum(dtype=torch.float32)
         values = torch.stack(list(named.values()))
-        if ddp.is_distributed():  # (float64 only here: MPS has none)
+        if ddp.is_distributed():
             values = ddp.all_reduce_sum(values.double()) / ddp.world_size()
         stats = dict(zip(named, values.tolist()))
         # Checked before any weight moves; the average over processes, so that every process stops.
+        if not math.isfinite(stats.pop("batch_sum")) and _non_finite_rows(x_BD):
+            raise NonFiniteActivationsError(f"activation batch {self.step} contains NaN or inf activations")
         if not math.isfinite(stats["loss"]):
             raise NonFiniteError(f"training loss became {stats['loss']} at step {self.step}")
         return out, stats
@@ -344,6 +361,7 @@ class Trainer:
         training device."""
         weights = self.ema_weights()
         if weights is None:
+            self.sae.zero_grad(set_to_none=True)  # the last step's: as large as the weights
             return self.sae
         out = type(self.sae)(self.sae.cfg, init=False, dtype=self.sae.W_dec.dtype, device=self.device)
         out.load_state_dict(weights)
@@ -464,7 +482,7 @@ class TrainingRun:
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         cfg, tr = self.cfg, self.trainer
         x = x.to(self.device, non_blocking=True)
-        _check_batch(x, self.d_in, f"activation batch {tr.step}")
+        _check_batch_shape(x, self.d_in, f"activation batch {tr.step}")  # its values: with the step's statistics
         stats = tr.train_step(x.float())
         self.steps_this_call += 1
         if (tr.step % cfg.log_every == 0 or tr.step == cfg.total_steps) and self.writer:
