@@ -396,6 +396,7 @@ BAD = [
     # names torch takes but saelab does not run on, and a bad index: the same line, before the model loads
     ("train --device meta", "error: --device meta: expected auto, cpu, cuda or cuda:N"),
     ("harvest --device hpu", "error: --device hpu: expected auto, cpu, cuda or cuda:N"),
+    ("train --device mps", "error: --device mps: expected auto, cpu, cuda or cuda:N"),  # no float64 there
     ("eval SAE --device xpu", "error: --device xpu: expected auto, cpu, cuda or cuda:N"),
     ("top SAE --latent 1 --device vulkan", "error: --device vulkan: expected auto, cpu, cuda or cuda:N"),
     ("steer SAE --latent 1 --value 1 --device cuda:-1", "error: --device cuda:-1: expected auto, cpu, cuda or cuda:N"),

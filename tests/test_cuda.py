@@ -460,6 +460,30 @@ def test_a_gpu_harvest_resumed_after_ctrl_c_writes_the_uninterrupted_shards(tmp_
     assert shard_bytes(tmp_path / "c") == shard_bytes(tmp_path / "ref")
 
 @CUDA
+@CUDA
+def test_training_on_a_gpu_reads_the_cache_as_stored_into_page_locked_memory(tmp_path):
+    """float16 rows travel as they are (half the bytes), assembled pinned (no second copy on the host)."""
+    from saelab.pipeline import _cache_batches
+
+    cache = write_activation_cache(iter(_data(512).split(128)), tmp_path / "acts", meta={}, dtype="float16",
+                                   progress=False)
+    x = next(_cache_batches(cache, _cfg(batch_size=64), "cuda")(0))
+    assert x.dtype == torch.float16 and x.is_pinned() and x.device.type == "cpu"
+    x = next(_cache_batches(cache, _cfg(batch_size=64), "cpu")(0))
+    assert x.dtype == torch.float32 and not x.is_pinned()
+
+
+@TWO_GPUS
+def test_an_sae_on_the_second_gpu_is_refused_beside_a_model_on_the_first():
+    """``cuda`` names the current GPU (cuda:0 here), as torch places a tensor sent there: not cuda:1."""
+    from saelab.utils.device import same_device
+
+    sae = TopKSAE(SAEConfig(D, 128, 8)).to("cuda:1")
+    assert same_device("cuda", "cuda:0") and not same_device("cuda", "cuda:1")
+    with pytest.raises(ConfigError, match=r"the SAE is on cuda:1 but the model is on cuda"):
+        sae.check_device(torch.device("cuda"), "the model")
+
+
 @TWO_GPUS
 def test_two_gpu_training_equals_one_gpu(tmp_path, tiny_gpt2, data_dir):
     from test_distributed import TRAIN_ARGS, _cache, _run

@@ -143,15 +143,13 @@ def test_a_non_finite_loss_in_one_process_stops_every_process(tmp_path):
 
 
 OWN_GROUP = """
-import os, sys
+import sys
 import torch, torch.distributed as dist
 from saelab.data import ActivationCache
 from saelab.train import TrainConfig, train_sae
 
 backend, cache, out = sys.argv[1:]
-if backend == "nccl":
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-dist.init_process_group(backend)  # the caller's own group: NCCL alone carries no CPU tensor
+dist.init_process_group(backend)  # the caller's own group, no set_device: NCCL alone carries no CPU tensor
 acts = ActivationCache(cache)
 cfg = TrainConfig(n_latents=128, k=8, batch_size=256, total_tokens=2048, init_rows=1024, lr=0.01, dead_tokens=512,
                   k_aux=16)

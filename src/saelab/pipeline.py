@@ -46,7 +46,7 @@ from saelab.train.metric_sinks import check_log_targets
 from saelab.utils.atomic import write_json
 from saelab.utils.cache_manifest import MANIFEST
 from saelab.utils.config import switch
-from saelab.utils.device import same_device
+from saelab.utils.device import resolve_device, same_device
 from saelab.utils.folder_lock import RunLock
 from saelab.utils.words import plural
 
@@ -261,9 +261,15 @@ def _cache_record(cache: ActivationCache) -> dict[str, Any]:
     return {"activations": str(cache.folder.resolve()), "fingerprint": digest.hexdigest()}
 
 
-def _cache_batches(cache: ActivationCache, cfg: TrainConfig):
+def _cache_batches(cache: ActivationCache, cfg: TrainConfig, device: str | torch.device | None = None):
+    # For a GPU the rows go as stored (float16: half the bytes), assembled in page-locked memory (one copy on
+    # the host, an asynchronous one to the GPU); the step widens them there. The CPU widens them here, in
+    # the thread that reads ahead.
+    to_gpu = resolve_device(device).type == "cuda"
+    form = {"dtype": cache.torch_dtype, "pin_memory": True} if to_gpu else {}
+
     def batches_from(start_batch: int):
-        return cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, start_batch=start_batch)
+        return cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, start_batch=start_batch, **form)
     return batches_from
 
 
@@ -290,7 +296,7 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
         print(f"saelab: {run_dir} already holds this finished run (--overwrite trains it again)", file=sys.stderr)
         return done
     with _naming_cache(cache):
-        return train_sae(cfg, _cache_batches(cache, cfg), run_dir, d_in=cache.d, meta=_cache_meta(cache),
+        return train_sae(cfg, _cache_batches(cache, cfg, device), run_dir, d_in=cache.d, meta=_cache_meta(cache),
                          overwrite=overwrite, progress=progress, device=device, log_to=log_to,
                          data=_cache_record(cache))
 
@@ -342,7 +348,8 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
     todo = [n for n in configs if done.get(n) is None]
     if todo:
         with _naming_cache(cache):
-            saes = train_many([configs[n] for n in todo], _cache_batches(cache, base), [out_dir / n for n in todo],
+            saes = train_many([configs[n] for n in todo], _cache_batches(cache, base, device),
+                              [out_dir / n for n in todo],
                               d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress,
                               device=device, log_to=log_to, data=_cache_record(cache))
         done.update(zip(todo, saes))

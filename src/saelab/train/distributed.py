@@ -93,6 +93,8 @@ def process_device(device: str | torch.device | None = None) -> torch.device:
         if dev.index is not None and dev.index != own:
             raise ConfigError(f"device {str(device)!r}: under torchrun each process trains on its own GPU "
                               f"(cuda:{own} here, from LOCAL_RANK); pass --device cuda")
+        # NCCL runs a collective on the current device: in a group the caller started, it may still be GPU 0
+        torch.cuda.set_device(own)
         return torch.device("cuda", own)
     return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
 
@@ -108,11 +110,11 @@ def world_size() -> int:
 def wait_for_every_rank() -> None:
     """Every process reaches this point before any goes on: where rank 0 changes a folder the others read.
     A CPU tensor where the group has gloo (ours pairs it with NCCL), whatever GPU a process holds; in a group
-    a library user started with NCCL alone, a tensor on this process's GPU."""
+    a library user started with NCCL alone, a tensor on this process's GPU, ``cuda:LOCAL_RANK`` (the current
+    device may still be GPU 0 on every process there)."""
     if is_distributed():
         on_cpu = any(name in str(dist.get_backend()) for name in ("gloo", "mpi"))
-        _together(dist.all_reduce, torch.zeros(1, device="cpu" if on_cpu else
-                                               torch.device("cuda", torch.cuda.current_device())))
+        _together(dist.all_reduce, torch.zeros(1, device="cpu" if on_cpu else torch.device("cuda", local_rank())))
 
 
 def _together(collective, *args, **kwargs) -> None:

@@ -12,13 +12,14 @@ DEVICE_ENV = "SAELAB_DEVICE"
 """Environment variable naming the device that ``device=None`` means (default: auto)."""
 
 
-SUPPORTED_TYPES = ("cpu", "cuda", "mps")
-"""The device types saelab runs on; torch names others (meta, xpu, hpu) that its kernels and loaders do not."""
+SUPPORTED_TYPES = ("cpu", "cuda")
+"""The device types saelab runs on; torch names others (meta, xpu, hpu) that its kernels and loaders do not,
+and MPS lacks the float64 that its initialisation and evaluations reduce in."""
 
 
 def resolve_device(device: str | torch.device | None = None, named: str | None = None) -> torch.device:
     """``None``: ``$SAELAB_DEVICE`` if set, else ``"auto"``. ``"auto"``: CUDA when available, else the
-    CPU; otherwise the device named (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), refused with a
+    CPU; otherwise the device named (``"cpu"``, ``"cuda"``, ``"cuda:1"``), refused with a
     one-line error when it is another or absent. ``named``: how that error names ``device`` (the
     command line's ``"--device cuda:-1"``; default ``"device='cuda:-1'"``)."""
     if named is None:
@@ -38,11 +39,17 @@ def resolve_device(device: str | torch.device | None = None, named: str | None =
             raise ConfigError(f"{named}: CUDA is not available on this machine; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"{named}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"{named}: MPS is not available on this machine; use --device cpu")
     return dev
 
 
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two devices are the same one; ``cuda`` (no index) matches any ``cuda:N``."""
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether two devices are the same one; ``cuda`` (no index) is the current CUDA device, as torch places
+    a tensor sent there."""
+    return _indexed(a) == _indexed(b)
+
+
+def _indexed(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
