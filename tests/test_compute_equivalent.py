@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from saelab.evals.compute_equivalent import (
     CRFM_TOKENS_PER_STEP,
@@ -147,7 +148,7 @@ def test_hub_checkpoints_load_through_load_model_with_their_revision(monkeypatch
     monkeypatch.setattr(saelab.models, "load_model", lambda spec, **kw: calls.append((spec, kw)) or "lm")
     series = resolve_series("pythia-70m", steps=[1000])
     assert series.checkpoints[0].load() == "lm"
-    assert calls == [("EleutherAI/pythia-70m", {"device": "cpu", "revision": "step1000"})]
+    assert calls == [("EleutherAI/pythia-70m", {"device": "cpu", "dtype": torch.float32, "revision": "step1000"})]
     # load_model hands the revision to from_pretrained for hub ids, and refuses it for local files.
     seen = []
 
@@ -251,6 +252,13 @@ def test_compute_equivalent_on_a_trained_series(tiny_series, tiny_series_run, da
     monkeypatch.setattr(saelab.models, "load_model", lambda *a, **k: pytest.fail("checkpoint loaded again"))
     again = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "losses.json")
     assert again["fraction"] == res["fraction"]
+    monkeypatch.undo()
+    # A bfloat16 model is set against references that ran in bfloat16 too (not the float32 losses cached).
+    lm16 = load_model(str(tiny_series / "checkpoint-120"), dtype="bfloat16")
+    res16 = run_compute_equivalent(lm16, sae, tokens[:8], cfg, cache_path=tmp_path / "losses.json")
+    assert res16["series"]["dtype"] == "bfloat16" and "dtype" not in res["series"]
+    assert res16["clean_loss"] == pytest.approx(res16["checkpoints"][-1]["loss"], abs=1e-5)
+    assert res16["n_predictions"] == 8 * 30
 
 
 @pytest.mark.slow

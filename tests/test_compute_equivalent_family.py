@@ -11,6 +11,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from saelab.evals.compute_equivalent import (
     PYTHIA_TOTAL_TOKENS,
@@ -160,7 +161,7 @@ def test_pythia_family_members_tokens_and_hub_revisions(monkeypatch):
     calls = []
     monkeypatch.setattr(saelab.models, "load_model", lambda spec, **kw: calls.append((spec, kw)) or "lm")
     assert dd.checkpoints[0].load() == "lm"
-    assert calls == [("EleutherAI/pythia-70m-deduped", {"device": "cpu", "revision": "step143000"})]
+    assert calls == [("EleutherAI/pythia-70m-deduped", {"device": "cpu", "dtype": torch.float32, "revision": "step143000"})]
     with pytest.raises(SeriesError, match=r"no Pythia of size\(s\) \['5m'\] in the Pythia family \(--series\)"):
         resolve_series("pythia-family:70m,5m")
     with pytest.raises(SeriesError, match="--series-steps apply to a checkpoint series, not to the model family"):

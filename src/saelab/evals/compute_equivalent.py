@@ -117,9 +117,11 @@ from saelab.errors import ConfigError, SaelabError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
 from saelab.evals.power_law import FitError, fit_power_law
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
-from saelab.models.loading import (check_before_load, check_context_fits, configured_vocab_size, library_bars,
-                                   tokenizer_before_load)
+from saelab.models.loading import (check_before_load, check_context_fits, configured_vocab_size, dtype_name,
+                                   library_bars, tokenizer_before_load)
 from saelab.utils.atomic import write_json
+
+DType = torch.dtype | str
 
 
 class SeriesError(SaelabError, ValueError):
@@ -170,26 +172,29 @@ class CheckpointSeries:
     source: str = ""
     kind: str = KIND_PROGRESS
     """``training_progress`` (one run's checkpoints) or ``model_family`` (final models of increasing size)."""
+    dtype: str = "float32"
+    """The dtype its models are loaded in: the evaluated model's, whose spliced loss is set against theirs."""
 
     def info(self) -> dict[str, Any]:
         out = {"name": self.name, "kind": self.kind, "source": self.source, "total_tokens": self.total_tokens,
                "tokens_per_step": self.tokens_per_step, "description": self.description}
-        return out | ({"params": "non_embedding"} if self.kind == KIND_FAMILY else {})
+        return (out | ({"params": "non_embedding"} if self.kind == KIND_FAMILY else {})
+                | ({"dtype": self.dtype} if self.dtype != "float32" else {}))  # float32: as recorded before
 
 
-def _hub_loader(repo: str, revision: str | None, device: str | torch.device) -> Callable[[], Any]:
+def _hub_loader(repo: str, revision: str | None, device: str | torch.device, dtype: DType) -> Callable[[], Any]:
     def load():
         from saelab.models import load_model
 
-        return load_model(repo, device=device, revision=revision)
+        return load_model(repo, device=device, dtype=dtype, revision=revision)
     return load
 
 
-def _path_loader(path: Path, device: str | torch.device) -> Callable[[], Any]:
+def _path_loader(path: Path, device: str | torch.device, dtype: DType) -> Callable[[], Any]:
     def load():
         from saelab.models import load_model
 
-        return load_model(str(path), device=device)
+        return load_model(str(path), device=device, dtype=dtype)
     return load
 
 
@@ -239,35 +244,37 @@ def _check_steps(steps: Sequence[int], allowed: list[int], series: str) -> list[
 
 
 def crfm_gpt2_small_series(steps: Sequence[int] = CRFM_DEFAULT_STEPS, seed: int = 21,
-                           device: str | torch.device = "cpu") -> CheckpointSeries:
+                           device: str | torch.device = "cpu", dtype: DType = torch.float32) -> CheckpointSeries:
     """Stanford CRFM's GPT-2 small trained with ``seed`` (21 'alias', 49, 81, 343, 777), at ``steps``."""
     if seed not in CRFM_RUNS:
         raise SeriesError(f"no CRFM GPT-2 small run with seed {seed}; known seeds: {sorted(CRFM_RUNS)}")
     name = "crfm-gpt2-small" + ("" if seed == 21 else f"-x{seed}")
     repo = f"stanford-crfm/{CRFM_RUNS[seed]}-gpt2-small-x{seed}"
     steps = _check_steps(steps or CRFM_DEFAULT_STEPS, crfm_checkpoint_steps(), name)
-    cks = [SeriesCheckpoint(f"checkpoint-{s}", s * CRFM_TOKENS_PER_STEP, _hub_loader(repo, f"checkpoint-{s}", device),
+    cks = [SeriesCheckpoint(f"checkpoint-{s}", s * CRFM_TOKENS_PER_STEP, _hub_loader(repo, f"checkpoint-{s}", device, dtype),
                             f"hub:{repo}@checkpoint-{s}", model_id=repo, revision=f"checkpoint-{s}") for s in steps]
     return CheckpointSeries(name, cks, CRFM_TOTAL_STEPS * CRFM_TOKENS_PER_STEP, CRFM_TOKENS_PER_STEP,
-                            "GPT-2 small re-trained on OpenWebText by Stanford CRFM (Mistral)", f"hub:{repo}")
+                            "GPT-2 small re-trained on OpenWebText by Stanford CRFM (Mistral)", f"hub:{repo}",
+                            dtype=dtype_name(dtype))
 
 
 def pythia_series(size: str = "70m", steps: Sequence[int] = PYTHIA_DEFAULT_STEPS, deduped: bool = False,
-                  device: str | torch.device = "cpu") -> CheckpointSeries:
+                  device: str | torch.device = "cpu", dtype: DType = torch.float32) -> CheckpointSeries:
     """EleutherAI's Pythia of ``size`` (``70m`` ...), at ``steps``."""
     if size not in PYTHIA_SIZES:
         raise SeriesError(f"no Pythia of size {size!r}; known sizes: {', '.join(PYTHIA_SIZES)}")
     name = f"pythia-{size}" + ("-deduped" if deduped else "")
     repo = f"EleutherAI/{name}"
     steps = _check_steps(steps or PYTHIA_DEFAULT_STEPS, pythia_checkpoint_steps(), name)
-    cks = [SeriesCheckpoint(f"step{s}", s * PYTHIA_TOKENS_PER_STEP, _hub_loader(repo, f"step{s}", device),
+    cks = [SeriesCheckpoint(f"step{s}", s * PYTHIA_TOKENS_PER_STEP, _hub_loader(repo, f"step{s}", device, dtype),
                             f"hub:{repo}@step{s}", model_id=repo, revision=f"step{s}") for s in steps]
     return CheckpointSeries(name, cks, PYTHIA_TOTAL_STEPS * PYTHIA_TOKENS_PER_STEP, PYTHIA_TOKENS_PER_STEP,
-                            f"Pythia-{size}{' (deduplicated Pile)' if deduped else ''} by EleutherAI", f"hub:{repo}")
+                            f"Pythia-{size}{' (deduplicated Pile)' if deduped else ''} by EleutherAI", f"hub:{repo}",
+                            dtype=dtype_name(dtype))
 
 
 def pythia_family(sizes: Sequence[str] = (), deduped: bool = False, device: str | torch.device = "cpu",
-                  local_root: str | Path | None = None) -> CheckpointSeries:
+                  local_root: str | Path | None = None, dtype: DType = torch.float32) -> CheckpointSeries:
     """EleutherAI's Pythia suite as a model family: the final checkpoint (``step143000``) of each size.
 
     Every size was trained on the same 299,892,736,000 tokens; N (non-embedding) is counted after
@@ -287,15 +294,15 @@ def pythia_family(sizes: Sequence[str] = (), deduped: bool = False, device: str 
         repo = f"EleutherAI/{label}"
         revision = f"step{PYTHIA_TOTAL_STEPS}" if local_root is None else None
         if local_root is None:
-            load, source, model_id = _hub_loader(repo, revision, device), f"hub:{repo}@{revision}", repo
+            load, source, model_id = _hub_loader(repo, revision, device, dtype), f"hub:{repo}@{revision}", repo
         else:
             path = (Path(local_root).expanduser() / label).resolve()
-            load, source, model_id = _path_loader(path, device), str(path), str(path)
+            load, source, model_id = _path_loader(path, device, dtype), str(path), str(path)
         cks.append(SeriesCheckpoint(label, PYTHIA_TOTAL_TOKENS, load, source, model_id=model_id, revision=revision))
     return CheckpointSeries(f"pythia-family{suffix}", cks, None, PYTHIA_TOKENS_PER_STEP,
                             f"Pythia suite by EleutherAI{' (deduplicated Pile)' if deduped else ''}, final checkpoints "
                             f"of {', '.join(sizes)}", "hub:EleutherAI" if local_root is None else str(local_root),
-                            kind=KIND_FAMILY)
+                            kind=KIND_FAMILY, dtype=dtype_name(dtype))
 
 
 _STEP_RE = re.compile(r"(?:checkpoint|step|global_step)[-_]?(\d+)$")
@@ -341,7 +348,8 @@ def _trainer_checkpoints(folder: Path, meta_path: Path, tps) -> list[tuple[str, 
     return entries
 
 
-def local_series(folder: str | Path, device: str | torch.device = "cpu") -> CheckpointSeries:
+def local_series(folder: str | Path, device: str | torch.device = "cpu",
+                 dtype: DType = torch.float32) -> CheckpointSeries:
     """A folder of checkpoint folders (each loadable by ``load_model``) with a mapping to tokens.
 
     The mapping is ``series.json`` in the folder: ``{"checkpoints": [{"path": "checkpoint-100",
@@ -367,14 +375,15 @@ def local_series(folder: str | Path, device: str | torch.device = "cpu") -> Chec
         _trainer_checkpoints(folder, meta_path, tps)
     entries.sort(key=lambda e: e[1])
 
-    cks = [SeriesCheckpoint(label, tokens, _path_loader(path, device), str(path), model_id=str(path.resolve()))
+    cks = [SeriesCheckpoint(label, tokens, _path_loader(path, device, dtype), str(path), model_id=str(path.resolve()))
            for label, tokens, path in entries]
     total = int(meta.get("total_tokens") or max(c.tokens for c in cks))
     return CheckpointSeries(str(meta.get("name") or folder.name), cks, total, int(tps) if tps else None,
-                            f"local checkpoint series in {folder}", str(folder))
+                            f"local checkpoint series in {folder}", str(folder), dtype=dtype_name(dtype))
 
 
-def local_family(folder: str | Path, device: str | torch.device = "cpu") -> CheckpointSeries:
+def local_family(folder: str | Path, device: str | torch.device = "cpu",
+                 dtype: DType = torch.float32) -> CheckpointSeries:
     """A model family from ``folder/family.json`` (``saelab.models.lm_series`` documents the format).
 
     Each member needs ``path`` (relative to the folder, or absolute: a folder ``load_model`` reads)
@@ -397,10 +406,11 @@ def local_family(folder: str | Path, device: str | torch.device = "cpu") -> Chec
         if not path.is_dir():
             raise SeriesError(f"{meta_path}: members[{i}] path {str(path)!r} is not a folder")
         params = int(item["params"]) if item.get("params") is not None else None
-        cks.append(SeriesCheckpoint(path.name, int(item["tokens"]), _path_loader(path, device), str(path), params,
+        cks.append(SeriesCheckpoint(path.name, int(item["tokens"]), _path_loader(path, device, dtype), str(path), params,
                                     str(path)))
     return CheckpointSeries(str(meta.get("name") or folder.name), cks, None, None,
-                            f"local model family in {folder}", str(folder), kind=KIND_FAMILY)
+                            f"local model family in {folder}", str(folder), kind=KIND_FAMILY,
+                            dtype=dtype_name(dtype))
 
 
 _CRFM_RE = re.compile(r"^crfm-gpt2-small(?:-x(\d+))?$")
@@ -414,9 +424,11 @@ def known_series_names() -> list[str]:
             + [f"pythia-{s}" for s in PYTHIA_SIZES] + [f"pythia-{s}-deduped" for s in PYTHIA_SIZES])
 
 
-def resolve_series(spec: str, steps: Sequence[int] = (), device: str | torch.device = "cpu") -> CheckpointSeries:
+def resolve_series(spec: str, steps: Sequence[int] = (), device: str | torch.device = "cpu",
+                   dtype: DType = torch.float32) -> CheckpointSeries:
     """A reference by name (``pythia-family[-deduped][:SIZES]``, ``crfm-gpt2-small``, ``pythia-70m``, see
-    ``known_series_names``) or folder path (``family.json``: a family; else a checkpoint series)."""
+    ``known_series_names``) or folder path (``family.json``: a family; else a checkpoint series), its models
+    loaded on ``device`` in ``dtype`` (the evaluated model's: its spliced loss is set against theirs)."""
     if not isinstance(spec, str) or not spec:
         raise SeriesError(f"checkpoint series must be a name or a folder, got {spec!r}")
     m = _PYTHIA_FAMILY_RE.match(spec)
@@ -429,19 +441,19 @@ def resolve_series(spec: str, steps: Sequence[int] = (), device: str | torch.dev
         if m.group(2) is not None and not sizes:
             raise SeriesError(f"model family {spec!r} (--series): expected sizes after ':', "
                               "e.g. pythia-family:70m,160m")
-        return pythia_family(sizes, deduped=bool(m.group(1)), device=device)
+        return pythia_family(sizes, deduped=bool(m.group(1)), device=device, dtype=dtype)
     m = _CRFM_RE.match(spec)
     if m:
-        return crfm_gpt2_small_series(steps, seed=int(m.group(1) or 21), device=device)
+        return crfm_gpt2_small_series(steps, seed=int(m.group(1) or 21), device=device, dtype=dtype)
     m = _PYTHIA_RE.match(spec)
     if m:
-        return pythia_series(m.group(1), steps, deduped=bool(m.group(2)), device=device)
+        return pythia_series(m.group(1), steps, deduped=bool(m.group(2)), device=device, dtype=dtype)
     if is_family:
-        return local_family(path, device=device)
+        return local_family(path, device=device, dtype=dtype)
     if path.exists() or "/" in spec or spec.startswith("."):
         if steps:
             raise SeriesError(f"series steps apply to the hub series, not to the local folder {spec!r}")
-        return local_series(path, device=device)
+        return local_series(path, device=device, dtype=dtype)
     raise SeriesError(f"unknown checkpoint series {spec!r} (--series): expected a model family (pythia-family"
                       f"[-deduped][:SIZES] or a folder with {FAMILY_FILE}), a checkpoint series "
                       f"({', '.join(known_series_names()[:1])}, pythia-<size>[-deduped]) or a folder of checkpoints")
@@ -487,9 +499,13 @@ def mean_loss(lm, tokens_NT: torch.Tensor, first: int, edits=None, lm_batch_size
     return total / count, count
 
 
-def _tokens_key(tokens_NT: torch.Tensor, first: int) -> str:
+def _tokens_key(tokens_NT: torch.Tensor, first: int, dtype: str = "float32") -> str:
+    """What the cached losses were measured on: the tokens, the first position and (other than float32, so
+    earlier caches stay valid) the dtype the models ran in."""
     h = hashlib.sha256(tokens_NT.cpu().numpy().astype(np.int64).tobytes())
     h.update(f"|{first}|{tuple(tokens_NT.shape)}".encode())
+    if dtype != "float32":
+        h.update(f"|{dtype}".encode())
     return h.hexdigest()[:16]
 
 
@@ -578,7 +594,8 @@ def checkpoints_to_load(series: CheckpointSeries, tokens_NT: torch.Tensor, first
                         cache_path: str | Path | None = None) -> list[SeriesCheckpoint]:
     """The models of ``series`` that :func:`checkpoint_losses` (with these arguments) loads: those whose loss
     on ``tokens_NT`` ``cache_path`` lacks."""
-    return _checkpoints_to_load(series, _cached_losses(cache_path, _tokens_key(check_tokens(tokens_NT), first)))
+    key = _tokens_key(check_tokens(tokens_NT), first, series.dtype)
+    return _checkpoints_to_load(series, _cached_losses(cache_path, key))
 
 
 def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: int, *, lm_batch_size: int = 8,
@@ -594,7 +611,7 @@ def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: 
     from tqdm.auto import tqdm
 
     tokens_NT = check_tokens(tokens_NT)
-    key = _tokens_key(tokens_NT, first)
+    key = _tokens_key(tokens_NT, first, series.dtype)
     family = series.kind == KIND_FAMILY
     cache = _cached_losses(cache_path, key)
     # before any of their weights download
@@ -885,7 +902,7 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
             raise SeriesError(f"no checkpoint series or model family given and none is known for model "
                               f"{lm.known_as!r}; "
                               f"pass one (--series {', '.join(known_series_names()[:2])}, ... or a folder)")
-        series = resolve_series(spec, cfg.steps, device=lm.device)
+        series = resolve_series(spec, cfg.steps, device=lm.device, dtype=lm.dtype)
     if spliced_loss is None:
         spliced_loss, _ = mean_loss(lm, tokens_NT, first, {hook: replace_from(first, sae)}, cfg.lm_batch_size)
     if clean_loss is None:

@@ -400,11 +400,13 @@ def _suite_run(lm, sae, model: str, out_dir: Path, cfg: PaperSuiteConfig, eval_c
     return run, wanted, {m.name: m.applies(run) for m in wanted}
 
 
-def _resolve_series(run: SuiteRun, reasons: dict[str, str | None], device: str | torch.device = "cpu") -> None:
-    """``run.series``: compute_equivalent's reference models, when that metric runs (its inputs record them)."""
+def _resolve_series(run: SuiteRun, reasons: dict[str, str | None], device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> None:
+    """``run.series``: compute_equivalent's reference models, when that metric runs (its inputs record them),
+    loaded as the evaluated model is (``device``, ``dtype``)."""
     if "compute_equivalent" in reasons and not reasons["compute_equivalent"]:
         ce = run.cfg.compute_equivalent
-        run.series = resolve_series(ce.series or series_for_model(run.model), ce.steps, device=device)
+        run.series = resolve_series(ce.series or series_for_model(run.model), ce.steps, device=device, dtype=dtype)
 
 
 def _contexts_read(run: SuiteRun, metric: str) -> dict[str, int]:
@@ -513,7 +515,7 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
     if any(m.name == "n2g" for m in wanted):
         _check_n2g_settings(cfg.n2g, sae, lm, asked_for="n2g" in cfg.metrics)
     _refuse_not_applying(cfg, reasons)
-    _resolve_series(run, reasons, lm.device)
+    _resolve_series(run, reasons, lm.device, lm.dtype)
     run.tokens = tokens if tokens is not None else read_suite_contexts(sae, lm.name, cfg, eval_cfg, lm.tokenize,
                                                                        lm.bos_token_id, T)
     return run, wanted, reasons

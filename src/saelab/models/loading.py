@@ -90,6 +90,11 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``dtype`` as a name: "bfloat16" for torch.bfloat16 or "torch.bfloat16" (refused as _dtype refuses)."""
+    return str(_dtype(dtype)).removeprefix("torch.")
+
+
 def save_dequantized(model: torch.nn.Module, tokenizer, dest: str | os.PathLike) -> Path:
     """Write a GGUF-loaded (or any) model as a plain HF directory, atomically.
 
