@@ -204,6 +204,44 @@ def _hand_spliced_ce(lm, sae, toks, z_sim, first):
     return float(-logp.gather(-1, toks[:, first + 1:, None].to(logp.device)).mean())
 
 
+def _simulated(res, held, n_latents):
+    """The simulated activations ``[N, T, n_latents]`` the reported explanations give on ``held`` (after BOS)."""
+    z_sim = torch.zeros(*held.shape, n_latents)
+    for r in res["per_latent"]:
+        expl = Explanation([Pattern(tuple(p["ids"]), p["anchored"], p["value"], p["count"]) for p in r["patterns"]])
+        for c in range(held.shape[0]):
+            z_sim[c, 1:, r["latent"]] = torch.tensor(expl.predict(held[c, 1:].tolist())) * r["max_act"]
+    return z_sim
+
+
+def test_splice_of_an_sae_reading_bos_keeps_its_reconstruction_there(tiny_gpt2, data_dir):
+    """An SAE that reads position 0 of contexts starting with BOS: N2G predicts nothing at BOS, so every
+    splice puts the SAE's own reconstruction there, as the plain SAE splice does (not b_dec, nor the SAE
+    less the explained latents)."""
+    from saelab.data import token_contexts
+
+    lm = tiny_gpt2
+    tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), lm.tokenizer, 24,
+                            n_contexts=16, bos_token_id=lm.bos_token_id, limit_docs=6)
+    torch.manual_seed(1)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=48, k=6, input_norm="layernorm", hook_name="blocks.0.hook_resid_post",
+                            exclude_first=False))
+    cfg = N2GConfig(n_latents=4, n_examples=4, max_len=3, max_patterns_reported=10_000, n_boot=0)
+    res = run_n2g(lm, sae, tokens, cfg)
+    sp, held = res["splice"], tokens[8:]
+    assert sp["n_predictions"] == 8 * 23  # the prediction made at BOS is scored
+    explained = [r["latent"] for r in res["per_latent"]]
+    with torch.no_grad():
+        z_sae = sae.encode(lm.activations(held, sae.cfg.hook_name).float())
+        z_all = _simulated(res, held, sae.n_latents)
+        z_all[:, 0] = z_sae[:, 0]
+        z_zeroed = z_sae.clone()
+        z_zeroed[:, 1:, explained] = 0
+        assert sp["ce_n2g_all"] == pytest.approx(_hand_spliced_ce(lm, sae, held, z_all, first=0), abs=2e-5)
+        assert sp["ce_zeroed"] == pytest.approx(_hand_spliced_ce(lm, sae, held, z_zeroed, first=0), abs=2e-5)
+        assert sp["ce_sae"] == pytest.approx(_hand_spliced_ce(lm, sae, held, z_sae, first=0), abs=2e-5)
+
+
 def test_full_n2g_splice_simulates_every_latent(tiny_gpt2, data_dir):
     from saelab.data import token_contexts
 
@@ -218,11 +256,7 @@ def test_full_n2g_splice_simulates_every_latent(tiny_gpt2, data_dir):
     sp = res["splice"]
     # Rebuild the simulated activations from the reported explanations, on the held-out half.
     held = tokens[8:]
-    z_sim = torch.zeros(*held.shape, sae.n_latents)
-    for r in res["per_latent"]:
-        expl = Explanation([Pattern(tuple(p["ids"]), p["anchored"], p["value"], p["count"]) for p in r["patterns"]])
-        for c in range(held.shape[0]):
-            z_sim[c, 1:, r["latent"]] = torch.tensor(expl.predict(held[c, 1:].tolist())) * r["max_act"]
+    z_sim = _simulated(res, held, sae.n_latents)
     assert z_sim.abs().sum() > 0  # some explanation fires on the held-out text
     with torch.no_grad():
         hand_all = _hand_spliced_ce(lm, sae, held, z_sim, first=1)

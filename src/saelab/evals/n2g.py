@@ -48,7 +48,10 @@ reconstruction from simulated latents (N2G predictions scaled by ``max_act``), t
   are no better than dropping those latents.
 
 Each is compared with the clean model (delta CE, KL) and the plain SAE splice. With
-``cfg.splice_error_term`` the SAE's error ``x - SAE(x)`` is added back in every splice.
+``cfg.splice_error_term`` the SAE's error ``x - SAE(x)`` is added back in every splice. Where the
+SAE reads position 0 of contexts that start with BOS, N2G predicts nothing at BOS (no text
+precedes it): there every run takes the plain SAE reconstruction, as the SAE splice and
+``saelab.evals.downstream`` replace it, so the runs differ only where the explanations predict.
 
 **Intervals** (``saelab.evals.bootstrap``, ``cfg.n_boot`` replicates, ``cfg.ci_level``): the
 held-out contexts are resampled; precision, recall and F1 (means over latents, from the drawn
@@ -354,12 +357,14 @@ def _nanmean(values) -> float | None:
 
 # ---- splicing -----------------------------------------------------------------------------
 def splice_latents(sae, latents_E: torch.Tensor, values_BTE: torch.Tensor | None, first: int,
-                   keep_error: bool = False, zero_others: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+                   keep_error: bool = False, zero_others: bool = False,
+                   values_from: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """An edit replacing positions >= first by the SAE reconstruction with latents E set to values.
 
     ``values_BTE`` None keeps the SAE's own values (a plain splice). The other latents keep their
-    SAE values, or are 0 with ``zero_others`` (every latent simulated: N2G §4.4). With
-    ``keep_error`` the SAE's error ``x - SAE(x)`` is added back.
+    SAE values, or are 0 with ``zero_others`` (every latent simulated: N2G §4.4). Positions before
+    ``values_from`` keep every latent's SAE value (a plain splice there). With ``keep_error`` the
+    SAE's error ``x - SAE(x)`` is added back.
     """
     @torch.no_grad()
     def edit(x_BTD: torch.Tensor) -> torch.Tensor:
@@ -371,6 +376,8 @@ def splice_latents(sae, latents_E: torch.Tensor, values_BTE: torch.Tensor | None
             z.scatter_(-1, idx, vals)
         if values_BTE is not None:
             z[..., latents_E.to(z.device)] = values_BTE.to(z)
+            z[:, :values_from] = 0
+            z[:, :values_from].scatter_(-1, idx[:, :values_from], vals[:, :values_from])
         x_hat = sae.denormalize_output(z @ sae.W_dec + sae.b_dec, state)
         if keep_error:
             x_hat = x_hat + x - sae.denormalize_output(sae.decode_topk(vals, idx), state)
@@ -462,7 +469,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
     per_latent, tot = _score_latents(lm, expl, pred, z_h, lats, max_acts, lo, cfg)
     E = lats.numel()
     micro = _prf(tot["tp"], tot["fp"], tot["fn"])
-    splice, per_ctx = _splice(lm, sae, held, hook, lats, pred, max_acts, first, cfg) if cfg.splice and E else (None, {})
+    splice, per_ctx = _splice(lm, sae, held, hook, lats, pred, max_acts, (first, s0), cfg) if cfg.splice and E else (None, {})
     thresholds = torch.tensor([cfg.firing_frac * max_acts[int(l)] for l in lats])
     per_ctx.update(context_counts(pred[:, lo:], z_h[:, lo:], thresholds))
     t_end = time.perf_counter()
@@ -643,8 +650,12 @@ SPLICES = {"sae": False, "n2g_partial": False, "zeroed": False, "n2g_all": True}
 
 @torch.no_grad()
 def _splice(lm, sae, held: torch.Tensor, hook: str, lats: torch.Tensor, pred: torch.Tensor,
-            max_acts: dict[int, float], first: int, cfg: N2GConfig) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The splice summary of the schema, and per held-out context sums of each run's CE (and counts)."""
+            max_acts: dict[int, float], positions: tuple[int, int], cfg: N2GConfig) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The splice summary of the schema, and per held-out context sums of each run's CE (and counts).
+    ``positions``: (first position replaced, first position predicted)."""
+    # BOS, when the SAE reads it, is replaced in every run as the plain SAE splice (and downstream_metrics)
+    # replaces it: N2G predicts nothing there, so the runs differ only where the explanations predict.
+    first, s0 = positions
     scale = torch.tensor([max_acts[int(l)] for l in lats])
     per_ctx: dict[str, list[torch.Tensor]] = defaultdict(list)
     kl: dict[str, float] = defaultdict(float)
@@ -654,7 +665,7 @@ def _splice(lm, sae, held: torch.Tensor, hook: str, lats: torch.Tensor, pred: to
         clean = lm.logits(toks)
         values = {"sae": None, "n2g_partial": sim, "zeroed": torch.zeros_like(sim), "n2g_all": sim}
         for name, zero_others in SPLICES.items():
-            edit = splice_latents(sae, lats, values[name], first, cfg.splice_error_term, zero_others)
+            edit = splice_latents(sae, lats, values[name], first, cfg.splice_error_term, zero_others, s0)
             ce_c, ce_e, kl_e = ce_and_kl(clean, lm.logits(toks, edits={hook: edit}), toks.to(clean.device), first)
             per_ctx[f"ce_{name}"].append(ce_e.double().reshape(toks.shape[0], -1).sum(1).cpu())
             kl[name] += float(kl_e.double().sum())
