@@ -73,7 +73,7 @@ Result schema (``run_n2g`` returns a JSON-serializable dict)::
                         anchored, value, count}] (the most frequent max_patterns_reported)}]
     splice            {ce_clean, ce_sae, ce_n2g_all, ce_n2g_partial, ce_zeroed, delta_ce_sae, delta_ce_n2g_all,
                        delta_ce_n2g_partial, delta_ce_zeroed, kl_sae, kl_n2g_all, kl_n2g_partial,
-                       ce_recovered_partial, n_simulated (latents with an explanation), simulated_frac
+                       ce_recovered_partial, n_simulated (latents with at least one pattern), simulated_frac
                        (n_simulated / n_latents), n_predictions} (None when cfg.splice is False)
     intervals         {precision, recall, f1, delta_ce_sae, delta_ce_n2g_all, delta_ce_n2g_partial,
                        n2g_all_minus_sae}: bootstrap intervals {estimate, low, high, level, n_boot,
@@ -470,6 +470,8 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
     E = lats.numel()
     micro = _prf(tot["tp"], tot["fp"], tot["fn"])
     splice, per_ctx = _splice(lm, sae, held, hook, lats, pred, max_acts, (first, s0), cfg) if cfg.splice and E else (None, {})
+    if splice:
+        splice.update(_simulated(per_latent, sae.n_latents))
     thresholds = torch.tensor([cfg.firing_frac * max_acts[int(l)] for l in lats])
     per_ctx.update(context_counts(pred[:, lo:], z_h[:, lo:], thresholds))
     t_end = time.perf_counter()
@@ -678,9 +680,15 @@ def _splice(lm, sae, held: torch.Tensor, hook: str, lats: torch.Tensor, pred: to
         **ce, **{f"delta_{k}": v - ce["ce_clean"] for k, v in ce.items() if k != "ce_clean"},
         **{f"kl_{k}": kl[k] / count for k in ("sae", "n2g_all", "n2g_partial")},
         "ce_recovered_partial": json_float(_recovered(*(torch.tensor(ce[k], dtype=torch.float64) for k in RECOVERED))),
-        "n_simulated": int(lats.numel()), "simulated_frac": lats.numel() / sae.n_latents,
         "n_predictions": count,
     }, totals
+
+
+def _simulated(per_latent: list[dict], n_latents: int) -> dict[str, Any]:
+    """How many latents the splices simulate: those with at least one pattern (a latent whose examples were
+    all dropped predicts 0 everywhere, as a latent never explained)."""
+    n = sum(1 for r in per_latent if r["n_patterns"] > 0)
+    return {"n_simulated": n, "simulated_frac": n / n_latents}
 
 
 RECOVERED = ("ce_zeroed", "ce_n2g_partial", "ce_sae")

@@ -257,7 +257,7 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
                       f"(means over latents): {'; '.join(parts)}."]
     if sp and "ce_n2g_all" in sp:
         lines += ["", f"Splice (§4.4). **All latents simulated** (the paper's definition): the {sp['n_simulated']} "
-                      f"explained latents ({sp['simulated_frac']:.1%} of the SAE) take their N2G predictions, every other "
+                      f"latents with an explanation ({sp['simulated_frac']:.1%} of the SAE) take their N2G predictions, every other "
                       "latent is 0. **Explained only** (partial): the explained latents replaced, the others keep "
                       "their SAE values.", "",
                   markdown_table([("CE clean / SAE", f"{sp['ce_clean']:.4f} / {sp['ce_sae']:.4f}"),
