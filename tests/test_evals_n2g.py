@@ -190,6 +190,25 @@ def test_run_n2g_on_a_real_tiny_model(tiny_gpt2, data_dir):
     assert again["splice"] is None
 
 
+def test_summary_row_says_what_the_all_latents_splice_measures(tiny_gpt2, data_dir):
+    """With a sample of latents explained, every other latent is 0 in the all-latents splice: the report's
+    summary row says so, as its N2G section does; with every latent that fires explained it says that."""
+    from saelab.data import token_contexts
+    from saelab.report.paper import _headline
+
+    tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tiny_gpt2.tokenizer, 12,
+                            n_contexts=8, bos_token_id=tiny_gpt2.bos_token_id, limit_docs=4)
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=16, k=4, hook_name="blocks.0.hook_resid_post"))
+    sample = run_n2g(tiny_gpt2, sae, tokens, N2GConfig(n_latents=3, n_examples=3, max_len=3, n_boot=0))
+    sp = sample["splice"]
+    assert (f"N2G {sp['delta_ce_n2g_all']:.4f} (all latents simulated: only {sp['n_simulated']} explained "
+            f"({sp['simulated_frac']:.1%}), every other latent 0, so mostly the cost of dropping them) vs SAE") \
+        in _headline("n2g", sample)
+    every = run_n2g(tiny_gpt2, sae, tokens, N2GConfig(n_latents=0, n_examples=3, max_len=3, n_boot=0))
+    assert "(all latents simulated, every latent that fires explained) vs SAE" in _headline("n2g", every)
+
+
 def _hand_spliced_ce(lm, sae, toks, z_sim, first):
     """Mean next-token CE with positions >= first replaced by the LayerNorm SAE's decoding of z_sim,
     written out densely (not through splice_latents)."""

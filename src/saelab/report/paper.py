@@ -59,8 +59,17 @@ def _headline(name: str, r: dict) -> str:
         sp = r.get("splice") or {}
         return (f"F1 {_f(r.get('f1'), '{:.3f}')} (precision {_f(r.get('precision'), '{:.3f}')}, recall "
                 f"{_f(r.get('recall'), '{:.3f}')}) over {r['n_explained']} latents; spliced delta CE N2G "
-                f"{_f(sp.get('delta_ce_n2g_all'))} (all latents simulated) vs SAE {_f(sp.get('delta_ce_sae'))}")
+                f"{_f(sp.get('delta_ce_n2g_all'))} ({_simulated_text(r, sp)}) vs SAE {_f(sp.get('delta_ce_sae'))}")
     return ""
+
+
+def _simulated_text(r: dict, sp: dict) -> str:
+    """What the all-latents splice measures: with a sample of latents explained, every other one is 0."""
+    cfg = r.get("config") or {}
+    if cfg.get("n_latents") == 0 and not cfg.get("latents"):
+        return "all latents simulated, every latent that fires explained"
+    return (f"all latents simulated: only {sp.get('n_simulated', '?')} explained ({_f(sp.get('simulated_frac'), '{:.1%}')}"
+            "), every other latent 0, so mostly the cost of dropping them")
 
 
 def _headline_ce(r: dict) -> str:
