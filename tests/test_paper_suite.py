@@ -108,7 +108,7 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     assert set(index["metrics"]) == set(names) and index["wall_s"] > 0
     report = (run / "evals" / "report.md").read_text()
     for heading in ("## Summary", "## Core", "## Compute-equivalent", "## Sparsity of ablation effects",
-                    "## Probe loss", "## N2G explanations", "latents/s", "| **total** |"):
+                    "## Held-out 1-D probe loss", "## N2G explanations", "latents/s", "| **total** |"):
         assert heading in report, heading
     for png in ("compute_equivalent.png", "probe.png", "n2g.png"):
         assert (run / "evals" / png).read_bytes()[:8] == PNG and f"]({png})" in report
@@ -456,6 +456,21 @@ def test_a_probe_that_measured_no_task_is_not_ok(tiny_series_run, data_dir, tmp_
     _, err = run_cli(capsys, *for_metrics(argv, "probe"), "--metrics", "probe", code=2)
     assert "failed in 1 metric(s): probe: every task was skipped" in err
     assert json.loads((tmp_path / "out" / "evals" / "probe.json").read_text())["status"] == "error"
+
+
+def test_the_probe_is_named_for_what_it_computes(tiny_series_run, data_dir, tmp_path, capsys):
+    """The probe scores the held-out CE of the latent chosen on train data (ridge-penalized fit, saelab's own
+    tasks), not the paper's minimum over latents: the report and docs/evals.md name it so, never as §4.2's."""
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
+    run_cli(capsys, "eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus",
+            str(corpus), *for_metrics(SMALL, "probe"), "--metrics", "probe")
+    report = (tmp_path / "out" / "evals" / "report.md").read_text()
+    title = "Held-out 1-D probe loss (after §4.2)"
+    assert f"| {title} |" in report and f"## {title}" in report and "Probe loss (§4.2)" not in report
+    assert "Not the paper's minimum over latents" in report
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evals.md").read_text()
+    section = docs.split("\n### `probe`", 1)[1].split("\n### ", 1)[0]
+    assert section.startswith(" (held-out 1-D probe loss, after paper §4.2;") and "l2 = 1e-3" in section
 
 
 def test_a_probe_result_of_the_earlier_split_is_not_reused(tiny_series_run, data_dir, tmp_path, capsys):

@@ -1,4 +1,7 @@
-"""Probe loss (Gao et al. 2024): how well the single best latent predicts a known binary feature.
+"""Held-out 1-D probe loss (after Gao et al. 2024, §4.2): how well the single best latent predicts a known
+binary feature. Not the paper's quantity (its minimum over latents of each latent's 1-D logistic loss on
+its own datasets): here the latent is chosen on train data and scored on held-out data, the fit has a
+ridge penalty, and the tasks are saelab's own.
 
 Definition pinned here (and in ``tests/test_evals_probe.py``):
 

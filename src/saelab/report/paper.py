@@ -19,7 +19,7 @@ from saelab.run_folder import DENSITY_PLOT, EVALS_DIR, LATENT_FREQUENCIES, read_
 from saelab.utils.atomic import write_text
 
 METRIC_TITLES = {"core": "Core (reconstruction and spliced loss)", "compute_equivalent": "Compute-equivalent (§4.1)",
-                 "ablation_sparsity": "Sparsity of ablation effects (§4.5)", "probe": "Probe loss (§4.2)",
+                 "ablation_sparsity": "Sparsity of ablation effects (§4.5)", "probe": "Held-out 1-D probe loss (after §4.2)",
                  "n2g": "N2G explanations (§4.3-4.4)"}
 
 
@@ -224,7 +224,9 @@ def _section_probe(r: dict, evals: Path) -> list[str]:
     unit = (r.get("config") or {}).get("split_unit", "paragraph")
     lines = [f"Features: encoder {'pre-activations' if r['features'] == 'pre' else 'latents'}; held-out "
              f"cross-entropy of the single best latent (chosen on train data) per task; train and test split by "
-             f"{unit} (context tasks: by text). [low, high]: paired bootstrap intervals over the held-out groups.", "",
+             f"{unit} (context tasks: by text). [low, high]: paired bootstrap intervals over the held-out groups. "
+             "Not the paper's minimum over latents of the 1-D probe's loss: one latent chosen on train data, "
+             "scored on held-out text, with a ridge-penalized fit, on saelab's own tasks (docs/evals.md).", "",
              f"| task | SAE loss | latent | channel loss | entropy | train / test examples ({unit}s) |",
              "|---|---|---|---|---|---|"]
     for name, t in r["tasks"].items():
