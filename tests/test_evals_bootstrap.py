@@ -73,3 +73,29 @@ def test_undefined_replicates_are_counted_and_bad_options_refused():
         paired_bootstrap({"s": torch.ones(3)}, {"m": ratio("s", "s")}, level=1.5)
     with pytest.raises(ConfigError, match="n_boot"):
         paired_bootstrap({"s": torch.ones(3)}, {"m": ratio("s", "s")}, n_boot=-1)
+
+
+def test_one_group_gives_no_interval_and_reports_say_why(tiny_gpt2, data_dir):
+    """One group redrawn is always itself: its replicates all equal the estimate, which is no interval."""
+    from saelab.data import token_contexts
+    from saelab.evals.bootstrap import format_interval
+    from saelab.evals.n2g import N2GConfig, run_n2g
+    from saelab.report.paper import _section_n2g
+    from saelab.sae.topk import SAEConfig, TopKSAE
+
+    one = {"s": torch.tensor([7.3], dtype=torch.float64), "n": torch.tensor([10.0], dtype=torch.float64)}
+    ci = paired_bootstrap(one, {"m": ratio("s", "n")}, n_boot=1000)["m"]
+    assert ci["estimate"] == pytest.approx(0.73)
+    assert ci["low"] is None and ci["high"] is None
+    assert ci["n_groups"] == 1 and format_interval(ci) == " (no interval: 1 group)"
+    # N2G on 2 contexts holds out 1: its intervals are of one group.
+    tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tiny_gpt2.tokenizer, 16,
+                            n_contexts=2, bos_token_id=tiny_gpt2.bos_token_id, limit_docs=2)
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=16, k=4, hook_name="blocks.0.hook_resid_post"))
+    res = run_n2g(tiny_gpt2, sae, tokens, N2GConfig(n_latents=3, n_examples=1, max_len=3))
+    delta = res["intervals"]["delta_ce_sae"]
+    assert delta["n_groups"] == 1 and delta["low"] is None and delta["estimate"] == pytest.approx(
+        res["splice"]["delta_ce_sae"])
+    report = "\n".join(_section_n2g(res, data_dir))
+    assert f"{res['splice']['delta_ce_sae']:.4f} (no interval: 1 group)" in report

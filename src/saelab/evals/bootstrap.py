@@ -17,6 +17,8 @@ Definition pinned here (and in ``tests/test_evals_bootstrap.py``):
   quantiles of the replicates (``torch.quantile``, linear interpolation, as numpy's default).
   Replicates where the statistic is undefined (NaN, e.g. a precision with nothing predicted) are
   left out and counted (``n_undefined``).
+- Fewer than 2 groups give no interval (``low`` and ``high`` None, ``n_boot`` 0): every draw of one
+  group is that group, so the replicates would all equal the estimate and claim no uncertainty.
 
 Result of one statistic (JSON-ready): ``{estimate, low, high, level, n_boot, n_groups, n_undefined}``.
 """
@@ -28,6 +30,7 @@ from typing import Callable, Mapping
 import torch
 
 from saelab.errors import ConfigError
+from saelab.utils.words import plural
 
 DEFAULT_N_BOOT = 1000
 DEFAULT_LEVEL = 0.95
@@ -69,6 +72,8 @@ def estimates(per_group: Totals, statistics: Mapping[str, Statistic]) -> dict[st
 
 def percentile_interval(estimate: float, replicates_B: torch.Tensor, level: float, n_groups: int) -> dict:
     """The JSON-ready interval of one statistic from its replicates (module docstring)."""
+    if n_groups < 2:  # one group redrawn is itself: a zero-width interval
+        replicates_B = replicates_B[:0]
     ok = replicates_B[~replicates_B.isnan()]
     lo = hi = None
     if ok.numel():
@@ -92,7 +97,7 @@ def paired_bootstrap(per_group: Totals, statistics: Mapping[str, Statistic], *, 
         raise ValueError(f"per-group totals must share their group count, got {sorted(n_groups)}")
     G = n_groups.pop()
     est = estimates(per_group, statistics)
-    if G == 0 or n_boot == 0:
+    if G < 2 or n_boot == 0:
         return {k: percentile_interval(v, torch.empty(0, dtype=torch.float64), level, G) for k, v in est.items()}
     counts = resample_counts(G, n_boot, torch.Generator().manual_seed(seed))
     reps = replicate_statistics(per_group, statistics, counts)
@@ -109,7 +114,11 @@ def ratio(num: str, den: str) -> Statistic:
 
 
 def format_interval(interval: dict | None, fmt: str = "{:.4f}") -> str:
-    """`` [low, high]`` for reports ('' when there is no interval)."""
+    """`` [low, high]`` for reports; why there is none when too few groups were drawn from ('' when there is no
+    interval otherwise)."""
+    n = (interval or {}).get("n_groups")
+    if isinstance(n, int) and n < 2:
+        return f" (no interval: {n} {plural(n, 'group')})"
     if not interval or interval.get("low") is None or interval.get("high") is None:
         return ""
     return f" [{fmt.format(interval['low'])}, {fmt.format(interval['high'])}]"
