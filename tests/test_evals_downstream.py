@@ -139,3 +139,22 @@ def test_bad_variants_per_forward(series_case):
     lm, sae, tokens = series_case
     with pytest.raises(ConfigError, match="variants_per_forward"):
         downstream_metrics(lm, sae, tokens, mean_act_D=torch.zeros(lm.d_model), progress=False, variants_per_forward=0)
+
+
+@pytest.mark.parametrize("shape, exclude_first", [((0, 20), False), ((2, 2), True), ((2, 1), False)])
+def test_tokens_without_a_prediction_to_score_are_refused(tiny_gpt2, shape, exclude_first):
+    """No contexts, or contexts too short for a prediction after the first position scored: one line naming the
+    tokens, not a ZeroDivisionError from the mean over no prediction."""
+    from saelab.errors import ShapeMismatchError
+    from saelab.evals.compute_equivalent import mean_loss
+
+    tokens = torch.full(shape, tiny_gpt2.bos_token_id, dtype=torch.long)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post",
+                            exclude_first=exclude_first))
+    first = int(exclude_first)
+    expected = (f"tokens_NT: {shape[0]} context.* of {shape[1]} token.* hold no next-token prediction from position "
+                f"{first} on; expected at least 1 context of at least {first + 2} tokens")
+    with pytest.raises(ShapeMismatchError, match=expected):
+        downstream_metrics(tiny_gpt2, sae, tokens, mean_act_D=torch.zeros(64), progress=False)
+    with pytest.raises(ShapeMismatchError, match=expected):
+        mean_loss(tiny_gpt2, tokens, first)

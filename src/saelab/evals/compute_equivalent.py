@@ -488,8 +488,9 @@ def series_for_model(model_name: str, kind: str | None = None) -> str | None:
 @torch.no_grad()
 def mean_loss(lm, tokens_NT: torch.Tensor, first: int, edits=None, lm_batch_size: int = 8) -> tuple[float, int]:
     """Mean next-token CE (nats) of predictions at positions first..T-2, and their count."""
-    from saelab.evals.downstream import ce_and_kl
+    from saelab.evals.downstream import ce_and_kl, check_predictions
 
+    check_predictions(tokens_NT, first, "tokens_NT")
     total, count = 0.0, 0
     for i in range(0, tokens_NT.shape[0], lm_batch_size):
         toks = tokens_NT[i:i + lm_batch_size]

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, ShapeMismatchError
+from saelab.utils.words import plural
 
 
 @dataclass
@@ -53,6 +54,15 @@ def ce_and_kl(clean_logits_BTV: torch.Tensor, edited_logits_BTV: torch.Tensor | 
     ce_edit = -logp_edit.gather(1, targets[:, None]).squeeze(1)
     kl = (logp_clean.exp() * (logp_clean - logp_edit)).sum(dim=-1)
     return ce_clean, ce_edit, kl
+
+
+def check_predictions(tokens_NT: torch.Tensor, first: int, name: str = "tokens") -> None:
+    """Refuse ``tokens_NT`` [N, T] that hold no prediction at positions first..T-2 (a mean over none is 0 / 0)."""
+    N, T = tokens_NT.shape[0], tokens_NT.shape[-1]
+    if N == 0 or T < first + 2:
+        raise ShapeMismatchError(f"{name}: {N} {plural(N, 'context')} of {T} {plural(T, 'token')} hold no next-token "
+                                 f"prediction from position {first} on; expected at least 1 context of at least "
+                                 f"{first + 2} tokens")
 
 
 def replace_from(first_pos: int, fn):
@@ -130,6 +140,7 @@ def downstream_metrics(lm, sae, tokens_NT: torch.Tensor, *, hook: str | None = N
     if not (isinstance(variants_per_forward, int) and variants_per_forward >= 1):
         raise ConfigError(f"variants_per_forward must be an integer >= 1, got {variants_per_forward!r}")
     first = 1 if (sae.cfg.exclude_first if exclude_first is None else exclude_first) else 0
+    check_predictions(tokens_NT, first, "tokens_NT")
     edits = _variant_edits(sae, first, ablations, mean_act_D)
     start = _resume_hook(lm, hook)
 
