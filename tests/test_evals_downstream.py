@@ -3,6 +3,8 @@ batch through ``lm.logits`` with the edit installed at the hook, on real models 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,11 +40,15 @@ def reference_metrics(lm, sae, tokens_NT, hook, first, mean_D, batch=4):
                 kl.append(F.kl_div(edited.log_softmax(-1), clean.log_softmax(-1), log_target=True,
                                    reduction="none").sum(-1))
     mean = {name: torch.cat(v).double().mean().item() for name, v in ce.items()}
+
+    def recovered(ablated):  # undefined where the ablation lowers CE (the noise rule: test ...beyond_noise)
+        gap = mean[ablated] - mean["clean"]
+        return (mean[ablated] - mean["spliced"]) / gap if gap > 0 else math.nan
+
     return {"ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "delta_ce": mean["spliced"] - mean["clean"],
             "kl": torch.cat(kl).double().mean().item(), "n_predictions": torch.cat(ce["clean"]).numel(),
             "ce_zero_abl": mean["zero_abl"], "ce_mean_abl": mean["mean_abl"],
-            "ce_recovered_zero": (mean["zero_abl"] - mean["spliced"]) / (mean["zero_abl"] - mean["clean"]),
-            "ce_recovered_mean": (mean["mean_abl"] - mean["spliced"]) / (mean["mean_abl"] - mean["clean"])}
+            "ce_recovered_zero": recovered("zero_abl"), "ce_recovered_mean": recovered("mean_abl")}
 
 
 def assert_metrics_match(got, want):
@@ -50,7 +56,7 @@ def assert_metrics_match(got, want):
     assert got["n_predictions"] == want["n_predictions"]
     for key, value in want.items():
         # float32 logits, double sums: the runs differ at most by GEMM rounding between batch shapes
-        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 def mean_activation(lm, tokens_NT, hook, first):
@@ -158,3 +164,23 @@ def test_tokens_without_a_prediction_to_score_are_refused(tiny_gpt2, shape, excl
         downstream_metrics(tiny_gpt2, sae, tokens, mean_act_D=torch.zeros(64), progress=False)
     with pytest.raises(ShapeMismatchError, match=expected):
         mean_loss(tiny_gpt2, tokens, first)
+
+
+def test_ce_recovered_needs_an_ablation_that_raises_ce_beyond_noise():
+    """CE recovered's scale runs from the ablated loss (0) to the clean one (1): where the ablation does not raise
+    CE above clean, or only within the noise of the contexts, it is undefined (NaN), as N2G's partial one is,
+    not -999 from a gap of 1e-4."""
+    from saelab.evals.downstream import _summary
+
+    g = torch.Generator().manual_seed(0)
+    clean = 31 * (3 + torch.rand(40, generator=g, dtype=torch.float64))  # per-context CE sums, 31 predictions each
+    spliced = clean + 31 * 0.1
+    noise = 31 * 0.05 * torch.randn(40, generator=g, dtype=torch.float64)
+    for rise in (0.0, -1e-4, 1e-4):
+        ablated = clean + 31 * rise + (noise - noise.mean() if rise else 0)
+        got = _summary({"clean": clean, "spliced": spliced, "zero_abl": ablated}, 0.0, 40 * 31)
+        assert math.isnan(got["ce_recovered_zero"]), rise
+        assert got["ce_zero_abl"] - got["ce_clean"] == pytest.approx(rise, abs=1e-12)
+    got = _summary({"clean": clean, "spliced": spliced, "zero_abl": clean + 31 * 2.0 + noise}, 0.0, 40 * 31)
+    gap = got["ce_zero_abl"] - got["ce_clean"]
+    assert got["ce_recovered_zero"] == pytest.approx((gap - 0.1) / gap, rel=1e-9)

@@ -1137,3 +1137,37 @@ def test_quickstart_and_a_sweep_evaluation_read_the_eval_corpus_once(tiny_dir, d
     assert len(opened) == 1 and suite["metrics"]["core"]["status"] == "ok"
     core = json.loads((tmp_path / "sweep" / "k4" / "evals" / "core.json").read_text())
     assert core["result"]["nmse"] == first["nmse"]
+
+
+def test_undefined_measurements_are_null_in_metrics_json_and_explained_in_reports(tiny_gpt2, tmp_path):
+    """A model whose logits ignore the hook (its unembedding zeroed): no ablation raises CE, so CE recovered is
+    undefined: null in metrics.json (strict JSON, as the suite's core.json), and "—" with why in the reports,
+    where it was a bare NaN and "nan%"."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from saelab.models import LanguageModel
+    from saelab.pipeline import evaluate
+    from saelab.sae.topk import SAEConfig, TopKSAE
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=128,
+                                       tie_word_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    lm = LanguageModel(model, tiny_gpt2.tokenizer, "tiny-gpt2")
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post", context_size=16))
+    evaluate(sae, lm=lm, cfg=EvalConfig(recon_tokens=150, downstream_tokens=150), out_dir=tmp_path, progress=False)
+
+    def no_constant(name):
+        raise AssertionError(f"metrics.json holds {name}, which strict JSON has not")
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=no_constant)
+    assert metrics["ce_zero_abl"] == metrics["ce_mean_abl"] == metrics["ce_clean"]
+    assert metrics["ce_recovered_zero"] is None and metrics["ce_recovered_mean"] is None
+    from saelab.report.markdown import metric_rows
+
+    rows = dict(metric_rows(metrics))
+    assert rows["CE recovered vs zero-ablation"] == \
+        "— (zero-ablation does not raise CE above the clean model's: +0.0000)"
+    earlier = dict(metric_rows({**metrics, "ce_recovered_mean": float("nan")}))  # an earlier saelab's file
+    assert earlier["CE recovered vs mean-ablation"].startswith("— (mean-ablation does not raise CE")

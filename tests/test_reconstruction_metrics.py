@@ -59,3 +59,28 @@ def test_ce_and_kl_known_answer():
     # first_pos=1 leaves out the prediction made at position 0.
     ce_c1, _, kl1 = ce_and_kl(clean, edited, tokens, first_pos=1)
     assert ce_c1.shape == (1,) and torch.allclose(kl1, expected_kl.reshape(1))
+
+
+def test_rows_that_do_not_vary_have_no_nmse():
+    """One row, identical rows, or rows one LayerNorm makes identical: nMSE's denominator is 0, so it is refused
+    naming the space, where it read inf (or a huge number from rounding)."""
+    import pytest
+
+    from saelab.errors import NonFiniteError
+    from saelab.evals.reconstruction import reconstruction_metrics
+    from saelab.sae.topk import SAEConfig, TopKSAE
+
+    torch.manual_seed(0)
+    plain = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=4))
+    layernorm = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=4, input_norm="layernorm"))
+    one_vector = torch.randn(1, 8) * torch.arange(1.0, 6.0)[:, None]  # 5 rows along one direction
+    for sae, rows, space, n in ((plain, torch.randn(1, 8), "eval activations", "1 row"),
+                                (plain, torch.ones(5, 8), "eval activations", "5 rows"),
+                                (layernorm, one_vector, "eval activations after the SAE's input normalization",
+                                 "5 rows")):
+        with pytest.raises(NonFiniteError, match=rf"^{space}: nMSE is undefined where the rows do not vary around "
+                                                 rf"their mean \({n}; .*expected at least 2 rows that differ$"):
+            reconstruction_metrics(sae, [rows])
+    with pytest.raises(NonFiniteError, match="rows: nMSE is undefined"):
+        nmse(torch.ones(3, 2), torch.zeros(3, 2))
+    assert reconstruction_metrics(layernorm, [torch.randn(5, 8)])[0].nmse_sae_input > 0  # rows that differ

@@ -23,6 +23,7 @@ from saelab.data import cache_is_complete, check_disk_room, note_unfinished_over
 from saelab.data import StreamConfig, TextsReadOnce, corpus_identity, sample_contexts, token_contexts
 from saelab.data import write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
+from saelab.evals._common import jsonable
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, evaluated_model, read_eval_contexts
@@ -428,9 +429,9 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
     sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
-    metrics = {**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
-               "sae_sha256": sae_hash or sae_sha256(sae), "eval_config": _eval_config_record(cfg),
-               "eval_as_read": _eval_as_read(cfg, sae), "model_dtype": str(lm.dtype).removeprefix("torch.")}
+    metrics = jsonable({**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
+                        "sae_sha256": sae_hash or sae_sha256(sae), "eval_config": _eval_config_record(cfg),
+                        "eval_as_read": _eval_as_read(cfg, sae), "model_dtype": str(lm.dtype).removeprefix("torch.")})
     if out_dir is not None:
         # The frequencies go first: metrics.json marks the evaluation done, so one cut off before it runs
         # again and rewrites them; they record the SAE and the settings, so a report never pairs them with
@@ -1006,7 +1007,7 @@ def _write_quickstart_results(run_dir: Path, metrics: dict[str, Any], reused: li
     metrics["wall_seconds"] = {**times, "total": round(sum(times.values()), 1)}
     metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused, trained_before, harvested)
     metrics["reused"] = reused
-    write_json(run_dir / EVAL_METRICS, metrics)
+    write_json(run_dir / EVAL_METRICS, jsonable(metrics))  # an earlier saelab's file may hold NaN
     # The run's SAE, hashed when these metrics were measured or checked against it: not hashed again.
     write_run_report(run_dir, density_drawn_by=None if "evaluate" in reused else metrics,
                      sae_hash=metrics.get("sae_sha256"))

@@ -50,6 +50,16 @@ def json_float(x: float | torch.Tensor | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def jsonable(obj: Any) -> Any:
+    """A metric result for JSON: tuples become lists, NaN and inf (undefined values) become None (strict JSON
+    has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return json_float(obj) if isinstance(obj, float) else obj
+
+
 def config_dict(cfg: Any) -> dict[str, Any]:
     """A config dataclass as a JSON-ready dict (tuples become lists)."""
     def fix(v):

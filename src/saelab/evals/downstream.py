@@ -4,6 +4,9 @@
 - KL         = mean over predictions of KL(p_clean || p_spliced).
 - CE recovered against zero- and mean-ablation of the hook:
   (CE_ablated - CE_spliced) / (CE_ablated - CE_clean); 1 is perfect, 0 is no better than ablating.
+  Undefined (NaN; null in metrics.json) where the ablation does not raise CE above the clean
+  model's beyond noise: the gap is <= 0, or its bootstrap interval over the contexts reaches 0
+  (the rule N2G's ``ce_recovered_partial`` follows); a ratio of noise reads -999 or +1001.
 
 Position handling: contexts start with BOS. When the SAE was trained without position 0
 (``exclude_first``), position 0 is left clean in every edited run, and the prediction made at
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from saelab.errors import ConfigError, ShapeMismatchError
+from saelab.evals.bootstrap import DEFAULT_N_BOOT, paired_bootstrap
 from saelab.utils.words import plural
 
 
@@ -144,7 +148,7 @@ def downstream_metrics(lm, sae, tokens_NT: torch.Tensor, *, hook: str | None = N
     edits = _variant_edits(sae, first, ablations, mean_act_D)
     start = _resume_hook(lm, hook)
 
-    sums = dict.fromkeys(edits, 0.0)
+    sums: dict[str, list[torch.Tensor]] = {name: [] for name in edits}  # per context
     kl_sum, count = 0.0, 0
     for i in tqdm(range(0, tokens_NT.shape[0], lm_batch_size), desc="downstream", unit="batch", disable=not progress):
         toks = tokens_NT[i:i + lm_batch_size].to(lm.device)
@@ -154,12 +158,12 @@ def downstream_metrics(lm, sae, tokens_NT: torch.Tensor, *, hook: str | None = N
             logp = _next_token_logp(logits, first)
             del logits
             ce = -logp.gather(1, toks[:, first + 1:].reshape(-1, 1)).squeeze(1)
-            sums[name] += float(ce.double().sum())
+            sums[name].append(ce.double().reshape(toks.shape[0], -1).sum(1).cpu())
             if name == "clean":
                 logp_clean, count = logp, count + ce.numel()
             elif name == "spliced":
                 kl_sum += float((logp_clean.exp() * (logp_clean - logp)).sum(dim=-1).double().sum())
-    return _summary({name: s / count for name, s in sums.items()}, kl_sum / count, count)
+    return _summary({name: torch.cat(s) for name, s in sums.items()}, kl_sum / count, count)
 
 
 def _next_token_logp(logits_BTV: torch.Tensor, first: int) -> torch.Tensor:
@@ -168,12 +172,31 @@ def _next_token_logp(logits_BTV: torch.Tensor, first: int) -> torch.Tensor:
     return F.log_softmax(logits_BTV[:, first:-1].float().reshape(-1, V), dim=-1)
 
 
-def _summary(ce: dict[str, float], kl: float, count: int) -> dict[str, float]:
+def ce_recovered(ablated: torch.Tensor, edited: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(ablated - edited) / (ablated - reference), NaN where the ablation does not raise CE above the reference
+    (the scale from 0 to 1 is then undefined)."""
+    gap = ablated - reference
+    return torch.where(gap > 0, (ablated - edited) / torch.where(gap > 0, gap, torch.ones_like(gap)),
+                       torch.full_like(gap, float("nan")))
+
+
+def _summary(sums: dict[str, torch.Tensor], kl: float, count: int) -> dict[str, float]:
+    """The metrics from each run's per-context CE sums ``[N]``."""
+    ce = {name: float(s.sum()) / count for name, s in sums.items()}
     out = {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "delta_ce": ce["spliced"] - ce["clean"],
            "kl": kl, "n_predictions": count}
     for name in ("zero_abl", "mean_abl"):
         if name in ce:
             out[f"ce_{name}"] = ce[name]
-            gap = ce[name] - ce["clean"]
-            out[f"ce_recovered_{name.split('_')[0]}"] = (ce[name] - ce["spliced"]) / gap if gap != 0 else float("nan")
+            value = ce_recovered(*(torch.tensor(ce[k], dtype=torch.float64) for k in (name, "spliced", "clean")))
+            out[f"ce_recovered_{name.split('_')[0]}"] = float(value) if _rise_beyond_noise(sums, name) else float("nan")
     return out
+
+
+def _rise_beyond_noise(sums: dict[str, torch.Tensor], name: str) -> bool:
+    """Whether run ``name`` raises CE above the clean run's beyond the noise of the contexts drawn: its paired
+    bootstrap interval does not reach 0 (no interval, from one context: the rise itself)."""
+    n = torch.ones_like(sums["clean"])
+    rise = paired_bootstrap({"ablated": sums[name], "clean": sums["clean"], "n": n},
+                            {"rise": lambda t: (t["ablated"] - t["clean"]) / t["n"]}, n_boot=DEFAULT_N_BOOT)["rise"]
+    return rise["low"] > 0 if rise["low"] is not None else rise["estimate"] > 0

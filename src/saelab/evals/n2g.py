@@ -107,7 +107,7 @@ from saelab.evals._common import (
     resolve_hook,
 )
 from saelab.evals.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args, paired_bootstrap
-from saelab.evals.downstream import ce_and_kl
+from saelab.evals.downstream import ce_and_kl, ce_recovered
 from saelab.evals.probe_tasks import token_strings
 from saelab.run_folder import read_json_value
 from saelab.utils.config import switch
@@ -697,9 +697,7 @@ RECOVERED = ("ce_zeroed", "ce_n2g_partial", "ce_sae")
 def _recovered(zeroed: torch.Tensor, partial: torch.Tensor, sae: torch.Tensor) -> torch.Tensor:
     """ce_recovered_partial: (zeroed - partial) / (zeroed - sae), NaN where zeroing the explained latents does not
     raise CE above the SAE's (the scale from 0 to 1 is then undefined: 1.7 from two differences of noise)."""
-    gap = zeroed - sae
-    return torch.where(gap > 0, (zeroed - partial) / torch.where(gap > 0, gap, torch.ones_like(gap)),
-                       torch.full_like(gap, float("nan")))
+    return ce_recovered(zeroed, partial, sae)
 
 
 def _nanmean_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

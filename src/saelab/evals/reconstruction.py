@@ -16,6 +16,9 @@ It is reported in two spaces:
   without input normalization the two are the same number. They differ for a LayerNorm SAE because
   de-normalizing multiplies each token's error by its std: tokens of large norm weigh more in raw
   space.
+
+Rows that do not vary around their mean (one row, or identical rows) have no nMSE (its denominator
+is 0): they are refused (NonFiniteError naming the space), not reported as inf.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from saelab.errors import NonFiniteError
+from saelab.utils.words import plural
 
 DENSE_THRESHOLD = 0.1
 """A latent is 'dense' if it fires on more than this fraction of evaluated tokens."""
@@ -51,7 +57,8 @@ class ReconstructionResult:
 class _NMSESums:
     """Float64 sums from which the nMSE of all rows seen follows, whatever the batching."""
 
-    def __init__(self, d_in: int):
+    def __init__(self, d_in: int, space: str):
+        self.space = space
         self.sse = torch.zeros((), dtype=torch.float64)
         self.sum_x = torch.zeros(d_in, dtype=torch.float64)
         self.sum_sq = torch.zeros((), dtype=torch.float64)
@@ -66,15 +73,24 @@ class _NMSESums:
 
     def nmse(self) -> float:
         mean = self.sum_x / self.rows
-        return float(self.sse / (self.sum_sq - self.rows * mean.pow(2).sum()))
+        return _nmse_value(self.sse, self.sum_sq - self.rows * mean.pow(2).sum(), self.sum_sq, self.rows, self.space)
+
+
+def _nmse_value(sse: torch.Tensor, centred: torch.Tensor, total: torch.Tensor, rows: int, space: str) -> float:
+    """sse / centred (sum ||x - mean x||^2); refused where the rows do not vary around their mean."""
+    # float32 rows that are one vector (or one after a LayerNorm) still vary by rounding, ~1e-12 of sum ||x||^2
+    if not centred > 1e-9 * total:
+        raise NonFiniteError(f"{space}: nMSE is undefined where the rows do not vary around their mean ({rows:,} "
+                             f"{plural(rows, 'row')}; sum ||x - mean x||^2 is 0); expected at least 2 rows that differ")
+    return float(sse / centred)
 
 
 class ReconstructionAccumulator:
     """Accumulates reconstruction statistics batch by batch."""
 
     def __init__(self, n_latents: int, d_in: int):
-        self.raw = _NMSESums(d_in)
-        self.sae_input = _NMSESums(d_in)
+        self.raw = _NMSESums(d_in, "eval activations")
+        self.sae_input = _NMSESums(d_in, "eval activations after the SAE's input normalization")
         self.nonzero = 0
         self.fire_counts = torch.zeros(n_latents, dtype=torch.long)
 
@@ -116,7 +132,8 @@ class ReconstructionAccumulator:
 def nmse(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> float:
     """nMSE of one set of rows (the definition, in one line)."""
     x = x_ND.double()
-    return float((x - x_hat_ND.double()).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum())
+    return _nmse_value((x - x_hat_ND.double()).pow(2).sum(), (x - x.mean(dim=0)).pow(2).sum(), x.pow(2).sum(),
+                       x.shape[0], "rows")
 
 
 @torch.no_grad()

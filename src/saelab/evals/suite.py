@@ -53,7 +53,7 @@ from simple_parsing.helpers import field as cli_field
 
 from saelab.data import resolve_corpus, token_contexts
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
-from saelab.evals._common import config_dict, first_position, position_0_words
+from saelab.evals._common import config_dict, first_position, jsonable, position_0_words
 from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
 from saelab.evals.compute_equivalent import (
     ComputeEquivalentConfig,
@@ -109,17 +109,6 @@ class PaperSuiteConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n2g_contexts < 2:
             raise ConfigError(f"n2g_contexts must be >= 2 (build and held-out parts), got {self.n2g_contexts}")
-
-
-def _jsonable(obj: Any) -> Any:
-    """A metric result for JSON: tuples become lists, NaN and inf (undefined values) become None."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _now() -> str:
@@ -357,7 +346,7 @@ def _computed(run: SuiteRun, m: SuiteMetric) -> tuple[dict | None, str, str | No
     if m.name in run.refused:  # known to fail: nothing of it is loaded
         return None, "error", run.refused[m.name]
     try:
-        result = _jsonable(m.compute(run))
+        result = jsonable(m.compute(run))
     except _METRIC_ERRORS as e:
         return None, "error", _error_reason(e)
     if empty := m.measured_nothing(result):

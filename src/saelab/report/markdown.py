@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,29 @@ METRIC_ROWS = [
     ("ce_recovered_zero", "CE recovered vs zero-ablation", "{:.2%}"),
     ("ce_recovered_mean", "CE recovered vs mean-ablation", "{:.2%}"),
 ]
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The evaluation table's rows of ``metrics`` (metrics.json or core.json's result); a measurement without a
+    value (null; NaN in an earlier saelab's file) shows as "—" with why."""
+    rows = []
+    for key, label, fmt in METRIC_ROWS:
+        if key in metrics:
+            value = metrics[key]
+            rows.append((label, fmt.format(value) if value is not None and math.isfinite(value)
+                         else "—" + _why_undefined(key, metrics)))
+    return rows
+
+
+def _why_undefined(key: str, metrics: dict[str, Any]) -> str:
+    """Why CE recovered has no value: its ablation does not raise CE above the clean model's beyond noise."""
+    kind = key.removeprefix("ce_recovered_")
+    ablated, clean = metrics.get(f"ce_{kind}_abl"), metrics.get("ce_clean")
+    if kind == key or ablated is None or clean is None:
+        return ""
+    rise = ablated - clean
+    return (f" ({kind}-ablation does not raise CE above the clean model's: {rise:+.4f})" if rise <= 0 else
+            f" ({kind}-ablation raises CE by {rise:+.4f}, within the noise of the eval contexts)")
 
 
 def markdown_table(rows: list[tuple[str, str]]) -> str:
@@ -202,7 +226,7 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
                   f"Eval corpus `{metrics.get('eval_corpus')}`: {n_tok:,} tokens for reconstruction, "
                   f"{metrics.get('n_predictions', 0):,} next-token predictions for the downstream loss "
                   f"(context {metrics.get('context_size')}, position 0 {metrics.get('position_0')}).", ""]
-        lines += [markdown_table([(label, fmt.format(metrics[key])) for key, label, fmt in METRIC_ROWS if key in metrics]), ""]
+        lines += [markdown_table(metric_rows(metrics)), ""]
     if log:
         training_curves(log, run_dir / TRAINING_CURVES)
         last = log[-1]
