@@ -20,8 +20,27 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def rows_for(k, sizes, nmse, tokens=2**21):
-    return [{"run": f"n{n}_k{k}", "n_latents": n, "k": k, "total_tokens": tokens, "nmse": nmse(n),
-             "delta_ce": 2.0 * n ** -0.3, "l0": float(k), "eval_inactive_frac": 0.0} for n in sizes]
+    """Runs whose SAE-input-space nMSE (the one fitted) is ``nmse(n)``; their raw-space one differs, as a LayerNorm
+    SAE's does."""
+    return [{"run": f"n{n}_k{k}", "n_latents": n, "k": k, "total_tokens": tokens, "nmse_sae_input": nmse(n),
+             "nmse": 1.3 * nmse(n) * (n / 1024) ** 0.05, "delta_ce": 2.0 * n ** -0.3, "l0": float(k),
+             "eval_inactive_frac": 0.0} for n in sizes]
+
+
+def test_the_fit_is_of_the_papers_nmse_or_says_it_is_not():
+    """The paper's Figure 1 plots nMSE in the SAE's input space: that is the one fitted. A group with a run whose
+    metrics.json predates it is fitted on the raw-space nMSE, and says so."""
+    sizes = [2 ** p for p in range(10, 14)]
+    rows = rows_for(32, sizes, lambda n: 0.9 * (n / 1024) ** -0.25 + 0.05)
+    f = fit_scaling(rows)["k=32"]
+    assert f["nmse"] == [r["nmse_sae_input"] for r in rows]
+    assert f["alpha"] == pytest.approx(0.25, rel=1e-5) and f["note"] is None and f["nmse_space"] == "sae_input"
+    older = [{**r, "nmse_sae_input": None} if r["n_latents"] == 2048 else r for r in rows]
+    f = fit_scaling(older)["k=32"]
+    assert f["nmse_space"] == "raw" and f["nmse"] == [r["nmse"] for r in rows]
+    assert f["note"] == ("raw-space nMSE (metrics.json without nmse_sae_input): n2048_k32; `saelab eval SWEEP_DIR "
+                         "--overwrite` records the SAE-input-space one")
+    assert "| k=32 | 2^10, 2^11, 2^12, 2^13 |" in "\n".join(_fits_table({"k=32": f}))
 
 
 def test_fit_recovers_known_exponent_and_floor_per_k():
@@ -161,6 +180,9 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
     data = json.loads((sweep / "scaling.json").read_text())
     assert [r["run"] for r in data["runs"]] == ["n32_k2", "n32_k4", "n64_k2", "n64_k4", "n128_k4"]
     assert data["fits"]["k=4"]["fitted"] and data["fits"]["k=4"]["n"] == [32, 64, 128]
+    k4 = {r["run"]: r for r in data["runs"] if r["k"] == 4}
+    assert data["fits"]["k=4"]["nmse_space"] == "sae_input"
+    assert data["fits"]["k=4"]["nmse"] == [k4[f"n{n}_k4"]["nmse_sae_input"] for n in (32, 64, 128)]
     assert not data["fits"]["k=2"]["fitted"] and data["unevaluated"] == []
     for png in ("scaling_nmse.png", "scaling_delta_loss.png"):
         raw = (sweep / png).read_bytes()

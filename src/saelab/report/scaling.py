@@ -20,9 +20,13 @@ standard error and a 95 % profile-likelihood interval (a and c refitted for each
 with 3 sizes, possibly unbounded with 4 or 5, where c can absorb the decline). Beside it,
 ``alpha_pure`` is the slope of a floor-free power law ``a n^-alpha`` (log-log least squares), which
 stays meaningful with few sizes. A group whose nMSE stops falling with n (larger SAEs undertrained
-at the budget) is flagged ``monotone: false``; its alpha says nothing. The paper's Figure 1 plots
-the same (their "normalized MSE" at convergence; here at the sweep's token budget, so large n
-trained on few tokens per latent bend the curve up). The spliced LM loss is shown beside it; its
+at the budget) is flagged ``monotone: false``; its alpha says nothing. The nMSE fitted is
+``nmse_sae_input``, in the SAE's input space (after its input normalization: LayerNorm in the paper
+recipe), the quantity of the paper's Figure 1 (there at convergence; here at the sweep's token
+budget, so large n trained on few tokens per latent bend the curve up). A group with a run whose
+metrics.json predates ``nmse_sae_input`` is fitted on the raw-space ``nmse`` instead (``nmse_space:
+"raw"``, and its note names those runs): for an SAE with input normalization that is another
+quantity, in which tokens of large norm weigh more. The spliced LM loss is shown beside it; its
 log-log slope in n is reported (a pure power law, for the shape only).
 
 Two different "dead" numbers are kept apart: ``eval_inactive_frac`` (latents that never fired on
@@ -33,13 +37,15 @@ was training).
 Outputs, in the sweep folder::
 
     scaling.json         {sweep, eval_settings, runs: [{run, n_latents, k (null: ReLU), sparsity (ReLU: its L1
-                          coefficient; null: top-k), total_tokens, nmse, delta_ce, l0,
+                          coefficient; null: top-k), total_tokens, nmse, nmse_sae_input (null: an earlier
+                          saelab's metrics.json), delta_ce, l0,
                           eval_inactive_frac, eval_tokens, train_dead_frac, train_dead_window, ce_clean,
                           ce_spliced, sae_sha256, copy_of: run | null, settings: {varying training setting:
                           value}}], unevaluated: [run names], other_weights: [the unevaluated runs whose
                           metrics.json describes other weights than sae/], unfinished: [runs whose
                           training has not finished (no sae/ yet)],
-                          fits: {label: {k, sparsity, total_tokens, settings, n, nmse, runs,
+                          fits: {label: {k, sparsity, total_tokens, settings, n, nmse (the values fitted),
+                          nmse_space ("sae_input", the paper's; "raw" where a run lacks it), runs,
                           copies: {run: the run it copies}, fitted, alpha, alpha_se,
                           alpha_interval: [low|null, high|null] | null, alpha_interval_note, interval_level,
                           a, c, c_se, rmse_log, dof, residuals: [{n, nmse, fitted, residual_log}],
@@ -72,7 +78,11 @@ from saelab.train.config import TrainConfig
 from saelab.utils.atomic import replacing_entries, write_json, write_text
 from saelab.utils.figures import figure, save_figure
 
-METRIC_KEYS = ("nmse", "delta_ce", "l0", "ce_clean", "ce_spliced")
+METRIC_KEYS = ("nmse", "nmse_sae_input", "delta_ce", "l0", "ce_clean", "ce_spliced")
+
+FITTED_SPACES = {"sae_input": "nMSE in the SAE's input space (the paper's)",
+                 "raw": "raw-space nMSE (metrics.json without nmse_sae_input)"}
+"""What a fit's nMSE is: the paper's quantity, or the raw-space one where an earlier saelab's metrics.json lacks it."""
 
 
 def _training_dead(run: Path, train: dict[str, Any]) -> tuple[float | None, int | None]:
@@ -226,17 +236,21 @@ def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     fits = {}
     for ((_, _, sparse), tokens, _), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["n_latents"])
-        n, y = [r["n_latents"] for r in rs], [r["nmse"] for r in rs]
+        space, older = _fitted_space(rs)
+        n, y = [r["n_latents"] for r in rs], [r["nmse_sae_input" if space == "sae_input" else "nmse"] for r in rs]
         settings = rs[0].get("settings", {})
         label = _label(sparse, tokens, several, settings)
         runs = [r["run"] for r in rs]
         out: dict[str, Any] = {"k": rs[0]["k"], "sparsity": rs[0].get("sparsity"), "total_tokens": tokens,
-                               "settings": settings, "n": n, "nmse": y, "runs": runs,
+                               "settings": settings, "n": n, "nmse": y, "nmse_space": space, "runs": runs,
                                "copies": {r["run"]: r["copy_of"] for r in rows if r.get("copy_of") in runs}}
         if len(set(n)) < 3:
             out.update(fitted=False, note=f"needs 3 sizes to fit a + c, has {len(set(n))}")
         else:
             out.update(_fit_group(n, y, f"nMSE of the {label} runs"))
+        if older:
+            out["note"] = "; ".join(s for s in (out["note"], f"{FITTED_SPACES['raw']}: {', '.join(older)}; `saelab "
+                                                "eval SWEEP_DIR --overwrite` records the SAE-input-space one") if s)
         d = [(r["n_latents"], r["delta_ce"]) for r in rs if r["delta_ce"] is not None]
         out["delta_ce_slope"] = None
         if len(d) >= 2 and all(v > 0 for _, v in d) and len({a for a, _ in d}) >= 2:
@@ -244,6 +258,13 @@ def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                                    interval_level=None).alpha
         fits[label] = out
     return fits
+
+
+def _fitted_space(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """("sae_input", []) where every run recorded the paper's nMSE; else ("raw", the runs that did not): one
+    curve is fitted on one quantity."""
+    older = [r["run"] for r in rows if r.get("nmse_sae_input") is None]
+    return ("raw", older) if older else ("sae_input", [])
 
 
 # ---- plots ------------------------------------------------------------------------------------------
@@ -269,21 +290,27 @@ def _nmse_plot(fits: dict[str, dict], path: Path) -> Path:
         ax.scatter(f["n"], f["nmse"], color=col, zorder=3)
         if f["fitted"]:
             grid = np.logspace(math.log10(min(f["n"])) - 0.08, math.log10(max(f["n"])) + 0.08, 100)
-            tag = "" if f["monotone"] else " (not monotone: fit meaningless)"
+            tag = ("" if f["monotone"] else " (not monotone: fit meaningless)") + _space_tag(f)
             ax.plot(grid, f["a"] * grid ** -f["alpha"] + f["c"], color=col, ls="--" if f["monotone"] else ":",
                     label=f"{label}: alpha {f['alpha']:.3g}, c {f['c']:.3f}{tag}")
         else:
             ax.plot(f["n"], f["nmse"], color=col, label=f"{label} (not fitted: {f['note']})")
+    raw = all(f.get("nmse_space") == "raw" for f in fits.values())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_ylim(min(ys) / 1.25, max(ys) * 1.25)
     _plain_log_ticks(ax)
     ax.set_xlabel("latents n")
-    ax.set_ylabel("normalized MSE (held-out)")
+    ax.set_ylabel("normalized MSE (held-out)" + (", raw space" if raw else ", SAE input space"))
     ax.set_title("nMSE against SAE size, one line per k")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _space_tag(f: dict[str, Any]) -> str:
+    """A legend's mark of a curve fitted on the raw-space nMSE (not the paper's quantity)."""
+    return " [raw-space nMSE]" if f.get("nmse_space") == "raw" else ""
 
 
 def _delta_loss_plot(fits: dict[str, dict], rows: list[dict], path: Path) -> Path:
@@ -339,12 +366,12 @@ def _fits_table(fits: dict[str, dict]) -> list[str]:
 def _runs_table(rows: list[dict[str, Any]], eval_tokens: int | None) -> list[str]:
     fmt = lambda v, f="{:.4f}": "—" if v is None else f.format(v)  # noqa: E731
     eval_head = f"inactive on the {eval_tokens:,} eval tokens" if eval_tokens else "inactive on the eval tokens"
-    lines = [f"| run | n | k | tokens | nMSE | delta CE | L0 | {eval_head} | dead at end of training "
-             "| training dead window (tokens) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| run | n | k | tokens | nMSE, SAE input space | nMSE, raw | delta CE | L0 | {eval_head} "
+             "| dead at end of training | training dead window (tokens) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["k"] is None, r["k"] or 0, _sparsity_of(r), r["n_latents"])):
         run = r["run"] + (f" (copy of {r['copy_of']})" if r.get("copy_of") else "")
         lines.append(f"| {run} | {r['n_latents']:,} | {r.get('sparsity') or r['k']} | {r['total_tokens']:,} | "
-                     f"{fmt(r['nmse'])} | {fmt(r['delta_ce'])} | {fmt(r['l0'], '{:.1f}')} | "
+                     f"{fmt(r.get('nmse_sae_input'))} | {fmt(r['nmse'])} | {fmt(r['delta_ce'])} | {fmt(r['l0'], '{:.1f}')} | "
                      f"{fmt(r['eval_inactive_frac'], '{:.2%}')} | "
                      f"{fmt(r['train_dead_frac'], '{:.2%}')} | {fmt(r['train_dead_window'], '{:,}')} |")
     return lines
@@ -355,7 +382,9 @@ def _markdown(folder: Path, fits: dict, rows: list[dict], missing: list[str], st
     shown = ", ".join(f"{k} {_show(v)}" for k, v in settings.items())
     lines = [f"# Scaling study `{folder.name}`", "",
              "nMSE(n) = a n^-alpha + c fitted per k (log-space residuals); held-out nMSE from each run's metrics.json, "
-             f"every run evaluated alike ({shown}).", "",
+             f"every run evaluated alike ({shown}). The nMSE fitted is the paper's, in the SAE's input space (after "
+             "its input normalization; `nmse_sae_input`); a group whose metrics.json lack it is fitted on the raw-space "
+             "nMSE and its note says so.", "",
              "alpha's interval is the profile-likelihood one (a and c refitted for each alpha; F threshold with the "
              "fit's residual variance): undefined with 3 sizes, open-ended where the floor c can absorb the decline.",
              "", *_fits_table(fits), "",
