@@ -203,8 +203,12 @@ def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
                          "--downstream-tokens", "512", "--no-progress")  # the model comes from the SAE's config
     assert metrics["model"] == str(tiny_dir.resolve()) and metrics["hook"] == HOOK
     assert metrics["eval_corpus"] == str(eval_corpus) and metrics["n_tokens"] == 1024
-    for key in ("nmse", "l0", "dead_frac", "delta_ce", "kl", "ce_recovered_zero", "ce_recovered_mean"):
+    for key in ("nmse", "l0", "dead_frac", "delta_ce", "kl", "ce_zero_abl", "ce_mean_abl"):
         assert math.isfinite(metrics[key]), key
+    # This barely trained model's CE falls when the hook is ablated: no scale from ablation to clean, so no
+    # CE recovered (null, not a ratio of noise)
+    for ablation in ("zero", "mean"):
+        assert metrics[f"ce_{ablation}_abl"] < metrics["ce_clean"] and metrics[f"ce_recovered_{ablation}"] is None
     # 12 steps on the tiny model's activations reach nMSE ~0.40 on held-out text (predicting the mean scores 1).
     assert 0 < metrics["l0"] <= 8 and metrics["kl"] >= 0 and metrics["nmse"] < 0.65
     assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
