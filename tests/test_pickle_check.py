@@ -436,13 +436,17 @@ BOMBS = {
     "a-call-of-a-view-in-64-dimensions": lambda p: in_archive(p, b"\x80\x02" + VIEW_IN_64_DIMENSIONS + b")R."),
     "one-text-referred-to-5000-times": lambda p: in_archive(
         p, b"\x80\x02}" + text("notes") + b"](" + text("x" * 100_000) + put(0) + get(0) * 4_999 + b"es."),
+    # a legacy storage named as a view of it, keyed by one of 999 integers of one hash (torch.save writes None there)
+    "legacy-storage-views-keyed-by-integers-of-one-hash": lambda p: legacy_file(p, b"\x80\x02](" + b"".join(
+        one_element_on(b"(" + text("storage") + glob("torch", "FloatStorage") + text("0") + text("cpu") + b"K\x01("
+                       + long1(k * (2**61 - 1)) + b"K\x00K\x01ttQ") for k in range(1, 1_000)) + b"e."),
 }
 REFUSALS = (r"refers again to a container|to print|protocol again|changes afterwards|backward hooks|zip directory|elements at once|_codecs.encode on|a state or a function|once copied|"
             r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|is compressed|"
             r"storage outside any tensor|a global of over|a container or a long text|"
             r"whose hashes can be made equal|tar archive|both find it|which saelab does not read|nests containers|"
             r"zip64 size fields|folder entry|not dense|header calls|storage by a tensor|calls a tensor|"
-            r"names storages by over")
+            r"names storages by over|a view of a storage")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")

@@ -27,6 +27,8 @@ reader gives it), keeping for each object on its stack only what kind it is (not
 - a dict, set or Counter given more than HASHED_ALIKE_MAX keys whose hashes can be made equal (integers of 2**61 - 1
   or more, whose hash is their remainder; complex numbers; tuples): inserting n keys of one hash takes n**2 / 2
   comparisons. Texts cannot be made so: their hash is keyed afresh in every process.
+- a legacy storage id naming a view of its storage (torch keeps each view in a dict by a key of the file's choosing;
+  torch.save writes None there).
 
 Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
 left to torch, which refuses it; a PROTO after a pickle's first opcode is refused (torch warns at each). The calls
@@ -411,6 +413,8 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
                     raise PickleBombError("it names a storage without a number of elements (torch.save writes one)")
                 if pid.tensors:  # torch formats its key, multiplies its offset: a view, element by element
                     raise PickleBombError("it names a storage by a tensor (torch.save names one by texts and numbers)")
+                if len(head) > 5 and head[5] is not _LEAF:  # torch keeps each view in a dict by its own key
+                    raise PickleBombError("it names a view of a storage (torch.save's legacy writer writes None there)")
                 if _may_hash_alike(head[2]):  # torch keeps each storage in a dict by its key
                     alike_keys += 1
                     if alike_keys > HASHED_ALIKE_MAX:
