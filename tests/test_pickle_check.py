@@ -29,7 +29,7 @@ from saelab.models import load_model
 from saelab.models.loading import ModelLoadError
 from saelab.sae import load_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
-from saelab.utils.pickle_check import HASHED_ALIKE_MAX, check_torch_file
+from saelab.utils.pickle_check import HASHED_ALIKE_MAX, PickleBombError, check_torch_file
 from saelab.utils.torch_files import load_plain_tensors
 
 LEGACY = {"_use_new_zipfile_serialization": False}
@@ -461,6 +461,27 @@ def test_a_pickle_describing_a_huge_object_is_refused_unread(kind, tmp_path):
     assert time.perf_counter() - start < 5  # no walk over the object: it is never built
 
 
+BYTEARRAY = glob("builtins", "bytearray")
+# refused by the check itself, before torch reads the file: torch would take long or much memory while loading
+UNREAD = {
+    "bytearray-of-a-text-in-punycode": (  # time quadratic in its distinct characters: 46.6 KB took 41.7 s
+        lambda p: in_archive(p, b"\x80\x02}" + text("notes") + BYTEARRAY + text(DISTINCT[200:2_200])
+                             + text("punycode") + b"\x86Rs."), "calls bytearray with other arguments"),
+    "bytearray-of-a-text-with-names-for-errors": (  # 40 bytes of each 2-byte character: 4.19 MB made 165.7 MB
+        lambda p: in_archive(p, b"\x80\x02}" + text("notes") + BYTEARRAY + text("\u0753" * 1_000) + text("ascii")
+                             + text("namereplace") + b"\x87Rs."), "calls bytearray with other arguments"),
+}
+
+
+@pytest.mark.parametrize("kind", UNREAD)
+def test_the_check_refuses_it_before_torch_reads_it(kind, tmp_path):
+    path = tmp_path / "x.pt"
+    build, refusal = UNREAD[kind]
+    build(path)
+    with pytest.raises(PickleBombError, match=refusal):
+        check_torch_file(path)
+
+
 def test_tensors_of_many_dimensions_stored_whole_read(tmp_path):
     """A tensor of 12 dimensions stored whole (18 KB) was refused as counting for 147,456 bytes: printing is
     charged in steps of its own budget, which that takes; a view of 16 dimensions from one element is still refused,
@@ -497,6 +518,7 @@ def test_what_torch_save_writes_reads_as_before(tmp_path):
              "schedule": schedule.state_dict(),
              "tied": [p1, p1], "tuple_keys": {(i, str(i)): i for i in range(HASHED_ALIKE_MAX)},
              "texts": set(map(str, range(1000))), "counts": collections.Counter(map(str, range(1000))),
+             "bytes": b"\x00\xff" * 100, "bytearray": bytearray(b"abc" * 100), "no_bytes": bytearray(),
              "conv3d": torch.zeros(8, 4, 3, 3, 3, dtype=torch.int8),
              "batch": torch.zeros(4, 3, 8, 16, 16, dtype=torch.uint8),
              "steps": [torch.tensor(float(i)) for i in range(2000)], "no_features": torch.zeros(100, 0),
@@ -510,7 +532,7 @@ def test_what_torch_save_writes_reads_as_before(tmp_path):
         assert all(loaded["model"][k].equal(v) for k, v in state["model"].items())
         assert loaded["opt"]["param_groups"] == state["opt"]["param_groups"]
         assert (loaded["a"], loaded["b"]) == (flat, flat)
-        assert all(loaded[k] == state[k] for k in ("tuple_keys", "texts", "counts"))
+        assert all(loaded[k] == state[k] for k in ("tuple_keys", "texts", "counts", "bytes", "bytearray", "no_bytes"))
         copy.deepcopy(loaded)
 
 

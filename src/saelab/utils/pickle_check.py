@@ -299,6 +299,13 @@ def _made(callee: object, args: object) -> object:
                                   "plain tensors without)")
         return _TENSOR
     if name == "builtins.bytearray":  # bytes as long as it was given or asked for: referred to again, walked again
+        # torch.save writes bytearray() or bytearray(bytes); another codec may take time quadratic in the text
+        # (punycode) or make 40 bytes of a character (an error handler's \N{...})
+        if not (args.items == 0 or (args.items == 1 and isinstance(head[0], (int, _Text)))
+                or (args.items == 2 and isinstance(head[0], _Text) and isinstance(head[1], _Text)
+                    and head[1] in ("latin1", "latin-1"))):
+            raise PickleBombError("it calls bytearray with other arguments than bytes, a size or a text in latin1 "
+                                  "(torch.save writes bytearray(bytes))")
         return _text("", args.text_bytes + (args.int_product if args.items == 1 and not args.text_bytes else 0))
     if name.startswith(_MAKES_TENSOR) or _sized(name):
         return _TENSOR
