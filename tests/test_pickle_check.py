@@ -440,13 +440,18 @@ BOMBS = {
     "legacy-storage-views-keyed-by-integers-of-one-hash": lambda p: legacy_file(p, b"\x80\x02](" + b"".join(
         one_element_on(b"(" + text("storage") + glob("torch", "FloatStorage") + text("0") + text("cpu") + b"K\x01("
                        + long1(k * (2**61 - 1)) + b"K\x00K\x01ttQ") for k in range(1, 1_000)) + b"e."),
+    "an-empty-tensor-of-10000-dimensions": lambda p: with_record(  # 20 KB; t * 2 or t.sum(): dimensions squared
+        p, b"\x80\x02}" + text("w") + view_of(storage_id("FloatStorage", 0), b"(" + b"K\x01" * 9_999 + b"K\x00t"
+                                               + put(0), get(0)) + b"s.", b""),
+    "an-empty-tensor-of-2**28-columns": lambda p: torch.save(  # 1,548 bytes; w.sum(0) makes 1 GB
+        {"W_dec": torch.zeros(0, 2**28)}, p),
 }
 REFUSALS = (r"refers again to a container|to print|protocol again|changes afterwards|backward hooks|zip directory|elements at once|_codecs.encode on|a state or a function|once copied|"
             r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|is compressed|"
             r"storage outside any tensor|a global of over|a container or a long text|"
             r"whose hashes can be made equal|tar archive|both find it|which saelab does not read|nests containers|"
             r"zip64 size fields|folder entry|not dense|header calls|storage by a tensor|calls a tensor|"
-            r"names storages by over|a view of a storage")
+            r"names storages by over|a view of a storage|dimensions, over")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")

@@ -82,9 +82,9 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
     PRINT_STEPS_PER_FILE_BYTE steps per byte (and PRINT_STEPS_FREE): a view of one stored element
     (``torch.zeros(1).expand(2**29)``: 4 bytes on disk, 2 GB once copied), a compressed or an uninitialised
     legacy storage, one tensor referred to thousands of times, or one of hundreds of dimensions, is refused, as is
-    a storage outside any tensor
-    and a tensor that is not dense (sparse, nested, quantized). The walk is linear: check_torch_file let no
-    container be shared but flat ones, each reference charged."""
+    a storage outside any tensor, a tensor of over TENSOR_DIMS_MAX dimensions and a tensor that is not dense
+    (sparse, nested, quantized). The walk is linear: check_torch_file let no container be shared but flat ones, each
+    reference charged."""
     size = os.path.getsize(path)
     limit = COPIED_BYTES_PER_FILE_BYTE * size + COPIED_BYTES_FREE
     steps_limit = PRINT_STEPS_PER_FILE_BYTE * size + PRINT_STEPS_FREE
@@ -115,18 +115,26 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
 def _copied_bytes(t: torch.Tensor) -> int:
     """What ``t`` is charged in bytes: its bytes once copied; a tensor of no elements EMPTY_VIEW_BYTES per row of
     its dimensions before the first empty one (iterating one unbinds them: ``torch.zeros(3_000_000, 0)``, 1,866
-    bytes on disk, is 2 GB of views; ``torch.zeros(0, 4096)`` none)."""
+    bytes on disk, is 2 GB of views; ``torch.zeros(0, 4096)`` none), and the bytes of its other dimensions' elements
+    (what a sum over an empty dimension makes: ``torch.zeros(0, 2**28).sum(0)``, 1 GB from 1,548 bytes)."""
     # A sparse tensor's indices are not checked at load: out of range, they write out of bounds when it is used.
     kind = ("a nested tensor" if t.is_nested else "a quantized tensor" if t.is_quantized
             else None if t.layout == torch.strided else f"a tensor of layout {t.layout}")
     if kind:
         raise pickle.UnpicklingError(f"it holds {kind}, which saelab does not read (torch.save writes weights as "
                                      "dense tensors)")
+    if t.dim() > TENSOR_DIMS_MAX:
+        raise pickle.UnpicklingError(f"it holds a tensor of {t.dim():,} dimensions, over {TENSOR_DIMS_MAX} (torch.save "
+                                     "writes weights in a few; torch's operations take their count squared)")
     if t.numel() == 0:
-        return EMPTY_VIEW_BYTES * math.prod(itertools.takewhile(bool, t.shape))
+        return (EMPTY_VIEW_BYTES * math.prod(itertools.takewhile(bool, t.shape))
+                + t.element_size() * math.prod(n for n in t.shape if n))
     return t.numel() * t.element_size()
 
 
+TENSOR_DIMS_MAX = 64
+"""The most dimensions a tensor may have, numpy's limit: one empty tensor of 100,000 (200 KB) took 35 s to double and
+crashed Python when listed (its dimensions are walked by recursion)."""
 EMPTY_VIEW_BYTES = 16
 """What each view iterating a tensor of no elements makes is charged (a view object takes about 700 bytes)."""
 
