@@ -451,7 +451,7 @@ REFUSALS = (r"refers again to a container|to print|protocol again|changes afterw
             r"storage outside any tensor|a global of over|a container or a long text|"
             r"whose hashes can be made equal|tar archive|both find it|which saelab does not read|nests containers|"
             r"zip64 size fields|folder entry|not dense|header calls|storage by a tensor|calls a tensor|"
-            r"names storages by over|a view of a storage|dimensions, over")
+            r"names storages by over|a view of a storage|dimensions, over|a state other than")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
@@ -467,6 +467,12 @@ def test_a_pickle_describing_a_huge_object_is_refused_unread(kind, tmp_path):
 
 
 BYTEARRAY = glob("builtins", "bytearray")
+ORDERED_DICT = glob("collections", "OrderedDict") + b")R"
+# OrderedDict(w=a 2**14 x 2**14 view of one stored float) whose attributes keys and values are set: set() for none
+WEIGHT_WITH_KEYS_HIDDEN = (
+    b"\x80\x02" + ORDERED_DICT + b"(" + text("w") + view_of(storage_id("FloatStorage", 1), b"M\x00\x40M\x00\x40\x86",
+                                                          b"K\x00K\x00\x86") + b"u}("
+    + text("keys") + glob("builtins", "set") + text("values") + glob("builtins", "set") + b"ub.")
 # refused by the check itself, before torch reads the file: torch would take long or much memory while loading
 UNREAD = {
     "bytearray-of-a-text-in-punycode": (  # time quadratic in its distinct characters: 46.6 KB took 41.7 s
@@ -475,6 +481,12 @@ UNREAD = {
     "bytearray-of-a-text-with-names-for-errors": (  # 40 bytes of each 2-byte character: 4.19 MB made 165.7 MB
         lambda p: in_archive(p, b"\x80\x02}" + text("notes") + BYTEARRAY + text("\u0753" * 1_000) + text("ascii")
                              + text("namereplace") + b"\x87Rs."), "calls bytearray with other arguments"),
+    "a-tensor-as-an-ordered-dict's-state": (  # iterated row by row into its __dict__: 631 bytes took 28 s, 3.94 GB
+        lambda p: with_record(p, b"\x80\x02}" + text("w") + ORDERED_DICT + view_of(
+            storage_id("FloatStorage", 1), b"J" + (2**21).to_bytes(4, "little") + b"K\x02\x86", b"K\x00K\x00\x86")
+            + b"bs.", bytes(4)), "a state other than"),
+    "keys-and-values-set-as-an-ordered-dict's-attributes": (  # the tensor check after the load read no tensor
+        lambda p: with_record(p, WEIGHT_WITH_KEYS_HIDDEN, bytes(4)), "a state other than"),
 }
 
 
@@ -485,6 +497,15 @@ def test_the_check_refuses_it_before_torch_reads_it(kind, tmp_path):
     build(path)
     with pytest.raises(PickleBombError, match=refusal):
         check_torch_file(path)
+
+
+def test_the_tensor_check_after_the_load_reads_an_ordered_dict_whose_keys_are_hidden(tmp_path, monkeypatch):
+    """Its keys and values read by dict's own methods, whatever attributes the file set (refused before the load
+    too: UNREAD)."""
+    with_record(tmp_path / "x.pt", WEIGHT_WITH_KEYS_HIDDEN, bytes(4))
+    monkeypatch.setattr("saelab.utils.torch_files.check_torch_file", lambda path: None)
+    with pytest.raises(pickle.UnpicklingError, match="once copied"):
+        load_plain_tensors(tmp_path / "x.pt")
 
 
 def test_tensors_of_many_dimensions_stored_whole_read(tmp_path):

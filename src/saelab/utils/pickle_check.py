@@ -27,6 +27,7 @@ reader gives it), keeping for each object on its stack only what kind it is (not
 - a dict, set or Counter given more than HASHED_ALIKE_MAX keys whose hashes can be made equal (integers of 2**61 - 1
   or more, whose hash is their remainder; complex numbers; tuples): inserting n keys of one hash takes n**2 / 2
   comparisons. Texts cannot be made so: their hash is keyed afresh in every process.
+- a state (BUILD) other than a state_dict's ``_metadata`` on an OrderedDict (see _metadata);
 - a legacy storage id naming a view of its storage (torch keeps each view in a dict by a key of the file's choosing;
   torch.save writes None there).
 
@@ -160,6 +161,13 @@ class _EmptyTuple(_Box):
 
 
 _EMPTY_TUPLE = _EmptyTuple()
+
+
+class _Dict(_Box):
+    """A dict, OrderedDict or Counter: what a BUILD's state and a tensor's backward hooks may be."""
+    __slots__ = ()
+
+
 CONTAINER_BYTES = 16
 """What each list, dict or set the pickle makes is charged against the budget: torch makes one of 56 to 216 bytes
 from one byte of the file (five million empty sets: 1.2 GB from 5 MB), and the scan keeps a record of each. A quarter
@@ -199,6 +207,7 @@ _MAKES_TENSOR = ("torch._utils._rebuild_", "torch.nn.parameter.Parameter")
 _MAKES_LEAF = ("torch.device", "torch.serialization._get_layout")
 _HASHES = {"builtins.set": "alike", "collections.Counter": "alike", "collections.OrderedDict": "alike_pairs"}
 """Calls that hash the items of their first argument (OrderedDict: the first item of each pair)."""
+_DICTS = ("collections.OrderedDict", "collections.Counter")
 _HASH_MODULUS = 2**61 - 1
 """An int's hash is its remainder by this: any number of ints of one hash are written in a few bytes each."""
 _WITH_STATE = ("torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_parameter_with_state")
@@ -217,6 +226,15 @@ def _may_hash_alike(item: object) -> bool:
     (whose hash combines their items' by steps that can be undone). Floats can share a hash only by the few dozen."""
     return ((isinstance(item, int) and abs(item) >= _HASH_MODULUS) or item is _COMPLEX
             or (isinstance(item, _Box) and item.items > 0))
+
+
+def _metadata(state: object) -> bool:
+    """Whether a BUILD's state is one torch.save writes, an OrderedDict's attributes: none, or ``_metadata`` (what
+    ``state_dict()`` sets), a container. torch updates the object's __dict__ with it: a tensor there is iterated row
+    by row, and attributes named ``keys`` or ``values`` hide the OrderedDict's own."""
+    return type(state) is _Dict and not state.tensors and (state.items == 0 or (
+        state.items == 2 and isinstance(state.head[0], _Text) and state.head[0] == "_metadata"
+        and isinstance(state.head[1], _Box)))
 
 
 def _empty(item: object) -> bool:
@@ -313,7 +331,8 @@ def _made(callee: object, args: object) -> object:
         return _COMPLEX
     if name.startswith(_MAKES_LEAF):
         return _LEAF
-    made = _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what it was made from, as large
+    made = _Dict() if name in _DICTS else _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what
+    # it was made from, as large
     made.flat, made.int_product, made.text_bytes = args.flat, args.int_product, args.text_bytes
     made.items = made.weight = args.weight + args.text_bytes  # set("text..."): an item per character
     made.depth = args.depth  # a container of its arguments' items
@@ -451,7 +470,7 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
                 stack.append(_EMPTY_TUPLE)
             elif code in (0x5D, 0x7D, 0x8F):  # EMPTY_LIST, EMPTY_DICT, EMPTY_SET
                 charge(CONTAINER_BYTES)
-                stack.append(_Box())
+                stack.append(_Dict() if code == 0x7D else _Box())
             elif code == 0x74:  # TUPLE
                 stack.append(new_box(to_mark()))
             elif code in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
@@ -474,12 +493,10 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
                     stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])))
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
-                if stack[-1] in (_LEAF, _TENSOR, _COMPLEX) and not _empty(state):
-                    raise PickleBombError("it sets a state on a tensor or a value (torch.save writes plain tensors "
-                                          "without)")
+                if not (isinstance(stack[-1], _Box) and _metadata(state)):
+                    raise PickleBombError("it sets a state other than a state_dict's _metadata (torch.save writes "
+                                          "an OrderedDict's attributes alone, and plain tensors without)")
                 fill(stack[-1], (state,))
-                if isinstance(stack[-1], _Box) and isinstance(state, _Box):  # __dict__.update(state): its keys hashed
-                    stack[-1].hash_keys(state.keys_alike + state.alike_pairs)
             elif code in (0x52, 0x81):  # REDUCE, NEWOBJ
                 args = stack.pop()
                 if stack[-1] is _TENSOR:  # torch's refusal formats it, element by element

@@ -91,9 +91,9 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
     total, steps, todo = 0, 0, [loaded]
     while todo:
         obj = todo.pop()
-        if isinstance(obj, dict):
-            todo.extend(obj.keys())
-            todo.extend(obj.values())
+        if isinstance(obj, dict):  # dict's own methods: an OrderedDict's attributes may hide its keys and values
+            todo.extend(dict.keys(obj))
+            todo.extend(dict.values(obj))
             todo.extend(getattr(obj, "__dict__", {}).values())  # an OrderedDict's attributes, set by its state
         elif isinstance(obj, (list, tuple, set, frozenset)):
             todo.extend(obj)
