@@ -445,6 +445,11 @@ BOMBS = {
                                                + put(0), get(0)) + b"s.", b""),
     "an-empty-tensor-of-2**28-columns": lambda p: torch.save(  # 1,548 bytes; w.sum(0) makes 1 GB
         {"W_dec": torch.zeros(0, 2**28)}, p),
+    **{f"backward-hooks-that-are-{kind}": lambda p, hooks=hooks: with_record(  # backward crashed, saving it failed
+        p, b"\x80\x02}" + text("w") + glob("torch._utils", "_rebuild_tensor_v2") + b"(" + storage_id("FloatStorage", 1)
+        + b"K\x00K\x01\x85K\x01\x85\x88" + hooks + b"tRs.", bytes(4))
+       for kind, hooks in [("true", b"\x88"), ("a-float", b"G" + struct.pack(">d", 1.5)),
+                           ("a-device", glob("torch", "device") + text("cpu") + b"\x85R")]},
 }
 REFUSALS = (r"refers again to a container|to print|protocol again|changes afterwards|backward hooks|zip directory|elements at once|_codecs.encode on|a state or a function|once copied|"
             r"passes a tensor|copies a tensor|repeated texts and storages would make|not a tuple|is compressed|"

@@ -281,7 +281,8 @@ def _check_rebuild(name: str, head: list) -> None:
     if name.startswith(_NOT_DENSE):
         raise PickleBombError(f"it calls {name}, a tensor that is not dense (saelab reads dense tensors alone)")
     hooks = _HOOKS_ARGUMENT.get(name.removeprefix("torch._utils."), len(head)) if name.startswith("torch.") else 99
-    if hooks < len(head) and not _empty(head[hooks]):
+    # an empty dict alone: torch sets them as they are (True: saving the tensor fails, a backward pass crashes)
+    if hooks < len(head) and not (type(head[hooks]) is _Dict and head[hooks].items == 0):
         raise PickleBombError(f"it calls {name} with backward hooks (torch.save writes an empty OrderedDict; a "
                               "tensor's hooks are formatted, element by element, when it is saved again)")
 
