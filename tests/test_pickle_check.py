@@ -490,6 +490,11 @@ UNREAD = {
         lambda p: with_record(p, b"\x80\x02}" + text("w") + ORDERED_DICT + view_of(
             storage_id("FloatStorage", 1), b"J" + (2**21).to_bytes(4, "little") + b"K\x02\x86", b"K\x00K\x00\x86")
             + b"bs.", bytes(4)), "a state other than"),
+    "one-record-read-under-65-spellings-of-its-key": (  # 16 bytes an element: 65 copies of 8 MiB while loading
+        lambda p: with_record(p, b"\x80\x02](" + b"".join(
+            one_element_on(storage_id("ComplexDoubleStorage", 2**12, key=text("".join(
+                c.upper() if k >> i & 1 else c for i, c in enumerate("abcdefg"))))) for k in range(65)) + b"e.",
+            bytes(2**16), name="archive/data/abcdefg"), "storages would make"),
     "keys-and-values-set-as-an-ordered-dict's-attributes": (  # the tensor check after the load read no tensor
         lambda p: with_record(p, WEIGHT_WITH_KEYS_HIDDEN, bytes(4)), "a state other than"),
 }

@@ -34,9 +34,10 @@ reader gives it), keeping for each object on its stack only what kind it is (not
 Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
 left to torch, which refuses it; a PROTO after a pickle's first opcode is refused (torch warns at each). The calls
 of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed or referred to
-again, each reference counted; elements asked for; the elements of each storage a persistent id names, which a legacy
-file allocates as the id says; CONTAINER_BYTES per list, dict or set and TUPLE_BYTES per tuple), and a global's name
-is at most _NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around the pickle,
+again, each reference counted; elements asked for; the bytes of each storage a persistent id names, under each
+spelling of its key, which a legacy file allocates as the id says; CONTAINER_BYTES per list, dict or set and
+TUPLE_BYTES per tuple), and a global's name is at most _NAME_MAX characters (torch searches a refused one's message
+in time that grows with its square). Around the pickle,
 a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored and within
 the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip archive
 must not be a tar archive (torch.load parses a tar's headers first). What the tensors take once loaded is checked
@@ -210,6 +211,12 @@ _HASHES = {"builtins.set": "alike", "collections.Counter": "alike", "collections
 _DICTS = ("collections.OrderedDict", "collections.Counter")
 _HASH_MODULUS = 2**61 - 1
 """An int's hash is its remainder by this: any number of ints of one hash are written in a few bytes each."""
+_ELEMENT_BYTES = {f"torch.{kind}Storage": size for size, kinds in (
+    (1, ("Untyped", "Bool", "Byte", "Char", "QInt8", "QUInt8", "QUInt4x2", "QUInt2x4")),
+    (2, ("Half", "BFloat16", "Short")), (4, ("Float", "Int", "QInt32")), (8, ("Double", "Long", "ComplexFloat")),
+    (16, ("ComplexDouble",))) for kind in kinds}
+"""The bytes of each element of the storage classes a persistent id names (torch reads elements of that size);
+another class, which torch refuses, is charged the most."""
 _WITH_STATE = ("torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_parameter_with_state")
 """Tensor rebuilds whose last argument is a state set on the tensor."""
 _REFUSED = ("torch._utils._rebuild_device_tensor_from_cpu_tensor", "torch._utils._rebuild_device_tensor_from_numpy")
@@ -448,8 +455,10 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
                         raise PickleBombError(f"it names storages by over {HASHED_ALIKE_MAX} keys whose hashes can be "
                                               "made equal (torch.save keys them by short texts)")
                 key = str(head[2]) if isinstance(head[2], _Text) and head[2] else None  # a long text is kept empty
-                if key is None or key not in storages:  # a legacy file allocates it as its id says
-                    charge(abs(head[4]))
+                # a legacy file allocates it as its id says; torch's zip reader finds a record whatever the case of
+                # its key, so each spelling reads it again
+                if key is None or key not in storages:
+                    charge(abs(head[4]) * _ELEMENT_BYTES.get(str(head[1]), max(_ELEMENT_BYTES.values())))
                 storages.add(key)
                 stack.append(_TENSOR)
             elif code in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
