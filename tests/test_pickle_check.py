@@ -495,6 +495,11 @@ UNREAD = {
             one_element_on(storage_id("ComplexDoubleStorage", 2**12, key=text("".join(
                 c.upper() if k >> i & 1 else c for i, c in enumerate("abcdefg"))))) for k in range(65)) + b"e.",
             bytes(2**16), name="archive/data/abcdefg"), "storages would make"),
+    "148500-tuples-of-one-byte-each": (  # 5 MB of them: the check took 30.5 s and 1.43 GB
+        lambda p: in_archive(p, b"\x80\x02](" + (b"N" + b"\x85" * 99) * 1_500 + b"e."), "would make"),
+    "100000-sets-made-by-calls-of-4-bytes-each": (  # 5 MB of them: the check took 16.7 s and 528 MB
+        lambda p: in_archive(p, b"\x80\x02](" + glob("builtins", "set") + put(0) + b")R" + b"h\x00)R" * 99_999
+                             + b"e."), "would make"),
     "keys-and-values-set-as-an-ordered-dict's-attributes": (  # the tensor check after the load read no tensor
         lambda p: with_record(p, WEIGHT_WITH_KEYS_HIDDEN, bytes(4)), "a state other than"),
 }
@@ -516,6 +521,17 @@ def test_the_tensor_check_after_the_load_reads_an_ordered_dict_whose_keys_are_hi
     monkeypatch.setattr("saelab.utils.torch_files.check_torch_file", lambda path: None)
     with pytest.raises(pickle.UnpicklingError, match="once copied"):
         load_plain_tensors(tmp_path / "x.pt")
+
+
+def test_many_small_tuples_and_made_containers_read(tmp_path):
+    """torch.save's own small tuples and made containers, alone in a file: each is charged more than the budget's
+    share of its bytes, yet less than torch.save writes it in (a 1-tuple in 7 bytes, an OrderedDict() in 9)."""
+    for objects in ([(None,) for _ in range(100_000)], [(i, i) for i in range(100_000)],
+                    [collections.OrderedDict() for _ in range(100_000)], [set() for _ in range(100_000)],
+                    [torch.Size([2, 3]) for _ in range(100_000)]):
+        for fmt in ({}, LEGACY):
+            torch.save(objects, tmp_path / "s.pt", **fmt)
+            assert load_plain_tensors(tmp_path / "s.pt") == objects
 
 
 def test_tensors_of_many_dimensions_stored_whole_read(tmp_path):

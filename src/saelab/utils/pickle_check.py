@@ -35,12 +35,12 @@ Anything else it cannot follow (an opcode torch does not read, a malformed recor
 left to torch, which refuses it; a PROTO after a pickle's first opcode is refused (torch warns at each). The calls
 of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed or referred to
 again, each reference counted; elements asked for; the bytes of each storage a persistent id names, under each
-spelling of its key, which a legacy file allocates as the id says; CONTAINER_BYTES per list, dict or set and
-TUPLE_BYTES per tuple), and a global's name is at most _NAME_MAX characters (torch searches a refused one's message
-in time that grows with its square). Around the pickle,
-a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored and within
-the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip archive
-must not be a tar archive (torch.load parses a tar's headers first). What the tensors take once loaded is checked
+spelling of its key, which a legacy file allocates as the id says; CONTAINER_BYTES per list, dict, set or tuple,
+MADE_CONTAINER_BYTES per container a call makes), and a global's name is at most _NAME_MAX characters (torch
+searches a refused one's message in time that grows with its square). Around the pickle, a zip archive must be one
+that torch's zip reader and Python's zipfile read alike, its records stored and within the file (torch's reader
+inflates a record whole before checking its size), and a file that is not a zip archive must not be a tar archive
+(torch.load parses a tar's headers first). What the tensors take once loaded is checked
 after the load (torch_files.load_plain_tensors: views, compressed or uninitialised storages, repeated references,
 tensors that are not dense). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
 (the tensors' bytes are not in the pickle).
@@ -48,6 +48,7 @@ tensors that are not dense). The cost is one pass over the pickle's opcodes: a f
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import pickle
@@ -83,7 +84,7 @@ class _Box:
                  "alike_pairs", "first_alike", "keys_alike", "weight", "depth")
 
     def __init__(self) -> None:
-        self.items, self.flat, self.referred_again, self.int_product, self.head = 0, True, False, 1, []
+        self.items, self.flat, self.referred_again, self.int_product, self.head = 0, True, False, 1, ()
         self.tensors = False  # whether a tensor is in it, at any depth
         self.text_bytes = 0  # the length of the texts in it, at any depth, each reference counted
         self.alike = self.alike_pairs = 0  # items that may hash alike; items that are pairs whose key may
@@ -106,7 +107,7 @@ class _Box:
         self.items += 1
         self.weight += 1 + (item.weight if isinstance(item, _Box) else 0)
         if len(self.head) < _HEAD:
-            self.head.append(item)
+            self.head += (item,)  # a tuple: none for an empty box (the scan keeps a record of each)
         if isinstance(item, _Box):
             self.flat = False
             self.nest(item.depth)
@@ -127,7 +128,7 @@ class _Box:
         self.items += 1
         self.weight += 1
         if len(self.head) < _HEAD:
-            self.head.append(item)
+            self.head += (item,)  # a tuple: none for an empty box (the scan keeps a record of each)
         if item is _TENSOR:
             self.tensors = True
         elif item is not _LEAF:
@@ -170,13 +171,16 @@ class _Dict(_Box):
 
 
 CONTAINER_BYTES = 16
-"""What each list, dict or set the pickle makes is charged against the budget: torch makes one of 56 to 216 bytes
-from one byte of the file (five million empty sets: 1.2 GB from 5 MB), and the scan keeps a record of each. A quarter
-of that, so that containers may take 16 times the file's size where texts and elements take 4: torch.save writes a
-small dict in 6 to 15 bytes (100,000 of them, 600 KB, read)."""
-TUPLE_BYTES = 4
-"""What each tuple is charged: less, as torch.save writes several for each tensor (its size, its stride, its
-storage's id, the rebuild's arguments: about 70 bytes of the pickle for a view of a stored tensor)."""
+"""What each list, dict, set or tuple (but the empty one) the pickle makes is charged against the budget: torch makes
+one of 48 to 216 bytes from one byte of the file (five million empty sets: 1.2 GB from 5 MB; a tuple of the tuple
+before it), and the scan keeps a record of about 150 bytes of each. A quarter of that, four times the budget's share
+of a byte, so that there is at most one container per 4 bytes of the file (and 65,536 more), taking at most 16 times
+the file's size, where texts and elements take 4: torch.save writes a small dict in 6 to 15 bytes (100,000 of them,
+600 KB, read) and about 70 bytes of the pickle for each tensor, in four tuples (its size, its stride, its storage's
+id, the rebuild's arguments)."""
+MADE_CONTAINER_BYTES = 2 * CONTAINER_BYTES
+"""What each container a call makes (``set()``, ``OrderedDict()``: a function fetched again, the empty tuple, the call,
+4 bytes) is charged: more than the budget's share of its 4 bytes, and the scan takes the longest over a call."""
 
 
 class _Global(str):
@@ -278,7 +282,7 @@ _NOT_DENSE = ("torch._utils._rebuild_qtensor", "torch._utils._rebuild_nested_ten
 works through the tensors it is given (a quantizer's scales made contiguous: 2 GiB from a view of one element)."""
 
 
-def _check_rebuild(name: str, head: list) -> None:
+def _check_rebuild(name: str, head: tuple) -> None:
     """Refuse the tensor rebuilds torch.save never writes: one that copies a tensor while loading, one of a tensor
     that is not dense, or one given backward hooks (torch sets them on the tensor as they are, and formats them when
     it is saved again)."""
@@ -297,7 +301,7 @@ def _check_rebuild(name: str, head: list) -> None:
 def _made(callee: object, args: object) -> object:
     """What calling ``callee`` (REDUCE, NEWOBJ) with ``args`` makes."""
     name = str(callee) if isinstance(callee, _Global) else ""
-    head = args.head if isinstance(args, _Box) else []
+    head = args.head if isinstance(args, _Box) else ()
     _check_rebuild(name, head)
     if name.endswith("_rebuild_from_type_v2") and len(head) > 2 and isinstance(head[2], _Box):
         _check_rebuild(str(head[0]), head[2].head)  # the rebuild it runs, with its arguments
@@ -354,9 +358,20 @@ def _made(callee: object, args: object) -> object:
 def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int | None:
     """Scan one pickle from ``f`` (see the module docstring) whose calls, texts referred to again and storages may
     make at most ``budget`` bytes or elements in all; ``plain``: one that calls nothing of torch's (a legacy file's
-    headers: torch compares its protocol version, a tensor element by element). Returns what is left of the budget when it
-    ended at its STOP opcode, None where the scan stopped early (left to torch). Raises PickleBombError for a
-    refused pickle."""
+    headers: torch compares its protocol version, a tensor element by element). Returns what is left of the budget
+    when it ended at its STOP opcode, None where the scan stopped early (left to torch). Raises PickleBombError for
+    a refused pickle."""
+    collecting = gc.isenabled()
+    gc.disable()  # the scan's records make no cycles: the collector's passes over them took half its time
+    try:
+        return _scan(f, budget, plain)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
+    """check_pickle_stream's scan."""
     read = f.read
     spent = 0
     stack: list[object] = []
@@ -399,7 +414,9 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
         stack.append(obj)
 
     def new_box(items) -> _Box:
-        charge(TUPLE_BYTES)
+        if not items:  # as Python makes it: the one empty tuple
+            return _EMPTY_TUPLE
+        charge(CONTAINER_BYTES)
         box = _Box()
         for item in items:
             box.add(item)
@@ -442,7 +459,7 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
                 stack.append(_Global(f"{module}.{name}"))
             elif code == 0x51:  # BINPERSID: a storage ("storage", class, key, location, elements, ...)
                 pid = stack.pop()
-                head = pid.head if isinstance(pid, _Box) else []
+                head = pid.head if isinstance(pid, _Box) else ()
                 if len(head) < 5 or not isinstance(head[4], int):  # torch's own error names a malformed id
                     raise PickleBombError("it names a storage without a number of elements (torch.save writes one)")
                 if pid.tensors:  # torch formats its key, multiplies its offset: a view, element by element
@@ -516,7 +533,7 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
                 charge(_cost(stack[-1], args))
                 stack[-1] = _made(stack[-1], args)
                 if isinstance(stack[-1], _Box):
-                    charge(CONTAINER_BYTES)
+                    charge(MADE_CONTAINER_BYTES)
             else:  # an opcode torch's weights-only reader refuses: its refusal is the message
                 return None
     except (IndexError, KeyError, struct.error, UnicodeDecodeError):
