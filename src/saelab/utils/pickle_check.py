@@ -27,7 +27,8 @@ reader gives it), keeping for each object on its stack only what kind it is (not
 - a dict, set or Counter given more than HASHED_ALIKE_MAX keys whose hashes can be made equal (integers of 2**61 - 1
   or more, whose hash is their remainder; complex numbers; tuples): inserting n keys of one hash takes n**2 / 2
   comparisons. Texts cannot be made so: their hash is keyed afresh in every process.
-- a state (BUILD) other than a state_dict's ``_metadata`` on an OrderedDict (see _metadata);
+- a state (BUILD) other than a state_dict's ``_metadata`` on an OrderedDict (see _metadata), or one on a tensor (torch
+  builds nothing else: its own refusal names any other object);
 - a legacy storage id naming a view of its storage (torch keeps each view in a dict by a key of the file's choosing;
   torch.save writes None there).
 
@@ -520,6 +521,8 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                     stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])))
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
+                if not isinstance(stack[-1], _Dict) and stack[-1] is not _TENSOR:
+                    return None  # torch builds only tensors and OrderedDicts: its refusal names the object
                 if not (isinstance(stack[-1], _Box) and _metadata(state)):
                     raise PickleBombError("it sets a state other than a state_dict's _metadata (torch.save writes "
                                           "an OrderedDict's attributes alone, and plain tensors without)")
