@@ -170,6 +170,16 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
         build_browser([sae_files / "run_small"], out, not_n2g, lm="no-such-model", overwrite=True, progress=False)
     assert (out / "site.json").stat().st_mtime_ns == stamp
 
+    # Files the user put in the site's folder would go with it: --overwrite refuses them, before the model loads.
+    (out / "notes.txt").write_text("mine")
+    (out / "mine").mkdir()
+    with pytest.raises(RunExistsError, match=r"^--out \S+ holds mine/, notes.txt beside a feature browser site, which "
+                                             "replacing it would delete; move them out"):
+        build_browser(both, out, cfg, lm="no-such-model", overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "site.json").stat().st_mtime_ns == stamp
+    (out / "notes.txt").unlink()
+    (out / "mine").rmdir()
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 

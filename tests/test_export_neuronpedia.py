@@ -253,6 +253,11 @@ def test_a_failed_final_rename_keeps_the_earlier_export(exported, tiny_gpt2, tmp
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["np"]
+    # A file of the user's in the export's folder would go with it: refused, even with overwrite
+    (out / "README.md").write_text("mine")
+    with pytest.raises(RunExistsError, match=r"^export folder \S+ holds README.md beside a Neuronpedia export"):
+        export_neuronpedia(stats, tokens, tiny_gpt2, out, overwrite=True, n_features_per_batch=25)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {**before, "README.md": b"mine"}
 
 
 def test_run_folders_exported_in_one_pass(tiny_gpt2, corpus, tmp_path):

@@ -31,9 +31,9 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from saelab.errors import CheckpointError, ConfigError
+from saelab.errors import CheckpointError, ConfigError, RunExistsError
 from saelab.sae.io import CHECKPOINT, SAE_DIR, TRAIN_CONFIG, holds_a_run, run_folders_in  # where saving refuses runs
 from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
@@ -402,6 +402,16 @@ def _refuse_a_folder_a_run_would_mix_with(path: Path, option: str, made: str = "
 
 
 _NOT_FOR_A_RUN = "pick another folder (a new one, or one holding only other files such as a log, is taken)"
+
+
+def refuse_others_files(folder: Path, own: Callable[[str], bool], what: str, option: str) -> None:
+    """Refuse to replace ``folder``, which holds ``what`` (a site, an export: replaced whole), while it also holds
+    entries ``own`` does not name as its own: the user's notes, another tool's files would go with it."""
+    others = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir() if not own(p.name))
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise RunExistsError(f"{option} {folder} holds {shown} beside {what}, which replacing it would delete; "
+                             "move them out or choose another folder")
 
 
 def refuse_a_run_file(path: str | Path, named: str) -> None:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, RunExistsError
-from saelab.run_folder import NEURONPEDIA_SETTINGS, sae_sha256
+from saelab.run_folder import NEURONPEDIA_SETTINGS, refuse_others_files, sae_sha256
 from saelab.utils.atomic import atomic_folder
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
@@ -329,6 +329,7 @@ def _check_target(out: Path, overwrite: bool, key: str | None = None,
         raise RunExistsError(f"{out}: folder exists, is not empty and is not a saelab Neuronpedia export; "
                              "choose another export folder (it is never deleted)")
     if overwrite:
+        refuse_others_files(out, _written_by_export, "a Neuronpedia export", "export folder")
         return None
     if key is not None and earlier.get("key") == key:
         return earlier
@@ -389,6 +390,10 @@ def _reused(out: Path, earlier: dict[str, Any]) -> dict[str, Any]:
     n, per = int(earlier["n_exported"]), int(earlier["n_features_per_batch"])
     return {"out": str(out), "batches": -(-n // per), "features": n, "skipped": int(earlier["n_latents"]) - n,
             **{k: earlier[k] for k in ("model_id", "layer", "sae_set", "sae_id_suffix")}, "reused": True}
+
+
+def _written_by_export(name: str) -> bool:
+    return name in (NEURONPEDIA_SETTINGS, "skipped_indexes.json") or re.fullmatch(r"batch-\d+\.json", name) is not None
 
 
 def _write_folder(out: Path, files) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, RunExistsError
-from saelab.run_folder import SITE_MANIFEST
+from saelab.run_folder import SITE_MANIFEST, refuse_others_files
 from saelab.utils.atomic import atomic_folder, write_json
 
 SITE_FORMAT = "saelab-feature-browser"
@@ -50,6 +50,8 @@ CHUNK = 64
 Q_SCALE = 10_000
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = ("index.html", "app.js", "style.css")
+SITE_ENTRIES = (*STATIC_FILES, "data", "families.json", SITE_MANIFEST)
+"""What write_site puts in a site's folder; anything else there is the user's, kept from --overwrite."""
 PAGE_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'"
 """The Content-Security-Policy in index.html's ``<meta http-equiv>`` (so it holds from ``file://`` too):
 scripts, styles and data only from the site itself, nothing inline; ``data:`` images for the blank favicon."""
@@ -259,3 +261,5 @@ def check_site_target(out: Path) -> None:
     if read_site_manifest(out) is None and any(out.iterdir()):
         raise RunExistsError(f"{out}: folder exists, is not empty and is not a saelab feature browser site; "
                              "choose another --out (it is never deleted)")
+    if read_site_manifest(out) is not None:
+        refuse_others_files(out, lambda name: name in SITE_ENTRIES, "a feature browser site", "--out")
