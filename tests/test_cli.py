@@ -377,6 +377,8 @@ BAD = [
     ("browse SAE --export neuronpedia np --out site", "--out is the site's folder; --export writes into its own OUT"),
     ("browse SAE --n-tokens 0", "--n-tokens must be >= 1"),
     ("browse SAE --n-logits -1", "--n-logits must be >= 0"),
+    ("browse SAE --n-logits 100000", "--n-logits must be <= 1000 (each latent's page lists as many promoted and "
+                                     "suppressed tokens), got 100000"),
     ("browse SAE --n2g-n-latents -1", "--n2g-n-latents must be >= 0"),
     # browse's count is eval's --n2g-n-latents; --n2g-latents (eval's latent ids) is not browse's
     ("browse SAE --n2g-latents 3", "unrecognized arguments: --n2g-latents 3; did you mean --n2g-n-latents?"),

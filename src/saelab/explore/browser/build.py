@@ -66,6 +66,11 @@ from saelab.sae.topk import TopKSAE
 DEFAULT_BANDS = 4
 
 
+MAX_LOGITS = 1000
+"""The most promoted (and suppressed) tokens a site lists per latent: 8,192 latents of 1,000 each take 200 MB
+before their pages are written; 100,000 (a whole vocabulary) ran out of memory after the scoring pass."""
+
+
 @dataclass
 class BrowseConfig:
     """What the feature browser reads and shows."""
@@ -95,7 +100,7 @@ class BrowseConfig:
     window_after: int = 8
     """Tokens shown after it."""
     n_logits: int = 10
-    """Promoted and suppressed tokens listed per latent (direct logit effect)."""
+    """Promoted and suppressed tokens listed per latent (direct logit effect), at most MAX_LOGITS."""
     n_neighbours: int = 8
     """Nearest latents by decoder cosine listed per latent."""
     lm_batch_size: int = 16
@@ -122,6 +127,9 @@ class BrowseConfig:
         for name in ("window_before", "window_after", "n_logits", "n_neighbours", "n2g_n_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_logits > MAX_LOGITS:  # else found out after the whole pass, as the memory runs out
+            raise ConfigError(f"n_logits must be <= {MAX_LOGITS} (each latent's page lists as many promoted and "
+                              f"suppressed tokens), got {self.n_logits}")
         if self.n_bands > self.n_samples and self.n_bands == DEFAULT_BANDS:
             self.n_bands = self.n_samples  # --n-samples 2 alone: two bands of one, not a refusal of the default
         if self.n_bands > self.n_samples:  # the bands cut the samples: the bands past the samples stayed empty
