@@ -497,6 +497,25 @@ def test_empty_positions_are_refused_not_read_as_all(tmp_path, capsys, monkeypat
         "(`saelab steer --help` lists the options)")
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["top", "SAE", "--latent", "1", "--corpus", ""], "--corpus"),
+    (["steer", "SAE", "--latent", "1", "--value", "1", "--hook", " "], "--hook"),
+    (["browse", "SAE", "--corpus", "", "--out", "site"], "--corpus"),
+    (["export", "SAE", "", "--format", "saelens"], "OUT"),
+    (["families", "A", "B", "--out", ""], "--out"),
+    (["browse", ""], "SAE"),
+    (["eval", "SAE", "--ablations", "zero", ""], "--ablations"),
+])
+def test_an_empty_value_is_refused_not_read_as_unset(argv, named, tmp_path, capsys, monkeypatch):
+    """An unset variable in a script: `--corpus ""` read the default corpus, `--hook ""` the SAE's own hook,
+    an empty OUT the current folder, each without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"saelab {argv[0]}: error: argument {named}: expected a value, got an empty one "), err
+    assert len(err.splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv,message", BAD)
 def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

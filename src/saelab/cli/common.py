@@ -219,6 +219,7 @@ class Parser(ArgumentParser):
         if _bare_is_a_no_op(action) and not arg_strings:
             wanted = "at least one argument" if action.nargs == "*" else "one argument"
             self.error(f"argument {'/'.join(action.option_strings)}: expected {wanted}")
+        self._refuse_an_empty_value(action, arg_strings)
         values = super()._get_values(action, arg_strings)
         if action.nargs in ("*", "+"):  # a list option: "--ablations zero zero" would run (and record) zero twice
             repeat = first_repeat(values)
@@ -226,6 +227,17 @@ class Parser(ArgumentParser):
                 named = "/".join(action.option_strings) or action.metavar or action.dest.upper()  # as the usage shows it
                 self.error(f"{named}: {repeat!r} given twice; give each value once")
         return values
+
+    def _refuse_an_empty_value(self, action: argparse.Action, arg_strings: list[str]) -> None:
+        """An empty value (an unset variable in a script): `--corpus ""` read the default corpus, `--hook ""` the
+        SAE's hook, an empty OUT the current folder, each without a word. Options whose own reader words it
+        (--positions) or that take empty text (--prompt: BOS alone) are left to it."""
+        empty = [a for a in arg_strings if not a.strip()]
+        if (not empty or action.dest.rsplit(".", 1)[-1] in EMPTY_VALUE_READ_BY_ITS_OPTION
+                or action.nargs in (argparse.PARSER, argparse.REMAINDER)):  # a verb's words: its own parser's
+            return
+        named = "/".join(action.option_strings) or action.metavar or action.dest.upper()
+        self.error(f"argument {named}: expected a value, got an empty one {empty[0]!r} (an unset variable?)")
 
     def _refuse_a_repeat(self, action: argparse.Action, arg_strings: list[str]) -> None:
         """An option given a second time: argparse keeps the last value, so `train --k 8 --k 16` trained
@@ -279,6 +291,10 @@ class Parser(ArgumentParser):
                                   f"{closest_key(key, [*groups, *options], switches, value) or listed}")
         return kept
 
+
+EMPTY_VALUE_READ_BY_ITS_OPTION = ("prompt", "positions", "model")
+"""Options that read an empty value themselves: steer's --prompt "" (BOS alone); --positions and --model refuse it
+in their own words."""
 
 REPEATABLE_ACTIONS = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction)
 """Actions that gather each occurrence of their option (``--log-to`` extends): a repeat adds, it loses nothing."""
