@@ -155,6 +155,8 @@ def test_steer_shows_promoted_tokens_as_top_does(tiny_gpt2, tiny_dir, tmp_path, 
     sae = TopKSAE(SAEConfig(d_in=64, n_latents=4, k=1, hook_name=HOOK, model_name="tiny"))
     with torch.no_grad():  # latent 1 writes the sum of their unembeddings: they are its top tokens
         sae.W_dec[1] = tiny_gpt2.model.lm_head.weight[tops].sum(0) / tiny_gpt2.model.transformer.ln_f.weight
+        quote = tok("'s")["input_ids"]  # latent 2: a token holding a quote
+        sae.W_dec[2] = tiny_gpt2.model.lm_head.weight[quote].sum(0) / tiny_gpt2.model.transformer.ln_f.weight
     save_sae(sae, tmp_path / "sae")
     assert main(["steer", str(tmp_path / "sae"), "--latent", "1", "--value", "1", "--model", str(tiny_dir),
                  "--prompt", "Hi", "--max-new-tokens", "1", "--greedy", "--device", "cpu",
@@ -163,6 +165,10 @@ def test_steer_shows_promoted_tokens_as_top_does(tiny_gpt2, tiny_dir, tmp_path, 
     shown = [s.replace("\n", "\\n") for s in token_strings(tok, tops, readable_bytes=True)]
     assert any("\\x" in s for s in shown) and all(f"'{s}'" in line for s in shown), line
     assert "\\\\" not in line
+    assert main(["steer", str(tmp_path / "sae"), "--latent", "2", "--value", "1", "--model", str(tiny_dir),
+                 "--prompt", "Hi", "--max-new-tokens", "1", "--greedy", "--device", "cpu", "--top-tokens", "1"]) == 0
+    line = next(li for li in capsys.readouterr().out.splitlines() if li.startswith("latent 2 promotes: "))
+    assert line == "latent 2 promotes: '\\'s'"  # its quote escaped: "'=('" and "'=(" "'" read alike
 
 
 def test_steer_rejects_bad_input(tiny_gpt2, sae):

@@ -293,10 +293,11 @@ def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float]
 
 
 def _quoted(token: str) -> str:
-    """A token in quotes, escaped as top shows it: repr() doubled the backslash of a byte ('\\x9f')."""
+    """A token in quotes, escaped as top shows it: repr() doubled the backslash of a byte ('\\x9f'); a quote in it
+    escaped, or "'='" and "'" "='" would read alike."""
     from saelab.utils.words import ESCAPED
 
-    return f"'{token.translate(ESCAPED)}'"
+    return "'" + token.translate({**ESCAPED, ord("'"): "\\'"}) + "'"
 
 
 def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
