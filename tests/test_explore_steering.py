@@ -202,11 +202,13 @@ def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out  # plain text for people
     assert "--- without steering ---" in out and "--- with steering (latent 7" in out
+    assert "\n\n\n" not in out  # one blank line before the sample, no header of one sample
     assert "latent 7 promotes:" in out
     assert main([*argv, "--json"]) == 0  # one JSON object for scripts
     result = json.loads(capsys.readouterr().out)
     g = result["generations"][0]
     assert g["clean"] in out and g["steered"] in out and g["clean"] != g["steered"]
+    assert g["seed"] is None  # greedy: no seed drew it
     assert result["promoted_tokens"]["7"]
     # Positions past the prompt (5 tokens with BOS) and the 4 generated tokens the model reads back are
     # refused before anything runs, not shown as "no effect"; the last reachable one steers.

@@ -321,8 +321,9 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     for j in range(args.samples):
         gen = generate_with_and_without(lm, args.prompt, s, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                                         temperature=args.temperature, top_p=args.top_p, seed=args.seed + j)
-        text += ["", f"=== sample {j + 1} (seed {args.seed + j}) ===" if args.samples > 1 else "", gen.format()]
-        results.append({"seed": args.seed + j, "clean": gen.clean, "steered": gen.steered})
+        text += ["", f"=== sample {j + 1} (seed {args.seed + j}) ===" if args.samples > 1 else None, gen.format()]
+        results.append({"seed": None if args.greedy else args.seed + j,  # greedy decoding draws nothing
+                        "clean": gen.clean, "steered": gen.steered})
     if not s.positions_edited:  # reachable positions the generation never got to: it stopped at EOS first
         print(f"saelab steer: warning: --positions {args.positions} lie past the {s.tokens_seen} "
               f"{plural(s.tokens_seen, 'position')} the model read (the generation ended early, at the end-of-text "
