@@ -204,3 +204,47 @@ def test_bad_arguments_are_refused_before_the_forwards(tiny_gpt2, sae, tokens, t
     with pytest.raises(ValueError, match=rf"^logit_diff position 50: the sequences have {tokens.shape[1]} positions"):
         run = logit_diff(tiny_gpt2, " Mary", " John", position=50)
         run(run_with_saes(tiny_gpt2, tokens, {}))
+
+
+def test_a_bad_max_latents_or_no_case_is_refused_before_the_forwards(tiny_gpt2, sae, tokens, monkeypatch):
+    """max_latents -3 dropped 3 latents without a word, 0 gave pearson nan over n 0, and no case at all was
+    torch.cat's "expected a non-empty list of Tensors": each is refused by name, before any forward."""
+    import saelab.explore.attribution as attribution
+
+    forwards = []
+    monkeypatch.setattr(attribution, "attribution_patching", lambda *a, **k: forwards.append(a))
+    cases = [(tokens, logit_diff(tiny_gpt2, " Mary", " John"))]
+    for bad in (-3, 0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"^max_latents {bad!r}: expected a whole number of latents to compare "
+                                             "per case, at least 1$"):
+            compare_attribution_with_ablation(tiny_gpt2, sae, cases, max_latents=bad)
+    with pytest.raises(ValueError, match=r"^cases: expected at least one \(tokens, metric\) pair, got none$"):
+        compare_attribution_with_ablation(tiny_gpt2, sae, [])
+    assert forwards == []
+
+
+def test_latent_logit_effects_refuse_a_top_that_lists_no_token(tiny_gpt2, sae):
+    """top=-5 was torch's "selected index k out of range"; top=0 listed nothing, 2.5 failed in topk."""
+    for bad in (-5, 0, 2.5):
+        with pytest.raises(ValueError, match=rf"^top {bad!r}: expected a whole number of tokens to list, at least 1$"):
+            latent_logit_effects(tiny_gpt2, sae, 1, top=bad)
+    assert len(latent_logit_effects(tiny_gpt2, sae, 1, top=10**9)["promoted"]) == tiny_gpt2.vocab_size
+
+
+def test_token_latent_gradients_refuse_a_position_the_sae_does_not_read(tiny_gpt2, sae, tokens):
+    """A position past the sequence was torch's IndexError (logit_diff names it: the same check now); position 0
+    of an SAE trained without it returned a saliency of a position the SAE never reads, where attribution
+    patching gives 0 and the splice leaves it: refused, and read with skip_first=False, as the splice takes it."""
+    T = tokens.shape[1]
+    for bad in (50, -T - 1):
+        with pytest.raises(ValueError, match=rf"^position {bad}: the sequences have {T} positions$"):
+            token_latent_gradients(tiny_gpt2, sae, tokens, 1, position=bad)
+    with pytest.raises(ValueError, match=r"^position 1.5: expected an integer index of a token$"):
+        token_latent_gradients(tiny_gpt2, sae, tokens, 1, position=1.5)
+    assert sae.cfg.exclude_first
+    for first in (0, -T):
+        with pytest.raises(ValueError, match=rf"^position {first}: the SAE was trained without position 0 "
+                                             r"\(cfg.exclude_first\) and never reads it"):
+            token_latent_gradients(tiny_gpt2, sae, tokens, 1, position=first)
+    read = token_latent_gradients(tiny_gpt2, sae, tokens, 1, position=0, skip_first=False)
+    assert read.grad_norm_BT[0, 0] > 0 and torch.all(read.grad_norm_BT[:, 1:] == 0)

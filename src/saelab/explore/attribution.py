@@ -56,13 +56,20 @@ def logit_diff(lm, token_a: int | str, token_b: int | str, position: int = -1) -
     a, b = token_id(lm, token_a), token_id(lm, token_b)
 
     def metric(logits_BTV: torch.Tensor) -> torch.Tensor:
-        T = logits_BTV.shape[1]
-        if not -T <= position < T:
-            raise ValueError(f"logit_diff position {position}: the sequences have {T} positions")
+        check_position(position, logits_BTV.shape[1], "logit_diff position")
         return (logits_BTV[:, position, a] - logits_BTV[:, position, b]).float()
 
     metric.tokens = (a, b)  # type: ignore[attr-defined]
     return metric
+
+
+def check_position(position: int, T: int, named: str = "position") -> int:
+    """``position`` as an index into sequences of ``T`` tokens, from 0 (negative ones count from the end)."""
+    if isinstance(position, bool) or not hasattr(position, "__index__"):
+        raise ValueError(f"{named} {position!r}: expected an integer index of a token")
+    if not -T <= operator.index(position) < T:
+        raise ValueError(f"{named} {position}: the sequences have {T} positions")
+    return operator.index(position) % T
 
 
 def _metric_B(metric: Metric, logits_BTV: torch.Tensor) -> torch.Tensor:
@@ -191,10 +198,14 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _check_batch_size(batch_size: int) -> None:
+    _check_count(batch_size, "batch_size", "latents per forward")
+
+
+def _check_count(value: int, name: str, of: str) -> None:
     """A whole number >= 1 of any integer type (numpy's too), not a bool."""
-    whole = not isinstance(batch_size, bool) and hasattr(batch_size, "__index__")
-    if not whole or operator.index(batch_size) < 1:
-        raise ValueError(f"batch_size {batch_size!r}: expected a whole number of latents per forward, at least 1")
+    whole = not isinstance(value, bool) and hasattr(value, "__index__")
+    if not whole or operator.index(value) < 1:
+        raise ValueError(f"{name} {value!r}: expected a whole number of {of}, at least 1")
 
 
 def compare_attribution_with_ablation(
@@ -211,12 +222,15 @@ def compare_attribution_with_ablation(
     points). ``plot``: write a scatter plot PNG there (atomically).
     """
     _check_batch_size(batch_size)
+    _check_count(max_latents, "max_latents", "latents to compare per case")
     if plot is not None:  # before the forwards: a path that cannot be written would lose them
         from saelab.utils.figures import check_figure_path  # matplotlib loads only where a plot is asked for
 
         check_figure_path(plot, "plot")
     if isinstance(cases, tuple) and len(cases) == 2 and isinstance(cases[0], torch.Tensor):
         cases = [cases]
+    if not cases:  # else torch.cat's "expected a non-empty list of Tensors"
+        raise ValueError("cases: expected at least one (tokens, metric) pair, got none")
     gen = torch.Generator().manual_seed(seed)
     xs, ys = [], []
     for tokens_BT, metric in cases:
@@ -317,6 +331,7 @@ def latent_logit_effects(lm, sae: TopKSAE, latent: int, top: int = 20) -> dict:
     bytes, escaped (``token_strings(..., readable_bytes=True)``).
     """
     sae.check_latents([latent])
+    _check_count(top, "top", "tokens to list")
     from saelab.evals.probe_tasks import token_strings
 
     values = unembed_direction(lm, sae.W_dec[latent]).float().cpu()
@@ -342,6 +357,14 @@ class _Stop(Exception):
     pass
 
 
+def _check_read_position(sae: TopKSAE, position: int, T: int, skip_first: bool | None) -> None:
+    """A position of the sequences that the SAE reads: position 0 not, where the splice leaves it alone."""
+    at = check_position(position, T)
+    if at == 0 and (sae.cfg.exclude_first if skip_first is None else skip_first):
+        raise ValueError(f"position {position}: the SAE was trained without position 0 (cfg.exclude_first) and "
+                         "never reads it, as the splice leaves it; pick a later position, or pass skip_first=False")
+
+
 @dataclass
 class TokenSaliency:
     grad_x_input_BT: torch.Tensor
@@ -356,6 +379,7 @@ class TokenSaliency:
 
 def token_latent_gradients(
     lm, sae: TopKSAE, tokens_BT: torch.Tensor, latent: int, position: int = -1, *, hook: str | None = None,
+    skip_first: bool | None = None,
 ) -> TokenSaliency:
     """Gradient of ``latent``'s pre-activation at ``position`` with respect to the input token embeddings.
 
@@ -363,10 +387,13 @@ def token_latent_gradients(
     activation because TopK makes the latter zero, with zero gradient, wherever the latent does not
     win. The embeddings are the output of the model's input embedding module (before any position
     embedding or scale). The forward stops after the SAE's layer. Tokens after ``position`` get 0.
+    Position 0 is refused for an SAE trained without it, which never reads it (``skip_first``: as
+    :func:`attribution_patching`; False reads it there).
     """
     hook = _hook_of(sae, hook)
     sae.check_latents([latent])
     tokens_BT = lm.as_tokens(tokens_BT)
+    _check_read_position(sae, position, tokens_BT.shape[1], skip_first)
     store: dict[str, torch.Tensor] = {}
 
     def emb_hook(module, args, output):
