@@ -247,3 +247,17 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_forward(tiny_gp
                                           r"\(16 tokens\)"):
         top_activations(sae, str(tmp_path / "short"), toks, 0)
     assert top_activations(sae, tiny_gpt2, toks, 0).n_tokens == 2 * (T - 1)  # ids it has: read, all of them
+
+
+def test_a_batch_size_below_1_is_refused_before_the_text_is_read(tiny_gpt2, corpus, monkeypatch):
+    """batch_size 0 was range()'s "arg 3 must not be zero" after the corpus was read; -1 scanned nothing."""
+    import saelab.explore.top as top
+
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=16, k=4, hook_name=HOOK, model_name="tiny", context_size=T))
+    monkeypatch.setattr(top, "_model_and_contexts", lambda *a, **k: pytest.fail("the text was read"))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ConfigError, match=rf"^batch_size: expected a positive number of contexts per forward, "
+                                              rf"got {bad!r}$"):
+            top_activations(sae, tiny_gpt2, corpus, latent=1, k=2, n_tokens=512, batch_size=bad)
+        with pytest.raises(ConfigError, match="^batch_size: expected"):
+            latent_max_activation(sae, tiny_gpt2, corpus, 1, n_tokens=512, batch_size=bad)

@@ -204,6 +204,8 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     """
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"k: expected a positive number of contexts, got {k!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:  # before the text is read
+        raise ConfigError(f"batch_size: expected a positive number of contexts per forward, got {batch_size!r}")
     _check_corpus(corpus)
     source, given = _source(sae, allow_http)
     sae = source.sae
