@@ -3,6 +3,8 @@ dense computation (encode every token, take each context's maximum, sort)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -66,10 +68,11 @@ def test_top_activations_match_dense_brute_force(tiny_gpt2, corpus, exclude_firs
     busy = int(counts.argmax())
     rare = int(torch.where(ctx_counts > 0, ctx_counts, 10**9).argmin())  # fires in fewer contexts than k
     assert 0 < int(ctx_counts[rare]) < 7, "the SAE should have a rare latent for this test"
-    lats = [busy, rare, 5, busy]  # a duplicate is answered twice
+    lats = [busy, rare, 5]
     if exclude_first:  # a latent that fires on BOS must read 0 there
         with torch.no_grad():
             lats.append(int(sae.encode(tiny_gpt2.activations(toks[:1], HOOK))[0, 0].argmax()))
+    lats = list(dict.fromkeys(lats))  # each once: a latent given twice is refused
     got = top_activations(sae, tiny_gpt2, corpus, lats, k=7, n_tokens=n_tokens_for(sae), batch_size=5)
     assert isinstance(got, list) and [r.latent for r in got] == lats
     for r in got:
@@ -261,3 +264,19 @@ def test_a_batch_size_below_1_is_refused_before_the_text_is_read(tiny_gpt2, corp
             top_activations(sae, tiny_gpt2, corpus, latent=1, k=2, n_tokens=512, batch_size=bad)
         with pytest.raises(ConfigError, match="^batch_size: expected"):
             latent_max_activation(sae, tiny_gpt2, corpus, 1, n_tokens=512, batch_size=bad)
+
+
+def test_a_latent_given_twice_is_refused_as_the_command_line_refuses_it(tiny_gpt2, corpus):
+    """top_activations(latent=[1, 1]) listed latent 1 twice and steer added it twice, where `--latent 1,1` is
+    refused; both refuse it in the command line's words, before the text is read."""
+    from saelab.explore import steer
+
+    sae = centred_sae(tiny_gpt2, corpus)
+    toks = token_contexts(corpus, tiny_gpt2.tokenize, T, n_contexts=2, bos_token_id=tiny_gpt2.bos_token_id)
+    for twice, said in (([1, 1], "latent 1 given twice in [1, 1]"), (np.array([3, 5, 3]), "latent 3 given twice in "
+                                                                                         "[3, 5, 3]")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(said)}; give each latent once$"):
+            top_activations(sae, tiny_gpt2, toks, twice)
+        with pytest.raises(ConfigError, match=f"^{re.escape(said)}; give each latent once$"):
+            steer(tiny_gpt2, sae, [int(i) for i in twice], "add", 1.0)
+    assert [r.latent for r in top_activations(sae, tiny_gpt2, toks, [5, 3])] == [5, 3]  # the order given, as before

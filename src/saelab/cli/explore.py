@@ -13,13 +13,13 @@ from typing import Any
 
 from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, finite_float, given,
                                positional_indices, positive_int, typed, unknown_options)
-from saelab.cli.config_file import first_repeat
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import SAESource
 from saelab.explore.positions import comma_items, index_list, parse_positions
 from saelab.explore.steering import STEER_MODES
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae, refuse_a_run_file
+from saelab.sae.topk import check_latents_once
 from saelab.utils.atomic import check_file_target
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
@@ -29,11 +29,9 @@ from saelab.utils.words import plural
 def _int_list(text: str) -> list[int]:
     try:
         values = index_list(text)  # the reader --positions shares
+        check_latents_once(values, text)  # "5,5", refused as steer and top refuse [5, 5] in Python
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    repeat = first_repeat(values)
-    if repeat is not None:  # "5,5": top would show it twice, steer add (or clamp) it twice
-        raise argparse.ArgumentTypeError(f"latent {repeat} given twice in {text!r}; give each latent once")
     return values
 
 

@@ -40,7 +40,7 @@ from saelab.explore.browser.build import (
     top_contexts_state,
 )
 from saelab.explore.browser.stats import context_maxima, select_latents
-from saelab.sae.topk import TopKSAE
+from saelab.sae.topk import TopKSAE, check_latents_once
 from saelab.utils.words import ESCAPED, plural
 
 
@@ -127,6 +127,7 @@ def _latent_list(latent: int | Sequence[int], n_latents: int) -> list[int]:
     bad = [i for i in lats if not 0 <= i < n_latents]
     if bad:
         raise ConfigError(f"latent {bad[0]} is out of range: the SAE has latents 0..{n_latents - 1}")
+    check_latents_once(lats)
     return lats
 
 
@@ -214,11 +215,10 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, n_tokens, context_size, progress)
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
-    uniq = sorted(set(lats))
-    top = _scan(lm, sae, tokens_NT, hook, torch.tensor(uniq), k, batch_size, progress)
+    top = _scan(lm, sae, tokens_NT, hook, torch.tensor(lats), k, batch_size, progress)  # distinct (_latent_list)
     n_scored = tokens_NT.shape[0] * (tokens_NT.shape[1] - first_scored(sae))
-    results = {lat: _result(lat, j, top, tokens_NT, lm.tokenizer, n_scored) for j, lat in enumerate(uniq)}
-    return [results[i] for i in lats] if _is_many(latent) else results[lats[0]]
+    results = [_result(lat, j, top, tokens_NT, lm.tokenizer, n_scored) for j, lat in enumerate(lats)]
+    return results if _is_many(latent) else results[0]
 
 
 def _scan(lm, sae: TopKSAE, tokens_NT: torch.Tensor, hook: str, latents_L: torch.Tensor, k: int, batch_size: int,

@@ -31,6 +31,17 @@ INPUT_NORMS = ("none", "layernorm")
 LN_EPS = 1e-5
 
 
+def check_latents_once(latents, given: Any = None) -> None:
+    """Refuse a latent listed twice: top would show it twice, steer add (or clamp) it twice. ``given``: the
+    latents as the user gave them, for the message (the command line's text '5,5'; default the list)."""
+    seen: set = set()
+    for i in latents:
+        if i in seen:
+            shown = list(latents) if given is None else given
+            raise ConfigError(f"latent {i} given twice in {shown!r}; give each latent once")
+        seen.add(i)
+
+
 @dataclass
 class SAEConfig:
     """Shape and provenance of one SAE."""
@@ -214,7 +225,7 @@ class TopKSAE(nn.Module):
 
     def check_latents(self, latents) -> None:
         """Refuse latent ids this SAE lacks: a negative one would index from the end, silently another latent,
-        and 2.9 or True would be read as 2 or 1."""
+        and 2.9 or True would be read as 2 or 1; and a latent given twice (:func:`check_latents_once`)."""
         for i in latents:
             if isinstance(i, bool) or not float(i).is_integer():
                 raise TypeError(f"latent {i!r}: expected an integer index of a latent (the SAE has {self.n_latents} "
@@ -222,6 +233,7 @@ class TopKSAE(nn.Module):
             if not 0 <= int(i) < self.n_latents:
                 raise IndexError(f"latent {int(i)} out of range: the SAE has {self.n_latents} "
                                  f"{plural(self.n_latents, 'latent')}")
+        check_latents_once([int(i) for i in latents])
 
     # ---- input normalization ---------------------------------------------------------------
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
