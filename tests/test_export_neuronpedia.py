@@ -9,6 +9,7 @@ import errno
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -516,3 +517,37 @@ def test_saedashboard_loads_it_and_converts_it_for_neuronpedia(exported, tmp_pat
     assert result["records"] == sum(len(f["activations"]) for b in batches for f in b["features"])
     # sae-dashboard 0.8.0 on PyPI predates neuronpedia_export.py: then only its loader is checked
     assert result["converted"] in (0, summary["features"])
+
+
+def test_the_export_options_are_checked_before_the_model_loads(tiny_gpt2, corpus, tmp_path, monkeypatch):
+    """export_neuronpedia_run checked its options only in export_neuronpedia, after the statistics pass: 0
+    features per batch and an unknown keyword were refused after it, a layer of -1 or a suffix of 5 written as
+    they were, and an SAE that records no hook (read at cfg.hook) was refused for want of a layer after it.
+    Each is refused before the model loads; an unknown keyword as Python names it."""
+    import saelab.explore.browser.build as build
+    import saelab.explore.browser.make as make
+
+    sae = centred_sae(tiny_gpt2, corpus, 64, 2)
+    save_sae(sae, tmp_path / "run" / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    monkeypatch.setattr(make, "load_model_beside", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(build, "collect_statistics", lambda *a, **k: pytest.fail("the statistics pass ran"))
+    for option, refusal in (({"bogus": 1}, TypeError("export_neuronpedia_run() got an unexpected keyword argument "
+                                                     "'bogus'")),
+                            ({"n_features_per_batch": 0}, "n_features_per_batch: expected a positive integer, got 0"),
+                            ({"n_features_per_batch": True}, "n_features_per_batch: expected a positive integer, "
+                                                             "got True"),
+                            ({"layer": -1}, "layer: expected the layer's number, an integer from 0 (or None: from "
+                                            "the hook), got -1"),
+                            ({"layer": 1.5}, "layer: expected the layer's number"),
+                            ({"sae_id_suffix": 5}, "sae_id_suffix 5: expected 1 to 64 lowercase letters"),
+                            ({"sae_id_suffix": "K6"}, "sae_id_suffix 'K6': expected 1 to 64 lowercase letters")):
+        kind = type(refusal) if isinstance(refusal, Exception) else ConfigError
+        with pytest.raises(kind, match=f"^{re.escape(str(refusal))}"):
+            export_neuronpedia_run(tmp_path / "run", tmp_path / "np", cfg, lm=tiny_gpt2, progress=False, **option)
+    sae.cfg.hook_name = ""
+    save_sae(sae, tmp_path / "no-hook" / "sae")
+    with pytest.raises(ConfigError, match="^hook '': cannot read a layer number from it .*; pass layer=$"):
+        export_neuronpedia_run(tmp_path / "no-hook", tmp_path / "np", dataclasses.replace(cfg, hook=HOOK),
+                               lm=tiny_gpt2, progress=False)
+    assert not (tmp_path / "np").exists()

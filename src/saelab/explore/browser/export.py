@@ -104,10 +104,10 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
                                        sae_hashes=None if sae_hashes is None else [h])
                     for s, h in zip(stats, sae_hashes or [None] * len(stats))]
         stats = stats[0]
-    for name, value in (("n_features_per_batch", n_features_per_batch), ("n_bands", n_bands)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-    check_neuronpedia_ids(model_id, sae_set)
+    if not isinstance(n_bands, int) or n_bands < 1:
+        raise ConfigError(f"n_bands: expected a positive integer, got {n_bands!r}")
+    check_export_options({"model_id": model_id, "layer": layer, "sae_set": sae_set, "sae_id_suffix": sae_id_suffix,
+                          "n_features_per_batch": n_features_per_batch})
     out = Path(out)
     _check_target(out, overwrite)
     sae = stats.source.sae
@@ -251,6 +251,24 @@ def check_neuronpedia_ids(model_id: str | None, sae_set: str | None,
     for value, name, rule in ((model_id, names[0], MODEL_ID_RULE), (sae_set, names[1], SAE_SET_RULE)):
         if value is not None and not _follows(value, rule):
             raise ConfigError(f"{name} {value!r}: expected {rule[1]}")
+
+
+def check_export_options(options: dict[str, Any], caller: str = "export_neuronpedia") -> None:
+    """The export's options (``EXPORT_OPTIONS`` and ``overwrite``, as passed to ``caller``), checked before
+    any work: an unknown one is the TypeError Python raises for it, a bad value a ConfigError naming it."""
+    unknown = [k for k in options if k not in (*EXPORT_OPTIONS, "overwrite")]
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    check_neuronpedia_ids(options.get("model_id"), options.get("sae_set"))
+    per, layer, suffix = (options.get(k) for k in ("n_features_per_batch", "layer", "sae_id_suffix"))
+    if per is not None and (not isinstance(per, int) or isinstance(per, bool) or per < 1):
+        raise ConfigError(f"n_features_per_batch: expected a positive integer, got {per!r}")
+    if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 0):
+        raise ConfigError(f"layer: expected the layer's number, an integer from 0 (or None: from the hook), "
+                          f"got {layer!r}")
+    if suffix is not None and not (isinstance(suffix, str) and SAE_SET_RULE[0].fullmatch(suffix)):
+        raise ConfigError(f"sae_id_suffix {suffix!r}: expected 1 to 64 lowercase letters, digits, hyphens, "
+                          "underscores and periods, from a letter or digit to one (or None)")
 
 
 def _follows(value: Any, rule: tuple[re.Pattern, str]) -> bool:
@@ -423,9 +441,11 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
 
     cfg = cfg or BrowseConfig()
     refuse_explanations(cfg)
-    check_neuronpedia_ids(kwargs.get("model_id"), kwargs.get("sae_set"))  # before the SAEs and the model load
+    check_export_options(kwargs, "export_neuronpedia_run")  # before the SAEs and the model load
     one = isinstance(sae_sources, (str, os.PathLike, SAESource))
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
+    for s in sources:  # a hook that names no layer: refused now, not after the pass
+        _layer(s.sae.cfg.hook_name, kwargs.get("layer"))
     if kwargs.get("sae_set") is not None and len(sources) > 1:  # each SAE's pages would take the same address
         raise ConfigError(f"sae_set {kwargs['sae_set']!r} names one SAE's set, and {len(sources)} SAEs were given; "
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")
