@@ -1470,6 +1470,23 @@ def test_top_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir
     assert "note" not in capsys.readouterr().err
 
 
+def test_browse_and_families_say_when_hook_reads_the_saes_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
+    """browse, its Neuronpedia export and families read the SAEs at --hook without a word where top and steer
+    say it: each says it of each SAE, before the pass, and --hook equal to the SAEs' own says nothing."""
+    saes = [_tiny_sae(tmp_path / f"sae{n}", tiny_dir, n) for n in (32, 64)]
+    notes = [f"saelab: note: --hook blocks.1.hook_resid_post: {sae} was trained at blocks.0.hook_resid_post; its "
+             "latents are read at blocks.1.hook_resid_post here" for sae in saes]
+    for hook, said in (("blocks.1.hook_resid_post", notes), ("blocks.0.hook_resid_post", [])):
+        for argv, n in ((["browse", saes[0], "--out", str(tmp_path / f"site-{hook}")], 1),
+                        (["browse", saes[0], "--export", "neuronpedia", str(tmp_path / f"np-{hook}"), "--model-id",
+                          "tiny"], 1),
+                        (["families", *saes, "--out", str(tmp_path / f"families-{hook}.json")], 2)):
+            assert main([*argv, "--hook", hook, "--n-tokens", "256", "--no-progress", "--corpus",
+                         str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")]) == 0
+            err = capsys.readouterr().err
+            assert [line for line in err.splitlines() if "--hook" in line] == said[:n], argv[0]
+
+
 def test_steer_refuses_a_generation_longer_than_the_models_context_before_the_load(tmp_path, tiny_dir, capsys,
                                                                                     monkeypatch):
     """--max-new-tokens 100000 generated for over 10 minutes, and a 9,000-token prompt ran past the model's 8,192

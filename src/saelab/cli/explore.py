@@ -15,7 +15,7 @@ from saelab.cli.common import (add_io_options, add_model_option, add_sae_argumen
                                positional_indices, positive_int, typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
-from saelab.explore.browser.build import SAESource
+from saelab.explore.browser.build import SAESource, another_hook_words
 from saelab.explore.positions import comma_items, index_list, parse_positions
 from saelab.explore.steering import STEER_MODES
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae, refuse_a_run_file
@@ -160,9 +160,9 @@ def _note_another_hook(args: argparse.Namespace, sae) -> None:
     """Say that --hook reads the SAE at another hook than it was trained at: a near miss (blocks.8 for blocks.9)
     gives plausible-looking output. Called once every check has passed; an SAE that records no hook has none to
     compare with (--hook is required for it)."""
-    if args.trained_at and sae.cfg.hook_name != args.trained_at:
-        print(f"saelab {args.verb}: note: --hook {sae.cfg.hook_name}: {args.sae} was trained at {args.trained_at}; its "
-              f"latents are read at {sae.cfg.hook_name} here", file=sys.stderr)
+    if args.trained_at and sae.cfg.hook_name != args.trained_at:  # browse and families: note_another_hook
+        print(f"saelab {args.verb}: note: {another_hook_words(sae.cfg.hook_name, args.sae, args.trained_at)}",
+              file=sys.stderr)
 
 
 def _check_generation(args: argparse.Namespace, positions, tokenizer, model) -> None:

@@ -203,6 +203,19 @@ def check_compatible(sources: Sequence[SAESource], hook: str | None = None, mode
     return hooks[first.name]
 
 
+def another_hook_words(hook: str, source: str, trained_at: str) -> str:
+    """What the note says of an SAE read at ``hook`` that was trained at ``trained_at``."""
+    return f"--hook {hook}: {source} was trained at {trained_at}; its latents are read at {hook} here"
+
+
+def note_another_hook(sources: Sequence[SAESource], hook: str) -> None:
+    """Say, once every check has passed, which SAEs are read at another hook than they were trained at: a near
+    miss (blocks.8 for blocks.9) gives plausible-looking pages. An SAE that records no hook has none to compare."""
+    for s in sources:
+        if s.sae.cfg.hook_name and s.sae.cfg.hook_name != hook:
+            print(f"saelab: note: {another_hook_words(hook, s.source, s.sae.cfg.hook_name)}", file=sys.stderr)
+
+
 # ---- the pass ----------------------------------------------------------------------------------------------
 
 

@@ -435,6 +435,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         check_compatible,
         collect_statistics,
         direct_logit_effects,
+        note_another_hook,
     )
     from saelab.data import corpus_name
     from saelab.explore.browser.make import load_model_beside, open_sources
@@ -462,6 +463,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     hook = check_compatible(sources, cfg.hook, cfg.model)
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
     lm.check_hook(hook)
+    note_another_hook(sources, hook)
     stats, _, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, families=False, progress=progress)
     for st in stats:
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)

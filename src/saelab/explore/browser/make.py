@@ -33,6 +33,7 @@ from saelab.explore.browser.build import (
     first_scored,
     given_explanations,
     n2g_padding_id,
+    note_another_hook,
     open_sae_source,
     read_tokens,
     read_tokens_before_load,
@@ -333,6 +334,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     if cfg.n2g_n_latents:  # a padding token the tokenizer splits: refused now, not after the pass
         n2g_padding_id(lm.tokenizer, cfg)
     seconds["load"] = time.perf_counter() - t - seconds["tokenize"]
+    note_another_hook(sources, hook)
     stats, coact, pass_times = collect_statistics(lm, sources, tokens, cfg, hook=hook, progress=progress)
     seconds.update(pass_times)
     t = time.perf_counter()
@@ -392,6 +394,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
         return {**earlier, "reused": True}
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
     lm.check_hook(hook)
+    note_another_hook(sources, hook)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
     tree = {**_families(lm, sources, coact, cfg, hook), "key": key, "inputs": inputs}
     if out is not None:
