@@ -499,7 +499,7 @@ def test_empty_positions_are_refused_not_read_as_all(tmp_path, capsys, monkeypat
 
 @pytest.mark.parametrize("argv, named", [
     (["top", "SAE", "--latent", "1", "--corpus", ""], "--corpus"),
-    (["steer", "SAE", "--latent", "1", "--value", "1", "--hook", " "], "--hook"),
+    (["steer", "SAE", "--latent", "1", "--value", "1", "--hook", ""], "--hook"),
     (["browse", "SAE", "--corpus", "", "--out", "site"], "--corpus"),
     (["export", "SAE", "", "--format", "saelens"], "OUT"),
     (["families", "A", "B", "--out", ""], "--out"),

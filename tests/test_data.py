@@ -418,6 +418,13 @@ def test_cache_round_trip(tmp_path, source_rows, dtype, tol):
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     assert torch.equal(ordered, source_rows.to(torch_dtype).float())  # exactly the stored values
     assert torch.equal(cache.read(250, 650), ordered[250:650])
+    # Training on a GPU reads the rows as stored, into page-locked memory (pinning itself needs CUDA)
+    from saelab.pipeline import batch_form
+
+    assert batch_form(cache, to_gpu=True) == {"dtype": torch_dtype, "pin_memory": True}
+    stored = next(cache.batches(128, shuffle=False, **{**batch_form(cache, to_gpu=True), "pin_memory": False}))
+    assert stored.dtype == torch_dtype and torch.equal(stored.float(), ordered[:128])
+    assert batch_form(cache, to_gpu=False) == {}
 
 
 def test_cache_shuffled_batches(tmp_path, source_rows):

@@ -276,6 +276,14 @@ def test_run_folders_exported_in_one_pass(tiny_gpt2, corpus, tmp_path):
         assert feats and all(len(f["logits_hist_data_bar_heights"]) == 50 for f in feats)
         assert all(f["dataset"] == "English Wikipedia 2015 sample (saelab data/wiki-en/wiki_eval.jsonl.xz)"
                    for f in feats)
+    # One SAE's export kept, the other's to make: both are written again, so the kept one's folder is checked
+    # before the pass for the user's files it would lose
+    shutil.rmtree(tmp_path / "np" / "large")
+    (tmp_path / "np" / "small" / "README.md").write_text("mine")
+    with pytest.raises(RunExistsError, match=r"^export folder \S+small holds README.md beside a Neuronpedia export"):
+        export_neuronpedia_run([tmp_path / "small", tmp_path / "large"], tmp_path / "np", cfg, lm="no-such-model",
+                               progress=False)
+    assert not (tmp_path / "np" / "large").exists()
 
 
 def test_the_corpus_is_named_without_its_local_path(tiny_gpt2, corpus, tmp_path):

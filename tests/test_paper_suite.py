@@ -495,3 +495,29 @@ def test_a_probe_result_of_the_earlier_split_is_not_reused(tiny_series_run, data
             'classes")') in err and path.read_bytes() == before
     out, _ = run_cli(capsys, *argv, "--overwrite")
     assert out["probe"] == "ok" and json.loads(path.read_text())["inputs"]["method"]
+
+
+def test_results_of_a_bfloat16_model_are_checked_against_bfloat16_references(tmp_path):
+    """Before the load, the suite's check of the results it would replace resolves compute_equivalent's
+    references in the model's dtype, as the run records them: a bfloat16 suite run again was refused as made
+    from other settings (series.dtype "bfloat16" -> absent)."""
+    from saelab.errors import RunExistsError
+    from saelab.evals import suite
+    from saelab.evals.core import EvalConfig
+    from saelab.sae.topk import SAEConfig, TopKSAE
+
+    model = "EleutherAI/pythia-70m"
+    sae = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_name="blocks.0.hook_resid_post", model_name=model,
+                            context_size=16))
+    cfg, ev = suite.PaperSuiteConfig(metrics=("compute_equivalent",)), EvalConfig(corpus=None)
+    cfg.compute_equivalent.series = "pythia-70m"
+    run, wanted, reasons = suite._suite_run(None, sae, model, tmp_path, cfg, ev, 16)
+    suite._resolve_series(run, reasons, "cpu", torch.bfloat16)  # as the suite run of a bfloat16 model
+    run.sae_hash = suite.sae_sha256(sae)
+    metric = next(m for m in wanted if m.name == "compute_equivalent")
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "compute_equivalent.json").write_text(json.dumps(
+        {"status": "ok", "inputs": suite._inputs(run, metric, suite._base_inputs(run))}))
+    suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path, dtype="bfloat16")  # the same: reused
+    with pytest.raises(RunExistsError, match=r'compute_equivalent.series.dtype "bfloat16" -> absent'):
+        suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path)  # a float32 model: other references

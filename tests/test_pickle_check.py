@@ -588,6 +588,16 @@ def test_what_torch_save_writes_reads_as_before(tmp_path):
         copy.deepcopy(loaded)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.uint16, torch.uint32])
+def test_dtypes_stored_as_untyped_bytes_read(tmp_path, dtype):
+    """torch.save names the storage of a dtype with no storage class of its own by UntypedStorage, its size in
+    bytes: charged as bytes, not at the most a class may take (a million float8 numbers were refused)."""
+    weights = {"w": torch.arange(1_000_000).to(dtype)}
+    torch.save(weights, tmp_path / "w.pt")
+    check_torch_file(tmp_path / "w.pt")
+    assert load_plain_tensors(tmp_path / "w.pt")["w"].equal(weights["w"])
+
+
 def test_every_reader_refuses_it_in_one_line(tmp_path, tiny_dir):
     bomb = {"revivals": shared_levels(40)}
     run = tmp_path / "run"

@@ -263,15 +263,18 @@ def _cache_record(cache: ActivationCache) -> dict[str, Any]:
 
 
 def _cache_batches(cache: ActivationCache, cfg: TrainConfig, device: str | torch.device | None = None):
-    # For a GPU the rows go as stored (float16: half the bytes), assembled in page-locked memory (one copy on
-    # the host, an asynchronous one to the GPU); the step widens them there. The CPU widens them here, in
-    # the thread that reads ahead.
-    to_gpu = resolve_device(device).type == "cuda"
-    form = {"dtype": cache.torch_dtype, "pin_memory": True} if to_gpu else {}
+    form = batch_form(cache, resolve_device(device).type == "cuda")
 
     def batches_from(start_batch: int):
         return cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, start_batch=start_batch, **form)
     return batches_from
+
+
+def batch_form(cache: ActivationCache, to_gpu: bool) -> dict[str, Any]:
+    """How training reads ``cache``'s batches: for a GPU the rows go as stored (float16: half the bytes),
+    assembled in page-locked memory (one copy on the host, an asynchronous one to the GPU) and widened there;
+    the CPU widens them while reading ahead."""
+    return {"dtype": cache.torch_dtype, "pin_memory": True} if to_gpu else {}
 
 
 @contextlib.contextmanager
@@ -656,10 +659,11 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         sae, model_name(spec), cfg, eval_cfg, tokenizer, bos_token_id(tokenizer), T)
     # compute_equivalent's reference models to load, from their configs and tokenizers alone: refused here when
     # asked for by name, else its error, the other metrics running on
+    dtype = spec.dtype if isinstance(spec, LanguageModel) else model_dtype  # compute_equivalent's references
     refused = {} if tokens is None else check_series_before_load(sae, model_name(spec), cfg, eval_cfg, tokens,
-                                                                 tokenizer, out)
+                                                                 tokenizer, out, dtype)
     # Results it would replace, last: the SAE is hashed for it, once (the suite takes the hash)
-    sae_hash = None if overwrite else check_results_before_load(sae, model_name(spec), cfg, eval_cfg, T, out)
+    sae_hash = None if overwrite else check_results_before_load(sae, model_name(spec), cfg, eval_cfg, T, out, dtype)
     # Into a run folder: its lock, as evaluate_run holds it (a retraining meanwhile would mix two SAEs' files).
     lock = RunLock(run).acquire() if out is run else None
     try:

@@ -232,7 +232,7 @@ class Parser(ArgumentParser):
         """An empty value (an unset variable in a script): `--corpus ""` read the default corpus, `--hook ""` the
         SAE's hook, an empty OUT the current folder, each without a word. Options whose own reader words it
         (--positions) or that take empty text (--prompt: BOS alone) are left to it."""
-        empty = [a for a in arg_strings if not a.strip()]
+        empty = [a for a in arg_strings if a == ""]  # " " may be a value: a padding token
         if (not empty or action.dest.rsplit(".", 1)[-1] in EMPTY_VALUE_READ_BY_ITS_OPTION
                 or action.nargs in (argparse.PARSER, argparse.REMAINDER)):  # a verb's words: its own parser's
             return

@@ -703,7 +703,7 @@ class ActivationCache:
         self.meta: dict[str, Any] = m["meta"]
         self.complete: bool = m["complete"]
         self.shard_rows: list[int] = [s["rows"] for s in m["shards"]]
-        self._torch_dtype, self._np_dtype = DTYPES[self.dtype]
+        self.torch_dtype, self._np_dtype = DTYPES[self.dtype]  # the rows' dtype as stored
         self._paths = [self.folder / s["file"] for s in m["shards"]]
         self._offsets = [self._check_shard(p, r) for p, r in zip(self._paths, self.shard_rows)]
 

@@ -5,8 +5,8 @@
 - CE recovered against zero- and mean-ablation of the hook:
   (CE_ablated - CE_spliced) / (CE_ablated - CE_clean); 1 is perfect, 0 is no better than ablating.
   Undefined (NaN; null in metrics.json) where the ablation does not raise CE above the clean
-  model's beyond noise: the gap is <= 0, or its bootstrap interval over the contexts reaches 0
-  (the rule N2G's ``ce_recovered_partial`` follows); a ratio of noise reads -999 or +1001.
+  model's beyond noise: the gap is <= 0, or its 95 % interval over the contexts reaches 0 (as N2G's
+  ``ce_recovered_partial``, whose bootstrap interval decides); a ratio of noise reads -999 or +1001.
 
 Position handling: contexts start with BOS. When the SAE was trained without position 0
 (``exclude_first``), position 0 is left clean in every edited run, and the prediction made at
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from saelab.errors import ConfigError, ShapeMismatchError
-from saelab.evals.bootstrap import DEFAULT_N_BOOT, paired_bootstrap
 from saelab.utils.words import plural
 
 
@@ -194,9 +193,15 @@ def _summary(sums: dict[str, torch.Tensor], kl: float, count: int) -> dict[str, 
 
 
 def _rise_beyond_noise(sums: dict[str, torch.Tensor], name: str) -> bool:
-    """Whether run ``name`` raises CE above the clean run's beyond the noise of the contexts drawn: its paired
-    bootstrap interval does not reach 0 (no interval, from one context: the rise itself)."""
-    n = torch.ones_like(sums["clean"])
-    rise = paired_bootstrap({"ablated": sums[name], "clean": sums["clean"], "n": n},
-                            {"rise": lambda t: (t["ablated"] - t["clean"]) / t["n"]}, n_boot=DEFAULT_N_BOOT)["rise"]
-    return rise["low"] > 0 if rise["low"] is not None else rise["estimate"] > 0
+    """Whether run ``name`` raises CE above the clean run's beyond the noise of the contexts drawn: the 95 %
+    interval of the mean per-context rise does not reach 0 (from one context: the rise itself). A normal
+    interval, where N2G draws bootstrap replicates: those take 1,000 x N counts in memory (1.6 GB at 65,536
+    contexts) to decide one sign."""
+    rise = (sums[name] - sums["clean"]).double()
+    if rise.numel() < 2:
+        return bool(rise.sum() > 0)
+    return bool(rise.mean() - NORMAL_95 * rise.std() / rise.numel() ** 0.5 > 0)
+
+
+NORMAL_95 = 1.959964
+"""The standard normal's 97.5 % quantile: a two-sided 95 % interval."""

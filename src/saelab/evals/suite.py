@@ -317,12 +317,13 @@ def _refuse_replacing(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict, b
 
 
 def check_results_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, T: int,
-                              out_dir: str | Path) -> str:
+                              out_dir: str | Path, dtype: torch.dtype | str = torch.float32) -> str:
     """:func:`run_paper_suite`'s refusal of results in ``out_dir``'s evals/ that it would replace (without
-    overwrite), from the settings, the SAE and those files alone: before the model loads. Returns
-    :func:`sae_sha256` of ``sae``, for the suite to take (hashing reads every weight)."""
+    overwrite), from the settings, the SAE and those files alone: before the model loads (in ``dtype``, which
+    compute_equivalent's references take). Returns :func:`sae_sha256` of ``sae``, for the suite to take
+    (hashing reads every weight)."""
     run, wanted, reasons = _suite_run(None, sae, model, Path(out_dir), cfg, eval_cfg, T)
-    _resolve_series(run, reasons)
+    _resolve_series(run, reasons, dtype=dtype)
     run.sae_hash = sae_sha256(sae)
     _refuse_replacing(run, wanted, reasons, _base_inputs(run))
     return run.sae_hash
@@ -390,7 +391,7 @@ def _suite_run(lm, sae, model: str, out_dir: Path, cfg: PaperSuiteConfig, eval_c
 
 
 def _resolve_series(run: SuiteRun, reasons: dict[str, str | None], device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> None:
+                    dtype: torch.dtype | str = torch.float32) -> None:
     """``run.series``: compute_equivalent's reference models, when that metric runs (its inputs record them),
     loaded as the evaluated model is (``device``, ``dtype``)."""
     if "compute_equivalent" in reasons and not reasons["compute_equivalent"]:
@@ -442,7 +443,8 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
 
 
 def check_series_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, tokens: torch.Tensor,
-                             tokenizer, out_dir: str | Path) -> dict[str, str]:
+                             tokenizer, out_dir: str | Path, dtype: torch.dtype | str = torch.float32
+                             ) -> dict[str, str]:
     """When compute_equivalent runs, the reference models it will load checked against the eval contexts
     (``tokens``, read with the model's ``tokenizer`` before its load) from their configs and tokenizers alone.
     A wrong series is refused before the model's weights or any of theirs download when compute_equivalent is
@@ -451,7 +453,7 @@ def check_series_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: E
     loss ``out_dir``'s series_losses.json lacks are checked: a resumed suite loads no other (its result reused
     or not, the losses file holds every loss that result was made of)."""
     run, _, reasons = _suite_run(None, sae, model, Path(out_dir), cfg, eval_cfg, int(tokens.shape[1]))
-    _resolve_series(run, reasons)
+    _resolve_series(run, reasons, dtype=dtype)  # the model's: its losses are cached apart
     if run.series is None:  # compute_equivalent does not run
         return {}
     ce = cfg.compute_equivalent

@@ -219,8 +219,9 @@ _HASH_MODULUS = 2**61 - 1
 _ELEMENT_BYTES = {f"torch.{kind}Storage": size for size, kinds in (
     (1, ("Untyped", "Bool", "Byte", "Char", "QInt8", "QUInt8", "QUInt4x2", "QUInt2x4")),
     (2, ("Half", "BFloat16", "Short")), (4, ("Float", "Int", "QInt32")), (8, ("Double", "Long", "ComplexFloat")),
-    (16, ("ComplexDouble",))) for kind in kinds}
-"""The bytes of each element of the storage classes a persistent id names (torch reads elements of that size);
+    (16, ("ComplexDouble",))) for kind in kinds} | {"torch.storage.UntypedStorage": 1}
+"""The bytes of each element of the storage classes a persistent id names (torch reads elements of that size;
+torch.save names a dtype with no class of its own, float8 or uint16, by torch.storage's UntypedStorage, in bytes);
 another class, which torch refuses, is charged the most."""
 _WITH_STATE = ("torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_parameter_with_state")
 """Tensor rebuilds whose last argument is a state set on the tensor."""

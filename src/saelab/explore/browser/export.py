@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import operator
 import os
 import re
 import sys
@@ -261,14 +262,19 @@ def check_export_options(options: dict[str, Any], caller: str = "export_neuronpe
         raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
     check_neuronpedia_ids(options.get("model_id"), options.get("sae_set"))
     per, layer, suffix = (options.get(k) for k in ("n_features_per_batch", "layer", "sae_id_suffix"))
-    if per is not None and (not isinstance(per, int) or isinstance(per, bool) or per < 1):
+    if "n_features_per_batch" in options and not _whole(per, 1):  # None too: it has no default then
         raise ConfigError(f"n_features_per_batch: expected a positive integer, got {per!r}")
-    if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 0):
+    if layer is not None and not _whole(layer, 0):
         raise ConfigError(f"layer: expected the layer's number, an integer from 0 (or None: from the hook), "
                           f"got {layer!r}")
     if suffix is not None and not (isinstance(suffix, str) and SAE_SET_RULE[0].fullmatch(suffix)):
         raise ConfigError(f"sae_id_suffix {suffix!r}: expected 1 to 64 lowercase letters, digits, hyphens, "
                           "underscores and periods, from a letter or digit to one (or None)")
+
+
+def _whole(value: Any, least: int) -> bool:
+    """An integer of any type (numpy's too), not a bool, from ``least``."""
+    return not isinstance(value, bool) and hasattr(value, "__index__") and operator.index(value) >= least
 
 
 def _follows(value: Any, rule: tuple[re.Pattern, str]) -> bool:
@@ -459,6 +465,9 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     if all(earlier):
         _say_what_was_left_out_or_made(sources, note)
         return _as_given([_reused(t, e) for t, e in zip(targets, earlier)], one)
+    for t, e in zip(targets, earlier):  # the same export is rewritten with the others: its folder checked now
+        if e is not None:
+            refuse_others_files(t, _written_by_export, "a Neuronpedia export", "export folder")
     kwargs["overwrite"] = True  # what is there now is the same export (the others were refused above)
     hook = check_compatible(sources, cfg.hook, cfg.model)
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
