@@ -752,6 +752,14 @@ OPTION_VALUES_FROM_A_FILE = [  # (the verb's words, the file, the refusal after 
                                                      "text"),
     ("harvest --out r", '{"harvest": {"dtype": "int8"}}', "harvest.dtype: expected one of float16, bfloat16, "
                                                            "float32, got 'int8'"),
+    # an empty text (the file made from an unset variable) read as the option left out: the default corpus,
+    # the current folder
+    ("harvest --out r", '{"harvest": {"corpus": ""}}', "harvest.corpus: expected a value, got an empty one '' "
+                                                        "(an unset variable?)"),
+    ("harvest", '{"out": ""}', "out: expected a value, got an empty one '' (an unset variable?)"),
+    ("top SAE --latent 1", '{"hook": ""}', "hook: expected a value, got an empty one '' (an unset variable?)"),
+    ("eval SAE", '{"eval": {"ablations": ["zero", ""]}}', "eval.ablations: expected a value, got an empty one '' "
+                                                          "(an unset variable?)"),
 ]
 
 

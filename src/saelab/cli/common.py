@@ -17,8 +17,9 @@ from typing import Any
 from simple_parsing import ArgumentParser, DashVariant
 from simple_parsing.helpers.custom_actions import BooleanOptionalAction
 
-from saelab.cli.config_file import (CONFIG_SUFFIXES, check_config_section, closest_key, file_key, first_repeat,
-                                    option_file_value, read_config_file, run_record_as_settings)
+from saelab.cli.config_file import (CONFIG_SUFFIXES, EMPTY_VALUE_READ_BY_ITS_OPTION, check_config_section, closest_key,
+                                    file_key, first_repeat, option_file_value, read_config_file,
+                                    run_record_as_settings)
 from saelab.errors import ConfigError, CorpusError
 from saelab.models.loading import MODEL_SPECS
 from saelab.sae.io import SAE_SOURCES
@@ -291,10 +292,6 @@ class Parser(ArgumentParser):
                                   f"{closest_key(key, [*groups, *options], switches, value) or listed}")
         return kept
 
-
-EMPTY_VALUE_READ_BY_ITS_OPTION = ("prompt", "positions", "model")
-"""Options that read an empty value themselves: steer's --prompt "" (BOS alone); --positions and --model refuse it
-in their own words."""
 
 REPEATABLE_ACTIONS = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction)
 """Actions that gather each occurrence of their option (``--log-to`` extends): a repeat adds, it loses nothing."""

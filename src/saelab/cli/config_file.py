@@ -49,6 +49,19 @@ def run_record_as_settings(entries: dict[str, Any], train_settings: type | None,
     return {"train": {field: value for field, value in giving.items() if field not in unused}}
 
 
+EMPTY_VALUE_READ_BY_ITS_OPTION = ("prompt", "positions", "model")
+"""Options that read an empty value themselves: steer's --prompt "" (BOS alone); --positions and --model refuse it
+in their own words."""
+
+
+def refuse_an_empty_text(where: str, name: str, value: Any) -> None:
+    """A file's "" (or one in a list) for an option that reads no empty value: an unset variable the file was
+    made from, which would read as the option left out (the default corpus, the current folder)."""
+    empty = value == "" or (isinstance(value, list) and "" in value)
+    if empty and name.rsplit(".", 1)[-1] not in EMPTY_VALUE_READ_BY_ITS_OPTION:
+        raise ConfigError(f"{where}: expected a value, got an empty one '' (an unset variable?)")
+
+
 def option_file_value(action: argparse.Action, value: Any, where: str) -> Any:
     """A --config file's value of a plain option (not a group's), checked as the command line checks it,
     a refusal naming the file's entry ``where``: argparse checks neither the choices nor the type of a
@@ -57,6 +70,7 @@ def option_file_value(action: argparse.Action, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {shown_value(value)}")
         return value
+    refuse_an_empty_text(where, action.dest, value)
     if action.type is not None and action.nargs is None:
         return _as_typed(action, value, where)
     if hasattr(action, "check_file_value"):  # an option with words of its own for a malformed value (--grid)
@@ -195,6 +209,7 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
             switches = [n for n in names if hints[n] is bool]
             raise ConfigError(f"{where}.{key}: not one of its options"
                               f"{closest_key(key, names, switches, v) or ' (' + ', '.join(names) + ')'}")
+        refuse_an_empty_text(f"{where}.{key}", name, v)
         v = checked_value(f"{where}.{key}", hints[name], v)
         if dataclasses.is_dataclass(hints[name]):  # a group inside a group: the paper suite's probe settings
             v = check_config_section(f"{where}.{key}", hints[name], v)
