@@ -29,6 +29,7 @@ import torch
 from saelab.errors import ShapeMismatchError
 from saelab.explore.spliced import run_with_cache_with_saes, run_with_saes, sae_hook_name
 from saelab.sae.topk import TopKSAE
+from saelab.utils.config import whole_at_least
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -203,8 +204,7 @@ def _check_batch_size(batch_size: int) -> None:
 
 def _check_count(value: int, name: str, of: str) -> None:
     """A whole number >= 1 of any integer type (numpy's too), not a bool."""
-    whole = not isinstance(value, bool) and hasattr(value, "__index__")
-    if not whole or operator.index(value) < 1:
+    if not whole_at_least(value, 1):
         raise ValueError(f"{name} {value!r}: expected a whole number of {of}, at least 1")
 
 

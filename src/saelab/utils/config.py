@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
 from simple_parsing.helpers import flag
 
 
@@ -16,3 +19,8 @@ def given_parts(words: str) -> tuple[str, str]:
     ("", "-k")."""
     file, _, entry = words.rpartition(": ")
     return (f"{file}: " if file else ""), entry
+
+
+def whole_at_least(value: Any, least: int) -> bool:
+    """Whether ``value`` is an integer of any type (numpy's too), not a bool, of at least ``least``."""
+    return not isinstance(value, bool) and hasattr(value, "__index__") and operator.index(value) >= least

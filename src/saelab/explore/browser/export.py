@@ -45,7 +45,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import operator
 import os
 import re
 import sys
@@ -59,7 +58,7 @@ import torch
 from saelab.errors import ConfigError, RunExistsError
 from saelab.run_folder import NEURONPEDIA_SETTINGS, refuse_others_files, sae_sha256
 from saelab.utils.atomic import atomic_folder
-from saelab.utils.config import given_parts
+from saelab.utils.config import given_parts, whole_at_least
 from saelab.utils.hub import local_path
 
 FORMAT = "saedashboard-neuronpedia-batches"
@@ -262,19 +261,14 @@ def check_export_options(options: dict[str, Any], caller: str = "export_neuronpe
         raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
     check_neuronpedia_ids(options.get("model_id"), options.get("sae_set"))
     per, layer, suffix = (options.get(k) for k in ("n_features_per_batch", "layer", "sae_id_suffix"))
-    if "n_features_per_batch" in options and not _whole(per, 1):  # None too: it has no default then
+    if "n_features_per_batch" in options and not whole_at_least(per, 1):  # None too: it has no default then
         raise ConfigError(f"n_features_per_batch: expected a positive integer, got {per!r}")
-    if layer is not None and not _whole(layer, 0):
+    if layer is not None and not whole_at_least(layer, 0):
         raise ConfigError(f"layer: expected the layer's number, an integer from 0 (or None: from the hook), "
                           f"got {layer!r}")
     if suffix is not None and not (isinstance(suffix, str) and SAE_SET_RULE[0].fullmatch(suffix)):
         raise ConfigError(f"sae_id_suffix {suffix!r}: expected 1 to 64 lowercase letters, digits, hyphens, "
                           "underscores and periods, from a letter or digit to one (or None)")
-
-
-def _whole(value: Any, least: int) -> bool:
-    """An integer of any type (numpy's too), not a bool, from ``least``."""
-    return not isinstance(value, bool) and hasattr(value, "__index__") and operator.index(value) >= least
 
 
 def _follows(value: Any, rule: tuple[re.Pattern, str]) -> bool:
