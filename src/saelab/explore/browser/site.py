@@ -258,8 +258,9 @@ def check_site_target(out: Path) -> None:
         return
     if not out.is_dir():
         raise RunExistsError(f"{out}: exists and is not a folder; choose another --out")
-    if read_site_manifest(out) is None and any(out.iterdir()):
+    site = read_site_manifest(out) is not None
+    if not site and any(out.iterdir()):
         raise RunExistsError(f"{out}: folder exists, is not empty and is not a saelab feature browser site; "
                              "choose another --out (it is never deleted)")
-    if read_site_manifest(out) is not None:
+    if site:
         refuse_others_files(out, lambda name: name in SITE_ENTRIES, "a feature browser site", "--out")
