@@ -495,3 +495,33 @@ def test_a_renamed_setting_keeps_earlier_builds_keys_and_is_named_as_it_is_now()
     before, after = (build_inputs([], BrowseConfig(n2g_n_latents=n)) for n in (0, 3))
     assert before["browse"]["n2g_latents"] == 0 and "n2g_n_latents" not in before["browse"]
     assert what_differs(before, after) == "other settings (browse.n2g_n_latents 0 -> 3)"
+
+
+def test_saes_whose_folders_share_a_name_are_named_apart(tiny_gpt2, corpus, tmp_path):
+    """Two SAEs from folders of one name (runs/a/run and runs/b/run, run1/sae and run2/sae) were both named by it
+    and refused; they are named by the nearest parent folders where their paths differ, each with its own pages
+    and families. One SAE, or SAEs of other names, keep their folder's name; the same SAE given twice is refused,
+    naming both, before the model loads."""
+    from saelab.errors import ConfigError
+    from saelab.explore.browser.make import open_sources
+
+    save_sae(trained_like_sae(tiny_gpt2, 64, 0, corpus), tmp_path / "a" / "x" / "run" / "sae")
+    save_sae(trained_like_sae(tiny_gpt2, 128, 1, corpus), tmp_path / "b" / "x" / "run" / "sae")
+    runs = [tmp_path / "a" / "x" / "run", tmp_path / "b" / "x" / "run"]
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n_samples=4, lm_batch_size=8)
+    manifest = build_browser(runs, tmp_path / "site", cfg, lm=tiny_gpt2, progress=False)
+    assert [s["name"] for s in manifest["saes"]] == ["a-run", "b-run"]
+    for name, n in (("a-run", 64), ("b-run", 128)):
+        key, index = read_js(tmp_path / "site" / "data" / name / "index.js")
+        assert key == f"index/{name}" and index["n_latents"] == n
+    families = json.loads((tmp_path / "site" / "families.json").read_text())
+    assert [(link["parent_sae"], link["child_sae"]) for link in families["links"]] == [("a-run", "b-run")]
+    # the SAE folders themselves (RUN/sae), nearest parents first; one alone keeps its name
+    sources, _ = open_sources([run / "sae" for run in runs])
+    assert [s.name for s in sources] == ["a-sae", "b-sae"]
+    assert [s.name for s in open_sources([runs[0] / "sae", runs[1]])[0]] == ["sae", "run"]
+    with pytest.raises(ConfigError, match=rf"^SAEs {re.escape(str(runs[0]))} and {re.escape(str(runs[0]))}/ share "
+                                          r"the name 'run'; expected each SAE once"):
+        build_browser([runs[0], f"{runs[0]}/"], tmp_path / "twice", cfg, lm="no-such-model", progress=False)
+    assert not (tmp_path / "twice").exists()
+

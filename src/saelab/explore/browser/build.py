@@ -39,6 +39,7 @@ across their sizes come from the same pass (:mod:`.families`).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -174,6 +175,37 @@ def open_sae_source(source: str | Path, name: str | None = None, *, several: boo
     return SAESource(name or stem or "sae", str(source), sae, run_dir=run_dir)
 
 
+def name_apart(sources: Sequence[SAESource]) -> None:
+    """Name SAEs that share a folder's name by the nearest parent folders where their paths differ, in place:
+    run1/sae and run2/sae become run1-sae and run2-sae (a name is the folder of an SAE's pages, one SAE's
+    would overwrite the other's). Names that no other SAE has stay as they are; the same path given twice
+    keeps its name, for :func:`check_compatible` to refuse."""
+    groups: dict[str, list[SAESource]] = {}
+    for s in sources:
+        groups.setdefault(s.name, []).append(s)
+    for same in (g for g in groups.values() if len(g) > 1):
+        for s, prefix in zip(same, _differing_parents([_folders_above(s.source) for s in same])):
+            s.name = f"{prefix}-{s.name}" if prefix else s.name
+
+
+def _folders_above(source: str) -> list[str]:
+    """The names of the folders above an SAE's file or folder, nearest first (of a URL: its path's)."""
+    path = Path(source) if "://" in source else Path(os.path.abspath(Path(source).expanduser()))
+    return [p.name for p in path.parents]
+
+
+def _differing_parents(chains: list[list[str]]) -> list[str]:
+    """For each chain of folder names (nearest first), the names at the levels where the chains differ, up to
+    the nearest level that tells them all apart, outermost first and joined by '-'; '' for all when none does."""
+    depth = max(map(len, chains))
+    chains = [c + [""] * (depth - len(c)) for c in chains]
+    for d in range(1, depth + 1):
+        if len({tuple(c[:d]) for c in chains}) == len(chains):
+            differ = [i for i in range(d) if len({c[i] for c in chains}) > 1]
+            return ["-".join(c[i] for i in reversed(differ) if c[i]) for c in chains]
+    return [""] * len(chains)
+
+
 def check_compatible(sources: Sequence[SAESource], hook: str | None = None, model: str | None = None) -> str:
     """The shared hook of several SAEs; refuses SAEs on different hooks, widths or models.
 
@@ -197,9 +229,12 @@ def check_compatible(sources: Sequence[SAESource], hook: str | None = None, mode
                 and s.sae.cfg.model_name != first.sae.cfg.model_name):
             raise ShapeMismatchError(f"SAEs come from different models: {s.source} ({s.sae.cfg.model_name}) and "
                                      f"{first.source} ({first.sae.cfg.model_name}); pass --model to use one model for all")
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"two SAEs share the name {names}; name them apart (different folder names)")
+    seen: dict[str, SAESource] = {}
+    for s in sources:
+        if s.name in seen:  # the folder of its pages in the site, of its families and of its export
+            raise ConfigError(f"SAEs {seen[s.name].source} and {s.source} share the name {s.name!r}; expected each "
+                              "SAE once, under a name of its own")
+        seen[s.name] = s
     return hooks[first.name]
 
 

@@ -33,6 +33,7 @@ from saelab.explore.browser.build import (
     first_scored,
     given_explanations,
     n2g_padding_id,
+    name_apart,
     note_another_hook,
     open_sae_source,
     read_tokens,
@@ -69,8 +70,9 @@ DEFINITIONS = {
 
 def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource], *,
                  allow_http: bool = False) -> tuple[list[SAESource], list[SAESource]]:
-    """(every SAE, those loaded here from a path): the latter go to the model's device once it loads;
-    ``allow_http`` also downloads from plain http URLs."""
+    """(every SAE, those loaded here from a path): the latter go to the model's device once it loads, named
+    apart where their folders share a name (:func:`~.build.name_apart`); ``allow_http`` also downloads from
+    plain http URLs."""
     if isinstance(sae_sources, (str, os.PathLike, SAESource)):
         sae_sources = [sae_sources]
     sae_sources = list(sae_sources)  # read twice below
@@ -78,7 +80,9 @@ def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource], *,
            for s in sae_sources]
     if not out:
         raise SaelabError(f"no SAE given; pass {SAE_SOURCES}")
-    return out, [s for s, given in zip(out, sae_sources) if s is not given]
+    loaded_here = [s for s, given in zip(out, sae_sources) if s is not given]
+    name_apart(loaded_here)  # a caller's SAESource keeps the name it was given
+    return out, loaded_here
 
 
 def _stat_key(source: SAESource, n2g: bool = True) -> list:
