@@ -525,3 +525,41 @@ def test_saes_whose_folders_share_a_name_are_named_apart(tiny_gpt2, corpus, tmp_
         build_browser([runs[0], f"{runs[0]}/"], tmp_path / "twice", cfg, lm="no-such-model", progress=False)
     assert not (tmp_path / "twice").exists()
 
+
+def test_a_site_names_local_files_by_their_base_names(tiny_dir, sae_files, tmp_path, tmp_path_factory):
+    """site.json and data/meta.js (and families.json) recorded the corpus, the model folder, the N2G file and the
+    SAE folders by their paths on this disk, which went with the site wherever it was published. They name them
+    by their base names now, as the Neuronpedia export does; the site is still reused by the same build, and a
+    corpus of the same name elsewhere is still told from the one read, before the model loads."""
+    text = tmp_path / "texts" / "c.txt"
+    text.parent.mkdir()
+    text.write_text("The cat sat on the mat. " * 400)
+    n2g = tmp_path / "expl.json"
+    n2g.write_text(json.dumps({"per_latent": [
+        {"latent": 3, "patterns": [{"tokens": [" cat"], "anchored": False, "value": 0.5, "count": 2}]}]}))
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=str(text), model=str(tiny_dir), n_top=4, n_samples=4, lm_batch_size=8)
+    both, out = [sae_files / "run_small", sae_files / "saelens_large"], tmp_path / "site"
+    build_browser(both, out, cfg, progress=False)
+    one = tmp_path / "one"
+    build_browser([sae_files / "run_small"], one, dataclasses.replace(cfg, n2g_file=str(n2g)), progress=False)
+    local = {str(tmp_path_factory.getbasetemp()), str(tmp_path_factory.getbasetemp().resolve())}
+    for site in (out, one):
+        for path in sorted(p for p in site.rglob("*") if p.is_file()):
+            text_of = path.read_text(encoding="utf-8")
+            assert not [d for d in local if d in text_of], f"{path} holds a local path"
+    manifest = read_site_manifest(one)
+    assert read_js(one / "data" / "meta.js")[1] == manifest
+    assert (manifest["corpus"], manifest["model"], manifest["saes"][0]["source"]) == ("c.txt", "tiny-gpt2", "run_small")
+    assert {k: manifest["config"][k] for k in ("corpus", "model", "n2g_file")} == \
+           {k: manifest["inputs"]["browse"][k] for k in ("corpus", "model", "n2g_file")} == \
+           {"corpus": "c.txt", "model": "tiny-gpt2", "n2g_file": "expl.json"}
+    assert [s["source"] for s in json.loads((out / "families.json").read_text())["saes"]] == ["run_small",
+                                                                                              "saelens_large"]
+    # the same build is reused; a corpus of the same name elsewhere is refused as the other text it is
+    assert build_browser(both, out, cfg, lm="no-such-model", progress=False)["reused"]
+    other = tmp_path / "elsewhere" / "c.txt"
+    other.parent.mkdir()
+    other.write_text("Numbers 12 34 56 and 78 follow. " * 400)
+    with pytest.raises(RunExistsError, match=rf"built from other corpus text \(browse.corpus {re.escape(str(other))} "
+                                             r"is another corpus of that name, not the one read then\)"):
+        build_browser(both, out, dataclasses.replace(cfg, corpus=str(other)), lm="no-such-model", progress=False)

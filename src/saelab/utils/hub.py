@@ -23,6 +23,13 @@ def local_path(spec: str | None) -> Path | None:
     return Path(spec).expanduser().resolve()
 
 
+def public_name(value: str | None) -> str | None:
+    """A local file or folder by its base name (no path of the user's disk in shared files); a URL, a hub
+    id or a name as given."""
+    local = local_path(value)
+    return local.name if local else value
+
+
 def hub_unreachable_reason() -> str | None:
     """Why the hub cannot be reached ("offline mode is on", "huggingface.co does not resolve"), or None
     when it may be reachable (a failed download then still reports its own error)."""

@@ -59,7 +59,7 @@ from saelab.errors import ConfigError, RunExistsError
 from saelab.run_folder import NEURONPEDIA_SETTINGS, refuse_others_files, sae_sha256
 from saelab.utils.atomic import atomic_folder
 from saelab.utils.config import given_parts, whole_at_least
-from saelab.utils.hub import local_path
+from saelab.utils.hub import local_path, public_name
 
 FORMAT = "saedashboard-neuronpedia-batches"
 """``format`` in ``run_settings.json``: marks a folder this module wrote (and may replace)."""
@@ -363,7 +363,7 @@ def export_key(sources, cfg, model_dtype: str, options: dict[str, Any],
     (``hashes``: each one's :func:`sae_sha256`), not by where they lie, and the recorded settings name local
     files by their base names: the folder is shared with others."""
     from saelab.explore.browser.build import first_scored
-    from saelab.explore.browser.make import build_inputs, build_key
+    from saelab.explore.browser.make import build_inputs, build_key, public_settings
 
     given = inspect.signature(export_neuronpedia).parameters
     options = {name: options.get(name, given[name].default) for name in EXPORT_OPTIONS}
@@ -381,8 +381,7 @@ def export_key(sources, cfg, model_dtype: str, options: dict[str, Any],
         inputs["export_version"] = EXPORT_VERSION
         parts.append(EXPORT_VERSION)
     blob = json.dumps(parts, sort_keys=True, default=str)
-    for name in ("corpus", "model"):
-        inputs["browse"][name] = public_name(inputs["browse"][name])
+    inputs["browse"] = public_settings(inputs["browse"])
     return hashlib.sha256(blob.encode()).hexdigest()[:16], inputs
 
 
@@ -390,13 +389,6 @@ def _resolved(value: str | None) -> str | None:
     """A local file or folder by its absolute path; a URL, a hub id or a name as given."""
     local = local_path(value)
     return str(local) if local else value
-
-
-def public_name(value: str | None) -> str | None:
-    """A local file or folder by its base name (no path of the user's disk in shared files); a URL, a hub
-    id or a name as given."""
-    local = local_path(value)
-    return local.name if local else value
 
 
 EXPORT_OPTIONS = ("model_id", "layer", "sae_set", "sae_id_suffix", "n_features_per_batch", "include_dead")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from saelab.data.text import corpus_files_key
+from saelab.data.text import corpus_files_key, corpus_name
 from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals._common import position_0_words
 from saelab.explore.browser.build import (
@@ -48,7 +48,7 @@ from saelab.run_folder import SAE_DIR, refuse_a_run_file
 from saelab.sae.io import SAE_SOURCES
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
-from saelab.utils.hub import local_path
+from saelab.utils.hub import local_path, public_name
 from saelab.utils.words import plural
 
 DEFINITIONS = {
@@ -122,6 +122,16 @@ RECORDED_AS = {"n2g_n_latents": "n2g_latents"}
 """Settings that sites, families files and exports record under the name they had before it changed."""
 
 
+PATH_SETTINGS = ("corpus", "model", "n2g_file")
+"""Settings that may name a file or folder of this disk."""
+
+
+def public_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as files shared with others record them: a local corpus, model or N2G file by its base name,
+    not where it lies on this disk (the key, a hash, still tells files of one name apart)."""
+    return {**settings, **{k: public_name(settings[k]) for k in PATH_SETTINGS if k in settings}}
+
+
 def makes_families(sources: Sequence[SAESource]) -> bool:
     """Whether ``sources`` make feature families: two SAEs or more, each of its own size (a latent's
     parent is in the next smaller SAE)."""
@@ -180,9 +190,9 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str
     def settings(of: dict[str, Any]) -> dict[str, Any]:  # an export's options by their own names, as passed
         export = of.get("export")
         named = {k: v for k, v in of.items() if k not in hashed}
-        if isinstance(named.get("browse"), dict):  # each setting by its name now
+        if isinstance(named.get("browse"), dict):  # each setting by its name now, local files as sites record them
             recorded_as = {old: new for new, old in RECORDED_AS.items()}
-            named["browse"] = {recorded_as.get(k, k): v for k, v in named["browse"].items()}
+            named["browse"] = public_settings({recorded_as.get(k, k): v for k, v in named["browse"].items()})
         return {**named, **(export if isinstance(export, dict) else {})}
 
     changes = changed_fields(settings(recorded), settings(inputs))
@@ -276,6 +286,14 @@ def _families(lm, sources, coact, cfg, hook) -> dict[str, Any] | None:
                        position_0=position_0_words(shared_first(s.sae for s in sources)))
 
 
+def _public_tree(families: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The family tree as the site publishes it: its model and SAEs named as in ``site.json`` (public_name)."""
+    if families is None:
+        return None
+    return {**families, "model": public_name(families["model"]),
+            "saes": [{**s, "source": public_name(s["source"])} for s in families["saes"]]}
+
+
 def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
     """More N2G latents than an SAE has: refused before the model loads. The draw would quietly take every
     active latent (minutes per hundred) after the whole pass over the text."""
@@ -348,13 +366,15 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     seconds["finish"] = time.perf_counter() - t
     first = shared_first(s.sae for s in sources)  # the tokens every SAE reads; each SAE's own are in "saes"
     manifest = {
-        "format": SITE_FORMAT, "version": SITE_VERSION, "key": key, "inputs": inputs,
+        "format": SITE_FORMAT, "version": SITE_VERSION, "key": key,
+        "inputs": {**inputs, "browse": public_settings(inputs["browse"])},
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": lm.known_as, "hook": hook, "corpus": resolve_corpus(cfg),
+        "model": public_name(lm.known_as), "hook": hook, "corpus": corpus_name(cfg.corpus, "eval"),
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
         "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": position_0_words(first),
-        "config": dataclasses.asdict(cfg), "definitions": DEFINITIONS, "has_families": families is not None,
-        "saes": [{"name": s.name, "source": s.source, "n_latents": s.sae.n_latents, "k": s.sae.cfg.k,
+        "config": public_settings(dataclasses.asdict(cfg)), "definitions": DEFINITIONS,
+        "has_families": families is not None,
+        "saes": [{"name": s.name, "source": public_name(s.source), "n_latents": s.sae.n_latents, "k": s.sae.cfg.k,
                   "input_norm": s.sae.cfg.input_norm, "alive": int((st.count_N > 0).sum()),
                   "explained": len(st.explanations), "n_tokens": st.n_tokens,
                   "position_0": position_0_words(first_scored(s.sae))} for s, st in zip(sources, stats)],
@@ -362,7 +382,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     }
     t = time.perf_counter()
     write_site(out, manifest=manifest, stats_list=stats, tokens_NT=tokens, tokenizer=lm.tokenizer, cfg=cfg,
-               families=families, progress=progress)
+               families=_public_tree(families), progress=progress)
     seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
     return {**manifest, "site": str(out), "reused": False, "seconds": {k: round(v, 2) for k, v in seconds.items()}}

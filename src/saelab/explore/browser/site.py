@@ -4,7 +4,9 @@ Layout (every path relative; nothing refers to another host, so the site works o
 ``saelab browse --serve`` on 127.0.0.1 or opened straight from disk)::
 
     index.html  app.js  style.css      the viewer (hash routes: #/s/SAE, #/s/SAE/l/ID, #/families)
-    site.json                          what was built, from what, with which settings and timings
+    site.json                          what was built, from what, with which settings and timings; local
+                                       files (corpus, model, N2G file, SAEs) by their base names, never
+                                       their paths (the site is meant to be published)
     families.json                      the family tree (several SAEs only; see .families)
     data/meta.js                       site.json for the viewer
     data/vocab.js                      {token id: text} for every token the pages show
