@@ -20,7 +20,7 @@ import torch
 
 from saelab.data import ActivationCache, ActivationCacheError, ActivationStream, pack_contexts
 from saelab.data import cache_is_complete, check_disk_room, note_unfinished_overwrite, resolve_corpus, reusable_cache
-from saelab.data import StreamConfig, TextsReadOnce, corpus_identity, sample_contexts, token_contexts
+from saelab.data import DrawnContexts, StreamConfig, TextsReadOnce, corpus_identity, sample_contexts, token_contexts
 from saelab.data import write_activation_cache
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals._common import jsonable
@@ -132,7 +132,7 @@ def check_corpus_fills_a_context(tokenizer, corpus: str, context_size: int, prep
 
 
 def check_eval_corpus_before_load(tokenizer, cfg: EvalConfig, context_size: int, first: int,
-                                  prepend_bos: bool) -> torch.Tensor | None:
+                                  prepend_bos: bool) -> DrawnContexts | None:
     """Refuse an eval corpus too short for ``cfg``'s evaluation (see ``read_eval_contexts``) with the model's
     tokenizer: before the (slow) load with :func:`tokenizer_before_load`'s, else (None) left to the evaluation,
     which reads the corpus the same way after the load. Returns the contexts read (None: none were)."""
@@ -409,7 +409,7 @@ def _held_out_label(sae: TopKSAE, corpus: str) -> str:
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,
              out_dir: str | Path | None = None, device: str | torch.device | None = None,
              model_dtype: str = "float32", progress: bool = True, sae_hash: str | None = None,
-             contexts: torch.Tensor | None = None, allow_http: bool = False) -> dict[str, Any]:
+             contexts: DrawnContexts | None = None, allow_http: bool = False) -> dict[str, Any]:
     """Core metrics of an SAE on held-out text; with ``out_dir`` also metrics.json (recording the
     SAE's weight hash and the eval settings), latent_frequencies.safetensors and density.png there.
     ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight);
@@ -498,7 +498,7 @@ def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, m
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
                  device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                  progress: bool = True, sae_hash: str | None = None, sae: TopKSAE | None = None,
-                 contexts: torch.Tensor | None = None) -> dict[str, Any]:
+                 contexts: DrawnContexts | None = None) -> dict[str, Any]:
     """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md. An evaluation of
     this SAE already there is reused when its settings are these, and kept (refused) when they are
     not, unless ``overwrite``. ``sae_hash``, ``sae``, ``contexts``: :func:`sae_sha256` of the run's SAE,
@@ -516,7 +516,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: Lang
 
 def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageModel | str | None,
                          device: str | torch.device | None, model_dtype: str, overwrite: bool, progress: bool,
-                         sae_hash: str | None, sae: TopKSAE | None, contexts: torch.Tensor | None) -> dict[str, Any]:
+                         sae_hash: str | None, sae: TopKSAE | None, contexts: DrawnContexts | None) -> dict[str, Any]:
     sae = sae if sae is not None else load_sae(Path(run_dir) / SAE_DIR)
     # Once, for the check, the evaluation and the report: hashing reads every weight.
     sae_hash = sae_hash or sae_sha256(sae)
@@ -655,12 +655,12 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     check_suite_applies(sae, model_name(spec), cfg, eval_cfg, T)
     # A hub model's tokenizer is fetched alone, so that a short corpus is refused before its weights download.
     tokenizer = None if isinstance(spec, LanguageModel) else tokenizer_before_load(spec)
-    tokens = None if tokenizer is None else read_suite_contexts(  # a short corpus refused before the load
+    contexts = None if tokenizer is None else read_suite_contexts(  # a short corpus refused before the load
         sae, model_name(spec), cfg, eval_cfg, tokenizer, bos_token_id(tokenizer), T)
     # compute_equivalent's reference models to load, from their configs and tokenizers alone: refused here when
     # asked for by name, else its error, the other metrics running on
     dtype = spec.dtype if isinstance(spec, LanguageModel) else model_dtype  # compute_equivalent's references
-    refused = {} if tokens is None else check_series_before_load(sae, model_name(spec), cfg, eval_cfg, tokens,
+    refused = {} if contexts is None else check_series_before_load(sae, model_name(spec), cfg, eval_cfg, contexts,
                                                                  tokenizer, out, dtype)
     # Results it would replace, last: the SAE is hashed for it, once (the suite takes the hash)
     sae_hash = None if overwrite else check_results_before_load(sae, model_name(spec), cfg, eval_cfg, T, out, dtype)
@@ -670,7 +670,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
         sae = _beside_model(sae, lm, given=False)
         index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg,
-                                overwrite=overwrite, progress=progress, tokens=tokens, refused=refused,
+                                overwrite=overwrite, progress=progress, contexts=contexts, refused=refused,
                                 sae_hash=sae_hash)
         write_paper_report(out)
         if out is run and (run / TRAIN_CONFIG).exists():  # with a link to evals/report.md
@@ -933,7 +933,7 @@ def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_di
                        times: dict[str, float], *, device: str | torch.device | None, model_dtype: str,
                        overwrite: bool, overwrite_activations: bool, progress: bool, log_to: Sequence[str],
                        finished_hash: str | None, train_texts: TextsReadOnce | None,
-                       eval_contexts: torch.Tensor | None, tokenizer) -> tuple[dict[str, Any], list[str]]:
+                       eval_contexts: DrawnContexts | None, tokenizer) -> tuple[dict[str, Any], list[str]]:
     """Load the model, then harvest, train and evaluate, each stage reused when done with these settings;
     returns the metrics and the stages reused (``times`` gets the others' seconds). ``finished_hash``,
     ``train_texts``, ``eval_contexts``, ``tokenizer``: :func:`sae_sha256` of the finished run's SAE, the training

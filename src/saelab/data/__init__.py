@@ -21,7 +21,8 @@ from saelab.data.cache import (
 from saelab.data.harvest import ActivationModel, ActivationStream, StreamConfig
 from saelab.data.text import (TextsReadOnce, corpus_files_key, corpus_identity, corpus_name, default_corpus, iter_texts,
                               resolve_corpus, shipped_data_dir)
-from saelab.data.tokens import batched, hf_tokenize_fn, pack_contexts, sample_contexts, token_contexts
+from saelab.data.tokens import (DrawnContexts, batched, context_documents, draw_contexts, hf_tokenize_fn, pack_contexts,
+                                sample_contexts, token_contexts, token_documents)
 
 __all__ = [
     "ActivationCache",
@@ -31,11 +32,14 @@ __all__ = [
     "batched",
     "cache_is_complete",
     "check_disk_room",
+    "context_documents",
     "cache_rows_written",
     "corpus_files_key",
     "corpus_identity",
     "corpus_name",
     "default_corpus",
+    "draw_contexts",
+    "DrawnContexts",
     "hf_tokenize_fn",
     "IncompleteCacheError",
     "iter_texts",
@@ -48,5 +52,6 @@ __all__ = [
     "StreamConfig",
     "TextsReadOnce",
     "token_contexts",
+    "token_documents",
     "write_activation_cache",
 ]

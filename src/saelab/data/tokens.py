@@ -8,12 +8,17 @@ starts with BOS. With ``prepend_bos=False`` windows are ``context_size`` tokens 
 prepended. The trailing partial window is dropped; no other token is lost or reordered::
 
     doc1 SEP doc2 SEP doc3 ...  ->  [BOS w0] [BOS w1] [BOS w2] ...   (|w_i| = context_size - 1)
+
+Evaluations read :func:`draw_contexts`: contexts drawn at random from a pool of the corpus, each with the
+document its text starts in (:func:`context_documents`), so that a metric's few hundred contexts come from
+many documents and its intervals can resample whole documents.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -173,6 +178,7 @@ def token_contexts(
     doc_batch: int = 64,
     setting: str | None = "context_size",
     texts: Iterable[str] | None = None,
+    min_contexts: int | None = None,
 ) -> torch.Tensor:
     """Pack a whole (small) token set into one LongTensor [N, context_size], e.g. an eval set.
 
@@ -180,7 +186,8 @@ def token_contexts(
     ``texts``: the documents of ``source`` when the caller has opened it (read instead of opening it
     again; ``source`` names it in errors).
     Give at most one of ``n_tokens`` (rounded up to whole contexts) and ``n_contexts``; with
-    neither, the whole source is packed. A source too small for the request raises CorpusError;
+    neither, the whole source is packed. A source too small for the request (for ``min_contexts`` when given:
+    ``n_contexts`` is then the most read) raises CorpusError;
     one shorter than a context names ``setting``, the setting that chose ``context_size`` (None: one the
     caller cannot change, left out).
     """
@@ -221,9 +228,10 @@ def token_contexts(
     stream = counted[0] + (max(counted[1] - 1, 0) if sep is not None else 0)  # separators between documents
     if not rows:
         raise _shorter_than_a_context(name, stream, context_size, prepend_bos, setting)
-    if n_contexts is not None and len(rows) < n_contexts:
+    needed = n_contexts if min_contexts is None else min_contexts
+    if needed is not None and len(rows) < needed:
         err = CorpusError(f"corpus {name} gave only {len(rows)} {plural(len(rows), 'context')} of {context_size} "
-                          f"{plural(context_size, 'token')}; {n_contexts} requested")
+                          f"{plural(context_size, 'token')}; {needed} requested")
         err.contexts, err.tokens = len(rows), stream  # for callers that name their own option's maximum
         raise err
     return torch.stack(rows)
@@ -241,3 +249,75 @@ def _shorter_than_a_context(name: str, tokens: int, context_size: int, prepend_b
                       + (f", or {setting} <= {tokens + (1 if prepend_bos else 0)}" if setting else ""))
     err.contexts = 0  # for callers that name their own option's maximum
     return err
+
+
+def context_documents(tokens_NT: torch.Tensor, separator_token_id: int | None, prepend_bos: bool = True
+                      ) -> torch.Tensor | None:
+    """The document each of consecutively packed contexts starts in ``[N]`` (0 = the first document
+    read): the separators in the windows before it, one more when its window opens on a separator.
+    None without a separator: the stream does not tell its documents apart."""
+    if separator_token_id is None:
+        return None
+    is_sep_NT = (tokens_NT[:, 1:] if prepend_bos else tokens_NT) == separator_token_id
+    per_ctx = is_sep_NT.sum(1)
+    return per_ctx.cumsum(0) - per_ctx + is_sep_NT[:, 0].long()
+
+
+def token_documents(tokens_NT: torch.Tensor, documents_N: torch.Tensor, separator_token_id: int | None,
+                    prepend_bos: bool = True) -> torch.Tensor:
+    """The document of every token ``[N, T]``, given each context's (:func:`context_documents`): a separator
+    belongs to the document it opens; the BOS that packing puts first, to the context's first document.
+    Without a separator every token is its context's document."""
+    if separator_token_id is None:
+        return documents_N.cpu()[:, None].expand(tokens_NT.shape).clone()
+    is_sep_NT = (tokens_NT[:, 1:] if prepend_bos else tokens_NT) == separator_token_id
+    docs_NT = documents_N.cpu()[:, None] - is_sep_NT[:, :1].long() + is_sep_NT.long().cumsum(1)
+    return torch.cat([docs_NT[:, :1], docs_NT], dim=1) if prepend_bos else docs_NT
+
+
+@dataclass
+class DrawnContexts:
+    """Contexts drawn from a corpus (:func:`draw_contexts`)."""
+
+    tokens: torch.Tensor
+    """``[N, T]`` in the order drawn: every prefix is itself a draw across the pool, so a metric that
+    reads the first ``n`` reads contexts of many documents."""
+    documents: torch.Tensor | None
+    """``[N]`` the document each context's text starts in (an index in the corpus); None when the
+    corpus has no separator between documents."""
+    index: torch.Tensor
+    """``[N]`` each context's place in the corpus's stream of contexts."""
+
+    def head(self, n: int) -> "DrawnContexts":
+        """The first ``n`` contexts drawn."""
+        return self._pick(slice(n))
+
+    def in_corpus_order(self) -> "DrawnContexts":
+        """The same contexts in the corpus's order: neighbours in the stream are neighbours here (text that
+        runs across a cut between contexts can be followed)."""
+        return self._pick(self.index.argsort())
+
+    def _pick(self, rows) -> "DrawnContexts":
+        return DrawnContexts(self.tokens[rows], None if self.documents is None else self.documents[rows],
+                             self.index[rows])
+
+
+def draw_contexts(source: str | os.PathLike | Iterable[str], tokenizer_fn: TokenizeFn, context_size: int,
+                  n_contexts: int, *, pool_tokens: int, bos_token_id: int | None, prepend_bos: bool = True,
+                  separator_token_id: int | None = None, setting: str | None = "context_size",
+                  seed: int = 0) -> DrawnContexts:
+    """``n_contexts`` contexts drawn at random (seeded) from the first ``pool_tokens`` tokens of ``source``
+    (all of it when shorter), in the random order; ``pool_tokens`` 0: the first ``n_contexts``, in order.
+
+    Consecutive contexts come from a few documents (on Wikipedia, 64 contexts of 64 tokens are about
+    one article), so a metric read on them measures those documents, and an interval that resamples
+    the contexts is too narrow. Too short a source raises :func:`token_contexts`'s CorpusError for
+    ``n_contexts``."""
+    pool = token_contexts(source, tokenizer_fn, context_size, n_contexts=max(n_contexts, pool_tokens // context_size),
+                          min_contexts=n_contexts, bos_token_id=bos_token_id, prepend_bos=prepend_bos,
+                          separator_token_id=separator_token_id, setting=setting)
+    sep = bos_token_id if separator_token_id is None else separator_token_id
+    documents = context_documents(pool, sep, prepend_bos)
+    pick = (torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed)) if pool_tokens
+            else torch.arange(pool.shape[0]))[:n_contexts]
+    return DrawnContexts(pool[pick], None if documents is None else documents[pick], pick)

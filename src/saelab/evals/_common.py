@@ -107,3 +107,20 @@ def latent_contributions(sae, x_RD: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if state is not None:
         contrib = contrib * state[1].unsqueeze(1)
     return vals, idx, contrib
+
+
+def split_by_group(groups_M: torch.Tensor, test_frac: float, g: torch.Generator) -> torch.Tensor | None:
+    """A boolean train mask over M examples keeping every group on one side (the probe's and N2G's splits).
+
+    Groups are taken in random order into the held-out part until it holds at least
+    ``round(M * test_frac)`` (and at least 1) examples; at least one group stays in train.
+    None when the examples come from fewer than two groups.
+    """
+    ids, inverse, sizes = torch.unique(groups_M.cpu(), return_inverse=True, return_counts=True)
+    if ids.numel() < 2:
+        return None
+    target = max(1, round(groups_M.numel() * test_frac))
+    order = torch.randperm(ids.numel(), generator=g)
+    n_test_groups = int((sizes[order].cumsum(0) < target).sum()) + 1
+    test_groups = order[:min(n_test_groups, ids.numel() - 1)]
+    return ~torch.isin(inverse, test_groups)

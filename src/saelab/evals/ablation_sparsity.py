@@ -33,9 +33,9 @@ Baselines, at the same sites:
   removed, ``|x_p[j]|``, is unrelated to a latent's, so the two are not like for like.
 
 Intervals (``saelab.evals.bootstrap``, ``cfg.n_boot`` replicates, ``cfg.ci_level``): the sites'
-contexts are resampled (the sites of one context together); every mean is over the pooled
-scored ablations of the drawn contexts, and the latent-vs-baseline ratio and difference are
-paired (the same draw for both).
+documents are resampled (the sites of one document together; each context alone when the contexts'
+``documents`` are not given); every mean is over the pooled scored ablations of the drawn documents,
+and the latent-vs-baseline ratio and difference are paired (the same draw for both).
 
 Ablations run in batches: the context (cut after ``p + T - 1``, which causality allows) is
 repeated along the batch dimension, row 0 unedited, each other row with one ablation, and only
@@ -54,6 +54,7 @@ Result schema (``run_ablation_sparsity`` returns a JSON-serializable dict)::
     channel             the same for residual-channel ablations (None if channels_per_site == 0)
     ratio_latent_to_random    latent.mean / random.mean (< 1: latents have sparser effects): the headline
     ratio_latent_to_channel   latent.mean / channel.mean (the older, unmatched comparison)
+    interval_groups     what the intervals resample: "documents" (the contexts' documents given) or "contexts"
     intervals           {latent_mean, random_mean, channel_mean, ratio_latent_to_random,
                          latent_minus_random, ratio_latent_to_channel}: bootstrap intervals
                         {estimate, low, high, level, n_boot, n_groups, n_undefined} ({} when n_boot is 0)
@@ -88,7 +89,8 @@ from saelab.evals._common import (
     latent_contributions,
     resolve_hook,
 )
-from saelab.evals.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args, paired_bootstrap, ratio
+from saelab.evals.bootstrap import (DEFAULT_LEVEL, DEFAULT_N_BOOT, by_document, check_bootstrap_args, check_documents,
+                                    paired_bootstrap, ratio)
 from saelab.utils.config import switch
 from saelab.utils.words import plural
 
@@ -257,11 +259,13 @@ class _Scores:
         tot[f"{part}_n"] += ok.numel()
         self.vocab = delta_RTV.shape[-1]
 
-    def intervals(self, cfg: AblationSparsityConfig) -> dict:
+    def intervals(self, cfg: AblationSparsityConfig, documents_N: torch.Tensor | None) -> dict:
         if cfg.n_boot == 0 or not self.totals:
             return {}
         keys = next(iter(self.totals.values())).keys()
-        per_group = {k: torch.tensor([t[k] for t in self.totals.values()], dtype=torch.float64) for k in keys}
+        per_context = {k: torch.tensor([t[k] for t in self.totals.values()], dtype=torch.float64) for k in keys}
+        contexts = torch.tensor(list(self.totals))
+        per_group = by_document(per_context, None if documents_N is None else documents_N.cpu()[contexts])
         stats = {k: f for k, f in INTERVAL_STATS.items()
                  if ("random" not in k or cfg.random_baseline) and ("channel" not in k or cfg.channels_per_site)}
         return paired_bootstrap(per_group, stats, n_boot=cfg.n_boot, level=cfg.ci_level, seed=cfg.seed)
@@ -302,10 +306,13 @@ def _ratio(a: dict | None, b: dict | None) -> float | None:
 
 
 @torch.no_grad()
-def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsityConfig | None = None) -> dict:
-    """Ablation sparsity of ``sae``'s latents and of its baselines on ``tokens_NT`` (module docstring)."""
+def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsityConfig | None = None, *,
+                          documents: torch.Tensor | None = None) -> dict:
+    """Ablation sparsity of ``sae``'s latents and of its baselines on ``tokens_NT`` (module docstring);
+    ``documents``: the document of each context, which the intervals resample (None: each context alone)."""
     cfg = cfg or AblationSparsityConfig()
     tokens_NT = check_tokens(tokens_NT)
+    check_documents(documents, tokens_NT)
     hook = resolve_hook(lm, sae, cfg.hook)
     first = first_position(sae, cfg.exclude_first)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -335,7 +342,8 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
         "channel": channel,
         "ratio_latent_to_random": _ratio(latent, random),
         "ratio_latent_to_channel": _ratio(latent, channel),
-        "intervals": res.intervals(cfg),
+        "intervals": res.intervals(cfg, documents),
+        "interval_groups": "contexts" if documents is None else "documents",
         "gaussian_reference": GAUSSIAN_REFERENCE,
         "ablations_per_s": json_float(n_done / wall) if wall > 0 else None,
         "latents_per_s": json_float(latent["n_ablations"] / latent_s) if latent_s > 0 else None,

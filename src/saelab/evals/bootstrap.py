@@ -2,9 +2,10 @@
 
 Definition pinned here (and in ``tests/test_evals_bootstrap.py``):
 
-- The data come in ``G`` *groups* (clusters): the units that were sampled independently, e.g. the
-  contexts of a metric's sites, or groups of contexts. Values inside one group may be correlated,
-  so whole groups are resampled, never single values.
+- The data come in ``G`` *groups* (clusters): the units that were sampled independently. Values
+  inside one group may be correlated, so whole groups are resampled, never single values. Contexts
+  of one document share its topic and style, so the metrics group by document when the contexts'
+  documents are known (:func:`group_totals`; the eval draws give them), else by context.
 - Every statistic is a function of *per-group totals* (sums over the group: a loss summed over the
   group's predictions, the number of predictions, counts of true positives...). A replicate draws
   ``G`` groups with replacement (``torch.randint`` with a seeded generator), adds the totals of the
@@ -102,6 +103,32 @@ def paired_bootstrap(per_group: Totals, statistics: Mapping[str, Statistic], *, 
     counts = resample_counts(G, n_boot, torch.Generator().manual_seed(seed))
     reps = replicate_statistics(per_group, statistics, counts)
     return {k: percentile_interval(est[k], reps[k], level, G) for k in statistics}
+
+
+def group_totals(groups_M: torch.Tensor, totals: Totals) -> dict[str, torch.Tensor]:
+    """Totals of M units ``{name: [M, ...]}`` summed per group ``[G, ...]`` (groups in sorted id order), and
+    ``"n"``: the units of each group. ``groups_M``: each unit's group id (e.g. the document of a context)."""
+    _, inverse = torch.unique(groups_M.cpu(), return_inverse=True)
+    G = int(inverse.max()) + 1 if inverse.numel() else 0
+    ones = torch.ones(inverse.numel(), dtype=torch.float64)
+    return {"n": torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, ones),
+            **{k: torch.zeros((G, *v.shape[1:]), dtype=torch.float64).index_add_(0, inverse, v.double().cpu())
+               for k, v in totals.items()}}
+
+
+def check_documents(documents_N: torch.Tensor | None, tokens_NT: torch.Tensor) -> None:
+    """Refuse documents that do not name one per context of ``tokens_NT``."""
+    if documents_N is not None and tuple(documents_N.shape) != (tokens_NT.shape[0],):
+        raise ValueError(f"documents must hold one document per context ({tokens_NT.shape[0]}), got shape "
+                         f"{tuple(documents_N.shape)}")
+
+
+def by_document(per_context: Totals, documents: torch.Tensor | None) -> Totals:
+    """Per-context totals summed per document (``documents``: each context's; None: each context is its own
+    group), so that a replicate draws whole documents."""
+    if documents is None:
+        return per_context
+    return {k: v for k, v in group_totals(documents, per_context).items() if k in per_context}
 
 
 def ratio(num: str, den: str) -> Statistic:

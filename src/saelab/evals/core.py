@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from saelab.data import resolve_corpus, token_contexts
+from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
 from saelab.errors import ConfigError, CorpusError, NonFiniteError
 from saelab.evals._common import position_0_words
 from saelab.evals.downstream import downstream_metrics
@@ -41,6 +41,9 @@ class EvalConfig:
     once per variant: clean, spliced and each ablation)."""
     context_size: int | None = None
     """Context length; None: the SAE's training context size."""
+    sample_pool_tokens: int = 4_194_304
+    """The contexts are drawn at random from the corpus's first this many tokens (all of the shipped eval
+    split), so the numbers describe many documents, not the first few; 0: the first contexts, in order."""
     lm_batch_size: int = 8
     """Contexts per LM forward."""
     ablations: tuple[Literal["zero", "mean"], ...] = ABLATIONS
@@ -54,6 +57,8 @@ class EvalConfig:
         for name in ("recon_tokens", "downstream_tokens", "lm_batch_size", "variants_per_forward"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_pool_tokens < 0:
+            raise ConfigError(f"sample_pool_tokens must be >= 0 (0: the first contexts), got {self.sample_pool_tokens}")
         if self.context_size is not None and self.context_size < 3:
             raise ConfigError(f"context_size must be >= 3 (BOS and at least one prediction), got {self.context_size}")
         self.ablations = tuple(self.ablations)
@@ -87,7 +92,8 @@ def evaluated_model(metrics: dict[str, Any]) -> str:
 
 def eval_settings(metrics: dict[str, Any]) -> dict[str, Any]:
     """The settings two evaluations must share for their numbers to be compared (the model as loaded)."""
-    keys = ("model", "hook", "eval_corpus", "context_size", "position_0", "n_tokens", "n_predictions")
+    keys = ("model", "hook", "eval_corpus", "context_size", "position_0", "n_tokens", "n_predictions",
+            "sample_pool_tokens")
     return {**{k: metrics.get(k) for k in keys}, "model": evaluated_model(metrics)}
 
 
@@ -104,18 +110,19 @@ def _hook_rows(lm, tokens_NT: torch.Tensor, hook: str, first: int, n_rows: int, 
 
 
 def read_eval_contexts(cfg: EvalConfig, tokenize, bos_token_id: int | None, context_size: int, first: int,
-                       prepend_bos: bool) -> torch.Tensor:
-    """The contexts ``[N, context_size]`` the evaluation reads from ``cfg.corpus``: enough for
-    ``cfg.recon_tokens`` and ``cfg.downstream_tokens`` scored tokens, each context's from position ``first``
-    on. ``tokenize``: the model's, or its tokenizer read before the load. A corpus too short for them is
-    refused naming the settings that lower the need (:func:`eval_corpus_too_short`)."""
+                       prepend_bos: bool) -> DrawnContexts:
+    """The contexts ``[N, context_size]`` the evaluation reads from ``cfg.corpus``, drawn across its first
+    ``cfg.sample_pool_tokens`` tokens: enough for ``cfg.recon_tokens`` and ``cfg.downstream_tokens`` scored
+    tokens, each context's from position ``first`` on. ``tokenize``: the model's, or its tokenizer read before
+    the load. A corpus too short for them is refused naming the settings that lower the need
+    (:func:`eval_corpus_too_short`)."""
     corpus = resolve_corpus(cfg.corpus, "eval")
     per_ctx = context_size - first
     needs = {name: getattr(cfg, name) for name in ("recon_tokens", "downstream_tokens")}
     n_contexts = max(math.ceil(n / per_ctx) for n in needs.values())
     try:
-        return token_contexts(corpus, tokenize, context_size, n_contexts=n_contexts, bos_token_id=bos_token_id,
-                              prepend_bos=prepend_bos, setting="eval.context_size")
+        return draw_contexts(corpus, tokenize, context_size, n_contexts, pool_tokens=cfg.sample_pool_tokens,
+                             bos_token_id=bos_token_id, prepend_bos=prepend_bos, setting="eval.context_size")
     except CorpusError as e:
         if not getattr(e, "contexts", 0):  # shorter than one context: its own words name eval.context_size
             raise
@@ -153,11 +160,11 @@ def worded_corpus_error(worded: Callable[[Callable[[str], str]], str]) -> Corpus
 
 @torch.no_grad()
 def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = True,
-                  contexts: torch.Tensor | None = None) -> CoreEvaluation:
+                  contexts: DrawnContexts | None = None) -> CoreEvaluation:
     """Reconstruction metrics on ``cfg.recon_tokens`` held-out tokens and the spliced loss on
-    ``cfg.downstream_tokens``, both from the same packed contexts (BOS first, position 0 as the SAE
-    was trained). ``contexts``: those contexts when the caller read them already (:func:`read_eval_contexts`
-    with the model's tokenizer, before the load)."""
+    ``cfg.downstream_tokens``, both from the contexts :func:`read_eval_contexts` draws (BOS first, position 0
+    as the SAE was trained). ``contexts``: those contexts when the caller read them already (with the model's
+    tokenizer, before the load)."""
     cfg = cfg or EvalConfig()
     hook = lm.check_hook(sae.cfg.hook_name)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
@@ -167,8 +174,9 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     first = 1 if sae.cfg.exclude_first else 0
     per_ctx = T - first
     n_recon, n_down = math.ceil(cfg.recon_tokens / per_ctx), math.ceil(cfg.downstream_tokens / per_ctx)
-    tokens = contexts if contexts is not None else read_eval_contexts(cfg, lm.tokenize, lm.bos_token_id, T, first,
-                                                                      sae.cfg.prepend_bos)
+    drawn = contexts if contexts is not None else read_eval_contexts(cfg, lm.tokenize, lm.bos_token_id, T, first,
+                                                                     sae.cfg.prepend_bos)
+    tokens = drawn.tokens
     t0 = time.perf_counter()
     sae.eval()
     acts_ND = _hook_rows(lm, tokens[:n_recon], hook, first, cfg.recon_tokens, cfg.lm_batch_size)
@@ -181,7 +189,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
                               mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations,
                               variants_per_forward=cfg.variants_per_forward, progress=progress)
     metrics = {**recon.to_dict(), **down, **model_record(lm.name), "hook": hook, "eval_corpus": str(corpus),
-               "context_size": T, "position_0": position_0_words(first),
+               "context_size": T, "position_0": position_0_words(first), "sample_pool_tokens": cfg.sample_pool_tokens,
                "dead_definition": f"never fired on the {recon.n_tokens:,} eval tokens (not the training-time window)",
                "seconds": {"reconstruction": round(t_recon, 2),
                            "downstream": round(time.perf_counter() - t0 - t_recon, 2)}}

@@ -53,11 +53,16 @@ SAE reads position 0 of contexts that start with BOS, N2G predicts nothing at BO
 precedes it): there every run takes the plain SAE reconstruction, as the SAE splice and
 ``saelab.evals.downstream`` replace it, so the runs differ only where the explanations predict.
 
+**Split**: with the contexts' documents known (the eval draws give them), whole documents go to the build
+or the held-out side, documents taken in random order (``cfg.seed``) into the held-out part until it holds
+``heldout_frac`` of the contexts; else (or with one document) the last ``heldout_frac`` of the contexts.
+
 **Intervals** (``saelab.evals.bootstrap``, ``cfg.n_boot`` replicates, ``cfg.ci_level``): the
-held-out contexts are resampled; precision, recall and F1 (means over latents, from the drawn
-contexts' pooled counts) and the splice's delta CEs (pooled over the drawn contexts'
-predictions) are recomputed on each draw, paired (the same draw for every quantity, so
-``n2g_all_minus_sae`` has the shared context difficulty removed). The explanations stay fixed.
+held-out documents are resampled (each context alone when documents are not known); precision, recall
+and F1 (means over latents, from the drawn contexts' pooled counts) and the splice's delta CEs (pooled
+over the drawn contexts' predictions) are recomputed on each draw, paired (the same draw for every
+quantity, so ``n2g_all_minus_sae`` has the shared context difficulty removed). The explanations stay
+fixed.
 
 Result schema (``run_n2g`` returns a JSON-serializable dict)::
 
@@ -75,6 +80,7 @@ Result schema (``run_n2g`` returns a JSON-serializable dict)::
                        delta_ce_n2g_partial, delta_ce_zeroed, kl_sae, kl_n2g_all, kl_n2g_partial,
                        ce_recovered_partial, n_simulated (latents with at least one pattern), simulated_frac
                        (n_simulated / n_latents), n_predictions} (None when cfg.splice is False)
+    interval_groups   what the intervals resample: "documents" (the contexts' documents given) or "contexts"
     intervals         {precision, recall, f1, delta_ce_sae, delta_ce_n2g_all, delta_ce_n2g_partial,
                        n2g_all_minus_sae}: bootstrap intervals {estimate, low, high, level, n_boot,
                        n_groups, n_undefined} (the delta CEs only with the splice; {} when n_boot is 0)
@@ -105,8 +111,10 @@ from saelab.evals._common import (
     first_position,
     json_float,
     resolve_hook,
+    split_by_group,
 )
-from saelab.evals.bootstrap import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args, paired_bootstrap
+from saelab.evals.bootstrap import (DEFAULT_LEVEL, DEFAULT_N_BOOT, by_document, check_bootstrap_args, check_documents,
+                                    paired_bootstrap)
 from saelab.evals.downstream import ce_and_kl, ce_recovered
 from saelab.evals.probe_tasks import token_strings
 from saelab.run_folder import read_json_value
@@ -147,7 +155,7 @@ class N2GConfig:
     """A latent fires at a token when its activation exceeds this fraction of its largest activation
     on the build split (0: any nonzero)."""
     heldout_frac: float = 0.5
-    """Fraction of the contexts (the last ones) held out for scoring and splicing."""
+    """Fraction of the contexts held out for scoring and splicing (whole documents when known, else the last ones)."""
     splice: bool = switch(True)
     """Measure the LM loss with N2G-simulated activations spliced in."""
     splice_error_term: bool = switch(False)
@@ -438,20 +446,19 @@ def padding_id(tokenizer, text: str, name: str = "padding_token") -> int:
 
 
 @torch.no_grad()
-def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> dict:
-    """Build N2G explanations on the first contexts, score and splice them on the rest (module docstring)."""
+def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None, *,
+            documents: torch.Tensor | None = None) -> dict:
+    """Build N2G explanations on some contexts, score and splice them on the others (module docstring);
+    ``documents``: the document of each context (None: the contexts are taken to be independent)."""
     cfg = cfg or N2GConfig()
     t0 = time.perf_counter()
     tokens_NT = check_tokens(tokens_NT)
+    check_documents(documents, tokens_NT)
     hook = resolve_hook(lm, sae, cfg.hook)
     first = first_position(sae, cfg.exclude_first)
     s0 = 1 if sae.cfg.prepend_bos else 0  # where the text starts: a pattern's "start of context"
     lo = max(first, s0)
-    N, T = tokens_NT.shape
-    n_eval = max(1, round(N * cfg.heldout_frac))
-    if n_eval >= N:
-        raise ValueError(f"need at least 2 contexts to split into build and held-out parts, got {N}")
-    build, held = tokens_NT[: N - n_eval], tokens_NT[N - n_eval:]
+    build, held, held_documents = _build_and_held(tokens_NT, documents, cfg)
     pad_id = padding_id(lm.tokenizer, cfg.padding_token)
     check_latents(cfg.latents, sae.n_latents)
 
@@ -477,14 +484,33 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None) -> d
     t_end = time.perf_counter()
     return {
         "metric": "n2g", "hook": hook, "config": config_dict(cfg), "n_explained": E,
-        "n_build_contexts": int(build.shape[0]), "n_eval_contexts": int(n_eval),
+        "n_build_contexts": int(build.shape[0]), "n_eval_contexts": int(held.shape[0]),
         **{k: json_float(_nanmean(r[k] for r in per_latent)) for k in ("precision", "recall", "f1", "corr")},
         "micro": {"precision": json_float(micro[0]), "recall": json_float(micro[1]),
                   "f1": json_float(micro[2]), **tot},
         "mean_patterns": json_float(_nanmean(float(r["n_patterns"]) for r in per_latent)),
-        "per_latent": per_latent, "splice": splice, "intervals": _intervals(per_ctx, cfg) if E else {},
+        "per_latent": per_latent, "splice": splice,
+        "intervals": _intervals(by_document(per_ctx, held_documents), cfg) if E else {},
+        "interval_groups": "contexts" if held_documents is None else "documents",
         "n_model_sequences": counter[0], "build_s": t_build - t0, "eval_s": t_end - t_build, "wall_s": t_end - t0,
     }
+
+
+def _build_and_held(tokens_NT: torch.Tensor, documents: torch.Tensor | None, cfg: N2GConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The build and held-out contexts, and the held-out ones' documents. With ``documents``, whole documents go
+    to each side (a pattern learnt from one part of an article is not scored on another part of it), else the
+    last ``heldout_frac`` of the contexts are held out, as they are when all come from one document."""
+    N = tokens_NT.shape[0]
+    n_eval = max(1, round(N * cfg.heldout_frac))
+    if n_eval >= N:
+        raise ValueError(f"need at least 2 contexts to split into build and held-out parts, got {N}")
+    build = None if documents is None else split_by_group(documents, cfg.heldout_frac,
+                                                          torch.Generator().manual_seed(cfg.seed))
+    if build is None:
+        build = torch.arange(N) < N - n_eval
+        return tokens_NT[build], tokens_NT[~build], None if documents is None else documents[~build]
+    return tokens_NT[build], tokens_NT[~build], documents.cpu()[~build]
 
 
 def _latents_to_explain(vals_b, idx_b, n_latents: int, cfg: N2GConfig) -> tuple[torch.Tensor, dict[int, float]]:

@@ -30,7 +30,8 @@ Definition pinned here (and in ``tests/test_evals_probe.py``):
   float64; the latents' pre-activations are computed from them in float64 too, so a latent that
   reads one channel gives that channel's loss to ~1e-15, not to the 1e-9 of a float32 product).
 - Intervals (``saelab.evals.bootstrap``, ``cfg.n_boot`` replicates, ``cfg.ci_level``): the
-  held-out groups of a task are resampled; the selected latent and channel and their fits stay
+  held-out examples of a task are resampled by document when the contexts' documents are known (the
+  eval draws give them: paragraphs of one article share its topic), else by group; the selected latent and channel and their fits stay
   fixed, so the interval covers the sampling of held-out text, not the selection. Paired: the
   latent and channel losses of a replicate are scored on the same draw. The mean over tasks
   averages the tasks' replicates (each task resampled on its own).
@@ -43,6 +44,8 @@ Result schema (``run_probe`` returns a JSON-serializable dict)::
     mean_loss         mean over tasks of the SAE probe loss (held-out CE, nats)
     mean_baseline_loss  the same for residual channels (None when cfg.baseline is False)
     mean_entropy      mean over tasks of the held-out label entropy (the loss of a constant probe)
+    interval_groups   what the token tasks' intervals resample: "documents", or without the contexts'
+                      documents the split's groups ("paragraphs", "documents"); context tasks: texts
     intervals         {mean_loss, mean_baseline_loss, mean_loss_minus_baseline}: bootstrap intervals
                       {estimate, low, high, level, n_boot, n_groups, n_undefined} (baseline ones
                       absent without the baseline; {} when cfg.n_boot is 0)
@@ -69,17 +72,21 @@ import torch
 import torch.nn.functional as F
 
 from saelab.errors import ConfigError
-from saelab.evals._common import check_tokens, config_dict, first_position, json_float, resolve_hook, run_option
+from saelab.evals._common import (check_tokens, config_dict, first_position, json_float, resolve_hook, run_option,
+                                  split_by_group)
 from saelab.evals.bootstrap import (
     DEFAULT_LEVEL,
     DEFAULT_N_BOOT,
     check_bootstrap_args,
+    check_documents,
     estimates,
+    group_totals,
     percentile_interval,
     ratio,
     replicate_statistics,
     resample_counts,
 )
+from saelab.data import token_documents
 from saelab.utils.config import switch
 from saelab.utils.words import plural
 from saelab.evals.probe_tasks import (
@@ -296,36 +303,9 @@ def _dense_cols(vals: torch.Tensor, idx: torch.Tensor, cols: slice) -> torch.Ten
     return out
 
 
-def split_by_group(groups_M: torch.Tensor, test_frac: float, g: torch.Generator) -> torch.Tensor | None:
-    """A boolean train mask over M examples keeping every group on one side (module docstring).
-
-    Groups are taken in random order into the held-out part until it holds at least
-    ``round(M * test_frac)`` (and at least 1) examples; at least one group stays in train.
-    None when the examples come from fewer than two groups.
-    """
-    ids, inverse, sizes = torch.unique(groups_M.cpu(), return_inverse=True, return_counts=True)
-    if ids.numel() < 2:
-        return None
-    target = max(1, round(groups_M.numel() * test_frac))
-    order = torch.randperm(ids.numel(), generator=g)
-    n_test_groups = int((sizes[order].cumsum(0) < target).sum()) + 1
-    test_groups = order[:min(n_test_groups, ids.numel() - 1)]
-    return ~torch.isin(inverse, test_groups)
-
-
 PROBE_STATS = {"loss": ratio("sae", "n"), "baseline_loss": ratio("base", "n"),
                "loss_minus_baseline": lambda t: (t["sae"] - t["base"]) / t["n"]}
 """Statistics of a task's held-out per-group totals (sum of CE of the latent, of the channel, count)."""
-
-
-def _group_totals(groups_M: torch.Tensor, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per held-out group sums of each loss and the group's example count."""
-    _, inverse = torch.unique(groups_M.cpu(), return_inverse=True)
-    G = int(inverse.max()) + 1 if inverse.numel() else 0
-    out = {"n": torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, torch.ones(inverse.numel(), dtype=torch.float64))}
-    for k, v in losses.items():
-        out[k] = torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, v.double().cpu())
-    return out
 
 
 SPLIT_TRIES = 16
@@ -354,12 +334,13 @@ def _split_with_both_classes(groups_M: torch.Tensor, y_M: torch.Tensor, cfg: Pro
 
 
 def probe_task(sae, x_MD: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig, g: torch.Generator,
-               groups_M: torch.Tensor | None = None,
-               unit: str | None = None) -> tuple[dict, dict[str, torch.Tensor]] | str:
+               groups_M: torch.Tensor | None = None, unit: str | None = None,
+               documents_M: torch.Tensor | None = None) -> tuple[dict, dict[str, torch.Tensor]] | str:
     """Probe one task given its examples' hook activations, labels and groups (each example its own
-    group when None). Returns the TaskResult of the schema (without intervals) and the held-out
-    per-group loss totals, or why the task is skipped: its examples hold fewer than two groups, or no split
-    gives both classes to both parts. ``unit``: what a group is, for that reason (default ``cfg.split_unit``)."""
+    group when None). Returns the TaskResult of the schema (without intervals) and the held-out loss totals
+    per document (``documents_M``: each example's; None: per group), or why the task is skipped: its examples
+    hold fewer than two groups, or no split gives both classes to both parts. ``unit``: what a group is, for
+    that reason (default ``cfg.split_unit``)."""
     groups_M = torch.arange(x_MD.shape[0]) if groups_M is None else groups_M.cpu()
     y_M = y_M.cpu()
     train = _split_with_both_classes(groups_M, y_M, cfg, g, unit or cfg.split_unit)
@@ -380,7 +361,7 @@ def probe_task(sae, x_MD: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig, g: 
         base = best_single_feature_probe(iter([(0, x_tr, x_te)]), y_M, train, cfg.l2, cfg.newton_steps, cfg.tol)
         out.update(baseline_loss=base["loss"], baseline_train_loss=base["train_loss"], baseline_channel=base["index"])
         losses["base"] = base["test_losses"]
-    return out, _group_totals(groups_M[~train], losses)
+    return out, group_totals((groups_M if documents_M is None else documents_M.cpu())[~train], losses)
 
 
 def probe_intervals(totals: dict[str, dict[str, torch.Tensor]], cfg: ProbeConfig) -> tuple[dict, dict]:
@@ -446,14 +427,16 @@ def _context_task_activations(lm, hook: str, task: ContextTask, context_size: in
     return torch.stack(rows)
 
 
-Examples = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""{task: (hook activations [M, D], labels [M], group of each example [M])}."""
+Examples = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+"""{task: (hook activations [M, D], labels [M], group of each example [M], document of each example [M] or
+None: the unit its intervals resample, when it is not the group)}."""
 
 
 @torch.no_grad()
 def _token_examples(lm, sae, tokens_NT: torch.Tensor, hook: str, cfg: ProbeConfig,
-                    skipped: dict[str, str]) -> Examples:
-    """The sampled examples of the token tasks, with the paragraph (or document) of each."""
+                    skipped: dict[str, str], documents_N: torch.Tensor | None) -> Examples:
+    """The sampled examples of the token tasks, with the paragraph (or document) of each, and the document
+    of each when the contexts' ``documents_N`` are known."""
     first = first_position(sae, cfg.exclude_first)
     labels = label_tokens(lm.tokenizer, tokens_NT, cfg.tasks) if cfg.tasks else {}
     picks: dict[str, torch.Tensor] = {}
@@ -477,8 +460,12 @@ def _token_examples(lm, sae, tokens_NT: torch.Tensor, hook: str, cfg: ProbeConfi
         for j, c in enumerate(cs.tolist()):
             acts[c] = a[j]
     groups = text_groups(lm.tokenizer, tokens_NT, sae.cfg.prepend_bos, cfg.split_unit).flatten()
+    docs = None if documents_N is None else token_documents(tokens_NT, documents_N, lm.bos_token_id,
+                                                            sae.cfg.prepend_bos).flatten()
+    if docs is not None and cfg.split_unit == "document":
+        groups = docs  # exact where the draw's contexts are not neighbours in the corpus
     return {name: (torch.stack([acts[int(k) // T][int(k) % T] for k in idx]), labels[name].flatten()[idx],
-                   groups[idx]) for name, idx in picks.items()}
+                   groups[idx], None if docs is None else docs[idx]) for name, idx in picks.items()}
 
 
 @torch.no_grad()
@@ -495,27 +482,30 @@ def _context_examples(lm, sae, hook: str, tasks: Sequence[ContextTask], cfg: Pro
         x = _context_task_activations(lm, hook, task, sae.cfg.context_size, sae.cfg.prepend_bos, cfg.pool,
                                       cfg.lm_batch_size)
         idx, _ = _sample_examples(y.to(torch.int8), cfg, _task_generator(cfg.seed, task.name))
-        out[task.name] = (x[idx], y[idx], idx)
+        out[task.name] = (x[idx], y[idx], idx, None)
     return out
 
 
 @torch.no_grad()
 def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, *,
-              context_tasks: Sequence[ContextTask] = ()) -> dict:
-    """Probe loss of ``sae`` on the token tasks of ``tokens_NT`` (plus context tasks); see the module docstring."""
+              context_tasks: Sequence[ContextTask] = (), documents: torch.Tensor | None = None) -> dict:
+    """Probe loss of ``sae`` on the token tasks of ``tokens_NT`` (plus context tasks); see the module docstring.
+    ``documents``: the document of each context, which the token tasks' intervals resample (None: their groups).
+    Paragraphs are followed across cuts between neighbouring contexts: give the contexts in corpus order."""
     cfg = cfg or ProbeConfig()
     t0 = time.perf_counter()
     tokens_NT = check_tokens(tokens_NT)
+    check_documents(documents, tokens_NT)
     hook = resolve_hook(lm, sae, cfg.hook)
     skipped: dict[str, str] = {}
-    examples = _token_examples(lm, sae, tokens_NT, hook, cfg, skipped)
+    examples = _token_examples(lm, sae, tokens_NT, hook, cfg, skipped, documents)
     all_ctx = list(context_tasks) + [load_hf_task(n) for n in cfg.hf_tasks]
     examples.update(_context_examples(lm, sae, hook, all_ctx, cfg, skipped))
     context_names = {task.name for task in all_ctx}
     results, totals = {}, {}
-    for name, (x, y, groups) in examples.items():
+    for name, (x, y, groups, docs) in examples.items():
         done = probe_task(sae, x.to(sae.W_dec.device), y, cfg, _task_generator(cfg.seed, name, 1), groups,
-                          "text" if name in context_names else None)  # a context task's examples: whole texts
+                          "text" if name in context_names else None, docs)  # a context task's examples: whole texts
         if isinstance(done, str):
             skipped[name] = done
             continue
@@ -535,6 +525,7 @@ def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, 
         "mean_baseline_loss": mean_of("baseline_loss") if cfg.baseline else None,
         "mean_entropy": mean_of("entropy"),
         "intervals": mean_intervals,
+        "interval_groups": f"{cfg.split_unit}s" if documents is None else "documents",
         "tasks": {k: {**{kk: (json_float(v) if isinstance(v, float) else v) for kk, v in r.items()},
                       "intervals": per_task[k]} for k, r in results.items()},
         "skipped": skipped,

@@ -17,9 +17,12 @@ computation changed since, its ``method``) is not run again, unless ``overwrite`
 replaced only with ``overwrite``. An interrupted suite keeps every metric finished before the
 interruption; compute-equivalent also keeps each checkpoint's loss (``evals/series_losses.json``).
 
-All metrics read the same packed eval contexts (the eval corpus, the SAE's context size, BOS
-first): compute-equivalent uses the core eval's downstream contexts and its spliced and clean
-losses, so every loss it compares is measured on the same predictions.
+All metrics read the same eval contexts (the eval corpus, the SAE's context size, BOS first), drawn at
+random across the corpus's first ``eval.sample_pool_tokens`` tokens (:func:`saelab.data.draw_contexts`); each
+metric reads the first ones it needs, a draw of its own across the corpus. compute-equivalent uses the core
+eval's downstream contexts and its spliced and clean losses, so every loss it compares is measured on the
+same predictions. The metrics with intervals resample whole documents (a context's document is known from
+the draw).
 
 Envelope of every ``OUT/evals/<metric>.json`` (``schema_version`` 1)::
 
@@ -51,7 +54,7 @@ from typing import Any, Callable
 import torch
 from simple_parsing.helpers import field as cli_field
 
-from saelab.data import resolve_corpus, token_contexts
+from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals._common import config_dict, first_position, jsonable, position_0_words
 from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
@@ -130,7 +133,7 @@ class SuiteRun:
     sae: Any
     cfg: PaperSuiteConfig
     eval_cfg: EvalConfig
-    tokens: torch.Tensor
+    contexts: DrawnContexts
     T: int
     first: int
     n_down: int
@@ -146,7 +149,7 @@ class SuiteRun:
 
 
 def _core(run: SuiteRun) -> dict:
-    core = evaluate_core(run.sae, run.lm, run.eval_cfg, progress=False, contexts=run.tokens)  # its first ones
+    core = evaluate_core(run.sae, run.lm, run.eval_cfg, progress=False, contexts=run.contexts)  # its first ones
     # Saved as `saelab eval` saves them, and before core.json, which marks the metric done: a suite cut off in
     # between runs core again and rewrites them; they record the SAE and the settings, so a report never pairs
     # them with a core.json of another evaluation.
@@ -160,7 +163,7 @@ def _compute_equivalent(run: SuiteRun) -> dict:
     spliced = clean = None
     if core and core.get("n_predictions") == run.n_down * (run.T - 1 - run.first):
         spliced, clean = core["ce_spliced"], core["ce_clean"]  # the same predictions
-    return run_compute_equivalent(run.lm, run.sae, run.tokens[:run.n_down], run.cfg.compute_equivalent,
+    return run_compute_equivalent(run.lm, run.sae, run.contexts.tokens[:run.n_down], run.cfg.compute_equivalent,
                                   series=run.series, spliced_loss=spliced, clean_loss=clean,
                                   cache_path=_series_losses(run))
 
@@ -228,6 +231,14 @@ def _probe_measured_nothing(result: dict) -> str | None:
     return f"every task was skipped (more --probe-contexts give more examples): {reasons}"
 
 
+def _on_drawn(metric: Callable[..., dict], run: SuiteRun, n: int, cfg: Any, corpus_order: bool = False) -> dict:
+    """``metric`` (one with intervals) on the first ``n`` contexts drawn, given the document of each;
+    ``corpus_order``: in the corpus's order (the probe follows paragraphs across cuts)."""
+    head = run.contexts.head(n)
+    head = head.in_corpus_order() if corpus_order else head
+    return metric(run.lm, run.sae, head.tokens, cfg, documents=head.documents)
+
+
 SUITE: tuple[SuiteMetric, ...] = (
     SuiteMetric("core", lambda r: config_dict(r.eval_cfg), lambda r: r.n_down, lambda r: None, _core),
     SuiteMetric("compute_equivalent",
@@ -235,13 +246,13 @@ SUITE: tuple[SuiteMetric, ...] = (
                 lambda r: r.n_down, _ce_applies, _compute_equivalent),
     SuiteMetric("ablation_sparsity", lambda r: config_dict(r.cfg.ablation_sparsity), lambda r: r.cfg.ablation_contexts,
                 _ablation_applies,
-                lambda r: run_ablation_sparsity(r.lm, r.sae, r.tokens[:r.cfg.ablation_contexts], r.cfg.ablation_sparsity)),
+                lambda r: _on_drawn(run_ablation_sparsity, r, r.cfg.ablation_contexts, r.cfg.ablation_sparsity)),
     SuiteMetric("probe", lambda r: config_dict(r.cfg.probe), lambda r: r.cfg.probe_contexts,
                 lambda r: None if (r.cfg.probe.tasks or r.cfg.probe.hf_tasks) else "no probe tasks selected",
-                lambda r: run_probe(r.lm, r.sae, r.tokens[:r.cfg.probe_contexts], r.cfg.probe),
+                lambda r: _on_drawn(run_probe, r, r.cfg.probe_contexts, r.cfg.probe, corpus_order=True),
                 _probe_measured_nothing, method=f"splits: {PROBE_SPLIT_METHOD}"),
     SuiteMetric("n2g", lambda r: config_dict(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, lambda r: None,
-                lambda r: run_n2g(r.lm, r.sae, r.tokens[:r.cfg.n2g_contexts], r.cfg.n2g)),
+                lambda r: _on_drawn(run_n2g, r, r.cfg.n2g_contexts, r.cfg.n2g)),
 )
 
 
@@ -256,7 +267,8 @@ def _base_inputs(run: SuiteRun) -> dict:
     """What every metric's result depends on, besides its own settings and contexts (``_inputs``)."""
     return {"sae_sha256": run.sae_hash, "model": run.model, "hook": run.sae.cfg.hook_name,
             "corpus": _corpus_path(run.eval_cfg.corpus), "context_size": run.T,
-            "prepend_bos": run.sae.cfg.prepend_bos, "position_0": position_0_words(run.first)}
+            "prepend_bos": run.sae.cfg.prepend_bos, "position_0": position_0_words(run.first),
+            "sample_pool_tokens": run.eval_cfg.sample_pool_tokens}
 
 
 def _corpus_path(corpus: str | None) -> str:
@@ -384,7 +396,7 @@ def _suite_run(lm, sae, model: str, out_dir: Path, cfg: PaperSuiteConfig, eval_c
     """A suite run without its contexts, the metrics wanted and why each does not apply (or None): from the
     settings alone (``lm`` may be None: before the model loads)."""
     first = 1 if sae.cfg.exclude_first else 0
-    run = SuiteRun(lm, sae, cfg, eval_cfg, torch.empty(0), T, first,
+    run = SuiteRun(lm, sae, cfg, eval_cfg, DrawnContexts(torch.empty(0), None, torch.empty(0)), T, first,
                    math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR, model=model)
     wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
     return run, wanted, {m.name: m.applies(run) for m in wanted}
@@ -421,7 +433,7 @@ def _refuse_not_applying(cfg: PaperSuiteConfig, reasons: dict[str, str | None]) 
 
 
 def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, tokenize,
-                        bos_token_id: int | None, T: int) -> torch.Tensor:
+                        bos_token_id: int | None, T: int) -> DrawnContexts:
     """The eval contexts of ``T`` tokens the suite's metrics that apply read (the most any of them reads).
     ``tokenize``: the model's, or its tokenizer read before the load. A corpus too short for them is refused
     naming the settings that lower the need, as :func:`saelab.evals.core.eval_corpus_too_short` does."""
@@ -433,8 +445,8 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
     n_ctx = max(needs.values(), default=1)
     corpus = resolve_corpus(eval_cfg.corpus, "eval")
     try:
-        return token_contexts(corpus, tokenize, T, n_contexts=n_ctx, bos_token_id=bos_token_id,
-                              prepend_bos=sae.cfg.prepend_bos, setting="eval.context_size")
+        return draw_contexts(corpus, tokenize, T, n_ctx, pool_tokens=eval_cfg.sample_pool_tokens,
+                             bos_token_id=bos_token_id, prepend_bos=sae.cfg.prepend_bos, setting="eval.context_size")
     except CorpusError as e:
         if not getattr(e, "contexts", 0):  # shorter than one context: its own words name eval.context_size
             raise
@@ -442,22 +454,22 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
         raise _suite_corpus_too_short(eval_cfg, corpus, e.tokens, e.contexts, n_ctx, run, over) from None
 
 
-def check_series_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, tokens: torch.Tensor,
+def check_series_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, contexts: DrawnContexts,
                              tokenizer, out_dir: str | Path, dtype: torch.dtype | str = torch.float32
                              ) -> dict[str, str]:
     """When compute_equivalent runs, the reference models it will load checked against the eval contexts
-    (``tokens``, read with the model's ``tokenizer`` before its load) from their configs and tokenizers alone.
+    (``contexts``, read with the model's ``tokenizer`` before its load) from their configs and tokenizers alone.
     A wrong series is refused before the model's weights or any of theirs download when compute_equivalent is
     asked for by name (``cfg.metrics``); else it is returned as that metric's error, {name: reason} ({}: none),
     for :func:`run_paper_suite` (``refused``) to record while the other metrics run. Only the checkpoints whose
     loss ``out_dir``'s series_losses.json lacks are checked: a resumed suite loads no other (its result reused
     or not, the losses file holds every loss that result was made of)."""
-    run, _, reasons = _suite_run(None, sae, model, Path(out_dir), cfg, eval_cfg, int(tokens.shape[1]))
+    run, _, reasons = _suite_run(None, sae, model, Path(out_dir), cfg, eval_cfg, int(contexts.tokens.shape[1]))
     _resolve_series(run, reasons, dtype=dtype)  # the model's: its losses are cached apart
     if run.series is None:  # compute_equivalent does not run
         return {}
     ce = cfg.compute_equivalent
-    down = tokens[:run.n_down]  # the contexts compute_equivalent reads
+    down = contexts.tokens[:run.n_down]  # the contexts compute_equivalent reads
     try:
         first = first_position(run.sae, ce.exclude_first)
         check_checkpoints_before_load(checkpoints_to_load(run.series, down, first, _series_losses(run)), down,
@@ -495,8 +507,8 @@ def _suite_corpus_too_short(eval_cfg: EvalConfig, corpus: str, tokens: int, most
 
 
 def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig,
-             tokens: torch.Tensor | None) -> tuple[SuiteRun, list, dict]:
-    """The suite run's shared inputs, the metrics wanted and why each does not apply (or None). ``tokens``:
+             contexts: DrawnContexts | None) -> tuple[SuiteRun, list, dict]:
+    """The suite run's shared inputs, the metrics wanted and why each does not apply (or None). ``contexts``:
     the contexts :func:`read_suite_contexts` read before the load (None: read here)."""
     hook = lm.check_hook(sae.cfg.hook_name)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
@@ -507,19 +519,19 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
         _check_n2g_settings(cfg.n2g, sae, lm, asked_for="n2g" in cfg.metrics)
     _refuse_not_applying(cfg, reasons)
     _resolve_series(run, reasons, lm.device, lm.dtype)
-    run.tokens = tokens if tokens is not None else read_suite_contexts(sae, lm.name, cfg, eval_cfg, lm.tokenize,
-                                                                       lm.bos_token_id, T)
+    run.contexts = contexts if contexts is not None else read_suite_contexts(sae, lm.name, cfg, eval_cfg, lm.tokenize,
+                                                                             lm.bos_token_id, T)
     return run, wanted, reasons
 
 
 def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg: EvalConfig | None = None,
                     cfg: PaperSuiteConfig | None = None, overwrite: bool = False, progress: bool = True,
-                    tokens: torch.Tensor | None = None, refused: dict[str, str] | None = None,
+                    contexts: DrawnContexts | None = None, refused: dict[str, str] | None = None,
                     sae_hash: str | None = None) -> dict[str, Any]:
     """Run the paper suite on ``sae`` with ``lm`` into ``out_dir/evals/`` (module docstring).
 
     Returns the suite index (also written to suite.json). A metric that fails is recorded with
-    status "error" and its reason; the caller decides what to do about it. ``tokens``: the eval contexts
+    status "error" and its reason; the caller decides what to do about it. ``contexts``: the eval contexts
     when the caller read them already (:func:`read_suite_contexts`); ``refused``: metrics found to fail
     before the model loaded, with their reason (:func:`check_series_before_load`), recorded so, not run;
     ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it (:func:`check_results_before_load`'s).
@@ -527,7 +539,7 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     t_start = time.perf_counter()
     check_sae_hook(sae, source or "(given)")
     run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig(),
-                                    tokens)
+                                    contexts)
     run.refused = dict(refused or {})
     run.sae_hash = sae_hash or sae_sha256(sae)
     base_inputs = _base_inputs(run)

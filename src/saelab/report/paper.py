@@ -211,7 +211,7 @@ def _section_ablation(r: dict) -> list[str]:
     if ci:
         some = next(iter(ci.values()))
         lines += ["", f"[low, high]: {some['level']:.0%} paired bootstrap intervals over the sites' "
-                      f"{some['n_groups']} contexts ({some['n_boot']} replicates)."]
+                      f"{some['n_groups']} {r.get('interval_groups', 'contexts')} ({some['n_boot']} replicates)."]
     lines += ["", f"Throughput: **{_f(r.get('latents_per_s'), '{:,.1f}')} latents/s** (latent ablations scored per "
                   f"second), {_f(r.get('ablations_per_s'), '{:,.1f}')} ablations/s with the baselines."]
     return lines
@@ -223,7 +223,8 @@ def _section_probe(r: dict, evals: Path) -> list[str]:
     unit = (r.get("config") or {}).get("split_unit", "paragraph")
     lines = [f"Features: encoder {'pre-activations' if r['features'] == 'pre' else 'latents'}; held-out "
              f"cross-entropy of the single best latent (chosen on train data) per task; train and test split by "
-             f"{unit} (context tasks: by text). [low, high]: paired bootstrap intervals over the held-out groups. "
+             f"{unit} (context tasks: by text). [low, high]: paired bootstrap intervals over the held-out "
+             f"{r.get('interval_groups', 'groups')} (context tasks: texts). "
              "Not the paper's minimum over latents of the 1-D probe's loss: one latent chosen on train data, "
              "scored on held-out text, with a ridge-penalized fit, on saelab's own tasks (docs/evals.md).", "",
              f"| task | SAE loss | latent | channel loss | entropy | train / test examples ({unit}s) |",
@@ -263,7 +264,8 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
     ci = r.get("intervals") or {}
     if ci.get("f1"):
         parts = [f"{k} {format_interval(ci.get(k), '{:.3f}').strip() or '—'}" for k in ("precision", "recall", "f1")]
-        lines += ["", f"{ci['f1']['level']:.0%} bootstrap intervals over the {ci['f1']['n_groups']} held-out contexts "
+        lines += ["", f"{ci['f1']['level']:.0%} bootstrap intervals over the {ci['f1']['n_groups']} held-out "
+                      f"{r.get('interval_groups', 'contexts')} "
                       f"(means over latents): {'; '.join(parts)}."]
     if sp and "ce_n2g_all" in sp:
         lines += ["", f"Splice (§4.4). **All latents simulated** (the paper's definition): the {sp['n_simulated']} "

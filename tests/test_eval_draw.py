@@ -1,0 +1,148 @@
+"""The eval contexts are drawn across the corpus with each one's document, and the metrics' intervals
+resample whole documents."""
+
+from __future__ import annotations
+
+import json
+import lzma
+
+import pytest
+import torch
+
+from saelab.data import context_documents, draw_contexts, token_contexts, token_documents
+from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
+from saelab.evals.bootstrap import by_document, paired_bootstrap, ratio
+from saelab.evals.core import EvalConfig, read_eval_contexts
+from saelab.evals.n2g import N2GConfig, run_n2g
+from saelab.evals.probe import ProbeConfig, run_probe
+from saelab.sae import SAEConfig, TopKSAE
+
+
+def _articles(data_dir) -> list[str]:
+    with lzma.open(data_dir / "wiki-en" / "wiki_eval.jsonl.xz", "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def test_eval_contexts_come_from_many_documents_each_named_right(gpt2_tokenizer, data_dir):
+    tok = gpt2_tokenizer
+    sep = tok.bos_token_id
+    drawn = read_eval_contexts(EvalConfig(), tok, sep, 64, 0, True)
+    first = drawn.head(64)
+    assert len(set(first.documents.tolist())) >= 40  # the first 64 consecutive contexts: one or two articles
+    # Each context's document, checked against the articles' text: its text up to the first separator is in it.
+    articles = _articles(data_dir)
+    for row, doc in zip(first.tokens.tolist(), first.documents.tolist()):
+        text_ids = row[1:row.index(sep, 1)] if sep in row[1:] else row[1:]
+        if row[1] == sep:
+            continue  # the window opens on a separator: the document it opens starts there
+        text = tok.decode(text_ids)
+        if "\ufffd" not in text and len(text) > 20:
+            assert text in articles[doc]
+    again = read_eval_contexts(EvalConfig(), tok, sep, 64, 0, True)
+    assert torch.equal(again.tokens, drawn.tokens)  # one draw: SAEs are compared on the same contexts
+    in_order = read_eval_contexts(EvalConfig(sample_pool_tokens=0), tok, sep, 64, 0, True)
+    n = in_order.tokens.shape[0]
+    assert torch.equal(in_order.tokens, token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tok, 64,
+                                                       n_contexts=n, bos_token_id=sep))
+    assert in_order.documents[-1] < 40  # the first contexts: a few articles
+
+
+def test_documents_of_packed_contexts_and_their_tokens():
+    docs = ["a b c d e", "f g", "h i j k l m n o", "p"]
+    tokenize = lambda texts: [[ord(w) for w in t.split()] for t in texts]  # noqa: E731
+    for prepend in (True, False):
+        ctx = torch.stack(list(token_contexts(docs, tokenize, 4, bos_token_id=0, prepend_bos=prepend)))
+        per_ctx = context_documents(ctx, 0, prepend)
+        per_tok = token_documents(ctx, per_ctx, 0, prepend)
+        owner = {ord(c): i for i, d in enumerate(docs) for c in d.split()}  # each letter's document
+        for n in range(ctx.shape[0]):
+            text = [t for t in ctx[n].tolist()[int(prepend):] if t]  # separators (0) left out
+            assert per_ctx[n] == owner[text[0]]
+            for pos, t in enumerate(ctx[n].tolist()):
+                if t:
+                    assert per_tok[n, pos] == owner[t]
+    assert context_documents(ctx, None) is None  # no separator: documents cannot be told apart
+
+
+def test_a_draw_is_a_random_sample_and_too_short_a_corpus_is_refused(gpt2_tokenizer, data_dir):
+    texts = _articles(data_dir)[:40]
+    drawn = draw_contexts(texts, gpt2_tokenizer, 32, 50, pool_tokens=10**9, bos_token_id=gpt2_tokenizer.bos_token_id)
+    assert drawn.tokens.shape == (50, 32) and not torch.equal(drawn.index, drawn.index.sort().values)
+    ordered = drawn.in_corpus_order()
+    assert torch.equal(ordered.index, drawn.index.sort().values)
+    assert torch.all(ordered.documents.diff() >= 0)  # documents follow the corpus
+    with pytest.raises(Exception, match="gave only"):
+        draw_contexts(texts[:1], gpt2_tokenizer, 32, 10_000, pool_tokens=10**9, bos_token_id=0)
+
+
+def _coverage(n_sims: int, documents: torch.Tensor | None) -> float:
+    """How often the 95 % interval of a mean over 30 documents of 6 contexts covers the true mean 0, where a
+    context's value is its document's effect (sd 1) plus its own noise (sd 0.3)."""
+    g = torch.Generator().manual_seed(5)
+    doc_of = torch.arange(30).repeat_interleave(6)
+    covered = 0
+    for sim in range(n_sims):
+        value = torch.randn(30, generator=g, dtype=torch.float64)[doc_of] + 0.3 * torch.randn(180, generator=g,
+                                                                                             dtype=torch.float64)
+        per = by_document({"sum": value, "n": torch.ones(180, dtype=torch.float64)}, documents)
+        ci = paired_bootstrap(per, {"mean": ratio("sum", "n")}, n_boot=300, seed=sim)["mean"]
+        covered += ci["low"] <= 0 <= ci["high"]
+    return covered / n_sims
+
+
+def test_resampling_documents_covers_a_per_document_effect_where_contexts_do_not():
+    doc_of = torch.arange(30).repeat_interleave(6)
+    assert _coverage(150, doc_of) >= 0.88
+    assert _coverage(150, None) <= 0.75  # contexts taken as independent: the interval is far too narrow
+
+
+@pytest.fixture(scope="module")
+def consecutive(tiny_gpt2, data_dir):
+    """24 contexts of 32 drawn from the eval split's first 8 articles, in corpus order, with their documents."""
+    drawn = draw_contexts(_articles(data_dir)[:8], tiny_gpt2.tokenizer, 32, 24, pool_tokens=10**9,
+                          bos_token_id=tiny_gpt2.bos_token_id).in_corpus_order()
+    tokens, documents = drawn.tokens, drawn.documents
+    assert 3 <= documents.unique().numel() < 12
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=96, k=6, hook_name="blocks.0.hook_resid_post"))
+    return tiny_gpt2, sae, tokens, documents
+
+
+def test_ablation_intervals_resample_documents(consecutive):
+    lm, sae, tokens, documents = consecutive
+    cfg = AblationSparsityConfig(n_future=4, n_sites=8, latents_per_site=2, channels_per_site=0, random_baseline=False,
+                                 n_boot=50)
+    by_context = run_ablation_sparsity(lm, sae, tokens, cfg)["intervals"]["latent_mean"]
+    by_doc = run_ablation_sparsity(lm, sae, tokens, cfg, documents=documents)
+    sites = by_context["n_groups"]  # the contexts the sites fell in
+    assert by_doc["intervals"]["latent_mean"]["n_groups"] < sites
+    assert by_doc["intervals"]["latent_mean"]["estimate"] == pytest.approx(by_context["estimate"])
+    with pytest.raises(ValueError, match="one document per context"):
+        run_ablation_sparsity(lm, sae, tokens, cfg, documents=documents[:3])
+
+
+def test_n2g_holds_out_whole_documents_and_resamples_them(consecutive):
+    lm, sae, tokens, documents = consecutive
+    cfg = N2GConfig(n_latents=3, n_examples=3, max_len=3, lm_batch_size=12, n_boot=50)
+    res = run_n2g(lm, sae, tokens, cfg, documents=documents)
+    sizes = {int(d): int((documents == d).sum()) for d in documents.unique()}
+    held_groups = res["intervals"]["f1"]["n_groups"]
+    # The held-out part is whole documents: its size is the sum of some documents' sizes, in as many groups.
+    assert res["n_build_contexts"] + res["n_eval_contexts"] == 24
+    sums = {0: {0}}
+    for size in sizes.values():
+        sums = {k: s | {x + size for x in sums.get(k - 1, set())} for k, s in
+                ((k, sums.get(k, set())) for k in range(len(sizes) + 1))}
+    assert res["n_eval_contexts"] in sums[held_groups]
+    assert held_groups < res["n_eval_contexts"]
+
+
+def test_probe_intervals_resample_documents(consecutive):
+    lm, sae, tokens, documents = consecutive
+    cfg = ProbeConfig(tasks=("capitalized",), max_examples=300, min_per_class=10, n_boot=50)
+    paragraphs = run_probe(lm, sae, tokens, cfg)["tasks"]["capitalized"]
+    whole = run_probe(lm, sae, tokens, cfg, documents=documents)["tasks"]["capitalized"]
+    assert whole["loss"] == pytest.approx(paragraphs["loss"])  # the same split and fit
+    assert paragraphs["intervals"]["loss"]["n_groups"] == paragraphs["n_test_groups"] >= 2
+    in_text = token_documents(tokens, documents, lm.bos_token_id).unique().numel()
+    assert 2 <= whole["intervals"]["loss"]["n_groups"] <= in_text < 12
