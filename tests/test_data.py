@@ -443,6 +443,31 @@ def test_cache_shuffled_batches(tmp_path, source_rows):
     np.testing.assert_array_equal(sort_rows(mixed), sort_rows(source_rows))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_part_of_each_batch_is_its_slice_read_alone(tmp_path, source_rows, dtype):
+    """part=(i, n): process i of n's rows of every batch (what data-parallel training reads), equal to that slice
+    of the whole batch, across shards, chunks and epochs, shuffled or not, resumed or not."""
+    cache = write_activation_cache(src_batches(source_rows), tmp_path / "c", meta=META, dtype=dtype, shard_rows=300,
+                                   progress=False)
+    for batch, n, kw in [(64, 2, {"seed": 3, "epochs": 2}), (96, 3, {"seed": 3, "start_batch": 4}),
+                         (64, 4, {"shuffle": False, "start_batch": 1}), (100, 2, {"seed": 5, "mix_shards": 2}),
+                         (600, 2, {"seed": 3, "epochs": 3, "start_batch": 2, "dtype": cache.torch_dtype})]:
+        whole = list(cache.batches(batch, **kw))
+        per = batch // n
+        for i in range(n):
+            part = list(cache.batches(batch, part=(i, n), **kw))
+            assert len(part) == len(whole), (batch, n, i)  # a part of the short last batch is never yielded
+            assert all(p.shape == (per, 24) and torch.equal(p, w[i * per:(i + 1) * per]) for p, w in zip(part, whole))
+    with pytest.raises(ValueError, match=r"^part=\(0, 3\) of batch_size=64: expected \(i, n\) with 0 <= i < n and n "
+                                         r"dividing batch_size$"):
+        next(cache.batches(64, part=(0, 3)))
+    with pytest.raises(ValueError, match=r"^part=\(2, 2\) of batch_size=64"):
+        next(cache.batches(64, part=(2, 2)))
+    with pytest.raises(ValueError, match=r"^part=\(0, 2\) with drop_last=False: a short last batch does not split "
+                                         r"evenly; expected drop_last=True$"):
+        next(cache.batches(64, part=(0, 2), drop_last=False))
+
+
 def test_cache_resume_after_interruption(tmp_path, source_rows):
     ref = write_activation_cache(src_batches(source_rows), tmp_path / "ref", meta=META, shard_rows=300,
                                  progress=False)

@@ -737,11 +737,12 @@ class ActivationCache:
             raise ActivationCacheError(f"{where} has {size} bytes, expected {expected} (truncated or corrupt)")
         return offset
 
-    def _read_rows(self, shard: int, start: int, stop: int, out: np.ndarray) -> None:
+    def _read_rows(self, shard: int, rows: slice | np.ndarray, out: np.ndarray) -> None:
+        """Rows of a shard into ``out``: a slice in one contiguous read, or the rows an index array names."""
         try:
             mm = np.memmap(self._paths[shard], dtype=self._np_dtype, mode="r", offset=self._offsets[shard],
                            shape=(self.shard_rows[shard], self.d))
-            out[...] = mm[start:stop]  # one contiguous read
+            out[...] = mm[rows]
             del mm
         except (OSError, ValueError) as e:
             raise ActivationCacheError(
@@ -757,9 +758,24 @@ class ActivationCache:
         out = np.empty((sum(self.shard_rows[s] for s in shards), self.d), dtype=self._np_dtype)
         pos = 0
         for s in shards:
-            self._read_rows(s, 0, self.shard_rows[s], out[pos : pos + self.shard_rows[s]])
+            self._read_rows(s, slice(0, self.shard_rows[s]), out[pos : pos + self.shard_rows[s]])
             pos += self.shard_rows[s]
         return self._to_torch(out)
+
+    def _read_rows_of(self, shards: list[int], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows ``rows`` (distinct, any order) of the shards' concatenation, alone, read in file order:
+        (those rows in that order, where each of ``rows`` lies in it)."""
+        order = rows.argsort()
+        sorted_rows = rows[order].numpy()
+        out = np.empty((len(sorted_rows), self.d), dtype=self._np_dtype)
+        first = 0  # the shard's first row in the concatenation
+        for s in shards:
+            lo, hi = np.searchsorted(sorted_rows, [first, first + self.shard_rows[s]])
+            self._read_rows(s, sorted_rows[lo:hi] - first, out[lo:hi])
+            first += self.shard_rows[s]
+        where = torch.empty_like(order)
+        where[order] = torch.arange(len(order))
+        return self._to_torch(out), where
 
     def read(self, start: int = 0, stop: int | None = None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows ``[start, stop)`` in stored order as a [rows, d] tensor (e.g. a sample for b_pre)."""
@@ -772,7 +788,7 @@ class ActivationCache:
         for s, rows in enumerate(self.shard_rows):
             lo, hi = max(start, shard_start), min(stop, shard_start + rows)
             if lo < hi:
-                self._read_rows(s, lo - shard_start, hi - shard_start, out[pos : pos + hi - lo])
+                self._read_rows(s, slice(lo - shard_start, hi - shard_start), out[pos : pos + hi - lo])
                 pos += hi - lo
             shard_start += rows
         return self._to_torch(out).to(dtype)
@@ -803,6 +819,7 @@ class ActivationCache:
         mix_shards: int = 1,
         device: torch.device | str | None = None,
         pin_memory: bool | None = None,
+        part: tuple[int, int] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield [batch_size, d] tensors of ``dtype`` (scheme in the module docstring).
 
@@ -814,42 +831,93 @@ class ActivationCache:
         (default: when ``device`` is CUDA) assembles each batch in page-locked memory, so the copy to
         the GPU is asynchronous (``non_blocking``); with ``device=None`` it yields pinned CPU
         batches for the caller to copy.
+
+        ``part`` (i, n): only rows [i * batch_size / n, (i + 1) * batch_size / n) of each batch, the
+        share of process i of n under data parallelism: those rows alone are read, assembled, pinned
+        and copied (the n parts of a batch, concatenated in order, are the batch). batch_size must
+        split evenly into n, and drop_last be True.
         """
         if batch_size < 1 or epochs < 0 or start_batch < 0 or mix_shards < 1:
             raise ValueError(f"bad arguments: batch_size={batch_size}, epochs={epochs}, "
                              f"start_batch={start_batch}, mix_shards={mix_shards}")
+        lo, hi = _rows_of_part(part, batch_size, drop_last)
         dev = resolve_device(device) if device is not None else None
         pin = (dev is not None and dev.type == "cuda") if pin_memory is None else bool(pin_memory)
         if pin and not torch.cuda.is_available():
             raise ConfigError("pin_memory=True needs CUDA, which is not available on this machine; "
                               "expected pin_memory=False or None")
         start_row = start_batch * batch_size
+        # A part of the short last batch is never yielded, however many of its rows there are.
+        end_row = self.n_batches(batch_size, epochs=epochs) * batch_size if drop_last else self.n_rows * epochs
         pos = 0  # stream position of the current chunk's first row
-        out: torch.Tensor | None = None  # the batch being assembled
+        out: torch.Tensor | None = None  # the batch (or its part) being assembled
         n_out = 0
         for epoch, c, shards in self._plan(shuffle, seed, epochs, mix_shards):
             rows = sum(self.shard_rows[s] for s in shards)
-            if pos + rows <= start_row:  # whole chunk skipped unread
+            runs = [(a - pos, z - pos) for a, z in _runs_of_part(max(pos, start_row), min(pos + rows, end_row),
+                                                                 batch_size, lo, hi)]
+            if not runs:  # nothing of the chunk taken: skipped unread
                 pos += rows
                 continue
-            data_RD = self._read_shards(shards)
             perm = torch.randperm(rows, generator=_generator(seed, epoch, c + 1)) if shuffle else None
-            i = max(0, start_row - pos)
+            data_RD, where = self._chunk_rows(shards, rows, perm, runs, whole=hi - lo == batch_size)
             pos += rows
-            while i < rows:
-                if out is None:
-                    out = torch.empty(batch_size, self.d, dtype=dtype, pin_memory=pin)
-                take = min(batch_size - n_out, rows - i)
-                # Gathered in the stored dtype, converted while written into the batch.
-                out[n_out : n_out + take] = (data_RD.index_select(0, perm[i : i + take]) if perm is not None
-                                             else data_RD[i : i + take])
-                n_out += take
-                i += take
-                if n_out == batch_size:
-                    yield _deliver(out, dev, pin)
-                    out, n_out = None, 0
+            for i, stop in runs:
+                while i < stop:
+                    if out is None:
+                        out = torch.empty(hi - lo, self.d, dtype=dtype, pin_memory=pin)
+                    take = min(hi - lo - n_out, stop - i)
+                    # Gathered in the stored dtype, converted while written into the batch.
+                    out[n_out : n_out + take] = (data_RD.index_select(0, where[i : i + take]) if where is not None
+                                                 else data_RD[i : i + take])
+                    n_out += take
+                    i += take
+                    if n_out == hi - lo:
+                        yield _deliver(out, dev, pin)
+                        out, n_out = None, 0
         if n_out and not drop_last:
             yield _deliver(out[:n_out], dev, pin)
+
+    def _chunk_rows(self, shards: list[int], rows: int, perm: torch.Tensor | None, runs: list[tuple[int, int]],
+                    whole: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows of a chunk (``rows`` rows, shuffled by ``perm``) that batches take from it, and where the row
+        at each stream position of the chunk lies in them (None: at that position). ``whole``: the chunk in one
+        contiguous read; else only the rows at the positions ``runs`` cover (a part of each batch)."""
+        if whole:
+            return self._read_shards(shards), perm
+        taken = torch.cat([torch.arange(i, stop) for i, stop in runs]) if runs else torch.empty(0, dtype=torch.long)
+        data_RD, at = self._read_rows_of(shards, perm[taken] if perm is not None else taken)
+        where = torch.zeros(rows, dtype=torch.long)
+        where[taken] = at
+        return data_RD, where
+
+
+def _rows_of_part(part: tuple[int, int] | None, batch_size: int, drop_last: bool) -> tuple[int, int]:
+    """The rows [lo, hi) of each batch that ``part`` (i, n) takes: the i-th of n equal slices (None: all)."""
+    if part is None:
+        return 0, batch_size
+    i, n = part
+    if not 0 <= i < n or batch_size % n:
+        raise ValueError(f"part={part} of batch_size={batch_size}: expected (i, n) with 0 <= i < n and n "
+                         "dividing batch_size")
+    if not drop_last:
+        raise ValueError(f"part={part} with drop_last=False: a short last batch does not split evenly; "
+                         "expected drop_last=True")
+    per = batch_size // n
+    return i * per, (i + 1) * per
+
+
+def _runs_of_part(first: int, stop: int, batch_size: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The [start, stop) runs of stream positions in [first, stop) at rows [lo, hi) of their batch (the whole
+    batch: one run)."""
+    if (lo, hi) == (0, batch_size):
+        return [(first, stop)] if first < stop else []
+    runs: list[tuple[int, int]] = []
+    for b in range(first // batch_size, -(-stop // batch_size)):
+        a, z = max(first, b * batch_size + lo), min(stop, b * batch_size + hi)
+        if a < z:
+            runs.append((a, z))
+    return runs
 
 
 def _deliver(batch: torch.Tensor, device: torch.device | None, pinned: bool) -> torch.Tensor:
