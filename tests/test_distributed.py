@@ -102,6 +102,48 @@ def test_a_killed_overwrite_is_put_back_before_any_process_reads_the_run(tmp_pat
     assert snapshot(run) == before
 
 
+OWN_ROWS = """
+import sys
+import torch, torch.distributed as dist
+from saelab.data import ActivationCache
+from saelab.pipeline import train_from_cache
+from saelab.train import TrainConfig
+from saelab.train.distributed import init_from_env
+from saelab.train.trainer import TrainingRun
+
+init_from_env()
+cache, out = ActivationCache(sys.argv[1]), sys.argv[2]
+seen, step = [], TrainingRun.train_step
+
+
+def seen_step(run, x):  # the real step, its input kept
+    seen.append(x.clone())
+    return step(run, x)
+
+
+TrainingRun.train_step = seen_step
+cfg = TrainConfig(n_latents=128, k=8, batch_size=256, total_tokens=2048, init_rows=1024, lr=0.01, seed=3)
+train_from_cache(cache, out, cfg, device="cpu", progress=False)
+r = dist.get_rank()
+whole = list(cache.batches(256, seed=3))[:len(seen)]  # the global batches, read in one process
+own = [tuple(x.shape) == (128, cache.d) and torch.equal(x, w[r * 128:(r + 1) * 128]) for x, w in zip(seen, whole)]
+with open(f"{sys.argv[3]}/rank{r}.txt", "w") as f:
+    f.write(f"{len(seen)} steps; rows {sorted({x.shape[0] for x in seen})}; own rows {sum(own)}")
+"""
+
+
+def test_each_process_reads_and_trains_on_its_own_rows_alone(tmp_path, tiny_gpt2, data_dir):
+    """Trained from a cache, each process is handed only its rows of every global batch (the half ddp.local_rows
+    takes), as read from the cache: on a GPU only they are pinned and copied there. It used to get the whole batch."""
+    cache = _cache(tmp_path, tiny_gpt2, data_dir)
+    script = tmp_path / "own_rows.py"
+    script.write_text(OWN_ROWS)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29523", str(script),
+          str(cache), str(tmp_path / "run"), str(tmp_path)])
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text() == "8 steps; rows [128]; own rows 8", r
+
+
 NON_FINITE_ON_RANK_1 = """
 import sys
 import torch, torch.distributed as dist

@@ -41,6 +41,7 @@ from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVAL
                                recorded_model, sae_sha256, sweep_runs, unfinished_sweep_runs, write_latent_frequencies)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
+from saelab.train import distributed as ddp
 from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, recorded_train_seconds,
                                      replacing_run, settle_before_reading, training_changes)
 from saelab.train.metric_sinks import check_log_targets
@@ -262,11 +263,15 @@ def _cache_record(cache: ActivationCache) -> dict[str, Any]:
     return {"activations": str(cache.folder.resolve()), "fingerprint": digest.hexdigest()}
 
 
-def _cache_batches(cache: ActivationCache, cfg: TrainConfig, device: str | torch.device | None = None):
+def _cache_batches(cache: ActivationCache, cfg: TrainConfig, device: str | torch.device | None = None, *,
+                   own_rows: bool = False):
+    """The cache's training batches from a batch on; with ``own_rows``, only this process's rows of each
+    (``ddp.local_rows``'s slice), read without the other processes' (the whole batch in one process)."""
     form = batch_form(cache, resolve_device(device).type == "cuda")
 
     def batches_from(start_batch: int):
-        return cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, start_batch=start_batch, **form)
+        part = (ddp.rank(), ddp.world_size()) if own_rows and ddp.is_distributed() else None
+        return cache.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, start_batch=start_batch, part=part, **form)
     return batches_from
 
 
@@ -302,7 +307,7 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
     with _naming_cache(cache):
         return train_sae(cfg, _cache_batches(cache, cfg, device), run_dir, d_in=cache.d, meta=_cache_meta(cache),
                          overwrite=overwrite, progress=progress, device=device, log_to=log_to,
-                         data=_cache_record(cache))
+                         data=_cache_record(cache), own_rows_from=_cache_batches(cache, cfg, device, own_rows=True))
 
 
 def sweep_configs(base: TrainConfig, grid: dict[str, list[Any]]) -> dict[str, TrainConfig]:
@@ -355,7 +360,8 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
             saes = train_many([configs[n] for n in todo], _cache_batches(cache, base, device),
                               [out_dir / n for n in todo],
                               d_in=cache.d, meta=_cache_meta(cache), overwrite=overwrite, progress=progress,
-                              device=device, log_to=log_to, data=_cache_record(cache))
+                              device=device, log_to=log_to, data=_cache_record(cache),
+                              own_rows_from=_cache_batches(cache, base, device, own_rows=True))
         done.update(zip(todo, saes))
     return {n: done[n] for n in configs}
 

@@ -1,7 +1,8 @@
 """Data parallelism with torch.distributed (gloo on CPU, NCCL on GPUs), started by torchrun.
 
-Every rank holds the whole SAE and reads the same global batch, trains on its own contiguous
-slice of rows, and averages gradients with an all-reduce before the (identical) optimizer step;
+Every rank holds the whole SAE, trains on its own contiguous slice of rows of each global batch
+(``local_rows``; from an activation cache it reads only those rows), and averages gradients with an
+all-reduce before the (identical) optimizer step;
 firing statistics for dead-latent tracking and the AuxK residual variance are reduced too, so
 the result equals single-process training on the same global batches (up to float summation
 order). Latent sharding for very wide SAEs is described in docs/distributed.md.

@@ -3,7 +3,9 @@
 Data arrives through ``batches_from(start_batch)``, a function returning an iterator of
 [batch_size, d_in] activation batches beginning at batch ``start_batch``. An on-disk
 activation cache provides this exactly, which is what makes an interrupted run resume to the
-same result it would have reached without the interruption.
+same result it would have reached without the interruption. Under data parallelism each process
+trains on its own rows of every batch (``ddp.local_rows``); a source that can read those rows alone
+(``own_rows_from``: ActivationCache.batches with ``part``) spares each process the rest.
 
 ``train_sae`` trains one SAE; ``train_many`` trains several (a sweep) from one pass over the
 data, each in its own run folder. Under torchrun both are data-parallel (train/distributed.py).
@@ -176,11 +178,22 @@ def _check_batch(x: torch.Tensor, d_in: int, what: str) -> None:
         raise NonFiniteActivationsError(f"{what} contains NaN or inf activations")
 
 
-def _non_finite_rows(x_BD: torch.Tensor) -> bool:
-    """Whether some process's rows hold a NaN or inf (asked once their sum was not finite: finite values
-    can overflow it), decided for every process at once."""
-    bad = (~torch.isfinite(ddp.local_rows(x_BD))).any().to(torch.float32).reshape(1)
+def _non_finite_rows(x_bD: torch.Tensor) -> bool:
+    """Whether some process's rows (``x_bD``: this process's) hold a NaN or inf (asked once their sum was not
+    finite: finite values can overflow it), decided for every process at once."""
+    bad = (~torch.isfinite(x_bD)).any().to(torch.float32).reshape(1)
     return bool(ddp.all_reduce_sum(bad).item() > 0)
+
+
+def own_rows(batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """This process's rows of each batch (``ddp.local_rows``), cut before the prefetch pins and copies them."""
+    try:
+        for x in batches:
+            yield ddp.local_rows(x)
+    finally:
+        close = getattr(batches, "close", None)  # a cache's reader lets go of its chunk now
+        if close is not None:
+            close()
 
 
 def take_rows(batches: Iterator[torch.Tensor], n_rows: int, d_in: int) -> torch.Tensor:
@@ -276,39 +289,44 @@ class Trainer:
 
     def train_step(self, x_BD: torch.Tensor) -> dict[str, float]:
         """One step on a global batch (each process uses its own slice when data-parallel)."""
-        x_BD = x_BD.to(self.device, non_blocking=True)
+        return self.train_own_rows(ddp.local_rows(x_BD))
+
+    def train_own_rows(self, x_bD: torch.Tensor) -> dict[str, float]:
+        """One step on this process's rows of a global batch (``ddp.local_rows``'s slice; in one process, the
+        whole batch)."""
+        x_bD = x_bD.to(self.device, non_blocking=True)
         with tf32_matmuls(self.allow_tf32):
-            out, stats = self._forward_backward(x_BD)
+            out, stats = self._forward_backward(x_bD)
             self._update()
         fired = ddp.all_reduce_sum(self.sae.fired(out.vals_BK, out.idx_BK)) > 0
         # A revival: a latent dead at this step's start (the set AuxK trained) fires again. The AuxK loss
         # alone cannot show revivals: a latent leaves the dead set, and that loss, once it fires.
         self.revivals += (fired & (self.tokens_since_fired >= self.cfg.effective_dead_tokens)).sum()
-        self.tokens_since_fired += x_BD.shape[0]
+        self.tokens_since_fired += x_bD.shape[0] * ddp.world_size()  # the global batch's rows: equal shares
         self.tokens_since_fired[fired] = 0
         self.step += 1
         return stats
 
-    def _forward_backward(self, x_BD: torch.Tensor):
-        """The loss's gradients in the SAE's .grad, and the step's statistics as floats (averaged over
-        the processes when data-parallel), read after the backward. On a GPU a step waits for the
-        device twice: for the dead set's size (the encoder's blocks are sized by it) and here."""
+    def _forward_backward(self, x_bD: torch.Tensor):
+        """The loss's gradients on this process's rows ``x_bD`` in the SAE's .grad, and the step's statistics
+        as floats (averaged over the processes when data-parallel), read after the backward. On a GPU a step
+        waits for the device twice: for the dead set's size (the encoder's blocks are sized by it) and here."""
         cfg, sae = self.cfg, self.sae
         dead = self.tokens_since_fired >= cfg.effective_dead_tokens if cfg.auxk else None
-        out = training_loss(sae, ddp.local_rows(x_BD), cfg, self.normalizer, dead, step=self.step)
+        out = training_loss(sae, x_bD, cfg, self.normalizer, dead, step=self.step)
         sae.zero_grad(set_to_none=True)
         out.loss.backward()
         ddp.average_gradients(sae.parameters())
         named = out.stats()
         # The batch's sum rides on the statistics' one read-back: a check of its own would make the GPU wait
         # before the forward, for the last step's update too.
-        named["batch_sum"] = ddp.local_rows(x_BD).detach().sum(dtype=torch.float32)
+        named["batch_sum"] = x_bD.detach().sum(dtype=torch.float32)
         values = torch.stack(list(named.values()))
         if ddp.is_distributed():
             values = ddp.all_reduce_sum(values.double()) / ddp.world_size()
         stats = dict(zip(named, values.tolist()))
         # Checked before any weight moves; the average over processes, so that every process stops.
-        if not math.isfinite(stats.pop("batch_sum")) and _non_finite_rows(x_BD):
+        if not math.isfinite(stats.pop("batch_sum")) and _non_finite_rows(x_bD):
             raise NonFiniteActivationsError(f"activation batch {self.step} contains NaN or inf activations")
         if not math.isfinite(stats["loss"]):
             raise NonFiniteError(f"training loss became {stats['loss']} at step {self.step}")
@@ -335,7 +353,7 @@ class Trainer:
     def gradients(self, x_BD: torch.Tensor) -> None:
         """The loss's gradients on a batch into the SAE's .grad, without a step (for diagnostics)."""
         with tf32_matmuls(self.allow_tf32):
-            self._forward_backward(x_BD.to(self.device))
+            self._forward_backward(ddp.local_rows(x_BD).to(self.device))
 
     def second_moment(self, param: torch.Tensor) -> torch.Tensor | None:
         """Adam's bias-corrected second moment of ``param``, in its layout (None before any step)."""
@@ -480,10 +498,11 @@ class TrainingRun:
         self._status("training")
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
+        """One step on this process's rows of the next batch (in one process, the whole batch)."""
         cfg, tr = self.cfg, self.trainer
         x = x.to(self.device, non_blocking=True)
         _check_batch_shape(x, self.d_in, f"activation batch {tr.step}")  # its values: with the step's statistics
-        stats = tr.train_step(x.float())
+        stats = tr.train_own_rows(x.float())
         self.steps_this_call += 1
         if (tr.step % cfg.log_every == 0 or tr.step == cfg.total_steps) and self.writer:
             elapsed = time.perf_counter() - self.t0
@@ -566,7 +585,7 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
                d_in: int, meta: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
                stop_after_steps: int | None = None, device: str | torch.device | None = None,
                allow_tf32: bool = False, log_to: Sequence[str] = (),
-               data: dict[str, Any] | None = None) -> list[TopKSAE]:
+               data: dict[str, Any] | None = None, own_rows_from: BatchSource | None = None) -> list[TopKSAE]:
     """Train several SAEs from ONE pass over the data: every batch feeds every unfinished run.
 
     The runs must share batch_size; they may differ in n, k, lr, total_tokens and anything else.
@@ -578,6 +597,12 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
     and/or "wandb" (train/metric_sinks.py); a sweep's W&B runs are grouped by their parent folder.
     The SAEs are returned on that device. ``data`` records what the runs train on (train_config.json's
     "data": a resume on other data is refused, checkpoint.data_changes).
+
+    Data-parallel, each process trains on its own rows of every batch. ``own_rows_from``: the same batches
+    as ``batches_from``, each cut to this process's rows (``ddp.local_rows``'s slice) as it is read, e.g.
+    ActivationCache.batches with ``part=(rank, world_size)``, so that no process reads, pins or copies the
+    others' rows; None: cut from ``batches_from``'s batches (before they are pinned). The initialisation
+    sample is still read whole from ``batches_from``, by every process.
     """
     log_to = check_log_targets(log_to)  # a missing package is reported before anything is touched
     log_group = Path(run_dirs[0]).resolve().parent.name if len(run_dirs) > 1 else None
@@ -586,6 +611,8 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
     sample: list[torch.Tensor] = []
 
     def init_sample() -> torch.Tensor:  # drawn once, shared by every run
+        # Whole batches, in every process: the geometric median and the data directions need every row of
+        # the sample at once, and each process computes the same initialisation (then takes rank 0's).
         if not sample:
             sample.append(take_rows(batches_from(0), max(c.effective_init_rows for c in cfgs), d_in))
         return sample[0]
@@ -601,7 +628,8 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
                                         log_group=log_group))
             sample.clear()  # initialisation is done: do not hold the sample through training
             _say_how_runs_start(runs)
-            return _train_loop(runs, batches_from, dev, progress, stop_after_steps)
+            own = own_rows_from or (lambda start: own_rows(batches_from(start)))
+            return _train_loop(runs, own, dev, progress, stop_after_steps)
         finally:
             for r in runs:
                 r.close()
@@ -631,7 +659,7 @@ def _replacing_runs(run_dirs: Sequence[str | Path], overwrite: bool) -> Iterator
         yield
 
 
-def _train_loop(runs: list[TrainingRun], batches_from: BatchSource, dev: torch.device, progress: bool,
+def _train_loop(runs: list[TrainingRun], own_rows_from: BatchSource, dev: torch.device, progress: bool,
                 stop_after_steps: int | None) -> list[TopKSAE]:
     start = min(r.step for r in runs)
     last = max(r.cfg.total_steps for r in runs)
@@ -639,7 +667,7 @@ def _train_loop(runs: list[TrainingRun], batches_from: BatchSource, dev: torch.d
     bar = tqdm(total=last, initial=start, unit="step", desc=label, disable=not progress or ddp.rank() != 0)
     batch_idx = start
     try:
-        with _interrupt_between_steps() as stop_asked, prefetched(batches_from(start), dev) as batches:
+        with _interrupt_between_steps() as stop_asked, prefetched(own_rows_from(start), dev) as batches:
             for x in batches:
                 if stop_asked:
                     raise KeyboardInterrupt(f"signal {stop_asked[0]}")
@@ -693,7 +721,8 @@ def _end(r: TrainingRun, batch_idx: int, stop_after_steps: int | None) -> TopKSA
 def train_sae(cfg: TrainConfig, batches_from: BatchSource, run_dir: str | Path, *, d_in: int,
               meta: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
               stop_after_steps: int | None = None, device: str | torch.device | None = None,
-              allow_tf32: bool = False, log_to: Sequence[str] = (), data: dict[str, Any] | None = None) -> TopKSAE:
+              allow_tf32: bool = False, log_to: Sequence[str] = (), data: dict[str, Any] | None = None,
+              own_rows_from: BatchSource | None = None) -> TopKSAE:
     """Train one top-k SAE into ``run_dir``, resuming from its checkpoint when there is one.
 
     ``meta`` fills the SAE's provenance (model_name, hook_name, context_size, prepend_bos,
@@ -702,7 +731,8 @@ def train_sae(cfg: TrainConfig, batches_from: BatchSource, run_dir: str | Path, 
     keeps the earlier run set aside until the call that finishes the new one. ``device``: None =
     CUDA when available, else the CPU; ``allow_tf32``: TF32 matmuls on CUDA. The SAE is returned on
     that device. ``log_to``: ("tensorboard",), ("wandb",) or both also log the metrics there.
+    ``own_rows_from``: this process's rows of the same batches (data-parallel; see train_many).
     """
     return train_many([cfg], batches_from, [run_dir], d_in=d_in, meta=meta, overwrite=overwrite,
                       progress=progress, stop_after_steps=stop_after_steps, device=device,
-                      allow_tf32=allow_tf32, log_to=log_to, data=data)[0]
+                      allow_tf32=allow_tf32, log_to=log_to, data=data, own_rows_from=own_rows_from)[0]
