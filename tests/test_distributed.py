@@ -144,6 +144,19 @@ def test_each_process_reads_and_trains_on_its_own_rows_alone(tmp_path, tiny_gpt2
         assert (tmp_path / f"rank{r}.txt").read_text() == "8 steps; rows [128]; own rows 8", r
 
 
+def test_the_gpu_of_a_process_without_local_rank_is_its_rank_modulo_the_gpus():
+    """A group started without LOCAL_RANK (torch.multiprocessing.spawn) used to put every process on GPU 0."""
+    from saelab.errors import ConfigError
+    from saelab.train.distributed import gpu_index
+
+    assert gpu_index({"LOCAL_RANK": "1"}, 5, 4) == 1  # torchrun's LOCAL_RANK wins
+    assert [gpu_index({}, rank, 4) for rank in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]  # 2 machines x 4 GPUs
+    assert gpu_index({"RANK": "3"}, 3, 1) == 0  # one GPU visible to each process
+    with pytest.raises(ConfigError, match=r"^LOCAL_RANK='x' is not a whole number; expected this process's index on "
+                                          r"its machine, as torchrun sets it$"):
+        gpu_index({"LOCAL_RANK": "x"}, 0, 2)
+
+
 NON_FINITE_ON_RANK_1 = """
 import sys
 import torch, torch.distributed as dist

@@ -7,9 +7,11 @@ firing statistics for dead-latent tracking and the AuxK residual variance are re
 the result equals single-process training on the same global batches (up to float summation
 order). Latent sharding for very wide SAEs is described in docs/distributed.md.
 
-Devices: with CUDA present each process trains on ``cuda:LOCAL_RANK`` and the process group pairs
-NCCL for CUDA tensors with gloo for CPU tensors (``--device cpu`` under torchrun on a GPU host still
-works); without CUDA it is gloo alone. Every collective here gets tensors on the training device.
+Devices: with CUDA present each process trains on its own GPU, ``cuda:LOCAL_RANK`` (``own_gpu``; where
+LOCAL_RANK is unset, as in a group torch.multiprocessing.spawn started, the rank modulo the GPU count), and
+the process group pairs NCCL for CUDA tensors with gloo for CPU tensors (``--device cpu`` under torchrun on
+a GPU host still works); without CUDA it is gloo alone. Every collective here gets tensors on the training
+device.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import atexit
 import datetime
 import os
 import re
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -31,8 +34,26 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+def gpu_index(env: Mapping[str, str], global_rank: int, device_count: int) -> int:
+    """The GPU of the process of rank ``global_rank`` among its machine's ``device_count``: LOCAL_RANK in
+    ``env``, as torchrun sets it; where it is unset (a group torch.multiprocessing.spawn or a script started),
+    the rank modulo the GPU count, which is the local rank when every machine runs one process per GPU and
+    numbers them consecutively (the usual layout; set LOCAL_RANK for any other)."""
+    given = env.get("LOCAL_RANK")
+    if given is None:
+        return global_rank % max(device_count, 1)
+    try:
+        return int(given)
+    except ValueError:
+        raise ConfigError(f"LOCAL_RANK={given!r} is not a whole number; expected this process's index on its "
+                          "machine, as torchrun sets it") from None
+
+
+def own_gpu() -> int:
+    """This process's GPU index (``gpu_index``), before the group is joined too (its rank then from RANK)."""
+    joined = dist.is_available() and dist.is_initialized()
+    global_rank = dist.get_rank() if joined else int(os.environ.get("RANK", "0"))
+    return gpu_index(os.environ, global_rank, torch.cuda.device_count())
 
 
 def init_from_env() -> bool:
@@ -41,8 +62,9 @@ def init_from_env() -> bool:
         return is_distributed()
     if torch.cuda.is_available():
         # The same backend on every rank; NCCL starts at the first CUDA collective, on this rank's GPU.
-        if local_rank() < torch.cuda.device_count():
-            torch.cuda.set_device(local_rank())
+        own = own_gpu()
+        if own < torch.cuda.device_count():  # a higher one is refused, in one line, by process_device
+            torch.cuda.set_device(own)
         dist.init_process_group(backend="cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group(backend="gloo")
@@ -80,20 +102,20 @@ def _leave_group() -> None:
 
 def process_device(device: str | torch.device | None = None) -> torch.device:
     """The device this process trains on: ``device`` resolved (None: CUDA when available, else the
-    CPU), and under torchrun with CUDA, this process's own GPU ``cuda:LOCAL_RANK``. A CUDA device is
-    always returned with its index, so devices compare equal however they were named."""
+    CPU), and data-parallel with CUDA, this process's own GPU (``own_gpu``: ``cuda:LOCAL_RANK``). A CUDA
+    device is always returned with its index, so devices compare equal however they were named."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return dev
     if is_distributed():
-        own = local_rank()
+        own = own_gpu()
         if own >= torch.cuda.device_count():
             raise ConfigError(f"device {str(device)!r}: this process is LOCAL_RANK {own} but the machine has "
                               f"{torch.cuda.device_count()} CUDA device(s); start at most that many processes "
                               "per node, or pass --device cpu")
         if dev.index is not None and dev.index != own:
-            raise ConfigError(f"device {str(device)!r}: under torchrun each process trains on its own GPU "
-                              f"(cuda:{own} here, from LOCAL_RANK); pass --device cuda")
+            raise ConfigError(f"device {str(device)!r}: data-parallel, each process trains on its own GPU "
+                              f"(cuda:{own} here, from LOCAL_RANK or the rank); pass --device cuda")
         # NCCL runs a collective on the current device: in a group the caller started, it may still be GPU 0
         torch.cuda.set_device(own)
         return torch.device("cuda", own)
@@ -111,11 +133,11 @@ def world_size() -> int:
 def wait_for_every_rank() -> None:
     """Every process reaches this point before any goes on: where rank 0 changes a folder the others read.
     A CPU tensor where the group has gloo (ours pairs it with NCCL), whatever GPU a process holds; in a group
-    a library user started with NCCL alone, a tensor on this process's GPU, ``cuda:LOCAL_RANK`` (the current
+    a library user started with NCCL alone, a tensor on this process's GPU, ``own_gpu`` (the current
     device may still be GPU 0 on every process there)."""
     if is_distributed():
         on_cpu = any(name in str(dist.get_backend()) for name in ("gloo", "mpi"))
-        _together(dist.all_reduce, torch.zeros(1, device="cpu" if on_cpu else torch.device("cuda", local_rank())))
+        _together(dist.all_reduce, torch.zeros(1, device="cpu" if on_cpu else torch.device("cuda", own_gpu())))
 
 
 def _together(collective, *args, **kwargs) -> None:
