@@ -146,3 +146,51 @@ def test_probe_intervals_resample_documents(consecutive):
     assert paragraphs["intervals"]["loss"]["n_groups"] == paragraphs["n_test_groups"] >= 2
     in_text = token_documents(tokens, documents, lm.bos_token_id).unique().numel()
     assert 2 <= whole["intervals"]["loss"]["n_groups"] <= in_text < 12
+
+
+def test_a_draws_nmse_is_the_nmse_of_the_rows_drawn():
+    """The nMSE statistic on a bootstrap draw of groups equals nMSE computed on the drawn rows themselves
+    (a group drawn twice: its rows twice), the draw's own mean included."""
+    from saelab.evals.bootstrap import replicate_statistics, resample_counts
+    from saelab.evals.reconstruction import NMSE_STATS, ReconstructionAccumulator, nmse
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 8, generator=g) + 3 * torch.randn(8, generator=g)
+    x_hat = x + 0.4 * torch.randn(60, 8, generator=g)
+    groups = torch.arange(6).repeat_interleave(10)
+    acc = ReconstructionAccumulator(4, 8, groups)
+    for rows in torch.arange(60).split(17):  # batches that cut across groups
+        acc.update(x[rows], x_hat[rows], torch.zeros(rows.numel(), 1), torch.zeros(rows.numel(), 1, dtype=torch.long))
+    result = acc.result()
+    counts = resample_counts(6, 5, torch.Generator().manual_seed(1))
+    reps = replicate_statistics(result.per_group, NMSE_STATS, counts)
+    for b in range(5):
+        take = torch.cat([torch.arange(10 * grp, 10 * grp + 10).repeat(int(c)) for grp, c in enumerate(counts[b])])
+        assert reps["nmse"][b] == pytest.approx(nmse(x[take], x_hat[take]), rel=1e-9)
+    ones = torch.ones(1, 6, dtype=torch.float64)
+    assert replicate_statistics(result.per_group, NMSE_STATS, ones)["nmse"][0] == pytest.approx(result.nmse, rel=1e-12)
+
+
+def test_core_metrics_carry_intervals_over_documents(tiny_gpt2, data_dir):
+    from saelab.evals.core import evaluate_core
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=96, k=6, hook_name="blocks.0.hook_resid_post", context_size=32))
+    texts = _articles(data_dir)[:30]
+    drawn = draw_contexts(texts, tiny_gpt2.tokenizer, 32, 40, pool_tokens=10**9, bos_token_id=tiny_gpt2.bos_token_id)
+    m = evaluate_core(sae, tiny_gpt2, EvalConfig(recon_tokens=31 * 40, downstream_tokens=31 * 20), progress=False,
+                      contexts=drawn).metrics
+    assert m["interval_groups"] == "documents"
+    for key in ("nmse", "nmse_sae_input", "delta_ce", "kl"):
+        ci = m["intervals"][key]
+        assert ci["estimate"] == pytest.approx(m[key], rel=1e-9, abs=1e-12) and ci["low"] <= m[key] <= ci["high"]
+    assert m["intervals"]["nmse"]["n_groups"] == drawn.documents.unique().numel()  # one per document read
+    assert m["intervals"]["delta_ce"]["n_groups"] == drawn.documents[:20].unique().numel()
+    for kind in ("zero", "mean"):  # a value and its interval, or neither
+        ci = m["intervals"][f"ce_recovered_{kind}"]
+        assert (m[f"ce_recovered_{kind}"] is None or m[f"ce_recovered_{kind}"] != m[f"ce_recovered_{kind}"]) == \
+            (ci["low"] is None)
+    from saelab.report.markdown import metric_rows
+
+    rows = dict(metric_rows(json.loads(json.dumps(m, default=float))))
+    assert rows["nMSE (FVU), raw activation space"].startswith(f"{m['nmse']:.4f} [")

@@ -170,17 +170,18 @@ def test_ce_recovered_needs_an_ablation_that_raises_ce_beyond_noise():
     """CE recovered's scale runs from the ablated loss (0) to the clean one (1): where the ablation does not raise
     CE above clean, or only within the noise of the contexts, it is undefined (NaN), as N2G's partial one is,
     not -999 from a gap of 1e-4."""
-    from saelab.evals.downstream import _summary
+    from saelab.evals.downstream import downstream_summary
 
     g = torch.Generator().manual_seed(0)
     clean = 31 * (3 + torch.rand(40, generator=g, dtype=torch.float64))  # per-context CE sums, 31 predictions each
     spliced = clean + 31 * 0.1
     noise = 31 * 0.05 * torch.randn(40, generator=g, dtype=torch.float64)
+    rest = {"kl": torch.zeros(40, dtype=torch.float64), "n": torch.full((40,), 31.0, dtype=torch.float64)}
     for rise in (0.0, -1e-4, 1e-4):
         ablated = clean + 31 * rise + (noise - noise.mean() if rise else 0)
-        got = _summary({"clean": clean, "spliced": spliced, "zero_abl": ablated}, 0.0, 40 * 31)
+        got = downstream_summary({"clean": clean, "spliced": spliced, "zero_abl": ablated, **rest})
         assert math.isnan(got["ce_recovered_zero"]), rise
         assert got["ce_zero_abl"] - got["ce_clean"] == pytest.approx(rise, abs=1e-12)
-    got = _summary({"clean": clean, "spliced": spliced, "zero_abl": clean + 31 * 2.0 + noise}, 0.0, 40 * 31)
+    got = downstream_summary({"clean": clean, "spliced": spliced, "zero_abl": clean + 31 * 2.0 + noise, **rest})
     gap = got["ce_zero_abl"] - got["ce_clean"]
     assert got["ce_recovered_zero"] == pytest.approx((gap - 0.1) / gap, rel=1e-9)

@@ -131,6 +131,16 @@ def by_document(per_context: Totals, documents: torch.Tensor | None) -> Totals:
     return {k: v for k, v in group_totals(documents, per_context).items() if k in per_context}
 
 
+MAX_GROUPS = 4096
+"""The most groups :func:`bounded_groups` keeps: plenty for an interval, and a bound on the per-group sums."""
+
+
+def bounded_groups(groups_N: torch.Tensor) -> torch.Tensor:
+    """Group ids ``0 .. G-1`` for the units' ``groups_N`` (e.g. documents), G at most ``MAX_GROUPS``: beyond it,
+    whole groups are merged (a merged group is still drawn whole, so the intervals stay valid)."""
+    return torch.unique(groups_N.cpu(), return_inverse=True)[1] % MAX_GROUPS
+
+
 def ratio(num: str, den: str) -> Statistic:
     """The statistic ``total[num] / total[den]`` (a mean over the pooled values; NaN when den is 0)."""
     def fn(t: Totals) -> torch.Tensor:

@@ -16,8 +16,9 @@ import torch
 from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
 from saelab.errors import ConfigError, CorpusError, NonFiniteError
 from saelab.evals._common import position_0_words
-from saelab.evals.downstream import downstream_metrics
-from saelab.evals.reconstruction import reconstruction_metrics
+from saelab.evals.bootstrap import bounded_groups, by_document, paired_bootstrap
+from saelab.evals.downstream import downstream_statistics, downstream_sums, downstream_summary
+from saelab.evals.reconstruction import NMSE_STATS, reconstruction_metrics
 from saelab.models import model_provenance
 from saelab.models.lm import context_named
 from saelab.run_folder import recorded_model
@@ -131,6 +132,23 @@ def read_eval_contexts(cfg: EvalConfig, tokenize, bos_token_id: int | None, cont
                                     context_size, needs) from None
 
 
+def _row_groups(groups_N: torch.Tensor, per_ctx: int, n_rows: int) -> torch.Tensor:
+    """The group of every activation row read from contexts of groups ``groups_N``, ``per_ctx`` rows each."""
+    rows = groups_N.repeat_interleave(per_ctx)[:n_rows]
+    return torch.unique(rows, return_inverse=True)[1]  # ids 0 .. G-1 of the groups read
+
+
+def _intervals(recon_groups: dict[str, torch.Tensor], down_groups: dict[str, torch.Tensor],
+               down: dict[str, float]) -> dict[str, dict]:
+    """Bootstrap intervals (``DEFAULT_N_BOOT`` draws of the groups, ``DEFAULT_LEVEL``) of both nMSEs, delta CE,
+    KL and CE recovered; none for a CE recovered without a value (its ablation's rise is within noise)."""
+    out = {**paired_bootstrap(recon_groups, NMSE_STATS), **paired_bootstrap(down_groups, downstream_statistics(down_groups))}
+    for name, interval in out.items():
+        if name in down and not math.isfinite(down[name]):
+            interval.update(estimate=None, low=None, high=None)
+    return out
+
+
 def eval_corpus_too_short(given: str | None, corpus: str, tokens: int, most: int, text_needed: int, T: int,
                           needs: dict[str, int]) -> CorpusError:
     """The refusal of an eval corpus of ``tokens`` tokens that fills fewer contexts of ``T`` than the
@@ -183,12 +201,18 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     if not all_finite(acts_ND):
         raise NonFiniteError(f"activations at {hook} of model {lm.known_as} on eval corpus {corpus!r} contain NaN or "
                              "inf; expected finite activations (is the model broken, or overflowing its dtype?)")
-    recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress)
+    groups = bounded_groups(drawn.documents if drawn.documents is not None else torch.arange(tokens.shape[0]))
+    recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress,
+                                                row_groups=_row_groups(groups[:n_recon], per_ctx, acts_ND.shape[0]))
     t_recon = time.perf_counter() - t0
-    down = downstream_metrics(lm, sae, tokens[:n_down], hook=hook, lm_batch_size=cfg.lm_batch_size,
-                              mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations,
-                              variants_per_forward=cfg.variants_per_forward, progress=progress)
-    metrics = {**recon.to_dict(), **down, **model_record(lm.name), "hook": hook, "eval_corpus": str(corpus),
+    sums = by_document(downstream_sums(lm, sae, tokens[:n_down], hook=hook, lm_batch_size=cfg.lm_batch_size,
+                                       mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations,
+                                       variants_per_forward=cfg.variants_per_forward, progress=progress),
+                       groups[:n_down])
+    down = downstream_summary(sums)
+    metrics = {**recon.to_dict(), **down, "intervals": _intervals(recon.per_group, sums, down),
+               "interval_groups": "contexts" if drawn.documents is None else "documents",
+               **model_record(lm.name), "hook": hook, "eval_corpus": str(corpus),
                "context_size": T, "position_0": position_0_words(first), "sample_pool_tokens": cfg.sample_pool_tokens,
                "dead_definition": f"never fired on the {recon.n_tokens:,} eval tokens (not the training-time window)",
                "seconds": {"reconstruction": round(t_recon, 2),

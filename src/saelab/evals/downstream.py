@@ -5,7 +5,8 @@
 - CE recovered against zero- and mean-ablation of the hook:
   (CE_ablated - CE_spliced) / (CE_ablated - CE_clean); 1 is perfect, 0 is no better than ablating.
   Undefined (NaN; null in metrics.json) where the ablation does not raise CE above the clean
-  model's beyond noise: the gap is <= 0, or its 95 % interval over the contexts reaches 0 (as N2G's
+  model's beyond noise: the gap is <= 0, or its 95 % interval over the contexts (or their documents, when
+  known) reaches 0 (as N2G's
   ``ce_recovered_partial``, whose bootstrap interval decides); a ratio of noise reads -999 or +1001.
 
 Position handling: contexts start with BOS. When the SAE was trained without position 0
@@ -22,7 +23,7 @@ layer and the edit applies inside that layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +31,6 @@ from tqdm.auto import tqdm
 
 from saelab.errors import ConfigError, ShapeMismatchError
 from saelab.utils.words import plural
-
-
-@dataclass
-class LossTotals:
-    """Running sums over predictions; ``result`` turns them into means."""
-
-    ce: dict[str, float] = field(default_factory=dict)
-    kl: dict[str, float] = field(default_factory=dict)
-    count: int = 0
 
 
 def ce_and_kl(clean_logits_BTV: torch.Tensor, edited_logits_BTV: torch.Tensor | None, tokens_BT: torch.Tensor,
@@ -127,7 +119,19 @@ def downstream_metrics(lm, sae, tokens_NT: torch.Tensor, *, hook: str | None = N
                        exclude_first: bool | None = None, mean_act_D: torch.Tensor | None = None,
                        ablations: tuple[str, ...] = ("zero", "mean"), progress: bool = True,
                        variants_per_forward: int = 4) -> dict[str, float]:
-    """CE, delta CE, KL and CE recovered for ``sae`` spliced into ``lm`` on ``tokens_NT``.
+    """CE, delta CE, KL and CE recovered for ``sae`` spliced into ``lm`` on ``tokens_NT``
+    (:func:`downstream_sums`, then :func:`downstream_summary`)."""
+    return downstream_summary(downstream_sums(lm, sae, tokens_NT, hook=hook, lm_batch_size=lm_batch_size,
+                                              exclude_first=exclude_first, mean_act_D=mean_act_D, ablations=ablations,
+                                              progress=progress, variants_per_forward=variants_per_forward))
+
+
+def downstream_sums(lm, sae, tokens_NT: torch.Tensor, *, hook: str | None = None, lm_batch_size: int = 8,
+                    exclude_first: bool | None = None, mean_act_D: torch.Tensor | None = None,
+                    ablations: tuple[str, ...] = ("zero", "mean"), progress: bool = True,
+                    variants_per_forward: int = 4) -> dict[str, torch.Tensor]:
+    """Per-context float64 sums ``[N]`` of each run's next-token CE (``clean``, ``spliced``, ``zero_abl``,
+    ``mean_abl``), of KL(clean || spliced) (``kl``) and the predictions counted (``n``).
 
     ``mean_act_D`` (the mean activation at the hook) is needed for mean-ablation. The layers below
     the hook see ``lm_batch_size`` contexts per forward, the layers above ``variants_per_forward``
@@ -147,8 +151,7 @@ def downstream_metrics(lm, sae, tokens_NT: torch.Tensor, *, hook: str | None = N
     edits = _variant_edits(sae, first, ablations, mean_act_D)
     start = _resume_hook(lm, hook)
 
-    sums: dict[str, list[torch.Tensor]] = {name: [] for name in edits}  # per context
-    kl_sum, count = 0.0, 0
+    sums: dict[str, list[torch.Tensor]] = {name: [] for name in (*edits, "kl")}  # per context
     for i in tqdm(range(0, tokens_NT.shape[0], lm_batch_size), desc="downstream", unit="batch", disable=not progress):
         toks = tokens_NT[i:i + lm_batch_size].to(lm.device)
         acts = lm.activations(toks, start)
@@ -157,12 +160,18 @@ def downstream_metrics(lm, sae, tokens_NT: torch.Tensor, *, hook: str | None = N
             logp = _next_token_logp(logits, first)
             del logits
             ce = -logp.gather(1, toks[:, first + 1:].reshape(-1, 1)).squeeze(1)
-            sums[name].append(ce.double().reshape(toks.shape[0], -1).sum(1).cpu())
+            sums[name].append(_per_context(ce, toks.shape[0]))
             if name == "clean":
-                logp_clean, count = logp, count + ce.numel()
+                logp_clean = logp
             elif name == "spliced":
-                kl_sum += float((logp_clean.exp() * (logp_clean - logp)).sum(dim=-1).double().sum())
-    return _summary({name: torch.cat(s) for name, s in sums.items()}, kl_sum / count, count)
+                sums["kl"].append(_per_context((logp_clean.exp() * (logp_clean - logp)).sum(dim=-1), toks.shape[0]))
+    out = {name: torch.cat(s) for name, s in sums.items()}
+    out["n"] = torch.full_like(out["clean"], tokens_NT.shape[1] - 1 - first)
+    return out
+
+
+def _per_context(per_prediction: torch.Tensor, n_contexts: int) -> torch.Tensor:
+    return per_prediction.double().reshape(n_contexts, -1).sum(1).cpu()
 
 
 def _next_token_logp(logits_BTV: torch.Tensor, first: int) -> torch.Tensor:
@@ -179,11 +188,13 @@ def ce_recovered(ablated: torch.Tensor, edited: torch.Tensor, reference: torch.T
                        torch.full_like(gap, float("nan")))
 
 
-def _summary(sums: dict[str, torch.Tensor], kl: float, count: int) -> dict[str, float]:
-    """The metrics from each run's per-context CE sums ``[N]``."""
-    ce = {name: float(s.sum()) / count for name, s in sums.items()}
+def downstream_summary(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The metrics from :func:`downstream_sums`' per-context sums (or per-group sums of them: only the noise
+    rule of CE recovered sees the grouping, the means are the same)."""
+    count = int(sums["n"].sum())
+    ce = {name: float(s.sum()) / count for name, s in sums.items() if name not in ("n", "kl")}
     out = {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "delta_ce": ce["spliced"] - ce["clean"],
-           "kl": kl, "n_predictions": count}
+           "kl": float(sums["kl"].sum()) / count, "n_predictions": count}
     for name in ("zero_abl", "mean_abl"):
         if name in ce:
             out[f"ce_{name}"] = ce[name]
@@ -192,11 +203,24 @@ def _summary(sums: dict[str, torch.Tensor], kl: float, count: int) -> dict[str, 
     return out
 
 
+def downstream_statistics(sums: dict[str, torch.Tensor]) -> dict[str, Callable]:
+    """The bootstrap statistics of :func:`downstream_summary`'s sampled numbers, on (per-group) sums: delta CE,
+    KL and CE recovered against each ablation run."""
+    def mean(name: str) -> Callable:
+        return lambda t: t[name] / t["n"]
+    stats = {"delta_ce": lambda t: (t["spliced"] - t["clean"]) / t["n"], "kl": mean("kl")}
+    for run in ("zero_abl", "mean_abl"):
+        if run in sums:
+            stats[f"ce_recovered_{run.split('_')[0]}"] = (
+                lambda t, run=run: ce_recovered(mean(run)(t), mean("spliced")(t), mean("clean")(t)))
+    return stats
+
+
 def _rise_beyond_noise(sums: dict[str, torch.Tensor], name: str) -> bool:
     """Whether run ``name`` raises CE above the clean run's beyond the noise of the contexts drawn: the 95 %
-    interval of the mean per-context rise does not reach 0 (from one context: the rise itself). A normal
-    interval, where N2G draws bootstrap replicates: those take 1,000 x N counts in memory (1.6 GB at 65,536
-    contexts) to decide one sign."""
+    interval of the mean per-group rise (a group: a context, or a document of them) does not reach 0 (from
+    one group: the rise itself). A normal interval, where N2G draws bootstrap replicates: those take
+    1,000 x N counts in memory (1.6 GB at 65,536 contexts) to decide one sign."""
     rise = (sums[name] - sums["clean"]).double()
     if rise.numel() < 2:
         return bool(rise.sum() > 0)

@@ -19,6 +19,10 @@ It is reported in two spaces:
 
 Rows that do not vary around their mean (one row, or identical rows) have no nMSE (its denominator
 is 0): they are refused (NonFiniteError naming the space), not reported as inf.
+
+Given each row's group (``row_groups``: e.g. the document of its context), the same sums are also kept per
+group (``ReconstructionResult.per_group``), from which ``NMSE_STATS`` recompute both nMSEs on bootstrap
+draws of the groups (the mean of each draw is that draw's own, as a fresh sample's would be).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class ReconstructionResult:
     """Fraction of latents firing on more than DENSE_THRESHOLD of tokens."""
     n_tokens: int
     """Rows evaluated (the window for 'dead')."""
+    per_group: dict[str, torch.Tensor] | None = None
+    """The nMSE sums of each group of rows ({name: [G, ...]}, ``NMSE_STATS``' inputs); None without groups."""
 
     def to_dict(self) -> dict[str, float | int]:
         return {"nmse": self.nmse, "nmse_sae_input": self.nmse_sae_input, "l0": self.l0, "dead_frac": self.dead_frac,
@@ -55,21 +61,31 @@ class ReconstructionResult:
 
 
 class _NMSESums:
-    """Float64 sums from which the nMSE of all rows seen follows, whatever the batching."""
+    """Float64 sums from which the nMSE of all rows seen follows, whatever the batching; with ``n_groups``, the
+    same sums of each group of rows too."""
 
-    def __init__(self, d_in: int, space: str):
+    def __init__(self, d_in: int, space: str, n_groups: int = 0):
         self.space = space
         self.sse = torch.zeros((), dtype=torch.float64)
         self.sum_x = torch.zeros(d_in, dtype=torch.float64)
         self.sum_sq = torch.zeros((), dtype=torch.float64)
         self.rows = 0
+        self.groups = {"sse": torch.zeros(n_groups, dtype=torch.float64), "rows": torch.zeros(n_groups, dtype=torch.float64),
+                       "sum_x": torch.zeros(n_groups, d_in, dtype=torch.float64),
+                       "sum_sq": torch.zeros(n_groups, dtype=torch.float64)}
 
-    def update(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> None:
+    def update(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor, groups_B: torch.Tensor | None = None) -> None:
         x = x_BD.double()  # reduced where it lies (CPU or accelerator); only the sums move
-        self.sse += (x - x_hat_BD.double()).pow(2).sum().cpu()
+        sse_B, sq_B = (x - x_hat_BD.double()).pow(2).sum(1), x.pow(2).sum(1)
+        self.sse += sse_B.sum().cpu()
         self.sum_x += x.sum(dim=0).cpu()
-        self.sum_sq += x.pow(2).sum().cpu()
+        self.sum_sq += sq_B.sum().cpu()
         self.rows += x.shape[0]
+        if groups_B is not None:
+            g = groups_B.to(x.device)
+            for name, rows in (("sse", sse_B), ("sum_sq", sq_B), ("sum_x", x), ("rows", torch.ones_like(sse_B))):
+                self.groups[name] += torch.zeros((self.groups[name].shape[0], *rows.shape[1:]), dtype=torch.float64,
+                                                 device=x.device).index_add_(0, g, rows).cpu()
 
     def nmse(self) -> float:
         mean = self.sum_x / self.rows
@@ -85,12 +101,27 @@ def _nmse_value(sse: torch.Tensor, centred: torch.Tensor, total: torch.Tensor, r
     return float(sse / centred)
 
 
-class ReconstructionAccumulator:
-    """Accumulates reconstruction statistics batch by batch."""
+def _nmse_of(space: str):
+    """The nMSE of ``space``'s totals on each bootstrap draw ({name: [B, ...]}), NaN where the draw does not vary."""
+    def fn(t):
+        centred = t[f"{space}_sum_sq"] - t[f"{space}_sum_x"].pow(2).sum(-1) / t[f"{space}_rows"]
+        return torch.where(centred > 0, t[f"{space}_sse"] / centred, torch.full_like(centred, float("nan")))
+    return fn
 
-    def __init__(self, n_latents: int, d_in: int):
-        self.raw = _NMSESums(d_in, "eval activations")
-        self.sae_input = _NMSESums(d_in, "eval activations after the SAE's input normalization")
+
+NMSE_STATS = {"nmse": _nmse_of("raw"), "nmse_sae_input": _nmse_of("sae_input")}
+"""Both nMSEs from the per-group sums of ``ReconstructionResult.per_group``."""
+
+
+class ReconstructionAccumulator:
+    """Accumulates reconstruction statistics batch by batch; ``row_groups``: the group of every row to come
+    (in order), whose sums are kept apart for the intervals."""
+
+    def __init__(self, n_latents: int, d_in: int, row_groups: torch.Tensor | None = None):
+        n_groups = 0 if row_groups is None else int(row_groups.max()) + 1 if row_groups.numel() else 0
+        self.row_groups = row_groups
+        self.raw = _NMSESums(d_in, "eval activations", n_groups)
+        self.sae_input = _NMSESums(d_in, "eval activations after the SAE's input normalization", n_groups)
         self.nonzero = 0
         self.fire_counts = torch.zeros(n_latents, dtype=torch.long)
 
@@ -103,10 +134,11 @@ class ReconstructionAccumulator:
                x_n_BD: torch.Tensor | None = None, x_hat_n_BD: torch.Tensor | None = None) -> None:
         """One batch: raw x and x_hat, the kept latents, and the same pair in the SAE's input space
         (``x_n``, ``x_hat_n``; None when the SAE has no input normalization: then it is x, x_hat)."""
-        self.raw.update(x_BD, x_hat_BD)
+        groups = None if self.row_groups is None else self.row_groups[self.rows:self.rows + x_BD.shape[0]]
+        self.raw.update(x_BD, x_hat_BD, groups)
         if x_n_BD is None:
             x_n_BD, x_hat_n_BD = x_BD, x_hat_BD
-        self.sae_input.update(x_n_BD, x_hat_n_BD)
+        self.sae_input.update(x_n_BD, x_hat_n_BD, groups)
         active = vals_BK > 0
         self.nonzero += int(active.sum())
         self.fire_counts += torch.bincount(idx_BK[active].flatten().cpu(), minlength=self.fire_counts.numel())
@@ -126,6 +158,9 @@ class ReconstructionAccumulator:
             dead_frac=float((self.fire_counts == 0).double().mean()),
             dense_frac=float((freq > DENSE_THRESHOLD).double().mean()),
             n_tokens=self.rows,
+            per_group=None if self.row_groups is None else
+            {f"{space}_{k}": v for space, sums in (("raw", self.raw), ("sae_input", self.sae_input))
+             for k, v in sums.groups.items()},
         )
 
 
@@ -137,14 +172,16 @@ def nmse(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae, batches, *, progress: bool = False) -> tuple[ReconstructionResult, torch.Tensor]:
+def reconstruction_metrics(sae, batches, *, progress: bool = False, row_groups: torch.Tensor | None = None
+                           ) -> tuple[ReconstructionResult, torch.Tensor]:
     """Evaluate an SAE on an iterable of raw activation batches [B, d_in].
 
     Returns the metrics (nMSE in both spaces, module docstring) and the per-latent firing frequency.
+    ``row_groups``: the group (0 .. G-1) of each row, in order, for the per-group sums of the intervals.
     """
     from tqdm.auto import tqdm
 
-    acc = ReconstructionAccumulator(sae.n_latents, sae.d_in)
+    acc = ReconstructionAccumulator(sae.n_latents, sae.d_in, row_groups)
     for x in tqdm(batches, desc="reconstruction", unit="batch", disable=not progress):
         x = x.to(device=sae.W_dec.device, dtype=torch.float32)
         x_hat, vals, idx, x_n, x_hat_n = sae.forward_normalized(x)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.errors import CheckpointError
+from saelab.evals.bootstrap import format_interval
 from saelab.evals.core import eval_settings
 from saelab.report.plots import density_histogram, training_curves
 from saelab.run_folder import (DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, LATENT_FREQUENCIES, REPORT, SAE_DIR,
@@ -40,15 +41,26 @@ METRIC_ROWS = [
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
-    """The evaluation table's rows of ``metrics`` (metrics.json or core.json's result); a measurement without a
-    value (null; NaN in an earlier saelab's file) shows as "—" with why."""
-    rows = []
+    """The evaluation table's rows of ``metrics`` (metrics.json or core.json's result), with the bootstrap
+    interval of each sampled number; a measurement without a value (null; NaN in an earlier saelab's file)
+    shows as "—" with why."""
+    rows, intervals = [], metrics.get("intervals") or {}
     for key, label, fmt in METRIC_ROWS:
         if key in metrics:
             value = metrics[key]
-            rows.append((label, fmt.format(value) if value is not None and math.isfinite(value)
-                         else "—" + _why_undefined(key, metrics)))
+            rows.append((label, fmt.format(value) + format_interval(intervals.get(key), fmt)
+                         if value is not None and math.isfinite(value) else "—" + _why_undefined(key, metrics)))
     return rows
+
+
+def intervals_note(metrics: dict[str, Any]) -> list[str]:
+    """What the table's [low, high] are (none for an evaluation written before saelab drew them)."""
+    some = next(iter((metrics.get("intervals") or {}).values()), None)
+    if not some or some.get("level") is None:
+        return []
+    return ["", f"[low, high]: {some['level']:.0%} bootstrap intervals over the {metrics.get('interval_groups', 'groups')} "
+                "the eval contexts were drawn from (nMSE: over the reconstruction tokens', "
+                f"{some['n_groups']:,}; the losses: over the downstream contexts'), {some['n_boot']:,} draws."]
 
 
 def _why_undefined(key: str, metrics: dict[str, Any]) -> str:
@@ -226,7 +238,7 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
                   f"Eval corpus `{metrics.get('eval_corpus')}`: {n_tok:,} tokens for reconstruction, "
                   f"{metrics.get('n_predictions', 0):,} next-token predictions for the downstream loss "
                   f"(context {metrics.get('context_size')}, position 0 {metrics.get('position_0')}).", ""]
-        lines += [markdown_table(metric_rows(metrics)), ""]
+        lines += [markdown_table(metric_rows(metrics)), *intervals_note(metrics), ""]
     if log:
         training_curves(log, run_dir / TRAINING_CURVES)
         last = log[-1]

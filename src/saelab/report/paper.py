@@ -14,7 +14,7 @@ from typing import Any
 from saelab.errors import CheckpointError
 from saelab.evals.compute_equivalent import KIND_FAMILY, upgrade_result
 from saelab.evals.core import eval_settings
-from saelab.report.markdown import frequencies_mismatch, markdown_table, metric_rows
+from saelab.report.markdown import frequencies_mismatch, intervals_note, markdown_table, metric_rows
 from saelab.run_folder import DENSITY_PLOT, EVALS_DIR, LATENT_FREQUENCIES, read_latent_frequencies
 from saelab.utils.atomic import write_text
 
@@ -96,7 +96,7 @@ def _below_fit_error(r: dict) -> str:
 def _section_core(r: dict, density: bool) -> list[str]:
     lines = [f"{r.get('n_tokens', 0):,} tokens for reconstruction, {r.get('n_predictions', 0):,} next-token "
              "predictions for the downstream loss.", "",
-             markdown_table(metric_rows(r))]
+             markdown_table(metric_rows(r)), *intervals_note(r)]
     if r.get("nmse_sae_input") is not None:
         lines += ["", f"nMSE in the SAE's own input space (after its input normalization, as the paper reports it): "
                       f"**{r['nmse_sae_input']:.4f}**; the table's nMSE is in the raw activation space (the same "
