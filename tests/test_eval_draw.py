@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import math
 
 import pytest
 import torch
@@ -194,3 +195,44 @@ def test_core_metrics_carry_intervals_over_documents(tiny_gpt2, data_dir):
 
     rows = dict(metric_rows(json.loads(json.dumps(m, default=float))))
     assert rows["nMSE (FVU), raw activation space"].startswith(f"{m['nmse']:.4f} [")
+
+
+def test_one_document_is_resampled_by_its_contexts(tiny_gpt2, data_dir):
+    """A .txt corpus is one document: its contexts are the only units the intervals and CE recovered's noise rule
+    can resample (one group would give no interval and no noise check at all)."""
+    from saelab.evals.core import evaluate_core
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=96, k=6, hook_name="blocks.0.hook_resid_post", context_size=32))
+    text = max(_articles(data_dir)[:40], key=len)
+    drawn = draw_contexts([text], tiny_gpt2.tokenizer, 32, 30, pool_tokens=10**9, bos_token_id=tiny_gpt2.bos_token_id)
+    assert drawn.documents.unique().numel() == 1
+    m = evaluate_core(sae, tiny_gpt2, EvalConfig(recon_tokens=31 * 30, downstream_tokens=31 * 10), progress=False,
+                      contexts=drawn).metrics
+    assert m["interval_groups"] == "contexts"
+    assert m["intervals"]["nmse"]["n_groups"] == 30 and m["intervals"]["delta_ce"]["n_groups"] == 10
+    given = evaluate_core(sae, tiny_gpt2, EvalConfig(recon_tokens=31 * 30, downstream_tokens=31 * 10), progress=False,
+                          contexts=drawn.tokens).metrics  # a plain tensor from Python: contexts of unknown documents
+    assert given["interval_groups"] == "contexts" and given["nmse"] == m["nmse"]
+
+
+def test_ce_recovered_from_few_documents_asks_a_students_t_interval():
+    """Three documents whose rises are 0.3, 1.0 and 1.7 nats: the normal 95 % interval of their mean stays above
+    0, Student's t with 2 degrees of freedom (4.30, not 1.96) reaches it: no value."""
+    from saelab.evals.downstream import downstream_summary
+
+    rise = torch.tensor([0.3, 1.0, 1.7], dtype=torch.float64)
+    clean = torch.tensor([30.0, 31.0, 29.0], dtype=torch.float64)
+    sums = {"clean": clean, "spliced": clean + 0.05, "kl": torch.zeros(3, dtype=torch.float64),
+            "n": torch.full((3,), 10.0, dtype=torch.float64)}
+    assert math.isnan(downstream_summary({**sums, "zero_abl": clean + rise})["ce_recovered_zero"])
+    assert downstream_summary({**sums, "zero_abl": clean + 3 * rise.mean() + 0.1 * rise})["ce_recovered_zero"] > 0
+
+
+def test_the_interval_note_is_left_out_where_there_is_no_interval():
+    from saelab.report.markdown import intervals_note
+
+    one = {"estimate": 0.5, "low": None, "high": None, "level": 0.95, "n_boot": 0, "n_groups": 1, "n_undefined": 0}
+    assert intervals_note({"intervals": {"nmse": one}, "interval_groups": "documents"}) == []
+    assert intervals_note({"intervals": {"nmse": {**one, "low": 0.4, "high": 0.6, "n_boot": 1000, "n_groups": 9}},
+                           "interval_groups": "documents"})[1].startswith("[low, high]: 95% bootstrap intervals")

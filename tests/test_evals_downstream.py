@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 
@@ -41,9 +42,11 @@ def reference_metrics(lm, sae, tokens_NT, hook, first, mean_D, batch=4):
                                    reduction="none").sum(-1))
     mean = {name: torch.cat(v).double().mean().item() for name, v in ce.items()}
 
-    def recovered(ablated):  # undefined where the ablation lowers CE (the noise rule: test ...beyond_noise)
+    def recovered(ablated):  # undefined unless the ablation raises CE beyond noise (test ...beyond_noise)
+        rise = (torch.cat(ce[ablated]) - torch.cat(ce["clean"])).double().reshape(tokens_NT.shape[0], -1).sum(1)
+        half_width = scipy.stats.t.ppf(0.975, rise.numel() - 1) * rise.std() / rise.numel() ** 0.5
         gap = mean[ablated] - mean["clean"]
-        return (mean[ablated] - mean["spliced"]) / gap if gap > 0 else math.nan
+        return (mean[ablated] - mean["spliced"]) / gap if rise.mean() > half_width else math.nan
 
     return {"ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "delta_ce": mean["spliced"] - mean["clean"],
             "kl": torch.cat(kl).double().mean().item(), "n_predictions": torch.cat(ce["clean"]).numel(),

@@ -529,6 +529,14 @@ def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, d
     assert "already holds an evaluation (metrics.json); pass --overwrite" in capsys.readouterr().err
     _, replaced = run_cli(capsys, *ev, "--recon-tokens", "512", "--overwrite")
     assert replaced["n_tokens"] == 512 and json.loads((run / "metrics.json").read_text())["n_tokens"] == 512
+    # An evaluation written before the contexts were drawn read the first ones: --sample-pool-tokens 0 reuses it.
+    older = json.loads((run / "metrics.json").read_text())
+    del older["eval_config"]["sample_pool_tokens"], older["sample_pool_tokens"]
+    (run / "metrics.json").write_text(json.dumps(older))
+    _, reused = run_cli(capsys, *ev, "--recon-tokens", "512", "--sample-pool-tokens", "0")
+    assert reused["n_tokens"] == 512 and "sample_pool_tokens" not in reused
+    assert main([*ev, "--recon-tokens", "512"]) == 2
+    assert "(--sample-pool-tokens 0 -> 4194304)" in capsys.readouterr().err
 
 
 def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):

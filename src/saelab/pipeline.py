@@ -494,6 +494,8 @@ def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, m
     if not old:
         return None
     old_eval, new_eval = old.get("eval_config"), _eval_config_record(cfg)
+    if isinstance(old_eval, dict):  # written before the contexts were drawn: the first ones, as 0 reads them
+        old_eval = {"sample_pool_tokens": 0, **old_eval}
     if isinstance(old_eval, dict) and isinstance(old.get("eval_as_read"), dict):  # older files: settings as typed
         old_eval, new_eval = {**old_eval, **old["eval_as_read"]}, {**new_eval, **_eval_as_read(cfg, sae)}
     return changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),

@@ -269,8 +269,8 @@ def token_documents(tokens_NT: torch.Tensor, documents_N: torch.Tensor, separato
     belongs to the document it opens; the BOS that packing puts first, to the context's first document.
     Without a separator every token is its context's document."""
     if separator_token_id is None:
-        return documents_N.cpu()[:, None].expand(tokens_NT.shape).clone()
-    is_sep_NT = (tokens_NT[:, 1:] if prepend_bos else tokens_NT) == separator_token_id
+        return documents_N.cpu()[:, None].expand(tuple(tokens_NT.shape)).clone()
+    is_sep_NT = (tokens_NT[:, 1:] if prepend_bos else tokens_NT).cpu() == separator_token_id
     docs_NT = documents_N.cpu()[:, None] - is_sep_NT[:, :1].long() + is_sep_NT.long().cumsum(1)
     return torch.cat([docs_NT[:, :1], docs_NT], dim=1) if prepend_bos else docs_NT
 

@@ -34,7 +34,7 @@ Baselines, at the same sites:
 
 Intervals (``saelab.evals.bootstrap``, ``cfg.n_boot`` replicates, ``cfg.ci_level``): the sites'
 documents are resampled (the sites of one document together; each context alone when the contexts'
-``documents`` are not given); every mean is over the pooled scored ablations of the drawn documents,
+``documents`` are not given or name one document); every mean is over the pooled scored ablations of the drawn documents,
 and the latent-vs-baseline ratio and difference are paired (the same draw for both).
 
 Ablations run in batches: the context (cut after ``p + T - 1``, which causality allows) is
@@ -90,7 +90,7 @@ from saelab.evals._common import (
     resolve_hook,
 )
 from saelab.evals.bootstrap import (DEFAULT_LEVEL, DEFAULT_N_BOOT, by_document, check_bootstrap_args, check_documents,
-                                    paired_bootstrap, ratio)
+                                    paired_bootstrap, ratio, resampled_documents)
 from saelab.utils.config import switch
 from saelab.utils.words import plural
 
@@ -313,6 +313,7 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
     cfg = cfg or AblationSparsityConfig()
     tokens_NT = check_tokens(tokens_NT)
     check_documents(documents, tokens_NT)
+    documents = resampled_documents(documents)
     hook = resolve_hook(lm, sae, cfg.hook)
     first = first_position(sae, cfg.exclude_first)
     g = torch.Generator().manual_seed(cfg.seed)

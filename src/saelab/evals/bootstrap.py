@@ -123,6 +123,14 @@ def check_documents(documents_N: torch.Tensor | None, tokens_NT: torch.Tensor) -
                          f"{tuple(documents_N.shape)}")
 
 
+def resampled_documents(documents: torch.Tensor | None) -> torch.Tensor | None:
+    """``documents`` as the units to resample, or None (each context its own unit) where they name fewer than
+    two: one document's contexts are the only units its text has (a .txt corpus is one document)."""
+    if documents is None or torch.unique(documents).numel() < 2:
+        return None
+    return documents
+
+
 def by_document(per_context: Totals, documents: torch.Tensor | None) -> Totals:
     """Per-context totals summed per document (``documents``: each context's; None: each context is its own
     group), so that a replicate draws whole documents."""

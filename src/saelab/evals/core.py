@@ -16,7 +16,7 @@ import torch
 from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
 from saelab.errors import ConfigError, CorpusError, NonFiniteError
 from saelab.evals._common import position_0_words
-from saelab.evals.bootstrap import bounded_groups, by_document, paired_bootstrap
+from saelab.evals.bootstrap import bounded_groups, by_document, paired_bootstrap, resampled_documents
 from saelab.evals.downstream import downstream_statistics, downstream_sums, downstream_summary
 from saelab.evals.reconstruction import NMSE_STATS, reconstruction_metrics
 from saelab.models import model_provenance
@@ -93,9 +93,10 @@ def evaluated_model(metrics: dict[str, Any]) -> str:
 
 def eval_settings(metrics: dict[str, Any]) -> dict[str, Any]:
     """The settings two evaluations must share for their numbers to be compared (the model as loaded)."""
-    keys = ("model", "hook", "eval_corpus", "context_size", "position_0", "n_tokens", "n_predictions",
-            "sample_pool_tokens")
-    return {**{k: metrics.get(k) for k in keys}, "model": evaluated_model(metrics)}
+    keys = ("model", "hook", "eval_corpus", "context_size", "position_0", "n_tokens", "n_predictions")
+    # sample_pool_tokens absent: an evaluation from before the contexts were drawn, of the first ones (0)
+    return {**{k: metrics.get(k) for k in keys}, "sample_pool_tokens": metrics.get("sample_pool_tokens", 0),
+            "model": evaluated_model(metrics)}
 
 
 def _hook_rows(lm, tokens_NT: torch.Tensor, hook: str, first: int, n_rows: int, batch: int) -> torch.Tensor:
@@ -178,7 +179,7 @@ def worded_corpus_error(worded: Callable[[Callable[[str], str]], str]) -> Corpus
 
 @torch.no_grad()
 def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = True,
-                  contexts: DrawnContexts | None = None) -> CoreEvaluation:
+                  contexts: DrawnContexts | torch.Tensor | None = None) -> CoreEvaluation:
     """Reconstruction metrics on ``cfg.recon_tokens`` held-out tokens and the spliced loss on
     ``cfg.downstream_tokens``, both from the contexts :func:`read_eval_contexts` draws (BOS first, position 0
     as the SAE was trained). ``contexts``: those contexts when the caller read them already (with the model's
@@ -194,6 +195,8 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     n_recon, n_down = math.ceil(cfg.recon_tokens / per_ctx), math.ceil(cfg.downstream_tokens / per_ctx)
     drawn = contexts if contexts is not None else read_eval_contexts(cfg, lm.tokenize, lm.bos_token_id, T, first,
                                                                      sae.cfg.prepend_bos)
+    if isinstance(drawn, torch.Tensor):  # contexts of unknown documents: each its own unit of the intervals
+        drawn = DrawnContexts(drawn, None, torch.arange(drawn.shape[0]))
     tokens = drawn.tokens
     t0 = time.perf_counter()
     sae.eval()
@@ -201,7 +204,8 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     if not all_finite(acts_ND):
         raise NonFiniteError(f"activations at {hook} of model {lm.known_as} on eval corpus {corpus!r} contain NaN or "
                              "inf; expected finite activations (is the model broken, or overflowing its dtype?)")
-    groups = bounded_groups(drawn.documents if drawn.documents is not None else torch.arange(tokens.shape[0]))
+    documents = resampled_documents(drawn.documents)
+    groups = bounded_groups(documents if documents is not None else torch.arange(tokens.shape[0]))
     recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress,
                                                 row_groups=_row_groups(groups[:n_recon], per_ctx, acts_ND.shape[0]))
     t_recon = time.perf_counter() - t0
@@ -211,7 +215,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
                        groups[:n_down])
     down = downstream_summary(sums)
     metrics = {**recon.to_dict(), **down, "intervals": _intervals(recon.per_group, sums, down),
-               "interval_groups": "contexts" if drawn.documents is None else "documents",
+               "interval_groups": "contexts" if documents is None else "documents",
                **model_record(lm.name), "hook": hook, "eval_corpus": str(corpus),
                "context_size": T, "position_0": position_0_words(first), "sample_pool_tokens": cfg.sample_pool_tokens,
                "dead_definition": f"never fired on the {recon.n_tokens:,} eval tokens (not the training-time window)",

@@ -5,8 +5,8 @@
 - CE recovered against zero- and mean-ablation of the hook:
   (CE_ablated - CE_spliced) / (CE_ablated - CE_clean); 1 is perfect, 0 is no better than ablating.
   Undefined (NaN; null in metrics.json) where the ablation does not raise CE above the clean
-  model's beyond noise: the gap is <= 0, or its 95 % interval over the contexts (or their documents, when
-  known) reaches 0 (as N2G's
+  model's beyond noise: the gap is <= 0, or its 95 % interval (Student's t) over the contexts (or their
+  documents, when known) reaches 0 (as N2G's
   ``ce_recovered_partial``, whose bootstrap interval decides); a ratio of noise reads -999 or +1001.
 
 Position handling: contexts start with BOS. When the SAE was trained without position 0
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -218,14 +219,11 @@ def downstream_statistics(sums: dict[str, torch.Tensor]) -> dict[str, Callable]:
 
 def _rise_beyond_noise(sums: dict[str, torch.Tensor], name: str) -> bool:
     """Whether run ``name`` raises CE above the clean run's beyond the noise of the contexts drawn: the 95 %
-    interval of the mean per-group rise (a group: a context, or a document of them) does not reach 0 (from
-    one group: the rise itself). A normal interval, where N2G draws bootstrap replicates: those take
+    interval of the mean per-group rise (a group: a context, or a document of them; Student's t) does not
+    reach 0 (from one group: the rise itself). A t interval, where N2G draws bootstrap replicates: those take
     1,000 x N counts in memory (1.6 GB at 65,536 contexts) to decide one sign."""
     rise = (sums[name] - sums["clean"]).double()
     if rise.numel() < 2:
         return bool(rise.sum() > 0)
-    return bool(rise.mean() - NORMAL_95 * rise.std() / rise.numel() ** 0.5 > 0)
-
-
-NORMAL_95 = 1.959964
-"""The standard normal's 97.5 % quantile: a two-sided 95 % interval."""
+    quantile = scipy.stats.t.ppf(0.975, rise.numel() - 1)  # few groups: Student's t, not the normal's 1.96
+    return bool(rise.mean() - quantile * rise.std() / rise.numel() ** 0.5 > 0)

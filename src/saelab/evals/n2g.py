@@ -114,7 +114,7 @@ from saelab.evals._common import (
     split_by_group,
 )
 from saelab.evals.bootstrap import (DEFAULT_LEVEL, DEFAULT_N_BOOT, by_document, check_bootstrap_args, check_documents,
-                                    paired_bootstrap)
+                                    paired_bootstrap, resampled_documents)
 from saelab.evals.downstream import ce_and_kl, ce_recovered
 from saelab.evals.probe_tasks import token_strings
 from saelab.run_folder import read_json_value
@@ -454,6 +454,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None, *,
     t0 = time.perf_counter()
     tokens_NT = check_tokens(tokens_NT)
     check_documents(documents, tokens_NT)
+    documents = resampled_documents(documents)
     hook = resolve_hook(lm, sae, cfg.hook)
     first = first_position(sae, cfg.exclude_first)
     s0 = 1 if sae.cfg.prepend_bos else 0  # where the text starts: a pattern's "start of context"

@@ -80,6 +80,7 @@ from saelab.evals.bootstrap import (
     check_bootstrap_args,
     check_documents,
     estimates,
+    resampled_documents,
     group_totals,
     percentile_interval,
     ratio,
@@ -496,6 +497,7 @@ def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, 
     t0 = time.perf_counter()
     tokens_NT = check_tokens(tokens_NT)
     check_documents(documents, tokens_NT)
+    documents = resampled_documents(documents)
     hook = resolve_hook(lm, sae, cfg.hook)
     skipped: dict[str, str] = {}
     examples = _token_examples(lm, sae, tokens_NT, hook, cfg, skipped, documents)

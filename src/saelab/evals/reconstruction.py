@@ -81,11 +81,13 @@ class _NMSESums:
         self.sum_x += x.sum(dim=0).cpu()
         self.sum_sq += sq_B.sum().cpu()
         self.rows += x.shape[0]
-        if groups_B is not None:
+        if groups_B is not None:  # kept where the rows lie: one copy to the host, at the end (group_sums)
             g = groups_B.to(x.device)
             for name, rows in (("sse", sse_B), ("sum_sq", sq_B), ("sum_x", x), ("rows", torch.ones_like(sse_B))):
-                self.groups[name] += torch.zeros((self.groups[name].shape[0], *rows.shape[1:]), dtype=torch.float64,
-                                                 device=x.device).index_add_(0, g, rows).cpu()
+                self.groups[name] = self.groups[name].to(x.device).index_add_(0, g, rows)
+
+    def group_sums(self) -> dict[str, torch.Tensor]:
+        return {name: v.cpu() for name, v in self.groups.items()}
 
     def nmse(self) -> float:
         mean = self.sum_x / self.rows
@@ -160,7 +162,7 @@ class ReconstructionAccumulator:
             n_tokens=self.rows,
             per_group=None if self.row_groups is None else
             {f"{space}_{k}": v for space, sums in (("raw", self.raw), ("sae_input", self.sae_input))
-             for k, v in sums.groups.items()},
+             for k, v in sums.group_sums().items()},
         )
 
 

@@ -56,7 +56,7 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 def intervals_note(metrics: dict[str, Any]) -> list[str]:
     """What the table's [low, high] are (none for an evaluation written before saelab drew them)."""
     some = next(iter((metrics.get("intervals") or {}).values()), None)
-    if not some or some.get("level") is None:
+    if not some or some.get("level") is None or not some.get("n_boot"):
         return []
     return ["", f"[low, high]: {some['level']:.0%} bootstrap intervals over the {metrics.get('interval_groups', 'groups')} "
                 "the eval contexts were drawn from (nMSE: over the reconstruction tokens', "
