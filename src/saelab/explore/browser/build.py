@@ -233,7 +233,7 @@ def check_compatible(sources: Sequence[SAESource], hook: str | None = None, mode
     for s in sources:
         if s.name in seen:  # the folder of its pages in the site, of its families and of its export
             raise ConfigError(f"SAEs {seen[s.name].source} and {s.source} share the name {s.name!r}; expected each "
-                              "SAE once, under a name of its own")
+                              "SAE once, under a name of its own (where these are two SAEs, rename one's folder)")
         seen[s.name] = s
     return hooks[first.name]
 
