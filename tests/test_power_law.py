@@ -101,3 +101,24 @@ def test_unbounded_interval_is_reported_as_such():
 def test_bad_data_is_refused_with_the_name_of_the_data(x, y, match):
     with pytest.raises(FitError, match=f"nMSE of k=32: .*{match}"):
         fit_power_law(x, y, what="nMSE of k=32")
+
+
+def test_a_search_that_never_crosses_stops_at_its_limit():
+    """A sweep's non-monotone nMSEs (256..2048 latents) fit alpha -51.35 and search up to the limit 57.7078...,
+    which alpha + (limit - alpha) misses by an ulp: the search never stopped (`saelab report SWEEP` hung)."""
+    from saelab.evals.power_law import _crossing
+
+    calls = []
+
+    def never(a: float) -> float:
+        calls.append(a)
+        assert len(calls) < 1000, "the search does not stop"
+        return -1.0
+
+    assert _crossing(never, -51.35214937836807, 0.05135214937836807, 57.70780163555853) is None
+    assert calls[-1] == 57.70780163555853
+    for step in (0.0, float("nan")):  # an undefined standard error still doubles its way to the limit
+        calls.clear()
+        assert _crossing(never, 1.0, step, 5.0) is None and calls[-1] == 5.0
+    law = fit_power_law([256, 512, 1024, 2048], [0.37199, 0.34841, 0.34338, 0.38514])
+    assert law.alpha < 0  # the nMSE rises with n: no decreasing law, and a report that says so

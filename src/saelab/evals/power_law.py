@@ -224,12 +224,16 @@ def _search_limits(lx: np.ndarray, alpha: float) -> tuple[float, float]:
 
 def _crossing(f: Callable[[float], float], alpha: float, step: float, limit: float) -> float | None:
     """Where ``f`` (<= 0 at alpha) first rises above 0 going from alpha towards limit; None: never."""
-    inner, d = alpha, step
+    if not (math.isfinite(step) and step > 0):  # an undefined standard error: a small step, still doubling
+        step = 1e-3 * max(abs(alpha), 1e-3)
+    inner, d, span = alpha, step, abs(limit - alpha)
     while True:
-        outer = alpha + math.copysign(min(d, abs(limit - alpha)), limit - alpha)
+        # The limit is reached by comparing the distances: alpha + (limit - alpha) may miss limit by an ulp.
+        reached = d >= span
+        outer = limit if reached else alpha + math.copysign(d, limit - alpha)
         if f(outer) > 0:
             return float(brentq(f, inner, outer, xtol=1e-12 * max(1.0, abs(alpha)), rtol=1e-12))
-        if outer == limit:
+        if reached:
             return None
         inner, d = outer, 2 * d
 
