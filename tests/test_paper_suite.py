@@ -232,7 +232,13 @@ def test_results_the_suite_would_replace_are_refused_before_the_model_loads(tiny
     assert len(hashes) == 1
     _, err = run_cli(capsys, *replaced(argv, "--recon-tokens", "992"), code=2)
     assert "holds results of this SAE with other settings: core (--recon-tokens 1024 -> 992)" in err
+    _, err = run_cli(capsys, *argv, "--sample-pool-tokens", "0", code=2)  # named once, as the option it is
+    assert "other settings: core (--sample-pool-tokens 4194304 -> 0);" in err
     assert before == {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
+    from saelab.evals.suite import _input_changes
+
+    probe = {"corpus": "c", "sample_pool_tokens": 4194304, "n_contexts": 512, "config": {"n_boot": 1000}}
+    assert _input_changes("probe", probe, {**probe, "sample_pool_tokens": 0}) == ["eval.sample_pool_tokens 4194304 -> 0"]
 
 
 def test_run_paper_suite_names_the_saes_context_it_refuses(tiny_gpt2, tmp_path):

@@ -286,6 +286,8 @@ def _inputs(run: SuiteRun, m: SuiteMetric, base_inputs: dict) -> dict:
     return json.loads(json.dumps({**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run), **method}))
 
 
+EVAL_INPUTS = ("sample_pool_tokens",)
+"""Eval options every metric's inputs record (how its contexts were drawn), named as the eval options they are."""
 # The option group each metric's settings come from (core's: the eval options); its contexts' setting.
 SETTINGS_GROUP = {"core": "eval"}
 CONTEXTS_SETTING = {"ablation_sparsity": "ablation_contexts", "probe": "probe_contexts", "n2g": "n2g_contexts"}
@@ -296,9 +298,11 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
     does ("n2g.max_len 24 -> 16"). core's and compute_equivalent's contexts follow from eval.downstream_tokens,
     named there."""
     def by_setting(inputs: dict) -> dict:
-        named = {k: v for k, v in inputs.items() if k not in ("config", "n_contexts")}
+        named = {k: v for k, v in inputs.items() if k not in ("config", "n_contexts", *EVAL_INPUTS)}
         if name in CONTEXTS_SETTING:
             named[CONTEXTS_SETTING[name]] = inputs.get("n_contexts")
+        if SETTINGS_GROUP.get(name) != "eval":  # core's config holds them: named once, as eval options
+            named["eval"] = {k: inputs[k] for k in EVAL_INPUTS if k in inputs}
         return {**named, SETTINGS_GROUP.get(name, name): inputs.get("config")}
     changes = changed_fields(by_setting(old), by_setting(new))
     if not changes and old != new:  # a difference no setting of this metric names: still a difference
