@@ -229,6 +229,7 @@ def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
     assert f"| nMSE (FVU), raw activation space | {metrics['nmse']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}] |" in report
     assert f"`{tiny_dir}`" in report and "bootstrap intervals over the documents" in report
     assert "![training curves](training_curves.png)" in report and "![latent density](density.png)" in report
+    assert "| AuxK / Multi-TopK / EMA | True (k_aux=256) / False / off |" in report  # not "None"
     # 3,000 tokens: too short to tell which latents went 262,144 tokens without firing.
     assert "not fired in the last 262,144 training tokens: not measured (the run saw 3,000 tokens)" in report
     assert_png(run / "training_curves.png")

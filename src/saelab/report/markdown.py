@@ -114,9 +114,14 @@ def _sparsity_row(train: dict[str, Any]) -> tuple[str, str]:
 def _dead_latents_and_ema_row(train: dict[str, Any]) -> tuple[str, str]:
     """AuxK and Multi-TopK act on a top-k SAE only: a ReLU SAE's row names its EMA alone."""
     if train.get("architecture") == "relu":
-        return "EMA", f"{train['ema_decay']}"
+        return "EMA", _ema_words(train)
     return ("AuxK / Multi-TopK / EMA",
-            f"{train['auxk']} (k_aux={train['k_aux']}) / {train['multi_topk']} / {train['ema_decay']}")
+            f"{train['auxk']} (k_aux={train['k_aux']}) / {train['multi_topk']} / {_ema_words(train)}")
+
+
+def _ema_words(train: dict[str, Any]) -> str:
+    """The weights' moving average as a reader names it (a decay of None or 0 is none)."""
+    return f"decay {train['ema_decay']}" if train.get("ema_decay") else "off"
 
 
 def _recipe(train: dict[str, Any]) -> str:
