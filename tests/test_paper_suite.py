@@ -527,3 +527,16 @@ def test_results_of_a_bfloat16_model_are_checked_against_bfloat16_references(tmp
     suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path, dtype="bfloat16")  # the same: reused
     with pytest.raises(RunExistsError, match=r'compute_equivalent.series.dtype "bfloat16" -> absent'):
         suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path)  # a float32 model: other references
+
+
+def test_the_suite_report_names_the_offline_default_by_its_hub_id(tmp_path):
+    """The header said model `default` (saelab's spec) while the core section said the hub id."""
+    from saelab.report.paper import write_paper_report
+
+    (tmp_path / "evals").mkdir()
+    record = {"metric": "ablation_sparsity", "status": "skipped", "reason": "not asked", "wall_s": 0.0, "result": None,
+              "sae": {"source": "sae", "n_latents": 8, "k": 2, "model": "default", "hook": "blocks.9.hook_resid_post"},
+              "eval": {"corpus": "c", "context_size": 64, "position_0": "excluded"}}
+    (tmp_path / "evals" / "ablation_sparsity.json").write_text(json.dumps(record))
+    report = write_paper_report(tmp_path).read_text()
+    assert "| model / hook | `HuggingFaceTB/SmolLM2-135M-Instruct` / `blocks.9.hook_resid_post` |" in report

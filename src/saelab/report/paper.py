@@ -14,6 +14,7 @@ from typing import Any
 from saelab.errors import CheckpointError
 from saelab.evals.compute_equivalent import KIND_FAMILY, upgrade_result
 from saelab.evals.core import eval_settings
+from saelab.models import model_provenance
 from saelab.report.markdown import frequencies_mismatch, intervals_note, markdown_table, metric_rows
 from saelab.run_folder import DENSITY_PLOT, EVALS_DIR, LATENT_FREQUENCIES, read_latent_frequencies
 from saelab.utils.atomic import write_text
@@ -320,7 +321,7 @@ def write_paper_report(out_dir: str | Path) -> Path:
     lines = [f"# Paper metrics of SAE `{sae.get('source') or '?'}`", ""]
     lines += [markdown_table([("SAE", f"n = {sae.get('n_latents', 0):,}, k = {sae.get('k')}, input norm "
                               f"{sae.get('input_norm')}, weights sha256 {sae.get('sha256')}"),
-                      ("model / hook", f"`{sae.get('model')}` / `{sae.get('hook')}`"),
+                      ("model / hook", f"`{model_provenance(sae.get('model'))['model_name']}` / `{sae.get('hook')}`"),
                       ("eval text", f"`{ev.get('corpus')}`, contexts of {ev.get('context_size')} tokens, position 0 "
                                     f"{ev.get('position_0')}")]), ""]
     lines += ["## Summary", "", "| metric | result | status | wall (s) |", "|---|---|---|---|"]
