@@ -323,3 +323,28 @@ def test_full_n2g_splice_simulates_every_latent(tiny_gpt2, data_dir):
         noise = {**ci, "zeroed_minus_sae": {**rises, "low": low, "high": None if low is None else abs(gap)}}
         text = _recovered_text({**positive, "ce_zeroed": zeroed}, noise)
         assert text.startswith("none: zeroing the explained latents ") and "0.250" not in text
+
+
+def test_report_counts_latents_attempted_and_lists_every_explained_one(tiny_gpt2, data_dir, tmp_path):
+    """The report said "5 latents explained" of latents that kept no pattern, listed them with an empty pattern
+    and F1 0.000, and left out explained latents whose F1 is undefined."""
+    from saelab.data import token_contexts
+    from saelab.report.paper import _section_n2g
+
+    tokens = token_contexts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tiny_gpt2.tokenizer, 32,
+                            n_contexts=24, bos_token_id=tiny_gpt2.bos_token_id, limit_docs=6)
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=96, k=6, hook_name="blocks.0.hook_resid_post"))
+    res = run_n2g(tiny_gpt2, sae, tokens, N2GConfig(n_latents=5, n_examples=4, max_len=4, lm_batch_size=12,
+                                                    splice=False, n_boot=0))
+    with_patterns = [r for r in res["per_latent"] if r["n_patterns"] > 0]
+    assert 0 < len(with_patterns) < 5  # some latents kept no pattern (as in test_run_n2g_on_a_real_tiny_model)
+    text = "\n".join(_section_n2g(res, tmp_path))
+    assert text.startswith(f"5 latents attempted from 12 contexts, scored on 12 held-out contexts: "
+                           f"{len(with_patterns)} explained (at least one pattern), {5 - len(with_patterns)} kept none")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert sorted(int(row.split("|")[1]) for row in rows) == sorted(r["latent"] for r in with_patterns)
+    assert "``" not in text  # no latent listed without a pattern
+    for r in with_patterns:
+        if r["f1"] is None:
+            assert f"| {r['latent']} | — |" in text

@@ -68,7 +68,8 @@ Result schema (``run_n2g`` returns a JSON-serializable dict)::
 
     metric            "n2g"
     hook, config      as used
-    n_explained       latents explained (sampled at random among those firing on the build split)
+    n_explained       latents attempted: an explanation was built for each (sampled at random among those
+                      firing on the build split); those that kept a pattern are the splice's n_simulated
     n_build_contexts, n_eval_contexts
     precision, recall, f1, corr   means over explained latents (None when undefined for all)
     micro             {precision, recall, f1, tp, fp, fn}: counts pooled over latents

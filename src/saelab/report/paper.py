@@ -59,7 +59,7 @@ def _headline(name: str, r: dict) -> str:
     if name == "n2g":
         sp = r.get("splice") or {}
         return (f"F1 {_f(r.get('f1'), '{:.3f}')} (precision {_f(r.get('precision'), '{:.3f}')}, recall "
-                f"{_f(r.get('recall'), '{:.3f}')}) over {r['n_explained']} latents; spliced delta CE N2G "
+                f"{_f(r.get('recall'), '{:.3f}')}) over {r['n_explained']} latents attempted; spliced delta CE N2G "
                 f"{_f(sp.get('delta_ce_n2g_all'))} ({_simulated_text(r, sp)}) vs SAE {_f(sp.get('delta_ce_sae'))}")
     return ""
 
@@ -251,11 +251,19 @@ def _section_probe(r: dict, evals: Path) -> list[str]:
     return lines
 
 
+N2G_TABLE_ROWS = 8
+"""Explained latents the report's N2G table lists."""
+
+
 def _section_n2g(r: dict, evals: Path) -> list[str]:
     mi, sp = r["micro"], r.get("splice")
-    lines = [f"{r['n_explained']} latents explained from {r['n_build_contexts']} contexts, scored on "
-             f"{r['n_eval_contexts']} held-out contexts; {_f(r['mean_patterns'], '{:.1f}')} patterns per latent.", "",
-             markdown_table([("precision / recall / F1 (mean over latents)",
+    with_patterns = [x for x in r["per_latent"] if x["patterns"]]
+    none = r["n_explained"] - len(with_patterns)  # n_explained counts the latents attempted
+    lines = [f"{r['n_explained']} latents attempted from {r['n_build_contexts']} contexts, scored on "
+             f"{r['n_eval_contexts']} held-out contexts: {len(with_patterns)} explained (at least one pattern)"
+             + (f", {none} kept none (every example dropped: they predict nothing, recall 0 where they fire)"
+                if none else "") + f"; {_f(r['mean_patterns'], '{:.1f}')} patterns per latent attempted.", "",
+             markdown_table([("precision / recall / F1 (means over the latents attempted, each where defined)",
                       f"{_f(r['precision'], '{:.3f}')} / {_f(r['recall'], '{:.3f}')} / {_f(r['f1'], '{:.3f}')}"),
                      ("pooled precision / recall / F1", f"{_f(mi['precision'], '{:.3f}')} / "
                                                         f"{_f(mi['recall'], '{:.3f}')} / {_f(mi['f1'], '{:.3f}')}"),
@@ -286,14 +294,17 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
     elif sp:  # a result written before the full splice existed
         lines += ["", "Splice (explained latents only): " + ", ".join(f"{k} {v:.4f}" for k, v in sp.items()
                                                                        if isinstance(v, float))]
-    best = sorted((x for x in r["per_latent"] if x["f1"] is not None), key=lambda x: -x["f1"])[:8]
+    # The explained latents, best F1 first; one whose F1 is undefined (neither fires nor is predicted on the
+    # held-out contexts) after them, not left out
+    best = sorted(with_patterns, key=lambda x: (x["f1"] is None, -(x["f1"] or 0)))[:N2G_TABLE_ROWS]
     if best:
-        lines += ["", "| latent | F1 | precision | recall | top pattern |", "|---|---|---|---|---|"]
+        lines += ["", f"The {len(best)} best-scored of the {len(with_patterns)} explained latents (F1 — : it neither "
+                      "fires nor is predicted on the held-out contexts):", "",
+                  "| latent | F1 | precision | recall | top pattern |", "|---|---|---|---|---|"]
         for x in best:
-            pat = x["patterns"][0] if x["patterns"] else None
-            text = ("^" if pat and pat["anchored"] else "") + "".join(pat["tokens"]) if pat else ""
-            text = text.replace("|", "\\|").replace("\n", "\\n")
-            lines.append(f"| {x['latent']} | {x['f1']:.3f} | {_f(x['precision'], '{:.3f}')} | "
+            pat = x["patterns"][0]
+            text = (("^" if pat["anchored"] else "") + "".join(pat["tokens"])).replace("|", "\\|").replace("\n", "\\n")
+            lines.append(f"| {x['latent']} | {_f(x['f1'], '{:.3f}')} | {_f(x['precision'], '{:.3f}')} | "
                          f"{_f(x['recall'], '{:.3f}')} | `{text}` |")
     if (evals / "n2g.png").exists():
         lines += ["", "![N2G](n2g.png)"]
