@@ -446,6 +446,15 @@ BAD = [
                                                                      "compute_equivalent metric"),
     ("eval SAE --suite paper --metrics core --ce-fit-min-frac 0.1", "--ce-fit-min-frac is an option of the "
                                                                     "compute_equivalent metric"),
+    # the core metric's own eval options (the others choose the contexts every metric reads): they were ignored
+    ("eval SAE --suite paper --metrics probe --recon-tokens 99999999", "error: --recon-tokens is an option of the core "
+     "metric, which --metrics probe leaves out; add core to --metrics, or leave --recon-tokens out"),
+    ("eval SAE --suite paper --metrics probe --downstream-tokens 1", "error: --downstream-tokens is an option of the "
+     "core and compute_equivalent metrics, which --metrics probe leaves out; add core or compute_equivalent to "
+     "--metrics, or leave --downstream-tokens out"),
+    ("eval SAE --suite paper --metrics n2g --ablations zero", "--ablations is an option of the core metric"),
+    ("eval SAE --suite paper --metrics n2g probe --variants-per-forward=2", "--variants-per-forward is an option of "
+                                                                           "the core metric"),
     ("train --n-latents 8192 -k 4 --decoder-init-noise 0.5", "error: --decoder-init-noise: applies only to a decoder "
      "initialized from data (--decoder-init data, or auto where --batch-size x -k / --n-latents >= 16); here it is "
      "drawn at random"),  # auto: 4,096 x 4 / 8,192 activations per latent is 2
@@ -458,6 +467,25 @@ BAD = [
     ("top SAE --bogus 5", "error: unrecognized arguments: --bogus (`saelab top"),
     ("top SAE -x 5", "error: unrecognized arguments: -x (`saelab top"),
 ]
+
+
+def test_core_eval_settings_of_a_config_file_are_refused_where_no_metric_run_reads_them(tmp_path, capsys, monkeypatch):
+    """eval.recon_tokens read by core alone, eval.downstream_tokens by core and compute_equivalent: a --config
+    file's entry that no metric --metrics runs reads is refused as a typed one; the settings that choose the
+    contexts every metric reads are not."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("eval:\n  recon_tokens: 4096\n")
+    assert main(["eval", "SAE", "--suite", "paper", "--metrics", "probe", "--config", "c.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "saelab eval: error: --config c.yaml: eval.recon_tokens is an option of the core metric, which --metrics "
+        "probe leaves out; add core to --metrics, or leave --config c.yaml: eval.recon_tokens out")
+    for kept in (["--metrics", "compute_equivalent", "--downstream-tokens", "64"],
+                 ["--metrics", "probe", "--corpus", "none.jsonl", "--context-size", "32", "--lm-batch-size", "2",
+                  "--sample-pool-tokens", "4096"]):
+        assert main(["eval", "SAE", "--suite", "paper", *kept]) == 2  # the missing SAE, not the option
+        err = capsys.readouterr().err
+        assert "is an option of" not in err and "SAE" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
 @pytest.mark.parametrize("entries,typed,message", [

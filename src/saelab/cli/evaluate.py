@@ -20,6 +20,7 @@ from saelab.evals.suite import PaperSuiteConfig
 from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_sae_hook, check_sweep_has_finished_runs,
                                holds_artefact, is_sweep, open_sae, read_eval_metrics, sae_sha256, sweep_runs,
                                unfinished_runs_line)
+from saelab.utils.words import plural
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
 METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
@@ -32,6 +33,11 @@ METRIC_GROUPS = (("compute_equivalent", ComputeEquivalentConfig, "ce-"),
 # share of the text.
 METRIC_OPTIONS = {"compute_equivalent": ("--series", "--ce-"), "ablation_sparsity": ("--ablation-contexts", "--abl-"),
                   "probe": ("--probe-",), "n2g": ("--n2g-",)}
+
+# The eval settings only some metrics read, by those metrics (saelab.evals.suite._contexts_read): the rest
+# (corpus, context size, sample pool, ...) choose the eval contexts, which every metric reads.
+EVAL_SETTING_READERS = {"eval.recon_tokens": ("core",), "eval.downstream_tokens": ("core", "compute_equivalent"),
+                        "eval.ablations": ("core",), "eval.variants_per_forward": ("core",)}
 
 
 def add_eval(sub) -> None:
@@ -153,6 +159,12 @@ def _refuse_options_of_metrics_left_out(args: argparse.Namespace) -> None:
         if unused:
             raise ConfigError(f"{unused[0]} is an option of the {metric} metric, which {where} leaves out; add "
                               f"{metric} to {it}, or leave {unused[0]} out")
+    for dest, readers in EVAL_SETTING_READERS.items():
+        option = given(args, dest)  # typed, or a --config file's entry
+        if option and chosen and not set(readers) & set(chosen):
+            raise ConfigError(f"{option} is an option of the {' and '.join(readers)} "
+                              f"{plural(len(readers), 'metric')}, which {where} leaves out; add "
+                              f"{' or '.join(readers)} to {it}, or leave {option} out")
 
 
 def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
