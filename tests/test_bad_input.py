@@ -1697,6 +1697,30 @@ def test_cli_train_on_a_small_cache_trains_on_all_its_rows_unless_total_tokens_i
                                  "than one batch (--batch-size 2048); harvest more, or give a smaller --batch-size")
 
 
+def test_cli_train_warmup_steps_are_checked_against_the_steps_the_run_trains(tiny_cache, tmp_path, capsys):
+    """On a cache of 1,024 rows in batches of 128 the run trains 8 steps. --warmup-steps 10000 was refused as
+    past the run's 8,192 steps (the recipe's --total-tokens, before it was lowered to the cache), --warmup-steps
+    100 as past its 8 steps: both are now measured against the 8 steps, in one message, before training."""
+    small = ["--batch-size", "128", "--n-latents", "64", "--k", "4", "--init-rows", "256", "--no-progress"]
+    for warmup in ("10000", "100", "9"):
+        code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "run"),
+                                 "--warmup-steps", warmup, *small)
+        assert code == 2 and err.splitlines()[-1] == (
+            f"saelab train: error: --warmup-steps {warmup} exceeds the run's 8 steps (total tokens / batch size); "
+            "the learning rate would never reach its peak"), err
+        assert not (tmp_path / "run").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  warmup_steps: 100\n")
+    code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "run"),
+                             "--config", str(config), *small)
+    assert code == 2 and err.splitlines()[-1] == (
+        f"saelab train: error: --config {config}: train.warmup_steps 100 exceeds the run's 8 steps (total tokens / "
+        "batch size); the learning rate would never reach its peak"), err
+    code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(tmp_path / "run"),
+                             "--warmup-steps", "8", *small)
+    assert code == 0, err
+
+
 def test_cli_sweep_on_a_small_cache_trains_on_all_its_rows_as_train_does(tiny_cache, tmp_path, capsys):
     """sweep on a cache smaller than the recipe's --total-tokens was refused for an option never typed, where
     train trains on all the rows: both now fit the budget to the cache, through one function."""

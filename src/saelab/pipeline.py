@@ -45,6 +45,7 @@ from saelab.train import distributed as ddp
 from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, recorded_train_seconds,
                                      replacing_run, settle_before_reading, training_changes)
 from saelab.train.metric_sinks import check_log_targets
+from saelab.train.config import check_warmup
 from saelab.utils.atomic import write_json
 from saelab.utils.cache_manifest import MANIFEST
 from saelab.utils.config import switch
@@ -298,6 +299,7 @@ def train_from_cache(cache: str | Path | ActivationCache, run_dir: str | Path, c
     """Train one SAE on an activation cache (resumes an interrupted run in the same folder);
     ``log_to``: also log its metrics to "tensorboard" and/or "wandb"."""
     check_output_folder(run_dir, "--out", "run")
+    check_warmup(cfg)
     cache = _open_cache(cache, cfg.total_tokens)
     settle_before_reading(Path(run_dir))
     done = None if overwrite else finished_training(Path(run_dir), cfg, cache)
@@ -350,6 +352,8 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
 
     check_output_folder(out_dir, "--out", "sweep")
     configs = sweep_configs(base, grid)
+    for c in configs.values():
+        check_warmup(c)
     cache = _open_cache(cache, max(c.total_tokens for c in configs.values()))
     out_dir = Path(out_dir)
     configs, finished = _named_as_finished(out_dir, configs, cache, overwrite=overwrite)

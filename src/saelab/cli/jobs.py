@@ -23,7 +23,7 @@ from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstar
 from saelab.run_folder import SaeHashes, check_output_folder
 from saelab.train import TrainConfig
 from saelab.train.metric_sinks import LOG_TARGETS
-from saelab.train.config import resolved_decoder_init
+from saelab.train.config import check_warmup, resolved_decoder_init
 from saelab.train import distributed as ddp
 from saelab.train.distributed import init_from_env
 from saelab.utils.config import given_parts
@@ -199,11 +199,14 @@ def add_train(sub, recipe: str) -> None:
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     refuse_options_that_do_not_apply(args)
+    if given(args, "train.total_tokens"):  # the run's steps are known before the cache is read: it is never lowered
+        check_warmup(args.train, given(args, "train.warmup_steps"))
     init_from_env()  # data-parallel when started by torchrun
     check_output_folder(args.out, "--out", "run")  # a wrong --out is named before the cache is read
     with _finished_by_harvest(args.activations):
         cache = ActivationCache(args.activations)
         train = _fit_to_cache(args, cache)
+        check_warmup(train, given(args, "train.warmup_steps"))  # against the steps the run trains
         sae = train_from_cache(cache, args.out, train, device=args.device, overwrite=args.overwrite,
                                progress=args.progress, log_to=args.log_to)
     return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, "k": sae.cfg.k}

@@ -221,12 +221,19 @@ def _check_sizes(c: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 1 or unset, got {getattr(c, name)}")
     if c.warmup_steps is not None and c.warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0 or unset, got {c.warmup_steps}")
-    if c.warmup_steps is not None and c.warmup_steps > c.total_steps:
-        raise ConfigError(f"warmup_steps={c.warmup_steps} exceeds the run's {c.total_steps:,} steps (total tokens / "
-                          "batch size); the learning rate would never reach its peak")
     if c.multi_topk and c.multi_topk_factor * c.k > c.n_latents:
         raise ConfigError(f"multi_topk_factor={c.multi_topk_factor} times k={c.k} exceeds n_latents={c.n_latents}; "
                           "Multi-TopK's second top-k keeps factor x k latents")
+
+
+def check_warmup(c: TrainConfig, named: str | None = None) -> None:
+    """Refuse a warmup longer than the run. Not checked as the settings are built: a run on a small cache trains
+    fewer steps than its settings say until total_tokens is lowered to the cache, so this is called on the
+    settings a run trains with. ``named``: how the setting was given ("--warmup-steps"; default warmup_steps=)."""
+    if c.warmup_steps is not None and c.warmup_steps > c.total_steps:
+        shown = f"{named} {c.warmup_steps}" if named else f"warmup_steps={c.warmup_steps}"
+        raise ConfigError(f"{shown} exceeds the run's {c.total_steps:,} steps (total tokens / batch size); the "
+                          "learning rate would never reach its peak")
 
 
 def _check_rates(c: TrainConfig) -> None:
