@@ -41,7 +41,7 @@ from saelab.sae.relu import sae_class
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.train import checkpoint as ckpt
 from saelab.train import distributed as ddp
-from saelab.train.config import TrainConfig
+from saelab.train.config import TrainConfig, check_warmup
 from saelab.train.init import init_from_data
 from saelab.train.metric_sinks import MetricSink, check_log_targets, close_sinks, open_sinks
 from saelab.train.losses import training_loss
@@ -605,6 +605,8 @@ def train_many(cfgs: Sequence[TrainConfig], batches_from: BatchSource, run_dirs:
     sample is still read whole from ``batches_from``, by every process.
     """
     log_to = check_log_targets(log_to)  # a missing package is reported before anything is touched
+    for cfg in cfgs:  # the settings each run trains with (not checked as they were built)
+        check_warmup(cfg)
     log_group = Path(run_dirs[0]).resolve().parent.name if len(run_dirs) > 1 else None
     _check_runs(cfgs, run_dirs)
     dev = ddp.process_device(device)
