@@ -2334,7 +2334,8 @@ def test_eval_suite_paper_refuses_a_short_eval_corpus_before_the_model_loads(gpt
          "(suite_cfg.probe_contexts 20: 20 contexts of 32, 620 tokens of text); expected a corpus of at least 620 "
          "tokens, or suite_cfg.probe_contexts <= 11"),
         # a metric asked for that does not apply is refused before the load too
-        ([*paper[:-2], "compute_equivalent", *fits], "metric(s) asked for do not apply: compute_equivalent: no "
+        ([*paper[:-2], "compute_equivalent", "--downstream-tokens", "300"],  # it reads no recon tokens
+         "metric(s) asked for do not apply: compute_equivalent: no "
                                                      "checkpoint series is known for model"),
         ([*paper, *fits, "--probe-contexts", "11"], "cannot load model directory")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "model", "s.yaml", "sae"]

@@ -8,6 +8,7 @@ in the local Hugging Face cache only and fail at once if the files are not there
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -26,8 +27,10 @@ def local_path(spec: str | None) -> Path | None:
 def public_name(value: str | None) -> str | None:
     """A local file or folder by its base name (no path of the user's disk in shared files); a URL, a hub
     id or a name as given."""
-    local = local_path(value)
-    return local.name if local else value
+    if local_path(value) is None:
+        return value
+    # by the path as given, not where a link leads: two links to one model are two names, as typed
+    return Path(os.path.abspath(Path(value).expanduser())).name
 
 
 def hub_unreachable_reason() -> str | None:
