@@ -2114,3 +2114,16 @@ def test_interrupted_quickstart_overwrite_keeps_the_earlier_results(stage, tiny_
         quickstart(cfg, run, lm=tiny_gpt2, overwrite=True, progress=False)
     assert {p: data for p, data in snapshot(run).items() if not p.startswith("activations")} == before
     assert "the earlier results are back in place" in capsys.readouterr().err
+
+
+def test_quickstart_and_sweep_refuse_a_warmup_longer_than_the_run_before_any_work(tmp_path, capsys, monkeypatch):
+    """quickstart harvests every training token and a sweep point's steps only fall when fitted to its cache, so
+    both know now whether a warmup outlasts the run: refused before the model loads or the cache is read."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart", "--n-tokens", "4096", "--batch-size", "1024", "--warmup-steps", "10", "--out", "q"]) == 2
+    assert capsys.readouterr().err.strip() == ("saelab quickstart: error: --warmup-steps 10 exceeds the run's 4 steps "
+                                               "(total tokens / batch size); the learning rate would never reach its peak")
+    assert main(["sweep", "--activations", "no-cache", "--out", "sw", "--grid", "total_tokens=1024", "--batch-size",
+                 "128", "--warmup-steps", "100"]) == 2
+    assert "--warmup-steps 100 exceeds the run's 8 steps" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

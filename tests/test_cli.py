@@ -469,20 +469,22 @@ BAD = [
 ]
 
 
-def test_core_eval_settings_of_a_config_file_are_refused_where_no_metric_run_reads_them(tmp_path, capsys, monkeypatch):
-    """eval.recon_tokens read by core alone, eval.downstream_tokens by core and compute_equivalent: a --config
-    file's entry that no metric --metrics runs reads is refused as a typed one; the settings that choose the
-    contexts every metric reads are not."""
+def test_core_eval_settings_typed_where_no_metric_run_reads_them_are_refused(tmp_path, capsys, monkeypatch):
+    """eval.recon_tokens read by core alone, eval.downstream_tokens by core and compute_equivalent: typed where no
+    metric --metrics runs reads it, refused; a --config file's entry is left unused (one file serves every verb
+    and suite), as are the settings that choose the contexts every metric reads."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "c.yaml").write_text("eval:\n  recon_tokens: 4096\n")
-    assert main(["eval", "SAE", "--suite", "paper", "--metrics", "probe", "--config", "c.yaml"]) == 2
+    assert main(["eval", "SAE", "--suite", "paper", "--metrics", "probe", "--recon-tokens", "4096"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "saelab eval: error: --config c.yaml: eval.recon_tokens is an option of the core metric, which --metrics "
-        "probe leaves out; add core to --metrics, or leave --config c.yaml: eval.recon_tokens out")
-    for kept in (["--metrics", "compute_equivalent", "--downstream-tokens", "64"],
-                 ["--metrics", "probe", "--corpus", "none.jsonl", "--context-size", "32", "--lm-batch-size", "2",
-                  "--sample-pool-tokens", "4096"]):
-        assert main(["eval", "SAE", "--suite", "paper", *kept]) == 2  # the missing SAE, not the option
+        "saelab eval: error: --recon-tokens is an option of the core metric, which --metrics probe leaves out; add "
+        "core to --metrics, or leave --recon-tokens out")
+    (tmp_path / "c.yaml").write_text("eval:\n  recon_tokens: 4096\nsuite_cfg:\n  metrics: [probe]\n")
+    for kept in (["--suite", "paper", "--metrics", "probe", "--config", "c.yaml"],
+                 ["--config", "c.yaml"],  # the core suite reads recon_tokens, whatever the file's suite_cfg says
+                 ["--suite", "paper", "--metrics", "compute_equivalent", "--downstream-tokens", "64"],
+                 ["--suite", "paper", "--metrics", "probe", "--corpus", "none.jsonl", "--context-size", "32",
+                  "--lm-batch-size", "2", "--sample-pool-tokens", "4096"]):
+        assert main(["eval", "SAE", *kept]) == 2  # the missing SAE, not the option
         err = capsys.readouterr().err
         assert "is an option of" not in err and "SAE" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]

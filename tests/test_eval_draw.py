@@ -236,3 +236,19 @@ def test_the_interval_note_is_left_out_where_there_is_no_interval():
     assert intervals_note({"intervals": {"nmse": one}, "interval_groups": "documents"}) == []
     assert intervals_note({"intervals": {"nmse": {**one, "low": 0.4, "high": 0.6, "n_boot": 1000, "n_groups": 9}},
                            "interval_groups": "documents"})[1].startswith("[low, high]: 95% bootstrap intervals")
+
+
+def test_frequencies_saved_before_the_draw_belong_with_their_evaluation(tmp_path):
+    """latent_frequencies.safetensors written before eval_settings held sample_pool_tokens describes an evaluation
+    of the first contexts: it still matches its metrics.json (read as sample_pool_tokens 0), and only that one."""
+    from saelab.evals.core import eval_settings
+    from saelab.report.markdown import frequencies_mismatch
+    from saelab.run_folder import LatentFrequencies
+
+    metrics = {"model": "m", "hook": "h", "eval_corpus": "c", "context_size": 64, "position_0": "excluded",
+               "n_tokens": 100, "n_predictions": 50}
+    older = {k: v for k, v in eval_settings(metrics).items() if k != "sample_pool_tokens"}
+    saved = LatentFrequencies(torch.zeros(4, dtype=torch.float64), "abc", older)
+    assert frequencies_mismatch(saved, tmp_path, 4, "abc", eval_settings(metrics), weights="w", evaluation="e") is None
+    drawn = eval_settings({**metrics, "sample_pool_tokens": 4_194_304})
+    assert "another evaluation" in frequencies_mismatch(saved, tmp_path, 4, "abc", drawn, weights="w", evaluation="e")

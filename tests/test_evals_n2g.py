@@ -348,3 +348,5 @@ def test_report_counts_latents_attempted_and_lists_every_explained_one(tiny_gpt2
     for r in with_patterns:
         if r["f1"] is None:
             assert f"| {r['latent']} | — |" in text
+    unlisted = {**res, "per_latent": [{**r, "patterns": []} for r in res["per_latent"]]}  # max_patterns_reported 0
+    assert f": {len(with_patterns)} explained" in "\n".join(_section_n2g(unlisted, tmp_path))

@@ -887,6 +887,7 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     :func:`sae_sha256` of the finished run's SAE it checked (None: none, or ``overwrite``)."""
     check_output_folder(run_dir, "--out", "run")
     check_log_targets(log_to)
+    check_warmup(cfg.train)  # quickstart harvests every training token: its steps are known now
     settle_before_reading(run_dir)  # an overwrite killed mid-way: the checks below read the run it set aside
     corpus = resolve_corpus(harvest_cfg.corpus, "train")
     resolve_corpus(cfg.eval.corpus, "eval")

@@ -160,8 +160,10 @@ def _refuse_options_of_metrics_left_out(args: argparse.Namespace) -> None:
             raise ConfigError(f"{unused[0]} is an option of the {metric} metric, which {where} leaves out; add "
                               f"{metric} to {it}, or leave {unused[0]} out")
     for dest, readers in EVAL_SETTING_READERS.items():
-        option = given(args, dest)  # typed, or a --config file's entry
-        if option and chosen and not set(readers) & set(chosen):
+        # typed only: a --config file's eval section may serve every verb and suite (its unused entries are left)
+        option = given(args, dest)
+        typed = option and not option.startswith("--config ")
+        if typed and args.suite == "paper" and chosen and not set(readers) & set(chosen):
             raise ConfigError(f"{option} is an option of the {' and '.join(readers)} "
                               f"{plural(len(readers), 'metric')}, which {where} leaves out; add "
                               f"{' or '.join(readers)} to {it}, or leave {option} out")

@@ -137,6 +137,7 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     refuse_options_that_do_not_apply(args)
     if args.n_tokens is not None:
         train = _with_n_tokens(args, train)
+    check_warmup(train, given(args, "train.warmup_steps"))  # quickstart harvests every training token: exact now
     if typed(args, "--harvest-n-tokens") and args.harvest.n_tokens < train.total_tokens:
         raise ConfigError(f"--harvest-n-tokens {args.harvest.n_tokens} is fewer than the {train.total_tokens:,} "
                           f"training tokens (--total-tokens), which quickstart harvests at least; --n-tokens "
@@ -369,8 +370,8 @@ def check_grid_points(base: TrainConfig, grid: dict[str, list], items: list[str]
     words = typed_grid_words(items)
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
-        try:
-            dataclasses.replace(base, **point)
+        try:  # a warmup too: a point's steps only fall when fitted to the cache, so a refusal now is one then
+            check_warmup(dataclasses.replace(base, **point))
         except ConfigError as e:
             typed_point = {field: f"{named} {words[field][0]}={words[field][1][grid[field].index(value)]}"
                            for field, value in point.items()}

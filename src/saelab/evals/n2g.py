@@ -71,7 +71,7 @@ Result schema (``run_n2g`` returns a JSON-serializable dict)::
     n_explained       latents attempted: an explanation was built for each (sampled at random among those
                       firing on the build split); those that kept a pattern are the splice's n_simulated
     n_build_contexts, n_eval_contexts
-    precision, recall, f1, corr   means over explained latents (None when undefined for all)
+    precision, recall, f1, corr   means over the latents attempted, each where defined (None when undefined for all)
     micro             {precision, recall, f1, tp, fp, fn}: counts pooled over latents
     mean_patterns     patterns per explanation
     per_latent        [{latent, max_act, n_examples_used, n_patterns, precision, recall, f1, corr,

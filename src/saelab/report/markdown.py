@@ -55,8 +55,9 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 def intervals_note(metrics: dict[str, Any]) -> list[str]:
     """What the table's [low, high] are (none for an evaluation written before saelab drew them)."""
-    some = next(iter((metrics.get("intervals") or {}).values()), None)
-    if not some or some.get("level") is None or not some.get("n_boot"):
+    some = next((i for i in (metrics.get("intervals") or {}).values() if isinstance(i, dict) and i.get("n_boot")),
+                None)
+    if some is None or some.get("level") is None:
         return []
     return ["", f"[low, high]: {some['level']:.0%} bootstrap intervals over the {metrics.get('interval_groups', 'groups')} "
                 "the eval contexts were drawn from (nMSE: over the reconstruction tokens', "
@@ -163,7 +164,8 @@ def frequencies_mismatch(saved: LatentFrequencies, folder: Path, n_latents: int,
                 f"{plural(n_latents, 'latent')}")
     if saved.sae_sha256 != sae_hash:
         return f"{path} measured other SAE weights than {weights}"
-    if saved.evaluation != settings:
+    # saved before eval_settings held sample_pool_tokens: an evaluation of the first contexts (0)
+    if {"sample_pool_tokens": 0, **saved.evaluation} != settings:
         return f"{path} comes from another evaluation than {evaluation}"
     return None
 

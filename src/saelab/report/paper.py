@@ -257,7 +257,7 @@ N2G_TABLE_ROWS = 8
 
 def _section_n2g(r: dict, evals: Path) -> list[str]:
     mi, sp = r["micro"], r.get("splice")
-    with_patterns = [x for x in r["per_latent"] if x["patterns"]]
+    with_patterns = [x for x in r["per_latent"] if x.get("n_patterns", len(x["patterns"])) > 0]
     none = r["n_explained"] - len(with_patterns)  # n_explained counts the latents attempted
     lines = [f"{r['n_explained']} latents attempted from {r['n_build_contexts']} contexts, scored on "
              f"{r['n_eval_contexts']} held-out contexts: {len(with_patterns)} explained (at least one pattern)"
@@ -302,8 +302,9 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
                       "fires nor is predicted on the held-out contexts):", "",
                   "| latent | F1 | precision | recall | top pattern |", "|---|---|---|---|---|"]
         for x in best:
-            pat = x["patterns"][0]
-            text = (("^" if pat["anchored"] else "") + "".join(pat["tokens"])).replace("|", "\\|").replace("\n", "\\n")
+            pat = x["patterns"][0] if x["patterns"] else None  # none listed with max_patterns_reported 0
+            text = (("^" if pat["anchored"] else "") + "".join(pat["tokens"]) if pat else "").replace(
+                "|", "\\|").replace("\n", "\\n")
             lines.append(f"| {x['latent']} | {_f(x['f1'], '{:.3f}')} | {_f(x['precision'], '{:.3f}')} | "
                          f"{_f(x['recall'], '{:.3f}')} | `{text}` |")
     if (evals / "n2g.png").exists():
