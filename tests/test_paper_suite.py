@@ -29,11 +29,13 @@ SMALL = ["--recon-tokens", "1024", "--downstream-tokens", "992", "--ablation-con
 
 
 def for_metrics(argv: list[str], *metrics: str) -> list[str]:
-    """``argv`` without the options (and their values) of the paper metrics not in ``metrics``: --metrics
-    refuses an option of a metric it leaves out."""
-    from saelab.cli.evaluate import METRIC_OPTIONS
+    """``argv`` without the options (and their values) of the paper metrics not in ``metrics`` and the eval options
+    none of them reads (name "core" where it runs): --metrics refuses an option of a metric it leaves out."""
+    from saelab.cli.evaluate import EVAL_SETTING_READERS, METRIC_OPTIONS
 
     left_out = tuple(p for metric, prefixes in METRIC_OPTIONS.items() if metric not in metrics for p in prefixes)
+    left_out += tuple("--" + dest.removeprefix("eval.").replace("_", "-") for dest, readers in
+                      EVAL_SETTING_READERS.items() if not set(readers) & set(metrics))
     kept, words = [], iter(argv)
     for word in words:
         if word.startswith(left_out):
@@ -133,7 +135,7 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     assert out["ablation_sparsity"] == "ok"
     assert json.loads((run / "evals" / "ablation_sparsity.json").read_text())["result"]["n_sites"] == 3
     assert json.loads((run / "evals" / "probe.json").read_text())["created"] == created["probe"]
-    out, _ = run_cli(capsys, *for_metrics(argv, "probe"), "--overwrite", "--metrics", "core", "probe")
+    out, _ = run_cli(capsys, *for_metrics(argv, "core", "probe"), "--overwrite", "--metrics", "core", "probe")
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok", "probe": "ok"}
 
 
@@ -172,7 +174,7 @@ def test_openai_v5_checkpoint_gets_its_hook_and_context_64(tiny_dir, data_dir, t
     other = v5_checkpoint(tmp_path / "other" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt", seed=1)
     before = {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
     _, err = run_cli(capsys, "eval", str(other), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir),
-                     "--corpus", str(corpus), *for_metrics(SMALL), "--metrics", "core", code=2)
+                     "--corpus", str(corpus), *for_metrics(SMALL, "core"), "--metrics", "core", code=2)
     assert "holds results of another SAE (core); pick another --out, or pass --overwrite" in err
     assert before == {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
     # Asking for it by name is an error; so are unknown metrics and series, and a .pt without --out or hook.
@@ -203,7 +205,7 @@ def test_series_that_fails_to_load_is_recorded_and_reported(tiny_dir, data_dir, 
     corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl", n=8)
     _, err = run_cli(capsys, "eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out",
                      str(tmp_path / "out"), "--series", str(broken), "--metrics", "core", "compute_equivalent",
-                     "--corpus", str(corpus), *for_metrics(SMALL, "compute_equivalent"), code=2)
+                     "--corpus", str(corpus), *for_metrics(SMALL, "core", "compute_equivalent"), code=2)
     assert "failed in 1 metric(s): compute_equivalent: ModelLoadError: cannot load model directory" in err
     rec = json.loads((tmp_path / "out" / "evals" / "compute_equivalent.json").read_text())
     assert rec["status"] == "error" and "checkpoint-1" in rec["reason"]
@@ -222,7 +224,7 @@ def test_results_the_suite_would_replace_are_refused_before_the_model_loads(tiny
     other = v5_checkpoint(tmp_path / "other" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt", seed=1)
     out_dir = tmp_path / "out"
     argv = ["eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out", str(out_dir), "--corpus",
-            str(eval_corpus(data_dir, tmp_path / "eval.jsonl", n=8)), *for_metrics(SMALL), "--metrics", "core"]
+            str(eval_corpus(data_dir, tmp_path / "eval.jsonl", n=8)), *for_metrics(SMALL, "core"), "--metrics", "core"]
     run_cli(capsys, *argv)
     before = {p.name: p.read_bytes() for p in (out_dir / "evals").iterdir()}
     monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
@@ -437,7 +439,8 @@ def test_a_tokenizer_that_splits_the_default_padding_token_is_refused_before_any
     refusal = "saelab eval: error: --n2g-padding-token ' _' (the default) is 2 tokens for this tokenizer; pick a " \
               "single-token text"
     for metrics, tail in (([], ", or leave n2g out with --metrics"), (["--metrics", "n2g"], "")):
-        _, err = run_cli(capsys, *for_metrics(argv, "n2g"), "--out", str(tmp_path / "out"), *metrics, code=2)
+        kept = for_metrics(argv, "n2g", *([] if metrics else ["core"]))  # every metric runs without --metrics
+        _, err = run_cli(capsys, *kept, "--out", str(tmp_path / "out"), *metrics, code=2)
         assert err.strip().splitlines()[-1] == refusal + tail, err
         assert not (tmp_path / "out" / "evals").exists()  # no metric ran
 
