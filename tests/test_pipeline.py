@@ -112,8 +112,9 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
     assert metrics_again == on_disk
 
     report = (run / "report.md").read_text()
-    assert f"| nMSE (FVU), raw activation space | {on_disk['nmse']:.4f} |" in report
-    assert f"| KL(clean \\|\\| spliced) per token | {on_disk['kl']:.4f} |" in report  # one row, not split
+    ci = {k: f"[{on_disk['intervals'][k]['low']:.4f}, {on_disk['intervals'][k]['high']:.4f}]" for k in ("nmse", "kl")}
+    assert f"| nMSE (FVU), raw activation space | {on_disk['nmse']:.4f} {ci['nmse']} |" in report
+    assert f"| KL(clean \\|\\| spliced) per token | {on_disk['kl']:.4f} {ci['kl']} |" in report  # one row, not split
     assert "![training curves](training_curves.png)" in report and "![latent density](density.png)" in report
     # 8,192 tokens: too short to tell which latents went 262,144 tokens without firing.
     assert "not fired in the last 262,144 training tokens: not measured (the run saw 8,192 tokens)" in report
