@@ -54,11 +54,16 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def intervals_note(metrics: dict[str, Any]) -> list[str]:
-    """What the table's [low, high] are (none for an evaluation written before saelab drew them)."""
+    """What the table's [low, high] are, or why there are none."""
+    if "intervals" not in metrics:  # a reused evaluation keeps its numbers as computed: say what it lacks
+        return ["", "No intervals: this evaluation was written before saelab computed them (`--overwrite` "
+                    "evaluates it again)."]
     some = next((i for i in (metrics.get("intervals") or {}).values() if isinstance(i, dict) and i.get("n_boot")),
                 None)
     if some is None or some.get("level") is None:
-        return []
+        groups = next((i.get("n_groups") for i in metrics["intervals"].values() if isinstance(i, dict)), None)
+        return [] if groups is None else ["", f"No intervals: the eval contexts came from {groups:,} "
+                                              f"{plural(groups, metrics.get('interval_groups', 'group').rstrip('s'))}."]
     return ["", f"[low, high]: {some['level']:.0%} bootstrap intervals over the {metrics.get('interval_groups', 'groups')} "
                 "the eval contexts were drawn from (nMSE: over the reconstruction tokens', "
                 f"{some['n_groups']:,}; the losses: over the downstream contexts'), {some['n_boot']:,} draws."]
