@@ -119,7 +119,7 @@ class AblationSparsityConfig:
     seed: int = 0
     """Seed of the site, latent, channel and direction sampling and of the bootstrap."""
     n_boot: int = DEFAULT_N_BOOT
-    """Bootstrap replicates of the sites' contexts for the intervals (0 = no intervals)."""
+    """Bootstrap replicates of the documents the sites' contexts come from, for the intervals (0 = no intervals)."""
     ci_level: float = DEFAULT_LEVEL
     """Coverage of the intervals."""
     exclude_first: bool | None = run_option(None)

@@ -170,7 +170,7 @@ class N2GConfig:
     seed: int = 0
     """Seed of the latent sampling and of the bootstrap."""
     n_boot: int = DEFAULT_N_BOOT
-    """Bootstrap replicates of the held-out contexts for the intervals (0 = no intervals)."""
+    """Bootstrap replicates of the held-out documents for the intervals (0 = no intervals)."""
     ci_level: float = DEFAULT_LEVEL
     """Coverage of the intervals."""
     exclude_first: bool | None = run_option(None)
