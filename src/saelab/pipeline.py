@@ -999,9 +999,12 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
         return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
                                          trained_before, harvested)
     # A hub model's tokenizer is fetched alone: a short corpus is refused before its weights download.
+    # Timed as a stage of its own: it tokenizes the eval pool, seconds the other stages would not show.
+    started = time.perf_counter()
     tokenizer = tokenizer_before_load(lm or harvest_cfg.model)
     train_texts, eval_contexts = _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, tokenizer,
                                                                 overwrite_activations)
+    times["check_inputs"] = round(time.perf_counter() - started, 1)
     if overwrite and (run_dir / TRAIN_CONFIG).exists():
         print(f"--overwrite: replacing the training and evaluation in {run_dir} (activation cache kept)",
               file=sys.stderr)
