@@ -745,6 +745,21 @@ def test_training_curves_read_at_a_glance():
     assert fig.get_layout_engine() is not None
 
 
+def test_training_curves_show_a_flat_share_inside_the_frame():
+    """A dead share flat at 14 % was drawn on the panel's top edge, hidden by the frame, and a run shorter than the
+    inactive window listed an "inactive" legend line that no curve matched: room above the highest share, and the
+    unmeasured share said in words alone."""
+    from saelab.report.plots import training_curves_figure
+
+    log = [{"step": i, "tokens": 4096 * (i + 1), "nmse": 0.3, "auxk": 1.2, "dead_frac": 0.142, "inactive_frac": 0.0}
+           for i in range(2)]
+    shares = training_curves_figure(log).axes[1]
+    assert shares.get_ylim()[1] > 14.2 * 1.05
+    [unmeasured] = [l for l in shares.get_lines() if l.get_label().startswith("inactive")]
+    assert unmeasured.get_label().startswith("inactive: not measured") and len(unmeasured.get_xdata()) == 0
+    assert unmeasured.get_linestyle() == "None" and unmeasured.get_marker() in ("None", "", None)
+
+
 def test_report_redraws_density_from_the_frequencies_the_evaluation_saved(tiny_dir, data_dir, tmp_path, capsys):
     """`saelab report RUN` draws density.png again from the latent frequencies the evaluation saved. Where
     it cannot (a run evaluated before they were saved, frequencies of other weights or of another

@@ -45,12 +45,16 @@ def training_curves_figure(metrics: Sequence[dict[str, Any]]) -> Figure:
     # Before the window has passed no latent can have gone that long without firing: not measured, not 0 %.
     seen = tokens >= INACTIVE_WINDOW
     inactive = [100 * m["inactive_frac"] for m, ok in zip(metrics, seen) if ok]
-    ax2.plot(tokens[seen], inactive, label=f"inactive (no fire in {INACTIVE_WINDOW:,} tokens)"
-             if inactive else f"inactive: not measured (under {INACTIVE_WINDOW:,} tokens)", **style)
-    ax2.plot(tokens, [100 * m["dead_frac"] for m in metrics], label="dead (AuxK window)", **style)
+    if inactive:
+        ax2.plot(tokens[seen], inactive, label=f"inactive (no fire in {INACTIVE_WINDOW:,} tokens)", **style)
+    else:  # a legend line with no line drawn reads as a curve hidden somewhere: words alone
+        ax2.plot([], [], linestyle="none", label=f"inactive: not measured (under {INACTIVE_WINDOW:,} tokens)")
+    dead = [100 * m["dead_frac"] for m in metrics]
+    ax2.plot(tokens, dead, label="dead (AuxK window)", **style)
     ax2.set_xlabel("training tokens")
     ax2.set_ylabel("% of latents")
-    ax2.set_ylim(bottom=0)  # a share: no room below 0 % when every point is 0
+    # A share: no room below 0 %; room above the highest point, which a flat line would otherwise put on the frame
+    ax2.set_ylim(0, max(1.0, 1.1 * max(dead + inactive)))
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8, framealpha=0.7)
     for ax in (ax1, ax2):  # "12k", not 12000 run into its neighbours
