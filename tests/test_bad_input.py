@@ -2125,5 +2125,9 @@ def test_quickstart_and_sweep_refuse_a_warmup_longer_than_the_run_before_any_wor
                                                "(total tokens / batch size); the learning rate would never reach its peak")
     assert main(["sweep", "--activations", "no-cache", "--out", "sw", "--grid", "total_tokens=1024", "--batch-size",
                  "128", "--warmup-steps", "100"]) == 2
+    # the grid point whose tokens set the steps is named, as typed (the other points may be long enough)
+    assert "--warmup-steps 100 exceeds the 8 steps of --grid total_tokens=1024 (total tokens" in capsys.readouterr().err
+    assert main(["sweep", "--activations", "no-cache", "--out", "sw", "--grid", "n-latents=64,128", "--total-tokens",
+                 "1024", "--batch-size", "128", "--warmup-steps", "100"]) == 2
     assert "--warmup-steps 100 exceeds the run's 8 steps" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

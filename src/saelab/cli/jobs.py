@@ -371,7 +371,9 @@ def check_grid_points(base: TrainConfig, grid: dict[str, list], items: list[str]
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
         try:  # a warmup too: a point's steps only fall when fitted to the cache, so a refusal now is one then
-            check_warmup(dataclasses.replace(base, **point))
+            # named as the point's total_tokens where the grid sets them (reworded below as the entry typed)
+            check_warmup(dataclasses.replace(base, **point),
+                         run=f"total_tokens={point['total_tokens']}" if "total_tokens" in point else None)
         except ConfigError as e:
             typed_point = {field: f"{named} {words[field][0]}={words[field][1][grid[field].index(value)]}"
                            for field, value in point.items()}

@@ -226,14 +226,16 @@ def _check_sizes(c: TrainConfig) -> None:
                           "Multi-TopK's second top-k keeps factor x k latents")
 
 
-def check_warmup(c: TrainConfig, named: str | None = None) -> None:
+def check_warmup(c: TrainConfig, named: str | None = None, run: str | None = None) -> None:
     """Refuse a warmup longer than the run. Not checked as the settings are built: a run on a small cache trains
     fewer steps than its settings say until total_tokens is lowered to the cache, so this is called on the
-    settings a run trains with. ``named``: how the setting was given ("--warmup-steps"; default warmup_steps=)."""
+    settings a run trains with. ``named``: how the setting was given ("--warmup-steps"; default warmup_steps=);
+    ``run``: what sets the run's steps, when not the run's own settings ("--grid total-tokens=8192")."""
     if c.warmup_steps is not None and c.warmup_steps > c.total_steps:
         shown = f"{named} {c.warmup_steps}" if named else f"warmup_steps={c.warmup_steps}"
-        raise ConfigError(f"{shown} exceeds the run's {c.total_steps:,} steps (total tokens / batch size); the "
-                          "learning rate would never reach its peak")
+        steps = f"the {c.total_steps:,} steps of {run}" if run else f"the run's {c.total_steps:,} steps"
+        raise ConfigError(f"{shown} exceeds {steps} (total tokens / batch size); the learning rate would never "
+                          "reach its peak")
 
 
 def _check_rates(c: TrainConfig) -> None:
