@@ -157,6 +157,23 @@ def test_the_gpu_of_a_process_without_local_rank_is_its_rank_modulo_the_gpus():
         gpu_index({"LOCAL_RANK": "x"}, 0, 2)
 
 
+
+def test_a_rank_or_world_size_that_is_no_number_is_named(monkeypatch, tmp_path, capsys):
+    """RANK=x or WORLD_SIZE=two (a launcher script's typo) ended in int()'s traceback; now one line naming it."""
+    from saelab.cli import main
+    from saelab.errors import ConfigError
+    from saelab.train.distributed import init_from_env, own_gpu
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ConfigError, match=r"^RANK='x' is not a whole number; expected this process's rank"):
+        own_gpu()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match=r"^WORLD_SIZE='two' is not a whole number; expected the number of"):
+        init_from_env()
+    assert main(["train", "--activations", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
+    assert "error: WORLD_SIZE='two' is not a whole number" in capsys.readouterr().err
+
 NON_FINITE_ON_RANK_1 = """
 import sys
 import torch, torch.distributed as dist

@@ -39,26 +39,32 @@ def gpu_index(env: Mapping[str, str], global_rank: int, device_count: int) -> in
     ``env``, as torchrun sets it; where it is unset (a group torch.multiprocessing.spawn or a script started),
     the rank modulo the GPU count, which is the local rank when every machine runs one process per GPU and
     numbers them consecutively (the usual layout; set LOCAL_RANK for any other)."""
-    given = env.get("LOCAL_RANK")
-    if given is None:
+    if env.get("LOCAL_RANK") is None:
         return global_rank % max(device_count, 1)
+    return env_whole_number(env, "LOCAL_RANK", "this process's index on its machine")
+
+
+def env_whole_number(env: Mapping[str, str], name: str, meaning: str, default: int = 0) -> int:
+    """The environment variable ``name`` as an int (``default`` when unset), or one line naming it."""
+    given = env.get(name)
+    if given is None:
+        return default
     try:
         return int(given)
     except ValueError:
-        raise ConfigError(f"LOCAL_RANK={given!r} is not a whole number; expected this process's index on its "
-                          "machine, as torchrun sets it") from None
+        raise ConfigError(f"{name}={given!r} is not a whole number; expected {meaning}, as torchrun sets it") from None
 
 
 def own_gpu() -> int:
     """This process's GPU index (``gpu_index``), before the group is joined too (its rank then from RANK)."""
     joined = dist.is_available() and dist.is_initialized()
-    global_rank = dist.get_rank() if joined else int(os.environ.get("RANK", "0"))
+    global_rank = dist.get_rank() if joined else env_whole_number(os.environ, "RANK", "this process's rank")
     return gpu_index(os.environ, global_rank, torch.cuda.device_count())
 
 
 def init_from_env() -> bool:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+    if env_whole_number(os.environ, "WORLD_SIZE", "the number of processes", 1) <= 1 or is_distributed():
         return is_distributed()
     if torch.cuda.is_available():
         # The same backend on every rank; NCCL starts at the first CUDA collective, on this rank's GPU.
