@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 from saelab.data import (
     ActivationCache,
     ActivationStream,
+    IncompleteCacheError,
     batched,
     cache_rows_written,
     default_corpus,
@@ -30,7 +31,7 @@ from saelab.data import (
     write_activation_cache,
 )
 from saelab.data.cache import OVERWRITE_STAGE, ActivationCacheError
-from saelab.errors import CorpusError, NonFiniteError, RunExistsError
+from saelab.errors import CorpusError, InterruptedBeforeAnyResult, NonFiniteError, RunExistsError
 from saelab.utils.folder_lock import RunFolderBusyError, RunLock
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -793,12 +794,12 @@ def stopping_writer(monkeypatch, stop_at: int) -> None:
     monkeypatch.setattr(cache_module._ShardWriter, "add", add_or_stop)
 
 
-def harvest_once(model, contexts, folder, buffer_tokens, seed=0, dtype="float32"):
+def harvest_once(model, contexts, folder, buffer_tokens, seed=0, dtype="float32", overwrite=False):
     """600 rows (40 contexts of 15) in model batches of 4 contexts, shards of 100 rows."""
     stream = ActivationStream(model, HOOK, contexts, batch_size=32, lm_batch_size=4, buffer_tokens=buffer_tokens,
                               seed=seed, drop_last=False, progress=False)
     return write_activation_cache(stream, folder, meta=META, dtype=dtype, shard_rows=100, resume=True,
-                                  progress=False)
+                                  overwrite=overwrite, progress=False)
 
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
@@ -832,6 +833,93 @@ def test_a_resumed_harvest_continues_where_its_stream_stopped(tmp_path, model, c
     assert shard_bytes(folder) == ref
     assert sum(first.calls) + sum(second.calls) == sum(whole.calls) == 40  # no context ran twice
     assert not (folder / "stream_state.safetensors").exists()
+
+
+NO_ROWS_YET = "holds no rows yet (a shuffled harvest writes its first rows once its shuffle buffer is full)"
+
+
+@pytest.mark.parametrize("buffer_tokens,where,stop_at", [(1024, "model", 4), (512, "model", 9), (512, "writer", 1)])
+def test_a_harvest_interrupted_before_its_first_row_continues_where_its_stream_stopped(
+        tmp_path, model, contexts, buffer_tokens, where, stop_at, monkeypatch, capsys):
+    """Ctrl-C before a shuffled harvest wrote any row (its buffer not full yet, or its first round cut off in the
+    writer): the folder keeps a manifest of 0 rows and the stream's state, and the same call runs the model only
+    over the contexts after it, writing the shards of an uninterrupted harvest."""
+    whole = StopAt(model)
+    harvest_once(whole, contexts, tmp_path / "ref", buffer_tokens)
+    folder, first = tmp_path / "c", StopAt(model, stop_at if where == "model" else 0)
+    with monkeypatch.context() as m:
+        if where == "writer":
+            stopping_writer(m, stop_at)
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            harvest_once(first, contexts, folder, buffer_tokens)
+    assert not isinstance(stopped.value, InterruptedBeforeAnyResult)  # the command line: "... again to resume"
+    assert capsys.readouterr().err == (f"saelab: activation cache {folder} {NO_ROWS_YET} and keeps where its input "
+                                       "stopped; the same call continues from there (a harvest does not run the "
+                                       "model again over the text it read)\n")
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "stream_state.safetensors"]
+    m = json.loads((folder / "manifest.json").read_text())
+    assert (m["n_rows"], m["complete"], m["shards"], m["d"]) == (0, False, [], model.hook_width(HOOK))
+    # read as any unfinished cache: 0 rows written, refused for training, continued by the same call
+    assert cache_rows_written(folder) == 0 and len(ActivationCache(folder, allow_incomplete=True)) == 0
+    with pytest.raises(IncompleteCacheError, match=r"incomplete \(0 rows written\); finish it"):
+        ActivationCache(folder)
+    with pytest.raises(ActivationCacheError, match="cannot resume activation cache .* meta.hook"):
+        write_activation_cache(iter([]), folder, meta={**META, "hook": "x"}, shard_rows=100, resume=True,
+                               progress=False)
+    second = StopAt(model)
+    harvest_once(second, contexts, folder, buffer_tokens)
+    assert capsys.readouterr().err == (f"saelab: resuming activation cache {folder}, which holds no rows yet: the "
+                                       "input continues where it stopped (a harvest does not run the model again "
+                                       "over the text it read)\n")
+    assert shard_bytes(folder) == shard_bytes(tmp_path / "ref")
+    assert sum(first.calls) > 0 and sum(first.calls) + sum(second.calls) == 40  # no context ran twice
+    assert not (folder / "stream_state.safetensors").exists()
+
+
+def test_an_overwrite_interrupted_before_its_first_row_continues_in_its_stage(tmp_path, model, contexts, capsys):
+    """The same for an overwrite: its state waits in the stage while the old cache stays whole, and the same
+    overwrite call continues it, then moves it in."""
+    folder, stage = tmp_path / "c", tmp_path / "c" / OVERWRITE_STAGE
+    harvest_once(StopAt(model), contexts, tmp_path / "ref", 1024)
+    old = harvest_once(StopAt(model), contexts, folder, 128).read()
+    first, second = StopAt(model, 4), StopAt(model)
+    with pytest.raises(KeyboardInterrupt):
+        harvest_once(first, contexts, folder, 1024, overwrite=True)
+    assert f"activation cache {folder} (its overwrite) {NO_ROWS_YET} and keeps where" in capsys.readouterr().err
+    assert sorted(p.name for p in stage.iterdir()) == ["manifest.json", "stream_state.safetensors"]
+    assert torch.equal(ActivationCache(folder).read(), old)
+    harvest_once(second, contexts, folder, 1024, overwrite=True)
+    assert f"resuming activation cache {folder} (its overwrite), which holds no rows yet" in capsys.readouterr().err
+    assert shard_bytes(folder) == shard_bytes(tmp_path / "ref") and not stage.exists()
+    assert sum(first.calls) + sum(second.calls) == 40
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
+def test_a_harvest_before_its_first_row_whose_state_the_disk_refuses_keeps_nothing(tmp_path, model, contexts,
+                                                                                 capsys):
+    """Before the first row, a stream state the disk refuses leaves nothing to resume from: the manifest of 0 rows
+    goes too, the folder is removed, and the interruption says the same call starts over, as for an input
+    without a state."""
+    import resource
+
+    harvest_once(StopAt(model), contexts, tmp_path / "ref", 1024)
+    folder = tmp_path / "c"
+    # the manifest (1 kB) fits, the state at this Ctrl-C does not: 180 buffered rows of 64 float32 (46 kB)
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (29_000, old_limit[1]))
+        with pytest.raises(InterruptedBeforeAnyResult):
+            harvest_once(StopAt(model, 4), contexts, folder, 1024)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    err = capsys.readouterr().err
+    assert f"saelab: note: could not save {folder / 'stream_state.safetensors'} (" in err
+    assert err.endswith(f"saelab: activation cache {folder} {NO_ROWS_YET}; the same call starts over\n")
+    assert not folder.exists()
+    again = StopAt(model)
+    harvest_once(again, contexts, folder, 1024)
+    assert sum(again.calls) == 40 and shard_bytes(folder) == shard_bytes(tmp_path / "ref")
 
 
 class TinyIn(StopAt):

@@ -337,11 +337,12 @@ BATCH = 64
 STEPS = TRAIN_ROWS // BATCH
 
 
-@pytest.mark.parametrize("stop_at,kept", [(10, 0), (20, 4096), (30, 8192)])
+@pytest.mark.parametrize("stop_at,kept", [(1, None), (10, 0), (20, 4096), (30, 8192)])
 def test_an_interrupted_harvest_resumes_the_model_where_it_stopped(tiny_dir, data_dir, tmp_path, capsys, monkeypatch,
                                                                     stop_at, kept):
-    """Ctrl-C during `saelab harvest`: the rows written are kept with the stream's state, and the same command
-    runs the model only over the text after it, writing the shards of an uninterrupted harvest."""
+    """Ctrl-C during `saelab harvest`: the rows written (none yet before the shuffle buffer first fills) are kept
+    with the stream's state, and the same command runs the model only over the text after it, writing the shards
+    of an uninterrupted harvest. Stopped in its first forward, it has read nothing: nothing is kept."""
     from saelab.models import LanguageModel
 
     corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 12)
@@ -369,23 +370,30 @@ def test_an_interrupted_harvest_resumes_the_model_where_it_stopped(tiny_dir, dat
     stop.append(stop_at)
     code, err = harvest_into(tmp_path / "acts")
     assert code == 130
-    if not kept:  # before the buffer first filled: said once, as it is, not as a resume
+    no_rows = (f"saelab: activation cache {tmp_path / 'acts'} holds no rows yet (a shuffled harvest writes its first "
+               "rows once its shuffle buffer is full)")
+    if kept is None:  # nothing read: said once, as it is, not as a resume
         assert [line for line in err.splitlines() if line][-2:] == [
-            f"saelab: activation cache {tmp_path / 'acts'} holds no rows yet (a shuffled harvest writes its first "
-            "rows once its shuffle buffer is full); the same call starts over",
+            f"{no_rows}; the same call starts over",
             "saelab harvest: interrupted; nothing of this call was kept; the same command starts over"], err
+        assert not (tmp_path / "acts").exists()
         stop.clear()
         assert harvest_into(tmp_path / "acts")[0] == 0 and len(calls) == whole
         return
-    assert (f"activation cache {tmp_path / 'acts'} keeps the {kept:,} rows written so far and where its input stopped; "
-            "the same call continues from there (a harvest does not run the model again over the text before them), "
-            "then writes the rest") in err
+    if kept:
+        assert (f"activation cache {tmp_path / 'acts'} keeps the {kept:,} rows written so far and where its input "
+                "stopped; the same call continues from there (a harvest does not run the model again over the text "
+                "before them), then writes the rest") in err
+    else:  # before the buffer first filled: no row, but where the input stopped
+        assert (f"{no_rows} and keeps where its input stopped; the same call continues from there (a harvest does "
+                "not run the model again over the text it read)") in err
     assert "interrupted; run the same command again to resume" in err
     stop.clear()
     code, err = harvest_into(tmp_path / "acts")
     assert code == 0
-    assert (f"saelab: resuming activation cache {tmp_path / 'acts'} after the {kept:,} rows already written: the input "
-            "continues where it stopped (a harvest does not run the model again over the text before them)") in err
+    after = f" after the {kept:,} rows already written" if kept else ", which holds no rows yet"
+    assert (f"saelab: resuming activation cache {tmp_path / 'acts'}{after}: the input continues where it stopped (a "
+            f"harvest does not run the model again over the text {'before them' if kept else 'it read'})") in err
     assert len(calls) == whole - (stop_at - 1)  # as the messages say: only the text after the stop
     ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").glob("shard_*.npy")}
     assert ref and {p.name: p.read_bytes() for p in (tmp_path / "acts").glob("shard_*.npy")} == ref

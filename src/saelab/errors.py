@@ -57,4 +57,5 @@ class ConfigError(SaelabError, ValueError):
 
 
 class InterruptedBeforeAnyResult(KeyboardInterrupt):
-    """A Ctrl-C that left nothing to resume from (a harvest before its first rows): the same call starts over."""
+    """A Ctrl-C that left nothing to resume from (a harvest before its first rows whose input had no state to keep):
+    the same call starts over."""

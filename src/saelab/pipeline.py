@@ -161,7 +161,8 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
             progress: bool = True, overwrite_option: str = "--overwrite",
             texts: TextsReadOnce | None = None) -> ActivationCache:
     """Harvest activations into an on-disk cache; an interrupted harvest keeps the rows it wrote and where its
-    stream stopped, and the same call writes the rest (without running the model again over the text before).
+    stream stopped (also before its shuffle buffer first filled, with no row written yet), and the same call
+    writes the rest (without running the model again over the text before).
     ``overwrite_option``: how the caller's command line asks for ``overwrite`` (said when a cache is reused).
     ``texts``: the corpus's stream when the caller's checks opened it already (its first documents read)."""
     check_output_folder(out_dir, "--out", "activations")

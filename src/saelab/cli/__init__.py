@@ -299,7 +299,8 @@ RESUMING_VERBS = ("quickstart", "harvest", "train", "sweep")
 def _after_interruption(verb: str, args: argparse.Namespace, interruption: KeyboardInterrupt) -> str:
     """What the same command does next. An interrupted --overwrite of a run put the earlier run back and kept
     nothing of the new one (utils.atomic.replacing_entries); eval keeps each metric file or run it finished;
-    the other verbs write their output only at the end; a harvest before its first rows kept nothing."""
+    the other verbs write their output only at the end; a harvest before its first rows kept nothing when its
+    input had no state to keep."""
     if verb in ("train", "sweep", "quickstart") and getattr(args, "overwrite", False):
         return "the run being replaced has its earlier results back; the same command starts the replacement over"
     if isinstance(interruption, InterruptedBeforeAnyResult):

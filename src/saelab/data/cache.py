@@ -27,7 +27,10 @@ where it stood at the interruption (``stream_state.safetensors``: tensors, setti
 checksums, no pickle; not saved when it does not lead to the rows kept, nor when the disk refuses it),
 and the resume restores it, so a harvest does not run the model again over the text before the rows
 written; a state file that is damaged or belongs to other settings or rows is not used (the input is
-then read again from its start, as for any other input).
+then read again from its start, as for any other input). Such an input interrupted before any row
+reached the cache (a shuffled harvest writes its first rows once its shuffle buffer is full) keeps
+its state too, beside a manifest of 0 rows (``d`` the width of its rows), and the resume continues
+from there; without a state to save, it keeps nothing (the folder is removed: the same call starts over).
 
 One process writes a cache folder at a time (a lock, saelab.utils.folder_lock). An overwrite writes
 the new cache in ``.overwrite/`` inside the folder and moves it in only once complete, so an
@@ -47,6 +50,7 @@ mixing, write the cache from a shuffled :class:`~saelab.data.harvest.ActivationS
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -290,13 +294,16 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
     # Where an interrupted harvest's input stopped, so the model need not run again over the text before it.
     # restored: how many of the restored input's next rows were written before the interruption, and the number
     # of its next batch within the whole input (messages count batches as an uninterrupted write would)
-    restored = _restore_stream_state(batches, folder, meta, dtype, to_skip) if to_skip else None
+    # (also with no row written yet: a shuffled harvest interrupted before its buffer first filled kept its state)
+    restored = _restore_stream_state(batches, folder, meta, dtype, to_skip) \
+        if existing is not None and skip_written else None
     (folder / STREAM_STATE).unlink(missing_ok=True)  # used once: an interruption of this call saves its own
     first_batch = 0
     if restored is not None:
-        print(f"saelab: resuming activation cache {name} after the {to_skip:,} {plural(to_skip, 'row')} already "
-              "written: the input continues where it stopped (a harvest does not run the model again over the text "
-              "before them)", file=sys.stderr)
+        after = f" after the {to_skip:,} {plural(to_skip, 'row')} already written" if to_skip else \
+            ", which holds no rows yet"
+        print(f"saelab: resuming activation cache {name}{after}: the input continues where it stopped (a harvest does "
+              f"not run the model again over the text {'before them' if to_skip else 'it read'})", file=sys.stderr)
         to_skip, first_batch = restored
     elif to_skip:  # the input is read again from its start: say why nothing is written for a while
         print(f"saelab: resuming activation cache {name}: re-reading the input up to the {to_skip:,} "
@@ -306,20 +313,8 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
                initial=manifest["n_rows"] + partial)
     try:
         to_skip = _write_batches(batches, writer, to_skip, bar, first_batch)
-    except KeyboardInterrupt:  # the rows toward the next shard are saved too: none is written twice
-        saved = writer.save_partial()  # may first finish a shard the interruption cut into
-        kept = manifest["n_rows"] + saved
-        if kept and _save_stream_state(batches, folder, meta, dtype, kept):
-            print(f"saelab: activation cache {name} keeps the {kept:,} {plural(kept, 'row')} written so far and where "
-                  "its input stopped; the same call continues from there (a harvest does not run the model again "
-                  "over the text before them), then writes the rest", file=sys.stderr)
-        else:
-            print(f"saelab: activation cache {name} keeps the {kept:,} {plural(kept, 'row')} written so far; the same "
-                  "call reads the input again up to there without writing those rows again (a harvest reruns the "
-                  "model over that text: its shuffle needs the same stream), then writes the rest" if kept else
-                  f"saelab: activation cache {name} holds no rows yet (a shuffled harvest writes its first rows once "
-                  "its shuffle buffer is full); the same call starts over", file=sys.stderr)
-        if not kept:
+    except KeyboardInterrupt:
+        if not _keep_at_interruption(batches, writer, meta, name):
             raise InterruptedBeforeAnyResult from None
         raise
     finally:
@@ -331,12 +326,62 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
             "skip_written=False"
         )
     writer.flush()
-    if manifest["d"] is None:
+    if manifest["n_rows"] == 0:  # (a manifest kept at an interruption before any row has its d already)
         raise CorpusError(f"no activations to write to activation cache {quoted}: the input was empty")
     manifest["complete"] = True
     write_json(folder / MANIFEST, writer.stamped(manifest))
     (folder / STREAM_STATE).unlink(missing_ok=True)  # one an interruption left after its restore
     return ActivationCache(folder)
+
+
+def _keep_at_interruption(batches: Any, writer: _ShardWriter, meta: dict, name: str) -> bool:
+    """Keep what an interrupted write has: its rows, those toward the next shard too (none is written twice), and
+    where its input stopped; says so in one line. False when nothing is kept (the same call starts over)."""
+    folder, manifest = writer.folder, writer.manifest
+    saved = writer.save_partial()  # may first finish a shard the interruption cut into (n_rows then counts it)
+    kept = manifest["n_rows"] + saved
+    state = _stream_state(batches, kept)
+    if not kept:
+        return _keep_state_alone(state, writer, meta, name)
+    if state is not None and _save_stream_state(state, folder, meta, manifest["dtype"], kept):
+        print(f"saelab: activation cache {name} keeps the {kept:,} {plural(kept, 'row')} written so far and where "
+              "its input stopped; the same call continues from there (a harvest does not run the model again "
+              "over the text before them), then writes the rest", file=sys.stderr)
+    else:
+        print(f"saelab: activation cache {name} keeps the {kept:,} {plural(kept, 'row')} written so far; the same "
+              "call reads the input again up to there without writing those rows again (a harvest reruns the "
+              "model over that text: its shuffle needs the same stream), then writes the rest", file=sys.stderr)
+    return True
+
+
+def _keep_state_alone(state: dict[str, Any] | None, writer: _ShardWriter, meta: dict, name: str) -> bool:
+    """An interruption before any row reached the cache (a shuffled harvest writes its first rows once its buffer
+    is full): a manifest of 0 rows (``d``: the width of the stream's rows), then where the input stopped, so the
+    same call does not run the model again over the text it read. Nothing is kept (False) when the input has no
+    state, has read nothing yet or its state cannot be saved: a manifest of no rows alone would only refuse other
+    settings."""
+    folder, manifest = writer.folder, writer.manifest
+    width = _rows_width(state) if state is not None and state["counters"].get("tokens_seen") else None
+    if width is not None and manifest["d"] in (None, width):
+        manifest["d"] = width
+        write_json(folder / MANIFEST, writer.stamped(manifest))  # first: the state is written for the rows it counts
+        if _save_stream_state(state, folder, meta, manifest["dtype"], 0):
+            print(f"saelab: activation cache {name} holds no rows yet (a shuffled harvest writes its first rows once "
+                  "its shuffle buffer is full) and keeps where its input stopped; the same call continues from there "
+                  "(a harvest does not run the model again over the text it read)", file=sys.stderr)
+            return True
+    (folder / MANIFEST).unlink(missing_ok=True)  # one of 0 rows: written above, or by an earlier interruption
+    with contextlib.suppress(OSError):  # an overwrite's stage left empty (a cache folder holds its lock file)
+        folder.rmdir()
+    print(f"saelab: activation cache {name} holds no rows yet (a shuffled harvest writes its first rows once "
+          "its shuffle buffer is full); the same call starts over", file=sys.stderr)
+    return False
+
+
+def _rows_width(state: dict[str, Any]) -> int | None:
+    """The width of the rows a stream state holds (its shuffle buffer's; None when it does not tell)."""
+    buf = state["tensors"].get("buffer")
+    return int(buf.shape[1]) if isinstance(buf, torch.Tensor) and buf.dim() == 2 and buf.shape[1] > 0 else None
 
 
 def _meta_sha256(meta: dict) -> str:
@@ -364,22 +409,26 @@ def _check_leads_to(counters: dict[str, Any], tensors: dict[str, torch.Tensor], 
         raise ValueError(f"its {emitted!r} rows handed out do not lead to the {rows_written} rows written")
 
 
-def _save_stream_state(batches: Any, folder: Path, meta: dict, dtype: str, rows_written: int) -> bool:
-    """Save where an interrupted input stands (an ActivationStream's :meth:`state`), so the resume restores it
-    instead of reading the input again from its start; written after the manifest, which counts the
-    ``rows_written`` it goes with. Tensors in safetensors (reading it runs no code). False when the input has no
-    state to save, its state does not lead to those rows (a re-read interrupted while still skipping the rows
-    written), or it could not be written (the resume then reads the input again)."""
-    from safetensors import SafetensorError  # lazy: only an interrupted harvest needs it
-    from safetensors.torch import save_file
-
+def _stream_state(batches: Any, rows_written: int) -> dict[str, Any] | None:
+    """Where an interrupted input stands (an ActivationStream's :meth:`state`); None when it has no state, or its
+    state does not lead to the ``rows_written`` (a re-read interrupted while still skipping the rows written)."""
     if not callable(getattr(batches, "state", None)):
-        return False
+        return None
     state = batches.state()
     try:
         _check_leads_to(state["counters"], state["tensors"], rows_written)
     except ValueError:  # the resume would refuse it: it reads the input again, as said without a state
-        return False
+        return None
+    return state
+
+
+def _save_stream_state(state: dict[str, Any], folder: Path, meta: dict, dtype: str, rows_written: int) -> bool:
+    """Save ``state`` (:func:`_stream_state`), so the resume restores it instead of reading the input again from
+    its start; written after the manifest, which counts the ``rows_written`` it goes with. Tensors in safetensors
+    (reading it runs no code). False when it could not be written (the resume then reads the input again)."""
+    from safetensors import SafetensorError  # lazy: only an interrupted harvest needs it
+    from safetensors.torch import save_file
+
     try:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in state["tensors"].items()}
         metadata = {"format": STREAM_STATE_FORMAT, "version": str(STREAM_STATE_VERSION),
