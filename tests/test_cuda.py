@@ -422,11 +422,12 @@ def test_harvest_from_a_gpu_model_writes_the_cpu_cache(tmp_path, tiny_gpt2, data
 
 
 @CUDA
-@pytest.mark.parametrize("buffer_tokens", [512, 0])
+@pytest.mark.parametrize("buffer_tokens", [512, 0, 2048])
 def test_a_gpu_harvest_resumed_after_ctrl_c_writes_the_uninterrupted_shards(tmp_path, tiny_gpt2, data_dir,
                                                                            monkeypatch, buffer_tokens):
     """The stream's state saved at a Ctrl-C holds the GPU's shuffle buffer (copied to the host) and goes back
-    to the GPU on the resume: the same shards as an uninterrupted GPU harvest, each context run once."""
+    to the GPU on the resume: the same shards as an uninterrupted GPU harvest, each context run once. 2048: the
+    buffer (of 1,280 rows in all) never fills, so the Ctrl-C comes before any row was written."""
     from saelab.models import LanguageModel
     from test_data import shard_bytes
 
