@@ -288,15 +288,15 @@ def _write(batches: Iterable[torch.Tensor], folder: Path, *, shown: Path, meta: 
         "n_rows": 0, "complete": False, "shards": [], "meta": meta,
     }
     writer = _ShardWriter(folder, manifest, quoted)
-    # the caller's input starts over: rows saved toward the next shard are taken back, not written again
-    partial = writer.restore_partial() if (existing is not None and skip_written) else writer.drop_partial()
-    to_skip = manifest["n_rows"] + partial if (existing is not None and skip_written) else 0
-    # Where an interrupted harvest's input stopped, so the model need not run again over the text before it.
-    # restored: how many of the restored input's next rows were written before the interruption, and the number
-    # of its next batch within the whole input (messages count batches as an uninterrupted write would)
-    # (also with no row written yet: a shuffled harvest interrupted before its buffer first filled kept its state)
-    restored = _restore_stream_state(batches, folder, meta, dtype, to_skip) \
-        if existing is not None and skip_written else None
+    resuming = existing is not None and skip_written  # the caller's input starts over
+    # rows saved toward the next shard are taken back, not written again
+    partial = writer.restore_partial() if resuming else writer.drop_partial()
+    to_skip = manifest["n_rows"] + partial if resuming else 0
+    # Where an interrupted harvest's input stopped (also before its first row: a shuffled harvest writes none until
+    # its buffer is full), so the model need not run again over the text it read. restored: how many of the
+    # restored input's next rows were written before the interruption, and the number of its next batch within
+    # the whole input (messages count batches as an uninterrupted write would)
+    restored = _restore_stream_state(batches, folder, meta, dtype, to_skip) if resuming else None
     (folder / STREAM_STATE).unlink(missing_ok=True)  # used once: an interruption of this call saves its own
     first_batch = 0
     if restored is not None:
