@@ -81,7 +81,10 @@ class PowerLaw:
             return math.inf if self.alpha > 0 else 0.0
         if self.alpha == 0:
             return math.nan
-        return float((self.a / (y - self.c)) ** (1.0 / self.alpha))
+        try:
+            return float((self.a / (y - self.c)) ** (1.0 / self.alpha))
+        except OverflowError:  # past the largest float (a flat law far above its floor): as good as never
+            return math.inf
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,18 +124,37 @@ def _sse(theta: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> float:
     return float(np.sum((ly - np.log(m)) ** 2)) if np.all(m > 0) else math.inf
 
 
+# c / min y on [0, 1): uniform, plus points crowding 1 (where the floor is nearly reached).
+_FLOOR_GRID = np.unique(np.concatenate([np.linspace(0, 0.99, 100), 1 - np.logspace(-2, -6, 40)]))
+
+
 def _start_by_floor_grid(lx: np.ndarray, ly: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The best ``(la, alpha, c)`` over a grid of c in [0, min y), a/alpha by log-log least squares."""
     y_min = float(y.min())
-    # c / y_min on [0, 1): uniform, plus points crowding 1 (where the floor is nearly reached).
-    grid = np.unique(np.concatenate([np.linspace(0, 0.99, 100), 1 - np.logspace(-2, -6, 40)]))
     best = (math.inf, None)
-    for t in grid:
+    for t in _FLOOR_GRID:
         theta = np.array([*_loglinear(lx, np.log(y - t * y_min)), t * y_min])
         s = _sse(theta, lx, ly)
         if s < best[0]:
             best = (s, theta)
     return best[1]
+
+
+def floor_grid_starts(x: Sequence[float], y_BN: np.ndarray) -> np.ndarray:
+    """The start :func:`fit_power_law` takes from its grid over the floor c, for ``B`` sets of ``y`` at the same
+    ``x`` at once, ``[B, 3]`` ``(log a, alpha, c)``: the same grid and choice, each line fitted in closed form
+    (equal to the one-at-a-time start up to rounding, ~100x faster; for bootstrap refits)."""
+    lx = np.log(np.asarray(x, dtype=np.float64))
+    y = np.asarray(y_BN, dtype=np.float64)
+    c = _FLOOR_GRID[None, :, None] * y.min(axis=1)[:, None, None]  # [B, K, 1]
+    z = np.log(y[:, None, :] - c)  # [B, K, N]: log(y - c) = la - alpha lx, a line per grid point
+    dx = lx - lx.mean()
+    alpha = -(z * dx).sum(-1) / (dx @ dx)
+    la = z.mean(-1) + alpha * lx.mean()
+    m = np.exp(np.clip(la[..., None] - alpha[..., None] * lx, -700, 700)) + c
+    best = np.argmin(((np.log(y)[:, None, :] - np.log(m)) ** 2).sum(-1), axis=1)
+    rows = np.arange(y.shape[0])
+    return np.stack([la[rows, best], alpha[rows, best], c[rows, best, 0]], axis=1)
 
 
 def _least_squares(theta0: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,16 +184,19 @@ def _standard_errors(J: np.ndarray, resid: np.ndarray, n_par: int) -> tuple[floa
 
 
 def fit_power_law(x: Sequence[float], y: Sequence[float], *, irreducible: bool = True,
-                  what: str = "power-law fit", interval_level: float | None = 0.95) -> PowerLaw:
+                  what: str = "power-law fit", interval_level: float | None = 0.95,
+                  start: Sequence[float] | None = None) -> PowerLaw:
     """Fit ``y = a x^-alpha + c`` (``c = 0`` unless ``irreducible``); see the module docstring.
 
     ``what`` names the data in error messages. Needs 3 points with an irreducible term (2 without).
     ``interval_level``: confidence of alpha's profile-likelihood interval (None: not computed).
+    ``start``: the floor grid's start ``(log a, alpha, c)`` when already computed (:func:`floor_grid_starts`).
     """
     x, y = _check(x, y, what, 3 if irreducible else 2)
     lx, ly = np.log(x), np.log(y)
     if irreducible:
-        theta, J = _least_squares(_start_by_floor_grid(lx, ly, y), lx, ly)
+        theta0 = _start_by_floor_grid(lx, ly, y) if start is None else np.asarray(start, dtype=np.float64)
+        theta, J = _least_squares(theta0, lx, ly)
     else:  # linear in log space: the least-squares solution is exact
         theta = np.array([*_loglinear(lx, ly), 0.0])
         J = _model_log(theta, lx)[1][:, :2]
@@ -272,4 +297,4 @@ def alpha_profile_interval(x: Sequence[float], y: Sequence[float], law: PowerLaw
     return [low, high], note
 
 
-__all__ = ["FitError", "PowerLaw", "alpha_profile_interval", "fit_power_law", "profile_sse"]
+__all__ = ["FitError", "PowerLaw", "alpha_profile_interval", "fit_power_law", "floor_grid_starts", "profile_sse"]
