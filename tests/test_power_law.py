@@ -122,3 +122,23 @@ def test_a_search_that_never_crosses_stops_at_its_limit():
         assert _crossing(never, 1.0, step, 5.0) is None and calls[-1] == 5.0
     law = fit_power_law([256, 512, 1024, 2048], [0.37199, 0.34841, 0.34338, 0.38514])
     assert law.alpha < 0  # the nMSE rises with n: no decreasing law, and a report that says so
+
+
+def test_batched_floor_grid_starts_match_the_fit_and_an_overflowing_inversion_is_infinite():
+    """floor_grid_starts gives every set of y the start the fit's own grid picks (closed form, up to rounding), and a
+    fit from it lands where the fit lands by itself; the bootstrap of compute-equivalent refits this way."""
+    from saelab.evals.power_law import PowerLaw, _start_by_floor_grid, floor_grid_starts
+
+    rng = np.random.default_rng(3)
+    x = np.logspace(7, 9.6, 6)
+    Y = (40 * x ** -0.12 + 2) * (1 + rng.normal(0, 0.01, (20, 6)))
+    starts = floor_grid_starts(x, Y)
+    assert starts.shape == (20, 3)
+    for y, start in zip(Y, starts):
+        assert start == pytest.approx(_start_by_floor_grid(np.log(x), np.log(y), y), rel=1e-9, abs=1e-12)
+        own, given = fit_power_law(x, y), fit_power_law(x, y, start=start, interval_level=None)
+        # as close as the optimizer stops from two starts an ulp apart (the floor c is the flattest direction)
+        assert (given.a, given.alpha, given.c) == pytest.approx((own.a, own.alpha, own.c), rel=1e-4)
+        assert given.alpha_interval is None
+    # (a / (y - c))^(1/b) past the largest float: never reached, as y <= c is, not an OverflowError.
+    assert PowerLaw(a=1e10, alpha=0.01, c=0.0, n_points=3, rmse_log=0.0).invert(1.0) == math.inf
