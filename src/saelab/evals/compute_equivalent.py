@@ -55,6 +55,22 @@ Shared definitions:
   clean loss yet the fraction is >= 1: the model lies below the fitted curve by more than the SAE
   raised its loss, so the fraction says where the fit is off, not what the SAE costs;
   ``fraction_relative`` (< 1) places both losses on the same curve.
+- **Interval** (``intervals``): every loss is a mean over the same sampled eval contexts, so
+  ``fraction``, ``clean_fraction`` and ``fraction_relative`` get a 95 % paired bootstrap interval over
+  the documents the contexts were drawn from (each context alone when they are not known), as the
+  other metrics' (``saelab.evals.bootstrap``): 1,000 draws of the documents with replacement; in each,
+  the spliced, clean and every reference model's loss is recomputed from the drawn documents'
+  per-document sums, the curve refitted as the headline's (``_fit_series``: the same power law, checks
+  and fitted models; the interpolation too) and both losses placed on it; the interval is the 2.5 and
+  97.5 percentiles of the draws. What stays fixed: the reference models and the SAE. A draw is placed
+  as the headline is (``interval_draws`` counts where: ``inside``, ``beyond_last``, ``before_first``,
+  ``unreachable``, ``failed``): an extrapolated power-law draw counts with the compute the law gives
+  it; an unreachable one (spliced loss at or below its floor c) at infinite compute, so an upper bound
+  that falls among them is None (unbounded; reports show ∞) and ``n_infinite`` counts them; the
+  interpolation puts a loss outside the measured ones at 0 or infinite compute, the end it lies beyond;
+  a draw whose refit fails (its curve does not fall) is left out (``n_undefined``). A refit takes ~7 ms
+  (the floor grid's starts computed for all draws at once, ``floor_grid_starts``): 1,000 draws add
+  ~7 s, against a forward of every reference model.
 
 References (``resolve_series``; the CLI's ``--series``):
 
@@ -93,10 +109,19 @@ Result schema (``run_compute_equivalent`` / ``compute_equivalent`` return a JSON
     clean_compute_equivalent, clean_fraction, fraction_relative
     extrapolated, extrapolation           see above
     below_fit_error                       see above (absent from results written before it existed)
+    intervals           {fraction, clean_fraction, fraction_relative}: each {estimate, low, high, level, n_boot,
+                        n_groups, n_undefined, n_infinite} (see Interval; the clean ones with a clean loss);
+                        {} when there is none (interval_note says why)
+    interval_draws      {inside, beyond_last, before_first, unreachable, failed}: where the draws' compute lay
+    interval_groups     what the interval resamples: "documents" (the contexts' documents given) or "contexts"
+    interval_note       None, or why there is no interval (reference losses cached before the per-context
+                        sums were kept: remove the cache file to measure them again)
     checkpoint_s, wall_s                  wall time of the reference losses, of everything
 
 Results written before families existed (no ``kind``; ``tokens_equivalent``,
-``clean_tokens_equivalent``, ``fit.min_tokens``) are read through ``upgrade_result``.
+``clean_tokens_equivalent``, ``fit.min_tokens``) are read through ``upgrade_result``; results written
+before the interval existed have no ``intervals`` and the ``interval_*`` keys, and are read as they are
+(reports print no interval).
 """
 
 from __future__ import annotations
@@ -108,14 +133,17 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from saelab.errors import ConfigError, SaelabError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
-from saelab.evals.power_law import FitError, fit_power_law
+from saelab.evals.bootstrap import (DEFAULT_LEVEL, DEFAULT_N_BOOT, bounded_groups, by_document, check_bootstrap_args,
+                                    check_documents, format_interval, percentile_interval, resample_counts,
+                                    resampled_documents)
+from saelab.evals.power_law import FitError, fit_power_law, floor_grid_starts
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
 from saelab.models.loading import (check_before_load, check_context_fits, configured_vocab_size, dtype_name,
                                    library_bars, tokenizer_before_load)
@@ -488,16 +516,25 @@ def series_for_model(model_name: str, kind: str | None = None) -> str | None:
 @torch.no_grad()
 def mean_loss(lm, tokens_NT: torch.Tensor, first: int, edits=None, lm_batch_size: int = 8) -> tuple[float, int]:
     """Mean next-token CE (nats) of predictions at positions first..T-2, and their count."""
+    return loss_sums(lm, tokens_NT, first, edits, lm_batch_size)[:2]
+
+
+@torch.no_grad()
+def loss_sums(lm, tokens_NT: torch.Tensor, first: int, edits=None,
+              lm_batch_size: int = 8) -> tuple[float, int, torch.Tensor]:
+    """:func:`mean_loss`'s mean and count, and each context's summed CE ``[N]`` float64 (what the interval
+    resamples)."""
     from saelab.evals.downstream import ce_and_kl, check_predictions
 
     check_predictions(tokens_NT, first, "tokens_NT")
-    total, count = 0.0, 0
+    total, count, per_context = 0.0, 0, []
     for i in range(0, tokens_NT.shape[0], lm_batch_size):
         toks = tokens_NT[i:i + lm_batch_size]
         ce, _, _ = ce_and_kl(lm.logits(toks, edits=edits), None, toks.to(lm.device), first)
-        total += float(ce.double().sum())
+        total += float(ce.double().sum())  # the mean summed as before, so that it keeps its bits
         count += ce.numel()
-    return total / count, count
+        per_context.append(ce.double().reshape(toks.shape[0], -1).sum(1).cpu())
+    return total / count, count, torch.cat(per_context)
 
 
 def _tokens_key(tokens_NT: torch.Tensor, first: int, dtype: str = "float32") -> str:
@@ -602,11 +639,13 @@ def checkpoints_to_load(series: CheckpointSeries, tokens_NT: torch.Tensor, first
 def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: int, *, lm_batch_size: int = 8,
                       cache_path: str | Path | None = None, reference_tokenizer=None,
                       progress: bool = False) -> list[dict[str, Any]]:
-    """Clean loss of every model of ``series`` on ``tokens_NT`` (predictions from ``first``), with its compute.
+    """Clean loss of every model of ``series`` on ``tokens_NT`` (predictions from ``first``), with its compute
+    and ``context_losses``, each context's summed loss (for the interval; None from an older cache).
 
     Family members whose N is not given have it counted (non-embedding) when loaded. With
-    ``cache_path`` each loss (and count) is saved (atomically) as soon as it is known and reused by
-    a later call on the same tokens: an interrupted run over hub models resumes where it stopped.
+    ``cache_path`` each loss (and count, and the per-context sums) is saved (atomically) as soon as it is known
+    and reused by a later call on the same tokens: an interrupted run over hub models resumes where it stopped.
+    A cache written before the per-context sums were kept is read as it is (no model is loaded again for them).
     ``progress``: a bar over the models, and the libraries' bars of each load (hidden without it).
     """
     from tqdm.auto import tqdm
@@ -627,14 +666,16 @@ def checkpoint_losses(series: CheckpointSeries, tokens_NT: torch.Tensor, first: 
             lm.check_context_size(int(tokens_NT.shape[1]), f"checkpoint {ck.label}: {EVAL_CONTEXT}")
             _check_tokenizer(lm, reference_tokenizer, tokens_NT, ck.label)
             t0 = time.perf_counter()
-            loss, n = mean_loss(lm, tokens_NT, first, lm_batch_size=lm_batch_size)
+            loss, n, per_context = loss_sums(lm, tokens_NT, first, lm_batch_size=lm_batch_size)
             hit = {"loss": loss, "n_predictions": n, "seconds": round(time.perf_counter() - t0, 2),
-                   "params": count_parameters(lm.model)[1]}
+                   "params": count_parameters(lm.model)[1], "context_losses": per_context.tolist()}
             del lm
             cache[ck.source] = hit
             if cache_path is not None:
                 write_json(cache_path, {"tokens_key": key, "losses": cache})
-        row = {"label": ck.label, "tokens": ck.tokens, "loss": hit["loss"], "source": ck.source}
+        # Each context's summed loss (None where a cache from before they were kept holds the loss alone)
+        row = {"label": ck.label, "tokens": ck.tokens, "loss": hit["loss"], "source": ck.source,
+               "context_losses": hit.get("context_losses")}
         if family:
             row["params"] = ck.params if ck.params is not None else int(hit["params"])
         out.append(row | {"compute": point_compute(series.kind, ck.tokens, row.get("params"))})
@@ -664,7 +705,7 @@ interp_tokens = interp_compute  # the name from when the only axis was training 
 
 
 def _reference_rows(points: Sequence[dict[str, Any]], kind: str, name: str) -> list[dict[str, Any]]:
-    """The points as result rows, ordered by compute (``compute`` from tokens and params when not given)."""
+    """The points as result rows, in their order (``compute`` from tokens and params when not given)."""
     rows = []
     for p in points:
         params = p.get("params")
@@ -676,19 +717,24 @@ def _reference_rows(points: Sequence[dict[str, Any]], kind: str, name: str) -> l
         if kind == KIND_PROGRESS:
             row["compute"] = int(row["compute"])
         rows.append(row)
-    rows.sort(key=lambda r: r["compute"])
     if any(not math.isfinite(r["loss"]) for r in rows):
         raise SeriesError(f"{_what(kind, name)}: non-finite losses {[r['loss'] for r in rows]}")
     return rows
+
+
+def _compute_order(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """The rows' indices ordered by compute (ties kept in their order): the order of the result's rows."""
+    return sorted(range(len(rows)), key=lambda i: rows[i]["compute"])
 
 
 def _what(kind: str, name: str) -> str:
     return f"model family {name!r}" if kind == KIND_FAMILY else f"checkpoint series {name!r}"
 
 
-def _fit_series(rows: list[dict[str, Any]], min_compute: float, kind: str, name: str):
+def _fit_series(rows: list[dict[str, Any]], min_compute: float, kind: str, name: str, start=None):
     """The power law fitted to the rows with compute >= min_compute (each row gets its fitted loss),
-    and the compute and losses it was fitted to."""
+    and the compute and losses it was fitted to. ``start``: a bootstrap refit's start (``floor_grid_starts``),
+    which skips the exponent's profile interval that the result does not report."""
     used = [r for r in rows if r["compute"] >= min_compute]
     unit = COMPUTE_UNITS[kind]
     table = ", ".join(f"{r['compute']:,.4g}: {r['loss']:.4f}" if kind == KIND_FAMILY else
@@ -706,7 +752,8 @@ def _fit_series(rows: list[dict[str, Any]], min_compute: float, kind: str, name:
         raise SeriesError(f"{_what(kind, name)} does not decrease: the loss goes from {L[0]:.4f} to {L[-1]:.4f} "
                           f"({unit}: loss = {table}); {expected}")
     try:
-        law = fit_power_law(C, L, what=_what(kind, name))
+        law = (fit_power_law(C, L, what=_what(kind, name)) if start is None else
+               fit_power_law(C, L, what=_what(kind, name), interval_level=None, start=start))
     except FitError as e:
         raise SeriesError(str(e)) from e
     if law.alpha <= 0:
@@ -742,13 +789,18 @@ def _finite(x: float | None) -> float | None:
 def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
                        reference_compute: float | None, kind: str = KIND_PROGRESS, clean_loss: float | None = None,
                        fit: str = "power", fit_min_frac: float = 0.01, series_name: str = "series",
-                       reference_label: str | None = None) -> dict[str, Any]:
+                       reference_label: str | None = None, loss_sums: Mapping[str, torch.Tensor] | None = None,
+                       n_boot: int = DEFAULT_N_BOOT, level: float = DEFAULT_LEVEL, seed: int = 0) -> dict[str, Any]:
     """Fit loss against compute and place ``spliced_loss`` on it (module docstring; pure function).
 
     ``points``: ``[{"tokens", "loss", "params"? (families), "compute"?, "label"?, "source"?}]``, one per
     reference model. ``reference_compute``: the fraction's denominator (training_progress: the full
     run's tokens; model_family: the evaluated model's 6 N D, or None to take the compute the fit
     needs for ``clean_loss``). ``fit_min_frac`` applies to training progress only.
+    ``loss_sums``: the losses' per-group totals, ``{"spliced": [G], "clean": [G] (with clean_loss), "n": [G]
+    predictions, "references": [G, M] (columns in the order of points)}``: the result then holds the
+    fractions' bootstrap ``intervals`` (``n_boot`` draws of the G groups, ``level``, seeded by ``seed``) and
+    ``interval_draws`` (module docstring).
     """
     if fit not in ("power", "interp"):
         raise ValueError(f"fit must be 'power' or 'interp', got {fit!r}")
@@ -756,7 +808,12 @@ def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == KIND_PROGRESS and not reference_compute:
         raise ValueError("a training-progress equivalent needs reference_compute = the full run's tokens")
+    if loss_sums is not None:
+        check_bootstrap_args(n_boot, level)
+        _check_loss_sums(loss_sums, len(points), clean_loss is not None)
     rows = _reference_rows(points, kind, series_name)
+    order = _compute_order(rows)
+    rows = [rows[i] for i in order]
     min_compute = max(1, math.ceil(fit_min_frac * reference_compute)) if kind == KIND_PROGRESS else 0
     law, C, L = _fit_series(rows, min_compute, kind, series_name)
     invert = law.invert if fit == "power" else (lambda y: interp_compute(C, L, y))
@@ -774,7 +831,7 @@ def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
     # from the model lying below the fitted curve (the fit's error there), not from the SAE.
     below_fit_error = (clean_loss is not None and spliced_loss > clean_loss and fraction is not None
                        and fraction >= 1)
-    return {
+    out = {
         "metric": "compute_equivalent",
         "kind": kind,
         "compute_unit": COMPUTE_UNITS[kind],
@@ -799,6 +856,120 @@ def compute_equivalent(points: Sequence[dict[str, Any]], spliced_loss: float, *,
         "extrapolation": extrapolation,
         "below_fit_error": below_fit_error,
     }
+    if loss_sums is not None:
+        refs = loss_sums["references"].double().cpu()[:, order]  # columns in the rows' order
+        out.update(_bootstrap(out, {**loss_sums, "references": refs}, series_name, n_boot, level, seed))
+    return out
+
+
+# ---- the interval: a paired bootstrap over the eval documents -----------------------------------------
+INTERVAL_STATS = ("fraction", "clean_fraction", "fraction_relative")
+"""The headline numbers that get an interval (the clean ones where a clean loss was given)."""
+DRAW_PLACES = ("inside", "beyond_last", "before_first", "unreachable", "failed")
+"""Where a draw's headline compute lies (``extrapolation``'s words; "failed": its refit failed)."""
+
+
+def _check_loss_sums(sums: Mapping[str, torch.Tensor], n_points: int, clean: bool) -> None:
+    """Refuse per-group totals that do not name one total per group of every loss ``compute_equivalent`` reads."""
+    need = ("spliced", "n", "references") + (("clean",) if clean else ())
+    missing = [k for k in need if k not in sums]
+    if missing:
+        raise ValueError(f"loss_sums lacks {missing}; expected per-group totals of {list(need)}")
+    G = sums["n"].shape[0]
+    shapes = {k: tuple(sums[k].shape) for k in need}
+    if any(shape != ((G, n_points) if k == "references" else (G,)) for k, shape in shapes.items()):
+        raise ValueError(f"loss_sums must hold [G] totals and references [G, {n_points}] (one column per point), "
+                         f"got shapes {shapes}")
+
+
+def _compute_at(law, C: np.ndarray, L: np.ndarray, loss: float, fit: str) -> float:
+    """A draw's compute for ``loss``, in [0, inf]: the power law's (inf: never reached), or the interpolation's,
+    which puts a loss outside the measured ones at the end it lies beyond (0: worse than the first model's,
+    inf: better than the best)."""
+    if fit == "power":
+        return law.invert(loss)
+    c = interp_compute(C, L, loss)
+    return c if c is not None else 0.0 if loss > L[0] else math.inf
+
+
+def _draw(head: dict[str, Any], losses_M: np.ndarray, spliced: float, clean: float | None,
+          name: str, start: np.ndarray) -> tuple[str, list[float]]:
+    """One draw: the curve refitted as the headline's (``_fit_series``) to the draw's reference losses, where its
+    spliced loss lies on it, and its fraction, clean fraction and fraction relative (NaN where undefined)."""
+    fit, kind, ref = head["fit"]["method"], head["kind"], head["reference"]
+    rows = [{"compute": r["compute"], "tokens": r["tokens"], "loss": float(x)}
+            for r, x in zip(head["checkpoints"], losses_M)]
+    try:
+        law, C, L = _fit_series(rows, head["fit"]["min_compute"], kind, name, start=start)
+    except (SaelabError, ValueError, ArithmeticError):  # a curve that does not fall, or a fit that fails
+        return "failed", [math.nan] * 3
+    c_main = np.float64(_compute_at(law, C, L, spliced, fit))
+    c_clean = np.float64(_compute_at(law, C, L, clean, fit) if clean is not None else math.nan)
+    denominator = c_clean if ref["how"] == "clean_loss" else np.float64(head["reference_compute"])
+    with np.errstate(divide="ignore", invalid="ignore"):  # inf / inf and 0 / 0: undefined (NaN)
+        values = [float(c_main / denominator), float(c_clean / denominator), float(c_main / c_clean)]
+    return _extrapolation(law, C, L, spliced, fit) or "inside", values
+
+
+def _bootstrap(head: dict[str, Any], sums: Mapping[str, torch.Tensor], name: str, n_boot: int, level: float,
+               seed: int) -> dict[str, Any]:
+    """``intervals`` of the headline's fractions and ``interval_draws`` (where each draw's compute lay): each
+    draw takes G groups with replacement (``resample_counts``, as the other metrics' bootstraps), recomputes
+    every mean loss from the drawn groups' totals, refits the curve and places the losses on it."""
+    G = int(sums["n"].shape[0])
+    stats = INTERVAL_STATS if "clean" in sums else INTERVAL_STATS[:1]
+    if G < 2 or n_boot == 0:
+        draws, places = np.empty((0, 3)), dict.fromkeys(DRAW_PLACES, 0)
+    else:
+        counts = resample_counts(G, n_boot, torch.Generator().manual_seed(seed))
+        total = {k: torch.tensordot(counts, v.double().cpu(), dims=1).numpy() for k, v in sums.items()}
+        n = total["n"]
+        losses = total["references"] / n[:, None]
+        fitted = [r["compute"] >= head["fit"]["min_compute"] for r in head["checkpoints"]]
+        starts = floor_grid_starts([r["compute"] for r, f in zip(head["checkpoints"], fitted) if f],
+                                   losses[:, fitted])
+        clean = total["clean"] / n if "clean" in total else [None] * n_boot
+        results = [_draw(head, losses[b], float(total["spliced"][b] / n[b]), clean[b], name, starts[b])
+                   for b in range(n_boot)]
+        draws = np.array([values for _, values in results])
+        places = {p: sum(where == p for where, _ in results) for p in DRAW_PLACES}
+    return {"intervals": {k: _draw_interval(head[k], draws[:, INTERVAL_STATS.index(k)], level, G) for k in stats},
+            "interval_draws": places}
+
+
+def _draw_interval(estimate: float | None, draws_B: np.ndarray, level: float, n_groups: int) -> dict[str, Any]:
+    """The JSON-ready percentile interval of one fraction from its draws (``percentile_interval``'s record, and
+    ``n_infinite``): a draw at inf (its compute never reached) counts on the high side, and a bound that falls
+    among such draws is None (unbounded); NaN draws (no value) are left out and counted as ``n_undefined``."""
+    out = percentile_interval(math.nan if estimate is None else estimate, torch.empty(0, dtype=torch.float64),
+                              level, n_groups)
+    ok = np.sort(draws_B[~np.isnan(draws_B)])
+    out.update(n_boot=int(draws_B.size), n_undefined=int(draws_B.size - ok.size), n_infinite=int(np.isinf(ok).sum()))
+    if ok.size:
+        out.update(low=_quantile(ok, (1 - level) / 2), high=_quantile(ok, (1 + level) / 2))
+    return out
+
+
+def format_fraction_interval(interval: dict | None, fmt: str = "{:.4g}") -> str:
+    """``format_interval`` of a fraction for reports; an upper bound among draws that never reach the spliced
+    loss (infinite compute) is shown as ∞."""
+    if not interval or not interval.get("n_infinite") or interval.get("high") is not None:
+        return format_interval(interval, fmt)
+    if interval.get("low") is None:
+        return f" (no interval: {interval['n_infinite']:,} of {interval['n_boot']:,} draws never reach it)"
+    return f" [{fmt.format(interval['low'])}, ∞)"
+
+
+def _quantile(sorted_x: np.ndarray, q: float) -> float | None:
+    """The ``q`` quantile of sorted values, linear between neighbours (as ``torch.quantile``); None when it
+    falls on or next to an infinite value."""
+    pos = q * (sorted_x.size - 1)
+    i = int(math.floor(pos))
+    t = pos - i
+    lo, hi = sorted_x[i], sorted_x[min(i + 1, sorted_x.size - 1)]
+    if math.isinf(lo) or (t > 0 and math.isinf(hi)):
+        return None
+    return float(lo + (hi - lo) * t)
 
 
 def upgrade_result(result: dict[str, Any]) -> dict[str, Any]:
@@ -883,18 +1054,24 @@ def _reference(series: CheckpointSeries, points: list[dict[str, Any]], lm_name: 
 @torch.no_grad()
 def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquivalentConfig | None = None, *,
                            series: CheckpointSeries | None = None, spliced_loss: float | None = None,
-                           clean_loss: float | None = None, cache_path: str | Path | None = None) -> dict[str, Any]:
+                           clean_loss: float | None = None, cache_path: str | Path | None = None,
+                           documents: torch.Tensor | None = None,
+                           context_sums: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Compute-equivalent (family) or training-progress equivalent (series) of ``sae`` spliced into ``lm``.
 
     ``spliced_loss`` / ``clean_loss``: already measured on exactly these tokens and predictions
-    (e.g. by the core eval); measured here when None. ``series`` overrides ``cfg.series``.
+    (e.g. by the core eval); measured here when None. ``context_sums``: their per-context sums
+    ``{"spliced", "clean"}`` ``[N]`` (``downstream_sums``'), which the interval resamples; measured here when
+    not given. ``documents``: the document of each context, which the interval resamples (None: each context
+    alone). ``series`` overrides ``cfg.series``.
     """
     from saelab.evals._common import resolve_hook
-    from saelab.evals.downstream import replace_from
 
     cfg = cfg or ComputeEquivalentConfig()
     t0 = time.perf_counter()
     tokens_NT = check_tokens(tokens_NT)
+    check_documents(documents, tokens_NT)
+    _check_context_sums(context_sums, tokens_NT)
     hook = resolve_hook(lm, sae, cfg.hook)
     first = first_position(sae, cfg.exclude_first)
     if series is None:
@@ -904,29 +1081,75 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
                               f"{lm.known_as!r}; "
                               f"pass one (--series {', '.join(known_series_names()[:2])}, ... or a folder)")
         series = resolve_series(spec, cfg.steps, device=lm.device, dtype=lm.dtype)
-    if spliced_loss is None:
-        spliced_loss, _ = mean_loss(lm, tokens_NT, first, {hook: replace_from(first, sae)}, cfg.lm_batch_size)
-    if clean_loss is None:
-        clean_loss, _ = mean_loss(lm, tokens_NT, first, lm_batch_size=cfg.lm_batch_size)
+    spliced_loss, clean_loss, per_context = _own_losses(lm, sae, tokens_NT, first, hook, cfg.lm_batch_size,
+                                                        spliced_loss, clean_loss, context_sums)
     t1 = time.perf_counter()
     points = checkpoint_losses(series, tokens_NT, first, lm_batch_size=cfg.lm_batch_size, cache_path=cache_path,
                                reference_tokenizer=lm.tokenizer, progress=cfg.progress)
     t2 = time.perf_counter()
     reference, label = _reference(series, points, lm.name)
+    documents = resampled_documents(documents)
+    sums, note = _group_sums(per_context, points, documents, tokens_NT.shape[1] - 1 - first, cache_path)
     out = compute_equivalent(points, spliced_loss, reference_compute=reference, kind=series.kind,
                              clean_loss=clean_loss, fit=cfg.fit, fit_min_frac=cfg.fit_min_frac,
-                             series_name=series.name, reference_label=label)
+                             series_name=series.name, reference_label=label, loss_sums=sums)
     n_pred = tokens_NT.shape[0] * (tokens_NT.shape[1] - 1 - first)
     return {"metric": "compute_equivalent", "hook": hook, "config": config_dict(cfg), "series": series.info(),
             **{k: v for k, v in out.items() if k != "metric"}, "n_predictions": n_pred,
+            "intervals": out.get("intervals", {}),
+            "interval_groups": "contexts" if documents is None else "documents", "interval_note": note,
             "checkpoint_s": t2 - t1, "wall_s": time.perf_counter() - t0}
+
+
+def _check_context_sums(sums: Mapping[str, torch.Tensor] | None, tokens_NT: torch.Tensor) -> None:
+    """Refuse per-context sums that do not hold the spliced and clean loss of every context of ``tokens_NT``."""
+    if sums is None:
+        return
+    shapes = {k: tuple(sums[k].shape) if k in sums else None for k in ("spliced", "clean")}
+    if any(shape != (tokens_NT.shape[0],) for shape in shapes.values()):
+        raise ValueError(f"context_sums must hold 'spliced' and 'clean' sums of each of the {tokens_NT.shape[0]} "
+                         f"contexts, got shapes {shapes}")
+
+
+def _own_losses(lm, sae, tokens_NT: torch.Tensor, first: int, hook: str, batch: int, spliced_loss: float | None,
+                clean_loss: float | None, context_sums: Mapping[str, torch.Tensor] | None
+                ) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """The evaluated model's spliced and clean losses (as given, else measured) and their per-context sums (as
+    given, else measured: two forwards where only the means came)."""
+    from saelab.evals.downstream import replace_from
+
+    if context_sums is not None:
+        sums = {k: context_sums[k].double().cpu() for k in ("spliced", "clean")}
+    else:
+        sums = {}
+    losses = {"spliced": spliced_loss, "clean": clean_loss}
+    for name, edits in (("spliced", {hook: replace_from(first, sae)}), ("clean", None)):
+        if losses[name] is None or name not in sums:
+            mean, _, sums[name] = loss_sums(lm, tokens_NT, first, edits, batch)
+            losses[name] = mean if losses[name] is None else losses[name]
+    return losses["spliced"], losses["clean"], sums
+
+
+def _group_sums(per_context: dict[str, torch.Tensor], points: list[dict[str, Any]], documents: torch.Tensor | None,
+                per_ctx: int, cache_path: str | Path | None) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """The losses' totals per group (a document, or a context) for the interval, or None and why there is none:
+    reference losses from a cache written before the per-context sums were kept."""
+    old = [p["label"] for p in points if p.get("context_losses") is None]
+    if old:
+        return None, (f"No interval: the losses of {', '.join(old)} cached in {cache_path} were measured before "
+                      "saelab kept each context's loss; remove that file to measure them again with them")
+    N = per_context["spliced"].shape[0]
+    totals = {**per_context, "n": torch.full((N,), float(per_ctx), dtype=torch.float64),
+              "references": torch.tensor([p["context_losses"] for p in points], dtype=torch.float64).T}
+    return by_document(totals, bounded_groups(documents if documents is not None else torch.arange(N))), None
 
 
 __all__ = [
     "CRFM_TOKENS_PER_STEP", "CheckpointSeries", "ComputeEquivalentConfig", "KINDS", "KIND_FAMILY", "KIND_PROGRESS",
     "KIND_TITLES", "PYTHIA_TOKENS_PER_STEP", "PYTHIA_TOTAL_TOKENS", "SeriesCheckpoint", "SeriesError",
     "check_checkpoints_before_load", "checkpoint_losses", "checkpoints_to_load", "compute_equivalent",
-    "crfm_checkpoint_steps", "crfm_gpt2_small_series", "interp_compute", "interp_tokens", "known_series_names",
-    "local_family", "local_series", "mean_loss", "point_compute", "pythia_checkpoint_steps", "pythia_family",
-    "pythia_series", "resolve_series", "run_compute_equivalent", "series_for_model", "upgrade_result",
+    "crfm_checkpoint_steps", "crfm_gpt2_small_series", "format_fraction_interval", "interp_compute", "interp_tokens",
+    "known_series_names", "local_family", "local_series", "loss_sums", "mean_loss", "point_compute",
+    "pythia_checkpoint_steps", "pythia_family", "pythia_series", "resolve_series", "run_compute_equivalent",
+    "series_for_model", "upgrade_result",
 ]

@@ -76,6 +76,9 @@ class CoreEvaluation:
     """nMSE, L0, dead/dense, CE, delta CE, KL, CE recovered and the eval settings they come from."""
     frequencies_N: torch.Tensor
     """Fraction of the reconstruction tokens each latent fired on."""
+    context_sums: dict[str, torch.Tensor] | None = None
+    """:func:`downstream_sums`' per-context sums of the downstream contexts (the first ones read): the
+    compute-equivalent's interval resamples their spliced and clean losses."""
 
 
 def model_record(name: str) -> dict[str, Any]:
@@ -209,10 +212,10 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress,
                                                 row_groups=_row_groups(groups[:n_recon], per_ctx, acts_ND.shape[0]))
     t_recon = time.perf_counter() - t0
-    sums = by_document(downstream_sums(lm, sae, tokens[:n_down], hook=hook, lm_batch_size=cfg.lm_batch_size,
-                                       mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations,
-                                       variants_per_forward=cfg.variants_per_forward, progress=progress),
-                       groups[:n_down])
+    per_context = downstream_sums(lm, sae, tokens[:n_down], hook=hook, lm_batch_size=cfg.lm_batch_size,
+                                  mean_act_D=acts_ND.mean(dim=0), ablations=cfg.ablations,
+                                  variants_per_forward=cfg.variants_per_forward, progress=progress)
+    sums = by_document(per_context, groups[:n_down])
     down = downstream_summary(sums)
     metrics = {**recon.to_dict(), **down, "intervals": _intervals(recon.per_group, sums, down),
                "interval_groups": "contexts" if documents is None else "documents",
@@ -221,4 +224,4 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
                "dead_definition": f"never fired on the {recon.n_tokens:,} eval tokens (not the training-time window)",
                "seconds": {"reconstruction": round(t_recon, 2),
                            "downstream": round(time.perf_counter() - t0 - t_recon, 2)}}
-    return CoreEvaluation(metrics, frequencies)
+    return CoreEvaluation(metrics, frequencies, per_context)

@@ -21,8 +21,9 @@ All metrics read the same eval contexts (the eval corpus, the SAE's context size
 random across the corpus's first ``eval.sample_pool_tokens`` tokens (:func:`saelab.data.draw_contexts`); each
 metric reads the first ones it needs, a draw of its own across the corpus. compute-equivalent uses the core
 eval's downstream contexts and its spliced and clean losses, so every loss it compares is measured on the
-same predictions. The metrics with intervals resample whole documents (a context's document is known from
-the draw).
+same predictions (and their per-context sums, which its interval resamples; a core result reused from an
+earlier invocation holds none, and compute-equivalent measures them again). The metrics with intervals
+resample whole documents (a context's document is known from the draw).
 
 Envelope of every ``OUT/evals/<metric>.json`` (``schema_version`` 1)::
 
@@ -146,10 +147,13 @@ class SuiteRun:
     """The model's name (``lm.name``; known before the load, as ``saelab.models.model_name`` gives it)."""
     refused: dict[str, str] = field(default_factory=dict)
     """Metrics found to fail before the model loaded (:func:`check_series_before_load`), with their error."""
+    core_sums: dict[str, torch.Tensor] | None = None
+    """core's per-context downstream sums when it ran in this invocation (a reused core.json holds none)."""
 
 
 def _core(run: SuiteRun) -> dict:
     core = evaluate_core(run.sae, run.lm, run.eval_cfg, progress=False, contexts=run.contexts)  # its first ones
+    run.core_sums = core.context_sums
     # Saved as `saelab eval` saves them, and before core.json, which marks the metric done: a suite cut off in
     # between runs core again and rewrites them; they record the SAE and the settings, so a report never pairs
     # them with a core.json of another evaluation.
@@ -160,12 +164,14 @@ def _core(run: SuiteRun) -> dict:
 
 def _compute_equivalent(run: SuiteRun) -> dict:
     core = run.results.get("core")
-    spliced = clean = None
+    spliced = clean = sums = None
     if core and core.get("n_predictions") == run.n_down * (run.T - 1 - run.first):
         spliced, clean = core["ce_spliced"], core["ce_clean"]  # the same predictions
-    return run_compute_equivalent(run.lm, run.sae, run.contexts.tokens[:run.n_down], run.cfg.compute_equivalent,
+        sums = run.core_sums  # None from a reused core.json: measured again for the interval
+    head = run.contexts.head(run.n_down)
+    return run_compute_equivalent(run.lm, run.sae, head.tokens, run.cfg.compute_equivalent,
                                   series=run.series, spliced_loss=spliced, clean_loss=clean,
-                                  cache_path=_series_losses(run))
+                                  cache_path=_series_losses(run), documents=head.documents, context_sums=sums)
 
 
 def _series_losses(run: SuiteRun) -> Path:
