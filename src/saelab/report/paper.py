@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.errors import CheckpointError
-from saelab.evals.compute_equivalent import KIND_FAMILY, upgrade_result
+from saelab.evals.compute_equivalent import KIND_FAMILY, format_fraction_interval, upgrade_result
 from saelab.evals.core import eval_settings
 from saelab.models import model_provenance
 from saelab.report.markdown import frequencies_mismatch, intervals_note, markdown_table, metric_rows
@@ -75,12 +75,14 @@ def _simulated_text(r: dict, sp: dict) -> str:
 
 def _headline_ce(r: dict) -> str:
     frac, name = r.get("fraction"), r["series"]["name"]
+    ci = (r.get("intervals") or {}).get("fraction")
+    shown = None if frac is None else f"{frac:.3g}{format_fraction_interval(ci, '{:.3g}')}"
     if r["kind"] == KIND_FAMILY:
         own = r["reference"].get("label") or "its clean loss on the fit"
-        s = (f"compute-equivalent {frac:.3g} of the compute of `{own}` (6 N D, family `{name}`)" if frac is not None
+        s = (f"compute-equivalent {shown} of the compute of `{own}` (6 N D, family `{name}`)" if frac is not None
              else f"compute-equivalent: spliced loss not reached by the fit of family `{name}`")
     else:
-        s = (f"training-progress equivalent {frac:.3g} of the training tokens of `{name}` (one run's checkpoints, "
+        s = (f"training-progress equivalent {shown} of the training tokens of `{name}` (one run's checkpoints, "
              "not the paper's family of sizes)" if frac is not None
              else f"training-progress equivalent: spliced loss not reached by the fit of `{name}`")
     s += f" (extrapolated: {r['extrapolation']})" if r.get("extrapolated") else ""
@@ -163,20 +165,24 @@ def _section_ce(r: dict, evals: Path) -> list[str]:
     fit, unit, family = r["fit"], r["compute_unit"], r["kind"] == KIND_FAMILY
     whose = "the evaluated model's compute" if family else "the full run's tokens"
     num = "{:.4g}" if family else "{:,.0f}"
+    ci = r.get("intervals") or {}
     rows = _ce_reference_rows(r) + [
         ("clean / spliced loss", f"{_f(r['clean_loss'])} / {_f(r['spliced_loss'])} nats on "
                                  f"{r['n_predictions']:,} predictions"),
         (f"{unit} to reach the spliced loss (power law)", _f(r["compute_equivalent"], num)),
-        (f"**fraction of {whose}**", f"**{_f(r['fraction'], '{:.4g}')}** ({fit['method']})"),
+        (f"**fraction of {whose}**",
+         f"**{_f(r['fraction'], '{:.4g}')}**{format_fraction_interval(ci.get('fraction'))} ({fit['method']})"),
         ("fraction: power law / interpolation", f"{_f(r['fraction_power'], '{:.4g}')} / "
                                                 f"{_f(r['fraction_interp'], '{:.4g}')}"),
-        ("clean model's own position on the curve", _f(r["clean_fraction"], "{:.4g}")),
-        ("fraction relative to the clean model", _f(r["fraction_relative"], "{:.4g}")),
+        ("clean model's own position on the curve",
+         _f(r["clean_fraction"], "{:.4g}") + format_fraction_interval(ci.get("clean_fraction"))),
+        ("fraction relative to the clean model",
+         _f(r["fraction_relative"], "{:.4g}") + format_fraction_interval(ci.get("fraction_relative"))),
         ("extrapolated", str(r["extrapolation"]) if r["extrapolated"] else "no (inside the measured range)")]
     if r.get("below_fit_error"):
         rows.append(("below the fit's error", _below_fit_error(r)))
     head = "| member | N (non-embedding) | tokens D | 6 N D (FLOPs) |" if family else "| checkpoint | tokens |"
-    lines = [markdown_table(rows), "", head + " loss | fitted | in fit |",
+    lines = [markdown_table(rows), *_ce_intervals_note(r), "", head + " loss | fitted | in fit |",
              "|---|" + ("---|---|---|" if family else "---|") + "---|---|---|"]
     for c in r["checkpoints"]:
         size = f"{c['params']:,} | {c['tokens']:,} | {c['compute']:.4g}" if family else f"{c['tokens']:,}"
@@ -185,6 +191,32 @@ def _section_ce(r: dict, evals: Path) -> list[str]:
     if (evals / "compute_equivalent.png").exists():
         lines += ["", "![compute-equivalent](compute_equivalent.png)"]
     return lines
+
+
+def _ce_intervals_note(r: dict) -> list[str]:
+    """What the fractions' [low, high] are, and how the draws whose compute lies outside the models' were
+    counted; why there are none (losses cached before they were kept); nothing for a result from before."""
+    if r.get("interval_note"):
+        return ["", r["interval_note"] + "."]
+    some = next((i for i in (r.get("intervals") or {}).values() if i.get("n_boot")), None)
+    if some is None:
+        return []
+    places = r.get("interval_draws") or {}
+    beyond, before = places.get("beyond_last", 0), places.get("before_first", 0)
+    how = ("extrapolated by the power law, counted where it places them" if r["fit"]["method"] == "power" else
+           "outside the interpolation, counted as infinite compute and as 0")
+    counted = [f"{beyond:,} beyond the last model's compute and {before:,} before the first ({how})"] \
+        if beyond or before else []
+    if places.get("unreachable"):
+        counted.append(f"{places['unreachable']:,} at or below the fitted floor c (never reached: infinite compute, "
+                       "so an upper bound among them is ∞)")
+    if places.get("failed"):
+        counted.append(f"{places['failed']:,} whose refit failed (left out)")
+    return ["", f"[low, high]: {some['level']:.0%} paired bootstrap intervals over the {some['n_groups']:,} "
+                f"{r.get('interval_groups', 'groups')} of the eval contexts, {some['n_boot']:,} draws: each draw "
+                "recomputes the spliced, clean and every reference model's loss from the drawn ones, refits the "
+                "curve and places the losses on it" + (f"; of the draws, {'; '.join(counted)}" if counted else "")
+                + "."]
 
 
 def _section_ablation(r: dict) -> list[str]:

@@ -80,7 +80,7 @@ def density_histogram(frequencies_N: torch.Tensor, path: str | Path, n_tokens: i
 def compute_equivalent_plot(result: dict[str, Any], path: str | Path) -> Path:
     """Reference losses against compute (a family's members in FLOPs, or one run's checkpoints in
     tokens), the fitted L(C), and the clean and spliced losses."""
-    from saelab.evals.compute_equivalent import KIND_FAMILY, KIND_TITLES, upgrade_result
+    from saelab.evals.compute_equivalent import KIND_FAMILY, KIND_TITLES, format_fraction_interval, upgrade_result
 
     result = upgrade_result(result)
     family = result["kind"] == KIND_FAMILY
@@ -116,7 +116,8 @@ def compute_equivalent_plot(result: dict[str, Any], path: str | Path) -> Path:
     whose = "of the model's compute" if family else "of the run's training tokens"
     extra = f", extrapolated ({result['extrapolation']})" if result.get("extrapolated") else ""
     title = (f"{result['series']['name']}: {KIND_TITLES[result['kind']]} "
-             + (f"{frac:.3g} {whose}" if frac is not None else "not reached") + extra)
+             + (f"{frac:.3g}{format_fraction_interval((result.get('intervals') or {}).get('fraction'), '{:.3g}')} "
+                f"{whose}" if frac is not None else "not reached") + extra)
     ax.set_title(title, fontsize=10)
     ax.set_xscale("log")
     ax.set_xlabel("training compute C = 6 N D (FLOPs, N non-embedding)" if family else
