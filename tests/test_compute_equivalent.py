@@ -107,6 +107,95 @@ def test_series_that_does_not_decrease_or_is_too_short_is_refused():
         compute_equivalent([{"tokens": 1, "loss": float("nan")}] * 3, 5.0, reference_compute=3)
 
 
+# ---- the interval: a paired bootstrap over documents ------------------------------------------------
+def doc_sums(n_docs: int, seed: int = 0, spliced_at: float = 1e9, per_doc: int = 50, tokens=None):
+    """Per-document loss sums of a series that follows the law, each document harder or easier for every model
+    alike (its own offset), plus each model's own noise: (points, loss_sums, spliced loss, clean loss)."""
+    rng = np.random.default_rng(seed)
+    tokens = np.logspace(7, math.log10(TOTAL), 7) if tokens is None else tokens
+    offset = rng.normal(0, 0.3, n_docs)
+    per = lambda c: (law(c) + offset + rng.normal(0, 0.05, n_docs)) * per_doc  # noqa: E731
+    sums = {"references": torch.tensor(np.stack([per(t) for t in tokens], 1)),
+            "spliced": torch.tensor(per(spliced_at)), "clean": torch.tensor(per(TOTAL)),
+            "n": torch.full((n_docs,), float(per_doc), dtype=torch.float64)}
+    n = float(sums["n"].sum())
+    points = [{"tokens": int(t), "loss": float(sums["references"][:, i].sum()) / n, "label": f"ck{i}"}
+              for i, t in enumerate(tokens)]
+    return points, sums, float(sums["spliced"].sum()) / n, float(sums["clean"].sum()) / n
+
+
+def test_interval_is_a_paired_document_bootstrap_of_the_refitted_curve():
+    """Each draw takes the documents with replacement (the generator's draws, as the other metrics' bootstraps),
+    recomputes every loss from the drawn documents, refits the power law and inverts it: the interval equals one
+    rolled by hand from those draws; the point estimates are those without an interval, bit for bit."""
+    from saelab.evals.power_law import fit_power_law
+
+    points, sums, spliced, clean = doc_sums(30)
+    plain = compute_equivalent(points, spliced, clean_loss=clean, reference_compute=TOTAL, fit_min_frac=0)
+    res = compute_equivalent(points, spliced, clean_loss=clean, reference_compute=TOTAL, fit_min_frac=0,
+                             loss_sums=sums, n_boot=100, seed=7)
+    assert {k: v for k, v in res.items() if not k.startswith("interval")} == plain
+    assert set(res["intervals"]) == {"fraction", "clean_fraction", "fraction_relative"}
+    assert res["interval_draws"] == dict(inside=100, beyond_last=0, before_first=0, unreachable=0, failed=0)
+    idx = torch.randint(30, (100, 30), generator=torch.Generator().manual_seed(7))
+    by_hand = []
+    for drawn in idx:
+        total = {k: v[drawn].sum(0).numpy() for k, v in sums.items()}
+        law_b = fit_power_law([p["tokens"] for p in points], total["references"] / total["n"], interval_level=None)
+        c_spliced, c_clean = law_b.invert(total["spliced"] / total["n"]), law_b.invert(total["clean"] / total["n"])
+        by_hand.append([c_spliced / TOTAL, c_clean / TOTAL, c_spliced / c_clean])
+    by_hand = np.array(by_hand)
+    for i, name in enumerate(("fraction", "clean_fraction", "fraction_relative")):
+        ci = res["intervals"][name]
+        assert ci["estimate"] == res[name] and ci["low"] < res[name] < ci["high"]
+        assert [ci[k] for k in ("level", "n_boot", "n_groups", "n_undefined", "n_infinite")] == [0.95, 100, 30, 0, 0]
+        assert [ci["low"], ci["high"]] == pytest.approx(np.quantile(by_hand[:, i], [0.025, 0.975]), rel=1e-6)
+    json.dumps(res, allow_nan=False)
+
+
+def test_interval_narrows_with_more_documents():
+    widths = []
+    for n_docs in (16, 256):
+        points, sums, spliced, clean = doc_sums(n_docs, seed=n_docs)
+        ci = compute_equivalent(points, spliced, clean_loss=clean, reference_compute=TOTAL, fit_min_frac=0,
+                                loss_sums=sums, n_boot=200)["intervals"]["fraction"]
+        assert ci["low"] < ci["estimate"] < ci["high"]
+        widths.append(ci["high"] - ci["low"])
+    assert widths[1] < widths[0] / 2.5  # 16 times the documents: about a quarter of the width
+
+
+def test_draws_that_never_reach_the_spliced_loss_or_fail_to_fit_are_counted():
+    """A spliced loss near the fitted floor: the draws whose floor lies above it need infinite compute, which
+    bounds the interval from below only (its upper bound is ∞, None in JSON). A series whose decline is within
+    its noise fails to fit in some draws: counted and left out, the metric still answers."""
+    from saelab.evals.compute_equivalent import format_fraction_interval
+
+    points, sums, spliced, clean = doc_sums(12, seed=1, spliced_at=1e18, per_doc=1)
+    res = compute_equivalent(points, spliced, clean_loss=clean, reference_compute=TOTAL, fit_min_frac=0,
+                             loss_sums=sums, n_boot=200)
+    ci, places = res["intervals"]["fraction"], res["interval_draws"]
+    assert res["extrapolation"] == "beyond_last" and res["fraction"] is not None  # the headline reaches it
+    assert places["unreachable"] > 0.025 * 200 and ci["n_infinite"] == places["unreachable"]
+    assert places["beyond_last"] + places["unreachable"] == 200  # the extrapolated draws count as they are
+    assert ci["high"] is None and ci["low"] is not None and ci["low"] < ci["estimate"]
+    assert format_fraction_interval(ci).endswith(", ∞)") and json.dumps(res, allow_nan=False)
+    flat = doc_sums(12, seed=2, tokens=np.logspace(7, 7.02, 4))
+    res = compute_equivalent(flat[0], flat[2], clean_loss=flat[3], reference_compute=TOTAL, fit_min_frac=0,
+                             loss_sums=flat[1], n_boot=100)
+    assert res["interval_draws"]["failed"] > 0 and sum(res["interval_draws"].values()) == 100
+    assert res["intervals"]["fraction"]["n_undefined"] >= res["interval_draws"]["failed"]
+    with pytest.raises(ValueError, match=r"loss_sums must hold \[G\] totals and references \[G, 4\]"):
+        compute_equivalent(flat[0], flat[2], reference_compute=TOTAL, fit_min_frac=0,
+                           loss_sums={**flat[1], "references": flat[1]["references"][:, :3]})
+
+
+def test_one_document_gives_no_interval():
+    points, sums, spliced, clean = doc_sums(1)
+    ci = compute_equivalent(points, spliced, clean_loss=clean, reference_compute=TOTAL, fit_min_frac=0,
+                            loss_sums=sums)["intervals"]["fraction"]
+    assert (ci["low"], ci["high"], ci["n_boot"], ci["n_groups"]) == (None, None, 0, 1)
+
+
 # ---- series -----------------------------------------------------------------------------------
 def test_hub_series_names_revisions_and_tokens():
     crfm = resolve_series("crfm-gpt2-small")
@@ -246,12 +335,37 @@ def test_compute_equivalent_on_a_trained_series(tiny_series, tiny_series_run, da
     assert res["series"]["total_tokens"] == 120 * 128
     data = (tmp_path / "ce.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24])[0] > 300
-    # Losses are cached per checkpoint: a second run on the same tokens loads no checkpoint.
+    # A 95 % interval from 1,000 draws of the contexts (their documents unknown), the losses resampled together.
+    assert res["interval_groups"] == "contexts" and res["interval_note"] is None
+    for name in ("fraction", "clean_fraction", "fraction_relative"):
+        ci = res["intervals"][name]
+        assert ci["estimate"] == res[name] and ci["low"] <= res[name] <= ci["high"], (name, ci)
+        assert (ci["n_boot"], ci["n_groups"]) == (1000, 48)
+    assert sum(res["interval_draws"].values()) == 1000
+    # Losses are cached per checkpoint, with each context's: a second run on the same tokens loads no checkpoint.
     import saelab.models
 
     monkeypatch.setattr(saelab.models, "load_model", lambda *a, **k: pytest.fail("checkpoint loaded again"))
-    again = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "losses.json")
-    assert again["fraction"] == res["fraction"]
+    documents = torch.arange(48) // 6  # 8 documents of 6 contexts each
+    again = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "losses.json", documents=documents)
+    assert again["fraction"] == res["fraction"] and again["interval_groups"] == "documents"
+    assert again["intervals"]["fraction"]["n_groups"] == 8
+    # A cache from before the per-context losses were kept is read as it is: the same fraction, no interval, and
+    # a note that says why and how to get one.
+    cache = json.loads((tmp_path / "losses.json").read_text())
+    for hit in cache["losses"].values():
+        del hit["context_losses"]
+    (tmp_path / "old.json").write_text(json.dumps(cache))
+    old = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "old.json")
+    assert {k: old[k] for k in ("fraction", "clean_fraction", "fraction_relative", "checkpoints")} == \
+        {k: res[k] for k in ("fraction", "clean_fraction", "fraction_relative", "checkpoints")}
+    assert old["intervals"] == {} and "interval_draws" not in old
+    assert old["interval_note"].startswith("No interval: the losses of checkpoint-10, checkpoint-20") and \
+        f"cached in {tmp_path / 'old.json'} were measured before" in old["interval_note"]
+    with pytest.raises(ValueError, match="documents must hold one document per context"):
+        run_compute_equivalent(lm, sae, tokens, cfg, documents=documents[:5])
+    with pytest.raises(ValueError, match="context_sums must hold 'spliced' and 'clean' sums of each of the 48"):
+        run_compute_equivalent(lm, sae, tokens, cfg, context_sums={"spliced": torch.zeros(48)})
     monkeypatch.undo()
     # A bfloat16 model is set against references that ran in bfloat16 too (not the float32 losses cached).
     lm16 = load_model(str(tiny_series / "checkpoint-120"), dtype="bfloat16")
@@ -304,3 +418,49 @@ def test_checkpoint_loads_draw_their_bars_only_with_progress(tiny_dir, library_b
     assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
     checkpoint_losses(series, torch.ones(2, 16, dtype=torch.long), 0, progress=True)
     assert "Loading weights" in capfd.readouterr().err
+
+
+def _suite_record(tmp_path, result):
+    evals = tmp_path / "evals"
+    evals.mkdir(exist_ok=True)
+    (evals / "compute_equivalent.json").write_text(json.dumps(
+        {"metric": "compute_equivalent", "schema_version": 1, "status": "ok", "reason": None, "inputs": {},
+         "sae": {}, "eval": {}, "wall_s": 2.0, "created": "2026-01-01T00:00:00Z", "result": result}))
+
+
+def test_reports_print_the_interval_and_read_results_from_before_it(tmp_path):
+    """The suite report gives each fraction its interval (an unbounded one as ∞) and says what the intervals are and
+    how the draws outside the models' compute counted; a result from before intervals existed, or one whose losses
+    were cached without them, renders (report and plot) without one."""
+    from saelab.report.paper import write_paper_report
+
+    points, sums, spliced, clean = doc_sums(20, seed=5)
+    res = compute_equivalent(points, spliced, clean_loss=clean, reference_compute=TOTAL, fit_min_frac=0,
+                             loss_sums=sums, n_boot=100, series_name="tiny")
+    res = {**res, "series": {"name": "tiny", "description": "d", "total_tokens": TOTAL}, "n_predictions": 1000,
+           "interval_groups": "documents", "interval_note": None}
+    ci = res["intervals"]
+    _suite_record(tmp_path, res)
+    text = write_paper_report(tmp_path).read_text()
+    low, high = (f"{ci['fraction'][k]:.3g}" for k in ("low", "high"))
+    assert f"training-progress equivalent {res['fraction']:.3g} [{low}, {high}] of the training tokens" in text
+    assert f"**{res['fraction']:.4g}** [{ci['fraction']['low']:.4g}, {ci['fraction']['high']:.4g}] (power)" in text
+    assert f"| fraction relative to the clean model | {res['fraction_relative']:.4g} [" in text
+    assert "[low, high]: 95% paired bootstrap intervals over the 20 documents of the eval contexts, 100 draws" in text
+    # An upper bound among unreachable draws, and the draws outside the models' compute, are said as such.
+    unbounded = {**res, "intervals": {**ci, "fraction": {**ci["fraction"], "high": None, "n_infinite": 9}},
+                 "interval_draws": {**res["interval_draws"], "inside": 80, "beyond_last": 11, "unreachable": 9}}
+    _suite_record(tmp_path, unbounded)
+    text = write_paper_report(tmp_path).read_text()
+    assert f"training-progress equivalent {res['fraction']:.3g} [{low}, ∞) of" in text
+    assert ("of the draws, 11 beyond the last model's compute and 0 before the first (extrapolated by the power law, "
+            "counted where it places them); 9 at or below the fitted floor c (never reached: infinite compute") in text
+    # Written before the interval existed: no interval and no note; losses cached without it: the note.
+    before = {k: v for k, v in res.items() if not k.startswith("interval")}
+    for result, note in ((before, None), ({**before, "intervals": {}, "interval_note": "No interval: the losses"},
+                                         "No interval: the losses.")):
+        _suite_record(tmp_path, result)
+        text = write_paper_report(tmp_path).read_text()
+        assert "[low, high]" not in text and f"{res['fraction']:.3g} of the training tokens" in text
+        assert (note in text) if note else "No interval" not in text
+        compute_equivalent_plot(result, tmp_path / "ce.png")

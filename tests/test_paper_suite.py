@@ -88,6 +88,11 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     assert (ce["spliced_loss"], ce["clean_loss"]) == (core["ce_spliced"], core["ce_clean"])
     assert ce["n_predictions"] == core["n_predictions"] == 32 * 30
     assert ce["series"]["name"] == "tiny-series" and len(ce["checkpoints"]) == 6 and ce["fraction"] > 0
+    # Its interval resamples the documents of the contexts, as core's: the same groups, core's per-context losses.
+    assert ce["interval_groups"] == core["interval_groups"] == "documents" and ce["interval_note"] is None
+    fraction = ce["intervals"]["fraction"]
+    assert fraction["n_groups"] == core["intervals"]["delta_ce"]["n_groups"] > 1 and fraction["n_boot"] == 1000
+    assert fraction["low"] <= ce["fraction"] <= fraction["high"]
     assert recs["ablation_sparsity"]["result"]["latents_per_s"] > 0
     assert recs["ablation_sparsity"]["result"]["latent"]["n_ablations"] == 4 * 2  # k = 2 at 4 sites
     assert recs["probe"]["result"]["tasks"] and recs["n2g"]["result"]["n_explained"] == 8
@@ -114,6 +119,7 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
         assert heading in report, heading
     for png in ("compute_equivalent.png", "probe.png", "n2g.png"):
         assert (run / "evals" / png).read_bytes()[:8] == PNG and f"]({png})" in report
+    assert f"{ce['fraction']:.3g} [{fraction['low']:.3g}, {fraction['high']:.3g}] of the training tokens" in report
     assert "evals/report.md" in (run / "report.md").read_text()  # the run's own report points to it
 
     # Resumable: the same command reuses every result (the SAE hashed once, for the checks before the load and
@@ -137,6 +143,17 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     assert json.loads((run / "evals" / "probe.json").read_text())["created"] == created["probe"]
     out, _ = run_cli(capsys, *for_metrics(argv, "core", "probe"), "--overwrite", "--metrics", "core", "probe")
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok", "probe": "ok"}
+    # With core reused from its file (which holds no per-context losses), compute_equivalent measures the spliced
+    # and clean losses of each context again: the same fractions and the same interval.
+    (run / "evals" / "compute_equivalent.json").unlink()
+    out, _ = run_cli(capsys, *for_metrics(argv, "core", "compute_equivalent"), "--metrics", "core",
+                     "compute_equivalent")
+    assert (out["core"], out["compute_equivalent"]) == ("ok (reused)", "ok")
+    again = json.loads((run / "evals" / "compute_equivalent.json").read_text())["result"]
+    core = json.loads((run / "evals" / "core.json").read_text())["result"]
+    assert (again["spliced_loss"], again["clean_loss"]) == (core["ce_spliced"], core["ce_clean"])
+    assert again["fraction"] == ce["fraction"]
+    assert again["intervals"]["fraction"] == pytest.approx(fraction, rel=1e-6)
 
 
 def v5_checkpoint(path: Path, d: int = 64, n: int = 256, k: int = 8, seed: int = 0) -> Path:
