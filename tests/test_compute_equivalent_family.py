@@ -71,6 +71,33 @@ def test_family_fit_inverts_in_flops_relative_to_the_evaluated_member():
     json.dumps(res, allow_nan=False)
 
 
+def test_interval_of_a_family_whose_reference_is_the_clean_loss_moves_with_it():
+    """A family member or not, each draw's denominator is the headline's: a member's fixed 6 N D, or (the evaluated
+    model no member) the compute the draw's own curve needs for the draw's clean loss, so that the fraction and the
+    fraction relative are one number in every draw, and the clean fraction is 1."""
+    rng = np.random.default_rng(0)
+    pts = synthetic_family()
+    computes = [6.0 * p["params"] * p["tokens"] for p in pts]
+    offset, G = rng.normal(0, 0.2, 24), 24
+    per_doc = lambda c: law(c) + offset + rng.normal(0, 0.02, G)  # noqa: E731 (one prediction per document)
+    sums = {"references": torch.tensor(np.stack([per_doc(c) for c in computes], 1)),
+            "spliced": torch.tensor(per_doc(computes[-1] / 10)), "clean": torch.tensor(per_doc(computes[-1] / 2)),
+            "n": torch.ones(G, dtype=torch.float64)}
+    pts = [{**p, "loss": float(sums["references"][:, i].mean())} for i, p in enumerate(pts)]
+    mean = {k: float(sums[k].mean()) for k in ("spliced", "clean")}
+    for reference in (computes[-1], None):
+        res = compute_equivalent(pts[::-1], mean["spliced"], reference_compute=reference, kind="model_family",
+                                 clean_loss=mean["clean"], loss_sums={**sums, "references": sums["references"].flip(1)},
+                                 n_boot=100)
+        ci = res["intervals"]
+        assert all(ci[k]["low"] < res[k] < ci[k]["high"] for k in ("fraction", "fraction_relative"))
+        if reference is None:
+            assert res["reference"]["how"] == "clean_loss" and ci["fraction"] == pytest.approx(ci["fraction_relative"])
+            assert ci["clean_fraction"]["low"] == pytest.approx(1) == ci["clean_fraction"]["high"]
+        else:  # against the member's fixed compute the clean fraction varies with the draws
+            assert ci["clean_fraction"]["low"] < res["clean_fraction"] < ci["clean_fraction"]["high"]
+
+
 def test_extrapolation_is_decided_by_where_c_star_lies_not_by_the_measured_losses(tmp_path):
     """A member off the fitted curve: a spliced loss between its measured and fitted loss is inside the
     measured losses, yet the fit inverts it to a compute beyond that member's."""
