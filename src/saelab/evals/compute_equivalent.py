@@ -928,9 +928,9 @@ def _bootstrap(head: dict[str, Any], sums: Mapping[str, torch.Tensor], name: str
         fitted = [r["compute"] >= head["fit"]["min_compute"] for r in head["checkpoints"]]
         starts = floor_grid_starts([r["compute"] for r, f in zip(head["checkpoints"], fitted) if f],
                                    losses[:, fitted])
-        clean = total["clean"] / n if "clean" in total else [None] * n_boot
-        results = [_draw(head, losses[b], float(total["spliced"][b] / n[b]), clean[b], name, starts[b])
-                   for b in range(n_boot)]
+        spliced = (total["spliced"] / n).tolist()
+        clean = (total["clean"] / n).tolist() if "clean" in total else [None] * n_boot
+        results = [_draw(head, losses[b], spliced[b], clean[b], name, starts[b]) for b in range(n_boot)]
         draws = np.array([values for _, values in results])
         places = {p: sum(where == p for where, _ in results) for p in DRAW_PLACES}
     return {"intervals": {k: _draw_interval(head[k], draws[:, INTERVAL_STATS.index(k)], level, G) for k in stats},
