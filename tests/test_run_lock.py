@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.data import write_activation_cache
+from saelab.data import ActivationCache, write_activation_cache
 from saelab.errors import CheckpointError, ConfigError, CorpusError, NonFiniteError, RunExistsError
 from saelab.train import TrainConfig, train_many, train_sae
 from saelab.utils.folder_lock import LOCK, RunFolderBusyError, RunLock
@@ -476,6 +476,31 @@ def test_a_resume_on_its_cache_harvested_again_says_what_to_do(tmp_path):
     with pytest.raises(NonFiniteError, match="read from activation cache"):
         train_from_cache(acts, run, _cfg(), progress=False, device="cpu")
     assert json.loads((run / "status.json").read_text())["step"] == 10
+
+
+def test_the_same_rows_harvested_again_are_the_same_cache(tmp_path):
+    """A cache's fingerprint hashed its manifest whole, the writing's seconds included: the same rows harvested
+    again (the resume's advice above) took another time and read as other rows whenever the time differed."""
+    import hashlib
+
+    from saelab.pipeline import _cache_record
+    from saelab.train.checkpoint import data_changes
+
+    acts = tmp_path / "acts"
+    first = _cache_record(_cache_damaged_at_batch_10(acts))
+    manifest = json.loads((acts / "manifest.json").read_text())
+    (acts / "manifest.json").write_text(json.dumps({**manifest, "seconds": manifest["seconds"] + 7.5}))
+    again = _cache_record(ActivationCache(acts))
+    assert again["fingerprint"] == first["fingerprint"] and data_changes({"data": first}, {"data": again}) == []
+    # a run recorded while the fingerprint held the seconds: its cache, unchanged, is still its cache
+    recorded_then = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode("utf-8"))
+    for shard in manifest["shards"]:
+        recorded_then.update((acts / shard["file"]).read_bytes()[:1 << 16])
+    (acts / "manifest.json").write_text(json.dumps(manifest))
+    now = _cache_record(ActivationCache(acts))
+    assert data_changes({"data": {"fingerprint": recorded_then.hexdigest()}}, {"data": now}) == []
+    (acts / "manifest.json").write_text(json.dumps({**manifest, "meta": {"hook_name": "other"}}))
+    assert _cache_record(ActivationCache(acts))["fingerprint"] != first["fingerprint"]  # other settings: not
 
 
 def test_nan_in_a_cache_is_named_and_the_run_marked_failed(tmp_path):

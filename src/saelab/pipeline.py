@@ -257,12 +257,19 @@ def _cache_meta(cache: ActivationCache) -> dict[str, Any]:
 def _cache_record(cache: ActivationCache) -> dict[str, Any]:
     """What a run records of the cache it trains on (train_config.json's "data"): its folder, and a
     fingerprint by which a resume on another cache is refused: the manifest (rows, settings) and the head
-    of each shard, since two harvests with the same settings have equal manifests. Reads 64 KiB a shard."""
-    digest = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode("utf-8"))
+    of each shard, since two harvests with the same settings have equal manifests. Reads 64 KiB a shard. The
+    manifest's ``seconds`` (how long the writing took) is left out: the same rows harvested again are the same.
+    Runs recorded while it was in are matched by ``fingerprint_with_seconds`` (checkpoint.data_changes)."""
+    forms = {"fingerprint": {k: v for k, v in cache.manifest.items() if k != "seconds"}}
+    if "seconds" in cache.manifest:
+        forms["fingerprint_with_seconds"] = cache.manifest
+    digests = {name: hashlib.sha256(json.dumps(m, sort_keys=True).encode("utf-8")) for name, m in forms.items()}
     for shard in cache.manifest["shards"]:
         with open(cache.folder / shard["file"], "rb") as f:
-            digest.update(f.read(1 << 16))
-    return {"activations": str(cache.folder.resolve()), "fingerprint": digest.hexdigest()}
+            head = f.read(1 << 16)
+        for digest in digests.values():
+            digest.update(head)
+    return {"activations": str(cache.folder.resolve()), **{name: d.hexdigest() for name, d in digests.items()}}
 
 
 def _cache_batches(cache: ActivationCache, cfg: TrainConfig, device: str | torch.device | None = None, *,

@@ -139,7 +139,8 @@ def data_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     cache's folder and a fingerprint of its rows). Compared by the fingerprint, so a moved cache is the
     same; a run recorded before "data" existed is taken as trained on these."""
     a, b = old.get("data"), new.get("data")
-    if not isinstance(a, dict) or not isinstance(b, dict) or a.get("fingerprint") == b.get("fingerprint"):
+    if not isinstance(a, dict) or not isinstance(b, dict) or a.get("fingerprint") == b.get("fingerprint") or \
+            a.get("fingerprint") == b.get("fingerprint_with_seconds", b.get("fingerprint")):  # older runs' form
         return []
     was, now = a.get("activations"), b.get("activations")
     return [f"--activations {was} -> {now}" if was != now else f"--activations {now}{HARVESTED_AGAIN}"]
