@@ -189,6 +189,24 @@ def test_draws_that_never_reach_the_spliced_loss_or_fail_to_fit_are_counted():
                            loss_sums={**flat[1], "references": flat[1]["references"][:, :3]})
 
 
+def test_a_draw_whose_clean_loss_the_curve_never_reaches_leaves_its_fractions_undefined():
+    """A draw with its clean loss below the refitted floor has infinite clean compute: fraction_relative (and the
+    fraction, where the clean loss sets the reference) is undefined there, as in the headline, not 0, which
+    pulled the interval's low end to 0 unsaid."""
+    from saelab.evals.compute_equivalent import _draw
+    from saelab.evals.power_law import floor_grid_starts
+
+    C, L = [1e7, 1e8, 1e9, 1e10], np.array([4.0, 3.0, 2.5, 2.25])  # falls toward a floor near 2
+    points = [{"tokens": int(c), "loss": float(x), "params": 1, "compute": c} for c, x in zip(C, L)]
+    for reference, kind in ((1e10, "training_progress"), (None, "model_family")):
+        head = compute_equivalent(points, 2.6, clean_loss=1.9, reference_compute=reference, kind=kind,
+                                  fit_min_frac=0)
+        assert head["fraction_relative"] is None
+        _, (fraction, clean_fraction, relative) = _draw(head, L, 2.6, 1.9, "s", floor_grid_starts(C, L[None])[0])
+        assert math.isnan(relative) and math.isnan(clean_fraction)
+        assert math.isnan(fraction) if reference is None else fraction == pytest.approx(head["fraction"])
+
+
 def test_one_document_gives_no_interval():
     points, sums, spliced, clean = doc_sums(1)
     ci = compute_equivalent(points, spliced, clean_loss=clean, reference_compute=TOTAL, fit_min_frac=0,

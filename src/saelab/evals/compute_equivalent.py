@@ -904,7 +904,10 @@ def _draw(head: dict[str, Any], losses_M: np.ndarray, spliced: float, clean: flo
     except (SaelabError, ValueError, ArithmeticError):  # a curve that does not fall, or a fit that fails
         return "failed", [math.nan] * 3
     c_main = np.float64(_compute_at(law, C, L, spliced, fit))
-    c_clean = np.float64(_compute_at(law, C, L, clean, fit) if clean is not None else math.nan)
+    # The clean loss placed as the headline places it: where the curve never reaches it (or, interpolated, lies
+    # outside the measured losses) every fraction it divides is undefined, not 0
+    c = (law.invert(clean) if fit == "power" else interp_compute(C, L, clean)) if clean is not None else None
+    c_clean = np.float64(c if _finite(c) else math.nan)
     denominator = c_clean if ref["how"] == "clean_loss" else np.float64(head["reference_compute"])
     with np.errstate(divide="ignore", invalid="ignore"):  # inf / inf and 0 / 0: undefined (NaN)
         values = [float(c_main / denominator), float(c_clean / denominator), float(c_main / c_clean)]
