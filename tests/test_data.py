@@ -894,6 +894,29 @@ def test_an_overwrite_interrupted_before_its_first_row_continues_in_its_stage(tm
     assert sum(first.calls) + sum(second.calls) == 40
 
 
+def test_a_second_ctrl_c_while_the_first_rows_state_is_kept_leaves_no_lone_manifest(tmp_path, model, contexts,
+                                                                                   monkeypatch):
+    """Cut off between keeping the state and its manifest of 0 rows, a harvest before its first row left a manifest
+    without a state, which refused the next call's other settings with nothing to resume: the state is saved first,
+    and a state without its manifest is removed unused, the next call starting over with any settings."""
+    import saelab.data.cache as cache_module
+
+    saved = cache_module._save_stream_state
+
+    def cut_off_after(*args, **kwargs):
+        saved(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    folder = tmp_path / "c"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(cache_module, "_save_stream_state", cut_off_after)
+        harvest_once(StopAt(model, 4), contexts, folder, 1024)
+    assert not (folder / "manifest.json").exists()
+    other = write_activation_cache(iter([torch.ones(3, 5)]), folder, meta={**META, "hook": "x"}, shard_rows=100,
+                                   resume=True, progress=False)
+    assert len(other) == 3 and not (folder / "stream_state.safetensors").exists()
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
 def test_a_harvest_before_its_first_row_whose_state_the_disk_refuses_keeps_nothing(tmp_path, model, contexts,
                                                                                  capsys):

@@ -356,7 +356,7 @@ def _keep_at_interruption(batches: Any, writer: _ShardWriter, meta: dict, name: 
 
 def _keep_state_alone(state: dict[str, Any] | None, writer: _ShardWriter, meta: dict, name: str) -> bool:
     """An interruption before any row reached the cache (a shuffled harvest writes its first rows once its buffer
-    is full): a manifest of 0 rows (``d``: the width of the stream's rows), then where the input stopped, so the
+    is full): where the input stopped, then a manifest of 0 rows (``d``: the width of the stream's rows), so the
     same call does not run the model again over the text it read. Nothing is kept (False) when the input has no
     state, has read nothing yet or its state cannot be saved: a manifest of no rows alone would only refuse other
     settings."""
@@ -364,13 +364,15 @@ def _keep_state_alone(state: dict[str, Any] | None, writer: _ShardWriter, meta: 
     width = _rows_width(state) if state is not None and state["counters"].get("tokens_seen") else None
     if width is not None and manifest["d"] in (None, width):
         manifest["d"] = width
-        write_json(folder / MANIFEST, writer.stamped(manifest))  # first: the state is written for the rows it counts
+        # The state first: cut off before the manifest, it is removed unused by the next call, which starts over;
+        # a manifest of no rows without its state would only refuse that call's other settings.
         if _save_stream_state(state, folder, meta, manifest["dtype"], 0):
+            write_json(folder / MANIFEST, writer.stamped(manifest))
             print(f"saelab: activation cache {name} holds no rows yet (a shuffled harvest writes its first rows once "
                   "its shuffle buffer is full) and keeps where its input stopped; the same call continues from there "
                   "(a harvest does not run the model again over the text it read)", file=sys.stderr)
             return True
-    (folder / MANIFEST).unlink(missing_ok=True)  # one of 0 rows: written above, or by an earlier interruption
+    (folder / MANIFEST).unlink(missing_ok=True)  # one of 0 rows an earlier interruption left
     with contextlib.suppress(OSError):  # an overwrite's stage left empty (a cache folder holds its lock file)
         folder.rmdir()
     print(f"saelab: activation cache {name} holds no rows yet (a shuffled harvest writes its first rows once "
