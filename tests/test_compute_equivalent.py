@@ -473,10 +473,11 @@ def test_reports_print_the_interval_and_read_results_from_before_it(tmp_path):
     assert f"training-progress equivalent {res['fraction']:.3g} [{low}, ∞) of" in text
     assert ("of the draws, 11 beyond the last model's compute and 0 before the first (extrapolated by the power law, "
             "counted where it places them); 9 at or below the fitted floor c (never reached: infinite compute") in text
-    # Written before the interval existed: no interval and no note; losses cached without it: the note.
+    # Written before the interval existed, or with losses cached without its sums: no interval, and a note why.
     before = {k: v for k, v in res.items() if not k.startswith("interval")}
-    for result, note in ((before, None), ({**before, "intervals": {}, "interval_note": "No interval: the losses"},
-                                         "No interval: the losses.")):
+    for result, note in ((before, "No interval: this result was written before saelab computed them"),
+                         ({**before, "intervals": {}, "interval_note": "No interval: the losses"},
+                          "No interval: the losses.")):
         _suite_record(tmp_path, result)
         text = write_paper_report(tmp_path).read_text()
         assert "[low, high]" not in text and f"{res['fraction']:.3g} of the training tokens" in text

@@ -195,9 +195,12 @@ def _section_ce(r: dict, evals: Path) -> list[str]:
 
 def _ce_intervals_note(r: dict) -> list[str]:
     """What the fractions' [low, high] are, and how the draws whose compute lies outside the models' were
-    counted; why there are none (losses cached before they were kept); nothing for a result from before."""
+    counted; why there are none (losses cached before they were kept, or a result from before them)."""
     if r.get("interval_note"):
         return ["", r["interval_note"] + "."]
+    if "intervals" not in r:  # a reused result keeps its numbers as computed: say what it lacks
+        return ["", "No interval: this result was written before saelab computed them (`--overwrite` with "
+                    "`--metrics compute_equivalent` measures it again)."]
     some = next((i for i in (r.get("intervals") or {}).values() if i.get("n_boot")), None)
     if some is None:
         return []
