@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import lzma
@@ -802,6 +803,20 @@ def harvest_once(model, contexts, folder, buffer_tokens, seed=0, dtype="float32"
                                   overwrite=overwrite, progress=False)
 
 
+@contextlib.contextmanager
+def files_at_most(n_bytes: int):
+    """A disk that refuses to write a file past ``n_bytes`` (RLIMIT_FSIZE; the write fails, no signal kills)."""
+    import resource
+
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, old_limit[1]))
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
 def shard_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("shard_*.npy"))}
 
@@ -923,19 +938,11 @@ def test_a_harvest_before_its_first_row_whose_state_the_disk_refuses_keeps_nothi
     """Before the first row, a stream state the disk refuses leaves nothing to resume from: the manifest of 0 rows
     goes too, the folder is removed, and the interruption says the same call starts over, as for an input
     without a state."""
-    import resource
-
     harvest_once(StopAt(model), contexts, tmp_path / "ref", 1024)
     folder = tmp_path / "c"
     # the manifest (1 kB) fits, the state at this Ctrl-C does not: 180 buffered rows of 64 float32 (46 kB)
-    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (29_000, old_limit[1]))
-        with pytest.raises(InterruptedBeforeAnyResult):
-            harvest_once(StopAt(model, 4), contexts, folder, 1024)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-        signal.signal(signal.SIGXFSZ, old_handler)
+    with files_at_most(29_000), pytest.raises(InterruptedBeforeAnyResult):
+        harvest_once(StopAt(model, 4), contexts, folder, 1024)
     err = capsys.readouterr().err
     assert f"saelab: note: could not save {folder / 'stream_state.safetensors'} (" in err
     assert err.endswith(f"saelab: activation cache {folder} {NO_ROWS_YET}; the same call starts over\n")
@@ -1046,19 +1053,11 @@ def test_a_damaged_or_mismatched_stream_state_falls_back_to_reading_the_input_ag
 def test_a_stream_state_the_disk_refuses_still_ends_as_an_interruption(tmp_path, model, contexts, capsys):
     """A file-size limit the shards fit under but the stream state does not (a full disk): safetensors' own
     error does not replace the Ctrl-C; one note, the usual message, and the resume re-reads to the same shards."""
-    import resource
-
     harvest_once(StopAt(model), contexts, tmp_path / "ref", 128)
     folder = tmp_path / "c"
     # shards: 100 rows x 64 float32 (25.7 kB); the state at this Ctrl-C: its buffered rows and more (32.8 kB)
-    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (29_000, old_limit[1]))
-        with pytest.raises(KeyboardInterrupt):
-            harvest_once(StopAt(model, 7), contexts, folder, 128)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-        signal.signal(signal.SIGXFSZ, old_handler)
+    with files_at_most(29_000), pytest.raises(KeyboardInterrupt):
+        harvest_once(StopAt(model, 7), contexts, folder, 128)
     err = capsys.readouterr().err
     assert f"saelab: note: could not save {folder / 'stream_state.safetensors'} (" in err
     assert "the same call reads the input again up to there" in err and "where its input stopped" not in err
