@@ -1548,7 +1548,7 @@ def test_steer_refuses_a_generation_longer_than_the_models_context_before_the_lo
     monkeypatch.setattr(saelab.models, "tokenizer_before_load", lambda *a, **k: None)
     monkeypatch.setattr(saelab.explore.steering, "generate_with_and_without", lambda *a, **k: pytest.fail("generated"))
     assert main(["steer", sae, "--latent", "1", "--value", "1", "--greedy", "--prompt", "one two",
-                 "--max-new-tokens", "127", "--top-tokens", "0"]) == 2
+                 "--max-new-tokens", "127", "--top-tokens", "0", "--no-progress"]) == 2  # no loading bar in err
     err = capsys.readouterr().err.strip()
     assert err.startswith("saelab steer: error: --max-new-tokens 127 after the prompt (3 tokens with BOS; the model "
                           "reads 129 of them, all but the last new one) exceeds the longest context of ")

@@ -273,7 +273,7 @@ def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float]
 
     if args.scale is None:
         return (args.value if args.value is not None else 0.0), []
-    tops = top_activations(sae, lm, tokens, args.latent, 1)  # latent_max_activation, with its count
+    tops = top_activations(sae, lm, tokens, args.latent, 1, progress=args.progress)  # the max, with its count
     maxima, scored = [t.max_activation for t in tops], tops[0].n_tokens  # whole contexts: a few past the option
     scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
     values = [f * m for f, m in zip(scales, maxima)]
