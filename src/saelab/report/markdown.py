@@ -56,8 +56,8 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 def intervals_note(metrics: dict[str, Any]) -> list[str]:
     """What the table's [low, high] are, or why there are none."""
     if "intervals" not in metrics:  # a reused evaluation keeps its numbers as computed: say what it lacks
-        return ["", "No intervals: this evaluation was written before saelab computed them (`--overwrite` "
-                    "evaluates it again)."]
+        return ["", "No intervals: this evaluation was written before saelab computed them "
+                    "(`saelab eval RUN --overwrite` evaluates it again)."]
     some = next((i for i in (metrics.get("intervals") or {}).values() if isinstance(i, dict) and i.get("n_boot")),
                 None)
     if some is None or some.get("level") is None:
