@@ -426,7 +426,8 @@ def _stream_state(batches: Any, rows_written: int) -> dict[str, Any] | None:
 
 def _save_stream_state(state: dict[str, Any], folder: Path, meta: dict, dtype: str, rows_written: int) -> bool:
     """Save ``state`` (:func:`_stream_state`), so the resume restores it instead of reading the input again from
-    its start; written after the manifest, which counts the ``rows_written`` it goes with. Tensors in safetensors
+    its start; written after the manifest that counts the ``rows_written`` it goes with (before it, for 0 rows:
+    ``_keep_state_alone``: a state met without its manifest is dropped unused). Tensors in safetensors
     (reading it runs no code). False when it could not be written (the resume then reads the input again)."""
     from safetensors import SafetensorError  # lazy: only an interrupted harvest needs it
     from safetensors.torch import save_file
