@@ -487,14 +487,20 @@ def test_each_sae_is_shown_with_its_own_tokens_scored(tiny_gpt2, corpus, tmp_pat
 
 
 def test_a_renamed_setting_keeps_earlier_builds_keys_and_is_named_as_it_is_now():
-    """browse's N2G count became n2g_n_latents (as eval's): sites, families files and exports record it under
-    its earlier name, so that their keys stay (a rebuild of an unchanged site is reused), and a refusal names it
-    as it is now."""
-    from saelab.explore.browser.make import build_inputs, what_differs
+    """browse's N2G count became n2g_n_latents (as eval's): keys still hash it under its earlier name, so that a
+    rebuild of an unchanged site is reused. Sites, families files and exports recorded it as n2g_latents beside
+    config.n2g_n_latents; they record it by its name now, and a record under the old name still reads as it."""
+    from saelab.explore.browser.make import build_inputs, build_key, what_differs
 
     before, after = (build_inputs([], BrowseConfig(n2g_n_latents=n)) for n in (0, 3))
-    assert before["browse"]["n2g_latents"] == 0 and "n2g_n_latents" not in before["browse"]
+    assert before["browse"]["n2g_n_latents"] == 0 and "n2g_latents" not in before["browse"]
     assert what_differs(before, after) == "other settings (browse.n2g_n_latents 0 -> 3)"
+    earlier = {**before, "browse": {("n2g_latents" if k == "n2g_n_latents" else k): v
+                                    for k, v in before["browse"].items()}}
+    assert what_differs(earlier, after) == "other settings (browse.n2g_n_latents 0 -> 3)"
+    assert what_differs(earlier, before) == "other inputs or settings"  # the same settings: no setting differs
+    # the keys of builds before the rename (a hub corpus: no local files in the key)
+    assert build_key([], BrowseConfig(corpus="someone/texts", n2g_n_latents=3)) == "1b861e9173c2b93f"
 
 
 def test_saes_whose_folders_share_a_name_are_named_apart(tiny_gpt2, corpus, tmp_path):

@@ -110,7 +110,6 @@ def _settings(cfg: BrowseConfig, sources: Sequence[SAESource]) -> dict[str, Any]
     it was a setting keeps its key. The family score of SAEs that make no families (one SAE, or SAEs of one
     size) is recorded at its default, as sites built before were keyed: it changes nothing there."""
     settings = dataclasses.asdict(cfg)
-    settings[RECORDED_AS["n2g_n_latents"]] = settings.pop("n2g_n_latents")  # earlier builds keep their key
     if not cfg.n2g_n_latents or cfg.n2g_padding_token == BrowseConfig.n2g_padding_token:
         del settings["n2g_padding_token"]
     if not makes_families(sources):
@@ -118,8 +117,13 @@ def _settings(cfg: BrowseConfig, sources: Sequence[SAESource]) -> dict[str, Any]
     return settings
 
 
-RECORDED_AS = {"n2g_n_latents": "n2g_latents"}
-"""Settings that sites, families files and exports record under the name they had before it changed."""
+KEYED_AS = {"n2g_n_latents": "n2g_latents"}
+"""Settings that keys hash under the name they had before it changed (so an unchanged build stays reused);
+sites, families files and exports record them under their names now, and read the old names in earlier records."""
+
+
+def _keyed_as(settings: dict[str, Any]) -> dict[str, Any]:
+    return {KEYED_AS.get(k, k): v for k, v in settings.items()}
 
 
 PATH_SETTINGS = ("corpus", "model", "n2g_file")
@@ -143,7 +147,7 @@ def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str 
               identify: Callable[[SAESource], Any] = _stat_key) -> str:
     """Hash of the inputs and settings: a site (or families file) with the same key needs no rebuild.
     ``identify``: what stands for an SAE's files (default: their paths, sizes and times)."""
-    inputs = {"saes": [[s.name, identify(s)] for s in sources], "cfg": _settings(cfg, sources),
+    inputs = {"saes": [[s.name, identify(s)] for s in sources], "cfg": _keyed_as(_settings(cfg, sources)),
               "version": SITE_VERSION}
     if model_dtype != "float32":  # another dtype gives other numbers; float32 keys stay those of earlier builds
         inputs["model_dtype"] = model_dtype
@@ -191,8 +195,8 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str
         export = of.get("export")
         named = {k: v for k, v in of.items() if k not in hashed}
         if isinstance(named.get("browse"), dict):  # each setting by its name now, local files as sites record them
-            recorded_as = {old: new for new, old in RECORDED_AS.items()}
-            named["browse"] = public_settings({recorded_as.get(k, k): v for k, v in named["browse"].items()})
+            now = {old: new for new, old in KEYED_AS.items()}
+            named["browse"] = public_settings({now.get(k, k): v for k, v in named["browse"].items()})
         return {**named, **(export if isinstance(export, dict) else {})}
 
     changes = changed_fields(settings(recorded), settings(inputs))
