@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+import torch
 
 from saelab.explore.browser import BrowseConfig, build_browser, serve_in_thread
 
@@ -327,5 +328,43 @@ def test_each_sae_shows_its_own_tokens_scored(browser, tiny_gpt2, data_dir, tmp_
             page.goto((site / "index.html").as_uri() + f"#/s/{name}/l/{density.index(max(density))}")
             _wait(page)
             assert f"nonzero activations over {n_tokens} tokens" in page.inner_text("#main")
+    finally:
+        page.close()
+
+
+def test_a_relu_sae_shows_as_relu_not_as_a_k(browser, tiny_gpt2, data_dir, tmp_path):
+    """A ReLU SAE (k = n_latents, every positive latent kept) was labelled "k = 64" in its index's header and on
+    the About page; it reads "ReLU" there, a top-k SAE beside it keeps its k, and site.json and families.json
+    record which."""
+    from test_browser_site import trained_like_sae
+
+    from saelab.sae import ReLUSAE, relu_config, save_sae
+
+    corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
+    topk = trained_like_sae(tiny_gpt2, 32, 0, corpus)
+    relu = ReLUSAE(relu_config(64, 64, hook_name=topk.cfg.hook_name, model_name="tiny", context_size=32))
+    with torch.no_grad():
+        relu.b_dec.copy_(topk.b_dec)
+    save_sae(topk, tmp_path / "topk" / "sae")
+    save_sae(relu, tmp_path / "relu" / "sae")
+    site = tmp_path / "site"
+    build_browser([tmp_path / "topk", tmp_path / "relu"], site, BrowseConfig(n_tokens=31 * 8, corpus=corpus),
+                  lm=tiny_gpt2, progress=False)
+    for record in ("site.json", "families.json"):
+        saes = json.loads((site / record).read_text())["saes"]
+        assert [(s["activation"], s["k"]) for s in saes] == [("topk", 8), ("relu", None)], record
+    page = browser.new_page()
+    try:
+        page.goto((site / "index.html").as_uri() + "#/s/relu")
+        _wait(page)
+        assert page.inner_text("h1").startswith("relu 64 latents, ReLU, blocks.1.hook_resid_post of ")
+        page.goto((site / "index.html").as_uri() + "#/s/topk")
+        _wait(page)
+        assert page.inner_text("h1").startswith("topk 32 latents, k = 8, ")
+        page.goto((site / "index.html").as_uri() + "#/about")
+        _wait(page)
+        about = page.inner_text("#main")
+        assert "relu: 64 latents, ReLU, " in about and "topk: 32 latents, k = 8, " in about
+        assert "k = 64" not in about
     finally:
         page.close()

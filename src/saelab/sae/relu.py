@@ -33,6 +33,15 @@ def relu_config(d_in: int, n_latents: int, **fields: Any) -> SAEConfig:
     return SAEConfig(d_in=d_in, n_latents=n_latents, k=n_latents, **fields)
 
 
+def sparsity_of(sae: TopKSAE) -> dict[str, Any]:
+    """How ``sae`` picks its latents, as the files that describe it record it: ``{"activation": "topk", "k": k}``,
+    or ``{"activation": "relu", "k": None}`` (a ReLU SAE keeps every positive latent: its k = n_latents is no
+    top-k, and read as one it showed as "k = 512")."""
+    if isinstance(sae, ReLUSAE):
+        return {"activation": "relu", "k": None}
+    return {"activation": "topk", "k": sae.cfg.k}
+
+
 class ReLUSAE(TopKSAE):
     """ReLU + L1 SAE (SAELens 'standard'); answers the same methods as :class:`TopKSAE`."""
 

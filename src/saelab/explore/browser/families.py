@@ -22,7 +22,7 @@ own. Parents link to every child that chose them, so the links form a forest acr
 ``families.json`` (:func:`family_tree`)::
 
     format "saelab-feature-families", version 1, hook, model, n_tokens, position_0, min_score, definitions
-    saes      [{name, source, n_latents, k}]  (ascending size: the levels)
+    saes      [{name, source, n_latents, activation, k}]  (ascending size: the levels; "relu": k null)
     links     [{parent_sae, child_sae, n_children_matched, n_children_active,
                 children: [{child, parent, cos, containment, share, score}]}]
     families  [{sae, latent, density, n_descendants, depth, children: [{sae, latent, density, cos,
@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import torch
 
+from saelab.sae.relu import sparsity_of
 from saelab.sae.topk import TopKSAE
 
 FAMILIES_FORMAT = "saelab-feature-families"
@@ -180,7 +181,7 @@ def family_tree(names: Sequence[str], sources: Sequence[str], saes: Sequence[Top
     return {
         "format": FAMILIES_FORMAT, "version": 1, "hook": hook, "model": model, "n_tokens": counts.n_tokens,
         "position_0": position_0, "min_score": min_score, "definitions": DEFINITIONS,
-        "saes": [{"name": n, "source": s, "n_latents": sae.n_latents, "k": sae.cfg.k}
+        "saes": [{"name": n, "source": s, "n_latents": sae.n_latents, **sparsity_of(sae)}
                  for n, s, sae in zip(names, sources, saes)],
         "links": links, "families": families, "singletons": singletons,
     }

@@ -46,6 +46,7 @@ from saelab.explore.browser.site import (SITE_FORMAT, SITE_VERSION, check_site_t
                                          read_site_manifest, write_site)
 from saelab.run_folder import SAE_DIR, refuse_a_run_file
 from saelab.sae.io import SAE_SOURCES
+from saelab.sae.relu import sparsity_of
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
 from saelab.utils.hub import local_path, public_name
@@ -378,7 +379,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": position_0_words(first),
         "config": public_settings(dataclasses.asdict(cfg)), "definitions": DEFINITIONS,
         "has_families": families is not None,
-        "saes": [{"name": s.name, "source": public_name(s.source), "n_latents": s.sae.n_latents, "k": s.sae.cfg.k,
+        "saes": [{"name": s.name, "source": public_name(s.source), "n_latents": s.sae.n_latents, **sparsity_of(s.sae),
                   "input_norm": s.sae.cfg.input_norm, "alive": int((st.count_N > 0).sum()),
                   "explained": len(st.explanations), "n_tokens": st.n_tokens,
                   "position_0": position_0_words(first_scored(s.sae))} for s, st in zip(sources, stats)],

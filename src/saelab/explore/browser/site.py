@@ -43,6 +43,7 @@ import torch
 
 from saelab.errors import ConfigError, RunExistsError
 from saelab.run_folder import SITE_MANIFEST, refuse_others_files
+from saelab.sae.relu import sparsity_of
 from saelab.utils.atomic import atomic_folder, write_json
 
 SITE_FORMAT = "saelab-feature-browser"
@@ -168,7 +169,7 @@ def latent_pages(stats, tokens_NT: torch.Tensor, cfg, vocab: _Vocab, families: d
     density, mean = stats.density_N.numpy(), stats.mean_N.numpy()
     fam = _family_lookup(families, name)
 
-    index = {"name": name, "n_latents": n, "k": sae.cfg.k, "n_tokens": stats.n_tokens, "chunk": CHUNK,
+    index = {"name": name, "n_latents": n, **sparsity_of(sae), "n_tokens": stats.n_tokens, "chunk": CHUNK,
              "density": [], "max": [], "mean": [], "top_tokens": [], "promoted": [], "expl": []}
     records = []
     for i in range(n):

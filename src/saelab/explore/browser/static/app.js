@@ -93,6 +93,8 @@ function href(parts, params) {
 }
 const saeNames = () => META.saes.map(s => s.name);
 const saeInfo = name => META.saes.find(s => s.name === name);
+// "k = 32" of a top-k SAE; a ReLU SAE keeps every positive latent: it has no k (its k = n_latents is no top-k)
+const sparsity = info => (info.activation === "relu" ? "ReLU" : `k = ${info.k}`);
 
 // ---- what the hash may say: anything else falls back to the default or shows "not found" ------------------
 
@@ -252,7 +254,7 @@ async function showIndex(name, params) {
   const th = (s, label) => html`<th class="sort ${s === sort ? "on " + dir : ""}" data-sort="${s}"><a href="${link(s)}">${label}</a></th>`;
   const pager = pagerHtml(page, pages, p => href(["s", name], withQ({sort, dir, page: p})));
   render($("#main"), html`
-    <h1>${name} <span class="muted small">${info.n_latents.toLocaleString()} latents, k = ${info.k}, ${META.hook} of ${META.model}</span></h1>
+    <h1>${name} <span class="muted small">${info.n_latents.toLocaleString()} latents, ${sparsity(info)}, ${META.hook} of ${META.model}</span></h1>
     ${q ? html`<p id="results">${count(ids.length, "latent matches", "latents match")} <b class="query"></b> (their top-activating or promoted tokens or pieces of the words, or explanation). <a href="${href(["s", name])}">clear</a></p>`
         : densityPlot(ix)}
     ${pager}
@@ -443,7 +445,7 @@ function showAbout() {
   render($("#main"), html`<h1>About this site</h1>
     <table><tr><th>model</th><td>${META.model}</td></tr><tr><th>hook</th><td>${META.hook}</td></tr>
     <tr><th>text</th><td>${META.corpus}: ${META.n_contexts.toLocaleString()} contexts of ${META.context_size} tokens, ${META.n_tokens.toLocaleString()} tokens scored (position 0 ${META.position_0})</td></tr>
-    <tr><th>SAEs</th><td>${META.saes.map((s, j) => html`${j ? html`<br>` : ""}${s.name}: ${s.n_latents} latents, k = ${s.k}, ${s.alive} active, ${s.n_tokens.toLocaleString()} tokens scored (position 0 ${s.position_0}), from <code>${s.source}</code>`)}</td></tr>
+    <tr><th>SAEs</th><td>${META.saes.map((s, j) => html`${j ? html`<br>` : ""}${s.name}: ${s.n_latents} latents, ${sparsity(s)}, ${s.alive} active, ${s.n_tokens.toLocaleString()} tokens scored (position 0 ${s.position_0}), from <code>${s.source}</code>`)}</td></tr>
     <tr><th>built</th><td>${META.built} in ${Object.entries(META.seconds).map(([k, v]) => `${k} ${v} s`).join(", ")}</td></tr></table>
     <h2>What the numbers mean</h2><table>${Object.entries(d).map(([k, v]) => html`<tr><th>${k}</th><td>${v}</td></tr>`)}</table>`);
 }
