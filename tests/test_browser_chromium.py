@@ -368,3 +368,39 @@ def test_a_relu_sae_shows_as_relu_not_as_a_k(browser, tiny_gpt2, data_dir, tmp_p
         assert "k = 64" not in about
     finally:
         page.close()
+
+
+def test_a_long_token_makes_a_short_chip_and_shows_whole_in_its_title(browser, tiny_gpt2, data_dir, tmp_path):
+    """A chip of "↵" and 46 spaces (code indentation) was 376 px wide, and a long token's as long as its text: the
+    spaces are counted ("↵␣×46"), and a chip past 24 characters is cut with "…", its whole text (escaped, as the
+    chip's) in its title."""
+    from test_browser_site import trained_like_sae
+
+    from saelab.sae import save_sae
+
+    corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
+    save_sae(trained_like_sae(tiny_gpt2, 64, 0, corpus), tmp_path / "run" / "sae")
+    site = tmp_path / "site"
+    build_browser([tmp_path / "run"], site, BrowseConfig(n_tokens=31 * 8, corpus=corpus), lm=tiny_gpt2,
+                  progress=False)
+    tops = _index(site, "run")["top_tokens"]
+    spaced, long = [i for i, t in enumerate(tops) if t][:2]
+    vocab_js = site / "data" / "vocab.js"
+    vocab = json.loads(re.fullmatch(r'SAELAB\.put\("vocab",(.*)\);\n', vocab_js.read_text(), re.S).group(1))
+    long_text = "<i>" + "x" * 60
+    vocab[str(tops[spaced][0][0])], vocab[str(tops[long][0][0])] = "\n" + " " * 46, long_text
+    vocab_js.write_text(f'SAELAB.put("vocab",{json.dumps(vocab)});\n')
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto((site / "index.html").as_uri() + "#/s/run?sort=id&dir=asc")
+        _wait(page)
+        first_chip = "#latents tbody tr:nth-child({}) td:nth-child(5) .tok >> nth=0"
+        chip = page.locator(first_chip.format(spaced + 1))
+        assert chip.inner_text() == "↵␣×46" and chip.bounding_box()["width"] < 80, chip.bounding_box()
+        assert chip.get_attribute("title") is None  # short enough to show whole
+        chip = page.locator(first_chip.format(long + 1))
+        assert chip.get_attribute("title") == long_text and chip.inner_text() == long_text
+        assert chip.bounding_box()["width"] < 230, chip.bounding_box()  # 24 characters of 13 px mono, and padding
+        assert page.locator("#latents i").count() == 0  # the token's markup stayed text
+    finally:
+        page.close()

@@ -74,9 +74,18 @@ const tokText = id => (VOCAB && VOCAB[id] !== undefined ? VOCAB[id] : "⟨" + id
 const CONTROL = /[\x00-\x08\x0b-\x1f\x7f-\x9f]/g;
 const visible = s => s.replace(CONTROL,
   c => (c === "\r" ? "\\r" : "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0")));
-// a token of spaces only is marked, or its chip shows empty
-const showTok = s => visible(/^ +$/.test(s) ? s.replace(/ /g, "␣") : s).replace(/\n/g, "↵").replace(/\t/g, "⇥");
-const tokChip = id => html`<span class="tok">${showTok(String(tokText(id)))}</span>`;
+// a token of spaces only is marked, or its chip shows empty; a run of 4 spaces or more (code indentation: "↵"
+// and 46 spaces) is counted, "␣×46", or its chip is as wide as the spaces
+const showTok = s => {
+  const counted = s.replace(/ {4,}/g, run => `␣×${run.length}`);
+  return visible(/^ +$/.test(counted) ? counted.replace(/ /g, "␣") : counted).replace(/\n/g, "↵").replace(/\t/g, "⇥");
+};
+// a chip longer than CHIP_CHARS is cut with "…" by the style sheet (.tok): its title holds the whole of it
+const CHIP_CHARS = 24;
+const tokChip = id => {
+  const text = showTok(String(tokText(id)));
+  return text.length > CHIP_CHARS ? html`<span class="tok" title="${text}">${text}</span>` : html`<span class="tok">${text}</span>`;
+};
 
 function decodePart(p) {
   try { return decodeURIComponent(p); } catch (err) { return p; }  // malformed %-escapes: keep the text as it is
