@@ -78,6 +78,8 @@ def test_site_files_and_manifest(site):
     assert manifest["n_tokens"] == N_TOKENS and manifest["n_contexts"] == 96 and manifest["position_0"] == "excluded"
     assert [s["name"] for s in manifest["saes"]] == ["run_small", "saelens_large"]
     assert manifest["has_families"] and manifest["hook"] == HOOK
+    assert sorted(manifest["files"]) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*")  # all but itself
+                                               if p.is_file() and p.name != "site.json")
     assert set(result["seconds"]) >= {"lm", "encode", "stats", "finish", "write", "total"}
     for name, n in (("run_small", 128), ("saelens_large", 512)):
         key, ix = read_js(out / "data" / name / "index.js")
@@ -554,7 +556,7 @@ def test_a_site_names_local_files_by_their_base_names(tiny_dir, sae_files, tmp_p
             text_of = path.read_text(encoding="utf-8")
             assert not [d for d in local if d in text_of], f"{path} holds a local path"
     manifest = read_site_manifest(one)
-    assert read_js(one / "data" / "meta.js")[1] == manifest
+    assert read_js(one / "data" / "meta.js")[1] == {k: v for k, v in manifest.items() if k != "files"}
     assert (manifest["corpus"], manifest["model"], manifest["saes"][0]["source"]) == ("c.txt", "tiny-gpt2", "run_small")
     assert {k: manifest["config"][k] for k in ("corpus", "model", "n2g_file")} == \
            {k: manifest["inputs"]["browse"][k] for k in ("corpus", "model", "n2g_file")} == \

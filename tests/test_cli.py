@@ -1613,6 +1613,53 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
     assert json.loads(out.read_text())["n_tokens"] > json.loads(first)["n_tokens"]
 
 
+def test_browse_reuses_a_site_only_while_its_files_are_as_written(tmp_path, tiny_dir, capsys):
+    """`families --out SITE/families.json --overwrite` wrote over the site's own families file, and a site missing
+    data/meta.js was reused too (the check read site.json alone): the families are refused there, and a site whose
+    files differ from what its site.json records (or, written before it recorded them, lacks one) is refused
+    before the model loads, naming the file, until --overwrite builds it again."""
+    import json
+    import shutil
+
+    saes = [_tiny_sae(tmp_path / f"sae{n}", tiny_dir, n) for n in (32, 64)]
+    site = tmp_path / "site"
+    browse = ["browse", *saes, "--out", str(site), "--n-tokens", "256", "--no-progress"]
+    assert main(browse) == 0
+    capsys.readouterr()
+    fams = site / "families.json"
+    written = fams.read_bytes()
+    for out, own in ((fams, "families.json"), (site / "data" / "other.json", "data/other.json")):
+        assert main(["families", *saes, "--out", str(out), "--n-tokens", "512", "--overwrite"]) == 2
+        assert capsys.readouterr().err.strip() == (f"saelab families: error: --out {out}: the feature browser site "
+                                                   f"{site} writes its own {own} there; pick a file outside the site")
+    assert fams.read_bytes() == written and not (site / "data" / "other.json").exists()
+
+    def refused(why: str) -> None:
+        assert main(browse) == 2
+        assert capsys.readouterr().err.strip() == (f"saelab browse: error: {site} holds a feature browser site of "
+                                                   f"these inputs and settings, but {why}; pass --overwrite to build "
+                                                   "it again, or pick another --out")
+
+    assert main(["families", *saes, "--out", str(tmp_path / "f.json"), "--n-tokens", "512", "--no-progress"]) == 0
+    capsys.readouterr()
+    shutil.copyfile(tmp_path / "f.json", fams)  # what `families --out SITE/families.json --overwrite` did
+    refused("its families.json changed since it was written")
+    fams.write_bytes(written)
+    meta = (site / "data" / "meta.js").read_bytes()
+    (site / "data" / "meta.js").unlink()
+    refused("its data/meta.js is missing")
+    (site / "data" / "meta.js").write_bytes(meta)
+    assert main(browse) == 0 and json.loads(capsys.readouterr().out)["reused"]  # whole again: reused
+    # a site from before site.json recorded its files: the files its SAEs imply are looked for
+    manifest = json.loads((site / "site.json").read_text())
+    del manifest["files"]
+    (site / "site.json").write_text(json.dumps(manifest))
+    (site / "data" / "sae64" / "l" / "0000.js").unlink()
+    refused("its data/sae64/l/0000.js is missing")
+    assert main([*browse, "--overwrite"]) == 0 and not json.loads(capsys.readouterr().out)["reused"]
+    assert main(browse) == 0 and json.loads(capsys.readouterr().out)["reused"]
+
+
 def test_a_long_value_that_starts_another_still_shows_how_they_differ():
     """One long value the start of the other: the shared end is not counted twice, so the two shown parts
     differ (were '"...aaaa..."' twice)."""

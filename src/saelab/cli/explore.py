@@ -16,6 +16,7 @@ from saelab.cli.common import (add_io_options, add_model_option, add_sae_argumen
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.browser import BrowseConfig, build_browser, build_families
 from saelab.explore.browser.build import SAESource, another_hook_words
+from saelab.explore.browser.site import refuse_a_site_file
 from saelab.explore.positions import comma_items, index_list, parse_positions
 from saelab.explore.steering import STEER_MODES
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae, refuse_a_run_file
@@ -548,7 +549,8 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
     if unused:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (saelab browse); families does not use it")
     out = check_file_target(args.out, "--out", "the families JSON")
-    refuse_a_run_file(out, "--out")  # build_families refuses it too, naming it as Python gives it
+    refuse_a_run_file(out, "--out")  # build_families refuses these too, naming it as Python gives it
+    refuse_a_site_file(out, "--out")
     if out.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
         raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):

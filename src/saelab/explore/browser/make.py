@@ -42,8 +42,8 @@ from saelab.explore.browser.build import (
     shared_first,
 )
 from saelab.explore.browser.families import FAMILIES_FORMAT, family_tree
-from saelab.explore.browser.site import (SITE_FORMAT, SITE_VERSION, check_site_target, read_own_json,
-                                         read_site_manifest, write_site)
+from saelab.explore.browser.site import (FILES, SITE_FORMAT, SITE_VERSION, check_site_target, read_own_json,
+                                         read_site_manifest, refuse_a_site_file, site_damage, write_site)
 from saelab.run_folder import SAE_DIR, refuse_a_run_file
 from saelab.sae.io import SAE_SOURCES
 from saelab.sae.relu import sparsity_of
@@ -334,8 +334,12 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     old = read_site_manifest(out)
     if old is not None and not overwrite:
         if old.get("key") == key:
+            damage = site_damage(out, old)  # the key says what it was built from, not that its files are whole
+            if damage is not None:
+                raise RunExistsError(f"{out} holds a feature browser site of these inputs and settings, but {damage}; "
+                                     "pass --overwrite to build it again, or pick another --out")
             # its seconds are this call's: the manifest's are the phases of the build it reuses
-            return {**old, "site": str(out), "reused": True,
+            return {**{k: v for k, v in old.items() if k != FILES}, "site": str(out), "reused": True,
                     "seconds": {"total": round(time.perf_counter() - t_start, 2)}}
         shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
         differs = what_differs(old.get("inputs"), inputs)
@@ -403,6 +407,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     cfg = cfg or BrowseConfig()
     if out is not None:
         refuse_a_run_file(out, "out")
+        refuse_a_site_file(out, "out")
     earlier = None if out is None else _earlier_families(Path(out))  # before the SAEs load
     earlier = None if overwrite else earlier
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)

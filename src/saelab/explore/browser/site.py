@@ -6,9 +6,11 @@ Layout (every path relative; nothing refers to another host, so the site works o
     index.html  app.js  style.css      the viewer (hash routes: #/s/SAE, #/s/SAE/l/ID, #/families)
     site.json                          what was built, from what, with which settings and timings; local
                                        files (corpus, model, N2G file, SAEs) by their base names, never
-                                       their paths (the site is meant to be published)
+                                       their paths (the site is meant to be published); ``files``: the
+                                       size and hash of every other file, which a rebuild checks before
+                                       it reuses the site (:func:`site_damage`)
     families.json                      the family tree (several SAEs only; see .families)
-    data/meta.js                       site.json for the viewer
+    data/meta.js                       site.json for the viewer (less ``files``)
     data/vocab.js                      {token id: text} for every token the pages show
     data/SAE/index.js                  one row per latent: density, max, mean, the tokens where it reaches
                                        half its max in its top contexts (with counts, up to 12), its 5 most
@@ -31,6 +33,7 @@ so an interrupted build never leaves a folder that looks like a finished site.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -55,6 +58,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = ("index.html", "app.js", "style.css")
 SITE_ENTRIES = (*STATIC_FILES, "data", "families.json", SITE_MANIFEST)
 """What write_site puts in a site's folder; anything else there is the user's, kept from --overwrite."""
+FILES = "files"
+"""site.json's record of the site's other files, ``{path: [size, sha256 (16 hex digits)]}``."""
 PAGE_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'"
 """The Content-Security-Policy in index.html's ``<meta http-equiv>`` (so it holds from ``file://`` too):
 scripts, styles and data only from the site itself, nothing inline; ``data:`` images for the blank favicon."""
@@ -78,6 +83,50 @@ def external_references(folder: str | os.PathLike) -> list[str]:
 def read_site_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The ``site.json`` of a finished site, or None."""
     return read_own_json(Path(folder) / SITE_MANIFEST, SITE_FORMAT)
+
+
+def site_damage(folder: str | os.PathLike, manifest: dict[str, Any]) -> str | None:
+    """What of the finished site at ``folder`` (``manifest``: its site.json) is not as it was written: "its
+    data/meta.js is missing", "its families.json changed since it was written" (another command wrote over it), or
+    None. A site.json from before it recorded the files (:data:`FILES`) is checked for the files its SAEs and
+    families imply."""
+    folder = Path(folder)
+    recorded = manifest.get(FILES)
+    if not isinstance(recorded, dict):
+        implied = _implied_files(manifest)
+        if implied is None:
+            return f"its {SITE_MANIFEST} lists its SAEs as saelab never wrote them"
+        recorded = dict.fromkeys(implied)
+    for name, record in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"its {name} is missing"
+        if record is not None and [path.stat().st_size, _digest(path)] != record:
+            return f"its {name} changed since it was written"
+    return None
+
+
+def _implied_files(manifest: dict[str, Any]) -> list[str] | None:
+    """The files write_site writes for the SAEs and families ``manifest`` names (None: it names them otherwise)."""
+    names = [*STATIC_FILES, "data/meta.js", "data/vocab.js"]
+    names += ["families.json", "data/families.js"] if manifest.get("has_families") else []
+    for sae in manifest.get("saes") or []:
+        name, n = (sae.get("name"), sae.get("n_latents")) if isinstance(sae, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(n, int):
+            return None
+        names += [f"data/{name}/index.js", *(f"data/{name}/l/{c:04d}.js" for c in range(-(-n // CHUNK)))]
+    return names
+
+
+def _file_record(folder: Path) -> dict[str, list]:
+    """:data:`FILES` of the site being written in ``folder`` (every file but site.json)."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / SITE_MANIFEST)
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _digest(p)] for p in paths}
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def read_own_json(path: str | os.PathLike, file_format: str) -> dict[str, Any] | None:
@@ -251,8 +300,20 @@ def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: 
             write_json(tmp / "families.json", families)
             (data / "families.js").write_text(_js("families", families), encoding="utf-8")
         (data / "meta.js").write_text(_js("meta", manifest), encoding="utf-8")
-        write_json(tmp / SITE_MANIFEST, manifest)  # last: its presence marks a finished site
+        # last: its presence marks a finished site, whose files it records as they are now
+        write_json(tmp / SITE_MANIFEST, {**manifest, FILES: _file_record(tmp)})
     return out
+
+
+def refuse_a_site_file(path: str | os.PathLike, named: str) -> None:
+    """Refuse, as the file of another result, a feature browser site's own file (its families.json, site.json,
+    data/): written over, the site no longer matches its site.json, and a rebuild refuses it."""
+    path = Path(path).resolve()
+    site = next((folder for folder in path.parents if read_site_manifest(folder) is not None), None)
+    if site is not None and path.relative_to(site).parts[0] in SITE_ENTRIES:
+        own = path.relative_to(site).as_posix()
+        raise ConfigError(f"{named} {path}: the feature browser site {site} writes its own {own} there; pick a file "
+                          "outside the site")
 
 
 def check_site_target(out: Path) -> None:
