@@ -415,3 +415,54 @@ def test_steer_names_the_offline_default_by_its_hub_id(smollm2, tmp_path, capsys
                  "--prompt", "Hi", "--max-new-tokens", "1", "--greedy", "--device", "cpu"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith(f"model {DEFAULT_MODEL_HUB_ID}, SAE "), first
+
+
+@pytest.fixture(scope="module")
+def paper_recipe_run(tiny_series, data_dir, tmp_path_factory):
+    """(model, SAE) of a paper-recipe run: input LayerNorm inside the SAE, as OpenAI's v5 files, trained on the
+    series model's blocks.1 residual stream over Wikipedia text."""
+    from saelab.models import load_model
+    from saelab.pipeline import HarvestConfig, harvest, train_from_cache
+    from saelab.train import TrainConfig
+
+    base = tmp_path_factory.mktemp("paper-run")
+    model = str(tiny_series / "checkpoint-120")
+    cache = harvest(HarvestConfig(model=model, hook="blocks.1.hook_resid_post", context_size=32, n_tokens=8192,
+                                  corpus=str(data_dir / "wiki-en" / "wiki_train.jsonl.xz"), buffer_tokens=8192),
+                    base / "acts", progress=False)
+    cfg = TrainConfig.from_recipe("paper", n_latents=128, k=4, k_aux=64, batch_size=256, total_tokens=8192,
+                                  init_rows=1024, ema_decay=0)
+    sae = train_from_cache(cache, base / "run", cfg, progress=False)
+    assert sae.cfg.input_norm == "layernorm"
+    return load_model(model, device="cpu"), sae
+
+
+def test_add_raises_the_latent_by_its_value_in_a_layernorm_sae(paper_recipe_run):
+    """Add mode added value * d_i in raw activation units, which a LayerNorm SAE reads divided by the token's
+    std(x): latent 828 of a paper-recipe SAE on GPT-2 rose by 0.38 for a --scale 2 add of 4.35 (std 6.5). The
+    value is in the latent's own units: the steered activation is the splice (error term kept) with the latent
+    raised by the value, and the SAE reading it back finds the latent's pre-activation raised by about that."""
+    lm, sae = paper_recipe_run
+    hook = sae.cfg.hook_name
+    tokens = prompt_tokens(lm, "The river flows through the old town and past the church.")
+    with torch.no_grad():
+        x = lm.activations(tokens, hook)
+        std = sae.normalize_input(x)[1][1]
+        assert not 0.5 < float(std[0, 1:].mean()) < 2  # far from 1: the units differ
+        pos = 5
+        lat = int(sae.encode(x)[0, pos].argmax())  # a latent that fires there
+        value = 1.0
+        s = steer(lm, sae, lat, "add", value, positions=[pos])
+        steered = s(x)
+        assert torch.equal(steered[:, :pos], x[:, :pos]) and torch.equal(steered[:, pos + 1:], x[:, pos + 1:])
+        # About the value, not exactly: the SAE's LayerNorm reads the steered token with a larger std (the
+        # latent's direction added to a token that has it already), here 0.86 for 1; the old add gave 0.39.
+        pre = [sae.pre_acts(sae.normalize_input(a[0, pos])[0])[lat] for a in (x, steered)]
+        assert float(pre[1] - pre[0]) == pytest.approx(value, rel=0.2)
+        z = [sae.encode(a[0, pos])[lat] for a in (x, steered)]
+        assert float(z[1] - z[0]) == pytest.approx(value, rel=0.2)  # it fires: the same after TopK
+        # exactly what the splice gives with the latent raised (decoded times std(x), as clamp)
+        edit = {hook + ".hook_sae_acts_post": latent_edit(lm, lat, "add", value, [pos])}
+        _, cache = run_with_cache_with_saes(lm, tokens, [sae], use_error_term=True, names=[hook + ".hook_sae_output"],
+                                            hooks=edit)
+        torch.testing.assert_close(steered, cache[hook + ".hook_sae_output"], atol=1e-5, rtol=1e-5)

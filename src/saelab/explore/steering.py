@@ -7,10 +7,15 @@
         out = lm.model.generate(...)
     print(generate_with_and_without(lm, "The", s.edits, max_new_tokens=40).format())
 
-Modes (``x`` is the activation at the SAE's hook, ``d_i = W_dec[i]``, ``z_i`` the latent's TopK value):
+Modes (``x`` is the activation at the SAE's hook, ``d_i = W_dec[i]``, ``z_i`` the latent's TopK value).
+``value`` is in the latent's own units, those of its activations (``top``'s max activation, ``--scale``'s
+unit), for every SAE:
 
-- ``add``:    ``x + value * d_i``. A steering vector in activation units; the SAE's encoder is not
-  run. (For an SAE with ``input_norm='layernorm'`` this raises the latent by ``value / std(x)``.)
+- ``add``:    the latent raised by ``value``: ``x + value * d_i`` (times each token's ``std(x)`` for SAEs with
+  ``input_norm='layernorm'``, which read ``x / std(x)``), i.e. exactly what splicing the SAE with the error
+  term and adding ``value`` at ``hook_sae_acts_post`` gives; the SAE's encoder is not run. The SAE reading
+  the steered ``x`` back finds the latent raised by about ``value`` (a layernorm SAE's own normalization
+  of the moved token takes a little off).
 - ``clamp``:  the latent set to ``value`` through the SAE with its error term:
   ``x + (value - z_i(x)) * d_i`` (times ``std(x)`` for layernorm SAEs), i.e. exactly what splicing
   the SAE with the error term and editing ``hook_sae_acts_post`` gives (see :mod:`.spliced`).
@@ -40,7 +45,9 @@ STEER_MODES = ("add", "clamp", "ablate")
 
 class Steering:
     """An edit ``x -> x'`` at ``hook`` that adds, clamps or ablates SAE latents; build with :func:`steer`.
-    ``positions`` as :func:`steer` takes them (None: every position the SAE reads)."""
+    ``values``: one per latent, in the latent's own units (its activations', for a layernorm SAE too: the added
+    direction is scaled by each token's std(x)); ``positions`` as :func:`steer` takes them (None: every position
+    the SAE reads)."""
 
     def __init__(self, lm, sae: TopKSAE, latents: Sequence[int], mode: str, values: torch.Tensor,
                  positions: Positions, hook: str) -> None:
@@ -66,16 +73,19 @@ class Steering:
         lat = self.latents.to(x.device)
         d_LD = sae.W_dec[lat]
         vals = self.values.to(x.device, x.dtype)
-        if self.mode == "add":
-            return (vals @ d_LD).expand_as(x)
         x_n, state = sae.normalize_input(x)
-        vals_BTK, idx_BTK, _ = sae.encode_topk(x_n)
-        z_BTN = torch.zeros(*x.shape[:-1], sae.n_latents, dtype=x.dtype, device=x.device)
-        cur_BTL = z_BTN.scatter_(-1, idx_BTK, vals_BTK)[..., lat]
-        dx = (vals - cur_BTL) @ d_LD
-        if state is not None:
-            dx = dx * state[1]
-        return dx
+        if self.mode == "add":
+            dx = vals @ d_LD
+        else:
+            vals_BTK, idx_BTK, _ = sae.encode_topk(x_n)
+            z_BTN = torch.zeros(*x.shape[:-1], sae.n_latents, dtype=x.dtype, device=x.device)
+            cur_BTL = z_BTN.scatter_(-1, idx_BTK, vals_BTK)[..., lat]
+            dx = (vals - cur_BTL) @ d_LD
+        if state is None:
+            return dx.expand_as(x)
+        # A layernorm SAE decodes in units of each token's std(x) (denormalize_output): a change of its latents
+        # moves x that many times further, in add as in clamp.
+        return dx * state[1]
 
     def __call__(self, x_BTD: torch.Tensor) -> torch.Tensor:
         offset, length = self._tracker.offset, x_BTD.shape[1]
@@ -117,7 +127,9 @@ def steer(
 ) -> Steering:
     """An edit that steers (``add``), clamps or ablates ``latent`` (one index or several) at ``positions``.
 
-    ``value``: one number, or one per latent, for ``add`` and ``clamp``; ``ablate`` takes none (or 0). ``hook``: default the SAE's
+    ``value``: one number, or one per latent, for ``add`` and ``clamp``, in the latent's own units (what ``add``
+    raises it by, ``clamp`` sets it to; e.g. a multiple of :func:`~saelab.explore.latent_max_activation`);
+    ``ablate`` takes none (or 0). ``hook``: default the SAE's
     ``cfg.hook_name``. ``positions=None``: every position but 0 when the SAE was trained without it.
     See the module docstring for what each mode does and what positions mean.
     """
