@@ -228,6 +228,16 @@ def test_steer_positions_help_names_the_step_it_reads(capsys):
         parse_positions("x")
 
 
+def test_steer_value_and_scale_help_state_their_unit(capsys):
+    """--value's help said "strength (add)" and --scale's "2 adds twice its max" without the unit, which add did
+    not keep for an SAE that normalizes its input: both state the latent's own units."""
+    help_text = " ".join(_help("steer", capsys).split())
+    value = re.search(r"--value VALUE (.*?) --scale", help_text).group(1)
+    scale = re.search(r"--scale SCALE (.*?) --scale-tokens", help_text).group(1)
+    assert "in the latent's own units" in value and "what add raises it by, what clamp sets it to" in value
+    assert "adds twice its max, in the latent's own units" in scale
+
+
 @pytest.mark.parametrize("verb", ["eval", "browse"])
 def test_help_quotes_a_default_with_a_leading_space(verb, capsys):
     """N2G's padding token ' _' showed as "(default:  _)", its space lost among the help's own."""

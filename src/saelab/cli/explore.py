@@ -61,14 +61,17 @@ def add_steer(sub) -> None:
                             help="latent index; several, comma-separated ('12,40'), are steered together")
     latent.several = "--latent 3,4"  # how a repeat's refusal says to give several (Parser)
     p.add_argument("--mode", choices=STEER_MODES, default="add",
-                   help="add: add --value times the latent's decoder direction to the activation at the hook; "
-                        "clamp: set the latent to --value through the SAE (error term kept); ablate: clamp to 0")
+                   help="add: raise the latent by --value (its decoder direction added to the activation at the "
+                        "hook, times each token's std for an SAE that normalizes its input); clamp: set the latent "
+                        "to --value through the SAE (error term kept); ablate: clamp to 0")
     p.add_argument("--value", type=_float_list, default=None,
-                   help="strength (add) or activation (clamp): one number, or one per latent comma-separated. "
-                        "Add and clamp need --value or --scale")
+                   help="the value, in the latent's own units (those of its activations, as top shows them): "
+                        "what add raises it by, what clamp sets it to; one number, or one per latent "
+                        "comma-separated. Add and clamp need --value or --scale")
     p.add_argument("--scale", type=_float_list, default=None,
                    help="the value as a multiple of the latent's largest activation on held-out text (e.g. 2 "
-                        "adds twice its max; measured on --scale-tokens tokens of the eval split)")
+                        "adds twice its max, in the latent's own units; measured on --scale-tokens tokens of the "
+                        "eval split)")
     p.add_argument("--scale-tokens", type=positive_int, default=65_536,
                    help="tokens read to find each latent's max activation for --scale")
     p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
