@@ -248,3 +248,24 @@ def test_token_latent_gradients_refuse_a_position_the_sae_does_not_read(tiny_gpt
             token_latent_gradients(tiny_gpt2, sae, tokens, 1, position=first)
     read = token_latent_gradients(tiny_gpt2, sae, tokens, 1, position=0, skip_first=False)
     assert read.grad_norm_BT[0, 0] > 0 and torch.all(read.grad_norm_BT[:, 1:] == 0)
+
+
+def test_text_for_tokens_is_refused_in_one_line_naming_the_helper_that_tokenizes_it(tiny_gpt2, sae):
+    """attribution_patching(lm, sae, "a string", metric) ended in torch's TypeError inside the splice's forward
+    (new(): invalid data type 'str'); ablation_effects and token_latent_gradients in as_tokens. These take token
+    ids, as the rest of saelab.explore but generate's prompt does: text is refused by name, before any forward."""
+    from saelab.errors import ShapeMismatchError
+
+    metric = logit_diff(tiny_gpt2, " Mary", " John")
+    text = "When Mary and John went to the store, John gave a drink to"
+    said = (f"^tokens must be an integer tensor \\[batch, seq\\], got the text '{text}'; tokenize it first: "
+            r"saelab\.explore\.steering\.prompt_tokens\(lm, text\) gives its ids \[1, T\], BOS first$")
+    for call in (lambda t: attribution_patching(tiny_gpt2, sae, t, metric),
+                 lambda t: ablation_effects(tiny_gpt2, sae, t, [1], metric),
+                 lambda t: token_latent_gradients(tiny_gpt2, sae, t, 1),
+                 lambda t: compare_attribution_with_ablation(tiny_gpt2, sae, [(t, metric)], plot=None)):
+        with pytest.raises(ShapeMismatchError, match=said):
+            call(text)
+    ragged = r"^tokens must be an integer tensor \[batch, seq\], got \[\[1, 2\], \[3\]\]$"
+    with pytest.raises(ShapeMismatchError, match=ragged):  # rows of unequal length: torch's ValueError
+        attribution_patching(tiny_gpt2, sae, [[1, 2], [3]], metric)

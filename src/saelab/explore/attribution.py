@@ -124,6 +124,7 @@ def attribution_patching(
     Positions the splice leaves alone (position 0 for SAEs trained without it) get 0.
     """
     hook = _hook_of(sae, hook)
+    tokens_BT = lm.as_tokens(tokens_BT)  # before the splice is installed, as ablation_effects checks them
     post = sae_hook_name(hook, "hook_sae_acts_post")
     with torch.enable_grad():
         logits, cache = run_with_cache_with_saes(
