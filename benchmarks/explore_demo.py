@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -87,8 +88,10 @@ def main() -> None:
     value = args.strength * top_act
     promoted = [t for t, _, _ in latent_logit_effects(lm, sae, latent, top=10)["promoted"]]
     print(f"topic latent {latent} (max activation {top_act:.2f} on the topic text); promotes {promoted}")
-    print(f"same as: saelab steer {args.sae} --latent {latent} --value {value:.1f} --prompt {args.prompt!r} "
-          f"--samples {args.samples}\n")
+    # the value as repr() writes it and the rest shell-quoted: pasted, the command steers by the same float32
+    model = f" --model {shlex.quote(args.model)}" if args.model else ""
+    print(f"same as: saelab steer {shlex.quote(args.sae)} --latent {latent} --value {value!r} "
+          f"--prompt {shlex.quote(args.prompt)} --samples {args.samples}{model}\n")
     s = steer(lm, sae, latent, "add", value)
     for seed in range(args.samples):
         print(f"=== sample {seed + 1} (seed {seed}) ===")
