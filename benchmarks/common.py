@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -87,7 +88,8 @@ def machine_info() -> str:
 
 
 def command_line() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    """The command that ran, shell-quoted so that pasting it runs it again (a --prompt of several words)."""
+    return "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
 
 
 def sync(device: str | torch.device = "cpu") -> None:
