@@ -12,6 +12,7 @@ Inputs are packed token contexts, a LongTensor ``[B, T]``; no attention mask or 
 from __future__ import annotations
 
 import contextlib
+import reprlib
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -173,14 +174,16 @@ class LanguageModel:
     def as_tokens(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """``tokens_BT`` as a LongTensor [batch, seq] of ids the model has, on its device, or a one-line error."""
         if isinstance(tokens_BT, (str, bytes)):  # torch's own refusal, deep in the caller: new(): invalid data type
-            raise ShapeMismatchError(f"tokens must be an integer tensor [batch, seq], got the text {tokens_BT!r}; "
+            raise ShapeMismatchError(f"tokens must be an integer tensor [batch, seq], got the text "
+                                     f"{reprlib.repr(tokens_BT)}; "
                                      "tokenize it first: saelab.explore.steering.prompt_tokens(lm, text) gives its "
                                      "ids [1, T], BOS first")
         if not isinstance(tokens_BT, torch.Tensor):
             try:
                 tokens_BT = torch.as_tensor(tokens_BT)
             except (TypeError, ValueError, RuntimeError):  # rows of unequal length, objects that are no numbers
-                raise ShapeMismatchError(f"tokens must be an integer tensor [batch, seq], got {tokens_BT!r}") from None
+                raise ShapeMismatchError(f"tokens must be an integer tensor [batch, seq], "
+                                         f"got {reprlib.repr(tokens_BT)}") from None
         if tokens_BT.ndim != 2 or tokens_BT.dtype not in (torch.int64, torch.int32):
             raise ShapeMismatchError(
                 f"tokens must be an integer tensor [batch, seq], got {tokens_BT.dtype} of shape "
