@@ -67,6 +67,9 @@ def bos_token_id(tokenizer) -> int | None:
     return bos if bos is not None else tokenizer.eos_token_id
 
 
+_SHORT = reprlib.Repr()  # what an error shows of a wrong input: a pasted document cut to a line
+_SHORT.maxstring, _SHORT.maxother = 100, 100
+
 class LanguageModel:
     """An HF causal LM (frozen, eval mode) plus its tokenizer, with hook points by name.
 
@@ -175,7 +178,7 @@ class LanguageModel:
         """``tokens_BT`` as a LongTensor [batch, seq] of ids the model has, on its device, or a one-line error."""
         if isinstance(tokens_BT, (str, bytes)):  # torch's own refusal, deep in the caller: new(): invalid data type
             raise ShapeMismatchError(f"tokens must be an integer tensor [batch, seq], got the text "
-                                     f"{reprlib.repr(tokens_BT)}; "
+                                     f"{_SHORT.repr(tokens_BT)}; "
                                      "tokenize it first: saelab.explore.steering.prompt_tokens(lm, text) gives its "
                                      "ids [1, T], BOS first")
         if not isinstance(tokens_BT, torch.Tensor):
@@ -183,7 +186,7 @@ class LanguageModel:
                 tokens_BT = torch.as_tensor(tokens_BT)
             except (TypeError, ValueError, RuntimeError):  # rows of unequal length, objects that are no numbers
                 raise ShapeMismatchError(f"tokens must be an integer tensor [batch, seq], "
-                                         f"got {reprlib.repr(tokens_BT)}") from None
+                                         f"got {_SHORT.repr(tokens_BT)}") from None
         if tokens_BT.ndim != 2 or tokens_BT.dtype not in (torch.int64, torch.int32):
             raise ShapeMismatchError(
                 f"tokens must be an integer tensor [batch, seq], got {tokens_BT.dtype} of shape "
