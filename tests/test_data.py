@@ -180,6 +180,25 @@ def test_real_wiki_corpus_and_default(tmp_path, monkeypatch):
         default_corpus("dev")
 
 
+def test_a_recorded_corpus_is_shared_by_its_base_name_even_after_it_moved(tmp_path, monkeypatch):
+    """An SAE records its training corpus as the harvest was given it; shared, it is named without the folders of
+    this disk, also once the file has moved or gone (then only its recorded path is left to name it)."""
+    from saelab.data.text import shared_corpus_name
+
+    monkeypatch.delenv("SAELAB_CORPUS_DIR", raising=False)
+    here = tmp_path / "home" / "me" / "wiki.jsonl"
+    here.parent.mkdir(parents=True)
+    write_jsonl(here, [{"text": "x"}])
+    assert shared_corpus_name(str(here)) == "wiki.jsonl"
+    assert shared_corpus_name(str(tmp_path / "gone" / "train.jsonl.xz")) == "train.jsonl.xz"
+    assert shared_corpus_name(str(tmp_path / "gone" / "texts") + "/") == "texts"  # a folder, as typed
+    assert shared_corpus_name("Skylion007/openwebtext") == "Skylion007/openwebtext"  # a hub dataset as given
+    assert shared_corpus_name("wikitext:wikitext-2-raw-v1") == "wikitext:wikitext-2-raw-v1"
+    assert shared_corpus_name("") == ""  # none recorded (a SAELens folder without metadata.dataset_path)
+    assert shared_corpus_name(default_corpus("train")) == ("English Wikipedia 2015 sample (saelab "
+                                                           "data/wiki-en/wiki_train.jsonl.xz)")
+
+
 def test_texts_read_once_open_the_corpus_once_and_hand_out_every_document_in_order(tmp_path, monkeypatch):
     """Checks read the first documents (each time from the first, the second time from memory), then the
     whole stream comes out once in the corpus's order, those read first included, from one opening."""

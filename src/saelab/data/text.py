@@ -202,14 +202,23 @@ _IDENTITIES: dict[str, str] = {}
 def corpus_name(corpus: str | None, split: str) -> str:
     """A name of the text read, for files shared with others (no local path in them): a Hugging Face
     dataset's name as given, a local file's or folder's base name, the shipped sample by what it is."""
-    found = resolve_corpus(corpus, split)
-    path = Path(found).expanduser()
-    if not path.exists():
-        return found
-    for each, name in DEFAULT_CORPUS_FILES.items():  # the shipped sample (or the one in $SAELAB_CORPUS_DIR)
-        if str(path.resolve()) == default_corpus(each):
-            return f"English Wikipedia 2015 sample (saelab data/wiki-en/{name})"
-    return path.resolve().name
+    return shared_corpus_name(resolve_corpus(corpus, split))
+
+
+def shared_corpus_name(recorded: str) -> str:
+    """:func:`corpus_name` of a corpus as a harvest recorded it (an SAE's ``dataset``), which may since have moved
+    or gone: a path (one that exists, or looks like one) by its base name, never where it lay on this disk."""
+    if not recorded:  # Path("") is the current folder
+        return recorded
+    path = Path(recorded).expanduser()
+    if path.exists():
+        for each, name in DEFAULT_CORPUS_FILES.items():  # the shipped sample (or the one in $SAELAB_CORPUS_DIR)
+            if str(path.resolve()) == default_corpus(each):
+                return f"English Wikipedia 2015 sample (saelab data/wiki-en/{name})"
+        return path.resolve().name
+    if _looks_like_path(recorded):  # a corpus moved or deleted since: its name is all there is
+        return Path(os.path.abspath(path)).name
+    return recorded  # a Hugging Face dataset name
 
 
 # --- sources -----------------------------------------------------------------------------------
