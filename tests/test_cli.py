@@ -1371,6 +1371,26 @@ def test_explore_outputs_are_checked_before_the_model_loads(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_export_names_the_file_it_read_by_its_base_name(tmp_path, capsys):
+    """An SAE read from another tool's file records where it was read (the saelab block's extra.source.path);
+    in an export, a folder to share, that is the file's base name, not a path of this disk."""
+    import json
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    pt = tmp_path / "home" / "me" / "8.pt"
+    pt.parent.mkdir(parents=True)
+    torch.save({"encoder.weight": torch.randn(64, 16, generator=g), "decoder.weight": torch.randn(16, 64, generator=g),
+                "pre_bias": torch.zeros(16), "latent_bias": torch.zeros(64), "activation": "TopK",
+                "activation_state_dict": {"k": 4, "postact_fn": "ReLU"}}, pt)  # OpenAI's v5 layout
+    out = tmp_path / "out"
+    assert main(["export", str(pt), str(out), "--format", "saelens", "--hook", "blocks.3.hook_resid_post"]) == 0
+    text = (out / "cfg.json").read_text(encoding="utf-8")
+    assert json.loads(text)["saelab"]["extra"]["source"] == {"format": "openai_v5", "path": "8.pt"}
+    assert str(tmp_path) not in text
+
+
 def test_export_writes_each_layout_and_never_over_other_files(tmp_path, capsys, monkeypatch):
     import json
 

@@ -659,6 +659,29 @@ def _evaluated_run(capsys, tiny_dir: Path, data_dir: Path, tmp_path: Path) -> tu
     return run, metrics
 
 
+def test_an_export_names_the_training_corpus_by_its_base_name(tiny_dir, data_dir, tmp_path, capsys):
+    """`saelab export` wrote the training corpus by its path on this disk (/home/me/data/train.jsonl) into the
+    files made to be shared: SAELens' metadata.dataset_path, the saelab block and sparsify's saelab.json. They
+    name it by its base name now; the run's own record keeps the path, by which an evaluation on the training
+    text is told apart."""
+    run, _ = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
+    corpus = tmp_path / "train.jsonl"
+    assert load_sae(run).cfg.dataset == str(corpus)
+    for fmt in ("saelens", "sparsify"):
+        out = tmp_path / "shared" / fmt
+        run_cli(capsys, "export", str(run), str(out), "--format", fmt)
+        for f in out.glob("*.json"):
+            assert str(tmp_path) not in f.read_text(encoding="utf-8"), f"{f} names a path of this disk"
+        assert load_sae(out).cfg.dataset == "train.jsonl"
+        assert torch.equal(load_sae(out).W_dec, load_sae(run).W_dec)
+    cfg = json.loads((tmp_path / "shared" / "saelens" / "cfg.json").read_text())
+    assert cfg["metadata"]["dataset_path"] == cfg["saelab"]["dataset"] == "train.jsonl"
+    assert json.loads((tmp_path / "shared" / "sparsify" / "saelab.json").read_text())["dataset"] == "train.jsonl"
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "shared" / "saelens"), "--format", "saelens"]) == 0
+    assert "already holds this export" in capsys.readouterr().err  # the same command again: the same files
+
+
 def test_report_refuses_a_hand_edited_token_count(tiny_dir, data_dir, tmp_path, capsys):
     """A count in metrics.json that is not a non-negative integer, or a measurement that is not a number, is
     named in one line, as the file's other damage is; report.md and density.png stay as they were."""

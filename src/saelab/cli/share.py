@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +51,7 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
             check_hook_layer(model_for(sae), args.hook)
         sae.cfg.hook_name = args.hook
     check_sae_hook(sae, args.sae)  # other tools find the activations by it: without one OUT is unusable
+    sae.cfg = _shared_config(sae.cfg)
     if args.dtype is not None:
         sae = sae.to(getattr(torch, args.dtype))
     if (out / "cfg.json").is_file() and not args.overwrite:
@@ -60,6 +62,21 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     else:
         save_sae(sae, out, format=args.format)
     return {"sae": str(out), "format": args.format, "files": sorted(p.name for p in out.iterdir())}
+
+
+def _shared_config(cfg):
+    """``cfg`` as a file shared with others records it: its training corpus and the file it was read from by
+    their base names (a hub dataset by its name), not where they lay on this disk, which means nothing on another
+    machine. The model stays as recorded: saelab and SAELens find the model by it, and a local model folder's base
+    name could name another model on the hub."""
+    import dataclasses
+
+    from saelab.data.text import shared_corpus_name
+
+    extra, source = cfg.extra, cfg.extra.get("source")
+    if isinstance(source, dict) and isinstance(source.get("path"), str):
+        extra = {**extra, "source": {**source, "path": Path(os.path.abspath(source["path"])).name}}
+    return dataclasses.replace(cfg, dataset=shared_corpus_name(cfg.dataset), extra=extra)
 
 
 def _check_export_folder(out: Path) -> Path:
