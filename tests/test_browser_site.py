@@ -571,3 +571,34 @@ def test_a_site_names_local_files_by_their_base_names(tiny_dir, sae_files, tmp_p
     with pytest.raises(RunExistsError, match=rf"built from other corpus text \(browse.corpus {re.escape(str(other))} "
                                              r"is another corpus of that name, not the one read then\)"):
         build_browser(both, out, dataclasses.replace(cfg, corpus=str(other)), lm="no-such-model", progress=False)
+
+
+def test_a_families_file_names_local_files_by_their_base_names(tiny_dir, sae_files, tmp_path, tmp_path_factory,
+                                                                capsys):
+    """`saelab families --out` recorded the model folder, the SAE folders and the corpus by their paths on this
+    disk, where the site's copy of the same tree names them by their base names. It does the same now; the same
+    command still reuses the file, and a corpus of the same name elsewhere is still told from the one read."""
+    from saelab.cli import main
+
+    text = tmp_path / "texts" / "c.txt"
+    text.parent.mkdir()
+    text.write_text("The cat sat on the mat. " * 400)
+    saes = [str(sae_files / "run_small"), str(sae_files / "saelens_large")]
+    fam = tmp_path / "families.json"
+    args = ["--out", str(fam), "--model", str(tiny_dir), "--n-tokens", str(31 * 8), "--no-progress"]
+    assert main(["families", *saes, "--corpus", str(text), *args]) == 0
+    written = fam.read_text(encoding="utf-8")
+    local = {str(tmp_path_factory.getbasetemp()), str(tmp_path_factory.getbasetemp().resolve())}
+    assert not [d for d in local if d in written], "families.json holds a local path"
+    tree = json.loads(written)
+    assert (tree["model"], [s["source"] for s in tree["saes"]]) == ("tiny-gpt2", ["run_small", "saelens_large"])
+    assert {k: tree["inputs"]["browse"][k] for k in ("corpus", "model")} == {"corpus": "c.txt", "model": "tiny-gpt2"}
+    capsys.readouterr()
+    assert main(["families", *saes, "--corpus", str(text), *args]) == 0
+    assert json.loads(capsys.readouterr().out)["reused"]
+    other = tmp_path / "elsewhere" / "c.txt"
+    other.parent.mkdir()
+    other.write_text("Numbers 12 34 56 and 78 follow. " * 400)
+    assert main(["families", *saes, "--corpus", str(other), *args]) == 2
+    assert (f"holds feature families of other corpus text (--corpus {other} is another corpus of that name, not the "
+            "one read then)") in capsys.readouterr().err

@@ -299,6 +299,11 @@ def _public_tree(families: dict[str, Any] | None) -> dict[str, Any] | None:
             "saes": [{**s, "source": public_name(s["source"])} for s in families["saes"]]}
 
 
+def _public_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """build_inputs as a site or families file records them: local files by their base names (public_settings)."""
+    return {**inputs, "browse": public_settings(inputs["browse"])}
+
+
 def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
     """More N2G latents than an SAE has: refused before the model loads. The draw would quietly take every
     active latent (minutes per hundred) after the whole pass over the text."""
@@ -376,7 +381,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     first = shared_first(s.sae for s in sources)  # the tokens every SAE reads; each SAE's own are in "saes"
     manifest = {
         "format": SITE_FORMAT, "version": SITE_VERSION, "key": key,
-        "inputs": {**inputs, "browse": public_settings(inputs["browse"])},
+        "inputs": _public_inputs(inputs),
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": public_name(lm.known_as), "hook": hook, "corpus": corpus_name(cfg.corpus, "eval"),
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
@@ -430,7 +435,8 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     lm.check_hook(hook)
     note_another_hook(sources, hook)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
-    tree = {**_families(lm, sources, coact, cfg, hook), "key": key, "inputs": inputs}
+    # Named as the site names them: the file is shared with others, and read back only by its key and inputs.
+    tree = {**_public_tree(_families(lm, sources, coact, cfg, hook)), "key": key, "inputs": _public_inputs(inputs)}
     if out is not None:
         write_json(out, tree)
     return {**tree, "reused": False}
