@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 import saelab.pipeline
 from saelab.cli import main
 from saelab.data import ActivationCache, write_activation_cache
-from saelab.errors import CorpusError, RunExistsError
+from saelab.errors import CheckpointError, CorpusError, RunExistsError
 from saelab.evals.core import eval_settings
 from saelab.models import DEFAULT_MODEL_HUB_ID
 from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
@@ -680,6 +680,37 @@ def test_an_export_names_the_training_corpus_by_its_base_name(tiny_dir, data_dir
     capsys.readouterr()
     assert main(["export", str(run), str(tmp_path / "shared" / "saelens"), "--format", "saelens"]) == 0
     assert "already holds this export" in capsys.readouterr().err  # the same command again: the same files
+
+
+def test_a_site_an_export_or_a_model_given_for_an_sae_is_named(tiny_dir, data_dir, tmp_path, capsys):
+    """A browser site, a Neuronpedia export or a language model's folder given where an SAE goes was refused as an
+    SAE folder whose save may be incomplete (no cfg.json). Each is named for what it is now, by the files in it,
+    with what to pass instead; a save cut short before its cfg.json is still named as one."""
+    run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
+    browse = ["--corpus", str(tmp_path / "eval.jsonl"), "--n-tokens", "248", "--no-progress"]
+    run_cli(capsys, "browse", str(run), *browse)  # the site goes into RUN/browser
+    run_cli(capsys, "browse", str(run), "--export", "neuronpedia", str(tmp_path / "np"), *browse)
+    refused = {
+        run / "browser": f"{run / 'browser'} is a saelab feature browser site (site.json), not an SAE; pass the run "
+                         f"folder {run}",
+        tmp_path / "np": f"{tmp_path / 'np'} is a Neuronpedia export (run_settings.json), not an SAE; pass the SAE "
+                         "it was made from (its run folder or SAE folder)",
+        tiny_dir: f"{tiny_dir} is a language model's folder (config.json, model.safetensors), not an SAE; pass it as "
+                  "the model (--model) and, as the SAE, a run folder (saelab train)",
+    }
+    for path, message in refused.items():
+        with pytest.raises(CheckpointError) as err:
+            load_sae(path)
+        assert str(err.value).startswith(message), err.value
+        capsys.readouterr()
+        assert main(["eval", str(path), *small_eval]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    cut_short = tmp_path / "cut"
+    shutil.copytree(run / "sae", cut_short)
+    (cut_short / "cfg.json").unlink()  # a save stopped before its last file
+    with pytest.raises(CheckpointError, match=r"cut: folder has no cfg.json .* the save may be incomplete"):
+        load_sae(cut_short)
 
 
 def test_report_refuses_a_hand_edited_token_count(tiny_dir, data_dir, tmp_path, capsys):

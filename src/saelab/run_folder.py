@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from saelab.errors import CheckpointError, ConfigError, RunExistsError
-from saelab.sae.io import CHECKPOINT, SAE_DIR, TRAIN_CONFIG, holds_a_run, run_folders_in  # where saving refuses runs
+from saelab.sae.io import (  # where saving refuses runs, and loading names what is no SAE
+    CHECKPOINT,
+    NEURONPEDIA_SETTINGS,
+    SAE_DIR,
+    SITE_MANIFEST,
+    TRAIN_CONFIG,
+    holds_a_run,
+    run_folders_in,
+)
 from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
 
@@ -56,10 +64,6 @@ WANDB_DIR = "wandb"
 """Where W&B keeps a run's local files: ``wandb.init(dir=RUN)`` writes them into RUN/wandb/."""
 WANDB_ID_FILE = "wandb_run_id"
 """The W&B run a resumed training logs into (train/metric_sinks.py)."""
-SITE_MANIFEST = "site.json"
-"""Written last into a feature browser site (explore/browser/site.py): it marks a finished one."""
-NEURONPEDIA_SETTINGS = "run_settings.json"
-"""saelab's record beside a Neuronpedia export's batch files (explore/browser/export.py)."""
 
 EVAL_OUTPUTS = (EVAL_METRICS, LATENT_FREQUENCIES, DENSITY_PLOT, EVALS_DIR)
 """What evaluating a run writes."""

@@ -75,6 +75,10 @@ CHECKPOINT = "checkpoint.pt"
 """What marks a run folder (``saelab train --out RUN``), where its SAE is and its training checkpoint (no SAE):
 here, below :mod:`saelab.run_folder` (which lists a run's other files), so that saving can refuse a run and
 loading can name one."""
+SITE_MANIFEST = "site.json"
+"""Written last into a feature browser site (explore/browser/site.py): it marks a finished one."""
+NEURONPEDIA_SETTINGS = "run_settings.json"
+"""saelab's record beside a Neuronpedia export's batch files (explore/browser/export.py)."""
 
 
 def save_sae(
@@ -352,11 +356,37 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype, not_t
             f"{', ...' if len(hookpoints) > 6 else ''}); pass one of them, e.g. {path / hookpoints[0]}, or load all "
             "with saelab.sae.load_sparsify"
         )
+    _refuse_another_kind_of_folder(path)
     found = sorted(p.name for p in path.iterdir())[:8]
     raise CheckpointError(
         f"{path}: folder has no {CFG_FILENAME} (found {found}); expected a SAELens folder with {CFG_FILENAME} and "
         f"{WEIGHTS_FILENAME} ({CFG_FILENAME} is written last, so the save may be incomplete) or a sparsify folder"
     )
+
+
+_NOT_SAE_FOLDERS = ((SITE_MANIFEST, "a saelab feature browser site"),
+                    (NEURONPEDIA_SETTINGS, "a Neuronpedia export"))
+"""Folders made from SAEs, by the file that marks each: given for an SAE, they are named, not taken for an SAE
+whose save was cut short."""
+
+
+def _refuse_another_kind_of_folder(path: Path) -> None:
+    """Name what the folder ``path`` (no SAE in it) is, told by the files in it, when it is one that is often
+    given for an SAE: a browser site, a Neuronpedia export or a language model's folder."""
+    run = Path(os.path.abspath(path)).parent  # RUN/browser: the run's SAE is meant
+    sae = f"the run folder {run}" if _finished_run(run) else "the SAE it was made from (its run folder or SAE folder)"
+    for marker, what in _NOT_SAE_FOLDERS:
+        if (path / marker).is_file():
+            raise CheckpointError(f"{path} is {what} ({marker}), not an SAE; pass {sae}")
+    weights = sorted(p.name for p in path.iterdir() if p.is_file() and p.name not in _SAE_FILES and (
+        p.suffix == ".safetensors" or (p.name.startswith("pytorch_model") and p.suffix == ".bin")))
+    if (path / "config.json").is_file() and weights:
+        raise CheckpointError(f"{path} is a language model's folder (config.json, {weights[0]}), not an SAE; pass it "
+                              f"as the model (--model) and, as the SAE, {SAE_SOURCES}")
+
+
+_SAE_FILES = (WEIGHTS_FILENAME, SPARSITY_FILENAME, SPARSIFY_WEIGHTS_FILENAME)
+"""An SAE's weights: beside a config.json they are an SAE's save cut short, not a model's weights."""
 
 
 # ---- the Hugging Face hub --------------------------------------------------------------------------
