@@ -1304,13 +1304,20 @@ def test_an_empty_model_is_refused(verb, tmp_path, capsys):
 def test_an_activation_cache_given_for_an_sae_is_named_as_one(tmp_path, capsys):
     cache = tmp_path / "acts"
     cache.mkdir()
-    (cache / "manifest.json").write_text("{}")
+    from saelab.errors import CheckpointError
+    from saelab.sae import load_sae
+    from saelab.utils.cache_manifest import FORMAT
+
+    (cache / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    said = (f"{cache} is an activation cache (manifest.json), not an SAE: train one on it (`saelab train "
+            f"--activations {cache} --out RUN`) and pass RUN, or pass an SAE folder")
     for argv in (["eval", str(cache)], ["top", str(cache), "--latent", "1"],
                  ["steer", str(cache), "--latent", "1", "--value", "1"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
-        assert err.endswith(f"{cache} is an activation cache (manifest.json), not an SAE: train one on it (`saelab "
-                            f"train --activations {cache} --out RUN`) and pass RUN, or pass an SAE folder"), err
+        assert err.endswith(said), err
+    with pytest.raises(CheckpointError, match=f"^{re.escape(said)}$"):  # from Python too, not "save incomplete"
+        load_sae(cache)
 
 
 def test_paper_suite_names_its_options(tiny_dir, tmp_path, capsys):

@@ -159,10 +159,6 @@ def open_sae(source: str | Path, *, allow_http: bool = False, several: bool = Fa
                                   f"{listed_paths(runs)}")
         raise CheckpointError(f"{path} is a sweep folder of {len(runs)} runs; expected one SAE: pass one of its run "
                               f"folders, e.g. {runs[0]}")
-    marker, what = ARTEFACTS["activations"]
-    if path.is_dir() and holds_artefact(path, "activations") and not (path / "cfg.json").exists():
-        raise CheckpointError(f"{path} is {what} ({marker}), not an SAE: train one on it (`saelab train "
-                              f"--activations {path} --out RUN`) and pass RUN, or pass an SAE folder")
     return load_sae(str(source), allow_http=allow_http), None
 
 

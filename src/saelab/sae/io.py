@@ -372,9 +372,12 @@ whose save was cut short."""
 
 def _refuse_another_kind_of_folder(path: Path) -> None:
     """Name what the folder ``path`` (no SAE in it) is, told by the files in it, when it is one that is often
-    given for an SAE: a browser site, a Neuronpedia export or a language model's folder."""
+    given for an SAE: an activation cache, a browser site, a Neuronpedia export or a language model's folder."""
     run = Path(os.path.abspath(path)).parent  # RUN/browser: the run's SAE is meant
     sae = f"the run folder {run}" if _finished_run(run) else "the SAE it was made from (its run folder or SAE folder)"
+    if holds_an_activation_cache(path):
+        raise CheckpointError(f"{path} is an activation cache ({MANIFEST}), not an SAE: train one on it (`saelab "
+                              f"train --activations {path} --out RUN`) and pass RUN, or pass an SAE folder")
     for marker, what in _NOT_SAE_FOLDERS:
         if (path / marker).is_file():
             raise CheckpointError(f"{path} is {what} ({marker}), not an SAE; pass {sae}")
