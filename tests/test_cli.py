@@ -2955,8 +2955,10 @@ def test_browse_without_out_says_what_it_was_given(tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)
     _save_saes(tmp_path, "gpt2", ("run/sae", 64), ("loose", 64))
     (tmp_path / "run" / "train_config.json").write_text("{}")
+    from saelab.utils.cache_manifest import FORMAT
+
     (tmp_path / "acts").mkdir()
-    (tmp_path / "acts" / "manifest.json").write_text("{}")
+    (tmp_path / "acts" / "manifest.json").write_text(json.dumps({"format": FORMAT}))
     _refusals([(["browse", "acts"], "acts is an activation cache (manifest.json), not an SAE"),
                (["browse", "run/sae"], "run/sae is not a run folder; pass --out for the site folder, or browse its "
                                        f"run folder {tmp_path / 'run'}")], capsys)
