@@ -72,6 +72,14 @@ MAX_LOGITS = 1000
 before their pages are written; 100,000 (a whole vocabulary) ran out of memory after the scoring pass."""
 
 
+MAX_BINS = 512
+"""The most histogram bins: a page draws the histogram 520 pixels wide (past 512 bins, bins share a pixel), and
+the pass keeps n_latents x n_bins counts (--n-bins 2^30 asked for 8 TB of a 1,024-latent SAE)."""
+
+SEED_BITS = 31
+"""The bits of the seed the samples' hash reads (``stats.sample_keys``): a seed past them repeats another's."""
+
+
 @dataclass
 class BrowseConfig:
     """What the feature browser reads and shows."""
@@ -95,7 +103,7 @@ class BrowseConfig:
     """Quantile bands the samples are split into, at most one per sample (the default 4 is lowered to
     fewer samples)."""
     n_bins: int = 64
-    """Histogram bins (a power of two)."""
+    """Histogram bins (a power of two, at most MAX_BINS)."""
     window_before: int = 16
     """Tokens shown before the max-activating token of each context."""
     window_after: int = 8
@@ -119,7 +127,7 @@ class BrowseConfig:
     """Feature families: a latent's parent in the next smaller SAE needs at least this score
     (the geometric mean of their decoder cosine and co-activation containment)."""
     seed: int = 0
-    """Seed of the quantile samples and of the N2G latent choice."""
+    """Seed of the quantile samples and of the N2G latent choice, in 0..2^31 - 1."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "n_top", "n_samples", "n_bands", "lm_batch_size"):
@@ -138,6 +146,12 @@ class BrowseConfig:
                               "n_samples (each band holds at least one sampled context)")
         if self.n_bins < 2 or self.n_bins & (self.n_bins - 1):
             raise ConfigError(f"n_bins must be a power of two >= 2, got {self.n_bins}")
+        if self.n_bins > MAX_BINS:  # else an allocator's traceback, or pages whose bars share pixels
+            raise ConfigError(f"n_bins must be <= {MAX_BINS} (a page draws the histogram 520 pixels wide, and the pass "
+                              f"keeps every latent's bins in memory), got {self.n_bins}")
+        if not 0 <= self.seed < 2**SEED_BITS:  # a larger one also failed the N2G draw, after the whole pass
+            raise ConfigError(f"seed must be in 0..2^{SEED_BITS} - 1 (the samples' hash reads {SEED_BITS} bits of it: "
+                              f"another seed would repeat one of these), got {self.seed}")
         if self.context_size is not None and self.context_size < 3:
             raise ConfigError(f"context_size must be >= 3 (BOS and at least one scored token), got {self.context_size}")
         if self.model is not None and not self.model.strip():  # '' read as no model meant the SAE's own, unsaid
