@@ -62,6 +62,7 @@ from saelab.explore.browser.stats import (
 )
 from saelab.models.loading import MODEL_SPECS
 from saelab.sae.topk import TopKSAE
+from saelab.utils.words import plural
 
 
 DEFAULT_BANDS = 4
@@ -96,9 +97,11 @@ class BrowseConfig:
     hook: str | None = None
     """Hook the SAEs read; None: the SAE's own hook name."""
     n_top: int = 16
-    """Top-activating contexts kept per latent."""
+    """Top-activating contexts kept per latent, at most the contexts read (the default is kept past a short text's:
+    fewer are listed)."""
     n_samples: int = 12
-    """Contexts sampled at random per latent (among those where it fires) for the quantile bands."""
+    """Contexts sampled at random per latent (among those where it fires) for the quantile bands, at most the
+    contexts read (the default is kept past a short text's)."""
     n_bands: int = DEFAULT_BANDS
     """Quantile bands the samples are split into, at most one per sample (the default 4 is lowered to
     fewer samples)."""
@@ -111,7 +114,8 @@ class BrowseConfig:
     n_logits: int = 10
     """Promoted and suppressed tokens listed per latent (direct logit effect), at most MAX_LOGITS."""
     n_neighbours: int = 8
-    """Nearest latents by decoder cosine listed per latent."""
+    """Nearest latents by decoder cosine listed per latent, at most the SAE's other latents (the default is kept
+    past a smaller SAE's)."""
     lm_batch_size: int = 16
     """Contexts per LM forward."""
     n2g_file: str | None = None
@@ -374,6 +378,23 @@ def resolve_corpus(cfg: BrowseConfig) -> str:
     return resolve(cfg.corpus, "eval")
 
 
+def contexts_read(saes: Sequence[TopKSAE], cfg: BrowseConfig) -> tuple[int, int, int]:
+    """(contexts, tokens per context, first position scored) that :func:`read_tokens` reads for ``saes``: known
+    from the settings and the SAEs' configs before any text is read."""
+    T = cfg.context_size or saes[0].cfg.context_size
+    first = shared_first(saes)  # an SAE trained without position 0 scores fewest per context
+    if T - first < 1:
+        raise ValueError(f"context_size={T} leaves no scored token")
+    return math.ceil(cfg.n_tokens / (T - first)), T, first
+
+
+def contexts_read_words(n_contexts: int, T: int, first: int, n_tokens: str) -> str:
+    """What :func:`contexts_read` gives, said with ``n_tokens``, the setting and its value as the caller names them:
+    "the 65 contexts read (browse.n_tokens 2,000 in contexts of 32 tokens, 31 scored in each)"."""
+    scored = f", {T - first} scored in each" if first else ""
+    return f"the {n_contexts:,} {plural(n_contexts, 'context')} read ({n_tokens} in contexts of {T} tokens{scored})"
+
+
 def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
                 context_setting: str | None = "context_size") -> torch.Tensor:
     """The contexts ``[N, T]`` the browser reads (see the module docstring). ``lm``: the language model, or
@@ -389,16 +410,13 @@ def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
     saes = list(sae) if isinstance(sae, Sequence) else [sae]
     sae = saes[0]
     corpus = resolve_corpus(cfg)
-    T = cfg.context_size or sae.cfg.context_size
+    n_contexts, T, first = contexts_read(saes, cfg)
     if isinstance(lm, LanguageModel):
         T, tokenize, bos = lm.check_context_size(T, context_named(cfg.context_size)), lm.tokenize, lm.bos_token_id
     else:
         tokenize, bos = lm, bos_token_id(lm)
-    first = shared_first(saes)  # an SAE trained without position 0 scores fewest per context
-    if T - first < 1:
-        raise ValueError(f"context_size={T} leaves no scored token")
     try:
-        return token_contexts(corpus, tokenize, T, n_contexts=math.ceil(cfg.n_tokens / (T - first)),
+        return token_contexts(corpus, tokenize, T, n_contexts=n_contexts,
                               bos_token_id=bos, prepend_bos=sae.cfg.prepend_bos, setting=context_setting)
     except CorpusError as e:
         e.max_tokens = getattr(e, "contexts", 0) * (T - first)  # the largest n_tokens the corpus allows

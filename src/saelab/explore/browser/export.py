@@ -430,7 +430,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         note_another_hook,
     )
     from saelab.data import corpus_name
-    from saelab.explore.browser.make import load_model_beside, open_sources
+    from saelab.explore.browser.make import check_sizes, load_model_beside, open_sources
 
     cfg = cfg or BrowseConfig()
     refuse_explanations(cfg)
@@ -439,6 +439,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
     for s in sources:  # a hook that names no layer: refused now, not after the pass
         _layer(s.sae.cfg.hook_name, kwargs.get("layer"))
+    check_sizes(sources, cfg, site=False)  # the site's own sizes (neighbours, N2G) are not the export's
     if kwargs.get("sae_set") is not None and len(sources) > 1:  # each SAE's pages would take the same address
         raise ConfigError(f"sae_set {kwargs['sae_set']!r} names one SAE's set, and {len(sources)} SAEs were given; "
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")

@@ -29,6 +29,8 @@ from saelab.explore.browser.build import (
     SAESource,
     check_compatible,
     collect_statistics,
+    contexts_read,
+    contexts_read_words,
     finish_statistics,
     first_scored,
     given_explanations,
@@ -304,15 +306,29 @@ def _public_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return {**inputs, "browse": public_settings(inputs["browse"])}
 
 
-def _check_n2g_latents(sources: Sequence[SAESource], cfg: BrowseConfig) -> None:
-    """More N2G latents than an SAE has: refused before the model loads. The draw would quietly take every
-    active latent (minutes per hundred) after the whole pass over the text."""
+def check_sizes(sources: Sequence[SAESource], cfg: BrowseConfig, site: bool = True) -> None:
+    """Refuse, before the model loads, sizes past what they can mean for these SAEs and this text: each is
+    allocated for every latent, and failed in the allocator (or ran for minutes) only after the load. Top and
+    sampled contexts past the contexts read (a default is kept: a short text leaves it partly empty); with
+    ``site``, nearest latents past an SAE's other latents and N2G latents past its latents (whose draw would
+    quietly take every active latent, minutes per hundred, after the whole pass)."""
+    n_contexts, T, first = contexts_read([s.sae for s in sources], cfg)
+    why = {"n_top": "a latent lists each context once", "n_samples": "a latent's samples are distinct contexts"}
+    for setting, reason in why.items():
+        value = getattr(cfg, setting)
+        if value > n_contexts and value != getattr(BrowseConfig, setting):
+            raise ConfigError(f"browse.{setting} {value:,}: expected at most "
+                              f"{contexts_read_words(n_contexts, T, first, f'browse.n_tokens {cfg.n_tokens:,}')}: "
+                              f"{reason}")
     smallest = min(sources, key=lambda s: s.sae.n_latents)
     n = smallest.sae.n_latents
-    if cfg.n2g_n_latents > n:
-        which = "the SAE" if len(sources) == 1 else f"the SAE {smallest.name}"
-        raise ConfigError(f"browse.n2g_n_latents {cfg.n2g_n_latents}: {which} has {n} {plural(n, 'latent')}; expected at "
-                          f"most {n}")
+    which = "the SAE" if len(sources) == 1 else f"the SAE {smallest.name}"
+    if site and cfg.n_neighbours > n - 1 and cfg.n_neighbours != BrowseConfig.n_neighbours:
+        raise ConfigError(f"browse.n_neighbours {cfg.n_neighbours:,}: {which} has {n:,} {plural(n, 'latent')}; "
+                          f"expected at most {n - 1:,}, its other latents")
+    if site and cfg.n2g_n_latents > n:
+        raise ConfigError(f"browse.n2g_n_latents {cfg.n2g_n_latents}: {which} has {n} {plural(n, 'latent')}; expected "
+                          f"at most {n}")
 
 
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
@@ -333,7 +349,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     t_start = time.perf_counter()
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
-    _check_n2g_latents(sources, cfg)
+    check_sizes(sources, cfg)
     out = Path(out)
     key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
     old = read_site_manifest(out)
