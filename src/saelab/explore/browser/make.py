@@ -311,7 +311,7 @@ def check_sizes(sources: Sequence[SAESource], cfg: BrowseConfig, site: bool = Tr
     allocated for every latent, and failed in the allocator (or ran for minutes) only after the load. Top and
     sampled contexts past the contexts read (a default is kept: a short text leaves it partly empty); with
     ``site``, nearest latents past an SAE's other latents and N2G latents past its latents (whose draw would
-    quietly take every active latent, minutes per hundred, after the whole pass)."""
+    quietly take every active latent, minutes per hundred, after the whole pass); then the pass's memory."""
     n_contexts, T, first = contexts_read([s.sae for s in sources], cfg)
     why = {"n_top": "a latent lists each context once", "n_samples": "a latent's samples are distinct contexts"}
     for setting, reason in why.items():
@@ -329,6 +329,26 @@ def check_sizes(sources: Sequence[SAESource], cfg: BrowseConfig, site: bool = Tr
     if site and cfg.n2g_n_latents > n:
         raise ConfigError(f"browse.n2g_n_latents {cfg.n2g_n_latents}: {which} has {n} {plural(n, 'latent')}; expected "
                           f"at most {n}")
+    _check_pass_memory(sources, cfg, n_contexts, T)
+
+
+def _check_pass_memory(sources: Sequence[SAESource], cfg: BrowseConfig, n_contexts: int, T: int) -> None:
+    """The pass keeps every latent's top and sampled contexts: each an activation row of T float32 values with
+    its context, position and score (``_Collector``). Where these alone take more than this machine's memory,
+    refused now: the pass would fail in the allocator, or swap, after the load."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # an OS that does not say: nothing to compare with
+        return
+    n_latents = sum(s.sae.n_latents for s in sources)
+    per_context = n_latents * (4 * T + 24)
+    need = (min(cfg.n_top, n_contexts) + min(cfg.n_samples, n_contexts)) * per_context
+    if need > memory:
+        raise ConfigError(f"browse.n_top {cfg.n_top:,} and browse.n_samples {cfg.n_samples:,}: the pass keeps each "
+                          f"latent's top and sampled contexts' activations, {need / 2**30:,.1f} GiB for {n_latents:,} "
+                          f"{plural(n_latents, 'latent')} in contexts of {T} tokens, past this machine's "
+                          f"{memory / 2**30:,.1f} GiB of memory; expected browse.n_top + browse.n_samples <= "
+                          f"{memory // per_context:,}")
 
 
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
