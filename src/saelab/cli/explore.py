@@ -465,7 +465,7 @@ def add_top(sub) -> None:
                             help="latent index; several, comma-separated ('12,40'), are shown one after the other")
     latent.several = "--latent 3,4"  # how a repeat's refusal says to give several (Parser)
     p.add_argument("-n", "--n-contexts", type=positive_int, default=10,
-                   help="contexts per latent (default: 10)")
+                   help="contexts per latent, at most the contexts read (default: 10)")
     p.add_argument("--n-tokens", type=positive_int, default=262_144,
                    help="tokens of text read, rounded up to whole contexts (default: 262,144)")
     p.add_argument("--corpus", default=None, help="text to read (default: the offline Wikipedia eval split)")
@@ -500,9 +500,13 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.data import resolve_corpus
     from saelab.explore import top_activations
     from saelab.explore.browser.make import load_model_beside
+    from saelab.explore.top import check_k
 
     resolve_corpus(args.corpus, "eval")  # a missing corpus is named before the model loads
     sae, spec = _checked_sae(args, args.hook)
+    if given(args, "n_contexts"):  # a default past a short text is kept: it lists fewer
+        check_k(args.n_contexts, sae, args.corpus, args.n_tokens,
+                named=(given(args, "n_contexts"), given(args, "n_tokens") or "--n-tokens"))
     source = SAESource(args.sae, args.sae, sae)
     with _within_the_corpus("--n-tokens", args.n_tokens, args.corpus):
         # the library's own checks and read before the load, on the device asked for; None: top reads the SAE's
@@ -511,7 +515,10 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
                                        [source], sae.cfg.hook_name, args.device, args.model_dtype,
                                        context_setting=None)
         _note_another_hook(args, sae)
-        results = top_activations(sae, lm, tokens, list(args.latent), args.n_contexts, progress=args.progress)
+        # a -n given past the contexts read was refused above; the default is cut to them (the library refuses any
+        # k past them but its own default)
+        results = top_activations(sae, lm, tokens, list(args.latent), min(args.n_contexts, len(tokens)),
+                                  progress=args.progress)
     if args.json:
         return {"sae": args.sae, "latents": [r.to_dict() for r in results]}
     print("\n\n".join(r.to_text() for r in results))

@@ -34,6 +34,8 @@ from saelab.explore.browser.build import (
     SAESource,
     check_compatible,
     context_payload,
+    contexts_read,
+    contexts_read_words,
     encoded_batches,
     first_scored,
     open_sae_source,
@@ -41,6 +43,7 @@ from saelab.explore.browser.build import (
 )
 from saelab.explore.browser.stats import context_maxima, select_latents
 from saelab.sae.topk import TopKSAE, check_latents_once
+from saelab.utils.config import given_parts
 from saelab.utils.words import ESCAPED, plural
 
 
@@ -159,6 +162,28 @@ def _check_token_tensor(tokens: torch.Tensor, sae: TopKSAE) -> None:
                                  f"{list(tokens.shape)}")
 
 
+DEFAULT_K = 16
+"""top_activations' contexts per latent when none are asked for."""
+
+
+def check_k(k: int, sae: TopKSAE, corpus, n_tokens: int, context_size: int | None = None,
+            named: tuple[str, str] = ("k", "n_tokens")) -> None:
+    """Refuse more contexts per latent than the contexts read (``corpus``: a token tensor's, else those ``n_tokens``
+    gives), before the model loads: each context is listed once, and the scan's state is allocated for ``k`` (k =
+    10^8 failed in the allocator after the load). ``named``: how the caller names k and n_tokens (a --config
+    file's entry leading)."""
+    if isinstance(corpus, torch.Tensor):
+        _check_token_tensor(corpus, sae)
+        n = corpus.shape[0]
+        read = f"the {n:,} {plural(n, 'context')} of the token tensor given"
+    else:
+        n, T, first = contexts_read([sae], BrowseConfig(n_tokens=n_tokens, context_size=context_size))
+        read = contexts_read_words(n, T, first, f"{given_parts(named[1])[1]} {n_tokens:,}")
+    if k > n:
+        lead, entry = given_parts(named[0])
+        raise ConfigError(f"{lead}{entry} {k:,}: expected at most {read}: a latent lists each context once")
+
+
 def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n_tokens: int,
                         context_size: int | None, progress: bool) -> tuple[Any, torch.Tensor]:
     """The model (loaded here unless ``lm`` is one) and the contexts ``[N, T]``: given as a LongTensor, or
@@ -189,11 +214,12 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
 
 
 @torch.no_grad()
-def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, k: int = 16, *,
+def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, k: int = DEFAULT_K, *,
                     n_tokens: int = 262_144, context_size: int | None = None, hook: str | None = None,
                     batch_size: int = 16, progress: bool = False,
                     allow_http: bool = False) -> TopActivations | list[TopActivations]:
-    """The ``k`` top-activating contexts of ``latent`` (an index, or a list: one result per entry).
+    """The ``k`` top-activating contexts of ``latent`` (an index, or a list: one result per entry). ``k`` is at most
+    the contexts read (:func:`check_k`); the default 16 is kept past a short text's.
 
     ``sae``: a :class:`~saelab.sae.TopKSAE`, or a run folder / SAELens folder / OpenAI ``.pt`` file or URL.
     ``lm``: a :class:`~saelab.models.LanguageModel` or a model name (None: the SAE's model).
@@ -212,6 +238,8 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     sae = source.sae
     lats = _latent_list(latent, sae.n_latents)
     hook = check_compatible([source], hook, None)
+    if k != DEFAULT_K:  # the default is kept: a short text lists fewer
+        check_k(k, sae, corpus, n_tokens, context_size)
     lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, n_tokens, context_size, progress)
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
