@@ -2131,3 +2131,76 @@ def test_quickstart_and_sweep_refuse_a_warmup_longer_than_the_run_before_any_wor
                  "1024", "--batch-size", "128", "--warmup-steps", "100"]) == 2
     assert "--warmup-steps 100 exceeds the run's 8 steps" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- sizes past what they can mean (browse, top) -------------------------------------------------------------
+
+_WITHIN = "the 65 contexts read (--n-tokens 2,000 in contexts of 32 tokens, 31 scored in each)"  # of the corpus fixture
+SIZE_REFUSALS = [
+    (["browse", "sae", "--out", "site", "--n-top", "300000"],
+     f"--n-top 300,000: expected at most {_WITHIN}: a latent lists each context once"),
+    (["browse", "sae", "--out", "site", "--n-samples", "10000000"],
+     f"--n-samples 10,000,000: expected at most {_WITHIN}: a latent's samples are distinct contexts"),
+    (["browse", "sae", "--out", "site", "--n-bins", "1073741824"],
+     "--n-bins must be <= 512 (a page draws the histogram 520 pixels wide, and the pass keeps every latent's bins in "
+     "memory), got 1073741824"),
+    (["browse", "sae", "--out", "site", "--n-neighbours", "9000"],
+     "--n-neighbours 9,000: the SAE has 128 latents; expected at most 127, its other latents"),
+    (["browse", "sae", "sae64", "--out", "site", "--n-neighbours", "64"],
+     "--n-neighbours 64: the SAE sae64 has 64 latents; expected at most 63, its other latents"),
+    (["browse", "sae", "--out", "site", "--seed", str(2**64), "--n2g-n-latents", "1"],
+     f"--seed must be in 0..2^31 - 1 (the samples' hash reads 31 bits of it: another seed would repeat one of these), "
+     f"got {2**64}"),
+    (["browse", "sae", "--export", "neuronpedia", "np", "--n-top", "300000"],
+     f"--n-top 300,000: expected at most {_WITHIN}: a latent lists each context once"),
+    (["top", "sae", "--latent", "1", "-n", "100000000"],
+     f"-n 100,000,000: expected at most {_WITHIN}: a latent lists each context once"),
+    (["top", "sae", "--latent", "1", "--config", "c.json"],
+     f"--config c.json: n_contexts 500: expected at most {_WITHIN}: a latent lists each context once"),
+]
+
+
+@pytest.mark.parametrize("weights", [True, False], ids=["model", "model-without-weights"])
+@pytest.mark.parametrize("argv,message", SIZE_REFUSALS, ids=[" ".join(argv[2:]) for argv, _ in SIZE_REFUSALS])
+def test_sizes_past_what_they_mean_are_refused_in_one_line_before_the_model_loads(argv, message, weights, tiny_dir,
+                                                                                  corpus, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """browse --n-top 300000, --n-samples 10000000, --n-bins 2^30 and top -n 100000000 failed in the allocator, with
+    its traceback, after the model load and the text's read; --n-neighbours past an SAE's other latents was cut to
+    them without a word (9,000 on 8,192 latents: 11.8 GB, 6 minutes), and a --seed past 2^63 failed the N2G draw
+    after the whole pass. Each is one line naming the option, its value and its bound, and nothing is written.
+    Without weights, a refusal after the load would read "cannot load"."""
+    monkeypatch.chdir(tmp_path)
+    model = tiny_dir
+    if not weights:
+        model = tmp_path / "model"
+        shutil.copytree(tiny_dir, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    for name, n in (("sae", 128), ("sae64", 64)):
+        sae = make_sae(n=n)
+        sae.cfg.model_name = str(model)
+        save_sae(sae, tmp_path / name)
+    (tmp_path / "c.json").write_text('{"n_contexts": 500}')
+    inputs = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run_cli(capsys, *argv, "--corpus", str(corpus), "--n-tokens", "2000", "--no-progress")
+    assert (code, out, err) == (2, "", f"saelab {argv[0]}: error: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == inputs
+
+
+def test_browse_refuses_contexts_past_this_machines_memory_before_the_model_loads(tiny_dir, corpus, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """--n-top within the contexts read can still ask for more memory than the machine has (each latent keeps an
+    activation row per top context): refused in one line, with the most it can take, before anything is read."""
+    monkeypatch.chdir(tmp_path)
+    sae = make_sae()
+    sae.cfg.model_name = str(tiny_dir)
+    save_sae(sae, tmp_path / "sae")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    n_top = memory // (128 * 32 * 4) + 1  # the float32 rows of 128 latents' top contexts alone fill it
+    code, out, err = run_cli(capsys, "browse", "sae", "--out", "site", "--corpus", str(corpus), "--n-tokens",
+                             str(n_top * 31), "--n-top", str(n_top), "--no-progress")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"saelab browse: error: --n-top {n_top:,} and --n-samples 12: the pass keeps each latent's "
+                          "top and sampled contexts' activations, "), err
+    most = re.search(r"of memory; expected --n-top \+ --n-samples <= ([\d,]+)$", err)
+    assert most and 0 < int(most[1].replace(",", "")) < n_top, err  # the most it can take, fewer than asked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
