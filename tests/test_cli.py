@@ -2029,12 +2029,13 @@ def test_browse_export_again_reuses_the_same_export_and_refuses_another(tmp_path
     assert out.err.strip() == "np already holds this Neuronpedia export (--overwrite writes it again)"
     assert json.loads(out.out)["saes"]["reused"] is True
     assert {p.name: p.read_bytes() for p in (tmp_path / "np").iterdir()} == before
-    _refusals([([*base, "--n-top", "3"], "np: an earlier Neuronpedia export made from other settings "
-                                           "(--n-top 2 -> 3) is there; pass --overwrite to replace it"),
+    # --n-top 1: the 2 contexts of --n-tokens 62 hold no third top context
+    _refusals([([*base, "--n-top", "1"], "np: an earlier Neuronpedia export made from other settings "
+                                           "(--n-top 2 -> 1) is there; pass --overwrite to replace it"),
                # an option of the export by its option, not its place in the record (export.model_id)
                ([*export, "--model-id", "tiny-b"], "made from other settings (--model-id none -> \"tiny-b\") is there"),
                ], capsys)
-    assert main([*base, "--n-top", "3", "--overwrite"]) == 0
+    assert main([*base, "--n-top", "1", "--overwrite"]) == 0
     assert json.loads(capsys.readouterr().out)["saes"]["reused"] is False
 
 
