@@ -2137,10 +2137,6 @@ def test_quickstart_and_sweep_refuse_a_warmup_longer_than_the_run_before_any_wor
 
 _WITHIN = "the 65 contexts read (--n-tokens 2,000 in contexts of 32 tokens, 31 scored in each)"  # of the corpus fixture
 SIZE_REFUSALS = [
-    (["browse", "sae", "--out", "site", "--n-top", "300000"],
-     f"--n-top 300,000: expected at most {_WITHIN}: a latent lists each context once"),
-    (["browse", "sae", "--out", "site", "--n-samples", "10000000"],
-     f"--n-samples 10,000,000: expected at most {_WITHIN}: a latent's samples are distinct contexts"),
     (["browse", "sae", "--out", "site", "--n-bins", "1073741824"],
      "--n-bins must be <= 512 (a page draws the histogram 520 pixels wide, and the pass keeps every latent's bins in "
      "memory), got 1073741824"),
@@ -2149,10 +2145,8 @@ SIZE_REFUSALS = [
     (["browse", "sae", "sae64", "--out", "site", "--n-neighbours", "64"],
      "--n-neighbours 64: the SAE sae64 has 64 latents; expected at most 63, its other latents"),
     (["browse", "sae", "--out", "site", "--seed", str(2**64), "--n2g-n-latents", "1"],
-     f"--seed must be in 0..2^31 - 1 (the samples' hash reads 31 bits of it: another seed would repeat one of these), "
+     f"--seed must be in -2^31..2^31 - 1 (the samples' hash reads 31 bits of it: another seed would repeat one of these), "
      f"got {2**64}"),
-    (["browse", "sae", "--export", "neuronpedia", "np", "--n-top", "300000"],
-     f"--n-top 300,000: expected at most {_WITHIN}: a latent lists each context once"),
     (["top", "sae", "--latent", "1", "-n", "100000000"],
      f"-n 100,000,000: expected at most {_WITHIN}: a latent lists each context once"),
     (["top", "sae", "--latent", "1", "--config", "c.json"],
@@ -2204,3 +2198,23 @@ def test_browse_refuses_contexts_past_this_machines_memory_before_the_model_load
     most = re.search(r"of memory; expected --n-top \+ --n-samples <= ([\d,]+)$", err)
     assert most and 0 < int(most[1].replace(",", "")) < n_top, err  # the most it can take, fewer than asked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_browse_top_and_samples_past_the_contexts_read_list_them_all(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
+    """browse --n-top 300000 and --n-samples 10000000 failed in the allocator after the load (a slot per latent and
+    context asked for, most never filled). A latent lists each context once: the pages are those of --n-top and
+    --n-samples equal to the 65 contexts read, and a site built with such settings stays reusable (not refused)."""
+    monkeypatch.chdir(tmp_path)
+    sae = make_sae()
+    sae.cfg.model_name = str(tiny_dir)
+    save_sae(sae, tmp_path / "sae")
+    common = ("--corpus", str(corpus), "--n-tokens", "2000", "--no-progress")
+    for out, n_top, n_samples in (("huge", "300000", "10000000"), ("all", "65", "65")):
+        code, _, err = run_cli(capsys, "browse", "sae", "--out", out, "--n-top", n_top, "--n-samples", n_samples,
+                               *common)
+        assert code == 0, err
+    pages = sorted(p.relative_to(tmp_path / "all") for p in (tmp_path / "all" / "data" / "sae").rglob("*.js"))
+    assert pages and all((tmp_path / "huge" / p).read_bytes() == (tmp_path / "all" / p).read_bytes() for p in pages)
+    code, out, err = run_cli(capsys, "browse", "sae", "--out", "huge", "--n-top", "300000", "--n-samples", "10000000",
+                             *common)
+    assert code == 0 and json.loads(out)["reused"] is True, err

@@ -218,8 +218,8 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
                     n_tokens: int = 262_144, context_size: int | None = None, hook: str | None = None,
                     batch_size: int = 16, progress: bool = False,
                     allow_http: bool = False) -> TopActivations | list[TopActivations]:
-    """The ``k`` top-activating contexts of ``latent`` (an index, or a list: one result per entry). ``k`` is at most
-    the contexts read (:func:`check_k`); the default 16 is kept past a short text's.
+    """The ``k`` top-activating contexts of ``latent`` (an index, or a list: one result per entry). ``k`` past the
+    contexts read lists them all (``saelab top`` refuses a ``-n`` given past them: :func:`check_k`).
 
     ``sae``: a :class:`~saelab.sae.TopKSAE`, or a run folder / SAELens folder / OpenAI ``.pt`` file or URL.
     ``lm``: a :class:`~saelab.models.LanguageModel` or a model name (None: the SAE's model).
@@ -238,11 +238,11 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     sae = source.sae
     lats = _latent_list(latent, sae.n_latents)
     hook = check_compatible([source], hook, None)
-    if k != DEFAULT_K:  # the default is kept: a short text lists fewer
-        check_k(k, sae, corpus, n_tokens, context_size)
     lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, n_tokens, context_size, progress)
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
+    # a latent lists each context once: k past the contexts read lists them all (k = 10^8 had filled the memory)
+    k = min(k, tokens_NT.shape[0])
     top = _scan(lm, sae, tokens_NT, hook, torch.tensor(lats), k, batch_size, progress)  # distinct (_latent_list)
     n_scored = tokens_NT.shape[0] * (tokens_NT.shape[1] - first_scored(sae))
     results = [_result(lat, j, top, tokens_NT, lm.tokenizer, n_scored) for j, lat in enumerate(lats)]

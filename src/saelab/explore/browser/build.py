@@ -97,11 +97,10 @@ class BrowseConfig:
     hook: str | None = None
     """Hook the SAEs read; None: the SAE's own hook name."""
     n_top: int = 16
-    """Top-activating contexts kept per latent, at most the contexts read (the default is kept past a short text's:
-    fewer are listed)."""
+    """Top-activating contexts kept per latent (past the contexts read: all of them, each once)."""
     n_samples: int = 12
-    """Contexts sampled at random per latent (among those where it fires) for the quantile bands, at most the
-    contexts read (the default is kept past a short text's)."""
+    """Contexts sampled at random per latent (among those where it fires) for the quantile bands (past the contexts
+    read: all of them)."""
     n_bands: int = DEFAULT_BANDS
     """Quantile bands the samples are split into, at most one per sample (the default 4 is lowered to
     fewer samples)."""
@@ -131,7 +130,7 @@ class BrowseConfig:
     """Feature families: a latent's parent in the next smaller SAE needs at least this score
     (the geometric mean of their decoder cosine and co-activation containment)."""
     seed: int = 0
-    """Seed of the quantile samples and of the N2G latent choice, in 0..2^31 - 1."""
+    """Seed of the quantile samples and of the N2G latent choice, in -2^31..2^31 - 1."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "n_top", "n_samples", "n_bands", "lm_batch_size"):
@@ -153,9 +152,10 @@ class BrowseConfig:
         if self.n_bins > MAX_BINS:  # else an allocator's traceback, or pages whose bars share pixels
             raise ConfigError(f"n_bins must be <= {MAX_BINS} (a page draws the histogram 520 pixels wide, and the pass "
                               f"keeps every latent's bins in memory), got {self.n_bins}")
-        if not 0 <= self.seed < 2**SEED_BITS:  # a larger one also failed the N2G draw, after the whole pass
-            raise ConfigError(f"seed must be in 0..2^{SEED_BITS} - 1 (the samples' hash reads {SEED_BITS} bits of it: "
-                              f"another seed would repeat one of these), got {self.seed}")
+        # a larger one also failed the N2G draw, after the whole pass; negative seeds were always taken
+        if not -2**SEED_BITS <= self.seed < 2**SEED_BITS:
+            raise ConfigError(f"seed must be in -2^{SEED_BITS}..2^{SEED_BITS} - 1 (the samples' hash reads {SEED_BITS} "
+                              f"bits of it: another seed would repeat one of these), got {self.seed}")
         if self.context_size is not None and self.context_size < 3:
             raise ConfigError(f"context_size must be >= 3 (BOS and at least one scored token), got {self.context_size}")
         if self.model is not None and not self.model.strip():  # '' read as no model meant the SAE's own, unsaid
@@ -323,11 +323,13 @@ def context_payload(vals_BTK: torch.Tensor, idx_BTK: torch.Tensor, n_latents: in
 class _Collector:
     """The per-SAE accumulators of one pass."""
 
-    def __init__(self, sae: TopKSAE, T: int, cfg: BrowseConfig) -> None:
+    def __init__(self, sae: TopKSAE, T: int, cfg: BrowseConfig, n_contexts: int) -> None:
         n = sae.n_latents
         self.sae, self.n = sae, n
-        self.top = top_contexts_state(n, cfg.n_top, T)
-        self.samples = RunningTopK(n, cfg.n_samples, {"ctx": (), "pos": (), "max": (), "rows": (T,)},
+        # a latent lists each context once: slots past the contexts read would stay empty, and a --n-top of
+        # 300,000 filled the memory with them
+        self.top = top_contexts_state(n, min(cfg.n_top, n_contexts), T)
+        self.samples = RunningTopK(n, min(cfg.n_samples, n_contexts), {"ctx": (), "pos": (), "max": (), "rows": (T,)},
                                    {"max": torch.float32, "rows": torch.float32})
         self.hist = DoublingHistogram(n, cfg.n_bins)
         self.counts = FiringCounts(n)
@@ -444,7 +446,7 @@ def collect_statistics(lm, sources: Sequence[SAESource], tokens_NT: torch.Tensor
     from saelab.explore.browser.families import CoactivationCounts
 
     N, T = tokens_NT.shape
-    collectors = [_Collector(s.sae, T, cfg) for s in sources] if latent_stats else []
+    collectors = [_Collector(s.sae, T, cfg, N) for s in sources] if latent_stats else []
     order = sorted(range(len(sources)), key=lambda i: sources[i].sae.n_latents)
     coact = CoactivationCounts([sources[i].sae for i in order]) if families and len(sources) > 1 else None
     shared = shared_first(s.sae for s in sources)

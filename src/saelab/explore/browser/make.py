@@ -30,7 +30,6 @@ from saelab.explore.browser.build import (
     check_compatible,
     collect_statistics,
     contexts_read,
-    contexts_read_words,
     finish_statistics,
     first_scored,
     given_explanations,
@@ -307,19 +306,13 @@ def _public_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_sizes(sources: Sequence[SAESource], cfg: BrowseConfig, site: bool = True) -> None:
-    """Refuse, before the model loads, sizes past what they can mean for these SAEs and this text: each is
-    allocated for every latent, and failed in the allocator (or ran for minutes) only after the load. Top and
-    sampled contexts past the contexts read (a default is kept: a short text leaves it partly empty); with
+    """Refuse, before the model loads, sizes past what they can mean for these SAEs and this text (each is
+    allocated for every latent, and failed in the allocator, or ran for minutes, only after the load): with
     ``site``, nearest latents past an SAE's other latents and N2G latents past its latents (whose draw would
-    quietly take every active latent, minutes per hundred, after the whole pass); then the pass's memory."""
-    n_contexts, T, first = contexts_read([s.sae for s in sources], cfg)
-    why = {"n_top": "a latent lists each context once", "n_samples": "a latent's samples are distinct contexts"}
-    for setting, reason in why.items():
-        value = getattr(cfg, setting)
-        if value > n_contexts and value != getattr(BrowseConfig, setting):
-            raise ConfigError(f"browse.{setting} {value:,}: expected at most "
-                              f"{contexts_read_words(n_contexts, T, first, f'browse.n_tokens {cfg.n_tokens:,}')}: "
-                              f"{reason}")
+    quietly take every active latent, minutes per hundred, after the whole pass); then the pass's memory. Top and
+    sampled contexts past the contexts read are cut to them (a latent lists each context once), as a short text
+    always left them partly empty: a site or export of such settings stays reusable."""
+    n_contexts, T, _ = contexts_read([s.sae for s in sources], cfg)
     smallest = min(sources, key=lambda s: s.sae.n_latents)
     n = smallest.sae.n_latents
     which = "the SAE" if len(sources) == 1 else f"the SAE {smallest.name}"
