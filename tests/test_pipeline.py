@@ -29,7 +29,7 @@ from saelab.evals.core import eval_settings
 from saelab.models import DEFAULT_MODEL_HUB_ID
 from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
 from saelab.run_folder import LATENT_FREQUENCIES, model_for, read_latent_frequencies
-from saelab.sae import load_sae
+from saelab.sae import load_sae, save_sae
 from saelab.train import TrainConfig
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
 from saelab.utils.folder_lock import LOCK
@@ -680,6 +680,14 @@ def test_an_export_names_the_training_corpus_by_its_base_name(tiny_dir, data_dir
     capsys.readouterr()
     assert main(["export", str(run), str(tmp_path / "shared" / "saelens"), "--format", "saelens"]) == 0
     assert "already holds this export" in capsys.readouterr().err  # the same command again: the same files
+    # an export written before (the corpus's local path in it): named as such, not as another SAE
+    earlier = tmp_path / "shared" / "earlier"
+    save_sae(load_sae(run), earlier, format="saelens")
+    assert str(corpus) in (earlier / "cfg.json").read_text(encoding="utf-8")
+    assert main(["export", str(run), str(earlier), "--format", "saelens"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"OUT {earlier} holds this export as an earlier saelab wrote it, with the local path of the training corpus; "
+        "pass --overwrite to write it again with the corpus's base name, fit to share")
 
 
 def test_a_site_an_export_or_a_model_given_for_an_sae_is_named(tiny_dir, data_dir, tmp_path, capsys):

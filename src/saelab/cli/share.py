@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import filecmp
 import os
 import sys
@@ -51,11 +52,15 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
             check_hook_layer(model_for(sae), args.hook)
         sae.cfg.hook_name = args.hook
     check_sae_hook(sae, args.sae)  # other tools find the activations by it: without one OUT is unusable
-    sae.cfg = _shared_config(sae.cfg)
+    recorded, sae.cfg = sae.cfg, _shared_config(sae.cfg)
     if args.dtype is not None:
         sae = sae.to(getattr(torch, args.dtype))
     if (out / "cfg.json").is_file() and not args.overwrite:
         if not _holds_this_export(out, sae, args.format):
+            if recorded != sae.cfg and _holds_this_export(out, sae, args.format, cfg=recorded):
+                raise ConfigError(f"OUT {out} holds this export as an earlier saelab wrote it, with the local path of "
+                                  "the training corpus; pass --overwrite to write it again with the corpus's base "
+                                  "name, fit to share")
             raise ConfigError(f"OUT {out} holds an SAE already, not this export (another SAE, format, dtype or hook); "
                               "pass --overwrite to replace it, or pick another folder")
         print(f"{out} already holds this export (--overwrite writes it again)", file=sys.stderr)
@@ -91,11 +96,15 @@ def _check_export_folder(out: Path) -> Path:
     return out
 
 
-def _holds_this_export(out: Path, sae, fmt: str) -> bool:
-    """Whether OUT's files are byte for byte the ones this export writes. The folder records every input
-    and setting itself (weights, config, layout, dtype), and other tools read it: no key file beside them."""
+def _holds_this_export(out: Path, sae, fmt: str, cfg=None) -> bool:
+    """Whether OUT's files are byte for byte the ones this export writes (of ``sae`` with ``cfg`` when given). The
+    folder records every input and setting itself (weights, config, layout, dtype), and other tools read it: no key
+    file beside them."""
     from saelab.sae import save_sae
 
+    if cfg is not None:
+        sae = copy.copy(sae)
+        sae.cfg = cfg
     try:  # beside OUT (OUT may be "."): room for one more SAE there
         with tempfile.TemporaryDirectory(dir=out.resolve().parent) as scratch:
             fresh = save_sae(sae, Path(scratch), format=fmt)
