@@ -1665,10 +1665,11 @@ def test_browse_reuses_a_site_only_while_its_files_are_as_written(tmp_path, tiny
     capsys.readouterr()
     fams = site / "families.json"
     written = fams.read_bytes()
-    for out, own in ((fams, "families.json"), (site / "data" / "other.json", "data/other.json")):
+    for out, what in ((fams, "writes its own families.json there"),
+                      (site / "data" / "other.json", "rewrites its data/ folder whole")):  # not a file of its own
         assert main(["families", *saes, "--out", str(out), "--n-tokens", "512", "--overwrite"]) == 2
         assert capsys.readouterr().err.strip() == (f"saelab families: error: --out {out}: the feature browser site "
-                                                   f"{site} writes its own {own} there; pick a file outside the site")
+                                                   f"{site} {what}; pick a file outside the site")
     assert fams.read_bytes() == written and not (site / "data" / "other.json").exists()
 
     def refused(why: str) -> None:

@@ -312,8 +312,9 @@ def refuse_a_site_file(path: str | os.PathLike, named: str) -> None:
     site = next((folder for folder in path.parents if read_site_manifest(folder) is not None), None)
     if site is not None and path.relative_to(site).parts[0] in SITE_ENTRIES:
         own = path.relative_to(site).as_posix()
-        raise ConfigError(f"{named} {path}: the feature browser site {site} writes its own {own} there; pick a file "
-                          "outside the site")
+        in_data = path.relative_to(site).parts[0] == "data"
+        what = "rewrites its data/ folder whole" if in_data and not path.exists() else f"writes its own {own} there"
+        raise ConfigError(f"{named} {path}: the feature browser site {site} {what}; pick a file outside the site")
 
 
 def check_site_target(out: Path) -> None:

@@ -80,11 +80,11 @@ const showTok = s => {
   const counted = s.replace(/ {4,}/g, run => `␣×${run.length}`);
   return visible(/^ +$/.test(counted) ? counted.replace(/ /g, "␣") : counted).replace(/\n/g, "↵").replace(/\t/g, "⇥");
 };
-// a chip longer than CHIP_CHARS is cut with "…" by the style sheet (.tok): its title holds the whole of it
-const CHIP_CHARS = 24;
+// a chip past 24ch is cut with "…" by the style sheet (.tok): its title holds the whole of it (on every chip:
+// wide glyphs, CJK or emoji, are cut at fewer characters)
 const tokChip = id => {
   const text = showTok(String(tokText(id)));
-  return text.length > CHIP_CHARS ? html`<span class="tok" title="${text}">${text}</span>` : html`<span class="tok">${text}</span>`;
+  return html`<span class="tok" title="${text}">${text}</span>`;
 };
 
 function decodePart(p) {
