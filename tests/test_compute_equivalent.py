@@ -328,6 +328,7 @@ def test_a_context_longer_than_a_loaded_checkpoint_takes_is_refused_before_its_f
 
 
 # ---- the whole method on a series trained here -------------------------------------------------
+@pytest.mark.slow  # ~40 s on 2 cores (1,000 refits over six checkpoints); .ci/run runs the slow tests
 def test_compute_equivalent_on_a_trained_series(tiny_series, tiny_series_run, data_dir, tmp_path, monkeypatch):
     from saelab.data import token_contexts
     from saelab.models import load_model

@@ -523,6 +523,7 @@ def test_the_tensor_check_after_the_load_reads_an_ordered_dict_whose_keys_are_hi
         load_plain_tensors(tmp_path / "x.pt")
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; .ci/run runs the slow tests
 def test_many_small_tuples_and_made_containers_read(tmp_path):
     """torch.save's own small tuples and made containers, alone in a file: each is charged more than the budget's
     share of its bytes, yet less than torch.save writes it in (a 1-tuple in 7 bytes, an OrderedDict() in 9)."""

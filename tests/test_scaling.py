@@ -391,6 +391,7 @@ def test_a_report_interrupted_while_writing_the_study_leaves_the_earlier_study_w
     assert sorted(p.name for p in sweep.iterdir()) == sorted(["n32", "n64", "n128", *scaling.SCALING_FILES])
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: two scaling studies; .ci/run runs the slow tests
 def test_an_earlier_scaling_study_the_runs_no_longer_make_is_removed(evaluated_sweep, tiny_dir, data_dir, tmp_path,
                                                                      capsys):
     """Once the runs are not one sweep, the study written before them is removed, not left looking current; where
