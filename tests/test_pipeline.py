@@ -699,7 +699,7 @@ def test_a_site_an_export_or_a_model_given_for_an_sae_is_named(tiny_dir, data_di
     run_cli(capsys, "browse", str(run), *browse)  # the site goes into RUN/browser
     run_cli(capsys, "browse", str(run), "--export", "neuronpedia", str(tmp_path / "np"), *browse)
     refused = {
-        run / "browser": f"{run / 'browser'} is a saelab feature browser site (site.json), not an SAE; pass the run "
+        run / "browser": f"{run / 'browser'} is a feature browser site (site.json), not an SAE; pass the run "
                          f"folder {run}",
         tmp_path / "np": f"{tmp_path / 'np'} is a Neuronpedia export (run_settings.json), not an SAE; pass the SAE "
                          "it was made from (its run folder or SAE folder)",

@@ -36,9 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from saelab.errors import CheckpointError, ConfigError, RunExistsError
 from saelab.sae.io import (  # where saving refuses runs, and loading names what is no SAE
     CHECKPOINT,
-    NEURONPEDIA_SETTINGS,
+    MADE_FROM_SAES,
     SAE_DIR,
-    SITE_MANIFEST,
     TRAIN_CONFIG,
     holds_a_run,
     run_folders_in,
@@ -365,8 +364,8 @@ def check_output_folder(path: str | Path, option: str, kind: str | None = None) 
     return path
 
 
-NOT_A_RUN = ((SITE_MANIFEST, "a feature browser site"), (NEURONPEDIA_SETTINGS, "a Neuronpedia export"),
-             (LATENT_FREQUENCIES, "an evaluation's folder"), (EVALS_DIR, "a paper-suite evaluation's folder"))
+NOT_A_RUN = (*MADE_FROM_SAES, (LATENT_FREQUENCIES, "an evaluation's folder"),
+             (EVALS_DIR, "a paper-suite evaluation's folder"))
 """The folders saelab writes that hold no run, by the entry that marks each (a run holds some of them too,
 beside its train_config.json), and their names in messages. An SAE folder and an activation cache: ARTEFACTS."""
 

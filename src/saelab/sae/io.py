@@ -364,10 +364,9 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype, not_t
     )
 
 
-_NOT_SAE_FOLDERS = ((SITE_MANIFEST, "a saelab feature browser site"),
-                    (NEURONPEDIA_SETTINGS, "a Neuronpedia export"))
-"""Folders made from SAEs, by the file that marks each: given for an SAE, they are named, not taken for an SAE
-whose save was cut short."""
+MADE_FROM_SAES = ((SITE_MANIFEST, "a feature browser site"), (NEURONPEDIA_SETTINGS, "a Neuronpedia export"))
+"""Folders made from SAEs, by the file that marks each, and their names in messages: given for an SAE, they are
+named, not taken for an SAE whose save was cut short (nor, given for a run, for one: run_folder.NOT_A_RUN)."""
 
 
 def _refuse_another_kind_of_folder(path: Path) -> None:
@@ -378,7 +377,7 @@ def _refuse_another_kind_of_folder(path: Path) -> None:
     if holds_an_activation_cache(path):
         raise CheckpointError(f"{path} is an activation cache ({MANIFEST}), not an SAE: train one on it (`saelab "
                               f"train --activations {path} --out RUN`) and pass RUN, or pass an SAE folder")
-    for marker, what in _NOT_SAE_FOLDERS:
+    for marker, what in MADE_FROM_SAES:
         if (path / marker).is_file():
             raise CheckpointError(f"{path} is {what} ({marker}), not an SAE; pass {sae}")
     weights = sorted(p.name for p in path.iterdir() if p.is_file() and p.name not in _SAE_FILES and (

@@ -56,7 +56,8 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, RunExistsError
-from saelab.run_folder import NEURONPEDIA_SETTINGS, refuse_others_files, sae_sha256
+from saelab.run_folder import refuse_others_files, sae_sha256
+from saelab.sae.io import NEURONPEDIA_SETTINGS
 from saelab.utils.atomic import atomic_folder
 from saelab.utils.config import given_parts, whole_at_least
 from saelab.utils.hub import local_path, public_name
