@@ -266,6 +266,9 @@ def test_text_for_tokens_is_refused_in_one_line_naming_the_helper_that_tokenizes
                  lambda t: compare_attribution_with_ablation(tiny_gpt2, sae, [(t, metric)], plot=None)):
         with pytest.raises(ShapeMismatchError, match=said):
             call(text)
+    with pytest.raises(ShapeMismatchError, match=r"^tokens must be an integer tensor \[batch, seq\], got the text "
+                                                 r"\['Mary', 'John'\]; tokenize it first"):  # a batch of texts
+        attribution_patching(tiny_gpt2, sae, ["Mary", "John"], metric)
     ragged = r"^tokens must be an integer tensor \[batch, seq\], got \[\[1, 2\], \[3\]\]$"
     with pytest.raises(ShapeMismatchError, match=ragged):  # rows of unequal length: torch's ValueError
         attribution_patching(tiny_gpt2, sae, [[1, 2], [3]], metric)

@@ -176,7 +176,8 @@ class LanguageModel:
 
     def as_tokens(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """``tokens_BT`` as a LongTensor [batch, seq] of ids the model has, on its device, or a one-line error."""
-        if isinstance(tokens_BT, (str, bytes)):  # torch's own refusal, deep in the caller: new(): invalid data type
+        texts = isinstance(tokens_BT, (list, tuple)) and tokens_BT and all(isinstance(t, str) for t in tokens_BT)
+        if isinstance(tokens_BT, (str, bytes)) or texts:  # torch's refusal, deep in the caller: new(): invalid data type
             raise ShapeMismatchError(f"tokens must be an integer tensor [batch, seq], got the text "
                                      f"{_SHORT.repr(tokens_BT)}; "
                                      "tokenize it first: saelab.explore.steering.prompt_tokens(lm, text) gives its "
