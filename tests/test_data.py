@@ -197,6 +197,9 @@ def test_a_recorded_corpus_is_shared_by_its_base_name_even_after_it_moved(tmp_pa
     assert shared_corpus_name("") == ""  # none recorded (a SAELens folder without metadata.dataset_path)
     assert shared_corpus_name(default_corpus("train")) == ("English Wikipedia 2015 sample (saelab "
                                                            "data/wiki-en/wiki_train.jsonl.xz)")
+    # the shipped sample of a clone moved (or removed) since the harvest: still named as what it is
+    moved = tmp_path / "old-clone" / "data" / "wiki-en" / "wiki_eval.jsonl.xz"
+    assert shared_corpus_name(str(moved)) == "English Wikipedia 2015 sample (saelab data/wiki-en/wiki_eval.jsonl.xz)"
 
 
 def test_texts_read_once_open_the_corpus_once_and_hand_out_every_document_in_order(tmp_path, monkeypatch):

@@ -211,13 +211,18 @@ def shared_corpus_name(recorded: str) -> str:
     if not recorded:  # Path("") is the current folder
         return recorded
     path = Path(recorded).expanduser()
+    shipped = "English Wikipedia 2015 sample (saelab data/wiki-en/{})"
     if path.exists():
         for each, name in DEFAULT_CORPUS_FILES.items():  # the shipped sample (or the one in $SAELAB_CORPUS_DIR)
             if str(path.resolve()) == default_corpus(each):
-                return f"English Wikipedia 2015 sample (saelab data/wiki-en/{name})"
+                return shipped.format(name)
         return path.resolve().name
     if _looks_like_path(recorded):  # a corpus moved or deleted since: its name is all there is
-        return Path(os.path.abspath(path)).name
+        gone = Path(os.path.abspath(path))
+        # the shipped sample of a clone since moved or removed, by the place it ships in
+        if gone.name in DEFAULT_CORPUS_FILES.values() and gone.parts[-3:-1] == ("data", "wiki-en"):
+            return shipped.format(gone.name)
+        return gone.name
     return recorded  # a Hugging Face dataset name
 
 
