@@ -440,7 +440,6 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
     for s in sources:  # a hook that names no layer: refused now, not after the pass
         _layer(s.sae.cfg.hook_name, kwargs.get("layer"))
-    check_sizes(sources, cfg, site=False)  # the site's own sizes (neighbours, N2G) are not the export's
     if kwargs.get("sae_set") is not None and len(sources) > 1:  # each SAE's pages would take the same address
         raise ConfigError(f"sae_set {kwargs['sae_set']!r} names one SAE's set, and {len(sources)} SAEs were given; "
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")
@@ -456,6 +455,8 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     for t, e in zip(targets, earlier):  # the same export is rewritten with the others: its folder checked now
         if e is not None:
             refuse_others_files(t, _written_by_export, "a Neuronpedia export", "export folder")
+    # after the reuse: an export built on a machine of more memory stays reusable on this one
+    check_sizes(sources, cfg, site=False)  # the site's own sizes (neighbours, N2G) are not the export's
     kwargs["overwrite"] = True  # what is there now is the same export (the others were refused above)
     hook = check_compatible(sources, cfg.hook, cfg.model)
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)

@@ -362,7 +362,6 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     t_start = time.perf_counter()
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
-    check_sizes(sources, cfg)
     out = Path(out)
     key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
     old = read_site_manifest(out)
@@ -381,6 +380,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         raise RunExistsError(f"{out} holds a feature browser site built from {differs}{shown}; pass --overwrite "
                              "to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
+    check_sizes(sources, cfg)  # after the reuse: a site built on a machine of more memory stays reusable on this one
     single = len(sources) == 1
     if cfg.n2g_file is not None and not single:  # its latents are one SAE's: it was left out without a word
         raise ConfigError(f"browse.n2g_file {cfg.n2g_file} holds the N2G explanations of one SAE, and {len(sources)} "
