@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -222,6 +221,8 @@ def _rise_beyond_noise(sums: dict[str, torch.Tensor], name: str) -> bool:
     interval of the mean per-group rise (a group: a context, or a document of them; Student's t) does not
     reach 0 (from one group: the rise itself). A t interval, where N2G draws bootstrap replicates: those take
     1,000 x N counts in memory (1.6 GB at 65,536 contexts) to decide one sign."""
+    import scipy.stats  # here: every saelab command imports this module, few reach this test
+
     rise = (sums[name] - sums["clean"]).double()
     if rise.numel() < 2:
         return bool(rise.sum() > 0)

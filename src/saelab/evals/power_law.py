@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.optimize import brentq, least_squares, nnls
-from scipy.stats import f as f_dist
 
 from saelab.errors import SaelabError
+
+# scipy (~0.8 s to import) is imported in the functions that fit: every saelab command imports this module
+# through the eval verb's options, and --help or a refused option should not wait for it.
 
 _TOL = 1e-15  # least_squares tolerances: exact data must come back to ~1e-9 relative
 _FLAT = 40.0  # alpha * log(x ratio) beyond which x^-alpha is exp(-40) ~ 0: the profile no longer changes
@@ -159,6 +160,8 @@ def floor_grid_starts(x: Sequence[float], y_BN: np.ndarray) -> np.ndarray:
 
 def _least_squares(theta0: np.ndarray, lx: np.ndarray, ly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Minimize the log-space SSE over ``(la, alpha, c >= 0)`` from ``theta0``; (theta, Jacobian)."""
+    from scipy.optimize import least_squares
+
     # x is centred in log space so log a and alpha are not nearly collinear (x ~ 1e9 otherwise).
     mid = float(lx.mean())
     lxc = lx - mid
@@ -215,6 +218,8 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], *, irreducible: bool =
 # ---- the profile-likelihood interval of alpha ------------------------------------------------------
 def profile_sse(alpha: float, x: Sequence[float], y: Sequence[float], *, irreducible: bool = True) -> float:
     """Smallest log-space SSE of ``a x^-alpha + c`` with alpha held fixed (a > 0 and c >= 0 refitted)."""
+    from scipy.optimize import least_squares, nnls
+
     lx, ly = np.log(np.asarray(x, dtype=np.float64)), np.log(np.asarray(y, dtype=np.float64))
     if not irreducible:  # log a = mean(log y + alpha log x) exactly
         r = ly + alpha * lx
@@ -249,6 +254,8 @@ def _search_limits(lx: np.ndarray, alpha: float) -> tuple[float, float]:
 
 def _crossing(f: Callable[[float], float], alpha: float, step: float, limit: float) -> float | None:
     """Where ``f`` (<= 0 at alpha) first rises above 0 going from alpha towards limit; None: never."""
+    from scipy.optimize import brentq
+
     if not (math.isfinite(step) and step > 0):  # an undefined standard error: a small step, still doubling
         step = 1e-3 * max(abs(alpha), 1e-3)
     inner, d, span = alpha, step, abs(limit - alpha)
@@ -269,6 +276,8 @@ def alpha_profile_interval(x: Sequence[float], y: Sequence[float], law: PowerLaw
 
     ``([None, None] or None, reason)`` when it is unbounded or undefined; ``x``/``y`` are the fitted data.
     """
+    from scipy.stats import f as f_dist
+
     lx = np.log(np.asarray(x, dtype=np.float64))
     n_par = 3 if law.irreducible else 2
     dof = law.n_points - n_par
