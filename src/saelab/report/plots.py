@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
 
 from saelab.train.trainer import INACTIVE_WINDOW
 from saelab.utils.figures import figure, save_figure
+
+if TYPE_CHECKING:  # matplotlib loads where a figure is drawn (saelab.utils.figures says why)
+    from matplotlib.figure import Figure
 
 
 def training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) -> Path:
@@ -21,6 +22,8 @@ def training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) -> Path
 
 def training_curves_figure(metrics: Sequence[dict[str, Any]]) -> Figure:
     """The figure :func:`training_curves` draws (from metrics.jsonl's records)."""
+    from matplotlib.ticker import EngFormatter
+
     tokens = np.array([m["tokens"] for m in metrics])
     style = {"marker": "o", "markersize": 3} if len(metrics) < 30 else {}  # a short run's few points stay visible
     fig, (ax1, ax2) = figure(1, 2, figsize=(10, 3.6))
