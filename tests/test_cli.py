@@ -35,6 +35,25 @@ def test_help_of_every_verb(verb, capsys):
     assert "[bool]" not in out and "(default: True)" not in out  # a switch shows as typed: --auxk / --no-auxk
 
 
+def test_help_and_a_refused_option_import_neither_scipy_nor_matplotlib():
+    """Every command waited ~1.2 s for scipy and matplotlib before it did anything: `--help`, a verb's --help and a
+    refused option need neither (they are imported where a curve is fitted or a figure drawn)."""
+    script = """
+import contextlib, io, sys
+from saelab.cli import VERBS, build_parser, main
+build_parser([])
+for argv in (["--help"], *([verb, "--help"] for verb in VERBS), ["train", "--lr", "x"]):
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()), \\
+            contextlib.redirect_stderr(io.StringIO()):
+        main(argv)
+print(sorted({name.split(".")[0] for name in sys.modules} & {"scipy", "matplotlib"}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_switches_show_both_forms_and_their_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
