@@ -2564,6 +2564,7 @@ def test_a_hub_models_pickled_weights_are_checked_on_their_first_download(tiny_g
     assert "GET /org/tiny-gpt2/resolve/main/pytorch_model.bin" in hub.requests
 
 
+@pytest.mark.slow  # ~15 s on 2 cores; .ci/run runs the slow tests
 def test_a_hub_models_pickled_shards_are_all_checked_before_any_is_read(tiny_gpt2, tmp_path):
     """Sharded pickled weights: every shard the index lists is fetched and checked before transformers reads any
     (the second refused, naming it); a shard the index lists but the repository lacks is refused, not left for
@@ -2839,6 +2840,7 @@ _SUITE_ON_SHORT = ("--corpus", "c.txt", "--recon-tokens", "310", "--downstream-t
 _CRFM_STEPS = ("--series", "crfm-gpt2-small", "--series-steps", "400", "1000")
 
 
+@pytest.mark.slow  # ~15 s a case on 2 cores: the whole paper suite runs; .ci/run runs the slow tests
 @pytest.mark.parametrize("case, error", [
     pytest.param("short-context", f"ConfigError: checkpoint checkpoint-400: the SAE's context of 32 tokens "
                  f"(--context-size sets another) exceeds the longest context of {_CRFM} at revision 'checkpoint-400' "

@@ -38,6 +38,7 @@ def _run(cmd: list[str], *, gpus: bool = False, returncode: int = 0) -> subproce
     return proc
 
 
+@pytest.mark.slow  # ~18 s on 2 cores: two processes and a reference run; .ci/run runs the slow tests
 def test_two_process_training_equals_single_process(tmp_path, tiny_gpt2, data_dir):
     cache = _cache(tmp_path, tiny_gpt2, data_dir)
     _run([sys.executable, "-m", "saelab", "train", "--activations", str(cache), "--out", str(tmp_path / "single"),

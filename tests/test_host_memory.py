@@ -74,6 +74,7 @@ def _run(retain: str, when: str) -> tuple[int, int]:
     return faults, growth
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: a training run's memory watched; .ci/run runs the slow tests
 def test_freed_memory_is_kept_only_while_a_training_run_is_open():
     faults, growth = _run("1", "during")
     assert faults < PAGES // 100  # three blocks: 3 * PAGES faults if every block were fresh (4 KB pages)

@@ -451,6 +451,7 @@ def assert_same_sae(run: Path, reference: Path) -> None:
         assert torch.equal(p, getattr(b, name)), name
 
 
+@pytest.mark.slow  # ~16 s on 2 cores: a run killed and resumed; .ci/run runs the slow tests
 def test_resume_after_sigkill_is_bitwise_identical(kill_cache, reference_run, tmp_path):
     run = tmp_path / "run"
     proc = start(train_command(kill_cache, run))
