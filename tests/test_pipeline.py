@@ -669,20 +669,20 @@ def test_an_export_names_the_training_corpus_by_its_base_name(tiny_dir, data_dir
     corpus = tmp_path / "train.jsonl"
     assert load_sae(run).cfg.dataset == str(corpus)
     for fmt in ("saelens", "sparsify"):
-        out = tmp_path / "shared" / fmt
+        out = tmp_path / "exports" / fmt
         run_cli(capsys, "export", str(run), str(out), "--format", fmt)
         for f in out.glob("*.json"):
             assert str(tmp_path) not in f.read_text(encoding="utf-8"), f"{f} names a path of this disk"
         assert load_sae(out).cfg.dataset == "train.jsonl"
         assert torch.equal(load_sae(out).W_dec, load_sae(run).W_dec)
-    cfg = json.loads((tmp_path / "shared" / "saelens" / "cfg.json").read_text())
+    cfg = json.loads((tmp_path / "exports" / "saelens" / "cfg.json").read_text())
     assert cfg["metadata"]["dataset_path"] == cfg["saelab"]["dataset"] == "train.jsonl"
-    assert json.loads((tmp_path / "shared" / "sparsify" / "saelab.json").read_text())["dataset"] == "train.jsonl"
+    assert json.loads((tmp_path / "exports" / "sparsify" / "saelab.json").read_text())["dataset"] == "train.jsonl"
     capsys.readouterr()
-    assert main(["export", str(run), str(tmp_path / "shared" / "saelens"), "--format", "saelens"]) == 0
+    assert main(["export", str(run), str(tmp_path / "exports" / "saelens"), "--format", "saelens"]) == 0
     assert "already holds this export" in capsys.readouterr().err  # the same command again: the same files
     # an export written before (the corpus's local path in it): named as such, not as another SAE
-    earlier = tmp_path / "shared" / "earlier"
+    earlier = tmp_path / "exports" / "earlier"
     save_sae(load_sae(run), earlier, format="saelens")
     assert str(corpus) in (earlier / "cfg.json").read_text(encoding="utf-8")
     assert main(["export", str(run), str(earlier), "--format", "saelens"]) == 2
