@@ -528,17 +528,15 @@ def _fetch(url: str, tmp: Path, timeout: float) -> None:
                               f"({announced_md5.strip()}); the file was damaged on the way")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex): a download's check, a browser site's record of its files."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _verify(path: Path, url: str, sha256: str | None) -> None:
     """Raise CheckpointError unless ``path`` has the pinned hash and parses as an OpenAI v5 checkpoint."""
-    if sha256 is not None and (got := _sha256(path)) != sha256.lower():
+    if sha256 is not None and (got := file_sha256(path)) != sha256.lower():
         raise CheckpointError(f"{url}: sha256 {got} does not match the expected {sha256.lower()}")
     try:
         read_openai_v5(path)  # the whole load, so a cached file is one that loads

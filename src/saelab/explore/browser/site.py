@@ -33,7 +33,6 @@ so an interrupted build never leaves a folder that looks like a finished site.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -46,7 +45,7 @@ import torch
 
 from saelab.errors import ConfigError, RunExistsError
 from saelab.run_folder import refuse_others_files
-from saelab.sae.io import SITE_MANIFEST
+from saelab.sae.io import SITE_MANIFEST, file_sha256
 from saelab.sae.relu import sparsity_of
 from saelab.utils.atomic import atomic_folder, write_json
 
@@ -102,7 +101,7 @@ def site_damage(folder: str | os.PathLike, manifest: dict[str, Any]) -> str | No
         path = folder / name
         if not path.is_file():
             return f"its {name} is missing"
-        if record is not None and [path.stat().st_size, _digest(path)] != record:
+        if record is not None and [path.stat().st_size, file_sha256(path)[:16]] != record:
             return f"its {name} changed since it was written"
     return None
 
@@ -122,12 +121,7 @@ def _implied_files(manifest: dict[str, Any]) -> list[str] | None:
 def _file_record(folder: Path) -> dict[str, list]:
     """:data:`FILES` of the site being written in ``folder`` (every file but site.json)."""
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / SITE_MANIFEST)
-    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _digest(p)] for p in paths}
-
-
-def _digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, file_sha256(p)[:16]] for p in paths}
 
 
 def read_own_json(path: str | os.PathLike, file_format: str) -> dict[str, Any] | None:
