@@ -505,8 +505,8 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     resolve_corpus(args.corpus, "eval")  # a missing corpus is named before the model loads
     sae, spec = _checked_sae(args, args.hook)
     if given(args, "n_contexts"):  # a default past a short text is kept: it lists fewer
-        check_k(args.n_contexts, sae, args.corpus, args.n_tokens,
-                named=(given(args, "n_contexts"), given(args, "n_tokens") or "--n-tokens"))
+        check_k(args.n_contexts, sae, args.n_tokens,
+                (given(args, "n_contexts"), given(args, "n_tokens") or "--n-tokens"))
     source = SAESource(args.sae, args.sae, sae)
     with _within_the_corpus("--n-tokens", args.n_tokens, args.corpus):
         # the library's own checks and read before the load, on the device asked for; None: top reads the SAE's
@@ -515,10 +515,8 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
                                        [source], sae.cfg.hook_name, args.device, args.model_dtype,
                                        context_setting=None)
         _note_another_hook(args, sae)
-        # a -n given past the contexts read was refused above; the default is cut to them (the library refuses any
-        # k past them but its own default)
-        results = top_activations(sae, lm, tokens, list(args.latent), min(args.n_contexts, len(tokens)),
-                                  progress=args.progress)
+        # a -n given past the contexts read was refused above; the default lists them all
+        results = top_activations(sae, lm, tokens, list(args.latent), args.n_contexts, progress=args.progress)
     if args.json:
         return {"sae": args.sae, "latents": [r.to_dict() for r in results]}
     print("\n\n".join(r.to_text() for r in results))

@@ -166,21 +166,14 @@ DEFAULT_K = 16
 """top_activations' contexts per latent when none are asked for."""
 
 
-def check_k(k: int, sae: TopKSAE, corpus, n_tokens: int, context_size: int | None = None,
-            named: tuple[str, str] = ("k", "n_tokens")) -> None:
-    """Refuse more contexts per latent than the contexts read (``corpus``: a token tensor's, else those ``n_tokens``
-    gives), before the model loads: each context is listed once, and the scan's state is allocated for ``k`` (k =
-    10^8 failed in the allocator after the load). ``named``: how the caller names k and n_tokens (a --config
-    file's entry leading)."""
-    if isinstance(corpus, torch.Tensor):
-        _check_token_tensor(corpus, sae)
-        n = corpus.shape[0]
-        read = f"the {n:,} {plural(n, 'context')} of the token tensor given"
-    else:
-        n, T, first = contexts_read([sae], BrowseConfig(n_tokens=n_tokens, context_size=context_size))
-        read = contexts_read_words(n, T, first, f"{given_parts(named[1])[1]} {n_tokens:,}")
+def check_k(k: int, sae: TopKSAE, n_tokens: int, named: tuple[str, str], context_size: int | None = None) -> None:
+    """Refuse, before the model loads, more contexts per latent than ``n_tokens`` of text make (``saelab top -n``
+    given past them; :func:`top_activations` lists them all): each context is listed once. ``named``: how the
+    caller names k and n_tokens (a --config file's entry leading)."""
+    n, T, first = contexts_read([sae], BrowseConfig(n_tokens=n_tokens, context_size=context_size))
     if k > n:
         lead, entry = given_parts(named[0])
+        read = contexts_read_words(n, T, first, f"{given_parts(named[1])[1]} {n_tokens:,}")
         raise ConfigError(f"{lead}{entry} {k:,}: expected at most {read}: a latent lists each context once")
 
 
