@@ -30,6 +30,7 @@ from saelab.errors import ShapeMismatchError
 from saelab.explore.spliced import run_with_cache_with_saes, run_with_saes, sae_hook_name
 from saelab.sae.topk import TopKSAE
 from saelab.utils.config import whole_at_least
+from saelab.utils.figures import check_figure_path, figure, save_figure
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -225,8 +226,6 @@ def compare_attribution_with_ablation(
     _check_batch_size(batch_size)
     _check_count(max_latents, "max_latents", "latents to compare per case")
     if plot is not None:  # before the forwards: a path that cannot be written would lose them
-        from saelab.utils.figures import check_figure_path  # matplotlib loads only where a plot is asked for
-
         check_figure_path(plot, "plot")
     if isinstance(cases, tuple) and len(cases) == 2 and isinstance(cases[0], torch.Tensor):
         cases = [cases]
@@ -266,8 +265,6 @@ def compare_attribution_with_ablation(
 def scatter_plot(ablation: torch.Tensor, attribution: torch.Tensor, path: str | Path, r: float, rho: float,
                  title: str | None = None) -> Path:
     """Scatter of attribution-patching estimates against true ablation effects, with y = x."""
-    from saelab.utils.figures import figure, save_figure
-
     x, y = ablation.double().numpy(), attribution.double().numpy()
     fig, ax = figure(figsize=(5, 5), dpi=100)
     ax.scatter(x, y, s=9, alpha=0.6, edgecolors="none")
