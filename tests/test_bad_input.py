@@ -44,6 +44,7 @@ from saelab.sae import SAEConfig, TopKSAE, load_sae, save_sae
 from saelab.train import TrainConfig, Trainer, train_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint, read_status, save_checkpoint
 from saelab.utils.folder_lock import LOCK
+from saelab.utils.memory_limit import memory_limit
 
 HOOK = "blocks.1.hook_resid_post"
 D = 64  # tiny_gpt2's d_model
@@ -2188,7 +2189,7 @@ def test_browse_refuses_contexts_past_this_machines_memory_before_the_model_load
     sae = make_sae()
     sae.cfg.model_name = str(tiny_dir)
     save_sae(sae, tmp_path / "sae")
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = memory_limit().size
     n_top = memory // (128 * 32 * 4) + 1  # the float32 rows of 128 latents' top contexts alone fill it
     code, out, err = run_cli(capsys, "browse", "sae", "--out", "site", "--corpus", str(corpus), "--n-tokens",
                              str(n_top * 31), "--n-top", str(n_top), "--no-progress")

@@ -51,6 +51,7 @@ from saelab.sae.relu import sparsity_of
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
 from saelab.utils.hub import local_path, public_name
+from saelab.utils.memory_limit import memory_limit
 from saelab.utils.words import plural
 
 DEFINITIONS = {
@@ -327,19 +328,20 @@ def check_sizes(sources: Sequence[SAESource], cfg: BrowseConfig, site: bool = Tr
 
 def _check_pass_memory(sources: Sequence[SAESource], cfg: BrowseConfig, n_contexts: int, T: int) -> None:
     """The pass keeps every latent's top and sampled contexts: each an activation row of T float32 values with
-    its context, position and score (``_Collector``). Where these alone take more than this machine's memory,
-    refused now: the pass would fail in the allocator, or swap, after the load."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # an OS that does not say: nothing to compare with
+    its context, position and score (``_Collector``). Where these alone take more than the memory this process
+    may use (the machine's, or its container's limit), refused now: the pass would fail in the allocator, swap, or
+    be killed, after the load."""
+    limit = memory_limit()
+    if limit is None:  # an OS that does not say: nothing to compare with
         return
+    memory, whose = limit
     n_latents = sum(s.sae.n_latents for s in sources)
     per_context = n_latents * (4 * T + 24)
     need = (min(cfg.n_top, n_contexts) + min(cfg.n_samples, n_contexts)) * per_context
     if need > memory:
         raise ConfigError(f"browse.n_top {cfg.n_top:,} and browse.n_samples {cfg.n_samples:,}: the pass keeps each "
                           f"latent's top and sampled contexts' activations, {need / 2**30:,.1f} GiB for {n_latents:,} "
-                          f"{plural(n_latents, 'latent')} in contexts of {T} tokens, past this machine's "
+                          f"{plural(n_latents, 'latent')} in contexts of {T} tokens, past {whose} "
                           f"{memory / 2**30:,.1f} GiB of memory; expected browse.n_top + browse.n_samples <= "
                           f"{memory // per_context:,}")
 
