@@ -2145,6 +2145,11 @@ SIZE_REFUSALS = [
      "--n-neighbours 9,000: the SAE has 128 latents; expected at most 127, its other latents"),
     (["browse", "sae", "sae64", "--out", "site", "--n-neighbours", "64"],
      "--n-neighbours 64: the SAE sae64 has 64 latents; expected at most 63, its other latents"),
+    # the default's own value, given: the user's number, refused as any other (the default 8 is cut to 7)
+    (["browse", "sae8", "--out", "site", "--n-neighbours", "8"],
+     "--n-neighbours 8: the SAE has 8 latents; expected at most 7, its other latents"),
+    (["browse", "sae8", "--out", "site", "--config", "nb.json"],
+     "--config nb.json: browse.n_neighbours 8: the SAE has 8 latents; expected at most 7, its other latents"),
     (["browse", "sae", "--out", "site", "--seed", str(2**64), "--n2g-n-latents", "1"],
      f"--seed must be in -2^31..2^31 - 1 (the samples' hash reads 31 bits of it: another seed would repeat one of these), "
      f"got {2**64}"),
@@ -2162,19 +2167,21 @@ def test_sizes_past_what_they_mean_are_refused_in_one_line_before_the_model_load
                                                                                   monkeypatch):
     """browse --n-top 300000, --n-samples 10000000, --n-bins 2^30 and top -n 100000000 failed in the allocator, with
     its traceback, after the model load and the text's read; --n-neighbours past an SAE's other latents was cut to
-    them without a word (9,000 on 8,192 latents: 11.8 GB, 6 minutes), and a --seed past 2^63 failed the N2G draw
-    after the whole pass. Each is one line naming the option, its value and its bound, and nothing is written.
-    Without weights, a refusal after the load would read "cannot load"."""
+    them without a word (9,000 on 8,192 latents: 11.8 GB, 6 minutes; 8, the default's value, given on an SAE of 8
+    latents, still was), and a --seed past 2^63 failed the N2G draw after the whole pass. Each is one line naming
+    the option, its value and its bound, and nothing is written. Without weights, a refusal after the load would
+    read "cannot load"."""
     monkeypatch.chdir(tmp_path)
     model = tiny_dir
     if not weights:
         model = tmp_path / "model"
         shutil.copytree(tiny_dir, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    for name, n in (("sae", 128), ("sae64", 64)):
-        sae = make_sae(n=n)
+    for name, n in (("sae", 128), ("sae64", 64), ("sae8", 8)):
+        sae = make_sae(n=n, k=min(8, n // 2))
         sae.cfg.model_name = str(model)
         save_sae(sae, tmp_path / name)
     (tmp_path / "c.json").write_text('{"n_contexts": 500}')
+    (tmp_path / "nb.json").write_text('{"browse": {"n_neighbours": 8}}')
     inputs = sorted(p.name for p in tmp_path.iterdir())
     code, out, err = run_cli(capsys, *argv, "--corpus", str(corpus), "--n-tokens", "2000", "--no-progress")
     assert (code, out, err) == (2, "", f"saelab {argv[0]}: error: {message}")
@@ -2199,6 +2206,21 @@ def test_browse_refuses_contexts_past_this_machines_memory_before_the_model_load
     most = re.search(r"of memory; expected --n-top \+ --n-samples <= ([\d,]+)$", err)
     assert most and 0 < int(most[1].replace(",", "")) < n_top, err  # the most it can take, fewer than asked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_browse_cuts_the_default_nearest_latents_to_a_small_saes_other_latents(tiny_dir, corpus, tmp_path, capsys,
+                                                                               monkeypatch):
+    """The default --n-neighbours 8 on an SAE of 8 latents (unlike 8 given, refused above) lists its 7 others."""
+    monkeypatch.chdir(tmp_path)
+    sae = make_sae(n=8, k=4)
+    sae.cfg.model_name = str(tiny_dir)
+    save_sae(sae, tmp_path / "sae")
+    code, _, err = run_cli(capsys, "browse", "sae", "--out", "site", "--corpus", str(corpus), "--n-tokens", "500",
+                           "--no-progress")
+    assert code == 0, err
+    page = (tmp_path / "site" / "data" / "sae" / "l" / "0000.js").read_text(encoding="utf-8")
+    records = json.loads(re.fullmatch(r'SAELAB\.put\("[^"]+",(.*)\);\n', page, re.S)[1])
+    assert [sorted(j for j, _ in r["near"]) for r in records] == [[j for j in range(8) if j != i] for i in range(8)]
 
 
 def test_browse_top_and_samples_past_the_contexts_read_list_them_all(tiny_dir, corpus, tmp_path, capsys, monkeypatch):

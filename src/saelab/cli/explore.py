@@ -413,7 +413,8 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
     out = check_output_folder(args.out, "--out") if args.out else _default_out(args.sae)
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
-                               overwrite=args.overwrite, progress=args.progress, allow_http=args.allow_http)
+                               overwrite=args.overwrite, progress=args.progress, allow_http=args.allow_http,
+                               given_as=lambda setting: given(args, setting))  # an 8 typed is not the default 8
     summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
                "saes": result["saes"], "seconds": result["seconds"]}
     if result["reused"]:  # the same command again, said as families and export say it

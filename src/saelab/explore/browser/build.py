@@ -113,8 +113,8 @@ class BrowseConfig:
     n_logits: int = 10
     """Promoted and suppressed tokens listed per latent (direct logit effect), at most MAX_LOGITS."""
     n_neighbours: int = 8
-    """Nearest latents by decoder cosine listed per latent, at most the SAE's other latents (the default is kept
-    past a smaller SAE's)."""
+    """Nearest latents by decoder cosine listed per latent, at most the SAE's other latents (the default is cut to a
+    smaller SAE's; a number given past them is refused)."""
     lm_batch_size: int = 16
     """Contexts per LM forward."""
     n2g_file: str | None = None

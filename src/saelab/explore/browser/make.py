@@ -50,6 +50,7 @@ from saelab.sae.io import SAE_SOURCES
 from saelab.sae.relu import sparsity_of
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
+from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path, public_name
 from saelab.utils.memory_limit import memory_limit
 from saelab.utils.words import plural
@@ -306,19 +307,26 @@ def _public_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return {**inputs, "browse": public_settings(inputs["browse"])}
 
 
-def check_sizes(sources: Sequence[SAESource], cfg: BrowseConfig, site: bool = True) -> None:
+def check_sizes(sources: Sequence[SAESource], cfg: BrowseConfig, site: bool = True,
+                given_as: Callable[[str], str | None] | None = None) -> None:
     """Refuse, before the model loads, sizes past what they can mean for these SAEs and this text (each is
     allocated for every latent, and failed in the allocator, or ran for minutes, only after the load): with
-    ``site``, nearest latents past an SAE's other latents and N2G latents past its latents (whose draw would
+    ``site``, nearest latents given past an SAE's other latents and N2G latents past its latents (whose draw would
     quietly take every active latent, minutes per hundred, after the whole pass); then the pass's memory. Top and
     sampled contexts past the contexts read are cut to them (a latent lists each context once), as a short text
-    always left them partly empty: a site or export of such settings stays reusable."""
+    always left them partly empty: a site or export of such settings stays reusable. ``given_as``: how the user
+    gave a setting ("browse.n_neighbours": "--n-neighbours", a --config file's entry, or None where it is the
+    default), as the CLI's ``given`` says; without it, a setting at its default value counts as not given."""
     n_contexts, T, _ = contexts_read([s.sae for s in sources], cfg)
     smallest = min(sources, key=lambda s: s.sae.n_latents)
     n = smallest.sae.n_latents
     which = "the SAE" if len(sources) == 1 else f"the SAE {smallest.name}"
-    if site and cfg.n_neighbours > n - 1 and cfg.n_neighbours != BrowseConfig.n_neighbours:
-        raise ConfigError(f"browse.n_neighbours {cfg.n_neighbours:,}: {which} has {n:,} {plural(n, 'latent')}; "
+    # the default is cut to a smaller SAE's other latents; a number given is the user's, refused past them
+    way = (given_as("browse.n_neighbours") if given_as is not None
+           else None if cfg.n_neighbours == BrowseConfig.n_neighbours else "browse.n_neighbours")
+    if site and cfg.n_neighbours > n - 1 and way is not None:
+        lead, entry = given_parts(way)
+        raise ConfigError(f"{lead}{entry} {cfg.n_neighbours:,}: {which} has {n:,} {plural(n, 'latent')}; "
                           f"expected at most {n - 1:,}, its other latents")
     if site and cfg.n2g_n_latents > n:
         raise ConfigError(f"browse.n2g_n_latents {cfg.n2g_n_latents}: {which} has {n} {plural(n, 'latent')}; expected "
@@ -348,7 +356,8 @@ def _check_pass_memory(sources: Sequence[SAESource], cfg: BrowseConfig, n_contex
 
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
                   device=None, model_dtype: str = "float32", overwrite: bool = False,
-                  progress: bool = True, allow_http: bool = False) -> dict[str, Any]:
+                  progress: bool = True, allow_http: bool = False,
+                  given_as: Callable[[str], str | None] | None = None) -> dict[str, Any]:
     """Build the feature browser site for one or several SAEs (on one hook) at ``out``.
 
     ``sae_sources``: run folders, SAELens folders, OpenAI ``.pt`` files or URLs (or :class:`SAESource`).
@@ -358,7 +367,8 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     ``overwrite``. A folder
     at ``out`` that is not a site is never replaced. Returns the site's manifest plus ``site`` and
     ``seconds`` (all phases, the site write included; a reused site: this call's total). ``allow_http`` also
-    downloads SAEs from plain http URLs.
+    downloads SAEs from plain http URLs. ``given_as``: how the user gave each setting, as :func:`check_sizes`
+    takes it.
     """
     cfg = cfg or BrowseConfig()
     t_start = time.perf_counter()
@@ -382,7 +392,8 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         raise RunExistsError(f"{out} holds a feature browser site built from {differs}{shown}; pass --overwrite "
                              "to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
-    check_sizes(sources, cfg)  # after the reuse: a site built on a machine of more memory stays reusable on this one
+    # after the reuse: a site built on a machine of more memory stays reusable on this one
+    check_sizes(sources, cfg, given_as=given_as)
     single = len(sources) == 1
     if cfg.n2g_file is not None and not single:  # its latents are one SAE's: it was left out without a word
         raise ConfigError(f"browse.n2g_file {cfg.n2g_file} holds the N2G explanations of one SAE, and {len(sources)} "
