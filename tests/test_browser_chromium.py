@@ -198,7 +198,7 @@ def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2
     """Sorting by explanation puts the explained latents first in either direction; a token that is a lone
     space shows as ␣ (it was an empty chip), as newlines and tabs show as ↵ and ⇥; a bell or an escape shows as
     `saelab top` shows it (it showed as nothing, in chips and in the examples' text)."""
-    from test_browser_site import trained_like_sae
+    from test_browser_site import record_edits, trained_like_sae
 
     from saelab.sae import save_sae
 
@@ -218,6 +218,7 @@ def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2
     other = next(i for i, t in enumerate(_index(site, "run")["top_tokens"]) if t and i != top)
     vocab[str(_index(site, "run")["top_tokens"][other][0][0])] = "a\x07b\x1b[2J\r"  # and another's made controls
     vocab_js.write_text(f'SAELAB.put("vocab",{json.dumps(vocab)});\n')
+    record_edits(site)  # else the server refuses the site as changed since its build
     server, _ = serve_in_thread(site, 0)
     base = f"http://127.0.0.1:{server.server_address[1]}/"
     page = browser.new_page()

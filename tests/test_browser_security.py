@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from test_browser_chromium import browser  # noqa: F401 - the shared Chromium fixture
-from test_browser_site import trained_like_sae
+from test_browser_site import record_edits, trained_like_sae
 
 from saelab.explore.browser import BrowseConfig, build_browser, serve_in_thread
 from saelab.explore.browser.serve import security_headers
@@ -199,6 +199,7 @@ def _hostile_data(site: Path, out: Path) -> Path:
     _rewrite(data / NAME_A / "index.js", index)
     _rewrite(data / NAME_A / "l" / "0000.js", records)
     _rewrite(data / "meta.js", meta)
+    record_edits(out)  # else the server refuses the site as changed since its build
     return out
 
 

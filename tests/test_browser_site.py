@@ -70,6 +70,42 @@ def read_js(path: Path):
     return json.loads(m.group(1)), json.loads(m.group(2))
 
 
+def record_edits(site: Path) -> None:
+    """Record a test's edits of a built site's files in its site.json, as a build records the files it wrote: the
+    server refuses a site whose files differ from their record."""
+    manifest = json.loads((site / "site.json").read_text())
+    (site / "site.json").write_text(json.dumps({**manifest, "files": site_module._file_record(site)}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_until_a_page_answers(argv: list[str], port: int) -> int:
+    """``saelab ARGV`` (a `browse --serve --port PORT`), ended by Ctrl-C once a page answered (the server is then
+    in serve_forever, where Ctrl-C ends it); its exit status."""
+    from saelab.cli import main
+
+    def interrupt_once_served():
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+            except OSError:
+                time.sleep(0.1)
+                continue
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to the main thread
+            return
+    # Ctrl-C raises KeyboardInterrupt however this process was started (a background job ignores SIGINT)
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_once_served, daemon=True).start()
+        return main(argv)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+
+
 def test_site_files_and_manifest(site):
     out, result, cfg = site
     names = {p.name for p in out.iterdir()}
@@ -290,6 +326,62 @@ def test_server_is_loopback_only_and_port_in_use_is_an_error(site):
         make_server(out / "data", 0)
 
 
+def test_a_site_whose_files_changed_since_its_build_is_not_served(site, tmp_path):
+    """make_server (under serve_in_thread and serve_site) served a site whose files were written over or deleted
+    since its build, where a rebuild refuses such a site: refused now, in one line naming the file and
+    --overwrite, before the port is bound (a port in use would be named otherwise)."""
+    out, _, _ = site
+    copy = tmp_path / "browser"
+    shutil.copytree(out, copy)
+    page, meta = copy / "data" / "run_small" / "l" / "0000.js", copy / "data" / "meta.js"
+    written = page.read_bytes()
+    page.write_bytes(written.replace(b"[", b"(", 1))  # the same size: only its hash tells
+
+    def refused(why: str) -> None:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            with pytest.raises(ServeError, match=rf"^{re.escape(str(copy))} holds a feature browser site, but "
+                                                 rf"{re.escape(why)}; build it again with `saelab browse` and "
+                                                 r"--overwrite before serving it$"):
+                make_server(copy, busy.getsockname()[1])
+        with pytest.raises(ServeError, match=re.escape(why)):
+            serve_in_thread(copy, 0)
+
+    refused("its data/run_small/l/0000.js changed since it was written")
+    page.write_bytes(written)
+    meta.unlink()
+    refused("its data/meta.js is missing")
+    shutil.copyfile(out / "data" / "meta.js", meta)
+    (copy / "data" / "vocab.js").write_text('SAELAB.put("vocab",{});\n')
+    record_edits(copy)  # edits recorded in site.json as a build records its files: served
+    server = make_server(copy, 0)
+    server.server_close()
+
+
+def test_cli_browse_serves_a_site_only_while_its_files_are_as_written(sae_files, tiny_dir, corpus, tmp_path, capsys):
+    """`browse --serve` reaches the server after a build, or with the site of the same inputs reused (no build): a
+    reused site whose files differ from its site.json is refused in one line, naming the file and --overwrite,
+    before anything is printed or served; --overwrite --serve builds it again and serves it."""
+    from saelab.cli import main
+    from saelab.explore.browser.site import site_damage
+
+    out, port = tmp_path / "site", free_port()
+    browse = ["browse", str(sae_files / "run_small"), "--out", str(out), "--model", str(tiny_dir), "--corpus", corpus,
+              "--n-tokens", "1500", "--no-progress"]
+    assert main(browse) == 0
+    capsys.readouterr()
+    (out / "data" / "vocab.js").write_text('SAELAB.put("vocab",{});\n')
+    assert main([*browse, "--serve", "--port", str(port)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.strip() == (
+        f"saelab browse: error: {out} holds a feature browser site of these inputs and settings, but its "
+        "data/vocab.js changed since it was written; pass --overwrite to build it again, or pick another --out")
+    assert serve_until_a_page_answers([*browse, "--serve", "--port", str(port), "--overwrite"], port) == 0
+    assert f"http://127.0.0.1:{port}/" in capsys.readouterr().out
+    assert site_damage(out, read_site_manifest(out)) is None
+
+
 def test_n2g_explanations_use_the_padding_token_given(split_pad_dir, corpus, tmp_path, monkeypatch):
     """On a tokenizer that splits N2G's default padding token " _", browse --n2g-n-latents raised a ValueError after
     the whole pass over the text. The default is now refused before the pass, naming the setting, and a padding
@@ -337,27 +429,9 @@ def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
                      str(port), *args]) == 2
     assert "is in use" in capsys.readouterr().err and not (tmp_path / "x").exists()
     # --serve prints the summary once, before it serves: Ctrl-C ended it with the summary again
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def interrupt_once_served():  # a page answered: the server is in serve_forever, where Ctrl-C ends it
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
-            except OSError:
-                time.sleep(0.1)
-                continue
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to the main thread
-            return
-    # Ctrl-C raises KeyboardInterrupt however this process was started (a background job ignores SIGINT)
-    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        threading.Thread(target=interrupt_once_served, daemon=True).start()
-        assert main(["browse", str(sae_files / "run_small"), "--out", str(out), "--serve", "--port", str(port),
-                     *args]) == 0
-    finally:
-        signal.signal(signal.SIGINT, ignored)
+    port = free_port()
+    assert serve_until_a_page_answers(["browse", str(sae_files / "run_small"), "--out", str(out), "--serve",
+                                       "--port", str(port), *args], port) == 0
     served = capsys.readouterr().out
     assert served.count('"site"') == 1 and f"http://127.0.0.1:{port}/" in served
     # a SAELens folder needs --out

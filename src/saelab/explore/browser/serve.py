@@ -117,12 +117,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 def make_server(site: str | os.PathLike, port: int = 8000) -> http.server.ThreadingHTTPServer:
-    """An HTTP server for ``site`` bound to 127.0.0.1:``port`` (0 picks a free port); not started."""
-    from saelab.explore.browser.site import read_site_manifest
+    """An HTTP server for ``site`` bound to 127.0.0.1:``port`` (0 picks a free port); not started. A site whose
+    files are not those its site.json records (one written over or deleted since) is refused, before the port is
+    bound: its pages would show other numbers than the build's, or fail to load."""
+    from saelab.explore.browser.site import read_site_manifest, site_damage
 
     site = Path(site)
-    if read_site_manifest(site) is None:
+    manifest = read_site_manifest(site)
+    if manifest is None:
         raise ServeError(f"{site}: not a finished feature browser site (no site.json); build it with `saelab browse`")
+    damage = site_damage(site, manifest)
+    if damage is not None:
+        raise ServeError(f"{site} holds a feature browser site, but {damage}; build it again with `saelab browse` "
+                         "and --overwrite before serving it")
     if not 0 <= int(port) <= 65535:
         raise ServeError(f"port must be in 0..65535, got {port}")
     handler = functools.partial(_Handler, directory=str(site.resolve()))
