@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import lzma
+import math
 import os
 import re
 import shutil
@@ -2206,6 +2207,31 @@ def test_browse_refuses_contexts_past_this_machines_memory_before_the_model_load
     most = re.search(r"of memory; expected --n-top \+ --n-samples <= ([\d,]+)$", err)
     assert most and 0 < int(most[1].replace(",", "")) < n_top, err  # the most it can take, fewer than asked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_browse_refuses_nearest_latents_past_this_machines_memory_before_the_model_loads(tiny_dir, corpus, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """--n-neighbours within an SAE's other latents still lists n_latents x n_neighbours entries (8,191 on 8,192
+    latents: 11.8 GB, 6 minutes), which the memory check did not count: an SAE whose every latent lists all the
+    others past the memory is refused in one line, with the most it can take, before the model loads (its folder
+    has no weights: a load would fail otherwise)."""
+    from saelab.explore.browser.make import NEIGHBOUR_BYTES
+
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    n = math.isqrt(memory_limit().size // NEIGHBOUR_BYTES) + 2  # n x (n - 1) neighbours fill it
+    sae = make_sae(n=n)
+    sae.cfg.model_name = str(model)
+    save_sae(sae, tmp_path / "sae")
+    code, out, err = run_cli(capsys, "browse", "sae", "--out", "site", "--corpus", str(corpus), "--n-tokens", "2000",
+                             "--n-neighbours", str(n - 1), "--no-progress")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"saelab browse: error: --n-neighbours {n - 1:,}: the pages list each latent's nearest "
+                          f"latents, "), err
+    most = re.search(r"of memory; expected --n-neighbours <= ([\d,]+)$", err)
+    assert most and 0 < int(most[1].replace(",", "")) < n - 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "sae"]
 
 
 def test_browse_cuts_the_default_nearest_latents_to_a_small_saes_other_latents(tiny_dir, corpus, tmp_path, capsys,
