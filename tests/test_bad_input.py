@@ -2209,6 +2209,30 @@ def test_browse_refuses_contexts_past_this_machines_memory_before_the_model_load
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
 
 
+def test_browse_compares_with_a_containers_memory_limit(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
+    """A container's process is killed past its cgroup's memory limit, while the machine's memory still reads as the
+    host's, which the check compared with alone. Here the cgroup's files (real files, read where a container mounts
+    them) allow 1 GiB: rows past it are refused, the limit named as the container's."""
+    import saelab.utils.memory_limit
+
+    if memory_limit(tmp_path / "no-cgroup").size <= 2**30:
+        pytest.skip("this machine has no more than 1 GiB of memory: the limit would not be the smaller")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cgroup").mkdir()
+    (tmp_path / "cgroup" / "memory.max").write_text(f"{2**30}\n")
+    monkeypatch.setattr(saelab.utils.memory_limit, "CGROUP_ROOT", tmp_path / "cgroup")
+    sae = make_sae()
+    sae.cfg.model_name = str(tiny_dir)
+    save_sae(sae, tmp_path / "sae")
+    per_context = 128 * (4 * 32 + 24)  # 128 latents' float32 rows of 32 tokens, with context, position and score
+    n_top = 2**30 // per_context
+    code, out, err = run_cli(capsys, "browse", "sae", "--out", "site", "--corpus", str(corpus), "--n-tokens",
+                             str(n_top * 31), "--n-top", str(n_top), "--no-progress")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.endswith(f"past this container's 1.0 GiB of memory; expected --n-top + --n-samples <= {n_top:,}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cgroup", "sae"]
+
+
 def test_browse_refuses_nearest_latents_past_this_machines_memory_before_the_model_loads(tiny_dir, corpus, tmp_path,
                                                                                         capsys, monkeypatch):
     """--n-neighbours within an SAE's other latents still lists n_latents x n_neighbours entries (8,191 on 8,192

@@ -27,10 +27,11 @@ class MemoryLimit(NamedTuple):
     """Whose limit it is, as a refusal says it: "this machine's" or "this container's"."""
 
 
-def cgroup_memory_limit(root: str | os.PathLike = CGROUP_ROOT) -> int | None:
-    """The memory limit of the cgroup mounted at ``root``, in bytes: v2's ``memory.max`` ("max": none) or v1's
-    ``memory/memory.limit_in_bytes`` (a huge value: none), the smaller where both are there; None without one."""
-    root = Path(root)
+def cgroup_memory_limit(root: str | os.PathLike | None = None) -> int | None:
+    """The memory limit of the cgroup mounted at ``root`` (default :data:`CGROUP_ROOT`), in bytes: v2's
+    ``memory.max`` ("max": none) or v1's ``memory/memory.limit_in_bytes`` (a huge value: none), the smaller where
+    both are there; None without one."""
+    root = Path(CGROUP_ROOT if root is None else root)
     limits = []
     for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
         try:
@@ -42,7 +43,7 @@ def cgroup_memory_limit(root: str | os.PathLike = CGROUP_ROOT) -> int | None:
     return min(limits, default=None)
 
 
-def memory_limit(cgroup_root: str | os.PathLike = CGROUP_ROOT) -> MemoryLimit | None:
+def memory_limit(cgroup_root: str | os.PathLike | None = None) -> MemoryLimit | None:
     """The memory this process may use: physical memory, or the cgroup's limit at ``cgroup_root`` where smaller;
     None where neither is known (an OS that says neither)."""
     try:
