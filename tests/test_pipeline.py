@@ -686,9 +686,85 @@ def test_an_export_names_the_training_corpus_by_its_base_name(tiny_dir, data_dir
     save_sae(load_sae(run), earlier, format="saelens")
     assert str(corpus) in (earlier / "cfg.json").read_text(encoding="utf-8")
     assert main(["export", str(run), str(earlier), "--format", "saelens"]) == 2
-    assert capsys.readouterr().err.strip().endswith(
-        f"OUT {earlier} holds this export as an earlier saelab wrote it, with the local path of the training corpus; "
-        "pass --overwrite to write it again with the corpus's base name, fit to share")
+    said = (f"OUT {earlier} holds this export as an earlier saelab wrote it, with local paths (of the training corpus "
+            "or the model); pass --overwrite to write it again, fit to share")
+    assert capsys.readouterr().err.strip().endswith(said)
+    # one written with the corpus's base name but the model folder's path: named so too, and read as before (the
+    # model by its path)
+    from saelab.cli.share import _corpus_by_name
+
+    before = load_sae(run)
+    before.cfg = _corpus_by_name(before.cfg)
+    save_sae(before, tmp_path / "exports" / "named", format="saelens")
+    assert main(["export", str(run), str(tmp_path / "exports" / "named"), "--format", "saelens"]) == 2
+    assert capsys.readouterr().err.strip().endswith(said.replace(str(earlier), str(tmp_path / "exports" / "named")))
+    assert model_for(load_sae(tmp_path / "exports" / "named")) == str(tiny_dir.resolve())
+
+
+def _paths_in(folder: Path, *roots: Path) -> list[str]:
+    """The files of ``folder`` whose bytes hold any of ``roots`` (paths of this disk), as 'file: root'."""
+    return [f"{f.name}: {root}" for f in sorted(folder.iterdir()) for root in roots
+            if str(root).encode() in f.read_bytes()]
+
+
+def test_an_export_of_a_run_on_a_local_model_folder_names_it_and_asks_for_it(tiny_dir, data_dir, tmp_path, capsys,
+                                                                              tmp_path_factory):
+    """An export of a run trained on a local model folder held the folder's path (SAELens' metadata.model_name, the
+    saelab block's model_name and model_source.spec, sparsify's saelab.json). It names the folder by its base name
+    now, and saelab reading the export without --model refuses in one line, before the model loads, rather than
+    load a hub model of that name; with --model it evaluates as the run does. The run keeps the path."""
+    run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
+    assert model_for(load_sae(run)) == str(tiny_dir.resolve())  # the run is local: its record keeps the path
+    roots = (tmp_path_factory.getbasetemp().resolve(), tiny_dir.resolve())  # the model folder is not in tmp_path
+    for fmt in ("saelens", "sparsify"):
+        out = tmp_path / "exports" / fmt
+        run_cli(capsys, "export", str(run), str(out), "--format", fmt)
+        assert _paths_in(out, *roots) == []
+        sae = load_sae(out)
+        assert (sae.cfg.model_name, sae.cfg.extra["model_source"]) == ("tiny-gpt2", {"local_folder": "tiny-gpt2"})
+    export = tmp_path / "exports" / "saelens"
+    assert json.loads((export / "cfg.json").read_text())["metadata"]["model_name"] == "tiny-gpt2"
+    refusal = (f"SAE {export} was trained on a local model folder named 'tiny-gpt2', which the export does not "
+               "carry; pass its path with --model")
+    browse = ["--corpus", str(tmp_path / "eval.jsonl"), "--n-tokens", "248", "--no-progress"]
+    for argv in (["eval", str(export), *small_eval],
+                 ["eval", str(export), "--suite", "paper", "--out", str(tmp_path / "suite"), "--no-progress"],
+                 ["top", str(export), "--latent", "0", "--corpus", str(tmp_path / "eval.jsonl"), "--no-progress"],
+                 ["steer", str(export), "--latent", "0", "--value", "1"],
+                 ["browse", str(export), "--out", str(tmp_path / "site"), *browse],
+                 ["browse", str(export), "--export", "neuronpedia", str(tmp_path / "np"), *browse]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.strip() == f"saelab {argv[0]}: error: {refusal}", argv
+    assert not any((tmp_path / name).exists() for name in ("suite", "site", "np"))
+    _, by_run = run_cli(capsys, "eval", str(run), *small_eval)
+    _, by_export = run_cli(capsys, "eval", str(export), "--model", str(tiny_dir), *small_eval)
+    assert by_export["nmse"] == by_run["nmse"] and by_export["delta_ce"] == by_run["delta_ce"]
+    # exported again: the record stays as it is
+    run_cli(capsys, "export", str(export), str(tmp_path / "again"), "--format", "saelens", "--hook", HOOK)
+    assert load_sae(tmp_path / "again").cfg.to_dict() == load_sae(export).cfg.to_dict()
+
+
+def test_an_export_of_the_default_model_holds_no_local_path(tmp_path, capsys):
+    """An SAE of the offline default model trained on the shipped corpus: its export names the model by its hub id
+    and the corpus by what it is, with no path of this disk (neither the temporary folder nor saelab's own)."""
+    from saelab.data import default_corpus
+    from saelab.models import model_provenance
+    from saelab.sae import SAEConfig, TopKSAE
+
+    meta = model_provenance("default")
+    trained = TopKSAE(SAEConfig(d_in=576, n_latents=64, k=4, hook_name="blocks.9.hook_resid_post",
+                                model_name=meta["model_name"], dataset=default_corpus("train"),
+                                extra={"model_source": meta["model_source"]}))
+    save_sae(trained, tmp_path / "sae")
+    assert default_corpus("train").encode() in (tmp_path / "sae" / "cfg.json").read_bytes()  # the SAE's own record
+    for fmt in ("saelens", "sparsify"):
+        out = tmp_path / "exports" / fmt
+        run_cli(capsys, "export", str(tmp_path / "sae"), str(out), "--format", fmt)
+        assert _paths_in(out, tmp_path, REPO, Path(default_corpus("train")).parent) == []
+        sae = load_sae(out)
+        assert (sae.cfg.model_name, sae.cfg.extra["model_source"]) == (DEFAULT_MODEL_HUB_ID, meta["model_source"])
+        assert model_for(sae) == "default"
 
 
 def test_a_site_an_export_or_a_model_given_for_an_sae_is_named(tiny_dir, data_dir, tmp_path, capsys):

@@ -437,9 +437,10 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
     given = isinstance(sae, TopKSAE)
+    named = None if given else sae
     sae = sae if given else open_sae(sae, allow_http=allow_http)[0]
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before the model loads
-    spec = lm or model_for(sae)
+    spec = lm or model_for(sae, named)
     check_before_load(spec, sae.cfg.hook_name, cfg.context_size, sae.cfg.context_size, sae=sae)
     # A hub model's tokenizer is fetched alone: a short corpus is refused before its weights download.
     tokenizer = None if isinstance(spec, LanguageModel) else tokenizer_before_load(spec)
@@ -669,7 +670,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     out = _suite_folder(out_dir, run)
     eval_cfg = eval_cfg or EvalConfig()
     _check_suite_inputs(sae, source, run, out, eval_cfg, cfg)
-    spec = lm or model_for(sae)
+    spec = lm or model_for(sae, source)
     check_before_load(spec, sae.cfg.hook_name, eval_cfg.context_size, sae.cfg.context_size, sae=sae)
     cfg, T = cfg or PaperSuiteConfig(), eval_cfg.context_size or sae.cfg.context_size
     check_suite_applies(sae, model_name(spec), cfg, eval_cfg, T)

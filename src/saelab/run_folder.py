@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -344,8 +345,6 @@ def check_output_folder(path: str | Path, option: str, kind: str | None = None) 
     """Refuse, before any slow work, an output folder that is a file or cannot be created or written,
     or (given the ``kind`` of ARTEFACTS it will be, or "sweep": a folder of runs) one that is another kind
     of saelab folder; a run's, one that holds anything but a run (:func:`_refuse_a_folder_a_run_would_mix_with`)."""
-    import os
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{option} {path} is a file; expected a folder (new or existing)")
@@ -427,10 +426,49 @@ def refuse_a_run_file(path: str | Path, named: str) -> None:
         raise ConfigError(f"{named} {path}: the run {run} writes its own {written} there; pick another file name")
 
 
-def model_for(sae) -> str:
+def model_for(sae, named: Any = None) -> str:
     """The model spec to load for an SAE: the one it was trained with (e.g. 'default' for the offline
-    SmolLM2 whose hub id the SAE records), its model_name, or the offline default."""
+    SmolLM2 whose hub id the SAE records), its model_name, or the offline default. An export that names a local
+    model folder by its base name alone is refused (:func:`check_model_carried`; ``named``: the SAE as given)."""
+    check_model_carried(sae, named)
     return recorded_model(_model_source(sae), sae.cfg.model_name, "the SAE")
+
+
+LOCAL_MODELS = {"local_folder": "a local model folder", "local_file": "a local model file"}
+"""How an export records a model read from this disk (``model_source``): its base name under one of these keys, and
+no spec. Its path means nothing on another machine, and its name may name another model on the hub."""
+
+
+def shared_model_record(model_name: str, source: Any) -> tuple[str, Any]:
+    """(model_name, model_source) as an export records them: a local model folder or .gguf file (by its path as
+    recorded, which may since have moved) by its base name under a LOCAL_MODELS key; a hub id or the offline
+    default as recorded."""
+    from saelab.models.loading import names_a_path  # lazy: the model loader's imports only for an export
+
+    spec = source["spec"] if isinstance(source, dict) and isinstance(source.get("spec"), str) else model_name
+    if not spec or not names_a_path(spec):
+        return model_name, source
+    name = Path(os.path.abspath(Path(spec).expanduser())).name
+    return name, {"local_file" if name.endswith(".gguf") else "local_folder": name}
+
+
+def model_left_behind(sae) -> str | None:
+    """Words naming the local model an export records by its base name alone (LOCAL_MODELS), which saelab cannot
+    load from the record; None where the SAE records a model it can load, or none."""
+    source = _model_source(sae)
+    if not isinstance(source, dict) or source.get("spec"):
+        return None
+    kind = next((key for key in LOCAL_MODELS if isinstance(source.get(key), str)), None)
+    return None if kind is None else f"{LOCAL_MODELS[kind]} named {source[kind]!r}"
+
+
+def check_model_carried(sae, named: Any = None) -> None:
+    """Refuse, before any slow work, to find the model of an export trained on a local model (model_left_behind):
+    a hub model of that name would be another model. ``named``: the SAE as given, for the message."""
+    left = model_left_behind(sae)
+    if left is not None:
+        raise ConfigError(f"{f'SAE {named}' if named else 'the SAE'} was trained on {left}, which the export does "
+                          "not carry; pass its path with --model")
 
 
 def names_a_model(sae) -> bool:

@@ -17,9 +17,9 @@ from saelab.evals.core import EvalConfig
 from saelab.evals.n2g import N2GConfig
 from saelab.evals.probe import ProbeConfig
 from saelab.evals.suite import PaperSuiteConfig
-from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_sae_hook, check_sweep_has_finished_runs,
-                               holds_artefact, is_sweep, open_sae, read_eval_metrics, sae_sha256, sweep_runs,
-                               unfinished_runs_line)
+from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_model_carried, check_sae_hook,
+                               check_sweep_has_finished_runs, holds_artefact, is_sweep, open_sae, read_eval_metrics,
+                               sae_sha256, sweep_runs, unfinished_runs_line)
 from saelab.utils.words import plural
 
 # Each paper metric's settings as an option group of its own: (dest, class, option prefix).
@@ -177,6 +177,8 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     if args.hook:
         sae.cfg.hook_name = args.hook
     check_sae_hook(sae, args.sae)
+    if args.model is None:  # named here, before its weights are hashed
+        check_model_carried(sae, args.sae)
     into_run = run is not None and (args.out is None or Path(args.out).resolve() == run.resolve())
     if into_run and args.hook:
         raise ConfigError(f"--hook changes what {args.sae}'s SAE reads: its metrics would not describe the run; "

@@ -148,7 +148,7 @@ def _checked_sae(args: argparse.Namespace, hook: str | None = None):
         raise ConfigError(f"--latent {','.join(map(str, bad))} {'is' if len(bad) == 1 else 'are'} out of range: "
                           f"{args.sae} has latents 0..{sae.n_latents - 1}")
     check_sae_hook(sae, args.sae)
-    spec = args.model or model_for(sae)  # once: an SAE that records no model is warned about once
+    spec = args.model or model_for(sae, args.sae)  # once: an SAE that records no model is warned about once
     return sae, spec
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from saelab.cli.common import DTYPES, add_io_options, add_sae_argument
 from saelab.errors import ConfigError
-from saelab.run_folder import check_output_folder, check_sae_hook, model_for, names_a_model, open_sae
+from saelab.run_folder import (check_output_folder, check_sae_hook, model_for, model_left_behind, names_a_model,
+                               open_sae, shared_model_record)
 
 
 def add_export(sub) -> None:
@@ -21,7 +22,9 @@ def add_export(sub) -> None:
 
     p = sub.add_parser("export", help="write an SAE as a SAELens or sparsify folder, for other tools to load",
                        description="Write an SAE in SAELens' folder layout (SAE.load_from_disk) or sparsify's (SparseCoder."
-                                   "load_from_disk); the SAE's hook, model and BOS settings go with it.")
+                                   "load_from_disk); the SAE's hook, model and BOS settings go with it. No path of "
+                                   "this disk does: a local training corpus or model folder is named by its base name "
+                                   "(saelab reads such an export with --model PATH to the folder).")
     add_sae_argument(p, "the SAE to write:")
     p.add_argument("out", metavar="OUT", help="folder to write: new or empty (--overwrite replaces an SAE there)")
     p.add_argument("--format", choices=SAVE_FORMATS, required=True,
@@ -48,7 +51,9 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
         check_hook_form(args.hook)
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
     if args.hook is not None:
-        if names_a_model(sae):  # past its model's layers: refused as every verb that reads it would
+        # past its model's layers: refused as every verb that reads it would (a model an export left behind is
+        # not at hand to check)
+        if names_a_model(sae) and model_left_behind(sae) is None:
             check_hook_layer(model_for(sae), args.hook)
         sae.cfg.hook_name = args.hook
     check_sae_hook(sae, args.sae)  # other tools find the activations by it: without one OUT is unusable
@@ -57,10 +62,11 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
         sae = sae.to(getattr(torch, args.dtype))
     if (out / "cfg.json").is_file() and not args.overwrite:
         if not _holds_this_export(out, sae, args.format):
-            if recorded != sae.cfg and _holds_this_export(out, sae, args.format, cfg=recorded):
-                raise ConfigError(f"OUT {out} holds this export as an earlier saelab wrote it, with the local path of "
-                                  "the training corpus; pass --overwrite to write it again with the corpus's base "
-                                  "name, fit to share")
+            if any(_holds_this_export(out, sae, args.format, cfg=earlier) for earlier in _earlier_exports(recorded)
+                   if earlier != sae.cfg):
+                raise ConfigError(f"OUT {out} holds this export as an earlier saelab wrote it, with local paths (of "
+                                  "the training corpus or the model); pass --overwrite to write it again, fit to "
+                                  "share")
             raise ConfigError(f"OUT {out} holds an SAE already, not this export (another SAE, format, dtype or hook); "
                               "pass --overwrite to replace it, or pick another folder")
         print(f"{out} already holds this export (--overwrite writes it again)", file=sys.stderr)
@@ -70,10 +76,21 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _shared_config(cfg):
-    """``cfg`` as a file shared with others records it: its training corpus and the file it was read from by
-    their base names (a hub dataset by its name), not where they lay on this disk, which means nothing on another
-    machine. The model stays as recorded: saelab and SAELens find the model by it, and a local model folder's base
-    name could name another model on the hub."""
+    """``cfg`` as a file shared with others records it: no path of this disk, which means nothing on another machine.
+    The training corpus and the file the SAE was read from by their base names (:func:`_corpus_by_name`); a local
+    model folder by its base name, marked so that saelab asks for the folder rather than load a hub model of that
+    name (``run_folder.shared_model_record``)."""
+    import dataclasses
+
+    named = _corpus_by_name(cfg)
+    model_name, model_source = shared_model_record(cfg.model_name, named.extra.get("model_source"))
+    extra = {**named.extra, **({} if model_source is None else {"model_source": model_source})}
+    return dataclasses.replace(named, model_name=model_name, extra=extra)
+
+
+def _corpus_by_name(cfg):
+    """``cfg`` with its training corpus and the file it was read from by their base names (a hub dataset by its
+    name), as an export recorded it before its model (:func:`_shared_config`)."""
     import dataclasses
 
     from saelab.data.text import shared_corpus_name
@@ -82,6 +99,12 @@ def _shared_config(cfg):
     if isinstance(source, dict) and isinstance(source.get("path"), str):
         extra = {**extra, "source": {**source, "path": Path(os.path.abspath(source["path"])).name}}
     return dataclasses.replace(cfg, dataset=shared_corpus_name(cfg.dataset), extra=extra)
+
+
+def _earlier_exports(recorded) -> list:
+    """The configs earlier saelabs wrote into an export of an SAE that records ``recorded``: as recorded (local paths
+    in it), and with the corpus by its base name alone (the model as recorded)."""
+    return [recorded, _corpus_by_name(recorded)]
 
 
 def _check_export_folder(out: Path) -> Path:

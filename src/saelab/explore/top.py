@@ -194,7 +194,7 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
                            context_size=context_size)
         return load_model_beside(lm, cfg, [source], loaded_here, hook, progress=progress)
     _check_token_tensor(corpus, source.sae)
-    spec = lm if lm is not None else model_for(source.sae)
+    spec = lm if lm is not None else model_for(source.sae, source.source)
     if not isinstance(spec, LanguageModel):  # before the load where the config is on disk, as for a text corpus
         check_before_load(spec, hook, recorded_context=corpus.shape[1], recorded_named="corpus: contexts of {n} tokens",
                           sae=source.sae)

@@ -417,14 +417,14 @@ def model_name(spec: str | LanguageModel) -> str:
     return spec
 
 
-def _names_a_path(spec: str) -> bool:
+def names_a_path(spec: str) -> bool:
     """Whether ``spec`` is written as a path (so names no hub id), whether or not it exists."""
     return spec.endswith(".gguf") or spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
 
 
 def _is_hub_id(spec: str) -> bool:
     """Whether ``load_model`` reads ``spec`` from the Hugging Face hub (or its local cache)."""
-    return spec != DEFAULT_MODEL and not Path(spec).expanduser().exists() and not _names_a_path(spec)
+    return spec != DEFAULT_MODEL and not Path(spec).expanduser().exists() and not names_a_path(spec)
 
 
 def load_model(
@@ -472,7 +472,7 @@ def load_model(
             model, tokenizer = _load_folder(local, dtype, tokenizer)
         elif local.exists():
             raise ModelLoadError(f"model spec {spec!r} is a file but not a .gguf file")
-        elif _names_a_path(spec):
+        elif names_a_path(spec):
             raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
         else:
             model, tokenizer = _load_hub(spec, dtype, tokenizer, revision)

@@ -286,7 +286,7 @@ def default_ids(sources, lm, cfg, model_id: str | None, sae_set: str | None) -> 
 
     note = None
     if model_id is None:
-        spec = getattr(lm, "name", lm) or cfg.model or model_for(sources[0].sae)
+        spec = getattr(lm, "name", lm) or cfg.model or model_for(sources[0].sae, sources[0].source)
         model_id = default_model_id(str(spec))
         if model_id != _base_name(str(spec)) and str(spec) != "default":  # the default's id is its hub name's
             note = (f"saelab: note: the Neuronpedia model id is {model_id!r}, made from the model's name {spec} by "

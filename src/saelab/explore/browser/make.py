@@ -251,7 +251,7 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     from saelab.run_folder import model_for
 
     resolve_corpus(cfg)
-    spec = lm or cfg.model or model_for(sources[0].sae)
+    spec = lm or cfg.model or model_for(sources[0].sae, sources[0].source)
     recorded = RECORDED_CONTEXT if context_setting else SAE_CONTEXT
     check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size, recorded,  # as read_tokens reads
                       sae=sources[0].sae)
