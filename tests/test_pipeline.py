@@ -687,10 +687,10 @@ def test_an_export_names_the_training_corpus_by_its_base_name(tiny_dir, data_dir
     assert str(corpus) in (earlier / "cfg.json").read_text(encoding="utf-8")
     assert main(["export", str(run), str(earlier), "--format", "saelens"]) == 2
     said = (f"OUT {earlier} holds this export as an earlier saelab wrote it, with local paths (of the training corpus "
-            "or the model); pass --overwrite to write it again, fit to share")
+            "or the model) or without the corpus's fingerprint; pass --overwrite to write it again, fit to share")
     assert capsys.readouterr().err.strip().endswith(said)
-    # one written with the corpus's base name but the model folder's path: named so too, and read as before (the
-    # model by its path)
+    # one written with the corpus's base name but the model folder's path and no fingerprint: named so too, and
+    # read as before (the model by its path, the training text by the corpus's name)
     from saelab.cli.share import _corpus_by_name
 
     before = load_sae(run)
@@ -740,7 +740,7 @@ def test_an_export_of_a_run_on_a_local_model_folder_names_it_and_asks_for_it(tin
     _, by_run = run_cli(capsys, "eval", str(run), *small_eval)
     _, by_export = run_cli(capsys, "eval", str(export), "--model", str(tiny_dir), *small_eval)
     assert by_export["nmse"] == by_run["nmse"] and by_export["delta_ce"] == by_run["delta_ce"]
-    # exported again: the record stays as it is
+    # exported again: the record stays as it is (the folder's name, the corpus's fingerprint)
     run_cli(capsys, "export", str(export), str(tmp_path / "again"), "--format", "saelens", "--hook", HOOK)
     assert load_sae(tmp_path / "again").cfg.to_dict() == load_sae(export).cfg.to_dict()
 
@@ -765,6 +765,39 @@ def test_an_export_of_the_default_model_holds_no_local_path(tmp_path, capsys):
         sae = load_sae(out)
         assert (sae.cfg.model_name, sae.cfg.extra["model_source"]) == (DEFAULT_MODEL_HUB_ID, meta["model_source"])
         assert model_for(sae) == "default"
+
+
+def test_an_evaluation_of_an_export_on_its_training_text_is_told_by_content(tiny_dir, data_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    """An export names its training corpus by its base name, so an evaluation in another folder on an unrelated
+    file of that name warned that it ran on the training text, and one on a copy under another name did not. The
+    export records the corpus's fingerprint (size, sha256) and the warning goes by it; the run's own evaluation
+    still goes by the path."""
+    from saelab.sae.io import file_sha256
+
+    run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
+    export = tmp_path / "export"
+    run_cli(capsys, "export", str(run), str(export), "--format", "saelens")
+    train = tmp_path / "train.jsonl"
+    assert load_sae(export).cfg.extra["dataset_fingerprint"] == {"bytes": train.stat().st_size,
+                                                                 "sha256": file_sha256(train)}
+    (tmp_path / "elsewhere").mkdir()
+    wiki_jsonl(data_dir, tmp_path / "elsewhere" / "train.jsonl", 5, 2)  # the same name, other text
+    shutil.copy(train, tmp_path / "elsewhere" / "copy.jsonl")  # the same text, another name
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    warning = "the text the SAE was trained on; the metrics are not held-out"
+    small = [option for option in small_eval if option not in ("--corpus", str(tmp_path / "eval.jsonl"))]
+    for corpus, trained_on in (("train.jsonl", False), ("copy.jsonl", True)):
+        capsys.readouterr()
+        assert main(["eval", str(export), "--model", str(tiny_dir), "--corpus", corpus, *small]) == 0
+        out, err = capsys.readouterr()
+        assert (warning in err, json.loads(out)["eval_text"]) == (
+            trained_on, "training text (not held out)" if trained_on else "held-out text"), corpus
+    # the run records the path: its own evaluation on that file warns, one on the copy does not
+    for corpus, trained_on in ((str(train), True), ("copy.jsonl", False)):
+        capsys.readouterr()
+        assert main(["eval", str(run), "--corpus", corpus, "--overwrite", *small]) == 0
+        assert (warning in capsys.readouterr().err) == trained_on, corpus
 
 
 def test_a_site_an_export_or_a_model_given_for_an_sae_is_named(tiny_dir, data_dir, tmp_path, capsys):

@@ -22,6 +22,7 @@ from saelab.data import ActivationCache, ActivationCacheError, ActivationStream,
 from saelab.data import cache_is_complete, check_disk_room, note_unfinished_overwrite, resolve_corpus, reusable_cache
 from saelab.data import DrawnContexts, StreamConfig, TextsReadOnce, corpus_identity, sample_contexts, token_contexts
 from saelab.data import write_activation_cache
+from saelab.data.text import CORPUS_FINGERPRINT, has_fingerprint
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals._common import jsonable
 from saelab.evals.ablation_sparsity import AblationSparsityConfig
@@ -414,14 +415,23 @@ def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig], cache: Ac
 
 def _held_out_label(sae: TopKSAE, corpus: str) -> str:
     """'held-out text', or a warning label when the eval text is the SAE's training text."""
-    trained_on = sae.cfg.dataset
-    same = bool(trained_on) and (trained_on == corpus or (Path(trained_on).exists() and Path(corpus).exists()
-                                                          and Path(trained_on).resolve() == Path(corpus).resolve()))
-    if not same:
+    if not _is_training_text(sae, corpus):
         return "held-out text"
     print(f"warning: evaluating on {corpus}, the text the SAE was trained on; the metrics are not held-out",
           file=sys.stderr)
     return "training text (not held out)"
+
+
+def _is_training_text(sae: TopKSAE, corpus: str) -> bool:
+    """Whether ``corpus`` is the text the SAE was trained on: by the fingerprint of its content where the SAE records
+    one (an export names the corpus by its base name only: the same text under any name is it, another file of
+    that name is not), else by the corpus's name or path as recorded."""
+    fingerprint = sae.cfg.extra.get(CORPUS_FINGERPRINT)
+    if isinstance(fingerprint, dict) and isinstance(fingerprint.get("sha256"), str):
+        return has_fingerprint(corpus, fingerprint)
+    trained_on = sae.cfg.dataset
+    return bool(trained_on) and (trained_on == corpus or (Path(trained_on).exists() and Path(corpus).exists()
+                                                         and Path(trained_on).resolve() == Path(corpus).resolve()))
 
 
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,

@@ -65,8 +65,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
             if any(_holds_this_export(out, sae, args.format, cfg=earlier) for earlier in _earlier_exports(recorded)
                    if earlier != sae.cfg):
                 raise ConfigError(f"OUT {out} holds this export as an earlier saelab wrote it, with local paths (of "
-                                  "the training corpus or the model); pass --overwrite to write it again, fit to "
-                                  "share")
+                                  "the training corpus or the model) or without the corpus's fingerprint; pass "
+                                  "--overwrite to write it again, fit to share")
             raise ConfigError(f"OUT {out} holds an SAE already, not this export (another SAE, format, dtype or hook); "
                               "pass --overwrite to replace it, or pick another folder")
         print(f"{out} already holds this export (--overwrite writes it again)", file=sys.stderr)
@@ -77,20 +77,28 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def _shared_config(cfg):
     """``cfg`` as a file shared with others records it: no path of this disk, which means nothing on another machine.
-    The training corpus and the file the SAE was read from by their base names (:func:`_corpus_by_name`); a local
-    model folder by its base name, marked so that saelab asks for the folder rather than load a hub model of that
-    name (``run_folder.shared_model_record``)."""
+    The training corpus and the file the SAE was read from by their base names (:func:`_corpus_by_name`), with the
+    fingerprint of the corpus's content, by which an evaluation on that text is told under any name; a local model
+    folder by its base name, marked so that saelab asks for the folder rather than load a hub model of that name
+    (``run_folder.shared_model_record``)."""
     import dataclasses
+
+    from saelab.data.text import CORPUS_FINGERPRINT, corpus_fingerprint
 
     named = _corpus_by_name(cfg)
     model_name, model_source = shared_model_record(cfg.model_name, named.extra.get("model_source"))
     extra = {**named.extra, **({} if model_source is None else {"model_source": model_source})}
+    # An absolute path is the file trained on; a relative one, read from this folder, could be another file.
+    if CORPUS_FINGERPRINT not in extra and cfg.dataset and Path(cfg.dataset).expanduser().is_absolute():
+        fingerprint = corpus_fingerprint(cfg.dataset)  # a corpus since moved or deleted: none
+        if fingerprint is not None:
+            extra[CORPUS_FINGERPRINT] = fingerprint
     return dataclasses.replace(named, model_name=model_name, extra=extra)
 
 
 def _corpus_by_name(cfg):
     """``cfg`` with its training corpus and the file it was read from by their base names (a hub dataset by its
-    name), as an export recorded it before its model (:func:`_shared_config`)."""
+    name), as an export recorded it before its model and its corpus's fingerprint (:func:`_shared_config`)."""
     import dataclasses
 
     from saelab.data.text import shared_corpus_name
@@ -103,7 +111,7 @@ def _corpus_by_name(cfg):
 
 def _earlier_exports(recorded) -> list:
     """The configs earlier saelabs wrote into an export of an SAE that records ``recorded``: as recorded (local paths
-    in it), and with the corpus by its base name alone (the model as recorded)."""
+    in it), and with the corpus by its base name alone (the model as recorded, no fingerprint)."""
     return [recorded, _corpus_by_name(recorded)]
 
 

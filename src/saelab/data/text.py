@@ -199,6 +199,40 @@ _IDENTITIES: dict[str, str] = {}
 """corpus_identity's answers, by the files' paths, sizes and modification times."""
 
 
+def corpus_fingerprint(corpus: str) -> dict[str, Any] | None:
+    """What a local corpus's text is, wherever it lies and whatever its name: its size in bytes and the sha256 of a
+    file's bytes (as sha256sum gives it), for a folder of several files the sha256 of their sha256s in the order
+    they are read; None for a Hugging Face dataset name or a path that is not there."""
+    path = Path(corpus).expanduser() if corpus else None
+    if path is None or not path.exists():
+        return None
+    key = json.dumps(corpus_files_key(corpus))  # an edited file is hashed again
+    if key not in _FINGERPRINTS:
+        from saelab.sae.io import file_sha256  # lazy: saelab.sae loads torch
+
+        files = corpus_folder_files(path) if path.is_dir() else [path]
+        digests = [file_sha256(f) for f in files]
+        digest = digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+        _FINGERPRINTS[key] = {"bytes": sum(f.stat().st_size for f in files), "sha256": digest}
+    return _FINGERPRINTS[key]
+
+
+def has_fingerprint(corpus: str, fingerprint: dict[str, Any]) -> bool:
+    """Whether ``corpus`` holds the text :func:`corpus_fingerprint` gave ``fingerprint`` for; a corpus of another
+    size is told without reading it."""
+    files = corpus_files_key(corpus)  # [path, size, time] of each file; None: no local corpus
+    if files is None or fingerprint.get("bytes") not in (None, sum(size for _, size, _ in files)):
+        return False
+    return corpus_fingerprint(corpus)["sha256"] == fingerprint.get("sha256")
+
+
+_FINGERPRINTS: dict[str, dict[str, Any]] = {}
+"""corpus_fingerprint's answers, by the files' paths, sizes and modification times."""
+CORPUS_FINGERPRINT = "dataset_fingerprint"
+"""Where an export records :func:`corpus_fingerprint` of the SAE's training corpus (``SAEConfig.extra``), beside
+its base name (``dataset``): an evaluation on that text is told by it."""
+
+
 def corpus_name(corpus: str | None, split: str) -> str:
     """A name of the text read, for files shared with others (no local path in them): a Hugging Face
     dataset's name as given, a local file's or folder's base name, the shipped sample by what it is."""
