@@ -707,6 +707,23 @@ def _paths_in(folder: Path, *roots: Path) -> list[str]:
             if str(root).encode() in f.read_bytes()]
 
 
+def test_an_export_records_a_local_model_by_base_name_and_a_hub_model_as_recorded(tmp_path, monkeypatch):
+    """A model read from this disk, written as an absolute path (since moved or not) or as a folder relative to the
+    export's folder, is recorded by its base name; the offline default and a hub id as recorded."""
+    from saelab.run_folder import shared_model_record
+
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    default = {"spec": "default", "weights": "from the package"}
+    assert shared_model_record(DEFAULT_MODEL_HUB_ID, default) == (DEFAULT_MODEL_HUB_ID, default)
+    assert shared_model_record("openai-community/gpt2", {"spec": "openai-community/gpt2"}) == (
+        "openai-community/gpt2", {"spec": "openai-community/gpt2"})
+    assert shared_model_record("my-model", {"spec": "my-model"}) == ("my-model", {"local_folder": "my-model"})
+    moved = str(tmp_path / "gone" / "tiny-gpt2")
+    assert shared_model_record(moved, {"spec": moved}) == ("tiny-gpt2", {"local_folder": "tiny-gpt2"})
+    assert shared_model_record("/m/q4.gguf", None) == ("q4.gguf", {"local_file": "q4.gguf"})
+
+
 def test_an_export_of_a_run_on_a_local_model_folder_names_it_and_asks_for_it(tiny_dir, data_dir, tmp_path, capsys,
                                                                               tmp_path_factory):
     """An export of a run trained on a local model folder held the folder's path (SAELens' metadata.model_name, the

@@ -417,14 +417,14 @@ def model_name(spec: str | LanguageModel) -> str:
     return spec
 
 
-def names_a_path(spec: str) -> bool:
+def _names_a_path(spec: str) -> bool:
     """Whether ``spec`` is written as a path (so names no hub id), whether or not it exists."""
     return spec.endswith(".gguf") or spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
 
 
-def _is_hub_id(spec: str) -> bool:
+def is_hub_id(spec: str) -> bool:
     """Whether ``load_model`` reads ``spec`` from the Hugging Face hub (or its local cache)."""
-    return spec != DEFAULT_MODEL and not Path(spec).expanduser().exists() and not names_a_path(spec)
+    return spec != DEFAULT_MODEL and not Path(spec).expanduser().exists() and not _names_a_path(spec)
 
 
 def load_model(
@@ -472,7 +472,7 @@ def load_model(
             model, tokenizer = _load_folder(local, dtype, tokenizer)
         elif local.exists():
             raise ModelLoadError(f"model spec {spec!r} is a file but not a .gguf file")
-        elif names_a_path(spec):
+        elif _names_a_path(spec):
             raise ModelLoadError(f"model spec {spec!r}: no such file or directory")
         else:
             model, tokenizer = _load_hub(spec, dtype, tokenizer, revision)
@@ -560,7 +560,7 @@ def tokenizer_before_load(spec: str | LanguageModel, revision: str | None = None
     it comes only with the load (a .gguf file not yet dequantized) or cannot be had (the load then names why).
     ``load_model(tokenizer=...)`` takes it."""
     tokenizer = tokenizer_on_disk(spec, revision)
-    if tokenizer is not None or not _is_hub_id(spec):
+    if tokenizer is not None or not is_hub_id(spec):
         return tokenizer
     try:
         from transformers import AutoTokenizer
@@ -629,7 +629,7 @@ RECORDED_CONTEXT = SAE_CONTEXT + " (--context-size sets another)"
 def _fetch_config(spec: str | LanguageModel, revision: str | None = None) -> None:
     """Bring a hub model's config.json (at ``revision``) alone, not its weights, into the local cache, where
     ``_config_on_disk`` reads it; any failure only defers the checks from it: the load names what is wrong."""
-    if isinstance(spec, LanguageModel) or not _is_hub_id(spec) or _config_on_disk(spec, revision):
+    if isinstance(spec, LanguageModel) or not is_hub_id(spec) or _config_on_disk(spec, revision):
         return
     try:
         from transformers.utils import cached_file
