@@ -1,6 +1,7 @@
 """The package's layers import only downward, with no cycle and no private name crossing modules.
 
-    cli -> pipeline -> report, explore -> evals -> train, models -> data, run_folder -> sae -> utils -> errors
+    cli -> pipeline -> pipeline_config, report, explore -> evals -> train, models -> data, run_folder -> sae -> utils
+    -> errors
 """
 
 import ast
@@ -8,7 +9,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "saelab"
 RANK = {"errors": 0, "utils": 1, "sae": 2, "run_folder": 3, "data": 3, "models": 4, "train": 4, "evals": 5,
-        "explore": 6, "report": 6, "pipeline": 7, "cli": 8, "__main__": 9}
+        "explore": 6, "report": 6, "pipeline_config": 6, "pipeline": 7, "cli": 8, "__main__": 9}
 
 
 def _imports():

@@ -12,9 +12,9 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -25,16 +25,16 @@ from saelab.data import write_activation_cache
 from saelab.data.text import CORPUS_FINGERPRINT, has_fingerprint
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals._common import jsonable
-from saelab.evals.ablation_sparsity import AblationSparsityConfig
 from saelab.evals.compute_equivalent import resolve_series
-from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, evaluated_model, read_eval_contexts
-from saelab.evals.n2g import N2GConfig, check_latents
-from saelab.evals.suite import (PaperSuiteConfig, check_results_before_load, check_series_before_load,
-                                check_suite_applies, longest_n_future, read_suite_contexts, run_paper_suite)
+from saelab.evals.config import AblationSparsityConfig, EvalConfig, N2GConfig, PaperSuiteConfig
+from saelab.evals.core import eval_settings, evaluate_core, evaluated_model, read_eval_contexts
+from saelab.evals.n2g import check_latents
+from saelab.evals.suite import (check_results_before_load, check_series_before_load, check_suite_applies,
+                                longest_n_future, read_suite_contexts, run_paper_suite)
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
                            model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
-from saelab.models.hooks import check_hook_form
+from saelab.pipeline_config import DEFAULT_HOOK, HARVEST_BATCH, HarvestConfig, QuickstartConfig
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
                                LatentFrequencies, SaeHashes, check_output_folder, check_sae_hook,
@@ -49,72 +49,14 @@ from saelab.train.metric_sinks import check_log_targets
 from saelab.train.config import check_warmup
 from saelab.utils.atomic import write_json
 from saelab.utils.cache_manifest import MANIFEST
-from saelab.utils.config import switch
 from saelab.utils.device import resolve_device, same_device
 from saelab.utils.folder_lock import RunLock
 from saelab.utils.words import plural
-
-DEFAULT_HOOK = "blocks.9.hook_resid_post"
-
-HARVEST_BATCH = 4096
-"""Rows per block the harvest stream hands to the cache (its shuffle buffer holds at least two)."""
 
 SAMPLE_POOL_FACTOR = 16
 """A harvest draws its contexts from at most this many times the tokens it harvests (16 M for the default
 1 M, which is also the default --sample-pool-tokens): spread over many documents, while a small harvest
 does not tokenize a pool of 16 M tokens for a few thousand."""
-
-
-@dataclass
-class HarvestConfig:
-    """Where activations come from."""
-
-    model: str = "default"
-    """Language model: 'default' (SmolLM2-135M-Instruct, offline), a hub id such as 'gpt2', a local
-    model folder or a .gguf file."""
-    hook: str = DEFAULT_HOOK
-    """TransformerLens-style hook name, e.g. blocks.9.hook_resid_post."""
-    corpus: str | None = None
-    """Training text: a .txt/.jsonl/.jsonl.xz file, a folder of .txt, or a HF dataset name
-    (e.g. 'Skylion007/openwebtext'). None: the offline Wikipedia corpus shipped in data/."""
-    n_tokens: int = 1_048_576
-    """Activation rows to harvest."""
-    context_size: int = 64
-    """Tokens per context (64 as in the paper)."""
-    prepend_bos: bool = switch(True)
-    """Start every context with BOS."""
-    exclude_first: bool = switch(True)
-    """Leave position 0 (BOS, the attention sink) out of the activations."""
-    lm_batch_size: int = 32
-    """Contexts per LM forward."""
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    """Storage dtype of the activation cache."""
-    buffer_tokens: int = 262_144
-    """Shuffle buffer (rows) between the LM and the cache; at least 2 * 4,096."""
-    sample_pool_tokens: int = 16_777_216
-    """Contexts are drawn at random from the first this-many corpus tokens, so that a harvest smaller
-    than the corpus spans many documents instead of its first few; the pool is at most 16 times the
-    tokens harvested (a smaller harvest tokenizes less text first); a pool smaller than the tokens
-    harvested is raised to them (the harvest then takes the corpus's first contexts, as 0 does);
-    0: contexts in corpus order."""
-    seed: int = 0
-    """Seed of the context draw and the shuffle."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_tokens", "lm_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.buffer_tokens < 2 * HARVEST_BATCH:
-            raise ConfigError(f"buffer_tokens must be >= {2 * HARVEST_BATCH:,} (two blocks of {HARVEST_BATCH:,} rows), "
-                              f"got {self.buffer_tokens:,}")
-        if self.context_size < 2 + self.exclude_first:
-            raise ConfigError(f"context_size must be >= {2 + self.exclude_first} (BOS and text tokens), "
-                              f"got {self.context_size}")
-        if self.sample_pool_tokens < 0:
-            raise ConfigError(f"sample_pool_tokens must be >= 0, got {self.sample_pool_tokens}")
-        if self.dtype not in ("float16", "bfloat16", "float32"):
-            raise ConfigError(f"dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
-        check_hook_form(self.hook)
 
 
 def _pool_tokens(cfg: HarvestConfig) -> int:
@@ -765,15 +707,6 @@ def _suite_folder(out_dir: str | Path | None, run: Path | None) -> Path | None:
     if run is not None and Path(out_dir).resolve() in (run.resolve(), (run / EVALS_DIR).resolve()):
         return run
     return Path(out_dir)
-
-
-@dataclass
-class QuickstartConfig:
-    """The main job: harvest, train, evaluate and report on the offline default."""
-
-    harvest: HarvestConfig = field(default_factory=HarvestConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(n_latents=8192, k=32, total_tokens=1_048_576))
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def finished_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache, *, record: dict | None = None,

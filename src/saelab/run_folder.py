@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from saelab.errors import CheckpointError, ConfigError, RunExistsError
-from saelab.sae.io import (  # where saving refuses runs, and loading names what is no SAE
+from saelab.sae.config import (  # below: where saving an SAE refuses a run, and loading names what is no SAE
     CHECKPOINT,
     MADE_FROM_SAES,
     SAE_DIR,

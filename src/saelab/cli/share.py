@@ -15,11 +15,10 @@ from saelab.cli.common import DTYPES, add_io_options, add_sae_argument
 from saelab.errors import ConfigError
 from saelab.run_folder import (check_output_folder, check_sae_hook, model_for, model_left_behind, names_a_model,
                                open_sae, shared_model_record)
+from saelab.sae.config import SAVE_FORMATS
 
 
 def add_export(sub) -> None:
-    from saelab.sae.io import SAVE_FORMATS
-
     p = sub.add_parser("export", help="write an SAE as a SAELens or sparsify folder, for other tools to load",
                        description="Write an SAE in SAELens' folder layout (SAE.load_from_disk) or sparsify's (SparseCoder."
                                    "load_from_disk); the SAE's hook, model and BOS settings go with it. No path of "
@@ -43,7 +42,7 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from saelab.models import check_hook_layer
-    from saelab.models.hooks import check_hook_form
+    from saelab.models.config import check_hook_form
     from saelab.sae import save_sae
 
     out = _check_export_folder(Path(args.out))

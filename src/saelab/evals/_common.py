@@ -11,12 +11,6 @@ import math
 from typing import Any, Callable, Mapping
 
 import torch
-from simple_parsing.helpers import field as _config_field
-
-
-def run_option(default: Any) -> Any:
-    """A config field the caller fills at run time (the hook, a progress flag): not a command-line option."""
-    return _config_field(default=default, cmd=False)
 
 
 def position_0_words(first: int) -> str:

@@ -73,14 +73,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from saelab.errors import ConfigError
 from saelab.evals._common import (
-    run_option,
     check_tokens,
     config_dict,
     first_position,
@@ -89,62 +86,11 @@ from saelab.evals._common import (
     latent_contributions,
     resolve_hook,
 )
-from saelab.evals.bootstrap import (DEFAULT_LEVEL, DEFAULT_N_BOOT, by_document, check_bootstrap_args, check_documents,
-                                    paired_bootstrap, ratio, resampled_documents)
-from saelab.utils.config import switch
+from saelab.evals.bootstrap import by_document, check_documents, paired_bootstrap, ratio, resampled_documents
+from saelab.evals.config import CENTERS, AblationSparsityConfig
 from saelab.utils.words import plural
 
-CENTERS = ("median", "none")
 GAUSSIAN_REFERENCE = 2 / math.pi
-
-
-@dataclass
-class AblationSparsityConfig:
-    """Settings of the ablation-sparsity metric."""
-
-    n_future: int = 16
-    """T: logit changes are read at the ablated position and the next T-1 positions (paper: 16)."""
-    n_sites: int = 64
-    """(context, position) sites sampled uniformly; every site ablates its active latents."""
-    latents_per_site: int | None = None
-    """Ablate at most this many of the site's active latents (drawn at random); None = all (at most the SAE's k)."""
-    random_baseline: bool = switch(True)
-    """Ablate, for every latent ablation, a random direction of the same norm (the matched baseline)."""
-    channels_per_site: int = 16
-    """Residual-stream channels zeroed per site for the older channel baseline (drawn at random); 0 = none."""
-    center: str = "median"
-    """'median': subtract each position's median logit change before scoring (paper); 'none'."""
-    batch_size: int = 32
-    """Ablations per forward pass (rows of one batch; one more row carries the clean run)."""
-    seed: int = 0
-    """Seed of the site, latent, channel and direction sampling and of the bootstrap."""
-    n_boot: int = DEFAULT_N_BOOT
-    """Bootstrap replicates of the documents the sites' contexts come from, for the intervals (0 = no intervals)."""
-    ci_level: float = DEFAULT_LEVEL
-    """Coverage of the intervals."""
-    exclude_first: bool | None = run_option(None)
-    """Leave position 0 out of the sites; None = follow the SAE's cfg.exclude_first."""
-    hook: str | None = run_option(None)
-    """Hook to ablate at; None = the SAE's cfg.hook_name."""
-    progress: bool = run_option(False)
-    """Show a progress bar."""
-
-    def __post_init__(self) -> None:
-        if self.n_future < 1:
-            raise ConfigError(f"n_future must be >= 1, got {self.n_future}")
-        if self.n_sites < 1:
-            raise ConfigError(f"n_sites must be >= 1, got {self.n_sites}")
-        if self.center not in CENTERS:
-            raise ConfigError(f"center must be one of {CENTERS}, got {self.center!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.channels_per_site < 0:
-            raise ConfigError(f"channels_per_site must be >= 0, got {self.channels_per_site}")
-        # None (the option left out) ablates every active latent; 0 would ablate none and measure nothing.
-        if self.latents_per_site is not None and self.latents_per_site < 1:
-            raise ConfigError(f"latents_per_site must be >= 1 (leave it out for all active latents), "
-                              f"got {self.latents_per_site}")
-        check_bootstrap_args(self.n_boot, self.ci_level)
 
 
 def _centered(delta_TV: torch.Tensor, center: str) -> torch.Tensor:

@@ -30,24 +30,13 @@ from typing import Callable, Mapping
 
 import torch
 
-from saelab.errors import ConfigError
+from saelab.evals.config import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_bootstrap_args
 from saelab.utils.words import plural
-
-DEFAULT_N_BOOT = 1000
-DEFAULT_LEVEL = 0.95
 
 Totals = Mapping[str, torch.Tensor]
 """Named totals; in a replicate each has a leading replicate dimension ``[B, ...]``."""
 Statistic = Callable[[Totals], torch.Tensor]
 """Maps totals ``{name: [B, ...]}`` to one value per replicate ``[B]``."""
-
-
-def check_bootstrap_args(n_boot: int, level: float) -> None:
-    """Refuse a replicate count or level that gives no interval (ConfigError naming the option)."""
-    if not isinstance(n_boot, int) or n_boot < 0:
-        raise ConfigError(f"n_boot must be an integer >= 0 (0 = no intervals), got {n_boot!r}")
-    if not 0 < level < 1:
-        raise ConfigError(f"ci_level must be in (0, 1), got {level!r}")
 
 
 def resample_counts(n_groups: int, n_boot: int, generator: torch.Generator) -> torch.Tensor:

@@ -138,11 +138,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from saelab.errors import ConfigError, SaelabError
-from saelab.evals._common import check_tokens, config_dict, first_position, json_float, run_option
-from saelab.evals.bootstrap import (DEFAULT_LEVEL, DEFAULT_N_BOOT, bounded_groups, by_document, check_bootstrap_args,
-                                    check_documents, format_interval, percentile_interval, resample_counts,
-                                    resampled_documents)
+from saelab.errors import SaelabError
+from saelab.evals._common import check_tokens, config_dict, first_position, json_float
+from saelab.evals.bootstrap import (bounded_groups, by_document, check_documents, format_interval, percentile_interval,
+                                    resample_counts, resampled_documents)
+from saelab.evals.config import (CRFM_DEFAULT_STEPS, CRFM_RUNS, CRFM_TOKENS_PER_STEP, CRFM_TOTAL_STEPS, DEFAULT_LEVEL,
+                                 DEFAULT_N_BOOT, PYTHIA_DEFAULT_STEPS, PYTHIA_FAMILY_SIZES, PYTHIA_SIZES,
+                                 PYTHIA_TOKENS_PER_STEP, PYTHIA_TOTAL_STEPS, PYTHIA_TOTAL_TOKENS,
+                                 ComputeEquivalentConfig, check_bootstrap_args, known_series_names)
 from saelab.evals.power_law import FitError, fit_power_law, floor_grid_starts
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
 from saelab.models.loading import (check_before_load, check_context_fits, configured_vocab_size, dtype_name,
@@ -224,29 +227,6 @@ def _path_loader(path: Path, device: str | torch.device, dtype: DType) -> Callab
 
         return load_model(str(path), device=device, dtype=dtype)
     return load
-
-
-# Stanford CRFM's GPT-2 small re-trainings (github.com/stanford-crfm/mistral): OpenWebText,
-# effective batch 512 sequences of 1024 tokens (conf/gpt2-mistral-small-config.yaml: effective_bsz 512;
-# conf/models/gpt2-small.yaml: seq_len 1024), 400k steps (conf/trainers/gpt2-small.yaml: max_steps),
-# checkpoints every 10 steps to 100, every 50 to 2,000, every 100 to 20,000, every 1,000 to 400,000
-# (checkpoint_frequency), each a hub branch named checkpoint-{step}.
-CRFM_TOKENS_PER_STEP = 512 * 1024
-CRFM_TOTAL_STEPS = 400_000
-CRFM_RUNS = {21: "alias", 49: "battlestar", 81: "caprica", 343: "darkmatter", 777: "expanse"}
-CRFM_DEFAULT_STEPS = (400, 1000, 2000, 4000, 10_000, 20_000, 40_000, 100_000, 200_000, 300_000, 400_000)
-
-# Pythia (github.com/EleutherAI/pythia, Biderman et al. 2023): every size trained on the same data
-# in the same order, batch 1024 sequences of 2048 tokens (2,097,152 tokens per step), 143k steps;
-# checkpoints step0, the log-spaced step1, 2, 4, ..., 512 and every 1,000 steps to step143000, each
-# a hub branch named step{step}.
-PYTHIA_TOKENS_PER_STEP = 1024 * 2048
-PYTHIA_TOTAL_STEPS = 143_000
-PYTHIA_TOTAL_TOKENS = PYTHIA_TOTAL_STEPS * PYTHIA_TOKENS_PER_STEP  # 299,892,736,000, every size (14m, 31m too)
-PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
-# The family by default: up to 1.4b (5.6 GB in float32, one GPU); 2.8b to 12b on request.
-PYTHIA_FAMILY_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b")
-PYTHIA_DEFAULT_STEPS = (128, 256, 512, 1000, 2000, 4000, 8000, 16_000, 32_000, 64_000, 100_000, 143_000)
 
 
 def crfm_checkpoint_steps() -> list[int]:
@@ -444,12 +424,6 @@ def local_family(folder: str | Path, device: str | torch.device = "cpu",
 _CRFM_RE = re.compile(r"^crfm-gpt2-small(?:-x(\d+))?$")
 _PYTHIA_RE = re.compile(r"^pythia-([0-9.]+[mb])(-deduped)?$")
 _PYTHIA_FAMILY_RE = re.compile(r"^pythia-family(-deduped)?(?::(.*))?$")
-
-
-def known_series_names() -> list[str]:
-    return (["crfm-gpt2-small", "pythia-family", "pythia-family-deduped"]
-            + [f"crfm-gpt2-small-x{s}" for s in CRFM_RUNS if s != 21]
-            + [f"pythia-{s}" for s in PYTHIA_SIZES] + [f"pythia-{s}-deduped" for s in PYTHIA_SIZES])
 
 
 def resolve_series(spec: str, steps: Sequence[int] = (), device: str | torch.device = "cpu",
@@ -994,45 +968,6 @@ def upgrade_result(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the metric ---------------------------------------------------------------------------------
-@dataclass
-class ComputeEquivalentConfig:
-    """Settings of the compute-equivalent metric."""
-
-    series: str | None = run_option(None)
-    """Reference models: a model family (pythia-family[-deduped][:SIZES] or a folder with family.json:
-    the paper's compute-equivalent) or a checkpoint series (crfm-gpt2-small, pythia-<size>[-deduped]
-    or a folder of checkpoints: the training-progress equivalent); None = the evaluated model's own
-    (the Pythia family for Pythia models, crfm-gpt2-small for GPT-2), if it has one."""
-    steps: tuple[int, ...] = run_option(())
-    """Training steps of the hub series to measure; () = a default log-spaced subset (11-12 checkpoints)."""
-    fit: str = "power"
-    """'power': L(C) = a C^-b + c, inverted; 'interp': piecewise-linear in log C between reference models."""
-    fit_min_frac: float = 0.01
-    """Checkpoint series only: fit only checkpoints with at least this fraction of the full run's
-    tokens: the default leaves out the learning-rate warmup (CRFM: 3,200 of 400k steps; Pythia: a
-    hundredth of the run) and the initial plateau. A family's members are all fitted."""
-    lm_batch_size: int = 8
-    """Contexts per forward."""
-    exclude_first: bool | None = run_option(None)
-    """Leave the prediction at position 0 out; None = follow the SAE's cfg.exclude_first."""
-    hook: str | None = run_option(None)
-    """Hook to splice at; None = the SAE's cfg.hook_name."""
-    progress: bool = run_option(False)
-    """Show a progress bar over reference models."""
-
-    def __post_init__(self) -> None:
-        if self.fit not in ("power", "interp"):
-            raise ConfigError(f"fit must be 'power' or 'interp', got {self.fit!r}")
-        # 1 would keep only the full run's own checkpoint: nothing left to fit a curve to.
-        if not 0 <= self.fit_min_frac < 1:
-            raise ConfigError(f"fit_min_frac must be in [0, 1), got {self.fit_min_frac:g}")
-        if self.lm_batch_size < 1:
-            raise ConfigError(f"lm_batch_size must be >= 1, got {self.lm_batch_size}")
-        bad_steps = [s for s in self.steps if s < 0]  # step 0 is a series' first checkpoint (Pythia's step0)
-        if bad_steps:
-            raise ConfigError(f"steps must be >= 0, got {bad_steps[0]}")
-
-
 def _same_model(model_id: str, name: str) -> bool:
     """Whether a reference model's id (hub id or absolute path) is the evaluated model's ``lm.name``."""
     if not model_id or not name:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
 from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
-from saelab.errors import ConfigError, CorpusError, NonFiniteError
+from saelab.errors import CorpusError, NonFiniteError
 from saelab.evals._common import position_0_words
 from saelab.evals.bootstrap import bounded_groups, by_document, paired_bootstrap, resampled_documents
+from saelab.evals.config import EvalConfig
 from saelab.evals.downstream import downstream_statistics, downstream_sums, downstream_summary
 from saelab.evals.reconstruction import NMSE_STATS, reconstruction_metrics
 from saelab.models import model_provenance
@@ -24,48 +25,6 @@ from saelab.models.lm import context_named
 from saelab.run_folder import recorded_model
 from saelab.utils.tensors import all_finite
 from saelab.utils.words import plural
-
-ABLATIONS = ("zero", "mean")
-
-
-@dataclass
-class EvalConfig:
-    """How to evaluate an SAE on held-out text."""
-
-    corpus: str | None = None
-    """Held-out text; None: the offline Wikipedia eval split shipped in data/."""
-    recon_tokens: int = 32_768
-    """Tokens for nMSE, L0 and dead/dense latents."""
-    downstream_tokens: int = 16_384
-    """Tokens for delta CE, KL and CE recovered, at least (rounded up to whole contexts: the predictions
-    counted in metrics.json are those of every context read; the layers below the hook run once, the rest
-    once per variant: clean, spliced and each ablation)."""
-    context_size: int | None = None
-    """Context length; None: the SAE's training context size."""
-    sample_pool_tokens: int = 4_194_304
-    """The contexts are drawn at random from the corpus's first this many tokens (all of the shipped eval
-    split), so the numbers describe many documents, not the first few; 0: the first contexts, in order."""
-    lm_batch_size: int = 8
-    """Contexts per LM forward."""
-    ablations: tuple[Literal["zero", "mean"], ...] = ABLATIONS
-    """Baselines for CE recovered: zero and/or mean ablation of the hook."""
-    variants_per_forward: int = 4
-    """Variants stacked in one forward of the layers after the hook; 1 holds the least logits memory
-    (a GPU with long contexts). On a quiet 2-core CPU, 1 and 4 take about the same time; on a loaded
-    one 4 was 2x faster (benchmarks/RESULTS.md)."""
-
-    def __post_init__(self) -> None:
-        for name in ("recon_tokens", "downstream_tokens", "lm_batch_size", "variants_per_forward"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.sample_pool_tokens < 0:
-            raise ConfigError(f"sample_pool_tokens must be >= 0 (0: the first contexts), got {self.sample_pool_tokens}")
-        if self.context_size is not None and self.context_size < 3:
-            raise ConfigError(f"context_size must be >= 3 (BOS and at least one prediction), got {self.context_size}")
-        self.ablations = tuple(self.ablations)
-        unknown = [a for a in self.ablations if a not in ABLATIONS]
-        if unknown:
-            raise ConfigError(f"ablations {unknown} unknown; expected some of {', '.join(ABLATIONS)}")
 
 
 @dataclass

@@ -106,7 +106,6 @@ import torch
 
 from saelab.errors import CheckpointError, ConfigError
 from saelab.evals._common import (
-    run_option,
     check_tokens,
     config_dict,
     first_position,
@@ -114,12 +113,11 @@ from saelab.evals._common import (
     resolve_hook,
     split_by_group,
 )
-from saelab.evals.bootstrap import (DEFAULT_LEVEL, DEFAULT_N_BOOT, by_document, check_bootstrap_args, check_documents,
-                                    paired_bootstrap, resampled_documents)
+from saelab.evals.bootstrap import by_document, check_documents, paired_bootstrap, resampled_documents
+from saelab.evals.config import N2GConfig
 from saelab.evals.downstream import ce_and_kl, ce_recovered
 from saelab.evals.probe_tasks import token_strings
 from saelab.run_folder import read_json_value
-from saelab.utils.config import switch
 from saelab.utils.words import plural
 
 WILDCARD = -1
@@ -127,80 +125,6 @@ WILDCARD = -1
 
 ActFn = Callable[[list[list[int]], list[int]], Sequence[float]]
 """(token sequences, latent of each) -> the latent's activation at each sequence's last token."""
-
-
-@dataclass
-class N2GConfig:
-    """Settings of the N2G explanation metric."""
-
-    n_latents: int = 64
-    """Latents explained, drawn at random among those that fire on the build split (0 = all of them)."""
-    latents: tuple[int, ...] = ()
-    """Explain exactly these latents instead of a random draw (the number of latents explained is then
-    ignored)."""
-    n_examples: int = 20
-    """Top-activating contexts per latent used to build its explanation (one example per context)."""
-    max_len: int = 16
-    """N: the longest pattern, in tokens back from (and including) the max-activating token."""
-    keep_frac: float = 0.5
-    """A suffix explains an example when it keeps this fraction of the example's activation."""
-    saliency_threshold: float = 0.5
-    """Suffix tokens whose replacement keeps more than 1 - this of the activation become wildcards."""
-    min_value: float = 0.0
-    """Drop patterns whose value (activation as a fraction of the latent's largest activation on the
-    build split) is below this (0: keep every pattern)."""
-    padding_token: str = " _"
-    """Text of the replacement token: one token of the model's tokenizer (OpenAI uses ' _' for GPT-2), checked
-    before the paper suite runs any metric."""
-    firing_frac: float = 0.0
-    """A latent fires at a token when its activation exceeds this fraction of its largest activation
-    on the build split (0: any nonzero)."""
-    heldout_frac: float = 0.5
-    """Fraction of the contexts held out for scoring and splicing (whole documents when known, else the last ones)."""
-    splice: bool = switch(True)
-    """Measure the LM loss with N2G-simulated activations spliced in."""
-    splice_error_term: bool = switch(False)
-    """Add the SAE's error (x - SAE(x)) back when splicing (isolates the latents' effect)."""
-    seq_batch_size: int = 256
-    """Short sequences per model call while building."""
-    lm_batch_size: int = 8
-    """Contexts per LM forward when reading activations and splicing."""
-    max_patterns_reported: int = 20
-    """Patterns listed per latent in the result (all are used)."""
-    seed: int = 0
-    """Seed of the latent sampling and of the bootstrap."""
-    n_boot: int = DEFAULT_N_BOOT
-    """Bootstrap replicates of the held-out documents for the intervals (0 = no intervals)."""
-    ci_level: float = DEFAULT_LEVEL
-    """Coverage of the intervals."""
-    exclude_first: bool | None = run_option(None)
-    """Leave position 0 out of examples, scores and splices; None = the SAE's cfg.exclude_first."""
-    hook: str | None = run_option(None)
-    """Hook the SAE reads; None = the SAE's cfg.hook_name."""
-
-    def __post_init__(self) -> None:
-        if self.max_len < 1:
-            raise ConfigError(f"max_len must be >= 1, got {self.max_len}")
-        if not 0 < self.heldout_frac < 1:
-            raise ConfigError(f"heldout_frac must be in (0, 1), got {self.heldout_frac}")
-        for name in ("n_examples", "seq_batch_size", "lm_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_latents", "max_patterns_reported"):  # 0: all latents that fire / no patterns listed
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        self.latents = tuple(self.latents)
-        if any(l < 0 for l in self.latents):  # ids past the SAE's latents are refused once it is known
-            raise ConfigError(f"latents must be >= 0, got {min(self.latents)}")
-        # Fractions of an activation: keep_frac 0 would explain every example by its last token alone,
-        # firing_frac 1 would leave no token above the latent's max.
-        if not 0 < self.keep_frac <= 1:
-            raise ConfigError(f"keep_frac must be in (0, 1], got {self.keep_frac:g}")
-        if not 0 <= self.saliency_threshold <= 1:
-            raise ConfigError(f"saliency_threshold must be in [0, 1], got {self.saliency_threshold:g}")
-        if not 0 <= self.firing_frac < 1:
-            raise ConfigError(f"firing_frac must be in [0, 1), got {self.firing_frac:g}")
-        check_bootstrap_args(self.n_boot, self.ci_level)
 
 
 def check_latents(latents: Sequence[int], n_latents: int, name: str = "latents") -> None:

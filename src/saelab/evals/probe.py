@@ -65,19 +65,13 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from saelab.errors import ConfigError
-from saelab.evals._common import (check_tokens, config_dict, first_position, json_float, resolve_hook, run_option,
-                                  split_by_group)
+from saelab.evals._common import check_tokens, config_dict, first_position, json_float, resolve_hook, split_by_group
 from saelab.evals.bootstrap import (
-    DEFAULT_LEVEL,
-    DEFAULT_N_BOOT,
-    check_bootstrap_args,
     check_documents,
     estimates,
     resampled_documents,
@@ -88,90 +82,14 @@ from saelab.evals.bootstrap import (
     resample_counts,
 )
 from saelab.data import token_documents
-from saelab.utils.config import switch
+from saelab.evals.config import ProbeConfig
 from saelab.utils.words import plural
 from saelab.evals.probe_tasks import (
-    DEFAULT_TASKS,
-    SPLIT_UNITS,
-    TOKEN_TASKS,
     ContextTask,
     label_tokens,
     load_hf_task,
     text_groups,
 )
-
-FEATURES = ("pre", "post")
-
-
-@dataclass
-class ProbeConfig:
-    """Settings of the probe-loss metric."""
-
-    tasks: tuple[str, ...] = DEFAULT_TASKS
-    """Offline token tasks to run: some of number, in_parens, in_quotes, capitalized, sentence_start,
-    topic_sports, topic_music, topic_military (the default runs them all)."""
-    hf_tasks: tuple[str, ...] = ()
-    """Hugging Face datasets ('name' or 'name:config', text + binary label) run as context tasks."""
-    features: str = "pre"
-    """'pre': encoder pre-activations (paper); 'post': the latents after TopK and ReLU."""
-    baseline: bool = switch(True)
-    """Also probe each residual-stream channel (the SAE input) as the baseline."""
-    max_examples: int = 2000
-    """Examples per task at most (after balancing), drawn at random."""
-    min_per_class: int = 100
-    """Tasks with fewer examples of either class are skipped (with few examples, picking the best of
-    n latents overfits: the held-out loss can exceed the label entropy)."""
-    balance: bool = switch(True)
-    """Use as many negatives as positives (chance loss ln 2)."""
-    test_frac: float = 0.3
-    """Fraction of each task's examples held out for the reported loss (whole paragraphs or texts)."""
-    split_unit: str = "paragraph"
-    """Token tasks: what the train/test split keeps whole, 'paragraph' or 'document'."""
-    l2: float = 1e-3
-    """Ridge penalty l2/2 * w^2 on the weight of the standardized feature (keeps separable fits finite)."""
-    newton_steps: int = 30
-    """Newton iterations at most."""
-    tol: float = 1e-9
-    """Stop when no latent's loss improves by more than this."""
-    latent_chunk: int = 2048
-    """Latents fit together (memory: examples x chunk float64 values)."""
-    pool: str = "last"
-    """Context tasks: 'last' token's activation or 'mean' over the text's tokens."""
-    lm_batch_size: int = 8
-    """Contexts per LM forward."""
-    seed: int = 0
-    """Seed of example sampling, the train/test split and the bootstrap."""
-    n_boot: int = DEFAULT_N_BOOT
-    """Bootstrap replicates of the held-out groups for the intervals (0 = no intervals)."""
-    ci_level: float = DEFAULT_LEVEL
-    """Coverage of the intervals."""
-    exclude_first: bool | None = run_option(None)
-    """Leave position 0 out of token tasks; None = follow the SAE's cfg.exclude_first."""
-    hook: str | None = run_option(None)
-    """Hook the SAE reads; None = the SAE's cfg.hook_name."""
-
-    def __post_init__(self) -> None:
-        if self.features not in FEATURES:
-            raise ConfigError(f"features must be one of {FEATURES}, got {self.features!r}")
-        if not 0 < self.test_frac < 1:
-            raise ConfigError(f"test_frac must be in (0, 1), got {self.test_frac}")
-        if self.split_unit not in SPLIT_UNITS:
-            raise ConfigError(f"split_unit must be one of {SPLIT_UNITS}, got {self.split_unit!r}")
-        if self.pool not in ("last", "mean"):
-            raise ConfigError(f"pool must be 'last' or 'mean', got {self.pool!r}")
-        if self.l2 < 0:
-            raise ConfigError(f"l2 must be >= 0, got {self.l2}")
-        for name in ("min_per_class", "newton_steps", "latent_chunk", "lm_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_examples < 2:  # a probe needs an example of each class
-            raise ConfigError(f"max_examples must be >= 2, got {self.max_examples}")
-        self.tasks = tuple(self.tasks)
-        unknown = [t for t in self.tasks if t not in TOKEN_TASKS]
-        if unknown:  # else they would fail only after the model has read the probe contexts
-            raise ConfigError(f"tasks {unknown} unknown; expected some of {', '.join(TOKEN_TASKS)}")
-        check_bootstrap_args(self.n_boot, self.ci_level)
-
 
 # ---- the 1-D logistic regressions -----------------------------------------------------------
 def _objective(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float) -> torch.Tensor:

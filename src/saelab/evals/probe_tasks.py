@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from saelab.errors import CorpusError
+
+if TYPE_CHECKING:  # torch is imported where labels are made: the settings read the task names without it
+    import torch
 
 TOPIC_KEYWORDS: dict[str, frozenset[str]] = {
     "sports": frozenset(
@@ -238,6 +239,8 @@ DEFAULT_TASKS = tuple(TOKEN_TASKS)
 def label_tokens(tokenizer, tokens_NT: torch.Tensor, tasks: Sequence[str] = DEFAULT_TASKS,
                  special_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """Labels ``[N, T]`` (int8: 1, 0, -1 = not in the task) of each task for packed contexts."""
+    import torch
+
     unknown = [t for t in tasks if t not in TOKEN_TASKS]
     if unknown:
         raise ValueError(f"unknown probe task(s) {unknown}; known: {sorted(TOKEN_TASKS)}")
@@ -276,6 +279,8 @@ def text_groups(tokenizer, tokens_NT: torch.Tensor, prepend_bos: bool = True, un
     context ``n`` keeps one id across the cut. Contexts not packed consecutively can only be merged
     more than needed, never split.
     """
+    import torch
+
     if unit not in SPLIT_UNITS:
         raise ValueError(f"split unit must be one of {SPLIT_UNITS}, got {unit!r}")
     if special_ids is None:

@@ -53,23 +53,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from simple_parsing.helpers import field as cli_field
 
 from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals._common import config_dict, first_position, jsonable, position_0_words
-from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
+from saelab.evals.ablation_sparsity import run_ablation_sparsity
 from saelab.evals.compute_equivalent import (
-    ComputeEquivalentConfig,
     check_checkpoints_before_load,
     checkpoints_to_load,
     resolve_series,
     run_compute_equivalent,
     series_for_model,
 )
-from saelab.evals.core import EvalConfig, eval_settings, evaluate_core, worded_corpus_error
-from saelab.evals.n2g import N2GConfig, check_latents, padding_id, run_n2g
-from saelab.evals.probe import SPLIT_METHOD as PROBE_SPLIT_METHOD, ProbeConfig, run_probe
+from saelab.evals.config import PAPER_METRICS, EvalConfig, N2GConfig, PaperSuiteConfig
+from saelab.evals.core import eval_settings, evaluate_core, worded_corpus_error
+from saelab.evals.n2g import check_latents, padding_id, run_n2g
+from saelab.evals.probe import SPLIT_METHOD as PROBE_SPLIT_METHOD, run_probe
 from saelab.models.loading import RECORDED_CONTEXT, model_provenance
 from saelab.models.lm import CONTEXT_SETTING, context_named
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
@@ -77,42 +76,7 @@ from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
 from saelab.utils.words import plural
 
-PAPER_METRICS = ("core", "compute_equivalent", "ablation_sparsity", "probe", "n2g")
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class PaperSuiteConfig:
-    """Which paper metrics to run and on how much text (sizes chosen so an n=16384 SAE on the
-    default model takes minutes on 2 CPU cores)."""
-
-    metrics: tuple[str, ...] = ()
-    """Metrics to run, of core compute_equivalent ablation_sparsity probe n2g; unset: all that apply.
-    A metric named here that does not apply is an error."""
-    ablation_contexts: int = 64
-    """Eval contexts the ablation-sparsity sites are drawn from."""
-    probe_contexts: int = 512
-    """Eval contexts whose tokens are labelled for the probe tasks."""
-    n2g_contexts: int = 256
-    """Eval contexts for N2G: the first part builds the explanations, the rest (N2G's held-out
-    fraction) scores them."""
-    # Each metric's own settings; the CLI adds them as option groups of their own (--ce-*, --abl-*, ...).
-    compute_equivalent: ComputeEquivalentConfig = cli_field(default_factory=ComputeEquivalentConfig, cmd=False)
-    ablation_sparsity: AblationSparsityConfig = cli_field(default_factory=AblationSparsityConfig, cmd=False)
-    probe: ProbeConfig = cli_field(default_factory=ProbeConfig, cmd=False)
-    n2g: N2GConfig = cli_field(default_factory=N2GConfig, cmd=False)
-
-    def __post_init__(self) -> None:
-        self.metrics = tuple(self.metrics)
-        unknown = [m for m in self.metrics if m not in PAPER_METRICS]
-        if unknown:
-            raise ConfigError(f"metrics must be among the paper suite's ({', '.join(PAPER_METRICS)}), got unknown "
-                              f"{', '.join(map(str, unknown))}")
-        for name in ("ablation_contexts", "probe_contexts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n2g_contexts < 2:
-            raise ConfigError(f"n2g_contexts must be >= 2 (build and held-out parts), got {self.n2g_contexts}")
 
 
 def _now() -> str:

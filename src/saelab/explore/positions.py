@@ -26,11 +26,13 @@ forward pass it; a cache passed positionally is not seen (the offset is then tak
 
 from __future__ import annotations
 
+import sys
 import weakref
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a mask is made: the command line reads positions without it
+    import torch
+    from torch import nn
 
 Positions = Union[None, int, slice, Sequence[int]]
 
@@ -113,7 +115,7 @@ def check_positions(positions: Positions) -> Positions:
         return positions
     out = []
     for p in positions:
-        if isinstance(p, torch.Tensor):
+        if _is_tensor(p):
             p = int(p)
         if isinstance(p, bool) or not isinstance(p, int):
             raise TypeError(f"positions must be ints, got {p!r}")
@@ -126,11 +128,18 @@ def check_positions(positions: Positions) -> Positions:
     return sorted(set(out))
 
 
+def _is_tensor(value) -> bool:
+    torch = sys.modules.get("torch")  # not imported yet: no tensor exists
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def position_mask(positions: Positions, offset: int, length: int, device=None) -> torch.Tensor | None:
     """Boolean ``[length]`` mask of the tokens ``offset .. offset+length-1`` selected by ``positions``.
 
     ``None`` when every token is selected (callers then skip masking).
     """
+    import torch
+
     if positions is None:
         return None
     absolute = torch.arange(offset, offset + length, device=device)

@@ -36,11 +36,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from saelab.explore.config import STEER_MODES
 from saelab.explore.positions import Positions, check_positions, position_mask, position_tracker
 from saelab.sae.topk import TopKSAE
 from saelab.utils.words import ESCAPED_BUT_LINES, plural
-
-STEER_MODES = ("add", "clamp", "ablate")
 
 
 class Steering:

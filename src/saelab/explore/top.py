@@ -30,7 +30,6 @@ import torch
 from saelab.errors import ConfigError, ShapeMismatchError
 from saelab.data import resolve_corpus
 from saelab.explore.browser.build import (
-    BrowseConfig,
     SAESource,
     check_compatible,
     context_payload,
@@ -42,7 +41,9 @@ from saelab.explore.browser.build import (
     top_contexts_state,
 )
 from saelab.explore.browser.stats import context_maxima, select_latents
-from saelab.sae.topk import TopKSAE, check_latents_once
+from saelab.explore.config import BrowseConfig
+from saelab.sae.config import check_latents_once
+from saelab.sae.topk import TopKSAE
 from saelab.utils.config import given_parts
 from saelab.utils.words import ESCAPED, plural
 

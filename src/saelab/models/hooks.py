@@ -29,7 +29,6 @@ one float rounding; an edit that returns its input unchanged leaves the forward 
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -37,12 +36,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from saelab.errors import ConfigError, HookNameError, SaelabError, ShapeMismatchError
-
-HOOK_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
-"""Hook kinds in the order the forward pass produces them within one layer."""
-
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
+from saelab.errors import HookNameError, SaelabError, ShapeMismatchError
+from saelab.models.config import HOOK_KINDS, HOOK_RE
 
 # Model types known to share Llama's decoder layout exactly (pre-norm, residual + attn, residual + mlp,
 # no extra post-norms or residual multipliers). Others are refused rather than hooked wrongly.
@@ -112,28 +107,6 @@ def detect_layout(model: nn.Module) -> Layout:
     )
 
 
-def hook_form_problem(name: Any) -> str | None:
-    """What makes ``name`` a hook no model has (checked before a model loads; the layer range needs
-    the model), or None."""
-    match = _HOOK_RE.match(name) if isinstance(name, str) else None
-    if match is None or match.group(2) not in HOOK_KINDS:
-        return f"expected blocks.{{L}}.hook_{{{'|'.join(HOOK_KINDS)}}}, e.g. blocks.9.hook_resid_post"
-    return None
-
-
-def check_hook_form(hook: str) -> None:
-    """Refuse a name no model has a hook of (``hook_form_problem``); needs no model, so it runs first."""
-    problem = hook_form_problem(hook)
-    if problem:
-        raise ConfigError(f"hook {hook!r}: {problem}")
-
-
-def hook_layer(name: Any) -> int | None:
-    """The layer of a well-formed ``blocks.L.hook_KIND`` name, or None."""
-    match = _HOOK_RE.match(name) if isinstance(name, str) else None
-    return int(match.group(1)) if match else None
-
-
 def parse_hook(name: Any, layout: Layout, model_name: str) -> tuple[int, str]:
     """Split ``blocks.L.hook_KIND`` into (L, KIND), or raise HookNameError naming what is wrong."""
     n_layers = len(layout.blocks)
@@ -141,7 +114,7 @@ def parse_hook(name: Any, layout: Layout, model_name: str) -> tuple[int, str]:
         f"valid hooks look like blocks.{{L}}.hook_{'|hook_'.join(layout.kinds)} "
         f"with L in 0..{n_layers - 1}"
     )
-    match = _HOOK_RE.match(name) if isinstance(name, str) else None
+    match = HOOK_RE.match(name) if isinstance(name, str) else None
     if match is None:
         problem = "not of the form blocks.{L}.hook_{kind}"
     else:

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from saelab.errors import ConfigError, HookNameError, SaelabError, first_line
-from saelab.models.hooks import check_hook_form, hook_layer
+from saelab.models.config import MODEL_SPECS, check_hook_form, hook_layer
 from saelab.models.lm import CONTEXT_SETTING, SAE_CONTEXT, LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
@@ -198,10 +198,6 @@ try:  # newer huggingface_hub validates configs as strict dataclasses; an older 
     from huggingface_hub.errors import StrictDataclassError as _InvalidConfig
 except ImportError:
     _InvalidConfig = ()  # matches no error
-
-
-MODEL_SPECS = "a Hugging Face hub id, a model folder, a .gguf file or 'default'"
-"""What names a language model wherever one is asked for (``load_model``'s ``spec``, ``--model``)."""
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):

@@ -350,7 +350,7 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
 def write_paper_report(out_dir: str | Path) -> Path:
     """Write ``out_dir/evals/report.md`` (and the density, compute-equivalent, probe and N2G plots) from the
     metric files."""
-    from saelab.evals.suite import PAPER_METRICS
+    from saelab.evals.config import PAPER_METRICS
     from saelab.report.plots import compute_equivalent_plot, n2g_plot, probe_plot
 
     evals = Path(out_dir) / EVALS_DIR

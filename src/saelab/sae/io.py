@@ -33,6 +33,9 @@ from typing import Any
 import torch
 
 from saelab.errors import CheckpointError, ConfigError, NotThatKindOfFileError, first_line
+from saelab.sae.config import (CHECKPOINT, HF_PREFIX, MADE_FROM_SAES, SAE_DIR, SAE_SOURCES, SAVE_FORMATS,
+                               SPARSIFY_WEIGHTS_FILENAME, TRAIN_CONFIG, WEIGHTS_FILENAME, holds_a_run, run_configs,
+                               run_folders_in)
 from saelab.sae.openai_format import (
     OPENAI_LOCATION_TO_HOOK,
     openai_hook_name,
@@ -42,14 +45,12 @@ from saelab.sae.openai_format import (
 from saelab.sae.saelens_format import (
     CFG_FILENAME,
     SPARSITY_FILENAME,
-    WEIGHTS_FILENAME,
     read_saelens_folder,
     read_sparsity,
     write_saelens_folder,
 )
 from saelab.sae.sparsify_format import (
     SAELAB_CFG_FILENAME,
-    SPARSIFY_WEIGHTS_FILENAME,
     is_sparsify_folder,
     read_sparsify_folder,
     read_sparsify_hookpoints,
@@ -59,26 +60,12 @@ from saelab.sae.sparsify_format import (
 )
 from saelab.sae.relu import ReLUSAE
 from saelab.sae.topk import TopKSAE
-from saelab.utils.atomic import SET_ASIDE, atomic_path
+from saelab.utils.atomic import atomic_path
 from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
 from saelab.utils.hub import hub_unreachable_reason
 
 DOWNLOAD_TIMEOUT_S = 60.0
-SAVE_FORMATS = ("saelens", "sparsify")
-HF_PREFIX = "hf://"
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-TRAIN_CONFIG = "train_config.json"
-SAE_DIR = "sae"
-CHECKPOINT = "checkpoint.pt"
-"""What marks a run folder (``saelab train --out RUN``), where its SAE is and its training checkpoint (no SAE):
-here, below :mod:`saelab.run_folder` (which lists a run's other files), so that saving can refuse a run and
-loading can name one."""
-SITE_MANIFEST = "site.json"
-"""Written last into a feature browser site (explore/browser/site.py): it marks a finished one."""
-NEURONPEDIA_SETTINGS = "run_settings.json"
-"""saelab's record beside a Neuronpedia export's batch files (explore/browser/export.py)."""
 
 
 def save_sae(
@@ -166,26 +153,6 @@ def refuse_a_run_folder(folder: str | os.PathLike, named: str) -> None:
                           "cache's files; pick another folder")
 
 
-def holds_a_run(path: Path) -> bool:
-    """A run folder, finished or not: an overwrite's first moments hold only the earlier run, set aside."""
-    return any(config.is_file() for config in _run_configs(path))
-
-
-def _run_configs(path: Path) -> tuple[Path, Path]:
-    """Where a run folder keeps its train_config.json: in it, or in the run an overwrite set aside in it."""
-    return path / TRAIN_CONFIG, path / SET_ASIDE / TRAIN_CONFIG
-
-
-def run_folders_in(folder: str | os.PathLike) -> list[Path]:
-    """The folders directly inside ``folder`` that may be runs (a sweep's), in natural order (n4096 before
-    n16384). Hidden folders are not: an overwrite keeps the run it replaces in RUN/.set-aside/."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(runs, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
-
-
 def _check_save_folder(folder: str | os.PathLike) -> None:
     if Path(folder).exists() and not Path(folder).is_dir():
         raise ConfigError(f"{folder}: exists and is not a folder; expected a folder to save the SAE in")
@@ -247,12 +214,6 @@ def load_sae(
     if isinstance(source, str) and _URL_RE.match(source):  # any scheme: only https (or allowed http) loads
         return load_url(source, device=device, dtype=dtype, allow_http=allow_http)
     return load_local(source, device=device, dtype=dtype)
-
-
-SAE_SOURCES = (f"a run folder (saelab train), a SAELens folder (cfg.json + {WEIGHTS_FILENAME}), a sparsify "
-               f"folder (cfg.json + {SPARSIFY_WEIGHTS_FILENAME}), an OpenAI .pt file, an https:// URL or "
-               f"{HF_PREFIX}owner/repo/path")
-"""What can be given where an SAE is expected: the one phrase of the CLI's help and of the refusals."""
 
 
 def _existing_path(source: str | os.PathLike) -> Path:
@@ -324,7 +285,7 @@ _CONFIG_BYTES = 1 << 20
 def _trained_by_saelab(run: Path) -> bool:
     """Whether ``run`` (or the run an overwrite set aside in it) has a train_config.json that saelab wrote: its
     "train" settings name n_latents. Another tool's train_config.json beside its checkpoint.pt is no run's."""
-    for config in _run_configs(run):
+    for config in run_configs(run):
         try:  # a plain file of a config's size: not a pipe or device that would hold the read
             if not config.is_file() or config.stat().st_size > _CONFIG_BYTES:
                 continue
@@ -365,11 +326,6 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype, not_t
         f"{path}: folder has no {CFG_FILENAME} (found {found}); expected a SAELens folder with {CFG_FILENAME} and "
         f"{WEIGHTS_FILENAME} ({CFG_FILENAME} is written last, so the save may be incomplete) or a sparsify folder"
     )
-
-
-MADE_FROM_SAES = ((SITE_MANIFEST, "a feature browser site"), (NEURONPEDIA_SETTINGS, "a Neuronpedia export"))
-"""Folders made from SAEs, by the file that marks each, and their names in messages: given for an SAE, they are
-named, not taken for an SAE whose save was cut short (nor, given for a run, for one: run_folder.NOT_A_RUN)."""
 
 
 def _refuse_another_kind_of_folder(path: Path) -> None:

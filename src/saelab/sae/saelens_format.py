@@ -26,13 +26,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from saelab.errors import CheckpointError
+from saelab.sae.config import WEIGHTS_FILENAME
 from saelab.sae.relu import SAELENS_ARCHITECTURE, ReLUSAE
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
 from saelab.utils.tensors import all_finite
 
 CFG_FILENAME = "cfg.json"
-WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
 RESERVED_FILENAMES = (CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME)
 

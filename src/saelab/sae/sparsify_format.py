@@ -41,13 +41,13 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from saelab.errors import CheckpointError, ConfigError
+from saelab.sae.config import SPARSIFY_WEIGHTS_FILENAME
 from saelab.sae.saelens_format import build_sae, own_config, read_cfg_json, read_safetensors
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
 from saelab.utils.words import plural
 
 SPARSIFY_CFG_FILENAME = "cfg.json"
-SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
 SPARSIFY_RUN_CONFIG_FILENAME = "config.json"
 """The trainer's run settings, beside the per-hookpoint folders."""
 SAELAB_CFG_FILENAME = "saelab.json"

@@ -23,23 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from saelab.errors import ConfigError, NonFiniteError, ShapeMismatchError
+from saelab.sae.config import check_latents_once
 from saelab.utils.device import same_device
 from saelab.utils.tensors import all_finite
 from saelab.utils.words import plural
 
 INPUT_NORMS = ("none", "layernorm")
 LN_EPS = 1e-5
-
-
-def check_latents_once(latents, given: Any = None) -> None:
-    """Refuse a latent listed twice: top would show it twice, steer add (or clamp) it twice. ``given``: the
-    latents as the user gave them, for the message (the command line's text '5,5'; default the list)."""
-    seen: set = set()
-    for i in latents:
-        if i in seen:
-            shown = list(latents) if given is None else given
-            raise ConfigError(f"latent {i} given twice in {shown!r}; give each latent once")
-        seen.add(i)
 
 
 @dataclass

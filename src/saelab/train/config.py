@@ -10,6 +10,9 @@ from typing import Any, Literal
 from saelab.errors import ConfigError
 from saelab.utils.config import switch
 
+LOG_TARGETS = ("tensorboard", "wandb")
+"""Where training metrics may also go besides metrics.jsonl (--log-to; train/metric_sinks.py opens them)."""
+
 
 @dataclass
 class TrainConfig:

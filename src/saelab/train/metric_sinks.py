@@ -27,9 +27,9 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from saelab.errors import ConfigError
 from saelab.run_folder import TENSORBOARD_DIR, WANDB_DIR, WANDB_ID_FILE
+from saelab.train.config import LOG_TARGETS
 from saelab.utils.atomic import write_text
 
-LOG_TARGETS = ("tensorboard", "wandb")
 WANDB_MIN_VERSION = "0.19.10"
 TAG_PREFIX = "train/"
 """Scalars are named train/<metrics.jsonl field> (TensorBoard groups them by this prefix)."""

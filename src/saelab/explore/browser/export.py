@@ -56,8 +56,9 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, RunExistsError
+from saelab.explore.config import BrowseConfig
 from saelab.run_folder import refuse_others_files, sae_sha256
-from saelab.sae.io import NEURONPEDIA_SETTINGS
+from saelab.sae.config import NEURONPEDIA_SETTINGS
 from saelab.utils.atomic import atomic_folder
 from saelab.utils.config import given_parts, whole_at_least
 from saelab.utils.hub import local_path, public_name
@@ -423,7 +424,6 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     ``overwrite``; one of others is refused unless ``overwrite``, naming what differs. ``allow_http`` also
     downloads SAEs from plain http URLs."""
     from saelab.explore.browser.build import (
-        BrowseConfig,
         SAESource,
         check_compatible,
         collect_statistics,
@@ -501,8 +501,6 @@ def refuse_explanations(cfg, given_as: Callable[[str], str | None] = lambda sett
     """Refuse the browser's N2G settings: the batch files have no place for an explanation (module
     docstring), so they would be dropped without a word. ``given_as("browse.n2g_file")``: how the user gave
     the setting (an option as typed, or a --config file's entry), named so in the refusal; None: its name."""
-    from saelab.explore.browser.build import BrowseConfig
-
     default = BrowseConfig()
     for field in ("n2g_file", "n2g_n_latents", "n2g_padding_token"):
         value = getattr(cfg, field)

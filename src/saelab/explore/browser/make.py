@@ -25,7 +25,6 @@ from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals._common import position_0_words
 from saelab.explore.browser.build import (
     RUN_N2G_FILES,
-    BrowseConfig,
     SAESource,
     check_compatible,
     collect_statistics,
@@ -45,8 +44,9 @@ from saelab.explore.browser.build import (
 from saelab.explore.browser.families import FAMILIES_FORMAT, family_tree
 from saelab.explore.browser.site import (FILES, SITE_FORMAT, SITE_VERSION, check_site_target, read_own_json,
                                          read_site_manifest, refuse_a_site_file, site_damage, write_site)
+from saelab.explore.config import BrowseConfig
 from saelab.run_folder import SAE_DIR, refuse_a_run_file
-from saelab.sae.io import SAE_SOURCES
+from saelab.sae.config import SAE_SOURCES
 from saelab.sae.relu import sparsity_of
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
