@@ -11,36 +11,20 @@
   browser's one-pass code), ``latent_max_activation`` (the unit for steering strengths).
 """
 
-from saelab.explore.attribution import (
-    Attribution,
-    TokenSaliency,
-    ablation_effects,
-    attribution_patching,
-    compare_attribution_with_ablation,
-    latent_logit_effects,
-    logit_diff,
-    token_latent_gradients,
-    unembed_direction,
-)
-from saelab.explore.positions import parse_positions, position_tracker
-from saelab.explore.spliced import (
-    SAE_HOOK_POINTS,
-    latent_edit,
-    run_with_cache_with_saes,
-    run_with_saes,
-    sae_hook_name,
-    spliced,
-)
-from saelab.explore.steering import (
-    SteeredGeneration,
-    Steering,
-    combine_edits,
-    generate,
-    generate_ids,
-    generate_with_and_without,
-    steer,
-)
-from saelab.explore.top import TopActivations, latent_max_activation, top_activations
+from saelab.utils.lazy import lazy_names
+
+# Each imported with its module (torch) when first used: saelab.explore.config and .positions are read without it.
+__getattr__, __dir__ = lazy_names(__name__, {
+    "saelab.explore.attribution": ("Attribution", "TokenSaliency", "ablation_effects", "attribution_patching",
+                                   "compare_attribution_with_ablation", "latent_logit_effects", "logit_diff",
+                                   "token_latent_gradients", "unembed_direction"),
+    "saelab.explore.positions": ("parse_positions", "position_tracker"),
+    "saelab.explore.spliced": ("SAE_HOOK_POINTS", "latent_edit", "run_with_cache_with_saes", "run_with_saes",
+                               "sae_hook_name", "spliced"),
+    "saelab.explore.steering": ("SteeredGeneration", "Steering", "combine_edits", "generate", "generate_ids",
+                                "generate_with_and_without", "steer"),
+    "saelab.explore.top": ("TopActivations", "latent_max_activation", "top_activations"),
+})
 
 __all__ = [
     "SAE_HOOK_POINTS",

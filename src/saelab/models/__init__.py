@@ -6,25 +6,18 @@
     ce_BT = lm.cross_entropy(tokens_BT, edits={"blocks.9.hook_resid_post": sae})
 """
 
-from saelab.models.hooks import HOOK_KINDS, UnsupportedModelError
-from saelab.models.lm import LanguageModel
-from saelab.models.loading import (
-    DEFAULT_MODEL,
-    DEFAULT_MODEL_HUB_ID,
-    ModelLoadError,
-    cache_root,
-    check_before_load,
-    check_context_fits,
-    check_hook_layer,
-    default_gguf_path,
-    library_bars,
-    load_model,
-    model_name,
-    model_provenance,
-    save_dequantized,
-    tokenizer_before_load,
-    tokenizer_on_disk,
-)
+from saelab.models.config import HOOK_KINDS
+from saelab.utils.lazy import lazy_names
+
+# Each imported with its module (torch) when first used: saelab.models.config is read without torch.
+__getattr__, __dir__ = lazy_names(__name__, {
+    "saelab.models.hooks": ("UnsupportedModelError",),
+    "saelab.models.lm": ("LanguageModel",),
+    "saelab.models.loading": ("DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "ModelLoadError", "cache_root",
+                              "check_before_load", "check_context_fits", "check_hook_layer", "default_gguf_path",
+                              "library_bars", "load_model", "model_name", "model_provenance", "save_dequantized",
+                              "tokenizer_before_load", "tokenizer_on_disk"),
+})
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -1,18 +1,16 @@
 """The top-k sparse autoencoder, the ReLU + L1 baseline, and their file formats."""
 
-from saelab.sae.io import (
-    load_from_hub,
-    load_sae,
-    load_sparsify,
-    openai_v5_url,
-    read_sparsity,
-    save_sae,
-    save_sparsify,
-)
-from saelab.sae.openai_format import OPENAI_LOCATION_TO_HOOK, openai_hook_name
-from saelab.sae.relu import ReLUSAE, relu_config
-from saelab.sae.sparsify_format import hook_to_hookpoint, hookpoint_to_hook
-from saelab.sae.topk import SAEConfig, SAEMetadata, TopKSAE
+from saelab.utils.lazy import lazy_names
+
+# Each imported with its module (torch) when first used: saelab.sae.config is read without torch.
+__getattr__, __dir__ = lazy_names(__name__, {
+    "saelab.sae.io": ("load_from_hub", "load_sae", "load_sparsify", "openai_v5_url", "read_sparsity", "save_sae",
+                      "save_sparsify"),
+    "saelab.sae.openai_format": ("OPENAI_LOCATION_TO_HOOK", "openai_hook_name"),
+    "saelab.sae.relu": ("ReLUSAE", "relu_config"),
+    "saelab.sae.sparsify_format": ("hook_to_hookpoint", "hookpoint_to_hook"),
+    "saelab.sae.topk": ("SAEConfig", "SAEMetadata", "TopKSAE"),
+})
 
 __all__ = [
     "OPENAI_LOCATION_TO_HOOK",
