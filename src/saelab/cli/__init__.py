@@ -18,7 +18,7 @@ import saelab
 from saelab.cli.common import GRID_ENTRY_RE, Parser, in_given_words
 from saelab.errors import InterruptedBeforeAnyResult, SaelabError
 from saelab.utils.config import given_parts
-from saelab.utils.device import resolve_device
+from saelab.utils.device import may_refuse, resolve_device
 
 VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "top", "browse", "families", "export")
 
@@ -234,7 +234,8 @@ def _run_verb(argv: list[str]) -> int:
         args = parse_args(argv)
         if not getattr(args, "progress", True):
             _hide_library_progress_bars()
-        if hasattr(args, "device"):  # a device this machine lacks is refused before any work starts
+        # a device this machine lacks is refused before any work starts (one never refused imports no torch here)
+        if hasattr(args, "device") and may_refuse(args.device):
             resolve_device(args.device, _device_as_typed(args))
         result = args.handler(args)
         if result is not None and _first_process():

@@ -21,8 +21,8 @@ from saelab.cli.config_file import (CONFIG_SUFFIXES, EMPTY_VALUE_READ_BY_ITS_OPT
                                     file_key, first_repeat, option_file_value, read_config_file,
                                     run_record_as_settings)
 from saelab.errors import ConfigError, CorpusError
-from saelab.models.loading import MODEL_SPECS
-from saelab.sae.io import SAE_SOURCES
+from saelab.models.config import MODEL_SPECS
+from saelab.sae.config import SAE_SOURCES
 from saelab.utils.config import given_parts
 from saelab.utils.words import did_you_mean
 

@@ -11,12 +11,8 @@ from typing import Any
 from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, eval_settings_as_given, given,
                                typed_starting)
 from saelab.errors import ConfigError, RunExistsError, SaelabError
-from saelab.evals.ablation_sparsity import AblationSparsityConfig
-from saelab.evals.compute_equivalent import ComputeEquivalentConfig, known_series_names
-from saelab.evals.core import EvalConfig
-from saelab.evals.n2g import N2GConfig
-from saelab.evals.probe import ProbeConfig
-from saelab.evals.suite import PaperSuiteConfig
+from saelab.evals.config import (AblationSparsityConfig, ComputeEquivalentConfig, EvalConfig, N2GConfig,
+                                 PaperSuiteConfig, ProbeConfig, known_series_names)
 from saelab.run_folder import (ARTEFACTS, EVAL_METRICS, TRAIN_CONFIG, check_model_carried, check_sae_hook,
                                check_sweep_has_finished_runs, holds_artefact, is_sweep, open_sae, read_eval_metrics,
                                sae_sha256, sweep_runs, unfinished_runs_line)
@@ -116,13 +112,13 @@ def _check_eval_out(out: Path, overwrite: bool) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.pipeline import evaluate_sweep, paper_suite
-
     suite_only = typed_starting(args, "--series", "--metrics", "--ablation-contexts", "--probe-contexts",
                                 "--n2g-contexts", *(f"--{prefix}" for _, _, prefix in METRIC_GROUPS))
     if suite_only and args.suite != "paper":
         raise ConfigError(f"{suite_only[0]} is an option of the paper suite; add --suite paper, or leave it out")
     _refuse_options_of_metrics_left_out(args)
+    from saelab.pipeline import evaluate_sweep, paper_suite  # torch, once the options are checked
+
     if is_sweep(args.sae):
         check_sweep_has_finished_runs(args.sae)
         if args.out or args.hook:

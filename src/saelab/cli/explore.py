@@ -14,13 +14,10 @@ from typing import Any
 from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, finite_float, given,
                                positional_indices, positive_int, typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
-from saelab.explore.browser import BrowseConfig, build_browser, build_families
-from saelab.explore.browser.build import SAESource, another_hook_words
-from saelab.explore.browser.site import refuse_a_site_file
+from saelab.explore.config import STEER_MODES, BrowseConfig
 from saelab.explore.positions import comma_items, index_list, parse_positions
-from saelab.explore.steering import STEER_MODES
 from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae, refuse_a_run_file
-from saelab.sae.topk import check_latents_once
+from saelab.sae.config import check_latents_once
 from saelab.utils.atomic import check_file_target
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
@@ -164,6 +161,8 @@ def _note_another_hook(args: argparse.Namespace, sae) -> None:
     """Say that --hook reads the SAE at another hook than it was trained at: a near miss (blocks.8 for blocks.9)
     gives plausible-looking output. Called once every check has passed; an SAE that records no hook has none to
     compare with (--hook is required for it)."""
+    from saelab.explore.browser.build import another_hook_words
+
     if args.trained_at and sae.cfg.hook_name != args.trained_at:  # browse and families: note_another_hook
         print(f"saelab {args.verb}: note: {another_hook_words(sae.cfg.hook_name, args.sae, args.trained_at)}",
               file=sys.stderr)
@@ -240,6 +239,7 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
 def _scale_text_and_model(args: argparse.Namespace, sae, spec: str, before_load):
     """The model (the SAE moved beside it) and --scale's eval text in the SAE's context, which no option of steer
     changes; ``before_load`` checks the options with the tokenizer read before the load."""
+    from saelab.explore.browser.build import SAESource
     from saelab.explore.browser.make import load_model_beside
 
     source = SAESource(args.sae, args.sae, sae)
@@ -303,10 +303,10 @@ def _quoted(token: str) -> str:
 
 
 def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
-    from saelab.explore.attribution import latent_logit_effects
+    positions = _check_steer(args)
+    from saelab.explore.attribution import latent_logit_effects  # torch, once the options are checked
     from saelab.explore.steering import generate_with_and_without, steer
 
-    positions = _check_steer(args)
     sae, lm, tokens = _steer_sae_and_model(args, positions)
     value, scaled = _steer_value(args, sae, lm, tokens)
     _note_another_hook(args, sae)
@@ -392,8 +392,6 @@ def _check_port(port: int) -> None:
 
 
 def run_browse(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.explore.browser.serve import serve_site
-
     if args.export:
         return _export(args)
     for dest in ("model_id", "sae_set"):
@@ -411,6 +409,8 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--n2g-padding-token pads the N2G explanations that --n2g-n-latents builds; add "
                           "--n2g-n-latents N, or leave it out")
     out = check_output_folder(args.out, "--out") if args.out else _default_out(args.sae)
+    from saelab.explore.browser import build_browser, serve_site  # torch, once the options are checked
+
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
                                overwrite=args.overwrite, progress=args.progress, allow_http=args.allow_http,
@@ -427,8 +427,6 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.explore.browser.export import check_neuronpedia_ids, export_neuronpedia_run, refuse_explanations
-
     fmt, out = args.export
     if fmt != "neuronpedia":
         raise ConfigError(f"--export {fmt!r}: the formats are: neuronpedia")
@@ -442,6 +440,8 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     if unused:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (browse without --export); the Neuronpedia "
                           "export does not use it")
+    from saelab.explore.browser.export import check_neuronpedia_ids, export_neuronpedia_run, refuse_explanations
+
     refuse_explanations(args.browse, lambda setting: given(args, setting))  # a --config entry named as the file has it
     check_neuronpedia_ids(args.model_id, args.sae_set, (given(args, "model_id"), given(args, "sae_set")))
     if args.sae_set is not None and len(args.sae) > 1:  # each SAE's pages would take the same address
@@ -500,6 +500,7 @@ def _check_top_order(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.data import resolve_corpus
     from saelab.explore import top_activations
+    from saelab.explore.browser.build import SAESource
     from saelab.explore.browser.make import load_model_beside
     from saelab.explore.top import check_k
 
@@ -557,6 +558,9 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
     unused = _typed_fields(args, PAGE_ONLY)
     if unused:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (saelab browse); families does not use it")
+    from saelab.explore.browser import build_families  # torch, once the options are checked
+    from saelab.explore.browser.site import refuse_a_site_file
+
     out = check_file_target(args.out, "--out", "the families JSON")
     refuse_a_run_file(out, "--out")  # build_families refuses these too, naming it as Python gives it
     refuse_a_site_file(out, "--out")

@@ -11,23 +11,20 @@ import shlex
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saelab.cli.common import add_io_options, eval_settings_as_given, given, in_given_words, typed, typed_starting
 from saelab.cli.config_file import literal_choices, type_words
-from saelab.data import ActivationCache, IncompleteCacheError
 from saelab.errors import ConfigError
-from saelab.evals.core import EvalConfig
-from saelab.pipeline import (HarvestConfig, QuickstartConfig, harvest, quickstart, sweep_from_cache,
-                             train_from_cache)
+from saelab.evals.config import EvalConfig
+from saelab.pipeline_config import HarvestConfig, QuickstartConfig
 from saelab.run_folder import SaeHashes, check_output_folder
-from saelab.train import TrainConfig
-from saelab.train.metric_sinks import LOG_TARGETS
-from saelab.train.config import check_warmup, resolved_decoder_init
-from saelab.train import distributed as ddp
-from saelab.train.distributed import init_from_env
+from saelab.train.config import LOG_TARGETS, TrainConfig, check_warmup, resolved_decoder_init
 from saelab.utils.config import given_parts
 from saelab.utils.words import did_you_mean, plural
+
+if TYPE_CHECKING:  # the jobs (torch) are imported in the handlers that run them: --help starts without them
+    from saelab.data import ActivationCache
 
 QUICKSTART_DIR = "runs/quickstart"
 
@@ -144,6 +141,8 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
                           f"{args.harvest.n_tokens} sets both")
     harvest_cfg = dataclasses.replace(args.harvest, n_tokens=args.n_tokens) if args.n_tokens else args.harvest
     cfg = QuickstartConfig(harvest=harvest_cfg, train=train, eval=args.eval)  # harvests max(n_tokens, total_tokens)
+    from saelab.pipeline import quickstart  # torch, once the options are checked
+
     with eval_settings_as_given(args, "--eval-"):
         metrics = quickstart(cfg, args.out, device=args.device, model_dtype=args.model_dtype,
                              overwrite=args.overwrite, overwrite_activations=args.overwrite_activations,
@@ -182,6 +181,8 @@ def add_harvest(sub) -> None:
 
 
 def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
+    from saelab.pipeline import harvest
+
     cache = harvest(args.harvest, args.out, device=args.device, model_dtype=args.model_dtype,
                     overwrite=args.overwrite, progress=args.progress)
     return {"cache": str(cache.folder), "rows": cache.n_rows, "d": cache.d}
@@ -202,6 +203,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     refuse_options_that_do_not_apply(args)
     if given(args, "train.total_tokens"):  # the run's steps are known before the cache is read: it is never lowered
         check_warmup(args.train, given(args, "train.warmup_steps"))
+    from saelab.data import ActivationCache  # torch, once the options are checked
+    from saelab.pipeline import train_from_cache
+    from saelab.train.distributed import init_from_env
+
     init_from_env()  # data-parallel when started by torchrun
     check_output_folder(args.out, "--out", "run")  # a wrong --out is named before the cache is read
     with _finished_by_harvest(args.activations):
@@ -217,6 +222,8 @@ def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[s
     """The training settings, with a --total-tokens left at the recipe's default lowered to the rows of a cache
     that holds fewer (said in one line; train_config.json records it). One the user gave, or a sweep's grid
     sets, is kept, and refused here when the cache cannot hold it."""
+    from saelab.train import distributed as ddp
+
     train = args.train
     if "total_tokens" in (grid or {}):  # every point sets it: the largest is the one to fit
         _refuse_a_budget_past_the_cache(args, cache, max(grid["total_tokens"]), grid)
@@ -263,6 +270,8 @@ def _refuse_a_budget_past_the_cache(args: argparse.Namespace, cache: ActivationC
 def _finished_by_harvest(activations: str):
     """An unfinished --activations cache is finished by the harvest that was cut off, run again; the library's
     advice names a Python call."""
+    from saelab.data import IncompleteCacheError
+
     try:
         yield
     except IncompleteCacheError as e:
@@ -405,9 +414,6 @@ def refuse_options_the_grid_sets(args: argparse.Namespace, grid: dict[str, list]
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from saelab.pipeline import check_evaluation_before_training, evaluate_sweep
-    from saelab.report import write_scaling_report
-
     grid = parse_grid(args.grid, grid_as(args))
     grid_names = {field: name for field, (name, _) in typed_grid_words(args.grid).items()}
     refuse_options_that_do_not_apply(args, grid, grid_names)
@@ -417,6 +423,12 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     refuse_options_the_grid_sets(args, grid)
     check_grid_points(args.train, grid, args.grid, getattr(args, "given_as", {}), grid_as(args))
     check_output_folder(args.out, "--out", "sweep")  # a wrong --out is named before the cache is read
+    from saelab.data import ActivationCache  # torch, once the options are checked
+    from saelab.pipeline import check_evaluation_before_training, evaluate_sweep, sweep_from_cache
+    from saelab.report import write_scaling_report
+    from saelab.train import distributed as ddp
+    from saelab.train.distributed import init_from_env
+
     with _finished_by_harvest(args.activations), eval_settings_as_given(args, "--eval-"):
         init_from_env()
         cache = ActivationCache(args.activations)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from saelab.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved: the command line checks its options first
+    import torch
 
 DEVICE_ENV = "SAELAB_DEVICE"
 """Environment variable naming the device that ``device=None`` means (default: auto)."""
@@ -22,11 +24,12 @@ def resolve_device(device: str | torch.device | None = None, named: str | None =
     CPU; otherwise the device named (``"cpu"``, ``"cuda"``, ``"cuda:1"``), refused with a
     one-line error when it is another or absent. ``named``: how that error names ``device`` (the
     command line's ``"--device cuda:-1"``; default ``"device='cuda:-1'"``)."""
+    import torch
+
     if named is None:
         named = f"${DEVICE_ENV} {os.environ.get(DEVICE_ENV)!r}" if device is None else f"device={device!r}"
-    if device is None:
-        device = os.environ.get(DEVICE_ENV) or "auto"
-    if isinstance(device, str) and device.strip().lower() == "auto":
+    device = _asked(device)
+    if _is_auto(device):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
@@ -42,6 +45,22 @@ def resolve_device(device: str | torch.device | None = None, named: str | None =
     return dev
 
 
+def _asked(device: str | torch.device | None) -> str | torch.device:
+    """The device ``device`` asks for: None means ``$SAELAB_DEVICE`` if set, else auto."""
+    return (os.environ.get(DEVICE_ENV) or "auto") if device is None else device
+
+
+def _is_auto(device: str | torch.device) -> bool:
+    return isinstance(device, str) and device.strip().lower() == "auto"
+
+
+def may_refuse(device: str | torch.device | None) -> bool:
+    """Whether resolve_device may refuse ``device``: never auto (what None means without ``$SAELAB_DEVICE``) nor
+    cpu. The command line resolves only such a device before a verb's own checks, which then run without torch."""
+    asked = _asked(device)
+    return not (_is_auto(asked) or asked == "cpu")
+
+
 def same_device(a: torch.device | str, b: torch.device | str) -> bool:
     """Whether two devices are the same one; ``cuda`` (no index) is the current CUDA device, as torch places
     a tensor sent there."""
@@ -49,6 +68,8 @@ def same_device(a: torch.device | str, b: torch.device | str) -> bool:
 
 
 def _indexed(device: torch.device | str) -> torch.device:
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
