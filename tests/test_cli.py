@@ -35,23 +35,41 @@ def test_help_of_every_verb(verb, capsys):
     assert "[bool]" not in out and "(default: True)" not in out  # a switch shows as typed: --auxk / --no-auxk
 
 
-def test_help_and_a_refused_option_import_neither_scipy_nor_matplotlib():
-    """Every command waited ~1.2 s for scipy and matplotlib before it did anything: `--help`, a verb's --help and a
-    refused option need neither (they are imported where a curve is fitted or a figure drawn)."""
+def test_help_and_refused_options_import_neither_scipy_nor_matplotlib_nor_torch():
+    """Every command waited ~1.2 s for scipy and matplotlib, then ~1.3 s for torch, before it did anything:
+    `import saelab`, `--help`, a verb's --help and a refused option need none of them (each is imported where a
+    curve is fitted, a figure drawn or a tensor made). One fresh process; what each step had imported so far."""
     script = """
-import contextlib, io, sys
+import contextlib, io, json, sys
+heavy = lambda: sorted({name.split(".")[0] for name in sys.modules} & {"torch", "scipy", "matplotlib"})
+import saelab
+seen = {"import saelab": [0, "", heavy()]}
 from saelab.cli import VERBS, build_parser, main
 build_parser([])
-for argv in (["--help"], *([verb, "--help"] for verb in VERBS), ["train", "--lr", "x"]):
-    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()), \\
-            contextlib.redirect_stderr(io.StringIO()):
-        main(argv)
-print(sorted({name.split(".")[0] for name in sys.modules} & {"scipy", "matplotlib"}))
+for argv in (["--help"], *([verb, "--help"] for verb in VERBS), ["train", "--lr", "x"],
+             ["train", "--activations", "acts", "--out", "run", "--lr", "-1"], ["steer", "--valeu", "3"],
+             ["steer", "sae", "--latent", "1", "--value", "2", "--temperature", "0"]):  # the verb's own check
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            status = main(argv)
+        except SystemExit as e:
+            status = e.code
+    seen[" ".join(argv)] = [status, err.getvalue().strip(), heavy()]
+print(json.dumps(seen))
 """
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    seen = json.loads(done.stdout)
+    assert {step: imported for step, (_, _, imported) in seen.items() if imported} == {}
+    expected = {step: 0 if step == "import saelab" or "--help" in step else 2 for step in seen}  # refused: 2
+    assert {step: status for step, (status, _, _) in seen.items()} == expected
+    assert seen["train --activations acts --out run --lr -1"][1] == "saelab train: error: --lr must be > 0, got -1.0"
+    assert seen["steer --valeu 3"][1].startswith("saelab steer: error: unrecognized arguments: --valeu; did you "
+                                                 "mean --value?")
+    assert seen["steer sae --latent 1 --value 2 --temperature 0"][1] == ("saelab steer: error: --temperature must be "
+                                                                         "> 0, got 0.0")
 
 
 def test_switches_show_both_forms_and_their_default(capsys):
