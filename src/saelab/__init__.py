@@ -6,6 +6,6 @@ from saelab.errors import SaelabError
 from saelab.utils.lazy import lazy_names
 
 # The SAE's classes import torch: read when first used, so that `saelab --help` starts without it.
-__getattr__, __dir__ = lazy_names(__name__, {"saelab.sae.topk": ("TopKSAE", "SAEConfig")})
+lazy_names(__name__, {"saelab.sae.topk": ("TopKSAE", "SAEConfig")})
 
 __all__ = ["SaelabError", "TopKSAE", "SAEConfig", "__version__"]

@@ -13,8 +13,8 @@
 
 from saelab.utils.lazy import lazy_names
 
-# Each imported with its module (torch) when first used: saelab.explore.config and .positions are read without it.
-__getattr__, __dir__ = lazy_names(__name__, {
+# Each imported with its module (torch) when first used: explore.config and .positions are read without it.
+lazy_names(__name__, {
     "saelab.explore.attribution": ("Attribution", "TokenSaliency", "ablation_effects", "attribution_patching",
                                    "compare_attribution_with_ablation", "latent_logit_effects", "logit_diff",
                                    "token_latent_gradients", "unembed_direction"),

@@ -10,7 +10,7 @@ from saelab.models.config import HOOK_KINDS
 from saelab.utils.lazy import lazy_names
 
 # Each imported with its module (torch) when first used: saelab.models.config is read without torch.
-__getattr__, __dir__ = lazy_names(__name__, {
+lazy_names(__name__, {
     "saelab.models.hooks": ("UnsupportedModelError",),
     "saelab.models.lm": ("LanguageModel",),
     "saelab.models.loading": ("DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "ModelLoadError", "cache_root",

@@ -3,7 +3,7 @@
 from saelab.utils.lazy import lazy_names
 
 # Each imported with its module (torch) when first used: saelab.sae.config is read without torch.
-__getattr__, __dir__ = lazy_names(__name__, {
+lazy_names(__name__, {
     "saelab.sae.io": ("load_from_hub", "load_sae", "load_sparsify", "openai_v5_url", "read_sparsity", "save_sae",
                       "save_sparsify"),
     "saelab.sae.openai_format": ("OPENAI_LOCATION_TO_HOOK", "openai_hook_name"),

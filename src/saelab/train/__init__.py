@@ -4,7 +4,6 @@ from saelab.train.config import TrainConfig
 from saelab.utils.lazy import lazy_names
 
 # The trainer imports torch when first used: saelab.train.config (the parser's settings) is read without it.
-__getattr__, __dir__ = lazy_names(__name__, {"saelab.train.trainer": ("Trainer", "TrainingRun", "train_many",
-                                                                      "train_sae")})
+lazy_names(__name__, {"saelab.train.trainer": ("Trainer", "TrainingRun", "train_many", "train_sae")})
 
 __all__ = ["TrainConfig", "Trainer", "TrainingRun", "train_many", "train_sae"]

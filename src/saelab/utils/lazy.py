@@ -9,24 +9,38 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Callable
+import types
+from typing import Any
 
 
-def lazy_names(package: str, modules: dict[str, tuple[str, ...]]) -> tuple[Callable[[str], Any],
-                                                                            Callable[[], list[str]]]:
-    """``__getattr__`` and ``__dir__`` for the package ``package`` (its ``__name__``): each name of ``modules``
-    ({module: the names the package gives of it}) is imported from its module when first read, then kept on
-    the package."""
-    where = {name: module for module, names in modules.items() for name in names}
+class _LazyPackage(types.ModuleType):
+    """A package whose public names are imported from their modules when first read."""
 
-    def __getattr__(name: str) -> Any:
-        if name not in where:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(where[name]), name)
-        setattr(sys.modules[package], name, value)  # read once: later reads find it without this call
+    _lazy: dict[str, str]
+    """Each public name, with the module that defines it."""
+
+    def __getattr__(self, name: str) -> Any:  # only for a name not set yet
+        if name not in self._lazy:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(self._lazy[name]), name)
+        setattr(self, name, value)  # read once: later reads find it without this call
         return value
 
-    def __dir__() -> list[str]:
-        return sorted(set(vars(sys.modules[package])) | set(where))
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing a submodule binds it on its package: saelab.explore.spliced would hide the function spliced
+        # that the package gives (an eager `from .spliced import spliced` rebound it after the import).
+        if isinstance(value, types.ModuleType) and value.__name__ == f"{self.__name__}.{name}" \
+                and self._lazy.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
 
-    return __getattr__, __dir__
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._lazy))
+
+
+def lazy_names(package: str, modules: dict[str, tuple[str, ...]]) -> None:
+    """Make the package ``package`` (its ``__name__``) give each name of ``modules`` ({module: the names the
+    package gives of it}), imported from its module when first read."""
+    module = sys.modules[package]
+    module.__class__ = _LazyPackage
+    module._lazy = {name: source for source, names in modules.items() for name in names}

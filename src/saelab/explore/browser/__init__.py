@@ -12,7 +12,7 @@ from saelab.explore.config import BrowseConfig
 from saelab.utils.lazy import lazy_names
 
 # Each imported with its module (torch) when first used: .serve, which the port check reads, needs no torch.
-__getattr__, __dir__ = lazy_names(__name__, {
+lazy_names(__name__, {
     "saelab.explore.browser.build": ("SAESource", "open_sae_source"),
     "saelab.explore.browser.make": ("build_browser", "build_families"),
     "saelab.explore.browser.serve": ("make_server", "serve_in_thread", "serve_site"),
