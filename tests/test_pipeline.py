@@ -710,7 +710,7 @@ def _paths_in(folder: Path, *roots: Path) -> list[str]:
 def test_an_export_records_a_local_model_by_base_name_and_a_hub_model_as_recorded(tmp_path, monkeypatch):
     """A model read from this disk, written as an absolute path (since moved or not) or as a folder relative to the
     export's folder, is recorded by its base name; the offline default and a hub id as recorded."""
-    from saelab.run_folder import shared_model_record
+    from saelab.cli.share import shared_model_record
 
     (tmp_path / "my-model").mkdir()
     monkeypatch.chdir(tmp_path)

@@ -439,19 +439,6 @@ LOCAL_MODELS = {"local_folder": "a local model folder", "local_file": "a local m
 no spec. Its path means nothing on another machine, and its name may name another model on the hub."""
 
 
-def shared_model_record(model_name: str, source: Any) -> tuple[str, Any]:
-    """(model_name, model_source) as an export records them: a local model folder or .gguf file (by its path as
-    recorded, which may since have moved) by its base name under a LOCAL_MODELS key; a hub id or the offline
-    default as recorded."""
-    from saelab.models.loading import DEFAULT_MODEL, is_hub_id  # lazy: the loader's imports only for an export
-
-    spec = source["spec"] if isinstance(source, dict) and isinstance(source.get("spec"), str) else model_name
-    if not spec or spec == DEFAULT_MODEL or is_hub_id(spec):  # a relative path to a folder here is local too
-        return model_name, source
-    name = Path(os.path.abspath(Path(spec).expanduser())).name
-    return name, {"local_file" if name.endswith(".gguf") else "local_folder": name}
-
-
 def model_left_behind(sae) -> str | None:
     """Words naming the local model an export records by its base name alone (LOCAL_MODELS), which saelab cannot
     load from the record; None where the SAE records a model it can load, or none."""

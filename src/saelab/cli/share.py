@@ -14,7 +14,7 @@ from typing import Any
 from saelab.cli.common import DTYPES, add_io_options, add_sae_argument
 from saelab.errors import ConfigError
 from saelab.run_folder import (check_output_folder, check_sae_hook, model_for, model_left_behind, names_a_model,
-                               open_sae, shared_model_record)
+                               open_sae)
 from saelab.sae.config import SAVE_FORMATS
 
 
@@ -79,7 +79,7 @@ def _shared_config(cfg):
     The training corpus and the file the SAE was read from by their base names (:func:`_corpus_by_name`), with the
     fingerprint of the corpus's content, by which an evaluation on that text is told under any name; a local model
     folder by its base name, marked so that saelab asks for the folder rather than load a hub model of that name
-    (``run_folder.shared_model_record``)."""
+    (:func:`shared_model_record`)."""
     import dataclasses
 
     from saelab.data.text import CORPUS_FINGERPRINT, corpus_fingerprint
@@ -93,6 +93,19 @@ def _shared_config(cfg):
         if fingerprint is not None:
             extra[CORPUS_FINGERPRINT] = fingerprint
     return dataclasses.replace(named, model_name=model_name, extra=extra)
+
+
+def shared_model_record(model_name: str, source: Any) -> tuple[str, Any]:
+    """(model_name, model_source) as an export records them: a local model folder or .gguf file (by its path as
+    recorded, which may since have moved) by its base name under a ``run_folder.LOCAL_MODELS`` key; a hub id or the offline
+    default as recorded."""
+    from saelab.models.loading import DEFAULT_MODEL, is_hub_id  # lazy: the model loader imports torch
+
+    spec = source["spec"] if isinstance(source, dict) and isinstance(source.get("spec"), str) else model_name
+    if not spec or spec == DEFAULT_MODEL or is_hub_id(spec):  # a relative path to a folder here is local too
+        return model_name, source
+    name = Path(os.path.abspath(Path(spec).expanduser())).name
+    return name, {"local_file" if name.endswith(".gguf") else "local_folder": name}
 
 
 def _corpus_by_name(cfg):

@@ -79,7 +79,7 @@ def save_sae(
     """Write ``sae`` as a SAELens folder (``format="saelens"``) or a sparsify SAE folder (``"sparsify"``).
     ``sae.cfg`` is written as it is, a local corpus or model path included; ``saelab export`` first names the
     corpus (``saelab.data.text.shared_corpus_name``, with its fingerprint) and a local model
-    (``saelab.run_folder.shared_model_record``) by their base names, fit to share.
+    (``saelab.cli.share.shared_model_record``) by their base names, fit to share.
 
     ``sparsity_log10`` (one value per latent) goes to ``sparsity.safetensors``. ``extra_files`` maps plain file
     names to bytes, text, or JSON-able dicts/lists (e.g. a training config, not as ``train_config.json``: that
