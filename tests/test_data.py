@@ -200,6 +200,9 @@ def test_a_recorded_corpus_is_shared_by_its_base_name_even_after_it_moved(tmp_pa
     # the shipped sample of a clone moved (or removed) since the harvest: still named as what it is
     moved = tmp_path / "old-clone" / "data" / "wiki-en" / "wiki_eval.jsonl.xz"
     assert shared_corpus_name(str(moved)) == "English Wikipedia 2015 sample (saelab data/wiki-en/wiki_eval.jsonl.xz)"
+    # an exported SAE exported again: its names stay as they are (the shipped sample's read like a path)
+    for named in ("English Wikipedia 2015 sample (saelab data/wiki-en/wiki_eval.jsonl.xz)", "wiki.jsonl", "texts"):
+        assert shared_corpus_name(named) == named
 
 
 def test_texts_read_once_open_the_corpus_once_and_hand_out_every_document_in_order(tmp_path, monkeypatch):

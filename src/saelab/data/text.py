@@ -242,10 +242,11 @@ def corpus_name(corpus: str | None, split: str) -> str:
 def shared_corpus_name(recorded: str) -> str:
     """:func:`corpus_name` of a corpus as a harvest recorded it (an SAE's ``dataset``), which may since have moved
     or gone: a path (one that exists, or looks like one) by its base name, never where it lay on this disk."""
-    if not recorded:  # Path("") is the current folder
+    shipped = "English Wikipedia 2015 sample (saelab data/wiki-en/{})"
+    # Path("") is the current folder; an exported SAE exported again holds the shipped sample's name already
+    if not recorded or recorded in {shipped.format(name) for name in DEFAULT_CORPUS_FILES.values()}:
         return recorded
     path = Path(recorded).expanduser()
-    shipped = "English Wikipedia 2015 sample (saelab data/wiki-en/{})"
     if path.exists():
         for each, name in DEFAULT_CORPUS_FILES.items():  # the shipped sample (or the one in $SAELAB_CORPUS_DIR)
             if str(path.resolve()) == default_corpus(each):
