@@ -1582,6 +1582,20 @@ def test_top_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir
     assert "note" not in capsys.readouterr().err
 
 
+def test_eval_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
+    """eval --hook read the SAE at another hook without a word (nMSE 10 at a near miss reads as a poor SAE), where
+    top, steer and browse say it; --hook equal to the SAE's own says nothing."""
+    sae = _tiny_sae(tmp_path / "tiny", tiny_dir)
+    argv = ["eval", sae, "--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress",
+            "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")]
+    for hook, said in (("blocks.1.hook_resid_post", [f"saelab eval: note: --hook blocks.1.hook_resid_post: {sae} was "
+                                                     "trained at blocks.0.hook_resid_post; its latents are read at "
+                                                     "blocks.1.hook_resid_post here"]),
+                       ("blocks.0.hook_resid_post", [])):
+        assert main([*argv, "--hook", hook, "--out", str(tmp_path / f"ev-{hook}")]) == 0
+        assert [line for line in capsys.readouterr().err.splitlines() if "note" in line] == said
+
+
 def test_browse_and_families_say_when_hook_reads_the_saes_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
     """browse, its Neuronpedia export and families read the SAEs at --hook without a word where top and steer
     say it: each says it of each SAE, before the pass, and --hook equal to the SAEs' own says nothing."""

@@ -170,6 +170,7 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     from saelab.pipeline import evaluate, evaluate_run, evaluation_is_current
 
     sae, run = open_sae(args.sae, allow_http=args.allow_http)
+    trained_at = sae.cfg.hook_name
     if args.hook:
         sae.cfg.hook_name = args.hook
     check_sae_hook(sae, args.sae)
@@ -179,6 +180,10 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     if into_run and args.hook:
         raise ConfigError(f"--hook changes what {args.sae}'s SAE reads: its metrics would not describe the run; "
                           "pass --out DIR for them")
+    if trained_at and sae.cfg.hook_name != trained_at:  # a near miss gives plausible metrics, as top and steer say
+        from saelab.explore.browser.build import another_hook_words
+
+        print(f"saelab eval: note: {another_hook_words(sae.cfg.hook_name, args.sae, trained_at)}", file=sys.stderr)
     if into_run:
         return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
                             overwrite=args.overwrite, progress=args.progress, sae=sae)
