@@ -233,7 +233,8 @@ def test_markup_in_an_n2g_file_shows_literally(browser, tiny_gpt2, data_dir, tmp
         {"latent": 3, "f1": 0.5, "patterns": [
             {"tokens": ["<img src=x onerror=window.__pwned=11>", "*", "<b>"], "anchored": True, "value": 1.5,
              "count": 2},
-            {"tokens": ["<svg onload=window.__pwned=12>"], "anchored": False, "value": 0.5, "count": 1}]}]}))
+            {"tokens": ["<svg onload=window.__pwned=12>"], "anchored": False, "value": 0.5, "count": 1}]},
+        {"latent": 5, "f1": 0.0, "patterns": []}]}))  # tried, nothing found: not counted, said on its page
     res = build_browser([tmp_path / "run"], tmp_path / "site",
                         BrowseConfig(n_tokens=31 * 32, corpus=corpus, n2g_file=str(n2g)), lm=tiny_gpt2, progress=False)
     assert res["saes"][0]["explained"] == 1
@@ -248,6 +249,11 @@ def test_markup_in_an_n2g_file_shows_literally(browser, tiny_gpt2, data_dir, tmp
             assert first in page.inner_text(where)
             assert "<svg onload=window.__pwned=12>" in page.inner_text(where)
             page.close()
+        page, dialogs = _open(browser, base + "#/s/run/l/5")  # N2G tried it and found no pattern
+        _assert_clean(page, dialogs)
+        assert page.inner_text("#explanation") == "N2G explanation none: N2G found no pattern for this latent; " \
+                                                  "held-out F1 0"
+        page.close()
     finally:
         server.shutdown()
         server.server_close()

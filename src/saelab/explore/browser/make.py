@@ -448,7 +448,8 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         "has_families": families is not None,
         "saes": [{"name": s.name, "source": public_name(s.source), "n_latents": s.sae.n_latents, **sparsity_of(s.sae),
                   "input_norm": s.sae.cfg.input_norm, "alive": int((st.count_N > 0).sum()),
-                  "explained": len(st.explanations), "n_tokens": st.n_tokens,
+                  "explained": sum(bool(e["patterns"]) for e in st.explanations.values()),  # as the N2G summary
+                  "n_tokens": st.n_tokens,
                   "position_0": position_0_words(first_scored(s.sae))} for s, st in zip(sources, stats)],
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }

@@ -337,6 +337,8 @@ async function familyHtml(name, fam) {
 function explanationHtml(e) {
   if (!e) return "";
   const f1 = e.f1 !== null && e.f1 !== undefined ? html`; held-out F1 ${fmt(e.f1)}` : "";
+  if (!e.patterns.length)  // N2G was run on the latent and found nothing that predicts it
+    return html`<div class="expl" id="explanation"><b>N2G explanation</b> <span class="muted small">none: N2G found no pattern for this latent${f1}</span></div>`;
   return html`<div class="expl" id="explanation"><b>N2G explanation</b> <span class="muted small">patterns that end at the firing token; … = any token${f1}</span>
       <div>${e.patterns.slice(0, 6).map(p => html`<span class="tok pat">${showTok(String(p.text))}</span><span class="muted small">${fmt(p.value)}${p.count > 1 ? " ×" + p.count : ""}</span> `)}</div></div>`;
 }
