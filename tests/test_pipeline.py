@@ -155,7 +155,8 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
                                        f"resume it, or delete {stage} to discard it\n")
     shutil.rmtree(stage)  # as the note says; the checks below see the cache alone
     assert third["reused"] == ["harvest", "train", "evaluate"] and third["wall_seconds"] == {"total": 0.0}
-    earlier = {stage: again["stage_seconds"][stage] for stage in ("harvest", "load_model", "train", "evaluate")}
+    earlier = {stage: t for stage, t in again["stage_seconds"].items() if stage != "total"}
+    assert set(earlier) == {"check_inputs", "harvest", "load_model", "train", "evaluate"}
     assert third["stage_seconds"] == {**earlier, "total": round(sum(earlier.values()), 1)}
     assert f"| evaluate | reused (all calls: {again['stage_seconds']['evaluate']:,.1f}) |" in (run / "report.md").read_text()
     # Other eval settings would replace the evaluation: refused as `saelab eval` refuses, before any work.
@@ -1260,6 +1261,10 @@ def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
     assert _stage_seconds(tmp_path, {}, later, ["harvest"], 0.0, (33.0, True))["harvest"] == 33.0
     assert _stage_seconds(tmp_path, {}, {**later, "harvest": 10.0}, [], 0.0, (25.0, False))["harvest"] == 35.0
     assert "harvest" not in _stage_seconds(tmp_path, {}, later, ["harvest"], 0.0, (None, True))
+    # A call that found every stage done ran none: each keeps its record, the input checks and the load too.
+    done = {"check_inputs": 12.4, "harvest": 40.0, "load_model": 1.5, "train": 100.0, "evaluate": 5.0}
+    assert _stage_seconds(tmp_path, {**done, "total": 158.9}, {}, ["harvest", "train", "evaluate"], 0.0,
+                          (33.0, True)) == {**done, "total": 158.9}
     rows = _wall_time_rows({"wall_seconds": {**times, "total": 37.0}, "stage_seconds": stages})
     assert rows == [("load_model", "2.0"), ("train", "30.0 (all calls: 100.0)"), ("evaluate", "5.0"),
                     ("harvest", "reused (all calls: 40.0)"), ("total", "37.0 (all calls: 147.0)")]

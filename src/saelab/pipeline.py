@@ -797,7 +797,9 @@ def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, fl
     adds the earlier calls' writing of the cache; a stage with no earlier record (its call was interrupted later)
     is its own record's: the training loop's, the cache's writing. ``harvested``: :func:`_cache_seconds` before
     this call."""
-    out = {stage: earlier[stage] for stage in [*reused, "load_model"] if stage in earlier}  # load: not this call
+    # A stage this call did not run keeps its earlier record: a reused one, and the model's load and the input
+    # checks of a call that found every stage done (the sum of all calls does not shrink by a rerun).
+    out = {stage: t for stage, t in earlier.items() if stage != "total" and stage not in times}
     out.update({stage: t for stage, t in times.items() if stage not in reused})
     if "train" in times:
         out["train"] = round(times["train"] + trained_before, 1)
