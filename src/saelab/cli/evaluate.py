@@ -180,10 +180,6 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     if into_run and args.hook:
         raise ConfigError(f"--hook changes what {args.sae}'s SAE reads: its metrics would not describe the run; "
                           "pass --out DIR for them")
-    if trained_at and sae.cfg.hook_name != trained_at:  # a near miss gives plausible metrics, as top and steer say
-        from saelab.explore.browser.build import another_hook_words
-
-        print(f"saelab eval: note: {another_hook_words(sae.cfg.hook_name, args.sae, trained_at)}", file=sys.stderr)
     if into_run:
         return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
                             overwrite=args.overwrite, progress=args.progress, sae=sae)
@@ -194,14 +190,25 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
         if current:  # the same command again
             print(f"{Path(args.out) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
                   file=sys.stderr)
+            _note_another_hook(args.sae, sae.cfg.hook_name, trained_at)
             return read_eval_metrics(args.out, sae, sae_hash=sae_hash)
         _check_eval_out(Path(args.out), args.overwrite)
     metrics = evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
                        model_dtype=args.model_dtype, progress=args.progress, sae_hash=sae_hash)
+    _note_another_hook(args.sae, sae.cfg.hook_name, trained_at)
     if args.out is None:  # an SAE outside a run folder has no place of its own for them
         print(f"saelab eval: note: {args.sae} is not a run folder, so these metrics were not saved; --out DIR keeps "
               "them", file=sys.stderr)
     return metrics
+
+
+def _note_another_hook(source: str, hook: str | None, trained_at: str | None) -> None:
+    """Say, beside the metrics (every check has passed), that --hook read the SAE at another hook than it was
+    trained at: a near miss gives metrics that read as a poor SAE, as top, steer and browse say."""
+    if trained_at and hook != trained_at:
+        from saelab.explore.browser.build import another_hook_words
+
+        print(f"saelab eval: note: {another_hook_words(hook, source, trained_at)}", file=sys.stderr)
 
 
 def _note_unfinished(verb: str, sweep: str, what: str) -> None:
