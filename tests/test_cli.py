@@ -2582,8 +2582,10 @@ def test_a_hub_models_pickled_weights_are_checked_on_their_first_download(tiny_g
     model = tmp_path / "mirror"
     tiny_gpt2.model.config.save_pretrained(model)
     tiny_gpt2.tokenizer.save_pretrained(model)
-    shared = [[0.5]]  # a list of lists referred to twice: the check refuses such sharing unread, torch reads it
-    torch.save({**tiny_gpt2.model.state_dict(), "a": shared, "b": shared}, model / "pytorch_model.bin")
+    shared = []  # 40 levels of a list of the one below twice, 2**40 leaves: the check refuses it unread, torch reads it
+    for _ in range(40):
+        shared = [shared, shared]
+    torch.save({**tiny_gpt2.model.state_dict(), "a": shared}, model / "pytorch_model.bin")
     (tmp_path / "c.txt").write_text(_SHORT, encoding="utf-8")
     hub = _HubMirror("org/tiny-gpt2", model)
     for attempt in ("first download", "cached"):
@@ -2610,9 +2612,11 @@ def test_a_hub_models_pickled_shards_are_all_checked_before_any_is_read(tiny_gpt
     tiny_gpt2.tokenizer.save_pretrained(model)
     weights = tiny_gpt2.model.state_dict()
     first = [k for k in weights if ".h.1." not in k]
-    shared = [[0.5]]  # refused by the check unread, read by torch
+    shared = []  # 40 levels of a list of the one below twice: refused by the check unread, read by torch
+    for _ in range(40):
+        shared = [shared, shared]
     torch.save({k: weights[k] for k in first}, model / "pytorch_model-00001-of-00002.bin")
-    torch.save({**{k: v for k, v in weights.items() if k not in first}, "a": shared, "b": shared},
+    torch.save({**{k: v for k, v in weights.items() if k not in first}, "a": shared},
                model / "pytorch_model-00002-of-00002.bin")
     index = {"metadata": {}, "weight_map": {k: f"pytorch_model-0000{1 if k in first else 2}-of-00002.bin"
                                             for k in weights}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import os
 import pickle
 import shutil
 import struct
@@ -35,10 +36,9 @@ from saelab.utils.torch_files import load_plain_tensors
 LEGACY = {"_use_new_zipfile_serialization": False}
 
 
-def shared_levels(depth: int) -> tuple:
-    levels = ()
+def shared_levels(depth: int, levels: tuple | list = ()) -> tuple | list:
     for _ in range(depth):
-        levels = (levels, levels)  # torch.save pickles each level once (memo): 2**depth leaves
+        levels = type(levels)((levels, levels))  # torch.save pickles each level once (memo): 2**depth leaves
     return levels
 
 
@@ -270,7 +270,7 @@ BOMBS = {
     "shared-tuples": lambda p: torch.save({"revivals": shared_levels(40)}, p),
     "shared-tuples-legacy": lambda p: torch.save({"revivals": shared_levels(40)}, p, **LEGACY),
     "counter-of-shared-tuples": lambda p: torch.save(collections.Counter({shared_levels(24): 1}), p),
-    "shared-list-of-lists": lambda p: torch.save([[[1], [1]]] * 2, p),
+    "shared-lists": lambda p: torch.save({"revivals": shared_levels(40, [])}, p),
     "a-list-of-20000-referred-to-20000-times": lambda p: torch.save([list(range(20_000))] * 20_000, p),
     "tensor-of-2**30": lambda p: p.write_bytes(legacy_call("torch", "FloatTensor", 2**30)),
     "tensor-of-65536x65536": lambda p: p.write_bytes(legacy_call("torch", "FloatTensor", 65536, 65536)),
@@ -618,3 +618,130 @@ def test_every_reader_refuses_it_in_one_line(tmp_path, tiny_dir):
     with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin is refused unread \(it refers again to a container"):
         load_model(str(folder))
     assert main(["top", str(tmp_path / "sae.pt"), "--latent", "0", "--model", str(folder)]) == 2
+
+
+def openai_sae(**extra) -> dict:
+    """An OpenAI v5 SAE's state (8 inputs, 16 latents) with ``extra`` entries beside it, as a user's file may hold."""
+    return {"encoder.weight": torch.randn(16, 8), "decoder.weight": torch.randn(8, 16), "pre_bias": torch.zeros(8),
+            "latent_bias": torch.zeros(16), "activation": "TopK",
+            "activation_state_dict": {"k": 4, "postact_fn": "ReLU"}, **extra}
+
+
+def with_attributes(obj, **attributes):
+    for name, value in attributes.items():
+        setattr(obj, name, value)
+    return obj
+
+
+def one_module_in_6_places() -> dict:
+    layer = torch.nn.Linear(256, 256)  # 257 KB of weights, 1.3 MB once each place is copied
+    return {"blocks": torch.nn.Sequential(*[layer] * 6).state_dict()}
+
+
+def one_state_dict_under_two_names() -> dict:
+    weights = torch.nn.Linear(4, 4).state_dict()  # an OrderedDict with _metadata, a dict of dicts
+    return {"model": weights, "ema": weights}
+
+
+LONG_TEXT = "a prompt the SAE's latents were read on, " * 120  # 4.9 KB
+# Files torch.save writes that the check refused; each beside an OpenAI SAE, read through load_sae
+SHARED_OR_WITH_ATTRIBUTES = {
+    "a-module-in-6-places": one_module_in_6_places,
+    "a-tensor-in-6-places": lambda: {"slots": dict.fromkeys(map(str, range(6)), torch.randn(512, 512))},
+    "a-dict-of-1000-tuple-keys": lambda: {"by_hook": {(i, f"blocks.{i}.hook_resid_post"): i for i in range(1000)}},
+    "a-config-with-one-list-of-lists-twice": lambda: {"config": {"shapes": (shapes := [[8, 576], [9, 576]]),
+                                                                 "eval_shapes": shapes}},
+    "a-tensor-with-attributes": lambda: {"w": with_attributes(torch.randn(4), note="layer 8", scale=2.0)},
+    "a-parameter-with-attributes": lambda: {"w": with_attributes(torch.nn.Parameter(torch.randn(4)), note="layer 8")},
+    "one-state-dict-under-two-names": one_state_dict_under_two_names,
+    "an-ordered-dict-with-attributes": lambda: {"extra": with_attributes(
+        collections.OrderedDict(w=torch.ones(3)), note="trained on wiki", step=100, hooks=["a", "b"])},
+    "one-long-text-in-5000-places": lambda: {"prompts": [LONG_TEXT] * 5_000},
+}
+
+
+@pytest.mark.parametrize("kind", SHARED_OR_WITH_ATTRIBUTES)
+def test_shared_objects_and_attributes_torch_save_writes_read(kind, tmp_path):
+    """Each was refused by the check (torch's weights-only reader reads each): what it shares or sets is charged
+    for what walking it takes, not refused by its kind."""
+    extra = SHARED_OR_WITH_ATTRIBUTES[kind]()
+    for fmt in ({}, LEGACY):
+        torch.save(openai_sae(**extra), tmp_path / "sae.pt", **fmt)
+        assert load_sae(tmp_path / "sae.pt").cfg.n_latents == 16
+        loaded = load_plain_tensors(tmp_path / "sae.pt")
+        for key, value in extra.items():
+            assert _same(loaded[key], value), key
+
+
+def _same(a, b) -> bool:
+    """Equal values, tensors by their elements, and the same attributes set on each tensor or OrderedDict."""
+    if torch.is_tensor(a):
+        return a.equal(b) and _same(vars(a), vars(b))
+    if isinstance(a, dict):
+        attributes = [vars(x) for x in (a, b) if hasattr(x, "__dict__")]  # an OrderedDict's; a dict has none
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a) and (not attributes or _same(*attributes))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def renamed(path: Path, old: str, new: str) -> None:
+    """The torch file at ``path`` with the text ``old`` in its pickle (an attribute's name) replaced by ``new``."""
+    if not zipfile.is_zipfile(path):
+        path.write_bytes(path.read_bytes().replace(text(old), text(new)))
+        return
+    with zipfile.ZipFile(path) as src:
+        records = [(info, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w") as dst:
+        for info, data in records:
+            dst.writestr(info, data.replace(text(old), text(new)) if info.filename.endswith("data.pkl") else data)
+
+
+# each of SHARED_OR_WITH_ATTRIBUTES with one thing the check refuses (the file as written, then the pickle's names
+# replaced): (the legit kind, what is added to its entries, names replaced, the refusal)
+WITH_ONE_REFUSED = {
+    "tuple-keys-and-300-of-one-hash": ("a-dict-of-1000-tuple-keys", lambda e: e["by_hook"].update(
+        dict.fromkeys([(k,) for k in ONE_HASH_INTS[:300]], 0)), None, "whose hashes can be made equal"),
+    "a-tensor-attribute-named-grad": ("a-tensor-with-attributes", None, ("note", "grad"), "a state or a function"),
+    "a-tensor-attribute-named-_backward_hooks": (
+        "a-tensor-with-attributes", lambda e: setattr(e["w"], "x" * 15, collections.OrderedDict()),
+        ("x" * 15, "_backward_hooks"), "a state or a function"),
+    "a-parameter-attribute-named-data": ("a-parameter-with-attributes", None, ("note", "data"),
+                                         "a state or a function"),
+    "an-attribute-that-is-a-view-of-one-element": (  # read by torch, refused by the walk after the load
+        "a-tensor-with-attributes", lambda e: setattr(e["w"], "mask", torch.zeros(1).expand(2**26)), None,
+        "once copied"),
+    "an-ordered-dict-attribute-named-keys": ("an-ordered-dict-with-attributes", None, ("note", "keys"),
+                                             "a state other than"),
+    "state-dicts-twice-and-shared-levels": ("one-state-dict-under-two-names", lambda e: e.update(
+        levels=shared_levels(40, [])), None, "refers again to a container"),
+    "a-list-twice-and-shared-levels": ("a-config-with-one-list-of-lists-twice", lambda e: e["config"].update(
+        levels=shared_levels(40, [])), None, "refers again to a container"),
+    "a-long-text-and-100-kb-in-1000-places": ("one-long-text-in-5000-places", lambda e: e.update(
+        notes=["x" * 100_000] * 1_000), None, "would make"),
+    "a-tensor-in-1024-places": ("a-tensor-in-6-places", lambda e: e.update(
+        more=[e["slots"]["0"]] * 1_018), None, "once copied"),
+}
+
+
+@pytest.mark.parametrize("kind", WITH_ONE_REFUSED)
+def test_a_file_of_shared_objects_with_one_refused_thing_is_refused(kind, tmp_path):
+    legit, add, names, refusal = WITH_ONE_REFUSED[kind]
+    extra = SHARED_OR_WITH_ATTRIBUTES[legit]()
+    if add:
+        add(extra)
+    for fmt in ({}, LEGACY):
+        torch.save(openai_sae(**extra), tmp_path / "sae.pt", **fmt)
+        if names:
+            renamed(tmp_path / "sae.pt", *names)
+        with pytest.raises(CheckpointError, match=refusal):
+            load_sae(tmp_path / "sae.pt")
+
+
+@pytest.mark.parametrize("kind", SHARED_OR_WITH_ATTRIBUTES)
+@pytest.mark.parametrize("call", [print, os.system], ids=["print", "os.system"])
+def test_a_call_torch_refuses_beside_shared_objects_is_refused(kind, call, tmp_path):
+    """Which functions may be called is torch's weights-only reader's answer, whatever else the file holds."""
+    torch.save(openai_sae(**SHARED_OR_WITH_ATTRIBUTES[kind](), x=Calls(call, "true")), tmp_path / "sae.pt")
+    with pytest.raises(CheckpointError, match=r"GLOBAL '(print|posix\.system)'"):
+        load_sae(tmp_path / "sae.pt")

@@ -638,7 +638,8 @@ def test_the_same_train_after_a_killed_overwrite_finds_its_finished_run(tmp_path
 def test_an_optimizer_state_key_read_from_a_checkpoint_is_named_by_type(tmp_path):
     """A checkpoint whose Adam state has a key that is a tensor viewed from one element (2**10 elements) and a value
     of the wrong shape: the refusal wrote the key out element by element (2**20: 6 MB, 10 s; a view that counts
-    for more than 4 times the file and 64 KiB once copied or printed is refused at load: tests/test_pickle_check.py)."""
+    for more than 16 times the file and 64 KiB once copied, or takes too long to print, is refused at load:
+    tests/test_pickle_check.py)."""
     run, data = tmp_path / "run", _data()
     train_sae(_cfg(total_tokens=4096), _source(data), run, d_in=D, progress=False, device="cpu", stop_after_steps=4)
     state = torch.load(run / "checkpoint.pt", weights_only=True)

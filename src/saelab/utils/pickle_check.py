@@ -8,13 +8,16 @@ integer allocates that much at once. torch.save writes neither: it refers again 
 (strings, globals, tensors, storages, now and then a small tuple such as Adam's betas).
 
 So this reads the pickle's opcodes, the subset torch's weights-only reader understands (the bytes torch's own zip
-reader gives it), keeping for each object on its stack only what kind it is (nothing is built), and refuses:
+reader gives it), keeping for each object on its stack only what kind it is (nothing is built). Which functions a
+pickle may call is torch's answer (its allowlist refuses any other global, and the scan leaves that refusal to it);
+this adds what torch lets through, the size of what the allowed calls and references make. It refuses:
 
-- a second reference (a memo get) to a container that holds containers, and any change to a container after a
-  second reference to it (torch.save writes a container whole first); each reference to a flat one counts its
-  items and texts toward the budget below;
+- any change to a container after a second reference to it (torch.save writes a container whole first); each
+  reference (a memo get) counts all that container holds, the containers in it included, toward the budget below
+  (one state_dict under two names reads; shared levels that double at each exhaust it in a few);
 - a tensor rebuilt with a state of its own (``_rebuild_from_type_v2`` of a function other than torch's tensor
-  rebuilds, a parameter with state, a BUILD on a tensor): a tensor is the one object referred to again freely;
+  rebuilds, a parameter with state inside it, a BUILD on a tensor), or with attributes other than names apart from
+  a tensor's own (see _attributes): a tensor is the one object referred to again freely;
 - a tensor or storage (a persistent id, or what a legacy tensor or storage class or ``bytearray`` makes) passed to
   anything but a tensor rebuild (``set``, ``torch.Size``, ``bytearray`` read it element by element, and a view of
   one stored element has as many as it says), and the rebuilds that copy a tensor while loading
@@ -26,21 +29,23 @@ reader gives it), keeping for each object on its stack only what kind it is (not
   CONSTRUCTED_SIZE_MAX;
 - a dict, set or Counter given more than HASHED_ALIKE_MAX keys whose hashes can be made equal (integers of 2**61 - 1
   or more, whose hash is their remainder; complex numbers; tuples): inserting n keys of one hash takes n**2 / 2
-  comparisons. Texts cannot be made so: their hash is keyed afresh in every process.
-- a state (BUILD) other than a state_dict's ``_metadata`` on an OrderedDict (see _metadata), or one on a tensor (torch
-  builds nothing else: its own refusal names any other object);
+  comparisons. Texts cannot be made so: their hash is keyed afresh in every process. A dict's keys whose value the
+  scan knows (ints, short texts, tuples of them) are counted by their hash itself: a thousand tuple keys read;
+- a state (BUILD) other than attributes named apart from an OrderedDict's own (``_metadata`` of a state_dict, any a
+  user set: see _attributes), or one on a tensor (torch builds nothing else: its own refusal names any other object);
 - a legacy storage id naming a view of its storage (torch keeps each view in a dict by a key of the file's choosing;
   torch.save writes None there).
 
 Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
 left to torch, which refuses it; a PROTO after a pickle's first opcode is refused (torch warns at each). The calls
-of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed or referred to
-again, each reference counted; elements asked for; the bytes of each storage a persistent id names, under each
-spelling of its key, which a legacy file allocates as the id says; CONTAINER_BYTES per list, dict, set or tuple,
-MADE_CONTAINER_BYTES per container a call makes), and a global's name is at most _NAME_MAX characters (torch
-searches a refused one's message in time that grows with its square). Around the pickle, a zip archive must be one
-that torch's zip reader and Python's zipfile read alike, its records stored and within the file (torch's reader
-inflates a record whole before checking its size), and a file that is not a zip archive must not be a tar archive
+of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed, and texts
+referred to again past REFERRED_TEXTS_FREE, each reference counted; elements asked for; the bytes of each storage a
+persistent id names, under each spelling of its key, which a legacy file allocates as the id says; CONTAINER_BYTES
+per list, dict, set or tuple, MADE_CONTAINER_BYTES per container a call makes), and a global's name is at most
+_NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around the
+pickle, a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored and
+within the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip
+archive must not be a tar archive
 (torch.load parses a tar's headers first). What the tensors take once loaded is checked
 after the load (torch_files.load_plain_tensors: views, compressed or uninitialised storages, repeated references,
 tensors that are not dense). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
@@ -49,6 +54,7 @@ tensors that are not dense). The cost is one pass over the pickle's opcodes: a f
 
 from __future__ import annotations
 
+import collections
 import gc
 import io
 import os
@@ -75,6 +81,11 @@ class PickleBombError(pickle.UnpicklingError):
     """A torch pickle that describes an object far larger than the file (see the module docstring)."""
 
 
+_OWN_NAMES = {"OrderedDict": frozenset(dir(collections.OrderedDict)),
+              "tensor": frozenset(dir(torch.nn.Parameter(torch.empty(0))))}
+"""The attributes an OrderedDict or a tensor has of its own (a Parameter's include a plain tensor's)."""
+_KINDS = frozenset(_OWN_NAMES)
+
 _HEAD = 8
 """How many of a container's first items the scan keeps (a call's arguments)."""
 
@@ -82,7 +93,7 @@ _HEAD = 8
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
     __slots__ = ("items", "flat", "referred_again", "int_product", "head", "tensors", "text_bytes", "alike",
-                 "alike_pairs", "first_alike", "keys_alike", "weight", "depth")
+                 "alike_pairs", "first_alike", "keys_alike", "weight", "depth", "by_hash", "attribute_of")
 
     def __init__(self) -> None:
         self.items, self.flat, self.referred_again, self.int_product, self.head = 0, True, False, 1, ()
@@ -93,6 +104,8 @@ class _Box:
         self.keys_alike = 0  # keys that may hash alike it was given as a dict, set or Counter
         self.weight = 0  # its items at every depth, each reference counted
         self.depth = 1  # how deep it nests containers (itself one level)
+        self.by_hash: dict[int, int] | None = None  # how many keys of known value it was given as a dict, by hash
+        self.attribute_of = _KINDS  # the kinds of object whose attributes its keys as a dict may name (_attributes)
 
     def add(self, item: object) -> None:
         if self.referred_again:
@@ -142,8 +155,29 @@ class _Box:
             raise PickleBombError(f"it nests containers over {NESTING_MAX} deep (torch.save writes weights in a few "
                                   "levels; hashing one nested 160,000 deep crashes Python)")
 
+    def hash_known_keys(self, keys: list) -> int:
+        """Count the keys given to this dict whose value the scan knows (see _known_key) by their hash, as the
+        loading process will hash them (the scan runs in it: a text's hash, keyed afresh in every process, is the
+        same here); refused where one hash has over HASHED_ALIKE_MAX of them. Returns how many of those may
+        hash alike (a thousand tuple keys of distinct hashes read; a thousand of one hash do not)."""
+        counted = 0
+        for key in keys:
+            if self.attribute_of:
+                self.attribute_of = self.attribute_of & _attribute_of(key)
+            if not _may_hash_alike(key) or (value := _known_key(key)) is None:
+                continue
+            counted += 1
+            self.by_hash = {} if self.by_hash is None else self.by_hash
+            alike = self.by_hash[hash(value)] = self.by_hash.get(hash(value), 0) + 1  # a key given again counts too:
+            if alike > HASHED_ALIKE_MAX:  # torch.save writes each once
+                raise PickleBombError(f"it gives a dict over {HASHED_ALIKE_MAX} keys of one hash (large integers "
+                                      "or tuples, whose hashes can be made equal): inserting them takes their "
+                                      "count squared")
+        return counted
+
     def hash_keys(self, alike: int) -> None:
-        """Count ``alike`` more keys that may hash alike given to this dict, set or Counter."""
+        """Count ``alike`` more keys that may hash alike given to this dict, set or Counter (their values unknown to
+        the scan: any of them may share a hash)."""
         self.keys_alike += alike
         if self.keys_alike > HASHED_ALIKE_MAX:
             raise PickleBombError(f"it gives a dict or set over {HASHED_ALIKE_MAX} keys whose hashes can be made "
@@ -161,6 +195,9 @@ class _EmptyTuple(_Box):
 
     def hash_keys(self, alike: int) -> None:
         pass
+
+    def hash_known_keys(self, keys: list) -> int:
+        return 0
 
 
 _EMPTY_TUPLE = _EmptyTuple()
@@ -241,13 +278,43 @@ def _may_hash_alike(item: object) -> bool:
             or (isinstance(item, _Box) and item.items > 0))
 
 
-def _metadata(state: object) -> bool:
-    """Whether a BUILD's state is one torch.save writes, an OrderedDict's attributes: none, or ``_metadata`` (what
-    ``state_dict()`` sets), a container. torch updates the object's __dict__ with it: a tensor there is iterated row
-    by row, and attributes named ``keys`` or ``values`` hide the OrderedDict's own."""
-    return type(state) is _Dict and not state.tensors and (state.items == 0 or (
-        state.items == 2 and isinstance(state.head[0], _Text) and state.head[0] == "_metadata"
-        and isinstance(state.head[1], _Box)))
+def _known_text(item: object) -> bool:
+    """Whether ``item`` is a text the scan kept whole (not a long one, kept empty, nor bytes encoded from one)."""
+    return isinstance(item, _Text) and 0 < item.size <= _SHORT_TEXT and len(item.encode("utf-8", "surrogatepass")) \
+        == item.size
+
+
+def _known_key(item: object) -> object:
+    """The value of a dict key the scan knows whole: an int, a text kept whole, a tuple of at most _HEAD of them;
+    None for any other (floats, nested tuples, long texts are kept by kind alone)."""
+    if type(item) is int:
+        return item
+    if _known_text(item):
+        return str(item)
+    if type(item) is _Box and 0 < item.items == len(item.head) and all(
+            type(x) is int or _known_text(x) for x in item.head):
+        return tuple(x if type(x) is int else str(x) for x in item.head)
+    return None
+
+
+def _attributes(state: object, kind: str) -> bool:
+    """Whether a BUILD's or a tensor rebuild's state is what torch.save writes for the attributes of an object of
+    ``kind`` (an OrderedDict's: ``_metadata`` of a state_dict, any a user set; a tensor's): a dict (made empty,
+    then given its items) whose keys are all names that are none of the object's own. torch's weights-only reader
+    sets any dict there as it is, which is not enough for saelab: an OrderedDict's ``keys`` or ``values`` would hide
+    its items from every reader, a tensor's ``grad``, ``data``, ``__class__`` or ``_backward_hooks`` would replace
+    what its rebuild was checked for, and a tensor as the state itself is iterated row by row."""
+    return type(state) is _Dict and kind in state.attribute_of
+
+
+def _attribute_of(key: object) -> frozenset:
+    """The kinds of object (_OWN_NAMES) an attribute named ``key`` may be set on without replacing one of its own:
+    none for a key that is no identifier kept whole, or that starts with two underscores (Python's own); a
+    tensor's also none starting with one (torch's hooks and caches)."""
+    if not (_known_text(key) and key.isidentifier() and not key.startswith("__")):
+        return frozenset()
+    return frozenset(kind for kind, own in _OWN_NAMES.items()
+                     if key not in own and not (kind == "tensor" and key.startswith("_")))
 
 
 def _empty(item: object) -> bool:
@@ -326,9 +393,9 @@ def _made(callee: object, args: object) -> object:
         whole = 0 < args.items <= _HEAD  # head[-1]: the last argument, the state
         # a rebuild with a state of its own inside: torch sets that state too (a Parameter's is never wrapped so)
         if not (whole and str(rebuild).startswith("torch._utils._rebuild_") and str(rebuild) not in _WITH_STATE
-                and _empty(head[-1])):
+                and (_empty(head[-1]) or _attributes(head[-1], "tensor"))):
             raise PickleBombError(f"it calls {name} with a state or a function of its own (torch.save writes "
-                                  "plain tensors without)")
+                                  "plain tensors, or their attributes named apart from a tensor's own)")
         return _TENSOR
     if name == "builtins.bytearray":  # bytes as long as it was given or asked for: referred to again, walked again
         # torch.save writes bytearray() or bytearray(bytes); another codec may take time quadratic in the text
@@ -346,7 +413,8 @@ def _made(callee: object, args: object) -> object:
     if name.startswith(_MAKES_LEAF):
         return _LEAF
     made = _Dict() if name in _DICTS else _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what
-    # it was made from, as large
+    # it was made from, as large; the keys it was made with are not known
+    made.attribute_of = made.attribute_of if args.weight == 0 else frozenset()
     made.flat, made.int_product, made.text_bytes = args.flat, args.int_product, args.text_bytes
     made.items = made.weight = args.weight + args.text_bytes  # set("text..."): an item per character
     made.depth = args.depth  # a container of its arguments' items
@@ -381,14 +449,14 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
     memo: dict[int, object] = {}
     storages: set[str] = set()  # the keys of the storages named so far: one storage, named again, is read once
     alike_keys = 0  # storage keys that may hash alike
+    referred_texts = 0  # the bytes of the texts referred to again, each reference counted
 
-    def charge(made: int) -> None:
+    def charge(made: int, what: str = "its containers, calls, repeated texts and storages would make") -> None:
         nonlocal spent
         spent += made
         if spent > budget:
-            raise PickleBombError(f"its containers, calls, repeated texts and storages would make {spent:,} bytes "
-                                  f"or elements "
-                                  f"or more, over {budget:,} for a file of its size")
+            raise PickleBombError(f"{what} {spent:,} bytes or elements or more, over {budget:,} for a file of its "
+                                  "size")
 
     def to_mark() -> list[object]:
         start = marks.pop()
@@ -402,16 +470,19 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 box.add(item)
 
     def get(idx: int) -> None:
+        nonlocal referred_texts
         obj = memo[idx]
-        if isinstance(obj, _Text):  # walked (formatted, copied) once per reference
-            charge(obj.size)
+        if isinstance(obj, _Text):  # walked (formatted, copied) once per reference: past REFERRED_TEXTS_FREE
+            referred_texts += obj.size
+            charge(min(obj.size, max(0, referred_texts - REFERRED_TEXTS_FREE)))
         elif isinstance(obj, int):
             charge(_digits(obj))
         elif isinstance(obj, _Box):
-            if not obj.flat:
-                raise PickleBombError(f"it refers again to a container that holds containers (memo {idx}): "
-                                      "such sharing can describe an exponentially large object")
-            charge(obj.items + obj.text_bytes)  # walked again in full at each reference
+            # walked again in full at each reference, the containers in it too: shared levels that double at each
+            # (an exponentially large object) exhaust the budget in a few, one state_dict under two names does not
+            charge(obj.weight + obj.text_bytes, *() if obj.flat else (
+                f"it refers again to a container that holds containers (memo {idx}), walked in full at each "
+                "reference (such sharing can describe an exponentially large object): its walks would make",))
             obj.referred_again = True
         stack.append(obj)
 
@@ -519,14 +590,17 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 items = [stack.pop(-2), stack.pop()] if code == 0x73 else to_mark()
                 fill(stack[-1], items)
                 if isinstance(stack[-1], _Box):
-                    stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])))
+                    known = stack[-1].hash_known_keys(items[::2])  # the rest by kind: any of them may collide
+                    stack[-1].alike -= known
+                    stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])) - known)
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
                 if not isinstance(stack[-1], _Dict) and stack[-1] is not _TENSOR:
                     return None  # torch builds only tensors and OrderedDicts: its refusal names the object
-                if not (isinstance(stack[-1], _Box) and _metadata(state)):
-                    raise PickleBombError("it sets a state other than a state_dict's _metadata (torch.save writes "
-                                          "an OrderedDict's attributes alone, and plain tensors without)")
+                if not (isinstance(stack[-1], _Box) and _attributes(state, "OrderedDict")):
+                    raise PickleBombError("it sets a state other than attributes of an OrderedDict named apart from "
+                                          "its own (torch.save writes an OrderedDict's attributes alone, and plain "
+                                          "tensors without)")
                 fill(stack[-1], (state,))
             elif code in (0x52, 0x81):  # REDUCE, NEWOBJ
                 args = stack.pop()
@@ -546,6 +620,10 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
 
 _SHORT_TEXT = 64
 """Texts up to this long are kept (a call's arguments); longer ones are skipped."""
+REFERRED_TEXTS_FREE = 2**26
+"""The bytes of texts referred to again (each reference counted) a pickle may have before they are charged against
+its budget: one long text torch.save wrote in many places (its memo refers to it again: a 4.9 KB text in 5,000
+places, 24 MB) reads, 100 KB in 5,000 (500 MB to format) does not. What this allows is the same for every file."""
 
 
 def _skip(f: IO[bytes], n: int) -> str:

@@ -63,8 +63,10 @@ def load_plain_tensors(path: str | os.PathLike, *, map_location: Any = "cpu", mm
     return _with_tensors_the_file_holds(loaded, path)
 
 
-COPIED_BYTES_PER_FILE_BYTE = 4
-"""How many times the file's size a load's tensors may take once copied (counted per reference: tied weights twice)."""
+COPIED_BYTES_PER_FILE_BYTE = 16
+"""How many times the file's size a load's tensors may take once copied (counted per reference: tied weights twice):
+a tensor, or a module's weights, in up to 15 places besides its own reads; 1,024 references to one tensor (1,000
+times the file) do not."""
 COPIED_BYTES_FREE = 2**16
 """What they may take beyond that whatever the file's size."""
 PRINT_STEPS_PER_FILE_BYTE = 16
@@ -83,12 +85,13 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
     (``torch.zeros(1).expand(2**29)``: 4 bytes on disk, 2 GB once copied), a compressed or an uninitialised
     legacy storage, one tensor referred to thousands of times, or one of hundreds of dimensions, is refused, as is
     a storage outside any tensor, a tensor of over TENSOR_DIMS_MAX dimensions and a tensor that is not dense
-    (sparse, nested, quantized). The walk is linear: check_torch_file let no container be shared but flat ones, each
-    reference charged."""
+    (sparse, nested, quantized). The walk is linear: check_torch_file charged each reference to a container with
+    all it holds, and a tensor's attributes are walked once."""
     size = os.path.getsize(path)
     limit = COPIED_BYTES_PER_FILE_BYTE * size + COPIED_BYTES_FREE
     steps_limit = PRINT_STEPS_PER_FILE_BYTE * size + PRINT_STEPS_FREE
     total, steps, todo = 0, 0, [loaded]
+    with_attributes: set[int] = set()  # the tensors whose attributes were walked: once each, however many references
     while todo:
         obj = todo.pop()
         if isinstance(obj, dict):  # dict's own methods: an OrderedDict's attributes may hide its keys and values
@@ -101,6 +104,9 @@ def _with_tensors_the_file_holds(loaded: Any, path: str | os.PathLike) -> Any:
             raise pickle.UnpicklingError("it holds a storage outside any tensor (torch.save writes weights as "
                                          "tensors; saelab reads nothing else)")
         elif torch.is_tensor(obj):
+            if obj.__dict__ and id(obj) not in with_attributes:  # attributes a user set, a tensor among them too
+                with_attributes.add(id(obj))
+                todo.extend(obj.__dict__.values())
             total, steps = total + _copied_bytes(obj), steps + _print_steps(obj)
             if total > limit:
                 raise pickle.UnpicklingError(f"its tensors count for {total:,} bytes or more once copied, over "
