@@ -93,7 +93,7 @@ _HEAD = 8
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
     __slots__ = ("items", "flat", "referred_again", "int_product", "head", "tensors", "text_bytes", "alike",
-                 "alike_pairs", "first_alike", "keys_alike", "weight", "depth", "by_hash", "attribute_of")
+                 "alike_pairs", "first_alike", "keys_alike", "weight", "depth")
 
     def __init__(self) -> None:
         self.items, self.flat, self.referred_again, self.int_product, self.head = 0, True, False, 1, ()
@@ -104,8 +104,6 @@ class _Box:
         self.keys_alike = 0  # keys that may hash alike it was given as a dict, set or Counter
         self.weight = 0  # its items at every depth, each reference counted
         self.depth = 1  # how deep it nests containers (itself one level)
-        self.by_hash: dict[int, int] | None = None  # how many keys of known value it was given as a dict, by hash
-        self.attribute_of = _KINDS  # the kinds of object whose attributes its keys as a dict may name (_attributes)
 
     def add(self, item: object) -> None:
         if self.referred_again:
@@ -156,24 +154,8 @@ class _Box:
                                   "levels; hashing one nested 160,000 deep crashes Python)")
 
     def hash_known_keys(self, keys: list) -> int:
-        """Count the keys given to this dict whose value the scan knows (see _known_key) by their hash, as the
-        loading process will hash them (the scan runs in it: a text's hash, keyed afresh in every process, is the
-        same here); refused where one hash has over HASHED_ALIKE_MAX of them. Returns how many of those may
-        hash alike (a thousand tuple keys of distinct hashes read; a thousand of one hash do not)."""
-        counted = 0
-        for key in keys:
-            if self.attribute_of:
-                self.attribute_of = self.attribute_of & _attribute_of(key)
-            if not _may_hash_alike(key) or (value := _known_key(key)) is None:
-                continue
-            counted += 1
-            self.by_hash = {} if self.by_hash is None else self.by_hash
-            alike = self.by_hash[hash(value)] = self.by_hash.get(hash(value), 0) + 1  # a key given again counts too:
-            if alike > HASHED_ALIKE_MAX:  # torch.save writes each once
-                raise PickleBombError(f"it gives a dict over {HASHED_ALIKE_MAX} keys of one hash (large integers "
-                                      "or tuples, whose hashes can be made equal): inserting them takes their "
-                                      "count squared")
-        return counted
+        """How many of ``keys`` were counted by their hash (none: a dict's are, see _Dict)."""
+        return 0
 
     def hash_keys(self, alike: int) -> None:
         """Count ``alike`` more keys that may hash alike given to this dict, set or Counter (their values unknown to
@@ -196,16 +178,38 @@ class _EmptyTuple(_Box):
     def hash_keys(self, alike: int) -> None:
         pass
 
-    def hash_known_keys(self, keys: list) -> int:
-        return 0
-
 
 _EMPTY_TUPLE = _EmptyTuple()
 
 
 class _Dict(_Box):
     """A dict, OrderedDict or Counter: what a BUILD's state and a tensor's backward hooks may be."""
-    __slots__ = ()
+    __slots__ = ("by_hash", "attribute_of")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_hash: dict[int, int] | None = None  # how many keys of known value it was given, by hash
+        self.attribute_of = _KINDS  # the kinds of object whose attributes its keys may name (_attributes)
+
+    def hash_known_keys(self, keys: list) -> int:
+        """Count the keys given to this dict whose value the scan knows (see _known_key) by their hash, as the
+        loading process will hash them (the scan runs in it: a text's hash, keyed afresh in every process, is the
+        same here); refused where one hash has over HASHED_ALIKE_MAX of them. Returns how many of those may
+        hash alike (a thousand tuple keys of distinct hashes read; a thousand of one hash do not)."""
+        counted = 0
+        for key in keys:
+            if self.attribute_of:
+                self.attribute_of = self.attribute_of & _attribute_of(key)
+            if not _may_hash_alike(key) or (value := _known_key(key)) is None:
+                continue
+            counted += 1
+            self.by_hash = {} if self.by_hash is None else self.by_hash
+            alike = self.by_hash[hash(value)] = self.by_hash.get(hash(value), 0) + 1  # a key given again counts too:
+            if alike > HASHED_ALIKE_MAX:  # torch.save writes each once
+                raise PickleBombError(f"it gives a dict over {HASHED_ALIKE_MAX} keys of one hash (large integers "
+                                      "or tuples, whose hashes can be made equal): inserting them takes their "
+                                      "count squared")
+        return counted
 
 
 CONTAINER_BYTES = 16
@@ -413,8 +417,9 @@ def _made(callee: object, args: object) -> object:
     if name.startswith(_MAKES_LEAF):
         return _LEAF
     made = _Dict() if name in _DICTS else _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what
-    # it was made from, as large; the keys it was made with are not known
-    made.attribute_of = made.attribute_of if args.weight == 0 else frozenset()
+    # it was made from, as large
+    if isinstance(made, _Dict) and args.weight:  # the keys it was made with are not known
+        made.attribute_of = frozenset()
     made.flat, made.int_product, made.text_bytes = args.flat, args.int_product, args.text_bytes
     made.items = made.weight = args.weight + args.text_bytes  # set("text..."): an item per character
     made.depth = args.depth  # a container of its arguments' items
@@ -474,7 +479,8 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
         obj = memo[idx]
         if isinstance(obj, _Text):  # walked (formatted, copied) once per reference: past REFERRED_TEXTS_FREE
             referred_texts += obj.size
-            charge(min(obj.size, max(0, referred_texts - REFERRED_TEXTS_FREE)))
+            if referred_texts > REFERRED_TEXTS_FREE:
+                charge(min(obj.size, referred_texts - REFERRED_TEXTS_FREE))
         elif isinstance(obj, int):
             charge(_digits(obj))
         elif isinstance(obj, _Box):
