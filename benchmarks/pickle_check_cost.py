@@ -4,7 +4,9 @@ The check (``saelab.utils.pickle_check.check_torch_file``) reads every opcode of
 torch does; its time grows with the pickle's size. Two files of about 5 and 10 MB are written once:
 
 - ``views``: what torch.save writes for 150,000 views of one stored tensor (an ordinary, pickle-heavy file);
-- ``empty-tuples``: a pickle of one tuple of 5 million empty tuples (what a hostile file may hold).
+- ``empty-tuples``: a pickle of one tuple of 5 million empty tuples (what a hostile file may hold);
+- ``tuple-keys``: a dict of 200,000 keys (layer, hook name), each counted by its hash (a version that refuses
+  over 256 tuple keys stops at the 257th).
 
 Each round times the check of this saelab and, with ``--other OLD/src``, of another version's source in a
 fresh process each (CPU time, so a busy machine slows both alike), alternating which goes first:
@@ -57,6 +59,10 @@ def write_empty_tuples(path: Path) -> None:
             out.writestr(info, data)
 
 
+def write_tuple_keys(path: Path) -> None:
+    torch.save({(i, f"blocks.{i}.hook_resid_post"): i for i in range(200_000)}, path)
+
+
 def timed(src: Path, path: Path) -> dict:
     out = subprocess.run([sys.executable, "-c", TIMED, str(src), str(path)], capture_output=True, text=True,
                          check=True)
@@ -70,9 +76,11 @@ def main() -> None:
     args = p.parse_args()
     versions = {"this": HERE, **({"other": args.other} if args.other else {})}
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"views": Path(tmp, "views.pt"), "empty-tuples": Path(tmp, "empty.pt")}
+        files = {"views": Path(tmp, "views.pt"), "empty-tuples": Path(tmp, "empty.pt"),
+                 "tuple-keys": Path(tmp, "keys.pt")}
         write_views(files["views"])
         write_empty_tuples(files["empty-tuples"])
+        write_tuple_keys(files["tuple-keys"])
         for name, path in files.items():
             print(f"{name}: {path.stat().st_size:,} bytes")
         for r in range(args.rounds):
