@@ -502,6 +502,9 @@ UNREAD = {
                              + b"e."), "would make"),
     "keys-and-values-set-as-an-ordered-dict's-attributes": (  # the tensor check after the load read no tensor
         lambda p: with_record(p, WEIGHT_WITH_KEYS_HIDDEN, bytes(4)), "a state other than"),
+    "an-attribute-named-as-a-counter's-method": (  # torch sets it: counter.most_common was a text
+        lambda p: in_archive(p, b"\x80\x02" + glob("collections", "Counter") + b")R}" + text("most_common")
+                             + text("x") + b"sb."), "a state other than"),
 }
 
 

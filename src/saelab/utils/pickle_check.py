@@ -81,9 +81,10 @@ class PickleBombError(pickle.UnpicklingError):
     """A torch pickle that describes an object far larger than the file (see the module docstring)."""
 
 
-_OWN_NAMES = {"OrderedDict": frozenset(dir(collections.OrderedDict)),
+_OWN_NAMES = {"dict": frozenset(dir(collections.OrderedDict)) | frozenset(dir(collections.Counter)),
               "tensor": frozenset(dir(torch.nn.Parameter(torch.empty(0))))}
-"""The attributes an OrderedDict or a tensor has of its own (a Parameter's include a plain tensor's)."""
+"""The attributes of their own that the objects torch sets attributes on have: an OrderedDict or a Counter (a
+BUILD: torch updates its __dict__), a tensor (a Parameter's include a plain tensor's)."""
 _KINDS = frozenset(_OWN_NAMES)
 
 _HEAD = 8
@@ -303,7 +304,7 @@ def _known_key(item: object) -> object:
 
 def _attributes(state: object, kind: str) -> bool:
     """Whether a BUILD's or a tensor rebuild's state is what torch.save writes for the attributes of an object of
-    ``kind`` (an OrderedDict's: ``_metadata`` of a state_dict, any a user set; a tensor's): a dict (made empty,
+    ``kind`` ("dict", an OrderedDict's: ``_metadata`` of a state_dict, any a user set; "tensor"): a dict (made empty,
     then given its items) whose keys are all names that are none of the object's own. torch's weights-only reader
     sets any dict there as it is, which is not enough for saelab: an OrderedDict's ``keys`` or ``values`` would hide
     its items from every reader, a tensor's ``grad``, ``data``, ``__class__`` or ``_backward_hooks`` would replace
@@ -603,10 +604,10 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 state = stack.pop()
                 if not isinstance(stack[-1], _Dict) and stack[-1] is not _TENSOR:
                     return None  # torch builds only tensors and OrderedDicts: its refusal names the object
-                if not (isinstance(stack[-1], _Box) and _attributes(state, "OrderedDict")):
-                    raise PickleBombError("it sets a state other than attributes of an OrderedDict named apart from "
-                                          "its own (torch.save writes an OrderedDict's attributes alone, and plain "
-                                          "tensors without)")
+                if not (isinstance(stack[-1], _Box) and _attributes(state, "dict")):
+                    raise PickleBombError("it sets a state other than attributes of an OrderedDict or Counter named "
+                                          "apart from its own (torch.save writes an OrderedDict's attributes alone, "
+                                          "and plain tensors without)")
                 fill(stack[-1], (state,))
             elif code in (0x52, 0x81):  # REDUCE, NEWOBJ
                 args = stack.pop()
