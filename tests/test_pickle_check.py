@@ -705,12 +705,15 @@ def renamed(path: Path, old: str, new: str) -> None:
 WITH_ONE_REFUSED = {
     "tuple-keys-and-300-of-one-hash": ("a-dict-of-1000-tuple-keys", lambda e: e["by_hook"].update(
         dict.fromkeys([(k,) for k in ONE_HASH_INTS[:300]], 0)), None, "whose hashes can be made equal"),
-    "a-tensor-attribute-named-grad": ("a-tensor-with-attributes", None, ("note", "grad"), "a state or a function"),
+    "a-tensor-attribute-named-grad": (  # torch would set the tensor's gradient
+        "a-tensor-with-attributes", lambda e: setattr(e["w"], "gxad", torch.ones(4)), ("gxad", "grad"),
+        "a state or a function"),
     "a-tensor-attribute-named-_backward_hooks": (
         "a-tensor-with-attributes", lambda e: setattr(e["w"], "x" * 15, collections.OrderedDict()),
         ("x" * 15, "_backward_hooks"), "a state or a function"),
-    "a-parameter-attribute-named-data": ("a-parameter-with-attributes", None, ("note", "data"),
-                                         "a state or a function"),
+    "a-parameter-attribute-named-data": (  # torch would replace the parameter's data
+        "a-parameter-with-attributes", lambda e: setattr(e["w"], "dxta", torch.ones(4)), ("dxta", "data"),
+        "a state or a function"),
     "an-attribute-that-is-a-view-of-one-element": (  # read by torch, refused by the walk after the load
         "a-tensor-with-attributes", lambda e: setattr(e["w"], "mask", torch.zeros(1).expand(2**26)), None,
         "once copied"),
@@ -729,6 +732,7 @@ WITH_ONE_REFUSED = {
 
 @pytest.mark.parametrize("kind", WITH_ONE_REFUSED)
 def test_a_file_of_shared_objects_with_one_refused_thing_is_refused(kind, tmp_path):
+    """What the check reads now, with one thing it refuses: the file is refused, naming that thing."""
     legit, add, names, refusal = WITH_ONE_REFUSED[kind]
     extra = SHARED_OR_WITH_ATTRIBUTES[legit]()
     if add:
