@@ -676,3 +676,43 @@ def test_a_families_file_names_local_files_by_their_base_names(tiny_dir, sae_fil
     assert main(["families", *saes, "--corpus", str(other), *args]) == 2
     assert (f"holds feature families of other corpus text (--corpus {other} is another corpus of that name, not the "
             "one read then)") in capsys.readouterr().err
+
+
+def test_where_the_corpus_lies_is_recorded_by_a_hash_no_guessed_path_confirms(sae_files, tiny_gpt2, tmp_path,
+                                                                              monkeypatch):
+    """site.json recorded where the corpus lay as a hash of its absolute path alone: anyone could confirm a guessed
+    path from a published site. It is keyed by this machine's secret now; a refusal still tells a corpus changed
+    since from another of that name, says it cannot tell for a record made with another secret, and reads the
+    path hash of a site an earlier saelab built as it did."""
+    from saelab.explore.browser.make import corpus_path_hash
+
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "texts" / "c.txt"
+    text.parent.mkdir()
+    text.write_text("The cat sat on the mat. " * 400)
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=str(text), n_top=4, n_samples=4, lm_batch_size=8)
+    out, one = tmp_path / "site", [sae_files / "run_small"]
+    build_browser(one, out, cfg, lm=tiny_gpt2, progress=False)
+    recorded = (out / "site.json").read_text()
+    assert corpus_path_hash(str(text)) not in recorded and "corpus_where" not in recorded
+    place = read_site_manifest(out)["inputs"]["corpus_place"]
+    assert re.fullmatch(r"[0-9a-f]{8}:[0-9a-f]{16}", place)
+    text.write_text("Numbers 12 34 56 and 78 follow. " * 400)  # the same place, other text
+
+    def refusal(corpus=text) -> str:
+        with pytest.raises(RunExistsError) as e:
+            build_browser(one, out, dataclasses.replace(cfg, corpus=str(corpus)), lm="no-such-model", progress=False)
+        return re.search(r"built from other corpus text \((.*?)\)( \(it shows \w+\))?; pass", str(e.value))[1]
+
+    assert refusal() == f"browse.corpus {text} changed since"
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "another-cache"))  # another machine's or user's secret
+    assert refusal() == f"browse.corpus {text} changed since, or is another corpus of that name"
+    manifest = read_site_manifest(out)  # as an earlier saelab recorded it: the hash of the path itself
+    del manifest["inputs"]["corpus_place"]
+    (out / "site.json").write_text(json.dumps({**manifest, "inputs": {**manifest["inputs"],
+                                                                      "corpus_where": corpus_path_hash(str(text))}}))
+    assert refusal() == f"browse.corpus {text} changed since"
+    other = tmp_path / "elsewhere" / "c.txt"
+    other.parent.mkdir()
+    other.write_text("The cat sat on the mat. " * 400)
+    assert refusal(other) == f"browse.corpus {other} is another corpus of that name, not the one read then"

@@ -396,7 +396,7 @@ def test_a_corpus_of_the_same_name_elsewhere_is_not_called_changed(tiny_gpt2, co
     with pytest.raises(RunExistsError, match=r"other corpus text \(browse.corpus text.jsonl.xz changed since\)"):
         export_neuronpedia_run("runs/r1", "np", cfg, lm=tiny_gpt2, progress=False)
     settings = json.loads((tmp_path / "np" / "run_settings.json").read_text())
-    del settings["inputs"]["corpus_where"]  # as an earlier saelab recorded it: which it is cannot be told
+    del settings["inputs"]["corpus_place"]  # as an earlier saelab recorded it: which it is cannot be told
     (tmp_path / "np" / "run_settings.json").write_text(json.dumps(settings))
     with pytest.raises(RunExistsError, match=r"\(browse.corpus text.jsonl.xz changed since, or is another corpus of "):
         export_neuronpedia_run("runs/r1", "np", elsewhere, lm=tiny_gpt2, progress=False)

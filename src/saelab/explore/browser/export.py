@@ -328,10 +328,11 @@ def _layer(hook: str, layer: int | None) -> int:
     return int(m.group(1))
 
 
-def _check_target(out: Path, overwrite: bool, key: str | None = None,
-                  inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def _check_target(out: Path, overwrite: bool, key: str | None = None, inputs: dict[str, Any] | None = None,
+                  corpus: str | None = None) -> dict[str, Any] | None:
     """None when ``out`` may be written; the earlier export's settings when it holds the export of ``key``
-    (reused, unless ``overwrite``). Anything else there is refused."""
+    (reused, unless ``overwrite``). Anything else there is refused, naming what differs (``corpus``: as given
+    now, for an earlier saelab's record of where it lay)."""
     from saelab.explore.browser.make import what_differs
 
     if not out.exists():
@@ -353,7 +354,7 @@ def _check_target(out: Path, overwrite: bool, key: str | None = None,
         return None
     if key is not None and earlier.get("key") == key:
         return earlier
-    made_of = "" if key is None else f" made from {what_differs(earlier.get('inputs'), inputs)}"
+    made_of = "" if key is None else f" made from {what_differs(earlier.get('inputs'), inputs, corpus=corpus)}"
     raise RunExistsError(f"{out}: an earlier Neuronpedia export{made_of} is there; pass overwrite=True "
                          "(--overwrite) to replace it")
 
@@ -448,7 +449,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     key, inputs = export_key(sources, cfg, model_dtype, kwargs, hashes)
     targets = [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]
     # before the model loads and the text is scored; an export of the same key is the same files
-    earlier = [_check_target(t, kwargs.get("overwrite", False), key, inputs) for t in targets]
+    earlier = [_check_target(t, kwargs.get("overwrite", False), key, inputs, cfg.corpus) for t in targets]
     if all(earlier):
         _say_what_was_left_out_or_made(sources, note)
         return _as_given([_reused(t, e) for t, e in zip(targets, earlier)], one)

@@ -52,6 +52,7 @@ from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import write_json
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path, public_name
+from saelab.utils.local_key import keyed_hash, same_keyed
 from saelab.utils.memory_limit import memory_limit
 from saelab.utils.words import plural
 
@@ -169,31 +170,50 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
                  identify: Callable[[SAESource], Any] = _stat_key) -> dict[str, Any]:
     """What build_key hashes, as a site or families file records it to name what differs on a refusal: the
     settings in full, the SAE files (as ``identify`` gives them) and a local corpus's files by a hash of their
-    names, sizes and times, and where it lies by a hash of its path (a record named by base names then tells a
-    corpus of the same name elsewhere from one changed since)."""
+    names, sizes and times, and where it lies by a hash of its path keyed by this machine's secret
+    (:func:`~saelab.utils.local_key.keyed_hash`; a record named by base names then tells a corpus of the same name
+    elsewhere from one changed since, and a published record cannot confirm a guessed path)."""
     files = json.dumps([[s.name, identify(s)] for s in sources], default=str)
     corpus = json.dumps(corpus_files_key(cfg.corpus))
     local = local_path(cfg.corpus)
-    where = json.dumps(str(local) if local is not None else None)
     inputs = {"browse": _settings(cfg, sources), "model_dtype": model_dtype, "sae_names": [s.name for s in sources],
               "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16],
               "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16],
-              "corpus_where": hashlib.sha256(where.encode()).hexdigest()[:16]}
+              "corpus_place": None if local is None else keyed_hash(str(local))}
     firsts = [first_scored(s.sae) for s in sources]
     if len(set(firsts)) > 1:  # as build_key: a refusal can then say what an earlier build did
         inputs["first_scored"] = firsts
     return json.loads(json.dumps(inputs, default=str))
 
 
-def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str:
+def corpus_path_hash(corpus: str | None) -> str:
+    """Where a local corpus lies as saelab recorded it before :func:`build_inputs` keyed it (``corpus_where``): a
+    hash of its absolute path alone, compared with those records, never recorded now."""
+    local = local_path(corpus)
+    return hashlib.sha256(json.dumps(str(local) if local is not None else None).encode()).hexdigest()[:16]
+
+
+def _same_place(recorded: dict[str, Any], inputs: dict[str, Any], corpus: str | None) -> bool | None:
+    """Whether the corpus read now lies where the recorded build's did; None where that cannot be told (a record
+    of an earlier saelab that kept neither, or one keyed by another machine's or user's secret). ``corpus``: the
+    corpus as given now (a record of an earlier saelab holds the hash of its path)."""
+    if "corpus_place" in recorded:
+        return same_keyed(recorded["corpus_place"], inputs.get("corpus_place"))
+    if "corpus_where" in recorded and corpus is not None:
+        return recorded["corpus_where"] == corpus_path_hash(corpus)
+    return None
+
+
+def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True, corpus: str | None = None) -> str:
     """"other settings (browse.n_tokens 4096 -> 8192)", "other SAEs (a, b -> sae, b)" (by the names the pages
     show them by: another path to an SAE may give it another), "other SAE files (...)", "other corpus text (...)", or,
     for a build that recorded no inputs (an earlier saelab) or differs in saelab's format only, "other inputs
-    or settings"."""
+    or settings". ``corpus``: the corpus as given now (an earlier saelab's record tells where it lay by its path)."""
     if not isinstance(recorded, dict):
         return "other inputs or settings"
     # Not settings: the SAE files name these (first_scored, export_version) or are named below.
-    hashed = ("sae_files", "sae_names", "corpus_files", "corpus_where", "export", "first_scored", "export_version")
+    hashed = ("sae_files", "sae_names", "corpus_files", "corpus_where", "corpus_place", "export", "first_scored",
+              "export_version")
 
     def settings(of: dict[str, Any]) -> dict[str, Any]:  # an export's options by their own names, as passed
         export = of.get("export")
@@ -220,10 +240,11 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True) -> str
         return ("an earlier saelab's export, whose n_tokens_in_prompt counted the BOS position its records leave "
                 "out")
     if "corpus_files" in recorded and recorded["corpus_files"] != inputs["corpus_files"]:
+        same_place = _same_place(recorded, inputs, corpus)
         corpus = inputs["browse"].get("corpus")
-        if "corpus_where" not in recorded:  # recorded by an earlier saelab: either may be the case
+        if same_place is None:  # either may be the case
             return f"other corpus text (browse.corpus {corpus} changed since, or is another corpus of that name)"
-        if recorded["corpus_where"] != inputs["corpus_where"]:  # an export names the corpus by its base name
+        if not same_place:  # an export names the corpus by its base name
             return f"other corpus text (browse.corpus {corpus} is another corpus of that name, not the one read then)"
         return f"other corpus text (browse.corpus {corpus} changed since)"
     return "other inputs or settings"
@@ -403,7 +424,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
             return {**{k: v for k, v in old.items() if k != FILES}, "site": str(out), "reused": True,
                     "seconds": {"total": round(time.perf_counter() - t_start, 2)}}
         shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
-        differs = what_differs(old.get("inputs"), inputs)
+        differs = what_differs(old.get("inputs"), inputs, corpus=cfg.corpus)
         shown = "" if differs.startswith("other SAEs (") else f" (it shows {shown})"  # else named twice
         raise RunExistsError(f"{out} holds a feature browser site built from {differs}{shown}; pass --overwrite "
                              "to replace it, or pick another --out")
@@ -487,7 +508,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
                    build_inputs(by_size, cfg, model_dtype, _sae_files_key))
     if earlier is not None:
         if earlier.get("key") != key:
-            raise RunExistsError(f"{out} holds feature families of {what_differs(earlier.get('inputs'), inputs, n2g=False)}; "
+            raise RunExistsError(f"{out} holds feature families of {what_differs(earlier.get('inputs'), inputs, n2g=False, corpus=cfg.corpus)}; "
                                  "pass --overwrite to replace it, or pick another --out")
         return {**earlier, "reused": True}
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)

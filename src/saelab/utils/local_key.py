@@ -1,0 +1,65 @@
+"""A secret of this user on this machine, that hashes where local files lie for records shared with others.
+
+A site or export records whether the corpus it read lies where a later build's does (so that a refusal can say
+"changed since" rather than "another corpus of that name"). A plain hash of the path let anyone confirm a guessed
+path from a published site; a hash keyed by this secret (HMAC-SHA256) cannot be checked without it. The secret is
+32 random bytes in ``$SAELAB_CACHE_DIR/local-key`` (default ``~/.cache/saelab/local-key``), made on first use;
+without it (deleted, another machine or user) earlier records cannot be compared, and say so by the key's id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+KEY_FILE = "local-key"
+KEY_BYTES = 32
+
+
+def key_path() -> Path:
+    """``$SAELAB_CACHE_DIR/local-key`` or ``~/.cache/saelab/local-key`` (where downloads are kept, beside them)."""
+    root = os.environ.get("SAELAB_CACHE_DIR")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "saelab") / KEY_FILE
+
+
+def local_key() -> bytes | None:
+    """The secret, made now if there is none; None where it cannot be read or made (a read-only home), or the
+    file is no key saelab wrote (it is left as it is)."""
+    path = key_path()
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(KEY_BYTES))
+                with contextlib.suppress(FileExistsError):  # another process made one first: that one holds
+                    os.link(tmp, path)  # whole or not there, never half written
+            finally:
+                tmp.unlink()
+        key = path.read_bytes()
+    except OSError:
+        return None
+    return key if len(key) == KEY_BYTES else None
+
+
+def keyed_hash(text: str) -> str | None:
+    """``"ID:HASH"``: the key's id (8 hex digits of its sha256: which key hashed it) and 16 hex digits of
+    HMAC-SHA256(key, text); None without a key."""
+    key = local_key()
+    if key is None:
+        return None
+    return f"{hashlib.sha256(key).hexdigest()[:8]}:{hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:16]}"
+
+
+def same_keyed(then: object, now: object) -> bool | None:
+    """Whether two :func:`keyed_hash` values hash the same text; None where that cannot be told (either is
+    missing, or they were made with different keys)."""
+    if not (isinstance(then, str) and isinstance(now, str)) or then.split(":")[0] != now.split(":")[0]:
+        return None
+    return then == now
