@@ -405,3 +405,36 @@ def test_a_long_token_makes_a_short_chip_and_shows_whole_in_its_title(browser, t
         assert page.locator("#latents i").count() == 0  # the token's markup stayed text
     finally:
         page.close()
+
+
+def test_a_served_site_loads_while_each_file_is_checked_as_served(browser, served_site, tmp_path):
+    """The server checks each file against site.json as it serves it (hashing a file whose time changed): a site
+    whose every file was touched since the server started still loads whole in Chromium, and a page file written
+    over is answered 409, not served."""
+    site, _ = served_site
+    copy = tmp_path / "site"
+    shutil.copytree(site, copy)
+    server, _ = serve_in_thread(copy, 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        later = (copy / "site.json").stat().st_mtime_ns + 10**9
+        for path in (p for p in copy.rglob("*") if p.is_file()):
+            os.utime(path, ns=(later, later))  # the same bytes at another time: each hashed when first served
+        first = json.loads((copy / "site.json").read_text())["saes"][0]["name"]
+        page, errors, statuses = browser.new_page(), [], {}
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("response", lambda r: statuses.__setitem__(r.url.removeprefix(base), r.status))
+        page.goto(base + f"#/s/{first}/l/5")
+        _wait(page)
+        assert page.inner_text("#latent-title") == f"{first} · latent #5" and not errors
+        assert statuses[f"data/{first}/l/0000.js"] == 200 and set(statuses.values()) == {200}, statuses
+        chunk = copy / "data" / first / "l" / "0000.js"
+        chunk.write_text(chunk.read_text().replace('"id":5,', '"id":5 ,', 1))
+        os.utime(chunk, ns=(later + 10**9,) * 2)
+        with page.expect_response(base + f"data/{first}/l/0000.js", timeout=20_000) as answer:
+            page.reload()
+        assert answer.value.status == 409  # its one-line body: test_browser_site.py, over urllib
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()

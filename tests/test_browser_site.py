@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -357,6 +358,63 @@ def test_a_site_whose_files_changed_since_its_build_is_not_served(site, tmp_path
     record_edits(copy)  # edits recorded in site.json as a build records its files: served
     server = make_server(copy, 0)
     server.server_close()
+
+
+def _get(url: str, method: str = "GET") -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_a_file_changed_while_served_is_refused_naming_it(site, tmp_path):
+    """The server checked the site's files against site.json once, at start: a file written over while it served
+    was served. Each file is checked as it is served now (hashed only where its size or time changed): a changed,
+    missing or unlisted file is answered 409 with one line naming it and --overwrite; the same bytes put back, or
+    a rebuild (a new site.json), are served again."""
+    out, _, _ = site
+    copy = tmp_path / "browser"
+    shutil.copytree(out, copy)
+    page, meta = copy / "data" / "run_small" / "l" / "0000.js", copy / "data" / "meta.js"
+    written = page.read_bytes()
+    server, _ = serve_in_thread(copy, 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    rebuild = "rebuild it with `saelab browse` and --overwrite\n"
+    try:
+        assert _get(base + "data/run_small/l/0000.js") == (200, written)
+        start = page.stat().st_mtime_ns
+
+        def write(data: bytes, seconds_later: int) -> None:  # a time of its own: not within the clock's last tick
+            page.write_bytes(data)
+            os.utime(page, ns=(start + seconds_later * 10**9,) * 2)
+
+        write(written.replace(b"[", b"(", 1), 1)  # the same size: only its hash tells
+        changed = (409, f"data/run_small/l/0000.js changed since the site was built; {rebuild}".encode())
+        assert _get(base + "data/run_small/l/0000.js") == changed
+        assert _get(base + "data/run_small/l/0000.js", "HEAD") == (409, b"")
+        write(written, 2)  # put back (a new time, the same bytes): hashed once, served
+        assert _get(base + "data/run_small/l/0000.js") == (200, written)
+        write(written.replace(b"[", b"(", 1), 2)  # size and time as last checked: not hashed again
+        assert _get(base + "data/run_small/l/0000.js")[0] == 200
+        (copy / "notes.txt").write_text("mine")
+        assert _get(base + "notes.txt") == (409, f"notes.txt is not one of the site's files (its site.json lists "
+                                                 f"none such); {rebuild}".encode())
+        kept = meta.read_bytes()
+        meta.unlink()
+        assert _get(base + "data/meta.js") == (409, f"data/meta.js is missing since the site was built; "
+                                                    f"{rebuild}".encode())
+        assert _get(base + "data/nothing.js")[0] == 404  # neither listed nor there
+        meta.write_bytes(kept)
+        assert _get(base + "data/meta.js") == (200, kept)
+        (copy / "data" / "vocab.js").write_text('SAELAB.put("vocab",{});\n')
+        assert _get(base + "data/vocab.js")[0] == 409
+        record_edits(copy)  # as a rebuild in place writes a new site.json with its files: read again, served
+        assert _get(base + "data/vocab.js") == (200, b'SAELAB.put("vocab",{});\n')
+        assert _get(base + "index.html")[0] == 200 and _get(base)[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_cli_browse_serves_a_site_only_while_its_files_are_as_written(sae_files, tiny_dir, corpus, tmp_path, capsys):

@@ -8,7 +8,10 @@ per request. Since any web page the user opens can also send requests to 127.0.0
   page names its own host and is refused, 403);
 - requests from the site itself or typed/bookmarked/followed links (``Sec-Fetch-Site``): another site's
   ``<script src>`` cannot load the data files, which are scripts, and read them (403);
-- files inside the site folder after symlinks are resolved (403 otherwise); no directory listings (404).
+- files inside the site folder after symlinks are resolved (403 otherwise); no directory listings (404);
+- files as the site's site.json records them (:class:`SiteFiles`, checked as each is served: a file written over
+  since the build, or one the build did not write, is answered 409 with a one-line text naming it and
+  ``--overwrite``); a site rebuilt in place while served is read again from its new site.json.
 
 Every response carries :func:`security_headers`: the pages' Content-Security-Policy, ``nosniff`` and
 ``no-referrer``, and a same-origin resource policy.
@@ -18,13 +21,17 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import http.server
+import io
 import os
 import threading
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 from saelab.errors import SaelabError
+from saelab.sae.config import SITE_MANIFEST
 
 HOST = "127.0.0.1"
 
@@ -49,10 +56,95 @@ def allowed_hosts(port: int) -> set[str]:
     return {f"{n}:{port}" for n in names} | (set(names) if port == 80 else set())
 
 
+REBUILD = "rebuild it with `saelab browse` and --overwrite"
+
+
+class SiteFiles:
+    """The files of a served site, as its site.json records them, checked as each is served: a file whose size
+    and modification time are those it had when last found as recorded is served at once; another is hashed
+    (only then) and served when it still matches its record. Where site.json itself changed (the site was
+    rebuilt), its record is read again first."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        """``manifest``: the site's site.json; the size and time of each file now are taken as checked (the
+        start-up scan, before the server's start checks every file's hash)."""
+        self.root, self.lock = root, threading.Lock()
+        self._read(manifest)
+        self.seen = {name: _stat_of(self.root / name) for name in (*self.records, SITE_MANIFEST)}
+
+    def _read(self, manifest: dict[str, Any]) -> None:
+        """Take ``manifest``'s record of the files; none of them is taken as checked yet."""
+        from saelab.explore.browser.site import FILES, _implied_files
+
+        recorded = manifest.get(FILES)
+        # a site.json from before it recorded hashes: the files it implies, checked by size and time only
+        self.records = recorded if isinstance(recorded, dict) else dict.fromkeys(_implied_files(manifest) or [])
+        self.manifest_stat = _stat_of(self.root / SITE_MANIFEST)
+        self.seen: dict[str, tuple[int, int] | None] = {SITE_MANIFEST: self.manifest_stat}
+
+    def why_not(self, name: str, f) -> str | None:
+        """Why the site's file ``name`` (a path relative to the site, open as ``f``) is not served, or None."""
+        with self.lock:
+            why = self._check(name, f)
+            if why is not None and self._reread():  # rebuilt since: checked against its new record
+                why = self._check(name, f)
+        return why
+
+    def missing(self, name: str) -> str | None:
+        """The refusal of a request for a listed file that is not there, or None where none is listed."""
+        return f"{name} is missing since the site was built; {REBUILD}" if name in self.records else None
+
+    def _check(self, name: str, f) -> str | None:
+        if name != SITE_MANIFEST and name not in self.records:
+            return f"{name} is not one of the site's files (its site.json lists none such); {REBUILD}"
+        st = os.fstat(f.fileno())
+        now = (st.st_size, st.st_mtime_ns)
+        if self.seen.get(name) == now:
+            return None
+        record = self.records.get(name)
+        if record is not None and record[0] == st.st_size and _sha256_16(f) == record[1]:
+            self.seen[name] = now  # touched or copied back, same bytes: served at once from now on
+            return None
+        return f"{name} changed since the site was built; {REBUILD}"
+
+    def _reread(self) -> bool:
+        """Read site.json again where it changed since it was read; whether it did and holds a finished site (each
+        of whose files is then hashed when next served)."""
+        from saelab.explore.browser.site import read_site_manifest
+
+        if _stat_of(self.root / SITE_MANIFEST) == self.manifest_stat:
+            return False
+        manifest = read_site_manifest(self.root)
+        if manifest is None:
+            return False
+        self._read(manifest)
+        return True
+
+
+def _stat_of(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _sha256_16(f) -> str:
+    """The first 16 hex digits of the sha256 of open file ``f`` (as site.json records files), read from its start."""
+    f.seek(0)
+    digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    f.seek(0)
+    return digest
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
                       ".js": "text/javascript; charset=utf-8", ".json": "application/json",
                       ".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8"}
+
+    def __init__(self, *args, site_files: SiteFiles, **kwargs) -> None:
+        self.site_files = site_files  # before the base class's __init__, which answers the request
+        super().__init__(*args, **kwargs)
 
     def end_headers(self) -> None:
         self.send_header("Cache-Control", "no-store")
@@ -90,6 +182,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return None
         real, status = self._site_file()
         if real is None:
+            asked = self.translate_path(self.path)
+            if status == HTTPStatus.NOT_FOUND and not asked.endswith("/") and not os.path.lexists(asked):
+                missing = self.site_files.missing(self._site_name(asked))  # a file the build wrote, deleted since
+                if missing:
+                    return self._refuse(missing)
             self.send_error(status, "outside the site" if status == HTTPStatus.FORBIDDEN else "not found")
             return None
         try:
@@ -98,6 +195,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.send_error(HTTPStatus.NOT_FOUND, "not found")
             return None
         try:
+            why = self.site_files.why_not(self._site_name(real), f)  # checked as the file opened is, not its name
+            if why is not None:
+                f.close()
+                return self._refuse(why)
             size = os.fstat(f.fileno()).st_size
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", self.guess_type(real))
@@ -107,6 +208,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         except BaseException:
             f.close()
             raise
+
+    def _site_name(self, path: str) -> str:
+        """``path`` (a real path inside the site) as site.json names the site's files."""
+        return Path(os.path.relpath(path, os.path.realpath(self.directory))).as_posix()
+
+    def _refuse(self, line: str) -> io.BytesIO:
+        """A 409 whose body is ``line``: the page's file is not the one the site was built with."""
+        body = (line + "\n").encode("utf-8")
+        self.send_response(HTTPStatus.CONFLICT)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
 
     def list_directory(self, path):  # never reached through send_head; refused should anything call it
         self.send_error(HTTPStatus.NOT_FOUND, "not found")
@@ -126,13 +240,14 @@ def make_server(site: str | os.PathLike, port: int = 8000) -> http.server.Thread
     manifest = read_site_manifest(site)
     if manifest is None:
         raise ServeError(f"{site}: not a finished feature browser site (no site.json); build it with `saelab browse`")
+    files = SiteFiles(site.resolve(), manifest)  # sizes and times before the hashes: a file changed between is hashed
     damage = site_damage(site, manifest)
     if damage is not None:
         raise ServeError(f"{site} holds a feature browser site, but {damage}; build it again with `saelab browse` "
                          "and --overwrite before serving it")
     if not 0 <= int(port) <= 65535:
         raise ServeError(f"port must be in 0..65535, got {port}")
-    handler = functools.partial(_Handler, directory=str(site.resolve()))
+    handler = functools.partial(_Handler, directory=str(site.resolve()), site_files=files)
     try:
         server = http.server.ThreadingHTTPServer((HOST, int(port)), handler)
     except OSError as e:
