@@ -774,3 +774,32 @@ def test_where_the_corpus_lies_is_recorded_by_a_hash_no_guessed_path_confirms(sa
     other.parent.mkdir()
     other.write_text("The cat sat on the mat. " * 400)
     assert refusal(other) == f"browse.corpus {other} is another corpus of that name, not the one read then"
+
+
+def test_latent_pages_are_written_as_built_not_all_held_at_once(tiny_gpt2, corpus, tmp_path):
+    """Every latent's page record (its nearest-latent lists above all: n_latents x n_neighbours entries, ~150-176 B
+    each as Python lists) was built before the first page file was written: 8,191 on 8,192 latents took 11.8 GB.
+    Each page file is written as it is built now: the write's Python memory at its peak stays within a few page
+    files' worth, far below that of the 512 x 511 entries listed."""
+    import tracemalloc
+
+    from saelab.explore.browser.build import SAESource, collect_statistics, finish_statistics, read_tokens
+    from saelab.explore.browser.site import write_site
+
+    sae = trained_like_sae(tiny_gpt2, 512, 2, corpus)
+    cfg = BrowseConfig(n_tokens=31 * 16, corpus=corpus, n_top=4, n_samples=4, lm_batch_size=16, n_neighbours=511)
+    tokens = read_tokens(tiny_gpt2, sae, cfg)
+    stats, _, _ = collect_statistics(tiny_gpt2, [SAESource("big", "big", sae)], tokens, cfg, hook=HOOK,
+                                     families=False, progress=False)
+    finish_statistics(tiny_gpt2, stats[0], tokens, HOOK, cfg, progress=False)
+    tracemalloc.start()
+    try:
+        write_site(tmp_path / "site", manifest={"format": "saelab-feature-browser"}, stats_list=stats,
+                   tokens_NT=tokens, tokenizer=tiny_gpt2.tokenizer, cfg=cfg, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    page = 64 * 511 * 170  # one page file's lists (measured at 10 MiB in all; 40 MiB when all pages were held)
+    assert peak < 4 * page, f"{peak / 2**20:.1f} MiB at the peak for {512 * 511:,} entries"
+    _, records = read_js(tmp_path / "site" / "data" / "big" / "l" / "0007.js")
+    assert [len(r["near"]) for r in records] == [511] * 64 and records[-1]["id"] == 511

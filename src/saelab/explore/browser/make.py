@@ -355,19 +355,23 @@ def check_sizes(sources: Sequence[SAESource], cfg: BrowseConfig, site: bool = Tr
     _check_pass_memory(sources, cfg, n_contexts, T, site)
 
 
-NEIGHBOUR_BYTES = 170
-"""Memory per nearest latent a site lists: the pages are written from Python lists of [id, cosine] pairs, an SAE's
-latents at once, beside the ids' and cosines' tensors. Measured (benchmarks/browse_neighbours.py; RESULTS.md,
-"Nearest latents a site lists"): 149 B per entry at 4.2 M entries, 161 B at 16.8 M, ~176 B at 67 M."""
+NEIGHBOUR_BYTES = 12
+"""Memory per nearest latent a site lists, kept for every latent until its pages are written: the ids' (int64) and
+cosines' (float32) tensors."""
+PAGE_NEIGHBOUR_BYTES = 200
+"""Memory per nearest latent on the page being written (:data:`.site.CHUNK` latents a file, built and written one at a
+time): a Python ``[id, cosine]`` list and its text. Measured (benchmarks/browse_neighbours.py; RESULTS.md, "Nearest
+latents a site lists"): the whole build's peak grows by 12-14 B per entry, all latents' at once; before the pages
+were written as built, by 149 B at 4.2 M entries, 161 B at 16.8 M, ~176 B at 67 M."""
 
 
 def _check_pass_memory(sources: Sequence[SAESource], cfg: BrowseConfig, n_contexts: int, T: int,
                        site: bool = True) -> None:
     """The pass keeps every latent's top and sampled contexts: each an activation row of T float32 values with
-    its context, position and score (``_Collector``); a site's pages then list every latent's nearest latents
-    (``NEIGHBOUR_BYTES`` each). Where these alone take more than the memory this process may use (the machine's,
-    or its container's limit), refused now: the pass would fail in the allocator, swap, or be killed, after the
-    load."""
+    its context, position and score (``_Collector``); a site keeps every latent's nearest latents
+    (``NEIGHBOUR_BYTES`` each) and lists them on its pages a file at a time (``PAGE_NEIGHBOUR_BYTES`` each). Where
+    these alone take more than the memory this process may use (the machine's, or its container's limit), refused
+    now: the pass would fail in the allocator, swap, or be killed, after the load."""
     limit = memory_limit()
     if limit is None:  # an OS that does not say: nothing to compare with
         return
@@ -381,14 +385,21 @@ def _check_pass_memory(sources: Sequence[SAESource], cfg: BrowseConfig, n_contex
                           f"{plural(n_latents, 'latent')} in contexts of {T} tokens, past {whose} "
                           f"{memory / 2**30:,.1f} GiB of memory; expected browse.n_top + browse.n_samples <= "
                           f"{memory // per_context:,}")
-    # as finish_statistics cuts them: at most each SAE's other latents
-    listed = sum(s.sae.n_latents * min(cfg.n_neighbours, s.sae.n_latents - 1) for s in sources) if site else 0
-    if need + listed * NEIGHBOUR_BYTES > memory:
+    if not site:
+        return
+    from saelab.explore.browser.site import CHUNK
+
+    # as finish_statistics cuts them: at most each SAE's other latents; one page of CHUNK latents' lists at a time
+    listed = sum(s.sae.n_latents * min(cfg.n_neighbours, s.sae.n_latents - 1) for s in sources)
+    page = CHUNK * max(min(cfg.n_neighbours, s.sae.n_latents - 1) for s in sources) * PAGE_NEIGHBOUR_BYTES
+    lists = listed * NEIGHBOUR_BYTES + page
+    if need + lists > memory:
+        most = (memory - need) // (n_latents * NEIGHBOUR_BYTES + CHUNK * PAGE_NEIGHBOUR_BYTES)
         raise ConfigError(f"browse.n_neighbours {cfg.n_neighbours:,}: the pages list each latent's nearest latents, "
-                          f"{listed * NEIGHBOUR_BYTES / 2**30:,.1f} GiB for {n_latents:,} "
-                          f"{plural(n_latents, 'latent')} beside the {need / 2**30:,.1f} GiB of their contexts' "
+                          f"{lists / 2**30:,.1f} GiB for {n_latents:,} {plural(n_latents, 'latent')} (every "
+                          f"latent's, and one page's as text) beside the {need / 2**30:,.1f} GiB of their contexts' "
                           f"activations, past {whose} {memory / 2**30:,.1f} GiB of memory; expected "
-                          f"browse.n_neighbours <= {(memory - need) // (n_latents * NEIGHBOUR_BYTES):,}")
+                          f"browse.n_neighbours <= {most:,}")
 
 
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,

@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -197,58 +197,63 @@ def _strong_tokens(tokens_np: np.ndarray, ctx_K: np.ndarray, rows_KT: np.ndarray
 
 
 def latent_pages(stats, tokens_NT: torch.Tensor, cfg, vocab: _Vocab, families: dict[str, Any] | None,
-                 name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The index rows and the per-latent records of one SAE (see the module docstring)."""
+                 name: str) -> tuple[dict[str, Any], Iterator[list[dict[str, Any]]]]:
+    """The index of one SAE and its per-latent records, CHUNK latents (one page file) at a time (see the module
+    docstring). Each chunk is built as it is read, so the records of all latents (their nearest-latent lists
+    above all: n_latents x n_neighbours entries) are never held at once; the index's rows fill as the chunks are
+    read, and the index is whole once the last one is."""
     sae = stats.source.sae
-    n = sae.n_latents
-    s0 = 1 if sae.cfg.prepend_bos else 0
-    tokens_np = tokens_NT.numpy()
-    max_N = stats.max_N.numpy()
-    top_ctx, top_pos = stats.top_ctx_NK.numpy(), stats.top_pos_NK.numpy()
-    top_rows = stats.top_rows_NKT.numpy()
-    smp_ctx, smp_pos, smp_max = stats.sample_ctx_NS.numpy(), stats.sample_pos_NS.numpy(), stats.sample_act_NS.numpy()
-    smp_rows = stats.sample_rows_NST.numpy()
-    hist, hist_top = stats.hist_NH.numpy(), stats.hist_top_N.numpy()
-    lg = {k: v.numpy() for k, v in stats.logits.items()}
-    near_ids, near_cos = stats.neighbours["ids"].numpy(), stats.neighbours["cos"].numpy()
-    density, mean = stats.density_N.numpy(), stats.mean_N.numpy()
+    arrays = {"tokens": tokens_NT.numpy(), "max": stats.max_N.numpy(), "top_ctx": stats.top_ctx_NK.numpy(),
+              "top_pos": stats.top_pos_NK.numpy(), "top_rows": stats.top_rows_NKT.numpy(),
+              "smp_ctx": stats.sample_ctx_NS.numpy(), "smp_pos": stats.sample_pos_NS.numpy(),
+              "smp_max": stats.sample_act_NS.numpy(), "smp_rows": stats.sample_rows_NST.numpy(),
+              "hist": stats.hist_NH.numpy(), "hist_top": stats.hist_top_N.numpy(), "count": stats.count_N,
+              "near_ids": stats.neighbours["ids"].numpy(), "near_cos": stats.neighbours["cos"].numpy(),
+              "density": stats.density_N.numpy(), "mean": stats.mean_N.numpy(),
+              **{f"lg_{k}": v.numpy() for k, v in stats.logits.items()}}
+    index = {"name": name, "n_latents": sae.n_latents, **sparsity_of(sae), "n_tokens": stats.n_tokens,
+             "chunk": CHUNK, "density": [], "max": [], "mean": [], "top_tokens": [], "promoted": [], "expl": []}
     fam = _family_lookup(families, name)
+    s0 = 1 if sae.cfg.prepend_bos else 0
 
-    index = {"name": name, "n_latents": n, **sparsity_of(sae), "n_tokens": stats.n_tokens, "chunk": CHUNK,
-             "density": [], "max": [], "mean": [], "top_tokens": [], "promoted": [], "expl": []}
-    records = []
-    for i in range(n):
-        scale = float(max_N[i])
-        top = _examples(tokens_np, top_ctx[i], top_pos[i], top_rows[i], scale, s0, cfg.window_before,
-                        cfg.window_after, vocab)
-        valid = smp_ctx[i] >= 0
-        order = np.argsort(smp_max[i][valid], kind="stable")
-        samples = _examples(tokens_np, smp_ctx[i][valid][order], smp_pos[i][valid][order], smp_rows[i][valid][order],
-                            scale, s0, cfg.window_before, cfg.window_after, vocab)
-        bands = [b.tolist() for b in np.array_split(np.arange(len(samples)), cfg.n_bands)] if samples else []
-        counts = hist[i]
-        nz = np.flatnonzero(counts)
-        hist_rec = [_sig(hist_top[i]), counts[: nz[-1] + 1].tolist() if nz.size else []]
-        top_tok = _strong_tokens(tokens_np, top_ctx[i], top_rows[i], scale, s0)
-        vocab.add(t for t, _ in top_tok)
-        vocab.add(lg["pos_ids"][i].tolist())
-        vocab.add(lg["neg_ids"][i].tolist())
-        expl = stats.explanations.get(i)
-        records.append({
-            "id": i, "max": _sig(scale), "density": _sig(density[i]), "mean": _sig(mean[i]),
-            "count": int(stats.count_N[i]), "top": top, "samples": samples, "bands": bands, "hist": hist_rec,
-            "pos": [[int(t), _sig(v, 3)] for t, v in zip(lg["pos_ids"][i], lg["pos_vals"][i])],
-            "neg": [[int(t), _sig(v, 3)] for t, v in zip(lg["neg_ids"][i], lg["neg_vals"][i])],
-            "near": [[int(j), _sig(c, 3)] for j, c in zip(near_ids[i], near_cos[i])],
-            "expl": expl, "family": fam(i),
-        })
-        index["density"].append(_sig(density[i]))
-        index["max"].append(_sig(scale))
-        index["mean"].append(_sig(mean[i]))
-        index["top_tokens"].append(top_tok)
-        index["promoted"].append([int(t) for t in lg["pos_ids"][i][:5]])
-        index["expl"].append(expl["text"] if expl else "")
-    return index, records
+    def chunks() -> Iterator[list[dict[str, Any]]]:
+        for start in range(0, sae.n_latents, CHUNK):
+            yield [_latent_record(arrays, i, s0, cfg, vocab, stats.explanations.get(i), fam(i), index)
+                   for i in range(start, min(start + CHUNK, sae.n_latents))]
+
+    return index, chunks()
+
+
+def _latent_record(a: dict[str, Any], i: int, s0: int, cfg, vocab: _Vocab, expl: dict[str, Any] | None,
+                   family: dict[str, Any] | None, index: dict[str, Any]) -> dict[str, Any]:
+    """Latent i's page record (arrays ``a`` from :func:`latent_pages`), its row appended to ``index``."""
+    tokens_np, scale = a["tokens"], float(a["max"][i])
+    top = _examples(tokens_np, a["top_ctx"][i], a["top_pos"][i], a["top_rows"][i], scale, s0, cfg.window_before,
+                    cfg.window_after, vocab)
+    valid = a["smp_ctx"][i] >= 0
+    order = np.argsort(a["smp_max"][i][valid], kind="stable")
+    samples = _examples(tokens_np, a["smp_ctx"][i][valid][order], a["smp_pos"][i][valid][order],
+                        a["smp_rows"][i][valid][order], scale, s0, cfg.window_before, cfg.window_after, vocab)
+    bands = [b.tolist() for b in np.array_split(np.arange(len(samples)), cfg.n_bands)] if samples else []
+    counts = a["hist"][i]
+    nz = np.flatnonzero(counts)
+    hist_rec = [_sig(a["hist_top"][i]), counts[: nz[-1] + 1].tolist() if nz.size else []]
+    top_tok = _strong_tokens(tokens_np, a["top_ctx"][i], a["top_rows"][i], scale, s0)
+    vocab.add(t for t, _ in top_tok)
+    vocab.add(a["lg_pos_ids"][i].tolist())
+    vocab.add(a["lg_neg_ids"][i].tolist())
+    density, mean = _sig(a["density"][i]), _sig(a["mean"][i])
+    for key, value in (("density", density), ("max", _sig(scale)), ("mean", mean), ("top_tokens", top_tok),
+                       ("promoted", [int(t) for t in a["lg_pos_ids"][i][:5]]), ("expl", expl["text"] if expl else "")):
+        index[key].append(value)
+    return {
+        "id": i, "max": _sig(scale), "density": density, "mean": mean,
+        "count": int(a["count"][i]), "top": top, "samples": samples, "bands": bands, "hist": hist_rec,
+        "pos": [[int(t), _sig(v, 3)] for t, v in zip(a["lg_pos_ids"][i], a["lg_pos_vals"][i])],
+        "neg": [[int(t), _sig(v, 3)] for t, v in zip(a["lg_neg_ids"][i], a["lg_neg_vals"][i])],
+        "near": [[int(j), _sig(c, 3)] for j, c in zip(a["near_ids"][i], a["near_cos"][i])],
+        "expl": expl, "family": family,
+    }
 
 
 def _family_lookup(families: dict[str, Any] | None, name: str):
@@ -285,12 +290,11 @@ def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: 
         for stats in tqdm(stats_list, desc="site", disable=not progress or len(stats_list) < 2):
             name = stats.source.name
             _check_name(name)
-            index, records = latent_pages(stats, tokens_NT, cfg, vocab, families, name)
+            index, chunks = latent_pages(stats, tokens_NT, cfg, vocab, families, name)
             (data / name / "l").mkdir(parents=True)
-            (data / name / "index.js").write_text(_js(f"index/{name}", index), encoding="utf-8")
-            for s in range(0, len(records), CHUNK):
-                (data / name / "l" / f"{s // CHUNK:04d}.js").write_text(
-                    _js(f"latents/{name}/{s // CHUNK}", records[s:s + CHUNK]), encoding="utf-8")
+            for c, records in enumerate(chunks):  # each page file written as it is built, then let go
+                (data / name / "l" / f"{c:04d}.js").write_text(_js(f"latents/{name}/{c}", records), encoding="utf-8")
+            (data / name / "index.js").write_text(_js(f"index/{name}", index), encoding="utf-8")  # whole by now
         (data / "vocab.js").write_text(_js("vocab", vocab.strings()), encoding="utf-8")
         if families:
             write_json(tmp / "families.json", families)
