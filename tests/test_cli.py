@@ -38,17 +38,20 @@ def test_help_of_every_verb(verb, capsys):
 def test_help_and_refused_options_import_neither_scipy_nor_matplotlib_nor_torch():
     """Every command waited ~1.2 s for scipy and matplotlib, then ~1.3 s for torch, before it did anything:
     `import saelab`, `--help`, a verb's --help and a refused option need none of them (each is imported where a
-    curve is fitted, a figure drawn or a tensor made). One fresh process; what each step had imported so far."""
+    curve is fitted, a figure drawn or a tensor made). --no-progress imported transformers (~1.4 s) to hide its
+    bars before the verb's own checks. One fresh process; what each step had imported so far."""
     script = """
 import contextlib, io, json, sys
-heavy = lambda: sorted({name.split(".")[0] for name in sys.modules} & {"torch", "scipy", "matplotlib"})
+heavy = lambda: sorted({name.split(".")[0] for name in sys.modules} & {"torch", "scipy", "matplotlib", "transformers"})
 import saelab
 seen = {"import saelab": [0, "", heavy()]}
 from saelab.cli import VERBS, build_parser, main
 build_parser([])
 for argv in (["--help"], *([verb, "--help"] for verb in VERBS), ["train", "--lr", "x"],
              ["train", "--activations", "acts", "--out", "run", "--lr", "-1"], ["steer", "--valeu", "3"],
-             ["steer", "sae", "--latent", "1", "--value", "2", "--temperature", "0"]):  # the verb's own check
+             ["steer", "sae", "--latent", "1", "--value", "2", "--temperature", "0"],  # the verb's own check
+             ["train", "--activations", "acts", "--out", "run", "--lr", "-1", "--no-progress"],
+             ["steer", "sae", "--latent", "1", "--value", "2", "--temperature", "0", "--no-progress"]):
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
@@ -70,6 +73,8 @@ print(json.dumps(seen))
                                                  "mean --value?")
     assert seen["steer sae --latent 1 --value 2 --temperature 0"][1] == ("saelab steer: error: --temperature must be "
                                                                          "> 0, got 0.0")
+    assert seen["steer sae --latent 1 --value 2 --temperature 0 --no-progress"][1] == (
+        "saelab steer: error: --temperature must be > 0, got 0.0")
 
 
 def test_switches_show_both_forms_and_their_default(capsys):

@@ -200,12 +200,12 @@ def _fail(verb: str, message: str, code: int) -> int:
 
 
 def _hide_library_progress_bars() -> None:
-    """--no-progress also hides the bars transformers and the hub draw (loading weights, downloads)."""
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils.logging import disable_progress_bar
+    """--no-progress also hides the bars the hub draws (downloads), with one switch: transformers takes the hub's
+    setting when it is imported, and each model load hides its bars itself (load_model's ``progress``).
+    transformers is not imported here (~1 s), as a verb's own checks may still refuse the call."""
+    from huggingface_hub.utils import disable_progress_bars  # ~40 ms, no torch
 
     disable_progress_bars()
-    disable_progress_bar()
 
 
 def _first_process() -> bool:

@@ -153,7 +153,8 @@ def _loaded(args: argparse.Namespace, sae, spec: str, tokenizer=None):
     """The SAE beside its model, loaded with ``tokenizer`` when the checks read it already (not read again)."""
     from saelab.models import load_model
 
-    lm = load_model(spec, device=args.device, dtype=args.model_dtype, tokenizer=tokenizer)
+    lm = load_model(spec, device=args.device, dtype=args.model_dtype, tokenizer=tokenizer,
+                    progress=args.progress)
     return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
 
 
