@@ -466,3 +466,32 @@ def test_add_raises_the_latent_by_its_value_in_a_layernorm_sae(paper_recipe_run)
         _, cache = run_with_cache_with_saes(lm, tokens, [sae], use_error_term=True, names=[hook + ".hook_sae_output"],
                                             hooks=edit)
         torch.testing.assert_close(steered, cache[hook + ".hook_sae_output"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_layernorm_sae_value_past_float32_once_times_std_is_refused_in_one_line(paper_recipe_run, tmp_path,
+                                                                                   capsys):
+    """steer checked --value against float32's range, but a layernorm SAE adds the value times each token's
+    std(x) (here ~6.5): a value inside the range gave inf activations and NaN text, silently."""
+    lm, sae = paper_recipe_run
+    tokens = prompt_tokens(lm, "The river flows through the old town and past the church.")
+    with torch.no_grad():
+        x = lm.activations(tokens, sae.cfg.hook_name)
+        std = float(sae.normalize_input(x)[1][1][0, 1:].max())
+    top, largest_N = torch.finfo(torch.float32).max, sae.W_dec.detach().abs().max(1).values
+    lat = int(largest_N.argmax())  # the latent whose unit direction has the largest entry
+    value, largest = 0.9 * top, float(largest_N[lat])
+    assert value * largest < top < value * largest * std  # within float32, but for std(x)
+    model_dir, sae_dir = tmp_path / "model", tmp_path / "sae"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    save_sae(sae, sae_dir)
+    capsys.readouterr()
+    argv = ["steer", str(sae_dir), "--latent", str(lat), "--value", f"{value:.6g}", "--model", str(model_dir),
+            "--prompt", "The river flows", "--max-new-tokens", "2", "--greedy", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"saelab steer: error: the change made by steering (latent {lat} at {sae.cfg.hook_name}: "
+                          f"add {value:.6g}, positions 1:) is past torch.float32's range"), err
+    assert "past torch.float32's range (|x| <= 3.403e+38) (a layernorm SAE adds each value times the token's " \
+           "std(x), here up to " in err and err.strip().endswith("; steer with a smaller value"), err

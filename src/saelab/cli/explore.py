@@ -109,7 +109,9 @@ def _check_steer(args: argparse.Namespace):
         raise ConfigError(f"--greedy gives the same text in every sample: --samples {args.samples} would repeat it")
     amount = args.value if args.value is not None else args.scale
     option = "--value" if args.value is not None else "--scale"
-    if amount is not None and any(abs(v) > FLOAT32_MAX for v in amount):  # steered as float32: inf, then NaN
+    # steered as float32: inf, then NaN. A layernorm SAE's std(x) factor is known only as the model runs, and is
+    # checked there (Steering._check_in_range); this is the refusal that needs no model.
+    if amount is not None and any(abs(v) > FLOAT32_MAX for v in amount):
         raise ConfigError(f"{option} {','.join(f'{v:g}' for v in amount)}: expected numbers within float32's range "
                           f"(|x| <= {FLOAT32_MAX:.4g}), which the activations are steered in")
     if args.mode == "ablate" and amount is not None:

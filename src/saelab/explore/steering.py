@@ -36,6 +36,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from saelab.errors import ConfigError
 from saelab.explore.config import STEER_MODES
 from saelab.explore.positions import Positions, check_positions, position_mask, position_tracker
 from saelab.sae.topk import TopKSAE
@@ -96,7 +97,23 @@ class Steering:
         dx = self.delta(x_BTD)
         if mask is not None:
             dx = dx * mask[None, :, None].to(dx.dtype)
-        return (x_BTD + dx.to(x_BTD.dtype))
+        dx = dx.to(x_BTD.dtype)
+        self._check_in_range(x_BTD, dx)
+        return x_BTD + dx
+
+    def _check_in_range(self, x_BTD: torch.Tensor, dx: torch.Tensor) -> None:
+        """Refuse a change past the activations' dtype, which makes every later activation and the text NaN. A
+        layernorm SAE adds its value times each token's std(x): known only here, as the model runs (the SAE
+        records no std of the model's activations), so no check of the value alone can bound it."""
+        if bool((torch.isfinite(dx) | ~torch.isfinite(x_BTD)).all()):  # a NaN of the model's own is not ours
+            return
+        why = ""
+        if self.sae.cfg.input_norm == "layernorm":
+            std = float(self.sae.normalize_input(x_BTD.to(self.sae.W_dec.dtype))[1][1].max())
+            why = f" (a layernorm SAE adds each value times the token's std(x), here up to {std:.4g})"
+        limit = torch.finfo(x_BTD.dtype).max
+        raise ConfigError(f"the change made by steering ({self.describe()}) is past {x_BTD.dtype}'s range "
+                          f"(|x| <= {limit:.4g}){why}; steer with a smaller value")
 
     def describe(self) -> str:
         lat = ",".join(str(int(i)) for i in self.latents)
