@@ -1571,6 +1571,9 @@ def test_families_out_is_not_a_file_a_run_writes(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="the run .* writes its own metrics.json there"):  # from Python too
         build_families(["a", "b"], run / "metrics.json")
+    # --out is checked in one place, build_families: from Python, a file that is not JSON is refused too
+    with pytest.raises(ConfigError, match=r"^--out .*report\.txt: expected a \.json file path"):
+        build_families(["a", "b"], tmp_path / "report.txt")
 
 
 def test_top_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir, capsys):

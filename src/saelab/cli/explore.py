@@ -16,9 +16,8 @@ from saelab.cli.common import (add_io_options, add_model_option, add_sae_argumen
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.config import STEER_MODES, BrowseConfig
 from saelab.explore.positions import comma_items, index_list, parse_positions
-from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae, refuse_a_run_file
+from saelab.run_folder import BROWSER_DIR, check_output_folder, is_run, is_sweep, open_sae
 from saelab.sae.config import check_latents_once
-from saelab.utils.atomic import check_file_target
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path
 from saelab.utils.words import plural
@@ -562,18 +561,12 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
     if unused:
         raise ConfigError(f"{unused[0]} shapes the browser's pages (saelab browse); families does not use it")
     from saelab.explore.browser import build_families  # torch, once the options are checked
-    from saelab.explore.browser.site import refuse_a_site_file
 
-    out = check_file_target(args.out, "--out", "the families JSON")
-    refuse_a_run_file(out, "--out")  # build_families refuses these too, naming it as Python gives it
-    refuse_a_site_file(out, "--out")
-    if out.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
-        raise ConfigError(f"--out {out}: expected a .json file path (the families are written as JSON)")
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         tree = build_families(args.sae, args.out, args.browse, device=args.device, model_dtype=args.model_dtype,
                               overwrite=args.overwrite, progress=args.progress, allow_http=args.allow_http)
     if tree["reused"]:  # the same command again
-        print(f"{out} already holds these feature families (--overwrite builds them again)", file=sys.stderr)
+        print(f"{args.out} already holds these feature families (--overwrite builds them again)", file=sys.stderr)
     top = tree["families"][:5]
     return {"families": args.out, "reused": tree["reused"], "n_tokens": tree["n_tokens"], "saes": tree["saes"],
             "matched": {f"{l['child_sae']}->{l['parent_sae']}": l["n_children_matched"] for l in tree["links"]},

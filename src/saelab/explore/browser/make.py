@@ -49,7 +49,7 @@ from saelab.run_folder import SAE_DIR, refuse_a_run_file
 from saelab.sae.config import SAE_SOURCES
 from saelab.sae.relu import sparsity_of
 from saelab.train.checkpoint import changed_fields
-from saelab.utils.atomic import write_json
+from saelab.utils.atomic import check_file_target, write_json
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path, public_name
 from saelab.utils.local_key import keyed_hash, same_keyed
@@ -502,8 +502,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     that is not a families file is never replaced. ``allow_http`` also downloads SAEs from plain http URLs."""
     cfg = cfg or BrowseConfig()
     if out is not None:
-        refuse_a_run_file(out, "out")
-        refuse_a_site_file(out, "out")
+        _check_families_out(out)
     earlier = None if out is None else _earlier_families(Path(out))  # before the SAEs load
     earlier = None if overwrite else earlier
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
@@ -531,6 +530,16 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     if out is not None:
         write_json(out, tree)
     return {**tree, "reused": False}
+
+
+def _check_families_out(out: str | os.PathLike) -> None:
+    """``out`` (the families verb's --out, as the refusals name it) before the SAEs load: a .json file path in a
+    writable folder, not a file a run or a feature browser site writes."""
+    path = check_file_target(out, "--out", "the families JSON")
+    refuse_a_run_file(path, "--out")
+    refuse_a_site_file(path, "--out")
+    if path.suffix.lower() != ".json":  # e.g. --out RUN/report.md would be replaced by JSON
+        raise ConfigError(f"--out {path}: expected a .json file path (the families are written as JSON)")
 
 
 def _earlier_families(out: Path) -> dict[str, Any] | None:
