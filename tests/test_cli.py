@@ -2802,8 +2802,9 @@ def _tokenizer_refusals(prefix: str = "") -> list:
     return [pytest.param("other-tokenizer", f"{prefix}checkpoint checkpoint-400 tokenizes the eval text differently "
                          "from the evaluated model; expected reference models that share its tokenizer",
                          id="corpus-tokenized-otherwise"),
-            pytest.param("small-vocab", f"{prefix}checkpoint checkpoint-400: vocabulary of 300 tokens, but the eval "
-                         "tokens use id 50256; expected reference models that share the evaluated model's tokenizer",
+            pytest.param("small-vocab", f"{prefix}checkpoint checkpoint-400: the eval tokens: id 50256 is outside the "
+                         "vocabulary of the checkpoint (ids 0..299); expected reference models that share the evaluated "
+                         "model's tokenizer",
                          id="ids-past-the-vocabulary")]
 
 

@@ -138,7 +138,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, ShapeMismatchError
 from saelab.evals._common import check_tokens, config_dict, first_position, json_float
 from saelab.evals.bootstrap import (bounded_groups, by_document, check_documents, format_interval, percentile_interval,
                                     resample_counts, resampled_documents)
@@ -147,6 +147,7 @@ from saelab.evals.config import (CRFM_DEFAULT_STEPS, CRFM_RUNS, CRFM_TOKENS_PER_
                                  PYTHIA_TOKENS_PER_STEP, PYTHIA_TOTAL_STEPS, PYTHIA_TOTAL_TOKENS,
                                  ComputeEquivalentConfig, check_bootstrap_args, known_series_names)
 from saelab.evals.power_law import FitError, fit_power_law, floor_grid_starts
+from saelab.models.lm import check_token_ids
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
 from saelab.models.loading import (check_before_load, check_context_fits, configured_vocab_size, dtype_name,
                                    library_bars, tokenizer_before_load)
@@ -527,11 +528,12 @@ def _check_tokenizer(ckpt, reference_tokenizer, tokens_NT: torch.Tensor, label: 
 
 
 def _check_vocab_size(vocab_size: int | None, tokens_NT: torch.Tensor, label: str) -> None:
-    """Refuse eval token ids past a reference model's vocabulary (None: not known yet, checked after its load)."""
-    top = int(tokens_NT.max())
-    if vocab_size is not None and top >= vocab_size:
-        raise SeriesError(f"checkpoint {label}: vocabulary of {vocab_size} tokens, but the eval tokens use "
-                          f"id {top}; expected reference models that share the evaluated model's tokenizer")
+    """Refuse eval token ids past a reference model's vocabulary (None: not known yet, checked after its load):
+    check_token_ids' refusal, as the series' error, with what the reference models must share."""
+    try:
+        check_token_ids(tokens_NT, vocab_size, "the checkpoint", f"checkpoint {label}: the eval tokens")
+    except ShapeMismatchError as e:
+        raise SeriesError(f"{e}; expected reference models that share the evaluated model's tokenizer") from None
 
 
 def _check_same_tokenizer(tokenizer, reference_tokenizer, tokens_NT: torch.Tensor, label: str) -> None:
