@@ -241,7 +241,7 @@ def test_pre_6_saelens_folder(tmp_path):
 @pytest.mark.parametrize("arch", ["jumprelu", "gated"])  # "standard" loads as a ReLUSAE (test_relu_sae.py)
 def test_non_topk_architecture_is_refused(tmp_path, arch):
     folder = write_saelens_v6_folder(tmp_path / "sl", saelens_weights(), arch=arch)
-    with pytest.raises(CheckpointError, match=f"architecture '{arch}' is not a top-k SAE"):
+    with pytest.raises(CheckpointError, match=f'architecture "{arch}" is not a top-k SAE'):
         load_sae(folder)
 
 
@@ -250,7 +250,7 @@ def test_missing_cfg_keys_are_named(tmp_path):
     cfg = json.loads((folder / "cfg.json").read_text())
     del cfg["k"], cfg["d_sae"]
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="'d_sae', 'k'") as err:
+    with pytest.raises(CheckpointError, match='"d_sae", "k"') as err:
         load_sae(folder)
     assert "cfg.json" in str(err.value)
 
@@ -271,17 +271,18 @@ def test_missing_weight_tensor_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message,read", [
-    ({"k": K + 1}, "'saelab': k=6 disagrees with 'k' \\(which means 7\\)", ("k", K + 1)),
+    ({"k": K + 1}, '"saelab": k=6 disagrees with "k" \\(which means 7\\)', ("k", K + 1)),
     # An edit of the SAELens metadata alone is refused, not silently overruled by the 'saelab' key.
-    ({"metadata": {"hook_name": "blocks.1.hook_resid_post"}}, "'saelab': hook_name='blocks.0.hook_resid_post' "
-     "disagrees with 'metadata.hook_name'.*delete the 'saelab' key", ("hook_name", "blocks.1.hook_resid_post")),
-    ({"metadata": {"prepend_bos": False}}, "prepend_bos=True disagrees with 'metadata.prepend_bos'",
-     ("prepend_bos", False)),
-    ({"metadata": {"seqpos_slice": [0, None]}}, "exclude_first=True disagrees with 'metadata.seqpos_slice'",
+    # Values as the JSON file writes them ("x", true), not as Python's repr ('x', True).
+    ({"metadata": {"hook_name": "blocks.1.hook_resid_post"}}, '"saelab": hook_name="blocks.0.hook_resid_post" '
+     'disagrees with "metadata.hook_name".*delete the "saelab" key', ("hook_name", "blocks.1.hook_resid_post")),
+    ({"metadata": {"prepend_bos": False}}, 'prepend_bos=true disagrees with "metadata.prepend_bos" \\(which means '
+     'false\\)', ("prepend_bos", False)),
+    ({"metadata": {"seqpos_slice": [0, None]}}, 'exclude_first=true disagrees with "metadata.seqpos_slice"',
      ("exclude_first", False)),
     # Wrong types are named, not read as the default.
-    ({"metadata": {"prepend_bos": "false"}}, "metadata.prepend_bos must be true or false, got 'false'", None),
-    ({"metadata": {"context_size": "128"}}, "metadata.context_size must be an integer, got '128'", None),
+    ({"metadata": {"prepend_bos": "false"}}, 'metadata.prepend_bos must be true or false, got "false"', None),
+    ({"metadata": {"context_size": "128"}}, 'metadata.context_size must be an integer, got "128"', None),
     ({"metadata": {"hook_head_index": 3}}, "metadata.hook_head_index=3: an SAE on one attention head's slice", None),
 ])
 def test_saelab_key_disagreeing_with_saelens_fields(tmp_path, edit, message, read):
@@ -610,5 +611,5 @@ def test_config_values_of_the_wrong_type_are_refused_on_load(tmp_path, field, va
     cfg = json.loads((folder / "cfg.json").read_text())
     cfg["saelab"][field] = value
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=f"cfg.json: 'saelab' is not a valid SAEConfig.*SAEConfig.{field} must be"):
+    with pytest.raises(CheckpointError, match=f'cfg.json: "saelab" is not a valid SAEConfig.*SAEConfig.{field} must be'):
         load_sae(folder)

@@ -148,10 +148,10 @@ def test_saelab_settings_survive_the_sparsify_layout(tmp_path):
     # A saelab.json that no longer describes sparsify's files (retrained over by sparsify) is refused.
     stale = json.loads((trainer / "layers.1" / "saelab.json").read_text())
     (trainer / "layers.1" / "saelab.json").write_text(json.dumps({**stale, "k": 4}))
-    with pytest.raises(CheckpointError, match="saelab.json: k=4 disagrees with cfg.json's 'k'.*delete saelab.json"):
+    with pytest.raises(CheckpointError, match='saelab.json: k=4 disagrees with cfg.json\'s "k".*delete saelab.json'):
         load_sparsify(trainer)
     (trainer / "layers.1" / "saelab.json").write_text(json.dumps({**stale, "hook_name": "blocks.0.hook_mlp_out"}))
-    with pytest.raises(CheckpointError, match="hook_name='blocks.0.hook_mlp_out' is not the tensor the folder name"):
+    with pytest.raises(CheckpointError, match='hook_name="blocks.0.hook_mlp_out" is not the tensor the folder name'):
         load_sparsify(trainer)
     # The writer names blocks.L.hook_resid_pre by the module whose output it is (layer L-1); an SAE that
     # records no hook takes the folder's.
@@ -256,13 +256,16 @@ def test_hookpoint_module_outputs_are_the_hooked_activations(gpt2_tokenizer):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"activation": "groupmax"}, "cfg.json has activation 'groupmax'; saelab reads top-k SAEs"),
-    ({"transcode": True}, "transcode=True: a transcoder"),
-    ({"skip_connection": True}, "skip_connection=True"),
+    # values as the JSON file writes them ("groupmax", true), not as Python's repr ('groupmax', True)
+    ({"activation": "groupmax"}, 'cfg.json has activation "groupmax"; saelab reads top-k SAEs \\(sparsify activation '
+     '"topk"\\)'),
+    ({"transcode": True}, "transcode=true: a transcoder"),
+    ({"skip_connection": True}, "skip_connection=true"),
     ({"k": 65}, "k=65 exceeds the number of latents 64"),
-    ({"d_in": "16"}, "'d_in' must be an integer"),
-    ({"multi_topk": "yes"}, "'multi_topk' must be true or false"),
-    ({"expansion_factor": 0}, "'expansion_factor' must be an integer >= 1"),
+    ({"d_in": "16"}, '"d_in" must be an integer >= 1, got "16"'),
+    ({"multi_topk": "yes"}, '"multi_topk" must be true or false, got "yes"'),
+    ({"multi_topk": None}, '"multi_topk" must be true or false, got null'),
+    ({"expansion_factor": 0}, '"expansion_factor" must be an integer >= 1'),
     ({"num_latents": 32}, r"encoder.weight has shape \(64, 16\) but cfg.json \(d_in=16, 32 latents\)"),
 ])
 def test_unsupported_or_inconsistent_sparsify_folders(tmp_path, change, message):

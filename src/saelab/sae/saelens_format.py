@@ -31,6 +31,7 @@ from saelab.sae.relu import SAELENS_ARCHITECTURE, ReLUSAE
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
 from saelab.utils.tensors import all_finite
+from saelab.utils.words import as_json
 
 CFG_FILENAME = "cfg.json"
 SPARSITY_FILENAME = "sparsity.safetensors"
@@ -170,7 +171,7 @@ def read_cfg_json(path: Path, what: str = "a SAELens SAE config") -> dict[str, A
 def _positive_int(raw: dict[str, Any], key: str, path: Path) -> int:
     value = raw[key]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise CheckpointError(f"{path}: {key!r} must be a positive integer, got {value!r}")
+        raise CheckpointError(f"{path}: {as_json(key)} must be a positive integer, got {as_json(value)}")
     return value
 
 
@@ -182,8 +183,8 @@ def saelens_architecture(raw: dict[str, Any], path: Path) -> str:
         architecture = {"topk": "topk", "relu": SAELENS_ARCHITECTURE}.get(act, act)
     if architecture not in ("topk", SAELENS_ARCHITECTURE):
         raise CheckpointError(
-            f"{path}: architecture {architecture!r} is not a top-k SAE or a ReLU SAE; saelab loads SAELens "
-            f"architectures 'topk' and '{SAELENS_ARCHITECTURE}'"
+            f"{path}: architecture {as_json(architecture)} is not a top-k SAE or a ReLU SAE; saelab loads SAELens "
+            f"architectures \"topk\" and {as_json(SAELENS_ARCHITECTURE)}"
         )
     return architecture
 
@@ -205,7 +206,7 @@ def _config_from_saelens(raw: dict[str, Any], path: Path) -> tuple[SAEConfig, bo
         raw["k"] = act_kwargs["k"]
     missing = [key for key in ("d_in", "d_sae", "k") if key not in raw]
     if missing:
-        raise CheckpointError(f"{path}: missing required key(s) {', '.join(map(repr, missing))} for a SAELens SAE")
+        raise CheckpointError(f"{path}: missing required key(s) {', '.join(map(as_json, missing))} for a SAELens SAE")
     d_in, d_sae, k = (_positive_int(raw, key, path) for key in ("d_in", "d_sae", "k"))
 
     norm = raw.get("normalize_activations", "none")
@@ -219,7 +220,7 @@ def _config_from_saelens(raw: dict[str, Any], path: Path) -> tuple[SAEConfig, bo
             extra["saelens_normalize_activations"] = norm
     else:
         raise CheckpointError(
-            f"{path}: normalize_activations={norm!r} is not supported (expected 'none' or 'layer_norm')"
+            f"{path}: normalize_activations={as_json(norm)} is not supported (expected \"none\" or \"layer_norm\")"
         )
     if raw.get("reshape_activations", "none") not in ("none", None):
         extra["saelens_reshape_activations"] = raw["reshape_activations"]
@@ -240,14 +241,14 @@ def _config_from_saelens(raw: dict[str, Any], path: Path) -> tuple[SAEConfig, bo
         "extra": extra,
     }
     if meta.get("hook_head_index") is not None:
-        raise CheckpointError(f"{path}: metadata.hook_head_index={meta['hook_head_index']!r}: an SAE on one "
+        raise CheckpointError(f"{path}: metadata.hook_head_index={as_json(meta['hook_head_index'])}: an SAE on one "
                               "attention head's slice of a hook; saelab's SAEs read whole hooks")
     for ours, theirs, kind in _METADATA_FIELDS:
         value = meta.get(theirs)
         if value is None:
             continue
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CheckpointError(f"{path}: metadata.{theirs} must be {_KIND_NAMES[kind]}, got {value!r}")
+            raise CheckpointError(f"{path}: metadata.{theirs} must be {_KIND_NAMES[kind]}, got {as_json(value)}")
         fields[ours] = value
     try:
         cfg = SAEConfig(**fields)
@@ -270,20 +271,20 @@ def own_config(value: Any, from_format: SAEConfig, where: str, checked: dict[str
         raise CheckpointError(f"{where} is not a valid SAEConfig ({e})") from e
     for ours, theirs in checked.items():
         if getattr(cfg, ours) != getattr(from_format, ours):
-            raise CheckpointError(f"{where}: {ours}={getattr(cfg, ours)!r} disagrees with {theirs} (which means "
-                                  f"{getattr(from_format, ours)!r}); {remedy}")
+            raise CheckpointError(f"{where}: {ours}={as_json(getattr(cfg, ours))} disagrees with {theirs} (which "
+                                  f"means {as_json(getattr(from_format, ours))}); {remedy}")
     return cfg
 
 
 def _own_config(raw: dict[str, Any], from_saelens: SAEConfig, path: Path) -> SAEConfig:
     """Our full SAEConfig from the ``saelab`` key, checked against every SAELens field beside it."""
-    checked = {"d_in": "'d_in'", "n_latents": "'d_sae'", "k": "'k'", "input_norm": "'normalize_activations'"}
+    checked = {"d_in": '"d_in"', "n_latents": '"d_sae"', "k": '"k"', "input_norm": '"normalize_activations"'}
     meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
-    checked |= {ours: f"'metadata.{theirs}'" for ours, theirs, _ in _METADATA_FIELDS if meta.get(theirs) is not None}
+    checked |= {ours: f'"metadata.{theirs}"' for ours, theirs, _ in _METADATA_FIELDS if meta.get(theirs) is not None}
     if meta.get("seqpos_slice") is not None:
-        checked["exclude_first"] = "'metadata.seqpos_slice'"
-    return own_config(raw["saelab"], from_saelens, f"{path}: 'saelab'", checked,
-                      "edit both, or delete the 'saelab' key to read the SAELens fields alone")
+        checked["exclude_first"] = '"metadata.seqpos_slice"'
+    return own_config(raw["saelab"], from_saelens, f'{path}: "saelab"', checked,
+                      'edit both, or delete the "saelab" key to read the SAELens fields alone')
 
 
 def _check_weights(state: dict[str, torch.Tensor], cfg: SAEConfig, path: Path) -> None:

@@ -45,7 +45,7 @@ from saelab.sae.config import SPARSIFY_WEIGHTS_FILENAME
 from saelab.sae.saelens_format import build_sae, own_config, read_cfg_json, read_safetensors
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
-from saelab.utils.words import plural
+from saelab.utils.words import as_json, plural
 
 SPARSIFY_CFG_FILENAME = "cfg.json"
 SPARSIFY_RUN_CONFIG_FILENAME = "config.json"
@@ -139,9 +139,9 @@ def sparsify_hookpoint_folders(folder: Path) -> list[Path]:
 def _int_field(raw: dict[str, Any], key: str, path: Path, minimum: int) -> int:
     value = raw.get(key, _DEFAULTS.get(key))
     if value is None:
-        raise CheckpointError(f"{path}: missing required key {key!r} (sparsify writes it beside its config)")
+        raise CheckpointError(f"{path}: missing required key {as_json(key)} (sparsify writes it beside its config)")
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CheckpointError(f"{path}: {key!r} must be an integer >= {minimum}, got {value!r}")
+        raise CheckpointError(f"{path}: {as_json(key)} must be an integer >= {minimum}, got {as_json(value)}")
     return value
 
 
@@ -149,17 +149,17 @@ def _sparsify_shape(raw: dict[str, Any], path: Path) -> tuple[int, int, int]:
     """(d_in, n_latents, k) from a sparsify cfg.json, refusing what saelab's TopKSAE cannot hold."""
     activation = raw.get("activation", _DEFAULTS["activation"])
     if activation != "topk":
-        raise CheckpointError(f"{path}: cfg.json has activation {activation!r}; saelab reads top-k SAEs "
-                              "(sparsify activation 'topk')")
+        raise CheckpointError(f"{path}: cfg.json has activation {as_json(activation)}; saelab reads top-k SAEs "
+                              '(sparsify activation "topk")')
     if raw.get("transcode", False) is not False:
-        raise CheckpointError(f"{path}: cfg.json has transcode={raw['transcode']!r}: a transcoder predicts a "
+        raise CheckpointError(f"{path}: cfg.json has transcode={as_json(raw['transcode'])}: a transcoder predicts a "
                               "module's output from its input; saelab reads autoencoders (transcode false)")
     if raw.get("skip_connection", False) is not False:
-        raise CheckpointError(f"{path}: cfg.json has skip_connection={raw['skip_connection']!r} (a W_skip "
+        raise CheckpointError(f"{path}: cfg.json has skip_connection={as_json(raw['skip_connection'])} (a W_skip "
                               "matrix); saelab's TopKSAE has no skip connection")
     for key in ("normalize_decoder", "multi_topk"):
         if not isinstance(raw.get(key, False), bool):
-            raise CheckpointError(f"{path}: {key!r} must be true or false, got {raw[key]!r}")
+            raise CheckpointError(f"{path}: {as_json(key)} must be true or false, got {as_json(raw[key])}")
     d_in = _int_field(raw, "d_in", path, 1)
     num_latents = _int_field(raw, "num_latents", path, 0)
     n = num_latents or d_in * _int_field(raw, "expansion_factor", path, 1)
@@ -233,14 +233,14 @@ def read_sparsify_folder(folder: Path, *, device="cpu", dtype: torch.dtype = tor
 
 def _own_config_beside(path: Path, from_sparsify: SAEConfig, hook_from_folder: bool) -> SAEConfig:
     """The SAEConfig saelab wrote beside a sparsify SAE, with this read's source and sparsify settings."""
-    checked = {"d_in": "cfg.json's 'd_in'", "n_latents": "cfg.json's 'num_latents'", "k": "cfg.json's 'k'",
+    checked = {"d_in": 'cfg.json\'s "d_in"', "n_latents": 'cfg.json\'s "num_latents"', "k": 'cfg.json\'s "k"',
                "input_norm": "the sparsify format (no input normalization)"}
     remedy = f"delete {path.name} to read the sparsify files alone"
     own = own_config(read_cfg_json(path, "saelab's SAE config"), from_sparsify, str(path), checked, remedy)
     hook = own.hook_name or from_sparsify.hook_name
     if hook_from_folder and _as_module_output(hook) != from_sparsify.hook_name:
-        raise CheckpointError(f"{path}: hook_name={own.hook_name!r} is not the tensor the folder name (sparsify's "
-                              f"hookpoint) names, {from_sparsify.hook_name!r}; {remedy}")
+        raise CheckpointError(f"{path}: hook_name={as_json(own.hook_name)} is not the tensor the folder name "
+                              f"(sparsify's hookpoint) names, {as_json(from_sparsify.hook_name)}; {remedy}")
     return dataclasses.replace(own, hook_name=hook, extra={**own.extra, **from_sparsify.extra})
 
 

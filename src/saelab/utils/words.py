@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import json
+from typing import Any, Iterable
 
 
 def plural(n: int, noun: str) -> str:
@@ -24,3 +25,8 @@ ESCAPED = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
 recolour it)."""
 ESCAPED_BUT_LINES = {c: e for c, e in ESCAPED.items() if chr(c) not in "\n\t"}
 """ESCAPED less newlines and tabs, for running text shown as it reads."""
+
+
+def as_json(value: Any) -> str:
+    """A value read from a JSON file, as the file writes it: "relu", true, null, not Python's 'relu', True, None."""
+    return json.dumps(value, ensure_ascii=False, default=str)
