@@ -903,9 +903,13 @@ def test_a_harvest_interrupted_before_its_first_row_continues_where_its_stream_s
     assert cache_rows_written(folder) == 0 and len(ActivationCache(folder, allow_incomplete=True)) == 0
     with pytest.raises(IncompleteCacheError, match=r"incomplete \(0 rows written\); finish it"):
         ActivationCache(folder)
-    with pytest.raises(ActivationCacheError, match="cannot resume activation cache .* meta.hook"):
+    # other settings: said as what the folder is (no harvest wrote it), with the way to start it over
+    with pytest.raises(ActivationCacheError) as other:
         write_activation_cache(iter([]), folder, meta={**META, "hook": "x"}, shard_rows=100, resume=True,
                                progress=False)
+    assert str(other.value) == (f"cannot resume activation cache '{folder}': it holds no rows yet, from a harvest "
+                                f"started with meta.hook '{META['hook']}', not 'x'; pass overwrite=True (--overwrite) "
+                                "to start it over with these settings (it has no rows to lose)")
     second = StopAt(model)
     harvest_once(second, contexts, folder, buffer_tokens)
     assert capsys.readouterr().err == (f"saelab: resuming activation cache {folder}, which holds no rows yet: the "

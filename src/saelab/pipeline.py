@@ -22,6 +22,7 @@ from saelab.data import ActivationCache, ActivationCacheError, ActivationStream,
 from saelab.data import cache_is_complete, check_disk_room, note_unfinished_overwrite, resolve_corpus, reusable_cache
 from saelab.data import DrawnContexts, StreamConfig, TextsReadOnce, corpus_identity, sample_contexts, token_contexts
 from saelab.data import write_activation_cache
+from saelab.data.cache import NO_ROWS_STARTED, WRITTEN
 from saelab.data.text import CORPUS_FINGERPRINT, has_fingerprint
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals._common import jsonable
@@ -766,10 +767,11 @@ def _naming_quickstart_cache(run_dir: Path):
     try:
         yield
     except ActivationCacheError as e:
-        difference = re.search(r"it was written with .*?(?=; pass )", str(e))
+        difference = re.search(f"(?:{WRITTEN}|{NO_ROWS_STARTED}) .*?(?=; pass )", str(e))
         if difference is None:  # not a cache of other settings
             raise
-        raise ActivationCacheError(f"{run_dir / ACTIVATIONS_DIR} holds activations harvested with other settings "
+        what = "an empty harvest started" if difference[0].startswith(NO_ROWS_STARTED) else "activations harvested"
+        raise ActivationCacheError(f"{run_dir / ACTIVATIONS_DIR} holds {what} with other settings "
                                    f"({difference[0]}); pass --overwrite-activations --overwrite to harvest and "
                                    "train again, or pick another --out") from e
 

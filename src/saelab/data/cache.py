@@ -559,16 +559,25 @@ def _open_existing(folder: Path, meta: dict, dtype: str, shard_rows: int, *, res
     for key, want in (("meta", meta), ("dtype", dtype), ("shard_rows", shard_rows)):  # meta: the options given
         if existing[key] != want and not (key == "shard_rows" and existing["complete"]):
             verb = "reuse" if existing["complete"] else "resume"
-            raise ActivationCacheError(f"cannot {verb} activation cache {str(folder)!r}: "
-                                       f"{_difference(key, existing[key], want)}; pass overwrite=True (--overwrite) "
-                                       "to replace it")
+            difference = _difference(key, existing[key], want)
+            if existing["n_rows"] + existing.get("partial_rows", 0) == 0:  # cut off before its first row
+                raise ActivationCacheError(f"cannot resume activation cache {str(folder)!r}: {NO_ROWS_STARTED} "
+                                           f"{difference}; pass overwrite=True (--overwrite) to start it over with "
+                                           "these settings (it has no rows to lose)")
+            raise ActivationCacheError(f"cannot {verb} activation cache {str(folder)!r}: {WRITTEN} {difference}; "
+                                       "pass overwrite=True (--overwrite) to replace it")
     if not existing["complete"]:
         ActivationCache(folder, allow_incomplete=True)  # the listed shards must be intact
     return existing
 
 
+WRITTEN = "it was written with"
+NO_ROWS_STARTED = "it holds no rows yet, from a harvest started with"
+"""How a cache of other settings is said: one with rows, or one a harvest left before its first row."""
+
+
 def _difference(key: str, have: Any, want: Any) -> str:
-    """'it was written with meta.seed 5, not 0': the first setting that differs, not two whole dicts."""
+    """'meta.seed 5, not 0': the first setting that differs, not two whole dicts."""
     if isinstance(have, dict) and isinstance(want, dict):
         # a group of settings (meta.harvest: the options given) names a difference better than the
         # values derived from it (meta.context_size), so it comes first
@@ -576,7 +585,7 @@ def _difference(key: str, have: Any, want: Any) -> str:
             if have.get(sub) != want.get(sub):
                 return _difference(f"{key}.{sub}", have.get(sub), want.get(sub))
     shown_have, shown_want = visible_difference(_shown(have), _shown(want))
-    return f"it was written with {key} {shown_have}, not {shown_want}"
+    return f"{key} {shown_have}, not {shown_want}"
 
 
 def _shown(value: Any) -> str:
