@@ -15,12 +15,12 @@ import shlex
 import sys
 
 import saelab
-from saelab.cli.common import GRID_ENTRY_RE, Parser, in_given_words
+from saelab.cli.common import GRID_ENTRY_RE, VERB_SUMMARIES, Parser, in_given_words
 from saelab.errors import InterruptedBeforeAnyResult, SaelabError
 from saelab.utils.config import given_parts
 from saelab.utils.device import may_refuse, resolve_device
 
-VERBS = ("quickstart", "harvest", "train", "sweep", "eval", "report", "steer", "top", "browse", "families", "export")
+VERBS = tuple(VERB_SUMMARIES)
 
 
 def _option_value(argv: list[str], option: str) -> str | None:
@@ -59,9 +59,6 @@ def build_parser(argv: list[str] | None = None, recipe: str | None = None) -> ar
     explore.add_families(sub)
     share.add_export(sub)
     _share_config_sections(sub.choices.values())
-    for choice in sub._choices_actions:  # a verb's --help opens with what it does, as `saelab --help` lists it
-        verb = sub.choices[choice.dest]
-        verb.description = verb.description or f"{choice.help[0].upper()}{choice.help[1:]}."
     parser.verb_parsers = sub.choices
     return parser
 

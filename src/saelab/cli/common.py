@@ -27,6 +27,30 @@ from saelab.utils.config import given_parts
 from saelab.utils.words import did_you_mean
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+VERB_SUMMARIES = {
+    "quickstart": "harvest, train, evaluate and report on the offline default model",
+    "harvest": "harvest activations at a hook into an on-disk cache",
+    "train": "train a top-k SAE on an activation cache",
+    "sweep": "train a grid of SAEs from one pass over an activation cache",
+    "eval": "evaluate an SAE, or every run of a sweep folder",
+    "report": "(re)write report.md, training_curves.png and density.png of a run folder; for a sweep folder the "
+              "scaling study (scaling.md, scaling.json, scaling_nmse.png, scaling_delta_loss.png)",
+    "steer": "generate with and without adding / clamping / ablating an SAE latent",
+    "top": "the top-activating contexts of one or more latents on held-out text",
+    "browse": "build an offline feature browser for SAEs (--serve serves it on 127.0.0.1)",
+    "families": "feature families of SAEs of several sizes on one hook, as JSON",
+    "export": "write an SAE as a SAELens or sparsify folder, for other tools to load",
+}
+"""Each verb's one line, in `saelab --help`'s order: that list shows it, and the verb's --help opens with it unless
+the verb describes itself at more length."""
+
+
+def add_verb(sub, verb: str, description: str | None = None, **kwargs: Any) -> ArgumentParser:
+    """The parser of ``verb``, its summary from :data:`VERB_SUMMARIES`."""
+    summary = VERB_SUMMARIES[verb]
+    return sub.add_parser(verb, help=summary, description=description or f"{summary[0].upper()}{summary[1:]}.",
+                          **kwargs)
 UNSET_NOTE = "\n\"unset\" above: what a setting means when its option is left out.\n"
 
 

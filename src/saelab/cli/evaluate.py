@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, eval_settings_as_given, given,
-                               typed_starting)
+from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, add_verb, eval_settings_as_given,
+                               given, typed_starting)
 from saelab.errors import ConfigError, RunExistsError, SaelabError
 from saelab.evals.config import (AblationSparsityConfig, ComputeEquivalentConfig, EvalConfig, N2GConfig,
                                  PaperSuiteConfig, ProbeConfig, known_series_names)
@@ -37,7 +37,7 @@ EVAL_SETTING_READERS = {"eval.recon_tokens": ("core",), "eval.downstream_tokens"
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate an SAE, or every run of a sweep folder")
+    p = add_verb(sub, "eval")
     add_sae_argument(p, "the SAE to evaluate:", also=", or a sweep folder (each of its runs)")
     add_model_option(p)
     p.add_argument("--hook", default=None, help="override the SAE's hook name")
@@ -219,17 +219,15 @@ def _note_unfinished(verb: str, sweep: str, what: str) -> None:
 
 
 def add_report(sub) -> None:
-    p = sub.add_parser("report", help="(re)write report.md, training_curves.png and density.png of a run folder; "
-                                      "for a sweep folder the scaling study (scaling.md, scaling.json, "
-                                      "scaling_nmse.png, scaling_delta_loss.png)",
-                       description="Rewrite a run folder's report.md from its saved results, with training_curves.png "
-                                   "(from metrics.jsonl) and density.png (from latent_frequencies.safetensors, which "
-                                   "`saelab eval` saves with the hash of the SAE it measured). A run evaluated before "
-                                   "that file was saved, or whose SAE changed since its evaluation, keeps its "
-                                   "density.png, and one line says why. For a sweep folder: the scaling study "
-                                   "(scaling.md, scaling.json, scaling_nmse.png, scaling_delta_loss.png); for a "
-                                   "folder of runs trained on other activations (model, hook, context or corpus), "
-                                   "each run's report.md.")
+    p = add_verb(sub, "report",
+                 description="Rewrite a run folder's report.md from its saved results, with training_curves.png "
+                             "(from metrics.jsonl) and density.png (from latent_frequencies.safetensors, which "
+                             "`saelab eval` saves with the hash of the SAE it measured). A run evaluated before "
+                             "that file was saved, or whose SAE changed since its evaluation, keeps its "
+                             "density.png, and one line says why. For a sweep folder: the scaling study "
+                             "(scaling.md, scaling.json, scaling_nmse.png, scaling_delta_loss.png); for a "
+                             "folder of runs trained on other activations (model, hook, context or corpus), "
+                             "each run's report.md.")
     p.add_argument("run", metavar="RUN", help="run folder or sweep folder")
     add_io_options(p, device=False, overwrite=False)
     p.set_defaults(handler=run_report)

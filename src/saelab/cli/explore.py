@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, finite_float, given,
+from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, add_verb, finite_float, given,
                                positional_indices, positive_int, typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.config import STEER_MODES, BrowseConfig
@@ -51,7 +51,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def add_steer(sub) -> None:
-    p = sub.add_parser("steer", help="generate with and without adding / clamping / ablating an SAE latent")
+    p = add_verb(sub, "steer")
     add_sae_argument(p, "the SAE to steer through:")
     latent = p.add_argument("--latent", type=_int_list, required=True,
                             help="latent index; several, comma-separated ('12,40'), are steered together")
@@ -341,7 +341,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def add_browse(sub) -> None:
-    p = sub.add_parser("browse", help="build an offline feature browser for SAEs (--serve serves it on 127.0.0.1)")
+    p = add_verb(sub, "browse")
     add_sae_argument(p, "one or more SAEs, each", several=True,
                      also="; several SAEs on one hook also get their feature families")
     p.add_argument("--out", default=None, metavar="DIR", help="site folder (default: RUN/browser for a run folder)")
@@ -462,7 +462,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_top(sub) -> None:
-    p = sub.add_parser("top", help="the top-activating contexts of one or more latents on held-out text")
+    p = add_verb(sub, "top")
     add_sae_argument(p, "the SAE whose latents to show:")
     latent = p.add_argument("--latent", type=_int_list, required=True,
                             help="latent index; several, comma-separated ('12,40'), are shown one after the other")
@@ -528,7 +528,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def add_families(sub) -> None:
-    p = sub.add_parser("families", help="feature families of SAEs of several sizes on one hook, as JSON")
+    p = add_verb(sub, "families")
     add_sae_argument(p, "two or more SAEs of different sizes on one hook, each", several=True)
     p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
     p.add_arguments(BrowseConfig, dest="browse")

@@ -13,7 +13,8 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from saelab.cli.common import add_io_options, eval_settings_as_given, given, in_given_words, typed, typed_starting
+from saelab.cli.common import (add_io_options, add_verb, eval_settings_as_given, given, in_given_words, typed,
+                               typed_starting)
 from saelab.cli.config_file import literal_choices, type_words
 from saelab.errors import ConfigError
 from saelab.evals.config import EvalConfig
@@ -112,9 +113,9 @@ def grid_as(args: argparse.Namespace) -> str:
 
 
 def add_quickstart(sub, recipe: str) -> None:
-    p = sub.add_parser("quickstart", help="harvest, train, evaluate and report on the offline default model",
-                       description="Harvest activations, train a top-k SAE, evaluate it on held-out text and write "
-                                   "OUT/report.md; every stage resumes when run again.")
+    p = add_verb(sub, "quickstart",
+                 description="Harvest activations, train a top-k SAE, evaluate it on held-out text and write "
+                             "OUT/report.md; every stage resumes when run again.")
     p.add_argument("--out", default=QUICKSTART_DIR, metavar="DIR", help=f"run folder (default: {QUICKSTART_DIR})")
     total = TrainConfig.from_recipe(recipe).total_tokens  # what --n-tokens left out trains on
     p.add_argument("--n-tokens", type=int, default=None, metavar="N",
@@ -173,7 +174,7 @@ def _with_n_tokens(args: argparse.Namespace, train: TrainConfig) -> TrainConfig:
 
 
 def add_harvest(sub) -> None:
-    p = sub.add_parser("harvest", help="harvest activations at a hook into an on-disk cache")
+    p = add_verb(sub, "harvest")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder")
     p.add_arguments(HarvestConfig, dest="harvest")
     add_io_options(p, sae=False)
@@ -189,9 +190,9 @@ def run_harvest(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_train(sub, recipe: str) -> None:
-    p = sub.add_parser("train", help="train a top-k SAE on an activation cache",
-                       description="Train one top-k SAE; an unfinished run in --out resumes. --recipe paper starts "
-                                   "from the paper's recipe (docs/training.md), options given override it.")
+    p = add_verb(sub, "train",
+                 description="Train one top-k SAE; an unfinished run in --out resumes. --recipe paper starts "
+                             "from the paper's recipe (docs/training.md), options given override it.")
     p.add_argument("--activations", required=True, metavar="DIR", help="activation cache folder (saelab harvest)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (an unfinished run there is resumed)")
     add_train_config(p, recipe)
@@ -281,7 +282,7 @@ def _finished_by_harvest(activations: str):
 
 
 def add_sweep(sub, recipe: str) -> None:
-    p = sub.add_parser("sweep", help="train a grid of SAEs from one pass over an activation cache")
+    p = add_verb(sub, "sweep")
     p.add_argument("--activations", required=True, metavar="DIR", help="activation cache folder (saelab harvest)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for the runs (one subfolder per grid point); the same command again resumes "

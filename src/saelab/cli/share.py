@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from saelab.cli.common import DTYPES, add_io_options, add_sae_argument
+from saelab.cli.common import DTYPES, add_io_options, add_sae_argument, add_verb
 from saelab.errors import ConfigError
 from saelab.run_folder import (check_output_folder, check_sae_hook, model_for, model_left_behind, names_a_model,
                                open_sae)
@@ -19,11 +19,11 @@ from saelab.sae.config import SAVE_FORMATS
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write an SAE as a SAELens or sparsify folder, for other tools to load",
-                       description="Write an SAE in SAELens' folder layout (SAE.load_from_disk) or sparsify's (SparseCoder."
-                                   "load_from_disk); the SAE's hook, model and BOS settings go with it. No path of "
-                                   "this disk does: a local training corpus or model folder is named by its base name "
-                                   "(saelab reads such an export with --model PATH to the folder).")
+    p = add_verb(sub, "export",
+                 description="Write an SAE in SAELens' folder layout (SAE.load_from_disk) or sparsify's (SparseCoder."
+                             "load_from_disk); the SAE's hook, model and BOS settings go with it. No path of "
+                             "this disk does: a local training corpus or model folder is named by its base name "
+                             "(saelab reads such an export with --model PATH to the folder).")
     add_sae_argument(p, "the SAE to write:")
     p.add_argument("out", metavar="OUT", help="folder to write: new or empty (--overwrite replaces an SAE there)")
     p.add_argument("--format", choices=SAVE_FORMATS, required=True,
