@@ -174,6 +174,15 @@ def test_a_rank_or_world_size_that_is_no_number_is_named(monkeypatch, tmp_path, 
         init_from_env()
     assert main(["train", "--activations", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
     assert "error: WORLD_SIZE='two' is not a whole number" in capsys.readouterr().err
+    # With a group to join, on a machine without CUDA too: torch's rendezvous read RANK with a bare int()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--activations", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("saelab train: error: RANK='x' is not a whole number; expected this process's "
+                                       "rank, as torchrun sets it\n")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "y")
+    with pytest.raises(ConfigError, match=r"^LOCAL_RANK='y' is not a whole number; expected this process's index"):
+        init_from_env()
 
 NON_FINITE_ON_RANK_1 = """
 import sys

@@ -66,6 +66,9 @@ def init_from_env() -> bool:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1)."""
     if env_whole_number(os.environ, "WORLD_SIZE", "the number of processes", 1) <= 1 or is_distributed():
         return is_distributed()
+    # torch's rendezvous reads RANK with a bare int(), and LOCAL_RANK picks the GPU: both named here, on any device
+    env_whole_number(os.environ, "RANK", "this process's rank")
+    env_whole_number(os.environ, "LOCAL_RANK", "this process's index on its machine")
     if torch.cuda.is_available():
         # The same backend on every rank; NCCL starts at the first CUDA collective, on this rank's GPU.
         own = own_gpu()
