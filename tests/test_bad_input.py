@@ -2133,6 +2133,15 @@ def test_quickstart_and_sweep_refuse_a_warmup_longer_than_the_run_before_any_wor
                  "1024", "--batch-size", "128", "--warmup-steps", "100"]) == 2
     assert "--warmup-steps 100 exceeds the run's 8 steps" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    # from Python too: the grid entry that set the point's tokens, not only the run's steps
+    from saelab.pipeline import sweep_from_cache
+
+    with pytest.raises(ConfigError) as refused:
+        sweep_from_cache(tmp_path / "no-cache", tmp_path / "sw", TrainConfig(n_latents=64, k=4, batch_size=128,
+                                                                             warmup_steps=100),
+                         {"total_tokens": [65536, 1024]})
+    assert str(refused.value) == ("warmup_steps=100 exceeds the 8 steps of the grid's total_tokens=1024 (total tokens "
+                                  "/ batch size); the learning rate would never reach its peak")
 
 
 # ---- sizes past what they can mean (browse, top) -------------------------------------------------------------

@@ -304,8 +304,8 @@ def sweep_from_cache(cache: str | Path | ActivationCache, out_dir: str | Path, b
 
     check_output_folder(out_dir, "--out", "sweep")
     configs = sweep_configs(base, grid)
-    for c in configs.values():
-        check_warmup(c)
+    for c in configs.values():  # a point's steps set by the grid: the refusal names that grid entry
+        check_warmup(c, run=f"the grid's total_tokens={c.total_tokens}" if "total_tokens" in grid else None)
     cache = _open_cache(cache, max(c.total_tokens for c in configs.values()))
     out_dir = Path(out_dir)
     configs, finished = _named_as_finished(out_dir, configs, cache, overwrite=overwrite)
