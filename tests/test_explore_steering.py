@@ -310,7 +310,9 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
     # --scale 2: twice the latent's max activation on the eval split.
     assert main(["steer", str(tmp_path / "sae"), "--latent", "7", "--scale", "2", "--scale-tokens", "1024",
                  "--max-new-tokens", "3", "--greedy", "--top-tokens", "0", "--json", *common]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err  # --no-progress hides the bar of the load beside the scale text
+    printed = json.loads(captured.out)
     steering = printed["steering"]
     peak = latent_max_activation(sae, tiny_gpt2, None, 7, n_tokens=1024)
     assert peak > 0 and steering.startswith(f"latent 7 at {HOOK}: add {2 * peak:g}")

@@ -248,7 +248,7 @@ def _scale_text_and_model(args: argparse.Namespace, sae, spec: str, before_load)
     with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
         return load_model_beside(spec, BrowseConfig(n_tokens=args.scale_tokens), [source], [source],
                                  sae.cfg.hook_name, args.device, args.model_dtype, context_setting=None,
-                                 check_tokenizer=before_load)
+                                 check_tokenizer=before_load, progress=args.progress)
 
 
 @contextlib.contextmanager
@@ -517,7 +517,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
         # context, which no option changes (a context the model cannot take is refused in the SAE's words)
         lm, tokens = load_model_beside(spec, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus), [source],
                                        [source], sae.cfg.hook_name, args.device, args.model_dtype,
-                                       context_setting=None)
+                                       context_setting=None, progress=args.progress)
         _note_another_hook(args, sae)
         # a -n given past the contexts read was refused above; the default lists them all
         results = top_activations(sae, lm, tokens, list(args.latent), args.n_contexts, progress=args.progress)
