@@ -1367,6 +1367,26 @@ def test_quickstart_names_its_cache_of_other_settings(tiny_gpt2, tiny_cache, cor
         _quickstart_harvest(harvest_cfg(corpus, n_tokens=2048), tmp_path / "run", tiny_gpt2, False, False)
 
 
+def test_quickstart_names_an_empty_harvest_of_other_settings_once(tiny_gpt2, tiny_cache, corpus, tmp_path):
+    """A harvest cut off before its first row, of other settings: said once what the folder holds, with the
+    setting that differs (the cache's own words, "it holds no rows yet, from a harvest started with", repeated it)."""
+    import shutil
+
+    from saelab.pipeline import ACTIVATIONS_DIR, _quickstart_harvest
+
+    folder = tmp_path / "run" / ACTIVATIONS_DIR
+    shutil.copytree(tiny_cache, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        (folder / shard["file"]).unlink()
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "n_rows": 0, "shards": [], "complete": False}))
+    with pytest.raises(ActivationCacheError) as refused:
+        _quickstart_harvest(harvest_cfg(corpus, n_tokens=2048), tmp_path / "run", tiny_gpt2, False, False)
+    assert str(refused.value) == (f"{folder} holds an empty harvest started with other settings "
+                                  "(meta.harvest.n_tokens 1024, not 2048); pass --overwrite-activations --overwrite to "
+                                  "harvest and train again, or pick another --out")
+
+
 def test_quickstart_refuses_its_cache_of_other_settings_before_the_model_loads(tiny_cache, corpus, tmp_path,
                                                                                monkeypatch):
     import shutil

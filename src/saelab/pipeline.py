@@ -767,12 +767,14 @@ def _naming_quickstart_cache(run_dir: Path):
     try:
         yield
     except ActivationCacheError as e:
-        difference = re.search(f"(?:{WRITTEN}|{NO_ROWS_STARTED}) .*?(?=; pass )", str(e))
+        difference = re.search(f"({WRITTEN}|{NO_ROWS_STARTED}) (.*?)(?=; pass )", str(e))
         if difference is None:  # not a cache of other settings
             raise
-        what = "an empty harvest started" if difference[0].startswith(NO_ROWS_STARTED) else "activations harvested"
+        # an empty harvest's own words would repeat what this message says of it: its setting alone
+        what, shown = (("an empty harvest started", difference[2]) if difference[1] == NO_ROWS_STARTED
+                       else ("activations harvested", difference[0]))
         raise ActivationCacheError(f"{run_dir / ACTIVATIONS_DIR} holds {what} with other settings "
-                                   f"({difference[0]}); pass --overwrite-activations --overwrite to harvest and "
+                                   f"({shown}); pass --overwrite-activations --overwrite to harvest and "
                                    "train again, or pick another --out") from e
 
 
