@@ -820,11 +820,11 @@ def stopping_writer(monkeypatch, stop_at: int) -> None:
     monkeypatch.setattr(cache_module._ShardWriter, "add", add_or_stop)
 
 
-def harvest_once(model, contexts, folder, buffer_tokens, seed=0, dtype="float32", overwrite=False):
+def harvest_once(model, contexts, folder, buffer_tokens, seed=0, dtype="float32", overwrite=False, meta=META):
     """600 rows (40 contexts of 15) in model batches of 4 contexts, shards of 100 rows."""
     stream = ActivationStream(model, HOOK, contexts, batch_size=32, lm_batch_size=4, buffer_tokens=buffer_tokens,
                               seed=seed, drop_last=False, progress=False)
-    return write_activation_cache(stream, folder, meta=META, dtype=dtype, shard_rows=100, resume=True,
+    return write_activation_cache(stream, folder, meta=meta, dtype=dtype, shard_rows=100, resume=True,
                                   overwrite=overwrite, progress=False)
 
 
@@ -873,6 +873,27 @@ def test_a_resumed_harvest_continues_where_its_stream_stopped(tmp_path, model, c
     assert shard_bytes(folder) == ref
     assert sum(first.calls) + sum(second.calls) == sum(whole.calls) == 40  # no context ran twice
     assert not (folder / "stream_state.safetensors").exists()
+
+
+def test_a_cache_is_reused_and_resumed_whatever_corpus_fingerprint_it_records(tmp_path, model, contexts, capsys):
+    """A harvest records its corpus's fingerprint in the cache's meta: what the text read was, not a setting. A
+    cache an earlier saelab wrote, with none, is reused, and resumed from where its stream stopped, by a harvest
+    that takes one; the record of the call that started the cache stays."""
+    from saelab.data import reusable_cache
+    from saelab.data.text import CORPUS_FINGERPRINT
+
+    recorded = {**META, CORPUS_FINGERPRINT: {"bytes": 3, "sha256": "0" * 64}}
+    harvest_once(StopAt(model), list(contexts), tmp_path / "ref", 128)
+    assert reusable_cache(tmp_path / "ref", meta=recorded, dtype="float32").meta == META
+    folder = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        harvest_once(StopAt(model, 7), list(contexts), folder, 128)
+    second = StopAt(model)
+    cache = harvest_once(second, list(contexts), folder, 128, meta=recorded)
+    assert "the input continues where it stopped" in capsys.readouterr().err and sum(second.calls) < 40
+    assert shard_bytes(folder) == shard_bytes(tmp_path / "ref") and cache.meta == META
+    with pytest.raises(ActivationCacheError, match="it was written with meta.context_size 16, not 32"):
+        reusable_cache(folder, meta={**recorded, "context_size": 32}, dtype="float32")  # a setting still counts
 
 
 NO_ROWS_YET = "holds no rows yet (a shuffled harvest writes its first rows once its shuffle buffer is full)"

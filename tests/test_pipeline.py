@@ -811,11 +811,44 @@ def test_an_evaluation_of_an_export_on_its_training_text_is_told_by_content(tiny
         out, err = capsys.readouterr()
         assert (warning in err, json.loads(out)["eval_text"]) == (
             trained_on, "training text (not held out)" if trained_on else "held-out text"), corpus
-    # the run records the path: its own evaluation on that file warns, one on the copy does not
-    for corpus, trained_on in ((str(train), True), ("copy.jsonl", False)):
+    # the run records the fingerprint too: its own evaluation on that file or on the copy warns, on the other not
+    for corpus, trained_on in ((str(train), True), ("copy.jsonl", True), ("train.jsonl", False)):
         capsys.readouterr()
         assert main(["eval", str(run), "--corpus", corpus, "--overwrite", *small]) == 0
         assert (warning in capsys.readouterr().err) == trained_on, corpus
+
+
+def test_a_run_records_the_fingerprint_of_the_text_its_harvest_read(tiny_dir, data_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    """The corpus's fingerprint was taken by the export, only where the run named the corpus by an absolute path
+    still there: a run given `--corpus train.jsonl` exported none, and an evaluation of the export on that text
+    under another name read as held out. The harvest takes it now, of the text it read, and the run's SAE
+    records it; the export carries it as it is, even after the file changed."""
+    from saelab.sae.io import file_sha256
+
+    (tmp_path / "work").mkdir()
+    train = wiki_jsonl(data_dir, tmp_path / "work" / "train.jsonl", 0, 2)
+    trained_text, eval_corpus = train.read_bytes(), wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
+    monkeypatch.chdir(tmp_path / "work")
+    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", "train.jsonl", "--out", "acts",
+            "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", "acts", "--out", "run", "--k", "4", *SMALL_TRAINING)
+    fingerprint = {"bytes": len(trained_text), "sha256": file_sha256(train)}
+    assert load_sae(tmp_path / "work" / "run").cfg.extra["dataset_fingerprint"] == fingerprint
+    train.write_text("another text\n")  # the corpus edited since: the run's record is still the text trained on
+    run_cli(capsys, "export", "run", str(tmp_path / "export"), "--format", "saelens")
+    assert load_sae(tmp_path / "export").cfg.extra["dataset_fingerprint"] == fingerprint
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "copy.jsonl").write_bytes(trained_text)  # the text trained on, another name
+    wiki_jsonl(data_dir, tmp_path / "elsewhere" / "train.jsonl", 5, 2)  # the same name, other text
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    small = ["--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
+    for corpus, trained_on in (("copy.jsonl", True), ("train.jsonl", False), (str(eval_corpus), False)):
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / "export"), "--model", str(tiny_dir), "--corpus", corpus, *small]) == 0
+        out, err = capsys.readouterr()
+        assert (json.loads(out)["eval_text"], "the text the SAE was trained on" in err) == (
+            "training text (not held out)" if trained_on else "held-out text", trained_on), corpus
 
 
 def test_a_site_an_export_or_a_model_given_for_an_sae_is_named(tiny_dir, data_dir, tmp_path, capsys):

@@ -23,7 +23,7 @@ from saelab.data import cache_is_complete, check_disk_room, note_unfinished_over
 from saelab.data import DrawnContexts, StreamConfig, TextsReadOnce, corpus_identity, sample_contexts, token_contexts
 from saelab.data import write_activation_cache
 from saelab.data.cache import NO_ROWS_STARTED, WRITTEN
-from saelab.data.text import CORPUS_FINGERPRINT, has_fingerprint
+from saelab.data.text import CORPUS_FINGERPRINT, corpus_fingerprint, has_fingerprint
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals._common import jsonable
 from saelab.evals.compute_equivalent import resolve_series
@@ -126,8 +126,8 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
         tokenizer = tokenizer_before_load(lm or cfg.model)
         check_corpus_fills_a_context(tokenizer, corpus, cfg.context_size, cfg.prepend_bos, "harvest.context_size",
                                      texts)
-        cache = _harvest_into(out_dir, cfg, texts, meta, lm=lm, device=device, model_dtype=model_dtype,
-                              overwrite=overwrite, progress=progress, tokenizer=tokenizer)
+        cache = _harvest_into(out_dir, cfg, texts, _with_fingerprint(meta, corpus), lm=lm, device=device,
+                              model_dtype=model_dtype, overwrite=overwrite, progress=progress, tokenizer=tokenizer)
     if cache.n_rows < cfg.n_tokens:  # the corpus ran out: say so rather than leave a silently smaller cache
         print(f"saelab: warning: the corpus {corpus} gave {cache.n_rows:,} activations, fewer than the "
               f"{cfg.n_tokens:,} asked (--n-tokens); the cache holds all it had", file=sys.stderr)
@@ -144,6 +144,15 @@ def _harvest_meta(cfg: HarvestConfig, corpus: str) -> dict[str, Any]:
         # before the pool was sized to the harvest, are still this harvest; a smaller one is not resumed.
         meta["sample_pool_tokens_drawn"] = _pool_tokens(cfg)
     return meta
+
+
+def _with_fingerprint(meta: dict[str, Any], corpus: str) -> dict[str, Any]:
+    """``meta`` with the fingerprint of the corpus as this harvest reads it (a hub dataset: none). Taken now, from
+    the folder the corpus was named in, so an SAE trained on the cache records the text it was trained on, and an
+    evaluation tells that text by content under any name or folder. Only a writing harvest hashes it (once a
+    process: corpus_fingerprint caches it); a reuse or resume compares the settings alone (cache.RECORDED_ONLY)."""
+    fingerprint = corpus_fingerprint(corpus)
+    return meta if fingerprint is None else {**meta, CORPUS_FINGERPRINT: fingerprint}
 
 
 def _reusable_harvest(out_dir: str | Path, meta: dict[str, Any], dtype: str,
@@ -194,7 +203,8 @@ def _open_cache(cache: str | Path | ActivationCache, rows_needed: int) -> Activa
 
 
 def _cache_meta(cache: ActivationCache) -> dict[str, Any]:
-    keys = ("model_name", "hook_name", "context_size", "prepend_bos", "exclude_first", "dataset", "model_source")
+    keys = ("model_name", "hook_name", "context_size", "prepend_bos", "exclude_first", "dataset", "model_source",
+            CORPUS_FINGERPRINT)
     return {k: cache.meta[k] for k in keys if k in cache.meta}
 
 
@@ -367,8 +377,8 @@ def _held_out_label(sae: TopKSAE, corpus: str) -> str:
 
 def _is_training_text(sae: TopKSAE, corpus: str) -> bool:
     """Whether ``corpus`` is the text the SAE was trained on: by the fingerprint of its content where the SAE records
-    one (an export names the corpus by its base name only: the same text under any name is it, another file of
-    that name is not), else by the corpus's name or path as recorded."""
+    one (its harvest took it, an export carries it: the same text under any name is it, another file of the same
+    name is not), else (an SAE of an earlier saelab) by the corpus's name or path as recorded."""
     fingerprint = sae.cfg.extra.get(CORPUS_FINGERPRINT)
     if isinstance(fingerprint, dict) and isinstance(fingerprint.get("sha256"), str):
         return has_fingerprint(corpus, fingerprint)
@@ -725,7 +735,8 @@ def _same_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache, reco
     if not (run_dir / TRAIN_CONFIG).exists():
         return False
     recorded = read_json(run_dir / TRAIN_CONFIG, "training config")
-    same_data = all(recorded.get("sae", {}).get(k) == v for k, v in _cache_meta(cache).items() if k != "model_source")
+    same_data = all(recorded.get("sae", {}).get(k) == v for k, v in _cache_meta(cache).items()
+                    if k not in ("model_source", CORPUS_FINGERPRINT))  # in the SAE's extra; the cache decides them
     return same_data and not training_changes({"train": recorded.get("train"), "data": recorded.get("data")},
                                               {"train": cfg.to_dict(), "data": record or _cache_record(cache)})
 

@@ -77,7 +77,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 def _shared_config(cfg):
     """``cfg`` as a file shared with others records it: no path of this disk, which means nothing on another machine.
     The training corpus and the file the SAE was read from by their base names (:func:`_corpus_by_name`), with the
-    fingerprint of the corpus's content, by which an evaluation on that text is told under any name; a local model
+    fingerprint of the corpus's content as its harvest recorded it (taken now for an SAE of an earlier saelab), by
+    which an evaluation on that text is told under any name; a local model
     folder by its base name, marked so that saelab asks for the folder rather than load a hub model of that name
     (:func:`shared_model_record`)."""
     import dataclasses
@@ -87,7 +88,8 @@ def _shared_config(cfg):
     named = _corpus_by_name(cfg)
     model_name, model_source = shared_model_record(cfg.model_name, named.extra.get("model_source"))
     extra = {**named.extra, **({} if model_source is None else {"model_source": model_source})}
-    # An absolute path is the file trained on; a relative one, read from this folder, could be another file.
+    # A run's harvest records the fingerprint; one of an earlier saelab has none, taken here where its corpus is an
+    # absolute path (the file trained on; a relative one, read from this folder, could be another file).
     if CORPUS_FINGERPRINT not in extra and cfg.dataset and Path(cfg.dataset).expanduser().is_absolute():
         fingerprint = corpus_fingerprint(cfg.dataset)  # a corpus since moved or deleted: none
         if fingerprint is not None:

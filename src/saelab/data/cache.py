@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saelab.data.text import CORPUS_FINGERPRINT
 from saelab.errors import ConfigError, CorpusError, InterruptedBeforeAnyResult, NonFiniteError, RunExistsError
 from saelab.utils.atomic import write_json, write_with
 from saelab.utils.cache_manifest import FORMAT, MANIFEST, OVERWRITE_STAGE, is_cache_manifest
@@ -390,6 +391,16 @@ def _meta_sha256(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+RECORDED_ONLY = (CORPUS_FINGERPRINT,)
+"""``meta`` keys that record the input as the write found it, not a setting: a cache is reused or resumed whatever
+they hold (an earlier saelab's records none, and the call that started the cache keeps its record)."""
+
+
+def _settings(meta: dict) -> dict:
+    """``meta`` as a reuse or resume compares it: less :data:`RECORDED_ONLY`."""
+    return {k: v for k, v in meta.items() if k not in RECORDED_ONLY}
+
+
 def _tensor_sha256(t: torch.Tensor) -> str:
     # The tensor's own bytes through a buffer view: a copy (tobytes) would double a GBs-large shuffle buffer.
     # As uint8 first: NumPy has no bfloat16.
@@ -435,7 +446,8 @@ def _save_stream_state(state: dict[str, Any], folder: Path, meta: dict, dtype: s
     try:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in state["tensors"].items()}
         metadata = {"format": STREAM_STATE_FORMAT, "version": str(STREAM_STATE_VERSION),
-                    "rows_written": str(rows_written), "cache_dtype": dtype, "meta_sha256": _meta_sha256(meta),
+                    "rows_written": str(rows_written), "cache_dtype": dtype,
+                    "meta_sha256": _meta_sha256(_settings(meta)),
                     "settings": json.dumps(state["settings"], sort_keys=True),
                     "counters": json.dumps(state["counters"], sort_keys=True),
                     "sha256": json.dumps({name: _tensor_sha256(t) for name, t in tensors.items()}, sort_keys=True)}
@@ -472,7 +484,8 @@ def _restore_stream_state(batches: Any, folder: Path, meta: dict, dtype: str,
             if names != set(json.loads(metadata.get("sha256", "{}"))):
                 raise ValueError(f"it holds tensors {sorted(names)}")
             tensors = {name: f.get_tensor(name) for name in sorted(names)}
-        expected = {"rows_written": str(rows_written), "cache_dtype": dtype, "meta_sha256": _meta_sha256(meta)}
+        expected = {"rows_written": str(rows_written), "cache_dtype": dtype,
+                    "meta_sha256": _meta_sha256(_settings(meta))}
         for key, want in expected.items():
             if metadata.get(key) != want:
                 raise ValueError(f"its {key} is {metadata.get(key)!r}, not {want!r}")
@@ -556,10 +569,11 @@ def _open_existing(folder: Path, meta: dict, dtype: str, shard_rows: int, *, res
         hint = "pass overwrite=True to replace it" if existing["complete"] else \
             "pass resume=True to continue it or overwrite=True to start over"
         raise RunExistsError(f"{str(folder)!r} already holds a {state} activation cache; {hint}")
-    for key, want in (("meta", meta), ("dtype", dtype), ("shard_rows", shard_rows)):  # meta: the options given
-        if existing[key] != want and not (key == "shard_rows" and existing["complete"]):
+    for key, have, want in (("meta", _settings(existing["meta"]), _settings(meta)),  # meta: the options given
+                            ("dtype", existing["dtype"], dtype), ("shard_rows", existing["shard_rows"], shard_rows)):
+        if have != want and not (key == "shard_rows" and existing["complete"]):
             verb = "reuse" if existing["complete"] else "resume"
-            difference = _difference(key, existing[key], want)
+            difference = _difference(key, have, want)
             if existing["n_rows"] + existing.get("partial_rows", 0) == 0:  # cut off before its first row
                 raise ActivationCacheError(f"cannot resume activation cache {str(folder)!r}: {NO_ROWS_STARTED} "
                                            f"{difference}; pass overwrite=True (--overwrite) to start it over with "

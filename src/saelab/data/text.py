@@ -229,8 +229,9 @@ def has_fingerprint(corpus: str, fingerprint: dict[str, Any]) -> bool:
 _FINGERPRINTS: dict[str, dict[str, Any]] = {}
 """corpus_fingerprint's answers, by the files' paths, sizes and modification times."""
 CORPUS_FINGERPRINT = "dataset_fingerprint"
-"""Where an export records :func:`corpus_fingerprint` of the SAE's training corpus (``SAEConfig.extra``), beside
-its base name (``dataset``): an evaluation on that text is told by it."""
+"""Where a harvest records :func:`corpus_fingerprint` of the corpus it read (the activation cache's meta), and so an
+SAE trained on it (``SAEConfig.extra``, which an export carries beside the corpus's base name, ``dataset``): an
+evaluation on that text is told by it."""
 
 
 def corpus_name(corpus: str | None, split: str) -> str:
