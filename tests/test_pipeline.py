@@ -27,7 +27,7 @@ from saelab.data import ActivationCache, write_activation_cache
 from saelab.errors import CheckpointError, CorpusError, RunExistsError
 from saelab.evals.core import eval_settings
 from saelab.models import DEFAULT_MODEL_HUB_ID
-from saelab.pipeline import EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
+from saelab.pipeline import WORK_STAGES, EvalConfig, HarvestConfig, QuickstartConfig, harvest, load_run, quickstart
 from saelab.run_folder import LATENT_FREQUENCIES, model_for, read_latent_frequencies
 from saelab.sae import load_sae, save_sae
 from saelab.train import TrainConfig
@@ -98,7 +98,7 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
     assert on_disk["nmse"] < 0.7
     assert set(on_disk["wall_seconds"]) >= {"check_inputs", "harvest", "train", "evaluate", "total"}
     assert on_disk["stage_seconds"] == on_disk["wall_seconds"]  # one call ran every stage
-    assert "all calls" not in (run / "report.md").read_text()  # one call did everything
+    assert "calls behind these results" not in (run / "report.md").read_text()  # one call did everything
 
     cache = ActivationCache(run / "activations")
     assert (cache.n_rows, cache.d, cache.meta["hook_name"]) == (8192, 576, "blocks.9.hook_resid_post")
@@ -154,11 +154,13 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
                                        "unfinished; run the --overwrite-activations call that started it again to "
                                        f"resume it, or delete {stage} to discard it\n")
     shutil.rmtree(stage)  # as the note says; the checks below see the cache alone
-    assert third["reused"] == ["harvest", "train", "evaluate"] and third["wall_seconds"] == {"total": 0.0}
+    assert third["reused"] == ["harvest", "train", "evaluate"] and set(third["wall_seconds"]) == {"check_inputs",
+                                                                                                  "total"}
     earlier = {stage: t for stage, t in again["stage_seconds"].items() if stage != "total"}
     assert set(earlier) == {"check_inputs", "harvest", "load_model", "train", "evaluate"}
     assert third["stage_seconds"] == {**earlier, "total": round(sum(earlier.values()), 1)}
-    assert f"| evaluate | reused (all calls: {again['stage_seconds']['evaluate']:,.1f}) |" in (run / "report.md").read_text()
+    assert f"| evaluate | reused (calls behind these results: {again['stage_seconds']['evaluate']:,.1f}) |" in \
+        (run / "report.md").read_text()
     # Other eval settings would replace the evaluation: refused as `saelab eval` refuses, before any work.
     before = (run / "metrics.json").read_bytes()
     with pytest.raises(RunExistsError, match=r"evaluation with other settings \(eval.recon_tokens 2048 -> 1024\)"):
@@ -1294,13 +1296,51 @@ def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
     assert _stage_seconds(tmp_path, {}, later, ["harvest"], 0.0, (33.0, True))["harvest"] == 33.0
     assert _stage_seconds(tmp_path, {}, {**later, "harvest": 10.0}, [], 0.0, (25.0, False))["harvest"] == 35.0
     assert "harvest" not in _stage_seconds(tmp_path, {}, later, ["harvest"], 0.0, (None, True))
-    # A call that found every stage done ran none: each keeps its record, the input checks and the load too.
+    # A call that found every stage done made none of the results: each keeps its record, the input checks (this
+    # call's wall time) and the load too.
     done = {"check_inputs": 12.4, "harvest": 40.0, "load_model": 1.5, "train": 100.0, "evaluate": 5.0}
-    assert _stage_seconds(tmp_path, {**done, "total": 158.9}, {}, ["harvest", "train", "evaluate"], 0.0,
-                          (33.0, True)) == {**done, "total": 158.9}
+    for checks in ({}, {"check_inputs": 6.1}):
+        assert _stage_seconds(tmp_path, {**done, "total": 158.9}, checks, ["harvest", "train", "evaluate"], 0.0,
+                              (33.0, True)) == {**done, "total": 158.9}
+    # The checks and the load every working call repeats add up as the calls behind the results do: an overwrite
+    # keeping the cache adds its own to the calls' that made it; one replacing every result counts its own alone.
+    overwrite = {"check_inputs": 3.0, "load_model": 1.0, "train": 50.0, "evaluate": 4.0}
+    assert _stage_seconds(tmp_path, {**done, "total": 158.9}, overwrite, ["harvest"], 0.0, (33.0, True)) == {
+        "check_inputs": 15.4, "harvest": 40.0, "load_model": 2.5, "train": 50.0, "evaluate": 4.0, "total": 111.9}
+    anew = {**overwrite, "harvest": 20.0}
+    assert _stage_seconds(tmp_path, {**done, "total": 158.9}, anew, [], 0.0, (None, False)) == {**anew, "total": 78.0}
     rows = _wall_time_rows({"wall_seconds": {**times, "total": 37.0}, "stage_seconds": stages})
-    assert rows == [("load_model", "2.0"), ("train", "30.0 (all calls: 100.0)"), ("evaluate", "5.0"),
-                    ("harvest", "reused (all calls: 40.0)"), ("total", "37.0 (all calls: 147.0)")]
+    behind = "calls behind these results"
+    assert rows == [("load_model", "2.0"), ("train", f"30.0 ({behind}: 100.0)"), ("evaluate", "5.0"),
+                    ("harvest", f"reused ({behind}: 40.0)"), ("total", f"37.0 ({behind}: 147.0)")]
+
+
+def test_stage_seconds_of_quickstart_reruns_count_the_calls_behind_the_results(tiny_dir, data_dir, tmp_path):
+    """A rerun that found every stage done recorded no time (wall_seconds {"total": 0.0}), though it checked its
+    inputs and whether every stage was done; and stage_seconds summed the calls that trained, but held the input
+    checks and the model load of the latest call alone. The rerun's checks are its wall time now, and
+    stage_seconds sums each stage over the calls whose work the results come from."""
+    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK,
+                                                 corpus=str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)),
+                                                 context_size=32, n_tokens=1000, buffer_tokens=8192),
+                           train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
+                           eval=EvalConfig(corpus=str(wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)),
+                                           recon_tokens=256, downstream_tokens=128))
+    run = tmp_path / "qs"
+    first = quickstart(cfg, run, progress=False)
+    assert first["stage_seconds"] == first["wall_seconds"]
+    rerun = quickstart(cfg, run, progress=False)
+    assert set(rerun["wall_seconds"]) == {"check_inputs", "total"} and rerun["reused"] == list(WORK_STAGES)
+    assert rerun["wall_seconds"]["total"] == rerun["wall_seconds"]["check_inputs"]
+    assert rerun["stage_seconds"] == first["stage_seconds"]  # the rerun made none of the results
+    redone = quickstart(cfg, run, overwrite=True, progress=False)  # the cache kept: its call counts on
+    wall, stages = redone["wall_seconds"], redone["stage_seconds"]
+    assert redone["reused"] == ["harvest"] and stages["harvest"] == first["stage_seconds"]["harvest"]
+    for stage in ("check_inputs", "load_model"):
+        assert stages[stage] == round(first["stage_seconds"][stage] + wall[stage], 1), stage
+    assert (stages["train"], stages["evaluate"]) == (wall["train"], wall["evaluate"])
+    anew = quickstart(cfg, run, overwrite=True, overwrite_activations=True, progress=False)
+    assert anew["reused"] == [] and anew["stage_seconds"] == anew["wall_seconds"]  # every result made anew
 
 
 def _documented_metrics_keys() -> tuple[set[str], set[str]]:

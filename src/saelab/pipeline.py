@@ -805,17 +805,28 @@ def _recorded_stage_seconds(run_dir: Path) -> dict[str, float]:
     return {k: v for k, v in recorded.items() if isinstance(v, (int, float))} if isinstance(recorded, dict) else {}
 
 
+WORK_STAGES = ("harvest", "train", "evaluate")
+"""The stages whose results a run folder keeps; a call that runs none of them did no work."""
+SHARED_STAGES = ("check_inputs", "load_model")
+"""Stages every call that does work repeats (a call that finds every stage done checks its inputs alone)."""
+
+
 def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, float], reused: list[str],
                    trained_before: float, harvested: tuple[float | None, bool]) -> dict[str, float]:
-    """Seconds each stage took in the calls that did it: a reused stage keeps its earlier record, and a
-    resumed training adds the earlier calls' training (``trained_before``) to this call's, as a resumed harvest
-    adds the earlier calls' writing of the cache; a stage with no earlier record (its call was interrupted later)
-    is its own record's: the training loop's, the cache's writing. ``harvested``: :func:`_cache_seconds` before
-    this call."""
-    # A stage this call did not run keeps its earlier record: a reused one, and the model's load and the input
-    # checks of a call that found every stage done (the sum of all calls does not shrink by a rerun).
+    """Seconds each stage took, summed over the calls whose work the current results come from. A reused stage
+    keeps its earlier record; a resumed training adds the earlier calls' training (``trained_before``) to this
+    call's, as a resumed harvest adds the earlier calls' writing of the cache (``harvested``: :func:`_cache_seconds`
+    before this call), and an overwrite counts its own call alone. The input checks and the model load, which
+    every working call repeats, add this call's to the earlier record while an earlier result is kept, and count
+    this call's alone where it replaced them all. A call that found every stage done did none of the work: the
+    record stays as it was. A stage with no earlier record (its call was interrupted later, so wrote none) is its
+    own record's: the training loop's, the cache's writing; an interrupted call's checks and load are not known.
+    ``times``: this call's seconds of the stages it ran (none of ``reused``)."""
+    if not any(stage in times for stage in WORK_STAGES):
+        times = {}  # its checks are this call's wall time, no part of the results' making
     out = {stage: t for stage, t in earlier.items() if stage != "total" and stage not in times}
-    out.update({stage: t for stage, t in times.items() if stage not in reused})
+    for stage, t in times.items():  # an earlier result kept (reused): the calls that made it count on
+        out[stage] = round(t + (earlier.get(stage, 0.0) if stage in SHARED_STAGES and reused else 0.0), 1)
     if "train" in times:
         out["train"] = round(times["train"] + trained_before, 1)
     elif "train" in reused and "train" not in out:  # no earlier record: the training loop's own time
@@ -950,6 +961,8 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
 
     ``lm``: the already-loaded model that ``cfg.harvest.model`` names (it is then not loaded again).
     """
+    # check_inputs: everything before the model's load, the check whether every stage is done included
+    started = time.perf_counter()
     run_dir = Path(run_dir)
     harvest_cfg = replace(cfg.harvest, n_tokens=max(cfg.harvest.n_tokens, cfg.train.total_tokens))
     finished_hash = _check_quickstart_inputs(cfg, harvest_cfg, run_dir, lm, model_dtype=model_dtype,
@@ -965,11 +978,10 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
                                                                                model_dtype, finished_hash)
     if done is not None:  # every stage done with these settings: the model is not even loaded
         note_unfinished_overwrite(run_dir / ACTIVATIONS_DIR, "--overwrite-activations")
-        return _write_quickstart_results(run_dir, done, ["harvest", "train", "evaluate"], times, earlier,
-                                         trained_before, harvested)
+        times["check_inputs"] = round(time.perf_counter() - started, 1)
+        return _write_quickstart_results(run_dir, done, list(WORK_STAGES), times, earlier, trained_before, harvested)
     # A hub model's tokenizer is fetched alone: a short corpus is refused before its weights download.
-    # Timed as a stage of its own: it tokenizes the eval pool, seconds the other stages would not show.
-    started = time.perf_counter()
+    # Timed with the checks: it tokenizes the eval pool, seconds the other stages would not show.
     tokenizer = tokenizer_before_load(lm or harvest_cfg.model)
     train_texts, eval_contexts = _check_corpora_are_long_enough(cfg, harvest_cfg, run_dir, tokenizer,
                                                                 overwrite_activations)

@@ -145,15 +145,20 @@ def _paper_suite_of(run_dir: Path, sae_hash: str) -> bool:
     return read_json(index, "paper-suite index").get("sae", {}).get("sha256") == sae_hash
 
 
+RESULTS_CALLS = "calls behind these results"
+"""How the report's wall-time rows name ``stage_seconds`` beside this call's seconds."""
+
+
 def _wall_time_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
-    """This call's seconds per stage, and the earlier calls' where a stage was reused or resumed."""
+    """This call's seconds per stage, and where they differ the seconds summed over the calls whose work the
+    results come from (``stage_seconds``: a reused or resumed stage, checks and a load repeated by such calls)."""
     wall, stages = metrics["wall_seconds"], metrics.get("stage_seconds", {})
     rows = []
     order = [s for s in wall if s != "total"] + [s for s in stages if s not in wall] + ["total"]
     for stage in (s for s in order if s in wall or s in stages):
         now = f"{wall[stage]:,.1f}" if stage in wall else "reused"
         before = stages.get(stage)
-        rows.append((stage, now if before is None or before == wall.get(stage) else f"{now} (all calls: {before:,.1f})"))
+        rows.append((stage, now if before is None or before == wall.get(stage) else f"{now} ({RESULTS_CALLS}: {before:,.1f})"))
     return rows
 
 
@@ -271,9 +276,10 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
         lines += ["## Wall time (s)", "", markdown_table(rows), ""]
         if metrics.get("reused"):
             lines += [f"Reused from an earlier run of the same settings: {', '.join(metrics['reused'])}.", ""]
-        if any("all calls" in text for _, text in rows):
-            lines += ["\"all calls\": the seconds a stage took in the calls that ran it (a resumed training "
-                      "counts each call).", ""]
+        if any(RESULTS_CALLS in text for _, text in rows):
+            lines += [f"\"{RESULTS_CALLS}\": the seconds a stage took summed over the calls whose work these results "
+                      "come from (a resumed training counts each call; an overwrite starts the count again for what "
+                      "it replaces; a call that found every stage done, none).", ""]
     path = run_dir / REPORT
     write_text(path, "\n".join(lines))
     return path
