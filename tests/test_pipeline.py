@@ -818,6 +818,11 @@ def test_an_evaluation_of_an_export_on_its_training_text_is_told_by_content(tiny
         capsys.readouterr()
         assert main(["eval", str(run), "--corpus", corpus, "--overwrite", *small]) == 0
         assert (warning in capsys.readouterr().err) == trained_on, corpus
+    # the file at the run's recorded path, grown since: it holds the text trained on still
+    with train.open("a") as grown:
+        grown.write(json.dumps({"text": "One more article."}) + "\n")
+    assert main(["eval", str(run), "--corpus", str(train), "--overwrite", *small]) == 0
+    assert warning in capsys.readouterr().err
 
 
 def test_a_run_records_the_fingerprint_of_the_text_its_harvest_read(tiny_dir, data_dir, tmp_path, capsys,

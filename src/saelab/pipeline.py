@@ -378,11 +378,14 @@ def _held_out_label(sae: TopKSAE, corpus: str) -> str:
 def _is_training_text(sae: TopKSAE, corpus: str) -> bool:
     """Whether ``corpus`` is the text the SAE was trained on: by the fingerprint of its content where the SAE records
     one (its harvest took it, an export carries it: the same text under any name is it, another file of the same
-    name is not), else (an SAE of an earlier saelab) by the corpus's name or path as recorded."""
+    name is not), else (an SAE of an earlier saelab) by the corpus's name or path as recorded. The file at the
+    absolute path a run records is the training text even once edited: it may hold what was trained on still."""
     fingerprint = sae.cfg.extra.get(CORPUS_FINGERPRINT)
-    if isinstance(fingerprint, dict) and isinstance(fingerprint.get("sha256"), str):
-        return has_fingerprint(corpus, fingerprint)
     trained_on = sae.cfg.dataset
+    if isinstance(fingerprint, dict) and isinstance(fingerprint.get("sha256"), str):
+        same_file = bool(trained_on) and Path(trained_on).is_absolute() and Path(corpus).exists() and \
+            Path(trained_on).resolve() == Path(corpus).resolve()
+        return same_file or has_fingerprint(corpus, fingerprint)
     return bool(trained_on) and (trained_on == corpus or (Path(trained_on).exists() and Path(corpus).exists()
                                                          and Path(trained_on).resolve() == Path(corpus).resolve()))
 

@@ -78,9 +78,8 @@ def _shared_config(cfg):
     """``cfg`` as a file shared with others records it: no path of this disk, which means nothing on another machine.
     The training corpus and the file the SAE was read from by their base names (:func:`_corpus_by_name`), with the
     fingerprint of the corpus's content as its harvest recorded it (taken now for an SAE of an earlier saelab), by
-    which an evaluation on that text is told under any name; a local model
-    folder by its base name, marked so that saelab asks for the folder rather than load a hub model of that name
-    (:func:`shared_model_record`)."""
+    which an evaluation on that text is told under any name; a local model folder by its base name, marked so that
+    saelab asks for the folder rather than load a hub model of that name (:func:`shared_model_record`)."""
     import dataclasses
 
     from saelab.data.text import CORPUS_FINGERPRINT, corpus_fingerprint

@@ -158,7 +158,8 @@ def _wall_time_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     for stage in (s for s in order if s in wall or s in stages):
         now = f"{wall[stage]:,.1f}" if stage in wall else "reused"
         before = stages.get(stage)
-        rows.append((stage, now if before is None or before == wall.get(stage) else f"{now} ({RESULTS_CALLS}: {before:,.1f})"))
+        same = before is None or before == wall.get(stage)
+        rows.append((stage, now if same else f"{now} ({RESULTS_CALLS}: {before:,.1f})"))
     return rows
 
 
