@@ -66,6 +66,14 @@ def run_cli(capsys, *argv: str) -> tuple[int, dict]:
 
 
 @pytest.mark.slow  # ~20 s on 2 cores (.ci/newcomer.sh also runs a quickstart); .ci/run runs the slow tests
+def _tiny_quickstart(tiny_dir, train_corpus, eval_corpus) -> QuickstartConfig:
+    """A quickstart of the tiny model small enough for a test: 1,000 tokens, 64 latents."""
+    return QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(train_corpus),
+                                                  context_size=32, n_tokens=1000, buffer_tokens=8192),
+                            train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
+                            eval=EvalConfig(corpus=str(eval_corpus), recon_tokens=256, downstream_tokens=128))
+
+
 def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkeypatch):
     wiki = data_dir / "wiki-en"
     cfg = QuickstartConfig(
@@ -1089,11 +1097,7 @@ def test_eval_quickstart_and_report_draw_density_and_hash_the_sae_once(tiny_dir,
     assert "## Paper metrics" in report and "| nMSE (FVU), raw activation space |" in report
 
     draws.clear()
-    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(tmp_path / "train.jsonl"),
-                                                 context_size=32, n_tokens=1000, buffer_tokens=8192),
-                           train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
-                           eval=EvalConfig(corpus=str(tmp_path / "eval.jsonl"), recon_tokens=256,
-                                           downstream_tokens=128))
+    cfg = _tiny_quickstart(tiny_dir, tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
     quickstart(cfg, tmp_path / "qs", progress=False)  # the corpora _trained_run wrote
     assert len(draws) == 1 and "![latent density](density.png)" in (tmp_path / "qs" / "report.md").read_text()
     quickstart(cfg, tmp_path / "qs", progress=False)  # every stage reused: the report draws it from the file
@@ -1231,12 +1235,8 @@ def test_quickstart_hashes_its_sae_once(tiny_dir, data_dir, tmp_path, monkeypatc
     again, and when every stage is reused (its checks, its evaluation and its report share the digest)."""
     from saelab.run_folder import sae_sha256
 
-    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK,
-                                                 corpus=str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)),
-                                                 context_size=32, n_tokens=1000, buffer_tokens=8192),
-                           train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
-                           eval=EvalConfig(corpus=str(wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)),
-                                           recon_tokens=256, downstream_tokens=128))
+    cfg = _tiny_quickstart(tiny_dir, wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2),
+                           wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1))
     run = tmp_path / "qs"
     hashes = _hashes(monkeypatch)
     first = quickstart(cfg, run, progress=False)
@@ -1325,12 +1325,8 @@ def test_stage_seconds_of_quickstart_reruns_count_the_calls_behind_the_results(t
     inputs and whether every stage was done; and stage_seconds summed the calls that trained, but held the input
     checks and the model load of the latest call alone. The rerun's checks are its wall time now, and
     stage_seconds sums each stage over the calls whose work the results come from."""
-    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK,
-                                                 corpus=str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)),
-                                                 context_size=32, n_tokens=1000, buffer_tokens=8192),
-                           train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
-                           eval=EvalConfig(corpus=str(wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)),
-                                           recon_tokens=256, downstream_tokens=128))
+    cfg = _tiny_quickstart(tiny_dir, wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2),
+                           wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1))
     run = tmp_path / "qs"
     first = quickstart(cfg, run, progress=False)
     assert first["stage_seconds"] == first["wall_seconds"]
@@ -1419,10 +1415,7 @@ def test_quickstart_and_a_sweep_evaluation_read_the_eval_corpus_once(tiny_dir, d
 
     eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1)
     train_corpus = wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)
-    cfg = QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(train_corpus),
-                                                 context_size=32, n_tokens=1000, buffer_tokens=8192),
-                           train=TrainConfig(n_latents=64, k=4, batch_size=250, total_tokens=1000, init_rows=500),
-                           eval=EvalConfig(corpus=str(eval_corpus), recon_tokens=256, downstream_tokens=128))
+    cfg = _tiny_quickstart(tiny_dir, train_corpus, eval_corpus)
     opened, train_opened = _opens_of(monkeypatch, eval_corpus), _opens_of(monkeypatch, train_corpus)
     first = quickstart(cfg, tmp_path / "qs", progress=False)
     assert len(opened) == 1
