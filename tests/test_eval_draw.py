@@ -256,3 +256,68 @@ def test_frequencies_saved_before_the_draw_belong_with_their_evaluation(tmp_path
     assert frequencies_mismatch(saved, tmp_path, 4, "abc", eval_settings(metrics), weights="w", evaluation="e") is None
     drawn = eval_settings({**metrics, "sample_pool_tokens": 4_194_304})
     assert "another evaluation" in frequencies_mismatch(saved, tmp_path, 4, "abc", drawn, weights="w", evaluation="e")
+
+
+def _one_document_then_others(lm, data_dir, n_first: int, n_others: int):
+    """Contexts of 32 whose first ``n_first`` lie in one long article and the next ``n_others`` in other ones: the
+    paper suite's draw, whose first contexts (a metric's own) can be of one document while the whole draw is not."""
+    from saelab.data import DrawnContexts
+
+    articles = _articles(data_dir)[:40]
+    long_one = max(articles, key=len)
+    one = draw_contexts([long_one], lm.tokenizer, 32, n_first, pool_tokens=10**9, bos_token_id=lm.bos_token_id)
+    rest = draw_contexts([a for a in articles if a is not long_one], lm.tokenizer, 32, n_others, pool_tokens=10**9,
+                         bos_token_id=lm.bos_token_id)
+    assert one.documents.unique().numel() == 1 and rest.documents.unique().numel() > 2
+    return DrawnContexts(torch.cat([one.tokens, rest.tokens]), torch.cat([one.documents, rest.documents + 1000]),
+                         torch.arange(n_first + n_others))
+
+
+def test_core_decides_its_resampling_units_from_the_contexts_it_reads(tiny_gpt2, data_dir):
+    """Core reads the first contexts of a draw that holds every metric's: where those lie in one document, its
+    intervals resample them (the other metrics' documents further on do not make core's one group)."""
+    from saelab.evals.core import evaluate_core
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=96, k=6, hook_name="blocks.0.hook_resid_post", context_size=32))
+    drawn = _one_document_then_others(tiny_gpt2, data_dir, 12, 20)
+    m = evaluate_core(sae, tiny_gpt2, EvalConfig(recon_tokens=31 * 12, downstream_tokens=31 * 10), progress=False,
+                      contexts=drawn).metrics
+    assert m["interval_groups"] == "contexts"
+    assert m["intervals"]["nmse"]["n_groups"] == 12 and m["intervals"]["delta_ce"]["n_groups"] == 10
+    assert m["intervals"]["delta_ce"]["low"] < m["delta_ce"] < m["intervals"]["delta_ce"]["high"]
+    # Reading into the other documents too, both parts resample documents.
+    m = evaluate_core(sae, tiny_gpt2, EvalConfig(recon_tokens=31 * 20, downstream_tokens=31 * 16), progress=False,
+                      contexts=drawn).metrics
+    assert m["interval_groups"] == "documents"
+    assert m["intervals"]["delta_ce"]["n_groups"] == drawn.documents[:16].unique().numel() >= 2
+
+
+def test_ablation_decides_its_resampling_units_from_the_sites_contexts(consecutive):
+    """The ablation intervals resample the contexts its sites fell in: when those lie in one document, the contexts
+    (the metric's contexts without a site span several documents, which does not give that one document a spread)."""
+    from saelab.evals.ablation_sparsity import _sample_sites
+
+    lm, sae, tokens, _ = consecutive
+    cfg = AblationSparsityConfig(n_future=4, n_sites=8, latents_per_site=2, channels_per_site=0, random_baseline=False,
+                                 n_boot=50)
+    sites = {c for c, _ in _sample_sites(tokens.shape[0], tokens.shape[1], 0, 4, 8, torch.Generator().manual_seed(0))}
+    assert 2 <= len(sites) < tokens.shape[0]
+    documents = torch.tensor([0 if c in sites else 1 + c for c in range(tokens.shape[0])])
+    res = run_ablation_sparsity(lm, sae, tokens, cfg, documents=documents)
+    ci = res["intervals"]["latent_mean"]
+    assert res["interval_groups"] == "contexts" and ci["n_groups"] == len(sites)
+    assert ci["low"] <= ci["estimate"] <= ci["high"]
+    split = run_ablation_sparsity(lm, sae, tokens, cfg, documents=torch.tensor([c % 2 for c in range(tokens.shape[0])]))
+    assert split["interval_groups"] == "documents" and split["intervals"]["latent_mean"]["n_groups"] == 2
+
+
+def test_n2g_held_out_in_one_document_resamples_its_contexts(consecutive):
+    """Two documents of 12 contexts: one is built on, the other held out; the held-out contexts, all of one
+    document, are what the intervals resample (one group gave none)."""
+    lm, sae, tokens, _ = consecutive
+    cfg = N2GConfig(n_latents=3, n_examples=3, max_len=3, lm_batch_size=12, n_boot=50)
+    res = run_n2g(lm, sae, tokens, cfg, documents=torch.arange(24) // 12)
+    assert res["n_eval_contexts"] == 12 and res["interval_groups"] == "contexts"
+    delta = res["intervals"]["delta_ce_sae"]
+    assert delta["n_groups"] == 12 and delta["low"] <= delta["estimate"] <= delta["high"]

@@ -54,7 +54,8 @@ Result schema (``run_ablation_sparsity`` returns a JSON-serializable dict)::
     channel             the same for residual-channel ablations (None if channels_per_site == 0)
     ratio_latent_to_random    latent.mean / random.mean (< 1: latents have sparser effects): the headline
     ratio_latent_to_channel   latent.mean / channel.mean (the older, unmatched comparison)
-    interval_groups     what the intervals resample: "documents" (the contexts' documents given) or "contexts"
+    interval_groups     what the intervals resample: "documents" (the contexts' documents given, and the sites'
+                        contexts in two or more of them) or "contexts"
     intervals           {latent_mean, random_mean, channel_mean, ratio_latent_to_random,
                          latent_minus_random, ratio_latent_to_channel}: bootstrap intervals
                         {estimate, low, high, level, n_boot, n_groups, n_undefined} ({} when n_boot is 0)
@@ -205,16 +206,20 @@ class _Scores:
         tot[f"{part}_n"] += ok.numel()
         self.vocab = delta_RTV.shape[-1]
 
-    def intervals(self, cfg: AblationSparsityConfig, documents_N: torch.Tensor | None) -> dict:
+    def intervals(self, cfg: AblationSparsityConfig, documents_N: torch.Tensor | None) -> tuple[dict, str]:
+        """The intervals and what they resample: the documents of the contexts the sites fell in, or those
+        contexts where they lie in one document (the metric's other contexts do not enter its intervals)."""
+        contexts = torch.tensor(list(self.totals), dtype=torch.long)
+        documents = None if documents_N is None else resampled_documents(documents_N.cpu()[contexts])
+        unit = "contexts" if documents is None else "documents"
         if cfg.n_boot == 0 or not self.totals:
-            return {}
+            return {}, unit
         keys = next(iter(self.totals.values())).keys()
         per_context = {k: torch.tensor([t[k] for t in self.totals.values()], dtype=torch.float64) for k in keys}
-        contexts = torch.tensor(list(self.totals))
-        per_group = by_document(per_context, None if documents_N is None else documents_N.cpu()[contexts])
         stats = {k: f for k, f in INTERVAL_STATS.items()
                  if ("random" not in k or cfg.random_baseline) and ("channel" not in k or cfg.channels_per_site)}
-        return paired_bootstrap(per_group, stats, n_boot=cfg.n_boot, level=cfg.ci_level, seed=cfg.seed)
+        return paired_bootstrap(by_document(per_context, documents), stats, n_boot=cfg.n_boot, level=cfg.ci_level,
+                                seed=cfg.seed), unit
 
 
 def _ablate_site(lm, sae, tokens_NT: torch.Tensor, c: int, p: int, hook: str, cfg: AblationSparsityConfig,
@@ -259,7 +264,6 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
     cfg = cfg or AblationSparsityConfig()
     tokens_NT = check_tokens(tokens_NT)
     check_documents(documents, tokens_NT)
-    documents = resampled_documents(documents)
     hook = resolve_hook(lm, sae, cfg.hook)
     first = first_position(sae, cfg.exclude_first)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -277,6 +281,7 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
     random = _summary(res.scores["random"], res.norms["random"]) if cfg.random_baseline else None
     channel = _summary(res.scores["channel"], res.norms["channel"]) if cfg.channels_per_site else None
     n_done = sum(part["n_ablations"] for part in (latent, random, channel) if part)
+    intervals, unit = res.intervals(cfg, documents)
     return {
         "metric": "ablation_sparsity",
         "hook": hook,
@@ -289,8 +294,8 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
         "channel": channel,
         "ratio_latent_to_random": _ratio(latent, random),
         "ratio_latent_to_channel": _ratio(latent, channel),
-        "intervals": res.intervals(cfg, documents),
-        "interval_groups": "contexts" if documents is None else "documents",
+        "intervals": intervals,
+        "interval_groups": unit,
         "gaussian_reference": GAUSSIAN_REFERENCE,
         "ablations_per_s": json_float(n_done / wall) if wall > 0 else None,
         "latents_per_s": json_float(latent["n_ablations"] / latent_s) if latent_s > 0 else None,

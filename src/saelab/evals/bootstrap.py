@@ -114,7 +114,9 @@ def check_documents(documents_N: torch.Tensor | None, tokens_NT: torch.Tensor) -
 
 def resampled_documents(documents: torch.Tensor | None) -> torch.Tensor | None:
     """``documents`` as the units to resample, or None (each context its own unit) where they name fewer than
-    two: one document's contexts are the only units its text has (a .txt corpus is one document)."""
+    two: one document's contexts are the only units its text has (a .txt corpus is one document). Give it the
+    documents of the contexts a metric's intervals read, not of the whole draw: a metric whose own contexts lie
+    in one document would otherwise get one group, and no interval."""
     if documents is None or torch.unique(documents).numel() < 2:
         return None
     return documents

@@ -101,6 +101,16 @@ def _row_groups(groups_N: torch.Tensor, per_ctx: int, n_rows: int) -> torch.Tens
     return torch.unique(rows, return_inverse=True)[1]  # ids 0 .. G-1 of the groups read
 
 
+def _core_documents(documents: torch.Tensor | None, n_shorter: int) -> torch.Tensor | None:
+    """The documents core's intervals resample, or None (its contexts): decided from the contexts core reads, the
+    two parts' nested prefixes of the draw, not from the whole draw (in the paper suite it holds every metric's
+    contexts). One rule for both parts, as ``interval_groups`` is one record: documents where the shorter prefix
+    (``n_shorter`` contexts) spans two or more, so neither part is left with one group."""
+    if documents is None or resampled_documents(documents[:n_shorter]) is None:
+        return None
+    return documents
+
+
 def _intervals(recon_groups: dict[str, torch.Tensor], down_groups: dict[str, torch.Tensor],
                down: dict[str, float]) -> dict[str, dict]:
     """Bootstrap intervals (``DEFAULT_N_BOOT`` draws of the groups, ``DEFAULT_LEVEL``) of both nMSEs, delta CE,
@@ -166,7 +176,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     if not all_finite(acts_ND):
         raise NonFiniteError(f"activations at {hook} of model {lm.known_as} on eval corpus {corpus!r} contain NaN or "
                              "inf; expected finite activations (is the model broken, or overflowing its dtype?)")
-    documents = resampled_documents(drawn.documents)
+    documents = _core_documents(drawn.documents, min(n_recon, n_down))
     groups = bounded_groups(documents if documents is not None else torch.arange(tokens.shape[0]))
     recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress,
                                                 row_groups=_row_groups(groups[:n_recon], per_ctx, acts_ND.shape[0]))

@@ -58,7 +58,8 @@ or the held-out side, documents taken in random order (``cfg.seed``) into the he
 ``heldout_frac`` of the contexts; else (or with one document) the last ``heldout_frac`` of the contexts.
 
 **Intervals** (``saelab.evals.bootstrap``, ``cfg.n_boot`` replicates, ``cfg.ci_level``): the
-held-out documents are resampled (each context alone when documents are not known); precision, recall
+held-out documents are resampled (each context alone when documents are not known, or the held-out
+contexts lie in one document); precision, recall
 and F1 (means over latents, from the drawn contexts' pooled counts) and the splice's delta CEs (pooled
 over the drawn contexts' predictions) are recomputed on each draw, paired (the same draw for every
 quantity, so ``n2g_all_minus_sae`` has the shared context difficulty removed). The explanations stay
@@ -81,7 +82,8 @@ Result schema (``run_n2g`` returns a JSON-serializable dict)::
                        delta_ce_n2g_partial, delta_ce_zeroed, kl_sae, kl_n2g_all, kl_n2g_partial,
                        ce_recovered_partial, n_simulated (latents with at least one pattern), simulated_frac
                        (n_simulated / n_latents), n_predictions} (None when cfg.splice is False)
-    interval_groups   what the intervals resample: "documents" (the contexts' documents given) or "contexts"
+    interval_groups   what the intervals resample: "documents" (the contexts' documents given, and the held-out
+                      contexts in two or more of them) or "contexts"
     intervals         {precision, recall, f1, delta_ce_sae, delta_ce_n2g_all, delta_ce_n2g_partial,
                        n2g_all_minus_sae}: bootstrap intervals {estimate, low, high, level, n_boot,
                        n_groups, n_undefined} (the delta CEs only with the splice; {} when n_boot is 0)
@@ -385,6 +387,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None, *,
     s0 = 1 if sae.cfg.prepend_bos else 0  # where the text starts: a pattern's "start of context"
     lo = max(first, s0)
     build, held, held_documents = _build_and_held(tokens_NT, documents, cfg)
+    held_documents = resampled_documents(held_documents)  # held out in one document: its contexts are the units
     pad_id = padding_id(lm.tokenizer, cfg.padding_token)
     check_latents(cfg.latents, sae.n_latents)
 
