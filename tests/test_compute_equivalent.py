@@ -214,6 +214,18 @@ def test_one_document_gives_no_interval():
     assert (ci["low"], ci["high"], ci["n_boot"], ci["n_groups"]) == (None, None, 0, 1)
 
 
+def test_a_mean_loss_without_its_per_context_sums_is_refused(tiny_gpt2):
+    """The interval resamples per-context sums: a mean given without them would be the headline while the draws
+    resample sums measured again, two sources for one number."""
+    from saelab.sae import SAEConfig, TopKSAE
+
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=16, k=4, hook_name="blocks.0.hook_resid_post"))
+    tokens = torch.randint(1, 100, (4, 16))
+    with pytest.raises(ValueError, match="^spliced_loss and clean_loss given without context_sums; expected both"):
+        run_compute_equivalent(tiny_gpt2, sae, tokens, ComputeEquivalentConfig(series="crfm-gpt2-small"),
+                               spliced_loss=3.0, clean_loss=2.9)
+
+
 # ---- series -----------------------------------------------------------------------------------
 def test_hub_series_names_revisions_and_tokens():
     crfm = resolve_series("crfm-gpt2-small")
@@ -385,6 +397,12 @@ def test_compute_equivalent_on_a_trained_series(tiny_series, tiny_series_run, da
         run_compute_equivalent(lm, sae, tokens, cfg, documents=documents[:5])
     with pytest.raises(ValueError, match="context_sums must hold 'spliced' and 'clean' sums of each of the 48"):
         run_compute_equivalent(lm, sae, tokens, cfg, context_sums={"spliced": torch.zeros(48)})
+    # Sums given without their means: the headline is their mean, the losses the interval resamples.
+    sums = {"spliced": torch.full((48,), 30 * res["spliced_loss"] + 0.3, dtype=torch.float64),
+            "clean": torch.full((48,), 30 * res["clean_loss"], dtype=torch.float64)}
+    given = run_compute_equivalent(lm, sae, tokens, cfg, cache_path=tmp_path / "losses.json", context_sums=sums)
+    assert given["spliced_loss"] == pytest.approx(res["spliced_loss"] + 0.01, rel=1e-12)
+    assert given["clean_loss"] == pytest.approx(res["clean_loss"], rel=1e-12)
     monkeypatch.undo()
     # A bfloat16 model is set against references that ran in bfloat16 too (not the float32 losses cached).
     lm16 = load_model(str(tiny_series / "checkpoint-120"), dtype="bfloat16")

@@ -144,16 +144,30 @@ def test_paper_suite_on_a_series_model(tiny_series, tiny_series_run, data_dir, t
     out, _ = run_cli(capsys, *for_metrics(argv, "core", "probe"), "--overwrite", "--metrics", "core", "probe")
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok", "probe": "ok"}
     # With core reused from its file (which holds no per-context losses), compute_equivalent measures the spliced
-    # and clean losses of each context again: the same fractions and the same interval.
+    # and clean losses of each context again, and takes its headline from that measurement too, not from the
+    # file's means (here shifted as another device's rounding would shift them): the headline and the interval's
+    # draws come from one measurement, so the same fractions and the same interval as before.
     (run / "evals" / "compute_equivalent.json").unlink()
+    record = json.loads((run / "evals" / "core.json").read_text())
+    core = record["result"]
+    shifted = {**core, "ce_spliced": core["ce_spliced"] + 1e-3, "ce_clean": core["ce_clean"] + 1e-3}
+    (run / "evals" / "core.json").write_text(json.dumps({**record, "result": shifted}))
     out, _ = run_cli(capsys, *for_metrics(argv, "core", "compute_equivalent"), "--metrics", "core",
                      "compute_equivalent")
     assert (out["core"], out["compute_equivalent"]) == ("ok (reused)", "ok")
     again = json.loads((run / "evals" / "compute_equivalent.json").read_text())["result"]
-    core = json.loads((run / "evals" / "core.json").read_text())["result"]
-    assert (again["spliced_loss"], again["clean_loss"]) == (core["ce_spliced"], core["ce_clean"])
-    assert again["fraction"] == ce["fraction"]
+    assert [again["spliced_loss"], again["clean_loss"]] == pytest.approx([core["ce_spliced"], core["ce_clean"]],
+                                                                          rel=1e-6, abs=0)
+    assert again["fraction"] == pytest.approx(ce["fraction"], rel=1e-6)
     assert again["intervals"]["fraction"] == pytest.approx(fraction, rel=1e-6)
+    # The interval is centred on the headline recomputed from the full sample: every loss's mean over all contexts.
+    from saelab.evals.compute_equivalent import compute_equivalent
+
+    head = compute_equivalent(again["checkpoints"], again["spliced_loss"], clean_loss=again["clean_loss"],
+                              reference_compute=again["reference_compute"], fit_min_frac=0.1)
+    assert head["fraction"] == again["fraction"] == again["intervals"]["fraction"]["estimate"]
+    low, high = again["intervals"]["fraction"]["low"], again["intervals"]["fraction"]["high"]
+    assert low < head["fraction"] < high
 
 
 def v5_checkpoint(path: Path, d: int = 64, n: int = 256, k: int = 8, seed: int = 0) -> Path:

@@ -999,11 +999,12 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
                            context_sums: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Compute-equivalent (family) or training-progress equivalent (series) of ``sae`` spliced into ``lm``.
 
-    ``spliced_loss`` / ``clean_loss``: already measured on exactly these tokens and predictions
-    (e.g. by the core eval); measured here when None. ``context_sums``: their per-context sums
-    ``{"spliced", "clean"}`` ``[N]`` (``downstream_sums``'), which the interval resamples; measured here when
-    not given. ``documents``: the document of each context, which the interval resamples (None: each context
-    alone). ``series`` overrides ``cfg.series``.
+    ``context_sums``: the spliced and clean losses' per-context sums ``{"spliced", "clean"}`` ``[N]``
+    (``downstream_sums``', e.g. the core eval's on exactly these tokens and predictions), which the interval
+    resamples; ``spliced_loss`` / ``clean_loss``: their means, if known (else taken from the sums). Without the
+    sums both are measured here, in one pass: the headline and its interval's draws read one measurement, never
+    a mean from one and sums from another (a mean given without its sums is refused). ``documents``: the document
+    of each context, which the interval resamples (None: each context alone). ``series`` overrides ``cfg.series``.
     """
     from saelab.evals._common import resolve_hook
 
@@ -1011,7 +1012,7 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
     t0 = time.perf_counter()
     tokens_NT = check_tokens(tokens_NT)
     check_documents(documents, tokens_NT)
-    _check_context_sums(context_sums, tokens_NT)
+    _check_context_sums(context_sums, tokens_NT, spliced_loss, clean_loss)
     hook = resolve_hook(lm, sae, cfg.hook)
     first = first_position(sae, cfg.exclude_first)
     if series is None:
@@ -1041,9 +1042,15 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
             "checkpoint_s": t2 - t1, "wall_s": time.perf_counter() - t0}
 
 
-def _check_context_sums(sums: Mapping[str, torch.Tensor] | None, tokens_NT: torch.Tensor) -> None:
-    """Refuse per-context sums that do not hold the spliced and clean loss of every context of ``tokens_NT``."""
+def _check_context_sums(sums: Mapping[str, torch.Tensor] | None, tokens_NT: torch.Tensor, spliced_loss: float | None,
+                        clean_loss: float | None) -> None:
+    """Refuse per-context sums that do not hold the spliced and clean loss of every context of ``tokens_NT``, and
+    a mean loss given without them (the interval would resample sums measured again, not the mean's)."""
     if sums is None:
+        given = [name for name, x in (("spliced_loss", spliced_loss), ("clean_loss", clean_loss)) if x is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} given without context_sums; expected both the mean losses and "
+                             "their per-context sums (one measurement for the headline and its interval), or neither")
         return
     shapes = {k: tuple(sums[k].shape) if k in sums else None for k in ("spliced", "clean")}
     if any(shape != (tokens_NT.shape[0],) for shape in shapes.values()):
@@ -1054,19 +1061,18 @@ def _check_context_sums(sums: Mapping[str, torch.Tensor] | None, tokens_NT: torc
 def _own_losses(lm, sae, tokens_NT: torch.Tensor, first: int, hook: str, batch: int, spliced_loss: float | None,
                 clean_loss: float | None, context_sums: Mapping[str, torch.Tensor] | None
                 ) -> tuple[float, float, dict[str, torch.Tensor]]:
-    """The evaluated model's spliced and clean losses (as given, else measured) and their per-context sums (as
-    given, else measured: two forwards where only the means came)."""
+    """The evaluated model's spliced and clean losses and their per-context sums, from one source: as given (a
+    mean not given: its sums' mean), else both measured in the same forwards."""
     from saelab.evals.downstream import replace_from
 
     if context_sums is not None:
         sums = {k: context_sums[k].double().cpu() for k in ("spliced", "clean")}
-    else:
-        sums = {}
-    losses = {"spliced": spliced_loss, "clean": clean_loss}
+        count = tokens_NT.shape[0] * (tokens_NT.shape[1] - 1 - first)
+        return (float(sums["spliced"].sum()) / count if spliced_loss is None else spliced_loss,
+                float(sums["clean"].sum()) / count if clean_loss is None else clean_loss, sums)
+    losses, sums = {}, {}
     for name, edits in (("spliced", {hook: replace_from(first, sae)}), ("clean", None)):
-        if losses[name] is None or name not in sums:
-            mean, _, sums[name] = loss_sums(lm, tokens_NT, first, edits, batch)
-            losses[name] = mean if losses[name] is None else losses[name]
+        losses[name], _, sums[name] = loss_sums(lm, tokens_NT, first, edits, batch)
     return losses["spliced"], losses["clean"], sums
 
 

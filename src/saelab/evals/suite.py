@@ -22,7 +22,8 @@ random across the corpus's first ``eval.sample_pool_tokens`` tokens (:func:`sael
 metric reads the first ones it needs, a draw of its own across the corpus. compute-equivalent uses the core
 eval's downstream contexts and its spliced and clean losses, so every loss it compares is measured on the
 same predictions (and their per-context sums, which its interval resamples; a core result reused from an
-earlier invocation holds none, and compute-equivalent measures them again). The metrics with intervals
+earlier invocation holds none, and compute-equivalent measures the losses and their sums again, so that its
+headline and its interval come from one measurement). The metrics with intervals
 resample whole documents (a context's document is known from the draw).
 
 Envelope of every ``OUT/evals/<metric>.json`` (``schema_version`` 1)::
@@ -129,9 +130,11 @@ def _core(run: SuiteRun) -> dict:
 def _compute_equivalent(run: SuiteRun) -> dict:
     core = run.results.get("core")
     spliced = clean = sums = None
-    if core and core.get("n_predictions") == run.n_down * (run.T - 1 - run.first):
-        spliced, clean = core["ce_spliced"], core["ce_clean"]  # the same predictions
-        sums = run.core_sums  # None from a reused core.json: measured again for the interval
+    # core's losses on the same predictions, with the per-context sums they are the means of; a core.json reused
+    # from an earlier invocation holds no sums: both are measured again, so the headline and its interval's draws
+    # read one measurement (its means beside sums measured again differ by numerical noise)
+    if core and core.get("n_predictions") == run.n_down * (run.T - 1 - run.first) and run.core_sums is not None:
+        spliced, clean, sums = core["ce_spliced"], core["ce_clean"], run.core_sums
     head = run.contexts.head(run.n_down)
     return run_compute_equivalent(run.lm, run.sae, head.tokens, run.cfg.compute_equivalent,
                                   series=run.series, spliced_loss=spliced, clean_loss=clean,
