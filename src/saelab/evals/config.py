@@ -7,8 +7,10 @@ n2g, probe, suite) documents what its settings mean for its definition.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Callable, Literal
 
 from simple_parsing.helpers import field as cli_field
 
@@ -31,6 +33,56 @@ def check_bootstrap_args(n_boot: int, level: float) -> None:
         raise ConfigError(f"n_boot must be an integer >= 0 (0 = no intervals), got {n_boot!r}")
     if not 0 < level < 1:
         raise ConfigError(f"ci_level must be in (0, 1), got {level!r}")
+
+
+# ---- what the paper metrics share ---------------------------------------------------------------
+@dataclass(kw_only=True)  # keyword-only: a metric's own settings keep their places in its constructor
+class MetricSettings:
+    """Where a paper metric reads the SAE: settings the caller fills at run time."""
+
+    exclude_first: bool | None = run_option(None)
+    """Leave position 0 out of what the metric edits and scores; None = follow the SAE's cfg.exclude_first."""
+    hook: str | None = run_option(None)
+    """Hook the SAE reads, where the metric splices or ablates; None = the SAE's cfg.hook_name."""
+
+
+@dataclass(kw_only=True)
+class SampledMetricSettings(MetricSettings):
+    """A paper metric that samples what it measures, with bootstrap intervals."""
+
+    seed: int = 0
+    """Seed of the metric's sampling and of the bootstrap."""
+    n_boot: int = DEFAULT_N_BOOT
+    """Bootstrap replicates for the intervals (0 = no intervals)."""
+    ci_level: float = DEFAULT_LEVEL
+    """Coverage of the intervals."""
+
+    def __post_init__(self) -> None:
+        check_bootstrap_args(self.n_boot, self.ci_level)
+
+
+SHARED_SETTINGS = ("seed", "n_boot", "ci_level", "exclude_first", "hook")
+"""The shared settings in the order a metric's settings list them, after its own."""
+
+
+def shared_settings_last(**help_texts: str) -> Callable[[type], type]:
+    """A decorator of a metric's settings (a dataclass over :class:`MetricSettings`): the shared settings listed
+    after its last command-line option, where they stood when each metric defined them (a base class's fields
+    come first; the order is its --help's, a config file's list of options and its results' config), and worded
+    for the metric where ``help_texts`` says (--help of ``seed=``: what its seed draws)."""
+    def decorate(cls: type) -> type:
+        fields = dict(cls.__dataclass_fields__)
+        for name, text in help_texts.items():
+            worded = copy.copy(fields[name])  # the base's field is every metric's: a copy of its own
+            worded.metadata = MappingProxyType({**worded.metadata, "help": text})
+            fields[name] = worded
+        shared = [name for name in SHARED_SETTINGS if name in fields]
+        own = [name for name in fields if name not in shared]
+        at = max(i + 1 for i, name in enumerate(own) if fields[name].metadata.get("cmd", True))
+        order = own[:at] + shared + own[at:]  # a run-time field (progress) stays after them
+        cls.__dataclass_fields__ = {name: fields[name] for name in order}
+        return cls
+    return decorate
 
 
 # ---- the core metrics ----------------------------------------------------------------------------
@@ -107,8 +159,9 @@ def known_series_names() -> list[str]:
             + [f"pythia-{s}" for s in PYTHIA_SIZES] + [f"pythia-{s}-deduped" for s in PYTHIA_SIZES])
 
 
+@shared_settings_last()
 @dataclass
-class ComputeEquivalentConfig:
+class ComputeEquivalentConfig(MetricSettings):
     """Settings of the compute-equivalent metric."""
 
     series: str | None = run_option(None)
@@ -126,10 +179,6 @@ class ComputeEquivalentConfig:
     hundredth of the run) and the initial plateau. A family's members are all fitted."""
     lm_batch_size: int = 8
     """Contexts per forward."""
-    exclude_first: bool | None = run_option(None)
-    """Leave the prediction at position 0 out; None = follow the SAE's cfg.exclude_first."""
-    hook: str | None = run_option(None)
-    """Hook to splice at; None = the SAE's cfg.hook_name."""
     progress: bool = run_option(False)
     """Show a progress bar over reference models."""
 
@@ -150,8 +199,11 @@ class ComputeEquivalentConfig:
 CENTERS = ("median", "none")
 
 
+@shared_settings_last(
+    seed="Seed of the site, latent, channel and direction sampling and of the bootstrap.",
+    n_boot="Bootstrap replicates of the documents the sites' contexts come from, for the intervals (0 = no intervals).")
 @dataclass
-class AblationSparsityConfig:
+class AblationSparsityConfig(SampledMetricSettings):
     """Settings of the ablation-sparsity metric."""
 
     n_future: int = 16
@@ -168,16 +220,6 @@ class AblationSparsityConfig:
     """'median': subtract each position's median logit change before scoring (paper); 'none'."""
     batch_size: int = 32
     """Ablations per forward pass (rows of one batch; one more row carries the clean run)."""
-    seed: int = 0
-    """Seed of the site, latent, channel and direction sampling and of the bootstrap."""
-    n_boot: int = DEFAULT_N_BOOT
-    """Bootstrap replicates of the documents the sites' contexts come from, for the intervals (0 = no intervals)."""
-    ci_level: float = DEFAULT_LEVEL
-    """Coverage of the intervals."""
-    exclude_first: bool | None = run_option(None)
-    """Leave position 0 out of the sites; None = follow the SAE's cfg.exclude_first."""
-    hook: str | None = run_option(None)
-    """Hook to ablate at; None = the SAE's cfg.hook_name."""
     progress: bool = run_option(False)
     """Show a progress bar."""
 
@@ -196,14 +238,16 @@ class AblationSparsityConfig:
         if self.latents_per_site is not None and self.latents_per_site < 1:
             raise ConfigError(f"latents_per_site must be >= 1 (leave it out for all active latents), "
                               f"got {self.latents_per_site}")
-        check_bootstrap_args(self.n_boot, self.ci_level)
+        super().__post_init__()
 
 
 FEATURES = ("pre", "post")
 
 
+@shared_settings_last(seed="Seed of example sampling, the train/test split and the bootstrap.",
+                      n_boot="Bootstrap replicates of the held-out groups for the intervals (0 = no intervals).")
 @dataclass
-class ProbeConfig:
+class ProbeConfig(SampledMetricSettings):
     """Settings of the probe-loss metric."""
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
@@ -238,16 +282,6 @@ class ProbeConfig:
     """Context tasks: 'last' token's activation or 'mean' over the text's tokens."""
     lm_batch_size: int = 8
     """Contexts per LM forward."""
-    seed: int = 0
-    """Seed of example sampling, the train/test split and the bootstrap."""
-    n_boot: int = DEFAULT_N_BOOT
-    """Bootstrap replicates of the held-out groups for the intervals (0 = no intervals)."""
-    ci_level: float = DEFAULT_LEVEL
-    """Coverage of the intervals."""
-    exclude_first: bool | None = run_option(None)
-    """Leave position 0 out of token tasks; None = follow the SAE's cfg.exclude_first."""
-    hook: str | None = run_option(None)
-    """Hook the SAE reads; None = the SAE's cfg.hook_name."""
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
@@ -269,11 +303,13 @@ class ProbeConfig:
         unknown = [t for t in self.tasks if t not in TOKEN_TASKS]
         if unknown:  # else they would fail only after the model has read the probe contexts
             raise ConfigError(f"tasks {unknown} unknown; expected some of {', '.join(TOKEN_TASKS)}")
-        check_bootstrap_args(self.n_boot, self.ci_level)
+        super().__post_init__()
 
 
+@shared_settings_last(seed="Seed of the latent sampling and of the bootstrap.",
+                      n_boot="Bootstrap replicates of the held-out documents for the intervals (0 = no intervals).")
 @dataclass
-class N2GConfig:
+class N2GConfig(SampledMetricSettings):
     """Settings of the N2G explanation metric."""
 
     n_latents: int = 64
@@ -310,16 +346,6 @@ class N2GConfig:
     """Contexts per LM forward when reading activations and splicing."""
     max_patterns_reported: int = 20
     """Patterns listed per latent in the result (all are used)."""
-    seed: int = 0
-    """Seed of the latent sampling and of the bootstrap."""
-    n_boot: int = DEFAULT_N_BOOT
-    """Bootstrap replicates of the held-out documents for the intervals (0 = no intervals)."""
-    ci_level: float = DEFAULT_LEVEL
-    """Coverage of the intervals."""
-    exclude_first: bool | None = run_option(None)
-    """Leave position 0 out of examples, scores and splices; None = the SAE's cfg.exclude_first."""
-    hook: str | None = run_option(None)
-    """Hook the SAE reads; None = the SAE's cfg.hook_name."""
 
     def __post_init__(self) -> None:
         if self.max_len < 1:
@@ -343,7 +369,7 @@ class N2GConfig:
             raise ConfigError(f"saliency_threshold must be in [0, 1], got {self.saliency_threshold:g}")
         if not 0 <= self.firing_frac < 1:
             raise ConfigError(f"firing_frac must be in [0, 1), got {self.firing_frac:g}")
-        check_bootstrap_args(self.n_boot, self.ci_level)
+        super().__post_init__()
 
 
 # ---- the paper suite -----------------------------------------------------------------------------
