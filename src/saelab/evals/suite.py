@@ -24,7 +24,8 @@ eval's downstream contexts and its spliced and clean losses, so every loss it co
 same predictions (and their per-context sums, which its interval resamples; a core result reused from an
 earlier invocation holds none, and compute-equivalent measures the losses and their sums again, so that its
 headline and its interval come from one measurement). The metrics with intervals
-resample whole documents (a context's document is known from the draw).
+resample whole documents (a context's document is known from the draw), or their contexts where those that a
+metric's intervals read lie in one document.
 
 Envelope of every ``OUT/evals/<metric>.json`` (``schema_version`` 1)::
 
