@@ -224,6 +224,28 @@ def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):
         assert "nothing was steered" not in capsys.readouterr().err
 
 
+def test_a_value_whose_squares_overflow_the_next_norm_is_refused_in_one_line(tiny_gpt2, sae, tmp_path, capsys):
+    """A value within float32's range but whose square is not (1e20: activations of 1e20 square to 1e40) passed
+    every check, and the model's next normalisation, squaring in float32, overflowed: empty or NaN text, exit 0."""
+    model_dir = tmp_path / "model"
+    tiny_gpt2.model.save_pretrained(model_dir)
+    tiny_gpt2.tokenizer.save_pretrained(model_dir)
+    save_sae(sae, tmp_path / "sae")
+    capsys.readouterr()
+    common = ["--latent", "7", "--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "3",
+              "--greedy", "--device", "cpu", "--no-progress", "--top-tokens", "0"]
+    for mode, value in (("add", "1e+20"), ("clamp", "1e+30")):
+        assert main(["steer", str(tmp_path / "sae"), "--mode", mode, "--value", value, *common]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"saelab steer: error: the change made by steering (latent 7 at {HOOK}: {mode} "
+                              f"{value}, positions 1:) gives activations up to "), err
+        assert "whose squares overflow in the model's normalisations (|x| <= 1.845e+19: the text would come out " \
+               "empty or NaN); steer with a smaller value" in err, err
+    # a large value whose squares fit still steers
+    assert main(["steer", str(tmp_path / "sae"), "--value", "1e9", *common]) == 0
+
+
 def test_steer_refuses_top_tokens_past_the_vocabulary_after_the_load(tiny_gpt2, sae, tmp_path, capsys, monkeypatch):
     """A model whose config names no vocabulary size (as a .gguf file's, read only by the load) is checked right
     after the load, before any generation: `--top-tokens 999999` printed the whole vocabulary on one line."""

@@ -31,6 +31,7 @@ well. See :mod:`saelab.explore.positions`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -97,23 +98,35 @@ class Steering:
         dx = self.delta(x_BTD)
         if mask is not None:
             dx = dx * mask[None, :, None].to(dx.dtype)
-        dx = dx.to(x_BTD.dtype)
-        self._check_in_range(x_BTD, dx)
-        return x_BTD + dx
+        steered = x_BTD + dx.to(x_BTD.dtype)
+        self._check_in_range(x_BTD, steered)
+        return steered
 
-    def _check_in_range(self, x_BTD: torch.Tensor, dx: torch.Tensor) -> None:
-        """Refuse a change past the activations' dtype, which makes every later activation and the text NaN. A
-        layernorm SAE adds its value times each token's std(x): known only here, as the model runs (the SAE
-        records no std of the model's activations), so no check of the value alone can bound it."""
-        if bool((torch.isfinite(dx) | ~torch.isfinite(x_BTD)).all()):  # a NaN of the model's own is not ours
-            return
-        why = ""
-        if self.sae.cfg.input_norm == "layernorm":
-            std = float(self.sae.normalize_input(x_BTD.to(self.sae.W_dec.dtype))[1][1].max())
-            why = f" (a layernorm SAE adds each value times the token's std(x), here up to {std:.4g})"
+    def _check_in_range(self, x_BTD: torch.Tensor, steered: torch.Tensor) -> None:
+        """Refuse a change past the activations' dtype, which makes every later activation and the text NaN, or
+        past the square root of the range the model's next normalisation squares them in (float32 at least: half
+        models upcast for it), which leaves the text empty or NaN with no error. A layernorm SAE adds its value
+        times each token's std(x): known only here, as the model runs (the SAE records no std of the model's
+        activations), so no check of the value alone can bound it. The model's own NaN or size is not ours."""
+        own = torch.isfinite(x_BTD)
+        squares_limit = math.sqrt(torch.finfo(torch.promote_types(x_BTD.dtype, torch.float32)).max)
+        if bool((torch.isfinite(steered) | ~own).all()):
+            peak = float(steered.abs().masked_fill(~own, 0).amax()) if steered.numel() else 0.0
+            if peak <= squares_limit or float(x_BTD.abs().masked_fill(~own, 0).amax()) > squares_limit:
+                return
+            raise ConfigError(f"the change made by steering ({self.describe()}) gives activations up to {peak:.4g}, "
+                              f"whose squares overflow in the model's normalisations (|x| <= {squares_limit:.4g}: "
+                              f"the text would come out empty or NaN){self._std_note(x_BTD)}; steer with a smaller "
+                              "value")
         limit = torch.finfo(x_BTD.dtype).max
         raise ConfigError(f"the change made by steering ({self.describe()}) is past {x_BTD.dtype}'s range "
-                          f"(|x| <= {limit:.4g}){why}; steer with a smaller value")
+                          f"(|x| <= {limit:.4g}){self._std_note(x_BTD)}; steer with a smaller value")
+
+    def _std_note(self, x_BTD: torch.Tensor) -> str:
+        if self.sae.cfg.input_norm != "layernorm":
+            return ""
+        std = float(self.sae.normalize_input(x_BTD.to(self.sae.W_dec.dtype))[1][1].max())
+        return f" (a layernorm SAE adds each value times the token's std(x), here up to {std:.4g})"
 
     def describe(self) -> str:
         lat = ",".join(str(int(i)) for i in self.latents)
