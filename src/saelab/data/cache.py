@@ -161,12 +161,18 @@ def cache_rows_written(folder: str | os.PathLike) -> int:
     return 0 if m is None else m["n_rows"]
 
 
+def cache_manifest(folder: str | os.PathLike) -> dict | None:
+    """The manifest of the cache at ``folder``: None when it has none or it is unreadable (the write refuses
+    that one with its own message)."""
+    try:
+        return _read_manifest(Path(folder))
+    except ActivationCacheError:
+        return None
+
+
 def cache_is_complete(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a finished activation cache (False when missing, unfinished or unreadable)."""
-    try:
-        m = _read_manifest(Path(folder))
-    except ActivationCacheError:
-        return False
+    m = cache_manifest(folder)
     return m is not None and m["complete"]
 
 
