@@ -1840,6 +1840,94 @@ def test_cli_harvest_into_a_finished_cache_decides_before_the_model_loads(tiny_d
     assert snapshot(acts) == before
 
 
+def _two_corpora_of_one_name(data_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Folders a/ and b/, each with a corpus.jsonl of the same size but other text (the articles reordered)."""
+    docs = wiki_docs(data_dir, 3)
+    for name, order in (("a", docs), ("b", docs[::-1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in order),
+                                                      encoding="utf-8")
+    return tmp_path / "a", tmp_path / "b"
+
+
+def _shown_text(path: Path) -> str:
+    import hashlib
+
+    data = path.read_bytes()
+    return f"{len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()[:12]}..."
+
+
+def test_cli_harvest_tells_a_relative_corpus_by_its_text(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """A cache harvested with --corpus corpus.jsonl in a/, then the same call from b/, whose corpus.jsonl holds other
+    text: the cache of a/'s text was reused as this harvest. The same file named from a/'s parent was refused as
+    another --corpus, which hid the real difference (--seed)."""
+    import saelab.pipeline
+
+    a, b = _two_corpora_of_one_name(data_dir, tmp_path)
+    acts = a / "acts"
+    args = ["harvest", "--model", str(tiny_dir), "--hook", HOOK, "--n-tokens", "1024", "--context-size", "32",
+            "--buffer-tokens", "8192", "--out", str(acts), "--no-progress"]
+    monkeypatch.chdir(a)
+    code, out, _ = run_cli(capsys, *args, "--corpus", "corpus.jsonl")
+    assert code == 0 and json.loads(out)["rows"] == 1024
+    before = snapshot(acts)
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(b)
+    code, again, err = run_cli(capsys, *args, "--corpus", "corpus.jsonl")
+    assert code == 2 and again == ""
+    assert err == (f"saelab harvest: error: cannot reuse activation cache '{acts}': it was written with the corpus "
+                   f"'corpus.jsonl', which held other text then ({_shown_text(a / 'corpus.jsonl')}; now "
+                   f"{_shown_text(b / 'corpus.jsonl')}); pass --overwrite to harvest it again")
+    monkeypatch.chdir(tmp_path)  # a/'s file by another path: the cache's text, reused
+    code, again, err = run_cli(capsys, *args, "--corpus", "a/corpus.jsonl")
+    assert code == 0 and again == out
+    assert err == f"saelab: {acts} already holds this harvest, 1,024 activations (--overwrite harvests again)"
+    code, again, err = run_cli(capsys, *args, "--corpus", "a/corpus.jsonl", "--seed", "3")  # the real difference
+    assert code == 2 and err == (f"saelab harvest: error: cannot reuse activation cache '{acts}': it was written "
+                                 "with --seed 0, not 3; pass --overwrite to replace it")
+    assert snapshot(acts) == before
+
+
+def test_cli_harvest_resumes_a_relative_corpus_by_its_text(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """An unfinished harvest of corpus.jsonl in a/: resumed from b/ (other text by that name) it took b/'s text
+    for the rest; from a/'s parent, with a/'s file by another path, it was refused as another --corpus."""
+    import saelab.pipeline
+
+    a, b = _two_corpora_of_one_name(data_dir, tmp_path)
+    args = ["harvest", "--model", str(tiny_dir), "--hook", HOOK, "--n-tokens", "1024", "--context-size", "32",
+            "--buffer-tokens", "8192", "--no-progress"]
+    monkeypatch.chdir(a)
+    code, out, _ = run_cli(capsys, *args, "--corpus", "corpus.jsonl", "--out", str(a / "acts"))
+    assert code == 0
+    finished = ActivationCache(a / "acts")
+
+    def cut_off():  # the same harvest, interrupted after its first rows
+        yield from finished.read()[:320].split(64)
+        raise KeyboardInterrupt
+
+    part = a / "part"
+    with pytest.raises(KeyboardInterrupt):
+        write_activation_cache(cut_off(), part, meta=finished.meta, dtype=finished.dtype, progress=False)
+    before = snapshot(part)
+    with monkeypatch.context() as patched:
+        patched.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        monkeypatch.chdir(b)
+        code, again, err = run_cli(capsys, *args, "--corpus", "corpus.jsonl", "--out", str(part))
+        assert code == 2 and err == (
+            f"saelab harvest: error: cannot resume activation cache '{part}': it was written with the corpus "
+            f"'corpus.jsonl', which held other text then ({_shown_text(a / 'corpus.jsonl')}; now "
+            f"{_shown_text(b / 'corpus.jsonl')}); pass --overwrite to harvest it again")
+        monkeypatch.chdir(tmp_path)
+        code, again, err = run_cli(capsys, *args, "--corpus", "a/corpus.jsonl", "--out", str(part), "--seed", "3")
+        assert code == 2 and err == (f"saelab harvest: error: cannot resume activation cache '{part}': it was "
+                                     "written with --seed 0, not 3; pass --overwrite to replace it")
+        assert snapshot(part) == before
+    code, again, _ = run_cli(capsys, *args, "--corpus", "a/corpus.jsonl", "--out", str(part))  # a/'s text: resumed
+    assert code == 0 and json.loads(again)["rows"] == 1024
+    assert torch.equal(ActivationCache(part).read(), finished.read())
+    assert ActivationCache(part).meta["dataset"] == "corpus.jsonl"  # as the harvest that started it recorded it
+
+
 def test_cli_harvest_reusing_a_finished_cache_names_the_unfinished_overwrite_beside_it(tiny_dir, corpus, tmp_path,
                                                                                         capsys):
     """harvest --overwrite --seed 3 cut off (Ctrl-C), then the first harvest again: the finished cache is reused,

@@ -22,8 +22,8 @@ from saelab.data import ActivationCache, ActivationCacheError, ActivationStream,
 from saelab.data import cache_is_complete, check_disk_room, note_unfinished_overwrite, resolve_corpus, reusable_cache
 from saelab.data import DrawnContexts, StreamConfig, TextsReadOnce, corpus_identity, sample_contexts, token_contexts
 from saelab.data import write_activation_cache
-from saelab.data.cache import NO_ROWS_STARTED, WRITTEN
-from saelab.data.text import CORPUS_FINGERPRINT, corpus_fingerprint, has_fingerprint
+from saelab.data.cache import NO_ROWS_STARTED, WRITTEN, cache_manifest
+from saelab.data.text import CORPUS_FINGERPRINT, corpus_files_key, corpus_fingerprint, has_fingerprint
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals._common import jsonable
 from saelab.evals.compute_equivalent import resolve_series
@@ -113,8 +113,10 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
     corpus = resolve_corpus(cfg.corpus, "train")  # before the (slow) model load
     check_before_load(lm or cfg.model, cfg.hook, cfg.context_size)
     meta = _harvest_meta(cfg, corpus)
-    # A finished cache of these settings is reused, one of others refused: both before the model loads.
-    cache = None if overwrite else _reusable_harvest(out_dir, meta, cfg.dtype, overwrite_option)
+    cache = None
+    if not overwrite:  # a finished cache of these settings is reused, one of others refused: before the model loads
+        meta = _as_cache_records(meta, out_dir, corpus, overwrite_option)
+        cache = _reusable_harvest(out_dir, meta, cfg.dtype, overwrite_option)
     if cache is not None:  # the same command again: the finished cache is the answer
         print(f"saelab: {out_dir} already holds this harvest, {cache.n_rows:,} activations ({overwrite_option} "
               "harvests again)", file=sys.stderr)
@@ -146,11 +148,44 @@ def _harvest_meta(cfg: HarvestConfig, corpus: str) -> dict[str, Any]:
     return meta
 
 
+def _as_cache_records(meta: dict[str, Any], out_dir: str | Path, corpus: str,
+                      overwrite_option: str) -> dict[str, Any]:
+    """``meta`` as the cache in ``out_dir`` is to be compared with it, where that cache recorded its corpus's
+    fingerprint and ``corpus`` is a local file or folder: the text it names decides, not the name. The same text
+    under another name (another folder, another relative path) is the cache's corpus, so only real differences of
+    settings are named; the same name now holding other text is refused. A cache without a fingerprint (an
+    earlier saelab's) is compared by the name alone."""
+    manifest = cache_manifest(out_dir)
+    recorded = manifest["meta"] if manifest is not None and isinstance(manifest.get("meta"), dict) else {}
+    fingerprint = recorded.get(CORPUS_FINGERPRINT)
+    if not isinstance(fingerprint, dict) or corpus_files_key(corpus) is None:
+        return meta
+    if has_fingerprint(corpus, fingerprint):
+        harvest_given = recorded.get("harvest")
+        named = harvest_given.get("corpus") if isinstance(harvest_given, dict) else meta["harvest"]["corpus"]
+        return {**meta, "dataset": recorded.get("dataset"), "harvest": {**meta["harvest"], "corpus": named}}
+    if recorded.get("dataset") == meta["dataset"]:
+        now = corpus_fingerprint(corpus)
+        verb = "reuse" if manifest["complete"] else "resume"
+        raise ActivationCacheError(
+            f"cannot {verb} activation cache {str(out_dir)!r}: {WRITTEN} the corpus {meta['dataset']!r}, which "
+            f"held other text then ({_fingerprint_shown(fingerprint)}; now {_fingerprint_shown(now)}); pass "
+            f"overwrite=True ({overwrite_option}) to harvest it again")
+    return meta  # another name and other text: refused by its name, as a cache without a fingerprint
+
+
+def _fingerprint_shown(fingerprint: dict[str, Any]) -> str:
+    """'8,192 bytes, sha256 0123456789ab...': enough to tell two texts apart in one line."""
+    size = fingerprint.get("bytes")
+    return (f"{size:,} bytes, " if isinstance(size, int) else "") + f"sha256 {str(fingerprint.get('sha256'))[:12]}..."
+
+
 def _with_fingerprint(meta: dict[str, Any], corpus: str) -> dict[str, Any]:
     """``meta`` with the fingerprint of the corpus as this harvest reads it (a hub dataset: none). Taken now, from
     the folder the corpus was named in, so an SAE trained on the cache records the text it was trained on, and an
     evaluation tells that text by content under any name or folder. Only a writing harvest hashes it (once a
-    process: corpus_fingerprint caches it); a reuse or resume compares the settings alone (cache.RECORDED_ONLY)."""
+    process: corpus_fingerprint caches it); a reuse or resume compares the settings alone (cache.RECORDED_ONLY),
+    after _as_cache_records read the recorded one."""
     fingerprint = corpus_fingerprint(corpus)
     return meta if fingerprint is None else {**meta, CORPUS_FINGERPRINT: fingerprint}
 
@@ -878,8 +913,9 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     # on it, where the run's would send the user to --overwrite alone, refused next for the cache.
     if not overwrite_activations:
         with _naming_quickstart_cache(run_dir):
-            _reusable_harvest(run_dir / ACTIVATIONS_DIR, _harvest_meta(harvest_cfg, corpus), harvest_cfg.dtype,
-                              "--overwrite-activations")
+            meta = _as_cache_records(_harvest_meta(harvest_cfg, corpus), run_dir / ACTIVATIONS_DIR, corpus,
+                                     "--overwrite-activations")
+            _reusable_harvest(run_dir / ACTIVATIONS_DIR, meta, harvest_cfg.dtype, "--overwrite-activations")
     finished_hash = None
     if not overwrite:
         _check_finished_run_matches(run_dir, cfg.train, cache_kept=not overwrite_activations)
@@ -915,7 +951,9 @@ def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_
                          finished_hash: str | None) -> dict[str, Any] | None:
     """The run's metrics when its harvest, training and evaluation are all done with these settings.
     ``finished_hash``: :func:`sae_sha256` of the finished run's SAE, as the checks returned it."""
-    meta = _harvest_meta(harvest_cfg, resolve_corpus(harvest_cfg.corpus, "train"))
+    corpus = resolve_corpus(harvest_cfg.corpus, "train")
+    meta = _as_cache_records(_harvest_meta(harvest_cfg, corpus), run_dir / ACTIVATIONS_DIR, corpus,
+                             "--overwrite-activations")
     cache = _reusable_harvest(run_dir / ACTIVATIONS_DIR, meta, harvest_cfg.dtype, "--overwrite-activations")
     sae = None if cache is None else finished_training(run_dir, cfg.train, cache)
     model = model_name(lm or harvest_cfg.model)
