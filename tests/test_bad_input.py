@@ -1407,6 +1407,37 @@ def test_quickstart_refuses_its_cache_of_other_settings_before_the_model_loads(t
     assert snapshot(tmp_path / "run" / ACTIVATIONS_DIR) == before
 
 
+def test_quickstart_tells_its_cache_of_a_relative_corpus_by_its_text(tiny_gpt2, data_dir, tmp_path, monkeypatch):
+    """quickstart's checks before the model loads compare its cache as harvest does: corpus.jsonl from another
+    folder (other text) is refused by its text, a/'s file by another path is the cache's (a real difference named)."""
+    import saelab.pipeline
+    from saelab.pipeline import ACTIVATIONS_DIR, QuickstartConfig, quickstart
+
+    a, b = _two_corpora_of_one_name(data_dir, tmp_path)
+    acts = tmp_path / "run" / ACTIVATIONS_DIR
+    monkeypatch.chdir(a)
+    harvest(harvest_cfg("corpus.jsonl"), acts, lm=tiny_gpt2, progress=False)
+    before = snapshot(acts)
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+    def cfg(corpus: str, n_tokens: int = 1024) -> QuickstartConfig:
+        return QuickstartConfig(harvest=harvest_cfg(corpus, n_tokens=n_tokens),
+                                train=TrainConfig(n_latents=64, k=4, total_tokens=n_tokens, batch_size=256),
+                                eval=EvalConfig(corpus=str(a / "corpus.jsonl")))
+
+    monkeypatch.chdir(b)
+    with pytest.raises(ActivationCacheError) as refused:
+        quickstart(cfg("corpus.jsonl"), tmp_path / "run", progress=False)
+    assert str(refused.value) == (
+        f"{acts} holds activations harvested with other settings (it was written with the corpus 'corpus.jsonl', "
+        f"which held other text then ({_shown_text(a / 'corpus.jsonl')}; now {_shown_text(b / 'corpus.jsonl')})); "
+        "pass --overwrite-activations --overwrite to harvest and train again, or pick another --out")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ActivationCacheError, match=r"\(it was written with meta.harvest.n_tokens 1024, not 2048\)"):
+        quickstart(cfg("a/corpus.jsonl", n_tokens=2048), tmp_path / "run", progress=False)
+    assert snapshot(acts) == before
+
+
 def test_quickstart_with_another_n_tokens_names_the_cache_and_both_options_at_once(tiny_dir, corpus, tmp_path,
                                                                                    capsys):
     """A finished quickstart run again with another --n-tokens was refused for its run with "pass --overwrite
