@@ -74,11 +74,11 @@ class SiteFiles:
 
     def _read(self, manifest: dict[str, Any]) -> None:
         """Take ``manifest``'s record of the files; none of them is taken as checked yet."""
-        from saelab.explore.browser.site import FILES, _implied_files
+        from saelab.explore.browser.site import FILES, implied_files
 
         recorded = manifest.get(FILES)
         # a site.json from before it recorded hashes: the files it implies, checked by size and time only
-        self.records = recorded if isinstance(recorded, dict) else dict.fromkeys(_implied_files(manifest) or [])
+        self.records = recorded if isinstance(recorded, dict) else dict.fromkeys(implied_files(manifest) or [])
         self.manifest_stat = _stat_of(self.root / SITE_MANIFEST)
         self.seen: dict[str, tuple[int, int] | None] = {SITE_MANIFEST: self.manifest_stat}
 

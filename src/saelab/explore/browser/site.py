@@ -94,7 +94,7 @@ def site_damage(folder: str | os.PathLike, manifest: dict[str, Any]) -> str | No
     folder = Path(folder)
     recorded = manifest.get(FILES)
     if not isinstance(recorded, dict):
-        implied = _implied_files(manifest)
+        implied = implied_files(manifest)
         if implied is None:
             return f"its {SITE_MANIFEST} lists its SAEs as saelab never wrote them"
         recorded = dict.fromkeys(implied)
@@ -107,7 +107,7 @@ def site_damage(folder: str | os.PathLike, manifest: dict[str, Any]) -> str | No
     return None
 
 
-def _implied_files(manifest: dict[str, Any]) -> list[str] | None:
+def implied_files(manifest: dict[str, Any]) -> list[str] | None:
     """The files write_site writes for the SAEs and families ``manifest`` names (None: it names them otherwise)."""
     names = [*STATIC_FILES, "data/meta.js", "data/vocab.js"]
     names += ["families.json", "data/families.js"] if manifest.get("has_families") else []
