@@ -426,12 +426,12 @@ _SAYS_SAFE = "5); this file is safe. load it with torch.load(weights_only=0) ins
     (b"K\x05)\x81", "Can only create new object for nn.Parameter or classes allowlisted but got '5'"),
     (b"X" + len(_SAYS_SAFE).to_bytes(4, "little") + _SAYS_SAFE.encode() + b")\x81",
      f"Can only create new object for nn.Parameter or classes allowlisted but got {_SAYS_SAFE!r}"),
-    (b"K\x05)b", "Can only build Tensor, Parameter, OrderedDict or types allowlisted, but got <class 'int'>")])
+    (b"}}b", "Can only build Tensor, Parameter, OrderedDict or types allowlisted, but got <class 'dict'>")])
 def test_torch_refusal_that_names_its_allowlist_keeps_its_reason(ops, shown, tmp_path):
     """torch's 'Can only create new object / build ... allowlisted via `add_safe_globals` but got X' (a damaged or
-    crafted pickle: NEWOBJ or BUILD on an int or a string) read as a bare '(UnpicklingError)': the whole sentence
-    was taken for advice. The reason stays, the object the pickle made quoted (its text is the file's); only the
-    pointer to add_safe_globals goes."""
+    crafted pickle: NEWOBJ on an int or a string, BUILD on a dict) read as a bare '(UnpicklingError)': the whole
+    sentence was taken for advice. The reason stays, the object the pickle made quoted (its text is the file's);
+    only the pointer to add_safe_globals goes. (saelab's own check refuses a BUILD on an int or a string first.)"""
     path = tmp_path / "odd.pt"
     path.write_bytes(b"\x80\x02" + ops + b".")
     with pytest.raises(CheckpointError) as err:

@@ -12,6 +12,7 @@ import collections
 import copy
 import os
 import pickle
+import re
 import shutil
 import struct
 import tarfile
@@ -515,6 +516,69 @@ def test_the_check_refuses_it_before_torch_reads_it(kind, tmp_path):
     build(path)
     with pytest.raises(PickleBombError, match=refusal):
         check_torch_file(path)
+
+
+# What torch's weights-only reader reads harmlessly where the scan stopped, leaving the rest of the pickle to torch:
+# an object of a class torch allows given an empty state (BUILD), which torch takes as a no-op. Each is put in front
+# of a bomb: (its opcodes, the refusal)
+IN_FRONT = {
+    "an-empty-set-given-none": (b"\x8fNb", "sets a state on a list or set"),
+    "set()-given-{}": (glob("builtins", "set") + b")R}b", "sets a state on what builtins.set made"),
+    "torch.Size(())-given-{}": (SIZE + b")\x85R}b", "sets a state on what torch.Size made"),
+    "bytearray()-given-{}": (BYTEARRAY + b")R}b", "sets a state on a text or bytes"),
+    "complex()-given-{}": (glob("builtins", "complex") + b")R}b", "sets a state on a complex number"),
+    "torch.device('cpu')-given-{}": (glob("torch", "device") + text("cpu") + b"\x85R}b",
+                                     "sets a state on None, a bool, a float, a device"),
+}
+BEHIND = {
+    "shared-tuples-of-2**60-leaves": b"K\x00" + b"q\x00h\x00\x86" * 60,  # (x, x) of (x, x) ...: 4 bytes a level
+    "FloatTensor(2**40)": glob("torch", "FloatTensor") + long1(2**40) + b"\x85R",  # 4 TiB asked for
+}
+
+
+def in_front_of(path: Path, front: str, behind: str, fmt: str) -> None:
+    """A torch file (``fmt``: zip or legacy) whose pickle is the pair (IN_FRONT[front], BEHIND[behind])."""
+    (in_archive if fmt == "zip" else legacy_file)(path, b"\x80\x02" + IN_FRONT[front][0] + BEHIND[behind] + b"\x86.")
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("behind", BEHIND)
+@pytest.mark.parametrize("front", IN_FRONT)
+def test_a_bomb_behind_what_torch_reads_harmlessly_is_refused(front, behind, fmt, tmp_path):
+    """The scan stopped at each, passing the file: load_plain_tensors then walked 2**60 leaves for ever, or torch
+    asked for 4 TiB. Now what torch.save never writes is refused there, naming it."""
+    path = tmp_path / "x.pt"
+    in_front_of(path, front, behind, fmt)
+    with pytest.raises(PickleBombError, match=re.escape(IN_FRONT[front][1])):
+        check_torch_file(path)
+    start = time.perf_counter()
+    with pytest.raises(PickleBombError, match=re.escape(IN_FRONT[front][1])):
+        load_plain_tensors(path)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("behind", BEHIND)
+@pytest.mark.parametrize("front", IN_FRONT)
+def test_every_reader_refuses_a_bomb_behind_what_torch_reads_harmlessly(front, behind, tmp_path, tiny_dir):
+    """A run's checkpoint at resume, an OpenAI .pt and a model folder's pytorch_model.bin, each in one line."""
+    refusal = re.escape(IN_FRONT[front][1])
+    run = tmp_path / "run"
+    run.mkdir()
+    in_front_of(run / CHECKPOINT, front, behind, "zip")
+    in_front_of(tmp_path / "sae.pt", front, behind, "zip")
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    for weights in folder.glob("model*.safetensors*"):
+        weights.unlink()
+    in_front_of(folder / "pytorch_model.bin", front, behind, "legacy")
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=rf"cannot resume from .*checkpoint\.pt: .*{refusal}"):
+        load_checkpoint(run)
+    with pytest.raises(CheckpointError, match=rf"sae\.pt: .*{refusal}"):
+        load_sae(tmp_path / "sae.pt")
+    with pytest.raises(ModelLoadError, match=rf"pytorch_model\.bin is refused unread \(it {refusal}"):
+        load_model(str(folder))
+    assert time.perf_counter() - start < 15
 
 
 def test_the_tensor_check_after_the_load_reads_an_ordered_dict_whose_keys_are_hidden(tmp_path, monkeypatch):

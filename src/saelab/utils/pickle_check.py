@@ -31,25 +31,26 @@ this adds what torch lets through, the size of what the allowed calls and refere
   or more, whose hash is their remainder; complex numbers; tuples): inserting n keys of one hash takes n**2 / 2
   comparisons. Texts cannot be made so: their hash is keyed afresh in every process. A dict's keys whose value the
   scan knows (ints, short texts, tuples of them) are counted by their hash itself: a thousand tuple keys read;
-- a state (BUILD) other than attributes named apart from an OrderedDict's own (``_metadata`` of a state_dict, any a
-  user set: see _attributes), or one on a tensor (torch builds nothing else: its own refusal names any other object);
+- a state (BUILD) on anything but an OrderedDict or Counter (torch builds any object of a class it allows, an empty
+  state doing nothing: ``set()`` given None; torch.save builds nothing else), or other than attributes named apart
+  from its own (``_metadata`` of a state_dict, any a user set: see _attributes);
 - a legacy storage id naming a view of its storage (torch keeps each view in a dict by a key of the file's choosing;
   torch.save writes None there).
 
-Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is
-left to torch, which refuses it; a PROTO after a pickle's first opcode is refused (torch warns at each). The calls
-of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed, and texts
-referred to again past REFERRED_TEXTS_FREE, each reference counted; elements asked for; the bytes of each storage a
-persistent id names, under each spelling of its key, which a legacy file allocates as the id says; CONTAINER_BYTES
-per list, dict, set or tuple, MADE_CONTAINER_BYTES per container a call makes), and a global's name is at most
-_NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around the
-pickle, a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored and
-within the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip
-archive must not be a tar archive
-(torch.load parses a tar's headers first). What the tensors take once loaded is checked
-after the load (torch_files.load_plain_tensors: views, compressed or uninitialised storages, repeated references,
-tensors that are not dense). The cost is one pass over the pickle's opcodes: a few thousand for a model's weights
-(the tensors' bytes are not in the pickle).
+Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is left
+to torch, which refuses it; a PROTO after a pickle's first opcode is refused (torch warns at each). The calls of a
+pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed, and texts referred to
+again past REFERRED_TEXTS_FREE, each reference counted; elements asked for; the bytes of each storage a persistent
+id names, under each spelling of its key, which a legacy file allocates as the id says; CONTAINER_BYTES per list,
+dict, set or tuple, MADE_CONTAINER_BYTES per container a call makes), and a global's name is at most _NAME_MAX
+characters (torch searches a refused one's message in time that grows with its square). Around the pickle, a zip
+archive must be one that torch's zip reader and Python's zipfile read alike, its records stored and within the file
+(torch's reader inflates a record whole before checking its size), and a file that is not a zip archive must not be
+a tar archive (torch.load parses a tar's headers first). A TorchScript archive (a ``constants.pkl`` record) is left
+to torch, which refuses one unread from 2.6 on (an older torch runs it: refused). What the tensors take once loaded
+is checked after the load (torch_files.load_plain_tensors: views, compressed or uninitialised storages, repeated
+references, tensors that are not dense). The cost is one pass over the pickle's opcodes: a few thousand for a
+model's weights (the tensors' bytes are not in the pickle).
 """
 
 from __future__ import annotations
@@ -168,7 +169,22 @@ class _Box:
                                   "in weights): inserting them takes their count squared")
 
 
-class _EmptyTuple(_Box):
+class _Tuple(_Box):
+    """A tuple the pickle wrote (TUPLE, TUPLE1-3, EMPTY_TUPLE): what torch.save writes every call's arguments as."""
+    __slots__ = ()
+
+
+class _Made(_Box):
+    """A container a call made (``set(...)``, ``torch.Size(...)``), ``by`` that function: the scan keeps none of its
+    items."""
+    __slots__ = ("by",)
+
+    def __init__(self, by: str) -> None:
+        super().__init__()
+        self.by = by
+
+
+class _EmptyTuple(_Tuple):
     """The empty tuple, one object for every EMPTY_TUPLE opcode (as in Python): a million of them cost the scan no
     memory. Nothing changes it: torch refuses to append to a tuple, set its items or its state."""
     __slots__ = ()
@@ -296,7 +312,7 @@ def _known_key(item: object) -> object:
         return item
     if _known_text(item):
         return str(item)
-    if type(item) is _Box and 0 < item.items == len(item.head) and all(
+    if type(item) is _Tuple and 0 < item.items == len(item.head) and all(
             type(x) is int or _known_text(x) for x in item.head):
         return tuple(x if type(x) is int else str(x) for x in item.head)
     return None
@@ -417,8 +433,8 @@ def _made(callee: object, args: object) -> object:
         return _COMPLEX
     if name.startswith(_MAKES_LEAF):
         return _LEAF
-    made = _Dict() if name in _DICTS else _Box()  # OrderedDict, Counter, set, torch.Size...: a container of what
-    # it was made from, as large
+    made = _Dict() if name in _DICTS else _Made(name or "a call")  # OrderedDict, Counter, set, torch.Size...: a
+    # container of what it was made from, as large
     if isinstance(made, _Dict) and args.weight:  # the keys it was made with are not known
         made.attribute_of = frozenset()
     made.flat, made.int_product, made.text_bytes = args.flat, args.int_product, args.text_bytes
@@ -493,11 +509,11 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
             obj.referred_again = True
         stack.append(obj)
 
-    def new_box(items) -> _Box:
+    def new_box(items) -> _Tuple:
         if not items:  # as Python makes it: the one empty tuple
             return _EMPTY_TUPLE
         charge(CONTAINER_BYTES)
-        box = _Box()
+        box = _Tuple()
         for item in items:
             box.add(item)
         return box
@@ -603,7 +619,9 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
                 if not isinstance(stack[-1], _Dict) and stack[-1] is not _TENSOR:
-                    return None  # torch builds only tensors and OrderedDicts: its refusal names the object
+                    # torch builds any object of a class it allows, and takes an empty state as nothing to do
+                    raise PickleBombError(f"it sets a state on {_named(stack[-1])} (torch.save sets one on an "
+                                          "OrderedDict alone: its attributes)")
                 if not (isinstance(stack[-1], _Box) and _attributes(state, "dict")):
                     raise PickleBombError("it sets a state other than attributes of an OrderedDict or Counter named "
                                           "apart from its own (torch.save writes an OrderedDict's attributes alone, "
@@ -625,6 +643,23 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
         return None  # malformed: torch stops here or before, with its own error
 
 
+def _named(obj: object) -> str:
+    """What the scan knows of ``obj``, for a refusal."""
+    if isinstance(obj, _Global):
+        return f"{obj} itself"
+    if isinstance(obj, _Made):
+        return f"what {obj.by} made"
+    if isinstance(obj, _Box):
+        return "a tuple" if isinstance(obj, _Tuple) else "a list or set"
+    if isinstance(obj, _Text):
+        return "a text or bytes"
+    if isinstance(obj, int):
+        return "an integer"
+    if obj is _TENSOR:
+        return "a tensor or storage"
+    return "a complex number" if obj is _COMPLEX else "None, a bool, a float, a device or a layout"
+
+
 _SHORT_TEXT = 64
 """Texts up to this long are kept (a call's arguments); longer ones are skipped."""
 REFERRED_TEXTS_FREE = 2**26
@@ -640,6 +675,9 @@ def _skip(f: IO[bytes], n: int) -> str:
 
 MADE_BYTES_PER_FILE_BYTE = 4
 """What a pickle's calls may make in all (texts passed, elements asked for), in times the file's size (and 1 MiB)."""
+TORCH_RUNS_TORCHSCRIPT = torch.torch_version.TorchVersion(torch.__version__) < (2, 6)
+"""Whether the installed torch.load hands a TorchScript archive to torch.jit.load even with weights_only, which runs
+its code (torch 2.6 refuses one before reading its pickle)."""
 LEGACY_PICKLES = 5
 """A torch file from before torch 1.6: magic number, protocol, system info, the object, its storage keys."""
 LEGACY_HEADERS = 3
@@ -649,7 +687,8 @@ LEGACY_HEADERS = 3
 def check_torch_file(path: str | os.PathLike) -> None:
     """Scan the pickles of the torch file at ``path``: a zip archive's data.pkl as torch's own zip reader gives
     it, else the pickles a legacy file starts with. Raises PickleBombError naming what it refused; a file that
-    cannot be read so is left to torch, whose error names the fault."""
+    cannot be read so, or a TorchScript archive torch refuses unread, is left to torch, whose error names the
+    fault."""
     try:
         f = open(path, "rb")
         budget = MADE_BYTES_PER_FILE_BYTE * os.path.getsize(path) + 2**20
@@ -666,8 +705,15 @@ def check_torch_file(path: str | os.PathLike) -> None:
             return
     _check_archive(path)
     try:
-        record = torch._C.PyTorchFileReader(str(path)).get_record("data.pkl")
+        reader = torch._C.PyTorchFileReader(str(path))
+        # a TorchScript archive, as torch.load tells one: its data.pkl builds the script's objects
+        record = None if "constants.pkl" in reader.get_all_records() else reader.get_record("data.pkl")
     except Exception:  # noqa: BLE001 - unreadable as a torch archive: torch.load's own error says why
+        return
+    if record is None:  # a TorchScript archive: torch 2.6 and later refuse one unread
+        if TORCH_RUNS_TORCHSCRIPT:
+            raise PickleBombError("it is a TorchScript archive, which torch before 2.6 runs as code even with "
+                                  "weights_only (torch.save writes none)")
         return
     check_pickle_stream(io.BytesIO(record), budget)
 
