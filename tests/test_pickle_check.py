@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import io
 import os
 import pickle
 import re
@@ -31,7 +32,7 @@ from saelab.models import load_model
 from saelab.models.loading import ModelLoadError
 from saelab.sae import load_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
-from saelab.utils.pickle_check import HASHED_ALIKE_MAX, PickleBombError, check_torch_file
+from saelab.utils.pickle_check import HASHED_ALIKE_MAX, PickleBombError, check_pickle_stream, check_torch_file
 from saelab.utils.torch_files import load_plain_tensors
 
 LEGACY = {"_use_new_zipfile_serialization": False}
@@ -519,8 +520,8 @@ def test_the_check_refuses_it_before_torch_reads_it(kind, tmp_path):
 
 
 # What torch's weights-only reader reads harmlessly where the scan stopped, leaving the rest of the pickle to torch:
-# an object of a class torch allows given an empty state (BUILD), which torch takes as a no-op. Each is put in front
-# of a bomb: (its opcodes, the refusal)
+# an object of a class torch allows given an empty state (BUILD), which torch takes as a no-op; a call of a made
+# set's items (the scan keeps none). Each is put in front of a bomb: (its opcodes, the refusal)
 IN_FRONT = {
     "an-empty-set-given-none": (b"\x8fNb", "sets a state on a list or set"),
     "set()-given-{}": (glob("builtins", "set") + b")R}b", "sets a state on what builtins.set made"),
@@ -529,6 +530,8 @@ IN_FRONT = {
     "complex()-given-{}": (glob("builtins", "complex") + b")R}b", "sets a state on a complex number"),
     "torch.device('cpu')-given-{}": (glob("torch", "device") + text("cpu") + b"\x85R}b",
                                      "sets a state on None, a bool, a float, a device"),
+    "bytearray-of-a-made-set's-items": (BYTEARRAY + glob("builtins", "set") + b"]K\x05a\x85RR",
+                                        "calls builtins.bytearray with arguments that are not a tuple"),
 }
 BEHIND = {
     "shared-tuples-of-2**60-leaves": b"K\x00" + b"q\x00h\x00\x86" * 60,  # (x, x) of (x, x) ...: 4 bytes a level
@@ -579,6 +582,49 @@ def test_every_reader_refuses_a_bomb_behind_what_torch_reads_harmlessly(front, b
     with pytest.raises(ModelLoadError, match=rf"pytorch_model\.bin is refused unread \(it {refusal}"):
         load_model(str(folder))
     assert time.perf_counter() - start < 15
+
+
+# Pickles the scan stops reading early, leaving them to torch: each followed by what would make it load had torch's
+# weights-only reader read on, which it does not (it fails at that opcode, or the bytes end there)
+LEFT_TO_TORCH = {
+    "cut-short": b"\x80\x02K\x01",
+    "a-global-cut-short": b"\x80\x02ctorch\nSizeX",  # torch reads torch.Size, then the end
+    "a-pair-of-one": b"\x80\x02K\x01\x86N\x86.",
+    "a-memo-entry-never-put": b"\x80\x02h\x05.",
+    "an-append-to-nothing": b"\x80\x02aN.",
+    "a-tuple-without-a-mark": b"\x80\x02tN.",
+    "a-state-set-on-nothing": b"\x80\x02}bN.",
+    "a-text-that-is-not-utf-8": b"\x80\x02X\x01\x00\x00\x00\xff.",
+    "a-short-text-that-is-not-utf-8": b"\x80\x02U\x01\xff.",
+    "an-int-cut-short": b"\x80\x02J\x01\x00",
+    "an-opcode-torch-does-not-read": b"\x80\x02\x8c\x01a.",  # SHORT_BINUNICODE "a" (protocol 4)
+    "a-protocol-0-text": b"\x80\x02Va\n.",
+}
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("kind", LEFT_TO_TORCH)
+def test_what_the_scan_leaves_to_torch_torch_refuses(kind, fmt, tmp_path):
+    pickled = LEFT_TO_TORCH[kind]
+    assert check_pickle_stream(io.BytesIO(pickled), 2**20) is None  # stopped early
+    path = tmp_path / "x.pt"
+    in_archive(path, pickled) if fmt == "zip" else path.write_bytes(pickled)
+    check_torch_file(path)
+    with pytest.raises(Exception):  # noqa: B017 - torch's own error, of whatever type (EOFError, KeyError, ...)
+        torch.load(path, weights_only=True)
+
+
+def test_each_opcode_the_scan_stops_at_torch_refuses():
+    """Every byte as an opcode, then what would make the pickle load: where the scan stops, torch fails too."""
+    for code in range(256):
+        pickled = b"\x80\x02" + bytes([code]) + b"N."
+        try:
+            stopped = check_pickle_stream(io.BytesIO(pickled), 2**20) is None
+        except PickleBombError:  # refused: nothing left to torch
+            continue
+        if stopped:
+            with pytest.raises(Exception):  # noqa: B017 - torch's own error
+                torch.load(io.BytesIO(pickled), weights_only=True)
 
 
 def test_the_tensor_check_after_the_load_reads_an_ordered_dict_whose_keys_are_hidden(tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ this adds what torch lets through, the size of what the allowed calls and refere
   anything but a tensor rebuild (``set``, ``torch.Size``, ``bytearray`` read it element by element, and a view of
   one stored element has as many as it says), and the rebuilds that copy a tensor while loading
   (``_rebuild_device_tensor_from_cpu_tensor``, ``_from_numpy``);
-- a call whose arguments are not a container (``bytearray(*storage)`` reads the storage's numbers);
+- a call whose arguments are not a tuple the pickle wrote, also the call inside ``_rebuild_from_type_v2``
+  (``bytearray(*storage)`` reads the storage's numbers; torch passes a made set's or OrderedDict's items one by
+  one, and the scan keeps none of them);
 - ``_codecs.encode`` of anything but a literal text in latin1 (what torch.save writes for bytes), since its
   result fed to another encode doubles with each call;
 - a legacy tensor or storage class, or ``bytearray``, called with integers whose product exceeds
@@ -37,35 +39,40 @@ this adds what torch lets through, the size of what the allowed calls and refere
 - a legacy storage id naming a view of its storage (torch keeps each view in a dict by a key of the file's choosing;
   torch.save writes None there).
 
-Anything else it cannot follow (an opcode torch does not read, a malformed record) ends the scan there and is left
-to torch, which refuses it; a PROTO after a pickle's first opcode is refused (torch warns at each). The calls of a
-pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed, and texts referred to
-again past REFERRED_TEXTS_FREE, each reference counted; elements asked for; the bytes of each storage a persistent
-id names, under each spelling of its key, which a legacy file allocates as the id says; CONTAINER_BYTES per list,
-dict, set or tuple, MADE_CONTAINER_BYTES per container a call makes), and a global's name is at most _NAME_MAX
-characters (torch searches a refused one's message in time that grows with its square). Around the pickle, a zip
-archive must be one that torch's zip reader and Python's zipfile read alike, its records stored and within the file
-(torch's reader inflates a record whole before checking its size), and a file that is not a zip archive must not be
-a tar archive (torch.load parses a tar's headers first). A TorchScript archive (a ``constants.pkl`` record) is left
-to torch, which refuses one unread from 2.6 on (an older torch runs it: refused). What the tensors take once loaded
-is checked after the load (torch_files.load_plain_tensors: views, compressed or uninitialised storages, repeated
-references, tensors that are not dense). The cost is one pass over the pickle's opcodes: a few thousand for a
-model's weights (the tensors' bytes are not in the pickle).
+The scan stops early, leaving the pickle to torch, only where torch's reader fails at that same opcode (it reads the
+bytes, stack, marks and memo as torch does): the bytes end, an opcode the installed torch does not read, an item
+missing from the stack, marks or memo, a number cut short, a text that is not UTF-8. Anything else it cannot follow
+is refused, as torch may read on past it; a PROTO after a pickle's first opcode is refused (torch warns at each).
+The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed, and
+texts referred to again past REFERRED_TEXTS_FREE, each reference counted; elements asked for; the bytes of each
+storage a persistent id names, under each spelling of its key, which a legacy file allocates as the id says;
+CONTAINER_BYTES per list, dict, set or tuple, MADE_CONTAINER_BYTES per container a call makes), and a global's name
+is at most _NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around
+the pickle, a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored
+and within the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip
+archive must not be a tar archive (torch.load parses a tar's headers first). A TorchScript archive (a
+``constants.pkl`` record) is left to torch, which refuses one unread from 2.6 on (an older torch runs it: refused).
+What the tensors take once loaded is checked after the load (torch_files.load_plain_tensors: views, compressed or
+uninitialised storages, repeated references, tensors that are not dense). The cost is one pass over the pickle's
+opcodes: a few thousand for a model's weights (the tensors' bytes are not in the pickle).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import io
 import os
 import pickle
 import struct
 import tarfile
+import types
 import zipfile
 from typing import IO
 
 import torch
+from torch import _weights_only_unpickler
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # the renames torch's reader applies to a global's name
 
 CONSTRUCTED_SIZE_MAX = 2**26
@@ -388,16 +395,23 @@ def _check_rebuild(name: str, head: tuple) -> None:
                               "tensor's hooks are formatted, element by element, when it is saved again)")
 
 
+def _check_arguments(name: str, args: object) -> None:
+    """Refuse a call whose arguments are not a tuple the pickle wrote (torch.save writes every call's so): torch
+    passes any container's items one by one, and the scan keeps none of a made set's or OrderedDict's."""
+    if not isinstance(args, _Tuple):
+        raise PickleBombError(f"it calls {name or 'something'} with arguments that are not a tuple (torch.save "
+                              "writes every call's arguments as one)")
+
+
 def _made(callee: object, args: object) -> object:
     """What calling ``callee`` (REDUCE, NEWOBJ) with ``args`` makes."""
     name = str(callee) if isinstance(callee, _Global) else ""
     head = args.head if isinstance(args, _Box) else ()
     _check_rebuild(name, head)
-    if name.endswith("_rebuild_from_type_v2") and len(head) > 2 and isinstance(head[2], _Box):
-        _check_rebuild(str(head[0]), head[2].head)  # the rebuild it runs, with its arguments
-    if not isinstance(args, _Box):
-        raise PickleBombError(f"it calls {name or 'something'} with arguments that are not a tuple (torch.save "
-                              "writes every call's arguments as one)")
+    _check_arguments(name, args)
+    if name.endswith("_rebuild_from_type_v2") and len(head) > 2:  # the rebuild it runs, with its arguments
+        _check_arguments(str(head[0]), head[2])
+        _check_rebuild(str(head[0]), head[2].head)
     if args.tensors and not name.startswith(_MAKES_TENSOR) and name not in _WITH_STATE:
         raise PickleBombError(f"it passes a tensor or storage to {name or 'a call'}, which would read it element by "
                               "element (torch.save writes no such call)")
@@ -451,8 +465,8 @@ def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int |
     """Scan one pickle from ``f`` (see the module docstring) whose calls, texts referred to again and storages may
     make at most ``budget`` bytes or elements in all; ``plain``: one that calls nothing of torch's (a legacy file's
     headers: torch compares its protocol version, a tensor element by element). Returns what is left of the budget
-    when it ended at its STOP opcode, None where the scan stopped early (left to torch). Raises PickleBombError for
-    a refused pickle."""
+    when it ended at its STOP opcode, None where the scan stopped early, at an opcode where torch's reader fails too
+    (left to torch). Raises PickleBombError for a refused pickle."""
     collecting = gc.isenabled()
     gc.disable()  # the scan's records make no cycles: the collector's passes over them took half its time
     try:
@@ -637,10 +651,41 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 stack[-1] = _made(stack[-1], args)
                 if isinstance(stack[-1], _Box):
                     charge(MADE_CONTAINER_BYTES)
-            else:  # an opcode torch's weights-only reader refuses: its refusal is the message
+            elif _torch_refuses(code):  # its refusal is the message
                 return None
-    except (IndexError, KeyError, struct.error, UnicodeDecodeError):
-        return None  # malformed: torch stops here or before, with its own error
+            else:
+                raise PickleBombError(f"it holds opcode {code:#04x}, which this torch reads and the check does not "
+                                      "(torch.save writes none)")
+    except (IndexError, KeyError, struct.error, UnicodeDecodeError) as err:
+        if _torch_fails_alike(err):
+            return None  # malformed: torch stops at this opcode, with its own error
+        raise PickleBombError(f"the check cannot follow it ({type(err).__name__} at byte {f.tell() - start}; "
+                              "torch.save writes nothing it cannot follow)") from None
+
+
+@functools.cache
+def _torch_refuses(code: int) -> bool:
+    """Whether the installed torch's weights-only reader refuses opcode ``code`` as it reads it (a later torch may
+    read one the scan does not, and read on where the scan stopped)."""
+    try:
+        _weights_only_unpickler.Unpickler(io.BytesIO(bytes([code]))).load()
+    except Exception as err:  # noqa: BLE001 - any other error: it read the opcode, then found nothing to go on with
+        return str(err).startswith("Unsupported operand")  # an UnpicklingError, a RuntimeError in older torch
+    return False
+
+
+def _torch_fails_alike(err: BaseException) -> bool:
+    """Whether ``err`` came from the scan's own reading of the pickle's bytes, stack, marks and memo, which torch's
+    reader reads alike (failing at the same opcode), not from its model of what a call or container makes, where
+    torch may read on."""
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code in _SCAN_CODE
+
+
+_SCAN_CODE = frozenset([_scan.__code__, *(c for c in _scan.__code__.co_consts if isinstance(c, types.CodeType))])
+"""The code of _scan and of the functions inside it (its reads of the stack, marks and memo)."""
 
 
 def _named(obj: object) -> str:
@@ -687,8 +732,8 @@ LEGACY_HEADERS = 3
 def check_torch_file(path: str | os.PathLike) -> None:
     """Scan the pickles of the torch file at ``path``: a zip archive's data.pkl as torch's own zip reader gives
     it, else the pickles a legacy file starts with. Raises PickleBombError naming what it refused; a file that
-    cannot be read so, or a TorchScript archive torch refuses unread, is left to torch, whose error names the
-    fault."""
+    cannot be read so, or whose pickle torch's reader fails on where the scan stopped, or a TorchScript archive
+    torch refuses unread, is left to torch, whose error names the fault."""
     try:
         f = open(path, "rb")
         budget = MADE_BYTES_PER_FILE_BYTE * os.path.getsize(path) + 2**20
