@@ -51,7 +51,7 @@ is at most _NAME_MAX characters (torch searches a refused one's message in time 
 the pickle, a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored
 and within the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip
 archive must not be a tar archive (torch.load parses a tar's headers first). A TorchScript archive (a
-``constants.pkl`` record) is left to torch, which refuses one unread from 2.6 on (an older torch runs it: refused).
+``constants.pkl`` record) is left to torch, which refuses one unread from 2.6 on (pyproject requires it).
 What the tensors take once loaded is checked after the load (torch_files.load_plain_tensors: views, compressed or
 uninitialised storages, repeated references, tensors that are not dense). The cost is one pass over the pickle's
 opcodes: a few thousand for a model's weights (the tensors' bytes are not in the pickle).
@@ -720,9 +720,6 @@ def _skip(f: IO[bytes], n: int) -> str:
 
 MADE_BYTES_PER_FILE_BYTE = 4
 """What a pickle's calls may make in all (texts passed, elements asked for), in times the file's size (and 1 MiB)."""
-TORCH_RUNS_TORCHSCRIPT = torch.torch_version.TorchVersion(torch.__version__) < (2, 6)
-"""Whether the installed torch.load hands a TorchScript archive to torch.jit.load even with weights_only, which runs
-its code (torch 2.6 refuses one before reading its pickle)."""
 LEGACY_PICKLES = 5
 """A torch file from before torch 1.6: magic number, protocol, system info, the object, its storage keys."""
 LEGACY_HEADERS = 3
@@ -755,10 +752,7 @@ def check_torch_file(path: str | os.PathLike) -> None:
         record = None if "constants.pkl" in reader.get_all_records() else reader.get_record("data.pkl")
     except Exception:  # noqa: BLE001 - unreadable as a torch archive: torch.load's own error says why
         return
-    if record is None:  # a TorchScript archive: torch 2.6 and later refuse one unread
-        if TORCH_RUNS_TORCHSCRIPT:
-            raise PickleBombError("it is a TorchScript archive, which torch before 2.6 runs as code even with "
-                                  "weights_only (torch.save writes none)")
+    if record is None:  # a TorchScript archive: torch refuses one unread (from 2.6 on, which pyproject requires)
         return
     check_pickle_stream(io.BytesIO(record), budget)
 
