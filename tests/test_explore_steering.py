@@ -10,6 +10,7 @@ import torch
 
 from saelab.explore import generate_with_and_without, latent_edit, run_with_cache_with_saes, steer
 from saelab.cli import main
+from saelab.errors import ConfigError
 from saelab.explore.steering import generate_ids, prompt_tokens
 from saelab.sae import SAEConfig, TopKSAE, save_sae
 
@@ -239,11 +240,43 @@ def test_a_value_whose_squares_overflow_the_next_norm_is_refused_in_one_line(tin
         out, err = capsys.readouterr()
         assert out == "" and len(err.strip().splitlines()) == 1, err
         assert err.startswith(f"saelab steer: error: the change made by steering (latent 7 at {HOOK}: {mode} "
-                              f"{value}, positions 1:) gives activations up to "), err
-        assert "whose squares overflow in the model's normalisations (|x| <= 1.845e+19: the text would come out " \
-               "empty or NaN); steer with a smaller value" in err, err
+                              f"{value}, positions 1:) gives activations whose squares sum to "), err
+        assert "at a token, which overflows the model's normalisations (sum of squares <= 2.658e+36: the text " \
+               "would come out empty or NaN); steer with a smaller value" in err, err
     # a large value whose squares fit still steers
     assert main(["steer", str(tmp_path / "sae"), "--value", "1e9", *common]) == 0
+
+
+def test_a_spread_out_value_whose_squares_overflow_only_summed_is_refused(tiny_gpt2, sae, tokens, tmp_path, capsys):
+    """An add along a spread-out decoder direction keeps every activation below sqrt(float32's max) while the sum
+    of a token's squares, which the model's next normalisation takes, passes float32's max: the check of the
+    largest activation alone let 5.4e19 through, and the text came out degenerate ("!!!!!!") with exit 0."""
+    d = sae.W_dec[7].detach()
+    value, root = 5.4e19, torch.finfo(torch.float32).max ** 0.5
+    assert value * float(d.abs().max()) < root < value * float(d.norm())  # each square fits, their sum does not
+    with pytest.raises(ConfigError) as e:
+        tiny_gpt2.logits(tokens, edits=steer(tiny_gpt2, sae, 7, "add", value).edits)
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"the change made by steering (latent 7 at {HOOK}: add 5.4e+19, positions 1:) "
+                                   "gives activations whose squares sum to "), e.value
+    assert "at a token, which overflows the model's normalisations (sum of squares <= 2.658e+36: the text would " \
+           "come out empty or NaN); steer with a smaller value" in str(e.value), e.value
+    # safely below the bound the steered model still reads a direction: finite logits that differ by token
+    logits = tiny_gpt2.logits(tokens, edits=steer(tiny_gpt2, sae, 7, "add", 1e18).edits)
+    assert bool(torch.isfinite(logits).all()) and float(logits[0, -1].std()) > 0
+
+    model_dir = tmp_path / "model"
+    tiny_gpt2.model.save_pretrained(model_dir)
+    tiny_gpt2.tokenizer.save_pretrained(model_dir)
+    save_sae(sae, tmp_path / "sae")
+    capsys.readouterr()
+    common = ["--latent", "7", "--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "3",
+              "--greedy", "--device", "cpu", "--no-progress", "--top-tokens", "0"]
+    assert main(["steer", str(tmp_path / "sae"), "--value", "5.4e19", *common]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"saelab steer: error: the change made by steering (latent 7 at {HOOK}: add 5.4e+19, "), err
+    assert main(["steer", str(tmp_path / "sae"), "--value", "1e18", *common]) == 0
 
 
 def test_steer_refuses_top_tokens_past_the_vocabulary_after_the_load(tiny_gpt2, sae, tmp_path, capsys, monkeypatch):

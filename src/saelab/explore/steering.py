@@ -31,7 +31,6 @@ well. See :mod:`saelab.explore.positions`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -104,23 +103,27 @@ class Steering:
 
     def _check_in_range(self, x_BTD: torch.Tensor, steered: torch.Tensor) -> None:
         """Refuse a change past the activations' dtype, which makes every later activation and the text NaN, or
-        past the square root of the range the model's next normalisation squares them in (float32 at least: half
-        models upcast for it), which leaves the text empty or NaN with no error. A layernorm SAE adds its value
-        times each token's std(x): known only here, as the model runs (the SAE records no std of the model's
-        activations), so no check of the value alone can bound it. The model's own NaN or size is not ours."""
+        one whose squares, summed over a token, pass the range the model's next normalisation sums them in
+        (float32 at least: half models upcast for it), which leaves the text empty, degenerate or NaN with no
+        error. A layernorm SAE adds its value times each token's std(x): known only here, as the model runs (the
+        SAE records no std of the model's activations), so no check of the value alone can bound it. The model's
+        own NaN or size is not ours: a token whose own activations are already past the bound is left to it."""
         own = torch.isfinite(x_BTD)
-        squares_limit = math.sqrt(torch.finfo(torch.promote_types(x_BTD.dtype, torch.float32)).max)
-        if bool((torch.isfinite(steered) | ~own).all()):
-            peak = float(steered.abs().masked_fill(~own, 0).amax()) if steered.numel() else 0.0
-            if peak <= squares_limit or float(x_BTD.abs().masked_fill(~own, 0).amax()) > squares_limit:
-                return
-            raise ConfigError(f"the change made by steering ({self.describe()}) gives activations up to {peak:.4g}, "
-                              f"whose squares overflow in the model's normalisations (|x| <= {squares_limit:.4g}: "
-                              f"the text would come out empty or NaN){self._std_note(x_BTD)}; steer with a smaller "
-                              "value")
-        limit = torch.finfo(x_BTD.dtype).max
-        raise ConfigError(f"the change made by steering ({self.describe()}) is past {x_BTD.dtype}'s range "
-                          f"(|x| <= {limit:.4g}){self._std_note(x_BTD)}; steer with a smaller value")
+        if not bool((torch.isfinite(steered) | ~own).all()):
+            limit = torch.finfo(x_BTD.dtype).max
+            raise ConfigError(f"the change made by steering ({self.describe()}) is past {x_BTD.dtype}'s range "
+                              f"(|x| <= {limit:.4g}){self._std_note(x_BTD)}; steer with a smaller value")
+        bound = _squares_bound(x_BTD.dtype, x_BTD.shape[-1])
+        sums = _squares_summed(steered)
+        if not bool((sums > bound).any()):
+            return
+        past = (sums > bound) & (_squares_summed(x_BTD) <= bound)  # NaN or inf of the model's own: not past
+        if not bool(past.any()):
+            return
+        raise ConfigError(f"the change made by steering ({self.describe()}) gives activations whose squares sum to "
+                          f"{float(sums[past].max()):.4g} at a token, which overflows the model's normalisations "
+                          f"(sum of squares <= {bound:.4g}: the text would come out empty or NaN)"
+                          f"{self._std_note(x_BTD)}; steer with a smaller value")
 
     def _std_note(self, x_BTD: torch.Tensor) -> str:
         if self.sae.cfg.input_norm != "layernorm":
@@ -137,6 +140,20 @@ class Steering:
 
     def __repr__(self) -> str:
         return f"Steering({self.describe()})"
+
+
+def _squares_bound(dtype: torch.dtype, width: int) -> float:
+    """The largest sum of a token's ``width`` squared activations that the model's normalisations take without
+    overflow, in float32 at least. RMSNorm sums the squares; LayerNorm the squared deviations from the mean, no
+    more than that sum S, but PyTorch's Welford reductions (WelfordOps, and CUDA's vectorized layer norm) compute
+    (mean_b - mean_a)^2 * count_a before dividing: the squared gap of two partial means is at most 2 * S, the
+    count less than ``width``, so S <= max / (2 * width) keeps every step in range, with room for rounding."""
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).max / (2 * width)
+
+
+def _squares_summed(x_BTD: torch.Tensor) -> torch.Tensor:
+    """Each token's sum of squared activations, in float64: float32 squares of 1e20 would be inf."""
+    return torch.linalg.vector_norm(x_BTD, dim=-1, dtype=torch.float64).square()
 
 
 def _fmt_positions(p: Positions) -> str:
