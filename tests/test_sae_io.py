@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from saelab.cli import main
 from saelab.errors import CheckpointError, ConfigError, ShapeMismatchError
 from saelab.sae import (
     OPENAI_LOCATION_TO_HOOK,
@@ -243,6 +244,25 @@ def test_non_topk_architecture_is_refused(tmp_path, arch):
     folder = write_saelens_v6_folder(tmp_path / "sl", saelens_weights(), arch=arch)
     with pytest.raises(CheckpointError, match=f'architecture "{arch}" is not a top-k SAE'):
         load_sae(folder)
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("architecture", "\u009b2J\u009b31mjumprelu", '"\\u009b2J\\u009b31mjumprelu"'),  # C1 CSI: clear, red
+    ("architecture", "jump\u007frelu", '"jump\\u007frelu"'),  # DEL
+    ("normalize_activations", "\u001b[2J\u0085", '"\\u001b[2J\\u0085"'),  # ESC, C1 NEL
+])
+def test_control_characters_of_a_cfg_json_value_are_shown_escaped(tmp_path, capfdbinary, field, value, shown):
+    """A refusal shows a downloaded cfg.json's value as the file writes it, control characters as JSON's escapes:
+    JSON's own dump left DEL and C1 characters raw, and an 8-bit CSI cleared and recoloured the terminal."""
+    folder = write_saelens_v6_folder(tmp_path / "sl", saelens_weights())
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg[field] = value
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    capfdbinary.readouterr()
+    assert main(["export", str(folder), str(tmp_path / "out"), "--format", "saelens"]) == 2
+    err = capfdbinary.readouterr().err
+    assert not any(0x7F <= b <= 0x9F or b == 0x1B for b in err), err
+    assert f"{field}={shown}" in err.decode() or f"{field} {shown}" in err.decode(), err
 
 
 def test_missing_cfg_keys_are_named(tmp_path):

@@ -259,6 +259,8 @@ def test_hookpoint_module_outputs_are_the_hooked_activations(gpt2_tokenizer):
     # values as the JSON file writes them ("groupmax", true), not as Python's repr ('groupmax', True)
     ({"activation": "groupmax"}, 'cfg.json has activation "groupmax"; saelab reads top-k SAEs \\(sparsify activation '
      '"topk"\\)'),
+    # control characters (C1, DEL) as JSON escapes them, not raw to the terminal
+    ({"activation": "group\u009bmax\u007f"}, r'cfg.json has activation "group\\u009bmax\\u007f"; saelab reads'),
     ({"transcode": True}, "transcode=true: a transcoder"),
     ({"skip_connection": True}, "skip_connection=true"),
     ({"k": 65}, "k=65 exceeds the number of latents 64"),

@@ -27,6 +27,11 @@ ESCAPED_BUT_LINES = {c: e for c, e in ESCAPED.items() if chr(c) not in "\n\t"}
 """ESCAPED less newlines and tabs, for running text shown as it reads."""
 
 
+_JSON_ESCAPED = {c: f"\\u{c:04x}" for c in ESCAPED}
+"""ESCAPED's characters in JSON's spelling ('\\u009b'): json.dumps escapes C0 itself but leaves DEL and C1 raw."""
+
+
 def as_json(value: Any) -> str:
-    """A value read from a JSON file, as the file writes it: "relu", true, null, not Python's 'relu', True, None."""
-    return json.dumps(value, ensure_ascii=False, default=str)
+    """A value read from a JSON file, as the file writes it: "relu", true, null, not Python's 'relu', True, None;
+    its control characters escaped as JSON writes them, so that a downloaded file cannot drive the terminal."""
+    return json.dumps(value, ensure_ascii=False, default=str).translate(_JSON_ESCAPED)
