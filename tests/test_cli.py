@@ -740,6 +740,11 @@ BAD_CONFIGS = [
      "train.l1_coefficient: applies only with train.architecture relu"),
     ("relu.yaml", "train:\n  recipe: relu-l1\n  k: 8\n", "train.k: a ReLU SAE"),
     ("kaux.yaml", "train:\n  n_latents: 64\n  k: 4\n  k_aux: 1000\n", "train.k_aux: 1000 exceeds the SAE's 64 latents"),
+    # an unknown key's control characters escaped, as its values' are: a C1 CSI or DEL raw would drive the terminal,
+    # a newline showed as a space
+    ("c1_key.json", '{"train": {"\\u009b2Jk": 3}}', "train.\\x9b2Jk: not one of its options"),
+    ("del_group.json", '{"tr\\u007fain": {"k": 3}}', "tr\\x7fain: not an option group or option of `saelab train`"),
+    ("newline_key.yaml", 'train:\n  "bo\\ngus": 3\n', "train.bo\\ngus: not one of its options"),
 ]
 
 

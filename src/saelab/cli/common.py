@@ -24,7 +24,7 @@ from saelab.errors import ConfigError, CorpusError
 from saelab.models.config import MODEL_SPECS
 from saelab.sae.config import SAE_SOURCES
 from saelab.utils.config import given_parts
-from saelab.utils.words import did_you_mean
+from saelab.utils.words import ESCAPED, did_you_mean
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -312,7 +312,8 @@ class Parser(ArgumentParser):
                 keys = sorted(groups) + [file_key(options[o]) for o in sorted(options)]
                 switches = [o for o, action in options.items() if action.nargs == 0]
                 listed = f"; expected one of {', '.join(keys)}"
-                raise ConfigError(f"{where}: not an option group or option of `{self.prog}`"
+                raise ConfigError(f"--config {path}: {str(key).translate(ESCAPED)}: not an option group or option "
+                                  f"of `{self.prog}`"
                                   f"{closest_key(key, [*groups, *options], switches, value) or listed}")
         return kept
 

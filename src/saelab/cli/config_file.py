@@ -17,7 +17,7 @@ import yaml
 from simple_parsing.utils import FALSE_STRINGS, TRUE_STRINGS
 
 from saelab.errors import ConfigError
-from saelab.utils.words import did_you_mean
+from saelab.utils.words import ESCAPED, did_you_mean
 
 
 RECORD_READERS = ("saelab train", "saelab sweep")
@@ -207,7 +207,7 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name not in names:  # a close match alone, as on the command line; else every option
             switches = [n for n in names if hints[n] is bool]
-            raise ConfigError(f"{where}.{key}: not one of its options"
+            raise ConfigError(f"{where}.{str(key).translate(ESCAPED)}: not one of its options"
                               f"{closest_key(key, names, switches, v) or ' (' + ', '.join(names) + ')'}")
         refuse_an_empty_text(f"{where}.{key}", name, v)
         v = checked_value(f"{where}.{key}", hints[name], v)
