@@ -25,3 +25,28 @@ def test_a_file_that_is_no_key_is_left_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path))
     (tmp_path / "local-key").write_text("mine")
     assert keyed_hash("/data/corpus.txt") is None and (tmp_path / "local-key").read_text() == "mine"
+
+
+def test_a_stale_temporary_file_of_this_process_id_is_no_obstacle(tmp_path, monkeypatch):
+    """The key was first written to ``.local-key.<pid>.tmp`` opened with O_EXCL: one left by a killed process of
+    the same id (saelab as a container's PID 1 is always 1) made every later call fail, and no key was ever made.
+    The temporary name is random now; the stale file is not saelab's to delete and is left as it is."""
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path))
+    stale = tmp_path / f".local-key.{os.getpid()}.tmp"
+    stale.write_bytes(b"")
+    assert len(local_key()) == 32 and keyed_hash("/data/corpus.txt") is not None
+    assert sorted(os.listdir(tmp_path)) == sorted(["local-key", stale.name])
+
+
+def test_a_path_whose_name_is_not_utf8_is_hashed_by_its_bytes(tmp_path, monkeypatch):
+    """Linux names are bytes; Python gives those that are not UTF-8 as surrogate escapes, which ``str.encode``
+    refuses: a corpus of such a name was a UnicodeEncodeError traceback. It is hashed by the bytes of its name,
+    apart from the UTF-8 name that reads alike."""
+    import hashlib
+    import hmac
+
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path))
+    latin1 = os.fsdecode(b"/data/caf\xe9.txt")
+    mine = keyed_hash(latin1)
+    assert mine.split(":")[1] == hmac.new(local_key(), b"/data/caf\xe9.txt", hashlib.sha256).hexdigest()[:16]
+    assert same_keyed(mine, keyed_hash("/data/caf\u00e9.txt")) is False

@@ -33,7 +33,9 @@ def local_key() -> bytes | None:
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
+            # a random name: one left by a killed process of the same id (a container's PID 1), or another
+            # thread's, is no obstacle to O_EXCL
+            tmp = path.with_name(f".{KEY_FILE}.{secrets.token_hex(8)}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -50,11 +52,12 @@ def local_key() -> bytes | None:
 
 def keyed_hash(text: str) -> str | None:
     """``"ID:HASH"``: the key's id (8 hex digits of its sha256: which key hashed it) and 16 hex digits of
-    HMAC-SHA256(key, text); None without a key."""
+    HMAC-SHA256(key, text); None without a key. ``text`` is hashed by its bytes as the file system takes them
+    (``os.fsencode``): a path whose name is not UTF-8 (surrogate escapes) too."""
     key = local_key()
     if key is None:
         return None
-    return f"{hashlib.sha256(key).hexdigest()[:8]}:{hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:16]}"
+    return f"{hashlib.sha256(key).hexdigest()[:8]}:{hmac.new(key, os.fsencode(text), hashlib.sha256).hexdigest()[:16]}"
 
 
 def same_keyed(then: object, now: object) -> bool | None:
