@@ -624,7 +624,7 @@ def test_a_renamed_setting_keeps_earlier_builds_keys_and_is_named_as_it_is_now()
     """browse's N2G count became n2g_n_latents (as eval's): keys still hash it under its earlier name, so that a
     rebuild of an unchanged site is reused. Sites, families files and exports recorded it as n2g_latents beside
     config.n2g_n_latents; they record it by its name now, and a record under the old name still reads as it."""
-    from saelab.explore.browser.make import build_inputs, build_key, what_differs
+    from saelab.explore.browser.make import build_inputs, unkeyed_record, what_differs
 
     before, after = (build_inputs([], BrowseConfig(n2g_n_latents=n)) for n in (0, 3))
     assert before["browse"]["n2g_n_latents"] == 0 and "n2g_latents" not in before["browse"]
@@ -633,8 +633,9 @@ def test_a_renamed_setting_keeps_earlier_builds_keys_and_is_named_as_it_is_now()
                                     for k, v in before["browse"].items()}}
     assert what_differs(earlier, after) == "other settings (browse.n2g_n_latents 0 -> 3)"
     assert what_differs(earlier, before) == "other inputs or settings"  # the same settings: no setting differs
-    # the keys of builds before the rename (a hub corpus: no local files in the key)
-    assert build_key([], BrowseConfig(corpus="someone/texts", n2g_n_latents=3)) == "1b861e9173c2b93f"
+    # the keys of builds before the rename (a hub corpus: no local files in the key), as they were recorded before
+    # keys were keyed: what the key hashes is unchanged
+    assert unkeyed_record([], BrowseConfig(corpus="someone/texts", n2g_n_latents=3))["key"] == "1b861e9173c2b93f"
 
 
 def test_saes_whose_folders_share_a_name_are_named_apart(tiny_gpt2, corpus, tmp_path):
@@ -724,6 +725,7 @@ def test_a_families_file_names_local_files_by_their_base_names(tiny_dir, sae_fil
     assert not [d for d in local if d in written], "families.json holds a local path"
     tree = json.loads(written)
     assert (tree["model"], [s["source"] for s in tree["saes"]]) == ("tiny-gpt2", ["run_small", "saelens_large"])
+    assert re.fullmatch(r"[0-9a-f]{8}:[0-9a-f]{16}", tree["key"])  # keyed by this machine's secret
     assert {k: tree["inputs"]["browse"][k] for k in ("corpus", "model")} == {"corpus": "c.txt", "model": "tiny-gpt2"}
     capsys.readouterr()
     assert main(["families", *saes, "--corpus", str(text), *args]) == 0
@@ -741,8 +743,8 @@ def test_where_the_corpus_lies_is_recorded_by_a_hash_no_guessed_path_confirms(sa
     """site.json recorded where the corpus lay as a hash of its absolute path alone: anyone could confirm a guessed
     path from a published site. It is keyed by this machine's secret now; a refusal still tells a corpus changed
     since from another of that name, says it cannot tell for a record made with another secret, and reads the
-    path hash of a site an earlier saelab built as it did."""
-    from saelab.explore.browser.make import corpus_path_hash
+    path hash (and the plain hashes of the files) of a site an earlier saelab built as it did."""
+    from saelab.explore.browser.make import corpus_path_hash, open_sources, unkeyed_record
 
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
     text = tmp_path / "texts" / "c.txt"
@@ -755,25 +757,63 @@ def test_where_the_corpus_lies_is_recorded_by_a_hash_no_guessed_path_confirms(sa
     assert corpus_path_hash(str(text)) not in recorded and "corpus_where" not in recorded
     place = read_site_manifest(out)["inputs"]["corpus_place"]
     assert re.fullmatch(r"[0-9a-f]{8}:[0-9a-f]{16}", place)
+    then = unkeyed_record(open_sources(one)[0], cfg)  # as an earlier saelab hashed these files
     text.write_text("Numbers 12 34 56 and 78 follow. " * 400)  # the same place, other text
 
     def refusal(corpus=text) -> str:
         with pytest.raises(RunExistsError) as e:
             build_browser(one, out, dataclasses.replace(cfg, corpus=str(corpus)), lm="no-such-model", progress=False)
-        return re.search(r"built from other corpus text \((.*?)\)( \(it shows \w+\))?; pass", str(e.value))[1]
+        return re.search(r"built from (.*?)( \(it shows \w+\))?; pass", str(e.value))[1]
 
-    assert refusal() == f"browse.corpus {text} changed since"
+    assert refusal() == f"other corpus text (browse.corpus {text} changed since)"
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "another-cache"))  # another machine's or user's secret
-    assert refusal() == f"browse.corpus {text} changed since, or is another corpus of that name"
-    manifest = read_site_manifest(out)  # as an earlier saelab recorded it: the hash of the path itself
+    assert refusal() == (f"inputs hashed with another local key or none (another machine's or user's, or "
+                         f"{tmp_path / 'another-cache' / 'local-key'} made again since), which cannot be compared")
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = read_site_manifest(out)  # as an earlier saelab recorded it: the hashes of the paths themselves
     del manifest["inputs"]["corpus_place"]
-    (out / "site.json").write_text(json.dumps({**manifest, "inputs": {**manifest["inputs"],
-                                                                      "corpus_where": corpus_path_hash(str(text))}}))
-    assert refusal() == f"browse.corpus {text} changed since"
+    (out / "site.json").write_text(json.dumps({**manifest, "key": then["key"], "inputs": {
+        **manifest["inputs"], "sae_files": then["sae_files"], "corpus_files": then["corpus_files"],
+        "corpus_where": corpus_path_hash(str(text))}}))
+    assert refusal() == f"other corpus text (browse.corpus {text} changed since)"
     other = tmp_path / "elsewhere" / "c.txt"
     other.parent.mkdir()
     other.write_text("The cat sat on the mat. " * 400)
-    assert refusal(other) == f"browse.corpus {other} is another corpus of that name, not the one read then"
+    assert refusal(other) == f"other corpus text (browse.corpus {other} is another corpus of that name, not the one " \
+                             "read then)"
+
+
+def test_a_published_site_confirms_no_guessed_path(tiny_dir, sae_files, tmp_path, monkeypatch, capsys):
+    """site.json (and data/meta.js) recorded `key`, a plain sha256 over the settings with the --model folder's and
+    the corpus's paths and the SAE files' paths, sizes and times, and `inputs.sae_files` / `corpus_files`, plain
+    hashes of those files' paths: anyone with the published site could confirm a guessed path. Each is keyed by
+    this machine's secret now (recomputed with the true paths under another secret, none matches); the same build
+    is still reused, and a site an earlier saelab recorded (its plain key) is built again, recording the keyed one."""
+    from saelab.explore.browser import make
+
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "texts" / "c.txt"
+    text.parent.mkdir()
+    text.write_text("The cat sat on the mat. " * 400)
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=str(text), model=str(tiny_dir), n_top=4, n_samples=4, lm_batch_size=8)
+    one, out = [sae_files / "run_small"], tmp_path / "site"
+    build_browser(one, out, cfg, progress=False)
+    manifest = read_site_manifest(out)
+    sources, _ = make.open_sources(one)
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "another-cache"))  # who guesses: the true paths, no secret
+    assert make.build_key(sources, cfg) != manifest["key"], "the published key confirms the local paths"
+    theirs = make.build_inputs(sources, cfg)
+    assert [theirs[k] == manifest["inputs"][k] for k in ("sae_files", "corpus_files", "corpus_place")] == [False] * 3
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    unkeyed = make.unkeyed_record(sources, cfg)
+    published = "".join(p.read_text() for p in out.rglob("*.js*"))
+    assert not [v for v in unkeyed.values() if v in published]
+    assert build_browser(one, out, cfg, lm="no-such-model", progress=False)["reused"]
+    (out / "site.json").write_text(json.dumps({**manifest, "key": unkeyed["key"]}))  # as an earlier saelab keyed it
+    capsys.readouterr()
+    assert build_browser(one, out, cfg, progress=False)["reused"] is False
+    assert read_site_manifest(out)["key"] == manifest["key"]
+    assert "building it again to record keyed ones" in capsys.readouterr().err
 
 
 def test_latent_pages_are_written_as_built_not_all_held_at_once(tiny_gpt2, corpus, tmp_path):

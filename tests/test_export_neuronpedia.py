@@ -559,3 +559,56 @@ def test_the_export_options_are_checked_before_the_model_loads(tiny_gpt2, corpus
         export_neuronpedia_run(tmp_path / "no-hook", tmp_path / "np", dataclasses.replace(cfg, hook=HOOK),
                                lm=tiny_gpt2, progress=False)
     assert not (tmp_path / "np").exists()
+
+
+def test_a_published_export_confirms_no_guessed_model_path(tiny_gpt2, tiny_dir, corpus, tmp_path, monkeypatch):
+    """run_settings.json recorded `key`, a plain sha256 over the settings with the --model folder's absolute path
+    beside the SAE's weights' hash and the options, which are published too: anyone could confirm a guessed model
+    path offline (with a hub corpus, nothing else in it was secret). Every hash it records is keyed by this
+    machine's secret now: recomputed with the true path elsewhere (another secret), or the unkeyed way, it matches
+    nothing published; the key changes with the secret. On this machine the same export is still reused; one
+    recorded by an earlier saelab (its plain key) is built again, and one of other inputs still named."""
+    from saelab.explore.browser.export import export_key
+    from saelab.explore.browser.make import open_sources
+
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "run" / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, model=str(tiny_dir), n_top=2, n_samples=2, lm_batch_size=8)
+    out = tmp_path / "np"
+    assert export_neuronpedia_run(tmp_path / "run", out, cfg, progress=False)["reused"] is False
+    published = {p.name: p.read_text() for p in out.iterdir()}
+    settings = json.loads(published["run_settings.json"])
+    sources, _ = open_sources([tmp_path / "run"])
+
+    def recomputed(cache: str):  # from the published fields and the model's true path, with the secret of `cache`
+        monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / cache))
+        return export_key(sources, cfg, "float32", {}, [settings["sae_sha256"]])
+
+    theirs = recomputed("another-cache")
+    assert theirs[0] != settings["key"], "the published key confirms the model's path"
+    for field in ("sae_files", "corpus_files", "corpus_place"):
+        assert theirs[1][field] != settings["inputs"][field], field
+    mine = recomputed("cache")
+    assert (mine[0], mine[1]) == (settings["key"], settings["inputs"]) and re.fullmatch(r"[0-9a-f]{8}:[0-9a-f]{16}",
+                                                                                          mine[0])
+    unkeyed = mine[2]  # the key and hashes as an earlier saelab recorded them
+    assert not [(f, name) for f in unkeyed.values() for name, text in published.items() if f in text]
+    key_file = tmp_path / "cache" / "local-key"
+    secret = key_file.read_bytes()
+    key_file.write_bytes(bytes(32))
+    assert recomputed("cache")[0] != settings["key"]
+    with pytest.raises(RunExistsError, match=r"made from inputs hashed with another local key"):
+        export_neuronpedia_run(tmp_path / "run", out, cfg, lm="no-such-model", progress=False)
+    key_file.write_bytes(secret)
+    assert export_neuronpedia_run(tmp_path / "run", out, cfg, lm="no-such-model", progress=False)["reused"] is True
+    # as an earlier saelab recorded this export: built again, recording the keyed hashes
+    inputs = {k: v for k, v in settings["inputs"].items() if k != "corpus_place"}
+    (out / "run_settings.json").write_text(json.dumps({**settings, "key": unkeyed["key"], "inputs": {
+        **inputs, "sae_files": unkeyed["sae_files"], "corpus_files": unkeyed["corpus_files"]}}))
+    assert export_neuronpedia_run(tmp_path / "run", out, cfg, progress=False)["reused"] is False
+    assert json.loads((out / "run_settings.json").read_text())["key"] == settings["key"]
+    # one of other SAE files then: named as before
+    (out / "run_settings.json").write_text(json.dumps({**settings, "key": "0" * 16, "inputs": {
+        **inputs, "sae_files": "0" * 16, "corpus_files": unkeyed["corpus_files"]}}))
+    with pytest.raises(RunExistsError, match=r"made from other SAE files"):
+        export_neuronpedia_run(tmp_path / "run", out, cfg, lm="no-such-model", progress=False)

@@ -10,7 +10,8 @@ files from one pass of saelab's browser, for any model saelab reads::
     OUT/skipped_indexes.json              latents left out (never active on the text read), as SAEDashboard
     OUT/run_settings.json                 what was read and how, and the key of it that a repeat reuses (saelab's
                                           record; not read by the importers): the SAE by its name and
-                                          weights' hash, local files by their base names, never their paths
+                                          weights' hash, local files by their base names, never their paths;
+                                          the key and the files' hashes keyed by this machine's secret
 
 Each feature holds, with saelab's definitions (:mod:`.build`):
 
@@ -42,7 +43,6 @@ the explanations a run folder keeps are named on stderr as left out.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import os
@@ -62,6 +62,7 @@ from saelab.sae.config import NEURONPEDIA_SETTINGS
 from saelab.utils.atomic import atomic_folder
 from saelab.utils.config import given_parts, whole_at_least
 from saelab.utils.hub import local_path, public_name
+from saelab.utils.local_key import keyed_hash
 
 FORMAT = "saedashboard-neuronpedia-batches"
 """``format`` in ``run_settings.json``: marks a folder this module wrote (and may replace)."""
@@ -329,11 +330,12 @@ def _layer(hook: str, layer: int | None) -> int:
 
 
 def _check_target(out: Path, overwrite: bool, key: str | None = None, inputs: dict[str, Any] | None = None,
-                  corpus: str | None = None) -> dict[str, Any] | None:
+                  corpus: str | None = None, unkeyed: dict[str, str] | None = None) -> dict[str, Any] | None:
     """None when ``out`` may be written; the earlier export's settings when it holds the export of ``key``
-    (reused, unless ``overwrite``). Anything else there is refused, naming what differs (``corpus``: as given
-    now, for an earlier saelab's record of where it lay)."""
-    from saelab.explore.browser.make import what_differs
+    (reused, unless ``overwrite``). One an earlier saelab recorded of this export (``unkeyed``: its plain key and
+    hashes, from :func:`export_key`) may be written again. Anything else there is refused, naming what differs
+    (``corpus``: as given now, for an earlier saelab's record of where it lay)."""
+    from saelab.explore.browser.make import reusable, what_differs
 
     if not out.exists():
         return None
@@ -352,21 +354,27 @@ def _check_target(out: Path, overwrite: bool, key: str | None = None, inputs: di
     if overwrite:
         refuse_others_files(out, _written_by_export, "a Neuronpedia export", "export folder")
         return None
-    if key is not None and earlier.get("key") == key:
-        return earlier
-    made_of = "" if key is None else f" made from {what_differs(earlier.get('inputs'), inputs, corpus=corpus)}"
+    made_of = ""
+    if inputs is not None and unkeyed is not None:  # what this export is made from is known: compared
+        same = reusable(earlier, key, unkeyed, out / NEURONPEDIA_SETTINGS)
+        if same is not False:  # None: this export as an earlier saelab recorded it, written again
+            return earlier if same else None
+        made_of = f" made from {what_differs(earlier.get('inputs'), inputs, corpus=corpus, unkeyed=unkeyed)}"
     raise RunExistsError(f"{out}: an earlier Neuronpedia export{made_of} is there; pass overwrite=True "
                          "(--overwrite) to replace it")
 
 
 def export_key(sources, cfg, model_dtype: str, options: dict[str, Any],
-               hashes: Sequence[str]) -> tuple[str, dict[str, Any]]:
-    """(key, inputs) of an export: the browser's key of its SAEs and settings (see ``make.build_key``)
+               hashes: Sequence[str]) -> tuple[str | None, dict[str, Any], dict[str, str]]:
+    """(key, inputs, unkeyed) of an export: the browser's key of its SAEs and settings (see ``make.build_key``)
     and the export's own options, at their defaults where not given. The SAEs are known by their weights
     (``hashes``: each one's :func:`sae_sha256`), not by where they lie, and the recorded settings name local
-    files by their base names: the folder is shared with others."""
+    files by their base names: the folder is shared with others. The key and the files' hashes in ``inputs`` are
+    keyed by this machine's secret (a plain hash of where the corpus and a --model folder lie would confirm a
+    guessed path); ``unkeyed``: the plain ones an earlier saelab recorded (``make.unkeyed_record``), to compare its
+    records, never recorded now."""
     from saelab.explore.browser.build import first_scored
-    from saelab.explore.browser.make import build_inputs, build_key, public_settings
+    from saelab.explore.browser.make import build_inputs, public_settings, unkeyed_hash, unkeyed_record
 
     given = inspect.signature(export_neuronpedia).parameters
     options = {name: options.get(name, given[name].default) for name in EXPORT_OPTIONS}
@@ -377,7 +385,8 @@ def export_key(sources, cfg, model_dtype: str, options: dict[str, Any],
 
     # local files by where they lie, not by the path typed: the same corpus given from another folder is reused
     where = dataclasses.replace(cfg, corpus=_resolved(cfg.corpus), model=_resolved(cfg.model))
-    parts = [FORMAT, build_key(sources, where, model_dtype, identify), options]
+    unkeyed = unkeyed_record(sources, where, model_dtype, identify)
+    parts = [FORMAT, unkeyed["key"], options]  # the browser's key as it was before it was keyed
     inputs = json.loads(json.dumps({**build_inputs(sources, cfg, model_dtype, identify), "export": options},
                                    default=str))
     if any(first_scored(s.sae) for s in sources):  # earlier exports of these counted BOS in n_tokens_in_prompt
@@ -385,7 +394,7 @@ def export_key(sources, cfg, model_dtype: str, options: dict[str, Any],
         parts.append(EXPORT_VERSION)
     blob = json.dumps(parts, sort_keys=True, default=str)
     inputs["browse"] = public_settings(inputs["browse"])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16], inputs
+    return keyed_hash(blob), inputs, {**unkeyed, "key": unkeyed_hash(blob)}
 
 
 def _resolved(value: str | None) -> str | None:
@@ -446,10 +455,10 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")
     model_id, note = default_ids(sources, lm, cfg, kwargs.get("model_id"), kwargs.get("sae_set"))
     hashes = [sae_sha256(s.sae) for s in sources]  # reads every weight: once per SAE, for the key and the record
-    key, inputs = export_key(sources, cfg, model_dtype, kwargs, hashes)
+    key, inputs, unkeyed = export_key(sources, cfg, model_dtype, kwargs, hashes)
     targets = [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]
     # before the model loads and the text is scored; an export of the same key is the same files
-    earlier = [_check_target(t, kwargs.get("overwrite", False), key, inputs, cfg.corpus) for t in targets]
+    earlier = [_check_target(t, kwargs.get("overwrite", False), key, inputs, cfg.corpus, unkeyed) for t in targets]
     if all(earlier):
         _say_what_was_left_out_or_made(sources, note)
         return _as_given([_reused(t, e) for t, e in zip(targets, earlier)], one)

@@ -28,7 +28,8 @@ own. Parents link to every child that chose them, so the links form a forest acr
     families  [{sae, latent, density, n_descendants, depth, children: [{sae, latent, density, cos,
                 containment, share, score, children: [...]}]}]   roots with children, most descendants first
     singletons  {sae: number of latents in no family (no parent, no child)}
-    key       (written by build_families) hash of the inputs and settings: the same command reuses the file
+    key       (written by build_families) hash of the inputs and settings, keyed by this machine's secret
+              (make.build_key): the same command reuses the file
 """
 
 from __future__ import annotations

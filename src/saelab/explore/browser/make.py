@@ -46,13 +46,13 @@ from saelab.explore.browser.site import (FILES, SITE_FORMAT, SITE_VERSION, check
                                          read_site_manifest, refuse_a_site_file, site_damage, write_site)
 from saelab.explore.config import BrowseConfig
 from saelab.run_folder import SAE_DIR, refuse_a_run_file
-from saelab.sae.config import SAE_SOURCES
+from saelab.sae.config import SAE_SOURCES, SITE_MANIFEST
 from saelab.sae.relu import sparsity_of
 from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import check_file_target, write_json
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path, public_name
-from saelab.utils.local_key import keyed_hash, same_keyed
+from saelab.utils.local_key import key_path, keyed_hash, same_keyed
 from saelab.utils.memory_limit import memory_limit
 from saelab.utils.words import plural
 
@@ -148,9 +148,9 @@ def makes_families(sources: Sequence[SAESource]) -> bool:
     return len(sizes) > 1 and len(set(sizes)) == len(sizes)
 
 
-def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
-              identify: Callable[[SAESource], Any] = _stat_key) -> str:
-    """Hash of the inputs and settings: a site (or families file) with the same key needs no rebuild.
+def key_text(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
+             identify: Callable[[SAESource], Any] = _stat_key) -> str:
+    """What a build's key hashes, as JSON: the inputs and settings, where local files lie among them.
     ``identify``: what stands for an SAE's files (default: their paths, sizes and times)."""
     inputs = {"saes": [[s.name, identify(s)] for s in sources], "cfg": _keyed_as(_settings(cfg, sources)),
               "version": SITE_VERSION}
@@ -162,28 +162,71 @@ def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str 
     corpus = corpus_files_key(cfg.corpus)
     if corpus is not None:  # a local corpus edited since gives other numbers; names alone keep earlier keys
         inputs["corpus_files"] = corpus
-    blob = json.dumps(inputs, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json.dumps(inputs, sort_keys=True, default=str)
+
+
+def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
+              identify: Callable[[SAESource], Any] = _stat_key) -> str | None:
+    """Hash of the inputs and settings (:func:`key_text`): a site (or families file) with the same key needs no
+    rebuild. Keyed by this machine's secret (:func:`~saelab.utils.local_key.keyed_hash`, ``"ID:HASH"``): it hashes
+    where local files lie (the SAE files, a local corpus, a --model folder) into a record shared with others, and a
+    plain hash would let anyone confirm a guessed path. None without a secret (nothing is then reused)."""
+    return keyed_hash(key_text(sources, cfg, model_dtype, identify))
+
+
+def unkeyed_hash(text: str) -> str:
+    """16 hex digits of the sha256 of ``text``: how saelab hashed keys and files before it keyed them."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _files_texts(sources: Sequence[SAESource], cfg: BrowseConfig,
+                 identify: Callable[[SAESource], Any]) -> dict[str, str]:
+    """What build_inputs hashes of the SAE files (as ``identify`` gives them) and of a local corpus's files
+    (their paths, sizes and times), as JSON."""
+    return {"sae_files": json.dumps([[s.name, identify(s)] for s in sources], default=str),
+            "corpus_files": json.dumps(corpus_files_key(cfg.corpus))}
 
 
 def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
                  identify: Callable[[SAESource], Any] = _stat_key) -> dict[str, Any]:
     """What build_key hashes, as a site or families file records it to name what differs on a refusal: the
-    settings in full, the SAE files (as ``identify`` gives them) and a local corpus's files by a hash of their
-    names, sizes and times, and where it lies by a hash of its path keyed by this machine's secret
+    settings in full, the SAE files (as ``identify`` gives them) and a local corpus's files (their paths, sizes and
+    times), and where that corpus lies, each by a hash keyed by this machine's secret
     (:func:`~saelab.utils.local_key.keyed_hash`; a record named by base names then tells a corpus of the same name
     elsewhere from one changed since, and a published record cannot confirm a guessed path)."""
-    files = json.dumps([[s.name, identify(s)] for s in sources], default=str)
-    corpus = json.dumps(corpus_files_key(cfg.corpus))
     local = local_path(cfg.corpus)
     inputs = {"browse": _settings(cfg, sources), "model_dtype": model_dtype, "sae_names": [s.name for s in sources],
-              "sae_files": hashlib.sha256(files.encode()).hexdigest()[:16],
-              "corpus_files": hashlib.sha256(corpus.encode()).hexdigest()[:16],
+              **{field: keyed_hash(text) for field, text in _files_texts(sources, cfg, identify).items()},
               "corpus_place": None if local is None else keyed_hash(str(local))}
     firsts = [first_scored(s.sae) for s in sources]
     if len(set(firsts)) > 1:  # as build_key: a refusal can then say what an earlier build did
         inputs["first_scored"] = firsts
     return json.loads(json.dumps(inputs, default=str))
+
+
+def unkeyed_record(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
+                   identify: Callable[[SAESource], Any] = _stat_key) -> dict[str, str]:
+    """The ``key``, ``sae_files`` and ``corpus_files`` an earlier saelab recorded of this build: plain hashes
+    (:func:`unkeyed_hash`), which confirm a guessed path, so never recorded now; compared with its records, so that
+    the same build is made again (:func:`reusable`) and another is named as before (:func:`what_differs`)."""
+    texts = _files_texts(sources, cfg, identify)
+    return {"key": unkeyed_hash(key_text(sources, cfg, model_dtype, identify)),
+            **{field: unkeyed_hash(text) for field, text in texts.items()}}
+
+
+def reusable(recorded: dict[str, Any], key: str | None, unkeyed: dict[str, str], path: Path) -> bool | None:
+    """Whether ``recorded``, the record of a site, families file or export at ``path``, is of this build (``key``,
+    and ``unkeyed``: :func:`unkeyed_record`): True, it is (reuse it); False, it is of another; None, it is, as an
+    earlier saelab recorded it, with plain hashes that confirm where local files lie: made again to record keyed
+    ones, as one line on stderr says."""
+    if key is not None and recorded.get("key") == key:
+        return True
+    if recorded.get("key") != unkeyed["key"]:
+        return False
+    print(f"saelab: note: {path} records this build as an earlier saelab did, by plain hashes of where its local "
+          "files lie (which confirm a guessed path to whoever reads them); building it again to record keyed ones",
+          file=sys.stderr)
+    return None
 
 
 def corpus_path_hash(corpus: str | None) -> str:
@@ -204,11 +247,14 @@ def _same_place(recorded: dict[str, Any], inputs: dict[str, Any], corpus: str | 
     return None
 
 
-def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True, corpus: str | None = None) -> str:
+def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True, corpus: str | None = None,
+                 unkeyed: dict[str, str] | None = None) -> str:
     """"other settings (browse.n_tokens 4096 -> 8192)", "other SAEs (a, b -> sae, b)" (by the names the pages
     show them by: another path to an SAE may give it another), "other SAE files (...)", "other corpus text (...)", or,
     for a build that recorded no inputs (an earlier saelab) or differs in saelab's format only, "other inputs
-    or settings". ``corpus``: the corpus as given now (an earlier saelab's record tells where it lay by its path)."""
+    or settings"; where the files' hashes were keyed by another secret, or none, it says so. ``corpus``: the corpus
+    as given now (an earlier saelab's record tells where it lay by its path); ``unkeyed``: :func:`unkeyed_record` of
+    the build now, to compare a record of an earlier saelab, whose hashes were plain."""
     if not isinstance(recorded, dict):
         return "other inputs or settings"
     # Not settings: the SAE files name these (first_scored, export_version) or are named below.
@@ -223,13 +269,19 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True, corpus
             named["browse"] = public_settings({now.get(k, k): v for k, v in named["browse"].items()})
         return {**named, **(export if isinstance(export, dict) else {})}
 
+    def same(field: str) -> bool | None:  # keyed hashes by their key; an earlier saelab's plain ones as it made them
+        then = recorded.get(field)
+        if isinstance(then, str) and ":" not in then:
+            return None if unkeyed is None else then == unkeyed[field]
+        return same_keyed(then, inputs.get(field)) if field in recorded else False
+
     changes = changed_fields(settings(recorded), settings(inputs))
     if changes:
         return f"other settings ({', '.join(changes)})"
-    names = recorded.get("sae_names")
-    if recorded.get("sae_files") != inputs["sae_files"] and isinstance(names, list) and names != inputs["sae_names"]:
+    files, names = same("sae_files"), recorded.get("sae_names")
+    if files is not True and isinstance(names, list) and names != inputs["sae_names"]:
         return f"other SAEs ({', '.join(map(str, names))} -> {', '.join(inputs['sae_names'])})"  # or other names
-    if recorded.get("sae_files") != inputs["sae_files"]:  # n2g: whether the key holds a run's N2G files
+    if files is False:  # n2g: whether the key holds a run's N2G files
         return ("other SAE files (other SAEs, the same ones retrained or replaced since"
                 + (", or a run's N2G explanations written since)" if n2g else ")"))
     # The same SAEs and settings: only how an earlier saelab scored or exported them can differ.
@@ -239,7 +291,8 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True, corpus
     if inputs.get("export_version") != recorded.get("export_version"):
         return ("an earlier saelab's export, whose n_tokens_in_prompt counted the BOS position its records leave "
                 "out")
-    if "corpus_files" in recorded and recorded["corpus_files"] != inputs["corpus_files"]:
+    text = same("corpus_files") if "corpus_files" in recorded else True
+    if text is False:
         same_place = _same_place(recorded, inputs, corpus)
         corpus = inputs["browse"].get("corpus")
         if same_place is None:  # either may be the case
@@ -247,7 +300,18 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True, corpus
         if not same_place:  # an export names the corpus by its base name
             return f"other corpus text (browse.corpus {corpus} is another corpus of that name, not the one read then)"
         return f"other corpus text (browse.corpus {corpus} changed since)"
+    if None in (files, text):
+        return _not_comparable(inputs)
     return "other inputs or settings"
+
+
+def _not_comparable(inputs: dict[str, Any]) -> str:
+    """What differs, said where the recorded files' hashes were keyed by another secret or none, or this machine
+    has none: the keys differ, and nothing tells why."""
+    if inputs.get("sae_files") is None:
+        return f"inputs that cannot be compared without a local key ({key_path()} cannot be read or made)"
+    return (f"inputs hashed with another local key or none (another machine's or user's, or {key_path()} made "
+            "again since), which cannot be compared")
 
 
 def _named_model(cfg: BrowseConfig, lm) -> str | None:
@@ -426,7 +490,9 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
     old = read_site_manifest(out)
     if old is not None and not overwrite:
-        if old.get("key") == key:
+        unkeyed = unkeyed_record(sources, cfg, model_dtype)
+        same = reusable(old, key, unkeyed, out / SITE_MANIFEST)
+        if same:
             damage = site_damage(out, old)  # the key says what it was built from, not that its files are whole
             if damage is not None:
                 raise RunExistsError(f"{out} holds a feature browser site of these inputs and settings, but {damage}; "
@@ -434,11 +500,12 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
             # its seconds are this call's: the manifest's are the phases of the build it reuses
             return {**{k: v for k, v in old.items() if k != FILES}, "site": str(out), "reused": True,
                     "seconds": {"total": round(time.perf_counter() - t_start, 2)}}
-        shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
-        differs = what_differs(old.get("inputs"), inputs, corpus=cfg.corpus)
-        shown = "" if differs.startswith("other SAEs (") else f" (it shows {shown})"  # else named twice
-        raise RunExistsError(f"{out} holds a feature browser site built from {differs}{shown}; pass --overwrite "
-                             "to replace it, or pick another --out")
+        if same is False:
+            shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
+            differs = what_differs(old.get("inputs"), inputs, corpus=cfg.corpus, unkeyed=unkeyed)
+            shown = "" if differs.startswith("other SAEs (") else f" (it shows {shown})"  # else named twice
+            raise RunExistsError(f"{out} holds a feature browser site built from {differs}{shown}; pass --overwrite "
+                                 "to replace it, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
     # after the reuse: a site built on a machine of more memory stays reusable on this one
     check_sizes(sources, cfg, given_as=given_as)
@@ -517,10 +584,14 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     key, inputs = (build_key(by_size, cfg, model_dtype, _sae_files_key),
                    build_inputs(by_size, cfg, model_dtype, _sae_files_key))
     if earlier is not None:
-        if earlier.get("key") != key:
-            raise RunExistsError(f"{out} holds feature families of {what_differs(earlier.get('inputs'), inputs, n2g=False, corpus=cfg.corpus)}; "
-                                 "pass --overwrite to replace it, or pick another --out")
-        return {**earlier, "reused": True}
+        unkeyed = unkeyed_record(by_size, cfg, model_dtype, _sae_files_key)
+        same = reusable(earlier, key, unkeyed, Path(out))
+        if same:
+            return {**earlier, "reused": True}
+        if same is False:
+            differs = what_differs(earlier.get("inputs"), inputs, n2g=False, corpus=cfg.corpus, unkeyed=unkeyed)
+            raise RunExistsError(f"{out} holds feature families of {differs}; pass --overwrite to replace it, or pick "
+                                 "another --out")
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
     lm.check_hook(hook)
     note_another_hook(sources, hook)
