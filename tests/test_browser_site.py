@@ -816,6 +816,29 @@ def test_a_published_site_confirms_no_guessed_path(tiny_dir, sae_files, tmp_path
     assert "building it again to record keyed ones" in capsys.readouterr().err
 
 
+def test_a_corpus_whose_name_is_not_utf8_is_refused_before_the_model_loads(sae_files, tmp_path, monkeypatch, capsys):
+    """`browse RUN --corpus FILE` of a file whose name is not UTF-8 (Linux takes any bytes; Python gives them as
+    surrogate escapes) was a UnicodeEncodeError traceback: hashing where it lies, and before that fix at the end,
+    writing its name into the site's data after the whole pass. A site or an export records the name as text,
+    which cannot hold it: refused in one line naming it, before the model loads."""
+    from saelab.cli import main
+
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    name = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.txt")
+    try:
+        Path(name).write_text("The cat sat on the mat. " * 400)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    shown = f"{tmp_path}/caf\\xe9.txt"
+    for target in (["--out", str(tmp_path / "site")], ["--export", "neuronpedia", str(tmp_path / "np")]):
+        assert main(["browse", str(sae_files / "run_small"), *target, "--corpus", name, "--model", "no-such-model",
+                     "--no-progress"]) == 2
+        assert capsys.readouterr().err == (f"saelab browse: error: --corpus {shown}: its name is not UTF-8, and the "
+                                           "site or export records it as text; rename it, or pass a link to it "
+                                           "whose name is UTF-8\n")
+    assert not (tmp_path / "site").exists() and not (tmp_path / "np").exists()
+
+
 def test_latent_pages_are_written_as_built_not_all_held_at_once(tiny_gpt2, corpus, tmp_path):
     """Every latent's page record (its nearest-latent lists above all: n_latents x n_neighbours entries, ~150-176 B
     each as Python lists) was built before the first page file was written: 8,191 on 8,192 latents took 11.8 GB.

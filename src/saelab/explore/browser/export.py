@@ -441,9 +441,10 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         note_another_hook,
     )
     from saelab.data import corpus_name
-    from saelab.explore.browser.make import check_sizes, load_model_beside, open_sources
+    from saelab.explore.browser.make import check_recorded_names, check_sizes, load_model_beside, open_sources
 
     cfg = cfg or BrowseConfig()
+    check_recorded_names(cfg)
     refuse_explanations(cfg)
     check_export_options(kwargs, "export_neuronpedia_run")  # before the SAEs and the model load
     one = isinstance(sae_sources, (str, os.PathLike, SAESource))

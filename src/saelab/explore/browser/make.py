@@ -141,6 +141,32 @@ def public_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, **{k: public_name(settings[k]) for k in PATH_SETTINGS if k in settings}}
 
 
+def check_recorded_names(cfg: BrowseConfig) -> None:
+    """Refuse, before any work, a corpus, model or N2G file whose name as a site or an export records it
+    (:func:`public_settings`) is not UTF-8: file names are bytes (given as surrogate escapes), and those records are
+    UTF-8 text, which cannot hold them (the write failed after the whole pass)."""
+    for field, name in public_settings({k: getattr(cfg, k) for k in PATH_SETTINGS}).items():
+        if isinstance(name, str) and not _utf8(name):
+            raise ConfigError(f"browse.{field} {_shown_as_bytes(getattr(cfg, field))}: its name is not UTF-8, and the "
+                              "site or export records it as text; rename it, or pass a link to it whose name is UTF-8")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown_as_bytes(path: str) -> str:
+    """``path`` with what is not UTF-8 in it shown as the bytes of its name (``\\xe9``)."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeError:  # a lone surrogate no file name gives (passed from Python)
+        return path.encode("utf-8", "backslashreplace").decode()
+
+
 def makes_families(sources: Sequence[SAESource]) -> bool:
     """Whether ``sources`` make feature families: two SAEs or more, each of its own size (a latent's
     parent is in the next smaller SAE)."""
@@ -484,6 +510,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     """
     cfg = cfg or BrowseConfig()
     t_start = time.perf_counter()
+    check_recorded_names(cfg)
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     out = Path(out)
