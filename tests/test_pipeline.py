@@ -1312,6 +1312,13 @@ def test_stage_seconds_count_the_calls_that_ran_each_stage(tmp_path):
     overwrite = {"check_inputs": 3.0, "load_model": 1.0, "train": 50.0, "evaluate": 4.0}
     assert _stage_seconds(tmp_path, {**done, "total": 158.9}, overwrite, ["harvest"], 0.0, (33.0, True)) == {
         "check_inputs": 15.4, "harvest": 40.0, "load_model": 2.5, "train": 50.0, "evaluate": 4.0, "total": 111.9}
+    # A second overwrite replaces the first's training and evaluation: its checks and load add to those of the
+    # calls behind the cache alone (recorded apart); a record of an earlier saelab, without them, counts on whole.
+    first_overwrite = {**done, "check_inputs": 15.4, "load_model": 2.5, "train": 50.0, "evaluate": 4.0}
+    harvest_calls = {"check_inputs": 12.4, "load_model": 1.5}
+    assert _stage_seconds(tmp_path, first_overwrite, overwrite, ["harvest"], 0.0, (33.0, True), harvest_calls) == {
+        "check_inputs": 15.4, "harvest": 40.0, "load_model": 2.5, "train": 50.0, "evaluate": 4.0, "total": 111.9}
+    assert _stage_seconds(tmp_path, first_overwrite, overwrite, ["harvest"], 0.0, (33.0, True))["check_inputs"] == 18.4
     anew = {**overwrite, "harvest": 20.0}
     assert _stage_seconds(tmp_path, {**done, "total": 158.9}, anew, [], 0.0, (None, False)) == {**anew, "total": 78.0}
     rows = _wall_time_rows({"wall_seconds": {**times, "total": 37.0}, "stage_seconds": stages})
@@ -1342,6 +1349,26 @@ def test_stage_seconds_of_quickstart_reruns_count_the_calls_behind_the_results(t
     assert (stages["train"], stages["evaluate"]) == (wall["train"], wall["evaluate"])
     anew = quickstart(cfg, run, overwrite=True, overwrite_activations=True, progress=False)
     assert anew["reused"] == [] and anew["stage_seconds"] == anew["wall_seconds"]  # every result made anew
+
+
+def test_repeated_overwrites_count_the_checks_of_the_calls_behind_the_results(tiny_dir, data_dir, tmp_path):
+    """A second --overwrite keeping the cache added its input checks and model load to the first overwrite's
+    record, though it replaced that call's training and evaluation: plain, --overwrite, --overwrite gave the
+    checks of all three calls, where the first (the harvest) and the third (training, evaluation) alone are
+    behind the results. The harvest's calls' share is recorded apart, and an overwrite adds its own to that."""
+    from saelab.pipeline import SHARED_STAGES
+
+    cfg = _tiny_quickstart(tiny_dir, wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2),
+                           wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1))
+    run = tmp_path / "qs"
+    calls = [quickstart(cfg, run, overwrite=overwrite, progress=False) for overwrite in (False, True, True)]
+    assert calls[1]["wall_seconds"]["check_inputs"] > 0  # else the middle call's seconds could not show
+    for stage in SHARED_STAGES:
+        behind = calls[0]["wall_seconds"][stage] + calls[2]["wall_seconds"][stage]
+        assert calls[2]["stage_seconds"][stage] == pytest.approx(behind, abs=0.051), stage
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert recorded["stage_seconds"] == calls[2]["stage_seconds"]
+    assert recorded["harvest_call_seconds"] == {stage: calls[0]["wall_seconds"][stage] for stage in SHARED_STAGES}
 
 
 def _documented_metrics_keys() -> tuple[set[str], set[str]]:
@@ -1376,7 +1403,7 @@ def test_metrics_json_records_the_full_model_id_and_only_documented_keys(smollm2
     assert written["model"] == metrics["model"] == DEFAULT_MODEL_HUB_ID
     every_eval, quickstart_adds = _documented_metrics_keys()
     assert set(written) == every_eval
-    assert quickstart_adds == {"wall_seconds", "stage_seconds", "reused"}
+    assert quickstart_adds == {"wall_seconds", "stage_seconds", "harvest_call_seconds", "reused"}
     assert written["model_source"] == provenance["model_source"]  # what was loaded: not the hub's weights
     assert evaluation_is_current(out, sae, cfg) and not evaluation_is_current(out, sae, cfg,
                                                                               model=DEFAULT_MODEL_HUB_ID)

@@ -834,37 +834,44 @@ def _quickstart_harvest(cfg: HarvestConfig, run_dir: Path, lm: LanguageModel, ov
                        overwrite_option="--overwrite-activations", texts=texts)
 
 
-def _recorded_stage_seconds(run_dir: Path) -> dict[str, float]:
-    """The stage times an earlier quickstart call recorded in metrics.json ({} when none are readable)."""
+def _recorded_stage_seconds(run_dir: Path, key: str = "stage_seconds") -> dict[str, float] | None:
+    """The stage times an earlier quickstart call recorded in metrics.json under ``key`` ({} when metrics.json is
+    not readable, None when it has no such record)."""
     try:
-        recorded = json.loads((run_dir / EVAL_METRICS).read_text()).get("stage_seconds", {})
+        recorded = json.loads((run_dir / EVAL_METRICS).read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return {}
-    return {k: v for k, v in recorded.items() if isinstance(v, (int, float))} if isinstance(recorded, dict) else {}
+    return {k: v for k, v in recorded.items() if isinstance(v, (int, float))} if isinstance(recorded, dict) else None
 
 
 WORK_STAGES = ("harvest", "train", "evaluate")
 """The stages whose results a run folder keeps; a call that runs none of them did no work."""
 SHARED_STAGES = ("check_inputs", "load_model")
 """Stages every call that does work repeats (a call that finds every stage done checks its inputs alone)."""
+HARVEST_CALL_SECONDS = "harvest_call_seconds"
+"""metrics.json's record of the SHARED_STAGES seconds of the calls behind the kept activation cache: an overwrite
+that keeps the cache adds its own to these, not to those of the training and evaluation it replaces."""
 
 
 def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, float], reused: list[str],
-                   trained_before: float, harvested: tuple[float | None, bool]) -> dict[str, float]:
+                   trained_before: float, harvested: tuple[float | None, bool],
+                   harvest_calls: dict[str, float] | None = None) -> dict[str, float]:
     """Seconds each stage took, summed over the calls whose work the current results come from. A reused stage
     keeps its earlier record; a resumed training adds the earlier calls' training (``trained_before``) to this
     call's, as a resumed harvest adds the earlier calls' writing of the cache (``harvested``: :func:`_cache_seconds`
     before this call), and an overwrite counts its own call alone. The input checks and the model load, which
-    every working call repeats, add this call's to the earlier record while an earlier result is kept, and count
-    this call's alone where it replaced them all. A call that found every stage done did none of the work: the
-    record stays as it was. A stage with no earlier record (its call was interrupted later, so wrote none) is its
-    own record's: the training loop's, the cache's writing; an interrupted call's checks and load are not known.
-    ``times``: this call's seconds of the stages it ran (none of ``reused``)."""
+    every working call repeats, add this call's to those of the earlier calls behind the results it keeps
+    (:func:`_shared_seconds_kept`), and count this call's alone where it replaced them all. A call that found
+    every stage done did none of the work: the record stays as it was. A stage with no earlier record (its call
+    was interrupted later, so wrote none) is its own record's: the training loop's, the cache's writing; an
+    interrupted call's checks and load are not known. ``times``: this call's seconds of the stages it ran (none of
+    ``reused``); ``harvest_calls``: the checks and load of the calls behind the kept cache, as recorded."""
     if not any(stage in times for stage in WORK_STAGES):
         times = {}  # its checks are this call's wall time, no part of the results' making
     out = {stage: t for stage, t in earlier.items() if stage != "total" and stage not in times}
-    for stage, t in times.items():  # an earlier result kept (reused): the calls that made it count on
-        out[stage] = round(t + (earlier.get(stage, 0.0) if stage in SHARED_STAGES and reused else 0.0), 1)
+    kept = _shared_seconds_kept(earlier, times, reused, harvest_calls)
+    for stage, t in times.items():
+        out[stage] = round(t + (kept.get(stage, 0.0) if stage in SHARED_STAGES else 0.0), 1)
     if "train" in times:
         out["train"] = round(times["train"] + trained_before, 1)
     elif "train" in reused and "train" not in out:  # no earlier record: the training loop's own time
@@ -875,6 +882,27 @@ def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, fl
     elif "harvest" in reused and "harvest" not in out and cache_seconds is not None and finished:
         out["harvest"] = cache_seconds
     return {**out, "total": round(sum(out.values()), 1)}
+
+
+def _shared_seconds_kept(earlier: dict[str, float], times: dict[str, float], reused: list[str],
+                         harvest_calls: dict[str, float] | None) -> dict[str, float]:
+    """The checks and load of the earlier calls behind the results a working call keeps: none where it harvests
+    (it makes every result); those of the calls behind the cache where it trains (the training and evaluation
+    recorded before are replaced, or never finished), else the earlier record's (its training kept too). A record
+    of an earlier saelab keeps none apart for the cache: its whole record counts on, as it did then."""
+    if "harvest" not in reused:
+        return {}
+    return harvest_calls if "train" in times and harvest_calls is not None else earlier
+
+
+def _harvest_call_seconds(times: dict[str, float], reused: list[str], earlier: dict[str, float],
+                          harvest_calls: dict[str, float] | None) -> dict[str, float] | None:
+    """The checks and load of the calls behind the kept cache, for the next call's :func:`_stage_seconds`: this
+    call's where it harvested, else as recorded (none where no call recorded any; None: an earlier saelab's record,
+    which kept them in its whole record alone)."""
+    if "harvest" in times:
+        return {stage: times[stage] for stage in SHARED_STAGES if stage in times}
+    return {} if harvest_calls is None and not earlier else harvest_calls
 
 
 def _cache_seconds(cache: Path) -> tuple[float | None, bool]:
@@ -1010,7 +1038,8 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
                                              overwrite=overwrite, overwrite_activations=overwrite_activations,
                                              log_to=log_to)
     times: dict[str, float] = {}
-    earlier = _recorded_stage_seconds(run_dir)
+    earlier = _recorded_stage_seconds(run_dir) or {}
+    harvest_calls = _recorded_stage_seconds(run_dir, HARVEST_CALL_SECONDS)
     # as the training's, the harvest's earlier calls: a cache overwritten now counts this call's alone
     harvested = (None, False) if overwrite_activations else _cache_seconds(run_dir / ACTIVATIONS_DIR)
     status = read_status(run_dir)  # an unfinished training resumed now: its earlier calls' seconds
@@ -1020,7 +1049,8 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     if done is not None:  # every stage done with these settings: the model is not even loaded
         note_unfinished_overwrite(run_dir / ACTIVATIONS_DIR, "--overwrite-activations")
         times["check_inputs"] = round(time.perf_counter() - started, 1)
-        return _write_quickstart_results(run_dir, done, list(WORK_STAGES), times, earlier, trained_before, harvested)
+        return _write_quickstart_results(run_dir, done, list(WORK_STAGES), times,
+                                         (earlier, harvest_calls), trained_before, harvested)
     # A hub model's tokenizer is fetched alone: a short corpus is refused before its weights download.
     # Timed with the checks: it tokenizes the eval pool, seconds the other stages would not show.
     tokenizer = tokenizer_before_load(lm or harvest_cfg.model)
@@ -1037,17 +1067,24 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
                                              overwrite_activations=overwrite_activations, progress=progress,
                                              log_to=log_to, finished_hash=finished_hash, train_texts=train_texts,
                                              eval_contexts=eval_contexts, tokenizer=tokenizer)
-        return _write_quickstart_results(run_dir, metrics, reused, times, earlier, trained_before, harvested)
+        return _write_quickstart_results(run_dir, metrics, reused, times, (earlier, harvest_calls), trained_before,
+                                         harvested)
 
 
 def _write_quickstart_results(run_dir: Path, metrics: dict[str, Any], reused: list[str], times: dict[str, float],
-                              earlier: dict[str, float], trained_before: float,
+                              recorded: tuple[dict[str, float], dict[str, float] | None], trained_before: float,
                               harvested: tuple[float | None, bool]) -> dict[str, Any]:
-    """metrics.json with the stage times, and report.md."""
+    """metrics.json with the stage times, and report.md. ``recorded``: the earlier call's stage_seconds and
+    harvest_call_seconds."""
+    earlier, harvest_calls = recorded
     # This invocation's wall times; stages whose earlier result was reused are listed, not timed.
     times = {stage: t for stage, t in times.items() if stage not in reused}
     metrics["wall_seconds"] = {**times, "total": round(sum(times.values()), 1)}
-    metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused, trained_before, harvested)
+    metrics["stage_seconds"] = _stage_seconds(run_dir, earlier, times, reused, trained_before, harvested,
+                                              harvest_calls)
+    harvest_calls = _harvest_call_seconds(times, reused, earlier, harvest_calls)
+    if harvest_calls is not None:
+        metrics[HARVEST_CALL_SECONDS] = harvest_calls
     metrics["reused"] = reused
     write_json(run_dir / EVAL_METRICS, jsonable(metrics))  # an earlier saelab's file may hold NaN
     # The run's SAE, hashed when these metrics were measured or checked against it: not hashed again.
