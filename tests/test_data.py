@@ -876,13 +876,13 @@ def test_a_resumed_harvest_continues_where_its_stream_stopped(tmp_path, model, c
 
 
 def test_a_cache_is_reused_and_resumed_whatever_corpus_fingerprint_it_records(tmp_path, model, contexts, capsys):
-    """A harvest records its corpus's fingerprint in the cache's meta: what the text read was, not a setting. A
-    cache an earlier saelab wrote, with none, is reused, and resumed from where its stream stopped, by a harvest
-    that takes one; the record of the call that started the cache stays."""
+    """A harvest records its corpus's fingerprint and absolute path in the cache's meta: what the text read was and
+    where, not settings. A cache an earlier saelab wrote, with neither, is reused, and resumed from where its
+    stream stopped, by a harvest that takes them; the record of the call that started the cache stays."""
     from saelab.data import reusable_cache
-    from saelab.data.text import CORPUS_FINGERPRINT
+    from saelab.data.text import CORPUS_FINGERPRINT, CORPUS_PATH
 
-    recorded = {**META, CORPUS_FINGERPRINT: {"bytes": 3, "sha256": "0" * 64}}
+    recorded = {**META, CORPUS_FINGERPRINT: {"bytes": 3, "sha256": "0" * 64}, CORPUS_PATH: str(tmp_path / "t.txt")}
     harvest_once(StopAt(model), list(contexts), tmp_path / "ref", 128)
     assert reusable_cache(tmp_path / "ref", meta=recorded, dtype="float32").meta == META
     folder = tmp_path / "c"

@@ -866,6 +866,38 @@ def test_a_run_records_the_fingerprint_of_the_text_its_harvest_read(tiny_dir, da
             "training text (not held out)" if trained_on else "held-out text", trained_on), corpus
 
 
+def test_a_run_of_a_relative_corpus_evaluated_on_that_file_grown_is_told_training_text(tiny_dir, data_dir, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """A run harvested with `--corpus train.jsonl` (recorded as typed) and evaluated on that file after one more
+    article was appended said `held-out text`, without a warning: the fingerprint no longer matched, and only a
+    corpus recorded by an absolute path was the training text as a file. The harvest records the corpus's
+    absolute path too, in the run's own records; the export carries no path of this disk."""
+    from saelab.pipeline import _held_out_label
+
+    (tmp_path / "work").mkdir()
+    train = wiki_jsonl(data_dir, tmp_path / "work" / "train.jsonl", 0, 2)
+    monkeypatch.chdir(tmp_path / "work")
+    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus", "train.jsonl", "--out", "acts",
+            "--n-tokens", "1000", "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", "acts", "--out", "run", "--k", "4", *SMALL_TRAINING)
+    recorded = load_sae(tmp_path / "work" / "run").cfg
+    assert (recorded.dataset, recorded.extra["dataset_absolute_path"]) == ("train.jsonl", str(train.resolve()))
+    with train.open("a") as grown:  # the training corpus grows by one more article
+        grown.write(wiki_jsonl(data_dir, tmp_path / "extra.jsonl", 5, 1).read_text())
+    small = ["--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
+    for corpus in ("train.jsonl", str(train)):
+        capsys.readouterr()
+        assert main(["eval", "run", "--corpus", corpus, "--overwrite", *small]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["eval_text"] == "training text (not held out)", corpus
+        assert "the text the SAE was trained on" in err, corpus
+    before = load_sae(tmp_path / "work" / "run")  # a run recorded before the harvest took the path: as it was then
+    del before.cfg.extra["dataset_absolute_path"]
+    assert _held_out_label(before, "train.jsonl") == "held-out text"
+    run_cli(capsys, "export", "run", str(tmp_path / "export"), "--format", "saelens")
+    assert _paths_in(tmp_path / "export", tmp_path.resolve(), tmp_path) == []
+
+
 def test_a_site_an_export_or_a_model_given_for_an_sae_is_named(tiny_dir, data_dir, tmp_path, capsys):
     """A browser site, a Neuronpedia export or a language model's folder given where an SAE goes was refused as an
     SAE folder whose save may be incomplete (no cfg.json). Each is named for what it is now, by the files in it,

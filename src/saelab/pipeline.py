@@ -23,7 +23,8 @@ from saelab.data import cache_is_complete, check_disk_room, note_unfinished_over
 from saelab.data import DrawnContexts, StreamConfig, TextsReadOnce, corpus_identity, sample_contexts, token_contexts
 from saelab.data import write_activation_cache
 from saelab.data.cache import NO_ROWS_STARTED, WRITTEN, cache_manifest
-from saelab.data.text import CORPUS_FINGERPRINT, corpus_files_key, corpus_fingerprint, has_fingerprint
+from saelab.data.text import (CORPUS_FINGERPRINT, CORPUS_PATH, corpus_absolute_path, corpus_files_key,
+                              corpus_fingerprint, has_fingerprint)
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals._common import jsonable
 from saelab.evals.compute_equivalent import resolve_series
@@ -128,7 +129,7 @@ def harvest(cfg: HarvestConfig, out_dir: str | Path, *, lm: LanguageModel | None
         tokenizer = tokenizer_before_load(lm or cfg.model)
         check_corpus_fills_a_context(tokenizer, corpus, cfg.context_size, cfg.prepend_bos, "harvest.context_size",
                                      texts)
-        cache = _harvest_into(out_dir, cfg, texts, _with_fingerprint(meta, corpus), lm=lm, device=device,
+        cache = _harvest_into(out_dir, cfg, texts, _with_corpus_records(meta, corpus), lm=lm, device=device,
                               model_dtype=model_dtype, overwrite=overwrite, progress=progress, tokenizer=tokenizer)
     if cache.n_rows < cfg.n_tokens:  # the corpus ran out: say so rather than leave a silently smaller cache
         print(f"saelab: warning: the corpus {corpus} gave {cache.n_rows:,} activations, fewer than the "
@@ -180,14 +181,15 @@ def _fingerprint_shown(fingerprint: dict[str, Any]) -> str:
     return (f"{size:,} bytes, " if isinstance(size, int) else "") + f"sha256 {str(fingerprint.get('sha256'))[:12]}..."
 
 
-def _with_fingerprint(meta: dict[str, Any], corpus: str) -> dict[str, Any]:
-    """``meta`` with the fingerprint of the corpus as this harvest reads it (a hub dataset: none). Taken now, from
-    the folder the corpus was named in, so an SAE trained on the cache records the text it was trained on, and an
-    evaluation tells that text by content under any name or folder. Only a writing harvest hashes it (once a
+def _with_corpus_records(meta: dict[str, Any], corpus: str) -> dict[str, Any]:
+    """``meta`` with the fingerprint of the corpus as this harvest reads it and where it lies, resolved (a hub
+    dataset: neither). Taken now, from the folder the corpus was named in, so an SAE trained on the cache records
+    the text it was trained on, and an evaluation tells that text by content under any name or folder, and the
+    file it was read from, even once edited, under any name for it. Only a writing harvest hashes it (once a
     process: corpus_fingerprint caches it); a reuse or resume compares the settings alone (cache.RECORDED_ONLY),
     after _as_cache_records read the recorded one."""
-    fingerprint = corpus_fingerprint(corpus)
-    return meta if fingerprint is None else {**meta, CORPUS_FINGERPRINT: fingerprint}
+    recorded = {CORPUS_FINGERPRINT: corpus_fingerprint(corpus), CORPUS_PATH: corpus_absolute_path(corpus)}
+    return {**meta, **{key: value for key, value in recorded.items() if value is not None}}
 
 
 def _reusable_harvest(out_dir: str | Path, meta: dict[str, Any], dtype: str,
@@ -239,7 +241,7 @@ def _open_cache(cache: str | Path | ActivationCache, rows_needed: int) -> Activa
 
 def _cache_meta(cache: ActivationCache) -> dict[str, Any]:
     keys = ("model_name", "hook_name", "context_size", "prepend_bos", "exclude_first", "dataset", "model_source",
-            CORPUS_FINGERPRINT)
+            CORPUS_FINGERPRINT, CORPUS_PATH)
     return {k: cache.meta[k] for k in keys if k in cache.meta}
 
 
@@ -418,11 +420,23 @@ def _is_training_text(sae: TopKSAE, corpus: str) -> bool:
     fingerprint = sae.cfg.extra.get(CORPUS_FINGERPRINT)
     trained_on = sae.cfg.dataset
     if isinstance(fingerprint, dict) and isinstance(fingerprint.get("sha256"), str):
-        same_file = bool(trained_on) and Path(trained_on).is_absolute() and Path(corpus).exists() and \
-            Path(trained_on).resolve() == Path(corpus).resolve()
+        trained_at = _training_corpus_path(sae)
+        same_file = trained_at is not None and Path(corpus).exists() and \
+            Path(trained_at).resolve() == Path(corpus).resolve()
         return same_file or has_fingerprint(corpus, fingerprint)
     return bool(trained_on) and (trained_on == corpus or (Path(trained_on).exists() and Path(corpus).exists()
                                                          and Path(trained_on).resolve() == Path(corpus).resolve()))
+
+
+def _training_corpus_path(sae: TopKSAE) -> str | None:
+    """The absolute path of the corpus a run's SAE was trained on: as its harvest resolved it (a relative
+    ``--corpus`` too), else its ``dataset`` where that is absolute (a run harvested before that record; an
+    export, which records neither, gives None)."""
+    resolved = sae.cfg.extra.get(CORPUS_PATH)
+    if isinstance(resolved, str):
+        return resolved
+    trained_on = sae.cfg.dataset
+    return trained_on if trained_on and Path(trained_on).is_absolute() else None
 
 
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,
@@ -774,7 +788,7 @@ def _same_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache, reco
         return False
     recorded = read_json(run_dir / TRAIN_CONFIG, "training config")
     same_data = all(recorded.get("sae", {}).get(k) == v for k, v in _cache_meta(cache).items()
-                    if k not in ("model_source", CORPUS_FINGERPRINT))  # in the SAE's extra; the cache decides them
+                    if k not in ("model_source", CORPUS_FINGERPRINT, CORPUS_PATH))  # in the SAE's extra
     return same_data and not training_changes({"train": recorded.get("train"), "data": recorded.get("data")},
                                               {"train": cfg.to_dict(), "data": record or _cache_record(cache)})
 

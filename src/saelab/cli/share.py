@@ -111,12 +111,14 @@ def shared_model_record(model_name: str, source: Any) -> tuple[str, Any]:
 
 def _corpus_by_name(cfg):
     """``cfg`` with its training corpus and the file it was read from by their base names (a hub dataset by its
-    name), as an export recorded it before its model and its corpus's fingerprint (:func:`_shared_config`)."""
+    name), as an export recorded it before its model and its corpus's fingerprint (:func:`_shared_config`); the
+    corpus's absolute path that the run records beside its name is left out."""
     import dataclasses
 
-    from saelab.data.text import shared_corpus_name
+    from saelab.data.text import CORPUS_PATH, shared_corpus_name
 
-    extra, source = cfg.extra, cfg.extra.get("source")
+    extra = {key: value for key, value in cfg.extra.items() if key != CORPUS_PATH}
+    source = extra.get("source")
     if isinstance(source, dict) and isinstance(source.get("path"), str):
         extra = {**extra, "source": {**source, "path": Path(os.path.abspath(source["path"])).name}}
     return dataclasses.replace(cfg, dataset=shared_corpus_name(cfg.dataset), extra=extra)

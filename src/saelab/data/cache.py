@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab.data.text import CORPUS_FINGERPRINT
+from saelab.data.text import CORPUS_FINGERPRINT, CORPUS_PATH
 from saelab.errors import ConfigError, CorpusError, InterruptedBeforeAnyResult, NonFiniteError, RunExistsError
 from saelab.utils.atomic import write_json, write_with
 from saelab.utils.cache_manifest import FORMAT, MANIFEST, OVERWRITE_STAGE, is_cache_manifest
@@ -397,7 +397,7 @@ def _meta_sha256(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-RECORDED_ONLY = (CORPUS_FINGERPRINT,)
+RECORDED_ONLY = (CORPUS_FINGERPRINT, CORPUS_PATH)
 """``meta`` keys that record the input as the write found it, not a setting: a cache is reused or resumed whatever
 they hold (an earlier saelab's records none, and the call that started the cache keeps its record)."""
 

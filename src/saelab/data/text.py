@@ -232,6 +232,17 @@ CORPUS_FINGERPRINT = "dataset_fingerprint"
 """Where a harvest records :func:`corpus_fingerprint` of the corpus it read (the activation cache's meta), and so an
 SAE trained on it (``SAEConfig.extra``, which an export carries beside the corpus's base name, ``dataset``): an
 evaluation on that text is told by it."""
+CORPUS_PATH = "dataset_absolute_path"
+"""Where a harvest records :func:`corpus_absolute_path` of the corpus it read, beside :data:`CORPUS_FINGERPRINT`: the
+file a relative ``dataset`` named is still told as the training text once edited. A path of this disk: the run's own
+records keep it, an export drops it."""
+
+
+def corpus_absolute_path(corpus: str | None) -> str | None:
+    """Where a local corpus lies, resolved (a relative name from the current folder, links followed); None for no
+    corpus, a Hugging Face dataset name or a path that is not there."""
+    path = Path(corpus).expanduser() if corpus else None
+    return str(path.resolve()) if path is not None and path.exists() else None
 
 
 def corpus_name(corpus: str | None, split: str) -> str:
