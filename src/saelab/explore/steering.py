@@ -101,6 +101,7 @@ class Steering:
         self._check_in_range(x_BTD, steered)
         return steered
 
+    @torch.no_grad()  # a check, not part of any gradient taken through the steered forward
     def _check_in_range(self, x_BTD: torch.Tensor, steered: torch.Tensor) -> None:
         """Refuse a change past the activations' dtype, which makes every later activation and the text NaN, or
         one whose squares, summed over a token, pass the range the model's next normalisation sums them in
