@@ -32,7 +32,8 @@ from saelab.models import load_model
 from saelab.models.loading import ModelLoadError
 from saelab.sae import load_sae
 from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
-from saelab.utils.pickle_check import HASHED_ALIKE_MAX, PickleBombError, check_pickle_stream, check_torch_file
+from saelab.utils.pickle_check import (HASHED_ALIKE_MAX, NESTING_MAX, PickleBombError, check_pickle_stream,
+                                     check_torch_file)
 from saelab.utils.torch_files import load_plain_tensors
 
 LEGACY = {"_use_new_zipfile_serialization": False}
@@ -862,3 +863,46 @@ def test_a_call_torch_refuses_beside_shared_objects_is_refused(kind, call, tmp_p
     torch.save(openai_sae(**SHARED_OR_WITH_ATTRIBUTES[kind](), x=Calls(call, "true")), tmp_path / "sae.pt")
     with pytest.raises(CheckpointError, match=r"GLOBAL '(print|posix\.system)'"):
         load_sae(tmp_path / "sae.pt")
+
+
+def marks_open(path: Path, n: int, fmt: str, then: bytes) -> None:
+    """A torch file (``fmt``: zip or legacy) whose pickle opens ``n`` marks and closes none, then ``then``."""
+    pickled = b"\x80\x02" + b"(" * n + then + b"."
+    in_archive(path, pickled) if fmt == "zip" else legacy_file(path, pickled)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("then", [b"}", b""], ids=["then-a-dict", "alone"])
+def test_a_flood_of_open_marks_is_refused_unread(then, fmt, tmp_path):
+    """torch's reader keeps a list of its own for each mark open (64 bytes or more for each byte): 10 MB of marks
+    then a dict passed the check, and loading took 12.9 s and 740 MiB (alone: 10 s, then torch failed)."""
+    path = tmp_path / "x.pt"
+    marks_open(path, 1_000_000, fmt, then)
+    start = time.perf_counter()
+    with pytest.raises(PickleBombError, match="marks open at once"):
+        check_torch_file(path)
+    with pytest.raises(PickleBombError, match="marks open at once"):
+        load_plain_tensors(path)
+    assert time.perf_counter() - start < 1  # refused at its first few hundred bytes
+
+
+def nested(depth: int, leaf) -> dict:
+    """``leaf`` in a dict nested ``depth`` deep, each level a dict of two items (torch.save opens a mark for each)."""
+    for _ in range(depth):
+        leaf = {"inner": leaf, "n": 1}
+    return leaf
+
+
+@pytest.mark.parametrize("fmt", [{}, LEGACY], ids=["zip", "legacy"])
+def test_containers_nested_as_deep_as_the_check_allows_read(fmt, tmp_path):
+    """The marks torch.save opens at once: one per level of nesting, and a few more for a tensor's rebuild (its
+    arguments, its storage's id, its sizes, a state); as deep as the nesting bound allows, they read."""
+    leaf = {"p": with_attributes(torch.nn.Parameter(torch.ones(2, 3, 4, 5)), note="x", scale=2.0),
+            "t": with_attributes(torch.ones(2, 3, 4, 5), note="x", scale=2.0)}
+    state = nested(NESTING_MAX - 2, leaf)  # the leaf dict and its tensors' attributes: two levels more
+    torch.save(state, tmp_path / "s.pt", **fmt)
+    loaded = load_plain_tensors(tmp_path / "s.pt")
+    assert _same(loaded, state)
+    torch.save(nested(NESTING_MAX + 1, leaf), tmp_path / "deeper.pt", **fmt)
+    with pytest.raises(PickleBombError, match="nests containers"):
+        check_torch_file(tmp_path / "deeper.pt")
