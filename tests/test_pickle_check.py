@@ -23,6 +23,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -906,3 +907,44 @@ def test_containers_nested_as_deep_as_the_check_allows_read(fmt, tmp_path):
     torch.save(nested(NESTING_MAX + 1, leaf), tmp_path / "deeper.pt", **fmt)
     with pytest.raises(PickleBombError, match="nests containers"):
         check_torch_file(tmp_path / "deeper.pt")
+
+
+@pytest.mark.parametrize("value", [numpy.float64(0.25), numpy.ones(3)], ids=["numpy-scalar", "numpy-array"])
+def test_a_global_torch_refuses_is_refused_in_torch_s_words(value, tmp_path):
+    """torch.save writes a numpy value as calls of numpy's functions, one given a state (BUILD): the check refused
+    that state as what torch.save never writes, where torch refuses the first of those functions, naming it."""
+    torch.save(openai_sae(best_loss=value), tmp_path / "sae.pt")
+    check_torch_file(tmp_path / "sae.pt")  # left to torch
+    with pytest.raises(CheckpointError, match=r"Unsupported global: GLOBAL 'numpy\..*\(read with weights_only=True"):
+        load_sae(tmp_path / "sae.pt")
+
+
+REFUSED_GLOBALS = {"numpy-scalar": ("numpy._core.multiarray", "scalar"), "os.system": ("os", "system"),
+                   "eval-by-its-python-2-name": ("__builtin__", "eval")}
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("behind", BEHIND)
+@pytest.mark.parametrize("refused", REFUSED_GLOBALS)
+def test_a_bomb_behind_a_global_torch_refuses_is_refused_by_torch(refused, behind, fmt, tmp_path):
+    """The check leaves a pickle to torch at a global torch's reader refuses as it reads it: torch stops there,
+    before what follows."""
+    pickled = b"\x80\x02" + glob(*REFUSED_GLOBALS[refused]) + BEHIND[behind] + b"\x86."
+    assert check_pickle_stream(io.BytesIO(pickled), 2**20) is None  # stopped at the global
+    path = tmp_path / "x.pt"
+    in_archive(path, pickled) if fmt == "zip" else legacy_file(path, pickled)
+    start = time.perf_counter()
+    with pytest.raises(pickle.UnpicklingError, match=r"Unsupported global|is blocked"):
+        load_plain_tensors(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_global_the_user_allowed_is_read_on(tmp_path):
+    """A global allowed through torch's safe_globals is read by torch, and so by the check, which refuses a bomb
+    behind it."""
+    import operator
+
+    pickled = b"\x80\x02" + glob("_operator", "getitem") + BEHIND["FloatTensor(2**40)"] + b"\x86."
+    assert check_pickle_stream(io.BytesIO(pickled), 2**20) is None  # torch refuses it by default
+    with torch.serialization.safe_globals([operator.getitem]), pytest.raises(PickleBombError, match="would make"):
+        check_pickle_stream(io.BytesIO(pickled), 2**20)

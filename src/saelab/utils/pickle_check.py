@@ -42,9 +42,11 @@ this adds what torch lets through, the size of what the allowed calls and refere
   torch.save opens one per level of nesting, a few more for a tensor.
 
 The scan stops early, leaving the pickle to torch, only where torch's reader fails at that same opcode (it reads the
-bytes, stack, marks and memo as torch does): the bytes end, an opcode the installed torch does not read, an item
-missing from the stack, marks or memo, a number cut short, a text that is not UTF-8. Anything else it cannot follow
-is refused, as torch may read on past it; a PROTO after a pickle's first opcode is refused (torch warns at each).
+bytes, stack, marks and memo as torch does): the bytes end, an opcode the installed torch does not read, a global
+it refuses (off its allowlist and the user's safe globals, as torch's reader answers for that global: its refusal
+names it, where the scan would name something after it), an item missing from the stack, marks or memo, a number
+cut short, a text that is not UTF-8. Anything else it cannot follow is refused, as torch may read on past it; a
+PROTO after a pickle's first opcode is refused (torch warns at each).
 The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed, and
 texts referred to again past REFERRED_TEXTS_FREE, each reference counted; elements asked for; the bytes of each
 storage a persistent id names, under each spelling of its key, which a legacy file allocates as the id says;
@@ -494,6 +496,7 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
     storages: set[str] = set()  # the keys of the storages named so far: one storage, named again, is read once
     alike_keys = 0  # storage keys that may hash alike
     referred_texts = 0  # the bytes of the texts referred to again, each reference counted
+    read_globals: set[bytes] = set()  # the globals torch's reader read, each asked once (a few microseconds)
 
     def charge(made: int, what: str = "its containers, calls, repeated texts and storages would make") -> None:
         nonlocal spent
@@ -572,6 +575,10 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                     raise PickleBombError(f"it names a global of over {_NAME_MAX} characters")
                 if not (module.endswith(b"\n") and name.endswith(b"\n")):  # cut short: torch's error says so
                     return None
+                if module + name not in read_globals:
+                    if _torch_refuses_global(module + name):  # its refusal, naming the global, is the message
+                        return None
+                    read_globals.add(module + name)
                 module, name = module[:-1].decode("utf-8"), name[:-1].decode("utf-8")
                 if (module, name) in NAME_MAPPING:
                     module, name = NAME_MAPPING[(module, name)]
@@ -682,6 +689,18 @@ def _torch_refuses(code: int) -> bool:
         _weights_only_unpickler.Unpickler(io.BytesIO(bytes([code]))).load()
     except Exception as err:  # noqa: BLE001 - any other error: it read the opcode, then found nothing to go on with
         return str(err).startswith("Unsupported operand")  # an UnpicklingError, a RuntimeError in older torch
+    return False
+
+
+def _torch_refuses_global(lines: bytes) -> bool:
+    """Whether the installed torch's weights-only reader fails at a GLOBAL opcode of ``lines`` (its module and name,
+    each ending in a newline) as it reads it: a global off its allowlist and the safe globals the user added (as
+    torch renames it), or of a module it blocks. Asked of the reader itself as the file is checked: it answers with
+    the safe globals torch.load will read with, and for whatever the installed torch allows."""
+    try:
+        _weights_only_unpickler.Unpickler(io.BytesIO(b"c" + lines + b".")).load()
+    except Exception:  # noqa: BLE001 - any error: it stopped at the GLOBAL, the one opcode before STOP
+        return True
     return False
 
 
