@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import stat
 
-from saelab.utils.local_key import key_path, keyed_hash, local_key, same_keyed
+from saelab.utils.local_key import key_path, keyed_hash, local_key, same_keyed, why_no_key
 
 
 def test_the_key_is_made_once_private_and_keys_the_hash(tmp_path, monkeypatch):
@@ -25,6 +25,9 @@ def test_a_file_that_is_no_key_is_left_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path))
     (tmp_path / "local-key").write_text("mine")
     assert keyed_hash("/data/corpus.txt") is None and (tmp_path / "local-key").read_text() == "mine"
+    assert why_no_key() == f"{tmp_path / 'local-key'} is no key saelab wrote (4 bytes, not 32; it is left as it is)"
+    (tmp_path / "local-key").unlink()
+    assert why_no_key() is None and len(local_key()) == 32
 
 
 def test_a_stale_temporary_file_of_this_process_id_is_no_obstacle(tmp_path, monkeypatch):

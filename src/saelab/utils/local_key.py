@@ -26,28 +26,46 @@ def key_path() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "saelab") / KEY_FILE
 
 
+def _read_or_make(path: Path) -> bytes:
+    """What ``path`` holds, made (32 random bytes, private) first if there is nothing; OSError where it cannot be
+    read or made."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a random name: one left by a killed process of the same id (a container's PID 1), or another
+        # thread's, is no obstacle to O_EXCL
+        tmp = path.with_name(f".{KEY_FILE}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(KEY_BYTES))
+            with contextlib.suppress(FileExistsError):  # another process made one first: that one holds
+                os.link(tmp, path)  # whole or not there, never half written
+        finally:
+            tmp.unlink()
+    return path.read_bytes()
+
+
 def local_key() -> bytes | None:
     """The secret, made now if there is none; None where it cannot be read or made (a read-only home), or the
-    file is no key saelab wrote (it is left as it is)."""
-    path = key_path()
+    file is no key saelab wrote (it is left as it is): :func:`why_no_key` says which."""
     try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # a random name: one left by a killed process of the same id (a container's PID 1), or another
-            # thread's, is no obstacle to O_EXCL
-            tmp = path.with_name(f".{KEY_FILE}.{secrets.token_hex(8)}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secrets.token_bytes(KEY_BYTES))
-                with contextlib.suppress(FileExistsError):  # another process made one first: that one holds
-                    os.link(tmp, path)  # whole or not there, never half written
-            finally:
-                tmp.unlink()
-        key = path.read_bytes()
+        key = _read_or_make(key_path())
     except OSError:
         return None
     return key if len(key) == KEY_BYTES else None
+
+
+def why_no_key() -> str | None:
+    """Why there is no local key, naming its path ("PATH cannot be read or made (Not a directory)"), for a line
+    that says what a record without one cannot do; None where there is one."""
+    path = key_path()
+    try:
+        key = _read_or_make(path)
+    except OSError as e:
+        return f"{path} cannot be read or made ({e.strerror or e})"
+    if len(key) != KEY_BYTES:
+        return f"{path} is no key saelab wrote ({len(key)} bytes, not {KEY_BYTES}; it is left as it is)"
+    return None
 
 
 def keyed_hash(text: str) -> str | None:
