@@ -816,6 +816,25 @@ def test_a_published_site_confirms_no_guessed_path(tiny_dir, sae_files, tmp_path
     assert "building it again to record keyed ones" in capsys.readouterr().err
 
 
+def test_without_a_local_key_a_families_file_says_so_and_a_rerun_names_why(sae_files, tiny_gpt2, corpus, tmp_path,
+                                                                           monkeypatch, capsys):
+    """As a site: a families file written where no local key can be made says a rerun will not recognise it, and
+    the rerun's refusal says why."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    why = f"{tmp_path / 'afile' / 'cache' / 'local-key'} cannot be read or made (Not a directory)"
+    saes, out = [sae_files / "run_small", sae_files / "saelens_large"], tmp_path / "f.json"
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, lm_batch_size=8)
+    capsys.readouterr()
+    assert build_families(saes, out, cfg, lm=tiny_gpt2, progress=False)["key"] is None
+    assert capsys.readouterr().err.strip() == (
+        f"saelab: note: no local key ({why}): {out} records no key of its inputs, so a rerun will not recognise this "
+        "families file as unchanged; set SAELAB_CACHE_DIR to a writable folder to keep a key")
+    with pytest.raises(RunExistsError, match=re.escape(f"holds feature families of inputs that cannot be compared "
+                                                       f"without a local key ({why}); pass --overwrite")):
+        build_families(saes, out, cfg, lm="no-such-model", progress=False)
+
+
 def test_a_corpus_whose_name_is_not_utf8_is_refused_before_the_model_loads(sae_files, tmp_path, monkeypatch, capsys):
     """`browse RUN --corpus FILE` of a file whose name is not UTF-8 (Linux takes any bytes; Python gives them as
     surrogate escapes) was a UnicodeEncodeError traceback: hashing where it lies, and before that fix at the end,

@@ -612,3 +612,33 @@ def test_a_published_export_confirms_no_guessed_model_path(tiny_gpt2, tiny_dir, 
         **inputs, "sae_files": "0" * 16, "corpus_files": unkeyed["corpus_files"]}}))
     with pytest.raises(RunExistsError, match=r"made from other SAE files"):
         export_neuronpedia_run(tmp_path / "run", out, cfg, lm="no-such-model", progress=False)
+
+
+def test_without_a_local_key_an_export_says_so_and_a_rerun_is_refused_as_such(tiny_gpt2, corpus, tmp_path,
+                                                                            monkeypatch, capsys):
+    """Where no local key can be made (SAELAB_CACHE_DIR under a regular file), the export recorded neither key nor
+    inputs without a word, and the same export again was refused as "made from other inputs or settings", which
+    was false. The export now says a rerun will not recognise it, and records its inputs (settings in full, the
+    files' hashes as null): the rerun says they cannot be compared without a local key, and still names other
+    settings. Nothing recorded names a local path."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    why = f"{tmp_path / 'afile' / 'cache' / 'local-key'} cannot be read or made (Not a directory)"
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "run" / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    out = tmp_path / "np"
+    capsys.readouterr()
+    assert export_neuronpedia_run(tmp_path / "run", out, cfg, lm=tiny_gpt2, progress=False)["reused"] is False
+    assert capsys.readouterr().err.strip() == (
+        f"saelab: note: no local key ({why}): {out} records no key of its inputs, so a rerun will not recognise this "
+        "Neuronpedia export as unchanged; set SAELAB_CACHE_DIR to a writable folder to keep a key")
+    settings = json.loads((out / "run_settings.json").read_text())
+    assert settings["key"] is None and settings["inputs"]["sae_files"] is None
+    assert not [p.name for p in out.iterdir() if str(tmp_path) in p.read_text()]
+    with pytest.raises(RunExistsError) as e:
+        export_neuronpedia_run(tmp_path / "run", out, cfg, lm="no-such-model", progress=False)
+    assert str(e.value) == (f"{out}: an earlier Neuronpedia export made from inputs that cannot be compared without "
+                            f"a local key ({why}) is there; pass overwrite=True (--overwrite) to replace it")
+    with pytest.raises(RunExistsError, match=r"made from other settings \(browse.n_top 2 -> 3\)"):
+        export_neuronpedia_run(tmp_path / "run", out, dataclasses.replace(cfg, n_top=3), lm="no-such-model",
+                               progress=False)

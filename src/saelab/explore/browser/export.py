@@ -12,6 +12,7 @@ files from one pass of saelab's browser, for any model saelab reads::
                                           record; not read by the importers): the SAE by its name and
                                           weights' hash, local files by their base names, never their paths;
                                           the key and the files' hashes keyed by this machine's secret
+                                          (null without one)
 
 Each feature holds, with saelab's definitions (:mod:`.build`):
 
@@ -94,7 +95,7 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     never active are listed in ``skipped_indexes.json`` instead, unless ``include_dead``. An
     earlier export at ``out`` is replaced only with ``overwrite``; any other non-empty folder is
     refused. ``key`` and ``inputs`` (:func:`export_key`) are recorded in ``run_settings.json``, so that
-    the same export asked for again is reused; ``sae_hashes``: each SAE's :func:`sae_sha256`, in the order of
+    the same export asked for again is reused (``key`` None, with ``inputs``: this machine has no local key); ``sae_hashes``: each SAE's :func:`sae_sha256`, in the order of
     ``stats``, where the caller has them (hashing reads every weight). Returns a summary per SAE (a dict, or a
     list of them for several SAEs).
     """
@@ -132,7 +133,7 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
                 "context_size": int(tokens_NT.shape[1]),
                 "n_latents": sae.n_latents, "n_exported": len(exported),
                 "n_tokens_scored": stats.n_tokens, **common, "n_features_per_batch": n_features_per_batch}
-    if key is not None:
+    if inputs is not None:  # key None: this machine has no local key; a rerun then says so, not "other inputs"
         settings.update(key=key, inputs=inputs)
 
     def files():  # one batch in memory at a time
@@ -441,7 +442,8 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         note_another_hook,
     )
     from saelab.data import corpus_name
-    from saelab.explore.browser.make import check_recorded_names, check_sizes, load_model_beside, open_sources
+    from saelab.explore.browser.make import (check_recorded_names, check_sizes, load_model_beside, note_no_key,
+                                             open_sources)
 
     cfg = cfg or BrowseConfig()
     check_recorded_names(cfg)
@@ -479,6 +481,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     result = export_neuronpedia(stats, tokens, lm, out, dataset=corpus_name(cfg.corpus, "eval"), n_bands=cfg.n_bands,
                                 key=key, inputs=inputs, sae_hashes=hashes, **{**kwargs, "model_id": model_id})
     _say_what_was_left_out_or_made(sources, note)  # once written: a refusal on the way is the one line to read
+    note_no_key(key, out, "Neuronpedia export")
     return _as_given([{**r, "reused": False} for r in (result if isinstance(result, list) else [result])], one)
 
 

@@ -29,7 +29,7 @@ own. Parents link to every child that chose them, so the links form a forest acr
                 containment, share, score, children: [...]}]}]   roots with children, most descendants first
     singletons  {sae: number of latents in no family (no parent, no child)}
     key       (written by build_families) hash of the inputs and settings, keyed by this machine's secret
-              (make.build_key): the same command reuses the file
+              (make.build_key; null without one): the same command reuses the file
 """
 
 from __future__ import annotations

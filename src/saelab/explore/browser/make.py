@@ -52,7 +52,7 @@ from saelab.train.checkpoint import changed_fields
 from saelab.utils.atomic import check_file_target, write_json
 from saelab.utils.config import given_parts
 from saelab.utils.hub import local_path, public_name
-from saelab.utils.local_key import key_path, keyed_hash, same_keyed
+from saelab.utils.local_key import key_path, keyed_hash, same_keyed, why_no_key
 from saelab.utils.memory_limit import memory_limit
 from saelab.utils.words import plural
 
@@ -335,9 +335,18 @@ def _not_comparable(inputs: dict[str, Any]) -> str:
     """What differs, said where the recorded files' hashes were keyed by another secret or none, or this machine
     has none: the keys differ, and nothing tells why."""
     if inputs.get("sae_files") is None:
-        return f"inputs that cannot be compared without a local key ({key_path()} cannot be read or made)"
+        return f"inputs that cannot be compared without a local key ({why_no_key()})"
     return (f"inputs hashed with another local key or none (another machine's or user's, or {key_path()} made "
             "again since), which cannot be compared")
+
+
+def note_no_key(key: str | None, out: str | os.PathLike, what: str) -> None:
+    """One line on stderr once ``out`` (a site, families file or export: ``what``) is written without a key of its
+    inputs, this machine having no local key: the same command again cannot tell it unchanged, and refuses it."""
+    if key is None:
+        print(f"saelab: note: no local key ({why_no_key()}): {out} records no key of its inputs, so a rerun will not "
+              f"recognise this {what} as unchanged; set SAELAB_CACHE_DIR to a writable folder to keep a key",
+              file=sys.stderr)
 
 
 def _named_model(cfg: BrowseConfig, lm) -> str | None:
@@ -584,6 +593,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
                families=_public_tree(families), progress=progress)
     seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
+    note_no_key(key, out, "feature browser site")
     return {**manifest, "site": str(out), "reused": False, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
 
 
@@ -627,6 +637,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     tree = {**_public_tree(_families(lm, sources, coact, cfg, hook)), "key": key, "inputs": _public_inputs(inputs)}
     if out is not None:
         write_json(out, tree)
+        note_no_key(key, out, "families file")
     return {**tree, "reused": False}
 
 

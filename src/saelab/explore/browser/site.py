@@ -7,7 +7,8 @@ Layout (every path relative; nothing refers to another host, so the site works o
     site.json                          what was built, from what, with which settings and timings; local
                                        files (corpus, model, N2G file, SAEs) by their base names, never
                                        their paths (the site is meant to be published), its key and
-                                       inputs' hashes keyed by this machine's secret; ``files``: the
+                                       inputs' hashes keyed by this machine's secret (null without
+                                       one); ``files``: the
                                        size and hash of every other file, which a rebuild checks before
                                        it reuses the site (:func:`site_damage`)
     families.json                      the family tree (several SAEs only; see .families)
