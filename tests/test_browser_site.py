@@ -816,6 +816,48 @@ def test_a_published_site_confirms_no_guessed_path(tiny_dir, sae_files, tmp_path
     assert "building it again to record keyed ones" in capsys.readouterr().err
 
 
+def test_without_a_local_key_a_build_says_so_and_a_rerun_is_refused_or_served_as_it_is(sae_files, tiny_dir, corpus,
+                                                                                       tmp_path, monkeypatch, capsys):
+    """Where no local key can be made (SAELAB_CACHE_DIR under a regular file), a site recorded `"key": null` without
+    a word, and the same command again was refused, as was `--serve` of it: "build, then serve" did not work. The
+    build now says a rerun will not recognise it; the rerun's refusal names why and --serve, which serves the site as
+    it is (its files are checked as served) with a warning; other settings, or a damaged site, are still refused."""
+    from saelab.cli import main
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    why = f"{tmp_path / 'afile' / 'cache' / 'local-key'} cannot be read or made (Not a directory)"
+    out, port = tmp_path / "site", free_port()
+    browse = ["browse", str(sae_files / "run_small"), "--out", str(out), "--model", str(tiny_dir), "--corpus", corpus,
+              "--n-tokens", "1500", "--no-progress"]
+    assert main(browse) == 0
+    assert capsys.readouterr().err.strip() == (
+        f"saelab: note: no local key ({why}): {out} records no key of its inputs, so a rerun will not recognise this "
+        "feature browser site as unchanged; set SAELAB_CACHE_DIR to a writable folder to keep a key")
+    built = read_site_manifest(out)
+    assert built["key"] is None and not [p for p in out.rglob("*.js*") if str(tmp_path) in p.read_text()]
+    assert main(browse) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"saelab browse: error: {out} holds a feature browser site built from inputs that cannot be compared without "
+        f"a local key ({why}) (it shows run_small); pass --overwrite to replace it, --serve to serve it as it is, or "
+        "pick another --out")
+    assert serve_until_a_page_answers([*browse, "--serve", "--port", str(port)], port) == 0
+    printed = capsys.readouterr()
+    assert f"http://127.0.0.1:{port}/" in printed.out and '"reused": true' in printed.out
+    assert printed.err.strip() == (
+        f"saelab: warning: {out} holds a feature browser site of these settings and SAE names, built from inputs "
+        f"that cannot be compared without a local key ({why}): served as it is; should an SAE or the corpus have "
+        "changed since, pass --overwrite to build it again")
+    assert read_site_manifest(out) == built  # served, not built again
+    assert main([*browse[:-2], "1200", "--no-progress", "--serve", "--port", str(port)]) == 2
+    assert ("built from other settings (--n-tokens 1500 -> 1200) (it shows run_small); pass --overwrite to replace "
+            "it, or pick") in capsys.readouterr().err
+    (out / "data" / "vocab.js").write_text('SAELAB.put("vocab",{});\n')
+    assert main([*browse, "--serve", "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip().endswith("but its data/vocab.js changed since it was written; pass "
+                                                    "--overwrite to build it again, or pick another --out")
+
+
 def test_without_a_local_key_a_families_file_says_so_and_a_rerun_names_why(sae_files, tiny_gpt2, corpus, tmp_path,
                                                                            monkeypatch, capsys):
     """As a site: a families file written where no local key can be made says a rerun will not recognise it, and

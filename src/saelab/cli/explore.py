@@ -345,7 +345,9 @@ def add_browse(sub) -> None:
     add_sae_argument(p, "one or more SAEs, each", several=True,
                      also="; several SAEs on one hook also get their feature families")
     p.add_argument("--out", default=None, metavar="DIR", help="site folder (default: RUN/browser for a run folder)")
-    p.add_argument("--serve", action="store_true", help="serve the site on 127.0.0.1 after building it")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the site on 127.0.0.1 after building it (a site of the same settings whose inputs "
+                        "cannot be compared, without a local key, is served as it is)")
     p.add_argument("--port", type=int, default=8000, help="port for --serve, 1..65535 (0: any free port)")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "OUT"), default=None,
                    help="instead of the site, write the latents' pages for another viewer: 'neuronpedia OUT' "
@@ -416,10 +418,11 @@ def run_browse(args: argparse.Namespace) -> dict[str, Any]:
     with _within_the_corpus(_n_tokens_option(args), args.browse.n_tokens, args.browse.corpus, len(args.sae)):
         result = build_browser(args.sae, out, args.browse, device=args.device, model_dtype=args.model_dtype,
                                overwrite=args.overwrite, progress=args.progress, allow_http=args.allow_http,
-                               given_as=lambda setting: given(args, setting))  # an 8 typed is not the default 8
+                               given_as=lambda setting: given(args, setting),  # an 8 typed is not the default 8
+                               keep_uncompared=args.serve)  # to serve: kept as it is, with a warning
     summary = {"site": result["site"], "reused": result["reused"], "n_tokens": result["n_tokens"],
                "saes": result["saes"], "seconds": result["seconds"]}
-    if result["reused"]:  # the same command again, said as families and export say it
+    if result["reused"] and not result.get("uncompared"):  # the same command again, as families and export say
         print(f"{out} already holds this feature browser site (--overwrite builds it again)", file=sys.stderr)
     if not args.serve:
         return summary

@@ -504,7 +504,8 @@ def _check_pass_memory(sources: Sequence[SAESource], cfg: BrowseConfig, n_contex
 def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None = None, *, lm=None,
                   device=None, model_dtype: str = "float32", overwrite: bool = False,
                   progress: bool = True, allow_http: bool = False,
-                  given_as: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+                  given_as: Callable[[str], str | None] | None = None,
+                  keep_uncompared: bool = False) -> dict[str, Any]:
     """Build the feature browser site for one or several SAEs (on one hook) at ``out``.
 
     ``sae_sources``: run folders, SAELens folders, OpenAI ``.pt`` files or URLs (or :class:`SAESource`).
@@ -515,7 +516,10 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     at ``out`` that is not a site is never replaced. Returns the site's manifest plus ``site`` and
     ``seconds`` (all phases, the site write included; a reused site: this call's total). ``allow_http`` also
     downloads SAEs from plain http URLs. ``given_as``: how the user gave each setting, as :func:`check_sizes`
-    takes it.
+    takes it. ``keep_uncompared``: a site of these settings and SAE names whose inputs cannot be compared with
+    these (no local key, now or when it was built, or another's) is kept as it is, saying so on stderr, rather
+    than refused (returned with ``"uncompared": True``; ``browse --serve`` serves it: its files are checked as
+    they are served).
     """
     cfg = cfg or BrowseConfig()
     t_start = time.perf_counter()
@@ -529,19 +533,22 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         unkeyed = unkeyed_record(sources, cfg, model_dtype)
         same = reusable(old, key, unkeyed, out / SITE_MANIFEST)
         if same:
-            damage = site_damage(out, old)  # the key says what it was built from, not that its files are whole
-            if damage is not None:
-                raise RunExistsError(f"{out} holds a feature browser site of these inputs and settings, but {damage}; "
-                                     "pass --overwrite to build it again, or pick another --out")
-            # its seconds are this call's: the manifest's are the phases of the build it reuses
-            return {**{k: v for k, v in old.items() if k != FILES}, "site": str(out), "reused": True,
-                    "seconds": {"total": round(time.perf_counter() - t_start, 2)}}
+            return _reused_site(out, old, "of these inputs and settings", t_start)
         if same is False:
             shown = ", ".join(str(s.get("name")) for s in old.get("saes", []) if isinstance(s, dict)) or "other SAEs"
             differs = what_differs(old.get("inputs"), inputs, corpus=cfg.corpus, unkeyed=unkeyed)
+            # all that can be told matches: only the files' hashes, keyed by no key or another, are unknown
+            uncompared = differs == _not_comparable(inputs)
+            if uncompared and keep_uncompared:
+                reused = _reused_site(out, old, "of these settings and SAE names", t_start)
+                print(f"saelab: warning: {out} holds a feature browser site of these settings and SAE names, built "
+                      f"from {differs}: served as it is; should an SAE or the corpus have changed since, pass "
+                      "--overwrite to build it again", file=sys.stderr)
+                return {**reused, "uncompared": True}
             shown = "" if differs.startswith("other SAEs (") else f" (it shows {shown})"  # else named twice
+            serve = ", --serve to serve it as it is" if uncompared else ""
             raise RunExistsError(f"{out} holds a feature browser site built from {differs}{shown}; pass --overwrite "
-                                 "to replace it, or pick another --out")
+                                 f"to replace it{serve}, or pick another --out")
     check_site_target(out)  # before the model loads and the text is scored, not after
     # after the reuse: a site built on a machine of more memory stays reusable on this one
     check_sizes(sources, cfg, given_as=given_as)
@@ -595,6 +602,18 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     seconds["total"] = time.perf_counter() - t_start
     note_no_key(key, out, "feature browser site")
     return {**manifest, "site": str(out), "reused": False, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+
+
+def _reused_site(out: Path, old: dict[str, Any], of: str, t_start: float) -> dict[str, Any]:
+    """The summary of the site at ``out`` (manifest ``old``, ``of`` these inputs) kept as it is; refused where its
+    files differ from their record: what it was built from says nothing of whether they are whole."""
+    damage = site_damage(out, old)
+    if damage is not None:
+        raise RunExistsError(f"{out} holds a feature browser site {of}, but {damage}; pass --overwrite to build it "
+                             "again, or pick another --out")
+    # its seconds are this call's: the manifest's are the phases of the build it reuses
+    return {**{k: v for k, v in old.items() if k != FILES}, "site": str(out), "reused": True,
+            "seconds": {"total": round(time.perf_counter() - t_start, 2)}}
 
 
 def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig | None = None, *, lm=None,
