@@ -225,16 +225,22 @@ def test_steer_command(tiny_gpt2, sae, tmp_path, capsys):
         assert "nothing was steered" not in capsys.readouterr().err
 
 
-def test_a_value_whose_squares_overflow_the_next_norm_is_refused_in_one_line(tiny_gpt2, sae, tmp_path, capsys):
-    """A value within float32's range but whose square is not (1e20: activations of 1e20 square to 1e40) passed
-    every check, and the model's next normalisation, squaring in float32, overflowed: empty or NaN text, exit 0."""
+def _steer_latent_7_args(tiny_gpt2, sae, tmp_path) -> list[str]:
+    """The model and the SAE saved under ``tmp_path`` (``tmp_path / "sae"``), and steer's options for latent 7 on
+    them, short and greedy."""
     model_dir = tmp_path / "model"
     tiny_gpt2.model.save_pretrained(model_dir)
     tiny_gpt2.tokenizer.save_pretrained(model_dir)
     save_sae(sae, tmp_path / "sae")
+    return ["--latent", "7", "--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "3",
+            "--greedy", "--device", "cpu", "--no-progress", "--top-tokens", "0"]
+
+
+def test_a_value_whose_squares_overflow_the_next_norm_is_refused_in_one_line(tiny_gpt2, sae, tmp_path, capsys):
+    """A value within float32's range but whose square is not (1e20: activations of 1e20 square to 1e40) passed
+    every check, and the model's next normalisation, squaring in float32, overflowed: empty or NaN text, exit 0."""
+    common = _steer_latent_7_args(tiny_gpt2, sae, tmp_path)
     capsys.readouterr()
-    common = ["--latent", "7", "--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "3",
-              "--greedy", "--device", "cpu", "--no-progress", "--top-tokens", "0"]
     for mode, value in (("add", "1e+20"), ("clamp", "1e+30")):
         assert main(["steer", str(tmp_path / "sae"), "--mode", mode, "--value", value, *common]) == 2
         out, err = capsys.readouterr()
@@ -265,13 +271,8 @@ def test_a_spread_out_value_whose_squares_overflow_only_summed_is_refused(tiny_g
     logits = tiny_gpt2.logits(tokens, edits=steer(tiny_gpt2, sae, 7, "add", 1e18).edits)
     assert bool(torch.isfinite(logits).all()) and float(logits[0, -1].std()) > 0
 
-    model_dir = tmp_path / "model"
-    tiny_gpt2.model.save_pretrained(model_dir)
-    tiny_gpt2.tokenizer.save_pretrained(model_dir)
-    save_sae(sae, tmp_path / "sae")
+    common = _steer_latent_7_args(tiny_gpt2, sae, tmp_path)
     capsys.readouterr()
-    common = ["--latent", "7", "--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "3",
-              "--greedy", "--device", "cpu", "--no-progress", "--top-tokens", "0"]
     assert main(["steer", str(tmp_path / "sae"), "--value", "5.4e19", *common]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1, err
