@@ -3172,3 +3172,14 @@ def test_an_sae_of_another_width_than_the_model_is_refused_from_its_config_befor
     _refusals([(["eval", "fits", "--out", "ev"], "cannot load model directory"),
                (["top", "fits", "--latent", "1"], "cannot load model directory")], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fits", "model", "narrow"]
+
+
+def test_browse_help_states_its_bounds_as_numbers(capsys):
+    """browse --help said "at most MAX_BINS" and "at most MAX_LOGITS": the names of constants a user cannot see."""
+    from saelab.explore.config import MAX_BINS, MAX_LOGITS
+
+    with pytest.raises(SystemExit):
+        main(["browse", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "MAX_" not in out
+    assert f"a power of two, at most {MAX_BINS})" in out and f"at most {MAX_LOGITS}." in out

@@ -54,13 +54,13 @@ class BrowseConfig:
     """Quantile bands the samples are split into, at most one per sample (the default 4 is lowered to
     fewer samples)."""
     n_bins: int = 64
-    """Histogram bins (a power of two, at most MAX_BINS)."""
+    """Histogram bins (a power of two, at most 512)."""
     window_before: int = 16
     """Tokens shown before the max-activating token of each context."""
     window_after: int = 8
     """Tokens shown after it."""
     n_logits: int = 10
-    """Promoted and suppressed tokens listed per latent (direct logit effect), at most MAX_LOGITS."""
+    """Promoted and suppressed tokens listed per latent (direct logit effect), at most 1000."""
     n_neighbours: int = 8
     """Nearest latents by decoder cosine listed per latent, at most the SAE's other latents (the default is cut to a
     smaller SAE's; a number given past them is refused)."""
