@@ -1403,6 +1403,21 @@ def test_repeated_overwrites_count_the_checks_of_the_calls_behind_the_results(ti
     assert recorded["harvest_call_seconds"] == {stage: calls[0]["wall_seconds"][stage] for stage in SHARED_STAGES}
 
 
+def test_cli_quickstart_prints_its_metrics_as_json_alone(tiny_dir, data_dir, tmp_path, capsys):
+    """Its stdout began with a blank line and `report: PATH` before the JSON, which a pipe into a JSON reader
+    refused; the report's path goes to stderr, as every verb's words do."""
+    train, held_out = (wiki_jsonl(data_dir, tmp_path / name, *docs) for name, docs in
+                       (("train.jsonl", (0, 2)), ("eval.jsonl", (3, 1))))
+    capsys.readouterr()
+    code = main(["quickstart", "--out", str(tmp_path / "qs"), "--harvest-model", str(tiny_dir), "--harvest-hook",
+                 HOOK, "--harvest-corpus", str(train), "--harvest-context-size", "32", "--n-tokens", "1000",
+                 "--n-latents", "64", "--k", "4", "--batch-size", "250", "--init-rows", "500", "--eval-corpus",
+                 str(held_out), "--eval-recon-tokens", "256", "--eval-downstream-tokens", "128", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["l0"] > 0
+    assert f"saelab quickstart: report: {tmp_path / 'qs' / 'report.md'}" in err.splitlines()
+
+
 def _documented_metrics_keys() -> tuple[set[str], set[str]]:
     """(keys every evaluation writes, keys quickstart adds) as docs/evals.md's metrics.json table lists them."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "evals.md").read_text()

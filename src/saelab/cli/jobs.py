@@ -148,7 +148,7 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         metrics = quickstart(cfg, args.out, device=args.device, model_dtype=args.model_dtype,
                              overwrite=args.overwrite, overwrite_activations=args.overwrite_activations,
                              progress=args.progress, log_to=args.log_to)
-    print(f"\nreport: {Path(args.out) / 'report.md'}")
+    print(f"saelab quickstart: report: {Path(args.out) / 'report.md'}", file=sys.stderr)  # stdout: the JSON alone
     return metrics
 
 
