@@ -203,9 +203,11 @@ def run_cli(capsys, *argv: str) -> dict:
 
 def test_cli_trains_and_evaluates_a_relu_sae(cache_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    run_cli(capsys, "train", "--activations", str(cache_dir), "--out", str(run), "--architecture", "relu",
-            "--l1-coefficient", "5", "--n-latents", "128", "--batch-size", "250", "--total-tokens", "3000",
-            "--init-rows", "1000", "--log-every", "2", "--no-progress")
+    trained = run_cli(capsys, "train", "--activations", str(cache_dir), "--out", str(run), "--architecture", "relu",
+                      "--l1-coefficient", "5", "--n-latents", "128", "--batch-size", "250", "--total-tokens", "3000",
+                      "--init-rows", "1000", "--log-every", "2", "--no-progress")
+    # it printed "k": 128, a k the command refuses for a ReLU SAE
+    assert trained == {"sae": str(run / "sae"), "n_latents": 128, "activation": "relu", "k": None}
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert json.loads((run / "sae" / "cfg.json").read_text())["architecture"] == "standard"
     eval_corpus = wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 2)

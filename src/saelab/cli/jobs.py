@@ -216,7 +216,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         check_warmup(train, given(args, "train.warmup_steps"))  # against the steps the run trains
         sae = train_from_cache(cache, args.out, train, device=args.device, overwrite=args.overwrite,
                                progress=args.progress, log_to=args.log_to)
-    return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, "k": sae.cfg.k}
+    from saelab.sae.relu import sparsity_of
+
+    return {"sae": str(Path(args.out) / "sae"), "n_latents": sae.n_latents, **sparsity_of(sae)}
 
 
 def _fit_to_cache(args: argparse.Namespace, cache: ActivationCache, grid: dict[str, list] | None = None) -> TrainConfig:
