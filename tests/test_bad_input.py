@@ -1450,6 +1450,9 @@ def test_quickstart_with_another_n_tokens_names_the_cache_and_both_options_at_on
            "--eval-recon-tokens", "256", "--eval-downstream-tokens", "128", "--device", "cpu", "--no-progress"]
     assert run_cli(capsys, *run, "--n-tokens", "1024")[0] == 0
     before = snapshot(q)
+    code, _, err = run_cli(capsys, *["8" if word == "4" else word for word in run], "--n-tokens", "1024")
+    assert code == 2 and err.endswith("(--k 4 -> 8); pick another --out, or pass --overwrite to train again (the "
+                                      "activation cache is kept)"), err  # this folder holds one
     code, _, err = run_cli(capsys, *run, "--n-tokens", "2048")
     assert code == 2 and err == (f"saelab quickstart: error: {q / 'activations'} holds activations harvested with "
                                  "other settings (it was written with --n-tokens 1024, not 2048); pass "

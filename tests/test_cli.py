@@ -1306,9 +1306,9 @@ def test_quickstart_into_a_finished_run_of_other_settings_is_refused_before_the_
     assert _exit_code(["quickstart", "--out", str(run), "--n-tokens", "4096", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds a finished run trained with other settings (--k 16 -> 32, --n-latents 1024 -> 8192" in err, err
-    # --n-tokens sets the training tokens: named as typed; the cache is kept only without --overwrite-activations
-    assert err.endswith("--n-tokens 1048576 -> 4096); pick another --out, or pass --overwrite to train again (the "
-                        "activation cache is kept)"), err
+    # --n-tokens sets the training tokens: named as typed; no activation cache there to keep (it said one was kept:
+    # a run `saelab train` wrote from another folder's cache holds none)
+    assert err.endswith("--n-tokens 1048576 -> 4096); pick another --out, or pass --overwrite to train again"), err
     assert _exit_code(["quickstart", "--out", str(run), "--n-tokens", "4096", "--overwrite-activations"]) == 2
     assert capsys.readouterr().err.strip().endswith("--n-tokens 1048576 -> 4096); pick another --out, or pass "
                                                     "--overwrite to train again")

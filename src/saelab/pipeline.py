@@ -50,7 +50,7 @@ from saelab.train.checkpoint import (changed_fields, read_metrics, read_status, 
 from saelab.train.metric_sinks import check_log_targets
 from saelab.train.config import check_warmup
 from saelab.utils.atomic import write_json
-from saelab.utils.cache_manifest import MANIFEST
+from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
 from saelab.utils.device import resolve_device, same_device
 from saelab.utils.folder_lock import RunLock
 from saelab.utils.words import plural
@@ -795,7 +795,8 @@ def _same_training(run_dir: Path, cfg: TrainConfig, cache: ActivationCache, reco
 
 def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig, cache_kept: bool) -> None:
     """Refuse, before the harvest, a folder whose finished run was trained with other settings (the
-    training would refuse it anyway, after the harvest's minutes). ``cache_kept``: no --overwrite-activations."""
+    training would refuse it anyway, after the harvest's minutes). ``cache_kept``: the folder holds an activation
+    cache, and no --overwrite-activations."""
     if read_status(run_dir).get("state") != "finished" or not (run_dir / TRAIN_CONFIG).exists():
         return
     recorded = {"train": read_json(run_dir / TRAIN_CONFIG, "training config").get("train")}
@@ -960,7 +961,8 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
             _reusable_harvest(run_dir / ACTIVATIONS_DIR, meta, harvest_cfg.dtype, "--overwrite-activations")
     finished_hash = None
     if not overwrite:
-        _check_finished_run_matches(run_dir, cfg.train, cache_kept=not overwrite_activations)
+        _check_finished_run_matches(run_dir, cfg.train, cache_kept=not overwrite_activations and
+                                    holds_an_activation_cache(run_dir / ACTIVATIONS_DIR))
         finished_hash = _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
     spec = lm or harvest_cfg.model
     check_before_load(spec, harvest_cfg.hook)
