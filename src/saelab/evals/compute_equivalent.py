@@ -1002,7 +1002,7 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
     ``context_sums``: the spliced and clean losses' per-context sums ``{"spliced", "clean"}`` ``[N]``
     (``downstream_sums``', e.g. the core eval's on exactly these tokens and predictions), which the interval
     resamples; ``spliced_loss`` / ``clean_loss``: their means, if known (else taken from the sums). Without the
-    sums both are measured here, in one pass: the headline and its interval's draws read one measurement, never
+    sums both are measured here, a pass each: the headline and its interval's draws read one measurement, never
     a mean from one and sums from another (a mean given without its sums is refused). ``documents``: the document
     of each context, which the interval resamples (None: each context alone). ``series`` overrides ``cfg.series``.
     """
