@@ -3,6 +3,7 @@ tokenizers, and the real default SmolLM2 model (loaded once per session, cached 
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -635,3 +636,19 @@ def test_load_model_without_progress_draws_no_bar_and_leaves_the_setting(tiny_di
     disable_progress_bars()  # the hub's alone
     load_model(str(tiny_dir), progress=False)
     assert are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
+
+
+def test_same_model_tells_one_model_by_any_of_its_names(tiny_dir, tmp_path, monkeypatch):
+    """The offline default is the model of its hub id, a folder the one its paths lead to (relative, through a
+    link); another hub id, another folder or an empty name is another model. Compute-equivalent matches its
+    family members so, and the note on a --model other than the SAE's."""
+    from saelab.models import DEFAULT_MODEL_HUB_ID, same_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-link").symlink_to(tiny_dir)
+    for a, b in (("default", DEFAULT_MODEL_HUB_ID), ("gpt2", "gpt2"), (str(tiny_dir), os.path.relpath(tiny_dir)),
+                 (str(tiny_dir), "tiny-link")):
+        assert same_model(a, b) and same_model(b, a), (a, b)
+    for a, b in (("default", "gpt2"), ("gpt2", "openai-community/gpt2"), (str(tiny_dir), str(tiny_dir.parent)),
+                 ("", ""), ("gpt2", "")):
+        assert not same_model(a, b) and not same_model(b, a), (a, b)

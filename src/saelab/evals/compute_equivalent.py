@@ -150,7 +150,7 @@ from saelab.evals.power_law import FitError, fit_power_law, floor_grid_starts
 from saelab.models.lm import check_token_ids
 from saelab.models.lm_series import FAMILY_FILE, count_parameters
 from saelab.models.loading import (check_before_load, check_context_fits, configured_vocab_size, dtype_name,
-                                   library_bars, tokenizer_before_load)
+                                   library_bars, same_model, tokenizer_before_load)
 from saelab.utils.atomic import write_json
 
 DType = torch.dtype | str
@@ -970,23 +970,13 @@ def upgrade_result(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the metric ---------------------------------------------------------------------------------
-def _same_model(model_id: str, name: str) -> bool:
-    """Whether a reference model's id (hub id or absolute path) is the evaluated model's ``lm.name``."""
-    if not model_id or not name:
-        return False
-    if model_id == name:
-        return True
-    a, b = Path(model_id).expanduser(), Path(name).expanduser()
-    return a.exists() and b.exists() and a.resolve() == b.resolve()
-
-
 def _reference(series: CheckpointSeries, points: list[dict[str, Any]], lm_name: str) -> tuple[float | None, str | None]:
     """The fraction's denominator and its label: the full run (series), the evaluated model's member
     (family), or (None, None) when the evaluated model is none of the family's members."""
     if series.kind == KIND_PROGRESS:
         return series.total_tokens, series.name
     for ck, row in zip(series.checkpoints, points):
-        if _same_model(ck.model_id, lm_name):
+        if same_model(ck.model_id, lm_name):  # a reference model's hub id or path, the evaluated lm.name
             return row["compute"], ck.label
     return None, None
 

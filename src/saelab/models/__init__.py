@@ -15,8 +15,8 @@ lazy_names(__name__, {
     "saelab.models.lm": ("LanguageModel",),
     "saelab.models.loading": ("DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "ModelLoadError", "cache_root",
                               "check_before_load", "check_context_fits", "check_hook_layer", "default_gguf_path",
-                              "library_bars", "load_model", "model_name", "model_provenance", "save_dequantized",
-                              "tokenizer_before_load", "tokenizer_on_disk"),
+                              "library_bars", "load_model", "model_name", "model_provenance", "same_model",
+                              "save_dequantized", "tokenizer_before_load", "tokenizer_on_disk"),
 })
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "load_model",
     "model_name",
     "model_provenance",
+    "same_model",
     "save_dequantized",
     "tokenizer_before_load",
     "tokenizer_on_disk",

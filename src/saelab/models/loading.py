@@ -668,6 +668,18 @@ def check_before_load(spec: str | LanguageModel, hook: str | None, context_size:
         check_context_fits(spec, recorded_context, recorded_named, revision)
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether model specs ``a`` and ``b`` (hub ids, paths, "default") name one model: one name as reports give it
+    (:func:`model_provenance`'s, the offline default by the hub id it is a copy of), or one file or folder of this
+    disk by two paths."""
+    if not a or not b:
+        return False
+    if model_provenance(a)["model_name"] == model_provenance(b)["model_name"]:
+        return True
+    local = hub.local_path(a)
+    return local is not None and local == hub.local_path(b)
+
+
 def model_provenance(spec: str) -> dict:
     """``model_name`` for an SAE's metadata (a name that resolves outside saelab: the hub id for the
     offline default) and ``model_source`` (the spec saelab loads, and how the weights were made)."""
