@@ -31,11 +31,12 @@ N_TOKENS = 31 * 96  # 96 contexts of 32 tokens, position 0 not scored
 
 
 def trained_like_sae(lm, n: int, seed: int, corpus: str) -> TopKSAE:
-    """A random SAE centred on the data (b_dec = mean activation) so its latents fire at varied rates."""
+    """A random SAE centred on the data (b_dec = mean activation) so its latents fire at varied rates; it records
+    ``lm`` by its name."""
     from saelab.data import token_contexts
 
     torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=64, n_latents=n, k=8, hook_name=HOOK, model_name="tiny", context_size=32))
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=n, k=8, hook_name=HOOK, model_name=lm.name, context_size=32))
     toks = token_contexts(corpus, lm.tokenize, 32, n_contexts=8, bos_token_id=lm.bos_token_id)
     with torch.no_grad():
         sae.b_dec.copy_(lm.activations(toks, HOOK)[:, 1:].reshape(-1, 64).mean(0))
@@ -828,7 +829,8 @@ def test_without_a_local_key_a_build_says_so_and_a_rerun_is_refused_or_served_as
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "afile" / "cache"))
     why = f"{tmp_path / 'afile' / 'cache' / 'local-key'} cannot be read or made (Not a directory)"
     out, port = tmp_path / "site", free_port()
-    browse = ["browse", str(sae_files / "run_small"), "--out", str(out), "--model", str(tiny_dir), "--corpus", corpus,
+    monkeypatch.chdir(tiny_dir.parent)  # the model folder by the name the SAEs record: no note of another model
+    browse = ["browse", str(sae_files / "run_small"), "--out", str(out), "--model", tiny_dir.name, "--corpus", corpus,
               "--n-tokens", "1500", "--no-progress"]
     assert main(browse) == 0
     assert capsys.readouterr().err.strip() == (

@@ -1609,6 +1609,60 @@ def test_eval_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_di
         assert [line for line in capsys.readouterr().err.splitlines() if "note" in line] == said
 
 
+def test_verbs_say_when_model_reads_the_sae_on_another_model(tmp_path, tiny_dir, split_pad_dir, data_dir, capsys,
+                                                             monkeypatch):
+    """--model read an SAE on another model than the one it records without a word (eval of a gpt2 SAE with
+    --model default gave metrics that read as a poor SAE), where --hook at another hook is said: eval, top, steer,
+    browse, its Neuronpedia export and families say it in one line, as the hook's note, and nothing where --model
+    is the model the SAE records: its folder by another path, or an export's by its base name, as documented."""
+    monkeypatch.chdir(tiny_dir.parent)
+    corpus = ["--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")]
+    on_gpt2 = [_tiny_sae(tmp_path / f"gpt2-{n}", "gpt2", n) for n in (32, 64)]  # records the hub's gpt2
+    own = _tiny_sae(tmp_path / "own", tiny_dir)
+    assert main(["export", own, str(tmp_path / "shared"), "--format", "saelens"]) == 0  # the folder by base name
+    capsys.readouterr()
+
+    def verbs(sae: str, tag: str):
+        yield "saelab eval", ["eval", sae, "--recon-tokens", "256", "--downstream-tokens", "128", *corpus,
+                              "--out", str(tmp_path / f"ev-{tag}")]
+        yield "saelab top", ["top", sae, "--latent", "1", "--n-tokens", "64", "--json", *corpus]
+        yield "saelab steer", ["steer", sae, "--latent", "1", "--value", "1", "--greedy", "--prompt", "one two",
+                               "--max-new-tokens", "2", "--top-tokens", "0", "--json"]
+        yield "saelab", ["browse", sae, "--out", str(tmp_path / f"site-{tag}"), "--n-tokens", "256", *corpus]
+        yield "saelab", ["browse", sae, "--export", "neuronpedia", str(tmp_path / f"np-{tag}"), "--model-id", "tiny",
+                         "--n-tokens", "256", *corpus]
+
+    def notes(argv: list[str], model: str) -> list[str]:
+        assert main([*argv, "--model", model, "--no-progress"]) == 0, argv
+        return [line for line in capsys.readouterr().err.splitlines() if "note: --model " in line]
+
+    for lead, argv in verbs(on_gpt2[0], "other"):
+        assert notes(argv, str(tiny_dir)) == [f"{lead}: note: --model {tiny_dir}: {on_gpt2[0]} was trained on gpt2; "
+                                              f"its latents are read from {tiny_dir} here"], argv
+    families = ["families", *on_gpt2, "--out", str(tmp_path / "families.json"), "--n-tokens", "256", *corpus]
+    assert notes(families, str(tiny_dir)) == [f"saelab: note: --model {tiny_dir}: {sae} was trained on gpt2; its "
+                                              f"latents are read from {tiny_dir} here" for sae in on_gpt2]
+    for sae, model, tag in ((own, "./tiny-gpt2", "own"), (str(tmp_path / "shared"), str(tiny_dir), "shared")):
+        for _, argv in verbs(sae, tag):
+            assert notes(argv, model) == [], argv
+    shared = tmp_path / "shared"  # another folder than the one its base name records
+    assert notes(["top", str(shared), "--latent", "1", "--n-tokens", "64", "--json", *corpus], str(split_pad_dir)) == [
+        f"saelab top: note: --model {split_pad_dir}: {shared} was trained on tiny-gpt2; its latents are read from "
+        f"{split_pad_dir} here"]
+    from saelab.pipeline import HarvestConfig, harvest, train_from_cache
+    from saelab.train import TrainConfig
+
+    cache = harvest(HarvestConfig(model=str(tiny_dir), hook="blocks.0.hook_resid_post", context_size=32,
+                                  corpus=corpus[1], n_tokens=1024, buffer_tokens=8192), tmp_path / "acts",
+                    progress=False)
+    run = tmp_path / "run"  # evaluated into its own metrics.json
+    train_from_cache(cache, run, TrainConfig(n_latents=32, k=4, batch_size=256, total_tokens=1024, init_rows=1024),
+                     progress=False)
+    assert notes(["eval", str(run), "--recon-tokens", "256", "--downstream-tokens", "128", *corpus],
+                 str(split_pad_dir)) == [f"saelab eval: note: --model {split_pad_dir}: {run} was trained on "
+                                         f"{tiny_dir}; its latents are read from {split_pad_dir} here"]
+
+
 def test_a_hub_id_the_offline_default_stands_for_names_it_when_it_cannot_be_loaded(tmp_path, smollm2, data_dir,
                                                                                    capsys, monkeypatch):
     """A SAELens folder (no saelab section, as SAELens or the hub gives it) of an SAE on

@@ -81,9 +81,10 @@ def corpus(data_dir) -> str:
 
 
 def centred_sae(lm, corpus: str, n: int, seed: int) -> TopKSAE:
-    """A random SAE whose b_dec is the mean activation (latents fire at varied rates), with one dead latent."""
+    """A random SAE whose b_dec is the mean activation (latents fire at varied rates), with one dead latent; it
+    records ``lm`` by its name."""
     torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=64, n_latents=n, k=6, hook_name=HOOK, model_name="tiny", context_size=32))
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=n, k=6, hook_name=HOOK, model_name=lm.name, context_size=32))
     toks = token_contexts(corpus, lm.tokenize, 32, n_contexts=8, bos_token_id=lm.bos_token_id)
     with torch.no_grad():
         sae.b_dec.copy_(lm.activations(toks, HOOK)[:, 1:].reshape(-1, 64).mean(0))
@@ -408,8 +409,10 @@ def test_default_ids_follow_neuronpedia_s_rule_and_the_model_s_name_as_given(tin
     default SAE set is checked before the model loads, and a model folder is named as given. A model id drawn
     from a name Neuronpedia cannot take was refused, though no id was typed: it is made to follow the rule, and
     the export says which it wrote."""
-    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "ααα" / "sae")
-    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "r1" / "sae")
+    sae = centred_sae(tiny_gpt2, corpus, 64, 2)
+    sae.cfg.model_name = str(tiny_dir)  # read on links to it below: no note of another model
+    save_sae(sae, tmp_path / "ααα" / "sae")
+    save_sae(sae, tmp_path / "r1" / "sae")
     cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
     with pytest.raises(ConfigError, match=r"^the default SAE set '', drawn from the SAE's name ααα: expected 1 "
                                           r"to 64 .*; pass one: sae_set=NAME \(--sae-set\)$"):

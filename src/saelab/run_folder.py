@@ -475,11 +475,24 @@ def check_sae_hook(sae, source: Any) -> None:
 
 
 def recorded_model(source: Any, model_name: str | None, what: str) -> str:
-    """The model spec an SAE or activation cache records: its ``model_source`` spec, else its model name,
-    else (with a warning) the offline default."""
-    if isinstance(source, dict) and source.get("spec"):
-        return str(source["spec"])
-    if not model_name:
+    """The model spec an SAE or activation cache records (:func:`recorded_spec`), else (with a warning) the offline
+    default."""
+    spec = recorded_spec(source, model_name)
+    if spec is None:
         print(f"saelab: warning: {what} records no model; using the offline default (--model chooses another)",
               file=sys.stderr)
-    return model_name or "default"
+    return spec or "default"
+
+
+def recorded_spec(source: Any, model_name: str | None) -> str | None:
+    """The model spec of a ``model_source`` record, else ``model_name`` (an export's local model: its base name);
+    None where neither names one."""
+    if isinstance(source, dict) and source.get("spec"):
+        return str(source["spec"])
+    return model_name or None
+
+
+def sae_model(sae) -> str | None:
+    """The model spec the SAE records (:func:`recorded_spec`), None where it records none: no warning, as a model
+    given instead of its own is compared with it."""
+    return recorded_spec(_model_source(sae), sae.cfg.model_name)

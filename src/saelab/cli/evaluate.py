@@ -181,8 +181,10 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--hook changes what {args.sae}'s SAE reads: its metrics would not describe the run; "
                           "pass --out DIR for them")
     if into_run:
-        return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
-                            overwrite=args.overwrite, progress=args.progress, sae=sae)
+        metrics = evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
+                               overwrite=args.overwrite, progress=args.progress, sae=sae)
+        _note_another_hook_or_model(args, sae, trained_at)
+        return metrics
     sae_hash = sae_sha256(sae)  # once, for the check and the evaluation: it reads every weight
     if args.out is not None:
         current = not args.overwrite and evaluation_is_current(args.out, sae, args.eval, model=args.model,
@@ -190,25 +192,29 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
         if current:  # the same command again
             print(f"{Path(args.out) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
                   file=sys.stderr)
-            _note_another_hook(args.sae, sae.cfg.hook_name, trained_at)
+            _note_another_hook_or_model(args, sae, trained_at)
             return read_eval_metrics(args.out, sae, sae_hash=sae_hash)
         _check_eval_out(Path(args.out), args.overwrite)
     metrics = evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
                        model_dtype=args.model_dtype, progress=args.progress, sae_hash=sae_hash)
-    _note_another_hook(args.sae, sae.cfg.hook_name, trained_at)
+    _note_another_hook_or_model(args, sae, trained_at)
     if args.out is None:  # an SAE outside a run folder has no place of its own for them
         print(f"saelab eval: note: {args.sae} is not a run folder, so these metrics were not saved; --out DIR keeps "
               "them", file=sys.stderr)
     return metrics
 
 
-def _note_another_hook(source: str, hook: str | None, trained_at: str | None) -> None:
+def _note_another_hook_or_model(args: argparse.Namespace, sae, trained_at: str | None) -> None:
     """Say, beside the metrics (every check has passed), that --hook read the SAE at another hook than it was
-    trained at: a near miss gives metrics that read as a poor SAE, as top, steer and browse say."""
-    if trained_at and hook != trained_at:
-        from saelab.explore.browser.build import another_hook_words
+    trained at, or --model on another model than it records: a near miss gives metrics that read as a poor SAE, as
+    top, steer and browse say."""
+    from saelab.explore.browser.build import another_hook_words, another_model_words
 
-        print(f"saelab eval: note: {another_hook_words(hook, source, trained_at)}", file=sys.stderr)
+    if trained_at and sae.cfg.hook_name != trained_at:
+        print(f"saelab eval: note: {another_hook_words(sae.cfg.hook_name, args.sae, trained_at)}", file=sys.stderr)
+    words = another_model_words(args.model, args.sae, sae)
+    if words:
+        print(f"saelab eval: note: {words}", file=sys.stderr)
 
 
 def _note_unfinished(verb: str, sweep: str, what: str) -> None:

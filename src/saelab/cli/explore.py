@@ -138,7 +138,7 @@ def _checked_sae(args: argparse.Namespace, hook: str | None = None):
     from saelab.run_folder import check_sae_hook, model_for
 
     sae, _ = open_sae(args.sae, allow_http=args.allow_http)
-    args.trained_at = sae.cfg.hook_name  # what _note_another_hook compares --hook with
+    args.trained_at = sae.cfg.hook_name  # what _note_another_hook_or_model compares --hook with
     if hook:
         sae.cfg.hook_name = hook
     bad = [i for i in args.latent if i >= sae.n_latents]
@@ -159,15 +159,18 @@ def _loaded(args: argparse.Namespace, sae, spec: str, tokenizer=None):
     return sae.to(lm.device), lm  # steering splices the SAE into the model's forward: same device
 
 
-def _note_another_hook(args: argparse.Namespace, sae) -> None:
-    """Say that --hook reads the SAE at another hook than it was trained at: a near miss (blocks.8 for blocks.9)
-    gives plausible-looking output. Called once every check has passed; an SAE that records no hook has none to
-    compare with (--hook is required for it)."""
-    from saelab.explore.browser.build import another_hook_words
+def _note_another_hook_or_model(args: argparse.Namespace, sae) -> None:
+    """Say that --hook reads the SAE at another hook than it was trained at, or --model on another model than it
+    records: a near miss (blocks.8 for blocks.9) gives plausible-looking output. Called once every check has passed;
+    an SAE that records no hook has none to compare with (--hook is required for it), nor one that records no model."""
+    from saelab.explore.browser.build import another_hook_words, another_model_words
 
     if args.trained_at and sae.cfg.hook_name != args.trained_at:  # browse and families: note_another_hook
         print(f"saelab {args.verb}: note: {another_hook_words(sae.cfg.hook_name, args.sae, args.trained_at)}",
               file=sys.stderr)
+    words = another_model_words(args.model, args.sae, sae)  # browse and families: note_another_model
+    if words:
+        print(f"saelab {args.verb}: note: {words}", file=sys.stderr)
 
 
 def _check_generation(args: argparse.Namespace, positions, tokenizer, model) -> None:
@@ -311,7 +314,6 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
     sae, lm, tokens = _steer_sae_and_model(args, positions)
     value, scaled = _steer_value(args, sae, lm, tokens)
-    _note_another_hook(args, sae)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     model = lm.known_as  # the hub id of the offline default, as reports name it
     text = [f"model {model}, SAE {args.sae} ({sae.n_latents} {plural(sae.n_latents, 'latent')} at {s.hook})"]
@@ -328,6 +330,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
         text += ["", f"=== sample {j + 1} (seed {args.seed + j}) ===" if args.samples > 1 else None, gen.format()]
         results.append({"seed": None if args.greedy else args.seed + j,  # greedy decoding draws nothing
                         "clean": gen.clean, "steered": gen.steered})
+    _note_another_hook_or_model(args, sae)  # once the steered forward has passed its range check
     if not s.positions_edited:  # reachable positions the generation never got to: it stopped at EOS first
         print(f"saelab steer: warning: --positions {args.positions} lie past the {s.tokens_seen} "
               f"{plural(s.tokens_seen, 'position')} the model read (the generation ended early, at the end-of-text "
@@ -521,7 +524,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
         lm, tokens = load_model_beside(spec, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus), [source],
                                        [source], sae.cfg.hook_name, args.device, args.model_dtype,
                                        context_setting=None, progress=args.progress)
-        _note_another_hook(args, sae)
+        _note_another_hook_or_model(args, sae)
         # a -n given past the contexts read was refused above; the default lists them all
         results = top_activations(sae, lm, tokens, list(args.latent), args.n_contexts, progress=args.progress)
     if args.json:

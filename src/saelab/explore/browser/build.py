@@ -168,6 +168,38 @@ def note_another_hook(sources: Sequence[SAESource], hook: str) -> None:
             print(f"saelab: note: {another_hook_words(hook, s.source, s.sae.cfg.hook_name)}", file=sys.stderr)
 
 
+def another_model_words(model, source: str, sae) -> str | None:
+    """What the note says of an SAE read on ``model`` (a spec as given or a loaded model; None: the SAE's own) that
+    records another model (:func:`~saelab.models.same_model`); None where it is the model the SAE records, or the SAE
+    records none. An export's local model, recorded by its base name, is the file or folder of that name a path
+    leads to: ``--model PATH`` is how it is given."""
+    from saelab.models.loading import model_provenance, same_model
+    from saelab.run_folder import model_left_behind, sae_model
+    from saelab.utils.hub import local_path
+
+    recorded, given = sae_model(sae), getattr(model, "name", model)
+    if given is None or recorded is None:
+        return None
+    if model_left_behind(sae) is not None:  # recorded by its base name
+        local = local_path(given)
+        same = local is not None and local.name == recorded
+    else:
+        same = same_model(recorded, given)
+    if same:
+        return None
+    return (f"--model {given}: {source} was trained on {model_provenance(recorded)['model_name']}; its latents are "
+            f"read from {given} here")
+
+
+def note_another_model(sources: Sequence[SAESource], model) -> None:
+    """Say, once every check has passed, which SAEs are read on another model than they record (``model``: the one
+    given, None for their own): a model of the same width gives plausible-looking pages."""
+    for s in sources:
+        words = another_model_words(model, s.source, s.sae)
+        if words:
+            print(f"saelab: note: {words}", file=sys.stderr)
+
+
 # ---- the pass ----------------------------------------------------------------------------------------------
 
 

@@ -440,6 +440,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         collect_statistics,
         direct_logit_effects,
         note_another_hook,
+        note_another_model,
     )
     from saelab.data import corpus_name
     from saelab.explore.browser.make import (check_recorded_names, check_sizes, load_model_beside, note_no_key,
@@ -472,9 +473,11 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     check_sizes(sources, cfg, site=False)  # the site's own sizes (neighbours, N2G) are not the export's
     kwargs["overwrite"] = True  # what is there now is the same export (the others were refused above)
     hook = check_compatible(sources, cfg.hook, cfg.model)
+    chosen = lm or cfg.model  # None: the SAEs' own
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
     lm.check_hook(hook)
     note_another_hook(sources, hook)
+    note_another_model(sources, chosen)
     stats, _, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, families=False, progress=progress)
     for st in stats:
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)

@@ -35,6 +35,7 @@ from saelab.explore.browser.build import (
     n2g_padding_id,
     name_apart,
     note_another_hook,
+    note_another_model,
     open_sae_source,
     read_tokens,
     read_tokens_before_load,
@@ -561,6 +562,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
                     for s in sources]
     seconds: dict[str, float] = {}
     t = time.perf_counter()
+    chosen = lm or cfg.model  # None: the SAEs' own
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, seconds,
                                    progress=progress)
     lm.check_hook(hook)
@@ -571,6 +573,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         n2g_padding_id(lm.tokenizer, cfg)
     seconds["load"] = time.perf_counter() - t - seconds["tokenize"]
     note_another_hook(sources, hook)
+    note_another_model(sources, chosen)
     stats, coact, pass_times = collect_statistics(lm, sources, tokens, cfg, hook=hook, progress=progress)
     seconds.update(pass_times)
     t = time.perf_counter()
@@ -648,9 +651,11 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
             differs = what_differs(earlier.get("inputs"), inputs, n2g=False, corpus=cfg.corpus, unkeyed=unkeyed)
             raise RunExistsError(f"{out} holds feature families of {differs}; pass --overwrite to replace it, or pick "
                                  "another --out")
+    chosen = lm or cfg.model  # None: the SAEs' own
     lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
     lm.check_hook(hook)
     note_another_hook(sources, hook)
+    note_another_model(sources, chosen)
     _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
     # Named as the site names them: the file is shared with others, and read back only by its key and inputs.
     tree = {**_public_tree(_families(lm, sources, coact, cfg, hook)), "key": key, "inputs": _public_inputs(inputs)}
