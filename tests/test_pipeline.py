@@ -208,7 +208,7 @@ def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
     _, out = run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "128",
                      "--k", "8", "--batch-size", "250", "--total-tokens", "3000", "--init-rows", "1000",
                      "--log-every", "2", "--no-progress")
-    assert out == {"sae": str(run / "sae"), "n_latents": 128, "k": 8}
+    assert out == {"sae": str(run / "sae"), "n_latents": 128, "activation": "topk", "k": 8}
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
     _, metrics = run_cli(capsys, "eval", str(run), "--corpus", str(eval_corpus), "--recon-tokens", "1024",
