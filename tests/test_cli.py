@@ -1619,7 +1619,7 @@ def test_verbs_say_when_model_reads_the_sae_on_another_model(tmp_path, tiny_dir,
     corpus = ["--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")]
     on_gpt2 = [_tiny_sae(tmp_path / f"gpt2-{n}", "gpt2", n) for n in (32, 64)]  # records the hub's gpt2
     own = _tiny_sae(tmp_path / "own", tiny_dir)
-    assert main(["export", own, str(tmp_path / "shared"), "--format", "saelens"]) == 0  # the folder by base name
+    assert main(["export", own, str(tmp_path / "exported"), "--format", "saelens"]) == 0  # the folder by base name
     capsys.readouterr()
 
     def verbs(sae: str, tag: str):
@@ -1642,12 +1642,12 @@ def test_verbs_say_when_model_reads_the_sae_on_another_model(tmp_path, tiny_dir,
     families = ["families", *on_gpt2, "--out", str(tmp_path / "families.json"), "--n-tokens", "256", *corpus]
     assert notes(families, str(tiny_dir)) == [f"saelab: note: --model {tiny_dir}: {sae} was trained on gpt2; its "
                                               f"latents are read from {tiny_dir} here" for sae in on_gpt2]
-    for sae, model, tag in ((own, "./tiny-gpt2", "own"), (str(tmp_path / "shared"), str(tiny_dir), "shared")):
+    for sae, model, tag in ((own, "./tiny-gpt2", "own"), (str(tmp_path / "exported"), str(tiny_dir), "exported")):
         for _, argv in verbs(sae, tag):
             assert notes(argv, model) == [], argv
-    shared = tmp_path / "shared"  # another folder than the one its base name records
-    assert notes(["top", str(shared), "--latent", "1", "--n-tokens", "64", "--json", *corpus], str(split_pad_dir)) == [
-        f"saelab top: note: --model {split_pad_dir}: {shared} was trained on tiny-gpt2; its latents are read from "
+    exported = tmp_path / "exported"  # another folder than the one its base name records
+    assert notes(["top", str(exported), "--latent", "1", "--n-tokens", "64", "--json", *corpus], str(split_pad_dir)) == [
+        f"saelab top: note: --model {split_pad_dir}: {exported} was trained on tiny-gpt2; its latents are read from "
         f"{split_pad_dir} here"]
     from saelab.pipeline import HarvestConfig, harvest, train_from_cache
     from saelab.train import TrainConfig
