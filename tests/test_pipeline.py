@@ -801,7 +801,7 @@ def test_an_evaluation_of_an_export_on_its_training_text_is_told_by_content(tiny
     file of that name warned that it ran on the training text, and one on a copy under another name did not. The
     export records the corpus's fingerprint (size, sha256) and the warning goes by it; the run's own evaluation
     still goes by the path."""
-    from saelab.sae.io import file_sha256
+    from saelab.utils.file_digests import file_sha256
 
     run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
     export = tmp_path / "export"
@@ -839,7 +839,7 @@ def test_a_run_records_the_fingerprint_of_the_text_its_harvest_read(tiny_dir, da
     still there: a run given `--corpus train.jsonl` exported none, and an evaluation of the export on that text
     under another name read as held out. The harvest takes it now, of the text it read, and the run's SAE
     records it; the export carries it as it is, even after the file changed."""
-    from saelab.sae.io import file_sha256
+    from saelab.utils.file_digests import file_sha256
 
     (tmp_path / "work").mkdir()
     train = wiki_jsonl(data_dir, tmp_path / "work" / "train.jsonl", 0, 2)

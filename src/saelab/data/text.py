@@ -208,7 +208,7 @@ def corpus_fingerprint(corpus: str) -> dict[str, Any] | None:
         return None
     key = json.dumps(corpus_files_key(corpus))  # an edited file is hashed again
     if key not in _FINGERPRINTS:
-        from saelab.sae.io import file_sha256  # lazy: saelab.sae loads torch
+        from saelab.utils.file_digests import file_sha256
 
         files = corpus_folder_files(path) if path.is_dir() else [path]
         digests = [file_sha256(f) for f in files]

@@ -61,7 +61,9 @@ from saelab.sae.sparsify_format import (
 from saelab.sae.relu import ReLUSAE
 from saelab.sae.topk import TopKSAE
 from saelab.utils.atomic import atomic_path
+from saelab.utils.cache_dir import cache_dir
 from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
+from saelab.utils.file_digests import file_sha256
 from saelab.utils.hub import hub_unreachable_reason
 
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -432,8 +434,7 @@ def _hub_fetch(repo_id: str, sae_id: str, where: str, **hub_kwargs: Any) -> Path
 
 def download_dir() -> Path:
     """Where downloaded checkpoints are kept: ``$SAELAB_CACHE_DIR/downloads`` or ``~/.cache/saelab/downloads``."""
-    root = os.environ.get("SAELAB_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "saelab") / "downloads"
+    return cache_dir() / "downloads"
 
 
 def _checked_url(url: str, allow_http: bool) -> urllib.parse.SplitResult:
@@ -483,12 +484,6 @@ def _fetch(url: str, tmp: Path, timeout: float) -> None:
     if announced_md5 is not None and base64.b64encode(md5.digest()).decode() != announced_md5.strip():
         raise CheckpointError(f"{url}: the download's MD5 does not match the server's Content-MD5 "
                               f"({announced_md5.strip()}); the file was damaged on the way")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes (hex): a download's check, a browser site's record of its files."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _verify(path: Path, url: str, sha256: str | None) -> None:

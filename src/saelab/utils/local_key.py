@@ -16,14 +16,15 @@ import os
 import secrets
 from pathlib import Path
 
+from saelab.utils.cache_dir import cache_dir
+
 KEY_FILE = "local-key"
 KEY_BYTES = 32
 
 
 def key_path() -> Path:
     """``$SAELAB_CACHE_DIR/local-key`` or ``~/.cache/saelab/local-key`` (where downloads are kept, beside them)."""
-    root = os.environ.get("SAELAB_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "saelab") / KEY_FILE
+    return cache_dir() / KEY_FILE
 
 
 def _read_or_make(path: Path) -> bytes:

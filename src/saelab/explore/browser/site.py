@@ -48,9 +48,9 @@ import torch
 from saelab.errors import ConfigError, RunExistsError
 from saelab.run_folder import refuse_others_files
 from saelab.sae.config import SITE_MANIFEST
-from saelab.sae.io import file_sha256
 from saelab.sae.relu import sparsity_of
 from saelab.utils.atomic import atomic_folder, write_json
+from saelab.utils.file_digests import file_sha256
 
 SITE_FORMAT = "saelab-feature-browser"
 SITE_VERSION = 1
