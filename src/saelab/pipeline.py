@@ -185,9 +185,10 @@ def _with_corpus_records(meta: dict[str, Any], corpus: str) -> dict[str, Any]:
     """``meta`` with the fingerprint of the corpus as this harvest reads it and where it lies, resolved (a hub
     dataset: neither). Taken now, from the folder the corpus was named in, so an SAE trained on the cache records
     the text it was trained on, and an evaluation tells that text by content under any name or folder, and the
-    file it was read from, even once edited, under any name for it. Only a writing harvest hashes it (once a
-    process: corpus_fingerprint caches it); a reuse or resume compares the settings alone (cache.RECORDED_ONLY),
-    after _as_cache_records read the recorded one."""
+    file it was read from, even once edited, under any name for it. Only a writing harvest hashes it (a file
+    unchanged since an earlier hash, by this process or an earlier call, is not read again: file_fingerprints); a
+    reuse or resume compares the settings alone (cache.RECORDED_ONLY), after _as_cache_records read the recorded
+    one."""
     recorded = {CORPUS_FINGERPRINT: corpus_fingerprint(corpus), CORPUS_PATH: corpus_absolute_path(corpus)}
     return {**meta, **{key: value for key, value in recorded.items() if value is not None}}
 

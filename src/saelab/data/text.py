@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from saelab.errors import CorpusError
+from saelab.utils.file_digests import file_fingerprints
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz")
 TEXT_SUFFIXES = (".txt",)
@@ -202,19 +203,15 @@ _IDENTITIES: dict[str, str] = {}
 def corpus_fingerprint(corpus: str) -> dict[str, Any] | None:
     """What a local corpus's text is, wherever it lies and whatever its name: its size in bytes and the sha256 of a
     file's bytes (as sha256sum gives it), for a folder of several files the sha256 of their sha256s in the order
-    they are read; None for a Hugging Face dataset name or a path that is not there."""
+    they are read; None for a Hugging Face dataset name or a path that is not there. A file unchanged since an
+    earlier hash (in this process, or kept in the cache folder) is not read again: file_fingerprints."""
     path = Path(corpus).expanduser() if corpus else None
     if path is None or not path.exists():
         return None
-    key = json.dumps(corpus_files_key(corpus))  # an edited file is hashed again
-    if key not in _FINGERPRINTS:
-        from saelab.utils.file_digests import file_sha256
-
-        files = corpus_folder_files(path) if path.is_dir() else [path]
-        digests = [file_sha256(f) for f in files]
-        digest = digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
-        _FINGERPRINTS[key] = {"bytes": sum(f.stat().st_size for f in files), "sha256": digest}
-    return _FINGERPRINTS[key]
+    read = file_fingerprints(corpus_folder_files(path) if path.is_dir() else [path])
+    digests = [digest for _, digest in read]
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    return {"bytes": sum(size for size, _ in read), "sha256": digest}
 
 
 def has_fingerprint(corpus: str, fingerprint: dict[str, Any]) -> bool:
@@ -226,8 +223,6 @@ def has_fingerprint(corpus: str, fingerprint: dict[str, Any]) -> bool:
     return corpus_fingerprint(corpus)["sha256"] == fingerprint.get("sha256")
 
 
-_FINGERPRINTS: dict[str, dict[str, Any]] = {}
-"""corpus_fingerprint's answers, by the files' paths, sizes and modification times."""
 CORPUS_FINGERPRINT = "dataset_fingerprint"
 """Where a harvest records :func:`corpus_fingerprint` of the corpus it read (the activation cache's meta), and so an
 SAE trained on it (``SAEConfig.extra``, which an export carries beside the corpus's base name, ``dataset``): an
