@@ -53,3 +53,19 @@ def test_a_path_whose_name_is_not_utf8_is_hashed_by_its_bytes(tmp_path, monkeypa
     mine = keyed_hash(latin1)
     assert mine.split(":")[1] == hmac.new(local_key(), b"/data/caf\xe9.txt", hashlib.sha256).hexdigest()[:16]
     assert same_keyed(mine, keyed_hash("/data/caf\u00e9.txt")) is False
+
+
+def test_every_cache_follows_one_folder_and_the_user_s_cache_home(tmp_path, monkeypatch):
+    """Dequantized models, downloads and the local key (and corpus fingerprints beside it) sit in one folder: with
+    $XDG_CACHE_HOME set and no $SAELAB_CACHE_DIR, models went there and the rest to ~/.cache/saelab."""
+    from saelab.models import cache_root
+    from saelab.sae.io import download_dir
+
+    monkeypatch.delenv("SAELAB_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    home = tmp_path / "xdg" / "saelab"
+    assert (cache_root(), download_dir(), key_path()) == (home / "models", home / "downloads", home / "local-key")
+    assert len(local_key()) == 32 and os.listdir(home) == ["local-key"]
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "own"))
+    assert (cache_root(), download_dir(), key_path()) == (tmp_path / "own" / "models", tmp_path / "own" / "downloads",
+                                                          tmp_path / "own" / "local-key")

@@ -5,7 +5,7 @@ The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside t
 GGUF-loaded model refuses ``save_pretrained``; so the first load writes the dequantized float32
 weights, config and tokenizer to a plain HF directory in the cache and every later load reads
 that directory. The cache lives in ``$SAELAB_CACHE_DIR/models/`` (default
-``~/.cache/saelab/models/``), one directory per GGUF file keyed by its name, size and mtime.
+``saelab/models`` in ``$XDG_CACHE_HOME`` or ``~/.cache``), one directory per GGUF file keyed by its name, size and mtime.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from saelab.models.config import MODEL_SPECS, check_hook_form, hook_layer
 from saelab.models.lm import CONTEXT_SETTING, SAE_CONTEXT, LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
+from saelab.utils.cache_dir import cache_dir
 from saelab.utils.pickle_check import PickleBombError, check_torch_file
 from saelab.utils.torch_files import load_plain_tensors, torch_load_reason
 
@@ -63,12 +64,8 @@ def default_gguf_path() -> Path:
 
 
 def cache_root() -> Path:
-    """Directory holding dequantized models: ``$SAELAB_CACHE_DIR/models`` or ``~/.cache/saelab/models``."""
-    base = os.environ.get("SAELAB_CACHE_DIR")
-    if base:
-        return Path(base).expanduser() / "models"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "saelab" / "models"
+    """Directory holding dequantized models: ``models`` in :func:`~saelab.utils.cache_dir.cache_dir`."""
+    return cache_dir() / "models"
 
 
 def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:

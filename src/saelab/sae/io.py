@@ -9,7 +9,7 @@
   hookpoints loads with :func:`load_sparsify`;
 - an OpenAI ``sparse_autoencoder`` v5 ``.pt`` file (see :mod:`saelab.sae.openai_format`);
 - an ``https://`` URL of such a ``.pt`` file, e.g. ``openai_v5_url(8)``, downloaded once into
-  ``$SAELAB_CACHE_DIR/downloads`` (default ``~/.cache/saelab/downloads``) by :func:`download`;
+  ``downloads`` in saelab's cache folder (:func:`saelab.utils.cache_dir.cache_dir`) by :func:`download`;
 - ``hf://owner/repo[@revision]/path/in/repo``: a SAELens or sparsify folder (or a ``.pt`` file) in a
   Hugging Face hub repository, fetched with ``huggingface_hub`` into its own cache (:func:`load_from_hub`).
 
@@ -433,7 +433,7 @@ def _hub_fetch(repo_id: str, sae_id: str, where: str, **hub_kwargs: Any) -> Path
 
 
 def download_dir() -> Path:
-    """Where downloaded checkpoints are kept: ``$SAELAB_CACHE_DIR/downloads`` or ``~/.cache/saelab/downloads``."""
+    """Where downloaded checkpoints are kept: ``downloads`` in :func:`saelab.utils.cache_dir.cache_dir`."""
     return cache_dir() / "downloads"
 
 

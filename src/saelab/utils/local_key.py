@@ -3,7 +3,7 @@
 A site or export records whether the corpus it read lies where a later build's does (so that a refusal can say
 "changed since" rather than "another corpus of that name"). A plain hash of the path let anyone confirm a guessed
 path from a published site; a hash keyed by this secret (HMAC-SHA256) cannot be checked without it. The secret is
-32 random bytes in ``$SAELAB_CACHE_DIR/local-key`` (default ``~/.cache/saelab/local-key``), made on first use;
+32 random bytes in ``local-key`` in saelab's cache folder (``$SAELAB_CACHE_DIR``, :func:`saelab.utils.cache_dir.cache_dir`), made on first use;
 without it (deleted, another machine or user) earlier records cannot be compared, and say so by the key's id.
 """
 
@@ -23,7 +23,7 @@ KEY_BYTES = 32
 
 
 def key_path() -> Path:
-    """``$SAELAB_CACHE_DIR/local-key`` or ``~/.cache/saelab/local-key`` (where downloads are kept, beside them)."""
+    """``local-key`` in :func:`saelab.utils.cache_dir.cache_dir` (beside the downloads)."""
     return cache_dir() / KEY_FILE
 
 
