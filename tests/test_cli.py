@@ -1663,6 +1663,46 @@ def test_verbs_say_when_model_reads_the_sae_on_another_model(tmp_path, tiny_dir,
                                          f"{tiny_dir}; its latents are read from {split_pad_dir} here"]
 
 
+def _weightless(model_dir, folder):
+    """A copy of a model folder less its weights: its config and tokenizer pass every check; its load fails."""
+    shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return folder
+
+
+def _hook_and_model_notes(argv: list[str], capsys, code: int = 0) -> list[str]:
+    """The notes of another --hook or --model that ``argv`` prints, and the error line that ends a failed run."""
+    assert main(argv) == code, argv
+    return [line for line in capsys.readouterr().err.splitlines() if "note: --" in line or " error: " in line]
+
+
+def test_paper_suite_says_when_hook_or_model_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
+    """eval --suite paper read an SAE at another --hook, or on another --model than it records, without a word,
+    where the core metrics say it: the same notes, once, before the model loads (a model that cannot be loaded
+    fails after them), and nothing for the SAE's own hook and model."""
+    on_gpt2, own = _tiny_sae(tmp_path / "gpt2", "gpt2"), _tiny_sae(tmp_path / "own", tiny_dir)
+    suite = ["--suite", "paper", "--metrics", "core", "--recon-tokens", "256", "--downstream-tokens", "128",
+             "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), "--no-progress"]
+    hook = "blocks.1.hook_resid_post"
+    argv = ["eval", on_gpt2, "--hook", hook, *suite]
+    said = [f"saelab eval: note: --hook {hook}: {on_gpt2} was trained at blocks.0.hook_resid_post; its latents are "
+            f"read at {hook} here",
+            f"saelab eval: note: --model {tiny_dir}: {on_gpt2} was trained on gpt2; its latents are read from "
+            f"{tiny_dir} here"]
+    assert _hook_and_model_notes([*argv, "--model", str(tiny_dir), "--out", str(tmp_path / "ev")], capsys) == said
+    weightless = _weightless(tiny_dir, tmp_path / "weightless")
+    # A refusal stays one line: the notes come once every check has passed.
+    refused = _hook_and_model_notes([*argv, "--model", str(weightless), "--out", str(tmp_path / "ev")], capsys, code=2)
+    assert len(refused) == 1 and refused[0].startswith(f"saelab eval: error: {tmp_path / 'ev' / 'evals'} holds "
+                                                       "results of this SAE with other settings: core (--model")
+    argv += ["--model", str(weightless), "--out", str(tmp_path / "ev-weightless")]
+    assert _hook_and_model_notes(argv, capsys, code=2) == [
+        said[0], said[1].replace(str(tiny_dir), str(weightless)),
+        f"saelab eval: error: cannot load model directory {weightless}: Error no file named model.safetensors, or "
+        f"pytorch_model.bin, found in directory {weightless}."]
+    argv = ["eval", own, "--hook", "blocks.0.hook_resid_post", "--model", str(tiny_dir), *suite]
+    assert _hook_and_model_notes([*argv, "--out", str(tmp_path / "own-ev")], capsys) == []
+
+
 def test_a_hub_id_the_offline_default_stands_for_names_it_when_it_cannot_be_loaded(tmp_path, smollm2, data_dir,
                                                                                    capsys, monkeypatch):
     """A SAELens folder (no saelab section, as SAELens or the hub gives it) of an SAE on

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -675,12 +675,16 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
 def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: LanguageModel | str | None = None,
                 hook: str | None = None, eval_cfg: EvalConfig | None = None, cfg: PaperSuiteConfig | None = None,
                 device: str | torch.device | None = None, model_dtype: str = "float32", allow_http: bool = False,
-                overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                overwrite: bool = False, progress: bool = True,
+                before_load: Callable[[TopKSAE, str | None], None] | None = None) -> dict[str, Any]:
     """`saelab eval SAE --suite paper`: the suite into OUT/evals/ (OUT: the run folder, or ``out_dir``),
     OUT/evals/report.md, and the run's report.md. Returns the suite index with "report", the path of that
-    report. Raises after writing when a metric failed."""
+    report. Raises after writing when a metric failed. ``before_load``: called with the SAE (at ``hook``) and the
+    hook it records once every check has passed, before the model loads (the CLI's notes of another hook or
+    model)."""
     sae, run = open_sae(source, allow_http=allow_http)
-    own_hook = not hook or hook == sae.cfg.hook_name  # the hash covers the hook: another makes another SAE
+    trained_at = sae.cfg.hook_name
+    own_hook = not hook or hook == trained_at  # the hash covers the hook: another makes another SAE
     if hook:
         sae.cfg.hook_name = hook
     out = _suite_folder(out_dir, run)
@@ -704,6 +708,8 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     # Into a run folder: its lock, as evaluate_run holds it (a retraining meanwhile would mix two SAEs' files).
     lock = RunLock(run).acquire() if out is run else None
     try:
+        if before_load is not None:
+            before_load(sae, trained_at)
         lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
         sae = _beside_model(sae, lm, given=False)
         index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg,

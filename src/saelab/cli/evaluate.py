@@ -135,7 +135,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         with eval_settings_as_given(args, "--"):
             index = paper_suite(args.sae, out_dir=args.out, lm=args.model, hook=args.hook, eval_cfg=args.eval,
                                 cfg=suite_config(args), device=args.device, model_dtype=args.model_dtype,
-                                allow_http=args.allow_http, overwrite=args.overwrite, progress=args.progress)
+                                allow_http=args.allow_http, overwrite=args.overwrite, progress=args.progress,
+                                before_load=lambda sae, trained_at: _note_another_hook_or_model(args, sae, trained_at))
         return {"report": index["report"],
                 **{m: v["status"] + (" (reused)" if v["reused"] else "") for m, v in index["metrics"].items()}}
     with eval_settings_as_given(args, "--"):
@@ -205,9 +206,9 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _note_another_hook_or_model(args: argparse.Namespace, sae, trained_at: str | None) -> None:
-    """Say, beside the metrics (every check has passed), that --hook read the SAE at another hook than it was
-    trained at, or --model on another model than it records: a near miss gives metrics that read as a poor SAE, as
-    top, steer and browse say."""
+    """Say, once every check has passed (the core metrics: beside them; the paper suite: before the model loads),
+    that --hook read the SAE at another hook than it was trained at, or --model on another model than it records: a
+    near miss gives metrics that read as a poor SAE, as top, steer and browse say."""
     from saelab.explore.browser.build import another_hook_words, another_model_words
 
     if trained_at and sae.cfg.hook_name != trained_at:
