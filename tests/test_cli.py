@@ -1703,6 +1703,44 @@ def test_paper_suite_says_when_hook_or_model_reads_the_sae_elsewhere(tmp_path, t
     assert _hook_and_model_notes([*argv, "--out", str(tmp_path / "own-ev")], capsys) == []
 
 
+def test_eval_of_a_sweep_says_when_model_reads_its_runs_on_another_model(tmp_path, tiny_dir, split_pad_dir, data_dir,
+                                                                         capsys):
+    """eval SWEEP --model read the runs on another model than they record without a word, where eval RUN says it:
+    one line for a sweep whose runs record one model, else one for each run read on another, before any model loads
+    (a model that cannot be loaded fails after them); nothing on the runs' own model."""
+    from saelab.pipeline import HarvestConfig, harvest, train_from_cache
+    from saelab.train import TrainConfig
+
+    corpus, sweep = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tmp_path / "sweep"
+
+    def train(model, *names):
+        cache = harvest(HarvestConfig(model=str(model), hook="blocks.0.hook_resid_post", context_size=32,
+                                      corpus=corpus, n_tokens=1024, buffer_tokens=8192), tmp_path / f"acts-{names[0]}",
+                        progress=False)
+        for name in names:
+            train_from_cache(cache, sweep / name, TrainConfig(n_latents=int(name[1:]), k=4, batch_size=256,
+                                                              total_tokens=1024, init_rows=1024), progress=False)
+
+    def note(source, model, trained_on=tiny_dir) -> str:
+        return (f"saelab eval: note: --model {model}: {source} was trained on {trained_on}; its latents are read "
+                f"from {model} here")
+
+    train(tiny_dir, "n32", "n64")
+    argv = ["eval", str(sweep), "--recon-tokens", "256", "--downstream-tokens", "128", "--corpus", corpus,
+            "--no-progress", "--overwrite"]
+    assert _hook_and_model_notes([*argv, "--model", str(split_pad_dir)], capsys) == [note(sweep, split_pad_dir)]
+    assert _hook_and_model_notes([*argv, "--model", str(tiny_dir)], capsys) == []
+    train(split_pad_dir, "n48")  # a run on another model: each run read on another one is named
+    assert _hook_and_model_notes([*argv, "--model", str(split_pad_dir)], capsys) == [
+        note(sweep / "n32", split_pad_dir), note(sweep / "n64", split_pad_dir)]
+    weightless = _weightless(tiny_dir, tmp_path / "weightless")
+    assert _hook_and_model_notes([*argv, "--model", str(weightless)], capsys, code=2) == [
+        note(sweep / "n32", weightless), note(sweep / "n48", weightless, split_pad_dir),
+        note(sweep / "n64", weightless),
+        f"saelab eval: error: cannot load model directory {weightless}: Error no file named model.safetensors, or "
+        f"pytorch_model.bin, found in directory {weightless}."]
+
+
 def test_a_hub_id_the_offline_default_stands_for_names_it_when_it_cannot_be_loaded(tmp_path, smollm2, data_dir,
                                                                                    capsys, monkeypatch):
     """A SAELens folder (no saelab section, as SAELens or the hub gives it) of an SAE on

@@ -130,7 +130,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         _note_unfinished("eval", args.sae, "evaluates the finished runs")
         with eval_settings_as_given(args, "--"):
             return evaluate_sweep(args.sae, args.eval, model=args.model, device=args.device,
-                                  model_dtype=args.model_dtype, overwrite=args.overwrite, progress=args.progress)
+                                  model_dtype=args.model_dtype, overwrite=args.overwrite, progress=args.progress,
+                                  before_load=lambda saes: _note_runs_on_another_model(args, saes))
     if args.suite == "paper":
         with eval_settings_as_given(args, "--"):
             index = paper_suite(args.sae, out_dir=args.out, lm=args.model, hook=args.hook, eval_cfg=args.eval,
@@ -205,17 +206,31 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-def _note_another_hook_or_model(args: argparse.Namespace, sae, trained_at: str | None) -> None:
+def _note_another_hook_or_model(args: argparse.Namespace, sae, trained_at: str | None,
+                                source: str | None = None) -> None:
     """Say, once every check has passed (the core metrics: beside them; the paper suite: before the model loads),
     that --hook read the SAE at another hook than it was trained at, or --model on another model than it records: a
-    near miss gives metrics that read as a poor SAE, as top, steer and browse say."""
+    near miss gives metrics that read as a poor SAE, as top, steer and browse say. ``source``: the SAE as named
+    there (default: as given)."""
     from saelab.explore.browser.build import another_hook_words, another_model_words
 
+    source = source or args.sae
     if trained_at and sae.cfg.hook_name != trained_at:
-        print(f"saelab eval: note: {another_hook_words(sae.cfg.hook_name, args.sae, trained_at)}", file=sys.stderr)
-    words = another_model_words(args.model, args.sae, sae)
+        print(f"saelab eval: note: {another_hook_words(sae.cfg.hook_name, source, trained_at)}", file=sys.stderr)
+    words = another_model_words(args.model, source, sae)
     if words:
         print(f"saelab eval: note: {words}", file=sys.stderr)
+
+
+def _note_runs_on_another_model(args: argparse.Namespace, saes: dict) -> None:
+    """The note of a --model other than the runs of a sweep record, before any model loads (a sweep takes no
+    --hook): one line naming the sweep where its runs record one model, else one for each run read on another."""
+    from saelab.run_folder import sae_model
+
+    if len({sae_model(sae) for sae in saes.values()}) == 1:
+        saes = {args.sae: next(iter(saes.values()))}
+    for source, sae in saes.items():
+        _note_another_hook_or_model(args, sae, sae.cfg.hook_name, source=str(source))
 
 
 def _note_unfinished(verb: str, sweep: str, what: str) -> None:
