@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -605,6 +605,12 @@ def check_evaluation_before_training(cache: str | Path, cfg: EvalConfig) -> Eval
     return {} if contexts is None else {read: contexts}
 
 
+class SaeSettings(NamedTuple):
+    """An SAE's settings without its weights (``cfg``, as the SAE has it): what a note of the model or hook it
+    records reads, kept for every run of a sweep while the SAEs not to evaluate are dropped."""
+    cfg: Any
+
+
 class _TokenizersBeforeLoad(dict):
     """Each model's :func:`tokenizer_before_load`, read once: for the checks of every run, then for the load."""
 
@@ -617,12 +623,12 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
                    device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                    progress: bool = True, sae_hashes: SaeHashes | None = None,
                    contexts_read: EvalContextsRead | None = None,
-                   before_load: Callable[[dict[Path, TopKSAE]], None] | None = None) -> dict[str, Any]:
+                   before_load: Callable[[dict[Path, SaeSettings]], None] | None = None) -> dict[str, Any]:
     """Core-evaluate every run of a sweep folder (one model load each); runs whose metrics.json
     describes their SAE with the same settings are kept, and ones with other settings refused before any
     work, unless ``overwrite``. ``sae_hashes``: filled with each run's SAE hash, for the scaling study next.
     ``contexts_read``: eval contexts of ``cfg`` read already (check_evaluation_before_training's), used
-    where a run reads the same ones. ``before_load``: called with each run's SAE once every run is checked,
+    where a run reads the same ones. ``before_load``: called with each run's SaeSettings once every run is checked,
     before any model loads (the CLI's note of a ``model`` other than the runs')."""
     cfg = cfg or EvalConfig()
     sae_hashes = sae_hashes or SaeHashes()
@@ -633,14 +639,14 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         raise SaelabError(f"{folder}: no run folders with a trained SAE inside; expected the output folder of "
                           "`saelab sweep`")
     resolve_corpus(cfg.corpus, "eval")  # a missing corpus is named before any model loads
-    state, specs, changes, hashes, saes, contexts = {}, {}, {}, {}, {}, {}
+    state, specs, changes, hashes, saes, contexts, settings = {}, {}, {}, {}, {}, {}, {}
     corpus_read, tokenizers = dict(contexts_read or {}), _TokenizersBeforeLoad()
     # Each SAE is loaded once: those to evaluate are kept from their check to their evaluation (on the CPU;
-    # the sweep trained them all at once), the others dropped once before_load has seen them.
+    # the sweep trained them all at once), the others dropped after their check.
     for run in runs:
         # once per run, for the check, the evaluation and the scaling study: hashing reads every weight
         sae, hashes[run] = sae_hashes.load(run)
-        saes[run] = sae
+        settings[run] = SaeSettings(sae.cfg)
         changes[run] = None if overwrite else _evaluation_changes(run, sae, cfg, model=model, model_dtype=model_dtype,
                                                                   sae_hash=hashes[run])
         state[run] = _state_of(changes[run])
@@ -651,15 +657,14 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
                     sae.cfg.prepend_bos)
             if read not in corpus_read:  # runs of one cache read the same contexts: once, for every evaluation
                 corpus_read[read] = check_eval_corpus_before_load(tokenizers[specs[run]], cfg, *read[1:])
-            contexts[run] = corpus_read[read]
+            saes[run], contexts[run] = sae, corpus_read[read]
     other = [run for run in runs if state[run] == "other"]
     if other:
         raise RunExistsError(f"{', '.join(run.name for run in other)} in {folder} "
                              f"{'holds' if len(other) == 1 else 'hold'} an evaluation with other "
                              f"settings ({', '.join(changes[other[0]])}); pass --overwrite to replace them")
     if before_load is not None:
-        before_load(dict(saes))
-    saes = {run: sae for run, sae in saes.items() if state[run] == "none"}
+        before_load(settings)
     models: dict[str, LanguageModel] = {}
     out: dict[str, Any] = {}
     for run in runs:

@@ -224,7 +224,8 @@ def _note_another_hook_or_model(args: argparse.Namespace, sae, trained_at: str |
 
 def _note_runs_on_another_model(args: argparse.Namespace, saes: dict) -> None:
     """The note of a --model other than the runs of a sweep record, before any model loads (a sweep takes no
-    --hook): one line naming the sweep where its runs record one model, else one for each run read on another."""
+    --hook): one line naming the sweep where its runs record one model, else one for each run read on another.
+    ``saes``: each run's SAE or its settings (``cfg``), which is all the note reads."""
     from saelab.run_folder import sae_model
 
     if len({sae_model(sae) for sae in saes.values()}) == 1:
