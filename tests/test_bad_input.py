@@ -1716,6 +1716,28 @@ def test_cli_train_keeps_a_finished_run(tiny_cache, tmp_path, capsys):
     assert issubclass(RunExistsError, SaelabError)
 
 
+def test_quickstart_into_a_finished_relu_run_names_no_top_k_setting(tiny_cache, tiny_dir, corpus, tmp_path, capsys):
+    """A ReLU run records the top-k settings it never used (k, AuxK's, Multi-TopK's); a quickstart of a top-k SAE
+    into its folder was refused naming "-k 32 -> 4" (and --k-aux, --multi-topk, --multi-topk-factor) beside the
+    architecture, a k the ReLU run never had. A setting that acts on nothing in one of the runs is no difference
+    between them: the change that makes it act on nothing is named."""
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--activations", str(tiny_cache), "--out", str(run), "--architecture",
+                             "relu", "--n-latents", "64", "--batch-size", "128", "--total-tokens", "512",
+                             "--init-rows", "256", "--no-progress")
+    assert code == 0 and json.loads(out)["k"] is None, err
+    assert json.loads((run / "train_config.json").read_text())["train"]["k"] == 32  # recorded, unused
+    before = snapshot(run)
+    code, out, err = run_cli(capsys, "quickstart", "--out", str(run), "--harvest-model", str(tiny_dir), "--harvest-hook",
+                             HOOK, "--harvest-corpus", str(corpus), "--harvest-context-size", "32", "--n-tokens", "512",
+                             "--n-latents", "64", "--batch-size", "128", "--init-rows", "256", "-k", "4", "--k-aux",
+                             "16", "--multi-topk", "--multi-topk-factor", "2", "--no-progress")
+    assert (code, out) == (2, "") and err == (
+        f'saelab quickstart: error: run folder {run} holds a finished run trained with other settings (--architecture '
+        '"relu" -> "topk"); pick another --out, or pass --overwrite to train again'), err
+    assert snapshot(run) == before
+
+
 def test_cli_train_on_a_small_cache_trains_on_all_its_rows_unless_total_tokens_is_given(tiny_cache, tmp_path, capsys):
     """`saelab train --activations CACHE` on a cache of 1,024 rows was refused: the short-run recipe's
     --total-tokens 1,048,576 did not fit, though the user never typed it. Left at its default it now trains on

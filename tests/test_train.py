@@ -313,6 +313,20 @@ def test_resume_may_change_when_it_saves_and_logs_but_not_what_it_trains(tmp_pat
     assert (recorded["checkpoint_every"], recorded["log_every"]) == (2, 3)
 
 
+def test_resume_may_change_a_setting_that_acts_on_nothing_in_the_run(tmp_path):
+    """k_aux with AuxK off, lr_base beside a given lr: the same SAE trains, so the run resumes (it was refused as
+    a different config); a setting that acts is still refused."""
+    data = _data()
+    full = train_sae(_cfg(auxk=False), _source(data, 128), tmp_path / "a", d_in=24, progress=False)
+    train_sae(_cfg(auxk=False), _source(data, 128), tmp_path / "b", d_in=24, progress=False, stop_after_steps=5)
+    with pytest.raises(RunExistsError, match=r"differs in train.auxk false -> true\)"):
+        train_sae(_cfg(k_aux=32), _source(data, 128), tmp_path / "b", d_in=24, progress=False)
+    resumed = train_sae(_cfg(auxk=False, k_aux=32, lr_base=1e-3), _source(data, 128), tmp_path / "b", d_in=24,
+                        progress=False)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_tokens_past_the_last_whole_batch_are_named(tmp_path, capsys):
     data = _data(rows=1024)
     train_sae(_cfg(total_tokens=1000), _source(data, 128), tmp_path / "run", d_in=24, progress=False)

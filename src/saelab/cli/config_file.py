@@ -17,6 +17,7 @@ import yaml
 from simple_parsing.utils import FALSE_STRINGS, TRUE_STRINGS
 
 from saelab.errors import ConfigError
+from saelab.train.config import unused_settings
 from saelab.utils.words import ESCAPED, did_you_mean
 
 
@@ -38,14 +39,8 @@ def run_record_as_settings(entries: dict[str, Any], train_settings: type | None,
         raise ConfigError(f"--config {path}: a run's record of its settings; `saelab train` and `saelab sweep` "
                           f"read it, training on the --activations given, while `{prog}` would leave its model, "
                           "hook and data aside; expected option groups such as {\"train\": {\"k\": 64}}")
-    from saelab.cli.jobs import APPLIES_ONLY_WITH  # here: jobs builds on this module
-
     giving = train_settings.entries_giving(entries["train"])
-    try:
-        settings = {**train_settings.from_recipe(giving["recipe"]).to_dict(), **entries["train"]}
-        unused = {field for fields, applies, _ in APPLIES_ONLY_WITH if not applies(settings) for field in fields}
-    except (ConfigError, KeyError, TypeError):  # an unknown recipe or setting: refused as the file's entry
-        unused = set()
+    unused = unused_settings(entries["train"])  # none for an unknown recipe or setting: refused as the file's entry
     return {"train": {field: value for field, value in giving.items() if field not in unused}}
 
 

@@ -20,7 +20,7 @@ from saelab.errors import ConfigError
 from saelab.evals.config import EvalConfig
 from saelab.pipeline_config import HarvestConfig, QuickstartConfig
 from saelab.run_folder import SaeHashes, check_output_folder
-from saelab.train.config import LOG_TARGETS, TrainConfig, check_warmup, resolved_decoder_init
+from saelab.train.config import APPLIES_ONLY_WITH, LOG_TARGETS, TrainConfig, check_warmup
 from saelab.utils.config import given_parts
 from saelab.utils.words import did_you_mean, plural
 
@@ -37,28 +37,6 @@ def add_train_config(p, recipe: str) -> None:
                    metavar="{tensorboard,wandb}",
                    help="also log training metrics to TensorBoard (RUN/tensorboard/) and/or Weights & Biases "
                         "(WANDB_MODE=offline works offline); default: metrics.jsonl only")
-
-
-RELU_HAS_NONE = ("a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every positive latent and has no k, "
-                 "AuxK or Multi-TopK; its sparsity is set by --l1-coefficient")
-
-# Training options that act only with another setting, in the order they are checked: (the options' fields,
-# whether a point of the settings uses them, why not). Given where they have no effect, they would be
-# silently ignored, and the report would list them as a change to the recipe.
-APPLIES_ONLY_WITH: list[tuple[tuple[str, ...], typing.Callable[[dict], bool], str]] = [
-    (("k", "k_aux", "auxk", "auxk_coef", "multi_topk", "multi_topk_factor", "multi_topk_coef"),
-     lambda s: s["architecture"] == "topk", RELU_HAS_NONE),
-    (("l1_coefficient",), lambda s: s["architecture"] == "relu",
-     "applies only with --architecture relu (the relu-l1 recipe); a top-k SAE's sparsity is set by --k"),
-    (("multi_topk_factor", "multi_topk_coef"), lambda s: s["multi_topk"], "applies only with --multi-topk"),
-    (("k_aux", "auxk_coef"), lambda s: s["auxk"], "applies only with --auxk (AuxK is off)"),
-    (("decoder_init_max_cos", "decoder_init_noise"),  # auto draws it at random on too few activations per latent
-     lambda s: resolved_decoder_init(s["decoder_init"], s["batch_size"], s["k"], s["n_latents"]) != "random",
-     "applies only to a decoder initialized from data (--decoder-init data, or auto where --batch-size x --k / "
-     "--n-latents >= 16); here it is drawn at random"),
-    (("lr_base", "lr_max"), lambda s: s["lr"] is None,
-     "sets the learning rate only when --lr is unset; --lr gives it outright"),
-]
 
 
 def refuse_options_that_do_not_apply(args: argparse.Namespace, grid: dict[str, list] | None = None,

@@ -18,6 +18,7 @@ import torch
 from saelab.errors import CheckpointError, RunExistsError
 from saelab.run_folder import CHECKPOINT, RUN_RESULTS, STATUS, TRAIN_CONFIG, TRAINING_LOG
 from saelab.train import distributed as ddp
+from saelab.train.config import unused_settings
 from saelab.utils.atomic import (SET_ASIDE, atomic_path, is_being_replaced, is_paused, put_back_set_aside,
                                  remove_entry, replacing_entries, resuming_replacement, write_bytes, write_json)
 from saelab.utils.differences import visible_difference
@@ -130,8 +131,14 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 def training_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """changed_fields of two run configs (or their "train" groups alone), less the settings a resume may
-    change: empty when both train the same SAE."""
-    return changed_fields(_what_it_trains(old), _what_it_trains(new)) + data_changes(old, new)
+    change and those that act on nothing in one of the two runs (``unused_settings``: a ReLU run's k, which the
+    change of architecture names): empty when both train the same SAE."""
+    a, b = _what_it_trains(old), _what_it_trains(new)
+    trains = [c["train"] for c in (a, b) if isinstance(c.get("train"), dict)]
+    for field in set().union(*map(unused_settings, trains)):
+        for train in trains:
+            train.pop(field, None)
+    return changed_fields(a, b) + data_changes(old, new)
 
 
 def data_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ every item switchable. Why each default is what it is, with measurements: docs/t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -195,6 +196,40 @@ def resolved_decoder_init(decoder_init: str, batch_size: int, k: int, n_latents:
     if decoder_init != "auto":
         return decoder_init
     return "data" if batch_size * k >= 16 * n_latents else "random"
+
+
+RELU_HAS_NONE = ("a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every positive latent and has no k, "
+                 "AuxK or Multi-TopK; its sparsity is set by --l1-coefficient")
+
+# Training options that act only with another setting, in the order they are checked: (the options' fields,
+# whether settings ({field: value}) use them, why not). Given where they have no effect, they would be silently
+# ignored (the CLI refuses them), and the report would list them as a change to the recipe; recorded where they
+# have none (a ReLU run's default k), they are no difference between two runs (unused_settings).
+APPLIES_ONLY_WITH: list[tuple[tuple[str, ...], Callable[[dict], bool], str]] = [
+    (("k", "k_aux", "auxk", "auxk_coef", "multi_topk", "multi_topk_factor", "multi_topk_coef"),
+     lambda s: s["architecture"] == "topk", RELU_HAS_NONE),
+    (("l1_coefficient",), lambda s: s["architecture"] == "relu",
+     "applies only with --architecture relu (the relu-l1 recipe); a top-k SAE's sparsity is set by --k"),
+    (("multi_topk_factor", "multi_topk_coef"), lambda s: s["multi_topk"], "applies only with --multi-topk"),
+    (("k_aux", "auxk_coef"), lambda s: s["auxk"], "applies only with --auxk (AuxK is off)"),
+    (("decoder_init_max_cos", "decoder_init_noise"),  # auto draws it at random on too few activations per latent
+     lambda s: resolved_decoder_init(s["decoder_init"], s["batch_size"], s["k"], s["n_latents"]) != "random",
+     "applies only to a decoder initialized from data (--decoder-init data, or auto where --batch-size x --k / "
+     "--n-latents >= 16); here it is drawn at random"),
+    (("lr_base", "lr_max"), lambda s: s["lr"] is None,
+     "sets the learning rate only when --lr is unset; --lr gives it outright"),
+]
+
+
+def unused_settings(recorded: dict[str, Any]) -> set[str]:
+    """The fields of training settings (``to_dict``'s, as a run records them; a field left out has its recipe's
+    value) that act on nothing under the others (APPLIES_ONLY_WITH): a ReLU run's k, AuxK's k_aux with AuxK off.
+    None where the recipe or a value is one this version does not know (its refusal names it)."""
+    try:
+        settings = {**TrainConfig.from_recipe(recorded.get("recipe", "short-run")).to_dict(), **recorded}
+        return {field for fields, applies, _ in APPLIES_ONLY_WITH if not applies(settings) for field in fields}
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return set()
 
 
 def _check_choices(c: TrainConfig) -> None:
