@@ -1741,6 +1741,25 @@ def test_eval_of_a_sweep_says_when_model_reads_its_runs_on_another_model(tmp_pat
         f"pytorch_model.bin, found in directory {weightless}."]
 
 
+def test_an_sae_on_the_offline_default_read_from_its_gguf_file_is_read_on_its_own_model(tmp_path, data_dir, capsys):
+    """An SAE trained on 'default', as a run records it, read with --model the .gguf file 'default' loads was noted
+    as read from another model ("was trained on HuggingFaceTB/SmolLM2-135M-Instruct; its latents are read from
+    .../SmolLM2-135M-Instruct.Q4_1.gguf here"): it is the same file, by any path to it."""
+    from saelab.models import default_gguf_path, model_provenance
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    recorded = model_provenance("default")
+    sae = tmp_path / "sae"
+    save_sae(TopKSAE(SAEConfig(d_in=576, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post", context_size=32,
+                               model_name=recorded["model_name"], extra={"model_source": recorded["model_source"]})),
+             sae)
+    (tmp_path / "smol.gguf").symlink_to(default_gguf_path())
+    for model in (str(default_gguf_path()), str(tmp_path / "smol.gguf")):
+        assert main(["top", str(sae), "--latent", "1", "--n-tokens", "64", "--json", "--model", model, "--corpus",
+                     str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), "--no-progress"]) == 0
+        assert "note: --model" not in capsys.readouterr().err, model
+
+
 def test_a_hub_id_the_offline_default_stands_for_names_it_when_it_cannot_be_loaded(tmp_path, smollm2, data_dir,
                                                                                    capsys, monkeypatch):
     """A SAELens folder (no saelab section, as SAELens or the hub gives it) of an SAE on

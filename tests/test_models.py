@@ -652,3 +652,21 @@ def test_same_model_tells_one_model_by_any_of_its_names(tiny_dir, tmp_path, monk
     for a, b in (("default", "gpt2"), ("gpt2", "openai-community/gpt2"), (str(tiny_dir), str(tiny_dir.parent)),
                  ("", ""), ("gpt2", "")):
         assert not same_model(a, b) and not same_model(b, a), (a, b)
+
+
+def test_same_model_takes_the_offline_default_as_the_gguf_file_it_loads(tmp_path, monkeypatch):
+    """'default' is the .gguf file it loads, by any path to it, and so is the hub id it stands for: a run trained
+    on 'default' read with --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf was noted as read from another model. A
+    folder named 'default' here is not the offline default; another .gguf file is another model."""
+    from saelab.models import DEFAULT_MODEL_HUB_ID, same_model
+
+    gguf = default_gguf_path()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smol.gguf").symlink_to(gguf)
+    (tmp_path / "default").mkdir()
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    for spec in (str(gguf), os.path.relpath(gguf), "smol.gguf"):
+        for named in ("default", DEFAULT_MODEL_HUB_ID):
+            assert same_model(named, spec) and same_model(spec, named), (named, spec)
+    for a, b in (("default", str(tmp_path / "default")), ("default", "other.gguf"), (str(gguf), "other.gguf")):
+        assert not same_model(a, b) and not same_model(b, a), (a, b)

@@ -667,14 +667,22 @@ def check_before_load(spec: str | LanguageModel, hook: str | None, context_size:
 
 def same_model(a: str, b: str) -> bool:
     """Whether model specs ``a`` and ``b`` (hub ids, paths, "default") name one model: one name as reports give it
-    (:func:`model_provenance`'s, the offline default by the hub id it is a copy of), or one file or folder of this
-    disk by two paths."""
+    (:func:`model_provenance`'s: the offline default by the hub id it is a copy of, so that hub id is the default
+    too, though its hub weights are close to, not equal to, the default's), or one file or folder of this disk by
+    two paths ("default" by the .gguf file it loads, so a path to that file is the default, and its hub id)."""
     if not a or not b:
         return False
-    if model_provenance(a)["model_name"] == model_provenance(b)["model_name"]:
-        return True
-    local = hub.local_path(a)
-    return local is not None and local == hub.local_path(b)
+    try:
+        default = default_gguf_path().resolve()
+    except ModelLoadError:  # no offline default installed: no path leads to it
+        default = None
+    seen = []
+    for spec in (a, b):
+        local = default if spec == DEFAULT_MODEL else hub.local_path(spec)  # "default" loads the default, not ./default
+        named = DEFAULT_MODEL if local is not None and local == default else spec
+        seen.append((model_provenance(named)["model_name"], local))
+    (name_a, local_a), (name_b, local_b) = seen
+    return name_a == name_b or (local_a is not None and local_a == local_b)
 
 
 def model_provenance(spec: str) -> dict:
