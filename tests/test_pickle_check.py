@@ -521,6 +521,50 @@ def test_the_check_refuses_it_before_torch_reads_it(kind, tmp_path):
         check_torch_file(path)
 
 
+def complex_call(z: complex) -> bytes:
+    """complex(z.real, z.imag), as torch.save writes a complex number."""
+    return glob("builtins", "complex") + b"G" + struct.pack(">d", z.real) + b"G" + struct.pack(">d", z.imag) + b"\x86R"
+
+
+def hashed_again(items: list[bytes], again: bytes, n: int) -> bytes:
+    """A pickle of 256 ``items`` of one hash (memo 0-255), a list of them (memo 256), a dict keyed by them (257), a
+    set of them (258), set, Counter and OrderedDict (259-261), then a dict whose one key is set ``n`` times to
+    ``again`` (which refers to those)."""
+    return (b"\x80\x02](" + b"".join(item + put(j) for j, item in enumerate(items)) + b"e" + put(256)
+            + b"}(" + b"".join(get(j) + b"N" for j in range(256)) + b"u" + put(257)
+            + glob("builtins", "set") + put(259) + get(256) + b"\x85R" + put(258)
+            + glob("collections", "Counter") + put(260) + glob("collections", "OrderedDict") + put(261)
+            + b"}" + (b"N" + again + b"s") * n + b".")
+
+
+COMPLEX_256 = [complex_call(z) for z in ONE_HASH_COMPLEX[:HASHED_ALIKE_MAX]]
+INTS_256 = [long1(k) for k in ONE_HASH_INTS[:HASHED_ALIKE_MAX]]
+KEYED_AGAIN = b"}(" + b"".join(get(j) + b"N" for j in range(256)) + b"u"  # 1.5 KB: a dict of the memo's 256 keys
+# each hashes 256 keys of one hash, 32,640 comparisons, from a few bytes: (the items, what is hashed again)
+HASHED_AGAIN = {
+    "a-set-of-a-list": (COMPLEX_256, get(259) + get(256) + b"\x85R"),  # 14 bytes a key set (8 by 1-byte memo indices)
+    "a-counter-of-a-made-set": (COMPLEX_256, get(260) + get(258) + b"\x85R"),
+    "a-set-of-a-dict": (COMPLEX_256, get(259) + get(257) + b"\x85R"),
+    "an-ordered-dict-of-a-dict": (COMPLEX_256, get(261) + get(257) + b"\x85R"),
+    "a-dict-of-complex-keys": (COMPLEX_256, KEYED_AGAIN),
+    "a-dict-of-int-keys": (INTS_256, KEYED_AGAIN),
+}
+
+
+@pytest.mark.parametrize("kind", HASHED_AGAIN)
+def test_keys_of_one_hash_hashed_again_are_charged_their_comparisons(kind, tmp_path):
+    """A set of one list of 256 complex numbers of one hash, made again and again, 8 bytes each: each took 32,640
+    comparisons to load and was charged 561 (its items walked); a 10.4 MB file, padded for its budget, passed the
+    check in 0.5 s and took 30 s to load. Each set, Counter, OrderedDict or dict is now charged the comparisons
+    its keys that may hash alike take (each with those before it), so a few read and a hundred are refused."""
+    path = tmp_path / "x.pt"
+    in_archive(path, hashed_again(*HASHED_AGAIN[kind], n=10))
+    assert len(load_plain_tensors(path)) == 1
+    in_archive(path, hashed_again(*HASHED_AGAIN[kind], n=100))
+    with pytest.raises(PickleBombError, match="would make"):
+        check_torch_file(path)
+
+
 # What torch's weights-only reader reads harmlessly where the scan stopped, leaving the rest of the pickle to torch:
 # an object of a class torch allows given an empty state (BUILD), which torch takes as a no-op; a call of a made
 # set's items (the scan keeps none). Each is put in front of a bomb: (its opcodes, the refusal)

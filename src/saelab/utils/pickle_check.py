@@ -32,7 +32,10 @@ this adds what torch lets through, the size of what the allowed calls and refere
 - a dict, set or Counter given more than HASHED_ALIKE_MAX keys whose hashes can be made equal (integers of 2**61 - 1
   or more, whose hash is their remainder; complex numbers; tuples): inserting n keys of one hash takes n**2 / 2
   comparisons. Texts cannot be made so: their hash is keyed afresh in every process. A dict's keys whose value the
-  scan knows (ints, short texts, tuples of them) are counted by their hash itself: a thousand tuple keys read;
+  scan knows (ints, short texts, tuples of them) are counted by their hash itself: a thousand tuple keys read. Each
+  key is also charged, against the budget below, the comparisons it may take: one for each key before it in that
+  container of its hash (its value unknown: that may share its hash). A set of 256 complex numbers of one hash,
+  made again and again from one list referred to again (8 bytes each), took 32,640 comparisons each;
 - a state (BUILD) on anything but an OrderedDict or Counter (torch builds any object of a class it allows, an empty
   state doing nothing: ``set()`` given None; torch.save builds nothing else), or other than attributes named apart
   from its own (``_metadata`` of a state_dict, any a user set: see _attributes);
@@ -50,7 +53,8 @@ PROTO after a pickle's first opcode is refused (torch warns at each).
 The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times the file's size (texts passed, and
 texts referred to again past REFERRED_TEXTS_FREE, each reference counted; elements asked for; the bytes of each
 storage a persistent id names, under each spelling of its key, which a legacy file allocates as the id says;
-CONTAINER_BYTES per list, dict, set or tuple, MADE_CONTAINER_BYTES per container a call makes), and a global's name
+CONTAINER_BYTES per list, dict, set or tuple, MADE_CONTAINER_BYTES per container a call makes; the comparisons of
+keys that may hash alike), and a global's name
 is at most _NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around
 the pickle, a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored
 and within the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip
@@ -92,7 +96,7 @@ attributes): a file nested as deep as NESTING_MAX allows opens about NESTING_MAX
 charge on each mark, costs what torch.save writes nothing."""
 HASHED_ALIKE_MAX = 256
 """The most keys that may hash alike (see _may_hash_alike) one dict, set or Counter is given: 256 of one hash take
-32,640 comparisons to insert, and each such key takes ten or more bytes of the file."""
+32,640 comparisons to insert, charged against the budget (keys referred to again take 2 bytes of the file each)."""
 
 
 class PickleBombError(pickle.UnpicklingError):
@@ -172,18 +176,27 @@ class _Box:
             raise PickleBombError(f"it nests containers over {NESTING_MAX} deep (torch.save writes weights in a few "
                                   "levels; hashing one nested 160,000 deep crashes Python)")
 
-    def hash_known_keys(self, keys: list) -> int:
-        """How many of ``keys`` were counted by their hash (none: a dict's are, see _Dict)."""
-        return 0
+    def hash_known_keys(self, keys: list) -> tuple[int, int]:
+        """How many of ``keys`` were counted by their hash, and the comparisons inserting them takes (none: a dict's
+        are, see _Dict)."""
+        return 0, 0
 
-    def hash_keys(self, alike: int) -> None:
+    def hash_keys(self, alike: int) -> int:
         """Count ``alike`` more keys that may hash alike given to this dict, set or Counter (their values unknown to
-        the scan: any of them may share a hash)."""
+        the scan: any of them may share a hash). Returns the comparisons inserting them may take, each with every
+        such key before it: what a set of 256 of one hash takes to make, made again and again, is charged so."""
+        compared = _compared(self.keys_alike, alike)
         self.keys_alike += alike
         if self.keys_alike > HASHED_ALIKE_MAX:
             raise PickleBombError(f"it gives a dict or set over {HASHED_ALIKE_MAX} keys whose hashes can be made "
                                   "equal (large integers, complex numbers, tuples; torch.save writes no such keys "
                                   "in weights): inserting them takes their count squared")
+        return compared
+
+
+def _compared(present: int, added: int) -> int:
+    """The comparisons inserting ``added`` keys of one hash into a dict or set that holds ``present`` may take."""
+    return added * present + added * (added - 1) // 2
 
 
 class _Tuple(_Box):
@@ -209,8 +222,8 @@ class _EmptyTuple(_Tuple):
     def add(self, item: object) -> None:
         pass
 
-    def hash_keys(self, alike: int) -> None:
-        pass
+    def hash_keys(self, alike: int) -> int:
+        return 0
 
 
 _EMPTY_TUPLE = _EmptyTuple()
@@ -225,12 +238,13 @@ class _Dict(_Box):
         self.by_hash: dict[int, int] | None = None  # how many keys of known value it was given, by hash
         self.attribute_of = _KINDS  # the kinds of object whose attributes its keys may name (_attributes)
 
-    def hash_known_keys(self, keys: list) -> int:
+    def hash_known_keys(self, keys: list) -> tuple[int, int]:
         """Count the keys given to this dict whose value the scan knows (see _known_key) by their hash, as the
         loading process will hash them (the scan runs in it: a text's hash, keyed afresh in every process, is the
         same here); refused where one hash has over HASHED_ALIKE_MAX of them. Returns how many of those may
-        hash alike (a thousand tuple keys of distinct hashes read; a thousand of one hash do not)."""
-        counted = 0
+        hash alike (a thousand tuple keys of distinct hashes read; a thousand of one hash do not), and the
+        comparisons inserting them takes (each with the keys of its hash before it)."""
+        counted = compared = 0
         for key in keys:
             if self.attribute_of:
                 self.attribute_of = self.attribute_of & _attribute_of(key)
@@ -243,7 +257,8 @@ class _Dict(_Box):
                 raise PickleBombError(f"it gives a dict over {HASHED_ALIKE_MAX} keys of one hash (large integers "
                                       "or tuples, whose hashes can be made equal): inserting them takes their "
                                       "count squared")
-        return counted
+            compared += alike - 1
+        return counted, compared
 
 
 CONTAINER_BYTES = 16
@@ -466,9 +481,24 @@ def _made(callee: object, args: object) -> object:
     made.depth = args.depth  # a container of its arguments' items
     made.first_alike = args.alike > 0 or any(isinstance(item, _Box) and item.alike for item in head)  # a set's
     # items come in no set order: any of them may be the key a pair of it gives
-    if name in _HASHES and isinstance(head[0] if head else None, _Box):
-        made.hash_keys(getattr(head[0], _HASHES[name]))
+    if head and isinstance(head[0], _Box):  # its items (a set's, or a Counter's keys), hashed again if passed on
+        made.alike, made.alike_pairs = head[0].alike, head[0].alike_pairs
     return made
+
+
+def _hashed(callee: object, args: object) -> int:
+    """How many of the items a call of ``callee`` hashes may hash alike: the items of its first argument (an
+    OrderedDict's, the keys of its pairs or of a dict)."""
+    if not (isinstance(callee, _Global) and callee in _HASHES and isinstance(args, _Box) and args.head
+            and isinstance(args.head[0], _Box)):
+        return 0
+    first = args.head[0]
+    return first.alike if isinstance(first, _Dict) else getattr(first, _HASHES[callee])
+
+
+_COMPARED = ("the comparisons of its keys whose hashes can be made equal (each with those before it), with its "
+             "containers, calls, repeated texts and storages, would make")
+"""What a refusal says the budget was spent on when comparisons of keys exhaust it."""
 
 
 def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int | None:
@@ -645,9 +675,9 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 items = [stack.pop(-2), stack.pop()] if code == 0x73 else to_mark()
                 fill(stack[-1], items)
                 if isinstance(stack[-1], _Box):
-                    known = stack[-1].hash_known_keys(items[::2])  # the rest by kind: any of them may collide
+                    known, compared = stack[-1].hash_known_keys(items[::2])  # the rest by kind: any may collide
                     stack[-1].alike -= known
-                    stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])) - known)
+                    charge(compared + stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])) - known), _COMPARED)
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
                 if not isinstance(stack[-1], _Dict) and stack[-1] is not _TENSOR:
@@ -666,9 +696,12 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 if plain and str(stack[-1]).startswith("torch."):  # others: torch's refusal names the global
                     raise PickleBombError(f"its header calls {stack[-1]} (torch.save writes plain numbers there)")
                 charge(_cost(stack[-1], args))
+                hashed = _hashed(stack[-1], args)
                 stack[-1] = _made(stack[-1], args)
                 if isinstance(stack[-1], _Box):
                     charge(MADE_CONTAINER_BYTES)
+                    if hashed:
+                        charge(stack[-1].hash_keys(hashed), _COMPARED)
             elif _torch_refuses(code):  # its refusal is the message
                 return None
             else:
