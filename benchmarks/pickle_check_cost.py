@@ -1,12 +1,14 @@
 """What the untrusted-torch-file check costs on large pickles, side by side with the check of another version.
 
 The check (``saelab.utils.pickle_check.check_torch_file``) reads every opcode of a torch file's pickle before
-torch does; its time grows with the pickle's size. Two files of about 5 and 10 MB are written once:
+torch does; its time grows with the pickle's size. Files of about 5 and 10 MB are written once:
 
 - ``views``: what torch.save writes for 150,000 views of one stored tensor (an ordinary, pickle-heavy file);
 - ``empty-tuples``: a pickle of one tuple of 5 million empty tuples (what a hostile file may hold);
 - ``tuple-keys``: a dict of 200,000 keys (layer, hook name), each counted by its hash (a version that refuses
-  over 256 tuple keys stops at the 257th).
+  over 256 tuple keys stops at the 257th);
+- ``hash-bomb``: set() of one list of 256 complex numbers of one hash, 48,000 times (8 bytes and 32,640
+  comparisons to load each: 30 s in all), padded with a record nothing refers to (what a hostile file may hold).
 
 Each round times the check of this saelab and, with ``--other OLD/src``, of another version's source in a
 fresh process each (CPU time, so a busy machine slows both alike), alternating which goes first:
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import struct
 import subprocess
 import sys
 import tempfile
@@ -47,16 +50,31 @@ def write_views(path: Path) -> None:
     torch.save({"views": [base[i % 4000:i % 4000 + 8] for i in range(150_000)]}, path)
 
 
-def write_empty_tuples(path: Path) -> None:
-    """A torch zip archive whose data.pkl is one tuple of 5 million empty tuples (torch reads it)."""
+def write_pickle(path: Path, pickled: bytes, pad: int = 0) -> None:
+    """A torch zip archive whose data.pkl is ``pickled``, and a record of ``pad`` bytes nothing refers to."""
     buf = io.BytesIO()
     torch.save({}, buf)
     with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
         for info in src.infolist():
             data = src.read(info.filename)
             if info.filename.endswith("/data.pkl"):
-                data = b"\x80\x02(" + b")" * 5_000_000 + b"t."
+                data = pickled
             out.writestr(info, data)
+        if pad:
+            out.writestr("archive/pad", bytes(pad))
+
+
+def write_empty_tuples(path: Path) -> None:
+    """One tuple of 5 million empty tuples (torch reads it)."""
+    write_pickle(path, b"\x80\x02(" + b")" * 5_000_000 + b"t.")
+
+
+def write_hash_bomb(path: Path) -> None:
+    """set(x) again and again, x one list of 256 complex numbers of hash 12345 (memo 0: set, 1: complex, 2: x)."""
+    one_hash = b"".join(b"h\x01G" + struct.pack(">d", 12345 - 1_000_003 * b) + b"G" + struct.pack(">d", b) + b"\x86Ra"
+                        for b in range(256))
+    write_pickle(path, b"\x80\x02cbuiltins\nset\nq\x00cbuiltins\ncomplex\nq\x01]q\x02" + one_hash + b"}"
+                 + b"Nh\x00h\x02\x85Rs" * 48_000 + b".", pad=10_000_000)
 
 
 def write_tuple_keys(path: Path) -> None:
@@ -77,10 +95,11 @@ def main() -> None:
     versions = {"this": HERE, **({"other": args.other} if args.other else {})}
     with tempfile.TemporaryDirectory() as tmp:
         files = {"views": Path(tmp, "views.pt"), "empty-tuples": Path(tmp, "empty.pt"),
-                 "tuple-keys": Path(tmp, "keys.pt")}
+                 "tuple-keys": Path(tmp, "keys.pt"), "hash-bomb": Path(tmp, "hash.pt")}
         write_views(files["views"])
         write_empty_tuples(files["empty-tuples"])
         write_tuple_keys(files["tuple-keys"])
+        write_hash_bomb(files["hash-bomb"])
         for name, path in files.items():
             print(f"{name}: {path.stat().st_size:,} bytes")
         for r in range(args.rounds):
