@@ -574,3 +574,50 @@ def test_the_suite_report_names_the_offline_default_by_its_hub_id(tmp_path):
     (tmp_path / "evals" / "ablation_sparsity.json").write_text(json.dumps(record))
     report = write_paper_report(tmp_path).read_text()
     assert "| model / hook | `HuggingFaceTB/SmolLM2-135M-Instruct` / `blocks.9.hook_resid_post` |" in report
+
+
+def test_results_whose_intervals_an_earlier_saelab_made_are_computed_again(tiny_series, tiny_series_run, data_dir,
+                                                                            tmp_path, capsys):
+    """A result of the same inputs written before the intervals changed (core's read the whole draw's documents,
+    or there were none; compute-equivalent's headline took a reused core.json's means) was reused as it was, its
+    intervals beside new ones, and the report said so only of a result without any. Each result records how its
+    intervals were made (interval_method): one that records none, as an earlier saelab wrote it, is computed again
+    with a note naming its file; a current one is reused."""
+    names = ("core", "compute_equivalent", "ablation_sparsity")
+    evals = tmp_path / "out" / "evals"
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--series",
+            str(tiny_series), "--corpus", str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), "--ce-fit-min-frac",
+            "0.1", *for_metrics(SMALL, *names), "--metrics", *names]
+    out, _ = run_cli(capsys, *argv)
+    assert out == {"report": str(evals / "report.md"), **{m: "ok" for m in names}}
+    out, _ = run_cli(capsys, *argv)
+    assert out == {"report": str(evals / "report.md"), **{m: "ok (reused)" for m in names}}
+
+    def as_an_earlier_saelab_wrote_them() -> dict[str, bytes]:
+        """core as before its intervals existed, compute-equivalent without the record; their files' bytes."""
+        for m in ("core", "compute_equivalent"):
+            rec = json.loads((evals / f"{m}.json").read_text())
+            drop = ("intervals", "interval_groups", "interval_method") if m == "core" else ("interval_method",)
+            rec["result"] = {k: v for k, v in rec["result"].items() if k not in drop}
+            (evals / f"{m}.json").write_text(json.dumps(rec))
+        return {m: (evals / f"{m}.json").read_bytes() for m in names}
+
+    as_an_earlier_saelab_wrote_them()
+    out, err = run_cli(capsys, *argv)
+    assert out == {"report": str(evals / "report.md"), "core": "ok", "compute_equivalent": "ok",
+                   "ablation_sparsity": "ok (reused)"}
+    notes = [line for line in err.splitlines() if line.startswith("saelab: note:")]
+    assert notes == [f"saelab: note: {evals / 'core.json'} is computed again, not reused: it has no intervals (an "
+                     "earlier saelab wrote it, before saelab computed them)",
+                     f"saelab: note: {evals / 'compute_equivalent.json'} is computed again, not reused: its intervals "
+                     "are an earlier saelab's (it records no interval_method)"]
+    from saelab.evals.suite import INTERVAL_METHODS
+
+    again = {m: json.loads((evals / f"{m}.json").read_text()) for m in names}
+    assert {m: rec["result"]["interval_method"] for m, rec in again.items()} == {m: INTERVAL_METHODS[m] for m in names}
+    assert again["core"]["result"]["intervals"]["delta_ce"]["n_boot"] == 1000
+    # compute-equivalent's headline and draws from core's measurement of this run, as when both ran at first
+    ce, core = again["compute_equivalent"]["result"], again["core"]["result"]
+    assert (ce["spliced_loss"], ce["clean_loss"]) == (core["ce_spliced"], core["ce_clean"])
+    out, _ = run_cli(capsys, *argv)
+    assert out == {"report": str(evals / "report.md"), **{m: "ok (reused)" for m in names}}

@@ -561,6 +561,58 @@ def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, d
     assert "(--sample-pool-tokens 0 -> 4194304)" in capsys.readouterr().err
 
 
+def test_an_evaluation_whose_intervals_an_earlier_saelab_made_is_evaluated_again(tiny_dir, data_dir, tmp_path,
+                                                                                 capsys):
+    """metrics.json of the same settings was reused as it was, though an earlier saelab made its intervals
+    another way (core's read the whole draw's documents) or made none, and report.md showed them as this
+    saelab's. An evaluation records how its intervals were made (interval_method): one that records none, as
+    the earlier saelab wrote it, is evaluated again with a note naming the file, in the run and in --out DIR
+    (not refused as an evaluation there already); a current one is reused."""
+    run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    no_intervals = ("intervals", "interval_groups", "interval_method")  # as saelab wrote it before intervals existed
+    for argv, path, earlier in (([], run / "metrics.json", ("interval_method",)),
+                                (["--out", str(elsewhere)], elsewhere / "metrics.json", no_intervals)):
+        ev = ["eval", str(run), *small_eval, *argv]
+        run_cli(capsys, *ev)
+        written = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in written.items() if k not in earlier}))  # as an earlier saelab
+        capsys.readouterr()
+        assert main(ev) == 0
+        why = ("its intervals are an earlier saelab's (it records no interval_method)" if len(earlier) == 1 else
+               "it has no intervals (an earlier saelab wrote it, before saelab computed them)")
+        assert capsys.readouterr().err.splitlines()[0] == f"saelab: note: {path} is evaluated again, not reused: {why}"
+        again = json.loads(path.read_text())
+        assert again["interval_method"] == written["interval_method"] and again["intervals"]["nmse"]["n_boot"] == 1000
+        kept = path.read_bytes()
+        assert main(ev) == 0 and "already holds this evaluation" in capsys.readouterr().err
+        assert path.read_bytes() == kept
+    from saelab.evals.core import INTERVAL_METHOD
+
+    assert written["interval_method"] == INTERVAL_METHOD
+
+
+def test_quickstart_evaluates_again_an_evaluation_whose_intervals_an_earlier_saelab_made(tiny_dir, data_dir,
+                                                                                        tmp_path, capsys):
+    """A quickstart run again reused metrics.json as it was, intervals an earlier saelab made included; one that
+    records no interval_method is evaluated again (harvest and training reused), with a note naming it."""
+    cfg = _tiny_quickstart(tiny_dir, wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2),
+                           wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1))
+    run = tmp_path / "qs"
+    quickstart(cfg, run, progress=False)
+    path = run / "metrics.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "interval_method"}))
+    capsys.readouterr()
+    again = quickstart(cfg, run, progress=False)
+    assert again["reused"] == ["harvest", "train"]
+    assert (f"saelab: note: {path} is evaluated again, not reused: its intervals are an earlier saelab's (it records "
+            "no interval_method)") in capsys.readouterr().err.splitlines()
+    from saelab.evals.core import INTERVAL_METHOD
+
+    assert again["interval_method"] == json.loads(path.read_text())["interval_method"] == INTERVAL_METHOD
+    assert quickstart(cfg, run, progress=False)["reused"] == list(WORK_STAGES)
+
+
 def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
     """`--corpus ev.jsonl` typed in two folders names two files: the second evaluation does not take the first's
     numbers for its own. The shipped corpus and the SAE's context size typed out are the defaults they name."""

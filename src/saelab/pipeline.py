@@ -27,9 +27,11 @@ from saelab.data.text import (CORPUS_FINGERPRINT, CORPUS_PATH, corpus_absolute_p
                               corpus_fingerprint, has_fingerprint)
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals._common import jsonable
+from saelab.evals.bootstrap import earlier_intervals
 from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.config import AblationSparsityConfig, EvalConfig, N2GConfig, PaperSuiteConfig
-from saelab.evals.core import eval_settings, evaluate_core, evaluated_model, read_eval_contexts
+from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings, evaluate_core, evaluated_model
+from saelab.evals.core import read_eval_contexts
 from saelab.evals.n2g import check_latents
 from saelab.evals.suite import (check_results_before_load, check_series_before_load, check_suite_applies,
                                 longest_n_future, read_suite_contexts, run_paper_suite)
@@ -466,9 +468,12 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
                                                  int(sae.cfg.exclude_first), sae.cfg.prepend_bos)
     lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
     sae = _beside_model(sae, lm, given=given)
+    sae_hash = sae_hash or sae_sha256(sae)
+    if out_dir is not None:
+        _note_evaluated_again(Path(out_dir), sae, cfg, lm, sae_hash)
     core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
     metrics = jsonable({**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
-                        "sae_sha256": sae_hash or sae_sha256(sae), "eval_config": _eval_config_record(cfg),
+                        "sae_sha256": sae_hash, "eval_config": _eval_config_record(cfg),
                         "eval_as_read": _eval_as_read(cfg, sae), "model_dtype": str(lm.dtype).removeprefix("torch.")})
     if out_dir is not None:
         # The frequencies go first: metrics.json marks the evaluation done, so one cut off before it runs
@@ -479,6 +484,15 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
         write_json(Path(out_dir) / EVAL_METRICS, metrics)
         density_histogram(core.frequencies_N, Path(out_dir) / DENSITY_PLOT, metrics["n_tokens"])
     return metrics
+
+
+def _note_evaluated_again(out_dir: Path, sae: TopKSAE, cfg: EvalConfig, lm: LanguageModel, sae_hash: str) -> None:
+    """Say that ``out_dir``'s evaluation of these settings is made again rather than reused, and why (its
+    intervals are not this saelab's); it stays as it was until the new metrics.json replaces it."""
+    earlier = earlier_evaluation(out_dir, sae, cfg, model=lm, model_dtype=str(lm.dtype).removeprefix("torch."),
+                                 sae_hash=sae_hash)
+    if earlier:
+        print(f"saelab: note: {out_dir / EVAL_METRICS} is evaluated again, not reused: {earlier}", file=sys.stderr)
 
 
 def _beside_model(sae: TopKSAE, lm: LanguageModel, *, given: bool) -> TopKSAE:
@@ -517,8 +531,29 @@ def _state_of(changes: list[str] | None) -> str:
 def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
                         model_dtype: str, sae_hash: str | None = None) -> list[str] | None:
     """The settings (eval config, model dtype, model) in which the run's evaluation of ``sae`` differs from
-    this one, as "eval.recon_tokens 2048 -> 1024"; None when it holds no readable evaluation of ``sae``.
-    ``sae_hash``: as :func:`read_eval_metrics` takes it."""
+    this one, as "eval.recon_tokens 2048 -> 1024"; None when it holds no readable evaluation of ``sae``, or one of
+    these settings that is evaluated again (:func:`earlier_evaluation`). ``sae_hash``: as :func:`read_eval_metrics`
+    takes it."""
+    recorded = _recorded_evaluation(run_dir, sae, cfg, model=model, model_dtype=model_dtype, sae_hash=sae_hash)
+    if recorded is None:
+        return None
+    old, changes = recorded
+    return changes or (None if earlier_intervals(old, CORE_INTERVALS) else [])
+
+
+def earlier_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None = None,
+                       model_dtype: str = "float32", sae_hash: str | None = None) -> str | None:
+    """Why the run's evaluation of ``sae`` with these settings is made again rather than reused: its intervals are
+    not the ones this saelab computes (:func:`saelab.evals.bootstrap.earlier_intervals`); None when it holds no such
+    evaluation. Arguments as :func:`evaluation_is_current` takes them."""
+    recorded = _recorded_evaluation(run_dir, sae, cfg, model=model, model_dtype=model_dtype, sae_hash=sae_hash)
+    return None if recorded is None or recorded[1] else earlier_intervals(recorded[0], CORE_INTERVALS)
+
+
+def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
+                         model_dtype: str, sae_hash: str | None) -> tuple[dict[str, Any], list[str]] | None:
+    """The run's evaluation of ``sae`` (its metrics.json) and the settings in which it differs from this one; None
+    when it holds no readable evaluation of ``sae``."""
     old = _readable_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     if not old:
         return None
@@ -527,9 +562,10 @@ def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, m
         old_eval = {"sample_pool_tokens": 0, **old_eval}
     if isinstance(old_eval, dict) and isinstance(old.get("eval_as_read"), dict):  # older files: settings as typed
         old_eval, new_eval = {**old_eval, **old["eval_as_read"]}, {**new_eval, **_eval_as_read(cfg, sae)}
-    return changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
-                           "model": evaluated_model(old)},
-                          {"eval": new_eval, "model_dtype": model_dtype, "model": model_name(model or model_for(sae))})
+    return old, changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
+                                "model": evaluated_model(old)},
+                               {"eval": new_eval, "model_dtype": model_dtype,
+                                "model": model_name(model or model_for(sae))})
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
@@ -1134,6 +1170,6 @@ def load_run(run_dir: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
 
 
 __all__ = ["DEFAULT_HOOK", "EvalConfig", "HarvestConfig", "PaperSuiteConfig", "QuickstartConfig", "eval_settings",
-           "evaluate", "evaluate_run", "evaluate_sweep", "evaluation_is_current", "finished_training", "harvest",
-           "is_run", "load_run", "paper_suite", "quickstart", "read_metrics", "sweep_configs", "sweep_from_cache",
-           "train_from_cache"]
+           "earlier_evaluation", "evaluate", "evaluate_run", "evaluate_sweep", "evaluation_is_current",
+           "finished_training", "harvest", "is_run", "load_run", "paper_suite", "quickstart", "read_metrics",
+           "sweep_configs", "sweep_from_cache", "train_from_cache"]

@@ -98,7 +98,8 @@ def suite_config(args: argparse.Namespace) -> PaperSuiteConfig:
 
 def _check_eval_out(out: Path, overwrite: bool) -> None:
     """--out for another SAE's metrics: never a run folder (its metrics.json is its own SAE's) or another
-    saelab folder, and an earlier evaluation there is kept unless --overwrite."""
+    saelab folder, and an earlier evaluation there is kept unless ``overwrite``: --overwrite, or that evaluation
+    is this one with intervals an earlier saelab made (:func:`saelab.pipeline.earlier_evaluation`), made again."""
     if (out / TRAIN_CONFIG).is_file():
         raise ConfigError(f"--out {out} is the run folder of another SAE; its metrics.json describes that SAE: "
                           "pick another folder")
@@ -169,7 +170,7 @@ def _refuse_options_of_metrics_left_out(args: argparse.Namespace) -> None:
 
 def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     """`saelab eval SAE`: the core metrics into the run folder, into --out, or printed only."""
-    from saelab.pipeline import evaluate, evaluate_run, evaluation_is_current
+    from saelab.pipeline import earlier_evaluation, evaluate, evaluate_run, evaluation_is_current
 
     sae, run = open_sae(args.sae, allow_http=args.allow_http)
     trained_at = sae.cfg.hook_name
@@ -196,7 +197,9 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
                   file=sys.stderr)
             _note_another_hook_or_model(args, sae, trained_at)
             return read_eval_metrics(args.out, sae, sae_hash=sae_hash)
-        _check_eval_out(Path(args.out), args.overwrite)
+        again = earlier_evaluation(args.out, sae, args.eval, model=args.model, model_dtype=args.model_dtype,
+                                   sae_hash=sae_hash)
+        _check_eval_out(Path(args.out), args.overwrite or again is not None)
     metrics = evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
                        model_dtype=args.model_dtype, progress=args.progress, sae_hash=sae_hash)
     _note_another_hook_or_model(args, sae, trained_at)

@@ -56,6 +56,7 @@ Result schema (``run_ablation_sparsity`` returns a JSON-serializable dict)::
     ratio_latent_to_channel   latent.mean / channel.mean (the older, unmatched comparison)
     interval_groups     what the intervals resample: "documents" (the contexts' documents given, and the sites'
                         contexts in two or more of them) or "contexts"
+    interval_method     how the intervals were made (INTERVAL_METHOD; an earlier saelab's result records none)
     intervals           {latent_mean, random_mean, channel_mean, ratio_latent_to_random,
                          latent_minus_random, ratio_latent_to_channel}: bootstrap intervals
                         {estimate, low, high, level, n_boot, n_groups, n_undefined} ({} when n_boot is 0)
@@ -185,6 +186,9 @@ INTERVAL_STATS = {
     "ratio_latent_to_channel": lambda t: _MEAN["latent"](t) / _MEAN["channel"](t),
 }
 """Statistics of the per-context totals (sum of scores and number of scored ablations of each part)."""
+INTERVAL_METHOD = "documents of the sites' contexts (those contexts where they lie in one document)"
+"""How ablation sparsity's intervals are made, as its results record it (``interval_method``): a result
+that records another or none is computed again, not reused (:func:`saelab.evals.bootstrap.earlier_intervals`)."""
 
 
 class _Scores:
@@ -296,6 +300,7 @@ def run_ablation_sparsity(lm, sae, tokens_NT: torch.Tensor, cfg: AblationSparsit
         "ratio_latent_to_channel": _ratio(latent, channel),
         "intervals": intervals,
         "interval_groups": unit,
+        "interval_method": INTERVAL_METHOD,
         "gaussian_reference": GAUSSIAN_REFERENCE,
         "ablations_per_s": json_float(n_done / wall) if wall > 0 else None,
         "latents_per_s": json_float(latent["n_ablations"] / latent_s) if latent_s > 0 else None,

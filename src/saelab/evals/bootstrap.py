@@ -22,6 +22,9 @@ Definition pinned here (and in ``tests/test_evals_bootstrap.py``):
   group is that group, so the replicates would all equal the estimate and claim no uncertainty.
 
 Result of one statistic (JSON-ready): ``{estimate, low, high, level, n_boot, n_groups, n_undefined}``.
+Each metric's result records how its intervals were made (``interval_method``, the metric's ``INTERVAL_METHOD``):
+one made otherwise, or by an earlier saelab that recorded none, is computed again rather than reused
+(:func:`earlier_intervals`).
 """
 
 from __future__ import annotations
@@ -147,6 +150,20 @@ def ratio(num: str, den: str) -> Statistic:
         return torch.where(d != 0, t[num] / torch.where(d != 0, d, torch.ones_like(d)),
                            torch.full_like(d, float("nan")))
     return fn
+
+
+def earlier_intervals(result: dict, method: str) -> str | None:
+    """Why ``result``'s intervals are not the ones this saelab computes, or None where they are: each metric's
+    result records its ``INTERVAL_METHOD`` as ``interval_method`` (``method``: the metric's now); one an earlier
+    saelab wrote records none, or another. Its numbers are those of its settings, but its intervals (or their
+    absence) are the earlier method's, so it is computed again rather than reused or shown beside new ones."""
+    recorded = result.get("interval_method")
+    if recorded == method:
+        return None
+    if recorded is None:
+        return ("it has no intervals (an earlier saelab wrote it, before saelab computed them)" if "intervals" not in
+                result else "its intervals are an earlier saelab's (it records no interval_method)")
+    return f"its intervals were made another way (interval_method {recorded!r}; this saelab's: {method!r})"
 
 
 def format_interval(interval: dict | None, fmt: str = "{:.4f}") -> str:

@@ -114,6 +114,7 @@ Result schema (``run_compute_equivalent`` / ``compute_equivalent`` return a JSON
                         {} when there is none (interval_note says why)
     interval_draws      {inside, beyond_last, before_first, unreachable, failed}: where the draws' compute lay
     interval_groups     what the interval resamples: "documents" (the contexts' documents given) or "contexts"
+    interval_method     how the interval was made (INTERVAL_METHOD; an earlier saelab's result records none)
     interval_note       None, or why there is no interval (reference losses cached before the per-context
                         sums were kept: remove the cache file to measure them again)
     checkpoint_s, wall_s                  wall time of the reference losses, of everything
@@ -121,7 +122,7 @@ Result schema (``run_compute_equivalent`` / ``compute_equivalent`` return a JSON
 Results written before families existed (no ``kind``; ``tokens_equivalent``,
 ``clean_tokens_equivalent``, ``fit.min_tokens``) are read through ``upgrade_result``; results written
 before the interval existed have no ``intervals`` and the ``interval_*`` keys, and are read as they are
-(reports print no interval).
+(reports print no interval and say why; the paper suite computes such a result again rather than reuse it).
 """
 
 from __future__ import annotations
@@ -843,6 +844,10 @@ INTERVAL_STATS = ("fraction", "clean_fraction", "fraction_relative")
 """The headline numbers that get an interval (the clean ones where a clean loss was given)."""
 DRAW_PLACES = ("inside", "beyond_last", "before_first", "unreachable", "failed")
 """Where a draw's headline compute lies (``extrapolation``'s words; "failed": its refit failed)."""
+INTERVAL_METHOD = ("documents of its contexts (those contexts where they lie in one document); the headline's "
+                   "losses and the draws' sums from one measurement")
+"""How compute-equivalent's intervals are made, as its results record it (``interval_method``): a result
+that records another or none is computed again, not reused (:func:`saelab.evals.bootstrap.earlier_intervals`)."""
 
 
 def _check_loss_sums(sums: Mapping[str, torch.Tensor], n_points: int, clean: bool) -> None:
@@ -1029,6 +1034,7 @@ def run_compute_equivalent(lm, sae, tokens_NT: torch.Tensor, cfg: ComputeEquival
             **{k: v for k, v in out.items() if k != "metric"}, "n_predictions": n_pred,
             "intervals": out.get("intervals", {}),
             "interval_groups": "contexts" if documents is None else "documents", "interval_note": note,
+            "interval_method": INTERVAL_METHOD,
             "checkpoint_s": t2 - t1, "wall_s": time.perf_counter() - t0}
 
 

@@ -32,7 +32,8 @@ class CoreEvaluation:
     """What :func:`evaluate_core` measured."""
 
     metrics: dict[str, Any]
-    """nMSE, L0, dead/dense, CE, delta CE, KL, CE recovered and the eval settings they come from."""
+    """nMSE, L0, dead/dense, CE, delta CE, KL, CE recovered, their intervals (and how they were made:
+    ``interval_method``) and the eval settings they come from."""
     frequencies_N: torch.Tensor
     """Fraction of the reconstruction tokens each latent fired on."""
     context_sums: dict[str, torch.Tensor] | None = None
@@ -99,6 +100,12 @@ def _row_groups(groups_N: torch.Tensor, per_ctx: int, n_rows: int) -> torch.Tens
     """The group of every activation row read from contexts of groups ``groups_N``, ``per_ctx`` rows each."""
     rows = groups_N.repeat_interleave(per_ctx)[:n_rows]
     return torch.unique(rows, return_inverse=True)[1]  # ids 0 .. G-1 of the groups read
+
+
+INTERVAL_METHOD = "documents of the contexts core reads (those contexts where they lie in one document)"
+"""How core's intervals are made, as its results record it (``interval_method``): a result that records another
+or none is computed again, not reused (:func:`saelab.evals.bootstrap.earlier_intervals`). Changed only where the
+intervals change."""
 
 
 def _core_documents(documents: torch.Tensor | None, n_shorter: int) -> torch.Tensor | None:
@@ -187,7 +194,7 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
     sums = by_document(per_context, groups[:n_down])
     down = downstream_summary(sums)
     metrics = {**recon.to_dict(), **down, "intervals": _intervals(recon.per_group, sums, down),
-               "interval_groups": "contexts" if documents is None else "documents",
+               "interval_groups": "contexts" if documents is None else "documents", "interval_method": INTERVAL_METHOD,
                **model_record(lm.name), "hook": hook, "eval_corpus": str(corpus),
                "context_size": T, "position_0": position_0_words(first), "sample_pool_tokens": cfg.sample_pool_tokens,
                "dead_definition": f"never fired on the {recon.n_tokens:,} eval tokens (not the training-time window)",

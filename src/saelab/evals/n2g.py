@@ -84,6 +84,7 @@ Result schema (``run_n2g`` returns a JSON-serializable dict)::
                        (n_simulated / n_latents), n_predictions} (None when cfg.splice is False)
     interval_groups   what the intervals resample: "documents" (the contexts' documents given, and the held-out
                       contexts in two or more of them) or "contexts"
+    interval_method   how the intervals were made (INTERVAL_METHOD; an earlier saelab's result records none)
     intervals         {precision, recall, f1, delta_ce_sae, delta_ce_n2g_all, delta_ce_n2g_partial,
                        n2g_all_minus_sae}: bootstrap intervals {estimate, low, high, level, n_boot,
                        n_groups, n_undefined} (the delta CEs only with the splice; {} when n_boot is 0)
@@ -421,6 +422,7 @@ def run_n2g(lm, sae, tokens_NT: torch.Tensor, cfg: N2GConfig | None = None, *,
         "per_latent": per_latent, "splice": splice,
         "intervals": _intervals(by_document(per_ctx, held_documents), cfg) if E else {},
         "interval_groups": "contexts" if held_documents is None else "documents",
+        "interval_method": INTERVAL_METHOD,
         "n_model_sequences": counter[0], "build_s": t_build - t0, "eval_s": t_end - t_build, "wall_s": t_end - t0,
     }
 
@@ -660,6 +662,10 @@ def _nanmean_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     r = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan")))
     return torch.nanmean(r, dim=-1)
 
+
+INTERVAL_METHOD = "documents of the held-out contexts (those contexts where they lie in one document)"
+"""How N2G's intervals are made, as its results record it (``interval_method``): a result
+that records another or none is computed again, not reused (:func:`saelab.evals.bootstrap.earlier_intervals`)."""
 
 INTERVAL_STATS = {
     "precision": lambda t: _nanmean_ratio(t["tp"], t["tp"] + t["fp"]),

@@ -46,6 +46,7 @@ Result schema (``run_probe`` returns a JSON-serializable dict)::
     mean_entropy      mean over tasks of the held-out label entropy (the loss of a constant probe)
     interval_groups   what the token tasks' intervals resample: "documents", or without the contexts'
                       documents the split's groups ("paragraphs", "documents"); context tasks: texts
+    interval_method   how the intervals were made (INTERVAL_METHOD; an earlier saelab's result records none)
     intervals         {mean_loss, mean_baseline_loss, mean_loss_minus_baseline}: bootstrap intervals
                       {estimate, low, high, level, n_boot, n_groups, n_undefined} (baseline ones
                       absent without the baseline; {} when cfg.n_boot is 0)
@@ -283,6 +284,12 @@ def probe_task(sae, x_MD: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig, g: 
     return out, group_totals((groups_M if documents_M is None else documents_M.cpu())[~train], losses)
 
 
+INTERVAL_METHOD = ("token tasks: the documents of the probe's contexts (the split's groups where they lie in one "
+                   "document); context tasks: texts")
+"""How the probe's intervals are made, as its results record it (``interval_method``): a result
+that records another or none is computed again, not reused (:func:`saelab.evals.bootstrap.earlier_intervals`)."""
+
+
 def probe_intervals(totals: dict[str, dict[str, torch.Tensor]], cfg: ProbeConfig) -> tuple[dict, dict]:
     """Bootstrap intervals of each task (``{task: {stat: interval}}``) and of the means over tasks.
 
@@ -446,6 +453,7 @@ def run_probe(lm, sae, tokens_NT: torch.Tensor, cfg: ProbeConfig | None = None, 
         "mean_entropy": mean_of("entropy"),
         "intervals": mean_intervals,
         "interval_groups": f"{cfg.split_unit}s" if documents is None else "documents",
+        "interval_method": INTERVAL_METHOD,
         "tasks": {k: {**{kk: (json_float(v) if isinstance(v, float) else v) for kk, v in r.items()},
                       "intervals": per_task[k]} for k, r in results.items()},
         "skipped": skipped,

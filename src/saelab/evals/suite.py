@@ -14,7 +14,9 @@
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs
 (the SAE's weights, model, hook, eval corpus, context size, contexts, the metric's config and, where its
 computation changed since, its ``method``) is not run again, unless ``overwrite``; a result of other inputs is
-replaced only with ``overwrite``. An interrupted suite keeps every metric finished before the
+replaced only with ``overwrite``. A result of the same inputs whose intervals this saelab would make otherwise
+(its ``interval_method`` is another, or none: an earlier saelab's) is computed again, with a note naming its
+file and why; the file stays as it was until the new one replaces it. An interrupted suite keeps every metric finished before the
 interruption; compute-equivalent also keeps each checkpoint's loss (``evals/series_losses.json``).
 
 All metrics read the same eval contexts (the eval corpus, the SAE's context size, BOS first), drawn at
@@ -49,6 +51,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +62,10 @@ import torch
 from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals._common import config_dict, first_position, jsonable, position_0_words
-from saelab.evals.ablation_sparsity import run_ablation_sparsity
+from saelab.evals.ablation_sparsity import INTERVAL_METHOD as ABLATION_INTERVALS, run_ablation_sparsity
+from saelab.evals.bootstrap import earlier_intervals
 from saelab.evals.compute_equivalent import (
+    INTERVAL_METHOD as CE_INTERVALS,
     check_checkpoints_before_load,
     checkpoints_to_load,
     resolve_series,
@@ -68,9 +73,9 @@ from saelab.evals.compute_equivalent import (
     series_for_model,
 )
 from saelab.evals.config import PAPER_METRICS, EvalConfig, N2GConfig, PaperSuiteConfig
-from saelab.evals.core import eval_settings, evaluate_core, worded_corpus_error
-from saelab.evals.n2g import check_latents, padding_id, run_n2g
-from saelab.evals.probe import SPLIT_METHOD as PROBE_SPLIT_METHOD, run_probe
+from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings, evaluate_core, worded_corpus_error
+from saelab.evals.n2g import INTERVAL_METHOD as N2G_INTERVALS, check_latents, padding_id, run_n2g
+from saelab.evals.probe import INTERVAL_METHOD as PROBE_INTERVALS, SPLIT_METHOD as PROBE_SPLIT_METHOD, run_probe
 from saelab.models.loading import RECORDED_CONTEXT, model_provenance
 from saelab.models.lm import CONTEXT_SETTING, context_named
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
@@ -191,6 +196,9 @@ class SuiteMetric:
     n_contexts: Callable[[SuiteRun], int]
     applies: Callable[[SuiteRun], str | None]
     compute: Callable[[SuiteRun], dict]
+    interval_method: str
+    """How its intervals are made now (its module's ``INTERVAL_METHOD``): a result that records another is not
+    reused."""
     measured_nothing: Callable[[dict], str | None] = lambda result: None
     """Why a computed result holds no measurement (None: it holds one); such a result is not ok."""
     method: str | None = None
@@ -214,20 +222,25 @@ def _on_drawn(metric: Callable[..., dict], run: SuiteRun, n: int, cfg: Any, corp
 
 
 SUITE: tuple[SuiteMetric, ...] = (
-    SuiteMetric("core", lambda r: config_dict(r.eval_cfg), lambda r: r.n_down, lambda r: None, _core),
+    SuiteMetric("core", lambda r: config_dict(r.eval_cfg), lambda r: r.n_down, lambda r: None, _core,
+                CORE_INTERVALS),
     SuiteMetric("compute_equivalent",
                 lambda r: config_dict(r.cfg.compute_equivalent) | {"series": r.series.info() if r.series else None},
-                lambda r: r.n_down, _ce_applies, _compute_equivalent),
+                lambda r: r.n_down, _ce_applies, _compute_equivalent, CE_INTERVALS),
     SuiteMetric("ablation_sparsity", lambda r: config_dict(r.cfg.ablation_sparsity), lambda r: r.cfg.ablation_contexts,
                 _ablation_applies,
-                lambda r: _on_drawn(run_ablation_sparsity, r, r.cfg.ablation_contexts, r.cfg.ablation_sparsity)),
+                lambda r: _on_drawn(run_ablation_sparsity, r, r.cfg.ablation_contexts, r.cfg.ablation_sparsity),
+                ABLATION_INTERVALS),
     SuiteMetric("probe", lambda r: config_dict(r.cfg.probe), lambda r: r.cfg.probe_contexts,
                 lambda r: None if (r.cfg.probe.tasks or r.cfg.probe.hf_tasks) else "no probe tasks selected",
                 lambda r: _on_drawn(run_probe, r, r.cfg.probe_contexts, r.cfg.probe, corpus_order=True),
-                _probe_measured_nothing, method=f"splits: {PROBE_SPLIT_METHOD}"),
+                PROBE_INTERVALS, _probe_measured_nothing, method=f"splits: {PROBE_SPLIT_METHOD}"),
     SuiteMetric("n2g", lambda r: config_dict(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, lambda r: None,
-                lambda r: _on_drawn(run_n2g, r, r.cfg.n2g_contexts, r.cfg.n2g)),
+                lambda r: _on_drawn(run_n2g, r, r.cfg.n2g_contexts, r.cfg.n2g), N2G_INTERVALS),
 )
+INTERVAL_METHODS = {m.name: m.interval_method for m in SUITE}
+"""Each metric's interval method now, by name: what a result must record to be reused, and reports to show its
+intervals as this saelab's."""
 
 
 def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status: str, reason: str | None,
@@ -357,8 +370,12 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
         return {**entry, "status": "skipped", "reason": reason, "wall_s": 0.0}
     old = None if overwrite else _read(path)
     if _reusable(old, inputs):
-        run.results[m.name] = old["result"]
-        return {**entry, "status": "ok", "reason": None, "reused": True, "wall_s": old["wall_s"]}
+        earlier = earlier_intervals(old["result"] or {}, m.interval_method)
+        if earlier is None:
+            run.results[m.name] = old["result"]
+            return {**entry, "status": "ok", "reason": None, "reused": True, "wall_s": old["wall_s"]}
+        # kept until the new result replaces it (write_json: atomically), so an interrupted run loses nothing
+        print(f"saelab: note: {path} is computed again, not reused: {earlier}", file=sys.stderr)
     if progress:
         print(f"[paper suite] {m.name} ...", flush=True)
     t0 = time.perf_counter()
