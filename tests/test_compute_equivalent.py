@@ -469,13 +469,14 @@ def test_reports_print_the_interval_and_read_results_from_before_it(tmp_path):
     """The suite report gives each fraction its interval (an unbounded one as ∞) and says what the intervals are and
     how the draws outside the models' compute counted; a result from before intervals existed, or one whose losses
     were cached without them, renders (report and plot) without one."""
+    from saelab.evals.compute_equivalent import INTERVAL_METHOD
     from saelab.report.paper import write_paper_report
 
     points, sums, spliced, clean = doc_sums(20, seed=5)
     res = compute_equivalent(points, spliced, clean_loss=clean, reference_compute=TOTAL, fit_min_frac=0,
                              loss_sums=sums, n_boot=100, series_name="tiny")
     res = {**res, "series": {"name": "tiny", "description": "d", "total_tokens": TOTAL}, "n_predictions": 1000,
-           "interval_groups": "documents", "interval_note": None}
+           "interval_groups": "documents", "interval_note": None, "interval_method": INTERVAL_METHOD}
     ci = res["intervals"]
     _suite_record(tmp_path, res)
     text = write_paper_report(tmp_path).read_text()
@@ -494,11 +495,14 @@ def test_reports_print_the_interval_and_read_results_from_before_it(tmp_path):
             "counted where it places them); 9 at or below the fitted floor c (never reached: infinite compute") in text
     # Written before the interval existed, or with losses cached without its sums: no interval, and a note why.
     before = {k: v for k, v in res.items() if not k.startswith("interval")}
-    for result, note in ((before, "No interval: this result was written before saelab computed them"),
-                         ({**before, "intervals": {}, "interval_note": "No interval: the losses"},
-                          "No interval: the losses.")):
+    assert "earlier saelab" not in text
+    for result, note in ((before, "It has no intervals (an earlier saelab wrote it, before saelab computed them); the "
+                                  "suite run again (`--metrics compute_equivalent` for it alone) computes it anew"),
+                         ({**before, "intervals": {}, "interval_note": "No interval: the losses",
+                           "interval_method": INTERVAL_METHOD}, "No interval: the losses.")):
         _suite_record(tmp_path, result)
         text = write_paper_report(tmp_path).read_text()
         assert "[low, high]" not in text and f"{res['fraction']:.3g} of the training tokens" in text
         assert (note in text) if note else "No interval" not in text
+        assert ("earlier saelab" in text) == ("interval_method" not in result)
         compute_equivalent_plot(result, tmp_path / "ce.png")

@@ -230,14 +230,22 @@ def test_ce_recovered_from_few_documents_asks_a_students_t_interval():
 
 
 def test_the_interval_note_says_why_there_is_no_interval():
-    """One document drawn gives no interval, and an evaluation reused from before saelab computed them has none:
-    the report says which, rather than leaving a reader to wonder where the [low, high] went."""
-    from saelab.report.markdown import intervals_note
+    """One document drawn gives no interval, and an evaluation an earlier saelab wrote before it computed them has
+    none: the report says which, rather than leaving a reader to wonder where the [low, high] went."""
+    from saelab.evals.core import INTERVAL_METHOD
+    from saelab.report.markdown import earlier_intervals_note, intervals_note
 
     one = {"estimate": 0.5, "low": None, "high": None, "level": 0.95, "n_boot": 0, "n_groups": 1, "n_undefined": 0}
     assert intervals_note({"intervals": {"nmse": one}, "interval_groups": "documents"})[1] == \
         "No intervals: the eval contexts came from 1 document."
-    assert "written before saelab computed them" in intervals_note({"nmse": 0.5})[1]
+    assert intervals_note({"nmse": 0.5}) == []
+    assert earlier_intervals_note({"nmse": 0.5}, INTERVAL_METHOD, "again")[1] == \
+        "It has no intervals (an earlier saelab wrote it, before saelab computed them); again."
+    current = {"intervals": {"nmse": one}, "interval_method": INTERVAL_METHOD}
+    assert earlier_intervals_note(current, INTERVAL_METHOD, "again") == []
+    assert earlier_intervals_note({**current, "interval_method": "contexts"}, INTERVAL_METHOD, "again")[1] == \
+        (f"Its intervals were made another way (interval_method 'contexts'; this saelab's: {INTERVAL_METHOD!r}); "
+         "again.")
     assert intervals_note({"intervals": {"nmse": {**one, "low": 0.4, "high": 0.6, "n_boot": 1000, "n_groups": 9}},
                            "interval_groups": "documents"})[1].startswith("[low, high]: 95% bootstrap intervals")
 

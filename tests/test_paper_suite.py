@@ -582,7 +582,7 @@ def test_results_whose_intervals_an_earlier_saelab_made_are_computed_again(tiny_
     or there were none; compute-equivalent's headline took a reused core.json's means) was reused as it was, its
     intervals beside new ones, and the report said so only of a result without any. Each result records how its
     intervals were made (interval_method): one that records none, as an earlier saelab wrote it, is computed again
-    with a note naming its file; a current one is reused."""
+    with a note naming its file, and said so in the report while it stands; a current one is reused."""
     names = ("core", "compute_equivalent", "ablation_sparsity")
     evals = tmp_path / "out" / "evals"
     argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--series",
@@ -619,5 +619,17 @@ def test_results_whose_intervals_an_earlier_saelab_made_are_computed_again(tiny_
     # compute-equivalent's headline and draws from core's measurement of this run, as when both ran at first
     ce, core = again["compute_equivalent"]["result"], again["core"]["result"]
     assert (ce["spliced_loss"], ce["clean_loss"]) == (core["ce_spliced"], core["ce_clean"])
+    assert "earlier saelab" not in (evals / "report.md").read_text()
     out, _ = run_cli(capsys, *argv)
     assert out == {"report": str(evals / "report.md"), **{m: "ok (reused)" for m in names}}
+    # Left as they are by a run of another metric, the report says so of them, and of how to compute them anew.
+    earlier = as_an_earlier_saelab_wrote_them()
+    out, _ = run_cli(capsys, *for_metrics(argv[:-4], "ablation_sparsity"), "--metrics", "ablation_sparsity")
+    assert out["ablation_sparsity"] == "ok (reused)"
+    assert earlier == {m: (evals / f"{m}.json").read_bytes() for m in names}
+    report = (evals / "report.md").read_text()
+    assert ("It has no intervals (an earlier saelab wrote it, before saelab computed them); the suite run again "
+            "(`--metrics core` for it alone) computes it anew, as this saelab does.") in report
+    assert ("Its intervals are an earlier saelab's (it records no interval_method); the suite run again (`--metrics "
+            "compute_equivalent` for it alone) computes it anew") in report
+    assert report.count("earlier saelab") == 2

@@ -567,7 +567,8 @@ def test_an_evaluation_whose_intervals_an_earlier_saelab_made_is_evaluated_again
     another way (core's read the whole draw's documents) or made none, and report.md showed them as this
     saelab's. An evaluation records how its intervals were made (interval_method): one that records none, as
     the earlier saelab wrote it, is evaluated again with a note naming the file, in the run and in --out DIR
-    (not refused as an evaluation there already); a current one is reused."""
+    (not refused as an evaluation there already), and said so in the report while it stands; a current one is
+    reused."""
     run, small_eval = _trained_run(capsys, tiny_dir, data_dir, tmp_path)
     elsewhere = tmp_path / "elsewhere"
     no_intervals = ("intervals", "interval_groups", "interval_method")  # as saelab wrote it before intervals existed
@@ -590,6 +591,14 @@ def test_an_evaluation_whose_intervals_an_earlier_saelab_made_is_evaluated_again
     from saelab.evals.core import INTERVAL_METHOD
 
     assert written["interval_method"] == INTERVAL_METHOD
+    # The run's report says so of such an evaluation while it stands, and no more once it is made again.
+    written = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({k: v for k, v in written.items() if k != "interval_method"}))
+    _report_notes(capsys, run)
+    assert ("Its intervals are an earlier saelab's (it records no interval_method); `saelab eval RUN` evaluates it "
+            "anew.") in (run / "report.md").read_text()
+    run_cli(capsys, "eval", str(run), *small_eval)
+    assert "earlier saelab" not in (run / "report.md").read_text()
 
 
 def test_quickstart_evaluates_again_an_evaluation_whose_intervals_an_earlier_saelab_made(tiny_dir, data_dir,

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from saelab.errors import CheckpointError
-from saelab.evals.bootstrap import format_interval
-from saelab.evals.core import eval_settings
+from saelab.evals.bootstrap import earlier_intervals, format_interval
+from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings
 from saelab.report.plots import density_histogram, training_curves
 from saelab.run_folder import (DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, LATENT_FREQUENCIES, REPORT, SAE_DIR,
                                TRAIN_CONFIG, TRAINING_CURVES, LatentFrequencies, read_eval_metrics, read_json,
@@ -54,10 +54,10 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def intervals_note(metrics: dict[str, Any]) -> list[str]:
-    """What the table's [low, high] are, or why there are none."""
-    if "intervals" not in metrics:  # a reused evaluation keeps its numbers as computed: say what it lacks
-        return ["", "No intervals: this evaluation was written before saelab computed them "
-                    "(`saelab eval RUN --overwrite` evaluates it again)."]
+    """What the table's [low, high] are, or why there are none (an earlier saelab's evaluation without them:
+    :func:`earlier_intervals_note` says so)."""
+    if "intervals" not in metrics:
+        return []
     some = next((i for i in (metrics.get("intervals") or {}).values() if isinstance(i, dict) and i.get("n_boot")),
                 None)
     if some is None or some.get("level") is None:
@@ -67,6 +67,14 @@ def intervals_note(metrics: dict[str, Any]) -> list[str]:
     return ["", f"[low, high]: {some['level']:.0%} bootstrap intervals over the {metrics.get('interval_groups', 'groups')} "
                 "the eval contexts were drawn from (nMSE: over the reconstruction tokens', "
                 f"{some['n_groups']:,}; the losses: over the downstream contexts'), {some['n_boot']:,} draws."]
+
+
+def earlier_intervals_note(result: dict[str, Any], method: str, again: str) -> list[str]:
+    """The line under a result whose intervals (or their absence) are not the ones this saelab computes
+    (``method``: its metric's now), which ``again`` computes anew: shown as it was written, beside new
+    results, it says so; [] for a result of ``method``."""
+    earlier = earlier_intervals(result, method)
+    return [] if earlier is None else ["", f"{earlier[0].upper()}{earlier[1:]}; {again}."]
 
 
 def _why_undefined(key: str, metrics: dict[str, Any]) -> str:
@@ -256,7 +264,8 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
                   f"Eval corpus `{metrics.get('eval_corpus')}`: {n_tok:,} tokens for reconstruction, "
                   f"{metrics.get('n_predictions', 0):,} next-token predictions for the downstream loss "
                   f"(context {metrics.get('context_size')}, position 0 {metrics.get('position_0')}).", ""]
-        lines += [markdown_table(metric_rows(metrics)), *intervals_note(metrics), ""]
+        lines += [markdown_table(metric_rows(metrics)), *intervals_note(metrics),
+                  *earlier_intervals_note(metrics, CORE_INTERVALS, "`saelab eval RUN` evaluates it anew"), ""]
     if log:
         training_curves(log, run_dir / TRAINING_CURVES)
         last = log[-1]

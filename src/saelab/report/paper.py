@@ -14,8 +14,10 @@ from typing import Any
 from saelab.errors import CheckpointError
 from saelab.evals.compute_equivalent import KIND_FAMILY, format_fraction_interval, upgrade_result
 from saelab.evals.core import eval_settings
+from saelab.evals.suite import INTERVAL_METHODS
 from saelab.models import model_provenance
-from saelab.report.markdown import frequencies_mismatch, intervals_note, markdown_table, metric_rows
+from saelab.report.markdown import (earlier_intervals_note, frequencies_mismatch, intervals_note, markdown_table,
+                                    metric_rows)
 from saelab.run_folder import DENSITY_PLOT, EVALS_DIR, LATENT_FREQUENCIES, read_latent_frequencies
 from saelab.utils.atomic import write_text
 
@@ -195,12 +197,12 @@ def _section_ce(r: dict, evals: Path) -> list[str]:
 
 def _ce_intervals_note(r: dict) -> list[str]:
     """What the fractions' [low, high] are, and how the draws whose compute lies outside the models' were
-    counted; why there are none (losses cached before they were kept, or a result from before them)."""
+    counted; why there are none (losses cached before they were kept; a result from before them:
+    :func:`earlier_intervals_note`)."""
     if r.get("interval_note"):
         return ["", r["interval_note"] + "."]
-    if "intervals" not in r:  # a reused result keeps its numbers as computed: say what it lacks
-        return ["", "No interval: this result was written before saelab computed them (`--overwrite` with "
-                    "`--metrics compute_equivalent` measures it again)."]
+    if "intervals" not in r:  # an earlier saelab's result: earlier_intervals_note says so
+        return []
     some = next((i for i in (r.get("intervals") or {}).values() if i.get("n_boot")), None)
     if some is None:
         return []
@@ -388,6 +390,8 @@ def write_paper_report(out_dir: str | Path) -> Path:
                 "ablation_sparsity": lambda: _section_ablation(r), "probe": lambda: _section_probe(r, evals),
                 "n2g": lambda: _section_n2g(r, evals)}[m]()
         where = "`saelab.evals.reconstruction` and `.downstream`" if m == "core" else f"`saelab.evals.{m}`"
+        body += earlier_intervals_note(r, INTERVAL_METHODS[m], f"the suite run again (`--metrics {m}` for it alone) "
+                                                               "computes it anew, as this saelab does")
         lines += body + ["", f"Computed {rec['created']} in {rec['wall_s']:,.1f} s; definitions and schema: "
                                 f"{where} (see docs/evals.md).", ""]
     path = evals / "report.md"
