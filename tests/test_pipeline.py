@@ -933,7 +933,7 @@ def test_a_run_of_a_relative_corpus_evaluated_on_that_file_grown_is_told_trainin
     article was appended said `held-out text`, without a warning: the fingerprint no longer matched, and only a
     corpus recorded by an absolute path was the training text as a file. The harvest records the corpus's
     absolute path too, in the run's own records; the export carries no path of this disk."""
-    from saelab.pipeline import _held_out_label
+    from saelab.evals.core import held_out_label
 
     (tmp_path / "work").mkdir()
     train = wiki_jsonl(data_dir, tmp_path / "work" / "train.jsonl", 0, 2)
@@ -954,7 +954,7 @@ def test_a_run_of_a_relative_corpus_evaluated_on_that_file_grown_is_told_trainin
         assert "the text the SAE was trained on" in err, corpus
     before = load_sae(tmp_path / "work" / "run")  # a run recorded before the harvest took the path: as it was then
     del before.cfg.extra["dataset_absolute_path"]
-    assert _held_out_label(before, "train.jsonl") == "held-out text"
+    assert held_out_label(before, "train.jsonl") == "held-out text"
     run_cli(capsys, "export", "run", str(tmp_path / "export"), "--format", "saelens")
     assert _paths_in(tmp_path / "export", tmp_path.resolve(), tmp_path) == []
 

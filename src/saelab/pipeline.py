@@ -31,7 +31,7 @@ from saelab.evals.bootstrap import earlier_intervals
 from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.config import AblationSparsityConfig, EvalConfig, N2GConfig, PaperSuiteConfig
 from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings, evaluate_core, evaluated_model
-from saelab.evals.core import read_eval_contexts
+from saelab.evals.core import held_out_label, read_eval_contexts
 from saelab.evals.n2g import check_latents
 from saelab.evals.suite import (check_results_before_load, check_series_before_load, check_suite_applies,
                                 longest_n_future, read_suite_contexts, run_paper_suite)
@@ -406,42 +406,6 @@ def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig], cache: Ac
     return out, finished
 
 
-def _held_out_label(sae: TopKSAE, corpus: str) -> str:
-    """'held-out text', or a warning label when the eval text is the SAE's training text."""
-    if not _is_training_text(sae, corpus):
-        return "held-out text"
-    print(f"warning: evaluating on {corpus}, the text the SAE was trained on; the metrics are not held-out",
-          file=sys.stderr)
-    return "training text (not held out)"
-
-
-def _is_training_text(sae: TopKSAE, corpus: str) -> bool:
-    """Whether ``corpus`` is the text the SAE was trained on: by the fingerprint of its content where the SAE records
-    one (its harvest took it, an export carries it: the same text under any name is it, another file of the same
-    name is not), else (an SAE of an earlier saelab) by the corpus's name or path as recorded. The file at the
-    absolute path a run records is the training text even once edited: it may hold what was trained on still."""
-    fingerprint = sae.cfg.extra.get(CORPUS_FINGERPRINT)
-    trained_on = sae.cfg.dataset
-    if isinstance(fingerprint, dict) and isinstance(fingerprint.get("sha256"), str):
-        trained_at = _training_corpus_path(sae)
-        same_file = trained_at is not None and Path(corpus).exists() and \
-            Path(trained_at).resolve() == Path(corpus).resolve()
-        return same_file or has_fingerprint(corpus, fingerprint)
-    return bool(trained_on) and (trained_on == corpus or (Path(trained_on).exists() and Path(corpus).exists()
-                                                         and Path(trained_on).resolve() == Path(corpus).resolve()))
-
-
-def _training_corpus_path(sae: TopKSAE) -> str | None:
-    """The absolute path of the corpus a run's SAE was trained on: as its harvest resolved it (a relative
-    ``--corpus`` too), else its ``dataset`` where that is absolute (a run harvested before that record; an
-    export, which records neither, gives None)."""
-    resolved = sae.cfg.extra.get(CORPUS_PATH)
-    if isinstance(resolved, str):
-        return resolved
-    trained_on = sae.cfg.dataset
-    return trained_on if trained_on and Path(trained_on).is_absolute() else None
-
-
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,
              out_dir: str | Path | None = None, device: str | torch.device | None = None,
              model_dtype: str = "float32", progress: bool = True, sae_hash: str | None = None,
@@ -472,7 +436,7 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     if out_dir is not None:
         _note_evaluated_again(Path(out_dir), sae, cfg, lm, sae_hash)
     core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
-    metrics = jsonable({**core.metrics, "eval_text": _held_out_label(sae, core.metrics["eval_corpus"]),
+    metrics = jsonable({**core.metrics, "eval_text": held_out_label(sae, core.metrics["eval_corpus"]),
                         "sae_sha256": sae_hash, "eval_config": _eval_config_record(cfg),
                         "eval_as_read": _eval_as_read(cfg, sae), "model_dtype": str(lm.dtype).removeprefix("torch.")})
     if out_dir is not None:

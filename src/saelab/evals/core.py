@@ -7,13 +7,16 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
+from saelab.data.text import CORPUS_FINGERPRINT, CORPUS_PATH, has_fingerprint
 from saelab.errors import CorpusError, NonFiniteError
 from saelab.evals._common import position_0_words
 from saelab.evals.bootstrap import bounded_groups, by_document, paired_bootstrap, resampled_documents
@@ -60,6 +63,47 @@ def eval_settings(metrics: dict[str, Any]) -> dict[str, Any]:
     # sample_pool_tokens absent: an evaluation from before the contexts were drawn, of the first ones (0)
     return {**{k: metrics.get(k) for k in keys}, "sample_pool_tokens": metrics.get("sample_pool_tokens", 0),
             "model": evaluated_model(metrics)}
+
+
+HELD_OUT_TEXT, TRAINING_TEXT = "held-out text", "training text (not held out)"
+"""The eval text as metrics.json's ``eval_text`` and the paper suite's results name it (:func:`held_out_label`)."""
+
+
+def held_out_label(sae, corpus: str) -> str:
+    """HELD_OUT_TEXT, or TRAINING_TEXT with a one-line warning on stderr when ``corpus`` is the SAE's training
+    text: for every evaluation that reads it (``saelab eval``, quickstart, the paper suite)."""
+    if not _is_training_text(sae, corpus):
+        return HELD_OUT_TEXT
+    print(f"warning: evaluating on {corpus}, the text the SAE was trained on; the metrics are not held-out",
+          file=sys.stderr)
+    return TRAINING_TEXT
+
+
+def _is_training_text(sae, corpus: str) -> bool:
+    """Whether ``corpus`` is the text the SAE was trained on: by the fingerprint of its content where the SAE records
+    one (its harvest took it, an export carries it: the same text under any name is it, another file of the same
+    name is not), else (an SAE of an earlier saelab) by the corpus's name or path as recorded. The file at the
+    absolute path a run records is the training text even once edited: it may hold what was trained on still."""
+    fingerprint = sae.cfg.extra.get(CORPUS_FINGERPRINT)
+    trained_on = sae.cfg.dataset
+    if isinstance(fingerprint, dict) and isinstance(fingerprint.get("sha256"), str):
+        trained_at = _training_corpus_path(sae)
+        same_file = trained_at is not None and Path(corpus).exists() and \
+            Path(trained_at).resolve() == Path(corpus).resolve()
+        return same_file or has_fingerprint(corpus, fingerprint)
+    return bool(trained_on) and (trained_on == corpus or (Path(trained_on).exists() and Path(corpus).exists()
+                                                         and Path(trained_on).resolve() == Path(corpus).resolve()))
+
+
+def _training_corpus_path(sae) -> str | None:
+    """The absolute path of the corpus a run's SAE was trained on: as its harvest resolved it (a relative
+    ``--corpus`` too), else its ``dataset`` where that is absolute (a run harvested before that record; an
+    export, which records neither, gives None)."""
+    resolved = sae.cfg.extra.get(CORPUS_PATH)
+    if isinstance(resolved, str):
+        return resolved
+    trained_on = sae.cfg.dataset
+    return trained_on if trained_on and Path(trained_on).is_absolute() else None
 
 
 def _hook_rows(lm, tokens_NT: torch.Tensor, hook: str, first: int, n_rows: int, batch: int) -> torch.Tensor:
