@@ -633,3 +633,68 @@ def test_results_whose_intervals_an_earlier_saelab_made_are_computed_again(tiny_
     assert ("Its intervals are an earlier saelab's (it records no interval_method); the suite run again (`--metrics "
             "compute_equivalent` for it alone) computes it anew") in report
     assert report.count("earlier saelab") == 2
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: three suites and a core eval
+def test_the_suite_on_the_sae_training_text_warns_and_records_it(tiny_series_run, tiny_series, data_dir, tmp_path,
+                                                                 capsys):
+    """`saelab eval RUN` on the text the SAE was trained on warns and records `training text (not held out)`;
+    `--suite paper` on it said nothing, and its evals/*.json and evals/report.md read as held out. It gives the
+    same warning, once, before the model loads, and each result measured on that text records it, as its report
+    says; a result reused from an earlier saelab, which recorded none, gains it."""
+    from saelab.evals.core import HELD_OUT_TEXT, TRAINING_TEXT
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_series_run, run)
+    trained_on = load_sae(run / "sae").cfg.dataset  # the shipped train split, as the harvest read it
+    warning = f"warning: evaluating on {trained_on}, the text the SAE was trained on; the metrics are not held-out"
+    small = [*for_metrics(SMALL, "core", "probe", "n2g"), "--sample-pool-tokens", "0"]
+    argv = ["eval", str(run), "--suite", "paper", "--metrics", "core", "probe", "n2g", "--corpus", trained_on, *small]
+    weightless = tmp_path / "weightless"  # its config and tokenizer pass every check; its load fails
+    shutil.copytree(tiny_series / "checkpoint-120", weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    _, err = run_cli(capsys, *argv, "--model", str(weightless), code=2)
+    lines = err.splitlines()
+    assert lines.index(warning) < next(i for i, line in enumerate(lines) if "cannot load model directory" in line)
+
+    out, err = run_cli(capsys, *argv)
+    assert out == {"report": str(run / "evals" / "report.md"), "core": "ok", "probe": "ok", "n2g": "ok"}
+    assert err.splitlines().count(warning) == 1
+    records = {m: json.loads((run / "evals" / f"{m}.json").read_text()) for m in ("core", "probe", "n2g")}
+    assert {m: rec["eval"]["eval_text"] for m, rec in records.items()} == dict.fromkeys(records, TRAINING_TEXT)
+    assert json.loads((run / "evals" / "suite.json").read_text())["eval"]["eval_text"] == TRAINING_TEXT
+    report = (run / "evals" / "report.md").read_text()
+    assert f"`{trained_on}`, {TRAINING_TEXT}, contexts of 32 tokens" in report
+    assert ("**Warning:** `core`, `probe` and `n2g` read the text the SAE was trained on: their numbers are not "
+            "held-out.") in report
+    assert report.count(f" s on {TRAINING_TEXT}; definitions and schema") == 3
+    # core eval's record of the same text: the same label
+    out, err = run_cli(capsys, "eval", str(run), "--corpus", trained_on, "--sample-pool-tokens", "0",
+                       "--recon-tokens", "1024", "--downstream-tokens", "992", "--no-progress")
+    assert out["eval_text"] == TRAINING_TEXT and warning in err.splitlines()
+
+    # a result an earlier saelab wrote, without the record: reused, it gains it
+    core = run / "evals" / "core.json"
+    core.write_text(json.dumps({**records["core"], "eval": {k: v for k, v in records["core"]["eval"].items()
+                                                            if k != "eval_text"}}))
+    out, err = run_cli(capsys, *argv)
+    assert out["core"] == "ok (reused)" and err.splitlines().count(warning) == 1
+    assert json.loads(core.read_text())["eval"]["eval_text"] == TRAINING_TEXT
+
+    held_out = ["--corpus", str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), "--out", str(tmp_path / "held-out")]
+    out, err = run_cli(capsys, *argv[:5], "core", *held_out, *for_metrics(small, "core"))
+    assert out["core"] == "ok" and "the text the SAE was trained on" not in err
+    assert json.loads((tmp_path / "held-out" / "evals" / "core.json").read_text())["eval"]["eval_text"] == HELD_OUT_TEXT
+    report = (tmp_path / "held-out" / "evals" / "report.md").read_text()
+    assert "**Warning:**" not in report and f" s on {HELD_OUT_TEXT}; definitions" in report
+
+
+def test_a_probe_of_hub_tasks_alone_reads_no_eval_text(tiny_series_run):
+    """The probe's Hugging Face tasks bring their own texts: a suite of such a probe alone reads none of the eval
+    corpus, and the training text's warning and record are not for it."""
+    from saelab.evals.config import EvalConfig, PaperSuiteConfig, ProbeConfig
+    from saelab.evals.suite import suite_reads_eval_text
+
+    sae = load_sae(tiny_series_run / "sae")
+    hub_only = PaperSuiteConfig(metrics=("probe",), probe=ProbeConfig(tasks=(), hf_tasks=("imdb",)))
+    assert not suite_reads_eval_text(sae, sae.cfg.model_name, hub_only, EvalConfig(), 32)
+    assert suite_reads_eval_text(sae, sae.cfg.model_name, replace(hub_only, probe=ProbeConfig()), EvalConfig(), 32)

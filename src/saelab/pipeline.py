@@ -34,7 +34,7 @@ from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings, 
 from saelab.evals.core import held_out_label, read_eval_contexts
 from saelab.evals.n2g import check_latents
 from saelab.evals.suite import (check_results_before_load, check_series_before_load, check_suite_applies,
-                                longest_n_future, read_suite_contexts, run_paper_suite)
+                                longest_n_future, read_suite_contexts, run_paper_suite, suite_reads_eval_text)
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
                            model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
@@ -721,11 +721,14 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     try:
         if before_load is not None:
             before_load(sae, trained_at)
+        # the training text's warning beside those notes, before the load; the suite's records say it too
+        eval_text = held_out_label(sae, str(resolve_corpus(eval_cfg.corpus, "eval"))) \
+            if suite_reads_eval_text(sae, model_name(spec), cfg, eval_cfg, T) else None
         lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
         sae = _beside_model(sae, lm, given=False)
         index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg,
                                 overwrite=overwrite, progress=progress, contexts=contexts, refused=refused,
-                                sae_hash=sae_hash)
+                                sae_hash=sae_hash, eval_text=eval_text)
         write_paper_report(out)
         if out is run and (run / TRAIN_CONFIG).exists():  # with a link to evals/report.md
             # The suite hashed the run's SAE (unless --hook made it another): the report need not hash it again.

@@ -37,7 +37,9 @@ Envelope of every ``OUT/evals/<metric>.json`` (``schema_version`` 1)::
     reason          None or a sentence
     inputs          what the result depends on (see above); a re-run reuses an ok result with equal inputs
     sae             {source, n_latents, k, hook, model, input_norm, sha256}
-    eval            {corpus, context_size, n_contexts, position_0}
+    eval            {corpus, context_size, n_contexts, position_0, eval_text}: eval_text "held-out text", or
+                    "training text (not held out)" when the eval corpus is the SAE's training text
+                    (saelab.evals.core.held_out_label); None for a metric that reads none of its text
     wall_s          seconds the metric took when it was computed
     created         UTC time it was computed (ISO 8601)
     result          the metric's own result (schema in its module's docstring), None unless ok
@@ -73,7 +75,8 @@ from saelab.evals.compute_equivalent import (
     series_for_model,
 )
 from saelab.evals.config import PAPER_METRICS, EvalConfig, N2GConfig, PaperSuiteConfig
-from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings, evaluate_core, worded_corpus_error
+from saelab.evals.core import (INTERVAL_METHOD as CORE_INTERVALS, eval_settings, evaluate_core, held_out_label,
+                               worded_corpus_error)
 from saelab.evals.n2g import INTERVAL_METHOD as N2G_INTERVALS, check_latents, padding_id, run_n2g
 from saelab.evals.probe import INTERVAL_METHOD as PROBE_INTERVALS, SPLIT_METHOD as PROBE_SPLIT_METHOD, run_probe
 from saelab.models.loading import RECORDED_CONTEXT, model_provenance
@@ -204,6 +207,9 @@ class SuiteMetric:
     method: str | None = None
     """What changed in how the result is computed that its settings do not show (recorded in its inputs: a
     result of the earlier method, which records none, is not reused); None: nothing so far."""
+    reads_eval_text: Callable[[SuiteRun], bool] = lambda run: True
+    """Whether its result is measured on the eval corpus's text (its ``eval.eval_text`` says whether that is held
+    out): the probe's Hugging Face tasks bring their own texts."""
 
 
 def _probe_measured_nothing(result: dict) -> str | None:
@@ -234,7 +240,8 @@ SUITE: tuple[SuiteMetric, ...] = (
     SuiteMetric("probe", lambda r: config_dict(r.cfg.probe), lambda r: r.cfg.probe_contexts,
                 lambda r: None if (r.cfg.probe.tasks or r.cfg.probe.hf_tasks) else "no probe tasks selected",
                 lambda r: _on_drawn(run_probe, r, r.cfg.probe_contexts, r.cfg.probe, corpus_order=True),
-                PROBE_INTERVALS, _probe_measured_nothing, method=f"splits: {PROBE_SPLIT_METHOD}"),
+                PROBE_INTERVALS, _probe_measured_nothing, method=f"splits: {PROBE_SPLIT_METHOD}",
+                reads_eval_text=lambda r: bool(r.cfg.probe.tasks)),
     SuiteMetric("n2g", lambda r: config_dict(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, lambda r: None,
                 lambda r: _on_drawn(run_n2g, r, r.cfg.n2g_contexts, r.cfg.n2g), N2G_INTERVALS),
 )
@@ -373,6 +380,8 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
         earlier = earlier_intervals(old["result"] or {}, m.interval_method)
         if earlier is None:
             run.results[m.name] = old["result"]
+            if (old.get("eval") or {}).get("eval_text") != eval_info["eval_text"]:  # an earlier saelab recorded none
+                write_json(path, {**old, "eval": {**(old.get("eval") or {}), "eval_text": eval_info["eval_text"]}})
             return {**entry, "status": "ok", "reason": None, "reused": True, "wall_s": old["wall_s"]}
         # kept until the new result replaces it (write_json: atomically), so an interrupted run loses nothing
         print(f"saelab: note: {path} is computed again, not reused: {earlier}", file=sys.stderr)
@@ -413,6 +422,17 @@ def _contexts_read(run: SuiteRun, metric: str) -> dict[str, int]:
         return {f"suite_cfg.{CONTEXTS_SETTING[metric]}": getattr(run.cfg, CONTEXTS_SETTING[metric])}
     counts = ("recon_tokens", "downstream_tokens") if metric == "core" else ("downstream_tokens",)
     return {f"eval.{count}": math.ceil(getattr(run.eval_cfg, count) / (run.T - run.first)) for count in counts}
+
+
+def _reading_eval_text(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict[str, str | None]) -> list[str]:
+    """The metrics to run that measure on the eval corpus's text."""
+    return [m.name for m in wanted if not reasons[m.name] and m.reads_eval_text(run)]
+
+
+def suite_reads_eval_text(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, T: int) -> bool:
+    """Whether a metric of the suite that applies measures on the eval corpus's text, from the settings alone:
+    before the model loads, where :func:`held_out_label` says whether that text is held out."""
+    return bool(_reading_eval_text(*_suite_run(None, sae, model, Path(), cfg, eval_cfg, T)))
 
 
 def check_suite_applies(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, T: int) -> None:
@@ -522,14 +542,16 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
 def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg: EvalConfig | None = None,
                     cfg: PaperSuiteConfig | None = None, overwrite: bool = False, progress: bool = True,
                     contexts: DrawnContexts | None = None, refused: dict[str, str] | None = None,
-                    sae_hash: str | None = None) -> dict[str, Any]:
+                    sae_hash: str | None = None, eval_text: str | None = None) -> dict[str, Any]:
     """Run the paper suite on ``sae`` with ``lm`` into ``out_dir/evals/`` (module docstring).
 
     Returns the suite index (also written to suite.json). A metric that fails is recorded with
     status "error" and its reason; the caller decides what to do about it. ``contexts``: the eval contexts
     when the caller read them already (:func:`read_suite_contexts`); ``refused``: metrics found to fail
     before the model loaded, with their reason (:func:`check_series_before_load`), recorded so, not run;
-    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it (:func:`check_results_before_load`'s).
+    ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it (:func:`check_results_before_load`'s);
+    ``eval_text``: :func:`held_out_label`'s label of the eval corpus when the caller took it (and so said the
+    warning) already, else taken here where a metric reads that text.
     """
     t_start = time.perf_counter()
     check_sae_hook(sae, source or "(given)")
@@ -541,13 +563,18 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     hook = sae.cfg.hook_name
     sae_info = {"source": source, "n_latents": sae.n_latents, "k": sae.cfg.k, "hook": hook, "model": lm.name,
                 "input_norm": sae.cfg.input_norm, "sha256": run.sae_hash}
-    eval_info = {k: base_inputs[k] for k in ("corpus", "context_size", "position_0")}
+    reading = _reading_eval_text(run, wanted, reasons)
+    if reading and eval_text is None:
+        eval_text = held_out_label(sae, str(resolve_corpus(run.eval_cfg.corpus, "eval")))
+    eval_info = {**{k: base_inputs[k] for k in ("corpus", "context_size", "position_0")},
+                 "eval_text": eval_text if reading else None}
     index: dict[str, Any] = {"suite": "paper", "schema_version": SCHEMA_VERSION, "sae": sae_info, "model": lm.name,
                              "hook": hook, "eval": eval_info, "metrics": {}}
     if not overwrite:
         _refuse_replacing(run, wanted, reasons, base_inputs)
     for m in wanted:
-        index["metrics"][m.name] = _run_metric(run, m, reasons[m.name], base_inputs, sae_info, eval_info,
+        measured_on = {**eval_info, "eval_text": eval_info["eval_text"] if m.name in reading else None}
+        index["metrics"][m.name] = _run_metric(run, m, reasons[m.name], base_inputs, sae_info, measured_on,
                                                overwrite=overwrite, progress=progress)
     index["wall_s"] = round(time.perf_counter() - t_start, 2)
     index["metrics_wall_s"] = round(sum(m["wall_s"] for m in index["metrics"].values()), 2)
@@ -556,4 +583,5 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
 
 
 __all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "check_results_before_load",
-           "check_series_before_load", "check_suite_applies", "longest_n_future", "read_suite_contexts", "run_paper_suite"]
+           "check_series_before_load", "check_suite_applies", "longest_n_future", "read_suite_contexts", "run_paper_suite",
+           "suite_reads_eval_text"]

@@ -13,7 +13,7 @@ from typing import Any
 
 from saelab.errors import CheckpointError
 from saelab.evals.compute_equivalent import KIND_FAMILY, format_fraction_interval, upgrade_result
-from saelab.evals.core import eval_settings
+from saelab.evals.core import TRAINING_TEXT, eval_settings
 from saelab.evals.suite import INTERVAL_METHODS
 from saelab.models import model_provenance
 from saelab.report.markdown import (earlier_intervals_note, frequencies_mismatch, intervals_note, markdown_table,
@@ -349,6 +349,16 @@ def _section_n2g(r: dict, evals: Path) -> list[str]:
     return lines
 
 
+def _training_text_warning(measured_on: dict[str, str | None]) -> list[str]:
+    """One line naming the metrics whose results were measured on the SAE's training text (none: no line)."""
+    names = [f"`{m}`" for m, text in measured_on.items() if text == TRAINING_TEXT]
+    if not names:
+        return []
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return [f"**Warning:** {listed} read the text the SAE was trained on: {'its' if len(names) == 1 else 'their'} "
+            "numbers are not held-out.", ""]
+
+
 def write_paper_report(out_dir: str | Path) -> Path:
     """Write ``out_dir/evals/report.md`` (and the density, compute-equivalent, probe and N2G plots) from the
     metric files."""
@@ -367,12 +377,16 @@ def write_paper_report(out_dir: str | Path) -> Path:
     density = recs.get("core", {}).get("status") == "ok" and _core_density(evals, recs["core"])
     any_rec = next(iter(recs.values()), {})
     sae, ev = any_rec.get("sae", {}), any_rec.get("eval", {})
+    # what each metric was measured on (None: none of the eval text, or a record of an earlier saelab)
+    measured_on = {m: (rec.get("eval") or {}).get("eval_text") for m, rec in recs.items()}
+    shown_text = next((text for text in measured_on.values() if text), None)
     lines = [f"# Paper metrics of SAE `{sae.get('source') or '?'}`", ""]
     lines += [markdown_table([("SAE", f"n = {sae.get('n_latents', 0):,}, k = {sae.get('k')}, input norm "
                               f"{sae.get('input_norm')}, weights sha256 {sae.get('sha256')}"),
                       ("model / hook", f"`{model_provenance(sae.get('model'))['model_name']}` / `{sae.get('hook')}`"),
-                      ("eval text", f"`{ev.get('corpus')}`, contexts of {ev.get('context_size')} tokens, position 0 "
-                                    f"{ev.get('position_0')}")]), ""]
+                      ("eval text", f"`{ev.get('corpus')}`{f', {shown_text}' if shown_text else ''}, contexts of "
+                                    f"{ev.get('context_size')} tokens, position 0 {ev.get('position_0')}")]), ""]
+    lines += _training_text_warning({m: text for m, text in measured_on.items() if recs[m]["status"] == "ok"})
     lines += ["## Summary", "", "| metric | result | status | wall (s) |", "|---|---|---|---|"]
     for m, rec in recs.items():
         status = rec["status"] + (" (reused)" if index.get("metrics", {}).get(m, {}).get("reused") else "")
@@ -392,7 +406,8 @@ def write_paper_report(out_dir: str | Path) -> Path:
         where = "`saelab.evals.reconstruction` and `.downstream`" if m == "core" else f"`saelab.evals.{m}`"
         body += earlier_intervals_note(r, INTERVAL_METHODS[m], f"the suite run again (`--metrics {m}` for it alone) "
                                                                "computes it anew, as this saelab does")
-        lines += body + ["", f"Computed {rec['created']} in {rec['wall_s']:,.1f} s; definitions and schema: "
+        on = f" on {measured_on[m]}" if measured_on[m] else ""
+        lines += body + ["", f"Computed {rec['created']} in {rec['wall_s']:,.1f} s{on}; definitions and schema: "
                                 f"{where} (see docs/evals.md).", ""]
     path = evals / "report.md"
     write_text(path, "\n".join(lines))
