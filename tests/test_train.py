@@ -327,6 +327,20 @@ def test_resume_may_change_a_setting_that_acts_on_nothing_in_the_run(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_a_relu_config_s_k_acts_on_nothing(tmp_path):
+    """A ReLU SAE has no k, and a run of it compares with another less its k (unused_settings); 'auto' decoder init
+    read that k (k = 8: random, 32: data), so a paused k = 8 run resumed as k = 32 took another init's record, and
+    two fresh runs differing in k alone trained apart."""
+    data = _data()
+    relu = dict(architecture="relu", lr=1e-3, auxk=False, decoder_init="auto")
+    fresh = train_sae(_cfg(k=32, **relu), _source(data, 128), tmp_path / "k32", d_in=24, progress=False)
+    other_k = train_sae(_cfg(k=8, **relu), _source(data, 128), tmp_path / "k8", d_in=24, progress=False)
+    train_sae(_cfg(k=8, **relu), _source(data, 128), tmp_path / "paused", d_in=24, progress=False, stop_after_steps=5)
+    resumed = train_sae(_cfg(k=32, **relu), _source(data, 128), tmp_path / "paused", d_in=24, progress=False)
+    for (name, p), q, r in zip(fresh.named_parameters(), other_k.parameters(), resumed.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), name
+
+
 def test_tokens_past_the_last_whole_batch_are_named(tmp_path, capsys):
     data = _data(rows=1024)
     train_sae(_cfg(total_tokens=1000), _source(data, 128), tmp_path / "run", d_in=24, progress=False)

@@ -147,7 +147,7 @@ class TrainConfig:
 
     @property
     def effective_decoder_init(self) -> str:
-        return resolved_decoder_init(self.decoder_init, self.batch_size, self.k, self.n_latents)
+        return resolved_decoder_init(self.decoder_init, self.batch_size, self.k, self.n_latents, self.architecture)
 
     @property
     def effective_init_rows(self) -> int:
@@ -190,12 +190,20 @@ class TrainConfig:
         return cls(**d)
 
 
-def resolved_decoder_init(decoder_init: str, batch_size: int, k: int, n_latents: int) -> str:
+RELU_INIT_K = 32
+"""Active latents per row that 'auto' decoder init assumes of a ReLU SAE, which has no k: the default k, by which
+the ReLU runs the CLI trains (it refuses -k with them) have always resolved it. A k given to a ReLU config through
+Python acts on nothing, as its comparison with another run takes it (``unused_settings``)."""
+
+
+def resolved_decoder_init(decoder_init: str, batch_size: int, k: int, n_latents: int,
+                          architecture: str = "topk") -> str:
     """--decoder-init with 'auto' resolved: 'data' when each latent expects at least 16 activations per
-    batch, else 'random'."""
+    batch (k active per row; a ReLU SAE: RELU_INIT_K), else 'random'."""
     if decoder_init != "auto":
         return decoder_init
-    return "data" if batch_size * k >= 16 * n_latents else "random"
+    per_row = k if architecture == "topk" else RELU_INIT_K
+    return "data" if batch_size * per_row >= 16 * n_latents else "random"
 
 
 RELU_HAS_NONE = ("a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every positive latent and has no k, "
@@ -213,7 +221,8 @@ APPLIES_ONLY_WITH: list[tuple[tuple[str, ...], Callable[[dict], bool], str]] = [
     (("multi_topk_factor", "multi_topk_coef"), lambda s: s["multi_topk"], "applies only with --multi-topk"),
     (("k_aux", "auxk_coef"), lambda s: s["auxk"], "applies only with --auxk (AuxK is off)"),
     (("decoder_init_max_cos", "decoder_init_noise"),  # auto draws it at random on too few activations per latent
-     lambda s: resolved_decoder_init(s["decoder_init"], s["batch_size"], s["k"], s["n_latents"]) != "random",
+     lambda s: resolved_decoder_init(s["decoder_init"], s["batch_size"], s["k"], s["n_latents"],
+                                     s["architecture"]) != "random",
      "applies only to a decoder initialized from data (--decoder-init data, or auto where --batch-size x --k / "
      "--n-latents >= 16); here it is drawn at random"),
     (("lr_base", "lr_max"), lambda s: s["lr"] is None,
