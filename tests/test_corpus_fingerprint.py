@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from saelab.data.text import corpus_fingerprint, iter_texts
-from saelab.utils.file_digests import DIGESTS_FILE, MAX_ENTRIES, RACY_NS
+from saelab.utils import file_digests
+from saelab.utils.file_digests import DIGESTS_FILE, RACY_NS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 IN_A_LATER_CALL = """
@@ -128,16 +130,45 @@ def test_an_unwritable_or_unreadable_cache_folder_only_means_hashing_again(tmp_p
     assert later_call(corpus, tmp_path / "cache")[1] < MIB
 
 
-def test_the_record_keeps_the_most_recently_hashed_files(tmp_path, monkeypatch):
-    """A folder of more files than the record keeps: its last MAX_ENTRIES, hashed last, stay."""
+def test_the_record_keeps_the_files_hashed_or_found_unchanged_last(tmp_path, monkeypatch):
+    """A folder of more files than the record keeps: its last MAX_ENTRIES, hashed last, stay. A corpus found
+    unchanged near the record's oldest end is moved to its newest: kept entries were never moved, so a corpus in
+    daily use was dropped after MAX_ENTRIES files hashed since its first hash, and a folder of more files than that
+    was partly hashed again on every call. The record names corpora by path: private, as the local key."""
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
-    folder = tmp_path / "texts"
-    folder.mkdir()
-    files = [text_file(folder / f"{i:05d}.txt", 16, f"{i} ".encode()) for i in range(MAX_ENTRIES + 3)]
-    settled(*files)
-    assert corpus_fingerprint(str(folder))["bytes"] == 16 * len(files)
-    kept = json.loads((tmp_path / "cache" / DIGESTS_FILE).read_text())["files"]
-    assert list(kept) == [str(f.resolve()) for f in files[3:]]
+    monkeypatch.setattr(file_digests, "MAX_ENTRIES", 64)
+    record = tmp_path / "cache" / DIGESTS_FILE
+
+    def folder(name: str, n: int) -> list[Path]:
+        (tmp_path / name).mkdir()
+        return [text_file(tmp_path / name / f"{i:05d}.txt", 16, f"{name} {i} ".encode()) for i in range(n)]
+
+    def kept() -> list[str]:
+        return list(json.loads(record.read_text())["files"])
+
+    texts, daily, more, later = folder("texts", 67), folder("daily", 20), folder("more", 40), folder("later", 40)
+    settled(*texts, *daily, *more, *later)
+    assert corpus_fingerprint(str(tmp_path / "texts"))["bytes"] == 16 * len(texts)
+    assert kept() == [str(f.resolve()) for f in texts[3:]]
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+    record.unlink()
+    for name in ("daily", "more"):
+        corpus_fingerprint(str(tmp_path / name))
+    file_digests._KEPT.clear()  # as a later process finds them: by the record
+    corpus_fingerprint(str(tmp_path / "daily"))
+    corpus_fingerprint(str(tmp_path / "later"))
+    assert kept() == [str(f.resolve()) for f in more[36:] + daily + later]
+
+
+def test_a_record_nested_past_what_json_reads_is_taken_for_none(tmp_path):
+    """A record of deep brackets made every command that fingerprints a corpus fail with a RecursionError."""
+    corpus = text_file(tmp_path / "corpus.txt", MIB)
+    settled(corpus)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / DIGESTS_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    fingerprint, read, err = later_call(corpus, tmp_path / "cache")
+    assert fingerprint == sha256sum(corpus) and read >= MIB and err == ""
+    assert later_call(corpus, tmp_path / "cache")[1] < MIB // 2
 
 
 def test_a_writing_harvest_keeps_the_fingerprint_it_records(tiny_gpt2, data_dir, tmp_path, monkeypatch):

@@ -20,13 +20,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from saelab.utils.atomic import write_text
+from saelab.utils.atomic import write_with
 from saelab.utils.cache_dir import CACHE_DIR_ENV, cache_dir
 
 DIGESTS_FILE = "file-digests.json"
 FORMAT = "saelab-file-digests"
-MAX_ENTRIES = 4096
-"""Files the record keeps, the most recently hashed."""
+MAX_ENTRIES = 32_768
+"""Files the record keeps, the most recently hashed or found unchanged (about 7 MB of record at most): a folder
+corpus of more files is partly hashed again on each call."""
 RACY_NS = 2 * 10**9
 """How much older than the hash's start a file's stamps must be to be kept: more than a file system's clock tick
 (FAT's modification times have 2 s steps; others a few ms)."""
@@ -47,16 +48,21 @@ def file_fingerprints(files: Sequence[str | os.PathLike]) -> list[tuple[int, str
     """Each file's size and :func:`file_sha256`, as one read of it gave them; a file is read only where no
     earlier hash of it in this process or in the kept record has its stamps (see the module's docstring)."""
     record: dict[str, list] | None = None  # read once needed: an unchanged file hashed in this process needs none
-    new: dict[str, list] = {}
+    new: dict[str, list] = {}  # for the record's newest end: files hashed now, and kept ones found near its oldest
     out = []
     try:
         for path in (Path(f).resolve() for f in files):
             key = (str(path), *_stamps(path.stat()))
             if key not in _KEPT:
-                record = _read_record() if record is None else record
+                if record is None:
+                    record = _read_record()
+                    # the entries the next MAX_ENTRIES // 2 new ones would drop first
+                    older = set(list(record)[:max(0, len(record) - MAX_ENTRIES // 2)])
                 kept = record.get(str(path))
                 if _valid(kept) and kept[:5] == list(key[1:]):
                     _KEPT[key] = (kept[2], kept[5])
+                    if str(path) in older:  # moved up, so a corpus in use is not the one dropped
+                        new[str(path)] = kept
                 else:
                     key = _hash_into_kept(path, new)
             out.append(_KEPT[key])
@@ -98,7 +104,7 @@ def _read_record() -> dict[str, list]:
     """The kept record, oldest entry first; empty where there is none, it cannot be read or is not one."""
     try:
         record = json.loads(_record_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than json reads
         return {}
     ok = isinstance(record, dict) and record.get("format") == FORMAT and isinstance(record.get("files"), dict)
     return record["files"] if ok else {}
@@ -111,9 +117,15 @@ def _write_record(new: dict[str, list]) -> None:
     files = dict(list({**files, **new}.items())[-MAX_ENTRIES:])
     path = _record_path()
     try:
-        write_text(path, json.dumps({"format": FORMAT, "files": files}) + "\n")
+        write_with(path, lambda tmp: _write_private(tmp, json.dumps({"format": FORMAT, "files": files}) + "\n"))
     except OSError as e:
         if str(path) not in _NOTED:
             _NOTED.append(str(path))
             print(f"saelab: note: {path} cannot be written ({e.strerror or e}): a local corpus is hashed again by "
                   f"each call; set {CACHE_DIR_ENV} to a writable folder to keep its fingerprint", file=sys.stderr)
+
+
+def _write_private(tmp: Path, text: str) -> None:
+    """The record names local corpora by path: readable by this user only, as the local key is."""
+    os.chmod(tmp, 0o600)
+    tmp.write_text(text, encoding="utf-8")
