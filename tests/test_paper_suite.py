@@ -698,3 +698,51 @@ def test_a_probe_of_hub_tasks_alone_reads_no_eval_text(tiny_series_run):
     hub_only = PaperSuiteConfig(metrics=("probe",), probe=ProbeConfig(tasks=(), hf_tasks=("imdb",)))
     assert not suite_reads_eval_text(sae, sae.cfg.model_name, hub_only, EvalConfig(), 32)
     assert suite_reads_eval_text(sae, sae.cfg.model_name, replace(hub_only, probe=ProbeConfig()), EvalConfig(), 32)
+
+
+def test_results_of_an_eval_corpus_edited_since_are_not_reused(tiny_series_run, data_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    """Results recorded the eval corpus by its path alone: after the file was edited in place (same path, same
+    size) the suite reused the results of its old text as of the new one. They record its fingerprint: one of other
+    text is refused before the model loads, naming the corpus as changed, and replaced with --overwrite; a result
+    an earlier saelab wrote, without the fingerprint, is judged by its other inputs as before."""
+    import saelab.pipeline
+
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus", str(corpus),
+            *for_metrics(SMALL, "core"), "--metrics", "core"]
+    out, _ = run_cli(capsys, *argv)
+    path = tmp_path / "out" / "evals" / "core.json"
+    rec = json.loads(path.read_text())
+    assert out["core"] == "ok" and rec["inputs"]["corpus_fingerprint"]["bytes"] == corpus.stat().st_size
+    text = corpus.read_text()
+    edited = text.replace(" the ", " and ")  # the same size, other text
+    corpus.write_text(edited)
+    assert edited != text and len(edited.encode()) == len(text.encode())
+    before = path.read_bytes()
+    load_model = saelab.pipeline.load_model
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    _, err = run_cli(capsys, *argv, code=2)
+    assert (f"holds results of this SAE with other settings: core (--corpus {corpus.resolve()} (its text changed "
+            "since)); pass --overwrite") in err and path.read_bytes() == before
+    monkeypatch.setattr(saelab.pipeline, "load_model", load_model)
+    out, _ = run_cli(capsys, *argv, "--overwrite")
+    again = json.loads(path.read_text())
+    assert out["core"] == "ok" and again["inputs"]["corpus_fingerprint"] != rec["inputs"]["corpus_fingerprint"]
+    assert again["result"]["ce_clean"] != rec["result"]["ce_clean"]  # measured on the text as it is now
+    out, _ = run_cli(capsys, *argv)
+    assert out["core"] == "ok (reused)"
+    # as an earlier saelab wrote it: no fingerprint, judged by the other inputs
+    del again["inputs"]["corpus_fingerprint"]
+    path.write_text(json.dumps(again))
+    out, _ = run_cli(capsys, *argv)
+    assert out["core"] == "ok (reused)"
+    from saelab.evals.suite import _input_changes
+
+    old = again["inputs"]
+    other_text = {**old, "corpus_fingerprint": {"bytes": 1, "sha256": "0" * 64}}
+    assert _input_changes("core", other_text, rec["inputs"]) == [f"eval.corpus {corpus.resolve()} (its text changed "
+                                                                 "since)"]
+    assert _input_changes("core", {**other_text, "corpus": "/elsewhere/eval.jsonl"}, rec["inputs"]) == [
+        f'corpus "/elsewhere/eval.jsonl" -> "{corpus.resolve()}"']  # another file: named by its path alone
+    assert _input_changes("core", old, rec["inputs"]) == []

@@ -12,8 +12,8 @@
   (the core evaluation of ``saelab eval RUN``) is left as it is.
 
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs
-(the SAE's weights, model, hook, eval corpus, context size, contexts, the metric's config and, where its
-computation changed since, its ``method``) is not run again, unless ``overwrite``; a result of other inputs is
+(the SAE's weights, model, hook, eval corpus by its path and its text's fingerprint, context size, contexts, the
+metric's config and, where its computation changed since, its ``method``) is not run again, unless ``overwrite``; a result of other inputs is
 replaced only with ``overwrite``. A result of the same inputs whose intervals this saelab would make otherwise
 (its ``interval_method`` is another, or none: an earlier saelab's) is computed again, with a note naming its
 file and why; the file stays as it was until the new one replaces it. An interrupted suite keeps every metric finished before the
@@ -62,6 +62,7 @@ from typing import Any, Callable
 import torch
 
 from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
+from saelab.data.text import corpus_fingerprint
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals._common import config_dict, first_position, jsonable, position_0_words
 from saelab.evals.ablation_sparsity import INTERVAL_METHOD as ABLATION_INTERVALS, run_ablation_sparsity
@@ -260,15 +261,15 @@ def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status
 def _base_inputs(run: SuiteRun) -> dict:
     """What every metric's result depends on, besides its own settings and contexts (``_inputs``)."""
     return {"sae_sha256": run.sae_hash, "model": run.model, "hook": run.sae.cfg.hook_name,
-            "corpus": _corpus_path(run.eval_cfg.corpus), "context_size": run.T,
+            "corpus": _corpus_path(run.eval_cfg.corpus),
+            CORPUS_TEXT: corpus_fingerprint(resolve_corpus(run.eval_cfg.corpus, "eval")), "context_size": run.T,
             "prepend_bos": run.sae.cfg.prepend_bos, "position_0": position_0_words(run.first),
             "sample_pool_tokens": run.eval_cfg.sample_pool_tokens}
 
 
 def _corpus_path(corpus: str | None) -> str:
     """The eval corpus as results record it: a local file or folder by its absolute path (``ev.jsonl`` typed in
-    two folders names two files), a dataset by its name. (metrics.json also records its size and a hash of its
-    start; these records keep the path alone, so that results written before stay comparable.)"""
+    two folders names two files), a dataset by its name. What its text is, they record beside it (CORPUS_TEXT)."""
     found = resolve_corpus(corpus, "eval")
     path = Path(found).expanduser()
     return str(path.resolve()) if path.exists() else found
@@ -278,6 +279,16 @@ def _inputs(run: SuiteRun, m: SuiteMetric, base_inputs: dict) -> dict:
     """What ``m``'s result depends on, as its file records it (equal inputs: the result is reused)."""
     method = {"method": m.method} if m.method else {}
     return json.loads(json.dumps({**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run), **method}))
+
+
+CORPUS_TEXT = "corpus_fingerprint"
+"""Where the inputs record :func:`corpus_fingerprint` of the eval corpus (None: a dataset name): a file edited in place
+keeps its path. A result an earlier saelab wrote records none, and is judged by its other inputs (_as_recorded)."""
+
+
+def _as_recorded(old: dict, new: dict) -> dict:
+    """``new`` inputs as ``old`` records them: less the corpus's fingerprint where it records none."""
+    return new if CORPUS_TEXT in old else {k: v for k, v in new.items() if k != CORPUS_TEXT}
 
 
 EVAL_INPUTS = ("sample_pool_tokens",)
@@ -291,14 +302,18 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
     """changed_fields of two records of metric ``name``'s inputs, each setting named as its option group
     does ("n2g.max_len 24 -> 16"). core's and compute_equivalent's contexts follow from eval.downstream_tokens,
     named there."""
+    new = _as_recorded(old, new)
+
     def by_setting(inputs: dict) -> dict:
-        named = {k: v for k, v in inputs.items() if k not in ("config", "n_contexts", *EVAL_INPUTS)}
+        named = {k: v for k, v in inputs.items() if k not in ("config", "n_contexts", CORPUS_TEXT, *EVAL_INPUTS)}
         if name in CONTEXTS_SETTING:
             named[CONTEXTS_SETTING[name]] = inputs.get("n_contexts")
         if SETTINGS_GROUP.get(name) != "eval":  # core's config holds them: named once, as eval options
             named["eval"] = {k: inputs[k] for k in EVAL_INPUTS if k in inputs}
         return {**named, SETTINGS_GROUP.get(name, name): inputs.get("config")}
     changes = changed_fields(by_setting(old), by_setting(new))
+    if old.get(CORPUS_TEXT) != new.get(CORPUS_TEXT) and old.get("corpus") == new.get("corpus"):  # another: named so
+        changes.append(f"eval.corpus {new.get('corpus')} (its text changed since)")
     if not changes and old != new:  # a difference no setting of this metric names: still a difference
         contexts = (old.get("n_contexts"), new.get("n_contexts"))
         changes = [f"contexts {contexts[0]} -> {contexts[1]}" if contexts[0] != contexts[1] else "other inputs"]
@@ -341,7 +356,8 @@ def check_results_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: 
 
 def _reusable(old: dict | None, inputs: dict) -> bool:
     """Whether a metric's earlier record ``old`` is reused: an ok result of these ``inputs``."""
-    return bool(old) and old.get("status") == "ok" and old.get("inputs") == json.loads(json.dumps(inputs))
+    return (bool(old) and old.get("status") == "ok" and isinstance(old.get("inputs"), dict)
+            and old["inputs"] == json.loads(json.dumps(_as_recorded(old["inputs"], inputs))))
 
 
 # What a metric may raise that its record names as its error, the other metrics running on.
