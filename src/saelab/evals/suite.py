@@ -13,8 +13,8 @@
 
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs
 (the SAE's weights, model, hook, eval corpus by its path and its text's fingerprint, context size, contexts, the
-metric's config and, where its computation changed since, its ``method``) is not run again, unless ``overwrite``; a result of other inputs is
-replaced only with ``overwrite``. A result of the same inputs whose intervals this saelab would make otherwise
+metric's config and, where its computation changed since, its ``method``) is not run again, unless ``overwrite``;
+a result of other inputs is replaced only with ``overwrite``. A result of the same inputs whose intervals this saelab would make otherwise
 (its ``interval_method`` is another, or none: an earlier saelab's) is computed again, with a note naming its
 file and why; the file stays as it was until the new one replaces it. An interrupted suite keeps every metric finished before the
 interruption; compute-equivalent also keeps each checkpoint's loss (``evals/series_losses.json``).
