@@ -661,6 +661,35 @@ def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_
     assert (run / "metrics.json").read_bytes() == default  # reused
 
 
+def test_eval_reuse_compares_the_whole_text_of_the_corpus(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """The corpus's identity hashes its first 16 MiB (here 64 bytes): an edit past them that keeps the size reused
+    the evaluation of the text before, though the sample pool may read there. Its fingerprint is compared too; an
+    evaluation that records none (an earlier saelab's) is judged by the identity alone."""
+    monkeypatch.setattr("saelab.data.text.FINGERPRINT_BYTES", 64)
+    acts, run, ev_file = tmp_path / "acts", tmp_path / "run", wiki_jsonl(data_dir, tmp_path / "ev.jsonl", 3, 1)
+    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus",
+            str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)), "--out", str(acts), "--n-tokens", "1000",
+            "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
+            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+    ev = ["eval", str(run), "--recon-tokens", "256", "--downstream-tokens", "128", "--corpus", str(ev_file),
+          "--no-progress"]
+    run_cli(capsys, *ev)
+    before = (run / "metrics.json").read_bytes()
+    text = ev_file.read_text(encoding="utf-8")
+    assert " the " in text[200:]
+    ev_file.write_text(text[:200] + text[200:].replace(" the ", " tho "), encoding="utf-8")  # size kept
+    assert main(ev) == 2
+    err = capsys.readouterr().err
+    assert f"(--corpus {ev_file.resolve()}" in err and "(its text changed since)" in err, err
+    assert (run / "metrics.json").read_bytes() == before
+    earlier = json.loads(before)
+    del earlier["eval_as_read"]["corpus_fingerprint"]  # as an earlier saelab wrote it
+    (run / "metrics.json").write_text(json.dumps(earlier))
+    run_cli(capsys, *ev)  # reused: the identity alone is the same
+    assert json.loads((run / "metrics.json").read_text()) == earlier
+
+
 def test_a_corpus_folder_is_known_by_its_files_and_its_start(data_dir, tmp_path):
     """corpus_identity of a folder: its path, file count and size, and a hash that a file added, renamed or
     resized changes, and a touch does not."""

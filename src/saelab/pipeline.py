@@ -33,7 +33,7 @@ from saelab.evals.config import AblationSparsityConfig, EvalConfig, N2GConfig, P
 from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings, evaluate_core, evaluated_model
 from saelab.evals.core import held_out_label, read_eval_contexts
 from saelab.evals.n2g import check_latents
-from saelab.evals.suite import (check_results_before_load, check_series_before_load, check_suite_applies,
+from saelab.evals.suite import (CORPUS_TEXT, check_results_before_load, check_series_before_load, check_suite_applies,
                                 longest_n_future, read_suite_contexts, run_paper_suite, suite_reads_eval_text)
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
                            model_provenance, tokenizer_before_load)
@@ -474,8 +474,11 @@ def _eval_config_record(cfg: EvalConfig) -> dict[str, Any]:
 
 def _eval_as_read(cfg: EvalConfig, sae: TopKSAE) -> dict[str, Any]:
     """The eval settings left to defaults or paths, as this evaluation of ``sae`` reads them: the corpus's file
-    (corpus_identity: ``ev.jsonl`` typed in two folders names two files) and the context size."""
-    return {"corpus": corpus_identity(cfg.corpus, "eval"), "context_size": cfg.context_size or sae.cfg.context_size}
+    (corpus_identity: ``ev.jsonl`` typed in two folders names two files), its whole text's fingerprint (the identity
+    hashes the first 16 MiB; an evaluation's sample pool may read past them) and the context size."""
+    return {"corpus": corpus_identity(cfg.corpus, "eval"),
+            CORPUS_TEXT: corpus_fingerprint(resolve_corpus(cfg.corpus, "eval")),
+            "context_size": cfg.context_size or sae.cfg.context_size}
 
 
 def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *,
@@ -524,12 +527,19 @@ def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, 
     old_eval, new_eval = old.get("eval_config"), _eval_config_record(cfg)
     if isinstance(old_eval, dict):  # written before the contexts were drawn: the first ones, as 0 reads them
         old_eval = {"sample_pool_tokens": 0, **old_eval}
+    texts = None, None
     if isinstance(old_eval, dict) and isinstance(old.get("eval_as_read"), dict):  # older files: settings as typed
         old_eval, new_eval = {**old_eval, **old["eval_as_read"]}, {**new_eval, **_eval_as_read(cfg, sae)}
-    return old, changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
-                                "model": evaluated_model(old)},
-                               {"eval": new_eval, "model_dtype": model_dtype,
-                                "model": model_name(model or model_for(sae))})
+        # an earlier saelab's record has no fingerprint: judged by the corpus's identity alone
+        recorded = CORPUS_TEXT in old_eval
+        texts = old_eval.pop(CORPUS_TEXT, None), new_eval.pop(CORPUS_TEXT, None)
+        texts = texts if recorded else (None, None)
+    changes = changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
+                              "model": evaluated_model(old)},
+                             {"eval": new_eval, "model_dtype": model_dtype, "model": model_name(model or model_for(sae))})
+    if texts[0] != texts[1] and old_eval.get("corpus") == new_eval.get("corpus"):  # another text: named so
+        changes.append(f"eval.corpus {new_eval.get('corpus')} (its text changed since)")
+    return old, changes
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
