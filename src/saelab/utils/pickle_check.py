@@ -54,7 +54,7 @@ The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times t
 texts referred to again past REFERRED_TEXTS_FREE, each reference counted; elements asked for; the bytes of each
 storage a persistent id names, under each spelling of its key, which a legacy file allocates as the id says;
 CONTAINER_BYTES per list, dict, set or tuple, MADE_CONTAINER_BYTES per container a call makes; the comparisons of
-keys that may hash alike), and a global's name
+keys that may hash alike; a refusal names the part that took most and lists each), and a global's name
 is at most _NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around
 the pickle, a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored
 and within the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip
@@ -496,9 +496,34 @@ def _hashed(callee: object, args: object) -> int:
     return first.alike if isinstance(first, _Dict) else getattr(first, _HASHES[callee])
 
 
-_COMPARED = ("the comparisons of its keys whose hashes can be made equal (each with those before it), with its "
-             "containers, calls, repeated texts and storages, would make")
-"""What a refusal says the budget was spent on when comparisons of keys exhaust it."""
+_CONTAINERS, _CALLS, _REFERRED, _STORAGES, _WALKS, _SHARED, _COMPARISONS = range(7)
+"""What the budget is spent on: the containers the pickle makes, what its calls make, the texts and large integers
+it refers to again, the storages its ids name, the walks of containers referred to again (_SHARED: of those that
+hold containers), the comparisons of keys that may hash alike."""
+_PARTS = ("containers", "calls", "texts and integers referred to again", "storages", "containers referred to again",
+          "containers of containers referred to again", "comparisons of keys of one hash")
+_SPENT_ON = ("the containers it makes (each list, dict, set or tuple, more for one a call makes)",
+             "what its calls make (texts passed, items walked, elements asked for)",
+             "the texts and large integers it refers to again, each reference counted",
+             "the storages its ids name (each spelling of a key; in a legacy file, as its id says)",
+             "the containers it refers to again, walked in full at each reference", "",
+             ("the comparisons of its keys whose hashes can be made equal (each with those before it of its hash, "
+              "or that may share it)"))
+
+
+def _over_budget(spent: int, budget: int, spent_on: list[int], shared: dict[int, int]) -> str:
+    """A refusal for a pickle that would make ``spent`` of its ``budget``: what took most of it, and each part's
+    total (``shared``: the walks of each container of containers referred to again, by its memo index)."""
+    order = sorted(range(len(_PARTS)), key=spent_on.__getitem__, reverse=True)
+    if order[0] == _SHARED:
+        most = (f"it refers again to a container that holds containers (memo {max(shared, key=shared.__getitem__)}), "
+                "walked in full at each reference (such sharing can describe an exponentially large object), which "
+                "takes most of its budget")
+    else:
+        most = f"most of its budget goes to {_SPENT_ON[order[0]]}"
+    parts = "; ".join(f"{_PARTS[i]} {spent_on[i]:,}" for i in order if spent_on[i])
+    return (f"{most}: in all it would make {spent:,} bytes or elements or more, over {budget:,} for a file of its "
+            f"size ({parts})")
 
 
 def check_pickle_stream(f: IO[bytes], budget: int, plain: bool = False) -> int | None:
@@ -520,6 +545,8 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
     """check_pickle_stream's scan."""
     read = f.read
     spent = 0
+    spent_on = [0] * len(_PARTS)  # the budget spent on each part (_CONTAINERS ...), for a refusal to name
+    shared: dict[int, int] = {}  # the walks of each container of containers referred to again, by memo index
     stack: list[object] = []
     marks: list[int] = []
     memo: dict[int, object] = {}
@@ -528,12 +555,12 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
     referred_texts = 0  # the bytes of the texts referred to again, each reference counted
     read_globals: set[bytes] = set()  # the globals torch's reader read, each asked once (a few microseconds)
 
-    def charge(made: int, what: str = "its containers, calls, repeated texts and storages would make") -> None:
+    def charge(made: int, part: int) -> None:
         nonlocal spent
         spent += made
+        spent_on[part] += made
         if spent > budget:
-            raise PickleBombError(f"{what} {spent:,} bytes or elements or more, over {budget:,} for a file of its "
-                                  "size")
+            raise PickleBombError(_over_budget(spent, budget, spent_on, shared))
 
     def to_mark() -> list[object]:
         start = marks.pop()
@@ -552,22 +579,22 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
         if isinstance(obj, _Text):  # walked (formatted, copied) once per reference: past REFERRED_TEXTS_FREE
             referred_texts += obj.size
             if referred_texts > REFERRED_TEXTS_FREE:
-                charge(min(obj.size, referred_texts - REFERRED_TEXTS_FREE))
+                charge(min(obj.size, referred_texts - REFERRED_TEXTS_FREE), _REFERRED)
         elif isinstance(obj, int):
-            charge(_digits(obj))
+            charge(_digits(obj), _REFERRED)
         elif isinstance(obj, _Box):
             # walked again in full at each reference, the containers in it too: shared levels that double at each
             # (an exponentially large object) exhaust the budget in a few, one state_dict under two names does not
-            charge(obj.weight + obj.text_bytes, *() if obj.flat else (
-                f"it refers again to a container that holds containers (memo {idx}), walked in full at each "
-                "reference (such sharing can describe an exponentially large object): its walks would make",))
+            if not obj.flat:
+                shared[idx] = shared.get(idx, 0) + obj.weight + obj.text_bytes
+            charge(obj.weight + obj.text_bytes, _WALKS if obj.flat else _SHARED)
             obj.referred_again = True
         stack.append(obj)
 
     def new_box(items) -> _Tuple:
         if not items:  # as Python makes it: the one empty tuple
             return _EMPTY_TUPLE
-        charge(CONTAINER_BYTES)
+        charge(CONTAINER_BYTES, _CONTAINERS)
         box = _Tuple()
         for item in items:
             box.add(item)
@@ -633,7 +660,7 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 # a legacy file allocates it as its id says; torch's zip reader finds a record whatever the case of
                 # its key, so each spelling reads it again
                 if key is None or key not in storages:
-                    charge(abs(head[4]) * _ELEMENT_BYTES.get(str(head[1]), max(_ELEMENT_BYTES.values())))
+                    charge(abs(head[4]) * _ELEMENT_BYTES.get(str(head[1]), max(_ELEMENT_BYTES.values())), _STORAGES)
                 storages.add(key)
                 stack.append(_TENSOR)
             elif code in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
@@ -654,7 +681,7 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
             elif code == 0x29:  # EMPTY_TUPLE
                 stack.append(_EMPTY_TUPLE)
             elif code in (0x5D, 0x7D, 0x8F):  # EMPTY_LIST, EMPTY_DICT, EMPTY_SET
-                charge(CONTAINER_BYTES)
+                charge(CONTAINER_BYTES, _CONTAINERS)
                 stack.append(_Dict() if code == 0x7D else _Box())
             elif code == 0x74:  # TUPLE
                 stack.append(new_box(to_mark()))
@@ -677,7 +704,7 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 if isinstance(stack[-1], _Box):
                     known, compared = stack[-1].hash_known_keys(items[::2])  # the rest by kind: any may collide
                     stack[-1].alike -= known
-                    charge(compared + stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])) - known), _COMPARED)
+                    charge(compared + stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])) - known), _COMPARISONS)
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
                 if not isinstance(stack[-1], _Dict) and stack[-1] is not _TENSOR:
@@ -695,13 +722,13 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                     raise PickleBombError("it calls a tensor (torch.save writes no such call)")
                 if plain and str(stack[-1]).startswith("torch."):  # others: torch's refusal names the global
                     raise PickleBombError(f"its header calls {stack[-1]} (torch.save writes plain numbers there)")
-                charge(_cost(stack[-1], args))
+                charge(_cost(stack[-1], args), _CALLS)
                 hashed = _hashed(stack[-1], args)
                 stack[-1] = _made(stack[-1], args)
                 if isinstance(stack[-1], _Box):
-                    charge(MADE_CONTAINER_BYTES)
+                    charge(MADE_CONTAINER_BYTES, _CONTAINERS)
                     if hashed:
-                        charge(stack[-1].hash_keys(hashed), _COMPARED)
+                        charge(stack[-1].hash_keys(hashed), _COMPARISONS)
             elif _torch_refuses(code):  # its refusal is the message
                 return None
             else:
