@@ -29,13 +29,17 @@ this adds what torch lets through, the size of what the allowed calls and refere
   result fed to another encode doubles with each call;
 - a legacy tensor or storage class, or ``bytearray``, called with integers whose product exceeds
   CONSTRUCTED_SIZE_MAX;
-- a dict, set or Counter given more than HASHED_ALIKE_MAX keys whose hashes can be made equal (integers of 2**61 - 1
-  or more, whose hash is their remainder; complex numbers; tuples): inserting n keys of one hash takes n**2 / 2
-  comparisons. Texts cannot be made so: their hash is keyed afresh in every process. A dict's keys whose value the
-  scan knows (ints, short texts, tuples of them) are counted by their hash itself: a thousand tuple keys read. Each
-  key is also charged, against the budget below, the comparisons it may take: one for each key before it in that
-  container of its hash (its value unknown: that may share its hash). A set of 256 complex numbers of one hash,
-  made again and again from one list referred to again (8 bytes each), took 32,640 comparisons each;
+- a dict, set or Counter given more than HASHED_ALIKE_MAX keys that may share one hash (keys whose hashes can be
+  made equal: integers of 2**61 - 1 or more, whose hash is their remainder; complex numbers; tuples): inserting n
+  keys of one hash takes n**2 / 2 comparisons. Texts cannot be made so: their hash is keyed afresh in every
+  process. Keys whose value the scan knows (those numbers; tuples of up to _HEAD numbers, floats too, short texts
+  or such tuples) are counted by their hash itself, as the loading process will hash them: a thousand tuple keys, or sets
+  of 250 random 64-bit ids, read. Any other such key may share its hash with any. Each dict given keys, and each
+  call that hashes a container's items again (``set``, ``Counter``, ``OrderedDict``, of a list, a dict or what
+  another such call made), is also charged, against the budget below, the comparisons those keys take: each with
+  the keys before it of its hash, or that may share it. A set of 256 complex numbers of one hash, made again and
+  again from one list referred to again (8 bytes each), took 32,640 comparisons each, as did one made again and
+  again of a dict keyed by 256 pairs of integers of one hash;
 - a state (BUILD) on anything but an OrderedDict or Counter (torch builds any object of a class it allows, an empty
   state doing nothing: ``set()`` given None; torch.save builds nothing else), or other than attributes named apart
   from its own (``_metadata`` of a state_dict, any a user set: see _attributes);
@@ -95,8 +99,9 @@ from one byte of the file: 10 MB of marks took 740 MiB and 12.9 s). torch.save o
 attributes): a file nested as deep as NESTING_MAX allows opens about NESTING_MAX + 3. Twice that bound, rather than a
 charge on each mark, costs what torch.save writes nothing."""
 HASHED_ALIKE_MAX = 256
-"""The most keys that may hash alike (see _may_hash_alike) one dict, set or Counter is given: 256 of one hash take
-32,640 comparisons to insert, charged against the budget (keys referred to again take 2 bytes of the file each)."""
+"""The most keys that may share one hash (of one hash, or of unknown value: see _Keys) one dict, set or Counter is
+given: 256 of one hash take 32,640 comparisons to insert, charged against the budget (keys referred to again take
+2 bytes of the file each)."""
 
 
 class PickleBombError(pickle.UnpicklingError):
@@ -115,30 +120,37 @@ _HEAD = 8
 
 class _Box:
     """A container (tuple, list, dict, set, or an object built from one) as far as the scan needs it."""
-    __slots__ = ("items", "flat", "referred_again", "int_product", "head", "tensors", "text_bytes", "alike",
-                 "alike_pairs", "first_alike", "keys_alike", "weight", "depth")
+    __slots__ = ("items", "flat", "referred_again", "int_product", "head", "tensors", "text_bytes", "counted", "keys",
+                 "pairs", "first_alike", "weight", "depth")
 
     def __init__(self) -> None:
         self.items, self.flat, self.referred_again, self.int_product, self.head = 0, True, False, 1, ()
         self.tensors = False  # whether a tensor is in it, at any depth
         self.text_bytes = 0  # the length of the texts in it, at any depth, each reference counted
-        self.alike = self.alike_pairs = 0  # items that may hash alike; items that are pairs whose key may
-        self.first_alike = False  # whether its first item may hash alike (a pair's key)
-        self.keys_alike = 0  # keys that may hash alike it was given as a dict, set or Counter
+        # its items that may hash alike (a dict's keys), as a call that hashes them meets them: themselves and the
+        # first item of each (the key an OrderedDict takes from a pair); those in its head counted only when a call
+        # hashes them (see iterated: a tensor's sizes, in its rebuild's arguments, never are)
+        self.counted = 0  # how many of its head were
+        self.keys: _Keys | None = None
+        self.pairs: _Keys | None = None
+        self.first_alike = False  # of a container a call made, its items in no set order: whether any of them (its
+        # first, as a pair's key) may hash alike
         self.weight = 0  # its items at every depth, each reference counted
         self.depth = 1  # how deep it nests containers (itself one level)
+
+    items_hashed = True
+    """Whether its items are what a call that hashes it meets (see iterated)."""
 
     def add(self, item: object) -> None:
         if self.referred_again:
             raise PickleBombError("a container referred to again changes afterwards (torch.save writes a container "
                                   "whole before it refers to it again)")
-        if item is _LEAF or item is _TENSOR or (type(item) is int and -_HASH_MODULUS < item < _HASH_MODULUS):
+        if (item is _LEAF or item is _TENSOR or type(item) is float
+                or (type(item) is int and -_HASH_MODULUS < item < _HASH_MODULUS)):
             self._add_plain(item)  # the items of most containers (a tensor's sizes and strides): quickly
             return
-        alike = _may_hash_alike(item)
-        self.first_alike = self.first_alike or (alike and self.items == 0)
-        self.alike += alike
-        self.alike_pairs += isinstance(item, _Box) and item.first_alike
+        if len(self.head) == _HEAD and self.items_hashed and _may_hash_alike(item):
+            self.hash_item(item)  # past its head: counted now
         self.items += 1
         self.weight += 1 + (item.weight if isinstance(item, _Box) else 0)
         if len(self.head) < _HEAD:
@@ -158,15 +170,15 @@ class _Box:
             self.text_bytes += _digits(item)
 
     def _add_plain(self, item: object) -> None:
-        """``add`` of an item that cannot hash alike, holds nothing and has no digits to walk: a leaf, a tensor or
-        an int below 2**61 - 1 in size."""
+        """``add`` of an item that cannot hash alike, holds nothing and has no digits to walk: a leaf, a float, a
+        tensor or an int below 2**61 - 1 in size."""
         self.items += 1
         self.weight += 1
         if len(self.head) < _HEAD:
             self.head += (item,)  # a tuple: none for an empty box (the scan keeps a record of each)
         if item is _TENSOR:
             self.tensors = True
-        elif item is not _LEAF:
+        elif type(item) is int:
             self.int_product = min(self.int_product * (item if item > 1 else -item if item < -1 else 1), 2**63)
 
     def nest(self, depth: int) -> None:
@@ -176,32 +188,148 @@ class _Box:
             raise PickleBombError(f"it nests containers over {NESTING_MAX} deep (torch.save writes weights in a few "
                                   "levels; hashing one nested 160,000 deep crashes Python)")
 
-    def hash_known_keys(self, keys: list) -> tuple[int, int]:
-        """How many of ``keys`` were counted by their hash, and the comparisons inserting them takes (none: a dict's
-        are, see _Dict)."""
-        return 0, 0
+    def hash_item(self, item: object) -> None:
+        """Count an item that may hash alike, as itself and as a pair's key."""
+        self.keys = _own(self.keys, self)
+        self.keys.add(item)
+        if (first := _first(item)) is not None:
+            self.pairs = _own(self.pairs, self)
+            self.pairs.add(first)
 
-    def hash_keys(self, alike: int) -> int:
-        """Count ``alike`` more keys that may hash alike given to this dict, set or Counter (their values unknown to
-        the scan: any of them may share a hash). Returns the comparisons inserting them may take, each with every
-        such key before it: what a set of 256 of one hash takes to make, made again and again, is charged so."""
-        compared = _compared(self.keys_alike, alike)
-        self.keys_alike += alike
-        if self.keys_alike > HASHED_ALIKE_MAX:
-            raise PickleBombError(f"it gives a dict or set over {HASHED_ALIKE_MAX} keys whose hashes can be made "
-                                  "equal (large integers, complex numbers, tuples; torch.save writes no such keys "
-                                  "in weights): inserting them takes their count squared")
-        return compared
+    def iterated(self, pairs: bool) -> _Keys | None:
+        """Its items that may hash alike, as a call that hashes them meets them: themselves, or (``pairs``: an
+        OrderedDict of pairs) the first item of each."""
+        if self.items_hashed:
+            for item in self.head[self.counted:]:
+                if _may_hash_alike(item):
+                    self.hash_item(item)
+            self.counted = len(self.head)
+        return self.pairs if pairs else self.keys
+
+    def hash_keys(self, keys: list) -> int:
+        """Count ``keys`` given to this dict (SETITEM, SETITEMS) as it hashes them. Returns the comparisons inserting
+        them takes (see _Keys.comparisons); refused where over HASHED_ALIKE_MAX keys may share a hash."""
+        alike = [key for key in keys if _may_hash_alike(key)]
+        if not alike:
+            return 0
+        before = self.keys.comparisons() if self.iterated(False) else 0
+        for key in alike:
+            self.hash_item(key)
+        self.keys.check()
+        return self.keys.comparisons() - before
 
 
-def _compared(present: int, added: int) -> int:
-    """The comparisons inserting ``added`` keys of one hash into a dict or set that holds ``present`` may take."""
-    return added * present + added * (added - 1) // 2
+class _Keys:
+    """Keys that may hash alike (see _may_hash_alike) as a dict, set or Counter holds them, or a call that hashes a
+    container's items meets them: those whose value the scan knows counted by their hash (see _key_hash), the
+    others by number, any of which may share a hash with any key. Shared by the containers made of one (set(x),
+    Counter(set(x))), until one of them is given more."""
+    __slots__ = ("owner", "by_hash", "base", "unknown", "compared", "largest", "count")
+
+    def __init__(self, owner: _Box, source: _Keys | None = None) -> None:
+        self.owner = owner
+        self.by_hash: dict[int, int] = dict(source.by_hash) if source else {}  # how many keys of each hash
+        self.base = source.base if source else 0  # how many of each hash there may be besides (see freeze)
+        self.unknown = source.unknown if source else 0  # keys whose value the scan does not know
+        self.compared = source.compared if source else 0  # those of the known: each with those before it of its hash
+        self.largest = source.largest if source else 0  # the most keys of known value of one hash
+        self.count = source.count if source else 0  # all keys
+
+    def add(self, key: object) -> None:
+        """Count one more key."""
+        self.count += 1
+        h = _key_hash(key)
+        if h is None:
+            self.unknown += 1
+            return
+        n = self.by_hash.get(h, 0)
+        self.by_hash[h] = n + 1  # a key given again counts too: torch.save writes each once
+        self.compared += n + self.base
+        self.largest = max(self.largest, n + 1 + self.base)
+
+    def freeze(self) -> None:
+        """Forget each key's hash once their container is passed to a call, which ends it (nothing is added to it
+        after; it may stay in the memo to the end), keeping what comparisons and check need. A key given later to a
+        container made of it is taken to share its hash with as many as the most of one hash."""
+        self.by_hash = {}
+        self.base = self.largest
+
+    def comparisons(self) -> int:
+        """The comparisons hashing these keys into a container takes, at most: each key with those before it of its
+        hash, or that may share it (a key of unknown value: with each other such key, and the largest known group).
+        A set of 256 of one hash takes 32,640."""
+        return self.compared + self.unknown * (self.unknown - 1) // 2 + self.unknown * self.largest
+
+    def check(self) -> None:
+        if self.largest + self.unknown > HASHED_ALIKE_MAX:
+            raise PickleBombError(f"it gives a dict, set or Counter over {HASHED_ALIKE_MAX} keys of one hash, or "
+                                  "whose hashes can be made equal (large integers, complex numbers, tuples; "
+                                  "torch.save writes no such keys in weights): inserting them takes their count "
+                                  "squared")
+
+
+def _own(keys: _Keys | None, box: _Box) -> _Keys:
+    """``box``'s keys as it may count more: its own copy where it shares them with the container it was made of."""
+    return keys if keys is not None and keys.owner is box else _Keys(box, keys)
+
+
+_UNKNOWN = object()
+"""A key whose value the scan does not know (the first item of what a call made, its items in no set order)."""
+
+
+def _first(item: object) -> object:
+    """The first item of ``item``, what an OrderedDict given it as a pair hashes, where that may hash alike; else
+    None."""
+    if not isinstance(item, _Box):
+        return None
+    if item.head:
+        return item.head[0] if _may_hash_alike(item.head[0]) else None
+    return _UNKNOWN if item.first_alike else None
+
+
+_UNHASHED = object()
+"""A tuple's hash not computed yet (see _key_hash)."""
+
+
+class _HashOf:
+    """Stands for a tuple of known hash inside another: a tuple's hash is made of its items' hashes alone."""
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return self.value
+
+
+def _key_hash(key: object) -> int | None:
+    """The hash of a key whose value the scan knows, as the loading process will hash it (the scan runs in it: a
+    text's hash, keyed afresh in every process, is the same here): an int, a complex number of known parts, a tuple
+    of up to _HEAD of those, floats, texts kept whole or such tuples. None for another: its value unknown."""
+    if type(key) is int or type(key) is complex:
+        return hash(key)
+    if not isinstance(key, _Tuple):
+        return None
+    if (hashed := getattr(key, "hashed", _UNHASHED)) is not _UNHASHED:  # once for each tuple, an item of many
+        return hashed
+    values = []
+    if key.items == len(key.head):
+        for item in key.head:
+            if type(item) in (int, float, complex):
+                values.append(item)
+            elif _known_text(item):
+                values.append(str(item))
+            elif isinstance(item, _Tuple) and (inner := _key_hash(item)) is not None:
+                values.append(_HashOf(inner))  # its hash, not its value: shared tuples inside are hashed once
+            else:
+                break
+    key.hashed = hash(tuple(values)) if len(values) == key.items else None
+    return key.hashed
 
 
 class _Tuple(_Box):
     """A tuple the pickle wrote (TUPLE, TUPLE1-3, EMPTY_TUPLE): what torch.save writes every call's arguments as."""
-    __slots__ = ()
+    __slots__ = ("hashed",)  # its hash where the scan knows its items' values, else None (see _key_hash)
 
 
 class _Made(_Box):
@@ -222,7 +350,7 @@ class _EmptyTuple(_Tuple):
     def add(self, item: object) -> None:
         pass
 
-    def hash_keys(self, alike: int) -> int:
+    def hash_keys(self, keys: list) -> int:
         return 0
 
 
@@ -231,34 +359,19 @@ _EMPTY_TUPLE = _EmptyTuple()
 
 class _Dict(_Box):
     """A dict, OrderedDict or Counter: what a BUILD's state and a tensor's backward hooks may be."""
-    __slots__ = ("by_hash", "attribute_of")
+    __slots__ = ("attribute_of",)
 
     def __init__(self) -> None:
         super().__init__()
-        self.by_hash: dict[int, int] | None = None  # how many keys of known value it was given, by hash
         self.attribute_of = _KINDS  # the kinds of object whose attributes its keys may name (_attributes)
 
-    def hash_known_keys(self, keys: list) -> tuple[int, int]:
-        """Count the keys given to this dict whose value the scan knows (see _known_key) by their hash, as the
-        loading process will hash them (the scan runs in it: a text's hash, keyed afresh in every process, is the
-        same here); refused where one hash has over HASHED_ALIKE_MAX of them. Returns how many of those may
-        hash alike (a thousand tuple keys of distinct hashes read; a thousand of one hash do not), and the
-        comparisons inserting them takes (each with the keys of its hash before it)."""
-        counted = compared = 0
+    items_hashed = False  # its keys alone are, counted as it is given them (hash_keys)
+
+    def hash_keys(self, keys: list) -> int:
         for key in keys:
             if self.attribute_of:
                 self.attribute_of = self.attribute_of & _attribute_of(key)
-            if not _may_hash_alike(key) or (value := _known_key(key)) is None:
-                continue
-            counted += 1
-            self.by_hash = {} if self.by_hash is None else self.by_hash
-            alike = self.by_hash[hash(value)] = self.by_hash.get(hash(value), 0) + 1  # a key given again counts too:
-            if alike > HASHED_ALIKE_MAX:  # torch.save writes each once
-                raise PickleBombError(f"it gives a dict over {HASHED_ALIKE_MAX} keys of one hash (large integers "
-                                      "or tuples, whose hashes can be made equal): inserting them takes their "
-                                      "count squared")
-            compared += alike - 1
-        return counted, compared
+        return super().hash_keys(keys)
 
 
 CONTAINER_BYTES = 16
@@ -295,14 +408,14 @@ def _text(value: str, size: int) -> _Text:
     return text
 
 
-_LEAF = object()  # anything else: floats, None, bools, devices, dtypes
-_COMPLEX = object()  # a complex number: a leaf whose hash can be chosen (hash(real) + 1000003 * hash(imag))
+_LEAF = object()  # anything else: None, bools, devices, dtypes (a float is kept as it is: a key's hash needs it)
+_COMPLEX = object()  # a complex number of parts the scan does not know (one of known parts is kept as it is)
 _TENSOR = object()  # a tensor or storage: referred to again freely, passed to nothing but rebuilds
 _SIZED = ("builtins.bytearray",)  # and every torch tensor and storage class ("torch.FloatTensor", ...)
 _MAKES_TENSOR = ("torch._utils._rebuild_", "torch.nn.parameter.Parameter")
 _MAKES_LEAF = ("torch.device", "torch.serialization._get_layout")
-_HASHES = {"builtins.set": "alike", "collections.Counter": "alike", "collections.OrderedDict": "alike_pairs"}
-"""Calls that hash the items of their first argument (OrderedDict: the first item of each pair)."""
+_HASHES = ("builtins.set", "collections.Counter", "collections.OrderedDict")
+"""Calls that hash the items of their first argument (OrderedDict: the first item of each pair, or a dict's keys)."""
 _DICTS = ("collections.OrderedDict", "collections.Counter")
 _HASH_MODULUS = 2**61 - 1
 """An int's hash is its remainder by this: any number of ints of one hash are written in a few bytes each."""
@@ -327,7 +440,7 @@ def _sized(name: str) -> bool:
 def _may_hash_alike(item: object) -> bool:
     """Whether a pickle can give many distinct keys of this kind one hash: large ints, complex numbers, and tuples
     (whose hash combines their items' by steps that can be undone). Floats can share a hash only by the few dozen."""
-    return ((isinstance(item, int) and abs(item) >= _HASH_MODULUS) or item is _COMPLEX
+    return ((isinstance(item, int) and abs(item) >= _HASH_MODULUS) or type(item) is complex or item is _COMPLEX
             or (isinstance(item, _Box) and item.items > 0))
 
 
@@ -335,19 +448,6 @@ def _known_text(item: object) -> bool:
     """Whether ``item`` is a text the scan kept whole (not a long one, kept empty, nor bytes encoded from one)."""
     return isinstance(item, _Text) and 0 < item.size <= _SHORT_TEXT and len(item.encode("utf-8", "surrogatepass")) \
         == item.size
-
-
-def _known_key(item: object) -> object:
-    """The value of a dict key the scan knows whole: an int, a text kept whole, a tuple of at most _HEAD of them;
-    None for any other (floats, nested tuples, long texts are kept by kind alone)."""
-    if type(item) is int:
-        return item
-    if _known_text(item):
-        return str(item)
-    if type(item) is _Tuple and 0 < item.items == len(item.head) and all(
-            type(x) is int or _known_text(x) for x in item.head):
-        return tuple(x if type(x) is int else str(x) for x in item.head)
-    return None
 
 
 def _attributes(state: object, kind: str) -> bool:
@@ -370,8 +470,13 @@ def _attribute_of(key: object) -> frozenset:
                      if key not in own and not (kind == "tensor" and key.startswith("_")))
 
 
+def _leaf(item: object) -> bool:
+    """Whether ``item`` is None, a bool, a float, a device or a layout: nothing a call or walk reads into."""
+    return item is _LEAF or type(item) is float
+
+
 def _empty(item: object) -> bool:
-    return item is _LEAF or (isinstance(item, _Box) and item.items == 0)
+    return _leaf(item) or (isinstance(item, _Box) and item.items == 0)
 
 
 _HOOKS_ARGUMENT = {"_rebuild_tensor_v2": 5, "_rebuild_tensor_v3": 5, "_rebuild_parameter": 2,
@@ -469,31 +574,46 @@ def _made(callee: object, args: object) -> object:
     if name.startswith(_MAKES_TENSOR) or _sized(name):
         return _TENSOR
     if name == "builtins.complex":
-        return _COMPLEX
+        return _complex(args)
     if name.startswith(_MAKES_LEAF):
         return _LEAF
-    made = _Dict() if name in _DICTS else _Made(name or "a call")  # OrderedDict, Counter, set, torch.Size...: a
-    # container of what it was made from, as large
+    return _container(name, args)
+
+
+def _complex(args: _Box) -> object:
+    """What ``complex(*args)`` makes: the number itself where its parts are numbers the scan knows (its hash, which
+    a pickle may choose, is then known), else _COMPLEX."""
+    if args.items == len(args.head) <= 2 and all(type(x) in (int, float) for x in args.head):
+        try:
+            return complex(*args.head)
+        except OverflowError:  # an int too large for a float: torch's call fails alike
+            pass
+    return _COMPLEX
+
+
+def _container(name: str, args: _Box) -> _Box:
+    """The container a call of ``name`` makes (OrderedDict, Counter, set, torch.Size...): one of what it was made
+    from, as large."""
+    made = _Dict() if name in _DICTS else _Made(name or "a call")
     if isinstance(made, _Dict) and args.weight:  # the keys it was made with are not known
         made.attribute_of = frozenset()
     made.flat, made.int_product, made.text_bytes = args.flat, args.int_product, args.text_bytes
     made.items = made.weight = args.weight + args.text_bytes  # set("text..."): an item per character
     made.depth = args.depth  # a container of its arguments' items
-    made.first_alike = args.alike > 0 or any(isinstance(item, _Box) and item.alike for item in head)  # a set's
-    # items come in no set order: any of them may be the key a pair of it gives
-    if head and isinstance(head[0], _Box):  # its items (a set's, or a Counter's keys), hashed again if passed on
-        made.alike, made.alike_pairs = head[0].alike, head[0].alike_pairs
+    first = args.head[0] if args.head else None
+    if isinstance(first, _Box):  # its items: its first argument's (an OrderedDict's: the first of each pair)
+        of_pairs = name == "collections.OrderedDict" and not isinstance(first, _Dict)
+        made.keys = first.iterated(of_pairs)  # hashed again if it is passed on
+        made.pairs = first.iterated(True)
+        for keys in (made.keys, made.pairs):
+            if keys is not None:
+                keys.freeze()
+        if of_pairs and made.keys is not None:  # the first items of its keys (pairs of pairs) are not kept
+            made.pairs = _Keys(made)
+            made.pairs.unknown = made.pairs.count = made.keys.count
+        # its items come in no set order: any of them may be the key a pair of it gives
+        made.first_alike = made.keys is not None and made.keys.count > 0
     return made
-
-
-def _hashed(callee: object, args: object) -> int:
-    """How many of the items a call of ``callee`` hashes may hash alike: the items of its first argument (an
-    OrderedDict's, the keys of its pairs or of a dict)."""
-    if not (isinstance(callee, _Global) and callee in _HASHES and isinstance(args, _Box) and args.head
-            and isinstance(args.head[0], _Box)):
-        return 0
-    first = args.head[0]
-    return first.alike if isinstance(first, _Dict) else getattr(first, _HASHES[callee])
 
 
 _CONTAINERS, _CALLS, _REFERRED, _STORAGES, _WALKS, _SHARED, _COMPARISONS = range(7)
@@ -649,7 +769,7 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                     raise PickleBombError("it names a storage without a number of elements (torch.save writes one)")
                 if pid.tensors:  # torch formats its key, multiplies its offset: a view, element by element
                     raise PickleBombError("it names a storage by a tensor (torch.save names one by texts and numbers)")
-                if len(head) > 5 and head[5] is not _LEAF:  # torch keeps each view in a dict by its own key
+                if len(head) > 5 and not _leaf(head[5]):  # torch keeps each view in a dict by its own key
                     raise PickleBombError("it names a view of a storage (torch.save's legacy writer writes None there)")
                 if _may_hash_alike(head[2]):  # torch keeps each storage in a dict by its key
                     alike_keys += 1
@@ -672,8 +792,7 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
             elif code == 0x8A:  # LONG1
                 stack.append(int.from_bytes(read(read(1)[0]), "little", signed=True))
             elif code == 0x47:  # BINFLOAT
-                read(8)
-                stack.append(_LEAF)
+                stack.append(struct.unpack(">d", read(8))[0])  # as torch reads it: a key's hash needs it
             elif code in (0x58, 0x55):  # BINUNICODE, SHORT_BINSTRING
                 n = struct.unpack("<I", read(4))[0] if code == 0x58 else read(1)[0]
                 # as torch decodes it: lone surrogates kept (two storage keys differing in one are two storages)
@@ -702,9 +821,7 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 items = [stack.pop(-2), stack.pop()] if code == 0x73 else to_mark()
                 fill(stack[-1], items)
                 if isinstance(stack[-1], _Box):
-                    known, compared = stack[-1].hash_known_keys(items[::2])  # the rest by kind: any may collide
-                    stack[-1].alike -= known
-                    charge(compared + stack[-1].hash_keys(sum(map(_may_hash_alike, items[::2])) - known), _COMPARISONS)
+                    charge(stack[-1].hash_keys(items[::2]), _COMPARISONS)
             elif code == 0x62:  # BUILD: the state goes into the object
                 state = stack.pop()
                 if not isinstance(stack[-1], _Dict) and stack[-1] is not _TENSOR:
@@ -723,12 +840,13 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                 if plain and str(stack[-1]).startswith("torch."):  # others: torch's refusal names the global
                     raise PickleBombError(f"its header calls {stack[-1]} (torch.save writes plain numbers there)")
                 charge(_cost(stack[-1], args), _CALLS)
-                hashed = _hashed(stack[-1], args)
+                hashes = isinstance(stack[-1], _Global) and stack[-1] in _HASHES
                 stack[-1] = _made(stack[-1], args)
                 if isinstance(stack[-1], _Box):
                     charge(MADE_CONTAINER_BYTES, _CONTAINERS)
-                    if hashed:
-                        charge(stack[-1].hash_keys(hashed), _COMPARISONS)
+                    if hashes and stack[-1].keys is not None:  # the keys it hashed, each time, as a dict given them
+                        stack[-1].keys.check()
+                        charge(stack[-1].keys.comparisons(), _COMPARISONS)
             elif _torch_refuses(code):  # its refusal is the message
                 return None
             else:
@@ -792,7 +910,9 @@ def _named(obj: object) -> str:
         return "an integer"
     if obj is _TENSOR:
         return "a tensor or storage"
-    return "a complex number" if obj is _COMPLEX else "None, a bool, a float, a device or a layout"
+    if obj is _COMPLEX or type(obj) is complex:
+        return "a complex number"
+    return "None, a bool, a float, a device or a layout"
 
 
 _SHORT_TEXT = 64
