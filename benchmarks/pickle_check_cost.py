@@ -8,7 +8,9 @@ torch does; its time grows with the pickle's size. Files of about 5 and 10 MB ar
 - ``tuple-keys``: a dict of 200,000 keys (layer, hook name), each counted by its hash (a version that refuses
   over 256 tuple keys stops at the 257th);
 - ``hash-bomb``: set() of one list of 256 complex numbers of one hash, 48,000 times (8 bytes and 32,640
-  comparisons to load each: 30 s in all), padded with a record nothing refers to (what a hostile file may hold).
+  comparisons to load each: 30 s in all), padded with a record nothing refers to (what a hostile file may hold);
+- ``sets-of-pairs``: 4,000 sets of 250 pairs of ints, each key counted by its hash (a version that counts tuples
+  by their kind refuses it, as if all 250 of a set shared one hash).
 
 Each round times the check of this saelab and, with ``--other OLD/src``, of another version's source in a
 fresh process each (CPU time, so a busy machine slows both alike), alternating which goes first:
@@ -81,6 +83,10 @@ def write_tuple_keys(path: Path) -> None:
     torch.save({(i, f"blocks.{i}.hook_resid_post"): i for i in range(200_000)}, path)
 
 
+def write_sets_of_pairs(path: Path) -> None:
+    torch.save({f"layer{layer}": {(i, i + 1) for i in range(250)} for layer in range(4_000)}, path)
+
+
 def timed(src: Path, path: Path) -> dict:
     out = subprocess.run([sys.executable, "-c", TIMED, str(src), str(path)], capture_output=True, text=True,
                          check=True)
@@ -95,11 +101,13 @@ def main() -> None:
     versions = {"this": HERE, **({"other": args.other} if args.other else {})}
     with tempfile.TemporaryDirectory() as tmp:
         files = {"views": Path(tmp, "views.pt"), "empty-tuples": Path(tmp, "empty.pt"),
-                 "tuple-keys": Path(tmp, "keys.pt"), "hash-bomb": Path(tmp, "hash.pt")}
+                 "tuple-keys": Path(tmp, "keys.pt"), "hash-bomb": Path(tmp, "hash.pt"),
+                 "sets-of-pairs": Path(tmp, "pairs.pt")}
         write_views(files["views"])
         write_empty_tuples(files["empty-tuples"])
         write_tuple_keys(files["tuple-keys"])
         write_hash_bomb(files["hash-bomb"])
+        write_sets_of_pairs(files["sets-of-pairs"])
         for name, path in files.items():
             print(f"{name}: {path.stat().st_size:,} bytes")
         for r in range(args.rounds):
