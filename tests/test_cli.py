@@ -508,8 +508,8 @@ BAD = [
     ("eval SAE --suite paper --metrics n2g probe --variants-per-forward=2", "--variants-per-forward is an option of "
                                                                            "the core metric"),
     ("train --n-latents 8192 -k 4 --decoder-init-noise 0.5", "error: --decoder-init-noise: applies only to a decoder "
-     "initialized from data (--decoder-init data, or auto where --batch-size x -k / --n-latents >= 16); here it is "
-     "drawn at random"),  # auto: 4,096 x 4 / 8,192 activations per latent is 2
+     "initialized from data (--decoder-init data, or auto where --batch-size x -k / --n-latents >= 16, a ReLU SAE's -k "
+     "taken as 32); here it is drawn at random"),  # auto: 4,096 x 4 / 8,192 activations per latent is 2
     ("top SAE", "the following arguments are required: --latent"),
     ("top 5 SAE", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 5 (`saelab top"),
     ("top 3,7 SAE -n 3", "the SAE comes first and the latents follow --latent: saelab top SAE --latent 3,7 -n 3"),
@@ -1129,7 +1129,8 @@ ADVICE_AS_GIVEN = [  # (the file, the command after "saelab", the refusal after 
      "--config {cfg}: train.multi_topk_factor: applies only with train.multi_topk"),
     ('{"train": {"decoder_init": "random", "decoder_init_noise": 0.5}}', "train --config {cfg}",
      "--config {cfg}: train.decoder_init_noise: applies only to a decoder initialized from data (train.decoder_init "
-     "data, or auto where train.batch_size x train.k / train.n_latents >= 16); here it is drawn at random"),
+     "data, or auto where train.batch_size x train.k / train.n_latents >= 16, a ReLU SAE's train.k taken as 32); here "
+     "it is drawn at random"),
     ('{"train": {"k_aux": 100000}}', "train --config {cfg}", "--config {cfg}: train.k_aux: 100000 exceeds the SAE's "
      "8192 latents (train.n_latents); AuxK trains at most every dead latent: expected at most 8192"),
     # a sweep's grid entry: from a file, the file's words; typed, the options

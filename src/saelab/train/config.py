@@ -65,8 +65,8 @@ class TrainConfig:
     decoder_init: Literal["auto", "random", "data"] = "auto"
     """'random' (unit-norm Gaussian rows, the paper), 'data' (rows start at distinct centred
     directions of the initialisation sample, mixed with random ones), or 'auto': 'data' when each
-    latent expects at least 16 activations per batch (--batch-size x --k / --n-latents >= 16), else
-    'random'."""
+    latent expects at least 16 activations per batch (--batch-size x --k / --n-latents >= 16; a ReLU SAE,
+    which has no k, counts 32), else 'random'."""
     decoder_init_max_cos: float = 0.75
     """With --decoder-init data: a sample direction whose cosine to an already chosen row exceeds
     this is skipped (near-duplicate latents compete and one of them dies); 1 keeps duplicates."""
@@ -224,7 +224,7 @@ APPLIES_ONLY_WITH: list[tuple[tuple[str, ...], Callable[[dict], bool], str]] = [
      lambda s: resolved_decoder_init(s["decoder_init"], s["batch_size"], s["k"], s["n_latents"],
                                      s["architecture"]) != "random",
      "applies only to a decoder initialized from data (--decoder-init data, or auto where --batch-size x --k / "
-     "--n-latents >= 16); here it is drawn at random"),
+     "--n-latents >= 16, a ReLU SAE's --k taken as 32); here it is drawn at random"),
     (("lr_base", "lr_max"), lambda s: s["lr"] is None,
      "sets the learning rate only when --lr is unset; --lr gives it outright"),
 ]
