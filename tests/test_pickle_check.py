@@ -605,6 +605,38 @@ def test_a_refusal_names_what_took_most_of_the_budget(tmp_path):
         check_torch_file(tmp_path / "x.pt")
 
 
+def keyed_by_trees(depth: int) -> bytes:
+    """A dict of 256 keys of one hash, each (a tree of tuples ``depth`` deep over one float of its own, an int of
+    one hash): every tree equal in value to the others but of distinct objects, so each comparison walks it."""
+    keys, memo = [], 0
+    for a in range(256):
+        key = b"G" + struct.pack(">d", 1.5) + put(memo)
+        for level in range(depth):
+            key += get(memo + level) + b"\x86" + put(memo + level + 1)
+        memo += depth + 1
+        keys.append(key + long1(7 + (a + 1) * (2**61 - 1)) + b"\x86N")
+    return b"\x80\x02}(" + b"".join(keys) + b"u."
+
+
+def test_a_comparison_of_keys_is_charged_what_it_walks(tmp_path):
+    """Each of the 32,640 comparisons of 256 keys of one hash was charged 1, whatever it walked: keys whose first
+    items are equal in value but distinct objects are walked in full at each, so the dict of trees 8 deep (28 KB)
+    took 0.27 s to load, of 14 deep (2 MB, padded) 10 s, and passed the check. A comparison is now charged the key's
+    weight past its first 8 items: the trees are refused, and 256 flat keys of one hash cost what they did, 32,640
+    comparisons each time a dict or call hashes them (here 32 times)."""
+    in_archive(tmp_path / "x.pt", keyed_by_trees(8))
+    with pytest.raises(PickleBombError, match=r"goes to the comparisons of its keys .*over 1,167,764 for a file of "
+                       r"its size \(comparisons of keys of one hash 16,483,200;"):
+        check_torch_file(tmp_path / "x.pt")
+    for keys in (INTS_256, PAIRS_256):
+        in_archive(tmp_path / "x.pt", hashed_again(keys, KEYED_AGAIN, n=30)[:-1] + b"N(" + b"]" * 20_000 + b"ts.")
+        with pytest.raises(PickleBombError, match=r"\(comparisons of keys of one hash 1,044,480;"):
+            check_torch_file(tmp_path / "x.pt")
+    keyed_by_long_names = {(f"blocks.{i}." + "x" * 100, i): i for i in range(250)}  # of unknown hash: texts past 64
+    torch.save(keyed_by_long_names, tmp_path / "x.pt")
+    check_torch_file(tmp_path / "x.pt")
+
+
 def sets_of_pairs() -> dict:
     return {f"layer{layer}": {(i, i + 1) for i in range(250)} for layer in range(200)}
 

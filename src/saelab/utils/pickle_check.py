@@ -37,9 +37,10 @@ this adds what torch lets through, the size of what the allowed calls and refere
   of 250 random 64-bit ids, read. Any other such key may share its hash with any. Each dict given keys, and each
   call that hashes a container's items again (``set``, ``Counter``, ``OrderedDict``, of a list, a dict or what
   another such call made), is also charged, against the budget below, the comparisons those keys take: each with
-  the keys before it of its hash, or that may share it. A set of 256 complex numbers of one hash, made again and
-  again from one list referred to again (8 bytes each), took 32,640 comparisons each, as did one made again and
-  again of a dict keyed by 256 pairs of integers of one hash;
+  the keys before it of its hash, or that may share it, each comparison weighed by what it may walk (_compare_cost:
+  a key equal to an earlier one in value but of distinct objects is walked in full, a flat key costs 1). A set of
+  256 complex numbers of one hash, made again and again from one list referred to again (8 bytes each), took 32,640
+  comparisons each, as did one made again and again of a dict keyed by 256 pairs of integers of one hash;
 - a state (BUILD) on anything but an OrderedDict or Counter (torch builds any object of a class it allows, an empty
   state doing nothing: ``set()`` given None; torch.save builds nothing else), or other than attributes named apart
   from its own (``_metadata`` of a state_dict, any a user set: see _attributes);
@@ -191,10 +192,10 @@ class _Box:
     def hash_item(self, item: object) -> None:
         """Count an item that may hash alike, as itself and as a pair's key."""
         self.keys = _own(self.keys, self)
-        self.keys.add(item)
+        self.keys.add(item, _compare_cost(item))
         if (first := _first(item)) is not None:
             self.pairs = _own(self.pairs, self)
-            self.pairs.add(first)
+            self.pairs.add(first, _compare_cost(item if first is _UNKNOWN else first))
 
     def iterated(self, pairs: bool) -> _Keys | None:
         """Its items that may hash alike, as a call that hashes them meets them: themselves, or (``pairs``: an
@@ -224,7 +225,8 @@ class _Keys:
     container's items meets them: those whose value the scan knows counted by their hash (see _key_hash), the
     others by number, any of which may share a hash with any key. Shared by the containers made of one (set(x),
     Counter(set(x))), until one of them is given more."""
-    __slots__ = ("owner", "by_hash", "base", "unknown", "compared", "largest", "count")
+    __slots__ = ("owner", "by_hash", "base", "unknown", "compared", "largest", "count", "unknown_compared",
+                 "unknown_cost", "cost")
 
     def __init__(self, owner: _Box, source: _Keys | None = None) -> None:
         self.owner = owner
@@ -234,17 +236,25 @@ class _Keys:
         self.compared = source.compared if source else 0  # those of the known: each with those before it of its hash
         self.largest = source.largest if source else 0  # the most keys of known value of one hash
         self.count = source.count if source else 0  # all keys
+        # the comparisons are weighed by _compare_cost: of the unknown, each with those before it; their costs; all
+        self.unknown_compared = source.unknown_compared if source else 0
+        self.unknown_cost = source.unknown_cost if source else 0
+        self.cost = source.cost if source else 0
 
-    def add(self, key: object) -> None:
-        """Count one more key."""
+    def add(self, key: object, cost: int) -> None:
+        """Count one more key, each comparison with it costing ``cost`` (_compare_cost): at most what comparing it
+        with any walks."""
         self.count += 1
+        self.cost += cost
         h = _key_hash(key)
         if h is None:
+            self.unknown_compared += self.unknown * cost
             self.unknown += 1
+            self.unknown_cost += cost
             return
         n = self.by_hash.get(h, 0)
         self.by_hash[h] = n + 1  # a key given again counts too: torch.save writes each once
-        self.compared += n + self.base
+        self.compared += (n + self.base) * cost
         self.largest = max(self.largest, n + 1 + self.base)
 
     def freeze(self) -> None:
@@ -256,9 +266,10 @@ class _Keys:
 
     def comparisons(self) -> int:
         """The comparisons hashing these keys into a container takes, at most: each key with those before it of its
-        hash, or that may share it (a key of unknown value: with each other such key, and the largest known group).
-        A set of 256 of one hash takes 32,640."""
-        return self.compared + self.unknown * (self.unknown - 1) // 2 + self.unknown * self.largest
+        hash, or that may share it (a key of unknown value: with each other such key, and the largest known group),
+        each weighed by the cost of comparing the later key (_compare_cost). A set of 256 integers of one hash
+        takes 32,640."""
+        return self.compared + self.unknown_compared + self.unknown_cost * self.largest
 
     def check(self) -> None:
         if self.largest + self.unknown > HASHED_ALIKE_MAX:
@@ -285,6 +296,24 @@ def _first(item: object) -> object:
     if item.head:
         return item.head[0] if _may_hash_alike(item.head[0]) else None
     return _UNKNOWN if item.first_alike else None
+
+
+def _compare_cost(key: object) -> int:
+    """What one comparison of ``key`` with a key of its hash may walk, at most: a key equal in value to another, or
+    to its first items, but a distinct object is walked in full (256 keys of one hash, each a tree of 2**14 tuples
+    over one float, took 10 s to load from 2 MB when charged 1 a comparison). One unit covers its first _HEAD
+    items (a number, a short tuple of numbers: as many as the comparison itself costs); past those, each object it
+    holds at any depth (its weight, as a walk of it is charged), and each _COMPARED_BYTES of its texts and large
+    integers' digits."""
+    if not isinstance(key, _Box):
+        return 1
+    return 1 + max(0, key.weight + key.text_bytes // _COMPARED_BYTES - _HEAD)
+
+
+_COMPARED_BYTES = 64
+"""The bytes of text (or decimal digits of an integer) a comparison unit covers: texts and integers compare by
+their memory, about as many in the time a unit's object takes (a dict of 250 keys (a 100-byte name, an int) reads,
+each key of unknown hash, so compared with every other)."""
 
 
 _UNHASHED = object()
@@ -611,6 +640,9 @@ def _container(name: str, args: _Box) -> _Box:
         if of_pairs and made.keys is not None:  # the first items of its keys (pairs of pairs) are not kept
             made.pairs = _Keys(made)
             made.pairs.unknown = made.pairs.count = made.keys.count
+            # their costs unknown, each at most its pair's; a comparison of two costs at most their mean
+            made.pairs.unknown_cost = made.pairs.cost = made.keys.cost
+            made.pairs.unknown_compared = made.keys.cost * max(made.keys.count - 1, 0) // 2
         # its items come in no set order: any of them may be the key a pair of it gives
         made.first_alike = made.keys is not None and made.keys.count > 0
     return made
