@@ -34,7 +34,8 @@ from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings, 
 from saelab.evals.core import held_out_label, read_eval_contexts
 from saelab.evals.n2g import check_latents
 from saelab.evals.suite import (CORPUS_TEXT, check_results_before_load, check_series_before_load, check_suite_applies,
-                                longest_n_future, read_suite_contexts, run_paper_suite, suite_reads_eval_text)
+                                longest_n_future, read_suite_contexts, run_paper_suite, suite_reads_eval_text,
+                                text_change)
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
                            model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
@@ -537,9 +538,7 @@ def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, 
     changes = changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
                               "model": evaluated_model(old)},
                              {"eval": new_eval, "model_dtype": model_dtype, "model": model_name(model or model_for(sae))})
-    if texts[0] != texts[1] and old_eval.get("corpus") == new_eval.get("corpus"):  # another text: named so
-        changes.append(f"eval.corpus {new_eval.get('corpus')} (its text changed since)")
-    return old, changes
+    return old, changes + (text_change(old_eval, new_eval, *texts) if isinstance(old_eval, dict) else [])
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,

@@ -286,6 +286,15 @@ CORPUS_TEXT = "corpus_fingerprint"
 keeps its path. A result an earlier saelab wrote records none, and is judged by its other inputs (_as_recorded)."""
 
 
+def text_change(old: dict, new: dict, old_text: object, new_text: object) -> list[str]:
+    """The change a corpus of the same name (``old``/``new``: records with its "corpus") whose text's fingerprint
+    differs makes, as settings' changes are named; none where the text is the same or the name differs (named
+    already)."""
+    if old_text != new_text and old.get("corpus") == new.get("corpus"):
+        return [f"eval.corpus {new.get('corpus')} (its text changed since)"]
+    return []
+
+
 def _as_recorded(old: dict, new: dict) -> dict:
     """``new`` inputs as ``old`` records them: less the corpus's fingerprint where it records none."""
     return new if CORPUS_TEXT in old else {k: v for k, v in new.items() if k != CORPUS_TEXT}
@@ -312,8 +321,7 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
             named["eval"] = {k: inputs[k] for k in EVAL_INPUTS if k in inputs}
         return {**named, SETTINGS_GROUP.get(name, name): inputs.get("config")}
     changes = changed_fields(by_setting(old), by_setting(new))
-    if old.get(CORPUS_TEXT) != new.get(CORPUS_TEXT) and old.get("corpus") == new.get("corpus"):  # another: named so
-        changes.append(f"eval.corpus {new.get('corpus')} (its text changed since)")
+    changes += text_change(old, new, old.get(CORPUS_TEXT), new.get(CORPUS_TEXT))
     if not changes and old != new:  # a difference no setting of this metric names: still a difference
         contexts = (old.get("n_contexts"), new.get("n_contexts"))
         changes = [f"contexts {contexts[0]} -> {contexts[1]}" if contexts[0] != contexts[1] else "other inputs"]
