@@ -542,24 +542,33 @@ COMPLEX_256 = [complex_call(z) for z in ONE_HASH_COMPLEX[:HASHED_ALIKE_MAX]]
 INTS_256 = [long1(k) for k in ONE_HASH_INTS[:HASHED_ALIKE_MAX]]
 
 
-def pairs_of_one_hash(n: int) -> list[tuple[int, int]]:
-    """``n`` pairs (a, b) of ints below 2**61 - 1 (each its own hash) whose tuples share one hash: CPython's tuple
-    hash (xxHash's steps over its items' hashes) undone for b."""
+def pairs_of_one_hash(n: int, prefix: tuple = ()) -> list[tuple]:
+    """``n`` tuples (*prefix, a, b), a and b ints below 2**61 - 1 (each its own hash), that share one hash:
+    CPython's tuple hash (xxHash's steps over its items' hashes) undone for b."""
     p1, p2, p5, m = 11400714785074694791, 14029467366897019727, 2870177450012600261, 2**64
+
+    def step(state: int, item_hash: int) -> int:
+        state = (state + item_hash % m * p2) % m
+        return ((state << 31 | state >> 33) % m) * p1 % m
+
+    start = p5
+    for item in prefix:
+        start = step(start, hash(item))
     pairs, a = [], 1
     while len(pairs) < n:
-        first = (p5 + a * p2) % m
-        first = ((first << 31 | first >> 33) % m) * p1 % m  # the state after a
+        first = step(start, a)  # the state after a
         b = (0x1234567890ABCDEF - first) * pow(p2, -1, m) % m  # the b that brings every a to one state
         if 0 < b < 2**61 - 1:
-            pairs.append((a, b))
+            pairs.append((*prefix, a, b))
         a += 1
     assert len({hash(pair) for pair in pairs}) == 1 and len(set(pairs)) == n
     return pairs
 
 
 PAIRS_256 = [long1(a) + long1(b) + b"\x86" for a, b in pairs_of_one_hash(HASHED_ALIKE_MAX)]  # 2 * 9 bytes each
-UNKNOWN_256 = [b"N" + z + b"\x86" for z in COMPLEX_256]  # (None, z): None kept by its kind, the value unknown
+CPU = glob("torch", "device") + text("cpu") + b"\x85R"
+UNKNOWN_256 = [CPU + z + b"\x86" for z in COMPLEX_256]  # (device("cpu"), z): a device kept by its kind, value unknown
+NONE_256 = [b"N" + z + b"\x86" for z in COMPLEX_256]  # (None, z): of one hash, known in the loading process
 KEYED_AGAIN = b"}(" + b"".join(get(j) + b"N" for j in range(256)) + b"u"  # 1.5 KB: a dict of the memo's 256 keys
 # each hashes 256 keys of one hash, 32,640 comparisons, from a few bytes: (the items, what is hashed again)
 HASHED_AGAIN = {
@@ -577,6 +586,7 @@ HASHED_AGAIN = {
     "a-counter-of-a-made-set-of-pairs-of-ints": (PAIRS_256, get(260) + get(258) + b"\x85R"),
     "an-ordered-dict-of-a-list-of-pairs": ([pair + b"N\x86" for pair in PAIRS_256], get(261) + get(256) + b"\x85R"),
     "a-set-of-a-dict-of-keys-of-unknown-value": (UNKNOWN_256, get(259) + get(257) + b"\x85R"),
+    "a-set-of-a-dict-of-pairs-holding-none": (NONE_256, get(259) + get(257) + b"\x85R"),
 }
 
 
@@ -632,7 +642,8 @@ def test_a_comparison_of_keys_is_charged_what_it_walks(tmp_path):
         in_archive(tmp_path / "x.pt", hashed_again(keys, KEYED_AGAIN, n=30)[:-1] + b"N(" + b"]" * 20_000 + b"ts.")
         with pytest.raises(PickleBombError, match=r"\(comparisons of keys of one hash 1,044,480;"):
             check_torch_file(tmp_path / "x.pt")
-    keyed_by_long_names = {(f"blocks.{i}." + "x" * 100, i): i for i in range(250)}  # of unknown hash: texts past 64
+    cpu = torch.device("cpu")  # of unknown hash: each key compared with every other, its 106-byte name walked
+    keyed_by_long_names = {(cpu, f"blocks.{i}." + "x" * 100, i): i for i in range(250)}
     torch.save(keyed_by_long_names, tmp_path / "x.pt")
     check_torch_file(tmp_path / "x.pt")
 
@@ -664,6 +675,83 @@ def test_keys_of_known_value_are_charged_the_comparisons_their_hashes_take(kind,
     torch.save(obj, tmp_path / "x.pt")
     check_torch_file(tmp_path / "x.pt")
     assert torch.load(tmp_path / "x.pt", weights_only=True) == obj
+
+
+# tuple keys torch.save writes holding values the check kept by their kind alone (None, bools, texts past 64 bytes,
+# bytes, tuples past 8 items, torch.Size): over 256 in one dict or set were refused as keys that may share one hash
+KEYS_OF_VALUES_HASHED = {
+    "(i,None)": lambda i: (i, None),
+    "(i,True)": lambda i: (i, True),
+    "(i,False)": lambda i: (i, False),
+    "(i,a-70-character-text)": lambda i: (i, f"blocks.{i:04d}.attn." + "x" * 53),
+    "(a-3000-character-text,i)": lambda i: (f"{i:04d}" + "y" * 2_996, i),
+    "(i,bytes)": lambda i: (i, b"\x00\xff" * 4),
+    "(i,100-bytes)": lambda i: (i, bytes(98) + i.to_bytes(2, "little")),
+    "12-ints": lambda i: tuple(range(i, i + 12)),
+    "(i,12-items)": lambda i: (i, (None, True, "a", b"b", 1.5, *range(7))),
+    "torch.Size": lambda i: torch.Size([i, 3]),
+    "torch.Size-of-10-dimensions": lambda i: torch.Size([i, *[2] * 9]),
+    "(torch.Size,None)": lambda i: (torch.Size([i]), None),
+}
+
+
+@pytest.mark.parametrize("fmt", [{}, LEGACY], ids=["zip", "legacy"])
+@pytest.mark.parametrize("kind", KEYS_OF_VALUES_HASHED)
+def test_tuple_keys_holding_none_bools_long_texts_bytes_or_sizes_read(kind, fmt, tmp_path):
+    """A dict and a set of 1,000 such keys (300 of the 3,000-character texts), as torch.save writes them, were
+    refused as over 256 keys of one hash; their hashes are deterministic in the loading process (the check runs
+    in it), so they are counted by them, and read."""
+    key = KEYS_OF_VALUES_HASHED[kind]
+    keys = [key(i) for i in range(300 if "3000" in kind else 1_000)]
+    obj = {"dict": dict.fromkeys(keys, 0), "set": set(keys)}
+    torch.save(obj, tmp_path / "x.pt", **fmt)
+    check_torch_file(tmp_path / "x.pt")
+    assert load_plain_tensors(tmp_path / "x.pt") == obj
+
+
+# what a key of 300 of one hash starts with, (*prefix, a, b), b chosen for a: the check hashes each as the loading
+# process will, or these keys would seem of distinct hashes to it, and read
+PREFIXES_OF_ONE_HASH = {
+    "None": (None,), "True": (True,), "False": (False,), "a-100-character-text": ("x" * 100,),
+    "a-text-of-70-two-byte-characters": ("\u00e9" * 70,), "a-text-of-30-euro-signs": ("\u20ac" * 30,),
+    "bytes": (b"\x00\xff",), "100-bytes": (b"\x00\xff" * 50,), "100-ascii-bytes": (b"ab" * 50,),
+    "an-empty-text": ("",), "9-ints": tuple(range(9)), "a-torch.Size": (torch.Size([2, 3]),),
+    "a-pair-holding-none": ((None, "y" * 70),), "10-mixed-items": (None, True, "x" * 100, b"b" * 70, 1.5, *range(5)),
+}
+# keys of one hash holding a value whose hash the check does not compute (a device, a text or a tuple past its
+# limits): taken as sharing one hash, so refused as before
+UNKNOWN_HOLDING = {
+    "a-device": lambda z: (torch.device("cpu"), z),
+    "a-100000-character-text": lambda z: ("x" * 100_000, z),
+    "100-ints": lambda z: (*range(100), z),
+}
+
+
+@pytest.mark.parametrize("prefix", PREFIXES_OF_ONE_HASH)
+def test_keys_of_one_hash_holding_such_values_are_refused(prefix, tmp_path):
+    keys = pairs_of_one_hash(300, PREFIXES_OF_ONE_HASH[prefix])
+    for obj in (dict.fromkeys(keys, 0), {"x": set(keys)}):
+        torch.save(obj, tmp_path / "x.pt")
+        with pytest.raises(PickleBombError, match="over 256 keys of one hash"):
+            check_torch_file(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("kind", UNKNOWN_HOLDING)
+def test_keys_holding_values_of_unknown_hash_are_refused(kind, tmp_path):
+    keys = [UNKNOWN_HOLDING[kind](z) for z in ONE_HASH_COMPLEX[:300]]
+    assert len({hash(k) for k in keys}) == 1 and len(set(keys)) == 300
+    torch.save(dict.fromkeys(keys, 0), tmp_path / "x.pt")
+    with pytest.raises(PickleBombError, match="over 256 keys of one hash"):
+        check_torch_file(tmp_path / "x.pt")
+
+
+def test_sizes_of_one_hash_are_refused(tmp_path):
+    """torch.Size hashes as the tuple of its numbers: 300 of pairs of one hash."""
+    sizes = [torch.Size(pair) for pair in pairs_of_one_hash(300)]
+    assert len({hash(s) for s in sizes}) == 1
+    torch.save(dict.fromkeys(sizes, 0), tmp_path / "x.pt")
+    with pytest.raises(PickleBombError, match="over 256 keys of one hash"):
+        check_torch_file(tmp_path / "x.pt")
 
 
 # What torch's weights-only reader reads harmlessly where the scan stopped, leaving the rest of the pickle to torch:

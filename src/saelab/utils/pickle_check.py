@@ -32,9 +32,12 @@ this adds what torch lets through, the size of what the allowed calls and refere
 - a dict, set or Counter given more than HASHED_ALIKE_MAX keys that may share one hash (keys whose hashes can be
   made equal: integers of 2**61 - 1 or more, whose hash is their remainder; complex numbers; tuples): inserting n
   keys of one hash takes n**2 / 2 comparisons. Texts cannot be made so: their hash is keyed afresh in every
-  process. Keys whose value the scan knows (those numbers; tuples of up to _HEAD numbers, floats too, short texts
-  or such tuples) are counted by their hash itself, as the loading process will hash them: a thousand tuple keys, or sets
-  of 250 random 64-bit ids, read. Any other such key may share its hash with any. Each dict given keys, and each
+  process. Keys whose value the scan knows (those numbers; tuples of up to _HASHED_ITEMS numbers, floats, None,
+  bools, texts or bytes of up to _HASHED_TEXT_MAX bytes, or such tuples; a torch.Size, hashed as its tuple) are
+  counted by their hash itself, as the loading process will hash them (the scan runs in it: a text's hash, or
+  None's, which Python 3.11 takes from its address, is the same there): a thousand tuple keys (i, None) or (i, a
+  70-character name), or sets of 250 random 64-bit ids, read. Any other such key (holding a device, or a longer
+  text or tuple) may share its hash with any. Each dict given keys, and each
   call that hashes a container's items again (``set``, ``Counter``, ``OrderedDict``, of a list, a dict or what
   another such call made), is also charged, against the budget below, the comparisons those keys take: each with
   the keys before it of its hash, or that may share it, each comparison weighed by what it may walk (_compare_cost:
@@ -59,7 +62,8 @@ The calls of a pickle may together make at most MADE_BYTES_PER_FILE_BYTE times t
 texts referred to again past REFERRED_TEXTS_FREE, each reference counted; elements asked for; the bytes of each
 storage a persistent id names, under each spelling of its key, which a legacy file allocates as the id says;
 CONTAINER_BYTES per list, dict, set or tuple, MADE_CONTAINER_BYTES per container a call makes; the comparisons of
-keys that may hash alike; a refusal names the part that took most and lists each), and a global's name
+keys that may hash alike; a unit per _COMPARED_BYTES of each text the scan hashes as it reads it; a refusal names the
+part that took most and lists each), and a global's name
 is at most _NAME_MAX characters (torch searches a refused one's message in time that grows with its square). Around
 the pickle, a zip archive must be one that torch's zip reader and Python's zipfile read alike, its records stored
 and within the file (torch's reader inflates a record whole before checking its size), and a file that is not a zip
@@ -146,7 +150,7 @@ class _Box:
         if self.referred_again:
             raise PickleBombError("a container referred to again changes afterwards (torch.save writes a container "
                                   "whole before it refers to it again)")
-        if (item is _LEAF or item is _TENSOR or type(item) is float
+        if (type(item) is _Leaf or item is _TENSOR or type(item) is float
                 or (type(item) is int and -_HASH_MODULUS < item < _HASH_MODULUS)):
             self._add_plain(item)  # the items of most containers (a tensor's sizes and strides): quickly
             return
@@ -171,8 +175,8 @@ class _Box:
             self.text_bytes += _digits(item)
 
     def _add_plain(self, item: object) -> None:
-        """``add`` of an item that cannot hash alike, holds nothing and has no digits to walk: a leaf, a float, a
-        tensor or an int below 2**61 - 1 in size."""
+        """``add`` of an item that cannot hash alike, holds nothing and has no digits to walk: a leaf (_Leaf), a
+        float, a tensor or an int below 2**61 - 1 in size."""
         self.items += 1
         self.weight += 1
         if len(self.head) < _HEAD:
@@ -312,16 +316,16 @@ def _compare_cost(key: object) -> int:
 
 _COMPARED_BYTES = 64
 """The bytes of text (or decimal digits of an integer) a comparison unit covers: texts and integers compare by
-their memory, about as many in the time a unit's object takes (a dict of 250 keys (a 100-byte name, an int) reads,
-each key of unknown hash, so compared with every other)."""
+their memory, about as many in the time a unit's object takes (a dict of 250 keys (a device, a 100-byte name, an
+int) reads, each key of unknown hash, so compared with every other)."""
 
 
 _UNHASHED = object()
-"""A tuple's hash not computed yet (see _key_hash)."""
+"""A tuple's or short text's hash not computed yet (see _key_hash, _text_hash)."""
 
 
 class _HashOf:
-    """Stands for a tuple of known hash inside another: a tuple's hash is made of its items' hashes alone."""
+    """Stands for an item of known hash inside a tuple: a tuple's hash is made of its items' hashes alone."""
     __slots__ = ("value",)
 
     def __init__(self, value: int) -> None:
@@ -331,29 +335,41 @@ class _HashOf:
         return self.value
 
 
+_HASHED_ITEMS = 64
+"""The most items of a tuple whose hash the scan computes (past _HEAD items: when the tuple is made, as it keeps
+no more): a longer tuple is of unknown value. Each tuple is hashed once, its items by the hashes kept for them."""
+
+
 def _key_hash(key: object) -> int | None:
     """The hash of a key whose value the scan knows, as the loading process will hash it (the scan runs in it: a
-    text's hash, keyed afresh in every process, is the same here): an int, a complex number of known parts, a tuple
-    of up to _HEAD of those, floats, texts kept whole or such tuples. None for another: its value unknown."""
+    text's or bytes' hash, None's on Python 3.11, keyed afresh in every process, is the same here): an int, a
+    complex number of known parts, a tuple of up to _HASHED_ITEMS of those, floats, None, bools, texts and bytes of
+    up to _HASHED_TEXT_MAX bytes, or such tuples, a torch.Size (hashed as the tuple of its numbers). None for
+    another: its value unknown."""
     if type(key) is int or type(key) is complex:
         return hash(key)
-    if not isinstance(key, _Tuple):
-        return None
-    if (hashed := getattr(key, "hashed", _UNHASHED)) is not _UNHASHED:  # once for each tuple, an item of many
+    if isinstance(key, _Tuple):
+        if (hashed := getattr(key, "hashed", _UNHASHED)) is _UNHASHED:  # once for each tuple, an item of many
+            key.hashed = hashed = _items_hash(key.head) if key.items == len(key.head) else None
         return hashed
+    return key.hashed if isinstance(key, _Made) else None
+
+
+def _items_hash(items: list | tuple) -> int | None:
+    """The hash of a tuple of ``items`` where the scan knows each one's hash, else None."""
     values = []
-    if key.items == len(key.head):
-        for item in key.head:
-            if type(item) in (int, float, complex):
-                values.append(item)
-            elif _known_text(item):
-                values.append(str(item))
-            elif isinstance(item, _Tuple) and (inner := _key_hash(item)) is not None:
-                values.append(_HashOf(inner))  # its hash, not its value: shared tuples inside are hashed once
-            else:
-                break
-    key.hashed = hash(tuple(values)) if len(values) == key.items else None
-    return key.hashed
+    for item in items:
+        if type(item) in (int, float, complex):
+            values.append(item)
+        elif type(item) is _Leaf and item.hashed is not None:
+            values.append(_HashOf(item.hashed))
+        elif isinstance(item, _Text) and (hashed := _text_hash(item)) is not None:
+            values.append(_HashOf(hashed))
+        elif isinstance(item, _Box) and (hashed := _key_hash(item)) is not None:
+            values.append(_HashOf(hashed))  # its hash, not its value: shared tuples inside are hashed once
+        else:
+            return None
+    return hash(tuple(values))
 
 
 class _Tuple(_Box):
@@ -364,11 +380,12 @@ class _Tuple(_Box):
 class _Made(_Box):
     """A container a call made (``set(...)``, ``torch.Size(...)``), ``by`` that function: the scan keeps none of its
     items."""
-    __slots__ = ("by",)
+    __slots__ = ("by", "hashed")
 
     def __init__(self, by: str) -> None:
         super().__init__()
         self.by = by
+        self.hashed: int | None = None  # a torch.Size's, that of the tuple of its numbers (see _container)
 
 
 class _EmptyTuple(_Tuple):
@@ -422,8 +439,12 @@ class _Global(str):
 
 class _Text(str):
     """A text a BINUNICODE or SHORT_BINSTRING opcode pushed (its value when short, else empty), or the bytes encoded
-    from one (empty), and its ``size``."""
+    from one (empty), and its ``size``; ``hashed``, the hash loading will give it (a short one's taken from its value
+    when a key needs it, see _text_hash; None where unknown), ``encoded``, that of the bytes its latin1 encoding
+    makes."""
     size = 0
+    hashed: int | None | object = _UNHASHED
+    encoded: int | None | object = _UNHASHED
 
 
 def _digits(n: int) -> int:
@@ -431,13 +452,61 @@ def _digits(n: int) -> int:
     return n.bit_length() // 3 + 1 if n.bit_length() > 64 else 0
 
 
-def _text(value: str, size: int) -> _Text:
+def _text(value: str, size: int, hashed: int | None | object = _UNHASHED, encoded: int | None | object = _UNHASHED
+          ) -> _Text:
     text = _Text(value)
     text.size = size
+    if hashed is not _UNHASHED:
+        text.hashed, text.encoded = hashed, encoded
     return text
 
 
-_LEAF = object()  # anything else: None, bools, devices, dtypes (a float is kept as it is: a key's hash needs it)
+_SHORT_TEXT = 64
+"""Texts up to this long are kept (a call's arguments); longer ones are kept as their hashes, or skipped."""
+_HASHED_TEXT_MAX = 2**16
+"""The longest text (in bytes) the scan hashes, when it reads it, keeping its hash and not its value (a longer one is
+skipped, of unknown value): a tuple key of a long name reads (see _key_hash). Hashing is charged against the budget,
+a unit per _COMPARED_BYTES, as a comparison walking it is."""
+
+
+def _long_text(raw: bytes, value: str) -> _Text:
+    """A text of more than _SHORT_TEXT bytes (``raw``, as decoded into ``value``), kept as its hashes: its own and
+    that of the bytes ``_codecs.encode(value, "latin1")`` makes (torch.save writes bytes so), None where that fails."""
+    return _text("", len(raw), hash(value), hash(raw) if raw.isascii() else _latin1_hash(value))
+
+
+def _latin1_hash(value: str) -> int | None:
+    try:
+        return hash(value.encode("latin1"))
+    except UnicodeEncodeError:  # torch's call fails alike
+        return None
+
+
+def _text_hash(text: _Text) -> int | None:
+    """The hash loading will give ``text`` (see _Text), None where unknown."""
+    # a short text kept whole: Python keeps its hash once computed
+    return str.__hash__(text) if text.hashed is _UNHASHED else text.hashed
+
+
+def _encoded_hash(text: _Text) -> int | None:
+    """The hash of the bytes ``_codecs.encode(text, "latin1")`` makes, None where unknown."""
+    if text.encoded is _UNHASHED:  # a short text kept whole
+        text.encoded = _latin1_hash(str(text))
+    return text.encoded
+
+
+class _Leaf:
+    """None, a bool, a device or a layout: nothing a call or walk reads into; ``hashed``, its hash where the scan
+    knows it (None's is its address on Python 3.11, the same for the whole process: the scan runs in the one that
+    loads)."""
+    __slots__ = ("hashed",)
+
+    def __init__(self, hashed: int | None) -> None:
+        self.hashed = hashed
+
+
+_LEAF = _Leaf(None)  # a device or a layout (a float is kept as it is: a key's hash needs it)
+_NONE, _TRUE, _FALSE = _Leaf(hash(None)), _Leaf(hash(True)), _Leaf(hash(False))
 _COMPLEX = object()  # a complex number of parts the scan does not know (one of known parts is kept as it is)
 _TENSOR = object()  # a tensor or storage: referred to again freely, passed to nothing but rebuilds
 _SIZED = ("builtins.bytearray",)  # and every torch tensor and storage class ("torch.FloatTensor", ...)
@@ -501,7 +570,7 @@ def _attribute_of(key: object) -> frozenset:
 
 def _leaf(item: object) -> bool:
     """Whether ``item`` is None, a bool, a float, a device or a layout: nothing a call or walk reads into."""
-    return item is _LEAF or type(item) is float
+    return type(item) is _Leaf or type(item) is float
 
 
 def _empty(item: object) -> bool:
@@ -581,7 +650,7 @@ def _made(callee: object, args: object) -> object:
         if not (len(head) == 2 == args.items and isinstance(head[0], _Text) and head[1] in ("latin1", "latin-1")):
             raise PickleBombError("it calls _codecs.encode on something other than a text in latin1 (torch.save "
                                   "writes no such call)")
-        return _text("", head[0].size)  # bytes as long: passed again, copied again
+        return _text("", head[0].size, _encoded_hash(head[0]), None)  # bytes as long: passed again, copied again
     if name in _WITH_STATE:
         rebuild = head[0] if name.endswith("type_v2") and head else _Global("torch._utils._rebuild_")
         whole = 0 < args.items <= _HEAD  # head[-1]: the last argument, the state
@@ -599,7 +668,8 @@ def _made(callee: object, args: object) -> object:
                     and head[1] in ("latin1", "latin-1"))):
             raise PickleBombError("it calls bytearray with other arguments than bytes, a size or a text in latin1 "
                                   "(torch.save writes bytearray(bytes))")
-        return _text("", args.text_bytes + (args.int_product if args.items == 1 and not args.text_bytes else 0))
+        return _text("", args.text_bytes + (args.int_product if args.items == 1 and not args.text_bytes else 0),
+                     None, None)  # unhashable
     if name.startswith(_MAKES_TENSOR) or _sized(name):
         return _TENSOR
     if name == "builtins.complex":
@@ -630,6 +700,8 @@ def _container(name: str, args: _Box) -> _Box:
     made.items = made.weight = args.weight + args.text_bytes  # set("text..."): an item per character
     made.depth = args.depth  # a container of its arguments' items
     first = args.head[0] if args.head else None
+    if name == "torch.Size" and args.items == 1 and isinstance(first, _Tuple):
+        made.hashed = _key_hash(first)  # a tuple's subclass: hashed as the tuple of its numbers
     if isinstance(first, _Box):  # its items: its first argument's (an OrderedDict's: the first of each pair)
         of_pairs = name == "collections.OrderedDict" and not isinstance(first, _Dict)
         made.keys = first.iterated(of_pairs)  # hashed again if it is passed on
@@ -648,19 +720,20 @@ def _container(name: str, args: _Box) -> _Box:
     return made
 
 
-_CONTAINERS, _CALLS, _REFERRED, _STORAGES, _WALKS, _SHARED, _COMPARISONS = range(7)
+_CONTAINERS, _CALLS, _REFERRED, _STORAGES, _WALKS, _SHARED, _COMPARISONS, _HASHED = range(8)
 """What the budget is spent on: the containers the pickle makes, what its calls make, the texts and large integers
 it refers to again, the storages its ids name, the walks of containers referred to again (_SHARED: of those that
-hold containers), the comparisons of keys that may hash alike."""
+hold containers), the comparisons of keys that may hash alike, the scan's hashing of long texts."""
 _PARTS = ("containers", "calls", "texts and integers referred to again", "storages", "containers referred to again",
-          "containers of containers referred to again", "comparisons of keys of one hash")
+          "containers of containers referred to again", "comparisons of keys of one hash", "long texts hashed")
 _SPENT_ON = ("the containers it makes (each list, dict, set or tuple, more for one a call makes)",
              "what its calls make (texts passed, items walked, elements asked for)",
              "the texts and large integers it refers to again, each reference counted",
              "the storages its ids name (each spelling of a key; in a legacy file, as its id says)",
              "the containers it refers to again, walked in full at each reference", "",
              ("the comparisons of its keys whose hashes can be made equal (each with those before it of its hash, "
-              "or that may share it)"))
+              "or that may share it)"),
+             f"its texts of {_SHORT_TEXT + 1} to {_HASHED_TEXT_MAX:,} bytes, each hashed once as it is read")
 
 
 def _over_budget(spent: int, budget: int, spent_on: list[int], shared: dict[int, int]) -> str:
@@ -750,6 +823,8 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
         box = _Tuple()
         for item in items:
             box.add(item)
+        if len(items) > _HEAD:  # its items past the head are not kept: hashed now, or of unknown value
+            box.hashed = _items_hash(items) if len(items) <= _HASHED_ITEMS else None
         return box
 
     start = f.tell()
@@ -815,8 +890,10 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
                     charge(abs(head[4]) * _ELEMENT_BYTES.get(str(head[1]), max(_ELEMENT_BYTES.values())), _STORAGES)
                 storages.add(key)
                 stack.append(_TENSOR)
-            elif code in (0x4E, 0x88, 0x89):  # NONE, NEWTRUE, NEWFALSE
-                stack.append(_LEAF)
+            elif code == 0x4E:  # NONE
+                stack.append(_NONE)
+            elif code in (0x88, 0x89):  # NEWTRUE, NEWFALSE
+                stack.append(_TRUE if code == 0x88 else _FALSE)
             elif code == 0x4A:  # BININT
                 stack.append(struct.unpack("<i", read(4))[0])
             elif code == 0x4D:  # BININT2
@@ -828,7 +905,14 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
             elif code in (0x58, 0x55):  # BINUNICODE, SHORT_BINSTRING
                 n = struct.unpack("<I", read(4))[0] if code == 0x58 else read(1)[0]
                 # as torch decodes it: lone surrogates kept (two storage keys differing in one are two storages)
-                stack.append(_text(read(n).decode("utf-8", "surrogatepass") if n <= _SHORT_TEXT else _skip(f, n), n))
+                if n <= _SHORT_TEXT:
+                    stack.append(_text(read(n).decode("utf-8", "surrogatepass"), n))
+                elif n <= _HASHED_TEXT_MAX:  # decoded here: where torch fails to decode it, so does the scan
+                    raw = read(n)
+                    stack.append(_long_text(raw, raw.decode("utf-8", "surrogatepass")))
+                    charge(n // _COMPARED_BYTES, _HASHED)
+                else:
+                    stack.append(_text(_skip(f, n), n, hashed=None, encoded=None))
             elif code == 0x29:  # EMPTY_TUPLE
                 stack.append(_EMPTY_TUPLE)
             elif code in (0x5D, 0x7D, 0x8F):  # EMPTY_LIST, EMPTY_DICT, EMPTY_SET
@@ -947,8 +1031,6 @@ def _named(obj: object) -> str:
     return "None, a bool, a float, a device or a layout"
 
 
-_SHORT_TEXT = 64
-"""Texts up to this long are kept (a call's arguments); longer ones are skipped."""
 REFERRED_TEXTS_FREE = 2**26
 """The bytes of texts referred to again (each reference counted) a pickle may have before they are charged against
 its budget: one long text torch.save wrote in many places (its memo refers to it again: a 4.9 KB text in 5,000
