@@ -10,7 +10,9 @@ torch does; its time grows with the pickle's size. Files of about 5 and 10 MB ar
 - ``hash-bomb``: set() of one list of 256 complex numbers of one hash, 48,000 times (8 bytes and 32,640
   comparisons to load each: 30 s in all), padded with a record nothing refers to (what a hostile file may hold);
 - ``sets-of-pairs``: 4,000 sets of 250 pairs of ints, each key counted by its hash (a version that counts tuples
-  by their kind refuses it, as if all 250 of a set shared one hash).
+  by their kind refuses it, as if all 250 of a set shared one hash);
+- ``long-name-keys``: a dict of 100,000 keys (layer, a hook name of 70-74 characters, None), each counted by its hash (a
+  version that takes None or a text past 64 bytes for a value it does not know refuses it at the 257th key).
 
 Each round times the check of this saelab and, with ``--other OLD/src``, of another version's source in a
 fresh process each (CPU time, so a busy machine slows both alike), alternating which goes first:
@@ -87,6 +89,10 @@ def write_sets_of_pairs(path: Path) -> None:
     torch.save({f"layer{layer}": {(i, i + 1) for i in range(250)} for layer in range(4_000)}, path)
 
 
+def write_long_name_keys(path: Path) -> None:
+    torch.save({(i, f"blocks.{i}.attn.hook_z" + "." * 50, None): i for i in range(100_000)}, path)
+
+
 def timed(src: Path, path: Path) -> dict:
     out = subprocess.run([sys.executable, "-c", TIMED, str(src), str(path)], capture_output=True, text=True,
                          check=True)
@@ -102,12 +108,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = {"views": Path(tmp, "views.pt"), "empty-tuples": Path(tmp, "empty.pt"),
                  "tuple-keys": Path(tmp, "keys.pt"), "hash-bomb": Path(tmp, "hash.pt"),
-                 "sets-of-pairs": Path(tmp, "pairs.pt")}
+                 "sets-of-pairs": Path(tmp, "pairs.pt"), "long-name-keys": Path(tmp, "names.pt")}
         write_views(files["views"])
         write_empty_tuples(files["empty-tuples"])
         write_tuple_keys(files["tuple-keys"])
         write_hash_bomb(files["hash-bomb"])
         write_sets_of_pairs(files["sets-of-pairs"])
+        write_long_name_keys(files["long-name-keys"])
         for name, path in files.items():
             print(f"{name}: {path.stat().st_size:,} bytes")
         for r in range(args.rounds):
