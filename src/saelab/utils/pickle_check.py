@@ -355,11 +355,16 @@ def _key_hash(key: object) -> int | None:
     return key.hashed if isinstance(key, _Made) else None
 
 
+_NUMBERS = frozenset((int, float, complex))
+
+
 def _items_hash(items: list | tuple) -> int | None:
     """The hash of a tuple of ``items`` where the scan knows each one's hash, else None."""
+    if _NUMBERS.issuperset(map(type, items)):  # the most frequent: numbers alone, their hash taken whole
+        return hash(tuple(items))
     values = []
     for item in items:
-        if type(item) in (int, float, complex):
+        if type(item) in _NUMBERS:
             values.append(item)
         elif type(item) is _Leaf and item.hashed is not None:
             values.append(_HashOf(item.hashed))
