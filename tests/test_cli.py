@@ -1670,10 +1670,18 @@ def _weightless(model_dir, folder):
     return folder
 
 
-def _hook_and_model_notes(argv: list[str], capsys, code: int = 0) -> list[str]:
-    """The notes of another --hook or --model that ``argv`` prints, and the error line that ends a failed run."""
+def _hook_and_model_notes(argv: list[str], capsys, code: int = 0, also: tuple[str, ...] = ()) -> list[str]:
+    """The notes of another --hook or --model that ``argv`` prints, and the error line that ends a failed run;
+    ``also``: the lines holding any of these words too."""
     assert main(argv) == code, argv
-    return [line for line in capsys.readouterr().err.splitlines() if "note: --" in line or " error: " in line]
+    return [line for line in capsys.readouterr().err.splitlines()
+            if any(words in line for words in ("note: --", " error: ", *also))]
+
+
+def _load_failed(model) -> str:
+    """The error line of a model that cannot be loaded (:func:`_weightless`)."""
+    return (f"saelab eval: error: cannot load model directory {model}: Error no file named model.safetensors, or "
+            f"pytorch_model.bin, found in directory {model}.")
 
 
 def test_paper_suite_says_when_hook_or_model_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
@@ -1697,9 +1705,7 @@ def test_paper_suite_says_when_hook_or_model_reads_the_sae_elsewhere(tmp_path, t
                                                        "results of this SAE with other settings: core (--model")
     argv += ["--model", str(weightless), "--out", str(tmp_path / "ev-weightless")]
     assert _hook_and_model_notes(argv, capsys, code=2) == [
-        said[0], said[1].replace(str(tiny_dir), str(weightless)),
-        f"saelab eval: error: cannot load model directory {weightless}: Error no file named model.safetensors, or "
-        f"pytorch_model.bin, found in directory {weightless}."]
+        said[0], said[1].replace(str(tiny_dir), str(weightless)), _load_failed(weightless)]
     argv = ["eval", own, "--hook", "blocks.0.hook_resid_post", "--model", str(tiny_dir), *suite]
     assert _hook_and_model_notes([*argv, "--out", str(tmp_path / "own-ev")], capsys) == []
 
@@ -1737,9 +1743,74 @@ def test_eval_of_a_sweep_says_when_model_reads_its_runs_on_another_model(tmp_pat
     weightless = _weightless(tiny_dir, tmp_path / "weightless")
     assert _hook_and_model_notes([*argv, "--model", str(weightless)], capsys, code=2) == [
         note(sweep / "n32", weightless), note(sweep / "n48", weightless, split_pad_dir),
-        note(sweep / "n64", weightless),
-        f"saelab eval: error: cannot load model directory {weightless}: Error no file named model.safetensors, or "
-        f"pytorch_model.bin, found in directory {weightless}."]
+        note(sweep / "n64", weightless), _load_failed(weightless)]
+
+
+def test_core_eval_says_when_hook_or_model_reads_the_sae_elsewhere_before_the_load(tmp_path, tiny_dir, data_dir,
+                                                                                   capsys):
+    """eval SAE (the core metrics) said --hook's and --model's notes after the metrics, the model's work done,
+    where --suite paper and eval SWEEP say them before the model loads. The same now: once every check has
+    passed (a refusal stays one line), before the load (a model that cannot be loaded fails after them), into
+    --out or printed only, and once where --out holds this evaluation already."""
+    on_gpt2, hook = _tiny_sae(tmp_path / "gpt2", "gpt2"), "blocks.1.hook_resid_post"
+    corpus = ["--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")]
+    argv = ["eval", on_gpt2, "--hook", hook, "--downstream-tokens", "128", "--sample-pool-tokens", "0", "--no-progress"]
+
+    def said(model) -> list[str]:
+        return [f"saelab eval: note: --hook {hook}: {on_gpt2} was trained at blocks.0.hook_resid_post; its latents "
+                f"are read at {hook} here",
+                f"saelab eval: note: --model {model}: {on_gpt2} was trained on gpt2; its latents are read from "
+                f"{model} here"]
+
+    weightless = _weightless(tiny_dir, tmp_path / "weightless")
+    for out in (["--out", str(tmp_path / "ev-weightless")], []):  # into --out, printed only
+        assert _hook_and_model_notes([*argv, *corpus, "--recon-tokens", "256", "--model", str(weightless), *out],
+                                     capsys, code=2) == [*said(weightless), _load_failed(weightless)], out
+    out = [*corpus, "--model", str(tiny_dir), "--out", str(tmp_path / "ev")]
+    again = ("already holds this evaluation",)
+    assert _hook_and_model_notes([*argv, "--recon-tokens", "256", *out], capsys, also=again) == said(tiny_dir)
+    assert _hook_and_model_notes([*argv, "--recon-tokens", "256", *out], capsys, also=again) == [
+        f"{tmp_path / 'ev' / 'metrics.json'} already holds this evaluation (--overwrite runs it again)", *said(tiny_dir)]
+    refused = _hook_and_model_notes([*argv, "--recon-tokens", "512", *out], capsys, code=2)  # other settings
+    assert len(refused) == 1 and refused[0].startswith(f"saelab eval: error: --out {tmp_path / 'ev'} already holds")
+    missing = _hook_and_model_notes([*argv, "--recon-tokens", "256", "--model", str(tiny_dir), "--corpus",
+                                     str(tmp_path / "missing.jsonl")], capsys, code=2)
+    assert len(missing) == 1 and "missing.jsonl" in missing[0]
+
+
+def test_core_eval_warns_of_the_training_text_before_the_load(tmp_path, tiny_dir, split_pad_dir, data_dir, capsys):
+    """eval RUN on the text the SAE was trained on warned after the metrics, the model's work done, where --suite
+    paper warns before the model loads. The same now, after --model's note: into the run folder, into --out and
+    printed only (the run's SAE folder alone), each once, and once where the evaluation is reused."""
+    from saelab.pipeline import HarvestConfig, harvest, train_from_cache
+    from saelab.train import TrainConfig
+
+    corpus, run = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tmp_path / "run"
+    cache = harvest(HarvestConfig(model=str(tiny_dir), hook="blocks.0.hook_resid_post", context_size=32,
+                                  corpus=corpus, n_tokens=1024, buffer_tokens=8192), tmp_path / "acts", progress=False)
+    train_from_cache(cache, run, TrainConfig(n_latents=32, k=4, batch_size=256, total_tokens=1024, init_rows=1024),
+                     progress=False)
+    warning = f"warning: evaluating on {corpus}, the text the SAE was trained on; the metrics are not held-out"
+    words = ("warning: evaluating", "already holds this evaluation")
+
+    def lines(source, model, *out, code: int = 0) -> list[str]:
+        return _hook_and_model_notes(["eval", str(source), "--recon-tokens", "256", "--downstream-tokens", "128",
+                                      "--sample-pool-tokens", "0", "--corpus", corpus, "--no-progress", "--model",
+                                      str(model), *out], capsys, code=code, also=words)
+
+    def note(source, model) -> str:
+        return (f"saelab eval: note: --model {model}: {source} was trained on {tiny_dir}; its latents are read from "
+                f"{model} here")
+
+    weightless = _weightless(tiny_dir, tmp_path / "weightless")
+    for source in (run, run / "sae"):  # into the run, printed only (the SAE folder alone)
+        assert lines(source, weightless, code=2) == [note(source, weightless), warning, _load_failed(weightless)]
+    for out in ([], ["--out", str(tmp_path / "ev")]):  # into the run, into --out: then reused
+        held = Path(out[-1] if out else run) / "metrics.json"
+        assert lines(run, split_pad_dir, *out) == [note(run, split_pad_dir), warning], out
+        assert lines(run, split_pad_dir, *out) == [
+            f"{held} already holds this evaluation (--overwrite runs it again)", note(run, split_pad_dir), warning], out
+    assert lines(run / "sae", tiny_dir) == [warning]  # printed only, on its own model: no note
 
 
 def test_an_sae_on_the_offline_default_read_from_its_gguf_file_is_read_on_its_own_model(tmp_path, data_dir, capsys):

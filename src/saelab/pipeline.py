@@ -410,12 +410,14 @@ def _named_as_finished(out_dir: Path, configs: dict[str, TrainConfig], cache: Ac
 def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None, cfg: EvalConfig | None = None,
              out_dir: str | Path | None = None, device: str | torch.device | None = None,
              model_dtype: str = "float32", progress: bool = True, sae_hash: str | None = None,
-             contexts: DrawnContexts | None = None, allow_http: bool = False) -> dict[str, Any]:
+             contexts: DrawnContexts | None = None, allow_http: bool = False,
+             before_load: Callable[[TopKSAE], None] | None = None) -> dict[str, Any]:
     """Core metrics of an SAE on held-out text; with ``out_dir`` also metrics.json (recording the
     SAE's weight hash and the eval settings), latent_frequencies.safetensors and density.png there.
     ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight);
     ``contexts``: the eval contexts when the caller read them already (:func:`check_eval_corpus_before_load`);
-    ``allow_http``: also download the SAE from a plain http URL."""
+    ``allow_http``: also download the SAE from a plain http URL; ``before_load``: as :func:`notes_before_load`
+    takes it."""
     cfg = cfg or EvalConfig()
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
@@ -431,13 +433,14 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     if contexts is None:
         contexts = check_eval_corpus_before_load(tokenizer, cfg, cfg.context_size or sae.cfg.context_size,
                                                  int(sae.cfg.exclude_first), sae.cfg.prepend_bos)
+    eval_text = notes_before_load(sae, cfg, before_load)
     lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
     sae = _beside_model(sae, lm, given=given)
     sae_hash = sae_hash or sae_sha256(sae)
     if out_dir is not None:
         _note_evaluated_again(Path(out_dir), sae, cfg, lm, sae_hash)
     core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
-    metrics = jsonable({**core.metrics, "eval_text": held_out_label(sae, core.metrics["eval_corpus"]),
+    metrics = jsonable({**core.metrics, "eval_text": eval_text,
                         "sae_sha256": sae_hash, "eval_config": _eval_config_record(cfg),
                         "eval_as_read": _eval_as_read(cfg, sae), "model_dtype": str(lm.dtype).removeprefix("torch.")})
     if out_dir is not None:
@@ -449,6 +452,17 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
         write_json(Path(out_dir) / EVAL_METRICS, metrics)
         density_histogram(core.frequencies_N, Path(out_dir) / DENSITY_PLOT, metrics["n_tokens"])
     return metrics
+
+
+def notes_before_load(sae: TopKSAE, cfg: EvalConfig, before_load: Callable[[TopKSAE], None] | None) -> str:
+    """What the core evaluation of ``sae`` with ``cfg`` says once every check has passed, before the model loads
+    (not after minutes of model work), as the paper suite says it; where the evaluation is reused, before its
+    metrics are returned. First the caller's notes (``before_load``, called with the SAE: the CLI's of another
+    --hook or --model), then the warning of an eval corpus that is the SAE's training text. Returns
+    :func:`held_out_label`'s label of that corpus, for metrics.json."""
+    if before_load is not None:
+        before_load(sae)
+    return held_out_label(sae, str(resolve_corpus(cfg.corpus, "eval")))  # the corpus evaluate_core records
 
 
 def _note_evaluated_again(out_dir: Path, sae: TopKSAE, cfg: EvalConfig, lm: LanguageModel, sae_hash: str) -> None:
@@ -544,25 +558,28 @@ def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
                  device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                  progress: bool = True, sae_hash: str | None = None, sae: TopKSAE | None = None,
-                 contexts: DrawnContexts | None = None) -> dict[str, Any]:
+                 contexts: DrawnContexts | None = None,
+                 before_load: Callable[[TopKSAE], None] | None = None) -> dict[str, Any]:
     """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md. An evaluation of
     this SAE already there is reused when its settings are these, and kept (refused) when they are
     not, unless ``overwrite``. ``sae_hash``, ``sae``, ``contexts``: :func:`sae_sha256` of the run's SAE,
-    the SAE as loaded from the run and the eval contexts, when the caller has them (none is read again).
+    the SAE as loaded from the run and the eval contexts, when the caller has them (none is read again);
+    ``before_load``: as :func:`notes_before_load` takes it (said also where the evaluation is reused).
     Holds the run's lock throughout: a training into the run, or another evaluation of it, is refused
     meanwhile (and this one is refused while they run), so metrics.json describes the SAE beside it."""
     lock = RunLock(Path(run_dir)).acquire()
     try:
         return _evaluate_run_locked(run_dir, cfg or EvalConfig(), lm=lm, device=device, model_dtype=model_dtype,
                                     overwrite=overwrite, progress=progress, sae_hash=sae_hash, sae=sae,
-                                    contexts=contexts)
+                                    contexts=contexts, before_load=before_load)
     finally:
         lock.release()
 
 
 def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageModel | str | None,
                          device: str | torch.device | None, model_dtype: str, overwrite: bool, progress: bool,
-                         sae_hash: str | None, sae: TopKSAE | None, contexts: DrawnContexts | None) -> dict[str, Any]:
+                         sae_hash: str | None, sae: TopKSAE | None, contexts: DrawnContexts | None,
+                         before_load: Callable[[TopKSAE], None] | None) -> dict[str, Any]:
     sae = sae if sae is not None else load_sae(Path(run_dir) / SAE_DIR)
     # Once, for the check, the evaluation and the report: hashing reads every weight.
     sae_hash = sae_hash or sae_sha256(sae)
@@ -571,6 +588,7 @@ def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageMo
     if changes == []:
         print(f"{Path(run_dir) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
               file=sys.stderr)
+        notes_before_load(sae, cfg, before_load)
         return read_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     if changes:
         resolve_corpus(cfg.corpus, "eval")  # a missing corpus first: --overwrite or --out, as advised, meets it next
@@ -578,7 +596,7 @@ def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageMo
                              f"({', '.join(changes)}); pass --overwrite to replace it, or --out DIR to write this "
                              "one elsewhere")
     metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
-                       progress=progress, sae_hash=sae_hash, contexts=contexts)
+                       progress=progress, sae_hash=sae_hash, contexts=contexts, before_load=before_load)
     if (Path(run_dir) / TRAIN_CONFIG).exists():
         write_run_report(run_dir, density_drawn_by=metrics, sae_hash=sae_hash, sae=sae)
     return metrics
@@ -1147,5 +1165,5 @@ def load_run(run_dir: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
 
 __all__ = ["DEFAULT_HOOK", "EvalConfig", "HarvestConfig", "PaperSuiteConfig", "QuickstartConfig", "eval_settings",
            "earlier_evaluation", "evaluate", "evaluate_run", "evaluate_sweep", "evaluation_is_current",
-           "finished_training", "harvest", "is_run", "load_run", "paper_suite", "quickstart", "read_metrics",
-           "sweep_configs", "sweep_from_cache", "train_from_cache"]
+           "finished_training", "harvest", "is_run", "load_run", "notes_before_load", "paper_suite", "quickstart",
+           "read_metrics", "sweep_configs", "sweep_from_cache", "train_from_cache"]

@@ -170,7 +170,7 @@ def _refuse_options_of_metrics_left_out(args: argparse.Namespace) -> None:
 
 def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     """`saelab eval SAE`: the core metrics into the run folder, into --out, or printed only."""
-    from saelab.pipeline import earlier_evaluation, evaluate, evaluate_run, evaluation_is_current
+    from saelab.pipeline import earlier_evaluation, evaluate, evaluate_run, evaluation_is_current, notes_before_load
 
     sae, run = open_sae(args.sae, allow_http=args.allow_http)
     trained_at = sae.cfg.hook_name
@@ -183,11 +183,13 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     if into_run and args.hook:
         raise ConfigError(f"--hook changes what {args.sae}'s SAE reads: its metrics would not describe the run; "
                           "pass --out DIR for them")
-    if into_run:
-        metrics = evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
-                               overwrite=args.overwrite, progress=args.progress, sae=sae)
+
+    def notes(sae) -> None:  # once every check has passed, before the model loads (as --suite paper says them)
         _note_another_hook_or_model(args, sae, trained_at)
-        return metrics
+
+    if into_run:
+        return evaluate_run(run, args.eval, lm=args.model, device=args.device, model_dtype=args.model_dtype,
+                            overwrite=args.overwrite, progress=args.progress, sae=sae, before_load=notes)
     sae_hash = sae_sha256(sae)  # once, for the check and the evaluation: it reads every weight
     if args.out is not None:
         current = not args.overwrite and evaluation_is_current(args.out, sae, args.eval, model=args.model,
@@ -195,14 +197,13 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
         if current:  # the same command again
             print(f"{Path(args.out) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
                   file=sys.stderr)
-            _note_another_hook_or_model(args, sae, trained_at)
+            notes_before_load(sae, args.eval, notes)
             return read_eval_metrics(args.out, sae, sae_hash=sae_hash)
         again = earlier_evaluation(args.out, sae, args.eval, model=args.model, model_dtype=args.model_dtype,
                                    sae_hash=sae_hash)
         _check_eval_out(Path(args.out), args.overwrite or again is not None)
     metrics = evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
-                       model_dtype=args.model_dtype, progress=args.progress, sae_hash=sae_hash)
-    _note_another_hook_or_model(args, sae, trained_at)
+                       model_dtype=args.model_dtype, progress=args.progress, sae_hash=sae_hash, before_load=notes)
     if args.out is None:  # an SAE outside a run folder has no place of its own for them
         print(f"saelab eval: note: {args.sae} is not a run folder, so these metrics were not saved; --out DIR keeps "
               "them", file=sys.stderr)
@@ -211,8 +212,8 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
 
 def _note_another_hook_or_model(args: argparse.Namespace, sae, trained_at: str | None,
                                 source: str | None = None) -> None:
-    """Say, once every check has passed (the core metrics: beside them; the paper suite: before the model loads),
-    that --hook read the SAE at another hook than it was trained at, or --model on another model than it records: a
+    """Say, once every check has passed and before the model loads (minutes of model work may follow), that --hook
+    read the SAE at another hook than it was trained at, or --model on another model than it records: a
     near miss gives metrics that read as a poor SAE, as top, steer and browse say. ``source``: the SAE as named
     there (default: as given)."""
     from saelab.explore.browser.build import another_hook_words, another_model_words
