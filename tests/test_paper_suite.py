@@ -746,3 +746,32 @@ def test_results_of_an_eval_corpus_edited_since_are_not_reused(tiny_series_run, 
     assert _input_changes("core", {**other_text, "corpus": "/elsewhere/eval.jsonl"}, rec["inputs"]) == [
         f'corpus "/elsewhere/eval.jsonl" -> "{corpus.resolve()}"']  # another file: named by its path alone
     assert _input_changes("core", old, rec["inputs"]) == []
+
+
+def test_the_eval_corpus_typed_another_way_reuses_the_results(tiny_series_run, data_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    """`--corpus eval.jsonl`, then `--corpus ./eval.jsonl` or its absolute path, the file unchanged: core's record
+    holds the eval settings as typed (its config) beside the corpus's absolute path and fingerprint, and the words
+    typed were compared: the same file was refused as other settings (`--corpus eval.jsonl -> ./eval.jsonl`). The
+    corpus is compared by what it is; another file of that name is still refused, and a result an earlier saelab
+    wrote (no fingerprint) is judged by the corpus's path."""
+    from saelab.evals.suite import _input_changes
+
+    eval_corpus(data_dir, tmp_path / "eval.jsonl")
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"),
+            *for_metrics(SMALL, "core"), "--metrics", "core"]
+    out, _ = run_cli(capsys, *argv, "--corpus", "eval.jsonl")
+    path = tmp_path / "out" / "evals" / "core.json"
+    written = path.read_bytes()
+    assert out["core"] == "ok" and json.loads(written)["inputs"]["config"]["corpus"] == "eval.jsonl"
+    for typed in ("./eval.jsonl", str(tmp_path / "eval.jsonl")):
+        out, _ = run_cli(capsys, *argv, "--corpus", typed)
+        assert out["core"] == "ok (reused)" and path.read_bytes() == written, typed
+    old = json.loads(written)["inputs"]
+    new = {**old, "config": {**old["config"], "corpus": "./eval.jsonl"}}
+    earlier = {k: v for k, v in old.items() if k != "corpus_fingerprint"}  # as an earlier saelab wrote it
+    assert _input_changes("core", old, new) == _input_changes("core", earlier, new) == []
+    elsewhere = {**new, "corpus": str(tmp_path / "b" / "eval.jsonl")}  # another file of that name: named
+    assert _input_changes("core", earlier, elsewhere) == [f'corpus "{tmp_path / "eval.jsonl"}" -> '
+                                                          f'"{tmp_path / "b" / "eval.jsonl"}"']

@@ -655,6 +655,9 @@ def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_
     kept = (run / "metrics.json").read_bytes()
     run_cli(capsys, *ev, "--corpus", "ev.jsonl")
     assert (run / "metrics.json").read_bytes() == kept
+    for typed in ("./ev.jsonl", str(tmp_path / "b" / "ev.jsonl")):  # the same file typed another way: reused
+        run_cli(capsys, *ev, "--corpus", typed)
+        assert (run / "metrics.json").read_bytes() == kept, typed
     run_cli(capsys, *ev, "--overwrite")
     default = (run / "metrics.json").read_bytes()
     run_cli(capsys, *ev, "--corpus", default_corpus("eval"), "--context-size", "32")

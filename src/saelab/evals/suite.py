@@ -12,8 +12,9 @@
   (the core evaluation of ``saelab eval RUN``) is left as it is.
 
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs
-(the SAE's weights, model, hook, eval corpus by its path and its text's fingerprint, context size, contexts, the
-metric's config and, where its computation changed since, its ``method``) is not run again, unless ``overwrite``;
+(the SAE's weights, model, hook, eval corpus by its path and its text's fingerprint, whatever words named it, context
+size, contexts, the metric's config and, where its computation changed since, its ``method``) is not run again, unless
+``overwrite``;
 a result of other inputs is replaced only with ``overwrite``. A result of the same inputs whose intervals this saelab would make otherwise
 (its ``interval_method`` is another, or none: an earlier saelab's) is computed again, with a note naming its
 file and why; the file stays as it was until the new one replaces it. An interrupted suite keeps every metric finished before the
@@ -296,8 +297,14 @@ def text_change(old: dict, new: dict, old_text: object, new_text: object) -> lis
 
 
 def _as_recorded(old: dict, new: dict) -> dict:
-    """``new`` inputs as ``old`` records them: less the corpus's fingerprint where it records none."""
-    return new if CORPUS_TEXT in old else {k: v for k, v in new.items() if k != CORPUS_TEXT}
+    """``new`` inputs as ``old`` records them, to compare the settings: less the corpus's fingerprint where it records
+    none (an earlier saelab's: judged by the corpus's path); the eval corpus in core's config in ``old``'s words
+    (``eval.jsonl`` or ``./eval.jsonl``: the path and fingerprint beside it say what it is)."""
+    out = {k: v for k, v in new.items() if k != CORPUS_TEXT or CORPUS_TEXT in old}
+    old_cfg, new_cfg = old.get("config"), new.get("config")
+    if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "corpus" in old_cfg and "corpus" in new_cfg:
+        out["config"] = {**new_cfg, "corpus": old_cfg["corpus"]}
+    return out
 
 
 EVAL_INPUTS = ("sample_pool_tokens",)
