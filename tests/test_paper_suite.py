@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -513,11 +514,15 @@ def test_the_probe_is_named_for_what_it_computes(tiny_series_run, data_dir, tmp_
     assert section.startswith(" (held-out 1-D probe loss, after paper §4.2;") and "l2 = 1e-3" in section
 
 
-def test_a_probe_result_of_the_earlier_split_is_not_reused(tiny_series_run, data_dir, tmp_path, capsys):
+def test_a_probe_result_of_the_earlier_split_is_computed_again(tiny_series_run, data_dir, tmp_path, capsys):
     """A probe result written before splits had to give each part both classes may hold a task scored on one
-    class; its inputs were equal to today's, so the suite reused it. Its record now names the split method: a
-    record without it is another setting, refused before any metric runs and named, and replaced with
-    --overwrite --metrics probe."""
+    class; its record names the split method. A record of the earlier method (none recorded) was refused as of
+    other settings (`method absent -> ...`) until --overwrite, while one whose intervals an earlier saelab made was
+    computed again with a note: the same settings computed by an earlier saelab are now computed again, with a
+    note, either way; the report says so of it while it stands. A setting the user changed is still refused, named
+    alone."""
+    from saelab.report.paper import write_paper_report
+
     corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
     argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus", str(corpus),
             *for_metrics(SMALL, "probe"), "--metrics", "probe"]
@@ -529,12 +534,20 @@ def test_a_probe_result_of_the_earlier_split_is_not_reused(tiny_series_run, data
     assert out["probe"] == "ok (reused)" and json.loads(path.read_text())["created"] == rec["created"]
     del rec["inputs"]["method"]  # as the earlier probe wrote it
     path.write_text(json.dumps(rec))
-    before = path.read_bytes()
-    _, err = run_cli(capsys, *argv, code=2)
-    assert ('holds results of this SAE with other settings: probe (method absent -> "splits: each part holds both '
-            'classes")') in err and path.read_bytes() == before
-    out, _ = run_cli(capsys, *argv, "--overwrite")
-    assert out["probe"] == "ok" and json.loads(path.read_text())["inputs"]["method"]
+    report = write_paper_report(tmp_path / "out").read_text()
+    assert ("An earlier saelab computed it another way (it records no method; this saelab's: 'splits: each part "
+            "holds both classes'); the suite run again (`--metrics probe` for it alone) computes it anew") in report
+    _, err = run_cli(capsys, *replaced(argv, "--probe-contexts", "48"), code=2)
+    assert re.search(r"holds results of this SAE with other settings: probe \([\w-]*probe[_-]contexts 64 -> 48\); pass "
+                     "--overwrite", err), err  # the contexts changed, named alone
+    out, err = run_cli(capsys, *argv)
+    assert out["probe"] == "ok"
+    assert [line for line in err.splitlines() if line.startswith("saelab: note:")] == [
+        f"saelab: note: {path} is computed again, not reused: an earlier saelab computed it another way (it records "
+        "no method; this saelab's: 'splits: each part holds both classes')"]
+    again = json.loads(path.read_text())
+    assert again["inputs"]["method"] == "splits: each part holds both classes"
+    assert "earlier saelab" not in (tmp_path / "out" / "evals" / "report.md").read_text()
 
 
 def test_results_of_a_bfloat16_model_are_checked_against_bfloat16_references(tmp_path):

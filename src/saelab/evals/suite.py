@@ -13,12 +13,12 @@
 
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs
 (the SAE's weights, model, hook, eval corpus by its path and its text's fingerprint, whatever words named it, context
-size, contexts, the metric's config and, where its computation changed since, its ``method``) is not run again, unless
-``overwrite``;
-a result of other inputs is replaced only with ``overwrite``. A result of the same inputs whose intervals this saelab would make otherwise
-(its ``interval_method`` is another, or none: an earlier saelab's) is computed again, with a note naming its
-file and why; the file stays as it was until the new one replaces it. An interrupted suite keeps every metric finished before the
-interruption; compute-equivalent also keeps each checkpoint's loss (``evals/series_losses.json``).
+size, contexts and the metric's config) is not run again, unless ``overwrite``; a result of other inputs is replaced
+only with ``overwrite``. A result of the same inputs that an earlier saelab computed otherwise (its ``method``, where
+the metric's computation changed since, or its ``interval_method`` is another, or none: :func:`earlier_computation`)
+is computed again, with a note naming its file and why; the file stays as it was until the new one replaces it. An
+interrupted suite keeps every metric finished before the interruption; compute-equivalent also keeps each
+checkpoint's loss (``evals/series_losses.json``).
 
 All metrics read the same eval contexts (the eval corpus, the SAE's context size, BOS first), drawn at
 random across the corpus's first ``eval.sample_pool_tokens`` tokens (:func:`saelab.data.draw_contexts`); each
@@ -208,7 +208,8 @@ class SuiteMetric:
     """Why a computed result holds no measurement (None: it holds one); such a result is not ok."""
     method: str | None = None
     """What changed in how the result is computed that its settings do not show (recorded in its inputs: a
-    result of the earlier method, which records none, is not reused); None: nothing so far."""
+    result of the same settings that records another method, or none, as an earlier saelab wrote it, is computed
+    again, as one of another interval method is: :func:`earlier_computation`); None: nothing so far."""
     reads_eval_text: Callable[[SuiteRun], bool] = lambda run: True
     """Whether its result is measured on the eval corpus's text (its ``eval.eval_text`` says whether that is held
     out): the probe's Hugging Face tasks bring their own texts."""
@@ -248,8 +249,8 @@ SUITE: tuple[SuiteMetric, ...] = (
                 lambda r: _on_drawn(run_n2g, r, r.cfg.n2g_contexts, r.cfg.n2g), N2G_INTERVALS),
 )
 INTERVAL_METHODS = {m.name: m.interval_method for m in SUITE}
-"""Each metric's interval method now, by name: what a result must record to be reused, and reports to show its
-intervals as this saelab's."""
+"""Each metric's interval method now, by name: what a result must record to be reused (:func:`earlier_computation`),
+and reports to show its intervals as this saelab's."""
 
 
 def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status: str, reason: str | None,
@@ -299,12 +300,13 @@ def text_change(old: dict, new: dict, old_text: object, new_text: object) -> lis
 def _as_recorded(old: dict, new: dict) -> dict:
     """``new`` inputs as ``old`` records them, to compare the settings: less the corpus's fingerprint where it records
     none (an earlier saelab's: judged by the corpus's path); the eval corpus in core's config in ``old``'s words
-    (``eval.jsonl`` or ``./eval.jsonl``: the path and fingerprint beside it say what it is)."""
-    out = {k: v for k, v in new.items() if k != CORPUS_TEXT or CORPUS_TEXT in old}
+    (``eval.jsonl`` or ``./eval.jsonl``: the path and fingerprint beside it say what it is); ``old``'s method (a
+    result of an earlier method is computed again, not refused: :func:`earlier_computation`)."""
+    out = {k: v for k, v in new.items() if k != "method" and (k != CORPUS_TEXT or CORPUS_TEXT in old)}
     old_cfg, new_cfg = old.get("config"), new.get("config")
     if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "corpus" in old_cfg and "corpus" in new_cfg:
         out["config"] = {**new_cfg, "corpus": old_cfg["corpus"]}
-    return out
+    return out | ({"method": old["method"]} if "method" in old else {})
 
 
 EVAL_INPUTS = ("sample_pool_tokens",)
@@ -370,9 +372,24 @@ def check_results_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: 
 
 
 def _reusable(old: dict | None, inputs: dict) -> bool:
-    """Whether a metric's earlier record ``old`` is reused: an ok result of these ``inputs``."""
+    """Whether a metric's earlier record ``old`` is an ok result of these ``inputs`` (reused unless an earlier saelab
+    computed it otherwise: :func:`earlier_computation`)."""
     return (bool(old) and old.get("status") == "ok" and isinstance(old.get("inputs"), dict)
             and old["inputs"] == json.loads(json.dumps(_as_recorded(old["inputs"], inputs))))
+
+
+def earlier_computation(record: dict, metric: str) -> str | None:
+    """Why ``record``, an ok result of ``metric`` with this saelab's settings, is not what this saelab computes of
+    them, or None where it is: it records another ``method`` than the metric's, or none (an earlier saelab's), or
+    its intervals are made otherwise (:func:`earlier_intervals`). Such a result is computed again rather than
+    reused, with a note, and reports say so of it while it stands."""
+    m = next(m for m in SUITE if m.name == metric)
+    recorded = (record.get("inputs") or {}).get("method")
+    if recorded != m.method:
+        return (f"an earlier saelab computed it another way (it records no method; this saelab's: {m.method!r})"
+                if recorded is None else f"it was computed another way (method {recorded!r}; this saelab's: "
+                                         f"{m.method!r})")
+    return earlier_intervals(record.get("result") or {}, m.interval_method)
 
 
 # What a metric may raise that its record names as its error, the other metrics running on.
@@ -407,14 +424,11 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
         write_json(path, _envelope(m.name, inputs, sae_info, eval_info, "skipped", reason, None, 0.0))
         return {**entry, "status": "skipped", "reason": reason, "wall_s": 0.0}
     old = None if overwrite else _read(path)
-    if _reusable(old, inputs):
-        earlier = earlier_intervals(old["result"] or {}, m.interval_method)
-        if earlier is None:
-            run.results[m.name] = old["result"]
-            if (old.get("eval") or {}).get("eval_text") != eval_info["eval_text"]:  # an earlier saelab recorded none
-                write_json(path, {**old, "eval": {**(old.get("eval") or {}), "eval_text": eval_info["eval_text"]}})
-            return {**entry, "status": "ok", "reason": None, "reused": True, "wall_s": old["wall_s"]}
-        # kept until the new result replaces it (write_json: atomically), so an interrupted run loses nothing
+    reusable = _reusable(old, inputs)
+    earlier = earlier_computation(old, m.name) if reusable else None
+    if reusable and earlier is None:
+        return _reused(run, m, path, old, eval_info, entry)
+    if earlier:  # kept until the new result replaces it (write_json: atomically), so an interrupted run loses nothing
         print(f"saelab: note: {path} is computed again, not reused: {earlier}", file=sys.stderr)
     if progress:
         print(f"[paper suite] {m.name} ...", flush=True)
@@ -424,6 +438,14 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
     run.results[m.name] = result
     write_json(path, _envelope(m.name, inputs, sae_info, eval_info, status, why, result, wall))
     return {**entry, "status": status, "reason": why, "wall_s": round(wall, 3)}
+
+
+def _reused(run: SuiteRun, m: SuiteMetric, path: Path, old: dict, eval_info: dict, entry: dict) -> dict:
+    """The suite.json entry of ``old``, ``m``'s record in ``path``, reused."""
+    run.results[m.name] = old["result"]
+    if (old.get("eval") or {}).get("eval_text") != eval_info["eval_text"]:  # an earlier saelab recorded none
+        write_json(path, {**old, "eval": {**(old.get("eval") or {}), "eval_text": eval_info["eval_text"]}})
+    return {**entry, "status": "ok", "reason": None, "reused": True, "wall_s": old["wall_s"]}
 
 
 def _suite_run(lm, sae, model: str, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig, T: int
@@ -614,5 +636,5 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
 
 
 __all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "check_results_before_load",
-           "check_series_before_load", "check_suite_applies", "longest_n_future", "read_suite_contexts", "run_paper_suite",
-           "suite_reads_eval_text"]
+           "check_series_before_load", "check_suite_applies", "earlier_computation", "longest_n_future",
+           "read_suite_contexts", "run_paper_suite", "suite_reads_eval_text"]

@@ -73,7 +73,12 @@ def earlier_intervals_note(result: dict[str, Any], method: str, again: str) -> l
     """The line under a result whose intervals (or their absence) are not the ones this saelab computes
     (``method``: its metric's now), which ``again`` computes anew: shown as it was written, beside new
     results, it says so; [] for a result of ``method``."""
-    earlier = earlier_intervals(result, method)
+    return earlier_note(earlier_intervals(result, method), again)
+
+
+def earlier_note(earlier: str | None, again: str) -> list[str]:
+    """The line under a result that an earlier saelab computed otherwise (``earlier``: how, None: it did not), which
+    ``again`` computes anew."""
     return [] if earlier is None else ["", f"{earlier[0].upper()}{earlier[1:]}; {again}."]
 
 

@@ -14,10 +14,9 @@ from typing import Any
 from saelab.errors import CheckpointError
 from saelab.evals.compute_equivalent import KIND_FAMILY, format_fraction_interval, upgrade_result
 from saelab.evals.core import TRAINING_TEXT, eval_settings
-from saelab.evals.suite import INTERVAL_METHODS
+from saelab.evals.suite import earlier_computation
 from saelab.models import model_provenance
-from saelab.report.markdown import (earlier_intervals_note, frequencies_mismatch, intervals_note, markdown_table,
-                                    metric_rows)
+from saelab.report.markdown import earlier_note, frequencies_mismatch, intervals_note, markdown_table, metric_rows
 from saelab.run_folder import DENSITY_PLOT, EVALS_DIR, LATENT_FREQUENCIES, read_latent_frequencies
 from saelab.utils.atomic import write_text
 
@@ -198,10 +197,10 @@ def _section_ce(r: dict, evals: Path) -> list[str]:
 def _ce_intervals_note(r: dict) -> list[str]:
     """What the fractions' [low, high] are, and how the draws whose compute lies outside the models' were
     counted; why there are none (losses cached before they were kept; a result from before them:
-    :func:`earlier_intervals_note`)."""
+    :func:`earlier_computation`)."""
     if r.get("interval_note"):
         return ["", r["interval_note"] + "."]
-    if "intervals" not in r:  # an earlier saelab's result: earlier_intervals_note says so
+    if "intervals" not in r:  # an earlier saelab's result: earlier_computation says so
         return []
     some = next((i for i in (r.get("intervals") or {}).values() if i.get("n_boot")), None)
     if some is None:
@@ -404,8 +403,8 @@ def write_paper_report(out_dir: str | Path) -> Path:
                 "ablation_sparsity": lambda: _section_ablation(r), "probe": lambda: _section_probe(r, evals),
                 "n2g": lambda: _section_n2g(r, evals)}[m]()
         where = "`saelab.evals.reconstruction` and `.downstream`" if m == "core" else f"`saelab.evals.{m}`"
-        body += earlier_intervals_note(r, INTERVAL_METHODS[m], f"the suite run again (`--metrics {m}` for it alone) "
-                                                               "computes it anew, as this saelab does")
+        body += earlier_note(earlier_computation(rec, m), f"the suite run again (`--metrics {m}` for it alone) "
+                                                          "computes it anew, as this saelab does")
         on = f" on {measured_on[m]}" if measured_on[m] else ""
         lines += body + ["", f"Computed {rec['created']} in {rec['wall_s']:,.1f} s{on}; definitions and schema: "
                                 f"{where} (see docs/evals.md).", ""]
