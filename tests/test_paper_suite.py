@@ -788,3 +788,43 @@ def test_the_eval_corpus_typed_another_way_reuses_the_results(tiny_series_run, d
     elsewhere = {**new, "corpus": str(tmp_path / "b" / "eval.jsonl")}  # another file of that name: named
     assert _input_changes("core", earlier, elsewhere) == [f'corpus "{tmp_path / "eval.jsonl"}" -> '
                                                           f'"{tmp_path / "b" / "eval.jsonl"}"']
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: three suites of compute-equivalent
+def test_a_failed_recompute_of_an_earlier_saelabs_result_keeps_it(tiny_series, tiny_series_run, data_dir, tmp_path,
+                                                                  capsys):
+    """A result whose intervals an earlier saelab made is computed again; when that fails (a checkpoint of the
+    series cannot be loaded), its ok file was replaced with the error record, as a metric failing at first is: the
+    numbers were lost. The earlier file is kept as it was, the error says so in one line, and the report still
+    names its intervals as an earlier saelab's. A first failure still records its error."""
+    series = tmp_path / "series"  # three of its checkpoints: fewer to load
+    recorded = json.loads((tiny_series / "series.json").read_text())
+    recorded["checkpoints"] = [c for c in recorded["checkpoints"] if c["step"] in (20, 60, 120)]
+    for c in recorded["checkpoints"]:
+        shutil.copytree(tiny_series / c["path"], series / c["path"])
+    (series / "series.json").write_text(json.dumps(recorded))
+    evals = tmp_path / "out" / "evals"
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--series", str(series),
+            "--corpus", str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), "--ce-fit-min-frac", "0.1",
+            *for_metrics(SMALL, "compute_equivalent"), "--metrics", "compute_equivalent"]
+    out, _ = run_cli(capsys, *argv)
+    assert out["compute_equivalent"] == "ok"
+    path = evals / "compute_equivalent.json"
+    rec = json.loads(path.read_text())
+    rec["result"] = {k: v for k, v in rec["result"].items() if k != "interval_method"}  # as an earlier saelab
+    path.write_text(json.dumps(rec))
+    earlier = path.read_bytes()
+    (evals / "series_losses.json").unlink()  # each checkpoint's loss is measured again ...
+    for weights in (series / "checkpoint-20").glob("*.safetensors"):  # ... and one cannot be loaded
+        weights.unlink()
+    _, err = run_cli(capsys, *argv, code=2)
+    assert json.loads(path.read_text())["status"] == "ok" and path.read_bytes() == earlier
+    line = err.strip().splitlines()[-1]
+    assert "failed in 1 metric(s): compute_equivalent: ModelLoadError: cannot load model directory" in line
+    assert line.endswith("; the earlier result in evals/compute_equivalent.json is kept as it was, though its "
+                         "intervals are an earlier saelab's (it records no interval_method)"), line
+    report = (evals / "report.md").read_text()
+    assert "Its intervals are an earlier saelab's (it records no interval_method); the suite run again" in report
+    path.unlink()  # a first failure: its error recorded
+    run_cli(capsys, *argv, code=2)
+    assert json.loads(path.read_text())["status"] == "error"

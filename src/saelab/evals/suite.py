@@ -16,9 +16,10 @@ The suite is resumable: a metric whose file holds an ``ok`` result computed from
 size, contexts and the metric's config) is not run again, unless ``overwrite``; a result of other inputs is replaced
 only with ``overwrite``. A result of the same inputs that an earlier saelab computed otherwise (its ``method``, where
 the metric's computation changed since, or its ``interval_method`` is another, or none: :func:`earlier_computation`)
-is computed again, with a note naming its file and why; the file stays as it was until the new one replaces it. An
-interrupted suite keeps every metric finished before the interruption; compute-equivalent also keeps each
-checkpoint's loss (``evals/series_losses.json``).
+is computed again, with a note naming its file and why; the file stays as it was until the new one replaces it, and
+where computing it again fails it is kept, its entry in suite.json the error and that it was kept. An interrupted
+suite keeps every metric finished before the interruption; compute-equivalent also keeps each checkpoint's loss
+(``evals/series_losses.json``).
 
 All metrics read the same eval contexts (the eval corpus, the SAE's context size, BOS first), drawn at
 random across the corpus's first ``eval.sample_pool_tokens`` tokens (:func:`saelab.data.draw_contexts`); each
@@ -46,7 +47,8 @@ Envelope of every ``OUT/evals/<metric>.json`` (``schema_version`` 1)::
     result          the metric's own result (schema in its module's docstring), None unless ok
 
 ``suite.json``: ``{suite, schema_version, sae, model, hook, eval, metrics: {name: {status, reason,
-reused, wall_s, file}}, wall_s (this invocation), metrics_wall_s (sum over metrics as computed)}``.
+reused, wall_s, file}}, wall_s (this invocation), metrics_wall_s (sum over metrics as computed)}``: each metric as this
+invocation left it ("error" where computing an earlier saelab's result again failed and its file was kept).
 """
 
 from __future__ import annotations
@@ -400,14 +402,19 @@ def _error_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _computed(run: SuiteRun, m: SuiteMetric) -> tuple[dict | None, str, str | None]:
-    """``m``'s result, status and reason: as computed, or the error found before the model loaded."""
+def _computed(run: SuiteRun, m: SuiteMetric) -> tuple[dict | None, str | None]:
+    """``m``'s result, or None and why it could not be computed: its error, or the one found before the model
+    loaded."""
     if m.name in run.refused:  # known to fail: nothing of it is loaded
-        return None, "error", run.refused[m.name]
+        return None, run.refused[m.name]
     try:
-        result = jsonable(m.compute(run))
+        return jsonable(m.compute(run)), None
     except _METRIC_ERRORS as e:
-        return None, "error", _error_reason(e)
+        return None, _error_reason(e)
+
+
+def _judged(run: SuiteRun, m: SuiteMetric, result: dict) -> tuple[dict | None, str, str | None]:
+    """A computed result, its status and reason: not ok where it measured nothing."""
     if empty := m.measured_nothing(result):
         # Skipped like a metric that does not apply, and an error when asked for by name, as such a metric is.
         return None, "error" if m.name in run.cfg.metrics else "skipped", empty
@@ -433,8 +440,13 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
     if progress:
         print(f"[paper suite] {m.name} ...", flush=True)
     t0 = time.perf_counter()
-    result, status, why = _computed(run, m)
+    result, failed = _computed(run, m)
     wall = time.perf_counter() - t0
+    if failed and earlier:  # its numbers stand (and the report says how they were made): not lost for an error
+        run.results[m.name] = old["result"]
+        return {**entry, "status": "error", "reason": f"{failed}; the earlier result in {entry['file']} is kept as it "
+                f"was, though {earlier}", "wall_s": round(wall, 3)}
+    result, status, why = (None, "error", failed) if failed else _judged(run, m, result)
     run.results[m.name] = result
     write_json(path, _envelope(m.name, inputs, sae_info, eval_info, status, why, result, wall))
     return {**entry, "status": status, "reason": why, "wall_s": round(wall, 3)}
