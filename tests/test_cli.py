@@ -1746,6 +1746,47 @@ def test_eval_of_a_sweep_says_when_model_reads_its_runs_on_another_model(tmp_pat
         note(sweep / "n64", weightless), _load_failed(weightless)]
 
 
+def test_eval_of_a_sweep_warns_of_the_training_text_before_the_load(tmp_path, tiny_dir, data_dir, capsys):
+    """eval SWEEP warned of the training text just before each run's evaluation, so after the model loaded (and
+    earlier runs' work), and not at all for runs already evaluated. Now once every run is checked and before any
+    model loads (a model that cannot be loaded fails after it; a refusal stays one line), reused runs too: one line
+    naming the sweep where every run was trained on the eval text, else one for each run that was."""
+    from test_pipeline import wiki_jsonl
+
+    from saelab.pipeline import HarvestConfig, harvest, train_from_cache
+    from saelab.train import TrainConfig
+
+    corpus, sweep = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tmp_path / "sweep"
+
+    def train(text, *names):
+        cache = harvest(HarvestConfig(model=str(tiny_dir), hook="blocks.0.hook_resid_post", context_size=32,
+                                      corpus=str(text), n_tokens=1024, buffer_tokens=8192),
+                        tmp_path / f"acts-{names[0]}", progress=False)
+        for name in names:
+            train_from_cache(cache, sweep / name, TrainConfig(n_latents=int(name[1:]), k=4, batch_size=256,
+                                                              total_tokens=1024, init_rows=1024), progress=False)
+
+    def said(*options: str, code: int = 0) -> list[str]:
+        return _hook_and_model_notes(["eval", str(sweep), "--recon-tokens", "256", "--downstream-tokens", "128",
+                                      "--sample-pool-tokens", "0", "--corpus", corpus, "--no-progress", *options],
+                                     capsys, code=code, also=("warning: evaluating",))
+
+    def warning(source) -> str:
+        return f"warning: evaluating on {corpus}, the text {source} was trained on; the metrics are not held-out"
+
+    train(corpus, "n32", "n64")
+    weightless = _weightless(tiny_dir, tmp_path / "weightless")
+    assert said("--model", str(weightless), code=2) == [
+        f"saelab eval: note: --model {weightless}: {sweep} was trained on {tiny_dir}; its latents are read from "
+        f"{weightless} here", warning(sweep), _load_failed(weightless)]
+    assert said() == [warning(sweep)]  # both runs evaluated: one line, not one per run
+    assert said() == [warning(sweep)]  # both reused
+    refused = said("--model-dtype", "bfloat16", code=2)  # other settings
+    assert len(refused) == 1 and "hold an evaluation with other settings" in refused[0], refused
+    train(wiki_jsonl(data_dir, tmp_path / "other.jsonl", 3, 2), "n48")  # on other text: each run on it named
+    assert said() == [warning(sweep / "n32"), warning(sweep / "n64")]  # n48 evaluated, the others reused
+
+
 def test_core_eval_says_when_hook_or_model_reads_the_sae_elsewhere_before_the_load(tmp_path, tiny_dir, data_dir,
                                                                                    capsys):
     """eval SAE (the core metrics) said --hook's and --model's notes after the metrics, the model's work done,

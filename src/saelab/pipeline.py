@@ -31,7 +31,7 @@ from saelab.evals.bootstrap import earlier_intervals
 from saelab.evals.compute_equivalent import resolve_series
 from saelab.evals.config import AblationSparsityConfig, EvalConfig, N2GConfig, PaperSuiteConfig
 from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings, evaluate_core, evaluated_model
-from saelab.evals.core import held_out_label, read_eval_contexts
+from saelab.evals.core import TRAINING_TEXT, held_out_label, read_eval_contexts, warn_of_training_text
 from saelab.evals.n2g import check_latents
 from saelab.evals.suite import (CORPUS_TEXT, check_results_before_load, check_series_before_load, check_suite_applies,
                                 longest_n_future, read_suite_contexts, run_paper_suite, suite_reads_eval_text,
@@ -411,13 +411,14 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
              out_dir: str | Path | None = None, device: str | torch.device | None = None,
              model_dtype: str = "float32", progress: bool = True, sae_hash: str | None = None,
              contexts: DrawnContexts | None = None, allow_http: bool = False,
-             before_load: Callable[[TopKSAE], None] | None = None) -> dict[str, Any]:
+             before_load: Callable[[TopKSAE], None] | None = None, eval_text: str | None = None) -> dict[str, Any]:
     """Core metrics of an SAE on held-out text; with ``out_dir`` also metrics.json (recording the
     SAE's weight hash and the eval settings), latent_frequencies.safetensors and density.png there.
     ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it already (hashing reads every weight);
     ``contexts``: the eval contexts when the caller read them already (:func:`check_eval_corpus_before_load`);
     ``allow_http``: also download the SAE from a plain http URL; ``before_load``: as :func:`notes_before_load`
-    takes it."""
+    takes it; ``eval_text``: :func:`held_out_label`'s label of the eval corpus where the caller took it and said the
+    notes before its model loaded (:func:`evaluate_sweep`: every run's at once), else they are said here."""
     cfg = cfg or EvalConfig()
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
@@ -433,7 +434,8 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     if contexts is None:
         contexts = check_eval_corpus_before_load(tokenizer, cfg, cfg.context_size or sae.cfg.context_size,
                                                  int(sae.cfg.exclude_first), sae.cfg.prepend_bos)
-    eval_text = notes_before_load(sae, cfg, before_load)
+    if eval_text is None:
+        eval_text = notes_before_load(sae, cfg, before_load)
     lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
     sae = _beside_model(sae, lm, given=given)
     sae_hash = sae_hash or sae_sha256(sae)
@@ -558,20 +560,20 @@ def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,
                  device: str | torch.device | None = None, model_dtype: str = "float32", overwrite: bool = False,
                  progress: bool = True, sae_hash: str | None = None, sae: TopKSAE | None = None,
-                 contexts: DrawnContexts | None = None,
-                 before_load: Callable[[TopKSAE], None] | None = None) -> dict[str, Any]:
+                 contexts: DrawnContexts | None = None, before_load: Callable[[TopKSAE], None] | None = None,
+                 eval_text: str | None = None) -> dict[str, Any]:
     """Evaluate a run folder's SAE into its metrics.json and rewrite its report.md. An evaluation of
     this SAE already there is reused when its settings are these, and kept (refused) when they are
     not, unless ``overwrite``. ``sae_hash``, ``sae``, ``contexts``: :func:`sae_sha256` of the run's SAE,
     the SAE as loaded from the run and the eval contexts, when the caller has them (none is read again);
-    ``before_load``: as :func:`notes_before_load` takes it (said also where the evaluation is reused).
+    ``before_load``, ``eval_text``: as :func:`evaluate` takes them (said also where the evaluation is reused).
     Holds the run's lock throughout: a training into the run, or another evaluation of it, is refused
     meanwhile (and this one is refused while they run), so metrics.json describes the SAE beside it."""
     lock = RunLock(Path(run_dir)).acquire()
     try:
         return _evaluate_run_locked(run_dir, cfg or EvalConfig(), lm=lm, device=device, model_dtype=model_dtype,
                                     overwrite=overwrite, progress=progress, sae_hash=sae_hash, sae=sae,
-                                    contexts=contexts, before_load=before_load)
+                                    contexts=contexts, before_load=before_load, eval_text=eval_text)
     finally:
         lock.release()
 
@@ -579,7 +581,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: Lang
 def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageModel | str | None,
                          device: str | torch.device | None, model_dtype: str, overwrite: bool, progress: bool,
                          sae_hash: str | None, sae: TopKSAE | None, contexts: DrawnContexts | None,
-                         before_load: Callable[[TopKSAE], None] | None) -> dict[str, Any]:
+                         before_load: Callable[[TopKSAE], None] | None, eval_text: str | None) -> dict[str, Any]:
     sae = sae if sae is not None else load_sae(Path(run_dir) / SAE_DIR)
     # Once, for the check, the evaluation and the report: hashing reads every weight.
     sae_hash = sae_hash or sae_sha256(sae)
@@ -588,7 +590,8 @@ def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageMo
     if changes == []:
         print(f"{Path(run_dir) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
               file=sys.stderr)
-        notes_before_load(sae, cfg, before_load)
+        if eval_text is None:  # else said by the caller
+            notes_before_load(sae, cfg, before_load)
         return read_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     if changes:
         resolve_corpus(cfg.corpus, "eval")  # a missing corpus first: --overwrite or --out, as advised, meets it next
@@ -596,7 +599,8 @@ def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageMo
                              f"({', '.join(changes)}); pass --overwrite to replace it, or --out DIR to write this "
                              "one elsewhere")
     metrics = evaluate(sae, lm=lm, cfg=cfg, out_dir=run_dir, device=device, model_dtype=model_dtype,
-                       progress=progress, sae_hash=sae_hash, contexts=contexts, before_load=before_load)
+                       progress=progress, sae_hash=sae_hash, contexts=contexts, before_load=before_load,
+                       eval_text=eval_text)
     if (Path(run_dir) / TRAIN_CONFIG).exists():
         write_run_report(run_dir, density_drawn_by=metrics, sae_hash=sae_hash, sae=sae)
     return metrics
@@ -656,7 +660,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
     work, unless ``overwrite``. ``sae_hashes``: filled with each run's SAE hash, for the scaling study next.
     ``contexts_read``: eval contexts of ``cfg`` read already (check_evaluation_before_training's), used
     where a run reads the same ones. ``before_load``: called with each run's SaeSettings once every run is checked,
-    before any model loads (the CLI's note of a ``model`` other than the runs')."""
+    before any model loads (the CLI's note of a ``model`` other than the runs'); the training text's warning follows
+    it (:func:`_sweep_eval_texts`)."""
     cfg = cfg or EvalConfig()
     sae_hashes = sae_hashes or SaeHashes()
     runs = sweep_runs(folder)
@@ -692,6 +697,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
                              f"settings ({', '.join(changes[other[0]])}); pass --overwrite to replace them")
     if before_load is not None:
         before_load(settings)
+    eval_texts = _sweep_eval_texts(folder, settings, cfg)
     models: dict[str, LanguageModel] = {}
     out: dict[str, Any] = {}
     for run in runs:
@@ -705,9 +711,22 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         if progress:
             print(f"[sweep eval] {run.name}", flush=True)
         m = evaluate_run(run, cfg, lm=models[spec], overwrite=True, progress=progress,  # not current: replaced
-                         sae_hash=hashes[run], sae=saes.pop(run), contexts=contexts.pop(run))
+                         sae_hash=hashes[run], sae=saes.pop(run), contexts=contexts.pop(run),
+                         eval_text=eval_texts[run])
         out[run.name] = {k: m[k] for k in ("nmse", "l0", "delta_ce") if k in m}
     return out
+
+
+def _sweep_eval_texts(folder: str | Path, settings: dict[Path, SaeSettings], cfg: EvalConfig) -> dict[Path, str]:
+    """Each run's :func:`held_out_label` of the eval corpus, its warning said once every run is checked and before
+    any model loads, for runs reused too (each run's evaluation says it no more): one line naming the sweep where
+    every run was trained on that text, as the CLI's note of another --model names it, else one for each that was."""
+    corpus = str(resolve_corpus(cfg.corpus, "eval"))
+    labels = {run: held_out_label(sae, corpus, source=None) for run, sae in settings.items()}
+    trained_on = [run for run, label in labels.items() if label == TRAINING_TEXT]
+    for source in [folder] if len(trained_on) == len(labels) else trained_on:
+        warn_of_training_text(corpus, str(source))
+    return labels
 
 
 def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: LanguageModel | str | None = None,

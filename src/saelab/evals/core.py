@@ -69,14 +69,22 @@ HELD_OUT_TEXT, TRAINING_TEXT = "held-out text", "training text (not held out)"
 """The eval text as metrics.json's ``eval_text`` and the paper suite's results name it (:func:`held_out_label`)."""
 
 
-def held_out_label(sae, corpus: str) -> str:
+def held_out_label(sae, corpus: str, source: str | None = "the SAE") -> str:
     """HELD_OUT_TEXT, or TRAINING_TEXT with a one-line warning on stderr when ``corpus`` is the SAE's training
-    text: for every evaluation that reads it (``saelab eval``, quickstart, the paper suite)."""
+    text: for every evaluation that reads it (``saelab eval``, quickstart, the paper suite). ``source``: the SAE as
+    the warning names it; None: judged without a word, the caller warning (:func:`warn_of_training_text`) once it
+    has judged several SAEs (a sweep's runs: one line where all were trained on that text)."""
     if not _is_training_text(sae, corpus):
         return HELD_OUT_TEXT
-    print(f"warning: evaluating on {corpus}, the text the SAE was trained on; the metrics are not held-out",
-          file=sys.stderr)
+    if source is not None:
+        warn_of_training_text(corpus, source)
     return TRAINING_TEXT
+
+
+def warn_of_training_text(corpus: str, source: str) -> None:
+    """The one-line warning that ``corpus`` is the text ``source`` (an SAE, or a sweep of them) was trained on."""
+    print(f"warning: evaluating on {corpus}, the text {source} was trained on; the metrics are not held-out",
+          file=sys.stderr)
 
 
 def _is_training_text(sae, corpus: str) -> bool:
