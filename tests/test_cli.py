@@ -1750,16 +1750,18 @@ def test_eval_of_a_sweep_warns_of_the_training_text_before_the_load(tmp_path, ti
     """eval SWEEP warned of the training text just before each run's evaluation, so after the model loaded (and
     earlier runs' work), and not at all for runs already evaluated. Now once every run is checked and before any
     model loads (a model that cannot be loaded fails after it; a refusal stays one line), reused runs too: one line
-    naming the sweep where every run was trained on the eval text, else one for each run that was."""
+    naming the sweep where every run was trained on the eval text, else one for each run that was. A run's
+    metrics.json evaluated again (its intervals an earlier saelab's) is said before the load too."""
     from test_pipeline import wiki_jsonl
 
     from saelab.pipeline import HarvestConfig, harvest, train_from_cache
     from saelab.train import TrainConfig
 
     corpus, sweep = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), tmp_path / "sweep"
+    model = shutil.copytree(tiny_dir, tmp_path / "model")  # its weights go at the end
 
     def train(text, *names):
-        cache = harvest(HarvestConfig(model=str(tiny_dir), hook="blocks.0.hook_resid_post", context_size=32,
+        cache = harvest(HarvestConfig(model=str(model), hook="blocks.0.hook_resid_post", context_size=32,
                                       corpus=str(text), n_tokens=1024, buffer_tokens=8192),
                         tmp_path / f"acts-{names[0]}", progress=False)
         for name in names:
@@ -1769,7 +1771,7 @@ def test_eval_of_a_sweep_warns_of_the_training_text_before_the_load(tmp_path, ti
     def said(*options: str, code: int = 0) -> list[str]:
         return _hook_and_model_notes(["eval", str(sweep), "--recon-tokens", "256", "--downstream-tokens", "128",
                                       "--sample-pool-tokens", "0", "--corpus", corpus, "--no-progress", *options],
-                                     capsys, code=code, also=("warning: evaluating",))
+                                     capsys, code=code, also=("warning: evaluating", "evaluated again"))
 
     def warning(source) -> str:
         return f"warning: evaluating on {corpus}, the text {source} was trained on; the metrics are not held-out"
@@ -1777,7 +1779,7 @@ def test_eval_of_a_sweep_warns_of_the_training_text_before_the_load(tmp_path, ti
     train(corpus, "n32", "n64")
     weightless = _weightless(tiny_dir, tmp_path / "weightless")
     assert said("--model", str(weightless), code=2) == [
-        f"saelab eval: note: --model {weightless}: {sweep} was trained on {tiny_dir}; its latents are read from "
+        f"saelab eval: note: --model {weightless}: {sweep} was trained on {model}; its latents are read from "
         f"{weightless} here", warning(sweep), _load_failed(weightless)]
     assert said() == [warning(sweep)]  # both runs evaluated: one line, not one per run
     assert said() == [warning(sweep)]  # both reused
@@ -1785,6 +1787,13 @@ def test_eval_of_a_sweep_warns_of_the_training_text_before_the_load(tmp_path, ti
     assert len(refused) == 1 and "hold an evaluation with other settings" in refused[0], refused
     train(wiki_jsonl(data_dir, tmp_path / "other.jsonl", 3, 2), "n48")  # on other text: each run on it named
     assert said() == [warning(sweep / "n32"), warning(sweep / "n64")]  # n48 evaluated, the others reused
+    earlier = sweep / "n64" / "metrics.json"  # as an earlier saelab wrote it: evaluated again
+    earlier.write_text(json.dumps({k: v for k, v in json.loads(earlier.read_text()).items() if k != "interval_method"}))
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()
+    assert said(code=2) == [f"saelab: note: {earlier} is evaluated again, not reused: its intervals are an earlier "
+                            "saelab's (it records no interval_method)", warning(sweep / "n32"), warning(sweep / "n64"),
+                            _load_failed(model)]
 
 
 def test_core_eval_says_when_hook_or_model_reads_the_sae_elsewhere_before_the_load(tmp_path, tiny_dir, data_dir,
@@ -1817,6 +1826,28 @@ def test_core_eval_says_when_hook_or_model_reads_the_sae_elsewhere_before_the_lo
     missing = _hook_and_model_notes([*argv, "--recon-tokens", "256", "--model", str(tiny_dir), "--corpus",
                                      str(tmp_path / "missing.jsonl")], capsys, code=2)
     assert len(missing) == 1 and "missing.jsonl" in missing[0]
+
+
+def test_core_eval_says_its_metrics_json_is_evaluated_again_before_the_load(tmp_path, tiny_dir, data_dir, capsys):
+    """eval SAE --out DIR, where DIR's metrics.json of these settings has intervals an earlier saelab made, said that
+    it is evaluated again only once the model had loaded (from the loaded model's name and dtype), and not at all
+    where the model then failed to load. The model as named and the dtype asked for decide it: said before the load,
+    before the note of another --model."""
+    on_gpt2, model = _tiny_sae(tmp_path / "gpt2", "gpt2"), shutil.copytree(tiny_dir, tmp_path / "model")
+    out = tmp_path / "ev"
+    argv = ["eval", on_gpt2, "--model", str(model), "--out", str(out), "--recon-tokens", "256", "--downstream-tokens",
+            "128", "--sample-pool-tokens", "0", "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"),
+            "--no-progress"]
+    note = (f"saelab eval: note: --model {model}: {on_gpt2} was trained on gpt2; its latents are read from {model} "
+            "here")
+    assert _hook_and_model_notes(argv, capsys, also=("evaluated again",)) == [note]
+    written = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({k: v for k, v in written.items() if k != "interval_method"}))
+    for weights in model.glob("*.safetensors"):  # the same model, by the same path, that now cannot load
+        weights.unlink()
+    assert _hook_and_model_notes(argv, capsys, code=2, also=("evaluated again",)) == [
+        f"saelab: note: {out / 'metrics.json'} is evaluated again, not reused: its intervals are an earlier "
+        "saelab's (it records no interval_method)", note, _load_failed(model)]
 
 
 def test_core_eval_warns_of_the_training_text_before_the_load(tmp_path, tiny_dir, split_pad_dir, data_dir, capsys):

@@ -39,6 +39,7 @@ from saelab.evals.suite import (CORPUS_TEXT, check_results_before_load, check_se
 from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
                            model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
+from saelab.models.loading import dtype_name
 from saelab.pipeline_config import DEFAULT_HOOK, HARVEST_BATCH, HarvestConfig, QuickstartConfig
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
@@ -418,7 +419,9 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     ``contexts``: the eval contexts when the caller read them already (:func:`check_eval_corpus_before_load`);
     ``allow_http``: also download the SAE from a plain http URL; ``before_load``: as :func:`notes_before_load`
     takes it; ``eval_text``: :func:`held_out_label`'s label of the eval corpus where the caller took it and said the
-    notes before its model loaded (:func:`evaluate_sweep`: every run's at once), else they are said here."""
+    notes before its model loaded (:func:`evaluate_sweep`: every run's at once), else they are said here: that
+    ``out_dir``'s metrics.json is evaluated again (:func:`_note_evaluated_again`), the caller's, the training
+    text's."""
     cfg = cfg or EvalConfig()
     if out_dir is not None:
         check_output_folder(out_dir, "--out")
@@ -434,13 +437,13 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     if contexts is None:
         contexts = check_eval_corpus_before_load(tokenizer, cfg, cfg.context_size or sae.cfg.context_size,
                                                  int(sae.cfg.exclude_first), sae.cfg.prepend_bos)
+    sae_hash = sae_hash or sae_sha256(sae)
     if eval_text is None:
+        if out_dir is not None:
+            _note_evaluated_again(Path(out_dir), sae, cfg, spec, model_dtype, sae_hash)
         eval_text = notes_before_load(sae, cfg, before_load)
     lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
     sae = _beside_model(sae, lm, given=given)
-    sae_hash = sae_hash or sae_sha256(sae)
-    if out_dir is not None:
-        _note_evaluated_again(Path(out_dir), sae, cfg, lm, sae_hash)
     core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
     metrics = jsonable({**core.metrics, "eval_text": eval_text,
                         "sae_sha256": sae_hash, "eval_config": _eval_config_record(cfg),
@@ -467,11 +470,14 @@ def notes_before_load(sae: TopKSAE, cfg: EvalConfig, before_load: Callable[[TopK
     return held_out_label(sae, str(resolve_corpus(cfg.corpus, "eval")))  # the corpus evaluate_core records
 
 
-def _note_evaluated_again(out_dir: Path, sae: TopKSAE, cfg: EvalConfig, lm: LanguageModel, sae_hash: str) -> None:
-    """Say that ``out_dir``'s evaluation of these settings is made again rather than reused, and why (its
-    intervals are not this saelab's); it stays as it was until the new metrics.json replaces it."""
-    earlier = earlier_evaluation(out_dir, sae, cfg, model=lm, model_dtype=str(lm.dtype).removeprefix("torch."),
-                                 sae_hash=sae_hash)
+def _note_evaluated_again(out_dir: Path, sae: TopKSAE, cfg: EvalConfig, spec: LanguageModel | str,
+                          model_dtype: str, sae_hash: str) -> None:
+    """Say, before the model loads, that ``out_dir``'s evaluation of these settings is made again rather than reused,
+    and why (its intervals are not this saelab's); it stays as it was until the new metrics.json replaces it. Told
+    as the reuse was refused, from the model as named (``spec``: :func:`model_name` gives the loaded model's name)
+    and the dtype asked for (that of a model given loaded): the load gives that dtype."""
+    dtype = dtype_name(spec.dtype if isinstance(spec, LanguageModel) else model_dtype)
+    earlier = earlier_evaluation(out_dir, sae, cfg, model=spec, model_dtype=dtype, sae_hash=sae_hash)
     if earlier:
         print(f"saelab: note: {out_dir / EVAL_METRICS} is evaluated again, not reused: {earlier}", file=sys.stderr)
 
@@ -660,8 +666,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
     work, unless ``overwrite``. ``sae_hashes``: filled with each run's SAE hash, for the scaling study next.
     ``contexts_read``: eval contexts of ``cfg`` read already (check_evaluation_before_training's), used
     where a run reads the same ones. ``before_load``: called with each run's SaeSettings once every run is checked,
-    before any model loads (the CLI's note of a ``model`` other than the runs'); the training text's warning follows
-    it (:func:`_sweep_eval_texts`)."""
+    before any model loads (the CLI's note of a ``model`` other than the runs'), after the notes of runs evaluated
+    again; the training text's warning follows it (:func:`_sweep_eval_texts`)."""
     cfg = cfg or EvalConfig()
     sae_hashes = sae_hashes or SaeHashes()
     runs = sweep_runs(folder)
@@ -695,6 +701,8 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         raise RunExistsError(f"{', '.join(run.name for run in other)} in {folder} "
                              f"{'holds' if len(other) == 1 else 'hold'} an evaluation with other "
                              f"settings ({', '.join(changes[other[0]])}); pass --overwrite to replace them")
+    for run, sae in saes.items():  # those to evaluate: said before any model loads, where evaluate says it
+        _note_evaluated_again(run, sae, cfg, specs[run], model_dtype, hashes[run])
     if before_load is not None:
         before_load(settings)
     eval_texts = _sweep_eval_texts(folder, settings, cfg)
