@@ -1684,6 +1684,7 @@ def _load_failed(model) -> str:
             f"pytorch_model.bin, found in directory {model}.")
 
 
+@pytest.mark.slow
 def test_paper_suite_says_when_hook_or_model_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
     """eval --suite paper read an SAE at another --hook, or on another --model than it records, without a word,
     where the core metrics say it: the same notes, once, before the model loads (a model that cannot be loaded
@@ -1710,6 +1711,7 @@ def test_paper_suite_says_when_hook_or_model_reads_the_sae_elsewhere(tmp_path, t
     assert _hook_and_model_notes([*argv, "--out", str(tmp_path / "own-ev")], capsys) == []
 
 
+@pytest.mark.slow
 def test_eval_of_a_sweep_says_when_model_reads_its_runs_on_another_model(tmp_path, tiny_dir, split_pad_dir, data_dir,
                                                                          capsys):
     """eval SWEEP --model read the runs on another model than they record without a word, where eval RUN says it:

@@ -589,6 +589,7 @@ def test_the_suite_report_names_the_offline_default_by_its_hub_id(tmp_path):
     assert "| model / hook | `HuggingFaceTB/SmolLM2-135M-Instruct` / `blocks.9.hook_resid_post` |" in report
 
 
+@pytest.mark.slow
 def test_results_whose_intervals_an_earlier_saelab_made_are_computed_again(tiny_series, tiny_series_run, data_dir,
                                                                             tmp_path, capsys):
     """A result of the same inputs written before the intervals changed (core's read the whole draw's documents,

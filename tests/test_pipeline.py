@@ -348,7 +348,8 @@ BATCH = 64
 STEPS = TRAIN_ROWS // BATCH
 
 
-@pytest.mark.parametrize("stop_at,kept", [(1, None), (10, 0), (20, 4096), (30, 8192)])
+@pytest.mark.parametrize("stop_at,kept", [(1, None), pytest.param(10, 0, marks=pytest.mark.slow),
+                                          pytest.param(20, 4096, marks=pytest.mark.slow), (30, 8192)])
 def test_an_interrupted_harvest_resumes_the_model_where_it_stopped(tiny_dir, data_dir, tmp_path, capsys, monkeypatch,
                                                                     stop_at, kept):
     """Ctrl-C during `saelab harvest`: the rows written (none yet before the shuffle buffer first fills) are kept
