@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from saelab.errors import CorpusError
-from saelab.utils.file_digests import file_fingerprints
+from saelab.utils.file_digests import files_fingerprint
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz")
 TEXT_SUFFIXES = (".txt",)
@@ -208,10 +208,7 @@ def corpus_fingerprint(corpus: str) -> dict[str, Any] | None:
     path = Path(corpus).expanduser() if corpus else None
     if path is None or not path.exists():
         return None
-    read = file_fingerprints(corpus_folder_files(path) if path.is_dir() else [path])
-    digests = [digest for _, digest in read]
-    digest = digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
-    return {"bytes": sum(size for size, _ in read), "sha256": digest}
+    return files_fingerprint(corpus_folder_files(path) if path.is_dir() else [path])
 
 
 def has_fingerprint(corpus: str, fingerprint: dict[str, Any]) -> bool:

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from saelab.utils.atomic import write_with
 from saelab.utils.cache_dir import CACHE_DIR_ENV, cache_dir
@@ -70,6 +71,16 @@ def file_fingerprints(files: Sequence[str | os.PathLike]) -> list[tuple[int, str
         if new:
             _write_record(new)
     return out
+
+
+def files_fingerprint(files: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """What ``files`` (not empty) hold, read in this order as one: their size in bytes and the sha256 of a file's
+    bytes (as sha256sum gives it), for several the sha256 of their sha256s (:func:`file_fingerprints`: a file
+    unchanged since an earlier hash is not read again)."""
+    read = file_fingerprints(files)
+    digests = [digest for _, digest in read]
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    return {"bytes": sum(size for size, _ in read), "sha256": digest}
 
 
 def _stamps(st: os.stat_result) -> tuple[int, ...]:
