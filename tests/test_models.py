@@ -670,3 +670,19 @@ def test_same_model_takes_the_offline_default_as_the_gguf_file_it_loads(tmp_path
             assert same_model(named, spec) and same_model(spec, named), (named, spec)
     for a, b in (("default", str(tmp_path / "default")), ("default", "other.gguf"), (str(gguf), "other.gguf")):
         assert not same_model(a, b) and not same_model(b, a), (a, b)
+
+
+def test_a_model_is_fingerprinted_by_the_weights_files_its_load_reads(tiny_dir, tmp_path):
+    """model_fingerprint: a model folder's weights file, the offline default's .gguf file, nothing for a hub id;
+    the tokenizer and config beside the weights are not part of it (saving the same weights again keeps it)."""
+    from saelab.models import default_gguf_path, model_fingerprint
+    from saelab.utils.file_digests import file_sha256
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, model)
+    weights = model / "model.safetensors"
+    assert model_fingerprint(str(model)) == {"bytes": weights.stat().st_size, "sha256": file_sha256(weights)}
+    (model / "config.json").write_text((model / "config.json").read_text().replace("}", ', "note": 1}', 1))
+    assert model_fingerprint(str(model))["sha256"] == file_sha256(weights)
+    assert model_fingerprint("default")["bytes"] == default_gguf_path().stat().st_size
+    assert model_fingerprint("gpt2") is None and model_fingerprint(str(tmp_path / "missing")) is None

@@ -829,3 +829,47 @@ def test_a_failed_recompute_of_an_earlier_saelabs_result_keeps_it(tiny_series, t
     path.unlink()  # a first failure: its error recorded
     run_cli(capsys, *argv, code=2)
     assert json.loads(path.read_text())["status"] == "error"
+
+
+def test_results_of_a_model_folder_replaced_since_are_not_reused(tiny_series, tiny_series_run, data_dir, tmp_path,
+                                                                 capsys, monkeypatch):
+    """Results recorded a local model by its path alone: after other weights were saved into its folder (a
+    fine-tuning writing where it read) the suite reused the results of the old weights. They record the weights'
+    fingerprint: other weights are refused before the model loads, naming the model as changed, and measured with
+    --overwrite; a result an earlier saelab wrote, without the fingerprint, is judged by the model's path as
+    before."""
+    import saelab.pipeline
+    from saelab.evals.suite import _input_changes
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_series / "checkpoint-120", model)
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--model", str(model),
+            "--corpus", str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), *for_metrics(SMALL, "core"),
+            "--metrics", "core"]
+    out, _ = run_cli(capsys, *argv)
+    path = tmp_path / "out" / "evals" / "core.json"
+    rec = json.loads(path.read_text())
+    assert out["core"] == "ok" and rec["inputs"]["model_fingerprint"]["bytes"] == (
+        model / "model.safetensors").stat().st_size
+    shutil.copyfile(tiny_series / "checkpoint-60" / "model.safetensors", model / "model.safetensors")  # in place
+    before = path.read_bytes()
+    load_model = saelab.pipeline.load_model
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    _, err = run_cli(capsys, *argv, code=2)
+    assert (f"holds results of this SAE with other settings: core (--model {model} (its weights changed since)); "
+            "pass --overwrite") in err and path.read_bytes() == before
+    monkeypatch.setattr(saelab.pipeline, "load_model", load_model)
+    out, _ = run_cli(capsys, *argv, "--overwrite")
+    again = json.loads(path.read_text())
+    assert out["core"] == "ok" and again["inputs"]["model_fingerprint"] != rec["inputs"]["model_fingerprint"]
+    assert again["result"]["ce_clean"] != rec["result"]["ce_clean"]  # measured on the weights as they are now
+    out, _ = run_cli(capsys, *argv)
+    assert out["core"] == "ok (reused)"
+    del again["inputs"]["model_fingerprint"]  # as an earlier saelab wrote it: judged by the other inputs
+    path.write_text(json.dumps(again))
+    out, _ = run_cli(capsys, *argv)
+    assert out["core"] == "ok (reused)"
+    assert _input_changes("core", again["inputs"], rec["inputs"]) == []
+    other = {**rec["inputs"], "model": "/elsewhere/model"}  # another folder: named by its path alone
+    assert _input_changes("core", other, rec["inputs"]) == [
+        f'model "/elsewhere/model" -> "{model}"']

@@ -1643,3 +1643,45 @@ def test_undefined_measurements_are_null_in_metrics_json_and_explained_in_report
         "— (zero-ablation does not raise CE above the clean model's: +0.0000)"
     earlier = dict(metric_rows({**metrics, "ce_recovered_mean": float("nan")}))  # an earlier saelab's file
     assert earlier["CE recovered vs mean-ablation"].startswith("— (mean-ablation does not raise CE")
+
+
+def test_eval_reuse_compares_the_weights_of_a_model_folder(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """`saelab eval RUN --model FOLDER`, then other weights saved into FOLDER (a fine-tuning writing where it read):
+    the evaluation was reused by the folder's path, with the numbers of the weights before. metrics.json records
+    the weights' fingerprint beside the model: the rerun is refused before the model loads, --overwrite measures the
+    new weights; an evaluation an earlier saelab wrote, without it, is judged by the model's path as before."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, model)
+    acts, run, ev_file = tmp_path / "acts", tmp_path / "run", wiki_jsonl(data_dir, tmp_path / "ev.jsonl", 3, 1)
+    run_cli(capsys, "harvest", "--model", str(model), "--hook", HOOK, "--corpus",
+            str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)), "--out", str(acts), "--n-tokens", "1000",
+            "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
+            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+    ev = ["eval", str(run), "--model", str(model), "--recon-tokens", "256", "--downstream-tokens", "128", "--corpus",
+          str(ev_file), "--no-progress"]
+    _, first = run_cli(capsys, *ev)
+    before = (run / "metrics.json").read_bytes()
+    assert len(first["model_fingerprint"]["sha256"]) == 64
+    assert first["model_fingerprint"]["bytes"] == (model / "model.safetensors").stat().st_size
+    torch.manual_seed(1)  # other weights of the same shape, saved where the first ones were
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=128)).save_pretrained(model)
+    load_model = saelab.pipeline.load_model
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(ev) == 2
+    err = capsys.readouterr().err
+    assert f"with other settings (--model {model} (its weights changed since)); pass --overwrite" in err, err
+    assert (run / "metrics.json").read_bytes() == before
+    monkeypatch.setattr(saelab.pipeline, "load_model", load_model)
+    _, again = run_cli(capsys, *ev, "--overwrite")
+    assert again["model_fingerprint"] != first["model_fingerprint"] and again["ce_clean"] != first["ce_clean"]
+    written = (run / "metrics.json").read_bytes()
+    run_cli(capsys, *ev)  # the same weights: reused
+    assert (run / "metrics.json").read_bytes() == written
+    earlier = json.loads(written)
+    del earlier["model_fingerprint"]  # as an earlier saelab wrote it
+    (run / "metrics.json").write_text(json.dumps(earlier))
+    run_cli(capsys, *ev)  # reused: the model's path alone is the same
+    assert json.loads((run / "metrics.json").read_text()) == earlier

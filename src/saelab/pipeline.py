@@ -35,9 +35,9 @@ from saelab.evals.core import TRAINING_TEXT, held_out_label, read_eval_contexts,
 from saelab.evals.n2g import check_latents
 from saelab.evals.suite import (CORPUS_TEXT, check_results_before_load, check_series_before_load, check_suite_applies,
                                 longest_n_future, read_suite_contexts, run_paper_suite, suite_reads_eval_text,
-                                text_change)
-from saelab.models import (LanguageModel, check_before_load, check_context_fits, load_model, model_name,
-                           model_provenance, tokenizer_before_load)
+                                text_change, weights_change)
+from saelab.models import (MODEL_FINGERPRINT, LanguageModel, check_before_load, check_context_fits, load_model,
+                           model_fingerprint, model_name, model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
 from saelab.models.loading import dtype_name
 from saelab.pipeline_config import DEFAULT_HOOK, HARVEST_BATCH, HarvestConfig, QuickstartConfig
@@ -442,10 +442,11 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
         if out_dir is not None:
             _note_evaluated_again(Path(out_dir), sae, cfg, spec, model_dtype, sae_hash)
         eval_text = notes_before_load(sae, cfg, before_load)
+    weights = model_fingerprint(spec)  # the files as the load reads them
     lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)  # once
     sae = _beside_model(sae, lm, given=given)
     core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
-    metrics = jsonable({**core.metrics, "eval_text": eval_text,
+    metrics = jsonable({**core.metrics, MODEL_FINGERPRINT: weights, "eval_text": eval_text,
                         "sae_sha256": sae_hash, "eval_config": _eval_config_record(cfg),
                         "eval_as_read": _eval_as_read(cfg, sae), "model_dtype": str(lm.dtype).removeprefix("torch.")})
     if out_dir is not None:
@@ -557,10 +558,21 @@ def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, 
         recorded = CORPUS_TEXT in old_eval
         texts = old_eval.pop(CORPUS_TEXT, None), new_eval.pop(CORPUS_TEXT, None)
         texts = texts if recorded else (None, None)
+    spec = model or model_for(sae)
     changes = changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
                               "model": evaluated_model(old)},
-                             {"eval": new_eval, "model_dtype": model_dtype, "model": model_name(model or model_for(sae))})
-    return old, changes + (text_change(old_eval, new_eval, *texts) if isinstance(old_eval, dict) else [])
+                             {"eval": new_eval, "model_dtype": model_dtype, "model": model_name(spec)})
+    changes += text_change(old_eval, new_eval, *texts) if isinstance(old_eval, dict) else []
+    return old, changes + _weights_changes(old, spec)
+
+
+def _weights_changes(old: dict[str, Any], spec: str | LanguageModel) -> list[str]:
+    """:func:`weights_change` of a metrics.json's model and the model ``spec`` names; none where it records no
+    fingerprint (an earlier saelab's: judged by the model's name, and nothing is hashed)."""
+    if MODEL_FINGERPRINT not in old:
+        return []
+    return weights_change({"model": evaluated_model(old), MODEL_FINGERPRINT: old[MODEL_FINGERPRINT]},
+                          {"model": model_name(spec), MODEL_FINGERPRINT: model_fingerprint(spec)})
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, lm: LanguageModel | str | None = None,

@@ -83,7 +83,7 @@ from saelab.evals.core import (INTERVAL_METHOD as CORE_INTERVALS, eval_settings,
                                worded_corpus_error)
 from saelab.evals.n2g import INTERVAL_METHOD as N2G_INTERVALS, check_latents, padding_id, run_n2g
 from saelab.evals.probe import INTERVAL_METHOD as PROBE_INTERVALS, SPLIT_METHOD as PROBE_SPLIT_METHOD, run_probe
-from saelab.models.loading import RECORDED_CONTEXT, model_provenance
+from saelab.models.loading import MODEL_FINGERPRINT, RECORDED_CONTEXT, model_fingerprint, model_provenance
 from saelab.models.lm import CONTEXT_SETTING, context_named
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
 from saelab.train.checkpoint import changed_fields
@@ -264,7 +264,8 @@ def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status
 
 def _base_inputs(run: SuiteRun) -> dict:
     """What every metric's result depends on, besides its own settings and contexts (``_inputs``)."""
-    return {"sae_sha256": run.sae_hash, "model": run.model, "hook": run.sae.cfg.hook_name,
+    return {"sae_sha256": run.sae_hash, "model": run.model, MODEL_FINGERPRINT: model_fingerprint(run.model),
+            "hook": run.sae.cfg.hook_name,
             "corpus": _corpus_path(run.eval_cfg.corpus),
             CORPUS_TEXT: corpus_fingerprint(resolve_corpus(run.eval_cfg.corpus, "eval")), "context_size": run.T,
             "prepend_bos": run.sae.cfg.prepend_bos, "position_0": position_0_words(run.first),
@@ -299,6 +300,22 @@ def text_change(old: dict, new: dict, old_text: object, new_text: object) -> lis
     return []
 
 
+def weights_change(old: dict, new: dict) -> list[str]:
+    """The change a local model of the same name (``old``/``new``: records with its "model" and MODEL_FINGERPRINT)
+    whose weights' fingerprint differs makes; none where ``old`` records no fingerprint (an earlier saelab's: judged
+    by the model's name) or the name differs (named already)."""
+    if MODEL_FINGERPRINT in old and old.get(MODEL_FINGERPRINT) != new.get(MODEL_FINGERPRINT) \
+            and old.get("model") == new.get("model"):
+        return [f"--model {new.get('model')} (its weights changed since)"]
+    return []
+
+
+def _weights_as_recorded(old: dict, new: dict) -> dict:
+    """``new`` inputs less the model's fingerprint where ``old`` records none (an earlier saelab's result: judged by
+    the model's name, as before)."""
+    return new if MODEL_FINGERPRINT in old else {k: v for k, v in new.items() if k != MODEL_FINGERPRINT}
+
+
 def _as_recorded(old: dict, new: dict) -> dict:
     """``new`` inputs as ``old`` records them, to compare the settings: less the corpus's fingerprint where it records
     none (an earlier saelab's: judged by the corpus's path); the eval corpus in core's config in ``old``'s words
@@ -322,10 +339,11 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
     """changed_fields of two records of metric ``name``'s inputs, each setting named as its option group
     does ("n2g.max_len 24 -> 16"). core's and compute_equivalent's contexts follow from eval.downstream_tokens,
     named there."""
-    new = _as_recorded(old, new)
+    new = _as_recorded(old, _weights_as_recorded(old, new))
 
     def by_setting(inputs: dict) -> dict:
-        named = {k: v for k, v in inputs.items() if k not in ("config", "n_contexts", CORPUS_TEXT, *EVAL_INPUTS)}
+        named = {k: v for k, v in inputs.items() if k not in ("config", "n_contexts", CORPUS_TEXT, MODEL_FINGERPRINT,
+                                                                  *EVAL_INPUTS)}
         if name in CONTEXTS_SETTING:
             named[CONTEXTS_SETTING[name]] = inputs.get("n_contexts")
         if SETTINGS_GROUP.get(name) != "eval":  # core's config holds them: named once, as eval options
@@ -333,6 +351,7 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
         return {**named, SETTINGS_GROUP.get(name, name): inputs.get("config")}
     changes = changed_fields(by_setting(old), by_setting(new))
     changes += text_change(old, new, old.get(CORPUS_TEXT), new.get(CORPUS_TEXT))
+    changes += weights_change(old, new)
     if not changes and old != new:  # a difference no setting of this metric names: still a difference
         contexts = (old.get("n_contexts"), new.get("n_contexts"))
         changes = [f"contexts {contexts[0]} -> {contexts[1]}" if contexts[0] != contexts[1] else "other inputs"]
@@ -377,7 +396,8 @@ def _reusable(old: dict | None, inputs: dict) -> bool:
     """Whether a metric's earlier record ``old`` is an ok result of these ``inputs`` (reused unless an earlier saelab
     computed it otherwise: :func:`earlier_computation`)."""
     return (bool(old) and old.get("status") == "ok" and isinstance(old.get("inputs"), dict)
-            and old["inputs"] == json.loads(json.dumps(_as_recorded(old["inputs"], inputs))))
+            and old["inputs"] == json.loads(json.dumps(_as_recorded(old["inputs"],
+                                                                    _weights_as_recorded(old["inputs"], inputs)))))
 
 
 def earlier_computation(record: dict, metric: str) -> str | None:

@@ -13,9 +13,10 @@ from saelab.utils.lazy import lazy_names
 lazy_names(__name__, {
     "saelab.models.hooks": ("UnsupportedModelError",),
     "saelab.models.lm": ("LanguageModel",),
-    "saelab.models.loading": ("DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "ModelLoadError", "cache_root",
-                              "check_before_load", "check_context_fits", "check_hook_layer", "default_gguf_path",
-                              "library_bars", "load_model", "model_name", "model_provenance", "same_model",
+    "saelab.models.loading": ("DEFAULT_MODEL", "DEFAULT_MODEL_HUB_ID", "MODEL_FINGERPRINT", "ModelLoadError",
+                              "cache_root", "check_before_load", "check_context_fits", "check_hook_layer",
+                              "default_gguf_path", "library_bars", "load_model", "model_fingerprint", "model_name",
+                              "model_provenance", "same_model",
                               "save_dequantized", "tokenizer_before_load", "tokenizer_on_disk"),
 })
 
@@ -23,6 +24,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_MODEL_HUB_ID",
     "HOOK_KINDS",
+    "MODEL_FINGERPRINT",
     "LanguageModel",
     "ModelLoadError",
     "UnsupportedModelError",
@@ -33,6 +35,7 @@ __all__ = [
     "default_gguf_path",
     "library_bars",
     "load_model",
+    "model_fingerprint",
     "model_name",
     "model_provenance",
     "same_model",

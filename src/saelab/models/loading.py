@@ -30,6 +30,7 @@ from saelab.models.lm import CONTEXT_SETTING, SAE_CONTEXT, LanguageModel
 from saelab.utils.device import resolve_device
 from saelab.utils import hub
 from saelab.utils.cache_dir import cache_dir
+from saelab.utils.file_digests import files_fingerprint
 from saelab.utils.pickle_check import PickleBombError, check_torch_file
 from saelab.utils.torch_files import load_plain_tensors, torch_load_reason
 
@@ -417,6 +418,28 @@ def model_name(spec: str | LanguageModel) -> str:
     if spec != DEFAULT_MODEL and local and (local.is_dir() or local.suffix == ".gguf"):
         return str(local)
     return spec
+
+
+MODEL_FINGERPRINT = "model_fingerprint"
+"""Where evaluations record :func:`model_fingerprint` beside the model's name: a model folder saved over (a
+fine-tuning writing where it read) keeps its path. A record of an earlier saelab holds none, and is judged by the
+model's name alone."""
+
+
+def model_fingerprint(spec: str | LanguageModel) -> dict | None:
+    """What a model read from this disk is, as a corpus's text is told: the size and sha256 of the weights files
+    its load reads (``files_fingerprint``: a model folder's as transformers picks them, a .gguf file, the offline
+    default's too); None for a hub id (told by its name) or where no such file is there (the load names why). A
+    file unchanged since an earlier hash, in this process or kept in the cache folder, is not read again."""
+    name = model_name(spec)
+    try:
+        local = default_gguf_path() if name == DEFAULT_MODEL else hub.local_path(name)
+    except ModelLoadError:  # no offline default installed: its load says so
+        return None
+    if local is None:
+        return None
+    files = _weights_files(local) if local.is_dir() else [local] if local.suffix == ".gguf" else []
+    return files_fingerprint(files) if files else None
 
 
 def _names_a_path(spec: str) -> bool:
