@@ -32,12 +32,15 @@ this adds what torch lets through, the size of what the allowed calls and refere
 - a dict, set or Counter given more than HASHED_ALIKE_MAX keys that may share one hash (keys whose hashes can be
   made equal: integers of 2**61 - 1 or more, whose hash is their remainder; complex numbers; tuples): inserting n
   keys of one hash takes n**2 / 2 comparisons. Texts cannot be made so: their hash is keyed afresh in every
-  process. Keys whose value the scan knows (those numbers; tuples of up to _HASHED_ITEMS numbers, floats, None,
-  bools, texts or bytes of up to _HASHED_TEXT_MAX bytes, or such tuples; a torch.Size, hashed as its tuple) are
+  process. Keys whose value the scan knows (those numbers; tuples of up to _HASHED_ITEMS numbers, floats but NaN,
+  None, bools, texts or bytes of up to _HASHED_TEXT_MAX bytes, or such tuples; a torch.Size, hashed as its tuple) are
   counted by their hash itself, as the loading process will hash them (the scan runs in it: a text's hash, or
   None's, which Python 3.11 takes from its address, is the same there): a thousand tuple keys (i, None) or (i, a
-  70-character name), or sets of 250 random 64-bit ids, read. Any other such key (holding a device, or a longer
-  text or tuple) may share its hash with any. Each dict given keys, and each
+  70-character name), or sets of 250 random 64-bit ids, read. Any other such key (holding a device, a NaN, or a
+  longer text or tuple) may share its hash with any: a NaN's hash is its float's address (Python 3.10+), the
+  loading process's and not the scan's (keys (True x 6, a, b, NaN), b chosen for a, shared one hash 510 at a time
+  in torch's reader, their NaNs made 32 bytes apart, while the scan's one reused NaN gave them distinct hashes).
+  Each dict given keys, and each
   call that hashes a container's items again (``set``, ``Counter``, ``OrderedDict``, of a list, a dict or what
   another such call made), is also charged, against the budget below, the comparisons those keys take: each with
   the keys before it of its hash, or that may share it, each comparison weighed by what it may walk (_compare_cost:
@@ -343,7 +346,8 @@ no more): a longer tuple is of unknown value. Each tuple is hashed once, its ite
 def _key_hash(key: object) -> int | None:
     """The hash of a key whose value the scan knows, as the loading process will hash it (the scan runs in it: a
     text's or bytes' hash, None's on Python 3.11, keyed afresh in every process, is the same here): an int, a
-    complex number of known parts, a tuple of up to _HASHED_ITEMS of those, floats, None, bools, texts and bytes of
+    complex number of known parts, a tuple of up to _HASHED_ITEMS of those, floats (a NaN is kept as of unknown
+    value: its hash is its address in the loader), None, bools, texts and bytes of
     up to _HASHED_TEXT_MAX bytes, or such tuples, a torch.Size (hashed as the tuple of its numbers). None for
     another: its value unknown."""
     if type(key) is int or type(key) is complex:
@@ -510,7 +514,7 @@ class _Leaf:
         self.hashed = hashed
 
 
-_LEAF = _Leaf(None)  # a device or a layout (a float is kept as it is: a key's hash needs it)
+_LEAF = _Leaf(None)  # a device, a layout or a NaN (another float is kept as it is: a key's hash needs it)
 _NONE, _TRUE, _FALSE = _Leaf(hash(None)), _Leaf(hash(True)), _Leaf(hash(False))
 _COMPLEX = object()  # a complex number of parts the scan does not know (one of known parts is kept as it is)
 _TENSOR = object()  # a tensor or storage: referred to again freely, passed to nothing but rebuilds
@@ -906,7 +910,9 @@ def _scan(f: IO[bytes], budget: int, plain: bool) -> int | None:
             elif code == 0x8A:  # LONG1
                 stack.append(int.from_bytes(read(read(1)[0]), "little", signed=True))
             elif code == 0x47:  # BINFLOAT
-                stack.append(struct.unpack(">d", read(8))[0])  # as torch reads it: a key's hash needs it
+                value = struct.unpack(">d", read(8))[0]  # as torch reads it: a key's hash needs it
+                # a NaN hashes by its object's address (Python 3.10+): the loader's, not the scan's; of unknown value
+                stack.append(value if value == value else _LEAF)
             elif code in (0x58, 0x55):  # BINUNICODE, SHORT_BINSTRING
                 n = struct.unpack("<I", read(4))[0] if code == 0x58 else read(1)[0]
                 # as torch decodes it: lone surrogates kept (two storage keys differing in one are two storages)
