@@ -360,18 +360,24 @@ def _key_hash(key: object) -> int | None:
 
 
 _NUMBERS = frozenset((int, float, complex))
+_PLAIN = _NUMBERS | {type(None), bool}
 
 
 def _items_hash(items: list | tuple) -> int | None:
     """The hash of a tuple of ``items`` where the scan knows each one's hash, else None."""
     if _NUMBERS.issuperset(map(type, items)):  # the most frequent: numbers alone, their hash taken whole
         return hash(tuple(items))
-    values = []
+    values = tuple(map(_LEAF_VALUES.get, items, items))  # None and bools as themselves: hashed in C, alike
+    if _PLAIN.issuperset(map(type, values)):
+        return hash(values)
+    values = []  # numbers, None, bools and short texts as themselves; others as a _HashOf
     for item in items:
         if type(item) in _NUMBERS:
             values.append(item)
         elif type(item) is _Leaf and item.hashed is not None:
-            values.append(_HashOf(item.hashed))
+            values.append(_LEAF_VALUES[item])
+        elif isinstance(item, _Text) and item.hashed is _UNHASHED:  # a short text kept whole: str's hash
+            values.append(item)
         elif isinstance(item, _Text) and (hashed := _text_hash(item)) is not None:
             values.append(_HashOf(hashed))
         elif isinstance(item, _Box) and (hashed := _key_hash(item)) is not None:
@@ -505,7 +511,7 @@ def _encoded_hash(text: _Text) -> int | None:
 
 
 class _Leaf:
-    """None, a bool, a device or a layout: nothing a call or walk reads into; ``hashed``, its hash where the scan
+    """None, a bool, a device, a layout or a NaN: nothing a call or walk reads into; ``hashed``, its hash where the scan
     knows it (None's is its address on Python 3.11, the same for the whole process: the scan runs in the one that
     loads)."""
     __slots__ = ("hashed",)
@@ -516,6 +522,7 @@ class _Leaf:
 
 _LEAF = _Leaf(None)  # a device, a layout or a NaN (another float is kept as it is: a key's hash needs it)
 _NONE, _TRUE, _FALSE = _Leaf(hash(None)), _Leaf(hash(True)), _Leaf(hash(False))
+_LEAF_VALUES = {_NONE: None, _TRUE: True, _FALSE: False}  # those of known hash: a tuple of them hashes alike
 _COMPLEX = object()  # a complex number of parts the scan does not know (one of known parts is kept as it is)
 _TENSOR = object()  # a tensor or storage: referred to again freely, passed to nothing but rebuilds
 _SIZED = ("builtins.bytearray",)  # and every torch tensor and storage class ("torch.FloatTensor", ...)
