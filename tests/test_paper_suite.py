@@ -825,7 +825,9 @@ def test_a_failed_recompute_of_an_earlier_saelabs_result_keeps_it(tiny_series, t
     assert line.endswith("; the earlier result in evals/compute_equivalent.json is kept as it was, though its "
                          "intervals are an earlier saelab's (it records no interval_method)"), line
     report = (evals / "report.md").read_text()
-    assert "Its intervals are an earlier saelab's (it records no interval_method); the suite run again" in report
+    assert ("Its intervals are an earlier saelab's (it records no interval_method); it is kept as it was, as "
+            "computing it again failed (below).") in report
+    assert "| ok (earlier result; recompute failed: ModelLoadError: cannot load model directory" in report
     path.unlink()  # a first failure: its error recorded
     run_cli(capsys, *argv, code=2)
     assert json.loads(path.read_text())["status"] == "error"
@@ -873,3 +875,74 @@ def test_results_of_a_model_folder_replaced_since_are_not_reused(tiny_series, ti
     other = {**rec["inputs"], "model": "/elsewhere/model"}  # another folder: named by its path alone
     assert _input_changes("core", other, rec["inputs"]) == [
         f'model "/elsewhere/model" -> "{model}"']
+
+
+def as_an_earlier_saelab_wrote_it(path: Path, **result) -> bytes:
+    """``path``'s result without its interval_method, as an earlier saelab wrote it (``result``: numbers told apart
+    from any measured now); the file's bytes."""
+    rec = json.loads(path.read_text())
+    rec["result"] = {**{k: v for k, v in rec["result"].items() if k != "interval_method"}, **result}
+    path.write_text(json.dumps(rec))
+    return path.read_bytes()
+
+
+def frequencies_in_the_way(evals: Path) -> None:
+    """A folder where core saves latent_frequencies.safetensors: its write fails (IsADirectoryError), after core's
+    measurement, as a full disk would make it fail."""
+    frequencies = evals / "latent_frequencies.safetensors"
+    frequencies.unlink()
+    (frequencies / "in the way").mkdir(parents=True)
+
+
+@pytest.mark.slow  # ~70 s under load: two suites of core and compute-equivalent
+def test_a_failed_core_recompute_lends_no_earlier_means_to_compute_equivalent(tiny_series, tiny_series_run, data_dir,
+                                                                               tmp_path, capsys):
+    """core.json of an earlier saelab is computed again; where that fails once its losses were measured (saving the
+    latent frequencies fails), the earlier file is kept, and its result was handed on as this run's core:
+    compute-equivalent took the kept file's spliced and clean means beside the per-context sums measured now, the
+    mix of two measurements its comment rules out. It measures both again, as after a reused core.json."""
+    evals = tmp_path / "out" / "evals"
+    names = ("core", "compute_equivalent")
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--series",
+            str(tiny_series), "--corpus", str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), "--ce-fit-min-frac",
+            "0.1", *for_metrics(SMALL, *names), "--metrics", *names]
+    out, _ = run_cli(capsys, *argv)
+    assert out["core"] == out["compute_equivalent"] == "ok"
+    first = json.loads((evals / "compute_equivalent.json").read_text())["result"]
+    kept = as_an_earlier_saelab_wrote_it(evals / "core.json", ce_spliced=99.0, ce_clean=98.0)
+    (evals / "compute_equivalent.json").unlink()  # computed again (each checkpoint's loss kept in series_losses)
+    frequencies_in_the_way(evals)
+    out, err = run_cli(capsys, *argv, code=2)
+    assert (evals / "core.json").read_bytes() == kept
+    assert "failed in 1 metric(s): core: IsADirectoryError: " in err
+    ce = json.loads((evals / "compute_equivalent.json").read_text())
+    assert ce["status"] == "ok"
+    assert (ce["result"]["spliced_loss"], ce["result"]["clean_loss"]) != (99.0, 98.0)
+    assert ce["result"]["spliced_loss"] == pytest.approx(first["spliced_loss"], abs=1e-4)
+    assert ce["result"]["clean_loss"] == pytest.approx(first["clean_loss"], abs=1e-4)
+
+
+@pytest.mark.slow  # ~25 s under load: two suites of core
+def test_the_report_names_a_kept_result_whose_recompute_failed(tiny_series_run, data_dir, tmp_path, capsys):
+    """After a failed recompute of an earlier saelab's core.json, suite.json said "error" while report.md showed
+    core "ok", drawn from the kept file, with a note that running the suite again computes it anew. The summary
+    says it is the earlier result and that computing it again failed, the section gives the error line."""
+    evals = tmp_path / "out" / "evals"
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus",
+            str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), *for_metrics(SMALL, "core"), "--metrics", "core"]
+    run_cli(capsys, *argv)
+    as_an_earlier_saelab_wrote_it(evals / "core.json")
+    frequencies_in_the_way(evals)
+    _, err = run_cli(capsys, *argv, code=2)
+    entry = json.loads((evals / "suite.json").read_text())["metrics"]["core"]
+    assert entry["status"] == "error" and entry["reason"].startswith("IsADirectoryError: ")
+    report = (evals / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| Core"))
+    error = entry["reason"].split("; the earlier result in")[0]
+    assert entry["recompute_error"] == error
+    assert f"| ok (earlier result; recompute failed: {error}) |" in row, row
+    section = report.split("## Core", 1)[1]
+    assert ("Its intervals are an earlier saelab's (it records no interval_method); it is kept as it was, as "
+            f"computing it again failed (below).\n\nComputing it again failed: {error}\n") in section, section
+    assert "computes it anew" not in report
+

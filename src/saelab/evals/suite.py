@@ -17,7 +17,8 @@ size, contexts and the metric's config) is not run again, unless ``overwrite``; 
 only with ``overwrite``. A result of the same inputs that an earlier saelab computed otherwise (its ``method``, where
 the metric's computation changed since, or its ``interval_method`` is another, or none: :func:`earlier_computation`)
 is computed again, with a note naming its file and why; the file stays as it was until the new one replaces it, and
-where computing it again fails it is kept, its entry in suite.json the error and that it was kept. An interrupted
+where computing it again fails it is kept, its entry in suite.json the error and that it was kept (its numbers are not
+handed to the metrics after it). An interrupted
 suite keeps every metric finished before the interruption; compute-equivalent also keeps each checkpoint's loss
 (``evals/series_losses.json``).
 
@@ -48,7 +49,8 @@ Envelope of every ``OUT/evals/<metric>.json`` (``schema_version`` 1)::
 
 ``suite.json``: ``{suite, schema_version, sae, model, hook, eval, metrics: {name: {status, reason,
 reused, wall_s, file}}, wall_s (this invocation), metrics_wall_s (sum over metrics as computed)}``: each metric as this
-invocation left it ("error" where computing an earlier saelab's result again failed and its file was kept).
+invocation left it ("error" where computing an earlier saelab's result again failed and its file was kept; its entry
+then also holds the error alone, ``recompute_error``, for the report).
 """
 
 from __future__ import annotations
@@ -462,14 +464,19 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
     t0 = time.perf_counter()
     result, failed = _computed(run, m)
     wall = time.perf_counter() - t0
-    if failed and earlier:  # its numbers stand (and the report says how they were made): not lost for an error
-        run.results[m.name] = old["result"]
+    if failed and earlier:  # its file stands (the report says how it was made), not lost for an error; its numbers
+        # are not this run's: a metric that reads them (compute_equivalent core's) measures them again
+        run.results[m.name] = None
         return {**entry, "status": "error", "reason": f"{failed}; the earlier result in {entry['file']} is kept as it "
-                f"was, though {earlier}", "wall_s": round(wall, 3)}
+                f"was, though {earlier}", RECOMPUTE_ERROR: failed, "wall_s": round(wall, 3)}
     result, status, why = (None, "error", failed) if failed else _judged(run, m, result)
     run.results[m.name] = result
     write_json(path, _envelope(m.name, inputs, sae_info, eval_info, status, why, result, wall))
     return {**entry, "status": status, "reason": why, "wall_s": round(wall, 3)}
+
+
+RECOMPUTE_ERROR = "recompute_error"
+"""The suite.json entry's key for the error of a recompute whose earlier file was kept (its reason says so too)."""
 
 
 def _reused(run: SuiteRun, m: SuiteMetric, path: Path, old: dict, eval_info: dict, entry: dict) -> dict:

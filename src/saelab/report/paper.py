@@ -14,7 +14,7 @@ from typing import Any
 from saelab.errors import CheckpointError
 from saelab.evals.compute_equivalent import KIND_FAMILY, format_fraction_interval, upgrade_result
 from saelab.evals.core import TRAINING_TEXT, eval_settings
-from saelab.evals.suite import earlier_computation
+from saelab.evals.suite import RECOMPUTE_ERROR, earlier_computation
 from saelab.models import model_provenance
 from saelab.report.markdown import earlier_note, frequencies_mismatch, intervals_note, markdown_table, metric_rows
 from saelab.run_folder import DENSITY_PLOT, EVALS_DIR, LATENT_FREQUENCIES, read_latent_frequencies
@@ -358,6 +358,13 @@ def _training_text_warning(measured_on: dict[str, str | None]) -> list[str]:
             "numbers are not held-out.", ""]
 
 
+def _recompute_error(index: dict, metric: str, rec: dict) -> str | None:
+    """The error of the suite run that computed ``rec``, an earlier saelab's ok result, again and kept it (suite.json
+    says so); None where it did not."""
+    entry = index.get("metrics", {}).get(metric, {})
+    return entry.get(RECOMPUTE_ERROR) if rec["status"] == "ok" and entry.get("status") == "error" else None
+
+
 def write_paper_report(out_dir: str | Path) -> Path:
     """Write ``out_dir/evals/report.md`` (and the density, compute-equivalent, probe and N2G plots) from the
     metric files."""
@@ -387,8 +394,10 @@ def write_paper_report(out_dir: str | Path) -> Path:
                                     f"{ev.get('context_size')} tokens, position 0 {ev.get('position_0')}")]), ""]
     lines += _training_text_warning({m: text for m, text in measured_on.items() if recs[m]["status"] == "ok"})
     lines += ["## Summary", "", "| metric | result | status | wall (s) |", "|---|---|---|---|"]
+    kept = {m: _recompute_error(index, m, rec) for m, rec in recs.items()}
     for m, rec in recs.items():
         status = rec["status"] + (" (reused)" if index.get("metrics", {}).get(m, {}).get("reused") else "")
+        status = f"ok (earlier result; recompute failed: {kept[m]})".replace("|", "\\|") if kept[m] else status
         text = _headline(m, rec["result"]) if rec["status"] == "ok" else (rec["reason"] or "").replace("|", "\\|")
         lines.append(f"| {METRIC_TITLES[m]} | {text} | {status} | {rec['wall_s']:,.1f} |")
     total = sum(r["wall_s"] for r in recs.values())
@@ -403,8 +412,10 @@ def write_paper_report(out_dir: str | Path) -> Path:
                 "ablation_sparsity": lambda: _section_ablation(r), "probe": lambda: _section_probe(r, evals),
                 "n2g": lambda: _section_n2g(r, evals)}[m]()
         where = "`saelab.evals.reconstruction` and `.downstream`" if m == "core" else f"`saelab.evals.{m}`"
-        body += earlier_note(earlier_computation(rec, m), f"the suite run again (`--metrics {m}` for it alone) "
-                                                          "computes it anew, as this saelab does")
+        again = (f"the suite run again (`--metrics {m}` for it alone) computes it anew, as this saelab does"
+                 if not kept[m] else "it is kept as it was, as computing it again failed (below)")
+        body += earlier_note(earlier_computation(rec, m), again)
+        body += ["", f"Computing it again failed: {kept[m]}"] if kept[m] else []
         on = f" on {measured_on[m]}" if measured_on[m] else ""
         lines += body + ["", f"Computed {rec['created']} in {rec['wall_s']:,.1f} s{on}; definitions and schema: "
                                 f"{where} (see docs/evals.md).", ""]
