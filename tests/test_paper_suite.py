@@ -946,3 +946,38 @@ def test_the_report_names_a_kept_result_whose_recompute_failed(tiny_series_run, 
             f"computing it again failed (below).\n\nComputing it again failed: {error}\n") in section, section
     assert "computes it anew" not in report
 
+
+@pytest.mark.slow  # ~30 s under load: four probes and a whole suite
+def test_a_recompute_that_measures_nothing_says_it_replaced_the_earlier_result(tiny_series_run, data_dir, tmp_path,
+                                                                               capsys):
+    """A probe.json of the earlier split method is computed again; under this saelab's split every task may be
+    skipped. That verdict replaces the earlier ok file (a failure to compute keeps it): the error line says it
+    replaced the earlier result, where it was silent, and so does the note of a suite that does not name probe."""
+    evals = tmp_path / "out" / "evals"
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus",
+            str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), *for_metrics(SMALL, "probe"), "--metrics", "probe"]
+    run_cli(capsys, *replaced(argv, "--out", str(tmp_path / "measured")))
+    measured = json.loads((tmp_path / "measured" / "evals" / "probe.json").read_text())["result"]
+    nothing = replaced(argv, "--probe-contexts", "1")
+    run_cli(capsys, *nothing, code=2)
+    rec = json.loads((evals / "probe.json").read_text())
+    assert rec["status"] == "error" and rec["reason"].startswith("every task was skipped")
+    del rec["inputs"]["method"]  # an ok result of these settings, as the earlier split method computed it
+    earlier = json.dumps({**rec, "status": "ok", "reason": None, "result": measured})
+    (evals / "probe.json").write_text(earlier)
+    _, err = run_cli(capsys, *nothing, code=2)
+    line = err.strip().splitlines()[-1]
+    assert "failed in 1 metric(s): probe: every task was skipped" in line
+    assert line.endswith("; it replaced the earlier result in evals/probe.json, as an earlier saelab computed it "
+                         "another way (it records no method; this saelab's: 'splits: each part holds both "
+                         "classes')"), line
+    assert json.loads((evals / "probe.json").read_text())["status"] == "error"
+    (evals / "probe.json").write_text(earlier)  # a suite that does not name probe: skipped, said in a note
+    out, err = run_cli(capsys, *argv[:8], *replaced(SMALL, "--probe-contexts", "1"))
+    assert out["probe"] == "skipped"
+    notes = [line for line in err.splitlines() if line.startswith(f"saelab: note: {evals / 'probe.json'}: every")]
+    assert len(notes) == 1 and "; it replaced the earlier result in evals/probe.json, as an earlier saelab" in \
+        notes[0], err
+    assert "it replaced the earlier result" in json.loads((evals / "suite.json").read_text())["metrics"]["probe"][
+        "reason"]
+

@@ -18,7 +18,8 @@ only with ``overwrite``. A result of the same inputs that an earlier saelab comp
 the metric's computation changed since, or its ``interval_method`` is another, or none: :func:`earlier_computation`)
 is computed again, with a note naming its file and why; the file stays as it was until the new one replaces it, and
 where computing it again fails it is kept, its entry in suite.json the error and that it was kept (its numbers are not
-handed to the metrics after it). An interrupted
+handed to the metrics after it). A recompute that measures nothing (:attr:`SuiteMetric.measured_nothing`) replaces
+it, its reason saying so: this saelab's verdict on those settings, not a failure to compute. An interrupted
 suite keeps every metric finished before the interruption; compute-equivalent also keeps each checkpoint's loss
 (``evals/series_losses.json``).
 
@@ -470,6 +471,10 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
         return {**entry, "status": "error", "reason": f"{failed}; the earlier result in {entry['file']} is kept as it "
                 f"was, though {earlier}", RECOMPUTE_ERROR: failed, "wall_s": round(wall, 3)}
     result, status, why = (None, "error", failed) if failed else _judged(run, m, result)
+    if earlier and status != "ok":  # measured nothing: this saelab's verdict on these settings replaces the file
+        why = f"{why}; it replaced the earlier result in {entry['file']}, as {earlier}"
+        if status == "skipped":  # no error line will say it
+            print(f"saelab: note: {path}: {why}", file=sys.stderr)
     run.results[m.name] = result
     write_json(path, _envelope(m.name, inputs, sae_info, eval_info, status, why, result, wall))
     return {**entry, "status": status, "reason": why, "wall_s": round(wall, 3)}
