@@ -758,7 +758,7 @@ def test_results_of_an_eval_corpus_edited_since_are_not_reused(tiny_series_run, 
     assert _input_changes("core", other_text, rec["inputs"]) == [f"eval.corpus {corpus.resolve()} (its text changed "
                                                                  "since)"]
     assert _input_changes("core", {**other_text, "corpus": "/elsewhere/eval.jsonl"}, rec["inputs"]) == [
-        f'corpus "/elsewhere/eval.jsonl" -> "{corpus.resolve()}"']  # another file: named by its path alone
+        f'eval.corpus "/elsewhere/eval.jsonl" -> "{corpus.resolve()}"']  # another file: named by its path alone
     assert _input_changes("core", old, rec["inputs"]) == []
 
 
@@ -768,7 +768,7 @@ def test_the_eval_corpus_typed_another_way_reuses_the_results(tiny_series_run, d
     holds the eval settings as typed (its config) beside the corpus's absolute path and fingerprint, and the words
     typed were compared: the same file was refused as other settings (`--corpus eval.jsonl -> ./eval.jsonl`). The
     corpus is compared by what it is; another file of that name is still refused, and a result an earlier saelab
-    wrote (no fingerprint) is judged by the corpus's path."""
+    wrote (no fingerprint) is judged by the corpus's path and the words that named it."""
     from saelab.evals.suite import _input_changes
 
     eval_corpus(data_dir, tmp_path / "eval.jsonl")
@@ -785,9 +785,10 @@ def test_the_eval_corpus_typed_another_way_reuses_the_results(tiny_series_run, d
     old = json.loads(written)["inputs"]
     new = {**old, "config": {**old["config"], "corpus": "./eval.jsonl"}}
     earlier = {k: v for k, v in old.items() if k != "corpus_fingerprint"}  # as an earlier saelab wrote it
-    assert _input_changes("core", old, new) == _input_changes("core", earlier, new) == []
-    elsewhere = {**new, "corpus": str(tmp_path / "b" / "eval.jsonl")}  # another file of that name: named
-    assert _input_changes("core", earlier, elsewhere) == [f'corpus "{tmp_path / "eval.jsonl"}" -> '
+    assert _input_changes("core", old, new) == []
+    assert _input_changes("core", earlier, new) == ['eval.corpus "eval.jsonl" -> "./eval.jsonl"']
+    elsewhere = {**new, "corpus": str(tmp_path / "b" / "eval.jsonl")}  # another file of that name: named once
+    assert _input_changes("core", earlier, elsewhere) == [f'eval.corpus "{tmp_path / "eval.jsonl"}" -> '
                                                           f'"{tmp_path / "b" / "eval.jsonl"}"']
 
 
@@ -945,6 +946,50 @@ def test_the_report_names_a_kept_result_whose_recompute_failed(tiny_series_run, 
     assert ("Its intervals are an earlier saelab's (it records no interval_method); it is kept as it was, as "
             f"computing it again failed (below).\n\nComputing it again failed: {error}\n") in section, section
     assert "computes it anew" not in report
+
+
+def test_an_earlier_record_without_the_fingerprint_compares_the_corpus_as_typed(tiny_series_run, data_dir, tmp_path,
+                                                                                capsys, monkeypatch):
+    """A core.json an earlier saelab wrote records no fingerprint of the corpus's text: only its path and the words
+    typed (core's config) tell the text. The words were dropped from the comparison for it too, so the file's text
+    replaced since, typed another way (`./eval.jsonl`), reused the results of the text before. Records with the
+    fingerprint drop the words; records without it compare them as before."""
+    from saelab.evals.suite import _input_changes
+
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"),
+            *for_metrics(SMALL, "core"), "--metrics", "core"]
+    run_cli(capsys, *argv, "--corpus", "eval.jsonl")
+    path = tmp_path / "out" / "evals" / "core.json"
+    rec = json.loads(path.read_text())
+    del rec["inputs"]["corpus_fingerprint"]  # as an earlier saelab wrote it
+    path.write_text(json.dumps(rec))
+    earlier = path.read_bytes()
+    eval_corpus(data_dir, tmp_path / "other.jsonl", n=9).replace(corpus)  # the file's text replaced since
+    _, err = run_cli(capsys, *argv, "--corpus", "./eval.jsonl", code=2)
+    assert 'holds results of this SAE with other settings: core (--corpus "eval.jsonl" -> "./eval.jsonl")' in err
+    assert path.read_bytes() == earlier
+    new = {**rec["inputs"], "config": {**rec["inputs"]["config"], "corpus": "./eval.jsonl"}}
+    assert _input_changes("core", rec["inputs"], new) == ['eval.corpus "eval.jsonl" -> "./eval.jsonl"']
+
+
+def test_another_file_of_the_corpus_name_is_named_as_the_corpus_option(tiny_series_run, data_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    """`cd A; --corpus ev.jsonl`, then `cd B; --corpus ev.jsonl`: the refusal named the corpus `corpus "…/A/ev.jsonl"
+    -> "…/B/ev.jsonl"`, the inputs' key, where an edited file is `--corpus …/ev.jsonl (its text changed since)` and
+    every other setting its option."""
+    for folder, n in (("A", 6), ("B", 7)):
+        (tmp_path / folder).mkdir()
+        eval_corpus(data_dir, tmp_path / folder / "ev.jsonl", n=n)
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"),
+            *for_metrics(SMALL, "core"), "--metrics", "core", "--corpus", "ev.jsonl"]
+    monkeypatch.chdir(tmp_path / "A")
+    run_cli(capsys, *argv)
+    monkeypatch.chdir(tmp_path / "B")
+    _, err = run_cli(capsys, *argv, code=2)
+    assert re.search(r'other settings: core \(--corpus "\S*A/ev\.jsonl" -> "\S*B/ev\.jsonl"\); pass --overwrite',
+                     err), err
 
 
 @pytest.mark.slow  # ~30 s under load: four probes and a whole suite

@@ -321,12 +321,14 @@ def _weights_as_recorded(old: dict, new: dict) -> dict:
 
 def _as_recorded(old: dict, new: dict) -> dict:
     """``new`` inputs as ``old`` records them, to compare the settings: less the corpus's fingerprint where it records
-    none (an earlier saelab's: judged by the corpus's path); the eval corpus in core's config in ``old``'s words
-    (``eval.jsonl`` or ``./eval.jsonl``: the path and fingerprint beside it say what it is); ``old``'s method (a
-    result of an earlier method is computed again, not refused: :func:`earlier_computation`)."""
+    none (an earlier saelab's: judged by the corpus's path and the words that named it); the eval corpus in core's
+    config in ``old``'s words (``eval.jsonl`` or ``./eval.jsonl``) where the fingerprint beside them says what the text
+    is, or the path differs (named as such); ``old``'s method (a result of an earlier method is computed again, not
+    refused: :func:`earlier_computation`)."""
     out = {k: v for k, v in new.items() if k != "method" and (k != CORPUS_TEXT or CORPUS_TEXT in old)}
     old_cfg, new_cfg = old.get("config"), new.get("config")
-    if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "corpus" in old_cfg and "corpus" in new_cfg:
+    if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "corpus" in old_cfg and "corpus" in new_cfg and \
+            (CORPUS_TEXT in old or old.get("corpus") != new.get("corpus")):
         out["config"] = {**new_cfg, "corpus": old_cfg["corpus"]}
     return out | ({"method": old["method"]} if "method" in old else {})
 
@@ -345,8 +347,8 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
     new = _as_recorded(old, _weights_as_recorded(old, new))
 
     def by_setting(inputs: dict) -> dict:
-        named = {k: v for k, v in inputs.items() if k not in ("config", "n_contexts", CORPUS_TEXT, MODEL_FINGERPRINT,
-                                                                  *EVAL_INPUTS)}
+        named = {("eval.corpus" if k == "corpus" else k): v for k, v in inputs.items()  # as its text's change is
+                 if k not in ("config", "n_contexts", CORPUS_TEXT, MODEL_FINGERPRINT, *EVAL_INPUTS)}
         if name in CONTEXTS_SETTING:
             named[CONTEXTS_SETTING[name]] = inputs.get("n_contexts")
         if SETTINGS_GROUP.get(name) != "eval":  # core's config holds them: named once, as eval options
