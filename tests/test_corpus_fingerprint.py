@@ -189,3 +189,58 @@ def test_a_writing_harvest_keeps_the_fingerprint_it_records(tiny_gpt2, data_dir,
     st = corpus.stat()
     assert kept[str(corpus.resolve())] == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                                            sha256sum(corpus)["sha256"]]
+
+
+def test_a_folders_fingerprint_tells_how_each_file_is_read(tmp_path, monkeypatch):
+    """A folder's fingerprint hashed its files' bytes alone, in name order: part.jsonl renamed part.txt (one
+    plain-text document of JSON lines, not its texts) kept it, so results of the text before were reused. It marks
+    how each file is read now; a rename that reads the same text keeps it. A fingerprint taken the earlier way (no
+    scheme) is still the folder's while its files' bytes are: has_fingerprint compares it as it was taken."""
+    from saelab.data.text import has_fingerprint
+
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    fold = tmp_path / "fold"
+    fold.mkdir()
+    part = text_file(fold / "part.jsonl", 1000, b'{"text": "some text"}\n')
+    first = corpus_fingerprint(str(fold))
+    earlier = sha256sum(part)  # the earlier fingerprint of a folder of one file: that file's
+    assert first["bytes"] == 1000 and first != earlier and has_fingerprint(str(fold), first)
+    assert has_fingerprint(str(fold), earlier)
+    part.rename(fold / "part.txt")
+    assert corpus_fingerprint(str(fold)) != first and not has_fingerprint(str(fold), first)
+    (fold / "part.txt").rename(fold / "renamed.jsonl")  # read as it was: the same text
+    assert corpus_fingerprint(str(fold)) == first
+    second = text_file(fold / "second.txt", 10, b"more text ")
+    both = hashlib.sha256(f"{earlier['sha256']}\n{sha256sum(second)['sha256']}".encode()).hexdigest()
+    assert has_fingerprint(str(fold), {"bytes": 1010, "sha256": both})  # the earlier way, of two files
+    assert corpus_fingerprint(str(part.parent / "renamed.jsonl")) == earlier  # a file's: its sha256, as before
+
+
+def test_an_export_holding_a_folders_earlier_fingerprint_is_still_this_export(tmp_path, monkeypatch, capsys):
+    """An SAE of an earlier saelab records no fingerprint of its training text: its export takes one where the
+    corpus's absolute path is there, now marking how a folder's files are read. An export written before, with the
+    folder's fingerprint taken the earlier way, is still this export: reused, not refused as another SAE."""
+    import dataclasses
+
+    from saelab.cli import main
+    from saelab.cli.share import _shared_config
+    from saelab.sae import SAEConfig, TopKSAE, load_sae, save_sae
+
+    monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    fold = tmp_path / "fold"
+    fold.mkdir()
+    part = text_file(fold / "part.jsonl", 100, b'{"text": "a"}\n')
+    sae = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_name="blocks.0.hook_resid_post", model_name="gpt2",
+                            dataset=str(fold)))
+    save_sae(sae, tmp_path / "sae")
+    export = tmp_path / "export"
+    assert main(["export", str(tmp_path / "sae"), str(export), "--format", "saelens"]) == 0
+    assert load_sae(export).cfg.extra["dataset_fingerprint"]["scheme"] == 2
+    shared = _shared_config(load_sae(tmp_path / "sae").cfg)
+    then = {**shared.extra, "dataset_fingerprint": sha256sum(part)}  # a folder of one file: that file's, then
+    earlier = TopKSAE(dataclasses.replace(shared, extra=then))
+    earlier.load_state_dict(load_sae(tmp_path / "sae").state_dict())
+    save_sae(earlier, tmp_path / "earlier", format="saelens")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "sae"), str(tmp_path / "earlier"), "--format", "saelens"]) == 0
+    assert "already holds this export" in capsys.readouterr().err

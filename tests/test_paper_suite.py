@@ -1026,3 +1026,48 @@ def test_a_recompute_that_measures_nothing_says_it_replaced_the_earlier_result(t
     assert "it replaced the earlier result" in json.loads((evals / "suite.json").read_text())["metrics"]["probe"][
         "reason"]
 
+
+def earlier_folder_fingerprint(folder: Path) -> dict:
+    """A corpus folder's fingerprint as saelab took it before it marked how each file is read: its files' sha256s
+    alone, in name order (one file: its own)."""
+    import hashlib
+
+    files = sorted(folder.iterdir())
+    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    return {"bytes": sum(f.stat().st_size for f in files), "sha256": digest}
+
+
+@pytest.mark.slow  # ~30 s under load: a suite of core and a core eval
+def test_a_corpus_folder_whose_file_is_read_otherwise_is_not_reused(tiny_series_run, data_dir, tmp_path, capsys):
+    """A folder's fingerprint hashed its files' bytes alone: part.jsonl renamed part.txt (the same bytes, read as one
+    plain-text document) reused the results of the JSON lines' text. The fingerprint marks how each file is read;
+    a record of the earlier fingerprint is compared as it was taken, so an upgrade refuses none as edited. `eval SAE
+    --out` (metrics.json's eval_as_read) too."""
+    fold = tmp_path / "fold"
+    fold.mkdir()
+    eval_corpus(data_dir, fold / "part.jsonl")
+    argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus", str(fold),
+            *for_metrics(SMALL, "core"), "--metrics", "core"]
+    run_cli(capsys, *argv)
+    path = tmp_path / "out" / "evals" / "core.json"
+    rec = json.loads(path.read_text())
+    (fold / "part.jsonl").rename(fold / "part.txt")
+    _, err = run_cli(capsys, *argv, code=2)
+    assert f"other settings: core (--corpus {fold} (its text changed since)); pass --overwrite" in err, err
+    (fold / "part.txt").rename(fold / "part.jsonl")
+    out, _ = run_cli(capsys, *argv)
+    assert out["core"] == "ok (reused)"
+    rec["inputs"]["corpus_fingerprint"] = earlier_folder_fingerprint(fold)  # as the earlier fingerprint recorded it
+    path.write_text(json.dumps(rec))
+    out, _ = run_cli(capsys, *argv)
+    assert out["core"] == "ok (reused)"
+    ev = ["eval", str(tiny_series_run / "sae"), "--out", str(tmp_path / "ev"), "--corpus", str(fold),
+          "--recon-tokens", "1024", "--downstream-tokens", "992", "--no-progress"]
+    run_cli(capsys, *ev)
+    metrics = tmp_path / "ev" / "metrics.json"
+    rec = json.loads(metrics.read_text())
+    rec["eval_as_read"]["corpus_fingerprint"] = earlier_folder_fingerprint(fold)
+    metrics.write_text(json.dumps(rec))
+    _, err = run_cli(capsys, *ev)
+    assert "already holds this evaluation" in err and json.loads(metrics.read_text()) == rec

@@ -24,7 +24,7 @@ from saelab.data import DrawnContexts, StreamConfig, TextsReadOnce, corpus_ident
 from saelab.data import write_activation_cache
 from saelab.data.cache import NO_ROWS_STARTED, WRITTEN, cache_manifest
 from saelab.data.text import (CORPUS_FINGERPRINT, CORPUS_PATH, corpus_absolute_path, corpus_files_key,
-                              corpus_fingerprint, has_fingerprint)
+                              corpus_fingerprint, fingerprint_as_recorded, has_fingerprint)
 from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
 from saelab.evals._common import jsonable
 from saelab.evals.bootstrap import earlier_intervals
@@ -554,10 +554,12 @@ def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, 
     texts = None, None
     if isinstance(old_eval, dict) and isinstance(old.get("eval_as_read"), dict):  # older files: settings as typed
         old_eval, new_eval = {**old_eval, **old["eval_as_read"]}, {**new_eval, **_eval_as_read(cfg, sae)}
-        # an earlier saelab's record has no fingerprint: judged by the corpus's identity alone
+        # an earlier saelab's record has no fingerprint: judged by the corpus's identity alone; one taken otherwise
+        # then is compared as it was taken
         recorded = CORPUS_TEXT in old_eval
         texts = old_eval.pop(CORPUS_TEXT, None), new_eval.pop(CORPUS_TEXT, None)
-        texts = texts if recorded else (None, None)
+        texts = (texts[0], fingerprint_as_recorded(resolve_corpus(cfg.corpus, "eval"), texts[1], texts[0])) \
+            if recorded else (None, None)
     spec = model or model_for(sae)
     changes = changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
                               "model": evaluated_model(old)},

@@ -60,7 +60,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     if args.dtype is not None:
         sae = sae.to(getattr(torch, args.dtype))
     if (out / "cfg.json").is_file() and not args.overwrite:
-        if not _holds_this_export(out, sae, args.format):
+        if not _holds_this_export(out, sae, args.format) and not _holds_earlier_fingerprint(out, sae, recorded,
+                                                                                             args.format):
             if any(_holds_this_export(out, sae, args.format, cfg=earlier) for earlier in _earlier_exports(recorded)
                    if earlier != sae.cfg):
                 raise ConfigError(f"OUT {out} holds this export as an earlier saelab wrote it, with local paths (of "
@@ -74,15 +75,24 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     return {"sae": str(out), "format": args.format, "files": sorted(p.name for p in out.iterdir())}
 
 
-def _shared_config(cfg):
+def _holds_earlier_fingerprint(out: Path, sae, recorded, fmt: str) -> bool:
+    """Whether OUT holds this export with the training corpus's fingerprint an export took before a folder's marked
+    how each file is read (taken by the export for an SAE of an earlier saelab alone: :func:`_shared_config`): the
+    same export, its fingerprint compared as it was taken."""
+    then = _shared_config(recorded, earlier_fingerprint=True)
+    return then != sae.cfg and _holds_this_export(out, sae, fmt, cfg=then)
+
+
+def _shared_config(cfg, earlier_fingerprint: bool = False):
     """``cfg`` as a file shared with others records it: no path of this disk, which means nothing on another machine.
     The training corpus and the file the SAE was read from by their base names (:func:`_corpus_by_name`), with the
     fingerprint of the corpus's content as its harvest recorded it (taken now for an SAE of an earlier saelab), by
     which an evaluation on that text is told under any name; a local model folder by its base name, marked so that
-    saelab asks for the folder rather than load a hub model of that name (:func:`shared_model_record`)."""
+    saelab asks for the folder rather than load a hub model of that name (:func:`shared_model_record`).
+    ``earlier_fingerprint``: a folder's fingerprint taken as exports took it before (its files' bytes alone)."""
     import dataclasses
 
-    from saelab.data.text import CORPUS_FINGERPRINT, corpus_fingerprint
+    from saelab.data.text import CORPUS_FINGERPRINT, READ_AS_SCHEME, corpus_fingerprint
 
     named = _corpus_by_name(cfg)
     model_name, model_source = shared_model_record(cfg.model_name, named.extra.get("model_source"))
@@ -90,7 +100,8 @@ def _shared_config(cfg):
     # A run's harvest records the fingerprint; one of an earlier saelab has none, taken here where its corpus is an
     # absolute path (the file trained on; a relative one, read from this folder, could be another file).
     if CORPUS_FINGERPRINT not in extra and cfg.dataset and Path(cfg.dataset).expanduser().is_absolute():
-        fingerprint = corpus_fingerprint(cfg.dataset)  # a corpus since moved or deleted: none
+        # a corpus since moved or deleted: none
+        fingerprint = corpus_fingerprint(cfg.dataset, None if earlier_fingerprint else READ_AS_SCHEME)
         if fingerprint is not None:
             extra[CORPUS_FINGERPRINT] = fingerprint
     return dataclasses.replace(named, model_name=model_name, extra=extra)

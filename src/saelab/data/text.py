@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from saelab.errors import CorpusError
-from saelab.utils.file_digests import files_fingerprint
+from saelab.utils.file_digests import file_fingerprints, files_fingerprint
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz")
 TEXT_SUFFIXES = (".txt",)
@@ -200,24 +200,55 @@ _IDENTITIES: dict[str, str] = {}
 """corpus_identity's answers, by the files' paths, sizes and modification times."""
 
 
-def corpus_fingerprint(corpus: str) -> dict[str, Any] | None:
+FINGERPRINT_SCHEME = "scheme"
+"""Where a folder's :func:`corpus_fingerprint` says how it was taken; a record without it was taken before."""
+READ_AS_SCHEME = 2
+"""A folder's fingerprint over each file's :func:`read_as` and sha256 (before it: their sha256s alone, so
+part.jsonl renamed part.txt, the same bytes read as one plain-text document, kept the fingerprint)."""
+
+
+def corpus_fingerprint(corpus: str, scheme: int | None = READ_AS_SCHEME) -> dict[str, Any] | None:
     """What a local corpus's text is, wherever it lies and whatever its name: its size in bytes and the sha256 of a
-    file's bytes (as sha256sum gives it), for a folder of several files the sha256 of their sha256s in the order
-    they are read; None for a Hugging Face dataset name or a path that is not there. A file unchanged since an
-    earlier hash (in this process, or kept in the cache folder) is not read again: file_fingerprints."""
+    file's bytes (as sha256sum gives it); for a folder, the sha256 of each file's :func:`read_as` and sha256 in the
+    order they are read, marked ``"scheme": READ_AS_SCHEME`` (the same bytes read as other text are other text).
+    ``scheme`` None: a folder's as saelab took it before (its files' sha256s alone; one file: its own), to compare
+    a record of then (:func:`fingerprint_as_recorded`). None for a Hugging Face dataset name or a path that is not
+    there. A file unchanged since an earlier hash (in this process, or kept in the cache folder) is not read again:
+    file_fingerprints."""
     path = Path(corpus).expanduser() if corpus else None
     if path is None or not path.exists():
         return None
-    return files_fingerprint(corpus_folder_files(path) if path.is_dir() else [path])
+    files = corpus_folder_files(path) if path.is_dir() else [path]
+    if not path.is_dir() or scheme is None:  # a file's sha256; a folder's as taken before
+        return files_fingerprint(files)
+    read = file_fingerprints(files)
+    lines = [f"{read_as(f)} {digest}" for f, (_, digest) in zip(files, read)]
+    return {"bytes": sum(size for size, _ in read), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+            FINGERPRINT_SCHEME: READ_AS_SCHEME}
+
+
+def read_as(path: Path) -> str:
+    """How a corpus file is read, by its name: the suffix of :data:`CORPUS_SUFFIXES` it ends with."""
+    return next(suffix for suffix in CORPUS_SUFFIXES if path.name.endswith(suffix))
+
+
+def fingerprint_as_recorded(corpus: str | None, now: Any, recorded: Any) -> Any:
+    """``now``, :func:`corpus_fingerprint` of ``corpus``, as ``recorded`` was taken, for the two to be compared: a
+    folder's taken the earlier way where ``recorded`` is (no scheme), so a record of then is not taken for other
+    text, nor judged otherwise than it could be then."""
+    if (isinstance(now, dict) and isinstance(recorded, dict) and corpus
+            and now.get(FINGERPRINT_SCHEME) != recorded.get(FINGERPRINT_SCHEME)):
+        return corpus_fingerprint(corpus, scheme=recorded.get(FINGERPRINT_SCHEME))
+    return now
 
 
 def has_fingerprint(corpus: str, fingerprint: dict[str, Any]) -> bool:
-    """Whether ``corpus`` holds the text :func:`corpus_fingerprint` gave ``fingerprint`` for; a corpus of another
-    size is told without reading it."""
+    """Whether ``corpus`` holds the text :func:`corpus_fingerprint` gave ``fingerprint`` for (taken as it was:
+    :func:`fingerprint_as_recorded`); a corpus of another size is told without reading it."""
     files = corpus_files_key(corpus)  # [path, size, time] of each file; None: no local corpus
     if files is None or fingerprint.get("bytes") not in (None, sum(size for _, size, _ in files)):
         return False
-    return corpus_fingerprint(corpus)["sha256"] == fingerprint.get("sha256")
+    return corpus_fingerprint(corpus, scheme=fingerprint.get(FINGERPRINT_SCHEME))["sha256"] == fingerprint.get("sha256")
 
 
 CORPUS_FINGERPRINT = "dataset_fingerprint"

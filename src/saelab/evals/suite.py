@@ -68,7 +68,7 @@ from typing import Any, Callable
 import torch
 
 from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
-from saelab.data.text import corpus_fingerprint
+from saelab.data.text import corpus_fingerprint, fingerprint_as_recorded
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals._common import config_dict, first_position, jsonable, position_0_words
 from saelab.evals.ablation_sparsity import INTERVAL_METHOD as ABLATION_INTERVALS, run_ablation_sparsity
@@ -320,12 +320,14 @@ def _weights_as_recorded(old: dict, new: dict) -> dict:
 
 
 def _as_recorded(old: dict, new: dict) -> dict:
-    """``new`` inputs as ``old`` records them, to compare the settings: less the corpus's fingerprint where it records
-    none (an earlier saelab's: judged by the corpus's path and the words that named it); the eval corpus in core's
-    config in ``old``'s words (``eval.jsonl`` or ``./eval.jsonl``) where the fingerprint beside them says what the text
-    is, or the path differs (named as such); ``old``'s method (a result of an earlier method is computed again, not
-    refused: :func:`earlier_computation`)."""
+    """``new`` inputs as ``old`` records them, to compare the settings: the corpus's fingerprint taken as ``old``'s
+    was (:func:`fingerprint_as_recorded`), or none where it records none (an earlier saelab's: judged by the corpus's
+    path and the words that named it); the eval corpus in core's config in ``old``'s words (``eval.jsonl`` or
+    ``./eval.jsonl``) where the fingerprint beside them says what the text is, or the path differs (named as such);
+    ``old``'s method (a result of an earlier method is computed again, not refused: :func:`earlier_computation`)."""
     out = {k: v for k, v in new.items() if k != "method" and (k != CORPUS_TEXT or CORPUS_TEXT in old)}
+    if CORPUS_TEXT in old:
+        out[CORPUS_TEXT] = fingerprint_as_recorded(new.get("corpus"), new.get(CORPUS_TEXT), old[CORPUS_TEXT])
     old_cfg, new_cfg = old.get("config"), new.get("config")
     if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "corpus" in old_cfg and "corpus" in new_cfg and \
             (CORPUS_TEXT in old or old.get("corpus") != new.get("corpus")):
