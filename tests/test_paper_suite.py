@@ -714,13 +714,34 @@ def test_a_probe_of_hub_tasks_alone_reads_no_eval_text(tiny_series_run):
     assert suite_reads_eval_text(sae, sae.cfg.model_name, replace(hub_only, probe=ProbeConfig()), EvalConfig(), 32)
 
 
+def _refused_then_measured_anew(capsys, monkeypatch, argv, path, rec, fingerprint, named):
+    """After an input of core's result ``rec`` in ``path`` changed in place: the suite refuses it before the model
+    loads, naming the input as ``named``, and keeps the file; --overwrite measures it anew (another ``fingerprint``,
+    another clean loss); the same command then reuses it. Returns the new record."""
+    import saelab.pipeline
+
+    before = path.read_bytes()
+    load_model = saelab.pipeline.load_model
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    _, err = run_cli(capsys, *argv, code=2)
+    assert (f"holds results of this SAE with other settings: core ({named}); pass --overwrite" in err
+            and path.read_bytes() == before)
+    monkeypatch.setattr(saelab.pipeline, "load_model", load_model)
+    out, _ = run_cli(capsys, *argv, "--overwrite")
+    again = json.loads(path.read_text())
+    assert out["core"] == "ok" and again["inputs"][fingerprint] != rec["inputs"][fingerprint]
+    assert again["result"]["ce_clean"] != rec["result"]["ce_clean"]  # measured on the input as it is now
+    out, _ = run_cli(capsys, *argv)
+    assert out["core"] == "ok (reused)"
+    return again
+
+
 def test_results_of_an_eval_corpus_edited_since_are_not_reused(tiny_series_run, data_dir, tmp_path, capsys,
                                                                monkeypatch):
     """Results recorded the eval corpus by its path alone: after the file was edited in place (same path, same
     size) the suite reused the results of its old text as of the new one. They record its fingerprint: one of other
     text is refused before the model loads, naming the corpus as changed, and replaced with --overwrite; a result
     an earlier saelab wrote, without the fingerprint, is judged by its other inputs as before."""
-    import saelab.pipeline
 
     corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
     argv = ["eval", str(tiny_series_run), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus", str(corpus),
@@ -733,19 +754,8 @@ def test_results_of_an_eval_corpus_edited_since_are_not_reused(tiny_series_run, 
     edited = text.replace(" the ", " and ")  # the same size, other text
     corpus.write_text(edited)
     assert edited != text and len(edited.encode()) == len(text.encode())
-    before = path.read_bytes()
-    load_model = saelab.pipeline.load_model
-    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    _, err = run_cli(capsys, *argv, code=2)
-    assert (f"holds results of this SAE with other settings: core (--corpus {corpus.resolve()} (its text changed "
-            "since)); pass --overwrite") in err and path.read_bytes() == before
-    monkeypatch.setattr(saelab.pipeline, "load_model", load_model)
-    out, _ = run_cli(capsys, *argv, "--overwrite")
-    again = json.loads(path.read_text())
-    assert out["core"] == "ok" and again["inputs"]["corpus_fingerprint"] != rec["inputs"]["corpus_fingerprint"]
-    assert again["result"]["ce_clean"] != rec["result"]["ce_clean"]  # measured on the text as it is now
-    out, _ = run_cli(capsys, *argv)
-    assert out["core"] == "ok (reused)"
+    again = _refused_then_measured_anew(capsys, monkeypatch, argv, path, rec, "corpus_fingerprint",
+                                       f"--corpus {corpus.resolve()} (its text changed since)")
     # as an earlier saelab wrote it: no fingerprint, judged by the other inputs
     del again["inputs"]["corpus_fingerprint"]
     path.write_text(json.dumps(again))
@@ -841,7 +851,6 @@ def test_results_of_a_model_folder_replaced_since_are_not_reused(tiny_series, ti
     fingerprint: other weights are refused before the model loads, naming the model as changed, and measured with
     --overwrite; a result an earlier saelab wrote, without the fingerprint, is judged by the model's path as
     before."""
-    import saelab.pipeline
     from saelab.evals.suite import _input_changes
 
     model = tmp_path / "model"
@@ -855,19 +864,8 @@ def test_results_of_a_model_folder_replaced_since_are_not_reused(tiny_series, ti
     assert out["core"] == "ok" and rec["inputs"]["model_fingerprint"]["bytes"] == (
         model / "model.safetensors").stat().st_size
     shutil.copyfile(tiny_series / "checkpoint-60" / "model.safetensors", model / "model.safetensors")  # in place
-    before = path.read_bytes()
-    load_model = saelab.pipeline.load_model
-    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    _, err = run_cli(capsys, *argv, code=2)
-    assert (f"holds results of this SAE with other settings: core (--model {model} (its weights changed since)); "
-            "pass --overwrite") in err and path.read_bytes() == before
-    monkeypatch.setattr(saelab.pipeline, "load_model", load_model)
-    out, _ = run_cli(capsys, *argv, "--overwrite")
-    again = json.loads(path.read_text())
-    assert out["core"] == "ok" and again["inputs"]["model_fingerprint"] != rec["inputs"]["model_fingerprint"]
-    assert again["result"]["ce_clean"] != rec["result"]["ce_clean"]  # measured on the weights as they are now
-    out, _ = run_cli(capsys, *argv)
-    assert out["core"] == "ok (reused)"
+    again = _refused_then_measured_anew(capsys, monkeypatch, argv, path, rec, "model_fingerprint",
+                                       f"--model {model} (its weights changed since)")
     del again["inputs"]["model_fingerprint"]  # as an earlier saelab wrote it: judged by the other inputs
     path.write_text(json.dumps(again))
     out, _ = run_cli(capsys, *argv)

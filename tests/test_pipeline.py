@@ -623,6 +623,16 @@ def test_quickstart_evaluates_again_an_evaluation_whose_intervals_an_earlier_sae
     assert quickstart(cfg, run, progress=False)["reused"] == list(WORK_STAGES)
 
 
+def _small_run(capsys, model, data_dir, tmp_path, acts, run) -> None:
+    """A run of 64 latents trained on 1,000 tokens of ``model`` read on two articles (train.jsonl in ``tmp_path``),
+    for the tests of its evaluation."""
+    run_cli(capsys, "harvest", "--model", str(model), "--hook", HOOK, "--corpus",
+            str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)), "--out", str(acts), "--n-tokens", "1000",
+            "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
+            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+
+
 def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
     """`--corpus ev.jsonl` typed in two folders names two files: the second evaluation does not take the first's
     numbers for its own. The shipped corpus and the SAE's context size typed out are the defaults they name."""
@@ -632,11 +642,7 @@ def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_
     for folder, first in (("a", 3), ("b", 4)):
         (tmp_path / folder).mkdir()
         wiki_jsonl(data_dir, tmp_path / folder / "ev.jsonl", first, 1)
-    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus",
-            str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)), "--out", str(acts), "--n-tokens", "1000",
-            "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
-    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
-            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+    _small_run(capsys, tiny_dir, data_dir, tmp_path, acts, run)
     ev = ["eval", str(run), "--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
     monkeypatch.chdir(tmp_path / "a")
     run_cli(capsys, *ev, "--corpus", "ev.jsonl")
@@ -671,11 +677,7 @@ def test_eval_reuse_compares_the_whole_text_of_the_corpus(tiny_dir, data_dir, tm
     evaluation that records none (an earlier saelab's) is judged by the identity alone."""
     monkeypatch.setattr("saelab.data.text.FINGERPRINT_BYTES", 64)
     acts, run, ev_file = tmp_path / "acts", tmp_path / "run", wiki_jsonl(data_dir, tmp_path / "ev.jsonl", 3, 1)
-    run_cli(capsys, "harvest", "--model", str(tiny_dir), "--hook", HOOK, "--corpus",
-            str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)), "--out", str(acts), "--n-tokens", "1000",
-            "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
-    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
-            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+    _small_run(capsys, tiny_dir, data_dir, tmp_path, acts, run)
     ev = ["eval", str(run), "--recon-tokens", "256", "--downstream-tokens", "128", "--corpus", str(ev_file),
           "--no-progress"]
     run_cli(capsys, *ev)
@@ -1655,11 +1657,7 @@ def test_eval_reuse_compares_the_weights_of_a_model_folder(tiny_dir, data_dir, t
     model = tmp_path / "tiny"
     shutil.copytree(tiny_dir, model)
     acts, run, ev_file = tmp_path / "acts", tmp_path / "run", wiki_jsonl(data_dir, tmp_path / "ev.jsonl", 3, 1)
-    run_cli(capsys, "harvest", "--model", str(model), "--hook", HOOK, "--corpus",
-            str(wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2)), "--out", str(acts), "--n-tokens", "1000",
-            "--context-size", "32", "--buffer-tokens", "8192", "--no-progress")
-    run_cli(capsys, "train", "--activations", str(acts), "--out", str(run), "--n-latents", "64", "--k", "4",
-            "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
+    _small_run(capsys, model, data_dir, tmp_path, acts, run)
     ev = ["eval", str(run), "--model", str(model), "--recon-tokens", "256", "--downstream-tokens", "128", "--corpus",
           str(ev_file), "--no-progress"]
     _, first = run_cli(capsys, *ev)
