@@ -374,6 +374,33 @@ def test_more_n2g_latents_than_the_sae_has_are_refused_before_the_model_loads(ti
     assert not (out / "evals").exists()  # refused before the model (a missing one here) loads
 
 
+def test_a_rerun_with_or_without_no_progress_reuses_the_results(tiny_dir, data_dir, tmp_path, capsys):
+    """ablation_sparsity's and compute_equivalent's settings held their progress flag: the same command typed
+    without --no-progress was refused as other settings (ablation_sparsity.progress false -> true). It measures
+    nothing and is not recorded; a record of an earlier saelab that holds it is reused either way."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    run = tmp_path / "run"
+    save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post",
+                               model_name=str(tiny_dir), context_size=32)), run / "sae")
+    argv = ["eval", str(run), "--suite", "paper", "--metrics", "ablation_sparsity", "--corpus",
+            str(eval_corpus(data_dir, tmp_path / "eval.jsonl")), "--ablation-contexts", "4", "--abl-n-sites", "2",
+            "--abl-n-future", "8", "--abl-channels-per-site", "4"]
+    out, _ = run_cli(capsys, *argv, "--no-progress")
+    assert out["ablation_sparsity"] == "ok"
+    path = run / "evals" / "ablation_sparsity.json"
+    rec = json.loads(path.read_text())
+    assert "progress" not in rec["inputs"]["config"]
+    out, _ = run_cli(capsys, *argv)
+    assert out["ablation_sparsity"] == "ok (reused)"
+    for shown in (False, True):  # as an earlier saelab recorded it
+        rec["inputs"]["config"]["progress"] = shown
+        path.write_text(json.dumps(rec))
+        for flags in ([], ["--no-progress"]):
+            out, _ = run_cli(capsys, *argv, *flags)
+            assert out["ablation_sparsity"] == "ok (reused)"
+
+
 def test_the_runs_own_evals_folder_as_out_is_the_run_folder(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
     """`--out RUN/evals` means the run's evals/ (the default), not RUN/evals/evals/."""
     from saelab.sae import SAEConfig, TopKSAE, save_sae

@@ -235,22 +235,32 @@ def _on_drawn(metric: Callable[..., dict], run: SuiteRun, n: int, cfg: Any, corp
     return metric(run.lm, run.sae, head.tokens, cfg, documents=head.documents)
 
 
+SHOWN_ONLY = ("progress",)
+"""Settings that change only what is shown while a metric runs: left out of its results' settings, so a rerun
+with or without --no-progress reuses them."""
+
+
+def _settings(cfg: Any) -> dict[str, Any]:
+    """A metric's settings as its results record them (:func:`config_dict`, less :data:`SHOWN_ONLY`)."""
+    return {k: v for k, v in config_dict(cfg).items() if k not in SHOWN_ONLY}
+
+
 SUITE: tuple[SuiteMetric, ...] = (
-    SuiteMetric("core", lambda r: config_dict(r.eval_cfg), lambda r: r.n_down, lambda r: None, _core,
+    SuiteMetric("core", lambda r: _settings(r.eval_cfg), lambda r: r.n_down, lambda r: None, _core,
                 CORE_INTERVALS),
     SuiteMetric("compute_equivalent",
-                lambda r: config_dict(r.cfg.compute_equivalent) | {"series": r.series.info() if r.series else None},
+                lambda r: _settings(r.cfg.compute_equivalent) | {"series": r.series.info() if r.series else None},
                 lambda r: r.n_down, _ce_applies, _compute_equivalent, CE_INTERVALS),
-    SuiteMetric("ablation_sparsity", lambda r: config_dict(r.cfg.ablation_sparsity), lambda r: r.cfg.ablation_contexts,
+    SuiteMetric("ablation_sparsity", lambda r: _settings(r.cfg.ablation_sparsity), lambda r: r.cfg.ablation_contexts,
                 _ablation_applies,
                 lambda r: _on_drawn(run_ablation_sparsity, r, r.cfg.ablation_contexts, r.cfg.ablation_sparsity),
                 ABLATION_INTERVALS),
-    SuiteMetric("probe", lambda r: config_dict(r.cfg.probe), lambda r: r.cfg.probe_contexts,
+    SuiteMetric("probe", lambda r: _settings(r.cfg.probe), lambda r: r.cfg.probe_contexts,
                 lambda r: None if (r.cfg.probe.tasks or r.cfg.probe.hf_tasks) else "no probe tasks selected",
                 lambda r: _on_drawn(run_probe, r, r.cfg.probe_contexts, r.cfg.probe, corpus_order=True),
                 PROBE_INTERVALS, _probe_measured_nothing, method=f"splits: {PROBE_SPLIT_METHOD}",
                 reads_eval_text=lambda r: bool(r.cfg.probe.tasks)),
-    SuiteMetric("n2g", lambda r: config_dict(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, lambda r: None,
+    SuiteMetric("n2g", lambda r: _settings(r.cfg.n2g), lambda r: r.cfg.n2g_contexts, lambda r: None,
                 lambda r: _on_drawn(run_n2g, r, r.cfg.n2g_contexts, r.cfg.n2g), N2G_INTERVALS),
 )
 INTERVAL_METHODS = {m.name: m.interval_method for m in SUITE}
@@ -320,7 +330,8 @@ def _weights_as_recorded(old: dict, new: dict) -> dict:
 
 
 def _as_recorded(old: dict, new: dict) -> dict:
-    """``new`` inputs as ``old`` records them, to compare the settings: the corpus's fingerprint taken as ``old``'s
+    """``new`` inputs as ``old`` records them, to compare the settings: with ``old``'s progress flag where it
+    records one (an earlier saelab's: :data:`SHOWN_ONLY`); the corpus's fingerprint taken as ``old``'s
     was (:func:`fingerprint_as_recorded`), or none where it records none (an earlier saelab's: judged by the corpus's
     path and the words that named it); the eval corpus in core's config in ``old``'s words (``eval.jsonl`` or
     ``./eval.jsonl``) where the fingerprint beside them says what the text is, or the path differs (named as such);
@@ -329,6 +340,8 @@ def _as_recorded(old: dict, new: dict) -> dict:
     if CORPUS_TEXT in old:
         out[CORPUS_TEXT] = fingerprint_as_recorded(new.get("corpus"), new.get(CORPUS_TEXT), old[CORPUS_TEXT])
     old_cfg, new_cfg = old.get("config"), new.get("config")
+    if isinstance(old_cfg, dict) and isinstance(new_cfg, dict):  # an earlier saelab's record of a progress bar
+        out["config"] = new_cfg = {**new_cfg, **{k: old_cfg[k] for k in SHOWN_ONLY if k in old_cfg}}
     if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "corpus" in old_cfg and "corpus" in new_cfg and \
             (CORPUS_TEXT in old or old.get("corpus") != new.get("corpus")):
         out["config"] = {**new_cfg, "corpus": old_cfg["corpus"]}
