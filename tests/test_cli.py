@@ -1748,6 +1748,15 @@ def test_eval_of_a_sweep_says_when_model_reads_its_runs_on_another_model(tmp_pat
         note(sweep / "n64", weightless), _load_failed(weightless)]
 
 
+def _as_an_earlier_saelab_wrote_it(metrics_json) -> None:
+    """``metrics_json`` less what an earlier saelab did not record: how its intervals were made (so it is
+    evaluated again) and the model's weights (so the model is compared by its path: one whose weights are
+    removed to make its load fail is still the model it names)."""
+    written = json.loads(metrics_json.read_text())
+    metrics_json.write_text(json.dumps({k: v for k, v in written.items()
+                                        if k not in ("interval_method", "model_fingerprint")}))
+
+
 def test_eval_of_a_sweep_warns_of_the_training_text_before_the_load(tmp_path, tiny_dir, data_dir, capsys):
     """eval SWEEP warned of the training text just before each run's evaluation, so after the model loaded (and
     earlier runs' work), and not at all for runs already evaluated. Now once every run is checked and before any
@@ -1790,8 +1799,12 @@ def test_eval_of_a_sweep_warns_of_the_training_text_before_the_load(tmp_path, ti
     train(wiki_jsonl(data_dir, tmp_path / "other.jsonl", 3, 2), "n48")  # on other text: each run on it named
     assert said() == [warning(sweep / "n32"), warning(sweep / "n64")]  # n48 evaluated, the others reused
     earlier = sweep / "n64" / "metrics.json"  # as an earlier saelab wrote it: evaluated again
-    earlier.write_text(json.dumps({k: v for k, v in json.loads(earlier.read_text()).items() if k != "interval_method"}))
-    for weights in model.glob("*.safetensors"):
+    _as_an_earlier_saelab_wrote_it(earlier)
+    for name in ("n32", "n48"):  # reused: their model is compared by its path, as they record no weights
+        written = json.loads((sweep / name / "metrics.json").read_text())
+        del written["model_fingerprint"]
+        (sweep / name / "metrics.json").write_text(json.dumps(written))
+    for weights in model.glob("*.safetensors"):  # the same model, by the same path, that now cannot load
         weights.unlink()
     assert said(code=2) == [f"saelab: note: {earlier} is evaluated again, not reused: its intervals are an earlier "
                             "saelab's (it records no interval_method)", warning(sweep / "n32"), warning(sweep / "n64"),
@@ -1843,8 +1856,7 @@ def test_core_eval_says_its_metrics_json_is_evaluated_again_before_the_load(tmp_
     note = (f"saelab eval: note: --model {model}: {on_gpt2} was trained on gpt2; its latents are read from {model} "
             "here")
     assert _hook_and_model_notes(argv, capsys, also=("evaluated again",)) == [note]
-    written = json.loads((out / "metrics.json").read_text())
-    (out / "metrics.json").write_text(json.dumps({k: v for k, v in written.items() if k != "interval_method"}))
+    _as_an_earlier_saelab_wrote_it(out / "metrics.json")
     for weights in model.glob("*.safetensors"):  # the same model, by the same path, that now cannot load
         weights.unlink()
     assert _hook_and_model_notes(argv, capsys, code=2, also=("evaluated again",)) == [
