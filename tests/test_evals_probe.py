@@ -150,6 +150,27 @@ def test_text_groups_follow_paragraphs_across_context_cuts(gpt2_tokenizer):
     assert docs_only.max() == 1 and docs_only[strs.index("\n")] == 0  # a newline splits no document
 
 
+def test_text_groups_keep_a_paragraph_within_its_document(gpt2_tokenizer):
+    """Contexts drawn at random are seldom neighbours: a paragraph cut at one context's end ran on into the next
+    context, of another article (59 of 116 groups of a suite's probe spanned several documents). Given each
+    token's document, a group runs on across a cut only into the same document."""
+    from saelab.data import context_documents, token_contexts, token_documents
+
+    tok = gpt2_tokenizer
+    docs = ["One two three four five six seven eight nine ten.", "Alpha beta gamma delta epsilon zeta eta theta."]
+    tokens = token_contexts(docs, tok, 4, bos_token_id=tok.bos_token_id)  # 3 text tokens per context
+    documents_N = context_documents(tokens, tok.bos_token_id)
+    drawn = [0, int((documents_N == 1).nonzero()[-1])]  # a context of each article, side by side as a draw gives
+    tokens, documents_N = tokens[drawn], documents_N[drawn]
+    documents_NT = token_documents(tokens, documents_N, tok.bos_token_id, prepend_bos=True)
+    assert documents_NT[0].unique().tolist() == [0] and documents_NT[1].unique().tolist() == [1]
+    merged = text_groups(tok, tokens, prepend_bos=True)  # no break token at the cut: one group across it
+    assert merged[0, -1] == merged[1, 1]
+    apart = text_groups(tok, tokens, prepend_bos=True, documents_NT=documents_NT)
+    assert apart[0, -1] != apart[1, 1] and apart[1, 1:].unique().numel() == 1
+    assert torch.equal(apart[0], merged[0])
+
+
 def test_split_by_group_keeps_groups_whole():
     groups = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5, 5, 6, 7, 7, 7, 8, 9, 9])
     for seed in range(20):

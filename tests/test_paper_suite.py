@@ -23,6 +23,7 @@ from test_pipeline import _hashes
 PNG = b"\x89PNG\r\n\x1a\n"
 ENVELOPE = {"metric", "schema_version", "status", "reason", "inputs", "sae", "eval", "wall_s", "created", "result"}
 # Small sizes: each metric runs in a second or two on the tiny models.
+PROBE_SPLIT = "each part holds both classes; a paragraph within its document"  # as the probe records its split
 SMALL = ["--recon-tokens", "1024", "--downstream-tokens", "992", "--ablation-contexts", "8", "--abl-n-sites", "4",
          "--abl-n-future", "8", "--abl-channels-per-site", "4", "--probe-contexts", "64", "--probe-min-per-class", "20",
          "--probe-max-examples", "200", "--n2g-contexts", "24", "--n2g-n-latents", "8", "--n2g-n-examples", "5",
@@ -556,14 +557,14 @@ def test_a_probe_result_of_the_earlier_split_is_computed_again(tiny_series_run, 
     out, _ = run_cli(capsys, *argv)
     path = tmp_path / "out" / "evals" / "probe.json"
     rec = json.loads(path.read_text())
-    assert out["probe"] == "ok" and rec["inputs"]["method"] == "splits: each part holds both classes"
+    assert out["probe"] == "ok" and rec["inputs"]["method"] == f"splits: {PROBE_SPLIT}"
     out, _ = run_cli(capsys, *argv)
     assert out["probe"] == "ok (reused)" and json.loads(path.read_text())["created"] == rec["created"]
     del rec["inputs"]["method"]  # as the earlier probe wrote it
     path.write_text(json.dumps(rec))
     report = write_paper_report(tmp_path / "out").read_text()
     assert ("An earlier saelab computed it another way (it records no method; this saelab's: 'splits: each part "
-            "holds both classes'); the suite run again (`--metrics probe` for it alone) computes it anew") in report
+            "holds both classes; a paragraph within its document'); the suite run again (`--metrics probe` for it alone) computes it anew") in report
     _, err = run_cli(capsys, *replaced(argv, "--probe-contexts", "48"), code=2)
     assert re.search(r"holds results of this SAE with other settings: probe \([\w-]*probe[_-]contexts 64 -> 48\); pass "
                      "--overwrite", err), err  # the contexts changed, named alone
@@ -571,9 +572,9 @@ def test_a_probe_result_of_the_earlier_split_is_computed_again(tiny_series_run, 
     assert out["probe"] == "ok"
     assert [line for line in err.splitlines() if line.startswith("saelab: note:")] == [
         f"saelab: note: {path} is computed again, not reused: an earlier saelab computed it another way (it records "
-        "no method; this saelab's: 'splits: each part holds both classes')"]
+        "no method; this saelab's: 'splits: each part holds both classes; a paragraph within its document')"]
     again = json.loads(path.read_text())
-    assert again["inputs"]["method"] == "splits: each part holds both classes"
+    assert again["inputs"]["method"] == f"splits: {PROBE_SPLIT}"
     assert "earlier saelab" not in (tmp_path / "out" / "evals" / "report.md").read_text()
 
 
@@ -1039,8 +1040,7 @@ def test_a_recompute_that_measures_nothing_says_it_replaced_the_earlier_result(t
     line = err.strip().splitlines()[-1]
     assert "failed in 1 metric(s): probe: every task was skipped" in line
     assert line.endswith("; it replaced the earlier result in evals/probe.json, as an earlier saelab computed it "
-                         "another way (it records no method; this saelab's: 'splits: each part holds both "
-                         "classes')"), line
+                         f"another way (it records no method; this saelab's: 'splits: {PROBE_SPLIT}')"), line
     assert json.loads((evals / "probe.json").read_text())["status"] == "error"
     (evals / "probe.json").write_text(earlier)  # a suite that does not name probe: skipped, said in a note
     out, err = run_cli(capsys, *argv[:8], *replaced(SMALL, "--probe-contexts", "1"))

@@ -230,9 +230,10 @@ PROBE_STATS = {"loss": ratio("sae", "n"), "baseline_loss": ratio("base", "n"),
 
 SPLIT_TRIES = 16
 """Random splits tried for one that puts both classes in train and in the held-out part."""
-SPLIT_METHOD = "each part holds both classes"
+SPLIT_METHOD = "each part holds both classes; a paragraph within its document"
 """How a task's examples are split, as the paper suite records it: results of a probe that scored one-class
-parts (which it recorded nothing for) are not reused."""
+parts (which recorded nothing of it), or whose paragraphs ran on across a cut into another document's context
+(recorded as "each part holds both classes"), are computed again."""
 
 
 def _split_with_both_classes(groups_M: torch.Tensor, y_M: torch.Tensor, cfg: ProbeConfig, g: torch.Generator,
@@ -385,9 +386,11 @@ def _token_examples(lm, sae, tokens_NT: torch.Tensor, hook: str, cfg: ProbeConfi
         a = lm.activations(tokens_NT[cs], hook).float().cpu()
         for j, c in enumerate(cs.tolist()):
             acts[c] = a[j]
-    groups = text_groups(lm.tokenizer, tokens_NT, sae.cfg.prepend_bos, cfg.split_unit).flatten()
-    docs = None if documents_N is None else token_documents(tokens_NT, documents_N, lm.bos_token_id,
-                                                            sae.cfg.prepend_bos).flatten()
+    docs_NT = None if documents_N is None else token_documents(tokens_NT, documents_N, lm.bos_token_id,
+                                                               sae.cfg.prepend_bos)
+    groups = text_groups(lm.tokenizer, tokens_NT, sae.cfg.prepend_bos, cfg.split_unit,
+                         documents_NT=docs_NT).flatten()
+    docs = None if docs_NT is None else docs_NT.flatten()
     if docs is not None and cfg.split_unit == "document":
         groups = docs  # exact where the draw's contexts are not neighbours in the corpus
     return {name: (torch.stack([acts[int(k) // T][int(k) % T] for k in idx]), labels[name].flatten()[idx],

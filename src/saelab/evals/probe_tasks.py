@@ -269,7 +269,7 @@ SPLIT_UNITS = ("paragraph", "document")
 
 
 def text_groups(tokenizer, tokens_NT: torch.Tensor, prepend_bos: bool = True, unit: str = "paragraph",
-                special_ids: Sequence[int] | None = None) -> torch.Tensor:
+                special_ids: Sequence[int] | None = None, documents_NT: torch.Tensor | None = None) -> torch.Tensor:
     """The paragraph (or document) of every token of packed contexts: group ids ``[N, T]``.
 
     Breaks are the ones ``label_tokens`` uses: separators (BOS/EOS) and, for paragraphs, tokens
@@ -277,7 +277,9 @@ def text_groups(tokenizer, tokens_NT: torch.Tensor, prepend_bos: bool = True, un
     packing puts at position 0 (``prepend_bos``), which is no break in the text. Packing cuts the
     token stream into consecutive contexts, so a paragraph that runs from context ``n - 1`` into
     context ``n`` keeps one id across the cut. Contexts not packed consecutively can only be merged
-    more than needed, never split.
+    more than needed, never split; ``documents_NT``, each token's document (``token_documents``), keeps a
+    group from running on into a context of another document (contexts drawn at random across the corpus
+    are seldom neighbours: a paragraph would take in the next context's article).
     """
     import torch
 
@@ -291,6 +293,8 @@ def text_groups(tokenizer, tokens_NT: torch.Tensor, prepend_bos: bool = True, un
     cache: dict[int, str] = {}
     cur, next_id = None, 0  # the group running at the current token (None after a break)
     for n in range(N):
+        if n and documents_NT is not None and int(documents_NT[n, 0]) != int(documents_NT[n - 1, -1]):
+            cur = None
         ids = tokens_NT[n].tolist()
         strs = token_strings(tokenizer, ids, cache)
         for pos, (tok, text) in enumerate(zip(ids, strs)):
