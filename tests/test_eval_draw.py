@@ -143,7 +143,9 @@ def test_probe_intervals_resample_documents(consecutive):
     cfg = ProbeConfig(tasks=("capitalized",), max_examples=300, min_per_class=10, n_boot=50)
     paragraphs = run_probe(lm, sae, tokens, cfg)["tasks"]["capitalized"]
     whole = run_probe(lm, sae, tokens, cfg, documents=documents)["tasks"]["capitalized"]
-    assert whole["loss"] == pytest.approx(paragraphs["loss"])  # the same split and fit
+    # documents keep each paragraph within its own (contexts drawn are seldom neighbours): as many held-out
+    # paragraphs as documents at least, where a paragraph run on across cuts made them fewer
+    assert whole["n_test_groups"] >= whole["intervals"]["loss"]["n_groups"]
     assert paragraphs["intervals"]["loss"]["n_groups"] == paragraphs["n_test_groups"] >= 2
     in_text = token_documents(tokens, documents, lm.bos_token_id).unique().numel()
     assert 2 <= whole["intervals"]["loss"]["n_groups"] <= in_text < 12
