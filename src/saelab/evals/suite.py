@@ -323,20 +323,16 @@ def weights_change(old: dict, new: dict) -> list[str]:
     return []
 
 
-def _weights_as_recorded(old: dict, new: dict) -> dict:
-    """``new`` inputs less the model's fingerprint where ``old`` records none (an earlier saelab's result: judged by
-    the model's name, as before)."""
-    return new if MODEL_FINGERPRINT in old else {k: v for k, v in new.items() if k != MODEL_FINGERPRINT}
-
-
 def _as_recorded(old: dict, new: dict) -> dict:
     """``new`` inputs as ``old`` records them, to compare the settings: with ``old``'s progress flag where it
     records one (an earlier saelab's: :data:`SHOWN_ONLY`); the corpus's fingerprint taken as ``old``'s
     was (:func:`fingerprint_as_recorded`), or none where it records none (an earlier saelab's: judged by the corpus's
     path and the words that named it); the eval corpus in core's config in ``old``'s words (``eval.jsonl`` or
     ``./eval.jsonl``) where the fingerprint beside them says what the text is, or the path differs (named as such);
-    ``old``'s method (a result of an earlier method is computed again, not refused: :func:`earlier_computation`)."""
-    out = {k: v for k, v in new.items() if k != "method" and (k != CORPUS_TEXT or CORPUS_TEXT in old)}
+    ``old``'s method (a result of an earlier method is computed again, not refused: :func:`earlier_computation`);
+    no model fingerprint where it records none (an earlier saelab's: judged by the model's name)."""
+    fingerprints = (CORPUS_TEXT, MODEL_FINGERPRINT)
+    out = {k: v for k, v in new.items() if k != "method" and (k not in fingerprints or k in old)}
     if CORPUS_TEXT in old:
         out[CORPUS_TEXT] = fingerprint_as_recorded(new.get("corpus"), new.get(CORPUS_TEXT), old[CORPUS_TEXT])
     old_cfg, new_cfg = old.get("config"), new.get("config")
@@ -359,7 +355,7 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
     """changed_fields of two records of metric ``name``'s inputs, each setting named as its option group
     does ("n2g.max_len 24 -> 16"). core's and compute_equivalent's contexts follow from eval.downstream_tokens,
     named there."""
-    new = _as_recorded(old, _weights_as_recorded(old, new))
+    new = _as_recorded(old, new)
 
     def by_setting(inputs: dict) -> dict:
         named = {("eval.corpus" if k == "corpus" else k): v for k, v in inputs.items()  # as its text's change is
@@ -416,8 +412,7 @@ def _reusable(old: dict | None, inputs: dict) -> bool:
     """Whether a metric's earlier record ``old`` is an ok result of these ``inputs`` (reused unless an earlier saelab
     computed it otherwise: :func:`earlier_computation`)."""
     return (bool(old) and old.get("status") == "ok" and isinstance(old.get("inputs"), dict)
-            and old["inputs"] == json.loads(json.dumps(_as_recorded(old["inputs"],
-                                                                    _weights_as_recorded(old["inputs"], inputs)))))
+            and old["inputs"] == json.loads(json.dumps(_as_recorded(old["inputs"], inputs))))
 
 
 def earlier_computation(record: dict, metric: str) -> str | None:
