@@ -10,7 +10,7 @@ cd "$work/saelab"
 ./setup.sh
 # 65,536 tokens: harvest, train (16 steps of 4,096) and evaluate in a few minutes on 2 cores.
 .venv/bin/saelab quickstart --n-tokens 65536 --eval-recon-tokens 8192 --eval-downstream-tokens 2048 --no-progress \
-    > quickstart.json
+    > quickstart.txt
 .venv/bin/python - <<'PY'
 import json, math, pathlib
 run = pathlib.Path("runs/quickstart")

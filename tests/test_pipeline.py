@@ -1499,19 +1499,37 @@ def test_repeated_overwrites_count_the_checks_of_the_calls_behind_the_results(ti
     assert recorded["harvest_call_seconds"] == {stage: calls[0]["wall_seconds"][stage] for stage in SHARED_STAGES}
 
 
-def test_cli_quickstart_prints_its_metrics_as_json_alone(tiny_dir, data_dir, tmp_path, capsys):
-    """Its stdout began with a blank line and `report: PATH` before the JSON, which a pipe into a JSON reader
-    refused; the report's path goes to stderr, as every verb's words do."""
+def test_cli_quickstart_prints_a_short_summary_and_its_metrics_as_json_on_request(tiny_dir, data_dir, tmp_path,
+                                                                                   capsys):
+    """The README's first command ended by printing the whole metrics.json (~140 lines); it prints the headline
+    metrics with their intervals and where the report and metrics.json are, and --json prints the file alone
+    (its stdout began with `report: PATH` once, which a pipe into a JSON reader refused; that path goes to
+    stderr then, as every verb's words do)."""
     train, held_out = (wiki_jsonl(data_dir, tmp_path / name, *docs) for name, docs in
                        (("train.jsonl", (0, 2)), ("eval.jsonl", (3, 1))))
+    qs = tmp_path / "qs"
+    command = ["quickstart", "--out", str(qs), "--harvest-model", str(tiny_dir), "--harvest-hook", HOOK,
+               "--harvest-corpus", str(train), "--harvest-context-size", "32", "--n-tokens", "1000", "--n-latents",
+               "64", "--k", "4", "--batch-size", "250", "--init-rows", "500", "--eval-corpus", str(held_out),
+               "--eval-recon-tokens", "256", "--eval-downstream-tokens", "128", "--no-progress"]
     capsys.readouterr()
-    code = main(["quickstart", "--out", str(tmp_path / "qs"), "--harvest-model", str(tiny_dir), "--harvest-hook",
-                 HOOK, "--harvest-corpus", str(train), "--harvest-context-size", "32", "--n-tokens", "1000",
-                 "--n-latents", "64", "--k", "4", "--batch-size", "250", "--init-rows", "500", "--eval-corpus",
-                 str(held_out), "--eval-recon-tokens", "256", "--eval-downstream-tokens", "128", "--no-progress"])
+    code = main(command)
     out, err = capsys.readouterr()
-    assert code == 0 and json.loads(out)["l0"] > 0
-    assert f"saelab quickstart: report: {tmp_path / 'qs' / 'report.md'}" in err.splitlines()
+    assert code == 0, err[-2000:]
+    metrics = json.loads((qs / "metrics.json").read_text())
+    lines = out.splitlines()
+    assert len(lines) <= 12, out
+    for key in ("nmse", "delta_ce", "kl"):  # each headline number with its interval, as report.md shows it
+        interval = metrics["intervals"][key]
+        assert f"{metrics[key]:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]" in out, key
+    assert f"{metrics['l0']:.2f}" in out and "held-out text" in lines[0]
+    assert f"report:  {qs / 'report.md'}" in lines and any(line.startswith(f"metrics: {qs / 'metrics.json'}")
+                                                            for line in lines)
+    # the same command again reuses every stage; --json prints the whole metrics.json and nothing else
+    code = main([*command, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out) == json.loads((qs / "metrics.json").read_text())
+    assert f"saelab quickstart: report: {qs / 'report.md'}" in err.splitlines()
 
 
 def _documented_metrics_keys() -> tuple[set[str], set[str]]:

@@ -104,6 +104,8 @@ def add_quickstart(sub, recipe: str) -> None:
     p.add_arguments(HarvestConfig, dest="harvest", prefix="harvest-")
     add_train_config(p, recipe)
     p.add_arguments(EvalConfig, dest="eval", prefix="eval-")
+    p.add_argument("--json", action="store_true",
+                   help="print the whole metrics.json (for scripts) instead of a short summary")
     add_io_options(p)
     p.set_defaults(handler=run_quickstart)
 
@@ -126,8 +128,13 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         metrics = quickstart(cfg, args.out, device=args.device, model_dtype=args.model_dtype,
                              overwrite=args.overwrite, overwrite_activations=args.overwrite_activations,
                              progress=args.progress, log_to=args.log_to)
-    print(f"saelab quickstart: report: {Path(args.out) / 'report.md'}", file=sys.stderr)  # stdout: the JSON alone
-    return metrics
+    if args.json:
+        print(f"saelab quickstart: report: {Path(args.out) / 'report.md'}", file=sys.stderr)  # stdout: the JSON alone
+        return metrics
+    from saelab.report.markdown import run_summary
+
+    print(run_summary(Path(args.out), metrics))
+    return None
 
 
 def _with_n_tokens(args: argparse.Namespace, train: TrainConfig) -> TrainConfig:

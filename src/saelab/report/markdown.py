@@ -40,13 +40,17 @@ METRIC_ROWS = [
 ]
 
 
-def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+HEADLINE_METRICS = ("nmse", "l0", "delta_ce", "kl", "ce_recovered_zero", "ce_recovered_mean")
+"""The rows a run's short summary shows (quickstart's output); metrics.json and report.md hold the rest."""
+
+
+def metric_rows(metrics: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
     """The evaluation table's rows of ``metrics`` (metrics.json or core.json's result), with the bootstrap
     interval of each sampled number; a measurement without a value (null; NaN in an earlier saelab's file)
-    shows as "—" with why."""
+    shows as "—" with why. ``keys``: only these rows (None: all)."""
     rows, intervals = [], metrics.get("intervals") or {}
     for key, label, fmt in METRIC_ROWS:
-        if key in metrics:
+        if key in metrics and (keys is None or key in keys):
             value = metrics[key]
             rows.append((label, fmt.format(value) + format_interval(intervals.get(key), fmt)
                          if value is not None and math.isfinite(value) else "—" + _why_undefined(key, metrics)))
@@ -67,6 +71,20 @@ def intervals_note(metrics: dict[str, Any]) -> list[str]:
     return ["", f"[low, high]: {some['level']:.0%} bootstrap intervals over the {metrics.get('interval_groups', 'groups')} "
                 "the eval contexts were drawn from (nMSE: over the reconstruction tokens', "
                 f"{some['n_groups']:,}; the losses: over the downstream contexts'), {some['n_boot']:,} draws."]
+
+
+def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
+    """A few lines on a terminal: the headline metrics with their intervals, and where report.md and the full
+    metrics.json lie (what quickstart prints at its end; ~140 lines of JSON buried the numbers)."""
+    rows = metric_rows(metrics, HEADLINE_METRICS)
+    width = max((len(label) for label, _ in rows), default=0)
+    lines = [f"Evaluated on {metrics.get('eval_text', 'held-out text')}: {metrics.get('n_tokens', 0):,} tokens for "
+             f"reconstruction, {metrics.get('n_predictions', 0):,} next-token predictions for the losses",
+             *(f"  {label:<{width}}  {value}" for label, value in rows),
+             *(line for line in intervals_note(metrics) if line),
+             f"report:  {Path(run_dir) / REPORT}",
+             f"metrics: {Path(run_dir) / EVAL_METRICS} (every measurement, the settings, the stage times)"]
+    return "\n".join(lines)
 
 
 def earlier_intervals_note(result: dict[str, Any], method: str, again: str) -> list[str]:
