@@ -122,7 +122,7 @@ def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkey
     report = (run / "report.md").read_text()
     ci = {k: f"[{on_disk['intervals'][k]['low']:.4f}, {on_disk['intervals'][k]['high']:.4f}]" for k in ("nmse", "kl")}
     assert f"| nMSE (FVU), raw activation space | {on_disk['nmse']:.4f} {ci['nmse']} |" in report
-    assert f"| KL(clean \\|\\| spliced) per token | {on_disk['kl']:.4f} {ci['kl']} |" in report  # one row, not split
+    assert f"| KL(clean \\|\\| spliced) per prediction | {on_disk['kl']:.4f} {ci['kl']} |" in report  # one row, not split
     assert "![training curves](training_curves.png)" in report and "![latent density](density.png)" in report
     # 8,192 tokens: too short to tell which latents went 262,144 tokens without firing.
     assert "not fired in the last 262,144 training tokens: not measured (the run saw 8,192 tokens)" in report
@@ -1060,6 +1060,21 @@ def test_report_refuses_a_json_file_that_is_no_text_or_nested_too_deep(tmp_path,
         path.write_bytes(content)
         assert main(["report", str(path.parent)]) == 2
         assert capsys.readouterr().err.strip() == f"saelab report: error: {path}: {problem}; {advice}"
+
+
+def test_report_and_docs_name_the_kl_by_the_predictions_it_averages(tiny_dir, data_dir, tmp_path, capsys):
+    """KL is the mean over the next-token predictions scored (n_predictions: none from a context's last token, nor
+    from position 0 where it is left out), not over the eval tokens (n_tokens); report.md called it "per token"
+    while docs/evals.md said "per prediction". Both name it by its predictions, in the same words."""
+    run, metrics = _evaluated_run(capsys, tiny_dir, data_dir, tmp_path)
+    contexts = metrics["n_predictions"] // (metrics["context_size"] - 2)  # position 0 excluded, last token: no next
+    assert metrics["n_predictions"] == contexts * (metrics["context_size"] - 2) != metrics["n_tokens"]
+    [row] = [line for line in (run / "report.md").read_text().splitlines() if line.startswith("| KL")]
+    label = row.split(" | ")[0].removeprefix("| ")
+    assert label == "KL(clean \\|\\| spliced) per prediction" and f"{metrics['kl']:.4f} [" in row
+    docs = (REPO / "docs" / "evals.md").read_text()
+    said = re.findall(r"KL\(clean ‖ spliced\) per \w+", docs)
+    assert said and set(said) == {"KL(clean ‖ spliced) per prediction"}
 
 
 def test_training_curves_leave_out_the_steps_where_auxk_was_inactive(tiny_dir, data_dir, tmp_path, capsys):

@@ -32,7 +32,7 @@ METRIC_ROWS = [
     ("ce_clean", "CE loss, clean model (nats)", "{:.4f}"),
     ("ce_spliced", "CE loss, SAE spliced in (nats)", "{:.4f}"),
     ("delta_ce", "delta CE (spliced - clean)", "{:.4f}"),
-    ("kl", "KL(clean || spliced) per token", "{:.4f}"),
+    ("kl", "KL(clean || spliced) per prediction", "{:.4f}"),  # the mean over n_predictions, not the eval tokens
     ("ce_zero_abl", "CE loss, hook zero-ablated", "{:.4f}"),
     ("ce_mean_abl", "CE loss, hook mean-ablated", "{:.4f}"),
     ("ce_recovered_zero", "CE recovered vs zero-ablation", "{:.2%}"),
