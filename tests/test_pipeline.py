@@ -241,7 +241,8 @@ def test_cli_harvest_train_eval_report(tiny_dir, data_dir, tmp_path, capsys):
     assert f"| nMSE (FVU), raw activation space | {metrics['nmse']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}] |" in report
     assert f"`{tiny_dir}`" in report and "bootstrap intervals over the documents" in report
     assert "![training curves](training_curves.png)" in report and "![latent density](density.png)" in report
-    assert "| AuxK / Multi-TopK / EMA | True (k_aux=256) / False / off |" in report  # not "None"
+    assert ("| AuxK / Multi-TopK / EMA | True (k_aux=128: the 256 set exceeds the SAE's 128 latents, so AuxK takes "
+            "every dead latent) / False / off |") in report  # not "None"
     # 3,000 tokens: too short to tell which latents went 262,144 tokens without firing.
     assert "not fired in the last 262,144 training tokens: not measured (the run saw 3,000 tokens)" in report
     assert_png(run / "training_curves.png")
@@ -1075,6 +1076,36 @@ def test_report_and_docs_name_the_kl_by_the_predictions_it_averages(tiny_dir, da
     docs = (REPO / "docs" / "evals.md").read_text()
     said = re.findall(r"KL\(clean ‖ spliced\) per \w+", docs)
     assert said and set(said) == {"KL(clean ‖ spliced) per prediction"}
+
+
+def test_report_shows_the_k_aux_and_learning_rate_the_training_used(tiny_dir, data_dir, tmp_path, capsys):
+    """A run of 64 latents at the defaults: AuxK takes at most the dead latents, so the default k_aux (256) acts
+    as every latent (64), and lr_base scaled to 64 latents (0.004 / sqrt(64 / 2^14) = 0.064) is capped at lr_max
+    (0.01). report.md showed k_aux=256 and 0.01 as if set so; it shows the values that acted and says which were
+    clamped or capped. Values that acted as set are shown bare."""
+    acts, _ = _harvested(capsys, tiny_dir, data_dir, tmp_path)
+    capped, as_set = tmp_path / "capped", tmp_path / "as-set"
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(capped), "--k", "4", "--log-every", "1",
+            *SMALL_TRAINING)
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(as_set), "--k", "4", "--k-aux", "32",
+            "--lr-max", "0.1", "--log-every", "1", *SMALL_TRAINING)
+    peak = {run: max(json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines())
+            for run in (capped, as_set)}
+    assert peak == {capped: pytest.approx(0.01), as_set: pytest.approx(0.064)}  # what the optimizer stepped with
+    for run in (capped, as_set):
+        _report_notes(capsys, run)
+    report = (capped / "report.md").read_text()
+    assert "| learning rate | 0.01 (capped by lr_max; lr_base 0.004 scaled to 64 latents gives 0.064) |" in report
+    assert ("| AuxK / Multi-TopK / EMA | True (k_aux=64: the 256 set exceeds the SAE's 64 latents, so AuxK takes "
+            "every dead latent) / False / off |") in report
+    report = (as_set / "report.md").read_text()
+    assert "| learning rate | 0.064 |" in report and "| AuxK / Multi-TopK / EMA | True (k_aux=32) / False / off |" \
+        in report
+    no_auxk = tmp_path / "no-auxk"  # AuxK off: its k_aux acts on nothing, and is not shown
+    run_cli(capsys, "train", "--activations", str(acts), "--out", str(no_auxk), "--k", "4", "--no-auxk",
+            *SMALL_TRAINING)
+    _report_notes(capsys, no_auxk)
+    assert "| AuxK / Multi-TopK / EMA | False / False / off |" in (no_auxk / "report.md").read_text()
 
 
 def test_training_curves_leave_out_the_steps_where_auxk_was_inactive(tiny_dir, data_dir, tmp_path, capsys):

@@ -152,8 +152,28 @@ def _dead_latents_and_ema_row(train: dict[str, Any]) -> tuple[str, str]:
     """AuxK and Multi-TopK act on a top-k SAE only: a ReLU SAE's row names its EMA alone."""
     if train.get("architecture") == "relu":
         return "EMA", _ema_words(train)
-    return ("AuxK / Multi-TopK / EMA",
-            f"{train['auxk']} (k_aux={train['k_aux']}) / {train['multi_topk']} / {_ema_words(train)}")
+    return "AuxK / Multi-TopK / EMA", f"{_auxk_words(train)} / {train['multi_topk']} / {_ema_words(train)}"
+
+
+def _auxk_words(train: dict[str, Any]) -> str:
+    """AuxK with the k_aux that acted: a k_aux above the latent count takes every dead latent, which the row
+    says rather than show a number no step could use."""
+    if not train["auxk"]:
+        return "False"  # k_aux acts on nothing then
+    cfg = TrainConfig.from_dict(train)
+    if cfg.effective_k_aux == cfg.k_aux:
+        return f"True (k_aux={cfg.k_aux})"
+    return (f"True (k_aux={cfg.effective_k_aux}: the {cfg.k_aux} set exceeds the SAE's {cfg.n_latents:,} latents, "
+            "so AuxK takes every dead latent)")
+
+
+def _lr_words(train: dict[str, Any]) -> str:
+    """The learning rate training used, and the scaled rate --lr-max cut it from, when it did."""
+    cfg = TrainConfig.from_dict(train)
+    if not cfg.lr_capped:
+        return f"{cfg.effective_lr:.3g}"
+    return (f"{cfg.effective_lr:.3g} (capped by lr_max; lr_base {cfg.lr_base:g} scaled to {cfg.n_latents:,} latents "
+            f"gives {cfg.scaled_lr:.3g})")
 
 
 def _ema_words(train: dict[str, Any]) -> str:
@@ -276,7 +296,7 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
                     f"position 0 excluded: {sae_cfg['exclude_first']}"),
         ("corpus", f"`{sae_cfg['dataset']}`"),
         ("recipe", _recipe(train)),
-        ("learning rate", f"{TrainConfig.from_dict(train).effective_lr:.3g}"),
+        ("learning rate", _lr_words(train)),
         _dead_latents_and_ema_row(train),
         ("seed", f"{train['seed']}"),
         _status_row(status, log, holder),

@@ -82,7 +82,8 @@ class TrainConfig:
     auxk: bool = switch(True)
     """Train dead latents to reconstruct the residual (AuxK)."""
     k_aux: int = 256
-    """Dead latents used by AuxK (all of them when fewer are dead; a --k-aux above --n-latents is refused)."""
+    """Dead latents used by AuxK (all of them when fewer are dead; a --k-aux typed above --n-latents is refused,
+    the default above it takes every dead latent)."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss."""
     dead_tokens: int | None = None
@@ -163,8 +164,24 @@ class TrainConfig:
                                                                          max(self.batch_size, self.total_tokens // 8))
 
     @property
+    def scaled_lr(self) -> float:
+        """--lr-base scaled to the latent count, before --lr-max caps it."""
+        return self.lr_base / math.sqrt(self.n_latents / 2**14)
+
+    @property
     def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else min(self.lr_base / math.sqrt(self.n_latents / 2**14), self.lr_max)
+        return self.lr if self.lr is not None else min(self.scaled_lr, self.lr_max)
+
+    @property
+    def lr_capped(self) -> bool:
+        """Whether --lr-max, not the scaled rate, set the learning rate (a report says so)."""
+        return self.lr is None and self.scaled_lr > self.lr_max
+
+    @property
+    def effective_k_aux(self) -> int:
+        """The most dead latents AuxK can take: each step takes min(k_aux, the dead latents), so a k_aux above
+        the latent count (the default 256 at a small --n-latents) acts as every latent."""
+        return min(self.k_aux, self.n_latents)
 
     def lr_at(self, step: int) -> float:
         """Warmup, constant, then linear decay to zero over the last decay_fraction of steps."""
