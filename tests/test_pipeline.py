@@ -65,7 +65,6 @@ def run_cli(capsys, *argv: str) -> tuple[int, dict]:
 # ---- quickstart on the real default model ------------------------------------------------------------------
 
 
-@pytest.mark.slow  # ~20 s on 2 cores (.ci/newcomer.sh also runs a quickstart); .ci/run runs the slow tests
 def _tiny_quickstart(tiny_dir, train_corpus, eval_corpus) -> QuickstartConfig:
     """A quickstart of the tiny model small enough for a test: 1,000 tokens, 64 latents."""
     return QuickstartConfig(harvest=HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(train_corpus),
@@ -74,6 +73,7 @@ def _tiny_quickstart(tiny_dir, train_corpus, eval_corpus) -> QuickstartConfig:
                             eval=EvalConfig(corpus=str(eval_corpus), recon_tokens=256, downstream_tokens=128))
 
 
+@pytest.mark.slow  # ~20 s on 2 cores (.ci/newcomer.sh also runs a quickstart); .ci/run runs the slow tests
 def test_quickstart_on_default_model(smollm2, data_dir, tmp_path, capsys, monkeypatch):
     wiki = data_dir / "wiki-en"
     cfg = QuickstartConfig(
