@@ -276,6 +276,24 @@ def test_results_the_suite_would_replace_are_refused_before_the_model_loads(tiny
     assert _input_changes("probe", probe, {**probe, "sample_pool_tokens": 0}) == ["eval.sample_pool_tokens 4194304 -> 0"]
 
 
+@pytest.mark.slow  # ~20 s on 2 cores
+def test_changed_contexts_are_named_by_the_options_typed(tiny_dir, data_dir, tmp_path, capsys):
+    """The refusal of results made with other settings named each metric's settings by its option (--abl-n-sites
+    4 -> 3) but the contexts by the suite's field (probe_contexts 64 -> 48), which no option spells: each is now
+    the option the user typed."""
+    pt = v5_checkpoint(tmp_path / "sae" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt")
+    names = ("ablation_sparsity", "probe", "n2g")
+    argv = ["eval", str(pt), "--model", str(tiny_dir), "--suite", "paper", "--out", str(tmp_path / "out"), "--corpus",
+            str(eval_corpus(data_dir, tmp_path / "eval.jsonl", n=8)), *for_metrics(SMALL, *names), "--metrics", *names]
+    run_cli(capsys, *argv)
+    for option, value in (("--ablation-contexts", "6"), ("--abl-n-sites", "3"), ("--probe-contexts", "48"),
+                          ("--n2g-contexts", "20")):
+        argv = replaced(argv, option, value)
+    _, err = run_cli(capsys, *argv, code=2)
+    assert ("other settings: ablation_sparsity (--abl-n-sites 4 -> 3, --ablation-contexts 8 -> 6); probe "
+            "(--probe-contexts 64 -> 48); n2g (--n2g-contexts 24 -> 20); pass --overwrite") in err, err
+
+
 def test_run_paper_suite_names_the_saes_context_it_refuses(tiny_gpt2, tmp_path):
     """From Python with the model loaded, the SAE's own context past the model's positions was refused as
     `context_size=256 ...`, a setting never given; it is named as the command line names it, and a context set
@@ -566,7 +584,7 @@ def test_a_probe_result_of_the_earlier_split_is_computed_again(tiny_series_run, 
     assert ("An earlier saelab computed it another way (it records no method; this saelab's: 'splits: each part "
             "holds both classes; a paragraph within its document'); the suite run again (`--metrics probe` for it alone) computes it anew") in report
     _, err = run_cli(capsys, *replaced(argv, "--probe-contexts", "48"), code=2)
-    assert re.search(r"holds results of this SAE with other settings: probe \([\w-]*probe[_-]contexts 64 -> 48\); pass "
+    assert re.search(r"holds results of this SAE with other settings: probe \(--probe-contexts 64 -> 48\); pass "
                      "--overwrite", err), err  # the contexts changed, named alone
     out, err = run_cli(capsys, *argv)
     assert out["probe"] == "ok"

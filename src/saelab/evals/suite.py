@@ -346,14 +346,19 @@ def _as_recorded(old: dict, new: dict) -> dict:
 
 EVAL_INPUTS = ("sample_pool_tokens",)
 """Eval options every metric's inputs record (how its contexts were drawn), named as the eval options they are."""
-# The option group each metric's settings come from (core's: the eval options); its contexts' setting.
+# The option group each metric's settings come from (core's: the eval options); its contexts' setting, one of
+# the suite's own (named by its path, "suite_cfg.probe_contexts", as the options and a --config file name it).
 SETTINGS_GROUP = {"core": "eval"}
 CONTEXTS_SETTING = {"ablation_sparsity": "ablation_contexts", "probe": "probe_contexts", "n2g": "n2g_contexts"}
 
 
+def _contexts_path(metric: str) -> str:
+    return f"suite_cfg.{CONTEXTS_SETTING[metric]}"
+
+
 def _input_changes(name: str, old: dict, new: dict) -> list[str]:
     """changed_fields of two records of metric ``name``'s inputs, each setting named as its option group
-    does ("n2g.max_len 24 -> 16"). core's and compute_equivalent's contexts follow from eval.downstream_tokens,
+    does ("n2g.max_len 24 -> 16", "suite_cfg.probe_contexts 512 -> 64"). core's and compute_equivalent's contexts follow from eval.downstream_tokens,
     named there."""
     new = _as_recorded(old, new)
 
@@ -361,7 +366,7 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
         named = {("eval.corpus" if k == "corpus" else k): v for k, v in inputs.items()  # as its text's change is
                  if k not in ("config", "n_contexts", CORPUS_TEXT, MODEL_FINGERPRINT, *EVAL_INPUTS)}
         if name in CONTEXTS_SETTING:
-            named[CONTEXTS_SETTING[name]] = inputs.get("n_contexts")
+            named[_contexts_path(name)] = inputs.get("n_contexts")
         if SETTINGS_GROUP.get(name) != "eval":  # core's config holds them: named once, as eval options
             named["eval"] = {k: inputs[k] for k in EVAL_INPUTS if k in inputs}
         return {**named, SETTINGS_GROUP.get(name, name): inputs.get("config")}
@@ -528,7 +533,7 @@ def _contexts_read(run: SuiteRun, metric: str) -> dict[str, int]:
     """The contexts ``metric`` reads, by the setting (its path) that asks for them: core's recon and
     downstream tokens (evaluate_core reads both), compute_equivalent's downstream tokens, the others' counts."""
     if metric in CONTEXTS_SETTING:
-        return {f"suite_cfg.{CONTEXTS_SETTING[metric]}": getattr(run.cfg, CONTEXTS_SETTING[metric])}
+        return {_contexts_path(metric): getattr(run.cfg, CONTEXTS_SETTING[metric])}
     counts = ("recon_tokens", "downstream_tokens") if metric == "core" else ("downstream_tokens",)
     return {f"eval.{count}": math.ceil(getattr(run.eval_cfg, count) / (run.T - run.first)) for count in counts}
 
