@@ -350,6 +350,11 @@ BAD = [
     # the misspelling first: the setting it was meant to give may be the one another option's check refuses
     ("train --n-latentz 16 --n-latents 8", "unrecognized arguments: --n-latentz 16; did you mean --n-latents?"),
     ("families A B --n-tokns 5", "unrecognized arguments: --n-tokns; did you mean --n-tokens?"),  # not "--out"
+    # another verb's group prefix, added or left out: too long a difference for a close spelling
+    ("harvest --harvest-dtype bfloat16", "unrecognized arguments: --harvest-dtype bfloat16; did you mean --dtype?"),
+    ("quickstart --recon-tokens 512", "unrecognized arguments: --recon-tokens 512; did you mean --eval-recon-tokens?"),
+    ("eval SAE --max-len 5", "unrecognized arguments: --max-len 5; did you mean --n2g-max-len?"),
+    ("quickstart --dtype x", "unrecognized arguments: --dtype x (`saelab quickstart"),  # --harvest- or --model-dtype
     ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
     ("eval SAE --bogus", "unrecognized arguments: --bogus (`saelab eval --help` lists the options)"),
     ("train --recipe relu-l1 --k 16", "--k: a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every"),

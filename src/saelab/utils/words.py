@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from typing import Any, Iterable
 
 
@@ -14,9 +15,32 @@ def plural(n: int, noun: str) -> str:
 
 
 def did_you_mean(word: str, names: Iterable[str]) -> str:
-    """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, else ""."""
-    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.75)
+    """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, or the one that is ``word``
+    with a leading part added or left out (:func:`_other_prefix`), else ""."""
+    names = list(names)
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.75) or _other_prefix(word, names)
     return f"; did you mean {close[0]}?" if close else ""
+
+
+def _other_prefix(word: str, names: list[str]) -> list[str]:
+    """The one of ``names`` that ends as ``word`` does but for leading parts (``-`` or ``_`` apart) added or left
+    out, sharing the most parts with it: another verb's group prefix ("--harvest-dtype" for harvest's "--dtype",
+    "--max-len" for eval's "--n2g-max-len"), a difference too long beside a short name for a close spelling.
+    Not a part "no", which turns a switch off; none where several share as many parts (quickstart's "--dtype":
+    "--harvest-dtype", "--model-dtype")."""
+    def parts(name: str) -> tuple[str, list[str]]:
+        body = name.lstrip("-")
+        return name[:len(name) - len(body)], re.split(r"[-_]", body)
+
+    def shared(name: str) -> int:  # the parts ``name`` and ``word`` share, where one is the other's tail
+        (dashes, a), (word_dashes, b) = parts(name), parts(word)
+        short, long = sorted((a, b), key=len)
+        added = long[:len(long) - len(short)]
+        return len(short) if dashes == word_dashes and added and added[0] != "no" and long[len(added):] == short else 0
+
+    best = max(map(shared, names), default=0)
+    found = [name for name in names if best and shared(name) == best]
+    return found if len(found) == 1 else []
 
 
 ESCAPED = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
