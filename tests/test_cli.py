@@ -655,6 +655,20 @@ def _exit_code(argv: list[str]) -> int:
         return e.code
 
 
+def test_a_folder_that_holds_no_sae_names_how_many_entries_it_left_out(tmp_path, capsys):
+    """A folder given for an SAE lists what it holds: the list stopped at 8 entries, so a folder of 11 read as one
+    of 8; it now says how many more there are."""
+    for n, more in ((8, ""), (11, " and 3 more")):
+        folder = tmp_path / f"f{n}"
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"file{i:02d}.txt").write_text("x")
+        for verb in (["eval", str(folder)], ["top", str(folder), "--latent", "1"]):
+            assert main(verb) == 2
+            shown = ", ".join(repr(f"file{i:02d}.txt") for i in range(8))
+            assert f"{folder}: folder has no cfg.json (found [{shown}]{more}); expected" in capsys.readouterr().err
+
+
 def test_output_folder_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["harvest", "--out", str(tmp_path / "afile"), "--model", str(tmp_path / "no-such-model")]) == 2

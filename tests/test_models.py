@@ -4,6 +4,7 @@ tokenizers, and the real default SmolLM2 model (loaded once per session, cached 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -406,7 +407,13 @@ def test_a_folder_without_config_json_is_named_as_no_model_folder(tmp_path):
     run = tmp_path / "run"
     (run / "sae").mkdir(parents=True)
     (run / "train_config.json").write_text("{}")
-    for folder, found in ((tmp_path / "empty", r"\[\]"), (run, r"\['sae', 'train_config.json'\]")):
+    crowded = tmp_path / "crowded"  # more entries than the line lists: how many are left out
+    crowded.mkdir()
+    for i in range(10):
+        (crowded / f"f{i}").write_text("x")
+    listed = ", ".join(f"'f{i}'" for i in range(8))
+    for folder, found in ((tmp_path / "empty", r"\[\]"), (run, r"\['sae', 'train_config.json'\]"),
+                          (crowded, re.escape(f"[{listed}] and 2 more"))):
         with pytest.raises(ModelLoadError, match=f"model directory {folder}: no config.json \\(found {found}\\); "
                                                  "expected a Hugging Face model folder"):
             load_model(str(folder))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -615,6 +616,11 @@ def test_load_from_the_hub_offline(tmp_path, monkeypatch):
                        random_sae(seed=4).b_dec)
     with pytest.raises(CheckpointError, match=r"has no 'blocks.10.hook_resid_post' \(found \[.blocks.8"):
         load_sae("hf://someone/gpt2-saes/blocks.10.hook_resid_post", **kw)
+    crowded = {f"layer{i:02d}/cfg.json": b"{}" for i in range(10)}  # more than the line lists: how many are left out
+    hub_cache(cache, "someone/crowded", crowded)
+    with pytest.raises(CheckpointError, match=re.escape(f"has no 'x' (found {[f'layer{i:02d}' for i in range(8)]} "
+                                                        "and 2 more)")):
+        load_sae("hf://someone/crowded/x", **kw)
     with pytest.raises(CheckpointError, match="hf://nobody/nothing/x: could not be read from the local Hugging Face "
                        "cache \\(the hub cannot be reached: offline mode is on"):
         load_sae("hf://nobody/nothing/x", **kw)

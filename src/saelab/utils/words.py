@@ -43,6 +43,12 @@ def _other_prefix(word: str, names: list[str]) -> list[str]:
     return found if len(found) == 1 else []
 
 
+
+def listed_names(names: list[str], most: int = 8) -> str:
+    """``names`` as a list of its first ``most``, then how many it leaves out: "['a', 'b'] and 3 more", so a
+    folder's listing does not read as all it holds."""
+    return f"{names[:most]}" + (f" and {len(names) - most} more" if len(names) > most else "")
+
 ESCAPED = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
 """Control characters (C0, DEL, C1) as escapes ('\\n', '\\t', '\\x1b'), for ``str.translate``: text from data
 (a corpus, a model's generation) would otherwise drive the terminal that shows it (clear it, move the cursor,
