@@ -378,8 +378,9 @@ PAPER_METRICS = ("core", "compute_equivalent", "ablation_sparsity", "probe", "n2
 
 @dataclass
 class PaperSuiteConfig:
-    """Which paper metrics to run and on how much text (sizes chosen so an n=16384 SAE on the
-    default model takes minutes on 2 CPU cores)."""
+    """Which paper metrics to run and on how much text. At these default sizes an n=16384 SAE on the default
+    model takes about 20-35 minutes on 2 CPU cores (benchmarks/RESULTS.md: 17-19 minutes with half the ablation
+    sites and N2G latents)."""
 
     metrics: tuple[str, ...] = ()
     """Metrics to run, of core compute_equivalent ablation_sparsity probe n2g; unset: all that apply.
