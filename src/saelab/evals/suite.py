@@ -358,8 +358,8 @@ def _contexts_path(metric: str) -> str:
 
 def _input_changes(name: str, old: dict, new: dict) -> list[str]:
     """changed_fields of two records of metric ``name``'s inputs, each setting named as its option group
-    does ("n2g.max_len 24 -> 16", "suite_cfg.probe_contexts 512 -> 64"). core's and compute_equivalent's contexts follow from eval.downstream_tokens,
-    named there."""
+    does ("n2g.max_len 24 -> 16", "suite_cfg.probe_contexts 512 -> 64"). core's and compute_equivalent's contexts
+    follow from eval.downstream_tokens, named there."""
     new = _as_recorded(old, new)
 
     def by_setting(inputs: dict) -> dict:

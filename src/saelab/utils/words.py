@@ -43,7 +43,6 @@ def _other_prefix(word: str, names: list[str]) -> list[str]:
     return found if len(found) == 1 else []
 
 
-
 def listed_names(names: list[str], most: int = 8) -> str:
     """``names`` as a list of its first ``most``, then how many it leaves out: "['a', 'b'] and 3 more", so a
     folder's listing does not read as all it holds."""
