@@ -289,6 +289,10 @@ def test_missing_weight_tensor_is_named(tmp_path):
     del w["b_enc"]
     with pytest.raises(CheckpointError, match="missing tensor.*b_enc"):
         load_sae(write_saelens_v6_folder(tmp_path / "sl", w))
+    # a file of more tensors than the listing shows says how many it leaves out, not reading as all it holds
+    w |= {f"extra_{i}": torch.zeros(1) for i in range(8)}
+    with pytest.raises(CheckpointError, match=r"missing tensor.*b_enc; found \[.*\] and 3 more$"):
+        load_sae(write_saelens_v6_folder(tmp_path / "more", w))
 
 
 @pytest.mark.parametrize("edit,message,read", [

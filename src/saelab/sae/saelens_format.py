@@ -31,7 +31,7 @@ from saelab.sae.relu import SAELENS_ARCHITECTURE, ReLUSAE
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
 from saelab.utils.tensors import all_finite
-from saelab.utils.words import as_json
+from saelab.utils.words import as_json, listed_names
 
 CFG_FILENAME = "cfg.json"
 SPARSITY_FILENAME = "sparsity.safetensors"
@@ -291,7 +291,7 @@ def _check_weights(state: dict[str, torch.Tensor], cfg: SAEConfig, path: Path) -
     missing = [key for key in _WEIGHT_KEYS if key not in state]
     if missing:
         raise CheckpointError(
-            f"{path}: missing tensor(s) {', '.join(missing)}; found {sorted(state)[:8]}"
+            f"{path}: missing tensor(s) {', '.join(missing)}; found {listed_names(sorted(state))}"
         )
     d, n = cfg.d_in, cfg.n_latents
     expected = {"W_enc": (d, n), "W_dec": (n, d), "b_enc": (n,), "b_dec": (d,)}
@@ -359,7 +359,7 @@ def read_sparsity(folder: str | os.PathLike) -> torch.Tensor | None:
         return None
     state = read_safetensors(path, "log10 feature density under key 'sparsity'")
     if "sparsity" not in state:
-        raise CheckpointError(f"{path}: missing tensor 'sparsity'; found {sorted(state)[:8]}")
+        raise CheckpointError(f"{path}: missing tensor 'sparsity'; found {listed_names(sorted(state))}")
     return state["sparsity"]
 
 

@@ -45,7 +45,7 @@ from saelab.sae.config import SPARSIFY_WEIGHTS_FILENAME
 from saelab.sae.saelens_format import build_sae, own_config, read_cfg_json, read_safetensors
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.atomic import atomic_path
-from saelab.utils.words import as_json, plural
+from saelab.utils.words import as_json, listed_names, plural
 
 SPARSIFY_CFG_FILENAME = "cfg.json"
 SPARSIFY_RUN_CONFIG_FILENAME = "config.json"
@@ -174,7 +174,7 @@ def _checked_weights(state: dict[str, torch.Tensor], d: int, n: int, path: Path)
     missing = [key for key in _WEIGHT_SHAPES if key not in state]
     if missing:
         hint = " (saved without a decoder)" if missing == ["W_dec"] else ""
-        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing)}{hint}; found {sorted(state)[:8]}")
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing)}{hint}; found {listed_names(sorted(state))}")
     if "W_skip" in state:
         raise CheckpointError(f"{path}: holds W_skip (a skip connection); saelab's TopKSAE has none")
     sizes = {"n": n, "d": d}
