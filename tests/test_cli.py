@@ -369,6 +369,8 @@ BAD = [
     ("harvest --harvest-dtype bfloat16", "unrecognized arguments: --harvest-dtype bfloat16; did you mean --dtype?"),
     ("quickstart --recon-tokens 512", "unrecognized arguments: --recon-tokens 512; did you mean --eval-recon-tokens?"),
     ("eval SAE --max-len 5", "unrecognized arguments: --max-len 5; did you mean --n2g-max-len?"),
+    ("harvest --progress", "unrecognized arguments: --progress; --progress is on unless --no-progress turns it off: "
+     "leave it out"),  # not "did you mean --no-progress?", the opposite of what was asked
     ("quickstart --dtype x", "unrecognized arguments: --dtype x (`saelab quickstart"),  # --harvest- or --model-dtype
     ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
     ("eval SAE --bogus", "unrecognized arguments: --bogus (`saelab eval --help` lists the options)"),

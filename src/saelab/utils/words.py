@@ -16,8 +16,12 @@ def plural(n: int, noun: str) -> str:
 
 def did_you_mean(word: str, names: Iterable[str]) -> str:
     """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, or the one that is ``word``
-    with a leading part added or left out (:func:`_other_prefix`), else ""."""
+    with a leading part added or left out (:func:`_other_prefix`), else "". Never a switch's off spelling for its
+    on one ("--progress": "--no-progress" would do the opposite of what was asked): that it is on without it."""
     names = list(names)
+    off = f"--no-{word[2:]}" if word.startswith("--") else None
+    if off in names:
+        return f"; {word} is on unless {off} turns it off: leave it out"
     close = difflib.get_close_matches(word, names, n=1, cutoff=0.75) or _other_prefix(word, names)
     return f"; did you mean {close[0]}?" if close else ""
 
