@@ -40,6 +40,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, command_line, machine_info  # noqa: E402
 
+from saelab.evals.ablation_sparsity import INTERVAL_METHOD as ABLATION_INTERVALS  # noqa: E402
+from saelab.evals.bootstrap import earlier_intervals  # noqa: E402
+from saelab.evals.probe import INTERVAL_METHOD as PROBE_INTERVALS  # noqa: E402
 from saelab.evals.suite import PaperSuiteConfig  # noqa: E402
 from saelab.pipeline import EvalConfig, HarvestConfig, evaluate_sweep, harvest, paper_suite, sweep_from_cache  # noqa: E402
 from saelab.report.scaling import collect_runs, fit_scaling  # noqa: E402
@@ -223,11 +226,50 @@ def baselines(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
 
     return {"ablation": {"latent": abl["latent"]["mean"], "random": abl["random"]["mean"], "ratio": ratio,
                          "latent_iv": interval(abl, "latent_mean"), "random_iv": interval(abl, "random_mean"),
-                         "n_sites": abl["n_sites"], "verdict": verdict(ratio, 1.0)},
+                         "n_sites": abl["n_sites"], "verdict": verdict(ratio, 1.0),
+                         "intervals_made": interval_words(abl, ABLATION_INTERVALS, "the sites' {n} {groups}")},
             "probe": {"latent": probe["mean_loss"], "baseline": probe["mean_baseline_loss"],
                       "latent_iv": interval(probe, "mean_loss"), "baseline_iv": interval(probe, "mean_baseline_loss"),
                       "entropy": probe["mean_entropy"], "difference": diff, "tasks": len(probe["tasks"]),
-                      "verdict": verdict(diff, 0.0)}}
+                      "split_unit": probe["config"]["split_unit"], "verdict": verdict(diff, 0.0),
+                      "intervals_made": interval_words(probe, PROBE_INTERVALS, PROBE_RESAMPLED)}}
+
+
+PROBE_RESAMPLED = ("each task's held-out {groups} ({n} over the tasks), each task resampled on its own, averaged "
+                   "over tasks")
+UNDER_COVERAGE = ("docs/evals.md: in a simulation with a per-document effect, 95 % intervals over contexts covered "
+                  "the true mean 49 % of the time, over documents 91 %")
+
+
+def interval_words(result: dict, method: str, over: str) -> str:
+    """How a metric's intervals were made, worded from what its result records (interval_method, interval_groups,
+    n_groups, n_boot), so the page never names a method its numbers were not made by: one an earlier saelab made
+    (another interval_method, or none) is said to be so, and likely too narrow, as intervals over documents'
+    contexts or paragraphs are. ``over``: what was resampled, with ``{n}`` and ``{groups}`` to fill in."""
+    some = next((iv for iv in (result.get("intervals") or {}).values() if iv.get("n_boot")), None)
+    if some is None:
+        return "no interval"
+    earlier = earlier_intervals(result, method)
+    if earlier:
+        return (f"paired bootstrap ({some['n_groups']:,} groups, {some['n_boot']:,} draws), but {earlier}: saelab's "
+                f"now resample documents, and this one is likely too narrow ({UNDER_COVERAGE}); the paper suite "
+                "computes such a result again")
+    groups = result.get("interval_groups") or "groups"
+    resampled = over.format(n=f"{some['n_groups']:,}", groups=groups)
+    text = f"paired bootstrap over {resampled} ({some['n_boot']:,} draws)"
+    if groups != "documents":  # no document bounds to resample: contexts or paragraphs stand in for them
+        text += (f"; not documents (the corpus marks none, or the contexts lie in one), so likely too narrow "
+                 f"({UNDER_COVERAGE})")
+    return text
+
+
+def baseline_notes(e: dict[str, Any]) -> tuple[str, str]:
+    """The 'why' of the ablation and probe findings: their baselines and how their intervals were made."""
+    abl, probe = e["ablation"], e["probe"]
+    return (f"{abl['n_sites']} sites; the baseline removes a random direction of the same size as each latent's "
+            f"contribution, so only the direction differs; {abl['intervals_made']}.",
+            f"{probe['tasks']} tasks, split by {probe['split_unit']}; the baseline is the best single residual "
+            f"channel; {probe['intervals_made']}.")
 
 
 # ---- plots -----------------------------------------------------------------------------------------
@@ -383,10 +425,7 @@ def why(r: dict[str, Any]) -> list[str]:
         + ". The interval is the profile likelihood of alpha (a and c refitted for each alpha).",
         "Every SAE evaluated here (TopK at all n and k, ReLU + L1) on the same 8,192 predictions; the rank "
         "correlation asks only whether the order agrees (>= 0.8: holds).",
-        f"{e['ablation']['n_sites']} sites; the baseline removes a random direction of the same size as each latent's "
-        "contribution, so only the direction differs; bootstrap over contexts, paired.",
-        f"{e['probe']['tasks']} tasks, split by context; the baseline is the best single residual channel; "
-        "bootstrap over contexts, paired.",
+        *baseline_notes(e),
     ]
 
 
