@@ -19,7 +19,8 @@ with their baselines and bootstrap intervals. From these come (a) the sparsity-n
 its power-law fit, (d) delta loss against nMSE and (e) latents against baselines; and for each of
 the paper's findings a verdict: holds, does not hold, or cannot tell, and why.
 
-Every stage resumes: run the same command again after an interruption. Results: OUT/reproduction.json;
+Every stage resumes: run the same command again after an interruption (the page's wall-time table gives each
+stage's time as its results record it, every call counted, beside the call's own). Results: OUT/reproduction.json;
 the page and plots: ``--doc`` (default docs/reproduction.md, with --smoke OUT/reproduction.md; plots
 beside it in images/).
 """
@@ -44,11 +45,12 @@ from saelab.evals.ablation_sparsity import INTERVAL_METHOD as ABLATION_INTERVALS
 from saelab.evals.bootstrap import earlier_intervals  # noqa: E402
 from saelab.evals.probe import INTERVAL_METHOD as PROBE_INTERVALS  # noqa: E402
 from saelab.evals.suite import PaperSuiteConfig  # noqa: E402
-from saelab.pipeline import EvalConfig, HarvestConfig, evaluate_sweep, harvest, paper_suite, sweep_from_cache  # noqa: E402
+from saelab.pipeline import (EvalConfig, HarvestConfig, _cache_seconds, evaluate_sweep, harvest,  # noqa: E402
+                             paper_suite, sweep_from_cache)
 from saelab.report.scaling import collect_runs, fit_scaling  # noqa: E402
-from saelab.run_folder import EVALS_DIR, read_json  # noqa: E402
+from saelab.run_folder import EVAL_METRICS, EVALS_DIR, read_json, sweep_runs  # noqa: E402
 from saelab.train import TrainConfig  # noqa: E402
-from saelab.train.checkpoint import read_metrics  # noqa: E402
+from saelab.train.checkpoint import read_metrics, read_status, recorded_train_seconds  # noqa: E402
 from saelab.utils.atomic import write_json, write_text  # noqa: E402
 from saelab.utils.figures import figure, save_figure  # noqa: E402
 
@@ -57,6 +59,8 @@ FULL = {"tokens": 1_048_576, "frontier_n": 2048, "k": [8, 16, 32, 64], "l1": [3.
 SMOKE = {"tokens": 131_072, "frontier_n": 4096, "k": [16, 32], "l1": [2.0, 8.0], "n": [1024, 2048, 4096],
          "suite_n": 2048, "coef_n": 2048}
 EVAL = EvalConfig(recon_tokens=32_768, downstream_tokens=8_192, ablations=())
+SUITE = ("ablation_sparsity", "probe")
+SUITE_STAGE = "paper suite (ablation sparsity, probe)"
 
 
 def sweeps(plan: dict[str, Any]) -> dict[str, tuple[TrainConfig, dict[str, list]]]:
@@ -95,9 +99,8 @@ def run_stages(args, plan: dict[str, Any], out: Path) -> dict[str, float]:
         evaluate_sweep(out / name, EVAL, device=args.device)
         times[f"eval {name}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    paper_suite(suite_run(out, plan), eval_cfg=EVAL, device=args.device,
-                cfg=PaperSuiteConfig(metrics=("ablation_sparsity", "probe")))
-    times["paper suite (ablation sparsity, probe)"] = time.perf_counter() - t0
+    paper_suite(suite_run(out, plan), eval_cfg=EVAL, device=args.device, cfg=PaperSuiteConfig(metrics=SUITE))
+    times[SUITE_STAGE] = time.perf_counter() - t0
     return times
 
 
@@ -105,12 +108,50 @@ def suite_run(out: Path, plan: dict[str, Any]) -> Path:
     return out / "scale" / f"n{plan['suite_n']}_auxkTrue"
 
 
+# ---- wall time: what each stage's results took, as recorded ---------------------------------------
+def sweep_seconds(folder: Path) -> tuple[float | None, float | None]:
+    """(training, evaluation) seconds of a sweep's runs as their records hold them, every call counted: a rerun
+    finds them done in ~0 s, which says nothing of what they took. One pass trains every run at once, so each
+    run's train_seconds is that pass's time (the longest stands for it); evaluation sums the core eval's parts
+    (reconstruction, downstream), the model load left out."""
+    runs = sweep_runs(folder)
+    train = [recorded_train_seconds(read_status(run)) for run in runs]
+    evals = [sum((read_json(run / EVAL_METRICS, "evaluation").get("seconds") or {}).values())
+             for run in runs if (run / EVAL_METRICS).exists()]
+    return (max(train) if any(train) else None), (sum(evals) if any(evals) else None)
+
+
+def recorded_seconds(out: Path, plan: dict[str, Any], harvested: Path | None) -> dict[str, float | None]:
+    """Seconds per stage as the results record them (``harvested``: the cache this study wrote, else None)."""
+    times: dict[str, float | None] = {"harvest": _cache_seconds(harvested)[0]} if harvested else {}
+    for name in sweeps(plan):
+        times[f"train {name}"], times[f"eval {name}"] = sweep_seconds(out / name)
+    evals = suite_run(out, plan) / EVALS_DIR
+    walls = [read_json(evals / f"{m}.json", f"{m} result").get("wall_s") for m in SUITE]
+    times[SUITE_STAGE] = sum(walls) if all(isinstance(w, (int, float)) for w in walls) else None
+    return times
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds under a minute (a minute rounded to 0.1 hides them), minutes above."""
+    if seconds is None:
+        return "not recorded"
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def wall_time_rows(now: dict[str, float], recorded: dict[str, float | None]) -> list[str]:
+    """Markdown rows: each stage's recorded time (every call that worked on it) and this call's."""
+    return [f"| {stage} | {duration(recorded.get(stage))} | {duration(now[stage]) if stage in now else '-'} |"
+            for stage in {**recorded, **now}]
+
+
 # ---- the measurements, read back from the run folders ------------------------------------------
 def runs_of(folder: Path) -> list[dict[str, Any]]:
     """Evaluated runs of a sweep with their training config and log (collect_runs refuses mixed settings)."""
-    rows, missing = collect_runs(folder)
-    if missing:
-        raise SystemExit(f"{folder}: runs not evaluated: {', '.join(missing)}; run the script again")
+    rows, missing, stale = collect_runs(folder)
+    if missing or stale:  # stale: evaluated before its sae/ was replaced, so its numbers are another SAE's
+        raise SystemExit(f"{folder}: runs not evaluated (or evaluated for other weights): "
+                         f"{', '.join(missing + stale)}; run the script again")
     for r in rows:
         train = read_json(folder / r["run"] / "train_config.json", "training config")["train"]
         r.update(auxk=bool(train["auxk"]), l1_coefficient=train.get("l1_coefficient"),
@@ -455,7 +496,7 @@ def markdown(r: dict[str, Any], images: dict[str, str]) -> str:
     strength_rows = [f"| {x['n']:,} | {x['auxk_coef']:g} | {_pct(x['train_dead_frac'])} | {_pct(x['eval_inactive_frac'])} "
                      f"| {x['revivals']} | {x['nmse']:.4f} | {x['delta_ce']:.4f} | {_num(x['dead_step_ratio'])} "
                      f"| {_num(x['live_step_ratio'])} |" for x in r["auxk_strength"]]
-    times = "\n".join(f"| {k} | {v / 60:.1f} |" for k, v in r["seconds"].items())
+    times = wall_time_rows(r["seconds"], r["recorded_seconds"])
     return "\n".join([
         "# The paper's comparisons, reproduced on the default model", "",
         f"Command: `{r['command']}` ({r['wall_min']:.0f} min for the stages run by that call; machine: {r['machine']}).",
@@ -478,7 +519,12 @@ def markdown(r: dict[str, Any], images: dict[str, str]) -> str:
         "## (c) nMSE against n", "", f"![power law]({images['power_law']})", "",
         "## (d) Downstream loss against reconstruction", "", f"![delta loss]({images['delta_loss']})", "",
         "## (e) Latents against baselines", "", f"![baselines]({images['baselines']})", "",
-        "## Wall time", "", "| stage | minutes |", "|---|---|", times, "",
+        "## Wall time", "",
+        "Recorded: what each stage's results took, every call that worked on them counted (training: the pass "
+        "that trains a sweep's SAEs together; evaluation: the core eval's reconstruction and downstream parts, "
+        "the model load left out; the paper suite: its metrics' wall time). This call: the stages as this call "
+        "ran them, ~0 where it found them done.", "",
+        "| stage | recorded | this call |", "|---|---|---|", *times, "",
     ])
 
 
@@ -540,8 +586,9 @@ def main() -> None:
         args.doc = str(out / "reproduction.md" if args.smoke else ROOT / "docs" / "reproduction.md")
     t0 = time.perf_counter()
     seconds = run_stages(args, plan, out)
-    r = {**analyse(out, plan, activations_of(args, out)), "seconds": seconds, "command": command_line(), "machine": machine_info(),
-         "wall_min": (time.perf_counter() - t0) / 60}
+    r = {**analyse(out, plan, activations_of(args, out)), "seconds": seconds, "command": command_line(),
+         "recorded_seconds": recorded_seconds(out, plan, None if args.activations else activations_of(args, out)),
+         "machine": machine_info(), "wall_min": (time.perf_counter() - t0) / 60}
     write_page(r, Path(args.doc))
     write_json(out / "reproduction.json", json.loads(json.dumps(r, default=str)))
     print(f"wrote {args.doc} and {out / 'reproduction.json'} in {r['wall_min']:.1f} min")

@@ -1,12 +1,14 @@
 """benchmarks/reproduce_paper.py writes docs/reproduction.md from the results it reads: the words on how the
 latents-against-baselines intervals were made come from what those results record (interval_groups,
-interval_method)."""
+interval_method), and the wall-time table gives the time each stage's results took, as recorded, in seconds
+under a minute."""
 
 from __future__ import annotations
 
 import json
 import lzma
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,33 @@ def test_intervals_an_earlier_saelab_made_are_named_so(suite_study, tmp_path):
     for words in rp.baseline_notes(rp.baselines(study, plan)):
         assert "its intervals are an earlier saelab's (it records no interval_method)" in words
         assert "49 %" in words and "likely too narrow" in words and "documents" in words
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: a harvest, a sweep of two SAEs and their evaluation
+def test_the_wall_time_table_gives_each_stages_recorded_time(tiny_dir, data_dir, tmp_path):
+    """A stage the script's call found done took ~0 s in that call and the table said 0.0 minutes; it now gives
+    the time the stage's results took as their records hold it, and this call's beside it, in seconds under a
+    minute."""
+    from saelab.pipeline import EvalConfig, HarvestConfig, evaluate_sweep, harvest, sweep_from_cache
+    from saelab.train import TrainConfig
+
+    corpus = wiki_jsonl(data_dir, tmp_path / "wiki.jsonl", 6)
+    acts = harvest(HarvestConfig(model=str(tiny_dir), hook=HOOK, corpus=str(corpus), n_tokens=2048, context_size=32,
+                                 buffer_tokens=8192), tmp_path / "acts", progress=False)
+    base = TrainConfig(n_latents=64, k=4, batch_size=128, total_tokens=2048, init_rows=256)
+    eval_cfg = EvalConfig(corpus=str(corpus), recon_tokens=256, downstream_tokens=248)
+    sweep_from_cache(acts, tmp_path / "sweep", base, {"k": [2, 4]}, progress=False)
+    evaluate_sweep(tmp_path / "sweep", eval_cfg, progress=False)
+    assert [r["run"] for r in rp.runs_of(tmp_path / "sweep")] == ["k2", "k4"]  # the page's rows read the same runs
+    t0 = time.perf_counter()  # again, as a rerun of the script: every run found done
+    sweep_from_cache(acts, tmp_path / "sweep", base, {"k": [2, 4]}, progress=False)
+    now = {"train sweep": time.perf_counter() - t0}
+    train, evaluation = rp.sweep_seconds(tmp_path / "sweep")
+    statuses = [json.loads((tmp_path / "sweep" / r / "status.json").read_text()) for r in ("k2", "k4")]
+    assert train == max(s["train_seconds"] for s in statuses) > 0
+    parts = [json.loads((tmp_path / "sweep" / r / "metrics.json").read_text())["seconds"] for r in ("k2", "k4")]
+    assert evaluation == pytest.approx(sum(sum(p.values()) for p in parts)) and evaluation > 0
+    rows = rp.wall_time_rows(now, {"train sweep": train, "eval sweep": evaluation})
+    assert rows[0] == f"| train sweep | {train:.1f} s | {now['train sweep']:.1f} s |"
+    assert rows[1] == f"| eval sweep | {evaluation:.1f} s | - |"
+    assert rp.duration(90.0) == "1.5 min" and rp.duration(None) == "not recorded"
