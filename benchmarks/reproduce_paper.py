@@ -485,6 +485,12 @@ def auxk_why(rows: list[dict[str, Any]]) -> str:
     return text
 
 
+REVIVALS = ("Dead is the trainer's window at the last step; inactive is never fired on the eval tokens; a revival is "
+            "a latent dead at a step's start that fires in that step (each such latent at each step counts one, summed "
+            "over the run, with or without AuxK).")
+"""What the dead-latent table's words mean, as the trainer counts them (docs/training.md)."""
+
+
 def markdown(r: dict[str, Any], images: dict[str, str]) -> str:
     rows = [f"| {i + 1} | {s} | {fig} | **{v}** | {w} |"
             for i, ((s, fig, v), w) in enumerate(zip(findings(r), why(r)))]
@@ -510,8 +516,7 @@ def markdown(r: dict[str, Any], images: dict[str, str]) -> str:
         "## (b) Dead latents with and without AuxK", "", f"![dead]({images['dead']})", "",
         "| n | dead, AuxK | dead, none | inactive on eval, AuxK | inactive on eval, none | revivals, AuxK "
         "| revivals, none | nMSE, AuxK | nMSE, none |", "|---|---|---|---|---|---|---|---|---|", *dead_rows, "",
-        "Dead is the trainer's window at the last step; inactive is never fired on the eval tokens; a revival is "
-        "a step at which a latent dead at its start fired (counted over the run, with or without AuxK).", "",
+        REVIVALS, "",
         "AuxK's strength, and how far one Adam step moves a latent at the end of the run (the median over "
         "decoder rows of the median |gradient| / sqrt(second moment), on a fresh batch; dead vs live rows):", "",
         "| n | AuxK coefficient | dead | inactive on eval | revivals | nMSE | delta CE | step ratio, dead rows "

@@ -113,3 +113,11 @@ def test_the_wall_time_table_gives_each_stages_recorded_time(tiny_dir, data_dir,
     assert rows[0] == f"| train sweep | {train:.1f} s | {now['train sweep']:.1f} s |"
     assert rows[1] == f"| eval sweep | {evaluation:.1f} s | - |"
     assert rp.duration(90.0) == "1.5 min" and rp.duration(None) == "not recorded"
+
+
+def test_the_page_and_the_script_say_one_thing_of_revivals():
+    """docs/reproduction.md was corrected to say what the trainer counts as a revival (each latent dead at a step's
+    start that fires in that step), and the script that writes it still called a revival a step: a page written
+    again would have taken the correction back."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproduction.md").read_text(encoding="utf-8")
+    assert rp.REVIVALS in page and "each such latent at each step counts one" in rp.REVIVALS
