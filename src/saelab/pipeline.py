@@ -962,7 +962,7 @@ def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, fl
                    harvest_calls: dict[str, float] | None = None) -> dict[str, float]:
     """Seconds each stage took, summed over the calls whose work the current results come from. A reused stage
     keeps its earlier record; a resumed training adds the earlier calls' training (``trained_before``) to this
-    call's, as a resumed harvest adds the earlier calls' writing of the cache (``harvested``: :func:`_cache_seconds`
+    call's, as a resumed harvest adds the earlier calls' writing of the cache (``harvested``: :func:`cache_seconds`
     before this call), and an overwrite counts its own call alone. The input checks and the model load, which
     every working call repeats, add this call's to those of the earlier calls behind the results it keeps
     (:func:`_shared_seconds_kept`), and count this call's alone where it replaced them all. A call that found
@@ -980,11 +980,11 @@ def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, fl
         out["train"] = round(times["train"] + trained_before, 1)
     elif "train" in reused and "train" not in out:  # no earlier record: the training loop's own time
         out["train"] = round(recorded_train_seconds(read_status(run_dir)), 1)
-    cache_seconds, finished = harvested
-    if "harvest" in times and cache_seconds and not finished:
-        out["harvest"] = round(times["harvest"] + cache_seconds, 1)
-    elif "harvest" in reused and "harvest" not in out and cache_seconds is not None and finished:
-        out["harvest"] = cache_seconds
+    cache_s, finished = harvested
+    if "harvest" in times and cache_s and not finished:
+        out["harvest"] = round(times["harvest"] + cache_s, 1)
+    elif "harvest" in reused and "harvest" not in out and cache_s is not None and finished:
+        out["harvest"] = cache_s
     return {**out, "total": round(sum(out.values()), 1)}
 
 
@@ -1009,7 +1009,7 @@ def _harvest_call_seconds(times: dict[str, float], reused: list[str], earlier: d
     return {} if harvest_calls is None and not earlier else harvest_calls
 
 
-def _cache_seconds(cache: Path) -> tuple[float | None, bool]:
+def cache_seconds(cache: Path) -> tuple[float | None, bool]:
     """The seconds an activation cache's writing took so far, every call counted (its manifest's; None where it
     records none: an earlier saelab's), and whether it is finished."""
     try:
@@ -1146,7 +1146,7 @@ def quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, lm: LanguageModel 
     earlier = _recorded_stage_seconds(run_dir) or {}
     harvest_calls = _recorded_stage_seconds(run_dir, HARVEST_CALL_SECONDS)
     # as the training's, the harvest's earlier calls: a cache overwritten now counts this call's alone
-    harvested = (None, False) if overwrite_activations else _cache_seconds(run_dir / ACTIVATIONS_DIR)
+    harvested = (None, False) if overwrite_activations else cache_seconds(run_dir / ACTIVATIONS_DIR)
     status = read_status(run_dir)  # an unfinished training resumed now: its earlier calls' seconds
     trained_before = 0.0 if overwrite or status.get("state") == "finished" else recorded_train_seconds(status)
     done = None if overwrite or overwrite_activations else _finished_quickstart(cfg, harvest_cfg, run_dir, lm,
