@@ -45,7 +45,7 @@ from saelab.evals.ablation_sparsity import INTERVAL_METHOD as ABLATION_INTERVALS
 from saelab.evals.bootstrap import earlier_intervals  # noqa: E402
 from saelab.evals.probe import INTERVAL_METHOD as PROBE_INTERVALS  # noqa: E402
 from saelab.evals.suite import PaperSuiteConfig  # noqa: E402
-from saelab.pipeline import (EvalConfig, HarvestConfig, _cache_seconds, evaluate_sweep, harvest,  # noqa: E402
+from saelab.pipeline import (EvalConfig, HarvestConfig, cache_seconds, evaluate_sweep, harvest,  # noqa: E402
                              paper_suite, sweep_from_cache)
 from saelab.report.scaling import collect_runs, fit_scaling  # noqa: E402
 from saelab.run_folder import EVAL_METRICS, EVALS_DIR, read_json, sweep_runs  # noqa: E402
@@ -123,7 +123,7 @@ def sweep_seconds(folder: Path) -> tuple[float | None, float | None]:
 
 def recorded_seconds(out: Path, plan: dict[str, Any], harvested: Path | None) -> dict[str, float | None]:
     """Seconds per stage as the results record them (``harvested``: the cache this study wrote, else None)."""
-    times: dict[str, float | None] = {"harvest": _cache_seconds(harvested)[0]} if harvested else {}
+    times: dict[str, float | None] = {"harvest": cache_seconds(harvested)[0]} if harvested else {}
     for name in sweeps(plan):
         times[f"train {name}"], times[f"eval {name}"] = sweep_seconds(out / name)
     evals = suite_run(out, plan) / EVALS_DIR
@@ -161,12 +161,13 @@ def runs_of(folder: Path) -> list[dict[str, Any]]:
 
 
 def frontier(topk: list[dict], relu: list[dict]) -> dict[str, Any]:
-    """(a) TopK nMSE against ReLU's at the same L0 (ReLU's frontier interpolated in log L0)."""
-    pts = sorted((math.log(r["l0"]), r["nmse"]) for r in relu)
+    """(a) TopK nMSE against ReLU's at the same L0 (ReLU's frontier interpolated in log L0; an SAE that fires
+    nothing, L0 0, has no place on that axis: left out, "cannot tell" where none is left)."""
+    pts = sorted((math.log(r["l0"]), r["nmse"]) for r in relu if r["l0"] > 0)
     matched = []
     for r in topk:
-        x = math.log(r["l0"])
-        if pts[0][0] <= x <= pts[-1][0]:
+        x = math.log(r["l0"]) if r["l0"] > 0 else -math.inf
+        if pts and pts[0][0] <= x <= pts[-1][0]:
             relu_nmse = float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
             matched.append({"k": r["k"], "l0": r["l0"], "topk_nmse": r["nmse"], "relu_nmse": relu_nmse})
     better = [m["topk_nmse"] < m["relu_nmse"] for m in matched]
