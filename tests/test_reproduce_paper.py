@@ -121,3 +121,13 @@ def test_the_page_and_the_script_say_one_thing_of_revivals():
     again would have taken the correction back."""
     page = (Path(__file__).resolve().parents[1] / "docs" / "reproduction.md").read_text(encoding="utf-8")
     assert rp.REVIVALS in page and "each such latent at each step counts one" in rp.REVIVALS
+
+
+def test_the_frontier_leaves_out_an_sae_that_fires_nothing():
+    """A ReLU SAE whose L0 is 0 (an L1 strong enough to silence it) has no place on the log-L0 axis: left out,
+    where it stopped the script with a math domain error before the page was written."""
+    relu = [{"l0": 0.0, "nmse": 1.0}, {"l0": 4.0, "nmse": 0.5}, {"l0": 16.0, "nmse": 0.3}]
+    topk = [{"k": 8, "l0": 8.0, "nmse": 0.35}, {"k": 1, "l0": 0.0, "nmse": 1.0}]
+    out = rp.frontier(topk, relu)
+    assert [m["k"] for m in out["matched"]] == [8] and out["verdict"] == "holds"
+    assert rp.frontier(topk, relu[:1]) == {"matched": [], "verdict": "cannot tell"}
