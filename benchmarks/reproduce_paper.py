@@ -1,8 +1,8 @@
 """The paper's comparisons (Gao et al. 2024) reproduced on the offline default model; writes
 docs/reproduction.md with its plots.
 
-    python benchmarks/reproduce_paper.py --out runs/repro                 # ~1 h on 2 CPU cores
-    python benchmarks/reproduce_paper.py --out /tmp/repro-smoke --smoke   # minutes, to try the script
+    python benchmarks/reproduce_paper.py --out runs/repro                 # ~1.5 h on 2 CPU cores (docs/reproduction.md: 87 min)
+    python benchmarks/reproduce_paper.py --out /tmp/repro-smoke --smoke   # to try the script: 20 min or more on 2 CPU cores
 
 One harvest of SmolLM2-135M-Instruct ``blocks.9.hook_resid_post`` (context 64; ``--activations``
 reuses a cache, e.g. the quickstart's), then three sweeps on it, every SAE on the same tokens in the
