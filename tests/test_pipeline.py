@@ -1747,3 +1747,26 @@ def test_eval_reuse_compares_the_weights_of_a_model_folder(tiny_dir, data_dir, t
     (run / "metrics.json").write_text(json.dumps(earlier))
     run_cli(capsys, *ev)  # reused: the model's path alone is the same
     assert json.loads((run / "metrics.json").read_text()) == earlier
+
+
+def test_the_reuse_checks_compare_the_dtype_the_model_is_in(tiny_dir, data_dir, tmp_path, capsys):
+    """metrics.json records the dtype the model was in, and the reuse checks compared it with the dtype asked
+    (model_dtype, float32 unless given) although a model given loaded is in its own: the same quickstart, or
+    evaluation, with a model loaded in bfloat16 was refused the second time (model_dtype "bfloat16" -> "float32"),
+    and a dtype given as torch's (torch.bfloat16) never equalled its name. Both sides are now the dtype the model
+    is in; another one is still refused."""
+    from saelab.models import load_model
+    from saelab.pipeline import evaluate_run
+
+    lm = load_model(str(tiny_dir), dtype="bfloat16")
+    cfg = _tiny_quickstart(tiny_dir, wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2),
+                           wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1))
+    run = tmp_path / "qs"
+    assert quickstart(cfg, run, lm=lm, progress=False)["model_dtype"] == "bfloat16"
+    assert quickstart(cfg, run, lm=lm, progress=False)["reused"] == list(WORK_STAGES)
+    written = (run / "metrics.json").read_bytes()
+    evaluate_run(run, cfg.eval, lm=lm, progress=False)
+    evaluate_run(run, cfg.eval, model_dtype=torch.bfloat16, progress=False)
+    assert (run / "metrics.json").read_bytes() == written
+    with pytest.raises(RunExistsError, match=r'\(model_dtype "bfloat16" -> "float32"\); pass --overwrite'):
+        evaluate_run(run, cfg.eval, progress=False)

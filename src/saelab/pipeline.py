@@ -476,9 +476,8 @@ def _note_evaluated_again(out_dir: Path, sae: TopKSAE, cfg: EvalConfig, spec: La
     """Say, before the model loads, that ``out_dir``'s evaluation of these settings is made again rather than reused,
     and why (its intervals are not this saelab's); it stays as it was until the new metrics.json replaces it. Told
     as the reuse was refused, from the model as named (``spec``: :func:`model_name` gives the loaded model's name)
-    and the dtype asked for (that of a model given loaded): the load gives that dtype."""
-    dtype = dtype_name(spec.dtype if isinstance(spec, LanguageModel) else model_dtype)
-    earlier = earlier_evaluation(out_dir, sae, cfg, model=spec, model_dtype=dtype, sae_hash=sae_hash)
+    and the dtype it is loaded in (:func:`_loaded_dtype`)."""
+    earlier = earlier_evaluation(out_dir, sae, cfg, model=spec, model_dtype=model_dtype, sae_hash=sae_hash)
     if earlier:
         print(f"saelab: note: {out_dir / EVAL_METRICS} is evaluated again, not reused: {earlier}", file=sys.stderr)
 
@@ -509,8 +508,8 @@ def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *,
                           model: str | LanguageModel | None = None, model_dtype: str = "float32",
                           sae_hash: str | None = None) -> bool:
     """True when the run's metrics.json describes this SAE evaluated with this config, model dtype and
-    model (None: the SAE's own). An unreadable metrics.json is not current: the evaluation runs again.
-    ``sae_hash``: as :func:`read_eval_metrics` takes it."""
+    model (None: the SAE's own; one given loaded is in its own dtype, whatever ``model_dtype`` asks). An unreadable
+    metrics.json is not current: the evaluation runs again. ``sae_hash``: as :func:`read_eval_metrics` takes it."""
     changes = _evaluation_changes(run_dir, sae, cfg, model=model, model_dtype=model_dtype, sae_hash=sae_hash)
     return _state_of(changes) == "current"
 
@@ -541,10 +540,18 @@ def earlier_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, mo
     return None if recorded is None or recorded[1] else earlier_intervals(recorded[0], CORE_INTERVALS)
 
 
+def _loaded_dtype(spec: str | LanguageModel, model_dtype: str | torch.dtype) -> str:
+    """The name of the dtype the model ``spec`` is in once loaded, as metrics.json's ``model_dtype`` records it: a
+    model given loaded keeps its own, whatever ``model_dtype`` says; else the load gives ``model_dtype`` (a name or
+    torch's)."""
+    return dtype_name(spec.dtype if isinstance(spec, LanguageModel) else model_dtype)
+
+
 def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
                          model_dtype: str, sae_hash: str | None) -> tuple[dict[str, Any], list[str]] | None:
     """The run's evaluation of ``sae`` (its metrics.json) and the settings in which it differs from this one; None
-    when it holds no readable evaluation of ``sae``."""
+    when it holds no readable evaluation of ``sae``. metrics.json records the dtype the model was in: compared with
+    the one it is in now (:func:`_loaded_dtype`), not the one asked for."""
     old = _readable_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     if not old:
         return None
@@ -563,7 +570,8 @@ def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, 
     spec = model or model_for(sae)
     changes = changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
                               "model": evaluated_model(old)},
-                             {"eval": new_eval, "model_dtype": model_dtype, "model": model_name(spec)})
+                             {"eval": new_eval, "model_dtype": _loaded_dtype(spec, model_dtype),
+                              "model": model_name(spec)})
     changes += text_change(old_eval, new_eval, *texts) if isinstance(old_eval, dict) else []
     return old, changes + _weights_changes(old, spec)
 
@@ -779,7 +787,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         sae, model_name(spec), cfg, eval_cfg, tokenizer, bos_token_id(tokenizer), T)
     # compute_equivalent's reference models to load, from their configs and tokenizers alone: refused here when
     # asked for by name, else its error, the other metrics running on
-    dtype = spec.dtype if isinstance(spec, LanguageModel) else model_dtype  # compute_equivalent's references
+    dtype = _loaded_dtype(spec, model_dtype)  # compute_equivalent's references
     refused = {} if contexts is None else check_series_before_load(sae, model_name(spec), cfg, eval_cfg, contexts,
                                                                  tokenizer, out, dtype)
     # Results it would replace, last: the SAE is hashed for it, once (the suite takes the hash)
@@ -896,9 +904,10 @@ def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig, cache_kept: boo
                              f"{' (the activation cache is kept)' if cache_kept else ''}")
 
 
-def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, model_dtype: str) -> str | None:
+def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, lm: LanguageModel | None,
+                                       model_dtype: str) -> str | None:
     """Refuse, before any work, to replace a finished run's evaluation with one of other settings
-    (as ``saelab eval`` refuses). Returns :func:`sae_sha256` of the finished run's SAE (None: no finished
+    (as ``saelab eval`` refuses); ``lm``: the model given loaded (None: the SAE's, loaded in ``model_dtype``). Returns :func:`sae_sha256` of the finished run's SAE (None: no finished
     run, or no evaluation to check it against), for the rest of the call: hashing reads every weight, so
     a run without one is hashed only by the evaluation, after the checks that may refuse the call."""
     if read_status(run_dir).get("state") != "finished" or not (run_dir / SAE_DIR).is_dir() \
@@ -906,7 +915,7 @@ def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, model_dty
         return None
     sae = load_sae(run_dir / SAE_DIR)
     sae_hash = sae_sha256(sae)
-    changed = _evaluation_changes(run_dir, sae, cfg, model=None, model_dtype=model_dtype, sae_hash=sae_hash)
+    changed = _evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype, sae_hash=sae_hash)
     if changed:
         raise RunExistsError(f"{run_dir / EVAL_METRICS} holds this run's evaluation with other settings "
                              f"({', '.join(changed)}); `saelab eval {run_dir} --overwrite` with the new settings "
@@ -1052,7 +1061,7 @@ def _check_quickstart_inputs(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, 
     if not overwrite:
         _check_finished_run_matches(run_dir, cfg.train, cache_kept=not overwrite_activations and
                                     holds_an_activation_cache(run_dir / ACTIVATIONS_DIR))
-        finished_hash = _check_finished_evaluation_matches(run_dir, cfg.eval, model_dtype)
+        finished_hash = _check_finished_evaluation_matches(run_dir, cfg.eval, lm, model_dtype)
     spec = lm or harvest_cfg.model
     check_before_load(spec, harvest_cfg.hook)
     check_context_fits(spec, harvest_cfg.context_size, "harvest.context_size {n}")
@@ -1089,9 +1098,8 @@ def _finished_quickstart(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_
                              "--overwrite-activations")
     cache = _reusable_harvest(run_dir / ACTIVATIONS_DIR, meta, harvest_cfg.dtype, "--overwrite-activations")
     sae = None if cache is None else finished_training(run_dir, cfg.train, cache)
-    model = model_name(lm or harvest_cfg.model)
-    if sae is None or not evaluation_is_current(run_dir, sae, cfg.eval, model=model, model_dtype=model_dtype,
-                                                sae_hash=finished_hash):
+    if sae is None or not evaluation_is_current(run_dir, sae, cfg.eval, model=lm or harvest_cfg.model,
+                                                model_dtype=model_dtype, sae_hash=finished_hash):
         return None
     return read_eval_metrics(run_dir, sae, sae_hash=finished_hash)
 
@@ -1118,7 +1126,7 @@ def _quickstart_stages(cfg: QuickstartConfig, harvest_cfg: HarvestConfig, run_di
                                                               log_to=log_to))
         finished_hash = None  # the SAE just trained
     sae_hash = finished_hash or sae_sha256(sae)  # once, for the check and the evaluation: it reads every weight
-    if evaluation_is_current(run_dir, sae, cfg.eval, model=lm.name, model_dtype=model_dtype, sae_hash=sae_hash):
+    if evaluation_is_current(run_dir, sae, cfg.eval, model=lm, model_dtype=model_dtype, sae_hash=sae_hash):
         reused.append("evaluate")
         return read_eval_metrics(run_dir, sae, sae_hash=sae_hash), reused
     return _timed(times, "evaluate", lambda: evaluate(sae, lm=lm, cfg=cfg.eval, out_dir=run_dir, progress=progress,
