@@ -18,7 +18,7 @@ from saelab.cli import main, parse_args
 from saelab.cli.evaluate import suite_config
 from saelab.explore.browser.build import read_n2g_file, run_explanations
 from saelab.sae import load_sae
-from test_pipeline import _hashes
+from test_pipeline import _hashes, _tiny_quickstart, wiki_jsonl
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ENVELOPE = {"metric", "schema_version", "status", "reason", "inputs", "sae", "eval", "wall_s", "created", "result"}
@@ -440,6 +440,54 @@ def test_the_runs_own_evals_folder_as_out_is_the_run_folder(tiny_dir, data_dir, 
     monkeypatch.setenv("HOME", str(tmp_path))  # the run named from the home folder, as a shell leaves "~/run"
     out, _ = run_cli(capsys, "eval", "~/run", *argv[2:])
     assert out == {"report": str(run / "evals" / "report.md"), "core": "ok (reused)"}
+
+
+@pytest.mark.slow  # ~30 s under load: a quickstart, five suites and a core eval
+def test_the_suites_core_reuses_the_runs_evaluation_of_its_settings(tiny_dir, data_dir, tmp_path, capsys):
+    """After the quickstart (it evaluates the run into metrics.json), `--suite paper` measured core again with the
+    same settings. It takes core's metrics and latent frequencies from metrics.json's evaluation, and says so: the
+    numbers the suite computes of those settings, but its seconds. An evaluation of another model dtype, or one
+    whose contexts the suite's draw does not repeat (a pool smaller than the suite's contexts), is computed anew."""
+    from saelab.pipeline import quickstart
+    from saelab.run_folder import read_latent_frequencies
+
+    cfg = _tiny_quickstart(tiny_dir, wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2),
+                           wiki_jsonl(data_dir, tmp_path / "eval.jsonl", 3, 1))
+    run, evals = tmp_path / "run", tmp_path / "run" / "evals"
+    metrics = quickstart(cfg, run, progress=False)
+    sizes = ["--corpus", cfg.eval.corpus, "--recon-tokens", "256", "--downstream-tokens", "128", "--no-progress"]
+    suite = ["eval", str(run), "--suite", "paper", "--metrics", "core", *sizes]
+    out, err = run_cli(capsys, *suite, "--model-dtype", "bfloat16", "--out", str(tmp_path / "bf16"))
+    assert out["core"] == "ok" and "metrics.json" not in err  # metrics.json's model was in float32
+    out, err = run_cli(capsys, *suite)
+    assert out["core"] == "ok (reused)"
+    assert (f"saelab: note: {evals / 'core.json'} takes core's metrics from {run / 'metrics.json'}, an evaluation of "
+            "the same SAE and settings, not measured again") in err.splitlines()
+    entry = json.loads((evals / "suite.json").read_text())["metrics"]["core"]
+    assert entry["reused"] and entry["from"] == str(run / "metrics.json")
+    reused = json.loads((evals / "core.json").read_text())
+    assert reused["status"] == "ok" and reused["result"]["seconds"] == metrics["seconds"]
+    frequencies = read_latent_frequencies(evals)
+    assert torch.equal(frequencies.frequencies_N, read_latent_frequencies(run).frequencies_N)
+    assert "![latent density](density.png)" in (evals / "report.md").read_text()
+    written = (evals / "core.json").read_bytes()
+    out, _ = run_cli(capsys, *suite)  # its own record now
+    assert out["core"] == "ok (reused)" and (evals / "core.json").read_bytes() == written
+    out, _ = run_cli(capsys, *suite, "--overwrite")
+    assert out["core"] == "ok"
+    computed = json.loads((evals / "core.json").read_text())
+    assert computed["inputs"] == reused["inputs"] and computed["eval"] == reused["eval"]
+    assert {**computed["result"], "seconds": None} == {**reused["result"], "seconds": None}
+    assert torch.equal(read_latent_frequencies(evals).frequencies_N, frequencies.frequencies_N)
+    # A pool of 4 contexts: core's 9 are drawn among 9 by `saelab eval`, among the suite's 16 here: other contexts.
+    pool = ["--sample-pool-tokens", "128"]
+    run_cli(capsys, "eval", str(run), *sizes, *pool, "--overwrite")
+    wider = ["--ablation-contexts", "16", "--abl-n-sites", "2", "--abl-n-future", "8", "--abl-channels-per-site", "4"]
+    out, err = run_cli(capsys, "eval", str(run), "--suite", "paper", "--metrics", "core", "ablation_sparsity", *sizes,
+                       *pool, *wider, "--out", str(tmp_path / "pool"))
+    assert out["core"] == "ok" and "metrics.json" not in err
+    drawn = json.loads((tmp_path / "pool" / "evals" / "core.json").read_text())["result"]
+    assert drawn["nmse"] != json.loads((run / "metrics.json").read_text())["nmse"]
 
 
 def test_the_suites_core_saves_latent_frequencies_and_its_report_draws_density(tiny_dir, data_dir, tmp_path,

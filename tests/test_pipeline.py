@@ -1756,7 +1756,7 @@ def test_the_reuse_checks_compare_the_dtype_the_model_is_in(tiny_dir, data_dir, 
     and a dtype given as torch's (torch.bfloat16) never equalled its name. Both sides are now the dtype the model
     is in; another one is still refused."""
     from saelab.models import load_model
-    from saelab.pipeline import evaluate_run
+    from saelab.pipeline import PaperSuiteConfig, evaluate_run, paper_suite
 
     lm = load_model(str(tiny_dir), dtype="bfloat16")
     cfg = _tiny_quickstart(tiny_dir, wiki_jsonl(data_dir, tmp_path / "train.jsonl", 0, 2),
@@ -1768,5 +1768,7 @@ def test_the_reuse_checks_compare_the_dtype_the_model_is_in(tiny_dir, data_dir, 
     evaluate_run(run, cfg.eval, lm=lm, progress=False)
     evaluate_run(run, cfg.eval, model_dtype=torch.bfloat16, progress=False)
     assert (run / "metrics.json").read_bytes() == written
+    suite = paper_suite(run, lm=lm, eval_cfg=cfg.eval, cfg=PaperSuiteConfig(metrics=("core",)), progress=False)
+    assert suite["metrics"]["core"]["reused"]  # metrics.json's evaluation, of a model in this dtype
     with pytest.raises(RunExistsError, match=r'\(model_dtype "bfloat16" -> "float32"\); pass --overwrite'):
         evaluate_run(run, cfg.eval, progress=False)

@@ -25,7 +25,8 @@ from saelab.data import write_activation_cache
 from saelab.data.cache import NO_ROWS_STARTED, WRITTEN, cache_manifest
 from saelab.data.text import (CORPUS_FINGERPRINT, CORPUS_PATH, corpus_absolute_path, corpus_files_key,
                               corpus_fingerprint, fingerprint_as_recorded, has_fingerprint)
-from saelab.errors import ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError, SaelabError
+from saelab.errors import (CheckpointError, ConfigError, CorpusError, NonFiniteActivationsError, RunExistsError,
+                           SaelabError)
 from saelab.evals._common import jsonable
 from saelab.evals.bootstrap import earlier_intervals
 from saelab.evals.compute_equivalent import resolve_series
@@ -33,19 +34,21 @@ from saelab.evals.config import AblationSparsityConfig, EvalConfig, N2GConfig, P
 from saelab.evals.core import INTERVAL_METHOD as CORE_INTERVALS, eval_settings, evaluate_core, evaluated_model
 from saelab.evals.core import TRAINING_TEXT, held_out_label, read_eval_contexts, warn_of_training_text
 from saelab.evals.n2g import check_latents
-from saelab.evals.suite import (CORPUS_TEXT, check_results_before_load, check_series_before_load, check_suite_applies,
-                                longest_n_future, read_suite_contexts, run_paper_suite, suite_reads_eval_text,
-                                text_change, weights_change)
+from saelab.evals.suite import (CORPUS_TEXT, EvaluationFound, check_results_before_load, check_series_before_load,
+                                check_suite_applies, longest_n_future, read_suite_contexts, run_paper_suite,
+                                suite_reads_eval_text, text_change, weights_change)
 from saelab.models import (MODEL_FINGERPRINT, LanguageModel, check_before_load, check_context_fits, load_model,
                            model_fingerprint, model_name, model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
 from saelab.models.loading import dtype_name
 from saelab.pipeline_config import DEFAULT_HOOK, HARVEST_BATCH, HarvestConfig, QuickstartConfig
 from saelab.report import density_histogram, write_paper_report, write_run_report
+from saelab.report.markdown import frequencies_mismatch
 from saelab.run_folder import (ACTIVATIONS_DIR, DENSITY_PLOT, EVAL_METRICS, EVALS_DIR, SAE_DIR, TRAIN_CONFIG,
                                LatentFrequencies, SaeHashes, check_output_folder, check_sae_hook,
                                check_sweep_has_finished_runs, is_run, model_for, open_sae, read_eval_metrics, read_json,
-                               recorded_model, sae_sha256, sweep_runs, unfinished_sweep_runs, write_latent_frequencies)
+                               read_latent_frequencies, recorded_model, sae_sha256, sweep_runs, unfinished_sweep_runs,
+                               write_latent_frequencies)
 from saelab.sae import TopKSAE, load_sae
 from saelab.train import TrainConfig, train_sae
 from saelab.train import distributed as ddp
@@ -795,6 +798,9 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
     # Into a run folder: its lock, as evaluate_run holds it (a retraining meanwhile would mix two SAEs' files).
     lock = RunLock(run).acquire() if out is run else None
     try:
+        # core's evaluation saved already (`saelab eval`, quickstart), read under the lock: taken, not measured again
+        evaluated = None if overwrite or not _suite_runs(cfg, "core") else _evaluation_found(
+            (out, run), sae, eval_cfg, spec, model_dtype, sae_hash)
         if before_load is not None:
             before_load(sae, trained_at)
         # the training text's warning beside those notes, before the load; the suite's records say it too
@@ -804,7 +810,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         sae = _beside_model(sae, lm, given=False)
         index = run_paper_suite(sae, out, lm=lm, source=str(source), eval_cfg=eval_cfg, cfg=cfg,
                                 overwrite=overwrite, progress=progress, contexts=contexts, refused=refused,
-                                sae_hash=sae_hash, eval_text=eval_text)
+                                sae_hash=sae_hash, eval_text=eval_text, evaluated=evaluated)
         write_paper_report(out)
         if out is run and (run / TRAIN_CONFIG).exists():  # with a link to evals/report.md
             # The suite hashed the run's SAE (unless --hook made it another): the report need not hash it again.
@@ -817,6 +823,27 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         raise SaelabError(f"paper suite wrote {out / EVALS_DIR / 'report.md'} but failed in {len(failed)} "
                           "metric(s): " + "; ".join(f"{m}: {r}" for m, r in failed.items()))
     return {**index, "report": str(out / EVALS_DIR / "report.md")}
+
+
+def _evaluation_found(folders: Sequence[Path | None], sae: TopKSAE, cfg: EvalConfig, spec: LanguageModel | str,
+                      model_dtype: str, sae_hash: str) -> EvaluationFound | None:
+    """The evaluation in the first of ``folders`` whose metrics.json is of ``sae`` with these settings
+    (:func:`evaluation_is_current`: the model ``spec`` in ``model_dtype``) and whose latent frequencies beside it
+    are of that evaluation, for the paper suite's core to take; None where none is."""
+    for folder in dict.fromkeys(f for f in folders if f is not None):
+        if not evaluation_is_current(folder, sae, cfg, model=spec, model_dtype=model_dtype, sae_hash=sae_hash):
+            continue
+        metrics = read_eval_metrics(folder, sae_hash=sae_hash)
+        try:
+            saved = read_latent_frequencies(folder)
+        except CheckpointError:  # damaged: core measures them again
+            continue
+        if saved is not None and not frequencies_mismatch(saved, folder, sae.n_latents, sae_hash,
+                                                          eval_settings(metrics), weights=SAE_DIR,
+                                                          evaluation=EVAL_METRICS):
+            result = jsonable({k: v for k, v in metrics.items() if k not in EVALUATION_RECORDS})
+            return EvaluationFound(folder / EVAL_METRICS, result, saved)
+    return None
 
 
 def _check_suite_inputs(sae: TopKSAE, source: str | Path, run: Path | None, out: Path | None, eval_cfg: EvalConfig,
@@ -964,6 +991,10 @@ SHARED_STAGES = ("check_inputs", "load_model")
 HARVEST_CALL_SECONDS = "harvest_call_seconds"
 """metrics.json's record of the SHARED_STAGES seconds of the calls behind the kept activation cache: an overwrite
 that keeps the cache adds its own to these, not to those of the training and evaluation it replaces."""
+EVALUATION_RECORDS = (MODEL_FINGERPRINT, "eval_text", "sae_sha256", "eval_config", "eval_as_read", "model_dtype",
+                      "wall_seconds", "stage_seconds", HARVEST_CALL_SECONDS, "reused")
+"""What metrics.json records beside the core metrics (:func:`evaluate`'s, then quickstart's): no part of the paper
+suite's core result, whose envelope records the SAE, the settings and the weights."""
 
 
 def _stage_seconds(run_dir: Path, earlier: dict[str, float], times: dict[str, float], reused: list[str],

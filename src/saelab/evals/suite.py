@@ -21,7 +21,10 @@ where computing it again fails it is kept, its entry in suite.json the error and
 handed to the metrics after it). A recompute that measures nothing (:attr:`SuiteMetric.measured_nothing`) replaces
 it, its reason saying so: this saelab's verdict on those settings, not a failure to compute. An interrupted
 suite keeps every metric finished before the interruption; compute-equivalent also keeps each checkpoint's loss
-(``evals/series_losses.json``).
+(``evals/series_losses.json``). core not reused from core.json takes the evaluation ``saelab eval`` or quickstart
+saved of the SAE with its settings (``metrics.json`` of the run or OUT, and the latent frequencies beside it:
+:class:`EvaluationFound`), with a note, where it would read the same contexts (:func:`_draws_as_evaluated`), rather
+than measure it again; unless ``overwrite``.
 
 All metrics read the same eval contexts (the eval corpus, the SAE's context size, BOS first), drawn at
 random across the corpus's first ``eval.sample_pool_tokens`` tokens (:func:`saelab.data.draw_contexts`); each
@@ -51,7 +54,8 @@ Envelope of every ``OUT/evals/<metric>.json`` (``schema_version`` 1)::
 ``suite.json``: ``{suite, schema_version, sae, model, hook, eval, metrics: {name: {status, reason,
 reused, wall_s, file}}, wall_s (this invocation), metrics_wall_s (sum over metrics as computed)}``: each metric as this
 invocation left it ("error" where computing an earlier saelab's result again failed and its file was kept; its entry
-then also holds the error alone, ``recompute_error``, for the report).
+then also holds the error alone, ``recompute_error``, for the report; core taken from a saved evaluation: reused, and
+``from``, its metrics.json).
 """
 
 from __future__ import annotations
@@ -107,6 +111,20 @@ def _read(path: Path) -> dict | None:
         return None
 
 
+@dataclass(frozen=True)
+class EvaluationFound:
+    """The core evaluation ``saelab eval`` (or quickstart) saved of the suite's SAE with core's settings: model by
+    name, weights and dtype, eval corpus by path and text, eval settings, interval method (as
+    :func:`saelab.pipeline.evaluation_is_current` judges metrics.json), for core to take rather than measure again."""
+
+    path: Path
+    """Its metrics.json."""
+    result: dict
+    """Its metrics as core's result holds them: less what metrics.json records beside them."""
+    frequencies: LatentFrequencies
+    """The latent frequencies saved beside it, of the same SAE and evaluation."""
+
+
 @dataclass
 class SuiteRun:
     """What every metric of one suite run reads: the model, the SAE, the eval contexts, earlier results."""
@@ -130,6 +148,8 @@ class SuiteRun:
     """Metrics found to fail before the model loaded (:func:`check_series_before_load`), with their error."""
     core_sums: dict[str, torch.Tensor] | None = None
     """core's per-context downstream sums when it ran in this invocation (a reused core.json holds none)."""
+    evaluated: EvaluationFound | None = None
+    """The evaluation of core's settings saved beside the SAE, for core to take (None: none is)."""
 
 
 def _core(run: SuiteRun) -> dict:
@@ -475,6 +495,8 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
     earlier = earlier_computation(old, m.name) if reusable else None
     if reusable and earlier is None:
         return _reused(run, m, path, old, eval_info, entry)
+    if m.name == "core" and not overwrite and _draws_as_evaluated(run):
+        return _taken_from_evaluation(run, m, path, inputs, sae_info, eval_info, entry)
     if earlier:  # kept until the new result replaces it (write_json: atomically), so an interrupted run loses nothing
         print(f"saelab: note: {path} is computed again, not reused: {earlier}", file=sys.stderr)
     if progress:
@@ -495,6 +517,31 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
     run.results[m.name] = result
     write_json(path, _envelope(m.name, inputs, sae_info, eval_info, status, why, result, wall))
     return {**entry, "status": status, "reason": why, "wall_s": round(wall, 3)}
+
+
+def _draws_as_evaluated(run: SuiteRun) -> bool:
+    """Whether core would read the contexts the evaluation found (``run.evaluated``) read: the first ones of the
+    suite's draw are those a draw of fewer gives where both draw from one pool (:func:`draw_contexts` pools
+    ``sample_pool_tokens // T`` contexts, or as many as it draws where that is more), or the first contexts in
+    order (``sample_pool_tokens`` 0)."""
+    pool = run.eval_cfg.sample_pool_tokens
+    return run.evaluated is not None and (pool == 0 or pool // run.T >= run.contexts.tokens.shape[0])
+
+
+def _taken_from_evaluation(run: SuiteRun, m: SuiteMetric, path: Path, inputs: dict, sae_info: dict, eval_info: dict,
+                           entry: dict) -> dict:
+    """core's result taken from ``run.evaluated`` rather than measured again: core.json and the latent frequencies
+    written as core writes them (the frequencies first), said in one line; its suite.json entry, with ``from``."""
+    found = run.evaluated
+    print(f"saelab: note: {path} takes core's metrics from {found.path}, an evaluation of the same SAE and "
+          "settings, not measured again", file=sys.stderr)
+    write_latent_frequencies(run.evals, found.frequencies)
+    wall = sum((found.result.get("seconds") or {}).values())  # its own measurement's, as a computed core records
+    created = _dt.datetime.fromtimestamp(found.path.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
+    write_json(path, {**_envelope(m.name, inputs, sae_info, eval_info, "ok", None, found.result, wall),
+                      "created": created})
+    run.results[m.name] = found.result
+    return {**entry, "status": "ok", "reason": None, "reused": True, "wall_s": round(wall, 3), "from": str(found.path)}
 
 
 RECOMPUTE_ERROR = "recompute_error"
@@ -656,7 +703,8 @@ def _prepare(sae, lm, out_dir: Path, cfg: PaperSuiteConfig, eval_cfg: EvalConfig
 def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg: EvalConfig | None = None,
                     cfg: PaperSuiteConfig | None = None, overwrite: bool = False, progress: bool = True,
                     contexts: DrawnContexts | None = None, refused: dict[str, str] | None = None,
-                    sae_hash: str | None = None, eval_text: str | None = None) -> dict[str, Any]:
+                    sae_hash: str | None = None, eval_text: str | None = None,
+                    evaluated: EvaluationFound | None = None) -> dict[str, Any]:
     """Run the paper suite on ``sae`` with ``lm`` into ``out_dir/evals/`` (module docstring).
 
     Returns the suite index (also written to suite.json). A metric that fails is recorded with
@@ -665,13 +713,15 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     before the model loaded, with their reason (:func:`check_series_before_load`), recorded so, not run;
     ``sae_hash``: :func:`sae_sha256` of ``sae`` when the caller has it (:func:`check_results_before_load`'s);
     ``eval_text``: :func:`held_out_label`'s label of the eval corpus when the caller took it (and so said the
-    warning) already, else taken here where a metric reads that text.
+    warning) already, else taken here where a metric reads that text; ``evaluated``: the caller's evaluation of
+    ``sae`` with core's settings (in ``lm``'s dtype), which core takes unless ``overwrite``, or its own record is
+    reused, or the suite draws core's contexts otherwise (a pool smaller than its contexts).
     """
     t_start = time.perf_counter()
     check_sae_hook(sae, source or "(given)")
     run, wanted, reasons = _prepare(sae, lm, Path(out_dir), cfg or PaperSuiteConfig(), eval_cfg or EvalConfig(),
                                     contexts)
-    run.refused = dict(refused or {})
+    run.refused, run.evaluated = dict(refused or {}), evaluated
     run.sae_hash = sae_hash or sae_sha256(sae)
     base_inputs = _base_inputs(run)
     hook = sae.cfg.hook_name
@@ -696,6 +746,6 @@ def run_paper_suite(sae, out_dir: str | Path, *, lm, source: str = "", eval_cfg:
     return index
 
 
-__all__ = ["PAPER_METRICS", "PaperSuiteConfig", "SUITE", "SuiteMetric", "check_results_before_load",
+__all__ = ["PAPER_METRICS", "EvaluationFound", "PaperSuiteConfig", "SUITE", "SuiteMetric", "check_results_before_load",
            "check_series_before_load", "check_suite_applies", "earlier_computation", "longest_n_future",
            "read_suite_contexts", "run_paper_suite", "suite_reads_eval_text"]
