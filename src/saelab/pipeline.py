@@ -934,9 +934,10 @@ def _check_finished_run_matches(run_dir: Path, cfg: TrainConfig, cache_kept: boo
 def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, lm: LanguageModel | None,
                                        model_dtype: str) -> str | None:
     """Refuse, before any work, to replace a finished run's evaluation with one of other settings
-    (as ``saelab eval`` refuses); ``lm``: the model given loaded (None: the SAE's, loaded in ``model_dtype``). Returns :func:`sae_sha256` of the finished run's SAE (None: no finished
-    run, or no evaluation to check it against), for the rest of the call: hashing reads every weight, so
-    a run without one is hashed only by the evaluation, after the checks that may refuse the call."""
+    (as ``saelab eval`` refuses); ``lm``: the model given loaded (None: the SAE's, loaded in ``model_dtype``).
+    Returns :func:`sae_sha256` of the finished run's SAE (None: no finished run, or no evaluation to check it
+    against), for the rest of the call: hashing reads every weight, so a run without one is hashed only by the
+    evaluation, after the checks that may refuse the call."""
     if read_status(run_dir).get("state") != "finished" or not (run_dir / SAE_DIR).is_dir() \
             or not (run_dir / EVAL_METRICS).exists():
         return None
