@@ -549,8 +549,9 @@ def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, d
     kept = (tmp_path / "elsewhere" / "metrics.json").read_bytes()
     _, reused = run_cli(capsys, *ev, *out, "--recon-tokens", "256")
     assert reused == written and (tmp_path / "elsewhere" / "metrics.json").read_bytes() == kept
-    assert main([*ev, *out, "--recon-tokens", "512"]) == 2
-    assert "already holds an evaluation (metrics.json); pass --overwrite" in capsys.readouterr().err
+    assert main([*ev, *out, "--recon-tokens", "512"]) == 2  # named as into the run
+    assert "already holds an evaluation of this SAE with other settings (--recon-tokens 256 -> 512); pass " \
+        "--overwrite" in capsys.readouterr().err
     _, replaced = run_cli(capsys, *ev, "--recon-tokens", "512", "--overwrite")
     assert replaced["n_tokens"] == 512 and json.loads((run / "metrics.json").read_text())["n_tokens"] == 512
     # An evaluation written before the contexts were drawn read the first ones: --sample-pool-tokens 0 reuses it.

@@ -513,7 +513,7 @@ def evaluation_is_current(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *,
     """True when the run's metrics.json describes this SAE evaluated with this config, model dtype and
     model (None: the SAE's own; one given loaded is in its own dtype, whatever ``model_dtype`` asks). An unreadable
     metrics.json is not current: the evaluation runs again. ``sae_hash``: as :func:`read_eval_metrics` takes it."""
-    changes = _evaluation_changes(run_dir, sae, cfg, model=model, model_dtype=model_dtype, sae_hash=sae_hash)
+    changes = evaluation_changes(run_dir, sae, cfg, model=model, model_dtype=model_dtype, sae_hash=sae_hash)
     return _state_of(changes) == "current"
 
 
@@ -521,7 +521,7 @@ def _state_of(changes: list[str] | None) -> str:
     return "none" if changes is None else "other" if changes else "current"
 
 
-def _evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
+def evaluation_changes(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
                         model_dtype: str, sae_hash: str | None = None) -> list[str] | None:
     """The settings (eval config, model dtype, model) in which the run's evaluation of ``sae`` differs from
     this one, as "eval.recon_tokens 2048 -> 1024"; None when it holds no readable evaluation of ``sae``, or one of
@@ -616,7 +616,7 @@ def _evaluate_run_locked(run_dir: str | Path, cfg: EvalConfig, *, lm: LanguageMo
     sae = sae if sae is not None else load_sae(Path(run_dir) / SAE_DIR)
     # Once, for the check, the evaluation and the report: hashing reads every weight.
     sae_hash = sae_hash or sae_sha256(sae)
-    changes = None if overwrite else _evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype,
+    changes = None if overwrite else evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype,
                                                          sae_hash=sae_hash)
     if changes == []:
         print(f"{Path(run_dir) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
@@ -710,7 +710,7 @@ def evaluate_sweep(folder: str | Path, cfg: EvalConfig | None = None, *, model: 
         # once per run, for the check, the evaluation and the scaling study: hashing reads every weight
         sae, hashes[run] = sae_hashes.load(run)
         settings[run] = SaeSettings(sae.cfg)
-        changes[run] = None if overwrite else _evaluation_changes(run, sae, cfg, model=model, model_dtype=model_dtype,
+        changes[run] = None if overwrite else evaluation_changes(run, sae, cfg, model=model, model_dtype=model_dtype,
                                                                   sae_hash=hashes[run])
         state[run] = _state_of(changes[run])
         specs[run] = model or model_for(sae)
@@ -943,7 +943,7 @@ def _check_finished_evaluation_matches(run_dir: Path, cfg: EvalConfig, lm: Langu
         return None
     sae = load_sae(run_dir / SAE_DIR)
     sae_hash = sae_sha256(sae)
-    changed = _evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype, sae_hash=sae_hash)
+    changed = evaluation_changes(run_dir, sae, cfg, model=lm, model_dtype=model_dtype, sae_hash=sae_hash)
     if changed:
         raise RunExistsError(f"{run_dir / EVAL_METRICS} holds this run's evaluation with other settings "
                              f"({', '.join(changed)}); `saelab eval {run_dir} --overwrite` with the new settings "
@@ -1245,6 +1245,7 @@ def load_run(run_dir: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
 
 
 __all__ = ["DEFAULT_HOOK", "EvalConfig", "HarvestConfig", "PaperSuiteConfig", "QuickstartConfig", "eval_settings",
-           "earlier_evaluation", "evaluate", "evaluate_run", "evaluate_sweep", "evaluation_is_current",
+           "earlier_evaluation", "evaluate", "evaluate_run", "evaluate_sweep", "evaluation_changes",
+           "evaluation_is_current",
            "finished_training", "harvest", "is_run", "load_run", "notes_before_load", "paper_suite", "quickstart",
            "read_metrics", "sweep_configs", "sweep_from_cache", "train_from_cache"]

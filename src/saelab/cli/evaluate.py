@@ -96,10 +96,12 @@ def suite_config(args: argparse.Namespace) -> PaperSuiteConfig:
                                n2g=args.n2g)
 
 
-def _check_eval_out(out: Path, overwrite: bool) -> None:
+def _check_eval_out(out: Path, overwrite: bool, changes: list[str] | None = None) -> None:
     """--out for another SAE's metrics: never a run folder (its metrics.json is its own SAE's) or another
     saelab folder, and an earlier evaluation there is kept unless ``overwrite``: --overwrite, or that evaluation
-    is this one with intervals an earlier saelab made (:func:`saelab.pipeline.earlier_evaluation`), made again."""
+    is this one with intervals an earlier saelab made (:func:`saelab.pipeline.earlier_evaluation`), made again.
+    ``changes``: where it is this SAE's, the settings it differs in (:func:`saelab.pipeline.evaluation_changes`),
+    named as ``saelab eval RUN`` names them."""
     if (out / TRAIN_CONFIG).is_file():
         raise ConfigError(f"--out {out} is the run folder of another SAE; its metrics.json describes that SAE: "
                           "pick another folder")
@@ -108,8 +110,9 @@ def _check_eval_out(out: Path, overwrite: bool) -> None:
             raise ConfigError(f"--out {out} is {what} ({marker}); expected a folder for this evaluation (new, or "
                               "one that holds only evaluations)")
     if (out / EVAL_METRICS).exists() and not overwrite:
-        raise RunExistsError(f"--out {out} already holds an evaluation ({EVAL_METRICS}); pass --overwrite to "
-                             "replace it, or pick another folder")
+        which = f"of this SAE with other settings ({', '.join(changes)})" if changes else f"({EVAL_METRICS})"
+        raise RunExistsError(f"--out {out} already holds an evaluation {which}; pass --overwrite to replace it, or "
+                             "pick another folder")
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,7 +173,7 @@ def _refuse_options_of_metrics_left_out(args: argparse.Namespace) -> None:
 
 def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
     """`saelab eval SAE`: the core metrics into the run folder, into --out, or printed only."""
-    from saelab.pipeline import earlier_evaluation, evaluate, evaluate_run, evaluation_is_current, notes_before_load
+    from saelab.pipeline import earlier_evaluation, evaluate, evaluate_run, evaluation_changes, notes_before_load
 
     sae, run = open_sae(args.sae, allow_http=args.allow_http)
     trained_at = sae.cfg.hook_name
@@ -192,16 +195,16 @@ def _eval_core(args: argparse.Namespace) -> dict[str, Any]:
                             overwrite=args.overwrite, progress=args.progress, sae=sae, before_load=notes)
     sae_hash = sae_sha256(sae)  # once, for the check and the evaluation: it reads every weight
     if args.out is not None:
-        current = not args.overwrite and evaluation_is_current(args.out, sae, args.eval, model=args.model,
-                                                               model_dtype=args.model_dtype, sae_hash=sae_hash)
-        if current:  # the same command again
+        changes = None if args.overwrite else evaluation_changes(args.out, sae, args.eval, model=args.model,
+                                                                 model_dtype=args.model_dtype, sae_hash=sae_hash)
+        if changes == []:  # the same command again
             print(f"{Path(args.out) / EVAL_METRICS} already holds this evaluation (--overwrite runs it again)",
                   file=sys.stderr)
             notes_before_load(sae, args.eval, notes)
             return read_eval_metrics(args.out, sae, sae_hash=sae_hash)
         again = earlier_evaluation(args.out, sae, args.eval, model=args.model, model_dtype=args.model_dtype,
                                    sae_hash=sae_hash)
-        _check_eval_out(Path(args.out), args.overwrite or again is not None)
+        _check_eval_out(Path(args.out), args.overwrite or again is not None, changes)
     metrics = evaluate(sae, lm=args.model, cfg=args.eval, out_dir=args.out, device=args.device,
                        model_dtype=args.model_dtype, progress=args.progress, sae_hash=sae_hash, before_load=notes)
     if args.out is None:  # an SAE outside a run folder has no place of its own for them
