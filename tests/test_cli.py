@@ -371,7 +371,14 @@ BAD = [
     ("eval SAE --max-len 5", "unrecognized arguments: --max-len 5; did you mean --n2g-max-len?"),
     ("harvest --progress", "unrecognized arguments: --progress; --progress is on unless --no-progress turns it off: "
      "leave it out"),  # not "did you mean --no-progress?", the opposite of what was asked
-    ("quickstart --dtype x", "unrecognized arguments: --dtype x (`saelab quickstart"),  # --harvest- or --model-dtype
+    ("quickstart --dtype x", "--dtype x; did you mean --harvest-dtype?"),  # harvest's; not --model-dtype
+    ("quickstart --corpus x", "--corpus x; did you mean --harvest-corpus or --eval-corpus?"),  # not one picked
+    # another leading word is another setting: no suggestion (the first would harvest again)
+    ("quickstart --activations x", "unrecognized arguments: --activations x (`saelab quickstart"),
+    ("export SAE OUT --model-dtype float16", "unrecognized arguments: --model-dtype (`saelab export"),
+    ("train --harvest-seed 3", "unrecognized arguments: --harvest-seed 3 (`saelab train"),
+    ("eval SAE --harvest-corpus x", "unrecognized arguments: --harvest-corpus x (`saelab eval"),
+    ("eval SAE --no-overwrite", "--no-overwrite; --overwrite is off unless given: leave --no-overwrite out"),
     ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
     ("eval SAE --bogus", "unrecognized arguments: --bogus (`saelab eval --help` lists the options)"),
     ("train --recipe relu-l1 --k 16", "--k: a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every"),

@@ -198,9 +198,18 @@ class Parser(ArgumentParser):
         # argparse quotes each choice ("'saelens', 'sparsify'"); saelab's own messages list them bare
         message = re.sub(r"\(choose from ([^()]*)\)$", lambda m: f"(choose from {m[1].replace(chr(39), '')})", message)
         if message.startswith("unrecognized arguments:"):
-            message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions)
+            message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions,
+                                     *self._group_prefixes())
         message += _closest_choice(message)
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+    def _group_prefixes(self) -> tuple[set[str], set[str]]:
+        """The prefixes of this verb's option groups (quickstart's "harvest", eval's "n2g"), which an option
+        typed without them may lack, and the groups it reads unprefixed (harvest's "harvest"), whose prefix an
+        option typed as another verb spells it may carry."""
+        wrappers = getattr(self, "_wrappers", [])
+        return ({w.prefix.rstrip("-") for w in wrappers if w.prefix},
+                {w.dest for w in wrappers if not w.prefix})
 
     def format_help(self) -> str:
         """The help, with each option group titled for people ("harvest options:"), not after its
@@ -335,10 +344,11 @@ def repeat_refusal(spellings: list[str], values: list[list[str]], listed: bool =
     return f"{names} given twice ({', '.join(shown)}): {hint}"
 
 
-def _did_you_mean(given: list[str], options: typing.Iterable[str]) -> str:
-    """"; did you mean --n-latents?" for the first unknown option with a close match, else ""."""
+def _did_you_mean(given: list[str], options: typing.Iterable[str], add: set[str], drop: set[str]) -> str:
+    """"; did you mean --n-latents?" for the first unknown option with a close match, else "" (``add``, ``drop``:
+    as :func:`did_you_mean` takes them)."""
     for arg in given:
-        hint = did_you_mean(arg.split("=", 1)[0], options) if arg.startswith("-") else ""
+        hint = did_you_mean(arg.split("=", 1)[0], options, add, drop) if arg.startswith("-") else ""
         if hint:
             return hint
     return ""

@@ -14,37 +14,41 @@ def plural(n: int, noun: str) -> str:
     return noun if n == 1 else f"{noun}s"
 
 
-def did_you_mean(word: str, names: Iterable[str]) -> str:
+def did_you_mean(word: str, names: Iterable[str], add: Iterable[str] = (), drop: Iterable[str] = ()) -> str:
     """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, or the one that is ``word``
-    with a leading part added or left out (:func:`_other_prefix`), else "". Never a switch's off spelling for its
-    on one ("--progress": "--no-progress" would do the opposite of what was asked): that it is on without it."""
+    with a group's prefix added (one of ``add``) or left out (one of ``drop``: :func:`_other_prefix`; each of
+    several), else "".
+    Never a switch's other spelling, which does the opposite of what was asked ("--progress" where only
+    "--no-progress" is, "--no-overwrite" where only "--overwrite" is): that it is so without it."""
     names = list(names)
-    off = f"--no-{word[2:]}" if word.startswith("--") else None
-    if off in names:
-        return f"; {word} is on unless {off} turns it off: leave it out"
-    close = difflib.get_close_matches(word, names, n=1, cutoff=0.75) or _other_prefix(word, names)
-    return f"; did you mean {close[0]}?" if close else ""
+    body = word[2:] if word.startswith("--") else None
+    if body is not None and f"--no-{body}" in names:
+        return f"; {word} is on unless --no-{body} turns it off: leave it out"
+    if body is not None and body.startswith("no-") and f"--{body[3:]}" in names:
+        return f"; --{body[3:]} is off unless given: leave {word} out"
+    close = _other_prefix(word, names, add, drop) or difflib.get_close_matches(word, names, n=1, cutoff=0.75)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
-def _other_prefix(word: str, names: list[str]) -> list[str]:
-    """The one of ``names`` that ends as ``word`` does but for leading parts (``-`` or ``_`` apart) added or left
-    out, sharing the most parts with it: another verb's group prefix ("--harvest-dtype" for harvest's "--dtype",
-    "--max-len" for eval's "--n2g-max-len"), a difference too long beside a short name for a close spelling.
-    Not a part "no", which turns a switch off; none where several share as many parts (quickstart's "--dtype":
-    "--harvest-dtype", "--model-dtype")."""
+def _other_prefix(word: str, names: list[str], add: Iterable[str], drop: Iterable[str]) -> list[str]:
+    """The one of ``names`` that is ``word`` with one leading part (``-`` or ``_`` apart) added, of ``add``, or left
+    out, of ``drop``: another verb's spelling of a setting ("--harvest-dtype", quickstart's, for harvest's
+    "--dtype"; "--max-len" for eval's "--n2g-max-len"), a difference too long beside a short name for a close
+    spelling. Only a group's prefix: another leading word names another setting ("--activations" is not
+    "--overwrite-activations", "--model-dtype" not export's "--dtype"). Each where several are (quickstart's
+    "--corpus": "--harvest-corpus" or "--eval-corpus"), before a close spelling that would pick one."""
     def parts(name: str) -> tuple[str, list[str]]:
         body = name.lstrip("-")
         return name[:len(name) - len(body)], re.split(r"[-_]", body)
 
-    def shared(name: str) -> int:  # the parts ``name`` and ``word`` share, where one is the other's tail
-        (dashes, a), (word_dashes, b) = parts(name), parts(word)
-        short, long = sorted((a, b), key=len)
-        added = long[:len(long) - len(short)]
-        return len(short) if dashes == word_dashes and added and added[0] != "no" and long[len(added):] == short else 0
+    dashes, typed = parts(word)
+    add, drop = set(add), set(drop)
 
-    best = max(map(shared, names), default=0)
-    found = [name for name in names if best and shared(name) == best]
-    return found if len(found) == 1 else []
+    def one_part_apart(name: str) -> bool:
+        name_dashes, have = parts(name)
+        return name_dashes == dashes and (have[1:] == typed and have[0] in add or typed[1:] == have and typed[0] in drop)
+
+    return [name for name in names if one_part_apart(name)]
 
 
 def listed_names(names: list[str], most: int = 8) -> str:
