@@ -331,3 +331,20 @@ def test_n2g_held_out_in_one_document_resamples_its_contexts(consecutive):
     assert res["n_eval_contexts"] == 12 and res["interval_groups"] == "contexts"
     delta = res["intervals"]["delta_ce_sae"]
     assert delta["n_groups"] == 12 and delta["low"] <= delta["estimate"] <= delta["high"]
+
+
+def test_the_interval_note_names_what_each_part_resampled():
+    """The note under core's table (and quickstart's summary) gives each part's count of what its intervals
+    resampled, and says where that was the contexts themselves, likely too narrow: it read "over the contexts the
+    eval contexts were drawn from" and gave nMSE's count alone."""
+    from saelab.report.markdown import intervals_note
+
+    def interval(n: int) -> dict:
+        return {"estimate": 0.5, "low": 0.4, "high": 0.6, "level": 0.95, "n_boot": 1000, "n_groups": n}
+
+    metrics = {"intervals": {"nmse": interval(32), "delta_ce": interval(17)}, "interval_groups": "documents"}
+    assert intervals_note(metrics)[1] == ("[low, high]: 95% bootstrap intervals over the documents of the eval "
+                                          "contexts (nMSE: 32; the losses: 17 documents), 1,000 draws.")
+    assert intervals_note({**metrics, "interval_groups": "contexts"})[1] == (
+        "[low, high]: 95% bootstrap intervals over the eval contexts themselves (nMSE: 32; the losses: 17 "
+        "contexts), 1,000 draws; likely too narrow, as the contexts lie in one document or the corpus marks none.")

@@ -68,9 +68,20 @@ def intervals_note(metrics: dict[str, Any]) -> list[str]:
         groups = next((i.get("n_groups") for i in metrics["intervals"].values() if isinstance(i, dict)), None)
         return [] if groups is None else ["", f"No intervals: the eval contexts came from {groups:,} "
                                               f"{plural(groups, metrics.get('interval_groups', 'group').rstrip('s'))}."]
-    return ["", f"[low, high]: {some['level']:.0%} bootstrap intervals over the {metrics.get('interval_groups', 'groups')} "
-                "the eval contexts were drawn from (nMSE: over the reconstruction tokens', "
-                f"{some['n_groups']:,}; the losses: over the downstream contexts'), {some['n_boot']:,} draws."]
+    over, caveat = _resampled(metrics)
+    return ["", f"[low, high]: {some['level']:.0%} bootstrap intervals over {over}, {some['n_boot']:,} draws{caveat}."]
+
+
+def _resampled(metrics: dict[str, Any]) -> tuple[str, str]:
+    """What core's intervals resampled, with each part's count: the documents of its contexts, or the contexts
+    themselves where they lie in one document or the corpus marks none (docs/evals.md: likely too narrow)."""
+    count = {part: (metrics["intervals"].get(key) or {}).get("n_groups")
+             for part, key in (("nMSE", "nmse"), ("the losses", "delta_ce"))}
+    counts = "; ".join(f"{part}: {n:,}" for part, n in count.items() if isinstance(n, int))
+    if metrics.get("interval_groups", "documents") == "documents":
+        return f"the documents of the eval contexts ({counts} documents)", ""
+    return (f"the eval contexts themselves ({counts} contexts)",
+            "; likely too narrow, as the contexts lie in one document or the corpus marks none")
 
 
 def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
