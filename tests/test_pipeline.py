@@ -1572,7 +1572,13 @@ def test_cli_quickstart_prints_a_short_summary_and_its_metrics_as_json_on_reques
     assert f"{metrics['l0']:.2f}" in out and "held-out text" in lines[0]
     assert f"report:  {qs / 'report.md'}" in lines and any(line.startswith(f"metrics: {qs / 'metrics.json'}")
                                                             for line in lines)
-    # the same command again reuses every stage; --json prints the whole metrics.json and nothing else
+    assert not any(line.startswith("reused:") for line in lines)
+    # the same command again reuses every stage, and says so
+    code = main(command)
+    out, err = capsys.readouterr()
+    assert code == 0 and "reused: harvest, train, evaluate (found done with these settings; --overwrite trains " \
+        "and evaluates again, with --overwrite-activations harvests too)" in out.splitlines()
+    # --json prints the whole metrics.json and nothing else
     code = main([*command, "--json"])
     out, err = capsys.readouterr()
     assert code == 0 and json.loads(out) == json.loads((qs / "metrics.json").read_text())

@@ -85,14 +85,17 @@ def _resampled(metrics: dict[str, Any]) -> tuple[str, str]:
 
 
 def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
-    """A few lines on a terminal: the headline metrics with their intervals, and where report.md and the full
-    metrics.json lie (what quickstart prints at its end; ~140 lines of JSON buried the numbers)."""
+    """A few lines on a terminal: the headline metrics with their intervals, the stages reused (quickstart's
+    ``reused``), and where report.md and the full metrics.json lie (what quickstart prints at its end; ~140 lines
+    of JSON buried the numbers)."""
     rows = metric_rows(metrics, HEADLINE_METRICS)
     width = max((len(label) for label, _ in rows), default=0)
     lines = [f"Evaluated on {metrics.get('eval_text', 'held-out text')}: {metrics.get('n_tokens', 0):,} tokens for "
              f"reconstruction, {metrics.get('n_predictions', 0):,} next-token predictions for the losses",
              *(f"  {label:<{width}}  {value}" for label, value in rows),
              *(line for line in intervals_note(metrics) if line),
+             *([f"reused: {', '.join(metrics['reused'])} (found done with these settings; --overwrite trains and "
+                 "evaluates again, with --overwrite-activations harvests too)"] if metrics.get("reused") else []),
              f"report:  {Path(run_dir) / REPORT}",
              f"metrics: {Path(run_dir) / EVAL_METRICS} (every measurement, the settings, the stage times)"]
     return "\n".join(lines)
