@@ -2464,3 +2464,18 @@ def test_browse_top_and_samples_past_the_contexts_read_list_them_all(tiny_dir, c
     code, out, err = run_cli(capsys, "browse", "sae", "--out", "huge", "--n-top", "300000", "--n-samples", "10000000",
                              *common)
     assert code == 0 and json.loads(out)["reused"] is True, err
+
+
+def test_a_file_of_other_tensors_says_how_many_its_listing_leaves_out(tmp_path):
+    """A training checkpoint or an OpenAI SAE file missing its keys lists the keys it holds, at most a few: the
+    listing says how many it leaves out, where 11 keys read as the 8 (or 6) shown."""
+    from saelab.sae.openai_format import read_openai_v5_state
+    from saelab.train.checkpoint import CHECKPOINT, load_checkpoint
+
+    other = {f"k{i:02d}": torch.zeros(1) for i in range(11)}
+    torch.save(other, tmp_path / CHECKPOINT)
+    with pytest.raises(CheckpointError, match=r"missing step, .* \(found \['k00', .*'k07'\] and 3 more\)"):
+        load_checkpoint(tmp_path)
+    torch.save(other, tmp_path / "ae.pt")
+    with pytest.raises(SaelabError, match=r"missing encoder.weight, .* \(found \['k00', .*'k05'\] and 5 more\)"):
+        read_openai_v5_state(tmp_path / "ae.pt")

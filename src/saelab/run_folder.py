@@ -45,6 +45,7 @@ from saelab.sae.config import (  # below: where saving an SAE refuses a run, and
 )
 from saelab.utils.cache_manifest import MANIFEST, holds_an_activation_cache
 from saelab.utils.folder_lock import RunFolderBusyError, held_by
+from saelab.utils.words import listed_names
 
 if TYPE_CHECKING:
     import torch
@@ -407,9 +408,8 @@ def refuse_others_files(folder: Path, own: Callable[[str], bool], what: str, opt
     entries ``own`` does not name as its own: the user's notes, another tool's files would go with it."""
     others = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir() if not own(p.name))
     if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise RunExistsError(f"{option} {folder} holds {shown} beside {what}, which replacing it would delete; "
-                             "move them out or choose another folder")
+        raise RunExistsError(f"{option} {folder} holds {listed_names(others, 5, bracketed=False)} beside {what}, "
+                             "which replacing it would delete; move them out or choose another folder")
 
 
 def refuse_a_run_file(path: str | Path, named: str) -> None:

@@ -379,8 +379,8 @@ PAPER_METRICS = ("core", "compute_equivalent", "ablation_sparsity", "probe", "n2
 @dataclass
 class PaperSuiteConfig:
     """Which paper metrics to run and on how much text. At these default sizes an n=16384 SAE on the default
-    model takes about 20-35 minutes on 2 CPU cores (benchmarks/RESULTS.md: 17-19 minutes with half the ablation
-    sites and N2G latents)."""
+    model takes about 20-35 minutes on 2 CPU cores (benchmarks/RESULTS.md: 19 minutes at n=16384 with half the
+    ablation sites and N2G latents and no CE ablations, one thread)."""
 
     metrics: tuple[str, ...] = ()
     """Metrics to run, of core compute_equivalent ablation_sparsity probe n2g; unset: all that apply.

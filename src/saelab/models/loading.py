@@ -174,8 +174,7 @@ def _misfit(info: dict) -> str | None:
     another shape, and which it did not expect; None when none is missing or misshapen. Keys the model ties or
     never saves (a tied lm_head, non-persistent buffers) are not in the info."""
     def few(names) -> str:
-        names = sorted(names)
-        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return listed_names(sorted(names), 3, bracketed=False)
 
     def dims(shape) -> str:
         return "x".join(map(str, shape))

@@ -28,6 +28,7 @@ from saelab.sae.saelens_format import build_sae
 from saelab.sae.topk import SAEConfig, TopKSAE
 from saelab.utils.torch_files import (SNIFF_BYTES, key_names, load_plain_tensors, may_be_torch_file,
                                      refused_by_weights_only, safetensors_header_end, shown_loaded, torch_load_reason)
+from saelab.utils.words import listed_names
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small"
 OPENAI_LOCATION_TO_HOOK = {
@@ -114,10 +115,9 @@ def read_openai_v5_state(path: Path, not_torch: str | None = None) -> Mapping[st
         )
     missing = [key for key in _REQUIRED_KEYS if key not in state]
     if missing:
-        found = key_names(state, 6)
         raise NotThatKindOfFileError(
-            f"{path}: not an OpenAI sparse_autoencoder checkpoint: missing {', '.join(missing)} (found {found}"
-            f"{', ...' if len(state) > 6 else ''})"
+            f"{path}: not an OpenAI sparse_autoencoder checkpoint: missing {', '.join(missing)} (found "
+            f"{listed_names(key_names(state, len(state)), 6)})"
         )
     return state
 

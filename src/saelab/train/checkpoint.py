@@ -24,6 +24,7 @@ from saelab.utils.atomic import (SET_ASIDE, atomic_path, is_being_replaced, is_p
 from saelab.utils.differences import visible_difference
 from saelab.utils.folder_lock import RunFolderBusyError, RunLock
 from saelab.utils.torch_files import key_names, load_plain_tensors, torch_load_reason
+from saelab.utils.words import listed_names
 
 METRICS = TRAINING_LOG  # the training log's name, kept for callers of this module
 
@@ -294,7 +295,7 @@ def load_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> 
         raise cannot_resume(path, f"it holds a {type(state).__name__}, not a dict")
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
     if missing:
-        raise cannot_resume(path, f"missing {', '.join(missing)} (found {key_names(state, 8)})")
+        raise cannot_resume(path, f"missing {', '.join(missing)} (found {listed_names(key_names(state, len(state)))})")
     return state
 
 

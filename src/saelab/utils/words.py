@@ -46,15 +46,17 @@ def _other_prefix(word: str, names: list[str], add: Iterable[str], drop: Iterabl
 
     def one_part_apart(name: str) -> bool:
         name_dashes, have = parts(name)
-        return name_dashes == dashes and (have[1:] == typed and have[0] in add or typed[1:] == have and typed[0] in drop)
+        return name_dashes == dashes and (have[1:] == typed and have[0] in add
+                                          or typed[1:] == have and typed[0] in drop)
 
     return [name for name in names if one_part_apart(name)]
 
 
-def listed_names(names: list[str], most: int = 8) -> str:
-    """``names`` as a list of its first ``most``, then how many it leaves out: "['a', 'b'] and 3 more", so a
-    folder's listing does not read as all it holds."""
-    return f"{names[:most]}" + (f" and {len(names) - most} more" if len(names) > most else "")
+def listed_names(names: list[str], most: int = 8, bracketed: bool = True) -> str:
+    """``names`` as a list of its first ``most``, then how many it leaves out: "['a', 'b'] and 3 more" (not
+    ``bracketed``: "a, b and 3 more"), so it does not read as all there is."""
+    shown = f"{names[:most]}" if bracketed else ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 ESCAPED = {c: ascii(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
 """Control characters (C0, DEL, C1) as escapes ('\\n', '\\t', '\\x1b'), for ``str.translate``: text from data
