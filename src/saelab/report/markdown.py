@@ -84,14 +84,19 @@ def _resampled(metrics: dict[str, Any]) -> tuple[str, str]:
             "; likely too narrow, as the contexts lie in one document or the corpus marks none")
 
 
+def measured_on(metrics: dict[str, Any]) -> str:
+    """How much text core's metrics measured, as report.md, the paper report and quickstart's summary say it."""
+    return (f"{metrics.get('n_tokens', 0):,} tokens for reconstruction, {metrics.get('n_predictions', 0):,} "
+            "next-token predictions for the downstream loss")
+
+
 def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
     """A few lines on a terminal: the headline metrics with their intervals, the stages reused (quickstart's
     ``reused``), and where report.md and the full metrics.json lie (what quickstart prints at its end; ~140 lines
     of JSON buried the numbers)."""
     rows = metric_rows(metrics, HEADLINE_METRICS)
     width = max((len(label) for label, _ in rows), default=0)
-    lines = [f"Evaluated on {metrics.get('eval_text', 'held-out text')}: {metrics.get('n_tokens', 0):,} tokens for "
-             f"reconstruction, {metrics.get('n_predictions', 0):,} next-token predictions for the losses",
+    lines = [f"Evaluated on {metrics.get('eval_text', 'held-out text')}: {measured_on(metrics)}",
              *(f"  {label:<{width}}  {value}" for label, value in rows),
              *(line for line in intervals_note(metrics) if line),
              *([f"reused: {', '.join(metrics['reused'])} (found done with these settings; --overwrite trains and "
@@ -316,11 +321,9 @@ def write_run_report(run_dir: str | Path, *, density_drawn_by: dict[str, Any] | 
         _status_row(status, log, holder),
     ]), ""]
     if metrics:
-        n_tok = metrics.get("n_tokens", 0)
         lines += [f"## Evaluation on {metrics.get('eval_text', 'held-out text')}", "",
-                  f"Eval corpus `{metrics.get('eval_corpus')}`: {n_tok:,} tokens for reconstruction, "
-                  f"{metrics.get('n_predictions', 0):,} next-token predictions for the downstream loss "
-                  f"(context {metrics.get('context_size')}, position 0 {metrics.get('position_0')}).", ""]
+                  f"Eval corpus `{metrics.get('eval_corpus')}`: {measured_on(metrics)} (context "
+                  f"{metrics.get('context_size')}, position 0 {metrics.get('position_0')}).", ""]
         lines += [markdown_table(metric_rows(metrics)), *intervals_note(metrics),
                   *earlier_intervals_note(metrics, CORE_INTERVALS, "`saelab eval RUN` evaluates it anew"), ""]
     if log:

@@ -16,7 +16,8 @@ from saelab.evals.compute_equivalent import KIND_FAMILY, format_fraction_interva
 from saelab.evals.core import TRAINING_TEXT, eval_settings
 from saelab.evals.suite import RECOMPUTE_ERROR, earlier_computation
 from saelab.models import model_provenance
-from saelab.report.markdown import earlier_note, frequencies_mismatch, intervals_note, markdown_table, metric_rows
+from saelab.report.markdown import (earlier_note, frequencies_mismatch, intervals_note, markdown_table, measured_on,
+                                    metric_rows)
 from saelab.run_folder import DENSITY_PLOT, EVALS_DIR, LATENT_FREQUENCIES, read_latent_frequencies
 from saelab.utils.atomic import write_text
 
@@ -98,8 +99,7 @@ def _below_fit_error(r: dict) -> str:
 
 
 def _section_core(r: dict, density: bool) -> list[str]:
-    lines = [f"{r.get('n_tokens', 0):,} tokens for reconstruction, {r.get('n_predictions', 0):,} next-token "
-             "predictions for the downstream loss.", "",
+    lines = [f"{measured_on(r)}.", "",
              markdown_table(metric_rows(r)), *intervals_note(r)]
     if r.get("nmse_sae_input") is not None:
         lines += ["", f"nMSE in the SAE's own input space (after its input normalization, as the paper reports it): "
