@@ -929,3 +929,23 @@ def test_latent_pages_are_written_as_built_not_all_held_at_once(tiny_gpt2, corpu
     assert peak < 4 * page, f"{peak / 2**20:.1f} MiB at the peak for {512 * 511:,} entries"
     _, records = read_js(tmp_path / "site" / "data" / "big" / "l" / "0007.js")
     assert [len(r["near"]) for r in records] == [511] * 64 and records[-1]["id"] == 511
+
+
+def test_a_model_given_loaded_keys_the_build_by_its_own_dtype(sae_files, tiny_dir, corpus, tmp_path):
+    """The key and record of a site or families file took the dtype asked for (float32 unless given): one built
+    with a model given loaded in bfloat16 was keyed as float32, and a float32 build then reused its numbers. They
+    take the dtype the model is in, as metrics.json records it."""
+    from saelab.models import load_model
+
+    bf16 = load_model(str(tiny_dir), dtype="bfloat16")
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n_samples=4, lm_batch_size=8)
+    both, out, fam = [sae_files / "run_small", sae_files / "saelens_large"], tmp_path / "site", tmp_path / "fam.json"
+    assert build_browser(both[:1], out, cfg, lm=bf16, progress=False)["inputs"]["model_dtype"] == "bfloat16"
+    assert build_families(both, fam, cfg, lm=bf16, progress=False)["inputs"]["model_dtype"] == "bfloat16"
+    assert build_browser(both[:1], out, cfg, lm=str(tiny_dir), model_dtype="bfloat16", progress=False)["reused"]
+    assert build_families(both, fam, cfg, lm=str(tiny_dir), model_dtype="bfloat16", progress=False)["reused"]
+    dtypes = r'other settings \(model_dtype "bfloat16" -> "float32"\)'
+    with pytest.raises(RunExistsError, match=rf"holds a feature browser site built from {dtypes}"):
+        build_browser(both[:1], out, cfg, lm=str(tiny_dir), progress=False)
+    with pytest.raises(RunExistsError, match=rf"holds feature families of {dtypes}"):
+        build_families(both, fam, cfg, lm=str(tiny_dir), progress=False)

@@ -645,3 +645,20 @@ def test_without_a_local_key_an_export_says_so_and_a_rerun_is_refused_as_such(ti
     with pytest.raises(RunExistsError, match=r"made from other settings \(browse.n_top 2 -> 3\)"):
         export_neuronpedia_run(tmp_path / "run", out, dataclasses.replace(cfg, n_top=3), lm="no-such-model",
                                progress=False)
+
+
+def test_a_model_given_loaded_keys_the_export_by_its_own_dtype(tiny_dir, corpus, tmp_path):
+    """An export's key and record took the dtype asked for (float32 unless given), not that of a model given loaded
+    in bfloat16: a float32 export then reused its numbers. They take the dtype the model is in."""
+    from saelab.models import load_model
+
+    bf16 = load_model(str(tiny_dir), dtype="bfloat16")
+    save_sae(centred_sae(bf16, corpus, 64, 2), tmp_path / "run" / "sae")
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    out = tmp_path / "np"
+    assert export_neuronpedia_run(tmp_path / "run", out, cfg, lm=bf16, progress=False)["reused"] is False
+    assert json.loads((out / "run_settings.json").read_text())["inputs"]["model_dtype"] == "bfloat16"
+    assert export_neuronpedia_run(tmp_path / "run", out, cfg, lm=str(tiny_dir), model_dtype="bfloat16",
+                                  progress=False)["reused"] is True
+    with pytest.raises(RunExistsError, match=r'made from other settings \(model_dtype "bfloat16" -> "float32"\)'):
+        export_neuronpedia_run(tmp_path / "run", out, cfg, lm=str(tiny_dir), progress=False)

@@ -40,7 +40,7 @@ from saelab.evals.suite import (CORPUS_TEXT, EvaluationFound, check_results_befo
 from saelab.models import (MODEL_FINGERPRINT, LanguageModel, check_before_load, check_context_fits, load_model,
                            model_fingerprint, model_name, model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
-from saelab.models.loading import dtype_name
+from saelab.models.loading import loaded_dtype
 from saelab.pipeline_config import DEFAULT_HOOK, HARVEST_BATCH, HarvestConfig, QuickstartConfig
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.report.markdown import frequencies_mismatch
@@ -479,7 +479,7 @@ def _note_evaluated_again(out_dir: Path, sae: TopKSAE, cfg: EvalConfig, spec: La
     """Say, before the model loads, that ``out_dir``'s evaluation of these settings is made again rather than reused,
     and why (its intervals are not this saelab's); it stays as it was until the new metrics.json replaces it. Told
     as the reuse was refused, from the model as named (``spec``: :func:`model_name` gives the loaded model's name)
-    and the dtype it is loaded in (:func:`_loaded_dtype`)."""
+    and the dtype it is loaded in (:func:`~saelab.models.loading.loaded_dtype`)."""
     earlier = earlier_evaluation(out_dir, sae, cfg, model=spec, model_dtype=model_dtype, sae_hash=sae_hash)
     if earlier:
         print(f"saelab: note: {out_dir / EVAL_METRICS} is evaluated again, not reused: {earlier}", file=sys.stderr)
@@ -543,18 +543,11 @@ def earlier_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, mo
     return None if recorded is None or recorded[1] else earlier_intervals(recorded[0], CORE_INTERVALS)
 
 
-def _loaded_dtype(spec: str | LanguageModel, model_dtype: str | torch.dtype) -> str:
-    """The name of the dtype the model ``spec`` is in once loaded, as metrics.json's ``model_dtype`` records it: a
-    model given loaded keeps its own, whatever ``model_dtype`` says; else the load gives ``model_dtype`` (a name or
-    torch's)."""
-    return dtype_name(spec.dtype if isinstance(spec, LanguageModel) else model_dtype)
-
-
 def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, model: str | LanguageModel | None,
                          model_dtype: str, sae_hash: str | None) -> tuple[dict[str, Any], list[str]] | None:
     """The run's evaluation of ``sae`` (its metrics.json) and the settings in which it differs from this one; None
     when it holds no readable evaluation of ``sae``. metrics.json records the dtype the model was in: compared with
-    the one it is in now (:func:`_loaded_dtype`), not the one asked for."""
+    the one it is in now (:func:`~saelab.models.loading.loaded_dtype`), not the one asked for."""
     old = _readable_eval_metrics(run_dir, sae, sae_hash=sae_hash)
     if not old:
         return None
@@ -573,7 +566,7 @@ def _recorded_evaluation(run_dir: str | Path, sae: TopKSAE, cfg: EvalConfig, *, 
     spec = model or model_for(sae)
     changes = changed_fields({"eval": old_eval, "model_dtype": old.get("model_dtype", "float32"),
                               "model": evaluated_model(old)},
-                             {"eval": new_eval, "model_dtype": _loaded_dtype(spec, model_dtype),
+                             {"eval": new_eval, "model_dtype": loaded_dtype(spec, model_dtype),
                               "model": model_name(spec)})
     changes += text_change(old_eval, new_eval, *texts) if isinstance(old_eval, dict) else []
     return old, changes + _weights_changes(old, spec)
@@ -790,7 +783,7 @@ def paper_suite(source: str | Path, *, out_dir: str | Path | None = None, lm: La
         sae, model_name(spec), cfg, eval_cfg, tokenizer, bos_token_id(tokenizer), T)
     # compute_equivalent's reference models to load, from their configs and tokenizers alone: refused here when
     # asked for by name, else its error, the other metrics running on
-    dtype = _loaded_dtype(spec, model_dtype)  # compute_equivalent's references
+    dtype = loaded_dtype(spec, model_dtype)  # compute_equivalent's references
     refused = {} if contexts is None else check_series_before_load(sae, model_name(spec), cfg, eval_cfg, contexts,
                                                                  tokenizer, out, dtype)
     # Results it would replace, last: the SAE is hashed for it, once (the suite takes the hash)

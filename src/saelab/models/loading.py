@@ -94,6 +94,13 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return str(_dtype(dtype)).removeprefix("torch.")
 
 
+def loaded_dtype(spec, model_dtype: torch.dtype | str = "float32") -> str:
+    """The name of the dtype the model ``spec`` is in once loaded, as results record it (metrics.json's
+    ``model_dtype``): a model given loaded keeps its own, whatever ``model_dtype`` says; else (a name, or None: the
+    SAE's own) the load gives ``model_dtype`` (a name or torch's)."""
+    return dtype_name(spec.dtype if isinstance(spec, LanguageModel) else model_dtype)
+
+
 def save_dequantized(model: torch.nn.Module, tokenizer, dest: str | os.PathLike) -> Path:
     """Write a GGUF-loaded (or any) model as a plain HF directory, atomically.
 

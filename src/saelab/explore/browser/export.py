@@ -443,8 +443,8 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         note_another_model,
     )
     from saelab.data import corpus_name
-    from saelab.explore.browser.make import (check_recorded_names, check_sizes, load_model_beside, note_no_key,
-                                             open_sources)
+    from saelab.explore.browser.make import (check_recorded_names, check_sizes, keyed_dtype, load_model_beside,
+                                             note_no_key, open_sources)
 
     cfg = cfg or BrowseConfig()
     check_recorded_names(cfg)
@@ -459,6 +459,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
                           "export each SAE with its own sae_set, or leave it out (each SAE's set is then its name)")
     model_id, note = default_ids(sources, lm, cfg, kwargs.get("model_id"), kwargs.get("sae_set"))
     hashes = [sae_sha256(s.sae) for s in sources]  # reads every weight: once per SAE, for the key and the record
+    model_dtype = keyed_dtype(lm, model_dtype)
     key, inputs, unkeyed = export_key(sources, cfg, model_dtype, kwargs, hashes)
     targets = [Path(out)] if len(sources) == 1 else [Path(out) / s.name for s in sources]
     # before the model loads and the text is scored; an export of the same key is the same files

@@ -192,6 +192,15 @@ def key_text(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str =
     return json.dumps(inputs, sort_keys=True, default=str)
 
 
+def keyed_dtype(lm, model_dtype: str = "float32") -> str:
+    """The model dtype a build's key and record name: the one ``lm`` is in where it is given loaded, whose numbers
+    the build holds whatever ``model_dtype`` asks; else ``model_dtype``, by name (as metrics.json records it:
+    :func:`~saelab.models.loading.loaded_dtype`)."""
+    from saelab.models.loading import loaded_dtype  # with the model code, as the load imports it
+
+    return loaded_dtype(lm, model_dtype)
+
+
 def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
               identify: Callable[[SAESource], Any] = _stat_key) -> str | None:
     """Hash of the inputs and settings (:func:`key_text`): a site (or families file) with the same key needs no
@@ -528,6 +537,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     sources, loaded_here = open_sources(sae_sources, allow_http=allow_http)
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     out = Path(out)
+    model_dtype = keyed_dtype(lm, model_dtype)
     key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
     old = read_site_manifest(out)
     if old is not None and not overwrite:
@@ -640,6 +650,7 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     # The tree reads no N2G explanations and orders the SAEs by size: neither changes its key.
     by_size = sorted(sources, key=lambda s: s.sae.n_latents)
+    model_dtype = keyed_dtype(lm, model_dtype)
     key, inputs = (build_key(by_size, cfg, model_dtype, _sae_files_key),
                    build_inputs(by_size, cfg, model_dtype, _sae_files_key))
     if earlier is not None:
