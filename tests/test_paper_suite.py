@@ -659,14 +659,16 @@ def test_results_of_a_bfloat16_model_are_checked_against_bfloat16_references(tmp
     cfg, ev = suite.PaperSuiteConfig(metrics=("compute_equivalent",)), EvalConfig(corpus=None)
     cfg.compute_equivalent.series = "pythia-70m"
     run, wanted, reasons = suite._suite_run(None, sae, model, tmp_path, cfg, ev, 16)
-    suite._resolve_series(run, reasons, "cpu", torch.bfloat16)  # as the suite run of a bfloat16 model
+    run.model_dtype = "bfloat16"  # as the suite run of a bfloat16 model
+    suite._resolve_series(run, reasons, "cpu", torch.bfloat16)
     run.sae_hash = suite.sae_sha256(sae)
     metric = next(m for m in wanted if m.name == "compute_equivalent")
     (tmp_path / "evals").mkdir()
     (tmp_path / "evals" / "compute_equivalent.json").write_text(json.dumps(
         {"status": "ok", "inputs": suite._inputs(run, metric, suite._base_inputs(run))}))
     suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path, dtype="bfloat16")  # the same: reused
-    with pytest.raises(RunExistsError, match=r'compute_equivalent.series.dtype "bfloat16" -> absent'):
+    with pytest.raises(RunExistsError, match=r'compute_equivalent.series.dtype "bfloat16" -> absent, model_dtype '
+                                             r'"bfloat16" -> "float32"'):
         suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path)  # a float32 model: other references
 
 
@@ -1162,3 +1164,59 @@ def test_a_corpus_folder_whose_file_is_read_otherwise_is_not_reused(tiny_series_
     metrics.write_text(json.dumps(rec))
     _, err = run_cli(capsys, *ev)
     assert "already holds this evaluation" in err and json.loads(metrics.read_text()) == rec
+
+
+def small_run(tiny_dir: Path, run: Path) -> Path:
+    """A run folder of a random SAE on tiny_dir's blocks.0 (context 32), not yet evaluated."""
+    from saelab.sae import SAEConfig, TopKSAE, save_sae
+
+    torch.manual_seed(0)
+    save_sae(TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.0.hook_resid_post",
+                               model_name=str(tiny_dir), context_size=32)), run / "sae")
+    return run
+
+
+def test_a_result_of_another_model_dtype_is_not_reused(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """The suite's results recorded no model dtype (but compute-equivalent's references): a float32 core.json was
+    reused by `--model-dtype bfloat16`, whose numbers differ. Each result records the dtype the model is in (one
+    given loaded: its own): another is refused before the model loads, named as the option, and measured anew with
+    --overwrite. `--model-dtype` ran the suite in bfloat16 before it was recorded, so a result an earlier saelab
+    wrote, without it, is computed again with a note, and the report says so of it while it stands."""
+    import saelab.pipeline
+    from saelab.evals.config import EvalConfig, PaperSuiteConfig
+    from saelab.models import load_model
+    from saelab.pipeline import paper_suite
+    from saelab.report.paper import write_paper_report
+
+    run = small_run(tiny_dir, tmp_path / "run")
+    corpus = eval_corpus(data_dir, tmp_path / "eval.jsonl")
+    argv = ["eval", str(run), "--suite", "paper", "--metrics", "core", "--corpus", str(corpus), "--recon-tokens",
+            "256", "--downstream-tokens", "248", "--no-progress"]
+    path = run / "evals" / "core.json"
+    out, _ = run_cli(capsys, *argv)
+    f32 = json.loads(path.read_text())
+    assert out["core"] == "ok" and f32["inputs"]["model_dtype"] == "float32"
+    load = saelab.pipeline.load_model
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    _, err = run_cli(capsys, *argv, "--model-dtype", "bfloat16", code=2)
+    assert 'holds results of this SAE with other settings: core (--model-dtype "float32" -> "bfloat16"); pass ' \
+           "--overwrite" in err, err
+    monkeypatch.setattr(saelab.pipeline, "load_model", load)
+    out, _ = run_cli(capsys, *argv, "--model-dtype", "bfloat16", "--overwrite")
+    bf16 = json.loads(path.read_text())
+    assert out["core"] == "ok" and bf16["inputs"]["model_dtype"] == "bfloat16"
+    assert bf16["result"]["ce_clean"] != f32["result"]["ce_clean"]
+    # From Python, a model given loaded in bfloat16 is in its own dtype, whatever model_dtype says: reused.
+    index = paper_suite(run, lm=load_model(str(tiny_dir), dtype="bfloat16"),
+                        eval_cfg=EvalConfig(corpus=str(corpus), recon_tokens=256, downstream_tokens=248),
+                        cfg=PaperSuiteConfig(metrics=("core",)), progress=False)
+    assert index["metrics"]["core"]["reused"] and json.loads(path.read_text()) == bf16
+    del bf16["inputs"]["model_dtype"]  # as an earlier saelab wrote it
+    path.write_text(json.dumps(bf16))
+    unknown = "an earlier saelab computed it without recording the dtype its model was loaded in"
+    assert f"{unknown[0].upper()}{unknown[1:]}" in write_paper_report(run).read_text()
+    out, err = run_cli(capsys, *argv)  # in float32: computed again, not refused
+    assert out["core"] == "ok" and f"saelab: note: {path} is computed again, not reused: {unknown}" in err, err
+    assert json.loads(path.read_text())["inputs"]["model_dtype"] == "float32"
+    assert json.loads(path.read_text())["result"]["ce_clean"] == f32["result"]["ce_clean"]
+    assert "earlier saelab" not in (run / "evals" / "report.md").read_text()

@@ -11,30 +11,29 @@
   ``metrics.json`` (the report draws ``evals/density.png`` from it). A run's own ``metrics.json``
   (the core evaluation of ``saelab eval RUN``) is left as it is.
 
-The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs
-(the SAE's weights, model, hook, eval corpus by its path and its text's fingerprint, whatever words named it, context
+The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs (the SAE's weights,
+model and the dtype it is in, hook, eval corpus by its path and its text's fingerprint, whatever words named it, context
 size, contexts and the metric's config) is not run again, unless ``overwrite``; a result of other inputs is replaced
 only with ``overwrite``. A result of the same inputs that an earlier saelab computed otherwise (its ``method``, where
-the metric's computation changed since, or its ``interval_method`` is another, or none: :func:`earlier_computation`)
-is computed again, with a note naming its file and why; the file stays as it was until the new one replaces it, and
-where computing it again fails it is kept, its entry in suite.json the error and that it was kept (its numbers are not
-handed to the metrics after it). A recompute that measures nothing (:attr:`SuiteMetric.measured_nothing`) replaces
-it, its reason saying so: this saelab's verdict on those settings, not a failure to compute. An interrupted
-suite keeps every metric finished before the interruption; compute-equivalent also keeps each checkpoint's loss
-(``evals/series_losses.json``). core not reused from core.json takes the evaluation ``saelab eval`` or quickstart
-saved of the SAE with its settings (``metrics.json`` of the run or OUT, and the latent frequencies beside it:
-:class:`EvaluationFound`), with a note, where it would read the same contexts (:func:`_draws_as_evaluated`), rather
-than measure it again; unless ``overwrite``.
+the metric's computation changed since, or its ``interval_method`` is another, or none; or it records no model dtype:
+:func:`earlier_computation`) is computed again, with a note naming its file and why; the file stays as it was until the
+new one replaces it, and where computing it again fails it is kept, its entry in suite.json the error and that it was
+kept (its numbers are not handed to the metrics after it). A recompute that measures nothing
+(:attr:`SuiteMetric.measured_nothing`) replaces it, its reason saying so: this saelab's verdict on those settings, not a
+failure to compute. An interrupted suite keeps every metric finished before the interruption; compute-equivalent also
+keeps each checkpoint's loss (``evals/series_losses.json``). core not reused from core.json takes the evaluation
+``saelab eval`` or quickstart saved of the SAE with its settings (``metrics.json`` of the run or OUT, and the latent
+frequencies beside it: :class:`EvaluationFound`), with a note, where it would read the same contexts
+(:func:`_draws_as_evaluated`), rather than measure it again; unless ``overwrite``.
 
-All metrics read the same eval contexts (the eval corpus, the SAE's context size, BOS first), drawn at
-random across the corpus's first ``eval.sample_pool_tokens`` tokens (:func:`saelab.data.draw_contexts`); each
-metric reads the first ones it needs, a draw of its own across the corpus. compute-equivalent uses the core
-eval's downstream contexts and its spliced and clean losses, so every loss it compares is measured on the
-same predictions (and their per-context sums, which its interval resamples; a core result reused from an
-earlier invocation holds none, and compute-equivalent measures the losses and their sums again, so that its
-headline and its interval come from one measurement). The metrics with intervals
-resample whole documents (a context's document is known from the draw), or their contexts where those that a
-metric's intervals read lie in one document.
+All metrics read the same eval contexts (the eval corpus, the SAE's context size, BOS first), drawn at random across the
+corpus's first ``eval.sample_pool_tokens`` tokens (:func:`saelab.data.draw_contexts`); each metric reads the first ones
+it needs, a draw of its own across the corpus. compute-equivalent uses the core eval's downstream contexts and its
+spliced and clean losses, so every loss it compares is measured on the same predictions (and their per-context sums,
+which its interval resamples; a core result reused from an earlier invocation holds none, and compute-equivalent
+measures the losses and their sums again, so that its headline and its interval come from one measurement). The metrics
+with intervals resample whole documents (a context's document is known from the draw), or their contexts where those
+that a metric's intervals read lie in one document.
 
 Envelope of every ``OUT/evals/<metric>.json`` (``schema_version`` 1)::
 
@@ -90,7 +89,8 @@ from saelab.evals.core import (INTERVAL_METHOD as CORE_INTERVALS, eval_settings,
                                worded_corpus_error)
 from saelab.evals.n2g import INTERVAL_METHOD as N2G_INTERVALS, check_latents, padding_id, run_n2g
 from saelab.evals.probe import INTERVAL_METHOD as PROBE_INTERVALS, SPLIT_METHOD as PROBE_SPLIT_METHOD, run_probe
-from saelab.models.loading import MODEL_FINGERPRINT, RECORDED_CONTEXT, model_fingerprint, model_provenance
+from saelab.models.loading import (MODEL_FINGERPRINT, RECORDED_CONTEXT, dtype_name, loaded_dtype, model_fingerprint,
+                                   model_provenance)
 from saelab.models.lm import CONTEXT_SETTING, context_named
 from saelab.run_folder import EVALS_DIR, LatentFrequencies, check_sae_hook, sae_sha256, write_latent_frequencies
 from saelab.train.checkpoint import changed_fields
@@ -144,6 +144,9 @@ class SuiteRun:
     results: dict[str, dict | None] = field(default_factory=dict)
     model: str = ""
     """The model's name (``lm.name``; known before the load, as ``saelab.models.model_name`` gives it)."""
+    model_dtype: str = "float32"
+    """The dtype the model is in, by name (known before the load, as ``saelab.models.loading.loaded_dtype`` gives
+    it): its numbers differ from another's."""
     refused: dict[str, str] = field(default_factory=dict)
     """Metrics found to fail before the model loaded (:func:`check_series_before_load`), with their error."""
     core_sums: dict[str, torch.Tensor] | None = None
@@ -298,7 +301,7 @@ def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status
 def _base_inputs(run: SuiteRun) -> dict:
     """What every metric's result depends on, besides its own settings and contexts (``_inputs``)."""
     return {"sae_sha256": run.sae_hash, "model": run.model, MODEL_FINGERPRINT: model_fingerprint(run.model),
-            "hook": run.sae.cfg.hook_name,
+            MODEL_DTYPE: run.model_dtype, "hook": run.sae.cfg.hook_name,
             "corpus": _corpus_path(run.eval_cfg.corpus),
             CORPUS_TEXT: corpus_fingerprint(resolve_corpus(run.eval_cfg.corpus, "eval")), "context_size": run.T,
             "prepend_bos": run.sae.cfg.prepend_bos, "position_0": position_0_words(run.first),
@@ -319,6 +322,10 @@ def _inputs(run: SuiteRun, m: SuiteMetric, base_inputs: dict) -> dict:
     return json.loads(json.dumps({**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run), **method}))
 
 
+MODEL_DTYPE = "model_dtype"
+"""Where the inputs record the dtype the model is in, by name. A result an earlier saelab wrote records none, and
+``--model-dtype`` ran the suite in another dtype than float32 then too: it is computed again
+(:func:`earlier_computation`), neither reused nor refused."""
 CORPUS_TEXT = "corpus_fingerprint"
 """Where the inputs record :func:`corpus_fingerprint` of the eval corpus (None: a dataset name): a file edited in place
 keeps its path. A result an earlier saelab wrote records none, and is judged by its other inputs (_as_recorded)."""
@@ -350,9 +357,10 @@ def _as_recorded(old: dict, new: dict) -> dict:
     path and the words that named it); the eval corpus in core's config in ``old``'s words (``eval.jsonl`` or
     ``./eval.jsonl``) where the fingerprint beside them says what the text is, or the path differs (named as such);
     ``old``'s method (a result of an earlier method is computed again, not refused: :func:`earlier_computation`);
-    no model fingerprint where it records none (an earlier saelab's: judged by the model's name)."""
-    fingerprints = (CORPUS_TEXT, MODEL_FINGERPRINT)
-    out = {k: v for k, v in new.items() if k != "method" and (k not in fingerprints or k in old)}
+    no model fingerprint where it records none (an earlier saelab's: judged by the model's name); no model dtype where
+    it records none (an earlier saelab's: computed again, not refused, as one of an earlier method is)."""
+    recorded_since = (CORPUS_TEXT, MODEL_FINGERPRINT, MODEL_DTYPE)
+    out = {k: v for k, v in new.items() if k != "method" and (k not in recorded_since or k in old)}
     if CORPUS_TEXT in old:
         out[CORPUS_TEXT] = fingerprint_as_recorded(new.get("corpus"), new.get(CORPUS_TEXT), old[CORPUS_TEXT])
     old_cfg, new_cfg = old.get("config"), new.get("config")
@@ -427,6 +435,7 @@ def check_results_before_load(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: 
     compute_equivalent's references take). Returns :func:`sae_sha256` of ``sae``, for the suite to take
     (hashing reads every weight)."""
     run, wanted, reasons = _suite_run(None, sae, model, Path(out_dir), cfg, eval_cfg, T)
+    run.model_dtype = dtype_name(dtype)
     _resolve_series(run, reasons, dtype=dtype)
     run.sae_hash = sae_sha256(sae)
     _refuse_replacing(run, wanted, reasons, _base_inputs(run))
@@ -440,17 +449,26 @@ def _reusable(old: dict | None, inputs: dict) -> bool:
             and old["inputs"] == json.loads(json.dumps(_as_recorded(old["inputs"], inputs))))
 
 
+UNRECORDED = {MODEL_DTYPE: "the dtype its model was loaded in (--model-dtype may have made it another than float32)"}
+"""Inputs an earlier saelab's results do not record, which may have been other than now: such a result is computed
+again (:func:`earlier_computation`)."""
+
+
 def earlier_computation(record: dict, metric: str) -> str | None:
     """Why ``record``, an ok result of ``metric`` with this saelab's settings, is not what this saelab computes of
     them, or None where it is: it records another ``method`` than the metric's, or none (an earlier saelab's), or
-    its intervals are made otherwise (:func:`earlier_intervals`). Such a result is computed again rather than
-    reused, with a note, and reports say so of it while it stands."""
+    no model dtype (an earlier saelab's: :data:`UNRECORDED`), or its intervals are made otherwise
+    (:func:`earlier_intervals`). Such a result is computed again rather than reused, with a note, and reports say so
+    of it while it stands."""
     m = next(m for m in SUITE if m.name == metric)
-    recorded = (record.get("inputs") or {}).get("method")
+    inputs = record.get("inputs") or {}
+    recorded = inputs.get("method")
     if recorded != m.method:
         return (f"an earlier saelab computed it another way (it records no method; this saelab's: {m.method!r})"
                 if recorded is None else f"it was computed another way (method {recorded!r}; this saelab's: "
                                          f"{m.method!r})")
+    if missing := [what for key, what in UNRECORDED.items() if key not in inputs]:
+        return f"an earlier saelab computed it without recording {' or '.join(missing)}"
     return earlier_intervals(record.get("result") or {}, m.interval_method)
 
 
@@ -562,7 +580,8 @@ def _suite_run(lm, sae, model: str, out_dir: Path, cfg: PaperSuiteConfig, eval_c
     settings alone (``lm`` may be None: before the model loads)."""
     first = 1 if sae.cfg.exclude_first else 0
     run = SuiteRun(lm, sae, cfg, eval_cfg, DrawnContexts(torch.empty(0), None, torch.empty(0)), T, first,
-                   math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR, model=model)
+                   math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR, model=model,
+                   model_dtype=loaded_dtype(lm))
     wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
     return run, wanted, {m.name: m.applies(run) for m in wanted}
 
