@@ -461,7 +461,7 @@ def _suite_record(tmp_path, result):
     """``result`` as the suite writes it, with the inputs whose absence marks an earlier saelab's record."""
     evals = tmp_path / "evals"
     evals.mkdir(exist_ok=True)
-    inputs = {"model_dtype": "float32"}
+    inputs = {"model_dtype": "float32", "draw_pool": 4096}
     (evals / "compute_equivalent.json").write_text(json.dumps(
         {"metric": "compute_equivalent", "schema_version": 1, "status": "ok", "reason": None, "inputs": inputs,
          "sae": {}, "eval": {}, "wall_s": 2.0, "created": "2026-01-01T00:00:00Z", "result": result}))

@@ -1220,3 +1220,48 @@ def test_a_result_of_another_model_dtype_is_not_reused(tiny_dir, data_dir, tmp_p
     assert json.loads(path.read_text())["inputs"]["model_dtype"] == "float32"
     assert json.loads(path.read_text())["result"]["ce_clean"] == f32["result"]["ce_clean"]
     assert "earlier saelab" not in (run / "evals" / "report.md").read_text()
+
+
+def test_core_is_not_reused_where_another_metrics_contexts_change_its_draw(tiny_dir, data_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Every metric reads the first contexts of one draw, which picks among sample_pool_tokens // T contexts, or
+    among as many as it draws where that is more: with a small pool, --probe-contexts changed which contexts core
+    read, and core.json was reused as of them. Each result records how many its draw picked among (draw_pool):
+    another is refused before the model loads, named, and measured anew with --overwrite; a pool that holds every
+    context drawn (the default), or the first contexts in order (0), still reuses it."""
+    import saelab.pipeline
+    from saelab.evals.suite import earlier_computation
+
+    run = small_run(tiny_dir, tmp_path / "run")
+    path = run / "evals" / "core.json"
+    argv = ["eval", str(run), "--suite", "paper", "--corpus", str(eval_corpus(data_dir, tmp_path / "eval.jsonl")),
+            "--recon-tokens", "256", "--downstream-tokens", "248", "--no-progress"]
+    probe = ["--metrics", "core", "probe", "--probe-contexts", "12", "--probe-min-per-class", "2",
+             "--probe-max-examples", "40"]
+    for pool in ([], ["--sample-pool-tokens", "0"]):  # core's 9 contexts are the same beside the probe's 12
+        shutil.rmtree(run / "evals", ignore_errors=True)
+        out, _ = run_cli(capsys, *argv, *pool, "--metrics", "core")
+        assert out["core"] == "ok"
+        out, _ = run_cli(capsys, *argv, *pool, *probe)
+        assert out["core"] == "ok (reused)", pool
+    pool = ["--sample-pool-tokens", "128"]  # 4 contexts of 32 tokens: core's 9 drawn among 9, beside the probe among 12
+    shutil.rmtree(run / "evals")
+    run_cli(capsys, *argv, *pool, "--metrics", "core")
+    alone = json.loads(path.read_text())
+    assert alone["inputs"]["draw_pool"] == 9
+    load = saelab.pipeline.load_model
+    monkeypatch.setattr(saelab.pipeline, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    _, err = run_cli(capsys, *argv, *pool, *probe, code=2)
+    assert ("holds results of this SAE with other settings: core (contexts drawn among 9 -> 12 (more than "
+            "--sample-pool-tokens 128 holds: 4 of 32 tokens)); pass --overwrite") in err, err
+    monkeypatch.setattr(saelab.pipeline, "load_model", load)
+    out, _ = run_cli(capsys, *argv, *pool, *probe, "--overwrite")
+    beside = json.loads(path.read_text())
+    assert out["core"] == "ok" and beside["inputs"]["draw_pool"] == 12
+    assert beside["result"]["nmse"] != alone["result"]["nmse"]  # other contexts
+    out, _ = run_cli(capsys, *argv, *pool, *probe)
+    assert out == {"report": str(run / "evals" / "report.md"), "core": "ok (reused)", "probe": "ok (reused)"}
+    del beside["inputs"]["draw_pool"]  # as an earlier saelab wrote it: computed again, with a note
+    assert earlier_computation(beside, "core") == ("an earlier saelab computed it without recording how many contexts "
+                                                   "its draw picked among (with a small --sample-pool-tokens, the other "
+                                                   "metrics' contexts chose its own)")

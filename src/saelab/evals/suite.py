@@ -13,24 +13,26 @@
 
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs (the SAE's weights,
 model and the dtype it is in, hook, eval corpus by its path and its text's fingerprint, whatever words named it, context
-size, contexts and the metric's config) is not run again, unless ``overwrite``; a result of other inputs is replaced
-only with ``overwrite``. A result of the same inputs that an earlier saelab computed otherwise (its ``method``, where
-the metric's computation changed since, or its ``interval_method`` is another, or none; or it records no model dtype:
-:func:`earlier_computation`) is computed again, with a note naming its file and why; the file stays as it was until the
-new one replaces it, and where computing it again fails it is kept, its entry in suite.json the error and that it was
-kept (its numbers are not handed to the metrics after it). A recompute that measures nothing
-(:attr:`SuiteMetric.measured_nothing`) replaces it, its reason saying so: this saelab's verdict on those settings, not a
-failure to compute. An interrupted suite keeps every metric finished before the interruption; compute-equivalent also
-keeps each checkpoint's loss (``evals/series_losses.json``). core not reused from core.json takes the evaluation
-``saelab eval`` or quickstart saved of the SAE with its settings (``metrics.json`` of the run or OUT, and the latent
-frequencies beside it: :class:`EvaluationFound`), with a note, where it would read the same contexts
-(:func:`_draws_as_evaluated`), rather than measure it again; unless ``overwrite``.
+size, contexts, the contexts its draw picked among (:func:`_draw_pool`) and the metric's config) is not run again,
+unless ``overwrite``; a result of other inputs is replaced only with ``overwrite``. A result of the same inputs that an
+earlier saelab computed otherwise (its ``method``, where the metric's computation changed since, or its
+``interval_method`` is another, or none; or it records no model dtype or draw's pool: :func:`earlier_computation`) is
+computed again, with a note naming its file and why; the file stays as it was until the new one replaces it, and where
+computing it again fails it is kept, its entry in suite.json the error and that it was kept (its numbers are not handed
+to the metrics after it). A recompute that measures nothing (:attr:`SuiteMetric.measured_nothing`) replaces it, its
+reason saying so: this saelab's verdict on those settings, not a failure to compute. An interrupted suite keeps every
+metric finished before the interruption; compute-equivalent also keeps each checkpoint's loss
+(``evals/series_losses.json``). core not reused from core.json takes the evaluation ``saelab eval`` or quickstart saved
+of the SAE with its settings (``metrics.json`` of the run or OUT, and the latent frequencies beside it:
+:class:`EvaluationFound`), with a note, where it would read the same contexts (:func:`_draws_as_evaluated`), rather than
+measure it again; unless ``overwrite``.
 
 All metrics read the same eval contexts (the eval corpus, the SAE's context size, BOS first), drawn at random across the
 corpus's first ``eval.sample_pool_tokens`` tokens (:func:`saelab.data.draw_contexts`); each metric reads the first ones
-it needs, a draw of its own across the corpus. compute-equivalent uses the core eval's downstream contexts and its
-spliced and clean losses, so every loss it compares is measured on the same predictions (and their per-context sums,
-which its interval resamples; a core result reused from an earlier invocation holds none, and compute-equivalent
+it needs, a draw of its own across the corpus (where the pool holds fewer contexts than the suite draws, the draw's size
+chooses them: each result records it, :func:`_draw_pool`). compute-equivalent uses the core eval's downstream contexts
+and its spliced and clean losses, so every loss it compares is measured on the same predictions (and their per-context
+sums, which its interval resamples; a core result reused from an earlier invocation holds none, and compute-equivalent
 measures the losses and their sums again, so that its headline and its interval come from one measurement). The metrics
 with intervals resample whole documents (a context's document is known from the draw), or their contexts where those
 that a metric's intervals read lie in one document.
@@ -147,6 +149,8 @@ class SuiteRun:
     model_dtype: str = "float32"
     """The dtype the model is in, by name (known before the load, as ``saelab.models.loading.loaded_dtype`` gives
     it): its numbers differ from another's."""
+    n_drawn: int = 1
+    """How many contexts the suite draws (known before the load): the most any metric that applies reads."""
     refused: dict[str, str] = field(default_factory=dict)
     """Metrics found to fail before the model loaded (:func:`check_series_before_load`), with their error."""
     core_sums: dict[str, torch.Tensor] | None = None
@@ -305,7 +309,7 @@ def _base_inputs(run: SuiteRun) -> dict:
             "corpus": _corpus_path(run.eval_cfg.corpus),
             CORPUS_TEXT: corpus_fingerprint(resolve_corpus(run.eval_cfg.corpus, "eval")), "context_size": run.T,
             "prepend_bos": run.sae.cfg.prepend_bos, "position_0": position_0_words(run.first),
-            "sample_pool_tokens": run.eval_cfg.sample_pool_tokens}
+            "sample_pool_tokens": run.eval_cfg.sample_pool_tokens, DRAW_POOL: _draw_pool(run)}
 
 
 def _corpus_path(corpus: str | None) -> str:
@@ -326,6 +330,10 @@ MODEL_DTYPE = "model_dtype"
 """Where the inputs record the dtype the model is in, by name. A result an earlier saelab wrote records none, and
 ``--model-dtype`` ran the suite in another dtype than float32 then too: it is computed again
 (:func:`earlier_computation`), neither reused nor refused."""
+DRAW_POOL = "draw_pool"
+"""Where the inputs record how many contexts the suite's draw picked among (:func:`_draw_pool`): with the corpus, the
+pool's settings and the metric's own count, which contexts it read. A result an earlier saelab wrote records none: it
+is computed again (:func:`earlier_computation`), neither reused nor refused."""
 CORPUS_TEXT = "corpus_fingerprint"
 """Where the inputs record :func:`corpus_fingerprint` of the eval corpus (None: a dataset name): a file edited in place
 keeps its path. A result an earlier saelab wrote records none, and is judged by its other inputs (_as_recorded)."""
@@ -358,8 +366,9 @@ def _as_recorded(old: dict, new: dict) -> dict:
     ``./eval.jsonl``) where the fingerprint beside them says what the text is, or the path differs (named as such);
     ``old``'s method (a result of an earlier method is computed again, not refused: :func:`earlier_computation`);
     no model fingerprint where it records none (an earlier saelab's: judged by the model's name); no model dtype where
-    it records none (an earlier saelab's: computed again, not refused, as one of an earlier method is)."""
-    recorded_since = (CORPUS_TEXT, MODEL_FINGERPRINT, MODEL_DTYPE)
+    it records none, nor the draw's pool where it records none (an earlier saelab's: computed again, not refused, as
+    one of an earlier method is)."""
+    recorded_since = (CORPUS_TEXT, MODEL_FINGERPRINT, MODEL_DTYPE, DRAW_POOL)
     out = {k: v for k, v in new.items() if k != "method" and (k not in recorded_since or k in old)}
     if CORPUS_TEXT in old:
         out[CORPUS_TEXT] = fingerprint_as_recorded(new.get("corpus"), new.get(CORPUS_TEXT), old[CORPUS_TEXT])
@@ -392,7 +401,7 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
 
     def by_setting(inputs: dict) -> dict:
         named = {("eval.corpus" if k == "corpus" else k): v for k, v in inputs.items()  # as its text's change is
-                 if k not in ("config", "n_contexts", CORPUS_TEXT, MODEL_FINGERPRINT, *EVAL_INPUTS)}
+                 if k not in ("config", "n_contexts", CORPUS_TEXT, MODEL_FINGERPRINT, DRAW_POOL, *EVAL_INPUTS)}
         if name in CONTEXTS_SETTING:
             named[_contexts_path(name)] = inputs.get("n_contexts")
         if SETTINGS_GROUP.get(name) != "eval":  # core's config holds them: named once, as eval options
@@ -400,11 +409,23 @@ def _input_changes(name: str, old: dict, new: dict) -> list[str]:
         return {**named, SETTINGS_GROUP.get(name, name): inputs.get("config")}
     changes = changed_fields(by_setting(old), by_setting(new))
     changes += text_change(old, new, old.get(CORPUS_TEXT), new.get(CORPUS_TEXT))
-    changes += weights_change(old, new)
+    changes += weights_change(old, new) + _draw_change(old, new)
     if not changes and old != new:  # a difference no setting of this metric names: still a difference
         contexts = (old.get("n_contexts"), new.get("n_contexts"))
         changes = [f"contexts {contexts[0]} -> {contexts[1]}" if contexts[0] != contexts[1] else "other inputs"]
     return changes
+
+
+def _draw_change(old: dict, new: dict) -> list[str]:
+    """The change of how many contexts the draw picked among (DRAW_POOL) where the pool's settings are the same (else
+    named as they are): the suite drew more than eval.sample_pool_tokens holds, as many as its metrics read, so
+    another metric's contexts changed which ones each read."""
+    pools = old.get(DRAW_POOL), new.get(DRAW_POOL)
+    if pools[0] == pools[1] or any(old.get(k) != new.get(k) for k in ("sample_pool_tokens", "context_size")):
+        return []
+    tokens, T = new["sample_pool_tokens"], new["context_size"]
+    return [f"contexts drawn among {pools[0]} -> {pools[1]} (more than eval.sample_pool_tokens {tokens} holds: "
+            f"{tokens // T} of {T} tokens)"]
 
 
 def _refuse_replacing(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict, base_inputs: dict) -> None:
@@ -449,7 +470,9 @@ def _reusable(old: dict | None, inputs: dict) -> bool:
             and old["inputs"] == json.loads(json.dumps(_as_recorded(old["inputs"], inputs))))
 
 
-UNRECORDED = {MODEL_DTYPE: "the dtype its model was loaded in (--model-dtype may have made it another than float32)"}
+UNRECORDED = {MODEL_DTYPE: "the dtype its model was loaded in (--model-dtype may have made it another than float32)",
+              DRAW_POOL: "how many contexts its draw picked among (with a small --sample-pool-tokens, the other "
+                         "metrics' contexts chose its own)"}
 """Inputs an earlier saelab's results do not record, which may have been other than now: such a result is computed
 again (:func:`earlier_computation`)."""
 
@@ -457,7 +480,7 @@ again (:func:`earlier_computation`)."""
 def earlier_computation(record: dict, metric: str) -> str | None:
     """Why ``record``, an ok result of ``metric`` with this saelab's settings, is not what this saelab computes of
     them, or None where it is: it records another ``method`` than the metric's, or none (an earlier saelab's), or
-    no model dtype (an earlier saelab's: :data:`UNRECORDED`), or its intervals are made otherwise
+    no model dtype or draw's pool (an earlier saelab's: :data:`UNRECORDED`), or its intervals are made otherwise
     (:func:`earlier_intervals`). Such a result is computed again rather than reused, with a note, and reports say so
     of it while it stands."""
     m = next(m for m in SUITE if m.name == metric)
@@ -537,13 +560,21 @@ def _run_metric(run: SuiteRun, m: SuiteMetric, reason: str | None, base_inputs: 
     return {**entry, "status": status, "reason": why, "wall_s": round(wall, 3)}
 
 
-def _draws_as_evaluated(run: SuiteRun) -> bool:
-    """Whether core would read the contexts the evaluation found (``run.evaluated``) read: the first ones of the
-    suite's draw are those a draw of fewer gives where both draw from one pool (:func:`draw_contexts` pools
-    ``sample_pool_tokens // T`` contexts, or as many as it draws where that is more), or the first contexts in
-    order (``sample_pool_tokens`` 0)."""
+def _draw_pool(run: SuiteRun) -> int | None:
+    """How many contexts the suite's draw picks among: :func:`draw_contexts` pools ``sample_pool_tokens // T``, or as
+    many as it draws where that is more (a draw of another size then picks other first contexts); None where
+    ``sample_pool_tokens`` is 0 (the first contexts in order, whatever the draw's size). Two draws from one pool of
+    one corpus pick the same first contexts."""
     pool = run.eval_cfg.sample_pool_tokens
-    return run.evaluated is not None and (pool == 0 or pool // run.T >= run.contexts.tokens.shape[0])
+    return None if pool == 0 else max(pool // run.T, run.n_drawn)
+
+
+def _draws_as_evaluated(run: SuiteRun) -> bool:
+    """Whether core would read the contexts the evaluation found (``run.evaluated``) read: both draw from one pool
+    (:func:`_draw_pool`), the evaluation's of fewer contexts pooling ``sample_pool_tokens // T`` where the suite's
+    does."""
+    pool = _draw_pool(run)
+    return run.evaluated is not None and pool in (None, run.eval_cfg.sample_pool_tokens // run.T)
 
 
 def _taken_from_evaluation(run: SuiteRun, m: SuiteMetric, path: Path, inputs: dict, sae_info: dict, eval_info: dict,
@@ -583,7 +614,9 @@ def _suite_run(lm, sae, model: str, out_dir: Path, cfg: PaperSuiteConfig, eval_c
                    math.ceil(eval_cfg.downstream_tokens / (T - first)), out_dir / EVALS_DIR, model=model,
                    model_dtype=loaded_dtype(lm))
     wanted = [m for m in SUITE if not cfg.metrics or m.name in cfg.metrics]
-    return run, wanted, {m.name: m.applies(run) for m in wanted}
+    reasons = {m.name: m.applies(run) for m in wanted}
+    run.n_drawn = max(_contexts_needed(run, wanted, reasons).values(), default=1)
+    return run, wanted, reasons
 
 
 def _resolve_series(run: SuiteRun, reasons: dict[str, str | None], device: str | torch.device = "cpu",
@@ -602,6 +635,15 @@ def _contexts_read(run: SuiteRun, metric: str) -> dict[str, int]:
         return {_contexts_path(metric): getattr(run.cfg, CONTEXTS_SETTING[metric])}
     counts = ("recon_tokens", "downstream_tokens") if metric == "core" else ("downstream_tokens",)
     return {f"eval.{count}": math.ceil(getattr(run.eval_cfg, count) / (run.T - run.first)) for count in counts}
+
+
+def _contexts_needed(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict[str, str | None]) -> dict[str, int]:
+    """The contexts each setting (by its path) asks of the metrics to run (:func:`_contexts_read`)."""
+    needs: dict[str, int] = {}
+    for m in wanted:
+        if not reasons[m.name]:
+            needs.update(_contexts_read(run, m.name))  # a setting two metrics share asks the same of both
+    return needs
 
 
 def _reading_eval_text(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict[str, str | None]) -> list[str]:
@@ -633,11 +675,7 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
     ``tokenize``: the model's, or its tokenizer read before the load. A corpus too short for them is refused
     naming the settings that lower the need, as :func:`saelab.evals.core.eval_corpus_too_short` does."""
     run, wanted, reasons = _suite_run(None, sae, model, Path(), cfg, eval_cfg, T)
-    needs: dict[str, int] = {}
-    for m in wanted:
-        if not reasons[m.name]:
-            needs.update(_contexts_read(run, m.name))  # a setting two metrics share asks the same of both
-    n_ctx = max(needs.values(), default=1)
+    needs, n_ctx = _contexts_needed(run, wanted, reasons), run.n_drawn
     corpus = resolve_corpus(eval_cfg.corpus, "eval")
     try:
         return draw_contexts(corpus, tokenize, T, n_ctx, pool_tokens=eval_cfg.sample_pool_tokens,
