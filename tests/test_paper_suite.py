@@ -1222,6 +1222,7 @@ def test_a_result_of_another_model_dtype_is_not_reused(tiny_dir, data_dir, tmp_p
     assert "earlier saelab" not in (run / "evals" / "report.md").read_text()
 
 
+@pytest.mark.slow  # 8-17 s, a suite run three times
 def test_core_is_not_reused_where_another_metrics_contexts_change_its_draw(tiny_dir, data_dir, tmp_path, capsys,
                                                                            monkeypatch):
     """Every metric reads the first contexts of one draw, which picks among sample_pool_tokens // T contexts, or
