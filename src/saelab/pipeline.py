@@ -40,7 +40,7 @@ from saelab.evals.suite import (CORPUS_TEXT, EvaluationFound, check_results_befo
 from saelab.models import (MODEL_FINGERPRINT, LanguageModel, check_before_load, check_context_fits, load_model,
                            model_fingerprint, model_name, model_provenance, tokenizer_before_load)
 from saelab.models.lm import bos_token_id
-from saelab.models.loading import loaded_dtype
+from saelab.models.loading import dtype_name, loaded_dtype
 from saelab.pipeline_config import DEFAULT_HOOK, HARVEST_BATCH, HarvestConfig, QuickstartConfig
 from saelab.report import density_histogram, write_paper_report, write_run_report
 from saelab.report.markdown import frequencies_mismatch
@@ -451,7 +451,7 @@ def evaluate(sae: TopKSAE | str | Path, *, lm: LanguageModel | str | None = None
     core = evaluate_core(sae, lm, cfg, progress=progress, contexts=contexts)
     metrics = jsonable({**core.metrics, MODEL_FINGERPRINT: weights, "eval_text": eval_text,
                         "sae_sha256": sae_hash, "eval_config": _eval_config_record(cfg),
-                        "eval_as_read": _eval_as_read(cfg, sae), "model_dtype": str(lm.dtype).removeprefix("torch.")})
+                        "eval_as_read": _eval_as_read(cfg, sae), "model_dtype": dtype_name(lm.dtype)})
     if out_dir is not None:
         # The frequencies go first: metrics.json marks the evaluation done, so one cut off before it runs
         # again and rewrites them; they record the SAE and the settings, so a report never pairs them with
