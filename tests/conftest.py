@@ -124,3 +124,24 @@ def library_bars_on():
     yield
     (hf_logging.enable_progress_bar if was[0] else hf_logging.disable_progress_bar)()
     (disable_progress_bars if was[1] else enable_progress_bars)()
+
+
+@pytest.fixture(scope="session")
+def eval_article_of(data_dir, gpt2_tokenizer):
+    """The index of the article of the shipped eval split that GPT-2 token ids were packed from, found by their text
+    alone (independent of how saelab counts documents); None where their longest piece of text between document
+    separators is too short to name one article."""
+    import re
+
+    from saelab.data.text import iter_texts
+
+    articles = list(iter_texts(str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")))
+
+    def article_of(ids) -> int | None:
+        pieces = re.split(r"<\|endoftext\|>|\ufffd", gpt2_tokenizer.decode(list(ids)))  # separators, cut characters
+        piece = max(pieces, key=len)
+        hits = [i for i, text in enumerate(articles) if piece in text]
+        assert hits, f"{piece!r} is in no article of the eval split"
+        return hits[0] if len(hits) == 1 and len(piece) >= 20 else None
+
+    return article_of

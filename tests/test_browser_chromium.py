@@ -304,7 +304,8 @@ def test_a_word_searched_finds_the_tokens_it_is_split_into(browser, tiny_gpt2, t
 
 def test_each_sae_shows_its_own_tokens_scored(browser, tiny_gpt2, data_dir, tmp_path):
     """Of SAEs trained with and without position 0, the About page gave one count of tokens scored and every
-    latent's histogram the same; each SAE now shows its own count and whether position 0 is scored."""
+    latent's histogram the same; each SAE now shows its own count and whether position 0 is scored. The page says
+    how the contexts were drawn (site.json's contexts_drawn)."""
     from test_browser_site import trained_like_sae
 
     from saelab.sae import save_sae
@@ -324,6 +325,7 @@ def test_each_sae_shows_its_own_tokens_scored(browser, tiny_gpt2, data_dir, tmp_
         about = page.inner_text("#main")
         assert "without: 128 latents" in about and "248 tokens scored (position 0 excluded), from" in about
         assert "with: 64 latents" in about and "256 tokens scored (position 0 included), from" in about
+        assert "8 contexts of 32 tokens drawn at random (seed 0) from the corpus's first 4,194,304 tokens, " in about
         for name, n_tokens in (("with", 256), ("without", 248)):
             density = _index(site, name)["density"]
             page.goto((site / "index.html").as_uri() + f"#/s/{name}/l/{density.index(max(density))}")

@@ -191,7 +191,7 @@ def _hostile_data(site: Path, out: Path) -> Path:
 
     def meta(m):
         p = "<img src=x onerror=window.__pwned=8>"
-        m.update(model=p, hook=p, corpus=p, built=p, n_contexts=p, context_size=p, position_0=p,
+        m.update(model=p, hook=p, corpus=p, built=p, n_contexts=p, context_size=p, contexts_drawn=p, position_0=p,
                  definitions={p: p}, seconds={p: p})
         for s in m["saes"]:
             s.update(source=p, k=p, alive=p)

@@ -149,6 +149,23 @@ def test_latent_records_are_consistent(site):
     assert vals == sorted(vals, reverse=True) and rec["neg"][0][1] <= rec["neg"][-1][1]
 
 
+def test_top_contexts_come_from_many_articles_and_the_site_says_how_they_were_drawn(site, eval_article_of):
+    """The site read the eval split's first contexts, in order (its first article or two): every latent's top
+    contexts came from them. They are drawn across the split now, as `saelab eval` draws its contexts, and
+    site.json (and the About page's data/meta.js) says how."""
+    out, _, cfg = site
+    _, ix = read_js(out / "data" / "run_small" / "index.js")
+    _, recs = read_js(out / "data" / "run_small" / "l" / "0000.js")
+    busiest = recs[max(range(len(recs)), key=lambda i: ix["density"][i])]
+    articles = [eval_article_of(ids) for _, _, ids, _ in busiest["top"]]
+    assert len(set(articles) - {None}) >= 3, f"the top contexts come from articles {articles}"
+    manifest = read_site_manifest(out)
+    words = f"drawn at random (seed 0) from the corpus's first {cfg.sample_pool_tokens:,} tokens"
+    assert cfg.sample_pool_tokens == 4_194_304 and manifest["contexts_drawn"] == words
+    assert manifest["config"]["sample_pool_tokens"] == cfg.sample_pool_tokens
+    assert read_js(out / "data" / "meta.js")[1]["contexts_drawn"] == words
+
+
 def test_families_are_written_and_linked_into_pages(site):
     out, _, _ = site
     fam = json.loads((out / "families.json").read_text())
@@ -200,7 +217,11 @@ def test_same_inputs_reuse_the_site_and_interruption_keeps_the_old_one(site, sae
                                                                  r"\(it shows run_small, saelens_large\)"),
             ([sae_files / "run_small"], cfg, "float32", r"other SAEs \(run_small, saelens_large -> run_small\)"),
             (both, cfg, "bfloat16", r'other settings \(model_dtype "float32" -> "bfloat16"\) '
-                                    r'\(it shows run_small, saelens_large\)')):
+                                    r'\(it shows run_small, saelens_large\)'),
+            # contexts read in order are not those drawn: neither site is taken for the other
+            (both, dataclasses.replace(cfg, sample_pool_tokens=0), "float32",
+             rf"other settings \(browse.sample_pool_tokens {cfg.sample_pool_tokens} -> 0\) "
+             r"\(it shows run_small, saelens_large\)")):
         with pytest.raises(RunExistsError, match=rf"holds a feature browser site built from {what}; pass --overwrite"):
             build_browser(saes, out, other, lm="no-such-model", model_dtype=dtype, progress=False)
     assert (out / "site.json").stat().st_mtime_ns == stamp
@@ -636,7 +657,26 @@ def test_a_renamed_setting_keeps_earlier_builds_keys_and_is_named_as_it_is_now()
     assert what_differs(earlier, before) == "other inputs or settings"  # the same settings: no setting differs
     # the keys of builds before the rename (a hub corpus: no local files in the key), as they were recorded before
     # keys were keyed: what the key hashes is unchanged
-    assert unkeyed_record([], BrowseConfig(corpus="someone/texts", n2g_n_latents=3))["key"] == "1b861e9173c2b93f"
+    # (read in order, as builds were then)
+    assert unkeyed_record([], BrowseConfig(corpus="someone/texts", n2g_n_latents=3, sample_pool_tokens=0))["key"] \
+        == "1b861e9173c2b93f"
+
+
+def test_a_build_read_in_order_keeps_its_key_at_sample_pool_tokens_0_and_is_not_taken_for_a_drawn_one():
+    """Sites, families files and exports built before the contexts were drawn read the corpus's first contexts in
+    order: their key is that of sample_pool_tokens 0 (left out of the key there), so the same build asked for in
+    order reuses them; at the default they are of other settings (refused unless --overwrite), named as such."""
+    from saelab.explore.browser.make import build_inputs, unkeyed_record, what_differs
+
+    cfg = BrowseConfig(corpus="someone/texts", n2g_n_latents=3)
+    earlier = "1b861e9173c2b93f"  # this build's key as recorded before the draw (the test above)
+    assert unkeyed_record([], dataclasses.replace(cfg, sample_pool_tokens=0))["key"] == earlier
+    assert unkeyed_record([], cfg)["key"] != earlier
+    in_order, drawn = (build_inputs([], dataclasses.replace(cfg, sample_pool_tokens=n))
+                       for n in (0, cfg.sample_pool_tokens))
+    assert "sample_pool_tokens" not in in_order["browse"]  # as recorded before the draw
+    assert what_differs(in_order, drawn) == f"other settings (browse.sample_pool_tokens 0 -> {cfg.sample_pool_tokens})"
+    assert what_differs(drawn, in_order) == f"other settings (browse.sample_pool_tokens {cfg.sample_pool_tokens} -> 0)"
 
 
 def test_saes_whose_folders_share_a_name_are_named_apart(tiny_gpt2, corpus, tmp_path):

@@ -438,6 +438,8 @@ BAD = [
     ("families A B --out report.md", "--out report.md: expected a .json file path"),
     ("families A B --out f.json --n-top 5", "--n-top shapes the browser's pages (saelab browse); families does not"),
     ("top SAE --latent 1 -n 0", "argument -n/--n-contexts: expected an integer >= 1, got 0"),
+    ("top SAE --latent 1 --sample-pool-tokens -1", "argument --sample-pool-tokens: expected an integer >= 0, got -1"),
+    ("browse SAE --sample-pool-tokens -1", "--sample-pool-tokens must be >= 0 (0: the first contexts), got -1"),
     ("browse SAE --n2g-file /nope.json",
      "--n2g-file must name an existing file, got '/nope.json'; expected an N2G result: a paper suite's evals/n2g.json"),
     ("steer SAE --latent 1 --value 1 --greedy --temperature 0.5", "--greedy picks the likeliest token: it takes no"),

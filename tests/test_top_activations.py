@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.data import token_contexts
+from saelab.data import draw_contexts, token_contexts
 from saelab.errors import ConfigError, CorpusError, ShapeMismatchError
 from saelab.explore import TopActivations, latent_max_activation, top_activations
 from saelab.explore.browser.build import BrowseConfig, SAESource, collect_statistics
@@ -18,6 +18,9 @@ from saelab.sae import SAEConfig, TopKSAE, save_sae
 HOOK = "blocks.1.hook_resid_post"
 T = 32
 N_CONTEXTS = 24
+POOL = 16 * N_CONTEXTS * T
+"""The tokens the contexts are drawn from where the draw is not what a test checks: a few articles, quick to
+tokenize (the default, the whole eval split, takes seconds each time)."""
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +40,9 @@ def centred_sae(lm, corpus: str, exclude_first: bool = True) -> TopKSAE:
 
 
 def dense_reference(lm, sae: TopKSAE, corpus: str):
-    """Tokens packed independently of the browser, every token encoded densely: (tokens, z [N, T, n])."""
-    toks = token_contexts(corpus, lm.tokenize, T, n_contexts=N_CONTEXTS, bos_token_id=lm.bos_token_id)
+    """The contexts top reads from ``corpus`` drawn from ``POOL`` tokens (``draw_contexts``, the evaluations' draw),
+    every token encoded densely: (tokens, z [N, T, n])."""
+    toks = draw_contexts(corpus, lm.tokenize, T, N_CONTEXTS, pool_tokens=POOL, bos_token_id=lm.bos_token_id).tokens
     with torch.no_grad():
         z = sae.encode(lm.activations(toks, HOOK))
     if sae.cfg.exclude_first:
@@ -53,6 +57,14 @@ def brute_top(z: torch.Tensor, latent: int, k: int):
     order = sorted((c for c in range(z.shape[0]) if maxima[c] > 0), key=lambda c: (-float(maxima[c]), c))[:k]
     pos = [int((per_ctx[c] == maxima[c]).nonzero()[0]) for c in order]
     return order, maxima[order], pos, per_ctx[order]
+
+
+def spelled(str_tokens: list[str]) -> str:
+    """The text that a context's token strings spell, their parts of a character (shown as bytes, "\\xe2\\x80")
+    put back together."""
+    parts = re.split(r"((?:\\x[0-9a-f]{2})+)", "".join(str_tokens))
+    raw = [bytes.fromhex(p.replace("\\x", "")) if i % 2 else p.encode() for i, p in enumerate(parts)]
+    return b"".join(raw).decode("utf-8", "replace")
 
 
 def n_tokens_for(sae: TopKSAE) -> int:
@@ -73,7 +85,8 @@ def test_top_activations_match_dense_brute_force(tiny_gpt2, corpus, exclude_firs
         with torch.no_grad():
             lats.append(int(sae.encode(tiny_gpt2.activations(toks[:1], HOOK))[0, 0].argmax()))
     lats = list(dict.fromkeys(lats))  # each once: a latent given twice is refused
-    got = top_activations(sae, tiny_gpt2, corpus, lats, k=7, n_tokens=n_tokens_for(sae), batch_size=5)
+    got = top_activations(sae, tiny_gpt2, corpus, lats, k=7, n_tokens=n_tokens_for(sae), batch_size=5,
+                          sample_pool_tokens=POOL)
     assert isinstance(got, list) and [r.latent for r in got] == lats
     for r in got:
         order, maxima, pos, rows = brute_top(z, r.latent, 7)
@@ -82,7 +95,7 @@ def test_top_activations_match_dense_brute_force(tiny_gpt2, corpus, exclude_firs
         torch.testing.assert_close(r.acts, rows, rtol=1e-5, atol=1e-5)
         assert torch.equal(r.tokens, toks[order])
         assert r.n_tokens == n_tokens_for(sae) and len(r) == len(order)
-        assert ["".join(s) for s in r.str_tokens] == [tiny_gpt2.tokenizer.decode(t) for t in toks[order]]
+        assert [spelled(s) for s in r.str_tokens] == [tiny_gpt2.tokenizer.decode(t) for t in toks[order]]
         if exclude_first:
             assert (r.acts[:, 0] == 0).all()
     assert len(got[1]) == int(ctx_counts[rare])
@@ -94,7 +107,8 @@ def test_single_latent_tensor_corpus_and_browser_agree(tiny_gpt2, corpus):
     busy = int((z > 0).flatten(0, 1).sum(0).argmax())
     one = top_activations(sae, tiny_gpt2, toks, busy, k=4)
     assert isinstance(one, TopActivations) and one.latent == busy
-    from_path = top_activations(sae, tiny_gpt2, corpus, busy, k=4, n_tokens=n_tokens_for(sae))
+    from_path = top_activations(sae, tiny_gpt2, corpus, busy, k=4, n_tokens=n_tokens_for(sae),
+                                sample_pool_tokens=POOL)
     assert torch.equal(one.context_idx, from_path.context_idx) and torch.equal(one.acts, from_path.acts)
     # the browser's own pass keeps the same contexts and rows for this latent
     cfg = BrowseConfig(n_top=4, lm_batch_size=16)
@@ -115,14 +129,16 @@ def test_latent_max_activation_is_the_dense_max(tiny_gpt2, corpus, tmp_path):
     _, z = dense_reference(tiny_gpt2, sae, corpus)
     dense_max = z.flatten(0, 1).max(dim=0).values
     lats = [0, 1, 2, int(dense_max.argmax())]
-    got = latent_max_activation(sae, tiny_gpt2, corpus, lats, n_tokens=n_tokens_for(sae))
+    got = latent_max_activation(sae, tiny_gpt2, corpus, lats, n_tokens=n_tokens_for(sae), sample_pool_tokens=POOL)
     assert got == pytest.approx(dense_max[lats].tolist(), rel=1e-5, abs=1e-6)
     save_sae(sae, tmp_path / "run" / "sae")  # a run folder given by path
-    one = latent_max_activation(tmp_path / "run", tiny_gpt2, corpus, lats[-1], n_tokens=n_tokens_for(sae))
+    one = latent_max_activation(tmp_path / "run", tiny_gpt2, corpus, lats[-1], n_tokens=n_tokens_for(sae),
+                                sample_pool_tokens=POOL)
     assert one == pytest.approx(float(dense_max[lats[-1]]), rel=1e-5)
     dead = torch.nonzero(dense_max == 0).flatten()
     if dead.numel():  # a latent silent on this text reads 0.0 and has no context
-        r = top_activations(sae, tiny_gpt2, corpus, int(dead[0]), k=3, n_tokens=n_tokens_for(sae))
+        r = top_activations(sae, tiny_gpt2, corpus, int(dead[0]), k=3, n_tokens=n_tokens_for(sae),
+                            sample_pool_tokens=POOL)
         assert len(r) == 0 and r.max_activation == 0.0
 
 
@@ -214,9 +230,9 @@ def test_a_model_loaded_here_draws_its_bar_only_with_progress(tiny_gpt2, tiny_di
     text = (token_contexts(corpus, tiny_gpt2.tokenize, T, n_contexts=2, bos_token_id=tiny_gpt2.bos_token_id)
             if contexts == "tensor" else corpus)
     capfd.readouterr()
-    top_activations(sae, str(tiny_dir), text, 3, k=1, n_tokens=2 * T)
+    top_activations(sae, str(tiny_dir), text, 3, k=1, n_tokens=2 * T, sample_pool_tokens=POOL)
     assert "Loading weights" not in capfd.readouterr().err
-    top_activations(sae, str(tiny_dir), text, 3, k=1, n_tokens=2 * T, progress=True)
+    top_activations(sae, str(tiny_dir), text, 3, k=1, n_tokens=2 * T, progress=True, sample_pool_tokens=POOL)
     assert "Loading weights" in capfd.readouterr().err
 
 
@@ -283,3 +299,26 @@ def test_a_latent_given_twice_is_refused_as_the_command_line_refuses_it(tiny_gpt
         with pytest.raises(ConfigError, match=f"^{re.escape(said)}; give each latent once$"):
             steer(tiny_gpt2, sae, [int(i) for i in twice], "add", 1.0)
     assert [r.latent for r in top_activations(sae, tiny_gpt2, toks, [5, 3])] == [5, 3]  # the order given, as before
+
+
+def test_top_contexts_are_drawn_across_the_eval_split_as_the_evaluation_draws_its_own(tiny_gpt2, corpus,
+                                                                                      eval_article_of):
+    """The eval split's first contexts are one article (its first ~4,096 tokens: the README's example), and top read
+    them in order: every top context of a latent came from that article. They are drawn now across the split,
+    seeded, by the draw `saelab eval` reads its contexts with (its pool by default; the brute-force tests above
+    check the draw's contexts themselves), and the result says so."""
+    from saelab.evals.config import EvalConfig
+
+    sae = centred_sae(tiny_gpt2, corpus)
+    results = top_activations(sae, tiny_gpt2, corpus, list(range(sae.n_latents)), k=7, n_tokens=n_tokens_for(sae))
+    busy = max(results, key=lambda r: (len(r), r.max_activation))
+    assert len(busy) == 7
+    articles = [eval_article_of(ids) for ids in busy.tokens.tolist()]
+    assert len(set(articles) - {None}) >= 4, f"the top contexts come from articles {articles}"
+    words = f"drawn at random (seed 0) from the corpus's first {EvalConfig.sample_pool_tokens:,} tokens"
+    assert busy.contexts_drawn == words and busy.to_dict()["contexts_drawn"] == words
+    assert busy.to_text().splitlines()[0].endswith(f"; contexts {words}")
+    in_order = top_activations(sae, tiny_gpt2, corpus, busy.latent, k=7, n_tokens=n_tokens_for(sae),
+                               sample_pool_tokens=0)
+    assert {eval_article_of(ids) for ids in in_order.tokens.tolist()} == {0}  # the reading of before, asked for
+    assert in_order.contexts_drawn == "read from the corpus's start, in order"

@@ -665,12 +665,21 @@ def model_spec(text: str) -> str:
 
 def positive_int(text: str) -> int:
     """An option's integer >= 1 (argparse names the option in front of the message)."""
+    return _int_from(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An option's integer >= 0 (argparse names the option in front of the message)."""
+    return _int_from(text, 0)
+
+
+def _int_from(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
     return value
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.cli.common import (add_io_options, add_model_option, add_sae_argument, add_verb, finite_float, given,
-                               positional_indices, positive_int, typed, unknown_options)
+                               nonnegative_int, positional_indices, positive_int, typed, unknown_options)
 from saelab.errors import ConfigError, CorpusError
 from saelab.explore.config import STEER_MODES, BrowseConfig
 from saelab.explore.positions import comma_items, index_list, parse_positions
@@ -478,6 +478,10 @@ def add_top(sub) -> None:
     p.add_argument("--n-tokens", type=positive_int, default=262_144,
                    help="tokens of text read, rounded up to whole contexts (default: 262,144)")
     p.add_argument("--corpus", default=None, help="text to read (default: the offline Wikipedia eval split)")
+    p.add_argument("--sample-pool-tokens", type=nonnegative_int, default=BrowseConfig.sample_pool_tokens,
+                   help="the contexts are drawn at random (seed 0) from the corpus's first this many tokens, as "
+                        "`saelab eval` draws its contexts; 0: the first contexts, in order (default: 4,194,304, all "
+                        "of the eval split)")
     add_model_option(p)
     p.add_argument("--hook", default=None, help="the hook the SAE reads (default: the one it records)")
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
@@ -508,7 +512,7 @@ def _check_top_order(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.data import resolve_corpus
     from saelab.explore import top_activations
-    from saelab.explore.browser.build import SAESource
+    from saelab.explore.browser.build import SAESource, contexts_drawn
     from saelab.explore.browser.make import load_model_beside
     from saelab.explore.top import check_k
 
@@ -521,12 +525,14 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
     with _within_the_corpus("--n-tokens", args.n_tokens, args.corpus):
         # the library's own checks and read before the load, on the device asked for; None: top reads the SAE's
         # context, which no option changes (a context the model cannot take is refused in the SAE's words)
-        lm, tokens = load_model_beside(spec, BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus), [source],
-                                       [source], sae.cfg.hook_name, args.device, args.model_dtype,
-                                       context_setting=None, progress=args.progress)
+        cfg = BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus, sample_pool_tokens=args.sample_pool_tokens)
+        lm, tokens = load_model_beside(spec, cfg, [source], [source], sae.cfg.hook_name, args.device,
+                                       args.model_dtype, context_setting=None, progress=args.progress)
         _note_another_hook_or_model(args, sae)
         # a -n given past the contexts read was refused above; the default lists them all
         results = top_activations(sae, lm, tokens, list(args.latent), args.n_contexts, progress=args.progress)
+    for r in results:  # read here, given to top_activations as a tensor: said as the corpus was read
+        r.contexts_drawn = contexts_drawn(cfg)
     if args.json:
         return {"sae": args.sae, "latents": [r.to_dict() for r in results]}
     print("\n\n".join(r.to_text() for r in results))

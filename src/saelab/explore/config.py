@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saelab.errors import ConfigError
-from saelab.evals.config import N2GConfig
+from saelab.evals.config import EvalConfig, N2GConfig
 from saelab.models.config import MODEL_SPECS
 
 STEER_MODES = ("add", "clamp", "ablate")
@@ -41,6 +41,10 @@ class BrowseConfig:
     offline Wikipedia eval split (articles the SAEs were not trained on) when present."""
     context_size: int | None = None
     """Tokens per context; None: the (first) SAE's training context size."""
+    sample_pool_tokens: int = EvalConfig.sample_pool_tokens
+    """The contexts are drawn at random (seed 0) from the corpus's first this many tokens (all of the shipped eval
+    split), as the evaluations draw theirs, so that a latent's top contexts come from many documents, not the first
+    few; 0: the first contexts, in order."""
     model: str | None = None
     """Language model; None: the one the SAE was trained on."""
     hook: str | None = None
@@ -88,6 +92,8 @@ class BrowseConfig:
         for name in ("window_before", "window_after", "n_logits", "n_neighbours", "n2g_n_latents"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.sample_pool_tokens < 0:
+            raise ConfigError(f"sample_pool_tokens must be >= 0 (0: the first contexts), got {self.sample_pool_tokens}")
         if self.n_logits > MAX_LOGITS:  # else found out after the whole pass, as the memory runs out
             raise ConfigError(f"n_logits must be <= {MAX_LOGITS} (each latent's page lists as many promoted and "
                               f"suppressed tokens), got {self.n_logits}")

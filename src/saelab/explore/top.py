@@ -9,10 +9,12 @@ The numbers are the feature browser's (:mod:`saelab.explore.browser.build`) and 
 one-pass code (:func:`~saelab.explore.browser.build.encoded_batches`, the running top-k of
 :mod:`saelab.explore.browser.stats`), restricted to the latents asked for:
 
-- contexts of ``context_size`` tokens packed from the corpus, BOS first; position 0 is not scored
-  when the SAE left it out of training (its activation reads 0);
+- contexts of ``context_size`` tokens packed from the corpus, BOS first, drawn at random (seed 0) from its
+  first ``sample_pool_tokens`` tokens as ``saelab eval`` draws its contexts, so that they come from many
+  documents (0: the first contexts, in order); position 0 is not scored when the SAE left it out of training
+  (its activation reads 0);
 - one entry per context, ranked by the latent's largest activation in that context (ties go to the
-  earlier context); contexts where the latent never fires are not listed, so fewer than ``k``
+  context read first); contexts where the latent never fires are not listed, so fewer than ``k``
   entries come back for a rare latent;
 - ``acts`` holds the latent's TopK+ReLU value at every position of the context.
 """
@@ -33,6 +35,7 @@ from saelab.explore.browser.build import (
     SAESource,
     check_compatible,
     context_payload,
+    contexts_drawn,
     contexts_read,
     contexts_read_words,
     encoded_batches,
@@ -67,6 +70,8 @@ class TopActivations:
     """Text of every token of each context (joined, they spell the context)."""
     n_tokens: int
     """Tokens scored over all contexts read."""
+    contexts_drawn: str = "given as a token tensor"
+    """How the contexts were read from a text corpus (:func:`~saelab.explore.browser.build.contexts_drawn`)."""
 
     def __len__(self) -> int:
         return int(self.max_acts.numel())
@@ -79,7 +84,8 @@ class TopActivations:
     def to_text(self, before: int = 16, after: int = 8) -> str:
         """One line per context: rank, max, context index, and the tokens around the max, the max token in [[ ]]."""
         lines = [f"latent {self.latent}: max {self.max_activation:.4g} over {self.n_tokens:,} "
-                 f"{plural(self.n_tokens, 'token')}, {len(self)} top {plural(len(self), 'context')}"]
+                 f"{plural(self.n_tokens, 'token')}, {len(self)} top {plural(len(self), 'context')}; contexts "
+                 f"{self.contexts_drawn}"]
         for rank, (c, m, p, strs) in enumerate(zip(self.context_idx.tolist(), self.max_acts.tolist(),
                                                    self.max_pos.tolist(), self.str_tokens), start=1):
             left = "".join(strs[max(0, p - before):p])
@@ -91,6 +97,7 @@ class TopActivations:
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and numbers (for ``json.dumps``)."""
         return {"latent": self.latent, "max_activation": self.max_activation, "n_tokens": self.n_tokens,
+                "contexts_drawn": self.contexts_drawn,
                 "contexts": [{"context": int(c), "max": float(m), "max_pos": int(p), "tokens": t.tolist(),
                               "str_tokens": s, "acts": a.tolist()}
                              for c, m, p, t, a, s in zip(self.context_idx, self.max_acts, self.max_pos, self.tokens,
@@ -178,11 +185,12 @@ def check_k(k: int, sae: TopKSAE, n_tokens: int, named: tuple[str, str], context
         raise ConfigError(f"{lead}{entry} {k:,}: expected at most {read}: a latent lists each context once")
 
 
-def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n_tokens: int,
-                        context_size: int | None, progress: bool) -> tuple[Any, torch.Tensor]:
+def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, cfg: BrowseConfig | None,
+                        progress: bool) -> tuple[Any, torch.Tensor]:
     """The model (loaded here unless ``lm`` is one) and the contexts ``[N, T]``: given as a LongTensor, or
-    packed from the corpus as the browser does, with a corpus too short for ``n_tokens`` refused before the
-    load where the model's tokenizer can be had without it (``load_model_beside``)."""
+    drawn from the corpus as ``cfg`` says (None for a tensor), as the browser draws them, with a corpus too short
+    for ``cfg.n_tokens`` refused before the load where the model's tokenizer can be had without it
+    (``load_model_beside``)."""
     from saelab.explore.browser.make import load_model_beside
     from saelab.models import LanguageModel, check_before_load, load_model, model_provenance
     from saelab.models.lm import check_token_ids
@@ -191,8 +199,6 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
 
     loaded_here = [] if given else [source]
     if not isinstance(corpus, torch.Tensor):
-        cfg = BrowseConfig(n_tokens=n_tokens, corpus=None if corpus is None else str(corpus),
-                           context_size=context_size)
         return load_model_beside(lm, cfg, [source], loaded_here, hook, progress=progress)
     _check_token_tensor(corpus, source.sae)
     spec = lm if lm is not None else model_for(source.sae, source.source)
@@ -210,8 +216,9 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, n
 @torch.no_grad()
 def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, k: int = DEFAULT_K, *,
                     n_tokens: int = 262_144, context_size: int | None = None, hook: str | None = None,
-                    batch_size: int = 16, progress: bool = False,
-                    allow_http: bool = False) -> TopActivations | list[TopActivations]:
+                    batch_size: int = 16, progress: bool = False, allow_http: bool = False,
+                    sample_pool_tokens: int = BrowseConfig.sample_pool_tokens
+                    ) -> TopActivations | list[TopActivations]:
     """The ``k`` top-activating contexts of ``latent`` (an index, or a list: one result per entry). ``k`` past the
     contexts read lists them all (``saelab top`` refuses a ``-n`` given past them: :func:`check_k`).
 
@@ -219,8 +226,11 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     ``lm``: a :class:`~saelab.models.LanguageModel` or a model name (None: the SAE's model).
     ``corpus``: a text file or folder, a Hugging Face dataset name, a LongTensor ``[N, T]`` of
     contexts (ids of the model's vocabulary), or None for the offline Wikipedia eval split; ``n_tokens`` tokens
-    are read from a text corpus (rounded up to whole contexts), a tensor's contexts all. ``hook`` overrides the SAE's own hook name. A model loaded here is loaded
-    after the checks that need none: a corpus too short for ``n_tokens`` is refused before it. ``allow_http``
+    are read from a text corpus (rounded up to whole contexts), drawn at random (seed 0) from its first
+    ``sample_pool_tokens`` tokens as ``saelab eval`` draws its contexts (0: its first contexts, in order; the
+    result's ``contexts_drawn`` says how), a tensor's contexts all, in their order. ``hook`` overrides the SAE's
+    own hook name. A model loaded here is loaded after the checks that need none: a corpus too short for
+    ``n_tokens`` is refused before it. ``allow_http``
     also downloads the SAE from a plain http URL. ``progress``: bars over the scan and over that load.
     """
     if not isinstance(k, int) or k < 1:
@@ -228,18 +238,22 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:  # before the text is read
         raise ConfigError(f"batch_size: expected a positive number of contexts per forward, got {batch_size!r}")
     _check_corpus(corpus)
+    text = not isinstance(corpus, torch.Tensor)  # a tensor's contexts are read whole: no text settings
+    cfg = BrowseConfig(n_tokens=n_tokens, corpus=None if corpus is None else str(corpus), context_size=context_size,
+                       sample_pool_tokens=sample_pool_tokens) if text else None
     source, given = _source(sae, allow_http)
     sae = source.sae
     lats = _latent_list(latent, sae.n_latents)
     hook = check_compatible([source], hook, None)
-    lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, n_tokens, context_size, progress)
+    lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, cfg, progress)
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
     # a latent lists each context once: k past the contexts read lists them all (k = 10^8 had filled the memory)
     k = min(k, tokens_NT.shape[0])
     top = _scan(lm, sae, tokens_NT, hook, torch.tensor(lats), k, batch_size, progress)  # distinct (_latent_list)
     n_scored = tokens_NT.shape[0] * (tokens_NT.shape[1] - first_scored(sae))
-    results = [_result(lat, j, top, tokens_NT, lm.tokenizer, n_scored) for j, lat in enumerate(lats)]
+    drawn = contexts_drawn(cfg) if text else TopActivations.contexts_drawn
+    results = [_result(lat, j, top, tokens_NT, lm.tokenizer, n_scored, drawn) for j, lat in enumerate(lats)]
     return results if _is_many(latent) else results[0]
 
 
@@ -256,7 +270,8 @@ def _scan(lm, sae: TopKSAE, tokens_NT: torch.Tensor, hook: str, latents_L: torch
     return top
 
 
-def _result(latent: int, row: int, top, tokens_NT: torch.Tensor, tokenizer, n_scored: int) -> TopActivations:
+def _result(latent: int, row: int, top, tokens_NT: torch.Tensor, tokenizer, n_scored: int,
+            drawn: str) -> TopActivations:
     from saelab.evals.probe_tasks import token_strings
 
     filled = torch.isfinite(top.score_NK[row])
@@ -266,17 +281,20 @@ def _result(latent: int, row: int, top, tokens_NT: torch.Tensor, tokenizer, n_sc
     str_tokens = [token_strings(tokenizer, t.tolist(), cache, readable_bytes=True) for t in toks]
     return TopActivations(latent=latent, max_acts=top.score_NK[row][filled].clone(), context_idx=ctx.clone(),
                           max_pos=top.payload["pos"][row][filled].clone(), tokens=toks.clone(),
-                          acts=top.payload["rows"][row][filled].clone(), str_tokens=str_tokens, n_tokens=n_scored)
+                          acts=top.payload["rows"][row][filled].clone(), str_tokens=str_tokens, n_tokens=n_scored,
+                          contexts_drawn=drawn)
 
 
 def latent_max_activation(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, *, n_tokens: int = 262_144,
                           context_size: int | None = None, hook: str | None = None, batch_size: int = 16,
-                          progress: bool = False, allow_http: bool = False) -> float | list[float]:
+                          progress: bool = False, allow_http: bool = False,
+                          sample_pool_tokens: int = BrowseConfig.sample_pool_tokens) -> float | list[float]:
     """The latent's largest activation over the text read (0.0 if it never fires there): the unit for
     steering strengths given as multiples of it (``value = scale * latent_max_activation(...)``).
 
     The same number as the feature browser's "max" for the same text; arguments as :func:`top_activations`.
     """
     res = top_activations(sae, lm, corpus, latent, 1, n_tokens=n_tokens, context_size=context_size, hook=hook,
-                          batch_size=batch_size, progress=progress, allow_http=allow_http)
+                          batch_size=batch_size, progress=progress, allow_http=allow_http,
+                          sample_pool_tokens=sample_pool_tokens)
     return [r.max_activation for r in res] if isinstance(res, list) else res.max_activation

@@ -3,7 +3,10 @@
 Definitions (the browser's pages and ``site.json`` use exactly these):
 
 - **Tokens scored**: ``n_contexts`` contexts of ``context_size`` tokens packed from the corpus as
-  everywhere in saelab (BOS first); position 0 is left out when the SAE was trained without it
+  everywhere in saelab (BOS first), drawn at random (seed 0) from its first ``sample_pool_tokens`` tokens by the
+  draw the evaluations read theirs with (:func:`saelab.data.draw_contexts`: the same corpus, pool and context
+  size give the contexts ``saelab eval`` reads first), so that they come from many documents and not the
+  first few (0: the first contexts, in order); position 0 is left out when the SAE was trained without it
   (``cfg.exclude_first``), so ``n_tokens = n_contexts * (context_size - 1)`` then. Each SAE is
   scored from its own first position, whichever SAEs are browsed with it. ``n_contexts`` is
   ``BrowseConfig.n_tokens`` rounded up to whole contexts of the SAE that scores fewest per context.
@@ -328,15 +331,27 @@ def contexts_read_words(n_contexts: int, T: int, first: int, n_tokens: str) -> s
     return f"the {n_contexts:,} {plural(n_contexts, 'context')} read ({n_tokens} in contexts of {T} tokens{scored})"
 
 
+DRAW_SEED = 0
+"""The seed of the contexts' draw: the evaluations' (``draw_contexts``' default)."""
+
+
+def contexts_drawn(cfg: BrowseConfig) -> str:
+    """How :func:`read_tokens` reads its contexts, in the words a site and top record it (after "contexts")."""
+    if not cfg.sample_pool_tokens:
+        return "read from the corpus's start, in order"
+    return f"drawn at random (seed {DRAW_SEED}) from the corpus's first {cfg.sample_pool_tokens:,} tokens"
+
+
 def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
                 context_setting: str | None = "context_size") -> torch.Tensor:
-    """The contexts ``[N, T]`` the browser reads (see the module docstring). ``lm``: the language model, or
-    its tokenizer alone (read before the model loads; ``check_before_load`` checks the context size then).
+    """The contexts ``[N, T]`` the browser reads (see the module docstring), in the order drawn. ``lm``: the
+    language model, or its tokenizer alone (read before the model loads; ``check_before_load`` checks the context
+    size then).
     ``sae``: the SAE, or several that read the same contexts: enough are read for each to score
     ``cfg.n_tokens``, and a corpus too short is refused with the most that every one of them can score.
     ``context_setting`` names what sets the context size in a corpus too short for one (None: the caller
     reads the SAE's own, which nothing changes)."""
-    from saelab.data import token_contexts
+    from saelab.data import draw_contexts
     from saelab.models import LanguageModel
     from saelab.models.lm import bos_token_id, context_named
 
@@ -349,8 +364,8 @@ def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
     else:
         tokenize, bos = lm, bos_token_id(lm)
     try:
-        return token_contexts(corpus, tokenize, T, n_contexts=n_contexts,
-                              bos_token_id=bos, prepend_bos=sae.cfg.prepend_bos, setting=context_setting)
+        return draw_contexts(corpus, tokenize, T, n_contexts, pool_tokens=cfg.sample_pool_tokens, bos_token_id=bos,
+                             prepend_bos=sae.cfg.prepend_bos, setting=context_setting, seed=DRAW_SEED).tokens
     except CorpusError as e:
         e.max_tokens = getattr(e, "contexts", 0) * (T - first)  # the largest n_tokens the corpus allows
         raise

@@ -28,6 +28,7 @@ from saelab.explore.browser.build import (
     SAESource,
     check_compatible,
     collect_statistics,
+    contexts_drawn,
     contexts_read,
     finish_statistics,
     first_scored,
@@ -58,7 +59,8 @@ from saelab.utils.memory_limit import memory_limit
 from saelab.utils.words import plural
 
 DEFINITIONS = {
-    "tokens": "contexts packed from the corpus, BOS first; position 0 is not scored when the SAE leaves it out",
+    "tokens": "contexts packed from the corpus, BOS first, drawn at random from its first sample_pool_tokens tokens "
+              "(0: its first contexts, in order); position 0 is not scored when the SAE leaves it out",
     "active": "the latent's TopK+ReLU value is > 0",
     "density": "active tokens / tokens scored",
     "max": "largest value over the tokens scored",
@@ -114,10 +116,13 @@ def _settings(cfg: BrowseConfig, sources: Sequence[SAESource]) -> dict[str, Any]
     """The settings a site or families file is keyed by and records. The N2G padding token is left out
     where it changes nothing: without N2G latents to build, and at its default, so that a site built before
     it was a setting keeps its key. The family score of SAEs that make no families (one SAE, or SAEs of one
-    size) is recorded at its default, as sites built before were keyed: it changes nothing there."""
+    size) is recorded at its default, as sites built before were keyed: it changes nothing there. A sample pool of 0
+    is left out: sites built before the contexts were drawn read the first contexts in order, as it does."""
     settings = dataclasses.asdict(cfg)
     if not cfg.n2g_n_latents or cfg.n2g_padding_token == BrowseConfig.n2g_padding_token:
         del settings["n2g_padding_token"]
+    if not cfg.sample_pool_tokens:
+        del settings["sample_pool_tokens"]
     if not makes_families(sources):
         settings["family_min_score"] = BrowseConfig.family_min_score
     return settings
@@ -302,7 +307,8 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True, corpus
         named = {k: v for k, v in of.items() if k not in hashed}
         if isinstance(named.get("browse"), dict):  # each setting by its name now, local files as sites record them
             now = {old: new for new, old in KEYED_AS.items()}
-            named["browse"] = public_settings({now.get(k, k): v for k, v in named["browse"].items()})
+            named["browse"] = public_settings({"sample_pool_tokens": 0,  # absent: read in order (_settings)
+                                               **{now.get(k, k): v for k, v in named["browse"].items()}})
         return {**named, **(export if isinstance(export, dict) else {})}
 
     def same(field: str) -> bool | None:  # keyed hashes by their key; an earlier saelab's plain ones as it made them
@@ -597,6 +603,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         "inputs": _public_inputs(inputs),
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": public_name(lm.known_as), "hook": hook, "corpus": corpus_name(cfg.corpus, "eval"),
+        "contexts_drawn": contexts_drawn(cfg),  # how they were read (sites built before the draw: in order)
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
         "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": position_0_words(first),
         "config": public_settings(dataclasses.asdict(cfg)), "definitions": DEFINITIONS,

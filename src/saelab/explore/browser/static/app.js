@@ -455,7 +455,7 @@ function showAbout() {
   const d = META.definitions;
   render($("#main"), html`<h1>About this site</h1>
     <table><tr><th>model</th><td>${META.model}</td></tr><tr><th>hook</th><td>${META.hook}</td></tr>
-    <tr><th>text</th><td>${META.corpus}: ${META.n_contexts.toLocaleString()} contexts of ${META.context_size} tokens, ${META.n_tokens.toLocaleString()} tokens scored (position 0 ${META.position_0})</td></tr>
+    <tr><th>text</th><td>${META.corpus}: ${META.n_contexts.toLocaleString()} contexts of ${META.context_size} tokens${META.contexts_drawn ? ` ${META.contexts_drawn}` : ""}, ${META.n_tokens.toLocaleString()} tokens scored (position 0 ${META.position_0})</td></tr>
     <tr><th>SAEs</th><td>${META.saes.map((s, j) => html`${j ? html`<br>` : ""}${s.name}: ${s.n_latents} latents, ${sparsity(s)}, ${s.alive} active, ${s.n_tokens.toLocaleString()} tokens scored (position 0 ${s.position_0}), from <code>${s.source}</code>`)}</td></tr>
     <tr><th>built</th><td>${META.built} in ${Object.entries(META.seconds).map(([k, v]) => `${k} ${v} s`).join(", ")}</td></tr></table>
     <h2>What the numbers mean</h2><table>${Object.entries(d).map(([k, v]) => html`<tr><th>${k}</th><td>${v}</td></tr>`)}</table>`);
