@@ -198,7 +198,7 @@ def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2
     """Sorting by explanation puts the explained latents first in either direction; a token that is a lone
     space shows as ␣ (it was an empty chip), as newlines and tabs show as ↵ and ⇥; a bell or an escape shows as
     `saelab top` shows it (it showed as nothing, in chips and in the examples' text)."""
-    from test_browser_site import record_edits, trained_like_sae
+    from test_browser_site import POOL, record_edits, trained_like_sae
 
     from saelab.sae import save_sae
 
@@ -209,8 +209,8 @@ def test_explained_latents_sort_first_and_a_space_token_shows(browser, tiny_gpt2
         {"latent": i, "f1": 0.5, "patterns": [{"tokens": ["the"], "anchored": False, "value": 1.0, "count": 1}]}
         for i in (3, 40)]}))
     site = tmp_path / "site"
-    build_browser([tmp_path / "run"], site, BrowseConfig(n_tokens=31 * 32, corpus=corpus, n2g_file=str(n2g)),
-                  lm=tiny_gpt2, progress=False)
+    cfg = BrowseConfig(n_tokens=31 * 32, corpus=corpus, sample_pool_tokens=POOL, n2g_file=str(n2g))
+    build_browser([tmp_path / "run"], site, cfg, lm=tiny_gpt2, progress=False)
     top = next(i for i, t in enumerate(_index(site, "run")["top_tokens"]) if t)
     vocab_js = site / "data" / "vocab.js"
     vocab = json.loads(re.fullmatch(r'SAELAB\.put\("vocab",(.*)\);\n', vocab_js.read_text(), re.S).group(1))
@@ -339,7 +339,7 @@ def test_a_relu_sae_shows_as_relu_not_as_a_k(browser, tiny_gpt2, data_dir, tmp_p
     """A ReLU SAE (k = n_latents, every positive latent kept) was labelled "k = 64" in its index's header and on
     the About page; it reads "ReLU" there, a top-k SAE beside it keeps its k, and site.json and families.json
     record which."""
-    from test_browser_site import trained_like_sae
+    from test_browser_site import POOL, trained_like_sae
 
     from saelab.sae import ReLUSAE, relu_config, save_sae
 
@@ -351,8 +351,8 @@ def test_a_relu_sae_shows_as_relu_not_as_a_k(browser, tiny_gpt2, data_dir, tmp_p
     save_sae(topk, tmp_path / "topk" / "sae")
     save_sae(relu, tmp_path / "relu" / "sae")
     site = tmp_path / "site"
-    build_browser([tmp_path / "topk", tmp_path / "relu"], site, BrowseConfig(n_tokens=31 * 8, corpus=corpus),
-                  lm=tiny_gpt2, progress=False)
+    build_browser([tmp_path / "topk", tmp_path / "relu"], site,
+                  BrowseConfig(n_tokens=31 * 8, corpus=corpus, sample_pool_tokens=POOL), lm=tiny_gpt2, progress=False)
     for record in ("site.json", "families.json"):
         saes = json.loads((site / record).read_text())["saes"]
         assert [(s["activation"], s["k"]) for s in saes] == [("topk", 8), ("relu", None)], record
@@ -377,15 +377,15 @@ def test_a_long_token_makes_a_short_chip_and_shows_whole_in_its_title(browser, t
     """A chip of "↵" and 46 spaces (code indentation) was 376 px wide, and a long token's as long as its text: the
     spaces are counted ("↵␣×46"), and a chip past 24 characters is cut with "…", its whole text (escaped, as the
     chip's) in its title."""
-    from test_browser_site import trained_like_sae
+    from test_browser_site import POOL, trained_like_sae
 
     from saelab.sae import save_sae
 
     corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
     save_sae(trained_like_sae(tiny_gpt2, 64, 0, corpus), tmp_path / "run" / "sae")
     site = tmp_path / "site"
-    build_browser([tmp_path / "run"], site, BrowseConfig(n_tokens=31 * 8, corpus=corpus), lm=tiny_gpt2,
-                  progress=False)
+    build_browser([tmp_path / "run"], site, BrowseConfig(n_tokens=31 * 8, corpus=corpus, sample_pool_tokens=POOL),
+                  lm=tiny_gpt2, progress=False)
     tops = _index(site, "run")["top_tokens"]
     spaced, long = [i for i, t in enumerate(tops) if t][:2]
     vocab_js = site / "data" / "vocab.js"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from test_browser_chromium import browser  # noqa: F401 - the shared Chromium fixture
-from test_browser_site import record_edits, trained_like_sae
+from test_browser_site import POOL, record_edits, trained_like_sae
 
 from saelab.explore.browser import BrowseConfig, build_browser, serve_in_thread
 from saelab.explore.browser.serve import security_headers
@@ -54,8 +54,8 @@ def hostile_site(tiny_gpt2, data_dir, tmp_path_factory):
     save_sae(trained_like_sae(tiny_gpt2, 128, 0, corpus), root / NAME_A / "sae")
     save_sae(trained_like_sae(tiny_gpt2, 256, 1, corpus), root / NAME_B / "sae")
     out = root / "site"
-    build_browser([root / NAME_A, root / NAME_B], out, BrowseConfig(n_tokens=31 * 64, corpus=corpus),
-                  lm=tiny_gpt2, progress=False)
+    build_browser([root / NAME_A, root / NAME_B], out,
+                  BrowseConfig(n_tokens=31 * 64, corpus=corpus, sample_pool_tokens=POOL), lm=tiny_gpt2, progress=False)
     return out
 
 
@@ -236,7 +236,8 @@ def test_markup_in_an_n2g_file_shows_literally(browser, tiny_gpt2, data_dir, tmp
             {"tokens": ["<svg onload=window.__pwned=12>"], "anchored": False, "value": 0.5, "count": 1}]},
         {"latent": 5, "f1": 0.0, "patterns": []}]}))  # tried, nothing found: not counted, said on its page
     res = build_browser([tmp_path / "run"], tmp_path / "site",
-                        BrowseConfig(n_tokens=31 * 32, corpus=corpus, n2g_file=str(n2g)), lm=tiny_gpt2, progress=False)
+                        BrowseConfig(n_tokens=31 * 32, corpus=corpus, sample_pool_tokens=POOL,
+                                     n2g_file=str(n2g)), lm=tiny_gpt2, progress=False)
     assert res["saes"][0]["explained"] == 1
     server, _ = serve_in_thread(tmp_path / "site", 0)
     base = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -293,8 +294,8 @@ def test_a_name_that_is_no_folder_is_refused(tiny_gpt2, data_dir, tmp_path):
     save_sae(trained_like_sae(tiny_gpt2, 64, 0, corpus), tmp_path / "run" / "sae")
     (tmp_path / "run" / "sub").mkdir()
     with pytest.raises(ConfigError, match=r"SAE name '\.\.': expected a name usable as one folder name"):
-        build_browser([tmp_path / "run" / "sub" / ".."], tmp_path / "site", BrowseConfig(n_tokens=500, corpus=corpus),
-                      lm=tiny_gpt2, progress=False)
+        build_browser([tmp_path / "run" / "sub" / ".."], tmp_path / "site",
+                      BrowseConfig(n_tokens=500, corpus=corpus, sample_pool_tokens=POOL), lm=tiny_gpt2, progress=False)
     assert not (tmp_path / "site").exists()
 
 

@@ -28,6 +28,9 @@ from saelab.sae import SAEConfig, TopKSAE, save_sae
 
 HOOK = "blocks.1.hook_resid_post"
 N_TOKENS = 31 * 96  # 96 contexts of 32 tokens, position 0 not scored
+POOL = 65_536
+"""The tokens a build draws its contexts from where the draw is not what a test checks: about those of the first batch
+of documents read, tokenized anyway (the default pool, all of the eval split, takes seconds more a build)."""
 
 
 def trained_like_sae(lm, n: int, seed: int, corpus: str) -> TopKSAE:
@@ -261,7 +264,7 @@ def test_families_are_reused_after_n2g_explanations_and_in_another_order(sae_fil
     given in (the tree orders them by size): either refused the same families again."""
     shutil.copytree(sae_files / "run_small", tmp_path / "run_small")
     both = [tmp_path / "run_small", sae_files / "saelens_large"]
-    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n_samples=4, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, sample_pool_tokens=POOL, n_top=4, n_samples=4, lm_batch_size=8)
     fam = tmp_path / "fam.json"
     assert not build_families(both, fam, cfg, lm=tiny_gpt2, progress=False)["reused"]
     (tmp_path / "run_small" / "n2g.json").write_text(json.dumps({"per_latent": [
@@ -305,8 +308,8 @@ def test_openai_pt_file_builds(tiny_gpt2, corpus, tmp_path):
     path = tmp_path / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt"
     path.parent.mkdir(parents=True)
     torch.save(sd, path)
-    res = build_browser([path], tmp_path / "site", BrowseConfig(n_tokens=2000, corpus=corpus, context_size=32),
-                        lm=tiny_gpt2, progress=False)
+    cfg = BrowseConfig(n_tokens=2000, corpus=corpus, sample_pool_tokens=POOL, context_size=32)
+    res = build_browser([path], tmp_path / "site", cfg, lm=tiny_gpt2, progress=False)
     assert res["hook"] == HOOK and res["saes"][0]["name"] == "1" and res["saes"][0]["input_norm"] == "layernorm"
     assert res["saes"][0]["alive"] > 0 and not res["has_families"]
 
@@ -325,8 +328,8 @@ def test_bad_inputs_are_named(tiny_gpt2, sae_files, corpus, tmp_path):
     user_folder.mkdir()
     (user_folder / "notes.txt").write_text("keep me")
     with pytest.raises(RunExistsError, match="not a saelab feature browser site"):
-        build_browser([sae_files / "run_small"], user_folder, BrowseConfig(n_tokens=500, corpus=corpus), lm=tiny_gpt2,
-                      progress=False)
+        build_browser([sae_files / "run_small"], user_folder,
+                      BrowseConfig(n_tokens=500, corpus=corpus, sample_pool_tokens=POOL), lm=tiny_gpt2, progress=False)
     assert (user_folder / "notes.txt").read_text() == "keep me"
 
 
@@ -448,7 +451,7 @@ def test_cli_browse_serves_a_site_only_while_its_files_are_as_written(sae_files,
 
     out, port = tmp_path / "site", free_port()
     browse = ["browse", str(sae_files / "run_small"), "--out", str(out), "--model", str(tiny_dir), "--corpus", corpus,
-              "--n-tokens", "1500", "--no-progress"]
+              "--sample-pool-tokens", str(POOL), "--n-tokens", "1500", "--no-progress"]
     assert main(browse) == 0
     capsys.readouterr()
     (out / "data" / "vocab.js").write_text('SAELAB.put("vocab",{});\n')
@@ -472,7 +475,7 @@ def test_n2g_explanations_use_the_padding_token_given(split_pad_dir, corpus, tmp
 
     lm = load_model(str(split_pad_dir))
     save_sae(trained_like_sae(lm, 128, 0, corpus), tmp_path / "run" / "sae")
-    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n2g_n_latents=2)
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, sample_pool_tokens=POOL, n_top=4, n2g_n_latents=2)
     with monkeypatch.context() as m:
         m.setattr(make, "collect_statistics", lambda *a, **k: pytest.fail("the text was scored first"))
         with pytest.raises(ConfigError, match=r"^browse\.n2g_padding_token ' _' \(the default\) is 2 tokens for this "
@@ -488,7 +491,8 @@ def test_cli_browse_and_families(sae_files, tiny_dir, corpus, tmp_path, capsys):
     from saelab.cli import main
 
     out = tmp_path / "cli-site"
-    args = ["--model", str(tiny_dir), "--corpus", corpus, "--n-tokens", "1500", "--no-progress"]
+    args = ["--model", str(tiny_dir), "--corpus", corpus, "--sample-pool-tokens", str(POOL),
+            "--n-tokens", "1500", "--no-progress"]
     assert main(["browse", str(sae_files / "run_small"), "--out", str(out), *args]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["site"] == str(out) and not printed["reused"] and read_site_manifest(out)
@@ -567,7 +571,8 @@ def test_site_names_the_offline_default_by_its_hub_id(smollm2, corpus, tmp_path)
     from saelab.models import DEFAULT_MODEL_HUB_ID
 
     save_sae(TopKSAE(SAEConfig(d_in=smollm2.hook_width(HOOK), n_latents=32, k=4, hook_name=HOOK)), tmp_path / "sae")
-    cfg = BrowseConfig(n_tokens=256, corpus=corpus, context_size=64, n_top=4, n_samples=4, n_bands=2)
+    cfg = BrowseConfig(n_tokens=256, corpus=corpus, sample_pool_tokens=POOL,
+                       context_size=64, n_top=4, n_samples=4, n_bands=2)
     result = build_browser([tmp_path / "sae"], tmp_path / "site", cfg, lm=smollm2, progress=False)
     assert result["model"] == DEFAULT_MODEL_HUB_ID
     assert read_js(tmp_path / "site" / "data" / "meta.js")[1]["model"] == DEFAULT_MODEL_HUB_ID
@@ -591,7 +596,8 @@ def test_each_sae_is_shown_with_its_own_tokens_scored(tiny_gpt2, corpus, tmp_pat
     save_sae(with_bos, tmp_path / "with" / "sae")
     save_sae(trained_like_sae(tiny_gpt2, 256, 8, corpus), tmp_path / "without" / "sae")
     runs = [tmp_path / "with", tmp_path / "without"]
-    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n_samples=4, lm_batch_size=8)  # 8 contexts each way
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, sample_pool_tokens=POOL,
+                       n_top=4, n_samples=4, lm_batch_size=8)  # 8 contexts each way
     own = {"with": (8 * 32, "included"), "without": (8 * 31, "excluded")}
     alone = {}
     for run in runs:
@@ -690,7 +696,7 @@ def test_saes_whose_folders_share_a_name_are_named_apart(tiny_gpt2, corpus, tmp_
     save_sae(trained_like_sae(tiny_gpt2, 64, 0, corpus), tmp_path / "a" / "x" / "run" / "sae")
     save_sae(trained_like_sae(tiny_gpt2, 128, 1, corpus), tmp_path / "b" / "x" / "run" / "sae")
     runs = [tmp_path / "a" / "x" / "run", tmp_path / "b" / "x" / "run"]
-    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, n_top=4, n_samples=4, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, sample_pool_tokens=POOL, n_top=4, n_samples=4, lm_batch_size=8)
     manifest = build_browser(runs, tmp_path / "site", cfg, lm=tiny_gpt2, progress=False)
     assert [s["name"] for s in manifest["saes"]] == ["a-run", "b-run"]
     for name, n in (("a-run", 64), ("b-run", 128)):
@@ -871,7 +877,7 @@ def test_without_a_local_key_a_build_says_so_and_a_rerun_is_refused_or_served_as
     out, port = tmp_path / "site", free_port()
     monkeypatch.chdir(tiny_dir.parent)  # the model folder by the name the SAEs record: no note of another model
     browse = ["browse", str(sae_files / "run_small"), "--out", str(out), "--model", tiny_dir.name, "--corpus", corpus,
-              "--n-tokens", "1500", "--no-progress"]
+              "--sample-pool-tokens", str(POOL), "--n-tokens", "1500", "--no-progress"]
     assert main(browse) == 0
     assert capsys.readouterr().err.strip() == (
         f"saelab: note: no local key ({why}): {out} records no key of its inputs, so a rerun will not recognise this "
@@ -908,7 +914,7 @@ def test_without_a_local_key_a_families_file_says_so_and_a_rerun_names_why(sae_f
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "afile" / "cache"))
     why = f"{tmp_path / 'afile' / 'cache' / 'local-key'} cannot be read or made (Not a directory)"
     saes, out = [sae_files / "run_small", sae_files / "saelens_large"], tmp_path / "f.json"
-    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 8, corpus=corpus, sample_pool_tokens=POOL, lm_batch_size=8)
     capsys.readouterr()
     assert build_families(saes, out, cfg, lm=tiny_gpt2, progress=False)["key"] is None
     assert capsys.readouterr().err.strip() == (
@@ -953,7 +959,8 @@ def test_latent_pages_are_written_as_built_not_all_held_at_once(tiny_gpt2, corpu
     from saelab.explore.browser.site import write_site
 
     sae = trained_like_sae(tiny_gpt2, 512, 2, corpus)
-    cfg = BrowseConfig(n_tokens=31 * 16, corpus=corpus, n_top=4, n_samples=4, lm_batch_size=16, n_neighbours=511)
+    cfg = BrowseConfig(n_tokens=31 * 16, corpus=corpus, sample_pool_tokens=POOL,
+                       n_top=4, n_samples=4, lm_batch_size=16, n_neighbours=511)
     tokens = read_tokens(tiny_gpt2, sae, cfg)
     stats, _, _ = collect_statistics(tiny_gpt2, [SAESource("big", "big", sae)], tokens, cfg, hook=HOOK,
                                      families=False, progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_browser_site import POOL
 
 from saelab.explore.browser.build import (
     BrowseConfig,
@@ -181,7 +182,8 @@ def test_direct_logit_effect_matches_per_latent_function(tiny_gpt2):
 
 @pytest.fixture(scope="module")
 def wiki_tokens(tiny_gpt2, data_dir):
-    cfg = BrowseConfig(n_tokens=31 * 40, corpus=str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"))
+    cfg = BrowseConfig(n_tokens=31 * 40, corpus=str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"),
+                       sample_pool_tokens=POOL)
     return read_tokens(tiny_gpt2, small_sae(), cfg)
 
 

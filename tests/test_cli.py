@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_browser_site import POOL
 
 from saelab.cli import VERBS, main
 from saelab.errors import ConfigError
@@ -1632,7 +1633,7 @@ def test_top_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir
     gives plausible-looking output); it is said, in one line, and --hook equal to the SAE's own says nothing."""
     sae = _tiny_sae(tmp_path / "tiny", tiny_dir)
     argv = ["top", sae, "--latent", "1", "--n-tokens", "64", "--no-progress", "--json",
-            "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")]
+            "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), "--sample-pool-tokens", str(POOL)]
     assert main([*argv, "--hook", "blocks.1.hook_resid_post"]) == 0
     assert capsys.readouterr().err.strip() == (f"saelab top: note: --hook blocks.1.hook_resid_post: {sae} was trained "
                                                "at blocks.0.hook_resid_post; its latents are read at "
@@ -2011,7 +2012,7 @@ def test_browse_and_families_say_when_hook_reads_the_saes_elsewhere(tmp_path, ti
                           "tiny"], 1),
                         (["families", *saes, "--out", str(tmp_path / f"families-{hook}.json")], 2)):
             assert main([*argv, "--hook", hook, "--n-tokens", "256", "--no-progress", "--corpus",
-                         str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")]) == 0
+                         str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"), "--sample-pool-tokens", str(POOL)]) == 0
             err = capsys.readouterr().err
             assert [line for line in err.splitlines() if "--hook" in line] == said[:n], argv[0]
 
@@ -2076,7 +2077,7 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
 
     out = tmp_path / "families.json"
     saes = [_tiny_sae(tmp_path / f"sae{n}", tiny_dir, n) for n in (32, 64)]
-    base = ["families", *saes, "--out", str(out), "--no-progress"]
+    base = ["families", *saes, "--out", str(out), "--no-progress", "--sample-pool-tokens", str(POOL)]
     argv = [*base, "--n-tokens", "256"]
     assert main(argv) == 0
     first = out.read_bytes()
@@ -2096,7 +2097,8 @@ def test_families_again_reuses_the_same_file_and_refuses_other_settings(tmp_path
         "pass --overwrite" in capsys.readouterr().err
     # the same SAE by another path, under which it has another name (as RUN/sae and RUN do): named by its names
     (tmp_path / "alias").symlink_to(saes[0])
-    assert main(["families", str(tmp_path / "alias"), saes[1], "--out", str(out), "--n-tokens", "256"]) == 2
+    assert main(["families", str(tmp_path / "alias"), saes[1], "--out", str(out), "--n-tokens", "256",
+                 "--sample-pool-tokens", str(POOL)]) == 2
     assert "holds feature families of other SAEs (sae32, sae64 -> alias, sae64); pass --overwrite" \
         in capsys.readouterr().err
     assert out.read_bytes() == first
@@ -2114,7 +2116,8 @@ def test_browse_reuses_a_site_only_while_its_files_are_as_written(tmp_path, tiny
 
     saes = [_tiny_sae(tmp_path / f"sae{n}", tiny_dir, n) for n in (32, 64)]
     site = tmp_path / "site"
-    browse = ["browse", *saes, "--out", str(site), "--n-tokens", "256", "--no-progress"]
+    browse = ["browse", *saes, "--out", str(site), "--n-tokens", "256", "--no-progress",
+              "--sample-pool-tokens", str(POOL)]
     assert main(browse) == 0
     capsys.readouterr()
     fams = site / "families.json"
@@ -2132,7 +2135,8 @@ def test_browse_reuses_a_site_only_while_its_files_are_as_written(tmp_path, tiny
                                                    f"these inputs and settings, but {why}; pass --overwrite to build "
                                                    "it again, or pick another --out")
 
-    assert main(["families", *saes, "--out", str(tmp_path / "f.json"), "--n-tokens", "512", "--no-progress"]) == 0
+    assert main(["families", *saes, "--out", str(tmp_path / "f.json"), "--n-tokens", "512", "--no-progress",
+                 "--sample-pool-tokens", str(POOL)]) == 0
     capsys.readouterr()
     shutil.copyfile(tmp_path / "f.json", fams)  # what `families --out SITE/families.json --overwrite` did
     refused("its families.json changed since it was written")
@@ -2474,7 +2478,7 @@ def test_browse_export_again_reuses_the_same_export_and_refuses_another(tmp_path
     monkeypatch.chdir(tmp_path)
     _save_saes(tmp_path, tiny_dir, ("sae", 64))
     base = ["browse", "sae", "--export", "neuronpedia", "np", "--corpus", str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz"),
-            "--n-tokens", "62", "--n-samples", "2", "--no-progress"]
+            "--n-tokens", "62", "--n-samples", "2", "--no-progress", "--sample-pool-tokens", str(POOL)]
     export = [*base, "--n-top", "2"]
     assert main(export) == 0
     capsys.readouterr()

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_browser_site import POOL
 
 from saelab.explore import generate_with_and_without, latent_edit, run_with_cache_with_saes, steer
 from saelab.cli import main
@@ -343,17 +344,19 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
     save_sae(sae, tmp_path / "sae")
     corpus = str(data_dir / "wiki-en" / "wiki_eval.jsonl.xz")
     common = ["--model", str(model_dir), "--device", "cpu", "--no-progress"]
+    pool = ["--sample-pool-tokens", str(POOL)]
     assert main(["top", str(tmp_path / "sae"), "--latent", "7,9", "-n", "3", "--n-tokens", "1024", "--corpus", corpus,
-                 "--json", *common]) == 0
+                 "--json", *pool, *common]) == 0
     got = json.loads(capsys.readouterr().out)["latents"]
-    want = top_activations(sae, tiny_gpt2, corpus, [7, 9], 3, n_tokens=1024)
+    want = top_activations(sae, tiny_gpt2, corpus, [7, 9], 3, n_tokens=1024, sample_pool_tokens=POOL)
     assert got == [json.loads(json.dumps(w.to_dict())) for w in want]
-    assert main(["top", str(tmp_path / "sae"), "--latent", "7", "--n-tokens", "1024", "--corpus", corpus, *common]) == 0
+    assert main(["top", str(tmp_path / "sae"), "--latent", "7", "--n-tokens", "1024", "--corpus", corpus, *pool,
+                 *common]) == 0
     typed = capsys.readouterr().out
     assert typed.startswith("latent 7: max ")
     # a --config file's latent as the JSON number or list it naturally is, read as typed (it crashed as no list)
     for latent, printed in ((7, typed), ([7, 9], None)):
-        (tmp_path / "c.json").write_text(json.dumps({"latent": latent, "n_tokens": 1024}))
+        (tmp_path / "c.json").write_text(json.dumps({"latent": latent, "n_tokens": 1024, "sample_pool_tokens": POOL}))
         assert main(["top", str(tmp_path / "sae"), "--config", str(tmp_path / "c.json"), "--corpus", corpus,
                      *common]) == 0
         out = capsys.readouterr().out

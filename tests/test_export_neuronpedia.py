@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_browser_site import POOL
 
 from saelab.data import token_contexts
 from saelab.errors import ConfigError, CorpusError, RunExistsError
@@ -95,7 +96,8 @@ def centred_sae(lm, corpus: str, n: int, seed: int) -> TopKSAE:
 @pytest.fixture(scope="module")
 def exported(tiny_gpt2, corpus, tmp_path_factory):
     sae = centred_sae(tiny_gpt2, corpus, 128, 0)
-    cfg = BrowseConfig(n_tokens=N_TOKENS, corpus=corpus, n_top=5, n_samples=8, n_bands=4, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=N_TOKENS, corpus=corpus, sample_pool_tokens=POOL,
+                       n_top=5, n_samples=8, n_bands=4, lm_batch_size=8)
     tokens = read_tokens(tiny_gpt2, sae, cfg)
     [stats], _, _ = collect_statistics(tiny_gpt2, [SAESource("res-small", "mem", sae)], tokens, cfg, hook=HOOK,
                                        progress=False)
@@ -160,7 +162,7 @@ def test_n_tokens_in_prompt_is_the_length_of_every_record(exported, tiny_gpt2, c
     with_bos = centred_sae(tiny_gpt2, corpus, 64, 2)
     with_bos.cfg.exclude_first = False
     save_sae(with_bos, tmp_path / "with-bos" / "sae")
-    cfg = BrowseConfig(n_tokens=32 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=32 * 4, corpus=corpus, sample_pool_tokens=POOL, n_top=2, n_samples=2, lm_batch_size=8)
     export_neuronpedia_run(tmp_path / "with-bos", tmp_path / "np", cfg, lm=tiny_gpt2, progress=False)
     for folder, feats, want in ((out, features_by_index(batches).values(), tokens.shape[1] - 1),
                                 (tmp_path / "np", json.loads((tmp_path / "np" / "batch-0.json").read_text())["features"],
@@ -265,7 +267,7 @@ def test_a_failed_final_rename_keeps_the_earlier_export(exported, tiny_gpt2, tmp
 def test_run_folders_exported_in_one_pass(tiny_gpt2, corpus, tmp_path):
     for name, n, seed in (("small", 64, 2), ("large", 96, 3)):
         save_sae(centred_sae(tiny_gpt2, corpus, n, seed), tmp_path / name / "sae")
-    cfg = BrowseConfig(n_tokens=31 * 16, corpus=corpus, n_top=3, n_samples=4, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 16, corpus=corpus, sample_pool_tokens=POOL, n_top=3, n_samples=4, lm_batch_size=8)
     res = export_neuronpedia_run([tmp_path / "small", tmp_path / "large"], tmp_path / "np", cfg, lm=tiny_gpt2,
                                  progress=False)
     assert [r["features"] + r["skipped"] for r in res] == [64, 96]
@@ -355,7 +357,7 @@ def test_each_sae_s_weights_are_hashed_once(tiny_gpt2, corpus, tmp_path, monkeyp
     saes = {name: centred_sae(tiny_gpt2, corpus, n, seed) for name, n, seed in (("small", 64, 2), ("large", 96, 3))}
     for name, sae in saes.items():
         save_sae(sae, tmp_path / name / "sae")
-    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, sample_pool_tokens=POOL, n_top=2, n_samples=2, lm_batch_size=8)
     export_neuronpedia_run([tmp_path / "small", tmp_path / "large"], tmp_path / "np", cfg, lm=tiny_gpt2,
                            progress=False)
     assert len(hashed) == 2 and {s.n_latents for s in hashed} == {64, 96}
@@ -413,7 +415,7 @@ def test_default_ids_follow_neuronpedia_s_rule_and_the_model_s_name_as_given(tin
     sae.cfg.model_name = str(tiny_dir)  # read on links to it below: no note of another model
     save_sae(sae, tmp_path / "ααα" / "sae")
     save_sae(sae, tmp_path / "r1" / "sae")
-    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, sample_pool_tokens=POOL, n_top=2, n_samples=2, lm_batch_size=8)
     with pytest.raises(ConfigError, match=r"^the default SAE set '', drawn from the SAE's name ααα: expected 1 "
                                           r"to 64 .*; pass one: sae_set=NAME \(--sae-set\)$"):
         export_neuronpedia_run(tmp_path / "ααα", tmp_path / "np", cfg, lm="no-such-model", progress=False)
@@ -457,7 +459,7 @@ def test_a_run_folder_s_n2g_explanations_are_named_as_left_out(tiny_gpt2, corpus
     (tmp_path / "run" / "n2g.json").write_text(json.dumps({"per_latent": [
         {"latent": i, "patterns": [{"tokens": [" the"], "anchored": False, "value": 0.5, "count": 2}], "precision": 1.0}
         for i in (3, 5)]}))
-    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, sample_pool_tokens=POOL, n_top=2, n_samples=2, lm_batch_size=8)
     export_neuronpedia_run(tmp_path / "plain", tmp_path / "np-plain", cfg, lm=tiny_gpt2, progress=False)
     assert capsys.readouterr().err == ""
     with pytest.raises(CorpusError):  # refused on the way: the refusal alone is said
@@ -540,7 +542,7 @@ def test_the_export_options_are_checked_before_the_model_loads(tiny_gpt2, corpus
 
     sae = centred_sae(tiny_gpt2, corpus, 64, 2)
     save_sae(sae, tmp_path / "run" / "sae")
-    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, sample_pool_tokens=POOL, n_top=2, n_samples=2, lm_batch_size=8)
     monkeypatch.setattr(make, "load_model_beside", lambda *a, **k: pytest.fail("the model loaded"))
     monkeypatch.setattr(build, "collect_statistics", lambda *a, **k: pytest.fail("the statistics pass ran"))
     for option, refusal in (({"bogus": 1}, TypeError("export_neuronpedia_run() got an unexpected keyword argument "
@@ -576,7 +578,8 @@ def test_a_published_export_confirms_no_guessed_model_path(tiny_gpt2, tiny_dir, 
 
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
     save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "run" / "sae")
-    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, model=str(tiny_dir), n_top=2, n_samples=2, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, sample_pool_tokens=POOL,
+                       model=str(tiny_dir), n_top=2, n_samples=2, lm_batch_size=8)
     out = tmp_path / "np"
     assert export_neuronpedia_run(tmp_path / "run", out, cfg, progress=False)["reused"] is False
     published = {p.name: p.read_text() for p in out.iterdir()}
@@ -628,7 +631,7 @@ def test_without_a_local_key_an_export_says_so_and_a_rerun_is_refused_as_such(ti
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "afile" / "cache"))
     why = f"{tmp_path / 'afile' / 'cache' / 'local-key'} cannot be read or made (Not a directory)"
     save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "run" / "sae")
-    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, n_top=2, n_samples=2, lm_batch_size=8)
+    cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, sample_pool_tokens=POOL, n_top=2, n_samples=2, lm_batch_size=8)
     out = tmp_path / "np"
     capsys.readouterr()
     assert export_neuronpedia_run(tmp_path / "run", out, cfg, lm=tiny_gpt2, progress=False)["reused"] is False
