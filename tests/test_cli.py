@@ -746,6 +746,8 @@ BAD_CONFIGS = [
     ("misspelled.json", '{"train": {"n_latent": 256}}', "train.n_latent: not one of its options; did you mean "
      "n_latents?"),
     ("dashed.yaml", "train:\n  n-latent: 256\n", "train.n-latent: not one of its options; did you mean n-latents?"),
+    # a key carrying its section's name, as an option of another verb spells it (quickstart's --harvest-dtype)
+    ("prefixed.yaml", "train:\n  train_seed: 3\n", "train.train_seed: not one of its options; did you mean seed?"),
     # a switch's --no- form as a key: its own key set false, not "did you mean auxk?", which turns it on
     ("negated.json", '{"train": {"no_auxk": true}}',
      "train.no_auxk: not one of its options; did you mean auxk: false?"),

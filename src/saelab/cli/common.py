@@ -303,7 +303,7 @@ class Parser(ArgumentParser):
                                                   path).items():
             where = f"--config {path}: {key}"
             if key in groups:
-                kept[key] = check_config_section(where, groups[key], value)
+                kept[key] = check_config_section(where, groups[key], value, key)
                 self.config_nulls.setdefault(key, set()).update(f for f, v in kept[key].items() if v is None)
                 self.config_entries.update({f"{key}.{str(field).replace('-', '_')}": f"{where}.{field}"
                                             for field in value})

@@ -188,10 +188,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
+def check_config_section(where: str, cls: type, value: Any, group: str = "") -> dict[str, Any]:
     """A config file's section for the dataclass ``cls``: known field names (dashes allowed), choices for
     the fields that have them, and every value of the type its field takes (the parse that follows would
-    name a bad one by its option, "argument -k/--k", which the user never typed, or not at all)."""
+    name a bad one by its option, "argument -k/--k", which the user never typed, or not at all). ``group``: the
+    section's name, which a key spelled as quickstart's option (harvest_dtype) may carry."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping of its options, got {shown_value(value)}")
     hints = typing.get_type_hints(cls)
@@ -203,11 +204,11 @@ def check_config_section(where: str, cls: type, value: Any) -> dict[str, Any]:
         if name not in names:  # a close match alone, as on the command line; else every option
             switches = [n for n in names if hints[n] is bool]
             raise ConfigError(f"{where}.{str(key).translate(ESCAPED)}: not one of its options"
-                              f"{closest_key(key, names, switches, v) or ' (' + ', '.join(names) + ')'}")
+                              f"{closest_key(key, names, switches, v, (group,)) or ' (' + ', '.join(names) + ')'}")
         refuse_an_empty_text(f"{where}.{key}", name, v)
         v = checked_value(f"{where}.{key}", hints[name], v)
         if dataclasses.is_dataclass(hints[name]):  # a group inside a group: the paper suite's probe settings
-            v = check_config_section(f"{where}.{key}", hints[name], v)
+            v = check_config_section(f"{where}.{key}", hints[name], v, name)
         section[name] = v
     return section
 
@@ -266,17 +267,18 @@ def shown_value(value: Any) -> str:
     return repr(value)
 
 
-def closest_key(key: Any, names: list[str], switches: typing.Collection[str] = (), value: Any = None) -> str:
+def closest_key(key: Any, names: list[str], switches: typing.Collection[str] = (), value: Any = None,
+                drop: typing.Collection[str] = ()) -> str:
     """"; did you mean n_latents?" for a misspelled config file key, spelled as the key is (n-latents for a
     key with dashes), else "". A switch's --no- form as a key (no_auxk, of ``switches``) with ``value`` true
     or false: "; did you mean auxk: false?" (or true), as "did you mean auxk?" could turn on what the key
-    meant to turn off."""
+    meant to turn off. ``drop``: group prefixes the key may carry (:func:`did_you_mean`)."""
     dashed = "-" in str(key)
     name = str(key).replace("-", "_")
     if name.startswith("no_") and name[3:] in switches:
         switch = name[3:].replace("_", "-") if dashed else name[3:]
         return f"; did you mean {switch}{f': {str(not value).lower()}' if isinstance(value, bool) else ''}?"
-    return did_you_mean(str(key), [n.replace("_", "-") if dashed else n for n in names])
+    return did_you_mean(str(key), [n.replace("_", "-") if dashed else n for n in names], drop=drop)
 
 
 def _type_expected(hint: Any, value: Any) -> str | None:
