@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from saelab.data import context_documents, draw_contexts, token_contexts, token_documents
+from saelab.data import DrawnContexts, context_documents, draw_contexts, token_contexts, token_documents
 from saelab.evals.ablation_sparsity import AblationSparsityConfig, run_ablation_sparsity
 from saelab.evals.bootstrap import by_document, paired_bootstrap, ratio
 from saelab.evals.core import EvalConfig, read_eval_contexts
@@ -348,3 +348,24 @@ def test_the_interval_note_names_what_each_part_resampled():
     assert intervals_note({**metrics, "interval_groups": "contexts"})[1] == (
         "[low, high]: 95% bootstrap intervals over the eval contexts themselves (nMSE: 32; the losses: 17 "
         "contexts), 1,000 draws; likely too narrow, as the contexts lie in one document or the corpus marks none.")
+
+
+def test_core_intervals_do_not_depend_on_contexts_only_other_metrics_read(tiny_gpt2, data_dir, monkeypatch):
+    """The paper suite draws every metric's contexts at once and core reads the first: where the draw spans more
+    documents than MAX_GROUPS, which of core's documents were merged followed the documents only the others read, so
+    core's intervals moved with --probe-contexts though its contexts did not."""
+    from saelab.evals import bootstrap
+    from saelab.evals.core import evaluate_core
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=96, k=6, hook_name="blocks.0.hook_resid_post", context_size=32))
+    drawn = draw_contexts(_articles(data_dir)[:60], tiny_gpt2.tokenizer, 32, 40, pool_tokens=10**9,
+                          bos_token_id=tiny_gpt2.bos_token_id)
+    cfg = EvalConfig(recon_tokens=31 * 9, downstream_tokens=31 * 8)
+    core_alone = DrawnContexts(drawn.tokens[:9], drawn.documents[:9], drawn.index[:9])
+    read_by_core = set(drawn.documents[:9].tolist())
+    assert len(read_by_core) > 3 and min(set(drawn.documents.tolist()) - read_by_core) < max(read_by_core)
+    monkeypatch.setattr(bootstrap, "MAX_GROUPS", 3)  # stands in for 4,096 documents
+    alone = evaluate_core(sae, tiny_gpt2, cfg, progress=False, contexts=core_alone).metrics
+    in_the_draw = evaluate_core(sae, tiny_gpt2, cfg, progress=False, contexts=drawn).metrics
+    assert alone["intervals"] == in_the_draw["intervals"]

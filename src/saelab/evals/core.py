@@ -236,7 +236,10 @@ def evaluate_core(sae, lm, cfg: EvalConfig | None = None, *, progress: bool = Tr
         raise NonFiniteError(f"activations at {hook} of model {lm.known_as} on eval corpus {corpus!r} contain NaN or "
                              "inf; expected finite activations (is the model broken, or overflowing its dtype?)")
     documents = _core_documents(drawn.documents, min(n_recon, n_down))
-    groups = bounded_groups(documents if documents is not None else torch.arange(tokens.shape[0]))
+    # bounded over the contexts core reads: documents only other metrics read (the paper suite's draw) would
+    # change which of core's are merged beyond MAX_GROUPS, so its intervals with the other metrics' counts
+    n_read = max(n_recon, n_down)
+    groups = bounded_groups((documents if documents is not None else torch.arange(tokens.shape[0]))[:n_read])
     recon, frequencies = reconstruction_metrics(sae, acts_ND.split(4096), progress=progress,
                                                 row_groups=_row_groups(groups[:n_recon], per_ctx, acts_ND.shape[0]))
     t_recon = time.perf_counter() - t0
