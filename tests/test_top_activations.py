@@ -3,6 +3,7 @@ dense computation (encode every token, take each context's maximum, sort)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from saelab.data import draw_contexts, token_contexts
 from saelab.errors import ConfigError, CorpusError, ShapeMismatchError
 from saelab.explore import TopActivations, latent_max_activation, top_activations
-from saelab.explore.browser.build import BrowseConfig, SAESource, collect_statistics
+from saelab.explore.browser.build import BrowseConfig, SAESource, collect_statistics, first_scored
 from saelab.sae import SAEConfig, TopKSAE, save_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -322,3 +323,8 @@ def test_top_contexts_are_drawn_across_the_eval_split_as_the_evaluation_draws_it
                                sample_pool_tokens=0)
     assert {eval_article_of(ids) for ids in in_order.tokens.tolist()} == {0}  # the reading of before, asked for
     assert in_order.contexts_drawn == "read from the corpus's start, in order"
+    # a pool smaller than the contexts read: the draw pools those contexts, and the words say so
+    small = top_activations(sae, tiny_gpt2, corpus, busy.latent, k=7, n_tokens=n_tokens_for(sae),
+                            sample_pool_tokens=64)
+    read = len(small.tokens[0]) * math.ceil(n_tokens_for(sae) / (len(small.tokens[0]) - first_scored(sae)))
+    assert read > 64 and small.contexts_drawn == f"drawn at random (seed 0) from the corpus's first {read:,} tokens"

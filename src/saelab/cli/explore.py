@@ -532,7 +532,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
         # a -n given past the contexts read was refused above; the default lists them all
         results = top_activations(sae, lm, tokens, list(args.latent), args.n_contexts, progress=args.progress)
     for r in results:  # read here, given to top_activations as a tensor: said as the corpus was read
-        r.contexts_drawn = contexts_drawn(cfg)
+        r.contexts_drawn = contexts_drawn(cfg, tokens.numel())
     if args.json:
         return {"sae": args.sae, "latents": [r.to_dict() for r in results]}
     print("\n\n".join(r.to_text() for r in results))

@@ -335,11 +335,13 @@ DRAW_SEED = 0
 """The seed of the contexts' draw: the evaluations' (``draw_contexts``' default)."""
 
 
-def contexts_drawn(cfg: BrowseConfig) -> str:
-    """How :func:`read_tokens` reads its contexts, in the words a site and top record it (after "contexts")."""
+def contexts_drawn(cfg: BrowseConfig, tokens_read: int) -> str:
+    """How :func:`read_tokens` reads its contexts, in the words a site and top record it (after "contexts").
+    ``tokens_read``: the tokens of the contexts read, which the draw pools where they are more than the pool."""
     if not cfg.sample_pool_tokens:
         return "read from the corpus's start, in order"
-    return f"drawn at random (seed {DRAW_SEED}) from the corpus's first {cfg.sample_pool_tokens:,} tokens"
+    pool = max(cfg.sample_pool_tokens, tokens_read)
+    return f"drawn at random (seed {DRAW_SEED}) from the corpus's first {pool:,} tokens"
 
 
 def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,

@@ -603,7 +603,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
         "inputs": _public_inputs(inputs),
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": public_name(lm.known_as), "hook": hook, "corpus": corpus_name(cfg.corpus, "eval"),
-        "contexts_drawn": contexts_drawn(cfg),  # how they were read (sites built before the draw: in order)
+        "contexts_drawn": contexts_drawn(cfg, tokens.numel()),  # how they were read (earlier sites: in order)
         "context_size": int(tokens.shape[1]), "n_contexts": int(tokens.shape[0]),
         "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - first)), "position_0": position_0_words(first),
         "config": public_settings(dataclasses.asdict(cfg)), "definitions": DEFINITIONS,
