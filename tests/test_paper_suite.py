@@ -488,6 +488,10 @@ def test_the_suites_core_reuses_the_runs_evaluation_of_its_settings(tiny_dir, da
     assert out["core"] == "ok" and "metrics.json" not in err
     drawn = json.loads((tmp_path / "pool" / "evals" / "core.json").read_text())["result"]
     assert drawn["nmse"] != json.loads((run / "metrics.json").read_text())["nmse"]
+    # core alone draws as many as `saelab eval` did, among the same 9: the same contexts, taken
+    out, err = run_cli(capsys, "eval", str(run), "--suite", "paper", "--metrics", "core", *sizes, *pool, "--out",
+                       str(tmp_path / "alone"))
+    assert out["core"] == "ok (reused)" and f"takes core's metrics from {run / 'metrics.json'}" in err
 
 
 def test_the_suites_core_saves_latent_frequencies_and_its_report_draws_density(tiny_dir, data_dir, tmp_path,

@@ -22,7 +22,7 @@ from saelab.data.harvest import ActivationModel, ActivationStream, StreamConfig
 from saelab.data.text import (TextsReadOnce, corpus_files_key, corpus_identity, corpus_name, default_corpus, iter_texts,
                               resolve_corpus, shipped_data_dir)
 from saelab.data.tokens import (DrawnContexts, batched, context_documents, draw_contexts, hf_tokenize_fn, pack_contexts,
-                                sample_contexts, token_contexts, token_documents)
+                                pooled_contexts, sample_contexts, token_contexts, token_documents)
 
 __all__ = [
     "ActivationCache",
@@ -39,6 +39,7 @@ __all__ = [
     "corpus_name",
     "default_corpus",
     "draw_contexts",
+    "pooled_contexts",
     "DrawnContexts",
     "hf_tokenize_fn",
     "IncompleteCacheError",

@@ -302,6 +302,12 @@ class DrawnContexts:
                              self.index[rows])
 
 
+def pooled_contexts(n_contexts: int, pool_tokens: int, context_size: int) -> int:
+    """How many contexts :func:`draw_contexts` draws ``n_contexts`` among (fewer where the source is shorter):
+    two draws of one source and pool pick the same first contexts where this is the same for both."""
+    return max(n_contexts, pool_tokens // context_size)
+
+
 def draw_contexts(source: str | os.PathLike | Iterable[str], tokenizer_fn: TokenizeFn, context_size: int,
                   n_contexts: int, *, pool_tokens: int, bos_token_id: int | None, prepend_bos: bool = True,
                   separator_token_id: int | None = None, setting: str | None = "context_size",
@@ -313,9 +319,10 @@ def draw_contexts(source: str | os.PathLike | Iterable[str], tokenizer_fn: Token
     one article), so a metric read on them measures those documents, and an interval that resamples
     the contexts is too narrow. Too short a source raises :func:`token_contexts`'s CorpusError for
     ``n_contexts``."""
-    pool = token_contexts(source, tokenizer_fn, context_size, n_contexts=max(n_contexts, pool_tokens // context_size),
-                          min_contexts=n_contexts, bos_token_id=bos_token_id, prepend_bos=prepend_bos,
-                          separator_token_id=separator_token_id, setting=setting)
+    n_pool = pooled_contexts(n_contexts, pool_tokens, context_size)
+    pool = token_contexts(source, tokenizer_fn, context_size, n_contexts=n_pool, min_contexts=n_contexts,
+                          bos_token_id=bos_token_id, prepend_bos=prepend_bos, separator_token_id=separator_token_id,
+                          setting=setting)
     sep = bos_token_id if separator_token_id is None else separator_token_id
     documents = context_documents(pool, sep, prepend_bos)
     pick = (torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed)) if pool_tokens

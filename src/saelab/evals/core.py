@@ -126,6 +126,12 @@ def _hook_rows(lm, tokens_NT: torch.Tensor, hook: str, first: int, n_rows: int, 
     return torch.cat(rows)[:n_rows]
 
 
+def core_contexts(cfg: EvalConfig, per_ctx: int) -> int:
+    """How many contexts core reads (``per_ctx`` tokens scored in each): enough for ``cfg.recon_tokens`` and
+    ``cfg.downstream_tokens``."""
+    return max(math.ceil(n / per_ctx) for n in (cfg.recon_tokens, cfg.downstream_tokens))
+
+
 def read_eval_contexts(cfg: EvalConfig, tokenize, bos_token_id: int | None, context_size: int, first: int,
                        prepend_bos: bool) -> DrawnContexts:
     """The contexts ``[N, context_size]`` the evaluation reads from ``cfg.corpus``, drawn across its first
@@ -136,7 +142,7 @@ def read_eval_contexts(cfg: EvalConfig, tokenize, bos_token_id: int | None, cont
     corpus = resolve_corpus(cfg.corpus, "eval")
     per_ctx = context_size - first
     needs = {name: getattr(cfg, name) for name in ("recon_tokens", "downstream_tokens")}
-    n_contexts = max(math.ceil(n / per_ctx) for n in needs.values())
+    n_contexts = core_contexts(cfg, per_ctx)
     try:
         return draw_contexts(corpus, tokenize, context_size, n_contexts, pool_tokens=cfg.sample_pool_tokens,
                              bos_token_id=bos_token_id, prepend_bos=prepend_bos, setting="eval.context_size")

@@ -72,7 +72,7 @@ from typing import Any, Callable
 
 import torch
 
-from saelab.data import DrawnContexts, draw_contexts, resolve_corpus
+from saelab.data import DrawnContexts, draw_contexts, pooled_contexts, resolve_corpus
 from saelab.data.text import corpus_fingerprint, fingerprint_as_recorded
 from saelab.errors import ConfigError, CorpusError, RunExistsError, SaelabError
 from saelab.evals._common import config_dict, first_position, jsonable, position_0_words
@@ -87,8 +87,8 @@ from saelab.evals.compute_equivalent import (
     series_for_model,
 )
 from saelab.evals.config import PAPER_METRICS, EvalConfig, N2GConfig, PaperSuiteConfig
-from saelab.evals.core import (INTERVAL_METHOD as CORE_INTERVALS, eval_settings, evaluate_core, held_out_label,
-                               worded_corpus_error)
+from saelab.evals.core import (INTERVAL_METHOD as CORE_INTERVALS, core_contexts, eval_settings, evaluate_core,
+                               held_out_label, worded_corpus_error)
 from saelab.evals.n2g import INTERVAL_METHOD as N2G_INTERVALS, check_latents, padding_id, run_n2g
 from saelab.evals.probe import INTERVAL_METHOD as PROBE_INTERVALS, SPLIT_METHOD as PROBE_SPLIT_METHOD, run_probe
 from saelab.models.loading import (MODEL_FINGERPRINT, RECORDED_CONTEXT, dtype_name, loaded_dtype, model_fingerprint,
@@ -566,15 +566,15 @@ def _draw_pool(run: SuiteRun) -> int | None:
     ``sample_pool_tokens`` is 0 (the first contexts in order, whatever the draw's size). Two draws from one pool of
     one corpus pick the same first contexts."""
     pool = run.eval_cfg.sample_pool_tokens
-    return None if pool == 0 else max(pool // run.T, run.n_drawn)
+    return None if pool == 0 else pooled_contexts(run.n_drawn, pool, run.T)
 
 
 def _draws_as_evaluated(run: SuiteRun) -> bool:
-    """Whether core would read the contexts the evaluation found (``run.evaluated``) read: both draw from one pool
-    (:func:`_draw_pool`), the evaluation's of fewer contexts pooling ``sample_pool_tokens // T`` where the suite's
-    does."""
-    pool = _draw_pool(run)
-    return run.evaluated is not None and pool in (None, run.eval_cfg.sample_pool_tokens // run.T)
+    """Whether core would read the contexts the evaluation found (``run.evaluated``) read: both draw among as many
+    (:func:`_draw_pool`; the evaluation drew core's contexts alone, :func:`core_contexts`)."""
+    pool, cfg = _draw_pool(run), run.eval_cfg
+    return run.evaluated is not None and pool in (None, pooled_contexts(core_contexts(cfg, run.T - run.first),
+                                                                        cfg.sample_pool_tokens, run.T))
 
 
 def _taken_from_evaluation(run: SuiteRun, m: SuiteMetric, path: Path, inputs: dict, sae_info: dict, eval_info: dict,
