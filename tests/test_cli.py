@@ -1658,6 +1658,7 @@ def test_eval_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_di
         assert [line for line in capsys.readouterr().err.splitlines() if "note" in line] == said
 
 
+@pytest.mark.slow  # ~60 s on 2 cores: six verbs each load a model and read an SAE
 def test_verbs_say_when_model_reads_the_sae_on_another_model(tmp_path, tiny_dir, split_pad_dir, data_dir, capsys,
                                                              monkeypatch):
     """--model read an SAE on another model than the one it records without a word (eval of a gpt2 SAE with

@@ -564,6 +564,7 @@ def test_eval_of_a_run_reuses_the_same_settings_and_keeps_other_ones(tiny_dir, d
     assert "(--sample-pool-tokens 0 -> 4194304)" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~20-30 s on 2 cores: a trained run, evaluated again in the run and in --out
 def test_an_evaluation_whose_intervals_an_earlier_saelab_made_is_evaluated_again(tiny_dir, data_dir, tmp_path,
                                                                                  capsys):
     """metrics.json of the same settings was reused as it was, though an earlier saelab made its intervals

@@ -239,6 +239,7 @@ def test_tiny_sweep_eval_and_scaling_report(tiny_series, data_dir, tmp_path, cap
     assert "is a sweep folder; --suite paper evaluates one SAE" in err
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: two harvests and two trainings before the report
 def test_report_on_a_folder_of_unrelated_runs_writes_each_runs_report(tiny_dir, data_dir, tmp_path, capsys):
     """Runs on other hooks gathered in one folder are not a sweep: no scaling curve across them."""
     from saelab.pipeline import HarvestConfig, harvest, train_from_cache
