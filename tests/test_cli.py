@@ -374,11 +374,35 @@ BAD = [
      "leave it out"),  # not "did you mean --no-progress?", the opposite of what was asked
     ("quickstart --dtype x", "--dtype x; did you mean --harvest-dtype?"),  # harvest's; not --model-dtype
     ("quickstart --corpus x", "--corpus x; did you mean --harvest-corpus or --eval-corpus?"),  # not one picked
-    # another leading word is another setting: no suggestion (the first would harvest again)
-    ("quickstart --activations x", "unrecognized arguments: --activations x (`saelab quickstart"),
-    ("export SAE OUT --model-dtype float16", "unrecognized arguments: --model-dtype (`saelab export"),
-    ("train --harvest-seed 3", "unrecognized arguments: --harvest-seed 3 (`saelab train"),
-    ("eval SAE --harvest-corpus x", "unrecognized arguments: --harvest-corpus x (`saelab eval"),
+    # another verb's option naming another setting: said so, not a close spelling of an unrelated option here
+    # (the first would harvest again)
+    ("quickstart --activations x", "unrecognized arguments: --activations x; --activations is an option of train "
+     "and sweep: quickstart has no such setting (`saelab quickstart"),
+    ("export SAE OUT --model-dtype float16", "unrecognized arguments: --model-dtype; --model-dtype is an option of "
+     "quickstart, harvest, sweep and 5 more verbs: export has no such setting (`saelab export"),
+    ("train --harvest-seed 3", "unrecognized arguments: --harvest-seed 3; --harvest-seed is quickstart's option: "
+     "train has no such setting (`saelab train"),
+    # ... with this verb's counterpart where it has one (not --sample-pool-tokens, --top-tokens: other settings)
+    ("top SAE --scale-tokens 5", "unrecognized arguments: --scale-tokens; --scale-tokens is steer's option: top reads "
+     "--n-tokens tokens of text (`saelab top"),
+    ("steer SAE --n-tokens 5", "unrecognized arguments: --n-tokens; --n-tokens is an option of quickstart, harvest, "
+     "top and 2 more verbs: steer reads --scale-tokens tokens of text to measure a latent's scale (`saelab steer"),
+    ("steer SAE --sample-pool-tokens 5", "unrecognized arguments: --sample-pool-tokens; --sample-pool-tokens is an "
+     "option of harvest, eval, top and 2 more verbs: steer has no such setting (`saelab steer"),
+    ("eval SAE --serve", "unrecognized arguments: --serve; --serve is browse's option: eval has no such setting"),
+    ("train --n-tokens 5", "unrecognized arguments: --n-tokens 5; --n-tokens is an option of quickstart, harvest, "
+     "top and 2 more verbs: train trains on --total-tokens activation rows (`saelab train"),  # not --dead-tokens
+    # sweep reads the model of its cache; train's --overwrite replaces the run, not the activations
+    ("sweep --model-id gpt2", "--model-id; --model-id is browse's option: sweep has no such setting (`saelab"),
+    ("train --overwrite-activations", "--overwrite-activations is quickstart's option: train has no such setting"),
+    # another verb's group prefix on a switch's --no- form; eval's prefix where a verb reads text as eval does
+    ("quickstart --no-prepend-bos", "--no-prepend-bos; did you mean --no-harvest-prepend-bos? (`saelab quickstart"),
+    ("top SAE --eval-corpus x", "unrecognized arguments: --eval-corpus; did you mean --corpus? (`saelab top"),
+    ("harvest --eval-corpus x", "--eval-corpus x; --eval-corpus is an option of quickstart and sweep: harvest has "
+     "no such setting"),  # harvest's --corpus is the text harvested, not the eval text
+    # the corpus harvested, not eval's --corpus: no suggestion
+    ("eval SAE --harvest-corpus x", "unrecognized arguments: --harvest-corpus x; --harvest-corpus is quickstart's "
+     "option: eval has no such setting (`saelab eval"),
     ("eval SAE --no-overwrite", "--no-overwrite; --overwrite is off unless given: leave --no-overwrite out"),
     ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
     ("eval SAE --bogus", "unrecognized arguments: --bogus (`saelab eval --help` lists the options)"),
@@ -465,7 +489,8 @@ BAD = [
                                      "suppressed tokens), got 100000"),
     ("browse SAE --n2g-n-latents -1", "--n2g-n-latents must be >= 0"),
     # browse's count is eval's --n2g-n-latents; --n2g-latents (eval's latent ids) is not browse's
-    ("browse SAE --n2g-latents 3", "unrecognized arguments: --n2g-latents 3; did you mean --n2g-n-latents?"),
+    ("browse SAE --n2g-latents 3", "unrecognized arguments: --n2g-latents 3; --n2g-latents is eval's option: browse "
+     "explains --n2g-n-latents latents, drawn at random (`saelab browse"),
     ("browse SAE --n2g-padding-token x", "--n2g-padding-token pads the N2G explanations that --n2g-n-latents builds; "
                                          "add --n2g-n-latents N, or leave it out"),
     ("browse SAE --context-size 1", "--context-size must be >= 3"),
@@ -649,6 +674,26 @@ def test_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys, monke
     assert "Traceback" not in err
     assert "invalid literal" not in err  # int()'s words, not the user's
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created
+
+
+def test_each_counterpart_of_another_verbs_option_is_an_option_of_its_verb():
+    """The table that answers another verb's option with what this verb reads instead names real options: the
+    typed one some verb's and not the answering verb's (where it is, it would be taken), each one its words name
+    the answering verb's."""
+    import re
+
+    from saelab.cli import build_parser
+    from saelab.cli.common import OPTION_COUNTERPARTS
+
+    verbs = build_parser([]).verb_parsers
+    for parser in verbs.values():
+        parser._preprocessing()  # the settings' options are added here
+    for typed, counterparts in OPTION_COUNTERPARTS.items():
+        assert any(typed in parser._option_string_actions for parser in verbs.values()), typed
+        for verb, words in counterparts.items():
+            assert typed not in verbs[verb]._option_string_actions, (typed, verb)
+            named = re.findall(r"--[\w-]+", words)
+            assert named and all(option in verbs[verb]._option_string_actions for option in named), (verb, words)
 
 
 def test_top_in_the_latent_first_order_shows_the_command_in_the_sae_first_one(tmp_path, capsys):

@@ -59,6 +59,8 @@ def build_parser(argv: list[str] | None = None, recipe: str | None = None) -> ar
     explore.add_families(sub)
     share.add_export(sub)
     _share_config_sections(sub.choices.values())
+    for verb in sub.choices.values():
+        verb.verbs = sub.choices
     parser.verb_parsers = sub.choices
     return parser
 

@@ -97,6 +97,12 @@ class Parser(ArgumentParser):
         self.config_entries: dict[str, str] = {}
         """Each setting a --config file of this parse set ("train.k"), with its entry as the user wrote
         it ("--config c.yaml: train.k")."""
+        self.reads_as: frozenset[str] = frozenset()
+        """Other verbs' option groups whose settings this verb's options are, unprefixed: top reads held-out text
+        as eval does, so quickstart's --eval-corpus is top's --corpus (harvest's --corpus is another text)."""
+        self.verbs: dict[str, Parser] = {}
+        """Every verb's parser by its name, this one's included (set by build_parser): an unknown option that
+        another verb takes is answered as such."""
 
     def set_defaults(self, config_path: str | Path | None = None, **kwargs: Any) -> None:
         """simple_parsing reads each --config file through here: the file is checked first, so that a
@@ -198,18 +204,47 @@ class Parser(ArgumentParser):
         # argparse quotes each choice ("'saelens', 'sparsify'"); saelab's own messages list them bare
         message = re.sub(r"\(choose from ([^()]*)\)$", lambda m: f"(choose from {m[1].replace(chr(39), '')})", message)
         if message.startswith("unrecognized arguments:"):
-            message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions,
-                                     *self._group_prefixes())
+            message += self._did_you_mean(message.split(":", 1)[1].split())
         message += _closest_choice(message)
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
+    def _did_you_mean(self, given: list[str]) -> str:
+        """"; did you mean --n-latents?" for the first unknown option of ``given`` with a hint; for another verb's
+        option, that it is, and this verb's counterpart (:data:`OPTION_COUNTERPARTS`) or that it has none."""
+        for word in (arg.split("=", 1)[0] for arg in given if arg.startswith("-")):
+            owners = self._verbs_taking(word)
+            hint = did_you_mean(word, self._option_string_actions, *self._group_prefixes(),
+                                named_elsewhere=bool(owners))
+            if not hint and owners:
+                hint = f"; {word} is {_whose(owners)}: {self._counterpart(word)}"
+            if hint:
+                return hint
+        return ""
+
+    def _verbs_taking(self, option: str) -> list[str]:
+        """The other verbs whose --help lists ``option`` (families refuses browse's page options, which it holds)."""
+        taking = []
+        for name, parser in self.verbs.items():
+            if parser is not self:
+                parser._preprocessing()  # the settings' options are added here (20-40 ms for all verbs)
+                action = parser._option_string_actions.get(option)
+                if action is not None and action.help is not argparse.SUPPRESS:
+                    taking.append(name)
+        return taking
+
+    def _counterpart(self, option: str) -> str:
+        """What this verb reads in place of another verb's ``option`` ("top reads --n-tokens tokens of text"),
+        else that it has no such setting."""
+        verb = next(name for name, parser in self.verbs.items() if parser is self)
+        return f"{verb} {OPTION_COUNTERPARTS.get(option, {}).get(verb, 'has no such setting')}"
+
     def _group_prefixes(self) -> tuple[set[str], set[str]]:
         """The prefixes of this verb's option groups (quickstart's "harvest", eval's "n2g"), which an option
-        typed without them may lack, and the groups it reads unprefixed (harvest's "harvest"), whose prefix an
-        option typed as another verb spells it may carry."""
+        typed without them may lack, and the groups it reads unprefixed (harvest's "harvest", and its
+        :attr:`reads_as`), whose prefix an option typed as another verb spells it may carry."""
         wrappers = getattr(self, "_wrappers", [])
         return ({w.prefix.rstrip("-") for w in wrappers if w.prefix},
-                {w.dest for w in wrappers if not w.prefix})
+                {w.dest for w in wrappers if not w.prefix} | self.reads_as)
 
     def format_help(self) -> str:
         """The help, with each option group titled for people ("harvest options:"), not after its
@@ -344,14 +379,29 @@ def repeat_refusal(spellings: list[str], values: list[list[str]], listed: bool =
     return f"{names} given twice ({', '.join(shown)}): {hint}"
 
 
-def _did_you_mean(given: list[str], options: typing.Iterable[str], add: set[str], drop: set[str]) -> str:
-    """"; did you mean --n-latents?" for the first unknown option with a close match, else "" (``add``, ``drop``:
-    as :func:`did_you_mean` takes them)."""
-    for arg in given:
-        hint = did_you_mean(arg.split("=", 1)[0], options, add, drop) if arg.startswith("-") else ""
-        if hint:
-            return hint
-    return ""
+OPTION_COUNTERPARTS: dict[str, dict[str, str]] = {
+    "--scale-tokens": {"top": "reads --n-tokens tokens of text", "browse": "reads --n-tokens tokens of text",
+                       "families": "reads --n-tokens tokens of text"},
+    "--n-tokens": {"steer": "reads --scale-tokens tokens of text to measure a latent's scale",
+                   "train": "trains on --total-tokens activation rows",
+                   "sweep": "trains on --total-tokens activation rows",
+                   "eval": "reads --recon-tokens and --downstream-tokens tokens of text"},
+    "--n2g-latents": {"browse": "explains --n2g-n-latents latents, drawn at random"},
+}
+"""Another verb's option, typed where it is unknown, with what each verb that reads the setting meant under
+other options does instead ("top reads --n-tokens tokens of text" for steer's --scale-tokens; for --n-tokens,
+top's text read or quickstart's training tokens): a close spelling would name an unrelated setting (top's
+--sample-pool-tokens, steer's --top-tokens, train's --dead-tokens). Which verbs take an option is read from
+their parsers; a verb not listed here has no such setting."""
+
+
+def _whose(verbs: list[str]) -> str:
+    """"steer's option" for one verb, "an option of train and sweep" or "an option of a, b, c and 5 more verbs"
+    (a long list would push the verb's own counterpart off the line)."""
+    if len(verbs) == 1:
+        return f"{verbs[0]}'s option"
+    named = verbs if len(verbs) <= 4 else [*verbs[:3], f"{len(verbs) - 3} more verbs"]
+    return f"an option of {', '.join(named[:-1])} and {named[-1]}"
 
 
 def _closest_choice(message: str) -> str:

@@ -345,6 +345,7 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def add_browse(sub) -> None:
     p = add_verb(sub, "browse")
+    p.reads_as = frozenset({"eval"})  # its text read as eval reads its own: --eval-corpus is its --corpus
     add_sae_argument(p, "one or more SAEs, each", several=True,
                      also="; several SAEs on one hook also get their feature families")
     p.add_argument("--out", default=None, metavar="DIR", help="site folder (default: RUN/browser for a run folder)")
@@ -469,6 +470,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_top(sub) -> None:
     p = add_verb(sub, "top")
+    p.reads_as = frozenset({"eval"})  # its text read as eval reads its own: --eval-corpus is its --corpus
     add_sae_argument(p, "the SAE whose latents to show:")
     latent = p.add_argument("--latent", type=_int_list, required=True,
                             help="latent index; several, comma-separated ('12,40'), are shown one after the other")
@@ -541,6 +543,7 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def add_families(sub) -> None:
     p = add_verb(sub, "families")
+    p.reads_as = frozenset({"eval"})  # its text read as eval reads its own: --eval-corpus is its --corpus
     add_sae_argument(p, "two or more SAEs of different sizes on one hook, each", several=True)
     p.add_argument("--out", required=True, metavar="FILE", help="families JSON file to write")
     p.add_arguments(BrowseConfig, dest="browse")

@@ -14,20 +14,30 @@ def plural(n: int, noun: str) -> str:
     return noun if n == 1 else f"{noun}s"
 
 
-def did_you_mean(word: str, names: Iterable[str], add: Iterable[str] = (), drop: Iterable[str] = ()) -> str:
+def did_you_mean(word: str, names: Iterable[str], add: Iterable[str] = (), drop: Iterable[str] = (),
+                 named_elsewhere: bool = False) -> str:
     """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, or the one that is ``word``
     with a group's prefix added (one of ``add``) or left out (one of ``drop``: :func:`_other_prefix`; each of
     several), else "".
     Never a switch's other spelling, which does the opposite of what was asked ("--progress" where only
-    "--no-progress" is, "--no-overwrite" where only "--overwrite" is): that it is so without it."""
+    "--no-progress" is, "--no-overwrite" where only "--overwrite" is): that it is so without it.
+    ``named_elsewhere``: ``word`` is a name of its own (another verb's option), not a misspelling, so no close
+    spelling, which would name an unrelated setting ("--scale-tokens": "--sample-pool-tokens")."""
     names = list(names)
     body = word[2:] if word.startswith("--") else None
     if body is not None and f"--no-{body}" in names:
         return f"; {word} is on unless --no-{body} turns it off: leave it out"
     if body is not None and body.startswith("no-") and f"--{body[3:]}" in names:
         return f"; --{body[3:]} is off unless given: leave {word} out"
-    close = _other_prefix(word, names, add, drop) or difflib.get_close_matches(word, names, n=1, cutoff=0.75)
+    close = _other_prefix(word, names, add, drop) or (
+        [] if named_elsewhere else difflib.get_close_matches(word, names, n=1, cutoff=0.75))
     return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _parts(name: str) -> tuple[str, list[str]]:
+    """``name``'s leading dashes and its parts, ``-`` or ``_`` apart: ("--", ["n", "latents"])."""
+    body = name.lstrip("-")
+    return name[:len(name) - len(body)], re.split(r"[-_]", body)
 
 
 def _other_prefix(word: str, names: list[str], add: Iterable[str], drop: Iterable[str]) -> list[str]:
@@ -36,18 +46,18 @@ def _other_prefix(word: str, names: list[str], add: Iterable[str], drop: Iterabl
     "--dtype"; "--max-len" for eval's "--n2g-max-len"), a difference too long beside a short name for a close
     spelling. Only a group's prefix: another leading word names another setting ("--activations" is not
     "--overwrite-activations", "--model-dtype" not export's "--dtype"). Each where several are (quickstart's
-    "--corpus": "--harvest-corpus" or "--eval-corpus"), before a close spelling that would pick one."""
-    def parts(name: str) -> tuple[str, list[str]]:
-        body = name.lstrip("-")
-        return name[:len(name) - len(body)], re.split(r"[-_]", body)
-
-    dashes, typed = parts(word)
+    "--corpus": "--harvest-corpus" or "--eval-corpus"), before a close spelling that would pick one. A switch's
+    --no- form keeps its "no" first ("--no-prepend-bos": quickstart's "--no-harvest-prepend-bos")."""
+    dashes, typed = _parts(word)
     add, drop = set(add), set(drop)
 
     def one_part_apart(name: str) -> bool:
-        name_dashes, have = parts(name)
-        return name_dashes == dashes and (have[1:] == typed and have[0] in add
-                                          or typed[1:] == have and typed[0] in drop)
+        name_dashes, have = _parts(name)
+        mine = typed
+        if have[0] == mine[0] == "no":
+            have, mine = have[1:], mine[1:]
+        return name_dashes == dashes and bool(have and mine) and (have[1:] == mine and have[0] in add
+                                                                 or mine[1:] == have and mine[0] in drop)
 
     return [name for name in names if one_part_apart(name)]
 
