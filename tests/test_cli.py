@@ -395,9 +395,15 @@ BAD = [
     # sweep reads the model of its cache; train's --overwrite replaces the run, not the activations
     ("sweep --model-id gpt2", "--model-id; --model-id is browse's option: sweep has no such setting (`saelab"),
     ("train --overwrite-activations", "--overwrite-activations is quickstart's option: train has no such setting"),
+    # an option less a trailing id, name or path, as other tools name a setting (not --model-dtype; only those
+    # parts: --overwrite-activations above is not --overwrite)
+    ("quickstart --model-id gpt2", "unrecognized arguments: --model-id gpt2; did you mean --harvest-model? (`saelab"),
+    ("harvest --hook-name blocks.0.hook_resid_post", "--hook-name blocks.0.hook_resid_post; did you mean --hook?"),
     # another verb's group prefix on a switch's --no- form; eval's prefix where a verb reads text as eval does
     ("quickstart --no-prepend-bos", "--no-prepend-bos; did you mean --no-harvest-prepend-bos? (`saelab quickstart"),
     ("top SAE --eval-corpus x", "unrecognized arguments: --eval-corpus; did you mean --corpus? (`saelab top"),
+    # browse's own --model-id typed with an underscore: that option, not --model less its "id"
+    ("browse SAE --model_id gpt2", "unrecognized arguments: --model_id gpt2; did you mean --model-id? (`saelab"),
     ("harvest --eval-corpus x", "--eval-corpus x; --eval-corpus is an option of quickstart and sweep: harvest has "
      "no such setting"),  # harvest's --corpus is the text harvested, not the eval text
     # the corpus harvested, not eval's --corpus: no suggestion

@@ -17,8 +17,9 @@ def plural(n: int, noun: str) -> str:
 def did_you_mean(word: str, names: Iterable[str], add: Iterable[str] = (), drop: Iterable[str] = (),
                  named_elsewhere: bool = False) -> str:
     """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, or the one that is ``word``
-    with a group's prefix added (one of ``add``) or left out (one of ``drop``: :func:`_other_prefix`; each of
-    several), else "".
+    with another separator ("--n_latents"), a group's prefix added (one of ``add``) or left out (one of ``drop``:
+    :func:`_other_prefix`; each of several), or less a trailing id, name or path (:func:`_less_a_qualifier`),
+    else "".
     Never a switch's other spelling, which does the opposite of what was asked ("--progress" where only
     "--no-progress" is, "--no-overwrite" where only "--overwrite" is): that it is so without it.
     ``named_elsewhere``: ``word`` is a name of its own (another verb's option), not a misspelling, so no close
@@ -29,8 +30,9 @@ def did_you_mean(word: str, names: Iterable[str], add: Iterable[str] = (), drop:
         return f"; {word} is on unless --no-{body} turns it off: leave it out"
     if body is not None and body.startswith("no-") and f"--{body[3:]}" in names:
         return f"; --{body[3:]} is off unless given: leave {word} out"
-    close = _other_prefix(word, names, add, drop) or (
-        [] if named_elsewhere else difflib.get_close_matches(word, names, n=1, cutoff=0.75))
+    close = ([n for n in names if re.sub("[-_]", "-", n) == re.sub("[-_]", "-", word)]  # browse's --model_id
+             or _other_prefix(word, names, add, drop) or _less_a_qualifier(word, names, add, drop)
+             or ([] if named_elsewhere else difflib.get_close_matches(word, names, n=1, cutoff=0.75)))
     return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
@@ -60,6 +62,22 @@ def _other_prefix(word: str, names: list[str], add: Iterable[str], drop: Iterabl
                                                                  or mine[1:] == have and mine[0] in drop)
 
     return [name for name in names if one_part_apart(name)]
+
+
+QUALIFIERS = ("id", "name", "path")
+"""Trailing parts that other tools give a setting's name (a model_id, SAELens's hook_name, a dataset_path) and
+saelab's options leave out: "--model-id" is "--model", not its close spelling "--model-dtype"."""
+
+
+def _less_a_qualifier(word: str, names: list[str], add: Iterable[str], drop: Iterable[str]) -> list[str]:
+    """The one of ``names`` that is ``word`` less a trailing part of :data:`QUALIFIERS`, as it is or with a group's
+    prefix (:func:`_other_prefix`: quickstart's "--harvest-model" for "--model-id"). Only those parts: another
+    names another setting ("--overwrite-activations", quickstart's, is not train's "--overwrite")."""
+    parts = _parts(word)[1]
+    if len(parts) < 2 or parts[-1].lower() not in QUALIFIERS:
+        return []
+    shorter = word[:-len(parts[-1]) - 1]
+    return [shorter] if shorter in names else _other_prefix(shorter, names, add, drop)
 
 
 def listed_names(names: list[str], most: int = 8, bracketed: bool = True) -> str:
