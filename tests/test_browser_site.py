@@ -169,6 +169,47 @@ def test_top_contexts_come_from_many_articles_and_the_site_says_how_they_were_dr
     assert read_js(out / "data" / "meta.js")[1]["contexts_drawn"] == words
 
 
+def test_a_site_numbers_each_context_by_its_place_in_the_corpus(site, tiny_gpt2, corpus):
+    """Each example of a latent page records its context's number (its record's first item, data-ctx on the page):
+    it was the context's row in the draw, which says nothing of where its text is. It is the context's place in the
+    corpus's stream of contexts, as top numbers it: the site's pool is the whole eval split, packed in order here."""
+    from saelab.data import token_contexts
+
+    out, _, _ = site
+    in_order = token_contexts(corpus, tiny_gpt2.tokenize, 32, bos_token_id=tiny_gpt2.bos_token_id)
+    for name in ("run_small", "saelens_large"):
+        _, recs = read_js(out / "data" / name / "l" / "0000.js")
+        examples = [ex for rec in recs for ex in rec["top"] + rec["samples"]]
+        assert examples
+        assert all(in_order[ctx, start:start + len(ids)].tolist() == ids for ctx, start, ids, _ in examples)
+        assert max(ex[0] for ex in examples) >= read_site_manifest(out)["n_contexts"]  # places, not rows
+    assert "context" in read_site_manifest(out)["definitions"]
+
+
+def test_a_drawn_site_of_context_rows_is_not_reused_for_one_of_places(site, sae_files, tmp_path):
+    """A drawn site built before its pages numbered contexts by their place in the corpus holds their rows in the draw;
+    reused, the same command would show other numbers than a build now, without a word. Its key is not this build's:
+    refused (pass --overwrite), named. A site read in order numbered them by place already (row = place): its key
+    is unchanged, and it is reused."""
+    from saelab.explore.browser.make import build_key, open_sources
+
+    out, _, cfg = site
+    both = [sae_files / "run_small", sae_files / "saelens_large"]
+    sources, _ = open_sources(both)
+    in_order = dataclasses.replace(cfg, sample_pool_tokens=0)
+    assert build_key(sources, in_order, numbers_contexts=True) == build_key(sources, in_order)
+    earlier = tmp_path / "earlier"
+    shutil.copytree(out, earlier)
+    manifest = json.loads((earlier / "site.json").read_text())
+    inputs = {k: v for k, v in manifest["inputs"].items() if k != "context_numbers"}
+    (earlier / "site.json").write_text(json.dumps({**manifest, "key": build_key(sources, cfg), "inputs": inputs}))
+    for serve in (False, True):
+        with pytest.raises(RunExistsError, match=r"holds a feature browser site built from contexts an earlier saelab "
+                                                 r"numbered by their row in the draw \(not their place in the corpus\) "
+                                                 r"\(it shows run_small, saelens_large\); pass --overwrite"):
+            build_browser(both, earlier, cfg, lm="no-such-model", progress=False, keep_uncompared=serve)
+
+
 def test_families_are_written_and_linked_into_pages(site):
     out, _, _ = site
     fam = json.loads((out / "families.json").read_text())
@@ -852,7 +893,7 @@ def test_a_published_site_confirms_no_guessed_path(tiny_dir, sae_files, tmp_path
     theirs = make.build_inputs(sources, cfg)
     assert [theirs[k] == manifest["inputs"][k] for k in ("sae_files", "corpus_files", "corpus_place")] == [False] * 3
     monkeypatch.setenv("SAELAB_CACHE_DIR", str(tmp_path / "cache"))
-    unkeyed = make.unkeyed_record(sources, cfg)
+    unkeyed = make.unkeyed_record(sources, cfg, numbers_contexts=True)  # as a site's key hashes it
     published = "".join(p.read_text() for p in out.rglob("*.js*"))
     assert not [v for v in unkeyed.values() if v in published]
     assert build_browser(one, out, cfg, lm="no-such-model", progress=False)["reused"]

@@ -3,6 +3,7 @@ dense computation (encode every token, take each context's maximum, sort)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -42,13 +43,14 @@ def centred_sae(lm, corpus: str, exclude_first: bool = True) -> TopKSAE:
 
 def dense_reference(lm, sae: TopKSAE, corpus: str):
     """The contexts top reads from ``corpus`` drawn from ``POOL`` tokens (``draw_contexts``, the evaluations' draw),
-    every token encoded densely: (tokens, z [N, T, n])."""
-    toks = draw_contexts(corpus, lm.tokenize, T, N_CONTEXTS, pool_tokens=POOL, bos_token_id=lm.bos_token_id).tokens
+    every token encoded densely: (the drawn contexts, z [N, T, n])."""
+    drawn = draw_contexts(corpus, lm.tokenize, T, N_CONTEXTS, pool_tokens=POOL, bos_token_id=lm.bos_token_id)
+    toks = drawn.tokens
     with torch.no_grad():
         z = sae.encode(lm.activations(toks, HOOK))
     if sae.cfg.exclude_first:
         z[:, 0] = 0
-    return toks, z
+    return drawn, z
 
 
 def brute_top(z: torch.Tensor, latent: int, k: int):
@@ -75,7 +77,8 @@ def n_tokens_for(sae: TopKSAE) -> int:
 @pytest.mark.parametrize("exclude_first", [True, False])
 def test_top_activations_match_dense_brute_force(tiny_gpt2, corpus, exclude_first):
     sae = centred_sae(tiny_gpt2, corpus, exclude_first)
-    toks, z = dense_reference(tiny_gpt2, sae, corpus)
+    drawn, z = dense_reference(tiny_gpt2, sae, corpus)
+    toks = drawn.tokens
     counts = (z > 0).flatten(0, 1).sum(0)
     ctx_counts = (z > 0).any(dim=1).sum(0)
     busy = int(counts.argmax())
@@ -91,7 +94,7 @@ def test_top_activations_match_dense_brute_force(tiny_gpt2, corpus, exclude_firs
     assert isinstance(got, list) and [r.latent for r in got] == lats
     for r in got:
         order, maxima, pos, rows = brute_top(z, r.latent, 7)
-        assert r.context_idx.tolist() == order and r.max_pos.tolist() == pos
+        assert r.context_idx.tolist() == drawn.index[order].tolist() and r.max_pos.tolist() == pos
         torch.testing.assert_close(r.max_acts, maxima, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r.acts, rows, rtol=1e-5, atol=1e-5)
         assert torch.equal(r.tokens, toks[order])
@@ -104,13 +107,16 @@ def test_top_activations_match_dense_brute_force(tiny_gpt2, corpus, exclude_firs
 
 def test_single_latent_tensor_corpus_and_browser_agree(tiny_gpt2, corpus):
     sae = centred_sae(tiny_gpt2, corpus)
-    toks, z = dense_reference(tiny_gpt2, sae, corpus)
+    drawn, z = dense_reference(tiny_gpt2, sae, corpus)
+    toks = drawn.tokens
     busy = int((z > 0).flatten(0, 1).sum(0).argmax())
-    one = top_activations(sae, tiny_gpt2, toks, busy, k=4)
+    one = top_activations(sae, tiny_gpt2, toks, busy, k=4)  # a tensor's contexts: numbered by their rows
     assert isinstance(one, TopActivations) and one.latent == busy
     from_path = top_activations(sae, tiny_gpt2, corpus, busy, k=4, n_tokens=n_tokens_for(sae),
                                 sample_pool_tokens=POOL)
-    assert torch.equal(one.context_idx, from_path.context_idx) and torch.equal(one.acts, from_path.acts)
+    assert torch.equal(drawn.index[one.context_idx], from_path.context_idx) and torch.equal(one.acts, from_path.acts)
+    given = top_activations(sae, tiny_gpt2, drawn, busy, k=4)  # drawn contexts given: by their places
+    assert torch.equal(given.context_idx, from_path.context_idx)
     # the browser's own pass keeps the same contexts and rows for this latent
     cfg = BrowseConfig(n_top=4, lm_batch_size=16)
     [stats], _, _ = collect_statistics(tiny_gpt2, [SAESource("s", "s", sae)], toks, cfg, hook=HOOK, progress=False)
@@ -166,7 +172,8 @@ def test_bad_input_is_refused_with_a_named_error(tiny_gpt2, corpus):
     many = top_activations(sae, tiny_gpt2, toks, 0, k=10**8)
     assert torch.equal(many.context_idx, top_activations(sae, tiny_gpt2, toks, 0, k=2).context_idx)
     # A corpus of the wrong kind or a missing file is named before the SAE (here a path to nothing) is read.
-    with pytest.raises(ConfigError, match="corpus: expected a path, a dataset name, a token tensor or None, got list"):
+    with pytest.raises(ConfigError, match="corpus: expected a path, a dataset name, a token tensor, drawn contexts or "
+                                          "None, got list"):
         top_activations("no-such-sae", "no-such-model", [1, 2], 0)
     with pytest.raises(CorpusError, match="corpus path '/no/such/text.txt' does not exist"):
         top_activations("no-such-sae", "no-such-model", "/no/such/text.txt", 0)
@@ -328,3 +335,30 @@ def test_top_contexts_are_drawn_across_the_eval_split_as_the_evaluation_draws_it
                             sample_pool_tokens=64)
     read = len(small.tokens[0]) * math.ceil(n_tokens_for(sae) / (len(small.tokens[0]) - first_scored(sae)))
     assert read > 64 and small.contexts_drawn == f"drawn at random (seed 0) from the corpus's first {read:,} tokens"
+
+
+def test_a_context_is_numbered_by_its_place_in_the_corpus(tiny_gpt2, tiny_dir, corpus, tmp_path, capsys):
+    """top numbered each context by its row in the draw ("ctx 3": the fourth drawn), which says nothing of where its
+    text is. It is numbered by its place in the corpus's stream of contexts (the corpus packed in order, from 0), in
+    the result, its JSON and its text, from Python and from `saelab top`; read in order (pool 0) the two are one, as
+    they were."""
+    from saelab.cli import main
+
+    sae = centred_sae(tiny_gpt2, corpus)
+    in_order = token_contexts(corpus, tiny_gpt2.tokenize, T, n_contexts=POOL // T, bos_token_id=tiny_gpt2.bos_token_id)
+    lats = list(range(12))
+    for pool in (POOL, 0):
+        got = top_activations(sae, tiny_gpt2, corpus, lats, k=5, n_tokens=n_tokens_for(sae), sample_pool_tokens=pool)
+        for r in got:
+            assert torch.equal(in_order[r.context_idx], r.tokens), f"pool {pool}, latent {r.latent}"
+            assert [c["context"] for c in r.to_dict()["contexts"]] == r.context_idx.tolist()
+            shown = [int(re.search(r"  ctx (\d+) ", line).group(1)) for line in r.to_text().splitlines()[1:]]
+            assert shown == r.context_idx.tolist()
+        places = [int(c) for r in got for c in r.context_idx]
+        assert (max(places) >= N_CONTEXTS) == bool(pool)  # drawn: places past the count of contexts read
+    save_sae(sae, tmp_path / "sae")
+    assert main(["top", str(tmp_path / "sae"), "--latent", "0,1", "-n", "5", "--n-tokens", str(n_tokens_for(sae)),
+                 "--corpus", corpus, "--sample-pool-tokens", str(POOL), "--model", str(tiny_dir), "--device", "cpu",
+                 "--no-progress", "--json"]) == 0
+    for r in json.loads(capsys.readouterr().out)["latents"]:
+        assert r["contexts"] and all(in_order[c["context"]].tolist() == c["tokens"] for c in r["contexts"])

@@ -468,8 +468,19 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     return {"export": "neuronpedia", "out": out, "saes": result}
 
 
+def add_sample_pool_option(p) -> None:
+    """--sample-pool-tokens of top, and of steer's --scale text: the text read as the browser reads its own."""
+    p.add_argument("--sample-pool-tokens", type=nonnegative_int, default=BrowseConfig.sample_pool_tokens,
+                   help="the contexts are drawn at random (seed 0) from the corpus's first this many tokens, as "
+                        "`saelab eval` draws its contexts; 0: the first contexts, in order (default: 4,194,304, all "
+                        "of the eval split)")
+
+
 def add_top(sub) -> None:
-    p = add_verb(sub, "top")
+    p = add_verb(sub, "top", description="The top-activating contexts of one or more latents on held-out text. Each "
+                                         "context is numbered by its place in the corpus (ctx N in the text, "
+                                         "\"context\" in --json): N counts the contexts packed from the corpus's "
+                                         "start, from 0, whether they were drawn at random or read in order.")
     p.reads_as = frozenset({"eval"})  # its text read as eval reads its own: --eval-corpus is its --corpus
     add_sae_argument(p, "the SAE whose latents to show:")
     latent = p.add_argument("--latent", type=_int_list, required=True,
@@ -480,10 +491,7 @@ def add_top(sub) -> None:
     p.add_argument("--n-tokens", type=positive_int, default=262_144,
                    help="tokens of text read, rounded up to whole contexts (default: 262,144)")
     p.add_argument("--corpus", default=None, help="text to read (default: the offline Wikipedia eval split)")
-    p.add_argument("--sample-pool-tokens", type=nonnegative_int, default=BrowseConfig.sample_pool_tokens,
-                   help="the contexts are drawn at random (seed 0) from the corpus's first this many tokens, as "
-                        "`saelab eval` draws its contexts; 0: the first contexts, in order (default: 4,194,304, all "
-                        "of the eval split)")
+    add_sample_pool_option(p)
     add_model_option(p)
     p.add_argument("--hook", default=None, help="the hook the SAE reads (default: the one it records)")
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
@@ -528,13 +536,13 @@ def run_top(args: argparse.Namespace) -> dict[str, Any] | None:
         # the library's own checks and read before the load, on the device asked for; None: top reads the SAE's
         # context, which no option changes (a context the model cannot take is refused in the SAE's words)
         cfg = BrowseConfig(n_tokens=args.n_tokens, corpus=args.corpus, sample_pool_tokens=args.sample_pool_tokens)
-        lm, tokens = load_model_beside(spec, cfg, [source], [source], sae.cfg.hook_name, args.device,
-                                       args.model_dtype, context_setting=None, progress=args.progress)
+        lm, drawn = load_model_beside(spec, cfg, [source], [source], sae.cfg.hook_name, args.device,
+                                      args.model_dtype, context_setting=None, progress=args.progress)
         _note_another_hook_or_model(args, sae)
         # a -n given past the contexts read was refused above; the default lists them all
-        results = top_activations(sae, lm, tokens, list(args.latent), args.n_contexts, progress=args.progress)
-    for r in results:  # read here, given to top_activations as a tensor: said as the corpus was read
-        r.contexts_drawn = contexts_drawn(cfg, tokens.numel())
+        results = top_activations(sae, lm, drawn, list(args.latent), args.n_contexts, progress=args.progress)
+    for r in results:  # read here, given to top_activations drawn: said as the corpus was read
+        r.contexts_drawn = contexts_drawn(cfg, drawn.tokens.numel())
     if args.json:
         return {"sae": args.sae, "latents": [r.to_dict() for r in results]}
     print("\n\n".join(r.to_text() for r in results))

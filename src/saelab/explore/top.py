@@ -16,7 +16,10 @@ one-pass code (:func:`~saelab.explore.browser.build.encoded_batches`, the runnin
 - one entry per context, ranked by the latent's largest activation in that context (ties go to the
   context read first); contexts where the latent never fires are not listed, so fewer than ``k``
   entries come back for a rare latent;
-- ``acts`` holds the latent's TopK+ReLU value at every position of the context.
+- ``acts`` holds the latent's TopK+ReLU value at every position of the context;
+- each context is numbered by its place in the corpus's stream of contexts (``context_idx``, "ctx N" in the text:
+  0 is the first context packed from the corpus's start), not by its row among those drawn; contexts given as a
+  token tensor by their row.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, ShapeMismatchError
-from saelab.data import resolve_corpus
+from saelab.data import DrawnContexts, resolve_corpus
 from saelab.explore.browser.build import (
     SAESource,
     check_compatible,
@@ -59,7 +62,8 @@ class TopActivations:
     max_acts: torch.Tensor
     """``[K]`` the latent's largest activation in each context, descending."""
     context_idx: torch.Tensor
-    """``[K]`` index of each context among the contexts read (rows of ``tokens_NT``)."""
+    """``[K]`` each context's place in the corpus's stream of contexts (0: the first packed from its start), where
+    its text can be found again; of contexts given as a token tensor, its row there."""
     max_pos: torch.Tensor
     """``[K]`` first position of the context where the latent reaches that maximum."""
     tokens: torch.Tensor
@@ -82,7 +86,8 @@ class TopActivations:
         return float(self.max_acts[0]) if len(self) else 0.0
 
     def to_text(self, before: int = 16, after: int = 8) -> str:
-        """One line per context: rank, max, context index, and the tokens around the max, the max token in [[ ]]."""
+        """One line per context: rank, max, "ctx" and the context's place in the corpus (``context_idx``), and the
+        tokens around the max, the max token in [[ ]]."""
         lines = [f"latent {self.latent}: max {self.max_activation:.4g} over {self.n_tokens:,} "
                  f"{plural(self.n_tokens, 'token')}, {len(self)} top {plural(len(self), 'context')}; contexts "
                  f"{self.contexts_drawn}"]
@@ -154,10 +159,10 @@ def _source(sae, allow_http: bool = False) -> tuple[SAESource, bool]:
 
 def _check_corpus(corpus) -> None:
     """A corpus of the wrong type or a missing file is named before the model loads."""
-    if isinstance(corpus, torch.Tensor):
+    if isinstance(corpus, (torch.Tensor, DrawnContexts)):
         return
     if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
-        raise ConfigError(f"corpus: expected a path, a dataset name, a token tensor or None, "
+        raise ConfigError(f"corpus: expected a path, a dataset name, a token tensor, drawn contexts or None, "
                           f"got {type(corpus).__name__}")
     resolve_corpus(None if corpus is None else str(corpus), "eval")
 
@@ -186,11 +191,11 @@ def check_k(k: int, sae: TopKSAE, n_tokens: int, named: tuple[str, str], context
 
 
 def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, cfg: BrowseConfig | None,
-                        progress: bool) -> tuple[Any, torch.Tensor]:
-    """The model (loaded here unless ``lm`` is one) and the contexts ``[N, T]``: given as a LongTensor, or
-    drawn from the corpus as ``cfg`` says (None for a tensor), as the browser draws them, with a corpus too short
-    for ``cfg.n_tokens`` refused before the load where the model's tokenizer can be had without it
-    (``load_model_beside``)."""
+                        progress: bool) -> tuple[Any, DrawnContexts]:
+    """The model (loaded here unless ``lm`` is one) and the contexts: given (a LongTensor ``[N, T]``, numbered by
+    its rows, or :class:`DrawnContexts`), or drawn from the corpus as ``cfg`` says (None for given ones), as the
+    browser draws them, with a corpus too short for ``cfg.n_tokens`` refused before the load where the model's
+    tokenizer can be had without it (``load_model_beside``)."""
     from saelab.explore.browser.make import load_model_beside
     from saelab.models import LanguageModel, check_before_load, load_model, model_provenance
     from saelab.models.lm import check_token_ids
@@ -198,9 +203,12 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, c
     from saelab.run_folder import model_for
 
     loaded_here = [] if given else [source]
-    if not isinstance(corpus, torch.Tensor):
+    if cfg is not None:
         return load_model_beside(lm, cfg, [source], loaded_here, hook, progress=progress)
+    drawn, corpus = (corpus, corpus.tokens) if isinstance(corpus, DrawnContexts) else (None, corpus)
     _check_token_tensor(corpus, source.sae)
+    if drawn is None:  # a tensor's contexts are numbered by their rows
+        drawn = DrawnContexts(corpus, None, torch.arange(corpus.shape[0]))
     spec = lm if lm is not None else model_for(source.sae, source.source)
     if not isinstance(spec, LanguageModel):  # before the load where the config is on disk, as for a text corpus
         check_before_load(spec, hook, recorded_context=corpus.shape[1], recorded_named="corpus: contexts of {n} tokens",
@@ -210,7 +218,7 @@ def _model_and_contexts(lm, source: SAESource, given: bool, corpus, hook: str, c
     check_token_ids(corpus, lm.n_input_ids, lm.known_as, "corpus")  # before the scan, not at its failing batch
     for s in loaded_here:
         s.sae.to(lm.device)
-    return lm, corpus
+    return lm, drawn
 
 
 @torch.no_grad()
@@ -225,10 +233,11 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     ``sae``: a :class:`~saelab.sae.TopKSAE`, or a run folder / SAELens folder / OpenAI ``.pt`` file or URL.
     ``lm``: a :class:`~saelab.models.LanguageModel` or a model name (None: the SAE's model).
     ``corpus``: a text file or folder, a Hugging Face dataset name, a LongTensor ``[N, T]`` of
-    contexts (ids of the model's vocabulary), or None for the offline Wikipedia eval split; ``n_tokens`` tokens
+    contexts (ids of the model's vocabulary), contexts :func:`~saelab.data.draw_contexts` drew (numbered by their
+    ``index``), or None for the offline Wikipedia eval split; ``n_tokens`` tokens
     are read from a text corpus (rounded up to whole contexts), drawn at random (seed 0) from its first
     ``sample_pool_tokens`` tokens as ``saelab eval`` draws its contexts (0: its first contexts, in order; the
-    result's ``contexts_drawn`` says how), a tensor's contexts all, in their order. ``hook`` overrides the SAE's
+    result's ``contexts_drawn`` says how), given contexts all, in their order. ``hook`` overrides the SAE's
     own hook name. A model loaded here is loaded after the checks that need none: a corpus too short for
     ``n_tokens`` is refused before it. ``allow_http``
     also downloads the SAE from a plain http URL. ``progress``: bars over the scan and over that load.
@@ -238,22 +247,23 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:  # before the text is read
         raise ConfigError(f"batch_size: expected a positive number of contexts per forward, got {batch_size!r}")
     _check_corpus(corpus)
-    text = not isinstance(corpus, torch.Tensor)  # a tensor's contexts are read whole: no text settings
+    text = not isinstance(corpus, (torch.Tensor, DrawnContexts))  # given contexts are read whole: no text settings
     cfg = BrowseConfig(n_tokens=n_tokens, corpus=None if corpus is None else str(corpus), context_size=context_size,
                        sample_pool_tokens=sample_pool_tokens) if text else None
     source, given = _source(sae, allow_http)
     sae = source.sae
     lats = _latent_list(latent, sae.n_latents)
     hook = check_compatible([source], hook, None)
-    lm, tokens_NT = _model_and_contexts(lm, source, given, corpus, hook, cfg, progress)
+    lm, drawn = _model_and_contexts(lm, source, given, corpus, hook, cfg, progress)
+    tokens_NT = drawn.tokens
     lm.check_hook(hook)
     sae.check_input(torch.empty(0, lm.hook_width(hook)), name=f"activations at {hook} of {lm.known_as}")
     # a latent lists each context once: k past the contexts read lists them all (k = 10^8 had filled the memory)
     k = min(k, tokens_NT.shape[0])
     top = _scan(lm, sae, tokens_NT, hook, torch.tensor(lats), k, batch_size, progress)  # distinct (_latent_list)
     n_scored = tokens_NT.shape[0] * (tokens_NT.shape[1] - first_scored(sae))
-    drawn = contexts_drawn(cfg, tokens_NT.numel()) if text else TopActivations.contexts_drawn
-    results = [_result(lat, j, top, tokens_NT, lm.tokenizer, n_scored, drawn) for j, lat in enumerate(lats)]
+    words = contexts_drawn(cfg, tokens_NT.numel()) if text else TopActivations.contexts_drawn
+    results = [_result(lat, j, top, drawn, lm.tokenizer, n_scored, words) for j, lat in enumerate(lats)]
     return results if _is_many(latent) else results[0]
 
 
@@ -270,19 +280,19 @@ def _scan(lm, sae: TopKSAE, tokens_NT: torch.Tensor, hook: str, latents_L: torch
     return top
 
 
-def _result(latent: int, row: int, top, tokens_NT: torch.Tensor, tokenizer, n_scored: int,
-            drawn: str) -> TopActivations:
+def _result(latent: int, row: int, top, drawn: DrawnContexts, tokenizer, n_scored: int,
+            words: str) -> TopActivations:
     from saelab.evals.probe_tasks import token_strings
 
     filled = torch.isfinite(top.score_NK[row])
-    ctx = top.payload["ctx"][row][filled]
-    toks = tokens_NT[ctx]
+    ctx = top.payload["ctx"][row][filled]  # rows of the contexts read
+    toks = drawn.tokens[ctx]
     cache: dict[int, str] = {}
     str_tokens = [token_strings(tokenizer, t.tolist(), cache, readable_bytes=True) for t in toks]
-    return TopActivations(latent=latent, max_acts=top.score_NK[row][filled].clone(), context_idx=ctx.clone(),
+    return TopActivations(latent=latent, max_acts=top.score_NK[row][filled].clone(), context_idx=drawn.index[ctx],
                           max_pos=top.payload["pos"][row][filled].clone(), tokens=toks.clone(),
                           acts=top.payload["rows"][row][filled].clone(), str_tokens=str_tokens, n_tokens=n_scored,
-                          contexts_drawn=drawn)
+                          contexts_drawn=words)
 
 
 def latent_max_activation(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, *, n_tokens: int = 262_144,

@@ -10,6 +10,9 @@ Definitions (the browser's pages and ``site.json`` use exactly these):
   (``cfg.exclude_first``), so ``n_tokens = n_contexts * (context_size - 1)`` then. Each SAE is
   scored from its own first position, whichever SAEs are browsed with it. ``n_contexts`` is
   ``BrowseConfig.n_tokens`` rounded up to whole contexts of the SAE that scores fewest per context.
+- **Context number**: a context's place in the corpus's stream of contexts (0: the first packed from its start;
+  ``DrawnContexts.index``), the number a site's pages record each example by and ``saelab top`` shows; read in
+  order, it is the context's row among those read.
 - **Active**: a latent is active at a token when its TopK+ReLU value there is > 0.
 - **Density** = active tokens / tokens scored. **Max activation** = the largest value over the
   tokens scored. **Mean activation** = the mean value over the tokens where it is active.
@@ -52,6 +55,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from saelab.data import DrawnContexts
 from saelab.errors import CheckpointError, ConfigError, CorpusError, ShapeMismatchError
 from saelab.evals.config import N2GConfig
 from saelab.evals.n2g import checked_per_latent, load_result, padding_id, read_result_json
@@ -346,7 +350,15 @@ def contexts_drawn(cfg: BrowseConfig, tokens_read: int) -> str:
 
 def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
                 context_setting: str | None = "context_size") -> torch.Tensor:
-    """The contexts ``[N, T]`` the browser reads (see the module docstring), in the order drawn. ``lm``: the
+    """The contexts ``[N, T]`` the browser reads (see the module docstring), in the order drawn: the tokens of
+    :func:`read_contexts`."""
+    return read_contexts(lm, sae, cfg, context_setting).tokens
+
+
+def read_contexts(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
+                  context_setting: str | None = "context_size") -> DrawnContexts:
+    """The contexts the browser reads (see the module docstring), in the order drawn, each with its place in the
+    corpus's stream of contexts (``.index``: the number a site and top show it by). ``lm``: the
     language model, or its tokenizer alone (read before the model loads; ``check_before_load`` checks the context
     size then).
     ``sae``: the SAE, or several that read the same contexts: enough are read for each to score
@@ -367,18 +379,18 @@ def read_tokens(lm, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
         tokenize, bos = lm, bos_token_id(lm)
     try:
         return draw_contexts(corpus, tokenize, T, n_contexts, pool_tokens=cfg.sample_pool_tokens, bos_token_id=bos,
-                             prepend_bos=sae.cfg.prepend_bos, setting=context_setting, seed=DRAW_SEED).tokens
+                             prepend_bos=sae.cfg.prepend_bos, setting=context_setting, seed=DRAW_SEED)
     except CorpusError as e:
         e.max_tokens = getattr(e, "contexts", 0) * (T - first)  # the largest n_tokens the corpus allows
         raise
 
 
-def read_tokens_before_load(tokenizer, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
-                            context_setting: str | None = "context_size") -> torch.Tensor | None:
-    """:func:`read_tokens` with the model's tokenizer read before the (slow) load (``tokenizer_before_load``'s),
+def read_contexts_before_load(tokenizer, sae: TopKSAE | Sequence[TopKSAE], cfg: BrowseConfig,
+                              context_setting: str | None = "context_size") -> DrawnContexts | None:
+    """:func:`read_contexts` with the model's tokenizer read before the (slow) load (``tokenizer_before_load``'s),
     so that a corpus too short for ``cfg.n_tokens`` is named first; None when the tokenizer is None (it comes
     only with the load)."""
-    return None if tokenizer is None else read_tokens(tokenizer, sae, cfg, context_setting)
+    return None if tokenizer is None else read_contexts(tokenizer, sae, cfg, context_setting)
 
 
 @torch.no_grad()

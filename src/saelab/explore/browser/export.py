@@ -475,7 +475,8 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     kwargs["overwrite"] = True  # what is there now is the same export (the others were refused above)
     hook = check_compatible(sources, cfg.hook, cfg.model)
     chosen = lm or cfg.model  # None: the SAEs' own
-    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
+    lm, drawn = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
+    tokens = drawn.tokens
     lm.check_hook(hook)
     note_another_hook(sources, hook)
     note_another_model(sources, chosen)

@@ -38,8 +38,8 @@ from saelab.explore.browser.build import (
     note_another_hook,
     note_another_model,
     open_sae_source,
-    read_tokens,
-    read_tokens_before_load,
+    read_contexts,
+    read_contexts_before_load,
     resolve_corpus,
     shared_first,
 )
@@ -73,7 +73,21 @@ DEFINITIONS = {
     "logits": "direct logit effect W_U (g * W_dec[i]): g = final norm weight (LayerNorm centring applied, "
               "1/rms scale not), layers after the hook skipped",
     "near": "other latents with the largest cosine between decoder rows",
+    "context": "the number each example's context is recorded by (the first item of its record): its place in the "
+               "corpus's stream of contexts, 0 the first packed from its start",
 }
+
+
+CONTEXT_NUMBERS = "place in the corpus"
+"""What a site's pages number each context by (``inputs.context_numbers``, also in its key where the contexts are
+drawn): an earlier saelab numbered drawn contexts by their row in the draw. Read in order, a row is a place: those
+sites keep their key."""
+
+
+def _numbering(cfg: BrowseConfig, numbers_contexts: bool) -> dict[str, str]:
+    """The key's and record's mark of how a build numbers its contexts: a site's pages number them, families files
+    and exports do not (their keys stay), and only drawn contexts' numbers changed."""
+    return {"context_numbers": CONTEXT_NUMBERS} if numbers_contexts and cfg.sample_pool_tokens else {}
 
 
 def open_sources(sae_sources: Sequence[str | os.PathLike | SAESource], *,
@@ -181,11 +195,12 @@ def makes_families(sources: Sequence[SAESource]) -> bool:
 
 
 def key_text(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
-             identify: Callable[[SAESource], Any] = _stat_key) -> str:
+             identify: Callable[[SAESource], Any] = _stat_key, numbers_contexts: bool = False) -> str:
     """What a build's key hashes, as JSON: the inputs and settings, where local files lie among them.
-    ``identify``: what stands for an SAE's files (default: their paths, sizes and times)."""
+    ``identify``: what stands for an SAE's files (default: their paths, sizes and times); ``numbers_contexts``: the
+    build records its contexts' numbers (a site: :func:`_numbering`)."""
     inputs = {"saes": [[s.name, identify(s)] for s in sources], "cfg": _keyed_as(_settings(cfg, sources)),
-              "version": SITE_VERSION}
+              "version": SITE_VERSION, **_numbering(cfg, numbers_contexts)}
     if model_dtype != "float32":  # another dtype gives other numbers; float32 keys stay those of earlier builds
         inputs["model_dtype"] = model_dtype
     firsts = [first_scored(s.sae) for s in sources]
@@ -207,12 +222,12 @@ def keyed_dtype(lm, model_dtype: str = "float32") -> str:
 
 
 def build_key(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
-              identify: Callable[[SAESource], Any] = _stat_key) -> str | None:
+              identify: Callable[[SAESource], Any] = _stat_key, numbers_contexts: bool = False) -> str | None:
     """Hash of the inputs and settings (:func:`key_text`): a site (or families file) with the same key needs no
     rebuild. Keyed by this machine's secret (:func:`~saelab.utils.local_key.keyed_hash`, ``"ID:HASH"``): it hashes
     where local files lie (the SAE files, a local corpus, a --model folder) into a record shared with others, and a
     plain hash would let anyone confirm a guessed path. None without a secret (nothing is then reused)."""
-    return keyed_hash(key_text(sources, cfg, model_dtype, identify))
+    return keyed_hash(key_text(sources, cfg, model_dtype, identify, numbers_contexts))
 
 
 def unkeyed_hash(text: str) -> str:
@@ -229,7 +244,7 @@ def _files_texts(sources: Sequence[SAESource], cfg: BrowseConfig,
 
 
 def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
-                 identify: Callable[[SAESource], Any] = _stat_key) -> dict[str, Any]:
+                 identify: Callable[[SAESource], Any] = _stat_key, numbers_contexts: bool = False) -> dict[str, Any]:
     """What build_key hashes, as a site or families file records it to name what differs on a refusal: the
     settings in full, the SAE files (as ``identify`` gives them) and a local corpus's files (their paths, sizes and
     times), and where that corpus lies, each by a hash keyed by this machine's secret
@@ -238,7 +253,7 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
     local = local_path(cfg.corpus)
     inputs = {"browse": _settings(cfg, sources), "model_dtype": model_dtype, "sae_names": [s.name for s in sources],
               **{field: keyed_hash(text) for field, text in _files_texts(sources, cfg, identify).items()},
-              "corpus_place": None if local is None else keyed_hash(str(local))}
+              "corpus_place": None if local is None else keyed_hash(str(local)), **_numbering(cfg, numbers_contexts)}
     firsts = [first_scored(s.sae) for s in sources]
     if len(set(firsts)) > 1:  # as build_key: a refusal can then say what an earlier build did
         inputs["first_scored"] = firsts
@@ -246,12 +261,12 @@ def build_inputs(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: s
 
 
 def unkeyed_record(sources: Sequence[SAESource], cfg: BrowseConfig, model_dtype: str = "float32",
-                   identify: Callable[[SAESource], Any] = _stat_key) -> dict[str, str]:
+                   identify: Callable[[SAESource], Any] = _stat_key, numbers_contexts: bool = False) -> dict[str, str]:
     """The ``key``, ``sae_files`` and ``corpus_files`` an earlier saelab recorded of this build: plain hashes
     (:func:`unkeyed_hash`), which confirm a guessed path, so never recorded now; compared with its records, so that
     the same build is made again (:func:`reusable`) and another is named as before (:func:`what_differs`)."""
     texts = _files_texts(sources, cfg, identify)
-    return {"key": unkeyed_hash(key_text(sources, cfg, model_dtype, identify)),
+    return {"key": unkeyed_hash(key_text(sources, cfg, model_dtype, identify, numbers_contexts)),
             **{field: unkeyed_hash(text) for field, text in texts.items()}}
 
 
@@ -300,7 +315,7 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True, corpus
         return "other inputs or settings"
     # Not settings: the SAE files name these (first_scored, export_version) or are named below.
     hashed = ("sae_files", "sae_names", "corpus_files", "corpus_where", "corpus_place", "export", "first_scored",
-              "export_version")
+              "export_version", "context_numbers")
 
     def settings(of: dict[str, Any]) -> dict[str, Any]:  # an export's options by their own names, as passed
         export = of.get("export")
@@ -330,6 +345,8 @@ def what_differs(recorded: Any, inputs: dict[str, Any], n2g: bool = True, corpus
     if "first_scored" in inputs and "first_scored" not in recorded:
         return ("SAEs scored by an earlier saelab, which read every SAE from the first one's first position (these "
                 "differ in whether they read position 0)")
+    if inputs.get("context_numbers") != recorded.get("context_numbers"):
+        return "contexts an earlier saelab numbered by their row in the draw (not their place in the corpus)"
     if inputs.get("export_version") != recorded.get("export_version"):
         return ("an earlier saelab's export, whose n_tokens_in_prompt counted the BOS position its records leave "
                 "out")
@@ -375,10 +392,10 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
                       context_setting: str | None = "context_size", check_tokenizer: Callable | None = None,
                       progress: bool = True):
     """The model, with the SAEs loaded here moved beside it (the encoder then runs on its GPU; SAEs the
-    caller gave stay where the caller put them), and the contexts read (:func:`read_tokens`). A missing
+    caller gave stay where the caller put them), and the contexts read (:func:`read_contexts`). A missing
     corpus, a bad hook, a context longer than the model takes or a corpus too short for ``cfg.n_tokens`` is
     named first (from the config and tokenizer, a hub model's fetched alone), not after the load.
-    ``seconds["tokenize"]``: the read's. ``context_setting``: as :func:`read_tokens` takes it.
+    ``seconds["tokenize"]``: the read's. ``context_setting``: as :func:`read_contexts` takes it.
     ``check_tokenizer``: the caller's own check of the tokenizer read before the load (None where it comes only
     with the load), run ahead of the corpus read; the tokenizer is then not read a second time for it."""
     from saelab.models import check_before_load, load_model, tokenizer_before_load
@@ -389,27 +406,27 @@ def load_model_beside(lm, cfg: BrowseConfig, sources: Sequence[SAESource], loade
     resolve_corpus(cfg)
     spec = lm or cfg.model or model_for(sources[0].sae, sources[0].source)
     recorded = RECORDED_CONTEXT if context_setting else SAE_CONTEXT
-    check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size, recorded,  # as read_tokens reads
+    check_before_load(spec, hook, cfg.context_size, sources[0].sae.cfg.context_size, recorded,  # as read_contexts reads
                       sae=sources[0].sae)
     tokenizer = tokenizer_before_load(spec)  # a hub model's before its weights download: for the check and the load
     if check_tokenizer is not None:
         check_tokenizer(tokenizer)
     t = time.perf_counter()
-    tokens = read_tokens_before_load(tokenizer, [s.sae for s in sources], cfg, context_setting)
+    drawn = read_contexts_before_load(tokenizer, [s.sae for s in sources], cfg, context_setting)
     took = time.perf_counter() - t
     lm = load_model(spec, device=device, dtype=model_dtype, tokenizer=tokenizer, progress=progress)
     for s in loaded_here:
         s.sae.to(lm.device)
-    if tokens is None:  # the tokenizer came with the model
+    if drawn is None:  # the tokenizer came with the model
         t = time.perf_counter()
-        tokens = read_tokens(lm, [s.sae for s in sources], cfg, context_setting)
+        drawn = read_contexts(lm, [s.sae for s in sources], cfg, context_setting)
         took = time.perf_counter() - t
     else:
         # where the config on disk did not say (or the model came loaded)
-        lm.check_context_size(tokens.shape[1], CONTEXT_SETTING if cfg.context_size else recorded)
+        lm.check_context_size(drawn.tokens.shape[1], CONTEXT_SETTING if cfg.context_size else recorded)
     if seconds is not None:
         seconds["tokenize"] = took
-    return lm, tokens
+    return lm, drawn
 
 
 
@@ -544,10 +561,12 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     hook = check_compatible(sources, cfg.hook, _named_model(cfg, lm))
     out = Path(out)
     model_dtype = keyed_dtype(lm, model_dtype)
-    key, inputs = build_key(sources, cfg, model_dtype), build_inputs(sources, cfg, model_dtype)
+    # its pages number the contexts (_numbering)
+    key, inputs = (build_key(sources, cfg, model_dtype, numbers_contexts=True),
+                   build_inputs(sources, cfg, model_dtype, numbers_contexts=True))
     old = read_site_manifest(out)
     if old is not None and not overwrite:
-        unkeyed = unkeyed_record(sources, cfg, model_dtype)
+        unkeyed = unkeyed_record(sources, cfg, model_dtype, numbers_contexts=True)
         same = reusable(old, key, unkeyed, out / SITE_MANIFEST)
         if same:
             return _reused_site(out, old, "of these inputs and settings", t_start)
@@ -579,8 +598,9 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     chosen = lm or cfg.model  # None: the SAEs' own
-    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, seconds,
-                                   progress=progress)
+    lm, drawn = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, seconds,
+                                  progress=progress)
+    tokens = drawn.tokens
     lm.check_hook(hook)
     for s in sources:
         s.sae.check_input(torch.empty(0, lm.hook_width(hook)),
@@ -617,7 +637,7 @@ def build_browser(sae_sources, out: str | os.PathLike, cfg: BrowseConfig | None 
     }
     t = time.perf_counter()
     write_site(out, manifest=manifest, stats_list=stats, tokens_NT=tokens, tokenizer=lm.tokenizer, cfg=cfg,
-               families=_public_tree(families), progress=progress)
+               families=_public_tree(families), progress=progress, context_index=drawn.index)
     seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
     note_no_key(key, out, "feature browser site")
@@ -670,11 +690,11 @@ def build_families(sae_sources, out: str | os.PathLike | None, cfg: BrowseConfig
             raise RunExistsError(f"{out} holds feature families of {differs}; pass --overwrite to replace it, or pick "
                                  "another --out")
     chosen = lm or cfg.model  # None: the SAEs' own
-    lm, tokens = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
+    lm, drawn = load_model_beside(lm, cfg, sources, loaded_here, hook, device, model_dtype, progress=progress)
     lm.check_hook(hook)
     note_another_hook(sources, hook)
     note_another_model(sources, chosen)
-    _, coact, _ = collect_statistics(lm, sources, tokens, cfg, hook=hook, latent_stats=False, progress=progress)
+    _, coact, _ = collect_statistics(lm, sources, drawn.tokens, cfg, hook=hook, latent_stats=False, progress=progress)
     # Named as the site names them: the file is shared with others, and read back only by its key and inputs.
     tree = {**_public_tree(_families(lm, sources, coact, cfg, hook)), "key": key, "inputs": _public_inputs(inputs)}
     if out is not None:

@@ -18,7 +18,9 @@ Layout (every path relative; nothing refers to another host, so the site works o
                                        half its max in its top contexts (with counts, up to 12), its 5 most
                                        promoted tokens, its explanation: what the index shows and searches
     data/SAE/l/NNNN.js                 latent pages, CHUNK latents a file (top contexts, quantile bands,
-                                       histogram, direct logit effect, nearest latents, family)
+                                       histogram, direct logit effect, nearest latents, family); each example
+                                       ``[context number, start, token ids, q]``, the number its context's place
+                                       in the corpus's stream of contexts (:mod:`.build`)
     data/families.js                   families.json for the viewer
 
 Data files are JavaScript (``SAELAB.put(key, {...})``) rather than JSON so that ``<script>`` tags
@@ -168,9 +170,10 @@ class _Vocab:
         return {str(i): s for i, s in zip(ids, self.token_strings(self.tokenizer, ids, cache, readable_bytes=True))}
 
 
-def _examples(tokens_np: np.ndarray, ctx_K: np.ndarray, pos_K: np.ndarray, rows_KT: np.ndarray, scale: float,
-              s0: int, before: int, after: int, vocab: _Vocab) -> list[list]:
-    """``[ctx, start, token ids, q activations]`` for each filled entry (window around the max)."""
+def _examples(tokens_np: np.ndarray, place_N: np.ndarray, ctx_K: np.ndarray, pos_K: np.ndarray, rows_KT: np.ndarray,
+              scale: float, s0: int, before: int, after: int, vocab: _Vocab) -> list[list]:
+    """``[context number, start, token ids, q activations]`` for each filled entry (window around the max); an
+    entry's context is a row of ``tokens_np``, numbered by its place in the corpus (``place_N``)."""
     T = tokens_np.shape[1]
     out = []
     for c, p, row in zip(ctx_K.tolist(), pos_K.tolist(), rows_KT):
@@ -181,7 +184,7 @@ def _examples(tokens_np: np.ndarray, ctx_K: np.ndarray, pos_K: np.ndarray, rows_
         r = row[start:end]
         q = np.where(r > 0, np.maximum(1, np.rint(r / scale * Q_SCALE)), 0).astype(np.int64).tolist() if scale > 0 else [0] * len(ids)
         vocab.add(ids)
-        out.append([c, start, ids, q])
+        out.append([int(place_N[c]), start, ids, q])
     return out
 
 
@@ -199,13 +202,17 @@ def _strong_tokens(tokens_np: np.ndarray, ctx_K: np.ndarray, rows_KT: np.ndarray
 
 
 def latent_pages(stats, tokens_NT: torch.Tensor, cfg, vocab: _Vocab, families: dict[str, Any] | None,
-                 name: str) -> tuple[dict[str, Any], Iterator[list[dict[str, Any]]]]:
+                 name: str, context_index: torch.Tensor | None = None
+                 ) -> tuple[dict[str, Any], Iterator[list[dict[str, Any]]]]:
     """The index of one SAE and its per-latent records, CHUNK latents (one page file) at a time (see the module
     docstring). Each chunk is built as it is read, so the records of all latents (their nearest-latent lists
     above all: n_latents x n_neighbours entries) are never held at once; the index's rows fill as the chunks are
-    read, and the index is whole once the last one is."""
+    read, and the index is whole once the last one is. ``context_index``: each row's place in the corpus's stream
+    of contexts (``DrawnContexts.index``), the number its examples record; None: the rows are in the corpus's order."""
     sae = stats.source.sae
-    arrays = {"tokens": tokens_NT.numpy(), "max": stats.max_N.numpy(), "top_ctx": stats.top_ctx_NK.numpy(),
+    place = torch.arange(tokens_NT.shape[0]) if context_index is None else context_index
+    arrays = {"tokens": tokens_NT.numpy(), "place": place.numpy(), "max": stats.max_N.numpy(),
+              "top_ctx": stats.top_ctx_NK.numpy(),
               "top_pos": stats.top_pos_NK.numpy(), "top_rows": stats.top_rows_NKT.numpy(),
               "smp_ctx": stats.sample_ctx_NS.numpy(), "smp_pos": stats.sample_pos_NS.numpy(),
               "smp_max": stats.sample_act_NS.numpy(), "smp_rows": stats.sample_rows_NST.numpy(),
@@ -230,11 +237,11 @@ def _latent_record(a: dict[str, Any], i: int, s0: int, cfg, vocab: _Vocab, expl:
                    family: dict[str, Any] | None, index: dict[str, Any]) -> dict[str, Any]:
     """Latent i's page record (arrays ``a`` from :func:`latent_pages`), its row appended to ``index``."""
     tokens_np, scale = a["tokens"], float(a["max"][i])
-    top = _examples(tokens_np, a["top_ctx"][i], a["top_pos"][i], a["top_rows"][i], scale, s0, cfg.window_before,
-                    cfg.window_after, vocab)
+    top = _examples(tokens_np, a["place"], a["top_ctx"][i], a["top_pos"][i], a["top_rows"][i], scale, s0,
+                    cfg.window_before, cfg.window_after, vocab)
     valid = a["smp_ctx"][i] >= 0
     order = np.argsort(a["smp_max"][i][valid], kind="stable")
-    samples = _examples(tokens_np, a["smp_ctx"][i][valid][order], a["smp_pos"][i][valid][order],
+    samples = _examples(tokens_np, a["place"], a["smp_ctx"][i][valid][order], a["smp_pos"][i][valid][order],
                         a["smp_rows"][i][valid][order], scale, s0, cfg.window_before, cfg.window_after, vocab)
     bands = [b.tolist() for b in np.array_split(np.arange(len(samples)), cfg.n_bands)] if samples else []
     counts = a["hist"][i]
@@ -275,8 +282,10 @@ def _family_lookup(families: dict[str, Any] | None, name: str):
 
 
 def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: Sequence, tokens_NT: torch.Tensor,
-               tokenizer, cfg, families: dict[str, Any] | None = None, progress: bool = True) -> Path:
-    """Write the site for ``stats_list`` (one :class:`~.build.LatentStats` per SAE) to ``out``, atomically.
+               tokenizer, cfg, families: dict[str, Any] | None = None, progress: bool = True,
+               context_index: torch.Tensor | None = None) -> Path:
+    """Write the site for ``stats_list`` (one :class:`~.build.LatentStats` per SAE) to ``out``, atomically;
+    ``context_index``: as :func:`latent_pages` takes it.
 
     An earlier site at ``out`` is replaced; any other non-empty folder there is refused."""
     from tqdm.auto import tqdm
@@ -292,7 +301,7 @@ def write_site(out: str | os.PathLike, *, manifest: dict[str, Any], stats_list: 
         for stats in tqdm(stats_list, desc="site", disable=not progress or len(stats_list) < 2):
             name = stats.source.name
             _check_name(name)
-            index, chunks = latent_pages(stats, tokens_NT, cfg, vocab, families, name)
+            index, chunks = latent_pages(stats, tokens_NT, cfg, vocab, families, name, context_index)
             (data / name / "l").mkdir(parents=True)
             for c, records in enumerate(chunks):  # each page file written as it is built, then let go
                 (data / name / "l" / f"{c:04d}.js").write_text(_js(f"latents/{name}/{c}", records), encoding="utf-8")
