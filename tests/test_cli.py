@@ -481,6 +481,10 @@ BAD = [
                                              "latent (3)"),
     ("steer SAE --latent 1 --value 1 --scale-tokens 1024", "--scale-tokens is the text read to measure --scale; add "
                                                            "--scale, or leave it out"),
+    ("steer SAE --latent 1 --value 1 --sample-pool-tokens 0", "error: --sample-pool-tokens is the pool --scale's text "
+                                                              "is drawn from; add --scale, or leave it out"),
+    ("steer SAE --latent 1 --scale 2 --sample-pool-tokens -1",
+     "argument --sample-pool-tokens: expected an integer >= 0, got -1"),
     ("eval SAE --metrics probe", "--metrics is an option of the paper suite; add --suite paper"),
     ("eval SAE --series pythia-family", "--series is an option of the paper suite"),
     ("sweep --grid k=8,16 --eval-recon-tokens 1024", "--eval-recon-tokens sets the evaluation that --eval runs"),

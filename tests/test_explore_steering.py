@@ -375,10 +375,11 @@ def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp
     steering = printed["steering"]
     peak = latent_max_activation(sae, tiny_gpt2, None, 7, n_tokens=1024)
     assert peak > 0 and steering.startswith(f"latent 7 at {HOOK}: add {2 * peak:g}")
-    # what the text shows of the scale (the max activation and the tokens it was read on) is in the JSON too
-    scored = top_activations(sae, tiny_gpt2, None, 7, 1, n_tokens=1024).n_tokens
-    assert printed["scale"] == [{"latent": 7, "max_activation": pytest.approx(peak), "eval_tokens": scored,
-                                 "scale": 2.0, "value": pytest.approx(2 * peak)}]
+    # what the text shows of the scale (the max activation, the tokens it was read on and how) is in the JSON too
+    measured = top_activations(sae, tiny_gpt2, None, 7, 1, n_tokens=1024)
+    assert printed["scale"] == [{"latent": 7, "max_activation": pytest.approx(peak), "eval_tokens": measured.n_tokens,
+                                 "contexts_drawn": measured.contexts_drawn, "scale": 2.0,
+                                 "value": pytest.approx(2 * peak)}]
     # A latent that never fires: --scale would steer by 0, and says so.
     silent = copy.deepcopy(sae)
     with torch.no_grad():
@@ -556,3 +557,35 @@ def test_a_layernorm_sae_value_past_float32_once_times_std_is_refused_in_one_lin
                           f"add {value:.6g}, positions 1:) is past torch.float32's range"), err
     assert "past torch.float32's range (|x| <= 3.403e+38) (a layernorm SAE adds each value times the token's " \
            "std(x), here up to " in err and err.strip().endswith("; steer with a smaller value"), err
+
+
+def test_steer_scale_reads_its_text_from_the_pool_given_as_top_does(tiny_gpt2, tiny_dir, sae, tmp_path, capsys):
+    """--scale measured each latent's max on --scale-tokens tokens drawn from the eval split's first 4,194,304, and
+    steer had no --sample-pool-tokens to read them in order (0) or from another pool, as top can. It takes top's
+    option (the same help, default and type; its refusals: tests/test_cli.py), and says in its text and JSON how the
+    contexts were drawn."""
+    from saelab.cli import build_parser
+    from saelab.explore import latent_max_activation
+
+    save_sae(sae, tmp_path / "sae")
+    argv = ["steer", str(tmp_path / "sae"), "--latent", "7", "--scale", "2", "--scale-tokens", "1024",
+            "--max-new-tokens", "2", "--greedy", "--top-tokens", "0", "--model", str(tiny_dir), "--device", "cpu",
+            "--no-progress"]
+    for pool, words in ((0, "read from the corpus's start, in order"),
+                        (POOL, f"drawn at random (seed 0) from the corpus's first {POOL:,} tokens")):
+        assert main([*argv, "--sample-pool-tokens", str(pool), "--json"]) == 0
+        [record] = json.loads(capsys.readouterr().out)["scale"]
+        peak = latent_max_activation(sae, tiny_gpt2, None, 7, n_tokens=1024, sample_pool_tokens=pool)
+        assert record["max_activation"] == pytest.approx(peak) and record["contexts_drawn"] == words
+        assert main([*argv, "--sample-pool-tokens", str(pool)]) == 0
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("latent 7: max activation"))
+        assert line.endswith(f"; contexts {words}"), line
+    assert peak != pytest.approx(latent_max_activation(sae, tiny_gpt2, None, 7, n_tokens=1024, sample_pool_tokens=0))
+
+    def option(verb: str):
+        parser = build_parser([verb])
+        sub = next(a for a in parser._actions if a.choices and verb in a.choices).choices[verb]
+        return next(a for a in sub._actions if "--sample-pool-tokens" in a.option_strings)
+
+    steer_pool, top_pool = option("steer"), option("top")
+    assert (steer_pool.help, steer_pool.default, steer_pool.type) == (top_pool.help, top_pool.default, top_pool.type)

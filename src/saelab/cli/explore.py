@@ -67,9 +67,10 @@ def add_steer(sub) -> None:
     p.add_argument("--scale", type=_float_list, default=None,
                    help="the value as a multiple of the latent's largest activation on held-out text (e.g. 2 "
                         "adds twice its max, in the latent's own units; measured on --scale-tokens tokens of the "
-                        "eval split)")
+                        "eval split, drawn from its first --sample-pool-tokens)")
     p.add_argument("--scale-tokens", type=positive_int, default=65_536,
                    help="tokens read to find each latent's max activation for --scale")
+    add_sample_pool_option(p)  # of --scale's text, as top's of its own
     p.add_argument("--prompt", default="I think that", help="text to continue (BOS is prepended)")
     p.add_argument("--positions", type=_positions_text, default="all",
                    help="absolute token positions to edit, 0 = BOS: 'all', '5', '3,7,9', '1:' (generated tokens "
@@ -101,6 +102,9 @@ def _check_steer(args: argparse.Namespace):
     # each as given, typed or a --config file's entry (the refusal then names the entry)
     if given(args, "scale_tokens") and args.scale is None:
         raise ConfigError("--scale-tokens is the text read to measure --scale; add --scale, or leave it out")
+    if given(args, "sample_pool_tokens") and args.scale is None:
+        lead, entry = given_parts(given(args, "sample_pool_tokens"))
+        raise ConfigError(f"{lead}{entry} is the pool --scale's text is drawn from; add --scale, or leave it out")
     sampling = [o for o in ("--temperature", "--top-p", "--seed") if given(args, o[2:].replace("-", "_"))]
     if args.greedy and sampling:
         raise ConfigError(f"--greedy picks the likeliest token: it takes no {sampling[0]}")
@@ -218,7 +222,8 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
     against the prompt before the load when the model's tokenizer can be had without it (a hub model's fetched
     alone), and --top-tokens against the vocabulary its config gives, else right after it (before any
     generation). --scale's eval text is read as top reads its corpus (``load_model_beside``: a --scale-tokens
-    past the eval split refused before the load where it can be) and returned too; None without --scale."""
+    past the eval split refused before the load where it can be) and returned too, its contexts drawn from
+    --sample-pool-tokens (``DrawnContexts``); None without --scale."""
     from saelab.models import check_before_load, tokenizer_before_load
     from saelab.models.loading import configured_vocab_size
 
@@ -229,16 +234,16 @@ def _steer_sae_and_model(args: argparse.Namespace, positions):
         _check_or_cut_top_tokens(args, configured_vocab_size(spec))
 
     if args.scale is not None:
-        lm, tokens = _scale_text_and_model(args, sae, spec, before_load)
+        lm, drawn = _scale_text_and_model(args, sae, spec, before_load)
     else:
         check_before_load(spec, sae.cfg.hook_name, sae=sae)
         tokenizer = tokenizer_before_load(spec)
         before_load(tokenizer)
         sae, lm = _loaded(args, sae, spec, tokenizer)
-        tokens = None
+        drawn = None
     _check_generation(args, positions, lm.tokenizer, lm)
     _check_or_cut_top_tokens(args, lm.vocab_size)  # the rows of its unembedding, which the list ranks
-    return sae, lm, tokens
+    return sae, lm, drawn
 
 
 def _scale_text_and_model(args: argparse.Namespace, sae, spec: str, before_load):
@@ -249,9 +254,14 @@ def _scale_text_and_model(args: argparse.Namespace, sae, spec: str, before_load)
 
     source = SAESource(args.sae, args.sae, sae)
     with _within_the_corpus("--scale-tokens", args.scale_tokens, None):
-        return load_model_beside(spec, BrowseConfig(n_tokens=args.scale_tokens), [source], [source],
-                                 sae.cfg.hook_name, args.device, args.model_dtype, context_setting=None,
-                                 check_tokenizer=before_load, progress=args.progress)
+        return load_model_beside(spec, _scale_text(args), [source], [source], sae.cfg.hook_name, args.device,
+                                 args.model_dtype, context_setting=None, check_tokenizer=before_load,
+                                 progress=args.progress)
+
+
+def _scale_text(args: argparse.Namespace) -> BrowseConfig:
+    """What --scale's text is: --scale-tokens of the eval split, drawn as top draws its own."""
+    return BrowseConfig(n_tokens=args.scale_tokens, sample_pool_tokens=args.sample_pool_tokens)
 
 
 @contextlib.contextmanager
@@ -275,14 +285,16 @@ def _n_tokens_option(args: argparse.Namespace) -> str:
     return given(args, "browse.n_tokens") or "--n-tokens"
 
 
-def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float] | float, list[dict[str, Any]]]:
-    """--value as given, or --scale times each latent's max activation on held-out text (``tokens``, read
-    beside the load), with what each value was scaled from (none for --value)."""
+def _steer_value(args: argparse.Namespace, sae, lm, drawn) -> tuple[list[float] | float, list[dict[str, Any]]]:
+    """--value as given, or --scale times each latent's max activation on held-out text (``drawn``, read
+    beside the load), with what each value was scaled from (none for --value): the text's tokens and how its
+    contexts were drawn too."""
     from saelab.explore import top_activations
+    from saelab.explore.browser.build import contexts_drawn
 
     if args.scale is None:
         return (args.value if args.value is not None else 0.0), []
-    tops = top_activations(sae, lm, tokens, args.latent, 1, progress=args.progress)  # the max, with its count
+    tops = top_activations(sae, lm, drawn, args.latent, 1, progress=args.progress)  # the max, with its count
     maxima, scored = [t.max_activation for t in tops], tops[0].n_tokens  # whole contexts: a few past the option
     scales = args.scale * len(args.latent) if len(args.scale) == 1 else args.scale
     values = [f * m for f, m in zip(scales, maxima)]
@@ -295,8 +307,9 @@ def _steer_value(args: argparse.Namespace, sae, lm, tokens) -> tuple[list[float]
     if silent:  # --scale of a latent that never fired steers by 0: say so instead of showing no effect
         print(f"saelab steer: warning: latent(s) {silent} never fired on {scored:,} eval tokens, so --scale "
               "gives them a value of 0; pass --value, or more --scale-tokens", file=sys.stderr)
-    return values, [{"latent": i, "max_activation": m, "eval_tokens": scored, "scale": f, "value": v}
-                    for i, m, f, v in zip(args.latent, maxima, scales, values)]
+    words = contexts_drawn(_scale_text(args), drawn.tokens.numel())
+    return values, [{"latent": i, "max_activation": m, "eval_tokens": scored, "contexts_drawn": words, "scale": f,
+                     "value": v} for i, m, f, v in zip(args.latent, maxima, scales, values)]
 
 
 def _quoted(token: str) -> str:
@@ -312,13 +325,13 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any] | None:
     from saelab.explore.attribution import latent_logit_effects  # torch, once the options are checked
     from saelab.explore.steering import generate_with_and_without, steer
 
-    sae, lm, tokens = _steer_sae_and_model(args, positions)
-    value, scaled = _steer_value(args, sae, lm, tokens)
+    sae, lm, drawn = _steer_sae_and_model(args, positions)
+    value, scaled = _steer_value(args, sae, lm, drawn)
     s = steer(lm, sae, args.latent, args.mode, value, positions)
     model = lm.known_as  # the hub id of the offline default, as reports name it
     text = [f"model {model}, SAE {args.sae} ({sae.n_latents} {plural(sae.n_latents, 'latent')} at {s.hook})"]
     text += [f"latent {r['latent']}: max activation {r['max_activation']:.4g} on {r['eval_tokens']:,} eval tokens, "
-             f"value {r['value']:.4g}" for r in scaled]
+             f"value {r['value']:.4g}; contexts {r['contexts_drawn']}" for r in scaled]
     promoted = {}
     for i in s.latents.tolist() if args.top_tokens > 0 else []:
         promoted[i] = [t for t, _, _ in latent_logit_effects(lm, sae, i, top=args.top_tokens)["promoted"]]
