@@ -289,6 +289,21 @@ def test_run_folders_exported_in_one_pass(tiny_gpt2, corpus, tmp_path):
     assert not (tmp_path / "np" / "large").exists()
 
 
+def test_run_settings_say_how_the_contexts_were_drawn(exported, tiny_gpt2, corpus, tmp_path):
+    """run_settings.json named the draw only by inputs.browse.sample_pool_tokens: absent where the contexts were read
+    in order, and the setting's number where the draw pooled more tokens (those read), never how the contexts were
+    drawn. It says so as site.json and top do (contexts_drawn); contexts given as tokens are said to be so."""
+    save_sae(centred_sae(tiny_gpt2, corpus, 64, 2), tmp_path / "run" / "sae")
+    for pool, words in ((0, "read from the corpus's start, in order"),
+                        (64, f"drawn at random (seed 0) from the corpus's first {4 * 32:,} tokens")):  # 4 read
+        cfg = BrowseConfig(n_tokens=31 * 4, corpus=corpus, sample_pool_tokens=pool, n_top=2, n_samples=2,
+                           lm_batch_size=8)
+        export_neuronpedia_run(tmp_path / "run", tmp_path / f"np{pool}", cfg, lm=tiny_gpt2, progress=False)
+        assert json.loads((tmp_path / f"np{pool}" / "run_settings.json").read_text())["contexts_drawn"] == words
+    out = exported[0]
+    assert json.loads((out / "run_settings.json").read_text())["contexts_drawn"] == "given as a token tensor"
+
+
 def test_the_corpus_is_named_without_its_local_path(tiny_gpt2, corpus, tmp_path):
     """The files are for upload to a public site: a local corpus is named by its base name, not by the
     path of the user's home folder; a folder by its name, a hub dataset as given."""

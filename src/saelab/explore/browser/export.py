@@ -8,8 +8,9 @@ files from one pass of saelab's browser, for any model saelab reads::
 
     OUT/batch-0.json, batch-1.json, ...   {"model_id", "layer", "sae_set", "sae_id_suffix", "features": [...]}
     OUT/skipped_indexes.json              latents left out (never active on the text read), as SAEDashboard
-    OUT/run_settings.json                 what was read and how, and the key of it that a repeat reuses (saelab's
-                                          record; not read by the importers): the SAE by its name and
+    OUT/run_settings.json                 what was read and how (``contexts_drawn``: how the contexts were read
+                                          from the corpus, as site.json says), and the key of it that a repeat
+                                          reuses (saelab's record; not read by the importers): the SAE by its name and
                                           weights' hash, local files by their base names, never their paths;
                                           the key and the files' hashes keyed by this machine's secret
                                           (null without one)
@@ -82,7 +83,8 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
                        model_id: str | None = None, layer: int | None = None, sae_set: str | None = None,
                        sae_id_suffix: str | None = None, n_bands: int = 4, n_features_per_batch: int = 128,
                        include_dead: bool = False, overwrite: bool = False, key: str | None = None,
-                       inputs: dict[str, Any] | None = None, sae_hashes: Sequence[str] | None = None) -> dict[str, Any]:
+                       inputs: dict[str, Any] | None = None, sae_hashes: Sequence[str] | None = None,
+                       contexts_drawn: str = "given as a token tensor") -> dict[str, Any]:
     """Write SAEDashboard/Neuronpedia batch files for one SAE's statistics (or several: ``out/NAME`` each).
 
     ``stats``: :class:`~.build.LatentStats` from :func:`~.build.collect_statistics` (after
@@ -96,8 +98,9 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     earlier export at ``out`` is replaced only with ``overwrite``; any other non-empty folder is
     refused. ``key`` and ``inputs`` (:func:`export_key`) are recorded in ``run_settings.json``, so that
     the same export asked for again is reused (``key`` None, with ``inputs``: this machine has no local key); ``sae_hashes``: each SAE's :func:`sae_sha256`, in the order of
-    ``stats``, where the caller has them (hashing reads every weight). Returns a summary per SAE (a dict, or a
-    list of them for several SAEs).
+    ``stats``, where the caller has them (hashing reads every weight). ``contexts_drawn``: how ``tokens_NT`` was
+    read from the corpus (:func:`~.build.contexts_drawn`), recorded in ``run_settings.json``. Returns a summary per
+    SAE (a dict, or a list of them for several SAEs).
     """
     if isinstance(stats, Sequence):
         if len(stats) != 1:
@@ -105,7 +108,7 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
                                        model_id=model_id, layer=layer, sae_set=sae_set, sae_id_suffix=sae_id_suffix,
                                        n_bands=n_bands, n_features_per_batch=n_features_per_batch,
                                        include_dead=include_dead, overwrite=overwrite, key=key, inputs=inputs,
-                                       sae_hashes=None if sae_hashes is None else [h])
+                                       sae_hashes=None if sae_hashes is None else [h], contexts_drawn=contexts_drawn)
                     for s, h in zip(stats, sae_hashes or [None] * len(stats))]
         stats = stats[0]
     if not isinstance(n_bands, int) or n_bands < 1:
@@ -130,7 +133,7 @@ def export_neuronpedia(stats, tokens_NT: torch.Tensor, lm, out: str | os.PathLik
     settings = {"format": FORMAT, "generator": "saelab", "written": written, **header, "hook_name": sae.cfg.hook_name,
                 "sae": public_name(stats.source.source),
                 "sae_sha256": sae_hashes[0] if sae_hashes else sae_sha256(sae),
-                "context_size": int(tokens_NT.shape[1]),
+                "context_size": int(tokens_NT.shape[1]), "contexts_drawn": contexts_drawn,
                 "n_latents": sae.n_latents, "n_exported": len(exported),
                 "n_tokens_scored": stats.n_tokens, **common, "n_features_per_batch": n_features_per_batch}
     if inputs is not None:  # key None: this machine has no local key; a rerun then says so, not "other inputs"
@@ -438,6 +441,7 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
         SAESource,
         check_compatible,
         collect_statistics,
+        contexts_drawn,
         direct_logit_effects,
         note_another_hook,
         note_another_model,
@@ -484,7 +488,8 @@ def export_neuronpedia_run(sae_sources, out: str | os.PathLike, cfg=None, *, lm=
     for st in stats:
         st.logits = direct_logit_effects(lm, st.source.sae, cfg.n_logits, hist_bins=LOGIT_HIST_BINS)
     result = export_neuronpedia(stats, tokens, lm, out, dataset=corpus_name(cfg.corpus, "eval"), n_bands=cfg.n_bands,
-                                key=key, inputs=inputs, sae_hashes=hashes, **{**kwargs, "model_id": model_id})
+                                key=key, inputs=inputs, sae_hashes=hashes,
+                                contexts_drawn=contexts_drawn(cfg, tokens.numel()), **{**kwargs, "model_id": model_id})
     _say_what_was_left_out_or_made(sources, note)  # once written: a refusal on the way is the one line to read
     note_no_key(key, out, "Neuronpedia export")
     return _as_given([{**r, "reused": False} for r in (result if isinstance(result, list) else [result])], one)
