@@ -387,8 +387,6 @@ BAD = [
      "--n-tokens tokens of text (`saelab top"),
     ("steer SAE --n-tokens 5", "unrecognized arguments: --n-tokens; --n-tokens is an option of quickstart, harvest, "
      "top and 2 more verbs: steer reads --scale-tokens tokens of text to measure a latent's scale (`saelab steer"),
-    ("steer SAE --sample-pool-tokens 5", "unrecognized arguments: --sample-pool-tokens; --sample-pool-tokens is an "
-     "option of harvest, eval, top and 2 more verbs: steer has no such setting (`saelab steer"),
     ("eval SAE --serve", "unrecognized arguments: --serve; --serve is browse's option: eval has no such setting"),
     ("train --n-tokens 5", "unrecognized arguments: --n-tokens 5; --n-tokens is an option of quickstart, harvest, "
      "top and 2 more verbs: train trains on --total-tokens activation rows (`saelab train"),  # not --dead-tokens
