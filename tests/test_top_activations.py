@@ -362,3 +362,18 @@ def test_a_context_is_numbered_by_its_place_in_the_corpus(tiny_gpt2, tiny_dir, c
                  "--no-progress", "--json"]) == 0
     for r in json.loads(capsys.readouterr().out)["latents"]:
         assert r["contexts"] and all(in_order[c["context"]].tolist() == c["tokens"] for c in r["contexts"])
+
+
+def test_contexts_given_as_drawn_are_numbered_and_named_as_such(tiny_gpt2, corpus):
+    """Contexts a draw gave (``draw_contexts``) passed to top_activations are numbered by their places in the corpus,
+    as top's own draw numbers them, and said to be given as drawn contexts (it read "given as a token tensor")."""
+    sae = centred_sae(tiny_gpt2, corpus)
+    drawn = draw_contexts(corpus, tiny_gpt2.tokenize, T, N_CONTEXTS, pool_tokens=POOL,
+                          bos_token_id=tiny_gpt2.bos_token_id)
+    got = top_activations(sae, tiny_gpt2, drawn, list(range(6)), k=5)
+    assert all(r.contexts_drawn == "given as drawn contexts" for r in got)
+    for r in got:
+        rows = [int((drawn.index == c).nonzero()) for c in r.context_idx]
+        assert torch.equal(drawn.tokens[rows], r.tokens)
+    tensor = top_activations(sae, tiny_gpt2, drawn.tokens, 0, k=5)
+    assert tensor.contexts_drawn == "given as a token tensor" and tensor.context_idx.max() < N_CONTEXTS

@@ -262,7 +262,8 @@ def top_activations(sae, lm=None, corpus=None, latent: int | Sequence[int] = 0, 
     k = min(k, tokens_NT.shape[0])
     top = _scan(lm, sae, tokens_NT, hook, torch.tensor(lats), k, batch_size, progress)  # distinct (_latent_list)
     n_scored = tokens_NT.shape[0] * (tokens_NT.shape[1] - first_scored(sae))
-    words = contexts_drawn(cfg, tokens_NT.numel()) if text else TopActivations.contexts_drawn
+    words = (contexts_drawn(cfg, tokens_NT.numel()) if text else "given as drawn contexts"
+             if isinstance(corpus, DrawnContexts) else TopActivations.contexts_drawn)
     results = [_result(lat, j, top, drawn, lm.tokenizer, n_scored, words) for j, lat in enumerate(lats)]
     return results if _is_many(latent) else results[0]
 
