@@ -1552,7 +1552,10 @@ def test_cli_quickstart_prints_a_short_summary_and_its_metrics_as_json_on_reques
     """The README's first command ended by printing the whole metrics.json (~140 lines); it prints the headline
     metrics with their intervals and where the report and metrics.json are, and --json prints the file alone
     (its stdout began with `report: PATH` once, which a pipe into a JSON reader refused; that path goes to
-    stderr then, as every verb's words do)."""
+    stderr then, as every verb's words do). A line wider than a terminal's (the intervals note, ~200 characters)
+    goes on indented below."""
+    from saelab.report.markdown import SUMMARY_WIDTH, intervals_note
+
     train, held_out = (wiki_jsonl(data_dir, tmp_path / name, *docs) for name, docs in
                        (("train.jsonl", (0, 2)), ("eval.jsonl", (3, 1))))
     qs = tmp_path / "qs"
@@ -1574,11 +1577,18 @@ def test_cli_quickstart_prints_a_short_summary_and_its_metrics_as_json_on_reques
     assert f"report:  {qs / 'report.md'}" in lines and any(line.startswith(f"metrics: {qs / 'metrics.json'}")
                                                             for line in lines)
     assert not any(line.startswith("reused:") for line in lines)
+    # each line fits a terminal (the intervals note was one line of ~200 characters), saying what it said; only
+    # a path is never broken
+    widest = max(SUMMARY_WIDTH, len(f"metrics: {qs / 'metrics.json'}"))
+    assert max(map(len, lines)) <= widest, out
+    note = next(line for line in intervals_note(metrics) if line)
+    assert len(note) > SUMMARY_WIDTH and note in " ".join(line.strip() for line in lines)
     # the same command again reuses every stage, and says so
     code = main(command)
     out, err = capsys.readouterr()
-    assert code == 0 and "reused: harvest, train, evaluate (found done with these settings; --overwrite trains " \
-        "and evaluates again, with --overwrite-activations harvests too)" in out.splitlines()
+    assert code == 0 and max(map(len, out.splitlines())) <= widest, out
+    assert "reused: harvest, train, evaluate (found done with these settings; --overwrite trains and evaluates " \
+        "again, with --overwrite-activations harvests too)" in " ".join(line.strip() for line in out.splitlines())
     # --json prints the whole metrics.json and nothing else
     code = main([*command, "--json"])
     out, err = capsys.readouterr()

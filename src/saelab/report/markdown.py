@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,9 @@ METRIC_ROWS = [
     ("ce_recovered_mean", "CE recovered vs mean-ablation", "{:.2%}"),
 ]
 
+
+SUMMARY_WIDTH = 110
+"""The widest line of a run's short summary (one line of ~200 characters was hard to read in a terminal)."""
 
 HEADLINE_METRICS = ("nmse", "l0", "delta_ce", "kl", "ce_recovered_zero", "ce_recovered_mean")
 """The rows a run's short summary shows (quickstart's output); metrics.json and report.md hold the rest."""
@@ -93,17 +98,30 @@ def measured_on(metrics: dict[str, Any]) -> str:
 def run_summary(run_dir: Path, metrics: dict[str, Any]) -> str:
     """A few lines on a terminal: the headline metrics with their intervals, the stages reused (quickstart's
     ``reused``), and where report.md and the full metrics.json lie (what quickstart prints at its end; ~140 lines
-    of JSON buried the numbers)."""
+    of JSON buried the numbers). A line wider than :data:`SUMMARY_WIDTH` goes on indented below."""
     rows = metric_rows(metrics, HEADLINE_METRICS)
     width = max((len(label) for label, _ in rows), default=0)
-    lines = [f"Evaluated on {metrics.get('eval_text', 'held-out text')}: {measured_on(metrics)}",
-             *(f"  {label:<{width}}  {value}" for label, value in rows),
-             *(line for line in intervals_note(metrics) if line),
-             *([f"reused: {', '.join(metrics['reused'])} (found done with these settings; --overwrite trains and "
-                 "evaluates again, with --overwrite-activations harvests too)"] if metrics.get("reused") else []),
+    lines = [_wrapped("", f"Evaluated on {metrics.get('eval_text', 'held-out text')}: {measured_on(metrics)}"),
+             *(_wrapped(f"  {label:<{width}}  ", value, indent=width + 4) for label, value in rows),
+             *(_wrapped("", line) for line in intervals_note(metrics) if line),
+             *([_wrapped("", f"reused: {', '.join(metrics['reused'])} (found done with these settings; --overwrite "
+                             "trains and evaluates again, with --overwrite-activations harvests too)")]
+               if metrics.get("reused") else []),
              f"report:  {Path(run_dir) / REPORT}",
-             f"metrics: {Path(run_dir) / EVAL_METRICS} (every measurement, the settings, the stage times)"]
+             _wrapped(f"metrics: {Path(run_dir) / EVAL_METRICS} ", "(every measurement, the settings, the stage times)",
+                      indent=len("metrics: "))]
     return "\n".join(lines)
+
+
+def _wrapped(lead: str, text: str, indent: int = 2) -> str:
+    """``lead`` and ``text`` in lines of at most SUMMARY_WIDTH characters, the lines after the first ``indent``
+    spaces in; ``lead`` (a path, a table's label column) is never broken, nor a word (a number, an option)."""
+    pad = " " * indent
+    fill = partial(textwrap.fill, width=SUMMARY_WIDTH, subsequent_indent=pad, break_long_words=False,
+                   break_on_hyphens=False)
+    if len(lead) + len(text.split(" ", 1)[0]) <= SUMMARY_WIDTH:
+        return fill(text, initial_indent=lead)
+    return f"{lead.rstrip()}\n{fill(text, initial_indent=pad)}"  # a path wider than a line: text goes below
 
 
 def earlier_intervals_note(result: dict[str, Any], method: str, again: str) -> list[str]:
