@@ -651,7 +651,10 @@ def test_a_probe_result_of_the_earlier_split_is_computed_again(tiny_series_run, 
 def test_results_of_a_bfloat16_model_are_checked_against_bfloat16_references(tmp_path):
     """Before the load, the suite's check of the results it would replace resolves compute_equivalent's
     references in the model's dtype, as the run records them: a bfloat16 suite run again was refused as made
-    from other settings (series.dtype "bfloat16" -> absent)."""
+    from other settings (series.dtype "bfloat16" -> absent). The references' dtype is the model's, recorded once
+    (model_dtype): a float32 run was refused naming the change twice (`compute_equivalent.series.dtype "bfloat16" ->
+    absent, model_dtype "bfloat16" -> "float32"`). A record that holds it twice, as saelab wrote it before, is judged
+    as strictly, the change named once; one without model_dtype (an earlier saelab's) by its references' dtype."""
     from saelab.errors import RunExistsError
     from saelab.evals import suite
     from saelab.evals.core import EvalConfig
@@ -662,18 +665,38 @@ def test_results_of_a_bfloat16_model_are_checked_against_bfloat16_references(tmp
                             context_size=16))
     cfg, ev = suite.PaperSuiteConfig(metrics=("compute_equivalent",)), EvalConfig(corpus=None)
     cfg.compute_equivalent.series = "pythia-70m"
-    run, wanted, reasons = suite._suite_run(None, sae, model, tmp_path, cfg, ev, 16)
-    run.model_dtype = "bfloat16"  # as the suite run of a bfloat16 model
-    suite._resolve_series(run, reasons, "cpu", torch.bfloat16)
-    run.sae_hash = suite.sae_sha256(sae)
-    metric = next(m for m in wanted if m.name == "compute_equivalent")
-    (tmp_path / "evals").mkdir()
-    (tmp_path / "evals" / "compute_equivalent.json").write_text(json.dumps(
-        {"status": "ok", "inputs": suite._inputs(run, metric, suite._base_inputs(run))}))
-    suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path, dtype="bfloat16")  # the same: reused
-    with pytest.raises(RunExistsError, match=r'compute_equivalent.series.dtype "bfloat16" -> absent, model_dtype '
-                                             r'"bfloat16" -> "float32"'):
-        suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path)  # a float32 model: other references
+
+    def inputs(dtype: str) -> dict:
+        """compute_equivalent's inputs as the suite run of a model in ``dtype`` records them."""
+        run, wanted, reasons = suite._suite_run(None, sae, model, tmp_path, cfg, ev, 16)
+        run.model_dtype = dtype
+        suite._resolve_series(run, reasons, "cpu", dtype)
+        run.sae_hash = suite.sae_sha256(sae)
+        return suite._inputs(run, next(m for m in wanted if m.name == "compute_equivalent"), suite._base_inputs(run))
+
+    def refusal(recorded: dict, dtype: str) -> str | None:
+        (tmp_path / "evals").mkdir(exist_ok=True)
+        (tmp_path / "evals" / "compute_equivalent.json").write_text(json.dumps({"status": "ok", "inputs": recorded}))
+        try:
+            suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path, dtype=dtype)
+        except RunExistsError as e:
+            return re.search(r"other settings: (.*); pass --overwrite", str(e))[1]
+        return None
+
+    bf16 = inputs("bfloat16")
+    twice = {**bf16, "config": {**bf16["config"], "series": {**bf16["config"]["series"], "dtype": "bfloat16"}}}
+    for recorded in (bf16, twice):  # as saelab writes it now, and as it wrote it before
+        assert refusal(recorded, "bfloat16") is None and suite._reusable({"status": "ok", "inputs": recorded},
+                                                                         inputs("bfloat16"))
+        assert refusal(recorded, "float32") == 'compute_equivalent (model_dtype "bfloat16" -> "float32")'
+    assert bf16[suite.MODEL_DTYPE] == "bfloat16" and "dtype" not in bf16["config"]["series"]  # recorded once
+    assert refusal(inputs("float32"), "bfloat16") == 'compute_equivalent (model_dtype "float32" -> "bfloat16")'
+    earlier = {k: v for k, v in twice.items() if k != suite.MODEL_DTYPE}  # the references' dtype its only record
+    assert refusal(earlier, "bfloat16") is None and not suite._reusable({"status": "ok", "inputs": earlier},
+                                                                         inputs("float32"))
+    assert refusal(earlier, "float32") == 'compute_equivalent (compute_equivalent.series.dtype "bfloat16" -> absent)'
+    why = suite.earlier_computation({"status": "ok", "inputs": earlier, "result": {}}, "compute_equivalent")
+    assert "without recording the dtype its model was loaded in" in why  # computed again, with a note
 
 
 def test_the_suite_report_names_the_offline_default_by_its_hub_id(tmp_path):

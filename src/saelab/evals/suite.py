@@ -276,7 +276,7 @@ SUITE: tuple[SuiteMetric, ...] = (
     SuiteMetric("core", lambda r: _settings(r.eval_cfg), lambda r: r.n_down, lambda r: None, _core,
                 CORE_INTERVALS),
     SuiteMetric("compute_equivalent",
-                lambda r: _settings(r.cfg.compute_equivalent) | {"series": r.series.info() if r.series else None},
+                lambda r: _settings(r.cfg.compute_equivalent) | {"series": _references(r)},
                 lambda r: r.n_down, _ce_applies, _compute_equivalent, CE_INTERVALS),
     SuiteMetric("ablation_sparsity", lambda r: _settings(r.cfg.ablation_sparsity), lambda r: r.cfg.ablation_contexts,
                 _ablation_applies,
@@ -293,6 +293,12 @@ SUITE: tuple[SuiteMetric, ...] = (
 INTERVAL_METHODS = {m.name: m.interval_method for m in SUITE}
 """Each metric's interval method now, by name: what a result must record to be reused (:func:`earlier_computation`),
 and reports to show its intervals as this saelab's."""
+
+
+def _references(run: SuiteRun) -> dict | None:
+    """compute_equivalent's reference models as its inputs record them: without the dtype they are loaded in, which
+    is the model's (MODEL_DTYPE records it; recorded twice, a change of dtype was named twice)."""
+    return None if run.series is None else {k: v for k, v in run.series.info().items() if k != "dtype"}
 
 
 def _envelope(metric: str, inputs: dict, sae_info: dict, eval_info: dict, status: str, reason: str | None,
@@ -367,18 +373,33 @@ def _as_recorded(old: dict, new: dict) -> dict:
     ``old``'s method (a result of an earlier method is computed again, not refused: :func:`earlier_computation`);
     no model fingerprint where it records none (an earlier saelab's: judged by the model's name); no model dtype where
     it records none, nor the draw's pool where it records none (an earlier saelab's: computed again, not refused, as
-    one of an earlier method is)."""
+    one of an earlier method is); compute_equivalent's references with their dtype where ``old`` records it
+    (:func:`_references_as_recorded`)."""
     recorded_since = (CORPUS_TEXT, MODEL_FINGERPRINT, MODEL_DTYPE, DRAW_POOL)
     out = {k: v for k, v in new.items() if k != "method" and (k not in recorded_since or k in old)}
     if CORPUS_TEXT in old:
         out[CORPUS_TEXT] = fingerprint_as_recorded(new.get("corpus"), new.get(CORPUS_TEXT), old[CORPUS_TEXT])
     old_cfg, new_cfg = old.get("config"), new.get("config")
     if isinstance(old_cfg, dict) and isinstance(new_cfg, dict):  # an earlier saelab's record of a progress bar
-        out["config"] = new_cfg = {**new_cfg, **{k: old_cfg[k] for k in SHOWN_ONLY if k in old_cfg}}
+        out["config"] = new_cfg = {**new_cfg, **{k: old_cfg[k] for k in SHOWN_ONLY if k in old_cfg},
+                                   **_references_as_recorded(old, new)}
     if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "corpus" in old_cfg and "corpus" in new_cfg and \
             (CORPUS_TEXT in old or old.get("corpus") != new.get("corpus")):
         out["config"] = {**new_cfg, "corpus": old_cfg["corpus"]}
     return out | ({"method": old["method"]} if "method" in old else {})
+
+
+def _references_as_recorded(old: dict, new: dict) -> dict:
+    """compute_equivalent's references in ``new`` inputs as ``old`` records them ({"series": ...}; {} where either
+    records none): an earlier saelab recorded their dtype among them where it was not float32. Beside the model's
+    dtype (MODEL_DTYPE), which is theirs, that record is taken as it is: MODEL_DTYPE compares it, and names a change
+    once. Without it (an earlier saelab's), it is the only record of the dtype: compared as it was written."""
+    old_refs, refs = old["config"].get("series"), new["config"].get("series")
+    if not isinstance(old_refs, dict) or not isinstance(refs, dict):
+        return {}
+    dtype = old_refs.get("dtype") if MODEL_DTYPE in old else \
+        (new[MODEL_DTYPE] if new.get(MODEL_DTYPE, "float32") != "float32" else None)
+    return {"series": refs | ({"dtype": dtype} if dtype else {})}
 
 
 EVAL_INPUTS = ("sample_pool_tokens",)
