@@ -837,6 +837,59 @@ def test_a_probe_of_hub_tasks_alone_reads_no_eval_text(tiny_series_run):
     assert suite_reads_eval_text(sae, sae.cfg.model_name, replace(hub_only, probe=ProbeConfig()), EvalConfig(), 32)
 
 
+def test_a_probe_of_hub_tasks_alone_records_only_what_it_reads(data_dir, tmp_path):
+    """A probe of Hugging Face tasks alone reads none of the eval corpus's contexts, yet its inputs recorded the
+    corpus, how the contexts were drawn and how many: another --corpus, --sample-pool-tokens or --probe-contexts
+    refused its result as of other settings (with --overwrite, computed it again to the same numbers). Its inputs
+    leave them out; such a record an earlier saelab wrote, with them, is judged by the rest (reused where the rest is
+    the same), and a probe that reads the eval text is judged by it as before."""
+    from saelab.errors import RunExistsError
+    from saelab.evals import suite
+    from saelab.evals.config import EvalConfig, PaperSuiteConfig, ProbeConfig
+    from saelab.sae.topk import SAEConfig, TopKSAE
+
+    model = "EleutherAI/pythia-70m"
+    sae = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_name="blocks.0.hook_resid_post", model_name=model,
+                            context_size=16))
+    a, b = eval_corpus(data_dir, tmp_path / "a.jsonl"), eval_corpus(data_dir, tmp_path / "b.jsonl", n=5)
+    hub = PaperSuiteConfig(metrics=("probe",), probe=ProbeConfig(tasks=(), hf_tasks=("imdb",)))
+    tokens = replace(hub, probe=ProbeConfig(hf_tasks=("imdb",)))  # the token tasks too: they read the eval text
+
+    def inputs(cfg: PaperSuiteConfig, ev: EvalConfig) -> dict:
+        run, wanted, reasons = suite._suite_run(None, sae, model, tmp_path, cfg, ev, 16)
+        run.sae_hash = suite.sae_sha256(sae)
+        return suite._inputs(run, wanted[0], suite._base_inputs(run))
+
+    def refusal(recorded: dict, cfg: PaperSuiteConfig, ev: EvalConfig) -> str | None:
+        (tmp_path / "evals").mkdir(exist_ok=True)
+        (tmp_path / "evals" / "probe.json").write_text(json.dumps({"status": "ok", "inputs": recorded}))
+        try:
+            suite.check_results_before_load(sae, model, cfg, ev, 16, tmp_path)
+        except RunExistsError as e:
+            return re.search(r"other settings: (.*); pass --overwrite", str(e))[1]
+        return None
+
+    unread = {"corpus", "corpus_fingerprint", "sample_pool_tokens", "draw_pool", "n_contexts"}
+    at_a = EvalConfig(corpus=str(a))
+    others = (EvalConfig(corpus=str(b)), EvalConfig(corpus=str(a), sample_pool_tokens=0))
+    rec = inputs(hub, at_a)
+    earlier = {**inputs(tokens, at_a), "config": rec["config"]}  # as an earlier saelab recorded the same probe
+    for recorded in (rec, earlier):
+        for cfg, ev in ((hub, at_a), *((hub, ev) for ev in others), (replace(hub, probe_contexts=64), at_a)):
+            assert refusal(recorded, cfg, ev) is None and suite._reusable({"status": "ok", "inputs": recorded},
+                                                                          inputs(cfg, ev))
+        done = {"status": "ok", "inputs": recorded, "result": {"interval_method": suite.INTERVAL_METHODS["probe"]}}
+        assert suite.earlier_computation(done, "probe") is None  # reused, not computed again
+        assert refusal(recorded, replace(hub, probe=ProbeConfig(tasks=(), hf_tasks=("imdb",), l2=0.1)), at_a) == \
+            "probe (probe.l2 0.001 -> 0.1)"  # what it reads: named alone
+    named = refusal(rec, tokens, at_a)  # the token tasks added, named alone
+    assert named.startswith("probe (probe.tasks [] -> [") and named.count(" -> ") == 1, named
+    assert not unread & set(rec) and unread <= set(earlier)
+    read = inputs(tokens, at_a)
+    assert refusal(read, tokens, others[0]) == f'probe (eval.corpus "{a.resolve()}" -> "{b.resolve()}")'
+    assert refusal(read, tokens, others[1]) == "probe (eval.sample_pool_tokens 4194304 -> 0)"
+
+
 def _refused_then_measured_anew(capsys, monkeypatch, argv, path, rec, fingerprint, named):
     """After an input of core's result ``rec`` in ``path`` changed in place: the suite refuses it before the model
     loads, naming the input as ``named``, and keeps the file; --overwrite measures it anew (another ``fingerprint``,

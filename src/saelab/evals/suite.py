@@ -13,8 +13,9 @@
 
 The suite is resumable: a metric whose file holds an ``ok`` result computed from the same inputs (the SAE's weights,
 model and the dtype it is in, hook, eval corpus by its path and its text's fingerprint, whatever words named it, context
-size, contexts, the contexts its draw picked among (:func:`_draw_pool`) and the metric's config) is not run again,
-unless ``overwrite``; a result of other inputs is replaced only with ``overwrite``. A result of the same inputs that an
+size, contexts, the contexts its draw picked among (:func:`_draw_pool`) and the metric's config; the eval corpus, its
+draw and its contexts only where the metric reads them: :data:`EVAL_TEXT_INPUTS`) is not run again, unless
+``overwrite``; a result of other inputs is replaced only with ``overwrite``. A result of the same inputs that an
 earlier saelab computed otherwise (its ``method``, where the metric's computation changed since, or its
 ``interval_method`` is another, or none; or it records no model dtype or draw's pool: :func:`earlier_computation`) is
 computed again, with a note naming its file and why; the file stays as it was until the new one replaces it, and where
@@ -327,9 +328,13 @@ def _corpus_path(corpus: str | None) -> str:
 
 
 def _inputs(run: SuiteRun, m: SuiteMetric, base_inputs: dict) -> dict:
-    """What ``m``'s result depends on, as its file records it (equal inputs: the result is reused)."""
+    """What ``m``'s result depends on, as its file records it (equal inputs: the result is reused); the eval text's
+    inputs only where it reads that text (:data:`EVAL_TEXT_INPUTS`)."""
     method = {"method": m.method} if m.method else {}
-    return json.loads(json.dumps({**base_inputs, "n_contexts": m.n_contexts(run), "config": m.settings(run), **method}))
+    read = {**base_inputs, "n_contexts": m.n_contexts(run)}
+    if not m.reads_eval_text(run):
+        read = {k: v for k, v in read.items() if k not in EVAL_TEXT_INPUTS}
+    return json.loads(json.dumps({**read, "config": m.settings(run), **method}))
 
 
 MODEL_DTYPE = "model_dtype"
@@ -343,6 +348,11 @@ is computed again (:func:`earlier_computation`), neither reused nor refused."""
 CORPUS_TEXT = "corpus_fingerprint"
 """Where the inputs record :func:`corpus_fingerprint` of the eval corpus (None: a dataset name): a file edited in place
 keeps its path. A result an earlier saelab wrote records none, and is judged by its other inputs (_as_recorded)."""
+EVAL_TEXT_INPUTS = ("corpus", CORPUS_TEXT, "sample_pool_tokens", DRAW_POOL, "n_contexts")
+"""The inputs that say which of the eval corpus's contexts a result read, recorded where its metric reads that text
+(:attr:`SuiteMetric.reads_eval_text`): a probe of Hugging Face tasks alone reads none, and recorded, another --corpus,
+--sample-pool-tokens or --probe-contexts refused (or computed again) its result. An earlier saelab recorded them for
+it too: judged by its other inputs (_as_recorded)."""
 
 
 def text_change(old: dict, new: dict, old_text: object, new_text: object) -> list[str]:
@@ -386,7 +396,21 @@ def _as_recorded(old: dict, new: dict) -> dict:
     if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and "corpus" in old_cfg and "corpus" in new_cfg and \
             (CORPUS_TEXT in old or old.get("corpus") != new.get("corpus")):
         out["config"] = {**new_cfg, "corpus": old_cfg["corpus"]}
-    return out | ({"method": old["method"]} if "method" in old else {})
+    return _eval_text_as_recorded(old, new, out) | ({"method": old["method"]} if "method" in old else {})
+
+
+def _eval_text_as_recorded(old: dict, new: dict, out: dict) -> dict:
+    """``out`` with the eval text's inputs (EVAL_TEXT_INPUTS) compared only where both records hold them: a metric
+    records them where it reads that text, which its config decides (named where it changed); an earlier saelab
+    recorded them for a probe of Hugging Face tasks alone too, which read none: taken as it recorded them."""
+    if not _records_eval_text(old):
+        return {k: v for k, v in out.items() if k not in EVAL_TEXT_INPUTS}
+    return out if _records_eval_text(new) else out | {k: old[k] for k in EVAL_TEXT_INPUTS if k in old}
+
+
+def _records_eval_text(inputs: dict) -> bool:
+    """Whether a record of inputs says which eval contexts its result read (none: its metric read none of them)."""
+    return any(k in inputs for k in EVAL_TEXT_INPUTS)
 
 
 def _references_as_recorded(old: dict, new: dict) -> dict:
@@ -511,7 +535,8 @@ def earlier_computation(record: dict, metric: str) -> str | None:
         return (f"an earlier saelab computed it another way (it records no method; this saelab's: {m.method!r})"
                 if recorded is None else f"it was computed another way (method {recorded!r}; this saelab's: "
                                          f"{m.method!r})")
-    if missing := [what for key, what in UNRECORDED.items() if key not in inputs]:
+    unread = () if _records_eval_text(inputs) else EVAL_TEXT_INPUTS  # its metric read none of the eval text
+    if missing := [what for key, what in UNRECORDED.items() if key not in inputs and key not in unread]:
         return f"an earlier saelab computed it without recording {' or '.join(missing)}"
     return earlier_intervals(record.get("result") or {}, m.interval_method)
 
