@@ -1346,3 +1346,24 @@ def test_core_is_not_reused_where_another_metrics_contexts_change_its_draw(tiny_
     assert earlier_computation(beside, "core") == ("an earlier saelab computed it without recording how many contexts "
                                                    "its draw picked among (with a small --sample-pool-tokens, the other "
                                                    "metrics' contexts chose its own)")
+
+
+def test_a_probe_of_hub_tasks_alone_draws_no_contexts(data_dir, gpt2_tokenizer, tmp_path):
+    """A probe of Hugging Face tasks alone reads none of the eval corpus's contexts, yet the suite drew
+    --probe-contexts of them: a corpus too short for those was refused, and the count widened the draw the other
+    metrics read theirs from. The suite draws what the metrics that read the eval text ask for alone."""
+    from saelab.evals import suite
+    from saelab.evals.config import EvalConfig, PaperSuiteConfig, ProbeConfig
+    from saelab.sae.topk import SAEConfig, TopKSAE
+
+    model = "gpt2"
+    sae = TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, hook_name="blocks.0.hook_resid_post", model_name=model,
+                            context_size=16))
+    ev = EvalConfig(corpus=str(eval_corpus(data_dir, tmp_path / "a.jsonl", n=2)), recon_tokens=60,
+                    downstream_tokens=30)
+    hub = PaperSuiteConfig(metrics=("core", "probe"), probe_contexts=100_000,
+                           probe=ProbeConfig(tasks=(), hf_tasks=("imdb",)))
+    run = suite._suite_run(None, sae, model, tmp_path, hub, ev, 16)[0]
+    assert run.n_drawn == 4  # core's 60 tokens in contexts of 15 predictions
+    drawn = suite.read_suite_contexts(sae, model, hub, ev, gpt2_tokenizer, gpt2_tokenizer.bos_token_id, 16)
+    assert drawn.tokens.shape == (4, 16)

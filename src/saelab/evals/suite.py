@@ -684,10 +684,12 @@ def _contexts_read(run: SuiteRun, metric: str) -> dict[str, int]:
 
 
 def _contexts_needed(run: SuiteRun, wanted: list[SuiteMetric], reasons: dict[str, str | None]) -> dict[str, int]:
-    """The contexts each setting (by its path) asks of the metrics to run (:func:`_contexts_read`)."""
+    """The contexts each setting (by its path) asks of the metrics to run that read the eval text
+    (:func:`_contexts_read`): a probe of Hugging Face tasks alone asks none, so its --probe-contexts neither widens
+    the draw nor refuses a short corpus."""
     needs: dict[str, int] = {}
     for m in wanted:
-        if not reasons[m.name]:
+        if not reasons[m.name] and m.reads_eval_text(run):
             needs.update(_contexts_read(run, m.name))  # a setting two metrics share asks the same of both
     return needs
 
