@@ -388,6 +388,9 @@ BAD = [
     ("steer SAE --n-tokens 5", "unrecognized arguments: --n-tokens; --n-tokens is an option of quickstart, harvest, "
      "top and 2 more verbs: steer reads --scale-tokens tokens of text to measure a latent's scale (`saelab steer"),
     ("eval SAE --serve", "unrecognized arguments: --serve; --serve is browse's option: eval has no such setting"),
+    # a group's prefix added to another verb's option names this verb's setting of another group: not offered
+    ("eval SAE --n-latents 5", "--n-latents is an option of quickstart, train and sweep: eval has no such setting"),
+    ("eval SAE --batch-size 5", "--batch-size is an option of quickstart, train and sweep: eval has no such setting"),
     ("train --n-tokens 5", "unrecognized arguments: --n-tokens 5; --n-tokens is an option of quickstart, harvest, "
      "top and 2 more verbs: train trains on --total-tokens activation rows (`saelab train"),  # not --dead-tokens
     # sweep reads the model of its cache; train's --overwrite replaces the run, not the activations

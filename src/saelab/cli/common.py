@@ -213,24 +213,35 @@ class Parser(ArgumentParser):
         option, that it is, and this verb's counterpart (:data:`OPTION_COUNTERPARTS`) or that it has none."""
         for word in (arg.split("=", 1)[0] for arg in given if arg.startswith("-")):
             owners = self._verbs_taking(word)
-            hint = did_you_mean(word, self._option_string_actions, *self._group_prefixes(),
+            hint = did_you_mean(word, self._options_of_settings(owners.values()), *self._group_prefixes(),
                                 named_elsewhere=bool(owners))
             if not hint and owners:
-                hint = f"; {word} is {_whose(owners)}: {self._counterpart(word)}"
+                hint = f"; {word} is {_whose(list(owners))}: {self._counterpart(word)}"
             if hint:
                 return hint
         return ""
 
-    def _verbs_taking(self, option: str) -> list[str]:
-        """The other verbs whose --help lists ``option`` (families refuses browse's page options, which it holds)."""
-        taking = []
+    def _verbs_taking(self, option: str) -> dict[str, str]:
+        """The other verbs whose --help lists ``option``, with the setting it sets there ("train.n_latents");
+        families refuses browse's page options, which it holds."""
+        taking = {}
         for name, parser in self.verbs.items():
             if parser is not self:
                 parser._preprocessing()  # the settings' options are added here (20-40 ms for all verbs)
                 action = parser._option_string_actions.get(option)
                 if action is not None and action.help is not argparse.SUPPRESS:
-                    taking.append(name)
+                    taking[name] = action.dest
         return taking
+
+    def _options_of_settings(self, settings: typing.Iterable[str]) -> list[str]:
+        """This verb's options, less those of another group's setting than ``settings`` (other verbs' settings of
+        the word typed, each "group.field"): train's --n-latents (train.n_latents) is not eval's --n2g-n-latents
+        (n2g.n_latents), though a group's prefix tells them apart; quickstart's --harvest-dtype is harvest's
+        --dtype (harvest.dtype). Settings outside a group ("n_tokens") say nothing: all options."""
+        settings = list(settings)
+        if not settings or not all("." in s for s in settings):
+            return list(self._option_string_actions)
+        return [o for o, a in self._option_string_actions.items() if "." not in a.dest or a.dest in settings]
 
     def _counterpart(self, option: str) -> str:
         """What this verb reads in place of another verb's ``option`` ("top reads --n-tokens tokens of text"),
