@@ -377,25 +377,30 @@ BAD = [
     # another verb's option naming another setting: said so, not a close spelling of an unrelated option here
     # (the first would harvest again)
     ("quickstart --activations x", "unrecognized arguments: --activations x; --activations is an option of train "
-     "and sweep: quickstart has no such setting (`saelab quickstart"),
+     "and sweep, not of quickstart (`saelab quickstart"),
     ("export SAE OUT --model-dtype float16", "unrecognized arguments: --model-dtype; --model-dtype is an option of "
-     "quickstart, harvest, sweep and 5 more verbs: export has no such setting (`saelab export"),
-    ("train --harvest-seed 3", "unrecognized arguments: --harvest-seed 3; --harvest-seed is quickstart's option: "
-     "train has no such setting (`saelab train"),
+     "quickstart, harvest, sweep and 5 more verbs, not of export (`saelab export"),
+    ("train --harvest-seed 3", "unrecognized arguments: --harvest-seed 3; --harvest-seed is quickstart's option, "
+     "not train's (`saelab train"),
     # ... with this verb's counterpart where it has one (not --sample-pool-tokens, --top-tokens: other settings)
     ("top SAE --scale-tokens 5", "unrecognized arguments: --scale-tokens; --scale-tokens is steer's option: top reads "
      "--n-tokens tokens of text (`saelab top"),
     ("steer SAE --n-tokens 5", "unrecognized arguments: --n-tokens; --n-tokens is an option of quickstart, harvest, "
      "top and 2 more verbs: steer reads --scale-tokens tokens of text to measure a latent's scale (`saelab steer"),
-    ("eval SAE --serve", "unrecognized arguments: --serve; --serve is browse's option: eval has no such setting"),
+    ("eval SAE --serve", "unrecognized arguments: --serve; --serve is browse's option, not eval's"),
     # a group's prefix added to another verb's option names this verb's setting of another group: not offered
-    ("eval SAE --n-latents 5", "--n-latents is an option of quickstart, train and sweep: eval has no such setting"),
-    ("eval SAE --batch-size 5", "--batch-size is an option of quickstart, train and sweep: eval has no such setting"),
+    ("eval SAE --n-latents 5", "--n-latents is an option of quickstart, train and sweep, not of eval (`saelab"),
+    ("eval SAE --batch-size 5", "--batch-size is an option of quickstart, train and sweep, not of eval (`saelab"),
+    # eval has a context size of its own, which a rule cannot tell from the training's: not said to have none
+    ("eval SAE --harvest-context-size 5", "--harvest-context-size is quickstart's option, not eval's (`saelab"),
+    ("top SAE --latent 1 --n-top 5", "--n-top is browse's option: top shows -n/--n-contexts contexts per latent"),
+    ("browse SAE --n-contexts 5", "--n-contexts is top's option: browse keeps --n-top top contexts per latent"),
     ("train --n-tokens 5", "unrecognized arguments: --n-tokens 5; --n-tokens is an option of quickstart, harvest, "
      "top and 2 more verbs: train trains on --total-tokens activation rows (`saelab train"),  # not --dead-tokens
     # sweep reads the model of its cache; train's --overwrite replaces the run, not the activations
-    ("sweep --model-id gpt2", "--model-id; --model-id is browse's option: sweep has no such setting (`saelab"),
-    ("train --overwrite-activations", "--overwrite-activations is quickstart's option: train has no such setting"),
+    ("sweep --model-id gpt2", "--model-id; --model-id is browse's option, not sweep's (`saelab"),
+    ("train --overwrite-activations", "--overwrite-activations is quickstart's option, not train's"),
+    ("train --model_id x", "--model_id is browse's option, not train's"),  # as typed with a dash
     # an option less a trailing id, name or path, as other tools name a setting (not --model-dtype; only those
     # parts: --overwrite-activations above is not --overwrite)
     ("quickstart --model-id gpt2", "unrecognized arguments: --model-id gpt2; did you mean --harvest-model? (`saelab"),
@@ -403,13 +408,16 @@ BAD = [
     # another verb's group prefix on a switch's --no- form; eval's prefix where a verb reads text as eval does
     ("quickstart --no-prepend-bos", "--no-prepend-bos; did you mean --no-harvest-prepend-bos? (`saelab quickstart"),
     ("top SAE --eval-corpus x", "unrecognized arguments: --eval-corpus; did you mean --corpus? (`saelab top"),
+    ("browse SAE --eval-corpus x", "unrecognized arguments: --eval-corpus x; did you mean --corpus? (`saelab browse"),
+    ("families A B --out f.json --eval-corpus x", "--eval-corpus x; did you mean --corpus? (`saelab families"),
+    ("steer SAE --latent 1 --scale 2 --eval-sample-pool-tokens 0", "did you mean --sample-pool-tokens? (`saelab"),
     # browse's own --model-id typed with an underscore: that option, not --model less its "id"
     ("browse SAE --model_id gpt2", "unrecognized arguments: --model_id gpt2; did you mean --model-id? (`saelab"),
-    ("harvest --eval-corpus x", "--eval-corpus x; --eval-corpus is an option of quickstart and sweep: harvest has "
-     "no such setting"),  # harvest's --corpus is the text harvested, not the eval text
+    ("harvest --eval-corpus x", "--eval-corpus x; --eval-corpus is an option of quickstart and sweep, not of "
+     "harvest"),  # harvest's --corpus is the text harvested, not the eval text
     # the corpus harvested, not eval's --corpus: no suggestion
     ("eval SAE --harvest-corpus x", "unrecognized arguments: --harvest-corpus x; --harvest-corpus is quickstart's "
-     "option: eval has no such setting (`saelab eval"),
+     "option, not eval's (`saelab eval"),
     ("eval SAE --no-overwrite", "--no-overwrite; --overwrite is off unless given: leave --no-overwrite out"),
     ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
     ("eval SAE --bogus", "unrecognized arguments: --bogus (`saelab eval --help` lists the options)"),

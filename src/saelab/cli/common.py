@@ -216,7 +216,7 @@ class Parser(ArgumentParser):
             hint = did_you_mean(word, self._options_of_settings(owners.values()), *self._group_prefixes(),
                                 named_elsewhere=bool(owners))
             if not hint and owners:
-                hint = f"; {word} is {_whose(list(owners))}: {self._counterpart(word)}"
+                hint = f"; {word} is {self._counterpart(word, list(owners))}"
             if hint:
                 return hint
         return ""
@@ -225,10 +225,11 @@ class Parser(ArgumentParser):
         """The other verbs whose --help lists ``option``, with the setting it sets there ("train.n_latents");
         families refuses browse's page options, which it holds."""
         taking = {}
+        dashed = "--" + option[2:].replace("_", "-") if option.startswith("--") else option  # --model_id: --model-id
         for name, parser in self.verbs.items():
             if parser is not self:
                 parser._preprocessing()  # the settings' options are added here (20-40 ms for all verbs)
-                action = parser._option_string_actions.get(option)
+                action = parser._option_string_actions.get(option) or parser._option_string_actions.get(dashed)
                 if action is not None and action.help is not argparse.SUPPRESS:
                     taking[name] = action.dest
         return taking
@@ -241,13 +242,21 @@ class Parser(ArgumentParser):
         settings = list(settings)
         if not settings or not all("." in s for s in settings):
             return list(self._option_string_actions)
-        return [o for o, a in self._option_string_actions.items() if "." not in a.dest or a.dest in settings]
+        own = {w.dest for w in getattr(self, "_wrappers", []) if not w.prefix}  # browse's "browse"
+        alike = {f"{group}.{s.split('.', 1)[1]}" for s in settings if s.split(".", 1)[0] in self.reads_as
+                 for group in own}  # eval.corpus is browse's browse.corpus: it reads text as eval does
+        return [o for o, a in self._option_string_actions.items()
+                if "." not in a.dest or a.dest in settings or a.dest in alike]
 
-    def _counterpart(self, option: str) -> str:
-        """What this verb reads in place of another verb's ``option`` ("top reads --n-tokens tokens of text"),
-        else that it has no such setting."""
+    def _counterpart(self, option: str, owners: list[str]) -> str:
+        """Whose ``option`` is, with what this verb reads in its place ("steer's option: top reads --n-tokens tokens
+        of text"), else that it is not this verb's: not that this verb has no such setting, which it may have under
+        a name no rule finds (--help lists them)."""
         verb = next(name for name, parser in self.verbs.items() if parser is self)
-        return f"{verb} {OPTION_COUNTERPARTS.get(option, {}).get(verb, 'has no such setting')}"
+        instead = OPTION_COUNTERPARTS.get(option, {}).get(verb)
+        if instead:
+            return f"{_whose(owners)}: {verb} {instead}"
+        return f"{_whose(owners)}, not {verb}'s" if len(owners) == 1 else f"{_whose(owners)}, not of {verb}"
 
     def _group_prefixes(self) -> tuple[set[str], set[str]]:
         """The prefixes of this verb's option groups (quickstart's "harvest", eval's "n2g"), which an option
@@ -398,12 +407,14 @@ OPTION_COUNTERPARTS: dict[str, dict[str, str]] = {
                    "sweep": "trains on --total-tokens activation rows",
                    "eval": "reads --recon-tokens and --downstream-tokens tokens of text"},
     "--n2g-latents": {"browse": "explains --n2g-n-latents latents, drawn at random"},
+    "--n-top": {"top": "shows -n/--n-contexts contexts per latent"},
+    "--n-contexts": {"browse": "keeps --n-top top contexts per latent"},
 }
 """Another verb's option, typed where it is unknown, with what each verb that reads the setting meant under
 other options does instead ("top reads --n-tokens tokens of text" for steer's --scale-tokens; for --n-tokens,
 top's text read or quickstart's training tokens): a close spelling would name an unrelated setting (top's
 --sample-pool-tokens, steer's --top-tokens, train's --dead-tokens). Which verbs take an option is read from
-their parsers; a verb not listed here has no such setting."""
+their parsers; a verb not listed here is told the option is not its own."""
 
 
 def _whose(verbs: list[str]) -> str:

@@ -52,6 +52,7 @@ def _float_list(text: str) -> list[float]:
 
 def add_steer(sub) -> None:
     p = add_verb(sub, "steer")
+    p.reads_as = frozenset({"eval"})  # --scale's text drawn as eval draws its own: --eval-sample-pool-tokens is its own
     add_sae_argument(p, "the SAE to steer through:")
     latent = p.add_argument("--latent", type=_int_list, required=True,
                             help="latent index; several, comma-separated ('12,40'), are steered together")
