@@ -419,6 +419,9 @@ BAD = [
     ("eval SAE --harvest-corpus x", "unrecognized arguments: --harvest-corpus x; --harvest-corpus is quickstart's "
      "option, not eval's (`saelab eval"),
     ("eval SAE --no-overwrite", "--no-overwrite; --overwrite is off unless given: leave --no-overwrite out"),
+    # --no- before an option that takes a value: no switch to leave out
+    ("top SAE --latent 1 --no-n-contexts", "--no-n-contexts; --n-contexts takes a value: there is no --no-n-contexts"),
+    ("train --no-lr", "unrecognized arguments: --no-lr; --lr takes a value: there is no --no-lr (`saelab train"),
     ("train --no-auxk true", "switches such as --no-X cannot be passed a value (Got: --no-auxk=True)"),
     ("eval SAE --bogus", "unrecognized arguments: --bogus (`saelab eval --help` lists the options)"),
     ("train --recipe relu-l1 --k 16", "--k: a ReLU SAE (architecture relu, the relu-l1 recipe) keeps every"),

@@ -214,7 +214,8 @@ class Parser(ArgumentParser):
         for word in (arg.split("=", 1)[0] for arg in given if arg.startswith("-")):
             owners = self._verbs_taking(word)
             hint = did_you_mean(word, self._options_of_settings(owners.values()), *self._group_prefixes(),
-                                named_elsewhere=bool(owners))
+                                named_elsewhere=bool(owners),
+                                switches=[o for o, a in self._option_string_actions.items() if a.nargs == 0])
             if not hint and owners:
                 hint = f"; {word} is {self._counterpart(word, list(owners))}"
             if hint:

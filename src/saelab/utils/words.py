@@ -15,7 +15,7 @@ def plural(n: int, noun: str) -> str:
 
 
 def did_you_mean(word: str, names: Iterable[str], add: Iterable[str] = (), drop: Iterable[str] = (),
-                 named_elsewhere: bool = False) -> str:
+                 named_elsewhere: bool = False, switches: Iterable[str] | None = None) -> str:
     """"; did you mean NAME?" for the closest of ``names`` to a misspelled ``word``, or the one that is ``word``
     with another separator ("--n_latents"), a group's prefix added (one of ``add``) or left out (one of ``drop``:
     :func:`_other_prefix`; each of several), or less a trailing id, name or path (:func:`_less_a_qualifier`),
@@ -23,12 +23,16 @@ def did_you_mean(word: str, names: Iterable[str], add: Iterable[str] = (), drop:
     Never a switch's other spelling, which does the opposite of what was asked ("--progress" where only
     "--no-progress" is, "--no-overwrite" where only "--overwrite" is): that it is so without it.
     ``named_elsewhere``: ``word`` is a name of its own (another verb's option), not a misspelling, so no close
-    spelling, which would name an unrelated setting ("--scale-tokens": "--sample-pool-tokens")."""
+    spelling, which would name an unrelated setting ("--scale-tokens": "--sample-pool-tokens").
+    ``switches``: those of ``names`` that take no value (None: any may be one); "--no-lr" is told that --lr takes
+    a value, not that it is off unless given."""
     names = list(names)
     body = word[2:] if word.startswith("--") else None
     if body is not None and f"--no-{body}" in names:
         return f"; {word} is on unless --no-{body} turns it off: leave it out"
     if body is not None and body.startswith("no-") and f"--{body[3:]}" in names:
+        if switches is not None and f"--{body[3:]}" not in set(switches):
+            return f"; --{body[3:]} takes a value: there is no {word}"
         return f"; --{body[3:]} is off unless given: leave {word} out"
     close = ([n for n in names if re.sub("[-_]", "-", n) == re.sub("[-_]", "-", word)]  # browse's --model_id
              or _other_prefix(word, names, add, drop) or _less_a_qualifier(word, names, add, drop)
