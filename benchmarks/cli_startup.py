@@ -20,8 +20,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1] / "src"
 COMMANDS = {"saelab --help": ["--help"], "saelab train --help": ["train", "--help"],
-            "saelab train --lr x (refused)": ["train", "--lr", "x"]}
-EXPECTED_STATUS = {"saelab train --lr x (refused)": 2}
+            "saelab train --lr x (refused)": ["train", "--lr", "x"],
+            # an unknown option: its hint reads every verb's options (another verb's option is named as such)
+            "saelab top x --scale-tokens 5 (refused)": ["top", "x", "--scale-tokens", "5"],
+            "saelab train --bogus (refused)": ["train", "--bogus"]}
+EXPECTED_STATUS = {name: 2 for name in COMMANDS if name.endswith("(refused)")}
 HEAVY = ("torch", "scipy", "matplotlib")
 
 
