@@ -400,7 +400,14 @@ BAD = [
     # sweep reads the model of its cache; train's --overwrite replaces the run, not the activations
     ("sweep --model-id gpt2", "--model-id; --model-id is browse's option, not sweep's (`saelab"),
     ("train --overwrite-activations", "--overwrite-activations is quickstart's option, not train's"),
-    ("train --model_id x", "--model_id is browse's option, not train's"),  # as typed with a dash
+    ("train --model_id x", "--model_id x; --model-id is browse's option, not train's"),  # named as spelled there
+    # this verb's own option typed with "_": that option, though other verbs take it too as another setting
+    ("harvest --context_size 64", "unrecognized arguments: --context_size 64; did you mean --context-size? (`saelab"),
+    ("eval SAE --n2g_n_latents 4", "unrecognized arguments: --n2g_n_latents 4; did you mean --n2g-n-latents?"),
+    ("eval SAE --n_tokens 5", "--n-tokens is an option of quickstart, harvest, top and 2 more verbs: eval reads "
+     "--recon-tokens and --downstream-tokens"),
+    # steer's seed, in no group, does not make eval's ablation, probe and N2G seeds train's or harvest's
+    ("eval SAE --seed 3", "--seed is an option of quickstart, harvest, train and 3 more verbs, not of eval (`saelab"),
     # an option less a trailing id, name or path, as other tools name a setting (not --model-dtype; only those
     # parts: --overwrite-activations above is not --overwrite)
     ("quickstart --model-id gpt2", "unrecognized arguments: --model-id gpt2; did you mean --harvest-model? (`saelab"),

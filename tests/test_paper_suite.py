@@ -874,7 +874,8 @@ def test_a_probe_of_hub_tasks_alone_records_only_what_it_reads(data_dir, tmp_pat
     others = (EvalConfig(corpus=str(b)), EvalConfig(corpus=str(a), sample_pool_tokens=0))
     rec = inputs(hub, at_a)
     earlier = {**inputs(tokens, at_a), "config": rec["config"]}  # as an earlier saelab recorded the same probe
-    for recorded in (rec, earlier):
+    before_pools = {k: v for k, v in earlier.items() if k != "draw_pool"}  # and one before draw_pool was recorded
+    for recorded in (rec, earlier, before_pools):
         for cfg, ev in ((hub, at_a), *((hub, ev) for ev in others), (replace(hub, probe_contexts=64), at_a)):
             assert refusal(recorded, cfg, ev) is None and suite._reusable({"status": "ok", "inputs": recorded},
                                                                           inputs(cfg, ev))

@@ -211,7 +211,10 @@ class Parser(ArgumentParser):
     def _did_you_mean(self, given: list[str]) -> str:
         """"; did you mean --n-latents?" for the first unknown option of ``given`` with a hint; for another verb's
         option, that it is, and this verb's counterpart (:data:`OPTION_COUNTERPARTS`) or that it has none."""
-        for word in (arg.split("=", 1)[0] for arg in given if arg.startswith("-")):
+        for typed in (arg.split("=", 1)[0] for arg in given if arg.startswith("-")):
+            word = "--" + typed[2:].replace("_", "-") if typed.startswith("--") else typed  # as options are spelled
+            if word != typed and word in self._option_string_actions:  # this verb's own, typed with "_"
+                return f"; did you mean {word}?"
             owners = self._verbs_taking(word)
             hint = did_you_mean(word, self._options_of_settings(owners.values()), *self._group_prefixes(),
                                 named_elsewhere=bool(owners),
@@ -226,11 +229,10 @@ class Parser(ArgumentParser):
         """The other verbs whose --help lists ``option``, with the setting it sets there ("train.n_latents");
         families refuses browse's page options, which it holds."""
         taking = {}
-        dashed = "--" + option[2:].replace("_", "-") if option.startswith("--") else option  # --model_id: --model-id
         for name, parser in self.verbs.items():
             if parser is not self:
                 parser._preprocessing()  # the settings' options are added here (20-40 ms for all verbs)
-                action = parser._option_string_actions.get(option) or parser._option_string_actions.get(dashed)
+                action = parser._option_string_actions.get(option)
                 if action is not None and action.help is not argparse.SUPPRESS:
                     taking[name] = action.dest
         return taking
@@ -239,9 +241,9 @@ class Parser(ArgumentParser):
         """This verb's options, less those of another group's setting than ``settings`` (other verbs' settings of
         the word typed, each "group.field"): train's --n-latents (train.n_latents) is not eval's --n2g-n-latents
         (n2g.n_latents), though a group's prefix tells them apart; quickstart's --harvest-dtype is harvest's
-        --dtype (harvest.dtype). Settings outside a group ("n_tokens") say nothing: all options."""
-        settings = list(settings)
-        if not settings or not all("." in s for s in settings):
+        --dtype (harvest.dtype). Settings outside a group (steer's "seed") say nothing; none in a group: all options."""
+        settings = [s for s in settings if "." in s]
+        if not settings:
             return list(self._option_string_actions)
         own = {w.dest for w in getattr(self, "_wrappers", []) if not w.prefix}  # browse's "browse"
         alike = {f"{group}.{s.split('.', 1)[1]}" for s in settings if s.split(".", 1)[0] in self.reads_as

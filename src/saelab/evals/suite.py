@@ -413,6 +413,13 @@ def _records_eval_text(inputs: dict) -> bool:
     return any(k in inputs for k in EVAL_TEXT_INPUTS)
 
 
+def _read_no_eval_text(metric: str, inputs: dict) -> bool:
+    """Whether the result ``inputs`` record read none of the eval text, by its settings: a probe of Hugging Face
+    tasks alone (:attr:`SuiteMetric.reads_eval_text`), which an earlier saelab recorded with the eval text's inputs
+    all the same."""
+    return metric == "probe" and not (inputs.get("config") or {}).get("tasks")
+
+
 def _references_as_recorded(old: dict, new: dict) -> dict:
     """compute_equivalent's references in ``new`` inputs as ``old`` records them ({"series": ...}; {} where either
     records none): an earlier saelab recorded their dtype among them where it was not float32. Beside the model's
@@ -535,7 +542,7 @@ def earlier_computation(record: dict, metric: str) -> str | None:
         return (f"an earlier saelab computed it another way (it records no method; this saelab's: {m.method!r})"
                 if recorded is None else f"it was computed another way (method {recorded!r}; this saelab's: "
                                          f"{m.method!r})")
-    unread = () if _records_eval_text(inputs) else EVAL_TEXT_INPUTS  # its metric read none of the eval text
+    unread = EVAL_TEXT_INPUTS if not _records_eval_text(inputs) or _read_no_eval_text(metric, inputs) else ()
     if missing := [what for key, what in UNRECORDED.items() if key not in inputs and key not in unread]:
         return f"an earlier saelab computed it without recording {' or '.join(missing)}"
     return earlier_intervals(record.get("result") or {}, m.interval_method)
