@@ -1368,3 +1368,27 @@ def test_a_probe_of_hub_tasks_alone_draws_no_contexts(data_dir, gpt2_tokenizer, 
     assert run.n_drawn == 4  # core's 60 tokens in contexts of 15 predictions
     drawn = suite.read_suite_contexts(sae, model, hub, ev, gpt2_tokenizer, gpt2_tokenizer.bos_token_id, 16)
     assert drawn.tokens.shape == (4, 16)
+
+
+def test_a_probe_of_hub_tasks_alone_reads_no_corpus(gpt2_tokenizer, tiny_gpt2, tmp_path):
+    """The suite of such a probe alone drew one context all the same: it tokenized the eval pool and refused a corpus
+    shorter than a context (naming eval.context_size, which the probe does not read). It reads none, and the probe
+    runs its texts' tasks on no token contexts."""
+    from saelab.evals import suite
+    from saelab.evals.config import EvalConfig, PaperSuiteConfig, ProbeConfig
+    from saelab.evals.probe import run_probe
+    from saelab.evals.probe_tasks import ContextTask
+    from saelab.sae.topk import SAEConfig, TopKSAE
+
+    sae = TopKSAE(SAEConfig(d_in=64, n_latents=32, k=4, hook_name="blocks.1.hook_resid_post", model_name="gpt2",
+                            context_size=16))
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("a")
+    hub = PaperSuiteConfig(metrics=("probe",), probe=ProbeConfig(tasks=(), hf_tasks=("imdb",)))
+    drawn = suite.read_suite_contexts(sae, "gpt2", hub, EvalConfig(corpus=str(tiny)), gpt2_tokenizer,
+                                      gpt2_tokenizer.bos_token_id, 16)
+    assert drawn.tokens.shape == (0, 16)
+    texts = [f"the number is {i}" for i in range(30)] + [f"the word is {w}" for w in "abcdefghijklmnopqrstuvwxyzabcd"]
+    res = run_probe(tiny_gpt2, sae, drawn.tokens, ProbeConfig(tasks=(), min_per_class=10),
+                    context_tasks=[ContextTask("ends_in_digit", texts, [1] * 30 + [0] * 30)])
+    assert set(res["tasks"]) == {"ends_in_digit"}

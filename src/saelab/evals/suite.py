@@ -731,6 +731,8 @@ def read_suite_contexts(sae, model: str, cfg: PaperSuiteConfig, eval_cfg: EvalCo
     naming the settings that lower the need, as :func:`saelab.evals.core.eval_corpus_too_short` does."""
     run, wanted, reasons = _suite_run(None, sae, model, Path(), cfg, eval_cfg, T)
     needs, n_ctx = _contexts_needed(run, wanted, reasons), run.n_drawn
+    if not needs:  # a probe of Hugging Face tasks alone: no corpus to tokenize, nor one too short to refuse
+        return DrawnContexts(torch.zeros(0, T, dtype=torch.long), None, torch.zeros(0, dtype=torch.long))
     corpus = resolve_corpus(eval_cfg.corpus, "eval")
     try:
         return draw_contexts(corpus, tokenize, T, n_ctx, pool_tokens=eval_cfg.sample_pool_tokens,
