@@ -1718,6 +1718,7 @@ def test_top_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir
     assert "note" not in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: two evaluations, at another hook and at its own
 def test_eval_says_when_hook_reads_the_sae_elsewhere(tmp_path, tiny_dir, data_dir, capsys):
     """eval --hook read the SAE at another hook without a word (nMSE 10 at a near miss reads as a poor SAE), where
     top, steer and browse say it; --hook equal to the SAE's own says nothing."""

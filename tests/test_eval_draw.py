@@ -24,6 +24,7 @@ def _articles(data_dir) -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: tokenizes the whole eval split for its draws
 def test_eval_contexts_come_from_many_documents_each_named_right(gpt2_tokenizer, data_dir):
     tok = gpt2_tokenizer
     sep = tok.bos_token_id

@@ -129,8 +129,8 @@ def test_layers_below_the_hook_run_once_per_batch(series_case):
     assert calls == {0: 3, 1: 3}  # 3 batches of <= 4 contexts, all runs stacked above; before: 12 and 12
 
 
-# one context per forward: ~25 s on 2 cores (.ci/run runs the slow tests)
-@pytest.mark.parametrize("per_forward", [pytest.param(1, marks=pytest.mark.slow), 4])
+# ~25 s each on 2 cores (.ci/run runs the slow tests); the trained tiny model above checks the same in the default suite
+@pytest.mark.parametrize("per_forward", [pytest.param(1, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_matches_full_forwards_on_smollm2(smollm2, data_dir, per_forward):
     lm, hook = smollm2, "blocks.9.hook_resid_post"
     tokens = token_contexts(str(data_dir.joinpath(*EVAL)), lm.tokenize, 24, n_contexts=6,

@@ -335,6 +335,7 @@ def test_steer_warns_when_the_generation_ends_before_the_positions(tiny_gpt2, sa
                                     "(the generation ended early, at the end-of-text token): nothing was steered")
 
 
+@pytest.mark.slow  # ~35 s on 2 cores: top and steer --scale each load the model and read their text
 def test_top_and_steer_scale_from_the_command_line(tiny_gpt2, sae, data_dir, tmp_path, capsys):
     from saelab.explore import latent_max_activation, top_activations
 

@@ -350,7 +350,8 @@ STEPS = TRAIN_ROWS // BATCH
 
 
 @pytest.mark.parametrize("stop_at,kept", [(1, None), pytest.param(10, 0, marks=pytest.mark.slow),
-                                          pytest.param(20, 4096, marks=pytest.mark.slow), (30, 8192)])
+                                          pytest.param(20, 4096, marks=pytest.mark.slow),
+                                          pytest.param(30, 8192, marks=pytest.mark.slow)])
 def test_an_interrupted_harvest_resumes_the_model_where_it_stopped(tiny_dir, data_dir, tmp_path, capsys, monkeypatch,
                                                                     stop_at, kept):
     """Ctrl-C during `saelab harvest`: the rows written (none yet before the shuffle buffer first fills) are kept
@@ -487,6 +488,7 @@ def test_resume_after_sigkill_is_bitwise_identical(kill_cache, reference_run, tm
     assert_same_sae(run, reference_run())
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: a training killed in a child process, then resumed
 def test_sigterm_marks_run_interrupted_and_resumes(kill_cache, reference_run, tmp_path):
     run = tmp_path / "run"
     proc = start(train_command(kill_cache, run))
@@ -636,6 +638,7 @@ def _small_run(capsys, model, data_dir, tmp_path, acts, run) -> None:
             "--batch-size", "250", "--total-tokens", "1000", "--init-rows", "500", "--no-progress")
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: a trained run evaluated on several spellings of its corpus
 def test_eval_reuse_compares_the_corpus_read_not_the_words_typed(tiny_dir, data_dir, tmp_path, capsys, monkeypatch):
     """`--corpus ev.jsonl` typed in two folders names two files: the second evaluation does not take the first's
     numbers for its own. The shipped corpus and the SAE's context size typed out are the defaults they name."""
@@ -1606,6 +1609,7 @@ def _documented_metrics_keys() -> tuple[set[str], set[str]]:
     return set(keys) - quickstart_only, quickstart_only
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: an evaluation on the default model
 def test_metrics_json_records_the_full_model_id_and_only_documented_keys(smollm2, tmp_path):
     """metrics.json names the offline default by its hub id, as report.md does (it wrote "default"); one
     written before, with "default", still reads as the same evaluation. Its keys are docs/evals.md's list."""
