@@ -210,7 +210,7 @@ class Parser(ArgumentParser):
 
     def _did_you_mean(self, given: list[str]) -> str:
         """"; did you mean --n-latents?" for the first unknown option of ``given`` with a hint; for another verb's
-        option, that it is, and this verb's counterpart (:data:`OPTION_COUNTERPARTS`) or that it has none."""
+        option, that it is, and this verb's counterpart (:data:`OPTION_COUNTERPARTS`) or that it is not this verb's."""
         for typed in (arg.split("=", 1)[0] for arg in given if arg.startswith("-")):
             word = "--" + typed[2:].replace("_", "-") if typed.startswith("--") else typed  # as options are spelled
             if word != typed and word in self._option_string_actions:  # this verb's own, typed with "_"
